@@ -1,0 +1,3 @@
+from trig_stream.cli import main
+
+raise SystemExit(main())

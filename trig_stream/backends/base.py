@@ -1,0 +1,153 @@
+"""The two kinds of backend the engine drives: generators and judges.
+
+A :class:`Generator` is blocking code (a diffusers pipeline, an image folder reader) that the
+engine runs in worker threads, one per ``worker`` index, behind a capacity limiter. A
+:class:`Judge` is async code (an HTTP client) that the engine calls concurrently, up to its
+``concurrency``. Backends classify their own failures by raising the exceptions in
+:mod:`trig_stream.errors`; the engine owns retries, timing and records.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trig_stream.dimensions import Dimension
+from trig_stream.records import JudgeFingerprint, Sample, TopLogprobs
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One image to make for one sample."""
+
+    model: str
+    sample: Sample
+    seed: int
+
+
+class Generator(ABC):
+    """Makes images for samples. Every method but ``fingerprint`` blocks and runs in a thread.
+
+    Attributes:
+        name: the model's name in the run (its image folder).
+        workers: how many worker threads the engine runs (one per device).
+        batch_size: the most requests one :meth:`generate` call receives; the engine sends
+            what is ready, without waiting to fill a batch.
+    """
+
+    name: str
+    workers: int = 1
+    batch_size: int = 1
+
+    @abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that changes the images this generator makes (checkpoint, steps...)."""
+
+    def load(self) -> None:  # noqa: B027 - optional hook
+        """Load weights or open resources; called once, in a worker thread, before use."""
+
+    @abstractmethod
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image | Exception]:
+        """Make one image per request, in order; a failed item is its exception.
+
+        Args:
+            requests: 1 to ``batch_size`` requests.
+            worker: index of the calling worker (0 to ``workers - 1``): which device to use.
+            cancel: set when the run is being cancelled; long loops should check it between
+                steps and return early (the engine discards the results).
+
+        Raises:
+            FatalBackendError: nothing can be generated at all (the run stops).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; called once, in a worker thread, at the end of the run."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """An image made ready for a judge once and shared by all its dimension requests.
+
+    Attributes:
+        path: the image file.
+        payload: what the backend sends for it (a data URL, a file URL), or None.
+    """
+
+    path: Path
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeRequest:
+    """One (image, dimension) question to a judge."""
+
+    model: str
+    sample: Sample
+    dimension: Dimension
+    image: PreparedImage
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeReply:
+    """A judge's answer: the first token's top logprobs, or a score it computed itself.
+
+    Attributes:
+        top_logprobs: ``(token, logprob)`` pairs of the first answer token; None when the
+            answer came without them.
+        score: set by metrics that compute a score directly (not from logprobs).
+        text: the answer text, for the record.
+    """
+
+    top_logprobs: TopLogprobs | None = None
+    score: float | None = None
+    text: str = ""
+
+
+class Judge(ABC):
+    """Scores images on dimensions. ``judge`` is called concurrently up to ``concurrency``.
+
+    Attributes:
+        name: the metric's name in the run (``trigscore`` by default).
+        concurrency: the most requests in flight at once.
+        scorer: how top logprobs become a score (see :mod:`trig_stream.scoring`).
+        confidence: whether the score is weighted by the top rating's probability.
+    """
+
+    name: str
+    concurrency: int = 16
+    scorer: str = "robust"
+    confidence: bool = False
+
+    @abstractmethod
+    def fingerprint(self) -> JudgeFingerprint:
+        """Everything that changes this judge's scores."""
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect or load; called once before the first request."""
+
+    def prepare(self, path: Path) -> PreparedImage:
+        """Read and encode an image once for all its requests; runs in a worker thread."""
+        return PreparedImage(path=path)
+
+    @abstractmethod
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        """Ask one question.
+
+        Raises:
+            RetryableError: transient failure (the engine retries with backoff).
+            ItemError: this request failed for good.
+            FatalBackendError: nothing will work (the run stops).
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; called once at the end of the run."""

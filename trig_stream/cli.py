@@ -1,0 +1,194 @@
+"""The ``trig-stream`` command.
+
+Exit codes:
+
+* 0: the run finished (per-item failures are recorded and reported, not fatal);
+* 1: an unexpected internal error;
+* 2: bad command line or invalid config (nothing was done);
+* 3: the run directory was refused (in use, or made with other settings);
+* 4: the run stopped on a fatal error (dataset unreadable, judge credentials...); resumable;
+* 130: interrupted (Ctrl-C or SIGTERM); resumable by running the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+from rich.console import Console
+from rich.table import Table
+
+from trig_stream.config import RunConfig, load_config
+from trig_stream.errors import ConfigError, RunDirError, TrigStreamError
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_CONFIG = 2
+EXIT_RUN_DIR = 3
+EXIT_FATAL = 4
+EXIT_INTERRUPTED = 130
+
+PROGRESS_EVERY_S = 0.5
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trig-stream`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        result: int = args.handler(args, console)
+        return result
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        return EXIT_CONFIG
+    except RunDirError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return EXIT_RUN_DIR
+    except TrigStreamError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trig-stream",
+        description="Evaluate image generators on TRIG as a stream: generate, judge, analyse.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run (or resume) an evaluation")
+    run.add_argument("config", type=Path, help="the run's TOML config")
+    run.add_argument("--headless", action="store_true", help="plain progress, no TUI")
+    run.add_argument(
+        "--retry-errors", action="store_true", help="ask again the judgements that failed"
+    )
+    run.add_argument(
+        "--new-run",
+        action="store_true",
+        help="if the run directory holds results, start a fresh one beside it",
+    )
+    run.add_argument(
+        "--backend", choices=["asyncio", "trio"], default="asyncio", help=argparse.SUPPRESS
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    validate = commands.add_parser("validate", help="check a config without running it")
+    validate.add_argument("config", type=Path)
+    validate.set_defaults(handler=_cmd_validate)
+
+    status = commands.add_parser("status", help="summarise a run directory")
+    status.add_argument("run_dir", type=Path)
+    status.set_defaults(handler=_cmd_status)
+    return parser
+
+
+def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    config = load_config(args.config)
+    if not config.dataset.path.exists():
+        raise ConfigError(f"{args.config}: dataset.path: {config.dataset.path} does not exist")
+    out = Console()
+    out.print(f"[green]ok[/]: {args.config}", highlight=False)
+    out.print(f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}")
+    out.print(f"  dataset {config.dataset.path}")
+    out.print("  models: " + ", ".join(f"{g.name} ({g.backend})" for g in config.generators))
+    out.print("  judges: " + ", ".join(f"{j.name} ({j.backend})" for j in config.judges))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    config = load_config(args.config)
+    return anyio.run(_run, config, args, console, backend=args.backend)
+
+
+async def _run(config: RunConfig, args: argparse.Namespace, console: Console) -> int:
+    from trig_stream.engine import Engine
+    from trig_stream.progress import PlainProgress
+
+    engine = Engine(config, retry_errors=args.retry_errors, new_run=args.new_run)
+    interrupted = False
+
+    async def on_signals() -> None:
+        nonlocal interrupted
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if not interrupted:
+                    interrupted = True
+                    console.print(
+                        "stopping: finishing the work in flight (press Ctrl-C again to stop now)"
+                    )
+                    engine.stop()
+                else:
+                    console.print("stopping now; run the same command again to resume")
+                    engine.cancel()
+
+    with PlainProgress(console) as progress:
+        async with engine, anyio.create_task_group() as tg:
+            tg.start_soon(on_signals)
+            console.print(f"run directory: {engine.run_dir_path}", highlight=False)
+
+            async def refresh() -> None:
+                while True:
+                    progress.update(engine.stats())
+                    await anyio.sleep(PROGRESS_EVERY_S)
+
+            tg.start_soon(refresh)
+            async for _ in engine.results:
+                pass
+            tg.cancel_scope.cancel()
+        progress.update(engine.stats(), force=True)
+    summary = engine.summary()
+    console.print(
+        f"{summary.state}: {summary.judged} judgements in this run "
+        f"(ok {summary.ok}, unscorable {summary.unscorable}, error {summary.error}); "
+        f"{summary.quarantined} dataset records quarantined; results in {summary.run_dir}",
+        highlight=False,
+    )
+    if interrupted or summary.state in ("stopped", "cancelled"):
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from trig_stream.store import JOURNAL, QUARANTINE, latest_judgements, read_manifest
+
+    manifest = read_manifest(args.run_dir)
+    latest = latest_judgements(args.run_dir / JOURNAL)
+    counts: Counter[tuple[str, str]] = Counter()
+    sums: Counter[tuple[str, str]] = Counter()
+    scored: Counter[tuple[str, str]] = Counter()
+    for judgement in latest.values():
+        counts[(judgement.model, judgement.status)] += 1
+        if judgement.score is not None:
+            sums[(judgement.model, judgement.dimension)] += judgement.score  # type: ignore[assignment]
+            scored[(judgement.model, judgement.dimension)] += 1
+    out = Console()
+    out.print(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}", highlight=False)
+    table = Table("model", "ok", "unscorable", "error", "total")
+    for model in sorted({m for m, _ in counts} | set(manifest.generators)):
+        row = [counts[(model, s)] for s in ("ok", "unscorable", "error")]
+        table.add_row(model, *map(str, row), str(sum(row)))
+    out.print(table)
+    if scored:
+        means = Table("model", "dimension", "mean score", "n")
+        for model, dimension in sorted(scored):
+            n = scored[(model, dimension)]
+            means.add_row(model, dimension, f"{sums[(model, dimension)] / n:.3f}", str(n))
+        out.print(means)
+    quarantine = args.run_dir / QUARANTINE
+    if quarantine.exists():
+        refused = sum(1 for _ in quarantine.open("rb"))
+        if refused:
+            out.print(f"{refused} dataset records quarantined (see {quarantine})")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The run configuration: a validated model of everything ``trig-stream run`` does.
+
+A config is a TOML file (see ``config/`` and the README's config reference). It is checked
+completely before any work starts: unknown keys, wrong types and unknown backends are refused
+with one message that names the file, the line, the key and what was expected. Relative paths
+inside a config are taken relative to the config file's own folder.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
+from trig_stream.errors import ConfigError
+from trig_stream.scoring import Scorer
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _safe_name(value: str) -> str:
+    if not SAFE_NAME.match(value):
+        raise ValueError(
+            "must start with a letter or digit and use only letters, digits, '.', '_' and '-'"
+            " (it becomes a folder name)"
+        )
+    return value
+
+
+def _pair(value: str) -> str:
+    split_pair(value)
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+TaskName = Annotated[Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)]
+PairName = Annotated[str, AfterValidator(_pair)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    """``[run]``: what this run is called, where it writes, and which TRIG task it evaluates."""
+
+    name: SafeName
+    output_dir: Path = Path("runs")
+    task: TaskName = "t2i"
+    seed: int = 42
+    """Base seed; each (model, data_id) gets its own seed derived from it."""
+
+
+class DatasetSection(_Section):
+    """``[dataset]``: where the TRIG prompts come from, and which of them to use."""
+
+    path: Path
+    """A legacy TRIG JSON file, a TRIG parquet file, or a folder of parquet files."""
+    format: Literal["auto", "json", "parquet"] = "auto"
+    image_root: Path | None = None
+    """Folder holding the source / reference images named by ``img_id`` (p2p, s2p JSON)."""
+    pairs: list[PairName] = Field(default_factory=list)
+    """Keep only samples of these pairs (either order); empty keeps all."""
+    dimensions: list[Dimension] = Field(default_factory=list)
+    """Keep only samples whose pair has one of these, and judge only these; empty keeps all."""
+    limit: Annotated[int, Field(ge=1)] | None = None
+    """Use at most this many valid samples (after the filters)."""
+
+
+class GeneratorConfig(_Section):
+    """``[[generators]]``: one model under evaluation."""
+
+    name: SafeName
+    """The model's name in the run: image folder, records, reports."""
+    backend: str
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 1
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Backend-specific settings, checked by the backend's own model."""
+
+
+class JudgeConfig(_Section):
+    """``[[judges]]``: one metric that scores every image on its pair's dimensions."""
+
+    name: SafeName = "trigscore"
+    backend: str
+    concurrency: Annotated[int, Field(ge=1, le=4096)] = 16
+    scorer: Scorer = "robust"
+    confidence: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RelationSection(_Section):
+    """``[relation]``: the DTM thresholds (defaults are TRIG's)."""
+
+    correlation: Literal["spearman_corr", "pearson_corr", "paretoF"] = "spearman_corr"
+    synergy: float = 0.8
+    bottleneck: float = 0.5
+    synergy_density: float = 0.4
+    bottleneck_density: float = 0.4
+    dominance_ratio: Annotated[float, Field(gt=0)] = 0.8
+    tradeoff_corr: float = 0.6
+
+
+class EngineSection(_Section):
+    """``[engine]``: buffer sizes and retry policy. The defaults suit most runs."""
+
+    sample_buffer: Annotated[int, Field(ge=1)] = 8
+    image_buffer: Annotated[int, Field(ge=1)] = 32
+    judgement_buffer: Annotated[int, Field(ge=1)] = 256
+    result_buffer: Annotated[int, Field(ge=1)] = 256
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    backoff_initial: Annotated[float, Field(ge=0)] = 0.5
+    backoff_max: Annotated[float, Field(ge=0)] = 30.0
+
+
+class RunConfig(_Section):
+    """A whole run: the root of a config file."""
+
+    run: RunSection
+    dataset: DatasetSection
+    generators: Annotated[list[GeneratorConfig], Field(min_length=1)]
+    judges: Annotated[list[JudgeConfig], Field(min_length=1)]
+    relation: RelationSection = RelationSection()
+    engine: EngineSection = EngineSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        _unique([g.name for g in self.generators], "generators")
+        _unique([j.name for j in self.judges], "judges")
+        return self
+
+    def resolve_paths(self, base: Path) -> RunConfig:
+        """Return a copy whose relative paths are taken relative to ``base``."""
+
+        def fix(path: Path | None) -> Path | None:
+            return None if path is None or path.is_absolute() else (base / path).resolve()
+
+        dataset = self.dataset.model_copy(
+            update={
+                "path": fix(self.dataset.path) or self.dataset.path,
+                "image_root": fix(self.dataset.image_root) or self.dataset.image_root,
+            }
+        )
+        run = self.run.model_copy(
+            update={"output_dir": fix(self.run.output_dir) or self.run.output_dir}
+        )
+        return self.model_copy(update={"dataset": dataset, "run": run})
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder this run writes into."""
+        return self.run.output_dir / self.run.name
+
+
+def _unique(names: list[str], section: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{section}: the name {name!r} is used twice")
+        seen.add(name)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read, validate and resolve a TOML run config, backend options included.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or invalid; the message names the file,
+            the line and the key of every problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, source=path, text=text)
+
+
+def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunConfig:
+    """Validate an already-parsed config mapping (see :func:`load_config`)."""
+    from trig_stream.backends.registry import validate_backend_options
+
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, text)) from None
+    problems: list[str] = []
+    for kind, entries in (("generators", config.generators), ("judges", config.judges)):
+        for index, entry in enumerate(entries):
+            try:
+                validate_backend_options(kind, entry.backend, entry.options)
+            except ValidationError as exc:
+                prefix: tuple[str | int, ...] = (kind, index, "options")
+                problems.extend(_problems(exc, source, text, prefix))
+            except ValueError as exc:
+                loc = (kind, index, "backend")
+                problems.append(_problem_line(source, text, loc, str(exc)))
+    if problems:
+        raise ConfigError(_join(source, problems))
+    return config.resolve_paths(source.parent)
+
+
+def _describe(exc: ValidationError, source: Path, text: str) -> str:
+    return _join(source, _problems(exc, source, text, ()))
+
+
+def _join(source: Path, problems: list[str]) -> str:
+    head = f"{source}: invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''})"
+    return "\n".join([head, *(f"  {p}" for p in problems)])
+
+
+def _problems(
+    exc: ValidationError, source: Path, text: str, prefix: tuple[str | int, ...]
+) -> list[str]:
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = prefix + tuple(error["loc"])
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = f"{error['msg']} (got {error.get('input')!r})"
+        lines.append(_problem_line(source, text, loc, message))
+    return lines
+
+
+def _problem_line(source: Path, text: str, loc: tuple[str | int, ...], message: str) -> str:
+    dotted = _dotted(loc)
+    line = locate_key(text, loc)
+    where = f"{source}:{line}" if line else f"{source}"
+    return f"{where}: {dotted or '(top level)'}: {message}"
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or "[" in part:
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_.\-\"' ]+?)\s*=")
+
+
+def locate_key(text: str, loc: tuple[str | int, ...]) -> int | None:
+    """Find the 1-based line of a key path in TOML text, or of its nearest enclosing table.
+
+    Only what TRIG configs use is understood: ``[table]``, ``[[array]]`` and ``key = value``
+    lines (dotted keys included). Returns None when nothing along the path is found.
+    """
+    wanted = tuple(p for p in loc if isinstance(p, int) or "[" not in p)
+    table: tuple[str | int, ...] = ()
+    array_counts: dict[tuple[str | int, ...], int] = {}
+    best: tuple[int, int] | None = None  # (matched length, line)
+    for number, raw in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(raw)
+        if header:
+            names = tuple(_unquote(p) for p in header.group(2).split("."))
+            table = _expand(names, table, array_counts, is_array=header.group(1) == "[[")
+            best = _better(best, wanted, table, number)
+            continue
+        key = _KEY.match(raw)
+        if key:
+            path = table + tuple(_unquote(p) for p in key.group(1).split("."))
+            best = _better(best, wanted, path, number)
+    return best[1] if best else None
+
+
+def _expand(
+    names: tuple[str, ...],
+    current: tuple[str | int, ...],
+    array_counts: dict[tuple[str | int, ...], int],
+    *,
+    is_array: bool,
+) -> tuple[str | int, ...]:
+    # Rebuild the full path, inserting the index of every array-of-tables we pass through.
+    path: tuple[str | int, ...] = ()
+    for depth, name in enumerate(names):
+        path = (*path, name)
+        last = depth == len(names) - 1
+        if last and is_array:
+            array_counts[path] = array_counts.get(path, -1) + 1
+            path = (*path, array_counts[path])
+        elif path in array_counts:
+            path = (*path, array_counts[path])
+    return path
+
+
+def _better(
+    best: tuple[int, int] | None,
+    wanted: tuple[str | int, ...],
+    path: tuple[str | int, ...],
+    line: int,
+) -> tuple[int, int] | None:
+    if len(path) > len(wanted) or wanted[: len(path)] != path:
+        return best
+    if best is None or len(path) > best[0]:
+        return (len(path), line)
+    return best
+
+
+def _unquote(part: str) -> str:
+    return part.strip().strip("\"'")

@@ -1,0 +1,221 @@
+"""Reading TRIG prompts: legacy JSON files and parquet files, streamed and checked.
+
+Both of TRIG's formats are read: the JSON lists of upstream's repository (key ``dimension``,
+images in a separate folder named by ``img_id``) and the parquet files of the Hugging Face
+dataset (key ``dimensions``, images embedded). Parquet is scanned in small batches with
+polars, so the 18.8 GB image-editing split never sits in memory; embedded images stay encoded
+bytes until a generator asks for them.
+
+A malformed record does not stop a run: it comes out as a :class:`QuarantinedRecord` carrying
+the reason, and the engine writes it to the run's ``quarantine.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from trig_stream.config import SAFE_NAME, DatasetSection
+from trig_stream.dimensions import (
+    Dimension,
+    Task,
+    pair_from_data_id,
+    split_pair,
+    unordered_pair,
+)
+from trig_stream.errors import DatasetError
+from trig_stream.records import QuarantinedRecord, Sample
+
+# Rows per polars batch: small, because one p2p row carries a ~1.4 MB source image.
+PARQUET_BATCH_ROWS = 16
+
+
+class Rejected(ValueError):
+    """A record is malformed; the message is the quarantine reason."""
+
+
+class DatasetSource:
+    """Iterates the samples a run uses, in dataset order, with malformed records set aside.
+
+    Args:
+        section: the ``[dataset]`` config section (paths already resolved).
+        task: the run's task; p2p and s2p samples need a source / reference image.
+    """
+
+    def __init__(self, section: DatasetSection, task: Task) -> None:
+        self.section = section
+        self.task = task
+        self._pairs = {unordered_pair(*split_pair(p)) for p in section.pairs}
+        self._dimensions = set(section.dimensions)
+
+    def __iter__(self) -> Iterator[Sample | QuarantinedRecord]:
+        """Yield each selected sample, or a quarantine record for each malformed one.
+
+        Raises:
+            DatasetError: the dataset cannot be opened or is not in a TRIG format.
+        """
+        seen: set[str] = set()
+        produced = 0
+        limit = self.section.limit
+        for index, raw in enumerate(self._raw_records()):
+            if limit is not None and produced >= limit:
+                return
+            try:
+                sample = self._sample(raw)
+                if sample.data_id in seen:
+                    raise Rejected(f"duplicate data_id {sample.data_id!r}")
+            except Rejected as exc:
+                data_id = raw.get("data_id")
+                yield QuarantinedRecord(
+                    index=index,
+                    data_id=data_id if isinstance(data_id, str) else None,
+                    reason=str(exc),
+                    record=_without_images(raw),
+                )
+                continue
+            seen.add(sample.data_id)
+            if self._selected(sample):
+                produced += 1
+                yield sample
+
+    def dimensions_to_judge(self, sample: Sample) -> tuple[Dimension, ...]:
+        """The dimensions of ``sample`` this run scores (its pair, less any filtered out)."""
+        if not self._dimensions:
+            return sample.dimensions
+        return tuple(d for d in sample.dimensions if d in self._dimensions)
+
+    def _selected(self, sample: Sample) -> bool:
+        if self._pairs and unordered_pair(*sample.dimensions) not in self._pairs:
+            return False
+        return bool(self.dimensions_to_judge(sample))
+
+    def _raw_records(self) -> Iterator[Mapping[str, Any]]:
+        path = self.section.path
+        if not path.exists():
+            raise DatasetError(f"dataset {path} does not exist")
+        fmt = self.section.format
+        if fmt == "auto":
+            fmt = "json" if path.is_file() and path.suffix.lower() == ".json" else "parquet"
+        if fmt == "json":
+            yield from _read_json(path)
+        else:
+            yield from _read_parquet(path)
+
+    def _sample(self, raw: Mapping[str, Any]) -> Sample:
+        data_id = raw.get("data_id")
+        if not isinstance(data_id, str) or not data_id:
+            raise Rejected("missing data_id")
+        if not SAFE_NAME.match(data_id) or ".." in data_id:
+            raise Rejected(f"data_id {data_id!r} is not a safe file name")
+        prompt = raw.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise Rejected("missing or empty prompt")
+        dimensions = _dimensions(raw, data_id)
+        img_id = raw.get("img_id") or ""
+        if not isinstance(img_id, str):
+            raise Rejected(f"img_id must be a string, got {type(img_id).__name__}")
+        source_path, source_bytes = self._source_image(raw, img_id)
+        item = raw.get("item")
+        return Sample(
+            data_id=data_id,
+            task=self.task,
+            prompt=prompt,
+            dimensions=dimensions,
+            dimension_prompt=_strings(raw.get("dimension_prompt")),
+            parent_dataset=_strings(raw.get("parent_dataset")),
+            img_id=img_id,
+            item=item if isinstance(item, str) else None,
+            source_path=source_path,
+            source_bytes=source_bytes,
+        )
+
+    def _source_image(self, raw: Mapping[str, Any], img_id: str) -> tuple[Path | None, bytes | None]:
+        if self.task == "t2i":
+            return None, None
+        embedded = raw.get("image")
+        if isinstance(embedded, Mapping):
+            embedded = embedded.get("bytes")
+        if isinstance(embedded, bytes | bytearray) and embedded:
+            return None, bytes(embedded)
+        if not img_id:
+            raise Rejected(f"{self.task} sample has no source image (no image, no img_id)")
+        root = self.section.image_root
+        if root is None:
+            raise Rejected(f"img_id {img_id!r} given but [dataset] image_root is not set")
+        candidate = root / img_id
+        if Path(img_id).is_absolute() or ".." in Path(img_id).parts:
+            raise Rejected(f"img_id {img_id!r} is not a plain file name")
+        if not candidate.is_file():
+            raise Rejected(f"source image {img_id!r} not found in {root}")
+        return candidate, None
+
+
+def _dimensions(raw: Mapping[str, Any], data_id: str) -> tuple[Dimension, Dimension]:
+    given = raw.get("dimensions", raw.get("dimension"))
+    try:
+        if given is None:
+            return pair_from_data_id(data_id)
+        if isinstance(given, str):
+            return split_pair(given)
+        values = list(given)
+        if len(values) != 2 or not all(isinstance(v, str) for v in values):
+            raise Rejected(f"dimensions must be two dimension codes, got {given!r}")
+        return split_pair(f"{values[0]}_{values[1]}")
+    except ValueError as exc:
+        if isinstance(exc, Rejected):
+            raise
+        raise Rejected(str(exc)) from None
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return tuple("" if v is None else str(v) for v in value)
+    return (str(value),)
+
+
+def _without_images(raw: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, bytes | bytearray) or (isinstance(value, Mapping) and "bytes" in value):
+            out[key] = "<image bytes omitted>"
+        else:
+            out[key] = value
+    return out
+
+
+def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"cannot read dataset {path}: {exc}") from None
+    if isinstance(data, Mapping):
+        # Some TRIG files map data_id -> record.
+        data = [{"data_id": key, **value} for key, value in data.items() if isinstance(value, Mapping)]
+    if not isinstance(data, list):
+        raise DatasetError(f"dataset {path}: expected a JSON list of TRIG records")
+    for record in data:
+        yield record if isinstance(record, Mapping) else {"record": record}
+
+
+def _read_parquet(path: Path) -> Iterator[Mapping[str, Any]]:
+    import polars as pl
+
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise DatasetError(f"dataset folder {path} holds no .parquet files")
+    else:
+        files = [path]
+    try:
+        batches = pl.scan_parquet(files).collect_batches(chunk_size=PARQUET_BATCH_ROWS, lazy=True)
+        for batch in batches:
+            yield from batch.iter_rows(named=True)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DatasetError(f"cannot read parquet dataset {path}: {exc}") from None

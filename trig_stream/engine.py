@@ -1,0 +1,809 @@
+"""The streaming evaluation engine.
+
+One task group runs four stages joined by bounded memory streams::
+
+    source ──samples──▶ generate (threads, per model) ──images──▶ judge (concurrent requests)
+                                                                      │
+    results ◀──durable judgements── persist (journal, fsync) ◀──judgements
+
+* **source** reads the dataset in a worker thread, sets malformed records aside, and queues,
+  for each model, the samples that still have a judgement to make (on resume, the journal
+  says which).
+* **generate** runs each model's generator in worker threads (``workers`` of them), taking
+  whatever is ready up to ``batch_size`` without waiting for a full batch, and writes each
+  image atomically before passing its path on. A valid image from an earlier run is reused.
+* **judge** prepares each image once per judge and asks one question per dimension, at most
+  ``concurrency`` at a time per judge, retrying transient failures under the retry policy.
+* **persist** appends whatever judgements have landed to the journal and fsyncs once for them
+  all (group commit), shielded from cancellation, and only then hands them to ``results``.
+
+Each bound caps memory and work in flight: a full buffer makes the stage before it wait,
+all the way back to the dataset reader, so a run of any size holds the same amount in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from trig_stream.backends.base import GenerationRequest, Generator, Judge, JudgeReply, JudgeRequest
+from trig_stream.backends.registry import build_generator, build_judge
+from trig_stream.config import RunConfig
+from trig_stream.dataset import DatasetSource
+from trig_stream.dimensions import Dimension
+from trig_stream.errors import (
+    FatalBackendError,
+    ItemError,
+    RetryableError,
+    TrigStreamError,
+)
+from trig_stream.records import (
+    GeneratedImage,
+    Judgement,
+    JudgeFingerprint,
+    QuarantinedRecord,
+    Sample,
+)
+from trig_stream.retry import RetryPolicy
+from trig_stream.scoring import score_top_logprobs
+from trig_stream.stats import (
+    BufferFill,
+    Counters,
+    EngineState,
+    EngineStats,
+    JudgeLoad,
+    latency,
+    rate,
+)
+from trig_stream.store import JournalState, Manifest, RunDir, next_free_run_dir, write_atomic
+from trig_stream.testing.synthetic import unit_hash
+
+SOURCE_CHUNK = 32
+"""Dataset records read per worker-thread call: amortises the thread hop."""
+PERSIST_BATCH = 256
+"""Most judgements written with one fsync."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """A sample queued for one model, with the (dimension, judge) pairs still to judge."""
+
+    model: str
+    sample: Sample
+    seed: int
+    todo: tuple[tuple[Dimension, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Image:
+    work: _Work
+    image: GeneratedImage
+
+
+@dataclass(frozen=True, slots=True)
+class _Streams:
+    """The bounded buffers between the stages, as (send, receive) pairs."""
+
+    samples: dict[str, tuple[MemoryObjectSendStream[_Work], MemoryObjectReceiveStream[_Work]]]
+    images: tuple[MemoryObjectSendStream[_Image], MemoryObjectReceiveStream[_Image]]
+    judgements: tuple[MemoryObjectSendStream[Judgement], MemoryObjectReceiveStream[Judgement]]
+    results: tuple[MemoryObjectSendStream[Judgement], MemoryObjectReceiveStream[Judgement]]
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """What :meth:`Engine.drain` returns: the final state and counts of this run."""
+
+    state: EngineState
+    judged: int
+    ok: int
+    unscorable: int
+    error: int
+    quarantined: int
+    run_dir: Path
+
+
+class Engine:
+    """Evaluates a TRIG run as a stream; an async context manager.
+
+    Example::
+
+        async with Engine(config) as engine:
+            async for judgement in engine.results:
+                print(judgement.data_id, judgement.dimension, judgement.score)
+
+    Leaving the ``async with`` block before ``results`` is exhausted cancels the work still
+    in flight; everything already written stays, and running again resumes from there.
+
+    Args:
+        config: the validated run config.
+        generators: generator instances to use instead of building them from the config.
+        judges: judge instances to use instead of building them from the config.
+        retry_errors: ask again the judgements whose status is ``error``.
+        new_run: when the run directory already holds results, start a fresh one beside it
+            (``<name>-2``, ...) instead of resuming.
+        sleep: the sleep used for retry backoff (tests inject a fake clock).
+        retry_policy: overrides the policy from ``[engine]``.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        generators: Sequence[Generator] | None = None,
+        judges: Sequence[Judge] | None = None,
+        retry_errors: bool = False,
+        new_run: bool = False,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self._generators = list(generators or [build_generator(g, config) for g in config.generators])
+        self._judges = list(judges or [build_judge(j, config) for j in config.judges])
+        self._retry_errors = retry_errors
+        self._new_run = new_run
+        self._sleep = sleep
+        engine = config.engine
+        self._retry = retry_policy or RetryPolicy(
+            engine.max_attempts, engine.backoff_initial, engine.backoff_max
+        )
+        self._counters = Counters()
+        self._state: EngineState = "starting"
+        self._stopping = False
+        self._running_gate = anyio.Event()
+        self._running_gate.set()
+        self._cancel_generation = threading.Event()
+        self._fingerprints: dict[str, JudgeFingerprint] = {}
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._buffers: dict[str, MemoryObjectSendStream[Any]] = {}
+        self._task_group: TaskGroup | None = None
+        self._run_dir: RunDir | None = None
+        self._journal_state = JournalState()
+        self._results: MemoryObjectReceiveStream[Judgement] | None = None
+        self._closed = False
+        self.run_dir_path = config.run_dir
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def results(self) -> MemoryObjectReceiveStream[Judgement]:
+        """Judgements in the order they became durable; ends when the run is over."""
+        if self._results is None:
+            raise RuntimeError("the engine is not running: use `async with Engine(...)`")
+        return self._results
+
+    def stats(self) -> EngineStats:
+        """A cheap snapshot of progress, buffers, throughput and latencies."""
+        c = self._counters
+        now = time.monotonic()
+        buffers = {
+            name: BufferFill(
+                stream.statistics().current_buffer_used, int(stream.statistics().max_buffer_size)
+            )
+            for name, stream in self._buffers.items()
+        }
+        judges = {
+            name: JudgeLoad(limiter.borrowed_tokens, int(limiter.total_tokens))
+            for name, limiter in self._limiters.items()
+        }
+        return EngineStats(
+            state=self._state,
+            elapsed_s=now - c.started_at,
+            samples_read=c.samples_read,
+            quarantined=c.quarantined,
+            models={name: replace(m) for name, m in c.models.items()},
+            buffers=buffers,
+            judges=judges,
+            judgements_per_s=rate(c.judged_at, now),
+            images_per_s=rate(c.generated_at, now),
+            generation_latency=latency(c.generation_latencies),
+            judge_latency=latency(c.judge_latencies),
+            last_errors=tuple(c.last_errors),
+        )
+
+    def stop(self) -> None:
+        """Stop gracefully: start no new work, finish what is in flight, then end ``results``."""
+        if self._state in ("starting", "running", "paused"):
+            self._state = "stopping"
+        self._stopping = True
+        self._running_gate.set()
+
+    def cancel(self) -> None:
+        """Stop hard: cancel everything in flight now. Written judgements stay; resume later."""
+        self._stopping = True
+        self._cancel_generation.set()
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+    def pause(self) -> None:
+        """Stop feeding new samples; work already queued continues."""
+        if self._state == "running":
+            self._state = "paused"
+            self._running_gate = anyio.Event()
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        if self._state == "paused":
+            self._state = "running"
+        self._running_gate.set()
+
+    async def drain(self) -> RunSummary:
+        """Consume ``results`` to the end and summarise the run."""
+        async for _ in self.results:
+            pass
+        return self.summary()
+
+    def summary(self) -> RunSummary:
+        """Counts of this run so far."""
+        models = self._counters.models.values()
+        return RunSummary(
+            state=self._state,
+            judged=sum(m.judged for m in models),
+            ok=sum(m.ok for m in models),
+            unscorable=sum(m.unscorable for m in models),
+            error=sum(m.error for m in models),
+            quarantined=self._counters.quarantined,
+            run_dir=self.run_dir_path,
+        )
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        if self._task_group is not None or self._closed:
+            raise RuntimeError("an Engine runs once; create a new one to run again")
+        try:
+            await self._open_backends_and_store()
+        except BaseException:
+            await self._close_resources()
+            raise
+        streams = self._create_streams()
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._pipeline, streams)
+        self._state = "running"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._task_group is not None
+        # Whatever the block did, nothing of the pipeline may outlive it.
+        if self._state not in ("done", "stopped", "failed"):
+            self.cancel()
+        try:
+            suppress = await self._task_group.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            self._state = "failed"
+            error = _first_trig_error(group)
+            if error is None:
+                raise
+            raise error from None
+        except BaseException:
+            if self._state not in ("done", "stopped"):
+                self._state = "cancelled"
+            raise
+        finally:
+            await self._close_resources()
+        if self._state not in ("done", "stopped", "failed"):
+            self._state = "cancelled"
+        return suppress
+
+    async def aclose(self) -> None:
+        """Cancel what is running and release everything; safe to call more than once."""
+        self.cancel()
+        await self._close_resources()
+
+    async def _open_backends_and_store(self) -> None:
+        config = self.config
+        for judge in self._judges:
+            self._fingerprints[judge.name] = judge.fingerprint()
+            self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
+        manifest = Manifest(
+            run_name=config.run.name,
+            task=config.run.task,
+            generators={
+                g.name: {**g.fingerprint(), "seed": config.run.seed} for g in self._generators
+            },
+            judges={name: fp.model_dump(mode="json") for name, fp in self._fingerprints.items()},
+            config=config.model_dump(mode="json"),
+        )
+        path = config.run_dir
+        if self._new_run:
+            path = await anyio.to_thread.run_sync(next_free_run_dir, path)
+        self.run_dir_path = path
+        self._run_dir, self._journal_state = await anyio.to_thread.run_sync(
+            RunDir.open, path, manifest
+        )
+        for judge in self._judges:
+            await judge.open()
+
+    async def _close_resources(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            for judge in self._judges:
+                try:
+                    await judge.aclose()
+                except Exception as exc:  # closing must not hide the run's own outcome
+                    self._counters.last_errors.append(f"closing judge {judge.name}: {exc}")
+            if self._run_dir is not None:
+                await anyio.to_thread.run_sync(self._run_dir.close)
+
+    # -- the pipeline -------------------------------------------------------------------------
+
+    def _create_streams(self) -> _Streams:
+        engine = self.config.engine
+        # Bounds. Samples are small (a p2p sample holds its encoded source image, ~1.4 MB),
+        # so a few per model keep every generator busy without reading far ahead.
+        samples = {
+            g.name: anyio.create_memory_object_stream[_Work](engine.sample_buffer)
+            for g in self._generators
+        }
+        # Images travel as paths on disk; this bound is how far generation may run ahead of
+        # judging, and so how much unjudged work a hard stop leaves behind.
+        images = anyio.create_memory_object_stream[_Image](engine.image_buffer)
+        # Judgements are a few hundred bytes; a deep buffer lets one fsync cover many.
+        judgements = anyio.create_memory_object_stream[Judgement](engine.judgement_buffer)
+        # Durable judgements waiting for the consumer; a slow consumer stalls the run here.
+        results = anyio.create_memory_object_stream[Judgement](engine.result_buffer)
+        self._buffers = {f"samples:{name}": send for name, (send, _) in samples.items()}
+        self._buffers.update(images=images[0], judgements=judgements[0], results=results[0])
+        self._results = results[1]
+        return _Streams(samples, images, judgements, results)
+
+    async def _pipeline(self, streams: _Streams) -> None:
+        sample_streams = streams.samples
+        image_send, image_recv = streams.images
+        judgement_send, judgement_recv = streams.judgements
+        result_send, _ = streams.results
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                self._source,
+                {name: send for name, (send, _) in sample_streams.items()},
+                judgement_send.clone(),
+            )
+            for generator in self._generators:
+                _, receive = sample_streams[generator.name]
+                tg.start_soon(
+                    self._run_generator, generator, receive, image_send.clone(),
+                    judgement_send.clone(),
+                )
+            tg.start_soon(self._judge_stage, image_recv, judgement_send.clone())
+            tg.start_soon(self._persist, judgement_recv, result_send)
+            image_send.close()
+            judgement_send.close()
+        if self._state in ("running", "paused"):
+            self._state = "done"
+        elif self._state == "stopping":
+            self._state = "stopped"
+
+    async def _source(
+        self,
+        sends: dict[str, MemoryObjectSendStream[_Work]],
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        assert self._run_dir is not None
+        source = DatasetSource(self.config.dataset, self.config.run.task)
+        records = iter(source)
+        async with judgement_send:
+            try:
+                while not self._stopping:
+                    chunk = await anyio.to_thread.run_sync(self._read_chunk, records)
+                    if not chunk:
+                        break
+                    for sample in chunk:
+                        await self._running_gate.wait()
+                        if self._stopping:
+                            break
+                        await self._queue_sample(source, sample, sends)
+            finally:
+                for send in sends.values():
+                    send.close()
+
+    def _read_chunk(self, records: Iterator[Sample | QuarantinedRecord]) -> list[Sample]:
+        # Runs in a worker thread: dataset reading, decoding and quarantine writes block.
+        assert self._run_dir is not None
+        samples: list[Sample] = []
+        for record in records:
+            if isinstance(record, QuarantinedRecord):
+                self._run_dir.quarantine(record)
+                self._counters.quarantined += 1
+                continue
+            samples.append(record)
+            if len(samples) >= SOURCE_CHUNK:
+                break
+        return samples
+
+    async def _queue_sample(
+        self, source: DatasetSource, sample: Sample, sends: dict[str, MemoryObjectSendStream[_Work]]
+    ) -> None:
+        self._counters.samples_read += 1
+        dimensions = source.dimensions_to_judge(sample)
+        state = self._journal_state
+        for generator in self._generators:
+            counts = self._counters.model(generator.name)
+            todo = tuple(
+                (dimension, judge.name)
+                for dimension in dimensions
+                for judge in self._judges
+                if not state.is_done(
+                    (generator.name, sample.data_id, dimension, judge.name),
+                    retry_errors=self._retry_errors,
+                )
+            )
+            if not todo:
+                counts.skipped += 1
+                continue
+            seed = seed_for(self.config.run.seed, generator.name, sample.data_id)
+            await sends[generator.name].send(_Work(generator.name, sample, seed, todo))
+            counts.queued += 1
+
+    async def _run_generator(
+        self,
+        generator: Generator,
+        receive: MemoryObjectReceiveStream[_Work],
+        image_send: MemoryObjectSendStream[_Image],
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        # One thread per worker: the limiter keeps this model's blocking calls off the shared
+        # default thread pool, where they could starve dataset reads and image encoding.
+        limiter = anyio.CapacityLimiter(generator.workers)
+        async with receive, image_send, judgement_send:
+            try:
+                await anyio.to_thread.run_sync(generator.load, limiter=limiter)
+            except TrigStreamError:
+                raise
+            except Exception as exc:
+                raise FatalBackendError(f"generator {generator.name!r} failed to load: {exc}") from exc
+            try:
+                async with anyio.create_task_group() as tg:
+                    for worker in range(generator.workers):
+                        tg.start_soon(
+                            self._generate_worker, generator, worker, limiter,
+                            receive.clone(), image_send.clone(), judgement_send.clone(),
+                        )
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(generator.close, limiter=limiter)
+
+    async def _generate_worker(
+        self,
+        generator: Generator,
+        worker: int,
+        limiter: anyio.CapacityLimiter,
+        receive: MemoryObjectReceiveStream[_Work],
+        image_send: MemoryObjectSendStream[_Image],
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        async with receive, image_send, judgement_send:
+            async for first in receive:
+                if self._stopping:
+                    continue  # graceful stop: queued samples are new work; drop them
+                batch = [first]
+                while len(batch) < generator.batch_size:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                outcomes = await anyio.to_thread.run_sync(
+                    self._generate_batch, generator, worker, batch, limiter=limiter
+                )
+                counts = self._counters.model(generator.name)
+                now = time.monotonic()
+                for work, outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, GeneratedImage):
+                        if outcome.reused:
+                            counts.reused += 1
+                        else:
+                            counts.generated += 1
+                            self._counters.generation_latencies.append(outcome.latency_s)
+                            self._counters.generated_at.append(now)
+                        await image_send.send(_Image(work, outcome))
+                    else:
+                        counts.generation_failed += 1
+                        for dimension, judge_name in work.todo:
+                            await judgement_send.send(
+                                self._failed(work, dimension, judge_name, outcome, "generate")
+                            )
+
+    def _generate_batch(
+        self, generator: Generator, worker: int, batch: list[_Work]
+    ) -> list[GeneratedImage | str]:
+        # Runs in the generator's worker thread: reuse check, generation, PNG encoding, write.
+        assert self._run_dir is not None
+        task = self.config.run.task
+        outcomes: list[GeneratedImage | str] = []
+        missing: list[int] = []
+        for index, work in enumerate(batch):
+            path = self._run_dir.image_path(task, work.model, work.sample.data_id)
+            if _valid_image(path):
+                outcomes.append(
+                    GeneratedImage(
+                        model=work.model, data_id=work.sample.data_id, path=path,
+                        seed=work.seed, reused=True,
+                    )
+                )
+            else:
+                outcomes.append("")
+                missing.append(index)
+        if not missing:
+            return outcomes
+        requests = [
+            GenerationRequest(batch[i].model, batch[i].sample, batch[i].seed) for i in missing
+        ]
+        started = time.perf_counter()
+        try:
+            images = generator.generate(requests, worker=worker, cancel=self._cancel_generation)
+        except FatalBackendError:
+            raise
+        except Exception as exc:
+            images = [exc] * len(requests)
+        per_image = (time.perf_counter() - started) / len(requests)
+        if len(images) != len(requests):
+            message = f"generator returned {len(images)} images for {len(requests)} requests"
+            raise FatalBackendError(f"generator {generator.name!r} is broken: {message}")
+        for index, image in zip(missing, images, strict=True):
+            work = batch[index]
+            if isinstance(image, Exception):
+                outcomes[index] = _describe(image)
+                continue
+            path = self._run_dir.image_path(task, work.model, work.sample.data_id)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            write_atomic(path, buffer.getvalue())
+            outcomes[index] = GeneratedImage(
+                model=work.model, data_id=work.sample.data_id, path=path,
+                seed=work.seed, latency_s=per_image,
+            )
+        return outcomes
+
+    async def _judge_stage(
+        self,
+        receive: MemoryObjectReceiveStream[_Image],
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        judges = {judge.name: judge for judge in self._judges}
+        async with receive, judgement_send, anyio.create_task_group() as tg:
+            async for item in receive:
+                for judge in self._judges:
+                    dimensions = [d for d, name in item.work.todo if name == judge.name]
+                    if dimensions:
+                        await self._dispatch(tg, judges[judge.name], item, dimensions, judgement_send)
+
+    async def _dispatch(
+        self,
+        tg: TaskGroup,
+        judge: Judge,
+        item: _Image,
+        dimensions: list[Dimension],
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        try:
+            prepared = await anyio.to_thread.run_sync(judge.prepare, item.image.path)
+        except Exception as exc:
+            for dimension in dimensions:
+                await judgement_send.send(
+                    self._failed(item.work, dimension, judge.name, _describe(exc), "judge")
+                )
+            return
+        limiter = self._limiters[judge.name]
+        for dimension in dimensions:
+            # Taking the slot here, before starting the request, is the backpressure: when
+            # the judge is saturated, images wait in their buffer and generation slows.
+            token = object()
+            await limiter.acquire_on_behalf_of(token)
+            request = JudgeRequest(item.work.model, item.work.sample, dimension, prepared, 1)
+            tg.start_soon(self._judge_one, judge, item, request, token, judgement_send)
+
+    async def _judge_one(
+        self,
+        judge: Judge,
+        item: _Image,
+        request: JudgeRequest,
+        token: object,
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        limiter = self._limiters[judge.name]
+        started = time.perf_counter()
+        attempts = 0
+        reply: JudgeReply | None = None
+        failure = ""
+        try:
+            while True:
+                attempts += 1
+                try:
+                    reply = await judge.judge(
+                        JudgeRequest(request.model, request.sample, request.dimension,
+                                     request.image, attempts)
+                    )
+                    break
+                except FatalBackendError:
+                    raise
+                except RetryableError as exc:
+                    if not self._retry.should_retry(attempts):
+                        failure = f"gave up after {attempts} attempts: {exc}"
+                        break
+                    await self._sleep(self._retry.delay(attempts, exc.retry_after))
+                except ItemError as exc:
+                    failure = str(exc) or type(exc).__name__
+                    break
+                except Exception as exc:
+                    failure = _describe(exc)
+                    break
+        finally:
+            limiter.release_on_behalf_of(token)
+        elapsed = time.perf_counter() - started
+        self._counters.judge_latencies.append(elapsed)
+        judgement = self._judgement(item, request.dimension, judge, reply, failure, attempts, elapsed)
+        await judgement_send.send(judgement)
+
+    def _judgement(
+        self,
+        item: _Image,
+        dimension: Dimension,
+        judge: Judge,
+        reply: JudgeReply | None,
+        failure: str,
+        attempts: int,
+        elapsed: float,
+    ) -> Judgement:
+        status: str = "error"
+        score: float | None = None
+        top = reply.top_logprobs if reply else None
+        if reply is not None:
+            if reply.score is not None:
+                status, score = "ok", reply.score
+            elif top is None:
+                failure = "the judge's answer has no logprobs"
+            else:
+                score = score_top_logprobs(
+                    top, scorer=judge.scorer, confidence=judge.confidence  # type: ignore[arg-type]
+                )
+                if score is None:
+                    status = "unscorable"
+                    failure = f"no rating word among the top tokens: {[t for t, _ in top][:10]}"
+                else:
+                    status = "ok"
+        sample = item.work.sample
+        assert self._run_dir is not None
+        return Judgement(
+            model=item.work.model,
+            data_id=sample.data_id,
+            task=sample.task,
+            pair=sample.pair,
+            dimension=dimension,
+            metric=judge.name,
+            judge=self._fingerprints[judge.name],
+            status=status,  # type: ignore[arg-type]
+            score=score,
+            top_logprobs=top,
+            image=item.image.path.relative_to(self._run_dir.path).as_posix(),
+            seed=item.work.seed,
+            latency_s=elapsed,
+            attempts=attempts,
+            error=failure or None,
+            error_stage="judge" if status == "error" else None,
+        )
+
+    def _failed(
+        self, work: _Work, dimension: Dimension, judge_name: str, reason: str, stage: str
+    ) -> Judgement:
+        sample = work.sample
+        return Judgement(
+            model=work.model,
+            data_id=sample.data_id,
+            task=sample.task,
+            pair=sample.pair,
+            dimension=dimension,
+            metric=judge_name,
+            judge=self._fingerprints[judge_name],
+            status="error",
+            seed=work.seed,
+            error=f"{stage} failed: {reason}",
+            error_stage=stage,  # type: ignore[arg-type]
+        )
+
+    async def _persist(
+        self,
+        receive: MemoryObjectReceiveStream[Judgement],
+        result_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        assert self._run_dir is not None
+        journal = self._run_dir.journal
+        async with receive, result_send:
+            while True:
+                batch: list[Judgement] = []
+                try:
+                    batch.append(await receive.receive())
+                    _take_ready(receive, batch, PERSIST_BATCH)
+                except anyio.EndOfStream:
+                    return
+                except anyio.get_cancelled_exc_class():
+                    # Hard stop: what already landed in the buffer is still written.
+                    _take_ready(receive, batch, None)
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(journal.append, batch)
+                    self._count(batch)
+                    raise
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(journal.append, batch)
+                self._count(batch)
+                for judgement in batch:
+                    await result_send.send(judgement)
+
+    def _count(self, batch: list[Judgement]) -> None:
+        now = time.monotonic()
+        for judgement in batch:
+            counts = self._counters.model(judgement.model)
+            if judgement.status == "ok":
+                counts.ok += 1
+            elif judgement.status == "unscorable":
+                counts.unscorable += 1
+            else:
+                counts.error += 1
+                self._counters.last_errors.append(
+                    f"{judgement.model} {judgement.data_id} {judgement.dimension}: {judgement.error}"
+                )
+            self._counters.judged_at.append(now)
+
+
+def seed_for(base_seed: int, model: str, data_id: str) -> int:
+    """The generation seed of one (model, data_id): stable across runs and machines."""
+    return int(unit_hash("seed", base_seed, model, data_id) * 2**31)
+
+
+def _take_ready(receive: MemoryObjectReceiveStream[Judgement], batch: list[Judgement],
+                limit: int | None) -> None:
+    while limit is None or len(batch) < limit:
+        try:
+            batch.append(receive.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return
+
+
+def _valid_image(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, TrigStreamError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _first_trig_error(group: BaseExceptionGroup[BaseException]) -> TrigStreamError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, TrigStreamError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_trig_error(exc)
+            if found is not None:
+                return found
+    return None
+
+

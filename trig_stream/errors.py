@@ -1,0 +1,86 @@
+"""The exceptions trig-stream raises.
+
+Everything the package raises on purpose derives from :class:`TrigStreamError`::
+
+    TrigStreamError
+    ├── ConfigError              a config file is unreadable or invalid (names file, key, line)
+    ├── DatasetError             the dataset as a whole cannot be read (one bad record is data)
+    ├── RunDirError              the run directory cannot be used
+    │   ├── RunLockedError       another process is running in it
+    │   └── FingerprintMismatch  its results were made with different settings
+    ├── MissingExtraError        an optional dependency is not installed (names the pip command)
+    └── BackendError             raised by a generator or judge backend
+        ├── RetryableError       worth another attempt (5xx, timeout, reset); may carry retry_after
+        │   └── RateLimitError   the server said 429
+        ├── ItemError            this item failed for good (4xx, refusal); the run goes on
+        └── FatalBackendError    nothing will work (bad credentials, unusable device): the run stops
+
+Per-item failures never escape the engine as exceptions: they become judgements whose status is
+``error`` or ``unscorable``, with the reason, and never a score.
+"""
+
+from __future__ import annotations
+
+
+class TrigStreamError(Exception):
+    """Base class of every error trig-stream raises on purpose."""
+
+
+class ConfigError(TrigStreamError):
+    """A config file cannot be read or does not validate."""
+
+
+class DatasetError(TrigStreamError):
+    """The dataset cannot be opened at all (missing file, unreadable format)."""
+
+
+class RunDirError(TrigStreamError):
+    """The run directory cannot be used."""
+
+
+class RunLockedError(RunDirError):
+    """Another process holds the run directory's lock."""
+
+
+class FingerprintMismatch(RunDirError):
+    """The run directory holds results made with settings that differ from the config."""
+
+
+class MissingExtraError(TrigStreamError, ImportError):
+    """An optional dependency is missing; the message names the install command."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(
+            f"{package} is not installed; install it with: pip install 'trig-stream[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+
+class BackendError(TrigStreamError):
+    """Raised by a generator or judge backend to classify a failure."""
+
+
+class RetryableError(BackendError):
+    """A transient failure; the engine retries it with backoff.
+
+    Args:
+        message: what went wrong.
+        retry_after: seconds the server asked us to wait, when it said so.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimitError(RetryableError):
+    """The server refused for load (HTTP 429)."""
+
+
+class ItemError(BackendError):
+    """This one item failed and retrying will not help; the run goes on."""
+
+
+class FatalBackendError(BackendError):
+    """The backend cannot work at all (bad credentials, no such device); the run stops."""

@@ -1,0 +1,74 @@
+"""Plain progress for runs without the TUI: a live line on a terminal, log lines elsewhere."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from trig_stream.stats import EngineStats
+
+LOG_EVERY_S = 10.0
+"""How often a line is printed when the output is not a terminal (a log file, CI)."""
+
+
+def describe(stats: EngineStats) -> str:
+    """One line: state, counts by status, throughput, latency, buffers."""
+    models = stats.models.values()
+    ok = sum(m.ok for m in models)
+    unscorable = sum(m.unscorable for m in models)
+    error = sum(m.error for m in models)
+    skipped = sum(m.skipped for m in models)
+    generated = sum(m.generated for m in models)
+    p50 = stats.judge_latency.p50
+    parts = [
+        f"[{stats.state}] {stats.elapsed_s:6.1f}s",
+        f"samples {stats.samples_read}",
+        f"images {generated}",
+        f"judged {ok + unscorable + error} (ok {ok}, unscorable {unscorable}, error {error})",
+        f"{stats.judgements_per_s:.1f}/s",
+    ]
+    if p50 is not None:
+        parts.append(f"judge p50 {p50 * 1000:.0f} ms")
+    if skipped:
+        parts.append(f"already done {skipped}")
+    if stats.quarantined:
+        parts.append(f"quarantined {stats.quarantined}")
+    return " | ".join(parts)
+
+
+class PlainProgress:
+    """Shows :func:`describe` lines: refreshed in place on a terminal, else every few seconds.
+
+    Args:
+        console: where to print (stderr by default).
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._live: Live | None = None
+        self._last = 0.0
+
+    def __enter__(self) -> PlainProgress:
+        if self.console.is_terminal:
+            self._live = Live(console=self.console, auto_refresh=False, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+            self._live = None
+
+    def update(self, stats: EngineStats, *, force: bool = False) -> None:
+        """Show the latest stats (rate-limited when not on a terminal)."""
+        line = describe(stats)
+        if self._live is not None:
+            self._live.update(Text(line), refresh=True)
+            return
+        now = time.monotonic()
+        if force or now - self._last >= LOG_EVERY_S:
+            self._last = now
+            self.console.print(line, highlight=False, soft_wrap=True)

@@ -1,0 +1,137 @@
+"""Typed, versioned records that cross a pipeline stage or reach disk.
+
+The flow is ``Sample -> GeneratedImage -> Judgement``. Judgements are what the run journal
+stores, one JSON line each; :data:`SCHEMA_VERSION` is written into every line so a later
+version of trig-stream can read old runs.
+
+A judgement's ``status`` says what happened:
+
+* ``ok``: the judge answered and the answer was scored; ``score`` holds the TRIGScore.
+* ``unscorable``: the judge answered, but no rating word could be found in its answer.
+* ``error``: generation or judging failed; ``error`` says why and ``error_stage`` where.
+
+Only ``ok`` judgements carry a score: a failure is never written as one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trig_stream.dimensions import Dimension, Task
+
+SCHEMA_VERSION = 1
+
+Status: TypeAlias = Literal["ok", "unscorable", "error"]
+Stage: TypeAlias = Literal["generate", "judge"]
+TopLogprobs: TypeAlias = list[tuple[str, float]]
+JudgementKey: TypeAlias = tuple[str, str, str, str]
+"""(model, data_id, dimension, metric): what a run judges exactly once."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Sample(_Record):
+    """One TRIG prompt, as read from the dataset.
+
+    The source / reference image of p2p and s2p samples is either a file (``source_path``)
+    or bytes embedded in a parquet row (``source_bytes``); both stay encoded until a
+    generator asks for the picture.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    data_id: str
+    task: Task
+    prompt: str
+    dimensions: tuple[Dimension, Dimension]
+    dimension_prompt: tuple[str, ...] = ()
+    parent_dataset: tuple[str, ...] = ()
+    img_id: str = ""
+    item: str | None = None
+    source_path: Path | None = None
+    source_bytes: bytes | None = Field(default=None, repr=False, exclude=True)
+
+    @property
+    def pair(self) -> str:
+        """The pair as ``A_B`` in the sample's own order."""
+        return f"{self.dimensions[0]}_{self.dimensions[1]}"
+
+
+class GeneratedImage(_Record):
+    """An image on disk, ready to be judged: freshly generated or found from an earlier run."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    data_id: str
+    path: Path
+    seed: int | None = None
+    latency_s: float = 0.0
+    reused: bool = False
+    """True when the file was already on disk and valid, so nothing was generated."""
+
+
+class JudgeFingerprint(_Record):
+    """Everything about a judge that changes its scores."""
+
+    backend: str
+    model: str
+    template_version: str = ""
+    scorer: str = ""
+    confidence: bool = False
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Judgement(_Record):
+    """The outcome of judging one image on one dimension with one metric."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    data_id: str
+    task: Task
+    pair: str
+    dimension: Dimension
+    metric: str
+    judge: JudgeFingerprint
+    status: Status
+    score: float | None = None
+    top_logprobs: TopLogprobs | None = None
+    image: str | None = None
+    """Image path relative to the run directory; None when generation failed."""
+    seed: int | None = None
+    latency_s: float = 0.0
+    attempts: int = 0
+    error: str | None = None
+    error_stage: Stage | None = None
+    created_at: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _score_only_when_ok(self) -> Judgement:
+        if self.status == "ok" and self.score is None:
+            raise ValueError("an ok judgement needs a score")
+        if self.status != "ok" and self.score is not None:
+            raise ValueError(f"a judgement with status {self.status!r} cannot carry a score")
+        if self.status == "error" and not self.error:
+            raise ValueError("an error judgement needs its reason in 'error'")
+        return self
+
+    @property
+    def key(self) -> JudgementKey:
+        """The identity a run judges exactly once."""
+        return (self.model, self.data_id, self.dimension, self.metric)
+
+
+class QuarantinedRecord(_Record):
+    """A dataset record that was refused, with the reason; the run goes on without it."""
+
+    schema_version: int = SCHEMA_VERSION
+    index: int
+    """Position of the record in the dataset (0-based)."""
+    data_id: str | None
+    reason: str
+    record: dict[str, Any]
+    """The record as read, minus embedded image bytes."""

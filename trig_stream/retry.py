@@ -1,0 +1,34 @@
+"""The engine's retry policy: exponential backoff with jitter, honouring Retry-After."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait before asking again after a transient failure.
+
+    The n-th retry waits a random time between half and all of
+    ``min(backoff_max, backoff_initial * 2**(n-1))`` ("equal jitter"), and never less than the
+    server's Retry-After.
+    """
+
+    max_attempts: int = 5
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    random: Callable[[], float] = field(default=random.random, compare=False)
+
+    def should_retry(self, attempts: int) -> bool:
+        """Whether another attempt is allowed after ``attempts`` have been made."""
+        return attempts < self.max_attempts
+
+    def delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt."""
+        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** (attempts - 1))
+        wait = ceiling * (0.5 + 0.5 * self.random())
+        if retry_after is not None:
+            wait = max(wait, retry_after)
+        return wait

@@ -1,0 +1,150 @@
+"""TRIGScore: a score in [0, 1] from the top logprobs of the judge's first answer token.
+
+The judge is asked for one rating word out of excellent / good / medium / bad / terrible. The
+score is the expected rating under the probabilities the model gave those words, weighted
+1.0 / 0.75 / 0.5 / 0.25 / 0.0. Two scorers read the token list:
+
+* ``"trig"`` reproduces upstream's formula to the digit: only tokens in an exact, case-sensitive
+  set count; probabilities are renormalised with a ``1e-10`` guard and the result is rounded to
+  three decimals. Use it to compare with the paper.
+* ``"robust"`` normalises each token first (whitespace, SentencePiece ``▁`` and byte-level
+  ``Ġ`` markers, case, leading punctuation), maps it to a rating by prefix, sums each rating's
+  probability and renormalises over the ratings.
+
+Both return ``None`` when no token names a rating: upstream's 0.0 in that case cannot be told
+apart from "terrible", so we never make one up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Final, Literal, TypeAlias
+
+Scorer: TypeAlias = Literal["trig", "robust"]
+SCORERS: Final[tuple[Scorer, ...]] = ("trig", "robust")
+
+RATING_WEIGHTS: Final[dict[str, float]] = {
+    "excellent": 1.0,
+    "good": 0.75,
+    "medium": 0.5,
+    "bad": 0.25,
+    "terrible": 0.0,
+}
+
+_TRIG_TOKENS: Final[dict[str, float]] = {
+    "ex": 1.0,
+    "excellent": 1.0,
+    "Excellent": 1.0,
+    "good": 0.75,
+    "Good": 0.75,
+    "medium": 0.5,
+    "Medium": 0.5,
+    "bad": 0.25,
+    "Bad": 0.25,
+    "terr": 0.0,
+    "Terr": 0.0,
+}
+
+# Checked in order; "terrible" before anything else would not matter since prefixes are disjoint.
+_ROBUST_PREFIXES: Final[tuple[tuple[str, str], ...]] = (
+    ("excellent", "excellent"),
+    ("ex", "excellent"),
+    ("good", "good"),
+    ("medium", "medium"),
+    ("med", "medium"),
+    ("bad", "bad"),
+    ("terrible", "terrible"),
+    ("terr", "terrible"),
+)
+
+_MARKERS: Final[str] = "\u2581\u0120"  # SentencePiece "▁" and byte-level BPE "Ġ"
+
+
+def score_top_logprobs(
+    top_logprobs: Iterable[tuple[str, float]] | Sequence[Sequence[object]],
+    *,
+    scorer: Scorer = "robust",
+    confidence: bool = False,
+) -> float | None:
+    """Compute the TRIGScore of one judge answer from its first token's top logprobs.
+
+    Args:
+        top_logprobs: ``(token, logprob)`` pairs, most likely first (order does not matter).
+        scorer: ``"trig"`` for upstream's exact formula, ``"robust"`` for the normalising one.
+        confidence: multiply the score by the probability of the most likely rating (the
+            paper's confidence-weighted variant).
+
+    Returns:
+        The score in ``[0, 1]``, or ``None`` when no token names a rating (unscorable).
+
+    Raises:
+        ValueError: ``scorer`` is not one of ``"trig"`` and ``"robust"``.
+    """
+    pairs = [(str(token), float(logprob)) for token, logprob in top_logprobs]  # type: ignore[arg-type]
+    if scorer == "trig":
+        return _score_trig(pairs, confidence=confidence)
+    if scorer == "robust":
+        return _score_robust(pairs, confidence=confidence)
+    raise ValueError(f"unknown scorer {scorer!r}; expected one of {', '.join(SCORERS)}")
+
+
+def normalise_token(token: str) -> str:
+    """Strip whitespace and tokenizer markers, lowercase, and drop leading punctuation."""
+    text = token.strip().strip(_MARKERS).strip().lower()
+    start = 0
+    while start < len(text) and not text[start].isalnum():
+        start += 1
+    return text[start:]
+
+
+def rating_of(token: str) -> str | None:
+    """The rating word a token stands for under the robust scorer, or None."""
+    text = normalise_token(token)
+    for prefix, rating in _ROBUST_PREFIXES:
+        if text.startswith(prefix):
+            return rating
+    return None
+
+
+def _score_trig(pairs: list[tuple[str, float]], *, confidence: bool) -> float | None:
+    kept = [
+        (_TRIG_TOKENS[token], math.exp(logprob))
+        for token, logprob in pairs
+        if token in _TRIG_TOKENS and not math.isnan(logprob)
+    ]
+    if not kept:
+        return None
+    total = sum(p for _, p in kept) + 1e-10
+    probs = [(weight, p / total) for weight, p in kept]
+    score = sum(weight * p for weight, p in probs)
+    if confidence:
+        score *= max(p for _, p in probs)
+    return round(score, 3)
+
+
+def _score_robust(pairs: list[tuple[str, float]], *, confidence: bool) -> float | None:
+    per_rating: dict[str, list[float]] = {}
+    for token, logprob in pairs:
+        rating = rating_of(token)
+        if rating is not None and not math.isnan(logprob):
+            per_rating.setdefault(rating, []).append(logprob)
+    class_logprobs = {
+        rating: _logsumexp(values) for rating, values in per_rating.items()
+    }
+    finite = {r: lp for r, lp in class_logprobs.items() if lp != -math.inf}
+    if not finite:
+        return None
+    norm = _logsumexp(list(finite.values()))
+    probs = {rating: math.exp(lp - norm) for rating, lp in finite.items()}
+    score = sum(RATING_WEIGHTS[rating] * p for rating, p in probs.items())
+    if confidence:
+        score *= max(probs.values())
+    return min(1.0, max(0.0, score))
+
+
+def _logsumexp(values: list[float]) -> float:
+    peak = max(values)
+    if peak == -math.inf:
+        return -math.inf
+    return peak + math.log(sum(math.exp(v - peak) for v in values))

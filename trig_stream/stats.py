@@ -1,0 +1,128 @@
+"""Live counters of a running engine and the cheap snapshot :meth:`Engine.stats` returns.
+
+Counters are updated from the event loop only; a snapshot copies a few dozen numbers and
+sorts at most :data:`LATENCY_WINDOW` latencies, so the TUI can poll it often.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+EngineState: TypeAlias = Literal[
+    "starting", "running", "paused", "stopping", "stopped", "cancelled", "done", "failed"
+]
+
+LATENCY_WINDOW = 1024
+"""Recent latencies kept per stage for the p50 / p95."""
+RATE_WINDOW_S = 10.0
+"""Throughput is measured over this many recent seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class BufferFill:
+    """How full one bounded buffer between two stages is."""
+
+    used: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """Recent latencies of one stage, in seconds (None until something finished)."""
+
+    p50: float | None
+    p95: float | None
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeLoad:
+    """Requests in flight at one judge, and its current limit."""
+
+    in_flight: int
+    limit: int
+
+
+@dataclass(slots=True)
+class ModelCounts:
+    """Progress of one model (generator) through the stages."""
+
+    queued: int = 0
+    """Samples sent to the model's generation buffer."""
+    skipped: int = 0
+    """Samples whose every judgement was already in the journal."""
+    generated: int = 0
+    reused: int = 0
+    """Images found valid on disk from an earlier run."""
+    generation_failed: int = 0
+    ok: int = 0
+    unscorable: int = 0
+    error: int = 0
+
+    @property
+    def judged(self) -> int:
+        return self.ok + self.unscorable + self.error
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of a run: counts per stage and status, buffers, throughput, latencies."""
+
+    state: EngineState
+    elapsed_s: float
+    samples_read: int
+    quarantined: int
+    models: dict[str, ModelCounts]
+    buffers: dict[str, BufferFill]
+    judges: dict[str, JudgeLoad]
+    judgements_per_s: float
+    images_per_s: float
+    generation_latency: Latency
+    judge_latency: Latency
+    last_errors: tuple[str, ...]
+
+    @property
+    def judged(self) -> int:
+        """Judgements written in this run, every status."""
+        return sum(m.judged for m in self.models.values())
+
+
+@dataclass
+class Counters:
+    """The mutable side: what the engine's stages update."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    samples_read: int = 0
+    quarantined: int = 0
+    models: dict[str, ModelCounts] = field(default_factory=dict)
+    generation_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    judge_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    judged_at: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
+    generated_at: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
+    last_errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+
+    def model(self, name: str) -> ModelCounts:
+        return self.models.setdefault(name, ModelCounts())
+
+
+def latency(values: deque[float]) -> Latency:
+    """p50 and p95 of recent values (nearest rank)."""
+    if not values:
+        return Latency(None, None, 0)
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return Latency(ordered[round(0.5 * last)], ordered[round(0.95 * last)], len(ordered))
+
+
+def rate(times: deque[float], now: float) -> float:
+    """Events per second over the last :data:`RATE_WINDOW_S` seconds."""
+    cutoff = now - RATE_WINDOW_S
+    count = 0
+    for stamp in reversed(times):
+        if stamp < cutoff:
+            break
+        count += 1
+    return count / RATE_WINDOW_S

@@ -1,0 +1,295 @@
+"""The run directory: manifest, lock, images, journal and quarantine.
+
+Layout (``<output_dir>/<run name>/``)::
+
+    manifest.json        what made these results: task, generator and judge fingerprints
+    journal.jsonl        one judgement per line, appended and fsynced as they land
+    quarantine.jsonl     dataset records refused in the latest run, with reasons
+    images/<task>/<model>/<data_id>.png
+    run.lock             held while a process runs in the directory
+
+The journal is JSON Lines rather than SQLite: appending one line and fsyncing is all a
+durable write needs; a crash can only tear the last line, which is detected and cut off on
+open; any other process can follow the file while it grows (``trig-stream watch``); and
+polars, jq and grep read it as it is. When a key (model, data_id, dimension, metric) occurs
+more than once, because a failed judgement was asked again, the last line wins.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
+from trig_stream.records import SCHEMA_VERSION, Judgement, JudgementKey, QuarantinedRecord, Status
+
+MANIFEST = "manifest.json"
+JOURNAL = "journal.jsonl"
+QUARANTINE = "quarantine.jsonl"
+LOCK = "run.lock"
+IMAGES = "images"
+
+
+class Manifest(BaseModel):
+    """What produced a run directory's results; compared on every resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    run_name: str
+    task: str
+    generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    judges: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+    """The config the latest run used (for ``status``, ``report`` and ``watch``)."""
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+
+    def differences(self, other: Manifest) -> list[str]:
+        """What in ``other`` would change results already stored under ``self``."""
+        found = []
+        if self.task != other.task:
+            found.append(f"task: {self.task} in the run dir, {other.task} in the config")
+        for kind in ("generators", "judges"):
+            mine: dict[str, Any] = getattr(self, kind)
+            theirs: dict[str, Any] = getattr(other, kind)
+            for name in sorted(mine.keys() & theirs.keys()):
+                if mine[name] != theirs[name]:
+                    found.append(
+                        f"{kind[:-1]} {name!r}: {json.dumps(mine[name], sort_keys=True)} in the "
+                        f"run dir, {json.dumps(theirs[name], sort_keys=True)} in the config"
+                    )
+        return found
+
+    def merged(self, other: Manifest) -> Manifest:
+        """This manifest with the models and judges ``other`` adds, and its config."""
+        return self.model_copy(
+            update={
+                "generators": {**self.generators, **other.generators},
+                "judges": {**self.judges, **other.judges},
+                "config": other.config,
+                "updated_at": time.time(),
+            }
+        )
+
+
+@dataclass
+class JournalState:
+    """What a journal already holds: the latest status of each judged key."""
+
+    statuses: dict[JudgementKey, Status] = field(default_factory=dict)
+    lines: int = 0
+    torn_bytes: int = 0
+    """Bytes cut from the end because the last record was incomplete."""
+
+    def is_done(self, key: JudgementKey, *, retry_errors: bool) -> bool:
+        status = self.statuses.get(key)
+        return status is not None and not (retry_errors and status == "error")
+
+
+class Journal:
+    """An append-only JSON Lines file of judgements, durable on every :meth:`append`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def open(self) -> JournalState:
+        """Open for appending, cutting off a torn last record; return what it holds."""
+        state = JournalState()
+        good_end = 0
+        if self.path.exists():
+            with self.path.open("rb") as handle:
+                for raw in handle:
+                    if not raw.endswith(b"\n"):
+                        break
+                    try:
+                        record = json.loads(raw)
+                        key = (record["model"], record["data_id"], record["dimension"], record["metric"])
+                        status = record["status"]
+                    except (ValueError, KeyError, TypeError):
+                        break
+                    state.statuses[key] = status
+                    state.lines += 1
+                    good_end += len(raw)
+            size = self.path.stat().st_size
+            if size > good_end:
+                state.torn_bytes = size - good_end
+                with self.path.open("r+b") as handle:
+                    handle.truncate(good_end)
+                    os.fsync(handle.fileno())
+        self._file = self.path.open("ab")
+        return state
+
+    def append(self, judgements: Iterable[Judgement]) -> None:
+        """Write judgements and fsync once for all of them (group commit)."""
+        if self._file is None:
+            raise RunDirError(f"journal {self.path} is not open")
+        data = b"".join(j.model_dump_json().encode() + b"\n" for j in judgements)
+        if data:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_journal(path: Path) -> Iterator[Judgement]:
+    """Every complete judgement in a journal, in order (a torn last line is skipped)."""
+    if not path.exists():
+        return
+    with path.open("rb") as handle:
+        for raw in handle:
+            if not raw.endswith(b"\n"):
+                return
+            try:
+                yield Judgement.model_validate_json(raw)
+            except ValueError:
+                return
+
+
+def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:
+    """The journal reduced to the last judgement of each key."""
+    return {j.key: j for j in read_journal(path)}
+
+
+class RunDir:
+    """A run directory held by this process: locked, with its journal open.
+
+    Use :meth:`open`; call :meth:`close` (or use it as a context manager) to release it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.journal = Journal(path / JOURNAL)
+        self._lock: IO[bytes] | None = None
+        self._quarantine: IO[bytes] | None = None
+
+    @classmethod
+    def open(cls, path: Path, manifest: Manifest) -> tuple[RunDir, JournalState]:
+        """Lock the directory (creating it), check and update its manifest, open the journal.
+
+        Raises:
+            RunLockedError: another process is running in it.
+            FingerprintMismatch: its results were made with settings that differ.
+        """
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        run._acquire_lock()
+        try:
+            run._check_manifest(manifest)
+            state = run.journal.open()
+            run._quarantine = (path / QUARANTINE).open("wb")
+        except BaseException:
+            run.close()
+            raise
+        return run, state
+
+    def image_path(self, task: str, model: str, data_id: str) -> Path:
+        """Where the image of ``data_id`` by ``model`` lives (names are checked safe upstream)."""
+        return self.path / IMAGES / task / model / f"{data_id}.png"
+
+    def quarantine(self, record: QuarantinedRecord) -> None:
+        if self._quarantine is not None:
+            self._quarantine.write(record.model_dump_json().encode() + b"\n")
+            self._quarantine.flush()
+
+    def close(self) -> None:
+        """Close the journal and quarantine files and release the lock; safe to repeat."""
+        self.journal.close()
+        if self._quarantine is not None:
+            self._quarantine.close()
+            self._quarantine = None
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _acquire_lock(self) -> None:
+        handle = (self.path / LOCK).open("a+b")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RunLockedError(
+                f"{self.path} is in use by another trig-stream process; "
+                "use `trig-stream watch` to follow it"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()).encode())
+        handle.flush()
+        self._lock = handle
+
+    def _check_manifest(self, manifest: Manifest) -> None:
+        path = self.path / MANIFEST
+        if path.exists():
+            stored = read_manifest(self.path)
+            differences = stored.differences(manifest)
+            if differences:
+                raise FingerprintMismatch(
+                    f"{self.path} holds results made with other settings:\n  "
+                    + "\n  ".join(differences)
+                    + "\nUse --new-run to start a fresh run directory beside it, or change"
+                    " [run] name."
+                )
+            manifest = stored.merged(manifest)
+        write_atomic(path, manifest.model_dump_json(indent=2).encode())
+
+
+def read_manifest(run_dir: Path) -> Manifest:
+    """Read a run directory's manifest.
+
+    Raises:
+        RunDirError: there is none, or it cannot be read.
+    """
+    path = run_dir / MANIFEST
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either nothing or all of it, even after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def next_free_run_dir(path: Path) -> Path:
+    """``path`` itself when unused, else the first ``path-2``, ``path-3``... that is."""
+    if not path.exists():
+        return path
+    number = 2
+    while (candidate := path.with_name(f"{path.name}-{number}")).exists():
+        number += 1
+    return candidate
