@@ -387,10 +387,6 @@ class Engine:
             tg.start_soon(self._persist, judgement_recv, result_send)
             image_send.close()
             judgement_send.close()
-        if self._state in ("running", "paused"):
-            self._state = "done"
-        elif self._state == "stopping":
-            self._state = "stopped"
 
     async def _source(
         self,
@@ -618,7 +614,6 @@ class Engine:
         token: object,
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
-        limiter = self._limiters[judge.name]
         started = time.perf_counter()
         attempts = 0
         reply: JudgeReply | None = None
@@ -645,12 +640,16 @@ class Engine:
                 except Exception as exc:
                     failure = _describe(exc)
                     break
+            elapsed = time.perf_counter() - started
+            self._counters.judge_latencies.append(elapsed)
+            judgement = self._judgement(
+                item, request.dimension, judge, reply, failure, attempts, elapsed
+            )
+            await judgement_send.send(judgement)
         finally:
-            limiter.release_on_behalf_of(token)
-        elapsed = time.perf_counter() - started
-        self._counters.judge_latencies.append(elapsed)
-        judgement = self._judgement(item, request.dimension, judge, reply, failure, attempts, elapsed)
-        await judgement_send.send(judgement)
+            # The slot is held until the judgement is handed on: a full judgement buffer
+            # must stop new requests, or blocked senders would pile up without bound.
+            self._limiters[judge.name].release_on_behalf_of(token)
 
     def _judgement(
         self,
@@ -732,6 +731,9 @@ class Engine:
                     batch.append(await receive.receive())
                     _take_ready(receive, batch, PERSIST_BATCH)
                 except anyio.EndOfStream:
+                    # Every stage before this one has finished: the run is over. Say so
+                    # before ``results`` ends, so its consumer sees the final state.
+                    self._state = "stopped" if self._stopping else "done"
                     return
                 except anyio.get_cancelled_exc_class():
                     # Hard stop: what already landed in the buffer is still written.

@@ -1,0 +1,76 @@
+"""Shared fixtures: run configs built in code, and small TRIG datasets written to disk."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trig_stream.config import RunConfig, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_PROMPTS = ROOT / "data" / "demo" / "t2i_prompts.json"
+
+PAIRS = ["IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R"]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Core engine tests run on both event loops."""
+    return str(request.param)
+
+
+def write_prompts(path: Path, count: int, *, pairs: list[str] = PAIRS, key: str = "dimension") -> Path:
+    """A legacy TRIG JSON file with ``count`` t2i samples spread over ``pairs``."""
+    records = []
+    for index in range(count):
+        pair = pairs[index % len(pairs)]
+        first, second = pair.split("_")
+        records.append(
+            {
+                "data_id": f"{pair}_{index // len(pairs) + 1}",
+                "prompt": f"prompt number {index}",
+                key: [first, second],
+                "dimension_prompt": ["", ""],
+                "parent_dataset": ["test", "Origin"],
+                "img_id": "",
+                "item": None,
+            }
+        )
+    path.write_text(json.dumps(records))
+    return path
+
+
+ConfigFactory = Callable[..., RunConfig]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> ConfigFactory:
+    """Build a validated RunConfig; keyword arguments replace whole sections."""
+
+    def factory(
+        *,
+        samples: int = 12,
+        dataset: dict[str, Any] | None = None,
+        generators: list[dict[str, Any]] | None = None,
+        judges: list[dict[str, Any]] | None = None,
+        engine: dict[str, Any] | None = None,
+        run: dict[str, Any] | None = None,
+    ) -> RunConfig:
+        prompts = tmp_path / "prompts.json"
+        if dataset is None and not prompts.exists():
+            write_prompts(prompts, samples)
+        data: dict[str, Any] = {
+            "run": {"name": "test", "output_dir": str(tmp_path / "runs"), **(run or {})},
+            "dataset": dataset or {"path": str(prompts)},
+            "generators": generators
+            or [{"name": "synth", "backend": "synthetic", "options": {"size": 16}}],
+            "judges": judges or [{"name": "trigscore", "backend": "fake"}],
+            "engine": engine or {},
+        }
+        return parse_config(data, source=tmp_path / "config.toml")
+
+    return factory

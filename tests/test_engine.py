@@ -1,0 +1,301 @@
+"""The streaming engine: normal runs, early exits, cancellation, failures, backpressure."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.lowlevel import checkpoint
+from PIL import Image
+
+from tests.conftest import ConfigFactory
+from trig_stream import Engine, FatalBackendError
+from trig_stream.config import RunConfig
+from trig_stream.store import JOURNAL, QUARANTINE
+from trig_stream.testing import FakeJudge, SyntheticGenerator
+from trig_stream.testing.fake_judge import FakeJudgeOptions
+from trig_stream.testing.synthetic import SyntheticOptions
+
+pytestmark = pytest.mark.anyio
+
+
+def journal(config: RunConfig) -> list[dict[str, object]]:
+    path = config.run_dir / JOURNAL
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def keys_count(config: RunConfig) -> Counter[tuple[object, ...]]:
+    return Counter(
+        (r["model"], r["data_id"], r["dimension"], r["metric"]) for r in journal(config)
+    )
+
+
+async def run_to_end(config: RunConfig, **kwargs: object) -> list[object]:
+    async with Engine(config, **kwargs) as engine:  # type: ignore[arg-type]
+        return [j async for j in engine.results]
+
+
+async def test_normal_run_judges_every_sample_on_its_pair(make_config: ConfigFactory) -> None:
+    config = make_config(samples=12)
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+        stats = engine.stats()
+    assert len(results) == 24
+    assert {(j.data_id, j.dimension) for j in results} == {
+        (r.data_id, d) for r in results for d in r.pair.split("_")
+    }
+    assert all(j.status == "ok" and j.score is not None for j in results)
+    assert stats.state == "done"
+    assert stats.models["synth"].generated == 12
+    assert len(journal(config)) == 24
+    for judgement in results:
+        assert judgement.image is not None
+        with Image.open(config.run_dir / judgement.image) as image:
+            assert image.size == (16, 16)
+            assert image.format == "PNG"
+
+
+async def test_results_are_durable_before_they_are_delivered(make_config: ConfigFactory) -> None:
+    config = make_config(samples=6)
+    async with Engine(config) as engine:
+        async for judgement in engine.results:
+            on_disk = {(r["data_id"], r["dimension"]) for r in journal(config)}
+            assert (judgement.data_id, judgement.dimension) in on_disk
+
+
+async def test_consumer_breaking_early_then_resume_completes_exactly_once(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=40)
+    async with Engine(config) as engine:
+        async for _ in engine.results:
+            break
+    assert engine.stats().state == "cancelled"
+    assert 1 <= len(journal(config)) < 80
+    await run_to_end(config)
+    counts = keys_count(config)
+    assert len(counts) == 80
+    assert set(counts.values()) == {1}
+
+
+async def test_outer_cancel_scope_cancels_cleanly(make_config: ConfigFactory) -> None:
+    config = make_config(samples=40)
+    seen = 0
+    with anyio.CancelScope() as scope:
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                seen += 1
+                if seen == 5:
+                    scope.cancel()
+    assert scope.cancelled_caught
+    assert len(journal(config)) >= 5
+    await run_to_end(config)
+    assert set(keys_count(config).values()) == {1}
+    assert len(keys_count(config)) == 80
+
+
+async def test_stop_finishes_in_flight_work_and_resume_does_the_rest(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=60, engine={"sample_buffer": 2, "image_buffer": 2})
+    async with Engine(config) as engine:
+        delivered = 0
+        async for _ in engine.results:
+            delivered += 1
+            if delivered == 4:
+                engine.stop()
+        assert engine.stats().state == "stopped"
+    written = len(journal(config))
+    assert written == delivered
+    assert written < 120
+    # Every image that was generated before the stop was also judged.
+    for record in journal(config):
+        assert record["status"] == "ok"
+    await run_to_end(config)
+    counts = keys_count(config)
+    assert len(counts) == 120 and set(counts.values()) == {1}
+
+
+async def test_item_failures_are_recorded_and_the_run_goes_on(make_config: ConfigFactory) -> None:
+    config = make_config(
+        samples=20,
+        generators=[
+            {"name": "synth", "backend": "synthetic",
+             "options": {"size": 16, "fail_ids": ["IQ-R_TA-C_1"]}}
+        ],
+        judges=[
+            {"name": "trigscore", "backend": "fake",
+             "options": {"error_rate": 0.2, "unscorable_rate": 0.1, "missing_logprobs_rate": 0.05}}
+        ],
+    )
+    results = await run_to_end(config)
+    assert len(results) == 40
+    records = journal(config)
+    statuses = Counter(r["status"] for r in records)
+    assert statuses["ok"] > 0 and statuses["error"] > 0 and statuses["unscorable"] > 0
+    for record in records:
+        if record["status"] == "ok":
+            assert isinstance(record["score"], float)
+        else:
+            assert record["score"] is None
+            assert record["error"]
+    failed_generation = [r for r in records if r["error_stage"] == "generate"]
+    assert {r["data_id"] for r in failed_generation} == {"IQ-R_TA-C_1"}
+    assert all(r["image"] is None for r in failed_generation)
+    assert any("no logprobs" in str(r["error"]) for r in records)
+
+
+async def test_fatal_judge_error_surfaces_as_one_exception(make_config: ConfigFactory) -> None:
+    config = make_config(
+        samples=30, judges=[{"name": "trigscore", "backend": "fake", "options": {"fatal_after": 5}}]
+    )
+    with pytest.raises(FatalBackendError, match="authentication failed"):
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                pass
+    assert engine.stats().state == "failed"
+    # What landed before the failure is durable and intact.
+    assert all(r["status"] == "ok" for r in journal(config))
+
+
+async def test_fatal_generator_error_surfaces_as_one_exception(make_config: ConfigFactory) -> None:
+    config = make_config(
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"fatal": True}}]
+    )
+    with pytest.raises(FatalBackendError, match="fatal"):
+        await run_to_end(config)
+
+
+async def test_hard_cancel_at_random_points_then_resume_judges_each_key_once(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(
+        samples=48,
+        generators=[
+            {"name": "a", "backend": "synthetic", "workers": 2, "batch_size": 3,
+             "options": {"size": 16}},
+            {"name": "b", "backend": "synthetic", "options": {"size": 16}},
+        ],
+        engine={"sample_buffer": 3, "image_buffer": 4, "judgement_buffer": 8},
+    )
+    rng = random.Random(1234)
+    for _ in range(8):
+        delay = rng.randrange(0, 400)
+        async with Engine(config) as engine:
+
+            async def cancel_later(engine: Engine = engine, delay: int = delay) -> None:
+                for _ in range(delay):
+                    await checkpoint()
+                engine.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_later)
+                async for _ in engine.results:
+                    pass
+    await run_to_end(config)
+    counts = keys_count(config)
+    assert len(counts) == 48 * 2 * 2
+    assert set(counts.values()) == {1}
+
+
+async def test_blocked_consumer_keeps_every_buffer_within_its_bound(
+    make_config: ConfigFactory,
+) -> None:
+    bounds = {"sample_buffer": 2, "image_buffer": 2, "judgement_buffer": 4, "result_buffer": 4}
+    config = make_config(
+        samples=400,
+        judges=[{"name": "trigscore", "backend": "fake", "concurrency": 2}],
+        engine=bounds,
+    )
+    violations: list[str] = []
+    async with Engine(config) as engine:
+
+        def check() -> bool:
+            stats = engine.stats()
+            for name, fill in stats.buffers.items():
+                if fill.used > fill.size:
+                    violations.append(f"{name}: {fill.used} > {fill.size}")
+            return all(fill.used == fill.size for fill in stats.buffers.values())
+
+        with anyio.fail_after(30):
+            while not check():  # the consumer reads nothing: every buffer must fill up
+                await checkpoint()
+        for _ in range(200):
+            check()
+            await checkpoint()
+        read = engine.stats().samples_read
+        engine.cancel()
+    assert not violations
+    assert read < 40, f"the source read {read} samples ahead of a stalled consumer"
+
+
+async def test_quarantined_records_are_written_with_reasons(make_config: ConfigFactory,
+                                                            tmp_path: Path) -> None:
+    records = [
+        {"data_id": "IQ-R_TA-C_1", "prompt": "fine", "dimension": ["IQ-R", "TA-C"]},
+        {"data_id": "IQ-R_TA-C_2", "prompt": "", "dimension": ["IQ-R", "TA-C"]},
+        {"data_id": "IQ-R_XX-Y_1", "prompt": "bad dimension"},
+        {"data_id": "../../x", "prompt": "escape", "dimension": ["IQ-R", "TA-C"]},
+        {"data_id": "IQ-R_TA-C_1", "prompt": "duplicate", "dimension": ["IQ-R", "TA-C"]},
+        {"data_id": "TA-C_IQ-R_3", "prompt": "pair from the id"},
+    ]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    config = make_config(dataset={"path": str(path)})
+    results = await run_to_end(config)
+    assert len(results) == 4
+    refused = [json.loads(line) for line in (config.run_dir / QUARANTINE).read_text().splitlines()]
+    reasons = {r["index"]: r["reason"] for r in refused}
+    assert set(reasons) == {1, 2, 3, 4}
+    assert "prompt" in reasons[1]
+    assert "XX-Y" in reasons[2]
+    assert "safe file name" in reasons[3]
+    assert "duplicate" in reasons[4]
+    assert not (config.run.output_dir.parent / "x").exists()
+
+
+async def test_retries_use_the_injected_sleep(make_config: ConfigFactory) -> None:
+    config = make_config(
+        samples=10,
+        judges=[{"name": "trigscore", "backend": "fake",
+                 "options": {"retryable_rate": 0.5, "rate_limit_rate": 0.2, "retry_after_s": 7}}],
+        engine={"max_attempts": 8, "backoff_initial": 1.0, "backoff_max": 4.0},
+    )
+    delays: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        delays.append(seconds)
+        await checkpoint()
+
+    results = await run_to_end(config, sleep=fake_sleep)
+    assert delays, "some attempts should have failed and been retried"
+    assert max(delays) >= 7  # Retry-After wins over a shorter backoff
+    assert all(0.5 <= d <= 7 for d in delays)
+    assert any(j.attempts > 1 for j in results)  # type: ignore[attr-defined]
+    assert sum(j.attempts - 1 for j in results) == len(delays)  # type: ignore[attr-defined]
+
+
+async def test_injected_backends_and_several_engines_in_one_process(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    first = make_config(samples=8)
+    second = first.model_copy(
+        update={"run": first.run.model_copy(update={"name": "other"})}
+    )
+    judges = [FakeJudge("trigscore", FakeJudgeOptions()) for _ in range(2)]
+    generators = [SyntheticGenerator("synth", SyntheticOptions(size=16)) for _ in range(2)]
+    counts: list[int] = []
+
+    async def one(config: RunConfig, index: int) -> None:
+        async with Engine(config, generators=[generators[index]], judges=[judges[index]]) as e:
+            counts.append(len([j async for j in e.results]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, first, 0)
+        tg.start_soon(one, second, 1)
+    assert counts == [16, 16]
+    assert judges[0].requests == judges[1].requests == 16
