@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.table import Table
 
@@ -40,12 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trig-stream`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
-    console = Console(stderr=True)
+    # Messages name files and keys: never wrap them, so they stay greppable.
+    console = Console(stderr=True, soft_wrap=True)
     try:
         result: int = args.handler(args, console)
         return result
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        console.print(f"[red]error:[/] {exc}", highlight=False)
         return EXIT_CONFIG
     except RunDirError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
@@ -115,9 +117,10 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     engine = Engine(config, retry_errors=args.retry_errors, new_run=args.new_run)
     interrupted = False
 
-    async def on_signals() -> None:
+    async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         nonlocal interrupted
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
             async for _ in signals:
                 if not interrupted:
                     interrupted = True
@@ -131,7 +134,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
 
     with PlainProgress(console) as progress:
         async with engine, anyio.create_task_group() as tg:
-            tg.start_soon(on_signals)
+            await tg.start(on_signals)
             console.print(f"run directory: {engine.run_dir_path}", highlight=False)
 
             async def refresh() -> None:

@@ -1,0 +1,114 @@
+"""The command line: validate, run, status, exit codes, Ctrl-C and resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_prompts
+from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
+
+CONFIG = """\
+[run]
+name = "cli"
+output_dir = "runs"
+
+[dataset]
+path = "prompts.json"
+
+[[generators]]
+name = "synth"
+backend = "synthetic"
+options = {{ size = 16 }}
+
+[[judges]]
+backend = "fake"
+concurrency = {concurrency}
+options = {{ latency_s = {latency}{extra} }}
+
+[engine]
+image_buffer = 2
+sample_buffer = 2
+"""
+
+
+def write_config(tmp_path: Path, *, samples: int = 6, latency: float = 0.0,
+                 concurrency: int = 8, extra: str = "") -> Path:
+    write_prompts(tmp_path / "prompts.json", samples)
+    path = tmp_path / "run.toml"
+    path.write_text(CONFIG.format(latency=latency, concurrency=concurrency, extra=extra))
+    return path
+
+
+def journal_keys(tmp_path: Path) -> Counter[tuple[str, str]]:
+    lines = (tmp_path / "runs" / "cli" / "journal.jsonl").read_text().splitlines()
+    return Counter((r["data_id"], r["dimension"]) for r in map(json.loads, lines))
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, trig_stream, trig_stream.engine, trig_stream.cli\n"
+        "heavy = {'torch', 'textual', 'matplotlib', 'diffusers', 'transformers'}\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path)
+    assert main(["validate", str(path)]) == EXIT_OK
+    assert "ok" in capsys.readouterr().out
+    path.write_text(path.read_text().replace("[engine]", "[engine]\nturbo = true"))
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "run.toml:19: engine.turbo: unknown key" in err
+
+
+def test_run_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path)
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    assert "done: 12 judgements" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "runs" / "cli")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "synth" in out and "12" in out
+    assert main(["run", str(path), "--headless", "--backend", "trio"]) == EXIT_OK
+    assert "done: 0 judgements" in capsys.readouterr().err
+
+
+def test_exit_codes_for_refused_run_dir_and_fatal_errors(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    path.write_text(path.read_text().replace("size = 16", "size = 24"))
+    assert main(["run", str(path), "--headless"]) == EXIT_RUN_DIR
+    assert main(["run", str(path), "--headless", "--new-run"]) == EXIT_OK
+    fatal = write_config(tmp_path / "fatal" if (tmp_path / "fatal").mkdir() is None else tmp_path,
+                         extra=", fatal_after = 2")
+    assert main(["run", str(fatal), "--headless"]) == EXIT_FATAL
+    assert main(["status", str(tmp_path / "nothing")]) == EXIT_RUN_DIR
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path: Path, presses: int) -> None:
+    path = write_config(tmp_path, samples=40, latency=0.1, concurrency=2)
+    command = [sys.executable, "-m", "trig_stream", "run", str(path), "--headless"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    for line in process.stderr:
+        if line.startswith("run directory:"):
+            break
+    for _ in range(presses):
+        process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == EXIT_INTERRUPTED, rest
+    assert sum(journal_keys(tmp_path).values()) < 80
+    path.write_text(path.read_text().replace("latency_s = 0.1", "latency_s = 0.0"))
+    assert subprocess.run(command, capture_output=True, timeout=120).returncode == EXIT_OK
+    keys = journal_keys(tmp_path)
+    assert len(keys) == 80 and set(keys.values()) == {1}

@@ -1,0 +1,110 @@
+"""Config validation: every problem is refused before work starts, with file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trig_stream.config import load_config, locate_key
+from trig_stream.errors import ConfigError
+
+GOOD = """\
+[run]
+name = "demo"
+task = "sub"
+
+[dataset]
+path = "prompts.json"
+pairs = ["TA-C_IQ-R"]
+
+[[generators]]
+name = "one"
+backend = "synthetic"
+
+[[generators]]
+name = "two"
+backend = "synthetic"
+options = { size = 32 }
+
+[[judges]]
+backend = "fake"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    assert config.run.task == "s2p"  # upstream's "sub" is accepted
+    assert config.dataset.path == (tmp_path / "prompts.json").resolve()
+    assert config.run_dir == (tmp_path / "runs" / "demo").resolve()
+    assert config.relation.synergy == 0.8 and config.relation.tradeoff_corr == 0.6
+    assert [g.name for g in config.generators] == ["one", "two"]
+    assert config.judges[0].name == "trigscore" and config.judges[0].scorer == "robust"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (("[run]\n", "[run]\ncolour = 'red'\n"), r"run\.toml:2: run\.colour: unknown key"),
+        (("name = \"two\"\n", "name = \"two\"\nworkers = \"many\"\n"),
+         r"run\.toml:15: generators\[1\]\.workers: .*integer"),
+        (("options = { size = 32 }", "options = { size = 'big' }"),
+         r"run\.toml:16: generators\[1\]\.options\.size: .*integer"),
+        (("options = { size = 32 }", "options = { sise = 32 }"),
+         r"generators\[1\]\.options\.sise: unknown key"),
+        (("backend = \"fake\"", "backend = \"oracle\""),
+         r"run\.toml:19: judges\[0\]\.backend: unknown backend 'oracle'"),
+        (("task = \"sub\"", "task = \"video\""), r"run\.toml:3: run\.task: .*unknown task"),
+        (("pairs = [\"TA-C_IQ-R\"]", "pairs = [\"TA-C_XX-Y\"]"), r"dataset\.pairs\[0\].*XX-Y"),
+        (("name = \"one\"", "name = \"../escape\""), r"generators\[0\]\.name: .*folder name"),
+        (("name = \"one\"", "name = \"two\""), r"used twice"),
+        (("[dataset]\npath = \"prompts.json\"\n", "[dataset]\n"),
+         r"run\.toml:5: dataset\.path: required key is missing"),
+    ],
+)
+def test_bad_configs_are_refused_with_file_line_and_key(
+    tmp_path: Path, edit: tuple[str, str], expected: str
+) -> None:
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
+    text = GOOD.replace("[run]\n", "[run]\nextra1 = 1\n").replace("[dataset]\n", "[dataset]\nextra2 = 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    message = str(caught.value)
+    assert "2 problems" in message and "extra1" in message and "extra2" in message
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[run\nname="))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_locate_key_understands_arrays_of_tables_and_dotted_keys() -> None:
+    text = "[a]\nx = 1\n[[g]]\nn = 1\n[[g]]\nn = 2\n[g.options]\nk = 3\nb.c = 4\n"
+    assert locate_key(text, ("a", "x")) == 2
+    assert locate_key(text, ("g", 1, "n")) == 6
+    assert locate_key(text, ("g", 1, "options", "k")) == 8
+    assert locate_key(text, ("g", 1, "options", "b", "c")) == 9
+    assert locate_key(text, ("g", 0, "missing")) == 3
+    assert locate_key(text, ("nowhere",)) is None
+
+
+def test_shipped_configs_validate() -> None:
+    root = Path(__file__).resolve().parent.parent / "config"
+    configs = sorted(root.glob("*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -1,0 +1,134 @@
+"""Reading TRIG datasets: both formats, filters, limits and quarantine."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from tests.conftest import write_prompts
+from trig_stream.config import DatasetSection
+from trig_stream.dataset import DatasetSource
+from trig_stream.errors import DatasetError
+from trig_stream.records import QuarantinedRecord, Sample
+
+
+def png_bytes(colour: tuple[int, int, int] = (10, 20, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read(section: DatasetSection, task: str = "t2i") -> tuple[list[Sample], list[QuarantinedRecord]]:
+    samples, refused = [], []
+    for entry in DatasetSource(section, task):  # type: ignore[arg-type]
+        (refused if isinstance(entry, QuarantinedRecord) else samples).append(entry)
+    return samples, refused  # type: ignore[return-value]
+
+
+def test_legacy_json_with_dimension_key(tmp_path: Path) -> None:
+    path = write_prompts(tmp_path / "p.json", 8, key="dimension")
+    samples, refused = read(DatasetSection(path=path))
+    assert len(samples) == 8 and not refused
+    assert samples[2].dimensions == ("R-T", "IQ-A")  # order as given, not canonical
+    assert samples[2].pair == "R-T_IQ-A"
+
+
+def test_parquet_folder_with_dimensions_key_and_embedded_images(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for part in range(2):
+        pl.DataFrame(
+            {
+                "data_id": [f"TA-C_TA-R_{part * 3 + i + 1}" for i in range(3)],
+                "prompt": ["make the edit"] * 3,
+                "dimensions": [["TA-C", "TA-R"]] * 3,
+                "dimension_prompt": [["a", "b"]] * 3,
+                "parent_dataset": [["x", "y"]] * 3,
+                "img_id": ["src.png"] * 3,
+                "item": [None] * 3,
+                "image": [{"bytes": png_bytes(), "path": "src.png"}] * 3,
+            }
+        ).write_parquet(folder / f"image_editing-0000{part}.parquet")
+    samples, refused = read(DatasetSection(path=folder), task="p2p")
+    assert [s.data_id for s in samples] == [f"TA-C_TA-R_{i}" for i in range(1, 7)]
+    assert not refused
+    assert samples[0].source_bytes == png_bytes()
+    assert samples[0].dimension_prompt == ("a", "b")
+
+
+def test_json_source_images_come_from_image_root(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "cat.png").write_bytes(png_bytes())
+    records = [
+        {"data_id": "TA-C_IQ-R_1", "prompt": "a cat", "dimension": ["TA-C", "IQ-R"],
+         "img_id": "cat.png", "item": "cat"},
+        {"data_id": "TA-C_IQ-R_2", "prompt": "a dog", "dimension": ["TA-C", "IQ-R"],
+         "img_id": "dog.png", "item": "dog"},
+        {"data_id": "TA-C_IQ-R_3", "prompt": "no image", "dimension": ["TA-C", "IQ-R"]},
+        {"data_id": "TA-C_IQ-R_4", "prompt": "escape", "dimension": ["TA-C", "IQ-R"],
+         "img_id": "../images/cat.png"},
+    ]
+    path = tmp_path / "s2p.json"
+    path.write_text(json.dumps(records))
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="s2p")
+    assert [s.data_id for s in samples] == ["TA-C_IQ-R_1"]
+    assert samples[0].source_path == root / "cat.png"
+    assert samples[0].item == "cat"
+    reasons = [r.reason for r in refused]
+    assert "not found" in reasons[0]
+    assert "no source image" in reasons[1]
+    assert "plain file name" in reasons[2]
+
+
+def test_filters_and_limit(tmp_path: Path) -> None:
+    path = write_prompts(tmp_path / "p.json", 40)
+    by_pair, _ = read(DatasetSection(path=path, pairs=["TA-C_IQ-R"]))  # either order
+    assert {s.pair for s in by_pair} == {"IQ-R_TA-C"} and len(by_pair) == 10
+    by_dimension, _ = read(DatasetSection(path=path, dimensions=["IQ-A"]))
+    assert {s.pair for s in by_dimension} == {"IQ-A_TA-S", "R-T_IQ-A"}
+    source = DatasetSource(DatasetSection(path=path, dimensions=["IQ-A"]), "t2i")
+    assert source.dimensions_to_judge(by_dimension[0]) == ("IQ-A",)
+    limited, _ = read(DatasetSection(path=path, limit=7, pairs=["IQ-R_TA-C", "D-K_IQ-R"]))
+    assert len(limited) == 7
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ({"prompt": "no id"}, "missing data_id"),
+        ({"data_id": "IQ-R_TA-C_1"}, "prompt"),
+        ({"data_id": "IQ-R_TA-C_1", "prompt": "p", "dimension": ["IQ-R"]}, "two dimension codes"),
+        ({"data_id": "IQ-R_IQ-R_1", "prompt": "p"}, "same dimension twice"),
+        ({"data_id": "/etc/passwd", "prompt": "p", "dimension": ["IQ-R", "TA-C"]}, "safe file name"),
+        ({"data_id": "a/b", "prompt": "p", "dimension": ["IQ-R", "TA-C"]}, "safe file name"),
+        ({"data_id": "IQ-R_TA-C", "prompt": "p"}, "_<number>"),
+        ("not a record", "missing data_id"),
+    ],
+)
+def test_malformed_records_are_quarantined(tmp_path: Path, record: object, reason: str) -> None:
+    path = tmp_path / "bad.json"
+    good = {"data_id": "IQ-R_TA-C_9", "prompt": "fine", "dimension": ["IQ-R", "TA-C"]}
+    path.write_text(json.dumps([record, good]))
+    samples, refused = read(DatasetSection(path=path))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_9"]
+    assert len(refused) == 1 and reason in refused[0].reason
+    assert refused[0].index == 0
+
+
+def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        read(DatasetSection(path=tmp_path / "absent.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(DatasetError, match="cannot read"):
+        read(DatasetSection(path=broken))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="no .parquet"):
+        read(DatasetSection(path=empty))

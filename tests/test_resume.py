@@ -1,0 +1,135 @@
+"""The run directory: resume, fingerprints, torn journals, locks, retrying errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import ConfigFactory
+from tests.test_engine import journal, keys_count, run_to_end
+from trig_stream import Engine, FingerprintMismatch, RunLockedError
+from trig_stream.store import JOURNAL, Journal
+from trig_stream.testing import FakeJudge, SyntheticGenerator
+from trig_stream.testing.fake_judge import FakeJudgeOptions
+from trig_stream.testing.synthetic import SyntheticOptions
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_second_run_reuses_images_and_asks_nothing(make_config: ConfigFactory) -> None:
+    config = make_config(samples=10)
+    await run_to_end(config)
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    judge = FakeJudge()
+    results = await run_to_end(config, generators=[generator], judges=[judge])
+    assert results == []
+    assert generator.calls == []
+    assert judge.requests == 0
+    assert len(journal(config)) == 20
+
+
+async def test_missing_judgements_are_asked_with_images_reused(make_config: ConfigFactory) -> None:
+    config = make_config(samples=10)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-5]) + "\n")  # lose the last five judgements
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    judge = FakeJudge()
+    async with Engine(config, generators=[generator], judges=[judge]) as engine:
+        results = [j async for j in engine.results]
+        stats = engine.stats()
+    assert len(results) == 5
+    assert judge.requests == 5
+    assert generator.calls == []
+    assert stats.models["synth"].reused >= 3
+    assert len(keys_count(config)) == 20
+
+
+async def test_deleted_or_corrupt_image_is_generated_again(make_config: ConfigFactory) -> None:
+    config = make_config(samples=4)
+    first = await run_to_end(config)
+    image = config.run_dir / first[0].image  # type: ignore[attr-defined]
+    original = image.read_bytes()
+    image.write_bytes(original[:40])  # truncated PNG
+    path = config.run_dir / JOURNAL
+    kept = [line for line in path.read_text().splitlines()
+            if json.loads(line)["data_id"] != first[0].data_id]  # type: ignore[attr-defined]
+    path.write_text("\n".join(kept) + "\n")
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    results = await run_to_end(config, generators=[generator])
+    assert len(results) == 2
+    assert generator.calls == [1]
+    assert image.read_bytes() == original  # same seed, same picture
+
+
+async def test_torn_last_record_is_cut_off_and_asked_again(make_config: ConfigFactory) -> None:
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    data = path.read_bytes()
+    path.write_bytes(data[:-30])  # a crash in the middle of the last line
+    state = Journal(path).open()
+    assert state.lines == 9
+    assert state.torn_bytes > 0
+    results = await run_to_end(config)
+    assert len(results) == 1
+    counts = keys_count(config)
+    assert len(counts) == 10 and set(counts.values()) == {1}
+
+
+async def test_retry_errors_asks_failed_judgements_again(make_config: ConfigFactory) -> None:
+    failing = make_config(
+        samples=10, judges=[{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.3}}]
+    )
+    await run_to_end(failing)
+    errors = sum(1 for r in journal(failing) if r["status"] == "error")
+    assert errors > 0
+    assert await run_to_end(failing) == []  # failed ones stay failed without the flag
+    # The same judge with its fault gone: only the failed keys are asked again.
+    judge = FakeJudge(options=FakeJudgeOptions())
+    results = await run_to_end(failing, judges=[judge], retry_errors=True)
+    assert judge.requests == errors
+    assert all(j.status == "ok" for j in results)  # type: ignore[attr-defined]
+    latest = {(r["data_id"], r["dimension"]): r["status"] for r in journal(failing)}
+    assert set(latest.values()) == {"ok"}
+
+
+async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFactory) -> None:
+    config = make_config(samples=3)
+    await run_to_end(config)
+    changed = make_config(
+        samples=3,
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 32}}],
+    )
+    with pytest.raises(FingerprintMismatch, match="size"):
+        await run_to_end(changed)
+    async with Engine(changed, new_run=True) as engine:
+        results = [j async for j in engine.results]
+    assert len(results) == 6
+    assert engine.run_dir_path.name == "test-2"
+    assert len(journal(config)) == 6  # the original run is untouched
+
+
+async def test_adding_a_model_resumes_the_same_run(make_config: ConfigFactory) -> None:
+    config = make_config(samples=3)
+    await run_to_end(config)
+    more = make_config(
+        samples=3,
+        generators=[
+            {"name": "synth", "backend": "synthetic", "options": {"size": 16}},
+            {"name": "other", "backend": "synthetic", "options": {"size": 16}},
+        ],
+    )
+    results = await run_to_end(more)
+    assert {j.model for j in results} == {"other"}  # type: ignore[attr-defined]
+
+
+async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:
+    config = make_config(samples=3)
+    async with Engine(config) as engine:
+        with pytest.raises(RunLockedError, match="in use"):
+            async with Engine(config):
+                pass
+        await engine.drain()
