@@ -23,7 +23,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def write_prompts(path: Path, count: int, *, pairs: list[str] = PAIRS, key: str = "dimension") -> Path:
+def write_prompts(
+    path: Path, count: int, *, pairs: list[str] = PAIRS, key: str = "dimension"
+) -> Path:
     """A legacy TRIG JSON file with ``count`` t2i samples spread over ``pairs``."""
     records = []
     for index in range(count):

@@ -38,8 +38,9 @@ sample_buffer = 2
 """
 
 
-def write_config(tmp_path: Path, *, samples: int = 6, latency: float = 0.0,
-                 concurrency: int = 8, extra: str = "") -> Path:
+def write_config(
+    tmp_path: Path, *, samples: int = 6, latency: float = 0.0, concurrency: int = 8, extra: str = ""
+) -> Path:
     write_prompts(tmp_path / "prompts.json", samples)
     path = tmp_path / "run.toml"
     path.write_text(CONFIG.format(latency=latency, concurrency=concurrency, extra=extra))
@@ -88,8 +89,8 @@ def test_exit_codes_for_refused_run_dir_and_fatal_errors(tmp_path: Path) -> None
     path.write_text(path.read_text().replace("size = 16", "size = 24"))
     assert main(["run", str(path), "--headless"]) == EXIT_RUN_DIR
     assert main(["run", str(path), "--headless", "--new-run"]) == EXIT_OK
-    fatal = write_config(tmp_path / "fatal" if (tmp_path / "fatal").mkdir() is None else tmp_path,
-                         extra=", fatal_after = 2")
+    (tmp_path / "fatal").mkdir()
+    fatal = write_config(tmp_path / "fatal", extra=", fatal_after = 2")
     assert main(["run", str(fatal), "--headless"]) == EXIT_FATAL
     assert main(["status", str(tmp_path / "nothing")]) == EXIT_RUN_DIR
 

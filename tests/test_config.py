@@ -52,20 +52,30 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
     ("edit", "expected"),
     [
         (("[run]\n", "[run]\ncolour = 'red'\n"), r"run\.toml:2: run\.colour: unknown key"),
-        (("name = \"two\"\n", "name = \"two\"\nworkers = \"many\"\n"),
-         r"run\.toml:15: generators\[1\]\.workers: .*integer"),
-        (("options = { size = 32 }", "options = { size = 'big' }"),
-         r"run\.toml:16: generators\[1\]\.options\.size: .*integer"),
-        (("options = { size = 32 }", "options = { sise = 32 }"),
-         r"generators\[1\]\.options\.sise: unknown key"),
-        (("backend = \"fake\"", "backend = \"oracle\""),
-         r"run\.toml:19: judges\[0\]\.backend: unknown backend 'oracle'"),
-        (("task = \"sub\"", "task = \"video\""), r"run\.toml:3: run\.task: .*unknown task"),
-        (("pairs = [\"TA-C_IQ-R\"]", "pairs = [\"TA-C_XX-Y\"]"), r"dataset\.pairs\[0\].*XX-Y"),
-        (("name = \"one\"", "name = \"../escape\""), r"generators\[0\]\.name: .*folder name"),
-        (("name = \"one\"", "name = \"two\""), r"used twice"),
-        (("[dataset]\npath = \"prompts.json\"\n", "[dataset]\n"),
-         r"run\.toml:5: dataset\.path: required key is missing"),
+        (
+            ('name = "two"\n', 'name = "two"\nworkers = "many"\n'),
+            r"run\.toml:15: generators\[1\]\.workers: .*integer",
+        ),
+        (
+            ("options = { size = 32 }", "options = { size = 'big' }"),
+            r"run\.toml:16: generators\[1\]\.options\.size: .*integer",
+        ),
+        (
+            ("options = { size = 32 }", "options = { sise = 32 }"),
+            r"generators\[1\]\.options\.sise: unknown key",
+        ),
+        (
+            ('backend = "fake"', 'backend = "oracle"'),
+            r"run\.toml:19: judges\[0\]\.backend: unknown backend 'oracle'",
+        ),
+        (('task = "sub"', 'task = "video"'), r"run\.toml:3: run\.task: .*unknown task"),
+        (('pairs = ["TA-C_IQ-R"]', 'pairs = ["TA-C_XX-Y"]'), r"dataset\.pairs\[0\].*XX-Y"),
+        (('name = "one"', 'name = "../escape"'), r"generators\[0\]\.name: .*folder name"),
+        (('name = "one"', 'name = "two"'), r"used twice"),
+        (
+            ('[dataset]\npath = "prompts.json"\n', "[dataset]\n"),
+            r"run\.toml:5: dataset\.path: required key is missing",
+        ),
     ],
 )
 def test_bad_configs_are_refused_with_file_line_and_key(
@@ -78,7 +88,9 @@ def test_bad_configs_are_refused_with_file_line_and_key(
 
 
 def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
-    text = GOOD.replace("[run]\n", "[run]\nextra1 = 1\n").replace("[dataset]\n", "[dataset]\nextra2 = 2\n")
+    text = GOOD.replace("[run]\n", "[run]\nextra1 = 1\n").replace(
+        "[dataset]\n", "[dataset]\nextra2 = 2\n"
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
     message = str(caught.value)

@@ -13,6 +13,7 @@ from PIL import Image
 from tests.conftest import write_prompts
 from trig_stream.config import DatasetSection
 from trig_stream.dataset import DatasetSource
+from trig_stream.dimensions import normalise_task
 from trig_stream.errors import DatasetError
 from trig_stream.records import QuarantinedRecord, Sample
 
@@ -23,11 +24,17 @@ def png_bytes(colour: tuple[int, int, int] = (10, 20, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def read(section: DatasetSection, task: str = "t2i") -> tuple[list[Sample], list[QuarantinedRecord]]:
-    samples, refused = [], []
-    for entry in DatasetSource(section, task):  # type: ignore[arg-type]
-        (refused if isinstance(entry, QuarantinedRecord) else samples).append(entry)
-    return samples, refused  # type: ignore[return-value]
+def read(
+    section: DatasetSection, task: str = "t2i"
+) -> tuple[list[Sample], list[QuarantinedRecord]]:
+    samples: list[Sample] = []
+    refused: list[QuarantinedRecord] = []
+    for entry in DatasetSource(section, normalise_task(task)):
+        if isinstance(entry, QuarantinedRecord):
+            refused.append(entry)
+        else:
+            samples.append(entry)
+    return samples, refused
 
 
 def test_legacy_json_with_dimension_key(tmp_path: Path) -> None:
@@ -66,13 +73,27 @@ def test_json_source_images_come_from_image_root(tmp_path: Path) -> None:
     root.mkdir()
     (root / "cat.png").write_bytes(png_bytes())
     records = [
-        {"data_id": "TA-C_IQ-R_1", "prompt": "a cat", "dimension": ["TA-C", "IQ-R"],
-         "img_id": "cat.png", "item": "cat"},
-        {"data_id": "TA-C_IQ-R_2", "prompt": "a dog", "dimension": ["TA-C", "IQ-R"],
-         "img_id": "dog.png", "item": "dog"},
+        {
+            "data_id": "TA-C_IQ-R_1",
+            "prompt": "a cat",
+            "dimension": ["TA-C", "IQ-R"],
+            "img_id": "cat.png",
+            "item": "cat",
+        },
+        {
+            "data_id": "TA-C_IQ-R_2",
+            "prompt": "a dog",
+            "dimension": ["TA-C", "IQ-R"],
+            "img_id": "dog.png",
+            "item": "dog",
+        },
         {"data_id": "TA-C_IQ-R_3", "prompt": "no image", "dimension": ["TA-C", "IQ-R"]},
-        {"data_id": "TA-C_IQ-R_4", "prompt": "escape", "dimension": ["TA-C", "IQ-R"],
-         "img_id": "../images/cat.png"},
+        {
+            "data_id": "TA-C_IQ-R_4",
+            "prompt": "escape",
+            "dimension": ["TA-C", "IQ-R"],
+            "img_id": "../images/cat.png",
+        },
     ]
     path = tmp_path / "s2p.json"
     path.write_text(json.dumps(records))
@@ -105,7 +126,10 @@ def test_filters_and_limit(tmp_path: Path) -> None:
         ({"data_id": "IQ-R_TA-C_1"}, "prompt"),
         ({"data_id": "IQ-R_TA-C_1", "prompt": "p", "dimension": ["IQ-R"]}, "two dimension codes"),
         ({"data_id": "IQ-R_IQ-R_1", "prompt": "p"}, "same dimension twice"),
-        ({"data_id": "/etc/passwd", "prompt": "p", "dimension": ["IQ-R", "TA-C"]}, "safe file name"),
+        (
+            {"data_id": "/etc/passwd", "prompt": "p", "dimension": ["IQ-R", "TA-C"]},
+            "safe file name",
+        ),
         ({"data_id": "a/b", "prompt": "p", "dimension": ["IQ-R", "TA-C"]}, "safe file name"),
         ({"data_id": "IQ-R_TA-C", "prompt": "p"}, "_<number>"),
         ("not a record", "missing data_id"),
@@ -130,5 +154,5 @@ def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:
         read(DatasetSection(path=broken))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DatasetError, match="no .parquet"):
+    with pytest.raises(DatasetError, match=r"no \.parquet"):
         read(DatasetSection(path=empty))

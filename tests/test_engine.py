@@ -6,6 +6,7 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 from tests.conftest import ConfigFactory
 from trig_stream import Engine, FatalBackendError
 from trig_stream.config import RunConfig
+from trig_stream.records import Judgement
 from trig_stream.store import JOURNAL, QUARANTINE
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
@@ -29,13 +31,11 @@ def journal(config: RunConfig) -> list[dict[str, object]]:
 
 
 def keys_count(config: RunConfig) -> Counter[tuple[object, ...]]:
-    return Counter(
-        (r["model"], r["data_id"], r["dimension"], r["metric"]) for r in journal(config)
-    )
+    return Counter((r["model"], r["data_id"], r["dimension"], r["metric"]) for r in journal(config))
 
 
-async def run_to_end(config: RunConfig, **kwargs: object) -> list[object]:
-    async with Engine(config, **kwargs) as engine:  # type: ignore[arg-type]
+async def run_to_end(config: RunConfig, **kwargs: Any) -> list[Judgement]:
+    async with Engine(config, **kwargs) as engine:
         return [j async for j in engine.results]
 
 
@@ -124,12 +124,22 @@ async def test_item_failures_are_recorded_and_the_run_goes_on(make_config: Confi
     config = make_config(
         samples=20,
         generators=[
-            {"name": "synth", "backend": "synthetic",
-             "options": {"size": 16, "fail_ids": ["IQ-R_TA-C_1"]}}
+            {
+                "name": "synth",
+                "backend": "synthetic",
+                "options": {"size": 16, "fail_ids": ["IQ-R_TA-C_1"]},
+            }
         ],
         judges=[
-            {"name": "trigscore", "backend": "fake",
-             "options": {"error_rate": 0.2, "unscorable_rate": 0.1, "missing_logprobs_rate": 0.05}}
+            {
+                "name": "trigscore",
+                "backend": "fake",
+                "options": {
+                    "error_rate": 0.2,
+                    "unscorable_rate": 0.1,
+                    "missing_logprobs_rate": 0.05,
+                },
+            }
         ],
     )
     results = await run_to_end(config)
@@ -176,8 +186,13 @@ async def test_hard_cancel_at_random_points_then_resume_judges_each_key_once(
     config = make_config(
         samples=48,
         generators=[
-            {"name": "a", "backend": "synthetic", "workers": 2, "batch_size": 3,
-             "options": {"size": 16}},
+            {
+                "name": "a",
+                "backend": "synthetic",
+                "workers": 2,
+                "batch_size": 3,
+                "options": {"size": 16},
+            },
             {"name": "b", "backend": "synthetic", "options": {"size": 16}},
         ],
         engine={"sample_buffer": 3, "image_buffer": 4, "judgement_buffer": 8},
@@ -233,8 +248,9 @@ async def test_blocked_consumer_keeps_every_buffer_within_its_bound(
     assert read < 40, f"the source read {read} samples ahead of a stalled consumer"
 
 
-async def test_quarantined_records_are_written_with_reasons(make_config: ConfigFactory,
-                                                            tmp_path: Path) -> None:
+async def test_quarantined_records_are_written_with_reasons(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
     records = [
         {"data_id": "IQ-R_TA-C_1", "prompt": "fine", "dimension": ["IQ-R", "TA-C"]},
         {"data_id": "IQ-R_TA-C_2", "prompt": "", "dimension": ["IQ-R", "TA-C"]},
@@ -261,8 +277,13 @@ async def test_quarantined_records_are_written_with_reasons(make_config: ConfigF
 async def test_retries_use_the_injected_sleep(make_config: ConfigFactory) -> None:
     config = make_config(
         samples=10,
-        judges=[{"name": "trigscore", "backend": "fake",
-                 "options": {"retryable_rate": 0.5, "rate_limit_rate": 0.2, "retry_after_s": 7}}],
+        judges=[
+            {
+                "name": "trigscore",
+                "backend": "fake",
+                "options": {"retryable_rate": 0.5, "rate_limit_rate": 0.2, "retry_after_s": 7},
+            }
+        ],
         engine={"max_attempts": 8, "backoff_initial": 1.0, "backoff_max": 4.0},
     )
     delays: list[float] = []
@@ -275,17 +296,15 @@ async def test_retries_use_the_injected_sleep(make_config: ConfigFactory) -> Non
     assert delays, "some attempts should have failed and been retried"
     assert max(delays) >= 7  # Retry-After wins over a shorter backoff
     assert all(0.5 <= d <= 7 for d in delays)
-    assert any(j.attempts > 1 for j in results)  # type: ignore[attr-defined]
-    assert sum(j.attempts - 1 for j in results) == len(delays)  # type: ignore[attr-defined]
+    assert any(j.attempts > 1 for j in results)
+    assert sum(j.attempts - 1 for j in results) == len(delays)
 
 
 async def test_injected_backends_and_several_engines_in_one_process(
     make_config: ConfigFactory, tmp_path: Path
 ) -> None:
     first = make_config(samples=8)
-    second = first.model_copy(
-        update={"run": first.run.model_copy(update={"name": "other"})}
-    )
+    second = first.model_copy(update={"run": first.run.model_copy(update={"name": "other"})})
     judges = [FakeJudge("trigscore", FakeJudgeOptions()) for _ in range(2)]
     generators = [SyntheticGenerator("synth", SyntheticOptions(size=16)) for _ in range(2)]
     counts: list[int] = []

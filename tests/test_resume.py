@@ -50,12 +50,16 @@ async def test_missing_judgements_are_asked_with_images_reused(make_config: Conf
 async def test_deleted_or_corrupt_image_is_generated_again(make_config: ConfigFactory) -> None:
     config = make_config(samples=4)
     first = await run_to_end(config)
-    image = config.run_dir / first[0].image  # type: ignore[attr-defined]
+    assert first[0].image is not None
+    image = config.run_dir / first[0].image
     original = image.read_bytes()
     image.write_bytes(original[:40])  # truncated PNG
     path = config.run_dir / JOURNAL
-    kept = [line for line in path.read_text().splitlines()
-            if json.loads(line)["data_id"] != first[0].data_id]  # type: ignore[attr-defined]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if json.loads(line)["data_id"] != first[0].data_id
+    ]
     path.write_text("\n".join(kept) + "\n")
     generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
     results = await run_to_end(config, generators=[generator])
@@ -81,7 +85,8 @@ async def test_torn_last_record_is_cut_off_and_asked_again(make_config: ConfigFa
 
 async def test_retry_errors_asks_failed_judgements_again(make_config: ConfigFactory) -> None:
     failing = make_config(
-        samples=10, judges=[{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.3}}]
+        samples=10,
+        judges=[{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.3}}],
     )
     await run_to_end(failing)
     errors = sum(1 for r in journal(failing) if r["status"] == "error")
@@ -91,7 +96,7 @@ async def test_retry_errors_asks_failed_judgements_again(make_config: ConfigFact
     judge = FakeJudge(options=FakeJudgeOptions())
     results = await run_to_end(failing, judges=[judge], retry_errors=True)
     assert judge.requests == errors
-    assert all(j.status == "ok" for j in results)  # type: ignore[attr-defined]
+    assert all(j.status == "ok" for j in results)
     latest = {(r["data_id"], r["dimension"]): r["status"] for r in journal(failing)}
     assert set(latest.values()) == {"ok"}
 
@@ -123,7 +128,7 @@ async def test_adding_a_model_resumes_the_same_run(make_config: ConfigFactory) -
         ],
     )
     results = await run_to_end(more)
-    assert {j.model for j in results} == {"other"}  # type: ignore[attr-defined]
+    assert {j.model for j in results} == {"other"}
 
 
 async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:

@@ -25,7 +25,7 @@ from trig_stream.errors import (
     RunLockedError,
     TrigStreamError,
 )
-from trig_stream.records import GeneratedImage, Judgement, JudgeFingerprint, Sample
+from trig_stream.records import GeneratedImage, JudgeFingerprint, Judgement, Sample
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.stats import EngineStats
 

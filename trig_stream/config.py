@@ -45,7 +45,9 @@ def _pair(value: str) -> str:
 
 
 SafeName = Annotated[str, AfterValidator(_safe_name)]
-TaskName = Annotated[Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)]
+TaskName = Annotated[
+    Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)
+]
 PairName = Annotated[str, AfterValidator(_pair)]
 
 
@@ -194,23 +196,26 @@ def load_config(path: str | Path) -> RunConfig:
 
 def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunConfig:
     """Validate an already-parsed config mapping (see :func:`load_config`)."""
-    from trig_stream.backends.registry import validate_backend_options
+    from trig_stream.backends.registry import Kind, validate_backend_options
 
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source, text)) from None
     problems: list[str] = []
-    for kind, entries in (("generators", config.generators), ("judges", config.judges)):
-        for index, entry in enumerate(entries):
-            try:
-                validate_backend_options(kind, entry.backend, entry.options)
-            except ValidationError as exc:
-                prefix: tuple[str | int, ...] = (kind, index, "options")
-                problems.extend(_problems(exc, source, text, prefix))
-            except ValueError as exc:
-                loc = (kind, index, "backend")
-                problems.append(_problem_line(source, text, loc, str(exc)))
+    entries: list[tuple[Kind, int, GeneratorConfig | JudgeConfig]] = [
+        ("generators", i, g) for i, g in enumerate(config.generators)
+    ]
+    entries += [("judges", i, j) for i, j in enumerate(config.judges)]
+    for kind, index, entry in entries:
+        try:
+            validate_backend_options(kind, entry.backend, entry.options)
+        except ValidationError as exc:
+            prefix: tuple[str | int, ...] = (kind, index, "options")
+            problems.extend(_problems(exc, source, text, prefix))
+        except ValueError as exc:
+            loc = (kind, index, "backend")
+            problems.append(_problem_line(source, text, loc, str(exc)))
     if problems:
         raise ConfigError(_join(source, problems))
     return config.resolve_paths(source.parent)

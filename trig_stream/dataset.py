@@ -131,7 +131,9 @@ class DatasetSource:
             source_bytes=source_bytes,
         )
 
-    def _source_image(self, raw: Mapping[str, Any], img_id: str) -> tuple[Path | None, bytes | None]:
+    def _source_image(
+        self, raw: Mapping[str, Any], img_id: str
+    ) -> tuple[Path | None, bytes | None]:
         if self.task == "t2i":
             return None, None
         embedded = raw.get("image")
@@ -182,7 +184,9 @@ def _strings(value: object) -> tuple[str, ...]:
 def _without_images(raw: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, bytes | bytearray) or (isinstance(value, Mapping) and "bytes" in value):
+        if isinstance(value, bytes | bytearray) or (
+            isinstance(value, Mapping) and "bytes" in value
+        ):
             out[key] = "<image bytes omitted>"
         else:
             out[key] = value
@@ -197,7 +201,9 @@ def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         raise DatasetError(f"cannot read dataset {path}: {exc}") from None
     if isinstance(data, Mapping):
         # Some TRIG files map data_id -> record.
-        data = [{"data_id": key, **value} for key, value in data.items() if isinstance(value, Mapping)]
+        data = [
+            {"data_id": key, **value} for key, value in data.items() if isinstance(value, Mapping)
+        ]
     if not isinstance(data, list):
         raise DatasetError(f"dataset {path}: expected a JSON list of TRIG records")
     for record in data:

@@ -57,9 +57,10 @@ def normalise_task(name: str) -> Task:
         ValueError: the name is not a TRIG task.
     """
     task = _TASK_ALIASES.get(name, name)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of t2i, p2p, s2p (or sub)")
-    return task  # type: ignore[return-value]
+    for known in TASKS:
+        if task == known:
+            return known
+    raise ValueError(f"unknown task {name!r}; expected one of t2i, p2p, s2p (or sub)")
 
 
 def pair_name(first: Dimension, second: Dimension) -> str:

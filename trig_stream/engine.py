@@ -23,7 +23,6 @@ all the way back to the dataset reader, so a run of any size holds the same amou
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -36,26 +35,16 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from trig_stream.backends.base import GenerationRequest, Generator, Judge, JudgeReply, JudgeRequest
+from trig_stream.backends.base import Generator, Judge
 from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
-from trig_stream.dimensions import Dimension
-from trig_stream.errors import (
-    FatalBackendError,
-    ItemError,
-    RetryableError,
-    TrigStreamError,
-)
-from trig_stream.records import (
-    GeneratedImage,
-    Judgement,
-    JudgeFingerprint,
-    QuarantinedRecord,
-    Sample,
-)
+from trig_stream.errors import TrigStreamError
+from trig_stream.generation import GenerationStage
+from trig_stream.judging import JudgeStage
+from trig_stream.pipeline import ImageItem, RunContext, WorkItem, seed_for
+from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord, Sample
 from trig_stream.retry import RetryPolicy
-from trig_stream.scoring import score_top_logprobs
 from trig_stream.stats import (
     BufferFill,
     Counters,
@@ -65,8 +54,7 @@ from trig_stream.stats import (
     latency,
     rate,
 )
-from trig_stream.store import JournalState, Manifest, RunDir, next_free_run_dir, write_atomic
-from trig_stream.testing.synthetic import unit_hash
+from trig_stream.store import JournalState, Manifest, RunDir, next_free_run_dir
 
 SOURCE_CHUNK = 32
 """Dataset records read per worker-thread call: amortises the thread hop."""
@@ -75,27 +63,11 @@ PERSIST_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
-class _Work:
-    """A sample queued for one model, with the (dimension, judge) pairs still to judge."""
-
-    model: str
-    sample: Sample
-    seed: int
-    todo: tuple[tuple[Dimension, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Image:
-    work: _Work
-    image: GeneratedImage
-
-
-@dataclass(frozen=True, slots=True)
 class _Streams:
     """The bounded buffers between the stages, as (send, receive) pairs."""
 
-    samples: dict[str, tuple[MemoryObjectSendStream[_Work], MemoryObjectReceiveStream[_Work]]]
-    images: tuple[MemoryObjectSendStream[_Image], MemoryObjectReceiveStream[_Image]]
+    samples: dict[str, tuple[MemoryObjectSendStream[WorkItem], MemoryObjectReceiveStream[WorkItem]]]
+    images: tuple[MemoryObjectSendStream[ImageItem], MemoryObjectReceiveStream[ImageItem]]
     judgements: tuple[MemoryObjectSendStream[Judgement], MemoryObjectReceiveStream[Judgement]]
     results: tuple[MemoryObjectSendStream[Judgement], MemoryObjectReceiveStream[Judgement]]
 
@@ -148,7 +120,9 @@ class Engine:
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.config = config
-        self._generators = list(generators or [build_generator(g, config) for g in config.generators])
+        self._generators = list(
+            generators or [build_generator(g, config) for g in config.generators]
+        )
         self._judges = list(judges or [build_judge(j, config) for j in config.judges])
         self._retry_errors = retry_errors
         self._new_run = new_run
@@ -350,12 +324,12 @@ class Engine:
         # Bounds. Samples are small (a p2p sample holds its encoded source image, ~1.4 MB),
         # so a few per model keep every generator busy without reading far ahead.
         samples = {
-            g.name: anyio.create_memory_object_stream[_Work](engine.sample_buffer)
+            g.name: anyio.create_memory_object_stream[WorkItem](engine.sample_buffer)
             for g in self._generators
         }
         # Images travel as paths on disk; this bound is how far generation may run ahead of
         # judging, and so how much unjudged work a hard stop leaves behind.
-        images = anyio.create_memory_object_stream[_Image](engine.image_buffer)
+        images = anyio.create_memory_object_stream[ImageItem](engine.image_buffer)
         # Judgements are a few hundred bytes; a deep buffer lets one fsync cover many.
         judgements = anyio.create_memory_object_stream[Judgement](engine.judgement_buffer)
         # Durable judgements waiting for the consumer; a slow consumer stalls the run here.
@@ -371,6 +345,8 @@ class Engine:
         judgement_send, judgement_recv = streams.judgements
         result_send, _ = streams.results
 
+        context = self._context()
+        judging = JudgeStage(context, self._judges, self._limiters, self._retry, self._sleep)
         async with anyio.create_task_group() as tg:
             tg.start_soon(
                 self._source,
@@ -380,17 +356,30 @@ class Engine:
             for generator in self._generators:
                 _, receive = sample_streams[generator.name]
                 tg.start_soon(
-                    self._run_generator, generator, receive, image_send.clone(),
+                    GenerationStage(context, generator).run,
+                    receive,
+                    image_send.clone(),
                     judgement_send.clone(),
                 )
-            tg.start_soon(self._judge_stage, image_recv, judgement_send.clone())
+            tg.start_soon(judging.run, image_recv, judgement_send.clone())
             tg.start_soon(self._persist, judgement_recv, result_send)
             image_send.close()
             judgement_send.close()
 
+    def _context(self) -> RunContext:
+        assert self._run_dir is not None
+        return RunContext(
+            config=self.config,
+            run_dir=self._run_dir,
+            counters=self._counters,
+            fingerprints=self._fingerprints,
+            cancel_generation=self._cancel_generation,
+            is_stopping=lambda: self._stopping,
+        )
+
     async def _source(
         self,
-        sends: dict[str, MemoryObjectSendStream[_Work]],
+        sends: dict[str, MemoryObjectSendStream[WorkItem]],
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
         assert self._run_dir is not None
@@ -426,7 +415,10 @@ class Engine:
         return samples
 
     async def _queue_sample(
-        self, source: DatasetSource, sample: Sample, sends: dict[str, MemoryObjectSendStream[_Work]]
+        self,
+        source: DatasetSource,
+        sample: Sample,
+        sends: dict[str, MemoryObjectSendStream[WorkItem]],
     ) -> None:
         self._counters.samples_read += 1
         dimensions = source.dimensions_to_judge(sample)
@@ -446,276 +438,8 @@ class Engine:
                 counts.skipped += 1
                 continue
             seed = seed_for(self.config.run.seed, generator.name, sample.data_id)
-            await sends[generator.name].send(_Work(generator.name, sample, seed, todo))
+            await sends[generator.name].send(WorkItem(generator.name, sample, seed, todo))
             counts.queued += 1
-
-    async def _run_generator(
-        self,
-        generator: Generator,
-        receive: MemoryObjectReceiveStream[_Work],
-        image_send: MemoryObjectSendStream[_Image],
-        judgement_send: MemoryObjectSendStream[Judgement],
-    ) -> None:
-        # One thread per worker: the limiter keeps this model's blocking calls off the shared
-        # default thread pool, where they could starve dataset reads and image encoding.
-        limiter = anyio.CapacityLimiter(generator.workers)
-        async with receive, image_send, judgement_send:
-            try:
-                await anyio.to_thread.run_sync(generator.load, limiter=limiter)
-            except TrigStreamError:
-                raise
-            except Exception as exc:
-                raise FatalBackendError(f"generator {generator.name!r} failed to load: {exc}") from exc
-            try:
-                async with anyio.create_task_group() as tg:
-                    for worker in range(generator.workers):
-                        tg.start_soon(
-                            self._generate_worker, generator, worker, limiter,
-                            receive.clone(), image_send.clone(), judgement_send.clone(),
-                        )
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(generator.close, limiter=limiter)
-
-    async def _generate_worker(
-        self,
-        generator: Generator,
-        worker: int,
-        limiter: anyio.CapacityLimiter,
-        receive: MemoryObjectReceiveStream[_Work],
-        image_send: MemoryObjectSendStream[_Image],
-        judgement_send: MemoryObjectSendStream[Judgement],
-    ) -> None:
-        async with receive, image_send, judgement_send:
-            async for first in receive:
-                if self._stopping:
-                    continue  # graceful stop: queued samples are new work; drop them
-                batch = [first]
-                while len(batch) < generator.batch_size:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                outcomes = await anyio.to_thread.run_sync(
-                    self._generate_batch, generator, worker, batch, limiter=limiter
-                )
-                counts = self._counters.model(generator.name)
-                now = time.monotonic()
-                for work, outcome in zip(batch, outcomes, strict=True):
-                    if isinstance(outcome, GeneratedImage):
-                        if outcome.reused:
-                            counts.reused += 1
-                        else:
-                            counts.generated += 1
-                            self._counters.generation_latencies.append(outcome.latency_s)
-                            self._counters.generated_at.append(now)
-                        await image_send.send(_Image(work, outcome))
-                    else:
-                        counts.generation_failed += 1
-                        for dimension, judge_name in work.todo:
-                            await judgement_send.send(
-                                self._failed(work, dimension, judge_name, outcome, "generate")
-                            )
-
-    def _generate_batch(
-        self, generator: Generator, worker: int, batch: list[_Work]
-    ) -> list[GeneratedImage | str]:
-        # Runs in the generator's worker thread: reuse check, generation, PNG encoding, write.
-        assert self._run_dir is not None
-        task = self.config.run.task
-        outcomes: list[GeneratedImage | str] = []
-        missing: list[int] = []
-        for index, work in enumerate(batch):
-            path = self._run_dir.image_path(task, work.model, work.sample.data_id)
-            if _valid_image(path):
-                outcomes.append(
-                    GeneratedImage(
-                        model=work.model, data_id=work.sample.data_id, path=path,
-                        seed=work.seed, reused=True,
-                    )
-                )
-            else:
-                outcomes.append("")
-                missing.append(index)
-        if not missing:
-            return outcomes
-        requests = [
-            GenerationRequest(batch[i].model, batch[i].sample, batch[i].seed) for i in missing
-        ]
-        started = time.perf_counter()
-        try:
-            images = generator.generate(requests, worker=worker, cancel=self._cancel_generation)
-        except FatalBackendError:
-            raise
-        except Exception as exc:
-            images = [exc] * len(requests)
-        per_image = (time.perf_counter() - started) / len(requests)
-        if len(images) != len(requests):
-            message = f"generator returned {len(images)} images for {len(requests)} requests"
-            raise FatalBackendError(f"generator {generator.name!r} is broken: {message}")
-        for index, image in zip(missing, images, strict=True):
-            work = batch[index]
-            if isinstance(image, Exception):
-                outcomes[index] = _describe(image)
-                continue
-            path = self._run_dir.image_path(task, work.model, work.sample.data_id)
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            write_atomic(path, buffer.getvalue())
-            outcomes[index] = GeneratedImage(
-                model=work.model, data_id=work.sample.data_id, path=path,
-                seed=work.seed, latency_s=per_image,
-            )
-        return outcomes
-
-    async def _judge_stage(
-        self,
-        receive: MemoryObjectReceiveStream[_Image],
-        judgement_send: MemoryObjectSendStream[Judgement],
-    ) -> None:
-        judges = {judge.name: judge for judge in self._judges}
-        async with receive, judgement_send, anyio.create_task_group() as tg:
-            async for item in receive:
-                for judge in self._judges:
-                    dimensions = [d for d, name in item.work.todo if name == judge.name]
-                    if dimensions:
-                        await self._dispatch(tg, judges[judge.name], item, dimensions, judgement_send)
-
-    async def _dispatch(
-        self,
-        tg: TaskGroup,
-        judge: Judge,
-        item: _Image,
-        dimensions: list[Dimension],
-        judgement_send: MemoryObjectSendStream[Judgement],
-    ) -> None:
-        try:
-            prepared = await anyio.to_thread.run_sync(judge.prepare, item.image.path)
-        except Exception as exc:
-            for dimension in dimensions:
-                await judgement_send.send(
-                    self._failed(item.work, dimension, judge.name, _describe(exc), "judge")
-                )
-            return
-        limiter = self._limiters[judge.name]
-        for dimension in dimensions:
-            # Taking the slot here, before starting the request, is the backpressure: when
-            # the judge is saturated, images wait in their buffer and generation slows.
-            token = object()
-            await limiter.acquire_on_behalf_of(token)
-            request = JudgeRequest(item.work.model, item.work.sample, dimension, prepared, 1)
-            tg.start_soon(self._judge_one, judge, item, request, token, judgement_send)
-
-    async def _judge_one(
-        self,
-        judge: Judge,
-        item: _Image,
-        request: JudgeRequest,
-        token: object,
-        judgement_send: MemoryObjectSendStream[Judgement],
-    ) -> None:
-        started = time.perf_counter()
-        attempts = 0
-        reply: JudgeReply | None = None
-        failure = ""
-        try:
-            while True:
-                attempts += 1
-                try:
-                    reply = await judge.judge(
-                        JudgeRequest(request.model, request.sample, request.dimension,
-                                     request.image, attempts)
-                    )
-                    break
-                except FatalBackendError:
-                    raise
-                except RetryableError as exc:
-                    if not self._retry.should_retry(attempts):
-                        failure = f"gave up after {attempts} attempts: {exc}"
-                        break
-                    await self._sleep(self._retry.delay(attempts, exc.retry_after))
-                except ItemError as exc:
-                    failure = str(exc) or type(exc).__name__
-                    break
-                except Exception as exc:
-                    failure = _describe(exc)
-                    break
-            elapsed = time.perf_counter() - started
-            self._counters.judge_latencies.append(elapsed)
-            judgement = self._judgement(
-                item, request.dimension, judge, reply, failure, attempts, elapsed
-            )
-            await judgement_send.send(judgement)
-        finally:
-            # The slot is held until the judgement is handed on: a full judgement buffer
-            # must stop new requests, or blocked senders would pile up without bound.
-            self._limiters[judge.name].release_on_behalf_of(token)
-
-    def _judgement(
-        self,
-        item: _Image,
-        dimension: Dimension,
-        judge: Judge,
-        reply: JudgeReply | None,
-        failure: str,
-        attempts: int,
-        elapsed: float,
-    ) -> Judgement:
-        status: str = "error"
-        score: float | None = None
-        top = reply.top_logprobs if reply else None
-        if reply is not None:
-            if reply.score is not None:
-                status, score = "ok", reply.score
-            elif top is None:
-                failure = "the judge's answer has no logprobs"
-            else:
-                score = score_top_logprobs(
-                    top, scorer=judge.scorer, confidence=judge.confidence  # type: ignore[arg-type]
-                )
-                if score is None:
-                    status = "unscorable"
-                    failure = f"no rating word among the top tokens: {[t for t, _ in top][:10]}"
-                else:
-                    status = "ok"
-        sample = item.work.sample
-        assert self._run_dir is not None
-        return Judgement(
-            model=item.work.model,
-            data_id=sample.data_id,
-            task=sample.task,
-            pair=sample.pair,
-            dimension=dimension,
-            metric=judge.name,
-            judge=self._fingerprints[judge.name],
-            status=status,  # type: ignore[arg-type]
-            score=score,
-            top_logprobs=top,
-            image=item.image.path.relative_to(self._run_dir.path).as_posix(),
-            seed=item.work.seed,
-            latency_s=elapsed,
-            attempts=attempts,
-            error=failure or None,
-            error_stage="judge" if status == "error" else None,
-        )
-
-    def _failed(
-        self, work: _Work, dimension: Dimension, judge_name: str, reason: str, stage: str
-    ) -> Judgement:
-        sample = work.sample
-        return Judgement(
-            model=work.model,
-            data_id=sample.data_id,
-            task=sample.task,
-            pair=sample.pair,
-            dimension=dimension,
-            metric=judge_name,
-            judge=self._fingerprints[judge_name],
-            status="error",
-            seed=work.seed,
-            error=f"{stage} failed: {reason}",
-            error_stage=stage,  # type: ignore[arg-type]
-        )
 
     async def _persist(
         self,
@@ -758,44 +482,19 @@ class Engine:
                 counts.unscorable += 1
             else:
                 counts.error += 1
-                self._counters.last_errors.append(
-                    f"{judgement.model} {judgement.data_id} {judgement.dimension}: {judgement.error}"
-                )
+                where = f"{judgement.model} {judgement.data_id} {judgement.dimension}"
+                self._counters.last_errors.append(f"{where}: {judgement.error}")
             self._counters.judged_at.append(now)
 
 
-def seed_for(base_seed: int, model: str, data_id: str) -> int:
-    """The generation seed of one (model, data_id): stable across runs and machines."""
-    return int(unit_hash("seed", base_seed, model, data_id) * 2**31)
-
-
-def _take_ready(receive: MemoryObjectReceiveStream[Judgement], batch: list[Judgement],
-                limit: int | None) -> None:
+def _take_ready(
+    receive: MemoryObjectReceiveStream[Judgement], batch: list[Judgement], limit: int | None
+) -> None:
     while limit is None or len(batch) < limit:
         try:
             batch.append(receive.receive_nowait())
         except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
             return
-
-
-def _valid_image(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return False
-    return True
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, TrigStreamError) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _first_trig_error(group: BaseExceptionGroup[BaseException]) -> TrigStreamError | None:
@@ -807,5 +506,3 @@ def _first_trig_error(group: BaseExceptionGroup[BaseException]) -> TrigStreamErr
             if found is not None:
                 return found
     return None
-
-

@@ -28,7 +28,7 @@ class RetryPolicy:
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt."""
         ceiling = min(self.backoff_max, self.backoff_initial * 2 ** (attempts - 1))
-        wait = ceiling * (0.5 + 0.5 * self.random())
+        wait: float = ceiling * (0.5 + 0.5 * self.random())
         if retry_after is not None:
             wait = max(wait, retry_after)
         return wait

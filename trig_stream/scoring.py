@@ -129,9 +129,7 @@ def _score_robust(pairs: list[tuple[str, float]], *, confidence: bool) -> float 
         rating = rating_of(token)
         if rating is not None and not math.isnan(logprob):
             per_rating.setdefault(rating, []).append(logprob)
-    class_logprobs = {
-        rating: _logsumexp(values) for rating, values in per_rating.items()
-    }
+    class_logprobs = {rating: _logsumexp(values) for rating, values in per_rating.items()}
     finite = {r: lp for r, lp in class_logprobs.items() if lp != -math.inf}
     if not finite:
         return None

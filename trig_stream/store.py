@@ -113,7 +113,12 @@ class Journal:
                         break
                     try:
                         record = json.loads(raw)
-                        key = (record["model"], record["data_id"], record["dimension"], record["metric"])
+                        key = (
+                            record["model"],
+                            record["data_id"],
+                            record["dimension"],
+                            record["metric"],
+                        )
                         status = record["status"]
                     except (ValueError, KeyError, TypeError):
                         break

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from trig_stream.dimensions import Dimension
 from trig_stream.records import JudgeFingerprint, Sample, TopLogprobs
+from trig_stream.scoring import Scorer
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -125,7 +126,7 @@ class Judge(ABC):
 
     name: str
     concurrency: int = 16
-    scorer: str = "robust"
+    scorer: Scorer = "robust"
     confidence: bool = False
 
     @abstractmethod

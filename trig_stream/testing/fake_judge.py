@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest
 from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
 from trig_stream.records import JudgeFingerprint
+from trig_stream.scoring import Scorer
 from trig_stream.testing.synthetic import unit_hash
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class FakeJudge(Judge):
         options: FakeJudgeOptions | None = None,
         *,
         concurrency: int = 16,
-        scorer: str = "robust",
+        scorer: Scorer = "robust",
         confidence: bool = False,
     ) -> None:
         self.name = name
@@ -96,7 +97,9 @@ class FakeJudge(Judge):
         key = (opts.seed, request.model, request.sample.data_id, request.dimension)
         attempt_key = (*key, request.attempt)
         if unit_hash("429", *attempt_key) < opts.rate_limit_rate:
-            raise RateLimitError("fake judge: 429 Too Many Requests", retry_after=opts.retry_after_s)
+            raise RateLimitError(
+                "fake judge: 429 Too Many Requests", retry_after=opts.retry_after_s
+            )
         if unit_hash("5xx", *attempt_key) < opts.retryable_rate:
             raise RetryableError("fake judge: 503 Service Unavailable")
         if unit_hash("error", *key) < opts.error_rate:

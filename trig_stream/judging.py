@@ -1,0 +1,189 @@
+"""The judging stage: every image asked about each of its dimensions, under retry policy.
+
+Each judge prepares an image once (reading and encoding it in a worker thread) and then asks
+one question per dimension, at most ``concurrency`` at a time. A request holds its slot until
+its judgement is handed on, so a slow journal or consumer slows the requests, and through the
+image buffer the generators. Transient failures are retried with backoff; a reply becomes a
+judgement here, scored from its top logprobs with the judge's scorer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest
+from trig_stream.dimensions import Dimension
+from trig_stream.errors import FatalBackendError, ItemError, RetryableError
+from trig_stream.pipeline import ImageItem, RunContext, describe_error, failed_judgement
+from trig_stream.records import Judgement, Status
+from trig_stream.retry import RetryPolicy
+from trig_stream.scoring import score_top_logprobs
+
+
+class JudgeStage:
+    """Sends every image's questions to every judge and turns the replies into judgements."""
+
+    def __init__(
+        self,
+        context: RunContext,
+        judges: Sequence[Judge],
+        limiters: dict[str, anyio.CapacityLimiter],
+        retry: RetryPolicy,
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
+        self._context = context
+        self._judges = list(judges)
+        self._limiters = limiters
+        self._retry = retry
+        self._sleep = sleep
+
+    async def run(
+        self,
+        receive: MemoryObjectReceiveStream[ImageItem],
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        judges = {judge.name: judge for judge in self._judges}
+        async with receive, judgement_send, anyio.create_task_group() as tg:
+            async for item in receive:
+                for judge in self._judges:
+                    dimensions = [d for d, name in item.work.todo if name == judge.name]
+                    if dimensions:
+                        await self._dispatch(
+                            tg, judges[judge.name], item, dimensions, judgement_send
+                        )
+
+    async def _dispatch(
+        self,
+        tg: TaskGroup,
+        judge: Judge,
+        item: ImageItem,
+        dimensions: list[Dimension],
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        try:
+            prepared = await anyio.to_thread.run_sync(judge.prepare, item.image.path)
+        except Exception as exc:
+            for dimension in dimensions:
+                await judgement_send.send(
+                    failed_judgement(
+                        self._context,
+                        item.work,
+                        dimension,
+                        judge.name,
+                        describe_error(exc),
+                        "judge",
+                    )
+                )
+            return
+        limiter = self._limiters[judge.name]
+        for dimension in dimensions:
+            # Taking the slot here, before starting the request, is the backpressure: when
+            # the judge is saturated, images wait in their buffer and generation slows.
+            token = object()
+            await limiter.acquire_on_behalf_of(token)
+            request = JudgeRequest(item.work.model, item.work.sample, dimension, prepared, 1)
+            tg.start_soon(self._judge_one, judge, item, request, token, judgement_send)
+
+    async def _judge_one(
+        self,
+        judge: Judge,
+        item: ImageItem,
+        request: JudgeRequest,
+        token: object,
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        started = time.perf_counter()
+        attempts = 0
+        reply: JudgeReply | None = None
+        failure = ""
+        try:
+            while True:
+                attempts += 1
+                try:
+                    reply = await judge.judge(
+                        JudgeRequest(
+                            request.model,
+                            request.sample,
+                            request.dimension,
+                            request.image,
+                            attempts,
+                        )
+                    )
+                    break
+                except FatalBackendError:
+                    raise
+                except RetryableError as exc:
+                    if not self._retry.should_retry(attempts):
+                        failure = f"gave up after {attempts} attempts: {exc}"
+                        break
+                    await self._sleep(self._retry.delay(attempts, exc.retry_after))
+                except ItemError as exc:
+                    failure = str(exc) or type(exc).__name__
+                    break
+                except Exception as exc:
+                    failure = describe_error(exc)
+                    break
+            elapsed = time.perf_counter() - started
+            self._context.counters.judge_latencies.append(elapsed)
+            judgement = self._judgement(
+                item, request.dimension, judge, reply, failure, attempts, elapsed
+            )
+            await judgement_send.send(judgement)
+        finally:
+            # The slot is held until the judgement is handed on: a full judgement buffer
+            # must stop new requests, or blocked senders would pile up without bound.
+            self._limiters[judge.name].release_on_behalf_of(token)
+
+    def _judgement(
+        self,
+        item: ImageItem,
+        dimension: Dimension,
+        judge: Judge,
+        reply: JudgeReply | None,
+        failure: str,
+        attempts: int,
+        elapsed: float,
+    ) -> Judgement:
+        status: Status = "error"
+        score: float | None = None
+        top = reply.top_logprobs if reply else None
+        if reply is not None:
+            if reply.score is not None:
+                status, score = "ok", reply.score
+            elif top is None:
+                failure = "the judge's answer has no logprobs"
+            else:
+                score = score_top_logprobs(
+                    top,
+                    scorer=judge.scorer,
+                    confidence=judge.confidence,
+                )
+                if score is None:
+                    status = "unscorable"
+                    failure = f"no rating word among the top tokens: {[t for t, _ in top][:10]}"
+                else:
+                    status = "ok"
+        sample = item.work.sample
+        return Judgement(
+            model=item.work.model,
+            data_id=sample.data_id,
+            task=sample.task,
+            pair=sample.pair,
+            dimension=dimension,
+            metric=judge.name,
+            judge=self._context.fingerprints[judge.name],
+            status=status,
+            score=score,
+            top_logprobs=top,
+            image=item.image.path.relative_to(self._context.run_dir.path).as_posix(),
+            seed=item.work.seed,
+            latency_s=elapsed,
+            attempts=attempts,
+            error=failure or None,
+            error_stage="judge" if status == "error" else None,
+        )

@@ -1,0 +1,85 @@
+"""What the engine's stages share: the items they pass on and the run they belong to."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from trig_stream.config import RunConfig
+from trig_stream.dimensions import Dimension
+from trig_stream.errors import TrigStreamError
+from trig_stream.records import GeneratedImage, JudgeFingerprint, Judgement, Sample, Stage
+from trig_stream.stats import Counters
+from trig_stream.store import RunDir
+from trig_stream.testing.synthetic import unit_hash
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """A sample queued for one model, with the (dimension, judge name) pairs still to judge."""
+
+    model: str
+    sample: Sample
+    seed: int
+    todo: tuple[tuple[Dimension, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageItem:
+    """A work item whose image is on disk, on its way to the judges."""
+
+    work: WorkItem
+    image: GeneratedImage
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """The run the stages work for: config, directory, counters and the stop signals."""
+
+    config: RunConfig
+    run_dir: RunDir
+    counters: Counters
+    fingerprints: dict[str, JudgeFingerprint]
+    cancel_generation: threading.Event
+    """Set on a hard stop; generator threads check it between steps."""
+    is_stopping: Callable[[], bool]
+    """True once a graceful stop began: start no new work."""
+
+
+def seed_for(base_seed: int, model: str, data_id: str) -> int:
+    """The generation seed of one (model, data_id): stable across runs and machines."""
+    return int(unit_hash("seed", base_seed, model, data_id) * 2**31)
+
+
+def failed_judgement(
+    context: RunContext,
+    work: WorkItem,
+    dimension: Dimension,
+    judge_name: str,
+    reason: str,
+    stage: Stage,
+) -> Judgement:
+    """The record of a judgement that could not be made: status ``error``, never a score."""
+    sample = work.sample
+    return Judgement(
+        model=work.model,
+        data_id=sample.data_id,
+        task=sample.task,
+        pair=sample.pair,
+        dimension=dimension,
+        metric=judge_name,
+        judge=context.fingerprints[judge_name],
+        status="error",
+        seed=work.seed,
+        error=f"{stage} failed: {reason}",
+        error_stage=stage,
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason for a record: our own messages as they are, others with their type."""
+    text = str(exc)
+    if isinstance(exc, TrigStreamError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
