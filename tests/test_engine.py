@@ -245,7 +245,7 @@ async def test_blocked_consumer_keeps_every_buffer_within_its_bound(
         read = engine.stats().samples_read
         engine.cancel()
     assert not violations
-    assert read < 40, f"the source read {read} samples ahead of a stalled consumer"
+    assert read < 60, f"the source read {read} samples ahead of a stalled consumer"
 
 
 async def test_quarantined_records_are_written_with_reasons(

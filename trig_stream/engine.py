@@ -56,8 +56,8 @@ from trig_stream.stats import (
 )
 from trig_stream.store import JournalState, Manifest, RunDir, next_free_run_dir
 
-SOURCE_CHUNK = 32
-"""Dataset records read per worker-thread call: amortises the thread hop."""
+SOURCE_CHUNK = 16
+"""Work items read per worker-thread call: amortises the thread hop, bounds the read-ahead."""
 PERSIST_BATCH = 256
 """Most judgements written with one fsync."""
 
@@ -382,49 +382,49 @@ class Engine:
         sends: dict[str, MemoryObjectSendStream[WorkItem]],
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
-        assert self._run_dir is not None
         source = DatasetSource(self.config.dataset, self.config.run.task)
         records = iter(source)
         async with judgement_send:
             try:
                 while not self._stopping:
-                    chunk = await anyio.to_thread.run_sync(self._read_chunk, records)
+                    chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
                     if not chunk:
                         break
-                    for sample in chunk:
-                        await self._running_gate.wait()
+                    for work in chunk:
+                        if not self._running_gate.is_set():
+                            await self._running_gate.wait()
                         if self._stopping:
                             break
-                        await self._queue_sample(source, sample, sends)
+                        await sends[work.model].send(work)
+                        self._counters.model(work.model).queued += 1
             finally:
                 for send in sends.values():
                     send.close()
 
-    def _read_chunk(self, records: Iterator[Sample | QuarantinedRecord]) -> list[Sample]:
-        # Runs in a worker thread: dataset reading, decoding and quarantine writes block.
+    def _read_chunk(
+        self, source: DatasetSource, records: Iterator[Sample | QuarantinedRecord]
+    ) -> list[WorkItem]:
+        # Runs in a worker thread: reading and decoding block, and on resume most samples
+        # are already judged: they are counted and passed over here, without an event-loop
+        # round trip each. At most SOURCE_CHUNK work items are read ahead of the buffers.
         assert self._run_dir is not None
-        samples: list[Sample] = []
+        items: list[WorkItem] = []
         for record in records:
             if isinstance(record, QuarantinedRecord):
                 self._run_dir.quarantine(record)
                 self._counters.quarantined += 1
                 continue
-            samples.append(record)
-            if len(samples) >= SOURCE_CHUNK:
+            self._counters.samples_read += 1
+            items.extend(self._work_for(source, record))
+            if len(items) >= SOURCE_CHUNK:
                 break
-        return samples
+        return items
 
-    async def _queue_sample(
-        self,
-        source: DatasetSource,
-        sample: Sample,
-        sends: dict[str, MemoryObjectSendStream[WorkItem]],
-    ) -> None:
-        self._counters.samples_read += 1
+    def _work_for(self, source: DatasetSource, sample: Sample) -> list[WorkItem]:
         dimensions = source.dimensions_to_judge(sample)
         state = self._journal_state
+        items = []
         for generator in self._generators:
-            counts = self._counters.model(generator.name)
             todo = tuple(
                 (dimension, judge.name)
                 for dimension in dimensions
@@ -434,12 +434,12 @@ class Engine:
                     retry_errors=self._retry_errors,
                 )
             )
-            if not todo:
-                counts.skipped += 1
-                continue
-            seed = seed_for(self.config.run.seed, generator.name, sample.data_id)
-            await sends[generator.name].send(WorkItem(generator.name, sample, seed, todo))
-            counts.queued += 1
+            if todo:
+                seed = seed_for(self.config.run.seed, generator.name, sample.data_id)
+                items.append(WorkItem(generator.name, sample, seed, todo))
+            else:
+                self._counters.model(generator.name).skipped += 1
+        return items
 
     async def _persist(
         self,

@@ -96,8 +96,9 @@ class Judgement(_Record):
     pair: str
     dimension: Dimension
     metric: str
-    judge: JudgeFingerprint
     status: Status
+    """Kept right after the key fields: the journal reads keys and status from a line's start."""
+    judge: JudgeFingerprint
     score: float | None = None
     top_logprobs: TopLogprobs | None = None
     image: str | None = None

@@ -1,6 +1,7 @@
 """Live counters of a running engine and the cheap snapshot :meth:`Engine.stats` returns.
 
-Counters are updated from the event loop only; a snapshot copies a few dozen numbers and
+Counters are plain integers with one writer each (the event loop, or for dataset counts the
+source's reader thread); a snapshot copies a few dozen numbers and
 sorts at most :data:`LATENCY_WINDOW` latencies, so the TUI can poll it often.
 """
 

@@ -1,0 +1,64 @@
+"""Helpers shared by the benchmark scripts: datasets and configs of any size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+PAIRS = [
+    "IQ-R_TA-C", "IQ-A_TA-S", "IQ-O_D-A", "TA-R_TA-C", "D-K_IQ-R", "R-T_IQ-A", "R-B_TA-C",
+]
+
+
+def write_parquet_prompts(path: Path, count: int) -> Path:
+    """A TRIG-shaped t2i parquet file with ``count`` samples over a few pairs."""
+    pairs = [PAIRS[i % len(PAIRS)] for i in range(count)]
+    pl.DataFrame(
+        {
+            "data_id": [f"{p}_{i // len(PAIRS) + 1}" for i, p in enumerate(pairs)],
+            "prompt": [f"benchmark prompt {i}" for i in range(count)],
+            "dimensions": [p.split("_") for p in pairs],
+            "dimension_prompt": [["", ""]] * count,
+            "parent_dataset": [["bench", "Origin"]] * count,
+            "img_id": [""] * count,
+            "item": [None] * count,
+        }
+    ).write_parquet(path, row_group_size=1024)
+    return path
+
+
+def bench_config(out: Path, dataset: Path, **engine: Any) -> dict[str, Any]:
+    """A run config dict with the synthetic generator and the fake judge, no latency."""
+    return {
+        "run": {"name": "bench", "output_dir": str(out)},
+        "dataset": {"path": str(dataset)},
+        "generators": [
+            {"name": "synth", "backend": "synthetic", "workers": 1, "batch_size": 8,
+             "options": {"size": 8, "steps": 1}}
+        ],
+        "judges": [{"name": "trigscore", "backend": "fake", "concurrency": 64}],
+        "engine": engine,
+    }
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """Write a (flat enough) config dict as TOML."""
+    lines: list[str] = []
+    for section, value in data.items():
+        if isinstance(value, list):
+            for entry in value:
+                lines.append(f"[[{section}]]")
+                lines.extend(f"{k} = {json.dumps(v) if not isinstance(v, dict) else _inline(v)}"
+                             for k, v in entry.items())
+        else:
+            lines.append(f"[{section}]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in value.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _inline(table: dict[str, Any]) -> str:
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in table.items()) + " }"

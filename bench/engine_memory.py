@@ -1,0 +1,59 @@
+"""P4: peak RSS of a synthetic run at 100k prompts against 10k prompts (goal: ratio <= 1.2).
+
+Each size runs ``trig-stream run --headless`` in its own child process (synthetic 8x8
+images, the fake judge at zero latency, a parquet dataset streamed in batches) and reads
+the child's peak resident memory from the kernel.
+
+    .venv/bin/python bench/engine_memory.py [--small 10000] [--large 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_config, write_parquet_prompts, write_toml  # noqa: E402
+
+PEAK = (
+    "import resource, sys\n"
+    "from trig_stream.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    "sys.exit(code)\n"
+)
+
+
+def one(size: int, folder: Path) -> tuple[float, float]:
+    dataset = write_parquet_prompts(folder / f"prompts-{size}.parquet", size)
+    config = write_toml(folder / f"run-{size}.toml", bench_config(folder / f"runs-{size}", dataset))
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, "run", str(config), "--headless"],
+        capture_output=True, text=True, check=True,
+    )
+    elapsed = time.perf_counter() - started
+    peak = next(int(line.split()[1]) for line in done.stdout.splitlines()
+                if line.startswith("peak_rss_kib"))
+    return peak / 1024, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--large", type=int, default=100_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        small_rss, small_s = one(args.small, Path(tmp))
+        print(f"{args.small:>7} prompts: peak RSS {small_rss:7.1f} MiB, {small_s:6.1f} s")
+        large_rss, large_s = one(args.large, Path(tmp))
+        print(f"{args.large:>7} prompts: peak RSS {large_rss:7.1f} MiB, {large_s:6.1f} s")
+    print(f"ratio {large_rss / small_rss:.3f} (goal <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()
