@@ -114,7 +114,7 @@ def test_filters_and_limit(tmp_path: Path) -> None:
     by_dimension, _ = read(DatasetSection(path=path, dimensions=["IQ-A"]))
     assert {s.pair for s in by_dimension} == {"IQ-A_TA-S", "R-T_IQ-A"}
     source = DatasetSource(DatasetSection(path=path, dimensions=["IQ-A"]), "t2i")
-    assert source.dimensions_to_judge(by_dimension[0]) == ("IQ-A",)
+    assert source.dimensions_to_judge(by_dimension[0].dimensions) == ("IQ-A",)
     limited, _ = read(DatasetSection(path=path, limit=7, pairs=["IQ-R_TA-C", "D-K_IQ-R"]))
     assert len(limited) == 7
 
@@ -156,3 +156,21 @@ def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(DatasetError, match=r"no \.parquet"):
         read(DatasetSection(path=empty))
+
+
+def test_finished_samples_count_towards_the_limit_but_are_not_built(tmp_path: Path) -> None:
+    path = write_prompts(tmp_path / "p.json", 12)
+    asked: list[tuple[str, tuple[str, ...]]] = []
+
+    def finished(data_id: str, dimensions: tuple[str, ...]) -> bool:
+        asked.append((data_id, dimensions))
+        return data_id.endswith("_1")
+
+    section = DatasetSection(path=path, limit=6, dimensions=["IQ-R", "IQ-A"])
+    source = DatasetSource(section, "t2i", finished=finished)
+    samples = [s for s in source if isinstance(s, Sample)]
+    # Every pair holds IQ-R or IQ-A. The four "_1" samples are finished and count towards
+    # the limit of six, so only two are built.
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_2", "IQ-A_TA-S_2"]
+    assert ("IQ-R_TA-C_1", ("IQ-R",)) in asked
+    assert ("R-T_IQ-A_1", ("IQ-A",)) in asked

@@ -318,3 +318,38 @@ async def test_injected_backends_and_several_engines_in_one_process(
         tg.start_soon(one, second, 1)
     assert counts == [16, 16]
     assert judges[0].requests == judges[1].requests == 16
+
+
+async def test_an_error_in_the_consumer_propagates_unchanged(make_config: ConfigFactory) -> None:
+    config = make_config(samples=20)
+    with pytest.raises(ValueError, match="consumer bug"):
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                raise ValueError("consumer bug")
+    assert engine.stats().state == "cancelled"
+    await run_to_end(config)
+    assert set(keys_count(config).values()) == {1}
+
+
+async def test_pause_holds_back_new_samples_until_resumed(make_config: ConfigFactory) -> None:
+    config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
+    received = 0
+    async with Engine(config) as engine:
+        async for _ in engine.results:
+            received += 1
+            if received != 2:
+                continue
+            engine.pause()
+            assert engine.stats().state == "paused"
+            queued = engine.stats().models["synth"].queued
+            # Keep consuming while paused: the work already queued drains, nothing new enters.
+            for _ in range(2000):
+                try:
+                    engine.results.receive_nowait()
+                    received += 1
+                except anyio.WouldBlock:
+                    await checkpoint()
+            assert engine.stats().models["synth"].queued <= queued + 1
+            engine.resume()
+            assert engine.stats().state == "running"
+    assert received == 60

@@ -39,6 +39,7 @@ from trig_stream.backends.base import Generator, Judge
 from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
+from trig_stream.dimensions import Dimension
 from trig_stream.errors import TrigStreamError
 from trig_stream.generation import GenerationStage
 from trig_stream.judging import JudgeStage
@@ -260,8 +261,13 @@ class Engine:
         try:
             suppress = await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
+            leaves = list(_leaves(group))
+            if exc is not None and all(leaf is exc for leaf in leaves):
+                # The block's own exception: hand it back as it was raised, not in a group.
+                self._state = "cancelled"
+                raise exc from None
             self._state = "failed"
-            error = _first_trig_error(group)
+            error = next((e for e in leaves if isinstance(e, TrigStreamError)), None)
             if error is None:
                 raise
             raise error from None
@@ -382,7 +388,9 @@ class Engine:
         sends: dict[str, MemoryObjectSendStream[WorkItem]],
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
-        source = DatasetSource(self.config.dataset, self.config.run.task)
+        source = DatasetSource(
+            self.config.dataset, self.config.run.task, finished=self._sample_finished
+        )
         records = iter(source)
         async with judgement_send:
             try:
@@ -420,20 +428,33 @@ class Engine:
                 break
         return items
 
+    def _todo(
+        self, model: str, data_id: str, dimensions: tuple[Dimension, ...]
+    ) -> tuple[tuple[Dimension, str], ...]:
+        """The (dimension, judge) pairs of one sample and model not yet in the journal."""
+        return tuple(
+            (dimension, judge.name)
+            for dimension in dimensions
+            for judge in self._judges
+            if not self._journal_state.is_done(
+                (model, data_id, dimension, judge.name), retry_errors=self._retry_errors
+            )
+        )
+
+    def _sample_finished(self, data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
+        # Called by the dataset reader (in its thread) before it builds a sample.
+        if any(self._todo(g.name, data_id, dimensions) for g in self._generators):
+            return False
+        self._counters.samples_read += 1
+        for generator in self._generators:
+            self._counters.model(generator.name).skipped += 1
+        return True
+
     def _work_for(self, source: DatasetSource, sample: Sample) -> list[WorkItem]:
-        dimensions = source.dimensions_to_judge(sample)
-        state = self._journal_state
+        dimensions = source.dimensions_to_judge(sample.dimensions)
         items = []
         for generator in self._generators:
-            todo = tuple(
-                (dimension, judge.name)
-                for dimension in dimensions
-                for judge in self._judges
-                if not state.is_done(
-                    (generator.name, sample.data_id, dimension, judge.name),
-                    retry_errors=self._retry_errors,
-                )
-            )
+            todo = self._todo(generator.name, sample.data_id, dimensions)
             if todo:
                 seed = seed_for(self.config.run.seed, generator.name, sample.data_id)
                 items.append(WorkItem(generator.name, sample, seed, todo))
@@ -497,12 +518,10 @@ def _take_ready(
             return
 
 
-def _first_trig_error(group: BaseExceptionGroup[BaseException]) -> TrigStreamError | None:
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """Every exception inside a (nested) exception group."""
     for exc in group.exceptions:
-        if isinstance(exc, TrigStreamError):
-            return exc
         if isinstance(exc, BaseExceptionGroup):
-            found = _first_trig_error(exc)
-            if found is not None:
-                return found
-    return None
+            yield from _leaves(exc)
+        else:
+            yield exc
