@@ -138,3 +138,19 @@ async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:
             async with Engine(config):
                 pass
         await engine.drain()
+
+
+async def test_live_analysis_includes_earlier_runs(make_config: ConfigFactory) -> None:
+    config = make_config(samples=40)
+    async with Engine(config) as engine:
+        async for _ in engine.results:
+            break
+    async with Engine(config) as engine:
+        await engine.drain()
+        live = engine.relations.analysis("synth", "trigscore")
+    from trig_stream.analysis import analyse_judgements
+    from trig_stream.store import latest_judgements
+
+    batch = analyse_judgements(latest_judgements(config.run_dir / JOURNAL).values())
+    assert live == batch[("synth", "trigscore")]
+    assert sum(p.n for p in live.pairs) == 40

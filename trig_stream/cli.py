@@ -4,7 +4,7 @@ Exit codes:
 
 * 0: the run finished (per-item failures are recorded and reported, not fatal);
 * 1: an unexpected internal error;
-* 2: bad command line or invalid config (nothing was done);
+* 2: bad command line, invalid config or unusable input file (nothing was done);
 * 3: the run directory was refused (in use, or made with other settings);
 * 4: the run stopped on a fatal error (dataset unreadable, judge credentials...); resumable;
 * 130: interrupted (Ctrl-C or SIGTERM); resumable by running the same command again.
@@ -24,6 +24,8 @@ from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.table import Table
 
+from trig_stream.analysis.commands import add_commands as add_analysis_commands
+from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError
 
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.handler(args, console)
         return result
-    except ConfigError as exc:
+    except (ConfigError, AnalysisError) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return EXIT_CONFIG
     except RunDirError as exc:
@@ -78,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         help="if the run directory holds results, start a fresh one beside it",
     )
     run.add_argument(
+        "--no-report", action="store_true", help="do not write the report when the run ends"
+    )
+    run.add_argument(
         "--backend", choices=["asyncio", "trio"], default="asyncio", help=argparse.SUPPRESS
     )
     run.set_defaults(handler=_cmd_run)
@@ -89,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="summarise a run directory")
     status.add_argument("run_dir", type=Path)
     status.set_defaults(handler=_cmd_status)
+    add_analysis_commands(commands)
     return parser
 
 
@@ -156,7 +162,20 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     )
     if interrupted or summary.state in ("stopped", "cancelled"):
         return EXIT_INTERRUPTED
+    if not args.no_report:
+        await anyio.to_thread.run_sync(_final_report, summary.run_dir, console)
     return EXIT_OK
+
+
+def _final_report(run_dir: Path, console: Console) -> None:
+    from trig_stream.analysis.commands import write_report
+
+    try:
+        folder = write_report(run_dir, console)
+    except AnalysisError as exc:  # e.g. nothing scored: the run itself still succeeded
+        console.print(f"no report: {exc}", highlight=False)
+        return
+    console.print(f"report: {folder}", highlight=False)
 
 
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:

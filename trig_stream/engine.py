@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,6 +36,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from trig_stream.analysis.live import RelationTracker
 from trig_stream.backends.base import Generator, Judge
 from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig
@@ -55,12 +57,14 @@ from trig_stream.stats import (
     latency,
     rate,
 )
-from trig_stream.store import JournalState, Manifest, RunDir, next_free_run_dir
+from trig_stream.store import JournalState, Manifest, RunDir, next_free_run_dir, read_journal
 
 SOURCE_CHUNK = 16
 """Work items read per worker-thread call: amortises the thread hop, bounds the read-ahead."""
 PERSIST_BATCH = 256
 """Most judgements written with one fsync."""
+HISTORY_CHUNK = 2048
+"""Earlier judgements parsed per worker-thread call when the live analysis catches up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,10 @@ class Engine:
         self._task_group: TaskGroup | None = None
         self._run_dir: RunDir | None = None
         self._journal_state = JournalState()
+        self.relations = RelationTracker(config.relation)
+        self._history_loaded = anyio.Event()
+        """The live relation analysis (pair statistics, DTM) of every judgement in the run,
+        earlier runs included; it updates as judgements become durable."""
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
         self._closed = False
         self.run_dir_path = config.run_dir
@@ -245,6 +253,7 @@ class Engine:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._pipeline, streams)
+        self._task_group.start_soon(self._load_history)
         self._state = "running"
         return self
 
@@ -477,7 +486,9 @@ class Engine:
                     _take_ready(receive, batch, PERSIST_BATCH)
                 except anyio.EndOfStream:
                     # Every stage before this one has finished: the run is over. Say so
-                    # before ``results`` ends, so its consumer sees the final state.
+                    # before ``results`` ends, so its consumer sees the final state and a
+                    # complete live analysis.
+                    await self._history_loaded.wait()
                     self._state = "stopped" if self._stopping else "done"
                     return
                 except anyio.get_cancelled_exc_class():
@@ -493,9 +504,25 @@ class Engine:
                 for judgement in batch:
                     await result_send.send(judgement)
 
+    async def _load_history(self) -> None:
+        # Earlier runs' judgements join the live analysis in the background, so they never
+        # delay the first new request. Keys this run may judge again are left out: their
+        # new judgement could land first and must not be overwritten by the old one.
+        assert self._run_dir is not None
+        state = self._journal_state
+        lines = iter(read_journal(self._run_dir.journal.path, limit=state.lines))
+        try:
+            while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
+                for judgement in chunk:
+                    if state.is_done(judgement.key, retry_errors=self._retry_errors):
+                        self.relations.add(judgement)
+        finally:
+            self._history_loaded.set()
+
     def _count(self, batch: list[Judgement]) -> None:
         now = time.monotonic()
         for judgement in batch:
+            self.relations.add(judgement)
             counts = self._counters.model(judgement.model)
             if judgement.status == "ok":
                 counts.ok += 1
@@ -516,6 +543,10 @@ def _take_ready(
             batch.append(receive.receive_nowait())
         except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
             return
+
+
+def _take(items: Iterator[Judgement], count: int) -> list[Judgement]:
+    return list(islice(items, count))
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:

@@ -22,10 +22,10 @@ import json
 import os
 import re
 import time
-from sys import intern
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from sys import intern
 from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -176,13 +176,18 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status] | None:
     return key, status  # type: ignore[return-value]
 
 
-def read_journal(path: Path) -> Iterator[Judgement]:
-    """Every complete judgement in a journal, in order (a torn last line is skipped)."""
+def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]:
+    """Every complete judgement in a journal, in order (a torn last line is skipped).
+
+    Args:
+        path: the journal file.
+        limit: read at most this many lines (what was there when a run started).
+    """
     if not path.exists():
         return
     with path.open("rb") as handle:
-        for raw in handle:
-            if not raw.endswith(b"\n"):
+        for number, raw in enumerate(handle):
+            if (limit is not None and number >= limit) or not raw.endswith(b"\n"):
                 return
             try:
                 yield Judgement.model_validate_json(raw)

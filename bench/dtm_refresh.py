@@ -1,0 +1,80 @@
+"""Time a full DTM refresh of the live relation analysis at 100k judgements.
+
+10 dimensions, 42 pairs (as in TRIG's t2i split), 100,000 ok judgements (50,000 images judged
+on their pair's two dimensions). Prints the median time of a full refresh
+(``RelationTracker.snapshot()``: every pair's correlation, zones, code, means and the DTM), the
+cost of one ``add``, and a from-scratch batch analysis for comparison.
+
+Run: ``.venv/bin/python bench/dtm_refresh.py``
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+
+import numpy as np
+
+from trig_stream.analysis import RelationTracker, analyse_judgements
+from trig_stream.dimensions import SORTED_DIMENSIONS
+from trig_stream.records import JudgeFingerprint, Judgement
+
+JUDGEMENTS = 100_000
+REPEATS = 30
+
+
+def make_judgements(count: int, seed: int = 0) -> list[Judgement]:
+    """``count`` ok judgements over 42 pairs with correlated random scores."""
+    rng = np.random.default_rng(seed)
+    pairs = list(itertools.combinations(SORTED_DIMENSIONS, 2))[:42]
+    judge = JudgeFingerprint(backend="bench", model="bench")
+    out = []
+    for index in range(count // 2):
+        first, second = pairs[index % len(pairs)]
+        pair = f"{first}_{second}"
+        data_id = f"{pair}_{index // len(pairs) + 1}"
+        a = float(rng.random())
+        b = float(np.clip(0.6 * a + 0.4 * rng.random(), 0.0, 1.0))
+        for dimension, score in ((first, a), (second, b)):
+            out.append(
+                Judgement.model_construct(
+                    model="bench",
+                    data_id=data_id,
+                    task="t2i",
+                    pair=pair,
+                    dimension=dimension,
+                    metric="trigscore",
+                    judge=judge,
+                    status="ok",
+                    score=round(score, 3),
+                )
+            )
+    return out
+
+
+def main() -> None:
+    judgements = make_judgements(JUDGEMENTS)
+    tracker = RelationTracker()
+    start = time.perf_counter()
+    tracker.extend(judgements)
+    add_us = (time.perf_counter() - start) / len(judgements) * 1e6
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        tracker.snapshot()
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    analyse_judgements(judgements)
+    batch_ms = (time.perf_counter() - start) * 1e3
+    print(f"judgements: {len(judgements)}, pairs: {len(tracker.analysis('bench').pairs)}")
+    print(f"add: {add_us:.2f} us per judgement")
+    print(
+        f"full DTM refresh (snapshot): median {statistics.median(times) * 1e3:.1f} ms, "
+        f"max {max(times) * 1e3:.1f} ms over {REPEATS}"
+    )
+    print(f"batch analysis from scratch: {batch_ms:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The ``report``, ``analyze`` and ``compare`` subcommands, end to end on files and run dirs."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+from rich.console import Console
+
+from tests.conftest import ConfigFactory
+from trig_stream.analysis import AnalysisError
+from trig_stream.analysis import plots as plots_module
+from trig_stream.analysis.commands import add_commands, compare_runs
+from trig_stream.analysis.exports import read_judgements_parquet
+from trig_stream.errors import MissingExtraError, RunDirError
+from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.store import JOURNAL, MANIFEST, Journal, Manifest, write_atomic
+
+DATA = Path(__file__).parent / "data" / "analysis"
+FORMATTED = DATA / "formatted_small.json"
+EXPECTED_CSV = DATA / "relationship_codes_small.csv"
+PNGS = {"dtm.png", "scatter.png", "dimension_map.png", "tradeoff_graph.png"}
+
+
+def run_command(*argv: str) -> tuple[int, str]:
+    parser = argparse.ArgumentParser(prog="trig-stream")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    buffer = io.StringIO()
+    code: int = args.handler(args, Console(file=buffer, width=200))
+    return code, buffer.getvalue()
+
+
+def formatted_as_evaluation(metric: str = "trigscore") -> tuple[dict[str, object], list[object]]:
+    """The hand-made formatted file as an evaluation result plus a legacy prompt file."""
+    evaluation: dict[str, object] = {}
+    prompts: list[object] = []
+    for pair, images in json.loads(FORMATTED.read_text()).items():
+        first, second = pair.split("_")
+        for data_id, (a, b) in images.items():
+            evaluation[data_id] = {first: [{metric: a}], second: [{metric: b}]}
+            prompts.append({"data_id": data_id, "prompt": "p", "dimension": [first, second]})
+    return evaluation, prompts
+
+
+def test_analyze_formatted_file_reproduces_hand_computed_codes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, text = run_command("analyze", str(FORMATTED), "--out", str(out))
+    assert code == 0
+    assert (out / "relationship_codes.csv").read_text() == EXPECTED_CSV.read_text()
+    result = json.loads((out / "result.json").read_text())
+    assert result["relationship_codes"]["R-T_IQ-A"] == -2
+    assert {p.name for p in (out / "plots").iterdir()} == PNGS
+    assert all((out / "plots" / name).stat().st_size > 10_000 for name in PNGS)
+    assert len(read_judgements_parquet(out / "judgements.parquet")) == 30
+    assert "formatted" in text and "formatted_small" in text
+
+
+@pytest.mark.parametrize("with_prompts", [True, False])
+def test_analyze_evaluation_result(tmp_path: Path, with_prompts: bool) -> None:
+    evaluation, prompts = formatted_as_evaluation("clip")
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    extra = ["--prompts", str(tmp_path / "prompts.json")] if with_prompts else []
+    out = tmp_path / "out"
+    code, _ = run_command(
+        "analyze",
+        str(tmp_path / "eval.json"),
+        "--out",
+        str(out),
+        "--no-plots",
+        "--model",
+        "flux",
+        *extra,
+    )
+    assert code == 0
+    assert (out / "relationship_codes.csv").read_text() == EXPECTED_CSV.read_text()
+    assert json.loads((out / "evaluation_result.json").read_text()) == evaluation
+    assert not (out / "plots").exists()
+    assert "# TRIG relation analysis: flux" in (out / "report.md").read_text()
+
+
+def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text(json.dumps({"x": {"y": 1}}))
+    with pytest.raises(AnalysisError, match="neither a TRIG evaluation result"):
+        run_command("analyze", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o"))
+    (tmp_path / "score.json").write_text(json.dumps({"IQ-R_TA-C": {"IQ-R_TA-C_1": [0.5, "x"]}}))
+    with pytest.raises(AnalysisError, match="not a number"):
+        run_command("analyze", str(tmp_path / "score.json"), "--out", str(tmp_path / "o"))
+    # A formatted file names no metric: --metric names it.
+    run_command(
+        "analyze", str(FORMATTED), "--out", str(tmp_path / "o"), "--metric", "clip", "--no-plots"
+    )
+    assert "clip" in (tmp_path / "o" / "evaluation_result.json").read_text()
+    evaluation, _ = formatted_as_evaluation()
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    with pytest.raises(AnalysisError, match="metric 'clip'"):
+        run_command(
+            "analyze", str(tmp_path / "eval.json"), "--out", str(tmp_path / "o"), "--metric", "clip"
+        )
+    with pytest.raises(AnalysisError, match="dominance_ratio"):
+        run_command(
+            "analyze", str(FORMATTED), "--out", str(tmp_path / "o"), "--dominance-ratio", "0"
+        )
+
+
+def write_run_dir(
+    path: Path, relation: dict[str, float], models: tuple[str, ...] = ("model-a", "model-b")
+) -> Path:
+    """A run directory with two models, written with the store's own helpers."""
+    manifest = Manifest(
+        run_name=path.name,
+        task="t2i",
+        config={"judges": [{"name": "trigscore"}], "relation": relation},
+    )
+    write_atomic(path / MANIFEST, manifest.model_dump_json().encode())
+    judge = JudgeFingerprint(backend="fake", model="j")
+    records = []
+    for model, shift in zip(models, (0.0, -0.5), strict=False):
+        for pair, images in json.loads(FORMATTED.read_text()).items():
+            first, second = pair.split("_")
+            for data_id, (a, b) in images.items():
+                for dim, score in ((first, a), (second, b)):
+                    records.append(
+                        Judgement(
+                            model=model,
+                            data_id=data_id,
+                            task="t2i",
+                            pair=pair,
+                            dimension=dim,
+                            metric="trigscore",
+                            judge=judge,
+                            status="ok",
+                            score=round(max(score + shift, 0.0), 3),
+                        )
+                    )
+    journal = Journal(path / JOURNAL)
+    journal.open()
+    journal.append(records)
+    journal.close()
+    return path
+
+
+def test_report_uses_stored_thresholds_unless_overridden(tmp_path: Path) -> None:
+    run = write_run_dir(tmp_path / "run", {"synergy_density": 0.7})
+    code, text = run_command("report", str(run), "--no-plots")
+    assert code == 0
+    csv = (run / "report" / "model-a" / "relationship_codes.csv").read_text().splitlines()
+    iq_r = csv[5].split(",")
+    assert iq_r[0] == "IQ-R" and iq_r[8] != "0"  # 0.6 synergy density < stored 0.7
+    assert (run / "report" / "comparison.md").exists()
+    assert "model-b" in text
+    out = tmp_path / "elsewhere"
+    run_command("report", str(run), "--out", str(out), "--synergy-density", "0.4", "--no-plots")
+    assert (out / "model-a" / "relationship_codes.csv").read_text() == EXPECTED_CSV.read_text()
+    shifted = (out / "model-b" / "relationship_codes.csv").read_text()
+    assert "IQ-R,NULL,NULL,NULL,NULL,0.250,-1,-1,3," in shifted  # scores - 0.5: bottleneck
+
+
+def test_report_without_matplotlib_notes_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = write_run_dir(tmp_path / "run", {})
+    monkeypatch.setattr(plots_module, "matplotlib_available", lambda: False)
+    code, text = run_command("report", str(run))
+    assert code == 0
+    assert "pip install 'trig-stream[plots]'" in text
+    assert not (run / "report" / "model-a" / "plots").exists()
+    with pytest.raises(MissingExtraError, match=r"trig-stream\[plots\]"):
+        plots_module.write_plots(None, tmp_path)  # type: ignore[arg-type]
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="not a trig-stream run directory"):
+        run_command("report", str(tmp_path))
+
+
+def test_compare_runs_and_command(tmp_path: Path) -> None:
+    first = write_run_dir(tmp_path / "one", {})
+    second = write_run_dir(tmp_path / "two", {"bottleneck_density": 0.9})
+    comparison = compare_runs([first, second])
+    assert comparison.labels == ("one/model-a", "one/model-b", "two/model-a", "two/model-b")
+    cells = {(d.row, d.column): d.codes for d in comparison.differences}
+    assert cells[("IQ-R", "TA-C")]["one/model-a"] == 0
+    assert cells[("IQ-R", "TA-C")]["one/model-b"] == 3
+    out = tmp_path / "cmp.md"
+    code, _ = run_command("compare", str(first), "--out", str(out))
+    assert code == 0
+    assert "| IQ-R | TA-C | 0 | 3 |" in out.read_text()
+    lone = write_run_dir(tmp_path / "lone", {}, models=("model-a",))
+    with pytest.raises(AnalysisError, match="nothing to compare"):
+        compare_runs([lone])
+    with pytest.raises(AnalysisError, match="no metric 'clip'"):
+        compare_runs([first], metric="clip")
+
+
+def test_report_on_a_run_made_by_the_engine(make_config: ConfigFactory) -> None:
+    from trig_stream.engine import Engine
+
+    config = make_config(
+        samples=16,
+        judges=[{"name": "trigscore", "backend": "fake", "options": {"unscorable_rate": 0.1}}],
+    )
+
+    async def main() -> None:
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                pass
+
+    anyio.run(main)
+    code, _ = run_command("report", str(config.run_dir), "--no-plots")
+    assert code == 0
+    folder = config.run_dir / "report" / "synth"
+    result = json.loads((folder / "result.json").read_text())
+    assert set(result["metrics"]) == {"IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R"}
+    assert len((folder / "relationship_codes.csv").read_text().splitlines()) == 11
+
+
+def test_tsne_keeps_close_dimensions_together() -> None:
+    from trig_stream.analysis.tsne import tsne
+
+    # Two groups of three: distance 0.1 inside a group, 1 across.
+    group = np.array([0, 0, 0, 1, 1, 1])
+    distances = np.where(group[:, None] == group[None, :], 0.1, 1.0)
+    np.fill_diagonal(distances, 0.0)
+    coords = tsne(distances, seed=1)
+    gaps = np.linalg.norm(coords[:, None, :] - coords[None, :, :], axis=2)
+    inside = max(gaps[i, j] for i in range(6) for j in range(6) if group[i] == group[j])
+    across = min(gaps[i, j] for i in range(6) for j in range(6) if group[i] != group[j])
+    assert inside < across
+    assert np.array_equal(coords, tsne(distances, seed=1))
+    assert tsne(np.zeros((1, 1))).shape == (1, 2)

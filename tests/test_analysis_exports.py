@@ -1,0 +1,154 @@
+"""TRIG-compatible exports, the parquet round trip, the markdown report and the comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from trig_stream.analysis import analyse_judgements
+from trig_stream.analysis.compare import compare, comparison_markdown
+from trig_stream.analysis.exports import (
+    evaluation_result,
+    formatted_scores,
+    read_judgements_parquet,
+    relationship_codes_csv,
+    result_document,
+    write_judgements_parquet,
+)
+from trig_stream.analysis.inputs import read_upstream
+from trig_stream.analysis.report import markdown_report
+from trig_stream.records import JudgeFingerprint, Judgement
+
+DATA = Path(__file__).parent / "data" / "analysis"
+FORMATTED = DATA / "formatted_small.json"
+EXPECTED_CSV = DATA / "relationship_codes_small.csv"
+
+
+def small() -> list[Judgement]:
+    return read_upstream(FORMATTED, model="m").judgements
+
+
+def test_relationship_codes_csv_matches_the_hand_computed_file() -> None:
+    analysis = analyse_judgements(small())[("m", "trigscore")]
+    assert relationship_codes_csv(analysis) == EXPECTED_CSV.read_text()
+
+
+def test_result_json_layout() -> None:
+    analysis = analyse_judgements(small())[("m", "trigscore")]
+    document = result_document(analysis)
+    assert document["metrics"] == ["IQ-R_TA-C", "R-T_IQ-A"]
+    matrix = document["correlation_matrix"]
+    assert matrix[0][1] == matrix[1][0] == 0.0
+    assert matrix[0][0] == pytest.approx(analysis.pairs[0].correlation)
+    assert document["quadrant_analysis"] == {}
+    assert document["relationship_codes"] == {
+        "IQ-R_TA-C": 0,
+        "TA-C_IQ-R": 0,
+        "R-T_IQ-A": -2,
+        "IQ-A_R-T": 2,
+    }
+    insights = document["insights"]
+    assert len(insights) == 45
+    assert insights[0]["dimensions"] == ["D-A", "D-K"]
+    by_dims = {tuple(i["dimensions"]): i for i in insights}
+    assert by_dims[("IQ-R", "TA-C")]["type"] == "synergy"
+    assert "60%" in by_dims[("IQ-R", "TA-C")]["description"]
+    assert by_dims[("IQ-A", "R-T")]["type"] == "dominance"
+    assert "IQ-A" in by_dims[("IQ-A", "R-T")]["description"]
+    assert by_dims[("D-A", "D-K")]["type"] == "undefined"
+    json.dumps(document, allow_nan=False)
+
+
+def test_formatted_and_evaluation_layouts_round_trip() -> None:
+    judgements = small()
+    analysis = analyse_judgements(judgements)[("m", "trigscore")]
+    formatted = formatted_scores(analysis)
+    assert formatted == json.loads(FORMATTED.read_text())
+    evaluation = evaluation_result(judgements, ["trigscore"])
+    assert evaluation["R-T_IQ-A_10"] == {
+        "R-T": [{"trigscore": 0.75}],
+        "IQ-A": [{"trigscore": 0.52}],
+    }
+
+
+def test_evaluation_result_keeps_metric_order_and_only_ok_scores() -> None:
+    judge = JudgeFingerprint(backend="fake", model="j")
+    common = {"model": "m", "data_id": "IQ-R_TA-C_1", "task": "t2i", "pair": "IQ-R_TA-C"}
+    records = [
+        Judgement(**common, dimension="IQ-R", metric="b", judge=judge, status="ok", score=0.2),
+        Judgement(**common, dimension="IQ-R", metric="a", judge=judge, status="ok", score=0.4),
+        Judgement(**common, dimension="TA-C", metric="a", judge=judge, status="error", error="x"),
+        Judgement(**common, dimension="TA-C", metric="b", judge=judge, status="ok", score=0.9),
+        Judgement(**common, dimension="TA-C", metric="b", judge=judge, status="unscorable"),
+    ]
+    result = evaluation_result(records, ["a", "b"])
+    assert result == {"IQ-R_TA-C_1": {"IQ-R": [{"a": 0.4}, {"b": 0.2}]}}
+
+
+def test_parquet_round_trip_equals_the_records(tmp_path: Path) -> None:
+    judge = JudgeFingerprint(backend="openai", model="v", params={"temperature": 1.0, "n": [1]})
+    records = [
+        *small(),
+        Judgement(
+            model="m",
+            data_id="IQ-R_TA-C_9",
+            task="t2i",
+            pair="IQ-R_TA-C",
+            dimension="IQ-R",
+            metric="trigscore",
+            judge=judge,
+            status="ok",
+            score=0.75,
+            top_logprobs=[("good", -0.1), ("Excellent", -2.5)],
+            image="images/x.png",
+            seed=3,
+            latency_s=0.5,
+            attempts=2,
+        ),
+        Judgement(
+            model="m",
+            data_id="IQ-R_TA-C_9",
+            task="t2i",
+            pair="IQ-R_TA-C",
+            dimension="TA-C",
+            metric="trigscore",
+            judge=judge,
+            status="error",
+            error="timeout",
+            error_stage="judge",
+        ),
+    ]
+    path = tmp_path / "judgements.parquet"
+    assert write_judgements_parquet(records, path) == len(records)
+    frame = pl.read_parquet(path)
+    assert frame.height == len(records)
+    assert frame.schema["score"] == pl.Float64
+    assert frame.filter(pl.col("status") == "error")["error"].to_list() == ["timeout"]
+    assert read_judgements_parquet(path) == records
+
+
+def test_markdown_report_and_comparison(tmp_path: Path) -> None:
+    analysis = analyse_judgements(small())[("m", "trigscore")]
+    text = markdown_report(analysis)
+    assert "| IQ-R_TA-C | 5 | 0 |" in text
+    assert "| R-T_IQ-A | 10 | 0 |" in text
+    assert "| IQ-R | Realism | 0.690 | 5 |" in text
+    other = analyse_judgements(read_upstream(FORMATTED, model="n").judgements)
+    flipped = {**json.loads(FORMATTED.read_text())}
+    flipped["IQ-R_TA-C"] = {k: [0.1, 0.2] for k in flipped["IQ-R_TA-C"]}
+    del flipped["R-T_IQ-A"]
+    (tmp_path / "low.json").write_text(json.dumps(flipped))
+    low = analyse_judgements(read_upstream(tmp_path / "low.json", model="low").judgements)
+    comparison = compare(
+        {"m": analysis, "n": other[("n", "trigscore")], "low": low[("low", "trigscore")]}
+    )
+    cells = {(d.row, d.column): d.codes for d in comparison.differences}
+    assert cells == {
+        ("IQ-A", "R-T"): {"m": 2, "n": 2, "low": -1},
+        ("IQ-R", "TA-C"): {"m": 0, "n": 0, "low": 3},
+    }
+    assert comparison.dimension_means["IQ-R"]["low"] == pytest.approx(0.1)
+    assert "| IQ-R | TA-C | 0 | 0 | 3 |" in comparison_markdown(comparison)

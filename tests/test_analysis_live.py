@@ -1,0 +1,136 @@
+"""The live tracker always equals a from-scratch batch analysis of the same judgements."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from trig_stream.analysis import ModelAnalysis, RelationTracker, analyse_judgements
+from trig_stream.analysis.live import INITIAL_CAPACITY
+from trig_stream.config import RelationSection
+from trig_stream.dimensions import Dimension, split_pair
+from trig_stream.records import JudgeFingerprint, Judgement
+
+JUDGE = JudgeFingerprint(backend="fake", model="judge")
+PAIRS = ["IQ-R_TA-C", "R-T_IQ-A", "IQ-A_TA-S", "D-K_IQ-R", "TA-C_IQ-R"]
+
+
+def _judgement(
+    model: str, metric: str, data_id: str, pair: str, dimension: Dimension, rng: random.Random
+) -> Judgement:
+    draw = rng.random()
+    status = "ok" if draw < 0.8 else ("unscorable" if draw < 0.9 else "error")
+    score = round(rng.choice([rng.random(), rng.choice([0.1, 0.5, 0.9])]), 3)
+    return Judgement(
+        model=model,
+        data_id=data_id,
+        task="t2i",
+        pair=pair,
+        dimension=dimension,
+        metric=metric,
+        judge=JUDGE,
+        status=status,
+        score=score if status == "ok" else None,
+        error="boom" if status == "error" else None,
+    )
+
+
+def stream(seed: int, length: int) -> list[Judgement]:
+    """A shuffled stream with re-judged keys, several models and metrics, odd records."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(length):
+        pair = rng.choice(PAIRS)
+        first, second = split_pair(pair)
+        model, metric = rng.choice(["a", "b"]), rng.choice(["trigscore", "other"])
+        data_id = f"{pair}_{rng.randint(1, 40)}"  # repeats: the same key is judged again
+        dimension: Dimension = rng.choice([first, second])
+        if rng.random() < 0.01:
+            dimension = "R-B"  # not in the pair: both paths must ignore it
+        out.append(_judgement(model, metric, data_id, pair, dimension, rng))
+    return out
+
+
+def same_number(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
+
+
+def assert_same(live: ModelAnalysis, batch: ModelAnalysis) -> None:
+    assert (live.model, live.metric, live.dtm) == (batch.model, batch.metric, batch.dtm)
+    assert [p.pair for p in live.pairs] == [p.pair for p in batch.pairs]
+    for mine, theirs in zip(live.pairs, batch.pairs, strict=True):
+        for name in mine.__slots__:
+            assert (
+                same_number(getattr(mine, name), getattr(theirs, name))
+                if isinstance(getattr(mine, name), float)
+                else getattr(mine, name) == getattr(theirs, name)
+            ), (mine.pair, name)
+        points_live, points_batch = live.points[mine.pair], batch.points[mine.pair]
+        assert points_live.data_ids == points_batch.data_ids
+        np.testing.assert_array_equal(points_live.x, points_batch.x)
+        np.testing.assert_array_equal(points_live.y, points_batch.y)
+    assert live.dimension_means.keys() == batch.dimension_means.keys()
+    for dim, mean in live.dimension_means.items():
+        assert same_number(mean, batch.dimension_means[dim])
+    assert live.dimension_counts == batch.dimension_counts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_live_equals_batch_at_random_points_of_a_stream(seed: int) -> None:
+    judgements = stream(seed, 1500)
+    thresholds = RelationSection(synergy_density=0.1, bottleneck_density=0.15)
+    tracker = RelationTracker(thresholds)
+    checkpoints = sorted(random.Random(seed).sample(range(1, len(judgements) + 1), 12))
+    done = 0
+    for point in checkpoints:
+        tracker.extend(judgements[done:point])
+        done = point
+        live = tracker.snapshot()
+        batch = analyse_judgements(judgements[:point], thresholds)
+        assert live.keys() == batch.keys()
+        for key in batch:
+            assert_same(live[key], batch[key])
+    codes = {p.code for a in tracker.snapshot().values() for p in a.pairs}
+    assert len(codes) >= 3, "the stream should exercise several relation codes"
+    assert tracker.ignored > 0
+
+
+def test_live_equals_batch_when_the_buffers_grow() -> None:
+    rng = random.Random(7)
+    judgements = [
+        _judgement("a", "trigscore", f"IQ-R_TA-C_{i}", "IQ-R_TA-C", dim, rng)
+        for i in range(3 * INITIAL_CAPACITY)
+        for dim in ("IQ-R", "TA-C")
+    ]
+    tracker = RelationTracker()
+    tracker.extend(judgements)
+    assert_same(tracker.analysis("a"), analyse_judgements(judgements)[("a", "trigscore")])
+
+
+def test_a_snapshot_does_not_change_when_more_judgements_arrive() -> None:
+    judgements = stream(5, 400)
+    tracker = RelationTracker()
+    tracker.extend(judgements[:200])
+    before = tracker.snapshot()
+    tracker.extend(judgements[200:])
+    expected = analyse_judgements(judgements[:200])
+    for key, analysis in before.items():
+        assert_same(analysis, expected[key])
+
+
+def test_metric_filter_and_replaced_thresholds() -> None:
+    judgements = stream(9, 600)
+    tracker = RelationTracker(metric="other")
+    tracker.extend(judgements)
+    assert {metric for _, metric in tracker.groups()} == {"other"}
+    tracker.thresholds = RelationSection(correlation="pearson_corr")
+    batch = analyse_judgements(
+        [j for j in judgements if j.metric == "other"], RelationSection(correlation="pearson_corr")
+    )
+    for key, analysis in tracker.snapshot().items():
+        assert_same(analysis, batch[key])

@@ -1,0 +1,223 @@
+"""Relation codes, correlations and the DTM, on cases worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from trig_stream.analysis import RelationTracker, analyse_judgements, negate_dominance
+from trig_stream.analysis.relations import PairColumns, analyse_pair
+from trig_stream.analysis.stats import (
+    Dominance,
+    average_ranks,
+    fisher_interval,
+    pareto_f,
+    pearson_corr,
+    spearman_corr,
+)
+from trig_stream.config import RelationSection
+from trig_stream.dimensions import Dimension, split_pair
+from trig_stream.records import JudgeFingerprint, Judgement
+
+JUDGE = JudgeFingerprint(backend="fake", model="judge")
+
+# Each case: pair scores and the code TRIG's rules give under the default thresholds.
+SYNERGY = ([0.9, 0.9, 0.85, 0.2, 0.6], [0.9, 0.95, 0.85, 0.3, 0.7])  # rho_s = 3/5
+BOTTLENECK = ([0.1, 0.2, 0.3, 0.9, 0.6], [0.2, 0.1, 0.4, 0.9, 0.7])  # rho_b = 3/5, rho_s = 1/5
+# Ten trade-off points; X symmetric about 0.65 within each Y group, so the LS line is flat at
+# mean(Y). Eight points lie on one side, two on the other: ratio 4 > 1 / 0.8.
+_X10 = [0.55, 0.6, 0.6, 0.65, 0.65, 0.7, 0.7, 0.75, 0.55, 0.75]
+ABOVE = (_X10, [0.62] * 8 + [0.52] * 2)  # mean Y 0.60: 8 above, 2 below -> -2
+BELOW = (_X10, [0.58] * 8 + [0.68] * 2)  # mean Y 0.60: 2 above, 8 below -> +2
+TRADEOFF = ([0.6, 0.7, 0.75, 0.65, 0.55], [0.7, 0.6, 0.55, 0.65, 0.75])  # Spearman -1
+UNDEFINED = ([0.55, 0.6, 0.65, 0.7, 0.75], [0.56, 0.61, 0.66, 0.71, 0.76])  # Spearman +1
+
+
+def columns(pair: str, x: list[float], y: list[float]) -> PairColumns:
+    first, second = split_pair(pair)
+    ids = [f"{pair}_{i + 1}" for i in range(len(x))]
+    return PairColumns(pair, first, second, ids, np.array(x), np.array(y))
+
+
+def judgements_for(pair: str, x: list[float], y: list[float], model: str = "m") -> list[Judgement]:
+    first, second = split_pair(pair)
+    out = []
+    for index, (a, b) in enumerate(zip(x, y, strict=True)):
+        for dimension, score in ((first, a), (second, b)):
+            out.append(judgement(model, f"{pair}_{index + 1}", pair, dimension, score))
+    return out
+
+
+def judgement(
+    model: str, data_id: str, pair: str, dimension: Dimension, score: float | None
+) -> Judgement:
+    return Judgement(
+        model=model,
+        data_id=data_id,
+        task="t2i",
+        pair=pair,
+        dimension=dimension,
+        metric="trigscore",
+        judge=JUDGE,
+        status="ok" if score is not None else "unscorable",
+        score=score,
+    )
+
+
+@pytest.mark.parametrize(
+    ("scores", "code"),
+    [(SYNERGY, 0), (BOTTLENECK, 3), (ABOVE, -2), (BELOW, 2), (TRADEOFF, 1), (UNDEFINED, -1)],
+    ids=[
+        "synergy-0",
+        "bottleneck-3",
+        "dominance-minus2",
+        "dominance-plus2",
+        "tradeoff-1",
+        "undefined-minus1",
+    ],
+)
+def test_every_relation_code_on_hand_computed_pairs(
+    scores: tuple[list[float], list[float]], code: int
+) -> None:
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", *scores), RelationSection())
+    assert stats.code == code
+
+
+def test_dominance_split_is_the_one_worked_out_by_hand() -> None:
+    above, _ = analyse_pair(columns("IQ-R_TA-C", *ABOVE), RelationSection())
+    below, _ = analyse_pair(columns("IQ-R_TA-C", *BELOW), RelationSection())
+    assert (above.tradeoff_points, above.above, above.below) == (10, 8, 2)
+    assert (below.above, below.below) == (2, 8)
+    assert Dominance(above=3, below=0).ratio == math.inf
+
+
+def test_rules_apply_in_order_synergy_before_bottleneck() -> None:
+    # Half the points in each zone: both rule 1 and rule 2 fire; rule 1 wins.
+    x, y = [0.9, 0.9, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection())
+    assert (stats.synergy_density, stats.bottleneck_density, stats.code) == (0.5, 0.5, 0)
+
+
+def test_fewer_than_ten_tradeoff_points_skip_the_dominance_rule() -> None:
+    x, y = ABOVE[0][:9], ABOVE[1][:7] + ABOVE[1][8:]
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection())
+    assert stats.tradeoff_points == 9
+    assert stats.above is None
+    assert stats.code != -2
+
+
+def test_spearman_with_ties_uses_average_ranks() -> None:
+    x, y = np.array([1.0, 2.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0])
+    assert average_ranks(x).tolist() == [1.0, 2.5, 2.5, 4.0]
+    # ranks x: dx = (-1.5, 0, 0, 1.5); y: dy = (-1.5, -0.5, 0.5, 1.5): r = 4.5 / sqrt(4.5 * 5)
+    assert spearman_corr(x, y) == pytest.approx(3 / math.sqrt(10))
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 5, 200) / 4, rng.integers(0, 5, 200) / 4
+    assert spearman_corr(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
+
+
+def test_constant_column_gives_nan_spearman_which_is_not_a_tradeoff() -> None:
+    x, y = [0.6] * 6, [0.55, 0.6, 0.65, 0.7, 0.75, 0.6]
+    assert math.isnan(spearman_corr(np.array(x), np.array(y)))
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection())
+    assert math.isnan(stats.correlation)
+    assert stats.code == -1
+    # Pearson defines a constant side as 0, which is below 0.6: a trade-off.
+    assert pearson_corr(np.array(x), np.array(y)) == 0.0
+    pearson, _ = analyse_pair(
+        columns("IQ-R_TA-C", x, y), RelationSection(correlation="pearson_corr")
+    )
+    assert pearson.code == 1
+
+
+def test_pareto_f_by_hand() -> None:
+    # (0.4, 0.4) is dominated; the front by X: (0.2, 0.9), (0.5, 0.6), (0.9, 0.2).
+    x, y = np.array([0.2, 0.5, 0.9, 0.4]), np.array([0.9, 0.6, 0.2, 0.4])
+    area = 0.3 * (0.9 + 0.6) / 2 + 0.4 * (0.6 + 0.2) / 2
+    assert pareto_f(x, y) == pytest.approx(area / (0.9 * 0.9))
+    # One point dominates the rest: fewer than two front points gives 0.
+    assert pareto_f(np.array([0.9, 0.5, 0.9]), np.array([0.9, 0.5, 0.9])) == 0.0
+
+
+def test_fisher_interval_by_hand() -> None:
+    z, half = math.atanh(0.5), 1.959963984540054 / math.sqrt(25)
+    low, high = fisher_interval("pearson_corr", 0.5, 28)
+    assert (low, high) == pytest.approx((math.tanh(z - half), math.tanh(z + half)))
+    low_s, high_s = fisher_interval("spearman_corr", 0.5, 28)
+    assert low_s < low and high_s > high  # Spearman's interval is wider (1.06 / (n - 3))
+    assert all(math.isnan(v) for v in fisher_interval("paretoF", 0.5, 28))
+    assert all(math.isnan(v) for v in fisher_interval("spearman_corr", 0.5, 3))
+
+
+def test_reversed_pair_order_negates_dominance_in_the_dtm() -> None:
+    analysis = analyse_judgements(judgements_for("R-T_IQ-A", *ABOVE))[("m", "trigscore")]
+    assert analysis.pairs[0].code == -2
+    assert analysis.dtm.code("IQ-A", "R-T") == 2  # row < column: from R-T_IQ-A, negated
+    assert analysis.dtm.code("R-T", "IQ-A") == -2  # mirror, negated again
+    synergy = analyse_judgements(judgements_for("R-T_IQ-A", *SYNERGY))[("m", "trigscore")]
+    assert synergy.dtm.code("IQ-A", "R-T") == synergy.dtm.code("R-T", "IQ-A") == 0
+
+
+def test_pair_in_alphabetical_order_wins_over_its_reverse() -> None:
+    records = judgements_for("IQ-A_R-T", *TRADEOFF) + judgements_for("R-T_IQ-A", *ABOVE)
+    analysis = analyse_judgements(records)[("m", "trigscore")]
+    assert analysis.dtm.code("IQ-A", "R-T") == 1
+    assert analysis.dtm.code("R-T", "IQ-A") == 1
+
+
+def test_missing_pairs_are_minus_one_and_diagonal_is_none() -> None:
+    analysis = analyse_judgements(judgements_for("IQ-R_TA-C", *SYNERGY))[("m", "trigscore")]
+    dtm = analysis.dtm
+    assert dtm.dimensions[0] == "D-A"
+    assert dtm.code("IQ-R", "TA-C") == 0
+    assert dtm.code("D-A", "D-K") == -1
+    assert dtm.code("IQ-R", "IQ-R") is None
+    upper = [dtm.codes[i][j] for i in range(10) for j in range(i + 1, 10)]
+    assert upper.count(-1) == 44
+
+
+def test_only_ok_scores_count_and_incomplete_images_are_excluded() -> None:
+    records = judgements_for("IQ-R_TA-C", *UNDEFINED)
+    records.append(judgement("m", "IQ-R_TA-C_6", "IQ-R_TA-C", "IQ-R", 0.1))  # no TA-C score
+    records.append(judgement("m", "IQ-R_TA-C_7", "IQ-R_TA-C", "IQ-R", 0.1))
+    records.append(judgement("m", "IQ-R_TA-C_7", "IQ-R_TA-C", "TA-C", None))  # unscorable
+    analysis = analyse_judgements(records)[("m", "trigscore")]
+    stats = analysis.pairs[0]
+    assert (stats.n, stats.excluded, stats.code) == (5, 2, -1)
+    # Dimension means take every ok score, excluded images included.
+    assert analysis.dimension_means["IQ-R"] == pytest.approx((3.25 + 0.2) / 7)
+    assert analysis.dimension_means["TA-C"] == pytest.approx(3.30 / 5)
+
+
+def test_the_last_judgement_of_a_key_wins() -> None:
+    records = judgements_for("IQ-R_TA-C", *SYNERGY)
+    # Re-judging four images low turns the synergy into a bottleneck...
+    for index in range(4):
+        for dim in ("IQ-R", "TA-C"):
+            records.append(judgement("m", f"IQ-R_TA-C_{index + 1}", "IQ-R_TA-C", dim, 0.1))
+    assert analyse_judgements(records)[("m", "trigscore")].pairs[0].code == 3
+    # ...and a final failure removes an image from the pair.
+    records.append(judgement("m", "IQ-R_TA-C_1", "IQ-R_TA-C", "IQ-R", None))
+    stats = analyse_judgements(records)[("m", "trigscore")].pairs[0]
+    assert (stats.n, stats.excluded) == (4, 1)
+
+
+def test_thresholds_change_the_code() -> None:
+    strict = RelationSection(synergy_density=0.7)
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", *SYNERGY), strict)
+    assert stats.code != 0
+    assert negate_dominance(2) == -2 and negate_dominance(1) == 1
+
+
+def test_tracker_groups_models_and_metrics_separately() -> None:
+    tracker = RelationTracker()
+    tracker.extend(judgements_for("IQ-R_TA-C", *SYNERGY, model="a"))
+    tracker.extend(judgements_for("IQ-R_TA-C", *BOTTLENECK, model="b"))
+    assert tracker.groups() == [("a", "trigscore"), ("b", "trigscore")]
+    assert tracker.dtm("a").code("IQ-R", "TA-C") == 0
+    assert tracker.dtm("b").code("IQ-R", "TA-C") == 3
+    with pytest.raises(KeyError):
+        tracker.analysis("c")

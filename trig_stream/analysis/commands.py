@@ -1,0 +1,234 @@
+"""The ``report``, ``analyze`` and ``compare`` subcommands of ``trig-stream``.
+
+They re-derive everything from stored scores, never judging again, so the thresholds can be
+changed freely. :func:`add_commands` adds them to the CLI's subparsers; each handler takes the
+parsed arguments and the (stderr) console and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+from rich.console import Console
+
+from trig_stream.analysis.compare import Comparison, compare, comparison_markdown
+from trig_stream.analysis.inputs import (
+    AnalysisError,
+    RunData,
+    load_run,
+    read_upstream,
+    with_overrides,
+)
+from trig_stream.analysis.relations import ModelAnalysis, analyse_judgements
+from trig_stream.analysis.report import WrittenFiles, write_model_outputs
+from trig_stream.analysis.stats import CorrelationMethod
+from trig_stream.config import RelationSection
+from trig_stream.dimensions import TASKS, normalise_task
+from trig_stream.records import Judgement
+
+THRESHOLD_OPTIONS: dict[str, str] = {
+    "synergy": "synergy zone: both scores above this (default 0.8)",
+    "bottleneck": "bottleneck zone: both scores below this (default 0.5)",
+    "synergy_density": "code 0 when the synergy zone holds at least this share (default 0.4)",
+    "bottleneck_density": "code 3 when the bottleneck zone holds at least this share (default 0.4)",
+    "dominance_ratio": "code ±2 when the above/below split exceeds 1/this (default 0.8)",
+    "tradeoff_corr": "code 1 when the correlation is below this (default 0.6)",
+}
+PLOTS_NOTE = "plots skipped: matplotlib is not installed (pip install 'trig-stream[plots]')"
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``report``, ``analyze`` and ``compare`` to the CLI's subcommands."""
+    report = subparsers.add_parser(
+        "report", help="analyse a run directory's judgements: DTM, exports, plots"
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, help="output folder (default RUN_DIR/report)")
+    _add_common(report)
+    report.set_defaults(handler=cmd_report)
+
+    analyze = subparsers.add_parser(
+        "analyze", help="analyse an upstream TRIG evaluation result or formatted JSON file"
+    )
+    analyze.add_argument("file", type=Path, metavar="FILE")
+    analyze.add_argument("--out", type=Path, required=True, help="output folder")
+    analyze.add_argument("--prompts", type=Path, help="TRIG prompt file giving each data_id's pair")
+    analyze.add_argument("--model", help="model name in the outputs (default: the file's stem)")
+    analyze.add_argument("--task", default="t2i", choices=[*TASKS, "sub"], help="TRIG task")
+    _add_common(analyze)
+    analyze.set_defaults(handler=cmd_analyze)
+
+    comparison = subparsers.add_parser(
+        "compare", help="compare models of one or several run directories"
+    )
+    comparison.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    comparison.add_argument("--out", type=Path, help="also write the comparison to this file")
+    _add_common(comparison, plots=False)
+    comparison.set_defaults(handler=cmd_compare)
+
+
+def _add_common(parser: argparse.ArgumentParser, *, plots: bool = True) -> None:
+    parser.add_argument("--metric", help="the metric to analyse (default: the first one)")
+    group = parser.add_argument_group(
+        "thresholds", "default: the run's [relation] config, else TRIG's defaults"
+    )
+    group.add_argument("--correlation", choices=get_args(CorrelationMethod))
+    for name, text in THRESHOLD_OPTIONS.items():
+        group.add_argument("--" + name.replace("_", "-"), type=float, dest=name, help=text)
+    if plots:
+        parser.add_argument("--no-plots", action="store_true", help="do not draw the PNGs")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in ("correlation", *THRESHOLD_OPTIONS)}
+
+
+def _pick_metric(metrics: Sequence[str], requested: str | None, source: object) -> str:
+    if not metrics:
+        raise AnalysisError(f"{source}: no judgements to analyse")
+    if requested is None:
+        return metrics[0]
+    if requested not in metrics:
+        raise AnalysisError(f"{source}: no metric {requested!r}; it has {', '.join(metrics)}")
+    return requested
+
+
+def analyse_run(
+    run: RunData, thresholds: RelationSection, metric: str | None = None
+) -> dict[str, ModelAnalysis]:
+    """Analyse every model of a run under one metric (the config's first judge by default).
+
+    Raises:
+        AnalysisError: the run holds no judgement, or none of ``metric``.
+    """
+    present = {j.metric for j in run.judgements}
+    chosen = _pick_metric([m for m in run.metrics if m in present], metric, run.path)
+    analyses = analyse_judgements((j for j in run.judgements if j.metric == chosen), thresholds)
+    return {model: analysis for (model, _), analysis in analyses.items()}
+
+
+def _print_written(console: Console, analysis: ModelAnalysis, written: WrittenFiles) -> None:
+    codes = sum(1 for p in analysis.pairs if p.n)
+    console.print(
+        f"{analysis.model}: {len(analysis.pairs)} pairs ({codes} with data), "
+        f"{analysis.excluded} images left out for a missing score -> {written.folder}",
+        highlight=False,
+        markup=False,
+    )
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    """``report RUN_DIR``: exports, markdown report and plots per model, from the journal."""
+    write_report(
+        args.run_dir,
+        console,
+        out=args.out,
+        overrides=_overrides(args),
+        metric=args.metric,
+        plots=not args.no_plots,
+    )
+    return 0
+
+
+def write_report(
+    run_dir: Path,
+    console: Console,
+    *,
+    out: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    metric: str | None = None,
+    plots: bool = True,
+) -> Path:
+    """Write a run directory's exports, markdown report and plots; return the folder.
+
+    Raises:
+        AnalysisError: the run holds no judgement to analyse.
+    """
+    run = load_run(run_dir)
+    thresholds = with_overrides(run.relation, overrides or {})
+    analyses = analyse_run(run, thresholds, metric)
+    folder = out or run_dir / "report"
+    skipped = False
+    for model, analysis in analyses.items():
+        judgements = [j for j in run.judgements if j.model == model]
+        written = write_model_outputs(
+            analysis, judgements, run.metrics, folder / model, plots=plots
+        )
+        skipped |= written.plots_skipped
+        _print_written(console, analysis, written)
+    if len(analyses) > 1:
+        (folder / "comparison.md").write_text(
+            comparison_markdown(compare(analyses)), encoding="utf-8"
+        )
+    if skipped:
+        console.print(PLOTS_NOTE, highlight=False, markup=False)
+    return folder
+
+
+def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
+    """``analyze FILE --out DIR``: the same analysis on an upstream TRIG file."""
+    model: str = args.model or args.file.stem
+    data = read_upstream(
+        args.file,
+        model=model,
+        prompts=args.prompts,
+        metric=args.metric or "trigscore",
+        task=normalise_task(args.task),
+    )
+    metric = _pick_metric(data.metrics, args.metric, args.file)
+    thresholds = with_overrides(RelationSection(), _overrides(args))
+    chosen: list[Judgement] = [j for j in data.judgements if j.metric == metric]
+    analysis = analyse_judgements(chosen, thresholds).get((model, metric))
+    if analysis is None:
+        raise AnalysisError(f"{args.file}: no scores of metric {metric!r}")
+    written = write_model_outputs(
+        analysis, data.judgements, data.metrics, args.out, plots=not args.no_plots
+    )
+    console.print(f"read {args.file} as a TRIG {data.layout} file", highlight=False, markup=False)
+    _print_written(console, analysis, written)
+    if written.plots_skipped:
+        console.print(PLOTS_NOTE, highlight=False, markup=False)
+    return 0
+
+
+def compare_runs(
+    run_dirs: Sequence[Path],
+    overrides: dict[str, Any] | None = None,
+    metric: str | None = None,
+) -> Comparison:
+    """Compare every model of the given run directories.
+
+    Models are labelled by name, or ``<run dir name>/<model>`` when several run directories
+    are given. Thresholds are each run's own, with ``overrides`` applied.
+
+    Raises:
+        AnalysisError: fewer than two models in all.
+    """
+    analyses: dict[str, ModelAnalysis] = {}
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        thresholds = with_overrides(run.relation, overrides or {})
+        for model, analysis in analyse_run(run, thresholds, metric).items():
+            label = model if len(run_dirs) == 1 else f"{run_dir.name}/{model}"
+            if label in analyses:  # two run dirs of the same name
+                label = f"{run_dir}/{model}"
+            analyses[label] = analysis
+    if len(analyses) < 2:
+        raise AnalysisError(
+            f"nothing to compare: {len(analyses)} model(s) in {len(run_dirs)} run dir(s)"
+        )
+    return compare(analyses)
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    """``compare RUN_DIR...``: dimension means side by side and the DTM cells that differ."""
+    text = comparison_markdown(compare_runs(args.run_dirs, _overrides(args), args.metric))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+        console.print(f"comparison written to {args.out}", highlight=False, markup=False)
+    Console(soft_wrap=True).print(text, markup=False, highlight=False)
+    return 0

@@ -1,0 +1,256 @@
+"""Files in TRIG's own layouts (spec, section 6), and the judgements as parquet.
+
+TRIG-compatible, per model:
+
+* ``evaluation_result.json``: ``{data_id: {dimension: [{metric: score}, ...]}}``, metrics in
+  the given order. Only ``ok`` scores are written: a metric without one is left out of the
+  list, and a dimension without any is left out of the image.
+* ``formatted.json``: ``{pair: {data_id: [score_A, score_B]}}``, the complete images only.
+* ``relationship_codes.csv`` and ``result.json``: see :func:`relationship_codes_csv` and
+  :func:`result_document`.
+
+Ours: ``judgements.parquet``, every judgement as one row (``judge`` as a JSON string,
+``top_logprobs`` as a list of ``{token, logprob}``), read back by :func:`read_judgements_parquet`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal, TypeAlias
+
+import polars as pl
+
+from trig_stream.analysis.relations import ModelAnalysis, PairStats, negate_dominance
+from trig_stream.analysis.stats import RelationCode
+from trig_stream.dimensions import DIMENSION_NAMES, Dimension
+from trig_stream.records import JudgeFingerprint, Judgement
+
+EvaluationResult: TypeAlias = dict[str, dict[str, list[dict[str, float]]]]
+FormattedScores: TypeAlias = dict[str, dict[str, list[float]]]
+InsightType: TypeAlias = Literal["synergy", "bottleneck", "dominance", "tradeoff", "undefined"]
+
+INSIGHT_TYPES: Final[dict[RelationCode, InsightType]] = {
+    0: "synergy",
+    3: "bottleneck",
+    2: "dominance",
+    -2: "dominance",
+    1: "tradeoff",
+    -1: "undefined",
+}
+
+
+def evaluation_result(judgements: Iterable[Judgement], metrics: Sequence[str]) -> EvaluationResult:
+    """One model's ok scores in TRIG's evaluation-result layout (last judgement of a key wins).
+
+    Args:
+        judgements: the model's judgements, in journal order.
+        metrics: the metric names, in config order; other metrics are left out.
+    """
+    latest: dict[tuple[str, str, str], float | None] = {}
+    for judgement in judgements:
+        if judgement.metric in metrics:
+            key = (judgement.data_id, judgement.dimension, judgement.metric)
+            latest[key] = judgement.score if judgement.status == "ok" else None
+    order = {metric: index for index, metric in enumerate(metrics)}
+    result: dict[str, dict[str, list[tuple[int, str, float]]]] = {}
+    for (data_id, dimension, metric), score in latest.items():
+        if score is not None:
+            cells = result.setdefault(data_id, {}).setdefault(dimension, [])
+            cells.append((order[metric], metric, score))
+    return {
+        data_id: {dim: [{m: s} for _, m, s in sorted(cells)] for dim, cells in dims.items()}
+        for data_id, dims in result.items()
+    }
+
+
+def formatted_scores(analysis: ModelAnalysis) -> FormattedScores:
+    """The complete images of every pair as ``{pair: {data_id: [score_A, score_B]}}``."""
+    out: FormattedScores = {}
+    for stats in analysis.pairs:
+        points = analysis.points[stats.pair]
+        out[stats.pair] = {
+            data_id: [float(a), float(b)]
+            for data_id, a, b in zip(points.data_ids, points.x, points.y, strict=True)
+        }
+    return out
+
+
+def _fmt(value: float) -> str:
+    return "NULL" if math.isnan(value) else f"{value:.3f}"
+
+
+def relationship_codes_csv(analysis: ModelAnalysis) -> str:
+    """The DTM in TRIG's ``relationship_codes.csv`` layout.
+
+    Header ``,`` + the dimensions in alphabetical order; one row per dimension. The diagonal
+    holds the dimension's mean (``NULL`` without data), the upper triangle the relation code,
+    the lower triangle ``[m_row-m_col]``, the two dimensions' means within their pair, or
+    ``NULL`` when the pair has no data.
+    """
+    dims = analysis.dtm.dimensions
+    lines = [",".join(["", *dims])]
+    for i, row in enumerate(dims):
+        cells: list[str] = [row]
+        for j, column in enumerate(dims):
+            if i == j:
+                cells.append(_fmt(analysis.dimension_means.get(row, math.nan)))
+            elif i < j:
+                cells.append(str(analysis.dtm.codes[i][j]))
+            else:
+                cells.append(_lower_cell(analysis, row, column))
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _lower_cell(analysis: ModelAnalysis, row: Dimension, column: Dimension) -> str:
+    stats = analysis.present(column, row)
+    if stats is None:
+        return "NULL"
+    mean_of = {stats.first: stats.mean_first, stats.second: stats.mean_second}
+    return f"[{_fmt(mean_of[row])}-{_fmt(mean_of[column])}]"
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def insight(analysis: ModelAnalysis, first: Dimension, second: Dimension) -> dict[str, Any]:
+    """One English insight about two dimensions (``first`` < ``second``), from the DTM."""
+    code = analysis.dtm.code(first, second)
+    assert code is not None, "an insight needs two different dimensions"
+    kind = INSIGHT_TYPES[code]
+    stats = analysis.present(first, second)
+    a, b = DIMENSION_NAMES[first], DIMENSION_NAMES[second]
+    t = analysis.thresholds
+    if stats is None:
+        text = f"No image was scored on both {first} ({a}) and {second} ({b}): nothing to say."
+    elif kind == "synergy":
+        text = (
+            f"{first} ({a}) and {second} ({b}) go together: {stats.synergy_density:.0%} of the "
+            f"images score above {t.synergy:g} on both."
+        )
+    elif kind == "bottleneck":
+        text = (
+            f"{first} ({a}) and {second} ({b}) hold each other back: "
+            f"{stats.bottleneck_density:.0%} of the images score below {t.bottleneck:g} on both."
+        )
+    elif kind == "dominance":
+        winner = second if code == -2 else first
+        text = (
+            f"In the trade-off zone one side wins: the images favour {winner} "
+            f"({DIMENSION_NAMES[winner]}), {max(stats.above or 0, stats.below or 0)} of "
+            f"{stats.tradeoff_points} falling on its side of the fitted line."
+        )
+    elif kind == "tradeoff":
+        text = (
+            f"{first} ({a}) and {second} ({b}) trade off: their {t.correlation} is "
+            f"{stats.correlation:.3f}, below {t.tradeoff_corr:g}, over {stats.n} images."
+        )
+    else:
+        text = (
+            f"{first} ({a}) and {second} ({b}) show no clear relation over {stats.n} images "
+            f"({t.correlation} {stats.correlation:.3f})."
+        )
+    return {"type": kind, "dimensions": [first, second], "code": code, "description": text}
+
+
+def result_document(analysis: ModelAnalysis) -> dict[str, Any]:
+    """TRIG's ``result.json``: pair names, correlations, codes (both orders) and insights.
+
+    ``relationship_codes`` holds each pair's code under ``A_B`` and, unless ``B_A`` is a pair
+    of its own, the same code seen from the other side under ``B_A`` (±2 negated, as in the
+    DTM). Undefined correlations are written as ``null``.
+    """
+    pairs = analysis.pairs
+    size = len(pairs)
+    matrix: list[list[float | None]] = [[0.0] * size for _ in range(size)]
+    codes: dict[str, int] = {stats.pair: stats.code for stats in pairs}
+    for index, stats in enumerate(pairs):
+        matrix[index][index] = _json_number(stats.correlation)
+        codes.setdefault(f"{stats.second}_{stats.first}", negate_dominance(stats.code))
+    dims = analysis.dtm.dimensions
+    return {
+        "metrics": [stats.pair for stats in pairs],
+        "correlation_matrix": matrix,
+        "quadrant_analysis": {},
+        "relationship_codes": codes,
+        "insights": [
+            insight(analysis, dims[i], dims[j])
+            for i in range(len(dims))
+            for j in range(i + 1, len(dims))
+        ],
+    }
+
+
+def write_json(path: Path, document: object) -> None:
+    """Write a JSON document (UTF-8, indented, strict: NaN is refused)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+_PARQUET_SCHEMA: Final[dict[str, pl.DataType]] = {
+    "schema_version": pl.Int64(),
+    "model": pl.String(),
+    "data_id": pl.String(),
+    "task": pl.String(),
+    "pair": pl.String(),
+    "dimension": pl.String(),
+    "metric": pl.String(),
+    "judge": pl.String(),
+    "status": pl.String(),
+    "score": pl.Float64(),
+    "top_logprobs": pl.List(pl.Struct({"token": pl.String(), "logprob": pl.Float64()})),
+    "image": pl.String(),
+    "seed": pl.Int64(),
+    "latency_s": pl.Float64(),
+    "attempts": pl.Int64(),
+    "error": pl.String(),
+    "error_stage": pl.String(),
+    "created_at": pl.Float64(),
+}
+
+
+def _row(judgement: Judgement) -> dict[str, Any]:
+    row = judgement.model_dump(mode="json")
+    row["judge"] = judgement.judge.model_dump_json()
+    if judgement.top_logprobs is not None:
+        row["top_logprobs"] = [{"token": t, "logprob": lp} for t, lp in judgement.top_logprobs]
+    return row
+
+
+def write_judgements_parquet(judgements: Iterable[Judgement], path: Path) -> int:
+    """Write judgements as parquet, one row each; return how many were written."""
+    frame = pl.DataFrame([_row(j) for j in judgements], schema=_PARQUET_SCHEMA, orient="row")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(path)
+    return frame.height
+
+
+def read_judgements_parquet(path: Path) -> list[Judgement]:
+    """Read back what :func:`write_judgements_parquet` wrote."""
+    out = []
+    for row in pl.read_parquet(path).iter_rows(named=True):
+        row["judge"] = JudgeFingerprint.model_validate_json(row["judge"])
+        if row["top_logprobs"] is not None:
+            row["top_logprobs"] = [(c["token"], c["logprob"]) for c in row["top_logprobs"]]
+        out.append(Judgement.model_validate(row))
+    return out
+
+
+def pair_row(stats: PairStats) -> list[str]:
+    """A pair's statistics as table cells (used by the markdown report and the console)."""
+    ci = "–" if math.isnan(stats.ci_low) else f"[{stats.ci_low:.3f}, {stats.ci_high:.3f}]"
+    corr = "NaN" if math.isnan(stats.correlation) else f"{stats.correlation:.3f}"
+    return [
+        stats.pair,
+        str(stats.n),
+        str(stats.excluded),
+        corr,
+        ci,
+        f"{stats.synergy_density:.3f}",
+        f"{stats.bottleneck_density:.3f}",
+        str(stats.code),
+    ]

@@ -1,0 +1,249 @@
+"""Where analyses get their judgements: a run directory, or upstream TRIG files.
+
+Upstream files are turned into :class:`~trig_stream.records.Judgement` records, so one code
+path analyses and exports everything. Two layouts are read (spec, section 6):
+
+* an evaluation result, ``{data_id: {dimension: [{metric: score}, ...]}}``; each image's pair
+  comes from a prompt file when one is given, else from its ``data_id``;
+* a "formatted" relation input, ``{pair: {data_id: [score_A, score_B]}}``.
+
+A ``null`` score becomes an ``unscorable`` judgement: no score is ever made up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from pydantic import ValidationError
+
+from trig_stream.analysis.relations import AnalysisError
+from trig_stream.config import RelationSection
+from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
+from trig_stream.errors import RunDirError
+from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.store import JOURNAL, Manifest, read_journal, read_manifest
+
+__all__ = [
+    "AnalysisError",
+    "RunData",
+    "UpstreamData",
+    "load_run",
+    "read_prompt_pairs",
+    "read_upstream",
+    "with_overrides",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RunData:
+    """A run directory's judgements with what its manifest says about them."""
+
+    path: Path
+    manifest: Manifest
+    judgements: list[Judgement]
+    metrics: list[str]
+    """Metric names: the config's judges in order, then any others found in the journal."""
+    relation: RelationSection
+    """The thresholds of the run's config, or TRIG's defaults."""
+
+
+def load_run(run_dir: Path) -> RunData:
+    """Read a run directory's manifest and whole journal (every line, in order).
+
+    Raises:
+        RunDirError: it is not a run directory.
+    """
+    manifest = read_manifest(run_dir)
+    judgements = list(read_journal(run_dir / JOURNAL))
+    judges = manifest.config.get("judges") or []
+    metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
+    for judgement in judgements:
+        if judgement.metric not in metrics:
+            metrics.append(judgement.metric)
+    try:
+        relation = RelationSection.model_validate(manifest.config.get("relation") or {})
+    except ValidationError as exc:
+        raise RunDirError(f"{run_dir}: the stored [relation] section is invalid: {exc}") from None
+    return RunData(run_dir, manifest, judgements, metrics, relation)
+
+
+def with_overrides(base: RelationSection, overrides: Mapping[str, object]) -> RelationSection:
+    """``base`` with the given thresholds replaced (None values are ignored), validated.
+
+    Raises:
+        AnalysisError: a value is out of range.
+    """
+    values = base.model_dump()
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return RelationSection.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise AnalysisError(f"invalid thresholds: {problems}") from None
+
+
+def read_prompt_pairs(path: Path) -> dict[str, tuple[Dimension, Dimension]]:
+    """The pair of each ``data_id`` in a TRIG prompt file (legacy JSON list or parquet).
+
+    Raises:
+        AnalysisError: the file cannot be read or a record has no usable pair.
+    """
+    try:
+        if path.suffix == ".parquet":
+            records: list[Any] = pl.read_parquet(path, columns=["data_id", "dimensions"]).to_dicts()
+        else:
+            records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+        raise AnalysisError(f"{path}: cannot read the prompt file: {exc}") from None
+    if not isinstance(records, list):
+        raise AnalysisError(f"{path}: a prompt file holds a list of records")
+    pairs: dict[str, tuple[Dimension, Dimension]] = {}
+    for index, record in enumerate(records):
+        try:
+            data_id = str(record["data_id"])
+            dims = record.get("dimensions") or record.get("dimension")
+            pairs[data_id] = split_pair("_".join(dims)) if dims else pair_from_data_id(data_id)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise AnalysisError(f"{path}: record {index} has no usable pair: {exc}") from None
+    return pairs
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamData:
+    """Judgements rebuilt from an upstream file, with the metric names it holds in order."""
+
+    judgements: list[Judgement]
+    metrics: list[str]
+    layout: str
+    """``evaluation`` or ``formatted``."""
+
+
+def read_upstream(
+    path: Path,
+    *,
+    model: str,
+    prompts: Path | None = None,
+    metric: str = "trigscore",
+    task: Task = "t2i",
+) -> UpstreamData:
+    """Read a TRIG evaluation result or formatted JSON file as judgements of ``model``.
+
+    Args:
+        path: the file.
+        model: the model name the judgements get.
+        prompts: a prompt file giving each data_id's pair (evaluation results only).
+        metric: the metric name of a formatted file's scores (it names none).
+        task: the TRIG task the judgements get.
+
+    Raises:
+        AnalysisError: the file cannot be read, its layout is neither, or a value is invalid.
+    """
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AnalysisError(f"{path}: cannot read JSON: {exc}") from None
+    if not isinstance(document, dict) or not document:
+        raise AnalysisError(f"{path}: expected a non-empty JSON object")
+    judge = JudgeFingerprint(backend="upstream-file", model=path.name)
+    first_value = next(iter(document.values()))
+    sample = next(iter(first_value.values()), None) if isinstance(first_value, dict) else None
+    try:
+        if isinstance(sample, list) and _is_pair(next(iter(document))):
+            return UpstreamData(
+                _from_formatted(document, model, metric, task, judge), [metric], "formatted"
+            )
+        if isinstance(sample, list):
+            pairs = read_prompt_pairs(prompts) if prompts else None
+            judgements, metrics = _from_evaluation(document, model, pairs, task, judge)
+            return UpstreamData(judgements, metrics, "evaluation")
+    except ValidationError as exc:
+        raise AnalysisError(f"{path}: invalid value: {exc.errors()[0]['msg']}") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise AnalysisError(f"{path}: {exc}") from None
+    raise AnalysisError(
+        f"{path}: neither a TRIG evaluation result ({{data_id: {{dim: [{{metric: score}}]}}}})"
+        " nor a formatted file ({pair: {data_id: [score_A, score_B]}})"
+    )
+
+
+def _is_pair(text: str) -> bool:
+    try:
+        split_pair(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _judgement(
+    model: str,
+    data_id: str,
+    task: Task,
+    pair: str,
+    dim: str,
+    metric: str,
+    score: object,
+    judge: JudgeFingerprint,
+) -> Judgement:
+    if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)):
+        raise ValueError(f"{data_id} {dim}: score {score!r} is not a number")
+    return Judgement.model_validate(
+        {
+            "model": model,
+            "data_id": data_id,
+            "task": task,
+            "pair": pair,
+            "dimension": dim,
+            "metric": metric,
+            "judge": judge,
+            "status": "ok" if score is not None else "unscorable",
+            "score": None if score is None else float(score),
+            "created_at": 0.0,
+        }
+    )
+
+
+def _from_formatted(
+    document: dict[str, Any], model: str, metric: str, task: Task, judge: JudgeFingerprint
+) -> list[Judgement]:
+    out = []
+    for pair, images in document.items():
+        first, second = split_pair(pair)
+        if not isinstance(images, dict):
+            raise ValueError(f"pair {pair}: expected {{data_id: [score_A, score_B]}}")
+        for data_id, scores in images.items():
+            if not isinstance(scores, list) or len(scores) != 2:
+                raise ValueError(f"{pair} {data_id}: expected two scores, got {scores!r}")
+            for dim, score in zip((first, second), scores, strict=True):
+                out.append(_judgement(model, data_id, task, pair, dim, metric, score, judge))
+    return out
+
+
+def _from_evaluation(
+    document: dict[str, Any],
+    model: str,
+    pairs: dict[str, tuple[Dimension, Dimension]] | None,
+    task: Task,
+    judge: JudgeFingerprint,
+) -> tuple[list[Judgement], list[str]]:
+    out: list[Judgement] = []
+    metrics: list[str] = []
+    for data_id, dims in document.items():
+        if pairs is not None and data_id not in pairs:
+            raise ValueError(f"data_id {data_id} is not in the prompt file")
+        pair = pair_name(*(pairs[data_id] if pairs is not None else pair_from_data_id(data_id)))
+        if not isinstance(dims, dict):
+            raise ValueError(f"{data_id}: expected {{dimension: [{{metric: score}}, ...]}}")
+        for dim, cells in dims.items():
+            for cell in cells:
+                if not isinstance(cell, dict):
+                    raise ValueError(f"{data_id} {dim}: expected {{metric: score}}, got {cell!r}")
+                for metric, score in cell.items():
+                    if metric not in metrics:
+                        metrics.append(metric)
+                    out.append(_judgement(model, data_id, task, pair, dim, metric, score, judge))
+    return out, metrics

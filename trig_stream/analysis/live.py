@@ -1,0 +1,186 @@
+"""The relation analysis kept up to date while a run streams judgements in.
+
+:meth:`RelationTracker.add` costs the same whatever has been added before: two dictionary
+look-ups and one store into a growable array (capacity doubles, so appends are amortised
+O(1)). Re-judging a key overwrites its slot, so the last judgement of a key wins, as in the
+journal. :meth:`RelationTracker.snapshot` runs the same :func:`analyse_model` as the batch
+path over the arrays, so a snapshot always equals a from-scratch analysis of the same
+judgements (a test checks it at random points of a stream).
+
+The engine calls :meth:`~RelationTracker.add` from its event loop for every durable judgement;
+the TUI or a reporter calls :meth:`~RelationTracker.snapshot` when it wants to draw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Final
+
+import numpy as np
+
+from trig_stream.analysis.relations import (
+    DTM,
+    AnalysisKey,
+    ModelAnalysis,
+    PairColumns,
+    analyse_model,
+)
+from trig_stream.config import RelationSection
+from trig_stream.dimensions import split_pair
+from trig_stream.records import Judgement
+
+INITIAL_CAPACITY: Final = 256
+"""Slots per pair before the first doubling (a TRIG pair holds 300 images)."""
+
+
+class _PairBuffer:
+    """One pair's growing columns; slot ``i`` is the image ``data_ids[i]``."""
+
+    __slots__ = ("data_ids", "first", "pair", "second", "size", "slot_of", "x", "y")
+
+    def __init__(self, pair: str) -> None:
+        self.pair = pair
+        self.first, self.second = split_pair(pair)
+        self.data_ids: list[str] = []
+        self.slot_of: dict[str, int] = {}
+        self.x = np.full(INITIAL_CAPACITY, math.nan)
+        self.y = np.full(INITIAL_CAPACITY, math.nan)
+        self.size = 0
+
+    def slot(self, data_id: str) -> int:
+        slot = self.slot_of.get(data_id)
+        if slot is None:
+            slot = self.size
+            if slot == self.x.shape[0]:
+                self.x = _grown(self.x)
+                self.y = _grown(self.y)
+            self.slot_of[data_id] = slot
+            self.data_ids.append(data_id)
+            self.size = slot + 1
+        return slot
+
+    def columns(self) -> PairColumns:
+        # Copies: the analysis must not change if judgements keep arriving while it is read.
+        size = self.size
+        return PairColumns(
+            self.pair,
+            self.first,
+            self.second,
+            self.data_ids,
+            self.x[:size].copy(),
+            self.y[:size].copy(),
+        )
+
+
+def _grown(values: np.ndarray) -> np.ndarray:
+    grown = np.full(values.shape[0] * 2, math.nan)
+    grown[: values.shape[0]] = values
+    return grown
+
+
+class RelationTracker:
+    """A live relation analysis per (model, metric), fed one judgement at a time.
+
+    Args:
+        thresholds: the relation thresholds (TRIG's defaults when omitted); they are applied
+            at snapshot time, so :attr:`thresholds` may be replaced between snapshots.
+        metric: track only judgements of this metric; all metrics (separately) when None.
+
+    Example:
+        >>> tracker = RelationTracker()
+        >>> for judgement in judgements:  # doctest: +SKIP
+        ...     tracker.add(judgement)
+        >>> tracker.dtm("flux").code("IQ-R", "TA-C")  # doctest: +SKIP
+    """
+
+    def __init__(self, thresholds: RelationSection | None = None, *, metric: str | None = None):
+        self.thresholds = thresholds or RelationSection()
+        self.metric = metric
+        self._buffers: dict[tuple[str, str, str], _PairBuffer] = {}
+        self._groups: dict[AnalysisKey, list[_PairBuffer]] = {}
+        self.added = 0
+        """Judgements taken into account."""
+        self.ignored = 0
+        """Judgements of another metric, or whose dimension is not in their pair."""
+
+    def add(self, judgement: Judgement) -> None:
+        """Take one judgement into account; a later one of the same key replaces it.
+
+        Raises:
+            ValueError: the judgement's ``pair`` is not of the form ``A_B`` (only checked the
+                first time a pair is seen).
+        """
+        if self.metric is not None and judgement.metric != self.metric:
+            self.ignored += 1
+            return
+        buffer_key = (judgement.model, judgement.metric, judgement.pair)
+        buffer = self._buffers.get(buffer_key)
+        dimension = judgement.dimension
+        if buffer is None:
+            if dimension not in split_pair(judgement.pair):
+                self.ignored += 1
+                return
+            buffer = self._new_buffer(buffer_key)
+        if dimension == buffer.first:
+            on_x = True
+        elif dimension == buffer.second:
+            on_x = False
+        else:
+            self.ignored += 1
+            return
+        slot = buffer.slot(judgement.data_id)
+        score = judgement.score
+        value = score if judgement.status == "ok" and score is not None else math.nan
+        # Index the buffer's arrays only now: finding the slot may have grown them.
+        if on_x:
+            buffer.x[slot] = value
+        else:
+            buffer.y[slot] = value
+        self.added += 1
+
+    def extend(self, judgements: Iterable[Judgement]) -> None:
+        """:meth:`add` every judgement, in order."""
+        for judgement in judgements:
+            self.add(judgement)
+
+    def groups(self) -> list[AnalysisKey]:
+        """The (model, metric) groups seen so far, in order of appearance."""
+        return list(self._groups)
+
+    def analysis(self, model: str, metric: str | None = None) -> ModelAnalysis:
+        """The full analysis of one model now (``metric`` may be omitted when it has one).
+
+        Raises:
+            KeyError: no judgement of that model (and metric) was added.
+        """
+        key = self._key(model, metric)
+        return analyse_model(
+            key[0], key[1], [b.columns() for b in self._groups[key]], self.thresholds
+        )
+
+    def dtm(self, model: str, metric: str | None = None) -> DTM:
+        """The DTM of one model now; see :meth:`analysis`."""
+        return self.analysis(model, metric).dtm
+
+    def snapshot(self) -> dict[AnalysisKey, ModelAnalysis]:
+        """The full analysis of every (model, metric) seen so far."""
+        return {key: self.analysis(*key) for key in self._groups}
+
+    def _new_buffer(self, key: tuple[str, str, str]) -> _PairBuffer:
+        buffer = _PairBuffer(key[2])
+        self._buffers[key] = buffer
+        self._groups.setdefault((key[0], key[1]), []).append(buffer)
+        return buffer
+
+    def _key(self, model: str, metric: str | None) -> AnalysisKey:
+        if metric is not None:
+            return (model, metric)
+        metrics = [m for (name, m) in self._groups if name == model]
+        if len(metrics) != 1:
+            raise KeyError(
+                f"model {model!r} has {len(metrics)} metrics here; name one of {metrics}"
+                if metrics
+                else f"no judgement of model {model!r} was added"
+            )
+        return (model, metrics[0])

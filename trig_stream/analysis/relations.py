@@ -1,0 +1,337 @@
+"""The relation analysis of one model: pair statistics, dimension means and the DTM.
+
+Input is a model's scores arranged per pair as two aligned columns (:class:`PairColumns`), one
+slot per image, NaN where the image has no ``ok`` score on that dimension. The batch path
+(:func:`analyse_judgements`) builds the columns from a list of judgements; the live path
+(:class:`trig_stream.analysis.live.RelationTracker`) keeps them growing as judgements arrive.
+Both hand them to :func:`analyse_model`, so a live snapshot equals a batch analysis of the same
+judgements.
+
+Conventions beyond the spec:
+
+* An image of a pair that lacks one (or both) of its two ``ok`` scores is left out of the
+  pair's correlation, zones and code; :attr:`PairStats.excluded` counts such images.
+* Dimension means and pair means use every ``ok`` score, excluded images included.
+* A pair without a single complete image counts as absent: its code is -1, and the DTM looks
+  for the reversed pair instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import numpy as np
+
+from trig_stream.analysis.stats import (
+    MIN_TRADEOFF_POINTS,
+    FloatArray,
+    RelationCode,
+    correlation,
+    dominance,
+    fisher_interval,
+    relation_code,
+    zones,
+)
+from trig_stream.config import RelationSection
+from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension, split_pair
+from trig_stream.errors import TrigStreamError
+from trig_stream.records import SCHEMA_VERSION, Judgement
+
+AnalysisKey: TypeAlias = tuple[str, str]
+"""(model, metric): what one relation analysis covers."""
+
+
+class AnalysisError(TrigStreamError):
+    """An analysis input cannot be used (unknown layout, bad scores, nothing to analyse)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PairColumns:
+    """One pair's scores: slot ``i`` is the image ``data_ids[i]``; NaN means no ok score.
+
+    ``data_ids`` may be longer than the columns (the live tracker shares its growing list);
+    only its first ``len(x)`` entries belong to these columns.
+    """
+
+    pair: str
+    first: Dimension
+    second: Dimension
+    data_ids: Sequence[str]
+    x: FloatArray
+    y: FloatArray
+
+
+@dataclass(frozen=True, slots=True)
+class PairPoints:
+    """The complete points of a pair: the images that have both ok scores."""
+
+    x: FloatArray
+    y: FloatArray
+    slots: np.ndarray
+    all_ids: Sequence[str] = field(repr=False)
+
+    @property
+    def data_ids(self) -> list[str]:
+        """The data_id of each point, aligned with ``x`` and ``y``."""
+        return [self.all_ids[int(i)] for i in self.slots]
+
+
+@dataclass(frozen=True, slots=True)
+class PairStats:
+    """Everything TRIG derives from one pair ``first_second``."""
+
+    pair: str
+    first: Dimension
+    second: Dimension
+    n: int
+    """Images with both ok scores: the points analysed."""
+    excluded: int
+    """Images of the pair left out because one or both ok scores are missing."""
+    correlation: float
+    ci_low: float
+    ci_high: float
+    """A 95 % interval for the correlation (Fisher z; NaN for paretoF or n < 4)."""
+    synergy_density: float
+    bottleneck_density: float
+    tradeoff_points: int
+    above: int | None
+    below: int | None
+    """The trade-off zone's split around its fitted line (None below 10 points)."""
+    code: RelationCode
+    mean_first: float
+    mean_second: float
+    """Each dimension's mean over the pair's ok scores (NaN when none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DTM:
+    """The Dimension Trade-off Map: relation codes between dimensions in alphabetical order.
+
+    ``codes[i][j]`` relates ``dimensions[i]`` (row) to ``dimensions[j]`` (column); the
+    diagonal is None. The lower triangle mirrors the upper one with ±2 negated.
+    """
+
+    dimensions: tuple[Dimension, ...]
+    codes: tuple[tuple[RelationCode | None, ...], ...]
+
+    def code(self, row: Dimension, column: Dimension) -> RelationCode | None:
+        """The code of ``row`` against ``column`` (None on the diagonal)."""
+        return self.codes[self.dimensions.index(row)][self.dimensions.index(column)]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAnalysis:
+    """The relation analysis of one model's scores under one metric."""
+
+    model: str
+    metric: str
+    thresholds: RelationSection
+    pairs: tuple[PairStats, ...]
+    """One entry per pair, in the order the pairs first appeared."""
+    dimension_means: dict[Dimension, float]
+    """Mean of every ok score of a dimension, over all pairs holding it (dims with data)."""
+    dimension_counts: dict[Dimension, int]
+    dtm: DTM
+    points: dict[str, PairPoints] = field(compare=False, repr=False)
+    schema_version: int = SCHEMA_VERSION
+
+    def pair(self, name: str) -> PairStats | None:
+        """The statistics of pair ``name`` as written in the records, if any."""
+        for stats in self.pairs:
+            if stats.pair == name:
+                return stats
+        return None
+
+    def present(self, first: Dimension, second: Dimension) -> PairStats | None:
+        """The pair ``first_second`` if it has data, else ``second_first`` if that has."""
+        for name in (f"{first}_{second}", f"{second}_{first}"):
+            stats = self.pair(name)
+            if stats is not None and stats.n > 0:
+                return stats
+        return None
+
+    @property
+    def excluded(self) -> int:
+        """Images left out of their pair's correlation, over all pairs."""
+        return sum(stats.excluded for stats in self.pairs)
+
+
+def negate_dominance(code: RelationCode) -> RelationCode:
+    """The code seen from the reversed pair: dominance (±2) flips, the rest stays."""
+    if code == 2:
+        return -2
+    if code == -2:
+        return 2
+    return code
+
+
+def _mean(values: FloatArray) -> float:
+    return float(values.mean()) if values.shape[0] else math.nan
+
+
+def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[PairStats, PairPoints]:
+    """Compute a pair's statistics and relation code from its columns."""
+    x_all, y_all = columns.x, columns.y
+    has_x = ~np.isnan(x_all)
+    has_y = ~np.isnan(y_all)
+    complete = has_x & has_y
+    slots = np.flatnonzero(complete)
+    x, y = x_all[slots], y_all[slots]
+    n = int(slots.shape[0])
+    points = PairPoints(x=x, y=y, slots=slots, all_ids=columns.data_ids)
+    mean_first, mean_second = _mean(x_all[has_x]), _mean(y_all[has_y])
+    method = thresholds.correlation
+    if n == 0:
+        corr, (low, high) = math.nan, (math.nan, math.nan)
+        split, tradeoff_points = None, 0
+        code: RelationCode = -1
+        synergy_density = bottleneck_density = 0.0
+    else:
+        corr = correlation(method, x, y)
+        low, high = fisher_interval(method, corr, n)
+        zone = zones(x, y, thresholds.synergy, thresholds.bottleneck)
+        synergy_density, bottleneck_density = zone.synergy_density, zone.bottleneck_density
+        tradeoff_points = int(np.count_nonzero(zone.tradeoff_mask))
+        split = None
+        if tradeoff_points >= MIN_TRADEOFF_POINTS:
+            split = dominance(x[zone.tradeoff_mask], y[zone.tradeoff_mask])
+        code = relation_code(
+            synergy_density=synergy_density,
+            bottleneck_density=bottleneck_density,
+            dominance=split,
+            correlation=corr,
+            synergy_density_min=thresholds.synergy_density,
+            bottleneck_density_min=thresholds.bottleneck_density,
+            dominance_ratio=thresholds.dominance_ratio,
+            tradeoff_corr=thresholds.tradeoff_corr,
+        )
+    stats = PairStats(
+        pair=columns.pair,
+        first=columns.first,
+        second=columns.second,
+        n=n,
+        excluded=int(x_all.shape[0]) - n,
+        correlation=corr,
+        ci_low=low,
+        ci_high=high,
+        synergy_density=synergy_density,
+        bottleneck_density=bottleneck_density,
+        tradeoff_points=tradeoff_points,
+        above=None if split is None else split.above,
+        below=None if split is None else split.below,
+        code=code,
+        mean_first=mean_first,
+        mean_second=mean_second,
+    )
+    return stats, points
+
+
+def build_dtm(pairs: Iterable[PairStats]) -> DTM:
+    """The DTM over all ten dimensions in alphabetical order (TRIG spec, section 5).
+
+    For row ``a`` < column ``b``: the code of ``a_b`` if it has data, else that of ``b_a`` with
+    ±2 negated, else -1. The lower triangle mirrors the upper one with ±2 negated.
+    """
+    by_name = {stats.pair: stats.code for stats in pairs if stats.n > 0}
+    dims = SORTED_DIMENSIONS
+    size = len(dims)
+    grid: list[list[RelationCode | None]] = [[None] * size for _ in range(size)]
+    for i in range(size):
+        for j in range(i + 1, size):
+            a, b = dims[i], dims[j]
+            upper: RelationCode
+            if f"{a}_{b}" in by_name:
+                upper = by_name[f"{a}_{b}"]
+            elif f"{b}_{a}" in by_name:
+                upper = negate_dominance(by_name[f"{b}_{a}"])
+            else:
+                upper = -1
+            grid[i][j] = upper
+            grid[j][i] = negate_dominance(upper)
+    return DTM(dimensions=dims, codes=tuple(tuple(row) for row in grid))
+
+
+def analyse_model(
+    model: str, metric: str, columns: Iterable[PairColumns], thresholds: RelationSection
+) -> ModelAnalysis:
+    """Analyse every pair of one model and assemble means and the DTM."""
+    pair_stats: list[PairStats] = []
+    points: dict[str, PairPoints] = {}
+    sums: dict[Dimension, float] = {}
+    counts: dict[Dimension, int] = {}
+    for column in columns:
+        stats, pair_points = analyse_pair(column, thresholds)
+        pair_stats.append(stats)
+        points[column.pair] = pair_points
+        for dimension, values in ((column.first, column.x), (column.second, column.y)):
+            present = values[~np.isnan(values)]
+            if present.shape[0]:
+                sums[dimension] = sums.get(dimension, 0.0) + float(present.sum())
+                counts[dimension] = counts.get(dimension, 0) + int(present.shape[0])
+    means = {dim: sums[dim] / counts[dim] for dim in SORTED_DIMENSIONS if dim in counts}
+    return ModelAnalysis(
+        model=model,
+        metric=metric,
+        thresholds=thresholds,
+        pairs=tuple(pair_stats),
+        dimension_means=means,
+        dimension_counts={dim: counts[dim] for dim in means},
+        dtm=build_dtm(pair_stats),
+        points=points,
+    )
+
+
+def columns_from_judgements(
+    judgements: Iterable[Judgement],
+) -> dict[AnalysisKey, list[PairColumns]]:
+    """Arrange judgements into pair columns per (model, metric); the last of a key wins.
+
+    Pairs keep the order they first appear in, and images within a pair too. A judgement
+    whose dimension is not one of its pair's two is ignored.
+    """
+    latest: dict[tuple[str, str, str, str, str], Judgement] = {}
+    for judgement in judgements:
+        first, second = split_pair(judgement.pair)
+        if judgement.dimension in (first, second):
+            key = (
+                judgement.model,
+                judgement.metric,
+                judgement.pair,
+                judgement.data_id,
+                judgement.dimension,
+            )
+            latest[key] = judgement
+    cells: dict[AnalysisKey, dict[str, dict[str, list[float]]]] = {}
+    for (model, metric, pair, data_id, _), judgement in latest.items():
+        slot = cells.setdefault((model, metric), {}).setdefault(pair, {})
+        values = slot.setdefault(data_id, [math.nan, math.nan])
+        first, _second = split_pair(pair)
+        score = (
+            judgement.score if judgement.status == "ok" and judgement.score is not None else None
+        )
+        values[0 if judgement.dimension == first else 1] = math.nan if score is None else score
+    result: dict[AnalysisKey, list[PairColumns]] = {}
+    for group, pairs in cells.items():
+        for pair, images in pairs.items():
+            first, second = split_pair(pair)
+            table = np.array(list(images.values()), dtype=np.float64).reshape(-1, 2)
+            result.setdefault(group, []).append(
+                PairColumns(
+                    pair, first, second, list(images), table[:, 0].copy(), table[:, 1].copy()
+                )
+            )
+    return result
+
+
+def analyse_judgements(
+    judgements: Iterable[Judgement], thresholds: RelationSection | None = None
+) -> dict[AnalysisKey, ModelAnalysis]:
+    """Analyse judgements from scratch: one :class:`ModelAnalysis` per (model, metric)."""
+    thresholds = thresholds or RelationSection()
+    return {
+        (model, metric): analyse_model(model, metric, columns, thresholds)
+        for (model, metric), columns in columns_from_judgements(judgements).items()
+    }

@@ -1,0 +1,146 @@
+"""The markdown report of one model, and writing every output of one model to a folder."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trig_stream.analysis.exports import (
+    evaluation_result,
+    formatted_scores,
+    pair_row,
+    relationship_codes_csv,
+    result_document,
+    write_json,
+    write_judgements_parquet,
+)
+from trig_stream.analysis.relations import ModelAnalysis
+from trig_stream.dimensions import DIMENSION_NAMES
+from trig_stream.records import Judgement
+
+PAIR_HEADER = ["pair", "N", "excluded", "corr", "95% CI", "synergy ρs", "bottleneck ρb", "code"]
+CODE_LEGEND = (
+    "Codes: 0 synergy, 3 bottleneck, -2 / 2 dominance (-2: the column dimension wins), "
+    "1 trade-off, -1 undefined or no data."
+)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.extend("| " + " | ".join(row) + " |" for row in rows)
+    return lines
+
+
+def markdown_report(analysis: ModelAnalysis) -> str:
+    """A readable report: thresholds, dimension means, the pair table and the DTM."""
+    t = analysis.thresholds
+    lines = [
+        f"# TRIG relation analysis: {analysis.model}",
+        "",
+        f"Metric `{analysis.metric}`; correlation `{t.correlation}`; zones: synergy > "
+        f"{t.synergy:g}, bottleneck < {t.bottleneck:g}; rules: ρs ≥ {t.synergy_density:g}, "
+        f"ρb ≥ {t.bottleneck_density:g}, dominance ratio > 1/{t.dominance_ratio:g}, "
+        f"trade-off corr < {t.tradeoff_corr:g}.",
+        "",
+        f"{sum(p.n for p in analysis.pairs)} complete images in {len(analysis.pairs)} pairs; "
+        f"{analysis.excluded} images left out because a score was missing.",
+        "",
+        "## Dimension means",
+        "",
+    ]
+    lines += _table(
+        ["dimension", "name", "mean", "scores"],
+        [
+            [dim, DIMENSION_NAMES[dim], f"{mean:.3f}", str(analysis.dimension_counts[dim])]
+            for dim, mean in analysis.dimension_means.items()
+        ],
+    )
+    lines += ["", "## Pairs", ""]
+    rows = []
+    for stats in analysis.pairs:
+        means = f"{_num(stats.mean_first)} / {_num(stats.mean_second)}"
+        rows.append([*pair_row(stats), means])
+    lines += _table([*PAIR_HEADER, "pair means"], rows)
+    lines += [
+        "",
+        "The interval is Fisher's z: atanh(r) ± 1.96·se, se = 1/√(N−3) for Pearson and "
+        "√(1.06/(N−3)) for Spearman; none for paretoF or N < 4.",
+        "",
+        "## Dimension Trade-off Map",
+        "",
+        CODE_LEGEND,
+        "",
+    ]
+    dims = analysis.dtm.dimensions
+    grid = []
+    for i, row in enumerate(dims):
+        cells: list[str] = [row]
+        for j in range(len(dims)):
+            code = analysis.dtm.codes[i][j]
+            cells.append(
+                _num(analysis.dimension_means.get(row, math.nan)) if code is None else str(code)
+            )
+        grid.append(cells)
+    lines += _table(["", *dims], grid)
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.3f}"
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenFiles:
+    """What :func:`write_model_outputs` wrote."""
+
+    folder: Path
+    files: list[Path] = field(default_factory=list)
+    plots_skipped: bool = False
+    """True when matplotlib is not installed, so no PNG was drawn."""
+
+
+def write_model_outputs(
+    analysis: ModelAnalysis,
+    judgements: Sequence[Judgement],
+    metrics: Sequence[str],
+    folder: Path,
+    *,
+    plots: bool = True,
+) -> WrittenFiles:
+    """Write one model's exports, report and (when matplotlib is there) plots into ``folder``.
+
+    Args:
+        analysis: the model's relation analysis.
+        judgements: the model's judgements (for the evaluation result and the parquet file).
+        metrics: the metric names in config order, for the evaluation result.
+        folder: created when missing.
+        plots: draw the PNGs when matplotlib is importable.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    written = WrittenFiles(folder)
+    documents: dict[str, object] = {
+        "evaluation_result.json": evaluation_result(judgements, metrics),
+        "formatted.json": formatted_scores(analysis),
+        "result.json": result_document(analysis),
+    }
+    for name, document in documents.items():
+        write_json(folder / name, document)
+        written.files.append(folder / name)
+    texts = {
+        "relationship_codes.csv": relationship_codes_csv(analysis),
+        "report.md": markdown_report(analysis),
+    }
+    for name, text in texts.items():
+        (folder / name).write_text(text, encoding="utf-8")
+        written.files.append(folder / name)
+    write_judgements_parquet(judgements, folder / "judgements.parquet")
+    written.files.append(folder / "judgements.parquet")
+    if plots:
+        from trig_stream.analysis.plots import matplotlib_available, write_plots
+
+        if not matplotlib_available():
+            return WrittenFiles(folder, written.files, plots_skipped=True)
+        written.files.extend(write_plots(analysis, folder / "plots"))
+    return written

@@ -1,0 +1,225 @@
+"""The numbers behind a relation code: correlations, zones, dominance, confidence intervals.
+
+Every function takes two aligned float arrays ``x`` and ``y`` (the scores of one pair's two
+dimensions over the images that have both) and is pure, so the batch analysis and the live
+tracker share them and always agree. Definitions follow TRIG (see the spec, section 5):
+
+* ``spearman_corr``: Pearson's correlation of the average ranks (ties share the mean of the
+  ranks they span); NaN when fewer than two points or either side is constant.
+* ``pearson_corr``: Pearson's correlation; 0 when either side is constant (or fewer than
+  two points).
+* ``paretoF``: the area under the non-dominated front (trapezoid rule over the front sorted by
+  X), divided by ``max(X) * max(Y)``; 0 with fewer than two front points.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray: TypeAlias = NDArray[np.float64]
+CorrelationMethod: TypeAlias = Literal["spearman_corr", "pearson_corr", "paretoF"]
+RelationCode: TypeAlias = Literal[-2, -1, 0, 1, 2, 3]
+"""0 synergy, 3 bottleneck, -2 / +2 dominance, 1 trade-off, -1 undefined."""
+
+MIN_TRADEOFF_POINTS: Final = 10
+"""Rule 3 (dominance) needs at least this many points in the trade-off zone."""
+CONFIDENCE: Final = 0.95
+Z_95: Final = 1.959963984540054
+"""The standard normal quantile of 0.975: a two-sided 95 % interval."""
+SPEARMAN_SE_FACTOR: Final = 1.06
+"""Fieller, Hartley and Pearson (1957): var(atanh(r_s)) ~ 1.06 / (n - 3)."""
+
+
+def average_ranks(values: FloatArray) -> FloatArray:
+    """Ranks from 1 to n, ties sharing the mean of the ranks they span."""
+    n = values.shape[0]
+    if n == 0:
+        return np.empty(0, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts_group = np.empty(n, dtype=bool)
+    starts_group[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts_group[1:])
+    starts = np.flatnonzero(starts_group)
+    sizes = np.diff(np.append(starts, n))
+    mean_rank = starts + (sizes + 1) / 2.0
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = np.repeat(mean_rank, sizes)
+    return ranks
+
+
+def _pearson_or_nan(x: FloatArray, y: FloatArray) -> float:
+    if x.shape[0] < 2:
+        return math.nan
+    dx = x - x.mean()
+    dy = y - y.mean()
+    sxx = float(dx @ dx)
+    syy = float(dy @ dy)
+    if sxx == 0.0 or syy == 0.0:
+        return math.nan
+    r = float(dx @ dy) / math.sqrt(sxx * syy)
+    return max(-1.0, min(1.0, r))
+
+
+def spearman_corr(x: FloatArray, y: FloatArray) -> float:
+    """Spearman's rank correlation; NaN when it is undefined (constant side, < 2 points)."""
+    return _pearson_or_nan(average_ranks(x), average_ranks(y))
+
+
+def pearson_corr(x: FloatArray, y: FloatArray) -> float:
+    """Pearson's correlation; 0 when either side is constant, as TRIG defines it."""
+    r = _pearson_or_nan(x, y)
+    return 0.0 if math.isnan(r) else r
+
+
+def pareto_front(x: FloatArray, y: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The distinct points no other point dominates (higher is better on both), by X ascending."""
+    if x.shape[0] == 0:
+        return x[:0], y[:0]
+    # Sweep from the largest X down (largest Y first among equal X): a point is on the front
+    # exactly when its Y beats every Y seen before it.
+    order = np.lexsort((-y, -x))
+    xs, ys = x[order], y[order]
+    best_before = np.maximum.accumulate(ys)
+    on_front = np.empty(xs.shape[0], dtype=bool)
+    on_front[0] = True
+    np.greater(ys[1:], best_before[:-1], out=on_front[1:])
+    return xs[on_front][::-1], ys[on_front][::-1]
+
+
+def pareto_f(x: FloatArray, y: FloatArray) -> float:
+    """Area under the Pareto front over ``max(X) * max(Y)``; 0 with fewer than 2 front points."""
+    front_x, front_y = pareto_front(x, y)
+    if front_x.shape[0] < 2:
+        return 0.0
+    scale = float(x.max()) * float(y.max())
+    if scale <= 0.0:
+        return 0.0
+    widths = np.diff(front_x)
+    heights = (front_y[1:] + front_y[:-1]) / 2.0
+    return float(widths @ heights) / scale
+
+
+def correlation(method: CorrelationMethod, x: FloatArray, y: FloatArray) -> float:
+    """The pair correlation TRIG's relation rules use, by method name."""
+    if method == "spearman_corr":
+        return spearman_corr(x, y)
+    if method == "pearson_corr":
+        return pearson_corr(x, y)
+    return pareto_f(x, y)
+
+
+def fisher_interval(method: CorrelationMethod, r: float, n: int) -> tuple[float, float]:
+    """A 95 % confidence interval for a correlation by Fisher's z transform.
+
+    ``atanh(r)`` is taken as normal with standard error ``1 / sqrt(n - 3)`` for Pearson and
+    ``sqrt(1.06 / (n - 3))`` for Spearman (Fieller, Hartley and Pearson, 1957), and the bounds
+    are mapped back with ``tanh``. The interval is (NaN, NaN) for ``paretoF`` (an area, not a
+    correlation), for a NaN correlation and below 4 points; it is (r, r) when ``|r| = 1``.
+    """
+    if method == "paretoF" or math.isnan(r) or n < 4:
+        return math.nan, math.nan
+    if abs(r) >= 1.0:
+        return r, r
+    factor = SPEARMAN_SE_FACTOR if method == "spearman_corr" else 1.0
+    half = Z_95 * math.sqrt(factor / (n - 3))
+    z = math.atanh(r)
+    return math.tanh(z - half), math.tanh(z + half)
+
+
+@dataclass(frozen=True, slots=True)
+class Zones:
+    """How a pair's points fall into TRIG's three zones."""
+
+    synergy_density: float
+    """Share of points with both scores above the synergy threshold."""
+    bottleneck_density: float
+    """Share of points with both scores below the bottleneck threshold."""
+    tradeoff_mask: NDArray[np.bool_]
+    """The points in neither zone."""
+
+
+def zones(x: FloatArray, y: FloatArray, synergy: float, bottleneck: float) -> Zones:
+    """Split points into the synergy, bottleneck and trade-off zones (densities are 0 if empty)."""
+    n = x.shape[0]
+    high = (x > synergy) & (y > synergy)
+    low = (x < bottleneck) & (y < bottleneck)
+    n_high = int(np.count_nonzero(high))
+    n_low = int(np.count_nonzero(low))
+    return Zones(
+        synergy_density=n_high / n if n else 0.0,
+        bottleneck_density=n_low / n if n else 0.0,
+        tradeoff_mask=~(high | low),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Dominance:
+    """Where the trade-off zone's points lie relative to their least-squares line Y ~ X."""
+
+    above: int
+    """Points with Y above the line."""
+    below: int
+    """Points with Y on or below the line."""
+
+    @property
+    def ratio(self) -> float:
+        """``max / min`` of the two counts; infinite when one side is empty."""
+        low = min(self.above, self.below)
+        return math.inf if low == 0 else max(self.above, self.below) / low
+
+
+def dominance(x: FloatArray, y: FloatArray) -> Dominance:
+    """Count points above and on-or-below the least-squares line of Y on X.
+
+    When every X is the same the line is undefined; it is then taken as the horizontal line
+    at the mean of Y.
+    """
+    mean_x = float(x.mean())
+    mean_y = float(y.mean())
+    dx = x - mean_x
+    sxx = float(dx @ dx)
+    slope = float(dx @ (y - mean_y)) / sxx if sxx > 0.0 else 0.0
+    fitted = mean_y + slope * dx
+    above = int(np.count_nonzero(y > fitted))
+    return Dominance(above=above, below=x.shape[0] - above)
+
+
+def relation_code(
+    *,
+    synergy_density: float,
+    bottleneck_density: float,
+    dominance: Dominance | None,
+    correlation: float,
+    synergy_density_min: float,
+    bottleneck_density_min: float,
+    dominance_ratio: float,
+    tradeoff_corr: float,
+) -> RelationCode:
+    """Apply TRIG's rules in order; the first that fires gives the code.
+
+    Args:
+        synergy_density: share of points in the synergy zone.
+        bottleneck_density: share of points in the bottleneck zone.
+        dominance: the trade-off zone's split around its fitted line, or None when that zone
+            holds fewer than :data:`MIN_TRADEOFF_POINTS` points (rule 3 is then skipped).
+        correlation: the pair correlation over all points (NaN never counts as small).
+        synergy_density_min: rule 1's threshold.
+        bottleneck_density_min: rule 2's threshold.
+        dominance_ratio: rule 3 fires when the split's ratio exceeds ``1 / dominance_ratio``.
+        tradeoff_corr: rule 4 fires when the correlation is below this.
+    """
+    if synergy_density >= synergy_density_min:
+        return 0
+    if bottleneck_density >= bottleneck_density_min:
+        return 3
+    if dominance is not None and dominance.ratio > 1.0 / dominance_ratio:
+        return -2 if dominance.above > dominance.below else 2
+    if correlation < tradeoff_corr:  # False for NaN, by IEEE comparison
+        return 1
+    return -1
