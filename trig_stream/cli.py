@@ -28,6 +28,7 @@ from trig_stream.analysis.commands import add_commands as add_analysis_commands
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError
+from trig_stream.testing.simulate_judge import add_simulate_judge_command
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", type=Path)
     status.set_defaults(handler=_cmd_status)
     add_analysis_commands(commands)
+    add_simulate_judge_command(commands)
     return parser
 
 

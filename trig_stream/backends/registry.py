@@ -27,6 +27,7 @@ _BUILTIN: dict[Kind, dict[str, str]] = {
     },
     "judges": {
         "fake": "trig_stream.testing.fake_judge:FakeJudge",
+        "openai": "trig_stream.backends.judges.openai_judge:OpenAIJudge",
     },
 }
 _REGISTERED: dict[Kind, dict[str, object]] = {"generators": {}, "judges": {}}

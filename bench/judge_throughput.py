@@ -1,0 +1,181 @@
+"""Judging throughput: trig-stream's engine against an upstream-shaped sequential loop.
+
+Both sides ask the simulated judge (``simulate-judge``: 50 ms per request, 64 slots, in its
+own process) the same questions: N images x 2 dimensions.
+
+* trig-stream: the engine with the synthetic generator and the ``openai`` judge at
+  concurrency 64, from start to the last durable judgement (generation included).
+* upstream-shaped: one blocking request at a time with the ``openai`` sync client, the image
+  read and base64-encoded for every request, ``top_logprobs = 5`` and no ``max_tokens``. It
+  is timed on a subset of the requests and extrapolated to all of them (it is linear: one
+  request after another), and the output says so.
+
+Run::
+
+    .venv/bin/python bench/judge_throughput.py            # 2,000 images, 100 sequential
+    .venv/bin/python bench/judge_throughput.py --images 200 --sequential 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from trig_stream.config import RunConfig
+from trig_stream.dimensions import DIMENSIONS
+from trig_stream.engine import Engine
+
+PAIRS = [(a, b) for i, a in enumerate(DIMENSIONS) for b in DIMENSIONS[i + 1 :]]
+
+
+def write_dataset(path: Path, images: int) -> None:
+    """A t2i JSON dataset of ``images`` samples spread over the dimension pairs."""
+    records = []
+    for n in range(images):
+        first, second = PAIRS[n % len(PAIRS)]
+        records.append(
+            {
+                "data_id": f"{first}_{second}_{n // len(PAIRS) + 1}",
+                "prompt": f"bench prompt {n}: a small house by a lake at dusk",
+                "dimension": [first, second],
+            }
+        )
+    path.write_text(json.dumps(records))
+
+
+def start_server(latency: float, capacity: int) -> tuple[subprocess.Popen[str], str]:
+    """Start ``simulate-judge`` in its own process; returns it and its base URL."""
+    code = (
+        "import argparse, sys\n"
+        "from rich.console import Console\n"
+        "from trig_stream.testing.simulate_judge import add_simulate_judge_command\n"
+        "p = argparse.ArgumentParser(); add_simulate_judge_command(p.add_subparsers())\n"
+        f"a = p.parse_args(['simulate-judge', '--port', '0', '--latency', '{latency}',"
+        f" '--capacity', '{capacity}'])\n"
+        "sys.exit(a.handler(a, Console(stderr=True)))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("READY "):
+        process.kill()
+        raise RuntimeError("simulate-judge did not start")
+    return process, line.split()[1]
+
+
+async def run_engine(
+    dataset: Path, out: Path, base_url: str, concurrency: int
+) -> tuple[float, int]:
+    """Wall time of a whole engine run and its number of ok judgements."""
+    config = RunConfig.model_validate(
+        {
+            "run": {"name": "bench", "output_dir": str(out), "task": "t2i"},
+            "dataset": {"path": str(dataset)},
+            "generators": [
+                {
+                    "name": "synthetic",
+                    "backend": "synthetic",
+                    "workers": 2,
+                    "batch_size": 8,
+                    "options": {"size": 32},
+                }
+            ],
+            "judges": [
+                {
+                    "name": "trigscore",
+                    "backend": "openai",
+                    "concurrency": concurrency,
+                    "options": {"base_url": base_url, "model": "trig-judge-sim"},
+                }
+            ],
+            "engine": {"image_buffer": 2 * concurrency},
+        }
+    )
+    started = time.perf_counter()
+    async with Engine(config) as engine:
+        summary = await engine.drain()
+    return time.perf_counter() - started, summary.ok
+
+
+def run_sequential(images: list[Path], base_url: str, requests: int) -> float:
+    """Seconds for ``requests`` blocking requests made one after another, upstream-style."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="EMPTY", max_retries=0)
+    started = time.perf_counter()
+    for n in range(requests):
+        path = images[(n // 2) % len(images)]
+        url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        client.chat.completions.create(
+            model="trig-judge-sim",
+            messages=[
+                {"role": "system", "content": f"Rate the image ({DIMENSIONS[n % 2]}). One word."},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": f"prompt {n // 2}"},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                },
+            ],
+            logprobs=True,
+            top_logprobs=5,
+            temperature=1.0,
+        )
+    elapsed = time.perf_counter() - started
+    client.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--sequential", type=int, default=100, help="requests timed sequentially")
+    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--capacity", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+
+    total = 2 * args.images
+    process, base_url = start_server(args.latency, args.capacity)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            write_dataset(root / "prompts.json", args.images)
+            engine_s, ok = anyio.run(
+                run_engine, root / "prompts.json", root / "runs", base_url, args.concurrency
+            )
+            images = sorted((root / "runs").rglob("*.png"))
+            sequential_s = run_sequential(images, base_url, args.sequential)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    projected = sequential_s * total / args.sequential
+    print(
+        f"judge: simulate-judge, {args.latency * 1000:g} ms per request, "
+        f"{args.capacity} slots, separate process"
+    )
+    print(
+        f"trig-stream engine:   {total} requests ({ok} ok) in {engine_s:.2f} s "
+        f"= {total / engine_s:.0f} req/s (generation included, concurrency {args.concurrency})"
+    )
+    print(
+        f"upstream-shaped loop: {args.sequential} requests in {sequential_s:.2f} s "
+        f"= {args.sequential / sequential_s:.1f} req/s; extrapolated to {total} requests: "
+        f"{projected:.1f} s"
+    )
+    print(f"speed-up: {projected / engine_s:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

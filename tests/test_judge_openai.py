@@ -1,0 +1,341 @@
+"""The ``openai`` judge against the loopback server: request shape, replies, failure classes.
+
+aiohttp runs on asyncio only, so these tests do too.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import io
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from PIL import Image
+
+from trig_stream.backends.base import JudgeRequest
+from trig_stream.backends.judges.http_errors import parse_retry_after
+from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE
+from trig_stream.dimensions import Dimension, Task
+from trig_stream.errors import (
+    FatalBackendError,
+    ItemError,
+    RateLimitError,
+    RetryableError,
+)
+from trig_stream.records import Sample
+from trig_stream.scoring import score_top_logprobs
+from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "image.png"
+    Image.new("RGB", (24, 16), (30, 120, 200)).save(path)
+    return path
+
+
+def sample(task: Task = "t2i", item: str | None = None) -> Sample:
+    return Sample(
+        data_id="IQ-R_TA-C_1",
+        task=task,
+        prompt="a blue square on a table",
+        dimensions=("IQ-R", "TA-C"),
+        item=item,
+    )
+
+
+@asynccontextmanager
+async def judge_at(server: JudgeServer, **options: Any) -> AsyncIterator[OpenAIJudge]:
+    judge = OpenAIJudge(
+        "trigscore", OpenAIJudgeOptions(base_url=server.base_url, model="judge", **options)
+    )
+    await judge.open()
+    try:
+        yield judge
+    finally:
+        await judge.aclose()
+
+
+async def ask(
+    judge: OpenAIJudge,
+    path: Path,
+    task: Task = "t2i",
+    dimension: Dimension = "IQ-R",
+    item: str | None = None,
+) -> Any:
+    prepared = judge.prepare(path)
+    return await judge.judge(JudgeRequest("model-a", sample(task, item), dimension, prepared, 1))
+
+
+# -- request shape ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["t2i", "p2p", "s2p"])
+async def test_request_shape_per_task(task: Task, image: Path) -> None:
+    options = JudgeServerOptions(record_requests=True)
+    async with JudgeServer(options) as server, judge_at(server) as judge:
+        item = "corgi" if task == "s2p" else None
+        for dimension in ("IQ-R", "TA-C"):
+            reply = await ask(judge, image, task, dimension, item)
+            assert reply.top_logprobs and len(reply.top_logprobs) == 20
+            assert score_top_logprobs(reply.top_logprobs, scorer="trig") is not None
+            assert score_top_logprobs(reply.top_logprobs, scorer="robust") is not None
+    first, second = server.received
+    assert first["model"] == "judge"
+    assert first["logprobs"] is True
+    assert first["top_logprobs"] == 20
+    assert first["max_tokens"] == 1
+    assert first["temperature"] == 1.0
+    assert "seed" not in first
+    system, user = first["messages"]
+    assert system["role"] == "system" and user["role"] == "user"
+    assert "(IQ-R)" in system["content"] and "(TA-C)" in second["messages"][0]["content"]
+    assert SCALE in system["content"] and "one word" in system["content"]
+    image_part, text_part = user["content"]
+    assert image_part["type"] == "image_url"
+    assert image_part["image_url"]["url"].startswith("data:image/png;base64,")
+    assert text_part["type"] == "text" and text_part["text"].endswith("a blue square on a table")
+    # Both dimension questions about an image carry the same user message (prefix sharing).
+    assert second["messages"][1] == user
+    if task == "s2p":
+        assert '"corgi"' in system["content"] and "corgi" in text_part["text"]
+    else:
+        assert "corgi" not in str(first)
+    assert server.stats().repeated == 0
+
+
+async def test_file_mode_seed_and_limits(image: Path) -> None:
+    options = JudgeServerOptions(record_requests=True)
+    async with (
+        JudgeServer(options) as server,
+        judge_at(
+            server, image_mode="file", seed=7, top_logprobs=5, max_tokens=3, temperature=0.0
+        ) as judge,
+    ):
+        reply = await ask(judge, image)
+    body = server.received[0]
+    expected_url = image.resolve().as_uri()  # noqa: ASYNC240 - a path computation, no I/O to speak of
+    assert body["messages"][1]["content"][0]["image_url"]["url"] == expected_url
+    assert (body["seed"], body["top_logprobs"], body["max_tokens"], body["temperature"]) == (
+        7,
+        5,
+        3,
+        0.0,
+    )
+    assert reply.top_logprobs is not None and len(reply.top_logprobs) == 5
+
+
+def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (200, 100), (1, 2, 3)).save(path)
+    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url="http://x/v1", model="m", max_pixels=5000))
+    payload = judge.prepare(path).payload
+    data = base64.b64decode(payload.partition(",")[2])
+    with Image.open(io.BytesIO(data)) as shrunk:
+        assert shrunk.width * shrunk.height <= 5000
+        assert shrunk.width == 2 * shrunk.height
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ItemError, match="not a readable image"):
+        judge.prepare(tmp_path / "junk.png")
+
+
+def test_fingerprint_names_what_changes_scores() -> None:
+    judge = OpenAIJudge(
+        "m",
+        OpenAIJudgeOptions(base_urls=["http://a/v1", "http://b/v1"], model="qwen", seed=3),
+        scorer="trig",
+    )
+    fp = judge.fingerprint()
+    assert (fp.backend, fp.model, fp.template_version, fp.scorer) == (
+        "openai",
+        "qwen",
+        BUILTIN_VERSION,
+        "trig",
+    )
+    assert fp.params == {
+        "top_logprobs": 20,
+        "temperature": 1.0,
+        "seed": 3,
+        "max_tokens": 1,
+        "max_pixels": None,
+        "image_mode": "base64",
+    }
+
+
+def test_options_refuse_ambiguous_endpoints() -> None:
+    with pytest.raises(ValueError, match="exactly one of base_url and base_urls"):
+        OpenAIJudgeOptions(model="m")
+    with pytest.raises(ValueError, match="exactly one"):
+        OpenAIJudgeOptions(model="m", base_url="http://a/v1", base_urls=["http://b/v1"])
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+FAULTS = [
+    ("error_rate", RetryableError, "HTTP 503"),
+    ("rate_limit_rate", RateLimitError, "HTTP 429"),
+    ("hang_rate", RetryableError, "no answer within"),
+    ("malformed_rate", RetryableError, "malformed answer"),
+    ("reset_rate", RetryableError, "connection failed"),
+]
+
+
+@pytest.mark.parametrize(("fault", "expected", "message"), FAULTS)
+async def test_each_fault_raises_its_class(
+    fault: str, expected: type[Exception], message: str, image: Path
+) -> None:
+    async with (
+        JudgeServer(JudgeServerOptions(**{fault: 1.0})) as server,
+        judge_at(server, timeout_s=0.3) as judge,
+    ):
+        with pytest.raises(RetryableError, match=message) as caught:
+            await ask(judge, image)
+    assert type(caught.value) is expected
+    assert server.stats().faults[fault.removesuffix("_rate")] == 1
+
+
+async def test_missing_logprobs_gives_a_reply_without_them(image: Path) -> None:
+    options = JudgeServerOptions(missing_logprobs_rate=1.0)
+    async with JudgeServer(options) as server, judge_at(server) as judge:
+        reply = await ask(judge, image)
+    assert reply.top_logprobs is None
+    assert reply.text in ("Excellent", "Good", "Medium", "Bad", "Terr")
+
+
+async def test_bad_image_is_an_item_error(image: Path) -> None:
+    async with JudgeServer() as server, judge_at(server) as judge:
+        broken = judge.prepare(image)
+        broken = type(broken)(path=image, payload="data:image/png;base64,aGVsbG8=")
+        with pytest.raises(ItemError, match="HTTP 400: the image cannot be decoded"):
+            await judge.judge(JudgeRequest("m", sample(), "IQ-R", broken, 1))
+
+
+async def test_connection_refused_is_retryable(image: Path) -> None:
+    async with JudgeServer() as server:
+        url = server.base_url
+    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url=url, model="m", timeout_s=2))
+    await judge.open()
+    try:
+        with pytest.raises(RetryableError, match="connection failed"):
+            await ask(judge, image)
+    finally:
+        await judge.aclose()
+
+
+@pytest.mark.parametrize(("header", "expected"), [("7", 7.0), ("0.5", 0.5), (None, 30.0)])
+async def test_retry_after_reaches_the_engine(
+    header: str | None, expected: float, image: Path
+) -> None:
+    value = header or email.utils.formatdate(time.time() + 30, usegmt=True)
+    options = JudgeServerOptions(rate_limit_rate=1.0, retry_after=value)
+    async with JudgeServer(options) as server, judge_at(server) as judge:
+        with pytest.raises(RateLimitError) as caught:
+            await ask(judge, image)
+    assert caught.value.retry_after == pytest.approx(expected, abs=1.5)
+
+
+def test_parse_retry_after() -> None:
+    now = 1_700_000_000.0
+    date = email.utils.formatdate(now + 12, usegmt=True)
+    assert parse_retry_after({"Retry-After": "3"}) == 3.0
+    assert parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert parse_retry_after({"Retry-After": date}, now=lambda: now) == pytest.approx(12.0)
+    assert parse_retry_after({"Retry-After": date}, now=lambda: now + 60) == 0.0
+    assert parse_retry_after({"Retry-After": "soon"}) is None
+    assert parse_retry_after({}) is None
+
+
+# -- credentials --------------------------------------------------------------------------------
+
+PLANTED_KEY = "sk-planted-SECRET-7f3c9a1e"
+
+
+async def test_missing_key_variable_is_fatal_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRIG_TEST_JUDGE_KEY", raising=False)
+    judge = OpenAIJudge(
+        "m",
+        OpenAIJudgeOptions(
+            base_url="http://127.0.0.1:9/v1", model="m", api_key_env="TRIG_TEST_JUDGE_KEY"
+        ),
+    )
+    with pytest.raises(FatalBackendError, match="TRIG_TEST_JUDGE_KEY"):
+        await judge.open()
+
+
+async def test_rejected_key_is_fatal_and_never_leaks(
+    image: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("TRIG_TEST_JUDGE_KEY", PLANTED_KEY)
+    caplog.set_level(logging.DEBUG)
+    # The server wants another key, and quotes the one it received in its 401, as some do.
+    options = JudgeServerOptions(api_key="sk-the-right-one")
+    async with (
+        JudgeServer(options) as server,
+        judge_at(server, api_key_env="TRIG_TEST_JUDGE_KEY") as judge,
+    ):
+        with pytest.raises(FatalBackendError) as caught:
+            await ask(judge, image)
+        texts = [
+            str(caught.value),
+            repr(caught.value),
+            repr(judge),
+            repr(vars(judge)),
+            judge.fingerprint().model_dump_json(),
+        ]
+    assert "rejected the API key (HTTP 401)" in str(caught.value)
+    assert "TRIG_TEST_JUDGE_KEY" in str(caught.value)
+    assert caught.value.__cause__ is None
+    captured = capsys.readouterr()
+    texts += [caplog.text, captured.out, captured.err]
+    assert all(PLANTED_KEY not in text for text in texts)
+    assert PLANTED_KEY[:12] not in caplog.text
+
+
+async def test_accepted_key_is_sent(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIG_TEST_JUDGE_KEY", PLANTED_KEY)
+    async with (
+        JudgeServer(JudgeServerOptions(api_key=PLANTED_KEY)) as server,
+        judge_at(server, api_key_env="TRIG_TEST_JUDGE_KEY") as judge,
+    ):
+        reply = await ask(judge, image)
+    assert reply.top_logprobs
+
+
+# -- several endpoints --------------------------------------------------------------------------
+
+
+async def test_endpoints_share_the_load(image: Path) -> None:
+    options = JudgeServerOptions(latency_s=0.02)
+    async with JudgeServer(options) as one, JudgeServer(options) as two:
+        judge = OpenAIJudge(
+            "m", OpenAIJudgeOptions(base_urls=[one.base_url, two.base_url], model="m")
+        )
+        await judge.open()
+        prepared = judge.prepare(image)
+        try:
+            async with anyio.create_task_group() as tg:
+                for n in range(20):
+                    request = JudgeRequest(f"model-{n}", sample(), "IQ-R", prepared, 1)
+                    tg.start_soon(judge.judge, request)
+        finally:
+            await judge.aclose()
+    assert one.stats().served + two.stats().served == 20
+    assert min(one.stats().served, two.stats().served) >= 5

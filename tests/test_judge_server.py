@@ -1,0 +1,235 @@
+"""The loopback judge server itself: routes, stats, queueing, planted relations, shutdown."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import anyio.lowlevel
+import pytest
+from PIL import Image
+from scipy.stats import spearmanr
+
+from trig_stream.backends.base import JudgeRequest, PreparedImage
+from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.dimensions import Dimension
+from trig_stream.errors import RetryableError
+from trig_stream.records import Sample
+from trig_stream.scoring import score_top_logprobs
+from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions, dimension_of
+from trig_stream.testing.planted_scores import loadings, rating_logprobs
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def data_url(colour: tuple[int, int, int] = (10, 20, 30)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_body(url: str, dimension: str = "IQ-R", prompt: str = "a cat") -> dict[str, Any]:
+    return {
+        "model": "trig-judge-sim",
+        "logprobs": True,
+        "top_logprobs": 5,
+        "max_tokens": 1,
+        "messages": [
+            {"role": "system", "content": f"Rate ({dimension}) with one word."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": prompt},
+                ],
+            },
+        ],
+    }
+
+
+async def test_answer_has_openai_shape_and_repeats_are_counted() -> None:
+    async with JudgeServer() as server, aiohttp.ClientSession() as http:
+        url = f"{server.base_url}/chat/completions"
+        answers = []
+        for body in (chat_body(data_url()), chat_body(data_url()), chat_body(data_url(), "TA-C")):
+            async with http.post(url, json=body) as response:
+                assert response.status == 200
+                answers.append(await response.json())
+        async with http.get(f"http://{server.host}:{server.port}/stats") as response:
+            stats = await response.json()
+    first = answers[0]
+    assert first["object"] == "chat.completion" and first["model"] == "trig-judge-sim"
+    assert first["id"].startswith("chatcmpl-")
+    assert set(first["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    choice = first["choices"][0]
+    token = choice["logprobs"]["content"][0]
+    assert choice["message"]["content"] == token["token"]
+    assert len(token["top_logprobs"]) == 5
+    for entry in token["top_logprobs"]:
+        assert set(entry) == {"token", "logprob", "bytes"}
+        assert entry["bytes"] == list(entry["token"].encode())
+    assert answers[1]["choices"] == answers[0]["choices"]  # the same question, the same answer
+    assert stats["received"] == 3 and stats["served"] == 3
+    assert stats["repeated"] == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("data:image/png;base64,bm90IGFuIGltYWdl", "cannot be decoded"),
+        ("data:image/png;base64,%%%", "not valid base64"),
+        ("http://example.com/cat.png", "data: or file://"),
+        ("file:///nonexistent/cat.png", "cannot read the image file"),
+    ],
+)
+async def test_bad_images_get_400(url: str, reason: str) -> None:
+    async with (
+        JudgeServer() as server,
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.base_url}/chat/completions", json=chat_body(url)) as resp,
+    ):
+        assert resp.status == 400
+        assert reason in (await resp.json())["error"]["message"]
+    assert server.stats().rejected == 1
+
+
+async def test_models_health_and_metrics() -> None:
+    async with (
+        JudgeServer(JudgeServerOptions(model="judge-x")) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        root = f"http://{server.host}:{server.port}"
+        async with http.get(f"{root}/health") as response:
+            assert response.status == 200
+        async with http.get(f"{server.base_url}/models") as response:
+            assert [m["id"] for m in (await response.json())["data"]] == ["judge-x"]
+        async with http.get(f"{root}/metrics") as response:
+            text = await response.text()
+    assert 'vllm:num_requests_running{model_name="judge-x"} 0.0' in text
+    assert 'vllm:num_requests_waiting{model_name="judge-x"} 0.0' in text
+    assert "# TYPE vllm:num_requests_waiting gauge" in text
+
+
+async def test_requests_past_capacity_wait() -> None:
+    options = JudgeServerOptions(capacity=2, latency_s=0.05)
+    async with JudgeServer(options) as server, aiohttp.ClientSession() as http:
+
+        async def one(n: int) -> None:
+            async with http.post(
+                f"{server.base_url}/chat/completions", json=chat_body(data_url(), prompt=f"p{n}")
+            ) as response:
+                assert response.status == 200
+
+        async with anyio.create_task_group() as tg:
+            for n in range(6):
+                tg.start_soon(one, n)
+    stats = server.stats()
+    assert stats.served == 6
+    assert stats.max_running == 2
+    assert stats.max_waiting >= 2
+    assert stats.running == 0 and stats.waiting == 0
+
+
+async def test_stop_releases_hung_requests(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(path)
+    server = JudgeServer(JudgeServerOptions(hang_rate=1.0))
+    await server.__aenter__()
+    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url=server.base_url, model="m", timeout_s=30))
+    await judge.open()
+    sample = Sample(data_id="IQ-R_TA-C_1", task="t2i", prompt="p", dimensions=("IQ-R", "TA-C"))
+    outcome: list[BaseException] = []
+
+    async def hung() -> None:
+        try:
+            await judge.judge(JudgeRequest("m", sample, "IQ-R", judge.prepare(path), 1))
+        except RetryableError as exc:
+            outcome.append(exc)
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hung)
+                while server.stats().faults["hang"] == 0:
+                    await anyio.lowlevel.checkpoint()  # a yield, not a timed wait
+                await server.aclose()
+    finally:
+        await judge.aclose()
+        await server.aclose()  # idempotent
+    assert len(outcome) == 1 and "HTTP 503" in str(outcome[0])
+
+
+def test_fault_rates_must_fit() -> None:
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        JudgeServerOptions(error_rate=0.6, hang_rate=0.6)
+    with pytest.raises(ValueError, match="two planted pairs"):
+        JudgeServerOptions(correlations={"IQ-R_TA-C": 0.5, "IQ-R_D-K": 0.5})
+    with pytest.raises(ValueError, match="in \\[-1, 1\\]"):
+        loadings({"IQ-R_TA-C": 1.5})
+
+
+def test_dimension_is_read_from_the_instruction() -> None:
+    assert dimension_of("Dimension: Realism (IQ-R).") == "IQ-R"
+    assert dimension_of("judge R-T here") == "R-T"
+    assert dimension_of("nothing to see") is None
+
+
+def test_rating_distribution_follows_the_latent() -> None:
+    scores = [score_top_logprobs(rating_logprobs(z), scorer="trig") for z in (-2, -0.5, 0.5, 2)]
+    assert None not in scores
+    known = [score for score in scores if score is not None]
+    assert known == sorted(known)
+    assert known[0] < 0.25 and known[-1] > 0.75
+
+
+async def _scores(
+    judge: OpenAIJudge, images: list[PreparedImage], dimension: Dimension
+) -> list[float]:
+    sample = Sample(data_id="IQ-R_TA-C_1", task="t2i", prompt="p", dimensions=("IQ-R", "TA-C"))
+    scores: list[float] = [0.0] * len(images)
+    limiter = anyio.CapacityLimiter(32)
+
+    async def one(index: int) -> None:
+        async with limiter:
+            reply = await judge.judge(JudgeRequest("m", sample, dimension, images[index], 1))
+        assert reply.top_logprobs is not None
+        score = score_top_logprobs(reply.top_logprobs)
+        assert score is not None
+        scores[index] = score
+
+    async with anyio.create_task_group() as tg:
+        for index in range(len(images)):
+            tg.start_soon(one, index)
+    return scores
+
+
+async def test_planted_correlations_show_in_scores(tmp_path: Path) -> None:
+    images = []
+    for n in range(200):
+        path = tmp_path / f"{n}.png"
+        Image.new("RGB", (8, 8), (n, 255 - n, (7 * n) % 256)).save(path)
+        images.append(path)
+    options = JudgeServerOptions(correlations={"IQ-R_TA-C": 0.8, "D-K_R-T": -0.8}, seed=3)
+    async with JudgeServer(options) as server:
+        judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url=server.base_url, model="m"))
+        await judge.open()
+        try:
+            prepared = [judge.prepare(path) for path in images]
+            by_dim = {
+                d: await _scores(judge, prepared, d) for d in ("IQ-R", "TA-C", "D-K", "R-T", "IQ-A")
+            }
+        finally:
+            await judge.aclose()
+    assert spearmanr(by_dim["IQ-R"], by_dim["TA-C"])[0] > 0.5
+    assert spearmanr(by_dim["D-K"], by_dim["R-T"])[0] < -0.5
+    assert abs(spearmanr(by_dim["IQ-R"], by_dim["IQ-A"])[0]) < 0.3
+    assert server.stats().repeated == 0

@@ -1,0 +1,106 @@
+"""The ``simulate-judge`` command: arguments, and a real process serving until SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from trig_stream.testing.simulate_judge import add_simulate_judge_command, options_from_args
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_simulate_judge_command(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["simulate-judge", *argv])
+
+
+def test_arguments_become_options() -> None:
+    args = parse(
+        "--latency",
+        "0.05",
+        "--capacity",
+        "64",
+        "--seed",
+        "3",
+        "--error-rate",
+        "0.1",
+        "--rate-limit-rate",
+        "0.05",
+        "--retry-after",
+        "2",
+        "--hang-rate",
+        "0.01",
+        "--malformed-rate",
+        "0.01",
+        "--missing-logprobs-rate",
+        "0.02",
+        "--reset-rate",
+        "0.01",
+        "--correlation",
+        "IQ-R_TA-C=0.8",
+    )
+    options = options_from_args(args)
+    assert (options.latency_s, options.capacity, options.seed) == (0.05, 64, 3)
+    assert options.fault_rates() == {
+        "error": 0.1,
+        "rate_limit": 0.05,
+        "hang": 0.01,
+        "malformed": 0.01,
+        "missing_logprobs": 0.02,
+        "reset": 0.01,
+    }
+    assert options.retry_after == "2"
+    assert options.correlations == {"IQ-R_TA-C": 0.8}
+    assert callable(args.handler)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--correlation", "IQ-R_TA-C"), "expected A_B=R"),
+        (("--error-rate", "0.7", "--reset-rate", "0.7"), "must not exceed 1"),
+        (
+            (
+                "--capacity",
+                "0",
+            ),
+            "capacity",
+        ),
+    ],
+)
+def test_bad_arguments_are_explained(argv: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        options_from_args(parse(*argv))
+
+
+def test_serves_until_interrupted() -> None:
+    code = (
+        "import argparse, sys\n"
+        "from rich.console import Console\n"
+        "from trig_stream.testing.simulate_judge import add_simulate_judge_command\n"
+        "p = argparse.ArgumentParser(); add_simulate_judge_command(p.add_subparsers())\n"
+        "a = p.parse_args(['simulate-judge', '--port', '0'])\n"
+        "sys.exit(a.handler(a, Console(stderr=True)))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("READY http://127.0.0.1:")
+        base_url = line.split()[1]
+        with urllib.request.urlopen(f"{base_url}/models", timeout=10) as response:
+            assert json.load(response)["data"][0]["id"] == "trig-judge-sim"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()

@@ -1,0 +1,72 @@
+"""The judging texts: built-in coverage, template files and their versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE, JudgeTemplate
+from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS
+from trig_stream.errors import ConfigError
+from trig_stream.testing.judge_server import dimension_of
+
+
+def test_builtin_covers_every_task_and_dimension() -> None:
+    template = JudgeTemplate.builtin()
+    assert template.version == BUILTIN_VERSION
+    for task in TASKS:
+        for dimension in DIMENSIONS:
+            system = template.system_text(task, dimension, "teapot")
+            assert SCALE in system
+            assert f"{DIMENSION_NAMES[dimension]} ({dimension})" in system
+            assert template.criteria[dimension] in system
+            assert dimension_of(system) == dimension  # the loopback server can tell
+            assert ("teapot" in system) == (task == "s2p")
+    assert "the subject" in template.system_text("s2p", "IQ-R", None)
+    assert template.user_text("t2i", "IQ-R", "a cat", None).endswith("a cat")
+
+
+def test_partial_toml_keeps_the_rest_and_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "texts.toml"
+    path.write_text('version = "mine-1"\n[criteria]\n"IQ-R" = "is it photographic?"\n')
+    template = JudgeTemplate.load(path)
+    assert template.version == f"mine-1+{BUILTIN_VERSION}"
+    assert "is it photographic?" in template.system_text("t2i", "IQ-R", None)
+    assert template.criteria["TA-C"] == JudgeTemplate.builtin().criteria["TA-C"]
+
+
+def test_complete_json_without_version_is_versioned_by_hash(tmp_path: Path) -> None:
+    builtin = JudgeTemplate.builtin().model_dump()
+    del builtin["version"]
+    path = tmp_path / "texts.json"
+    path.write_text(json.dumps(builtin))
+    first = JudgeTemplate.load(path).version
+    assert first.startswith("sha256:") and "+" not in first
+    builtin["criteria"]["IQ-R"] = "changed"
+    path.write_text(json.dumps(builtin))
+    assert JudgeTemplate.load(path).version != first
+    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url="http://a/v1", model="m", template=path))
+    assert judge.fingerprint().template_version == JudgeTemplate.load(path).version
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[system]\nt2i = "rate {colour}"\n', "unknown placeholder {colour}"),
+        ('[criteria]\n"XX-Y" = "?"\n', "invalid judge template"),
+        ("version = [", "invalid judge template"),
+    ],
+)
+def test_bad_templates_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        JudgeTemplate.load(path)
+
+
+def test_missing_template_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read judge template"):
+        JudgeTemplate.load(tmp_path / "absent.toml")

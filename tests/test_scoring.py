@@ -1,0 +1,204 @@
+"""TRIGScore from top logprobs: both scorers on crafted lists, and their invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trig_stream.scoring import RATING_WEIGHTS, normalise_token, rating_of, score_top_logprobs
+
+ln = math.log
+
+
+def test_trig_matches_hand_computation() -> None:
+    top = [("Good", ln(0.6)), ("bad", ln(0.2)), ("Medium", ln(0.1)), ("The", ln(0.05))]
+    # kept: 0.6 + 0.2 + 0.1 = 0.9; (0.75*0.6 + 0.25*0.2 + 0.5*0.1) / 0.9 = 0.55 / 0.9
+    assert score_top_logprobs(top, scorer="trig") == 0.611
+    # confidence: 0.6111 * (0.6 / 0.9) = 0.4074
+    assert score_top_logprobs(top, scorer="trig", confidence=True) == 0.407
+
+
+def test_trig_is_exact_and_case_sensitive() -> None:
+    # "terrible", " Good", "▁good" and "GOOD" are outside upstream's set; only "good" counts.
+    top = [
+        ("terrible", ln(0.3)),
+        (" Good", ln(0.2)),
+        ("▁good", ln(0.2)),
+        ("GOOD", ln(0.1)),
+        ("good", ln(0.1)),
+    ]
+    assert score_top_logprobs(top, scorer="trig") == 0.75
+    assert score_top_logprobs([("Terr", ln(0.5)), ("ex", ln(0.5))], scorer="trig") == 0.5
+
+
+def test_robust_reads_markers_spaces_and_case() -> None:
+    top = [
+        (" Good", -0.1),
+        ("\u2581good", -0.5),
+        ("\u0120bad", -1.0),
+        ("Terrible", -3.0),
+        ("I", -0.2),
+    ]
+    good = math.exp(-0.1) + math.exp(-0.5)
+    bad = math.exp(-1.0)
+    terrible = math.exp(-3.0)
+    expected = (0.75 * good + 0.25 * bad) / (good + bad + terrible)
+    assert score_top_logprobs(top, scorer="robust") == pytest.approx(expected)
+
+
+def test_robust_maps_prefixes() -> None:
+    assert rating_of("**Excellent") == "excellent"
+    assert rating_of(" med") == "medium"
+    assert rating_of("TERR") == "terrible"
+    assert rating_of("Overall") is None
+    assert normalise_token(" \u2581Good") == "good"
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+def test_no_rating_is_unscorable_not_zero(scorer: str) -> None:
+    assert score_top_logprobs([("I", -0.1), ("Sorry", -1.0)], scorer=scorer) is None  # type: ignore[arg-type]
+    assert score_top_logprobs([], scorer=scorer) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+def test_ties_split_evenly(scorer: str) -> None:
+    top = [("Excellent", -1.0), ("Terr", -1.0)]
+    assert score_top_logprobs(top, scorer=scorer) == pytest.approx(0.5)  # type: ignore[arg-type]
+    assert score_top_logprobs(top, scorer=scorer, confidence=True) == pytest.approx(0.25)  # type: ignore[arg-type]
+
+
+def test_unknown_scorer_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown scorer"):
+        score_top_logprobs([("good", 0.0)], scorer="mean")  # type: ignore[arg-type]
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+WORDS = [
+    "excellent",
+    "Excellent",
+    "ex",
+    "good",
+    "Good",
+    "medium",
+    "Medium",
+    "med",
+    "bad",
+    "Bad",
+    "terr",
+    "Terr",
+    "terrible",
+    "The",
+    "I",
+    "**",
+    " Good",
+    "\u2581bad",
+    "\u0120Medium",
+]
+logprobs = st.floats(min_value=-30.0, max_value=0.0, allow_nan=False)
+token_lists = st.lists(
+    st.tuples(st.sampled_from(WORDS) | st.text(max_size=6), logprobs), max_size=25
+)
+CANONICAL = ["excellent", "good", "medium", "bad", "terr"]
+
+
+@given(token_lists, st.sampled_from(["trig", "robust"]), st.booleans())
+def test_score_is_in_unit_interval(
+    top: list[tuple[str, float]], scorer: str, confidence: bool
+) -> None:
+    score = score_top_logprobs(top, scorer=scorer, confidence=confidence)  # type: ignore[arg-type]
+    assert score is None or 0.0 <= score <= 1.0
+
+
+OUTSIDERS = st.text(max_size=8).filter(
+    lambda t: (
+        t
+        not in {
+            "ex",
+            "excellent",
+            "Excellent",
+            "good",
+            "Good",
+            "medium",
+            "Medium",
+            "bad",
+            "Bad",
+            "terr",
+            "Terr",
+        }
+    )
+)
+
+
+@given(token_lists, st.lists(st.tuples(OUTSIDERS, logprobs), max_size=10))
+def test_trig_ignores_tokens_outside_its_set(
+    top: list[tuple[str, float]], extra: list[tuple[str, float]]
+) -> None:
+    assert score_top_logprobs(top + extra, scorer="trig") == score_top_logprobs(top, scorer="trig")
+
+
+DECORATIONS = st.sampled_from(
+    [
+        lambda t: t,
+        str.upper,
+        str.capitalize,
+        lambda t: " " + t,
+        lambda t: "\u2581" + t,
+        lambda t: "\u0120" + t,
+        lambda t: t + "  ",
+        lambda t: "*" + t,
+    ]
+)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(CANONICAL), logprobs, DECORATIONS), min_size=1, max_size=10)
+)
+def test_robust_ignores_case_whitespace_and_markers(
+    entries: list[tuple[str, float, object]],
+) -> None:
+    plain = [(token, lp) for token, lp, _ in entries]
+    dressed = [(decorate(token), lp) for token, lp, decorate in entries]  # type: ignore[operator]
+    assert score_top_logprobs(dressed) == pytest.approx(score_top_logprobs(plain))
+
+
+@given(
+    st.lists(st.floats(min_value=0.01, max_value=1.0), min_size=5, max_size=5),
+    st.integers(0, 4),
+    st.integers(0, 4),
+    st.floats(min_value=0.0, max_value=0.99),
+    st.sampled_from(["trig", "robust"]),
+)
+def test_moving_mass_to_a_better_rating_never_lowers_the_score(
+    weights: list[float], source: int, target: int, share: float, scorer: str
+) -> None:
+    better, worse = min(source, target), max(source, target)  # index 0 is "excellent"
+    total = sum(weights)
+    before = [w / total for w in weights]
+    after = list(before)
+    moved = before[worse] * share
+    after[worse] -= moved
+    after[better] += moved
+    score_before = score_top_logprobs(
+        [(w, ln(p)) for w, p in zip(CANONICAL, before, strict=True)],
+        scorer=scorer,  # type: ignore[arg-type]
+    )
+    score_after = score_top_logprobs(
+        [(w, ln(p)) for w, p in zip(CANONICAL, after, strict=True)],
+        scorer=scorer,  # type: ignore[arg-type]
+    )
+    assert score_before is not None and score_after is not None
+    assert score_after >= score_before - 1e-9
+
+
+def test_weights_are_trigs() -> None:
+    assert RATING_WEIGHTS == {
+        "excellent": 1.0,
+        "good": 0.75,
+        "medium": 0.5,
+        "bad": 0.25,
+        "terrible": 0.0,
+    }

@@ -1,0 +1,159 @@
+"""How failures of an OpenAI-protocol request become trig-stream's backend errors.
+
+=====================================  ==========================================
+what happened                          raised
+=====================================  ==========================================
+429                                    :class:`RateLimitError`, with Retry-After
+5xx, 408, 409                          :class:`RetryableError`, with Retry-After
+timeout, refused or reset connection   :class:`RetryableError`
+a body that is not a completion        :class:`RetryableError`
+401, 403                               :class:`FatalBackendError` (one message)
+any other 4xx                          :class:`ItemError` with the status and reason
+=====================================  ==========================================
+
+Messages never quote the API key: server text is scrubbed of it (some providers echo the key
+they received) and the SDK's exception is not chained, since its text and request carry
+what the server said.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable, Mapping
+
+import openai
+import pydantic
+
+from trig_stream.errors import (
+    BackendError,
+    FatalBackendError,
+    ItemError,
+    RateLimitError,
+    RetryableError,
+)
+
+REASON_CHARS = 200
+"""Longest server reason quoted in an error message."""
+
+
+def parse_retry_after(
+    headers: Mapping[str, str], *, now: Callable[[], float] = time.time
+) -> float | None:
+    """Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (seconds or a date).
+
+    Returns None when neither header is present or readable; never a negative number.
+    """
+    lowered = {key.lower(): value for key, value in headers.items()}
+    millis = lowered.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(0.0, float(millis) / 1000.0)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT; a naive result means the zone was dropped
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+def classify(
+    exc: Exception,
+    *,
+    endpoint: str,
+    secret: str | None,
+    key_source: str,
+    timeout_s: float,
+) -> BackendError:
+    """The backend error that ``exc``, raised by the ``openai`` SDK, stands for.
+
+    Args:
+        exc: what the SDK raised.
+        endpoint: the base URL asked, for the message.
+        secret: the API key in use, scrubbed from any text quoted from the server.
+        key_source: where the key came from, for the credentials message.
+        timeout_s: the request timeout, for the message.
+    """
+    if isinstance(exc, openai.APIStatusError):
+        return _from_status(exc, endpoint=endpoint, secret=secret, key_source=key_source)
+    if isinstance(exc, openai.APIConnectionError):  # timeouts included
+        causes = _cause_names(exc)
+        # The aiohttp transport reports a dropped connection as a connect timeout; the
+        # underlying aiohttp error tells the two apart.
+        dropped = next((name for name in causes if name in _DROPPED), None)
+        if dropped is not None or not isinstance(exc, openai.APITimeoutError):
+            detail = dropped or (causes[-1] if causes else "connection error")
+            return RetryableError(f"judge at {endpoint}: connection failed ({detail})")
+        return RetryableError(f"judge at {endpoint}: no answer within {timeout_s:g} s")
+    if isinstance(exc, openai.APIResponseValidationError | pydantic.ValidationError | ValueError):
+        return RetryableError(f"judge at {endpoint}: malformed answer ({type(exc).__name__})")
+    return RetryableError(f"judge at {endpoint}: {type(exc).__name__}")
+
+
+_DROPPED = frozenset(
+    {
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ClientConnectorError",
+        "ConnectionResetError",
+        "ConnectionRefusedError",
+        "RemoteProtocolError",
+    }
+)
+
+
+def _cause_names(exc: BaseException) -> list[str]:
+    names: list[str] = []
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        names.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    return names
+
+
+def _from_status(
+    exc: openai.APIStatusError, *, endpoint: str, secret: str | None, key_source: str
+) -> BackendError:
+    status = exc.status_code
+    if status in (401, 403):
+        what = "rejected the API key" if status == 401 else "denied access with this API key"
+        return FatalBackendError(f"judge at {endpoint} {what} (HTTP {status}); check {key_source}")
+    reason = _reason(exc, secret)
+    retry_after = parse_retry_after(exc.response.headers)
+    if status == 429:
+        return RateLimitError(
+            f"judge at {endpoint}: HTTP 429 rate limited: {reason}", retry_after=retry_after
+        )
+    if status >= 500 or status in (408, 409):
+        return RetryableError(
+            f"judge at {endpoint}: HTTP {status}: {reason}", retry_after=retry_after
+        )
+    return ItemError(f"judge at {endpoint}: HTTP {status}: {reason}")
+
+
+def _reason(exc: openai.APIStatusError, secret: str | None) -> str:
+    body = exc.body
+    message = body.get("message") if isinstance(body, dict) else None
+    text = message if isinstance(message, str) and message else str(body or "")
+    # Scrub before cutting, so that no piece of the key survives at the cut.
+    text = " ".join(scrub(text, secret).split())
+    return text[:REASON_CHARS] + ("…" if len(text) > REASON_CHARS else "") or "no reason given"
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """``text`` with every occurrence of ``secret`` replaced by ``***``."""
+    if secret:
+        text = text.replace(secret, "***")
+    return text

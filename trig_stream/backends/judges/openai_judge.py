@@ -1,0 +1,338 @@
+"""The ``openai`` judge: TRIGScore from any OpenAI-compatible chat endpoint (vLLM, OpenAI).
+
+One request per (image, dimension): ``logprobs`` on, ``top_logprobs`` alternatives of the
+first token, ``max_tokens = 1`` since only that token is read. Each image is read and encoded
+once (:meth:`OpenAIJudge.prepare`) and shared by its dimension requests. The SDK's own retries
+are off: the engine owns retries, so they never compound.
+
+Several ``base_urls`` serving the same model share the load: each request goes to the endpoint
+with the fewest requests in flight. The API key is read from the environment variable that
+``api_key_env`` names; the key itself never appears in the config, the fingerprint, an error
+message or a log line.
+
+Example config::
+
+    [[judges]]
+    backend = "openai"
+    concurrency = 64
+    options = { base_url = "http://127.0.0.1:8000/v1", model = "Qwen/Qwen2.5-VL-7B-Instruct" }
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.judges.http_errors import classify
+from trig_stream.backends.judges.templates import JudgeTemplate
+from trig_stream.errors import FatalBackendError, ItemError, RetryableError
+from trig_stream.records import JudgeFingerprint
+from trig_stream.scoring import Scorer
+
+if TYPE_CHECKING:
+    import openai
+
+    from trig_stream.config import JudgeConfig, RunConfig
+
+NO_KEY = "EMPTY"
+"""Sent as the key when none is configured: local vLLM servers accept any."""
+
+
+class OpenAIJudgeOptions(BaseModel):
+    """``options`` of the ``openai`` judge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str | None = None
+    """The endpoint, e.g. ``http://127.0.0.1:8000/v1``."""
+    base_urls: list[str] = Field(default_factory=list)
+    """Several endpoints of the same model; requests go to the least busy one."""
+    model: str
+    api_key_env: str | None = None
+    """NAME of the environment variable holding the key; unset for a keyless local server."""
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
+    temperature: Annotated[float, Field(ge=0)] = 1.0
+    seed: int | None = None
+    max_tokens: Annotated[int, Field(ge=1)] = 1
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_pixels: Annotated[int, Field(ge=64)] | None = None
+    """Shrink larger images to this many pixels (keeping their shape) before sending."""
+    image_mode: Literal["base64", "file"] = "base64"
+    """``file`` sends ``file://`` URLs, for a vLLM started with ``--allowed-local-media-path``."""
+    template: Path | None = None
+    """A TOML or JSON file replacing some or all of the built-in judging texts."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAIJudgeOptions:
+        if (self.base_url is None) == (not self.base_urls):
+            raise ValueError("set exactly one of base_url and base_urls")
+        if self.image_mode == "file" and self.max_pixels is not None:
+            raise ValueError("max_pixels needs image_mode = 'base64' (files are sent as they are)")
+        return self
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every base URL to use."""
+        return [self.base_url] if self.base_url is not None else list(self.base_urls)
+
+
+class Secret:
+    """An API key that prints as ``***``, so no repr, log or traceback shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The key itself, for the client only."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+@dataclass(slots=True)
+class _Endpoint:
+    url: str
+    client: openai.AsyncOpenAI
+    in_flight: int = 0
+
+
+class OpenAIJudge(Judge):
+    """A VLM judge behind OpenAI-compatible chat completion endpoints.
+
+    Args:
+        name: the metric's name in the run.
+        options: the backend's options.
+        concurrency: the most requests in flight, over all endpoints.
+        scorer: ``"trig"`` or ``"robust"``.
+        confidence: weight scores by the top rating's probability.
+    """
+
+    Options = OpenAIJudgeOptions
+
+    def __init__(
+        self,
+        name: str,
+        options: OpenAIJudgeOptions,
+        *,
+        concurrency: int = 16,
+        scorer: Scorer = "robust",
+        confidence: bool = False,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.concurrency = concurrency
+        self.scorer = scorer
+        self.confidence = confidence
+        self.template = (
+            JudgeTemplate.load(options.template) if options.template else JudgeTemplate.builtin()
+        )
+        self._endpoints: list[_Endpoint] = []
+        self._secret: Secret | None = None
+        self._key_source = (
+            f"the environment variable {options.api_key_env}"
+            if options.api_key_env
+            else "api_key_env (no key is configured)"
+        )
+
+    @classmethod
+    def from_config(
+        cls, entry: JudgeConfig, options: OpenAIJudgeOptions, config: RunConfig
+    ) -> OpenAIJudge:
+        """Build the judge a ``[[judges]]`` entry describes."""
+        return cls(
+            entry.name,
+            options,
+            concurrency=entry.concurrency,
+            scorer=entry.scorer,
+            confidence=entry.confidence,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIJudge(name={self.name!r}, model={self.options.model!r})"
+
+    def fingerprint(self) -> JudgeFingerprint:
+        opts = self.options
+        return JudgeFingerprint(
+            backend="openai",
+            model=opts.model,
+            template_version=self.template.version,
+            scorer=self.scorer,
+            confidence=self.confidence,
+            params={
+                "top_logprobs": opts.top_logprobs,
+                "temperature": opts.temperature,
+                "seed": opts.seed,
+                "max_tokens": opts.max_tokens,
+                "max_pixels": opts.max_pixels,
+                "image_mode": opts.image_mode,
+            },
+        )
+
+    async def open(self) -> None:
+        """Create one client per endpoint.
+
+        Raises:
+            FatalBackendError: ``api_key_env`` names a variable that is not set.
+        """
+        import openai
+
+        env = self.options.api_key_env
+        if env:
+            key = os.environ.get(env)
+            if not key:
+                raise FatalBackendError(
+                    f"judge {self.name!r}: the environment variable {env} (api_key_env) is "
+                    "not set or empty; export the API key in it"
+                )
+            self._secret = Secret(key)
+        for url in self.options.endpoints:
+            client = openai.AsyncOpenAI(
+                base_url=url,
+                api_key=self._secret.reveal() if self._secret else NO_KEY,
+                max_retries=0,
+                timeout=self.options.timeout_s,
+                http_client=openai.DefaultAioHttpClient(timeout=self.options.timeout_s),
+            )
+            self._endpoints.append(_Endpoint(url, client))
+
+    async def aclose(self) -> None:
+        endpoints, self._endpoints = self._endpoints, []
+        for endpoint in endpoints:
+            await endpoint.client.close()
+
+    def prepare(self, path: Path) -> PreparedImage:
+        """Read the image once and encode it for every request about it (a worker thread).
+
+        Raises:
+            ItemError: the file cannot be read or is not an image.
+        """
+        if self.options.image_mode == "file":
+            if not path.is_file():
+                raise ItemError(f"image {path} does not exist")
+            return PreparedImage(path=path, payload=path.resolve().as_uri())
+        return PreparedImage(path=path, payload=encode_image(path, self.options.max_pixels))
+
+    def messages(self, request: JudgeRequest, image_url: str) -> list[dict[str, Any]]:
+        """The chat messages of one (image, dimension) question."""
+        sample = request.sample
+        template = self.template
+        return [
+            {
+                "role": "system",
+                "content": template.system_text(sample.task, request.dimension, sample.item),
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                    {
+                        "type": "text",
+                        "text": template.user_text(
+                            sample.task, request.dimension, sample.prompt, sample.item
+                        ),
+                    },
+                ],
+            },
+        ]
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        from openai.types.chat import ChatCompletion
+
+        if not self._endpoints:
+            raise RuntimeError("the judge is not open: call open() first")
+        payload = request.image.payload
+        if not isinstance(payload, str):
+            raise ItemError(f"image {request.image.path} was not prepared by this judge")
+        endpoint = min(self._endpoints, key=lambda e: e.in_flight)
+        endpoint.in_flight += 1
+        try:
+            # The SDK's generic POST, not ``chat.completions.create``: the body is plain JSON
+            # built here, and the typed method walks every message part again to transform
+            # it, which costs more CPU per request than everything else on this side.
+            completion = await endpoint.client.post(
+                "/chat/completions", cast_to=ChatCompletion, body=self._body(request, payload)
+            )
+        except Exception as exc:
+            raise classify(
+                exc,
+                endpoint=endpoint.url,
+                secret=self._secret.reveal() if self._secret else None,
+                key_source=self._key_source,
+                timeout_s=self.options.timeout_s,
+            ) from None
+        finally:
+            endpoint.in_flight -= 1
+        return reply_of(completion, endpoint.url)
+
+    def _body(self, request: JudgeRequest, image_url: str) -> dict[str, Any]:
+        opts = self.options
+        body: dict[str, Any] = {
+            "model": opts.model,
+            "messages": self.messages(request, image_url),
+            "logprobs": True,
+            "top_logprobs": opts.top_logprobs,
+            "temperature": opts.temperature,
+            "max_tokens": opts.max_tokens,
+        }
+        if opts.seed is not None:
+            body["seed"] = opts.seed
+        return body
+
+
+def reply_of(completion: Any, endpoint: str) -> JudgeReply:
+    """The reply in a chat completion: the first token's top logprobs and the text.
+
+    Raises:
+        RetryableError: the completion has no choice (a malformed answer).
+    """
+    choices = getattr(completion, "choices", None)
+    if not choices:
+        raise RetryableError(f"judge at {endpoint}: malformed answer (no choices)")
+    choice = choices[0]
+    text = (choice.message.content if choice.message is not None else None) or ""
+    content = choice.logprobs.content if choice.logprobs is not None else None
+    if not content:
+        return JudgeReply(top_logprobs=None, text=text)
+    first = content[0]
+    top = [(entry.token, float(entry.logprob)) for entry in first.top_logprobs or ()]
+    if not top:  # top_logprobs = 0 asks for the chosen token only
+        top = [(first.token, float(first.logprob))]
+    return JudgeReply(top_logprobs=top, text=text)
+
+
+def encode_image(path: Path, max_pixels: int | None = None) -> str:
+    """A ``data:`` URL of the image file, shrunk to at most ``max_pixels`` when given.
+
+    Raises:
+        ItemError: the file cannot be read or is not an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = (image.format or "PNG").upper()
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                scale = (max_pixels / (image.width * image.height)) ** 0.5
+                size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+                buffer = io.BytesIO()
+                resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+                resized.save(buffer, format="PNG")
+                data, fmt = buffer.getvalue(), "PNG"
+    except (UnidentifiedImageError, ValueError, SyntaxError):  # before OSError, its base
+        raise ItemError(f"{path} is not a readable image") from None
+    except OSError as exc:
+        raise ItemError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(data).decode('ascii')}"

@@ -1,0 +1,444 @@
+"""A loopback judge server speaking the OpenAI chat protocol, with injectable faults.
+
+It answers ``POST /v1/chat/completions`` as vLLM does: the first token's top logprobs in
+``choices[0].logprobs.content[0].top_logprobs``, the message, ``usage``. Images in the request
+(``data:`` or ``file://`` URLs) are decoded and checked; a bad one is a 400. The answer is a
+function of the image and the dimension named in the system message (see
+:mod:`trig_stream.testing.planted_scores`), so planted correlations between dimensions show up
+in the scores. Like vLLM it has ``capacity`` slots and queues what does not fit, reporting
+``vllm:num_requests_running`` / ``vllm:num_requests_waiting`` on ``GET /metrics``.
+
+Use it from tests as an async context manager (asyncio only, as aiohttp is)::
+
+    async with JudgeServer(JudgeServerOptions(latency_s=0.01)) as server:
+        client = AsyncOpenAI(base_url=server.base_url, api_key="unused")
+
+``GET /stats`` (and :meth:`JudgeServer.stats`) counts requests, faults, and repeated requests
+(the same messages as an earlier request), which a correct client never sends without a fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import random
+import re
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Annotated, Any, Literal, TypeAlias
+from urllib.parse import unquote, urlparse
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trig_stream.dimensions import DIMENSION_NAMES, Dimension
+from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
+
+Fault: TypeAlias = Literal["error", "rate_limit", "hang", "malformed", "missing_logprobs", "reset"]
+FAULTS: tuple[Fault, ...] = (
+    "error",
+    "rate_limit",
+    "hang",
+    "malformed",
+    "missing_logprobs",
+    "reset",
+)
+
+_CODE = re.compile(r"(?<![A-Za-z])(IQ-[ROA]|TA-[CRS]|D-[KA]|R-[TB])(?![A-Za-z])")
+Rate = Annotated[float, Field(ge=0, le=1)]
+
+
+class JudgeServerOptions(BaseModel):
+    """How the simulated judge behaves. Fault rates are shares of requests, drawn per request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "trig-judge-sim"
+    latency_s: Annotated[float, Field(ge=0)] = 0.0
+    """Time each request holds a slot, as inference would."""
+    capacity: Annotated[int, Field(ge=1)] = 64
+    """Requests processed at once; the rest wait in an unbounded queue, as in vLLM."""
+    seed: int = 0
+    error_rate: Rate = 0.0
+    """Requests answered with a 503."""
+    rate_limit_rate: Rate = 0.0
+    """Requests answered with a 429 carrying ``Retry-After: retry_after``."""
+    retry_after: str = "1"
+    """The Retry-After header value: seconds, or an HTTP date."""
+    hang_rate: Rate = 0.0
+    """Requests never answered until the client gives up (or the server stops)."""
+    malformed_rate: Rate = 0.0
+    """Requests answered 200 with a truncated JSON body."""
+    missing_logprobs_rate: Rate = 0.0
+    """Requests answered without logprobs."""
+    reset_rate: Rate = 0.0
+    """Requests whose connection is aborted before any answer."""
+    correlations: dict[str, float] = Field(default_factory=dict)
+    """Planted correlations of latent quality by pair, e.g. ``{"IQ-R_TA-C": 0.8}``."""
+    api_key: str | None = None
+    """When set, requests must carry ``Authorization: Bearer <api_key>``; others get a 401
+    whose message quotes the key received, as some providers do."""
+    record_requests: bool = False
+    """Keep every request body in :attr:`JudgeServer.received` (tests)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> JudgeServerOptions:
+        total = sum(self.fault_rates().values())
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"fault rates add up to {total:.3f}; they must not exceed 1")
+        loadings(self.correlations)
+        return self
+
+    def fault_rates(self) -> dict[Fault, float]:
+        """The rate of each fault kind."""
+        return {
+            "error": self.error_rate,
+            "rate_limit": self.rate_limit_rate,
+            "hang": self.hang_rate,
+            "malformed": self.malformed_rate,
+            "missing_logprobs": self.missing_logprobs_rate,
+            "reset": self.reset_rate,
+        }
+
+
+class ServerStats(BaseModel):
+    """What ``GET /stats`` returns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    received: int = 0
+    """Chat requests received, faulty or not."""
+    served: int = 0
+    """Chat requests answered with a completion."""
+    repeated: int = 0
+    """Chat requests whose messages equal an earlier request's."""
+    rejected: int = 0
+    """Chat requests refused as invalid (4xx)."""
+    faults: dict[str, int] = Field(default_factory=dict)
+    running: int = 0
+    waiting: int = 0
+    max_running: int = 0
+    max_waiting: int = 0
+
+
+class BadRequest(Exception):
+    """A request the server refuses with a 400."""
+
+
+class JudgeServer:
+    """The loopback judge server; an async context manager serving on ``host:port``.
+
+    Args:
+        options: behaviour and faults.
+        host: interface to listen on.
+        port: port to listen on; 0 picks a free one (see :attr:`base_url`).
+    """
+
+    def __init__(
+        self, options: JudgeServerOptions | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.options = options or JudgeServerOptions()
+        self.host = host
+        self.port = port
+        self.received: list[dict[str, Any]] = []
+        self._stats = ServerStats(faults=dict.fromkeys(FAULTS, 0))
+        self._loadings = loadings(self.options.correlations)
+        self._random = random.Random(self.options.seed)
+        self._seen: set[str] = set()
+        self._runner: web.AppRunner | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._stopping: asyncio.Event | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL of the server (ending in ``/v1``)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def stats(self) -> ServerStats:
+        """A snapshot of the counters."""
+        return self._stats.model_copy(deep=True)
+
+    async def __aenter__(self) -> JudgeServer:
+        self._slots = asyncio.Semaphore(self.options.capacity)
+        self._stopping = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024**2)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/stats", self._stats_route)
+        # Handlers are cancelled when their client goes away, so a hung request ends with
+        # its connection; the short shutdown timeout bounds what a stop waits for.
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, shutdown_timeout=0.25, access_log=None
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release hung requests and stop serving; safe to call more than once."""
+        if self._stopping is not None:
+            self._stopping.set()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # -- routes -------------------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        stats = self._stats
+        stats.received += 1
+        try:
+            body = await request.json()
+        except ValueError:
+            stats.rejected += 1
+            return _error(400, "the request body is not JSON", "invalid_request_error")
+        if self.options.record_requests:
+            self.received.append(body)
+        if self.options.api_key is not None:
+            sent = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if sent != self.options.api_key:
+                stats.rejected += 1
+                message = f"Incorrect API key provided: {sent}."
+                return _error(401, message, "invalid_request_error", code="invalid_api_key")
+        try:
+            messages, image_key, dimension, limit = self._parse(body)
+        except BadRequest as exc:
+            stats.rejected += 1
+            return _error(400, str(exc), "invalid_request_error")
+        digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+        if digest in self._seen:
+            stats.repeated += 1
+        self._seen.add(digest)
+
+        fault = self._draw_fault()
+        if fault is not None:
+            stats.faults[fault] += 1
+            early = await self._fault(fault, request)
+            if early is not None:
+                return early
+        await self._occupy_slot()
+        stats.served += 1
+        return web.json_response(
+            self._completion(body, image_key, dimension, limit, with_logprobs=fault is None)
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {"id": self.options.model, "object": "model", "created": 0, "owned_by": "trig"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        label = f'{{model_name="{self.options.model}"}}'
+        lines = []
+        for name, value, meaning in (
+            ("running", self._stats.running, "Number of requests currently running."),
+            ("waiting", self._stats.waiting, "Number of requests waiting to be processed."),
+        ):
+            lines += [
+                f"# HELP vllm:num_requests_{name} {meaning}",
+                f"# TYPE vllm:num_requests_{name} gauge",
+                f"vllm:num_requests_{name}{label} {float(value)}",
+            ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def _stats_route(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats().model_dump())
+
+    # -- behaviour ----------------------------------------------------------------------------
+
+    def _parse(self, body: Any) -> tuple[list[Any], str, str, int]:
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise BadRequest("'messages' must be a list")
+        messages: list[Any] = body["messages"]
+        image_hash = hashlib.sha256()
+        texts: list[str] = []
+        system = ""
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            parts = [content] if isinstance(content, str) else content
+            if not isinstance(parts, list):
+                raise BadRequest("every message needs a 'content' string or list of parts")
+            for part in parts:
+                text = part if isinstance(part, str) else None
+                if isinstance(part, dict) and part.get("type") == "text":
+                    text = str(part.get("text", ""))
+                if text is not None:
+                    texts.append(text)
+                    if message.get("role") == "system":
+                        system += text
+                elif isinstance(part, dict) and part.get("type") == "image_url":
+                    url = str((part.get("image_url") or {}).get("url", ""))
+                    image_hash.update(_checked_image(url))
+                else:
+                    raise BadRequest(f"unsupported content part: {str(part)[:80]}")
+        limit = body.get("top_logprobs") or 0
+        if not isinstance(limit, int) or not 0 <= limit <= 20:
+            raise BadRequest("top_logprobs must be an integer from 0 to 20")
+        user_text = texts[-1] if texts else ""
+        # The image identifies the question's subject; the prompt text separates images that
+        # happen to be identical (a blank image made for two prompts).
+        image_key = image_hash.hexdigest() + hashlib.sha256(user_text.encode()).hexdigest()
+        return messages, image_key, _dimension_named(system or " ".join(texts)), limit
+
+    def _draw_fault(self) -> Fault | None:
+        draw = self._random.random()
+        edge = 0.0
+        for fault, rate in self.options.fault_rates().items():
+            edge += rate
+            if draw < edge:
+                return fault
+        return None
+
+    async def _fault(self, fault: Fault, request: web.Request) -> web.StreamResponse | None:
+        if fault == "error":
+            return _error(503, "the simulated judge is overloaded", "server_error")
+        if fault == "rate_limit":
+            response = _error(429, "rate limit reached", "rate_limit_error")
+            response.headers["Retry-After"] = self.options.retry_after
+            return response
+        if fault == "malformed":
+            return web.Response(
+                text='{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess',
+                content_type="application/json",
+            )
+        if fault == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError  # nothing more can be said on this connection
+        if fault == "hang":
+            assert self._stopping is not None
+            await self._stopping.wait()
+            return _error(503, "the simulated judge is shutting down", "server_error")
+        return None  # missing_logprobs: answered normally, minus the logprobs
+
+    async def _occupy_slot(self) -> None:
+        assert self._slots is not None
+        stats = self._stats
+        if self._slots.locked():  # every slot is taken: this request queues, as in vLLM
+            stats.waiting += 1
+            stats.max_waiting = max(stats.max_waiting, stats.waiting)
+            try:
+                await self._slots.acquire()
+            finally:
+                stats.waiting -= 1
+        else:
+            await self._slots.acquire()
+        stats.running += 1
+        stats.max_running = max(stats.max_running, stats.running)
+        try:
+            if self.options.latency_s:
+                await asyncio.sleep(self.options.latency_s)
+        finally:
+            stats.running -= 1
+            self._slots.release()
+
+    def _completion(
+        self,
+        body: dict[str, Any],
+        image_key: str,
+        dimension: str,
+        limit: int,
+        *,
+        with_logprobs: bool,
+    ) -> dict[str, Any]:
+        loading = self._loadings.get(dimension, 0.0)  # type: ignore[call-overload]
+        z = latent(image_key, dimension, loading, seed=self.options.seed)
+        top = rating_logprobs(z, limit=max(limit, 1))
+        token, logprob = top[0]
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        text = token if max_tokens == 1 else f"{token}."
+        logprobs = None
+        if with_logprobs and body.get("logprobs"):
+            entries = [_token_entry(t, lp) for t, lp in top[:limit]]
+            logprobs = {"content": [{**_token_entry(token, logprob), "top_logprobs": entries}]}
+        completion_tokens = 1 if max_tokens == 1 else 2
+        prompt_tokens = 300 + len(json.dumps(body.get("messages", ""))) // 400
+        return {
+            "id": f"chatcmpl-{self._stats.served}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.options.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs,
+                    "finish_reason": "length" if max_tokens == 1 else "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+
+def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def _error(status: int, message: str, kind: str, *, code: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status)
+
+
+def _dimension_named(text: str) -> str:
+    match = _CODE.search(text)
+    if match:
+        return match.group(1)
+    for code, name in DIMENSION_NAMES.items():
+        if name.split()[0].lower() in text.lower():
+            return code
+    return "unknown"
+
+
+def _checked_image(url: str) -> bytes:
+    """The bytes of a ``data:`` or ``file://`` image URL, verified as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64"):
+            raise BadRequest("image data URLs must be base64")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except ValueError:
+            raise BadRequest("the image data URL is not valid base64") from None
+    elif url.startswith("file://"):
+        try:
+            data = Path(unquote(urlparse(url).path)).read_bytes()
+        except OSError as exc:
+            raise BadRequest(f"cannot read the image file: {exc.strerror}") from None
+    else:
+        raise BadRequest("image URLs must be data: or file:// URLs")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        raise BadRequest("the image cannot be decoded") from None
+    return data
+
+
+def dimension_of(text: str) -> Dimension | None:
+    """The dimension a judging instruction is about, as the server reads it; None if none."""
+    code = _dimension_named(text)
+    return None if code == "unknown" else code  # type: ignore[return-value]

@@ -1,0 +1,137 @@
+"""The ``simulate-judge`` command: serve the loopback judge until interrupted.
+
+Point a run's ``openai`` judge at it to try the whole pipeline, faults included, without a
+GPU::
+
+    trig-stream simulate-judge --port 8000 --latency 0.05 --capacity 64 --error-rate 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+from rich.console import Console
+
+from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def add_simulate_judge_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``simulate-judge`` to the ``trig-stream`` command's subparsers.
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers`` returned.
+
+    Returns:
+        The command's parser (its handler is set as the ``handler`` default).
+    """
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "simulate-judge",
+        help="serve a simulated OpenAI-protocol judge (logprobs, faults) on loopback",
+        description=(
+            "Serve POST /v1/chat/completions with rating logprobs, plus /v1/models, /health, "
+            "/metrics (vLLM gauge names) and /stats, until interrupted."
+        ),
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--model", default="trig-judge-sim", help="the model name to serve")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    parser.add_argument("--capacity", type=int, default=64, help="requests processed at once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--error-rate", type=float, default=0.0, help="share answered 503")
+    parser.add_argument("--rate-limit-rate", type=float, default=0.0, help="share answered 429")
+    parser.add_argument(
+        "--retry-after", default="1", help="Retry-After of 429s: seconds or an HTTP date"
+    )
+    parser.add_argument("--hang-rate", type=float, default=0.0, help="share never answered")
+    parser.add_argument(
+        "--malformed-rate", type=float, default=0.0, help="share answered with broken JSON"
+    )
+    parser.add_argument(
+        "--missing-logprobs-rate", type=float, default=0.0, help="share answered without logprobs"
+    )
+    parser.add_argument(
+        "--reset-rate", type=float, default=0.0, help="share whose connection is aborted"
+    )
+    parser.add_argument(
+        "--correlation",
+        action="append",
+        default=[],
+        metavar="A_B=R",
+        help="plant correlation R between two dimensions, e.g. IQ-R_TA-C=0.8 (repeatable)",
+    )
+    parser.add_argument("--api-key-env", help="require the key held in this environment variable")
+    parser.set_defaults(handler=run_simulate_judge)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
+    """The server options the command line asks for.
+
+    Raises:
+        ValueError: a ``--correlation`` is not ``A_B=R``, or an option is out of range.
+    """
+    correlations: dict[str, float] = {}
+    for text in args.correlation:
+        pair, sep, value = text.partition("=")
+        if not sep:
+            raise ValueError(f"--correlation {text!r}: expected A_B=R, e.g. IQ-R_TA-C=0.8")
+        correlations[pair.strip()] = float(value)
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        raise ValueError(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+    try:
+        return JudgeServerOptions(
+            model=args.model,
+            latency_s=args.latency,
+            capacity=args.capacity,
+            seed=args.seed,
+            error_rate=args.error_rate,
+            rate_limit_rate=args.rate_limit_rate,
+            retry_after=args.retry_after,
+            hang_rate=args.hang_rate,
+            malformed_rate=args.malformed_rate,
+            missing_logprobs_rate=args.missing_logprobs_rate,
+            reset_rate=args.reset_rate,
+            correlations=correlations,
+            api_key=api_key,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(problems) from None
+
+
+def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
+    """Handler of ``simulate-judge``: serve until SIGINT or SIGTERM."""
+    try:
+        options = options_from_args(args)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return EXIT_USAGE
+    anyio.run(_serve, options, args.host, args.port, console, backend="asyncio")
+    return EXIT_OK
+
+
+async def _serve(options: JudgeServerOptions, host: str, port: int, console: Console) -> None:
+    async with JudgeServer(options, host=host, port=port) as server:
+        console.print(f"simulated judge serving {options.model!r} at {server.base_url}")
+        # Tools that start the command read this line to learn the port.
+        print(f"READY {server.base_url}", flush=True)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        stats = server.stats()
+        console.print(
+            f"stopped: {stats.served} served, {stats.repeated} repeated, "
+            f"{sum(stats.faults.values())} faults"
+        )
