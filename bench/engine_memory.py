@@ -33,7 +33,7 @@ def one(size: int, folder: Path) -> tuple[float, float]:
     config = write_toml(folder / f"run-{size}.toml", bench_config(folder / f"runs-{size}", dataset))
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", PEAK, "run", str(config), "--headless"],
+        [sys.executable, "-c", PEAK, "run", str(config), "--headless", "--no-report"],
         capture_output=True, text=True, check=True,
     )
     elapsed = time.perf_counter() - started
