@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,plots
+EXTRAS ?= dev,plots,diffusers
 
 .PHONY: demo test lint env clean
 

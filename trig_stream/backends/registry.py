@@ -24,6 +24,10 @@ Kind: TypeAlias = Literal["generators", "judges"]
 _BUILTIN: dict[Kind, dict[str, str]] = {
     "generators": {
         "synthetic": "trig_stream.testing.synthetic:SyntheticGenerator",
+        "diffusers": "trig_stream.backends.generators.diffusers_generator:DiffusersGenerator",
+        "image_folder": "trig_stream.backends.generators.image_folder:ImageFolderGenerator",
+        "openai_images": "trig_stream.backends.generators.openai_images:OpenAIImagesGenerator",
+        "dtm_rewrite": "trig_stream.backends.generators.dtm_rewrite:DTMRewriteGenerator",
     },
     "judges": {
         "fake": "trig_stream.testing.fake_judge:FakeJudge",

@@ -1,0 +1,221 @@
+"""A device check for the diffusers generator: batching gain and time to the first judgement.
+
+One prepared script for a machine with a GPU (it also runs on a CPU, at smaller sizes):
+
+1. builds a mid-size random-weight Flux pipeline (no download) and saves it to a folder;
+2. measures images per second of the ``diffusers`` generator at batch 1 and batch 8
+   (one pipeline call per batch, seeded per image);
+3. runs the engine with that generator and the ``fake`` judge and reports how long the judge
+   waited for its first image, and the run's images per second.
+
+Everything finishes in well under 5 minutes on one H200 (about a minute on 2 CPU cores with
+``--device cpu``). Results are printed and written as JSON to ``$OUT/generators_gpu_check.json``
+when ``OUT`` is set.
+
+Run: ``.venv/bin/python bench/generators_gpu_check.py [--device auto|cpu|cuda:0]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from trig_stream import Engine
+from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.config import parse_config
+from trig_stream.records import Sample
+from trig_stream.testing.tiny_pipelines import byte_level_clip_tokenizer, unigram_t5_tokenizer
+
+# (image side, steps, transformer width, double blocks, single blocks, images per batch run)
+SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
+    "gpu": (512, 8, 1024, 4, 8, 32),
+    "cpu": (128, 2, 128, 1, 2, 8),
+}
+
+
+def build_mid_flux(path: Path, width: int, double: int, single: int) -> Path:
+    """A Flux pipeline with random weights, ``width`` wide: small text encoders, a 16x VAE."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = byte_level_clip_tokenizer()
+    tokenizer_2 = unigram_t5_tokenizer()
+    text = 256
+    end = int(tokenizer.convert_tokens_to_ids("<|endoftext|>"))  # type: ignore[arg-type]
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=text, intermediate_size=4 * text,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+            projection_dim=text, bos_token_id=end - 1, eos_token_id=end, pad_token_id=end,
+        )
+    )  # fmt: skip
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer_2), d_model=text, d_kv=64, d_ff=4 * text,
+                 num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1)
+    )  # fmt: skip
+    heads = width // 128
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
+        attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=text,
+        pooled_projection_dim=text, axes_dims_rope=[16, 56, 56],
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1, latent_channels=16, norm_num_groups=32,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer,
+    ).save_pretrained(str(path))  # fmt: skip
+    return path
+
+
+def generator_options(path: Path, device: str, side: int, steps: int) -> dict[str, Any]:
+    return {
+        "pipeline": "FluxPipeline",
+        "checkpoint": str(path),
+        "devices": [device],
+        "dtype": "auto" if device == "cpu" else "bfloat16",
+        "local_files_only": True,
+        "steps": steps,
+        "height": side,
+        "width": side,
+        "call": {"max_sequence_length": 64},
+    }
+
+
+def requests(count: int) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(
+            "mid",
+            Sample(
+                data_id=f"IQ-R_TA-C_{i + 1}",
+                task="t2i",
+                prompt=f"a lighthouse on a cliff at dusk, study {i}",
+                dimensions=("IQ-R", "TA-C"),
+            ),
+            i,
+        )
+        for i in range(count)
+    ]
+
+
+def throughput(generator: DiffusersGenerator, batch: int, count: int, device: str) -> float:
+    import torch
+
+    todo = requests(count)
+    cancel = threading.Event()
+    generator.generate(todo[:batch], worker=0, cancel=cancel)  # warm-up (kernels, allocator)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for first in range(0, count, batch):
+        generator.generate(todo[first : first + batch], worker=0, cancel=cancel)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - started)
+
+
+async def first_judgement(
+    root: Path, options: dict[str, Any], batch: int, count: int
+) -> dict[str, float]:
+    records = [
+        {"data_id": r.sample.data_id, "prompt": r.sample.prompt, "dimension": ["IQ-R", "TA-C"]}
+        for r in requests(count)
+    ]
+    (root / "prompts.json").write_text(json.dumps(records))
+    config = parse_config(
+        {
+            "run": {"name": f"gpu-check-{batch}", "output_dir": str(root / "runs")},
+            "dataset": {"path": str(root / "prompts.json")},
+            "generators": [
+                {"name": "mid", "backend": "diffusers", "batch_size": batch, "options": options}
+            ],
+            "judges": [{"backend": "fake"}],
+        },
+        source=root / "config.toml",
+    )
+    started = time.perf_counter()
+    first: float | None = None
+    async with Engine(config) as engine:
+        async for _ in engine.results:
+            if first is None:
+                first = time.perf_counter() - started
+    total = time.perf_counter() - started
+    stats = engine.stats()
+    return {
+        "batch_size": batch,
+        "first_judgement_s": round(first or total, 3),
+        "total_s": round(total, 3),
+        "images": stats.models["mid"].generated,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    import diffusers
+    import torch
+
+    diffusers.utils.logging.set_verbosity_error()
+    device = args.device
+    if device == "auto":
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    side, steps, width, double, single, count = SIZES["cpu" if device == "cpu" else "gpu"]
+    report: dict[str, Any] = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "image": f"{side}x{side}",
+        "steps": steps,
+        "transformer": {"width": width, "double_blocks": double, "single_blocks": single},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        path = build_mid_flux(root / "mid-flux", width, double, single)
+        report["build_s"] = round(time.perf_counter() - t, 2)
+        options = generator_options(path, device, side, steps)
+        generator = DiffusersGenerator("mid", DiffusersOptions.model_validate(options))
+        t = time.perf_counter()
+        generator.load()
+        report["load_s"] = round(time.perf_counter() - t, 2)
+        for batch in (1, 8):
+            rate = throughput(generator, batch, count, device)
+            report[f"images_per_s_batch_{batch}"] = round(rate, 2)
+            print(f"batch {batch}: {rate:.2f} images/s", flush=True)
+        report["batching_gain"] = round(
+            report["images_per_s_batch_8"] / report["images_per_s_batch_1"], 2
+        )
+        generator.close()
+        report["engine"] = [
+            anyio.run(first_judgement, root, options, batch, count) for batch in (1, 8)
+        ]
+    print(json.dumps(report, indent=2))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "generators_gpu_check.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

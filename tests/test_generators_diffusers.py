@@ -1,0 +1,323 @@
+"""The diffusers generator on tiny random-weight pipelines, end to end through the engine."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import pytest
+from PIL import Image
+
+from tests.conftest import ConfigFactory, write_prompts
+from trig_stream import Engine
+from trig_stream.backends.base import GenerationRequest
+from trig_stream.config import RunConfig
+from trig_stream.errors import FatalBackendError, ItemError
+from trig_stream.records import Judgement, Sample
+from trig_stream.store import IMAGES, JOURNAL
+
+pytest.importorskip("diffusers")
+
+from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.testing.tiny_pipelines import (
+    PIPELINE_CLASSES,
+    TINY_CALL,
+    TinyKind,
+    build_tiny_pipeline,
+)
+
+SIZE = 32
+"""Side of the images the tests ask for (a multiple of the tiny VAEs' 8x downscale x 2)."""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # Pipelines dominate the time here; the event-loop matrix is covered by the engine tests.
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[TinyKind, Path]:
+    """Each tiny pipeline built once per session."""
+    root = tmp_path_factory.mktemp("tiny-pipelines")
+    return {kind: build_tiny_pipeline(kind, root / kind) for kind in PIPELINE_CLASSES}
+
+
+def tiny_options(path: Path, kind: TinyKind, **extra: Any) -> dict[str, Any]:
+    return {
+        "pipeline": PIPELINE_CLASSES[kind],
+        "checkpoint": str(path),
+        "inputs": "edit" if kind == "instruct_pix2pix" else "text",
+        "devices": ["cpu"],
+        "local_files_only": True,
+        "steps": 2,
+        "height": SIZE,
+        "width": SIZE,
+        "call": TINY_CALL[kind],
+        **extra,
+    }
+
+
+def p2p_dataset(root: Path, count: int) -> dict[str, Any]:
+    """A legacy p2p JSON dataset with its source images in ``root/sources``."""
+    sources = root / "sources"
+    sources.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in range(count):
+        name = f"src_{index}.png"
+        Image.new("RGB", (48, 40), (index * 40 % 256, 90, 160)).save(sources / name)
+        records.append(
+            {
+                "data_id": f"IQ-R_TA-C_{index + 1}",
+                "prompt": f"make it look like winter {index}",
+                "dimension": ["IQ-R", "TA-C"],
+                "img_id": name,
+            }
+        )
+    path = root / "p2p.json"
+    path.write_text(json.dumps(records))
+    return {"path": str(path), "image_root": str(sources)}
+
+
+def journal(config: RunConfig) -> list[dict[str, Any]]:
+    lines = (config.run_dir / JOURNAL).read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+async def run_to_end(config: RunConfig, **kwargs: Any) -> tuple[list[Judgement], Engine]:
+    async with Engine(config, **kwargs) as engine:
+        results = [j async for j in engine.results]
+    return results, engine
+
+
+def png_bytes(config: RunConfig, model: str) -> dict[str, bytes]:
+    folder = config.run_dir / IMAGES / config.run.task / model
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.png"))}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["flux", "sd", "instruct_pix2pix"])
+async def test_tiny_pipeline_through_the_engine_is_repeatable(
+    kind: TinyKind, tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    from trig_stream.config import parse_config
+
+    samples = 4
+    if kind == "instruct_pix2pix":
+        dataset = p2p_dataset(tmp_path, samples)
+        task = "p2p"
+    else:
+        dataset = {"path": str(write_prompts(tmp_path / "t2i.json", samples))}
+        task = "t2i"
+    runs = []
+    for run_name in ("first", "second"):
+        data = {
+            "run": {"name": run_name, "output_dir": str(tmp_path / "runs"), "task": task},
+            "dataset": dataset,
+            "generators": [
+                {
+                    "name": "tiny",
+                    "backend": "diffusers",
+                    "batch_size": 2,
+                    "options": tiny_options(tiny_pipelines[kind], kind),
+                }
+            ],
+            "judges": [{"backend": "fake"}],
+        }
+        config = parse_config(data, source=tmp_path / "config.toml")
+        results, _ = await run_to_end(config)
+        assert len(results) == 2 * samples
+        assert {j.status for j in results} == {"ok"}
+        runs.append(png_bytes(config, "tiny"))
+        for name, raw in runs[-1].items():
+            with Image.open(config.run_dir / IMAGES / task / "tiny" / name) as image:
+                image.verify()
+            with Image.open(config.run_dir / IMAGES / task / "tiny" / name) as image:
+                assert image.format == "PNG"
+                assert image.size == (SIZE, SIZE)
+            assert raw.startswith(b"\x89PNG")
+    first, second = runs
+    assert len(first) == samples
+    assert first == second  # same seeds, same bytes
+    assert len(set(first.values())) == samples  # and each sample its own picture
+
+
+@pytest.mark.anyio
+async def test_ready_prompts_share_one_pipeline_call(
+    make_config: ConfigFactory, tiny_pipelines: dict[TinyKind, Path]
+) -> None:
+    config = make_config(
+        samples=8,
+        generators=[
+            {
+                "name": "tiny",
+                "backend": "diffusers",
+                "batch_size": 4,
+                "options": tiny_options(tiny_pipelines["flux"], "flux"),
+            }
+        ],
+    )
+    _, engine = await run_to_end(config)
+    generator = engine._generators[0]
+    assert isinstance(generator, DiffusersGenerator)
+    assert sum(generator.calls) == 8
+    assert max(generator.calls) <= 4
+    # The sample buffer fills while the pipeline loads, so the first call takes a full batch.
+    assert generator.calls[0] == 4
+
+
+def request(data_id: str, seed: int, prompt: str = "a cat") -> GenerationRequest:
+    sample = Sample(data_id=data_id, task="t2i", prompt=prompt, dimensions=("IQ-R", "TA-C"))
+    return GenerationRequest("tiny", sample, seed)
+
+
+def make_generator(path: Path, kind: TinyKind = "flux", **extra: Any) -> DiffusersGenerator:
+    options = DiffusersOptions.model_validate(tiny_options(path, kind, **extra))
+    return DiffusersGenerator("tiny", options, batch_size=4)
+
+
+def test_a_batch_is_one_call_with_one_seeded_generator_per_prompt(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    generator = make_generator(tiny_pipelines["flux"])
+    generator.load()
+    batch = [request("IQ-R_TA-C_1", 1), request("IQ-R_TA-C_2", 2), request("IQ-R_TA-C_3", 1)]
+    images = generator.generate(batch, worker=0, cancel=threading.Event())
+    generator.close()
+    assert generator.calls == [3]
+    assert all(isinstance(image, Image.Image) for image in images)
+    pixels = [image.tobytes() for image in images if isinstance(image, Image.Image)]
+    assert pixels[0] != pixels[1]  # different seeds
+    assert pixels[0] == pixels[2]  # same seed and prompt: same picture, whatever the batch
+
+
+class CancelAtStep(DiffusersGenerator):
+    """Asks the engine to cancel, from the step callback, during its ``at_call``-th call."""
+
+    engine: Engine | None = None
+    at_call = 2
+    cancelled_at: tuple[int, int] | None = None
+
+    def on_step(self, worker: int, step: int) -> None:
+        if len(self.calls) == self.at_call and self.cancelled_at is None:
+            self.cancelled_at = (len(self.calls), step)
+            assert self.engine is not None
+            anyio.from_thread.run_sync(self.engine.cancel)
+
+
+@pytest.mark.anyio
+async def test_cancel_mid_generation_then_resume_makes_only_the_missing_images(
+    make_config: ConfigFactory, tiny_pipelines: dict[TinyKind, Path]
+) -> None:
+    config = make_config(
+        samples=8,
+        generators=[
+            {
+                "name": "tiny",
+                "backend": "diffusers",
+                "batch_size": 2,
+                "options": tiny_options(tiny_pipelines["flux"], "flux"),
+            }
+        ],
+    )
+    options = DiffusersOptions.model_validate(config.generators[0].options)
+    cancelling = CancelAtStep("tiny", options, batch_size=2)
+    async with Engine(config, generators=[cancelling]) as engine:
+        cancelling.engine = engine
+        async for _ in engine.results:
+            pass
+    assert engine.stats().state == "cancelled"
+    assert cancelling.cancelled_at == (2, 0)  # stopped after the first step of call 2
+    kept = png_bytes(config, "tiny")
+    assert len(kept) == 2  # the first call's images; the cancelled call wrote none
+
+    _, resumed = await run_to_end(config)
+    counts = resumed.stats().models["tiny"]
+    assert counts.generated == 8 - len(kept)
+    assert counts.reused + counts.skipped == len(kept)
+    final = png_bytes(config, "tiny")
+    assert len(final) == 8
+    assert all(final[name] == raw for name, raw in kept.items())
+    keys = [(r["data_id"], r["dimension"]) for r in journal(config)]
+    assert len(keys) == len(set(keys)) == 16
+
+
+def test_cancel_event_already_set_makes_nothing(tiny_pipelines: dict[TinyKind, Path]) -> None:
+    generator = make_generator(tiny_pipelines["flux"])
+    generator.load()
+    cancel = threading.Event()
+    cancel.set()
+    outcomes = generator.generate([request("IQ-R_TA-C_1", 1)], worker=0, cancel=cancel)
+    assert generator.calls == []
+    assert isinstance(outcomes[0], ItemError) and str(outcomes[0]) == "cancelled"
+
+
+def test_p2p_sample_without_source_fails_alone(tiny_pipelines: dict[TinyKind, Path]) -> None:
+    generator = make_generator(tiny_pipelines["instruct_pix2pix"], "instruct_pix2pix")
+    generator.load()
+    good = Sample(
+        data_id="IQ-R_TA-C_1",
+        task="p2p",
+        prompt="add snow",
+        dimensions=("IQ-R", "TA-C"),
+        source_bytes=_png(Image.new("RGB", (20, 20), "green")),
+    )
+    broken = good.model_copy(update={"data_id": "IQ-R_TA-C_2", "source_bytes": b"not a png"})
+    missing = good.model_copy(update={"data_id": "IQ-R_TA-C_3", "source_bytes": None})
+    requests = [GenerationRequest("tiny", s, 5) for s in (good, broken, missing)]
+    outcomes = generator.generate(requests, worker=0, cancel=threading.Event())
+    assert isinstance(outcomes[0], Image.Image) and outcomes[0].size == (SIZE, SIZE)
+    assert isinstance(outcomes[1], ItemError) and "cannot decode" in str(outcomes[1])
+    assert isinstance(outcomes[2], ItemError) and "no source image" in str(outcomes[2])
+    assert generator.calls == [1]
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_unavailable_device_is_fatal_and_says_what_to_set(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    generator = make_generator(tiny_pipelines["flux"], devices=["cuda:99"])
+    with pytest.raises(FatalBackendError, match=r"options\.devices"):
+        generator.load()
+
+
+def test_unknown_call_argument_is_fatal(tiny_pipelines: dict[TinyKind, Path]) -> None:
+    generator = make_generator(tiny_pipelines["flux"], call={"no_such_argument": 1})
+    with pytest.raises(FatalBackendError, match="no_such_argument"):
+        generator.load()
+
+
+def test_missing_offline_checkpoint_is_fatal(tmp_path: Path) -> None:
+    options = DiffusersOptions(
+        pipeline="FluxPipeline",
+        checkpoint="nobody/no-such-checkpoint",
+        devices=["cpu"],
+        local_files_only=True,
+    )
+    with pytest.raises(FatalBackendError, match="offline"):
+        DiffusersGenerator("x", options).load()
+
+
+def test_two_devices_two_pipelines(tiny_pipelines: dict[TinyKind, Path]) -> None:
+    generator = make_generator(tiny_pipelines["flux"], devices=["cpu", "cpu"])
+    assert generator.workers == 2
+    generator.load()
+    batch: Sequence[GenerationRequest] = [request("IQ-R_TA-C_1", 3)]
+    first = generator.generate(batch, worker=0, cancel=threading.Event())[0]
+    second = generator.generate(batch, worker=1, cancel=threading.Event())[0]
+    assert isinstance(first, Image.Image) and isinstance(second, Image.Image)
+    assert first.tobytes() == second.tobytes()
+    assert generator._pipes[0] is not generator._pipes[1]

@@ -1,0 +1,279 @@
+"""DTM prompt rewriting: relation sources, one instruction per relation, fallback on failure."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from tests.conftest import ConfigFactory
+from trig_stream import Engine
+from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.generators.dtm_relations import (
+    RelationTable,
+    instruction,
+    user_message,
+)
+from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
+from trig_stream.dimensions import Dimension
+from trig_stream.errors import FatalBackendError
+from trig_stream.records import Sample
+from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer
+from trig_stream.testing.synthetic import draw
+
+KEY = "rewrite-secret-key"
+KEY_ENV = "TRIG_TEST_REWRITE_KEY"
+
+# The opening word of each relation's guidance.
+HEADINGS = {0: "Synergy", 3: "Bottleneck", 2: "Dominance", -2: "Dominance", 1: "Trade-off"}
+
+
+def test_each_relation_has_its_own_instruction() -> None:
+    texts = {code: instruction("IQ-R", "TA-C", code) for code in (-2, -1, 0, 1, 2, 3)}
+    assert len(set(texts.values())) == 6
+    for code, heading in HEADINGS.items():
+        assert texts[code].startswith(heading)
+    assert texts[-1].startswith("No clear relation")
+
+
+def test_dominance_names_the_winner_and_strengthens_the_other() -> None:
+    plus = instruction("IQ-R", "TA-C", 2)
+    minus = instruction("IQ-R", "TA-C", -2)
+    assert "favours IQ-R (Realism) at the expense of TA-C (Content alignment)" in plus
+    assert "make the requirements of TA-C (Content alignment) explicit" in plus
+    assert "favours TA-C (Content alignment) at the expense of IQ-R (Realism)" in minus
+    assert "make the requirements of IQ-R (Realism) explicit" in minus
+
+
+def test_relation_table_reads_both_orders() -> None:
+    table = RelationTable.from_mapping({"IQ-R_TA-C": 2, "TA-S_IQ-A": 3, "D-K_R-T": -2})
+    assert table.code("IQ-R", "TA-C") == 2
+    assert table.code("TA-C", "IQ-R") == -2
+    assert table.code("IQ-A", "TA-S") == 3
+    assert table.code("R-T", "D-K") == 2
+    assert table.code("IQ-O", "IQ-A") == -1
+    assert table.as_dict() == {"D-K_R-T": -2, "IQ-A_TA-S": 3, "IQ-R_TA-C": 2}
+    with pytest.raises(ValueError, match="relation code 5"):
+        RelationTable.from_mapping({"IQ-R_TA-C": 5})
+    with pytest.raises(ValueError, match="dimension"):
+        RelationTable.from_mapping({"IQ-R_XX": 0})
+
+
+def write_report(path: Path) -> Path:
+    """A relationship_codes.csv in the upstream layout for three dimensions."""
+    path.write_text(
+        ",IQ-R,TA-C,TA-S\n"
+        "IQ-R,0.712,-2,NULL\n"
+        "TA-C,[0.700-0.650],0.655,1\n"
+        "TA-S,NULL,[0.610-0.580],0.590\n"
+    )
+    return path
+
+
+def test_relation_table_from_report(tmp_path: Path) -> None:
+    table = RelationTable.from_report(write_report(tmp_path / "relationship_codes.csv"))
+    assert table.code("IQ-R", "TA-C") == -2  # row IQ-R, column TA-C: the column wins
+    assert table.code("TA-C", "IQ-R") == 2
+    assert table.code("TA-S", "TA-C") == 1
+    assert table.code("IQ-R", "TA-S") == -1
+    assert len(table) == 2
+    bad = tmp_path / "bad.csv"
+    bad.write_text("dim,IQ-R\nIQ-R,0.5\n")
+    with pytest.raises(ValueError, match="header"):
+        RelationTable.from_report(bad)
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[GenerationAPIServer]:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with GenerationAPIServer(api_key=KEY) as running:
+        yield running
+
+
+class RecordingGenerator(Generator):
+    """An inner generator that records the prompts it is given."""
+
+    def __init__(self) -> None:
+        self.name = "inner"
+        self.prompts: list[str] = []
+        self.loaded = self.closed = False
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"backend": "recording"}
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Any]:
+        self.prompts.extend(r.sample.prompt for r in requests)
+        return [draw(r.seed, 8) for r in requests]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def rewriter(server: GenerationAPIServer, **options: Any) -> DTMRewriteGenerator:
+    validated = DTMRewriteOptions.model_validate(
+        {
+            "inner": {"backend": "synthetic"},
+            "model": "rewriter-llm",
+            "base_url": server.base_url,
+            "api_key_env": KEY_ENV,
+            "relations": {
+                "IQ-R_TA-C": 0,
+                "IQ-A_TA-S": 3,
+                "IQ-O_TA-R": 1,
+                "D-K_IQ-R": 2,
+                "R-T_IQ-A": 2,
+            },
+            **options,
+        }
+    )
+    generator = DTMRewriteGenerator("m", validated, RecordingGenerator(), sleep=lambda s, c: False)
+    generator.load()
+    return generator
+
+
+def request(data_id: str, first: Dimension, second: Dimension) -> GenerationRequest:
+    sample = Sample(
+        data_id=data_id,
+        task="t2i",
+        prompt=f"original prompt of {data_id}",
+        dimensions=(first, second),
+    )
+    return GenerationRequest("m", sample, 1)
+
+
+CASES: list[tuple[Dimension, Dimension, str]] = [
+    ("IQ-R", "TA-C", "Synergy"),
+    ("TA-S", "IQ-A", "Bottleneck"),
+    ("IQ-O", "TA-R", "Trade-off"),
+    ("D-K", "IQ-R", "favours D-K (Knowledge) at the expense of IQ-R (Realism)"),
+    ("IQ-R", "D-K", "favours D-K (Knowledge) at the expense of IQ-R (Realism)"),
+    ("IQ-A", "R-T", "favours R-T (Toxicity) at the expense of IQ-A (Aesthetics)"),
+    ("IQ-O", "D-A", "No clear relation"),
+]
+
+
+@pytest.mark.parametrize(("first", "second", "expected"), CASES)
+def test_rewrite_sends_the_pairs_instruction_and_uses_the_answer(
+    server: GenerationAPIServer, first: Dimension, second: Dimension, expected: str
+) -> None:
+    generator = rewriter(server)
+    inner = generator.inner
+    assert isinstance(inner, RecordingGenerator)
+    (image,) = generator.generate(
+        [request("X_1", first, second)], worker=0, cancel=threading.Event()
+    )
+    assert not isinstance(image, Exception)
+    path, body = server.requests[-1]
+    assert path == "/v1/chat/completions" and body["model"] == "rewriter-llm"
+    system, user = body["messages"]
+    assert system["role"] == "system" and "text-to-image prompt" in system["content"]
+    assert expected in user["content"]
+    assert user["content"].endswith("original prompt of X_1")
+    assert inner.prompts == ["REWRITTEN: original prompt of X_1"]
+    outcome = generator.rewrites["X_1"]
+    assert outcome.status == "rewritten" and outcome.error is None
+    assert outcome.original == "original prompt of X_1"
+    assert user["content"] == user_message(outcome.original, first, second, outcome.relation)
+
+
+def test_failure_falls_back_to_the_original_and_says_so(
+    server: GenerationAPIServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    generator = rewriter(server, max_attempts=2)
+    server.fail_next(Fault(status=500), Fault(status=503), Fault(status=400))
+    requests = [request("A_1", "IQ-R", "TA-C"), request("A_2", "IQ-R", "TA-C")]
+    images = generator.generate(requests, worker=0, cancel=threading.Event())
+    assert not any(isinstance(i, Exception) for i in images)
+    inner = generator.inner
+    assert isinstance(inner, RecordingGenerator)
+    assert inner.prompts == ["original prompt of A_1", "original prompt of A_2"]
+    first, second = generator.rewrites["A_1"], generator.rewrites["A_2"]
+    assert first.status == second.status == "fallback"
+    assert first.error is not None and "gave up after 2 attempts" in first.error
+    assert second.error is not None and "HTTP 400" in second.error
+    assert "the original prompt is used" in caplog.text
+
+
+def test_empty_answer_falls_back(server: GenerationAPIServer) -> None:
+    server.rewrite = lambda text: '  ""  '
+    generator = rewriter(server)
+    generator.generate([request("B_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["B_1"]
+    assert outcome.status == "fallback" and outcome.prompt == outcome.original
+    assert outcome.error is not None and "empty" in outcome.error
+
+
+def test_refused_credentials_stop_the_run(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "wrong-key-value")
+    generator = rewriter(server)
+    with pytest.raises(FatalBackendError) as caught:
+        generator.generate([request("C_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert "wrong-key-value" not in str(caught.value)
+
+
+def test_options_need_relations_and_valid_inner_options(tmp_path: Path) -> None:
+    base = {"inner": {"backend": "synthetic"}, "model": "m"}
+    with pytest.raises(ValidationError, match="relations"):
+        DTMRewriteOptions.model_validate(base)
+    with pytest.raises(ValidationError, match="inner synthetic options"):
+        DTMRewriteOptions.model_validate(
+            {
+                **base,
+                "relations": {"IQ-R_TA-C": 0},
+                "inner": {"backend": "synthetic", "options": {"size": 2}},
+            }
+        )
+    with pytest.raises(ValidationError, match="unknown backend"):
+        DTMRewriteOptions.model_validate(
+            {**base, "relations": {"IQ-R_TA-C": 0}, "inner": {"backend": "nope"}}
+        )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_rewriting_through_the_engine(
+    make_config: ConfigFactory, server: GenerationAPIServer, tmp_path: Path
+) -> None:
+    report = write_report(tmp_path / "relationship_codes.csv")
+    config = make_config(
+        samples=8,
+        generators=[
+            {
+                "name": "synth_dtm",
+                "backend": "dtm_rewrite",
+                "batch_size": 2,
+                "options": {
+                    "inner": {"backend": "synthetic", "options": {"size": 16}},
+                    "model": "rewriter-llm",
+                    "base_url": server.base_url,
+                    "api_key_env": KEY_ENV,
+                    "report": str(report),
+                    "relations": {"IQ-A_TA-S": 3},
+                },
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+    assert {j.status for j in results} == {"ok"} and len(results) == 16
+    generator = engine._generators[0]
+    assert isinstance(generator, DTMRewriteGenerator)
+    assert generator.batch_size == 2 and generator.inner.batch_size == 2
+    assert len(generator.rewrites) == 8
+    assert generator.rewrites["IQ-R_TA-C_1"].relation == -2  # from the report
+    assert generator.rewrites["IQ-A_TA-S_1"].relation == 3  # from the config
+    assert {o.status for o in generator.rewrites.values()} == {"rewritten"}
+    fingerprint = generator.fingerprint()
+    assert fingerprint["inner"]["backend"] == "synthetic"
+    assert fingerprint["relations"]["IQ-A_TA-S"] == 3

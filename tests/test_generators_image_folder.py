@@ -1,0 +1,138 @@
+"""The image_folder generator: images made elsewhere, judged through the engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ConfigFactory
+from trig_stream import Engine, FatalBackendError
+from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.generators.image_folder import (
+    ImageFolderGenerator,
+    ImageFolderOptions,
+)
+from trig_stream.config import RunConfig
+from trig_stream.errors import ItemError
+from trig_stream.records import Sample
+from trig_stream.store import IMAGES, JOURNAL
+
+pytestmark = pytest.mark.anyio
+
+
+def journal(config: RunConfig) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (config.run_dir / JOURNAL).read_text().splitlines()]
+
+
+def folder_with_images(root: Path) -> Path:
+    """Images for the first 8 ids of the default test dataset, with every kind of defect.
+
+    The dataset's ids are IQ-R_TA-C_1, IQ-A_TA-S_1, R-T_IQ-A_1, D-K_IQ-R_1, then _2 likewise.
+    """
+    folder = root / "images"
+    folder.mkdir()
+    Image.new("RGB", (24, 24), "red").save(folder / "IQ-R_TA-C_1.png")
+    Image.new("RGB", (20, 30), "blue").save(folder / "IQ-A_TA-S_1.jpg", quality=95)
+    Image.new("P", (16, 16)).save(folder / "R-T_IQ-A_1.png")  # palette: converted to RGB
+    # D-K_IQ-R_1: missing.
+    noise = Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48)
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    (folder / "IQ-R_TA-C_2.png").write_bytes(truncated)
+    (folder / "IQ-A_TA-S_2.png").write_bytes(b"this is not an image")
+    Image.new("RGB", (8, 8)).save(folder / "R-T_IQ-A_2.gif")  # extension not accepted
+    Image.new("RGB", (8, 8)).save(folder / "D-K_IQ-R_2.webp")
+    Image.new("RGB", (8, 8)).save(folder / "TA-C_TA-R_99.png")  # matches no sample
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+async def test_image_folder_edge_cases_through_the_engine(
+    make_config: ConfigFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = folder_with_images(tmp_path)
+    config = make_config(
+        samples=8,
+        generators=[
+            {"name": "elsewhere", "backend": "image_folder", "options": {"path": str(folder)}}
+        ],
+    )
+    options = ImageFolderOptions.model_validate(config.generators[0].options)
+    generator = ImageFolderGenerator("elsewhere", options)
+    with caplog.at_level(logging.INFO, logger="trig_stream.backends.generators.image_folder"):
+        async with Engine(config, generators=[generator]) as engine:
+            results = [j async for j in engine.results]
+    assert len(results) == 16
+    by_id: dict[str, set[str]] = {}
+    for record in journal(config):
+        by_id.setdefault(record["data_id"], set()).add(record["error"] or "ok")
+    ok = {"IQ-R_TA-C_1", "IQ-A_TA-S_1", "R-T_IQ-A_1", "D-K_IQ-R_2"}
+    assert {d for d, errors in by_id.items() if errors == {"ok"}} == ok
+    (missing,) = by_id["D-K_IQ-R_1"]
+    assert missing == f"generate failed: no image for D-K_IQ-R_1 in {folder}"
+    (truncated,) = by_id["IQ-R_TA-C_2"]
+    assert "cannot read image" in truncated and "IQ-R_TA-C_2.png" in truncated
+    (garbage,) = by_id["IQ-A_TA-S_2"]
+    assert "cannot read image" in garbage
+    (wrong_ext,) = by_id["R-T_IQ-A_2"]
+    assert "found R-T_IQ-A_2.gif, whose extension is not one of" in wrong_ext
+
+    assert generator.unmatched == ["TA-C_TA-R_99.png"]
+    assert generator.ignored == ["R-T_IQ-A_2.gif", "notes.txt"]
+    assert "1 image(s) match no requested sample: TA-C_TA-R_99.png" in caplog.text
+
+    # Images are copied into the run as PNGs, at their own size.
+    copied = config.run_dir / IMAGES / "t2i" / "elsewhere"
+    with Image.open(copied / "IQ-A_TA-S_1.png") as image:
+        assert image.format == "PNG" and image.size == (20, 30)
+    with Image.open(copied / "R-T_IQ-A_1.png") as image:
+        assert image.mode == "RGB"
+
+
+def request(data_id: str) -> GenerationRequest:
+    sample = Sample(data_id=data_id, task="t2i", prompt="p", dimensions=("IQ-R", "TA-C"))
+    return GenerationRequest("m", sample, 0)
+
+
+def test_extension_preference_and_case(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "IQ-R_TA-C_1.PNG")
+    Image.new("RGB", (6, 6), "blue").save(tmp_path / "IQ-R_TA-C_1.jpg")
+    options = ImageFolderOptions(path=tmp_path, extensions=[".JPG", "png"])
+    generator = ImageFolderGenerator("m", options)
+    generator.load()
+    (image,) = generator.generate([request("IQ-R_TA-C_1")], worker=0, cancel=threading.Event())
+    assert isinstance(image, Image.Image) and image.size == (6, 6)
+    generator.close()
+    assert generator.unmatched == []
+
+
+def test_cancelled_requests_read_nothing(tmp_path: Path) -> None:
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    cancel = threading.Event()
+    cancel.set()
+    (outcome,) = generator.generate([request("IQ-R_TA-C_1")], worker=0, cancel=cancel)
+    assert isinstance(outcome, ItemError) and str(outcome) == "cancelled"
+
+
+def test_missing_folder_is_fatal(tmp_path: Path) -> None:
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path / "nowhere"))
+    with pytest.raises(FatalBackendError, match=r"set options\.path"):
+        generator.load()
+
+
+def test_options_refuse_unknown_keys_and_empty_extensions(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        ImageFolderOptions.model_validate({"path": str(tmp_path), "image_dirs": "x"})
+    with pytest.raises(ValidationError):
+        ImageFolderOptions.model_validate({"path": str(tmp_path), "extensions": []})

@@ -1,0 +1,227 @@
+"""The openai_images generator against a loopback images server: results, failures, secrecy."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ConfigFactory
+from trig_stream import Engine
+from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.generators.openai_images import (
+    OpenAIImagesGenerator,
+    OpenAIImagesOptions,
+)
+from trig_stream.errors import (
+    ConfigError,
+    FatalBackendError,
+    ItemError,
+    RateLimitError,
+    RetryableError,
+)
+from trig_stream.records import Sample
+from trig_stream.store import JOURNAL, MANIFEST
+from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer
+
+SECRET = "sk-test-0123456789-secret"
+KEY_ENV = "TRIG_TEST_IMAGES_KEY"
+
+
+@pytest.fixture
+def server() -> Iterator[GenerationAPIServer]:
+    with GenerationAPIServer(api_key=SECRET, image_size=24) as running:
+        yield running
+
+
+@pytest.fixture
+def key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    return SECRET
+
+
+class Sleeps:
+    """A sleep that records the waits and returns at once (never cancelled)."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def __call__(self, seconds: float, cancel: threading.Event) -> bool:
+        self.waits.append(seconds)
+        return False
+
+
+def make(
+    server: GenerationAPIServer, sleeps: Sleeps | None = None, **options: object
+) -> OpenAIImagesGenerator:
+    validated = OpenAIImagesOptions.model_validate(
+        {"base_url": server.base_url, "api_key_env": KEY_ENV, "model": "dall-e-3", **options}
+    )
+    generator = OpenAIImagesGenerator("dalle3", validated, sleep=sleeps or Sleeps())
+    generator.load()
+    return generator
+
+
+def request(prompt: str = "a lighthouse at dusk") -> GenerationRequest:
+    sample = Sample(data_id="IQ-R_TA-C_1", task="t2i", prompt=prompt, dimensions=("IQ-R", "TA-C"))
+    return GenerationRequest("dalle3", sample, 7)
+
+
+def one(generator: OpenAIImagesGenerator) -> Image.Image | Exception:
+    return generator.generate([request()], worker=0, cancel=threading.Event())[0]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_images_through_the_engine(
+    make_config: ConfigFactory, server: GenerationAPIServer, key: str
+) -> None:
+    config = make_config(
+        samples=4,
+        generators=[
+            {
+                "name": "dalle3",
+                "backend": "openai_images",
+                "workers": 2,
+                "options": {"base_url": server.base_url, "api_key_env": KEY_ENV, "quality": "hd"},
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+    assert {j.status for j in results} == {"ok"} and len(results) == 8
+    bodies = [body for path, body in server.requests if path == "/v1/images/generations"]
+    assert len(bodies) == 4
+    assert {b["model"] for b in bodies} == {"dall-e-3"}
+    assert all(b["response_format"] == "b64_json" and b["quality"] == "hd" for b in bodies)
+    for text in (
+        (config.run_dir / JOURNAL).read_text(),
+        (config.run_dir / MANIFEST).read_text(),
+        repr(engine._generators[0]),
+        json.dumps(engine._generators[0].fingerprint()),
+    ):
+        assert key not in text
+        assert KEY_ENV not in text or "api_key_env" in text  # the name may appear, never the key
+
+
+def test_success_decodes_the_png(server: GenerationAPIServer, key: str) -> None:
+    image = one(make(server))
+    assert isinstance(image, Image.Image) and image.size == (24, 24)
+
+
+def test_gpt_image_models_get_no_response_format(server: GenerationAPIServer, key: str) -> None:
+    assert isinstance(one(make(server, model="gpt-image-1")), Image.Image)
+    assert "response_format" not in server.requests[-1][1]
+
+
+def test_rate_limit_waits_at_least_retry_after_then_succeeds(
+    server: GenerationAPIServer, key: str
+) -> None:
+    sleeps = Sleeps()
+    server.fail_next(Fault(status=429, retry_after=7))
+    assert isinstance(one(make(server, sleeps, backoff_initial=0.1)), Image.Image)
+    assert len(sleeps.waits) == 1 and sleeps.waits[0] >= 7
+
+
+@pytest.mark.parametrize(
+    "fault", [Fault(status=500), Fault(status=503), Fault(reset=True)], ids=["500", "503", "reset"]
+)
+def test_transient_failures_are_retried(
+    server: GenerationAPIServer, key: str, fault: Fault
+) -> None:
+    sleeps = Sleeps()
+    server.fail_next(fault, fault)
+    assert isinstance(one(make(server, sleeps)), Image.Image)
+    assert len(sleeps.waits) == 2
+    assert len(server.requests) == 3
+
+
+def test_timeout_is_retryable(server: GenerationAPIServer, key: str) -> None:
+    sleeps = Sleeps()
+    server.fail_next(Fault(delay_s=1.0))
+    assert isinstance(one(make(server, sleeps, timeout_s=0.2)), Image.Image)
+    assert len(sleeps.waits) == 1
+
+
+def test_attempts_are_bounded(server: GenerationAPIServer, key: str) -> None:
+    sleeps = Sleeps()
+    server.fail_next(*[Fault(status=429, retry_after=1)] * 3)
+    outcome = one(make(server, sleeps, max_attempts=3))
+    assert isinstance(outcome, RateLimitError)
+    assert "gave up after 3 attempts" in str(outcome)
+    assert outcome.retry_after == 1
+    assert len(sleeps.waits) == 2
+
+
+def test_retryable_error_class_after_5xx(server: GenerationAPIServer, key: str) -> None:
+    server.fail_next(Fault(status=502), Fault(status=502))
+    outcome = one(make(server, max_attempts=2))
+    assert type(outcome) is RetryableError
+
+
+def test_client_error_is_an_item_error_without_retry(server: GenerationAPIServer, key: str) -> None:
+    sleeps = Sleeps()
+    server.fail_next(Fault(status=400, message=f"content policy; you sent key {SECRET}"))
+    outcome = one(make(server, sleeps))
+    assert isinstance(outcome, ItemError)
+    assert "HTTP 400" in str(outcome) and "content policy" in str(outcome)
+    assert SECRET not in str(outcome)
+    assert sleeps.waits == []
+
+
+def test_undecodable_image_is_an_item_error(server: GenerationAPIServer, key: str) -> None:
+    server.fail_next(Fault(bad_image=True))
+    outcome = one(make(server))
+    assert isinstance(outcome, ItemError) and "undecodable" in str(outcome)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_are_fatal_and_never_echo_the_key(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    wrong = "sk-wrong-key-that-must-not-leak"
+    monkeypatch.setenv(KEY_ENV, wrong)
+    if status == 403:
+        monkeypatch.setenv(KEY_ENV, SECRET)
+        server.fail_next(Fault(status=403, message=f"forbidden for {SECRET}"))
+    generator = make(server)
+    with pytest.raises(FatalBackendError) as caught:
+        generator.generate([request()], worker=0, cancel=threading.Event())
+    text = f"{caught.value} {caught.value!r} {generator!r} {generator.fingerprint()}"
+    assert f"HTTP {status}" in text
+    assert wrong not in text and SECRET not in text
+
+
+def test_missing_key_variable_is_fatal_and_names_it(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(FatalBackendError, match=KEY_ENV):
+        make(server)
+
+
+def test_cancel_cuts_a_backoff_short(server: GenerationAPIServer, key: str) -> None:
+    cancel = threading.Event()
+
+    def cancelling_sleep(seconds: float, event: threading.Event) -> bool:
+        cancel.set()
+        return event.wait(seconds)
+
+    server.fail_next(Fault(status=503))
+    generator = make(server)
+    generator._sleep = cancelling_sleep
+    (outcome,) = generator.generate([request()], worker=0, cancel=cancel)
+    assert isinstance(outcome, ItemError) and str(outcome) == "cancelled"
+
+
+def test_only_t2i_runs(make_config: ConfigFactory, tmp_path: Path) -> None:
+    from trig_stream.backends.registry import build_generator
+
+    config = make_config(generators=[{"name": "dalle3", "backend": "openai_images"}])
+    p2p = config.model_copy(update={"run": config.run.model_copy(update={"task": "p2p"})})
+    with pytest.raises(ConfigError, match="t2i"):
+        build_generator(config.generators[0], p2p)

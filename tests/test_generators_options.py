@@ -1,0 +1,139 @@
+"""diffusers generator options and presets: validation without importing torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from tests.conftest import ConfigFactory
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.backends.generators.presets import PRESETS
+from trig_stream.backends.registry import backend_names, build_generator
+from trig_stream.errors import ConfigError, MissingExtraError
+
+
+def test_upstream_defaults() -> None:
+    flux = DiffusersOptions(preset="flux").spec()
+    assert flux.pipeline == "FluxPipeline"
+    assert flux.checkpoint == "black-forest-labs/FLUX.1-dev"
+    assert flux.call == {
+        "height": 1024,
+        "width": 1024,
+        "num_inference_steps": 50,
+        "guidance_scale": 3.5,
+    }
+    assert flux.dtype_for("cuda:0") == "bfloat16" and flux.dtype_for("cpu") == "float32"
+    sd35 = DiffusersOptions(preset="sd35").spec().call
+    assert (sd35["num_inference_steps"], sd35["guidance_scale"]) == (28, 4.5)
+    sana = DiffusersOptions(preset="sana").spec()
+    assert "SANA1.5_4.8B" in sana.checkpoint
+    assert (sana.call["num_inference_steps"], sana.call["guidance_scale"]) == (20, 4.5)
+    assert DiffusersOptions(preset="instructp2p").spec().call["num_inference_steps"] == 100
+    hqedit = DiffusersOptions(preset="hqedit").spec()
+    assert hqedit.inputs == "edit" and hqedit.source_size == (512, 512)
+    assert hqedit.call == {
+        "num_inference_steps": 30,
+        "guidance_scale": 7.0,
+        "image_guidance_scale": 1.5,
+    }
+    assert DiffusersOptions(preset="blipdiffusion").spec().inputs == "subject"
+    assert {"flux", "sd35", "sana", "sdxl", "sd15", "pixart_sigma"} <= set(PRESETS)
+
+
+def test_options_override_the_preset_and_call_wins() -> None:
+    spec = DiffusersOptions(
+        preset="flux",
+        steps=28,
+        height=512,
+        dtype="float16",
+        negative_prompt="blurry",
+        call={"guidance_scale": 5.0, "max_sequence_length": 256},
+        revision="main",
+    ).spec()
+    assert spec.call["num_inference_steps"] == 28
+    assert spec.call["height"] == 512 and spec.call["width"] == 1024
+    assert spec.call["guidance_scale"] == 5.0 and spec.call["max_sequence_length"] == 256
+    assert spec.call["negative_prompt"] == "blurry"
+    assert spec.dtype_for("cpu") == "float16"
+    assert spec.load["revision"] == "main"
+
+
+def test_generic_form_and_validation() -> None:
+    spec = DiffusersOptions(pipeline="FluxPipeline", checkpoint="/models/x").spec()
+    assert spec.inputs == "text" and spec.call == {}
+    with pytest.raises(ValidationError, match="preset"):
+        DiffusersOptions(pipeline="FluxPipeline")
+    with pytest.raises(ValidationError, match="unknown preset 'flux2'"):
+        DiffusersOptions(preset="flux2")
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        DiffusersOptions.model_validate({"preset": "flux", "stepz": 3})
+    with pytest.raises(ValidationError, match="at least one device"):
+        DiffusersOptions(preset="flux", devices=[])
+
+
+def test_hub_offline_forces_local_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert DiffusersOptions(preset="sdxl").spec().local_files_only is False
+    assert DiffusersOptions(preset="sdxl", local_files_only=True).spec().local_files_only
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert DiffusersOptions(preset="sdxl").spec().local_files_only is True
+
+
+def test_backends_are_registered() -> None:
+    names = backend_names("generators")
+    assert {"diffusers", "image_folder", "openai_images", "dtm_rewrite"} <= set(names)
+
+
+def test_workers_follow_devices_and_conflicts_are_refused(make_config: ConfigFactory) -> None:
+    pytest.importorskip("diffusers")
+    entry = {"name": "g", "backend": "diffusers"}
+    config = make_config(
+        generators=[{**entry, "options": {"preset": "flux", "devices": ["cuda:0", "cuda:1"]}}]
+    )
+    generator = build_generator(config.generators[0], config)
+    assert generator.workers == 2
+    config = make_config(generators=[{**entry, "workers": 3, "options": {"preset": "flux"}}])
+    assert build_generator(config.generators[0], config).workers == 3
+    config = make_config(
+        generators=[{**entry, "workers": 3, "options": {"preset": "flux", "devices": ["cpu"]}}]
+    )
+    with pytest.raises(ConfigError, match="workers = 3 but 1 devices"):
+        build_generator(config.generators[0], config)
+    config = make_config(generators=[{**entry, "options": {"preset": "hqedit"}}])
+    with pytest.raises(ConfigError, match="p2p task but the run is t2i"):
+        build_generator(config.generators[0], config)
+
+
+def test_missing_extra_names_the_install(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "diffusers" else real(name, *args),
+    )
+    config = make_config(generators=[{"name": "g", "backend": "diffusers", "options": {
+        "preset": "flux"}}])  # fmt: skip
+    with pytest.raises(MissingExtraError, match=r"pip install 'trig-stream\[diffusers\]'"):
+        build_generator(config.generators[0], config)
+
+
+def test_generator_modules_import_nothing_heavy() -> None:
+    code = (
+        "import sys\n"
+        "import trig_stream.backends.generators.diffusers_generator\n"
+        "import trig_stream.backends.generators.image_folder\n"
+        "import trig_stream.backends.generators.openai_images\n"
+        "import trig_stream.backends.generators.dtm_rewrite\n"
+        "import trig_stream.testing.tiny_pipelines\n"
+        "heavy = {'torch', 'diffusers', 'transformers', 'openai'} & set(sys.modules)\n"
+        "print(sorted(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

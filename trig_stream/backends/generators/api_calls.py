@@ -1,0 +1,142 @@
+"""What generator backends that call an OpenAI-protocol API share: the key, error classes,
+and a small bounded retry loop.
+
+The engine retries judges, not generators: a generator's transient failure would otherwise
+be recorded as a failed image at once. So API-backed generators retry inside their worker
+thread, under a :class:`~trig_stream.retry.RetryPolicy`, waiting on the run's cancel event so
+a hard stop never waits out a backoff.
+
+The API key is read from an environment variable named in the config; it never enters the
+config, a record, a log line, a repr or an exception message (messages pass through
+:func:`redact` before they leave).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from trig_stream.errors import (
+    BackendError,
+    FatalBackendError,
+    ItemError,
+    RateLimitError,
+    RetryableError,
+)
+from trig_stream.retry import RetryPolicy
+
+T = TypeVar("T")
+
+Sleep = Callable[[float, threading.Event], bool]
+"""Waits up to the given seconds; returns True when the cancel event fired meanwhile."""
+
+
+def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
+    """The default :data:`Sleep`: a backoff the run's cancel event cuts short."""
+    return cancel.wait(seconds)
+
+
+def api_key_from_env(variable: str, *, required: bool = True) -> str:
+    """Read the API key from the environment variable ``variable``.
+
+    Raises:
+        FatalBackendError: the variable is unset or empty and ``required``.
+    """
+    key = os.environ.get(variable, "")
+    if not key and required:
+        raise FatalBackendError(f"set the environment variable {variable} to the API key")
+    return key or "unused"
+
+
+def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
+    """A synchronous OpenAI client that never retries by itself (we do, under a policy)."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout_s)
+
+
+def redact(text: str, secret: str) -> str:
+    """``text`` with every occurrence of ``secret`` masked."""
+    return text.replace(secret, "***") if len(secret) >= 4 else text
+
+
+def classify(exc: Exception, secret: str) -> BackendError:
+    """Map an ``openai`` SDK exception to trig-stream's error classes.
+
+    429 -> RateLimitError (with Retry-After); 5xx, 408, 409, timeouts and connection
+    failures -> RetryableError; 401 / 403 -> FatalBackendError; other 4xx -> ItemError.
+    """
+    import openai
+
+    if isinstance(exc, BackendError):
+        return exc
+    if isinstance(exc, openai.APITimeoutError):
+        return RetryableError("the API timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        return RetryableError(redact(f"cannot reach the API: {exc}", secret))
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        detail = redact(f"HTTP {status}: {_message(exc)}", secret)
+        if status == 429:
+            return RateLimitError(detail, retry_after=_retry_after(exc.response.headers))
+        if status in (401, 403):
+            return FatalBackendError(f"the API refused the credentials ({detail})")
+        if status >= 500 or status in (408, 409):
+            return RetryableError(detail)
+        return ItemError(detail)
+    return ItemError(redact(f"{type(exc).__name__}: {exc}", secret))
+
+
+def call_with_retries(
+    call: Callable[[], T],
+    *,
+    policy: RetryPolicy,
+    cancel: threading.Event,
+    secret: str,
+    sleep: Sleep = wait_on_cancel,
+) -> T:
+    """Run ``call``, retrying retryable failures under ``policy``.
+
+    Raises:
+        ItemError: cancelled during a backoff, or a failure that retrying cannot fix.
+        RetryableError: still failing after ``policy.max_attempts`` attempts.
+        FatalBackendError: the credentials were refused.
+    """
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return call()
+        except Exception as exc:
+            error = classify(exc, secret)
+            if not isinstance(error, RetryableError):
+                raise error from None
+            if not policy.should_retry(attempts):
+                raise type(error)(
+                    f"{error} (gave up after {attempts} attempts)", retry_after=error.retry_after
+                ) from None
+            if sleep(policy.delay(attempts, error.retry_after), cancel):
+                raise ItemError("cancelled") from None
+
+
+def _message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+    return str(getattr(exc, "message", "")) or type(exc).__name__
+
+
+def _retry_after(headers: Any) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue
+    return None

@@ -1,0 +1,380 @@
+"""The ``diffusers`` generator: any diffusers pipeline, one copy per device.
+
+``load`` (in a worker thread) builds one pipeline per entry of ``devices``; worker *i* uses
+device *i*. A :meth:`~DiffusersGenerator.generate` call runs its whole micro-batch as one
+pipeline call: a list of prompts and one ``torch.Generator`` per prompt, seeded with the
+request's seed, so each image depends on its own seed only. Between denoising steps the
+pipeline's step-end callback checks the run's cancel event and abandons the call.
+
+torch and diffusers are imported in ``load``, never at module import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions, PipelineSpec
+from trig_stream.backends.generators.presets import INPUT_TASKS
+from trig_stream.backends.generators.source_images import source_image
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError, MissingExtraError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from trig_stream.config import GeneratorConfig, RunConfig
+
+logger = logging.getLogger(__name__)
+
+_CANCELLED = "cancelled"
+
+
+class _Cancelled(Exception):
+    """Raised from the step callback to abandon a pipeline call."""
+
+
+class DiffusersGenerator(Generator):
+    """Images from a diffusers pipeline (an upstream preset or any pipeline class).
+
+    Attributes:
+        spec: the resolved pipeline, checkpoint and call arguments.
+        devices: the device of each worker.
+        calls: the batch size of every pipeline call, in order (micro-batching shows here).
+    """
+
+    Options = DiffusersOptions
+
+    def __init__(
+        self,
+        name: str,
+        options: DiffusersOptions,
+        *,
+        workers: int = 1,
+        batch_size: int = 1,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.spec: PipelineSpec = options.spec()
+        self.devices = list(options.devices or [f"cuda:{i}" for i in range(workers)])
+        self.workers = len(self.devices)
+        self.batch_size = batch_size
+        self.calls: list[int] = []
+        self._pipes: list[Any] = []
+        self._accepts: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(
+        cls, entry: GeneratorConfig, options: DiffusersOptions, config: RunConfig
+    ) -> DiffusersGenerator:
+        """Build from a ``[[generators]]`` entry; checks the devices match ``workers``.
+
+        Raises:
+            MissingExtraError: diffusers is not installed.
+            ConfigError: ``workers`` disagrees with ``devices``, or the input kind does not
+                serve the run's task.
+        """
+        if importlib.util.find_spec("diffusers") is None:
+            raise MissingExtraError("diffusers", "diffusers")
+        where = f"generator {entry.name!r}"
+        devices = options.devices
+        if devices and "workers" in entry.model_fields_set and entry.workers != len(devices):
+            raise ConfigError(
+                f"{where}: workers = {entry.workers} but {len(devices)} devices are "
+                "listed; one worker runs per device, so drop workers or list one device each"
+            )
+        spec = options.spec()
+        task = INPUT_TASKS[spec.inputs]
+        if task != config.run.task:
+            raise ConfigError(
+                f"{where}: inputs {spec.inputs!r} serve the {task} task but the run is "
+                f"{config.run.task}; pick a preset or inputs for {config.run.task}"
+            )
+        return cls(entry.name, options, workers=entry.workers, batch_size=entry.batch_size)
+
+    def fingerprint(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "backend": "diffusers",
+            "preset": self.options.preset,
+            "pipeline": spec.pipeline,
+            "checkpoint": spec.checkpoint,
+            "revision": spec.load.get("revision"),
+            "variant": spec.load.get("variant"),
+            "inputs": spec.inputs,
+            "dtype": [spec.dtype_for(device) for device in self.devices],
+            "scheduler": spec.scheduler,
+            "call": {key: _jsonable(value) for key, value in sorted(spec.call.items())},
+            "ip_adapter": None if spec.ip_adapter is None else repr(spec.ip_adapter),
+            "source_size": spec.source_size,
+        }
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load one pipeline per device.
+
+        Raises:
+            MissingExtraError: torch or diffusers is not installed.
+            FatalBackendError: a device is unavailable, or the pipeline cannot be loaded.
+        """
+        try:
+            import diffusers
+            import torch
+        except ImportError as exc:
+            raise MissingExtraError("diffusers", "diffusers") from exc
+        pipeline_class = self._pipeline_class(diffusers)
+        for device in self.devices:
+            _check_device(torch, device)
+        for device in self.devices:
+            self._pipes.append(self._load_one(torch, diffusers, pipeline_class, device))
+        self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
+        self._check_call_arguments(pipeline_class)
+
+    def _pipeline_class(self, diffusers: Any) -> Any:
+        name = self.spec.pipeline
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+            try:
+                return getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise FatalBackendError(f"cannot import pipeline {name!r}: {exc}") from exc
+        found = getattr(diffusers, name, None)
+        if found is None:
+            raise FatalBackendError(
+                f"diffusers {diffusers.__version__} has no pipeline class {name!r}; "
+                "check options.pipeline or upgrade diffusers"
+            )
+        return found
+
+    def _load_one(self, torch: Any, diffusers: Any, pipeline_class: Any, device: str) -> Any:
+        spec = self.spec
+        dtype = getattr(torch, spec.dtype_for(device))
+        try:
+            pipe = pipeline_class.from_pretrained(
+                spec.checkpoint,
+                **{_dtype_keyword(diffusers): dtype},
+                local_files_only=spec.local_files_only,
+                **spec.load,
+            )
+        except (OSError, ValueError) as exc:
+            hint = (
+                " (offline: the weights must already be in the Hugging Face cache, or "
+                "checkpoint must name a local folder)"
+                if spec.local_files_only
+                else ""
+            )
+            raise FatalBackendError(f"cannot load {spec.checkpoint!r}{hint}: {exc}") from exc
+        if spec.scheduler is not None:
+            scheduler_class = getattr(diffusers, spec.scheduler, None)
+            if scheduler_class is None:
+                raise FatalBackendError(f"diffusers has no scheduler class {spec.scheduler!r}")
+            pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        if spec.ip_adapter is not None:
+            adapter = spec.ip_adapter
+            pipe.load_ip_adapter(
+                adapter.repo,
+                subfolder=adapter.subfolder or None,
+                weight_name=adapter.weight_name,
+                local_files_only=spec.local_files_only,
+            )
+            pipe.set_ip_adapter_scale(adapter.scale)
+        offload = self.options.offload
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _check_call_arguments(self, pipeline_class: Any) -> None:
+        unknown = sorted(set(self.spec.call) - self._accepts - {"height", "width"})
+        if not unknown:
+            return
+        message = (
+            f"{pipeline_class.__name__} takes no argument(s) {', '.join(unknown)}; "
+            "fix options.call or the typed options"
+        )
+        parameters = inspect.signature(pipeline_class.__call__).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            # It takes **kwargs, often only for deprecated names: it may ignore them.
+            logger.warning("generator %s: %s", self.name, message)
+            return
+        raise FatalBackendError(message)
+
+    # -- generating ---------------------------------------------------------------------------
+
+    def on_step(self, worker: int, step: int) -> None:
+        """Called in the worker thread after each denoising step; does nothing by default.
+
+        Subclasses use it for progress displays or to cancel at a chosen step in tests.
+        """
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image | Exception]:
+        if cancel.is_set():
+            return [ItemError(_CANCELLED) for _ in requests]
+        outcomes: list[Image | Exception | None] = [None] * len(requests)
+        sources: list[Image | None] = [None] * len(requests)
+        if self.spec.inputs != "text":
+            for index, request in enumerate(requests):
+                try:
+                    sources[index] = source_image(request.sample, self._source_size())
+                except ItemError as exc:
+                    outcomes[index] = exc
+        ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        # One call for the whole batch, except where the pipeline takes one picture per call.
+        per_call = [ready] if self.spec.inputs in ("text", "edit") else [[i] for i in ready]
+        for group in per_call:
+            if not group:
+                continue
+            if cancel.is_set():
+                images: list[Image | Exception] = [ItemError(_CANCELLED) for _ in group]
+            else:
+                batch = [requests[i] for i in group]
+                pictures = [sources[i] for i in group]
+                images = self._call(worker, batch, pictures, cancel)
+            for index, image in zip(group, images, strict=True):
+                outcomes[index] = image
+        return [o if o is not None else ItemError("not generated") for o in outcomes]
+
+    def _source_size(self) -> tuple[int, int] | None:
+        if self.spec.source_size is not None:
+            return self.spec.source_size
+        call = self.spec.call
+        # An edit pipeline draws at its source's size: resizing the source sets the output.
+        if self.spec.inputs == "edit" and "height" in call and "width" in call:
+            return (int(call["width"]), int(call["height"]))
+        return None
+
+    def _call(
+        self,
+        worker: int,
+        batch: Sequence[GenerationRequest],
+        pictures: Sequence[Image | None],
+        cancel: threading.Event,
+    ) -> list[Image | Exception]:
+        import torch
+
+        pipe = self._pipes[worker]
+        with self._lock:
+            self.calls.append(len(batch))
+        kwargs = self._arguments(batch, pictures)
+        kwargs["generator"] = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+        kwargs.update(self._cancel_callback(worker, cancel))
+        try:
+            with torch.inference_mode():
+                result = pipe(**kwargs)
+        except _Cancelled:
+            return [ItemError(_CANCELLED) for _ in batch]
+        except Exception as exc:
+            logger.warning("generator %s: pipeline call failed: %s", self.name, exc)
+            return [exc for _ in batch]
+        images = list(result.images)
+        if len(images) != len(batch):
+            error = ItemError(f"pipeline returned {len(images)} images for {len(batch)} prompts")
+            return [error for _ in batch]
+        return images
+
+    def _arguments(
+        self, batch: Sequence[GenerationRequest], pictures: Sequence[Image | None]
+    ) -> dict[str, Any]:
+        kwargs = dict(self.spec.call)
+        accepts = self._accepts
+        if "negative_prompt" in kwargs and "negative_prompt" not in accepts:
+            kwargs["neg_prompt"] = kwargs.pop("negative_prompt")  # BLIP-Diffusion's name
+        if self.spec.inputs == "edit" and "height" not in accepts:
+            kwargs.pop("height", None)
+            kwargs.pop("width", None)
+        kwargs["prompt"] = [r.sample.prompt for r in batch]
+        inputs = self.spec.inputs
+        if inputs == "edit":
+            kwargs["image"] = list(pictures)
+        elif inputs == "ip_adapter":
+            kwargs["ip_adapter_image"] = pictures[0]
+        elif inputs == "subject":
+            item = batch[0].sample.item or ""
+            kwargs["reference_image"] = pictures[0]
+            kwargs["source_subject_category"] = [item]
+            kwargs["target_subject_category"] = [item]
+        kwargs["output_type"] = "pil"
+        return kwargs
+
+    def _cancel_callback(self, worker: int, cancel: threading.Event) -> dict[str, Any]:
+        def stop_if_cancelled(step: int) -> None:
+            self.on_step(worker, step)
+            if cancel.is_set():
+                raise _Cancelled
+
+        if "callback_on_step_end" in self._accepts:
+
+            def on_step_end(
+                pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
+            ) -> dict[str, Any]:
+                stop_if_cancelled(step)
+                return tensors
+
+            return {"callback_on_step_end": on_step_end}
+        if "callback" in self._accepts and "callback_steps" in self._accepts:
+
+            def legacy(step: int, timestep: Any, latents: Any) -> None:
+                stop_if_cancelled(step)
+
+            return {"callback": legacy, "callback_steps": 1}
+        return {}  # the pipeline offers no hook: cancellation waits for the call to end
+
+    def close(self) -> None:
+        """Drop the pipelines and free accelerator memory."""
+        self._pipes.clear()
+        if any(device.startswith("cuda") for device in self.devices):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def _check_device(torch: Any, device: str) -> None:
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        wanted = int(index or 0)
+        if wanted >= count:
+            raise FatalBackendError(
+                f"device {device!r} is not available (torch {torch.__version__} sees {count} CUDA "
+                "device(s)); set options.devices to devices that exist, e.g. devices = ['cpu']"
+            )
+        return
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise FatalBackendError("device 'mps' is not available; set options.devices")
+        return
+    raise FatalBackendError(
+        f"unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps' in options.devices"
+    )
+
+
+def _dtype_keyword(diffusers: Any) -> str:
+    # diffusers renamed ``torch_dtype`` to ``dtype`` and warns about the old name.
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)

@@ -1,0 +1,177 @@
+"""The ``options`` of the ``diffusers`` generator, and how they combine with a preset.
+
+Two forms::
+
+    # an upstream alias, with any default overridden
+    options = { preset = "flux", devices = ["cuda:0", "cuda:1"], steps = 28 }
+
+    # anything else: a pipeline class, a checkpoint (hub id or folder) and call arguments
+    options = { pipeline = "FluxPipeline", checkpoint = "/models/flux-tiny",
+                devices = ["cpu"], call = { max_sequence_length = 16 } }
+
+Validating these options imports nothing heavier than pydantic.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trig_stream.backends.generators.presets import (
+    PRESETS,
+    DType,
+    InputKind,
+    IPAdapterSpec,
+    preset_names,
+)
+
+Offload = Literal["none", "model", "sequential"]
+
+_OFFLINE_VALUES = {"1", "true", "yes", "on"}
+
+
+class IPAdapterOptions(BaseModel):
+    """``options.ip_adapter``: IP-Adapter weights for ``ip_adapter`` inputs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repo: str
+    weight_name: str
+    subfolder: str = ""
+    scale: float = 0.6
+
+
+class DiffusersOptions(BaseModel):
+    """``options`` of the ``diffusers`` generator.
+
+    Either ``preset`` (an upstream alias, see :mod:`trig_stream.backends.generators.presets`)
+    or both ``pipeline`` and ``checkpoint``; every other field overrides the preset.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str | None = None
+    pipeline: str | None = None
+    """A diffusers pipeline class name (``FluxPipeline``) or ``module:Class``."""
+    checkpoint: str | None = None
+    """A hub id or a local folder written by ``save_pretrained``."""
+    inputs: InputKind | None = None
+    """How samples reach the pipeline; the preset's, else ``text``."""
+    revision: str | None = None
+    variant: str | None = None
+    devices: list[str] | None = None
+    """One pipeline per device, used by the worker of the same index (``["cuda:0",
+    "cuda:1"]``, ``["cpu"]``). Default: ``cuda:0`` .. ``cuda:<workers-1>``."""
+    dtype: DType = "auto"
+    """``auto``: the preset's dtype on an accelerator, float32 on a CPU."""
+    offload: Offload = "none"
+    """Keep weights in CPU memory and move them to the device per model (``model``) or per
+    layer (``sequential``): slower, for cards too small for the pipeline."""
+    local_files_only: bool = False
+    """Never reach the hub; always on when the environment sets HF_HUB_OFFLINE."""
+    scheduler: str | None = None
+    """A diffusers scheduler class to use instead of the checkpoint's."""
+    steps: Annotated[int, Field(ge=1)] | None = None
+    guidance_scale: float | None = None
+    image_guidance_scale: float | None = None
+    height: Annotated[int, Field(ge=8, le=8192)] | None = None
+    width: Annotated[int, Field(ge=8, le=8192)] | None = None
+    negative_prompt: str | None = None
+    source_size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] | None = None
+    """(width, height) the source / reference image is resized to before use."""
+    call: dict[str, Any] = Field(default_factory=dict)
+    """Further pipeline call arguments; they win over everything else."""
+    load: dict[str, Any] = Field(default_factory=dict)
+    """Further ``from_pretrained`` arguments."""
+    ip_adapter: IPAdapterOptions | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; known: {', '.join(preset_names())}")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _some_devices(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("list at least one device, e.g. ['cuda:0'] or ['cpu']")
+        return value
+
+    @model_validator(mode="after")
+    def _preset_or_pipeline(self) -> DiffusersOptions:
+        if self.preset is None and (self.pipeline is None or self.checkpoint is None):
+            raise ValueError(
+                "set either preset (one of: "
+                f"{', '.join(preset_names())}) or both pipeline and checkpoint"
+            )
+        return self
+
+    def spec(self) -> PipelineSpec:
+        """The pipeline to build and how to call it: the preset with these options applied."""
+        preset = PRESETS[self.preset] if self.preset is not None else None
+        call: dict[str, Any] = dict(preset.call) if preset else {}
+        overrides = {
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "image_guidance_scale": self.image_guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "negative_prompt": self.negative_prompt,
+        }
+        call.update({key: value for key, value in overrides.items() if value is not None})
+        call.update(self.call)
+        ip_adapter = preset.ip_adapter if preset else None
+        if self.ip_adapter is not None:
+            ip_adapter = IPAdapterSpec(**self.ip_adapter.model_dump())
+        load = dict(preset.load) if preset else {}
+        load.update(self.load)
+        if self.revision is not None:
+            load["revision"] = self.revision
+        if self.variant is not None:
+            load["variant"] = self.variant
+        return PipelineSpec(
+            pipeline=self.pipeline or (preset.pipeline if preset else ""),
+            checkpoint=self.checkpoint or (preset.checkpoint if preset else ""),
+            inputs=self.inputs or (preset.inputs if preset else "text"),
+            call=call,
+            accelerator_dtype=preset.dtype if preset else "float16",
+            dtype=self.dtype,
+            scheduler=self.scheduler or (preset.scheduler if preset else None),
+            load=load,
+            ip_adapter=ip_adapter,
+            source_size=self.source_size or (preset.source_size if preset else None),
+            local_files_only=self.local_files_only or hub_offline(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSpec:
+    """Everything needed to load a pipeline and call it, resolved from the options."""
+
+    pipeline: str
+    checkpoint: str
+    inputs: InputKind
+    call: dict[str, Any]
+    accelerator_dtype: DType
+    dtype: DType
+    scheduler: str | None
+    load: dict[str, Any]
+    ip_adapter: IPAdapterSpec | None
+    source_size: tuple[int, int] | None
+    local_files_only: bool
+
+    def dtype_for(self, device: str) -> str:
+        """The dtype name to load with on ``device``."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if device == "cpu" else self.accelerator_dtype
+
+
+def hub_offline() -> bool:
+    """Whether the environment forbids the Hugging Face hub (HF_HUB_OFFLINE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES

@@ -1,0 +1,166 @@
+"""DTM relations for prompt rewriting: where they come from and what each asks of a prompt.
+
+A relation code describes how a model's scores on two dimensions behave together (see the
+analysis): 0 synergy, 3 bottleneck, 2 / -2 dominance, 1 trade-off, -1 undefined. For a pair
+written ``A_B``, +2 means A dominates (the images favour A at B's expense) and -2 means B
+dominates; reading the pair the other way round negates it.
+
+Relations come from the config (``{"IQ-R_TA-C" = 1, ...}``) or from an earlier run's
+``relationship_codes.csv`` (the DTM: header ``,`` + the dimensions sorted; upper-triangle
+cells are codes for row_column).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final, Literal, TypeAlias
+
+from trig_stream.dimensions import DIMENSION_NAMES, Dimension, Task, is_dimension, split_pair
+
+RelationCode: TypeAlias = Literal[-2, -1, 0, 1, 2, 3]
+RELATION_CODES: Final[frozenset[int]] = frozenset({-2, -1, 0, 1, 2, 3})
+
+INSTRUCTIONS_VERSION = "1"
+"""Bump when any instruction text changes: it is part of the generator's fingerprint."""
+
+
+def oriented(code: int) -> int:
+    """The code of the pair read the other way round: dominance flips, the rest stays."""
+    return -code if code in (2, -2) else code
+
+
+class RelationTable:
+    """The relation code of each dimension pair, in either order."""
+
+    def __init__(self, codes: Mapping[tuple[Dimension, Dimension], int] | None = None) -> None:
+        self._codes: dict[tuple[Dimension, Dimension], int] = {}
+        for (first, second), code in (codes or {}).items():
+            self.set(first, second, code)
+
+    def set(self, first: Dimension, second: Dimension, code: int) -> None:
+        """Record ``code`` for the pair ``first_second`` (and its mirror)."""
+        if code not in RELATION_CODES:
+            raise ValueError(f"{first}_{second}: relation code {code} is not one of -2..3")
+        self._codes[(first, second)] = code
+        self._codes[(second, first)] = oriented(code)
+
+    def code(self, first: Dimension, second: Dimension) -> int:
+        """The code of ``first_second``; -1 (undefined) when the pair is unknown."""
+        return self._codes.get((first, second), -1)
+
+    def as_dict(self) -> dict[str, int]:
+        """``A_B`` -> code for each pair once, A before B alphabetically."""
+        return {f"{a}_{b}": c for (a, b), c in sorted(self._codes.items()) if a < b}
+
+    def __len__(self) -> int:
+        return len(self._codes) // 2
+
+    @classmethod
+    def from_mapping(cls, relations: Mapping[str, int]) -> RelationTable:
+        """From ``{"A_B": code}``.
+
+        Raises:
+            ValueError: a key is not a pair of dimensions, or a code is not a relation code.
+        """
+        table = cls()
+        for pair, code in relations.items():
+            first, second = split_pair(pair)
+            table.set(first, second, code)
+        return table
+
+    @classmethod
+    def from_report(cls, path: Path) -> RelationTable:
+        """From a ``relationship_codes.csv`` written by an earlier analysis.
+
+        Raises:
+            ValueError: the file does not have the DTM's layout.
+            OSError: the file cannot be read.
+        """
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        if not rows or len(rows[0]) < 3 or rows[0][0].strip():
+            raise ValueError(f"{path}: expected a header ',' followed by dimension codes")
+        columns = [cell.strip() for cell in rows[0][1:]]
+        if not all(is_dimension(c) for c in columns):
+            raise ValueError(f"{path}: the header names unknown dimensions: {columns}")
+        table = cls()
+        for row in rows[1:]:
+            if not row or not row[0].strip():
+                continue
+            first = row[0].strip()
+            if not is_dimension(first) or first not in columns:
+                raise ValueError(f"{path}: row {first!r} is not a dimension of the header")
+            start = columns.index(first) + 1
+            for second, cell in zip(columns[start:], row[start + 1 :], strict=False):
+                text = cell.strip()
+                if not text or text.upper() == "NULL":
+                    continue
+                try:
+                    code = int(float(text))
+                except ValueError:
+                    raise ValueError(f"{path}: cell {first}_{second} is {text!r}") from None
+                table.set(first, second, code)  # type: ignore[arg-type]
+        return table
+
+
+_TASK_WORDS: Final[dict[Task, str]] = {
+    "t2i": "a text-to-image prompt",
+    "p2p": "an image-editing instruction (it is applied to an existing picture)",
+    "s2p": "a subject-driven generation prompt (it shows a given subject in a new scene)",
+}
+
+
+def system_message(task: Task) -> str:
+    """The rewriter's standing orders for one task."""
+    return (
+        f"You improve {_TASK_WORDS[task]} for an image generator. The picture will be rated on "
+        "two quality dimensions. Follow the guidance about how the generator tends to handle "
+        "those two dimensions, keep every object, subject, attribute and relation the "
+        "original asks for, add nothing harmful, and keep it under 120 words. Answer with "
+        "the rewritten text only: no preamble, no quotes, no explanation."
+    )
+
+
+def instruction(first: Dimension, second: Dimension, code: int) -> str:
+    """What to do with a prompt whose pair ``first_second`` has relation ``code``.
+
+    Every code has its own guidance; for dominance the weaker dimension is the one named to
+    be strengthened.
+    """
+    a = f"{first} ({DIMENSION_NAMES[first]})"
+    b = f"{second} ({DIMENSION_NAMES[second]})"
+    if code == 0:
+        return (
+            f"Synergy: this generator does well on {a} and {b} together. Keep both "
+            "demands, state them plainly, and do not trade either away for new detail."
+        )
+    if code == 3:
+        return (
+            f"Bottleneck: this generator does poorly on both {a} and {b} for such prompts. "
+            "Simplify: spell out concretely what each of the two dimensions needs, break "
+            "complex requests into explicit visual facts, and remove distractions."
+        )
+    if code in (2, -2):
+        strong, weak = (a, b) if code == 2 else (b, a)
+        return (
+            f"Dominance: this generator favours {strong} at the expense of {weak}. Keep what "
+            f"{strong} needs, but make the requirements of {weak} explicit, specific and "
+            "prominent (early in the text) so they are not sacrificed."
+        )
+    if code == 1:
+        return (
+            f"Trade-off: for this generator, gains on {a} tend to cost {b} and the reverse. "
+            "Give both equal weight, describe each explicitly, and reconcile demands that "
+            "pull against each other instead of letting one win."
+        )
+    return (
+        f"No clear relation is known between {a} and {b} for this generator. Clarify the "
+        "text so that both dimensions are addressed explicitly, changing as little as possible."
+    )
+
+
+def user_message(prompt: str, first: Dimension, second: Dimension, code: int) -> str:
+    """The request for one prompt: the guidance for its pair, then the prompt itself."""
+    return f"{instruction(first, second, code)}\n\nOriginal:\n{prompt}"

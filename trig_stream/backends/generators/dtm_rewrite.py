@@ -1,0 +1,299 @@
+"""The ``dtm_rewrite`` generator: rewrite each prompt with an LLM, guided by the DTM, then
+generate with another generator (upstream's ``*_dtm_dim`` models).
+
+Each sample stresses one dimension pair; the pair's relation code in a DTM (from the config,
+or from an earlier run's ``relationship_codes.csv``) picks the rewriting guidance (see
+:mod:`trig_stream.backends.generators.dtm_relations`). The rewrite goes through an
+OpenAI-protocol chat completion; when it fails, the original prompt is used and the outcome
+says so. Outcomes are kept per data_id in :attr:`DTMRewriteGenerator.rewrites`.
+
+Example::
+
+    [[generators]]
+    name = "flux_dtm"
+    backend = "dtm_rewrite"
+    batch_size = 4
+    [generators.options]
+    model = "Qwen/Qwen2.5-7B-Instruct"
+    base_url = "http://localhost:8000/v1"
+    report = "runs/flux/analysis/relationship_codes.csv"
+    inner = { backend = "diffusers", options = { preset = "flux", devices = ["cuda:0"] } }
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.generators.api_calls import (
+    Sleep,
+    api_key_from_env,
+    call_with_retries,
+    openai_client,
+    wait_on_cancel,
+)
+from trig_stream.backends.generators.dtm_relations import (
+    INSTRUCTIONS_VERSION,
+    RelationTable,
+    system_message,
+    user_message,
+)
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
+from trig_stream.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from trig_stream.config import GeneratorConfig, RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+class InnerGenerator(BaseModel):
+    """``options.inner``: the generator that draws the rewritten prompts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_inner_options(self) -> InnerGenerator:
+        from trig_stream.backends.registry import validate_backend_options
+
+        try:
+            validate_backend_options("generators", self.backend, self.options)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '(options)'}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+            raise ValueError(f"inner {self.backend} options: {problems}") from None
+        return self
+
+
+class DTMRewriteOptions(BaseModel):
+    """``options`` of the ``dtm_rewrite`` generator. Give ``relations``, ``report`` or both
+    (``relations`` win for the pairs they name)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inner: InnerGenerator
+    model: str
+    """The rewriting LLM's model name on the server."""
+    base_url: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """The NAME of the environment variable holding the key; None for servers without keys."""
+    relations: dict[str, int] = Field(default_factory=dict)
+    """``{"IQ-R_TA-C" = 1, ...}``: relation codes by pair."""
+    report: Path | None = None
+    """An earlier run's ``relationship_codes.csv``."""
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
+    max_tokens: Annotated[int, Field(ge=16)] = 256
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    backoff_initial: Annotated[float, Field(ge=0)] = 1.0
+    backoff_max: Annotated[float, Field(ge=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _some_relations(self) -> DTMRewriteOptions:
+        if not self.relations and self.report is None:
+            raise ValueError("give relations (pair -> code) or report (relationship_codes.csv)")
+        RelationTable.from_mapping(self.relations)  # checks pairs and codes
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteOutcome:
+    """What happened to one sample's prompt.
+
+    Attributes:
+        status: ``rewritten``, or ``fallback`` when the original prompt was used.
+        relation: the pair's relation code, in the sample's dimension order.
+        error: why the rewrite failed (``fallback`` only).
+    """
+
+    data_id: str
+    pair: str
+    relation: int
+    original: str
+    prompt: str
+    status: Literal["rewritten", "fallback"]
+    error: str | None = None
+
+
+class DTMRewriteGenerator(Generator):
+    """Rewrites prompts by their pair's DTM relation, then delegates to an inner generator.
+
+    Attributes:
+        inner: the generator that makes the images.
+        relations: the relation table in use.
+        rewrites: per data_id, the latest :class:`RewriteOutcome`.
+    """
+
+    Options = DTMRewriteOptions
+
+    def __init__(
+        self,
+        name: str,
+        options: DTMRewriteOptions,
+        inner: Generator,
+        *,
+        sleep: Sleep = wait_on_cancel,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.inner = inner
+        self.workers = inner.workers
+        self.batch_size = inner.batch_size
+        self.relations = _relation_table(options)
+        self.policy = RetryPolicy(
+            options.max_attempts, options.backoff_initial, options.backoff_max
+        )
+        self.rewrites: dict[str, RewriteOutcome] = {}
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._key = ""
+
+    @classmethod
+    def from_config(
+        cls, entry: GeneratorConfig, options: DTMRewriteOptions, config: RunConfig
+    ) -> DTMRewriteGenerator:
+        """Build the wrapper and its inner generator (which inherits workers and batch_size).
+
+        Raises:
+            ConfigError: the relation report cannot be read.
+        """
+        from trig_stream.backends.registry import build_generator
+        from trig_stream.config import GeneratorConfig
+
+        inherited = {k: getattr(entry, k) for k in ("workers", "batch_size")}
+        inner_entry = GeneratorConfig.model_validate(
+            {
+                "name": entry.name,
+                "backend": options.inner.backend,
+                "options": options.inner.options,
+                **{k: v for k, v in inherited.items() if k in entry.model_fields_set},
+            }
+        )
+        try:
+            return cls(entry.name, options, build_generator(inner_entry, config))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"generator {entry.name!r}: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"DTMRewriteGenerator(name={self.name!r}, inner={self.inner!r})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "backend": "dtm_rewrite",
+            "inner": self.inner.fingerprint(),
+            "llm": o.model,
+            "temperature": o.temperature,
+            "max_tokens": o.max_tokens,
+            "instructions_version": INSTRUCTIONS_VERSION,
+            "relations": self.relations.as_dict(),
+        }
+
+    def load(self) -> None:
+        """Open the LLM client, then load the inner generator.
+
+        Raises:
+            FatalBackendError: the key's environment variable is not set.
+        """
+        o = self.options
+        if o.api_key_env is not None:
+            self._key = api_key_from_env(o.api_key_env)
+        self._client = openai_client(o.base_url, self._key or "unused", o.timeout_s)
+        self.inner.load()
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image | Exception]:
+        rewritten: list[GenerationRequest] = []
+        for request in requests:
+            if cancel.is_set():
+                return [ItemError("cancelled") for _ in requests]
+            outcome = self.rewrite(request, cancel)
+            with self._lock:
+                self.rewrites[request.sample.data_id] = outcome
+            sample = request.sample.model_copy(update={"prompt": outcome.prompt})
+            rewritten.append(GenerationRequest(request.model, sample, request.seed))
+        return self.inner.generate(rewritten, worker=worker, cancel=cancel)
+
+    def rewrite(self, request: GenerationRequest, cancel: threading.Event) -> RewriteOutcome:
+        """Rewrite one request's prompt; on failure keep the original and say why.
+
+        Raises:
+            FatalBackendError: the LLM server refused the credentials.
+        """
+        sample = request.sample
+        first, second = sample.dimensions
+        code = self.relations.code(first, second)
+        messages = [
+            {"role": "system", "content": system_message(sample.task)},
+            {"role": "user", "content": user_message(sample.prompt, first, second, code)},
+        ]
+        o = self.options
+        try:
+            response = call_with_retries(
+                lambda: self._client.chat.completions.create(
+                    model=o.model,
+                    messages=messages,
+                    temperature=o.temperature,
+                    max_tokens=o.max_tokens,
+                ),
+                policy=self.policy,
+                cancel=cancel,
+                secret=self._key,
+                sleep=self._sleep,
+            )
+            text = _clean(response.choices[0].message.content or "")
+            if not text:
+                raise ItemError("the LLM answered with an empty rewrite")
+        except FatalBackendError:
+            raise
+        except (ItemError, RetryableError, AttributeError, IndexError) as exc:
+            reason = str(exc) or type(exc).__name__
+            logger.warning(
+                "generator %s: rewriting %s failed (%s); the original prompt is used",
+                self.name,
+                sample.data_id,
+                reason,
+            )
+            return RewriteOutcome(
+                sample.data_id, sample.pair, code, sample.prompt, sample.prompt, "fallback", reason
+            )
+        return RewriteOutcome(sample.data_id, sample.pair, code, sample.prompt, text, "rewritten")
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+def _relation_table(options: DTMRewriteOptions) -> RelationTable:
+    table = RelationTable.from_report(options.report) if options.report else RelationTable()
+    for pair, code in RelationTable.from_mapping(options.relations).as_dict().items():
+        first, second = pair.split("_")
+        table.set(first, second, code)  # type: ignore[arg-type]
+    return table
+
+
+def _clean(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text

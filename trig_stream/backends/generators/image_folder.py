@@ -1,0 +1,172 @@
+"""The ``image_folder`` generator: judge images that were made elsewhere.
+
+The folder holds one file per sample, named ``<data_id>.<ext>`` (upstream's ``image_dirs``
+layout, one folder per model). Nothing is generated: each requested sample's file is
+decoded completely (a truncated file is an item error, not a crash) and handed to the engine,
+which writes it into the run like any generated image.
+
+Files that match no requested sample are counted at :meth:`ImageFolderGenerator.close` and
+kept in :attr:`ImageFolderGenerator.unmatched`, with a log line: they usually mean a folder
+from another task, a renamed dataset, or ids with a typo.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.generators.source_images import open_image
+from trig_stream.errors import FatalBackendError, ItemError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from trig_stream.config import GeneratorConfig, RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ImageFolderOptions(BaseModel):
+    """``options`` of the ``image_folder`` generator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path
+    """The folder of ``<data_id>.<ext>`` files for this model."""
+    extensions: list[str] = Field(default_factory=lambda: ["png", "jpg", "jpeg", "webp"])
+    """File extensions to accept, in order of preference when a data_id has several."""
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise(cls, value: list[str]) -> list[str]:
+        cleaned = [ext.strip().lstrip(".").lower() for ext in value]
+        if not cleaned or not all(cleaned):
+            raise ValueError("list at least one non-empty extension, e.g. ['png']")
+        return cleaned
+
+
+class ImageFolderGenerator(Generator):
+    """Serves images from a folder, one ``<data_id>.<ext>`` file per sample.
+
+    Attributes:
+        unmatched: after :meth:`close`, the names of image files no requested sample asked
+            for, sorted.
+        ignored: after :meth:`close`, the names of files whose extension is not accepted.
+    """
+
+    Options = ImageFolderOptions
+
+    def __init__(
+        self, name: str, options: ImageFolderOptions, *, workers: int = 1, batch_size: int = 1
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.workers = workers
+        self.batch_size = batch_size
+        self.folder = options.path
+        self.unmatched: list[str] = []
+        self.ignored: list[str] = []
+        self._files: dict[str, list[Path]] = {}
+        self._others: dict[str, list[Path]] = {}
+        self._requested: set[str] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(
+        cls, entry: GeneratorConfig, options: ImageFolderOptions, config: RunConfig
+    ) -> ImageFolderGenerator:
+        return cls(entry.name, options, workers=entry.workers, batch_size=entry.batch_size)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "backend": "image_folder",
+            "path": str(self.folder.resolve()),
+            "extensions": self.options.extensions,
+        }
+
+    def load(self) -> None:
+        """Index the folder once: data_id -> files.
+
+        Raises:
+            FatalBackendError: the folder does not exist.
+        """
+        if not self.folder.is_dir():
+            raise FatalBackendError(
+                f"image folder {self.folder} does not exist or is not a folder; "
+                "set options.path to the folder of <data_id>.<ext> files"
+            )
+        accepted = self.options.extensions
+        for entry in sorted(self.folder.iterdir()):
+            if not entry.is_file() or entry.name.startswith("."):
+                continue
+            ext = entry.suffix.lstrip(".").lower()
+            index = self._files if ext in accepted else self._others
+            index.setdefault(entry.stem, []).append(entry)
+        for paths in self._files.values():
+            paths.sort(key=lambda p: accepted.index(p.suffix.lstrip(".").lower()))
+        logger.info(
+            "image folder %s: %d images, %d other files",
+            self.folder,
+            sum(map(len, self._files.values())),
+            sum(map(len, self._others.values())),
+        )
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image | Exception]:
+        out: list[Image | Exception] = []
+        for request in requests:
+            if cancel.is_set():
+                out.append(ItemError("cancelled"))
+                continue
+            out.append(self._one(request.sample.data_id))
+        return out
+
+    def _one(self, data_id: str) -> Image | Exception:
+        with self._lock:
+            self._requested.add(data_id)
+        paths = self._files.get(data_id)
+        if not paths:
+            message = f"no image for {data_id} in {self.folder}"
+            others = self._others.get(data_id)
+            if others:
+                names = ", ".join(p.name for p in others)
+                accepted = ", ".join(self.options.extensions)
+                message += f" (found {names}, whose extension is not one of: {accepted})"
+            return ItemError(message)
+        try:
+            return open_image(paths[0])
+        except ItemError as exc:
+            return exc
+
+    def close(self) -> None:
+        """Report the files that no requested sample matched."""
+        with self._lock:
+            requested = set(self._requested)
+        self.unmatched = sorted(
+            path.name
+            for stem, paths in self._files.items()
+            if stem not in requested
+            for path in paths
+        )
+        self.ignored = sorted(path.name for paths in self._others.values() for path in paths)
+        if self.unmatched:
+            shown = ", ".join(self.unmatched[:5]) + (", ..." if len(self.unmatched) > 5 else "")
+            logger.warning(
+                "image folder %s: %d image(s) match no requested sample: %s",
+                self.folder,
+                len(self.unmatched),
+                shown,
+            )
+        if self.ignored:
+            logger.info(
+                "image folder %s: %d file(s) skipped for their extension",
+                self.folder,
+                len(self.ignored),
+            )

@@ -1,0 +1,194 @@
+"""The ``openai_images`` generator: images from an OpenAI-protocol images API (t2i).
+
+``dall-e-3`` (upstream's ``dalle3``), ``gpt-image-1`` or any server speaking
+``POST /v1/images/generations``. Each request is one API call made with the synchronous SDK
+client inside the worker thread; run more ``workers`` for more calls in flight. The API
+takes no seed, so the engine's recorded seed does not make the images repeatable.
+
+Failures are classified (see :mod:`trig_stream.backends.generators.api_calls`) and transient
+ones retried here, under a small bounded policy, because the engine does not retry
+generators.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.generators.api_calls import (
+    Sleep,
+    api_key_from_env,
+    call_with_retries,
+    openai_client,
+    wait_on_cancel,
+)
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError
+from trig_stream.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from trig_stream.config import GeneratorConfig, RunConfig
+
+
+class OpenAIImagesOptions(BaseModel):
+    """``options`` of the ``openai_images`` generator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "dall-e-3"
+    base_url: str | None = None
+    """The API root, e.g. ``https://api.openai.com/v1``; None uses the SDK's default."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """The NAME of the environment variable holding the key (never the key itself)."""
+    size: str = "1024x1024"
+    quality: str | None = None
+    """``standard`` / ``hd`` (dall-e-3), ``low`` / ``medium`` / ``high`` (gpt-image-1)."""
+    style: str | None = None
+    """``vivid`` / ``natural`` (dall-e-3)."""
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """Further request fields, sent as they are."""
+    timeout_s: Annotated[float, Field(gt=0)] = 180.0
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 4
+    """Attempts per image for transient failures (5xx, timeouts, 429)."""
+    backoff_initial: Annotated[float, Field(ge=0)] = 2.0
+    backoff_max: Annotated[float, Field(ge=0)] = 60.0
+
+
+class OpenAIImagesGenerator(Generator):
+    """Images from an OpenAI-protocol images endpoint, one call per request.
+
+    Args:
+        name: the model's name in the run.
+        options: the validated options.
+        workers: concurrent calls (one per worker thread).
+        batch_size: requests per :meth:`generate` call (made one after another).
+        sleep: waits between retries (tests inject one that records and returns at once).
+    """
+
+    Options = OpenAIImagesOptions
+
+    def __init__(
+        self,
+        name: str,
+        options: OpenAIImagesOptions,
+        *,
+        workers: int = 1,
+        batch_size: int = 1,
+        sleep: Sleep = wait_on_cancel,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.workers = workers
+        self.batch_size = batch_size
+        self.policy = RetryPolicy(
+            options.max_attempts, options.backoff_initial, options.backoff_max
+        )
+        self._sleep = sleep
+        self._client: Any = None
+        self._key = ""
+
+    @classmethod
+    def from_config(
+        cls, entry: GeneratorConfig, options: OpenAIImagesOptions, config: RunConfig
+    ) -> OpenAIImagesGenerator:
+        """Build from a ``[[generators]]`` entry.
+
+        Raises:
+            ConfigError: the run's task is not t2i.
+        """
+        if config.run.task != "t2i":
+            raise ConfigError(
+                f"generator {entry.name!r}: openai_images makes t2i images only, "
+                f"but the run's task is {config.run.task}"
+            )
+        return cls(entry.name, options, workers=entry.workers, batch_size=entry.batch_size)
+
+    def __repr__(self) -> str:
+        return f"OpenAIImagesGenerator(name={self.name!r}, model={self.options.model!r})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "backend": "openai_images",
+            "model": o.model,
+            "size": o.size,
+            "quality": o.quality,
+            "style": o.style,
+            "extra_body": o.extra_body,
+        }
+
+    def load(self) -> None:
+        """Read the key and open the client.
+
+        Raises:
+            FatalBackendError: the key's environment variable is not set.
+        """
+        self._key = api_key_from_env(self.options.api_key_env)
+        self._client = openai_client(self.options.base_url, self._key, self.options.timeout_s)
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image | Exception]:
+        out: list[Image | Exception] = []
+        for request in requests:
+            if cancel.is_set():
+                out.append(ItemError("cancelled"))
+                continue
+            try:
+                out.append(self._one(request.sample.prompt, cancel))
+            except FatalBackendError:
+                raise
+            except ItemError as exc:
+                out.append(exc)
+            except Exception as exc:  # RetryableError after the last attempt
+                out.append(exc)
+        return out
+
+    def _one(self, prompt: str, cancel: threading.Event) -> Image:
+        o = self.options
+        params: dict[str, Any] = {"model": o.model, "prompt": prompt, "n": 1, "size": o.size}
+        if o.quality is not None:
+            params["quality"] = o.quality
+        if o.style is not None:
+            params["style"] = o.style
+        if o.model.startswith("dall-e"):
+            params["response_format"] = "b64_json"  # gpt-image models always answer so
+        if o.extra_body:
+            params["extra_body"] = o.extra_body
+        response = call_with_retries(
+            lambda: self._client.images.generate(**params),
+            policy=self.policy,
+            cancel=cancel,
+            secret=self._key,
+            sleep=self._sleep,
+        )
+        data = getattr(response, "data", None) or []
+        encoded = getattr(data[0], "b64_json", None) if data else None
+        if not encoded:
+            raise ItemError("the images API answered without b64_json image data")
+        return _decode(encoded)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _decode(encoded: str) -> Image:
+    from PIL import Image as PILImage
+
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+        with PILImage.open(io.BytesIO(raw)) as image:
+            image.load()
+            return image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+    except (binascii.Error, OSError, SyntaxError, ValueError) as exc:
+        raise ItemError(f"the images API returned an undecodable image: {exc}") from None

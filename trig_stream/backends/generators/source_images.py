@@ -1,0 +1,69 @@
+"""Decoding the pictures a generator starts from: p2p source images, s2p reference images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trig_stream.errors import ItemError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from trig_stream.records import Sample
+
+
+def open_image(path: Path) -> Image:
+    """Decode an image file completely, as RGB.
+
+    Raises:
+        ItemError: the file is missing, truncated or not an image; the message says which.
+    """
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(path) as image:
+            image.load()
+            return _rgb(image)
+    except FileNotFoundError:
+        raise ItemError(f"image file {path} does not exist") from None
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
+        raise ItemError(f"cannot read image {path}: {exc}") from None
+
+
+def source_image(sample: Sample, size: tuple[int, int] | None = None) -> Image:
+    """The sample's source (p2p) or reference (s2p) picture, optionally resized.
+
+    Args:
+        sample: a p2p or s2p sample, with ``source_path`` or ``source_bytes``.
+        size: (width, height) to resize to, or None to keep the picture's own size.
+
+    Raises:
+        ItemError: the sample has no picture, or it cannot be decoded.
+    """
+    from PIL import Image as PILImage
+
+    if sample.source_path is not None:
+        image = open_image(sample.source_path)
+    elif sample.source_bytes is not None:
+        try:
+            with PILImage.open(io.BytesIO(sample.source_bytes)) as embedded:
+                embedded.load()
+                image = _rgb(embedded)
+        except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
+            raise ItemError(
+                f"cannot decode the embedded image of {sample.data_id}: {exc}"
+            ) from None
+    else:
+        raise ItemError(
+            f"sample {sample.data_id} has no source image (img_id {sample.img_id!r}); "
+            "set [dataset].image_root for JSON datasets"
+        )
+    if size is not None and image.size != size:
+        image = image.resize(size, PILImage.Resampling.BICUBIC)
+    return image
+
+
+def _rgb(image: Image) -> Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
