@@ -2,11 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,plots,diffusers
+EXTRAS ?= dev,plots,diffusers,nsfw,tui
 
 .PHONY: demo test lint env clean
 
 demo: $(VENV)/.installed
+	$(BIN)/trig-stream make-tiny-models runs/tiny-models
 	$(BIN)/trig-stream run config/demo.toml
 
 test: $(VENV)/.installed

@@ -9,7 +9,13 @@ from typing import Any
 import polars as pl
 
 PAIRS = [
-    "IQ-R_TA-C", "IQ-A_TA-S", "IQ-O_D-A", "TA-R_TA-C", "D-K_IQ-R", "R-T_IQ-A", "R-B_TA-C",
+    "IQ-R_TA-C",
+    "IQ-A_TA-S",
+    "IQ-O_D-A",
+    "TA-R_TA-C",
+    "D-K_IQ-R",
+    "R-T_IQ-A",
+    "R-B_TA-C",
 ]
 
 
@@ -36,8 +42,13 @@ def bench_config(out: Path, dataset: Path, **engine: Any) -> dict[str, Any]:
         "run": {"name": "bench", "output_dir": str(out)},
         "dataset": {"path": str(dataset)},
         "generators": [
-            {"name": "synth", "backend": "synthetic", "workers": 1, "batch_size": 8,
-             "options": {"size": 8, "steps": 1}}
+            {
+                "name": "synth",
+                "backend": "synthetic",
+                "workers": 1,
+                "batch_size": 8,
+                "options": {"size": 8, "steps": 1},
+            }
         ],
         "judges": [{"name": "trigscore", "backend": "fake", "concurrency": 64}],
         "engine": engine,
@@ -51,8 +62,10 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
         if isinstance(value, list):
             for entry in value:
                 lines.append(f"[[{section}]]")
-                lines.extend(f"{k} = {json.dumps(v) if not isinstance(v, dict) else _inline(v)}"
-                             for k, v in entry.items())
+                lines.extend(
+                    f"{k} = {json.dumps(v) if not isinstance(v, dict) else _inline(v)}"
+                    for k, v in entry.items()
+                )
         else:
             lines.append(f"[{section}]")
             lines.extend(f"{k} = {json.dumps(v)}" for k, v in value.items())

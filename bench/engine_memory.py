@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_config, write_parquet_prompts, write_toml  # noqa: E402
+from _common import bench_config, write_parquet_prompts, write_toml
 
 PEAK = (
     "import resource, sys\n"
@@ -34,11 +34,14 @@ def one(size: int, folder: Path) -> tuple[float, float]:
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", PEAK, "run", str(config), "--headless", "--no-report"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     elapsed = time.perf_counter() - started
-    peak = next(int(line.split()[1]) for line in done.stdout.splitlines()
-                if line.startswith("peak_rss_kib"))
+    peak = next(
+        int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("peak_rss_kib")
+    )
     return peak / 1024, elapsed
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_config, write_parquet_prompts  # noqa: E402
+from _common import bench_config, write_parquet_prompts
 
 CHILD = """
 import json, sys, time
@@ -90,7 +90,9 @@ def main() -> None:
         print(f"built a run dir with {lines} judgements in {time.perf_counter() - built:.0f} s")
         result = subprocess.run(
             [sys.executable, "-c", CHILD, str(time.time()), json.dumps(config)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         report = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"first new request after {report['first_request_s']:.2f} s (goal <= 3 s)")

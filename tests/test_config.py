@@ -120,3 +120,13 @@ def test_shipped_configs_validate() -> None:
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_path_options_of_backends_are_relative_to_the_config(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'name = "one"\nbackend = "synthetic"',
+        'name = "one"\nbackend = "image_folder"\noptions = { path = "images/one" }',
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.generators[0].options["path"] == str((tmp_path / "images" / "one").resolve())
+    assert config.generators[1].options == {"size": 32}

@@ -174,3 +174,20 @@ def test_finished_samples_count_towards_the_limit_but_are_not_built(tmp_path: Pa
     assert [s.data_id for s in samples] == ["IQ-R_TA-C_2", "IQ-A_TA-S_2"]
     assert ("IQ-R_TA-C_1", ("IQ-R",)) in asked
     assert ("R-T_IQ-A_1", ("IQ-A",)) in asked
+
+
+def test_count_reads_identity_columns_and_applies_filters(tmp_path: Path) -> None:
+    path = write_prompts(tmp_path / "p.json", 40)
+    assert DatasetSource(DatasetSection(path=path), "t2i").count() == 40
+    section = DatasetSection(path=path, pairs=["TA-C_IQ-R"], limit=7)
+    assert DatasetSource(section, "t2i").count() == 7
+    parquet = tmp_path / "p.parquet"
+    pl.DataFrame(
+        {
+            "data_id": ["IQ-R_TA-C_1", "IQ-R_TA-C_1", "../bad", "R-T_IQ-A_1"],
+            "prompt": ["a", "b", "c", "d"],
+            "dimensions": [["IQ-R", "TA-C"]] * 3 + [["R-T", "IQ-A"]],
+            "image": [{"bytes": png_bytes(), "path": "x"}] * 4,
+        }
+    ).write_parquet(parquet)
+    assert DatasetSource(DatasetSection(path=parquet), "p2p").count() == 2

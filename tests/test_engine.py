@@ -16,7 +16,7 @@ from PIL import Image
 from tests.conftest import ConfigFactory
 from trig_stream import Engine, FatalBackendError
 from trig_stream.config import RunConfig
-from trig_stream.records import Judgement
+from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.store import JOURNAL, QUARANTINE
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
@@ -109,6 +109,7 @@ async def test_stop_finishes_in_flight_work_and_resume_does_the_rest(
             if delivered == 4:
                 engine.stop()
         assert engine.stats().state == "stopped"
+        assert engine.stats().samples_total == 60
     written = len(journal(config))
     assert written == delivered
     assert written < 120
@@ -353,3 +354,42 @@ async def test_pause_holds_back_new_samples_until_resumed(make_config: ConfigFac
             engine.resume()
             assert engine.stats().state == "running"
     assert received == 60
+
+
+class _NotingGenerator(SyntheticGenerator):
+    """A synthetic generator that reports notes and prompt rewrites, as wrappers do."""
+
+    def notes(self) -> list[str]:
+        return ["3 files were not used"]
+
+    def prompt_rewrite(self, data_id: str) -> PromptRewrite | None:
+        return PromptRewrite(status="fallback", relation=1, prompt="p", error="LLM down")
+
+
+async def test_generator_notes_and_prompt_rewrites_reach_stats_and_records(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=3)
+    generator = _NotingGenerator("synth", SyntheticOptions(size=16))
+    async with Engine(config, generators=[generator]) as engine:
+        results = [j async for j in engine.results]
+    assert engine.stats().notes == ("synth: 3 files were not used",)
+    assert {j.prompt_rewrite.status for j in results if j.prompt_rewrite} == {"fallback"}
+    assert all(j.prompt_rewrite is not None for j in results)
+    assert '"prompt_rewrite":{"status":"fallback"' in (config.run_dir / JOURNAL).read_text()
+
+
+async def test_a_judge_is_asked_only_about_the_dimensions_it_measures(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=8)
+    toxicity = FakeJudge("toxicity")
+    toxicity.dimensions = frozenset({"R-T"})
+    results = await run_to_end(config, judges=[FakeJudge(), toxicity])
+    by_metric = Counter((j.metric, j.dimension) for j in results)
+    assert by_metric[("toxicity", "R-T")] == 2  # two R-T_IQ-A samples among the eight
+    assert {d for m, d in by_metric if m == "toxicity"} == {"R-T"}
+    assert sum(n for (m, _), n in by_metric.items() if m == "trigscore") == 16
+    assert toxicity.requests == 2
+    # Resuming asks nothing: the dimensions the judge does not measure are not missing.
+    assert await run_to_end(config, judges=[FakeJudge(), toxicity]) == []

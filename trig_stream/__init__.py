@@ -10,6 +10,8 @@ and everything it needs are importable from here::
             ...
 """
 
+from typing import TYPE_CHECKING, Any
+
 from trig_stream.config import RunConfig, load_config
 from trig_stream.engine import Engine, RunSummary
 from trig_stream.errors import (
@@ -28,6 +30,9 @@ from trig_stream.errors import (
 from trig_stream.records import GeneratedImage, JudgeFingerprint, Judgement, Sample
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.stats import EngineStats
+
+if TYPE_CHECKING:
+    from trig_stream.backends.metrics.registry import import_metric
 
 __version__ = "0.1.0"
 
@@ -52,6 +57,16 @@ __all__ = [
     "Sample",
     "TrigStreamError",
     "__version__",
+    "import_metric",
     "load_config",
     "score_top_logprobs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Resolved on first use, so that importing the package does not import the metrics.
+    if name == "import_metric":
+        from trig_stream.backends.metrics.registry import import_metric
+
+        return import_metric
+    raise AttributeError(f"module 'trig_stream' has no attribute {name!r}")

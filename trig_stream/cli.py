@@ -13,6 +13,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections import Counter
@@ -22,6 +23,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trig_stream.analysis.commands import add_commands as add_analysis_commands
@@ -29,6 +31,7 @@ from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError
 from trig_stream.testing.simulate_judge import add_simulate_judge_command
+from trig_stream.testing.tiny_models import add_tiny_models_command
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -38,6 +41,12 @@ EXIT_FATAL = 4
 EXIT_INTERRUPTED = 130
 
 PROGRESS_EVERY_S = 0.5
+QUIET_LIBRARIES = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,13 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.handler(args, console)
         return result
     except (ConfigError, AnalysisError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return EXIT_CONFIG
     except RunDirError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return EXIT_RUN_DIR
     except TrigStreamError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return EXIT_FATAL
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -97,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_cmd_status)
     add_analysis_commands(commands)
     add_simulate_judge_command(commands)
+    add_tiny_models_command(commands)
     return parser
 
 
@@ -115,6 +125,10 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     config = load_config(args.config)
+    # Model libraries print progress bars and advice on every load; the run's own progress
+    # says what matters. Set these variables to see them again.
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
     return anyio.run(_run, config, args, console, backend=args.backend)
 
 
@@ -155,6 +169,8 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                 pass
             tg.cancel_scope.cancel()
         progress.update(engine.stats(), force=True)
+    for note in engine.stats().notes:
+        console.print(f"note: {note}", highlight=False)
     summary = engine.summary()
     console.print(
         f"{summary.state}: {summary.judged} judgements in this run "

@@ -93,14 +93,50 @@ class GeneratorConfig(_Section):
     """Backend-specific settings, checked by the backend's own model."""
 
 
+class AdaptiveConcurrency(_Section):
+    """``[judges.adaptive]``: let a judge's limit on requests in flight follow the server.
+
+    Off by default: the limit is then the judge's fixed ``concurrency``. When on, the limit
+    starts at ``concurrency`` (kept between ``min`` and ``max``), grows while answers come
+    back in time and the server's waiting queue stays short, and is cut on a 429, on
+    transient failures, when latency blows up, or when the queue that the server reports on
+    ``GET /metrics`` (vLLM's ``vllm:num_requests_waiting``) grows past ``max_waiting``.
+    """
+
+    enabled: bool = False
+    min: Annotated[int, Field(ge=1, le=4096)] = 1
+    """The limit is never cut below this."""
+    max: Annotated[int, Field(ge=1, le=4096)] = 256
+    """The limit never grows above this."""
+    target_latency_s: Annotated[float, Field(gt=0)] | None = None
+    """Cut while the smoothed request latency is above this; unset: see ``latency_factor``."""
+    latency_factor: Annotated[float, Field(gt=1)] = 3.0
+    """Without ``target_latency_s``: latency has blown up at this multiple of the lowest
+    smoothed latency seen."""
+    max_waiting: Annotated[int, Field(ge=0)] = 8
+    """Requests the server may keep waiting (summed over endpoints) before the limit is cut."""
+    poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    """How often the server's load is read (``GET /metrics``)."""
+    decrease_factor: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """A cut multiplies the limit by this."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptiveConcurrency:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class JudgeConfig(_Section):
     """``[[judges]]``: one metric that scores every image on its pair's dimensions."""
 
     name: SafeName = "trigscore"
     backend: str
     concurrency: Annotated[int, Field(ge=1, le=4096)] = 16
+    """The most requests in flight; with ``adaptive`` on, the starting limit."""
     scorer: Scorer = "robust"
     confidence: bool = False
+    adaptive: AdaptiveConcurrency = AdaptiveConcurrency()
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -150,6 +186,13 @@ class RunConfig(_Section):
         def fix(path: Path | None) -> Path | None:
             return None if path is None or path.is_absolute() else (base / path).resolve()
 
+        generators = [
+            g.model_copy(update={"options": _resolve_options(g.options, base)})
+            for g in self.generators
+        ]
+        judges = [
+            j.model_copy(update={"options": _resolve_options(j.options, base)}) for j in self.judges
+        ]
         dataset = self.dataset.model_copy(
             update={
                 "path": fix(self.dataset.path) or self.dataset.path,
@@ -159,12 +202,33 @@ class RunConfig(_Section):
         run = self.run.model_copy(
             update={"output_dir": fix(self.run.output_dir) or self.run.output_dir}
         )
-        return self.model_copy(update={"dataset": dataset, "run": run})
+        return self.model_copy(
+            update={"dataset": dataset, "run": run, "generators": generators, "judges": judges}
+        )
 
     @property
     def run_dir(self) -> Path:
         """The folder this run writes into."""
         return self.run.output_dir / self.run.name
+
+
+PATH_OPTIONS = frozenset({"path", "report", "template", "model_path"})
+"""Backend options that name a file or folder, resolved like the config's own paths."""
+HUB_OR_PATH_OPTIONS = frozenset({"checkpoint"})
+"""Options that hold a hub id (``org/model``) or a folder: resolved only when written as an
+explicit relative path (``./x``, ``../x``)."""
+
+
+def _resolve_options(options: dict[str, Any], base: Path) -> dict[str, Any]:
+    resolved = dict(options)
+    for key, value in options.items():
+        if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
+            resolved[key] = _resolve_options(value, base)
+        elif not isinstance(value, str) or not value or Path(value).is_absolute():
+            continue
+        elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith(".")):
+            resolved[key] = str((base / value).resolve())
+    return resolved
 
 
 def _unique(names: list[str], section: str) -> None:

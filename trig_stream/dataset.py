@@ -113,7 +113,27 @@ class DatasetSource:
             return False
         return bool(self.dimensions_to_judge(dimensions))
 
-    def _raw_records(self) -> Iterator[Mapping[str, Any]]:
+    def count(self) -> int:
+        """How many samples the run selects (filters and limit applied), reading only the
+        identity columns; malformed records are not counted. Meant for progress and ETA.
+
+        Raises:
+            DatasetError: the dataset cannot be opened.
+        """
+        seen: set[str] = set()
+        limit = self.section.limit
+        for raw in self._raw_records(identity_only=True):
+            try:
+                data_id, dimensions = _identity(raw)
+            except Rejected:
+                continue
+            if data_id not in seen and self._selected(dimensions):
+                seen.add(data_id)
+                if limit is not None and len(seen) >= limit:
+                    break
+        return len(seen)
+
+    def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
         path = self.section.path
         if not path.exists():
             raise DatasetError(f"dataset {path} does not exist")
@@ -123,7 +143,7 @@ class DatasetSource:
         if fmt == "json":
             yield from _read_json(path)
         else:
-            yield from _read_parquet(path)
+            yield from _read_parquet(path, identity_only=identity_only)
 
     def _sample(
         self, raw: Mapping[str, Any], data_id: str, dimensions: tuple[Dimension, Dimension]
@@ -238,7 +258,10 @@ def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         yield record if isinstance(record, Mapping) else {"record": record}
 
 
-def _read_parquet(path: Path) -> Iterator[Mapping[str, Any]]:
+IDENTITY_COLUMNS = ("data_id", "dimensions", "dimension")
+
+
+def _read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
     import polars as pl
 
     if path.is_dir():
@@ -249,6 +272,9 @@ def _read_parquet(path: Path) -> Iterator[Mapping[str, Any]]:
         files = [path]
     try:
         scan = pl.scan_parquet(files)
+        schema = scan.collect_schema()
+        if identity_only:  # never touch the image column: it is most of the bytes
+            scan = scan.select([c for c in IDENTITY_COLUMNS if c in schema])
         rows = (
             PARQUET_BATCH_ROWS_WITH_IMAGES
             if "image" in scan.collect_schema()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -109,7 +110,8 @@ class Engine:
         retry_errors: ask again the judgements whose status is ``error``.
         new_run: when the run directory already holds results, start a fresh one beside it
             (``<name>-2``, ...) instead of resuming.
-        sleep: the sleep used for retry backoff (tests inject a fake clock).
+        sleep: the sleep used for retry backoff and between a judge's server-load polls
+            (tests inject a fake clock).
         retry_policy: overrides the policy from ``[engine]``.
     """
 
@@ -182,6 +184,7 @@ class Engine:
         return EngineStats(
             state=self._state,
             elapsed_s=now - c.started_at,
+            samples_total=c.samples_total,
             samples_read=c.samples_read,
             quarantined=c.quarantined,
             models={name: replace(m) for name, m in c.models.items()},
@@ -192,6 +195,7 @@ class Engine:
             generation_latency=latency(c.generation_latencies),
             judge_latency=latency(c.judge_latencies),
             last_errors=tuple(c.last_errors),
+            notes=tuple(c.notes),
         )
 
     def stop(self) -> None:
@@ -254,6 +258,7 @@ class Engine:
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._pipeline, streams)
         self._task_group.start_soon(self._load_history)
+        self._task_group.start_soon(self._count_samples)
         self._state = "running"
         return self
 
@@ -445,7 +450,8 @@ class Engine:
             (dimension, judge.name)
             for dimension in dimensions
             for judge in self._judges
-            if not self._journal_state.is_done(
+            if (judge.dimensions is None or dimension in judge.dimensions)
+            and not self._journal_state.is_done(
                 (model, data_id, dimension, judge.name), retry_errors=self._retry_errors
             )
         )
@@ -503,6 +509,12 @@ class Engine:
                 self._count(batch)
                 for judgement in batch:
                     await result_send.send(judgement)
+
+    async def _count_samples(self) -> None:
+        # For progress and ETA only; a dataset that cannot be read fails the source itself.
+        source = DatasetSource(self.config.dataset, self.config.run.task)
+        with suppress(TrigStreamError):
+            self._counters.samples_total = await anyio.to_thread.run_sync(source.count)
 
     async def _load_history(self) -> None:
         # Earlier runs' judgements join the live analysis in the background, so they never

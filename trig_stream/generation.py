@@ -2,16 +2,19 @@
 
 Each of the generator's ``workers`` takes a sample from the model's buffer, adds whatever else
 is already waiting up to ``batch_size`` (it never waits to fill a batch), and runs one
-blocking ``generate`` call in a thread behind the model's own capacity limiter. Every image is
-written atomically before its path moves on, so a judgement never points at a partial file. A
-valid image left by an earlier run is reused instead of generated again.
+blocking ``generate`` call in a thread behind the model's own capacity limiter. A writer per
+worker encodes and writes the pictures while the next batch is generated, each atomically
+before its path moves on, so a judgement never points at a partial file. A valid image left
+by an earlier run is reused instead of generated again.
 """
 
 from __future__ import annotations
 
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -28,6 +31,9 @@ from trig_stream.pipeline import (
 from trig_stream.records import GeneratedImage, Judgement
 from trig_stream.store import write_atomic
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
 
 class GenerationStage:
     """Runs one generator over its model's buffer of work items."""
@@ -42,42 +48,49 @@ class GenerationStage:
         image_send: MemoryObjectSendStream[ImageItem],
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
-        # One thread per worker: the limiter keeps this model's blocking calls off the shared
-        # default thread pool, where they could starve dataset reads and image encoding.
-        limiter = anyio.CapacityLimiter(self._generator.workers)
+        generator = self._generator
+        # The model's own limiters keep its blocking calls off the shared default thread
+        # pool, where they could starve dataset reads and journal writes.
+        compute = anyio.CapacityLimiter(generator.workers)
+        writing = anyio.CapacityLimiter(generator.workers)
         async with receive, image_send, judgement_send:
             try:
-                await anyio.to_thread.run_sync(self._generator.load, limiter=limiter)
+                await anyio.to_thread.run_sync(generator.load, limiter=compute)
             except TrigStreamError:
                 raise
             except Exception as exc:
                 raise FatalBackendError(
-                    f"generator {self._generator.name!r} failed to load: {exc}"
+                    f"generator {generator.name!r} failed to load: {exc}"
                 ) from exc
             try:
                 async with anyio.create_task_group() as tg:
-                    for worker in range(self._generator.workers):
+                    for worker in range(generator.workers):
+                        # One made batch may wait while the next is generated: PNG encoding
+                        # and fsyncs never hold up the pipeline, and at most two batches of
+                        # pictures per worker are in memory.
+                        made_send, made_receive = anyio.create_memory_object_stream[_Made](1)
+                        tg.start_soon(self._worker, worker, compute, receive.clone(), made_send)
                         tg.start_soon(
-                            self._worker,
-                            worker,
-                            limiter,
-                            receive.clone(),
+                            self._writer,
+                            writing,
+                            made_receive,
                             image_send.clone(),
                             judgement_send.clone(),
                         )
             finally:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._generator.close, limiter=limiter)
+                    await anyio.to_thread.run_sync(generator.close, limiter=compute)
+                for note in generator.notes():
+                    self._context.counters.notes.append(f"{generator.name}: {note}")
 
     async def _worker(
         self,
         worker: int,
         limiter: anyio.CapacityLimiter,
         receive: MemoryObjectReceiveStream[WorkItem],
-        image_send: MemoryObjectSendStream[ImageItem],
-        judgement_send: MemoryObjectSendStream[Judgement],
+        made_send: MemoryObjectSendStream[_Made],
     ) -> None:
-        async with receive, image_send, judgement_send:
+        async with receive, made_send:
             async for first in receive:
                 if self._context.is_stopping():
                     continue  # graceful stop: queued samples are new work; drop them
@@ -87,19 +100,32 @@ class GenerationStage:
                         batch.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                outcomes = await anyio.to_thread.run_sync(
+                made = await anyio.to_thread.run_sync(
                     self._generate_batch, worker, batch, limiter=limiter
                 )
-                counts = self._context.counters.model(self._generator.name)
+                await made_send.send(made)
+
+    async def _writer(
+        self,
+        limiter: anyio.CapacityLimiter,
+        receive: MemoryObjectReceiveStream[_Made],
+        image_send: MemoryObjectSendStream[ImageItem],
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        counters = self._context.counters
+        counts = counters.model(self._generator.name)
+        async with receive, image_send, judgement_send:
+            async for made in receive:
+                outcomes = await anyio.to_thread.run_sync(self._write, made, limiter=limiter)
                 now = time.monotonic()
-                for work, outcome in zip(batch, outcomes, strict=True):
+                for work, outcome in zip(made.batch, outcomes, strict=True):
                     if isinstance(outcome, GeneratedImage):
                         if outcome.reused:
                             counts.reused += 1
                         else:
                             counts.generated += 1
-                            self._context.counters.generation_latencies.append(outcome.latency_s)
-                            self._context.counters.generated_at.append(now)
+                            counters.generation_latencies.append(outcome.latency_s)
+                            counters.generated_at.append(now)
                         await image_send.send(ImageItem(work, outcome))
                     else:
                         counts.generation_failed += 1
@@ -110,15 +136,15 @@ class GenerationStage:
                                 )
                             )
 
-    def _generate_batch(self, worker: int, batch: list[WorkItem]) -> list[GeneratedImage | str]:
-        # Runs in the generator's worker thread: reuse check, generation, PNG encoding, write.
+    def _generate_batch(self, worker: int, batch: list[WorkItem]) -> _Made:
+        # Runs in one of the generator's threads: reuse check, then one generate call.
         task = self._context.config.run.task
-        outcomes: list[GeneratedImage | str] = []
+        pictures: list[Image | GeneratedImage | str | None] = []
         missing: list[int] = []
         for index, work in enumerate(batch):
             path = self._context.run_dir.image_path(task, work.model, work.sample.data_id)
             if valid_image(path):
-                outcomes.append(
+                pictures.append(
                     GeneratedImage(
                         model=work.model,
                         data_id=work.sample.data_id,
@@ -128,10 +154,10 @@ class GenerationStage:
                     )
                 )
             else:
-                outcomes.append("")
+                pictures.append(None)
                 missing.append(index)
         if not missing:
-            return outcomes
+            return _Made(batch, pictures, 0.0)
         requests = [
             GenerationRequest(batch[i].model, batch[i].sample, batch[i].seed) for i in missing
         ]
@@ -149,22 +175,44 @@ class GenerationStage:
             message = f"generator returned {len(images)} images for {len(requests)} requests"
             raise FatalBackendError(f"generator {self._generator.name!r} is broken: {message}")
         for index, image in zip(missing, images, strict=True):
-            work = batch[index]
-            if isinstance(image, Exception):
-                outcomes[index] = describe_error(image)
+            pictures[index] = describe_error(image) if isinstance(image, Exception) else image
+        return _Made(batch, pictures, per_image)
+
+    def _write(self, made: _Made) -> list[GeneratedImage | str]:
+        # Runs in a writer thread: PNG encoding and the atomic write of each new picture.
+        task = self._context.config.run.task
+        outcomes: list[GeneratedImage | str] = []
+        for work, picture in zip(made.batch, made.pictures, strict=True):
+            if isinstance(picture, GeneratedImage | str):
+                outcomes.append(picture)
                 continue
+            assert picture is not None
             path = self._context.run_dir.image_path(task, work.model, work.sample.data_id)
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            picture.save(buffer, format="PNG")
             write_atomic(path, buffer.getvalue())
-            outcomes[index] = GeneratedImage(
-                model=work.model,
-                data_id=work.sample.data_id,
-                path=path,
-                seed=work.seed,
-                latency_s=per_image,
+            outcomes.append(
+                GeneratedImage(
+                    model=work.model,
+                    data_id=work.sample.data_id,
+                    path=path,
+                    seed=work.seed,
+                    latency_s=made.latency_s,
+                    prompt_rewrite=self._generator.prompt_rewrite(work.sample.data_id),
+                )
             )
         return outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class _Made:
+    """One generate call's results, waiting to be written: per work item, a new picture, an
+    image reused from disk, or the reason it failed."""
+
+    batch: list[WorkItem]
+    pictures: list[Image | GeneratedImage | str | None]
+    latency_s: float
+    """Generation time per new picture."""
 
 
 def valid_image(path: Path) -> bool:

@@ -5,6 +5,10 @@ one question per dimension, at most ``concurrency`` at a time. A request holds i
 its judgement is handed on, so a slow journal or consumer slows the requests, and through the
 image buffer the generators. Transient failures are retried with backoff; a reply becomes a
 judgement here, scored from its top logprobs with the judge's scorer.
+
+A judge whose ``[judges.adaptive]`` is on gets a :class:`~trig_stream.concurrency.
+ConcurrencyController` that moves its limit: every attempt's outcome and latency is reported
+to it, and a task of this stage polls the judge's server load for it while the stage runs.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest
+from trig_stream.concurrency import ConcurrencyController, follow_server_load
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import FatalBackendError, ItemError, RetryableError
+from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
 from trig_stream.pipeline import ImageItem, RunContext, describe_error, failed_judgement
 from trig_stream.records import Judgement, Status
 from trig_stream.retry import RetryPolicy
@@ -26,7 +31,15 @@ from trig_stream.scoring import score_top_logprobs
 
 
 class JudgeStage:
-    """Sends every image's questions to every judge and turns the replies into judgements."""
+    """Sends every image's questions to every judge and turns the replies into judgements.
+
+    Args:
+        context: the run's shared state.
+        judges: the judges, each with a limiter in ``limiters`` under its name.
+        limiters: the limit on requests in flight of each judge.
+        retry: the retry policy.
+        sleep: waits for retry backoff and between server load polls (tests inject it).
+    """
 
     def __init__(
         self,
@@ -41,6 +54,13 @@ class JudgeStage:
         self._limiters = limiters
         self._retry = retry
         self._sleep = sleep
+        adaptive = {entry.name: entry.adaptive for entry in context.config.judges}
+        self.controllers: dict[str, ConcurrencyController] = {
+            judge.name: ConcurrencyController(adaptive[judge.name], limiters[judge.name])
+            for judge in self._judges
+            if judge.name in adaptive and adaptive[judge.name].enabled
+        }
+        """The controller of each judge whose concurrency is adaptive."""
 
     async def run(
         self,
@@ -48,14 +68,19 @@ class JudgeStage:
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
         judges = {judge.name: judge for judge in self._judges}
-        async with receive, judgement_send, anyio.create_task_group() as tg:
-            async for item in receive:
-                for judge in self._judges:
-                    dimensions = [d for d, name in item.work.todo if name == judge.name]
-                    if dimensions:
-                        await self._dispatch(
-                            tg, judges[judge.name], item, dimensions, judgement_send
-                        )
+        async with receive, judgement_send, anyio.create_task_group() as watchers:
+            for name, controller in self.controllers.items():
+                watchers.start_soon(follow_server_load, judges[name], controller, self._sleep)
+            async with anyio.create_task_group() as tg:
+                async for item in receive:
+                    for judge in self._judges:
+                        dimensions = [d for d, name in item.work.todo if name == judge.name]
+                        if dimensions:
+                            await self._dispatch(
+                                tg, judges[judge.name], item, dimensions, judgement_send
+                            )
+            # Every request has ended: the load watchers have nothing left to steer.
+            watchers.cancel_scope.cancel()
 
     async def _dispatch(
         self,
@@ -101,9 +126,12 @@ class JudgeStage:
         attempts = 0
         reply: JudgeReply | None = None
         failure = ""
+        controller = self.controllers.get(judge.name)
         try:
             while True:
                 attempts += 1
+                epoch = controller.epoch if controller else 0
+                attempt_started = time.perf_counter()
                 try:
                     reply = await judge.judge(
                         JudgeRequest(
@@ -114,10 +142,16 @@ class JudgeStage:
                             attempts,
                         )
                     )
+                    if controller:
+                        controller.on_success(epoch, time.perf_counter() - attempt_started)
                     break
                 except FatalBackendError:
                     raise
                 except RetryableError as exc:
+                    if controller and isinstance(exc, RateLimitError):
+                        controller.on_rate_limited(epoch)
+                    elif controller:
+                        controller.on_failure(epoch)
                     if not self._retry.should_retry(attempts):
                         failure = f"gave up after {attempts} attempts: {exc}"
                         break
@@ -186,4 +220,5 @@ class JudgeStage:
             attempts=attempts,
             error=failure or None,
             error_stage="judge" if status == "error" else None,
+            prompt_rewrite=item.image.prompt_rewrite,
         )

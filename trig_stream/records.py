@@ -62,6 +62,23 @@ class Sample(_Record):
         return f"{self.dimensions[0]}_{self.dimensions[1]}"
 
 
+class PromptRewrite(_Record):
+    """How a sample's prompt was rewritten before generation (DTM prompt rewriting).
+
+    Attributes:
+        status: ``rewritten``, or ``fallback`` when the rewrite failed and the original prompt
+            was used.
+        relation: the pair's relation code in the DTM the rewrite followed.
+        prompt: the prompt the generator was given.
+        error: why the rewrite failed (``fallback`` only).
+    """
+
+    status: Literal["rewritten", "fallback"]
+    relation: int
+    prompt: str
+    error: str | None = None
+
+
 class GeneratedImage(_Record):
     """An image on disk, ready to be judged: freshly generated or found from an earlier run."""
 
@@ -73,6 +90,7 @@ class GeneratedImage(_Record):
     latency_s: float = 0.0
     reused: bool = False
     """True when the file was already on disk and valid, so nothing was generated."""
+    prompt_rewrite: PromptRewrite | None = None
 
 
 class JudgeFingerprint(_Record):
@@ -108,6 +126,8 @@ class Judgement(_Record):
     attempts: int = 0
     error: str | None = None
     error_stage: Stage | None = None
+    prompt_rewrite: PromptRewrite | None = None
+    """Set when the generator rewrote the prompt (DTM rewriting)."""
     created_at: float = Field(default_factory=time.time)
 
     @model_validator(mode="after")

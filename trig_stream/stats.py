@@ -74,6 +74,8 @@ class EngineStats:
 
     state: EngineState
     elapsed_s: float
+    samples_total: int | None
+    """Samples the run selects from the dataset; None until counted (in the background)."""
     samples_read: int
     quarantined: int
     models: dict[str, ModelCounts]
@@ -84,6 +86,8 @@ class EngineStats:
     generation_latency: Latency
     judge_latency: Latency
     last_errors: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    """What backends reported at the end of their work (e.g. image files left unused)."""
 
     @property
     def judged(self) -> int:
@@ -96,6 +100,7 @@ class Counters:
     """The mutable side: what the engine's stages update."""
 
     started_at: float = field(default_factory=time.monotonic)
+    samples_total: int | None = None
     samples_read: int = 0
     quarantined: int = 0
     models: dict[str, ModelCounts] = field(default_factory=dict)
@@ -104,6 +109,7 @@ class Counters:
     judged_at: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
     generated_at: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
     last_errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    notes: deque[str] = field(default_factory=lambda: deque(maxlen=100))
 
     def model(self, name: str) -> ModelCounts:
         return self.models.setdefault(name, ModelCounts())

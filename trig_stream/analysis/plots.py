@@ -93,7 +93,7 @@ def plot_dtm(analysis: ModelAnalysis, path: Path) -> Path:
         fontsize=8,
     )
     ax.set_title(f"DTM of {analysis.model} ({analysis.thresholds.correlation})")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     return path
 
 
@@ -152,7 +152,7 @@ def plot_scatter_grid(analysis: ModelAnalysis, path: Path) -> Path:
             color=TITLE_COLOURS.get(stats.code, CODE_COLOURS[stats.code]),
         )
     fig.suptitle(f"{analysis.model}: scores per pair")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     return path
 
 
@@ -181,7 +181,7 @@ def plot_dimension_map(analysis: ModelAnalysis, path: Path, *, seed: int = 0) ->
     ax.set_title(f"{analysis.model}: t-SNE of dimensions (distance 1 − |corr|)")
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     return path
 
 
@@ -233,7 +233,7 @@ def plot_tradeoff_graph(analysis: ModelAnalysis, path: Path) -> Path:
     ax.set_aspect("equal")
     ax.axis("off")
     ax.set_title(f"{analysis.model}: trade-off graph")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trig_stream.dimensions import Dimension
-from trig_stream.records import JudgeFingerprint, Sample, TopLogprobs
+from trig_stream.records import JudgeFingerprint, PromptRewrite, Sample, TopLogprobs
 from trig_stream.scoring import Scorer
 
 if TYPE_CHECKING:
@@ -73,6 +73,17 @@ class Generator(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; called once, in a worker thread, at the end of the run."""
 
+    def notes(self) -> list[str]:
+        """What the user should hear about after :meth:`close` (e.g. files left unused)."""
+        return []
+
+    def prompt_rewrite(self, data_id: str) -> PromptRewrite | None:
+        """How the prompt of ``data_id`` was rewritten for its latest image, if it was.
+
+        Called once per new image, in a worker thread, after :meth:`generate` returned it.
+        """
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedImage:
@@ -114,6 +125,19 @@ class JudgeReply:
     text: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ServerLoad:
+    """What a judge's server says about its queue (vLLM's ``/metrics`` gauges).
+
+    Attributes:
+        running: requests the server is processing now.
+        waiting: requests queued at the server, not yet started.
+    """
+
+    running: int
+    waiting: int
+
+
 class Judge(ABC):
     """Scores images on dimensions. ``judge`` is called concurrently up to ``concurrency``.
 
@@ -122,12 +146,16 @@ class Judge(ABC):
         concurrency: the most requests in flight at once.
         scorer: how top logprobs become a score (see :mod:`trig_stream.scoring`).
         confidence: whether the score is weighted by the top rating's probability.
+        dimensions: the dimensions this judge measures; None for all. A judge is never asked
+            about another dimension (a toxicity classifier measures only ``R-T``), so no
+            judgement, not even an error, is made for it.
     """
 
     name: str
     concurrency: int = 16
     scorer: Scorer = "robust"
     confidence: bool = False
+    dimensions: frozenset[Dimension] | None = None
 
     @abstractmethod
     def fingerprint(self) -> JudgeFingerprint:
@@ -149,6 +177,14 @@ class Judge(ABC):
             ItemError: this request failed for good.
             FatalBackendError: nothing will work (the run stops).
         """
+
+    async def server_load(self) -> ServerLoad | None:
+        """The load its server reports now, for adaptive concurrency; None when unknown.
+
+        Called from time to time while the run lasts, only when the judge's adaptive
+        concurrency is on. Must not raise for an unreachable server: return None.
+        """
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections; called once at the end of the run."""

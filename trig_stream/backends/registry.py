@@ -32,6 +32,8 @@ _BUILTIN: dict[Kind, dict[str, str]] = {
     "judges": {
         "fake": "trig_stream.testing.fake_judge:FakeJudge",
         "openai": "trig_stream.backends.judges.openai_judge:OpenAIJudge",
+        "transformers": "trig_stream.backends.judges.transformers_judge:TransformersJudge",
+        "metric": "trig_stream.backends.judges.metric_judge:MetricJudge",
     },
 }
 _REGISTERED: dict[Kind, dict[str, object]] = {"generators": {}, "judges": {}}

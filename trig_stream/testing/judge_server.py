@@ -15,6 +15,8 @@ Use it from tests as an async context manager (asyncio only, as aiohttp is)::
 
 ``GET /stats`` (and :meth:`JudgeServer.stats`) counts requests, faults, and repeated requests
 (the same messages as an earlier request), which a correct client never sends without a fault.
+Tests can build a queue without timing: :meth:`JudgeServer.hold` keeps requests in their slots
+until :meth:`JudgeServer.release`, and :meth:`JudgeServer.wait_until` waits for a state.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Literal, TypeAlias
@@ -152,6 +155,11 @@ class JudgeServer:
         self._runner: web.AppRunner | None = None
         self._slots: asyncio.Semaphore | None = None
         self._stopping: asyncio.Event | None = None
+        self._released: asyncio.Event | None = None
+        self._held = False
+        self._changed: asyncio.Event | None = None
+        self.version = 0
+        """Counts changes of the running and waiting requests."""
 
     @property
     def base_url(self) -> str:
@@ -162,9 +170,47 @@ class JudgeServer:
         """A snapshot of the counters."""
         return self._stats.model_copy(deep=True)
 
+    def hold(self) -> None:
+        """Keep every request that gets a slot in it until :meth:`release`; more queue."""
+        self._held = True
+        if self._released is not None:
+            self._released.clear()
+
+    def release(self) -> None:
+        """Let held requests finish and stop holding new ones."""
+        self._held = False
+        if self._released is not None:
+            self._released.set()
+
+    async def wait_until(self, predicate: Callable[[ServerStats], bool]) -> ServerStats:
+        """Wait until the counters satisfy ``predicate``; returns them then."""
+        while True:
+            changed = self._changed
+            assert changed is not None, "the server is not running"
+            if predicate(self._stats):
+                return self.stats()
+            await changed.wait()
+
+    async def wait_for_change(self, seen: int) -> int:
+        """Wait until :attr:`version` is past ``seen``; returns the new version."""
+        while self.version <= seen:
+            assert self._changed is not None, "the server is not running"
+            await self._changed.wait()
+        return self.version
+
+    def _notify(self) -> None:
+        self.version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        if changed is not None:
+            changed.set()
+
     async def __aenter__(self) -> JudgeServer:
         self._slots = asyncio.Semaphore(self.options.capacity)
         self._stopping = asyncio.Event()
+        self._released = asyncio.Event()
+        if not self._held:
+            self._released.set()
+        self._changed = asyncio.Event()
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
@@ -194,6 +240,8 @@ class JudgeServer:
         """Release hung requests and stop serving; safe to call more than once."""
         if self._stopping is not None:
             self._stopping.set()
+        if self._released is not None:
+            self._released.set()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -335,6 +383,7 @@ class JudgeServer:
         if self._slots.locked():  # every slot is taken: this request queues, as in vLLM
             stats.waiting += 1
             stats.max_waiting = max(stats.max_waiting, stats.waiting)
+            self._notify()
             try:
                 await self._slots.acquire()
             finally:
@@ -343,12 +392,16 @@ class JudgeServer:
             await self._slots.acquire()
         stats.running += 1
         stats.max_running = max(stats.max_running, stats.running)
+        self._notify()
         try:
+            assert self._released is not None
+            await self._released.wait()
             if self.options.latency_s:
                 await asyncio.sleep(self.options.latency_s)
         finally:
             stats.running -= 1
             self._slots.release()
+            self._notify()
 
     def _completion(
         self,

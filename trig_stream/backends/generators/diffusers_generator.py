@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 _CANCELLED = "cancelled"
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 class _Cancelled(Exception):
     """Raised from the step callback to abandon a pipeline call."""
 
@@ -124,16 +127,19 @@ class DiffusersGenerator(Generator):
             MissingExtraError: torch or diffusers is not installed.
             FatalBackendError: a device is unavailable, or the pipeline cannot be loaded.
         """
-        try:
-            import diffusers
-            import torch
-        except ImportError as exc:
-            raise MissingExtraError("diffusers", "diffusers") from exc
-        pipeline_class = self._pipeline_class(diffusers)
-        for device in self.devices:
-            _check_device(torch, device)
-        for device in self.devices:
-            self._pipes.append(self._load_one(torch, diffusers, pipeline_class, device))
+        # diffusers resolves its classes lazily, and that is not thread-safe: two models
+        # loading at once could see a class as missing. Loads are serialised.
+        with _LOAD_LOCK:
+            try:
+                import diffusers
+                import torch
+            except ImportError as exc:
+                raise MissingExtraError("diffusers", "diffusers") from exc
+            pipeline_class = self._pipeline_class(diffusers)
+            for device in self.devices:
+                _check_device(torch, device)
+            for device in self.devices:
+                self._pipes.append(self._load_one(torch, diffusers, pipeline_class, device))
         self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
         self._check_call_arguments(pipeline_class)
 

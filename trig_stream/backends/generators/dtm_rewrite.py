@@ -46,6 +46,7 @@ from trig_stream.backends.generators.dtm_relations import (
     user_message,
 )
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
+from trig_stream.records import PromptRewrite
 from trig_stream.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -229,6 +230,18 @@ class DTMRewriteGenerator(Generator):
             sample = request.sample.model_copy(update={"prompt": outcome.prompt})
             rewritten.append(GenerationRequest(request.model, sample, request.seed))
         return self.inner.generate(rewritten, worker=worker, cancel=cancel)
+
+    def prompt_rewrite(self, data_id: str) -> PromptRewrite | None:
+        with self._lock:
+            outcome = self.rewrites.get(data_id)
+        if outcome is None:
+            return None
+        return PromptRewrite(
+            status=outcome.status,
+            relation=outcome.relation,
+            prompt=outcome.prompt,
+            error=outcome.error,
+        )
 
     def rewrite(self, request: GenerationRequest, cancel: threading.Event) -> RewriteOutcome:
         """Rewrite one request's prompt; on failure keep the original and say why.

@@ -145,6 +145,20 @@ class ImageFolderGenerator(Generator):
         except ItemError as exc:
             return exc
 
+    def notes(self) -> list[str]:
+        found = []
+        if self.unmatched:
+            shown = ", ".join(self.unmatched[:5]) + (", ..." if len(self.unmatched) > 5 else "")
+            found.append(
+                f"{len(self.unmatched)} image file(s) in {self.folder} were not asked for in this"
+                f" run (no such sample, filtered out, or already judged): {shown}"
+            )
+        if self.ignored:
+            found.append(
+                f"{len(self.ignored)} file(s) in {self.folder} skipped for their extension"
+            )
+        return found
+
     def close(self) -> None:
         """Report the files that no requested sample matched."""
         with self._lock:

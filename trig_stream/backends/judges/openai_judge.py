@@ -6,7 +6,10 @@ once (:meth:`OpenAIJudge.prepare`) and shared by its dimension requests. The SDK
 are off: the engine owns retries, so they never compound.
 
 Several ``base_urls`` serving the same model share the load: each request goes to the endpoint
-with the fewest requests in flight. The API key is read from the environment variable that
+with the fewest requests in flight. Instead of a URL, ``serve`` starts the server for the run
+(see :mod:`~trig_stream.backends.judges.managed_server`). For adaptive concurrency the judge
+reads vLLM's queue gauges from ``/metrics`` beside each base URL (:meth:`OpenAIJudge.
+server_load`). The API key is read from the environment variable that
 ``api_key_env`` names; the key itself never appears in the config, the fingerprint, an error
 message or a log line.
 
@@ -29,8 +32,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage, ServerLoad
 from trig_stream.backends.judges.http_errors import classify
+from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
+from trig_stream.backends.judges.server_probe import read_load
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.errors import FatalBackendError, ItemError, RetryableError
 from trig_stream.records import JudgeFingerprint
@@ -43,6 +48,8 @@ if TYPE_CHECKING:
 
 NO_KEY = "EMPTY"
 """Sent as the key when none is configured: local vLLM servers accept any."""
+METRICS_TIMEOUT_S = 5.0
+"""How long one read of a server's ``/metrics`` may take."""
 
 
 class OpenAIJudgeOptions(BaseModel):
@@ -68,18 +75,21 @@ class OpenAIJudgeOptions(BaseModel):
     """``file`` sends ``file://`` URLs, for a vLLM started with ``--allowed-local-media-path``."""
     template: Path | None = None
     """A TOML or JSON file replacing some or all of the built-in judging texts."""
+    serve: ServeOptions | None = None
+    """Start this server for the run and judge with it (instead of a base URL)."""
 
     @model_validator(mode="after")
     def _check(self) -> OpenAIJudgeOptions:
-        if (self.base_url is None) == (not self.base_urls):
-            raise ValueError("set exactly one of base_url and base_urls")
+        sources = (self.base_url is not None) + bool(self.base_urls) + (self.serve is not None)
+        if sources != 1:
+            raise ValueError("set exactly one of base_url and base_urls, or serve instead")
         if self.image_mode == "file" and self.max_pixels is not None:
             raise ValueError("max_pixels needs image_mode = 'base64' (files are sent as they are)")
         return self
 
     @property
     def endpoints(self) -> list[str]:
-        """Every base URL to use."""
+        """Every base URL configured (none with ``serve``: its URL is known once started)."""
         return [self.base_url] if self.base_url is not None else list(self.base_urls)
 
 
@@ -140,6 +150,8 @@ class OpenAIJudge(Judge):
         )
         self._endpoints: list[_Endpoint] = []
         self._secret: Secret | None = None
+        self.server: ManagedServer | None = None
+        """The server started for ``serve``, while the judge is open."""
         self._key_source = (
             f"the environment variable {options.api_key_env}"
             if options.api_key_env
@@ -181,10 +193,11 @@ class OpenAIJudge(Judge):
         )
 
     async def open(self) -> None:
-        """Create one client per endpoint.
+        """Start the ``serve`` server if any, then create one client per endpoint.
 
         Raises:
-            FatalBackendError: ``api_key_env`` names a variable that is not set.
+            FatalBackendError: ``api_key_env`` names a variable that is not set, or the
+                ``serve`` server cannot start or is not ready in time.
         """
         import openai
 
@@ -197,7 +210,15 @@ class OpenAIJudge(Judge):
                     "not set or empty; export the API key in it"
                 )
             self._secret = Secret(key)
-        for url in self.options.endpoints:
+        urls = self.options.endpoints
+        if self.options.serve is not None:
+            self.server = ManagedServer(
+                self.options.serve,
+                name=self.name,
+                secrets=[self._secret.reveal()] if self._secret else [],
+            )
+            urls = [await self.server.start()]
+        for url in urls:
             client = openai.AsyncOpenAI(
                 base_url=url,
                 api_key=self._secret.reveal() if self._secret else NO_KEY,
@@ -209,8 +230,27 @@ class OpenAIJudge(Judge):
 
     async def aclose(self) -> None:
         endpoints, self._endpoints = self._endpoints, []
-        for endpoint in endpoints:
-            await endpoint.client.close()
+        try:
+            for endpoint in endpoints:
+                await endpoint.client.close()
+        finally:
+            server, self.server = self.server, None
+            if server is not None:
+                await server.aclose()
+
+    async def server_load(self) -> ServerLoad | None:
+        """vLLM's running and waiting requests, summed over the endpoints that report them."""
+        loads = [
+            await read_load(endpoint.url, timeout_s=METRICS_TIMEOUT_S)
+            for endpoint in list(self._endpoints)
+        ]
+        known = [load for load in loads if load is not None]
+        if not known:
+            return None
+        return ServerLoad(
+            running=sum(load.running for load in known),
+            waiting=sum(load.waiting for load in known),
+        )
 
     def prepare(self, path: Path) -> PreparedImage:
         """Read the image once and encode it for every request about it (a worker thread).
@@ -265,6 +305,9 @@ class OpenAIJudge(Judge):
                 "/chat/completions", cast_to=ChatCompletion, body=self._body(request, payload)
             )
         except Exception as exc:
+            failure = self.server.failure() if self.server is not None else None
+            if failure is not None:  # the server we started has died: nothing will work
+                raise failure from None
             raise classify(
                 exc,
                 endpoint=endpoint.url,

@@ -1,0 +1,239 @@
+"""The adaptive concurrency controller: pure logic, driven by a fake limiter and clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.conftest import ConfigFactory
+from trig_stream.backends.base import ServerLoad
+from trig_stream.backends.judges.server_probe import parse_load, server_root
+from trig_stream.concurrency import SILENT_POLLS, ConcurrencyController, follow_server_load
+from trig_stream.config import AdaptiveConcurrency, JudgeConfig, load_config
+from trig_stream.engine import Engine
+from trig_stream.errors import ConfigError
+from trig_stream.testing.fake_judge import FakeJudge
+
+
+@dataclass
+class FakeLimiter:
+    total_tokens: float
+    borrowed_tokens: int = 0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def controller(
+    start: int = 8, *, busy: bool = True, **settings: Any
+) -> tuple[ConcurrencyController, FakeLimiter]:
+    limiter = FakeLimiter(total_tokens=start)
+    adaptive = AdaptiveConcurrency(enabled=True, **settings)
+    control = ConcurrencyController(adaptive, limiter, clock=FakeClock())
+    if busy:
+        limiter.borrowed_tokens = control.limit
+    return control, limiter
+
+
+def succeed(control: ConcurrencyController, limiter: FakeLimiter, times: int) -> None:
+    """``times`` answers in 0.1 s while every slot is taken."""
+    for _ in range(times):
+        limiter.borrowed_tokens = control.limit
+        control.on_success(control.epoch, 0.1)
+
+
+def test_start_is_clamped_and_applied() -> None:
+    control, limiter = controller(start=500, max=64)
+    assert control.limit == 64 == limiter.total_tokens
+    control, limiter = controller(start=1, min=4)
+    assert control.limit == 4 == limiter.total_tokens
+
+
+def test_slow_start_then_additive_growth() -> None:
+    control, limiter = controller(start=4, max_waiting=2)
+    succeed(control, limiter, 4)
+    assert control.limit == 8  # one step per answer before the first cut
+    control.on_rate_limited(control.epoch)
+    assert control.limit == 4
+    succeed(control, limiter, 3)
+    assert control.limit == 4  # after a cut: one step per round trip (4 answers at 4)
+    succeed(control, limiter, 1)
+    assert control.limit == 5
+    assert limiter.total_tokens == 5
+
+
+def test_no_growth_while_the_limit_is_not_what_holds_requests_back() -> None:
+    control, _ = controller(start=8, busy=False)
+    for _ in range(20):
+        control.on_success(control.epoch, 0.1)
+    assert control.limit == 8
+
+
+def test_rate_limits_cut_once_per_round_trip() -> None:
+    control, _ = controller(start=32, min=2)
+    sent_before = control.epoch
+    control.on_rate_limited(sent_before)
+    assert control.limit == 16
+    # The other requests sent under the old limit come back refused too: no further cut.
+    for _ in range(10):
+        control.on_rate_limited(sent_before)
+        control.on_failure(sent_before)
+    assert control.limit == 16
+    # Requests sent under the new limit are refused again: cut again, down to the floor.
+    for _ in range(5):
+        control.on_rate_limited(control.epoch)
+    assert control.limit == 2
+    assert [c.reason for c in control.changes][-1] == "rate limited (429)"
+
+
+def test_growing_queue_cuts_and_a_drained_queue_lets_it_grow() -> None:
+    control, limiter = controller(start=16, max_waiting=4)
+    control.on_server_load(ServerLoad(running=16, waiting=2))
+    assert control.limit == 16  # a short queue is fine
+    control.on_server_load(ServerLoad(running=16, waiting=10))
+    assert control.limit == 8
+    # Still long, but nothing sent under the new limit has come back yet: hold.
+    control.on_server_load(ServerLoad(running=16, waiting=12))
+    assert control.limit == 8
+    succeed(control, limiter, 1)  # a round trip under the new limit; the queue is long
+    assert control.limit == 8  # ... so no growth either
+    control.on_server_load(ServerLoad(running=16, waiting=14))
+    assert control.limit == 4
+    # Draining (shorter than at the last reading) while still long: wait for it.
+    succeed(control, limiter, 1)
+    control.on_server_load(ServerLoad(running=8, waiting=9))
+    assert control.limit == 4
+    # Drained: growth resumes, a step per round trip.
+    control.on_server_load(ServerLoad(running=4, waiting=0))
+    succeed(control, limiter, 4 + 5 + 6)
+    assert control.limit == 7
+    reasons = [c.reason for c in control.changes]
+    assert reasons[:2] == ["server queue 10 > 4", "server queue 14 > 4"]
+
+
+def test_unknown_load_changes_nothing() -> None:
+    control, limiter = controller(start=8)
+    control.on_server_load(None)
+    succeed(control, limiter, 2)
+    assert control.limit == 10
+
+
+def test_latency_target() -> None:
+    control, limiter = controller(start=8, target_latency_s=1.0)
+    limiter.borrowed_tokens = 8
+    control.on_success(control.epoch, 0.5)
+    assert control.limit == 9
+    control.on_success(control.epoch, 10.0)  # the average jumps above the target
+    assert control.limit == 4
+    assert control.changes[-1].reason.startswith("latency")
+
+
+def test_latency_blow_up_without_target() -> None:
+    control, limiter = controller(start=8, max=8, latency_factor=3.0)
+    succeed(control, limiter, 10)  # baseline: 0.1 s
+    assert control.limit == 8
+    for _ in range(20):
+        limiter.borrowed_tokens = control.limit
+        control.on_success(control.epoch, 2.0)
+    assert control.limit < 8
+
+
+def test_changes_are_stamped_by_the_clock() -> None:
+    limiter = FakeLimiter(total_tokens=4)
+    clock = FakeClock()
+    control = ConcurrencyController(AdaptiveConcurrency(enabled=True), limiter, clock=clock)
+    clock.now = 250.0
+    control.on_failure(control.epoch)
+    assert control.changes[-1].at == 250.0
+    assert control.changes[-1].limit == 2
+
+
+def test_config_table() -> None:
+    entry = JudgeConfig.model_validate(
+        {"backend": "fake", "adaptive": {"enabled": True, "min": 2, "max": 64}}
+    )
+    assert entry.adaptive.max_waiting == 8 and entry.adaptive.poll_interval_s == 2.0
+    with pytest.raises(ValueError, match="min"):
+        AdaptiveConcurrency(min=10, max=5)
+    with pytest.raises(ValueError, match="Extra inputs"):
+        JudgeConfig.model_validate({"backend": "fake", "adaptive": {"burst": 3}})
+
+
+def test_prometheus_gauges_are_summed() -> None:
+    text = (
+        "# HELP vllm:num_requests_running Number of requests.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 4.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="a b}"} 5.0 1700000000\n'
+        "vllm:num_requests_waiting_by_reason 99\n"
+        "vllm:num_requests_waiting 1\n"
+    )
+    assert parse_load(text) == ServerLoad(running=7, waiting=6)
+    assert parse_load("process_cpu_seconds_total 1.0\n") is None
+    assert server_root("http://h:8000/v1/") == "http://h:8000"
+
+
+@pytest.mark.anyio
+async def test_polling_stops_for_a_judge_without_load() -> None:
+    limiter = FakeLimiter(total_tokens=4)
+    control = ConcurrencyController(AdaptiveConcurrency(enabled=True), limiter)
+    naps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(5):
+        await follow_server_load(FakeJudge(), control, sleep)
+    assert naps == [2.0] * (SILENT_POLLS - 1)
+
+
+def test_config_table_in_toml(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[run]\nname = "t"\n[dataset]\npath = "p.json"\n'
+        '[[generators]]\nname = "g"\nbackend = "synthetic"\n'
+        '[[judges]]\nbackend = "fake"\n[judges.adaptive]\nenabled = true\nmax = 64\nburst = 3\n'
+    )
+    with pytest.raises(ConfigError, match=r"run.toml:13: judges\[0\].adaptive.burst: unknown key"):
+        load_config(path)
+    path.write_text(path.read_text().replace("burst = 3\n", ""))
+    adaptive = load_config(path).judges[0].adaptive
+    assert adaptive.enabled and adaptive.max == 64
+
+
+@pytest.mark.anyio
+async def test_engine_cuts_the_limit_on_rate_limits(make_config: ConfigFactory) -> None:
+    config = make_config(
+        judges=[
+            {
+                "backend": "fake",
+                "concurrency": 16,
+                "adaptive": {"enabled": True},
+                "options": {"rate_limit_rate": 0.3},
+            }
+        ]
+    )
+    naps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(30):
+        async with Engine(config, sleep=sleep) as engine:
+            summary = await engine.drain()
+    assert summary.ok == summary.judged == 24  # every 429 was retried
+    assert engine.stats().judges["trigscore"].limit < 16
+    # The fake judge reports no load: its watcher gave up after a few polls.
+    assert naps.count(2.0) == SILENT_POLLS - 1

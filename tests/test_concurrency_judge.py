@@ -1,0 +1,161 @@
+"""Adaptive concurrency end to end: the engine's ``openai`` judge against a small loopback server.
+
+The server's queue is built by holding its requests, not by timing; the load polls run when
+the server's state has changed (the engine's injected sleep waits for that), so no test step
+depends on how long anything takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from trig_stream.backends.base import ServerLoad
+from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.concurrency import ConcurrencyController
+from trig_stream.config import RunConfig
+from trig_stream.engine import Engine
+from trig_stream.judging import JudgeStage
+from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
+
+pytestmark = pytest.mark.anyio
+
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo" / "t2i_prompts.json"
+START = 8
+CAPACITY = 2
+MAX_WAITING = 2
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiohttp, under the openai client, runs on asyncio only
+
+
+class PollOnChange:
+    """The engine's sleep here: returns once the server has changed since the last poll."""
+
+    def __init__(self, server: JudgeServer) -> None:
+        self.server = server
+        self.seen = -1
+        self.naps: list[float] = []
+        self._slept = anyio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.naps.append(seconds)
+        slept, self._slept = self._slept, anyio.Event()
+        slept.set()
+        self.seen = await self.server.wait_for_change(self.seen)
+
+    async def next_poll_done(self) -> None:
+        """Wait until the poll running now (or the next one) is over."""
+        await self._slept.wait()
+
+
+def run_config(tmp_path: Path, base_url: str) -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            "run": {"name": "adaptive", "output_dir": str(tmp_path), "task": "t2i"},
+            "dataset": {"path": str(DEMO)},
+            "generators": [
+                {"name": "synthetic-a", "backend": "synthetic", "options": {"size": 16}}
+            ],
+            "judges": [
+                {
+                    "name": "trigscore",
+                    "backend": "openai",
+                    "concurrency": START,
+                    "adaptive": {
+                        "enabled": True,
+                        "min": 1,
+                        "max": 32,
+                        "max_waiting": MAX_WAITING,
+                        "poll_interval_s": 0.5,
+                    },
+                    "options": {"base_url": base_url, "model": "trig-judge-sim"},
+                }
+            ],
+        }
+    )
+
+
+async def test_limit_falls_with_the_server_queue_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    controllers: list[ConcurrencyController] = []
+
+    class RecordingStage(JudgeStage):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            controllers.extend(self.controllers.values())
+
+    monkeypatch.setattr("trig_stream.engine.JudgeStage", RecordingStage)
+    samples = len(json.loads(DEMO.read_text()))
+    # Service time keeps the server, not the dispatcher, the bottleneck (no timing is read).
+    options = JudgeServerOptions(capacity=CAPACITY, latency_s=0.02)
+    async with JudgeServer(options) as server:
+        server.hold()
+        polls = PollOnChange(server)
+        config = run_config(tmp_path, server.base_url)
+        with anyio.fail_after(60):
+            async with Engine(config, sleep=polls.sleep) as engine:
+                # The starting limit lets more in than the server runs: its queue grows
+                # until a poll sees it and the limit is cut.
+                while engine.stats().judges["trigscore"].limit >= START:
+                    await polls.next_poll_done()
+                queued = server.stats()
+                server.release()
+                judgements = [judgement async for judgement in engine.results]
+    assert len(judgements) == 2 * samples
+    assert all(j.status == "ok" for j in judgements)
+    assert queued.waiting > MAX_WAITING
+    (controller,) = controllers
+    changes = list(controller.changes)
+    assert changes[0].reason.startswith("server queue") and changes[0].limit < START
+    # Once released, the queue stays short at the lowered limit, and the limit grows again.
+    assert changes[1].limit > changes[0].limit and changes[1].reason == "answered in time"
+    assert set(polls.naps) == {0.5}
+    assert server.stats().repeated == 0
+
+
+async def test_openai_judge_reads_the_server_load() -> None:
+    async with JudgeServer(JudgeServerOptions(capacity=1)) as server:
+        server.hold()
+        judge = OpenAIJudge(
+            "trigscore",
+            OpenAIJudgeOptions(base_urls=[server.base_url, server.base_url], model="m"),
+        )
+        await judge.open()
+        try:
+            assert await judge.server_load() == ServerLoad(running=0, waiting=0)
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(_chat, server.base_url)
+                await server.wait_until(lambda s: s.waiting == 2)
+                # Both endpoints are the same server here, so each gauge counts twice.
+                assert await judge.server_load() == ServerLoad(running=2, waiting=4)
+                server.release()
+        finally:
+            await judge.aclose()
+    closed = OpenAIJudge("trigscore", OpenAIJudgeOptions(base_url=server.base_url, model="m"))
+    await closed.open()
+    try:
+        assert await closed.server_load() is None  # the server is gone: unknown, no error
+    finally:
+        await closed.aclose()
+
+
+async def _chat(base_url: str) -> None:
+    import openai
+    from openai.types.chat import ChatCompletion
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    async with client:
+        await client.post(
+            "/chat/completions",
+            cast_to=ChatCompletion,
+            body={"model": "m", "messages": [{"role": "user", "content": "IQ-R"}]},
+        )

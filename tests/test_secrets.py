@@ -1,0 +1,180 @@
+"""The judge's API key never leaves the process: not on disk, in output, logs or errors.
+
+Whole runs (the engine and the command line) judge with the ``openai`` backend against the
+simulated judge, which requires a key and, like some providers, quotes the key it received in
+its 401 message. The key sits in an environment variable; afterwards every file of the run
+directory, everything printed, every log record and the error raised are searched for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_prompts
+from trig_stream.cli import EXIT_FATAL, EXIT_OK, main
+from trig_stream.config import load_config
+from trig_stream.engine import Engine
+from trig_stream.errors import FatalBackendError
+
+KEY = f"sk-trig-{secrets.token_hex(16)}"
+"""The key the server requires."""
+WRONG_KEY = f"sk-trig-{secrets.token_hex(16)}"
+"""A key the server refuses (and quotes back)."""
+KEY_ENV = "TRIG_SECRETS_TEST_KEY"
+SAMPLES = 6
+
+CONFIG = """\
+[run]
+name = "{name}"
+output_dir = "runs"
+
+[dataset]
+path = "prompts.json"
+
+[[generators]]
+name = "synth"
+backend = "synthetic"
+options = {{ size = 16 }}
+
+[[judges]]
+backend = "openai"
+concurrency = 4
+options = {{ base_url = "{base_url}", model = "trig-judge-sim", api_key_env = "{env}" }}
+"""
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    """The simulated judge in its own process, requiring ``KEY``."""
+    env = {**os.environ, "TRIG_SERVER_KEY": KEY}
+    command = [sys.executable, "-m", "trig_stream", "simulate-judge", "--port", "0"]
+    process = subprocess.Popen(
+        [*command, "--api-key-env", "TRIG_SERVER_KEY"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # ends if the server dies before it is ready
+            if line.startswith("READY "):
+                yield line.split()[1]
+                break
+        else:
+            pytest.fail("the simulated judge did not start")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def write_config(tmp_path: Path, base_url: str, name: str) -> Path:
+    write_prompts(tmp_path / "prompts.json", SAMPLES)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(CONFIG.format(name=name, base_url=base_url, env=KEY_ENV))
+    return path
+
+
+def assert_nowhere(key: str, *texts: str, folder: Path | None = None) -> None:
+    """Neither the key nor a piece of it in the texts or in any file under ``folder``."""
+    pieces = [key, key[8:24], key[-16:]]
+    for text in texts:
+        for piece in pieces:
+            assert piece not in text
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder else []
+    for path in files:
+        data = path.read_bytes()
+        for piece in pieces:
+            assert piece.encode() not in data, f"{path} holds the key"
+    if folder is not None:
+        assert files, "the run wrote nothing"
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG)  # the HTTP libraries' debug records included
+    return caplog
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_engine_run(
+    tmp_path: Path,
+    base_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    config = load_config(write_config(tmp_path, base_url, "engine-ok"))
+    async with Engine(config) as engine:
+        summary = await engine.drain()
+    assert summary.ok == summary.judged == 2 * SAMPLES
+    out, err = capsys.readouterr()
+    assert_nowhere(KEY, out, err, logs.text, folder=summary.run_dir)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_engine_run_with_a_wrong_key(
+    tmp_path: Path,
+    base_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(KEY_ENV, WRONG_KEY)
+    config = load_config(write_config(tmp_path, base_url, "engine-wrong"))
+    engine = Engine(config)
+    with pytest.raises(FatalBackendError) as caught:
+        async with engine:
+            await engine.drain()
+    error = caught.value
+    assert "rejected the API key (HTTP 401)" in str(error) and KEY_ENV in str(error)
+    shown = "".join(traceback.format_exception(error))
+    out, err = capsys.readouterr()
+    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_info!r}" for r in logs.records)
+    for key in (WRONG_KEY, KEY):
+        assert_nowhere(key, str(error), repr(error), shown, out, err, logs.text, records)
+        assert_nowhere(key, folder=engine.run_dir_path)
+        assert_nowhere(key, *engine.stats().last_errors)
+
+
+def test_command_line_run(
+    tmp_path: Path,
+    base_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(write_config(tmp_path, base_url, "cli-ok")), "--headless"]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert "done: 12 judgements" in err
+    assert_nowhere(KEY, out, err, logs.text, folder=tmp_path / "runs" / "cli-ok")
+
+
+def test_command_line_run_with_a_wrong_key(
+    tmp_path: Path,
+    base_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(KEY_ENV, WRONG_KEY)
+    config = write_config(tmp_path, base_url, "cli-wrong")
+    assert main(["run", str(config), "--headless"]) == EXIT_FATAL
+    out, err = capsys.readouterr()
+    assert "rejected the API key" in err
+    for key in (WRONG_KEY, KEY):
+        assert_nowhere(key, out, err, logs.text, folder=tmp_path / "runs" / "cli-wrong")

@@ -1,0 +1,221 @@
+"""The ``transformers`` judge on a tiny random LLaVA built in code and reloaded offline."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from PIL import Image
+
+from tests.conftest import ConfigFactory
+from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.judges.transformers_judge import (
+    TransformersJudge,
+    TransformersJudgeOptions,
+)
+from trig_stream.engine import Engine
+from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError
+from trig_stream.records import Sample
+from trig_stream.scoring import score_top_logprobs
+from trig_stream.testing.tiny_vlm import RATING_WORDS, build_tiny_vlm, tiny_vlm_options
+
+pytestmark = pytest.mark.anyio
+
+SAMPLE = Sample(
+    data_id="IQ-R_TA-C_1",
+    task="t2i",
+    prompt="a red bicycle leaning on a wall",
+    dimensions=("IQ-R", "TA-C"),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "model")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("judge-images")
+    paths = []
+    for index, colour in enumerate([(220, 30, 30), (30, 200, 60), (20, 40, 230), (250, 250, 250)]):
+        path = folder / f"{index}.png"
+        Image.new("RGB", (64, 64), colour).save(path)
+        paths.append(path)
+    return paths
+
+
+def make_judge(path: Path, **options: Any) -> TransformersJudge:
+    return TransformersJudge(
+        "trigscore", TransformersJudgeOptions(**tiny_vlm_options(path, **options))
+    )
+
+
+def request(judge: TransformersJudge, image: Path, dimension: Any = "IQ-R") -> JudgeRequest:
+    return JudgeRequest("synth", SAMPLE, dimension, judge.prepare(image), 1)
+
+
+def test_tiny_vlm_reloads_offline_with_single_token_ratings(tiny_vlm: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    load: Any = AutoProcessor.from_pretrained  # not annotated
+    processor = load(tiny_vlm, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm, local_files_only=True)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    for word in RATING_WORDS:
+        assert len(processor.tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
+
+
+async def test_reply_holds_the_first_tokens_logprobs(tiny_vlm: Path, images: list[Path]) -> None:
+    judge = make_judge(tiny_vlm)
+    await judge.open()
+    try:
+        reply = await judge.judge(request(judge, images[0]))
+    finally:
+        await judge.aclose()
+    assert reply.score is None and reply.top_logprobs is not None
+    top = reply.top_logprobs
+    vocabulary = len(judge_tokenizer(tiny_vlm))
+    assert len(top) == vocabulary  # top_logprobs above the vocabulary is capped at it
+    values = [lp for _, lp in top]
+    assert all(math.isfinite(lp) and lp <= 0 for lp in values)
+    assert values == sorted(values, reverse=True)
+    assert math.isclose(sum(math.exp(lp) for lp in values), 1.0, rel_tol=1e-4)
+    assert set(RATING_WORDS) <= {token for token, _ in top}
+    assert reply.text == top[0][0]
+    score = score_top_logprobs(top, scorer="trig")
+    assert score is not None and 0.0 <= score <= 1.0
+
+
+def judge_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+async def test_concurrent_requests_are_batched_with_the_same_answers(
+    tiny_vlm: Path, images: list[Path]
+) -> None:
+    batched = make_judge(tiny_vlm, batch_size=8, top_logprobs=20)
+    single = make_judge(tiny_vlm, batch_size=1, top_logprobs=20)
+    questions = [(image, dimension) for image in images for dimension in ("IQ-R", "TA-C")]
+    replies: dict[int, JudgeReply] = {}
+
+    async def ask(index: int) -> None:
+        image, dimension = questions[index]
+        replies[index] = await batched.judge(request(batched, image, dimension))
+
+    await batched.open()
+    await single.open()
+    try:
+        async with anyio.create_task_group() as tg:
+            for index in range(len(questions)):
+                tg.start_soon(ask, index)
+        alone = [await single.judge(request(single, i, d)) for i, d in questions]
+        assert batched.batcher is not None and batched.batcher.largest_batch >= 2
+    finally:
+        await batched.aclose()
+        await single.aclose()
+    for index, reply in enumerate(alone):
+        together = replies[index]
+        assert together.top_logprobs is not None and reply.top_logprobs is not None
+        assert [t for t, _ in together.top_logprobs[:5]] == [t for t, _ in reply.top_logprobs[:5]]
+        for (_, a), (_, b) in zip(together.top_logprobs, reply.top_logprobs, strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+async def test_batches_take_what_is_waiting(tiny_vlm: Path, images: list[Path]) -> None:
+    judge = make_judge(tiny_vlm, batch_size=4, top_logprobs=5)
+    await judge.open()
+    try:
+        batcher = judge.batcher
+        assert batcher is not None
+        async with anyio.create_task_group() as tg:
+            for index in range(6):
+                tg.start_soon(judge.judge, request(judge, images[index % len(images)]))
+        assert batcher.largest_batch >= 2
+        assert batcher.largest_batch <= 4
+        assert batcher.batches < 6
+    finally:
+        await judge.aclose()
+
+
+def test_unreadable_image_is_an_item_error(tiny_vlm: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ItemError, match="not a readable image"):
+        make_judge(tiny_vlm).prepare(broken)
+
+
+async def test_unprepared_image_is_an_item_error(tiny_vlm: Path, images: list[Path]) -> None:
+    judge = make_judge(tiny_vlm)
+    await judge.open()
+    try:
+        with pytest.raises(ItemError, match="not prepared"):
+            await judge.judge(
+                JudgeRequest("synth", SAMPLE, "IQ-R", PreparedImage(path=images[0]), 1)
+            )
+    finally:
+        await judge.aclose()
+
+
+async def test_missing_model_or_device_is_fatal(tiny_vlm: Path, tmp_path: Path) -> None:
+    with pytest.raises(FatalBackendError, match="cannot load the model"):
+        await make_judge(tmp_path / "nowhere").open()
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(FatalBackendError, match=r"cuda:3 is not available"):
+            await make_judge(tiny_vlm, device="cuda:3").open()
+
+
+async def test_missing_transformers_names_the_extra(
+    tiny_vlm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(MissingExtraError, match=r"trig-stream\[diffusers\]"):
+        await make_judge(tiny_vlm).open()
+
+
+def test_fingerprint_names_model_and_settings(tiny_vlm: Path) -> None:
+    fingerprint = make_judge(tiny_vlm, top_logprobs=20).fingerprint()
+    assert fingerprint.backend == "transformers"
+    assert fingerprint.model == str(tiny_vlm)
+    assert fingerprint.params["top_logprobs"] == 20
+    assert len(fingerprint.params["config_sha256"]) == 16
+
+
+@pytest.mark.parametrize(("top_logprobs", "statuses"), [(None, {"ok"}), (5, {"ok", "unscorable"})])
+async def test_engine_runs_the_transformers_judge(
+    tiny_vlm: Path, make_config: ConfigFactory, top_logprobs: int | None, statuses: set[str]
+) -> None:
+    options = tiny_vlm_options(tiny_vlm, batch_size=4)
+    if top_logprobs is not None:
+        options["top_logprobs"] = top_logprobs
+    config = make_config(
+        samples=8,
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 64}}],
+        judges=[
+            {"name": "trigscore", "backend": "transformers", "concurrency": 8, "options": options}
+        ],
+    )
+    async with Engine(config) as engine:
+        judgements = [j async for j in engine.results]
+    assert len(judgements) == 16
+    assert {j.status for j in judgements} <= statuses
+    assert {j.judge.backend for j in judgements} == {"transformers"}
+    for judgement in judgements:
+        assert judgement.top_logprobs is not None
+        assert all(math.isfinite(lp) for _, lp in judgement.top_logprobs)
+        if judgement.status == "ok":
+            assert judgement.score is not None and 0.0 <= judgement.score <= 1.0
+        else:
+            assert judgement.score is None and judgement.error

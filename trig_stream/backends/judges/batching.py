@@ -1,0 +1,130 @@
+"""Micro-batching of concurrent judge requests for in-process models.
+
+An in-process judge (a VLM through transformers, an image classifier) is much faster per item
+when it sees several items at once, while the engine calls ``judge()`` once per (image,
+dimension), concurrently. :class:`MicroBatcher` turns those calls into batches: every call
+puts its item on a queue and waits for the device; whoever gets the device takes everything
+waiting (up to ``batch_size``), runs it as one batch in a worker thread and hands each caller
+its result. A batch never waits to fill up: under light load it holds one item, under heavy
+load the queue fills while the previous batch runs and the next one is full.
+
+There is no background task: the batch runs in the task of one of its callers, so the batcher
+needs no task group and cannot outlive the requests that use it. (A batching task in a task
+group opened by ``Judge.open()`` and left in ``Judge.aclose()`` would cross the engine's own
+scopes: the engine closes judges inside a shielded cancel scope, which anyio and Trio reject
+as a corrupted cancel-scope stack.)
+
+Callers are served in arrival order: the device's capacity limiter queues its waiters first
+in, first out, and batches are taken from the queue in the same order, so by the time a
+caller gets the device its item has either been run by an earlier caller or heads the queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import anyio
+import anyio.to_thread
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+BatchFunction = Callable[[Sequence[In]], Sequence[Out | Exception]]
+"""Blocking: one result per item, in order; a failed item is its exception."""
+
+
+class _Pending(Generic[In, Out]):
+    __slots__ = ("done", "item", "outcome")
+
+    def __init__(self, item: In) -> None:
+        self.item = item
+        self.done = False
+        self.outcome: Out | Exception | None = None
+
+    def settle(self, outcome: Out | Exception) -> None:
+        self.outcome = outcome
+        self.done = True
+
+
+class MicroBatcher(Generic[In, Out]):
+    """Gathers concurrent :meth:`submit` calls into batches run one at a time in a thread.
+
+    Args:
+        run_batch: the blocking batch function (see :data:`BatchFunction`); it should catch
+            per-item failures itself, since an exception it raises fails the whole batch.
+        batch_size: the most items in one batch.
+        buffer: the most items waiting at once; the engine's concurrency limit for the judge
+            is the natural value, as it keeps :meth:`submit` from ever blocking on the queue.
+        device: the capacity limiter of the device (one token: one batch at a time on it).
+            Judges that share a device may share one; by default each batcher has its own.
+    """
+
+    def __init__(
+        self,
+        run_batch: BatchFunction[In, Out],
+        *,
+        batch_size: int,
+        buffer: int,
+        device: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        if batch_size < 1 or buffer < 1:
+            raise ValueError("batch_size and buffer must be at least 1")
+        self._run_batch = run_batch
+        self.batch_size = batch_size
+        # Bounded by the number of callers that may wait at once (see ``buffer`` above).
+        self._send, self._receive = anyio.create_memory_object_stream[_Pending[In, Out]](buffer)
+        self._device = device or anyio.CapacityLimiter(1)
+        self.batches = 0
+        """Batches run so far."""
+        self.largest_batch = 0
+        """The size of the largest batch run so far."""
+
+    async def submit(self, item: In) -> Out:
+        """Run ``item`` in the next batch the device takes, and return its result.
+
+        Raises:
+            Exception: whatever the batch function returned or raised for this item.
+        """
+        pending: _Pending[In, Out] = _Pending(item)
+        await self._send.send(pending)
+        async with self._device:
+            while not pending.done:
+                await self._run_waiting()
+        assert pending.outcome is not None
+        if isinstance(pending.outcome, Exception):
+            raise pending.outcome
+        return pending.outcome
+
+    async def _run_waiting(self) -> None:
+        batch: list[_Pending[In, Out]] = []
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except anyio.WouldBlock:
+                break
+        if not batch:  # cannot happen: the caller's own item is still queued
+            raise RuntimeError("micro-batcher: a waiting item is missing from the queue")
+        # Items taken off the queue must be settled whatever happens to this caller: the
+        # others are waiting for them. The thread cannot be interrupted anyway, so the shield
+        # delays a cancellation of this caller by one batch at most.
+        with anyio.CancelScope(shield=True):
+            try:
+                outcomes = await anyio.to_thread.run_sync(
+                    self._run_batch, [pending.item for pending in batch]
+                )
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(
+                        f"batch function returned {len(outcomes)} results for {len(batch)} items"
+                    )
+            except Exception as exc:
+                outcomes = [exc] * len(batch)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            pending.settle(outcome)
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+
+    def close(self) -> None:
+        """Release the queue; later :meth:`submit` calls fail with ``ClosedResourceError``."""
+        self._send.close()
+        self._receive.close()

@@ -1,0 +1,263 @@
+"""A judge server that trig-stream starts, waits for, and stops: ``options.serve``.
+
+The ``openai`` judge can run its own vLLM (or any OpenAI-compatible server) for the length of
+a run::
+
+    [[judges]]
+    backend = "openai"
+    [judges.options]
+    model = "Qwen/Qwen2.5-VL-7B-Instruct"
+    serve = { command = ["vllm", "serve", "Qwen/Qwen2.5-VL-7B-Instruct", "--port", "{port}"],
+              port = 8000, ready_timeout_s = 600 }
+
+``{port}`` in the command becomes the port (``port = 0`` picks a free one). The command runs
+in its own process group with the run's environment plus ``env``; its output (stdout and
+stderr together) goes to a temporary file, of which only the last lines are read back. The
+server is ready when ``GET /health`` answers 200; it is stopped with SIGTERM, then SIGKILL
+after ``stop_timeout_s``. A server that exits, or is not ready within ``ready_timeout_s``, is
+a :class:`FatalBackendError` whose message ends with its last lines of output.
+
+Keep secrets out of ``env``: the config is saved with the run. The child inherits the
+environment, so export the key (``VLLM_API_KEY``) instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import IO, Annotated
+
+import anyio
+from anyio.abc import Process
+from pydantic import BaseModel, ConfigDict, Field
+
+from trig_stream.backends.judges.server_probe import ProbeError, http_get
+from trig_stream.errors import FatalBackendError
+
+logger = logging.getLogger(__name__)
+
+TAIL_LINES = 20
+"""Lines of the server's output quoted when it fails."""
+LINE_CHARS = 500
+"""Longest line kept; longer ones are cut."""
+HEALTH_TIMEOUT_S = 5.0
+"""How long one ``/health`` probe may take."""
+TAIL_BYTES = 64 * 1024
+"""Bytes read back from the end of the server's output to find its last lines."""
+_LINE_END = re.compile(rb"[\r\n]")
+
+
+class ServeOptions(BaseModel):
+    """``options.serve`` of the ``openai`` judge: the server to start for the run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: Annotated[list[str], Field(min_length=1)]
+    """The command line; ``{port}`` in any argument becomes the port."""
+    host: str = "127.0.0.1"
+    """Where the server listens; the judge's base URL is ``http://host:port/v1``."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    """0 picks a free port."""
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    """Give up when ``GET /health`` has not answered 200 by then (loading a model is slow)."""
+    poll_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    """Time between ``/health`` probes while it starts."""
+    stop_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    """Grace between SIGTERM and SIGKILL when stopping it."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Variables added to the inherited environment (no secrets: the config is saved)."""
+
+
+class ManagedServer:
+    """One server process, from start to stop; :meth:`start` then :meth:`aclose`.
+
+    The server's output goes to an unnamed temporary file, never to a pipe that a full
+    buffer could block; only its last lines are ever read back (:meth:`output_tail`).
+
+    Args:
+        options: the ``serve`` table.
+        name: the judge's name, for messages.
+        secrets: texts scrubbed from the output quoted (the API key).
+        sleep: waits between ``/health`` probes (tests inject it).
+        clock: measures ``ready_timeout_s`` (tests inject it).
+    """
+
+    def __init__(
+        self,
+        options: ServeOptions,
+        *,
+        name: str,
+        secrets: Sequence[str] = (),
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self.name = name
+        self._secrets = [s for s in secrets if s]
+        self._sleep = sleep
+        self._clock = clock
+        self._process: Process | None = None
+        self._output: IO[bytes] | None = None
+        self._closed = False
+        self.port = options.port
+        self.argv: list[str] = []
+
+    @property
+    def base_url(self) -> str:
+        """The server's OpenAI base URL."""
+        return f"http://{self.options.host}:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the server, once started."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The server's exit status once it has exited, else None."""
+        return self._process.returncode if self._process is not None else None
+
+    def output_tail(self) -> list[str]:
+        """The server's last lines of output (at most ``TAIL_LINES``), secrets scrubbed."""
+        if self._output is None:
+            return []
+        fd = self._output.fileno()
+        size = os.fstat(fd).st_size
+        # pread leaves the offset, which the server shares, where it is.
+        data = os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES))
+        lines: deque[str] = deque(maxlen=TAIL_LINES)
+        for raw in _LINE_END.split(data):
+            text = raw.decode("utf-8", errors="replace").rstrip()
+            if text:
+                lines.append(text)
+        return [self._scrub(line)[:LINE_CHARS] for line in lines]
+
+    async def start(self) -> str:
+        """Start the server and wait until it is ready; returns its base URL.
+
+        Raises:
+            FatalBackendError: the command cannot start, exits, or is not ready in time.
+        """
+        if self.options.port == 0:
+            self.port = free_port(self.options.host)
+        self.argv = [arg.replace("{port}", str(self.port)) for arg in self.options.command]
+        # Held open until aclose(): the server writes into it all along.
+        self._output = tempfile.TemporaryFile(prefix="trig-stream-serve-")  # noqa: SIM115
+        try:
+            self._process = await anyio.open_process(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._output,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.options.env},
+                # Its own group: vLLM starts worker processes, and a stop must reach them.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            await self.aclose()
+            raise FatalBackendError(
+                f"judge {self.name!r}: cannot start the server {self._command()}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self.base_url
+
+    async def aclose(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and release everything; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            if self._process is not None:
+                await self._stop(self._process)
+                await self._process.aclose()
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    def failure(self) -> FatalBackendError | None:
+        """The error to raise when the server has exited during the run; None while it runs."""
+        code = self.returncode
+        if code is None:
+            return None
+        return FatalBackendError(self._describe(f"exited with status {code}"))
+
+    async def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = self._clock() + self.options.ready_timeout_s
+        url = f"http://{self.options.host}:{self.port}/health"
+        while True:
+            code = self._process.returncode
+            if code is not None:
+                raise FatalBackendError(self._describe(f"exited with status {code} before ready"))
+            try:
+                status, _ = await http_get(url, timeout_s=HEALTH_TIMEOUT_S)
+            except ProbeError:
+                status = 0
+            if status == 200:
+                logger.info("judge %s: server ready at %s", self.name, self.base_url)
+                return
+            if self._clock() >= deadline:
+                await self._stop(self._process)
+                raise FatalBackendError(
+                    self._describe(
+                        f"was not ready (GET /health) within {self.options.ready_timeout_s:g} s; "
+                        "stopped it"
+                    )
+                )
+            await self._sleep(self.options.poll_interval_s)
+
+    async def _stop(self, process: Process) -> None:
+        if process.returncode is None:
+            _signal_group(process, signal.SIGTERM)
+            with anyio.move_on_after(self.options.stop_timeout_s):
+                await process.wait()
+        if process.returncode is None:
+            _signal_group(process, signal.SIGKILL)
+            await process.wait()
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _command(self) -> str:
+        return self._scrub(f"`{' '.join(self.argv)}`")
+
+    def _describe(self, what: str) -> str:
+        tail = self.output_tail()
+        head = f"judge {self.name!r}: the server {self._command()} {what}"
+        if not tail:
+            return f"{head}; it wrote no output"
+        body = "\n".join(f"  | {line}" for line in tail)
+        return f"{head}; its last {len(tail)} lines of output:\n{body}"
+
+
+def free_port(host: str) -> int:
+    """A TCP port on ``host`` that is free now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _signal_group(process: Process, signum: signal.Signals) -> None:
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signum)
+        else:  # pragma: no cover - no process groups on this platform
+            process.send_signal(signum)
+    except ProcessLookupError:
+        pass

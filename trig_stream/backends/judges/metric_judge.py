@@ -1,0 +1,197 @@
+"""The ``metric`` judge: an image metric scoring the TRIG dimensions it measures.
+
+Any image-level metric that names TRIG ``dimensions`` (see
+:mod:`trig_stream.backends.metrics.base`) can stand beside the VLM judge in ``[[judges]]``;
+its value becomes the judgement's score through the metric's ``dimension_score`` (in [0, 1],
+higher is better, as TRIGScore). Concurrent requests are gathered into batches, like the
+``transformers`` judge's, for metrics that are faster in batches. Example::
+
+    [[judges]]
+    name = "nsfw"
+    backend = "metric"
+    options = { metric = "nsfw" }
+
+A metric answers only for the dimensions it measures. The NSFW classifier says nothing about
+realism or text alignment, so the judge declares ``dimensions = {"R-T"}`` and is meant to be
+asked about those alone; it does not register the others. Asked anyway about another
+dimension, it raises :class:`~trig_stream.errors.ItemError` with the reason and never reports
+a score: a number made up for a dimension the metric cannot see would enter the dimension's
+mean and the DTM as if it were a measurement.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import anyio
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.judges.batching import MicroBatcher
+from trig_stream.backends.metrics.base import (
+    ImageMetric,
+    MetricInput,
+    Value,
+    compute_async,
+    load_rgb_image,
+)
+from trig_stream.backends.metrics.registry import import_metric
+from trig_stream.dimensions import Dimension
+from trig_stream.errors import ItemError
+from trig_stream.pipeline import describe_error
+from trig_stream.records import JudgeFingerprint
+
+if TYPE_CHECKING:
+    from trig_stream.config import JudgeConfig, RunConfig
+
+
+class MetricJudgeOptions(BaseModel):
+    """``options`` of the ``metric`` judge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str
+    """The metric's registry name (``nsfw``, or one from an entry point)."""
+    metric_options: dict[str, Any] = Field(default_factory=dict)
+    """The metric's own options, checked by its ``Options`` model."""
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    """The most images in one ``compute_batch`` call (sync metrics)."""
+    max_pixels: Annotated[int, Field(ge=64)] | None = None
+    """Shrink larger images to this many pixels before the metric sees them."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricJudgeOptions:
+        metric = import_metric(self.metric)  # ValueError lists the known names
+        if not issubclass(metric, ImageMetric) or "image" not in metric.needs:
+            raise ValueError(f"metric {self.metric!r} does not score single images")
+        if not metric.dimensions:
+            raise ValueError(f"metric {self.metric!r} measures no TRIG dimension")
+        try:
+            metric.Options.model_validate(self.metric_options)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'metric_options'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ValueError(f"metric_options of {self.metric!r}: {problems}") from None
+        return self
+
+    def build_metric(self) -> ImageMetric:
+        """A new instance of the metric with its options."""
+        cls = import_metric(self.metric)
+        assert issubclass(cls, ImageMetric)
+        return cls(cls.Options.model_validate(self.metric_options))
+
+
+class MetricJudge(Judge):
+    """Scores the dimensions an image metric measures, with the metric's own value.
+
+    Attributes:
+        dimensions: the dimensions this judge scores; it should be asked about no other.
+
+    Args:
+        name: the metric's name in the run.
+        options: the backend's options.
+        concurrency: the most requests in flight.
+    """
+
+    Options = MetricJudgeOptions
+
+    def __init__(self, name: str, options: MetricJudgeOptions, *, concurrency: int = 16) -> None:
+        self.name = name
+        self.options = options
+        self.concurrency = concurrency
+        self.metric = options.build_metric()
+        self.dimensions: frozenset[Dimension] = type(self.metric).dimensions
+        self._batcher: MicroBatcher[MetricInput, Value] | None = None
+        self._open = False
+
+    @classmethod
+    def from_config(
+        cls, entry: JudgeConfig, options: MetricJudgeOptions, config: RunConfig
+    ) -> MetricJudge:
+        """Build the judge a ``[[judges]]`` entry describes (nothing is loaded yet)."""
+        return cls(entry.name, options, concurrency=entry.concurrency)
+
+    def __repr__(self) -> str:
+        return f"MetricJudge(name={self.name!r}, metric={self.options.metric!r})"
+
+    def fingerprint(self) -> JudgeFingerprint:
+        return JudgeFingerprint(
+            backend="metric",
+            model=self.options.metric,
+            params={**self.metric.fingerprint(), "max_pixels": self.options.max_pixels},
+        )
+
+    async def open(self) -> None:
+        """Load the metric in a worker thread.
+
+        Raises:
+            MissingExtraError: the metric's optional dependencies are not installed.
+        """
+        await anyio.to_thread.run_sync(self.metric.load)
+        if not inspect.iscoroutinefunction(self.metric.compute_batch):
+            self._batcher = MicroBatcher(
+                self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
+            )
+        self._open = True
+
+    async def aclose(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
+        await anyio.to_thread.run_sync(self.metric.close)
+
+    def prepare(self, path: Path) -> PreparedImage:
+        """Decode the image once (a worker thread).
+
+        Raises:
+            ItemError: the file cannot be read or is not an image.
+        """
+        return PreparedImage(path=path, payload=load_rgb_image(path, self.options.max_pixels))
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        if not self._open:
+            raise RuntimeError("the judge is not open: call open() first")
+        metric = self.metric
+        if request.dimension not in self.dimensions:
+            measured = ", ".join(sorted(self.dimensions))
+            raise ItemError(
+                f"the {metric.name} metric measures only {measured}; it gives no score for "
+                f"{request.dimension}"
+            )
+        image = request.image.payload
+        if image is None:
+            raise ItemError(f"image {request.image.path} was not prepared by this judge")
+        item = MetricInput(image=image, sample=request.sample, dimension=request.dimension)
+        if self._batcher is not None:
+            value = await self._batcher.submit(item)
+        else:
+            value = (await compute_async(metric, [item]))[0]
+        if value is None:
+            raise ItemError(f"the {metric.name} metric found nothing to measure in this image")
+        score = metric.dimension_score(value, request.dimension)
+        if not 0.0 <= score <= 1.0:  # also refuses NaN
+            raise ItemError(
+                f"the {metric.name} metric gave {score!r} for {request.dimension}, "
+                "outside the score range [0, 1]"
+            )
+        return JudgeReply(score=score, text=f"{metric.name}={value:.6g}")
+
+    def _run_batch(self, items: Sequence[MetricInput]) -> list[Value | Exception]:
+        try:
+            values = self.metric.compute_batch(items)
+            assert isinstance(values, list)  # a sync metric (async ones skip the batcher)
+            return list(values)
+        except Exception as exc:
+            if len(items) == 1:
+                return [exc if isinstance(exc, ItemError) else ItemError(describe_error(exc))]
+        # One bad image must not fail the others: measure them one by one.
+        return [value for item in items for value in self._run_batch([item])]

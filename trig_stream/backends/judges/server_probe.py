@@ -1,0 +1,118 @@
+"""Small reads of an inference server beside its chat API: ``/health`` and ``/metrics``.
+
+vLLM serves ``GET /health`` (200 once the model is loaded) and Prometheus text on
+``GET /metrics``, where ``vllm:num_requests_running`` and ``vllm:num_requests_waiting`` say
+how busy it is. These probes are one plain GET each, made with anyio's own sockets so that
+they work on any event loop and never carry the API key.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import anyio
+from anyio.abc import ByteStream
+
+from trig_stream.backends.base import ServerLoad
+
+MAX_BYTES = 4 * 1024**2
+"""Longest answer read from a probe; a metrics page is a few tens of kilobytes."""
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+
+
+class ProbeError(Exception):
+    """A probe got no usable HTTP answer."""
+
+
+async def http_get(url: str, *, timeout_s: float) -> tuple[int, str]:
+    """GET ``url`` (``http`` or ``https``) and return the status code and the body's text.
+
+    Raises:
+        ProbeError: no connection, no answer within ``timeout_s``, or not an HTTP answer.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ProbeError(f"not an http(s) URL: {url}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # HTTP/1.0 asks for a plain body ended by the connection's close (never chunked).
+    request = f"GET {path} HTTP/1.0\r\nHost: {parts.netloc}\r\nAccept: */*\r\n\r\n"
+    data = bytearray()
+    try:
+        with anyio.fail_after(timeout_s):
+            stream: ByteStream
+            if tls:
+                stream = await anyio.connect_tcp(parts.hostname, port, tls=True)
+            else:
+                stream = await anyio.connect_tcp(parts.hostname, port)
+            async with stream:
+                await stream.send(request.encode("ascii"))
+                while len(data) <= MAX_BYTES:
+                    try:
+                        data += await stream.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        break
+    except TimeoutError:
+        raise ProbeError(f"no answer from {url} within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise ProbeError(f"cannot connect to {url}: {exc.strerror or exc}") from None
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/"):
+        raise ProbeError(f"{url} did not answer in HTTP")
+    try:
+        status = int(status_line[1])
+    except ValueError:
+        raise ProbeError(f"{url} answered a malformed status line") from None
+    return status, body.decode("utf-8", errors="replace")
+
+
+def server_root(base_url: str) -> str:
+    """The server's root of an OpenAI base URL: ``http://h:8000/v1`` -> ``http://h:8000``."""
+    root = base_url.rstrip("/")
+    return root.removesuffix("/v1")
+
+
+def parse_load(text: str) -> ServerLoad | None:
+    """The running and waiting requests in a Prometheus page, summed over label sets.
+
+    Returns None when the page has neither gauge (not a vLLM server).
+    """
+    totals = {RUNNING: 0.0, WAITING: 0.0}
+    found = False
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:
+            name = line.split("{", 1)[0]
+            rest = line.rsplit("}", 1)[-1]
+        else:
+            name, _, rest = line.partition(" ")
+        if name not in totals:
+            continue
+        fields = rest.split()
+        if not fields:
+            continue
+        try:
+            totals[name] += float(fields[0])
+        except ValueError:
+            continue
+        found = True
+    if not found:
+        return None
+    return ServerLoad(running=round(totals[RUNNING]), waiting=round(totals[WAITING]))
+
+
+async def read_load(base_url: str, *, timeout_s: float) -> ServerLoad | None:
+    """The load that the server behind ``base_url`` reports; None when it reports none.
+
+    Never raises for an unreachable or non-vLLM server: the load is then unknown (None).
+    """
+    try:
+        status, text = await http_get(server_root(base_url) + "/metrics", timeout_s=timeout_s)
+    except ProbeError:
+        return None
+    return parse_load(text) if status == 200 else None

@@ -1,0 +1,329 @@
+"""The ``transformers`` judge: TRIGScore from a vision-language model loaded in-process.
+
+No server and no generate loop: the judging messages (the same texts as the ``openai`` judge,
+see :mod:`trig_stream.backends.judges.templates`) go through the model's chat template with
+the assistant turn opened, and one forward pass gives the logits of the last prompt position,
+which are the distribution of the first answer token. Its ``top_logprobs`` most likely tokens
+become the reply's ``(token, logprob)`` pairs, and the engine scores them as it scores an
+endpoint's.
+
+Concurrent requests are gathered into micro-batches (:mod:`.batching`) of up to
+``batch_size``, padded on the left so the last position of every row is its prompt's end,
+and run one batch at a time in a worker thread. ``concurrency`` in ``[[judges]]`` bounds how
+many requests wait; about twice ``batch_size`` keeps the next batch full while one runs.
+
+Example config::
+
+    [[judges]]
+    backend = "transformers"
+    concurrency = 16
+    options = { model_path = "models/Qwen2-VL-2B-Instruct", device = "cuda:0", batch_size = 8 }
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import anyio
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict, Field
+
+from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.judges.batching import MicroBatcher
+from trig_stream.backends.judges.templates import JudgeTemplate
+from trig_stream.backends.metrics.base import load_rgb_image
+from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError, RetryableError
+from trig_stream.pipeline import describe_error
+from trig_stream.records import JudgeFingerprint
+from trig_stream.scoring import Scorer
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from trig_stream.config import JudgeConfig, RunConfig
+
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class TransformersJudgeOptions(BaseModel):
+    """``options`` of the ``transformers`` judge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_path: Path
+    """A local model folder (weights, config, processor, chat template)."""
+    device: Annotated[str, Field(pattern=r"^(cpu|mps|cuda(:\d+)?)$")] = "cpu"
+    """Where the model runs: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    dtype: DType = "auto"
+    """Weight type; ``auto`` is float32 on CPU and bfloat16 (float16 without it) elsewhere."""
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    """The most requests in one forward pass; a batch never waits to fill up."""
+    top_logprobs: Annotated[int, Field(ge=1, le=1_000_000)] = 20
+    """How many of the first token's most likely tokens to keep (capped at the vocabulary)."""
+    max_pixels: Annotated[int, Field(ge=64)] | None = None
+    """Shrink larger images to this many pixels (keeping their shape) before processing."""
+    template: Path | None = None
+    """A TOML or JSON file replacing some or all of the built-in judging texts."""
+    local_files_only: bool = True
+    """Never reach a model hub: the folder must hold everything."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    request: JudgeRequest
+    image: Image
+
+
+class TransformersJudge(Judge):
+    """A VLM judge run in-process through transformers, batched on one device.
+
+    Args:
+        name: the metric's name in the run.
+        options: the backend's options.
+        concurrency: the most requests in flight (waiting or in a batch).
+        scorer: ``"trig"`` or ``"robust"``.
+        confidence: weight scores by the top rating's probability.
+    """
+
+    Options = TransformersJudgeOptions
+
+    def __init__(
+        self,
+        name: str,
+        options: TransformersJudgeOptions,
+        *,
+        concurrency: int = 16,
+        scorer: Scorer = "robust",
+        confidence: bool = False,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.concurrency = concurrency
+        self.scorer = scorer
+        self.confidence = confidence
+        self.template = (
+            JudgeTemplate.load(options.template) if options.template else JudgeTemplate.builtin()
+        )
+        self._model: Any = None
+        self._processor: Any = None
+        self._torch: Any = None
+        self._token_texts: dict[int, str] = {}
+        self._system_role = True
+        self._batcher: MicroBatcher[_Query, JudgeReply] | None = None
+
+    @classmethod
+    def from_config(
+        cls, entry: JudgeConfig, options: TransformersJudgeOptions, config: RunConfig
+    ) -> TransformersJudge:
+        """Build the judge a ``[[judges]]`` entry describes (nothing is loaded yet)."""
+        return cls(
+            entry.name,
+            options,
+            concurrency=entry.concurrency,
+            scorer=entry.scorer,
+            confidence=entry.confidence,
+        )
+
+    def __repr__(self) -> str:
+        return f"TransformersJudge(name={self.name!r}, model_path={str(self.options.model_path)!r})"
+
+    @property
+    def batcher(self) -> MicroBatcher[_Query, JudgeReply] | None:
+        """The micro-batcher while the judge is open (its counters show the batch sizes)."""
+        return self._batcher
+
+    def fingerprint(self) -> JudgeFingerprint:
+        opts = self.options
+        return JudgeFingerprint(
+            backend="transformers",
+            model=str(opts.model_path),
+            template_version=self.template.version,
+            scorer=self.scorer,
+            confidence=self.confidence,
+            params={
+                "top_logprobs": opts.top_logprobs,
+                "max_pixels": opts.max_pixels,
+                "dtype": opts.dtype,
+                "config_sha256": _config_hash(opts.model_path),
+            },
+        )
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Load the model and its processor in a worker thread.
+
+        Raises:
+            MissingExtraError: torch or transformers is not installed.
+            FatalBackendError: the device is unavailable or the model cannot be loaded.
+        """
+        try:
+            import torch
+            import transformers
+        except ImportError as exc:
+            raise MissingExtraError("transformers", "diffusers") from exc
+        self._torch = torch
+        await anyio.to_thread.run_sync(self._load, torch, transformers)
+        self._batcher = MicroBatcher(
+            self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
+        )
+
+    def _load(self, torch: Any, transformers: Any) -> None:
+        opts = self.options
+        _check_device(torch, opts.device)
+        dtype = _torch_dtype(torch, opts.dtype, opts.device)
+        path = str(opts.model_path)
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(
+                path, local_files_only=opts.local_files_only
+            )
+            model = transformers.AutoModelForImageTextToText.from_pretrained(
+                path, dtype=dtype, local_files_only=opts.local_files_only
+            )
+        except Exception as exc:
+            raise FatalBackendError(
+                f"judge {self.name!r}: cannot load the model in {path}: {describe_error(exc)}"
+            ) from None
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None or getattr(processor, "chat_template", None) is None:
+            raise FatalBackendError(
+                f"judge {self.name!r}: the processor in {path} has no tokenizer or chat template"
+            )
+        # Left padding puts every prompt's last token at the last position, so one position
+        # of logits per row is enough (a real vocabulary is 150k wide).
+        tokenizer.padding_side = "left"
+        self._processor = processor
+        self._model = model.to(opts.device).eval()
+
+    async def aclose(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+        self._model = self._processor = None
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def prepare(self, path: Path) -> PreparedImage:
+        """Decode the image once for its dimension requests (a worker thread).
+
+        Raises:
+            ItemError: the file cannot be read or is not an image.
+        """
+        return PreparedImage(path=path, payload=load_rgb_image(path, self.options.max_pixels))
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        if self._batcher is None:
+            raise RuntimeError("the judge is not open: call open() first")
+        from PIL.Image import Image
+
+        image = request.image.payload
+        if not isinstance(image, Image):
+            raise ItemError(f"image {request.image.path} was not prepared by this judge")
+        return await self._batcher.submit(_Query(request, image))
+
+    def messages(self, request: JudgeRequest) -> list[dict[str, Any]]:
+        """The chat messages of one (image, dimension) question."""
+        sample = request.sample
+        system = self.template.system_text(sample.task, request.dimension, sample.item)
+        user = self.template.user_text(sample.task, request.dimension, sample.prompt, sample.item)
+        if not self._system_role:
+            user = f"{system}\n\n{user}"
+        content = [{"type": "image"}, {"type": "text", "text": user}]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        if self._system_role:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        return messages
+
+    def _prompt(self, request: JudgeRequest) -> str:
+        render = self._processor.apply_chat_template
+        try:
+            return str(render(self.messages(request), add_generation_prompt=True, tokenize=False))
+        except Exception:
+            if not self._system_role:
+                raise
+        # Some chat templates refuse a system turn: its text then opens the user turn.
+        self._system_role = False
+        return str(render(self.messages(request), add_generation_prompt=True, tokenize=False))
+
+    # -- the batch, in a worker thread ----------------------------------------------------------
+
+    def _run_batch(self, queries: Sequence[_Query]) -> list[JudgeReply | Exception]:
+        try:
+            return list(self._forward(queries))
+        except Exception as exc:
+            if len(queries) == 1:
+                return [self._classify(exc)]
+        # One bad item must not fail the others: run them one by one.
+        return [reply for query in queries for reply in self._run_batch([query])]
+
+    def _forward(self, queries: Sequence[_Query]) -> list[JudgeReply]:
+        torch = self._torch
+        model = self._model
+        inputs = self._processor(
+            text=[self._prompt(query.request) for query in queries],
+            images=[query.image for query in queries],
+            return_tensors="pt",
+            padding=True,
+        )
+        inputs = inputs.to(self.options.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.inference_mode():
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        k = min(self.options.top_logprobs, logprobs.shape[-1])
+        values, ids = logprobs.topk(k, dim=-1)
+        replies = []
+        for row_values, row_ids in zip(values.tolist(), ids.tolist(), strict=True):
+            top = [
+                (self._token_text(token_id), float(value))
+                for token_id, value in zip(row_ids, row_values, strict=True)
+            ]
+            replies.append(JudgeReply(top_logprobs=top, text=top[0][0]))
+        return replies
+
+    def _token_text(self, token_id: int) -> str:
+        # Decoded one token at a time, as OpenAI-compatible servers report tokens.
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = str(self._processor.tokenizer.decode([token_id]))
+            self._token_texts[token_id] = text
+        return text
+
+    def _classify(self, exc: Exception) -> Exception:
+        if isinstance(exc, self._torch.OutOfMemoryError):
+            return RetryableError(f"judge {self.name!r}: out of memory on {self.options.device}")
+        if isinstance(exc, ItemError):
+            return exc
+        return ItemError(f"judge {self.name!r}: {describe_error(exc)}")
+
+
+def _check_device(torch: Any, device: str) -> None:
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise FatalBackendError(f"device {device} is not available (no such CUDA device)")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise FatalBackendError("device mps is not available")
+
+
+def _torch_dtype(torch: Any, dtype: DType, device: str) -> Any:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device == "cpu":
+        return torch.float32
+    if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _config_hash(model_path: Path) -> str:
+    """A short hash of the model's ``config.json`` ("" when it cannot be read)."""
+    try:
+        return hashlib.sha256((model_path / "config.json").read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""

@@ -1,0 +1,215 @@
+"""What a metric is: something that turns images (or a judge's answers) into numbers.
+
+Two levels, declared by the class:
+
+* an :class:`ImageMetric` (``level = "image"``) gives one value per item, with
+  :meth:`~ImageMetric.compute` for one and :meth:`~ImageMetric.compute_batch` for many (the
+  default loops over ``compute``; a metric that is faster in batches overrides it);
+* a :class:`SetMetric` (``level = "set"``) gives one value for a whole set of items, with
+  :meth:`~SetMetric.compute_set`.
+
+Either may be written sync (blocking code: a model on a device) or ``async`` (a remote
+service): :func:`compute_async` runs both from async code, blocking ones in a worker thread.
+
+An item is a :class:`MetricInput`: the image (a path or a PIL image), the TRIG sample it was
+made for, and, for metrics that read a judge's answer, the dimension and top logprobs. A
+metric declares what it reads in ``needs``. A value of ``None`` means that the input holds
+nothing the metric can measure; a metric never puts a made-up number in its place.
+
+An image metric that measures some TRIG dimensions names them in ``dimensions`` and maps its
+value to a TRIG-oriented score (in [0, 1], higher is better) with
+:meth:`~ImageMetric.dimension_score`; such a metric can run as a judge (``backend =
+"metric"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, cast
+
+import anyio
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict
+
+from trig_stream.dimensions import Dimension
+from trig_stream.errors import ItemError
+from trig_stream.records import Sample, TopLogprobs
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+MetricLevel: TypeAlias = Literal["image", "set"]
+MetricNeed: TypeAlias = Literal["image", "top_logprobs"]
+Value: TypeAlias = float | None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricInput:
+    """One item a metric looks at.
+
+    Attributes:
+        image: the image, as a file or already decoded.
+        sample: the TRIG sample the image was made for, when known.
+        dimension: the dimension a judge was asked about (for metrics of judge answers).
+        top_logprobs: the judge's first-token ``(token, logprob)`` pairs.
+    """
+
+    image: Path | str | Image | None = None
+    sample: Sample | None = None
+    dimension: Dimension | None = None
+    top_logprobs: TopLogprobs | None = None
+
+    def rgb_image(self) -> Image:
+        """The image, decoded and in RGB.
+
+        Raises:
+            ItemError: there is no image, or it cannot be read.
+        """
+        if self.image is None:
+            raise ItemError("this metric needs an image and the input has none")
+        return load_rgb_image(self.image)
+
+
+class NoOptions(BaseModel):
+    """The options of a metric that has none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Metric(ABC):
+    """The common ground of image-level and set-level metrics.
+
+    Attributes:
+        name: the metric's registry name.
+        level: ``"image"`` (one value per item) or ``"set"`` (one value per set).
+        needs: what it reads from each :class:`MetricInput`.
+        higher_is_better: the direction of its values.
+        Options: the pydantic model of its options (``metric_options`` in a config).
+    """
+
+    name: ClassVar[str]
+    level: ClassVar[MetricLevel]
+    needs: ClassVar[frozenset[MetricNeed]] = frozenset({"image"})
+    higher_is_better: ClassVar[bool] = True
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that changes the values (the options by default)."""
+        return {"metric": self.name, **self.options.model_dump(mode="json")}
+
+    def load(self) -> None:  # noqa: B027 - optional hook
+        """Load weights or open resources; blocking, called once before use."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; blocking."""
+
+
+class ImageMetric(Metric):
+    """A metric with one value per item.
+
+    Attributes:
+        dimensions: the TRIG dimensions it measures (empty: none; it cannot be a judge).
+    """
+
+    level: ClassVar[MetricLevel] = "image"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset()
+
+    @abstractmethod
+    def compute(self, item: MetricInput) -> Value | Awaitable[Value]:
+        """The value of one item, or None when the item holds nothing to measure.
+
+        Raises:
+            ItemError: the item cannot be measured (an unreadable image...).
+        """
+
+    def compute_batch(self, items: Sequence[MetricInput]) -> list[Value] | Awaitable[list[Value]]:
+        """The values of several items, in order (a sync ``compute`` called in a loop)."""
+        return [cast("Value", self.compute(item)) for item in items]
+
+    def dimension_score(self, value: float, dimension: Dimension) -> float:
+        """The TRIG score (in [0, 1], higher is better) of a value on one of ``dimensions``."""
+        return value
+
+
+class SetMetric(Metric):
+    """A metric with one value for a whole set of items."""
+
+    level: ClassVar[MetricLevel] = "set"
+
+    @abstractmethod
+    def compute_set(self, items: Sequence[MetricInput]) -> Value | Awaitable[Value]:
+        """The value of the set, or None when it holds nothing to measure."""
+
+
+async def compute_async(
+    metric: ImageMetric,
+    items: Sequence[MetricInput],
+    *,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> list[Value]:
+    """Compute an image metric on ``items`` from async code.
+
+    An ``async`` metric is awaited; a sync one runs in a worker thread behind ``limiter``.
+    """
+    if inspect.iscoroutinefunction(metric.compute_batch):
+        return list(await metric.compute_batch(items))
+    if inspect.iscoroutinefunction(metric.compute) and _inherits_batch(metric):
+        values: list[Value] = [None] * len(items)
+
+        async def one(index: int) -> None:
+            values[index] = await cast("Awaitable[Value]", metric.compute(items[index]))
+
+        async with anyio.create_task_group() as tg:
+            for index in range(len(items)):
+                tg.start_soon(one, index)
+        return values
+    batch = cast(
+        "list[Value]", await anyio.to_thread.run_sync(metric.compute_batch, items, limiter=limiter)
+    )
+    return list(batch)
+
+
+async def compute_set_async(
+    metric: SetMetric, items: Sequence[MetricInput], *, limiter: anyio.CapacityLimiter | None = None
+) -> Value:
+    """Compute a set metric on ``items`` from async code (sync ones in a worker thread)."""
+    if inspect.iscoroutinefunction(metric.compute_set):
+        return cast("Value", await metric.compute_set(items))
+    return cast("Value", await anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter))
+
+
+def _inherits_batch(metric: ImageMetric) -> bool:
+    return type(metric).compute_batch is ImageMetric.compute_batch
+
+
+def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> Image:
+    """Decode an image file (or take a PIL image) as RGB, shrunk to ``max_pixels`` if given.
+
+    Raises:
+        ItemError: the file cannot be read or is not an image.
+    """
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
+
+    if isinstance(image, str | Path):
+        try:
+            with PILImage.open(image) as opened:
+                rgb = opened.convert("RGB")
+        except (UnidentifiedImageError, ValueError, SyntaxError):  # before OSError, its base
+            raise ItemError(f"{image} is not a readable image") from None
+        except OSError as exc:
+            raise ItemError(f"cannot read image {image}: {exc.strerror or exc}") from None
+    else:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+    if max_pixels is not None and rgb.width * rgb.height > max_pixels:
+        scale = (max_pixels / (rgb.width * rgb.height)) ** 0.5
+        size = (max(1, int(rgb.width * scale)), max(1, int(rgb.height * scale)))
+        rgb = rgb.resize(size, PILImage.Resampling.LANCZOS)
+    return rgb
