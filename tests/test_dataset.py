@@ -190,4 +190,5 @@ def test_count_reads_identity_columns_and_applies_filters(tmp_path: Path) -> Non
             "image": [{"bytes": png_bytes(), "path": "x"}] * 4,
         }
     ).write_parquet(parquet)
-    assert DatasetSource(DatasetSection(path=parquet), "p2p").count() == 2
+    # The bad id is not counted; the duplicate is (no set of ids is kept for a count).
+    assert DatasetSource(DatasetSection(path=parquet), "p2p").count() == 3

@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -32,6 +33,8 @@ from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError
 from trig_stream.testing.simulate_judge import add_simulate_judge_command
 from trig_stream.testing.tiny_models import add_tiny_models_command
+from trig_stream.tui.watch import add_watch_command
+from trig_stream.upstream_config import add_import_config_command
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -80,7 +83,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run (or resume) an evaluation")
     run.add_argument("config", type=Path, help="the run's TOML config")
-    run.add_argument("--headless", action="store_true", help="plain progress, no TUI")
+    run.add_argument(
+        "--headless",
+        action="store_true",
+        help="plain progress, no dashboard (the default when not on a terminal)",
+    )
     run.add_argument(
         "--retry-errors", action="store_true", help="ask again the judgements that failed"
     )
@@ -107,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     add_analysis_commands(commands)
     add_simulate_judge_command(commands)
     add_tiny_models_command(commands)
+    add_watch_command(commands)
+    add_import_config_command(commands)
     return parser
 
 
@@ -154,21 +163,27 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     console.print("stopping now; run the same command again to resume")
                     engine.cancel()
 
-    with PlainProgress(console) as progress:
-        async with engine, anyio.create_task_group() as tg:
-            await tg.start(on_signals)
-            console.print(f"run directory: {engine.run_dir_path}", highlight=False)
+    run_dashboard = None if args.headless else _dashboard(args, console)
+    if run_dashboard is not None:
+        # The dashboard reads the results itself and maps Ctrl-C to stop, then cancel.
+        async with engine:
+            await run_dashboard(engine)
+    else:
+        with PlainProgress(console) as progress:
+            async with engine, anyio.create_task_group() as tg:
+                await tg.start(on_signals)
+                console.print(f"run directory: {engine.run_dir_path}", highlight=False)
 
-            async def refresh() -> None:
-                while True:
-                    progress.update(engine.stats())
-                    await anyio.sleep(PROGRESS_EVERY_S)
+                async def refresh() -> None:
+                    while True:
+                        progress.update(engine.stats())
+                        await anyio.sleep(PROGRESS_EVERY_S)
 
-            tg.start_soon(refresh)
-            async for _ in engine.results:
-                pass
-            tg.cancel_scope.cancel()
-        progress.update(engine.stats(), force=True)
+                tg.start_soon(refresh)
+                async for _ in engine.results:
+                    pass
+                tg.cancel_scope.cancel()
+            progress.update(engine.stats(), force=True)
     for note in engine.stats().notes:
         console.print(f"note: {note}", highlight=False)
     summary = engine.summary()
@@ -183,6 +198,18 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     if not args.no_report:
         await anyio.to_thread.run_sync(_final_report, summary.run_dir, console)
     return EXIT_OK
+
+
+def _dashboard(args: argparse.Namespace, console: Console) -> Any:
+    """``run_dashboard`` when the dashboard can be shown here, else None (plain progress)."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()) or args.backend != "asyncio":
+        return None
+    try:
+        from trig_stream.tui.run import run_dashboard
+    except ImportError:
+        console.print("no dashboard: install it with pip install 'trig-stream[tui]'")
+        return None
+    return run_dashboard
 
 
 def _final_report(run_dir: Path, console: Console) -> None:

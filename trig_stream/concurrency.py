@@ -106,6 +106,11 @@ class ConcurrencyController:
         """The latest limit changes, oldest first."""
 
     @property
+    def waiting(self) -> int | None:
+        """The server's waiting queue at the latest poll (None before one answered)."""
+        return self._last_waiting
+
+    @property
     def limit(self) -> int:
         """The current limit on requests in flight."""
         return self._limit

@@ -114,24 +114,25 @@ class DatasetSource:
         return bool(self.dimensions_to_judge(dimensions))
 
     def count(self) -> int:
-        """How many samples the run selects (filters and limit applied), reading only the
-        identity columns; malformed records are not counted. Meant for progress and ETA.
+        """About how many samples the run selects (filters and limit applied), reading only
+        the identity columns. Records with a bad id or pair are not counted; duplicates are
+        (keeping no set of ids keeps this cheap). Meant for progress and ETA.
 
         Raises:
             DatasetError: the dataset cannot be opened.
         """
-        seen: set[str] = set()
+        selected = 0
         limit = self.section.limit
         for raw in self._raw_records(identity_only=True):
             try:
-                data_id, dimensions = _identity(raw)
+                _, dimensions = _identity(raw)
             except Rejected:
                 continue
-            if data_id not in seen and self._selected(dimensions):
-                seen.add(data_id)
-                if limit is not None and len(seen) >= limit:
+            if self._selected(dimensions):
+                selected += 1
+                if limit is not None and selected >= limit:
                     break
-        return len(seen)
+        return selected
 
     def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
         path = self.section.path

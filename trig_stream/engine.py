@@ -148,6 +148,7 @@ class Engine:
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._buffers: dict[str, MemoryObjectSendStream[Any]] = {}
         self._task_group: TaskGroup | None = None
+        self._judging: JudgeStage | None = None
         self._run_dir: RunDir | None = None
         self._journal_state = JournalState()
         self.relations = RelationTracker(config.relation)
@@ -177,8 +178,13 @@ class Engine:
             )
             for name, stream in self._buffers.items()
         }
+        controllers = self._judging.controllers if self._judging else {}
         judges = {
-            name: JudgeLoad(limiter.borrowed_tokens, int(limiter.total_tokens))
+            name: JudgeLoad(
+                limiter.borrowed_tokens,
+                int(limiter.total_tokens),
+                controllers[name].waiting if name in controllers else None,
+            )
             for name, limiter in self._limiters.items()
         }
         return EngineStats(
@@ -366,7 +372,9 @@ class Engine:
         result_send, _ = streams.results
 
         context = self._context()
-        judging = JudgeStage(context, self._judges, self._limiters, self._retry, self._sleep)
+        judging = self._judging = JudgeStage(
+            context, self._judges, self._limiters, self._retry, self._sleep
+        )
         async with anyio.create_task_group() as tg:
             tg.start_soon(
                 self._source,

@@ -45,6 +45,8 @@ class JudgeLoad:
 
     in_flight: int
     limit: int
+    waiting: int | None = None
+    """Requests waiting at the server (vLLM's gauge), when the judge's load is polled."""
 
 
 @dataclass(slots=True)

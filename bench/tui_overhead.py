@@ -1,0 +1,77 @@
+"""Throughput of the same synthetic run headless and with the dashboard on screen.
+
+Runs the engine (synthetic generator, fake judge) twice per repeat on fresh run directories:
+once consuming ``results`` directly (headless), once under :func:`run_dashboard` in a headless
+Textual app at 120x40, which draws at its normal rate (4 Hz, DTM at most 1 Hz) exactly as on a
+terminal. Prints judgements/s of each (median over repeats) and their ratio (goal: >= 0.9).
+
+Run: ``.venv/bin/python bench/tui_overhead.py [--samples 4000] [--judge-latency 0.002]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_config, write_parquet_prompts
+
+from trig_stream import Engine
+from trig_stream.config import RunConfig, parse_config
+from trig_stream.tui.run import run_dashboard
+
+
+def make_config(folder: Path, samples: int, judge_latency_s: float) -> RunConfig:
+    dataset = write_parquet_prompts(folder / "prompts.parquet", samples)
+    data = bench_config(folder / "runs", dataset)
+    data["judges"][0]["options"] = {"latency_s": judge_latency_s}
+    return parse_config(data, source=folder / "bench.toml")
+
+
+async def run_once(config: RunConfig, *, dashboard: bool) -> float:
+    """Judgements per second of one full run."""
+    started = time.perf_counter()
+    async with Engine(config) as engine:
+        if dashboard:
+            await run_dashboard(engine, headless=True, size=(120, 40), handle_signals=False)
+        else:
+            async for _ in engine.results:
+                pass
+    elapsed = time.perf_counter() - started
+    summary = engine.summary()
+    assert summary.state == "done", summary.state
+    return summary.judged / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--judge-latency", type=float, default=0.0, help="fake judge latency_s")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for repeat in range(args.repeats):
+        # Alternate which mode goes first, so warm-up and caches favour neither.
+        for dashboard in (repeat % 2 == 1, repeat % 2 == 0):
+            with tempfile.TemporaryDirectory() as folder:
+                config = make_config(Path(folder), args.samples, args.judge_latency)
+                rate = anyio.run(lambda c=config, d=dashboard: run_once(c, dashboard=d))
+            rates[dashboard].append(rate)
+            mode = "dashboard" if dashboard else "headless"
+            print(f"repeat {repeat + 1} {mode:>9}: {rate:8.0f} judgements/s", flush=True)
+    headless = statistics.median(rates[False])
+    with_tui = statistics.median(rates[True])
+    print(
+        f"samples {args.samples}, judge latency {args.judge_latency}s: "
+        f"headless {headless:.0f}/s, dashboard {with_tui:.0f}/s, ratio {with_tui / headless:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Pilot tests: the dashboard's keys steer a real engine (synthetic generator, fake judge)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+from textual.pilot import Pilot
+
+from tests.conftest import ConfigFactory
+from tests.test_tui_snapshots import synthetic_snapshot
+from trig_stream import Engine
+from trig_stream.config import RunConfig
+from trig_stream.store import JOURNAL
+from trig_stream.tui.app import ErrorsScreen, HelpScreen, TrigDashboardApp
+from trig_stream.tui.run import run_dashboard
+from trig_stream.tui.snapshot import StaticSource
+
+pytestmark = pytest.mark.anyio
+
+Steps = Callable[[Pilot[Any], Engine], Awaitable[None]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Textual runs on asyncio only."""
+    return "asyncio"
+
+
+def journal_keys(config: RunConfig) -> Counter[tuple[str, str, str]]:
+    lines = (config.run_dir / JOURNAL).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return Counter((r["model"], r["data_id"], r["dimension"]) for r in records)
+
+
+async def wait_until(condition: Callable[[], bool], within_s: float = 20.0) -> None:
+    """Poll a real condition (not a fixed delay) until it holds."""
+    with anyio.fail_after(within_s):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.005)
+
+
+async def drive(engine: Engine, steps: Steps) -> None:
+    """Run the dashboard of ``engine`` headless while ``steps`` presses keys."""
+    failures: list[BaseException] = []
+
+    async def pilot(pilot: Pilot[Any]) -> None:
+        try:
+            with anyio.fail_after(30):
+                await steps(pilot, engine)
+        except Exception as exc:  # reported after the app closed
+            failures.append(exc)
+            pilot.app.exit()
+
+    await run_dashboard(
+        engine, headless=True, size=(120, 40), auto_pilot=pilot, handle_signals=False
+    )
+    if failures:
+        raise failures[0]
+
+
+async def until_done(pilot: Pilot[Any], engine: Engine) -> None:
+    await wait_until(lambda: engine.stats().state == "done")
+
+
+def slow_config(make_config: ConfigFactory, samples: int, latency_s: float) -> RunConfig:
+    return make_config(
+        samples=samples,
+        engine={"sample_buffer": 1, "image_buffer": 1},
+        judges=[
+            {
+                "name": "trigscore",
+                "backend": "fake",
+                "concurrency": 2,
+                "options": {"latency_s": latency_s},
+            }
+        ],
+    )
+
+
+async def test_pause_then_resume(make_config: ConfigFactory) -> None:
+    config = slow_config(make_config, samples=30, latency_s=0.02)
+
+    async def steps(pilot: Pilot[Any], engine: Engine) -> None:
+        await wait_until(lambda: engine.stats().judged >= 2)
+        await pilot.press("p")
+        assert engine.stats().state == "paused"
+        queued = engine.stats().models["synth"].queued
+
+        def drained() -> bool:
+            stats = engine.stats()
+            return all(b.used == 0 for n, b in stats.buffers.items() if n != "results") and all(
+                j.in_flight == 0 for j in stats.judges.values()
+            )
+
+        await wait_until(drained)
+        assert engine.stats().models["synth"].queued <= queued + 1
+        app = pilot.app
+        assert isinstance(app, TrigDashboardApp)
+        await app.dashboard.refresh_snapshot()
+        assert app.dashboard.snapshot is not None
+        assert app.dashboard.snapshot.state == "paused"
+        await pilot.press("p")
+        # Running again (or, on a fast machine, already done with the rest).
+        assert engine.stats().state in ("running", "done")
+        await wait_until(lambda: engine.stats().models["synth"].queued > queued + 1)
+
+    async with Engine(config) as engine:
+        await drive(engine, steps)
+    assert engine.stats().state == "done"
+    counts = journal_keys(config)
+    assert len(counts) == 60
+    assert set(counts.values()) == {1}
+
+
+async def test_stop_then_resume_judges_each_key_once(make_config: ConfigFactory) -> None:
+    config = slow_config(make_config, samples=40, latency_s=0.01)
+
+    async def steps(pilot: Pilot[Any], engine: Engine) -> None:
+        await wait_until(lambda: engine.stats().judged >= 4)
+        await pilot.press("s")
+        assert engine.stats().state in ("stopping", "stopped")
+        # The app closes by itself once the run is over, as headless apps do not linger.
+        await wait_until(lambda: engine.stats().state == "stopped")
+
+    async with Engine(config) as engine:
+        await drive(engine, steps)
+    assert engine.stats().state == "stopped"
+    assert 4 <= len(journal_keys(config)) < 80
+    async with Engine(config) as again:
+        await drive(again, until_done)
+    assert again.stats().state == "done"
+    counts = journal_keys(config)
+    assert len(counts) == 80
+    assert set(counts.values()) == {1}
+
+
+async def test_hard_quit_then_resume_judges_each_key_once(make_config: ConfigFactory) -> None:
+    config = slow_config(make_config, samples=40, latency_s=0.01)
+
+    async def steps(pilot: Pilot[Any], engine: Engine) -> None:
+        await wait_until(lambda: engine.stats().judged >= 4)
+        await pilot.press("q")
+
+    async with Engine(config) as engine:
+        await drive(engine, steps)
+    assert engine.stats().state == "cancelled"
+    assert 4 <= len(journal_keys(config)) < 80
+    async with Engine(config) as again:
+        await drive(again, until_done)
+    counts = journal_keys(config)
+    assert len(counts) == 80
+    assert set(counts.values()) == {1}
+
+
+async def test_ctrl_c_stops_gracefully_then_hard(make_config: ConfigFactory) -> None:
+    # A deep image buffer: the graceful stop has a lot to finish when the second ctrl+c comes.
+    config = make_config(
+        samples=80,
+        engine={"image_buffer": 32},
+        judges=[
+            {
+                "name": "trigscore",
+                "backend": "fake",
+                "concurrency": 2,
+                "options": {"latency_s": 0.05},
+            }
+        ],
+    )
+
+    async def steps(pilot: Pilot[Any], engine: Engine) -> None:
+        await wait_until(lambda: engine.stats().buffers["images"].used >= 16)
+        await pilot.press("ctrl+c")
+        assert engine.stats().state == "stopping"
+        await pilot.press("ctrl+c")
+
+    async with Engine(config) as engine:
+        await drive(engine, steps)
+    assert engine.stats().state == "cancelled"
+    assert len(journal_keys(config)) < 64
+
+
+async def test_model_errors_and_help_keys() -> None:
+    app = TrigDashboardApp(StaticSource(synthetic_snapshot()))
+    async with app.run_test(size=(120, 40)) as pilot:
+        view = app.dashboard.selected_view()
+        assert view is not None and view.model == "flux-dev"
+        await pilot.press("m")
+        view = app.dashboard.selected_view()
+        assert view is not None and view.model == "sd3-medium"
+        await pilot.press("m")
+        view = app.dashboard.selected_view()
+        assert view is not None and view.model == "flux-dev"
+        await pilot.press("e")
+        assert isinstance(app.screen, ErrorsScreen)
+        await pilot.press("escape", "question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("question_mark")
+        assert not isinstance(app.screen, HelpScreen | ErrorsScreen)
+        # A read-only source: pause and stop are greyed out, q only closes.
+        assert app.check_action("stop", ()) is None
+        await pilot.press("s", "p")
+        await pilot.press("q")
+    assert app.return_code == 0

@@ -1,0 +1,124 @@
+"""Snapshot tests of the dashboard's screens at 120x40, drawn from fixed synthetic data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from trig_stream.analysis.relations import DTM, negate_dominance
+from trig_stream.analysis.stats import RelationCode
+from trig_stream.dimensions import SORTED_DIMENSIONS
+from trig_stream.tui.app import TrigDashboardApp
+from trig_stream.tui.snapshot import (
+    DashboardSnapshot,
+    Gauge,
+    JudgeView,
+    ModelProgress,
+    RelationView,
+    StaticSource,
+)
+
+SIZE = (120, 40)
+SnapCompare = Callable[..., bool]
+
+_CODES: tuple[RelationCode, ...] = (0, 1, 2, -2, 3, -1)
+
+
+def synthetic_dtm(shift: int) -> DTM:
+    """A DTM using every relation code, mirrored as the real one is."""
+    size = len(SORTED_DIMENSIONS)
+    grid: list[list[RelationCode | None]] = [[None] * size for _ in range(size)]
+    for i in range(size):
+        for j in range(i + 1, size):
+            code = _CODES[(i * 3 + j + shift) % len(_CODES)]
+            grid[i][j] = code
+            grid[j][i] = negate_dominance(code)
+    return DTM(SORTED_DIMENSIONS, tuple(tuple(row) for row in grid))
+
+
+def synthetic_snapshot() -> DashboardSnapshot:
+    """A run midway: two models, one judge on two endpoints, full image buffer, errors."""
+    means = {d: round(0.35 + 0.05 * i, 3) for i, d in enumerate(SORTED_DIMENSIONS)}
+    counts = {d: 40 + i for i, d in enumerate(SORTED_DIMENSIONS)}
+    return DashboardSnapshot(
+        kind="static",
+        run_name="demo",
+        task="t2i",
+        run_dir="runs/demo",
+        state="running",
+        elapsed_s=125.5,
+        samples_total=300,
+        samples_done=120,
+        eta_s=190.0,
+        models=(
+            ModelProgress("flux-dev", 120, 4, 90, 6, 2, 0, 160, 3, 5),
+            ModelProgress("sd3-medium", 118, 8, 80, 10, 0, 12, 140, 1, 0),
+        ),
+        buffers=(
+            Gauge("samples:flux-dev", 4, 8),
+            Gauge("samples:sd3-medium", 8, 8),
+            Gauge("images", 32, 32),
+            Gauge("judgements", 12, 256),
+            Gauge("results", 0, 256),
+        ),
+        judges=(
+            JudgeView(
+                "trigscore",
+                "openai",
+                ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1"),
+                24,
+                32,
+                None,
+            ),
+        ),
+        judgements_per_s=12.5,
+        images_per_s=3.2,
+        judgements_history=tuple(float(v % 7 + 8) for v in range(60)),
+        images_history=tuple(float(v % 4 + 1) for v in range(60)),
+        generation_p50=0.21,
+        generation_p95=0.48,
+        judge_p50=0.74,
+        judge_p95=1.9,
+        relations=(
+            RelationView("flux-dev", "trigscore", means, counts, synthetic_dtm(0)),
+            RelationView("sd3-medium", "trigscore", means, counts, synthetic_dtm(2)),
+        ),
+        last_errors=(
+            "flux-dev IQ-R_TA-C_3 IQ-R: fake judge: 400 Bad Request",
+            "flux-dev D-K_IQ-R_7 D-K: generation failed: CUDA out of memory",
+            "sd3-medium R-T_IQ-A_2 R-T: retries exhausted: 503 Service Unavailable",
+        ),
+        notes=("flux-dev: 3 files were not used",),
+        quarantined=2,
+    )
+
+
+def app() -> TrigDashboardApp:
+    return TrigDashboardApp(StaticSource(synthetic_snapshot()))
+
+
+def test_dashboard(snap_compare: SnapCompare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE)
+
+
+def test_dashboard_next_model(snap_compare: SnapCompare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["m"])
+
+
+def test_errors_view(snap_compare: SnapCompare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["e"])
+
+
+def test_help(snap_compare: SnapCompare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["question_mark"])
+
+
+@pytest.mark.parametrize("state", ["done", "paused"])
+def test_status_line_follows_the_state(snap_compare: SnapCompare, state: str) -> None:
+    from dataclasses import replace
+
+    snapshot = replace(
+        synthetic_snapshot(), state=state, samples_done=300 if state == "done" else 120
+    )
+    assert snap_compare(TrigDashboardApp(StaticSource(snapshot)), terminal_size=SIZE)

@@ -1,0 +1,174 @@
+"""``trig-stream watch``: following a run directory that another process writes, read-only."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+from rich.console import Console
+
+from tests.conftest import ROOT, write_prompts
+from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.store import JOURNAL, latest_judgements
+from trig_stream.tui.app import TrigDashboardApp
+from trig_stream.tui.watch import add_watch_command
+from trig_stream.tui.watch_source import JournalTail, RunDirSource, writer_pid
+
+pytestmark = pytest.mark.anyio
+
+RUN_DIR_FILES = {"manifest.json", "journal.jsonl", "quarantine.jsonl", "run.lock", "images"}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Textual runs on asyncio only."""
+    return "asyncio"
+
+
+def write_config(tmp_path: Path, samples: int) -> Path:
+    prompts = write_prompts(tmp_path / "prompts.json", samples)
+    config = tmp_path / "watched.toml"
+    config.write_text(
+        f"""
+[run]
+name = "watched"
+output_dir = "{tmp_path / "runs"}"
+
+[dataset]
+path = "{prompts}"
+
+[[generators]]
+name = "synth-a"
+backend = "synthetic"
+options = {{ size = 16 }}
+
+[[generators]]
+name = "synth-b"
+backend = "synthetic"
+options = {{ size = 16, failure_rate = 0.1 }}
+
+[[judges]]
+name = "trigscore"
+backend = "fake"
+concurrency = 2
+options = {{ latency_s = 0.02, error_rate = 0.05, unscorable_rate = 0.05 }}
+"""
+    )
+    return config
+
+
+def expected_counts(run_dir: Path) -> dict[str, tuple[int, int, int]]:
+    counts: Counter[tuple[str, str]] = Counter(
+        (j.model, j.status) for j in latest_judgements(run_dir / JOURNAL).values()
+    )
+    models = {model for model, _ in counts}
+    return {m: (counts[(m, "ok")], counts[(m, "unscorable")], counts[(m, "error")]) for m in models}
+
+
+async def wait_until(condition: Callable[[], bool], within_s: float = 30.0) -> None:
+    """Poll a real condition (not a fixed delay) until it holds."""
+    with anyio.fail_after(within_s):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.01)
+
+
+async def test_watch_follows_a_run_written_by_another_process(tmp_path: Path) -> None:
+    config = write_config(tmp_path, samples=40)
+    run_dir = tmp_path / "runs" / "watched"
+    command = [sys.executable, "-m", "trig_stream", "run", str(config), "--headless"]
+    process = await anyio.open_process(
+        [*command, "--no-report"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        await wait_until(lambda: (run_dir / "manifest.json").exists())
+        app = TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=0.02)
+        seen: list[int] = []
+        states: set[str] = set()
+        async with app.run_test(size=(120, 40)):
+            dashboard = app.dashboard
+
+            def progressed() -> bool:
+                if dashboard.snapshot is not None:
+                    seen.append(dashboard.snapshot.judged)
+                    states.add(dashboard.snapshot.state)
+                return process.returncode is not None
+
+            await wait_until(progressed)
+            assert process.returncode == 0
+            total = sum(sum(c) for c in expected_counts(run_dir).values())
+
+            def caught_up() -> bool:
+                snapshot = dashboard.snapshot
+                return snapshot is not None and snapshot.finished and snapshot.judged == total
+
+            await wait_until(caught_up)
+            final = dashboard.snapshot
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+    # The counts grew while the run was going, and never went down.
+    assert "running" in states
+    assert len({n for n in seen if 0 < n < total}) >= 2
+    assert seen == sorted(seen)
+    assert final is not None
+    assert {m.name: (m.ok, m.unscorable, m.error) for m in final.models} == expected_counts(run_dir)
+    assert total == 160
+    assert final.relations and final.relations[0].dtm is not None
+    # Read-only: the writer ran to the end beside the viewer, which left nothing behind.
+    assert {p.name for p in run_dir.iterdir()} <= RUN_DIR_FILES
+    assert writer_pid(run_dir) is None
+
+
+def judgement(index: int) -> Judgement:
+    return Judgement(
+        model="m",
+        data_id=f"IQ-R_TA-C_{index}",
+        task="t2i",
+        pair="IQ-R_TA-C",
+        dimension="IQ-R",
+        metric="trigscore",
+        status="ok",
+        judge=JudgeFingerprint(backend="fake", model="fake"),
+        score=0.5,
+    )
+
+
+def test_journal_tail_waits_for_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL
+    tail = JournalTail(path)
+    assert tail.read() == []
+    first, second = (judgement(i).model_dump_json().encode() + b"\n" for i in (1, 2))
+    path.write_bytes(first + second[:25])
+    assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_1"]
+    assert tail.read() == []
+    with path.open("ab") as handle:
+        handle.write(second[25:] + b"not json\n")
+    assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_2"]
+    assert tail.bad_lines == 1
+    assert tail.offset == path.stat().st_size
+
+
+def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
+    (run_dir / JOURNAL).write_bytes(judgement(1).model_dump_json().encode() + b"\n")
+    parser = argparse.ArgumentParser()
+    add_watch_command(parser.add_subparsers())
+    args = parser.parse_args(["watch", str(run_dir), "--interval", "0.01"])
+    out = io.StringIO()
+    assert args.handler(args, Console(file=out, width=200)) == 0
+    assert "[finished] r (t2i) | m: ok 1, unscorable 0, error 0" in out.getvalue()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["journal.jsonl", "manifest.json"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["watch", str(run_dir), "--interval", "0"])

@@ -1,0 +1,341 @@
+"""``import-config``: upstream TRIG YAML configs become trig-stream TOML configs that load."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tomllib
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from trig_stream.config import load_config
+from trig_stream.errors import ConfigError
+from trig_stream.upstream_config import (
+    _value,
+    add_import_config_command,
+    import_config,
+)
+
+# Upstream's evaluation layout: judge definitions as YAML anchors, merged into each
+# dimension's metrics list; one image folder (and result file) per model.
+EVALUATION = """\
+name: "judge-folders"
+task: "p2p"
+prompt_path: "prompts/p2p.json"
+image_path: "prompts/sources"
+
+evaluation:
+    image_dirs: ["out/p2p/editor-a", "out/p2p/editor-b/"]
+    result_dir: "results"
+    result_files: ["results/a.json", "results/b.json"]
+
+LocalJudge: &LocalJudge
+  name: trig_api
+  model_name: Qwen/Qwen2.5-VL-7B-Instruct
+  endpoint: "http://localhost:9100/v1/"
+  top_logprobs: 5
+
+dimensions:
+  IQ-R:
+    metrics:
+      - <<: *LocalJudge
+  IQ-O:
+    metrics:
+      - <<: *LocalJudge
+  IQ-A:
+    metrics:
+      - <<: *LocalJudge
+  TA-C:
+    metrics:
+      - <<: *LocalJudge
+  TA-R:
+    metrics:
+      - <<: *LocalJudge
+  TA-S:
+    metrics:
+      - <<: *LocalJudge
+  D-K:
+    metrics:
+      - <<: *LocalJudge
+  D-A:
+    metrics:
+      - <<: *LocalJudge
+  R-T:
+    metrics:
+      - <<: *LocalJudge
+  R-B:
+    metrics:
+      - <<: *LocalJudge
+
+relation:
+  metric: "pearson_corr"
+  thresholds:
+    synergy: 0.7
+    bottleneck: 0.45
+  insight_thresholds:
+    synergy_density: 0.35
+    bottleneck_density: 0.3
+    dominance_ratio: 0.75
+    tradeoff_corr: 0.5
+"""
+
+# Upstream's generation layout: model aliases, the Hugging Face dataset, index bounds.
+GENERATION = """\
+name: "gen-sweep"
+task: "t2i"
+dataset_name: "RISys-Lab/TRIG"
+start_idx: 0
+end_idx: 120
+generation:
+  models: ["flux", "sana", "dalle3", "sd35_dtm_dim"]
+"""
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def convert_to_file(tmp_path: Path, text: str) -> tuple[Path, tuple[str, ...]]:
+    """Convert like the command does, write the TOML, return it and the warnings."""
+    source = write(tmp_path / "upstream" / "config", "run.yaml", text)
+    out = tmp_path / "mine" / "run.toml"
+    conversion = import_config(source, out=out, root=tmp_path / "upstream")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(conversion.text, encoding="utf-8")
+    return out, conversion.warnings
+
+
+def test_evaluation_config_maps_folders_judge_dataset_and_thresholds(tmp_path: Path) -> None:
+    out, warnings = convert_to_file(tmp_path, EVALUATION)
+    config = load_config(out)
+    root = tmp_path / "upstream"
+
+    assert config.run.name == "judge-folders"
+    assert config.run.task == "p2p"
+    assert config.run.output_dir == (root / "results").resolve()
+    assert config.dataset.path == (root / "prompts" / "p2p.json").resolve()
+    assert config.dataset.image_root == (root / "prompts" / "sources").resolve()
+    assert config.dataset.dimensions == []  # every dimension has the judge
+
+    assert [(g.name, g.backend) for g in config.generators] == [
+        ("editor-a", "image_folder"),
+        ("editor-b", "image_folder"),
+    ]
+    assert config.generators[1].options["path"] == str((root / "out/p2p/editor-b").resolve())
+
+    (judge,) = config.judges
+    assert (judge.name, judge.backend, judge.scorer) == ("trigscore", "openai", "trig")
+    assert judge.options == {
+        "base_url": "http://localhost:9100/v1",
+        "model": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "top_logprobs": 5,
+    }
+
+    relation = config.relation
+    assert relation.correlation == "pearson_corr"
+    assert (relation.synergy, relation.bottleneck) == (0.7, 0.45)
+    assert (relation.synergy_density, relation.bottleneck_density) == (0.35, 0.3)
+    assert (relation.dominance_ratio, relation.tradeoff_corr) == (0.75, 0.5)
+
+    # Keys with no counterpart are named, never dropped in silence.
+    assert any(w.startswith("evaluation.result_files:") for w in warnings)
+    assert any(w.startswith("LocalJudge:") for w in warnings)
+
+
+def test_generation_config_maps_aliases_to_backends(tmp_path: Path) -> None:
+    out, warnings = convert_to_file(tmp_path, GENERATION)
+    config = load_config(out)
+    generators = {g.name: g for g in config.generators}
+    assert list(generators) == ["flux", "sana", "dalle3", "sd35_dtm_dim"]
+
+    assert generators["flux"].backend == "diffusers"
+    assert generators["flux"].options == {"preset": "flux", "devices": ["cuda:0"]}
+    assert generators["sana"].options == {"preset": "sana", "devices": ["cuda:1"]}
+    assert generators["dalle3"].backend == "openai_images"
+    assert generators["dalle3"].options == {"model": "dall-e-3"}
+
+    dtm = generators["sd35_dtm_dim"]
+    assert dtm.backend == "dtm_rewrite"
+    assert dtm.options["inner"] == {
+        "backend": "diffusers",
+        "options": {"preset": "sd35", "devices": ["cuda:2"]},
+    }
+    assert dtm.options["report"].endswith("sd35/report/sd35/relationship_codes.csv")
+    assert any(w.startswith("generation.models[sd35_dtm_dim]:") for w in warnings)
+
+    # The Hugging Face dataset becomes a local folder of the task's split, with how to get it.
+    assert config.dataset.path == (tmp_path / "upstream" / "data" / "TRIG" / "t2i").resolve()
+    assert config.dataset.limit == 120
+    (download,) = [w for w in warnings if w.startswith("dataset_name:")]
+    assert "data/text_to_image-*" in download
+
+    # No dimensions section upstream: a default judge is written, and said so.
+    (judge,) = config.judges
+    assert judge.backend == "openai" and judge.options["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert any(w.startswith("dimensions:") and "check [[judges]]" in w for w in warnings)
+
+
+def test_unknown_and_unsupported_keys_warn_and_head_the_toml(tmp_path: Path) -> None:
+    text = """\
+name: "odd"
+task: "sub"
+prompt_path: "s2p.json"
+colour: "red"
+start_idx: 10
+generation:
+  models: ["blipdiffusion", "ominicontrol", "flux"]
+  batch: 4
+evaluation:
+  image_dirs: ["out/s2p/xflux"]
+  cache: true
+GPTJudge: &GPTJudge
+  name: trig_api
+  API_KEY: "sk-never-copied"
+  endpoint: "https://api.openai.com/v1"
+  model_name: gpt-4o
+  top_logprobs: 5
+  temperature: 0.5
+dimensions:
+  IQ-R:
+    metrics:
+      - <<: *GPTJudge
+      - niqe
+  D-M:
+    metrics: [niqe]
+relation:
+  node_colors: {"IQ-R": "#fff"}
+"""
+    out, warnings = convert_to_file(tmp_path, text)
+    config = load_config(out)
+    assert config.run.task == "s2p"
+    assert [g.name for g in config.generators] == ["blipdiffusion", "xflux"]
+
+    expected = {
+        "colour": "unknown upstream key",
+        "start_idx": "cannot be skipped",
+        "generation.batch": "unknown upstream key",
+        "generation.models[ominicontrol]": "no diffusers preset",
+        "generation.models[flux]": "a t2i model, the task is s2p",
+        "evaluation.cache": "unknown upstream key",
+        "dimensions.IQ-R.metrics[0].API_KEY": "not copied",
+        "dimensions.IQ-R.metrics[0].temperature": "unknown trig_api parameter",
+        "dimensions.IQ-R.metrics[1]": "'niqe' has no counterpart",
+        "dimensions.D-M": "not one of TRIG's ten dimensions",
+        "relation.node_colors": "unsupported",
+    }
+    for key, words in expected.items():
+        hits = [w for w in warnings if w.startswith(f"{key}:")]
+        assert hits, f"no warning for {key}: {warnings}"
+        assert words in hits[0]
+
+    toml_text = out.read_text()
+    header = toml_text.split("\n[run]", 1)[0]
+    for line in warnings:
+        assert f"#   - {line}" in header
+    assert "sk-never-copied" not in toml_text
+    (judge,) = config.judges
+    assert judge.options["api_key_env"] == "OPENAI_API_KEY"
+    # Only IQ-R has the judge: the dataset keeps the samples that can be judged.
+    assert config.dataset.dimensions == ["IQ-R"]
+
+
+def test_judges_are_grouped_by_model_and_endpoint(tmp_path: Path) -> None:
+    text = """\
+name: "two-judges"
+task: "t2i"
+prompt_path: "t2i.json"
+evaluation:
+  image_dirs: "out/t2i/model"
+A: &A {name: trig_api, model_name: judge-a, endpoint: "http://a:8000/v1"}
+B: &B {name: trig_api, model_name: judge-b, endpoint: "http://b:8000/v1", top_logprobs: 50}
+dimensions:
+  IQ-R: {metrics: [*A, *B]}
+  TA-C: {metrics: [*A]}
+"""
+    out, warnings = convert_to_file(tmp_path, text)
+    config = load_config(out)
+    assert [(j.name, j.options["model"]) for j in config.judges] == [
+        ("trigscore-judge-a", "judge-a"),
+        ("trigscore-judge-b", "judge-b"),
+    ]
+    assert config.judges[0].options["top_logprobs"] == 5  # upstream's default
+    assert config.judges[1].options["top_logprobs"] == 20  # capped
+    assert any("judge-b" in w and "also TA-C" in w for w in warnings)
+    assert config.dataset.dimensions == ["IQ-R", "TA-C"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("task: t2i_ml\ngeneration: {models: [flux]}\n", r"task: 't2i_ml' has no counterpart"),
+        ("task: t2i\ngeneration: {models: [janus]}\n", r"nothing to evaluate"),
+        ("dimensions:\n  IQ-R: {metrics: [*Missing]}\n", r"not valid YAML"),
+        ("- just\n- a list\n", r"a mapping of keys at the top level"),
+    ],
+)
+def test_unconvertible_configs_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    source = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError, match=message):
+        import_config(source, out=tmp_path / "bad.toml", root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["plain", 'quote " and back\\slash', "new\nline\ttab", "ünïcødé ✓", "del\x7fchar", ""],
+)
+def test_strings_survive_the_toml_writer(value: str) -> None:
+    assert tomllib.loads(f"key = {_value(value)}")["key"] == value
+
+
+def run_command(argv: list[str]) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    add_import_config_command(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    stream = io.StringIO()
+    code: int = args.handler(args, Console(file=stream, soft_wrap=True, width=200))
+    return code, stream.getvalue()
+
+
+def test_command_writes_the_file_warns_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    source = write(tmp_path, "upstream.yaml", GENERATION.replace("gen-sweep", "cmd"))
+    out = tmp_path / "config" / "imported.toml"
+    argv = ["import-config", str(source), "-o", str(out), "--root", str(tmp_path)]
+
+    code, messages = run_command(argv)
+    assert code == 0
+    assert load_config(out).run.name == "cmd"
+    assert "warning: dataset_name:" in messages
+    assert "4 model(s), 1 judge(s)" in messages
+
+    with pytest.raises(ConfigError, match="exists; pass --force"):
+        run_command(argv)
+    code, _ = run_command([*argv, "--force"])
+    assert code == 0
+
+
+def test_command_prints_to_standard_output_without_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "upstream.yaml", GENERATION)
+    code, _ = run_command(["import-config", "upstream.yaml"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert tomllib.loads(printed)["run"]["name"] == "gen-sweep"
+    assert tomllib.loads(printed)["dataset"]["path"] == "data/TRIG/t2i"
+
+
+def test_image_folder_of_a_generated_model_is_not_judged_twice(tmp_path: Path) -> None:
+    text = GENERATION + 'evaluation:\n  image_dirs: ["data/output/t2i/flux", "/abs/t2i/janus"]\n'
+    out, warnings = convert_to_file(tmp_path, text)
+    config = load_config(out)
+    backends = [(g.name, g.backend) for g in config.generators]
+    assert ("flux", "diffusers") in backends and ("janus", "image_folder") in backends
+    assert len(backends) == 5
+    assert config.generators[-1].options["path"] == "/abs/t2i/janus"  # absolute stays so
+    assert any(w.startswith("evaluation.image_dirs[data/output/t2i/flux]:") for w in warnings)

@@ -1,0 +1,221 @@
+"""The dashboard as an application: keys, the errors view and the help screen.
+
+Keys (shown in the footer):
+
+* ``p`` pause / resume feeding new samples; ``s`` stop gracefully (the work in flight is
+  finished); ``q`` quit: a run still going is stopped hard (resumable), a finished one is
+  closed. ``ctrl+c`` stops gracefully the first time and hard the second, as in plain mode.
+* ``e`` the errors view, ``m`` the next model in the means and DTM panels, ``?`` help.
+
+A read-only source (``trig-stream watch``) has no pause or stop, and ``q`` only closes the
+viewer.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Static
+
+from trig_stream.tui import render
+from trig_stream.tui.dashboard import REFRESH_EVERY_S, Dashboard
+from trig_stream.tui.snapshot import CLEAN_END_STATES, DashboardSnapshot, SnapshotSource
+
+HELP = """\
+[b]Keys[/b]
+  p       pause / resume feeding new samples (work already queued goes on)
+  s       stop gracefully: finish the work in flight, start none (resumable)
+  q       quit: stop a running run now (resumable), or close a finished one
+  ctrl+c  first: stop gracefully; second: stop now
+  e       errors view (latest first, with their reasons)
+  m       next model in the means and DTM panels
+  ?       this help; escape closes it
+
+Run the same command again to resume a stopped run: judgements already in the
+journal are not asked again.
+
+[b]Panels[/b]
+  progress   samples queued and generating, images waiting for a judgement,
+             judgements ok / unscorable / error, samples already done earlier
+  buffers    fill of the bounded buffers between stages; a full (red) buffer
+             is backpressure: the stage after it is the bottleneck
+  judges     requests in flight against each judge's current limit
+  DTM        relation of the row dimension to the column dimension
+"""
+
+
+class TextScreen(ModalScreen[None]):
+    """A full-screen text view closed with escape or its own key."""
+
+    DEFAULT_CSS = """
+    TextScreen { align: center middle; }
+    TextScreen > VerticalScroll {
+        width: 100%; height: 100%;
+        border: round $accent; border-title-style: bold; padding: 0 1;
+    }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
+
+    def __init__(self, title: str) -> None:
+        super().__init__()
+        self._title = title
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll() as scroll:
+            scroll.border_title = self._title
+            yield Static(id="body")
+        yield Footer()
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class ErrorsScreen(TextScreen):
+    """Every recent error with its reason, and the backends' notes; updates live."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("e", "close", "Close", show=False)]
+
+    def __init__(self) -> None:
+        super().__init__("errors (latest first)")
+
+    def show(self, snapshot: DashboardSnapshot) -> None:
+        """Draw the errors of a snapshot."""
+        text = render.error_lines(snapshot.last_errors)
+        if snapshot.notes:
+            text.append("\n\nnotes:\n", style="bold")
+            text.append("\n".join(snapshot.notes))
+        self.query_one("#body", Static).update(text)
+
+
+class HelpScreen(TextScreen):
+    """The keys, the panels and the DTM legend."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("question_mark", "close", "Close", show=False)]
+
+    def __init__(self) -> None:
+        super().__init__("help")
+
+    def on_mount(self) -> None:
+        body = self.query_one("#body", Static)
+        legend = "\n".join(
+            f"  {render.RELATION_CELLS[code][0]:<6}{name}" for code, name in render.RELATION_LEGEND
+        )
+        body.update(HELP + "\n[b]DTM cells[/b]\n" + legend)
+
+
+class TrigDashboardApp(App[None]):
+    """The dashboard of one run as an app.
+
+    Args:
+        source: where snapshots come from (:class:`~trig_stream.tui.sources.EngineSource`,
+            :class:`~trig_stream.tui.watch_source.RunDirSource`, or a static one).
+        refresh_every_s: how often the dashboard asks the source for a snapshot.
+        linger: keep showing a finished run until ``q``; else exit when it finishes.
+    """
+
+    TITLE = "trig-stream"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("p", "toggle_pause", "Pause/resume"),
+        Binding("s", "stop", "Stop"),
+        Binding("q", "quit_run", "Quit"),
+        Binding("e", "errors", "Errors"),
+        Binding("m", "next_model", "Model"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("ctrl+c", "interrupt", "Stop", show=False, priority=True),
+    ]
+
+    def __init__(
+        self,
+        source: SnapshotSource,
+        *,
+        refresh_every_s: float = REFRESH_EVERY_S,
+        linger: bool = True,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.refresh_every_s = refresh_every_s
+        self.linger = linger
+        self.interrupts = 0
+        self._shown_finished = False
+
+    def compose(self) -> ComposeResult:
+        yield Dashboard(self.source, refresh_every_s=self.refresh_every_s, linger=self.linger)
+        yield Footer()
+
+    @property
+    def dashboard(self) -> Dashboard:
+        """The dashboard widget."""
+        return self.query_one(Dashboard)
+
+    def _finished(self) -> bool:
+        snapshot = self.dashboard.snapshot
+        return snapshot is not None and snapshot.finished
+
+    def on_dashboard_updated(self, message: Dashboard.Updated) -> None:
+        if isinstance(self.screen, ErrorsScreen):
+            self.screen.show(message.snapshot)
+        snapshot = message.snapshot
+        if snapshot.finished and (not self.linger or snapshot.state not in CLEAN_END_STATES):
+            self.exit()
+        if snapshot.finished != self._shown_finished:
+            # Pause and stop are greyed out once the run is over; redraw the footer only then.
+            self._shown_finished = snapshot.finished
+            self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("toggle_pause", "stop"):
+            # Greyed out (None) when there is nothing to steer.
+            return None if self.source.control is None or self._finished() else True
+        return True
+
+    def action_toggle_pause(self) -> None:
+        control = self.source.control
+        snapshot = self.dashboard.snapshot
+        if control is None or snapshot is None:
+            return
+        if snapshot.state == "paused":
+            control.resume()
+            self.notify("resumed")
+        else:
+            control.pause()
+            self.notify("paused: no new samples; work already queued goes on")
+        self.call_later(self.dashboard.refresh_snapshot)
+
+    def action_stop(self) -> None:
+        if self.source.control is not None and not self._finished():
+            self.source.control.stop()
+            self.notify("stopping: finishing the work in flight (q or ctrl+c to stop now)")
+            self.call_later(self.dashboard.refresh_snapshot)
+
+    def action_quit_run(self) -> None:
+        if self.source.control is not None and not self._finished():
+            self.source.control.cancel()
+        self.exit()
+
+    def action_interrupt(self) -> None:
+        """ctrl+c (or SIGINT / SIGTERM): stop gracefully, and hard the second time."""
+        self.interrupts += 1
+        if self.source.control is None or self._finished():
+            self.exit()
+        elif self.interrupts == 1:
+            self.action_stop()
+        else:
+            self.action_quit_run()
+
+    def action_errors(self) -> None:
+        screen = ErrorsScreen()
+        self.push_screen(screen)
+        if self.dashboard.snapshot is not None:
+            snapshot = self.dashboard.snapshot
+            self.call_after_refresh(screen.show, snapshot)
+
+    def action_next_model(self) -> None:
+        self.dashboard.next_model()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())

@@ -1,0 +1,235 @@
+"""The dashboard widget: every panel of a run, drawn from a :class:`DashboardSnapshot`.
+
+:class:`Dashboard` can be mounted in any Textual app. Given a source it refreshes itself
+(``refresh_every_s``, 4 Hz by default); without one, the host calls :meth:`Dashboard.show`.
+It renders snapshots only and never touches an engine, so the same widget follows a live
+run, a run directory another process writes, or fixed data in a test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.console import RenderableType
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widget import Widget
+from textual.widgets import Sparkline
+
+from trig_stream.tui import render
+from trig_stream.tui.snapshot import DashboardSnapshot, RelationView, SnapshotSource
+
+REFRESH_EVERY_S = 0.25
+"""How often a self-refreshing dashboard asks its source for a snapshot (4 Hz)."""
+
+
+class Panel(Widget):
+    """A bordered panel with a title, showing one Rich renderable.
+
+    :meth:`show` repaints only when the content changed, and never asks for a new layout
+    (as ``Static.update`` does): the panels keep their size, so a refresh costs one paint.
+    """
+
+    DEFAULT_CSS = """
+    Panel {
+        border: round $primary-darken-1;
+        border-title-color: $text;
+        border-title-style: bold;
+        padding: 0 1;
+        height: 1fr;
+        width: 1fr;
+    }
+    """
+
+    def __init__(self, title: str = "", *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.border_title = title
+        self._content: RenderableType = ""
+        self._key: object = None
+
+    def show(self, key: object, make: Callable[[], RenderableType]) -> None:
+        """Show ``make()`` unless ``key`` (what the content is drawn from) is unchanged."""
+        if key == self._key and self._key is not None:
+            return
+        self._key = key
+        self._content = make()
+        self.refresh()
+
+    def render(self) -> RenderableType:
+        return self._content
+
+
+class Throughput(Vertical):
+    """Judgements/s and images/s over time (sparklines) with stage latencies."""
+
+    DEFAULT_CSS = """
+    Throughput {
+        border: round $primary-darken-1;
+        border-title-style: bold;
+        padding: 0 1;
+        height: 1fr;
+        width: 1fr;
+    }
+    Throughput Sparkline { height: 1; margin-bottom: 1; }
+    Throughput Panel { height: 1; border: none; padding: 0; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Panel(id="judge-rate")
+        yield Sparkline([], id="judge-spark")
+        yield Panel(id="image-rate")
+        yield Sparkline([], id="image-spark")
+
+    def on_mount(self) -> None:
+        self.border_title = "throughput (last minute)"
+
+    def show(self, snapshot: DashboardSnapshot) -> None:
+        """Draw the rates and their history."""
+        judge = (snapshot.judgements_per_s, snapshot.judge_p50, snapshot.judge_p95)
+        images = (snapshot.images_per_s, snapshot.generation_p50, snapshot.generation_p95)
+        self.query_one("#judge-rate", Panel).show(judge, lambda: render.rates_line("judge", *judge))
+        self.query_one("#image-rate", Panel).show(
+            images, lambda: render.rates_line("images", *images)
+        )
+        for name, history in (
+            ("#judge-spark", snapshot.judgements_history),
+            ("#image-spark", snapshot.images_history),
+        ):
+            spark = self.query_one(name, Sparkline)
+            if tuple(spark.data or ()) != history:
+                spark.data = list(history)
+
+
+class Dashboard(Widget):
+    """Every panel of a run: status, progress, buffers, throughput, judges, means, DTM, errors.
+
+    Args:
+        source: where snapshots come from; None when the host calls :meth:`show` itself.
+        refresh_every_s: how often to ask ``source`` for a snapshot.
+        linger: whether the status line invites to close once the run is over.
+    """
+
+    DEFAULT_CSS = """
+    Dashboard { layout: vertical; height: 1fr; }
+    Dashboard #status {
+        height: 1; border: none; padding: 0; background: $primary-background;
+    }
+    Dashboard #row-progress { height: 8; }
+    Dashboard #row-load { height: 8; }
+    Dashboard #row-relations { height: 15; }
+    Dashboard #progress { width: 84; }
+    Dashboard #info { width: 1fr; }
+    Dashboard #means { width: 44; }
+    Dashboard #dtm { width: 1fr; }
+    Dashboard #errors { height: 1fr; min-height: 3; }
+    """
+
+    selected: reactive[int] = reactive(0)
+    """Index of the (model, metric) shown in the means and DTM panels."""
+
+    class Updated(Message):
+        """Posted after each new snapshot is drawn."""
+
+        def __init__(self, snapshot: DashboardSnapshot) -> None:
+            super().__init__()
+            self.snapshot = snapshot
+
+    def __init__(
+        self,
+        source: SnapshotSource | None = None,
+        *,
+        refresh_every_s: float = REFRESH_EVERY_S,
+        linger: bool = True,
+        id: str | None = None,
+    ) -> None:
+        super().__init__(id=id)
+        self.source = source
+        self.refresh_every_s = refresh_every_s
+        self.linger = linger
+        self.snapshot: DashboardSnapshot | None = None
+        self._busy = False
+
+    def compose(self) -> ComposeResult:
+        yield Panel(id="status")
+        with Horizontal(id="row-progress"):
+            yield Panel("progress per model", id="progress")
+            yield Panel("run", id="info")
+        with Horizontal(id="row-load"):
+            yield Panel("buffers between stages", id="buffers")
+            yield Throughput(id="throughput")
+            yield Panel("judges: in flight / limit", id="judges")
+        with Horizontal(id="row-relations"):
+            yield Panel("dimension means", id="means")
+            yield Panel("DTM", id="dtm")
+        yield Panel("last errors (e: all)", id="errors")
+
+    async def on_mount(self) -> None:
+        if self.source is not None:
+            await self.refresh_snapshot()
+            self.set_interval(self.refresh_every_s, self.refresh_snapshot)
+
+    async def refresh_snapshot(self) -> None:
+        """Ask the source for a snapshot and draw it (skipped while the last is pending)."""
+        if self.source is None or self._busy:
+            return
+        self._busy = True
+        try:
+            snapshot = await self.source.snapshot()
+        finally:
+            self._busy = False
+        self.show(snapshot)
+
+    def show(self, snapshot: DashboardSnapshot) -> None:
+        """Draw a snapshot (panels whose part of it did not change are not repainted)."""
+        self.snapshot = snapshot
+        linger = self.linger
+        self.query_one("#status", Panel).show(
+            (snapshot, linger), lambda: render.status_line(snapshot, linger=linger)
+        )
+        self.query_one("#progress", Panel).show(
+            snapshot.models, lambda: render.progress_table(snapshot.models)
+        )
+        self.query_one("#info", Panel).show(
+            (snapshot.run_dir, snapshot.models, snapshot.judges, snapshot.message),
+            lambda: render.run_info(snapshot),
+        )
+        self.query_one("#buffers", Panel).show(snapshot.buffers, lambda: render.gauges(snapshot))
+        self.query_one(Throughput).show(snapshot)
+        self.query_one("#judges", Panel).show(snapshot.judges, lambda: render.judge_loads(snapshot))
+        self._show_relations()
+        self.query_one("#errors", Panel).show(
+            snapshot.last_errors, lambda: render.error_lines(snapshot.last_errors)
+        )
+        self.post_message(self.Updated(snapshot))
+
+    def next_model(self) -> None:
+        """Show the next (model, metric) in the means and DTM panels."""
+        count = len(self.snapshot.relations) if self.snapshot else 0
+        self.selected = (self.selected + 1) % count if count else 0
+
+    def watch_selected(self) -> None:
+        if self.snapshot is not None:
+            self._show_relations()
+
+    def selected_view(self) -> RelationView | None:
+        """The relation view the means and DTM panels show."""
+        if self.snapshot is None or not self.snapshot.relations:
+            return None
+        views = sorted(self.snapshot.relations, key=lambda v: (v.model, v.metric))
+        return views[self.selected % len(views)]
+
+    def _show_relations(self) -> None:
+        view = self.selected_view()
+        assert self.snapshot is not None
+        total = len(self.snapshot.relations)
+        suffix = "" if view is None else f": {view.model} ({view.metric})"
+        hint = f" [{self.selected % total + 1}/{total}, m: next]" if total > 1 else ""
+        key = (view, self.selected)
+        means = self.query_one("#means", Panel)
+        means.border_title = f"dimension means{suffix}"
+        means.show(key, lambda: render.means_table(view))
+        dtm = self.query_one("#dtm", Panel)
+        dtm.border_title = f"DTM{suffix}{hint}"
+        dtm.show(key, lambda: render.dtm_grid(view))

@@ -1,0 +1,236 @@
+"""Rich renderables made from snapshot parts: bars, tables, the DTM grid. No textual here.
+
+Every function is pure: the same snapshot gives the same text, which is what makes the
+dashboard's snapshot tests stable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from rich.text import Text
+
+from trig_stream.analysis.stats import RelationCode
+from trig_stream.dimensions import DIMENSION_NAMES
+from trig_stream.tui.snapshot import DashboardSnapshot, ModelProgress, RelationView
+
+RELATION_CELLS: dict[RelationCode, tuple[str, str]] = {
+    0: ("syn", "bold black on green"),
+    1: ("trade", "black on yellow"),
+    2: ("dom←", "bold white on blue"),
+    -2: ("dom↑", "bold white on magenta"),
+    3: ("bneck", "bold white on red"),
+    -1: ("·", "grey50"),
+}
+"""How each relation code is drawn in the DTM: a short name and a colour."""
+
+RELATION_LEGEND: tuple[tuple[RelationCode, str], ...] = (
+    (0, "synergy"),
+    (1, "trade-off"),
+    (2, "dominance of the row"),
+    (-2, "dominance of the column"),
+    (3, "bottleneck"),
+    (-1, "undefined"),
+)
+
+
+def duration(seconds: float | None) -> str:
+    """``12.3s``, ``4m05s`` or ``2h03m``; ``unknown`` for None."""
+    if seconds is None or math.isnan(seconds):
+        return "unknown"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def millis(seconds: float | None) -> str:
+    """A latency: ``740 ms``, ``1.9 s``; ``–`` when unknown."""
+    if seconds is None:
+        return "–"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def count(value: int | None) -> str:
+    """A count, ``–`` when the source cannot know it."""
+    return "–" if value is None else str(value)
+
+
+def bar(used: int, size: int, width: int) -> Text:
+    """A fill bar; red when full, which is where backpressure shows."""
+    share = 0.0 if size <= 0 else min(max(used / size, 0.0), 1.0)
+    filled = round(share * width)
+    style = "red" if share >= 1.0 else "yellow" if share >= 0.75 else "green"
+    text = Text("█" * filled, style=style)
+    text.append("░" * (width - filled), style="grey37")
+    return text
+
+
+def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
+    """The top line: run, task, state, elapsed time, samples and ETA."""
+    state_style = {
+        "running": "bold green",
+        "paused": "bold yellow",
+        "done": "bold cyan",
+    }.get(snapshot.state, "bold red" if snapshot.finished else "bold yellow")
+    text = Text.assemble(
+        (f" {snapshot.run_name} ", "bold"),
+        f"task {snapshot.task}  ",
+        (f"[{snapshot.state}]", state_style),
+        f"  elapsed {duration(snapshot.elapsed_s)}",
+    )
+    total = "?" if snapshot.samples_total is None else str(snapshot.samples_total)
+    text.append(f"  samples {count(snapshot.samples_done)}/{total}")
+    text.append(f"  judged {snapshot.judged}")
+    if snapshot.finished:
+        text.append("  finished" + ("; press q to close" if linger else ""), style="bold")
+    else:
+        text.append(f"  ETA {duration(snapshot.eta_s)}")
+    return text
+
+
+PROGRESS_COLUMNS = (
+    ("queued", 7),
+    ("generating", 11),
+    ("judging", 8),
+    ("images", 7),
+    ("ok", 7),
+    ("unscorable", 11),
+    ("errors", 10),
+    ("skipped", 8),
+)
+MODEL_WIDTH = 11
+
+
+def progress_table(models: Sequence[ModelProgress]) -> Text:
+    """Per model: samples queued and generating, images judging, judgements by status."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    header = f"{'model':<{MODEL_WIDTH}}" + "".join(f"{c:>{w}}" for c, w in PROGRESS_COLUMNS)
+    text.append(header, style="bold")
+    for m in models:
+        errors = str(m.error) + (f" ({m.generation_failed}g)" if m.generation_failed else "")
+        cells: list[tuple[str, str]] = [
+            (count(m.queued), ""),
+            (count(m.generating), ""),
+            (count(m.judging), ""),
+            (count(m.images), ""),
+            (str(m.ok), "green"),
+            (str(m.unscorable), ""),
+            (errors, "red" if m.error or m.generation_failed else ""),
+            (count(m.skipped), "grey62"),
+        ]
+        name = m.name if len(m.name) < MODEL_WIDTH else m.name[: MODEL_WIDTH - 2] + "…"
+        text.append(f"\n{name:<{MODEL_WIDTH}}")
+        for (value, style), (_, width) in zip(cells, PROGRESS_COLUMNS, strict=True):
+            text.append(f"{value:>{width}}", style=style)
+    return text
+
+
+def run_info(snapshot: DashboardSnapshot) -> Text:
+    """Run directory, models and judge endpoints."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append("dir    ", style="bold")
+    text.append(snapshot.run_dir + "\n")
+    text.append("models ", style="bold")
+    text.append(", ".join(m.name for m in snapshot.models) or "–")
+    for judge in snapshot.judges:
+        text.append("\njudge  ", style="bold")
+        text.append(f"{judge.name} ({judge.backend})")
+        if judge.endpoints:
+            text.append(" " + ", ".join(judge.endpoints), style="cyan")
+    if snapshot.quarantined:
+        text.append(f"\n{snapshot.quarantined} dataset records quarantined", style="yellow")
+    if snapshot.message:
+        text.append("\n" + snapshot.message, style="italic grey62")
+    return text
+
+
+def gauges(snapshot: DashboardSnapshot, width: int = 10) -> Text:
+    """The buffers between the stages, as fill bars."""
+    if not snapshot.buffers:
+        return Text("not visible from the run directory", style="grey50")
+    text = Text(no_wrap=True)
+    for index, gauge in enumerate(snapshot.buffers):
+        name = gauge.name if len(gauge.name) < 17 else gauge.name[:15] + "…"
+        text.append(("\n" if index else "") + f"{name:<17}")
+        text.append_text(bar(gauge.used, gauge.size, width))
+        text.append(f" {gauge.used:>3}/{gauge.size}")
+    return text
+
+
+def judge_loads(snapshot: DashboardSnapshot, width: int = 10) -> Text:
+    """Each judge's requests in flight against its current limit, and the server queue."""
+    if not snapshot.judges:
+        return Text("no judges", style="grey50")
+    text = Text(no_wrap=True)
+    for index, judge in enumerate(snapshot.judges):
+        text.append(("\n" if index else "") + f"{judge.name[:16]:<17}")
+        if judge.in_flight is None or judge.limit is None:
+            limit = "–" if judge.limit is None else str(judge.limit)
+            text.append("in flight: unknown", style="grey50")
+            text.append(f" –/{limit}")
+        else:
+            text.append_text(bar(judge.in_flight, judge.limit, width))
+            text.append(f" {judge.in_flight:>3}/{judge.limit}")
+        waiting = "n/a" if judge.waiting is None else str(judge.waiting)
+        text.append(f"\n  server queue {waiting}", style="grey62")
+    return text
+
+
+def rates_line(label: str, per_s: float | None, p50: float | None, p95: float | None) -> Text:
+    """``judgements 12.5/s  p50 40 ms  p95 90 ms``."""
+    rate = "–" if per_s is None else f"{per_s:.1f}/s"
+    return Text.assemble((f"{label} ", "bold"), rate, f"  p50 {millis(p50)}  p95 {millis(p95)}")
+
+
+def means_table(view: RelationView | None) -> Text:
+    """One model's mean score per dimension, with the number of ok scores and a bar."""
+    if view is None:
+        return Text("no scores yet", style="grey50")
+    text = Text(no_wrap=True)
+    text.append(f"{'dim':<5}{'name':<12}{'mean':>6}{'n':>6}", style="bold")
+    for dim in sorted(view.means):
+        mean = view.means[dim]
+        name = DIMENSION_NAMES[dim]
+        name = name if len(name) < 12 else name[:10] + "…"
+        text.append(f"\n{dim:<5}{name:<12}{mean:>6.3f}{view.counts.get(dim, 0):>6} ")
+        text.append_text(bar(round(mean * 100), 100, 8))
+    return text
+
+
+def dtm_grid(view: RelationView | None) -> Text:
+    """The DTM as a coloured grid of relation names, with its legend."""
+    if view is None:
+        return Text("no scores yet", style="grey50")
+    dims = view.dtm.dimensions
+    text = Text(no_wrap=True)
+    text.append(" " * 5 + "".join(f"{d:^6}" for d in dims), style="bold")
+    for i, row in enumerate(dims):
+        text.append(f"\n{row:<5}", style="bold")
+        for code in view.dtm.codes[i]:
+            if code is None:
+                text.append(f"{'╲':^6}", style="grey37")
+            else:
+                label, style = RELATION_CELLS[code]
+                text.append(f"{label:^5}", style=style)
+                text.append(" ")
+    for index, (code, name) in enumerate(RELATION_LEGEND):
+        label, style = RELATION_CELLS[code]
+        text.append("\n" if index in (0, 3) else "  ")
+        text.append(f" {label} ", style=style)
+        text.append(f" {name}")
+    return text
+
+
+def error_lines(errors: Sequence[str], limit: int | None = None) -> Text:
+    """The latest errors first, one a line, with their reasons."""
+    if not errors:
+        return Text("no errors", style="grey50")
+    latest = list(reversed(errors))
+    if limit is not None:
+        latest = latest[:limit]
+    return Text("\n".join(latest), style="red", no_wrap=True, overflow="ellipsis")

@@ -1,0 +1,254 @@
+"""What the dashboard draws: one immutable :class:`DashboardSnapshot`, and where it comes from.
+
+The widgets render snapshots and nothing else. A :class:`SnapshotSource` makes them: from a
+live :class:`~trig_stream.engine.Engine` (:class:`~trig_stream.tui.sources.EngineSource`),
+from a run directory another process writes (:class:`~trig_stream.tui.sources.RunDirSource`),
+or from fixed data (:class:`StaticSource`, for tests and demos). A source that can steer its
+run also offers a :class:`RunControl`; a read-only one offers none.
+
+This module imports no textual, so the command line can describe runs without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeAlias
+
+from trig_stream.analysis.relations import DTM
+from trig_stream.dimensions import Dimension
+
+SourceKind: TypeAlias = Literal["engine", "watch", "static"]
+
+FINISHED_STATES = frozenset(("done", "stopped", "cancelled", "failed", "ended", "finished"))
+"""States after which a run makes no more progress. ``ended``: the results stream ended
+without the engine saying why yet (a fatal error); ``finished``: the watched run's writer is
+gone."""
+CLEAN_END_STATES = frozenset(("done", "stopped", "finished"))
+"""Finished states worth keeping on screen; after the others the app closes at once."""
+
+HISTORY_POINTS = 60
+"""Throughput points kept for the sparklines (one a second: the last minute)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProgress:
+    """One model's progress through the stages; None where the source cannot know it.
+
+    Samples (``queued``, ``generating``, ``skipped``) and images (``images``, ``judging``)
+    are counted per sample; ``ok``, ``unscorable`` and ``error`` count judgements.
+    """
+
+    name: str
+    queued: int | None = None
+    """Samples sent to the model's generator."""
+    generating: int | None = None
+    """Samples queued or being generated, with no image yet."""
+    images: int | None = None
+    """Images generated in this run or reused from an earlier one."""
+    judging: int | None = None
+    """Images waiting for their first judgement."""
+    generation_failed: int | None = None
+    skipped: int | None = None
+    """Samples whose every judgement was already in the journal."""
+    ok: int = 0
+    unscorable: int = 0
+    error: int = 0
+
+    @property
+    def judged(self) -> int:
+        """Judgements of every status."""
+        return self.ok + self.unscorable + self.error
+
+
+@dataclass(frozen=True, slots=True)
+class Gauge:
+    """How full something bounded is: a buffer between stages."""
+
+    name: str
+    used: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeView:
+    """One judge: where it sends requests and how loaded it is (None: not visible)."""
+
+    name: str
+    backend: str
+    endpoints: tuple[str, ...] = ()
+    in_flight: int | None = None
+    limit: int | None = None
+    waiting: int | None = None
+    """Requests queued at the server, when the engine reports it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelationView:
+    """The live relation analysis of one (model, metric): dimension means and the DTM."""
+
+    model: str
+    metric: str
+    means: Mapping[Dimension, float]
+    counts: Mapping[Dimension, int]
+    dtm: DTM
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardSnapshot:
+    """Everything the dashboard shows at one moment."""
+
+    kind: SourceKind
+    run_name: str
+    task: str
+    run_dir: str
+    state: str
+    elapsed_s: float | None = None
+    samples_total: int | None = None
+    samples_done: int | None = None
+    """Samples read from the dataset (engine) or seen in the journal (watch)."""
+    eta_s: float | None = None
+    models: tuple[ModelProgress, ...] = ()
+    buffers: tuple[Gauge, ...] = ()
+    judges: tuple[JudgeView, ...] = ()
+    judgements_per_s: float | None = None
+    images_per_s: float | None = None
+    judgements_history: tuple[float, ...] = ()
+    images_history: tuple[float, ...] = ()
+    generation_p50: float | None = None
+    generation_p95: float | None = None
+    judge_p50: float | None = None
+    judge_p95: float | None = None
+    relations: tuple[RelationView, ...] = ()
+    last_errors: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    quarantined: int | None = None
+    message: str = ""
+    """A line from the source itself (e.g. who writes the run being watched)."""
+
+    @property
+    def finished(self) -> bool:
+        """True once the run makes no more progress."""
+        return self.state in FINISHED_STATES
+
+    @property
+    def judged(self) -> int:
+        """Judgements of every model and status."""
+        return sum(m.judged for m in self.models)
+
+
+class RunControl(Protocol):
+    """Steering a run: what the dashboard's keys call."""
+
+    def pause(self) -> None:
+        """Stop feeding new samples."""
+
+    def resume(self) -> None:
+        """Feed new samples again."""
+
+    def stop(self) -> None:
+        """Finish the work in flight, start none."""
+
+    def cancel(self) -> None:
+        """Stop now; what is written stays (resumable)."""
+
+
+class SnapshotSource(Protocol):
+    """Where a dashboard gets its snapshots."""
+
+    @property
+    def control(self) -> RunControl | None:
+        """How to steer the run, or None when the source is read-only."""
+        ...
+
+    async def snapshot(self) -> DashboardSnapshot:
+        """The state of the run now (cheap; called a few times a second)."""
+        ...
+
+
+@dataclass
+class StaticSource:
+    """A source that always returns the same snapshot (tests, demos, screenshots)."""
+
+    fixed: DashboardSnapshot
+    control: RunControl | None = None
+
+    async def snapshot(self) -> DashboardSnapshot:
+        """The fixed snapshot."""
+        return self.fixed
+
+
+@dataclass
+class RateHistory:
+    """Throughput points sampled at most once per ``every_s``, for the sparklines."""
+
+    every_s: float = 1.0
+    points: int = HISTORY_POINTS
+    _values: deque[float] = field(init=False)
+    _last: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._values = deque(maxlen=self.points)
+
+    def add(self, now: float, value: float) -> None:
+        """Record ``value`` unless the previous point is more recent than ``every_s``."""
+        if self._last is None or now - self._last >= self.every_s:
+            self._last = now
+            self._values.append(value)
+
+    def values(self) -> tuple[float, ...]:
+        """The recorded points, oldest first."""
+        return tuple(self._values)
+
+
+@dataclass
+class CountRate:
+    """Events per second from a growing count, over a sliding window of samples."""
+
+    window_s: float = 10.0
+    _samples: deque[tuple[float, int]] = field(default_factory=deque, init=False)
+
+    def add(self, now: float, count: int) -> float:
+        """Record the count at ``now`` and return the rate over the window."""
+        self._samples.append((now, count))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        first_at, first = self._samples[0]
+        span = now - first_at
+        return (count - first) / span if span > 0 else 0.0
+
+
+def estimate_eta(total: int | None, done: int | None, per_s: float) -> float | None:
+    """Seconds left at ``per_s`` samples a second; None when it cannot be told."""
+    if total is None or done is None:
+        return None
+    left = max(total - done, 0)
+    if left == 0:
+        return 0.0
+    if per_s <= 0 or math.isnan(per_s):
+        return None
+    return left / per_s
+
+
+def judge_views(config: Mapping[str, Any]) -> tuple[JudgeView, ...]:
+    """The judges of a run config (as a dict, e.g. from a manifest), endpoints included."""
+    views = []
+    for judge in config.get("judges", []):
+        options = judge.get("options") or {}
+        endpoints: list[str] = []
+        if options.get("base_url"):
+            endpoints.append(str(options["base_url"]))
+        endpoints.extend(str(url) for url in options.get("base_urls") or ())
+        if not endpoints and options.get("serve"):
+            endpoints.append("managed server")
+        views.append(
+            JudgeView(
+                name=str(judge.get("name", "?")),
+                backend=str(judge.get("backend", "?")),
+                endpoints=tuple(endpoints),
+                limit=judge.get("concurrency"),
+            )
+        )
+    return tuple(views)

@@ -1,0 +1,111 @@
+"""``trig-stream watch RUN_DIR``: follow a run that another process writes, read-only.
+
+On a terminal the dashboard follows the run (``q`` closes it; the run is not disturbed).
+Elsewhere (a log file, CI) a line is printed every ``--interval`` seconds while the journal
+grows, until no process writes the run any more. Importing this module imports no textual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from trig_stream.errors import MissingExtraError
+from trig_stream.tui.render import duration
+from trig_stream.tui.snapshot import DashboardSnapshot
+from trig_stream.tui.watch_source import RunDirSource
+
+DEFAULT_INTERVAL_S = 0.5
+
+
+def add_watch_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``watch RUN_DIR [--interval S]`` to the ``trig-stream`` subcommands.
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The subcommand's parser; its handler is ``handler(args, console) -> int``.
+    """
+    watch: argparse.ArgumentParser = subparsers.add_parser(
+        "watch",
+        help="follow a run another process is running (read-only)",
+        description="Follow a run from its run directory alone: manifest and journal. "
+        "Never takes the run lock nor writes there; closing the viewer leaves the run be.",
+    )
+    watch.add_argument("run_dir", type=Path, help="the run directory to follow")
+    watch.add_argument(
+        "--interval",
+        type=_positive,
+        default=DEFAULT_INTERVAL_S,
+        metavar="S",
+        help=f"seconds between two refreshes (default {DEFAULT_INTERVAL_S})",
+    )
+    watch.set_defaults(handler=cmd_watch)
+    return watch
+
+
+def cmd_watch(args: argparse.Namespace, console: Console) -> int:
+    """Run ``trig-stream watch``: the dashboard on a terminal, progress lines elsewhere.
+
+    Raises:
+        RunDirError: ``run_dir`` is not a run directory.
+        MissingExtraError: on a terminal, textual is not installed.
+    """
+    run_dir: Path = args.run_dir
+    source = RunDirSource(run_dir)
+    source.poll()  # a bad directory fails here, before any screen is drawn
+    from trig_stream.tui.run import terminal_is_interactive
+
+    if terminal_is_interactive():
+        try:
+            from trig_stream.tui.app import TrigDashboardApp
+        except ImportError as exc:
+            raise MissingExtraError("textual", "tui") from exc
+        TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=args.interval).run()
+        return 0
+    return follow(source, console, interval_s=args.interval)
+
+
+def follow(
+    source: RunDirSource, console: Console, *, interval_s: float, max_polls: int | None = None
+) -> int:
+    """Print a progress line whenever the run moves, until nobody writes it any more."""
+    last = ""
+    polls = 0
+    while True:
+        snapshot = source.poll()
+        line = describe(snapshot)
+        if line != last:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+            last = line
+        polls += 1
+        if snapshot.finished or (max_polls is not None and polls >= max_polls):
+            return 0
+        time.sleep(interval_s)
+
+
+def describe(snapshot: DashboardSnapshot) -> str:
+    """One line: state, counts by model and status, throughput."""
+    parts = [f"[{snapshot.state}] {snapshot.run_name} ({snapshot.task})"]
+    for model in snapshot.models:
+        parts.append(
+            f"{model.name}: ok {model.ok}, unscorable {model.unscorable}, error {model.error}"
+        )
+    if snapshot.judgements_per_s is not None and not snapshot.finished:
+        parts.append(f"{snapshot.judgements_per_s:.1f}/s, ETA {duration(snapshot.eta_s)}")
+    return " | ".join(parts)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+__all__ = ["add_watch_command", "cmd_watch", "describe", "follow"]

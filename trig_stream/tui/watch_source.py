@@ -1,0 +1,277 @@
+"""Following a run that another process writes, from its run directory alone.
+
+:class:`RunDirSource` reads ``manifest.json`` and tails ``journal.jsonl`` by file offset. It
+only ever opens files for reading: it never takes the run lock and never writes in the run
+directory, so attaching or closing a viewer cannot disturb the run. The writer's pid is read
+from ``run.lock`` (written there by the process holding the lock) to tell whether it still
+runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+
+from trig_stream.analysis.live import RelationTracker
+from trig_stream.config import RelationSection, RunConfig
+from trig_stream.dataset import DatasetSource
+from trig_stream.records import Judgement, JudgementKey, Status
+from trig_stream.store import JOURNAL, LOCK, Manifest, read_manifest
+from trig_stream.tui.snapshot import (
+    CountRate,
+    DashboardSnapshot,
+    ModelProgress,
+    RateHistory,
+    RelationView,
+    estimate_eta,
+    judge_views,
+)
+from trig_stream.tui.sources import RELATIONS_EVERY_S, relation_views
+
+READ_CHUNK = 4 << 20
+"""Most journal bytes parsed per refresh, so a long journal is caught up over a few."""
+LATENCY_WINDOW = 1024
+
+
+class JournalTail:
+    """Reads the judgements appended to a journal since the last call.
+
+    Only complete lines are consumed: a torn last line (the writer is mid-append, or crashed)
+    stays unread until it is complete. A line that is complete but not a judgement is
+    skipped and counted in :attr:`bad_lines`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.bad_lines = 0
+        self.behind = False
+        """The last read stopped at :data:`READ_CHUNK`: more is waiting."""
+
+    def read(self, limit: int = READ_CHUNK) -> list[Judgement]:
+        """The complete judgements written since the previous read, in journal order.
+
+        Raises:
+            OSError: the journal exists but cannot be read.
+        """
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read(limit)
+        except FileNotFoundError:
+            return []
+        self.behind = len(data) == limit
+        end = data.rfind(b"\n") + 1
+        judgements = []
+        for raw in data[:end].splitlines():
+            try:
+                judgements.append(Judgement.model_validate_json(raw))
+            except ValueError:
+                self.bad_lines += 1
+        self.offset += end
+        return judgements
+
+
+class RunDirSource:
+    """Snapshots of a run directory that another process may still be writing; read-only.
+
+    Args:
+        run_dir: the run directory (holding ``manifest.json``).
+        relations_every_s: least time between two relation analyses.
+        clock: monotonic seconds, for rates.
+        wall_clock: seconds since the epoch, for the elapsed time.
+    """
+
+    control = None
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        relations_every_s: float = RELATIONS_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.run_dir = run_dir
+        self.relations_every_s = relations_every_s
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.tail = JournalTail(run_dir / JOURNAL)
+        self._lock = anyio.Lock()
+        self._manifest: Manifest | None = None
+        self._manifest_mtime = -1.0
+        self._tracker = RelationTracker()
+        self._samples_total: int | None = None
+        self._status: dict[JudgementKey, Status] = {}
+        self._counts: dict[str, Counter[Status]] = {}
+        self._images: dict[str, set[str]] = {}
+        self._data_ids: set[str] = set()
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._errors: deque[str] = deque(maxlen=20)
+        self._last_at: float | None = None
+        self._judged_rate = CountRate()
+        self._samples_rate = CountRate()
+        self._history = RateHistory()
+        self._relations: tuple[RelationView, ...] = ()
+        self._relations_at: float | None = None
+
+    async def snapshot(self) -> DashboardSnapshot:
+        """Read what was appended since the last call (in a worker thread) and describe it.
+
+        Raises:
+            RunDirError: the directory has no readable manifest.
+        """
+        async with self._lock:
+            return await anyio.to_thread.run_sync(self.poll)
+
+    def poll(self) -> DashboardSnapshot:
+        """:meth:`snapshot`, blocking: for threads and scripts."""
+        manifest = self._read_manifest()
+        for judgement in self.tail.read():
+            self._add(judgement)
+        now = self._clock()
+        judged = len(self._status)
+        per_s = self._judged_rate.add(now, judged)
+        samples_per_s = self._samples_rate.add(now, len(self._data_ids))
+        self._history.add(now, per_s)
+        writer = writer_pid(self.run_dir)
+        state = "running" if writer is not None else "finished"
+        if self._relations_at is None or now - self._relations_at >= self.relations_every_s:
+            self._relations_at = now
+            self._relations = relation_views(self._tracker, self._tracker.groups())
+        if writer is not None:
+            message = f"watching read-only: run written by pid {writer}"
+        else:
+            message = "watching read-only: no process is writing this run"
+        if self.tail.behind:
+            message += " (catching up with the journal)"
+        ordered = sorted(self._latencies)
+        models = list(manifest.generators) + sorted(set(self._counts) - set(manifest.generators))
+        return DashboardSnapshot(
+            kind="watch",
+            run_name=manifest.run_name,
+            task=manifest.task,
+            run_dir=str(self.run_dir),
+            state=state,
+            elapsed_s=self._elapsed(manifest, running=writer is not None),
+            samples_total=self._samples_total,
+            samples_done=len(self._data_ids),
+            eta_s=estimate_eta(self._samples_total, len(self._data_ids), samples_per_s)
+            if writer is not None
+            else 0.0,
+            models=tuple(self._progress(name) for name in models),
+            judges=judge_views(manifest.config),
+            judgements_per_s=per_s,
+            judgements_history=self._history.values(),
+            judge_p50=_rank(ordered, 0.5),
+            judge_p95=_rank(ordered, 0.95),
+            relations=self._relations,
+            last_errors=tuple(self._errors),
+            message=message,
+        )
+
+    def _read_manifest(self) -> Manifest:
+        # A resume may add models and judges: read it again whenever it was replaced.
+        try:
+            mtime = (self.run_dir / "manifest.json").stat().st_mtime
+        except OSError:
+            mtime = -1.0
+        if self._manifest is None or mtime != self._manifest_mtime:
+            self._manifest = read_manifest(self.run_dir)
+            self._manifest_mtime = mtime
+            self._configure(self._manifest)
+        return self._manifest
+
+    def _configure(self, manifest: Manifest) -> None:
+        try:
+            config = RunConfig.model_validate(manifest.config)
+        except ValueError:
+            return
+        self._tracker.thresholds = config.relation or RelationSection()
+        if self._samples_total is None:
+            try:
+                self._samples_total = DatasetSource(config.dataset, config.run.task).count()
+            except Exception:  # a dataset moved or gone: the ETA stays unknown
+                self._samples_total = None
+
+    def _add(self, judgement: Judgement) -> None:
+        # The last judgement of a key wins, as in the journal: a retried error is replaced.
+        model = judgement.model
+        counts = self._counts.setdefault(model, Counter())
+        previous = self._status.get(judgement.key)
+        if previous is not None:
+            counts[previous] -= 1
+        self._status[judgement.key] = judgement.status
+        counts[judgement.status] += 1
+        self._data_ids.add(judgement.data_id)
+        if judgement.image is not None:
+            self._images.setdefault(model, set()).add(judgement.data_id)
+        if judgement.status == "error":
+            where = f"{model} {judgement.data_id} {judgement.dimension}"
+            self._errors.append(f"{where}: {judgement.error}")
+        elif judgement.latency_s > 0:
+            self._latencies.append(judgement.latency_s)
+        self._last_at = judgement.created_at
+        self._tracker.add(judgement)
+
+    def _progress(self, name: str) -> ModelProgress:
+        counts = self._counts.get(name, Counter())
+        return ModelProgress(
+            name=name,
+            images=len(self._images.get(name, ())),
+            ok=counts["ok"],
+            unscorable=counts["unscorable"],
+            error=counts["error"],
+        )
+
+    def _elapsed(self, manifest: Manifest, *, running: bool) -> float | None:
+        end = self._wall_clock() if running else self._last_at
+        return None if end is None else max(end - manifest.updated_at, 0.0)
+
+
+def writer_pid(run_dir: Path) -> int | None:
+    """The pid of the process running in ``run_dir`` when one does, else None.
+
+    On Linux the kernel's lock table (``/proc/locks``) says whether the run lock is held;
+    elsewhere, whether the pid the lock holder wrote into ``run.lock`` still runs. The lock
+    itself is never touched.
+    """
+    path = run_dir / LOCK
+    try:
+        pid = int(path.read_text().strip() or "0")
+        info = path.stat()
+    except (OSError, ValueError):
+        return None
+    held = _lock_held(info.st_dev, info.st_ino)
+    if held is not None:
+        return pid if held and pid > 0 else None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _lock_held(device: int, inode: int) -> bool | None:
+    """Whether some process holds a lock on the file, from ``/proc/locks`` (None: unknown)."""
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    wanted = f"{os.major(device):02x}:{os.minor(device):02x}:{inode}"
+    return any(wanted in line.split() for line in table.splitlines())
+
+
+def _rank(ordered: list[float], share: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[round(share * (len(ordered) - 1))]
