@@ -45,8 +45,9 @@ from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import TrigStreamError
 from trig_stream.generation import GenerationStage
+from trig_stream.hashing import seed_for
 from trig_stream.judging import JudgeStage
-from trig_stream.pipeline import ImageItem, RunContext, WorkItem, seed_for
+from trig_stream.pipeline import ImageItem, RunContext, WorkItem
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord, Sample
 from trig_stream.retry import RetryPolicy
 from trig_stream.stats import (

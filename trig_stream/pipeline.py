@@ -12,7 +12,6 @@ from trig_stream.errors import TrigStreamError
 from trig_stream.records import GeneratedImage, JudgeFingerprint, Judgement, Sample, Stage
 from trig_stream.stats import Counters
 from trig_stream.store import RunDir
-from trig_stream.testing.synthetic import unit_hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +44,6 @@ class RunContext:
     """Set on a hard stop; generator threads check it between steps."""
     is_stopping: Callable[[], bool]
     """True once a graceful stop began: start no new work."""
-
-
-def seed_for(base_seed: int, model: str, data_id: str) -> int:
-    """The generation seed of one (model, data_id): stable across runs and machines."""
-    return int(unit_hash("seed", base_seed, model, data_id) * 2**31)
 
 
 def failed_judgement(

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest
 from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
+from trig_stream.hashing import unit_hash
 from trig_stream.records import JudgeFingerprint
 from trig_stream.scoring import Scorer
-from trig_stream.testing.synthetic import unit_hash
 
 if TYPE_CHECKING:
     from trig_stream.config import JudgeConfig, RunConfig

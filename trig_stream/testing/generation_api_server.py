@@ -29,7 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
-from trig_stream.testing.synthetic import draw, unit_hash
+from trig_stream.hashing import unit_hash
+from trig_stream.testing.synthetic import draw
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ real pipeline, in ``steps`` slices that check for cancellation between them.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Sequence
@@ -17,17 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trig_stream.backends.base import GenerationRequest, Generator
 from trig_stream.errors import FatalBackendError, ItemError
+from trig_stream.hashing import unit_hash
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from trig_stream.config import GeneratorConfig, RunConfig
-
-
-def unit_hash(*parts: object) -> float:
-    """A deterministic number in [0, 1) from the given parts."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 class SyntheticOptions(BaseModel):
