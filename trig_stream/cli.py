@@ -13,6 +13,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -27,14 +28,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from trig_stream.analysis.commands import add_commands as add_analysis_commands
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError
-from trig_stream.testing.simulate_judge import add_simulate_judge_command
-from trig_stream.testing.tiny_models import add_tiny_models_command
-from trig_stream.tui.watch import add_watch_command
-from trig_stream.upstream_config import add_import_config_command
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -54,7 +50,8 @@ QUIET_LIBRARIES = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trig-stream`` console script."""
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     # Messages name files and keys: never wrap them, so they stay greppable.
     console = Console(stderr=True, soft_wrap=True)
@@ -74,7 +71,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _parser() -> argparse.ArgumentParser:
+# Commands defined elsewhere, as (module, function adding them). Only the module of the
+# command being run is imported, so `trig-stream run` does not pay for the others' imports.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "report": ("trig_stream.analysis.commands", "add_commands"),
+    "analyze": ("trig_stream.analysis.commands", "add_commands"),
+    "compare": ("trig_stream.analysis.commands", "add_commands"),
+    "watch": ("trig_stream.tui.watch", "add_watch_command"),
+    "import-config": ("trig_stream.upstream_config", "add_import_config_command"),
+    "simulate-judge": ("trig_stream.testing.simulate_judge", "add_simulate_judge_command"),
+    "make-tiny-models": ("trig_stream.testing.tiny_models", "add_tiny_models_command"),
+}
+CORE_COMMANDS = ("run", "validate", "status")
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``command``, only that command's module is imported."""
     parser = argparse.ArgumentParser(
         prog="trig-stream",
         description="Evaluate image generators on TRIG as a stream: generate, judge, analyse.",
@@ -111,11 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="summarise a run directory")
     status.add_argument("run_dir", type=Path)
     status.set_defaults(handler=_cmd_status)
-    add_analysis_commands(commands)
-    add_simulate_judge_command(commands)
-    add_tiny_models_command(commands)
-    add_watch_command(commands)
-    add_import_config_command(commands)
+    if command in CORE_COMMANDS:
+        return parser
+    wanted = [EXTRA_COMMANDS[command]] if command in EXTRA_COMMANDS else EXTRA_COMMANDS.values()
+    for module_name, function in dict.fromkeys(wanted):
+        getattr(importlib.import_module(module_name), function)(commands)
     return parser
 
 

@@ -12,6 +12,7 @@ the reason, and the engine writes it to the run's ``quarantine.jsonl``.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -179,6 +180,7 @@ class DatasetSource:
         if isinstance(embedded, Mapping):
             embedded = embedded.get("bytes")
         if isinstance(embedded, bytes | bytearray) and embedded:
+            _check_decodable(io.BytesIO(embedded), "embedded source image")
             return None, bytes(embedded)
         if not img_id:
             raise Rejected(f"{self.task} sample has no source image (no image, no img_id)")
@@ -190,7 +192,19 @@ class DatasetSource:
             raise Rejected(f"img_id {img_id!r} is not a plain file name")
         if not candidate.is_file():
             raise Rejected(f"source image {img_id!r} not found in {root}")
+        _check_decodable(candidate, f"source image {img_id!r}")
         return candidate, None
+
+
+def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
+    """Reject a source image that is truncated or not an image (it stays encoded here)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise Rejected(f"{what} cannot be decoded: {exc}") from None
 
 
 def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]:

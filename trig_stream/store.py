@@ -224,6 +224,7 @@ class RunDir:
         run = cls(path)
         run._acquire_lock()
         try:
+            run._remove_partial_images()
             run._check_manifest(manifest)
             state = run.journal.open()
             run._quarantine = (path / QUARANTINE).open("wb")
@@ -273,6 +274,12 @@ class RunDir:
         handle.write(str(os.getpid()).encode())
         handle.flush()
         self._lock = handle
+
+    def _remove_partial_images(self) -> None:
+        # A crash between writing an image's temporary file and renaming it leaves the
+        # temporary file behind; with the lock held, no writer of ours is using one.
+        for partial in (self.path / IMAGES).glob("**/.*.tmp"):
+            partial.unlink(missing_ok=True)
 
     def _check_manifest(self, manifest: Manifest) -> None:
         path = self.path / MANIFEST

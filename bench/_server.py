@@ -1,0 +1,71 @@
+"""Helpers of the benchmark scripts: ``simulate-judge`` in its own process, and engine configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+
+def start_judge(*options: str) -> tuple[subprocess.Popen[str], str]:
+    """Start ``trig-stream simulate-judge --port 0 *options``; returns it and its base URL."""
+    command = [sys.executable, "-m", "trig_stream", "simulate-judge", "--port", "0", *options]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("READY "):
+            return process, line.split()[1]
+    process.kill()
+    raise RuntimeError("simulate-judge did not start")
+
+
+def stop_judge(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def judge_stats(base_url: str) -> dict[str, Any]:
+    """The server's ``GET /stats``: received, served, repeated, faults..."""
+    url = base_url.removesuffix("/v1") + "/stats"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        stats: dict[str, Any] = json.load(response)
+    return stats
+
+
+def openai_judge(base_url: str, concurrency: int, **options: Any) -> dict[str, Any]:
+    """A ``[[judges]]`` entry of the ``openai`` backend against ``base_url``."""
+    return {
+        "name": "trigscore",
+        "backend": "openai",
+        "concurrency": concurrency,
+        "options": {"base_url": base_url, "model": "trig-judge-sim", **options},
+    }
+
+
+def synthetic_generator(
+    *, workers: int = 1, batch_size: int = 8, size: int = 8, latency_s: float = 0.0
+) -> dict[str, Any]:
+    """A ``[[generators]]`` entry of the ``synthetic`` backend."""
+    options: dict[str, Any] = {"size": size, "steps": 1}
+    if latency_s:
+        options["latency_s"] = latency_s
+    return {
+        "name": "synth",
+        "backend": "synthetic",
+        "workers": workers,
+        "batch_size": batch_size,
+        "options": options,
+    }
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, from /proc."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1024**2

@@ -1,0 +1,108 @@
+"""P3: the engine process's own CPU time per judgement at zero server latency (goal <= 0.5 ms).
+
+The engine runs in this process; ``simulate-judge`` (zero latency) runs in its own, so its
+CPU is not counted. ``time.process_time()`` (user + system time of every thread of this
+process: the event loop, the generator's and the writers' threads, the client) is read around
+two runs over the same prompts (synthetic 8x8 images):
+
+* ``openai``: the ``openai`` judge against ``simulate-judge``: what a real run costs per
+  judgement on the judging machine's side;
+* ``fake``: the fake judge: the engine alone (dataset, generation, PNG writes, journal fsyncs,
+  live DTM), without any HTTP.
+
+``--profile`` adds a cProfile of the ``openai`` run (the event loop's thread only: time in
+worker threads shows up as waits there) and prints the top functions by own time.
+
+    .venv/bin/python bench/engine_cpu.py [--prompts 2000] [--concurrency 64] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_parquet_prompts
+from _server import judge_stats, openai_judge, start_judge, stop_judge, synthetic_generator
+
+from trig_stream.config import parse_config
+from trig_stream.engine import Engine
+
+
+async def run(folder: Path, name: str, dataset: Path, judge: dict[str, Any]) -> tuple[int, float]:
+    config = parse_config(
+        {
+            "run": {"name": name, "output_dir": str(folder / "runs")},
+            "dataset": {"path": str(dataset)},
+            "generators": [synthetic_generator(workers=1, batch_size=8, size=8)],
+            "judges": [judge],
+            "engine": {"image_buffer": 2 * judge["concurrency"]},
+        },
+        source=folder / "bench.toml",
+    )
+    async with Engine(config) as engine:
+        summary = await engine.drain()
+    return summary.ok, time.perf_counter()
+
+
+def measure(
+    folder: Path, name: str, dataset: Path, judge: dict[str, Any], profile: bool = False
+) -> tuple[int, float, float, cProfile.Profile | None]:
+    profiler = cProfile.Profile() if profile else None
+    cpu, wall = time.process_time(), time.perf_counter()
+    if profiler:
+        profiler.enable()
+    ok, end = anyio.run(run, folder, name, dataset, judge)
+    if profiler:
+        profiler.disable()
+    return ok, time.process_time() - cpu, end - wall, profiler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    process, url = start_judge("--latency", "0", "--capacity", str(args.concurrency))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            dataset = write_parquet_prompts(folder / "prompts.parquet", args.prompts)
+            fake = {"name": "trigscore", "backend": "fake", "concurrency": args.concurrency}
+            # A warm-up run pays the imports (openai, aiohttp, PIL) outside the measure.
+            measure(folder, "warmup", dataset, {**openai_judge(url, 8)})
+            results = {
+                "fake": measure(folder, "fake", dataset, fake),
+                "openai": measure(
+                    folder, "openai", dataset, openai_judge(url, args.concurrency), args.profile
+                ),
+            }
+            served = judge_stats(url)["served"]
+    finally:
+        stop_judge(process)
+    print(f"{args.prompts} prompts, {2 * args.prompts} judgements, concurrency {args.concurrency}")
+    for label, (ok, cpu, wall, _) in results.items():
+        print(
+            f"  {label:<6} judge: {ok} ok in {wall:.2f} s wall, {cpu:.2f} s CPU "
+            f"= {cpu / ok * 1000:.3f} ms CPU per judgement ({ok / wall:.0f} judgements/s)"
+        )
+    print(f"server answered {served} requests (warm-up included)")
+    print("goal: <= 0.5 ms CPU per judgement (openai judge at zero latency)")
+    profiler = results["openai"][3]
+    if profiler is not None:
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+
+
+if __name__ == "__main__":
+    main()

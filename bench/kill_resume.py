@@ -1,0 +1,134 @@
+"""kill -9 of ``trig-stream run`` at 20 random moments, resumed each time; then compare.
+
+The run (synthetic generator, two models; the fake judge with some permanent errors and
+transient failures; everything deterministic) is killed with SIGKILL at a random time after
+each start, 20 times, then run to the end. Checked against an uninterrupted run of the same
+config: every (model, data_id, dimension, metric) appears exactly once in the journal, none
+is missing, every status and score is the same, and so is the DTM
+(``analyse_judgements(latest_judgements(...))``). Leftover temporary image files from killed
+writes are counted too.
+
+    .venv/bin/python bench/kill_resume.py [--prompts 1000] [--kills 20] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_parquet_prompts
+
+from trig_stream.analysis import analyse_judgements
+from trig_stream.config import load_config
+from trig_stream.engine import Engine
+from trig_stream.store import latest_judgements, read_journal
+
+CONFIG = """\
+[run]
+name = "{name}"
+output_dir = "runs"
+
+[dataset]
+path = "prompts.parquet"
+
+[[generators]]
+name = "a"
+backend = "synthetic"
+workers = 2
+batch_size = 4
+options = {{ size = 32 }}
+
+[[generators]]
+name = "b"
+backend = "synthetic"
+options = {{ size = 32 }}
+
+[[judges]]
+backend = "fake"
+concurrency = 8
+options = {{ latency_s = {latency}, error_rate = 0.03, retryable_rate = 0.1 }}
+
+[engine]
+backoff_initial = 0.001
+backoff_max = 0.002
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=1000)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--min-delay", type=float, default=1.0, help="earliest kill after a start")
+    parser.add_argument("--max-delay", type=float, default=4.0, help="latest kill after a start")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_parquet_prompts(folder / "prompts.parquet", args.prompts)
+        killed = folder / "killed.toml"
+        killed.write_text(CONFIG.format(name="killed", latency=0.05))
+        command = [sys.executable, "-m", "trig_stream", "run", str(killed), "--headless"]
+        command.append("--no-report")
+        journal = folder / "runs" / "killed" / "journal.jsonl"
+        kills = 0
+        for attempt in range(args.kills):
+            process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            delay = rng.uniform(args.min_delay, args.max_delay)
+            try:
+                process.wait(timeout=delay)
+                print(f"start {attempt + 1}: the run finished before its kill at {delay:.2f} s")
+                break
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+                kills += 1
+            lines = journal.read_bytes().count(b"\n") if journal.exists() else 0
+            print(f"kill {kills:2d} after {delay:.2f} s: journal {lines} lines")
+        final = subprocess.run(command, capture_output=True)
+        assert final.returncode == 0, final.stderr.decode()
+
+        reference = folder / "reference.toml"
+        reference.write_text(CONFIG.format(name="reference", latency=0.0))
+
+        async def uninterrupted() -> None:
+            async with Engine(load_config(reference)) as engine:
+                await engine.drain()
+
+        anyio.run(uninterrupted)
+        counts = Counter(j.key for j in read_journal(journal))
+        got = latest_judgements(journal)
+        expected = latest_judgements(folder / "runs" / "reference" / "journal.jsonl")
+        doubled = sum(1 for n in counts.values() if n > 1)
+        missing = len(expected.keys() - got.keys())
+        differ = sum(
+            1
+            for key in expected.keys() & got.keys()
+            if (got[key].status, got[key].score) != (expected[key].status, expected[key].score)
+        )
+        ours, theirs = analyse_judgements(got.values()), analyse_judgements(expected.values())
+        same_dtm = ours.keys() == theirs.keys() and all(ours[k].dtm == theirs[k].dtm for k in ours)
+        leftovers = list((folder / "runs" / "killed" / "images").rglob("*.tmp"))
+    print(f"{kills} kills; {len(expected)} keys expected")
+    print(f"judged twice: {doubled}; missing: {missing}; outcomes differing: {differ}")
+    print(f"DTM equal to the uninterrupted run's: {same_dtm}")
+    print(f"temporary image files left behind by killed writes: {len(leftovers)}")
+    ok = kills == args.kills and not (doubled or missing or differ) and same_dtm
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

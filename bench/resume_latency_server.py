@@ -1,0 +1,109 @@
+"""P6 against ``simulate-judge``: resume a 100k-judgement run, time to the first new request.
+
+Like ``resume_latency.py``, but the resumed run is the real command, ``trig-stream run
+--headless``, with the ``openai`` judge against ``simulate-judge`` in its own process, and
+the server's ``GET /stats`` is the witness:
+
+* the finished part (50,000 samples x 2 dimensions = 100,000 judgements) is written by an
+  engine run whose judge answers at once but carries the ``openai`` judge's fingerprint, so
+  the resumed run accepts the directory as its own (building it through HTTP would take
+  minutes and prove nothing more);
+* 1,000 new samples are appended at the end of the dataset (the reader passes every finished
+  sample first);
+* this script starts the command and polls ``/stats`` until the server has received a
+  request: the time from the command's start to then is the resume latency;
+* at the end ``/stats`` must show 0 repeated requests and exactly 2 x new requests received
+  (a request about an already judged key would add to it).
+
+    .venv/bin/python bench/resume_latency_server.py [--done 50000] [--new 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_parquet_prompts, write_toml
+from _server import judge_stats, openai_judge, start_judge, stop_judge, synthetic_generator
+
+BUILD = """
+import json, sys, anyio
+from pathlib import Path
+from trig_stream import Engine
+from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.config import parse_config
+from trig_stream.testing import FakeJudge
+
+config = parse_config(json.loads(sys.argv[1]), source=Path("bench.toml"))
+entry = config.judges[0]
+real = OpenAIJudge(entry.name, OpenAIJudgeOptions(**entry.options))
+
+class Instant(FakeJudge):
+    def fingerprint(self):
+        return real.fingerprint()
+
+async def main():
+    async with Engine(config, judges=[Instant(entry.name, concurrency=64)]) as engine:
+        await engine.drain()
+
+anyio.run(main)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--done", type=int, default=50_000, help="finished samples (x2)")
+    parser.add_argument("--new", type=int, default=1_000)
+    args = parser.parse_args()
+    process, url = start_judge("--latency", "0", "--capacity", "64")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            dataset = write_parquet_prompts(folder / "prompts.parquet", args.done + args.new)
+            config = {
+                "run": {"name": "bench", "output_dir": str(folder / "runs")},
+                "dataset": {"path": str(dataset)},
+                "generators": [synthetic_generator()],
+                "judges": [openai_judge(url, 64)],
+                "engine": {},
+            }
+            built = time.perf_counter()
+            first = dict(config, dataset={"path": str(dataset), "limit": args.done})
+            subprocess.run([sys.executable, "-c", BUILD, json.dumps(first)], check=True)
+            journal = folder / "runs" / "bench" / "journal.jsonl"
+            lines = sum(1 for _ in journal.open("rb"))
+            print(f"built a run dir with {lines} judgements in {time.perf_counter() - built:.0f} s")
+            toml = write_toml(folder / "bench.toml", {k: v for k, v in config.items() if v})
+            before = judge_stats(url)
+            command = [sys.executable, "-m", "trig_stream", "run", str(toml), "--headless"]
+            started = time.perf_counter()
+            child = subprocess.Popen(
+                [*command, "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            first_request_s = None
+            while child.poll() is None:
+                if judge_stats(url)["received"] > before["received"]:
+                    first_request_s = time.perf_counter() - started
+                    break
+                time.sleep(0.005)
+            _, err = child.communicate(timeout=600)
+            if child.returncode != 0:
+                raise SystemExit(f"the resumed run failed ({child.returncode}): {err.decode()}")
+            after = judge_stats(url)
+            total = sum(1 for _ in journal.open("rb"))
+    finally:
+        stop_judge(process)
+    received = after["received"] - before["received"]
+    print(f"first new request after {first_request_s:.2f} s from the command's start (goal <= 3 s)")
+    print(f"repeated requests (server /stats): {after['repeated']} (goal 0)")
+    print(f"requests received: {received} (expected {2 * args.new}); journal {total} lines")
+
+
+if __name__ == "__main__":
+    main()

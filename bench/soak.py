@@ -1,0 +1,102 @@
+"""Soak: a long run at concurrency 256 against the loopback judge; memory and descriptors.
+
+The engine runs in this process with the ``openai`` judge at concurrency 256 against
+``simulate-judge`` (256 slots, zero latency) in its own process, over ``--items`` judgements
+(half as many prompts, two dimensions each). Every ``--every`` judgements it prints the
+resident memory and the open file descriptors (``/proc/self/fd``) of this process; at the end
+it compares the last samples with those of the first quarter: both should be flat (goal:
+RSS growth within a few MiB, no descriptor growth).
+
+    .venv/bin/python bench/soak.py [--items 100000] [--every 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_parquet_prompts
+from _server import judge_stats, openai_judge, rss_mib, start_judge, stop_judge, synthetic_generator
+
+from trig_stream.config import parse_config
+from trig_stream.engine import Engine
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def soak(
+    folder: Path, url: str, items: int, every: int
+) -> list[tuple[int, float, float, int]]:
+    dataset = write_parquet_prompts(folder / "prompts.parquet", items // 2)
+    config = parse_config(
+        {
+            "run": {"name": "soak", "output_dir": str(folder / "runs")},
+            "dataset": {"path": str(dataset)},
+            "generators": [synthetic_generator(workers=2, batch_size=16, size=16)],
+            "judges": [openai_judge(url, 256)],
+            "engine": {"image_buffer": 256},
+        },
+        source=folder / "bench.toml",
+    )
+    samples = [(0, 0.0, rss_mib(), fds())]
+    started = time.perf_counter()
+    seen = 0
+    async with Engine(config) as engine:
+        async for judgement in engine.results:
+            seen += 1
+            if judgement.status != "ok":
+                raise SystemExit(f"not ok: {judgement.error}")
+            if seen % every == 0:
+                samples.append((seen, time.perf_counter() - started, rss_mib(), fds()))
+                print(
+                    f"{seen:>8} judgements {samples[-1][1]:7.1f} s  RSS {samples[-1][2]:7.1f} "
+                    f"MiB  fds {samples[-1][3]}",
+                    flush=True,
+                )
+    samples.append((seen, time.perf_counter() - started, rss_mib(), fds()))
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=100_000, help="judgements")
+    parser.add_argument("--every", type=int, default=10_000)
+    args = parser.parse_args()
+    process, url = start_judge("--latency", "0", "--capacity", "256")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            samples = anyio.run(soak, Path(tmp), url, args.items, args.every)
+        stats = judge_stats(url)
+    finally:
+        stop_judge(process)
+    seen, elapsed, rss, open_fds = samples[-1]
+    print(
+        f"after the run: RSS {rss:.1f} MiB, fds {open_fds} (before it: {samples[0][2]:.1f} MiB, "
+        f"{samples[0][3]} fds)"
+    )
+    running = samples[1:-1]
+    if len(running) >= 4:
+        early = running[len(running) // 4]
+        late = running[-1]
+        print(
+            f"from {early[0]} to {late[0]} judgements: RSS {early[2]:.1f} -> {late[2]:.1f} MiB "
+            f"({late[2] - early[2]:+.1f}), fds {early[3]} -> {late[3]} ({late[3] - early[3]:+d})"
+        )
+    print(
+        f"{seen} judgements in {elapsed:.0f} s ({seen / elapsed:.0f}/s); server: "
+        f"{stats['served']} served, {stats['repeated']} repeated, max running "
+        f"{stats['max_running']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Broken inputs: configs, dataset records, source images and hostile names.
+
+* A broken config gives one clear message and the documented exit code, through the same
+  ``main`` the console script runs, without a traceback.
+* A broken dataset record or source image is set aside with its reason and the run goes on.
+* No data_id, img_id or model name makes the run write outside its run directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import polars as pl
+import pytest
+from PIL import Image
+
+from tests.conftest import write_prompts
+from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.generators.source_images import source_image
+from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, main
+from trig_stream.config import RunConfig, parse_config
+from trig_stream.engine import Engine
+from trig_stream.records import Judgement
+from trig_stream.store import JOURNAL, QUARANTINE, read_journal
+from trig_stream.testing import SyntheticGenerator
+from trig_stream.testing.synthetic import SyntheticOptions
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+CONFIG = """\
+[run]
+name = "broken"
+output_dir = "runs"
+
+[dataset]
+path = "prompts.json"
+
+[[generators]]
+name = "synth"
+backend = "synthetic"
+options = { size = 16 }
+
+[[judges]]
+backend = "fake"
+concurrency = 4
+
+[engine]
+sample_buffer = 2
+"""
+
+Edit = Callable[[str], str]
+
+
+def replace(old: str, new: str) -> Edit:
+    def edit(text: str) -> str:
+        assert old in text, old
+        return text.replace(old, new, 1)
+
+    return edit
+
+
+def append(extra: str) -> Edit:
+    return lambda text: text + extra
+
+
+# (case, edit of the good config, exit code, fragment of the one message)
+BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
+    ("unknown key", append("turbo = true\n"), EXIT_CONFIG, "engine.turbo: unknown key"),
+    (
+        "wrong type",
+        replace("concurrency = 4", 'concurrency = "many"'),
+        EXIT_CONFIG,
+        "judges[0].concurrency",
+    ),
+    ("out of range", replace("sample_buffer = 2", "sample_buffer = 0"), EXIT_CONFIG, "sample_buf"),
+    ("run name missing", replace('name = "broken"\n', ""), EXIT_CONFIG, "run.name"),
+    ("run name escapes", replace('"broken"', '"../../escape"'), EXIT_CONFIG, "run.name"),
+    ("model name escapes", replace('"synth"', '"../synth"'), EXIT_CONFIG, "generators[0].name"),
+    ("model name is a path", replace('"synth"', '"/tmp/synth"'), EXIT_CONFIG, "generators[0].name"),
+    (
+        "judge name escapes",
+        replace('backend = "fake"', 'name = "../j"\nbackend = "fake"'),
+        EXIT_CONFIG,
+        "judges[0].name",
+    ),
+    ("unknown backend", replace('"fake"', '"nope"'), EXIT_CONFIG, "unknown backend 'nope'"),
+    ("bad backend option", replace("size = 16", "size = -1"), EXIT_CONFIG, "options.size"),
+    ("unknown backend option", replace("size = 16", "turbo = 1"), EXIT_CONFIG, "options.turbo"),
+    ("not TOML", replace("[engine]", "[engine"), EXIT_CONFIG, "not valid TOML"),
+    ("unknown task", replace("[run]", '[run]\ntask = "x2y"'), EXIT_CONFIG, "unknown task 'x2y'"),
+    (
+        "unknown pair filter",
+        replace("[dataset]", '[dataset]\npairs = ["IQ-R_XX-Y"]'),
+        EXIT_CONFIG,
+        "dataset.pairs",
+    ),
+    (
+        "unknown correlation",
+        append('\n[relation]\ncorrelation = "kendall"\n'),
+        EXIT_CONFIG,
+        "relation.correlation",
+    ),
+    (
+        "duplicate judge",
+        append('\n[[judges]]\nbackend = "fake"\n'),
+        EXIT_CONFIG,
+        "'trigscore' is used twice",
+    ),
+    (
+        "openai judge without endpoint",
+        replace('backend = "fake"', 'backend = "openai"\noptions = { model = "m" }'),
+        EXIT_CONFIG,
+        "set exactly one of base_url",
+    ),
+    (
+        "no generators",
+        replace(
+            '[[generators]]\nname = "synth"\nbackend = "synthetic"\noptions = { size = 16 }\n', ""
+        ),
+        EXIT_CONFIG,
+        "generators",
+    ),
+    ("dataset missing", replace("prompts.json", "absent.json"), EXIT_FATAL, "does not exist"),
+    ("dataset not JSON", replace("prompts.json", "garbage.json"), EXIT_FATAL, "cannot read"),
+    ("dataset not a list", replace("prompts.json", "number.json"), EXIT_FATAL, "JSON list"),
+    (
+        "dataset not parquet",
+        replace('path = "prompts.json"', 'path = "garbage.json"\nformat = "parquet"'),
+        EXIT_FATAL,
+        "cannot read parquet",
+    ),
+    (
+        "judge key variable unset",
+        replace(
+            'backend = "fake"',
+            'backend = "openai"\noptions = { model = "m", base_url = "http://127.0.0.1:9/v1",'
+            ' api_key_env = "TRIG_RELIABILITY_UNSET_KEY" }',
+        ),
+        EXIT_FATAL,
+        "TRIG_RELIABILITY_UNSET_KEY (api_key_env) is not set",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "code", "fragment"),
+    [pytest.param(e, c, f, id=name) for name, e, c, f in BROKEN_CONFIGS],
+)
+def test_broken_config_gives_one_clear_message_and_its_exit_code(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    edit: Edit,
+    code: int,
+    fragment: str,
+) -> None:
+    monkeypatch.delenv("TRIG_RELIABILITY_UNSET_KEY", raising=False)
+    write_prompts(tmp_path / "prompts.json", 4)
+    (tmp_path / "garbage.json").write_text("garbage{")
+    (tmp_path / "number.json").write_text("42")
+    path = tmp_path / "run.toml"
+    path.write_text(edit(CONFIG))
+    assert main(["run", str(path), "--headless", "--no-report"]) == code
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1, err
+    assert fragment in err, err
+    assert "Traceback" not in err
+    if code == EXIT_CONFIG:  # refused before any work: nothing written
+        assert not (tmp_path / "runs").exists()
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(tmp_path / "absent.toml"), "--headless"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "cannot read config" in err, err
+
+
+def quarantined(config: RunConfig) -> dict[str | None, str]:
+    lines = (config.run_dir / QUARANTINE).read_text().splitlines()
+    return {record["data_id"]: record["reason"] for record in map(json.loads, lines)}
+
+
+def run_engine(config: RunConfig, **kwargs: Any) -> list[Judgement]:
+    async def go() -> None:
+        async with Engine(config, **kwargs) as engine:
+            await engine.drain()
+
+    anyio.run(go)
+    return list(read_journal(config.run_dir / JOURNAL))
+
+
+def make_config(tmp_path: Path, dataset: dict[str, Any], task: str = "t2i") -> RunConfig:
+    return parse_config(
+        {
+            "run": {"name": "inputs", "output_dir": str(tmp_path / "runs"), "task": task},
+            "dataset": dataset,
+            "generators": [{"name": "synth", "backend": "synthetic", "options": {"size": 16}}],
+            "judges": [{"name": "trigscore", "backend": "fake"}],
+        },
+        source=tmp_path / "config.toml",
+    )
+
+
+GOOD = {"data_id": "IQ-R_TA-C_1", "prompt": "fine", "dimension": ["IQ-R", "TA-C"]}
+
+
+def test_broken_records_are_quarantined_with_reasons_and_the_run_goes_on(tmp_path: Path) -> None:
+    broken: list[tuple[Any, str]] = [
+        ({"prompt": "no id", "dimension": ["IQ-R", "TA-C"]}, "missing data_id"),
+        ({"data_id": 7, "prompt": "numeric id", "dimension": ["IQ-R", "TA-C"]}, "missing data_id"),
+        ({"data_id": "IQ-R_TA-C_2", "prompt": "   ", "dimension": ["IQ-R", "TA-C"]}, "prompt"),
+        ({"data_id": "IQ-R_TA-C_3", "prompt": 5, "dimension": ["IQ-R", "TA-C"]}, "prompt"),
+        ({"data_id": "IQ-R_TA-C_4", "prompt": "x", "dimension": ["IQ-R"]}, "two dimension"),
+        ({"data_id": "IQ-R_TA-C_5", "prompt": "x", "dimension": ["IQ-R", 3]}, "two dimension"),
+        ({"data_id": "IQ-R_TA-C_6", "prompt": "x", "dimension": ["IQ-R", "XX-Y"]}, "XX-Y"),
+        ({"data_id": "no-pair-here", "prompt": "x"}, "no-pair-here"),
+        ({"data_id": "IQ-R_TA-C_7", "prompt": "x", "img_id": 12}, "img_id"),
+        ({"data_id": "IQ-R_TA-C_1", "prompt": "again", "dimension": ["IQ-R", "TA-C"]}, "duplicate"),
+        ("not an object", "missing data_id"),
+    ]
+    records = [GOOD, *(record for record, _ in broken)]
+    (tmp_path / "prompts.json").write_text(json.dumps(records))
+    config = make_config(tmp_path, {"path": str(tmp_path / "prompts.json")})
+    judgements = run_engine(config)
+    assert {(j.data_id, j.status) for j in judgements} == {("IQ-R_TA-C_1", "ok")}
+    lines = (config.run_dir / QUARANTINE).read_text().splitlines()
+    reasons = {record["index"]: record["reason"] for record in map(json.loads, lines)}
+    assert sorted(reasons) == list(range(1, len(records)))
+    for index, (_, expected) in enumerate(broken, start=1):
+        assert expected in reasons[index], (index, reasons[index])
+
+
+def png_bytes(size: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def p2p_dataset(tmp_path: Path) -> dict[str, Any]:
+    """A p2p JSON dataset: one good source image and one of each kind of broken one."""
+    root = tmp_path / "sources"
+    root.mkdir()
+    (root / "good.png").write_bytes(png_bytes())
+    (root / "truncated.png").write_bytes(png_bytes(64)[:60])
+    (root / "text.png").write_text("this is not an image")
+    (tmp_path / "outside.png").write_bytes(png_bytes())
+    ids = {
+        "good.png": "IQ-R_TA-C_1",
+        "missing.png": "IQ-R_TA-C_2",
+        "truncated.png": "IQ-R_TA-C_3",
+        "text.png": "IQ-R_TA-C_4",
+        "../outside.png": "IQ-R_TA-C_5",
+        str(tmp_path / "outside.png"): "IQ-R_TA-C_6",
+    }
+    records = [
+        {"data_id": data_id, "prompt": "make it blue", "dimension": ["IQ-R", "TA-C"], "img_id": img}
+        for img, data_id in ids.items()
+    ]
+    (tmp_path / "p2p.json").write_text(json.dumps(records))
+    return {"path": str(tmp_path / "p2p.json"), "image_root": str(root)}
+
+
+class SourceReadingGenerator(SyntheticGenerator):
+    """The synthetic generator, made to decode each sample's source image as an editing
+    pipeline does (and to fail the sample as it would when that image is broken)."""
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[PILImage | Exception]:
+        out: list[PILImage | Exception] = []
+        for request in requests:
+            try:
+                source_image(request.sample)
+            except Exception as exc:
+                out.append(exc)
+                continue
+            out.extend(super().generate([request], worker=worker, cancel=cancel))
+        return out
+
+
+def test_broken_p2p_source_images_never_stop_the_run(tmp_path: Path) -> None:
+    config = make_config(tmp_path, p2p_dataset(tmp_path), task="p2p")
+    generator = SourceReadingGenerator("synth", SyntheticOptions(size=16))
+    judgements = run_engine(config, generators=[generator])
+    reasons = quarantined(config)
+    assert "not found" in reasons["IQ-R_TA-C_2"]
+    assert "plain file name" in reasons["IQ-R_TA-C_5"]
+    assert "plain file name" in reasons["IQ-R_TA-C_6"]
+    by_id = {(j.data_id, j.dimension): j for j in judgements}
+    assert {d for d, _ in by_id} <= {"IQ-R_TA-C_1", "IQ-R_TA-C_3", "IQ-R_TA-C_4"}
+    assert by_id["IQ-R_TA-C_1", "IQ-R"].status == "ok"
+    # Whether quarantined up front or failed at generation, a broken image never gets a score.
+    for data_id in ("IQ-R_TA-C_3", "IQ-R_TA-C_4"):
+        if data_id in reasons:
+            continue
+        for dimension in ("IQ-R", "TA-C"):
+            judgement = by_id[data_id, dimension]
+            assert judgement.status == "error" and judgement.score is None
+            assert judgement.error_stage == "generate"
+            assert "cannot read image" in (judgement.error or ""), judgement.error
+
+
+@pytest.mark.parametrize("data_id", ["IQ-R_TA-C_3", "IQ-R_TA-C_4"])
+def test_undecodable_p2p_source_images_are_quarantined(tmp_path: Path, data_id: str) -> None:
+    config = make_config(tmp_path, p2p_dataset(tmp_path), task="p2p")
+    run_engine(config)
+    assert data_id in quarantined(config)
+
+
+HOSTILE_IDS = ["../../x", "..", "a/../../b", "sub/x", "x\\..\\y", ".hidden", "-rf", "x" * 300]
+
+
+def tree(root: Path) -> set[Path]:
+    return {path for path in root.rglob("*")}
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet"])
+def test_no_data_id_or_img_id_writes_outside_the_run_dir(tmp_path: Path, fmt: str) -> None:
+    target = tmp_path / "abs-target"
+    hostile = [*HOSTILE_IDS, str(target / "x"), f"{tmp_path}/../escaped"]
+    ids = ["IQ-R_TA-C_1", *hostile]
+    if fmt == "json":
+        records = [
+            {"data_id": data_id, "prompt": "p", "dimension": ["IQ-R", "TA-C"]} for data_id in ids
+        ]
+        dataset = tmp_path / "prompts.json"
+        dataset.write_text(json.dumps(records))
+    else:
+        dataset = tmp_path / "prompts.parquet"
+        pl.DataFrame(
+            {
+                "data_id": ids,
+                "prompt": ["p"] * len(ids),
+                "dimensions": [["IQ-R", "TA-C"]] * len(ids),
+            }
+        ).write_parquet(dataset)
+    config = make_config(tmp_path, {"path": str(dataset)})
+    before = tree(tmp_path.parent)
+    judgements = run_engine(config)
+    assert {j.data_id for j in judgements} == {"IQ-R_TA-C_1"}
+    assert set(quarantined(config)) == set(hostile)
+    created = tree(tmp_path.parent) - before
+    outside = {p for p in created if not p.is_relative_to(config.run_dir)}
+    assert outside <= {config.run.output_dir}, outside
+    assert not target.exists()
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+def test_a_good_run_of_these_inputs_still_exits_ok(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The control for the catalogue above: the unedited config runs to the end."""
+    write_prompts(tmp_path / "prompts.json", 4)
+    path = tmp_path / "run.toml"
+    path.write_text(CONFIG)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    assert "error:" not in capsys.readouterr().err
