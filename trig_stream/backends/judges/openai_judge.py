@@ -288,8 +288,6 @@ class OpenAIJudge(Judge):
         ]
 
     async def judge(self, request: JudgeRequest) -> JudgeReply:
-        from openai.types.chat import ChatCompletion
-
         if not self._endpoints:
             raise RuntimeError("the judge is not open: call open() first")
         payload = request.image.payload
@@ -298,11 +296,12 @@ class OpenAIJudge(Judge):
         endpoint = min(self._endpoints, key=lambda e: e.in_flight)
         endpoint.in_flight += 1
         try:
-            # The SDK's generic POST, not ``chat.completions.create``: the body is plain JSON
-            # built here, and the typed method walks every message part again to transform
-            # it, which costs more CPU per request than everything else on this side.
+            # The SDK's generic POST, not ``chat.completions.create``, and the answer as plain
+            # JSON (``cast_to=object``), not a typed ChatCompletion: the typed paths walk every
+            # message part and all top logprobs of every answer, which cost more CPU per
+            # request than everything else on this side. Errors are the SDK's as ever.
             completion = await endpoint.client.post(
-                "/chat/completions", cast_to=ChatCompletion, body=self._body(request, payload)
+                "/chat/completions", cast_to=object, body=self._body(request, payload)
             )
         except Exception as exc:
             failure = self.server.failure() if self.server is not None else None
@@ -335,24 +334,27 @@ class OpenAIJudge(Judge):
 
 
 def reply_of(completion: Any, endpoint: str) -> JudgeReply:
-    """The reply in a chat completion: the first token's top logprobs and the text.
+    """The reply in a chat completion (decoded JSON): the first token's top logprobs and text.
 
     Raises:
-        RetryableError: the completion has no choice (a malformed answer).
+        RetryableError: the completion is not shaped like one (a malformed answer).
     """
-    choices = getattr(completion, "choices", None)
-    if not choices:
-        raise RetryableError(f"judge at {endpoint}: malformed answer (no choices)")
-    choice = choices[0]
-    text = (choice.message.content if choice.message is not None else None) or ""
-    content = choice.logprobs.content if choice.logprobs is not None else None
-    if not content:
-        return JudgeReply(top_logprobs=None, text=text)
-    first = content[0]
-    top = [(entry.token, float(entry.logprob)) for entry in first.top_logprobs or ()]
-    if not top:  # top_logprobs = 0 asks for the chosen token only
-        top = [(first.token, float(first.logprob))]
-    return JudgeReply(top_logprobs=top, text=text)
+    try:
+        choice = completion["choices"][0]
+        message = choice.get("message") or {}
+        text = message.get("content") or ""
+        content = (choice.get("logprobs") or {}).get("content")
+        if not content:
+            return JudgeReply(top_logprobs=None, text=str(text))
+        first = content[0]
+        top = [(str(e["token"]), float(e["logprob"])) for e in first.get("top_logprobs") or ()]
+        if not top:  # top_logprobs = 0 asks for the chosen token only
+            top = [(str(first["token"]), float(first["logprob"]))]
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise RetryableError(
+            f"judge at {endpoint}: malformed answer ({type(exc).__name__}: {exc})"
+        ) from None
+    return JudgeReply(top_logprobs=top, text=str(text))
 
 
 def encode_image(path: Path, max_pixels: int | None = None) -> str:
