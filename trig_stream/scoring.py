@@ -46,7 +46,7 @@ _TRIG_TOKENS: Final[dict[str, float]] = {
     "Terr": 0.0,
 }
 
-# Checked in order; "terrible" before anything else would not matter since prefixes are disjoint.
+# A normalised token belongs to the rating of the first prefix it starts with.
 _ROBUST_PREFIXES: Final[tuple[tuple[str, str], ...]] = (
     ("excellent", "excellent"),
     ("ex", "excellent"),

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from trig_stream.dimensions import Dimension
 from trig_stream.records import JudgeFingerprint, PromptRewrite, Sample, TopLogprobs
@@ -22,6 +22,8 @@ from trig_stream.scoring import Scorer
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from trig_stream.config import JudgeConfig, RunConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +158,23 @@ class Judge(ABC):
     scorer: Scorer = "robust"
     confidence: bool = False
     dimensions: frozenset[Dimension] | None = None
+
+    @classmethod
+    def from_config(cls, entry: JudgeConfig, options: Any, config: RunConfig) -> Self:
+        """Build the judge a ``[[judges]]`` entry describes (nothing is connected yet).
+
+        This default suits judges constructed as ``cls(name, options, *, concurrency,
+        scorer, confidence)``; others override it.
+        """
+        build: Any = cls
+        judge: Self = build(
+            entry.name,
+            options,
+            concurrency=entry.concurrency,
+            scorer=entry.scorer,
+            confidence=entry.confidence,
+        )
+        return judge
 
     @abstractmethod
     def fingerprint(self) -> JudgeFingerprint:

@@ -19,7 +19,7 @@ from trig_stream.records import JudgeFingerprint
 from trig_stream.scoring import Scorer
 
 if TYPE_CHECKING:
-    from trig_stream.config import JudgeConfig, RunConfig
+    pass
 
 _WORDS = ("excellent", "good", "medium", "bad", "terrible")
 
@@ -65,18 +65,6 @@ class FakeJudge(Judge):
         self.scorer = scorer
         self.confidence = confidence
         self.requests = 0
-
-    @classmethod
-    def from_config(
-        cls, entry: JudgeConfig, options: FakeJudgeOptions, config: RunConfig
-    ) -> FakeJudge:
-        return cls(
-            entry.name,
-            options,
-            concurrency=entry.concurrency,
-            scorer=entry.scorer,
-            confidence=entry.confidence,
-        )
 
     def fingerprint(self) -> JudgeFingerprint:
         return JudgeFingerprint(

@@ -44,7 +44,6 @@ from trig_stream.scoring import Scorer
 if TYPE_CHECKING:
     import openai
 
-    from trig_stream.config import JudgeConfig, RunConfig
 
 NO_KEY = "EMPTY"
 """Sent as the key when none is configured: local vLLM servers accept any."""
@@ -156,19 +155,6 @@ class OpenAIJudge(Judge):
             f"the environment variable {options.api_key_env}"
             if options.api_key_env
             else "api_key_env (no key is configured)"
-        )
-
-    @classmethod
-    def from_config(
-        cls, entry: JudgeConfig, options: OpenAIJudgeOptions, config: RunConfig
-    ) -> OpenAIJudge:
-        """Build the judge a ``[[judges]]`` entry describes."""
-        return cls(
-            entry.name,
-            options,
-            concurrency=entry.concurrency,
-            scorer=entry.scorer,
-            confidence=entry.confidence,
         )
 
     def __repr__(self) -> str:

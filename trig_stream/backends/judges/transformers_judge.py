@@ -44,7 +44,6 @@ from trig_stream.scoring import Scorer
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from trig_stream.config import JudgeConfig, RunConfig
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -114,19 +113,6 @@ class TransformersJudge(Judge):
         self._token_texts: dict[int, str] = {}
         self._system_role = True
         self._batcher: MicroBatcher[_Query, JudgeReply] | None = None
-
-    @classmethod
-    def from_config(
-        cls, entry: JudgeConfig, options: TransformersJudgeOptions, config: RunConfig
-    ) -> TransformersJudge:
-        """Build the judge a ``[[judges]]`` entry describes (nothing is loaded yet)."""
-        return cls(
-            entry.name,
-            options,
-            concurrency=entry.concurrency,
-            scorer=entry.scorer,
-            confidence=entry.confidence,
-        )
 
     def __repr__(self) -> str:
         return f"TransformersJudge(name={self.name!r}, model_path={str(self.options.model_path)!r})"
