@@ -154,3 +154,14 @@ async def test_live_analysis_includes_earlier_runs(make_config: ConfigFactory) -
     batch = analyse_judgements(latest_judgements(config.run_dir / JOURNAL).values())
     assert live == batch[("synth", "trigscore")]
     assert sum(p.n for p in live.pairs) == 40
+
+
+async def test_partial_image_files_left_by_a_crash_are_removed(make_config: ConfigFactory) -> None:
+    config = make_config(samples=2)
+    await run_to_end(config)
+    partial = config.run_dir / "images" / ".partial"
+    assert partial.is_dir() and not any(partial.iterdir())  # each write renamed its file
+    leftover = partial / ".IQ-R_TA-C_1.png.123.456.tmp"
+    leftover.write_bytes(b"half a png")
+    await run_to_end(config)
+    assert not leftover.exists()

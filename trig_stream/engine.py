@@ -154,6 +154,9 @@ class Engine:
         self._journal_state = JournalState()
         self.relations = RelationTracker(config.relation)
         self._history_loaded = anyio.Event()
+        # Set once the first sample is queued (or the source ended): side jobs wait for it,
+        # so a resume reaches its first new request before they compete for the CPU.
+        self._work_started = anyio.Event()
         """The live relation analysis (pair statistics, DTM) of every judgement in the run,
         earlier runs included; it updates as judgements become durable."""
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
@@ -428,7 +431,9 @@ class Engine:
                             break
                         await sends[work.model].send(work)
                         self._counters.model(work.model).queued += 1
+                        self._work_started.set()
             finally:
+                self._work_started.set()
                 for send in sends.values():
                     send.close()
 
@@ -521,6 +526,7 @@ class Engine:
 
     async def _count_samples(self) -> None:
         # For progress and ETA only; a dataset that cannot be read fails the source itself.
+        await self._work_started.wait()
         source = DatasetSource(self.config.dataset, self.config.run.task)
         with suppress(TrigStreamError):
             self._counters.samples_total = await anyio.to_thread.run_sync(source.count)
@@ -533,6 +539,7 @@ class Engine:
         state = self._journal_state
         lines = iter(read_journal(self._run_dir.journal.path, limit=state.lines))
         try:
+            await self._work_started.wait()
             while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
                 for judgement in chunk:
                     if state.is_done(judgement.key, retry_errors=self._retry_errors):

@@ -29,7 +29,6 @@ from trig_stream.pipeline import (
     failed_judgement,
 )
 from trig_stream.records import GeneratedImage, Judgement
-from trig_stream.store import write_atomic
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -190,7 +189,7 @@ class GenerationStage:
             path = self._context.run_dir.image_path(task, work.model, work.sample.data_id)
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
-            write_atomic(path, buffer.getvalue())
+            self._context.run_dir.write_image(path, buffer.getvalue())
             outcomes.append(
                 GeneratedImage(
                     model=work.model,

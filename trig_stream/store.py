@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ JOURNAL = "journal.jsonl"
 QUARANTINE = "quarantine.jsonl"
 LOCK = "run.lock"
 IMAGES = "images"
+PARTIAL = ".partial"
+"""Under ``images/``: temporary files of images being written."""
 
 
 class Manifest(BaseModel):
@@ -233,6 +236,12 @@ class RunDir:
             raise
         return run, state
 
+    def write_image(self, path: Path, data: bytes) -> None:
+        """Write an image atomically; its temporary file lives in ``images/.partial``."""
+        partial = self.path / IMAGES / PARTIAL
+        partial.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data, temp_dir=partial)
+
     def image_path(self, task: str, model: str, data_id: str) -> Path:
         """Where the image of ``data_id`` by ``model`` lives (names are checked safe upstream)."""
         return self.path / IMAGES / task / model / f"{data_id}.png"
@@ -277,9 +286,12 @@ class RunDir:
 
     def _remove_partial_images(self) -> None:
         # A crash between writing an image's temporary file and renaming it leaves the
-        # temporary file behind; with the lock held, no writer of ours is using one.
-        for partial in (self.path / IMAGES).glob("**/.*.tmp"):
-            partial.unlink(missing_ok=True)
+        # temporary file behind; with the lock held, no writer of ours is using one. They
+        # all live in one folder, so this never walks the (large) image folders.
+        partial = self.path / IMAGES / PARTIAL
+        if partial.is_dir():
+            for leftover in partial.iterdir():
+                leftover.unlink(missing_ok=True)
 
     def _check_manifest(self, manifest: Manifest) -> None:
         path = self.path / MANIFEST
@@ -312,10 +324,18 @@ def read_manifest(run_dir: Path) -> Manifest:
         raise RunDirError(f"cannot read {path}: {exc}") from None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either nothing or all of it, even after a crash."""
+def write_atomic(path: Path, data: bytes, *, temp_dir: Path | None = None) -> None:
+    """Write a file so that readers see either nothing or all of it, even after a crash.
+
+    Args:
+        path: the file to write.
+        data: its whole content.
+        temp_dir: where the temporary file goes before its rename (same file system);
+            beside ``path`` by default.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    folder = temp_dir or path.parent
+    temp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     with temp.open("wb") as handle:
         handle.write(data)
         handle.flush()
