@@ -113,12 +113,3 @@ def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path: Path, presses: int)
     assert subprocess.run(command, capture_output=True, timeout=120).returncode == EXIT_OK
     keys = journal_keys(tmp_path)
     assert len(keys) == 80 and set(keys.values()) == {1}
-
-
-def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trig_stream.cli import limit_malloc_arenas
-
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert limit_malloc_arenas() is True  # glibc, as on every machine this project runs on
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
-    assert limit_malloc_arenas() is False

@@ -13,7 +13,6 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import os
 import signal
@@ -151,7 +150,6 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     # says what matters. Set these variables to see them again.
     for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)
-    limit_malloc_arenas()
     return anyio.run(_run, config, args, console, backend=args.backend)
 
 
@@ -212,28 +210,6 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     if not args.no_report:
         await anyio.to_thread.run_sync(_final_report, summary.run_dir, console)
     return EXIT_OK
-
-
-M_ARENA_MAX = -8
-"""glibc's ``mallopt`` parameter for the number of malloc arenas."""
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (unless ``MALLOC_ARENA_MAX`` is set); True when applied.
-
-    glibc gives each allocating thread an arena of its own, up to eight per core, and memory
-    freed in one is rarely handed back. Over a long run the generator, writer, journal and
-    reader threads fragment their arenas, and that, not the run's data, made peak memory
-    grow with the dataset (``bench/engine_memory.py``: 1.5x at 100k against 10k prompts
-    without the cap, 1.08-1.19x with it). Off glibc this does nothing.
-    """
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
 
 
 def _dashboard(args: argparse.Namespace, console: Console) -> Any:
