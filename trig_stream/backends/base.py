@@ -159,6 +159,21 @@ class Judge(ABC):
     confidence: bool = False
     dimensions: frozenset[Dimension] | None = None
 
+    def __init__(
+        self,
+        name: str,
+        options: Any,
+        *,
+        concurrency: int = 16,
+        scorer: Scorer = "robust",
+        confidence: bool = False,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.concurrency = concurrency
+        self.scorer = scorer
+        self.confidence = confidence
+
     @classmethod
     def from_config(cls, entry: JudgeConfig, options: Any, config: RunConfig) -> Self:
         """Build the judge a ``[[judges]]`` entry describes (nothing is connected yet).

@@ -49,6 +49,7 @@ class FakeJudge(Judge):
     """Deterministic answers with injectable failures; no server, no model."""
 
     Options = FakeJudgeOptions
+    options: FakeJudgeOptions
 
     def __init__(
         self,
@@ -59,11 +60,13 @@ class FakeJudge(Judge):
         scorer: Scorer = "robust",
         confidence: bool = False,
     ) -> None:
-        self.name = name
-        self.options = options or FakeJudgeOptions()
-        self.concurrency = concurrency
-        self.scorer = scorer
-        self.confidence = confidence
+        super().__init__(
+            name,
+            options or FakeJudgeOptions(),
+            concurrency=concurrency,
+            scorer=scorer,
+            confidence=confidence,
+        )
         self.requests = 0
 
     def fingerprint(self) -> JudgeFingerprint:

@@ -100,11 +100,10 @@ class MetricJudge(Judge):
     """
 
     Options = MetricJudgeOptions
+    options: MetricJudgeOptions
 
     def __init__(self, name: str, options: MetricJudgeOptions, *, concurrency: int = 16) -> None:
-        self.name = name
-        self.options = options
-        self.concurrency = concurrency
+        super().__init__(name, options, concurrency=concurrency)
         self.metric = options.build_metric()
         self.dimensions: frozenset[Dimension] = type(self.metric).dimensions
         self._batcher: MicroBatcher[MetricInput, Value] | None = None

@@ -129,6 +129,7 @@ class OpenAIJudge(Judge):
     """
 
     Options = OpenAIJudgeOptions
+    options: OpenAIJudgeOptions
 
     def __init__(
         self,
@@ -139,11 +140,9 @@ class OpenAIJudge(Judge):
         scorer: Scorer = "robust",
         confidence: bool = False,
     ) -> None:
-        self.name = name
-        self.options = options
-        self.concurrency = concurrency
-        self.scorer = scorer
-        self.confidence = confidence
+        super().__init__(
+            name, options, concurrency=concurrency, scorer=scorer, confidence=confidence
+        )
         self.template = (
             JudgeTemplate.load(options.template) if options.template else JudgeTemplate.builtin()
         )

@@ -89,6 +89,7 @@ class TransformersJudge(Judge):
     """
 
     Options = TransformersJudgeOptions
+    options: TransformersJudgeOptions
 
     def __init__(
         self,
@@ -99,11 +100,9 @@ class TransformersJudge(Judge):
         scorer: Scorer = "robust",
         confidence: bool = False,
     ) -> None:
-        self.name = name
-        self.options = options
-        self.concurrency = concurrency
-        self.scorer = scorer
-        self.confidence = confidence
+        super().__init__(
+            name, options, concurrency=concurrency, scorer=scorer, confidence=confidence
+        )
         self.template = (
             JudgeTemplate.load(options.template) if options.template else JudgeTemplate.builtin()
         )
