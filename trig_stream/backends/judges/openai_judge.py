@@ -143,9 +143,7 @@ class OpenAIJudge(Judge):
         super().__init__(
             name, options, concurrency=concurrency, scorer=scorer, confidence=confidence
         )
-        self.template = (
-            JudgeTemplate.load(options.template) if options.template else JudgeTemplate.builtin()
-        )
+        self.template = JudgeTemplate.chosen(options.template)
         self._endpoints: list[_Endpoint] = []
         self._secret: Secret | None = None
         self.server: ManagedServer | None = None

@@ -134,6 +134,11 @@ class JudgeTemplate(BaseModel):
     criteria: dict[Dimension, str]
 
     @classmethod
+    def chosen(cls, path: Path | None) -> JudgeTemplate:
+        """The template a judge's ``template`` option names, or the built-in one."""
+        return cls.load(path) if path else cls.builtin()
+
+    @classmethod
     def builtin(cls) -> JudgeTemplate:
         """trig-stream's own texts."""
         return cls(

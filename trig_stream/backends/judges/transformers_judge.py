@@ -103,9 +103,7 @@ class TransformersJudge(Judge):
         super().__init__(
             name, options, concurrency=concurrency, scorer=scorer, confidence=confidence
         )
-        self.template = (
-            JudgeTemplate.load(options.template) if options.template else JudgeTemplate.builtin()
-        )
+        self.template = JudgeTemplate.chosen(options.template)
         self._model: Any = None
         self._processor: Any = None
         self._torch: Any = None
