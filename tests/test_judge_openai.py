@@ -23,6 +23,7 @@ from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.http_errors import parse_retry_after
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE
+from trig_stream.backends.judges.transports import Client
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import (
     FatalBackendError,
@@ -40,6 +41,13 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(params=["aiohttp", "sdk"])
+def client(request: pytest.FixtureRequest) -> Client:
+    """Both transports: every request and failure must come out the same through each."""
+    name: Client = request.param
+    return name
 
 
 @pytest.fixture
@@ -86,9 +94,9 @@ async def ask(
 
 
 @pytest.mark.parametrize("task", ["t2i", "p2p", "s2p"])
-async def test_request_shape_per_task(task: Task, image: Path) -> None:
+async def test_request_shape_per_task(task: Task, image: Path, client: Client) -> None:
     options = JudgeServerOptions(record_requests=True)
-    async with JudgeServer(options) as server, judge_at(server) as judge:
+    async with JudgeServer(options) as server, judge_at(server, client=client) as judge:
         item = "corgi" if task == "s2p" else None
         for dimension in ("IQ-R", "TA-C"):
             reply = await ask(judge, image, task, dimension, item)
@@ -119,12 +127,18 @@ async def test_request_shape_per_task(task: Task, image: Path) -> None:
     assert server.stats().repeated == 0
 
 
-async def test_file_mode_seed_and_limits(image: Path) -> None:
+async def test_file_mode_seed_and_limits(image: Path, client: Client) -> None:
     options = JudgeServerOptions(record_requests=True)
     async with (
         JudgeServer(options) as server,
         judge_at(
-            server, image_mode="file", seed=7, top_logprobs=5, max_tokens=3, temperature=0.0
+            server,
+            client=client,
+            image_mode="file",
+            seed=7,
+            top_logprobs=5,
+            max_tokens=3,
+            temperature=0.0,
         ) as judge,
     ):
         reply = await ask(judge, image)
@@ -197,11 +211,11 @@ FAULTS = [
 
 @pytest.mark.parametrize(("fault", "expected", "message"), FAULTS)
 async def test_each_fault_raises_its_class(
-    fault: str, expected: type[Exception], message: str, image: Path
+    fault: str, expected: type[Exception], message: str, image: Path, client: Client
 ) -> None:
     async with (
         JudgeServer(JudgeServerOptions(**{fault: 1.0})) as server,
-        judge_at(server, timeout_s=0.3) as judge,
+        judge_at(server, client=client, timeout_s=0.3) as judge,
     ):
         with pytest.raises(RetryableError, match=message) as caught:
             await ask(judge, image)
@@ -209,26 +223,27 @@ async def test_each_fault_raises_its_class(
     assert server.stats().faults[fault.removesuffix("_rate")] == 1
 
 
-async def test_missing_logprobs_gives_a_reply_without_them(image: Path) -> None:
+async def test_missing_logprobs_gives_a_reply_without_them(image: Path, client: Client) -> None:
     options = JudgeServerOptions(missing_logprobs_rate=1.0)
-    async with JudgeServer(options) as server, judge_at(server) as judge:
+    async with JudgeServer(options) as server, judge_at(server, client=client) as judge:
         reply = await ask(judge, image)
     assert reply.top_logprobs is None
     assert reply.text in ("Excellent", "Good", "Medium", "Bad", "Terr")
 
 
-async def test_bad_image_is_an_item_error(image: Path) -> None:
-    async with JudgeServer() as server, judge_at(server) as judge:
+async def test_bad_image_is_an_item_error(image: Path, client: Client) -> None:
+    async with JudgeServer() as server, judge_at(server, client=client) as judge:
         broken = judge.prepare(image)
         broken = type(broken)(path=image, payload="data:image/png;base64,aGVsbG8=")
         with pytest.raises(ItemError, match="HTTP 400: the image cannot be decoded"):
             await judge.judge(JudgeRequest("m", sample(), "IQ-R", broken, 1))
 
 
-async def test_connection_refused_is_retryable(image: Path) -> None:
+async def test_connection_refused_is_retryable(image: Path, client: Client) -> None:
     async with JudgeServer() as server:
         url = server.base_url
-    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url=url, model="m", timeout_s=2))
+    options = OpenAIJudgeOptions(base_url=url, model="m", timeout_s=2, client=client)
+    judge = OpenAIJudge("m", options)
     await judge.open()
     try:
         with pytest.raises(RetryableError, match="connection failed"):
@@ -239,11 +254,11 @@ async def test_connection_refused_is_retryable(image: Path) -> None:
 
 @pytest.mark.parametrize(("header", "expected"), [("7", 7.0), ("0.5", 0.5), (None, 30.0)])
 async def test_retry_after_reaches_the_engine(
-    header: str | None, expected: float, image: Path
+    header: str | None, expected: float, image: Path, client: Client
 ) -> None:
     value = header or email.utils.formatdate(time.time() + 30, usegmt=True)
     options = JudgeServerOptions(rate_limit_rate=1.0, retry_after=value)
-    async with JudgeServer(options) as server, judge_at(server) as judge:
+    async with JudgeServer(options) as server, judge_at(server, client=client) as judge:
         with pytest.raises(RateLimitError) as caught:
             await ask(judge, image)
     assert caught.value.retry_after == pytest.approx(expected, abs=1.5)
@@ -278,6 +293,7 @@ async def test_missing_key_variable_is_fatal_and_named(monkeypatch: pytest.Monke
 
 
 async def test_rejected_key_is_fatal_and_never_leaks(
+    client: Client,
     image: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -289,7 +305,7 @@ async def test_rejected_key_is_fatal_and_never_leaks(
     options = JudgeServerOptions(api_key="sk-the-right-one")
     async with (
         JudgeServer(options) as server,
-        judge_at(server, api_key_env="TRIG_TEST_JUDGE_KEY") as judge,
+        judge_at(server, client=client, api_key_env="TRIG_TEST_JUDGE_KEY") as judge,
     ):
         with pytest.raises(FatalBackendError) as caught:
             await ask(judge, image)
@@ -298,6 +314,7 @@ async def test_rejected_key_is_fatal_and_never_leaks(
             repr(caught.value),
             repr(judge),
             repr(vars(judge)),
+            repr(judge._endpoints),
             judge.fingerprint().model_dump_json(),
         ]
     assert "rejected the API key (HTTP 401)" in str(caught.value)
@@ -309,11 +326,13 @@ async def test_rejected_key_is_fatal_and_never_leaks(
     assert PLANTED_KEY[:12] not in caplog.text
 
 
-async def test_accepted_key_is_sent(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_accepted_key_is_sent(
+    image: Path, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TRIG_TEST_JUDGE_KEY", PLANTED_KEY)
     async with (
         JudgeServer(JudgeServerOptions(api_key=PLANTED_KEY)) as server,
-        judge_at(server, api_key_env="TRIG_TEST_JUDGE_KEY") as judge,
+        judge_at(server, client=client, api_key_env="TRIG_TEST_JUDGE_KEY") as judge,
     ):
         reply = await ask(judge, image)
     assert reply.top_logprobs
@@ -322,12 +341,11 @@ async def test_accepted_key_is_sent(image: Path, monkeypatch: pytest.MonkeyPatch
 # -- several endpoints --------------------------------------------------------------------------
 
 
-async def test_endpoints_share_the_load(image: Path) -> None:
+async def test_endpoints_share_the_load(image: Path, client: Client) -> None:
     options = JudgeServerOptions(latency_s=0.02)
     async with JudgeServer(options) as one, JudgeServer(options) as two:
-        judge = OpenAIJudge(
-            "m", OpenAIJudgeOptions(base_urls=[one.base_url, two.base_url], model="m")
-        )
+        urls = [one.base_url, two.base_url]
+        judge = OpenAIJudge("m", OpenAIJudgeOptions(base_urls=urls, model="m", client=client))
         await judge.open()
         prepared = judge.prepare(image)
         try:

@@ -11,9 +11,10 @@ a body that is not a completion        :class:`RetryableError`
 any other 4xx                          :class:`ItemError` with the status and reason
 =====================================  ==========================================
 
-Messages never quote the API key: server text is scrubbed of it (some providers echo the key
-they received) and the SDK's exception is not chained, since its text and request carry
-what the server said.
+:func:`classify` reads what the ``openai`` SDK raised; the aiohttp transport calls the
+functions below it directly with the status, headers and body it got. Messages never quote
+the API key: server text is scrubbed of it (some providers echo the key they received) and
+the client's exception is not chained, since its text and request carry what the server said.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from __future__ import annotations
 import email.utils
 import time
 from collections.abc import Callable, Mapping
-
-import openai
-import pydantic
 
 from trig_stream.errors import (
     BackendError,
@@ -84,20 +82,80 @@ def classify(
         key_source: where the key came from, for the credentials message.
         timeout_s: the request timeout, for the message.
     """
+    import openai
+    import pydantic
+
     if isinstance(exc, openai.APIStatusError):
-        return _from_status(exc, endpoint=endpoint, secret=secret, key_source=key_source)
+        return status_error(
+            exc.status_code,
+            exc.response.headers,
+            exc.body,
+            endpoint=endpoint,
+            secret=secret,
+            key_source=key_source,
+        )
     if isinstance(exc, openai.APIConnectionError):  # timeouts included
         causes = _cause_names(exc)
         # The aiohttp transport reports a dropped connection as a connect timeout; the
         # underlying aiohttp error tells the two apart.
         dropped = next((name for name in causes if name in _DROPPED), None)
         if dropped is not None or not isinstance(exc, openai.APITimeoutError):
-            detail = dropped or (causes[-1] if causes else "connection error")
-            return RetryableError(f"judge at {endpoint}: connection failed ({detail})")
-        return RetryableError(f"judge at {endpoint}: no answer within {timeout_s:g} s")
+            return connection_error(endpoint, dropped or (causes[-1] if causes else None))
+        return timeout_error(endpoint, timeout_s)
     if isinstance(exc, openai.APIResponseValidationError | pydantic.ValidationError | ValueError):
-        return RetryableError(f"judge at {endpoint}: malformed answer ({type(exc).__name__})")
+        return malformed_error(endpoint, type(exc).__name__)
     return RetryableError(f"judge at {endpoint}: {type(exc).__name__}")
+
+
+def status_error(
+    status: int,
+    headers: Mapping[str, str],
+    body: object,
+    *,
+    endpoint: str,
+    secret: str | None,
+    key_source: str,
+) -> BackendError:
+    """The backend error for an answer with HTTP ``status`` >= 400.
+
+    Args:
+        status: the HTTP status.
+        headers: the answer's headers (for Retry-After).
+        body: the answer's body: its ``error`` object when it has one, else its text.
+        endpoint: the base URL asked, for the message.
+        secret: the API key in use, scrubbed from any text quoted from the server.
+        key_source: where the key came from, for the credentials message.
+    """
+    if status in (401, 403):
+        what = "rejected the API key" if status == 401 else "denied access with this API key"
+        return FatalBackendError(f"judge at {endpoint} {what} (HTTP {status}); check {key_source}")
+    reason = _reason(body, secret)
+    retry_after = parse_retry_after(headers)
+    if status == 429:
+        return RateLimitError(
+            f"judge at {endpoint}: HTTP 429 rate limited: {reason}", retry_after=retry_after
+        )
+    if status >= 500 or status in (408, 409):
+        return RetryableError(
+            f"judge at {endpoint}: HTTP {status}: {reason}", retry_after=retry_after
+        )
+    return ItemError(f"judge at {endpoint}: HTTP {status}: {reason}")
+
+
+def connection_error(endpoint: str, detail: str | None) -> RetryableError:
+    """A refused, reset or dropped connection; ``detail`` names what happened."""
+    what = detail or "connection error"
+    return RetryableError(f"judge at {endpoint}: connection failed ({what})")
+
+
+def timeout_error(endpoint: str, timeout_s: float) -> RetryableError:
+    """No whole answer within the request timeout."""
+    return RetryableError(f"judge at {endpoint}: no answer within {timeout_s:g} s")
+
+
+def malformed_error(endpoint: str, detail: str) -> RetryableError:
+    """An answer that is not a chat completion."""
+    return RetryableError(f"judge at {endpoint}: malformed answer ({detail})")
 
 
 _DROPPED = frozenset(
@@ -123,28 +181,7 @@ def _cause_names(exc: BaseException) -> list[str]:
     return names
 
 
-def _from_status(
-    exc: openai.APIStatusError, *, endpoint: str, secret: str | None, key_source: str
-) -> BackendError:
-    status = exc.status_code
-    if status in (401, 403):
-        what = "rejected the API key" if status == 401 else "denied access with this API key"
-        return FatalBackendError(f"judge at {endpoint} {what} (HTTP {status}); check {key_source}")
-    reason = _reason(exc, secret)
-    retry_after = parse_retry_after(exc.response.headers)
-    if status == 429:
-        return RateLimitError(
-            f"judge at {endpoint}: HTTP 429 rate limited: {reason}", retry_after=retry_after
-        )
-    if status >= 500 or status in (408, 409):
-        return RetryableError(
-            f"judge at {endpoint}: HTTP {status}: {reason}", retry_after=retry_after
-        )
-    return ItemError(f"judge at {endpoint}: HTTP {status}: {reason}")
-
-
-def _reason(exc: openai.APIStatusError, secret: str | None) -> str:
-    body = exc.body
+def _reason(body: object, secret: str | None) -> str:
     message = body.get("message") if isinstance(body, dict) else None
     text = message if isinstance(message, str) and message else str(body or "")
     # Scrub before cutting, so that no piece of the key survives at the cut.

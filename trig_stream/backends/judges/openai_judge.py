@@ -2,8 +2,10 @@
 
 One request per (image, dimension): ``logprobs`` on, ``top_logprobs`` alternatives of the
 first token, ``max_tokens = 1`` since only that token is read. Each image is read and encoded
-once (:meth:`OpenAIJudge.prepare`) and shared by its dimension requests. The SDK's own retries
-are off: the engine owns retries, so they never compound.
+once (:meth:`OpenAIJudge.prepare`) and shared by its dimension requests. Requests go out
+through a plain aiohttp session, or through ``openai.AsyncOpenAI`` with ``client = "sdk"``
+(see :mod:`~trig_stream.backends.judges.transports` for the difference); neither retries on
+its own: the engine owns retries, so they never compound.
 
 Several ``base_urls`` serving the same model share the load: each request goes to the endpoint
 with the fewest requests in flight. Instead of a URL, ``serve`` starts the server for the run
@@ -28,25 +30,19 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage, ServerLoad
-from trig_stream.backends.judges.http_errors import classify
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
 from trig_stream.backends.judges.server_probe import read_load
 from trig_stream.backends.judges.templates import JudgeTemplate
+from trig_stream.backends.judges.transports import Client, Transport, open_transport
 from trig_stream.errors import FatalBackendError, ItemError, RetryableError
 from trig_stream.records import JudgeFingerprint
 from trig_stream.scoring import Scorer
 
-if TYPE_CHECKING:
-    import openai
-
-
-NO_KEY = "EMPTY"
-"""Sent as the key when none is configured: local vLLM servers accept any."""
 METRICS_TIMEOUT_S = 5.0
 """How long one read of a server's ``/metrics`` may take."""
 
@@ -72,6 +68,8 @@ class OpenAIJudgeOptions(BaseModel):
     """Shrink larger images to this many pixels (keeping their shape) before sending."""
     image_mode: Literal["base64", "file"] = "base64"
     """``file`` sends ``file://`` URLs, for a vLLM started with ``--allowed-local-media-path``."""
+    client: Client = "aiohttp"
+    """How requests are sent: ``aiohttp`` (least CPU per request) or ``sdk`` (``AsyncOpenAI``)."""
     template: Path | None = None
     """A TOML or JSON file replacing some or all of the built-in judging texts."""
     serve: ServeOptions | None = None
@@ -112,8 +110,7 @@ class Secret:
 
 @dataclass(slots=True)
 class _Endpoint:
-    url: str
-    client: openai.AsyncOpenAI
+    transport: Transport
     in_flight: int = 0
 
 
@@ -176,14 +173,12 @@ class OpenAIJudge(Judge):
         )
 
     async def open(self) -> None:
-        """Start the ``serve`` server if any, then create one client per endpoint.
+        """Start the ``serve`` server if any, then create one transport per endpoint.
 
         Raises:
             FatalBackendError: ``api_key_env`` names a variable that is not set, or the
                 ``serve`` server cannot start or is not ready in time.
         """
-        import openai
-
         env = self.options.api_key_env
         if env:
             key = os.environ.get(env)
@@ -202,20 +197,20 @@ class OpenAIJudge(Judge):
             )
             urls = [await self.server.start()]
         for url in urls:
-            client = openai.AsyncOpenAI(
-                base_url=url,
-                api_key=self._secret.reveal() if self._secret else NO_KEY,
-                max_retries=0,
-                timeout=self.options.timeout_s,
-                http_client=openai.DefaultAioHttpClient(timeout=self.options.timeout_s),
+            transport = open_transport(
+                self.options.client,
+                url,
+                secret=self._secret.reveal() if self._secret else None,
+                key_source=self._key_source,
+                timeout_s=self.options.timeout_s,
             )
-            self._endpoints.append(_Endpoint(url, client))
+            self._endpoints.append(_Endpoint(transport))
 
     async def aclose(self) -> None:
         endpoints, self._endpoints = self._endpoints, []
         try:
             for endpoint in endpoints:
-                await endpoint.client.close()
+                await endpoint.transport.aclose()
         finally:
             server, self.server = self.server, None
             if server is not None:
@@ -224,7 +219,7 @@ class OpenAIJudge(Judge):
     async def server_load(self) -> ServerLoad | None:
         """vLLM's running and waiting requests, summed over the endpoints that report them."""
         loads = [
-            await read_load(endpoint.url, timeout_s=METRICS_TIMEOUT_S)
+            await read_load(endpoint.transport.url, timeout_s=METRICS_TIMEOUT_S)
             for endpoint in list(self._endpoints)
         ]
         known = [load for load in loads if load is not None]
@@ -279,27 +274,15 @@ class OpenAIJudge(Judge):
         endpoint = min(self._endpoints, key=lambda e: e.in_flight)
         endpoint.in_flight += 1
         try:
-            # The SDK's generic POST, not ``chat.completions.create``, and the answer as plain
-            # JSON (``cast_to=object``), not a typed ChatCompletion: the typed paths walk every
-            # message part and all top logprobs of every answer, which cost more CPU per
-            # request than everything else on this side. Errors are the SDK's as ever.
-            completion = await endpoint.client.post(
-                "/chat/completions", cast_to=object, body=self._body(request, payload)
-            )
-        except Exception as exc:
+            completion = await endpoint.transport.post(self._body(request, payload))
+        except Exception:
             failure = self.server.failure() if self.server is not None else None
             if failure is not None:  # the server we started has died: nothing will work
                 raise failure from None
-            raise classify(
-                exc,
-                endpoint=endpoint.url,
-                secret=self._secret.reveal() if self._secret else None,
-                key_source=self._key_source,
-                timeout_s=self.options.timeout_s,
-            ) from None
+            raise
         finally:
             endpoint.in_flight -= 1
-        return reply_of(completion, endpoint.url)
+        return reply_of(completion, endpoint.transport.url)
 
     def _body(self, request: JudgeRequest, image_url: str) -> dict[str, Any]:
         opts = self.options
@@ -346,21 +329,39 @@ def encode_image(path: Path, max_pixels: int | None = None) -> str:
     Raises:
         ItemError: the file cannot be read or is not an image.
     """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ItemError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    # The common case, a PNG or JPEG sent as it is, needs no decoding: its signature names
+    # its format, and the judge server decodes it anyway.
+    fmt = _sniff_format(data) if max_pixels is None else None
+    if fmt is None:
+        data, fmt = _decoded(path, data, max_pixels)
+    return f"data:image/{fmt};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
+
+
+def _sniff_format(data: bytes) -> str | None:
+    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _decoded(path: Path, data: bytes, max_pixels: int | None) -> tuple[bytes, str]:
+    # The image's bytes and format after opening it: re-encoded as PNG when it is shrunk.
     from PIL import Image, UnidentifiedImageError
 
     try:
-        data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
-            fmt = (image.format or "PNG").upper()
+            fmt = (image.format or "PNG").lower()
             if max_pixels is not None and image.width * image.height > max_pixels:
                 scale = (max_pixels / (image.width * image.height)) ** 0.5
                 size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
                 buffer = io.BytesIO()
                 resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
                 resized.save(buffer, format="PNG")
-                data, fmt = buffer.getvalue(), "PNG"
-    except (UnidentifiedImageError, ValueError, SyntaxError):  # before OSError, its base
+                data, fmt = buffer.getvalue(), "png"
+    except (UnidentifiedImageError, ValueError, SyntaxError, OSError):
         raise ItemError(f"{path} is not a readable image") from None
-    except OSError as exc:
-        raise ItemError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(data).decode('ascii')}"
+    return data, fmt
