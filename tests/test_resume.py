@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ConfigFactory
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunLockedError
-from trig_stream.store import JOURNAL, Journal
+from trig_stream.store import JOURNAL, Journal, write_atomic_many
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
@@ -165,3 +166,28 @@ async def test_partial_image_files_left_by_a_crash_are_removed(make_config: Conf
     leftover.write_bytes(b"half a png")
     await run_to_end(config)
     assert not leftover.exists()
+
+
+def test_files_written_together_are_complete_and_leave_no_temporary_files(
+    tmp_path: Path,
+) -> None:
+    temp = tmp_path / "partial"
+    temp.mkdir()
+    files = [
+        (tmp_path / "a" / "one.png", b"first"),
+        (tmp_path / "a" / "two.png", b"second" * 1000),
+        (tmp_path / "b" / "three.png", b""),
+    ]
+    write_atomic_many(files, temp_dir=temp)
+    assert [path.read_bytes() for path, _ in files] == [data for _, data in files]
+    assert not any(temp.iterdir())
+    # A write that fails part way leaves the files before it whole and none half written.
+    blocker = tmp_path / "c"
+    blocker.write_bytes(b"a file where a folder should be")
+    with pytest.raises(FileExistsError):
+        write_atomic_many(
+            [(tmp_path / "a" / "four.png", b"fourth"), (blocker / "five.png", b"x")],
+            temp_dir=temp,
+        )
+    assert (tmp_path / "a" / "four.png").read_bytes() == b"fourth"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["four.png", "one.png", "two.png"]

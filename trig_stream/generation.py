@@ -140,8 +140,8 @@ class GenerationStage:
         task = self._context.config.run.task
         pictures: list[Image | GeneratedImage | str | None] = []
         missing: list[int] = []
-        for index, work in enumerate(batch):
-            path = self._context.run_dir.image_path(task, work.model, work.sample.data_id)
+        paths = [self._context.run_dir.image_path(task, w.model, w.sample.data_id) for w in batch]
+        for index, (work, path) in enumerate(zip(batch, paths, strict=True)):
             if valid_image(path):
                 pictures.append(
                     GeneratedImage(
@@ -156,7 +156,7 @@ class GenerationStage:
                 pictures.append(None)
                 missing.append(index)
         if not missing:
-            return _Made(batch, pictures, 0.0)
+            return _Made(batch, paths, pictures, 0.0)
         requests = [
             GenerationRequest(batch[i].model, batch[i].sample, batch[i].seed) for i in missing
         ]
@@ -175,21 +175,20 @@ class GenerationStage:
             raise FatalBackendError(f"generator {self._generator.name!r} is broken: {message}")
         for index, image in zip(missing, images, strict=True):
             pictures[index] = describe_error(image) if isinstance(image, Exception) else image
-        return _Made(batch, pictures, per_image)
+        return _Made(batch, paths, pictures, per_image)
 
     def _write(self, made: _Made) -> list[GeneratedImage | str]:
         # Runs in a writer thread: PNG encoding and the atomic write of each new picture.
-        task = self._context.config.run.task
         outcomes: list[GeneratedImage | str] = []
-        for work, picture in zip(made.batch, made.pictures, strict=True):
+        files: list[tuple[Path, bytes]] = []
+        for work, path, picture in zip(made.batch, made.paths, made.pictures, strict=True):
             if isinstance(picture, GeneratedImage | str):
                 outcomes.append(picture)
                 continue
             assert picture is not None
-            path = self._context.run_dir.image_path(task, work.model, work.sample.data_id)
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
-            self._context.run_dir.write_image(path, buffer.getvalue())
+            files.append((path, buffer.getvalue()))
             outcomes.append(
                 GeneratedImage(
                     model=work.model,
@@ -200,6 +199,8 @@ class GenerationStage:
                     prompt_rewrite=self._generator.prompt_rewrite(work.sample.data_id),
                 )
             )
+        # One write for the batch: its pictures share a folder, synced once for them all.
+        self._context.run_dir.write_images(files)
         return outcomes
 
 
@@ -209,6 +210,8 @@ class _Made:
     image reused from disk, or the reason it failed."""
 
     batch: list[WorkItem]
+    paths: list[Path]
+    """Where each work item's image lives."""
     pictures: list[Image | GeneratedImage | str | None]
     latency_s: float
     """Generation time per new picture."""

