@@ -14,7 +14,8 @@ from anyio.lowlevel import checkpoint
 from PIL import Image
 
 from tests.conftest import ConfigFactory
-from trig_stream import Engine, FatalBackendError
+from trig_stream import Engine, FatalBackendError, ItemError
+from trig_stream.backends.base import PreparedImage
 from trig_stream.config import RunConfig
 from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.store import JOURNAL, QUARANTINE
@@ -393,3 +394,31 @@ async def test_a_judge_is_asked_only_about_the_dimensions_it_measures(
     assert toxicity.requests == 2
     # Resuming asks nothing: the dimensions the judge does not measure are not missing.
     assert await run_to_end(config, judges=[FakeJudge(), toxicity]) == []
+
+
+class _UnreadableImages(FakeJudge):
+    """A judge that cannot prepare the images of some samples."""
+
+    def __init__(self, broken: set[str]) -> None:
+        super().__init__()
+        self.broken = broken
+
+    def prepare(self, path: Path) -> PreparedImage:
+        if path.stem in self.broken:
+            raise ItemError(f"cannot read image {path.name}")
+        return super().prepare(path)
+
+
+async def test_an_image_the_judge_cannot_prepare_fails_alone(make_config: ConfigFactory) -> None:
+    # Images are prepared several at a time: one bad image must not fail its neighbours.
+    config = make_config(samples=12)
+    judge = _UnreadableImages({"IQ-R_TA-C_2", "R-T_IQ-A_3"})
+    results = await run_to_end(config, judges=[judge])
+    failed = {(j.data_id, j.dimension) for j in results if j.status == "error"}
+    assert {data_id for data_id, _ in failed} == judge.broken
+    assert len(failed) == 4
+    for j in results:
+        if j.status == "error":
+            assert j.score is None and j.error_stage == "judge"
+            assert f"cannot read image {j.data_id}.png" in (j.error or "")
+    assert sum(j.status == "ok" for j in results) == 20

@@ -15,19 +15,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest
+from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.concurrency import ConcurrencyController, follow_server_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
-from trig_stream.pipeline import ImageItem, RunContext, describe_error, failed_judgement
+from trig_stream.pipeline import (
+    ImageItem,
+    RunContext,
+    describe_error,
+    failed_judgement,
+    take_ready,
+)
 from trig_stream.records import Judgement, Status
 from trig_stream.retry import RetryPolicy
 from trig_stream.scoring import score_top_logprobs
+
+PREPARE_BATCH = 8
+"""Images prepared per worker-thread call, of those already waiting: amortises the thread
+hop; at most this many prepared images (e.g. base64 payloads) wait for a judge slot."""
 
 
 class JudgeStage:
@@ -72,13 +83,11 @@ class JudgeStage:
             for name, controller in self.controllers.items():
                 watchers.start_soon(follow_server_load, judges[name], controller, self._sleep)
             async with anyio.create_task_group() as tg:
-                async for item in receive:
+                async for first in receive:
+                    items = [first]
+                    take_ready(receive, items, PREPARE_BATCH)
                     for judge in self._judges:
-                        dimensions = [d for d, name in item.work.todo if name == judge.name]
-                        if dimensions:
-                            await self._dispatch(
-                                tg, judges[judge.name], item, dimensions, judgement_send
-                            )
+                        await self._dispatch(tg, judge, items, judgement_send)
             # Every request has ended: the load watchers have nothing left to steer.
             watchers.cancel_scope.cancel()
 
@@ -86,33 +95,41 @@ class JudgeStage:
         self,
         tg: TaskGroup,
         judge: Judge,
-        item: ImageItem,
-        dimensions: list[Dimension],
+        items: list[ImageItem],
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
-        try:
-            prepared = await anyio.to_thread.run_sync(judge.prepare, item.image.path)
-        except Exception as exc:
-            for dimension in dimensions:
-                await judgement_send.send(
-                    failed_judgement(
-                        self._context,
-                        item.work,
-                        dimension,
-                        judge.name,
-                        describe_error(exc),
-                        "judge",
-                    )
-                )
+        jobs = [
+            (item, dimensions)
+            for item in items
+            if (dimensions := [d for d, name in item.work.todo if name == judge.name])
+        ]
+        if not jobs:
             return
+        paths = [item.image.path for item, _ in jobs]
+        prepared = await anyio.to_thread.run_sync(_prepare_all, judge, paths)
         limiter = self._limiters[judge.name]
-        for dimension in dimensions:
-            # Taking the slot here, before starting the request, is the backpressure: when
-            # the judge is saturated, images wait in their buffer and generation slows.
-            token = object()
-            await limiter.acquire_on_behalf_of(token)
-            request = JudgeRequest(item.work.model, item.work.sample, dimension, prepared, 1)
-            tg.start_soon(self._judge_one, judge, item, request, token, judgement_send)
+        for (item, dimensions), image in zip(jobs, prepared, strict=True):
+            if isinstance(image, Exception):
+                for dimension in dimensions:
+                    await judgement_send.send(
+                        failed_judgement(
+                            self._context,
+                            item.work,
+                            dimension,
+                            judge.name,
+                            describe_error(image),
+                            "judge",
+                        )
+                    )
+                continue
+            for dimension in dimensions:
+                # Taking the slot here, before starting the request, is the backpressure:
+                # when the judge is saturated, images wait in their buffer and generation
+                # slows.
+                token = object()
+                await limiter.acquire_on_behalf_of(token)
+                request = JudgeRequest(item.work.model, item.work.sample, dimension, image, 1)
+                tg.start_soon(self._judge_one, judge, item, request, token, judgement_send)
 
     async def _judge_one(
         self,
@@ -222,3 +239,14 @@ class JudgeStage:
             error_stage="judge" if status == "error" else None,
             prompt_rewrite=item.image.prompt_rewrite,
         )
+
+
+def _prepare_all(judge: Judge, paths: list[Path]) -> list[PreparedImage | Exception]:
+    # Runs in a worker thread: one image's failure is its own judgements' error only.
+    prepared: list[PreparedImage | Exception] = []
+    for path in paths:
+        try:
+            prepared.append(judge.prepare(path))
+        except Exception as exc:
+            prepared.append(exc)
+    return prepared

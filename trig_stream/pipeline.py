@@ -5,6 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from trig_stream.config import RunConfig
 from trig_stream.dimensions import Dimension
@@ -12,6 +16,8 @@ from trig_stream.errors import TrigStreamError
 from trig_stream.records import GeneratedImage, JudgeFingerprint, Judgement, Sample, Stage
 from trig_stream.stats import Counters
 from trig_stream.store import RunDir
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +83,12 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, TrigStreamError) and text:
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def take_ready(receive: MemoryObjectReceiveStream[T], batch: list[T], limit: int | None) -> None:
+    """Append to ``batch`` what ``receive`` holds already, until it has ``limit`` items."""
+    while limit is None or len(batch) < limit:
+        try:
+            batch.append(receive.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return
