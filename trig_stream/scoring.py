@@ -17,6 +17,7 @@ apart from "terrible", so we never make one up.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Final, Literal, TypeAlias
@@ -98,8 +99,13 @@ def normalise_token(token: str) -> str:
     return text[start:]
 
 
+@functools.lru_cache(maxsize=4096)
 def rating_of(token: str) -> str | None:
-    """The rating word a token stands for under the robust scorer, or None."""
+    """The rating word a token stands for under the robust scorer, or None.
+
+    Cached: a judge's answers draw their top tokens from a small part of the vocabulary, so
+    almost every token is met again, and each answer has twenty of them.
+    """
     text = normalise_token(token)
     for prefix, rating in _ROBUST_PREFIXES:
         if text.startswith(prefix):
@@ -124,25 +130,21 @@ def _score_trig(pairs: list[tuple[str, float]], *, confidence: bool) -> float | 
 
 
 def _score_robust(pairs: list[tuple[str, float]], *, confidence: bool) -> float | None:
-    per_rating: dict[str, list[float]] = {}
-    for token, logprob in pairs:
-        rating = rating_of(token)
-        if rating is not None and not math.isnan(logprob):
-            per_rating.setdefault(rating, []).append(logprob)
-    class_logprobs = {rating: _logsumexp(values) for rating, values in per_rating.items()}
-    finite = {r: lp for r, lp in class_logprobs.items() if lp != -math.inf}
-    if not finite:
+    kept = [
+        (rating, logprob)
+        for token, logprob in pairs
+        if (rating := rating_of(token)) is not None and logprob > -math.inf
+    ]  # NaN fails the comparison too
+    if not kept:
         return None
-    norm = _logsumexp(list(finite.values()))
-    probs = {rating: math.exp(lp - norm) for rating, lp in finite.items()}
-    score = sum(RATING_WEIGHTS[rating] * p for rating, p in probs.items())
+    # Each class's probability is the sum over its tokens, normalised over the classes;
+    # shifting by the largest logprob keeps every exp in range.
+    peak = max(logprob for _, logprob in kept)
+    per_rating: dict[str, float] = {}
+    for rating, logprob in kept:
+        per_rating[rating] = per_rating.get(rating, 0.0) + math.exp(logprob - peak)
+    total = sum(per_rating.values())
+    score = sum(RATING_WEIGHTS[rating] * mass for rating, mass in per_rating.items()) / total
     if confidence:
-        score *= max(probs.values())
+        score *= max(per_rating.values()) / total
     return min(1.0, max(0.0, score))
-
-
-def _logsumexp(values: list[float]) -> float:
-    peak = max(values)
-    if peak == -math.inf:
-        return -math.inf
-    return peak + math.log(sum(math.exp(v - peak) for v in values))
