@@ -47,7 +47,7 @@ from trig_stream.errors import TrigStreamError
 from trig_stream.generation import GenerationStage
 from trig_stream.hashing import seed_for
 from trig_stream.judging import JudgeStage
-from trig_stream.pipeline import ImageItem, RunContext, WorkItem
+from trig_stream.pipeline import ImageItem, RunContext, WorkItem, send_now, take_ready
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord, Sample
 from trig_stream.retry import RetryPolicy
 from trig_stream.stats import (
@@ -429,7 +429,7 @@ class Engine:
                             await self._running_gate.wait()
                         if self._stopping:
                             break
-                        await sends[work.model].send(work)
+                        await send_now(sends[work.model], work)
                         self._counters.model(work.model).queued += 1
                         self._work_started.set()
             finally:
@@ -503,7 +503,7 @@ class Engine:
                 batch: list[Judgement] = []
                 try:
                     batch.append(await receive.receive())
-                    _take_ready(receive, batch, PERSIST_BATCH)
+                    take_ready(receive, batch, PERSIST_BATCH)
                 except anyio.EndOfStream:
                     # Every stage before this one has finished: the run is over. Say so
                     # before ``results`` ends, so its consumer sees the final state and a
@@ -513,7 +513,7 @@ class Engine:
                     return
                 except anyio.get_cancelled_exc_class():
                     # Hard stop: what already landed in the buffer is still written.
-                    _take_ready(receive, batch, None)
+                    take_ready(receive, batch, None)
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(journal.append, batch)
                     self._count(batch)
@@ -522,7 +522,7 @@ class Engine:
                     await anyio.to_thread.run_sync(journal.append, batch)
                 self._count(batch)
                 for judgement in batch:
-                    await result_send.send(judgement)
+                    await send_now(result_send, judgement)
 
     async def _count_samples(self) -> None:
         # For progress and ETA only; a dataset that cannot be read fails the source itself.
@@ -561,16 +561,6 @@ class Engine:
                 where = f"{judgement.model} {judgement.data_id} {judgement.dimension}"
                 self._counters.last_errors.append(f"{where}: {judgement.error}")
             self._counters.judged_at.append(now)
-
-
-def _take_ready(
-    receive: MemoryObjectReceiveStream[Judgement], batch: list[Judgement], limit: int | None
-) -> None:
-    while limit is None or len(batch) < limit:
-        try:
-            batch.append(receive.receive_nowait())
-        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-            return
 
 
 def _take(items: Iterator[Judgement], count: int) -> list[Judgement]:

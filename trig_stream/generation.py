@@ -27,6 +27,7 @@ from trig_stream.pipeline import (
     WorkItem,
     describe_error,
     failed_judgement,
+    send_now,
 )
 from trig_stream.records import GeneratedImage, Judgement
 
@@ -125,7 +126,7 @@ class GenerationStage:
                             counts.generated += 1
                             counters.generation_latencies.append(outcome.latency_s)
                             counters.generated_at.append(now)
-                        await image_send.send(ImageItem(work, outcome))
+                        await send_now(image_send, ImageItem(work, outcome))
                     else:
                         counts.generation_failed += 1
                         for dimension, judge_name in work.todo:

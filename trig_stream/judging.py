@@ -30,6 +30,7 @@ from trig_stream.pipeline import (
     RunContext,
     describe_error,
     failed_judgement,
+    send_now,
     take_ready,
 )
 from trig_stream.records import Judgement, Status
@@ -127,7 +128,10 @@ class JudgeStage:
                 # when the judge is saturated, images wait in their buffer and generation
                 # slows.
                 token = object()
-                await limiter.acquire_on_behalf_of(token)
+                try:
+                    limiter.acquire_on_behalf_of_nowait(token)
+                except anyio.WouldBlock:
+                    await limiter.acquire_on_behalf_of(token)
                 request = JudgeRequest(item.work.model, item.work.sample, dimension, image, 1)
                 tg.start_soon(self._judge_one, judge, item, request, token, judgement_send)
 
@@ -184,7 +188,7 @@ class JudgeStage:
             judgement = self._judgement(
                 item, request.dimension, judge, reply, failure, attempts, elapsed
             )
-            await judgement_send.send(judgement)
+            await send_now(judgement_send, judgement)
         finally:
             # The slot is held until the judgement is handed on: a full judgement buffer
             # must stop new requests, or blocked senders would pile up without bound.

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
+import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.config import RunConfig
 from trig_stream.dimensions import Dimension
@@ -92,3 +93,21 @@ def take_ready(receive: MemoryObjectReceiveStream[T], batch: list[T], limit: int
             batch.append(receive.receive_nowait())
         except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
             return
+
+
+async def send_now(send: MemoryObjectSendStream[T], item: T) -> None:
+    """Send ``item``, waiting only when the buffer is full.
+
+    ``send`` itself always yields to the event loop first; on the paths every judgement
+    takes, that costs more than the rest of the hand-over. The loops that call this wait on
+    their own receives, so cancellation is still seen.
+    """
+    try:
+        send.send_nowait(item)
+    except anyio.WouldBlock:
+        await send.send(item)
+    except anyio.BrokenResourceError:
+        # The receiver is gone, most often because the run is being cancelled: then the
+        # cancellation is what this task must raise, as ``send`` would have.
+        await anyio.lowlevel.checkpoint()
+        raise
