@@ -5,7 +5,8 @@ directory's image folder, so the engine reuses them and generates nothing; then 
 their two dimensions with the ``openai`` judge against ``simulate-judge`` (zero latency, 64
 slots, its own process), once with ``image_mode = "base64"`` and once with ``"file"``. The
 server decodes and checks every image in both modes, so the difference is the judge side's
-encoding and the bytes moved.
+encoding and the bytes moved. The engine's own CPU per request is printed beside: the rest
+of the wall time is the server's (it parses each megabyte-sized body in one Python process).
 
     .venv/bin/python bench/image_transport.py [--images 300] [--concurrency 64]
 """
@@ -56,11 +57,11 @@ def place_images(run_dir: Path, dataset: Path, count: int) -> int:
     return total
 
 
-async def judge_all(data: dict[str, Any]) -> tuple[float, int]:
-    started = time.perf_counter()
+async def judge_all(data: dict[str, Any]) -> tuple[float, float, int]:
+    started, cpu = time.perf_counter(), time.process_time()
     async with Engine(parse_config(data, source=Path("bench.toml"))) as engine:
         summary = await engine.drain()
-    return time.perf_counter() - started, summary.ok
+    return time.perf_counter() - started, time.process_time() - cpu, summary.ok
 
 
 def main() -> None:
@@ -79,12 +80,13 @@ def main() -> None:
                 data = config(folder, dataset, f"transport-{mode}", judge)
                 size = place_images(folder / "runs" / data["run"]["name"], dataset, args.images)
                 before = judge_stats(base_url)["served"]
-                seconds, ok = anyio.run(judge_all, data)
+                seconds, cpu, ok = anyio.run(judge_all, data)
                 served = judge_stats(base_url)["served"] - before
                 results[mode] = seconds
                 print(
                     f"{mode:>6}: {ok} ok, {served} requests in {seconds:.2f} s = "
-                    f"{served / seconds:.0f} req/s ({size / args.images / 1e6:.2f} MB per image)"
+                    f"{served / seconds:.0f} req/s ({size / args.images / 1e6:.2f} MB per image); "
+                    f"engine CPU {cpu / served * 1000:.2f} ms per request"
                 )
     finally:
         stop_judge(process)

@@ -23,7 +23,7 @@ from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.http_errors import parse_retry_after
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE
-from trig_stream.backends.judges.transports import Client
+from trig_stream.backends.judges.transports import Client, EncodedImage
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import (
     FatalBackendError,
@@ -159,7 +159,7 @@ def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
     Image.new("RGB", (200, 100), (1, 2, 3)).save(path)
     judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url="http://x/v1", model="m", max_pixels=5000))
     payload = judge.prepare(path).payload
-    data = base64.b64decode(payload.partition(",")[2])
+    data = base64.b64decode(payload.url.partition(",")[2])
     with Image.open(io.BytesIO(data)) as shrunk:
         assert shrunk.width * shrunk.height <= 5000
         assert shrunk.width == 2 * shrunk.height
@@ -234,7 +234,8 @@ async def test_missing_logprobs_gives_a_reply_without_them(image: Path, client: 
 async def test_bad_image_is_an_item_error(image: Path, client: Client) -> None:
     async with JudgeServer() as server, judge_at(server, client=client) as judge:
         broken = judge.prepare(image)
-        broken = type(broken)(path=image, payload="data:image/png;base64,aGVsbG8=")
+        bad = EncodedImage.of("data:image/png;base64,aGVsbG8=")
+        broken = type(broken)(path=image, payload=bad)
         with pytest.raises(ItemError, match="HTTP 400: the image cannot be decoded"):
             await judge.judge(JudgeRequest("m", sample(), "IQ-R", broken, 1))
 

@@ -25,7 +25,6 @@ Example config::
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 from dataclasses import dataclass
@@ -38,7 +37,13 @@ from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedI
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
 from trig_stream.backends.judges.server_probe import read_load
 from trig_stream.backends.judges.templates import JudgeTemplate
-from trig_stream.backends.judges.transports import Client, Transport, open_transport
+from trig_stream.backends.judges.transports import (
+    IMAGE_SLOT,
+    Client,
+    EncodedImage,
+    Transport,
+    open_transport,
+)
 from trig_stream.errors import FatalBackendError, ItemError, RetryableError
 from trig_stream.records import JudgeFingerprint
 from trig_stream.scoring import Scorer
@@ -239,7 +244,7 @@ class OpenAIJudge(Judge):
         if self.options.image_mode == "file":
             if not path.is_file():
                 raise ItemError(f"image {path} does not exist")
-            return PreparedImage(path=path, payload=path.resolve().as_uri())
+            return PreparedImage(path=path, payload=EncodedImage.of(path.resolve().as_uri()))
         return PreparedImage(path=path, payload=encode_image(path, self.options.max_pixels))
 
     def messages(self, request: JudgeRequest, image_url: str) -> list[dict[str, Any]]:
@@ -269,12 +274,12 @@ class OpenAIJudge(Judge):
         if not self._endpoints:
             raise RuntimeError("the judge is not open: call open() first")
         payload = request.image.payload
-        if not isinstance(payload, str):
+        if not isinstance(payload, EncodedImage):
             raise ItemError(f"image {request.image.path} was not prepared by this judge")
         endpoint = min(self._endpoints, key=lambda e: e.in_flight)
         endpoint.in_flight += 1
         try:
-            completion = await endpoint.transport.post(self._body(request, payload))
+            completion = await endpoint.transport.post(self._body(request), payload)
         except Exception:
             failure = self.server.failure() if self.server is not None else None
             if failure is not None:  # the server we started has died: nothing will work
@@ -284,11 +289,12 @@ class OpenAIJudge(Judge):
             endpoint.in_flight -= 1
         return reply_of(completion, endpoint.transport.url)
 
-    def _body(self, request: JudgeRequest, image_url: str) -> dict[str, Any]:
+    def _body(self, request: JudgeRequest) -> dict[str, Any]:
+        # The image's URL is put in its slot by the transport (see ``transports``).
         opts = self.options
         body: dict[str, Any] = {
             "model": opts.model,
-            "messages": self.messages(request, image_url),
+            "messages": self.messages(request, IMAGE_SLOT),
             "logprobs": True,
             "top_logprobs": opts.top_logprobs,
             "temperature": opts.temperature,
@@ -323,7 +329,7 @@ def reply_of(completion: Any, endpoint: str) -> JudgeReply:
     return JudgeReply(top_logprobs=top, text=str(text))
 
 
-def encode_image(path: Path, max_pixels: int | None = None) -> str:
+def encode_image(path: Path, max_pixels: int | None = None) -> EncodedImage:
     """A ``data:`` URL of the image file, shrunk to at most ``max_pixels`` when given.
 
     Raises:
@@ -338,7 +344,7 @@ def encode_image(path: Path, max_pixels: int | None = None) -> str:
     fmt = _sniff_format(data) if max_pixels is None else None
     if fmt is None:
         data, fmt = _decoded(path, data, max_pixels)
-    return f"data:image/{fmt};base64,{base64.b64encode(data).decode('ascii')}"
+    return EncodedImage.data_url(f"image/{fmt}", data)
 
 
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
