@@ -51,6 +51,8 @@ FAULTS: tuple[Fault, ...] = (
     "reset",
 )
 
+VERIFIED_IMAGES = 4096
+"""Digests of images already verified, kept so the second question about one is cheaper."""
 _CODE = re.compile(r"(?<![A-Za-z])(IQ-[ROA]|TA-[CRS]|D-[KA]|R-[TB])(?![A-Za-z])")
 Rate = Annotated[float, Field(ge=0, le=1)]
 
@@ -151,7 +153,8 @@ class JudgeServer:
         self._stats = ServerStats(faults=dict.fromkeys(FAULTS, 0))
         self._loadings = loadings(self.options.correlations)
         self._random = random.Random(self.options.seed)
-        self._seen: set[str] = set()
+        self._seen: set[bytes] = set()
+        self._verified: dict[bytes, None] = {}
         self._runner: web.AppRunner | None = None
         self._slots: asyncio.Semaphore | None = None
         self._stopping: asyncio.Event | None = None
@@ -252,7 +255,8 @@ class JudgeServer:
         stats = self._stats
         stats.received += 1
         try:
-            body = await request.json()
+            raw = await request.read()
+            body = json.loads(raw)
         except ValueError:
             stats.rejected += 1
             return _error(400, "the request body is not JSON", "invalid_request_error")
@@ -265,11 +269,10 @@ class JudgeServer:
                 message = f"Incorrect API key provided: {sent}."
                 return _error(401, message, "invalid_request_error", code="invalid_api_key")
         try:
-            messages, image_key, dimension, limit = self._parse(body)
+            digest, image_key, dimension, limit = self._parse(body)
         except BadRequest as exc:
             stats.rejected += 1
             return _error(400, str(exc), "invalid_request_error")
-        digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
         if digest in self._seen:
             stats.repeated += 1
         self._seen.add(digest)
@@ -283,7 +286,9 @@ class JudgeServer:
         await self._occupy_slot()
         stats.served += 1
         return web.json_response(
-            self._completion(body, image_key, dimension, limit, with_logprobs=fault is None)
+            self._completion(
+                body, image_key, dimension, limit, len(raw), with_logprobs=fault is None
+            )
         )
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -312,11 +317,13 @@ class JudgeServer:
 
     # -- behaviour ----------------------------------------------------------------------------
 
-    def _parse(self, body: Any) -> tuple[list[Any], str, str, int]:
+    def _parse(self, body: Any) -> tuple[bytes, str, str, int]:
+        # The messages' digest (for repeats), the image key, the dimension and top_logprobs.
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise BadRequest("'messages' must be a list")
         messages: list[Any] = body["messages"]
         image_hash = hashlib.sha256()
+        digest = hashlib.sha256()
         texts: list[str] = []
         system = ""
         for message in messages:
@@ -328,13 +335,19 @@ class JudgeServer:
                 text = part if isinstance(part, str) else None
                 if isinstance(part, dict) and part.get("type") == "text":
                     text = str(part.get("text", ""))
+                role = str(message.get("role"))
                 if text is not None:
                     texts.append(text)
-                    if message.get("role") == "system":
+                    if role == "system":
                         system += text
+                    digest.update(f"\x00{role}\x00text\x00{len(text)}\x00{text}".encode())
                 elif isinstance(part, dict) and part.get("type") == "image_url":
                     url = str((part.get("image_url") or {}).get("url", ""))
-                    image_hash.update(_checked_image(url))
+                    image, key = self._checked_image(url)
+                    image_hash.update(image)
+                    # A file is named by its URL, a data URL by its content's digest.
+                    named = url.encode() if url.startswith("file:") else key
+                    digest.update(f"\x00{role}\x00image\x00".encode() + named)
                 else:
                     raise BadRequest(f"unsupported content part: {str(part)[:80]}")
         limit = body.get("top_logprobs") or 0
@@ -344,7 +357,20 @@ class JudgeServer:
         # The image identifies the question's subject; the prompt text separates images that
         # happen to be identical (a blank image made for two prompts).
         image_key = image_hash.hexdigest() + hashlib.sha256(user_text.encode()).hexdigest()
-        return messages, image_key, _dimension_named(system or " ".join(texts)), limit
+        dimension = _dimension_named(system or " ".join(texts))
+        return digest.digest(), image_key, dimension, limit
+
+    def _checked_image(self, url: str) -> tuple[bytes, bytes]:
+        # The image's bytes and digest. Each image is asked about on two dimensions:
+        # it is decoded and verified once.
+        data = _image_bytes(url)
+        key = hashlib.sha256(data).digest()
+        if key not in self._verified:
+            _verify(data)
+            if len(self._verified) >= VERIFIED_IMAGES:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[key] = None
+        return data, key
 
     def _draw_fault(self) -> Fault | None:
         draw = self._random.random()
@@ -409,6 +435,7 @@ class JudgeServer:
         image_key: str,
         dimension: str,
         limit: int,
+        size: int,
         *,
         with_logprobs: bool,
     ) -> dict[str, Any]:
@@ -423,7 +450,7 @@ class JudgeServer:
             entries = [_token_entry(t, lp) for t, lp in top[:limit]]
             logprobs = {"content": [{**_token_entry(token, logprob), "top_logprobs": entries}]}
         completion_tokens = 1 if max_tokens == 1 else 2
-        prompt_tokens = 300 + len(json.dumps(body.get("messages", ""))) // 400
+        prompt_tokens = 300 + size // 400  # a stand-in: vLLM would count the real tokens
         return {
             "id": f"chatcmpl-{self._stats.served}",
             "object": "chat.completion",
@@ -464,10 +491,8 @@ def _dimension_named(text: str) -> str:
     return "unknown"
 
 
-def _checked_image(url: str) -> bytes:
-    """The bytes of a ``data:`` or ``file://`` image URL, verified as an image."""
-    from PIL import Image, UnidentifiedImageError
-
+def _image_bytes(url: str) -> bytes:
+    """The bytes of a ``data:`` or ``file://`` image URL."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if not header.endswith(";base64"):
@@ -483,12 +508,17 @@ def _checked_image(url: str) -> bytes:
             raise BadRequest(f"cannot read the image file: {exc.strerror}") from None
     else:
         raise BadRequest("image URLs must be data: or file:// URLs")
+    return data
+
+
+def _verify(data: bytes) -> None:
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         raise BadRequest("the image cannot be decoded") from None
-    return data
 
 
 def dimension_of(text: str) -> Dimension | None:
