@@ -28,6 +28,7 @@ from trig_stream.dimensions import (
 )
 from trig_stream.errors import DatasetError
 from trig_stream.records import QuarantinedRecord, Sample
+from trig_stream.string_index import StringIndex
 
 # Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
 # image), large for text-only files, where the per-batch cost dominates.
@@ -71,7 +72,9 @@ class DatasetSource:
         Raises:
             DatasetError: the dataset cannot be opened or is not in a TRIG format.
         """
-        seen: set[str] = set()
+        # Every data_id read so far, for the duplicate check: one entry per sample for the
+        # whole run, so a compact index rather than a set of str (~40 instead of ~100 bytes).
+        seen = StringIndex()
         produced = 0
         limit = self.section.limit
         for index, raw in enumerate(self._raw_records()):
