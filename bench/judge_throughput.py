@@ -4,7 +4,8 @@ Both sides ask the simulated judge (``simulate-judge``: 50 ms per request, 64 sl
 own process) the same questions: N images x 2 dimensions.
 
 * trig-stream: the engine with the synthetic generator and the ``openai`` judge at
-  concurrency 64, from start to the last durable judgement (generation included).
+  concurrency 64, from start to the last durable judgement (generation included). The
+  server's ``busy_slot_s`` (``GET /stats``) gives how full its slots were over that time.
 * upstream-shaped: one blocking request at a time with the ``openai`` sync client, the image
   read and base64-encoded for every request, ``top_logprobs = 5`` and no ``max_tokens``. It
   is timed on a subset of the requests and extrapolated to all of them (it is linear: one
@@ -28,6 +29,9 @@ import time
 from pathlib import Path
 
 import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import judge_stats
 
 from trig_stream.config import RunConfig
 from trig_stream.dimensions import DIMENSIONS
@@ -152,9 +156,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             write_dataset(root / "prompts.json", args.images)
+            busy_before = judge_stats(base_url)["busy_slot_s"]
             engine_s, ok = anyio.run(
                 run_engine, root / "prompts.json", root / "runs", base_url, args.concurrency
             )
+            busy_s = judge_stats(base_url)["busy_slot_s"] - busy_before
             images = sorted((root / "runs").rglob("*.png"))
             sequential_s = run_sequential(images, base_url, args.sequential)
     finally:
@@ -168,6 +174,10 @@ def main() -> None:
     print(
         f"trig-stream engine:   {total} requests ({ok} ok) in {engine_s:.2f} s "
         f"= {total / engine_s:.0f} req/s (generation included, concurrency {args.concurrency})"
+    )
+    print(
+        f"server slots busy during the engine run: {busy_s / (args.capacity * engine_s):.0%} "
+        f"on average ({busy_s:.1f} slot-seconds of {args.capacity * engine_s:.1f})"
     )
     print(
         f"upstream-shaped loop: {args.sequential} requests in {sequential_s:.2f} s "

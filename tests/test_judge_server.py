@@ -80,6 +80,7 @@ async def test_answer_has_openai_shape_and_repeats_are_counted() -> None:
     assert answers[1]["choices"] == answers[0]["choices"]  # the same question, the same answer
     assert stats["received"] == 3 and stats["served"] == 3
     assert stats["repeated"] == 1
+    assert stats["busy_slot_s"] > 0  # each answer held a slot for a moment
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,9 @@ class ServerStats(BaseModel):
     waiting: int = 0
     max_running: int = 0
     max_waiting: int = 0
+    busy_slot_s: float = 0.0
+    """Seconds of slot time taken by requests so far (summed over slots): divided by the
+    capacity and a span of time, how full the slots were over it."""
 
 
 class BadRequest(Exception):
@@ -419,12 +422,14 @@ class JudgeServer:
         stats.running += 1
         stats.max_running = max(stats.max_running, stats.running)
         self._notify()
+        taken = time.perf_counter()
         try:
             assert self._released is not None
             await self._released.wait()
             if self.options.latency_s:
                 await asyncio.sleep(self.options.latency_s)
         finally:
+            stats.busy_slot_s += time.perf_counter() - taken
             stats.running -= 1
             self._slots.release()
             self._notify()
