@@ -214,6 +214,7 @@ class RunDir:
         self.journal = Journal(path / JOURNAL)
         self._lock: IO[bytes] | None = None
         self._quarantine: IO[bytes] | None = None
+        self._image_dirs: dict[tuple[str, str], Path] = {}
 
     @classmethod
     def open(cls, path: Path, manifest: Manifest) -> tuple[RunDir, JournalState]:
@@ -244,7 +245,10 @@ class RunDir:
 
     def image_path(self, task: str, model: str, data_id: str) -> Path:
         """Where the image of ``data_id`` by ``model`` lives (names are checked safe upstream)."""
-        return self.path / IMAGES / task / model / f"{data_id}.png"
+        folder = self._image_dirs.get((task, model))
+        if folder is None:  # a path join costs microseconds, and every image needs one
+            folder = self._image_dirs[task, model] = self.path / IMAGES / task / model
+        return folder / f"{data_id}.png"
 
     def quarantine(self, record: QuarantinedRecord) -> None:
         if self._quarantine is not None:
