@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,12 @@ def write_dataset(path: Path, images: int) -> None:
             }
         )
     path.write_text(json.dumps(records))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(latency: float, capacity: int) -> tuple[subprocess.Popen[str], str]:
@@ -157,9 +164,12 @@ def main() -> None:
             root = Path(tmp)
             write_dataset(root / "prompts.json", args.images)
             busy_before = judge_stats(base_url)["busy_slot_s"]
+            server_cpu, engine_cpu = cpu_seconds(process.pid), time.process_time()
             engine_s, ok = anyio.run(
                 run_engine, root / "prompts.json", root / "runs", base_url, args.concurrency
             )
+            engine_cpu = time.process_time() - engine_cpu
+            server_cpu = cpu_seconds(process.pid) - server_cpu
             busy_s = judge_stats(base_url)["busy_slot_s"] - busy_before
             images = sorted((root / "runs").rglob("*.png"))
             sequential_s = run_sequential(images, base_url, args.sequential)
@@ -178,6 +188,10 @@ def main() -> None:
     print(
         f"server slots busy during the engine run: {busy_s / (args.capacity * engine_s):.0%} "
         f"on average ({busy_s:.1f} slot-seconds of {args.capacity * engine_s:.1f})"
+    )
+    print(
+        f"CPU per request: engine {engine_cpu / total * 1000:.2f} ms, "
+        f"server {server_cpu / total * 1000:.2f} ms ({os.cpu_count()} cores in all)"
     )
     print(
         f"upstream-shaped loop: {args.sequential} requests in {sequential_s:.2f} s "
