@@ -1,7 +1,9 @@
 """What the engine costs a generator: tiny Flux through the engine vs a plain loop.
 
-Both sides load the same tiny random-weight Flux pipeline (64x64, 2 steps) from a folder,
-warm it up with one image, then make ``--images`` images with the same seeds:
+Both sides load the same tiny random-weight Flux pipeline from a folder, warm it up with one
+image, then make ``--images`` images with the same seeds, at two sizes: 64x64 in 2 steps
+(~8 ms an image here: the call is almost all Python, so whatever else the process does
+competes with it for the interpreter lock) and 128x128 in 4 steps:
 
 * **loop**: ``pipe(...)`` per batch, then PNG encode and write each image (what any script
   must do to keep its images);
@@ -38,19 +40,19 @@ from trig_stream.config import parse_config
 from trig_stream.records import Sample
 from trig_stream.testing.tiny_pipelines import TINY_CALL, build_tiny_pipeline
 
-SIZE = 64
-STEPS = 2
+SIZES = ((64, 2), (128, 4))
+"""(side, steps) measured by default: a Python-bound call (~8 ms an image) and a larger one."""
 
 
-def options(path: Path) -> dict[str, Any]:
+def options(path: Path, size: int, steps: int) -> dict[str, Any]:
     return {
         "pipeline": "FluxPipeline",
         "checkpoint": str(path),
         "devices": ["cpu"],
         "local_files_only": True,
-        "steps": STEPS,
-        "height": SIZE,
-        "width": SIZE,
+        "steps": steps,
+        "height": size,
+        "width": size,
         "call": TINY_CALL["flux"],
     }
 
@@ -82,14 +84,14 @@ class TimedGenerator(DiffusersGenerator):
         self.loaded_at = time.perf_counter()
 
 
-def plain_loop(path: Path, images: int, batch: int, out: Path) -> float:
+def plain_loop(path: Path, images: int, batch: int, out: Path, size: int, steps: int) -> float:
     """Images per second of the pipeline called directly, PNGs written."""
     import diffusers
     import torch
 
     pipe = diffusers.FluxPipeline.from_pretrained(str(path), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {"height": SIZE, "width": SIZE, "num_inference_steps": STEPS, **TINY_CALL["flux"]}
+    kwargs = {"height": size, "width": size, "num_inference_steps": steps, **TINY_CALL["flux"]}
     with torch.inference_mode():
         pipe("warm", generator=torch.Generator().manual_seed(0), **kwargs)
         started = time.perf_counter()
@@ -107,19 +109,26 @@ def plain_loop(path: Path, images: int, batch: int, out: Path) -> float:
     return images / (time.perf_counter() - started)
 
 
-async def through_engine(path: Path, images: int, batch: int, root: Path) -> float:
+async def through_engine(
+    path: Path, images: int, batch: int, root: Path, size: int, steps: int
+) -> float:
     """Images per second through the engine (fake judge), after load and warm-up."""
     data = {
         "run": {"name": f"bench-{batch}", "output_dir": str(root / "runs")},
         "dataset": {"path": str(write_prompts(root / "prompts.json", images))},
         "generators": [
-            {"name": "tiny", "backend": "diffusers", "batch_size": batch, "options": options(path)}
+            {
+                "name": "tiny",
+                "backend": "diffusers",
+                "batch_size": batch,
+                "options": options(path, size, steps),
+            }
         ],
         "judges": [{"backend": "fake"}],
     }
     config = parse_config(data, source=root / "config.toml")
     generator = TimedGenerator(
-        "tiny", DiffusersOptions.model_validate(options(path)), batch_size=batch
+        "tiny", DiffusersOptions.model_validate(options(path, size, steps)), batch_size=batch
     )
     async with Engine(config, generators=[generator]) as engine:
         async for _ in engine.results:
@@ -129,12 +138,14 @@ async def through_engine(path: Path, images: int, batch: int, root: Path) -> flo
     return images / (finished - generator.loaded_at)
 
 
-def measure(mode: str, batch: int, images: int, pipeline: Path, root: Path) -> float:
+def measure(
+    mode: str, batch: int, images: int, pipeline: Path, root: Path, size: int, steps: int
+) -> float:
     """One measurement, in this process."""
     root.mkdir(parents=True)
     if mode == "loop":
-        return plain_loop(pipeline, images, batch, root)
-    return anyio.run(through_engine, pipeline, images, batch, root)
+        return plain_loop(pipeline, images, batch, root, size, steps)
+    return anyio.run(through_engine, pipeline, images, batch, root, size, steps)
 
 
 def main() -> None:
@@ -142,7 +153,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--one", nargs=4, metavar=("MODE", "BATCH", "PIPELINE", "ROOT"))
+    parser.add_argument("--one", nargs=6, metavar=("MODE", "BATCH", "SIZE", "STEPS", "PIPE", "DIR"))
     args = parser.parse_args()
     import diffusers
 
@@ -151,33 +162,36 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        mode, batch, pipeline, root = args.one
-        print(measure(mode, int(batch), args.images, Path(pipeline), Path(root)))
+        mode, batch, size, steps, pipeline, root = args.one
+        rate = measure(
+            mode, int(batch), args.images, Path(pipeline), Path(root), int(size), int(steps)
+        )
+        print(rate)
         return
     # Every measurement runs in a fresh process: torch's idle OpenMP threads from one
     # measurement would otherwise spin and steal the CPU from the next.
-    import torch
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         path = build_tiny_pipeline("flux", root / "flux-tiny")
-        threads = args.threads
-        print(f"tiny Flux, {SIZE}x{SIZE}, {STEPS} steps, {args.images} images, CPU "
-              f"({threads} torch threads); median of {args.repeats} runs")  # fmt: skip
-        for batch in (1, 4):
-            rates: dict[str, list[float]] = {"loop": [], "engine": []}
-            for repeat in range(args.repeats):
-                for mode in rates:
-                    where = root / f"{mode}-{batch}-{repeat}"
-                    command = [sys.executable, __file__, "--images", str(args.images)]
-                    command += ["--threads", str(args.threads)]
-                    command += ["--one", mode, str(batch), str(path), str(where)]
-                    done = subprocess.run(command, capture_output=True, text=True, check=True)
-                    rates[mode].append(float(done.stdout.strip().splitlines()[-1]))
-            loop, engine = statistics.median(rates["loop"]), statistics.median(rates["engine"])
-            overhead = (loop / engine - 1.0) * 100.0
-            print(f"batch {batch}: loop {loop:6.1f} img/s   engine {engine:6.1f} img/s   "
-                  f"engine overhead {overhead:+.1f}%", flush=True)  # fmt: skip
+        print(f"tiny Flux, {args.images} images, CPU ({args.threads} torch threads); "
+              f"median of {args.repeats} runs, loop and engine runs alternating")  # fmt: skip
+        for size, steps in SIZES:
+            for batch in (1, 4):
+                rates: dict[str, list[float]] = {"loop": [], "engine": []}
+                for repeat in range(args.repeats):
+                    for mode in rates:
+                        where = root / f"{mode}-{size}-{batch}-{repeat}"
+                        command = [sys.executable, __file__, "--images", str(args.images)]
+                        command += ["--threads", str(args.threads), "--one", mode, str(batch)]
+                        command += [str(size), str(steps), str(path), str(where)]
+                        done = subprocess.run(command, capture_output=True, text=True, check=True)
+                        rates[mode].append(float(done.stdout.strip().splitlines()[-1]))
+                loop = statistics.median(rates["loop"])
+                engine = statistics.median(rates["engine"])
+                overhead = (loop / engine - 1.0) * 100.0
+                print(f"{size}x{size}, {steps} steps, batch {batch}: loop {loop:6.1f} img/s   "
+                      f"engine {engine:6.1f} img/s   engine overhead {overhead:+.1f}%",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Soak: a long run at concurrency 256 against the loopback judge; memory and descriptors.
 
 The engine runs in this process with the ``openai`` judge at concurrency 256 against
-``simulate-judge`` (256 slots, zero latency) in its own process, over ``--items`` judgements
+``simulate-judge`` (256 slots, ``--latency`` 0.25 s per request, so that ~256 requests are in
+flight at ~1,000 per second; at zero latency each answer comes back before the next request
+is sent and only a few connections are ever open) in its own process, over ``--items`` judgements
 (half as many prompts, two dimensions each). Every ``--every`` judgements it prints the
 resident memory and the open file descriptors (``/proc/self/fd``) of this process; at the end
 it compares the last samples with those of the first quarter: both should be flat (goal:
 RSS growth within a few MiB, no descriptor growth).
 
-    .venv/bin/python bench/soak.py [--items 100000] [--every 10000]
+    .venv/bin/python bench/soak.py [--items 100000] [--every 10000] [--latency 0.25]
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=100_000, help="judgements")
     parser.add_argument("--every", type=int, default=10_000)
+    parser.add_argument(
+        "--latency", type=float, default=0.25, help="server seconds per request: fills its slots"
+    )
     args = parser.parse_args()
-    process, url = start_judge("--latency", "0", "--capacity", "256")
+    process, url = start_judge("--latency", str(args.latency), "--capacity", "256")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             samples = anyio.run(soak, Path(tmp), url, args.items, args.every)
