@@ -19,6 +19,7 @@ from trig_stream.analysis.relations import AnalysisKey
 from trig_stream.engine import Engine
 from trig_stream.records import Judgement
 from trig_stream.stats import EngineStats, ModelCounts
+from trig_stream.string_index import StringIndex
 from trig_stream.tui.snapshot import (
     FINISHED_STATES,
     CountRate,
@@ -118,7 +119,8 @@ class EngineSource:
         self._relations: tuple[RelationView, ...] = ()
         self._relations_at: float | None = None
         self._relations_final = False
-        self._images_judged: dict[str, set[str]] | None = None
+        # Per model, the images with a judgement: compact, as a run may have 100k of them.
+        self._images_judged: dict[str, StringIndex] | None = None
         self.ended = False
         """``results`` has been exhausted."""
 
@@ -127,7 +129,10 @@ class EngineSource:
         if self._images_judged is None:
             self._images_judged = {}
         if judgement.error_stage != "generate":
-            self._images_judged.setdefault(judgement.model, set()).add(judgement.data_id)
+            judged = self._images_judged.get(judgement.model)
+            if judged is None:
+                judged = self._images_judged[judgement.model] = StringIndex()
+            judged.add(judgement.data_id)
 
     def end(self) -> None:
         """Say that ``results`` is exhausted: the run makes no more progress."""
