@@ -1,0 +1,34 @@
+"""The dashboard's view of an engine run in this process."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ConfigFactory
+from trig_stream import Engine
+from trig_stream.tui.sources import EngineSource
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_images_waiting_for_a_judgement_are_counted_per_model(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=10)
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+        source = EngineSource(engine)
+        before = await source.snapshot()
+        # Each image has two judgements: seeing one of them counts the image as judged.
+        for judgement in results[:7]:
+            source.observe(judgement)
+        partway = await source.snapshot()
+        for judgement in results[7:]:
+            source.observe(judgement)
+        source.end()
+        after = await source.snapshot()
+    (model,) = before.models
+    assert model.images == 10 and model.judging is None  # unknown until observed
+    judged = {j.data_id for j in results[:7]}
+    assert partway.models[0].judging == 10 - len(judged)
+    assert after.models[0].judging == 0
