@@ -50,10 +50,11 @@ _SLOT_JSON = json.dumps(IMAGE_SLOT).encode()
 
 @dataclass(frozen=True, slots=True)
 class EncodedImage:
-    """An image's URL (``data:`` or ``file://``), also encoded as a JSON string literal."""
+    """An image's URL (``data:`` or ``file://``), and the same as a JSON string literal."""
 
     url: str
-    json: bytes
+    literal: bytes
+    """``url`` JSON-encoded, quotes included: what a request body holds."""
 
     @classmethod
     def of(cls, url: str) -> EncodedImage:
@@ -135,7 +136,7 @@ class AiohttpTransport:
         head, slot, tail = json.dumps(body, separators=(",", ":")).encode().partition(_SLOT_JSON)
         if not slot:
             raise ValueError("the request body has no image slot")
-        data = b"".join((head, image.json, tail))
+        data = b"".join((head, image.literal, tail))
         try:
             async with session.post(self._target, data=data, headers=self._headers) as response:
                 status = response.status
