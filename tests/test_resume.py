@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ConfigFactory
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunLockedError
-from trig_stream.store import JOURNAL, Journal, write_atomic_many
+from trig_stream.store import JOURNAL, Journal, JournalState, write_atomic_many
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
@@ -191,3 +191,18 @@ def test_files_written_together_are_complete_and_leave_no_temporary_files(
         )
     assert (tmp_path / "a" / "four.png").read_bytes() == b"fourth"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["four.png", "one.png", "two.png"]
+
+
+def test_journal_state_keeps_the_latest_status_of_each_key() -> None:
+    state = JournalState()
+    first = ("synth", "IQ-R_TA-C_1", "IQ-R", "trigscore")
+    other_metric = ("synth", "IQ-R_TA-C_1", "IQ-R", "toxicity")
+    state.record(first, "error")
+    state.record(other_metric, "ok")
+    assert state.is_done(first, retry_errors=False)
+    assert not state.is_done(first, retry_errors=True)  # a failure is asked again
+    state.record(first, "ok")  # a later line wins
+    assert state.status(first) == "ok" and state.is_done(first, retry_errors=True)
+    assert state.status(("synth", "IQ-R_TA-C_1", "TA-C", "trigscore")) is None
+    assert state.status(("other", "IQ-R_TA-C_1", "IQ-R", "trigscore")) is None
+    assert len(state) == 2
