@@ -28,6 +28,7 @@ from trig_stream.pipeline import (
     describe_error,
     failed_judgement,
     send_now,
+    take_ready,
 )
 from trig_stream.records import GeneratedImage, Judgement
 
@@ -95,11 +96,7 @@ class GenerationStage:
                 if self._context.is_stopping():
                     continue  # graceful stop: queued samples are new work; drop them
                 batch = [first]
-                while len(batch) < self._generator.batch_size:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
+                take_ready(receive, batch, self._generator.batch_size)
                 made = await anyio.to_thread.run_sync(
                     self._generate_batch, worker, batch, limiter=limiter
                 )
