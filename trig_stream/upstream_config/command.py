@@ -1,0 +1,79 @@
+"""The ``trig-stream import-config`` command: convert an upstream YAML file, print or write it.
+
+The conversion itself is :func:`~trig_stream.upstream_config.convert.import_config`; this
+module adds the command's arguments to ``trig-stream`` and shows its warnings on the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from trig_stream.errors import ConfigError
+from trig_stream.upstream_config.convert import import_config
+
+EXIT_OK = 0
+
+
+def add_import_config_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``import-config`` to the ``trig-stream`` command's subparsers.
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers`` returned.
+
+    Returns:
+        The command's parser (its handler is set as the ``handler`` default).
+    """
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "import-config",
+        help="convert a TRIG upstream YAML config into a trig-stream TOML config",
+        description=(
+            "Convert a TRIG upstream YAML config (models, image_dirs, trig_api judges, "
+            "dataset, relation thresholds) into a trig-stream TOML config. Every upstream key "
+            "left out is named in a warning and in a comment at the top of the TOML."
+        ),
+    )
+    parser.add_argument("yaml", type=Path, metavar="UPSTREAM_YAML")
+    parser.add_argument(
+        "-o", "--out", type=Path, help="write the TOML here (default: standard output)"
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        help="the folder upstream's relative paths start from, its project root "
+        "(default: the current folder)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    parser.set_defaults(handler=run_import_config)
+    return parser
+
+
+def run_import_config(args: argparse.Namespace, console: Console) -> int:
+    """Handle ``trig-stream import-config``.
+
+    Raises:
+        ConfigError: unreadable or unconvertible input, or an output file that exists.
+    """
+    out: Path | None = args.out
+    if out is not None and out.exists() and not args.force:
+        raise ConfigError(f"{out}: exists; pass --force to overwrite it")
+    conversion = import_config(args.yaml, out=out, root=args.root)
+    for line in conversion.warnings:
+        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+    if out is None:
+        sys.stdout.write(conversion.text)
+        sys.stdout.flush()
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(conversion.text, encoding="utf-8")
+        console.print(
+            f"wrote {escape(str(out))}: {len(conversion.config.generators)} model(s), "
+            f"{len(conversion.config.judges)} judge(s), {len(conversion.warnings)} warning(s)",
+            highlight=False,
+        )
+    return EXIT_OK

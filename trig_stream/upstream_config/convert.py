@@ -1,0 +1,400 @@
+"""Convert a TRIG upstream YAML config: the public API and the mapping of its top level.
+
+:func:`import_config` reads a YAML file and returns a :class:`Conversion`: the TOML text, the
+config it validates to, and the warnings. :class:`_Converter` reports each unknown top-level
+key, then fills the TOML one table at a time: ``[run]`` (name, task, result folder),
+``[dataset]`` (the prompt source), the generators (:mod:`.generators`), the judges
+(:mod:`.judges`) and ``[relation]`` (the DTM thresholds). It writes the TOML with
+:mod:`.toml_writer`'s helpers, warnings first as comments, and validates it like any config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+from typing import Any
+
+from trig_stream.config import RunConfig, parse_config
+from trig_stream.dimensions import DIMENSIONS, Task, normalise_task
+from trig_stream.errors import ConfigError
+from trig_stream.upstream_config.generators import Generator, GeneratorMapping
+from trig_stream.upstream_config.judges import ConvertedJudge, convert_judges
+from trig_stream.upstream_config.toml_writer import assignments, comment, safe_name
+
+TOP_LEVEL_KEYS = frozenset(
+    {
+        "name",
+        "task",
+        "dataset_name",
+        "prompt_path",
+        "image_path",
+        "description_path",
+        "start_idx",
+        "end_idx",
+        "generation",
+        "evaluation",
+        "dimensions",
+        "relation",
+    }
+)
+"""Upstream's top-level keys that the conversion reads."""
+
+UPSTREAM_DATASETS = frozenset({"RISys-Lab/TRIG", "TRIG-bench/TRIG"})
+UPSTREAM_SPLITS: Mapping[Task, str] = {
+    "t2i": "text_to_image",
+    "p2p": "image_editing",
+    "s2p": "subject_driven",
+}
+DTM_TASKS: Mapping[str, Task] = {"t2i_dtm": "t2i", "p2p_dtm": "p2p", "s2p_dtm": "s2p"}
+"""Upstream's task names for DTM-guided generation: the same task, with the pair passed on."""
+
+RELATION_THRESHOLDS = ("synergy", "bottleneck")
+INSIGHT_THRESHOLDS = ("synergy_density", "bottleneck_density", "dominance_ratio", "tradeoff_corr")
+CORRELATIONS = ("spearman_corr", "pearson_corr", "paretoF")
+REPORT_ONLY_RELATION_KEYS = ("plot", "heatmap", "tsne", "tradeoff", "quadrant_analysis")
+
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    """The result of converting one upstream YAML config.
+
+    Attributes:
+        text: the TOML config, comments included.
+        config: ``text`` parsed and validated (paths resolved against the output's folder).
+        warnings: one line per upstream key left out or setting to check, in file order.
+    """
+
+    text: str
+    config: RunConfig
+    warnings: tuple[str, ...]
+
+
+def load_upstream_yaml(path: Path) -> dict[str, Any]:
+    """Read an upstream YAML config (anchors and ``<<`` merge keys included).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping at the top.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read upstream config: {exc.strerror or exc}") from None
+    yaml: Any = importlib.import_module("yaml")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        # An alias to an anchor the file never defines is the usual culprit in upstream files.
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML: {message}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an upstream config is a mapping of keys at the top level")
+    return data
+
+
+def convert_upstream_config(
+    data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path
+) -> Conversion:
+    """Convert a parsed upstream config into the text of a trig-stream TOML config.
+
+    Args:
+        data: the YAML mapping (see :func:`load_upstream_yaml`).
+        source: the YAML file, named in the TOML's header and in messages.
+        root: the folder upstream's relative paths start from (its project root).
+        out_dir: the folder the TOML will live in; paths are written relative to it.
+
+    Raises:
+        ConfigError: the task has no counterpart, no model or folder converts to a
+            generator, or the result does not validate.
+    """
+    return _Converter(data, source=source, root=root, out_dir=out_dir).convert()
+
+
+def import_config(path: Path, *, out: Path | None = None, root: Path | None = None) -> Conversion:
+    """Read an upstream YAML config and convert it (nothing is written).
+
+    Args:
+        path: the upstream YAML file.
+        out: where the TOML will be written (its folder anchors relative paths); None for the
+            current folder.
+        root: upstream's project root; None for the current folder.
+    """
+    cwd = Path.cwd()
+    out_dir = (out.parent if out is not None else cwd).resolve()
+    return convert_upstream_config(
+        load_upstream_yaml(path), source=path, root=(root or cwd).resolve(), out_dir=out_dir
+    )
+
+
+# -- the conversion
+
+
+class _Converter:
+    """One conversion: the TOML's tables as they fill, and the warnings in the order met."""
+
+    def __init__(self, data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path) -> None:
+        self.data = data
+        self.source = source
+        self.root = root
+        self.out_dir = out_dir
+        self.warnings: list[str] = []
+        self.task: Task = "t2i"
+        self.generators: list[Generator] = []
+        self.judges: list[tuple[str, ConvertedJudge]] = []
+        self.run: dict[str, Any] = {}
+        self.dataset: dict[str, Any] = {}
+        self.relation: dict[str, Any] = {}
+
+    def warn(self, key: str, message: str) -> None:
+        self.warnings.append(f"{key}: {message}")
+
+    def convert(self) -> Conversion:
+        for key in self.data:
+            if key not in TOP_LEVEL_KEYS:
+                self._extra_top_level(str(key), self.data[key])
+        self._run()
+        self._dataset()
+        self._generators()
+        self._judges()
+        self._relation()
+        if not self.generators:
+            raise ConfigError(
+                f"{self.source}: nothing to evaluate: no model of generation.models and no "
+                "folder of evaluation.image_dirs converts to a generator"
+                + "".join(f"\n  {w}" for w in self.warnings)
+            )
+        text = self._render()
+        virtual = self.out_dir / "imported.toml"
+        try:
+            config = parse_config(tomllib.loads(text), source=virtual, text=text)
+        except (ConfigError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(
+                f"{self.source}: the converted config does not validate:\n{exc}"
+            ) from None
+        return Conversion(text=text, config=config, warnings=tuple(self.warnings))
+
+    # -- top level
+
+    def _extra_top_level(self, key: str, value: Any) -> None:
+        if key == "API_KEY":
+            self.warn(key, "not copied: secrets never go into a config (judges name a variable)")
+        elif isinstance(value, Mapping) and "name" in value:
+            self.warn(
+                key,
+                "left out: a metric definition; only its uses under `dimensions` "
+                "(through YAML anchors) are converted",
+            )
+        else:
+            self.warn(key, "unknown upstream key, left out")
+
+    def _run(self) -> None:
+        raw_name = self.data.get("name")
+        name = str(raw_name) if raw_name not in (None, "") else self.source.stem
+        safe = safe_name(name)
+        if safe != name:
+            self.warn("name", f"{name!r} is not a valid run name here; using {safe!r}")
+        self.run["name"] = safe
+        raw_task = self.data.get("task", "t2i")
+        task_name = str(raw_task)
+        if task_name in DTM_TASKS:
+            self.task = DTM_TASKS[task_name]
+            self.warn(
+                "task",
+                f"{task_name!r} is {self.task!r} here: dtm_rewrite generators receive each "
+                "sample's pair whatever the task",
+            )
+        else:
+            try:
+                self.task = normalise_task(task_name)
+            except ValueError:
+                raise ConfigError(
+                    f"{self.source}: task: {task_name!r} has no counterpart here "
+                    "(t2i, p2p, s2p or sub; t2i_dtm, p2p_dtm, s2p_dtm)"
+                ) from None
+        self.run["task"] = self.task
+        evaluation = self.data.get("evaluation")
+        if isinstance(evaluation, Mapping) and evaluation.get("result_dir"):
+            # Read first: a dtm_rewrite generator's report path is under the output folder.
+            key = "evaluation.result_dir"
+            self.run["output_dir"] = self._path(str(evaluation["result_dir"]), key)
+
+    def _dataset(self) -> None:
+        prompt_path = self.data.get("prompt_path")
+        dataset_name = self.data.get("dataset_name")
+        split = UPSTREAM_SPLITS[self.task]
+        if prompt_path:
+            self.dataset["path"] = self._path(str(prompt_path), "prompt_path")
+            if dataset_name:
+                self.warn(
+                    "dataset_name",
+                    "left out: prompt_path is given, and upstream reads it first",
+                )
+        else:
+            name = str(dataset_name or "RISys-Lab/TRIG")
+            folder = f"data/TRIG/{self.task}"
+            self.dataset["path"] = self._path(folder, "dataset_name")
+            extra = "" if name in UPSTREAM_DATASETS else f" (upstream named {name!r})"
+            self.warn(
+                "dataset_name",
+                f"the {split} split is read from local parquet files{extra}: download them "
+                f"with `hf download RISys-Lab/TRIG --repo-type dataset --include "
+                f"'data/{split}-*' --local-dir {folder}` in {self.root}, or edit "
+                "[dataset] path",
+            )
+        image_path = self.data.get("image_path")
+        if image_path:
+            self.dataset["image_root"] = self._path(str(image_path), "image_path")
+        if "description_path" in self.data:
+            self.warn("description_path", "left out: upstream no longer uses it")
+        start = self.data.get("start_idx")
+        end = self.data.get("end_idx")
+        if start not in (None, 0):
+            self.warn(
+                "start_idx",
+                f"left out ({start!r}): samples cannot be skipped by position here; use "
+                "[dataset] pairs or dimensions to select samples",
+            )
+            if end is not None:
+                self.warn("end_idx", "left out with start_idx")
+        elif end is not None:
+            if isinstance(end, int) and not isinstance(end, bool) and end >= 1:
+                self.dataset["limit"] = end
+            else:
+                self.warn("end_idx", f"left out: {end!r} is not a positive whole number")
+
+    # -- generators and judges
+
+    def _generators(self) -> None:
+        mapping = GeneratorMapping(
+            task=self.task,
+            output_dir=self._output_dir_for_report(),
+            warn=self.warn,
+            path=self._path,
+        )
+        mapping.add_generation(self.data.get("generation"))
+        mapping.add_evaluation(self.data.get("evaluation"))
+        self.generators = mapping.generators
+
+    def _judges(self) -> None:
+        self.judges = convert_judges(self.data.get("dimensions"), self.warn)
+        covered = {d for _, judge in self.judges for d in judge.dimensions}
+        if covered != set(DIMENSIONS):
+            self.dataset["dimensions"] = sorted(covered, key=DIMENSIONS.index)
+            absent = [d for d in DIMENSIONS if d not in covered]
+            self.warn(
+                "dimensions",
+                f"no metric for {', '.join(absent)}: [dataset] dimensions keeps the samples "
+                "with a judged dimension and judges only those",
+            )
+
+    # -- relation
+
+    def _relation(self) -> None:
+        relation = self.data.get("relation")
+        if relation is None:
+            return
+        if not isinstance(relation, Mapping):
+            self.warn("relation", "left out: expected a mapping")
+            return
+        for key, value in relation.items():
+            where = f"relation.{key}"
+            if key == "metric":
+                if value in CORRELATIONS:
+                    self.relation["correlation"] = value
+                else:
+                    self.warn(where, f"left out: {value!r} is not one of {', '.join(CORRELATIONS)}")
+            elif key == "thresholds":
+                self._thresholds(value, where, RELATION_THRESHOLDS)
+            elif key == "insight_thresholds":
+                self._thresholds(value, where, INSIGHT_THRESHOLDS)
+            elif key in ("models", "res"):
+                self.warn(
+                    where,
+                    "left out: the run analyses its own models; `trig-stream analyze FILE` "
+                    "analyses an upstream result file",
+                )
+            elif key in REPORT_ONLY_RELATION_KEYS:
+                self.warn(
+                    where,
+                    "left out: the report always has the DTM, scatter grid, t-SNE map and "
+                    "trade-off graph (plots extra)",
+                )
+            else:
+                self.warn(where, "unknown or unsupported upstream key, left out")
+
+    def _thresholds(self, value: Any, where: str, names: tuple[str, ...]) -> None:
+        if not isinstance(value, Mapping):
+            self.warn(where, "left out: expected a mapping")
+            return
+        for key, number in value.items():
+            if key not in names:
+                self.warn(f"{where}.{key}", "unknown threshold, left out")
+            elif isinstance(number, int | float) and not isinstance(number, bool):
+                self.relation[str(key)] = float(number)
+            else:
+                self.warn(f"{where}.{key}", f"left out: {number!r} is not a number")
+
+    # -- paths and output
+
+    def _path(self, value: str, key: str) -> str:
+        if _WINDOWS_PATH.match(value):
+            self.warn(key, f"a Windows path, written as it is: {value}")
+            return PureWindowsPath(value).as_posix()
+        path = Path(value)
+        if path.is_absolute():
+            return path.as_posix()
+        try:
+            return Path(os.path.relpath(self.root / path, self.out_dir)).as_posix()
+        except ValueError:  # another drive
+            return (self.root / path).as_posix()
+
+    def _output_dir_for_report(self) -> str:
+        output_dir = self.run.get("output_dir")
+        if output_dir is None:
+            return "runs"
+        return str(output_dir)
+
+    def _render(self) -> str:
+        lines = [
+            f"# Converted by `trig-stream import-config` from {comment(str(self.source))}",
+            "# (a TRIG upstream YAML config). Relative paths are relative to this file's folder.",
+        ]
+        if self.warnings:
+            lines.append("#")
+            lines.append(f"# Left out or to check ({len(self.warnings)}):")
+            lines.extend(f"#   - {comment(w)}" for w in self.warnings)
+        lines += ["", "[run]"]
+        lines += assignments(
+            {
+                "name": self.run["name"],
+                "output_dir": self.run.get("output_dir", "runs"),
+                "task": self.run["task"],
+            }
+        )
+        lines += ["", "[dataset]", *assignments(self.dataset)]
+        for name, backend, options in self.generators:
+            lines += ["", "[[generators]]", *assignments({"name": name, "backend": backend})]
+            lines += ["[generators.options]", *assignments(options)]
+        for name, judge in self.judges:
+            lines += ["", "[[judges]]"]
+            lines += assignments(
+                {"name": name, "backend": "openai", "concurrency": 16, "scorer": "trig"}
+            )
+            lines.append("# upstream scored with its own TRIGScore, reproduced by scorer = trig")
+            judge_options: dict[str, Any] = {
+                "base_url": judge.endpoint.rstrip("/"),
+                "model": judge.model,
+                "top_logprobs": judge.top_logprobs,
+            }
+            if judge.api_key_env is not None:
+                judge_options["api_key_env"] = judge.api_key_env
+            lines += ["[judges.options]", *assignments(judge_options)]
+        if self.relation:
+            lines += ["", "[relation]", *assignments(self.relation)]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,173 @@
+"""Upstream's models and image folders as trig-stream generators (``import-config``).
+
+``generation.models`` lists upstream aliases: one with a diffusers preset becomes a
+``diffusers`` generator on a GPU of its own, ``dalle3`` the ``openai_images`` generator, and
+``<alias>_dtm_dim`` a ``dtm_rewrite`` generator around the alias. Each folder of
+``evaluation.image_dirs`` becomes an ``image_folder`` generator, unless the run generates that
+model itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import PurePosixPath
+from typing import Any
+
+from trig_stream.backends.generators.presets import INPUT_TASKS, PRESETS, preset_names
+from trig_stream.dimensions import Task
+from trig_stream.upstream_config.toml_writer import safe_name
+
+Generator = tuple[str, str, dict[str, Any]]
+"""A converted generator: its name, its backend and its options table."""
+
+
+class GeneratorMapping:
+    """The generators of one conversion, in upstream's order.
+
+    Args:
+        task: the run's task; a model made for another task is left out.
+        output_dir: the run's output folder as the TOML writes it (a ``dtm_rewrite``
+            generator reads its DTM from an earlier run's report under it).
+        warn: records a warning, ``warn(key, message)``.
+        path: an upstream path as the TOML writes it, ``path(value, key)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        task: Task,
+        output_dir: str,
+        warn: Callable[[str, str], None],
+        path: Callable[[str, str], str],
+    ) -> None:
+        self.task = task
+        self.output_dir = output_dir
+        self.warn = warn
+        self.path = path
+        self.generators: list[Generator] = []
+        self._devices = 0
+
+    def add_generation(self, generation: Any) -> None:
+        """Convert upstream's ``generation`` (its ``models``); None when the key is absent."""
+        if generation is None:
+            return
+        if not isinstance(generation, Mapping):
+            self.warn("generation", "left out: expected a mapping with `models`")
+            return
+        for key in generation:
+            if key != "models":
+                self.warn(f"generation.{key}", "unknown upstream key, left out")
+        models = generation.get("models") or []
+        if isinstance(models, str):
+            models = [models]
+        for alias in models:
+            self._model(str(alias))
+
+    def add_evaluation(self, evaluation: Any) -> None:
+        """Convert upstream's ``evaluation`` (its ``image_dirs``); None when the key is absent."""
+        if evaluation is None:
+            return
+        if not isinstance(evaluation, Mapping):
+            self.warn("evaluation", "left out: expected a mapping with `image_dirs`")
+            return
+        for key, value in evaluation.items():
+            if key in ("image_dirs", "image_dir"):
+                dirs = [value] if isinstance(value, str) else list(value or [])
+                for folder in dirs:
+                    self._image_dir(str(folder), f"evaluation.{key}")
+            elif key == "result_dir":
+                continue  # read with [run]
+            elif key == "result_files":
+                self.warn(
+                    "evaluation.result_files",
+                    "left out: each model's upstream-format results are written to "
+                    "<run dir>/report/<model>/evaluation_result.json",
+                )
+            else:
+                self.warn(f"evaluation.{key}", "unknown upstream key, left out")
+
+    def _model(self, alias: str) -> None:
+        key = f"generation.models[{alias}]"
+        if alias.endswith("_dtm_dim"):
+            inner_alias = alias.removesuffix("_dtm_dim")
+            inner = self._plain_model(inner_alias, key)
+            if inner is None:
+                return
+            backend, options = inner
+            report = f"{self.output_dir}/{inner_alias}/report/{inner_alias}"
+            self._add_generator(
+                alias,
+                "dtm_rewrite",
+                {
+                    "inner": {"backend": backend, "options": options},
+                    "model": "gpt-4o",
+                    "api_key_env": "OPENAI_API_KEY",
+                    "report": f"{report}/relationship_codes.csv",
+                },
+            )
+            self.warn(
+                key,
+                f"dtm_rewrite around {inner_alias!r}: its DTM is read from an earlier run "
+                f"of {inner_alias!r} (options.report; or give options.relations), and "
+                "prompts are rewritten by options.model at options.base_url (OpenAI by "
+                "default): check all three",
+            )
+            return
+        if alias.endswith("_dtm"):
+            self.warn(key, "left out: upstream's DTM-tuned models have no counterpart here")
+            return
+        converted = self._plain_model(alias, key)
+        if converted is not None:
+            self._add_generator(alias, *converted)
+
+    def _plain_model(self, alias: str, key: str) -> tuple[str, dict[str, Any]] | None:
+        if alias == "dalle3":
+            if self.task != "t2i":
+                self.warn(key, f"left out: dalle3 makes t2i images, the task is {self.task}")
+                return None
+            self.warn(key, "openai_images (dall-e-3): export the key as OPENAI_API_KEY")
+            return "openai_images", {"model": "dall-e-3"}
+        preset = PRESETS.get(alias)
+        if preset is None:
+            self.warn(
+                key,
+                "left out: no diffusers preset for this upstream model (known: "
+                f"{', '.join(preset_names())}, dalle3, and <preset>_dtm_dim); a diffusers "
+                "generator with pipeline and checkpoint, or an image_folder of its images, "
+                "can stand in",
+            )
+            return None
+        preset_task = INPUT_TASKS[preset.inputs]
+        if preset_task != self.task:
+            self.warn(key, f"left out: a {preset_task} model, the task is {self.task}")
+            return None
+        device = f"cuda:{self._devices}"
+        self._devices += 1
+        return "diffusers", {"preset": alias, "devices": [device]}
+
+    def _add_generator(self, alias: str, backend: str, options: dict[str, Any]) -> None:
+        name = self._unique_generator_name(safe_name(alias))
+        self.generators.append((name, backend, options))
+
+    def _unique_generator_name(self, name: str) -> str:
+        taken = {g[0] for g in self.generators}
+        candidate, n = name, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{name}-{n}"
+        return candidate
+
+    def _image_dir(self, folder: str, key: str) -> None:
+        posix = folder.replace("\\", "/").rstrip("/")
+        alias = PurePosixPath(posix).name or "images"
+        name = safe_name(alias)
+        generated = {g[0] for g in self.generators if g[1] != "image_folder"}
+        if name in generated:
+            self.warn(
+                f"{key}[{folder}]",
+                f"left out: {name!r} is generated by this run (generation.models) and its "
+                "images are judged as they come",
+            )
+            return
+        path = self.path(folder, key)
+        self.generators.append((self._unique_generator_name(name), "image_folder", {"path": path}))

@@ -1,0 +1,74 @@
+"""TOML text for ``import-config``: names, keys, values and comments written by hand.
+
+The converted config is written line by line rather than by a TOML library so that its
+header can carry the conversion's warnings as comments and each table keeps upstream's order.
+These helpers give each piece its TOML form; the converter lays out the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from trig_stream.config import SAFE_NAME
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """``name`` as a valid run, generator or judge name here (``imported`` if nothing is left)."""
+    if SAFE_NAME.match(name):
+        return name
+    cleaned = _UNSAFE_NAME_CHARS.sub("-", name).strip("-._")[:128]
+    return cleaned if cleaned and SAFE_NAME.match(cleaned) else "imported"
+
+
+def comment(text: str) -> str:
+    """``text`` on one line, to follow a ``#``."""
+    return " ".join(text.split())
+
+
+def assignments(table: Mapping[str, Any]) -> list[str]:
+    """One ``key = value`` line per entry of ``table``."""
+    return [f"{toml_key(key)} = {toml_value(value)}" for key, value in table.items()]
+
+
+def toml_key(key: str) -> str:
+    """``key`` bare when TOML allows it, quoted otherwise."""
+    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
+
+
+def toml_value(value: Any) -> str:
+    """The TOML form of a bool, number, string, mapping (inline table) or list.
+
+    Raises:
+        TypeError: ``value`` has no TOML form.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # JSON's escapes are TOML's, except that TOML also forbids a raw DEL.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, Mapping):
+        if not value:
+            return "{}"
+        return (
+            "{ "
+            + ", ".join(f"{toml_key(str(k))} = {toml_value(v)}" for k, v in value.items())
+            + " }"
+        )
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
