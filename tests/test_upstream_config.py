@@ -12,11 +12,8 @@ from rich.console import Console
 
 from trig_stream.config import load_config
 from trig_stream.errors import ConfigError
-from trig_stream.upstream_config import (
-    _value,
-    add_import_config_command,
-    import_config,
-)
+from trig_stream.upstream_config import add_import_config_command, import_config
+from trig_stream.upstream_config.toml_writer import toml_value
 
 # Upstream's evaluation layout: judge definitions as YAML anchors, merged into each
 # dimension's metrics list; one image folder (and result file) per model.
@@ -289,7 +286,7 @@ def test_unconvertible_configs_are_refused(tmp_path: Path, text: str, message: s
     ["plain", 'quote " and back\\slash', "new\nline\ttab", "ünïcødé ✓", "del\x7fchar", ""],
 )
 def test_strings_survive_the_toml_writer(value: str) -> None:
-    assert tomllib.loads(f"key = {_value(value)}")["key"] == value
+    assert tomllib.loads(f"key = {toml_value(value)}")["key"] == value
 
 
 def run_command(argv: list[str]) -> tuple[int, str]:

@@ -64,9 +64,6 @@ from trig_stream.upstream_config.judges import (
     UPSTREAM_TOP_LOGPROBS,
 )
 
-# Under its name from before the split: the tests check values' TOML form through it.
-from trig_stream.upstream_config.toml_writer import toml_value as _value
-
 __all__ = [
     "CORRELATIONS",
     "DEFAULT_JUDGE_MODEL",
@@ -84,7 +81,6 @@ __all__ = [
     "UPSTREAM_SPLITS",
     "UPSTREAM_TOP_LOGPROBS",
     "Conversion",
-    "_value",
     "add_import_config_command",
     "convert_upstream_config",
     "import_config",
