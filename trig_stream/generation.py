@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
 from trig_stream.errors import FatalBackendError, TrigStreamError
 from trig_stream.pipeline import (
     ImageItem,
@@ -136,7 +137,7 @@ class GenerationStage:
     def _generate_batch(self, worker: int, batch: list[WorkItem]) -> _Made:
         # Runs in one of the generator's threads: reuse check, then one generate call.
         task = self._context.config.run.task
-        pictures: list[Image | GeneratedImage | str | None] = []
+        pictures: list[Image | EncodedPicture | GeneratedImage | str | None] = []
         missing: list[int] = []
         paths = [self._context.run_dir.image_path(task, w.model, w.sample.data_id) for w in batch]
         for index, (work, path) in enumerate(zip(batch, paths, strict=True)):
@@ -159,6 +160,7 @@ class GenerationStage:
             GenerationRequest(batch[i].model, batch[i].sample, batch[i].seed) for i in missing
         ]
         started = time.perf_counter()
+        images: Sequence[Image | EncodedPicture | Exception]
         try:
             images = self._generator.generate(
                 requests, worker=worker, cancel=self._context.cancel_generation
@@ -184,9 +186,12 @@ class GenerationStage:
                 outcomes.append(picture)
                 continue
             assert picture is not None
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
-            files.append((path, buffer.getvalue()))
+            if isinstance(picture, EncodedPicture):
+                files.append((path, picture.png))  # encoded in the generator's own process
+            else:
+                buffer = io.BytesIO()
+                picture.save(buffer, format="PNG")
+                files.append((path, buffer.getvalue()))
             outcomes.append(
                 GeneratedImage(
                     model=work.model,
@@ -210,7 +215,7 @@ class _Made:
     batch: list[WorkItem]
     paths: list[Path]
     """Where each work item's image lives."""
-    pictures: list[Image | GeneratedImage | str | None]
+    pictures: list[Image | EncodedPicture | GeneratedImage | str | None]
     latency_s: float
     """Generation time per new picture."""
 

@@ -27,6 +27,17 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
+class EncodedPicture:
+    """A picture already encoded as a PNG file's bytes: the engine writes them as they are.
+
+    A generator that makes its pictures in another process returns them this way, so the
+    engine's own process never decodes or encodes them again.
+    """
+
+    png: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One image to make for one sample."""
 
@@ -59,7 +70,7 @@ class Generator(ABC):
     @abstractmethod
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
-    ) -> list[Image | Exception]:
+    ) -> Sequence[Image | EncodedPicture | Exception]:
         """Make one image per request, in order; a failed item is its exception.
 
         Args:

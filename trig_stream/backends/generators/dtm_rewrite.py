@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
 from trig_stream.backends.generators.api_calls import (
     Sleep,
     api_key_from_env,
@@ -219,7 +219,7 @@ class DTMRewriteGenerator(Generator):
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
-    ) -> list[Image | Exception]:
+    ) -> Sequence[Image | EncodedPicture | Exception]:
         rewritten: list[GenerationRequest] = []
         for request in requests:
             if cancel.is_set():
