@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
-from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError, ItemError
 from trig_stream.records import Judgement, Sample
@@ -25,6 +25,7 @@ pytest.importorskip("diffusers")
 
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.backends.generators.pipeline_process import PipelineProcess
 from trig_stream.testing.tiny_pipelines import (
     PIPELINE_CLASSES,
     TINY_CALL,
@@ -321,3 +322,114 @@ def test_two_devices_two_pipelines(tiny_pipelines: dict[TinyKind, Path]) -> None
     assert isinstance(first, Image.Image) and isinstance(second, Image.Image)
     assert first.tobytes() == second.tobytes()
     assert generator._pipes[0] is not generator._pipes[1]
+
+
+# -- isolation = "process": each device's pipeline in a child process ----------------------
+
+
+@pytest.mark.anyio
+async def test_process_isolation_makes_the_same_images_as_threads(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    from trig_stream.config import parse_config
+
+    dataset = {"path": str(write_prompts(tmp_path / "t2i.json", 4))}
+    images = {}
+    for isolation in ("thread", "process"):
+        data = {
+            "run": {"name": isolation, "output_dir": str(tmp_path / "runs")},
+            "dataset": dataset,
+            "generators": [
+                {
+                    "name": "tiny",
+                    "backend": "diffusers",
+                    "batch_size": 2,
+                    "options": tiny_options(tiny_pipelines["flux"], "flux", isolation=isolation),
+                }
+            ],
+            "judges": [{"backend": "fake"}],
+        }
+        config = parse_config(data, source=tmp_path / "config.toml")
+        results, engine = await run_to_end(config)
+        assert {j.status for j in results} == {"ok"} and len(results) == 8
+        assert engine.stats().models["tiny"].generated == 4
+        images[isolation] = png_bytes(config, "tiny")
+    assert len(images["process"]) == 4
+    assert images["process"] == images["thread"]  # the same pictures, byte for byte
+
+
+class AnnouncingProcess(PipelineProcess):
+    """Says when it has sent a message to its child."""
+
+    sent: threading.Event
+
+    def _send(self, message: tuple[str, Any]) -> None:
+        super()._send(message)
+        self.sent.set()
+
+
+def start_process(path: Path, **extra: Any) -> AnnouncingProcess:
+    options = DiffusersOptions.model_validate(tiny_options(path, "flux", **extra))
+    process = AnnouncingProcess("tiny", options, "cpu", batch_size=2)
+    process.sent = threading.Event()
+    process.wait_ready()
+    return process
+
+
+def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None:
+    options = DiffusersOptions(
+        pipeline="FluxPipeline",
+        checkpoint="nobody/no-such-checkpoint",
+        devices=["cpu"],
+        local_files_only=True,
+        isolation="process",
+    )
+    generator = DiffusersGenerator("x", options)
+    with pytest.raises(FatalBackendError, match="cannot load 'nobody/no-such-checkpoint'"):
+        generator.load()
+
+
+def test_a_pipeline_process_serves_png_bytes_obeys_cancel_and_dies_loudly(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    # One child for the whole story: starting one imports torch and diffusers (~6 s here).
+    # Enough steps that a call takes far longer than the cancel event takes to arrive.
+    process = start_process(tiny_pipelines["flux"], steps=400)
+    try:
+        batch = [request("IQ-R_TA-C_1", 1), request("IQ-R_TA-C_2", 2)]
+        made, calls = process.generate(batch, threading.Event())
+        assert calls == [2]
+        threaded = make_generator(tiny_pipelines["flux"], steps=400)
+        threaded.load()
+        expected = threaded.generate(batch, worker=0, cancel=threading.Event())
+        assert [m.png for m in made if isinstance(m, EncodedPicture)] == [
+            _png(image) for image in expected if isinstance(image, Image.Image)
+        ]
+
+        cancel = threading.Event()
+        cancel.set()
+        made, calls = process.generate(batch[:1], cancel)
+        assert calls == [] and [str(m) for m in made] == ["cancelled"]
+
+        cancel = threading.Event()
+        process.sent.clear()
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(process.generate, batch[:1], cancel)
+            # The request is on its way: the event now arrives mid-call.
+            assert process.sent.wait(timeout=120)
+            cancel.set()
+            made, calls = running.result()
+        assert calls == [1]  # the call started, then stopped between two steps
+        assert [str(m) for m in made] == ["cancelled"]
+
+        assert process.pid is not None
+        os.kill(process.pid, signal.SIGKILL)
+        died = r"pipeline process for cpu exited \(exit code -9\)"
+        with pytest.raises(FatalBackendError, match=died):
+            process.generate(batch, threading.Event())
+    finally:
+        process.stop()

@@ -1,10 +1,13 @@
 """The ``diffusers`` generator: any diffusers pipeline, one copy per device.
 
 ``load`` (in a worker thread) builds one pipeline per entry of ``devices``; worker *i* uses
-device *i*. A :meth:`~DiffusersGenerator.generate` call runs its whole micro-batch as one
-pipeline call: a list of prompts and one ``torch.Generator`` per prompt, seeded with the
-request's seed, so each image depends on its own seed only. Between denoising steps the
-pipeline's step-end callback checks the run's cancel event and abandons the call.
+device *i*. With ``isolation = "process"`` each pipeline lives in a child process of its own
+instead (:mod:`~trig_stream.backends.generators.pipeline_process`), which this class drives
+through the same methods. A :meth:`~DiffusersGenerator.generate` call runs its whole
+micro-batch as one pipeline call: a list of prompts and one ``torch.Generator`` per prompt,
+seeded with the request's seed, so each image depends on its own seed only. Between
+denoising steps the pipeline's step-end callback checks the run's cancel event and abandons
+the call.
 
 torch and diffusers are imported in ``load``, never at module import.
 """
@@ -19,8 +22,9 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions, PipelineSpec
+from trig_stream.backends.generators.pipeline_process import CALLS_IN_FLIGHT, PipelineProcess
 from trig_stream.backends.generators.presets import INPUT_TASKS
 from trig_stream.backends.generators.source_images import source_image
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError, MissingExtraError
@@ -47,7 +51,8 @@ class DiffusersGenerator(Generator):
 
     Attributes:
         spec: the resolved pipeline, checkpoint and call arguments.
-        devices: the device of each worker.
+        devices: the device of each worker (of worker ``i % len(devices)`` when each
+            device has a process of its own, which takes two calls at a time).
         calls: the batch size of every pipeline call, in order (micro-batching shows here).
     """
 
@@ -66,9 +71,14 @@ class DiffusersGenerator(Generator):
         self.spec: PipelineSpec = options.spec()
         self.devices = list(options.devices or [f"cuda:{i}" for i in range(workers)])
         self.workers = len(self.devices)
+        if options.isolation == "process":
+            # Worker i drives device i % len(devices): while one call runs on a device, the
+            # next is already queued in its process.
+            self.workers *= CALLS_IN_FLIGHT
         self.batch_size = batch_size
         self.calls: list[int] = []
         self._pipes: list[Any] = []
+        self._processes: list[PipelineProcess] = []
         self._accepts: frozenset[str] = frozenset()
         self._lock = threading.Lock()
 
@@ -127,6 +137,9 @@ class DiffusersGenerator(Generator):
             MissingExtraError: torch or diffusers is not installed.
             FatalBackendError: a device is unavailable, or the pipeline cannot be loaded.
         """
+        if self.options.isolation == "process":
+            self._start_processes()
+            return
         # diffusers resolves its classes lazily, and that is not thread-safe: two models
         # loading at once could see a class as missing. Loads are serialised.
         with _LOAD_LOCK:
@@ -142,6 +155,19 @@ class DiffusersGenerator(Generator):
                 self._pipes.append(self._load_one(torch, diffusers, pipeline_class, device))
         self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
         self._check_call_arguments(pipeline_class)
+
+    def _start_processes(self) -> None:
+        # All children start (and import torch) at once; each then loads its own device.
+        self._processes = [
+            PipelineProcess(self.name, self.options, device, self.batch_size)
+            for device in self.devices
+        ]
+        try:
+            for process in self._processes:
+                process.wait_ready()
+        except BaseException:
+            self.close()
+            raise
 
     def _pipeline_class(self, diffusers: Any) -> Any:
         name = self.spec.pipeline
@@ -221,12 +247,19 @@ class DiffusersGenerator(Generator):
     def on_step(self, worker: int, step: int) -> None:
         """Called in the worker thread after each denoising step; does nothing by default.
 
-        Subclasses use it for progress displays or to cancel at a chosen step in tests.
+        Subclasses use it for progress displays or to cancel at a chosen step in tests. With
+        ``isolation = "process"`` the steps happen in the child, which does not call it.
         """
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
-    ) -> list[Image | Exception]:
+    ) -> Sequence[Image | EncodedPicture | Exception]:
+        if self._processes:
+            process = self._processes[worker % len(self._processes)]
+            made, calls = process.generate(requests, cancel)
+            with self._lock:
+                self.calls.extend(calls)
+            return made
         if cancel.is_set():
             return [ItemError(_CANCELLED) for _ in requests]
         outcomes: list[Image | Exception | None] = [None] * len(requests)
@@ -339,7 +372,12 @@ class DiffusersGenerator(Generator):
         return {}  # the pipeline offers no hook: cancellation waits for the call to end
 
     def close(self) -> None:
-        """Drop the pipelines and free accelerator memory."""
+        """Drop the pipelines and free accelerator memory; stop the child processes."""
+        processes, self._processes = self._processes, []
+        for process in processes:
+            process.stop()
+        if processes:
+            return
         self._pipes.clear()
         if any(device.startswith("cuda") for device in self.devices):
             import torch

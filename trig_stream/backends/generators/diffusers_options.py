@@ -29,6 +29,7 @@ from trig_stream.backends.generators.presets import (
 )
 
 Offload = Literal["none", "model", "sequential"]
+Isolation = Literal["thread", "process"]
 
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
@@ -70,6 +71,10 @@ class DiffusersOptions(BaseModel):
     offload: Offload = "none"
     """Keep weights in CPU memory and move them to the device per model (``model``) or per
     layer (``sequential``): slower, for cards too small for the pipeline."""
+    isolation: Isolation = "thread"
+    """Where each device's pipeline runs: a worker thread of the engine's process
+    (``thread``), or a child process of its own (``process``), where it never waits on the
+    engine's other threads for the interpreter lock."""
     local_files_only: bool = False
     """Never reach the hub; always on when the environment sets HF_HUB_OFFLINE."""
     scheduler: str | None = None

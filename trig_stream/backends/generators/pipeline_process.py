@@ -1,0 +1,253 @@
+"""One device's diffusers pipeline in a child process (``isolation = "process"``).
+
+In the engine's process a pipeline call shares the interpreter lock with everything else the
+engine does: the event loop, the image writers, the journal. A pipeline call is hundreds of
+small torch operations, each of which gives the lock up and takes it back, and every wake-up
+of another thread lands in one of those gaps and makes the pipeline wait (measured on a tiny
+CPU pipeline: ~26 such waits per 16 ms call). In a child process the pipeline has an
+interpreter of its own, so launching work on the device never waits on the engine.
+
+:class:`PipelineProcess` is the parent's handle on one child: it starts the child, which
+builds a thread-isolated :class:`~trig_stream.backends.generators.diffusers_generator.
+DiffusersGenerator` for its single device and loads it; then each :meth:`~PipelineProcess.
+generate` sends the requests over a pipe and gets the pictures back as PNG bytes (encoded in
+the child, written by the engine as they are) or, for a failed item, its reason. The run's
+cancel event is forwarded to the child, whose pipeline checks it between denoising steps.
+
+Messages, parent to child: ``("generate", requests)`` or ``("close", None)``. Child to
+parent: ``("ready", None)`` once loaded, ``("done", (outcomes, calls))`` per call (an outcome
+is PNG bytes or an error text; ``calls`` are the pipeline calls' batch sizes), or
+``("fatal", text)`` when nothing can work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import multiprocessing
+import signal
+import sys
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, cast
+
+from trig_stream.backends.base import EncodedPicture, GenerationRequest
+from trig_stream.errors import FatalBackendError, ItemError
+from trig_stream.pipeline import describe_error
+
+if TYPE_CHECKING:
+    from multiprocessing.context import SpawnProcess
+    from multiprocessing.synchronize import Event
+
+    from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+
+CANCEL_POLL_S = 0.05
+"""How often a waiting call looks at the run's cancel event (a reply ends the wait at once)."""
+
+CALLS_IN_FLIGHT = 2
+"""Calls the engine may have waiting on one child: one running, the next already sent."""
+
+STOP_TIMEOUT_S = 30.0
+"""How long :meth:`PipelineProcess.stop` waits for the child to exit before killing it."""
+
+
+class PipelineProcess:
+    """A child process that owns one device's pipeline.
+
+    Up to :data:`CALLS_IN_FLIGHT` calls may be waiting on one child: the next batch is
+    already in the pipe when the current one ends, so the device never waits for this
+    process to send it. The child answers in order; a reader thread hands each answer to
+    its call.
+
+    Args:
+        name: the generator's name, for messages.
+        options: the generator's options; the child uses them with ``devices = [device]``.
+        device: the device the child's pipeline runs on.
+        batch_size: the most requests one call sends.
+    """
+
+    def __init__(self, name: str, options: DiffusersOptions, device: str, batch_size: int) -> None:
+        self.name = name
+        self.device = device
+        context = multiprocessing.get_context("spawn")
+        self._cancel: Event = context.Event()
+        self._conn, child_conn = context.Pipe()
+        child_options = options.model_copy(update={"devices": [device], "isolation": "thread"})
+        torch = sys.modules.get("torch")
+        # The child computes with as many torch threads as this process would have.
+        threads = torch.get_num_threads() if torch is not None else None
+        self._process: SpawnProcess = context.Process(
+            target=serve,
+            args=(child_conn, self._cancel, name, child_options.model_dump_json(), batch_size),
+            kwargs={"threads": threads},
+            name=f"trig-stream {name} {device}",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()  # the child holds its end: EOF here means the child is gone
+        self._send_lock = threading.Lock()
+        self._waiting: deque[Future[tuple[str, Any]]] = deque()
+        """One future per call sent and not yet answered, oldest first."""
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id."""
+        return self._process.pid
+
+    def wait_ready(self) -> None:
+        """Block until the child has loaded its pipeline.
+
+        Raises:
+            FatalBackendError: loading failed (the child's reason), or the child died.
+        """
+        try:
+            kind, body = self._conn.recv()
+        except (EOFError, OSError):
+            raise self._died() from None
+        if kind != "ready":
+            self.stop()
+            raise FatalBackendError(str(body))
+        self._reader = threading.Thread(
+            target=self._read_answers, name=f"{self._process.name} answers", daemon=True
+        )
+        self._reader.start()
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], cancel: threading.Event
+    ) -> tuple[list[EncodedPicture | Exception], list[int]]:
+        """The pictures of ``requests`` (in order) and the pipeline calls' batch sizes.
+
+        Raises:
+            FatalBackendError: the child died or reported that nothing can work.
+        """
+        answer: Future[tuple[str, Any]] = Future()
+        with self._send_lock:
+            if cancel.is_set():
+                self._cancel.set()
+            elif not self._waiting:
+                self._cancel.clear()  # a new start: an earlier cancel no longer applies
+            self._waiting.append(answer)
+            try:
+                self._send(("generate", list(requests)))
+            except FatalBackendError:
+                self._waiting.remove(answer)
+                raise
+        while True:
+            try:
+                kind, body = answer.result(timeout=CANCEL_POLL_S)
+                break
+            except TimeoutError:
+                if cancel.is_set():
+                    self._cancel.set()
+        if kind != "done":
+            raise FatalBackendError(str(body))
+        outcomes, calls = body
+        pictures: list[EncodedPicture | Exception] = [
+            EncodedPicture(outcome) if isinstance(outcome, bytes) else ItemError(outcome)
+            for outcome in outcomes
+        ]
+        return pictures, calls
+
+    def stop(self) -> None:
+        """Ask the child to unload and exit; kill it if it does not. Safe to repeat."""
+        if self._process.is_alive():
+            with contextlib.suppress(OSError):  # already gone
+                self._conn.send(("close", None))
+            self._process.join(STOP_TIMEOUT_S)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+        if self._reader is not None:
+            self._reader.join()  # it ends on the child's end of the pipe closing
+        self._conn.close()
+
+    def _send(self, message: tuple[str, Any]) -> None:
+        try:
+            self._conn.send(message)
+        except OSError:
+            raise self._died() from None
+
+    def _read_answers(self) -> None:
+        # Runs in the reader thread until the child's end of the pipe closes; then no call
+        # is left waiting for an answer that cannot come.
+        try:
+            while True:
+                try:
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    return
+                self._waiting.popleft().set_result(message)
+        finally:
+            died = self._died()
+            while self._waiting:
+                self._waiting.popleft().set_exception(died)
+
+    def _died(self) -> FatalBackendError:
+        self._process.join(1.0)
+        return FatalBackendError(
+            f"generator {self.name!r}: the pipeline process for {self.device} exited "
+            f"(exit code {self._process.exitcode}); its output above says why"
+        )
+
+
+def serve(
+    conn: Connection,
+    cancel: Event,
+    name: str,
+    options_json: str,
+    batch_size: int,
+    *,
+    threads: int | None = None,
+) -> None:
+    """The child's main loop: load the pipeline, then answer calls until told to close."""
+    # A terminal's Ctrl-C reaches the whole process group: the parent decides when this ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
+    from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    options = DiffusersOptions.model_validate_json(options_json)
+    generator = DiffusersGenerator(name, options, batch_size=batch_size)
+    # The generator only asks ``is_set()``, which the process-shared event answers alike.
+    cancelled = cast("threading.Event", cancel)
+    try:
+        generator.load()
+    except Exception as exc:
+        conn.send(("fatal", describe_error(exc)))
+        return
+    conn.send(("ready", None))
+    try:
+        while True:
+            kind, requests = conn.recv()
+            if kind == "close":
+                return
+            done = len(generator.calls)
+            try:
+                images = generator.generate(requests, worker=0, cancel=cancelled)
+            except FatalBackendError as exc:
+                conn.send(("fatal", describe_error(exc)))
+                return
+            outcomes = [_png(image) for image in images]
+            conn.send(("done", (outcomes, generator.calls[done:])))
+    except (EOFError, OSError):
+        return  # the parent is gone
+    finally:
+        generator.close()
+
+
+def _png(image: Any) -> bytes | str:
+    """A picture's PNG bytes, or a failed item's reason."""
+    if isinstance(image, Exception):
+        return describe_error(image)
+    if isinstance(image, EncodedPicture):
+        return image.png
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
