@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import threading
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +18,13 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory
 from trig_stream import Engine, FatalBackendError, ItemError
-from trig_stream.backends.base import PreparedImage
+from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator, PreparedImage
 from trig_stream.config import RunConfig
 from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.store import JOURNAL, QUARANTINE
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
-from trig_stream.testing.synthetic import SyntheticOptions
+from trig_stream.testing.synthetic import SyntheticOptions, draw
 
 pytestmark = pytest.mark.anyio
 
@@ -424,3 +427,52 @@ async def test_an_image_the_judge_cannot_prepare_fails_alone(make_config: Config
             assert j.score is None and j.error_stage == "judge"
             assert f"cannot read image {j.data_id}.png" in (j.error or "")
     assert sum(j.status == "ok" for j in results) == 20
+
+
+class EncodingGenerator(Generator):
+    """Hands the synthetic generator's pictures over as PNG bytes (uncompressed, unlike the
+    engine's own encoding), with a generation time of its own, as a generator that makes
+    them in another process does."""
+
+    SECONDS = 7.25
+
+    def __init__(self) -> None:
+        self.name = "synth"
+        self.inner = SyntheticGenerator("synth", SyntheticOptions(size=16))
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.inner.fingerprint()
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[EncodedPicture | Exception]:
+        made: list[EncodedPicture | Exception] = []
+        for picture in self.inner.generate(requests, worker=worker, cancel=cancel):
+            if isinstance(picture, Exception):
+                made.append(picture)
+            else:
+                made.append(EncodedPicture(uncompressed_png(picture), self.SECONDS))
+        return made
+
+
+def uncompressed_png(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
+async def test_encoded_pictures_are_stored_as_given_with_their_own_timing(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=6)
+    generator = EncodingGenerator()
+    async with Engine(config, generators=[generator]) as engine:
+        results = [j async for j in engine.results]
+    assert {j.status for j in results} == {"ok"} and len(results) == 12
+    latency = engine.stats().generation_latency
+    assert latency.p50 == latency.p95 == EncodingGenerator.SECONDS
+    for judgement in results:
+        assert judgement.image is not None and judgement.seed is not None
+        stored = (config.run_dir / judgement.image).read_bytes()
+        # The given bytes, not decoded and encoded again (which would compress them).
+        assert stored == uncompressed_png(draw(judgement.seed, 16))

@@ -186,8 +186,11 @@ class GenerationStage:
                 outcomes.append(picture)
                 continue
             assert picture is not None
+            latency_s = made.latency_s
             if isinstance(picture, EncodedPicture):
                 files.append((path, picture.png))  # encoded in the generator's own process
+                if picture.seconds is not None:
+                    latency_s = picture.seconds
             else:
                 buffer = io.BytesIO()
                 picture.save(buffer, format="PNG")
@@ -198,7 +201,7 @@ class GenerationStage:
                     data_id=work.sample.data_id,
                     path=path,
                     seed=work.seed,
-                    latency_s=made.latency_s,
+                    latency_s=latency_s,
                     prompt_rewrite=self._generator.prompt_rewrite(work.sample.data_id),
                 )
             )

@@ -35,6 +35,10 @@ class EncodedPicture:
     """
 
     png: bytes
+    seconds: float | None = None
+    """How long making it took where it was made, when known: the engine records this as
+    the image's generation time instead of its own timing of the call, which for a picture
+    made elsewhere can include waiting there."""
 
 
 @dataclass(frozen=True, slots=True)

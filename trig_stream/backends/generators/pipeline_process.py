@@ -14,10 +14,15 @@ generate` sends the requests over a pipe and gets the pictures back as PNG bytes
 the child, written by the engine as they are) or, for a failed item, its reason. The run's
 cancel event is forwarded to the child, whose pipeline checks it between denoising steps.
 
-Messages, parent to child: ``("generate", requests)`` or ``("close", None)``. Child to
-parent: ``("ready", None)`` once loaded, ``("done", (outcomes, calls))`` per call (an outcome
-is PNG bytes or an error text; ``calls`` are the pipeline calls' batch sizes), or
-``("fatal", text)`` when nothing can work.
+Messages, parent to child: ``("generate", requests)`` or ``("close", None)``.
+
+Child to parent:
+
+* ``("ready", None)`` once loaded;
+* ``("done", (outcomes, calls, seconds))`` per call: an outcome is PNG bytes or an error
+  text, ``calls`` are the pipeline calls' batch sizes, and ``seconds`` is the call's time
+  per request, which the engine records as each image's generation time;
+* ``("fatal", text)`` when nothing can work.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import multiprocessing
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -145,9 +151,9 @@ class PipelineProcess:
                     self._cancel.set()
         if kind != "done":
             raise FatalBackendError(str(body))
-        outcomes, calls = body
+        outcomes, calls, seconds = body
         pictures: list[EncodedPicture | Exception] = [
-            EncodedPicture(outcome) if isinstance(outcome, bytes) else ItemError(outcome)
+            EncodedPicture(outcome, seconds) if isinstance(outcome, bytes) else ItemError(outcome)
             for outcome in outcomes
         ]
         return pictures, calls
@@ -229,13 +235,15 @@ def serve(
             if kind == "close":
                 return
             done = len(generator.calls)
+            started = time.perf_counter()
             try:
                 images = generator.generate(requests, worker=0, cancel=cancelled)
             except FatalBackendError as exc:
                 conn.send(("fatal", describe_error(exc)))
                 return
+            seconds = (time.perf_counter() - started) / max(len(requests), 1)
             outcomes = [_png(image) for image in images]
-            conn.send(("done", (outcomes, generator.calls[done:])))
+            conn.send(("done", (outcomes, generator.calls[done:], seconds)))
     except (EOFError, OSError):
         return  # the parent is gone
     finally:
