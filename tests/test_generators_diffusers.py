@@ -328,24 +328,24 @@ def test_two_devices_two_pipelines(tiny_pipelines: dict[TinyKind, Path]) -> None
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["flux", "instruct_pix2pix"])
 async def test_process_isolation_makes_the_same_images_as_threads(
-    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+    kind: TinyKind, tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
 ) -> None:
     from trig_stream.config import parse_config
 
-    dataset = {"path": str(write_prompts(tmp_path / "t2i.json", 4))}
+    if kind == "instruct_pix2pix":  # source pictures cross to the child with their samples
+        dataset, task = p2p_dataset(tmp_path, 4), "p2p"
+    else:
+        dataset, task = {"path": str(write_prompts(tmp_path / "t2i.json", 4))}, "t2i"
     images = {}
     for isolation in ("thread", "process"):
+        options = tiny_options(tiny_pipelines[kind], kind, isolation=isolation)
         data = {
-            "run": {"name": isolation, "output_dir": str(tmp_path / "runs")},
+            "run": {"name": isolation, "output_dir": str(tmp_path / "runs"), "task": task},
             "dataset": dataset,
             "generators": [
-                {
-                    "name": "tiny",
-                    "backend": "diffusers",
-                    "batch_size": 2,
-                    "options": tiny_options(tiny_pipelines["flux"], "flux", isolation=isolation),
-                }
+                {"name": "tiny", "backend": "diffusers", "batch_size": 2, "options": options}
             ],
             "judges": [{"backend": "fake"}],
         }
