@@ -77,6 +77,9 @@ class Generator(ABC):
     ) -> Sequence[Image | EncodedPicture | Exception]:
         """Make one image per request, in order; a failed item is its exception.
 
+        An image is a PIL image, or an :class:`EncodedPicture` when it already is a PNG
+        file's bytes (made in another process).
+
         Args:
             requests: 1 to ``batch_size`` requests.
             worker: index of the calling worker (0 to ``workers - 1``): which device to use.
