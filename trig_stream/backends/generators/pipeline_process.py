@@ -161,7 +161,7 @@ class PipelineProcess:
     def stop(self) -> None:
         """Ask the child to unload and exit; kill it if it does not. Safe to repeat."""
         if self._process.is_alive():
-            with contextlib.suppress(OSError):  # already gone
+            with self._send_lock, contextlib.suppress(OSError):  # OSError: already gone
                 self._conn.send(("close", None))
             self._process.join(STOP_TIMEOUT_S)
             if self._process.is_alive():
@@ -188,9 +188,10 @@ class PipelineProcess:
                     return
                 self._waiting.popleft().set_result(message)
         finally:
-            died = self._died()
-            while self._waiting:
-                self._waiting.popleft().set_exception(died)
+            if self._waiting:
+                died = self._died()
+                while self._waiting:
+                    self._waiting.popleft().set_exception(died)
 
     def _died(self) -> FatalBackendError:
         self._process.join(1.0)
