@@ -390,7 +390,7 @@ def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None
 
 
 def test_a_pipeline_process_serves_png_bytes_obeys_cancel_and_dies_loudly(
-    tiny_pipelines: dict[TinyKind, Path],
+    tiny_pipelines: dict[TinyKind, Path], capfd: pytest.CaptureFixture[str]
 ) -> None:
     import os
     import signal
@@ -399,6 +399,8 @@ def test_a_pipeline_process_serves_png_bytes_obeys_cancel_and_dies_loudly(
     # One child for the whole story: starting one imports torch and diffusers (~6 s here).
     # Enough steps that a call takes far longer than the cancel event takes to arrive.
     process = start_process(tiny_pipelines["flux"], steps=400)
+    # The child writes to the terminal itself, past the dashboard: no loading bar there.
+    assert "Loading pipeline components" not in capfd.readouterr().err
     try:
         batch = [request("IQ-R_TA-C_1", 1), request("IQ-R_TA-C_2", 2)]
         made, calls = process.generate(batch, threading.Event())

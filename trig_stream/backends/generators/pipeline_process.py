@@ -225,6 +225,7 @@ def serve(
     # The generator only asks ``is_set()``, which the process-shared event answers alike.
     cancelled = cast("threading.Event", cancel)
     try:
+        _hide_progress_bars()
         generator.load()
     except Exception as exc:
         conn.send(("fatal", describe_error(exc)))
@@ -249,6 +250,15 @@ def serve(
         return  # the parent is gone
     finally:
         generator.close()
+
+
+def _hide_progress_bars() -> None:
+    # The child writes to the terminal directly, past any display the engine's process
+    # draws there; its pipeline's loading bar would land in the middle of it. Errors still
+    # show (a child that dies says why there).
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
 
 
 def _png(image: Any) -> bytes | str:
