@@ -52,16 +52,14 @@ class StringIndex(Sequence[str]):
         """The number of ``value``, adding it first when it is new."""
         code = hash(value)
         encoded = _encode(value)
-        table, mask, hashes = self._table, self._mask, self._hashes
-        position = code & mask
-        while (number := table[position]) != _EMPTY:
-            if hashes[number] == code and self._bytes(number) == encoded:
-                return number
-            position = (position + 1) & mask
+        table = self._table
+        position = self._slot(code, encoded)
+        if (number := table[position]) != _EMPTY:
+            return number
         number = len(self._ends)
         self._text += encoded
         self._ends.append(len(self._text))
-        hashes.append(code)
+        self._hashes.append(code)
         table[position] = number
         # At most half full, so a probe ends after ~1.5 slots on average.
         if 2 * (number + 1) > len(table):
@@ -70,15 +68,18 @@ class StringIndex(Sequence[str]):
 
     def find(self, value: str) -> int | None:
         """The number of ``value``, or None when it was never added."""
-        code = hash(value)
-        encoded = _encode(value)
+        number = self._table[self._slot(hash(value), _encode(value))]
+        return None if number == _EMPTY else number
+
+    def _slot(self, code: int, encoded: bytes) -> int:
+        """Where the string with this hash and encoding is in the table, or would go."""
         table, mask, hashes = self._table, self._mask, self._hashes
         position = code & mask
         while (number := table[position]) != _EMPTY:
             if hashes[number] == code and self._bytes(number) == encoded:
-                return number
+                return position
             position = (position + 1) & mask
-        return None
+        return position
 
     def __contains__(self, value: object) -> bool:
         return isinstance(value, str) and self.find(value) is not None
