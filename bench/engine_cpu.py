@@ -10,6 +10,11 @@ two runs over the same prompts (synthetic 8x8 images):
 * ``fake``: the fake judge: the engine alone (dataset, generation, PNG writes, journal fsyncs,
   live DTM), without any HTTP.
 
+Each line splits the CPU into user time (Python: ours, aiohttp's, the event loop's) and
+system time (the kernel: sockets, and creating, syncing and renaming the image files). On
+this box creating a small file cost anywhere from 6 to 600 us of system time, from one
+minute to the next, in the same folder (see bench/README.md, P3), so read the two apart.
+
 ``--profile`` adds a cProfile of the ``openai`` run (the event loop's thread only: time in
 worker threads shows up as waits there) and prints the top functions by own time.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import sys
 import tempfile
@@ -55,15 +61,17 @@ async def run(folder: Path, name: str, dataset: Path, judge: dict[str, Any]) -> 
 
 def measure(
     folder: Path, name: str, dataset: Path, judge: dict[str, Any], profile: bool = False
-) -> tuple[int, float, float, cProfile.Profile | None]:
+) -> tuple[int, float, float, float, cProfile.Profile | None]:
+    """Judgements made, user and system CPU seconds, wall seconds, and the profile if any."""
     profiler = cProfile.Profile() if profile else None
-    cpu, wall = time.process_time(), time.perf_counter()
+    times, wall = os.times(), time.perf_counter()
     if profiler:
         profiler.enable()
     ok, end = anyio.run(run, folder, name, dataset, judge)
     if profiler:
         profiler.disable()
-    return ok, time.process_time() - cpu, end - wall, profiler
+    after = os.times()
+    return ok, after.user - times.user, after.system - times.system, end - wall, profiler
 
 
 def main() -> None:
@@ -90,14 +98,16 @@ def main() -> None:
     finally:
         stop_judge(process)
     print(f"{args.prompts} prompts, {2 * args.prompts} judgements, concurrency {args.concurrency}")
-    for label, (ok, cpu, wall, _) in results.items():
+    for label, (ok, user, system, wall, _) in results.items():
+        cpu = user + system
         print(
             f"  {label:<6} judge: {ok} ok in {wall:.2f} s wall, {cpu:.2f} s CPU "
-            f"= {cpu / ok * 1000:.3f} ms CPU per judgement ({ok / wall:.0f} judgements/s)"
+            f"= {cpu / ok * 1000:.3f} ms CPU per judgement ({ok / wall:.0f} judgements/s); "
+            f"user {user / ok * 1000:.3f} + system {system / ok * 1000:.3f} ms"
         )
     print(f"server answered {served} requests (warm-up included)")
     print("goal: <= 0.5 ms CPU per judgement (openai judge at zero latency)")
-    profiler = results["openai"][3]
+    profiler = results["openai"][4]
     if profiler is not None:
         stats = pstats.Stats(profiler)
         stats.sort_stats("tottime").print_stats(30)

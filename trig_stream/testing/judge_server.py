@@ -25,7 +25,6 @@ import asyncio
 import base64
 import hashlib
 import io
-import json
 import random
 import re
 import time
@@ -37,6 +36,7 @@ from urllib.parse import unquote, urlparse
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import from_json, to_json
 
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
@@ -259,7 +259,7 @@ class JudgeServer:
         stats.received += 1
         try:
             raw = await request.read()
-            body = json.loads(raw)
+            body = from_json(raw)
         except ValueError:
             stats.rejected += 1
             return _error(400, "the request body is not JSON", "invalid_request_error")
@@ -288,11 +288,12 @@ class JudgeServer:
                 return early
         await self._occupy_slot()
         stats.served += 1
-        return web.json_response(
-            self._completion(
-                body, image_key, dimension, limit, len(raw), with_logprobs=fault is None
-            )
+        # pydantic_core's encoder: ~4x less CPU than the json module's for an answer, and
+        # this one process serves every request of a benchmark.
+        answer = self._completion(
+            body, image_key, dimension, limit, len(raw), with_logprobs=fault is None
         )
+        return web.Response(body=to_json(answer), content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:
         model = {"id": self.options.model, "object": "model", "created": 0, "owned_by": "trig"}
