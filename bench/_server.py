@@ -36,6 +36,39 @@ def judge_stats(base_url: str) -> dict[str, Any]:
     return stats
 
 
+class StatsSampler:
+    """Polls a ``simulate-judge``'s ``GET /stats`` from a process of its own, so that the
+    sampling costs the measured process nothing; :meth:`stop` returns the samples, each the
+    stats plus ``t`` (``time.monotonic()``, the same clock as ``time.perf_counter()`` here).
+    """
+
+    _CODE = (
+        "import json, sys, time, urllib.request\n"
+        "url, every = sys.argv[1], float(sys.argv[2])\n"
+        "while True:\n"
+        "    with urllib.request.urlopen(url, timeout=10) as r:\n"
+        "        stats = json.load(r)\n"
+        "    stats['t'] = time.monotonic()\n"
+        "    print(json.dumps(stats), flush=True)\n"
+        "    time.sleep(every)\n"
+    )
+
+    def __init__(self, base_url: str, every_s: float = 0.05) -> None:
+        url = base_url.removesuffix("/v1") + "/stats"
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", self._CODE, url, str(every_s)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        self._process.stdout.readline()  # polling has started
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._process.terminate()
+        out, _ = self._process.communicate(timeout=30)
+        return [json.loads(line) for line in out.splitlines() if line.endswith("}")]
+
+
 def openai_judge(base_url: str, concurrency: int, **options: Any) -> dict[str, Any]:
     """A ``[[judges]]`` entry of the ``openai`` backend against ``base_url``."""
     return {

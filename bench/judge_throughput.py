@@ -28,11 +28,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import judge_stats
+from _server import StatsSampler, judge_stats
 
 from trig_stream.config import RunConfig
 from trig_stream.dimensions import DIMENSIONS
@@ -118,6 +119,31 @@ async def run_engine(
     return time.perf_counter() - started, summary.ok
 
 
+def steady_window(
+    samples: list[dict[str, Any]], before: dict[str, Any], total: int, capacity: int
+) -> str:
+    """How full the slots were while the engine had requests to make.
+
+    The average over the whole run also counts the engine's start (imports, the dataset,
+    the first batch of images) and its end, when no request is in flight yet or any more.
+    This window runs from the first sample that saw a request of the run to the last one
+    taken while answers were still due; samples come every ~50 ms.
+    """
+    due = before["served"] + total
+    window = [x for x in samples if x["received"] > before["received"] and x["served"] < due]
+    if len(window) < 2:
+        return "too few samples in the run's window"
+    first, last = window[0], window[-1]
+    span = last["t"] - first["t"]
+    busy = (last["busy_slot_s"] - first["busy_slot_s"]) / (capacity * span)
+    full = sum(x["running"] >= 0.9 * capacity for x in window) / len(window)
+    running = sorted(x["running"] for x in window)[len(window) // 2]
+    return (
+        f"{busy:.0%} busy over {span:.2f} s ({len(window)} samples, median running "
+        f"{running} of {capacity}, >= 90% full in {full:.0%} of the samples)"
+    )
+
+
 def run_sequential(images: list[Path], base_url: str, requests: int) -> float:
     """Seconds for ``requests`` blocking requests made one after another, upstream-style."""
     import openai
@@ -163,14 +189,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             write_dataset(root / "prompts.json", args.images)
-            busy_before = judge_stats(base_url)["busy_slot_s"]
+            before = judge_stats(base_url)
+            sampler = StatsSampler(base_url)
             server_cpu, engine_cpu = cpu_seconds(process.pid), time.process_time()
             engine_s, ok = anyio.run(
                 run_engine, root / "prompts.json", root / "runs", base_url, args.concurrency
             )
             engine_cpu = time.process_time() - engine_cpu
             server_cpu = cpu_seconds(process.pid) - server_cpu
-            busy_s = judge_stats(base_url)["busy_slot_s"] - busy_before
+            samples = sampler.stop()
+            busy_s = judge_stats(base_url)["busy_slot_s"] - before["busy_slot_s"]
             images = sorted((root / "runs").rglob("*.png"))
             sequential_s = run_sequential(images, base_url, args.sequential)
     finally:
@@ -189,9 +217,11 @@ def main() -> None:
         f"server slots busy during the engine run: {busy_s / (args.capacity * engine_s):.0%} "
         f"on average ({busy_s:.1f} slot-seconds of {args.capacity * engine_s:.1f})"
     )
+    print(f"  steady: {steady_window(samples, before, total, args.capacity)}")
     print(
         f"CPU per request: engine {engine_cpu / total * 1000:.2f} ms, "
-        f"server {server_cpu / total * 1000:.2f} ms ({os.cpu_count()} cores in all)"
+        f"server {server_cpu / total * 1000:.2f} ms ({os.cpu_count()} cores in all); "
+        f"the engine's process used {engine_cpu / engine_s:.2f} cores on average"
     )
     print(
         f"upstream-shaped loop: {args.sequential} requests in {sequential_s:.2f} s "
