@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 PAIRS = [
     "IQ-R_TA-C",
     "IQ-A_TA-S",
@@ -21,6 +19,8 @@ PAIRS = [
 
 def write_parquet_prompts(path: Path, count: int) -> Path:
     """A TRIG-shaped t2i parquet file with ``count`` samples over a few pairs."""
+    import polars as pl  # here, so that the JSON writer below works without polars
+
     pairs = [PAIRS[i % len(PAIRS)] for i in range(count)]
     pl.DataFrame(
         {
@@ -33,6 +33,22 @@ def write_parquet_prompts(path: Path, count: int) -> Path:
             "item": [None] * count,
         }
     ).write_parquet(path, row_group_size=1024)
+    return path
+
+
+def write_json_prompts(path: Path, count: int) -> Path:
+    """The samples of :func:`write_parquet_prompts` as a JSON list (no polars needed)."""
+    records = []
+    for i in range(count):
+        pair = PAIRS[i % len(PAIRS)]
+        records.append(
+            {
+                "data_id": f"{pair}_{i // len(PAIRS) + 1}",
+                "prompt": f"benchmark prompt {i}",
+                "dimension": pair.split("_"),
+            }
+        )
+    path.write_text(json.dumps(records))
     return path
 
 

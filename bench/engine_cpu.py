@@ -18,7 +18,7 @@ minute to the next, in the same folder (see bench/README.md, P3), so read the tw
 ``--profile`` adds a cProfile of the ``openai`` run (the event loop's thread only: time in
 worker threads shows up as waits there) and prints the top functions by own time.
 
-    .venv/bin/python bench/engine_cpu.py [--prompts 2000] [--concurrency 64] [--profile]
+    .venv/bin/python bench/engine_cpu.py [--prompts 2000] [--concurrency 64] [--profile] [--json]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_parquet_prompts
+from _common import write_json_prompts, write_parquet_prompts
 from _server import judge_stats, openai_judge, start_judge, stop_judge, synthetic_generator
 
 from trig_stream.config import parse_config
@@ -79,12 +79,18 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--json", action="store_true", help="a JSON dataset instead of parquet (no polars needed)"
+    )
     args = parser.parse_args()
     process, url = start_judge("--latency", "0", "--capacity", str(args.concurrency))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            dataset = write_parquet_prompts(folder / "prompts.parquet", args.prompts)
+            if args.json:
+                dataset = write_json_prompts(folder / "prompts.json", args.prompts)
+            else:
+                dataset = write_parquet_prompts(folder / "prompts.parquet", args.prompts)
             fake = {"name": "trigscore", "backend": "fake", "concurrency": args.concurrency}
             # A warm-up run pays the imports (openai, aiohttp, PIL) outside the measure.
             measure(folder, "warmup", dataset, {**openai_judge(url, 8)})

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The device check, as one command for the GPU machine (see bench/README.md, "Device check"):
+#
+#   1. bench/generators_gpu_check.py: the diffusers generator at batch 1 and 8 on the GPU,
+#      and through the engine with isolation = "thread" and "process";
+#   2. bench/engine_cpu.py --json: P3 (engine CPU per judgement) on that machine's CPU.
+#
+# Run from the repository root. With the wheels of bench/device_wheels.sh in .whl/ (carried
+# there), they are installed into /tmp/site first. Results go under $OUT (./device-out when
+# unset): gpu.txt, generators_gpu_check.json and .log, engine_cpu.txt. Under 6 minutes.
+#
+#   bash bench/device_check.sh                          # on the device machine
+#   PYTHON=.venv/bin/python bash bench/device_check.sh  # here, to try it (CPU sizes)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+export OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+(nvidia-smi -L || echo "no nvidia-smi") > "$OUT/gpu.txt" 2>&1
+status=0
+timeout 300 "$python" bench/generators_gpu_check.py 2>&1 | tee "$OUT/generators_gpu_check.log"
+status=$(( status | PIPESTATUS[0] ))
+timeout 120 "$python" bench/engine_cpu.py --json 2>&1 | tee "$OUT/engine_cpu.txt"
+status=$(( status | PIPESTATUS[0] ))
+exit "$status"
