@@ -72,6 +72,31 @@ def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "run.toml:19: engine.turbo: unknown key" in err
 
 
+def test_validate_makes_the_checks_of_building_the_backends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each config is valid as TOML and against the schema; what is wrong only shows when its
+    # generator is built for this run, which loads no model.
+    path = write_config(tmp_path)
+    p2p_run = path.read_text().replace('output_dir = "runs"', 'output_dir = "runs"\ntask = "p2p"')
+
+    def with_diffusers(preset: str, workers: str = "") -> str:
+        entry = (
+            f'[[generators]]\nname = "model"\nbackend = "diffusers"\n{workers}'
+            f'options = {{ preset = "{preset}", devices = ["cpu"] }}\n\n'
+        )
+        return p2p_run.replace("[[judges]]", entry + "[[judges]]")
+
+    path.write_text(with_diffusers("flux"))  # a t2i preset in a p2p run
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    assert "inputs 'text' serve the t2i task but the run is p2p" in capsys.readouterr().err
+    path.write_text(with_diffusers("instructp2p", workers="workers = 3\n"))  # one device
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    assert "workers = 3 but 1 devices are listed" in capsys.readouterr().err
+    path.write_text(with_diffusers("instructp2p"))
+    assert main(["validate", str(path)]) == EXIT_OK
+
+
 def test_run_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path)
     assert main(["run", str(path), "--headless"]) == EXIT_OK

@@ -29,6 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trig_stream.analysis.relations import AnalysisError
+from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError
 
@@ -135,6 +136,12 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     config = load_config(args.config)
     if not config.dataset.path.exists():
         raise ConfigError(f"{args.config}: dataset.path: {config.dataset.path} does not exist")
+    # Building the backends makes the checks ``run`` makes next (a generator's devices against
+    # its workers, its inputs against the task...); it loads no model and connects nowhere.
+    for generator in config.generators:
+        build_generator(generator, config)
+    for judge in config.judges:
+        build_judge(judge, config)
     out = Console()
     out.print(f"[green]ok[/]: {args.config}", highlight=False)
     out.print(f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}")

@@ -16,7 +16,7 @@ Example::
     [generators.options]
     model = "Qwen/Qwen2.5-7B-Instruct"
     base_url = "http://localhost:8000/v1"
-    report = "runs/flux/analysis/relationship_codes.csv"
+    report = "runs/flux/report/flux/relationship_codes.csv"
     inner = { backend = "diffusers", options = { preset = "flux", devices = ["cuda:0"] } }
 """
 
