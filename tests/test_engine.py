@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import threading
 from collections import Counter
@@ -16,12 +17,19 @@ import pytest
 from anyio.lowlevel import checkpoint
 from PIL import Image
 
-from tests.conftest import ConfigFactory
+from tests.conftest import PAIRS, ConfigFactory
 from trig_stream import Engine, FatalBackendError, ItemError
-from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator, PreparedImage
+from trig_stream.backends.base import (
+    EncodedPicture,
+    GenerationRequest,
+    Generator,
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+)
 from trig_stream.config import RunConfig
 from trig_stream.records import Judgement, PromptRewrite
-from trig_stream.store import JOURNAL, QUARANTINE
+from trig_stream.store import JOURNAL, QUARANTINE, read_journal
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions, draw
@@ -427,6 +435,43 @@ async def test_an_image_the_judge_cannot_prepare_fails_alone(make_config: Config
             assert j.score is None and j.error_stage == "judge"
             assert f"cannot read image {j.data_id}.png" in (j.error or "")
     assert sum(j.status == "ok" for j in results) == 20
+
+
+class _NonFiniteAnswers(FakeJudge):
+    """Answers with infinities and NaN for the first three samples, as a numerically broken
+    judge model would."""
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        sample = int(request.sample.prompt.rsplit(" ", 1)[1])  # "prompt number N"
+        if sample == 0:  # a rating with probability 0 among the top tokens
+            return JudgeReply(top_logprobs=[("good", -0.1), ("poor", -math.inf)])
+        if sample == 1:
+            return JudgeReply(top_logprobs=[("good", math.nan), ("poor", -1.0)])
+        if sample == 2:
+            return JudgeReply(score=math.inf)
+        return await super().judge(request)
+
+
+async def test_non_finite_answers_never_make_an_unreadable_journal_line(
+    make_config: ConfigFactory,
+) -> None:
+    # JSON has no NaN or infinities: pydantic would write them as null, which no judgement
+    # reads back, and every later line would drop out of the report.
+    config = make_config(samples=4)
+    results = await run_to_end(config, judges=[_NonFiniteAnswers()])
+    stored = list(read_journal(config.run_dir / JOURNAL))
+    assert len(stored) == len(results) == 8
+    sample = {f"{pair}_1": n for n, pair in enumerate(PAIRS[:4])}
+    for j in results:
+        if sample[j.data_id] == 0:
+            assert j.status == "ok" and j.top_logprobs == [("good", -0.1)] and j.score == 0.75
+        elif sample[j.data_id] == 1:
+            assert j.status == "error" and j.score is None
+            assert j.error == "the judge's answer has a non-finite logprob ('good': nan)"
+        elif sample[j.data_id] == 2:
+            assert j.status == "error" and j.error == "the judge returned a non-finite score (inf)"
+        else:
+            assert j.status == "ok"
 
 
 class EncodingGenerator(Generator):

@@ -13,6 +13,7 @@ to it, and a task of this stage polls the judge's server load for it while the s
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from trig_stream.pipeline import (
     send_now,
     take_ready,
 )
-from trig_stream.records import Judgement, Status
+from trig_stream.records import Judgement, Status, TopLogprobs
 from trig_stream.retry import RetryPolicy
 from trig_stream.scoring import score_top_logprobs
 
@@ -207,11 +208,19 @@ class JudgeStage:
         status: Status = "error"
         score: float | None = None
         top = reply.top_logprobs if reply else None
+        broken: tuple[str, float] | None = None
+        if top is not None:
+            top, broken = _finite_entries(top)
         if reply is not None:
-            if reply.score is not None:
+            if reply.score is not None and not math.isfinite(reply.score):
+                failure = f"the judge returned a non-finite score ({reply.score})"
+            elif reply.score is not None:
                 status, score = "ok", reply.score
             elif top is None:
                 failure = "the judge's answer has no logprobs"
+            elif broken is not None:
+                token, logprob = broken
+                failure = f"the judge's answer has a non-finite logprob ({token!r}: {logprob})"
             else:
                 score = score_top_logprobs(
                     top,
@@ -243,6 +252,21 @@ class JudgeStage:
             error_stage="judge" if status == "error" else None,
             prompt_rewrite=item.image.prompt_rewrite,
         )
+
+
+def _finite_entries(top: TopLogprobs) -> tuple[TopLogprobs, tuple[str, float] | None]:
+    """The finite ``(token, logprob)`` pairs, and the first NaN or +inf one if any.
+
+    A journal line must read back: JSON has no infinities or NaN, and pydantic would write
+    them as null, which no judgement validates against. A -inf logprob is a probability of
+    0 and counts for nothing in either scorer, so it is dropped; NaN or +inf means the
+    judge's numbers are broken, which the caller reports as an error, not a score.
+    """
+    if all(math.isfinite(logprob) for _, logprob in top):
+        return top, None
+    finite = [(token, logprob) for token, logprob in top if math.isfinite(logprob)]
+    broken = next(((t, lp) for t, lp in top if math.isnan(lp) or lp == math.inf), None)
+    return finite, broken
 
 
 def _prepare_all(judge: Judge, paths: list[Path]) -> list[PreparedImage | Exception]:
