@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -277,6 +278,86 @@ def test_p2p_sample_without_source_fails_alone(tiny_pipelines: dict[TinyKind, Pa
     assert isinstance(outcomes[1], ItemError) and "cannot decode" in str(outcomes[1])
     assert isinstance(outcomes[2], ItemError) and "no source image" in str(outcomes[2])
     assert generator.calls == [1]
+
+
+def test_edit_sources_of_different_sizes_do_not_share_a_call(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    # The edit pipeline resizes a call's sources to the first one's size: batched together,
+    # the second picture would take the first one's shape. Each must come out as alone.
+    generator = make_generator(
+        tiny_pipelines["instruct_pix2pix"], "instruct_pix2pix", height=None, width=None
+    )
+    generator.load()
+    samples = [
+        Sample(
+            data_id=f"IQ-R_TA-C_{n}",
+            task="p2p",
+            prompt="add snow",
+            dimensions=("IQ-R", "TA-C"),
+            source_bytes=_png(Image.new("RGB", size, colour)),
+        )
+        for n, (size, colour) in enumerate(
+            [((48, 32), "green"), ((32, 40), "blue"), ((48, 32), "red")], start=1
+        )
+    ]
+    requests = [GenerationRequest("tiny", sample, 5) for sample in samples]
+    together = generator.generate(requests, worker=0, cancel=threading.Event())
+    alone = [generator.generate([r], worker=0, cancel=threading.Event())[0] for r in requests]
+    generator.close()
+    assert generator.calls == [2, 1, 1, 1, 1]  # the two 48x32 sources shared a call
+    pictures = [np.asarray(i, dtype=int) for i in [*together, *alone] if isinstance(i, Image.Image)]
+    assert [p.shape[:2] for p in pictures] == [(32, 48), (40, 32), (32, 48)] * 2
+    batched, single = pictures[:3], pictures[3:]
+    assert np.array_equal(batched[1], single[1])  # a call of its own both times
+    # Batched kernels round differently: at most one intensity level apart.
+    assert all(np.abs(batched[i] - single[i]).max() <= 1 for i in (0, 2))
+
+
+class FailingPipeline:
+    """Stands in for a loaded pipeline whose call raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __call__(self, **kwargs: Any) -> Any:
+        raise self.error
+
+
+def test_a_failed_call_fails_its_items_and_a_failed_device_stops_the_run(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    import torch
+
+    generator = make_generator(tiny_pipelines["flux"])
+    generator.load()
+    batch = [request("IQ-R_TA-C_1", 1), request("IQ-R_TA-C_2", 2)]
+    generator._pipes[0] = FailingPipeline(torch.OutOfMemoryError("CUDA out of memory"))
+    outcomes = generator.generate(batch, worker=0, cancel=threading.Event())
+    assert [str(o) for o in outcomes] == ["OutOfMemoryError: CUDA out of memory"] * 2
+    # Not the caught error: its traceback would keep the failed call's tensors alive.
+    assert all(isinstance(o, ItemError) and o.__traceback__ is None for o in outcomes)
+    generator._pipes[0] = FailingPipeline(torch.AcceleratorError("an illegal memory access"))
+    with pytest.raises(FatalBackendError, match=r"the device failed.*illegal memory access"):
+        generator.generate(batch, worker=0, cancel=threading.Event())
+
+
+def test_close_frees_the_pipeline_without_waiting_for_the_garbage_collector(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    import gc
+    import weakref
+
+    generator = make_generator(tiny_pipelines["flux"])
+    generator.load()
+    generator.generate([request("IQ-R_TA-C_1", 1)], worker=0, cancel=threading.Event())
+    transformer = weakref.ref(generator._pipes[0].transformer)
+    gc.disable()  # after a call, Flux's transformer sits in a reference cycle
+    try:
+        generator.close()
+        assert transformer() is None
+    finally:
+        gc.enable()
 
 
 def _png(image: Image.Image) -> bytes:

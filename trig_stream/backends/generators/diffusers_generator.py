@@ -14,6 +14,7 @@ torch and diffusers are imported in ``load``, never at module import.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import inspect
@@ -28,6 +29,7 @@ from trig_stream.backends.generators.pipeline_process import CALLS_IN_FLIGHT, Pi
 from trig_stream.backends.generators.presets import INPUT_TASKS
 from trig_stream.backends.generators.source_images import source_image
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError, MissingExtraError
+from trig_stream.pipeline import describe_error
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -271,9 +273,7 @@ class DiffusersGenerator(Generator):
                 except ItemError as exc:
                     outcomes[index] = exc
         ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        # One call for the whole batch, except where the pipeline takes one picture per call.
-        per_call = [ready] if self.spec.inputs in ("text", "edit") else [[i] for i in ready]
-        for group in per_call:
+        for group in self._calls_for(ready, sources):
             if not group:
                 continue
             if cancel.is_set():
@@ -285,6 +285,25 @@ class DiffusersGenerator(Generator):
             for index, image in zip(group, images, strict=True):
                 outcomes[index] = image
         return [o if o is not None else ItemError("not generated") for o in outcomes]
+
+    def _calls_for(self, ready: list[int], sources: list[Image | None]) -> list[list[int]]:
+        """How the ready requests split into pipeline calls.
+
+        Text prompts share one call. An edit pipeline resizes every source of a call to the
+        first one's size, so sources share a call only with sources of their own size: each
+        picture is then the same whatever its batch-mates. A subject or IP-Adapter pipeline
+        takes one reference picture per call.
+        """
+        inputs = self.spec.inputs
+        if inputs == "text":
+            return [ready]
+        if inputs == "edit":
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for index in ready:
+                source = sources[index]
+                by_size.setdefault(source.size if source else (0, 0), []).append(index)
+            return list(by_size.values())
+        return [[index] for index in ready]
 
     def _source_size(self) -> tuple[int, int] | None:
         if self.spec.source_size is not None:
@@ -315,9 +334,18 @@ class DiffusersGenerator(Generator):
                 result = pipe(**kwargs)
         except _Cancelled:
             return [ItemError(_CANCELLED) for _ in batch]
+        except _device_failure(torch) as exc:
+            # Sticky (an illegal memory access, a device-side assert): every later call on
+            # this device would fail the same way, so the run stops here, resumable.
+            raise FatalBackendError(
+                f"generator {self.name!r}: the device failed and cannot go on: {exc}"
+            ) from None
         except Exception as exc:
             logger.warning("generator %s: pipeline call failed: %s", self.name, exc)
-            return [exc for _ in batch]
+            # A new error without the traceback: the caught one holds the call's frames and
+            # their tensors (on an out-of-memory error, the very memory the next call needs).
+            error = ItemError(describe_error(exc))
+            return [error for _ in batch]
         images = list(result.images)
         if len(images) != len(batch):
             error = ItemError(f"pipeline returned {len(images)} images for {len(batch)} prompts")
@@ -379,10 +407,20 @@ class DiffusersGenerator(Generator):
         if processes:
             return
         self._pipes.clear()
+        # After a call, some pipelines' modules sit in reference cycles (Flux's transformer
+        # does): only the cycle collector frees them, and only then can the cache give their
+        # memory back.
+        gc.collect()
         if any(device.startswith("cuda") for device in self.devices):
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _device_failure(torch: Any) -> type[BaseException] | tuple[()]:
+    """torch's error for a failed device (torch >= 2.8), or nothing to catch."""
+    error: type[BaseException] | tuple[()] = getattr(torch, "AcceleratorError", ())
+    return error
 
 
 def _check_device(torch: Any, device: str) -> None:
