@@ -305,11 +305,6 @@ class Engine:
             self._state = "cancelled"
         return suppress
 
-    async def aclose(self) -> None:
-        """Cancel what is running and release everything; safe to call more than once."""
-        self.cancel()
-        await self._close_resources()
-
     async def _open_backends_and_store(self) -> None:
         config = self.config
         for judge in self._judges:
