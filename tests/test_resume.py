@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ConfigFactory
 from tests.test_engine import journal, keys_count, run_to_end
-from trig_stream import Engine, FingerprintMismatch, RunLockedError
-from trig_stream.store import JOURNAL, Journal, JournalState, write_atomic_many
+from trig_stream import Engine, FingerprintMismatch, RunLockedError, store
+from trig_stream.store import JOURNAL, Journal, JournalState, read_journal, write_atomic_many
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
@@ -81,6 +82,29 @@ async def test_torn_last_record_is_cut_off_and_asked_again(make_config: ConfigFa
     results = await run_to_end(config)
     assert len(results) == 1
     counts = keys_count(config)
+    assert len(counts) == 10 and set(counts.values()) == {1}
+
+
+async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
+    make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    damaged = [*lines[:3], b"\x00" * 40 + b"\n", *lines[4:], b'{"schema_version":1,"mod']
+    path.write_bytes(b"".join(damaged))  # line 4 damaged, and a torn tail after line 10
+    state = Journal(path).open()
+    assert (state.lines, state.skipped_lines, len(state)) == (10, [4], 9)
+    assert path.read_bytes() == b"".join(damaged[:-1])  # only the torn tail was cut
+    with caplog.at_level("WARNING", logger="trig_stream.store"):
+        assert len(list(read_journal(path))) == 9
+    assert "1 line(s) are not judgements and were skipped (the first: line 4)" in caplog.text
+    results = await run_to_end(config)  # the damaged line's judgement is asked again
+    assert [(j.data_id, j.dimension) for j in results] == [
+        (json.loads(lines[3])["data_id"], json.loads(lines[3])["dimension"])
+    ]
+    counts = Counter(j.key for j in read_journal(path))  # the damaged line stays in place
     assert len(counts) == 10 and set(counts.values()) == {1}
 
 
@@ -191,6 +215,27 @@ def test_files_written_together_are_complete_and_leave_no_temporary_files(
         )
     assert (tmp_path / "a" / "four.png").read_bytes() == b"fourth"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["four.png", "one.png", "two.png"]
+
+
+def test_new_folders_and_the_journal_have_durable_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A synced file survives a crash only if its name does: its folder must be synced,
+    # and a new folder's own name in the folder above it.
+    synced: list[Path] = []
+    monkeypatch.setattr(store, "_sync_dir", synced.append)
+    image = tmp_path / "images" / "t2i" / "flux" / "one.png"
+    write_atomic_many([(image, b"png")], temp_dir=tmp_path)
+    assert synced == [tmp_path, tmp_path / "images", tmp_path / "images" / "t2i", image.parent]
+    synced.clear()
+    write_atomic_many([(image.with_name("two.png"), b"png")], temp_dir=tmp_path)
+    assert synced == [image.parent]  # the folders exist: only the new file's name to sync
+    synced.clear()
+    for _ in range(2):  # the second time it exists: nothing more to sync
+        journal = Journal(tmp_path / JOURNAL)
+        journal.open()
+        journal.close()
+    assert synced == [tmp_path]
 
 
 def test_journal_state_keeps_the_latest_status_of_each_key() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import threading
@@ -33,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.records import SCHEMA_VERSION, Judgement, JudgementKey, QuarantinedRecord, Status
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
@@ -91,8 +94,12 @@ class JournalState:
     """What a journal already holds: the latest status of each judged key."""
 
     lines: int = 0
+    """Lines kept in the file, the skipped ones included."""
     torn_bytes: int = 0
     """Bytes cut from the end because the last record was incomplete."""
+    skipped_lines: list[int] = field(default_factory=list)
+    """Numbers (from 1) of lines left in place that are not judgements: see
+    :meth:`Journal.open`."""
     # (model, dimension, metric) -> data_id -> status. A resumed run holds one entry per
     # judged key for its whole length: grouped so, an entry is a data_id and a dict slot
     # (~100 bytes), not also a 4-tuple (~90 more).
@@ -129,25 +136,40 @@ class Journal:
         self._file: IO[bytes] | None = None
 
     def open(self) -> JournalState:
-        """Open for appending, cutting off a torn last record; return what it holds."""
+        """Open for appending; return what it holds.
+
+        What follows the last judgement is a torn tail (a crash cut its write short) and is
+        cut off. A line that is not a judgement but has judgements after it (the file was
+        edited or damaged) stays where it is and is skipped, as :func:`read_journal` skips
+        it: cutting there would delete every judgement after it. A judgement it held is
+        asked again.
+        """
         state = JournalState()
-        good_end = 0
+        good_end = end = 0
         if self.path.exists():
             with self.path.open("rb") as handle:
-                for raw in handle:
+                unreadable: list[int] = []  # since the last judgement
+                for number, raw in enumerate(handle, start=1):
+                    end += len(raw)
                     parsed = _key_and_status(raw)
                     if parsed is None:
-                        break
+                        unreadable.append(number)
+                        continue
+                    state.skipped_lines += unreadable
+                    unreadable = []
                     state.record(*parsed)
-                    state.lines += 1
-                    good_end += len(raw)
+                    state.lines = number
+                    good_end = end
             size = self.path.stat().st_size
             if size > good_end:
                 state.torn_bytes = size - good_end
                 with self.path.open("r+b") as handle:
                     handle.truncate(good_end)
                     os.fsync(handle.fileno())
+        created = not self.path.exists()
         self._file = self.path.open("ab")
+        if created:
+            _sync_dir(self.path.parent)  # the journal's name, durable like its lines
         return state
 
     def append(self, judgements: Iterable[Judgement]) -> None:
@@ -201,7 +223,10 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status] | None:
 
 
 def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]:
-    """Every complete judgement in a journal, in order (a torn last line is skipped).
+    """Every complete judgement in a journal, in order.
+
+    A torn last line ends the reading; any other line that is not a judgement is skipped,
+    with one warning for all of them.
 
     Args:
         path: the journal file.
@@ -209,14 +234,22 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
     """
     if not path.exists():
         return
+    skipped: list[int] = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle):
             if (limit is not None and number >= limit) or not raw.endswith(b"\n"):
-                return
+                break
             try:
                 yield Judgement.model_validate_json(raw)
             except ValueError:
-                return
+                skipped.append(number + 1)
+    if skipped:
+        logger.warning(
+            "%s: %d line(s) are not judgements and were skipped (the first: line %d)",
+            path,
+            len(skipped),
+            skipped[0],
+        )
 
 
 def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:
@@ -245,7 +278,7 @@ class RunDir:
             RunLockedError: another process is running in it.
             FingerprintMismatch: its results were made with settings that differ.
         """
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path)
         run = cls(path)
         run._acquire_lock()
         try:
@@ -261,7 +294,7 @@ class RunDir:
     def write_images(self, images: Sequence[tuple[Path, bytes]]) -> None:
         """Write images atomically; their temporary files live in ``images/.partial``."""
         partial = self.path / IMAGES / PARTIAL
-        partial.mkdir(parents=True, exist_ok=True)
+        make_dirs(partial)
         write_atomic_many(images, temp_dir=partial)
 
     def image_path(self, task: str, model: str, data_id: str) -> Path:
@@ -371,7 +404,7 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
     for path, data in files:
         folder = path.parent
         if folder not in folders:
-            folder.mkdir(parents=True, exist_ok=True)
+            make_dirs(folder)
             folders[folder] = None
         temp = (temp_dir or folder) / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         with temp.open("wb") as handle:
@@ -380,11 +413,31 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
             _sync_data(handle.fileno())
         os.replace(temp, path)
     for folder in folders:
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _sync_dir(folder)
+
+
+def make_dirs(folder: Path) -> None:
+    """Create ``folder`` and its missing parents durably: each new entry's parent is synced.
+
+    A file's fsync makes its data durable, not its name: that lives in its folder, and a
+    new folder's own name in the folder above it.
+    """
+    missing: list[Path] = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    folder.mkdir(parents=True, exist_ok=True)  # FileExistsError if a file has the name
+    for created in reversed(missing):
+        _sync_dir(created.parent)
+
+
+def _sync_dir(folder: Path) -> None:
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 # A new file's data and size are all a reader needs; fdatasync skips the other metadata
