@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 from collections import Counter
 from pathlib import Path
@@ -163,6 +165,21 @@ async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:
             async with Engine(config):
                 pass
         await engine.drain()
+
+
+def test_a_lock_error_leaves_no_open_lock_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_locks(fd: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    # The error's traceback (kept here) holds the frame, and so any handle left open in it.
+    with pytest.raises(OSError, match="No locks available") as raised:
+        store.RunDir(tmp_path)._acquire_lock()
+    assert raised.traceback
+    fds = Path("/proc/self/fd")
+    assert not [fd for fd in fds.iterdir() if fd.resolve().name == store.LOCK]
 
 
 async def test_live_analysis_includes_earlier_runs(make_config: ConfigFactory) -> None:

@@ -330,16 +330,19 @@ class RunDir:
         handle = (self.path / LOCK).open("a+b")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()).encode())
+            handle.flush()
         except BlockingIOError:
             handle.close()
             raise RunLockedError(
                 f"{self.path} is in use by another trig-stream process; "
                 "use `trig-stream watch` to follow it"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()).encode())
-        handle.flush()
+        except BaseException:  # e.g. a file system without locks: the handle must not leak
+            handle.close()
+            raise
         self._lock = handle
 
     def _remove_partial_images(self) -> None:
