@@ -8,7 +8,7 @@ is missing, every status and score is the same, and so is the DTM
 (``analyse_judgements(latest_judgements(...))``). Leftover temporary image files from killed
 writes are counted too.
 
-    .venv/bin/python bench/kill_resume.py [--prompts 1000] [--kills 20] [--seed 1]
+    .venv/bin/python bench/kill_resume.py [--prompts 2500] [--kills 20] [--seed 1]
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ backoff_max = 0.002
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=1000)
+    # Enough that 20 kills land before the end: at 1,000 a faster machine finished first.
+    parser.add_argument("--prompts", type=int, default=2500)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--min-delay", type=float, default=1.0, help="earliest kill after a start")
