@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ import pytest
 from tests.conftest import ConfigFactory
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunLockedError, store
+from trig_stream import engine as engine_module
+from trig_stream.records import Judgement
 from trig_stream.store import JOURNAL, Journal, JournalState, read_journal, write_atomic_many
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
@@ -196,6 +200,40 @@ async def test_live_analysis_includes_earlier_runs(make_config: ConfigFactory) -
     batch = analyse_judgements(latest_judgements(config.run_dir / JOURNAL).values())
     assert live == batch[("synth", "trigscore")]
     assert sum(p.n for p in live.pairs) == 40
+
+
+async def test_live_analysis_equals_the_batch_one_when_new_judgements_land_first(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Earlier runs' judgements load in the background while the run goes on. Here the
+    # loading is held until this run's first judgements have landed: the analysis must
+    # still take them in the journal's order, or its sums differ in the last bits.
+    config = make_config(samples=40)
+    async with Engine(config) as engine:
+        async for _ in engine.results:
+            break
+    landed = threading.Event()
+    count = Engine._count
+    take = engine_module._take
+
+    def count_then_signal(self: Engine, batch: list[Judgement]) -> None:
+        count(self, batch)
+        landed.set()
+
+    def take_after_landing(items: Iterator[Judgement], size: int) -> list[Judgement]:
+        assert landed.wait(timeout=30)
+        return take(items, size)
+
+    monkeypatch.setattr(Engine, "_count", count_then_signal)
+    monkeypatch.setattr(engine_module, "_take", take_after_landing)
+    async with Engine(config) as engine:
+        await engine.drain()
+        live = engine.relations.analysis("synth", "trigscore")
+    from trig_stream.analysis import analyse_judgements
+    from trig_stream.store import latest_judgements
+
+    batch = analyse_judgements(latest_judgements(config.run_dir / JOURNAL).values())
+    assert live == batch[("synth", "trigscore")]
 
 
 async def test_partial_image_files_left_by_a_crash_are_removed(make_config: ConfigFactory) -> None:

@@ -153,12 +153,14 @@ class Engine:
         self._run_dir: RunDir | None = None
         self._journal_state = JournalState()
         self.relations = RelationTracker(config.relation)
+        """The live relation analysis (pair statistics, DTM) of every judgement in the run,
+        earlier runs included; it updates as judgements become durable."""
         self._history_loaded = anyio.Event()
+        self._new_while_loading: list[Judgement] = []
+        """This run's judgements that landed while earlier runs' were still loading."""
         # Set once the first sample is queued (or the source ended): side jobs wait for it,
         # so a resume reaches its first new request before they compete for the CPU.
         self._work_started = anyio.Event()
-        """The live relation analysis (pair statistics, DTM) of every judgement in the run,
-        earlier runs included; it updates as judgements become durable."""
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
         self._closed = False
         self.run_dir_path = config.run_dir
@@ -540,12 +542,20 @@ class Engine:
                     if state.is_done(judgement.key, retry_errors=self._retry_errors):
                         self.relations.add(judgement)
         finally:
+            # This run's judgements join after the earlier ones, as in the journal: the
+            # analysis then sees the journal's order, and equals a batch analysis of it to
+            # the last bit (its sums do not depend on how the loading and the run overlapped).
+            self.relations.extend(self._new_while_loading)
+            self._new_while_loading = []
             self._history_loaded.set()
 
     def _count(self, batch: list[Judgement]) -> None:
         now = time.monotonic()
+        if self._history_loaded.is_set():
+            self.relations.extend(batch)
+        else:
+            self._new_while_loading += batch
         for judgement in batch:
-            self.relations.add(judgement)
             counts = self._counters.model(judgement.model)
             if judgement.status == "ok":
                 counts.ok += 1
