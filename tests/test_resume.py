@@ -183,7 +183,7 @@ def test_a_lock_error_leaves_no_open_lock_file(
         store.RunDir(tmp_path)._acquire_lock()
     assert raised.traceback
     fds = Path("/proc/self/fd")
-    assert not [fd for fd in fds.iterdir() if fd.resolve().name == store.LOCK]
+    assert not [fd for fd in fds.iterdir() if fd.resolve() == tmp_path / store.LOCK]
 
 
 async def test_live_analysis_includes_earlier_runs(make_config: ConfigFactory) -> None:
