@@ -3,11 +3,12 @@
 ``load`` (in a worker thread) builds one pipeline per entry of ``devices``; worker *i* uses
 device *i*. With ``isolation = "process"`` each pipeline lives in a child process of its own
 instead (:mod:`~trig_stream.backends.generators.pipeline_process`), which this class drives
-through the same methods. A :meth:`~DiffusersGenerator.generate` call runs its whole
-micro-batch as one pipeline call: a list of prompts and one ``torch.Generator`` per prompt,
-seeded with the request's seed, so each image depends on its own seed only. Between
-denoising steps the pipeline's step-end callback checks the run's cancel event and abandons
-the call.
+through the same methods. A :meth:`~DiffusersGenerator.generate` call runs its micro-batch
+as one pipeline call (edit sources of different sizes, and reference pictures, get calls of
+their own): a list of prompts and one ``torch.Generator`` per prompt, seeded with the
+request's seed, so each image depends on its own seed (up to rounding when its batch-mates
+differ). Between denoising steps the pipeline's step-end callback checks the run's cancel
+event and abandons the call.
 
 torch and diffusers are imported in ``load``, never at module import.
 """
