@@ -107,6 +107,44 @@ def test_json_source_images_come_from_image_root(tmp_path: Path) -> None:
     assert "plain file name" in reasons[2]
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"prompt": "two cats"},
+        {"item": "kitten"},
+        {"img_id": "kitten.png"},
+        {"dimension": ["TA-C", "IQ-O"]},
+    ],
+)
+def test_a_sample_that_asks_something_else_than_when_judged_is_quarantined(
+    tmp_path: Path, edit: dict[str, object]
+) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    for name in ("cat.png", "kitten.png"):
+        (root / name).write_bytes(png_bytes())
+    record = {
+        "data_id": "TA-C_IQ-R_1",
+        "prompt": "a cat",
+        "dimension": ["TA-C", "IQ-R"],
+        "img_id": "cat.png",
+        "item": "cat",
+    }
+    path = tmp_path / "s2p.json"
+    path.write_text(json.dumps([record, {**record, "data_id": "TA-C_IQ-R_2"}]))
+    section = DatasetSection(path=path, image_root=root)
+    (sample, other), _ = read(section, task="s2p")
+    judged = {sample.data_id: sample.digest, other.data_id: other.digest}
+    assert list(DatasetSource(section, "s2p", judged=judged)) == [sample, other]
+
+    path.write_text(json.dumps([{**record, **edit}, {**record, "data_id": "TA-C_IQ-R_2"}]))
+    entries = list(DatasetSource(section, "s2p", judged=judged))
+    assert isinstance(entries[0], QuarantinedRecord) and entries[1] == other
+    assert entries[0].reason.startswith("data_id 'TA-C_IQ-R_1' changed since it was judged")
+    # Without a record of the earlier judgement, the edited sample is simply read.
+    assert isinstance(next(iter(DatasetSource(section, "s2p"))), Sample)
+
+
 def test_filters_and_limit(tmp_path: Path) -> None:
     path = write_prompts(tmp_path / "p.json", 40)
     by_pair, _ = read(DatasetSection(path=path, pairs=["TA-C_IQ-R"]))  # either order

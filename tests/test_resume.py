@@ -162,6 +162,58 @@ async def test_adding_a_model_resumes_the_same_run(make_config: ConfigFactory) -
     assert {j.model for j in results} == {"other"}
 
 
+async def test_a_sample_edited_since_it_was_judged_is_quarantined_not_mixed(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    config = make_config(samples=4)
+    await run_to_end(config)
+    before = (config.run_dir / JOURNAL).read_bytes()
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    edited = records[1]["data_id"]
+    records[1]["prompt"] = "another prompt"  # the first judgements answered the old one
+    prompts.write_text(json.dumps(records))
+    more = make_config(
+        samples=4,
+        generators=[
+            {"name": "synth", "backend": "synthetic", "options": {"size": 16}},
+            {"name": "other", "backend": "synthetic", "options": {"size": 16}},
+        ],
+    )
+    async with Engine(more) as engine:
+        results = [j async for j in engine.results]
+        summary = await engine.drain()
+    assert {j.model for j in results} == {"other"}
+    assert {j.data_id for j in results} == {r["data_id"] for r in records} - {edited}
+    assert summary.quarantined == 1
+    quarantined = [json.loads(line) for line in (config.run_dir / "quarantine.jsonl").open()]
+    assert [q["data_id"] for q in quarantined] == [edited]
+    assert "changed since it was judged" in quarantined[0]["reason"]
+    assert "--new-run" in quarantined[0]["reason"]
+    assert (config.run_dir / JOURNAL).read_bytes().startswith(before)  # nothing lost
+
+
+async def test_journals_without_sample_digests_resume_as_before(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    config = make_config(samples=4)
+    first = await run_to_end(config)
+    assert all(j.sample_digest for j in first)
+    path = config.run_dir / JOURNAL
+    old = [
+        {k: v for k, v in json.loads(line).items() if k != "sample_digest"} for line in path.open()
+    ]
+    path.write_text("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in old))
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    records[0]["prompt"] = "another prompt"  # an old journal cannot tell: nothing to compare
+    prompts.write_text(json.dumps(records))
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+        summary = await engine.drain()
+    assert (results, summary.quarantined) == ([], 0)
+
+
 async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:
     config = make_config(samples=3)
     async with Engine(config) as engine:
@@ -291,6 +343,32 @@ def test_new_folders_and_the_journal_have_durable_names(
         journal.open()
         journal.close()
     assert synced == [tmp_path]
+
+
+def test_journal_reads_each_samples_digest_on_both_paths(tmp_path: Path) -> None:
+    """The fast path (a line's fixed start) and the JSON path (anything unusual) agree."""
+    record = Judgement(
+        model="m",
+        data_id="IQ-R_IQ-O_1",
+        task="t2i",
+        pair="IQ-R_IQ-O",
+        dimension="IQ-R",
+        metric="trigscore",
+        status="ok",
+        sample_digest="0123456789abcdef",
+        judge={"backend": "fake", "model": "fake"},
+        score=0.5,
+    )
+    line = record.model_dump_json().encode() + b"\n"
+    reordered = json.dumps(json.loads(line), sort_keys=True).encode() + b"\n"
+    assert store._LINE_START.match(line) and not store._LINE_START.match(reordered)
+    expected = (record.key, "ok", "0123456789abcdef")
+    assert store._key_and_status(line) == store._key_and_status(reordered) == expected
+    older = record.model_copy(update={"sample_digest": None}).model_dump_json().encode() + b"\n"
+    assert store._key_and_status(older) == (record.key, "ok", None)
+    path = tmp_path / JOURNAL
+    path.write_bytes(older + reordered)
+    assert Journal(path).open().digests == {"IQ-R_IQ-O_1": "0123456789abcdef"}
 
 
 def test_journal_state_keeps_the_latest_status_of_each_key() -> None:

@@ -27,6 +27,7 @@ from trig_stream.dimensions import (
     unordered_pair,
 )
 from trig_stream.errors import DatasetError
+from trig_stream.hashing import sample_digest
 from trig_stream.records import QuarantinedRecord, Sample
 from trig_stream.string_index import StringIndex
 
@@ -51,6 +52,11 @@ class DatasetSource:
             such samples count towards ``limit`` but are passed over without being built.
             On resume most samples are finished, and building them would dominate the
             time to the first new request.
+        judged: data_id -> the :attr:`~trig_stream.records.Sample.digest` recorded when the
+            sample was judged (a resumed run's journal). A sample that asks something else
+            now (its prompt, pair, item or source image name edited since) is quarantined:
+            its earlier judgements answer the old question, and judging the rest of it
+            would mix the two versions in one run.
     """
 
     def __init__(
@@ -59,10 +65,12 @@ class DatasetSource:
         task: Task,
         *,
         finished: Callable[[str, tuple[Dimension, ...]], bool] | None = None,
+        judged: Mapping[str, str] | None = None,
     ) -> None:
         self.section = section
         self.task = task
         self._finished = finished
+        self._judged = judged or {}
         self._pairs = {unordered_pair(*split_pair(p)) for p in section.pairs}
         self._dimensions = set(section.dimensions)
 
@@ -87,6 +95,14 @@ class DatasetSource:
                 if not self._selected(dimensions):
                     seen.add(data_id)
                     continue
+                recorded = self._judged.get(data_id)
+                if recorded is not None and recorded != _raw_digest(raw, dimensions):
+                    raise Rejected(
+                        f"data_id {data_id!r} changed since it was judged in this run "
+                        "directory (its prompt, pair, item or img_id differ): its earlier "
+                        "judgements are kept and it is not judged again; use --new-run to "
+                        "judge the new version"
+                    )
                 judged = self.dimensions_to_judge(dimensions)
                 if self._finished is not None and self._finished(data_id, judged):
                     seen.add(data_id)
@@ -208,6 +224,18 @@ def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
             image.verify()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise Rejected(f"{what} cannot be decoded: {exc}") from None
+
+
+def _raw_digest(raw: Mapping[str, Any], dimensions: tuple[Dimension, Dimension]) -> str:
+    """The :attr:`~trig_stream.records.Sample.digest` the record's sample has, without building
+    it (the fields read as :meth:`DatasetSource._sample` reads them)."""
+    prompt, item, img_id = raw.get("prompt"), raw.get("item"), raw.get("img_id") or ""
+    return sample_digest(
+        prompt if isinstance(prompt, str) else "",
+        f"{dimensions[0]}_{dimensions[1]}",
+        item if isinstance(item, str) else None,
+        img_id if isinstance(img_id, str) else "",
+    )
 
 
 def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]:

@@ -412,7 +412,10 @@ class Engine:
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
         source = DatasetSource(
-            self.config.dataset, self.config.run.task, finished=self._sample_finished
+            self.config.dataset,
+            self.config.run.task,
+            finished=self._sample_finished,
+            judged=self._journal_state.digests,
         )
         records = iter(source)
         async with judgement_send:

@@ -1,4 +1,5 @@
-"""Deterministic numbers from names: generation seeds, and the choices of the test backends."""
+"""Deterministic numbers from names: generation seeds, sample digests, and the choices of the
+test backends."""
 
 from __future__ import annotations
 
@@ -14,3 +15,10 @@ def unit_hash(*parts: object) -> float:
 def seed_for(base_seed: int, model: str, data_id: str) -> int:
     """The generation seed of one (model, data_id): stable across runs and machines."""
     return int(unit_hash("seed", base_seed, model, data_id) * 2**31)
+
+
+def sample_digest(prompt: str, pair: str, item: str | None, img_id: str) -> str:
+    """16 hex digits naming what a sample asks: its prompt, pair, subject item and source image
+    name. A resumed run compares them with those its journal recorded (see ``dataset``)."""
+    text = "\x1f".join((prompt, pair, "\x00" if item is None else item, img_id))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()

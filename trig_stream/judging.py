@@ -242,6 +242,7 @@ class JudgeStage:
             metric=judge.name,
             judge=self._context.fingerprints[judge.name],
             status=status,
+            sample_digest=sample.digest,
             score=score,
             top_logprobs=top,
             image=item.image.path.relative_to(self._context.run_dir.path).as_posix(),

@@ -72,6 +72,7 @@ def failed_judgement(
         metric=judge_name,
         judge=context.fingerprints[judge_name],
         status="error",
+        sample_digest=sample.digest,
         seed=work.seed,
         error=f"{stage} failed: {reason}",
         error_stage=stage,

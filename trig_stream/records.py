@@ -16,12 +16,14 @@ Only ``ok`` judgements carry a score: a failure is never written as one.
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trig_stream.dimensions import Dimension, Task
+from trig_stream.hashing import sample_digest
 
 SCHEMA_VERSION = 1
 
@@ -60,6 +62,12 @@ class Sample(_Record):
     def pair(self) -> str:
         """The pair as ``A_B`` in the sample's own order."""
         return f"{self.dimensions[0]}_{self.dimensions[1]}"
+
+    @cached_property
+    def digest(self) -> str:
+        """What this sample asks, as :func:`~trig_stream.hashing.sample_digest` names it; every
+        judgement of the sample records it."""
+        return sample_digest(self.prompt, self.pair, self.item, self.img_id)
 
 
 class PromptRewrite(_Record):
@@ -115,7 +123,10 @@ class Judgement(_Record):
     dimension: Dimension
     metric: str
     status: Status
-    """Kept right after the key fields: the journal reads keys and status from a line's start."""
+    sample_digest: str | None = None
+    """The sample's :attr:`Sample.digest` when it was judged (None in journals older than it).
+    It and ``status`` stay right after the key fields: the journal reads them from a line's
+    start."""
     judge: JudgeFingerprint
     score: float | None = None
     top_logprobs: TopLogprobs | None = None

@@ -100,6 +100,10 @@ class JournalState:
     skipped_lines: list[int] = field(default_factory=list)
     """Numbers (from 1) of lines left in place that are not judgements: see
     :meth:`Journal.open`."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """data_id -> the :attr:`~trig_stream.records.Sample.digest` its latest judgement in the
+    file recorded: what each sample asked when it was judged (lines older than the digest
+    record none)."""
     # (model, dimension, metric) -> data_id -> status. A resumed run holds one entry per
     # judged key for its whole length: grouped so, an entry is a data_id and a dict slot
     # (~100 bytes), not also a 4-tuple (~90 more).
@@ -157,7 +161,10 @@ class Journal:
                         continue
                     state.skipped_lines += unreadable
                     unreadable = []
-                    state.record(*parsed)
+                    key, status, digest = parsed
+                    state.record(key, status)
+                    if digest is not None:
+                        state.digests[key[1]] = digest
                     state.lines = number
                     good_end = end
             size = self.path.stat().st_size
@@ -193,12 +200,14 @@ class Journal:
 _LINE_START = re.compile(
     rb'\{"schema_version":\d+,"model":"([^"\\]*)","data_id":"([^"\\]*)","task":"[^"\\]*",'
     rb'"pair":"[^"\\]*","dimension":"([^"\\]*)","metric":"([^"\\]*)","status":"([a-z]+)"'
+    rb'(?:,"sample_digest":(?:"([0-9a-f]*)"|null))?'
 )
 _STATUSES = frozenset(("ok", "unscorable", "error"))
 
 
-def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status] | None:
-    """The key and status of one journal line, or None when the line is torn or not a record.
+def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | None:
+    """The key, status and sample digest of one journal line, or None when the line is torn or
+    not a record.
 
     Reading 100k lines at resume must take well under a second, so the fixed start of a
     line is matched directly; anything unusual falls back to a full JSON parse.
@@ -207,7 +216,9 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status] | None:
         return None
     match = _LINE_START.match(raw)
     if match is not None:
-        model, data_id, dimension, metric, status = (part.decode() for part in match.groups())
+        *parts, found = match.groups()
+        model, data_id, dimension, metric, status = (part.decode() for part in parts)
+        digest = None if found is None else found.decode()
         key: JudgementKey = (intern(model), data_id, intern(dimension), intern(metric))
         status = intern(status)  # one string per status, not one per line
     else:
@@ -215,11 +226,12 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status] | None:
             record = json.loads(raw)
             key = (record["model"], record["data_id"], record["dimension"], record["metric"])
             status = record["status"]
-        except (ValueError, KeyError, TypeError):
+            digest = record.get("sample_digest")
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
-    if status not in _STATUSES:
+    if status not in _STATUSES or not (digest is None or isinstance(digest, str)):
         return None
-    return key, status  # type: ignore[return-value]
+    return key, status, digest  # type: ignore[return-value]
 
 
 def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]:
