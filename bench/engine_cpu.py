@@ -5,8 +5,9 @@ CPU is not counted. ``time.process_time()`` (user + system time of every thread 
 process: the event loop, the generator's and the writers' threads, the client) is read around
 two runs over the same prompts (synthetic 8x8 images):
 
-* ``openai``: the ``openai`` judge against ``simulate-judge``: what a real run costs per
-  judgement on the judging machine's side;
+* ``aiohttp`` and ``http``: the ``openai`` judge against ``simulate-judge``, with each of
+  its two plain clients (``options.client``): what a real run costs per judgement on the
+  judging machine's side;
 * ``fake``: the fake judge: the engine alone (dataset, generation, PNG writes, journal fsyncs,
   live DTM), without any HTTP.
 
@@ -15,10 +16,12 @@ system time (the kernel: sockets, and creating, syncing and renaming the image f
 this box creating a small file cost anywhere from 6 to 600 us of system time, from one
 minute to the next, in the same folder (see bench/README.md, P3), so read the two apart.
 
-``--profile`` adds a cProfile of the ``openai`` run (the event loop's thread only: time in
-worker threads shows up as waits there) and prints the top functions by own time.
+``--profile`` adds a cProfile of one ``openai`` run (``--client``; the event loop's thread
+only: time in worker threads shows up as waits there) and prints the top functions by own
+time.
 
-    .venv/bin/python bench/engine_cpu.py [--prompts 2000] [--concurrency 64] [--profile] [--json]
+    .venv/bin/python bench/engine_cpu.py [--prompts 2000] [--concurrency 64] [--json]
+        [--profile [--client http]]
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--client", choices=["aiohttp", "http"], default="http", help="the run --profile profiles"
+    )
+    parser.add_argument(
         "--json", action="store_true", help="a JSON dataset instead of parquet (no polars needed)"
     )
     args = parser.parse_args()
@@ -94,12 +100,11 @@ def main() -> None:
             fake = {"name": "trigscore", "backend": "fake", "concurrency": args.concurrency}
             # A warm-up run pays the imports (openai, aiohttp, PIL) outside the measure.
             measure(folder, "warmup", dataset, {**openai_judge(url, 8)})
-            results = {
-                "fake": measure(folder, "fake", dataset, fake),
-                "openai": measure(
-                    folder, "openai", dataset, openai_judge(url, args.concurrency), args.profile
-                ),
-            }
+            results = {"fake": measure(folder, "fake", dataset, fake)}
+            for client in ("aiohttp", "http"):
+                judge = openai_judge(url, args.concurrency, client=client)
+                profile = args.profile and client == args.client
+                results[client] = measure(folder, client, dataset, judge, profile)
             served = judge_stats(url)["served"]
     finally:
         stop_judge(process)
@@ -107,13 +112,13 @@ def main() -> None:
     for label, (ok, user, system, wall, _) in results.items():
         cpu = user + system
         print(
-            f"  {label:<6} judge: {ok} ok in {wall:.2f} s wall, {cpu:.2f} s CPU "
+            f"  {label:<7} judge: {ok} ok in {wall:.2f} s wall, {cpu:.2f} s CPU "
             f"= {cpu / ok * 1000:.3f} ms CPU per judgement ({ok / wall:.0f} judgements/s); "
             f"user {user / ok * 1000:.3f} + system {system / ok * 1000:.3f} ms"
         )
     print(f"server answered {served} requests (warm-up included)")
     print("goal: <= 0.5 ms CPU per judgement (openai judge at zero latency)")
-    profiler = results["openai"][4]
+    profiler = results[args.client][4]
     if profiler is not None:
         stats = pstats.Stats(profiler)
         stats.sort_stats("tottime").print_stats(30)

@@ -43,9 +43,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["aiohttp", "sdk"])
+@pytest.fixture(params=["aiohttp", "sdk", "http"])
 def client(request: pytest.FixtureRequest) -> Client:
-    """Both transports: every request and failure must come out the same through each."""
+    """Every transport: each request and failure must come out the same through each."""
     name: Client = request.param
     return name
 

@@ -86,8 +86,9 @@ def faulty_judge() -> Iterator[str]:
         process.wait(timeout=30)
 
 
+@pytest.mark.parametrize("client", ["aiohttp", "http"])
 async def test_faulty_server_run_completes_and_only_exhausted_retries_fail(
-    tmp_path: Path, faulty_judge: str
+    tmp_path: Path, faulty_judge: str, client: str
 ) -> None:
     write_prompts(tmp_path / "prompts.json", SAMPLES)
     config = parse_config(
@@ -106,6 +107,7 @@ async def test_faulty_server_run_completes_and_only_exhausted_retries_fail(
                         "base_url": faulty_judge,
                         "model": "trig-judge-sim",
                         "timeout_s": 1,
+                        "client": client,
                     },
                 }
             ],

@@ -48,7 +48,12 @@ options = {{ size = 16 }}
 [[judges]]
 backend = "openai"
 concurrency = 4
-options = {{ base_url = "{base_url}", model = "trig-judge-sim", api_key_env = "{env}" }}
+
+[judges.options]
+base_url = "{base_url}"
+model = "trig-judge-sim"
+api_key_env = "{env}"
+client = "{client}"
 """
 
 
@@ -77,10 +82,10 @@ def base_url() -> Iterator[str]:
         process.wait(timeout=30)
 
 
-def write_config(tmp_path: Path, base_url: str, name: str) -> Path:
+def write_config(tmp_path: Path, base_url: str, name: str, client: str = "aiohttp") -> Path:
     write_prompts(tmp_path / "prompts.json", SAMPLES)
     path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(name=name, base_url=base_url, env=KEY_ENV))
+    path.write_text(CONFIG.format(name=name, base_url=base_url, env=KEY_ENV, client=client))
     return path
 
 
@@ -107,7 +112,9 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("client", ["aiohttp", "http"])
 async def test_engine_run(
+    client: str,
     tmp_path: Path,
     base_url: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -115,7 +122,7 @@ async def test_engine_run(
     logs: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv(KEY_ENV, KEY)
-    config = load_config(write_config(tmp_path, base_url, "engine-ok"))
+    config = load_config(write_config(tmp_path, base_url, "engine-ok", client))
     async with Engine(config) as engine:
         summary = await engine.drain()
     assert summary.ok == summary.judged == 2 * SAMPLES
@@ -125,7 +132,9 @@ async def test_engine_run(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("client", ["aiohttp", "http"])
 async def test_engine_run_with_a_wrong_key(
+    client: str,
     tmp_path: Path,
     base_url: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -133,7 +142,7 @@ async def test_engine_run_with_a_wrong_key(
     logs: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv(KEY_ENV, WRONG_KEY)
-    config = load_config(write_config(tmp_path, base_url, "engine-wrong"))
+    config = load_config(write_config(tmp_path, base_url, "engine-wrong", client))
     engine = Engine(config)
     with pytest.raises(FatalBackendError) as caught:
         async with engine:

@@ -11,8 +11,8 @@ a body that is not a completion        :class:`RetryableError`
 any other 4xx                          :class:`ItemError` with the status and reason
 =====================================  ==========================================
 
-:func:`classify` reads what the ``openai`` SDK raised; the aiohttp transport calls the
-functions below it directly with the status, headers and body it got. Messages never quote
+:func:`classify` reads what the ``openai`` SDK raised; the http and aiohttp transports call the
+functions below it directly with the status, headers and body they got. Messages never quote
 the API key: server text is scrubbed of it (some providers echo the key they received) and
 the client's exception is not chained, since its text and request carry what the server said.
 """

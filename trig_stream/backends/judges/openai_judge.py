@@ -3,9 +3,10 @@
 One request per (image, dimension): ``logprobs`` on, ``top_logprobs`` alternatives of the
 first token, ``max_tokens = 1`` since only that token is read. Each image is read and encoded
 once (:meth:`OpenAIJudge.prepare`) and shared by its dimension requests. Requests go out
-through a plain aiohttp session, or through ``openai.AsyncOpenAI`` with ``client = "sdk"``
-(see :mod:`~trig_stream.backends.judges.transports` for the difference); neither retries on
-its own: the engine owns retries, so they never compound.
+through trig-stream's own small HTTP/1.1 client (``client = "http"``), a plain aiohttp session
+(``"aiohttp"``) or ``openai.AsyncOpenAI`` (``"sdk"``); see
+:mod:`~trig_stream.backends.judges.transports` for the difference. None retries on its own:
+the engine owns retries, so they never compound.
 
 Several ``base_urls`` serving the same model share the load: each request goes to the endpoint
 with the fewest requests in flight. Instead of a URL, ``serve`` starts the server for the run
@@ -73,8 +74,9 @@ class OpenAIJudgeOptions(BaseModel):
     """Shrink larger images to this many pixels (keeping their shape) before sending."""
     image_mode: Literal["base64", "file"] = "base64"
     """``file`` sends ``file://`` URLs, for a vLLM started with ``--allowed-local-media-path``."""
-    client: Client = "aiohttp"
-    """How requests are sent: ``aiohttp`` (least CPU per request) or ``sdk`` (``AsyncOpenAI``)."""
+    client: Client = "http"
+    """How requests are sent: ``http`` (least CPU per request), ``aiohttp`` or ``sdk``
+    (``AsyncOpenAI``)."""
     template: Path | None = None
     """A TOML or JSON file replacing some or all of the built-in judging texts."""
     serve: ServeOptions | None = None

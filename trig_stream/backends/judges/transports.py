@@ -1,27 +1,32 @@
 """How the ``openai`` judge sends a chat completion request and gets the decoded answer.
 
-Two transports behind one small interface (:class:`Transport`):
+Transports behind one small interface (:class:`Transport`):
 
-* :class:`AiohttpTransport` (``client = "aiohttp"``, the default) posts the JSON body with one
-  ``aiohttp`` session per endpoint. A judge reads one field of each answer, so this is all
-  the work a request needs. Bodies are encoded and answers decoded with ``pydantic_core``'s
-  JSON functions (already a dependency, through pydantic): for a request body and a
-  20-logprob answer they measured 2.6 and 11 us here, against 12 and 26 us for the
-  :mod:`json` module's.
+* :class:`~trig_stream.backends.judges.http1.HttpTransport` (``client = "http"``, the
+  default) is a small HTTP/1.1 client of trig-stream's own: about half aiohttp's CPU per
+  request (see :mod:`~trig_stream.backends.judges.http1`).
+* :class:`AiohttpTransport` (``client = "aiohttp"``) posts the JSON body with one
+  ``aiohttp`` session per endpoint.
 * :class:`SdkTransport` (``client = "sdk"``) posts through ``openai.AsyncOpenAI`` on its
   aiohttp transport. Each request then also builds the SDK's request models and headers,
   which measured ~1 ms more CPU per request here than the whole aiohttp path
   (``bench/engine_cpu.py``): at a few hundred requests per second, that is a core.
 
-Both send the same body and headers (bearer key, JSON), never retry (the engine owns
+A judge reads one field of each answer, so the first two do no more than post and decode.
+They encode bodies and decode answers with ``pydantic_core``'s JSON functions (already a
+dependency, through pydantic): for a request body and a 20-logprob answer they measured 2.6
+and 11 us here, against 12 and 26 us for the :mod:`json` module's.
+
+All send the same body and headers (bearer key, JSON), never retry (the engine owns
 retries), and raise the same :mod:`~trig_stream.backends.judges.http_errors` classes for the
 same failures, so a run's judgements do not depend on the transport.
 
 The image goes into a body as an :class:`EncodedImage`: the body holds :data:`IMAGE_SLOT`
 where its URL belongs. A base64 image is megabytes of JSON string; encoding it once per
 image, in the worker thread that prepares it, instead of once per request on the event loop,
-is what keeps the loop free (~4 ms per request for a 1 MB image). The aiohttp transport
-splices those bytes into each body; the SDK's puts the URL itself in the slot.
+is what keeps the loop free (~4 ms per request for a 1 MB image). The http and aiohttp
+transports splice those bytes into each body (:func:`splice_image`); the SDK's puts the URL
+itself in the slot.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ if TYPE_CHECKING:
     import aiohttp
     import openai
 
-Client = Literal["aiohttp", "sdk"]
+Client = Literal["aiohttp", "sdk", "http"]
 """The names of the transports, as ``options.client`` gives them."""
 
 IMAGE_SLOT = "\x00image-url\x00"
@@ -138,10 +143,7 @@ class AiohttpTransport:
         import aiohttp
 
         session = self._open_session()
-        head, slot, tail = to_json(body).partition(_SLOT_JSON)
-        if not slot:
-            raise ValueError("the request body has no image slot")
-        data = b"".join((head, image.literal, tail))
+        data = splice_image(to_json(body), image)
         try:
             async with session.post(self._target, data=data, headers=self._headers) as response:
                 status = response.status
@@ -157,7 +159,7 @@ class AiohttpTransport:
             raise status_error(
                 status,
                 headers,
-                _error_body(raw),
+                error_body(raw),
                 endpoint=self.url,
                 secret=self._secret,
                 key_source=self._key_source,
@@ -223,11 +225,23 @@ def open_transport(
     client: Client, url: str, *, secret: str | None, key_source: str, timeout_s: float
 ) -> Transport:
     """The transport named ``client`` to the endpoint at ``url``."""
+    if client == "http":
+        from trig_stream.backends.judges.http1 import HttpTransport
+
+        return HttpTransport(url, secret, key_source, timeout_s)
     kind = AiohttpTransport if client == "aiohttp" else SdkTransport
     return kind(url, secret, key_source, timeout_s)
 
 
-def _error_body(raw: bytes) -> object:
+def splice_image(body: bytes, image: EncodedImage) -> bytes:
+    """A JSON-encoded request ``body`` with ``image``'s URL in its :data:`IMAGE_SLOT`."""
+    head, slot, tail = body.partition(_SLOT_JSON)
+    if not slot:
+        raise ValueError("the request body has no image slot")
+    return b"".join((head, image.literal, tail))
+
+
+def error_body(raw: bytes) -> object:
     """An error answer's body as the SDK reports it: the ``error`` object when there is one."""
     try:
         body = json.loads(raw)

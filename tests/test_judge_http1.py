@@ -1,0 +1,359 @@
+"""The ``http`` transport's HTTP/1.1 handling, against a scripted server on loopback.
+
+``test_judge_openai`` runs every judge request and fault through this transport against the
+simulated judge (aiohttp's server: Content-Length answers, keep-alive). Here a bare asyncio
+server answers with exactly the bytes each test gives, for what that server never sends:
+chunked and read-to-close bodies, interim answers, answers in pieces, closed and
+out-of-step connections, and broken framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import ssl
+import subprocess
+import zlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from trig_stream.backends.judges.http1 import HttpTransport
+from trig_stream.backends.judges.transports import IMAGE_SLOT, EncodedImage
+from trig_stream.errors import FatalBackendError, RetryableError
+
+pytestmark = pytest.mark.anyio
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": [{"image_url": IMAGE_SLOT}]}]}
+IMAGE = EncodedImage.of("data:image/png;base64,AAAA")
+ANSWER = b'{"choices": [{"index": 0}]}'
+DECODED = {"choices": [{"index": 0}]}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the transport is built on asyncio's protocols
+
+
+def with_length(body: bytes = ANSWER, *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in headers)
+    return f"HTTP/1.1 200 OK\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+# What the server does for one request: the bytes to send, in pieces (each written and
+# drained on its own), then whether to close the connection; or HANG (never answer).
+Reply = tuple[list[bytes], bool]
+HANG: Reply = ([], False)
+
+
+@dataclass
+class Scripted:
+    """A loopback server answering each request with the next scripted reply."""
+
+    replies: list[Reply]
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    received: asyncio.Event = field(default_factory=asyncio.Event)
+    url: str = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                self.requests.append(head + await reader.readexactly(length))
+                self.received.set()
+                pieces, close = self.replies.pop(0)
+                if not pieces and not close:
+                    await reader.read()  # hang until the client gives up and closes
+                    break
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def scripted(*replies: Reply) -> AsyncIterator[Scripted]:
+    script = Scripted(list(replies))
+    server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    script.url = f"http://127.0.0.1:{port}/v1"
+    async with server:
+        yield script
+
+
+@asynccontextmanager
+async def transport_to(script: Scripted, timeout_s: float = 5) -> AsyncIterator[HttpTransport]:
+    transport = HttpTransport(script.url, "sk-test", "TEST_KEY", timeout_s)
+    try:
+        yield transport
+    finally:
+        await transport.aclose()
+
+
+def chunked(*chunks: bytes) -> bytes:
+    body = b"".join(f"{len(c):x};ext=1\r\n".encode() + c + b"\r\n" for c in chunks)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + body + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        ([with_length()], False),
+        ([chunked(ANSWER[:5], ANSWER[5:])], False),
+        ([b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + ANSWER], True),
+        ([b"HTTP/1.1 100 Continue\r\n\r\n" + with_length()], False),
+    ],
+    ids=["content-length", "chunked", "read-to-close", "interim-answer"],
+)
+async def test_every_framing_gives_the_same_answer(reply: Reply) -> None:
+    async with scripted(reply) as script, transport_to(script) as transport:
+        assert await transport.post(BODY, IMAGE) == DECODED
+    request = script.requests[0]
+    assert request.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"Authorization: Bearer sk-test\r\n" in request
+    assert request.endswith(b'{"image_url":"data:image/png;base64,AAAA"}]}]}')
+
+
+@pytest.mark.parametrize("whole", [with_length(), chunked(ANSWER[:7], ANSWER[7:])])
+async def test_an_answer_arriving_byte_by_byte(whole: bytes) -> None:
+    pieces = [whole[i : i + 1] for i in range(len(whole))]
+    async with scripted((pieces, False)) as script, transport_to(script) as transport:
+        assert await transport.post(BODY, IMAGE) == DECODED
+
+
+async def test_keep_alive_reuses_one_connection_and_close_does_not() -> None:
+    kept = [([with_length()], False)] * 3
+    async with scripted(*kept) as script, transport_to(script) as transport:
+        for _ in range(3):
+            assert await transport.post(BODY, IMAGE) == DECODED
+    assert script.connections == 1
+    closing = [([with_length(ANSWER, "Connection: close")], True)] * 3
+    async with scripted(*closing) as script, transport_to(script) as transport:
+        for _ in range(3):
+            assert await transport.post(BODY, IMAGE) == DECODED
+    assert script.connections == 3
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
+    replies = [([with_length()], True), ([with_length()], False)]  # closed without saying so
+    async with scripted(*replies) as script, transport_to(script) as transport:
+        assert await transport.post(BODY, IMAGE) == DECODED
+        with anyio.fail_after(5):
+            # Until the client's protocol has seen the server's close: nothing to wait on.
+            while not all(c.closed for c in transport._idle):
+                await anyio.lowlevel.checkpoint()
+        assert await transport.post(BODY, IMAGE) == DECODED
+    assert script.connections == 2
+
+
+async def test_a_connection_closing_but_not_yet_closed_is_not_reused() -> None:
+    """A closing transport drops what is written: a request there would wait for nothing."""
+    async with (
+        scripted(*[([with_length()], False)] * 2) as script,
+        transport_to(script, timeout_s=1) as transport,
+    ):
+        assert await transport.post(BODY, IMAGE) == DECODED
+        (idle,) = transport._idle
+        assert idle._transport is not None
+        idle._transport.close()  # closing now; its connection_lost runs on a later turn
+        assert await transport.post(BODY, IMAGE) == DECODED
+    assert script.connections == 2
+
+
+async def test_bytes_after_an_answer_drop_the_connection() -> None:
+    replies = [([with_length() + b"HTTP/1.1 200 OK\r\n"], False), ([with_length()], False)]
+    async with scripted(*replies) as script, transport_to(script) as transport:
+        assert await transport.post(BODY, IMAGE) == DECODED
+        assert await transport.post(BODY, IMAGE) == DECODED
+    assert script.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (b"HELLO\r\n\r\n", "status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -4\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 999999999999\r\n\r\n", "an answer of"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd\r\n", "a chunk does not"),
+    ],
+)
+async def test_broken_framing_is_a_retryable_malformed_answer(answer: bytes, reason: str) -> None:
+    async with scripted(([answer], False)) as script, transport_to(script) as transport:
+        with pytest.raises(
+            RetryableError, match=f"malformed answer \\(not an HTTP answer: {reason}"
+        ):
+            await transport.post(BODY, IMAGE)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "detail"),
+    [
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + ANSWER], "the answer was cut off"),
+        ([], "the server closed the connection"),
+    ],
+)
+async def test_a_connection_ending_early_is_a_connection_error(
+    pieces: list[bytes], detail: str
+) -> None:
+    async with scripted((pieces, True)) as script, transport_to(script) as transport:
+        with pytest.raises(RetryableError, match=f"connection failed \\({detail}\\)"):
+            await transport.post(BODY, IMAGE)
+
+
+async def test_a_timeout_fails_the_request_and_drops_its_connection() -> None:
+    async with (
+        scripted(HANG, ([with_length()], False)) as script,
+        transport_to(script, timeout_s=0.2) as transport,
+    ):
+        with pytest.raises(RetryableError, match=r"no answer within 0\.2 s"):
+            await transport.post(BODY, IMAGE)
+        assert await transport.post(BODY, IMAGE) == DECODED
+    assert script.connections == 2
+
+
+async def test_a_cancelled_request_drops_its_connection() -> None:
+    async with (
+        scripted(HANG, ([with_length()], False)) as script,
+        transport_to(script) as transport,
+        anyio.create_task_group() as group,
+    ):
+        cancelled = anyio.Event()
+
+        async def ask() -> None:
+            with anyio.CancelScope() as scope:
+                group.start_soon(cancel_when_received, scope)
+                await transport.post(BODY, IMAGE)
+            cancelled.set()
+
+        async def cancel_when_received(scope: anyio.CancelScope) -> None:
+            await script.received.wait()
+            scope.cancel()
+
+        group.start_soon(ask)
+        await cancelled.wait()
+        assert transport._open == set() and transport._idle == []
+        assert await transport.post(BODY, IMAGE) == DECODED
+    assert script.connections == 2
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        ("gzip", gzip.compress(ANSWER)),
+        ("deflate", zlib.compress(ANSWER)),
+        ("deflate", zlib.compress(ANSWER)[2:-4]),  # raw deflate, as some servers send it
+    ],
+)
+async def test_compressed_answers_are_decoded(encoded: tuple[str, bytes]) -> None:
+    coding, body = encoded
+    reply = ([with_length(body, f"Content-Encoding: {coding}")], False)
+    async with scripted(reply) as script, transport_to(script) as transport:
+        assert await transport.post(BODY, IMAGE) == DECODED
+
+
+async def test_an_unknown_content_coding_is_a_malformed_answer() -> None:
+    reply = ([with_length(b"????", "Content-Encoding: br")], False)
+    async with scripted(reply) as script, transport_to(script) as transport:
+        with pytest.raises(RetryableError, match="malformed answer \\(content coding 'br'\\)"):
+            await transport.post(BODY, IMAGE)
+
+
+async def test_a_redirect_stops_the_run_naming_where_it_points() -> None:
+    answer = b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://elsewhere/v1\r\n"
+    reply = ([answer + b"Content-Length: 0\r\n\r\n"], False)
+    async with scripted(reply) as script, transport_to(script) as transport:
+        with pytest.raises(
+            FatalBackendError, match="redirects \\(HTTP 308\\) to https://elsewhere"
+        ):
+            await transport.post(BODY, IMAGE)
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost`` and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=DNS:localhost"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_with_the_systems_certificate_settings(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = certificate
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    script = Scripted([([with_length()], False)])
+    server = await asyncio.start_server(script.handle, "localhost", 0, ssl=server_side)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        untrusted = HttpTransport(f"https://localhost:{port}/v1", None, "k", 5)
+        with pytest.raises(RetryableError, match="connection failed \\(SSLCertVerificationError"):
+            await untrusted.post(BODY, IMAGE)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # how a user trusts a private CA
+        trusted = HttpTransport(f"https://localhost:{port}/v1", None, "k", 5)
+        try:
+            assert await trusted.post(BODY, IMAGE) == DECODED
+        finally:
+            await trusted.aclose()
+    assert script.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+
+
+async def test_a_refused_connection_is_retryable() -> None:
+    async with scripted() as script:
+        url = script.url
+    transport = HttpTransport(url, None, "no key", 2)
+    with pytest.raises(RetryableError, match="connection failed \\(ConnectionRefusedError\\)"):
+        await transport.post(BODY, IMAGE)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: HttpTransport("ftp://host/v1", None, "k", 1), "not an http:// or https://"),
+        (
+            lambda: HttpTransport("http://host/v1", "ключ-секрет", "MY_KEY", 1),
+            "the API key from MY_KEY holds characters",
+        ),
+    ],
+)
+def test_unusable_urls_and_keys_are_refused_up_front(make: Callable[[], Any], message: str) -> None:
+    with pytest.raises(FatalBackendError, match=message) as caught:
+        make()
+    assert "ключ" not in str(caught.value) and "секрет" not in str(caught.value)
+
+
+def test_the_key_is_not_in_the_transports_repr() -> None:
+    transport = HttpTransport("https://api.example.com/v1", "sk-secret", "KEY", 1)
+    assert "sk-secret" not in repr(transport)
