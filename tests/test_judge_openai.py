@@ -240,6 +240,15 @@ async def test_bad_image_is_an_item_error(image: Path, client: Client) -> None:
             await judge.judge(JudgeRequest("m", sample(), "IQ-R", broken, 1))
 
 
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_another_event_loop_is_refused_at_open_with_what_to_do() -> None:
+    judge = OpenAIJudge(
+        "trigscore", OpenAIJudgeOptions(base_url="http://127.0.0.1:9/v1", model="m")
+    )
+    with pytest.raises(FatalBackendError, match="runs on asyncio only; run the engine with"):
+        await judge.open()
+
+
 async def test_connection_refused_is_retryable(image: Path, client: Client) -> None:
     async with JudgeServer() as server:
         url = server.base_url

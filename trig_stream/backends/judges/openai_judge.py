@@ -26,6 +26,7 @@ Example config::
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from dataclasses import dataclass
@@ -183,9 +184,17 @@ class OpenAIJudge(Judge):
         """Start the ``serve`` server if any, then create one transport per endpoint.
 
         Raises:
-            FatalBackendError: ``api_key_env`` names a variable that is not set, or the
-                ``serve`` server cannot start or is not ready in time.
+            FatalBackendError: the event loop is not asyncio's, ``api_key_env`` names a
+                variable that is not set, or the ``serve`` server cannot start or is not
+                ready in time.
         """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # every transport is built on asyncio
+            raise FatalBackendError(
+                f"judge {self.name!r}: the openai backend runs on asyncio only; run the engine "
+                "with anyio's asyncio backend"
+            ) from None
         env = self.options.api_key_env
         if env:
             key = os.environ.get(env)
