@@ -27,7 +27,7 @@ import pytest
 
 from trig_stream.backends.judges.http1 import HttpTransport
 from trig_stream.backends.judges.transports import IMAGE_SLOT, EncodedImage
-from trig_stream.errors import FatalBackendError, RetryableError
+from trig_stream.errors import FatalBackendError, ItemError, RetryableError
 
 pytestmark = pytest.mark.anyio
 
@@ -271,6 +271,15 @@ async def test_compressed_answers_are_decoded(encoded: tuple[str, bytes]) -> Non
     reply = ([with_length(body, f"Content-Encoding: {coding}")], False)
     async with scripted(reply) as script, transport_to(script) as transport:
         assert await transport.post(BODY, IMAGE) == DECODED
+
+
+async def test_a_compressed_error_answer_gives_its_reason() -> None:
+    body = gzip.compress(b'{"error": {"message": "model not found"}}')
+    answer = b"HTTP/1.1 404 Not Found\r\nContent-Encoding: gzip\r\n"
+    reply = ([answer + f"Content-Length: {len(body)}\r\n\r\n".encode() + body], False)
+    async with scripted(reply) as script, transport_to(script) as transport:
+        with pytest.raises(ItemError, match="HTTP 404: model not found"):
+            await transport.post(BODY, IMAGE)
 
 
 async def test_an_unknown_content_coding_is_a_malformed_answer() -> None:

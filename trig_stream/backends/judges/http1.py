@@ -133,10 +133,14 @@ class HttpTransport:
                 "set base_url to where it points"
             )
         if answer.status >= 400:
+            try:
+                text = _decoded(answer)
+            except ValueError:
+                text = answer.body  # quoted as it came: the reason is what matters
             raise status_error(
                 answer.status,
                 answer.headers,
-                error_body(answer.body),
+                error_body(text),
                 endpoint=self.url,
                 secret=self._secret,
                 key_source=self._key_source,
