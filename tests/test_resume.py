@@ -345,6 +345,13 @@ def test_new_folders_and_the_journal_have_durable_names(
     assert synced == [tmp_path]
 
 
+def test_relative_names_are_of_files_inside_the_run_dir_only(tmp_path: Path) -> None:
+    run = store.RunDir(tmp_path / "run")
+    assert run.relative_name(tmp_path / "run" / "images" / "t2i" / "a.png") == "images/t2i/a.png"
+    with pytest.raises(ValueError, match="is not in the subpath"):
+        run.relative_name(tmp_path / "run-2" / "a.png")  # shares the name's start, not the folder
+
+
 def test_journal_reads_each_samples_digest_on_both_paths(tmp_path: Path) -> None:
     """The fast path (a line's fixed start) and the JSON path (anything unusual) agree."""
     record = Judgement(

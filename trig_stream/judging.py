@@ -14,6 +14,7 @@ to it, and a task of this stage polls the judge's server load for it while the s
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -245,7 +246,7 @@ class JudgeStage:
             sample_digest=sample.digest,
             score=score,
             top_logprobs=top,
-            image=item.image.path.relative_to(self._context.run_dir.path).as_posix(),
+            image=self._context.run_dir.relative_name(item.image.path),
             seed=item.work.seed,
             latency_s=elapsed,
             attempts=attempts,
@@ -253,6 +254,9 @@ class JudgeStage:
             error_stage="judge" if status == "error" else None,
             prompt_rewrite=item.image.prompt_rewrite,
         )
+
+
+_LOGPROB = operator.itemgetter(1)
 
 
 def _finite_entries(top: TopLogprobs) -> tuple[TopLogprobs, tuple[str, float] | None]:
@@ -263,7 +267,7 @@ def _finite_entries(top: TopLogprobs) -> tuple[TopLogprobs, tuple[str, float] | 
     0 and counts for nothing in either scorer, so it is dropped; NaN or +inf means the
     judge's numbers are broken, which the caller reports as an error, not a score.
     """
-    if all(math.isfinite(logprob) for _, logprob in top):
+    if math.isfinite(sum(map(_LOGPROB, top))):  # a finite sum: every entry is finite
         return top, None
     finite = [(token, logprob) for token, logprob in top if math.isfinite(logprob)]
     broken = next(((t, lp) for t, lp in top if math.isnan(lp) or lp == math.inf), None)

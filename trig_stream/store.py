@@ -281,6 +281,7 @@ class RunDir:
         self._lock: IO[bytes] | None = None
         self._quarantine: IO[bytes] | None = None
         self._image_dirs: dict[tuple[str, str], Path] = {}
+        self._prefix = f"{path}{os.sep}"
 
     @classmethod
     def open(cls, path: Path, manifest: Manifest) -> tuple[RunDir, JournalState]:
@@ -315,6 +316,17 @@ class RunDir:
         if folder is None:  # a path join costs microseconds, and every image needs one
             folder = self._image_dirs[task, model] = self.path / IMAGES / task / model
         return folder / f"{data_id}.png"
+
+    def relative_name(self, path: Path) -> str:
+        """``path``, inside the run directory, relative to it with ``/`` separators.
+
+        Raises:
+            ValueError: ``path`` is not inside the run directory.
+        """
+        text = str(path)
+        if os.sep == "/" and text.startswith(self._prefix):  # every judgement asks: be quick
+            return text[len(self._prefix) :]
+        return path.relative_to(self.path).as_posix()
 
     def quarantine(self, record: QuarantinedRecord) -> None:
         if self._quarantine is not None:
