@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -26,7 +29,7 @@ pytest.importorskip("diffusers")
 
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions
-from trig_stream.backends.generators.pipeline_process import PipelineProcess
+from trig_stream.backends.generators.pipeline_process import PipelineProcess, thread_share
 from trig_stream.testing.tiny_pipelines import (
     PIPELINE_CLASSES,
     TINY_CALL,
@@ -449,12 +452,25 @@ class AnnouncingProcess(PipelineProcess):
         self.sent.set()
 
 
-def start_process(path: Path, **extra: Any) -> AnnouncingProcess:
+def start_process(path: Path, threads: int | None = None, **extra: Any) -> AnnouncingProcess:
     options = DiffusersOptions.model_validate(tiny_options(path, "flux", **extra))
-    process = AnnouncingProcess("tiny", options, "cpu", batch_size=2)
+    process = AnnouncingProcess("tiny", options, "cpu", batch_size=2, threads=threads)
     process.sent = threading.Event()
     process.wait_ready()
     return process
+
+
+@pytest.mark.parametrize(
+    ("parent", "children", "share"), [(16, 1, 16), (16, 8, 2), (16, 3, 5), (4, 8, 1)]
+)
+def test_pipeline_processes_share_out_the_threads(
+    monkeypatch: pytest.MonkeyPatch, parent: int, children: int, share: int
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(get_num_threads=lambda: parent))
+    assert thread_share(children) == share
+    monkeypatch.delitem(sys.modules, "torch")  # a parent that never imported torch
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(parent)))
+    assert thread_share(children) == (None if children == 1 else share)
 
 
 def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None:
@@ -479,7 +495,12 @@ def test_a_pipeline_process_serves_png_bytes_obeys_cancel_and_dies_loudly(
 
     # One child for the whole story: starting one imports torch and diffusers (~6 s here).
     # Enough steps that a call takes far longer than the cancel event takes to arrive.
-    process = start_process(tiny_pipelines["flux"], steps=400)
+    import torch
+
+    # As many threads as this process: the same arithmetic, the same pictures.
+    threads = torch.get_num_threads()
+    process = start_process(tiny_pipelines["flux"], threads=threads, steps=400)
+    assert process.threads == threads  # the share it was given, as the child reports it
     # The child writes to the terminal itself, past the dashboard: no loading bar there.
     assert "Loading pipeline components" not in capfd.readouterr().err
     try:

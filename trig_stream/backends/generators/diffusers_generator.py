@@ -26,7 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions, PipelineSpec
-from trig_stream.backends.generators.pipeline_process import CALLS_IN_FLIGHT, PipelineProcess
+from trig_stream.backends.generators.pipeline_process import (
+    CALLS_IN_FLIGHT,
+    PipelineProcess,
+    thread_share,
+)
 from trig_stream.backends.generators.presets import INPUT_TASKS
 from trig_stream.backends.generators.source_images import source_image
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError, MissingExtraError
@@ -161,8 +165,9 @@ class DiffusersGenerator(Generator):
 
     def _start_processes(self) -> None:
         # All children start (and import torch) at once; each then loads its own device.
+        threads = thread_share(len(self.devices))
         self._processes = [
-            PipelineProcess(self.name, self.options, device, self.batch_size)
+            PipelineProcess(self.name, self.options, device, self.batch_size, threads=threads)
             for device in self.devices
         ]
         try:

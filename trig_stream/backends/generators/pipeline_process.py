@@ -18,7 +18,7 @@ Messages, parent to child: ``("generate", requests)`` or ``("close", None)``.
 
 Child to parent:
 
-* ``("ready", None)`` once loaded;
+* ``("ready", threads)`` once loaded, with the number of torch threads it computes with;
 * ``("done", (outcomes, calls, seconds))`` per call: an outcome is PNG bytes or an error
   text, ``calls`` are the pipeline calls' batch sizes, and ``seconds`` is the call's time
   per request, which the engine records as each image's generation time;
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -73,18 +74,27 @@ class PipelineProcess:
         options: the generator's options; the child uses them with ``devices = [device]``.
         device: the device the child's pipeline runs on.
         batch_size: the most requests one call sends.
+        threads: the torch threads the child computes with (see :func:`thread_share`);
+            None keeps torch's default.
     """
 
-    def __init__(self, name: str, options: DiffusersOptions, device: str, batch_size: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        options: DiffusersOptions,
+        device: str,
+        batch_size: int,
+        *,
+        threads: int | None = None,
+    ) -> None:
         self.name = name
         self.device = device
+        self.threads: int | None = None
+        """The torch threads the child computes with, once it is ready."""
         context = multiprocessing.get_context("spawn")
         self._cancel: Event = context.Event()
         self._conn, child_conn = context.Pipe()
         child_options = options.model_copy(update={"devices": [device], "isolation": "thread"})
-        torch = sys.modules.get("torch")
-        # The child computes with as many torch threads as this process would have.
-        threads = torch.get_num_threads() if torch is not None else None
         self._process: SpawnProcess = context.Process(
             target=serve,
             args=(child_conn, self._cancel, name, child_options.model_dump_json(), batch_size),
@@ -117,6 +127,7 @@ class PipelineProcess:
         if kind != "ready":
             self.stop()
             raise FatalBackendError(str(body))
+        self.threads = body
         self._reader = threading.Thread(
             target=self._read_answers, name=f"{self._process.name} answers", daemon=True
         )
@@ -201,6 +212,24 @@ class PipelineProcess:
         )
 
 
+def thread_share(children: int) -> int | None:
+    """The torch threads each of ``children`` pipeline processes gets: the cores this process
+    would compute with, shared out, so that N children do not each start a thread per core
+    (None for a single child: torch's own default, as in this process).
+
+    Args:
+        children: how many pipeline processes run at once (one per device).
+    """
+    torch = sys.modules.get("torch")
+    total = torch.get_num_threads() if torch is not None else None
+    if children <= 1:
+        return total
+    if total is None:
+        total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        total = total or os.cpu_count() or 1
+    return max(1, total // children)
+
+
 def serve(
     conn: Connection,
     cancel: Event,
@@ -230,7 +259,8 @@ def serve(
     except Exception as exc:
         conn.send(("fatal", describe_error(exc)))
         return
-    conn.send(("ready", None))
+    torch = sys.modules["torch"]  # loading the pipeline imported it
+    conn.send(("ready", torch.get_num_threads()))
     try:
         while True:
             kind, requests = conn.recv()
