@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,11 @@ from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
 
 pytestmark = pytest.mark.anyio
+
+SYNTH_AND_OTHER = [
+    {"name": "synth", "backend": "synthetic", "options": {"size": 16}},
+    {"name": "other", "backend": "synthetic", "options": {"size": 16}},
+]
 
 
 async def test_second_run_reuses_images_and_asks_nothing(make_config: ConfigFactory) -> None:
@@ -173,13 +179,7 @@ async def test_a_sample_edited_since_it_was_judged_is_quarantined_not_mixed(
     edited = records[1]["data_id"]
     records[1]["prompt"] = "another prompt"  # the first judgements answered the old one
     prompts.write_text(json.dumps(records))
-    more = make_config(
-        samples=4,
-        generators=[
-            {"name": "synth", "backend": "synthetic", "options": {"size": 16}},
-            {"name": "other", "backend": "synthetic", "options": {"size": 16}},
-        ],
-    )
+    more = make_config(samples=4, generators=[*SYNTH_AND_OTHER])
     async with Engine(more) as engine:
         results = [j async for j in engine.results]
         summary = await engine.drain()
@@ -212,6 +212,35 @@ async def test_journals_without_sample_digests_resume_as_before(
         results = [j async for j in engine.results]
         summary = await engine.drain()
     assert (results, summary.quarantined) == ([], 0)
+
+
+async def test_earlier_judgements_load_only_once_the_first_new_one_is_durable(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading 100k earlier judgements competes for the interpreter: it waits, so that a
+    resume reaches its first new request first."""
+    await run_to_end(make_config(samples=40))
+    more = make_config(samples=40, generators=[*SYNTH_AND_OTHER])
+    events: list[str] = []
+    append = Journal.append
+
+    def appended(journal: Journal, judgements: Any) -> None:
+        append(journal, judgements)
+        events.append("new judgement durable")
+
+    monkeypatch.setattr(Journal, "append", appended)
+    async with Engine(more) as engine:
+        add = engine.relations.add
+
+        def added(judgement: Judgement) -> None:
+            if judgement.model == "synth":  # the earlier run's (this run adds "other")
+                events.append("earlier judgement loaded")
+            add(judgement)
+
+        monkeypatch.setattr(engine.relations, "add", added)
+        await engine.drain()
+    assert events.index("new judgement durable") < events.index("earlier judgement loaded")
+    assert events.count("earlier judgement loaded") == 80
 
 
 async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:

@@ -158,9 +158,10 @@ class Engine:
         self._history_loaded = anyio.Event()
         self._new_while_loading: list[Judgement] = []
         """This run's judgements that landed while earlier runs' were still loading."""
-        # Set once the first sample is queued (or the source ended): side jobs wait for it,
-        # so a resume reaches its first new request before they compete for the CPU.
-        self._work_started = anyio.Event()
+        # Set once this run's first judgement is durable (or the run ends without one): side
+        # jobs wait for it, so a resume reaches its first new request before they compete
+        # for the interpreter (loading 100k earlier judgements first delayed it by ~1 s).
+        self._first_judgement = anyio.Event()
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
         self._closed = False
         self.run_dir_path = config.run_dir
@@ -431,9 +432,7 @@ class Engine:
                             break
                         await send_now(sends[work.model], work)
                         self._counters.model(work.model).queued += 1
-                        self._work_started.set()
             finally:
-                self._work_started.set()
                 for send in sends.values():
                     send.close()
 
@@ -508,6 +507,7 @@ class Engine:
                     # Every stage before this one has finished: the run is over. Say so
                     # before ``results`` ends, so its consumer sees the final state and a
                     # complete live analysis.
+                    self._first_judgement.set()
                     await self._history_loaded.wait()
                     self._state = "stopped" if self._stopping else "done"
                     return
@@ -521,12 +521,13 @@ class Engine:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(journal.append, batch)
                 self._count(batch)
+                self._first_judgement.set()
                 for judgement in batch:
                     await send_now(result_send, judgement)
 
     async def _count_samples(self) -> None:
         # For progress and ETA only; a dataset that cannot be read fails the source itself.
-        await self._work_started.wait()
+        await self._first_judgement.wait()
         source = DatasetSource(self.config.dataset, self.config.run.task)
         with suppress(TrigStreamError):
             self._counters.samples_total = await anyio.to_thread.run_sync(source.count)
@@ -539,7 +540,7 @@ class Engine:
         state = self._journal_state
         lines = iter(read_journal(self._run_dir.journal.path, limit=state.lines))
         try:
-            await self._work_started.wait()
+            await self._first_judgement.wait()
             while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
                 for judgement in chunk:
                     if state.is_done(judgement.key, retry_errors=self._retry_errors):
