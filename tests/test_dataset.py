@@ -141,6 +141,8 @@ def test_a_sample_that_asks_something_else_than_when_judged_is_quarantined(
     entries = list(DatasetSource(section, "s2p", judged=judged))
     assert isinstance(entries[0], QuarantinedRecord) and entries[1] == other
     assert entries[0].reason.startswith("data_id 'TA-C_IQ-R_1' changed since it was judged")
+    # A copy with another prompt (as prompt rewriting makes) asks something else too.
+    assert sample.model_copy(update={"prompt": "two cats"}).digest != sample.digest
     # Without a record of the earlier judgement, the edited sample is simply read.
     assert isinstance(next(iter(DatasetSource(section, "s2p"))), Sample)
 

@@ -16,7 +16,6 @@ Only ``ok`` judgements carry a score: a failure is never written as one.
 from __future__ import annotations
 
 import time
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -63,10 +62,11 @@ class Sample(_Record):
         """The pair as ``A_B`` in the sample's own order."""
         return f"{self.dimensions[0]}_{self.dimensions[1]}"
 
-    @cached_property
+    @property
     def digest(self) -> str:
         """What this sample asks, as :func:`~trig_stream.hashing.sample_digest` names it; every
-        judgement of the sample records it."""
+        judgement of the sample records it. Computed on each call (~1.5 us): a cached value
+        would travel with ``model_copy`` into a copy with another prompt."""
         return sample_digest(self.prompt, self.pair, self.item, self.img_id)
 
 
