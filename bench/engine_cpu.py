@@ -11,6 +11,9 @@ two runs over the same prompts (synthetic 8x8 images):
 * ``fake``: the fake judge: the engine alone (dataset, generation, PNG writes, journal fsyncs,
   live DTM), without any HTTP.
 
+A second line per run splits the CPU by thread: the event loop's own, and that of each
+function the engine runs in a worker thread (writing images, the generator, the journal...).
+
 Each line splits the CPU into user time (Python: ours, aiohttp's, the event loop's) and
 system time (the kernel: sockets, and creating, syncing and renaming the image files). On
 this box creating a small file cost anywhere from 6 to 600 us of system time, from one
@@ -33,10 +36,13 @@ import pstats
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json_prompts, write_parquet_prompts
@@ -46,7 +52,37 @@ from trig_stream.config import parse_config
 from trig_stream.engine import Engine
 
 
-async def run(folder: Path, name: str, dataset: Path, judge: dict[str, Any]) -> tuple[int, float]:
+class ThreadTimes:
+    """CPU time by where it was spent: the event loop's thread, and each function the engine
+    hands to a worker thread (``anyio.to_thread.run_sync``, patched while it is measured)."""
+
+    def __init__(self) -> None:
+        self.loop_s = 0.0
+        self.calls: Counter[str] = Counter()
+        self._run_sync = anyio.to_thread.run_sync
+
+    async def run_sync(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def timed(*inner: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return func(*inner)
+            finally:
+                self.calls[getattr(func, "__qualname__", repr(func))] += (
+                    time.thread_time() - started
+                )
+
+        return await self._run_sync(timed, *args, **kwargs)
+
+    def line(self, judgements: int) -> str:
+        parts = [f"event loop {self.loop_s / judgements * 1000:.3f}"]
+        parts += [f"{name} {s / judgements * 1000:.3f}" for name, s in self.calls.most_common(4)]
+        return "ms per judgement by thread: " + ", ".join(parts)
+
+
+async def run(
+    folder: Path, name: str, dataset: Path, judge: dict[str, Any], times: ThreadTimes
+) -> tuple[int, float]:
+    started = time.thread_time()
     config = parse_config(
         {
             "run": {"name": name, "output_dir": str(folder / "runs")},
@@ -59,22 +95,30 @@ async def run(folder: Path, name: str, dataset: Path, judge: dict[str, Any]) -> 
     )
     async with Engine(config) as engine:
         summary = await engine.drain()
+    times.loop_s = time.thread_time() - started
     return summary.ok, time.perf_counter()
 
 
 def measure(
     folder: Path, name: str, dataset: Path, judge: dict[str, Any], profile: bool = False
-) -> tuple[int, float, float, float, cProfile.Profile | None]:
-    """Judgements made, user and system CPU seconds, wall seconds, and the profile if any."""
+) -> tuple[int, float, float, float, ThreadTimes, cProfile.Profile | None]:
+    """Judgements made, user and system CPU seconds, wall seconds, the CPU by thread, and
+    the profile if any."""
     profiler = cProfile.Profile() if profile else None
+    by_thread = ThreadTimes()
+    anyio.to_thread.run_sync = by_thread.run_sync  # type: ignore[assignment]
     times, wall = os.times(), time.perf_counter()
     if profiler:
         profiler.enable()
-    ok, end = anyio.run(run, folder, name, dataset, judge)
+    try:
+        ok, end = anyio.run(run, folder, name, dataset, judge, by_thread)
+    finally:
+        anyio.to_thread.run_sync = by_thread._run_sync  # type: ignore[method-assign]
     if profiler:
         profiler.disable()
     after = os.times()
-    return ok, after.user - times.user, after.system - times.system, end - wall, profiler
+    user, system = after.user - times.user, after.system - times.system
+    return ok, user, system, end - wall, by_thread, profiler
 
 
 def main() -> None:
@@ -109,16 +153,17 @@ def main() -> None:
     finally:
         stop_judge(process)
     print(f"{args.prompts} prompts, {2 * args.prompts} judgements, concurrency {args.concurrency}")
-    for label, (ok, user, system, wall, _) in results.items():
+    for label, (ok, user, system, wall, by_thread, _) in results.items():
         cpu = user + system
         print(
             f"  {label:<7} judge: {ok} ok in {wall:.2f} s wall, {cpu:.2f} s CPU "
             f"= {cpu / ok * 1000:.3f} ms CPU per judgement ({ok / wall:.0f} judgements/s); "
             f"user {user / ok * 1000:.3f} + system {system / ok * 1000:.3f} ms"
         )
+        print(f"          {by_thread.line(ok)}")
     print(f"server answered {served} requests (warm-up included)")
     print("goal: <= 0.5 ms CPU per judgement (openai judge at zero latency)")
-    profiler = results[args.client][4]
+    profiler = results[args.client][5]
     if profiler is not None:
         stats = pstats.Stats(profiler)
         stats.sort_stats("tottime").print_stats(30)
