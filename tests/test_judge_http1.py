@@ -366,3 +366,20 @@ def test_unusable_urls_and_keys_are_refused_up_front(make: Callable[[], Any], me
 def test_the_key_is_not_in_the_transports_repr() -> None:
     transport = HttpTransport("https://api.example.com/v1", "sk-secret", "KEY", 1)
     assert "sk-secret" not in repr(transport)
+
+
+@pytest.mark.parametrize(("no_proxy", "warned"), [("", True), ("api.example.com", False)])
+def test_a_proxy_in_the_environment_is_named_as_unused(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_proxy: str,
+    warned: bool,
+) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:secret@proxy:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    with caplog.at_level("WARNING", logger="trig_stream.backends.judges.http1"):
+        HttpTransport("https://api.example.com/v1", None, "k", 1)
+    assert ("does not use: it connects directly" in caplog.text) is warned
+    assert "secret" not in caplog.text

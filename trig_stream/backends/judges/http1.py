@@ -12,9 +12,10 @@ What it does: persistent connections on asyncio's protocols, one request at a ti
 (no pipelining), ``http`` and ``https`` (the system's certificates; ``SSL_CERT_FILE`` names
 another bundle); answers framed by ``Content-Length``, chunked, or the end of the connection;
 gzip and deflate bodies, though it asks for none; a deadline per request, the connection
-included. What it leaves out: proxies, redirects (one is an error that names where it
-points) and HTTP/2. A connection whose state is in doubt (a timeout, a cancellation, bytes
-nobody asked for) is closed, never reused.
+included. What it leaves out: proxies (one set in the environment for the endpoint gets a
+warning), redirects (one is an error that names where it points) and HTTP/2. A connection
+whose state is in doubt (a timeout, a cancellation, bytes nobody asked for) is closed, never
+reused.
 
 Its failures are the same :mod:`~trig_stream.backends.judges.http_errors` classes as the other
 transports', so a run's judgements do not depend on the client.
@@ -23,7 +24,9 @@ transports', so a run's judgements do not depend on the client.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +43,8 @@ from trig_stream.backends.judges.http_errors import (
 )
 from trig_stream.backends.judges.transports import EncodedImage, error_body, splice_image
 from trig_stream.errors import FatalBackendError
+
+logger = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
 """Longest answer head (status line and headers) accepted."""
@@ -109,6 +114,16 @@ class HttpTransport:
             ) from None
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and not urllib.request.proxy_bypass(self._host):
+            # The connections would fail, or bypass a proxy the network requires, without
+            # a word; the proxy's address is not shown (it may hold credentials).
+            logger.warning(
+                "judge endpoint %s: the environment sets a proxy for %s, which the judge's "
+                "http client does not use: it connects directly",
+                url,
+                parts.scheme,
+            )
 
     def __repr__(self) -> str:  # the request head holds the key: never show it
         return f"HttpTransport(url={self.url!r})"
