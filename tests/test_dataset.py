@@ -147,6 +147,21 @@ def test_a_sample_that_asks_something_else_than_when_judged_is_quarantined(
     assert isinstance(next(iter(DatasetSource(section, "s2p"))), Sample)
 
 
+def test_digests_of_odd_text_and_of_t2i_image_ids(tmp_path: Path) -> None:
+    """A lone surrogate (JSON allows it) still gets a digest; a t2i sample's img_id, which
+    nothing uses, is not part of it."""
+    record = {"data_id": "IQ-R_IQ-O_1", "prompt": "a \ud800 cat", "dimension": ["IQ-R", "IQ-O"]}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([record]))
+    (sample,), _ = read(DatasetSection(path=path))
+    judged = {sample.data_id: sample.digest}
+    assert list(DatasetSource(DatasetSection(path=path), "t2i", judged=judged)) == [sample]
+    path.write_text(json.dumps([{**record, "img_id": "unused.png"}]))
+    assert list(DatasetSource(DatasetSection(path=path), "t2i", judged=judged)) == [
+        sample.model_copy(update={"img_id": "unused.png"})
+    ]
+
+
 def test_filters_and_limit(tmp_path: Path) -> None:
     path = write_prompts(tmp_path / "p.json", 40)
     by_pair, _ = read(DatasetSection(path=path, pairs=["TA-C_IQ-R"]))  # either order

@@ -28,6 +28,7 @@ from trig_stream.backends.base import (
     PreparedImage,
 )
 from trig_stream.config import RunConfig
+from trig_stream.generation import with_sample_digest
 from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.store import JOURNAL, QUARANTINE, read_journal
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -519,5 +520,8 @@ async def test_encoded_pictures_are_stored_as_given_with_their_own_timing(
     for judgement in results:
         assert judgement.image is not None and judgement.seed is not None
         stored = (config.run_dir / judgement.image).read_bytes()
-        # The given bytes, not decoded and encoded again (which would compress them).
-        assert stored == uncompressed_png(draw(judgement.seed, 16))
+        # The given bytes, not decoded and encoded again (which would compress them), with
+        # only the chunk naming the sample added.
+        assert judgement.sample_digest is not None
+        given = uncompressed_png(draw(judgement.seed, 16))
+        assert stored == with_sample_digest(given, judgement.sample_digest)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -51,6 +53,8 @@ def with_length(body: bytes = ANSWER, *headers: str) -> bytes:
 # drained on its own), then whether to close the connection; or HANG (never answer).
 Reply = tuple[list[bytes], bool]
 HANG: Reply = ([], False)
+RESET = b"<reset the connection>"
+"""A piece that makes the server reset the connection (RST) instead of writing."""
 
 
 @dataclass
@@ -80,6 +84,13 @@ class Scripted:
                     await reader.read()  # hang until the client gives up and closes
                     break
                 for piece in pieces:
+                    if piece is RESET:  # linger 0: close with RST, not FIN
+                        linger = struct.pack("ii", 1, 0)
+                        writer.get_extra_info("socket").setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, linger
+                        )
+                        writer.transport.abort()
+                        return
                     writer.write(piece)
                     await writer.drain()
                 if close:
@@ -212,6 +223,8 @@ async def test_broken_framing_is_a_retryable_malformed_answer(answer: bytes, rea
     [
         ([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + ANSWER], "the answer was cut off"),
         ([], "the server closed the connection"),
+        # Framed by the connection's end: a reset is not that end, however much came.
+        ([b"HTTP/1.0 200 OK\r\n\r\n" + ANSWER, RESET], "the answer was cut off"),
     ],
 )
 async def test_a_connection_ending_early_is_a_connection_error(
@@ -355,6 +368,15 @@ async def test_a_refused_connection_is_retryable() -> None:
             lambda: HttpTransport("http://host/v1", "ключ-секрет", "MY_KEY", 1),
             "the API key from MY_KEY holds characters",
         ),
+        (
+            lambda: HttpTransport("http://host/v1", "sk-from-a-file\n", "MY_KEY", 1),
+            "holds characters an HTTP header cannot carry \\(a trailing newline\\?\\)",
+        ),
+        (
+            lambda: HttpTransport("http://user:ключ@host/v1", None, "k", 1),
+            "sends no credentials from the URL",
+        ),
+        (lambda: HttpTransport("http://hôte/v1", None, "k", 1), "in ASCII"),
     ],
 )
 def test_unusable_urls_and_keys_are_refused_up_front(make: Callable[[], Any], message: str) -> None:

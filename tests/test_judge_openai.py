@@ -249,6 +249,23 @@ async def test_another_event_loop_is_refused_at_open_with_what_to_do() -> None:
         await judge.open()
 
 
+async def test_a_key_with_a_trailing_newline_stops_at_open_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, client: Client
+) -> None:
+    monkeypatch.setenv("TRIG_TEST_JUDGE_KEY", "sk-made-from-a-file\n")
+    options = OpenAIJudgeOptions(
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        api_key_env="TRIG_TEST_JUDGE_KEY",
+        client=client,
+    )
+    with pytest.raises(
+        FatalBackendError, match=r"TRIG_TEST_JUDGE_KEY .* \(a trailing newline\?\)"
+    ) as e:
+        await OpenAIJudge("trigscore", options).open()
+    assert "sk-made" not in str(e.value)
+
+
 async def test_connection_refused_is_retryable(image: Path, client: Client) -> None:
     async with JudgeServer() as server:
         url = server.base_url

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from tests.conftest import ConfigFactory
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunLockedError, store
 from trig_stream import engine as engine_module
-from trig_stream.records import Judgement
+from trig_stream.generation import SAMPLE_KEY
+from trig_stream.records import Judgement, Status
 from trig_stream.store import JOURNAL, Journal, JournalState, read_journal, write_atomic_many
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
@@ -191,6 +193,63 @@ async def test_a_sample_edited_since_it_was_judged_is_quarantined_not_mixed(
     assert "changed since it was judged" in quarantined[0]["reason"]
     assert "--new-run" in quarantined[0]["reason"]
     assert (config.run_dir / JOURNAL).read_bytes().startswith(before)  # nothing lost
+
+
+async def test_an_image_left_without_judgements_is_reused_only_for_its_own_sample(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    """A crash can leave an image written and not yet judged; if its record is edited
+    before the resume, the image shows the old prompt and must be made again."""
+    config = make_config(samples=4)
+    first = await run_to_end(config)
+    edited, kept = first[0].data_id, first[-1].data_id
+    path = config.run_dir / JOURNAL
+    lines = [
+        line
+        for line in path.read_text().splitlines()
+        if json.loads(line)["data_id"] not in (edited, kept)
+    ]
+    path.write_text("\n".join(lines) + "\n")  # both images stay, their judgements are gone
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    for record in records:
+        if record["data_id"] == edited:
+            record["prompt"] = "another prompt"
+    prompts.write_text(json.dumps(records))
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    results = await run_to_end(config, generators=[generator])
+    assert generator.calls == [1]  # the edited one; the other image is reused
+    assert {j.data_id for j in results} == {edited, kept}
+    edited_image = next(j.image for j in results if j.data_id == edited)
+    assert edited_image is not None
+    with Image.open(config.run_dir / edited_image) as image:
+        assert image.info[SAMPLE_KEY] == next(
+            j.sample_digest for j in results if j.data_id == edited
+        )
+
+
+def test_error_judgements_record_no_digest_to_compare(tmp_path: Path) -> None:
+    """A sample whose every judgement failed was never judged: editing it is no conflict."""
+
+    def line(status: Status, data_id: str) -> bytes:
+        record = Judgement(
+            model="m",
+            data_id=data_id,
+            task="t2i",
+            pair="IQ-R_IQ-O",
+            dimension="IQ-R",
+            metric="trigscore",
+            status=status,
+            sample_digest="0123456789abcdef",
+            judge={"backend": "fake", "model": "fake"},
+            score=0.5 if status == "ok" else None,
+            error=None if status == "ok" else "boom",
+        )
+        return record.model_dump_json().encode() + b"\n"
+
+    path = tmp_path / JOURNAL
+    path.write_bytes(line("error", "IQ-R_IQ-O_1") + line("ok", "IQ-R_IQ-O_2"))
+    assert Journal(path).open().digests == {"IQ-R_IQ-O_2": "0123456789abcdef"}
 
 
 async def test_journals_without_sample_digests_resume_as_before(

@@ -96,7 +96,7 @@ class DatasetSource:
                     seen.add(data_id)
                     continue
                 recorded = self._judged.get(data_id)
-                if recorded is not None and recorded != _raw_digest(raw, dimensions):
+                if recorded is not None and recorded != _raw_digest(raw, self.task, dimensions):
                     raise Rejected(
                         f"data_id {data_id!r} changed since it was judged in this run "
                         "directory (its prompt, pair, item or img_id differ): its earlier "
@@ -226,7 +226,7 @@ def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
         raise Rejected(f"{what} cannot be decoded: {exc}") from None
 
 
-def _raw_digest(raw: Mapping[str, Any], dimensions: tuple[Dimension, Dimension]) -> str:
+def _raw_digest(raw: Mapping[str, Any], task: Task, dimensions: tuple[Dimension, Dimension]) -> str:
     """The :attr:`~trig_stream.records.Sample.digest` the record's sample has, without building
     it (the fields read as :meth:`DatasetSource._sample` reads them)."""
     prompt, item, img_id = raw.get("prompt"), raw.get("item"), raw.get("img_id") or ""
@@ -234,7 +234,7 @@ def _raw_digest(raw: Mapping[str, Any], dimensions: tuple[Dimension, Dimension])
         prompt if isinstance(prompt, str) else "",
         f"{dimensions[0]}_{dimensions[1]}",
         item if isinstance(item, str) else None,
-        img_id if isinstance(img_id, str) else "",
+        img_id if isinstance(img_id, str) and task != "t2i" else "",
     )
 
 

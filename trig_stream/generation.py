@@ -11,7 +11,9 @@ by an earlier run is reused instead of generated again.
 from __future__ import annotations
 
 import io
+import struct
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +143,7 @@ class GenerationStage:
         missing: list[int] = []
         paths = [self._context.run_dir.image_path(task, w.model, w.sample.data_id) for w in batch]
         for index, (work, path) in enumerate(zip(batch, paths, strict=True)):
-            if valid_image(path):
+            if valid_image(path, work.sample.digest):
                 pictures.append(
                     GeneratedImage(
                         model=work.model,
@@ -188,13 +190,14 @@ class GenerationStage:
             assert picture is not None
             latency_s = made.latency_s
             if isinstance(picture, EncodedPicture):
-                files.append((path, picture.png))  # encoded in the generator's own process
+                png = picture.png  # encoded in the generator's own process
                 if picture.seconds is not None:
                     latency_s = picture.seconds
             else:
                 buffer = io.BytesIO()
                 picture.save(buffer, format="PNG")
-                files.append((path, buffer.getvalue()))
+                png = buffer.getvalue()
+            files.append((path, with_sample_digest(png, work.sample.digest)))
             outcomes.append(
                 GeneratedImage(
                     model=work.model,
@@ -223,15 +226,37 @@ class _Made:
     """Generation time per new picture."""
 
 
-def valid_image(path: Path) -> bool:
-    """True when ``path`` is a complete, decodable image file."""
+SAMPLE_KEY = "trig-stream sample"
+"""The PNG text keyword under which an image records the digest of the sample it was made for."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def with_sample_digest(png: bytes, digest: str) -> bytes:
+    """``png`` with a text chunk naming the sample it was made for (:data:`SAMPLE_KEY`).
+
+    A resumed run reuses an image left on disk only for the sample it was made for: one
+    written just before a crash, then its record edited, must not be judged against the new
+    prompt. The chunk goes right after the header, where a reader meets it on opening.
+    """
+    header_end = len(_PNG_SIGNATURE) + 25  # IHDR: length, type, 13 bytes, CRC
+    if not png.startswith(_PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        return png  # not a PNG as written here: leave it as it is
+    body = b"tEXt" + SAMPLE_KEY.encode("latin-1") + b"\x00" + digest.encode("ascii")
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:header_end] + chunk + png[header_end:]
+
+
+def valid_image(path: Path, digest: str | None = None) -> bool:
+    """True when ``path`` is a complete, decodable image file, made for the sample whose
+    digest is ``digest`` when it records one (see :func:`with_sample_digest`)."""
     if not path.is_file():
         return False
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
+            made_for = image.info.get(SAMPLE_KEY)
             image.verify()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return False
-    return True
+    return digest is None or made_for is None or made_for == digest

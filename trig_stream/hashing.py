@@ -21,4 +21,5 @@ def sample_digest(prompt: str, pair: str, item: str | None, img_id: str) -> str:
     """16 hex digits naming what a sample asks: its prompt, pair, subject item and source image
     name. A resumed run compares them with those its journal recorded (see ``dataset``)."""
     text = "\x1f".join((prompt, pair, "\x00" if item is None else item, img_id))
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    # JSON may hold a lone surrogate, which strict UTF-8 refuses: it still names the text.
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()

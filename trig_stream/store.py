@@ -103,7 +103,7 @@ class JournalState:
     digests: dict[str, str] = field(default_factory=dict)
     """data_id -> the :attr:`~trig_stream.records.Sample.digest` its latest judgement in the
     file recorded: what each sample asked when it was judged (lines older than the digest
-    record none)."""
+    record none, and ``error`` lines are left out: they judged nothing)."""
     # (model, dimension, metric) -> data_id -> status. A resumed run holds one entry per
     # judged key for its whole length: grouped so, an entry is a data_id and a dict slot
     # (~100 bytes), not also a 4-tuple (~90 more).
@@ -163,7 +163,7 @@ class Journal:
                     unreadable = []
                     key, status, digest = parsed
                     state.record(key, status)
-                    if digest is not None:
+                    if digest is not None and status != "error":  # an error judged nothing
                         state.digests[key[1]] = digest
                     state.lines = number
                     good_end = end
@@ -200,7 +200,7 @@ class Journal:
 _LINE_START = re.compile(
     rb'\{"schema_version":\d+,"model":"([^"\\]*)","data_id":"([^"\\]*)","task":"[^"\\]*",'
     rb'"pair":"[^"\\]*","dimension":"([^"\\]*)","metric":"([^"\\]*)","status":"([a-z]+)"'
-    rb'(?:,"sample_digest":(?:"([0-9a-f]*)"|null))?'
+    rb'(?:,"sample_digest":(?:"([^"\\]*)"|null))?'
 )
 _STATUSES = frozenset(("ok", "unscorable", "error"))
 

@@ -98,20 +98,28 @@ class HttpTransport:
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
-        authority = parts.netloc.rpartition("@")[2]
+        if "@" in parts.netloc:
+            raise FatalBackendError(
+                f"judge endpoint {parts.scheme}://…@{parts.hostname}: the http client sends no "
+                "credentials from the URL; give the key with api_key_env, or use "
+                'client = "aiohttp"'
+            )
         path = parts.path.rstrip("/") + "/chat/completions"
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n"
-            "Content-Type: application/json\r\nAccept: application/json\r\n"
-            f"Authorization: Bearer {secret or 'EMPTY'}\r\nContent-Length: "
-        )
-        try:
-            self._head = head.encode("latin-1")
-        except UnicodeEncodeError:  # the message would quote part of the key: say less
+        if not all(_header_safe(text) for text in (path, parts.netloc)) or " " in path:
+            raise FatalBackendError(
+                f"judge endpoint {url!r}: write its host and path in ASCII (percent-encoded)"
+            )
+        key = secret or "EMPTY"
+        if not _header_safe(key):  # a newline would end the header
             raise FatalBackendError(
                 f"judge at {url}: the API key from {key_source} holds characters an HTTP "
-                "header cannot carry"
-            ) from None
+                "header cannot carry (a trailing newline?)"
+            )
+        self._head = (
+            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            "Content-Type: application/json\r\nAccept: application/json\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Length: "
+        ).encode("ascii")
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         proxy = urllib.request.getproxies().get(parts.scheme)
@@ -235,6 +243,8 @@ class _Connection(asyncio.Protocol):
         self._length: int | None = None
         """Body length from Content-Length; None for chunked or read-to-close framing."""
         self._chunked = False
+        self._eof = False
+        """The server ended its side of the connection (not a reset, not our abort)."""
 
     @property
     def usable(self) -> bool:
@@ -285,16 +295,19 @@ class _Connection(asyncio.Protocol):
             self._finish(answer=answer)
 
     def eof_received(self) -> bool:
+        self._eof = True
         return False  # close the transport; connection_lost settles the request
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._waiter is None:
             return
-        if self._head is not None and self._length is None and not self._chunked:
-            status, headers, _ = self._head  # framed by the end of the connection
+        framed_by_close = self._head is not None and self._length is None and not self._chunked
+        if framed_by_close and self._eof:  # the server ended it: the body is whole
+            assert self._head is not None
+            status, headers, _ = self._head
             self._finish(answer=Answer(status, headers, bytes(self._buffer), keep_alive=False))
-        else:
+        else:  # reset, aborted, or ended before the framing said the answer was complete
             self._finish(error=Dropped(partial=bool(self._buffer) or self._head is not None))
 
     # -- parsing ----------------------------------------------------------------------------
@@ -340,8 +353,10 @@ class _Connection(asyncio.Protocol):
                 return None
             body = bytes(buffer[: self._length])
             del buffer[: self._length]
-        else:
-            return None  # framed by the end of the connection
+        else:  # framed by the end of the connection
+            if len(buffer) > MAX_BODY_BYTES:
+                raise ProtocolError(f"an answer of more than {MAX_BODY_BYTES} bytes")
+            return None
         return Answer(status, headers, body, keep_alive)
 
     def _framing(self, status: int, headers: dict[str, str]) -> None:
@@ -356,6 +371,11 @@ class _Connection(asyncio.Protocol):
             self._length = int(text)
             if self._length > MAX_BODY_BYTES:
                 raise ProtocolError(f"an answer of {self._length} bytes")
+
+
+def _header_safe(text: str) -> bool:
+    """Printable ASCII only: what a request line or header value can carry as it is."""
+    return text.isascii() and text.isprintable()
 
 
 def _decoded(answer: Answer) -> bytes:

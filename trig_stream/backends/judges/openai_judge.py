@@ -203,6 +203,12 @@ class OpenAIJudge(Judge):
                     f"judge {self.name!r}: the environment variable {env} (api_key_env) is "
                     "not set or empty; export the API key in it"
                 )
+            if not (key.isascii() and key.isprintable()):  # a newline would end its header
+                raise FatalBackendError(
+                    f"judge {self.name!r}: the environment variable {env} (api_key_env) holds "
+                    "characters an HTTP header cannot carry (a trailing newline?); export the "
+                    "key alone"
+                )
             self._secret = Secret(key)
         urls = self.options.endpoints
         if self.options.serve is not None:
