@@ -122,6 +122,24 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     assert len(counts) == 10 and set(counts.values()) == {1}
 
 
+async def test_a_line_zeroed_in_the_middle_is_not_counted_as_judged(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=3)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    middle = len(lines[2]) // 2
+    lines[2] = lines[2][:middle] + b"\x00" * 16 + lines[2][middle + 16 :]  # start, end intact
+    path.write_bytes(b"".join(lines))
+    state = Journal(path).open()
+    assert (len(state), state.skipped_lines) == (5, [3])
+    results = await run_to_end(config)  # asked again, as read_journal skips it too
+    assert len(results) == 1
+    counts = Counter(j.key for j in read_journal(path))
+    assert len(counts) == 6 and set(counts.values()) == {1}
+
+
 async def test_retry_errors_asks_failed_judgements_again(make_config: ConfigFactory) -> None:
     failing = make_config(
         samples=10,

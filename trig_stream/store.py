@@ -212,7 +212,9 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
     Reading 100k lines at resume must take well under a second, so the fixed start of a
     line is matched directly; anything unusual falls back to a full JSON parse.
     """
-    if not raw.endswith(b"}\n"):
+    # A JSON line holds no NUL byte; zeros inside one are a damaged block (what a file
+    # system leaves after some crashes) that the start and the end alone would not show.
+    if not raw.endswith(b"}\n") or b"\x00" in raw:
         return None
     match = _LINE_START.match(raw)
     if match is not None:
