@@ -246,24 +246,28 @@ async def test_an_image_left_without_judgements_is_reused_only_for_its_own_sampl
         )
 
 
+def digest_record(status: Status, data_id: str) -> Judgement:
+    """A journal record of ``data_id`` with the sample digest ``0123456789abcdef``."""
+    return Judgement(
+        model="m",
+        data_id=data_id,
+        task="t2i",
+        pair="IQ-R_IQ-O",
+        dimension="IQ-R",
+        metric="trigscore",
+        status=status,
+        sample_digest="0123456789abcdef",
+        judge={"backend": "fake", "model": "fake"},
+        score=0.5 if status == "ok" else None,
+        error=None if status == "ok" else "boom",
+    )
+
+
 def test_error_judgements_record_no_digest_to_compare(tmp_path: Path) -> None:
     """A sample whose every judgement failed was never judged: editing it is no conflict."""
 
     def line(status: Status, data_id: str) -> bytes:
-        record = Judgement(
-            model="m",
-            data_id=data_id,
-            task="t2i",
-            pair="IQ-R_IQ-O",
-            dimension="IQ-R",
-            metric="trigscore",
-            status=status,
-            sample_digest="0123456789abcdef",
-            judge={"backend": "fake", "model": "fake"},
-            score=0.5 if status == "ok" else None,
-            error=None if status == "ok" else "boom",
-        )
-        return record.model_dump_json().encode() + b"\n"
+        return digest_record(status, data_id).model_dump_json().encode() + b"\n"
 
     path = tmp_path / JOURNAL
     path.write_bytes(line("error", "IQ-R_IQ-O_1") + line("ok", "IQ-R_IQ-O_2"))
@@ -460,18 +464,7 @@ def test_relative_names_are_of_files_inside_the_run_dir_only(tmp_path: Path) -> 
 
 def test_journal_reads_each_samples_digest_on_both_paths(tmp_path: Path) -> None:
     """The fast path (a line's fixed start) and the JSON path (anything unusual) agree."""
-    record = Judgement(
-        model="m",
-        data_id="IQ-R_IQ-O_1",
-        task="t2i",
-        pair="IQ-R_IQ-O",
-        dimension="IQ-R",
-        metric="trigscore",
-        status="ok",
-        sample_digest="0123456789abcdef",
-        judge={"backend": "fake", "model": "fake"},
-        score=0.5,
-    )
+    record = digest_record("ok", "IQ-R_IQ-O_1")
     line = record.model_dump_json().encode() + b"\n"
     reordered = json.dumps(json.loads(line), sort_keys=True).encode() + b"\n"
     assert store._LINE_START.match(line) and not store._LINE_START.match(reordered)

@@ -231,10 +231,11 @@ def _raw_digest(raw: Mapping[str, Any], task: Task, dimensions: tuple[Dimension,
     it (the fields read as :meth:`DatasetSource._sample` reads them)."""
     prompt, item, img_id = raw.get("prompt"), raw.get("item"), raw.get("img_id") or ""
     return sample_digest(
+        task,
         prompt if isinstance(prompt, str) else "",
         f"{dimensions[0]}_{dimensions[1]}",
         item if isinstance(item, str) else None,
-        img_id if isinstance(img_id, str) and task != "t2i" else "",
+        img_id if isinstance(img_id, str) else "",
     )
 
 

@@ -17,9 +17,11 @@ def seed_for(base_seed: int, model: str, data_id: str) -> int:
     return int(unit_hash("seed", base_seed, model, data_id) * 2**31)
 
 
-def sample_digest(prompt: str, pair: str, item: str | None, img_id: str) -> str:
-    """16 hex digits naming what a sample asks: its prompt, pair, subject item and source image
-    name. A resumed run compares them with those its journal recorded (see ``dataset``)."""
-    text = "\x1f".join((prompt, pair, "\x00" if item is None else item, img_id))
+def sample_digest(task: str, prompt: str, pair: str, item: str | None, img_id: str) -> str:
+    """16 hex digits naming what a sample asks: its prompt, pair, subject item and (p2p, s2p)
+    source image name. A resumed run compares them with those its journal recorded (see
+    ``dataset``)."""
+    source = "" if task == "t2i" else img_id  # a t2i sample has no source image to name
+    text = "\x1f".join((prompt, pair, "\x00" if item is None else item, source))
     # JSON may hold a lone surrogate, which strict UTF-8 refuses: it still names the text.
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()

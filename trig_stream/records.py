@@ -67,10 +67,7 @@ class Sample(_Record):
         """What this sample asks, as :func:`~trig_stream.hashing.sample_digest` names it; every
         judgement of the sample records it. Computed on each call (~1.5 us): a cached value
         would travel with ``model_copy`` into a copy with another prompt."""
-        # A t2i sample has no source image: its img_id, if any, changes nothing.
-        return sample_digest(
-            self.prompt, self.pair, self.item, "" if self.task == "t2i" else self.img_id
-        )
+        return sample_digest(self.task, self.prompt, self.pair, self.item, self.img_id)
 
 
 class PromptRewrite(_Record):
