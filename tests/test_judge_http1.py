@@ -39,9 +39,14 @@ ANSWER = b'{"choices": [{"index": 0}]}'
 DECODED = {"choices": [{"index": 0}]}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the transport is built on asyncio's protocols
+@pytest.fixture(params=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    # The transport is built on asyncio's protocols: on asyncio's own event loop, and on
+    # uvloop, which applications that embed the engine often run (its transports are not
+    # asyncio.Transport subclasses).
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    return "asyncio", {"use_uvloop": request.param == "uvloop"}
 
 
 def with_length(body: bytes = ANSWER, *headers: str) -> bytes:
