@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from trig_stream.config import RunConfig
 from trig_stream.engine import Engine
+from trig_stream.judging import _Requesters
 from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
 
 pytestmark = pytest.mark.anyio
@@ -16,9 +19,13 @@ pytestmark = pytest.mark.anyio
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo" / "t2i_prompts.json"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # aiohttp, under the openai client, runs on asyncio only
+@pytest.fixture(params=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    # The openai judge runs on asyncio only; its event loop may be uvloop's, as in many
+    # applications that embed the engine.
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    return "asyncio", {"use_uvloop": request.param == "uvloop"}
 
 
 def run_config(tmp_path: Path, base_url: str) -> RunConfig:
@@ -61,3 +68,36 @@ async def test_engine_judges_every_image_once(tmp_path: Path) -> None:
     assert stats.received == stats.served == 2 * samples
     assert stats.repeated == 0
     assert stats.max_running <= 8
+
+
+async def test_requests_reuse_the_tasks_that_made_earlier_ones() -> None:
+    makers: list[list[int]] = [[], []]  # the task ids that made each wave's requests
+    started, finished = [0, 0], [0, 0]
+    all_started, all_finished = [anyio.Event(), anyio.Event()], [anyio.Event(), anyio.Event()]
+    go = anyio.Event()
+
+    async def make(wave: int) -> None:
+        makers[wave].append(anyio.get_current_task().id)
+        started[wave] += 1
+        if started[wave] == 3:
+            all_started[wave].set()
+        await go.wait()
+        finished[wave] += 1
+        if finished[wave] == 3:
+            all_finished[wave].set()
+
+    with anyio.fail_after(10):  # a requester that never ended would hang the task group
+        async with anyio.create_task_group() as tg:
+            with _Requesters(tg, make) as requesters:
+                for _ in range(3):
+                    requesters.hand_on(0)
+                await all_started[0].wait()  # three requests in flight at once
+                go.set()
+                await all_finished[0].wait()
+                tasks = len(anyio.get_running_tasks())
+                for _ in range(3):
+                    requesters.hand_on(1)
+                await all_finished[1].wait()
+                assert len(anyio.get_running_tasks()) == tasks  # no task was started
+    assert len(set(makers[0])) == 3
+    assert len(makers[1]) == 3 and set(makers[1]) <= set(makers[0])

@@ -18,6 +18,7 @@ import operator
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -86,17 +87,18 @@ class JudgeStage:
             for name, controller in self.controllers.items():
                 watchers.start_soon(follow_server_load, judges[name], controller, self._sleep)
             async with anyio.create_task_group() as tg:
-                async for first in receive:
-                    items = [first]
-                    take_ready(receive, items, PREPARE_BATCH)
-                    for judge in self._judges:
-                        await self._dispatch(tg, judge, items, judgement_send)
+                with _Requesters(tg, self._judge_one) as requesters:
+                    async for first in receive:
+                        items = [first]
+                        take_ready(receive, items, PREPARE_BATCH)
+                        for judge in self._judges:
+                            await self._dispatch(requesters, judge, items, judgement_send)
             # Every request has ended: the load watchers have nothing left to steer.
             watchers.cancel_scope.cancel()
 
     async def _dispatch(
         self,
-        tg: TaskGroup,
+        requesters: _Requesters,
         judge: Judge,
         items: list[ImageItem],
         judgement_send: MemoryObjectSendStream[Judgement],
@@ -135,7 +137,7 @@ class JudgeStage:
                 except anyio.WouldBlock:
                     await limiter.acquire_on_behalf_of(token)
                 request = JudgeRequest(item.work.model, item.work.sample, dimension, image, 1)
-                tg.start_soon(self._judge_one, judge, item, request, token, judgement_send)
+                requesters.hand_on(judge, item, request, token, judgement_send)
 
     async def _judge_one(
         self,
@@ -257,6 +259,45 @@ class JudgeStage:
 
 
 _LOGPROB = operator.itemgetter(1)
+
+
+class _Requesters:
+    """The tasks that make a stage's requests: each calls ``make`` with one request's
+    arguments after another.
+
+    A request goes to a task that waits for one, or to a new task when none waits: starting
+    an anyio task costs about twice what handing a request to a waiting one does (~25 us
+    against ~12 here), and a run makes one request per judgement. So there are as many
+    tasks as requests were ever in flight at once, which the judges' slots bound. Leaving
+    the ``with`` block closes the queue: each task ends once the queue is empty.
+    """
+
+    def __init__(self, tg: TaskGroup, make: Callable[..., Awaitable[None]]) -> None:
+        self._tg = tg
+        self._make = make
+        # Unbounded, yet never long: a request waits here with its judge slot already taken.
+        self._send, self._receive = anyio.create_memory_object_stream[tuple[Any, ...]](math.inf)
+        self._idle = 0
+
+    def hand_on(self, *request: Any) -> None:
+        if self._idle:
+            self._idle -= 1
+        else:
+            self._tg.start_soon(self._work, self._receive.clone())
+        self._send.send_nowait(request)
+
+    async def _work(self, receive: MemoryObjectReceiveStream[tuple[Any, ...]]) -> None:
+        async with receive:
+            async for request in receive:
+                await self._make(*request)
+                self._idle += 1
+
+    def __enter__(self) -> _Requesters:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._send.close()
+        self._receive.close()
 
 
 def _finite_entries(top: TopLogprobs) -> tuple[TopLogprobs, tuple[str, float] | None]:
