@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
 from typing import Any
 
 
-def start_judge(*options: str) -> tuple[subprocess.Popen[str], str]:
-    """Start ``trig-stream simulate-judge --port 0 *options``; returns it and its base URL."""
+def start_judge(*options: str, cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start ``trig-stream simulate-judge --port 0 *options``, on ``cpus`` only when given;
+    returns it and its base URL."""
     command = [sys.executable, "-m", "trig_stream", "simulate-judge", "--port", "0", *options]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     assert process.stdout is not None
     for line in process.stdout:
@@ -99,6 +105,4 @@ def rss_mib() -> float:
     """This process's resident memory now, from /proc."""
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[1])
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE") / 1024**2

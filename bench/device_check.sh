@@ -3,11 +3,12 @@
 #
 #   1. bench/generators_gpu_check.py: the diffusers generator at batch 1 and 8 on the GPU,
 #      and through the engine with isolation = "thread" and "process";
-#   2. bench/engine_cpu.py --json: P3 (engine CPU per judgement) on that machine's CPU.
+#   2. bench/engine_cpu.py --json: P3 (engine CPU per judgement) on that machine's CPU, with
+#      the run folders on its disk, then on /dev/shm.
 #
 # Run from the repository root. With the wheels of bench/device_wheels.sh in .whl/ (carried
 # there), they are installed into /tmp/site first. Results go under $OUT (./device-out when
-# unset): gpu.txt, generators_gpu_check.json and .log, engine_cpu.txt. Under 6 minutes.
+# unset): gpu.txt, generators_gpu_check.json and .log, engine_cpu.txt, engine_cpu_shm.txt. Under 7 minutes.
 #
 #   bash bench/device_check.sh                          # on the device machine
 #   PYTHON=.venv/bin/python bash bench/device_check.sh  # here, to try it (CPU sizes)
@@ -28,4 +29,8 @@ timeout 300 "$python" bench/generators_gpu_check.py 2>&1 | tee "$OUT/generators_
 status=$(( status | PIPESTATUS[0] ))
 timeout 120 "$python" bench/engine_cpu.py --json 2>&1 | tee "$OUT/engine_cpu.txt"
 status=$(( status | PIPESTATUS[0] ))
+if [ -d /dev/shm ]; then  # the same with the run folders in memory: the disk's share apart
+  timeout 120 "$python" bench/engine_cpu.py --json --dir /dev/shm 2>&1 | tee "$OUT/engine_cpu_shm.txt"
+  status=$(( status | PIPESTATUS[0] ))
+fi
 exit "$status"

@@ -19,12 +19,20 @@ system time (the kernel: sockets, and creating, syncing and renaming the image f
 this box creating a small file cost anywhere from 6 to 600 us of system time, from one
 minute to the next, in the same folder (see bench/README.md, P3), so read the two apart.
 
+The server runs on a CPU of its own (the last one) and the engine on the others, where the
+machine has two or more and allows it (Linux): in production the judge server runs
+elsewhere, on the GPU machine, and sharing cores with it costs the engine CPU time that is
+not its own (on this 2-vCPU box, ~0.1 ms per judgement: cache and migration churn).
+``--no-pin`` lets both run anywhere. ``--dir`` puts the run folders there (e.g. ``/dev/shm``,
+a tmpfs) instead of the default temporary folder: the image files' kernel cost is the
+disk's, and on some disks it is most of the bill (see bench/README.md, P3).
+
 ``--profile`` adds a cProfile of one ``openai`` run (``--client``; the event loop's thread
 only: time in worker threads shows up as waits there) and prints the top functions by own
 time.
 
     .venv/bin/python bench/engine_cpu.py [--prompts 2000] [--concurrency 64] [--json]
-        [--profile [--client http]]
+        [--no-pin] [--dir FOLDER] [--profile [--client http]]
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from _server import judge_stats, openai_judge, start_judge, stop_judge, syntheti
 
 from trig_stream.config import parse_config
 from trig_stream.engine import Engine
+from trig_stream.store import write_atomic_many
 
 
 class ThreadTimes:
@@ -121,6 +130,31 @@ def measure(
     return ok, user, system, end - wall, by_thread, profiler
 
 
+def file_write_floor(folder: Path, files: int = 2000) -> float:
+    """CPU seconds (user + system) per file that writing small files durably costs in
+    ``folder``, done as the engine writes its images (8 at a time: temporary file, data
+    sync, rename, one folder sync), without the engine: the disk's share of the bill."""
+    data = os.urandom(160)  # an 8x8 PNG's size
+    target, partial = folder / "floor", folder / "floor" / ".partial"
+    partial.mkdir(parents=True)
+    before = os.times()
+    for batch in range(files // 8):
+        write_atomic_many([(target / f"{batch}-{i}.png", data) for i in range(8)], temp_dir=partial)
+    after = os.times()
+    return (after.user - before.user + after.system - before.system) / (files // 8 * 8)
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """The server's CPU (the last usable one) and the engine's (the rest); both empty where
+    that cannot be done (one CPU, or no ``sched_setaffinity``)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return set(), set()
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        return set(), set()
+    return {usable[-1]}, set(usable[:-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=2000)
@@ -132,15 +166,25 @@ def main() -> None:
     parser.add_argument(
         "--json", action="store_true", help="a JSON dataset instead of parquet (no polars needed)"
     )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not give the server a CPU of its own"
+    )
+    parser.add_argument("--dir", type=Path, help="where the run folders go (default: temp)")
     args = parser.parse_args()
-    process, url = start_judge("--latency", "0", "--capacity", str(args.concurrency))
+    server_cpus, engine_cpus = (set(), set()) if args.no_pin else split_cpus()
+    if engine_cpus:
+        os.sched_setaffinity(0, engine_cpus)
+    process, url = start_judge(
+        "--latency", "0", "--capacity", str(args.concurrency), cpus=server_cpus
+    )
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             folder = Path(tmp)
             if args.json:
                 dataset = write_json_prompts(folder / "prompts.json", args.prompts)
             else:
                 dataset = write_parquet_prompts(folder / "prompts.parquet", args.prompts)
+            floor = file_write_floor(folder)
             fake = {"name": "trigscore", "backend": "fake", "concurrency": args.concurrency}
             # A warm-up run pays the imports (openai, aiohttp, PIL) outside the measure.
             measure(folder, "warmup", dataset, {**openai_judge(url, 8)})
@@ -153,6 +197,11 @@ def main() -> None:
     finally:
         stop_judge(process)
     print(f"{args.prompts} prompts, {2 * args.prompts} judgements, concurrency {args.concurrency}")
+    where = f"run folders under {args.dir or tempfile.gettempdir()}"
+    if engine_cpus:
+        print(f"  engine on CPUs {sorted(engine_cpus)}, server on {sorted(server_cpus)}; {where}")
+    else:
+        print(f"  engine and server on any CPU; {where}")
     for label, (ok, user, system, wall, by_thread, _) in results.items():
         cpu = user + system
         print(
@@ -162,6 +211,10 @@ def main() -> None:
         )
         print(f"          {by_thread.line(ok)}")
     print(f"server answered {served} requests (warm-up included)")
+    print(
+        f"writing one small image file durably here costs {floor * 1e6:.0f} us CPU without the "
+        f"engine: {floor / 2 * 1000:.3f} ms per judgement (each image has two)"
+    )
     print("goal: <= 0.5 ms CPU per judgement (openai judge at zero latency)")
     profiler = results[args.client][5]
     if profiler is not None:
