@@ -22,7 +22,7 @@ minute to the next, in the same folder (see bench/README.md, P3), so read the tw
 The server runs on a CPU of its own (the last one) and the engine on the others, where the
 machine has two or more and allows it (Linux): in production the judge server runs
 elsewhere, on the GPU machine, and sharing cores with it costs the engine CPU time that is
-not its own (on this 2-vCPU box, ~0.1 ms per judgement: cache and migration churn).
+not its own (on this 2-vCPU box, 0.1-0.3 ms per judgement: cache and migration churn).
 ``--no-pin`` lets both run anywhere. ``--dir`` puts the run folders there (e.g. ``/dev/shm``,
 a tmpfs) instead of the default temporary folder: the image files' kernel cost is the
 disk's, and on some disks it is most of the bill (see bench/README.md, P3).
