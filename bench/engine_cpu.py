@@ -27,12 +27,15 @@ not its own (on this 2-vCPU box, 0.1-0.3 ms per judgement: cache and migration c
 a tmpfs) instead of the default temporary folder: the image files' kernel cost is the
 disk's, and on some disks it is most of the bill (see bench/README.md, P3).
 
+``--rounds N`` repeats the three runs N times, alternating, and ends with each one's median:
+this box's speed drifts by the minute, so one run says little.
+
 ``--profile`` adds a cProfile of one ``openai`` run (``--client``; the event loop's thread
 only: time in worker threads shows up as waits there) and prints the top functions by own
 time.
 
     .venv/bin/python bench/engine_cpu.py [--prompts 2000] [--concurrency 64] [--json]
-        [--no-pin] [--dir FOLDER] [--profile [--client http]]
+        [--no-pin] [--dir FOLDER] [--rounds 1] [--profile [--client http]]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -108,9 +112,12 @@ async def run(
     return summary.ok, time.perf_counter()
 
 
+Measured = tuple[int, float, float, float, ThreadTimes, cProfile.Profile | None]
+
+
 def measure(
     folder: Path, name: str, dataset: Path, judge: dict[str, Any], profile: bool = False
-) -> tuple[int, float, float, float, ThreadTimes, cProfile.Profile | None]:
+) -> Measured:
     """Judgements made, user and system CPU seconds, wall seconds, the CPU by thread, and
     the profile if any."""
     profiler = cProfile.Profile() if profile else None
@@ -170,6 +177,12 @@ def main() -> None:
         "--no-pin", action="store_true", help="do not give the server a CPU of its own"
     )
     parser.add_argument("--dir", type=Path, help="where the run folders go (default: temp)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of the three runs, alternating (this box's speed drifts by the minute)",
+    )
     args = parser.parse_args()
     server_cpus, engine_cpus = (set(), set()) if args.no_pin else split_cpus()
     if engine_cpus:
@@ -184,15 +197,19 @@ def main() -> None:
                 dataset = write_json_prompts(folder / "prompts.json", args.prompts)
             else:
                 dataset = write_parquet_prompts(folder / "prompts.parquet", args.prompts)
-            floor = file_write_floor(folder)
             fake = {"name": "trigscore", "backend": "fake", "concurrency": args.concurrency}
             # A warm-up run pays the imports (openai, aiohttp, PIL) outside the measure.
             measure(folder, "warmup", dataset, {**openai_judge(url, 8)})
-            results = {"fake": measure(folder, "fake", dataset, fake)}
-            for client in ("aiohttp", "http"):
-                judge = openai_judge(url, args.concurrency, client=client)
-                profile = args.profile and client == args.client
-                results[client] = measure(folder, client, dataset, judge, profile)
+            floors: list[float] = []
+            results: dict[str, list[Measured]] = {"fake": [], "aiohttp": [], "http": []}
+            for round_ in range(args.rounds):
+                floors.append(file_write_floor(folder / f"floor-{round_}"))
+                results["fake"].append(measure(folder, f"fake-{round_}", dataset, fake))
+                for client in ("aiohttp", "http"):
+                    judge = openai_judge(url, args.concurrency, client=client)
+                    profile = args.profile and client == args.client and round_ == 0
+                    run = measure(folder, f"{client}-{round_}", dataset, judge, profile)
+                    results[client].append(run)
             served = judge_stats(url)["served"]
     finally:
         stop_judge(process)
@@ -202,21 +219,32 @@ def main() -> None:
         print(f"  engine on CPUs {sorted(engine_cpus)}, server on {sorted(server_cpus)}; {where}")
     else:
         print(f"  engine and server on any CPU; {where}")
-    for label, (ok, user, system, wall, by_thread, _) in results.items():
-        cpu = user + system
+    for round_, floor in enumerate(floors):
+        if args.rounds > 1:
+            print(f" round {round_ + 1}")
+        for label, runs in results.items():
+            ok, user, system, wall, by_thread, _ = runs[round_]
+            cpu = user + system
+            print(
+                f"  {label:<7} judge: {ok} ok in {wall:.2f} s wall, {cpu:.2f} s CPU "
+                f"= {cpu / ok * 1000:.3f} ms CPU per judgement ({ok / wall:.0f} judgements/s); "
+                f"user {user / ok * 1000:.3f} + system {system / ok * 1000:.3f} ms"
+            )
+            print(f"          {by_thread.line(ok)}")
         print(
-            f"  {label:<7} judge: {ok} ok in {wall:.2f} s wall, {cpu:.2f} s CPU "
-            f"= {cpu / ok * 1000:.3f} ms CPU per judgement ({ok / wall:.0f} judgements/s); "
-            f"user {user / ok * 1000:.3f} + system {system / ok * 1000:.3f} ms"
+            f"  writing one small image file durably here costs {floor * 1e6:.0f} us CPU "
+            f"without the engine: {floor / 2 * 1000:.3f} ms per judgement (each image has two)"
         )
-        print(f"          {by_thread.line(ok)}")
+    if args.rounds > 1:
+        for label, runs in results.items():
+            per = sorted((r[1] + r[2]) / r[0] * 1000 for r in runs)
+            print(
+                f"{label:<7} over {args.rounds} rounds: median {statistics.median(per):.3f} ms "
+                f"per judgement ({per[0]:.3f}-{per[-1]:.3f})"
+            )
     print(f"server answered {served} requests (warm-up included)")
-    print(
-        f"writing one small image file durably here costs {floor * 1e6:.0f} us CPU without the "
-        f"engine: {floor / 2 * 1000:.3f} ms per judgement (each image has two)"
-    )
     print("goal: <= 0.5 ms CPU per judgement (openai judge at zero latency)")
-    profiler = results[args.client][5]
+    profiler = results[args.client][0][5]
     if profiler is not None:
         stats = pstats.Stats(profiler)
         stats.sort_stats("tottime").print_stats(30)
