@@ -3,7 +3,7 @@
 #
 #   1. bench/generators_gpu_check.py: the diffusers generator at batch 1 and 8 on the GPU,
 #      and through the engine with isolation = "thread" and "process";
-#   2. bench/engine_cpu.py --json: P3 (engine CPU per judgement) on that machine's CPU, with
+#   2. bench/engine_cpu.py --json --rounds 3: P3 (engine CPU per judgement) on that machine's CPU, with
 #      the run folders on its disk, then on /dev/shm.
 #
 # Run from the repository root. With the wheels of bench/device_wheels.sh in .whl/ (carried
@@ -27,10 +27,10 @@ fi
 status=0
 timeout 300 "$python" bench/generators_gpu_check.py 2>&1 | tee "$OUT/generators_gpu_check.log"
 status=$(( status | PIPESTATUS[0] ))
-timeout 120 "$python" bench/engine_cpu.py --json 2>&1 | tee "$OUT/engine_cpu.txt"
+timeout 120 "$python" bench/engine_cpu.py --json --rounds 3 2>&1 | tee "$OUT/engine_cpu.txt"
 status=$(( status | PIPESTATUS[0] ))
 if [ -d /dev/shm ]; then  # the same with the run folders in memory: the disk's share apart
-  timeout 120 "$python" bench/engine_cpu.py --json --dir /dev/shm 2>&1 | tee "$OUT/engine_cpu_shm.txt"
+  timeout 120 "$python" bench/engine_cpu.py --json --rounds 3 --dir /dev/shm 2>&1 | tee "$OUT/engine_cpu_shm.txt"
   status=$(( status | PIPESTATUS[0] ))
 fi
 exit "$status"
