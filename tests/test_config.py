@@ -130,3 +130,41 @@ def test_path_options_of_backends_are_relative_to_the_config(tmp_path: Path) -> 
     config = load_config(write(tmp_path, text))
     assert config.generators[0].options["path"] == str((tmp_path / "images" / "one").resolve())
     assert config.generators[1].options == {"size": 32}
+
+
+def test_tables_passed_through_to_a_library_keep_their_values(tmp_path: Path) -> None:
+    # A key named like one of ours inside a pipeline's call or loading arguments, or an
+    # images API's extra body, is the library's: it must reach it as written. A wrapper's
+    # inner generator's options are ours, and resolved.
+    generators = """
+[[generators]]
+name = "rewritten"
+backend = "dtm_rewrite"
+[generators.options]
+model = "llm"
+relations = { IQ-R_TA-C = 1 }
+inner = { backend = "image_folder", options = { path = "images" } }
+
+[[generators]]
+name = "flux"
+backend = "diffusers"
+[generators.options]
+pipeline = "FluxPipeline"
+checkpoint = "./tiny"
+call = { path = "c" }
+load = { path = "l" }
+
+[[generators]]
+name = "api"
+backend = "openai_images"
+options = { extra_body = { path = "e" } }
+"""
+    text = GOOD.replace(
+        '[[generators]]\nname = "one"\nbackend = "synthetic"\n', generators.lstrip("\n")
+    )
+    config = load_config(write(tmp_path, text))
+    rewritten, flux, api = (g.options for g in config.generators[:3])
+    assert rewritten["inner"]["options"]["path"] == str((tmp_path / "images").resolve())
+    assert flux["checkpoint"] == str((tmp_path / "tiny").resolve())
+    assert flux["call"] == {"path": "c"} and flux["load"] == {"path": "l"}
+    assert api["extra_body"] == {"path": "e"}

@@ -217,11 +217,17 @@ PATH_OPTIONS = frozenset({"path", "report", "template", "model_path"})
 HUB_OR_PATH_OPTIONS = frozenset({"checkpoint"})
 """Options that hold a hub id (``org/model``) or a folder: resolved only when written as an
 explicit relative path (``./x``, ``../x``)."""
+PASSED_THROUGH_OPTIONS = frozenset({"call", "load", "extra_body"})
+"""Tables handed as they are to a library or an API (a pipeline's call and loading
+arguments, an images API's extra body): their keys are not ours, so nothing in them is
+resolved. Other nested tables are backends' options (a wrapper's inner generator, a metric)."""
 
 
 def _resolve_options(options: dict[str, Any], base: Path) -> dict[str, Any]:
     resolved = dict(options)
     for key, value in options.items():
+        if key in PASSED_THROUGH_OPTIONS:
+            continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
             resolved[key] = _resolve_options(value, base)
         elif not isinstance(value, str) or not value or Path(value).is_absolute():
