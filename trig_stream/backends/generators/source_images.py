@@ -6,12 +6,15 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trig_stream.backends.base import EncodedPicture
 from trig_stream.errors import ItemError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from trig_stream.records import Sample
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def open_image(path: Path) -> Image:
@@ -30,6 +33,34 @@ def open_image(path: Path) -> Image:
         raise ItemError(f"image file {path} does not exist") from None
     except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
         raise ItemError(f"cannot read image {path}: {exc}") from None
+
+
+def png_as_is(path: Path) -> EncodedPicture | None:
+    """The file's bytes, when the engine can store them as they are: a still 8-bit RGB PNG
+    whose chunks check out (each CRC, through the end chunk) and that names no sample of its
+    own (an image of an earlier run; see :func:`trig_stream.generation.with_sample_digest`).
+    None otherwise, including when the file cannot be read: :func:`open_image` then decodes
+    it, or says what is wrong with it.
+    """
+    from PIL import Image as PILImage
+
+    from trig_stream.generation import SAMPLE_KEY
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    # IHDR right after the signature: bit depth at byte 24, colour type at 25 (2: RGB)
+    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":
+        return None
+    try:
+        with PILImage.open(io.BytesIO(data)) as image:
+            if SAMPLE_KEY in image.info or getattr(image, "is_animated", False):
+                return None  # an earlier run's image, or an animated PNG: decode it
+            image.verify()
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError):
+        return None
+    return EncodedPicture(png=data)
 
 
 def source_image(sample: Sample, size: tuple[int, int] | None = None) -> Image:
