@@ -231,6 +231,12 @@ SAMPLE_KEY = "trig-stream sample"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def is_png(data: bytes) -> bool:
+    """True when ``data`` starts as a PNG file does: the signature, then the IHDR chunk (its
+    fields from byte 16: width, height, bit depth at 24, colour type at 25...)."""
+    return data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR"
+
+
 def with_sample_digest(png: bytes, digest: str) -> bytes:
     """``png`` with a text chunk naming the sample it was made for (:data:`SAMPLE_KEY`).
 
@@ -239,7 +245,7 @@ def with_sample_digest(png: bytes, digest: str) -> bytes:
     prompt. The chunk goes right after the header, where a reader meets it on opening.
     """
     header_end = len(_PNG_SIGNATURE) + 25  # IHDR: length, type, 13 bytes, CRC
-    if not png.startswith(_PNG_SIGNATURE) or png[12:16] != b"IHDR":
+    if not is_png(png):
         return png  # not a PNG as written here: leave it as it is
     body = b"tEXt" + SAMPLE_KEY.encode("latin-1") + b"\x00" + digest.encode("ascii")
     chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))

@@ -14,8 +14,6 @@ if TYPE_CHECKING:
 
     from trig_stream.records import Sample
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
 
 def open_image(path: Path) -> Image:
     """Decode an image file completely, as RGB.
@@ -44,14 +42,13 @@ def png_as_is(path: Path) -> EncodedPicture | None:
     """
     from PIL import Image as PILImage
 
-    from trig_stream.generation import SAMPLE_KEY
+    from trig_stream.generation import SAMPLE_KEY, is_png
 
     try:
         data = path.read_bytes()
     except OSError:
         return None
-    # IHDR right after the signature: bit depth at byte 24, colour type at 25 (2: RGB)
-    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":
+    if not is_png(data) or data[24:26] != b"\x08\x02":  # bit depth 8, colour type 2 (RGB)
         return None
     try:
         with PILImage.open(io.BytesIO(data)) as image:
