@@ -28,7 +28,7 @@ from trig_stream.backends.base import (
     PreparedImage,
 )
 from trig_stream.config import RunConfig
-from trig_stream.generation import with_sample_digest
+from trig_stream.png import with_sample_digest
 from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.store import JOURNAL, QUARANTINE, read_journal
 from trig_stream.testing import FakeJudge, SyntheticGenerator

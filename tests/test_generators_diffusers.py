@@ -22,6 +22,7 @@ from trig_stream import Engine
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError, ItemError
+from trig_stream.png import encode_png
 from trig_stream.records import Judgement, Sample
 from trig_stream.store import IMAGES, JOURNAL
 
@@ -511,7 +512,7 @@ def test_a_pipeline_process_serves_png_bytes_obeys_cancel_and_dies_loudly(
         threaded.load()
         expected = threaded.generate(batch, worker=0, cancel=threading.Event())
         assert [m.png for m in made if isinstance(m, EncodedPicture)] == [
-            _png(image) for image in expected if isinstance(image, Image.Image)
+            encode_png(image) for image in expected if isinstance(image, Image.Image)
         ]
 
         cancel = threading.Event()

@@ -18,7 +18,7 @@ from tests.conftest import ConfigFactory
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunLockedError, store
 from trig_stream import engine as engine_module
-from trig_stream.generation import SAMPLE_KEY
+from trig_stream.png import SAMPLE_KEY
 from trig_stream.records import Judgement, Status
 from trig_stream.store import JOURNAL, Journal, JournalState, read_journal, write_atomic_many
 from trig_stream.testing import FakeJudge, SyntheticGenerator

@@ -10,10 +10,7 @@ by an earlier run is reused instead of generated again.
 
 from __future__ import annotations
 
-import io
-import struct
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +30,7 @@ from trig_stream.pipeline import (
     send_now,
     take_ready,
 )
+from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
 from trig_stream.records import GeneratedImage, Judgement
 
 if TYPE_CHECKING:
@@ -194,9 +192,7 @@ class GenerationStage:
                 if picture.seconds is not None:
                     latency_s = picture.seconds
             else:
-                buffer = io.BytesIO()
-                picture.save(buffer, format="PNG")
-                png = buffer.getvalue()
+                png = encode_png(picture)
             files.append((path, with_sample_digest(png, work.sample.digest)))
             outcomes.append(
                 GeneratedImage(
@@ -226,35 +222,9 @@ class _Made:
     """Generation time per new picture."""
 
 
-SAMPLE_KEY = "trig-stream sample"
-"""The PNG text keyword under which an image records the digest of the sample it was made for."""
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def is_png(data: bytes) -> bool:
-    """True when ``data`` starts as a PNG file does: the signature, then the IHDR chunk (its
-    fields from byte 16: width, height, bit depth at 24, colour type at 25...)."""
-    return data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR"
-
-
-def with_sample_digest(png: bytes, digest: str) -> bytes:
-    """``png`` with a text chunk naming the sample it was made for (:data:`SAMPLE_KEY`).
-
-    A resumed run reuses an image left on disk only for the sample it was made for: one
-    written just before a crash, then its record edited, must not be judged against the new
-    prompt. The chunk goes right after the header, where a reader meets it on opening.
-    """
-    header_end = len(_PNG_SIGNATURE) + 25  # IHDR: length, type, 13 bytes, CRC
-    if not is_png(png):
-        return png  # not a PNG as written here: leave it as it is
-    body = b"tEXt" + SAMPLE_KEY.encode("latin-1") + b"\x00" + digest.encode("ascii")
-    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
-    return png[:header_end] + chunk + png[header_end:]
-
-
 def valid_image(path: Path, digest: str | None = None) -> bool:
     """True when ``path`` is a complete, decodable image file, made for the sample whose
-    digest is ``digest`` when it records one (see :func:`with_sample_digest`)."""
+    digest is ``digest`` when it records one (see :func:`trig_stream.png.with_sample_digest`)."""
     if not path.is_file():
         return False
     from PIL import Image, UnidentifiedImageError

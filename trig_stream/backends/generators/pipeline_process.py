@@ -11,7 +11,8 @@ interpreter of its own, so launching work on the device never waits on the engin
 builds a thread-isolated :class:`~trig_stream.backends.generators.diffusers_generator.
 DiffusersGenerator` for its single device and loads it; then each :meth:`~PipelineProcess.
 generate` sends the requests over a pipe and gets the pictures back as PNG bytes (encoded in
-the child, written by the engine as they are) or, for a failed item, its reason. The run's
+the child by a thread of its own while the next call runs, written by the engine as they are)
+or, for a failed item, its reason. The run's
 cancel event is forwarded to the child, whose pipeline checks it between denoising steps.
 
 Messages, parent to child: ``("generate", requests)`` or ``("close", None)``.
@@ -28,9 +29,9 @@ Child to parent:
 from __future__ import annotations
 
 import contextlib
-import io
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 import threading
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.errors import FatalBackendError, ItemError
 from trig_stream.pipeline import describe_error
+from trig_stream.png import encode_png
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -261,6 +263,11 @@ def serve(
         return
     torch = sys.modules["torch"]  # loading the pipeline imported it
     conn.send(("ready", torch.get_num_threads()))
+    # From here on a thread of its own encodes and sends the answers, in order, while this
+    # one starts the next call (already in the pipe): the device never waits for encoding.
+    answers: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+    answering = threading.Thread(target=_answer, args=(conn, answers), name="answers")
+    answering.start()
     try:
         while True:
             kind, requests = conn.recv()
@@ -271,15 +278,30 @@ def serve(
             try:
                 images = generator.generate(requests, worker=0, cancel=cancelled)
             except FatalBackendError as exc:
-                conn.send(("fatal", describe_error(exc)))
+                answers.put(("fatal", describe_error(exc)))
                 return
             seconds = (time.perf_counter() - started) / max(len(requests), 1)
-            outcomes = [_png(image) for image in images]
-            conn.send(("done", (outcomes, generator.calls[done:], seconds)))
+            answers.put(("done", (images, generator.calls[done:], seconds)))
     except (EOFError, OSError):
         return  # the parent is gone
     finally:
+        answers.put(None)
+        answering.join()  # every answer queued is sent before the child exits
         generator.close()
+
+
+def _answer(conn: Connection, answers: queue.SimpleQueue[tuple[str, Any] | None]) -> None:
+    # The child's answering thread: a call's pictures go back as PNG bytes (or the reason an
+    # item failed); None ends it.
+    while (answer := answers.get()) is not None:
+        kind, body = answer
+        if kind == "done":
+            images, calls, seconds = body
+            body = ([_png(image) for image in images], calls, seconds)
+        try:
+            conn.send((kind, body))
+        except OSError:
+            return  # the parent is gone
 
 
 def _hide_progress_bars() -> None:
@@ -297,6 +319,4 @@ def _png(image: Any) -> bytes | str:
         return describe_error(image)
     if isinstance(image, EncodedPicture):
         return image.png
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(image)

@@ -36,13 +36,13 @@ def open_image(path: Path) -> Image:
 def png_as_is(path: Path) -> EncodedPicture | None:
     """The file's bytes, when the engine can store them as they are: a still 8-bit RGB PNG
     whose chunks check out (each CRC, through the end chunk) and that names no sample of its
-    own (an image of an earlier run; see :func:`trig_stream.generation.with_sample_digest`).
+    own (an image of an earlier run; see :func:`trig_stream.png.with_sample_digest`).
     None otherwise, including when the file cannot be read: :func:`open_image` then decodes
     it, or says what is wrong with it.
     """
     from PIL import Image as PILImage
 
-    from trig_stream.generation import SAMPLE_KEY, is_png
+    from trig_stream.png import SAMPLE_KEY, is_png
 
     try:
         data = path.read_bytes()

@@ -47,6 +47,7 @@ from trig_stream.backends.judges.transports import (
     open_transport,
 )
 from trig_stream.errors import FatalBackendError, ItemError, RetryableError
+from trig_stream.png import encode_png
 from trig_stream.records import JudgeFingerprint
 from trig_stream.scoring import Scorer
 
@@ -381,10 +382,8 @@ def _decoded(path: Path, data: bytes, max_pixels: int | None) -> tuple[bytes, st
             if max_pixels is not None and image.width * image.height > max_pixels:
                 scale = (max_pixels / (image.width * image.height)) ** 0.5
                 size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-                buffer = io.BytesIO()
                 resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-                resized.save(buffer, format="PNG")
-                data, fmt = buffer.getvalue(), "png"
+                data, fmt = encode_png(resized), "png"
     except (UnidentifiedImageError, ValueError, SyntaxError, OSError):
         raise ItemError(f"{path} is not a readable image") from None
     return data, fmt

@@ -1,0 +1,88 @@
+"""PNG files as the engine writes them: encoded fast, stamped with the sample they were made for.
+
+Encoding is on the way from the device to the judge. Pillow's PNG encoder tries every row
+filter on every row, which costs far more than the compression itself (its level 0 is still
+20-30 ms for a 512x512 picture): 86 ms for a 512x512 photo and 348 ms for a 1024x1024 one on
+a 2-core VM, more than a fast model takes to make it on a GPU. :func:`encode_png` applies one
+filter in numpy and deflates at zlib's fastest level: 13 and 45 ms for the same photos, files
+7-16% larger, the same pixels. Both steps run without the interpreter lock, beside a pipeline.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+SAMPLE_KEY = "trig-stream sample"
+"""The PNG text keyword under which an image records the digest of the sample it was made for."""
+
+COMPRESSION_LEVEL = 1
+"""zlib's level for :func:`encode_png`: higher levels cost 1.5x (3) to 6x (6) the time for
+files 4-15% smaller (measured on a 1024x1024 photo)."""
+
+_COLOUR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}
+"""PNG's colour type for each 8-bit Pillow mode that :func:`encode_png` writes itself."""
+
+_UP = 2
+"""PNG's "Up" row filter: each byte minus the one above it."""
+
+
+def encode_png(image: Image) -> bytes:
+    """``image`` as the bytes of a PNG file.
+
+    An 8-bit greyscale, RGB or RGBA picture (what generators make) is written here, with the
+    "Up" filter on every row and one compressed data chunk; any other mode goes through
+    Pillow. Only the pixels are kept (no text or colour-profile chunks), and the same
+    picture always gives the same bytes.
+    """
+    colour_type = _COLOUR_TYPES.get(image.mode)
+    if colour_type is None:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    flat = pixels.reshape(height, -1)
+    rows = np.empty((height, flat.shape[1] + 1), dtype=np.uint8)
+    rows[:, 0] = _UP
+    rows[0, 1:] = flat[0]  # the row above the first one counts as zeros
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # wraps modulo 256, as PNG's filter does
+    compressor = zlib.compressobj(COMPRESSION_LEVEL)
+    data = compressor.compress(rows.data) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def is_png(data: bytes) -> bool:
+    """True when ``data`` starts as a PNG file does: the signature, then the IHDR chunk (its
+    fields from byte 16: width, height, bit depth at 24, colour type at 25...)."""
+    return data.startswith(SIGNATURE) and data[12:16] == b"IHDR"
+
+
+def with_sample_digest(png: bytes, digest: str) -> bytes:
+    """``png`` with a text chunk naming the sample it was made for (:data:`SAMPLE_KEY`).
+
+    A resumed run reuses an image left on disk only for the sample it was made for: one
+    written just before a crash, then its record edited, must not be judged against the new
+    prompt. The chunk goes right after the header, where a reader meets it on opening.
+    """
+    header_end = len(SIGNATURE) + 25  # IHDR: length, type, 13 bytes, CRC
+    if not is_png(png):
+        return png  # not a PNG as written here: leave it as it is
+    text = SAMPLE_KEY.encode("latin-1") + b"\x00" + digest.encode("ascii")
+    return png[:header_end] + _chunk(b"tEXt", text) + png[header_end:]
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    # A PNG chunk: length, type, body, and the CRC of type and body.
+    crc = zlib.crc32(body, zlib.crc32(kind))
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
