@@ -3,6 +3,8 @@
 #
 #   1. bench/generators_gpu_check.py: the diffusers generator at batch 1 and 8 on the GPU,
 #      and through the engine with isolation = "thread" and "process";
+#   1b. with a py-spy binary in .tools/ (carried), the thread-mode run at batch 1 again under
+#       `py-spy record --gil`: which threads hold the interpreter lock (gil_thread1.txt);
 #   2. bench/engine_cpu.py --json --rounds 3: P3 (engine CPU per judgement) on that machine's CPU, with
 #      the run folders on its disk, then on /dev/shm.
 #
@@ -27,6 +29,13 @@ fi
 status=0
 timeout 300 "$python" bench/generators_gpu_check.py 2>&1 | tee "$OUT/generators_gpu_check.log"
 status=$(( status | PIPESTATUS[0] ))
+if [ -x .tools/py-spy ]; then  # carried by hand (ignored): who holds the interpreter lock
+  # during the thread-mode run at batch 1, sampled; OUT unset so the JSON above is kept.
+  OUT= timeout 150 .tools/py-spy record --gil --threads --format raw --rate 250 \
+    -o "$OUT/gil_thread1.txt" -- "$python" bench/generators_gpu_check.py --runs thread:1 \
+    > "$OUT/gil_thread1.log" 2>&1
+  status=$(( status | $? ))
+fi
 timeout 120 "$python" bench/engine_cpu.py --json --rounds 3 2>&1 | tee "$OUT/engine_cpu.txt"
 status=$(( status | PIPESTATUS[0] ))
 if [ -d /dev/shm ]; then  # the same with the run folders in memory: the disk's share apart
