@@ -26,6 +26,7 @@ from trig_stream.backends.base import (
     JudgeReply,
     JudgeRequest,
     PreparedImage,
+    TimedPicture,
 )
 from trig_stream.config import RunConfig
 from trig_stream.png import with_sample_digest
@@ -491,14 +492,25 @@ class EncodingGenerator(Generator):
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
-    ) -> list[EncodedPicture | Exception]:
-        made: list[EncodedPicture | Exception] = []
+    ) -> list[EncodedPicture | TimedPicture | Exception]:
+        made: list[EncodedPicture | TimedPicture | Exception] = []
         for picture in self.inner.generate(requests, worker=worker, cancel=cancel):
-            if isinstance(picture, Exception):
-                made.append(picture)
+            if isinstance(picture, Image.Image):
+                made.append(self.hand_over(picture))
             else:
-                made.append(EncodedPicture(uncompressed_png(picture), self.SECONDS))
+                made.append(picture)
         return made
+
+    def hand_over(self, picture: Image.Image) -> EncodedPicture | TimedPicture:
+        return EncodedPicture(uncompressed_png(picture), self.SECONDS)
+
+
+class ElsewhereGenerator(EncodingGenerator):
+    """Hands the synthetic generator's pictures over as pictures made in another process,
+    with a generation time of their own."""
+
+    def hand_over(self, picture: Image.Image) -> EncodedPicture | TimedPicture:
+        return TimedPicture(picture, self.SECONDS)
 
 
 def uncompressed_png(picture: Image.Image) -> bytes:
@@ -525,3 +537,18 @@ async def test_encoded_pictures_are_stored_as_given_with_their_own_timing(
         assert judgement.sample_digest is not None
         given = uncompressed_png(draw(judgement.seed, 16))
         assert stored == with_sample_digest(given, judgement.sample_digest)
+
+
+async def test_pictures_made_elsewhere_are_encoded_here_with_their_own_timing(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=6)
+    async with Engine(config, generators=[ElsewhereGenerator()]) as engine:
+        results = [j async for j in engine.results]
+    assert {j.status for j in results} == {"ok"} and len(results) == 12
+    latency = engine.stats().generation_latency
+    assert latency.p50 == latency.p95 == ElsewhereGenerator.SECONDS
+    for judgement in results:
+        assert judgement.image is not None and judgement.seed is not None
+        with Image.open(config.run_dir / judgement.image) as stored:
+            assert stored.tobytes() == draw(judgement.seed, 16).tobytes()

@@ -19,10 +19,9 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
-from trig_stream.backends.base import EncodedPicture, GenerationRequest
+from trig_stream.backends.base import GenerationRequest, TimedPicture
 from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError, ItemError
-from trig_stream.png import encode_png
 from trig_stream.records import Judgement, Sample
 from trig_stream.store import IMAGES, JOURNAL
 
@@ -487,7 +486,7 @@ def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None
         generator.load()
 
 
-def test_a_pipeline_process_serves_png_bytes_obeys_cancel_and_dies_loudly(
+def test_a_pipeline_process_serves_pixels_obeys_cancel_and_dies_loudly(
     tiny_pipelines: dict[TinyKind, Path], capfd: pytest.CaptureFixture[str]
 ) -> None:
     import os
@@ -511,8 +510,13 @@ def test_a_pipeline_process_serves_png_bytes_obeys_cancel_and_dies_loudly(
         threaded = make_generator(tiny_pipelines["flux"], steps=400)
         threaded.load()
         expected = threaded.generate(batch, worker=0, cancel=threading.Event())
-        assert [m.png for m in made if isinstance(m, EncodedPicture)] == [
-            encode_png(image) for image in expected if isinstance(image, Image.Image)
+        # The child sends pixels; the engine's writer encodes them (see pipeline_process).
+        pictures = [m for m in made if isinstance(m, TimedPicture)]
+        assert len(pictures) == 2 and all(m.seconds > 0 for m in pictures)
+        assert [(m.image.mode, m.image.size, m.image.tobytes()) for m in pictures] == [
+            (image.mode, image.size, image.tobytes())
+            for image in expected
+            if isinstance(image, Image.Image)
         ]
 
         cancel = threading.Event()

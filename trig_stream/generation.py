@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
+from trig_stream.backends.base import (
+    EncodedPicture,
+    GenerationRequest,
+    Generator,
+    TimedPicture,
+)
 from trig_stream.errors import FatalBackendError, TrigStreamError
 from trig_stream.pipeline import (
     ImageItem,
@@ -137,7 +142,7 @@ class GenerationStage:
     def _generate_batch(self, worker: int, batch: list[WorkItem]) -> _Made:
         # Runs in one of the generator's threads: reuse check, then one generate call.
         task = self._context.config.run.task
-        pictures: list[Image | EncodedPicture | GeneratedImage | str | None] = []
+        pictures: list[Image | EncodedPicture | TimedPicture | GeneratedImage | str | None] = []
         missing: list[int] = []
         paths = [self._context.run_dir.image_path(task, w.model, w.sample.data_id) for w in batch]
         for index, (work, path) in enumerate(zip(batch, paths, strict=True)):
@@ -160,7 +165,7 @@ class GenerationStage:
             GenerationRequest(batch[i].model, batch[i].sample, batch[i].seed) for i in missing
         ]
         started = time.perf_counter()
-        images: Sequence[Image | EncodedPicture | Exception]
+        images: Sequence[Image | EncodedPicture | TimedPicture | Exception]
         try:
             images = self._generator.generate(
                 requests, worker=worker, cancel=self._context.cancel_generation
@@ -188,9 +193,12 @@ class GenerationStage:
             assert picture is not None
             latency_s = made.latency_s
             if isinstance(picture, EncodedPicture):
-                png = picture.png  # encoded in the generator's own process
+                png = picture.png  # already a PNG file: written as it is
                 if picture.seconds is not None:
                     latency_s = picture.seconds
+            elif isinstance(picture, TimedPicture):
+                png = encode_png(picture.image)  # made in another process
+                latency_s = picture.seconds
             else:
                 png = encode_png(picture)
             files.append((path, with_sample_digest(png, work.sample.digest)))
@@ -217,7 +225,7 @@ class _Made:
     batch: list[WorkItem]
     paths: list[Path]
     """Where each work item's image lives."""
-    pictures: list[Image | EncodedPicture | GeneratedImage | str | None]
+    pictures: list[Image | EncodedPicture | TimedPicture | GeneratedImage | str | None]
     latency_s: float
     """Generation time per new picture."""
 

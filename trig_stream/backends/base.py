@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 class EncodedPicture:
     """A picture already encoded as a PNG file's bytes: the engine writes them as they are.
 
-    A generator that makes its pictures in another process returns them this way, so the
-    engine's own process never decodes or encodes them again.
+    A generator whose pictures already are PNG files (an image folder, an image API) returns
+    them this way, so the engine never decodes or encodes them again.
     """
 
     png: bytes
@@ -39,6 +39,15 @@ class EncodedPicture:
     """How long making it took where it was made, when known: the engine records this as
     the image's generation time instead of its own timing of the call, which for a picture
     made elsewhere can include waiting there."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimedPicture:
+    """A picture made in another process, with how long making it took there (the engine
+    records that as the image's generation time, as for :attr:`EncodedPicture.seconds`)."""
+
+    image: Image
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +83,11 @@ class Generator(ABC):
     @abstractmethod
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
-    ) -> Sequence[Image | EncodedPicture | Exception]:
+    ) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:
         """Make one image per request, in order; a failed item is its exception.
 
-        An image is a PIL image, or an :class:`EncodedPicture` when it already is a PNG
-        file's bytes (made in another process).
+        An image is a PIL image, an :class:`EncodedPicture` when it already is a PNG file's
+        bytes, or a :class:`TimedPicture` when it was made in another process.
 
         Args:
             requests: 1 to ``batch_size`` requests.

@@ -24,7 +24,12 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
+from trig_stream.backends.base import (
+    EncodedPicture,
+    GenerationRequest,
+    Generator,
+    TimedPicture,
+)
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions, PipelineSpec
 from trig_stream.backends.generators.pipeline_process import (
     CALLS_IN_FLIGHT,
@@ -261,7 +266,7 @@ class DiffusersGenerator(Generator):
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
-    ) -> Sequence[Image | EncodedPicture | Exception]:
+    ) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:
         if self._processes:
             process = self._processes[worker % len(self._processes)]
             made, calls = process.generate(requests, cancel)

@@ -31,7 +31,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
+from trig_stream.backends.base import (
+    EncodedPicture,
+    GenerationRequest,
+    Generator,
+    TimedPicture,
+)
 from trig_stream.backends.generators.api_calls import (
     Sleep,
     api_key_from_env,
@@ -219,7 +224,7 @@ class DTMRewriteGenerator(Generator):
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
-    ) -> Sequence[Image | EncodedPicture | Exception]:
+    ) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:
         rewritten: list[GenerationRequest] = []
         for request in requests:
             if cancel.is_set():

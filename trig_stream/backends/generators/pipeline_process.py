@@ -10,19 +10,26 @@ interpreter of its own, so launching work on the device never waits on the engin
 :class:`PipelineProcess` is the parent's handle on one child: it starts the child, which
 builds a thread-isolated :class:`~trig_stream.backends.generators.diffusers_generator.
 DiffusersGenerator` for its single device and loads it; then each :meth:`~PipelineProcess.
-generate` sends the requests over a pipe and gets the pictures back as PNG bytes (encoded in
-the child by a thread of its own while the next call runs, written by the engine as they are)
-or, for a failed item, its reason. The run's
-cancel event is forwarded to the child, whose pipeline checks it between denoising steps.
+generate` sends the requests over a pipe and gets the pictures back as pixels, or, for a
+failed item, its reason. The run's cancel event is forwarded to the child, whose pipeline
+checks it between denoising steps.
+
+The engine, not the child, encodes the PNG files. Beside a pipeline that holds the lock,
+any other thread waits for it each time it takes it back (up to the 5 ms switch interval,
+``sys.getswitchinterval``), and zlib and numpy give it up and take it back several times per
+picture: a 512x512 picture took 22 ms to encode alone and 69 ms beside a thread that holds
+the lock. The child only copies each picture's pixels (well under a millisecond) and hands
+the answer to a thread that sends it in one write while the next call runs.
 
 Messages, parent to child: ``("generate", requests)`` or ``("close", None)``.
 
 Child to parent:
 
 * ``("ready", threads)`` once loaded, with the number of torch threads it computes with;
-* ``("done", (outcomes, calls, seconds))`` per call: an outcome is PNG bytes or an error
-  text, ``calls`` are the pipeline calls' batch sizes, and ``seconds`` is the call's time
-  per request, which the engine records as each image's generation time;
+* ``("done", (outcomes, calls, seconds))`` per call: an outcome is a picture's
+  ``(mode, size, pixels)``, a PNG file's bytes, or an error text; ``calls`` are the pipeline
+  calls' batch sizes, and ``seconds`` is the call's time per request, which the engine
+  records as each image's generation time;
 * ``("fatal", text)`` when nothing can work.
 """
 
@@ -42,10 +49,9 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
-from trig_stream.backends.base import EncodedPicture, GenerationRequest
+from trig_stream.backends.base import EncodedPicture, GenerationRequest, TimedPicture
 from trig_stream.errors import FatalBackendError, ItemError
 from trig_stream.pipeline import describe_error
-from trig_stream.png import encode_png
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -137,7 +143,7 @@ class PipelineProcess:
 
     def generate(
         self, requests: Sequence[GenerationRequest], cancel: threading.Event
-    ) -> tuple[list[EncodedPicture | Exception], list[int]]:
+    ) -> tuple[list[TimedPicture | EncodedPicture | Exception], list[int]]:
         """The pictures of ``requests`` (in order) and the pipeline calls' batch sizes.
 
         Raises:
@@ -165,11 +171,7 @@ class PipelineProcess:
         if kind != "done":
             raise FatalBackendError(str(body))
         outcomes, calls, seconds = body
-        pictures: list[EncodedPicture | Exception] = [
-            EncodedPicture(outcome, seconds) if isinstance(outcome, bytes) else ItemError(outcome)
-            for outcome in outcomes
-        ]
-        return pictures, calls
+        return [_picture(outcome, seconds) for outcome in outcomes], calls
 
     def stop(self) -> None:
         """Ask the child to unload and exit; kill it if it does not. Safe to repeat."""
@@ -263,8 +265,8 @@ def serve(
         return
     torch = sys.modules["torch"]  # loading the pipeline imported it
     conn.send(("ready", torch.get_num_threads()))
-    # From here on a thread of its own encodes and sends the answers, in order, while this
-    # one starts the next call (already in the pipe): the device never waits for encoding.
+    # From here on a thread of its own sends the answers, in order, while this one starts
+    # the next call (already in the pipe): the device never waits for the parent to read.
     answers: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
     answering = threading.Thread(target=_answer, args=(conn, answers), name="answers")
     answering.start()
@@ -281,7 +283,8 @@ def serve(
                 answers.put(("fatal", describe_error(exc)))
                 return
             seconds = (time.perf_counter() - started) / max(len(requests), 1)
-            answers.put(("done", (images, generator.calls[done:], seconds)))
+            outcomes = [_portable(image) for image in images]
+            answers.put(("done", (outcomes, generator.calls[done:], seconds)))
     except (EOFError, OSError):
         return  # the parent is gone
     finally:
@@ -291,15 +294,11 @@ def serve(
 
 
 def _answer(conn: Connection, answers: queue.SimpleQueue[tuple[str, Any] | None]) -> None:
-    # The child's answering thread: a call's pictures go back as PNG bytes (or the reason an
-    # item failed); None ends it.
+    # The child's answering thread, until None: one pickled write per answer, so it takes
+    # the lock back only a few times while the pipeline holds it.
     while (answer := answers.get()) is not None:
-        kind, body = answer
-        if kind == "done":
-            images, calls, seconds = body
-            body = ([_png(image) for image in images], calls, seconds)
         try:
-            conn.send((kind, body))
+            conn.send(answer)
         except OSError:
             return  # the parent is gone
 
@@ -313,10 +312,25 @@ def _hide_progress_bars() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-def _png(image: Any) -> bytes | str:
-    """A picture's PNG bytes, or a failed item's reason."""
+def _portable(image: Any) -> tuple[str, tuple[int, int], bytes] | bytes | str:
+    """What the child sends for one item: a picture's mode, size and pixels, a PNG file's
+    bytes, or a failed item's reason."""
     if isinstance(image, Exception):
         return describe_error(image)
     if isinstance(image, EncodedPicture):
         return image.png
-    return encode_png(image)
+    return image.mode, image.size, image.tobytes()
+
+
+def _picture(
+    outcome: tuple[str, tuple[int, int], bytes] | bytes | str, seconds: float
+) -> TimedPicture | EncodedPicture | Exception:
+    """What the parent makes of one item the child sent (see :func:`_portable`)."""
+    if isinstance(outcome, str):
+        return ItemError(outcome)
+    if isinstance(outcome, bytes):
+        return EncodedPicture(outcome, seconds)
+    from PIL import Image
+
+    mode, size, pixels = outcome
+    return TimedPicture(Image.frombytes(mode, size, pixels), seconds)
