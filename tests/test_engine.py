@@ -10,7 +10,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -29,7 +29,7 @@ from trig_stream.backends.base import (
     TimedPicture,
 )
 from trig_stream.config import RunConfig
-from trig_stream.png import with_sample_digest
+from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.store import JOURNAL, QUARANTINE, read_journal
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -552,3 +552,33 @@ async def test_pictures_made_elsewhere_are_encoded_here_with_their_own_timing(
         assert judgement.image is not None and judgement.seed is not None
         with Image.open(config.run_dir / judgement.image) as stored:
             assert stored.tobytes() == draw(judgement.seed, 16).tobytes()
+
+
+def test_a_batch_of_large_pictures_is_encoded_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trig_stream import generation
+    from trig_stream.pipeline import RunContext
+    from trig_stream.records import GeneratedImage
+
+    threads: dict[tuple[int, int], str] = {}  # picture size -> the thread that encoded it
+
+    def encode(image: Image.Image) -> bytes:
+        threads[image.size] = threading.current_thread().name
+        return encode_png(image)
+
+    monkeypatch.setattr(generation, "encode_png", encode)
+    generator = SyntheticGenerator("synth", SyntheticOptions(), batch_size=8)
+    stage = generation.GenerationStage(cast(RunContext, None), generator)
+    large, larger, small = draw(1, 256), draw(2, 300), draw(3, 8)
+    given = EncodedPicture(b"\x89PNG given")
+    reused = GeneratedImage(model="synth", data_id="x", path=Path("x.png"), seed=1, reused=True)
+    pngs = stage._encode([large, given, TimedPicture(larger, 1.0), reused, "failed", None, small])
+    assert pngs[1] == given.png and pngs[3:6] == [None, None, None]
+    for png, picture in ((pngs[0], large), (pngs[2], larger), (pngs[6], small)):
+        assert png is not None
+        with Image.open(io.BytesIO(png)) as stored:
+            assert stored.tobytes() == picture.tobytes()
+    # The two large ones on the stage's encoder threads; the small one where the batch is.
+    assert threads[(256, 256)].startswith("synth png")
+    assert threads[(300, 300)].startswith("synth png")
+    assert threads[(8, 8)] == threading.current_thread().name
+    stage._encoders.shutdown()
