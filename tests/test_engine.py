@@ -519,39 +519,29 @@ def uncompressed_png(picture: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-async def test_encoded_pictures_are_stored_as_given_with_their_own_timing(
-    make_config: ConfigFactory,
+@pytest.mark.parametrize("handing_over", [EncodingGenerator, ElsewhereGenerator])
+async def test_pictures_handed_over_are_stored_with_their_own_timing(
+    make_config: ConfigFactory, handing_over: type[EncodingGenerator]
 ) -> None:
     config = make_config(samples=6)
-    generator = EncodingGenerator()
-    async with Engine(config, generators=[generator]) as engine:
+    async with Engine(config, generators=[handing_over()]) as engine:
         results = [j async for j in engine.results]
     assert {j.status for j in results} == {"ok"} and len(results) == 12
     latency = engine.stats().generation_latency
-    assert latency.p50 == latency.p95 == EncodingGenerator.SECONDS
+    assert latency.p50 == latency.p95 == handing_over.SECONDS
     for judgement in results:
         assert judgement.image is not None and judgement.seed is not None
-        stored = (config.run_dir / judgement.image).read_bytes()
-        # The given bytes, not decoded and encoded again (which would compress them), with
-        # only the chunk naming the sample added.
         assert judgement.sample_digest is not None
-        given = uncompressed_png(draw(judgement.seed, 16))
-        assert stored == with_sample_digest(given, judgement.sample_digest)
-
-
-async def test_pictures_made_elsewhere_are_encoded_here_with_their_own_timing(
-    make_config: ConfigFactory,
-) -> None:
-    config = make_config(samples=6)
-    async with Engine(config, generators=[ElsewhereGenerator()]) as engine:
-        results = [j async for j in engine.results]
-    assert {j.status for j in results} == {"ok"} and len(results) == 12
-    latency = engine.stats().generation_latency
-    assert latency.p50 == latency.p95 == ElsewhereGenerator.SECONDS
-    for judgement in results:
-        assert judgement.image is not None and judgement.seed is not None
-        with Image.open(config.run_dir / judgement.image) as stored:
-            assert stored.tobytes() == draw(judgement.seed, 16).tobytes()
+        stored = (config.run_dir / judgement.image).read_bytes()
+        picture = draw(judgement.seed, 16)
+        if handing_over is EncodingGenerator:
+            # The given bytes, not decoded and encoded again (which would compress them),
+            # with only the chunk naming the sample added.
+            given = uncompressed_png(picture)
+            assert stored == with_sample_digest(given, judgement.sample_digest)
+        else:  # made in another process: encoded here, the same pixels
+            with Image.open(io.BytesIO(stored)) as image:
+                assert image.tobytes() == picture.tobytes()
 
 
 def test_a_batch_of_large_pictures_is_encoded_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
