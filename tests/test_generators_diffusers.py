@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.from_thread
@@ -24,6 +24,9 @@ from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError, ItemError
 from trig_stream.records import Judgement, Sample
 from trig_stream.store import IMAGES, JOURNAL
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 pytest.importorskip("diffusers")
 
@@ -542,3 +545,30 @@ def test_a_pipeline_process_serves_pixels_obeys_cancel_and_dies_loudly(
             process.generate(batch, threading.Event())
     finally:
         process.stop()
+
+
+def test_an_answer_the_child_cannot_send_ends_the_child(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Otherwise the call waiting for that answer would wait forever.
+    import queue
+
+    from trig_stream.backends.generators import pipeline_process
+
+    class Unpicklable:
+        def send(self, message: object) -> None:
+            raise TypeError("cannot pickle 'generator' object")
+
+    exits: list[int] = []
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_now)  # the one module, as the child sees it
+    answers: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+    answers.put(("done", ([], [1], 0.5)))
+    with pytest.raises(SystemExit):
+        pipeline_process._answer(cast("Connection", Unpicklable()), answers)
+    assert exits == [1]
+    assert "cannot pickle" in capsys.readouterr().err

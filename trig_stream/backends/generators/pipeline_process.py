@@ -43,6 +43,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -301,6 +302,11 @@ def _answer(conn: Connection, answers: queue.SimpleQueue[tuple[str, Any] | None]
             conn.send(answer)
         except OSError:
             return  # the parent is gone
+        except Exception:
+            # An answer that cannot be sent would leave its call waiting forever: the child
+            # exits instead, and the parent reports it with this traceback above.
+            traceback.print_exc()
+            os._exit(1)
 
 
 def _hide_progress_bars() -> None:
