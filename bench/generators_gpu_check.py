@@ -7,7 +7,8 @@ One prepared script for a machine with a GPU (it also runs on a CPU, at smaller 
    (one pipeline call per batch, seeded per image);
 3. runs the engine with that generator and the ``fake`` judge, with the pipeline in a worker
    thread and then in a child process (``isolation``), and reports how long the judge waited
-   for its first image and the images per second after it.
+   for its first image, the images per second after it, and that rate over the plain loop's,
+   measured again right before the run (the first pipeline stays loaded meanwhile).
 
 Everything finishes in well under 5 minutes on one H200 (about a minute on 2 CPU cores with
 ``--device cpu``). Results are printed and written as JSON to ``$OUT/generators_gpu_check.json``
@@ -237,11 +238,19 @@ def main() -> None:
         report["batching_gain"] = round(
             report["images_per_s_batch_8"] / report["images_per_s_batch_1"], 2
         )
+        report["engine"] = []
+        for isolation, batch in runs:
+            # The loop again right before each engine run, at its batch size: the machine's
+            # speed drifts between runs (by ~20% over an hour on the H200), so each ratio
+            # compares two measurements a minute apart.
+            loop = throughput(generator, batch, count, device)
+            run = anyio.run(first_judgement, root, options, batch, count, isolation)
+            run["loop_images_per_s"] = round(loop, 2)
+            steady = run["images_per_s_after_first_batch"]
+            run["engine_vs_loop"] = round(steady / loop, 3) if steady else None
+            report["engine"].append(run)
+            print(f"{isolation} batch {batch}: {steady} img/s, loop {loop:.2f}", flush=True)
         generator.close()
-        report["engine"] = [
-            anyio.run(first_judgement, root, options, batch, count, isolation)
-            for isolation, batch in runs
-        ]
     print(json.dumps(report, indent=2))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "generators_gpu_check.json").write_text(json.dumps(report))
