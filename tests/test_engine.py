@@ -561,10 +561,14 @@ def test_a_batch_of_large_pictures_is_encoded_at_once(monkeypatch: pytest.Monkey
     large, larger, small = draw(1, 256), draw(2, 300), draw(3, 8)
     given = EncodedPicture(b"\x89PNG given")
     reused = GeneratedImage(model="synth", data_id="x", path=Path("x.png"), seed=1, reused=True)
-    pngs = stage._encode([large, given, TimedPicture(larger, 1.0), reused, "failed", None, small])
+    floats = Image.new("F", (260, 260))  # a mode PNG cannot hold: that item fails alone
+    pngs = stage._encode(
+        [large, given, TimedPicture(larger, 1.0), reused, "failed", None, small, floats]
+    )
     assert pngs[1] == given.png and pngs[3:6] == [None, None, None]
+    assert isinstance(pngs[7], str) and "(mode F) cannot be written as PNG" in pngs[7]
     for png, picture in ((pngs[0], large), (pngs[2], larger), (pngs[6], small)):
-        assert png is not None
+        assert isinstance(png, bytes)
         with Image.open(io.BytesIO(png)) as stored:
             assert stored.tobytes() == picture.tobytes()
     # The two large ones on the stage's encoder threads; the small one where the batch is.
@@ -572,3 +576,29 @@ def test_a_batch_of_large_pictures_is_encoded_at_once(monkeypatch: pytest.Monkey
     assert threads[(300, 300)].startswith("synth png")
     assert threads[(8, 8)] == threading.current_thread().name
     stage._encoders.shutdown()
+
+
+class FloatingGenerator(SyntheticGenerator):
+    """Makes one sample's picture in a mode no PNG file can hold."""
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        made = super().generate(requests, worker=worker, cancel=cancel)
+        return [
+            Image.new("F", (8, 8)) if r.sample.data_id == "IQ-R_TA-C_1" else picture
+            for r, picture in zip(requests, made, strict=True)
+        ]
+
+
+async def test_a_picture_that_cannot_be_written_fails_alone(make_config: ConfigFactory) -> None:
+    config = make_config(samples=4)
+    generator = FloatingGenerator("synth", SyntheticOptions(size=16), batch_size=4)
+    async with Engine(config, generators=[generator]) as engine:
+        results = [j async for j in engine.results]
+    failed = [j for j in results if j.status != "ok"]
+    assert {j.data_id for j in failed} == {"IQ-R_TA-C_1"} and len(failed) == 2
+    for judgement in failed:
+        assert judgement.status == "error" and judgement.score is None
+        assert "(mode F) cannot be written as PNG" in (judgement.error or "")
+    assert len(results) == 8 and engine.stats().models["synth"].generation_failed == 1

@@ -204,6 +204,9 @@ class GenerationStage:
             if isinstance(picture, GeneratedImage | str):
                 outcomes.append(picture)
                 continue
+            if isinstance(png, str):
+                outcomes.append(png)  # this item fails; the batch's others go on
+                continue
             assert png is not None
             latency_s = made.latency_s
             if isinstance(picture, EncodedPicture | TimedPicture) and picture.seconds is not None:
@@ -225,10 +228,11 @@ class GenerationStage:
 
     def _encode(
         self, pictures: list[Image | EncodedPicture | TimedPicture | GeneratedImage | str | None]
-    ) -> list[bytes | None]:
-        # Each new picture's PNG bytes, None where there is nothing to write. Two or more
-        # large pictures are encoded at once on the stage's encoder threads.
-        pngs: list[bytes | None] = []
+    ) -> list[bytes | str | None]:
+        # Each new picture's PNG bytes (or why it cannot be written), None where there is
+        # nothing to write. Two or more large pictures are encoded at once on the stage's
+        # encoder threads.
+        pngs: list[bytes | str | None] = []
         todo: dict[int, Image] = {}
         for index, picture in enumerate(pictures):
             pngs.append(picture.png if isinstance(picture, EncodedPicture) else None)
@@ -240,13 +244,22 @@ class GenerationStage:
                 todo[index] = picture
         large = [i for i, image in todo.items() if image.width * image.height >= PARALLEL_PIXELS]
         if len(large) >= 2:
-            at_once = self._encoders.map(encode_png, [todo[i] for i in large])
+            at_once = self._encoders.map(_png_or_reason, [todo[i] for i in large])
             for index, png in zip(large, at_once, strict=True):
                 pngs[index] = png
         for index, image in todo.items():
             if pngs[index] is None:
-                pngs[index] = encode_png(image)
+                pngs[index] = _png_or_reason(image)
         return pngs
+
+
+def _png_or_reason(image: Image) -> bytes | str:
+    # A picture's PNG bytes, or why it cannot be written (a mode PNG cannot hold, say).
+    try:
+        return encode_png(image)
+    except Exception as exc:
+        mode = getattr(image, "mode", "?")
+        return f"the picture (mode {mode}) cannot be written as PNG: {exc}"
 
 
 PARALLEL_PIXELS = 256 * 256
