@@ -233,15 +233,13 @@ class GenerationStage:
         # nothing to write. Two or more large pictures are encoded at once on the stage's
         # encoder threads.
         pngs: list[bytes | str | None] = []
-        todo: dict[int, Image] = {}
+        todo: dict[int, Image] = {}  # index -> a picture to encode
         for index, picture in enumerate(pictures):
             pngs.append(picture.png if isinstance(picture, EncodedPicture) else None)
             if isinstance(picture, TimedPicture):
                 todo[index] = picture.image
-            elif picture is not None and not isinstance(
-                picture, EncodedPicture | GeneratedImage | str
-            ):
-                todo[index] = picture
+            elif not isinstance(picture, EncodedPicture | GeneratedImage | str | None):
+                todo[index] = picture  # a PIL image
         large = [i for i, image in todo.items() if image.width * image.height >= PARALLEL_PIXELS]
         if len(large) >= 2:
             at_once = self._encoders.map(_png_or_reason, [todo[i] for i in large])
@@ -258,8 +256,7 @@ def _png_or_reason(image: Image) -> bytes | str:
     try:
         return encode_png(image)
     except Exception as exc:
-        mode = getattr(image, "mode", "?")
-        return f"the picture (mode {mode}) cannot be written as PNG: {exc}"
+        return f"the picture (mode {image.mode}) cannot be written as PNG: {exc}"
 
 
 PARALLEL_PIXELS = 256 * 256
