@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
@@ -19,7 +21,7 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
-from trig_stream.backends.base import GenerationRequest, TimedPicture
+from trig_stream.backends.base import EncodedPicture, GenerationRequest, TimedPicture
 from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError, ItemError
 from trig_stream.records import Judgement, Sample
@@ -32,7 +34,12 @@ pytest.importorskip("diffusers")
 
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions
-from trig_stream.backends.generators.pipeline_process import PipelineProcess, thread_share
+from trig_stream.backends.generators.pipeline_process import (
+    PipelineProcess,
+    receive_exactly,
+    send_buffers,
+    thread_share,
+)
 from trig_stream.testing.tiny_pipelines import (
     PIPELINE_CLASSES,
     TINY_CALL,
@@ -566,9 +573,45 @@ def test_an_answer_the_child_cannot_send_ends_the_child(
         raise SystemExit(code)
 
     monkeypatch.setattr(os, "_exit", exit_now)  # the one module, as the child sees it
-    answers: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
-    answers.put(("done", ([], [1], 0.5)))
-    with pytest.raises(SystemExit):
-        pipeline_process._answer(cast("Connection", Unpicklable()), answers)
+    answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    answers.put((("done", ([], [1], 0.5)), []))
+    left, right = socket.socketpair()
+    with left, right, pytest.raises(SystemExit):
+        pipeline_process._answer(cast("Connection", Unpicklable()), left, answers)
     assert exits == [1]
     assert "cannot pickle" in capsys.readouterr().err
+
+
+def test_an_answer_mixes_pictures_png_files_and_failures() -> None:
+    from trig_stream.backends.generators import pipeline_process
+
+    picture = Image.fromarray(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
+    grey = Image.new("L", (4, 1), 7)
+    items = [picture, ItemError("no face"), EncodedPicture(b"\x89PNG...", 9.0), grey]
+    portable = [pipeline_process._portable(item) for item in items]
+    outcomes = [outcome for outcome, _ in portable]
+    assert outcomes[1] == "no face" and outcomes[2] == ("png", 7)
+    payload = bytearray(b"".join(data for _, data in portable if data))
+    assert pipeline_process._payload_size(outcomes) == len(payload) == 18 + 7 + 4
+    made = pipeline_process._pictures(outcomes, payload, 0.25)
+    assert isinstance(made[0], TimedPicture) and made[0].seconds == 0.25
+    assert made[0].image.tobytes() == picture.tobytes() and made[0].image.size == (3, 2)
+    assert isinstance(made[1], ItemError) and str(made[1]) == "no face"
+    assert made[2] == EncodedPicture(b"\x89PNG...", 0.25)  # timed by the call, as the rest
+    assert isinstance(made[3], TimedPicture) and made[3].image.mode == "L"
+    assert made[3].image.tobytes() == b"\x07" * 4
+
+
+def test_an_answers_bytes_cross_in_order_and_whole() -> None:
+    # More than the socket holds at once: the sender blocks until the reader takes it all.
+    left, right = socket.socketpair()
+    buffers = [os.urandom(size) for size in (3_000_000, 0, 17, 1_000_000)]
+    with left, right, ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(send_buffers, left, buffers)
+        assert receive_exactly(right, 4_000_017) == b"".join(buffers)
+        sent.result()
+        # A child that dies halfway through is an end of the stream, not a short picture.
+        left.sendall(b"x" * 10)
+        left.close()
+        with pytest.raises(EOFError, match="after 10 of 20 bytes"):
+            receive_exactly(right, 20)
