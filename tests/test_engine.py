@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import anyio
+import numpy as np
 import pytest
 from anyio.lowlevel import checkpoint
 from PIL import Image
@@ -602,3 +603,24 @@ async def test_a_picture_that_cannot_be_written_fails_alone(make_config: ConfigF
         assert judgement.status == "error" and judgement.score is None
         assert "(mode F) cannot be written as PNG" in (judgement.error or "")
     assert len(results) == 8 and engine.stats().models["synth"].generation_failed == 1
+
+
+class ArrayGenerator(SyntheticGenerator):
+    """Hands back pixel arrays, a plausible slip in a third-party backend."""
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        made = super().generate(requests, worker=worker, cancel=cancel)
+        return [np.asarray(picture) for picture in made]  # type: ignore[misc]
+
+
+async def test_a_generator_that_returns_no_pictures_stops_the_run_with_its_name(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=4)
+    generator = ArrayGenerator("arrays", SyntheticOptions(size=8), batch_size=2)
+    broken = "'arrays' is broken: it returned an object of type ndarray"
+    with pytest.raises(FatalBackendError, match=broken):
+        async with Engine(config, generators=[generator]) as engine:
+            await engine.drain()

@@ -189,6 +189,16 @@ class GenerationStage:
         if len(images) != len(requests):
             message = f"generator returned {len(images)} images for {len(requests)} requests"
             raise FatalBackendError(f"generator {self._generator.name!r} is broken: {message}")
+        from PIL.Image import Image as Picture
+
+        for image in images:
+            if not isinstance(image, Picture | EncodedPicture | TimedPicture | Exception):
+                # A fault of the backend's code, the same for every batch: say so once.
+                raise FatalBackendError(
+                    f"generator {self._generator.name!r} is broken: it returned an object of type "
+                    f"{type(image).__name__} where a PIL image, an EncodedPicture, a "
+                    "TimedPicture or an exception belongs"
+                )
         for index, image in zip(missing, images, strict=True):
             pictures[index] = describe_error(image) if isinstance(image, Exception) else image
         return _Made(batch, paths, pictures, per_image)
