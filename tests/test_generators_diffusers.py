@@ -408,7 +408,7 @@ def test_missing_offline_checkpoint_is_fatal(tmp_path: Path) -> None:
 
 def test_two_devices_two_pipelines(tiny_pipelines: dict[TinyKind, Path]) -> None:
     generator = make_generator(tiny_pipelines["flux"], devices=["cpu", "cpu"])
-    assert generator.workers == 2
+    assert generator.workers == 4  # two per device: one call running, the next waiting
     generator.load()
     batch: Sequence[GenerationRequest] = [request("IQ-R_TA-C_1", 3)]
     first = generator.generate(batch, worker=0, cancel=threading.Event())[0]
@@ -416,6 +416,71 @@ def test_two_devices_two_pipelines(tiny_pipelines: dict[TinyKind, Path]) -> None
     assert isinstance(first, Image.Image) and isinstance(second, Image.Image)
     assert first.tobytes() == second.tobytes()
     assert generator._pipes[0] is not generator._pipes[1]
+
+
+class HeldPipe:
+    """A pipeline whose first call holds the device until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.prompts: list[list[str]] = []
+        self.running = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, prompt: list[str], **kwargs: Any) -> SimpleNamespace:
+        self.prompts.append(prompt)
+        if len(self.prompts) == 1:
+            self.running.set()
+            assert self.release.wait(timeout=60)
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8)) for _ in prompt])
+
+
+class WatchedLock:
+    """A device lock that says when a call starts waiting for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waiting = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.waiting.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+@pytest.mark.parametrize("cancel_the_next", [False, True])
+def test_the_next_call_waits_at_its_device_ready_to_start(
+    tiny_pipelines: dict[TinyKind, Path], cancel_the_next: bool
+) -> None:
+    generator = make_generator(tiny_pipelines["flux"])
+    assert generator.workers == 2  # one device: one call running, the next waiting
+    pipe, lock = HeldPipe(), WatchedLock()
+    generator._pipes = [pipe]
+    generator._device_locks = [cast("threading.Lock", lock)]
+    generator._accepts = frozenset({"prompt", "generator", "callback_on_step_end"})
+    cancel = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        one, two = [request("IQ-R_TA-C_1", 1, "one")], [request("IQ-R_TA-C_2", 2, "two")]
+        first = pool.submit(generator.generate, one, worker=0, cancel=cancel)
+        assert pipe.running.wait(timeout=60)
+        second = pool.submit(generator.generate, two, worker=1, cancel=cancel)
+        # The second call reached the device while the first ran, and did not start.
+        assert lock.waiting.wait(timeout=60)
+        assert len(pipe.prompts) == 1 and generator.calls == [1]
+        if cancel_the_next:
+            cancel.set()  # the first call is past its last step: it ends as it is
+        pipe.release.set()
+        made = first.result(), second.result()
+    assert all(isinstance(image, Image.Image) for image in made[0])
+    if cancel_the_next:
+        # A cancelled run starts nothing new on the device: the waiting call gives up.
+        assert [str(m) for m in made[1]] == ["cancelled"]
+        assert pipe.prompts == [["one"]] and generator.calls == [1]
+    else:
+        assert all(isinstance(image, Image.Image) for image in made[1])
+        assert pipe.prompts == [["one"], ["two"]] and generator.calls == [1, 1]
 
 
 # -- isolation = "process": each device's pipeline in a child process ----------------------

@@ -1,14 +1,20 @@
 """The ``diffusers`` generator: any diffusers pipeline, one copy per device.
 
-``load`` (in a worker thread) builds one pipeline per entry of ``devices``; worker *i* uses
-device *i*. With ``isolation = "process"`` each pipeline lives in a child process of its own
-instead (:mod:`~trig_stream.backends.generators.pipeline_process`), which this class drives
-through the same methods. A :meth:`~DiffusersGenerator.generate` call runs its micro-batch
-as one pipeline call (edit sources of different sizes, and reference pictures, get calls of
-their own): a list of prompts and one ``torch.Generator`` per prompt, seeded with the
-request's seed, so each image depends on its own seed (up to rounding when its batch-mates
-differ). Between denoising steps the pipeline's step-end callback checks the run's cancel
-event and abandons the call.
+``load`` (in a worker thread) builds one pipeline per entry of ``devices``. Each device has
+two workers: while one's call runs, the other's prompts wait at the device with their
+arguments built, and start the moment it is free. Without that, the device waited each time
+for the finished call to travel back through the event loop and for the next batch to reach
+a thread, while the writers took the interpreter lock to encode the batch just made: with a
+tiny Flux on a 2-core CPU, those gaps were 4-6% of the run (``bench/README.md``). With
+``isolation = "process"`` each pipeline lives in a child process of its own instead
+(:mod:`~trig_stream.backends.generators.pipeline_process`), which this class drives through
+the same methods, and where the next call waits in the child's pipe.
+
+A :meth:`~DiffusersGenerator.generate` call runs its micro-batch as one pipeline call (edit
+sources of different sizes, and reference pictures, get calls of their own): a list of
+prompts and one ``torch.Generator`` per prompt, seeded with the request's seed, so each image
+depends on its own seed (up to rounding when its batch-mates differ). Between denoising steps
+the pipeline's step-end callback checks the run's cancel event and abandons the call.
 
 torch and diffusers are imported in ``load``, never at module import.
 """
@@ -63,8 +69,8 @@ class DiffusersGenerator(Generator):
 
     Attributes:
         spec: the resolved pipeline, checkpoint and call arguments.
-        devices: the device of each worker (of worker ``i % len(devices)`` when each
-            device has a process of its own, which takes two calls at a time).
+        devices: the devices; worker ``i`` drives device ``i % len(devices)``, each device
+            two calls at a time (one running, the next waiting for it).
         calls: the batch size of every pipeline call, in order (micro-batching shows here).
     """
 
@@ -82,17 +88,17 @@ class DiffusersGenerator(Generator):
         self.options = options
         self.spec: PipelineSpec = options.spec()
         self.devices = list(options.devices or [f"cuda:{i}" for i in range(workers)])
-        self.workers = len(self.devices)
-        if options.isolation == "process":
-            # Worker i drives device i % len(devices): while one call runs on a device, the
-            # next is already queued in its process.
-            self.workers *= CALLS_IN_FLIGHT
+        # Worker i drives device i % len(devices): while one call runs on a device, the next
+        # waits at it (in its process, with isolation = "process").
+        self.workers = len(self.devices) * CALLS_IN_FLIGHT
         self.batch_size = batch_size
         self.calls: list[int] = []
         self._pipes: list[Any] = []
         self._processes: list[PipelineProcess] = []
         self._accepts: frozenset[str] = frozenset()
         self._lock = threading.Lock()
+        self._device_locks = [threading.Lock() for _ in self.devices]
+        """Held by the call running on each device (thread isolation)."""
 
     @classmethod
     def from_config(
@@ -334,29 +340,34 @@ class DiffusersGenerator(Generator):
     ) -> list[Image | Exception]:
         import torch
 
-        pipe = self._pipes[worker]
-        with self._lock:
-            self.calls.append(len(batch))
+        device = worker % len(self._pipes)
+        pipe = self._pipes[device]
         kwargs = self._arguments(batch, pictures)
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
         kwargs.update(self._cancel_callback(worker, cancel))
-        try:
-            with torch.inference_mode():
-                result = pipe(**kwargs)
-        except _Cancelled:
-            return [ItemError(_CANCELLED) for _ in batch]
-        except _device_failure(torch) as exc:
-            # Sticky (an illegal memory access, a device-side assert): every later call on
-            # this device would fail the same way, so the run stops here, resumable.
-            raise FatalBackendError(
-                f"generator {self.name!r}: the device failed and cannot go on: {exc}"
-            ) from None
-        except Exception as exc:
-            logger.warning("generator %s: pipeline call failed: %s", self.name, exc)
-            # A new error without the traceback: the caught one holds the call's frames and
-            # their tensors (on an out-of-memory error, the very memory the next call needs).
-            error = ItemError(describe_error(exc))
-            return [error for _ in batch]
+        with self._device_locks[device]:  # the other worker's call may be running
+            if cancel.is_set():
+                return [ItemError(_CANCELLED) for _ in batch]
+            with self._lock:
+                self.calls.append(len(batch))
+            try:
+                with torch.inference_mode():
+                    result = pipe(**kwargs)
+            except _Cancelled:
+                return [ItemError(_CANCELLED) for _ in batch]
+            except _device_failure(torch) as exc:
+                # Sticky (an illegal memory access, a device-side assert): every later call
+                # on this device would fail the same way, so the run stops here, resumable.
+                raise FatalBackendError(
+                    f"generator {self.name!r}: the device failed and cannot go on: {exc}"
+                ) from None
+            except Exception as exc:
+                logger.warning("generator %s: pipeline call failed: %s", self.name, exc)
+                # A new error without the traceback: the caught one holds the call's frames
+                # and their tensors (on an out-of-memory error, the memory the next call
+                # needs).
+                error = ItemError(describe_error(exc))
+                return [error for _ in batch]
         images = list(result.images)
         if len(images) != len(batch):
             error = ItemError(f"pipeline returned {len(images)} images for {len(batch)} prompts")

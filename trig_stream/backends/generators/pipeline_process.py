@@ -82,7 +82,8 @@ _Outgoing = tuple[tuple[str, Any], list[bytes]]
 """A message the child sends, and the bytes that follow it."""
 
 CALLS_IN_FLIGHT = 2
-"""Calls the engine may have waiting on one child: one running, the next already sent."""
+"""Calls the engine may have waiting on one device: one running, the next already there (in
+the child's pipe with this isolation, at the device's lock with threads)."""
 
 STOP_TIMEOUT_S = 30.0
 """How long :meth:`PipelineProcess.stop` waits for the child to exit before killing it."""
