@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from tests.conftest import ConfigFactory
+from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 from trig_stream.backends.generators.presets import PRESETS
 from trig_stream.backends.registry import backend_names, build_generator
@@ -94,9 +95,13 @@ def test_workers_follow_devices_and_conflicts_are_refused(make_config: ConfigFac
         generators=[{**entry, "options": {"preset": "flux", "devices": ["cuda:0", "cuda:1"]}}]
     )
     generator = build_generator(config.generators[0], config)
-    assert generator.workers == 2
+    assert isinstance(generator, DiffusersGenerator)
+    # Two calls per device: one running, the next waiting at it.
+    assert generator.devices == ["cuda:0", "cuda:1"] and generator.workers == 4
     config = make_config(generators=[{**entry, "workers": 3, "options": {"preset": "flux"}}])
-    assert build_generator(config.generators[0], config).workers == 3
+    generator = build_generator(config.generators[0], config)
+    assert isinstance(generator, DiffusersGenerator)
+    assert generator.devices == ["cuda:0", "cuda:1", "cuda:2"] and generator.workers == 6
     config = make_config(
         generators=[{**entry, "workers": 3, "options": {"preset": "flux", "devices": ["cpu"]}}]
     )
