@@ -35,12 +35,17 @@ of the bill (see bench/README.md, P3).
 ``--rounds N`` repeats the three runs N times, alternating, and ends with each one's median:
 this box's speed drifts by the minute, so one run says little.
 
+``--batch N`` and ``--latency S`` change the synthetic generator (P3: batches of 8, no
+wait): with ``--batch 1 --latency 0.001`` each image makes its own trip through the engine's
+hand-overs, as from a real model at batch 1, and costs ~2.5x the CPU it does in P3.
+
 ``--profile`` adds a cProfile of one ``openai`` run (``--client``; the event loop's thread
 only: time in worker threads shows up as waits there) and prints the top functions by own
 time.
 
     .venv/bin/python bench/engine_cpu.py [--prompts 2000] [--concurrency 64] [--json]
         [--no-pin] [--engine-cpus N] [--dir FOLDER] [--rounds 1] [--profile [--client http]]
+        [--batch 8] [--latency 0]
 """
 
 from __future__ import annotations
@@ -97,15 +102,24 @@ class ThreadTimes:
         return "ms per judgement by thread: " + ", ".join(parts)
 
 
+P3_GENERATOR = synthetic_generator(workers=1, batch_size=8, size=8)
+"""P3's images: 8x8, made at once, in batches of 8."""
+
+
 async def run(
-    folder: Path, name: str, dataset: Path, judge: dict[str, Any], times: ThreadTimes
+    folder: Path,
+    name: str,
+    dataset: Path,
+    judge: dict[str, Any],
+    times: ThreadTimes,
+    generator: dict[str, Any],
 ) -> tuple[int, float]:
     started = time.thread_time()
     config = parse_config(
         {
             "run": {"name": name, "output_dir": str(folder / "runs")},
             "dataset": {"path": str(dataset)},
-            "generators": [synthetic_generator(workers=1, batch_size=8, size=8)],
+            "generators": [generator],
             "judges": [judge],
             "engine": {"image_buffer": 2 * judge["concurrency"]},
         },
@@ -121,7 +135,12 @@ Measured = tuple[int, float, float, float, ThreadTimes, cProfile.Profile | None]
 
 
 def measure(
-    folder: Path, name: str, dataset: Path, judge: dict[str, Any], profile: bool = False
+    folder: Path,
+    name: str,
+    dataset: Path,
+    judge: dict[str, Any],
+    profile: bool = False,
+    generator: dict[str, Any] = P3_GENERATOR,
 ) -> Measured:
     """Judgements made, user and system CPU seconds, wall seconds, the CPU by thread, and
     the profile if any."""
@@ -132,7 +151,7 @@ def measure(
     if profiler:
         profiler.enable()
     try:
-        ok, end = anyio.run(run, folder, name, dataset, judge, by_thread)
+        ok, end = anyio.run(run, folder, name, dataset, judge, by_thread, generator)
     finally:
         anyio.to_thread.run_sync = by_thread._run_sync  # type: ignore[method-assign]
     if profiler:
@@ -185,6 +204,14 @@ def main() -> None:
         "--engine-cpus", type=int, help="keep the engine to this many CPUs (default: all others)"
     )
     parser.add_argument("--dir", type=Path, help="where the run folders go (default: temp)")
+    parser.add_argument("--batch", type=int, default=8, help="the generator's batch size (P3: 8)")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="the generator's seconds per image, spent asleep (P3: 0): images that come "
+        "slowly, as from a real model",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -210,21 +237,28 @@ def main() -> None:
                 dataset = write_parquet_prompts(folder / "prompts.parquet", args.prompts)
             fake = {"name": "trigscore", "backend": "fake", "concurrency": args.concurrency}
             # A warm-up run pays the imports (openai, aiohttp, PIL) outside the measure.
+            generator = synthetic_generator(
+                workers=1, batch_size=args.batch, size=8, latency_s=args.latency
+            )
             measure(folder, "warmup", dataset, {**openai_judge(url, 8)})
             floors: list[float] = []
             results: dict[str, list[Measured]] = {"fake": [], "aiohttp": [], "http": []}
             for round_ in range(args.rounds):
                 floors.append(file_write_floor(folder / f"floor-{round_}"))
-                results["fake"].append(measure(folder, f"fake-{round_}", dataset, fake))
+                results["fake"].append(
+                    measure(folder, f"fake-{round_}", dataset, fake, generator=generator)
+                )
                 for client in ("aiohttp", "http"):
                     judge = openai_judge(url, args.concurrency, client=client)
                     profile = args.profile and client == args.client and round_ == 0
-                    run = measure(folder, f"{client}-{round_}", dataset, judge, profile)
+                    run = measure(folder, f"{client}-{round_}", dataset, judge, profile, generator)
                     results[client].append(run)
             served = judge_stats(url)["served"]
     finally:
         stop_judge(process)
     print(f"{args.prompts} prompts, {2 * args.prompts} judgements, concurrency {args.concurrency}")
+    if (args.batch, args.latency) != (8, 0.0):
+        print(f"  images in batches of {args.batch}, {args.latency * 1000:g} ms each (not P3's)")
     where = f"run folders under {args.dir or tempfile.gettempdir()}"
     if engine_cpus:
         print(f"  engine on CPUs {sorted(engine_cpus)}, server on {sorted(server_cpus)}; {where}")
