@@ -64,7 +64,8 @@ class Generator(ABC):
 
     Attributes:
         name: the model's name in the run (its image folder).
-        workers: how many worker threads the engine runs (one per device).
+        workers: how many calls the engine makes at once, each from a worker thread (the
+            ``diffusers`` generator runs two per device: one running, the next waiting).
         batch_size: the most requests one :meth:`generate` call receives; the engine sends
             what is ready, without waiting to fill a batch.
     """
@@ -91,7 +92,8 @@ class Generator(ABC):
 
         Args:
             requests: 1 to ``batch_size`` requests.
-            worker: index of the calling worker (0 to ``workers - 1``): which device to use.
+            worker: index of the calling worker (0 to ``workers - 1``), which tells a
+                generator with several devices which one to use.
             cancel: set when the run is being cancelled; long loops should check it between
                 steps and return early (the engine discards the results).
 
