@@ -24,7 +24,8 @@ machine has two or more and allows it (Linux): in production the judge server ru
 elsewhere, on the GPU machine, and sharing cores with it costs the engine CPU time that is
 not its own (on this 2-vCPU box, 0.1-0.3 ms per judgement: cache and migration churn).
 ``--no-pin`` lets both run anywhere. ``--engine-cpus N`` keeps the engine to the first N of
-its CPUs. On a machine with many cores its threads spread out, and a hand-over between two
+its CPUs; past them it takes the server's too (on this box, ``--engine-cpus 2`` spreads the
+engine over both CPUs, one of them shared with the server). On a machine with many cores its threads spread out, and a hand-over between two
 of them may wake another core: on the 16-core GPU machine, with 15 CPUs for the engine, P3
 was ~0.62 ms on a tmpfs, against ~0.42 here with one (untested there with one).
 
@@ -201,7 +202,10 @@ def main() -> None:
         "--no-pin", action="store_true", help="do not give the server a CPU of its own"
     )
     parser.add_argument(
-        "--engine-cpus", type=int, help="keep the engine to this many CPUs (default: all others)"
+        "--engine-cpus",
+        type=int,
+        help="keep the engine to this many CPUs (default: all others; more than the others "
+        "adds the server's own)",
     )
     parser.add_argument("--dir", type=Path, help="where the run folders go (default: temp)")
     parser.add_argument("--batch", type=int, default=8, help="the generator's batch size (P3: 8)")
@@ -221,7 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     server_cpus, engine_cpus = (set(), set()) if args.no_pin else split_cpus()
     if args.engine_cpus is not None:
-        available = sorted(engine_cpus or os.sched_getaffinity(0))
+        # The others first; past them, the server's own CPU (then shared with it).
+        available = sorted(engine_cpus) + sorted(server_cpus) or sorted(os.sched_getaffinity(0))
         engine_cpus = set(available[: max(1, args.engine_cpus)])
     if engine_cpus:
         os.sched_setaffinity(0, engine_cpus)
