@@ -25,9 +25,11 @@ elsewhere, on the GPU machine, and sharing cores with it costs the engine CPU ti
 not its own (on this 2-vCPU box, 0.1-0.3 ms per judgement: cache and migration churn).
 ``--no-pin`` lets both run anywhere. ``--engine-cpus N`` keeps the engine to the first N of
 its CPUs; past them it takes the server's too (on this box, ``--engine-cpus 2`` spreads the
-engine over both CPUs, one of them shared with the server). On a machine with many cores its threads spread out, and a hand-over between two
-of them may wake another core: on the 16-core GPU machine, with 15 CPUs for the engine, P3
-was ~0.62 ms on a tmpfs, against ~0.42 here with one (untested there with one).
+engine over both CPUs, one of them shared with the server). On a machine with many cores its
+threads spread out, and a hand-over between two of them may wake another core: on the
+16-core GPU machine, with 15 CPUs for the engine, P3 was ~0.62 ms on a tmpfs, against ~0.42
+here with one (untested there with one). Here, two CPUs instead of one doubled it, the fake
+judge's runs included (bench/README.md, P3).
 
 ``--dir`` puts the run folders there (e.g. ``/dev/shm``, a tmpfs) instead of the default
 temporary folder: the image files' kernel cost is the disk's, and on some disks it is most
