@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import socket
 import statistics
 import threading
 import time
@@ -32,6 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from trig_stream.backends.generators.pipeline_process import (
+    _payload_size,
     _socket_of,
     receive_exactly,
     send_buffers,
@@ -61,13 +63,10 @@ def busy(stop: threading.Event) -> None:
         count += 1
 
 
-def receive(conn: Connection, way: str) -> Any:
+def receive(conn: Connection, channel: socket.socket, way: str) -> Any:
     message = conn.recv()
     if message is not None and way == "raw":
-        outcomes = message[1][0]
-        channel = _socket_of(conn)
-        with channel:
-            receive_exactly(channel, sum(outcome[-1] for outcome in outcomes))
+        receive_exactly(channel, _payload_size(message[1][0]))
     return message
 
 
@@ -78,22 +77,24 @@ def measure(way: str, loaded: bool, size: int, batch: int, answers: int) -> floa
     process = context.Process(target=child, args=(child_end, way, size, batch, answers))
     process.start()
     child_end.close()
+    channel = _socket_of(parent)
     stop = threading.Event()
     spinner = threading.Thread(target=busy, args=(stop,))
     if loaded:
         spinner.start()
     try:
-        receive(parent, way)  # the child is up
+        receive(parent, channel, way)  # the child is up
         started = time.perf_counter()
         for _ in range(answers):
-            receive(parent, way)
+            receive(parent, channel, way)
         elapsed = time.perf_counter() - started
-        assert receive(parent, way) is None
+        assert receive(parent, channel, way) is None
     finally:
         stop.set()
         if loaded:
             spinner.join()
         process.join()
+        channel.close()
         parent.close()
     return elapsed / answers
 
