@@ -213,6 +213,21 @@ def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:
         read(DatasetSection(path=empty))
 
 
+def test_a_json_dataset_in_any_unicode_encoding_reads_and_other_bytes_are_refused(
+    tmp_path: Path,
+) -> None:
+    record = {"data_id": "IQ-R_TA-C_1", "prompt": "café crème", "dimension": ["IQ-R", "TA-C"]}
+    for encoding in ("utf-8-sig", "utf-16", "utf-32"):
+        path = tmp_path / f"{encoding}.json"
+        path.write_text(json.dumps([record], ensure_ascii=False), encoding=encoding)
+        samples, refused = read(DatasetSection(path=path))
+        assert [s.prompt for s in samples] == ["café crème"] and not refused, encoding
+    latin = tmp_path / "latin-1.json"
+    latin.write_bytes(json.dumps([record], ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin-1\.json: byte \d+ is not utf-8 text"):
+        read(DatasetSection(path=latin))
+
+
 def test_finished_samples_count_towards_the_limit_but_are_not_built(tmp_path: Path) -> None:
     path = write_prompts(tmp_path / "p.json", 12)
     asked: list[tuple[str, tuple[str, ...]]] = []

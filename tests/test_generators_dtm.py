@@ -85,6 +85,10 @@ def test_relation_table_from_report(tmp_path: Path) -> None:
     bad.write_text("dim,IQ-R\nIQ-R,0.5\n")
     with pytest.raises(ValueError, match="header"):
         RelationTable.from_report(bad)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(",IQ-R,TA-C\nIQ-R,,-2 é\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv: byte \d+ is not UTF-8 text"):
+        RelationTable.from_report(latin)
 
 
 @pytest.fixture

@@ -176,10 +176,31 @@ def test_broken_config_gives_one_clear_message_and_its_exit_code(
         assert not (tmp_path / "runs").exists()
 
 
-def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", str(tmp_path / "absent.toml"), "--headless"]) == EXIT_CONFIG
+@pytest.mark.parametrize(
+    ("name", "content", "fragment"),
+    [
+        ("absent.toml", None, "cannot read config"),
+        ("folder", "", "cannot read config: Is a directory"),
+        ("utf16.toml", "[run]\n".encode("utf-16"), "byte 0 is not UTF-8 text"),
+    ],
+    ids=["missing", "a-folder", "not-utf8"],
+)
+def test_unreadable_config_file(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    content: bytes | str | None,
+    fragment: str,
+) -> None:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.mkdir()
+    assert main(["run", str(path), "--headless"]) == EXIT_CONFIG
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "cannot read config" in err, err
+    assert err.count("error:") == 1 and fragment in err, err
+    assert "Traceback" not in err
 
 
 def quarantined(config: RunConfig) -> dict[str | None, str]:

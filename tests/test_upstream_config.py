@@ -281,6 +281,14 @@ def test_unconvertible_configs_are_refused(tmp_path: Path, text: str, message: s
         import_config(source, out=tmp_path / "bad.toml", root=tmp_path)
 
 
+def test_an_upstream_config_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "latin-1.yaml"
+    source.write_bytes("task: t2i  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"byte 16 is not UTF-8 text"):
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert not (tmp_path / "out.toml").exists()
+
+
 @pytest.mark.parametrize(
     "value",
     ["plain", 'quote " and back\\slash', "new\nline\ttab", "ünïcødé ✓", "del\x7fchar", ""],

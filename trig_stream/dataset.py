@@ -290,10 +290,14 @@ def _without_images(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
     try:
-        with path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
+        # From bytes, json finds the encoding itself: UTF-8 (with or without a BOM), -16, -32.
+        data = json.loads(path.read_bytes())
     except (OSError, json.JSONDecodeError) as exc:
         raise DatasetError(f"cannot read dataset {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"cannot read dataset {path}: byte {exc.start} is not {exc.encoding} text"
+        ) from None
     if isinstance(data, Mapping):
         # Some TRIG files map data_id -> record.
         data = [

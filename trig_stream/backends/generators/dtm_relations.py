@@ -78,8 +78,11 @@ class RelationTable:
             ValueError: the file does not have the DTM's layout.
             OSError: the file cannot be read.
         """
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                rows = list(csv.reader(handle))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: byte {exc.start} is not UTF-8 text") from None
         if not rows or len(rows[0]) < 3 or rows[0][0].strip():
             raise ValueError(f"{path}: expected a header ',' followed by dimension codes")
         columns = [cell.strip() for cell in rows[0][1:]]
