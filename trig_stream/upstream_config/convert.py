@@ -87,7 +87,8 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read upstream config: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a YAML config: byte {exc.start} is not UTF-8 text") from None
+        message = f"not a YAML config: byte {exc.start} is not UTF-8 text"
+        raise ConfigError(f"{path}: {message}") from None
     yaml: Any = importlib.import_module("yaml")
     try:
         data = yaml.safe_load(text)
