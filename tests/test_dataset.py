@@ -148,9 +148,13 @@ def test_a_sample_that_asks_something_else_than_when_judged_is_quarantined(
 
 
 def test_digests_of_odd_text_and_of_t2i_image_ids(tmp_path: Path) -> None:
-    """A lone surrogate (JSON allows it) still gets a digest; a t2i sample's img_id, which
-    nothing uses, is not part of it."""
-    record = {"data_id": "IQ-R_IQ-O_1", "prompt": "a \ud800 cat", "dimension": ["IQ-R", "IQ-O"]}
+    """Text with control and invisible characters gets a digest (a lone surrogate is refused:
+    see the quarantine test); a t2i sample's img_id, which nothing uses, is not part of it."""
+    record = {
+        "data_id": "IQ-R_IQ-O_1",
+        "prompt": "a \x00 \u200b cat",
+        "dimension": ("IQ-R", "IQ-O"),
+    }
     path = tmp_path / "p.json"
     path.write_text(json.dumps([record]))
     (sample,), _ = read(DatasetSection(path=path))
@@ -188,6 +192,13 @@ def test_filters_and_limit(tmp_path: Path) -> None:
         ({"data_id": "a/b", "prompt": "p", "dimension": ["IQ-R", "TA-C"]}, "safe file name"),
         ({"data_id": "IQ-R_TA-C", "prompt": "p"}, "_<number>"),
         ("not a record", "missing data_id"),
+        # JSON's "\\ud83d" escapes decode to lone surrogates, which no request can carry.
+        ({"data_id": "IQ-R_TA-C_1", "prompt": "a \ud83d"}, "prompt is not valid Unicode"),
+        (
+            {"data_id": "IQ-R_TA-C_1", "prompt": "p", "dimension_prompt": ["ok", "\udfff"]},
+            "dimension_prompt[1] is not valid Unicode: a lone surrogate '\\udfff' at character 0",
+        ),
+        ({"data_id": "IQ-R_TA-C_\ud83d", "prompt": "p", "x": ["\ud83d"]}, "safe file name"),
     ],
 )
 def test_malformed_records_are_quarantined(tmp_path: Path, record: object, reason: str) -> None:
@@ -198,6 +209,7 @@ def test_malformed_records_are_quarantined(tmp_path: Path, record: object, reaso
     assert [s.data_id for s in samples] == ["IQ-R_TA-C_9"]
     assert len(refused) == 1 and reason in refused[0].reason
     assert refused[0].index == 0
+    refused[0].model_dump_json()  # the quarantine file's line: text it cannot hold is escaped
 
 
 def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ class DatasetSource:
                 raw_id = raw.get("data_id")
                 yield QuarantinedRecord(
                     index=index,
-                    data_id=raw_id if isinstance(raw_id, str) else None,
+                    data_id=_storable(raw_id) if isinstance(raw_id, str) else None,
                     reason=str(exc),
                     record=_without_images(raw),
                 )
@@ -177,7 +177,7 @@ class DatasetSource:
             raise Rejected(f"img_id must be a string, got {type(img_id).__name__}")
         source_path, source_bytes = self._source_image(raw, img_id)
         item = raw.get("item")
-        return Sample(
+        sample = Sample(
             data_id=data_id,
             task=self.task,
             prompt=prompt,
@@ -189,6 +189,8 @@ class DatasetSource:
             source_path=source_path,
             source_bytes=source_bytes,
         )
+        _check_unicode(sample)
+        return sample
 
     def _source_image(
         self, raw: Mapping[str, Any], img_id: str
@@ -266,6 +268,22 @@ def _dimensions(raw: Mapping[str, Any], data_id: str) -> tuple[Dimension, Dimens
         raise Rejected(str(exc)) from None
 
 
+def _check_unicode(sample: Sample) -> None:
+    """Refuse text that cannot be sent or stored as UTF-8: JSON's ``\\ud800`` escapes decode
+    to lone surrogates, which every request to a judge or a generator would fail on."""
+    fields = {"prompt": sample.prompt, "img_id": sample.img_id, "item": sample.item or ""}
+    fields |= {f"dimension_prompt[{i}]": t for i, t in enumerate(sample.dimension_prompt)}
+    fields |= {f"parent_dataset[{i}]": t for i, t in enumerate(sample.parent_dataset)}
+    for name, text in fields.items():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise Rejected(
+                f"{name} is not valid Unicode: a lone surrogate {text[exc.start]!r} "
+                f"at character {exc.start}"
+            ) from None
+
+
 def _strings(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -282,10 +300,22 @@ def _without_images(raw: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, bytes | bytearray) or (
             isinstance(value, Mapping) and "bytes" in value
         ):
-            out[key] = "<image bytes omitted>"
+            out[str(key)] = "<image bytes omitted>"
         else:
-            out[key] = value
+            out[_storable(key)] = _storable(value)
     return out
+
+
+def _storable(value: Any) -> Any:
+    """``value`` with every lone surrogate in its text written as an escape (``\\ud800``),
+    so that the quarantine file, which is UTF-8, can hold the record that had it."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, Mapping):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
 
 
 def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
