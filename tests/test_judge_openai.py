@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import io
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ from trig_stream.errors import (
     RateLimitError,
     RetryableError,
 )
-from trig_stream.records import Sample
+from trig_stream.records import Judgement, Sample
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
 
@@ -229,6 +230,46 @@ async def test_missing_logprobs_gives_a_reply_without_them(image: Path, client: 
         reply = await ask(judge, image)
     assert reply.top_logprobs is None
     assert reply.text in ("Excellent", "Good", "Medium", "Bad", "Terr")
+
+
+async def test_a_token_that_is_half_a_character_is_kept_and_the_reply_scored(
+    image: Path, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # JSON can carry a lone surrogate ("\\ud83d", the first half of an emoji); UTF-8, and so
+    # the journal, cannot. The answer must still be read and scored, the token kept escaped.
+    from trig_stream.testing import judge_server
+
+    ratings = judge_server.rating_logprobs
+
+    def with_half_an_emoji(*args: Any, **kwargs: Any) -> list[tuple[str, float]]:
+        top: list[tuple[str, float]] = ratings(*args, **kwargs)
+        return [top[0], ("\ud83d", -3.0), *top[1:]]
+
+    monkeypatch.setattr(judge_server, "rating_logprobs", with_half_an_emoji)
+    monkeypatch.setattr(
+        judge_server,
+        "_token_entry",
+        lambda token, logprob: {"token": token, "logprob": logprob, "bytes": [240, 159]},
+    )
+    monkeypatch.setattr(judge_server, "to_json", lambda answer: json.dumps(answer).encode())
+    async with JudgeServer() as server, judge_at(server, client=client) as judge:
+        reply = await ask(judge, image)
+    assert reply.top_logprobs is not None
+    assert reply.top_logprobs[1] == ("\\ud83d", -3.0)
+    assert score_top_logprobs(reply.top_logprobs) is not None
+    judgement = Judgement(
+        model="m",
+        data_id="IQ-R_TA-C_1",
+        task="t2i",
+        pair="IQ-R_TA-C",
+        dimension="IQ-R",
+        metric="trigscore",
+        status="ok",
+        judge=judge.fingerprint(),
+        score=score_top_logprobs(reply.top_logprobs),
+        top_logprobs=reply.top_logprobs,
+    )
+    assert "\\\\ud83d" in judgement.model_dump_json()  # the journal line it makes
 
 
 async def test_bad_image_is_an_item_error(image: Path, client: Client) -> None:

@@ -33,7 +33,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import anyio
-from pydantic_core import from_json, to_json
+from pydantic_core import to_json
 
 from trig_stream.backends.judges.http_errors import (
     connection_error,
@@ -41,7 +41,12 @@ from trig_stream.backends.judges.http_errors import (
     status_error,
     timeout_error,
 )
-from trig_stream.backends.judges.transports import EncodedImage, error_body, splice_image
+from trig_stream.backends.judges.transports import (
+    EncodedImage,
+    error_body,
+    parse_json,
+    splice_image,
+)
 from trig_stream.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
@@ -173,7 +178,7 @@ class HttpTransport:
         except ValueError as exc:
             raise malformed_error(self.url, str(exc)) from None
         try:
-            return from_json(decoded)
+            return parse_json(decoded)
         except ValueError:
             raise malformed_error(self.url, "the body is not JSON") from None
 
