@@ -238,8 +238,7 @@ async def test_a_token_that_is_half_a_character_is_kept_and_the_reply_scored(
     # JSON can carry a lone surrogate ("\\ud83d", the first half of an emoji); UTF-8, and so
     # the journal, cannot. The answer must still be read and scored, the token kept escaped.
     from trig_stream.testing import judge_server
-
-    ratings = judge_server.rating_logprobs
+    from trig_stream.testing.planted_scores import rating_logprobs as ratings
 
     def with_half_an_emoji(*args: Any, **kwargs: Any) -> list[tuple[str, float]]:
         top: list[tuple[str, float]] = ratings(*args, **kwargs)
