@@ -180,6 +180,16 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
         run_command("report", str(tmp_path))
 
 
+def test_a_report_that_cannot_be_written_is_one_error_naming_where(tmp_path: Path) -> None:
+    run = write_run_dir(tmp_path / "run", {})
+    blocked = tmp_path / "a-file"
+    blocked.write_text("a file where the report's folder would go")
+    with pytest.raises(AnalysisError, match=r"cannot write the report in .*a-file/model-a: "):
+        run_command("report", str(run), "--out", str(blocked), "--no-plots")
+    with pytest.raises(AnalysisError, match=r"cannot write the report in .*a-file: "):
+        run_command("compare", str(run), "--out", str(blocked / "cmp.md"))
+
+
 def test_compare_runs_and_command(tmp_path: Path) -> None:
     first = write_run_dir(tmp_path / "one", {})
     second = write_run_dir(tmp_path / "two", {"bottleneck_density": 0.9})

@@ -17,6 +17,7 @@ more than once, because a failed judgement was asked again, the last line wins.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -25,6 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from sys import intern
@@ -174,7 +176,8 @@ class Journal:
                     handle.truncate(good_end)
                     os.fsync(handle.fileno())
         created = not self.path.exists()
-        self._file = self.path.open("ab")
+        # Unbuffered: a write that fails leaves nothing behind in a buffer to be written later.
+        self._file = self.path.open("ab", buffering=0)
         if created:
             _sync_dir(self.path.parent)  # the journal's name, durable like its lines
         return state
@@ -184,10 +187,19 @@ class Journal:
         if self._file is None:
             raise RunDirError(f"journal {self.path} is not open")
         data = b"".join(j.model_dump_json().encode() + b"\n" for j in judgements)
-        if data:
-            self._file.write(data)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        if not data:
+            return
+        fd = self._file.fileno()
+        start = os.fstat(fd).st_size
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError as exc:
+            # Take back what reached the file, so that its last line is whole again (if this
+            # fails too, the next open cuts the torn tail off).
+            with suppress(OSError):
+                os.ftruncate(fd, start)
+            raise storage_error(exc, f"write to the journal {self.path}") from None
 
     def close(self) -> None:
         if self._file is not None:
@@ -293,14 +305,20 @@ class RunDir:
             RunLockedError: another process is running in it.
             FingerprintMismatch: its results were made with settings that differ.
         """
-        make_dirs(path)
         run = cls(path)
-        run._acquire_lock()
+        try:
+            make_dirs(path)
+            run._acquire_lock()
+        except OSError as exc:
+            raise storage_error(exc, f"create the run directory {path}") from None
         try:
             run._remove_partial_images()
             run._check_manifest(manifest)
             state = run.journal.open()
-            run._quarantine = (path / QUARANTINE).open("wb")
+            run._quarantine = (path / QUARANTINE).open("wb", buffering=0)
+        except OSError as exc:
+            run.close()
+            raise storage_error(exc, f"open the run directory {path}") from None
         except BaseException:
             run.close()
             raise
@@ -309,8 +327,11 @@ class RunDir:
     def write_images(self, images: Sequence[tuple[Path, bytes]]) -> None:
         """Write images atomically; their temporary files live in ``images/.partial``."""
         partial = self.path / IMAGES / PARTIAL
-        make_dirs(partial)
-        write_atomic_many(images, temp_dir=partial)
+        try:
+            make_dirs(partial)
+            write_atomic_many(images, temp_dir=partial)
+        except OSError as exc:
+            raise storage_error(exc, f"write images in {self.path / IMAGES}") from None
 
     def image_path(self, task: str, model: str, data_id: str) -> Path:
         """Where the image of ``data_id`` by ``model`` lives (names are checked safe upstream)."""
@@ -332,8 +353,10 @@ class RunDir:
 
     def quarantine(self, record: QuarantinedRecord) -> None:
         if self._quarantine is not None:
-            self._quarantine.write(record.model_dump_json().encode() + b"\n")
-            self._quarantine.flush()
+            try:
+                _write_all(self._quarantine.fileno(), record.model_dump_json().encode() + b"\n")
+            except OSError as exc:
+                raise storage_error(exc, f"write to {self.path / QUARANTINE}") from None
 
     def close(self) -> None:
         """Close the journal and quarantine files and release the lock; safe to repeat."""
@@ -436,13 +459,38 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
             make_dirs(folder)
             folders[folder] = None
         temp = (temp_dir or folder) / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with temp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            _sync_data(handle.fileno())
-        os.replace(temp, path)
+        try:
+            with temp.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                _sync_data(handle.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)  # a full disk leaves no partial file taking space
+            raise
     for folder in folders:
         _sync_dir(folder)
+
+
+def storage_error(exc: OSError, what: str) -> RunDirError:
+    """The error that stops a run when the run directory cannot be written: what failed,
+    the system's reason, and, for a full disk, what to do (nothing durable is lost)."""
+    reason = exc.strerror or str(exc)
+    message = f"cannot {what}: {reason}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        message += (
+            "; free some space, then run the same command again: the run resumes where it "
+            "stopped, and every judgement already written is kept"
+        )
+    return RunDirError(message)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # ``os.write`` may write part of ``data`` (a disk filling up does): write the rest, until
+    # the system refuses with an error.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def make_dirs(folder: Path) -> None:

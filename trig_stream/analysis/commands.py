@@ -23,7 +23,7 @@ from trig_stream.analysis.inputs import (
     with_overrides,
 )
 from trig_stream.analysis.relations import ModelAnalysis, analyse_judgements
-from trig_stream.analysis.report import WrittenFiles, write_model_outputs
+from trig_stream.analysis.report import WrittenFiles, write_model_outputs, writing
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, normalise_task
@@ -145,7 +145,7 @@ def write_report(
     """Write a run directory's exports, markdown report and plots; return the folder.
 
     Raises:
-        AnalysisError: the run holds no judgement to analyse.
+        AnalysisError: the run holds no judgement to analyse, or a file cannot be written.
     """
     run = load_run(run_dir)
     thresholds = with_overrides(run.relation, overrides or {})
@@ -160,9 +160,10 @@ def write_report(
         skipped |= written.plots_skipped
         _print_written(console, analysis, written)
     if len(analyses) > 1:
-        (folder / "comparison.md").write_text(
-            comparison_markdown(compare(analyses)), encoding="utf-8"
-        )
+        with writing(folder):
+            (folder / "comparison.md").write_text(
+                comparison_markdown(compare(analyses)), encoding="utf-8"
+            )
     if skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return folder
@@ -227,8 +228,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     """``compare RUN_DIR...``: dimension means side by side and the DTM cells that differ."""
     text = comparison_markdown(compare_runs(args.run_dirs, _overrides(args), args.metric))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        with writing(args.out.parent):
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text, encoding="utf-8")
         console.print(f"comparison written to {args.out}", highlight=False, markup=False)
     Console(soft_wrap=True).print(text, markup=False, highlight=False)
     return 0

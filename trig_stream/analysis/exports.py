@@ -15,6 +15,7 @@ Ours: ``judgements.parquet``, every judgement as one row (``judge`` as a JSON st
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -225,7 +226,11 @@ def write_judgements_parquet(judgements: Iterable[Judgement], path: Path) -> int
     """Write judgements as parquet, one row each; return how many were written."""
     frame = pl.DataFrame([_row(j) for j in judgements], schema=_PARQUET_SCHEMA, orient="row")
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(path)
+    # Encoded here and written by Python, so that a write that fails is an OSError (polars
+    # reports its own as a ComputeError).
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    path.write_bytes(buffer.getvalue())
     return frame.height
 
 

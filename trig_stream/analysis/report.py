@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from trig_stream.analysis.exports import (
     write_json,
     write_judgements_parquet,
 )
-from trig_stream.analysis.relations import ModelAnalysis
+from trig_stream.analysis.relations import AnalysisError, ModelAnalysis
 from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.records import Judgement
 
@@ -101,6 +102,16 @@ class WrittenFiles:
     """True when matplotlib is not installed, so no PNG was drawn."""
 
 
+@contextmanager
+def writing(where: Path) -> Iterator[None]:
+    """Turn a failed write under ``where`` (a full disk, no permission) into an
+    :class:`AnalysisError` that names it: one message instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise AnalysisError(f"cannot write the report in {where}: {exc.strerror or exc}") from None
+
+
 def write_model_outputs(
     analysis: ModelAnalysis,
     judgements: Sequence[Judgement],
@@ -117,7 +128,22 @@ def write_model_outputs(
         metrics: the metric names in config order, for the evaluation result.
         folder: created when missing.
         plots: draw the PNGs when matplotlib is importable.
+
+    Raises:
+        AnalysisError: a file cannot be written.
     """
+    with writing(folder):
+        return _write_model_outputs(analysis, judgements, metrics, folder, plots=plots)
+
+
+def _write_model_outputs(
+    analysis: ModelAnalysis,
+    judgements: Sequence[Judgement],
+    metrics: Sequence[str],
+    folder: Path,
+    *,
+    plots: bool,
+) -> WrittenFiles:
     folder.mkdir(parents=True, exist_ok=True)
     written = WrittenFiles(folder)
     documents: dict[str, object] = {

@@ -1,0 +1,155 @@
+"""A run directory that cannot be written (a full disk): one message, nothing durable lost.
+
+The disk fills up in a fake way: writes to the journal get a budget of bytes (the last write
+goes through in part, as ``write`` does when space runs out), or an image's data sync fails.
+The run must stop with one message and the run-directory exit code, leave the journal's lines
+whole and no temporary image behind, and a resume, with space again, must judge what is
+missing and nothing twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_prompts
+from trig_stream import store
+from trig_stream.cli import EXIT_OK, EXIT_RUN_DIR, main
+from trig_stream.errors import RunDirError
+from trig_stream.records import Judgement
+from trig_stream.store import IMAGES, JOURNAL, PARTIAL, Journal
+
+PROMPTS = 12
+
+CONFIG = """\
+[run]
+name = "full"
+output_dir = "runs"
+
+[dataset]
+path = "prompts.json"
+
+[[generators]]
+name = "synth"
+backend = "synthetic"
+batch_size = 2
+options = { size = 16 }
+
+[[judges]]
+backend = "fake"
+concurrency = 4
+"""
+
+
+class FullDisk:
+    """``os.write`` that lets ``budget`` bytes into files named ``name``, then refuses."""
+
+    def __init__(self, name: str, budget: int) -> None:
+        self.name = name
+        self.budget = budget
+        self.refused = 0
+        self._write = os.write
+
+    def __call__(self, fd: int, data: bytes | memoryview) -> int:
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(self.name):
+            return self._write(fd, data)
+        if self.budget <= 0:
+            self.refused += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = self._write(fd, bytes(data[: self.budget]))
+        self.budget -= written
+        return written
+
+
+def no_space_for_images(fd: int) -> None:
+    """``store._sync_data`` for a disk that has no room left for images (their temporary
+    files live in the images' ``.partial`` folder); other files sync as usual."""
+    if f"/{IMAGES}/{PARTIAL}/" in os.readlink(f"/proc/self/fd/{fd}"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    SYNC_DATA(fd)
+
+
+SYNC_DATA = store._sync_data
+
+
+def journal_keys(run_dir: Path) -> Counter[tuple[str, str, str]]:
+    keys: Counter[tuple[str, str, str]] = Counter()
+    for line in (run_dir / JOURNAL).read_text().splitlines():
+        judgement = json.loads(line)  # every line whole
+        keys[judgement["model"], judgement["data_id"], judgement["dimension"]] += 1
+    return keys
+
+
+@pytest.fixture
+def run_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    write_prompts(tmp_path / "prompts.json", PROMPTS)
+    path = tmp_path / "run.toml"
+    path.write_text(CONFIG)
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
+@pytest.mark.parametrize("full", ["journal", "images"])
+def test_a_full_disk_stops_the_run_with_one_message_and_a_resume_loses_nothing(
+    run_config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    full: str,
+) -> None:
+    disk = FullDisk(JOURNAL, budget=3_000)  # a few judgements' lines, the last one cut short
+    if full == "journal":
+        monkeypatch.setattr(os, "write", disk)
+    else:
+        monkeypatch.setattr(store, "_sync_data", no_space_for_images)
+    assert main(["run", str(run_config), "--headless", "--no-report"]) == EXIT_RUN_DIR
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert "No space left on device; free some space" in err, err
+    assert f"cannot {'write to the journal' if full == 'journal' else 'write images'}" in err
+
+    run_dir = run_config.parent / "runs" / "full"
+    before = journal_keys(run_dir)  # parses: the cut line was taken back
+    assert not list((run_dir / IMAGES / PARTIAL).iterdir())
+    if full == "journal":
+        assert disk.refused == 1 and 0 < len(before) < 2 * PROMPTS
+
+    monkeypatch.undo()  # space again
+    monkeypatch.chdir(run_config.parent)
+    assert main(["run", str(run_config), "--headless", "--no-report"]) == EXIT_OK
+    after = journal_keys(run_dir)
+    assert len(after) == 2 * PROMPTS and set(after.values()) == {1}
+    assert all(after[key] == 1 for key in before)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
+def test_a_journal_write_cut_short_is_taken_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path / JOURNAL)
+    journal.open()
+    line = {"model": "m", "task": "t2i", "pair": "IQ-R_TA-C", "dimension": "IQ-R"}
+    judge = {"backend": "fake", "model": "fake"}
+    first, second = (
+        Judgement.model_validate(
+            {**line, "data_id": f"IQ-R_TA-C_{n}", "metric": "s", "status": "ok", "score": 0.5}
+            | {"judge": judge}
+        )
+        for n in (1, 2)
+    )
+    journal.append([first])
+    size = (tmp_path / JOURNAL).stat().st_size
+    monkeypatch.setattr(os, "write", FullDisk(JOURNAL, budget=size // 2))
+    with pytest.raises(RunDirError, match=r"cannot write to the journal .*No space left"):
+        journal.append([second])
+    assert (tmp_path / JOURNAL).stat().st_size == size
+    monkeypatch.undo()
+    journal.append([second])
+    journal.close()
+    lines = (tmp_path / JOURNAL).read_text().splitlines()
+    assert [json.loads(raw)["data_id"] for raw in lines] == ["IQ-R_TA-C_1", "IQ-R_TA-C_2"]
