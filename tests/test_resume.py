@@ -18,6 +18,7 @@ from tests.conftest import ConfigFactory
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunLockedError, store
 from trig_stream import engine as engine_module
+from trig_stream.errors import FatalBackendError
 from trig_stream.png import SAMPLE_KEY
 from trig_stream.records import Judgement, Status
 from trig_stream.store import JOURNAL, Journal, JournalState, read_journal, write_atomic_many
@@ -172,6 +173,40 @@ async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFa
     assert len(results) == 6
     assert engine.run_dir_path.name == "test-2"
     assert len(journal(config)) == 6  # the original run is untouched
+
+
+async def test_a_run_that_made_nothing_takes_its_corrected_settings(
+    make_config: ConfigFactory,
+) -> None:
+    class Unloadable(SyntheticGenerator):
+        def load(self) -> None:
+            raise OSError("no such checkpoint")
+
+    config = make_config(samples=3)
+    with pytest.raises(FatalBackendError, match="no such checkpoint"):
+        async with Engine(config, generators=[Unloadable("synth", SyntheticOptions())]) as engine:
+            await engine.drain()
+    corrected = make_config(
+        samples=3,
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 32}}],
+    )
+    assert len(await run_to_end(corrected)) == 6  # not refused: nothing was made before
+    assert store.read_manifest(config.run_dir).generators["synth"]["size"] == 32
+
+
+def test_an_image_alone_keeps_the_settings_it_was_made_with(tmp_path: Path) -> None:
+    first = store.Manifest(run_name="r", task="t2i", generators={"g": {"size": 16}})
+    second = store.Manifest(run_name="r", task="t2i", generators={"g": {"size": 32}})
+    run, _ = store.RunDir.open(tmp_path, first)
+    run.close()
+    run, _ = store.RunDir.open(tmp_path, second)  # an empty run directory: taken
+    image = run.image_path("t2i", "g", "IQ-R_TA-C_1")
+    run.close()
+    assert store.read_manifest(tmp_path).generators == second.generators
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"made with size 32")
+    with pytest.raises(FingerprintMismatch, match="size"):
+        store.RunDir.open(tmp_path, first)
 
 
 async def test_adding_a_model_resumes_the_same_run(make_config: ConfigFactory) -> None:

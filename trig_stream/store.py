@@ -405,7 +405,7 @@ class RunDir:
 
     def _check_manifest(self, manifest: Manifest) -> None:
         path = self.path / MANIFEST
-        if path.exists():
+        if path.exists() and self._holds_results():
             stored = read_manifest(self.path)
             differences = stored.differences(manifest)
             if differences:
@@ -417,6 +417,22 @@ class RunDir:
                 )
             manifest = stored.merged(manifest)
         write_atomic(path, manifest.model_dump_json(indent=2).encode())
+
+    def _holds_results(self) -> bool:
+        """Whether anything here was made under the stored manifest: a journal line or an
+        image. A run that stopped before either (its generator failed to load, say) protects
+        nothing, so its corrected config starts afresh in the same directory."""
+        journal = self.path / JOURNAL
+        if journal.exists() and journal.stat().st_size > 0:
+            return True
+        images = self.path / IMAGES
+        if not images.is_dir():
+            return False
+        for folder, subfolders, files in os.walk(images):
+            if files and Path(folder).name != PARTIAL:
+                return True
+            subfolders[:] = [name for name in subfolders if name != PARTIAL]
+        return False
 
 
 def read_manifest(run_dir: Path) -> Manifest:
