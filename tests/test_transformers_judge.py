@@ -168,8 +168,11 @@ async def test_unprepared_image_is_an_item_error(tiny_vlm: Path, images: list[Pa
 
 
 async def test_missing_model_or_device_is_fatal(tiny_vlm: Path, tmp_path: Path) -> None:
-    with pytest.raises(FatalBackendError, match="cannot load the model"):
+    with pytest.raises(FatalBackendError, match=r"model_path .*nowhere is not a folder"):
         await make_judge(tmp_path / "nowhere").open()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FatalBackendError, match=r"cannot load the model in .*empty: "):
+        await make_judge(tmp_path / "empty").open()
     import torch
 
     if not torch.cuda.is_available():

@@ -160,6 +160,11 @@ class TransformersJudge(Judge):
         _check_device(torch, opts.device)
         dtype = _torch_dtype(torch, opts.dtype, opts.device)
         path = str(opts.model_path)
+        if not opts.model_path.is_dir():
+            raise FatalBackendError(
+                f"judge {self.name!r}: model_path {path} is not a folder (it must hold a local "
+                "copy of the model: its config.json, weights and processor files)"
+            )
         try:
             processor = transformers.AutoProcessor.from_pretrained(
                 path, local_files_only=opts.local_files_only
