@@ -561,6 +561,17 @@ def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None
         generator.load()
 
 
+def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
+    options = DiffusersOptions(
+        pipeline="FluxPipeline",
+        checkpoint=str(tmp_path / "flux"),
+        devices=["cpu"],
+        local_files_only=True,
+    )
+    with pytest.raises(FatalBackendError, match=r"checkpoint .*flux is not a folder"):
+        DiffusersGenerator("x", options).load()
+
+
 def test_a_pipeline_process_serves_pixels_obeys_cancel_and_dies_loudly(
     tiny_pipelines: dict[TinyKind, Path], capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -28,6 +28,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trig_stream.backends.base import (
@@ -207,6 +208,9 @@ class DiffusersGenerator(Generator):
     def _load_one(self, torch: Any, diffusers: Any, pipeline_class: Any, device: str) -> Any:
         spec = self.spec
         dtype = getattr(torch, spec.dtype_for(device))
+        if Path(spec.checkpoint).is_absolute() and not Path(spec.checkpoint).is_dir():
+            # A path, never a hub id (config paths arrive resolved): say what is missing.
+            raise FatalBackendError(f"checkpoint {spec.checkpoint} is not a folder")
         try:
             pipe = pipeline_class.from_pretrained(
                 spec.checkpoint,
