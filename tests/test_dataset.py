@@ -192,6 +192,10 @@ def test_filters_and_limit(tmp_path: Path) -> None:
         ({"data_id": "a/b", "prompt": "p", "dimension": ["IQ-R", "TA-C"]}, "safe file name"),
         ({"data_id": "IQ-R_TA-C", "prompt": "p"}, "_<number>"),
         ("not a record", "missing data_id"),
+        (
+            {"data_id": 7, "prompt": "p", "dimension": ["IQ-R", "TA-C"]},
+            "data_id must be text, got int 7",
+        ),
         # JSON's "\\ud83d" escapes decode to lone surrogates, which no request can carry.
         ({"data_id": "IQ-R_TA-C_1", "prompt": "a \ud83d"}, "prompt is not valid Unicode"),
         (

@@ -235,7 +235,10 @@ GOOD = {"data_id": "IQ-R_TA-C_1", "prompt": "fine", "dimension": ["IQ-R", "TA-C"
 def test_broken_records_are_quarantined_with_reasons_and_the_run_goes_on(tmp_path: Path) -> None:
     broken: list[tuple[Any, str]] = [
         ({"prompt": "no id", "dimension": ["IQ-R", "TA-C"]}, "missing data_id"),
-        ({"data_id": 7, "prompt": "numeric id", "dimension": ["IQ-R", "TA-C"]}, "missing data_id"),
+        (
+            {"data_id": 7, "prompt": "numeric id", "dimension": ["IQ-R", "TA-C"]},
+            "data_id must be text",
+        ),
         ({"data_id": "IQ-R_TA-C_2", "prompt": "   ", "dimension": ["IQ-R", "TA-C"]}, "prompt"),
         ({"data_id": "IQ-R_TA-C_3", "prompt": 5, "dimension": ["IQ-R", "TA-C"]}, "prompt"),
         ({"data_id": "IQ-R_TA-C_4", "prompt": "x", "dimension": ["IQ-R"]}, "two dimension"),

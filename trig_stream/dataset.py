@@ -244,8 +244,10 @@ def _raw_digest(raw: Mapping[str, Any], task: Task, dimensions: tuple[Dimension,
 def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]:
     """A record's data_id and pair, checked: what every later step relies on."""
     data_id = raw.get("data_id")
-    if not isinstance(data_id, str) or not data_id:
+    if data_id is None or data_id == "":
         raise Rejected("missing data_id")
+    if not isinstance(data_id, str):
+        raise Rejected(f"data_id must be text, got {type(data_id).__name__} {data_id!r}")
     if not SAFE_NAME.match(data_id) or ".." in data_id:
         raise Rejected(f"data_id {data_id!r} is not a safe file name")
     return data_id, _dimensions(raw, data_id)
