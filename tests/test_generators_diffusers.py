@@ -561,6 +561,56 @@ def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None
         generator.load()
 
 
+@pytest.mark.parametrize("kind", list(PIPELINE_CLASSES))
+def test_pictures_are_those_of_the_pipelines_own_pil_output(
+    tiny_pipelines: dict[TinyKind, Path], kind: TinyKind, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The generator asks for a tensor and makes the pictures after the device's lock: they
+    # must be, pixel for pixel, what the pipeline's own PIL conversion gives.
+    import torch
+
+    from trig_stream.backends.generators import diffusers_generator
+
+    options = DiffusersOptions.model_validate(tiny_options(tiny_pipelines[kind], kind))
+    generator = DiffusersGenerator("tiny", options, batch_size=2)
+    generator.load()
+    device_held: list[bool] = []
+    pictures = diffusers_generator._pictures
+
+    def noting_the_lock(pixels: Any) -> Any:
+        device_held.append(generator._device_locks[0].locked())
+        return pictures(pixels)
+
+    monkeypatch.setattr(diffusers_generator, "_pictures", noting_the_lock)
+    try:
+        assert generator._output_type == "pt"
+        source = Image.new("RGB", (SIZE, SIZE), (200, 60, 30))
+        sources = [source, source] if kind == "instruct_pix2pix" else [None, None]
+        samples = [
+            Sample(
+                data_id=f"IQ-R_TA-C_{n}",
+                task="p2p" if kind == "instruct_pix2pix" else "t2i",
+                prompt=f"a study of light {n}",
+                dimensions=("IQ-R", "TA-C"),
+            )
+            for n in (1, 2)
+        ]
+        batch = [GenerationRequest("tiny", sample, 11 + n) for n, sample in enumerate(samples)]
+        made = generator._call(0, batch, sources, threading.Event())
+        kwargs = generator._arguments(batch, sources)
+        kwargs["output_type"] = "pil"
+        kwargs["generator"] = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+        with torch.inference_mode():
+            expected = generator._pipes[0](**kwargs).images
+    finally:
+        generator.close()
+    assert device_held == [False]  # the next call could use the device meanwhile
+    assert len(made) == 2
+    for picture, wanted in zip(made, expected, strict=True):
+        assert isinstance(picture, Image.Image) and picture.mode == wanted.mode == "RGB"
+        assert picture.tobytes() == wanted.tobytes()
+
+
 def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
     options = DiffusersOptions(
         pipeline="FluxPipeline",

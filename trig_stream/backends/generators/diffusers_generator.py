@@ -97,6 +97,9 @@ class DiffusersGenerator(Generator):
         self._pipes: list[Any] = []
         self._processes: list[PipelineProcess] = []
         self._accepts: frozenset[str] = frozenset()
+        self._output_type = "pil"
+        """``"pt"`` when the pipeline can hand its pictures back as a tensor (see
+        :func:`_host_pixels`), else ``"pil"``."""
         self._lock = threading.Lock()
         self._device_locks = [threading.Lock() for _ in self.devices]
         """Held by the call running on each device (thread isolation)."""
@@ -174,6 +177,10 @@ class DiffusersGenerator(Generator):
                 self._pipes.append(self._load_one(torch, diffusers, pipeline_class, device))
         self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
         self._check_call_arguments(pipeline_class)
+        from diffusers.image_processor import VaeImageProcessor
+
+        if isinstance(getattr(self._pipes[0], "image_processor", None), VaeImageProcessor):
+            self._output_type = "pt"
 
     def _start_processes(self) -> None:
         # All children start (and import torch) at once; each then loads its own device.
@@ -357,6 +364,7 @@ class DiffusersGenerator(Generator):
             try:
                 with torch.inference_mode():
                     result = pipe(**kwargs)
+                    pixels = _host_pixels(torch, result.images)
             except _Cancelled:
                 return [ItemError(_CANCELLED) for _ in batch]
             except _device_failure(torch) as exc:
@@ -372,7 +380,8 @@ class DiffusersGenerator(Generator):
                 # needs).
                 error = ItemError(describe_error(exc))
                 return [error for _ in batch]
-        images = list(result.images)
+        # The device is free again: turning pixels into pictures is the CPU's work alone.
+        images: list[Image | Exception] = list(_pictures(pixels))
         if len(images) != len(batch):
             error = ItemError(f"pipeline returned {len(images)} images for {len(batch)} prompts")
             return [error for _ in batch]
@@ -399,7 +408,7 @@ class DiffusersGenerator(Generator):
             kwargs["reference_image"] = pictures[0]
             kwargs["source_subject_category"] = [item]
             kwargs["target_subject_category"] = [item]
-        kwargs["output_type"] = "pil"
+        kwargs["output_type"] = self._output_type
         return kwargs
 
     def _cancel_callback(self, worker: int, cancel: threading.Event) -> dict[str, Any]:
@@ -476,6 +485,34 @@ def _dtype_keyword(diffusers: Any) -> str:
     from packaging.version import Version
 
     return "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+
+
+def _host_pixels(torch: Any, images: Any) -> Any:
+    """A pipeline's pictures as 8-bit pixels in the CPU's memory (height, width, channels),
+    while the device's lock is held; pictures it made as PIL images are left as they are.
+
+    With ``output_type = "pt"`` a pipeline stops at its pictures as a tensor on the device,
+    values in [0, 1]. Rounding them to 8 bits there, as diffusers' PIL conversion does
+    (float32, times 255, round half to even: the same pixels), leaves a quarter of the bytes
+    to copy; the copy is the one wait for the device. The rest of the conversion (numpy,
+    PIL) then happens after the lock is released, while the next call already runs: with
+    ``"pil"`` the pipeline did it all on the device's time.
+    """
+    if not isinstance(images, torch.Tensor):
+        return images
+    pixels = (images.float() * 255).round_().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _pictures(pixels: Any) -> list[Image]:
+    """The PIL pictures of :func:`_host_pixels`' result (a list of pictures stays one)."""
+    from PIL import Image as PILImage
+
+    if not hasattr(pixels, "shape"):
+        return list(pixels)
+    if pixels.shape[-1] == 1:
+        return [PILImage.fromarray(one[..., 0]) for one in pixels]  # greyscale: mode L
+    return [PILImage.fromarray(one) for one in pixels]
 
 
 def _jsonable(value: Any) -> Any:
