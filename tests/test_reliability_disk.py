@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_prompts
+from tests.test_reliability_inputs import CONFIG as RUN_CONFIG
 from trig_stream import store
 from trig_stream.cli import EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.errors import RunDirError
@@ -26,24 +27,8 @@ from trig_stream.store import IMAGES, JOURNAL, PARTIAL, Journal
 
 PROMPTS = 12
 
-CONFIG = """\
-[run]
-name = "full"
-output_dir = "runs"
-
-[dataset]
-path = "prompts.json"
-
-[[generators]]
-name = "synth"
-backend = "synthetic"
-batch_size = 2
-options = { size = 16 }
-
-[[judges]]
-backend = "fake"
-concurrency = 4
-"""
+CONFIG = RUN_CONFIG.replace('name = "broken"', 'name = "full"')
+"""The reliability tests' run: synthetic images, the fake judge."""
 
 
 class FullDisk:
