@@ -23,7 +23,7 @@ from PIL import Image
 from tests.conftest import write_prompts
 from trig_stream.backends.base import GenerationRequest
 from trig_stream.backends.generators.source_images import source_image
-from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, main
+from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.config import RunConfig, parse_config
 from trig_stream.engine import Engine
 from trig_stream.records import Judgement
@@ -145,6 +145,12 @@ BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
         ),
         EXIT_FATAL,
         "TRIG_RELIABILITY_UNSET_KEY (api_key_env) is not set",
+    ),
+    (
+        "output folder is a file",
+        replace('output_dir = "runs"', 'output_dir = "number.json"'),
+        EXIT_RUN_DIR,
+        "cannot create the run directory",
     ),
 ]
 
