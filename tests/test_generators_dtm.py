@@ -189,6 +189,19 @@ def test_rewrite_sends_the_pairs_instruction_and_uses_the_answer(
     assert user["content"] == user_message(outcome.original, first, second, outcome.relation)
 
 
+def test_an_empty_key_variable_means_a_server_without_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    # The SDK always sends a bearer token: a keyless server takes (ignores) the placeholder.
+    with GenerationAPIServer(api_key="unused") as keyless:
+        generator = rewriter(keyless, api_key_env="")
+        generator.generate([request("K_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert generator.rewrites["K_1"].status == "rewritten"
+    with pytest.raises(FatalBackendError, match=r'OPENAI_API_KEY .*or api_key_env = ""'):
+        rewriter(keyless, api_key_env="OPENAI_API_KEY")
+
+
 def test_failure_falls_back_to_the_original_and_says_so(
     server: GenerationAPIServer, caplog: pytest.LogCaptureFixture
 ) -> None:

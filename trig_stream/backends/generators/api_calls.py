@@ -39,14 +39,20 @@ def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
 
 
 def api_key_from_env(variable: str, *, required: bool = True) -> str:
-    """Read the API key from the environment variable ``variable``.
+    """Read the API key from the environment variable ``variable``; an empty ``variable``
+    (``api_key_env = ""``) names none, for a server that takes no key.
 
     Raises:
         FatalBackendError: the variable is unset or empty and ``required``.
     """
+    if not variable:
+        return "unused"
     key = os.environ.get(variable, "")
     if not key and required:
-        raise FatalBackendError(f"set the environment variable {variable} to the API key")
+        raise FatalBackendError(
+            f"set the environment variable {variable} to the API key "
+            '(or api_key_env = "" for a server that takes no key)'
+        )
     return key or "unused"
 
 
