@@ -218,6 +218,10 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert first.error is not None and "gave up after 2 attempts" in first.error
     assert second.error is not None and "HTTP 400" in second.error
     assert "the original prompt is used" in caplog.text
+    once = rewriter(server, max_attempts=1)
+    server.fail_next(Fault(status=500))
+    once.generate([request("A_3", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert "(gave up after 1 attempt)" in str(once.rewrites["A_3"].error)
 
 
 def test_empty_answer_falls_back(server: GenerationAPIServer) -> None:
