@@ -292,6 +292,35 @@ async def test_quarantined_records_are_written_with_reasons(
     assert not (config.run.output_dir.parent / "x").exists()
 
 
+@pytest.mark.parametrize(
+    ("records", "dataset", "note"),
+    [
+        ([], {}, "holds no records"),
+        (
+            [{"data_id": "IQ-R_TA-C_1", "prompt": "p"}, {"data_id": "R-B_D-A_1", "prompt": "p"}],
+            {"pairs": ["TA-S_IQ-A"], "dimensions": ["IQ-A", "R-B"]},
+            'no sample of the dataset matches its filters (pairs = ["TA-S_IQ-A"], '
+            'dimensions = ["IQ-A", "R-B"]): 2 records read, all left out',
+        ),
+    ],
+    ids=["empty", "filtered-out"],
+)
+async def test_a_run_with_nothing_to_do_says_why(
+    make_config: ConfigFactory,
+    tmp_path: Path,
+    records: list[dict[str, Any]],
+    dataset: dict[str, Any],
+    note: str,
+) -> None:
+    path = tmp_path / "few.json"
+    path.write_text(json.dumps(records))
+    config = make_config(dataset={"path": str(path), **dataset})
+    async with Engine(config) as engine:
+        assert [j async for j in engine.results] == []
+    (said,) = engine.stats().notes
+    assert note in said
+
+
 async def test_retries_use_the_injected_sleep(make_config: ConfigFactory) -> None:
     config = make_config(
         samples=10,

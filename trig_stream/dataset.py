@@ -73,6 +73,10 @@ class DatasetSource:
         self._judged = judged or {}
         self._pairs = {unordered_pair(*split_pair(p)) for p in section.pairs}
         self._dimensions = set(section.dimensions)
+        self.records_read = 0
+        """Records read so far by the last iteration, every kind included."""
+        self.filtered_out = 0
+        """Of those, the well-formed ones the ``pairs`` and ``dimensions`` filters left out."""
 
     def __iter__(self) -> Iterator[Sample | QuarantinedRecord]:
         """Yield each selected sample, or a quarantine record for each malformed one.
@@ -85,15 +89,18 @@ class DatasetSource:
         seen = StringIndex()
         produced = 0
         limit = self.section.limit
+        self.records_read = self.filtered_out = 0
         for index, raw in enumerate(self._raw_records()):
             if limit is not None and produced >= limit:
                 return
+            self.records_read += 1
             try:
                 data_id, dimensions = _identity(raw)
                 if data_id in seen:
                     raise Rejected(f"duplicate data_id {data_id!r}")
                 if not self._selected(dimensions):
                     seen.add(data_id)
+                    self.filtered_out += 1
                     continue
                 recorded = self._judged.get(data_id)
                 if recorded is not None and recorded != _raw_digest(raw, self.task, dimensions):

@@ -23,6 +23,7 @@ all the way back to the dataset reader, so a run of any size holds the same amou
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -424,6 +425,7 @@ class Engine:
                 while not self._stopping:
                     chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
                     if not chunk:
+                        self._note_an_empty_selection(source)
                         break
                     for work in chunk:
                         if not self._running_gate.is_set():
@@ -435,6 +437,26 @@ class Engine:
             finally:
                 for send in sends.values():
                     send.close()
+
+    def _note_an_empty_selection(self, source: DatasetSource) -> None:
+        # A run with nothing to do says why, when the reason is the dataset's filters or the
+        # dataset itself, rather than ending as if it had judged everything.
+        counters = self._counters
+        if counters.samples_read or counters.quarantined:
+            return
+        section = self.config.dataset
+        if not source.records_read:
+            counters.notes.append(f"the dataset {section.path} holds no records")
+        elif source.filtered_out == source.records_read:
+            filters = ", ".join(
+                f"{name} = {json.dumps(values)}"
+                for name, values in (("pairs", section.pairs), ("dimensions", section.dimensions))
+                if values
+            )
+            counters.notes.append(
+                f"no sample of the dataset matches its filters ({filters}): "
+                f"{source.records_read} records read, all left out"
+            )
 
     def _read_chunk(
         self, source: DatasetSource, records: Iterator[Sample | QuarantinedRecord]
