@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import anyio.lowlevel
 import pytest
 
 from tests.conftest import write_prompts
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
+from trig_stream.testing import FakeJudge
 
 CONFIG = """\
 [run]
@@ -118,6 +121,30 @@ def test_exit_codes_for_refused_run_dir_and_fatal_errors(tmp_path: Path) -> None
     fatal = write_config(tmp_path / "fatal", extra=", fatal_after = 2")
     assert main(["run", str(fatal), "--headless"]) == EXIT_FATAL
     assert main(["status", str(tmp_path / "nothing")]) == EXIT_RUN_DIR
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_while_the_judges_open_stops_before_any_work(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    presses: int,
+) -> None:
+    # A judge that loads a model opens for minutes; Ctrl-C meanwhile must stop the run,
+    # not be lost (the run went on to the end) nor end it in a traceback.
+    async def interrupted_while_opening(self: FakeJudge) -> None:
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # loop turns, as a model load in a thread would give
+            await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(FakeJudge, "open", interrupted_while_opening)
+    path = write_config(tmp_path)
+    assert main(["run", str(path), "--headless"]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "stopping: finishing the work in flight" in err and "Traceback" not in err
+    assert "stopped: 0 judgements in this run" in err or "cancelled: 0 judgements" in err, err
+    assert sum(journal_keys(tmp_path).values()) == 0
 
 
 @pytest.mark.parametrize("presses", [1, 2])

@@ -18,7 +18,8 @@ import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from rich.table import Table
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig, load_config
-from trig_stream.errors import ConfigError, RunDirError, TrigStreamError
+from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -182,27 +183,43 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     console.print("stopping now; run the same command again to resume")
                     engine.cancel()
 
+    listening = anyio.CancelScope()
+
+    async def listen(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with listening:
+            await on_signals(task_status=task_status)
+
     run_dashboard = None if args.headless else _dashboard(args, console)
-    if run_dashboard is not None:
-        # The dashboard reads the results itself and maps Ctrl-C to stop, then cancel.
-        async with engine:
-            await run_dashboard(engine)
-    else:
-        with PlainProgress(console) as progress:
-            async with engine, anyio.create_task_group() as tg:
-                await tg.start(on_signals)
-                console.print(f"run directory: {engine.run_dir_path}", highlight=False)
+    with _sole_error():
+        async with anyio.create_task_group() as signals:
+            # Listening starts before the engine opens: its judges may load models for
+            # minutes, and a Ctrl-C meanwhile must not be lost (a load under way finishes
+            # first).
+            await signals.start(listen)
+            if run_dashboard is not None:
+                async with engine:
+                    if not interrupted:
+                        # From here the dashboard maps Ctrl-C to stop, then cancel.
+                        listening.cancel()
+                        await run_dashboard(engine)
+                    else:
+                        await engine.drain()  # stopped while opening: ends at once
+            else:
+                with PlainProgress(console) as progress:
+                    async with engine, anyio.create_task_group() as tg:
+                        console.print(f"run directory: {engine.run_dir_path}", highlight=False)
 
-                async def refresh() -> None:
-                    while True:
-                        progress.update(engine.stats())
-                        await anyio.sleep(PROGRESS_EVERY_S)
+                        async def refresh() -> None:
+                            while True:
+                                progress.update(engine.stats())
+                                await anyio.sleep(PROGRESS_EVERY_S)
 
-                tg.start_soon(refresh)
-                async for _ in engine.results:
-                    pass
-                tg.cancel_scope.cancel()
-            progress.update(engine.stats(), force=True)
+                        tg.start_soon(refresh)
+                        async for _ in engine.results:
+                            pass
+                        tg.cancel_scope.cancel()
+                    progress.update(engine.stats(), force=True)
+            listening.cancel()
     for note in engine.stats().notes:
         console.print(f"note: {note}", highlight=False)
     summary = engine.summary()
@@ -217,6 +234,19 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     if not args.no_report:
         await anyio.to_thread.run_sync(_final_report, summary.run_dir, console)
     return EXIT_OK
+
+
+@contextmanager
+def _sole_error() -> Iterator[None]:
+    """Let the one error of a task group out as itself, as the engine does, so that ``main``
+    maps it to its message and exit code."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(leaf_errors(group))
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
 
 
 def _dashboard(args: argparse.Namespace, console: Console) -> Any:

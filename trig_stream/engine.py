@@ -44,7 +44,7 @@ from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import TrigStreamError
+from trig_stream.errors import TrigStreamError, leaf_errors
 from trig_stream.generation import GenerationStage
 from trig_stream.hashing import seed_for
 from trig_stream.judging import JudgeStage
@@ -273,7 +273,7 @@ class Engine:
         self._task_group.start_soon(self._pipeline, streams)
         self._task_group.start_soon(self._load_history)
         self._task_group.start_soon(self._count_samples)
-        self._state = "running"
+        self._state = "stopping" if self._stopping else "running"  # stop() while opening
         return self
 
     async def __aexit__(
@@ -289,7 +289,7 @@ class Engine:
         try:
             suppress = await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
-            leaves = list(_leaves(group))
+            leaves = list(leaf_errors(group))
             if exc is not None and all(leaf is exc for leaf in leaves):
                 # The block's own exception: hand it back as it was raised, not in a group.
                 self._state = "cancelled"
@@ -596,12 +596,3 @@ class Engine:
 
 def _take(items: Iterator[Judgement], count: int) -> list[Judgement]:
     return list(islice(items, count))
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    """Every exception inside a (nested) exception group."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc

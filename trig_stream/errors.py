@@ -21,6 +21,8 @@ Per-item failures never escape the engine as exceptions: they become judgements 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class TrigStreamError(Exception):
     """Base class of every error trig-stream raises on purpose."""
@@ -84,3 +86,12 @@ class ItemError(BackendError):
 
 class FatalBackendError(BackendError):
     """The backend cannot work at all (bad credentials, no such device); the run stops."""
+
+
+def leaf_errors(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """Every exception inside a (nested) exception group, as a task group raises them."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from leaf_errors(exc)
+        else:
+            yield exc

@@ -71,6 +71,8 @@ class GenerationStage:
         compute = anyio.CapacityLimiter(generator.workers)
         writing = anyio.CapacityLimiter(generator.workers)
         async with receive, image_send, judgement_send:
+            if self._context.is_stopping():
+                return  # stopped while the engine opened: no model to load for nothing
             try:
                 await anyio.to_thread.run_sync(generator.load, limiter=compute)
             except TrigStreamError:
