@@ -168,9 +168,11 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     engine = Engine(config, retry_errors=args.retry_errors, new_run=args.new_run)
     interrupted = False
 
+    listening = anyio.CancelScope()
+
     async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         nonlocal interrupted
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with listening, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             task_status.started()
             async for _ in signals:
                 if not interrupted:
@@ -183,19 +185,13 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     console.print("stopping now; run the same command again to resume")
                     engine.cancel()
 
-    listening = anyio.CancelScope()
-
-    async def listen(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with listening:
-            await on_signals(task_status=task_status)
-
     run_dashboard = None if args.headless else _dashboard(args, console)
     with _sole_error():
         async with anyio.create_task_group() as signals:
             # Listening starts before the engine opens: its judges may load models for
             # minutes, and a Ctrl-C meanwhile must not be lost (a load under way finishes
             # first).
-            await signals.start(listen)
+            await signals.start(on_signals)
             if run_dashboard is not None:
                 async with engine:
                     if not interrupted:

@@ -28,7 +28,7 @@ from trig_stream.dimensions import (
 )
 from trig_stream.errors import DatasetError
 from trig_stream.hashing import sample_digest
-from trig_stream.records import QuarantinedRecord, Sample
+from trig_stream.records import QuarantinedRecord, Sample, storable_text
 from trig_stream.string_index import StringIndex
 
 # Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
@@ -319,7 +319,7 @@ def _storable(value: Any) -> Any:
     """``value`` with every lone surrogate in its text written as an escape (``\\ud800``),
     so that the quarantine file, which is UTF-8, can hold the record that had it."""
     if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return storable_text(value)
     if isinstance(value, Mapping):
         return {_storable(k): _storable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -178,7 +178,7 @@ class JudgeStage:
                     elif controller:
                         controller.on_failure(epoch)
                     if not self._retry.should_retry(attempts):
-                        failure = f"gave up after {attempts} attempt{'s' * (attempts != 1)}: {exc}"
+                        failure = f"{self._retry.gave_up(attempts)}: {exc}"
                         break
                     await self._sleep(self._retry.delay(attempts, exc.retry_after))
                 except ItemError as exc:

@@ -33,6 +33,14 @@ JudgementKey: TypeAlias = tuple[str, str, str, str]
 """(model, data_id, dimension, metric): what a run judges exactly once."""
 
 
+def storable_text(text: str) -> str:
+    """``text`` as a record can store it: a lone surrogate (half a character, which JSON can
+    carry but UTF-8 cannot) written as its escape, ``\\ud83d``; other text unchanged."""
+    if text.isascii():  # almost all text, and a check that costs nothing
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

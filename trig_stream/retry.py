@@ -25,6 +25,11 @@ class RetryPolicy:
         """Whether another attempt is allowed after ``attempts`` have been made."""
         return attempts < self.max_attempts
 
+    @staticmethod
+    def gave_up(attempts: int) -> str:
+        """How a failure that ran out of attempts says so: ``gave up after 3 attempts``."""
+        return f"gave up after {attempts} attempt{'s' * (attempts != 1)}"
+
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt."""
         ceiling = min(self.backoff_max, self.backoff_initial * 2 ** (attempts - 1))

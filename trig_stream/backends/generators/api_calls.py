@@ -120,9 +120,8 @@ def call_with_retries(
             if not isinstance(error, RetryableError):
                 raise error from None
             if not policy.should_retry(attempts):
-                tries = f"{attempts} attempt{'s' * (attempts != 1)}"
                 raise type(error)(
-                    f"{error} (gave up after {tries})", retry_after=error.retry_after
+                    f"{error} ({policy.gave_up(attempts)})", retry_after=error.retry_after
                 ) from None
             if sleep(policy.delay(attempts, error.retry_after), cancel):
                 raise ItemError("cancelled") from None

@@ -48,7 +48,7 @@ from trig_stream.backends.judges.transports import (
 )
 from trig_stream.errors import FatalBackendError, ItemError, RetryableError
 from trig_stream.png import encode_png
-from trig_stream.records import JudgeFingerprint
+from trig_stream.records import JudgeFingerprint, storable_text
 from trig_stream.scoring import Scorer
 
 METRICS_TIMEOUT_S = 5.0
@@ -337,23 +337,17 @@ def reply_of(completion: Any, endpoint: str) -> JudgeReply:
         if not content:
             return JudgeReply(top_logprobs=None, text=str(text))
         first = content[0]
-        top = [(_token(e["token"]), float(e["logprob"])) for e in first.get("top_logprobs") or ()]
+        top = [
+            (storable_text(str(e["token"])), float(e["logprob"]))
+            for e in first.get("top_logprobs") or ()
+        ]
         if not top:  # top_logprobs = 0 asks for the chosen token only
-            top = [(_token(first["token"]), float(first["logprob"]))]
+            top = [(storable_text(str(first["token"])), float(first["logprob"]))]
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
         raise RetryableError(
             f"judge at {endpoint}: malformed answer ({type(exc).__name__}: {exc})"
         ) from None
     return JudgeReply(top_logprobs=top, text=str(text))
-
-
-def _token(value: object) -> str:
-    """A top token as the journal can store it: a lone surrogate (half of a character, which
-    JSON can carry but UTF-8 cannot) written as its escape, ``\\ud83d``."""
-    token = str(value)
-    if token.isascii():  # almost every token, and a check that costs nothing
-        return token
-    return token.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def encode_image(path: Path, max_pixels: int | None = None) -> EncodedImage:
