@@ -56,6 +56,11 @@ def test_complete_json_without_version_is_versioned_by_hash(tmp_path: Path) -> N
     ("text", "message"),
     [
         ('[system]\nt2i = "rate {colour}"\n', "unknown placeholder {colour}"),
+        # Known placeholders that no request could fill in: refused before the run starts,
+        # not as an error on every request (the message names the text).
+        ('[system]\nt2i = "rate on {scale:d}"\n', r"system\.t2i: Unknown format code 'd'"),
+        ('[user_prefix]\ns2p = "{item!z}: "\n', r"user_prefix\.s2p: Unknown conversion"),
+        ('[system]\np2p = "rate {dimension"\n', r"system\.p2p: expected '}'"),
         ('[criteria]\n"XX-Y" = "?"\n', "invalid judge template"),
         ("version = [", "invalid judge template"),
     ],

@@ -192,17 +192,29 @@ class JudgeTemplate(BaseModel):
         return template
 
     def check(self) -> None:
-        """Refuse placeholders other than the known ones.
+        """Refuse placeholders other than the known ones, and texts that cannot be filled in.
+
+        Each text is filled in once here, so that a format spec or conversion that no
+        request could use (``{scale:d}``, ``{item!z}``) stops the run before it starts
+        instead of failing every request.
 
         Raises:
-            ValueError: a text names an unknown placeholder or is malformed.
+            ValueError: a text names an unknown placeholder or is malformed; the message
+                names the text (``system.t2i``, ``user_prefix.s2p``).
         """
-        texts = [*self.system.values(), *self.user_prefix.values()]
-        for text in texts:
-            for _, field, _, _ in string.Formatter().parse(text):
-                if field is not None and field not in PLACEHOLDERS:
-                    known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
-                    raise ValueError(f"unknown placeholder {{{field}}}; known: {known}")
+        texts = {
+            **{f"system.{task}": text for task, text in self.system.items()},
+            **{f"user_prefix.{task}": text for task, text in self.user_prefix.items()},
+        }
+        known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+        for name, text in texts.items():
+            try:
+                for _, field, _, _ in string.Formatter().parse(text):
+                    if field is not None and field not in PLACEHOLDERS:
+                        raise ValueError(f"unknown placeholder {{{field}}}; known: {known}")
+                text.format(**self._fields(DIMENSIONS[0], None))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
 
     def system_text(self, task: Task, dimension: Dimension, item: str | None) -> str:
         """The system message for one (task, dimension) question."""
