@@ -296,6 +296,40 @@ async def test_a_key_with_a_trailing_newline_stops_at_open_without_showing_it(
     assert "sk-made" not in str(e.value)
 
 
+async def test_a_404_before_any_success_stops_the_run_with_what_to_check(
+    image: Path, client: Client
+) -> None:
+    # A base URL without its /v1 (or a model the server does not serve): every request would
+    # fail the same way, and a run would make all its images for error judgements.
+    async with JudgeServer() as server:
+        without_v1 = server.base_url.removesuffix("/v1")
+        options = OpenAIJudgeOptions(base_url=without_v1, model="judge", client=client)
+        judge = OpenAIJudge("trigscore", options)
+        await judge.open()
+        try:
+            with pytest.raises(FatalBackendError, match=r"HTTP 404.*check base_url .*'judge'"):
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
+
+
+async def test_a_404_after_a_success_is_that_request_s_error(image: Path) -> None:
+    from trig_stream.backends.judges.http_errors import status_error
+
+    async with JudgeServer() as server, judge_at(server) as judge:
+        await ask(judge, image)  # the path and the model are right
+
+        async def not_found(*args: object) -> None:
+            raise status_error(
+                404, {}, "gone", endpoint=server.base_url, secret=None, key_source=""
+            )
+
+        judge._endpoints[0].transport.post = not_found  # type: ignore[method-assign,assignment]
+        with pytest.raises(ItemError, match="HTTP 404: gone") as caught:
+            await ask(judge, image)
+    assert not isinstance(caught.value, FatalBackendError)
+
+
 async def test_connection_refused_is_retryable(image: Path, client: Client) -> None:
     async with JudgeServer() as server:
         url = server.base_url

@@ -8,6 +8,7 @@ what happened                          raised
 timeout, refused or reset connection   :class:`RetryableError`
 a body that is not a completion        :class:`RetryableError`
 401, 403                               :class:`FatalBackendError` (one message)
+404                                    :class:`NotFoundError` (an :class:`ItemError`)
 any other 4xx                          :class:`ItemError` with the status and reason
 =====================================  ==========================================
 
@@ -33,6 +34,13 @@ from trig_stream.errors import (
 
 REASON_CHARS = 200
 """Longest server reason quoted in an error message."""
+
+
+class NotFoundError(ItemError):
+    """HTTP 404: the endpoint has no such path (a base URL without its ``/v1``), or no such
+    model. The judge stops the run when it comes before any request to that endpoint has
+    succeeded, since then no request will (see :meth:`~trig_stream.backends.judges.
+    openai_judge.OpenAIJudge.judge`)."""
 
 
 def parse_retry_after(
@@ -139,6 +147,8 @@ def status_error(
         return RetryableError(
             f"judge at {endpoint}: HTTP {status}: {reason}", retry_after=retry_after
         )
+    if status == 404:
+        return NotFoundError(f"judge at {endpoint}: HTTP 404: {reason}")
     return ItemError(f"judge at {endpoint}: HTTP {status}: {reason}")
 
 

@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage, ServerLoad
+from trig_stream.backends.judges.http_errors import NotFoundError
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
 from trig_stream.backends.judges.server_probe import read_load
 from trig_stream.backends.judges.templates import JudgeTemplate
@@ -121,6 +122,8 @@ class Secret:
 class _Endpoint:
     transport: Transport
     in_flight: int = 0
+    answered: bool = False
+    """Whether a request to it has succeeded: its path and model are right."""
 
 
 class OpenAIJudge(Judge):
@@ -298,6 +301,15 @@ class OpenAIJudge(Judge):
         endpoint.in_flight += 1
         try:
             completion = await endpoint.transport.post(self._body(request), payload)
+        except NotFoundError as exc:
+            if endpoint.answered:
+                raise
+            # Before any success, a 404 is the config's: a base URL without its /v1, or a
+            # model the server does not serve. Every request would fail the same way.
+            raise FatalBackendError(
+                f"{exc}; no request to this endpoint has succeeded yet: check base_url (an "
+                f"OpenAI-protocol server's usually ends in /v1) and model ({self.options.model!r})"
+            ) from None
         except Exception:
             failure = self.server.failure() if self.server is not None else None
             if failure is not None:  # the server we started has died: nothing will work
@@ -305,6 +317,7 @@ class OpenAIJudge(Judge):
             raise
         finally:
             endpoint.in_flight -= 1
+        endpoint.answered = True
         return reply_of(completion, endpoint.transport.url)
 
     def _body(self, request: JudgeRequest) -> dict[str, Any]:
