@@ -193,6 +193,32 @@ def test_fingerprint_names_what_changes_scores() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://127.0.0.1:99999/v1", "Port out of range"),
+        ("http://[::1/v1", "Invalid IPv6 URL"),
+        ("127.0.0.1:8000/v1", "not an http:// or https:// URL"),
+        ("ftp://files/v1", "not an http:// or https:// URL"),
+        ("http:///v1", "with a host"),
+    ],
+)
+def test_every_base_url_option_refuses_what_is_not_an_http_url(url: str, message: str) -> None:
+    # A config error naming the key, not a traceback when the run opens its judge.
+    from trig_stream.backends.generators.dtm_rewrite import DTMRewriteOptions
+    from trig_stream.backends.generators.openai_images import OpenAIImagesOptions
+
+    inner = {"backend": "synthetic"}
+    for build in (
+        lambda: OpenAIJudgeOptions(model="m", base_url=url),
+        lambda: OpenAIJudgeOptions(model="m", base_urls=["http://ok/v1", url]),
+        lambda: OpenAIImagesOptions(base_url=url),
+        lambda: DTMRewriteOptions(model="m", base_url=url, inner=inner),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build()
+
+
 def test_options_refuse_ambiguous_endpoints() -> None:
     with pytest.raises(ValueError, match="exactly one of base_url and base_urls"):
         OpenAIJudgeOptions(model="m")

@@ -120,6 +120,24 @@ BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
         "set exactly one of base_url",
     ),
     (
+        "judge port out of range",
+        replace(
+            'backend = "fake"',
+            'backend = "openai"\noptions = { model = "m", base_url = "http://127.0.0.1:99999/v1" }',
+        ),
+        EXIT_CONFIG,
+        "judges[0].options.base_url: Value error, not a URL: Port out of range",
+    ),
+    (
+        "judge URL without a scheme",
+        replace(
+            'backend = "fake"',
+            'backend = "openai"\noptions = { model = "m", base_urls = ["127.0.0.1:8000/v1"] }',
+        ),
+        EXIT_CONFIG,
+        "judges[0].options.base_urls[0]: Value error, not an http:// or https:// URL",
+    ),
+    (
         "no generators",
         replace(
             '[[generators]]\nname = "synth"\nbackend = "synthetic"\noptions = { size = 16 }\n', ""

@@ -12,6 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -44,7 +45,22 @@ def _pair(value: str) -> str:
     return value
 
 
+def _http_url(value: str) -> str:
+    # Checked here, so that a typo is a config error naming its key, not a traceback or a
+    # run whose every request fails.
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - reading it checks it (out of range, not a number)
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http:// or https:// URL with a host")
+    return value
+
+
 SafeName = Annotated[str, AfterValidator(_safe_name)]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+"""An ``http://`` or ``https://`` URL with a host, and a valid port if it names one."""
 TaskName = Annotated[
     Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)
 ]

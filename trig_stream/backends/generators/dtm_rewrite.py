@@ -50,6 +50,7 @@ from trig_stream.backends.generators.dtm_relations import (
     system_message,
     user_message,
 )
+from trig_stream.config import HttpUrl
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
 from trig_stream.records import PromptRewrite
 from trig_stream.retry import RetryPolicy
@@ -94,7 +95,7 @@ class DTMRewriteOptions(BaseModel):
     inner: InnerGenerator
     model: str
     """The rewriting LLM's model name on the server."""
-    base_url: str | None = None
+    base_url: HttpUrl | None = None
     api_key_env: str | None = "OPENAI_API_KEY"
     """The NAME of the environment variable holding the key; None for servers without keys."""
     relations: dict[str, int] = Field(default_factory=dict)

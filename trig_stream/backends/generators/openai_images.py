@@ -29,6 +29,7 @@ from trig_stream.backends.generators.api_calls import (
     openai_client,
     wait_on_cancel,
 )
+from trig_stream.config import HttpUrl
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
 
@@ -44,7 +45,7 @@ class OpenAIImagesOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "dall-e-3"
-    base_url: str | None = None
+    base_url: HttpUrl | None = None
     """The API root, e.g. ``https://api.openai.com/v1``; None uses the SDK's default."""
     api_key_env: str = "OPENAI_API_KEY"
     """The NAME of the environment variable holding the key (never the key itself)."""

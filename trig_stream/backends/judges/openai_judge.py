@@ -47,6 +47,7 @@ from trig_stream.backends.judges.transports import (
     Transport,
     open_transport,
 )
+from trig_stream.config import HttpUrl
 from trig_stream.errors import FatalBackendError, ItemError, RetryableError
 from trig_stream.png import encode_png
 from trig_stream.records import JudgeFingerprint, storable_text
@@ -61,9 +62,9 @@ class OpenAIJudgeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base_url: str | None = None
+    base_url: HttpUrl | None = None
     """The endpoint, e.g. ``http://127.0.0.1:8000/v1``."""
-    base_urls: list[str] = Field(default_factory=list)
+    base_urls: list[HttpUrl] = Field(default_factory=list)
     """Several endpoints of the same model; requests go to the least busy one."""
     model: str
     api_key_env: str | None = None
