@@ -224,6 +224,20 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert "(gave up after 1 attempt)" in str(once.rewrites["A_3"].error)
 
 
+def test_a_404_stops_the_run_until_a_rewrite_has_succeeded(server: GenerationAPIServer) -> None:
+    # Before any success, a 404 is a wrong base_url or model: no prompt would be rewritten.
+    generator = rewriter(server)
+    server.fail_next(Fault(status=404, message="The model `rewriter-llm` does not exist"))
+    with pytest.raises(FatalBackendError, match=r"rewriting LLM of generator 'm' .*base_url"):
+        generator.generate([request("N_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    generator.generate([request("N_2", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert generator.rewrites["N_2"].status == "rewritten"
+    server.fail_next(Fault(status=404, message="gone"))
+    generator.generate([request("N_3", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["N_3"]
+    assert outcome.status == "fallback" and "HTTP 404" in str(outcome.error)
+
+
 def test_empty_answer_falls_back(server: GenerationAPIServer) -> None:
     server.rewrite = lambda text: '  ""  '
     generator = rewriter(server)

@@ -21,6 +21,7 @@ from trig_stream.errors import (
     ConfigError,
     FatalBackendError,
     ItemError,
+    NotFoundError,
     RateLimitError,
     RetryableError,
 )
@@ -171,6 +172,20 @@ def test_client_error_is_an_item_error_without_retry(server: GenerationAPIServer
     assert "HTTP 400" in str(outcome) and "content policy" in str(outcome)
     assert SECRET not in str(outcome)
     assert sleeps.waits == []
+
+
+def test_a_404_stops_the_run_until_a_call_has_succeeded(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # Before any success, a 404 is a wrong base_url or model: every image would fail.
+    generator = make(server)
+    server.fail_next(Fault(status=404, message="The model `dall-e-9` does not exist"))
+    with pytest.raises(FatalBackendError, match=r"images API of generator 'dalle3' .*base_url"):
+        one(generator)
+    assert isinstance(one(generator), Image.Image)
+    server.fail_next(Fault(status=404, message="gone"))
+    outcome = one(generator)
+    assert type(outcome) is NotFoundError and "HTTP 404" in str(outcome)
 
 
 def test_undecodable_image_is_an_item_error(server: GenerationAPIServer, key: str) -> None:

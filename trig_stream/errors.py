@@ -84,6 +84,13 @@ class ItemError(BackendError):
     """This one item failed and retrying will not help; the run goes on."""
 
 
+class NotFoundError(ItemError):
+    """An API answered HTTP 404: no such path (a base URL without its ``/v1``) or no such
+    model. Before any call to that API has succeeded it is the config's fault, and the
+    backend stops the run instead (every call would fail the same way); after one has, it is
+    this item's."""
+
+
 class FatalBackendError(BackendError):
     """The backend cannot work at all (bad credentials, no such device); the run stops."""
 

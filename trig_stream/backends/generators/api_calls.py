@@ -22,6 +22,7 @@ from trig_stream.errors import (
     BackendError,
     FatalBackendError,
     ItemError,
+    NotFoundError,
     RateLimitError,
     RetryableError,
 )
@@ -72,7 +73,8 @@ def classify(exc: Exception, secret: str) -> BackendError:
     """Map an ``openai`` SDK exception to trig-stream's error classes.
 
     429 -> RateLimitError (with Retry-After); 5xx, 408, 409, timeouts and connection
-    failures -> RetryableError; 401 / 403 -> FatalBackendError; other 4xx -> ItemError.
+    failures -> RetryableError; 401 / 403 -> FatalBackendError; 404 -> NotFoundError; other
+    4xx -> ItemError.
     """
     import openai
 
@@ -91,6 +93,8 @@ def classify(exc: Exception, secret: str) -> BackendError:
             return FatalBackendError(f"the API refused the credentials ({detail})")
         if status >= 500 or status in (408, 409):
             return RetryableError(detail)
+        if status == 404:
+            return NotFoundError(detail)
         return ItemError(detail)
     return ItemError(redact(f"{type(exc).__name__}: {exc}", secret))
 
@@ -102,21 +106,32 @@ def call_with_retries(
     cancel: threading.Event,
     secret: str,
     sleep: Sleep = wait_on_cancel,
+    answered: threading.Event | None = None,
+    api: str = "the API",
 ) -> T:
     """Run ``call``, retrying retryable failures under ``policy``.
+
+    ``answered``, shared by every call to one API, is set by the first call that succeeds;
+    until then an HTTP 404 means a wrong base URL or model, and stops the run with a message
+    that names ``api``.
 
     Raises:
         ItemError: cancelled during a backoff, or a failure that retrying cannot fix.
         RetryableError: still failing after ``policy.max_attempts`` attempts.
-        FatalBackendError: the credentials were refused.
+        FatalBackendError: the credentials were refused, or a 404 came before any success.
     """
     attempts = 0
     while True:
         attempts += 1
         try:
-            return call()
+            result = call()
         except Exception as exc:
             error = classify(exc, secret)
+            if isinstance(error, NotFoundError) and answered and not answered.is_set():
+                raise FatalBackendError(
+                    f"{api} answered {error}, and no call to it has succeeded yet: check "
+                    "base_url (an OpenAI-protocol server's usually ends in /v1) and model"
+                ) from None
             if not isinstance(error, RetryableError):
                 raise error from None
             if not policy.should_retry(attempts):
@@ -125,6 +140,10 @@ def call_with_retries(
                 ) from None
             if sleep(policy.delay(attempts, error.retry_after), cancel):
                 raise ItemError("cancelled") from None
+        else:
+            if answered is not None:
+                answered.set()
+            return result
 
 
 def _message(exc: Any) -> str:

@@ -167,6 +167,8 @@ class DTMRewriteGenerator(Generator):
         self.rewrites: dict[str, RewriteOutcome] = {}
         self._sleep = sleep
         self._lock = threading.Lock()
+        self._answered = threading.Event()
+        """Set once a call to the LLM has succeeded (see ``call_with_retries``)."""
         self._client: Any = None
         self._key = ""
 
@@ -275,6 +277,8 @@ class DTMRewriteGenerator(Generator):
                 cancel=cancel,
                 secret=self._key,
                 sleep=self._sleep,
+                answered=self._answered,
+                api=f"the rewriting LLM of generator {self.name!r}",
             )
             text = _clean(response.choices[0].message.content or "")
             if not text:

@@ -95,6 +95,8 @@ class OpenAIImagesGenerator(Generator):
         self._sleep = sleep
         self._client: Any = None
         self._key = ""
+        self._answered = threading.Event()
+        """Set once a call to the API has succeeded (see ``call_with_retries``)."""
 
     @classmethod
     def from_config(
@@ -170,6 +172,8 @@ class OpenAIImagesGenerator(Generator):
             cancel=cancel,
             secret=self._key,
             sleep=self._sleep,
+            answered=self._answered,
+            api=f"the images API of generator {self.name!r}",
         )
         data = getattr(response, "data", None) or []
         encoded = getattr(data[0], "b64_json", None) if data else None

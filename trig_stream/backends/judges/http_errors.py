@@ -28,19 +28,13 @@ from trig_stream.errors import (
     BackendError,
     FatalBackendError,
     ItemError,
+    NotFoundError,
     RateLimitError,
     RetryableError,
 )
 
 REASON_CHARS = 200
 """Longest server reason quoted in an error message."""
-
-
-class NotFoundError(ItemError):
-    """HTTP 404: the endpoint has no such path (a base URL without its ``/v1``), or no such
-    model. The judge stops the run when it comes before any request to that endpoint has
-    succeeded, since then no request will (see :meth:`~trig_stream.backends.judges.
-    openai_judge.OpenAIJudge.judge`)."""
 
 
 def parse_retry_after(

@@ -36,7 +36,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage, ServerLoad
-from trig_stream.backends.judges.http_errors import NotFoundError
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
 from trig_stream.backends.judges.server_probe import read_load
 from trig_stream.backends.judges.templates import JudgeTemplate
@@ -48,7 +47,7 @@ from trig_stream.backends.judges.transports import (
     open_transport,
 )
 from trig_stream.config import HttpUrl
-from trig_stream.errors import FatalBackendError, ItemError, RetryableError
+from trig_stream.errors import FatalBackendError, ItemError, NotFoundError, RetryableError
 from trig_stream.png import encode_png
 from trig_stream.records import JudgeFingerprint, storable_text
 from trig_stream.scoring import Scorer
