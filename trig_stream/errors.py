@@ -13,6 +13,7 @@ Everything the package raises on purpose derives from :class:`TrigStreamError`::
         ├── RetryableError       worth another attempt (5xx, timeout, reset); may carry retry_after
         │   └── RateLimitError   the server said 429
         ├── ItemError            this item failed for good (4xx, refusal); the run goes on
+        │   └── NotFoundError    the server said 404 (fatal before any call has succeeded)
         └── FatalBackendError    nothing will work (bad credentials, unusable device): the run stops
 
 Per-item failures never escape the engine as exceptions: they become judgements whose status is
