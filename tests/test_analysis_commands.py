@@ -229,6 +229,10 @@ def test_report_on_a_run_made_by_the_engine(make_config: ConfigFactory) -> None:
     result = json.loads((folder / "result.json").read_text())
     assert set(result["metrics"]) == {"IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R"}
     assert len((folder / "relationship_codes.csv").read_text().splitlines()) == 11
+    # `analyze` is for upstream files: given the run, or its journal, it says what to run.
+    for wrong in (config.run_dir, config.run_dir / JOURNAL):
+        with pytest.raises(AnalysisError, match=r"`trig-stream report .*` instead"):
+            run_command("analyze", str(wrong), "--out", str(config.run_dir / "o"))
 
 
 def test_tsne_keeps_close_dimensions_together() -> None:

@@ -143,6 +143,12 @@ def read_upstream(
     Raises:
         AnalysisError: the file cannot be read, its layout is neither, or a value is invalid.
     """
+    run_dir = path if path.is_dir() else path.parent
+    if (run_dir / "manifest.json").is_file() and (path.is_dir() or path.suffix == ".jsonl"):
+        raise AnalysisError(
+            f"{path} is a trig-stream run's; `analyze` reads upstream TRIG JSON files: run "
+            f"`trig-stream report {run_dir}` instead"
+        )
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
