@@ -75,6 +75,26 @@ def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "run.toml:19: engine.turbo: unknown key" in err
 
 
+def test_validate_reads_the_dataset_as_a_run_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, samples=6)
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    records[1]["data_id"] = records[0]["data_id"]
+    records[2]["data_id"] = "../escape"
+    prompts.write_text(json.dumps(records))
+    assert main(["validate", str(path)]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert "6 records, 4 samples to judge" in out
+    assert "2 records would be quarantined:" in out
+    assert f"record 1: duplicate data_id {records[0]['data_id']!r}" in out
+    assert "record 2: data_id '../escape' is not a safe file name" in out
+    prompts.write_bytes(b'[{"data_id": "\xff"}]')  # not UTF-8: the run could not read it
+    assert main(["validate", str(path)]) == EXIT_FATAL
+    assert "byte 14 is not utf-8 text" in capsys.readouterr().err
+
+
 def test_validate_makes_the_checks_of_building_the_backends(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -133,7 +133,14 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+VALIDATE_SHOWN = 5
+"""Records `validate` lists of those a run would quarantine."""
+
+
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from trig_stream.dataset import DatasetSource
+    from trig_stream.records import QuarantinedRecord
+
     config = load_config(args.config)
     if not config.dataset.path.exists():
         raise ConfigError(f"{args.config}: dataset.path: {config.dataset.path} does not exist")
@@ -143,10 +150,29 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         build_generator(generator, config)
     for judge in config.judges:
         build_judge(judge, config)
+    # The dataset is read through, as a run reads it: a file that cannot be read fails here
+    # (DatasetError), and the records the run would quarantine are listed.
+    source = DatasetSource(config.dataset, config.run.task)
+    samples = 0
+    refused: list[QuarantinedRecord] = []
+    for record in source:
+        if isinstance(record, QuarantinedRecord):
+            refused.append(record)
+        else:
+            samples += 1
     out = Console()
     out.print(f"[green]ok[/]: {args.config}", highlight=False)
     out.print(f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}")
-    out.print(f"  dataset {config.dataset.path}")
+    counts = f"{source.records_read} records, {samples} sample{'s' * (samples != 1)} to judge"
+    if source.filtered_out:
+        counts += f", {source.filtered_out} left out by its filters"
+    out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False)
+    if refused:
+        first = f"; the first {VALIDATE_SHOWN}" if len(refused) > VALIDATE_SHOWN else ""
+        out.print(f"  [yellow]{len(refused)} records would be quarantined[/]{first}:")
+        for record in refused[:VALIDATE_SHOWN]:
+            reason = record.reason if len(record.reason) <= 160 else record.reason[:159] + "…"
+            out.print(f"    record {record.index}: {reason}", highlight=False, markup=False)
     out.print("  models: " + ", ".join(f"{g.name} ({g.backend})" for g in config.generators))
     out.print("  judges: " + ", ".join(f"{j.name} ({j.backend})" for j in config.judges))
     return EXIT_OK
