@@ -182,7 +182,9 @@ def test_filters_and_limit(tmp_path: Path) -> None:
     ("record", "reason"),
     [
         ({"prompt": "no id"}, "missing data_id"),
-        ({"data_id": "IQ-R_TA-C_1"}, "prompt"),
+        ({"data_id": "IQ-R_TA-C_1"}, "missing or empty prompt"),
+        ({"data_id": "IQ-R_TA-C_1", "prompt": " \n"}, "missing or empty prompt"),
+        ({"data_id": "IQ-R_TA-C_1", "prompt": ["a", "b"]}, "prompt must be text, got list"),
         ({"data_id": "IQ-R_TA-C_1", "prompt": "p", "dimension": ["IQ-R"]}, "two dimension codes"),
         ({"data_id": "IQ-R_IQ-R_1", "prompt": "p"}, "same dimension twice"),
         (

@@ -177,7 +177,9 @@ class DatasetSource:
         self, raw: Mapping[str, Any], data_id: str, dimensions: tuple[Dimension, Dimension]
     ) -> Sample:
         prompt = raw.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is not None and not isinstance(prompt, str):
+            raise Rejected(f"prompt must be text, got {type(prompt).__name__}")
+        if prompt is None or not prompt.strip():
             raise Rejected("missing or empty prompt")
         img_id = raw.get("img_id") or ""
         if not isinstance(img_id, str):
