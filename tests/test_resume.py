@@ -166,8 +166,21 @@ async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFa
         samples=3,
         generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 32}}],
     )
-    with pytest.raises(FingerprintMismatch, match="size"):
+    # The message names the field that changed, not the whole fingerprint.
+    with pytest.raises(
+        FingerprintMismatch, match="generator 'synth': size 16 in the run dir, 32 in"
+    ):
         await run_to_end(changed)
+    judged_otherwise = make_config(
+        samples=3, judges=[{"name": "trigscore", "backend": "fake", "options": {"seed": 5}}]
+    )
+    with pytest.raises(FingerprintMismatch, match=r"'trigscore': params\.seed 0 in the run dir, 5"):
+        await run_to_end(judged_otherwise)
+    stored = store.Manifest(run_name="r", task="t2i", judges={"j": {"model": "m"}})
+    configured = store.Manifest(run_name="r", task="t2i", judges={"j": {"model": "m", "v": [1]}})
+    assert stored.differences(configured) == [
+        "judge 'j': v not set in the run dir, [1] in the config"
+    ]
     async with Engine(changed, new_run=True) as engine:
         results = [j async for j in engine.results]
     assert len(results) == 6

@@ -72,10 +72,10 @@ class Manifest(BaseModel):
             mine: dict[str, Any] = getattr(self, kind)
             theirs: dict[str, Any] = getattr(other, kind)
             for name in sorted(mine.keys() & theirs.keys()):
-                if mine[name] != theirs[name]:
+                for key, stored, configured in _changed_fields(mine[name], theirs[name]):
                     found.append(
-                        f"{kind[:-1]} {name!r}: {json.dumps(mine[name], sort_keys=True)} in the "
-                        f"run dir, {json.dumps(theirs[name], sort_keys=True)} in the config"
+                        f"{kind[:-1]} {name!r}: {key} {stored} in the run dir, {configured} in "
+                        "the config"
                     )
         return found
 
@@ -89,6 +89,25 @@ class Manifest(BaseModel):
                 "updated_at": time.time(),
             }
         )
+
+
+_ABSENT = object()
+
+
+def _changed_fields(stored: Any, configured: Any, path: str = "") -> list[tuple[str, str, str]]:
+    """Each field that differs between two fingerprints, as (dotted key, stored value,
+    configured value) in JSON; a fingerprint is a JSON object, compared key by key."""
+    if isinstance(stored, dict) and isinstance(configured, dict):
+        changed = []
+        for key in sorted(stored.keys() | configured.keys()):
+            changed += _changed_fields(
+                stored.get(key, _ABSENT), configured.get(key, _ABSENT), f"{path}{key}."
+            )
+        return changed
+    if stored == configured:
+        return []
+    before, after = ("not set" if v is _ABSENT else json.dumps(v) for v in (stored, configured))
+    return [(path.rstrip(".") or "fingerprint", before, after)]
 
 
 @dataclass
