@@ -246,6 +246,36 @@ def test_a_json_dataset_in_any_unicode_encoding_reads_and_other_bytes_are_refuse
         read(DatasetSection(path=latin))
 
 
+def test_json_lines_are_read_a_line_at_a_time_and_a_bad_line_is_its_record_s_fault(
+    tmp_path: Path,
+) -> None:
+    records = [
+        {"data_id": f"IQ-R_TA-C_{i}", "prompt": f"p{i}", "dimension": ["IQ-R", "TA-C"]}
+        for i in range(1, 5)
+    ]
+    lines = [json.dumps(r).encode() for r in records]
+    lines[1] = b'{"data_id": "IQ-R_TA-C_2", "prompt": '  # cut short
+    lines[2] = b"[1, 2]"
+    lines.insert(3, b"   ")  # blank: skipped
+    lines.append(b'{"data_id": "IQ-R_TA-C_\xff"}')
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    section = DatasetSection(path=path)
+    samples, refused = read(section)
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1", "IQ-R_TA-C_4"]
+    reasons = [r.reason for r in refused]
+    assert reasons[0].startswith("line 2 is not JSON: Expecting value")
+    assert reasons[1] == "line 3 is a JSON list, not a record"
+    assert reasons[2] == "line 6: byte 23 is not utf-8 text"
+    assert refused[1].record == {"line": "[1, 2]"}
+    assert DatasetSource(section, "t2i").count() == 2
+    as_json = tmp_path / "prompts.json"  # the same lines under the name of a JSON file
+    as_json.write_text("\n".join(json.dumps(r) for r in records))
+    with pytest.raises(DatasetError, match=r'Extra data.*name it \.jsonl or set format = "jsonl"'):
+        read(DatasetSection(path=as_json))
+    assert len(read(DatasetSection(path=as_json, format="jsonl"))[0]) == 4
+
+
 def test_finished_samples_count_towards_the_limit_but_are_not_built(tmp_path: Path) -> None:
     path = write_prompts(tmp_path / "p.json", 12)
     asked: list[tuple[str, tuple[str, ...]]] = []

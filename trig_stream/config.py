@@ -85,8 +85,9 @@ class DatasetSection(_Section):
     """``[dataset]``: where the TRIG prompts come from, and which of them to use."""
 
     path: Path
-    """A legacy TRIG JSON file, a TRIG parquet file, or a folder of parquet files."""
-    format: Literal["auto", "json", "parquet"] = "auto"
+    """A legacy TRIG JSON file, the same records as JSON Lines, a TRIG parquet file, or a
+    folder of parquet files."""
+    format: Literal["auto", "json", "jsonl", "parquet"] = "auto"
     image_root: Path | None = None
     """Folder holding the source / reference images named by ``img_id`` (p2p, s2p JSON)."""
     pairs: list[PairName] = Field(default_factory=list)

@@ -4,7 +4,8 @@ Both of TRIG's formats are read: the JSON lists of upstream's repository (key ``
 images in a separate folder named by ``img_id``) and the parquet files of the Hugging Face
 dataset (key ``dimensions``, images embedded). Parquet is scanned in small batches with
 polars, so the 18.8 GB image-editing split never sits in memory; embedded images stay encoded
-bytes until a generator asks for them.
+bytes until a generator asks for them. The same records as JSON Lines (one object per line,
+``.jsonl``) are read a line at a time.
 
 A malformed record does not stop a run: it comes out as a :class:`QuarantinedRecord` carrying
 the reason, and the engine writes it to the run's ``quarantine.jsonl``.
@@ -165,11 +166,14 @@ class DatasetSource:
         path = self.section.path
         if not path.exists():
             raise DatasetError(f"dataset {path} does not exist")
-        fmt = self.section.format
+        fmt: str = self.section.format
         if fmt == "auto":
-            fmt = "json" if path.is_file() and path.suffix.lower() == ".json" else "parquet"
+            suffix = path.suffix.lower() if path.is_file() else ""
+            fmt = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix, "parquet")
         if fmt == "json":
             yield from _read_json(path)
+        elif fmt == "jsonl":
+            yield from _read_json_lines(path)
         else:
             yield from _read_parquet(path, identity_only=identity_only)
 
@@ -252,6 +256,8 @@ def _raw_digest(raw: Mapping[str, Any], task: Task, dimensions: tuple[Dimension,
 
 def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]:
     """A record's data_id and pair, checked: what every later step relies on."""
+    if isinstance(raw, _Unreadable):
+        raise Rejected(raw.reason)
     data_id = raw.get("data_id")
     if data_id is None or data_id == "":
         raise Rejected("missing data_id")
@@ -333,8 +339,13 @@ def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
     try:
         # From bytes, json finds the encoding itself: UTF-8 (with or without a BOM), -16, -32.
         data = json.loads(path.read_bytes())
-    except (OSError, json.JSONDecodeError) as exc:
+    except OSError as exc:
         raise DatasetError(f"cannot read dataset {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        hint = ""
+        if exc.msg == "Extra data":  # a second value after the first: one record per line?
+            hint = ' (JSON Lines, one record per line? name it .jsonl or set format = "jsonl")'
+        raise DatasetError(f"cannot read dataset {path}: {exc}{hint}") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(
             f"cannot read dataset {path}: byte {exc.start} is not {exc.encoding} text"
@@ -348,6 +359,49 @@ def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         raise DatasetError(f"dataset {path}: expected a JSON list of TRIG records")
     for record in data:
         yield record if isinstance(record, Mapping) else {"record": record}
+
+
+class _Unreadable(dict[str, Any]):
+    """A JSON Lines line that is no record: quarantined with ``reason``, the rest read on."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(line=text)
+        self.reason = reason
+
+
+LINE_SHOWN = 200
+"""Characters of an unreadable JSON Lines line kept in its quarantine record."""
+
+
+def _read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
+    # One record per line, read as it goes: a line that is not a JSON object (or not UTF-8)
+    # is that record's fault, quarantined; blank lines are skipped.
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset {path}: {exc}") from None
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+            line = line.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                text = line.decode("utf-8", "replace")[:LINE_SHOWN]
+                yield _Unreadable(f"line {number}: byte {exc.start} is not utf-8 text", text)
+                continue
+            except json.JSONDecodeError as exc:
+                text = line.decode("utf-8")[:LINE_SHOWN]
+                yield _Unreadable(f"line {number} is not JSON: {exc}", text)
+                continue
+            if not isinstance(record, Mapping):
+                reason = f"line {number} is a JSON {type(record).__name__}, not a record"
+                yield _Unreadable(reason, line.decode("utf-8")[:LINE_SHOWN])
+                continue
+            yield record
 
 
 IDENTITY_COLUMNS = ("data_id", "dimensions", "dimension")
