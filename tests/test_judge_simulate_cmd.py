@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
 
 import pytest
+from rich.console import Console
 
 from trig_stream.testing.simulate_judge import add_simulate_judge_command, options_from_args
 
@@ -77,6 +79,21 @@ def test_arguments_become_options() -> None:
 def test_bad_arguments_are_explained(argv: tuple[str, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         options_from_args(parse(*argv))
+
+
+def test_a_port_that_cannot_be_listened_on_is_one_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    console = Console(stderr=True, width=200)
+    args = parse("--port", "70000")
+    assert args.handler(args, console) == 2
+    assert "--port 70000: a port is 0 to 65535" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = parse("--port", str(taken.getsockname()[1]))
+        assert args.handler(args, console) == 4
+    assert "Address already in use" in capsys.readouterr().err
 
 
 def test_serves_until_interrupted() -> None:

@@ -21,6 +21,8 @@ from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 4
+"""The address cannot be listened on (as the CLI's exit code for a fatal error)."""
 
 
 def add_simulate_judge_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -115,10 +117,21 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
     """Handler of ``simulate-judge``: serve until SIGINT or SIGTERM."""
     try:
         options = options_from_args(args)
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port {args.port}: a port is 0 to 65535 (0 picks a free one)")
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return EXIT_USAGE
-    anyio.run(_serve, options, args.host, args.port, console, backend="asyncio")
+    try:
+        anyio.run(_serve, options, args.host, args.port, console, backend="asyncio")
+    except OSError as exc:  # the address is taken, or not this machine's
+        # asyncio's text repeats the address; a lookup failure has a negative errno.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        reason = reason or str(exc)
+        console.print(
+            f"[red]error:[/] cannot listen on {args.host}:{args.port}: {reason}", highlight=False
+        )
+        return EXIT_UNAVAILABLE
     return EXIT_OK
 
 
