@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -375,10 +377,35 @@ async def test_earlier_judgements_load_only_once_the_first_new_one_is_durable(
 async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:
     config = make_config(samples=3)
     async with Engine(config) as engine:
-        with pytest.raises(RunLockedError, match="in use"):
+        with pytest.raises(RunLockedError, match="in use by another engine in this process"):
             async with Engine(config):
                 pass
         await engine.drain()
+
+
+def test_a_run_dir_locked_by_another_process_names_its_pid(tmp_path: Path) -> None:
+    holder = (
+        "import sys\n"
+        "from trig_stream import store\n"
+        "run = store.RunDir(__import__('pathlib').Path(sys.argv[1]))\n"
+        "run._acquire_lock()\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "locked\n"
+        with pytest.raises(
+            RunLockedError, match=rf"another trig-stream process \(pid {process.pid}\)"
+        ):
+            store.RunDir(tmp_path)._acquire_lock()
+    finally:
+        process.communicate("")
 
 
 def test_a_lock_error_leaves_no_open_lock_file(

@@ -403,10 +403,15 @@ class RunDir:
             handle.write(str(os.getpid()).encode())
             handle.flush()
         except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(32).decode("ascii", "replace").strip()
             handle.close()
+            if holder == str(os.getpid()):
+                who = "another engine in this process"
+            else:
+                who = f"another trig-stream process (pid {holder})" if holder else "another run"
             raise RunLockedError(
-                f"{self.path} is in use by another trig-stream process; "
-                "use `trig-stream watch` to follow it"
+                f"{self.path} is in use by {who}; use `trig-stream watch` to follow it"
             ) from None
         except BaseException:  # e.g. a file system without locks: the handle must not leak
             handle.close()
