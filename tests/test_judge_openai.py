@@ -296,6 +296,31 @@ async def test_bad_image_is_an_item_error(image: Path, client: Client) -> None:
             await judge.judge(JudgeRequest("m", sample(), "IQ-R", broken, 1))
 
 
+async def test_refusals_before_any_success_stop_the_run_after_a_few(
+    image: Path, client: Client
+) -> None:
+    # A request the server refuses every time (top_logprobs above its --max-logprobs, say):
+    # a few refusals are the images' own errors; that many in a row, and none succeeded, is
+    # the config's, and stops the run instead of refusing every image of it.
+    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+
+    bad = EncodedImage.of("data:image/png;base64,aGVsbG8=")
+    async with JudgeServer() as server, judge_at(server, client=client) as judge:
+        refused = type(judge.prepare(image))(path=image, payload=bad)
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError, match="HTTP 400") as caught:
+                await judge.judge(JudgeRequest("m", sample(), "IQ-R", refused, 1))
+            assert not isinstance(caught.value, FatalBackendError)
+        with pytest.raises(FatalBackendError, match=r"HTTP 400.*none succeeded: check the judge"):
+            await judge.judge(JudgeRequest("m", sample(), "IQ-R", refused, 1))
+    async with JudgeServer() as server, judge_at(server, client=client) as judge:
+        await ask(judge, image)  # once one has succeeded, a refusal is its own request's
+        for _ in range(REFUSALS_TO_STOP + 1):
+            with pytest.raises(ItemError, match="HTTP 400") as caught:
+                await judge.judge(JudgeRequest("m", sample(), "IQ-R", refused, 1))
+            assert not isinstance(caught.value, FatalBackendError)
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_another_event_loop_is_refused_at_open_with_what_to_do() -> None:
     judge = OpenAIJudge(

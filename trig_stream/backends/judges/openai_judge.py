@@ -56,6 +56,11 @@ METRICS_TIMEOUT_S = 5.0
 """How long one read of a server's ``/metrics`` may take."""
 
 
+REFUSALS_TO_STOP = 8
+"""Refusals (HTTP 4xx) an endpoint may answer before its first success without stopping the
+run: that many in a row mean every request would be refused."""
+
+
 class OpenAIJudgeOptions(BaseModel):
     """``options`` of the ``openai`` judge."""
 
@@ -124,6 +129,8 @@ class _Endpoint:
     in_flight: int = 0
     answered: bool = False
     """Whether a request to it has succeeded: its path and model are right."""
+    refused: int = 0
+    """Requests it refused (4xx) before any succeeded."""
 
 
 class OpenAIJudge(Judge):
@@ -309,6 +316,19 @@ class OpenAIJudge(Judge):
             raise FatalBackendError(
                 f"{exc}; no request to this endpoint has succeeded yet: check base_url (an "
                 f"OpenAI-protocol server's usually ends in /v1) and model ({self.options.model!r})"
+            ) from None
+        except ItemError as exc:
+            if endpoint.answered:
+                raise
+            endpoint.refused += 1
+            if endpoint.refused < REFUSALS_TO_STOP:
+                raise
+            # Every answer so far a refusal: the requests, not the images, are at fault
+            # (top_logprobs above the server's --max-logprobs, images beyond its context).
+            raise FatalBackendError(
+                f"{exc}; the first {endpoint.refused} answers of this endpoint were refusals "
+                "and none succeeded: check the judge's options against the server's limits "
+                "(top_logprobs against --max-logprobs, max_pixels against the model's context)"
             ) from None
         except Exception:
             failure = self.server.failure() if self.server is not None else None
