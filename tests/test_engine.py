@@ -19,7 +19,7 @@ from anyio.lowlevel import checkpoint
 from PIL import Image
 
 from tests.conftest import PAIRS, ConfigFactory
-from trig_stream import Engine, FatalBackendError, ItemError
+from trig_stream import Engine, FatalBackendError, ItemError, RetryableError
 from trig_stream.backends.base import (
     EncodedPicture,
     GenerationRequest,
@@ -345,6 +345,42 @@ async def test_retries_use_the_injected_sleep(make_config: ConfigFactory) -> Non
     assert all(0.5 <= d <= 7 for d in delays)
     assert any(j.attempts > 1 for j in results)
     assert sum(j.attempts - 1 for j in results) == len(delays)
+
+
+class AnswersThenFails(FakeJudge):
+    """Answers its first ``answers`` requests, then fails every attempt transiently."""
+
+    def __init__(self, answers: int) -> None:
+        super().__init__(concurrency=1)
+        self.answers = answers
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        if self.answers <= 0:
+            raise RetryableError("judge at http://127.0.0.1:9/v1: connection failed")
+        self.answers -= 1
+        return await super().judge(request)
+
+
+@pytest.mark.parametrize("answers", [0, 3])
+async def test_a_judge_that_never_answered_stops_the_run_when_a_request_spends_its_retries(
+    make_config: ConfigFactory, answers: int
+) -> None:
+    # A server that is down, or at another address: every request would spend its retries.
+    # Once it has answered, a request that spends them is that request's error.
+    config = make_config(samples=6, engine={"max_attempts": 3})
+
+    async def no_wait(seconds: float) -> None:
+        await checkpoint()
+
+    judge = AnswersThenFails(answers)
+    if answers == 0:
+        with pytest.raises(FatalBackendError, match=r"'trigscore' has answered no request yet"):
+            await run_to_end(config, judges=[judge], sleep=no_wait)
+        assert not (config.run_dir / JOURNAL).read_text()
+        return
+    results = await run_to_end(config, judges=[judge], sleep=no_wait)
+    assert Counter(j.status for j in results) == {"ok": 3, "error": 9}
+    assert all("gave up after 3 attempts" in str(j.error) for j in results if j.status == "error")
 
 
 async def test_injected_backends_and_several_engines_in_one_process(

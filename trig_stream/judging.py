@@ -76,6 +76,8 @@ class JudgeStage:
             if judge.name in adaptive and adaptive[judge.name].enabled
         }
         """The controller of each judge whose concurrency is adaptive."""
+        self._answered: set[str] = set()
+        """The judges that have answered a request (a reply, or a refusal of their own)."""
 
     async def run(
         self,
@@ -169,6 +171,7 @@ class JudgeStage:
                     )
                     if controller:
                         controller.on_success(epoch, time.perf_counter() - attempt_started)
+                    self._answered.add(judge.name)
                     break
                 except FatalBackendError:
                     raise
@@ -179,9 +182,18 @@ class JudgeStage:
                         controller.on_failure(epoch)
                     if not self._retry.should_retry(attempts):
                         failure = f"{self._retry.gave_up(attempts)}: {exc}"
+                        if judge.name not in self._answered:
+                            # Nothing has ever come back: every request would end the same
+                            # way (a server that is down, or at another address).
+                            raise FatalBackendError(
+                                f"judge {judge.name!r} has answered no request yet, and a "
+                                f"request failed all its {attempts} attempts (the last: {exc}); "
+                                "is its server running, at the address in the config?"
+                            ) from None
                         break
                     await self._sleep(self._retry.delay(attempts, exc.retry_after))
                 except ItemError as exc:
+                    self._answered.add(judge.name)
                     failure = str(exc) or type(exc).__name__
                     break
                 except Exception as exc:
