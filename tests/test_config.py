@@ -97,6 +97,16 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     assert "2 problems" in message and "extra1" in message and "extra2" in message
 
 
+def test_a_config_saved_with_a_byte_order_mark_and_crlf_line_ends_loads(tmp_path: Path) -> None:
+    # As some Windows editors save it; its problems keep their line numbers.
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.replace("\n", "\r\n").encode())
+    assert load_config(path).run.name == "demo"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.replace("[run]\n", "[run]\nturbo = 1\n").encode())
+    with pytest.raises(ConfigError, match=r"run\.toml:2: run\.turbo"):
+        load_config(path)
+
+
 def test_not_toml_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[run\nname="))

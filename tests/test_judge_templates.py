@@ -31,7 +31,8 @@ def test_builtin_covers_every_task_and_dimension() -> None:
 
 def test_partial_toml_keeps_the_rest_and_says_so(tmp_path: Path) -> None:
     path = tmp_path / "texts.toml"
-    path.write_text('version = "mine-1"\n[criteria]\n"IQ-R" = "is it photographic?"\n')
+    text = 'version = "mine-1"\n[criteria]\n"IQ-R" = "is it photographic?"\n'
+    path.write_text("\ufeff" + text)  # a byte order mark, as some editors write, is skipped
     template = JudgeTemplate.load(path)
     assert template.version == f"mine-1+{BUILTIN_VERSION}"
     assert "is it photographic?" in template.system_text("t2i", "IQ-R", None)

@@ -97,7 +97,7 @@ def read_prompt_pairs(path: Path) -> dict[str, tuple[Dimension, Dimension]]:
         if path.suffix == ".parquet":
             records: list[Any] = pl.read_parquet(path, columns=["data_id", "dimensions"]).to_dicts()
         else:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
         raise AnalysisError(f"{path}: cannot read the prompt file: {exc}") from None
     if not isinstance(records, list):
@@ -150,7 +150,7 @@ def read_upstream(
             f"`trig-stream report {run_dir}` instead"
         )
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise AnalysisError(f"{path}: cannot read JSON: {exc}") from None
     if not isinstance(document, dict) or not document:

@@ -162,7 +162,9 @@ class JudgeTemplate(BaseModel):
         try:
             raw = path.read_bytes()
             data: Any = (
-                json.loads(raw) if path.suffix.lower() == ".json" else tomllib.loads(raw.decode())
+                json.loads(raw)
+                if path.suffix.lower() == ".json"
+                else tomllib.loads(raw.decode("utf-8-sig"))
             )
             override = _TemplateFile.model_validate(data)
         except OSError as exc:
