@@ -92,9 +92,12 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
     (tmp_path / "score.json").write_text(json.dumps({"IQ-R_TA-C": {"IQ-R_TA-C_1": [0.5, "x"]}}))
     with pytest.raises(AnalysisError, match="not a number"):
         run_command("analyze", str(tmp_path / "score.json"), "--out", str(tmp_path / "o"))
-    # A formatted file names no metric: --metric names it.
+    # A formatted file names no metric: --metric names it. (This copy starts with a byte
+    # order mark, as some editors save JSON.)
+    marked = tmp_path / "formatted.json"
+    marked.write_bytes(b"\xef\xbb\xbf" + FORMATTED.read_bytes())
     run_command(
-        "analyze", str(FORMATTED), "--out", str(tmp_path / "o"), "--metric", "clip", "--no-plots"
+        "analyze", str(marked), "--out", str(tmp_path / "o"), "--metric", "clip", "--no-plots"
     )
     assert "clip" in (tmp_path / "o" / "evaluation_result.json").read_text()
     evaluation, _ = formatted_as_evaluation()
