@@ -19,7 +19,7 @@ from anyio.lowlevel import checkpoint
 from PIL import Image
 
 from tests.conftest import PAIRS, ConfigFactory
-from trig_stream import Engine, FatalBackendError, ItemError, RetryableError
+from trig_stream import ConfigError, Engine, FatalBackendError, ItemError, RetryableError
 from trig_stream.backends.base import (
     EncodedPicture,
     GenerationRequest,
@@ -381,6 +381,37 @@ async def test_a_judge_that_never_answered_stops_the_run_when_a_request_spends_i
     results = await run_to_end(config, judges=[judge], sleep=no_wait)
     assert Counter(j.status for j in results) == {"ok": 3, "error": 9}
     assert all("gave up after 3 attempts" in str(j.error) for j in results if j.status == "error")
+
+
+class Connected(FakeJudge):
+    """A judge holding a socket per request in flight, as the ``openai`` judge does."""
+
+    def connections(self, in_flight: int) -> int:
+        return in_flight
+
+
+@pytest.mark.parametrize(("soft", "hard"), [(512, 1024), (512, 8192), (512, -1)])
+async def test_the_open_file_limit_is_raised_for_the_judges_connections_or_the_run_refused(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch, soft: int, hard: int
+) -> None:
+    import resource
+
+    from trig_stream.engine import FILES_BESIDE_CONNECTIONS
+
+    limits = {"now": (soft, hard if hard >= 0 else resource.RLIM_INFINITY)}
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, value: limits.update(now=value))
+    config = make_config(samples=2, judges=[{"name": "trigscore", "backend": "fake"}])
+    judge = Connected(concurrency=2000)
+    wanted = 2000 + FILES_BESIDE_CONNECTIONS
+    if hard == 1024:  # not enough even at the hard limit: refused before anything is made
+        with pytest.raises(ConfigError, match=r"may hold 2000 connections .* only 1024 files"):
+            await run_to_end(config, judges=[judge])
+        assert not config.run_dir.exists()
+        return
+    results = await run_to_end(config, judges=[judge])
+    assert len(results) == 4
+    assert limits["now"] == (wanted, hard if hard >= 0 else resource.RLIM_INFINITY)
 
 
 async def test_injected_backends_and_several_engines_in_one_process(

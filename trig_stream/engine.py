@@ -24,6 +24,7 @@ all the way back to the dataset reader, so a run of any size holds the same amou
 from __future__ import annotations
 
 import json
+import resource
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -44,7 +45,7 @@ from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import TrigStreamError, leaf_errors
+from trig_stream.errors import ConfigError, TrigStreamError, leaf_errors
 from trig_stream.generation import GenerationStage
 from trig_stream.hashing import seed_for
 from trig_stream.judging import JudgeStage
@@ -64,6 +65,9 @@ from trig_stream.store import JournalState, Manifest, RunDir, next_free_run_dir,
 
 SOURCE_CHUNK = 16
 """Work items read per worker-thread call: amortises the thread hop, bounds the read-ahead."""
+FILES_BESIDE_CONNECTIONS = 256
+"""Open files the engine's process may need besides its judges' connections: the journal,
+image writes, libraries, a generator's child processes..."""
 PERSIST_BATCH = 256
 """Most judgements written with one fsync."""
 HISTORY_CHUNK = 2048
@@ -311,6 +315,7 @@ class Engine:
 
     async def _open_backends_and_store(self) -> None:
         config = self.config
+        self._ensure_open_files()
         for judge in self._judges:
             self._fingerprints[judge.name] = judge.fingerprint()
             self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
@@ -332,6 +337,34 @@ class Engine:
         )
         for judge in self._judges:
             await judge.open()
+
+    def _ensure_open_files(self) -> None:
+        # Each request in flight of an HTTP judge holds a socket: with a high concurrency the
+        # process's soft open-file limit (often 1024) is raised toward what the judges need,
+        # up to the hard limit; past that the run would fail mid-way ("Too many open files").
+        adaptive = {entry.name: entry.adaptive for entry in self.config.judges}
+        needs = {}
+        for judge in self._judges:
+            policy = adaptive.get(judge.name)
+            in_flight = policy.max if policy is not None and policy.enabled else judge.concurrency
+            needs[judge.name] = judge.connections(max(in_flight, judge.concurrency))
+        needed = sum(needs.values())
+        if not needed:
+            return
+        wanted = needed + FILES_BESIDE_CONNECTIONS
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if wanted <= soft:
+            return
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        if limit < wanted:
+            detail = ", ".join(f"{name} {count}" for name, count in needs.items() if count)
+            raise ConfigError(
+                f"the judges may hold {needed} connections at once ({detail}), but this "
+                f"process may open only {hard} files (the hard limit, `ulimit -Hn`), and needs "
+                f"~{FILES_BESIDE_CONNECTIONS} besides: lower their concurrency (or adaptive "
+                "max), or raise the limit"
+            )
 
     async def _close_resources(self) -> None:
         if self._closed:

@@ -227,6 +227,11 @@ class Judge(ABC):
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect or load; called once before the first request."""
 
+    def connections(self, in_flight: int) -> int:
+        """Open files (sockets) this judge holds with ``in_flight`` requests at once, for the
+        engine's check of the process's open-file limit. None by default."""
+        return 0
+
     def prepare(self, path: Path) -> PreparedImage:
         """Read and encode an image once for all its requests; runs in a worker thread."""
         return PreparedImage(path=path)

@@ -263,6 +263,10 @@ class OpenAIJudge(Judge):
             waiting=sum(load.waiting for load in known),
         )
 
+    def connections(self, in_flight: int) -> int:
+        # A connection per request in flight, and one per endpoint for its /metrics.
+        return in_flight + max(1, len(self.options.endpoints))
+
     def prepare(self, path: Path) -> PreparedImage:
         """Read the image once and encode it for every request about it (a worker thread).
 
