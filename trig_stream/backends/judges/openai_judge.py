@@ -332,7 +332,8 @@ class OpenAIJudge(Judge):
             raise FatalBackendError(
                 f"{exc}; the first {endpoint.refused} answers of this endpoint were refusals "
                 "and none succeeded: check the judge's options against the server's limits "
-                "(top_logprobs against --max-logprobs, max_pixels against the model's context)"
+                "(top_logprobs against --max-logprobs, max_pixels against the model's context); "
+                "the refused ones are kept as errors: resume with --retry-errors to ask again"
             ) from None
         except Exception:
             failure = self.server.failure() if self.server is not None else None
