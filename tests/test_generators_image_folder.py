@@ -149,6 +149,18 @@ def test_extension_preference_and_case(tmp_path: Path) -> None:
     assert isinstance(image, Image.Image) and image.size == (6, 6)
     generator.close()
     assert generator.unmatched == []
+    # The file that lost is named in the run's notes.
+    assert generator.shadowed == ["IQ-R_TA-C_1.PNG"]
+    assert "not used: their sample has a file of an extension earlier" in generator.notes()[0]
+
+
+def test_an_empty_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "IQ-R_TA-C_1.png").write_bytes(b"")
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    (outcome,) = generator.generate([request("IQ-R_TA-C_1")], worker=0, cancel=threading.Event())
+    assert isinstance(outcome, ItemError)
+    assert str(outcome) == f"image file {tmp_path / 'IQ-R_TA-C_1.png'} is empty (0 bytes)"
 
 
 def test_cancelled_requests_read_nothing(tmp_path: Path) -> None:

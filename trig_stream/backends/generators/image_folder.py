@@ -75,6 +75,9 @@ class ImageFolderGenerator(Generator):
         self.folder = options.path
         self.unmatched: list[str] = []
         self.ignored: list[str] = []
+        self.shadowed: list[str] = []
+        """Files of a requested sample that another file of it, of a preferred extension, won
+        over (known after :meth:`close`)."""
         self._files: dict[str, list[Path]] = {}
         self._others: dict[str, list[Path]] = {}
         self._requested: set[str] = set()
@@ -163,6 +166,13 @@ class ImageFolderGenerator(Generator):
             found.append(
                 f"{len(self.ignored)} file(s) in {self.folder} skipped for their extension"
             )
+        if self.shadowed:
+            shown = ", ".join(self.shadowed[:5]) + (", ..." if len(self.shadowed) > 5 else "")
+            found.append(
+                f"{len(self.shadowed)} file(s) in {self.folder} not used: their sample has a file "
+                f"of an extension earlier in `extensions` ({', '.join(self.options.extensions)})"
+                f": {shown}"
+            )
         return found
 
     def close(self) -> None:
@@ -176,6 +186,12 @@ class ImageFolderGenerator(Generator):
             for path in paths
         )
         self.ignored = sorted(path.name for paths in self._others.values() for path in paths)
+        self.shadowed = sorted(
+            path.name
+            for stem, paths in self._files.items()
+            if stem in requested
+            for path in paths[1:]
+        )
         if self.unmatched:
             shown = ", ".join(self.unmatched[:5]) + (", ..." if len(self.unmatched) > 5 else "")
             logger.warning(

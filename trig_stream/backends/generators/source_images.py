@@ -30,6 +30,8 @@ def open_image(path: Path) -> Image:
     except FileNotFoundError:
         raise ItemError(f"image file {path} does not exist") from None
     except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
+        if path.is_file() and path.stat().st_size == 0:  # say so, not "cannot identify"
+            raise ItemError(f"image file {path} is empty (0 bytes)") from None
         raise ItemError(f"cannot read image {path}: {exc}") from None
 
 
