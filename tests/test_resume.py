@@ -383,6 +383,21 @@ async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:
         await engine.drain()
 
 
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [(b"{broken", "Invalid JSON"), (b'{"schema_version": 1}', "run_name: Field required")],
+)
+def test_a_damaged_manifest_is_one_message_saying_what_to_do(
+    tmp_path: Path, content: bytes, detail: str
+) -> None:
+    (tmp_path / store.MANIFEST).write_bytes(content)
+    with pytest.raises(store.RunDirError) as raised:
+        store.read_manifest(tmp_path)
+    message = str(raised.value)
+    assert f"it is damaged ({detail}" in message and "--new-run" in message
+    assert "\n" not in message and "pydantic" not in message
+
+
 def test_a_run_dir_locked_by_another_process_names_its_pid(tmp_path: Path) -> None:
     holder = (
         "import sys\n"

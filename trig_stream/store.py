@@ -32,7 +32,7 @@ from pathlib import Path
 from sys import intern
 from typing import IO, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.records import SCHEMA_VERSION, Judgement, JudgementKey, QuarantinedRecord, Status
@@ -470,6 +470,14 @@ def read_manifest(run_dir: Path) -> Manifest:
         return Manifest.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(map(str, error["loc"]))
+        raise RunDirError(
+            f"cannot read {path}: it is damaged ({where + ': ' if where else ''}{error['msg']}); "
+            "the run directory cannot be used as it is: start a fresh one with --new-run, or "
+            "restore the file"
+        ) from None
     except (OSError, ValueError) as exc:
         raise RunDirError(f"cannot read {path}: {exc}") from None
 
