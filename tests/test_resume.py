@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory
 from tests.test_engine import journal, keys_count, run_to_end
-from trig_stream import Engine, FingerprintMismatch, RunLockedError, store
+from trig_stream import Engine, FingerprintMismatch, RunDirError, RunLockedError, store
 from trig_stream import engine as engine_module
 from trig_stream.errors import FatalBackendError
 from trig_stream.png import SAMPLE_KEY
@@ -391,7 +391,7 @@ def test_a_damaged_manifest_is_one_message_saying_what_to_do(
     tmp_path: Path, content: bytes, detail: str
 ) -> None:
     (tmp_path / store.MANIFEST).write_bytes(content)
-    with pytest.raises(store.RunDirError) as raised:
+    with pytest.raises(RunDirError) as raised:
         store.read_manifest(tmp_path)
     message = str(raised.value)
     assert f"it is damaged ({detail}" in message and "--new-run" in message
