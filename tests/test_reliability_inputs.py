@@ -149,6 +149,12 @@ BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
     ("dataset not JSON", replace("prompts.json", "garbage.json"), EXIT_FATAL, "cannot read"),
     ("dataset not a list", replace("prompts.json", "number.json"), EXIT_FATAL, "JSON list"),
     (
+        "dataset of an unknown kind",
+        replace("prompts.json", "prompts.csv"),
+        EXIT_FATAL,
+        "since its name ends in none of .json, .jsonl and .ndjson; set [dataset] format",
+    ),
+    (
         "dataset not parquet",
         replace('path = "prompts.json"', 'path = "garbage.json"\nformat = "parquet"'),
         EXIT_FATAL,
@@ -189,6 +195,7 @@ def test_broken_config_gives_one_clear_message_and_its_exit_code(
     write_prompts(tmp_path / "prompts.json", 4)
     (tmp_path / "garbage.json").write_text("garbage{")
     (tmp_path / "number.json").write_text("42")
+    (tmp_path / "prompts.csv").write_text("data_id,prompt\n")
     path = tmp_path / "run.toml"
     path.write_text(edit(CONFIG))
     assert main(["run", str(path), "--headless", "--no-report"]) == code

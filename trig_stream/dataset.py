@@ -430,4 +430,10 @@ def _read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mappin
         for batch in batches:
             yield from batch.iter_rows(named=True)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DatasetError(f"cannot read parquet dataset {path}: {exc}") from None
+        hint = ""
+        if path.is_file() and path.suffix.lower() != ".parquet":
+            hint = (
+                " (read as parquet, since its name ends in none of .json, .jsonl and .ndjson; "
+                "set [dataset] format if it is JSON)"
+            )
+        raise DatasetError(f"cannot read parquet dataset {path}: {exc}{hint}") from None
