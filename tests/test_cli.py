@@ -95,6 +95,14 @@ def test_validate_reads_the_dataset_as_a_run_would(
     assert "byte 14 is not utf-8 text" in capsys.readouterr().err
 
 
+def test_make_tiny_models_into_a_file_is_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    assert main(["make-tiny-models", str(tmp_path / "a-file" / "models")]) == EXIT_RUN_DIR
+    assert "cannot make the folder" in capsys.readouterr().err
+
+
 def test_validate_makes_the_checks_of_building_the_backends(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,6 +19,10 @@ from rich.console import Console
 TINY_MODELS = ("flux", "sd", "instruct_pix2pix", "vlm")
 
 
+EXIT_CANNOT_WRITE = 3
+"""The output folder cannot be made (as the CLI's exit code for an unusable run directory)."""
+
+
 def add_tiny_models_command(subparsers: Any) -> None:
     """Add ``make-tiny-models OUT`` to the ``trig-stream`` command."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -33,11 +37,20 @@ def add_tiny_models_command(subparsers: Any) -> None:
 
 
 def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
-    """Build every tiny model missing under ``args.out``; return 0."""
+    """Build every tiny model missing under ``args.out``.
+
+    Returns:
+        0, or 3 when ``args.out`` cannot hold them (a file, or a folder it cannot write).
+    """
     from trig_stream.testing.tiny_pipelines import build_tiny_pipeline
     from trig_stream.testing.tiny_vlm import build_tiny_vlm
 
     out: Path = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        console.print(f"[red]error:[/] cannot make the folder {out}: {exc.strerror or exc}")
+        return EXIT_CANNOT_WRITE
     for name in TINY_MODELS:
         folder = out / name
         if folder.is_dir() and any(folder.iterdir()) and not args.force:
