@@ -259,6 +259,25 @@ async def test_missing_logprobs_gives_a_reply_without_them(image: Path, client: 
     assert reply.text in ("Excellent", "Good", "Medium", "Bad", "Terr")
 
 
+async def test_a_server_that_never_returns_logprobs_stops_the_run_after_a_few_answers(
+    image: Path, client: Client
+) -> None:
+    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+
+    options = JudgeServerOptions(missing_logprobs_rate=1.0)
+    async with JudgeServer(options) as server, judge_at(server, client=client) as judge:
+        for _ in range(REFUSALS_TO_STOP - 1):
+            assert (await ask(judge, image)).top_logprobs is None
+        with pytest.raises(FatalBackendError, match=r"carried no logprobs.*does not return them"):
+            await ask(judge, image)
+    # Once one answer has carried them, an answer without them is that request's alone.
+    async with JudgeServer() as server, judge_at(server, client=client) as judge:
+        await ask(judge, image)
+        server.options = server.options.model_copy(update={"missing_logprobs_rate": 1.0})
+        for _ in range(REFUSALS_TO_STOP + 1):
+            assert (await ask(judge, image)).top_logprobs is None
+
+
 async def test_a_token_that_is_half_a_character_is_kept_and_the_reply_scored(
     image: Path, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -57,8 +57,9 @@ METRICS_TIMEOUT_S = 5.0
 
 
 REFUSALS_TO_STOP = 8
-"""Refusals (HTTP 4xx) an endpoint may answer before its first success without stopping the
-run: that many in a row mean every request would be refused."""
+"""Refusals (HTTP 4xx) an endpoint may answer before its first success, or answers without
+logprobs before its first with them, without stopping the run: that many in a row mean every
+request would end the same way."""
 
 
 class OpenAIJudgeOptions(BaseModel):
@@ -131,6 +132,10 @@ class _Endpoint:
     """Whether a request to it has succeeded: its path and model are right."""
     refused: int = 0
     """Requests it refused (4xx) before any succeeded."""
+    scored: bool = False
+    """Whether an answer of it has carried logprobs."""
+    unscored: int = 0
+    """Answers without logprobs before the first with them."""
 
 
 class OpenAIJudge(Judge):
@@ -343,7 +348,20 @@ class OpenAIJudge(Judge):
         finally:
             endpoint.in_flight -= 1
         endpoint.answered = True
-        return reply_of(completion, endpoint.transport.url)
+        reply = reply_of(completion, endpoint.transport.url)
+        if reply.top_logprobs is not None:
+            endpoint.scored = True
+        elif not endpoint.scored:
+            endpoint.unscored += 1
+            if endpoint.unscored >= REFUSALS_TO_STOP:
+                # A server that drops the option (some OpenAI-compatible ones do): no answer
+                # of it could ever be scored.
+                raise FatalBackendError(
+                    f"judge at {endpoint.transport.url}: its first {endpoint.unscored} answers "
+                    "carried no logprobs, and none did: this server does not return them (for "
+                    f"this model, {self.options.model!r}), and TRIGScore is read from them"
+                )
+        return reply
 
     def _body(self, request: JudgeRequest) -> dict[str, Any]:
         # The image's URL is put in its slot by the transport (see ``transports``).
