@@ -340,6 +340,34 @@ async def test_refusals_before_any_success_stop_the_run_after_a_few(
             assert not isinstance(caught.value, FatalBackendError)
 
 
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "Your input image may contain content that is not allowed by our safety system.",
+        "The response was filtered due to the prompt triggering Azure OpenAI's content "
+        "management policy (content_filter).",
+    ],
+)
+async def test_content_refusals_never_stop_the_run_however_many(image: Path, reason: str) -> None:
+    # A content filter refuses TRIG's toxicity samples one by one, and a run of them may
+    # come first: they are those requests' errors, never the config's.
+    from trig_stream.backends.judges.http_errors import status_error
+    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+
+    async with JudgeServer() as server, judge_at(server) as judge:
+
+        async def refused(*args: object) -> None:
+            raise status_error(
+                400, {}, {"message": reason}, endpoint=server.base_url, secret=None, key_source=""
+            )
+
+        judge._endpoints[0].transport.post = refused  # type: ignore[method-assign,assignment]
+        for _ in range(3 * REFUSALS_TO_STOP):
+            with pytest.raises(ItemError, match="HTTP 400") as caught:
+                await ask(judge, image)
+            assert not isinstance(caught.value, FatalBackendError)
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_another_event_loop_is_refused_at_open_with_what_to_do() -> None:
     judge = OpenAIJudge(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -55,6 +56,10 @@ from trig_stream.scoring import Scorer
 METRICS_TIMEOUT_S = 5.0
 """How long one read of a server's ``/metrics`` may take."""
 
+
+CONTENT_REFUSAL = re.compile(r"safety|polic(y|ies)|content[ _]?filter|moderation|flagged", re.I)
+"""What a refusal of one request's content says (OpenAI's safety system, Azure's content
+filter): such refusals are never counted towards :data:`REFUSALS_TO_STOP`."""
 
 REFUSALS_TO_STOP = 8
 """Refusals (HTTP 4xx) an endpoint may answer before its first success, or answers without
@@ -327,7 +332,9 @@ class OpenAIJudge(Judge):
                 f"OpenAI-protocol server's usually ends in /v1) and model ({self.options.model!r})"
             ) from None
         except ItemError as exc:
-            if endpoint.answered:
+            if endpoint.answered or CONTENT_REFUSAL.search(str(exc)):
+                # A content filter refuses images one by one (a run of TRIG's toxicity
+                # samples can set it off many times in a row): never the config's fault.
                 raise
             endpoint.refused += 1
             if endpoint.refused < REFUSALS_TO_STOP:
