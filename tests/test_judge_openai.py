@@ -368,6 +368,23 @@ async def test_content_refusals_never_stop_the_run_however_many(image: Path, rea
             assert not isinstance(caught.value, FatalBackendError)
 
 
+async def test_answers_a_content_filter_cut_off_never_stop_the_run(image: Path) -> None:
+    # Azure's filter answers 200 with finish_reason "content_filter", and maybe no logprobs.
+    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+
+    filtered = {
+        "choices": [{"message": {"content": ""}, "finish_reason": "content_filter", "index": 0}]
+    }
+
+    async def cut_off(*args: object) -> dict[str, Any]:
+        return filtered
+
+    async with JudgeServer() as server, judge_at(server) as judge:
+        judge._endpoints[0].transport.post = cut_off  # type: ignore[method-assign,assignment]
+        for _ in range(3 * REFUSALS_TO_STOP):
+            assert (await ask(judge, image)).top_logprobs is None
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_another_event_loop_is_refused_at_open_with_what_to_do() -> None:
     judge = OpenAIJudge(

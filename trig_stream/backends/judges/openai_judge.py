@@ -358,7 +358,7 @@ class OpenAIJudge(Judge):
         reply = reply_of(completion, endpoint.transport.url)
         if reply.top_logprobs is not None:
             endpoint.scored = True
-        elif not endpoint.scored:
+        elif not endpoint.scored and not _filtered(completion):
             endpoint.unscored += 1
             if endpoint.unscored >= REFUSALS_TO_STOP:
                 # A server that drops the option (some OpenAI-compatible ones do): no answer
@@ -384,6 +384,15 @@ class OpenAIJudge(Judge):
         if opts.seed is not None:
             body["seed"] = opts.seed
         return body
+
+
+def _filtered(completion: Any) -> bool:
+    # An answer a content filter cut off (Azure's finish_reason) may carry no logprobs: it is
+    # that request's, and says nothing of what the server returns for the others.
+    try:
+        return bool(completion["choices"][0].get("finish_reason") == "content_filter")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
 
 
 def reply_of(completion: Any, endpoint: str) -> JudgeReply:
