@@ -268,7 +268,7 @@ async def test_a_server_that_never_returns_logprobs_stops_the_run_after_a_few_an
     async with JudgeServer(options) as server, judge_at(server, client=client) as judge:
         for _ in range(REFUSALS_TO_STOP - 1):
             assert (await ask(judge, image)).top_logprobs is None
-        with pytest.raises(FatalBackendError, match=r"carried no logprobs.*does not return them"):
+        with pytest.raises(FatalBackendError, match=r"came without logprobs.*does not return them"):
             await ask(judge, image)
     # Once one answer has carried them, an answer without them is that request's alone.
     async with JudgeServer() as server, judge_at(server, client=client) as judge:

@@ -131,7 +131,17 @@ class Secret:
 
 @dataclass(slots=True)
 class _Endpoint:
+    """One base URL: its transport, its requests in flight, and what its first answers said.
+
+    Until a request to it succeeds, an endpoint's failures may be the config's rather than the
+    requests': then every request would fail the same way, and the run stops instead of making
+    every image for an error judgement. That is a 404 (no such path or model), eight refusals
+    (4xx) in a row, or eight answers in a row without logprobs. After the first success (or the
+    first answer with logprobs) each such failure is its own request's.
+    """
+
     transport: Transport
+    model: str
     in_flight: int = 0
     answered: bool = False
     """Whether a request to it has succeeded: its path and model are right."""
@@ -141,6 +151,46 @@ class _Endpoint:
     """Whether an answer of it has carried logprobs."""
     unscored: int = 0
     """Answers without logprobs before the first with them."""
+
+    def refusal(self, error: ItemError) -> FatalBackendError | None:
+        """The run-stopping error ``error`` (a 4xx) stands for, or None if it is the request's."""
+        if self.answered or CONTENT_REFUSAL.search(str(error)):
+            # A content filter refuses images one by one (a run of TRIG's toxicity samples
+            # can set it off many times in a row): never the config's fault.
+            return None
+        if isinstance(error, NotFoundError):
+            return FatalBackendError(
+                f"{error}; no request to this endpoint has succeeded yet: check base_url (an "
+                f"OpenAI-protocol server's usually ends in /v1) and model ({self.model!r})"
+            )
+        self.refused += 1
+        if self.refused < REFUSALS_TO_STOP:
+            return None
+        # Every answer so far a refusal: the requests, not the images, are at fault.
+        return FatalBackendError(
+            f"{error}; the first {self.refused} answers of this endpoint were refusals and "
+            "none succeeded: check the judge's options against the server's limits "
+            "(top_logprobs against --max-logprobs, max_pixels against the model's context); "
+            "the refused ones are kept as errors: resume with --retry-errors to ask again"
+        )
+
+    def answer(self, reply: JudgeReply, completion: Any) -> FatalBackendError | None:
+        """The run-stopping error a successful answer stands for, or None (the usual)."""
+        self.answered = True
+        if reply.top_logprobs is not None:
+            self.scored = True
+            return None
+        if self.scored or _filtered(completion):
+            return None
+        self.unscored += 1
+        if self.unscored < REFUSALS_TO_STOP:
+            return None
+        # A server that drops the option (some OpenAI-compatible ones do).
+        return FatalBackendError(
+            f"judge at {self.transport.url}: its first {self.unscored} answers all came without "
+            f"logprobs: this server does not return them (for this model, {self.model!r}), and "
+            "TRIGScore is read from them"
+        )
 
 
 class OpenAIJudge(Judge):
@@ -247,7 +297,7 @@ class OpenAIJudge(Judge):
                 key_source=self._key_source,
                 timeout_s=self.options.timeout_s,
             )
-            self._endpoints.append(_Endpoint(transport))
+            self._endpoints.append(_Endpoint(transport, self.options.model))
 
     async def aclose(self) -> None:
         endpoints, self._endpoints = self._endpoints, []
@@ -322,31 +372,11 @@ class OpenAIJudge(Judge):
         endpoint.in_flight += 1
         try:
             completion = await endpoint.transport.post(self._body(request), payload)
-        except NotFoundError as exc:
-            if endpoint.answered:
-                raise
-            # Before any success, a 404 is the config's: a base URL without its /v1, or a
-            # model the server does not serve. Every request would fail the same way.
-            raise FatalBackendError(
-                f"{exc}; no request to this endpoint has succeeded yet: check base_url (an "
-                f"OpenAI-protocol server's usually ends in /v1) and model ({self.options.model!r})"
-            ) from None
-        except ItemError as exc:
-            if endpoint.answered or CONTENT_REFUSAL.search(str(exc)):
-                # A content filter refuses images one by one (a run of TRIG's toxicity
-                # samples can set it off many times in a row): never the config's fault.
-                raise
-            endpoint.refused += 1
-            if endpoint.refused < REFUSALS_TO_STOP:
-                raise
-            # Every answer so far a refusal: the requests, not the images, are at fault
-            # (top_logprobs above the server's --max-logprobs, images beyond its context).
-            raise FatalBackendError(
-                f"{exc}; the first {endpoint.refused} answers of this endpoint were refusals "
-                "and none succeeded: check the judge's options against the server's limits "
-                "(top_logprobs against --max-logprobs, max_pixels against the model's context); "
-                "the refused ones are kept as errors: resume with --retry-errors to ask again"
-            ) from None
+        except ItemError as exc:  # a 4xx, a 404 (NotFoundError) included
+            fatal = endpoint.refusal(exc)
+            if fatal is not None:
+                raise fatal from None
+            raise
         except Exception:
             failure = self.server.failure() if self.server is not None else None
             if failure is not None:  # the server we started has died: nothing will work
@@ -354,20 +384,10 @@ class OpenAIJudge(Judge):
             raise
         finally:
             endpoint.in_flight -= 1
-        endpoint.answered = True
         reply = reply_of(completion, endpoint.transport.url)
-        if reply.top_logprobs is not None:
-            endpoint.scored = True
-        elif not endpoint.scored and not _filtered(completion):
-            endpoint.unscored += 1
-            if endpoint.unscored >= REFUSALS_TO_STOP:
-                # A server that drops the option (some OpenAI-compatible ones do): no answer
-                # of it could ever be scored.
-                raise FatalBackendError(
-                    f"judge at {endpoint.transport.url}: its first {endpoint.unscored} answers "
-                    "carried no logprobs, and none did: this server does not return them (for "
-                    f"this model, {self.options.model!r}), and TRIGScore is read from them"
-                )
+        fatal = endpoint.answer(reply, completion)
+        if fatal is not None:
+            raise fatal
         return reply
 
     def _body(self, request: JudgeRequest) -> dict[str, Any]:
