@@ -547,6 +547,34 @@ async def test_accepted_key_is_sent(
 # -- several endpoints --------------------------------------------------------------------------
 
 
+async def test_an_endpoint_that_fails_rests_while_another_takes_its_requests(
+    image: Path, client: Client
+) -> None:
+    # A refused connection leaves the dead endpoint the least busy of all: without a rest
+    # it would draw nearly every request, and each retry of it (seen: 118 of 128 failed).
+    async with JudgeServer() as gone:
+        dead = gone.base_url
+    now = [100.0]
+    async with JudgeServer() as live:
+        options = OpenAIJudgeOptions(base_urls=[dead, live.base_url], model="m", client=client)
+        judge = OpenAIJudge("m", options, clock=lambda: now[0])
+        await judge.open()
+        try:
+            outcomes = []
+            for step in (0.0, 0.0, 0.0, 0.6, 0.0, 0.6, 0.5, 0.0):
+                now[0] += step
+                try:
+                    await ask(judge, image)
+                    outcomes.append("ok")
+                except RetryableError:
+                    outcomes.append("down")
+        finally:
+            await judge.aclose()
+    # Rests of 0.5 s, then 1 s, then 2 s: the dead endpoint is tried once each time one ends.
+    assert outcomes == ["down", "ok", "ok", "down", "ok", "ok", "down", "ok"]
+    assert live.stats().served == 5
+
+
 async def test_endpoints_share_the_load(image: Path, client: Client) -> None:
     options = JudgeServerOptions(latency_s=0.02)
     async with JudgeServer(options) as one, JudgeServer(options) as two:

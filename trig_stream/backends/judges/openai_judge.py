@@ -9,7 +9,7 @@ through trig-stream's own small HTTP/1.1 client (``client = "http"``), a plain a
 the engine owns retries, so they never compound.
 
 Several ``base_urls`` serving the same model share the load: each request goes to the endpoint
-with the fewest requests in flight. Instead of a URL, ``serve`` starts the server for the run
+with the fewest requests in flight, of those not resting after a failure (see ``_Endpoint``). Instead of a URL, ``serve`` starts the server for the run
 (see :mod:`~trig_stream.backends.judges.managed_server`). For adaptive concurrency the judge
 reads vLLM's queue gauges from ``/metrics`` beside each base URL (:meth:`OpenAIJudge.
 server_load`). The API key is read from the environment variable that
@@ -30,6 +30,8 @@ import asyncio
 import io
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -48,7 +50,13 @@ from trig_stream.backends.judges.transports import (
     open_transport,
 )
 from trig_stream.config import HttpUrl
-from trig_stream.errors import FatalBackendError, ItemError, NotFoundError, RetryableError
+from trig_stream.errors import (
+    FatalBackendError,
+    ItemError,
+    NotFoundError,
+    RateLimitError,
+    RetryableError,
+)
 from trig_stream.png import encode_png
 from trig_stream.records import JudgeFingerprint, storable_text
 from trig_stream.scoring import Scorer
@@ -60,6 +68,10 @@ METRICS_TIMEOUT_S = 5.0
 CONTENT_REFUSAL = re.compile(r"safety|polic(y|ies)|content[ _]?filter|moderation|flagged", re.I)
 """What a refusal of one request's content says (OpenAI's safety system, Azure's content
 filter): such refusals are never counted towards :data:`REFUSALS_TO_STOP`."""
+
+REST_FIRST_S = 0.5
+REST_MAX_S = 30.0
+"""How long an endpoint rests after a transient failure: the first, and at most."""
 
 REFUSALS_TO_STOP = 8
 """Refusals (HTTP 4xx) an endpoint may answer before its first success, or answers without
@@ -138,11 +150,20 @@ class _Endpoint:
     every image for an error judgement. That is a 404 (no such path or model), eight refusals
     (4xx) in a row, or eight answers in a row without logprobs. After the first success (or the
     first answer with logprobs) each such failure is its own request's.
+
+    A transient failure (no connection, a timeout, a 5xx) rests the endpoint for a while: 0.5 s,
+    doubling with each failure in a row up to 30 s. A resting endpoint gets no request while
+    another does not rest, so one that is down does not draw the requests that the least busy
+    rule would give it (a refused connection leaves it the least busy of all).
     """
 
     transport: Transport
     model: str
     in_flight: int = 0
+    failures: int = 0
+    """Transient failures in a row."""
+    rests_until: float = 0.0
+    """Until when (the judge's clock) it gets no request while another endpoint can take it."""
     answered: bool = False
     """Whether a request to it has succeeded: its path and model are right."""
     refused: int = 0
@@ -174,9 +195,16 @@ class _Endpoint:
             "the refused ones are kept as errors: resume with --retry-errors to ask again"
         )
 
+    def failed(self, now: float) -> None:
+        """A transient failure: rest a while longer each time in a row."""
+        self.failures += 1
+        self.rests_until = now + min(REST_MAX_S, REST_FIRST_S * 2 ** (self.failures - 1))
+
     def answer(self, reply: JudgeReply, completion: Any) -> FatalBackendError | None:
         """The run-stopping error a successful answer stands for, or None (the usual)."""
         self.answered = True
+        self.failures = 0
+        self.rests_until = 0.0
         if reply.top_logprobs is not None:
             self.scored = True
             return None
@@ -215,10 +243,12 @@ class OpenAIJudge(Judge):
         concurrency: int = 16,
         scorer: Scorer = "robust",
         confidence: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(
             name, options, concurrency=concurrency, scorer=scorer, confidence=confidence
         )
+        self._clock = clock
         self.template = JudgeTemplate.chosen(options.template)
         self._endpoints: list[_Endpoint] = []
         self._secret: Secret | None = None
@@ -368,7 +398,7 @@ class OpenAIJudge(Judge):
         payload = request.image.payload
         if not isinstance(payload, EncodedImage):
             raise ItemError(f"image {request.image.path} was not prepared by this judge")
-        endpoint = min(self._endpoints, key=lambda e: e.in_flight)
+        endpoint = self._pick()
         endpoint.in_flight += 1
         try:
             completion = await endpoint.transport.post(self._body(request), payload)
@@ -377,7 +407,9 @@ class OpenAIJudge(Judge):
             if fatal is not None:
                 raise fatal from None
             raise
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, RetryableError) and not isinstance(exc, RateLimitError):
+                endpoint.failed(self._clock())  # a 429 says "slower", not "elsewhere"
             failure = self.server.failure() if self.server is not None else None
             if failure is not None:  # the server we started has died: nothing will work
                 raise failure from None
@@ -389,6 +421,18 @@ class OpenAIJudge(Judge):
         if fatal is not None:
             raise fatal
         return reply
+
+    def _pick(self) -> _Endpoint:
+        # The least busy endpoint of those not resting; when all rest, the one whose rest
+        # ends first (a single endpoint is always picked: the engine's backoff paces it).
+        endpoints = self._endpoints
+        if len(endpoints) == 1:
+            return endpoints[0]
+        now = self._clock()
+        awake = [e for e in endpoints if e.rests_until <= now]
+        if not awake:
+            return min(endpoints, key=lambda e: e.rests_until)
+        return min(awake, key=lambda e: e.in_flight)
 
     def _body(self, request: JudgeRequest) -> dict[str, Any]:
         # The image's URL is put in its slot by the transport (see ``transports``).
