@@ -9,8 +9,9 @@ through trig-stream's own small HTTP/1.1 client (``client = "http"``), a plain a
 the engine owns retries, so they never compound.
 
 Several ``base_urls`` serving the same model share the load: each request goes to the endpoint
-with the fewest requests in flight, of those not resting after a failure (see ``_Endpoint``). Instead of a URL, ``serve`` starts the server for the run
-(see :mod:`~trig_stream.backends.judges.managed_server`). For adaptive concurrency the judge
+with the fewest requests in flight, of those not resting after a failure (see ``_Endpoint``).
+Instead of a URL, ``serve`` starts the server for the run (see
+:mod:`~trig_stream.backends.judges.managed_server`). For adaptive concurrency the judge
 reads vLLM's queue gauges from ``/metrics`` beside each base URL (:meth:`OpenAIJudge.
 server_load`). The API key is read from the environment variable that
 ``api_key_env`` names; the key itself never appears in the config, the fingerprint, an error
