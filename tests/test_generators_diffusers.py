@@ -345,9 +345,9 @@ def test_a_failed_call_fails_its_items_and_a_failed_device_stops_the_run(
     generator = make_generator(tiny_pipelines["flux"])
     generator.load()
     batch = [request("IQ-R_TA-C_1", 1), request("IQ-R_TA-C_2", 2)]
-    generator._pipes[0] = FailingPipeline(torch.OutOfMemoryError("CUDA out of memory"))
+    generator._pipes[0] = FailingPipeline(RuntimeError("Expected all tensors on one device"))
     outcomes = generator.generate(batch, worker=0, cancel=threading.Event())
-    assert [str(o) for o in outcomes] == ["OutOfMemoryError: CUDA out of memory"] * 2
+    assert [str(o) for o in outcomes] == ["RuntimeError: Expected all tensors on one device"] * 2
     # Not the caught error: its traceback would keep the failed call's tensors alive.
     assert all(isinstance(o, ItemError) and o.__traceback__ is None for o in outcomes)
     generator._pipes[0] = FailingPipeline(torch.AcceleratorError("an illegal memory access"))
@@ -416,6 +416,50 @@ def test_two_devices_two_pipelines(tiny_pipelines: dict[TinyKind, Path]) -> None
     assert isinstance(first, Image.Image) and isinstance(second, Image.Image)
     assert first.tobytes() == second.tobytes()
     assert generator._pipes[0] is not generator._pipes[1]
+
+
+class SmallMemoryPipe:
+    """The real pipeline, on a device whose memory holds at most ``fits`` prompts a call."""
+
+    def __init__(self, pipe: Any, fits: int) -> None:
+        self.pipe, self.fits = pipe, fits
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def __call__(self, prompt: list[str], **kwargs: Any) -> Any:
+        import torch
+
+        if len(prompt) > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.pipe(prompt=prompt, **kwargs)
+
+
+def test_a_call_out_of_memory_is_made_again_in_halves_and_later_ones_kept_small(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    generator = make_generator(tiny_pipelines["flux"])
+    generator.load()
+    batch = [request(f"IQ-R_TA-C_{n}", n) for n in range(1, 6)]
+    alone = [generator.generate([r], worker=0, cancel=threading.Event())[0] for r in batch]
+    generator._pipes = [SmallMemoryPipe(generator._pipes[0], fits=2)]
+    generator.calls.clear()
+    images = generator.generate(batch, worker=0, cancel=threading.Event())
+    # 5 ran out of memory, then 3; the rest went in calls of at most 2.
+    assert generator.calls == [5, 3, 2, 1, 2]
+    assert all(isinstance(image, Image.Image) for image in images)
+    assert [i.size for i in images] == [a.size for a in alone]  # type: ignore[union-attr]
+    later = generator.generate(batch[:4], worker=1, cancel=threading.Event())
+    assert generator.calls[5:] == [2, 2]  # no call tries more than fitted
+    assert all(isinstance(image, Image.Image) for image in later)
+    notes = generator.notes()
+    assert "out of memory on cpu at 5 images per call; calls there take at most 3" in notes[0]
+    assert "at 3 images per call; calls there take at most 2" in notes[1]
+    generator._pipes = [SmallMemoryPipe(generator._pipes[0].pipe, fits=0)]
+    (alone_too_big,) = generator.generate(batch[:1], worker=0, cancel=threading.Event())
+    assert isinstance(alone_too_big, ItemError)
+    assert "out of device memory even for one image: OutOfMemoryError" in str(alone_too_big)
+    generator.close()
 
 
 class HeldPipe:

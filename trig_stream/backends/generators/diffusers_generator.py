@@ -65,6 +65,11 @@ class _Cancelled(Exception):
     """Raised from the step callback to abandon a pipeline call."""
 
 
+class _OutOfMemory(Exception):
+    """A pipeline call ran out of device memory; its message is torch's, without the
+    traceback (whose frames hold the call's tensors)."""
+
+
 class DiffusersGenerator(Generator):
     """Images from a diffusers pipeline (an upstream preset or any pipeline class).
 
@@ -103,6 +108,9 @@ class DiffusersGenerator(Generator):
         self._lock = threading.Lock()
         self._device_locks = [threading.Lock() for _ in self.devices]
         """Held by the call running on each device (thread isolation)."""
+        self._fits: list[int | None] = [None] * len(self.devices)
+        """Per device, the most prompts a call may take, once one ran out of memory."""
+        self._notes: list[str] = []
 
     @classmethod
     def from_config(
@@ -309,7 +317,7 @@ class DiffusersGenerator(Generator):
             else:
                 batch = [requests[i] for i in group]
                 pictures = [sources[i] for i in group]
-                images = self._call(worker, batch, pictures, cancel)
+                images = self._call_fitting(worker, batch, pictures, cancel)
             for index, image in zip(group, images, strict=True):
                 outcomes[index] = image
         return [o if o is not None else ItemError("not generated") for o in outcomes]
@@ -342,6 +350,58 @@ class DiffusersGenerator(Generator):
             return (int(call["width"]), int(call["height"]))
         return None
 
+    def _call_fitting(
+        self,
+        worker: int,
+        batch: Sequence[GenerationRequest],
+        pictures: Sequence[Image | None],
+        cancel: threading.Event,
+    ) -> list[Image | Exception]:
+        """:meth:`_call`, in calls small enough for the device's memory.
+
+        A call that runs out of memory is made again as two of half its size, and the
+        device takes calls of at most that size from then on: a ``batch_size`` too large for
+        the device costs one failed call, not every batch of the run.
+        """
+        device = worker % len(self._pipes)
+        fits = self._fits[device]
+        if fits is not None and len(batch) > fits:
+            return self._in_parts(worker, batch, pictures, cancel, fits)
+        try:
+            return self._call(worker, batch, pictures, cancel)
+        except _OutOfMemory as exc:
+            if len(batch) == 1:
+                return [ItemError(f"out of device memory even for one image: {exc}")]
+            half = (len(batch) + 1) // 2
+            with self._lock:
+                self._fits[device] = min(half, self._fits[device] or half)
+                message = (
+                    f"out of memory on {self.devices[device]} at {len(batch)} images per call; "
+                    f"calls there take at most {half} from now on (set batch_size to {half} "
+                    "or less to skip the failed call)"
+                )
+                self._notes.append(message)
+            logger.warning("generator %s: %s", self.name, message)
+            return self._in_parts(worker, batch, pictures, cancel, half)
+
+    def _in_parts(
+        self,
+        worker: int,
+        batch: Sequence[GenerationRequest],
+        pictures: Sequence[Image | None],
+        cancel: threading.Event,
+        size: int,
+    ) -> list[Image | Exception]:
+        images: list[Image | Exception] = []
+        for start in range(0, len(batch), size):
+            part = slice(start, start + size)
+            images += self._call_fitting(worker, batch[part], pictures[part], cancel)
+        return images
+
+    def notes(self) -> list[str]:
+        with self._lock:
+            return list(self._notes)
+
     def _call(
         self,
         worker: int,
@@ -356,6 +416,7 @@ class DiffusersGenerator(Generator):
         kwargs = self._arguments(batch, pictures)
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
         kwargs.update(self._cancel_callback(worker, cancel))
+        out_of_memory: str | None = None
         with self._device_locks[device]:  # the other worker's call may be running
             if cancel.is_set():
                 return [ItemError(_CANCELLED) for _ in batch]
@@ -367,6 +428,8 @@ class DiffusersGenerator(Generator):
                     pixels = _host_pixels(torch, result.images)
             except _Cancelled:
                 return [ItemError(_CANCELLED) for _ in batch]
+            except torch.OutOfMemoryError as exc:
+                out_of_memory = describe_error(exc)
             except _device_failure(torch) as exc:
                 # Sticky (an illegal memory access, a device-side assert): every later call
                 # on this device would fail the same way, so the run stops here, resumable.
@@ -376,10 +439,15 @@ class DiffusersGenerator(Generator):
             except Exception as exc:
                 logger.warning("generator %s: pipeline call failed: %s", self.name, exc)
                 # A new error without the traceback: the caught one holds the call's frames
-                # and their tensors (on an out-of-memory error, the memory the next call
-                # needs).
+                # and their tensors, the memory the next call needs.
                 error = ItemError(describe_error(exc))
                 return [error for _ in batch]
+        if out_of_memory is not None:
+            # Out of the except block, the failed call's frames and tensors are gone: what
+            # they held is free for the smaller calls that follow.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise _OutOfMemory(out_of_memory)
         # The device is free again: turning pixels into pictures is the CPU's work alone.
         images: list[Image | Exception] = list(_pictures(pixels))
         if len(images) != len(batch):
