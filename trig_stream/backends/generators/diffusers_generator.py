@@ -428,7 +428,7 @@ class DiffusersGenerator(Generator):
                     pixels = _host_pixels(torch, result.images)
             except _Cancelled:
                 return [ItemError(_CANCELLED) for _ in batch]
-            except torch.OutOfMemoryError as exc:
+            except _out_of_memory(torch) as exc:
                 out_of_memory = describe_error(exc)
             except _device_failure(torch) as exc:
                 # Sticky (an illegal memory access, a device-side assert): every later call
@@ -518,6 +518,12 @@ class DiffusersGenerator(Generator):
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _out_of_memory(torch: Any) -> type[BaseException]:
+    """torch's out-of-memory error (``torch.OutOfMemoryError`` from 2.5, CUDA's before)."""
+    error: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return error
 
 
 def _device_failure(torch: Any) -> type[BaseException] | tuple[()]:
