@@ -65,6 +65,10 @@ class _Cancelled(Exception):
     """Raised from the step callback to abandon a pipeline call."""
 
 
+_Prompts = Sequence[tuple[GenerationRequest, "Image | None"]]
+"""Requests for one pipeline call, each with its source or reference picture (or None)."""
+
+
 class _OutOfMemory(Exception):
     """A pipeline call ran out of device memory; its message is torch's, without the
     traceback (whose frames hold the call's tensors)."""
@@ -315,9 +319,8 @@ class DiffusersGenerator(Generator):
             if cancel.is_set():
                 images: list[Image | Exception] = [ItemError(_CANCELLED) for _ in group]
             else:
-                batch = [requests[i] for i in group]
-                pictures = [sources[i] for i in group]
-                images = self._call_fitting(worker, batch, pictures, cancel)
+                prompts = [(requests[i], sources[i]) for i in group]
+                images = self._call_fitting(worker, prompts, cancel)
             for index, image in zip(group, images, strict=True):
                 outcomes[index] = image
         return [o if o is not None else ItemError("not generated") for o in outcomes]
@@ -351,51 +354,38 @@ class DiffusersGenerator(Generator):
         return None
 
     def _call_fitting(
-        self,
-        worker: int,
-        batch: Sequence[GenerationRequest],
-        pictures: Sequence[Image | None],
-        cancel: threading.Event,
+        self, worker: int, prompts: _Prompts, cancel: threading.Event
     ) -> list[Image | Exception]:
-        """:meth:`_call`, in calls small enough for the device's memory.
+        """:meth:`_call` on ``prompts`` (requests and their pictures), in calls small enough
+        for the device's memory.
 
         A call that runs out of memory is made again as two of half its size, and the
         device takes calls of at most that size from then on: a ``batch_size`` too large for
         the device costs one failed call, not every batch of the run.
         """
         device = worker % len(self._pipes)
-        fits = self._fits[device]
-        if fits is not None and len(batch) > fits:
-            return self._in_parts(worker, batch, pictures, cancel, fits)
-        try:
-            return self._call(worker, batch, pictures, cancel)
-        except _OutOfMemory as exc:
-            if len(batch) == 1:
-                return [ItemError(f"out of device memory even for one image: {exc}")]
-            half = (len(batch) + 1) // 2
-            with self._lock:
-                self._fits[device] = min(half, self._fits[device] or half)
-                message = (
-                    f"out of memory on {self.devices[device]} at {len(batch)} images per call; "
-                    f"calls there take at most {half} from now on (set batch_size to {half} "
-                    "or less to skip the failed call)"
-                )
-                self._notes.append(message)
-            logger.warning("generator %s: %s", self.name, message)
-            return self._in_parts(worker, batch, pictures, cancel, half)
-
-    def _in_parts(
-        self,
-        worker: int,
-        batch: Sequence[GenerationRequest],
-        pictures: Sequence[Image | None],
-        cancel: threading.Event,
-        size: int,
-    ) -> list[Image | Exception]:
+        size = self._fits[device] or len(prompts)
         images: list[Image | Exception] = []
-        for start in range(0, len(batch), size):
-            part = slice(start, start + size)
-            images += self._call_fitting(worker, batch[part], pictures[part], cancel)
+        for start in range(0, len(prompts), size):
+            part = prompts[start : start + size]
+            batch, pictures = [r for r, _ in part], [p for _, p in part]
+            try:
+                images += self._call(worker, batch, pictures, cancel)
+            except _OutOfMemory as exc:
+                if len(part) == 1:
+                    images.append(ItemError(f"out of device memory even for one image: {exc}"))
+                    continue
+                half = (len(part) + 1) // 2
+                with self._lock:
+                    self._fits[device] = min(half, self._fits[device] or half)
+                    message = (
+                        f"out of memory on {self.devices[device]} at {len(part)} images per "
+                        f"call; calls there take at most {half} from now on (set batch_size to "
+                        f"{half} or less to skip the failed call)"
+                    )
+                    self._notes.append(message)
+                logger.warning("generator %s: %s", self.name, message)
+                images += self._call_fitting(worker, part, cancel)
         return images
 
     def notes(self) -> list[str]:
