@@ -361,16 +361,17 @@ def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         yield record if isinstance(record, Mapping) else {"record": record}
 
 
-class _Unreadable(dict[str, Any]):
-    """A JSON Lines line that is no record: quarantined with ``reason``, the rest read on."""
-
-    def __init__(self, reason: str, text: str) -> None:
-        super().__init__(line=text)
-        self.reason = reason
-
-
 LINE_SHOWN = 200
 """Characters of an unreadable JSON Lines line kept in its quarantine record."""
+
+
+class _Unreadable(dict[str, Any]):
+    """A JSON Lines line that is no record: quarantined with ``reason`` and the line's start,
+    the rest read on."""
+
+    def __init__(self, reason: str, line: bytes) -> None:
+        super().__init__(line=line.decode("utf-8", "replace")[:LINE_SHOWN])
+        self.reason = reason
 
 
 def _read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
@@ -390,18 +391,15 @@ def _read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
             try:
                 record = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                text = line.decode("utf-8", "replace")[:LINE_SHOWN]
-                yield _Unreadable(f"line {number}: byte {exc.start} is not utf-8 text", text)
-                continue
+                yield _Unreadable(f"line {number}: byte {exc.start} is not utf-8 text", line)
             except json.JSONDecodeError as exc:
-                text = line.decode("utf-8")[:LINE_SHOWN]
-                yield _Unreadable(f"line {number} is not JSON: {exc}", text)
-                continue
-            if not isinstance(record, Mapping):
-                reason = f"line {number} is a JSON {type(record).__name__}, not a record"
-                yield _Unreadable(reason, line.decode("utf-8")[:LINE_SHOWN])
-                continue
-            yield record
+                yield _Unreadable(f"line {number} is not JSON: {exc}", line)
+            else:
+                if isinstance(record, Mapping):
+                    yield record
+                else:
+                    kind = type(record).__name__
+                    yield _Unreadable(f"line {number} is a JSON {kind}, not a record", line)
 
 
 IDENTITY_COLUMNS = ("data_id", "dimensions", "dimension")

@@ -346,8 +346,10 @@ class Engine:
         needs = {}
         for judge in self._judges:
             policy = adaptive.get(judge.name)
-            in_flight = policy.max if policy is not None and policy.enabled else judge.concurrency
-            needs[judge.name] = judge.connections(max(in_flight, judge.concurrency))
+            in_flight = judge.concurrency  # adaptive: the starting limit, or its max if more
+            if policy is not None and policy.enabled:
+                in_flight = max(in_flight, policy.max)
+            needs[judge.name] = judge.connections(in_flight)
         needed = sum(needs.values())
         if not needed:
             return

@@ -91,6 +91,16 @@ class NotFoundError(ItemError):
     backend stops the run instead (every call would fail the same way); after one has, it is
     this item's."""
 
+    def before_any_success(self, api: str = "", model: str | None = None) -> FatalBackendError:
+        """The error that stops the run when this 404 came before any success; ``api`` (e.g.
+        "the images API of generator 'x'") and ``model`` name what to check."""
+        where = f"{api} answered " if api else ""
+        named = f" ({model!r})" if model else ""
+        return FatalBackendError(
+            f"{where}{self}; nothing sent there has succeeded yet: check base_url (an "
+            f"OpenAI-protocol server's usually ends in /v1) and model{named}"
+        )
+
 
 class FatalBackendError(BackendError):
     """The backend cannot work at all (bad credentials, no such device); the run stops."""

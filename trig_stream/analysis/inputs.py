@@ -26,7 +26,7 @@ from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
 from trig_stream.errors import RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
-from trig_stream.store import JOURNAL, Manifest, read_journal, read_manifest
+from trig_stream.store import JOURNAL, MANIFEST, Manifest, read_journal, read_manifest
 
 __all__ = [
     "AnalysisError",
@@ -144,7 +144,7 @@ def read_upstream(
         AnalysisError: the file cannot be read, its layout is neither, or a value is invalid.
     """
     run_dir = path if path.is_dir() else path.parent
-    if (run_dir / "manifest.json").is_file() and (path.is_dir() or path.suffix == ".jsonl"):
+    if (run_dir / MANIFEST).is_file() and (path.is_dir() or path.suffix == ".jsonl"):
         raise AnalysisError(
             f"{path} is a trig-stream run's; `analyze` reads upstream TRIG JSON files: run "
             f"`trig-stream report {run_dir}` instead"

@@ -128,10 +128,7 @@ def call_with_retries(
         except Exception as exc:
             error = classify(exc, secret)
             if isinstance(error, NotFoundError) and answered and not answered.is_set():
-                raise FatalBackendError(
-                    f"{api} answered {error}, and no call to it has succeeded yet: check "
-                    "base_url (an OpenAI-protocol server's usually ends in /v1) and model"
-                ) from None
+                raise error.before_any_success(api) from None
             if not isinstance(error, RetryableError):
                 raise error from None
             if not policy.should_retry(attempts):

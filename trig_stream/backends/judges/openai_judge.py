@@ -181,10 +181,7 @@ class _Endpoint:
             # can set it off many times in a row): never the config's fault.
             return None
         if isinstance(error, NotFoundError):
-            return FatalBackendError(
-                f"{error}; no request to this endpoint has succeeded yet: check base_url (an "
-                f"OpenAI-protocol server's usually ends in /v1) and model ({self.model!r})"
-            )
+            return error.before_any_success(model=self.model)
         self.refused += 1
         if self.refused < REFUSALS_TO_STOP:
             return None
