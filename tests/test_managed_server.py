@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,20 @@ async def test_command_that_cannot_start() -> None:
     judge = judge_with(serve(["/nonexistent/vllm", "serve", "m"]))
     with pytest.raises(FatalBackendError, match="cannot start the server `/nonexistent/vllm"):
         await judge.open()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_port_already_listened_on_is_refused_before_starting() -> None:
+    # Another server on the port would answer /health for ours; the command never runs (it
+    # could not start at all, which would be a different message).
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        judge = judge_with(serve(["/nonexistent/vllm", "serve", "m"], port=port))
+        with pytest.raises(FatalBackendError, match=rf"127\.0\.0\.1:{port}: .*another server"):
+            await judge.open()
+    assert judge.server is None or judge.server.pid is None
 
 
 async def test_server_never_ready_is_stopped() -> None:

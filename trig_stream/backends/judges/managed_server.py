@@ -10,12 +10,14 @@ a run::
     serve = { command = ["vllm", "serve", "Qwen/Qwen2.5-VL-7B-Instruct", "--port", "{port}"],
               port = 8000, ready_timeout_s = 600 }
 
-``{port}`` in the command becomes the port (``port = 0`` picks a free one). The command runs
-in its own process group with the run's environment plus ``env``; its output (stdout and
-stderr together) goes to a temporary file, of which only the last lines are read back. The
-server is ready when ``GET /health`` answers 200; it is stopped with SIGTERM, then SIGKILL
-after ``stop_timeout_s``. A server that exits, or is not ready within ``ready_timeout_s``, is
-a :class:`FatalBackendError` whose message ends with its last lines of output.
+``{port}`` in the command becomes the port (``port = 0`` picks a free one; a port something
+already listens on is refused, since that server would answer ``/health`` for ours). The
+command runs in its own process group with the run's environment plus ``env``; its output
+(stdout and stderr together) goes to a temporary file, of which only the last lines are read
+back. The server is ready when ``GET /health`` answers 200; it is stopped with SIGTERM,
+then SIGKILL after ``stop_timeout_s``. A server that exits, or is not ready within
+``ready_timeout_s``, is a :class:`FatalBackendError` whose message ends with its last lines of
+output.
 
 Keep secrets out of ``env``: the config is saved with the run. The child inherits the
 environment, so export the key (``VLLM_API_KEY``) instead.
@@ -148,6 +150,8 @@ class ManagedServer:
         """
         if self.options.port == 0:
             self.port = free_port(self.options.host)
+        else:
+            self._check_port_free()
         self.argv = [arg.replace("{port}", str(self.port)) for arg in self.options.command]
         # Held open until aclose(): the server writes into it all along.
         self._output = tempfile.TemporaryFile(prefix="trig-stream-serve-")  # noqa: SIM115
@@ -173,6 +177,23 @@ class ManagedServer:
             await self.aclose()
             raise
         return self.base_url
+
+    def _check_port_free(self) -> None:
+        """Refuse a port something already listens on: its ``/health`` would pass for ours.
+
+        The child would fail to listen there, but probably not before the first probe, which
+        would find the other server ready, and the run would judge through whatever it serves.
+        """
+        host, port = self.options.host, self.port
+        try:
+            with _listening_socket(host) as sock:
+                sock.bind((host, port))
+        except OSError as exc:
+            raise FatalBackendError(
+                f"judge {self.name!r}: cannot start its server on {host}:{port}: "
+                f"{exc.strerror or exc} (another server listening there?); stop that one, or "
+                "set serve.port to a free port (0 picks one)"
+            ) from None
 
     async def aclose(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and release everything; idempotent."""
@@ -247,10 +268,21 @@ class ManagedServer:
 
 def free_port(host: str) -> int:
     """A TCP port on ``host`` that is free now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with _listening_socket(host) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _listening_socket(host: str) -> socket.socket:
+    """An unbound TCP socket for ``host``, set up as a server sets up its own.
+
+    ``SO_REUSEADDR`` as servers set it (uvicorn, aiohttp): a bind then fails only where a socket
+    listens, not where closed connections linger in TIME_WAIT.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return sock
 
 
 def _signal_group(process: Process, signum: signal.Signals) -> None:
