@@ -252,3 +252,34 @@ def test_tsne_keeps_close_dimensions_together() -> None:
     assert inside < across
     assert np.array_equal(coords, tsne(distances, seed=1))
     assert tsne(np.zeros((1, 1))).shape == (1, 2)
+
+
+def test_report_skips_a_journal_line_whose_score_is_not_a_number(
+    make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The engine never writes one (a judge's non-finite score is an error), but a hand edit
+    # or another tool can; json reads NaN, and the report's JSON export cannot write it.
+    from trig_stream.engine import Engine
+
+    config = make_config(samples=4)
+
+    async def main() -> None:
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                pass
+
+    anyio.run(main)
+    path = config.run_dir / JOURNAL
+    line = json.loads(path.read_text().splitlines()[0])
+    bad = [
+        {**line, "data_id": f"IQ-R_TA-C_{90 + number}", "score": score}
+        for number, score in enumerate((float("nan"), float("inf")))
+    ]
+    with path.open("a") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in bad)
+    with caplog.at_level("WARNING", logger="trig_stream.store"):
+        code, _ = run_command("report", str(config.run_dir), "--no-plots")
+    assert code == 0
+    assert "2 line(s) are not judgements and were skipped (the first: line 9)" in caplog.text
+    result = json.loads((config.run_dir / "report" / "synth" / "result.json").read_text())
+    assert "NaN" not in json.dumps(result)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -136,7 +136,7 @@ class Judgement(_Record):
     It and ``status`` stay right after the key fields: the journal reads them from a line's
     start."""
     judge: JudgeFingerprint
-    score: float | None = None
+    score: Annotated[float, Field(allow_inf_nan=False)] | None = None
     top_logprobs: TopLogprobs | None = None
     image: str | None = None
     """Image path relative to the run directory; None when generation failed."""
