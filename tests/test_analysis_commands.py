@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 from pathlib import Path
 
 import anyio
@@ -90,8 +91,19 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
     with pytest.raises(AnalysisError, match="neither a TRIG evaluation result"):
         run_command("analyze", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o"))
     (tmp_path / "score.json").write_text(json.dumps({"IQ-R_TA-C": {"IQ-R_TA-C_1": [0.5, "x"]}}))
-    with pytest.raises(AnalysisError, match="not a number"):
+    with pytest.raises(AnalysisError, match="not a finite number"):
         run_command("analyze", str(tmp_path / "score.json"), "--out", str(tmp_path / "o"))
+    # Python's json writes and reads NaN; the message says where it is, in either layout.
+    (tmp_path / "nan.json").write_text(json.dumps({"IQ-R_TA-C": {"IQ-R_TA-C_1": [0.5, math.nan]}}))
+    with pytest.raises(AnalysisError, match="IQ-R_TA-C_1 TA-C: score nan is not a finite number"):
+        run_command("analyze", str(tmp_path / "nan.json"), "--out", str(tmp_path / "o"))
+    (tmp_path / "nan.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": math.inf}]}}))
+    with pytest.raises(AnalysisError, match="IQ-R_TA-C_1 IQ-R: score inf is not a finite number"):
+        run_command("analyze", str(tmp_path / "nan.json"), "--out", str(tmp_path / "o"))
+    # A formatted file's pair with an unknown dimension is named as such, not read as a data_id.
+    (tmp_path / "pair.json").write_text(json.dumps({"IQ-R_XX-C": {"IQ-R_XX-C_1": [0.5, 0.4]}}))
+    with pytest.raises(AnalysisError, match="unknown dimension 'XX-C' in pair 'IQ-R_XX-C'"):
+        run_command("analyze", str(tmp_path / "pair.json"), "--out", str(tmp_path / "o"))
     # A formatted file names no metric: --metric names it. (This copy starts with a byte
     # order mark, as some editors save JSON.)
     marked = tmp_path / "formatted.json"

@@ -13,6 +13,7 @@ A ``null`` score becomes an ``unscorable`` judgement: no score is ever made up.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,7 @@ def read_upstream(
     first_value = next(iter(document.values()))
     sample = next(iter(first_value.values()), None) if isinstance(first_value, dict) else None
     try:
-        if isinstance(sample, list) and _is_pair(next(iter(document))):
+        if isinstance(sample, list) and (_is_pair(next(iter(document))) or _scores(sample)):
             return UpstreamData(
                 _from_formatted(document, model, metric, task, judge), [metric], "formatted"
             )
@@ -175,6 +176,11 @@ def read_upstream(
         f"{path}: neither a TRIG evaluation result ({{data_id: {{dim: [{{metric: score}}]}}}})"
         " nor a formatted file ({pair: {data_id: [score_A, score_B]}})"
     )
+
+
+def _scores(cells: list[Any]) -> bool:
+    """Whether a list holds scores (a formatted file's) rather than ``{metric: score}`` cells."""
+    return bool(cells) and not any(isinstance(cell, dict) for cell in cells)
 
 
 def _is_pair(text: str) -> bool:
@@ -195,8 +201,10 @@ def _judgement(
     score: object,
     judge: JudgeFingerprint,
 ) -> Judgement:
-    if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)):
-        raise ValueError(f"{data_id} {dim}: score {score!r} is not a number")
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)
+    ):
+        raise ValueError(f"{data_id} {dim}: score {score!r} is not a finite number")
     return Judgement.model_validate(
         {
             "model": model,
