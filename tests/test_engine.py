@@ -321,6 +321,26 @@ async def test_a_run_with_nothing_to_do_says_why(
     assert note in said
 
 
+async def test_a_judge_that_scored_no_answer_gets_a_note(make_config: ConfigFactory) -> None:
+    # 12 samples x 2 dimensions: 24 answers each. One judge's are all unscorable (a model that
+    # does not answer with rating words); the other's partly, which is an answer's own matter.
+    config = make_config(
+        judges=[
+            {"name": "wordless", "backend": "fake", "options": {"unscorable_rate": 1.0}},
+            {"name": "mixed", "backend": "fake", "options": {"unscorable_rate": 0.5}},
+        ]
+    )
+    async with Engine(config) as engine:
+        judged = [j async for j in engine.results]
+    statuses = {(j.metric, j.status) for j in judged}
+    assert ("wordless", "ok") not in statuses and {
+        ("mixed", "ok"),
+        ("mixed", "unscorable"),
+    } <= statuses
+    (said,) = engine.stats().notes
+    assert said.startswith("judge 'wordless': none of its 24 answers had a rating word")
+
+
 async def test_retries_use_the_injected_sleep(make_config: ConfigFactory) -> None:
     config = make_config(
         samples=10,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import operator
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from trig_stream.records import Judgement, Status, TopLogprobs
 from trig_stream.retry import RetryPolicy
 from trig_stream.scoring import score_top_logprobs
 
+UNSCORABLE_TO_NOTE = 16
+"""Unscorable answers of a judge that scored none, from which the run ends with a note."""
 PREPARE_BATCH = 8
 """Images prepared per worker-thread call, of those already waiting: amortises the thread
 hop; at most this many prepared images (e.g. base64 payloads) wait for a judge slot."""
@@ -78,6 +81,8 @@ class JudgeStage:
         """The controller of each judge whose concurrency is adaptive."""
         self._answered: set[str] = set()
         """The judges that have answered a request (a reply, or a refusal of their own)."""
+        self._scored: Counter[str] = Counter()
+        self._unscorable: Counter[str] = Counter()
 
     async def run(
         self,
@@ -97,6 +102,19 @@ class JudgeStage:
                             await self._dispatch(requesters, judge, items, judgement_send)
             # Every request has ended: the load watchers have nothing left to steer.
             watchers.cancel_scope.cancel()
+        self._note_judges_that_scored_nothing()
+
+    def _note_judges_that_scored_nothing(self) -> None:
+        # Each such answer is an unscorable judgement, as it should be, but when no answer
+        # of a judge could be scored the cause is likelier its setup than its images.
+        for name, count in self._unscorable.items():
+            if count >= UNSCORABLE_TO_NOTE and not self._scored[name]:
+                self._context.counters.notes.append(
+                    f"judge {name!r}: none of its {count} answers had a rating word among "
+                    "the top tokens it returned, so none was scored; a model that does not "
+                    "answer with TRIG's rating words, a template that does not ask for one, "
+                    "or too few top_logprobs? (each judgement's error lists the tokens)"
+                )
 
     async def _dispatch(
         self,
@@ -245,8 +263,11 @@ class JudgeStage:
                 if score is None:
                     status = "unscorable"
                     failure = f"no rating word among the top tokens: {[t for t, _ in top][:10]}"
+                    self._unscorable[judge.name] += 1
                 else:
                     status = "ok"
+        if status == "ok":
+            self._scored[judge.name] += 1
         sample = item.work.sample
         return Judgement(
             model=item.work.model,
