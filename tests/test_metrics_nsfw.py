@@ -82,8 +82,8 @@ def test_nsfw_rate_is_a_share_of_the_set(nsfw: NSFWMetric, pictures: list[Path])
 def test_metric_judge_options_are_checked(make_config: ConfigFactory) -> None:
     cases = {
         "fid": "unknown metric 'fid'; known metrics:",
-        "trigscore": "does not score single images",
-        "nsfw_rate": "does not score single images",
+        "trigscore": "reads a judge's answers, not images; TRIGScore comes from backend",
+        "nsfw_rate": "gives one value for a whole set of images, not a score per image",
     }
     for metric, message in cases.items():
         judge = {"name": "m", "backend": "metric", "options": {"metric": metric}}

@@ -66,8 +66,18 @@ class MetricJudgeOptions(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> MetricJudgeOptions:
         metric = import_metric(self.metric)  # ValueError lists the known names
-        if not issubclass(metric, ImageMetric) or "image" not in metric.needs:
-            raise ValueError(f"metric {self.metric!r} does not score single images")
+        if not issubclass(metric, ImageMetric):
+            raise ValueError(
+                f"metric {self.metric!r} gives one value for a whole set of images, not a score "
+                "per image; a judge needs a per-image metric"
+            )
+        if "image" not in metric.needs:
+            raise ValueError(
+                f"metric {self.metric!r} reads a judge's answers, not images; TRIGScore comes "
+                'from backend = "openai" or "transformers"'
+                if "top_logprobs" in metric.needs
+                else f"metric {self.metric!r} does not look at images"
+            )
         if not metric.dimensions:
             raise ValueError(f"metric {self.metric!r} measures no TRIG dimension")
         try:
