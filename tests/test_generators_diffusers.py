@@ -212,6 +212,28 @@ def test_a_batch_is_one_call_with_one_seeded_generator_per_prompt(
     assert pixels[0] == pixels[2]  # same seed and prompt: same picture, whatever the batch
 
 
+@pytest.mark.parametrize("hidden", [True, False])
+def test_loading_bar_follows_the_hubs_progress_bar_switch(
+    tiny_pipelines: dict[TinyKind, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    hidden: bool,
+) -> None:
+    # `trig-stream run` sets HF_HUB_DISABLE_PROGRESS_BARS; diffusers' own bar ignores it.
+    import huggingface_hub.constants
+    from diffusers.utils import logging as diffusers_logging
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_PROGRESS_BARS", hidden)
+    diffusers_logging.enable_progress_bar()
+    try:
+        generator = make_generator(tiny_pipelines["flux"])
+        generator.load()
+        generator.close()
+    finally:
+        diffusers_logging.enable_progress_bar()
+    assert ("Loading pipeline components" in capsys.readouterr().err) is not hidden
+
+
 class CancelAtStep(DiffusersGenerator):
     """Asks the engine to cancel, from the step callback, during its ``at_call``-th call."""
 

@@ -179,12 +179,17 @@ class DiffusersGenerator(Generator):
         with _LOAD_LOCK:
             try:
                 import diffusers
+                import huggingface_hub.constants
                 import torch
             except ImportError as exc:
                 raise MissingExtraError("diffusers", "diffusers") from exc
             pipeline_class = self._pipeline_class(diffusers)
             for device in self.devices:
                 _check_device(torch, device)
+            if huggingface_hub.constants.HF_HUB_DISABLE_PROGRESS_BARS:
+                # The hub's switch (`trig-stream run` sets it): transformers follows it,
+                # diffusers' own bar ("Loading pipeline components") does not.
+                diffusers.utils.logging.disable_progress_bar()
             for device in self.devices:
                 self._pipes.append(self._load_one(torch, diffusers, pipeline_class, device))
         self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
