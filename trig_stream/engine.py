@@ -6,16 +6,19 @@ One task group runs four stages joined by bounded memory streams::
                                                                       │
     results ◀──durable judgements── persist (journal, fsync) ◀──judgements
 
-* **source** reads the dataset in a worker thread, sets malformed records aside, and queues,
-  for each model, the samples that still have a judgement to make (on resume, the journal
-  says which).
-* **generate** runs each model's generator in worker threads (``workers`` of them), taking
-  whatever is ready up to ``batch_size`` without waiting for a full batch, and writes each
-  image atomically before passing its path on. A valid image from an earlier run is reused.
-* **judge** prepares each image once per judge and asks one question per dimension, at most
-  ``concurrency`` at a time per judge, retrying transient failures under the retry policy.
-* **persist** appends whatever judgements have landed to the journal and fsyncs once for them
-  all (group commit), shielded from cancellation, and only then hands them to ``results``.
+* **source** (:mod:`trig_stream.sourcing`) reads the dataset in a worker thread, sets
+  malformed records aside, and queues, for each model, the samples that still have a
+  judgement to make (on resume, the journal says which).
+* **generate** (:mod:`trig_stream.generation`) runs each model's generator in worker
+  threads (``workers`` of them), taking whatever is ready up to ``batch_size`` without
+  waiting for a full batch, and writes each image atomically before passing its path on. A
+  valid image from an earlier run is reused.
+* **judge** (:mod:`trig_stream.judging`) prepares each image once per judge and asks one
+  question per dimension, at most ``concurrency`` at a time per judge, retrying transient
+  failures under the retry policy.
+* **persist** (here) appends whatever judgements have landed to the journal and fsyncs once
+  for them all (group commit), shielded from cancellation, and only then hands them to
+  ``results``.
 
 Each bound caps memory and work in flight: a full buffer makes the stage before it wait,
 all the way back to the dataset reader, so a run of any size holds the same amount in memory.
@@ -23,7 +26,6 @@ all the way back to the dataset reader, so a run of any size holds the same amou
 
 from __future__ import annotations
 
-import json
 import resource
 import threading
 import time
@@ -44,14 +46,13 @@ from trig_stream.backends.base import Generator, Judge
 from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
-from trig_stream.dimensions import Dimension
 from trig_stream.errors import ConfigError, TrigStreamError, leaf_errors
 from trig_stream.generation import GenerationStage
-from trig_stream.hashing import seed_for
 from trig_stream.judging import JudgeStage
 from trig_stream.pipeline import ImageItem, RunContext, WorkItem, send_now, take_ready
-from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord, Sample
+from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.retry import RetryPolicy
+from trig_stream.sourcing import SourceStage
 from trig_stream.stats import (
     BufferFill,
     Counters,
@@ -63,8 +64,6 @@ from trig_stream.stats import (
 )
 from trig_stream.store import JournalState, Manifest, RunDir, next_free_run_dir, read_journal
 
-SOURCE_CHUNK = 16
-"""Work items read per worker-thread call: amortises the thread hop, bounds the read-ahead."""
 FILES_BESIDE_CONNECTIONS = 256
 """Open files the engine's process may need besides its judges' connections: the journal,
 image writes, libraries, a generator's child processes..."""
@@ -413,12 +412,16 @@ class Engine:
         judging = self._judging = JudgeStage(
             context, self._judges, self._limiters, self._retry, self._sleep
         )
+        source = SourceStage(
+            context,
+            self._generators,
+            self._judges,
+            self._journal_state,
+            retry_errors=self._retry_errors,
+            running_gate=lambda: self._running_gate,
+        )
         async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                self._source,
-                {name: send for name, (send, _) in sample_streams.items()},
-                judgement_send.clone(),
-            )
+            tg.start_soon(source.run, {name: send for name, (send, _) in sample_streams.items()})
             for generator in self._generators:
                 _, receive = sample_streams[generator.name]
                 tg.start_soon(
@@ -442,110 +445,6 @@ class Engine:
             cancel_generation=self._cancel_generation,
             is_stopping=lambda: self._stopping,
         )
-
-    async def _source(
-        self,
-        sends: dict[str, MemoryObjectSendStream[WorkItem]],
-        judgement_send: MemoryObjectSendStream[Judgement],
-    ) -> None:
-        source = DatasetSource(
-            self.config.dataset,
-            self.config.run.task,
-            finished=self._sample_finished,
-            judged=self._journal_state.digests,
-        )
-        records = iter(source)
-        async with judgement_send:
-            try:
-                while not self._stopping:
-                    chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
-                    if not chunk:
-                        self._note_an_empty_selection(source)
-                        break
-                    for work in chunk:
-                        if not self._running_gate.is_set():
-                            await self._running_gate.wait()
-                        if self._stopping:
-                            break
-                        await send_now(sends[work.model], work)
-                        self._counters.model(work.model).queued += 1
-            finally:
-                for send in sends.values():
-                    send.close()
-
-    def _note_an_empty_selection(self, source: DatasetSource) -> None:
-        # A run with nothing to do says why, when the reason is the dataset's filters or the
-        # dataset itself, rather than ending as if it had judged everything.
-        counters = self._counters
-        if counters.samples_read or counters.quarantined:
-            return
-        section = self.config.dataset
-        if not source.records_read:
-            counters.notes.append(f"the dataset {section.path} holds no records")
-        elif source.filtered_out == source.records_read:
-            filters = ", ".join(
-                f"{name} = {json.dumps(values)}"
-                for name, values in (("pairs", section.pairs), ("dimensions", section.dimensions))
-                if values
-            )
-            counters.notes.append(
-                f"no sample of the dataset matches its filters ({filters}): "
-                f"{source.records_read} records read, all left out"
-            )
-
-    def _read_chunk(
-        self, source: DatasetSource, records: Iterator[Sample | QuarantinedRecord]
-    ) -> list[WorkItem]:
-        # Runs in a worker thread: reading and decoding block, and on resume most samples
-        # are already judged: they are counted and passed over here, without an event-loop
-        # round trip each. At most SOURCE_CHUNK work items are read ahead of the buffers.
-        assert self._run_dir is not None
-        items: list[WorkItem] = []
-        for record in records:
-            if isinstance(record, QuarantinedRecord):
-                self._run_dir.quarantine(record)
-                self._counters.quarantined += 1
-                continue
-            self._counters.samples_read += 1
-            items.extend(self._work_for(source, record))
-            if len(items) >= SOURCE_CHUNK:
-                break
-        return items
-
-    def _todo(
-        self, model: str, data_id: str, dimensions: tuple[Dimension, ...]
-    ) -> tuple[tuple[Dimension, str], ...]:
-        """The (dimension, judge) pairs of one sample and model not yet in the journal."""
-        return tuple(
-            (dimension, judge.name)
-            for dimension in dimensions
-            for judge in self._judges
-            if (judge.dimensions is None or dimension in judge.dimensions)
-            and not self._journal_state.is_done(
-                (model, data_id, dimension, judge.name), retry_errors=self._retry_errors
-            )
-        )
-
-    def _sample_finished(self, data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
-        # Called by the dataset reader (in its thread) before it builds a sample.
-        if any(self._todo(g.name, data_id, dimensions) for g in self._generators):
-            return False
-        self._counters.samples_read += 1
-        for generator in self._generators:
-            self._counters.model(generator.name).skipped += 1
-        return True
-
-    def _work_for(self, source: DatasetSource, sample: Sample) -> list[WorkItem]:
-        dimensions = source.dimensions_to_judge(sample.dimensions)
-        items = []
-        for generator in self._generators:
-            todo = self._todo(generator.name, sample.data_id, dimensions)
-            if todo:
-                seed = seed_for(self.config.run.seed, generator.name, sample.data_id)
-                items.append(WorkItem(generator.name, sample, seed, todo))
-            else:
-                self._counters.model(generator.name).skipped += 1
-        return items
 
     async def _persist(
         self,

@@ -1,0 +1,163 @@
+"""The source stage: the dataset read once, each sample queued for the models that owe it work.
+
+A worker thread reads the dataset a chunk at a time (reading and decoding block). A malformed
+record is set aside in the run directory's quarantine with its reason. A sample is queued
+for each model that still owes it a judgement, with the (dimension, judge) pairs it owes: on
+resume the journal says which are done, and a sample done for every model is counted and
+passed over in the thread, without a trip through the event loop. Each model's buffer is
+bounded, so reading stays a few samples ahead of generation however large the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
+
+from trig_stream.backends.base import Generator, Judge
+from trig_stream.dataset import DatasetSource
+from trig_stream.dimensions import Dimension
+from trig_stream.hashing import seed_for
+from trig_stream.pipeline import RunContext, WorkItem, send_now
+from trig_stream.records import QuarantinedRecord, Sample
+from trig_stream.store import JournalState
+
+SOURCE_CHUNK = 16
+"""Work items read per worker-thread call: amortises the thread hop, bounds the read-ahead."""
+
+
+class SourceStage:
+    """Reads the dataset and queues each model's work items.
+
+    Args:
+        context: the run's shared state.
+        generators: the models, each with a buffer in the ``sends`` given to :meth:`run`.
+        judges: the judges, whose ``dimensions`` say which questions each one is asked.
+        journal: what the journal held when the run opened.
+        retry_errors: ask again the judgements whose status is ``error``.
+        running_gate: the event that is set while the run is not paused (a pause replaces
+            it with a new one, hence a callable).
+    """
+
+    def __init__(
+        self,
+        context: RunContext,
+        generators: Sequence[Generator],
+        judges: Sequence[Judge],
+        journal: JournalState,
+        *,
+        retry_errors: bool,
+        running_gate: Callable[[], anyio.Event],
+    ) -> None:
+        self._context = context
+        self._models = [generator.name for generator in generators]
+        self._judges = list(judges)
+        self._journal = journal
+        self._retry_errors = retry_errors
+        self._running_gate = running_gate
+
+    async def run(self, sends: dict[str, MemoryObjectSendStream[WorkItem]]) -> None:
+        """Queue every model's work, then close its buffer (also on a stop or an error)."""
+        context = self._context
+        source = DatasetSource(
+            context.config.dataset,
+            context.config.run.task,
+            finished=self._sample_finished,
+            judged=self._journal.digests,
+        )
+        records = iter(source)
+        try:
+            while not context.is_stopping():
+                chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
+                if not chunk:
+                    self._note_an_empty_selection(source)
+                    break
+                for work in chunk:
+                    gate = self._running_gate()
+                    if not gate.is_set():
+                        await gate.wait()
+                    if context.is_stopping():
+                        break
+                    await send_now(sends[work.model], work)
+                    context.counters.model(work.model).queued += 1
+        finally:
+            for send in sends.values():
+                send.close()
+
+    def _read_chunk(
+        self, source: DatasetSource, records: Iterator[Sample | QuarantinedRecord]
+    ) -> list[WorkItem]:
+        # Runs in a worker thread. At most SOURCE_CHUNK work items are read ahead of the
+        # buffers.
+        counters = self._context.counters
+        items: list[WorkItem] = []
+        for record in records:
+            if isinstance(record, QuarantinedRecord):
+                self._context.run_dir.quarantine(record)
+                counters.quarantined += 1
+                continue
+            counters.samples_read += 1
+            items.extend(self._work_for(source, record))
+            if len(items) >= SOURCE_CHUNK:
+                break
+        return items
+
+    def _todo(
+        self, model: str, data_id: str, dimensions: tuple[Dimension, ...]
+    ) -> tuple[tuple[Dimension, str], ...]:
+        """The (dimension, judge) pairs of one sample and model not yet in the journal."""
+        return tuple(
+            (dimension, judge.name)
+            for dimension in dimensions
+            for judge in self._judges
+            if (judge.dimensions is None or dimension in judge.dimensions)
+            and not self._journal.is_done(
+                (model, data_id, dimension, judge.name), retry_errors=self._retry_errors
+            )
+        )
+
+    def _sample_finished(self, data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
+        # Called by the dataset reader (in its thread) before it builds a sample.
+        if any(self._todo(model, data_id, dimensions) for model in self._models):
+            return False
+        counters = self._context.counters
+        counters.samples_read += 1
+        for model in self._models:
+            counters.model(model).skipped += 1
+        return True
+
+    def _work_for(self, source: DatasetSource, sample: Sample) -> list[WorkItem]:
+        dimensions = source.dimensions_to_judge(sample.dimensions)
+        base_seed = self._context.config.run.seed
+        items = []
+        for model in self._models:
+            todo = self._todo(model, sample.data_id, dimensions)
+            if todo:
+                seed = seed_for(base_seed, model, sample.data_id)
+                items.append(WorkItem(model, sample, seed, todo))
+            else:
+                self._context.counters.model(model).skipped += 1
+        return items
+
+    def _note_an_empty_selection(self, source: DatasetSource) -> None:
+        # A run with nothing to do says why, when the reason is the dataset's filters or the
+        # dataset itself, rather than ending as if it had judged everything.
+        counters = self._context.counters
+        if counters.samples_read or counters.quarantined:
+            return
+        section = self._context.config.dataset
+        if not source.records_read:
+            counters.notes.append(f"the dataset {section.path} holds no records")
+        elif source.filtered_out == source.records_read:
+            filters = ", ".join(
+                f"{name} = {json.dumps(values)}"
+                for name, values in (("pairs", section.pairs), ("dimensions", section.dimensions))
+                if values
+            )
+            counters.notes.append(
+                f"no sample of the dataset matches its filters ({filters}): "
+                f"{source.records_read} records read, all left out"
+            )
