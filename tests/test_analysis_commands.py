@@ -222,6 +222,9 @@ def test_compare_runs_and_command(tmp_path: Path) -> None:
         compare_runs([lone])
     with pytest.raises(AnalysisError, match="no metric 'clip'"):
         compare_runs([first], metric="clip")
+    # The same run twice, even spelt two ways, would compare each model with itself.
+    with pytest.raises(AnalysisError, match=r"one/\.\./one is given twice \(as .*/one and "):
+        compare_runs([first, second, first / ".." / "one"])
 
 
 def test_report_on_a_run_made_by_the_engine(make_config: ConfigFactory) -> None:

@@ -206,8 +206,14 @@ def compare_runs(
     are given. Thresholds are each run's own, with ``overrides`` applied.
 
     Raises:
-        AnalysisError: fewer than two models in all.
+        AnalysisError: a run directory given twice, or fewer than two models in all.
     """
+    seen: dict[Path, Path] = {}
+    for run_dir in run_dirs:
+        first = seen.setdefault(run_dir.resolve(), run_dir)
+        if first is not run_dir:
+            same = "" if str(first) == str(run_dir) else f" (as {first} and {run_dir})"
+            raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
     analyses: dict[str, ModelAnalysis] = {}
     for run_dir in run_dirs:
         run = load_run(run_dir)
