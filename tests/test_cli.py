@@ -193,3 +193,29 @@ def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path: Path, presses: int)
     assert subprocess.run(command, capture_output=True, timeout=120).returncode == EXIT_OK
     keys = journal_keys(tmp_path)
     assert len(keys) == 80 and set(keys.values()) == {1}
+
+
+def test_ctrl_c_twice_does_not_wait_for_a_model_loading(tmp_path: Path) -> None:
+    # Weights can take minutes to load, in a worker thread that nothing can interrupt: the
+    # second Ctrl-C leaves the load behind and the command exits, not when the load ends.
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("{ size = 16 }", "{ size = 16, load_s = 600 }"))
+    command = [sys.executable, "-m", "trig_stream", "run", str(path), "--headless"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    try:
+        for line in process.stderr:
+            if line.startswith("run directory:"):
+                break
+        process.send_signal(signal.SIGINT)
+        for line in process.stderr:
+            if line.startswith("stopping:"):
+                break
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)  # a few lines left to read: the pipe cannot fill
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+    assert code == EXIT_INTERRUPTED, rest
+    assert "cancelled: 0 judgements" in rest and "not waiting for a model" in rest, rest
+    assert not (tmp_path / "runs" / "cli" / "journal.jsonl").read_text()

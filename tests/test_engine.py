@@ -740,3 +740,80 @@ async def test_a_generator_that_returns_no_pictures_stops_the_run_with_its_name(
     with pytest.raises(FatalBackendError, match=broken):
         async with Engine(config, generators=[generator]) as engine:
             await engine.drain()
+
+
+class JudgeSlowToOpen(FakeJudge):
+    """A judge whose ``open`` waits on something that never comes (a server starting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opening = anyio.Event()
+        self.closed = False
+
+    async def open(self) -> None:
+        self.opening.set()
+        await anyio.Event().wait()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_cancel_while_a_judge_opens_ends_the_run_before_it_starts(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=4)
+    judge = JudgeSlowToOpen()
+    engine = Engine(config, judges=[judge])
+
+    async def cancel_once_opening() -> None:
+        await judge.opening.wait()
+        engine.cancel()
+
+    with anyio.fail_after(10):  # before, the run waited for the open to end: here, never
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_once_opening)
+            async with engine:
+                assert [j async for j in engine.results] == []
+    assert engine.stats().state == "cancelled"
+    assert judge.closed
+    assert not (config.run_dir / JOURNAL).read_text()
+
+
+class LoadsUntilReleased(SyntheticGenerator):
+    """A generator whose load runs until the test releases it (weights loading for minutes)."""
+
+    def __init__(self) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.loading = threading.Event()
+        self.release = threading.Event()
+        self.loaded_in: threading.Thread | None = None
+        self.closed_in: list[threading.Thread] = []
+        self.closed = threading.Event()
+
+    def load(self) -> None:
+        self.loaded_in = threading.current_thread()
+        self.loading.set()
+        self.release.wait(timeout=60)
+
+    def close(self) -> None:
+        self.closed_in.append(threading.current_thread())
+        self.closed.set()
+
+
+async def test_cancel_leaves_a_load_behind_which_then_closes_what_it_loaded(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=4)
+    generator = LoadsUntilReleased()
+    engine = Engine(config, generators=[generator])
+    with anyio.fail_after(10):  # before, the run waited for the load to end
+        async with engine:
+            await anyio.to_thread.run_sync(generator.loading.wait)
+            engine.cancel()
+            assert [j async for j in engine.results] == []
+    assert engine.stats().state == "cancelled"
+    assert generator.closed_in == []  # not while it still loads
+    assert generator.loaded_in is not None and generator.loaded_in.is_alive()
+    generator.release.set()
+    assert await anyio.to_thread.run_sync(generator.closed.wait, 10)
+    assert generator.closed_in == [generator.loaded_in]  # by the load's own thread, once

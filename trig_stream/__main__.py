@@ -1,4 +1,4 @@
-from trig_stream.cli import main
+from trig_stream.cli import console
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 from anyio.abc import TaskStatus
@@ -50,8 +52,29 @@ QUIET_LIBRARIES = {
 }
 
 
+def console() -> NoReturn:
+    """The ``trig-stream`` console script: :func:`main`, then exit with its status.
+
+    A hard stop does not wait for a model that is loading: the load goes on in a worker
+    thread, and the interpreter would wait for that thread before exiting (minutes, for
+    large weights). Everything the command writes is written by then, so it exits at once.
+    """
+    code = main()
+    if any(
+        thread.is_alive() and not thread.daemon
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread()
+    ):
+        Console(stderr=True).print("not waiting for a model that was still loading")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``trig-stream`` console script."""
+    """Run one command and return its exit status (:func:`console` exits with it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)

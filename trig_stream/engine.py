@@ -153,6 +153,8 @@ class Engine:
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._buffers: dict[str, MemoryObjectSendStream[Any]] = {}
         self._task_group: TaskGroup | None = None
+        self._opening = anyio.CancelScope()
+        """Where the backends open and the run directory is read: :meth:`cancel` reaches it."""
         self._judging: JudgeStage | None = None
         self._run_dir: RunDir | None = None
         self._journal_state = JournalState()
@@ -223,9 +225,14 @@ class Engine:
         self._running_gate.set()
 
     def cancel(self) -> None:
-        """Stop hard: cancel everything in flight now. Written judgements stay; resume later."""
+        """Stop hard: cancel everything in flight now. Written judgements stay; resume later.
+
+        Nothing waits for a model that is loading: its thread is left to finish on its own
+        and release what it loaded (see :func:`~trig_stream.backends.base.load_in_thread`).
+        """
         self._stopping = True
         self._cancel_generation.set()
+        self._opening.cancel()
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
 
@@ -266,13 +273,21 @@ class Engine:
         if self._task_group is not None or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
         try:
-            await self._open_backends_and_store()
+            with self._opening:
+                await self._open_backends_and_store()
         except BaseException:
             await self._close_resources()
             raise
         streams = self._create_streams()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
+        if self._opening.cancel_called:
+            # cancel() while the judges opened (a server starting, a model loading): the run
+            # ends before it starts, and ``results`` with it.
+            await self._close_resources()
+            streams.results[0].close()
+            self._state = "cancelled"
+            return self
         self._task_group.start_soon(self._pipeline, streams)
         self._task_group.start_soon(self._load_history)
         self._task_group.start_soon(self._count_samples)

@@ -26,6 +26,7 @@ from trig_stream.backends.base import (
     GenerationRequest,
     Generator,
     TimedPicture,
+    load_in_thread,
 )
 from trig_stream.errors import FatalBackendError, TrigStreamError
 from trig_stream.pipeline import (
@@ -74,7 +75,8 @@ class GenerationStage:
             if self._context.is_stopping():
                 return  # stopped while the engine opened: no model to load for nothing
             try:
-                await anyio.to_thread.run_sync(generator.load, limiter=compute)
+                # A hard stop does not wait for a load (minutes, for large weights).
+                await load_in_thread(generator.load, generator.close, limiter=compute)
             except TrigStreamError:
                 raise
             except Exception as exc:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+import anyio.to_thread
 
 from trig_stream.dimensions import Dimension
 from trig_stream.records import JudgeFingerprint, PromptRewrite, Sample, TopLogprobs
@@ -256,3 +259,49 @@ class Judge(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections; called once at the end of the run."""
+
+
+async def load_in_thread(
+    load: Callable[[], None],
+    unload: Callable[[], None],
+    *,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> None:
+    """Run a backend's blocking ``load`` in a worker thread that a cancellation does not wait for.
+
+    Loading weights can take minutes (from disk, or the hub), and a hard stop must not wait
+    that long. Cancelled, this returns at once and leaves the thread to finish; what it then
+    loaded is released with ``unload`` in that thread, since nothing else will use it. If
+    the load ended just as the cancellation came, ``unload`` runs here, before the
+    cancellation goes on. A load that fails after it was left behind releases nothing: it
+    holds nothing.
+
+    Args:
+        load: loads the backend; blocking.
+        unload: releases what ``load`` loaded; blocking.
+        limiter: the capacity limiter of the worker thread, as for ``anyio.to_thread``.
+    """
+    lock = threading.Lock()
+    loaded = left_behind = False
+
+    def load_then_release_if_left_behind() -> None:
+        nonlocal loaded
+        load()
+        with lock:
+            loaded = True
+            if not left_behind:
+                return
+        unload()
+
+    try:
+        await anyio.to_thread.run_sync(
+            load_then_release_if_left_behind, limiter=limiter, abandon_on_cancel=True
+        )
+    except anyio.get_cancelled_exc_class():
+        with lock:
+            left_behind = True
+            release_here = loaded
+        if release_here:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(unload)
+        raise

@@ -28,11 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import anyio
-import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field
 
-from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.base import (
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+    load_in_thread,
+)
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.metrics.base import load_rgb_image
@@ -150,7 +154,8 @@ class TransformersJudge(Judge):
         except ImportError as exc:
             raise MissingExtraError("transformers", "diffusers") from exc
         self._torch = torch
-        await anyio.to_thread.run_sync(self._load, torch, transformers)
+        # A hard stop does not wait for the load (minutes, for a 7B model).
+        await load_in_thread(lambda: self._load(torch, transformers), self._unload)
         self._batcher = MicroBatcher(
             self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
         )
@@ -187,11 +192,14 @@ class TransformersJudge(Judge):
         self._processor = processor
         self._model = model.to(opts.device).eval()
 
+    def _unload(self) -> None:
+        self._model = self._processor = None
+
     async def aclose(self) -> None:
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             batcher.close()
-        self._model = self._processor = None
+        self._unload()
 
     # -- requests -----------------------------------------------------------------------------
 
