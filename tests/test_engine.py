@@ -758,23 +758,25 @@ class JudgeSlowToOpen(FakeJudge):
         self.closed = True
 
 
-async def test_cancel_while_a_judge_opens_ends_the_run_before_it_starts(
-    make_config: ConfigFactory,
+@pytest.mark.parametrize(("how", "state"), [("stop", "stopped"), ("cancel", "cancelled")])
+async def test_a_stop_while_a_judge_opens_ends_the_run_before_it_starts(
+    make_config: ConfigFactory, how: str, state: str
 ) -> None:
+    # Nothing is in flight yet, so even a graceful stop need not wait for the judge.
     config = make_config(samples=4)
     judge = JudgeSlowToOpen()
     engine = Engine(config, judges=[judge])
 
     async def cancel_once_opening() -> None:
         await judge.opening.wait()
-        engine.cancel()
+        getattr(engine, how)()
 
     with anyio.fail_after(10):  # before, the run waited for the open to end: here, never
         async with anyio.create_task_group() as tg:
             tg.start_soon(cancel_once_opening)
             async with engine:
                 assert [j async for j in engine.results] == []
-    assert engine.stats().state == "cancelled"
+    assert engine.stats().state == state
     assert judge.closed
     assert not (config.run_dir / JOURNAL).read_text()
 

@@ -218,11 +218,16 @@ class Engine:
         )
 
     def stop(self) -> None:
-        """Stop gracefully: start no new work, finish what is in flight, then end ``results``."""
+        """Stop gracefully: start no new work, finish what is in flight, then end ``results``.
+
+        While the engine opens, nothing is in flight yet: the opening ends at once (a judge
+        server still starting is stopped, a judge model still loading left to finish).
+        """
         if self._state in ("starting", "running", "paused"):
             self._state = "stopping"
         self._stopping = True
         self._running_gate.set()
+        self._opening.cancel()
 
     def cancel(self) -> None:
         """Stop hard: cancel everything in flight now. Written judgements stay; resume later.
@@ -282,11 +287,11 @@ class Engine:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         if self._opening.cancel_called:
-            # cancel() while the judges opened (a server starting, a model loading): the run
-            # ends before it starts, and ``results`` with it.
+            # stop() or cancel() while the judges opened (a server starting, a model
+            # loading): the run ends before it starts, and ``results`` with it.
             await self._close_resources()
             streams.results[0].close()
-            self._state = "cancelled"
+            self._state = "cancelled" if self._cancel_generation.is_set() else "stopped"
             return self
         self._task_group.start_soon(self._pipeline, streams)
         self._task_group.start_soon(self._load_history)
