@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,36 @@ def test_serve_excludes_base_urls() -> None:
     options = OpenAIJudgeOptions.model_validate({"model": "m", "serve": {"command": ["vllm"]}})
     assert options.serve is not None and options.serve.port == 8000
     assert options.serve.ready_timeout_s == 600.0 and options.endpoints == []
+
+
+def ended(pid: int) -> bool:
+    """Whether a process has exited: gone, or a zombie its new parent has not reaped yet."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_server_stops_when_the_process_that_started_it_is_killed(tmp_path: Path) -> None:
+    # SIGKILL (or the OOM killer, or a closed terminal) gives trig-stream no chance to stop
+    # its server, which would go on holding its GPU: the kernel stops it instead.
+    pid_file = tmp_path / "server.pid"
+    write_pid = f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))"
+    server = f"import os, signal\n{write_pid}\nsignal.pause()\n"
+    starter = (
+        "import anyio, sys\n"
+        "from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions\n"
+        f"options = ServeOptions(command=[sys.executable, '-c', {server!r}], port=0)\n"
+        "anyio.run(ManagedServer(options, name='j').start)\n"  # never ready: waits
+    )
+    process = subprocess.Popen([sys.executable, "-c", starter])
+    try:
+        anyio.run(wait_for, lambda: pid_file.exists() and pid_file.read_text(), "the server")
+        pid = int(pid_file.read_text())
+        assert not ended(pid)
+    finally:
+        process.kill()
+        process.wait()
+    anyio.run(wait_for, lambda: ended(pid), "the server's end")

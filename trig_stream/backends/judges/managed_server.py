@@ -28,13 +28,16 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import IO, Annotated
 
 import anyio
@@ -153,11 +156,16 @@ class ManagedServer:
         else:
             self._check_port_free()
         self.argv = [arg.replace("{port}", str(self.port)) for arg in self.options.command]
+        if shutil.which(self.argv[0]) is None:
+            raise FatalBackendError(
+                f"judge {self.name!r}: cannot start the server {self._command()}: "
+                f"{self.argv[0]} is not an executable file, here or on PATH"
+            )
         # Held open until aclose(): the server writes into it all along.
         self._output = tempfile.TemporaryFile(prefix="trig-stream-serve-")  # noqa: SIM115
         try:
             self._process = await anyio.open_process(
-                self.argv,
+                _stopped_with_us(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=self._output,
                 stderr=subprocess.STDOUT,
@@ -264,6 +272,14 @@ class ManagedServer:
             return f"{head}; it wrote no output"
         body = "\n".join(f"  | {line}" for line in tail)
         return f"{head}; its last {len(tail)} lines of output:\n{body}"
+
+
+def _stopped_with_us(argv: list[str]) -> list[str]:
+    """``argv``, started so that the kernel stops it when this process dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    script = Path(__file__).with_name("parent_death.py")
+    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), *argv]
 
 
 def free_port(host: str) -> int:
