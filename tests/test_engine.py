@@ -28,6 +28,7 @@ from trig_stream.backends.base import (
     JudgeRequest,
     PreparedImage,
     TimedPicture,
+    loads_left_behind,
 )
 from trig_stream.config import RunConfig
 from trig_stream.png import encode_png, with_sample_digest
@@ -815,6 +816,7 @@ async def test_cancel_leaves_a_load_behind_which_then_closes_what_it_loaded(
             assert [j async for j in engine.results] == []
     assert engine.stats().state == "cancelled"
     assert generator.closed_in == []  # not while it still loads
+    assert loads_left_behind() == 1
     assert generator.loaded_in is not None and generator.loaded_in.is_alive()
     generator.release.set()
     assert await anyio.to_thread.run_sync(generator.closed.wait, 10)

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trig_stream.analysis.relations import AnalysisError
+from trig_stream.backends.base import loads_left_behind
 from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
@@ -60,11 +60,7 @@ def console() -> NoReturn:
     large weights). Everything the command writes is written by then, so it exits at once.
     """
     code = main()
-    if any(
-        thread.is_alive() and not thread.daemon
-        for thread in threading.enumerate()
-        if thread is not threading.main_thread()
-    ):
+    if loads_left_behind():
         Console(stderr=True).print("not waiting for a model that was still loading")
         logging.shutdown()
         sys.stdout.flush()

@@ -261,6 +261,17 @@ class Judge(ABC):
         """Release connections; called once at the end of the run."""
 
 
+_loads_lock = threading.Lock()
+_loads_left_behind = 0
+
+
+def loads_left_behind() -> int:
+    """How many loads a cancellation left running in their worker threads, still loading or
+    releasing (see :func:`load_in_thread`)."""
+    with _loads_lock:
+        return _loads_left_behind
+
+
 async def load_in_thread(
     load: Callable[[], None],
     unload: Callable[[], None],
@@ -274,33 +285,42 @@ async def load_in_thread(
     loaded is released with ``unload`` in that thread, since nothing else will use it. If
     the load ended just as the cancellation came, ``unload`` runs here, before the
     cancellation goes on. A load that fails after it was left behind releases nothing: it
-    holds nothing.
+    holds nothing. Until such a thread ends, :func:`loads_left_behind` counts it.
 
     Args:
         load: loads the backend; blocking.
         unload: releases what ``load`` loaded; blocking.
         limiter: the capacity limiter of the worker thread, as for ``anyio.to_thread``.
     """
-    lock = threading.Lock()
-    loaded = left_behind = False
+    global _loads_left_behind
+    loaded = finished = left_behind = False
 
     def load_then_release_if_left_behind() -> None:
-        nonlocal loaded
-        load()
-        with lock:
-            loaded = True
-            if not left_behind:
-                return
-        unload()
+        global _loads_left_behind
+        nonlocal loaded, finished
+        try:
+            load()
+            with _loads_lock:
+                loaded = True
+                release = left_behind
+            if release:
+                unload()
+        finally:
+            with _loads_lock:
+                finished = True
+                if left_behind:
+                    _loads_left_behind -= 1
 
     try:
         await anyio.to_thread.run_sync(
             load_then_release_if_left_behind, limiter=limiter, abandon_on_cancel=True
         )
     except anyio.get_cancelled_exc_class():
-        with lock:
+        with _loads_lock:
             left_behind = True
-            release_here = loaded
+            release_here = loaded  # the thread saw no cancellation: it will not release
+            if not finished:
+                _loads_left_behind += 1
         if release_here:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(unload)
