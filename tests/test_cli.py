@@ -199,13 +199,22 @@ def test_ctrl_c_twice_does_not_wait_for_a_model_loading(tmp_path: Path) -> None:
     # Weights can take minutes to load, in a worker thread that nothing can interrupt: the
     # second Ctrl-C leaves the load behind and the command exits, not when the load ends.
     path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("{ size = 16 }", "{ size = 16, load_s = 600 }"))
-    command = [sys.executable, "-m", "trig_stream", "run", str(path), "--headless"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    command = (
+        "import sys, time\n"
+        "from trig_stream.testing.synthetic import SyntheticGenerator\n"
+        "def load(self):\n"
+        "    print('loading', file=sys.stderr, flush=True)\n"
+        "    time.sleep(600)\n"
+        "SyntheticGenerator.load = load\n"
+        "from trig_stream.cli import console\n"
+        f"sys.argv = ['trig-stream', 'run', {str(path)!r}, '--headless']\n"
+        "console()\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", command], stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     try:
         for line in process.stderr:
-            if line.startswith("run directory:"):
+            if line.startswith("loading"):
                 break
         process.send_signal(signal.SIGINT)
         for line in process.stderr:

@@ -261,15 +261,26 @@ class Judge(ABC):
         """Release connections; called once at the end of the run."""
 
 
+@dataclass(slots=True, eq=False)
+class _Load:
+    """Where one :func:`load_in_thread` stands; its fields change under ``_loads_lock``."""
+
+    started: bool = False
+    loaded: bool = False
+    finished: bool = False
+    left_behind: bool = False
+
+
 _loads_lock = threading.Lock()
-_loads_left_behind = 0
+_left_behind: set[_Load] = set()
+"""Loads a cancellation left behind; a thread removes its own when it ends."""
 
 
 def loads_left_behind() -> int:
     """How many loads a cancellation left running in their worker threads, still loading or
     releasing (see :func:`load_in_thread`)."""
     with _loads_lock:
-        return _loads_left_behind
+        return sum(load.started and not load.finished for load in _left_behind)
 
 
 async def load_in_thread(
@@ -285,31 +296,30 @@ async def load_in_thread(
     loaded is released with ``unload`` in that thread, since nothing else will use it. If
     the load ended just as the cancellation came, ``unload`` runs here, before the
     cancellation goes on. A load that fails after it was left behind releases nothing: it
-    holds nothing. Until such a thread ends, :func:`loads_left_behind` counts it.
+    holds nothing. Until such a thread ends, :func:`loads_left_behind` counts it (a load
+    cancelled before its thread started it never runs).
 
     Args:
         load: loads the backend; blocking.
         unload: releases what ``load`` loaded; blocking.
         limiter: the capacity limiter of the worker thread, as for ``anyio.to_thread``.
     """
-    global _loads_left_behind
-    loaded = finished = left_behind = False
+    state = _Load()
 
     def load_then_release_if_left_behind() -> None:
-        global _loads_left_behind
-        nonlocal loaded, finished
+        with _loads_lock:
+            state.started = True
         try:
             load()
             with _loads_lock:
-                loaded = True
-                release = left_behind
+                state.loaded = True
+                release = state.left_behind
             if release:
                 unload()
         finally:
             with _loads_lock:
-                finished = True
-                if left_behind:
-                    _loads_left_behind -= 1
+                state.finished = True
+                _left_behind.discard(state)
 
     try:
         await anyio.to_thread.run_sync(
@@ -317,10 +327,10 @@ async def load_in_thread(
         )
     except anyio.get_cancelled_exc_class():
         with _loads_lock:
-            left_behind = True
-            release_here = loaded  # the thread saw no cancellation: it will not release
-            if not finished:
-                _loads_left_behind += 1
+            state.left_behind = True
+            release_here = state.loaded  # its thread saw no cancellation: it will not release
+            if not state.finished:
+                _left_behind.add(state)
         if release_here:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(unload)

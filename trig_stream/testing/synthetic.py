@@ -40,8 +40,6 @@ class SyntheticOptions(BaseModel):
     """data_ids whose generation always fails."""
     fatal: bool = False
     """Fail the whole run at the first batch (tests the fatal path)."""
-    load_s: Annotated[float, Field(ge=0)] = 0.0
-    """Time its load takes, as a model's weights would (tests stopping during a load)."""
 
 
 class SyntheticGenerator(Generator):
@@ -67,10 +65,6 @@ class SyntheticGenerator(Generator):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"backend": "synthetic", "size": self.options.size}
-
-    def load(self) -> None:
-        if self.options.load_s:
-            time.sleep(self.options.load_s)
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
