@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import write_prompts
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
+from trig_stream.signals import stop_signals
 from trig_stream.testing import FakeJudge
 
 CONFIG = """\
@@ -228,3 +229,36 @@ def test_ctrl_c_twice_does_not_wait_for_a_model_loading(tmp_path: Path) -> None:
     assert code == EXIT_INTERRUPTED, rest
     assert "cancelled: 0 judgements" in rest and "not waiting for a model" in rest, rest
     assert not (tmp_path / "runs" / "cli" / "journal.jsonl").read_text()
+
+
+def test_a_hangup_stops_at_once_and_the_same_command_resumes(tmp_path: Path) -> None:
+    # The terminal closed: nobody waits for a graceful stop, and writing to it would fail.
+    path = write_config(tmp_path, samples=40, latency=0.1, concurrency=2)
+    command = [sys.executable, "-m", "trig_stream", "run", str(path), "--headless"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    try:
+        for line in process.stderr:
+            if line.startswith("run directory:"):
+                break
+        process.send_signal(signal.SIGHUP)
+        code = process.wait(timeout=60)
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+    assert code == EXIT_INTERRUPTED, rest
+    assert "cancelled:" not in rest  # its output went nowhere once the terminal was gone
+    assert sum(journal_keys(tmp_path).values()) < 80
+    path.write_text(path.read_text().replace("latency_s = 0.1", "latency_s = 0.0"))
+    assert subprocess.run(command, capture_output=True, timeout=120).returncode == EXIT_OK
+    keys = journal_keys(tmp_path)
+    assert len(keys) == 80 and set(keys.values()) == {1}
+
+
+def test_stop_signals_leave_an_ignored_hangup_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under nohup SIGHUP is ignored, and listening for it would undo that.
+    handlers = {signal.SIGHUP: signal.SIG_DFL}
+    monkeypatch.setattr(signal, "getsignal", lambda signum: handlers[signum])
+    assert stop_signals() == (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers[signal.SIGHUP] = signal.SIG_IGN
+    assert stop_signals() == (signal.SIGINT, signal.SIGTERM)

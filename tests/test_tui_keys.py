@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +18,7 @@ from tests.test_tui_snapshots import synthetic_snapshot
 from trig_stream import Engine
 from trig_stream.config import RunConfig
 from trig_stream.store import JOURNAL
+from trig_stream.tui import run as tui_run
 from trig_stream.tui.app import ErrorsScreen, HelpScreen, TrigDashboardApp
 from trig_stream.tui.run import run_dashboard
 from trig_stream.tui.snapshot import StaticSource
@@ -208,3 +211,31 @@ async def test_model_errors_and_help_keys() -> None:
         await pilot.press("s", "p")
         await pilot.press("q")
     assert app.return_code == 0
+
+
+@pytest.mark.parametrize(
+    ("signum", "state"), [(signal.SIGTERM, "stopped"), (signal.SIGHUP, "cancelled")]
+)
+async def test_a_signal_from_outside_closes_the_app_when_the_run_ends(
+    make_config: ConfigFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    signum: signal.Signals,
+    state: str,
+) -> None:
+    # ctrl+c on the dashboard is a key; a signal comes from a process manager or a closed
+    # terminal, and nobody may be there to press `q`: SIGTERM stops gracefully, SIGHUP hard,
+    # and either way the app closes when the run has ended, though it lingers otherwise.
+    silenced: list[bool] = []
+    monkeypatch.setattr(tui_run, "silence_the_terminal", lambda: silenced.append(True))
+    config = slow_config(make_config, samples=40, latency_s=0.01)
+
+    async def pilot(pilot: Pilot[Any]) -> None:
+        await wait_until(lambda: engine.stats().judged >= 4)
+        os.kill(os.getpid(), signum)
+
+    with anyio.fail_after(30):
+        async with Engine(config) as engine:
+            await run_dashboard(engine, headless=True, linger=True, auto_pilot=pilot)
+    assert engine.stats().state == state
+    assert len(journal_keys(config)) < 80
+    assert silenced == ([True] if signum == signal.SIGHUP else [])

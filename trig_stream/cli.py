@@ -16,7 +16,6 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -35,6 +34,7 @@ from trig_stream.backends.base import loads_left_behind
 from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
+from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -217,10 +217,14 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
 
     async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         nonlocal interrupted
-        with listening, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with listening, anyio.open_signal_receiver(*stop_signals()) as signals:
             task_status.started()
-            async for _ in signals:
-                if not interrupted:
+            async for signum in signals:
+                if is_hangup(signum):  # the terminal is gone: nobody to tell, nothing to wait for
+                    silence_the_terminal()
+                    interrupted = True
+                    engine.cancel()
+                elif not interrupted:
                     interrupted = True
                     console.print(
                         "stopping: finishing the work in flight (press Ctrl-C again to stop now)"

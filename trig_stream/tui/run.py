@@ -13,7 +13,6 @@ any other way (a fatal error) closes the app, so the caller can report what happ
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import anyio
@@ -21,6 +20,7 @@ from anyio.abc import TaskStatus
 from textual.pilot import Pilot
 
 from trig_stream.engine import Engine
+from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.dashboard import REFRESH_EVERY_S
 from trig_stream.tui.sources import EngineSource
@@ -80,10 +80,17 @@ async def run_dashboard(
             ended.set()
 
     async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(*stop_signals()) as signals:
             task_status.started()
-            async for _ in signals:
-                app.action_interrupt()
+            async for signum in signals:
+                # A signal comes from outside (ctrl+c here is a key): no one may be watching,
+                # so the app closes when the run ends instead of waiting for `q`.
+                app.linger = False
+                if is_hangup(signum):
+                    silence_the_terminal()
+                    app.action_quit_run()
+                else:
+                    app.action_interrupt()
 
     # Engine.cancel() cancels the scope the caller's ``async with engine`` body runs in, and
     # so this function: the shield lets the app close properly (and give the terminal back)

@@ -1,0 +1,40 @@
+"""The signals that stop a run from outside, and what each one means.
+
+``SIGINT`` (Ctrl-C) and ``SIGTERM`` (a process manager, ``kill``) stop gracefully the first
+time and hard the second. ``SIGHUP`` means the terminal is gone: nobody is there to wait for
+a graceful stop, so it stops hard at once (a managed judge server is stopped, everything
+written stays). Under ``nohup`` SIGHUP is ignored, and so it stays.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals to listen for: SIGINT, SIGTERM, and SIGHUP unless it is ignored."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signals.append(hangup)
+    return tuple(signals)
+
+
+def is_hangup(signum: int) -> bool:
+    """Whether a received signal is SIGHUP: the terminal is gone, stop hard at once."""
+    return signum == getattr(signal, "SIGHUP", None)
+
+
+def silence_the_terminal() -> None:
+    """Point stdout and stderr at ``/dev/null`` after a hangup.
+
+    Writes to a terminal that is gone fail (EIO), and the run's last lines would turn its
+    clean stop into a crash (exit status 1) on the way out.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
