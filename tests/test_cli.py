@@ -207,9 +207,9 @@ def test_ctrl_c_twice_does_not_wait_for_a_model_loading(tmp_path: Path) -> None:
         "    print('loading', file=sys.stderr, flush=True)\n"
         "    time.sleep(600)\n"
         "SyntheticGenerator.load = load\n"
-        "from trig_stream.cli import console\n"
+        "from trig_stream.cli import entry_point\n"
         f"sys.argv = ['trig-stream', 'run', {str(path)!r}, '--headless']\n"
-        "console()\n"
+        "entry_point()\n"
     )
     process = subprocess.Popen([sys.executable, "-c", command], stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None

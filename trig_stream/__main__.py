@@ -1,4 +1,4 @@
-from trig_stream.cli import console
+from trig_stream.cli import entry_point
 
 if __name__ == "__main__":
-    console()
+    entry_point()

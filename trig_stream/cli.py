@@ -52,7 +52,7 @@ QUIET_LIBRARIES = {
 }
 
 
-def console() -> NoReturn:
+def entry_point() -> NoReturn:
     """The ``trig-stream`` console script: :func:`main`, then exit with its status.
 
     A hard stop does not wait for a model that is loading: the load goes on in a worker
@@ -70,7 +70,7 @@ def console() -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command and return its exit status (:func:`console` exits with it)."""
+    """Run one command and return its exit status (:func:`entry_point` exits with it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)

@@ -6,7 +6,8 @@ second; the results stream is consumed by a task of its own, so however busy the
 the pipeline never waits for it.
 
 Lifetime: a run that finishes (``done`` or ``stopped``) stays on screen until ``q``, unless
-``linger`` is off (the default when headless), in which case the app exits with the run.
+``linger`` is off (the default when headless) or a signal stopped the run (SIGTERM, SIGINT,
+SIGHUP: nobody may be watching), in which case the app exits with the run.
 ``q`` (or a second ``ctrl+c``) cancels the engine and closes the app at once. A run that ends
 any other way (a fatal error) closes the app, so the caller can report what happened.
 """
