@@ -129,6 +129,40 @@ def test_validate_makes_the_checks_of_building_the_backends(
     assert main(["validate", str(path)]) == EXIT_OK
 
 
+def test_validate_checks_what_the_backends_need_from_this_machine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Things only a run's opening met before: an unset key variable, a serve command that
+    # is not installed, a local model folder that is not there.
+    path = write_config(tmp_path)
+    base = path.read_text().split("[[judges]]")[0]
+    serve = '{ command = ["vllm-not-installed", "serve", "m"] }'
+    openai = (
+        '[[judges]]\nname = "j"\nbackend = "openai"\n'
+        f'options = {{ model = "m", api_key_env = "TRIG_TEST_KEY", serve = {serve} }}\n'
+    )
+    path.write_text(base + openai)
+    monkeypatch.delenv("TRIG_TEST_KEY", raising=False)
+    assert main(["validate", str(path)]) == EXIT_FATAL
+    assert "TRIG_TEST_KEY (api_key_env) is not set" in capsys.readouterr().err
+    monkeypatch.setenv("TRIG_TEST_KEY", "sk-validate")
+    assert main(["validate", str(path)]) == EXIT_FATAL
+    assert "vllm-not-installed is not an executable file" in capsys.readouterr().err
+    path.write_text(base + openai.replace("vllm-not-installed", sys.executable))
+    assert main(["validate", str(path)]) == EXIT_OK
+    nowhere = tmp_path / "nowhere"
+    vlm = f'options = {{ model_path = "{nowhere}" }}'
+    path.write_text(base + f'[[judges]]\nname = "j"\nbackend = "transformers"\n{vlm}\n')
+    assert main(["validate", str(path)]) == EXIT_FATAL
+    assert "model_path " in capsys.readouterr().err
+    flux = f'options = {{ pipeline = "FluxPipeline", checkpoint = "{nowhere}" }}'
+    diffusers = f'[[generators]]\nname = "flux"\nbackend = "diffusers"\n{flux}\n'
+    path.write_text(base.replace("[[generators]]", diffusers + "[[generators]]", 1))
+    path.write_text(path.read_text() + '[[judges]]\nbackend = "fake"\n')
+    assert main(["validate", str(path)]) == EXIT_FATAL
+    assert "generator 'flux': checkpoint " in capsys.readouterr().err
+
+
 def test_run_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path)
     assert main(["run", str(path), "--headless"]) == EXIT_OK

@@ -165,10 +165,12 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"{args.config}: dataset.path: {config.dataset.path} does not exist")
     # Building the backends makes the checks ``run`` makes next (a generator's devices against
     # its workers, its inputs against the task...); it loads no model and connects nowhere.
+    # Then what each needs from this machine that can be seen without loading anything: an
+    # API key's variable, a serve command on PATH, a local checkpoint folder.
     for generator in config.generators:
-        build_generator(generator, config)
+        build_generator(generator, config).check_environment()
     for judge in config.judges:
-        build_judge(judge, config)
+        build_judge(judge, config).check_environment()
     # The dataset is read through, as a run reads it: a file that cannot be read fails here
     # (DatasetError), and the records the run would quarantine are listed.
     source = DatasetSource(config.dataset, config.run.task)

@@ -81,6 +81,14 @@ class Generator(ABC):
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the images this generator makes (checkpoint, steps...)."""
 
+    def check_environment(self) -> None:  # noqa: B027 - optional hook
+        """Check what :meth:`load` needs from this machine, without loading or connecting:
+        an environment variable, a local folder. ``trig-stream validate`` calls it.
+
+        Raises:
+            FatalBackendError: something :meth:`load` needs is missing.
+        """
+
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load weights or open resources; called once, in a worker thread, before use."""
 
@@ -226,6 +234,15 @@ class Judge(ABC):
     @abstractmethod
     def fingerprint(self) -> JudgeFingerprint:
         """Everything that changes this judge's scores."""
+
+    def check_environment(self) -> None:  # noqa: B027 - optional hook
+        """Check what :meth:`open` needs from this machine, without loading or connecting:
+        an environment variable, a command on PATH, a local folder. ``trig-stream validate``
+        calls it.
+
+        Raises:
+            FatalBackendError: something :meth:`open` needs is missing.
+        """
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect or load; called once before the first request."""

@@ -164,6 +164,15 @@ class DiffusersGenerator(Generator):
 
     # -- loading ------------------------------------------------------------------------------
 
+    def check_environment(self) -> None:
+        """A checkpoint given as a folder exists (devices are checked at load: it takes torch)."""
+        checkpoint = Path(self.spec.checkpoint)
+        if checkpoint.is_absolute() and not checkpoint.is_dir():
+            # A path, never a hub id (config paths arrive resolved): say what is missing.
+            raise FatalBackendError(
+                f"generator {self.name!r}: checkpoint {checkpoint} is not a folder"
+            )
+
     def load(self) -> None:
         """Load one pipeline per device.
 
@@ -232,9 +241,7 @@ class DiffusersGenerator(Generator):
     def _load_one(self, torch: Any, diffusers: Any, pipeline_class: Any, device: str) -> Any:
         spec = self.spec
         dtype = getattr(torch, spec.dtype_for(device))
-        if Path(spec.checkpoint).is_absolute() and not Path(spec.checkpoint).is_dir():
-            # A path, never a hub id (config paths arrive resolved): say what is missing.
-            raise FatalBackendError(f"checkpoint {spec.checkpoint} is not a folder")
+        self.check_environment()
         try:
             pipe = pipeline_class.from_pretrained(
                 spec.checkpoint,

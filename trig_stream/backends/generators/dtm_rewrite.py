@@ -213,6 +213,11 @@ class DTMRewriteGenerator(Generator):
             "relations": self.relations.as_dict(),
         }
 
+    def check_environment(self) -> None:
+        if self.options.api_key_env is not None:
+            api_key_from_env(self.options.api_key_env)
+        self.inner.check_environment()
+
     def load(self) -> None:
         """Open the LLM client, then load the inner generator.
 

@@ -128,6 +128,9 @@ class OpenAIImagesGenerator(Generator):
             "extra_body": o.extra_body,
         }
 
+    def check_environment(self) -> None:
+        api_key_from_env(self.options.api_key_env)
+
     def load(self) -> None:
         """Read the key and open the client.
 

@@ -156,11 +156,7 @@ class ManagedServer:
         else:
             self._check_port_free()
         self.argv = [arg.replace("{port}", str(self.port)) for arg in self.options.command]
-        if shutil.which(self.argv[0]) is None:
-            raise FatalBackendError(
-                f"judge {self.name!r}: cannot start the server {self._command()}: "
-                f"{self.argv[0]} is not an executable file, here or on PATH"
-            )
+        self.check_command()
         # Held open until aclose(): the server writes into it all along.
         self._output = tempfile.TemporaryFile(prefix="trig-stream-serve-")  # noqa: SIM115
         try:
@@ -185,6 +181,16 @@ class ManagedServer:
             await self.aclose()
             raise
         return self.base_url
+
+    def check_command(self) -> None:
+        """Refuse a command whose program is not an executable file, here or on PATH."""
+        program = self.options.command[0]
+        if shutil.which(program) is None:
+            command = self._scrub(f"`{' '.join(self.argv or self.options.command)}`")
+            raise FatalBackendError(
+                f"judge {self.name!r}: cannot start the server {command}: {program} is not an "
+                "executable file, here or on PATH"
+            )
 
     def _check_port_free(self) -> None:
         """Refuse a port something already listens on: its ``/health`` would pass for ours.

@@ -279,6 +279,30 @@ class OpenAIJudge(Judge):
             },
         )
 
+    def check_environment(self) -> None:
+        """The API key's variable is set (if it names one), and the ``serve`` command runs."""
+        self._key()
+        if self.options.serve is not None:
+            ManagedServer(self.options.serve, name=self.name).check_command()
+
+    def _key(self) -> str | None:
+        env = self.options.api_key_env
+        if not env:
+            return None
+        key = os.environ.get(env)
+        if not key:
+            raise FatalBackendError(
+                f"judge {self.name!r}: the environment variable {env} (api_key_env) is "
+                "not set or empty; export the API key in it"
+            )
+        if not (key.isascii() and key.isprintable()):  # a newline would end its header
+            raise FatalBackendError(
+                f"judge {self.name!r}: the environment variable {env} (api_key_env) holds "
+                "characters an HTTP header cannot carry (a trailing newline?); export the "
+                "key alone"
+            )
+        return key
+
     async def open(self) -> None:
         """Start the ``serve`` server if any, then create one transport per endpoint.
 
@@ -294,20 +318,8 @@ class OpenAIJudge(Judge):
                 f"judge {self.name!r}: the openai backend runs on asyncio only; run the engine "
                 "with anyio's asyncio backend"
             ) from None
-        env = self.options.api_key_env
-        if env:
-            key = os.environ.get(env)
-            if not key:
-                raise FatalBackendError(
-                    f"judge {self.name!r}: the environment variable {env} (api_key_env) is "
-                    "not set or empty; export the API key in it"
-                )
-            if not (key.isascii() and key.isprintable()):  # a newline would end its header
-                raise FatalBackendError(
-                    f"judge {self.name!r}: the environment variable {env} (api_key_env) holds "
-                    "characters an HTTP header cannot carry (a trailing newline?); export the "
-                    "key alone"
-                )
+        key = self._key()
+        if key is not None:
             self._secret = Secret(key)
         urls = self.options.endpoints
         if self.options.serve is not None:

@@ -141,6 +141,15 @@ class TransformersJudge(Judge):
 
     # -- lifetime -----------------------------------------------------------------------------
 
+    def check_environment(self) -> None:
+        """``model_path`` is a folder (the device is checked at load: it takes torch)."""
+        if not self.options.model_path.is_dir():
+            raise FatalBackendError(
+                f"judge {self.name!r}: model_path {self.options.model_path} is not a folder (it "
+                "must hold a local copy of the model: its config.json, weights and processor "
+                "files)"
+            )
+
     async def open(self) -> None:
         """Load the model and its processor in a worker thread.
 
@@ -165,11 +174,7 @@ class TransformersJudge(Judge):
         _check_device(torch, opts.device)
         dtype = _torch_dtype(torch, opts.dtype, opts.device)
         path = str(opts.model_path)
-        if not opts.model_path.is_dir():
-            raise FatalBackendError(
-                f"judge {self.name!r}: model_path {path} is not a folder (it must hold a local "
-                "copy of the model: its config.json, weights and processor files)"
-            )
+        self.check_environment()
         try:
             processor = transformers.AutoProcessor.from_pretrained(
                 path, local_files_only=opts.local_files_only
