@@ -145,6 +145,9 @@ def test_validate_checks_what_the_backends_need_from_this_machine(
     monkeypatch.delenv("TRIG_TEST_KEY", raising=False)
     assert main(["validate", str(path)]) == EXIT_FATAL
     assert "TRIG_TEST_KEY (api_key_env) is not set" in capsys.readouterr().err
+    assert main(["run", str(path), "--headless"]) == EXIT_FATAL  # the same, from `run`,
+    assert not (tmp_path / "runs").exists()  # before it makes a run directory for nothing
+    assert "TRIG_TEST_KEY (api_key_env) is not set" in capsys.readouterr().err
     monkeypatch.setenv("TRIG_TEST_KEY", "sk-validate")
     assert main(["validate", str(path)]) == EXIT_FATAL
     assert "vllm-not-installed is not an executable file" in capsys.readouterr().err

@@ -335,6 +335,11 @@ class Engine:
     async def _open_backends_and_store(self) -> None:
         config = self.config
         self._ensure_open_files()
+        # What the backends need from this machine, seen before a run directory is made.
+        for generator in self._generators:
+            generator.check_environment()
+        for judge in self._judges:
+            judge.check_environment()
         for judge in self._judges:
             self._fingerprints[judge.name] = judge.fingerprint()
             self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
