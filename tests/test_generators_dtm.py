@@ -89,6 +89,8 @@ def test_relation_table_from_report(tmp_path: Path) -> None:
     latin.write_bytes(",IQ-R,TA-C\nIQ-R,,-2 é\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin\.csv: byte \d+ is not UTF-8 text"):
         RelationTable.from_report(latin)
+    with pytest.raises(OSError, match=r"missing\.csv: cannot read it .*relationship_codes\.csv"):
+        RelationTable.from_report(tmp_path / "missing.csv")
 
 
 @pytest.fixture

@@ -83,6 +83,11 @@ class RelationTable:
                 rows = list(csv.reader(handle))
         except UnicodeDecodeError as exc:
             raise ValueError(f"{path}: byte {exc.start} is not UTF-8 text") from None
+        except OSError as exc:
+            raise OSError(
+                f"report {path}: cannot read it ({exc.strerror or exc}); it should be an "
+                "earlier run's relationship_codes.csv (trig-stream report writes one per model)"
+            ) from None
         if not rows or len(rows[0]) < 3 or rows[0][0].strip():
             raise ValueError(f"{path}: expected a header ',' followed by dimension codes")
         columns = [cell.strip() for cell in rows[0][1:]]
