@@ -14,6 +14,7 @@ import anyio.lowlevel
 import pytest
 
 from tests.conftest import write_prompts
+from trig_stream import cli
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.signals import stop_signals
 from trig_stream.testing import FakeJudge
@@ -205,9 +206,11 @@ def test_ctrl_c_while_the_judges_open_stops_before_any_work(
             await anyio.lowlevel.checkpoint()
 
     monkeypatch.setattr(FakeJudge, "open", interrupted_while_opening)
+    monkeypatch.setattr(cli, "OPENING_QUIET_S", 0)  # say what opens at once, not after 2 s
     path = write_config(tmp_path)
     assert main(["run", str(path), "--headless"]) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
+    assert "opening judge 'trigscore': connecting" in err  # what the wait is for
     assert "stopping: finishing the work in flight" in err and "Traceback" not in err
     assert "stopped: 0 judgements in this run" in err or "cancelled: 0 judgements" in err, err
     assert sum(journal_keys(tmp_path).values()) == 0

@@ -32,6 +32,7 @@ from trig_stream.backends.base import (
 )
 from trig_stream.config import RunConfig
 from trig_stream.png import encode_png, with_sample_digest
+from trig_stream.progress import describe
 from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.store import JOURNAL, QUARANTINE, read_journal
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -748,11 +749,11 @@ class JudgeSlowToOpen(FakeJudge):
 
     def __init__(self) -> None:
         super().__init__()
-        self.opening = anyio.Event()
+        self.opening_started = anyio.Event()
         self.closed = False
 
     async def open(self) -> None:
-        self.opening.set()
+        self.opening_started.set()
         await anyio.Event().wait()
 
     async def aclose(self) -> None:
@@ -769,7 +770,8 @@ async def test_a_stop_while_a_judge_opens_ends_the_run_before_it_starts(
     engine = Engine(config, judges=[judge])
 
     async def cancel_once_opening() -> None:
-        await judge.opening.wait()
+        await judge.opening_started.wait()
+        assert engine.stats().opening == "judge 'trigscore': connecting"  # for displays
         getattr(engine, how)()
 
     with anyio.fail_after(10):  # before, the run waited for the open to end: here, never
@@ -778,6 +780,7 @@ async def test_a_stop_while_a_judge_opens_ends_the_run_before_it_starts(
             async with engine:
                 assert [j async for j in engine.results] == []
     assert engine.stats().state == state
+    assert engine.stats().opening is None
     assert judge.closed
     assert not (config.run_dir / JOURNAL).read_text()
 
@@ -812,9 +815,12 @@ async def test_cancel_leaves_a_load_behind_which_then_closes_what_it_loaded(
     with anyio.fail_after(10):  # before, the run waited for the load to end
         async with engine:
             await anyio.to_thread.run_sync(generator.loading.wait)
+            assert engine.stats().models["synth"].loading
+            assert "| loading synth" in describe(engine.stats())  # the plain progress line
             engine.cancel()
             assert [j async for j in engine.results] == []
     assert engine.stats().state == "cancelled"
+    assert not engine.stats().models["synth"].loading
     assert generator.closed_in == []  # not while it still loads
     assert loads_left_behind() == 1
     assert generator.loaded_in is not None and generator.loaded_in.is_alive()

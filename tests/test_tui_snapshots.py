@@ -122,3 +122,15 @@ def test_status_line_follows_the_state(snap_compare: SnapCompare, state: str) ->
         synthetic_snapshot(), state=state, samples_done=300 if state == "done" else 120
     )
     assert snap_compare(TrigDashboardApp(StaticSource(snapshot)), terminal_size=SIZE)
+
+
+def test_status_line_says_which_models_are_loading() -> None:
+    from dataclasses import replace
+
+    from trig_stream.tui.render import status_line
+
+    loading = replace(synthetic_snapshot(), loading=("flux", "sd35"))
+    assert "loading flux, sd35" in status_line(loading, linger=False).plain
+    assert "loading" not in status_line(synthetic_snapshot(), linger=False).plain
+    done = replace(loading, state="done")
+    assert "loading" not in status_line(done, linger=False).plain

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from tests.conftest import ConfigFactory
+from tests.test_engine import LoadsUntilReleased
 from trig_stream import Engine
 from trig_stream.tui.sources import EngineSource
 
@@ -32,3 +34,16 @@ async def test_images_waiting_for_a_judgement_are_counted_per_model(
     judged = {j.data_id for j in results[:7]}
     assert partway.models[0].judging == 10 - len(judged)
     assert after.models[0].judging == 0
+
+
+async def test_a_model_loading_shows_in_the_snapshot(make_config: ConfigFactory) -> None:
+    generator = LoadsUntilReleased()
+    async with Engine(make_config(samples=2), generators=[generator]) as engine:
+        source = EngineSource(engine)
+        await anyio.to_thread.run_sync(generator.loading.wait)
+        assert (await source.snapshot()).loading == ("synth",)
+        generator.release.set()
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        assert (await source.snapshot()).loading == ()

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 from anyio.abc import TaskStatus
@@ -36,6 +36,9 @@ from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
 from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 
+if TYPE_CHECKING:
+    from trig_stream.engine import Engine
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
@@ -44,6 +47,8 @@ EXIT_FATAL = 4
 EXIT_INTERRUPTED = 130
 
 PROGRESS_EVERY_S = 0.5
+OPENING_QUIET_S = 2.0
+"""How long an opening step may take before the command says what it waits for."""
 QUIET_LIBRARIES = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
@@ -240,11 +245,13 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     with _sole_error():
         async with anyio.create_task_group() as signals:
             # Listening starts before the engine opens: its judges may load models for
-            # minutes, and a Ctrl-C meanwhile must not be lost (a load under way finishes
-            # first).
+            # minutes, and a Ctrl-C meanwhile must not be lost.
             await signals.start(on_signals)
+            opening = anyio.CancelScope()
+            signals.start_soon(_say_what_opens, engine, console, opening)
             if run_dashboard is not None:
                 async with engine:
+                    opening.cancel()
                     if not interrupted:
                         # From here the dashboard maps Ctrl-C to stop, then cancel.
                         listening.cancel()
@@ -254,6 +261,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
             else:
                 with PlainProgress(console) as progress:
                     async with engine, anyio.create_task_group() as tg:
+                        opening.cancel()
                         console.print(f"run directory: {engine.run_dir_path}", highlight=False)
 
                         async def refresh() -> None:
@@ -281,6 +289,19 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     if not args.no_report:
         await anyio.to_thread.run_sync(_final_report, summary.run_dir, console)
     return EXIT_OK
+
+
+async def _say_what_opens(engine: Engine, console: Console, scope: anyio.CancelScope) -> None:
+    """Say what the engine is opening when it takes a while (a judge server starting, a
+    judge model loading: minutes, with nothing else on screen); ends with ``scope``."""
+    said = None
+    with scope:
+        while True:
+            await anyio.sleep(OPENING_QUIET_S)
+            what = engine.stats().opening
+            if what is not None and what != said:
+                console.print(f"opening {what}", highlight=False, markup=False)
+                said = what
 
 
 @contextmanager

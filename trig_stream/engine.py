@@ -155,6 +155,7 @@ class Engine:
         self._task_group: TaskGroup | None = None
         self._opening = anyio.CancelScope()
         """Where the backends open and the run directory is read: :meth:`cancel` reaches it."""
+        self._opening_now: str | None = None
         self._judging: JudgeStage | None = None
         self._run_dir: RunDir | None = None
         self._journal_state = JournalState()
@@ -215,6 +216,7 @@ class Engine:
             judge_latency=latency(c.judge_latencies),
             last_errors=tuple(c.last_errors),
             notes=tuple(c.notes),
+            opening=self._opening_now if self._state == "starting" else None,
         )
 
     def stop(self) -> None:
@@ -356,11 +358,14 @@ class Engine:
         if self._new_run:
             path = await anyio.to_thread.run_sync(next_free_run_dir, path)
         self.run_dir_path = path
+        self._opening_now = f"the run directory {path}"
         self._run_dir, self._journal_state = await anyio.to_thread.run_sync(
             RunDir.open, path, manifest
         )
         for judge in self._judges:
+            self._opening_now = f"judge {judge.name!r}: {judge.opening()}"
             await judge.open()
+        self._opening_now = None
 
     def _ensure_open_files(self) -> None:
         # Each request in flight of an HTTP judge holds a socket: with a high concurrency the

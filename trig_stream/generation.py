@@ -74,6 +74,8 @@ class GenerationStage:
         async with receive, image_send, judgement_send:
             if self._context.is_stopping():
                 return  # stopped while the engine opened: no model to load for nothing
+            counts = self._context.counters.model(generator.name)
+            counts.loading = True
             try:
                 # A hard stop does not wait for a load (minutes, for large weights).
                 await load_in_thread(generator.load, generator.close, limiter=compute)
@@ -83,6 +85,8 @@ class GenerationStage:
                 raise FatalBackendError(
                     f"generator {generator.name!r} failed to load: {exc}"
                 ) from exc
+            finally:
+                counts.loading = False
             try:
                 async with anyio.create_task_group() as tg:
                     for worker in range(generator.workers):

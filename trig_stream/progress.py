@@ -36,6 +36,9 @@ def describe(stats: EngineStats) -> str:
         parts.append(f"already done {skipped}")
     if stats.quarantined:
         parts.append(f"quarantined {stats.quarantined}")
+    loading = [name for name, m in stats.models.items() if m.loading]
+    if loading:
+        parts.append(f"loading {', '.join(loading)}")
     return " | ".join(parts)
 
 

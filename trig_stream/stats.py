@@ -61,6 +61,8 @@ class ModelCounts:
     reused: int = 0
     """Images found valid on disk from an earlier run."""
     generation_failed: int = 0
+    loading: bool = False
+    """The model's generator is loading (its weights, for a pipeline)."""
     ok: int = 0
     unscorable: int = 0
     error: int = 0
@@ -90,6 +92,9 @@ class EngineStats:
     last_errors: tuple[str, ...]
     notes: tuple[str, ...] = ()
     """What backends reported at the end of their work (e.g. image files left unused)."""
+    opening: str | None = None
+    """What the engine is opening while it starts (the run directory, a judge starting its
+    server or loading its model), or None."""
 
     @property
     def judged(self) -> int:

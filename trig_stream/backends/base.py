@@ -244,6 +244,10 @@ class Judge(ABC):
             FatalBackendError: something :meth:`open` needs is missing.
         """
 
+    def opening(self) -> str:
+        """What :meth:`open` does, when it can take a while (for progress displays)."""
+        return "connecting"
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect or load; called once before the first request."""
 

@@ -90,6 +90,8 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
         text.append("  finished" + ("; press q to close" if linger else ""), style="bold")
     else:
         text.append(f"  ETA {duration(snapshot.eta_s)}")
+    if snapshot.loading and not snapshot.finished:
+        text.append(f"  loading {', '.join(snapshot.loading)}", style="bold yellow")
     return text
 
 

@@ -125,6 +125,8 @@ class DashboardSnapshot:
     last_errors: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     quarantined: int | None = None
+    loading: tuple[str, ...] = ()
+    """Models whose generator is loading (its weights): nothing else moves meanwhile."""
     message: str = ""
     """A line from the source itself (e.g. who writes the run being watched)."""
 

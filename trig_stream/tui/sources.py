@@ -186,6 +186,7 @@ class EngineSource:
             relations=self._relations,
             last_errors=stats.last_errors,
             notes=stats.notes,
+            loading=tuple(name for name, m in stats.models.items() if m.loading),
             quarantined=stats.quarantined,
         )
 

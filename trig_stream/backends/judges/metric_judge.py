@@ -136,6 +136,9 @@ class MetricJudge(Judge):
             params={**self.metric.fingerprint(), "max_pixels": self.options.max_pixels},
         )
 
+    def opening(self) -> str:
+        return f"loading the {self.options.metric} metric"
+
     async def open(self) -> None:
         """Load the metric in a worker thread.
 

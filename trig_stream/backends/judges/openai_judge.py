@@ -285,6 +285,13 @@ class OpenAIJudge(Judge):
         if self.options.serve is not None:
             ManagedServer(self.options.serve, name=self.name).check_command()
 
+    def opening(self) -> str:
+        serve = self.options.serve
+        if serve is None:
+            return "connecting"
+        command = " ".join(serve.command).replace("{port}", str(serve.port or "<free port>"))
+        return f"starting its server `{command}`, until GET /health answers"
+
     def _key(self) -> str | None:
         env = self.options.api_key_env
         if not env:

@@ -150,6 +150,9 @@ class TransformersJudge(Judge):
                 "files)"
             )
 
+    def opening(self) -> str:
+        return f"loading {self.options.model_path} onto {self.options.device}"
+
     async def open(self) -> None:
         """Load the model and its processor in a worker thread.
 
