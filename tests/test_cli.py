@@ -57,6 +57,15 @@ def journal_keys(tmp_path: Path) -> Counter[tuple[str, str]]:
     return Counter((r["data_id"], r["dimension"]) for r in map(json.loads, lines))
 
 
+def signal_after(process: subprocess.Popen[str], prefix: str, signum: int) -> None:
+    """Read the process's stderr up to a line that starts with ``prefix``, then signal it."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        if line.startswith(prefix):
+            break
+    process.send_signal(signum)
+
+
 def test_import_is_light() -> None:
     code = (
         "import sys, trig_stream, trig_stream.engine, trig_stream.cli\n"
@@ -222,10 +231,8 @@ def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path: Path, presses: int)
     command = [sys.executable, "-m", "trig_stream", "run", str(path), "--headless"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
-    for line in process.stderr:
-        if line.startswith("run directory:"):
-            break
-    for _ in range(presses):
+    signal_after(process, "run directory:", signal.SIGINT)
+    for _ in range(presses - 1):
         process.send_signal(signal.SIGINT)
     rest = process.stderr.read()
     assert process.wait(timeout=60) == EXIT_INTERRUPTED, rest
@@ -254,14 +261,8 @@ def test_ctrl_c_twice_does_not_wait_for_a_model_loading(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-c", command], stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     try:
-        for line in process.stderr:
-            if line.startswith("loading"):
-                break
-        process.send_signal(signal.SIGINT)
-        for line in process.stderr:
-            if line.startswith("stopping:"):
-                break
-        process.send_signal(signal.SIGINT)
+        signal_after(process, "loading", signal.SIGINT)
+        signal_after(process, "stopping:", signal.SIGINT)
         code = process.wait(timeout=60)  # a few lines left to read: the pipe cannot fill
         rest = process.stderr.read()
     finally:
@@ -278,10 +279,7 @@ def test_a_hangup_stops_at_once_and_the_same_command_resumes(tmp_path: Path) -> 
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     try:
-        for line in process.stderr:
-            if line.startswith("run directory:"):
-                break
-        process.send_signal(signal.SIGHUP)
+        signal_after(process, "run directory:", signal.SIGHUP)
         code = process.wait(timeout=60)
         rest = process.stderr.read()
     finally:
