@@ -235,3 +235,16 @@ def test_the_server_stops_when_the_process_that_started_it_is_killed(tmp_path: P
         process.kill()
         process.wait()
     anyio.run(wait_for, lambda: ended(pid), "the server's end")
+
+
+def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> None:
+    # `env` may give the server a PATH of its own, where its command lives.
+    program = tmp_path / "bin" / "my-vllm"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    ManagedServer(
+        ServeOptions(command=["my-vllm"], env={"PATH": str(program.parent)}), name="j"
+    ).check_command()
+    with pytest.raises(FatalBackendError, match="my-vllm is not an executable file"):
+        ManagedServer(ServeOptions(command=["my-vllm"]), name="j").check_command()

@@ -185,7 +185,8 @@ class ManagedServer:
     def check_command(self) -> None:
         """Refuse a command whose program is not an executable file, here or on PATH."""
         program = self.options.command[0]
-        if shutil.which(program) is None:
+        search = self.options.env.get("PATH", os.environ.get("PATH"))  # the server's own PATH
+        if shutil.which(program, path=search) is None:
             command = self._scrub(f"`{' '.join(self.argv or self.options.command)}`")
             raise FatalBackendError(
                 f"judge {self.name!r}: cannot start the server {command}: {program} is not an "
