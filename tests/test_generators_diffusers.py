@@ -234,6 +234,26 @@ def test_loading_bar_follows_the_hubs_progress_bar_switch(
     assert ("Loading pipeline components" in capsys.readouterr().err) is not hidden
 
 
+def test_a_load_that_fails_on_one_device_keeps_none_of_the_others(
+    tiny_pipelines: dict[TinyKind, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first device's pipeline must not stay in memory behind a failed load.
+    generator = make_generator(tiny_pipelines["flux"], devices=["cpu", "cpu"])
+    load_one = generator._load_one
+    loaded: list[Any] = []
+
+    def second_fails(*args: Any) -> Any:
+        if loaded:
+            raise FatalBackendError("the second device failed")
+        loaded.append(load_one(*args))
+        return loaded[0]
+
+    monkeypatch.setattr(generator, "_load_one", second_fails)
+    with pytest.raises(FatalBackendError, match="the second device failed"):
+        generator.load()
+    assert len(loaded) == 1 and generator._pipes == []
+
+
 class CancelAtStep(DiffusersGenerator):
     """Asks the engine to cancel, from the step callback, during its ``at_call``-th call."""
 

@@ -199,10 +199,14 @@ class DiffusersGenerator(Generator):
                 # The hub's switch (`trig-stream run` sets it): transformers follows it,
                 # diffusers' own bar ("Loading pipeline components") does not.
                 diffusers.utils.logging.disable_progress_bar()
-            for device in self.devices:
-                self._pipes.append(self._load_one(torch, diffusers, pipeline_class, device))
-        self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
-        self._check_call_arguments(pipeline_class)
+            try:
+                for device in self.devices:
+                    self._pipes.append(self._load_one(torch, diffusers, pipeline_class, device))
+                self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
+                self._check_call_arguments(pipeline_class)
+            except BaseException:
+                self.close()  # a failed load holds nothing: the devices loaded before it free
+                raise
         from diffusers.image_processor import VaeImageProcessor
 
         if isinstance(getattr(self._pipes[0], "image_processor", None), VaeImageProcessor):
