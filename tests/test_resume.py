@@ -125,6 +125,29 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     assert len(counts) == 10 and set(counts.values()) == {1}
 
 
+@pytest.mark.parametrize("score", ["NaN", '"high"', "null"])
+async def test_an_ok_line_without_a_number_for_its_score_is_asked_again(
+    make_config: ConfigFactory, score: str
+) -> None:
+    # A hand edit can leave what json reads but no judgement holds: the report skips such a
+    # line, so resuming must not count it as judged, or its key would be in neither.
+    config = make_config(samples=3)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[2])
+    assert record["status"] == "ok"
+    lines[2] = lines[2].replace(
+        b'"score":' + json.dumps(record["score"]).encode(), b'"score":' + score.encode()
+    )
+    path.write_bytes(b"".join(lines))
+    state = Journal(path).open()
+    assert (len(state), state.skipped_lines) == (5, [3])
+    results = await run_to_end(config)
+    assert [(j.data_id, j.dimension) for j in results] == [(record["data_id"], record["dimension"])]
+    assert len(list(read_journal(path))) == 6
+
+
 async def test_a_line_zeroed_in_the_middle_is_not_counted_as_judged(
     make_config: ConfigFactory,
 ) -> None:

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -234,6 +235,9 @@ _LINE_START = re.compile(
     rb'(?:,"sample_digest":(?:"([^"\\]*)"|null))?'
 )
 _STATUSES = frozenset(("ok", "unscorable", "error"))
+_SCORE_KEY = b'"score":'
+_NUMBER_STARTS = frozenset(bytes([byte]) for byte in b"-0123456789")
+"""How the score of an ``ok`` line starts: as a JSON number does."""
 
 
 def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | None:
@@ -248,22 +252,32 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
     if not raw.endswith(b"}\n") or b"\x00" in raw:
         return None
     match = _LINE_START.match(raw)
+    scored = True
     if match is not None:
         *parts, found = match.groups()
         model, data_id, dimension, metric, status = (part.decode() for part in parts)
         digest = None if found is None else found.decode()
         key: JudgementKey = (intern(model), data_id, intern(dimension), intern(metric))
         status = intern(status)  # one string per status, not one per line
+        if status == "ok":  # the score is written as a number (the engine writes no other)
+            at = raw.find(_SCORE_KEY, match.end())
+            start = at + len(_SCORE_KEY)
+            scored = at >= 0 and raw[start : start + 1] in _NUMBER_STARTS
     else:
         try:
             record = json.loads(raw)
             key = (record["model"], record["data_id"], record["dimension"], record["metric"])
             status = record["status"]
             digest = record.get("sample_digest")
+            score = record.get("score")
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+        scored = isinstance(score, int | float) and not isinstance(score, bool)
+        scored = scored and math.isfinite(score)
     if status not in _STATUSES or not (digest is None or isinstance(digest, str)):
         return None
+    if status == "ok" and not scored:
+        return None  # NaN or text for a score (a hand edit): read_journal skips it too
     return key, status, digest  # type: ignore[return-value]
 
 
