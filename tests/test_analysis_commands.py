@@ -100,6 +100,10 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
     (tmp_path / "nan.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": math.inf}]}}))
     with pytest.raises(AnalysisError, match="IQ-R_TA-C_1 IQ-R: score inf is not a finite number"):
         run_command("analyze", str(tmp_path / "nan.json"), "--out", str(tmp_path / "o"))
+    # An integer too large for a float is no score either (and must not crash the check).
+    (tmp_path / "big.json").write_text(json.dumps({"IQ-R_TA-C": {"IQ-R_TA-C_1": [10**400, 0.5]}}))
+    with pytest.raises(AnalysisError, match=r"IQ-R_TA-C_1 IQ-R: score .* is not a finite number"):
+        run_command("analyze", str(tmp_path / "big.json"), "--out", str(tmp_path / "o"))
     # A formatted file's pair with an unknown dimension is named as such, not read as a data_id.
     (tmp_path / "pair.json").write_text(json.dumps({"IQ-R_XX-C": {"IQ-R_XX-C_1": [0.5, 0.4]}}))
     with pytest.raises(AnalysisError, match="unknown dimension 'XX-C' in pair 'IQ-R_XX-C'"):

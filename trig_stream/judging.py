@@ -81,7 +81,8 @@ class JudgeStage:
         """The controller of each judge whose concurrency is adaptive."""
         self._answered: set[str] = set()
         """The judges that have answered a request (a reply, or a refusal of their own)."""
-        self._scored: Counter[str] = Counter()
+        self._scored: set[str] = set()
+        """The judges that have scored an answer."""
         self._unscorable: Counter[str] = Counter()
 
     async def run(
@@ -108,7 +109,7 @@ class JudgeStage:
         # Each such answer is an unscorable judgement, as it should be, but when no answer
         # of a judge could be scored the cause is likelier its setup than its images.
         for name, count in self._unscorable.items():
-            if count >= UNSCORABLE_TO_NOTE and not self._scored[name]:
+            if count >= UNSCORABLE_TO_NOTE and name not in self._scored:
                 self._context.counters.notes.append(
                     f"judge {name!r}: none of its {count} answers had a rating word among "
                     "the top tokens it returned, so none was scored; a model that does not "
@@ -267,7 +268,7 @@ class JudgeStage:
                 else:
                     status = "ok"
         if status == "ok":
-            self._scored[judge.name] += 1
+            self._scored.add(judge.name)
         sample = item.work.sample
         return Judgement(
             model=item.work.model,

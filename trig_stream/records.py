@@ -15,9 +15,10 @@ Only ``ok`` judgements carry a score: a failure is never written as one.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,6 +40,17 @@ def storable_text(text: str) -> str:
     if text.isascii():  # almost all text, and a check that costs nothing
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_finite_number(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` can be a score: an int or float (not a bool), neither NaN nor infinite
+    (nor an int too large for a float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class _Record(BaseModel):

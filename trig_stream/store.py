@@ -21,7 +21,6 @@ import errno
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -36,7 +35,14 @@ from typing import IO, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
-from trig_stream.records import SCHEMA_VERSION, Judgement, JudgementKey, QuarantinedRecord, Status
+from trig_stream.records import (
+    SCHEMA_VERSION,
+    Judgement,
+    JudgementKey,
+    QuarantinedRecord,
+    Status,
+    is_finite_number,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -272,8 +278,7 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
             score = record.get("score")
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
-        scored = isinstance(score, int | float) and not isinstance(score, bool)
-        scored = scored and math.isfinite(score)
+        scored = is_finite_number(score)
     if status not in _STATUSES or not (digest is None or isinstance(digest, str)):
         return None
     if status == "ok" and not scored:

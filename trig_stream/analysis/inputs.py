@@ -13,7 +13,6 @@ A ``null`` score becomes an ``unscorable`` judgement: no score is ever made up.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
 from trig_stream.errors import RunDirError
-from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
 from trig_stream.store import JOURNAL, MANIFEST, Manifest, read_journal, read_manifest
 
 __all__ = [
@@ -201,9 +200,11 @@ def _judgement(
     score: object,
     judge: JudgeFingerprint,
 ) -> Judgement:
-    if score is not None and (
-        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)
-    ):
+    if score is None:
+        value = None
+    elif is_finite_number(score):
+        value = float(score)
+    else:
         raise ValueError(f"{data_id} {dim}: score {score!r} is not a finite number")
     return Judgement.model_validate(
         {
@@ -214,8 +215,8 @@ def _judgement(
             "dimension": dim,
             "metric": metric,
             "judge": judge,
-            "status": "ok" if score is not None else "unscorable",
-            "score": None if score is None else float(score),
+            "status": "ok" if value is not None else "unscorable",
+            "score": value,
             "created_at": 0.0,
         }
     )
