@@ -125,7 +125,11 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     assert len(counts) == 10 and set(counts.values()) == {1}
 
 
-@pytest.mark.parametrize("score", ["NaN", '"high"', "null"])
+@pytest.mark.parametrize(
+    "score",
+    ["NaN", '"high"', "null", "1e999", "-1E400", "9" * 400],
+    ids=["nan", "text", "null", "overflow", "negative-overflow", "huge-int"],
+)
 async def test_an_ok_line_without_a_number_for_its_score_is_asked_again(
     make_config: ConfigFactory, score: str
 ) -> None:

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -241,9 +242,9 @@ _LINE_START = re.compile(
     rb'(?:,"sample_digest":(?:"([^"\\]*)"|null))?'
 )
 _STATUSES = frozenset(("ok", "unscorable", "error"))
-_SCORE_KEY = b'"score":'
-_NUMBER_STARTS = frozenset(bytes([byte]) for byte in b"-0123456789")
-"""How the score of an ``ok`` line starts: as a JSON number does."""
+_SCORE = re.compile(rb'"score":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?([eE][+-]?[0-9]+)?),')
+"""The score of an ``ok`` line, written as a JSON number (the fields after it are never cut),
+and its exponent."""
 
 
 def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | None:
@@ -266,9 +267,11 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
         key: JudgementKey = (intern(model), data_id, intern(dimension), intern(metric))
         status = intern(status)  # one string per status, not one per line
         if status == "ok":  # the score is written as a number (the engine writes no other)
-            at = raw.find(_SCORE_KEY, match.end())
-            start = at + len(_SCORE_KEY)
-            scored = at >= 0 and raw[start : start + 1] in _NUMBER_STARTS
+            score = _SCORE.search(raw, match.end())
+            # 1e999 reads as infinity, and so does an integer of 400 digits.
+            scored = score is not None and (
+                (score[2] is None and len(score[1]) < 300) or math.isfinite(float(score[1]))
+            )
     else:
         try:
             record = json.loads(raw)
