@@ -69,10 +69,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
-    process, base_url = start_judge("--latency", "0", "--capacity", "64")
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        # As vLLM, the server reads file:// URLs only under the folder it is given.
+        process, base_url = start_judge(
+            "--latency", "0", "--capacity", "64", "--allowed-local-media-path", str(folder)
+        )
+        try:
             dataset = write_parquet_prompts(folder / "prompts.parquet", args.images)
             results = {}
             for mode in ("base64", "file"):
@@ -88,8 +91,8 @@ def main() -> None:
                     f"{served / seconds:.0f} req/s ({size / args.images / 1e6:.2f} MB per image); "
                     f"engine CPU {cpu / served * 1000:.2f} ms per request"
                 )
-    finally:
-        stop_judge(process)
+        finally:
+            stop_judge(process)
     print(f"file:// is {results['base64'] / results['file']:.2f}x the speed of base64")
 
 

@@ -130,7 +130,7 @@ async def test_request_shape_per_task(task: Task, image: Path, client: Client) -
 
 
 async def test_file_mode_seed_and_limits(image: Path, client: Client) -> None:
-    options = JudgeServerOptions(record_requests=True)
+    options = JudgeServerOptions(record_requests=True, allowed_local_media_path=image.parent)
     async with (
         JudgeServer(options) as server,
         judge_at(
@@ -154,6 +154,41 @@ async def test_file_mode_seed_and_limits(image: Path, client: Client) -> None:
         0.0,
     )
     assert reply.top_logprobs is not None and len(reply.top_logprobs) == 5
+
+
+@pytest.mark.parametrize("allowed", [None, "elsewhere", "link"])
+async def test_file_urls_only_from_the_allowed_folder(
+    image: Path, tmp_path: Path, allowed: str | None
+) -> None:
+    # As vLLM: no file URL without --allowed-local-media-path, none outside that folder (a
+    # link out of it included), each a 400 saying why, which the judge reports.
+    folder = None if allowed is None else tmp_path / "allowed"
+    path = image
+    if folder is not None:
+        folder.mkdir()
+        if allowed == "link":
+            path = folder / "link.png"
+            path.symlink_to(image)
+    options = JudgeServerOptions(allowed_local_media_path=folder)
+    async with JudgeServer(options) as server, judge_at(server, image_mode="file") as judge:
+        with pytest.raises(ItemError, match="allowed-local-media-path") as raised:
+            await ask(judge, path)
+    reason = "cannot load local files" if folder is None else "must be a subpath"
+    assert reason in str(raised.value)
+
+
+async def test_file_urls_refused_from_the_start_stop_the_run_naming_the_server_option(
+    image: Path,
+) -> None:
+    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+
+    async with JudgeServer() as server, judge_at(server, image_mode="file") as judge:
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError):
+                await ask(judge, image)
+        with pytest.raises(FatalBackendError) as raised:
+            await ask(judge, image)
+    assert "image_mode = 'file' against --allowed-local-media-path" in str(raised.value)
 
 
 def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:

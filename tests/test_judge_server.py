@@ -94,7 +94,7 @@ async def test_answer_has_openai_shape_and_repeats_are_counted() -> None:
 )
 async def test_bad_images_get_400(url: str, reason: str) -> None:
     async with (
-        JudgeServer() as server,
+        JudgeServer(JudgeServerOptions(allowed_local_media_path=Path("/"))) as server,
         aiohttp.ClientSession() as http,
         http.post(f"{server.base_url}/chat/completions", json=chat_body(url)) as resp,
     ):

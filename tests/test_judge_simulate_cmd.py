@@ -46,9 +46,13 @@ def test_arguments_become_options() -> None:
         "0.01",
         "--correlation",
         "IQ-R_TA-C=0.8",
+        "--allowed-local-media-path",
+        "/data/runs",
     )
     options = options_from_args(args)
     assert (options.latency_s, options.capacity, options.seed) == (0.05, 64, 3)
+    assert str(options.allowed_local_media_path) == "/data/runs"
+    assert options_from_args(parse()).allowed_local_media_path is None
     assert options.fault_rates() == {
         "error": 0.1,
         "rate_limit": 0.05,

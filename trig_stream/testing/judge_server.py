@@ -2,7 +2,8 @@
 
 It answers ``POST /v1/chat/completions`` as vLLM does: the first token's top logprobs in
 ``choices[0].logprobs.content[0].top_logprobs``, the message, ``usage``. Images in the request
-(``data:`` or ``file://`` URLs) are decoded and checked; a bad one is a 400. The answer is a
+(``data:`` URLs, or ``file://`` URLs where ``allowed_local_media_path`` allows them, as in
+vLLM) are decoded and checked; a bad one is a 400. The answer is a
 function of the image and the dimension named in the system message (see
 :mod:`trig_stream.testing.planted_scores`), so planted correlations between dimensions show up
 in the scores. Like vLLM it has ``capacity`` slots and queues what does not fit, reporting
@@ -87,6 +88,9 @@ class JudgeServerOptions(BaseModel):
     api_key: str | None = None
     """When set, requests must carry ``Authorization: Bearer <api_key>``; others get a 401
     whose message quotes the key received, as some providers do."""
+    allowed_local_media_path: Path | None = None
+    """The folder ``file://`` image URLs must lie in, as vLLM's ``--allowed-local-media-path``;
+    without it they are refused with a 400, as vLLM refuses them."""
     record_requests: bool = False
     """Keep every request body in :attr:`JudgeServer.received` (tests)."""
 
@@ -367,7 +371,7 @@ class JudgeServer:
     def _checked_image(self, url: str) -> tuple[bytes, bytes]:
         # The image's bytes and digest. Each image is asked about on two dimensions:
         # it is decoded and verified once.
-        data = _image_bytes(url)
+        data = _image_bytes(url, self.options.allowed_local_media_path)
         key = hashlib.sha256(data).digest()
         if key not in self._verified:
             _verify(data)
@@ -497,8 +501,8 @@ def _dimension_named(text: str) -> str:
     return "unknown"
 
 
-def _image_bytes(url: str) -> bytes:
-    """The bytes of a ``data:`` or ``file://`` image URL."""
+def _image_bytes(url: str, allowed_folder: Path | None) -> bytes:
+    """The bytes of a ``data:`` or ``file://`` image URL (a file in ``allowed_folder`` only)."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if not header.endswith(";base64"):
@@ -508,8 +512,16 @@ def _image_bytes(url: str) -> bytes:
         except ValueError:
             raise BadRequest("the image data URL is not valid base64") from None
     elif url.startswith("file://"):
+        path = Path(unquote(urlparse(url).path))
+        if allowed_folder is None:
+            raise BadRequest("cannot load local files without `--allowed-local-media-path`")
+        if allowed_folder.resolve() not in path.resolve().parents:
+            raise BadRequest(
+                f"the file path {path} must be a subpath of `--allowed-local-media-path` "
+                f"{allowed_folder}"
+            )
         try:
-            data = Path(unquote(urlparse(url).path)).read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
             raise BadRequest(f"cannot read the image file: {exc.strerror}") from None
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -71,6 +72,13 @@ def add_simulate_judge_command(subparsers: Any) -> argparse.ArgumentParser:
         help="plant correlation R between two dimensions, e.g. IQ-R_TA-C=0.8 (repeatable)",
     )
     parser.add_argument("--api-key-env", help="require the key held in this environment variable")
+    parser.add_argument(
+        "--allowed-local-media-path",
+        type=Path,
+        metavar="FOLDER",
+        help="accept file:// image URLs of files in this folder (as vLLM's option; without "
+        "it they are refused, as vLLM refuses them)",
+    )
     parser.set_defaults(handler=run_simulate_judge)
     return parser
 
@@ -105,6 +113,7 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
             reset_rate=args.reset_rate,
             correlations=correlations,
             api_key=api_key,
+            allowed_local_media_path=args.allowed_local_media_path,
         )
     except ValidationError as exc:
         problems = "; ".join(

@@ -160,6 +160,8 @@ class _Endpoint:
 
     transport: Transport
     model: str
+    file_urls: bool = False
+    """Whether its requests carry ``file://`` URLs (``image_mode = "file"``)."""
     in_flight: int = 0
     failures: int = 0
     """Transient failures in a row."""
@@ -186,10 +188,13 @@ class _Endpoint:
         if self.refused < REFUSALS_TO_STOP:
             return None
         # Every answer so far a refusal: the requests, not the images, are at fault.
+        limits = "top_logprobs against --max-logprobs, max_pixels against the model's context"
+        if self.file_urls:
+            limits += ", image_mode = 'file' against --allowed-local-media-path (a folder "
+            "that holds the run's images)"
         return FatalBackendError(
             f"{error}; the first {self.refused} answers of this endpoint were refusals and "
-            "none succeeded: check the judge's options against the server's limits "
-            "(top_logprobs against --max-logprobs, max_pixels against the model's context); "
+            f"none succeeded: check the judge's options against the server's limits ({limits}); "
             "the refused ones are kept as errors: resume with --retry-errors to ask again"
         )
 
@@ -344,7 +349,9 @@ class OpenAIJudge(Judge):
                 key_source=self._key_source,
                 timeout_s=self.options.timeout_s,
             )
-            self._endpoints.append(_Endpoint(transport, self.options.model))
+            self._endpoints.append(
+                _Endpoint(transport, self.options.model, self.options.image_mode == "file")
+            )
 
     async def aclose(self) -> None:
         endpoints, self._endpoints = self._endpoints, []
