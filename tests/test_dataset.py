@@ -191,7 +191,10 @@ def test_filters_and_limit(tmp_path: Path) -> None:
             {"data_id": "/etc/passwd", "prompt": "p", "dimension": ["IQ-R", "TA-C"]},
             "safe file name",
         ),
-        ({"data_id": "a/b", "prompt": "p", "dimension": ["IQ-R", "TA-C"]}, "safe file name"),
+        (
+            {"data_id": "a/b", "prompt": "p", "dimension": ["IQ-R", "TA-C"]},
+            "safe file name (it names the image file): letters, digits, '.', '_' and '-' only",
+        ),
         ({"data_id": "IQ-R_TA-C", "prompt": "p"}, "_<number>"),
         ("not a record", "missing data_id"),
         (

@@ -264,7 +264,11 @@ def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]
     if not isinstance(data_id, str):
         raise Rejected(f"data_id must be text, got {type(data_id).__name__} {data_id!r}")
     if not SAFE_NAME.match(data_id) or ".." in data_id:
-        raise Rejected(f"data_id {data_id!r} is not a safe file name")
+        raise Rejected(
+            f"data_id {data_id!r} is not a safe file name (it names the image file): letters, "
+            "digits, '.', '_' and '-' only, starting with a letter or digit, at most 128 "
+            "characters, no '..'"
+        )
     return data_id, _dimensions(raw, data_id)
 
 
