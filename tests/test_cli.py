@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from tests.conftest import write_prompts
 from trig_stream import cli
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.signals import stop_signals
+from trig_stream.store import LOCK
 from trig_stream.testing import FakeJudge
 
 CONFIG = """\
@@ -180,9 +182,17 @@ def test_run_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     path = write_config(tmp_path)
     assert main(["run", str(path), "--headless"]) == EXIT_OK
     assert "done: 12 judgements" in capsys.readouterr().err
-    assert main(["status", str(tmp_path / "runs" / "cli")]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    assert main(["status", str(run_dir)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "synth" in out and "12" in out
+    assert "not running; `trig-stream run` with its config judges whatever is left" in out
+    with (run_dir / LOCK).open("r+") as lock:  # as a process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        assert main(["status", str(run_dir)]) == EXIT_OK
+    assert f"running (pid {os.getpid()})" in capsys.readouterr().out
     assert main(["run", str(path), "--headless", "--backend", "trio"]) == EXIT_OK
     assert "done: 0 judgements" in capsys.readouterr().err
 

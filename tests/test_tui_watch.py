@@ -16,10 +16,10 @@ from rich.console import Console
 
 from tests.conftest import ROOT, write_prompts
 from trig_stream.records import JudgeFingerprint, Judgement
-from trig_stream.store import JOURNAL, latest_judgements
+from trig_stream.store import JOURNAL, latest_judgements, writer_pid
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.watch import add_watch_command
-from trig_stream.tui.watch_source import JournalTail, RunDirSource, writer_pid
+from trig_stream.tui.watch_source import JournalTail, RunDirSource
 
 pytestmark = pytest.mark.anyio
 

@@ -341,7 +341,13 @@ def _final_report(run_dir: Path, console: Console) -> None:
 
 
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from trig_stream.store import JOURNAL, QUARANTINE, latest_judgements, read_manifest
+    from trig_stream.store import (
+        JOURNAL,
+        QUARANTINE,
+        latest_judgements,
+        read_manifest,
+        writer_pid,
+    )
 
     manifest = read_manifest(args.run_dir)
     latest = latest_judgements(args.run_dir / JOURNAL)
@@ -355,6 +361,18 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
             scored[(judgement.model, judgement.dimension)] += 1
     out = Console()
     out.print(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}", highlight=False)
+    writer = writer_pid(args.run_dir)
+    if writer is None:
+        out.print(
+            "not running; `trig-stream run` with its config judges whatever is left",
+            highlight=False,
+        )
+    else:
+        out.print(
+            f"running (pid {writer}); the counts below are as of now; follow it live with "
+            f"`trig-stream watch {args.run_dir}`",
+            highlight=False,
+        )
     table = Table("model", "ok", "unscorable", "error", "total")
     for model in sorted({m for m, _ in counts} | set(manifest.generators)):
         row = [counts[(model, s)] for s in ("ok", "unscorable", "error")]

@@ -504,6 +504,43 @@ def read_manifest(run_dir: Path) -> Manifest:
         raise RunDirError(f"cannot read {path}: {exc}") from None
 
 
+def writer_pid(run_dir: Path) -> int | None:
+    """The pid of the process running in ``run_dir`` when one does, else None.
+
+    On Linux the kernel's lock table (``/proc/locks``) says whether the run lock is held;
+    elsewhere, whether the pid the lock holder wrote into ``run.lock`` still runs. The lock
+    itself is never touched.
+    """
+    path = run_dir / LOCK
+    try:
+        pid = int(path.read_text().strip() or "0")
+        info = path.stat()
+    except (OSError, ValueError):
+        return None
+    held = _lock_held(info.st_dev, info.st_ino)
+    if held is not None:
+        return pid if held and pid > 0 else None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _lock_held(device: int, inode: int) -> bool | None:
+    """Whether some process holds a lock on the file, from ``/proc/locks`` (None: unknown)."""
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    wanted = f"{os.major(device):02x}:{os.minor(device):02x}:{inode}"
+    return any(wanted in line.split() for line in table.splitlines())
+
+
 def write_atomic(path: Path, data: bytes, *, temp_dir: Path | None = None) -> None:
     """Write a file so that readers see either nothing or all of it, even after a crash.
 

@@ -9,7 +9,6 @@ runs.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from trig_stream.analysis.live import RelationTracker
 from trig_stream.config import RelationSection, RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.records import Judgement, JudgementKey, Status
-from trig_stream.store import JOURNAL, LOCK, Manifest, read_manifest
+from trig_stream.store import JOURNAL, Manifest, read_manifest, writer_pid
 from trig_stream.tui.snapshot import (
     CountRate,
     DashboardSnapshot,
@@ -232,43 +231,6 @@ class RunDirSource:
     def _elapsed(self, manifest: Manifest, *, running: bool) -> float | None:
         end = self._wall_clock() if running else self._last_at
         return None if end is None else max(end - manifest.updated_at, 0.0)
-
-
-def writer_pid(run_dir: Path) -> int | None:
-    """The pid of the process running in ``run_dir`` when one does, else None.
-
-    On Linux the kernel's lock table (``/proc/locks``) says whether the run lock is held;
-    elsewhere, whether the pid the lock holder wrote into ``run.lock`` still runs. The lock
-    itself is never touched.
-    """
-    path = run_dir / LOCK
-    try:
-        pid = int(path.read_text().strip() or "0")
-        info = path.stat()
-    except (OSError, ValueError):
-        return None
-    held = _lock_held(info.st_dev, info.st_ino)
-    if held is not None:
-        return pid if held and pid > 0 else None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
-
-
-def _lock_held(device: int, inode: int) -> bool | None:
-    """Whether some process holds a lock on the file, from ``/proc/locks`` (None: unknown)."""
-    try:
-        table = Path("/proc/locks").read_text()
-    except OSError:
-        return None
-    wanted = f"{os.major(device):02x}:{os.minor(device):02x}:{inode}"
-    return any(wanted in line.split() for line in table.splitlines())
 
 
 def _rank(ordered: list[float], share: float) -> float | None:
