@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import anyio
@@ -20,7 +22,7 @@ from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
 from trig_stream.errors import MissingExtraError, RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
-from trig_stream.store import JOURNAL, MANIFEST, Journal, Manifest, write_atomic
+from trig_stream.store import JOURNAL, LOCK, MANIFEST, Journal, Manifest, write_atomic
 
 DATA = Path(__file__).parent / "data" / "analysis"
 FORMATTED = DATA / "formatted_small.json"
@@ -179,6 +181,22 @@ def test_report_uses_stored_thresholds_unless_overridden(tmp_path: Path) -> None
     assert (out / "model-a" / "relationship_codes.csv").read_text() == EXPECTED_CSV.read_text()
     shifted = (out / "model-b" / "relationship_codes.csv").read_text()
     assert "IQ-R,NULL,NULL,NULL,NULL,0.250,-1,-1,3," in shifted  # scores - 0.5: bottleneck
+
+
+def test_report_of_a_run_in_progress_says_it_covers_the_judgements_so_far(
+    tmp_path: Path,
+) -> None:
+    run = write_run_dir(tmp_path / "run", {})
+    code, text = run_command("report", str(run), "--no-plots")
+    assert code == 0 and "still running" not in text
+    with (run / LOCK).open("a+") as lock:  # as the process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        code, text = run_command("report", str(run), "--no-plots")
+    assert code == 0
+    assert f"a process (pid {os.getpid()}) is still running in {run}" in text
+    assert "covers the judgements so far" in text
 
 
 def test_report_without_matplotlib_notes_the_extra(

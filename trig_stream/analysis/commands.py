@@ -28,6 +28,7 @@ from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, normalise_task
 from trig_stream.records import Judgement
+from trig_stream.store import writer_pid
 
 THRESHOLD_OPTIONS: dict[str, str] = {
     "synergy": "synergy zone: both scores above this (default 0.8)",
@@ -122,6 +123,14 @@ def _print_written(console: Console, analysis: ModelAnalysis, written: WrittenFi
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """``report RUN_DIR``: exports, markdown report and plots per model, from the journal."""
+    writer = writer_pid(args.run_dir)
+    if writer is not None:
+        console.print(
+            f"a process (pid {writer}) is still running in {args.run_dir}: this report covers "
+            "the judgements so far (the run writes its own when it ends, unless --no-report)",
+            highlight=False,
+            markup=False,
+        )
     write_report(
         args.run_dir,
         console,
