@@ -51,7 +51,19 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (("[run]\n", "[run]\ncolour = 'red'\n"), r"run\.toml:2: run\.colour: unknown key"),
+        (
+            ("[run]\n", "[run]\ncolour = 'red'\n"),
+            r"run\.toml:2: run\.colour: unknown key; this table takes: name, output_dir, task",
+        ),
+        (
+            ("[run]\n", "[run]\nout_dir = 'x'\n"),
+            r"run\.out_dir: unknown key; did you mean 'output_dir'\?",
+        ),
+        (("[dataset]\n", "[runn]\n"), r"runn: unknown key; did you mean 'run'\?"),
+        (
+            ('backend = "fake"', 'backend = "fake"\nadaptive = { enabeld = true }'),
+            r"judges\[0\]\.adaptive\.enabeld: unknown key; did you mean 'enabled'\?",
+        ),
         (
             ('name = "two"\n', 'name = "two"\nworkers = "many"\n'),
             r"run\.toml:15: generators\[1\]\.workers: .*integer",
@@ -62,7 +74,7 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
         ),
         (
             ("options = { size = 32 }", "options = { sise = 32 }"),
-            r"generators\[1\]\.options\.sise: unknown key",
+            r"generators\[1\]\.options\.sise: unknown key; did you mean 'size'\?",
         ),
         (
             ('backend = "fake"', 'backend = "oracle"'),

@@ -8,10 +8,11 @@ inside a config are taken relative to the config file's own folder.
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -287,7 +288,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunConfig:
     """Validate an already-parsed config mapping (see :func:`load_config`)."""
-    from trig_stream.backends.registry import Kind, validate_backend_options
+    from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
     try:
         config = RunConfig.model_validate(data)
@@ -303,7 +304,8 @@ def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunCo
             validate_backend_options(kind, entry.backend, entry.options)
         except ValidationError as exc:
             prefix: tuple[str | int, ...] = (kind, index, "options")
-            problems.extend(_problems(exc, source, text, prefix))
+            options_model = backend_class(kind, entry.backend).Options
+            problems.extend(_problems(exc, source, text, prefix, options_model))
         except ValueError as exc:
             loc = (kind, index, "backend")
             problems.append(_problem_line(source, text, loc, str(exc)))
@@ -313,7 +315,7 @@ def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunCo
 
 
 def _describe(exc: ValidationError, source: Path, text: str) -> str:
-    return _join(source, _problems(exc, source, text, ()))
+    return _join(source, _problems(exc, source, text, (), RunConfig))
 
 
 def _join(source: Path, problems: list[str]) -> str:
@@ -322,19 +324,52 @@ def _join(source: Path, problems: list[str]) -> str:
 
 
 def _problems(
-    exc: ValidationError, source: Path, text: str, prefix: tuple[str | int, ...]
+    exc: ValidationError,
+    source: Path,
+    text: str,
+    prefix: tuple[str | int, ...],
+    model: type[BaseModel],
 ) -> list[str]:
     lines = []
     for error in exc.errors(include_url=False):
         loc = prefix + tuple(error["loc"])
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
         elif error["type"] == "missing":
             message = "required key is missing"
         else:
             message = f"{error['msg']} (got {error.get('input')!r})"
         lines.append(_problem_line(source, text, loc, message))
     return lines
+
+
+def _known_keys_hint(model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
+    """``; did you mean 'x'?`` for an unknown key at ``loc`` in ``model``, or the keys its
+    table takes; empty when the table is not a model's (a table passed to a library)."""
+    table: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or "[" in part or part.startswith("function-"):
+            continue  # a list's index, or a validator's name
+        field = table.model_fields.get(part) if table else None
+        table = _model_in(field.annotation) if field else None
+    if table is None:
+        return ""
+    known = [name for name in table.model_fields if not name.startswith("_")]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; this table takes: {', '.join(known)}"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, itself or in a list, a dict's values or an optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(get_args(annotation)):  # list[M], dict[str, M], M | None, Annotated
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _problem_line(source: Path, text: str, loc: tuple[str | int, ...], message: str) -> str:
