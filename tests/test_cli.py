@@ -253,17 +253,21 @@ def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path: Path, presses: int)
     assert len(keys) == 80 and set(keys.values()) == {1}
 
 
-def test_ctrl_c_twice_does_not_wait_for_a_model_loading(tmp_path: Path) -> None:
-    # Weights can take minutes to load, in a worker thread that nothing can interrupt: the
-    # second Ctrl-C leaves the load behind and the command exits, not when the load ends.
+@pytest.mark.parametrize("method", ["load", "generate"])
+def test_ctrl_c_twice_does_not_wait_for_a_model_loading_or_generating(
+    tmp_path: Path, method: str
+) -> None:
+    # Weights can take minutes to load, and an images API a minute to answer, in a worker
+    # thread that nothing can interrupt: the second Ctrl-C leaves the call behind and the
+    # command exits, not when the call ends.
     path = write_config(tmp_path)
     command = (
         "import sys, time\n"
         "from trig_stream.testing.synthetic import SyntheticGenerator\n"
-        "def load(self):\n"
-        "    print('loading', file=sys.stderr, flush=True)\n"
+        "def busy(self, *args, **kwargs):\n"
+        "    print('busy', file=sys.stderr, flush=True)\n"
         "    time.sleep(600)\n"
-        "SyntheticGenerator.load = load\n"
+        f"SyntheticGenerator.{method} = busy\n"
         "from trig_stream.cli import entry_point\n"
         f"sys.argv = ['trig-stream', 'run', {str(path)!r}, '--headless']\n"
         "entry_point()\n"
@@ -271,14 +275,15 @@ def test_ctrl_c_twice_does_not_wait_for_a_model_loading(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-c", command], stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     try:
-        signal_after(process, "loading", signal.SIGINT)
+        signal_after(process, "busy", signal.SIGINT)
         signal_after(process, "stopping:", signal.SIGINT)
         code = process.wait(timeout=60)  # a few lines left to read: the pipe cannot fill
         rest = process.stderr.read()
     finally:
         process.kill()
     assert code == EXIT_INTERRUPTED, rest
-    assert "cancelled: 0 judgements" in rest and "not waiting for a model" in rest, rest
+    assert "cancelled: 0 judgements" in rest, rest
+    assert "not waiting for a model still loading or a generation call still running" in rest
     assert not (tmp_path / "runs" / "cli" / "journal.jsonl").read_text()
 
 

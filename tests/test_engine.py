@@ -28,7 +28,7 @@ from trig_stream.backends.base import (
     JudgeRequest,
     PreparedImage,
     TimedPicture,
-    loads_left_behind,
+    threads_left_behind,
 )
 from trig_stream.config import RunConfig
 from trig_stream.png import encode_png, with_sample_digest
@@ -822,8 +822,56 @@ async def test_cancel_leaves_a_load_behind_which_then_closes_what_it_loaded(
     assert engine.stats().state == "cancelled"
     assert not engine.stats().models["synth"].loading
     assert generator.closed_in == []  # not while it still loads
-    assert loads_left_behind() == 1
+    assert threads_left_behind() == 1
     assert generator.loaded_in is not None and generator.loaded_in.is_alive()
     generator.release.set()
     assert await anyio.to_thread.run_sync(generator.closed.wait, 10)
     assert generator.closed_in == [generator.loaded_in]  # by the load's own thread, once
+
+
+class GeneratesUntilReleased(SyntheticGenerator):
+    """A generator whose call blocks until the test releases it, whatever the cancel event
+    says (an images API that takes a minute to answer, a pipeline that hangs)."""
+
+    def __init__(self, *, workers: int = 1) -> None:
+        super().__init__("synth", SyntheticOptions(size=16), workers=workers)
+        self.release = threading.Event()
+        self.generated_in: list[threading.Thread] = []
+        self.closed_in: list[threading.Thread] = []
+        self.closed = threading.Event()
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        self.generated_in.append(threading.current_thread())
+        self.release.wait(timeout=60)
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+    def close(self) -> None:
+        self.closed_in.append(threading.current_thread())
+        self.closed.set()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_cancel_leaves_generate_calls_behind_and_the_last_one_closes_the_generator(
+    make_config: ConfigFactory, workers: int
+) -> None:
+    config = make_config(samples=4)
+    generator = GeneratesUntilReleased(workers=workers)
+    engine = Engine(config, generators=[generator])
+    with anyio.fail_after(10):  # before, the run waited for the calls to end
+        async with engine:
+            while len(generator.generated_in) < workers:  # each worker's call has begun
+                await checkpoint()
+            engine.cancel()
+            assert [j async for j in engine.results] == []
+    assert engine.stats().state == "cancelled"
+    assert generator.closed_in == []  # not while a call still runs
+    assert threads_left_behind() == 1
+    generator.release.set()
+    assert await anyio.to_thread.run_sync(generator.closed.wait, 10)
+    assert len(generator.closed_in) == 1 and generator.closed_in[0] in generator.generated_in
+    with anyio.fail_after(10):
+        while threads_left_behind():  # until the closing thread has ended its part
+            await checkpoint()
+    assert not (config.run_dir / JOURNAL).read_text()

@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trig_stream.analysis.relations import AnalysisError
-from trig_stream.backends.base import loads_left_behind
+from trig_stream.backends.base import threads_left_behind
 from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
@@ -60,13 +60,16 @@ QUIET_LIBRARIES = {
 def entry_point() -> NoReturn:
     """The ``trig-stream`` console script: :func:`main`, then exit with its status.
 
-    A hard stop does not wait for a model that is loading: the load goes on in a worker
-    thread, and the interpreter would wait for that thread before exiting (minutes, for
-    large weights). Everything the command writes is written by then, so it exits at once.
+    A hard stop does not wait for a model that is loading or a generation call still
+    running (an images API's answer): each goes on in a worker thread, and the interpreter
+    would wait for those threads before exiting (minutes, for large weights). Everything
+    the command writes is written by then, so it exits at once.
     """
     code = main()
-    if loads_left_behind():
-        Console(stderr=True).print("not waiting for a model that was still loading")
+    if threads_left_behind():
+        Console(stderr=True).print(
+            "not waiting for a model still loading or a generation call still running"
+        )
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -234,8 +234,10 @@ class Engine:
     def cancel(self) -> None:
         """Stop hard: cancel everything in flight now. Written judgements stay; resume later.
 
-        Nothing waits for a model that is loading: its thread is left to finish on its own
-        and release what it loaded (see :func:`~trig_stream.backends.base.load_in_thread`).
+        Nothing waits for a model that is loading or a generation call still running: each
+        thread is left to finish on its own, and the last releases the generator (see
+        :func:`~trig_stream.backends.base.load_in_thread` and
+        :class:`~trig_stream.backends.base.ThreadCalls`).
         """
         self._stopping = True
         self._cancel_generation.set()

@@ -25,6 +25,7 @@ from trig_stream.backends.base import (
     EncodedPicture,
     GenerationRequest,
     Generator,
+    ThreadCalls,
     TimedPicture,
     load_in_thread,
 )
@@ -51,6 +52,9 @@ class GenerationStage:
     def __init__(self, context: RunContext, generator: Generator) -> None:
         self._context = context
         self._generator = generator
+        # A hard stop does not wait for a generate call (an images API may take a minute to
+        # answer): the call ends in its thread, and the generator is closed after it.
+        self._calls = ThreadCalls()
         # A batch's large pictures are encoded at once, one per thread: beside a pipeline
         # that holds the interpreter lock, each encoding waits for it several times, and
         # those waits overlap (8 pictures of 512x512: 520 ms one after another, 200 ms at
@@ -105,7 +109,7 @@ class GenerationStage:
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._encoders.shutdown)  # writers are done
-                    await anyio.to_thread.run_sync(generator.close, limiter=compute)
+                    await self._calls.close(generator.close, limiter=compute)
                 for note in generator.notes():
                     self._context.counters.notes.append(f"{generator.name}: {note}")
 
@@ -122,9 +126,7 @@ class GenerationStage:
                     continue  # graceful stop: queued samples are new work; drop them
                 batch = [first]
                 take_ready(receive, batch, self._generator.batch_size)
-                made = await anyio.to_thread.run_sync(
-                    self._generate_batch, worker, batch, limiter=limiter
-                )
+                made = await self._calls.run(self._generate_batch, worker, batch, limiter=limiter)
                 await made_send.send(made)
 
     async def _writer(

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from trig_stream.config import JudgeConfig, RunConfig
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,24 +287,86 @@ class Judge(ABC):
 
 @dataclass(slots=True, eq=False)
 class _Load:
-    """Where one :func:`load_in_thread` stands; its fields change under ``_loads_lock``."""
+    """Where one :func:`load_in_thread` stands; its fields change under ``_threads_lock``."""
 
     started: bool = False
     loaded: bool = False
     finished: bool = False
     left_behind: bool = False
 
-
-_loads_lock = threading.Lock()
-_left_behind: set[_Load] = set()
-"""Loads a cancellation left behind; a thread removes its own when it ends."""
+    def busy(self) -> bool:
+        return self.started and not self.finished
 
 
-def loads_left_behind() -> int:
-    """How many loads a cancellation left running in their worker threads, still loading or
-    releasing (see :func:`load_in_thread`)."""
-    with _loads_lock:
-        return sum(load.started and not load.finished for load in _left_behind)
+_threads_lock = threading.Lock()
+_left_behind: set[_Load | ThreadCalls] = set()
+"""Work a cancellation left running in worker threads; each thread removes its own."""
+
+
+def threads_left_behind() -> int:
+    """How many loads or calls a cancellation left running in worker threads (see
+    :func:`load_in_thread` and :class:`ThreadCalls`)."""
+    with _threads_lock:
+        return sum(work.busy() for work in _left_behind)
+
+
+class ThreadCalls:
+    """A backend's blocking calls, each in a worker thread that a cancellation does not wait
+    for, and the backend's release after the last one.
+
+    A call may wait minutes on a network or a device (an images API, a pipeline that hangs),
+    and a hard stop must not wait that long. Cancelled, :meth:`run` returns at once and the
+    thread finishes the call, whose result is dropped. :meth:`close` ends the backend's use:
+    no call starts after it, and ``release`` runs when the last call has ended: at once when
+    none runs, else in the thread of the last one to end, which
+    :func:`threads_left_behind` counts until then.
+    """
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._closed = False
+        self._release: Callable[[], None] | None = None
+
+    def busy(self) -> bool:
+        return self._running > 0 or self._release is not None
+
+    async def run(
+        self, func: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None
+    ) -> T:
+        """``func(*args)`` in a worker thread (behind ``limiter``, as ``anyio.to_thread``)."""
+
+        def call() -> T:
+            with _threads_lock:
+                if self._closed:  # its caller was cancelled before the thread started it
+                    raise RuntimeError("the backend was closed before this call started")
+                self._running += 1
+            try:
+                return func(*args)
+            finally:
+                with _threads_lock:
+                    self._running -= 1
+                    release = self._release if self._running == 0 else None
+                if release is not None:
+                    try:
+                        release()
+                    finally:
+                        with _threads_lock:
+                            self._release = None
+                            _left_behind.discard(self)
+
+        return await anyio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
+
+    async def close(
+        self, release: Callable[[], None], *, limiter: anyio.CapacityLimiter | None = None
+    ) -> None:
+        """No call starts after this; ``release`` runs after the last (see the class)."""
+        with _threads_lock:
+            self._closed = True
+            if self._running:
+                self._release = release
+                _left_behind.add(self)
+                return
+        await anyio.to_thread.run_sync(release, limiter=limiter)
 
 
 async def load_in_thread(
@@ -317,7 +382,7 @@ async def load_in_thread(
     loaded is released with ``unload`` in that thread, since nothing else will use it. If
     the load ended just as the cancellation came, ``unload`` runs here, before the
     cancellation goes on. A load that fails after it was left behind releases nothing: it
-    holds nothing. Until such a thread ends, :func:`loads_left_behind` counts it (a load
+    holds nothing. Until such a thread ends, :func:`threads_left_behind` counts it (a load
     cancelled before its thread started it never runs).
 
     Args:
@@ -328,17 +393,17 @@ async def load_in_thread(
     state = _Load()
 
     def load_then_release_if_left_behind() -> None:
-        with _loads_lock:
+        with _threads_lock:
             state.started = True
         try:
             load()
-            with _loads_lock:
+            with _threads_lock:
                 state.loaded = True
                 release = state.left_behind
             if release:
                 unload()
         finally:
-            with _loads_lock:
+            with _threads_lock:
                 state.finished = True
                 _left_behind.discard(state)
 
@@ -347,7 +412,7 @@ async def load_in_thread(
             load_then_release_if_left_behind, limiter=limiter, abandon_on_cancel=True
         )
     except anyio.get_cancelled_exc_class():
-        with _loads_lock:
+        with _threads_lock:
             state.left_behind = True
             release_here = state.loaded  # its thread saw no cancellation: it will not release
             if not state.finished:
