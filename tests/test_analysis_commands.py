@@ -16,6 +16,7 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import ConfigFactory
+from tests.test_engine import run_to_end
 from trig_stream.analysis import AnalysisError
 from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
@@ -110,6 +111,20 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
     (tmp_path / "pair.json").write_text(json.dumps({"IQ-R_XX-C": {"IQ-R_XX-C_1": [0.5, 0.4]}}))
     with pytest.raises(AnalysisError, match="unknown dimension 'XX-C' in pair 'IQ-R_XX-C'"):
         run_command("analyze", str(tmp_path / "pair.json"), "--out", str(tmp_path / "o"))
+    # A score under a dimension its pair lacks, against the data_id's or the prompt file's.
+    (tmp_path / "dim.json").write_text(json.dumps({"IQ-R_TA-C_1": {"R-T": [{"m": 0.5}]}}))
+    with pytest.raises(AnalysisError, match="IQ-R_TA-C_1: dimension 'R-T' is not one of its pair"):
+        run_command("analyze", str(tmp_path / "dim.json"), "--out", str(tmp_path / "o"))
+    (tmp_path / "ok.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]}}))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1", "dimensions": ["R-T", "IQ-A"]}]))
+    with pytest.raises(AnalysisError, match="dimension 'IQ-R' is not one of its pair R-T_IQ-A"):
+        run_command("analyze", str(tmp_path / "ok.json"), "--prompts", str(prompts), "--out", "o")
+    (tmp_path / "null.json").write_text(
+        json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}], "TA-C": None}})
+    )
+    with pytest.raises(AnalysisError, match=r"IQ-R_TA-C_1 TA-C: expected \[\{metric: score\}"):
+        run_command("analyze", str(tmp_path / "null.json"), "--out", str(tmp_path / "o"))
     # A formatted file names no metric: --metric names it. (This copy starts with a byte
     # order mark, as some editors save JSON.)
     marked = tmp_path / "formatted.json"
@@ -199,6 +214,38 @@ def test_report_of_a_run_in_progress_says_it_covers_the_judgements_so_far(
     assert "covers the judgements so far" in text
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_thresholds_that_are_no_number_are_refused(tmp_path: Path, value: str) -> None:
+    # NaN compares false with everything: it silently changed the relation codes.
+    with pytest.raises(AnalysisError, match=r"invalid thresholds: synergy: .*finite number"):
+        run_command("analyze", str(FORMATTED), "--out", str(tmp_path), f"--synergy={value}")
+    run = write_run_dir(tmp_path / "run", {})
+    with pytest.raises(AnalysisError, match=r"tradeoff_corr: .*finite number"):
+        run_command("report", str(run), f"--tradeoff-corr={value}")
+    # A manifest edited by hand: one line naming the key, not a validation dump.
+    manifest = json.loads((run / MANIFEST).read_text())
+    manifest["config"]["relation"] = {"synergy": "high"}
+    (run / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RunDirError) as raised:
+        run_command("report", str(run))
+    assert str(raised.value) == (
+        f"{run}: the manifest's [relation] section is invalid: synergy: Input should be a "
+        "valid number, unable to parse string as a number"
+    )
+
+
+def test_a_report_without_plots_removes_those_an_earlier_one_drew(tmp_path: Path) -> None:
+    # They showed the earlier scores (or thresholds) beside the new files.
+    run = write_run_dir(tmp_path / "run", {})
+    assert run_command("report", str(run))[0] == 0
+    plots = run / "report" / "model-a" / "plots"
+    assert {p.name for p in plots.iterdir()} == set(plots_module.PLOT_FILES)
+    (run / "report" / "model-b" / "plots" / "mine.txt").write_text("kept")
+    assert run_command("report", str(run), "--synergy", "0.7", "--no-plots")[0] == 0
+    assert not plots.exists()
+    assert [p.name for p in (run / "report" / "model-b" / "plots").iterdir()] == ["mine.txt"]
+
+
 def test_report_without_matplotlib_notes_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -225,6 +272,21 @@ def test_a_report_that_cannot_be_written_is_one_error_naming_where(tmp_path: Pat
         run_command("report", str(run), "--out", str(blocked), "--no-plots")
     with pytest.raises(AnalysisError, match=r"cannot write the report in .*a-file: "):
         run_command("compare", str(run), "--out", str(blocked / "cmp.md"))
+
+
+def test_output_paths_that_would_land_elsewhere_are_refused(tmp_path: Path) -> None:
+    run = write_run_dir(tmp_path / "run", {})
+    # An empty --out (an unset shell variable) meant the current folder.
+    for argv in (
+        ["report", str(run), "--out", ""],
+        ["analyze", str(FORMATTED), "--out", " "],
+        ["compare", str(run), "--out", ""],
+    ):
+        with pytest.raises(SystemExit):
+            run_command(*argv)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(AnalysisError, match=f"--out {tmp_path / 'folder'} is a folder"):
+        run_command("compare", str(run), "--out", str(tmp_path / "folder"))
 
 
 def test_compare_runs_and_command(tmp_path: Path) -> None:
@@ -317,6 +379,48 @@ def test_report_skips_a_journal_line_whose_score_is_not_a_number(
     with caplog.at_level("WARNING", logger="trig_stream.store"):
         code, _ = run_command("report", str(config.run_dir), "--no-plots")
     assert code == 0
-    assert "2 line(s) are not judgements and were skipped (the first: line 9)" in caplog.text
+    assert (
+        "2 line(s) are not judgements and were skipped (the first: line 9: score: Input should "
+        "be a finite number)"
+    ) in caplog.text
     result = json.loads((config.run_dir / "report" / "synth" / "result.json").read_text())
     assert "NaN" not in json.dumps(result)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        ({"pair": "IQ-R_IQ-R"}, "pair 'IQ-R_IQ-R' names the same dimension twice"),
+        ({"pair": "XX_YY"}, "unknown dimension 'XX' in pair 'XX_YY'"),
+        ({"pair": "R-T_R-B"}, "dimension IQ-R is not one of pair R-T_R-B"),
+        ({"model": "../../../escaped"}, "model '../../../escaped' is not a safe file name"),
+        ({"model": "/tmp/abs"}, "model '/tmp/abs' is not a safe file name"),
+        ({"metric": "."}, "metric '.' is not a safe file name"),
+    ],
+    ids=["same-twice", "unknown", "not-in-pair", "relative-model", "absolute-model", "metric"],
+)
+def test_report_skips_a_journal_line_no_engine_writes_naming_why(
+    make_config: ConfigFactory,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    edit: dict[str, str],
+    reason: str,
+) -> None:
+    # Hand edits: a pair that is none, or a name that would lead the report's files out of
+    # its folder. Each such line is skipped as a damaged one is, and the warning says why.
+    config = make_config(samples=4)
+    anyio.run(run_to_end, config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_text().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    assert (record["pair"], record["dimension"]) == ("IQ-R_TA-C", "IQ-R")
+    lines.append(json.dumps({**record, **edit}) + "\n")
+    path.write_text("".join(lines))
+    with caplog.at_level("WARNING", logger="trig_stream.store"):
+        code, _ = run_command("report", str(config.run_dir), "--no-plots")
+    assert code == 0
+    assert f"(the first: line {len(lines)}: {reason})" in caplog.text
+    report = config.run_dir / "report"
+    assert {p.name for p in report.iterdir()} == {"synth"}
+    assert not any(p.name == "escaped" for p in tmp_path.rglob("*"))
+    assert not Path("/tmp/abs").exists()

@@ -49,9 +49,11 @@ def stream(seed: int, length: int) -> list[Judgement]:
         model, metric = rng.choice(["a", "b"]), rng.choice(["trigscore", "other"])
         data_id = f"{pair}_{rng.randint(1, 40)}"  # repeats: the same key is judged again
         dimension: Dimension = rng.choice([first, second])
+        judgement = _judgement(model, metric, data_id, pair, dimension, rng)
         if rng.random() < 0.01:
-            dimension = "R-B"  # not in the pair: both paths must ignore it
-        out.append(_judgement(model, metric, data_id, pair, dimension, rng))
+            # Not in the pair, which no judgement validates with: both paths must ignore it.
+            judgement = judgement.model_copy(update={"dimension": "R-B"})
+        out.append(judgement)
     return out
 
 

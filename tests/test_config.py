@@ -59,6 +59,14 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
             ("[run]\n", "[run]\nout_dir = 'x'\n"),
             r"run\.out_dir: unknown key; did you mean 'output_dir'\?",
         ),
+        (
+            ("[dataset]\n", "[relation]\nsynergy = nan\n\n[dataset]\n"),
+            r"run\.toml:6: relation\.synergy: Input should be a finite number",
+        ),
+        (
+            ("[dataset]\n", "[engine]\nbackoff_max = inf\n\n[dataset]\n"),
+            r"engine\.backoff_max: Input should be a finite number",
+        ),
         (("[dataset]\n", "[runn]\n"), r"runn: unknown key; did you mean 'run'\?"),
         (
             ('backend = "fake"', 'backend = "fake"\nadaptive = { enabeld = true }'),

@@ -116,7 +116,9 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     assert path.read_bytes() == b"".join(damaged[:-1])  # only the torn tail was cut
     with caplog.at_level("WARNING", logger="trig_stream.store"):
         assert len(list(read_journal(path))) == 9
-    assert "1 line(s) are not judgements and were skipped (the first: line 4)" in caplog.text
+    assert "1 line(s) are not judgements and were skipped (the first: line 4: Invalid JSON" in (
+        caplog.text
+    )
     results = await run_to_end(config)  # the damaged line's judgement is asked again
     assert [(j.data_id, j.dimension) for j in results] == [
         (json.loads(lines[3])["data_id"], json.loads(lines[3])["dimension"])
@@ -150,6 +152,25 @@ async def test_an_ok_line_without_a_number_for_its_score_is_asked_again(
     results = await run_to_end(config)
     assert [(j.data_id, j.dimension) for j in results] == [(record["data_id"], record["dimension"])]
     assert len(list(read_journal(path))) == 6
+
+
+@pytest.mark.parametrize("pair", ["IQ-R_IQ-R", "XX_YY", "R-T_R-B"])
+async def test_a_line_whose_pair_does_not_hold_its_dimension_is_asked_again(
+    make_config: ConfigFactory, pair: str
+) -> None:
+    # The report skips such a line (a hand edit: no pair, or not the dimension's), so
+    # resuming must not count it as judged either.
+    config = make_config(samples=3)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[2])
+    lines[2] = lines[2].replace(f'"pair":"{record["pair"]}"'.encode(), f'"pair":"{pair}"'.encode())
+    path.write_bytes(b"".join(lines))
+    state = Journal(path).open()
+    assert (len(state), state.skipped_lines) == (5, [3])
+    results = await run_to_end(config)
+    assert [(j.data_id, j.dimension) for j in results] == [(record["data_id"], record["dimension"])]
 
 
 async def test_a_line_zeroed_in_the_middle_is_not_counted_as_judged(

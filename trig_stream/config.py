@@ -27,9 +27,8 @@ from pydantic import (
 
 from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
 from trig_stream.errors import ConfigError
+from trig_stream.records import SAFE_NAME
 from trig_stream.scoring import Scorer
-
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _safe_name(value: str) -> str:
@@ -69,7 +68,7 @@ PairName = Annotated[str, AfterValidator(_pair)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RunSection(_Section):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from trig_stream.config import SAFE_NAME, DatasetSection
+from trig_stream.config import DatasetSection
 from trig_stream.dimensions import (
     Dimension,
     Task,
@@ -29,7 +29,7 @@ from trig_stream.dimensions import (
 )
 from trig_stream.errors import DatasetError
 from trig_stream.hashing import sample_digest
-from trig_stream.records import QuarantinedRecord, Sample, storable_text
+from trig_stream.records import QuarantinedRecord, Sample, is_safe_name, storable_text
 from trig_stream.string_index import StringIndex
 
 # Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
@@ -263,7 +263,7 @@ def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]
         raise Rejected("missing data_id")
     if not isinstance(data_id, str):
         raise Rejected(f"data_id must be text, got {type(data_id).__name__} {data_id!r}")
-    if not SAFE_NAME.match(data_id) or ".." in data_id:
+    if not is_safe_name(data_id):
         raise Rejected(
             f"data_id {data_id!r} is not a safe file name (it names the image file): letters, "
             "digits, '.', '_' and '-' only, starting with a letter or digit, at most 128 "

@@ -16,13 +16,14 @@ Only ``ok`` judgements carry a score: a failure is never written as one.
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trig_stream.dimensions import Dimension, Task
+from trig_stream.dimensions import Dimension, Task, split_pair
 from trig_stream.hashing import sample_digest
 
 SCHEMA_VERSION = 1
@@ -32,6 +33,15 @@ Stage: TypeAlias = Literal["generate", "judge"]
 TopLogprobs: TypeAlias = list[tuple[str, float]]
 JudgementKey: TypeAlias = tuple[str, str, str, str]
 """(model, data_id, dimension, metric): what a run judges exactly once."""
+
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""What a name that becomes a file or folder name may be: a model's, a metric's, a data_id."""
+
+
+def is_safe_name(name: str) -> bool:
+    """Whether ``name`` can name a file or folder of a run directory (no ``..``, no ``/``)."""
+    return bool(SAFE_NAME.match(name)) and ".." not in name
 
 
 def storable_text(text: str) -> str:
@@ -163,6 +173,8 @@ class Judgement(_Record):
 
     @model_validator(mode="after")
     def _score_only_when_ok(self) -> Judgement:
+        if self.dimension not in split_pair(self.pair):
+            raise ValueError(f"dimension {self.dimension} is not one of pair {self.pair}")
         if self.status == "ok" and self.score is None:
             raise ValueError("an ok judgement needs a score")
         if self.status != "ok" and self.score is not None:

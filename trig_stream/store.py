@@ -35,6 +35,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trig_stream.dimensions import split_pair
 from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.records import (
     SCHEMA_VERSION,
@@ -43,6 +44,7 @@ from trig_stream.records import (
     QuarantinedRecord,
     Status,
     is_finite_number,
+    is_safe_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -238,13 +240,30 @@ class Journal:
 # names and codes, so they hold no quote or backslash; other lines take the json path.
 _LINE_START = re.compile(
     rb'\{"schema_version":\d+,"model":"([^"\\]*)","data_id":"([^"\\]*)","task":"[^"\\]*",'
-    rb'"pair":"[^"\\]*","dimension":"([^"\\]*)","metric":"([^"\\]*)","status":"([a-z]+)"'
+    rb'"pair":"([^"\\]*)","dimension":"([^"\\]*)","metric":"([^"\\]*)","status":"([a-z]+)"'
     rb'(?:,"sample_digest":(?:"([^"\\]*)"|null))?'
 )
 _STATUSES = frozenset(("ok", "unscorable", "error"))
 _SCORE = re.compile(rb'"score":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?([eE][+-]?[0-9]+)?),')
 """The score of an ``ok`` line, written as a JSON number (the fields after it are never cut),
 and its exponent."""
+
+
+_PAIR_DIMENSIONS: dict[str, frozenset[str]] = {}
+"""The dimensions of each pair seen in a journal (an invalid one has none)."""
+
+
+def _pair_holds(pair: str, dimension: str) -> bool:
+    """Whether ``pair`` is a valid pair and ``dimension`` one of its two, as a judgement's."""
+    dimensions = _PAIR_DIMENSIONS.get(pair)
+    if dimensions is None:
+        try:
+            dimensions = frozenset(split_pair(pair))
+        except (ValueError, AttributeError):
+            dimensions = frozenset()
+        if len(_PAIR_DIMENSIONS) < 4096:  # a damaged journal must not grow it without end
+            _PAIR_DIMENSIONS[pair] = dimensions
+    return dimension in dimensions
 
 
 def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | None:
@@ -262,7 +281,9 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
     scored = True
     if match is not None:
         *parts, found = match.groups()
-        model, data_id, dimension, metric, status = (part.decode() for part in parts)
+        model, data_id, pair, dimension, metric, status = (part.decode() for part in parts)
+        if not _pair_holds(pair, dimension):
+            return None  # read_journal skips it too
         digest = None if found is None else found.decode()
         key: JudgementKey = (intern(model), data_id, intern(dimension), intern(metric))
         status = intern(status)  # one string per status, not one per line
@@ -279,6 +300,8 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
             status = record["status"]
             digest = record.get("sample_digest")
             score = record.get("score")
+            if not _pair_holds(record["pair"], key[2]):
+                return None
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
         scored = is_finite_number(score)
@@ -302,21 +325,45 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
     if not path.exists():
         return
     skipped: list[int] = []
+    first_reason = ""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle):
             if (limit is not None and number >= limit) or not raw.endswith(b"\n"):
                 break
             try:
-                yield Judgement.model_validate_json(raw)
-            except ValueError:
+                judgement = Judgement.model_validate_json(raw)
+                _check_names(judgement)
+            except ValueError as exc:
                 skipped.append(number + 1)
+                first_reason = first_reason or _reason(exc)
+                continue
+            yield judgement
     if skipped:
         logger.warning(
-            "%s: %d line(s) are not judgements and were skipped (the first: line %d)",
+            "%s: %d line(s) are not judgements and were skipped (the first: line %d: %s)",
             path,
             len(skipped),
             skipped[0],
+            first_reason,
         )
+
+
+def _check_names(judgement: Judgement) -> None:
+    # The engine writes only safe names (they name the images' and the report's folders);
+    # another one is a hand edit that must not lead a report out of its folder.
+    for what in ("model", "data_id", "metric"):
+        name = getattr(judgement, what)
+        if not is_safe_name(name):
+            raise ValueError(f"{what} {name!r} is not a safe file name")
+
+
+def _reason(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(map(str, error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
+    return str(exc)
 
 
 def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:

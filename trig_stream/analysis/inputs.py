@@ -68,7 +68,9 @@ def load_run(run_dir: Path) -> RunData:
     try:
         relation = RelationSection.model_validate(manifest.config.get("relation") or {})
     except ValidationError as exc:
-        raise RunDirError(f"{run_dir}: the stored [relation] section is invalid: {exc}") from None
+        raise RunDirError(
+            f"{run_dir}: the manifest's [relation] section is invalid: {_problems(exc)}"
+        ) from None
     return RunData(run_dir, manifest, judgements, metrics, relation)
 
 
@@ -83,8 +85,11 @@ def with_overrides(base: RelationSection, overrides: Mapping[str, object]) -> Re
     try:
         return RelationSection.model_validate(values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise AnalysisError(f"invalid thresholds: {problems}") from None
+        raise AnalysisError(f"invalid thresholds: {_problems(exc)}") from None
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
 def read_prompt_pairs(path: Path) -> dict[str, tuple[Dimension, Dimension]]:
@@ -200,6 +205,8 @@ def _judgement(
     score: object,
     judge: JudgeFingerprint,
 ) -> Judgement:
+    if dim not in split_pair(pair):
+        raise ValueError(f"{data_id}: dimension {dim!r} is not one of its pair {pair}")
     if score is None:
         value = None
     elif is_finite_number(score):
@@ -254,6 +261,10 @@ def _from_evaluation(
         if not isinstance(dims, dict):
             raise ValueError(f"{data_id}: expected {{dimension: [{{metric: score}}, ...]}}")
         for dim, cells in dims.items():
+            if not isinstance(cells, list):
+                raise ValueError(
+                    f"{data_id} {dim}: expected [{{metric: score}}, ...], got {cells!r}"
+                )
             for cell in cells:
                 if not isinstance(cell, dict):
                     raise ValueError(f"{data_id} {dim}: expected {{metric: score}}, got {cell!r}")

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from trig_stream.config import SAFE_NAME
+from trig_stream.records import SAFE_NAME
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
