@@ -323,6 +323,24 @@ def test_command_writes_the_file_warns_and_refuses_to_overwrite(tmp_path: Path) 
     assert code == 0
 
 
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("folder", "is a folder; -o names the TOML file to write"),
+        ("file/x.toml", "cannot write the config: a file stands where a folder of its path"),
+    ],
+)
+def test_command_refuses_an_output_it_cannot_write_in_one_message(
+    tmp_path: Path, out: str, message: str
+) -> None:
+    source = write(tmp_path, "upstream.yaml", GENERATION)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    argv = ["import-config", str(source), "-o", str(tmp_path / out), "--root", str(tmp_path)]
+    with pytest.raises(ConfigError, match=message):
+        run_command([*argv, "--force"])
+
+
 def test_command_prints_to_standard_output_without_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

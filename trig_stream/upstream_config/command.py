@@ -60,6 +60,8 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
         ConfigError: unreadable or unconvertible input, or an output file that exists.
     """
     out: Path | None = args.out
+    if out is not None and out.is_dir():
+        raise ConfigError(f"{out}: is a folder; -o names the TOML file to write")
     if out is not None and out.exists() and not args.force:
         raise ConfigError(f"{out}: exists; pass --force to overwrite it")
     conversion = import_config(args.yaml, out=out, root=args.root)
@@ -69,8 +71,16 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
         sys.stdout.write(conversion.text)
         sys.stdout.flush()
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(conversion.text, encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(conversion.text, encoding="utf-8")
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(
+                f"{out}: cannot write the config: a file stands where a folder of its path "
+                "should be"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{out}: cannot write the config: {exc.strerror or exc}") from None
         console.print(
             f"wrote {escape(str(out))}: {len(conversion.config.generators)} model(s), "
             f"{len(conversion.config.judges)} judge(s), {len(conversion.warnings)} warning(s)",
