@@ -170,5 +170,6 @@ def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path
     assert args.handler(args, Console(file=out, width=200)) == 0
     assert "[finished] r (t2i) | m: ok 1, unscorable 0, error 0" in out.getvalue()
     assert sorted(p.name for p in run_dir.iterdir()) == ["journal.jsonl", "manifest.json"]
-    with pytest.raises(SystemExit):
-        parser.parse_args(["watch", str(run_dir), "--interval", "0"])
+    for interval in ("0", "nan", "inf", "1e300"):  # the last three crashed its first sleep
+        with pytest.raises(SystemExit):
+            parser.parse_args(["watch", str(run_dir), "--interval", interval])

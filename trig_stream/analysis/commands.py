@@ -47,7 +47,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "report", help="analyse a run directory's judgements: DTM, exports, plots"
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    report.add_argument("--out", type=Path, help="output folder (default RUN_DIR/report)")
+    report.add_argument("--out", type=_path, help="output folder (default RUN_DIR/report)")
     _add_common(report)
     report.set_defaults(handler=cmd_report)
 
@@ -55,7 +55,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "analyze", help="analyse an upstream TRIG evaluation result or formatted JSON file"
     )
     analyze.add_argument("file", type=Path, metavar="FILE")
-    analyze.add_argument("--out", type=Path, required=True, help="output folder")
+    analyze.add_argument("--out", type=_path, required=True, help="output folder")
     analyze.add_argument("--prompts", type=Path, help="TRIG prompt file giving each data_id's pair")
     analyze.add_argument("--model", help="model name in the outputs (default: the file's stem)")
     analyze.add_argument("--task", default="t2i", choices=[*TASKS, "sub"], help="TRIG task")
@@ -66,7 +66,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "compare", help="compare models of one or several run directories"
     )
     comparison.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    comparison.add_argument("--out", type=Path, help="also write the comparison to this file")
+    comparison.add_argument("--out", type=_path, help="also write the comparison to this file")
     _add_common(comparison, plots=False)
     comparison.set_defaults(handler=cmd_compare)
 
@@ -119,6 +119,14 @@ def _print_written(console: Console, analysis: ModelAnalysis, written: WrittenFi
         highlight=False,
         markup=False,
     )
+
+
+def _path(text: str) -> Path:
+    # Path("") is the current folder: an empty --out (an unset shell variable) would write
+    # the outputs there.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
@@ -243,6 +251,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     """``compare RUN_DIR...``: dimension means side by side and the DTM cells that differ."""
     text = comparison_markdown(compare_runs(args.run_dirs, _overrides(args), args.metric))
     if args.out is not None:
+        if args.out.is_dir():
+            raise AnalysisError(f"--out {args.out} is a folder: it names the file to write")
         with writing(args.out.parent):
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text, encoding="utf-8")

@@ -237,6 +237,10 @@ def plot_tradeoff_graph(analysis: ModelAnalysis, path: Path) -> Path:
     return path
 
 
+PLOT_FILES = ("dtm.png", "scatter.png", "dimension_map.png", "tradeoff_graph.png")
+"""The files :func:`write_plots` draws."""
+
+
 def write_plots(analysis: ModelAnalysis, folder: Path) -> list[Path]:
     """Draw all four plots into ``folder`` (created when missing).
 
@@ -247,8 +251,8 @@ def write_plots(analysis: ModelAnalysis, folder: Path) -> list[Path]:
         raise MissingExtraError("matplotlib", "plots")
     folder.mkdir(parents=True, exist_ok=True)
     return [
-        plot_dtm(analysis, folder / "dtm.png"),
-        plot_scatter_grid(analysis, folder / "scatter.png"),
-        plot_dimension_map(analysis, folder / "dimension_map.png"),
-        plot_tradeoff_graph(analysis, folder / "tradeoff_graph.png"),
+        plot_dtm(analysis, folder / PLOT_FILES[0]),
+        plot_scatter_grid(analysis, folder / PLOT_FILES[1]),
+        plot_dimension_map(analysis, folder / PLOT_FILES[2]),
+        plot_tradeoff_graph(analysis, folder / PLOT_FILES[3]),
     ]

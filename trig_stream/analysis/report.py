@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trig_stream.analysis import plots as drawing
 from trig_stream.analysis.exports import (
     evaluation_result,
     formatted_scores,
@@ -163,10 +164,12 @@ def _write_model_outputs(
         written.files.append(folder / name)
     write_judgements_parquet(judgements, folder / "judgements.parquet")
     written.files.append(folder / "judgements.parquet")
-    if plots:
-        from trig_stream.analysis.plots import matplotlib_available, write_plots
-
-        if not matplotlib_available():
-            return WrittenFiles(folder, written.files, plots_skipped=True)
-        written.files.extend(write_plots(analysis, folder / "plots"))
-    return written
+    if plots and drawing.matplotlib_available():
+        written.files.extend(drawing.write_plots(analysis, folder / "plots"))
+        return written
+    # Plots an earlier report drew would stand beside these files as if they were theirs.
+    for name in drawing.PLOT_FILES:
+        (folder / "plots" / name).unlink(missing_ok=True)
+    with suppress(OSError):  # kept when something else is in it
+        (folder / "plots").rmdir()
+    return WrittenFiles(folder, written.files, plots_skipped=plots)

@@ -101,10 +101,15 @@ def describe(snapshot: DashboardSnapshot) -> str:
     return " | ".join(parts)
 
 
+MAX_INTERVAL_S = 3600.0
+
+
 def _positive(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    if not 0 < value <= MAX_INTERVAL_S:  # NaN fails this too
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_INTERVAL_S:g} seconds, not {text}"
+        )
     return value
 
 
