@@ -362,3 +362,16 @@ def test_image_folder_of_a_generated_model_is_not_judged_twice(tmp_path: Path) -
     assert len(backends) == 5
     assert config.generators[-1].options["path"] == "/abs/t2i/janus"  # absolute stays so
     assert any(w.startswith("evaluation.image_dirs[data/output/t2i/flux]:") for w in warnings)
+
+
+def test_image_dirs_that_are_no_folder_are_left_out_with_a_warning(tmp_path: Path) -> None:
+    # They became generators named "None" and "5" reading folders of those names.
+    text = 'task: t2i\nevaluation:\n  image_dirs: [null, 5, "", "out/t2i/flux"]\n'
+    out, warnings = convert_to_file(tmp_path, text)
+    assert [g.name for g in load_config(out).generators] == ["flux"]
+    assert "evaluation.image_dirs[0]: left out: not a folder: None" in warnings
+    assert "evaluation.image_dirs[1]: left out: not a folder: 5" in warnings
+    assert "evaluation.image_dirs[2]: left out: not a folder: ''" in warnings
+    with pytest.raises(ConfigError, match="nothing to evaluate") as raised:
+        convert_to_file(tmp_path, "task: t2i\nevaluation:\n  image_dirs: 7\n")
+    assert "evaluation.image_dirs: left out: expected folders, got 7" in str(raised.value)

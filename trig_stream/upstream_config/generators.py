@@ -72,9 +72,17 @@ class GeneratorMapping:
             return
         for key, value in evaluation.items():
             if key in ("image_dirs", "image_dir"):
-                dirs = [value] if isinstance(value, str) else list(value or [])
-                for folder in dirs:
-                    self._image_dir(str(folder), f"evaluation.{key}")
+                dirs = [value] if isinstance(value, str) else value
+                if not isinstance(dirs, list):
+                    self.warn(f"evaluation.{key}", f"left out: expected folders, got {value!r}")
+                    continue
+                for index, folder in enumerate(dirs):
+                    if isinstance(folder, str) and folder.strip():
+                        self._image_dir(folder, f"evaluation.{key}")
+                    else:
+                        self.warn(
+                            f"evaluation.{key}[{index}]", f"left out: not a folder: {folder!r}"
+                        )
             elif key == "result_dir":
                 continue  # read with [run]
             elif key == "result_files":
