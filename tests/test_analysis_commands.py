@@ -63,6 +63,13 @@ def test_analyze_formatted_file_reproduces_hand_computed_codes(tmp_path: Path) -
     assert all((out / "plots" / name).stat().st_size > 10_000 for name in PNGS)
     assert len(read_judgements_parquet(out / "judgements.parquet")) == 30
     assert "formatted" in text and "formatted_small" in text
+    assert "--prompts" not in text
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text("[]")
+    _, text = run_command(
+        "analyze", str(FORMATTED), "--out", str(out), "--prompts", str(prompts), "--no-plots"
+    )
+    assert f"note: --prompts {prompts} was not read: a formatted file's pairs are its keys" in text
 
 
 @pytest.mark.parametrize("with_prompts", [True, False])

@@ -206,6 +206,12 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         analysis, data.judgements, data.metrics, args.out, plots=not args.no_plots
     )
     console.print(f"read {args.file} as a TRIG {data.layout} file", highlight=False, markup=False)
+    if args.prompts is not None and data.layout == "formatted":
+        console.print(
+            f"note: --prompts {args.prompts} was not read: a formatted file's pairs are its keys",
+            highlight=False,
+            markup=False,
+        )
     _print_written(console, analysis, written)
     if written.plots_skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
