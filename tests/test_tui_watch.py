@@ -155,7 +155,28 @@ def test_journal_tail_waits_for_a_torn_last_line(tmp_path: Path) -> None:
         handle.write(second[25:] + b"not json\n")
     assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_2"]
     assert tail.bad_lines == 1
+    assert tail.first_problem.startswith("Invalid JSON")
     assert tail.offset == path.stat().st_size
+
+
+def test_watch_counts_what_the_report_would_count_and_names_lines_it_skips(
+    tmp_path: Path,
+) -> None:
+    # A line whose model is no safe name is skipped by the report: the viewer skips it too,
+    # and says so, where before it showed nothing of it.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
+    escaping = judgement(2).model_copy(update={"model": "../x"})
+    (run_dir / JOURNAL).write_bytes(
+        b"".join(j.model_dump_json().encode() + b"\n" for j in (judgement(1), escaping))
+    )
+    snapshot = RunDirSource(run_dir).poll()
+    assert snapshot.judged == 1
+    assert (
+        "1 journal line(s) are not judgements and were skipped (the first: model '../x' is not "
+        "a safe file name)"
+    ) in snapshot.message
 
 
 def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path) -> None:

@@ -331,11 +331,10 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
             if (limit is not None and number >= limit) or not raw.endswith(b"\n"):
                 break
             try:
-                judgement = Judgement.model_validate_json(raw)
-                _check_names(judgement)
+                judgement = parse_journal_line(raw)
             except ValueError as exc:
                 skipped.append(number + 1)
-                first_reason = first_reason or _reason(exc)
+                first_reason = first_reason or line_problem(exc)
                 continue
             yield judgement
     if skipped:
@@ -348,16 +347,25 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
         )
 
 
-def _check_names(judgement: Judgement) -> None:
-    # The engine writes only safe names (they name the images' and the report's folders);
-    # another one is a hand edit that must not lead a report out of its folder.
+def parse_journal_line(raw: bytes) -> Judgement:
+    """The judgement one journal line holds.
+
+    Raises:
+        ValueError: the line is not a judgement the engine could have written: not one at
+            all, or one whose model, data_id or metric is no safe file name (the engine
+            writes only those: they name the images' and the report's folders; another is
+            a hand edit that must not lead a report out of its folder).
+    """
+    judgement = Judgement.model_validate_json(raw)
     for what in ("model", "data_id", "metric"):
         name = getattr(judgement, what)
         if not is_safe_name(name):
             raise ValueError(f"{what} {name!r} is not a safe file name")
+    return judgement
 
 
-def _reason(exc: ValueError) -> str:
+def line_problem(exc: ValueError) -> str:
+    """What :func:`parse_journal_line` found wrong, in one line."""
     if isinstance(exc, ValidationError):
         error = exc.errors(include_url=False)[0]
         where = ".".join(map(str, error["loc"]))

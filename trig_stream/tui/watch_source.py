@@ -20,7 +20,14 @@ from trig_stream.analysis.live import RelationTracker
 from trig_stream.config import RelationSection, RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.records import Judgement, JudgementKey, Status
-from trig_stream.store import JOURNAL, Manifest, read_manifest, writer_pid
+from trig_stream.store import (
+    JOURNAL,
+    Manifest,
+    line_problem,
+    parse_journal_line,
+    read_manifest,
+    writer_pid,
+)
 from trig_stream.tui.snapshot import (
     CountRate,
     DashboardSnapshot,
@@ -49,6 +56,8 @@ class JournalTail:
         self.path = path
         self.offset = 0
         self.bad_lines = 0
+        self.first_problem = ""
+        """What was wrong with the first line that was not a judgement."""
         self.behind = False
         """The last read stopped at :data:`READ_CHUNK`: more is waiting."""
 
@@ -69,9 +78,10 @@ class JournalTail:
         judgements = []
         for raw in data[:end].splitlines():
             try:
-                judgements.append(Judgement.model_validate_json(raw))
-            except ValueError:
+                judgements.append(parse_journal_line(raw))
+            except ValueError as exc:
                 self.bad_lines += 1
+                self.first_problem = self.first_problem or line_problem(exc)
         self.offset += end
         return judgements
 
@@ -149,6 +159,11 @@ class RunDirSource:
             message = "watching read-only: no process is writing this run"
         if self.tail.behind:
             message += " (catching up with the journal)"
+        if self.tail.bad_lines:
+            message += (
+                f"; {self.tail.bad_lines} journal line(s) are not judgements and were skipped "
+                f"(the first: {self.tail.first_problem})"
+            )
         ordered = sorted(self._latencies)
         models = list(manifest.generators) + sorted(set(self._counts) - set(manifest.generators))
         return DashboardSnapshot(
