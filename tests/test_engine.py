@@ -657,7 +657,8 @@ async def test_pictures_handed_over_are_stored_with_their_own_timing(
             # The given bytes, not decoded and encoded again (which would compress them),
             # with only the chunk naming the sample added.
             given = uncompressed_png(picture)
-            assert stored == with_sample_digest(given, judgement.sample_digest)
+            label = f"{judgement.sample_digest} synth {judgement.data_id} {judgement.seed}"
+            assert stored == with_sample_digest(given, label)
         else:  # made in another process: encoded here, the same pixels
             with Image.open(io.BytesIO(stored)) as image:
                 assert image.tobytes() == picture.tobytes()

@@ -96,9 +96,12 @@ async def test_image_folder_edge_cases_through_the_engine(
     # Images are copied into the run as PNGs, at their own size; an RGB PNG byte for byte,
     # with only the chunk that names its sample added.
     copied = config.run_dir / IMAGES / "t2i" / "elsewhere"
-    (digest,) = {r["sample_digest"] for r in journal(config) if r["data_id"] == "IQ-R_TA-C_1"}
+    ((digest, seed),) = {
+        (r["sample_digest"], r["seed"]) for r in journal(config) if r["data_id"] == "IQ-R_TA-C_1"
+    }
     source = (folder / "IQ-R_TA-C_1.png").read_bytes()
-    assert (copied / "IQ-R_TA-C_1.png").read_bytes() == with_sample_digest(source, digest)
+    label = f"{digest} elsewhere IQ-R_TA-C_1 {seed}"
+    assert (copied / "IQ-R_TA-C_1.png").read_bytes() == with_sample_digest(source, label)
     with Image.open(copied / "IQ-A_TA-S_1.png") as image:
         assert image.format == "PNG" and image.size == (20, 30)
     with Image.open(copied / "R-T_IQ-A_1.png") as image:

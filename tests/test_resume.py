@@ -21,7 +21,7 @@ from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunDirError, RunLockedError, store
 from trig_stream import engine as engine_module
 from trig_stream.errors import FatalBackendError
-from trig_stream.png import SAMPLE_KEY
+from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
 from trig_stream.records import Judgement, Status
 from trig_stream.store import JOURNAL, Journal, JournalState, read_journal, write_atomic_many
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -336,12 +336,54 @@ async def test_an_image_left_without_judgements_is_reused_only_for_its_own_sampl
     results = await run_to_end(config, generators=[generator])
     assert generator.calls == [1]  # the edited one; the other image is reused
     assert {j.data_id for j in results} == {edited, kept}
-    edited_image = next(j.image for j in results if j.data_id == edited)
-    assert edited_image is not None
-    with Image.open(config.run_dir / edited_image) as image:
-        assert image.info[SAMPLE_KEY] == next(
-            j.sample_digest for j in results if j.data_id == edited
-        )
+    made = next(j for j in results if j.data_id == edited)
+    assert made.image is not None
+    with Image.open(config.run_dir / made.image) as image:
+        assert image.info[SAMPLE_KEY] == f"{made.sample_digest} synth {edited} {made.seed}"
+
+
+async def test_an_image_copied_from_another_sample_is_not_reused(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # Two samples may share a prompt and pair (their digests are then equal): an image
+    # copied by hand from one to the other, or from another model's folder, was judged as
+    # if it had been made for it, with its seed recorded but not used.
+    prompts = tmp_path / "prompts.json"
+    config = make_config(samples=2)
+    records = json.loads(prompts.read_text())
+    records[1]["prompt"] = records[0]["prompt"]
+    prompts.write_text(json.dumps(records))
+    first = await run_to_end(config)
+    images = {j.data_id: config.run_dir / j.image for j in first if j.image}
+    (_, one_image), (other, other_image) = sorted(images.items())
+    path = config.run_dir / JOURNAL
+    path.write_text(
+        "".join(line + "\n" for line in path.read_text().splitlines() if other not in line)
+    )
+    other_image.write_bytes(one_image.read_bytes())
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    results = await run_to_end(config, generators=[generator])
+    assert generator.calls == [1]  # made again, for its own seed
+    assert {j.data_id for j in results} == {other}
+    with Image.open(other_image) as image, Image.open(one_image) as copied_from:
+        assert image.tobytes() != copied_from.tobytes()
+        assert image.info[SAMPLE_KEY].split(" ")[1:] == ["synth", other, str(results[0].seed)]
+
+
+async def test_an_image_of_a_run_before_labels_is_reused(make_config: ConfigFactory) -> None:
+    # Its label is its sample's digest alone: resuming such a run makes no image again.
+    config = make_config(samples=3)
+    first = await run_to_end(config)
+    for judgement in first:
+        assert judgement.image is not None and judgement.sample_digest is not None
+        path = config.run_dir / judgement.image
+        with Image.open(path) as image:
+            pixels = image.copy()
+        path.write_bytes(with_sample_digest(encode_png(pixels), judgement.sample_digest))
+    (config.run_dir / JOURNAL).write_text("")
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    results = await run_to_end(config, generators=[generator])
+    assert generator.calls == [] and len(results) == len(first)
 
 
 def digest_record(status: Status, data_id: str) -> Judgement:

@@ -167,7 +167,7 @@ class GenerationStage:
         missing: list[int] = []
         paths = [self._context.run_dir.image_path(task, w.model, w.sample.data_id) for w in batch]
         for index, (work, path) in enumerate(zip(batch, paths, strict=True)):
-            if valid_image(path, work.sample.digest):
+            if valid_image(path, work.image_label):
                 pictures.append(
                     GeneratedImage(
                         model=work.model,
@@ -231,7 +231,7 @@ class GenerationStage:
             latency_s = made.latency_s
             if isinstance(picture, EncodedPicture | TimedPicture) and picture.seconds is not None:
                 latency_s = picture.seconds  # timed where it was made
-            files.append((path, with_sample_digest(png, work.sample.digest)))
+            files.append((path, with_sample_digest(png, work.image_label)))
             outcomes.append(
                 GeneratedImage(
                     model=work.model,
@@ -297,9 +297,14 @@ class _Made:
     """Generation time per new picture."""
 
 
-def valid_image(path: Path, digest: str | None = None) -> bool:
-    """True when ``path`` is a complete, decodable image file, made for the sample whose
-    digest is ``digest`` when it records one (see :func:`trig_stream.png.with_sample_digest`)."""
+def valid_image(path: Path, label: str | None = None) -> bool:
+    """True when ``path`` is a complete, decodable image file, made for the work item whose
+    :attr:`~trig_stream.pipeline.WorkItem.image_label` is ``label`` when it records one.
+
+    An image that records its sample's digest alone was written before labels named the
+    model, data_id and seed; it is taken when the digest matches, so that a run begun then
+    resumes without making its images again.
+    """
     if not path.is_file():
         return False
     from PIL import Image, UnidentifiedImageError
@@ -310,4 +315,6 @@ def valid_image(path: Path, digest: str | None = None) -> bool:
             image.verify()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return False
-    return digest is None or made_for is None or made_for == digest
+    if label is None or made_for is None:
+        return True
+    return made_for == label or made_for == label.partition(" ")[0]

@@ -30,6 +30,14 @@ class WorkItem:
     seed: int
     todo: tuple[tuple[Dimension, str], ...]
 
+    @property
+    def image_label(self) -> str:
+        """What its image records of what it was made for (see
+        :func:`trig_stream.png.with_sample_digest`): the sample's digest, then the model, the
+        data_id and the seed, so that no other sample's image (a copy, a file moved by
+        hand) is taken for it."""
+        return f"{self.sample.digest} {self.model} {self.sample.data_id} {self.seed}"
+
 
 @dataclass(frozen=True, slots=True)
 class ImageItem:

@@ -68,8 +68,10 @@ def is_png(data: bytes) -> bool:
     return data.startswith(SIGNATURE) and data[12:16] == b"IHDR"
 
 
-def with_sample_digest(png: bytes, digest: str) -> bytes:
-    """``png`` with a text chunk naming the sample it was made for (:data:`SAMPLE_KEY`).
+def with_sample_digest(png: bytes, label: str) -> bytes:
+    """``png`` with a text chunk naming the sample it was made for (:data:`SAMPLE_KEY`):
+    ``label``, its digest and who it was made for (see
+    :attr:`trig_stream.pipeline.WorkItem.image_label`), in ASCII.
 
     A resumed run reuses an image left on disk only for the sample it was made for: one
     written just before a crash, then its record edited, must not be judged against the new
@@ -78,7 +80,7 @@ def with_sample_digest(png: bytes, digest: str) -> bytes:
     header_end = len(SIGNATURE) + 25  # IHDR: length, type, 13 bytes, CRC
     if not is_png(png):
         return png  # not a PNG as written here: leave it as it is
-    text = SAMPLE_KEY.encode("latin-1") + b"\x00" + digest.encode("ascii")
+    text = SAMPLE_KEY.encode("latin-1") + b"\x00" + label.encode("ascii")
     return png[:header_end] + _chunk(b"tEXt", text) + png[header_end:]
 
 
