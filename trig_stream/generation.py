@@ -311,10 +311,10 @@ def valid_image(path: Path, label: str | None = None) -> bool:
 
     try:
         with Image.open(path) as image:
-            made_for = image.info.get(SAMPLE_KEY)
+            made_for: str | None = image.info.get(SAMPLE_KEY)
             image.verify()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return False
     if label is None or made_for is None:
         return True
-    return made_for == label or made_for == label.partition(" ")[0]
+    return made_for in (label, label.partition(" ")[0])
