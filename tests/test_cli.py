@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -285,6 +286,54 @@ def test_ctrl_c_twice_does_not_wait_for_a_model_loading_or_generating(
     assert "cancelled: 0 judgements" in rest, rest
     assert "not waiting for a model still loading or a generation call still running" in rest
     assert not (tmp_path / "runs" / "cli" / "journal.jsonl").read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_report_is_written_stops_it_without_a_traceback(
+    tmp_path: Path, signum: int
+) -> None:
+    # The run is over, its report takes seconds per model: Ctrl-C was ignored until the
+    # report's end (a second one gave a traceback), and SIGTERM left it half written.
+    path = write_config(tmp_path)
+    command = (
+        "import sys\n"
+        "import trig_stream.analysis.plots as plots\n"
+        "def plot_dtm(analysis, path):\n"
+        "    print('drawing', file=sys.stderr, flush=True)\n"
+        "    sys.stdin.readline()  # until the test has seen the stop acknowledged\n"
+        "    return path\n"
+        "plots.plot_dtm = plot_dtm\n"
+        "plots.matplotlib_available = lambda: True\n"
+        "from trig_stream.cli import entry_point\n"
+        f"sys.argv = ['trig-stream', 'run', {str(path)!r}, '--headless']\n"
+        "entry_point()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", command],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None and process.stderr is not None
+    watchdog = threading.Timer(60, process.kill)  # a report that never stops fails, not hangs
+    watchdog.start()
+    try:
+        signal_after(process, "drawing", signum)
+        seen = next((line for line in process.stderr if "stopping" in line), "")
+        assert seen == "stopping the report\n"
+        process.stdin.write("go on\n")
+        process.stdin.flush()
+        code = process.wait(timeout=60)
+        rest = process.stderr.read()
+    finally:
+        watchdog.cancel()
+        process.kill()
+    assert code == EXIT_INTERRUPTED, rest
+    run_dir = tmp_path / "runs" / "cli"
+    assert f"report stopped, incomplete: `trig-stream report {run_dir}` writes it" in rest
+    assert "Traceback" not in rest
+    assert not (run_dir / "report" / "synth" / "plots" / "scatter.png").exists()
+    assert sum(journal_keys(tmp_path).values()) == 12  # the judgements were all written
 
 
 def test_a_hangup_stops_at_once_and_the_same_command_resumes(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -289,8 +290,8 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     )
     if interrupted or summary.state in ("stopped", "cancelled"):
         return EXIT_INTERRUPTED
-    if not args.no_report:
-        await anyio.to_thread.run_sync(_final_report, summary.run_dir, console)
+    if not args.no_report and not await _final_report(summary.run_dir, console):
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -332,15 +333,44 @@ def _dashboard(args: argparse.Namespace, console: Console) -> Any:
     return run_dashboard
 
 
-def _final_report(run_dir: Path, console: Console) -> None:
+async def _final_report(run_dir: Path, console: Console) -> bool:
+    """Write a finished run's report; a stop signal meanwhile stops it. Returns False when
+    it was stopped (the judgements are all written: only the report is incomplete)."""
     from trig_stream.analysis.commands import write_report
+    from trig_stream.analysis.report import ReportStopped
 
-    try:
-        folder = write_report(run_dir, console)
-    except AnalysisError as exc:  # e.g. nothing scored: the run itself still succeeded
-        console.print(f"no report: {exc}", highlight=False)
-        return
-    console.print(f"report: {folder}", highlight=False)
+    stop = threading.Event()
+
+    async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.open_signal_receiver(*stop_signals()) as signals:
+            task_status.started()
+            async for signum in signals:
+                if is_hangup(signum):
+                    silence_the_terminal()
+                if not stop.is_set():
+                    console.print("stopping the report", highlight=False)
+                stop.set()
+
+    def write() -> bool:
+        try:
+            folder = write_report(run_dir, console, should_stop=stop.is_set)
+        except ReportStopped:
+            console.print(
+                f"report stopped, incomplete: `trig-stream report {run_dir}` writes it",
+                highlight=False,
+            )
+            return False
+        except AnalysisError as exc:  # e.g. nothing scored: the run itself still succeeded
+            console.print(f"no report: {exc}", highlight=False)
+            return True
+        console.print(f"report: {folder}", highlight=False)
+        return True
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(on_signals)
+        written = await anyio.to_thread.run_sync(write)
+        tg.cancel_scope.cancel()
+    return written
 
 
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:

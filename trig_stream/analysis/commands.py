@@ -8,7 +8,7 @@ parsed arguments and the (stderr) console and returns an exit code.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -158,11 +158,16 @@ def write_report(
     overrides: dict[str, Any] | None = None,
     metric: str | None = None,
     plots: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Path:
     """Write a run directory's exports, markdown report and plots; return the folder.
 
+    ``should_stop`` is asked between two files (the end of a run writes its report, and a
+    Ctrl-C then stops it).
+
     Raises:
         AnalysisError: the run holds no judgement to analyse, or a file cannot be written.
+        ReportStopped: ``should_stop`` said so.
     """
     run = load_run(run_dir)
     thresholds = with_overrides(run.relation, overrides or {})
@@ -172,7 +177,7 @@ def write_report(
     for model, analysis in analyses.items():
         judgements = [j for j in run.judgements if j.model == model]
         written = write_model_outputs(
-            analysis, judgements, run.metrics, folder / model, plots=plots
+            analysis, judgements, run.metrics, folder / model, plots=plots, should_stop=should_stop
         )
         skipped |= written.plots_skipped
         _print_written(console, analysis, written)

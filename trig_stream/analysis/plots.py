@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -241,8 +242,11 @@ PLOT_FILES = ("dtm.png", "scatter.png", "dimension_map.png", "tradeoff_graph.png
 """The files :func:`write_plots` draws."""
 
 
-def write_plots(analysis: ModelAnalysis, folder: Path) -> list[Path]:
-    """Draw all four plots into ``folder`` (created when missing).
+def write_plots(
+    analysis: ModelAnalysis, folder: Path, *, before_each: Callable[[], None] = lambda: None
+) -> list[Path]:
+    """Draw all four plots into ``folder`` (created when missing), calling ``before_each``
+    before each (it may raise to stop the drawing: each takes a second or more).
 
     Raises:
         MissingExtraError: matplotlib is not installed.
@@ -250,9 +254,9 @@ def write_plots(analysis: ModelAnalysis, folder: Path) -> list[Path]:
     if not matplotlib_available():
         raise MissingExtraError("matplotlib", "plots")
     folder.mkdir(parents=True, exist_ok=True)
-    return [
-        plot_dtm(analysis, folder / PLOT_FILES[0]),
-        plot_scatter_grid(analysis, folder / PLOT_FILES[1]),
-        plot_dimension_map(analysis, folder / PLOT_FILES[2]),
-        plot_tradeoff_graph(analysis, folder / PLOT_FILES[3]),
-    ]
+    drawings = (plot_dtm, plot_scatter_grid, plot_dimension_map, plot_tradeoff_graph)
+    written = []
+    for draw, name in zip(drawings, PLOT_FILES, strict=True):
+        before_each()
+        written.append(draw(analysis, folder / name))
+    return written

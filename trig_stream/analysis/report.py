@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +113,10 @@ def writing(where: Path) -> Iterator[None]:
         raise AnalysisError(f"cannot write the report in {where}: {exc.strerror or exc}") from None
 
 
+class ReportStopped(AnalysisError):
+    """Writing a report was stopped (a Ctrl-C): what it wrote stays, incomplete."""
+
+
 def write_model_outputs(
     analysis: ModelAnalysis,
     judgements: Sequence[Judgement],
@@ -120,6 +124,7 @@ def write_model_outputs(
     folder: Path,
     *,
     plots: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> WrittenFiles:
     """Write one model's exports, report and (when matplotlib is there) plots into ``folder``.
 
@@ -129,12 +134,19 @@ def write_model_outputs(
         metrics: the metric names in config order, for the evaluation result.
         folder: created when missing.
         plots: draw the PNGs when matplotlib is importable.
+        should_stop: asked between two files (the plots take seconds each).
 
     Raises:
         AnalysisError: a file cannot be written.
+        ReportStopped: ``should_stop`` said so.
     """
+
+    def check() -> None:
+        if should_stop():
+            raise ReportStopped(f"stopped while writing {folder}")
+
     with writing(folder):
-        return _write_model_outputs(analysis, judgements, metrics, folder, plots=plots)
+        return _write_model_outputs(analysis, judgements, metrics, folder, plots, check)
 
 
 def _write_model_outputs(
@@ -142,9 +154,10 @@ def _write_model_outputs(
     judgements: Sequence[Judgement],
     metrics: Sequence[str],
     folder: Path,
-    *,
     plots: bool,
+    check: Callable[[], None],
 ) -> WrittenFiles:
+    check()
     folder.mkdir(parents=True, exist_ok=True)
     written = WrittenFiles(folder)
     documents: dict[str, object] = {
@@ -162,10 +175,11 @@ def _write_model_outputs(
     for name, text in texts.items():
         (folder / name).write_text(text, encoding="utf-8")
         written.files.append(folder / name)
+    check()
     write_judgements_parquet(judgements, folder / "judgements.parquet")
     written.files.append(folder / "judgements.parquet")
     if plots and drawing.matplotlib_available():
-        written.files.extend(drawing.write_plots(analysis, folder / "plots"))
+        written.files.extend(drawing.write_plots(analysis, folder / "plots", before_each=check))
         return written
     # Plots an earlier report drew would stand beside these files as if they were theirs.
     for name in drawing.PLOT_FILES:
