@@ -348,8 +348,8 @@ async def _final_report(run_dir: Path, console: Console) -> bool:
                 if is_hangup(signum):
                     silence_the_terminal()
                 if not stop.is_set():
+                    stop.set()  # before saying so: the report may look at once
                     console.print("stopping the report", highlight=False)
-                stop.set()
 
     def write() -> bool:
         try:
