@@ -196,7 +196,9 @@ def test_filters_and_limit(tmp_path: Path) -> None:
             "safe file name (it names the image file): letters, digits, '.', '_' and '-' only",
         ),
         ({"data_id": "IQ-R_TA-C", "prompt": "p"}, "_<number>"),
-        ("not a record", "missing data_id"),
+        ("not a record", "entry 0 is a JSON string, not a record"),
+        (None, "entry 0 is a JSON null, not a record"),
+        ([1], "entry 0 is a JSON array, not a record"),
         (
             {"data_id": 7, "prompt": "p", "dimension": ["IQ-R", "TA-C"]},
             "data_id must be text, got int 7",
@@ -219,6 +221,26 @@ def test_malformed_records_are_quarantined(tmp_path: Path, record: object, reaso
     assert len(refused) == 1 and reason in refused[0].reason
     assert refused[0].index == 0
     refused[0].model_dump_json()  # the quarantine file's line: text it cannot hold is escaped
+
+
+def test_a_json_object_is_read_as_records_by_data_id_or_refused(tmp_path: Path) -> None:
+    # Some TRIG files map data_id -> record; one record alone, not in a list, read as such a
+    # map gave no record at all, silently.
+    record = {"data_id": "IQ-R_TA-C_1", "prompt": "a red bike", "dimension": ["IQ-R", "TA-C"]}
+    alone = tmp_path / "alone.json"
+    alone.write_text(json.dumps(record))
+    with pytest.raises(DatasetError, match=r"values are no records: .*put it in \[ \]"):
+        read(DatasetSection(path=alone))
+    mapped = tmp_path / "mapped.json"
+    mapped.write_text(json.dumps({"IQ-R_TA-C_1": record, "IQ-R_TA-C_2": 5}))
+    samples, refused = read(DatasetSection(path=mapped))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    assert [r.reason for r in refused] == ["'IQ-R_TA-C_2' maps to a JSON number, not a record"]
+    assert refused[0].record == {"value": "5"}
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("7")
+    with pytest.raises(DatasetError, match="expected a JSON list of TRIG records, not a JSON"):
+        read(DatasetSection(path=scalar))
 
 
 def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:
@@ -268,7 +290,7 @@ def test_json_lines_are_read_a_line_at_a_time_and_a_bad_line_is_its_record_s_fau
     assert [s.data_id for s in samples] == ["IQ-R_TA-C_1", "IQ-R_TA-C_4"]
     reasons = [r.reason for r in refused]
     assert reasons[0].startswith("line 2 is not JSON: Expecting value")
-    assert reasons[1] == "line 3 is a JSON list, not a record"
+    assert reasons[1] == "line 3 is a JSON array, not a record"
     assert reasons[2] == "line 6: byte 23 is not utf-8 text"
     assert refused[1].record == {"line": "[1, 2]"}
     assert DatasetSource(section, "t2i").count() == 2

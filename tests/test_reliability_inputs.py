@@ -278,7 +278,7 @@ def test_broken_records_are_quarantined_with_reasons_and_the_run_goes_on(tmp_pat
         ({"data_id": "no-pair-here", "prompt": "x"}, "no-pair-here"),
         ({"data_id": "IQ-R_TA-C_7", "prompt": "x", "img_id": 12}, "img_id"),
         ({"data_id": "IQ-R_TA-C_1", "prompt": "again", "dimension": ["IQ-R", "TA-C"]}, "duplicate"),
-        ("not an object", "missing data_id"),
+        ("not an object", "is a JSON string, not a record"),
     ]
     records = [GOOD, *(record for record, _ in broken)]
     (tmp_path / "prompts.json").write_text(json.dumps(records))

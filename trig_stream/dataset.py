@@ -356,13 +356,34 @@ def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         ) from None
     if isinstance(data, Mapping):
         # Some TRIG files map data_id -> record.
-        data = [
-            {"data_id": key, **value} for key, value in data.items() if isinstance(value, Mapping)
-        ]
+        if data and not any(isinstance(value, Mapping) for value in data.values()):
+            raise DatasetError(
+                f"dataset {path}: a JSON object whose values are no records: expected a list "
+                "of TRIG records (one record alone? put it in [ ])"
+            )
+        for key, value in data.items():
+            if isinstance(value, Mapping):
+                yield {"data_id": key, **value}
+            else:
+                yield _Unreadable(f"{key!r} maps to a JSON {_kind(value)}, not a record", value)
+        return
     if not isinstance(data, list):
-        raise DatasetError(f"dataset {path}: expected a JSON list of TRIG records")
-    for record in data:
-        yield record if isinstance(record, Mapping) else {"record": record}
+        raise DatasetError(
+            f"dataset {path}: expected a JSON list of TRIG records, not a JSON {_kind(data)}"
+        )
+    for index, record in enumerate(data):
+        if isinstance(record, Mapping):
+            yield record
+        else:
+            yield _Unreadable(f"entry {index} is a JSON {_kind(record)}, not a record", record)
+
+
+def _kind(value: object) -> str:
+    """A JSON value's type, as JSON names it."""
+    if value is None:
+        return "null"
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+    return names.get(type(value), "object")
 
 
 LINE_SHOWN = 200
@@ -370,11 +391,14 @@ LINE_SHOWN = 200
 
 
 class _Unreadable(dict[str, Any]):
-    """A JSON Lines line that is no record: quarantined with ``reason`` and the line's start,
-    the rest read on."""
+    """A JSON Lines line, or a JSON file's entry, that is no record: quarantined with
+    ``reason`` and the start of what it holds, the rest read on."""
 
-    def __init__(self, reason: str, line: bytes) -> None:
-        super().__init__(line=line.decode("utf-8", "replace")[:LINE_SHOWN])
+    def __init__(self, reason: str, line: bytes | object) -> None:
+        if isinstance(line, bytes):
+            super().__init__(line=line.decode("utf-8", "replace")[:LINE_SHOWN])
+        else:
+            super().__init__(value=json.dumps(line)[:LINE_SHOWN])
         self.reason = reason
 
 
@@ -402,7 +426,7 @@ def _read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
                 if isinstance(record, Mapping):
                     yield record
                 else:
-                    kind = type(record).__name__
+                    kind = _kind(record)
                     yield _Unreadable(f"line {number} is a JSON {kind}, not a record", line)
 
 
