@@ -126,12 +126,41 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1", "dimensions": ["R-T", "IQ-A"]}]))
     with pytest.raises(AnalysisError, match="dimension 'IQ-R' is not one of its pair R-T_IQ-A"):
-        run_command("analyze", str(tmp_path / "ok.json"), "--prompts", str(prompts), "--out", "o")
+        run_command(
+            "analyze",
+            str(tmp_path / "ok.json"),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "o"),
+        )
     (tmp_path / "null.json").write_text(
         json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}], "TA-C": None}})
     )
     with pytest.raises(AnalysisError, match=r"IQ-R_TA-C_1 TA-C: expected \[\{metric: score\}"):
         run_command("analyze", str(tmp_path / "null.json"), "--out", str(tmp_path / "o"))
+    # The same metric twice in one dimension's list, the same data_id twice with two pairs.
+    twice = {"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.1}, {"m": 0.9}]}}
+    (tmp_path / "twice.json").write_text(json.dumps(twice))
+    with pytest.raises(AnalysisError, match="IQ-R_TA-C_1 IQ-R: metric 'm' scored twice"):
+        run_command("analyze", str(tmp_path / "twice.json"), "--out", str(tmp_path / "o"))
+    prompts.write_text(
+        json.dumps(
+            [
+                {"data_id": "IQ-R_TA-C_1", "dimensions": ["IQ-R", "TA-C"]},
+                {"data_id": "IQ-R_TA-C_1", "dimensions": ["R-T", "IQ-A"]},
+            ]
+        )
+    )
+    with pytest.raises(AnalysisError, match="record 1: data_id IQ-R_TA-C_1 appears before with"):
+        run_command(
+            "analyze",
+            str(tmp_path / "ok.json"),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "o"),
+        )
     # A formatted file names no metric: --metric names it. (This copy starts with a byte
     # order mark, as some editors save JSON.)
     marked = tmp_path / "formatted.json"

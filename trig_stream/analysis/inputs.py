@@ -112,9 +112,14 @@ def read_prompt_pairs(path: Path) -> dict[str, tuple[Dimension, Dimension]]:
         try:
             data_id = str(record["data_id"])
             dims = record.get("dimensions") or record.get("dimension")
-            pairs[data_id] = split_pair("_".join(dims)) if dims else pair_from_data_id(data_id)
+            pair = split_pair("_".join(dims)) if dims else pair_from_data_id(data_id)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise AnalysisError(f"{path}: record {index} has no usable pair: {exc}") from None
+        if pairs.setdefault(data_id, pair) != pair:
+            raise AnalysisError(
+                f"{path}: record {index}: data_id {data_id} appears before with the pair "
+                f"{pair_name(*pairs[data_id])}, here with {pair_name(*pair)}"
+            )
     return pairs
 
 
@@ -265,11 +270,15 @@ def _from_evaluation(
                 raise ValueError(
                     f"{data_id} {dim}: expected [{{metric: score}}, ...], got {cells!r}"
                 )
+            seen: set[str] = set()
             for cell in cells:
                 if not isinstance(cell, dict):
                     raise ValueError(f"{data_id} {dim}: expected {{metric: score}}, got {cell!r}")
                 for metric, score in cell.items():
                     if metric not in metrics:
                         metrics.append(metric)
+                    if metric in seen:
+                        raise ValueError(f"{data_id} {dim}: metric {metric!r} scored twice")
+                    seen.add(metric)
                     out.append(_judgement(model, data_id, task, pair, dim, metric, score, judge))
     return out, metrics
