@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -140,6 +141,20 @@ def test_only_still_8_bit_rgb_pngs_are_stored_as_they_are(tmp_path: Path) -> Non
     for decoded in (rgba, grey, earlier, animated):
         assert isinstance(decoded, Image.Image) and decoded.mode == "RGB"
     assert isinstance(cut, ItemError) and "cannot read image" in str(cut)
+
+
+def test_a_16_bit_grey_picture_is_scaled_to_8_bits_not_clipped(tmp_path: Path) -> None:
+    # Pillow's own conversion clipped its values at 255: the picture came out almost white.
+    levels = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)  # 0, 1, 128, 255 in 8 bits
+    Image.fromarray(levels).save(tmp_path / "IQ-R_TA-C_1.png")
+    with Image.open(tmp_path / "IQ-R_TA-C_1.png") as saved:
+        assert saved.mode == "I;16"
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    (picture,) = generator.generate([request("IQ-R_TA-C_1")], worker=0, cancel=threading.Event())
+    assert isinstance(picture, Image.Image) and picture.mode == "RGB"
+    assert np.asarray(picture)[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert np.asarray(picture).std(axis=2).max() == 0  # grey: the three channels equal
 
 
 def test_extension_preference_and_case(tmp_path: Path) -> None:

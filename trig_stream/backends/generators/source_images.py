@@ -95,5 +95,19 @@ def source_image(sample: Sample, size: tuple[int, int] | None = None) -> Image:
     return image
 
 
+_DEEP_GREY = frozenset(("I", "I;16", "I;16B", "I;16L", "I;16N"))
+"""Grey pictures of more than 8 bits (16-bit PNGs open so): Pillow's conversion to RGB clips
+their values at 255 instead of scaling them, which turns them almost white."""
+
+
 def _rgb(image: Image) -> Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "RGB":
+        return image
+    if image.mode in _DEEP_GREY:
+        import numpy as np
+        from PIL import Image as PILImage
+
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        eight_bits = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        return PILImage.fromarray(eight_bits, mode="L").convert("RGB")
+    return image.convert("RGB")
