@@ -27,6 +27,7 @@ def test_upstream_defaults() -> None:
         "guidance_scale": 3.5,
     }
     assert flux.dtype_for("cuda:0") == "bfloat16" and flux.dtype_for("cpu") == "float32"
+    assert flux.dtype_for("cpu:1") == "float32"  # was float16: a CPU only by its exact name
     sd35 = DiffusersOptions(preset="sd35").spec().call
     assert (sd35["num_inference_steps"], sd35["guidance_scale"]) == (28, 4.5)
     sana = DiffusersOptions(preset="sana").spec()
@@ -73,6 +74,11 @@ def test_generic_form_and_validation() -> None:
         DiffusersOptions.model_validate({"preset": "flux", "stepz": 3})
     with pytest.raises(ValidationError, match="at least one device"):
         DiffusersOptions(preset="flux", devices=[])
+    # Refused at validate, not when the run loads its first pipeline.
+    for device in ("", "gpu", "cuda:x", "cuda0", "cpu:"):
+        with pytest.raises(ValidationError, match=f"unknown device '{device}'; use 'cpu'"):
+            DiffusersOptions(preset="flux", devices=[device])
+    DiffusersOptions(preset="flux", devices=["cpu", "cpu:1", "cuda", "cuda:7", "mps"])
 
 
 def test_hub_offline_forces_local_files(monkeypatch: pytest.MonkeyPatch) -> None:

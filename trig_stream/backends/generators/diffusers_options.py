@@ -15,6 +15,7 @@ Validating these options imports nothing heavier than pydantic.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -43,6 +44,10 @@ class IPAdapterOptions(BaseModel):
     weight_name: str
     subfolder: str = ""
     scale: float = 0.6
+
+
+DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
+"""A torch device a pipeline can go to."""
 
 
 class DiffusersOptions(BaseModel):
@@ -105,6 +110,9 @@ class DiffusersOptions(BaseModel):
     def _some_devices(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("list at least one device, e.g. ['cuda:0'] or ['cpu']")
+        for device in value or ():
+            if not DEVICE.match(device):
+                raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps'")
         return value
 
     @model_validator(mode="after")
@@ -174,7 +182,7 @@ class PipelineSpec:
         """The dtype name to load with on ``device``."""
         if self.dtype != "auto":
             return self.dtype
-        return "float32" if device == "cpu" else self.accelerator_dtype
+        return "float32" if device.partition(":")[0] == "cpu" else self.accelerator_dtype
 
 
 def hub_offline() -> bool:
