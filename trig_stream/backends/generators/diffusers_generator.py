@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -472,6 +473,10 @@ class DiffusersGenerator(Generator):
             kwargs.pop("height", None)
             kwargs.pop("width", None)
         kwargs["prompt"] = [r.sample.prompt for r in batch]
+        for key, value in kwargs.items():
+            if isinstance(value, str) and _PER_PROMPT.match(key):
+                # The pipelines want these as the prompt is given: one per prompt of the list.
+                kwargs[key] = [value] * len(batch)
         inputs = self.spec.inputs
         if inputs == "edit":
             kwargs["image"] = list(pictures)
@@ -530,6 +535,11 @@ def _out_of_memory(torch: Any) -> type[BaseException]:
     """torch's out-of-memory error (``torch.OutOfMemoryError`` from 2.5, CUDA's before)."""
     error: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     return error
+
+
+_PER_PROMPT = re.compile(r"^(negative_prompt|prompt)(_\d)?$")
+"""Call arguments a pipeline takes one per prompt (``negative_prompt``, SDXL's
+``prompt_2``, SD 3's ``negative_prompt_3``...), which a config gives as one text for all."""
 
 
 def _device_failure(torch: Any) -> type[BaseException] | tuple[()]:
