@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,6 +187,23 @@ def test_a_404_stops_the_run_until_a_call_has_succeeded(
     server.fail_next(Fault(status=404, message="gone"))
     outcome = one(generator)
     assert type(outcome) is NotFoundError and "HTTP 404" in str(outcome)
+
+
+def test_an_api_never_reached_stops_the_run_and_one_reached_before_does_not(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # Before, every image became an error judgement and the run ended with exit 0, the
+    # cause only in the journal; an unreachable judge has always stopped the run.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    nowhere = make(server, max_attempts=2, base_url=closed)
+    with pytest.raises(FatalBackendError, match=r"has answered no request yet, .* 2 attempts"):
+        one(nowhere)
+    generator = make(server, max_attempts=2)
+    assert isinstance(one(generator), Image.Image)
+    server.fail_next(Fault(reset=True), Fault(reset=True))
+    assert type(one(generator)) is RetryableError  # that request's failure alone
 
 
 def test_undecodable_image_is_an_item_error(server: GenerationAPIServer, key: str) -> None:

@@ -108,17 +108,22 @@ def call_with_retries(
     sleep: Sleep = wait_on_cancel,
     answered: threading.Event | None = None,
     api: str = "the API",
+    unanswered_is_fatal: bool = False,
 ) -> T:
     """Run ``call``, retrying retryable failures under ``policy``.
 
-    ``answered``, shared by every call to one API, is set by the first call that succeeds;
-    until then an HTTP 404 means a wrong base URL or model, and stops the run with a message
-    that names ``api``.
+    ``answered``, shared by every call to one API, is set by the first call that succeeds
+    or that the API refuses by itself (a 4xx); until then an HTTP 404 means a wrong base URL
+    or model, and stops the run with a message that names ``api``. With
+    ``unanswered_is_fatal``, so does a call that spends its retries then without reaching
+    the API at all (no connection, timeouts): it is down, or at another address, and every
+    call would end the same way.
 
     Raises:
         ItemError: cancelled during a backoff, or a failure that retrying cannot fix.
         RetryableError: still failing after ``policy.max_attempts`` attempts.
-        FatalBackendError: the credentials were refused, or a 404 came before any success.
+        FatalBackendError: the credentials were refused, or a 404 came before any answer
+            (or, with ``unanswered_is_fatal``, an unreachable API).
     """
     attempts = 0
     while True:
@@ -127,11 +132,20 @@ def call_with_retries(
             result = call()
         except Exception as exc:
             error = classify(exc, secret)
-            if isinstance(error, NotFoundError) and answered and not answered.is_set():
+            unanswered = answered is not None and not answered.is_set()
+            if isinstance(error, NotFoundError) and unanswered:
                 raise error.before_any_success(api) from None
             if not isinstance(error, RetryableError):
+                if answered is not None and _http_answer(exc):
+                    answered.set()
                 raise error from None
             if not policy.should_retry(attempts):
+                if unanswered and unanswered_is_fatal and not _http_answer(exc):
+                    raise FatalBackendError(
+                        f"{api} has answered no request yet, and one failed all its {attempts} "
+                        f"attempts (the last: {error}); is it running, at the address in the "
+                        "config?"
+                    ) from None
                 raise type(error)(
                     f"{error} ({policy.gave_up(attempts)})", retry_after=error.retry_after
                 ) from None
@@ -141,6 +155,14 @@ def call_with_retries(
             if answered is not None:
                 answered.set()
             return result
+
+
+def _http_answer(exc: Exception) -> bool:
+    """Whether ``exc`` is an answer of the API's own (an HTTP status), not a failure to
+    reach it."""
+    import openai
+
+    return isinstance(exc, openai.APIStatusError)
 
 
 def _message(exc: Any) -> str:

@@ -177,6 +177,7 @@ class OpenAIImagesGenerator(Generator):
             sleep=self._sleep,
             answered=self._answered,
             api=f"the images API of generator {self.name!r}",
+            unanswered_is_fatal=True,
         )
         data = getattr(response, "data", None) or []
         encoded = getattr(data[0], "b64_json", None) if data else None
