@@ -81,6 +81,27 @@ def test_generic_form_and_validation() -> None:
     DiffusersOptions(preset="flux", devices=["cpu", "cpu:1", "cuda", "cuda:7", "mps"])
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"preset": "flux", "height": 72}, "height 72 is not a multiple of 16, as FluxPipeline"),
+        ({"preset": "sd15", "width": 60}, "width 60 is not a multiple of 8, .* use 56 or 64"),
+        ({"preset": "sana", "call": {"height": 1000}}, "height 1000 is not a multiple of 32"),
+        (
+            {"pipeline": "StableDiffusion3Pipeline", "checkpoint": "x", "height": 8},
+            r"height 8 is not a multiple of 16, .* use 16 \[type",
+        ),
+    ],
+)
+def test_a_size_the_pipeline_cannot_make_is_refused(
+    options: dict[str, object], message: str
+) -> None:
+    # Flux made smaller pictures than asked, silently; Stable Diffusion failed every call.
+    with pytest.raises(ValidationError, match=message):
+        DiffusersOptions.model_validate(options)
+    DiffusersOptions.model_validate({"pipeline": "MyPipeline", "checkpoint": "x", "height": 13})
+
+
 def test_hub_offline_forces_local_files(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert DiffusersOptions(preset="sdxl").spec().local_files_only is False

@@ -50,6 +50,16 @@ DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
 """A torch device a pipeline can go to."""
 
 
+_SIZE_MULTIPLES = (("Flux", 16), ("StableDiffusion3", 16), ("Sana", 32), ("StableDiffusion", 8))
+"""What a pipeline family's height and width must be multiples of (the first prefix that
+matches its class name wins): others fail each call, or round the size down unasked."""
+
+
+def size_multiple(pipeline: str) -> int | None:
+    """What ``pipeline``'s height and width must be multiples of, when known."""
+    return next((n for prefix, n in _SIZE_MULTIPLES if pipeline.startswith(prefix)), None)
+
+
 class DiffusersOptions(BaseModel):
     """``options`` of the ``diffusers`` generator.
 
@@ -122,6 +132,21 @@ class DiffusersOptions(BaseModel):
                 "set either preset (one of: "
                 f"{', '.join(preset_names())}) or both pipeline and checkpoint"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_the_pipeline_makes(self) -> DiffusersOptions:
+        spec = self.spec()
+        multiple = size_multiple(spec.pipeline)
+        for key in ("height", "width"):
+            value = spec.call.get(key)
+            if multiple and isinstance(value, int) and value % multiple:
+                lower = value // multiple * multiple
+                use = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+                raise ValueError(
+                    f"{key} {value} is not a multiple of {multiple}, as {spec.pipeline} needs "
+                    f"(it fails, or makes a smaller picture than asked); use {use}"
+                )
         return self
 
     def spec(self) -> PipelineSpec:
