@@ -6,6 +6,7 @@ import io
 import json
 import math
 import random
+import re
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from trig_stream.backends.base import (
     EncodedPicture,
     GenerationRequest,
     Generator,
+    Judge,
     JudgeReply,
     JudgeRequest,
     PreparedImage,
@@ -876,3 +878,94 @@ async def test_cancel_leaves_generate_calls_behind_and_the_last_one_closes_the_g
         while threads_left_behind():  # until the closing thread has ended its part
             await checkpoint()
     assert not (config.run_dir / JOURNAL).read_text()
+
+
+def synth(name: str = "synth", **counts: int) -> SyntheticGenerator:
+    generator = SyntheticGenerator(name, SyntheticOptions(size=16))
+    for what, value in counts.items():
+        setattr(generator, what, value)
+    return generator
+
+
+def fake_judge(name: str = "trigscore", concurrency: int = 4) -> FakeJudge:
+    return FakeJudge(name, FakeJudgeOptions(), concurrency=concurrency)
+
+
+@pytest.mark.parametrize(
+    ("generators", "judges", "message"),
+    [
+        ([synth(workers=0)], [fake_judge()], "'synth': workers must be at least 1, not 0"),
+        ([synth(batch_size=0)], [fake_judge()], "batch_size must be at least 1"),
+        ([synth()], [fake_judge(concurrency=0)], "'trigscore': concurrency must be at least 1"),
+        ([synth(), synth()], [fake_judge()], "generator name 'synth' is used twice"),
+        ([synth()], [fake_judge(), fake_judge()], "judge name 'trigscore' is used twice"),
+        ([synth("../../escaped")], [fake_judge()], "generator name '../../escaped' is not a safe"),
+        ([], [fake_judge()], "no generator: give at least one"),
+    ],
+)
+def test_backend_instances_are_checked_as_config_entries_are(
+    make_config: ConfigFactory, generators: list[Generator], judges: list[Judge], message: str
+) -> None:
+    # Given directly, they skipped the config's checks: a count of 0 hung the run, a name
+    # used twice judged each key twice, and a name with '..' wrote outside the run directory.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(make_config(samples=2), generators=generators, judges=judges)
+
+
+async def test_cancel_ends_the_results_and_the_block_goes_on(make_config: ConfigFactory) -> None:
+    # It cancelled the caller's own block: code after the loop (the README's print of the
+    # stats) never ran, and nothing said so.
+    config = make_config(samples=12)
+    after_the_loop = False
+    async with Engine(config) as engine:
+        async for _ in engine.results:
+            engine.cancel()
+        after_the_loop = True
+        assert engine.stats().state == "cancelled"
+    assert after_the_loop and engine.stats().state == "cancelled"
+    assert len(journal(config)) < 24
+
+
+async def test_pause_before_the_run_starts_it_paused(make_config: ConfigFactory) -> None:
+    config = make_config(samples=3)
+    engine = Engine(config)
+    engine.pause()  # was ignored: the run started at once
+    async with engine:
+        assert engine.stats().state == "paused"
+        engine.resume()
+        summary = await engine.drain()
+    assert (summary.state, summary.judged) == ("done", 6)
+
+
+async def test_a_run_cancelled_or_failed_while_opening_says_so(
+    make_config: ConfigFactory,
+) -> None:
+    engine = Engine(make_config(samples=2))
+    with anyio.move_on_after(0):
+        async with engine:
+            pass
+    assert engine.stats().state == "cancelled"  # was "starting", forever
+
+    class BrokenOpen(FakeJudge):
+        async def open(self) -> None:
+            raise ValueError("no such model")
+
+    broken = Engine(make_config(samples=2), judges=[BrokenOpen("trigscore", FakeJudgeOptions())])
+    opened = r"judge 'trigscore' failed to open: .*no such model"
+    with pytest.raises(FatalBackendError, match=opened):
+        async with broken:
+            pass
+    assert broken.stats().state == "failed"
+
+
+async def test_elapsed_time_and_rates_span_the_run_and_stop_with_it(
+    make_config: ConfigFactory,
+) -> None:
+    engine = Engine(make_config(samples=6))
+    async with engine:
+        summary = await engine.drain()
+    first, second = engine.stats(), engine.stats()
+    assert first.elapsed_s == second.elapsed_s  # frozen once closed
+    window = max(0.5, min(10.0, first.elapsed_s))
+    # Over the run's own span, not always 10 s (a 0.5 s run read a tenth of its rate).
+    assert first.judgements_per_s == pytest.approx(summary.judged / window)

@@ -43,13 +43,20 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from trig_stream.analysis.live import RelationTracker
 from trig_stream.backends.base import Generator, Judge
-from trig_stream.backends.registry import build_generator, build_judge
+from trig_stream.backends.registry import build_generator, build_judge, check_backends
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
-from trig_stream.errors import ConfigError, TrigStreamError, leaf_errors
+from trig_stream.errors import ConfigError, FatalBackendError, TrigStreamError, leaf_errors
 from trig_stream.generation import GenerationStage
 from trig_stream.judging import JudgeStage
-from trig_stream.pipeline import ImageItem, RunContext, WorkItem, send_now, take_ready
+from trig_stream.pipeline import (
+    ImageItem,
+    RunContext,
+    WorkItem,
+    describe_error,
+    send_now,
+    take_ready,
+)
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.retry import RetryPolicy
 from trig_stream.sourcing import SourceStage
@@ -132,10 +139,13 @@ class Engine:
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.config = config
-        self._generators = list(
-            generators or [build_generator(g, config) for g in config.generators]
-        )
-        self._judges = list(judges or [build_judge(j, config) for j in config.judges])
+        if generators is None:
+            generators = [build_generator(g, config) for g in config.generators]
+        if judges is None:
+            judges = [build_judge(j, config) for j in config.judges]
+        check_backends(generators, judges)
+        self._generators = list(generators)
+        self._judges = list(judges)
         self._retry_errors = retry_errors
         self._new_run = new_run
         self._sleep = sleep
@@ -153,6 +163,9 @@ class Engine:
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._buffers: dict[str, MemoryObjectSendStream[Any]] = {}
         self._task_group: TaskGroup | None = None
+        self._work = anyio.CancelScope()
+        """Where the run's tasks run: :meth:`cancel` cancels it, and not the caller's block."""
+        self._paused = False
         self._opening = anyio.CancelScope()
         """Where the backends open and the run directory is read: :meth:`cancel` reaches it."""
         self._opening_now: str | None = None
@@ -185,7 +198,7 @@ class Engine:
     def stats(self) -> EngineStats:
         """A cheap snapshot of progress, buffers, throughput and latencies."""
         c = self._counters
-        now = time.monotonic()
+        now = c.ended_at or time.monotonic()
         buffers = {
             name: BufferFill(
                 stream.statistics().current_buffer_used, int(stream.statistics().max_buffer_size)
@@ -210,8 +223,8 @@ class Engine:
             models={name: replace(m) for name, m in c.models.items()},
             buffers=buffers,
             judges=judges,
-            judgements_per_s=rate(c.judged_at, now),
-            images_per_s=rate(c.generated_at, now),
+            judgements_per_s=rate(c.judged_at, now, c.started_at),
+            images_per_s=rate(c.generated_at, now, c.started_at),
             generation_latency=latency(c.generation_latencies),
             judge_latency=latency(c.judge_latencies),
             last_errors=tuple(c.last_errors),
@@ -242,17 +255,24 @@ class Engine:
         self._stopping = True
         self._cancel_generation.set()
         self._opening.cancel()
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
+        self._work.cancel()
+        if self._state in ("starting", "running", "paused", "stopping"):
+            self._state = "cancelled"
 
     def pause(self) -> None:
-        """Stop feeding new samples; work already queued continues."""
+        """Stop feeding new samples; work already queued continues. Before the engine runs
+        (or while it opens), it starts paused."""
+        if self._stopping or self._state not in ("starting", "running"):
+            return
+        self._paused = True
+        if self._running_gate.is_set():
+            self._running_gate = anyio.Event()
         if self._state == "running":
             self._state = "paused"
-            self._running_gate = anyio.Event()
 
     def resume(self) -> None:
         """Undo :meth:`pause`."""
+        self._paused = False
         if self._state == "paused":
             self._state = "running"
         self._running_gate.set()
@@ -281,11 +301,15 @@ class Engine:
     async def __aenter__(self) -> Engine:
         if self._task_group is not None or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
+        self._counters.started_at = time.monotonic()
         try:
             with self._opening:
                 await self._open_backends_and_store()
-        except BaseException:
+        except BaseException as exc:
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            self._state = "cancelled" if cancelled else "failed"
             await self._close_resources()
+            self._counters.ended_at = time.monotonic()
             raise
         streams = self._create_streams()
         self._task_group = anyio.create_task_group()
@@ -294,13 +318,13 @@ class Engine:
             # stop() or cancel() while the judges opened (a server starting, a model
             # loading): the run ends before it starts, and ``results`` with it.
             await self._close_resources()
+            self._counters.ended_at = time.monotonic()
             streams.results[0].close()
             self._state = "cancelled" if self._cancel_generation.is_set() else "stopped"
             return self
-        self._task_group.start_soon(self._pipeline, streams)
-        self._task_group.start_soon(self._load_history)
-        self._task_group.start_soon(self._count_samples)
-        self._state = "stopping" if self._stopping else "running"  # stop() while opening
+        self._task_group.start_soon(self._run, streams)
+        # stop() or pause() while opening
+        self._state = "stopping" if self._stopping else "paused" if self._paused else "running"
         return self
 
     async def __aexit__(
@@ -332,6 +356,7 @@ class Engine:
             raise
         finally:
             await self._close_resources()
+            self._counters.ended_at = time.monotonic()
         if self._state not in ("done", "stopped", "failed"):
             self._state = "cancelled"
         return suppress
@@ -366,7 +391,14 @@ class Engine:
         )
         for judge in self._judges:
             self._opening_now = f"judge {judge.name!r}: {judge.opening()}"
-            await judge.open()
+            try:
+                await judge.open()
+            except TrigStreamError:
+                raise
+            except Exception as exc:  # a backend's own bug or setup: one clear error
+                raise FatalBackendError(
+                    f"judge {judge.name!r} failed to open: {describe_error(exc)}"
+                ) from exc
         self._opening_now = None
 
     def _ensure_open_files(self) -> None:
@@ -433,6 +465,16 @@ class Engine:
         self._buffers.update(images=images[0], judgements=judgements[0], results=results[0])
         self._results = results[1]
         return _Streams(samples, images, judgements, results)
+
+    async def _run(self, streams: _Streams) -> None:
+        try:
+            with self._work:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._pipeline, streams)
+                    tg.start_soon(self._load_history)
+                    tg.start_soon(self._count_samples)
+        finally:
+            streams.results[0].close()  # ``results`` ends, however the run did
 
     async def _pipeline(self, streams: _Streams) -> None:
         sample_streams = streams.samples

@@ -107,6 +107,9 @@ class Counters:
     """The mutable side: what the engine's stages update."""
 
     started_at: float = field(default_factory=time.monotonic)
+    """When the engine began to open (entering its ``async with`` block)."""
+    ended_at: float | None = None
+    """When it closed; the elapsed time and the rates stop there."""
     samples_total: int | None = None
     samples_read: int = 0
     quarantined: int = 0
@@ -131,12 +134,18 @@ def latency(values: deque[float]) -> Latency:
     return Latency(ordered[round(0.5 * last)], ordered[round(0.95 * last)], len(ordered))
 
 
-def rate(times: deque[float], now: float) -> float:
-    """Events per second over the last :data:`RATE_WINDOW_S` seconds."""
-    cutoff = now - RATE_WINDOW_S
+MIN_RATE_WINDOW_S = 0.5
+"""The shortest span a rate is taken over (fewer events than that say little)."""
+
+
+def rate(times: deque[float], now: float, since: float) -> float:
+    """Events per second over the last :data:`RATE_WINDOW_S` seconds, or since ``since``
+    (the start) when that is shorter."""
+    window = max(MIN_RATE_WINDOW_S, min(RATE_WINDOW_S, now - since))
+    cutoff = now - window
     count = 0
     for stamp in reversed(times):
         if stamp < cutoff:
             break
         count += 1
-    return count / RATE_WINDOW_S
+    return count / window

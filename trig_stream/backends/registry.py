@@ -10,6 +10,7 @@ packages add backends through the entry-point groups ``trig_stream.generators`` 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
 
@@ -98,3 +99,36 @@ def build_judge(entry: JudgeConfig, config: RunConfig) -> Judge:
     cls = backend_class("judges", entry.backend)
     options = cls.Options.model_validate(entry.options)
     return cast("Judge", cls.from_config(entry, options, config))
+
+
+def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> None:
+    """Check backend instances given to the engine as the config checks its own entries.
+
+    Raises:
+        ConfigError: none of a kind, a name that is no safe file name or is used twice, or
+            a count (workers, batch size, concurrency) under 1.
+    """
+    from trig_stream.errors import ConfigError
+    from trig_stream.records import is_safe_name
+
+    for kind, backends in (("generator", generators), ("judge", judges)):
+        if not backends:
+            raise ConfigError(
+                f"no {kind}: give at least one (or None, to build them from the config)"
+            )
+        seen: set[str] = set()
+        for backend in backends:
+            if not isinstance(backend.name, str) or not is_safe_name(backend.name):
+                raise ConfigError(
+                    f"{kind} name {backend.name!r} is not a safe file name (it names folders of "
+                    "the run directory): letters, digits, '.', '_' and '-'"
+                )
+            if backend.name in seen:
+                raise ConfigError(f"{kind} name {backend.name!r} is used twice")
+            seen.add(backend.name)
+    counts = [(g.name, "workers", g.workers) for g in generators]
+    counts += [(g.name, "batch_size", g.batch_size) for g in generators]
+    counts += [(j.name, "concurrency", j.concurrency) for j in judges]
+    for name, what, value in counts:
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name!r}: {what} must be at least 1, not {value!r}")
