@@ -969,3 +969,59 @@ async def test_elapsed_time_and_rates_span_the_run_and_stop_with_it(
     window = max(0.5, min(10.0, first.elapsed_s))
     # Over the run's own span, not always 10 s (a 0.5 s run read a tenth of its rate).
     assert first.judgements_per_s == pytest.approx(summary.judged / window)
+
+
+class Replies(FakeJudge):
+    """A judge whose every reply is ``reply``, whatever it is."""
+
+    def __init__(self, reply: object) -> None:
+        super().__init__("trigscore", FakeJudgeOptions())
+        self.reply = reply
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        return cast(JudgeReply, self.reply)
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (None, "judge() returned an object of type NoneType, not a JudgeReply"),
+        (0.5, "judge() returned an object of type float, not a JudgeReply"),
+        (JudgeReply(score=cast(float, "0.5")), "its reply makes no judgement"),
+        (JudgeReply(top_logprobs=[("good", cast(float, "x"))]), "its reply makes no judgement"),
+    ],
+)
+async def test_a_judge_replying_the_wrong_shape_stops_the_run_with_one_error(
+    make_config: ConfigFactory, reply: object, message: str
+) -> None:
+    # It left the block as a raw TypeError or a pydantic ValidationError in a group.
+    with pytest.raises(
+        FatalBackendError, match=re.escape(f"judge 'trigscore' is broken: {message}")
+    ):
+        await run_to_end(make_config(samples=2), judges=[Replies(reply)])
+
+
+class ReturnsNone(SyntheticGenerator):
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        return cast(list[Image.Image | Exception], None)
+
+
+class FailsToClose(SyntheticGenerator):
+    def close(self) -> None:
+        raise ValueError("the device is gone")
+
+
+async def test_a_generator_returning_no_list_is_one_error_and_one_failing_to_close_a_note(
+    make_config: ConfigFactory,
+) -> None:
+    broken = ReturnsNone("synth", SyntheticOptions(size=16))
+    with pytest.raises(FatalBackendError, match="returned an object of type NoneType, not a list"):
+        await run_to_end(make_config(samples=2), generators=[broken])
+    config = make_config(samples=2)
+    async with Engine(config, generators=[FailsToClose("synth", SyntheticOptions(size=16))]) as e:
+        summary = await e.drain()
+    # The run was done when it closed: it stays done (it was "failed", in a nested group).
+    assert (summary.state, summary.ok) == ("done", 4)
+    assert "synth: closing it failed: ValueError: the device is gone" in e.stats().notes

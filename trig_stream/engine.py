@@ -440,7 +440,8 @@ class Engine:
                 try:
                     await judge.aclose()
                 except Exception as exc:  # closing must not hide the run's own outcome
-                    self._counters.last_errors.append(f"closing judge {judge.name}: {exc}")
+                    note = f"judge {judge.name!r}: closing it failed: {describe_error(exc)}"
+                    self._counters.notes.append(note)
             if self._run_dir is not None:
                 await anyio.to_thread.run_sync(self._run_dir.close)
 

@@ -109,9 +109,18 @@ class GenerationStage:
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._encoders.shutdown)  # writers are done
-                    await self._calls.close(generator.close, limiter=compute)
+                    await self._calls.close(self._close_generator, limiter=compute)
                 for note in generator.notes():
                     self._context.counters.notes.append(f"{generator.name}: {note}")
+
+    def _close_generator(self) -> None:
+        # The run's outcome is written by now: a failing close is worth a note, not the run.
+        generator = self._generator
+        try:
+            generator.close()
+        except Exception as exc:
+            note = f"{generator.name}: closing it failed: {describe_error(exc)}"
+            self._context.counters.notes.append(note)
 
     async def _worker(
         self,
@@ -196,6 +205,11 @@ class GenerationStage:
         except Exception as exc:
             images = [exc] * len(requests)
         per_image = (time.perf_counter() - started) / len(requests)
+        if not isinstance(images, Sequence) or isinstance(images, str | bytes):
+            raise FatalBackendError(
+                f"generator {self._generator.name!r} is broken: generate() returned an object "
+                f"of type {type(images).__name__}, not a list of its pictures"
+            )
         if len(images) != len(requests):
             message = f"generator returned {len(images)} images for {len(requests)} requests"
             raise FatalBackendError(f"generator {self._generator.name!r} is broken: {message}")

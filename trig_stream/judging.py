@@ -188,6 +188,11 @@ class JudgeStage:
                             attempts,
                         )
                     )
+                    if not isinstance(reply, JudgeReply):  # the backend's code is at fault
+                        raise FatalBackendError(
+                            f"judge {judge.name!r} is broken: judge() returned an object of "
+                            f"type {type(reply).__name__}, not a JudgeReply"
+                        )
                     if controller:
                         controller.on_success(epoch, time.perf_counter() - attempt_started)
                     self._answered.add(judge.name)
@@ -220,9 +225,15 @@ class JudgeStage:
                     break
             elapsed = time.perf_counter() - started
             self._context.counters.judge_latencies.append(elapsed)
-            judgement = self._judgement(
-                item, request.dimension, judge, reply, failure, attempts, elapsed
-            )
+            try:
+                judgement = self._judgement(
+                    item, request.dimension, judge, reply, failure, attempts, elapsed
+                )
+            except (TypeError, ValueError) as exc:  # a reply of the wrong shape, every time
+                raise FatalBackendError(
+                    f"judge {judge.name!r} is broken: its reply makes no judgement "
+                    f"({describe_error(exc)})"
+                ) from exc
             await send_now(judgement_send, judgement)
         finally:
             # The slot is held until the judgement is handed on: a full judgement buffer
