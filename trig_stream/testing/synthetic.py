@@ -31,7 +31,7 @@ class SyntheticOptions(BaseModel):
 
     size: Annotated[int, Field(ge=8, le=4096)] = 64
     latency_s: Annotated[float, Field(ge=0)] = 0.0
-    """Time spent per image, as a pipeline would."""
+    """Time spent per call (one batch, whatever it holds), as a pipeline would."""
     steps: Annotated[int, Field(ge=1)] = 4
     """Slices of ``latency_s`` between which cancellation is checked."""
     failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
