@@ -62,7 +62,8 @@ def test_complete_json_without_version_is_versioned_by_hash(tmp_path: Path) -> N
         ('[system]\nt2i = "rate on {scale:d}"\n', r"system\.t2i: Unknown format code 'd'"),
         ('[user_prefix]\ns2p = "{item!z}: "\n', r"user_prefix\.s2p: Unknown conversion"),
         ('[system]\np2p = "rate {dimension"\n', r"system\.p2p: expected '}'"),
-        ('[criteria]\n"XX-Y" = "?"\n', "invalid judge template"),
+        ('[criteria]\n"XX-Y" = "?"\n', r"invalid judge template: criteria\.XX-Y: Input should be"),
+        ("[system]\nt2i = 5\n", r"invalid judge template: system\.t2i: Input should be a valid"),
         ("version = [", "invalid judge template"),
     ],
 )

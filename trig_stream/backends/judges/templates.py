@@ -170,7 +170,11 @@ class JudgeTemplate(BaseModel):
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read judge template: {exc.strerror}") from None
         except (ValueError, UnicodeDecodeError) as exc:  # JSON, TOML and validation errors
-            detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            detail = str(exc)
+            if isinstance(exc, ValidationError):
+                error = exc.errors(include_url=False)[0]
+                where = ".".join(str(part) for part in error["loc"] if part != "[key]")
+                detail = f"{where}: {error['msg']}" if where else error["msg"]
             raise ConfigError(f"{path}: invalid judge template: {detail}") from None
         builtin = cls.builtin()
         version = override.version or "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
