@@ -89,6 +89,21 @@ def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "run.toml:19: engine.turbo: unknown key" in err
 
 
+def test_validate_counts_the_samples_no_judge_measures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The NSFW metric measures R-T only: of 6 samples (write_prompts' pairs), those without it.
+    path = write_config(tmp_path, samples=6)
+    text = path.read_text().replace('backend = "fake"', 'backend = "metric"')
+    path.write_text(text.replace("options = { latency_s = 0.0 }", 'options = { metric = "nsfw" }'))
+    records = json.loads((tmp_path / "prompts.json").read_text())
+    expected = sum("R-T" not in r["dimension"] for r in records)
+    assert 0 < expected < 6
+    assert main(["validate", str(path)]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{expected} of the samples have no dimension a judge measures" in out
+
+
 def test_validate_reads_the_dataset_as_a_run_would(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1025,3 +1025,21 @@ async def test_a_generator_returning_no_list_is_one_error_and_one_failing_to_clo
     # The run was done when it closed: it stays done (it was "failed", in a nested group).
     assert (summary.state, summary.ok) == ("done", 4)
     assert "synth: closing it failed: ValueError: the device is gone" in e.stats().notes
+
+
+async def test_samples_no_judge_measures_are_not_called_done_and_the_run_says_so(
+    make_config: ConfigFactory,
+) -> None:
+    # A metric judge that measures R-B only, on a dataset without it: the progress line read
+    # "already done 4" on a fresh run, and nothing else was said.
+    judge = FakeJudge("trigscore", FakeJudgeOptions())
+    judge.dimensions = frozenset({"R-B"})
+    engine = Engine(make_config(samples=4), judges=[judge])
+    async with engine:
+        summary = await engine.drain()
+    stats = engine.stats()
+    assert summary.judged == 0
+    assert stats.models["synth"].skipped == 0 and "already done" not in describe(stats)
+    assert (
+        "4 sample(s) were not judged: no judge measures a dimension of their pair (trigscore: R-B)"
+    ) in " ".join(stats.notes)

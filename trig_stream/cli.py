@@ -178,18 +178,22 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     # API key's variable, a serve command on PATH, a local checkpoint folder.
     for generator in config.generators:
         build_generator(generator, config).check_environment()
-    for judge in config.judges:
-        build_judge(judge, config).check_environment()
+    judges = [build_judge(judge, config) for judge in config.judges]
+    for built in judges:
+        built.check_environment()
     # The dataset is read through, as a run reads it: a file that cannot be read fails here
     # (DatasetError), and the records the run would quarantine are listed.
     source = DatasetSource(config.dataset, config.run.task)
-    samples = 0
+    samples = unmeasured = 0
     refused: list[QuarantinedRecord] = []
     for record in source:
         if isinstance(record, QuarantinedRecord):
             refused.append(record)
-        else:
-            samples += 1
+            continue
+        samples += 1
+        dimensions = source.dimensions_to_judge(record.dimensions)
+        if not any(j.dimensions is None or d in j.dimensions for j in judges for d in dimensions):
+            unmeasured += 1
     out = Console()
     out.print(f"[green]ok[/]: {args.config}", highlight=False)
     out.print(f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}")
@@ -197,6 +201,12 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     if source.filtered_out:
         counts += f", {source.filtered_out} left out by its filters"
     out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False)
+    if unmeasured:
+        out.print(
+            f"  [yellow]{unmeasured} of the samples have no dimension a judge measures[/]: "
+            "they would not be judged",
+            highlight=False,
+        )
     if refused:
         first = f"; the first {VALIDATE_SHOWN}" if len(refused) > VALIDATE_SHOWN else ""
         out.print(f"  [yellow]{len(refused)} records would be quarantined[/]{first}:")

@@ -74,6 +74,7 @@ class SourceStage:
                 chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
                 if not chunk:
                     self._note_an_empty_selection(source)
+                    self._note_unmeasured_samples()
                     break
                 for work in chunk:
                     gate = self._running_gate()
@@ -119,15 +120,40 @@ class SourceStage:
             )
         )
 
+    def _measured(self, dimensions: tuple[Dimension, ...]) -> bool:
+        """Whether a judge asks about one of these dimensions."""
+        return any(
+            judge.dimensions is None or dimension in judge.dimensions
+            for judge in self._judges
+            for dimension in dimensions
+        )
+
     def _sample_finished(self, data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
         # Called by the dataset reader (in its thread) before it builds a sample.
         if any(self._todo(model, data_id, dimensions) for model in self._models):
             return False
         counters = self._context.counters
         counters.samples_read += 1
+        if not self._measured(dimensions):
+            counters.unmeasured += 1  # nothing to do, not something done
+            return True
         for model in self._models:
             counters.model(model).skipped += 1
         return True
+
+    def _note_unmeasured_samples(self) -> None:
+        count = self._context.counters.unmeasured
+        if not count:
+            return
+        measures = "; ".join(
+            f"{judge.name}: {', '.join(judge.dimensions)}"
+            for judge in self._judges
+            if judge.dimensions is not None
+        )
+        self._context.counters.notes.append(
+            f"{count} sample(s) were not judged: no judge measures a dimension of their pair "
+            f"({measures}); [dataset] dimensions or pairs can leave them out"
+        )
 
     def _work_for(self, source: DatasetSource, sample: Sample) -> list[WorkItem]:
         dimensions = source.dimensions_to_judge(sample.dimensions)

@@ -112,6 +112,8 @@ class Counters:
     """When it closed; the elapsed time and the rates stop there."""
     samples_total: int | None = None
     samples_read: int = 0
+    unmeasured: int = 0
+    """Samples none of whose dimensions any judge measures (a metric judge's own ones)."""
     quarantined: int = 0
     models: dict[str, ModelCounts] = field(default_factory=dict)
     generation_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
