@@ -39,9 +39,14 @@ def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
     return cancel.wait(seconds)
 
 
-def api_key_from_env(variable: str, *, required: bool = True) -> str:
+def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str:
     """Read the API key from the environment variable ``variable``; an empty ``variable``
     (``api_key_env = ""``) names none, for a server that takes no key.
+
+    Args:
+        variable: the variable's name.
+        owner: who needs the key, for the message (``generator 'dalle3'``).
+        required: whether an unset variable is an error.
 
     Raises:
         FatalBackendError: the variable is unset or empty and ``required``.
@@ -51,7 +56,7 @@ def api_key_from_env(variable: str, *, required: bool = True) -> str:
     key = os.environ.get(variable, "")
     if not key and required:
         raise FatalBackendError(
-            f"set the environment variable {variable} to the API key "
+            f"{owner}: set the environment variable {variable} (api_key_env) to the API key "
             '(or api_key_env = "" for a server that takes no key)'
         )
     return key or "unused"

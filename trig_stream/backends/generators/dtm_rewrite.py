@@ -215,7 +215,7 @@ class DTMRewriteGenerator(Generator):
 
     def check_environment(self) -> None:
         if self.options.api_key_env is not None:
-            api_key_from_env(self.options.api_key_env)
+            api_key_from_env(self.options.api_key_env, owner=f"generator {self.name!r}")
         self.inner.check_environment()
 
     def load(self) -> None:
@@ -226,7 +226,7 @@ class DTMRewriteGenerator(Generator):
         """
         o = self.options
         if o.api_key_env is not None:
-            self._key = api_key_from_env(o.api_key_env)
+            self._key = api_key_from_env(o.api_key_env, owner=f"generator {self.name!r}")
         self._client = openai_client(o.base_url, self._key or "unused", o.timeout_s)
         self.inner.load()
 

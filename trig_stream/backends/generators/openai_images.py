@@ -129,7 +129,7 @@ class OpenAIImagesGenerator(Generator):
         }
 
     def check_environment(self) -> None:
-        api_key_from_env(self.options.api_key_env)
+        api_key_from_env(self.options.api_key_env, owner=f"generator {self.name!r}")
 
     def load(self) -> None:
         """Read the key and open the client.
@@ -137,7 +137,7 @@ class OpenAIImagesGenerator(Generator):
         Raises:
             FatalBackendError: the key's environment variable is not set.
         """
-        self._key = api_key_from_env(self.options.api_key_env)
+        self._key = api_key_from_env(self.options.api_key_env, owner=f"generator {self.name!r}")
         self._client = openai_client(self.options.base_url, self._key, self.options.timeout_s)
 
     def generate(
