@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -726,6 +727,21 @@ def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
     )
     with pytest.raises(FatalBackendError, match=r"checkpoint .*flux is not a folder"):
         DiffusersGenerator("x", options).load()
+    (tmp_path / "flux").mkdir()  # there, but empty: refused by validate, before any load
+    with pytest.raises(FatalBackendError, match=r"flux is no diffusers pipeline folder"):
+        DiffusersGenerator("x", options).check_environment()
+
+
+def test_a_pipeline_folder_missing_a_component_says_so(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    # The message spoke of the Hugging Face cache, for a local folder.
+    half = tmp_path / "half"
+    shutil.copytree(tiny_pipelines["sd"], half)
+    shutil.rmtree(half / "unet")
+    generator = make_generator(half, "sd")
+    with pytest.raises(FatalBackendError, match="a local folder: is a component of the pipeline"):
+        generator.load()
 
 
 def test_a_pipeline_process_serves_pixels_obeys_cancel_and_dies_loudly(

@@ -166,12 +166,19 @@ class DiffusersGenerator(Generator):
     # -- loading ------------------------------------------------------------------------------
 
     def check_environment(self) -> None:
-        """A checkpoint given as a folder exists (devices are checked at load: it takes torch)."""
+        """A checkpoint given as a folder exists and holds a pipeline (devices are checked at
+        load: it takes torch)."""
         checkpoint = Path(self.spec.checkpoint)
         if checkpoint.is_absolute() and not checkpoint.is_dir():
             # A path, never a hub id (config paths arrive resolved): say what is missing.
             raise FatalBackendError(
                 f"generator {self.name!r}: checkpoint {checkpoint} is not a folder"
+            )
+        if checkpoint.is_absolute() and not (checkpoint / "model_index.json").is_file():
+            raise FatalBackendError(
+                f"generator {self.name!r}: checkpoint {checkpoint} is no diffusers pipeline "
+                "folder (it has no model_index.json: one written by save_pretrained, or a "
+                "downloaded snapshot, has)"
             )
 
     def load(self) -> None:
@@ -255,12 +262,14 @@ class DiffusersGenerator(Generator):
                 **spec.load,
             )
         except (OSError, ValueError) as exc:
-            hint = (
-                " (offline: the weights must already be in the Hugging Face cache, or "
-                "checkpoint must name a local folder)"
-                if spec.local_files_only
-                else ""
-            )
+            hint = ""
+            if Path(spec.checkpoint).is_dir():
+                hint = " (a local folder: is a component of the pipeline missing from it?)"
+            elif spec.local_files_only:
+                hint = (
+                    " (offline: the weights must already be in the Hugging Face cache, or "
+                    "checkpoint must name a local folder)"
+                )
             raise FatalBackendError(f"cannot load {spec.checkpoint!r}{hint}: {exc}") from exc
         if spec.scheduler is not None:
             scheduler_class = getattr(diffusers, spec.scheduler, None)
