@@ -55,6 +55,7 @@ class SourceStage:
         self._context = context
         self._models = [generator.name for generator in generators]
         self._judges = list(judges)
+        self._measured_pairs: dict[tuple[Dimension, ...], bool] = {}
         self._journal = journal
         self._retry_errors = retry_errors
         self._running_gate = running_gate
@@ -121,12 +122,16 @@ class SourceStage:
         )
 
     def _measured(self, dimensions: tuple[Dimension, ...]) -> bool:
-        """Whether a judge asks about one of these dimensions."""
-        return any(
-            judge.dimensions is None or dimension in judge.dimensions
-            for judge in self._judges
-            for dimension in dimensions
-        )
+        """Whether a judge asks about one of these dimensions (asked once per pair: a resume
+        asks it of every finished sample)."""
+        measured = self._measured_pairs.get(dimensions)
+        if measured is None:
+            measured = self._measured_pairs[dimensions] = any(
+                judge.dimensions is None or dimension in judge.dimensions
+                for judge in self._judges
+                for dimension in dimensions
+            )
+        return measured
 
     def _sample_finished(self, data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
         # Called by the dataset reader (in its thread) before it builds a sample.

@@ -249,21 +249,24 @@ _SCORE = re.compile(rb'"score":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?([eE][+-]?[0-9]+
 and its exponent."""
 
 
-_PAIR_DIMENSIONS: dict[str, frozenset[str]] = {}
-"""The dimensions of each pair seen in a journal (an invalid one has none)."""
+_PAIR_HOLDS: dict[tuple[str | bytes, str | bytes], bool] = {}
+"""Whether a pair holds a dimension, for each (pair, dimension) seen in a journal."""
 
 
-def _pair_holds(pair: str, dimension: str) -> bool:
-    """Whether ``pair`` is a valid pair and ``dimension`` one of its two, as a judgement's."""
-    dimensions = _PAIR_DIMENSIONS.get(pair)
-    if dimensions is None:
+def _pair_holds(pair: str | bytes, dimension: str | bytes) -> bool:
+    """Whether ``pair`` is a valid pair and ``dimension`` one of its two, as a judgement's
+    are (as text, or as a journal line's bytes)."""
+    holds = _PAIR_HOLDS.get((pair, dimension))
+    if holds is None:
+        text = pair.decode() if isinstance(pair, bytes) else pair
+        wanted = dimension.decode() if isinstance(dimension, bytes) else dimension
         try:
-            dimensions = frozenset(split_pair(pair))
+            holds = wanted in split_pair(text)
         except (ValueError, AttributeError):
-            dimensions = frozenset()
-        if len(_PAIR_DIMENSIONS) < 4096:  # a damaged journal must not grow it without end
-            _PAIR_DIMENSIONS[pair] = dimensions
-    return dimension in dimensions
+            holds = False
+        if len(_PAIR_HOLDS) < 4096:  # a damaged journal must not grow it without end
+            _PAIR_HOLDS[(pair, dimension)] = holds
+    return holds
 
 
 def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | None:
@@ -280,13 +283,17 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
     match = _LINE_START.match(raw)
     scored = True
     if match is not None:
-        *parts, found = match.groups()
-        model, data_id, pair, dimension, metric, status = (part.decode() for part in parts)
+        model, data_id, pair, dimension, metric, state, found = match.groups()
         if not _pair_holds(pair, dimension):
             return None  # read_journal skips it too
         digest = None if found is None else found.decode()
-        key: JudgementKey = (intern(model), data_id, intern(dimension), intern(metric))
-        status = intern(status)  # one string per status, not one per line
+        key: JudgementKey = (
+            intern(model.decode()),
+            data_id.decode(),
+            intern(dimension.decode()),
+            intern(metric.decode()),
+        )
+        status = intern(state.decode())  # one string per status, not one per line
         if status == "ok":  # the score is written as a number (the engine writes no other)
             score = _SCORE.search(raw, match.end())
             # 1e999 reads as infinity, and so does an integer of 400 digits.
