@@ -118,32 +118,39 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
     (tmp_path / "pair.json").write_text(json.dumps({"IQ-R_XX-C": {"IQ-R_XX-C_1": [0.5, 0.4]}}))
     with pytest.raises(AnalysisError, match="unknown dimension 'XX-C' in pair 'IQ-R_XX-C'"):
         run_command("analyze", str(tmp_path / "pair.json"), "--out", str(tmp_path / "o"))
+
+    def refused(name: str, document: object, match: str, *extra: str) -> None:
+        (tmp_path / name).write_text(json.dumps(document))
+        with pytest.raises(AnalysisError, match=match):
+            run_command("analyze", str(tmp_path / name), "--out", str(tmp_path / "o"), *extra)
+
     # A score under a dimension its pair lacks, against the data_id's or the prompt file's.
-    (tmp_path / "dim.json").write_text(json.dumps({"IQ-R_TA-C_1": {"R-T": [{"m": 0.5}]}}))
-    with pytest.raises(AnalysisError, match="IQ-R_TA-C_1: dimension 'R-T' is not one of its pair"):
-        run_command("analyze", str(tmp_path / "dim.json"), "--out", str(tmp_path / "o"))
-    (tmp_path / "ok.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]}}))
+    refused(
+        "dim.json",
+        {"IQ-R_TA-C_1": {"R-T": [{"m": 0.5}]}},
+        "IQ-R_TA-C_1: dimension 'R-T' is not one of its pair",
+    )
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1", "dimensions": ["R-T", "IQ-A"]}]))
-    with pytest.raises(AnalysisError, match="dimension 'IQ-R' is not one of its pair R-T_IQ-A"):
-        run_command(
-            "analyze",
-            str(tmp_path / "ok.json"),
-            "--prompts",
-            str(prompts),
-            "--out",
-            str(tmp_path / "o"),
-        )
-    (tmp_path / "null.json").write_text(
-        json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}], "TA-C": None}})
+    scored = {"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]}}
+    refused(
+        "ok.json",
+        scored,
+        "dimension 'IQ-R' is not one of its pair R-T_IQ-A",
+        "--prompts",
+        str(prompts),
     )
-    with pytest.raises(AnalysisError, match=r"IQ-R_TA-C_1 TA-C: expected \[\{metric: score\}"):
-        run_command("analyze", str(tmp_path / "null.json"), "--out", str(tmp_path / "o"))
+    refused(
+        "null.json",
+        {"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}], "TA-C": None}},
+        r"IQ-R_TA-C_1 TA-C: expected \[\{metric: score\}",
+    )
     # The same metric twice in one dimension's list, the same data_id twice with two pairs.
-    twice = {"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.1}, {"m": 0.9}]}}
-    (tmp_path / "twice.json").write_text(json.dumps(twice))
-    with pytest.raises(AnalysisError, match="IQ-R_TA-C_1 IQ-R: metric 'm' scored twice"):
-        run_command("analyze", str(tmp_path / "twice.json"), "--out", str(tmp_path / "o"))
+    refused(
+        "twice.json",
+        {"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.1}, {"m": 0.9}]}},
+        "IQ-R_TA-C_1 IQ-R: metric 'm' scored twice",
+    )
     prompts.write_text(
         json.dumps(
             [
@@ -152,15 +159,13 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
             ]
         )
     )
-    with pytest.raises(AnalysisError, match="record 1: data_id IQ-R_TA-C_1 appears before with"):
-        run_command(
-            "analyze",
-            str(tmp_path / "ok.json"),
-            "--prompts",
-            str(prompts),
-            "--out",
-            str(tmp_path / "o"),
-        )
+    refused(
+        "ok.json",
+        scored,
+        "record 1: data_id IQ-R_TA-C_1 appears before with",
+        "--prompts",
+        str(prompts),
+    )
     # A formatted file names no metric: --metric names it. (This copy starts with a byte
     # order mark, as some editors save JSON.)
     marked = tmp_path / "formatted.json"

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio.lowlevel
 import pytest
@@ -58,6 +59,20 @@ def write_config(
 def journal_keys(tmp_path: Path) -> Counter[tuple[str, str]]:
     lines = (tmp_path / "runs" / "cli" / "journal.jsonl").read_text().splitlines()
     return Counter((r["data_id"], r["dimension"]) for r in map(json.loads, lines))
+
+
+def run_patched(path: Path, patch: str, **popen: Any) -> subprocess.Popen[str]:
+    """``trig-stream run PATH --headless`` in a child process, after the Python lines ``patch``
+    (``sys`` is imported); its stderr is a pipe."""
+    command = (
+        f"import sys\n{patch}"
+        "from trig_stream.cli import entry_point\n"
+        f"sys.argv = ['trig-stream', 'run', {str(path)!r}, '--headless']\n"
+        "entry_point()\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", command], stderr=subprocess.PIPE, text=True, **popen
+    )
 
 
 def signal_after(process: subprocess.Popen[str], prefix: str, signum: int) -> None:
@@ -277,18 +292,15 @@ def test_ctrl_c_twice_does_not_wait_for_a_model_loading_or_generating(
     # thread that nothing can interrupt: the second Ctrl-C leaves the call behind and the
     # command exits, not when the call ends.
     path = write_config(tmp_path)
-    command = (
-        "import sys, time\n"
+    process = run_patched(
+        path,
+        "import time\n"
         "from trig_stream.testing.synthetic import SyntheticGenerator\n"
         "def busy(self, *args, **kwargs):\n"
         "    print('busy', file=sys.stderr, flush=True)\n"
         "    time.sleep(600)\n"
-        f"SyntheticGenerator.{method} = busy\n"
-        "from trig_stream.cli import entry_point\n"
-        f"sys.argv = ['trig-stream', 'run', {str(path)!r}, '--headless']\n"
-        "entry_point()\n"
+        f"SyntheticGenerator.{method} = busy\n",
     )
-    process = subprocess.Popen([sys.executable, "-c", command], stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     try:
         signal_after(process, "busy", signal.SIGINT)
@@ -310,24 +322,16 @@ def test_a_signal_while_the_report_is_written_stops_it_without_a_traceback(
     # The run is over, its report takes seconds per model: Ctrl-C was ignored until the
     # report's end (a second one gave a traceback), and SIGTERM left it half written.
     path = write_config(tmp_path)
-    command = (
-        "import sys\n"
+    process = run_patched(
+        path,
         "import trig_stream.analysis.plots as plots\n"
         "def plot_dtm(analysis, path):\n"
         "    print('drawing', file=sys.stderr, flush=True)\n"
         "    sys.stdin.readline()  # until the test has seen the stop acknowledged\n"
         "    return path\n"
         "plots.plot_dtm = plot_dtm\n"
-        "plots.matplotlib_available = lambda: True\n"
-        "from trig_stream.cli import entry_point\n"
-        f"sys.argv = ['trig-stream', 'run', {str(path)!r}, '--headless']\n"
-        "entry_point()\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", command],
+        "plots.matplotlib_available = lambda: True\n",
         stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     assert process.stdin is not None and process.stderr is not None
     watchdog = threading.Timer(60, process.kill)  # a report that never stops fails, not hangs

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,50 +127,49 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     assert len(counts) == 10 and set(counts.values()) == {1}
 
 
-@pytest.mark.parametrize(
-    "score",
-    ["NaN", '"high"', "null", "1e999", "-1E400", "9" * 400],
-    ids=["nan", "text", "null", "overflow", "negative-overflow", "huge-int"],
-)
-async def test_an_ok_line_without_a_number_for_its_score_is_asked_again(
-    make_config: ConfigFactory, score: str
+def edited(field: str, value: str) -> Callable[[dict[str, Any]], tuple[bytes, bytes]]:
+    """What to replace in a journal line to set ``field`` to the JSON text ``value``."""
+    return lambda record: (
+        f'"{field}":{json.dumps(record[field])}'.encode(),
+        f'"{field}":{value}'.encode(),
+    )
+
+
+LINES_NO_JUDGEMENT_HOLDS = {
+    "nan": edited("score", "NaN"),
+    "text": edited("score", '"high"'),
+    "null": edited("score", "null"),
+    "overflow": edited("score", "1e999"),
+    "negative-overflow": edited("score", "-1E400"),
+    "huge-int": edited("score", "9" * 400),
+    "pair-twice": edited("pair", '"IQ-R_IQ-R"'),
+    "pair-unknown": edited("pair", '"XX_YY"'),
+    "pair-without-it": edited("pair", '"R-T_R-B"'),
+}
+
+
+@pytest.mark.parametrize("edit", LINES_NO_JUDGEMENT_HOLDS.values(), ids=LINES_NO_JUDGEMENT_HOLDS)
+async def test_an_ok_line_no_judgement_holds_is_asked_again(
+    make_config: ConfigFactory, edit: Callable[[dict[str, Any]], tuple[bytes, bytes]]
 ) -> None:
-    # A hand edit can leave what json reads but no judgement holds: the report skips such a
-    # line, so resuming must not count it as judged, or its key would be in neither.
+    # A hand edit can leave what json reads but no judgement holds (a score that is no
+    # number, a pair that is none or not its dimension's): the report skips such a line, so
+    # resuming must not count it as judged, or its key would be in neither.
     config = make_config(samples=3)
     await run_to_end(config)
     path = config.run_dir / JOURNAL
     lines = path.read_bytes().splitlines(keepends=True)
     record = json.loads(lines[2])
     assert record["status"] == "ok"
-    lines[2] = lines[2].replace(
-        b'"score":' + json.dumps(record["score"]).encode(), b'"score":' + score.encode()
-    )
+    old, new = edit(record)
+    assert old in lines[2]
+    lines[2] = lines[2].replace(old, new)
     path.write_bytes(b"".join(lines))
     state = Journal(path).open()
     assert (len(state), state.skipped_lines) == (5, [3])
     results = await run_to_end(config)
     assert [(j.data_id, j.dimension) for j in results] == [(record["data_id"], record["dimension"])]
     assert len(list(read_journal(path))) == 6
-
-
-@pytest.mark.parametrize("pair", ["IQ-R_IQ-R", "XX_YY", "R-T_R-B"])
-async def test_a_line_whose_pair_does_not_hold_its_dimension_is_asked_again(
-    make_config: ConfigFactory, pair: str
-) -> None:
-    # The report skips such a line (a hand edit: no pair, or not the dimension's), so
-    # resuming must not count it as judged either.
-    config = make_config(samples=3)
-    await run_to_end(config)
-    path = config.run_dir / JOURNAL
-    lines = path.read_bytes().splitlines(keepends=True)
-    record = json.loads(lines[2])
-    lines[2] = lines[2].replace(f'"pair":"{record["pair"]}"'.encode(), f'"pair":"{pair}"'.encode())
-    path.write_bytes(b"".join(lines))
-    state = Journal(path).open()
-    assert (len(state), state.skipped_lines) == (5, [3])
-    results = await run_to_end(config)
-    assert [(j.data_id, j.dimension) for j in results] == [(record["data_id"], record["dimension"])]
 
 
 async def test_a_line_zeroed_in_the_middle_is_not_counted_as_judged(
