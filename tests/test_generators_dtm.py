@@ -220,6 +220,16 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert first.error is not None and "gave up after 2 attempts" in first.error
     assert second.error is not None and "HTTP 400" in second.error
     assert "the original prompt is used" in caplog.text
+    # Said once more at the end of the run, louder when no prompt was rewritten at all.
+    (note,) = generator.notes()
+    assert note.startswith("2 of 2 prompts were not rewritten and kept their original text")
+    assert note.endswith("none was rewritten, is the LLM at its base_url reachable?")
+    generator.generate([request("A_4", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert generator.rewrites["A_4"].status == "rewritten"
+    assert generator.notes()[0].startswith("2 of 3 prompts were not rewritten")
+    assert "reachable" not in generator.notes()[0]
+    inner.notes = lambda: ["the inner one's"]  # type: ignore[method-assign]
+    assert generator.notes()[0] == "the inner one's"  # were dropped: the wrapper said nothing
     once = rewriter(server, max_attempts=1)
     server.fail_next(Fault(status=500))
     once.generate([request("A_3", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())

@@ -303,6 +303,25 @@ class DTMRewriteGenerator(Generator):
             )
         return RewriteOutcome(sample.data_id, sample.pair, code, sample.prompt, text, "rewritten")
 
+    def notes(self) -> list[str]:
+        """The inner generator's notes, and how many prompts kept their original text."""
+        with self._lock:
+            failed = [o for o in self.rewrites.values() if o.status == "fallback"]
+            total = len(self.rewrites)
+        notes = list(self.inner.notes())
+        if failed:
+            notes.append(
+                f"{len(failed)} of {total} prompts were not rewritten and kept their original "
+                f"text (the first failure: {failed[0].error}); each judgement's prompt_rewrite "
+                "says which"
+                + (
+                    ": none was rewritten, is the LLM at its base_url reachable?"
+                    if len(failed) == total
+                    else ""
+                )
+            )
+        return notes
+
     def close(self) -> None:
         try:
             self.inner.close()
