@@ -192,7 +192,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
             continue
         samples += 1
         dimensions = source.dimensions_to_judge(record.dimensions)
-        if not any(j.dimensions is None or d in j.dimensions for j in judges for d in dimensions):
+        if not any(judge.measures(d) for judge in judges for d in dimensions):
             unmeasured += 1
     out = Console()
     out.print(f"[green]ok[/]: {args.config}", highlight=False)

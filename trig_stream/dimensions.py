@@ -9,6 +9,7 @@ not canonical (some toxicity ids start with ``R-T_``), so code that needs a stab
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Final, Literal, TypeAlias, get_args
 
 Dimension: TypeAlias = Literal[
@@ -84,6 +85,16 @@ def split_pair(pair: str) -> tuple[Dimension, Dimension]:
     if first == second:
         raise ValueError(f"pair {pair!r} names the same dimension twice")
     return first, second  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=4096)  # a run has ~45 pairs; a damaged journal must not grow it without end
+def pair_holds(pair: str, dimension: str) -> bool:
+    """Whether ``pair`` is a valid pair and ``dimension`` one of its two (as a judgement's
+    must be); cached, for journals of 100k lines and a judgement per request."""
+    try:
+        return dimension in split_pair(pair)
+    except ValueError:
+        return False
 
 
 def pair_from_data_id(data_id: str) -> tuple[Dimension, Dimension]:

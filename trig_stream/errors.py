@@ -23,6 +23,10 @@ Per-item failures never escape the engine as exceptions: they become judgements 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class TrigStreamError(Exception):
@@ -113,3 +117,14 @@ def leaf_errors(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseExcept
             yield from leaf_errors(exc)
         else:
             yield exc
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """Each problem pydantic found, as ``where: what``: the dotted place (a dict key's marker
+    left out) and the message (without pydantic's ``Value error,`` before our own)."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"] if part != "[key]")
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return problems

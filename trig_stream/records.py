@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, TypeAlias, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trig_stream.dimensions import Dimension, Task, split_pair
+from trig_stream.dimensions import Dimension, Task, pair_holds, split_pair
 from trig_stream.hashing import sample_digest
 
 SCHEMA_VERSION = 1
@@ -173,7 +173,8 @@ class Judgement(_Record):
 
     @model_validator(mode="after")
     def _score_only_when_ok(self) -> Judgement:
-        if self.dimension not in split_pair(self.pair):
+        if not pair_holds(self.pair, self.dimension):
+            split_pair(self.pair)  # what is wrong with the pair itself, if anything
             raise ValueError(f"dimension {self.dimension} is not one of pair {self.pair}")
         if self.status == "ok" and self.score is None:
             raise ValueError("an ok judgement needs a score")

@@ -115,7 +115,7 @@ class SourceStage:
             (dimension, judge.name)
             for dimension in dimensions
             for judge in self._judges
-            if (judge.dimensions is None or dimension in judge.dimensions)
+            if judge.measures(dimension)
             and not self._journal.is_done(
                 (model, data_id, dimension, judge.name), retry_errors=self._retry_errors
             )
@@ -127,9 +127,7 @@ class SourceStage:
         measured = self._measured_pairs.get(dimensions)
         if measured is None:
             measured = self._measured_pairs[dimensions] = any(
-                judge.dimensions is None or dimension in judge.dimensions
-                for judge in self._judges
-                for dimension in dimensions
+                judge.measures(dimension) for judge in self._judges for dimension in dimensions
             )
         return measured
 

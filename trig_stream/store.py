@@ -35,8 +35,13 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trig_stream.dimensions import split_pair
-from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
+from trig_stream.dimensions import pair_holds
+from trig_stream.errors import (
+    FingerprintMismatch,
+    RunDirError,
+    RunLockedError,
+    validation_problems,
+)
 from trig_stream.records import (
     SCHEMA_VERSION,
     Judgement,
@@ -249,26 +254,6 @@ _SCORE = re.compile(rb'"score":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?([eE][+-]?[0-9]+
 and its exponent."""
 
 
-_PAIR_HOLDS: dict[tuple[str | bytes, str | bytes], bool] = {}
-"""Whether a pair holds a dimension, for each (pair, dimension) seen in a journal."""
-
-
-def _pair_holds(pair: str | bytes, dimension: str | bytes) -> bool:
-    """Whether ``pair`` is a valid pair and ``dimension`` one of its two, as a judgement's
-    are (as text, or as a journal line's bytes)."""
-    holds = _PAIR_HOLDS.get((pair, dimension))
-    if holds is None:
-        text = pair.decode() if isinstance(pair, bytes) else pair
-        wanted = dimension.decode() if isinstance(dimension, bytes) else dimension
-        try:
-            holds = wanted in split_pair(text)
-        except (ValueError, AttributeError):
-            holds = False
-        if len(_PAIR_HOLDS) < 4096:  # a damaged journal must not grow it without end
-            _PAIR_HOLDS[(pair, dimension)] = holds
-    return holds
-
-
 def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | None:
     """The key, status and sample digest of one journal line, or None when the line is torn or
     not a record.
@@ -283,14 +268,15 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
     match = _LINE_START.match(raw)
     scored = True
     if match is not None:
-        model, data_id, pair, dimension, metric, state, found = match.groups()
-        if not _pair_holds(pair, dimension):
+        model, data_id, pair, dimension_bytes, metric, state, found = match.groups()
+        dimension = dimension_bytes.decode()
+        if not pair_holds(pair.decode(), dimension):
             return None  # read_journal skips it too
         digest = None if found is None else found.decode()
         key: JudgementKey = (
             intern(model.decode()),
             data_id.decode(),
-            intern(dimension.decode()),
+            intern(dimension),
             intern(metric.decode()),
         )
         status = intern(state.decode())  # one string per status, not one per line
@@ -307,7 +293,7 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
             status = record["status"]
             digest = record.get("sample_digest")
             score = record.get("score")
-            if not _pair_holds(record["pair"], key[2]):
+            if not pair_holds(record["pair"], key[2]):
                 return None
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -374,10 +360,7 @@ def parse_journal_line(raw: bytes) -> Judgement:
 def line_problem(exc: ValueError) -> str:
     """What :func:`parse_journal_line` found wrong, in one line."""
     if isinstance(exc, ValidationError):
-        error = exc.errors(include_url=False)[0]
-        where = ".".join(map(str, error["loc"]))
-        message = error["msg"].removeprefix("Value error, ")
-        return f"{where}: {message}" if where else message
+        return validation_problems(exc)[0]
     return str(exc)
 
 

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
-from trig_stream.errors import RunDirError
+from trig_stream.errors import RunDirError, validation_problems
 from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
 from trig_stream.store import JOURNAL, MANIFEST, Manifest, read_journal, read_manifest
 
@@ -89,7 +89,7 @@ def with_overrides(base: RelationSection, overrides: Mapping[str, object]) -> Re
 
 
 def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return "; ".join(validation_problems(exc))
 
 
 def read_prompt_pairs(path: Path) -> dict[str, tuple[Dimension, Dimension]]:

@@ -234,6 +234,10 @@ class Judge(ABC):
         )
         return judge
 
+    def measures(self, dimension: Dimension) -> bool:
+        """Whether this judge is asked about ``dimension`` (see :attr:`dimensions`)."""
+        return self.dimensions is None or dimension in self.dimensions
+
     @abstractmethod
     def fingerprint(self) -> JudgeFingerprint:
         """Everything that changes this judge's scores."""

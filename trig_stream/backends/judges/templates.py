@@ -34,7 +34,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS, Dimension, Task
-from trig_stream.errors import ConfigError
+from trig_stream.errors import ConfigError, validation_problems
 
 BUILTIN_VERSION: Final[str] = "trig-stream-judge-1"
 SCALE: Final[str] = "excellent, good, medium, bad, terrible"
@@ -172,9 +172,7 @@ class JudgeTemplate(BaseModel):
         except (ValueError, UnicodeDecodeError) as exc:  # JSON, TOML and validation errors
             detail = str(exc)
             if isinstance(exc, ValidationError):
-                error = exc.errors(include_url=False)[0]
-                where = ".".join(str(part) for part in error["loc"] if part != "[key]")
-                detail = f"{where}: {error['msg']}" if where else error["msg"]
+                detail = validation_problems(exc)[0]
             raise ConfigError(f"{path}: invalid judge template: {detail}") from None
         builtin = cls.builtin()
         version = override.version or "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
