@@ -1001,6 +1001,19 @@ async def test_a_judge_replying_the_wrong_shape_stops_the_run_with_one_error(
         await run_to_end(make_config(samples=2), judges=[Replies(reply)])
 
 
+async def test_a_score_given_as_a_numpy_number_is_stored_as_a_float(
+    make_config: ConfigFactory,
+) -> None:
+    # A metric's arithmetic often ends in numpy; the judgement's score takes no such type
+    # (a journal line's score must be a JSON number).
+    config = make_config(samples=2)
+    results = await run_to_end(
+        config, judges=[Replies(JudgeReply(score=cast(float, np.float32(0.25))))]
+    )
+    assert [(j.status, j.score) for j in results] == [("ok", 0.25)] * 4
+    assert {j.score for j in read_journal(config.run_dir / JOURNAL)} == {0.25}
+
+
 class ReturnsNone(SyntheticGenerator):
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event

@@ -138,6 +138,8 @@ def edited(field: str, value: str) -> Callable[[dict[str, Any]], tuple[bytes, by
 LINES_NO_JUDGEMENT_HOLDS = {
     "nan": edited("score", "NaN"),
     "text": edited("score", '"high"'),
+    "number-as-text": edited("score", '"0.5"'),
+    "true": edited("score", "true"),
     "null": edited("score", "null"),
     "overflow": edited("score", "1e999"),
     "negative-overflow": edited("score", "-1E400"),
@@ -145,6 +147,9 @@ LINES_NO_JUDGEMENT_HOLDS = {
     "pair-twice": edited("pair", '"IQ-R_IQ-R"'),
     "pair-unknown": edited("pair", '"XX_YY"'),
     "pair-without-it": edited("pair", '"R-T_R-B"'),
+    "later-format": edited("schema_version", "2"),
+    "format-zero": edited("schema_version", "0"),
+    "format-text": edited("schema_version", '"1"'),
 }
 
 
@@ -485,6 +490,14 @@ def test_a_damaged_manifest_is_one_message_saying_what_to_do(
     message = str(raised.value)
     assert f"it is damaged ({detail}" in message and "--new-run" in message
     assert "\n" not in message and "pydantic" not in message
+
+
+def test_a_run_dir_of_a_later_format_is_refused_not_read_as_this_one(tmp_path: Path) -> None:
+    manifest = store.Manifest(run_name="later", task="t2i", schema_version=2)
+    (tmp_path / store.MANIFEST).write_text(manifest.model_dump_json())
+    with pytest.raises(RunDirError) as raised:
+        store.read_manifest(tmp_path)
+    assert "written by a later trig-stream (record format 2" in str(raised.value)
 
 
 def test_a_run_dir_locked_by_another_process_names_its_pid(tmp_path: Path) -> None:

@@ -145,7 +145,8 @@ class JudgeFingerprint(_Record):
 class Judgement(_Record):
     """The outcome of judging one image on one dimension with one metric."""
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Annotated[int, Field(strict=True, ge=1, le=SCHEMA_VERSION)] = SCHEMA_VERSION
+    """A line of a later format is not read as this one: its fields may mean other things."""
     model: str
     data_id: str
     task: Task
@@ -158,7 +159,9 @@ class Judgement(_Record):
     It and ``status`` stay right after the key fields: the journal reads them from a line's
     start."""
     judge: JudgeFingerprint
-    score: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    score: Annotated[float, Field(strict=True, allow_inf_nan=False)] | None = None
+    """Strict, as the journal's fast path at resume is: a score written as text or as true
+    is no score (a lax read would take ``"0.5"`` as 0.5, and the resume would ask it again)."""
     top_logprobs: TopLogprobs | None = None
     image: str | None = None
     """Image path relative to the run directory; None when generation failed."""

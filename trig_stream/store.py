@@ -244,7 +244,7 @@ class Journal:
 # The fields a judgement line starts with (see Judgement's field order). Names are safe file
 # names and codes, so they hold no quote or backslash; other lines take the json path.
 _LINE_START = re.compile(
-    rb'\{"schema_version":\d+,"model":"([^"\\]*)","data_id":"([^"\\]*)","task":"[^"\\]*",'
+    rb'\{"schema_version":1,"model":"([^"\\]*)","data_id":"([^"\\]*)","task":"[^"\\]*",'
     rb'"pair":"([^"\\]*)","dimension":"([^"\\]*)","metric":"([^"\\]*)","status":"([a-z]+)"'
     rb'(?:,"sample_digest":(?:"([^"\\]*)"|null))?'
 )
@@ -293,7 +293,7 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
             status = record["status"]
             digest = record.get("sample_digest")
             score = record.get("score")
-            if not pair_holds(record["pair"], key[2]):
+            if not pair_holds(record["pair"], key[2]) or not _known_format(record):
                 return None
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -303,6 +303,12 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
     if status == "ok" and not scored:
         return None  # NaN or text for a score (a hand edit): read_journal skips it too
     return key, status, digest  # type: ignore[return-value]
+
+
+def _known_format(record: dict[str, Any]) -> bool:
+    # What Judgement's own check of schema_version accepts (read_journal skips the rest).
+    version = record.get("schema_version", SCHEMA_VERSION)
+    return type(version) is int and 1 <= version <= SCHEMA_VERSION
 
 
 def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]:
@@ -534,7 +540,7 @@ def read_manifest(run_dir: Path) -> Manifest:
     """
     path = run_dir / MANIFEST
     try:
-        return Manifest.model_validate_json(path.read_bytes())
+        manifest = Manifest.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
     except ValidationError as exc:
@@ -547,6 +553,13 @@ def read_manifest(run_dir: Path) -> Manifest:
         ) from None
     except (OSError, ValueError) as exc:
         raise RunDirError(f"cannot read {path}: {exc}") from None
+    if manifest.schema_version > SCHEMA_VERSION:
+        raise RunDirError(
+            f"{run_dir} was written by a later trig-stream (record format "
+            f"{manifest.schema_version}; this one knows formats up to {SCHEMA_VERSION}): use "
+            "that version, or start a fresh run with --new-run"
+        )
+    return manifest
 
 
 def writer_pid(run_dir: Path) -> int | None:
