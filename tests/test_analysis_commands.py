@@ -114,6 +114,10 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
     (tmp_path / "big.json").write_text(json.dumps({"IQ-R_TA-C": {"IQ-R_TA-C_1": [10**400, 0.5]}}))
     with pytest.raises(AnalysisError, match=r"IQ-R_TA-C_1 IQ-R: score .* is not a finite number"):
         run_command("analyze", str(tmp_path / "big.json"), "--out", str(tmp_path / "o"))
+    # A score on another scale would put every image in one zone of the DTM.
+    (tmp_path / "scale.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 4.5}]}}))
+    with pytest.raises(AnalysisError, match=r"IQ-R_TA-C_1 IQ-R: score 4.5 is outside \[0, 1\]"):
+        run_command("analyze", str(tmp_path / "scale.json"), "--out", str(tmp_path / "o"))
     # A formatted file's pair with an unknown dimension is named as such, not read as a data_id.
     (tmp_path / "pair.json").write_text(json.dumps({"IQ-R_XX-C": {"IQ-R_XX-C_1": [0.5, 0.4]}}))
     with pytest.raises(AnalysisError, match="unknown dimension 'XX-C' in pair 'IQ-R_XX-C'"):

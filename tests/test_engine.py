@@ -1014,6 +1014,15 @@ async def test_a_score_given_as_a_numpy_number_is_stored_as_a_float(
     assert {j.score for j in read_journal(config.run_dir / JOURNAL)} == {0.25}
 
 
+async def test_a_score_outside_zero_to_one_is_an_error_judgement(
+    make_config: ConfigFactory,
+) -> None:
+    results = await run_to_end(make_config(samples=2), judges=[Replies(JudgeReply(score=4.5))])
+    assert {(j.status, j.score, j.error) for j in results} == {
+        ("error", None, "the judge returned a score outside [0, 1] (4.5)")
+    }
+
+
 class ReturnsNone(SyntheticGenerator):
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event

@@ -144,6 +144,8 @@ LINES_NO_JUDGEMENT_HOLDS = {
     "overflow": edited("score", "1e999"),
     "negative-overflow": edited("score", "-1E400"),
     "huge-int": edited("score", "9" * 400),
+    "above-one": edited("score", "1.5"),
+    "negative": edited("score", "-0.25"),
     "pair-twice": edited("pair", '"IQ-R_IQ-R"'),
     "pair-unknown": edited("pair", '"XX_YY"'),
     "pair-without-it": edited("pair", '"R-T_R-B"'),

@@ -259,6 +259,8 @@ class JudgeStage:
         if reply is not None:
             if reply.score is not None and not math.isfinite(reply.score):
                 failure = f"the judge returned a non-finite score ({reply.score})"
+            elif reply.score is not None and not 0.0 <= reply.score <= 1.0:
+                failure = f"the judge returned a score outside [0, 1] ({reply.score})"
             elif reply.score is not None:
                 status, score = "ok", reply.score
             elif top is None:

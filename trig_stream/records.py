@@ -159,9 +159,10 @@ class Judgement(_Record):
     It and ``status`` stay right after the key fields: the journal reads them from a line's
     start."""
     judge: JudgeFingerprint
-    score: Annotated[float, Field(strict=True, allow_inf_nan=False)] | None = None
-    """Strict, as the journal's fast path at resume is: a score written as text or as true
-    is no score (a lax read would take ``"0.5"`` as 0.5, and the resume would ask it again)."""
+    score: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=1.0)] | None = None
+    """In [0, 1], as every scorer gives and the DTM's zone thresholds assume. Strict, as the
+    journal's fast path at resume is: a score written as text or as true is no score (a lax
+    read would take ``"0.5"`` as 0.5, and the resume would ask it again)."""
     top_logprobs: TopLogprobs | None = None
     image: str | None = None
     """Image path relative to the run directory; None when generation failed."""

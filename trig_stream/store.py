@@ -21,7 +21,6 @@ import errno
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -249,9 +248,8 @@ _LINE_START = re.compile(
     rb'(?:,"sample_digest":(?:"([^"\\]*)"|null))?'
 )
 _STATUSES = frozenset(("ok", "unscorable", "error"))
-_SCORE = re.compile(rb'"score":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?([eE][+-]?[0-9]+)?),')
-"""The score of an ``ok`` line, written as a JSON number (the fields after it are never cut),
-and its exponent."""
+_SCORE = re.compile(rb'"score":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?),')
+"""The score of an ``ok`` line, written as a JSON number (the fields after it are never cut)."""
 
 
 def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | None:
@@ -282,10 +280,8 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
         status = intern(state.decode())  # one string per status, not one per line
         if status == "ok":  # the score is written as a number (the engine writes no other)
             score = _SCORE.search(raw, match.end())
-            # 1e999 reads as infinity, and so does an integer of 400 digits.
-            scored = score is not None and (
-                (score[2] is None and len(score[1]) < 300) or math.isfinite(float(score[1]))
-            )
+            # A score lies in [0, 1]; 1e999 reads as infinity, which is outside too.
+            scored = score is not None and 0.0 <= float(score[1]) <= 1.0
     else:
         try:
             record = json.loads(raw)
@@ -297,7 +293,7 @@ def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | Non
                 return None
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
-        scored = is_finite_number(score)
+        scored = is_finite_number(score) and 0.0 <= score <= 1.0
     if status not in _STATUSES or not (digest is None or isinstance(digest, str)):
         return None
     if status == "ok" and not scored:

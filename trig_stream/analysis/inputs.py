@@ -218,6 +218,11 @@ def _judgement(
         value = float(score)
     else:
         raise ValueError(f"{data_id} {dim}: score {score!r} is not a finite number")
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{data_id} {dim}: score {score!r} is outside [0, 1], where TRIG scores lie (the "
+            "DTM's zone thresholds assume it)"
+        )
     return Judgement.model_validate(
         {
             "model": model,
