@@ -155,14 +155,11 @@ class Judgement(_Record):
     metric: str
     status: Status
     sample_digest: str | None = None
-    """The sample's :attr:`Sample.digest` when it was judged (None in journals older than it).
-    It and ``status`` stay right after the key fields: the journal reads them from a line's
-    start."""
+    """The sample's :attr:`Sample.digest` when it was judged (None in journals older than it)."""
     judge: JudgeFingerprint
     score: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=1.0)] | None = None
-    """In [0, 1], as every scorer gives and the DTM's zone thresholds assume. Strict, as the
-    journal's fast path at resume is: a score written as text or as true is no score (a lax
-    read would take ``"0.5"`` as 0.5, and the resume would ask it again)."""
+    """In [0, 1], as every scorer gives and the DTM's zone thresholds assume. Strict: a score
+    written as text or as ``true`` (a hand edit) is no number the engine wrote, and no score."""
     top_logprobs: TopLogprobs | None = None
     image: str | None = None
     """Image path relative to the run directory; None when generation failed."""

@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,7 +33,6 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trig_stream.dimensions import pair_holds
 from trig_stream.errors import (
     FingerprintMismatch,
     RunDirError,
@@ -47,7 +45,6 @@ from trig_stream.records import (
     JudgementKey,
     QuarantinedRecord,
     Status,
-    is_finite_number,
     is_safe_name,
 )
 
@@ -190,15 +187,24 @@ class Journal:
                 unreadable: list[int] = []  # since the last judgement
                 for number, raw in enumerate(handle, start=1):
                     end += len(raw)
-                    parsed = _key_and_status(raw)
-                    if parsed is None:
+                    try:
+                        # The same check the report's reading makes: a line it would skip
+                        # must not count as judged, or its judgement is in neither.
+                        judgement = parse_journal_line(raw)
+                    except ValueError:
                         unreadable.append(number)
                         continue
                     state.skipped_lines += unreadable
                     unreadable = []
-                    key, status, digest = parsed
-                    state.record(key, status)
-                    if digest is not None and status != "error":  # an error judged nothing
+                    key = (
+                        intern(judgement.model),  # one string each, not one per line
+                        judgement.data_id,
+                        intern(judgement.dimension),
+                        intern(judgement.metric),
+                    )
+                    state.record(key, judgement.status)
+                    digest = judgement.sample_digest
+                    if digest is not None and judgement.status != "error":  # judged nothing
                         state.digests[key[1]] = digest
                     state.lines = number
                     good_end = end
@@ -238,73 +244,6 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-# The fields a judgement line starts with (see Judgement's field order). Names are safe file
-# names and codes, so they hold no quote or backslash; other lines take the json path.
-_LINE_START = re.compile(
-    rb'\{"schema_version":1,"model":"([^"\\]*)","data_id":"([^"\\]*)","task":"[^"\\]*",'
-    rb'"pair":"([^"\\]*)","dimension":"([^"\\]*)","metric":"([^"\\]*)","status":"([a-z]+)"'
-    rb'(?:,"sample_digest":(?:"([^"\\]*)"|null))?'
-)
-_STATUSES = frozenset(("ok", "unscorable", "error"))
-_SCORE = re.compile(rb'"score":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?),')
-"""The score of an ``ok`` line, written as a JSON number (the fields after it are never cut)."""
-
-
-def _key_and_status(raw: bytes) -> tuple[JudgementKey, Status, str | None] | None:
-    """The key, status and sample digest of one journal line, or None when the line is torn or
-    not a record.
-
-    Reading 100k lines at resume must take well under a second, so the fixed start of a
-    line is matched directly; anything unusual falls back to a full JSON parse.
-    """
-    # A JSON line holds no NUL byte; zeros inside one are a damaged block (what a file
-    # system leaves after some crashes) that the start and the end alone would not show.
-    if not raw.endswith(b"}\n") or b"\x00" in raw:
-        return None
-    match = _LINE_START.match(raw)
-    scored = True
-    if match is not None:
-        model, data_id, pair, dimension_bytes, metric, state, found = match.groups()
-        dimension = dimension_bytes.decode()
-        if not pair_holds(pair.decode(), dimension):
-            return None  # read_journal skips it too
-        digest = None if found is None else found.decode()
-        key: JudgementKey = (
-            intern(model.decode()),
-            data_id.decode(),
-            intern(dimension),
-            intern(metric.decode()),
-        )
-        status = intern(state.decode())  # one string per status, not one per line
-        if status == "ok":  # the score is written as a number (the engine writes no other)
-            score = _SCORE.search(raw, match.end())
-            # A score lies in [0, 1]; 1e999 reads as infinity, which is outside too.
-            scored = score is not None and 0.0 <= float(score[1]) <= 1.0
-    else:
-        try:
-            record = json.loads(raw)
-            key = (record["model"], record["data_id"], record["dimension"], record["metric"])
-            status = record["status"]
-            digest = record.get("sample_digest")
-            score = record.get("score")
-            if not pair_holds(record["pair"], key[2]) or not _known_format(record):
-                return None
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-        scored = is_finite_number(score) and 0.0 <= score <= 1.0
-    if status not in _STATUSES or not (digest is None or isinstance(digest, str)):
-        return None
-    if status == "ok" and not scored:
-        return None  # NaN or text for a score (a hand edit): read_journal skips it too
-    return key, status, digest  # type: ignore[return-value]
-
-
-def _known_format(record: dict[str, Any]) -> bool:
-    # What Judgement's own check of schema_version accepts (read_journal skips the rest).
-    version = record.get("schema_version", SCHEMA_VERSION)
-    return type(version) is int and 1 <= version <= SCHEMA_VERSION
 
 
 def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]:
