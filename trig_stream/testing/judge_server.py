@@ -39,6 +39,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import from_json, to_json
 
+from trig_stream.backends.judges.server_probe import url_host
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
 
@@ -174,7 +175,7 @@ class JudgeServer:
     @property
     def base_url(self) -> str:
         """The OpenAI base URL of the server (ending in ``/v1``)."""
-        return f"http://{self.host}:{self.port}/v1"
+        return f"http://{url_host(self.host)}:{self.port}/v1"
 
     def stats(self) -> ServerStats:
         """A snapshot of the counters."""
