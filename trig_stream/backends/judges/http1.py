@@ -38,6 +38,7 @@ from pydantic_core import to_json
 from trig_stream.backends.judges.http_errors import (
     connection_error,
     malformed_error,
+    redirect_error,
     status_error,
     timeout_error,
 )
@@ -155,10 +156,8 @@ class HttpTransport:
         except OSError as exc:  # refused, reset, unreachable, TLS
             raise connection_error(self.url, type(exc).__name__) from None
         if 300 <= answer.status < 400:  # every request would be sent to the wrong place
-            where = answer.headers.get("location", "elsewhere")
-            raise FatalBackendError(
-                f"judge at {self.url} redirects (HTTP {answer.status}) to {where[:200]}: "
-                "set base_url to where it points"
+            raise redirect_error(
+                answer.status, answer.headers, endpoint=self.url, secret=self._secret
             )
         if answer.status >= 400:
             try:
