@@ -236,6 +236,12 @@ def test_fingerprint_names_what_changes_scores() -> None:
         ("127.0.0.1:8000/v1", "not an http:// or https:// URL"),
         ("ftp://files/v1", "not an http:// or https:// URL"),
         ("http:///v1", "with a host"),
+        # Refused by run (or sent wrong) but passed by validate, or saved with the run.
+        (" http://127.0.0.1:18001/v1 ", "holds spaces"),
+        ("http://127.0.0.1:18001/a path/v1", "holds spaces"),
+        ("http://user:pw@host/v1", "holds credentials .* api_key_env names"),
+        ("http://host/v1?api-version=2024-06-01", "holds a query string"),
+        ("http://host/v1#top", "or fragment"),
     ],
 )
 def test_every_base_url_option_refuses_what_is_not_an_http_url(url: str, message: str) -> None:

@@ -107,8 +107,7 @@ class HttpTransport:
         if "@" in parts.netloc:
             raise FatalBackendError(
                 f"judge endpoint {parts.scheme}://…@{parts.hostname}: the http client sends no "
-                "credentials from the URL; give the key with api_key_env, or use "
-                'client = "aiohttp"'
+                "credentials from the URL; give the key with api_key_env"
             )
         path = parts.path.rstrip("/") + "/chat/completions"
         if not all(_header_safe(text) for text in (path, parts.netloc)) or " " in path:

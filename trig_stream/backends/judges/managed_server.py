@@ -42,9 +42,10 @@ from typing import IO, Annotated
 
 import anyio
 from anyio.abc import Process
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
+from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ _LINE_END = re.compile(rb"[\r\n]")
 class ServeOptions(BaseModel):
     """``options.serve`` of the ``openai`` judge: the server to start for the run."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     command: Annotated[list[str], Field(min_length=1)]
     """The command line; ``{port}`` in any argument becomes the port."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage, ServerLoad
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
@@ -50,7 +50,7 @@ from trig_stream.backends.judges.transports import (
     Transport,
     open_transport,
 )
-from trig_stream.config import HttpUrl
+from trig_stream.config import OPTIONS_CONFIG, HttpUrl
 from trig_stream.errors import (
     FatalBackendError,
     ItemError,
@@ -83,7 +83,7 @@ request would end the same way."""
 class OpenAIJudgeOptions(BaseModel):
     """``options`` of the ``openai`` judge."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     base_url: HttpUrl | None = None
     """The endpoint, e.g. ``http://127.0.0.1:8000/v1``."""
