@@ -68,6 +68,21 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
             r"engine\.backoff_max: Input should be a finite number",
         ),
         (("[dataset]\n", "[runn]\n"), r"runn: unknown key; did you mean 'run'\?"),
+        # The openai judge's options and its serve table: no infinity sent as JSON Infinity.
+        *(
+            (
+                ('backend = "fake"', f'backend = "openai"\noptions = {{ {options} }}'),
+                rf"judges\[0\]\.options\.{key}: Input should be a finite number",
+            )
+            for key, options in [
+                ("temperature", 'model = "m", base_url = "http://h/v1", temperature = inf'),
+                ("timeout_s", 'model = "m", base_url = "http://h/v1", timeout_s = inf'),
+                (
+                    r"serve\.ready_timeout_s",
+                    'model = "m", serve = { command = ["vllm"], ready_timeout_s = inf }',
+                ),
+            ]
+        ),
         (
             ('backend = "fake"', 'backend = "fake"\nadaptive = { enabeld = true }'),
             r"judges\[0\]\.adaptive\.enabeld: unknown key; did you mean 'enabled'\?",
@@ -105,6 +120,18 @@ def test_bad_configs_are_refused_with_file_line_and_key(
     assert old in GOOD
     with pytest.raises(ConfigError, match=expected):
         load_config(write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+def test_a_password_in_a_url_is_refused_and_never_quoted(tmp_path: Path) -> None:
+    # The config is saved with the run: the password would be in manifest.json.
+    options = 'options = { model = "m", base_url = "http://user:pw-7f3c9a@host/v1" }'
+    path = write(tmp_path, GOOD.replace('backend = "fake"', f'backend = "openai"\n{options}'))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "judges[0].options.base_url: holds credentials (user:password@): remove them, " in str(
+        caught.value
+    )
+    assert "api_key_env names" in str(caught.value) and "pw-7f3c9a" not in str(caught.value)
 
 
 def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:

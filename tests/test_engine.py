@@ -36,6 +36,7 @@ from trig_stream.config import RunConfig
 from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
 from trig_stream.records import Judgement, PromptRewrite
+from trig_stream.scoring import Scorer
 from trig_stream.store import JOURNAL, QUARANTINE, read_journal
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
@@ -561,8 +562,8 @@ async def test_an_image_the_judge_cannot_prepare_fails_alone(make_config: Config
 
 
 class _NonFiniteAnswers(FakeJudge):
-    """Answers with infinities and NaN for the first three samples, as a numerically broken
-    judge model would."""
+    """Answers with infinities, NaN and probabilities above 1 for the first samples, as a
+    numerically broken judge model would."""
 
     async def judge(self, request: JudgeRequest) -> JudgeReply:
         sample = int(request.sample.prompt.rsplit(" ", 1)[1])  # "prompt number N"
@@ -572,27 +573,47 @@ class _NonFiniteAnswers(FakeJudge):
             return JudgeReply(top_logprobs=[("good", math.nan), ("poor", -1.0)])
         if sample == 2:
             return JudgeReply(score=math.inf)
+        if sample == 3:  # exp overflows beyond ~709
+            return JudgeReply(top_logprobs=[("bad", -1.0), ("good", 800.0)])
+        if sample == 4:
+            return JudgeReply(top_logprobs=[("good", 5.0), ("bad", 5.0)])
+        if sample == 5:
+            return JudgeReply(top_logprobs=[("good", -1.0), ("bad", math.inf)])
         return await super().judge(request)
 
 
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
 async def test_non_finite_answers_never_make_an_unreadable_journal_line(
-    make_config: ConfigFactory,
+    make_config: ConfigFactory, scorer: Scorer
 ) -> None:
     # JSON has no NaN or infinities: pydantic would write them as null, which no judgement
-    # reads back, and every later line would drop out of the report.
-    config = make_config(samples=4)
-    results = await run_to_end(config, judges=[_NonFiniteAnswers()])
+    # reads back, and every later line would drop out of the report. A probability above 1
+    # is no score either, and must not end the run.
+    config = make_config(samples=7)
+    results = await run_to_end(config, judges=[_NonFiniteAnswers(scorer=scorer)])
     stored = list(read_journal(config.run_dir / JOURNAL))
-    assert len(stored) == len(results) == 8
-    sample = {f"{pair}_1": n for n, pair in enumerate(PAIRS[:4])}
+    assert len(stored) == len(results) == 14
+    sample = {f"{pair}_{n // 4 + 1}": n for n, pair in enumerate(PAIRS * 2)}  # write_prompts'
+    impossible = (
+        "the judge's answer has an impossible logprob ({}; NaN, +inf or a probability above 1)"
+    )
     for j in results:
         if sample[j.data_id] == 0:
             assert j.status == "ok" and j.top_logprobs == [("good", -0.1)] and j.score == 0.75
         elif sample[j.data_id] == 1:
             assert j.status == "error" and j.score is None
-            assert j.error == "the judge's answer has a non-finite logprob ('good': nan)"
+            assert j.error == impossible.format("'good': nan")
         elif sample[j.data_id] == 2:
             assert j.status == "error" and j.error == "the judge returned a non-finite score (inf)"
+        elif sample[j.data_id] == 3:
+            assert j.status == "error" and j.score is None
+            assert j.error == impossible.format("'good': 800.0")
+            assert j.top_logprobs == [("bad", -1.0), ("good", 800.0)]
+        elif sample[j.data_id] == 4:
+            assert j.status == "error" and j.error == impossible.format("'good': 5.0")
+        elif sample[j.data_id] == 5:
+            assert j.status == "error" and j.error == impossible.format("'bad': inf")
+            assert j.top_logprobs == [("good", -1.0)]
         else:
             assert j.status == "ok"
 

@@ -22,13 +22,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import anyio.lowlevel
 import pytest
 
 from trig_stream.backends.judges.http1 import HttpTransport
-from trig_stream.backends.judges.transports import IMAGE_SLOT, EncodedImage
+from trig_stream.backends.judges.transports import (
+    IMAGE_SLOT,
+    Client,
+    EncodedImage,
+    open_transport,
+)
 from trig_stream.errors import FatalBackendError, ItemError, RetryableError
 
 pytestmark = pytest.mark.anyio
@@ -315,6 +321,33 @@ async def test_a_redirect_stops_the_run_naming_where_it_points() -> None:
             FatalBackendError, match="redirects \\(HTTP 308\\) to https://elsewhere"
         ):
             await transport.post(BODY, IMAGE)
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+async def test_no_client_follows_a_redirect_and_the_key_in_it_is_scrubbed(client: Client) -> None:
+    # Followed, the POST would carry the key to wherever it points; quoted, the key the
+    # Location echoes (plain or URL-encoded) would be in the message.
+    key = "sk-test/+key"
+    async with scripted(([], False)) as script:  # the script needs a URL before the reply
+        location = f"{script.url}/chat/completions?key={key}&k2={quote(key, safe='')}"
+        redirect = f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n"
+        script.replies[:] = [
+            ([redirect.encode() + b"Content-Length: 0\r\n\r\n"], False),
+            ([with_length()], False),  # what following the redirect would get
+        ]
+        transport = open_transport(
+            client, script.url, secret=key, key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            with pytest.raises(FatalBackendError) as caught:
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+    assert str(caught.value) == (
+        f"judge at {script.url} redirects (HTTP 307) to "
+        f"{script.url}/chat/completions?key=***&k2=***: set base_url to where it points"
+    )
+    assert len(script.requests) == 1
 
 
 @pytest.fixture

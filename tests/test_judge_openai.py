@@ -23,7 +23,7 @@ from pydantic import TypeAdapter
 
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.http_errors import parse_retry_after
-from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions, reply_of
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE
 from trig_stream.backends.judges.transports import Client, EncodedImage
 from trig_stream.dimensions import Dimension, Task
@@ -236,6 +236,12 @@ def test_fingerprint_names_what_changes_scores() -> None:
         ("127.0.0.1:8000/v1", "not an http:// or https:// URL"),
         ("ftp://files/v1", "not an http:// or https:// URL"),
         ("http:///v1", "with a host"),
+        # Refused by run (or sent wrong) but passed by validate, or saved with the run.
+        (" http://127.0.0.1:18001/v1 ", "holds spaces"),
+        ("http://127.0.0.1:18001/a path/v1", "holds spaces"),
+        ("http://user:pw@host/v1", "holds credentials .* api_key_env names"),
+        ("http://host/v1?api-version=2024-06-01", "holds a query string"),
+        ("http://host/v1#top", "or fragment"),
     ],
 )
 def test_every_base_url_option_refuses_what_is_not_an_http_url(url: str, message: str) -> None:
@@ -514,6 +520,32 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after({"Retry-After": date}, now=lambda: now + 60) == 0.0
     assert parse_retry_after({"Retry-After": "soon"}) is None
     assert parse_retry_after({}) is None
+
+
+def _completion(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    first = {"token": "good", "logprob": -0.1, "top_logprobs": entries}
+    return {"choices": [{"message": {"content": "good"}, "logprobs": {"content": [first]}}]}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"token": "good", "logprob": True}, "logprob True of token 'good' is not a number"),
+        ({"token": "good", "logprob": "-0.1"}, "logprob '-0.1' of token 'good' is not a number"),
+        ({"token": "good", "logprob": None}, "logprob None of token 'good' is not a number"),
+        ({"token": None, "logprob": -0.1}, "token None is not a string"),
+        ({"token": 7, "logprob": -0.1}, "token 7 is not a string"),
+        ({"token": "good", "logprob": 10**400}, "int too large"),
+    ],
+)
+def test_a_token_or_logprob_of_another_json_type_is_a_malformed_answer(
+    entry: dict[str, Any], message: str
+) -> None:
+    # float() and str() would read true as 1.0, "-0.1" as -0.1 and a null token as "None".
+    good = {"token": "bad", "logprob": -2}
+    with pytest.raises(RetryableError, match=f"at http://judge: malformed answer .*{message}"):
+        reply_of(_completion([good, entry]), "http://judge")
+    assert reply_of(_completion([good]), "http://judge").top_logprobs == [("bad", -2.0)]
 
 
 # -- credentials --------------------------------------------------------------------------------

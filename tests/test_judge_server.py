@@ -120,6 +120,31 @@ async def test_models_health_and_metrics() -> None:
     assert "# TYPE vllm:num_requests_waiting gauge" in text
 
 
+@pytest.mark.parametrize("served_model_only", [True, False])
+async def test_another_model_is_404_when_only_the_served_one_is(served_model_only: bool) -> None:
+    # As vLLM answers a model it does not serve; without the option, any name is served.
+    options = JudgeServerOptions(model="judge-x", served_model_only=served_model_only)
+    async with JudgeServer(options) as server, aiohttp.ClientSession() as http:
+        url = f"{server.base_url}/chat/completions"
+        async with http.post(url, json=chat_body(data_url())) as response:  # trig-judge-sim
+            status, answer = response.status, await response.json()
+        async with http.post(url, json={**chat_body(data_url()), "model": "judge-x"}) as right:
+            assert right.status == 200
+    if served_model_only:
+        assert status == 404
+        assert answer == {
+            "error": {
+                "message": "The model `trig-judge-sim` does not exist.",
+                "type": "NotFoundError",
+                "param": None,
+                "code": 404,
+            }
+        }
+        assert server.stats().rejected == 1
+    else:
+        assert status == 200 and answer["model"] == "judge-x"
+
+
 async def test_requests_past_capacity_wait() -> None:
     options = JudgeServerOptions(capacity=2, latency_s=0.05)
     async with JudgeServer(options) as server, aiohttp.ClientSession() as http:

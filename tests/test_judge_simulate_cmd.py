@@ -64,6 +64,13 @@ def test_arguments_become_options() -> None:
     assert options.retry_after == "2"
     assert options.correlations == {"IQ-R_TA-C": 0.8}
     assert callable(args.handler)
+    # A model named is the only one served, as vLLM serves one; none named serves any.
+    assert (options.model, options.served_model_only) == ("trig-judge-sim", False)
+    named = options_from_args(parse("--model", "judge-x"))
+    assert (named.model, named.served_model_only) == ("judge-x", True)
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert options_from_args(parse("--retry-after", date)).retry_after == date
+    assert options_from_args(parse("--retry-after", "0.5")).retry_after == "0.5"
 
 
 @pytest.mark.parametrize(
@@ -71,6 +78,11 @@ def test_arguments_become_options() -> None:
     [
         (("--correlation", "IQ-R_TA-C"), "expected A_B=R"),
         (("--error-rate", "0.7", "--reset-rate", "0.7"), "must not exceed 1"),
+        (("--latency", "inf"), "latency_s: Input should be a finite number"),
+        (("--latency", "nan"), "latency_s: Input should be a finite number"),
+        (("--retry-after", "soon"), "'soon' is neither a number of seconds nor an HTTP date"),
+        (("--retry-after", "-1"), "'-1' is neither"),
+        (("--retry-after", "inf"), "'inf' is neither"),
         (
             (
                 "--capacity",
@@ -83,6 +95,14 @@ def test_arguments_become_options() -> None:
 def test_bad_arguments_are_explained(argv: tuple[str, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         options_from_args(parse(*argv))
+
+
+def test_a_bad_option_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    # An impossible port too: were the latency accepted, the command would stop there
+    # (with another message) instead of serving until interrupted.
+    args = parse("--latency", "inf", "--port", "70000")
+    assert args.handler(args, Console(stderr=True, width=200)) == 2
+    assert "error: latency_s: Input should be a finite number" in capsys.readouterr().err
 
 
 def test_a_port_that_cannot_be_listened_on_is_one_message(

@@ -57,6 +57,22 @@ def test_complete_json_without_version_is_versioned_by_hash(tmp_path: Path) -> N
     ("text", "message"),
     [
         ('[system]\nt2i = "rate {colour}"\n', "unknown placeholder {colour}"),
+        (
+            '[system]\nt2i = "{dimension}: {scale:{foo}}"\n',
+            r"invalid judge template: system\.t2i: unknown placeholder {foo}",
+        ),
+        # Texts that never name the dimension ask both questions of an image identically.
+        (
+            '[system]\np2p = "Rate the edit: {scale}."\n',
+            r"invalid judge template: system\.p2p: its texts read the same for IQ-R and IQ-O, "
+            r"so both questions about an image would be asked identically; put "
+            r"{dimension_name}, {dimension} or {criteria} in it",
+        ),
+        (
+            '[system]\nt2i = "{criteria} {scale}"\n[criteria]\n"TA-C" = "?"\n"TA-S" = "?"\n',
+            r"system\.t2i: its texts read the same for TA-C and TA-S, .*; give criteria\.TA-C "
+            r"and criteria\.TA-S different texts",
+        ),
         # Known placeholders that no request could fill in: refused before the run starts,
         # not as an error on every request (the message names the text).
         ('[system]\nt2i = "rate on {scale:d}"\n', r"system\.t2i: Unknown format code 'd'"),
@@ -72,6 +88,13 @@ def test_bad_templates_are_refused(tmp_path: Path, text: str, message: str) -> N
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         JudgeTemplate.load(path)
+
+
+def test_a_dimension_named_in_the_user_prefix_alone_is_enough(tmp_path: Path) -> None:
+    path = tmp_path / "texts.toml"
+    path.write_text('[system]\nt2i = "Rate: {scale}."\n[user_prefix]\nt2i = "{dimension_name}: "\n')
+    template = JudgeTemplate.load(path)
+    assert template.user_text("t2i", "IQ-R", "a cat", None) == "Realism: a cat"
 
 
 def test_missing_template_file(tmp_path: Path) -> None:

@@ -19,7 +19,12 @@ import pytest
 from PIL import Image
 
 from trig_stream.backends.base import JudgeRequest
-from trig_stream.backends.judges.managed_server import TAIL_LINES, ManagedServer, ServeOptions
+from trig_stream.backends.judges.managed_server import (
+    TAIL_BYTES,
+    TAIL_LINES,
+    ManagedServer,
+    ServeOptions,
+)
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
 from trig_stream.errors import FatalBackendError
 from trig_stream.records import Sample
@@ -106,6 +111,48 @@ async def test_server_that_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "| line 11\n" not in message  # only the last lines
     assert KEY not in message
     await judge.aclose()  # nothing left to release, and no error
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_key_cut_by_the_start_of_the_quoted_tail_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only the last TAIL_BYTES of output are read: here they begin 10 characters into the
+    # key, whose rest no scrubbing of the whole key would find.
+    monkeypatch.setenv("SERVE_TEST_KEY", KEY)
+    script = (
+        "import os, sys\n"
+        "key = os.environ['SERVE_TEST_KEY']\n"
+        f"rest = {TAIL_BYTES} + 10 - len(key) - 1\n"
+        "filler = 'x' * (rest - len('last words\\n') - 1) + '\\n'\n"
+        "sys.stdout.write('echoing ' + key + '\\n' + filler + 'last words\\n')\n"
+        "sys.exit(3)\n"
+    )
+    judge = judge_with(serve([sys.executable, "-c", script]), api_key_env="SERVE_TEST_KEY")
+    with pytest.raises(FatalBackendError) as caught:
+        await judge.open()
+    message = str(caught.value)
+    assert "exited with status 3 before ready" in message and "| last words" in message
+    assert "| xxx" in message
+    assert KEY[10:] not in message and KEY[-8:] not in message
+    await judge.aclose()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_ipv6_host_is_bracketed_in_the_urls(tmp_path: Path) -> None:
+    # http://::1:PORT/health never answers: the run would wait for ready_timeout_s.
+    judge = judge_with(serve([*SIMULATED, "--host", "::1"], host="::1", ready_timeout_s=30))
+    with anyio.fail_after(60):
+        await judge.open()
+    try:
+        server = judge.server
+        assert server is not None
+        assert server.base_url == f"http://[::1]:{server.port}/v1"
+        assert (await judge.judge(request(tmp_path, judge))).top_logprobs
+        assert f"READY http://[::1]:{server.port}/v1" in "\n".join(server.output_tail())
+    finally:
+        await judge.aclose()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trig_stream.scoring import RATING_WEIGHTS, normalise_token, rating_of, score_top_logprobs
+from trig_stream.scoring import (
+    LOGPROB_TOLERANCE,
+    RATING_WEIGHTS,
+    broken_logprob,
+    normalise_token,
+    rating_of,
+    score_top_logprobs,
+)
 
 ln = math.log
 
@@ -68,6 +75,40 @@ def test_ties_split_evenly(scorer: str) -> None:
     top = [("Excellent", -1.0), ("Terr", -1.0)]
     assert score_top_logprobs(top, scorer=scorer) == pytest.approx(0.5)  # type: ignore[arg-type]
     assert score_top_logprobs(top, scorer=scorer, confidence=True) == pytest.approx(0.25)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+def test_a_rating_of_probability_zero_is_unscorable(scorer: str) -> None:
+    # -inf is a probability of 0: dropped, never upstream's made-up 0.0.
+    assert score_top_logprobs([("good", -math.inf)], scorer=scorer) is None  # type: ignore[arg-type]
+    top = [("good", -math.inf), ("bad", ln(0.5))]
+    assert score_top_logprobs(top, scorer=scorer) == pytest.approx(0.25)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+@pytest.mark.parametrize("logprob", [math.nan, math.inf, 5.0, 800.0])
+@pytest.mark.parametrize("token", ["good", "The"])
+def test_a_broken_logprob_is_refused_naming_it(scorer: str, logprob: float, token: str) -> None:
+    # Alone or beside finite entries, on a rating word or not: never a score, never a crash.
+    for top in ([(token, logprob)], [("bad", -0.5), (token, logprob), ("Good", -1.0)]):
+        with pytest.raises(ValueError, match=f"top logprob '{token}': {logprob}"):
+            score_top_logprobs(top, scorer=scorer)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+def test_a_logprob_just_above_zero_is_rounding(scorer: str) -> None:
+    top = [("good", 1e-6), ("bad", -20.0)]
+    assert score_top_logprobs(top, scorer=scorer) == pytest.approx(0.75, abs=1e-3)  # type: ignore[arg-type]
+    assert broken_logprob(top) is None
+    assert broken_logprob([("good", -1.0), ("bad", LOGPROB_TOLERANCE * 2)]) == (
+        "bad",
+        LOGPROB_TOLERANCE * 2,
+    )
+
+
+def test_trig_keeps_upstreams_number_for_a_tiny_probability() -> None:
+    # exp(-800) is 0.0 in floats and ~0 exactly: upstream's formula gives 0.0, not unscorable.
+    assert score_top_logprobs([("good", -800.0)], scorer="trig") == 0.0
 
 
 def test_unknown_scorer_is_refused() -> None:

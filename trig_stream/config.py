@@ -12,7 +12,7 @@ import difflib
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
 from trig_stream.errors import ConfigError
@@ -45,9 +46,15 @@ def _pair(value: str) -> str:
     return value
 
 
+_URL_CREDENTIALS: Final = "url_credentials"
+"""The error type of a URL holding a password, whose input no message quotes."""
+
+
 def _http_url(value: str) -> str:
     # Checked here, so that a typo is a config error naming its key, not a traceback or a
-    # run whose every request fails.
+    # run whose every request fails. The URL itself is never quoted: it may hold a password.
+    if any(char.isspace() for char in value):
+        raise ValueError("holds spaces: write the URL without them (in a path, %20)")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - reading it checks it (out of range, not a number)
@@ -55,20 +62,38 @@ def _http_url(value: str) -> str:
         raise ValueError(f"not a URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("not an http:// or https:// URL with a host")
+    if "@" in parts.netloc:
+        raise PydanticCustomError(
+            _URL_CREDENTIALS,
+            "holds credentials (user:password@): remove them, and put the API key in the "
+            "environment variable that api_key_env names (the config is saved with the run)",
+        )
+    if "?" in value or "#" in value:
+        # Each client appends the API's path to the base URL, which lands inside the query.
+        raise ValueError(
+            "holds a query string or fragment (?..., #...), which no request would carry as "
+            "written: give the base URL without it"
+        )
     return value
 
 
 SafeName = Annotated[str, AfterValidator(_safe_name)]
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
-"""An ``http://`` or ``https://`` URL with a host, and a valid port if it names one."""
+"""An ``http://`` or ``https://`` URL with a host, and a valid port if it names one; without
+spaces, credentials, query string or fragment."""
 TaskName = Annotated[
     Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)
 ]
 PairName = Annotated[str, AfterValidator(_pair)]
 
 
+OPTIONS_CONFIG: Final = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+"""How config tables are read: unknown keys refused, and no NaN or infinity where a number
+goes (TOML has both; a request would send them as non-standard JSON, the manifest as null)."""
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = OPTIONS_CONFIG
 
 
 class RunSection(_Section):
@@ -336,6 +361,8 @@ def _problems(
             message = "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
         elif error["type"] == "missing":
             message = "required key is missing"
+        elif error["type"] == _URL_CREDENTIALS:
+            message = error["msg"]
         else:
             message = f"{error['msg']} (got {error.get('input')!r})"
         lines.append(_problem_line(source, text, loc, message))

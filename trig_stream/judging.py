@@ -39,7 +39,7 @@ from trig_stream.pipeline import (
 )
 from trig_stream.records import Judgement, Status, TopLogprobs
 from trig_stream.retry import RetryPolicy
-from trig_stream.scoring import score_top_logprobs
+from trig_stream.scoring import LOGPROB_TOLERANCE, broken_logprob, score_top_logprobs
 
 UNSCORABLE_TO_NOTE = 16
 """Unscorable answers of a judge that scored none, from which the run ends with a note."""
@@ -255,7 +255,7 @@ class JudgeStage:
         top = reply.top_logprobs if reply else None
         broken: tuple[str, float] | None = None
         if top is not None:
-            top, broken = _finite_entries(top)
+            top, broken = _storable_entries(top)
         if reply is not None:
             if reply.score is not None and not math.isfinite(reply.score):
                 failure = f"the judge returned a non-finite score ({reply.score})"
@@ -267,7 +267,10 @@ class JudgeStage:
                 failure = "the judge's answer has no logprobs"
             elif broken is not None:
                 token, logprob = broken
-                failure = f"the judge's answer has a non-finite logprob ({token!r}: {logprob})"
+                failure = (
+                    f"the judge's answer has an impossible logprob ({token!r}: {logprob}; "
+                    "NaN, +inf or a probability above 1)"
+                )
             else:
                 score = score_top_logprobs(
                     top,
@@ -347,19 +350,24 @@ class _Requesters:
         self._receive.close()
 
 
-def _finite_entries(top: TopLogprobs) -> tuple[TopLogprobs, tuple[str, float] | None]:
-    """The finite ``(token, logprob)`` pairs, and the first NaN or +inf one if any.
+def _storable_entries(top: TopLogprobs) -> tuple[TopLogprobs, tuple[str, float] | None]:
+    """The pairs a journal line can hold, and the first that is no log probability, if any.
 
     A journal line must read back: JSON has no infinities or NaN, and pydantic would write
     them as null, which no judgement validates against. A -inf logprob is a probability of
-    0 and counts for nothing in either scorer, so it is dropped; NaN or +inf means the
-    judge's numbers are broken, which the caller reports as an error, not a score.
+    0 and counts for nothing in either scorer, so it is dropped. NaN, +inf or a logprob above
+    0 beyond rounding (:func:`~trig_stream.scoring.broken_logprob`) means the judge's numbers
+    are broken, which the caller reports as an error, not a score; the scorers would refuse
+    it, and ``exp`` of a logprob above ~709 overflows.
     """
-    if math.isfinite(sum(map(_LOGPROB, top))):  # a finite sum: every entry is finite
+    # The common case in two passes in C: a finite sum means no NaN or infinity, and then
+    # the largest entry says whether any is above 0.
+    if math.isfinite(sum(map(_LOGPROB, top))) and max(map(_LOGPROB, top), default=0.0) <= (
+        LOGPROB_TOLERANCE
+    ):
         return top, None
     finite = [(token, logprob) for token, logprob in top if math.isfinite(logprob)]
-    broken = next(((t, lp) for t, lp in top if math.isnan(lp) or lp == math.inf), None)
-    return finite, broken
+    return finite, broken_logprob(top)
 
 
 def _prepare_all(judge: Judge, paths: list[Path]) -> list[PreparedImage | Exception]:

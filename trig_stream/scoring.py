@@ -11,8 +11,11 @@ score is the expected rating under the probabilities the model gave those words,
   ``Ġ`` markers, case, leading punctuation), maps it to a rating by prefix, sums each rating's
   probability and renormalises over the ratings.
 
-Both return ``None`` when no token names a rating: upstream's 0.0 in that case cannot be told
-apart from "terrible", so we never make one up.
+Both return ``None`` when no token names a rating with any probability: upstream's 0.0 in that
+case cannot be told apart from "terrible", so we never make one up. A ``-inf`` logprob is a
+probability of 0 and counts as absent. A logprob that is no probability (NaN, ``+inf``, or
+above 0 by more than :data:`LOGPROB_TOLERANCE`, a probability above 1) means the judge's
+numbers are broken: both scorers refuse it rather than score around it.
 """
 
 from __future__ import annotations
@@ -61,6 +64,22 @@ _ROBUST_PREFIXES: Final[tuple[tuple[str, str], ...]] = (
 
 _MARKERS: Final[str] = "\u2581\u0120"  # SentencePiece "▁" and byte-level BPE "Ġ"
 
+LOGPROB_TOLERANCE: Final[float] = 1e-4
+"""How far above 0 a logprob may be and still count as a probability: a server's rounding can
+put a near-certain token's logprob just above 0; anything beyond is a probability above 1."""
+
+
+def broken_logprob(top_logprobs: Iterable[tuple[str, float]]) -> tuple[str, float] | None:
+    """The first ``(token, logprob)`` entry that is no log probability, or None if all are.
+
+    A broken entry is NaN, ``+inf`` or above :data:`LOGPROB_TOLERANCE`; ``-inf`` (a
+    probability of 0) is not broken.
+    """
+    for token, logprob in top_logprobs:
+        if not logprob <= LOGPROB_TOLERANCE:  # NaN fails every comparison
+            return token, logprob
+    return None
+
 
 def score_top_logprobs(
     top_logprobs: Iterable[tuple[str, float]] | Sequence[Sequence[object]],
@@ -77,12 +96,22 @@ def score_top_logprobs(
             paper's confidence-weighted variant).
 
     Returns:
-        The score in ``[0, 1]``, or ``None`` when no token names a rating (unscorable).
+        The score in ``[0, 1]``, or ``None`` when no token names a rating with a probability
+        above 0 (unscorable). ``-inf`` entries (a probability of 0) are left out.
 
     Raises:
-        ValueError: ``scorer`` is not one of ``"trig"`` and ``"robust"``.
+        ValueError: ``scorer`` is not one of ``"trig"`` and ``"robust"``, or an entry's
+            logprob is no log probability (NaN, ``+inf``, or above 0 by more than
+            :data:`LOGPROB_TOLERANCE`); the message names the entry.
     """
     pairs = [(str(token), float(logprob)) for token, logprob in top_logprobs]  # type: ignore[arg-type]
+    broken = broken_logprob(pairs)
+    if broken is not None:
+        token, logprob = broken
+        raise ValueError(
+            f"top logprob {token!r}: {logprob} is no log probability (NaN, +inf, or a "
+            "probability above 1); the judge's numbers are broken"
+        )
     if scorer == "trig":
         return _score_trig(pairs, confidence=confidence)
     if scorer == "robust":
@@ -117,7 +146,7 @@ def _score_trig(pairs: list[tuple[str, float]], *, confidence: bool) -> float | 
     kept = [
         (_TRIG_TOKENS[token], math.exp(logprob))
         for token, logprob in pairs
-        if token in _TRIG_TOKENS and not math.isnan(logprob)
+        if token in _TRIG_TOKENS and logprob > -math.inf
     ]
     if not kept:
         return None
@@ -134,7 +163,7 @@ def _score_robust(pairs: list[tuple[str, float]], *, confidence: bool) -> float 
         (rating, logprob)
         for token, logprob in pairs
         if (rating := rating_of(token)) is not None and logprob > -math.inf
-    ]  # NaN fails the comparison too
+    ]
     if not kept:
         return None
     # Each class's probability is the sum over its tokens, normalised over the classes;

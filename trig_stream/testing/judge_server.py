@@ -32,13 +32,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias
 from urllib.parse import unquote, urlparse
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import from_json, to_json
 
+from trig_stream.backends.judges.http_errors import parse_retry_after
+from trig_stream.backends.judges.server_probe import url_host
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
 
@@ -58,12 +60,34 @@ _CODE = re.compile(r"(?<![A-Za-z])(IQ-[ROA]|TA-[CRS]|D-[KA]|R-[TB])(?![A-Za-z])"
 Rate = Annotated[float, Field(ge=0, le=1)]
 
 
+DEFAULT_MODEL: Final = "trig-judge-sim"
+"""The model name served when none is given."""
+
+
+def _retry_after(value: str) -> str:
+    # What HTTP allows: whole or decimal seconds (not -1, inf or nan), or a date with its zone.
+    if _SECONDS.fullmatch(value):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        if parse_retry_after({"Retry-After": value}) is not None:
+            return value
+    raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
+
+
+_SECONDS = re.compile(r"\d+(\.\d+)?")
+
+
 class JudgeServerOptions(BaseModel):
     """How the simulated judge behaves. Fault rates are shares of requests, drawn per request."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    model: str = "trig-judge-sim"
+    model: str = DEFAULT_MODEL
+    """The model name served: in ``/v1/models``, ``/metrics`` and every answer."""
+    served_model_only: bool = False
+    """Answer a request naming another model with a 404, as vLLM does; else any is served."""
     latency_s: Annotated[float, Field(ge=0)] = 0.0
     """Time each request holds a slot, as inference would."""
     capacity: Annotated[int, Field(ge=1)] = 64
@@ -73,7 +97,7 @@ class JudgeServerOptions(BaseModel):
     """Requests answered with a 503."""
     rate_limit_rate: Rate = 0.0
     """Requests answered with a 429 carrying ``Retry-After: retry_after``."""
-    retry_after: str = "1"
+    retry_after: Annotated[str, AfterValidator(_retry_after)] = "1"
     """The Retry-After header value: seconds, or an HTTP date."""
     hang_rate: Rate = 0.0
     """Requests never answered until the client gives up (or the server stops)."""
@@ -174,7 +198,7 @@ class JudgeServer:
     @property
     def base_url(self) -> str:
         """The OpenAI base URL of the server (ending in ``/v1``)."""
-        return f"http://{self.host}:{self.port}/v1"
+        return f"http://{url_host(self.host)}:{self.port}/v1"
 
     def stats(self) -> ServerStats:
         """A snapshot of the counters."""
@@ -275,6 +299,11 @@ class JudgeServer:
                 stats.rejected += 1
                 message = f"Incorrect API key provided: {sent}."
                 return _error(401, message, "invalid_request_error", code="invalid_api_key")
+        model = body.get("model") if isinstance(body, dict) else None
+        if self.options.served_model_only and model != self.options.model:
+            stats.rejected += 1
+            message = f"The model `{model}` does not exist."
+            return _error(404, message, "NotFoundError", code=404)
         try:
             digest, image_key, dimension, limit = self._parse(body)
         except BadRequest as exc:
@@ -486,7 +515,7 @@ def _token_entry(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
-def _error(status: int, message: str, kind: str, *, code: str | None = None) -> web.Response:
+def _error(status: int, message: str, kind: str, *, code: str | int | None = None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status)
 

@@ -18,7 +18,7 @@ import anyio
 from pydantic import ValidationError
 from rich.console import Console
 
-from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
+from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -45,7 +45,11 @@ def add_simulate_judge_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--model", default="trig-judge-sim", help="the model name to serve")
+    parser.add_argument(
+        "--model",
+        help="the model name to serve; given, a request naming another model is answered 404, "
+        "as vLLM answers (default: trig-judge-sim, and any model name is accepted)",
+    )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--capacity", type=int, default=64, help="requests processed at once")
     parser.add_argument("--seed", type=int, default=0)
@@ -100,7 +104,8 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
         raise ValueError(f"--api-key-env: the environment variable {args.api_key_env} is not set")
     try:
         return JudgeServerOptions(
-            model=args.model,
+            model=args.model or DEFAULT_MODEL,
+            served_model_only=args.model is not None,
             latency_s=args.latency,
             capacity=args.capacity,
             seed=args.seed,

@@ -38,6 +38,7 @@ from pydantic_core import to_json
 from trig_stream.backends.judges.http_errors import (
     connection_error,
     malformed_error,
+    redirect_error,
     status_error,
     timeout_error,
 )
@@ -106,8 +107,7 @@ class HttpTransport:
         if "@" in parts.netloc:
             raise FatalBackendError(
                 f"judge endpoint {parts.scheme}://…@{parts.hostname}: the http client sends no "
-                "credentials from the URL; give the key with api_key_env, or use "
-                'client = "aiohttp"'
+                "credentials from the URL; give the key with api_key_env"
             )
         path = parts.path.rstrip("/") + "/chat/completions"
         if not all(_header_safe(text) for text in (path, parts.netloc)) or " " in path:
@@ -155,10 +155,8 @@ class HttpTransport:
         except OSError as exc:  # refused, reset, unreachable, TLS
             raise connection_error(self.url, type(exc).__name__) from None
         if 300 <= answer.status < 400:  # every request would be sent to the wrong place
-            where = answer.headers.get("location", "elsewhere")
-            raise FatalBackendError(
-                f"judge at {self.url} redirects (HTTP {answer.status}) to {where[:200]}: "
-                "set base_url to where it points"
+            raise redirect_error(
+                answer.status, answer.headers, endpoint=self.url, secret=self._secret
             )
         if answer.status >= 400:
             try:

@@ -8,6 +8,7 @@ what happened                          raised
 timeout, refused or reset connection   :class:`RetryableError`
 a body that is not a completion        :class:`RetryableError`
 401, 403                               :class:`FatalBackendError` (one message)
+3xx, a redirect (never followed)       :class:`FatalBackendError` naming where it points
 404                                    :class:`NotFoundError` (an :class:`ItemError`)
 any other 4xx                          :class:`ItemError` with the status and reason
 =====================================  ==========================================
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 
 from trig_stream.errors import (
@@ -118,16 +120,18 @@ def status_error(
     secret: str | None,
     key_source: str,
 ) -> BackendError:
-    """The backend error for an answer with HTTP ``status`` >= 400.
+    """The backend error for an answer with HTTP ``status`` >= 300.
 
     Args:
         status: the HTTP status.
-        headers: the answer's headers (for Retry-After).
+        headers: the answer's headers (for Retry-After, and a redirect's Location).
         body: the answer's body: its ``error`` object when it has one, else its text.
         endpoint: the base URL asked, for the message.
         secret: the API key in use, scrubbed from any text quoted from the server.
         key_source: where the key came from, for the credentials message.
     """
+    if status < 400:
+        return redirect_error(status, headers, endpoint=endpoint, secret=secret)
     if status in (401, 403):
         what = "rejected the API key" if status == 401 else "denied access with this API key"
         return FatalBackendError(f"judge at {endpoint} {what} (HTTP {status}); check {key_source}")
@@ -144,6 +148,23 @@ def status_error(
     if status == 404:
         return NotFoundError(f"judge at {endpoint}: HTTP 404: {reason}")
     return ItemError(f"judge at {endpoint}: HTTP {status}: {reason}")
+
+
+def redirect_error(
+    status: int, headers: Mapping[str, str], *, endpoint: str, secret: str | None
+) -> FatalBackendError:
+    """A redirect (HTTP 3xx): every request would go to the wrong place, so the run stops.
+
+    No transport follows one: a POST sent on to another host would carry the key there.
+    Where it points is quoted scrubbed of the key (a query may echo it, also URL-encoded).
+    """
+    where = next((value for name, value in headers.items() if name.lower() == "location"), "")
+    if secret:
+        where = scrub(where, urllib.parse.quote(secret, safe=""))
+    where = scrub(where, secret)[:REASON_CHARS] or "elsewhere"
+    return FatalBackendError(
+        f"judge at {endpoint} redirects (HTTP {status}) to {where}: set base_url to where it points"
+    )
 
 
 def connection_error(endpoint: str, detail: str | None) -> RetryableError:

@@ -42,9 +42,10 @@ from typing import IO, Annotated
 
 import anyio
 from anyio.abc import Process
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from trig_stream.backends.judges.server_probe import ProbeError, http_get
+from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
+from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
@@ -63,12 +64,13 @@ _LINE_END = re.compile(rb"[\r\n]")
 class ServeOptions(BaseModel):
     """``options.serve`` of the ``openai`` judge: the server to start for the run."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     command: Annotated[list[str], Field(min_length=1)]
     """The command line; ``{port}`` in any argument becomes the port."""
     host: str = "127.0.0.1"
-    """Where the server listens; the judge's base URL is ``http://host:port/v1``."""
+    """Where the server listens; the judge's base URL is ``http://host:port/v1`` (an IPv6
+    address such as ``::1`` is written without brackets here, and gets them in the URL)."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     """0 picks a free port."""
     ready_timeout_s: Annotated[float, Field(gt=0)] = 600.0
@@ -118,7 +120,7 @@ class ManagedServer:
     @property
     def base_url(self) -> str:
         """The server's OpenAI base URL."""
-        return f"http://{self.options.host}:{self.port}/v1"
+        return f"http://{url_host(self.options.host)}:{self.port}/v1"
 
     @property
     def pid(self) -> int | None:
@@ -135,9 +137,16 @@ class ManagedServer:
         if self._output is None:
             return []
         fd = self._output.fileno()
-        size = os.fstat(fd).st_size
+        start = max(0, os.fstat(fd).st_size - TAIL_BYTES)
         # pread leaves the offset, which the server shares, where it is.
-        data = os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES))
+        data = os.pread(fd, TAIL_BYTES, start)
+        if start > 0:
+            # The read began inside a line, perhaps inside a secret that scrubbing would then
+            # miss: that line is left out.
+            end = _LINE_END.search(data)
+            if end is None:
+                return ["(its last line is longer than can be quoted)"]
+            data = data[end.end() :]
         lines: deque[str] = deque(maxlen=TAIL_LINES)
         for raw in _LINE_END.split(data):
             text = raw.decode("utf-8", errors="replace").rstrip()
@@ -233,7 +242,7 @@ class ManagedServer:
     async def _wait_ready(self) -> None:
         assert self._process is not None
         deadline = self._clock() + self.options.ready_timeout_s
-        url = f"http://{self.options.host}:{self.port}/health"
+        url = f"http://{url_host(self.options.host)}:{self.port}/health"
         while True:
             code = self._process.returncode
             if code is not None:

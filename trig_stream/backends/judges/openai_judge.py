@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage, ServerLoad
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
@@ -50,7 +50,7 @@ from trig_stream.backends.judges.transports import (
     Transport,
     open_transport,
 )
-from trig_stream.config import HttpUrl
+from trig_stream.config import OPTIONS_CONFIG, HttpUrl
 from trig_stream.errors import (
     FatalBackendError,
     ItemError,
@@ -83,7 +83,7 @@ request would end the same way."""
 class OpenAIJudgeOptions(BaseModel):
     """``options`` of the ``openai`` judge."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     base_url: HttpUrl | None = None
     """The endpoint, e.g. ``http://127.0.0.1:8000/v1``."""
@@ -497,17 +497,25 @@ def reply_of(completion: Any, endpoint: str) -> JudgeReply:
         if not content:
             return JudgeReply(top_logprobs=None, text=str(text))
         first = content[0]
-        top = [
-            (storable_text(str(e["token"])), float(e["logprob"]))
-            for e in first.get("top_logprobs") or ()
-        ]
+        top = [_token_logprob(e) for e in first.get("top_logprobs") or ()]
         if not top:  # top_logprobs = 0 asks for the chosen token only
-            top = [(storable_text(str(first["token"])), float(first["logprob"]))]
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            top = [_token_logprob(first)]
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
         raise RetryableError(
             f"judge at {endpoint}: malformed answer ({type(exc).__name__}: {exc})"
         ) from None
     return JudgeReply(top_logprobs=top, text=str(text))
+
+
+def _token_logprob(entry: Any) -> tuple[str, float]:
+    # A token is a JSON string and a logprob a JSON number: ``true``, ``"-0.1"`` or a null
+    # token would otherwise pass as 1.0, -0.1 or the word "None".
+    token, logprob = entry["token"], entry["logprob"]
+    if not isinstance(token, str):
+        raise TypeError(f"token {token!r} is not a string")
+    if not isinstance(logprob, int | float) or isinstance(logprob, bool):
+        raise TypeError(f"logprob {logprob!r} of token {token!r} is not a number")
+    return storable_text(token), float(logprob)
 
 
 def encode_image(path: Path, max_pixels: int | None = None) -> EncodedImage:

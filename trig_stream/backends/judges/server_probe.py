@@ -21,6 +21,11 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 
 
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), others as they are."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 class ProbeError(Exception):
     """A probe got no usable HTTP answer."""
 

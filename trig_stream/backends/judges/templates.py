@@ -114,6 +114,22 @@ BUILTIN_CRITERIA: Final[dict[Dimension, str]] = {
 }
 
 
+def _placeholders(text: str) -> list[str]:
+    """The fields a format string names, those nested in a format spec (``{scale:{foo}}``)
+    included.
+
+    Raises:
+        ValueError: the text is not a valid format string.
+    """
+    fields: list[str] = []
+    for _, field, spec, _ in string.Formatter().parse(text):
+        if field is not None:
+            fields.append(field)
+            if spec:
+                fields.extend(_placeholders(spec))
+    return fields
+
+
 class _TemplateFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -196,15 +212,19 @@ class JudgeTemplate(BaseModel):
         return template
 
     def check(self) -> None:
-        """Refuse placeholders other than the known ones, and texts that cannot be filled in.
+        """Refuse placeholders other than the known ones, texts that cannot be filled in, and
+        texts that do not tell the dimensions apart.
 
         Each text is filled in once here, so that a format spec or conversion that no
         request could use (``{scale:d}``, ``{item!z}``) stops the run before it starts
-        instead of failing every request.
+        instead of failing every request. A task whose texts read the same for two
+        dimensions (no ``{dimension}``, ``{dimension_name}`` or ``{criteria}``) would ask
+        both questions about an image identically, and silently score one twice.
 
         Raises:
-            ValueError: a text names an unknown placeholder or is malformed; the message
-                names the text (``system.t2i``, ``user_prefix.s2p``).
+            ValueError: a text names an unknown placeholder or is malformed, or a task's
+                texts do not name the dimension; the message names the text
+                (``system.t2i``, ``user_prefix.s2p``).
         """
         texts = {
             **{f"system.{task}": text for task, text in self.system.items()},
@@ -213,12 +233,33 @@ class JudgeTemplate(BaseModel):
         known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
         for name, text in texts.items():
             try:
-                for _, field, _, _ in string.Formatter().parse(text):
-                    if field is not None and field not in PLACEHOLDERS:
+                for field in _placeholders(text):
+                    if field not in PLACEHOLDERS:
                         raise ValueError(f"unknown placeholder {{{field}}}; known: {known}")
                 text.format(**self._fields(DIMENSIONS[0], None))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        for task in TASKS:
+            self._check_names_the_dimension(task)
+
+    def _check_names_the_dimension(self, task: Task) -> None:
+        asked: dict[tuple[str, str], Dimension] = {}
+        for dimension in DIMENSIONS:
+            texts = (
+                self.system_text(task, dimension, None),
+                self.user_text(task, dimension, "", None),
+            )
+            other = asked.setdefault(texts, dimension)
+            if other == dimension:
+                continue
+            if "criteria" in _placeholders(self.system[task] + self.user_prefix[task]):
+                fix = f"give criteria.{other} and criteria.{dimension} different texts"
+            else:
+                fix = "put {dimension_name}, {dimension} or {criteria} in it"
+            raise ValueError(
+                f"system.{task}: its texts read the same for {other} and {dimension}, so both "
+                f"questions about an image would be asked identically; {fix}"
+            )
 
     def system_text(self, task: Task, dimension: Dimension, item: str | None) -> str:
         """The system message for one (task, dimension) question."""

@@ -18,8 +18,9 @@ dependency, through pydantic): for a request body and a 20-logprob answer they m
 and 11 us here, against 12 and 26 us for the :mod:`json` module's.
 
 All send the same body and headers (bearer key, JSON), never retry (the engine owns
-retries), and raise the same :mod:`~trig_stream.backends.judges.http_errors` classes for the
-same failures, so a run's judgements do not depend on the transport.
+retries) nor follow a redirect (which stops the run), and raise the same
+:mod:`~trig_stream.backends.judges.http_errors` classes for the same failures, so a run's
+judgements do not depend on the transport.
 
 The image goes into a body as an :class:`EncodedImage`: the body holds :data:`IMAGE_SLOT`
 where its URL belongs. A base64 image is megabytes of JSON string; encoding it once per
@@ -145,7 +146,10 @@ class AiohttpTransport:
         session = self._open_session()
         data = splice_image(to_json(body), image)
         try:
-            async with session.post(self._target, data=data, headers=self._headers) as response:
+            # A redirect is not followed: it would carry the key to wherever it points.
+            async with session.post(
+                self._target, data=data, headers=self._headers, allow_redirects=False
+            ) as response:
                 status = response.status
                 raw = await response.read()
                 headers = dict(response.headers)
@@ -155,7 +159,7 @@ class AiohttpTransport:
             raise connection_error(self.url, "the answer was cut off") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise connection_error(self.url, type(exc).__name__) from None
-        if status >= 400:
+        if status >= 300:
             raise status_error(
                 status,
                 headers,
@@ -194,7 +198,8 @@ class SdkTransport:
             api_key=secret or "EMPTY",
             max_retries=0,
             timeout=timeout_s,
-            http_client=openai.DefaultAioHttpClient(timeout=timeout_s),
+            # A redirect is not followed (the SDK's default): its 3xx is classified instead.
+            http_client=openai.DefaultAioHttpClient(timeout=timeout_s, follow_redirects=False),
         )
 
     def __repr__(self) -> str:

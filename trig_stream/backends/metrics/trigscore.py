@@ -43,7 +43,12 @@ class TRIGScoreMetric(ImageMetric):
         self._confidence = self.options.confidence
 
     def compute(self, item: MetricInput) -> Value:
-        """Score one answer; None when it has no logprobs or names no rating."""
+        """Score one answer; None when it has no logprobs or names no rating.
+
+        Raises:
+            ValueError: a logprob is no log probability (see
+                :func:`~trig_stream.scoring.score_top_logprobs`).
+        """
         if item.top_logprobs is None:
             return None
         return score_top_logprobs(
