@@ -465,3 +465,20 @@ def test_report_skips_a_journal_line_no_engine_writes_naming_why(
     assert {p.name for p in report.iterdir()} == {"synth"}
     assert not any(p.name == "escaped" for p in tmp_path.rglob("*"))
     assert not Path("/tmp/abs").exists()
+
+
+@pytest.mark.parametrize("command", ["status", "report", "compare", "watch"])
+def test_an_unreadable_journal_is_one_error_naming_it(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trig_stream.cli import EXIT_RUN_DIR, main
+
+    run = write_run_dir(tmp_path / "run", {})
+    (run / JOURNAL).unlink()
+    (run / JOURNAL).mkdir()  # as a permission refused would, the open fails
+    others = [str(write_run_dir(tmp_path / "two", {}))] if command == "compare" else []
+    assert main([command, str(run), *others]) == EXIT_RUN_DIR
+    assert capsys.readouterr().err == (
+        f"error: cannot read the journal {run / JOURNAL}: Is a directory; it must be a file "
+        "this user can read\n"
+    )

@@ -23,6 +23,7 @@ from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.store import (
     JOURNAL,
     Manifest,
+    journal_unreadable,
     line_problem,
     parse_journal_line,
     read_manifest,
@@ -65,7 +66,7 @@ class JournalTail:
         """The complete judgements written since the previous read, in journal order.
 
         Raises:
-            OSError: the journal exists but cannot be read.
+            RunDirError: the journal exists but cannot be read.
         """
         try:
             with self.path.open("rb") as handle:
@@ -73,6 +74,8 @@ class JournalTail:
                 data = handle.read(limit)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise journal_unreadable(self.path, exc) from None
         self.behind = len(data) == limit
         end = data.rfind(b"\n") + 1
         judgements = []
