@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -15,8 +16,11 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import ROOT, write_prompts
+from trig_stream.cli import EXIT_RUN_DIR, main
+from trig_stream.errors import RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.store import JOURNAL, latest_judgements, writer_pid
+from trig_stream.tui import run as tui_run
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.watch import add_watch_command
 from trig_stream.tui.watch_source import JournalTail, RunDirSource
@@ -194,3 +198,42 @@ def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path
     for interval in ("0", "nan", "inf", "1e300"):  # the last three crashed its first sleep
         with pytest.raises(SystemExit):
             parser.parse_args(["watch", str(run_dir), "--interval", interval])
+
+
+def write_run_dir(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
+    (run_dir / JOURNAL).write_bytes(judgement(1).model_dump_json().encode() + b"\n")
+    return run_dir
+
+
+async def test_the_dashboard_ends_with_the_error_of_a_run_dir_deleted_while_watched(
+    tmp_path: Path,
+) -> None:
+    run_dir = write_run_dir(tmp_path)
+    app = TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=0.01)
+    async with app.run_test(size=(120, 40)):
+        await wait_until(lambda: app.dashboard.snapshot is not None)
+        shutil.rmtree(run_dir)
+        await wait_until(lambda: app.source_error is not None)
+    assert isinstance(app.source_error, RunDirError)
+    assert "no manifest.json" in str(app.source_error)
+
+
+def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = write_run_dir(tmp_path)
+    run = TrigDashboardApp.run
+
+    def deleted_then_shown(app: TrigDashboardApp) -> None:
+        shutil.rmtree(run_dir)  # after the command's first look, before the dashboard's
+        run(app, headless=True, size=(120, 40))
+
+    monkeypatch.setattr(tui_run, "terminal_is_interactive", lambda: True)
+    monkeypatch.setattr(TrigDashboardApp, "run", deleted_then_shown)
+    assert main(["watch", str(run_dir)]) == EXIT_RUN_DIR
+    assert capsys.readouterr().err == (
+        f"error: {run_dir} is not a trig-stream run directory (no manifest.json)\n"
+    )

@@ -53,7 +53,7 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     """Run ``trig-stream watch``: the dashboard on a terminal, progress lines elsewhere.
 
     Raises:
-        RunDirError: ``run_dir`` is not a run directory.
+        RunDirError: ``run_dir`` is not a run directory, or stops being one while watched.
         MissingExtraError: on a terminal, textual is not installed.
     """
     run_dir: Path = args.run_dir
@@ -66,7 +66,10 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
             from trig_stream.tui.app import TrigDashboardApp
         except ImportError as exc:
             raise MissingExtraError("textual", "tui") from exc
-        TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=args.interval).run()
+        app = TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=args.interval)
+        app.run()
+        if app.source_error is not None:  # the run directory went away meanwhile
+            raise app.source_error
         return 0
     return follow(source, console, interval_s=args.interval)
 
