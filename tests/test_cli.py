@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -383,3 +384,37 @@ def test_stop_signals_leave_an_ignored_hangup_ignored(monkeypatch: pytest.Monkey
     assert stop_signals() == (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     handlers[signal.SIGHUP] = signal.SIG_IGN
     assert stop_signals() == (signal.SIGINT, signal.SIGTERM)
+
+
+def test_status_shows_each_metric_apart_and_prints_paths_as_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    # A second judge, and an output folder whose name rich would read as markup ("[/]"
+    # closes a style: it crashed the run before anything was judged).
+    text = path.read_text().replace('output_dir = "runs"', 'output_dir = "o[/]"')
+    path.write_text(text + '\n[[judges]]\nname = "other"\nbackend = "fake"\n')
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    run_dir = tmp_path / "o[/]" / "cli"
+    err = capsys.readouterr().err
+    assert f"run directory: {run_dir}\n" in err
+    assert "\n[done] " in err  # the state of a progress line, not read as a style
+    shutil.copytree(run_dir, tmp_path / "y[bold]")
+    for folder in (run_dir, tmp_path / "y[bold]"):
+        assert main(["status", str(folder)]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert f"run 'cli' (t2i) in {folder}\n" in out
+    # Each judge's counts and means apart: 6 samples, 2 dimensions each, per metric.
+    rows = [line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│ synth")]
+    counts = {row[1].strip(): row[-1].strip() for row in rows if len(row) == 6}
+    assert counts == {"trigscore": "12", "other": "12"}
+    means = [row for row in rows if len(row) == 5]
+    assert {row[1].strip() for row in means} == {"trigscore", "other"}
+    assert sum(int(row[-1]) for row in means) == 24
+    with (run_dir / LOCK).open("r+") as lock:  # as a process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        assert main(["status", str(run_dir)]) == EXIT_OK
+    # Not wrapped where it is piped: the command stays whole on its line.
+    assert f"follow it live with `trig-stream watch {run_dir}`\n" in capsys.readouterr().out

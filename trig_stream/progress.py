@@ -74,4 +74,5 @@ class PlainProgress:
         now = time.monotonic()
         if force or now - self._last >= LOG_EVERY_S:
             self._last = now
-            self.console.print(line, highlight=False, soft_wrap=True)
+            # Literally: the state's brackets, ``[running]``, are no markup.
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
