@@ -352,6 +352,27 @@ def test_compare_runs_and_command(tmp_path: Path) -> None:
         compare_runs([first, second, first / ".." / "one"])
 
 
+def test_compare_labels_each_run_apart_whatever_its_folder_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two run folders named alike: the second's columns replaced the first's.
+    write_run_dir(tmp_path / "a" / "base", {})
+    write_run_dir(tmp_path / "b" / "base", {})
+    write_run_dir(tmp_path / "base", {})
+    monkeypatch.chdir(tmp_path)
+    comparison = compare_runs([Path("a/base"), Path("base"), Path("b/base")])
+    assert comparison.labels == tuple(
+        f"{run}/{model}"
+        for run in ("a/base", f"{tmp_path.name}/base", "b/base")
+        for model in ("model-a", "model-b")
+    )
+    # "." has no folder name of its own: its columns were "/model-a".
+    monkeypatch.chdir(tmp_path / "a" / "base")
+    comparison = compare_runs([Path("."), Path("../../base")])
+    assert comparison.labels[0] == "a/base/model-a"
+    assert comparison.labels[2] == f"{tmp_path.name}/base/model-a"
+
+
 def test_report_on_a_run_made_by_the_engine(make_config: ConfigFactory) -> None:
     from trig_stream.engine import Engine
 
