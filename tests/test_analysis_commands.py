@@ -21,6 +21,7 @@ from trig_stream.analysis import AnalysisError
 from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
+from trig_stream.dimensions import Task
 from trig_stream.errors import MissingExtraError, RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.store import JOURNAL, LOCK, MANIFEST, Journal, Manifest, write_atomic
@@ -187,13 +188,20 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
 
 
 def write_run_dir(
-    path: Path, relation: dict[str, float], models: tuple[str, ...] = ("model-a", "model-b")
+    path: Path,
+    relation: dict[str, float],
+    models: tuple[str, ...] = ("model-a", "model-b"),
+    *,
+    metric: str = "trigscore",
+    task: Task = "t2i",
+    scored: bool = True,
 ) -> Path:
-    """A run directory with two models, written with the store's own helpers."""
+    """A run directory with two models, written with the store's own helpers (``scored``
+    False: every judgement unscorable)."""
     manifest = Manifest(
         run_name=path.name,
-        task="t2i",
-        config={"judges": [{"name": "trigscore"}], "relation": relation},
+        task=task,
+        config={"judges": [{"name": metric}], "relation": relation},
     )
     write_atomic(path / MANIFEST, manifest.model_dump_json().encode())
     judge = JudgeFingerprint(backend="fake", model="j")
@@ -207,13 +215,13 @@ def write_run_dir(
                         Judgement(
                             model=model,
                             data_id=data_id,
-                            task="t2i",
+                            task=task,
                             pair=pair,
                             dimension=dim,
-                            metric="trigscore",
+                            metric=metric,
                             judge=judge,
-                            status="ok",
-                            score=round(max(score + shift, 0.0), 3),
+                            status="ok" if scored else "unscorable",
+                            score=round(max(score + shift, 0.0), 3) if scored else None,
                         )
                     )
     journal = Journal(path / JOURNAL)
@@ -371,6 +379,40 @@ def test_compare_labels_each_run_apart_whatever_its_folder_name(
     comparison = compare_runs([Path("."), Path("../../base")])
     assert comparison.labels[0] == "a/base/model-a"
     assert comparison.labels[2] == f"{tmp_path.name}/base/model-a"
+
+
+def test_compare_says_what_each_column_measures_and_which_runs_are_still_going(
+    tmp_path: Path,
+) -> None:
+    first = write_run_dir(tmp_path / "one", {})
+    second = write_run_dir(tmp_path / "two", {})
+    code, _ = run_command("compare", str(first), str(second), "--out", str(tmp_path / "c.md"))
+    text = (tmp_path / "c.md").read_text()
+    assert "Metric `trigscore`, task `t2i`.\n" in text and "different" not in text
+    # Another metric and task: said on the columns, not mixed in silently.
+    edits = write_run_dir(tmp_path / "edits", {}, metric="nsfw", task="p2p")
+    with (edits / LOCK).open("a+") as lock:  # as the process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        code, _ = run_command("compare", str(first), str(edits), "--out", str(tmp_path / "c.md"))
+    assert code == 0
+    text = (tmp_path / "c.md").read_text()
+    assert "**The columns are of different metrics and tasks**" in text
+    assert "| metric | trigscore | trigscore | nsfw | nsfw |" in text
+    assert "| task | t2i | t2i | p2p | p2p |" in text
+    assert (
+        f"Note: a process (pid {os.getpid()}) is still running in {edits}: its columns cover "
+        "the judgements so far"
+    ) in text
+
+
+def test_compare_without_a_single_score_says_so(tmp_path: Path) -> None:
+    # It printed an empty table and "Every DTM cell has the same code for all models."
+    first = write_run_dir(tmp_path / "one", {}, scored=False)
+    second = write_run_dir(tmp_path / "two", {}, scored=False)
+    with pytest.raises(AnalysisError, match=r"nothing to compare: no ok score in .*one, .*two"):
+        run_command("compare", str(first), str(second))
 
 
 def test_report_on_a_run_made_by_the_engine(make_config: ConfigFactory) -> None:

@@ -236,7 +236,8 @@ def compare_runs(
     ``overrides`` applied.
 
     Raises:
-        AnalysisError: a run directory given twice, or fewer than two models in all.
+        AnalysisError: a run directory given twice, fewer than two models in all, or not one
+            ok score.
     """
     seen: dict[Path, Path] = {}
     for run_dir in run_dirs:
@@ -245,6 +246,8 @@ def compare_runs(
             same = "" if str(first) == str(run_dir) else f" (as {first} and {run_dir})"
             raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
     analyses: dict[str, ModelAnalysis] = {}
+    tasks: dict[str, str] = {}
+    notes: list[str] = []
     for run_dir, run_label in zip(run_dirs, run_labels(list(seen)), strict=True):
         run = load_run(run_dir)
         thresholds = with_overrides(run.relation, overrides or {})
@@ -253,11 +256,23 @@ def compare_runs(
             label = model if len(run_dirs) == 1 else f"{run_label}/{model}"
             assert label not in analyses, f"two columns labelled {label}"
             analyses[label] = analysis
+            tasks[label] = run.manifest.task
+        writer = writer_pid(run_dir)
+        if writer is not None:
+            notes.append(
+                f"a process (pid {writer}) is still running in {run_dir}: its columns cover "
+                "the judgements so far"
+            )
     if len(analyses) < 2:
         raise AnalysisError(
             f"nothing to compare: {len(analyses)} model(s) in {len(run_dirs)} run dir(s)"
         )
-    return compare(analyses)
+    if not any(analysis.dimension_means for analysis in analyses.values()):
+        raise AnalysisError(
+            f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (every "
+            "judgement is unscorable or an error); `trig-stream status` counts them"
+        )
+    return compare(analyses, tasks, notes)
 
 
 def run_labels(paths: Sequence[Path]) -> list[str]:
