@@ -418,3 +418,25 @@ def test_status_shows_each_metric_apart_and_prints_paths_as_they_are(
         assert main(["status", str(run_dir)]) == EXIT_OK
     # Not wrapped where it is piped: the command stays whole on its line.
     assert f"follow it live with `trig-stream watch {run_dir}`\n" in capsys.readouterr().out
+
+
+def test_a_run_dir_gone_before_the_final_report_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trig_stream.analysis import commands
+
+    write_report = commands.write_report
+
+    def deleted_first(run_dir: Path, *args: Any, **kwargs: Any) -> Path:
+        shutil.rmtree(run_dir)  # as a user might, once the judging is done
+        return write_report(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(commands, "write_report", deleted_first)
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        f"no report: {run_dir} is not a trig-stream run directory (no manifest.json); the "
+        f"run's judgements are done: `trig-stream report {run_dir}` writes the report once "
+        "the run directory can be read"
+    )

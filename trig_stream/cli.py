@@ -384,6 +384,14 @@ async def _final_report(run_dir: Path, console: Console) -> bool:
         except AnalysisError as exc:  # e.g. nothing scored: the run itself still succeeded
             console.print(f"no report: {exc}", highlight=False, markup=False)
             return True
+        except TrigStreamError as exc:  # the run dir became unreadable (deleted, say)
+            console.print(
+                f"no report: {exc}; the run's judgements are done: `trig-stream report "
+                f"{run_dir}` writes the report once the run directory can be read",
+                highlight=False,
+                markup=False,
+            )
+            return True
         console.print(f"report: {folder}", highlight=False, markup=False)
         return True
 
