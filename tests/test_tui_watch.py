@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -17,9 +19,10 @@ from rich.console import Console
 
 from tests.conftest import ROOT, write_prompts
 from trig_stream.cli import EXIT_RUN_DIR, main
+from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
-from trig_stream.store import JOURNAL, latest_judgements, writer_pid
+from trig_stream.store import JOURNAL, Manifest, latest_judgements, writer_pid
 from trig_stream.tui import run as tui_run
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.watch import add_watch_command
@@ -237,3 +240,32 @@ def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
     assert capsys.readouterr().err == (
         f"error: {run_dir} is not a trig-stream run directory (no manifest.json)\n"
     )
+
+
+def test_watch_counts_a_sample_done_as_the_engine_does(tmp_path: Path) -> None:
+    # One model judged every sample, the other none: half the work, not "samples 8/8, ETA 0".
+    config = load_config(write_config(tmp_path, samples=8))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    manifest = Manifest(run_name="watched", task="t2i", config=config.model_dump(mode="json"))
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    lines = []
+    for index, pair in enumerate(("IQ-R_TA-C", "IQ-A_TA-S") * 4):
+        for dimension in pair.split("_"):
+            done = judgement(index).model_copy(
+                update={
+                    "model": "synth-a",
+                    "data_id": f"{pair}_{index}",
+                    "pair": pair,
+                    "dimension": dimension,
+                }
+            )
+            lines.append(done.model_dump_json().encode() + b"\n")
+    (run_dir / JOURNAL).write_bytes(b"".join(lines))
+    with (run_dir / "run.lock").open("a+") as lock:  # as the process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        snapshot = RunDirSource(run_dir).poll()
+    assert (snapshot.samples_done, snapshot.samples_total) == (4, 8)
+    assert snapshot.eta_s != 0.0
