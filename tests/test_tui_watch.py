@@ -203,6 +203,17 @@ def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path
             parser.parse_args(["watch", str(run_dir), "--interval", interval])
 
 
+def test_watch_interval_that_is_no_number_is_named_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # argparse named the function reading it: "invalid _positive value: 'abc'".
+    parser = argparse.ArgumentParser()
+    add_watch_command(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["watch", "run", "--interval", "abc"])
+    assert "argument --interval: not a number of seconds: 'abc'\n" in capsys.readouterr().err
+
+
 def write_run_dir(tmp_path: Path) -> Path:
     run_dir = tmp_path / "run"
     run_dir.mkdir()

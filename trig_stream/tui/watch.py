@@ -40,7 +40,7 @@ def add_watch_command(subparsers: Any) -> argparse.ArgumentParser:
     watch.add_argument("run_dir", type=Path, help="the run directory to follow")
     watch.add_argument(
         "--interval",
-        type=_positive,
+        type=_interval,
         default=DEFAULT_INTERVAL_S,
         metavar="S",
         help=f"seconds between two refreshes (default {DEFAULT_INTERVAL_S})",
@@ -107,8 +107,12 @@ def describe(snapshot: DashboardSnapshot) -> str:
 MAX_INTERVAL_S = 3600.0
 
 
-def _positive(text: str) -> float:
-    value = float(text)
+def _interval(text: str) -> float:
+    # Raising the message itself: argparse would name this function in its own.
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value <= MAX_INTERVAL_S:  # NaN fails this too
         raise argparse.ArgumentTypeError(
             f"must be more than 0 and at most {MAX_INTERVAL_S:g} seconds, not {text}"
