@@ -25,7 +25,7 @@ from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.store import JOURNAL, Manifest, latest_judgements, writer_pid
 from trig_stream.tui import run as tui_run
 from trig_stream.tui.app import TrigDashboardApp
-from trig_stream.tui.watch import add_watch_command
+from trig_stream.tui.watch import add_watch_command, follow
 from trig_stream.tui.watch_source import JournalTail, RunDirSource
 
 pytestmark = pytest.mark.anyio
@@ -201,6 +201,24 @@ def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path
     for interval in ("0", "nan", "inf", "1e300"):  # the last three crashed its first sleep
         with pytest.raises(SystemExit):
             parser.parse_args(["watch", str(run_dir), "--interval", interval])
+
+
+def test_watch_without_a_terminal_warns_once_of_lines_it_skips(tmp_path: Path) -> None:
+    run_dir = write_run_dir(tmp_path)
+    with (run_dir / JOURNAL).open("ab") as journal:
+        journal.write(b"not json\n" + judgement(2).model_dump_json().encode() + b"\n{}\n")
+    out = io.StringIO()
+    with (run_dir / "run.lock").open("a+") as lock:  # running: polled more than once
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        follow(RunDirSource(run_dir), Console(file=out, width=80), interval_s=0.001, max_polls=3)
+    assert out.getvalue().startswith(
+        f"warning: {run_dir / JOURNAL}: 2 line(s) are not judgements and were skipped (the "
+        "first: Invalid JSON"
+    )
+    assert out.getvalue().count("warning") == 1
+    assert "[running] r (t2i) | m: ok 2, unscorable 0, error 0" in out.getvalue()
 
 
 def test_watch_interval_that_is_no_number_is_named_so(

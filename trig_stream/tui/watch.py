@@ -77,11 +77,26 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
 def follow(
     source: RunDirSource, console: Console, *, interval_s: float, max_polls: int | None = None
 ) -> int:
-    """Print a progress line whenever the run moves, until nobody writes it any more."""
+    """Print a progress line whenever the run moves, until nobody writes it any more.
+
+    Journal lines that are not judgements are skipped, as ``status`` and ``report`` skip
+    them, with one warning.
+    """
     last = ""
     polls = 0
+    warned = False
     while True:
         snapshot = source.poll()
+        tail = source.tail
+        if tail.bad_lines and not warned:
+            warned = True
+            console.print(
+                f"warning: {tail.path}: {tail.bad_lines} line(s) are not judgements and were "
+                f"skipped (the first: {tail.first_problem})",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
         line = describe(snapshot)
         if line != last:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
