@@ -5,11 +5,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import anyio.lowlevel
 import pytest
 
-from tests.conftest import write_prompts
+from tests.conftest import ROOT, write_prompts
 from trig_stream import cli
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.signals import stop_signals
@@ -440,3 +443,39 @@ def test_a_run_dir_gone_before_the_final_report_is_one_line(
         f"run's judgements are done: `trig-stream report {run_dir}` writes the report once "
         "the run directory can be read"
     )
+
+
+def test_a_dumb_terminal_gets_plain_progress_not_the_dashboard(tmp_path: Path) -> None:
+    # TERM=dumb cannot draw a full-screen app: the dashboard started there anyway.
+    path = write_config(tmp_path)
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trig_stream", "run", str(path), "--no-report"],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "TERM": "dumb"},
+        cwd=ROOT,
+    )
+    os.close(follower)
+    output = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:  # until the child closes the terminal
+            if select.select([leader], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: no process holds the terminal any more
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        assert process.wait(timeout=10) == EXIT_OK
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(leader)
+    text = output.decode(errors="replace")
+    assert "\x1b[?1049h" not in text  # the alternate screen of a full-screen app
+    assert "[done] " in text and "done: 12 judgements" in text

@@ -23,7 +23,7 @@ from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.store import JOURNAL, Manifest, latest_judgements, writer_pid
-from trig_stream.tui import run as tui_run
+from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.watch import add_watch_command, follow
 from trig_stream.tui.watch_source import JournalTail, RunDirSource
@@ -263,7 +263,7 @@ def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
         shutil.rmtree(run_dir)  # after the command's first look, before the dashboard's
         run(app, headless=True, size=(120, 40))
 
-    monkeypatch.setattr(tui_run, "terminal_is_interactive", lambda: True)
+    monkeypatch.setattr(watch_module, "full_screen_possible", lambda: True)
     monkeypatch.setattr(TrigDashboardApp, "run", deleted_then_shown)
     assert main(["watch", str(run_dir)]) == EXIT_RUN_DIR
     assert capsys.readouterr().err == (

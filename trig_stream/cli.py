@@ -343,7 +343,9 @@ def _sole_error() -> Iterator[None]:
 
 def _dashboard(args: argparse.Namespace, console: Console) -> Any:
     """``run_dashboard`` when the dashboard can be shown here, else None (plain progress)."""
-    if not (sys.stdin.isatty() and sys.stdout.isatty()) or args.backend != "asyncio":
+    from trig_stream.progress import full_screen_possible
+
+    if not full_screen_possible() or args.backend != "asyncio":
         return None
     try:
         from trig_stream.tui.run import run_dashboard

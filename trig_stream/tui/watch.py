@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from trig_stream.errors import MissingExtraError
+from trig_stream.progress import full_screen_possible
 from trig_stream.tui.render import duration
 from trig_stream.tui.snapshot import DashboardSnapshot
 from trig_stream.tui.watch_source import RunDirSource
@@ -59,9 +60,7 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     run_dir: Path = args.run_dir
     source = RunDirSource(run_dir)
     source.poll()  # a bad directory fails here, before any screen is drawn
-    from trig_stream.tui.run import terminal_is_interactive
-
-    if terminal_is_interactive():
+    if full_screen_possible():
         try:
             from trig_stream.tui.app import TrigDashboardApp
         except ImportError as exc:
