@@ -283,6 +283,30 @@ def test_thresholds_that_are_no_number_are_refused(tmp_path: Path, value: str) -
     )
 
 
+@pytest.mark.parametrize(
+    ("thresholds", "problem"),
+    [
+        (["--synergy", "-1"], r"synergy: Input should be greater than or equal to 0"),
+        (["--synergy", "2"], r"synergy: Input should be less than or equal to 1"),
+        (["--bottleneck-density", "1.5"], r"bottleneck_density: .*less than or equal to 1"),
+        (["--dominance-ratio", "2"], r"dominance_ratio: .*less than or equal to 1"),
+        (["--tradeoff-corr", "-3"], r"tradeoff_corr: .*greater than or equal to -1"),
+        (
+            ["--bottleneck", "0.9", "--synergy", "0.1"],
+            r"bottleneck \(0\.9\) is above synergy \(0\.1\): a pair's scores would be in "
+            "both zones",
+        ),
+    ],
+)
+def test_thresholds_outside_what_scores_and_shares_can_be_are_refused(
+    tmp_path: Path, thresholds: list[str], problem: str
+) -> None:
+    # Scores are probabilities: a synergy threshold of 2 made every pair's zone empty.
+    run = write_run_dir(tmp_path / "run", {})
+    with pytest.raises(AnalysisError, match=f"invalid thresholds: {problem}"):
+        run_command("report", str(run), "--no-plots", *thresholds)
+
+
 def test_a_report_without_plots_removes_those_an_earlier_one_drew(tmp_path: Path) -> None:
     # They showed the earlier scores (or thresholds) beside the new files.
     run = write_run_dir(tmp_path / "run", {})
