@@ -21,6 +21,7 @@ from trig_stream.analysis import AnalysisError
 from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
+from trig_stream.dimensions import Task
 from trig_stream.errors import MissingExtraError, RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.store import JOURNAL, LOCK, MANIFEST, Journal, Manifest, write_atomic
@@ -191,13 +192,20 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
 
 
 def write_run_dir(
-    path: Path, relation: dict[str, float], models: tuple[str, ...] = ("model-a", "model-b")
+    path: Path,
+    relation: dict[str, float],
+    models: tuple[str, ...] = ("model-a", "model-b"),
+    *,
+    metric: str = "trigscore",
+    task: Task = "t2i",
+    scored: bool = True,
 ) -> Path:
-    """A run directory with two models, written with the store's own helpers."""
+    """A run directory with two models, written with the store's own helpers (``scored``
+    False: every judgement unscorable)."""
     manifest = Manifest(
         run_name=path.name,
-        task="t2i",
-        config={"judges": [{"name": "trigscore"}], "relation": relation},
+        task=task,
+        config={"judges": [{"name": metric}], "relation": relation},
     )
     write_atomic(path / MANIFEST, manifest.model_dump_json().encode())
     judge = JudgeFingerprint(backend="fake", model="j")
@@ -211,13 +219,13 @@ def write_run_dir(
                         Judgement(
                             model=model,
                             data_id=data_id,
-                            task="t2i",
+                            task=task,
                             pair=pair,
                             dimension=dim,
-                            metric="trigscore",
+                            metric=metric,
                             judge=judge,
-                            status="ok",
-                            score=round(max(score + shift, 0.0), 3),
+                            status="ok" if scored else "unscorable",
+                            score=round(max(score + shift, 0.0), 3) if scored else None,
                         )
                     )
     journal = Journal(path / JOURNAL)
@@ -277,6 +285,30 @@ def test_thresholds_that_are_no_number_are_refused(tmp_path: Path, value: str) -
         f"{run}: the manifest's [relation] section is invalid: synergy: Input should be a "
         "valid number, unable to parse string as a number"
     )
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "problem"),
+    [
+        (["--synergy", "-1"], r"synergy: Input should be greater than or equal to 0"),
+        (["--synergy", "2"], r"synergy: Input should be less than or equal to 1"),
+        (["--bottleneck-density", "1.5"], r"bottleneck_density: .*less than or equal to 1"),
+        (["--dominance-ratio", "2"], r"dominance_ratio: .*less than or equal to 1"),
+        (["--tradeoff-corr", "-3"], r"tradeoff_corr: .*greater than or equal to -1"),
+        (
+            ["--bottleneck", "0.9", "--synergy", "0.1"],
+            r"bottleneck \(0\.9\) is above synergy \(0\.1\): a pair's scores would be in "
+            "both zones",
+        ),
+    ],
+)
+def test_thresholds_outside_what_scores_and_shares_can_be_are_refused(
+    tmp_path: Path, thresholds: list[str], problem: str
+) -> None:
+    # Scores are probabilities: a synergy threshold of 2 made every pair's zone empty.
+    run = write_run_dir(tmp_path / "run", {})
+    with pytest.raises(AnalysisError, match=f"invalid thresholds: {problem}"):
+        run_command("report", str(run), "--no-plots", *thresholds)
 
 
 def test_a_report_without_plots_removes_those_an_earlier_one_drew(tmp_path: Path) -> None:
@@ -354,6 +386,61 @@ def test_compare_runs_and_command(tmp_path: Path) -> None:
     # The same run twice, even spelt two ways, would compare each model with itself.
     with pytest.raises(AnalysisError, match=r"one/\.\./one is given twice \(as .*/one and "):
         compare_runs([first, second, first / ".." / "one"])
+
+
+def test_compare_labels_each_run_apart_whatever_its_folder_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two run folders named alike: the second's columns replaced the first's.
+    write_run_dir(tmp_path / "a" / "base", {})
+    write_run_dir(tmp_path / "b" / "base", {})
+    write_run_dir(tmp_path / "base", {})
+    monkeypatch.chdir(tmp_path)
+    comparison = compare_runs([Path("a/base"), Path("base"), Path("b/base")])
+    assert comparison.labels == tuple(
+        f"{run}/{model}"
+        for run in ("a/base", f"{tmp_path.name}/base", "b/base")
+        for model in ("model-a", "model-b")
+    )
+    # "." has no folder name of its own: its columns were "/model-a".
+    monkeypatch.chdir(tmp_path / "a" / "base")
+    comparison = compare_runs([Path("."), Path("../../base")])
+    assert comparison.labels[0] == "a/base/model-a"
+    assert comparison.labels[2] == f"{tmp_path.name}/base/model-a"
+
+
+def test_compare_says_what_each_column_measures_and_which_runs_are_still_going(
+    tmp_path: Path,
+) -> None:
+    first = write_run_dir(tmp_path / "one", {})
+    second = write_run_dir(tmp_path / "two", {})
+    code, _ = run_command("compare", str(first), str(second), "--out", str(tmp_path / "c.md"))
+    text = (tmp_path / "c.md").read_text()
+    assert "Metric `trigscore`, task `t2i`.\n" in text and "different" not in text
+    # Another metric and task: said on the columns, not mixed in silently.
+    edits = write_run_dir(tmp_path / "edits", {}, metric="nsfw", task="p2p")
+    with (edits / LOCK).open("a+") as lock:  # as the process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        code, _ = run_command("compare", str(first), str(edits), "--out", str(tmp_path / "c.md"))
+    assert code == 0
+    text = (tmp_path / "c.md").read_text()
+    assert "**The columns are of different metrics and tasks**" in text
+    assert "| metric | trigscore | trigscore | nsfw | nsfw |" in text
+    assert "| task | t2i | t2i | p2p | p2p |" in text
+    assert (
+        f"Note: a process (pid {os.getpid()}) is still running in {edits}: its columns cover "
+        "the judgements so far"
+    ) in text
+
+
+def test_compare_without_a_single_score_says_so(tmp_path: Path) -> None:
+    # It printed an empty table and "Every DTM cell has the same code for all models."
+    first = write_run_dir(tmp_path / "one", {}, scored=False)
+    second = write_run_dir(tmp_path / "two", {}, scored=False)
+    with pytest.raises(AnalysisError, match=r"nothing to compare: no ok score in .*one, .*two"):
+        run_command("compare", str(first), str(second))
 
 
 def test_report_on_a_run_made_by_the_engine(make_config: ConfigFactory) -> None:
@@ -469,3 +556,20 @@ def test_report_skips_a_journal_line_no_engine_writes_naming_why(
     assert {p.name for p in report.iterdir()} == {"synth"}
     assert not any(p.name == "escaped" for p in tmp_path.rglob("*"))
     assert not Path("/tmp/abs").exists()
+
+
+@pytest.mark.parametrize("command", ["status", "report", "compare", "watch"])
+def test_an_unreadable_journal_is_one_error_naming_it(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trig_stream.cli import EXIT_RUN_DIR, main
+
+    run = write_run_dir(tmp_path / "run", {})
+    (run / JOURNAL).unlink()
+    (run / JOURNAL).mkdir()  # as a permission refused would, the open fails
+    others = [str(write_run_dir(tmp_path / "two", {}))] if command == "compare" else []
+    assert main([command, str(run), *others]) == EXIT_RUN_DIR
+    assert capsys.readouterr().err == (
+        f"error: cannot read the journal {run / JOURNAL}: Is a directory; it must be a file "
+        "this user can read\n"
+    )

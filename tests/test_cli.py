@@ -5,10 +5,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pty
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ from typing import Any
 import anyio.lowlevel
 import pytest
 
-from tests.conftest import write_prompts
+from tests.conftest import ROOT, write_prompts
 from trig_stream import cli
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.signals import stop_signals
@@ -383,3 +387,95 @@ def test_stop_signals_leave_an_ignored_hangup_ignored(monkeypatch: pytest.Monkey
     assert stop_signals() == (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     handlers[signal.SIGHUP] = signal.SIG_IGN
     assert stop_signals() == (signal.SIGINT, signal.SIGTERM)
+
+
+def test_status_shows_each_metric_apart_and_prints_paths_as_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    # A second judge, and an output folder whose name rich would read as markup ("[/]"
+    # closes a style: it crashed the run before anything was judged).
+    text = path.read_text().replace('output_dir = "runs"', 'output_dir = "o[/]"')
+    path.write_text(text + '\n[[judges]]\nname = "other"\nbackend = "fake"\n')
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    run_dir = tmp_path / "o[/]" / "cli"
+    err = capsys.readouterr().err
+    assert f"run directory: {run_dir}\n" in err
+    assert "\n[done] " in err  # the state of a progress line, not read as a style
+    shutil.copytree(run_dir, tmp_path / "y[bold]")
+    for folder in (run_dir, tmp_path / "y[bold]"):
+        assert main(["status", str(folder)]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert f"run 'cli' (t2i) in {folder}\n" in out
+    # Each judge's counts and means apart: 6 samples, 2 dimensions each, per metric.
+    rows = [line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│ synth")]
+    counts = {row[1].strip(): row[-1].strip() for row in rows if len(row) == 6}
+    assert counts == {"trigscore": "12", "other": "12"}
+    means = [row for row in rows if len(row) == 5]
+    assert {row[1].strip() for row in means} == {"trigscore", "other"}
+    assert sum(int(row[-1]) for row in means) == 24
+    with (run_dir / LOCK).open("r+") as lock:  # as a process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        assert main(["status", str(run_dir)]) == EXIT_OK
+    # Not wrapped where it is piped: the command stays whole on its line.
+    assert f"follow it live with `trig-stream watch {run_dir}`\n" in capsys.readouterr().out
+
+
+def test_a_run_dir_gone_before_the_final_report_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trig_stream.analysis import commands
+
+    write_report = commands.write_report
+
+    def deleted_first(run_dir: Path, *args: Any, **kwargs: Any) -> Path:
+        shutil.rmtree(run_dir)  # as a user might, once the judging is done
+        return write_report(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(commands, "write_report", deleted_first)
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        f"no report: {run_dir} is not a trig-stream run directory (no manifest.json); the "
+        f"run's judgements are done: `trig-stream report {run_dir}` writes the report once "
+        "the run directory can be read"
+    )
+
+
+def test_a_dumb_terminal_gets_plain_progress_not_the_dashboard(tmp_path: Path) -> None:
+    # TERM=dumb cannot draw a full-screen app: the dashboard started there anyway.
+    path = write_config(tmp_path)
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trig_stream", "run", str(path), "--no-report"],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "TERM": "dumb"},
+        cwd=ROOT,
+    )
+    os.close(follower)
+    output = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:  # until the child closes the terminal
+            if select.select([leader], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: no process holds the terminal any more
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        assert process.wait(timeout=10) == EXIT_OK
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(leader)
+    text = output.decode(errors="replace")
+    assert "\x1b[?1049h" not in text  # the alternate screen of a full-screen app
+    assert "[done] " in text and "done: 12 judgements" in text

@@ -64,6 +64,14 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
             r"run\.toml:6: relation\.synergy: Input should be a finite number",
         ),
         (
+            ("[dataset]\n", "[relation]\nsynergy = 2\n\n[dataset]\n"),
+            r"run\.toml:6: relation\.synergy: Input should be less than or equal to 1",
+        ),
+        (
+            ("[dataset]\n", "[relation]\nbottleneck = 0.9\n\n[dataset]\n"),
+            r"relation: .*bottleneck \(0\.9\) is above synergy \(0\.8\)",
+        ),
+        (
             ("[dataset]\n", "[engine]\nbackoff_max = inf\n\n[dataset]\n"),
             r"engine\.backoff_max: Input should be a finite number",
         ),

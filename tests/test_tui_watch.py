@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
+import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -15,10 +18,14 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import ROOT, write_prompts
+from trig_stream.cli import EXIT_RUN_DIR, main
+from trig_stream.config import load_config
+from trig_stream.errors import RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
-from trig_stream.store import JOURNAL, latest_judgements, writer_pid
+from trig_stream.store import JOURNAL, Manifest, latest_judgements, writer_pid
+from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
-from trig_stream.tui.watch import add_watch_command
+from trig_stream.tui.watch import add_watch_command, follow
 from trig_stream.tui.watch_source import JournalTail, RunDirSource
 
 pytestmark = pytest.mark.anyio
@@ -194,3 +201,100 @@ def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path
     for interval in ("0", "nan", "inf", "1e300"):  # the last three crashed its first sleep
         with pytest.raises(SystemExit):
             parser.parse_args(["watch", str(run_dir), "--interval", interval])
+
+
+def test_watch_without_a_terminal_warns_once_of_lines_it_skips(tmp_path: Path) -> None:
+    run_dir = write_run_dir(tmp_path)
+    with (run_dir / JOURNAL).open("ab") as journal:
+        journal.write(b"not json\n" + judgement(2).model_dump_json().encode() + b"\n{}\n")
+    out = io.StringIO()
+    with (run_dir / "run.lock").open("a+") as lock:  # running: polled more than once
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        follow(RunDirSource(run_dir), Console(file=out, width=80), interval_s=0.001, max_polls=3)
+    assert out.getvalue().startswith(
+        f"warning: {run_dir / JOURNAL}: 2 line(s) are not judgements and were skipped (the "
+        "first: Invalid JSON"
+    )
+    assert out.getvalue().count("warning") == 1
+    assert "[running] r (t2i) | m: ok 2, unscorable 0, error 0" in out.getvalue()
+
+
+def test_watch_interval_that_is_no_number_is_named_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # argparse named the function reading it: "invalid _positive value: 'abc'".
+    parser = argparse.ArgumentParser()
+    add_watch_command(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["watch", "run", "--interval", "abc"])
+    assert "argument --interval: not a number of seconds: 'abc'\n" in capsys.readouterr().err
+
+
+def write_run_dir(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
+    (run_dir / JOURNAL).write_bytes(judgement(1).model_dump_json().encode() + b"\n")
+    return run_dir
+
+
+async def test_the_dashboard_ends_with_the_error_of_a_run_dir_deleted_while_watched(
+    tmp_path: Path,
+) -> None:
+    run_dir = write_run_dir(tmp_path)
+    app = TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=0.01)
+    async with app.run_test(size=(120, 40)):
+        await wait_until(lambda: app.dashboard.snapshot is not None)
+        shutil.rmtree(run_dir)
+        await wait_until(lambda: app.source_error is not None)
+    assert isinstance(app.source_error, RunDirError)
+    assert "no manifest.json" in str(app.source_error)
+
+
+def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = write_run_dir(tmp_path)
+    run = TrigDashboardApp.run
+
+    def deleted_then_shown(app: TrigDashboardApp) -> None:
+        shutil.rmtree(run_dir)  # after the command's first look, before the dashboard's
+        run(app, headless=True, size=(120, 40))
+
+    monkeypatch.setattr(watch_module, "full_screen_possible", lambda: True)
+    monkeypatch.setattr(TrigDashboardApp, "run", deleted_then_shown)
+    assert main(["watch", str(run_dir)]) == EXIT_RUN_DIR
+    assert capsys.readouterr().err == (
+        f"error: {run_dir} is not a trig-stream run directory (no manifest.json)\n"
+    )
+
+
+def test_watch_counts_a_sample_done_as_the_engine_does(tmp_path: Path) -> None:
+    # One model judged every sample, the other none: half the work, not "samples 8/8, ETA 0".
+    config = load_config(write_config(tmp_path, samples=8))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    manifest = Manifest(run_name="watched", task="t2i", config=config.model_dump(mode="json"))
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    lines = []
+    for index, pair in enumerate(("IQ-R_TA-C", "IQ-A_TA-S") * 4):
+        for dimension in pair.split("_"):
+            done = judgement(index).model_copy(
+                update={
+                    "model": "synth-a",
+                    "data_id": f"{pair}_{index}",
+                    "pair": pair,
+                    "dimension": dimension,
+                }
+            )
+            lines.append(done.model_dump_json().encode() + b"\n")
+    (run_dir / JOURNAL).write_bytes(b"".join(lines))
+    with (run_dir / "run.lock").open("a+") as lock:  # as the process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        snapshot = RunDirSource(run_dir).poll()
+    assert (snapshot.samples_done, snapshot.samples_total) == (4, 8)
+    assert snapshot.eta_s != 0.0

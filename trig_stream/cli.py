@@ -5,7 +5,7 @@ Exit codes:
 * 0: the run finished (per-item failures are recorded and reported, not fatal);
 * 1: an unexpected internal error;
 * 2: bad command line, invalid config or unusable input file (nothing was done);
-* 3: the run directory was refused (in use, or made with other settings);
+* 3: the run directory was refused (in use, or made with other settings) or is unreadable;
 * 4: the run stopped on a fatal error (dataset unreadable, judge credentials...); resumable;
 * 130: interrupted (Ctrl-C or SIGTERM); resumable by running the same command again.
 """
@@ -29,6 +29,7 @@ from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.backends.base import threads_left_behind
@@ -48,6 +49,7 @@ EXIT_FATAL = 4
 EXIT_INTERRUPTED = 130
 
 PROGRESS_EVERY_S = 0.5
+STATUSES = ("ok", "unscorable", "error")
 OPENING_QUIET_S = 2.0
 """How long an opening step may take before the command says what it waits for."""
 QUIET_LIBRARIES = {
@@ -195,12 +197,16 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         if not any(judge.measures(d) for judge in judges for d in dimensions):
             unmeasured += 1
     out = Console()
-    out.print(f"[green]ok[/]: {args.config}", highlight=False)
-    out.print(f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}")
+    out.print(f"[green]ok[/]: {escape(str(args.config))}", highlight=False)
+    out.print(
+        f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}",
+        highlight=False,
+        markup=False,
+    )
     counts = f"{source.records_read} records, {samples} sample{'s' * (samples != 1)} to judge"
     if source.filtered_out:
         counts += f", {source.filtered_out} left out by its filters"
-    out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False)
+    out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False, markup=False)
     if unmeasured:
         out.print(
             f"  [yellow]{unmeasured} of the samples have no dimension a judge measures[/]: "
@@ -213,8 +219,9 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         for record in refused[:VALIDATE_SHOWN]:
             reason = record.reason if len(record.reason) <= 160 else record.reason[:159] + "…"
             out.print(f"    record {record.index}: {reason}", highlight=False, markup=False)
-    out.print("  models: " + ", ".join(f"{g.name} ({g.backend})" for g in config.generators))
-    out.print("  judges: " + ", ".join(f"{j.name} ({j.backend})" for j in config.judges))
+    for what, entries in (("models", config.generators), ("judges", config.judges)):
+        names = ", ".join(f"{entry.name} ({entry.backend})" for entry in entries)
+        out.print(f"  {what}: {names}", highlight=False, markup=False)
     return EXIT_OK
 
 
@@ -276,7 +283,9 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                 with PlainProgress(console) as progress:
                     async with engine, anyio.create_task_group() as tg:
                         opening.cancel()
-                        console.print(f"run directory: {engine.run_dir_path}", highlight=False)
+                        console.print(
+                            f"run directory: {engine.run_dir_path}", highlight=False, markup=False
+                        )
 
                         async def refresh() -> None:
                             while True:
@@ -290,13 +299,14 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     progress.update(engine.stats(), force=True)
             listening.cancel()
     for note in engine.stats().notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", highlight=False, markup=False)
     summary = engine.summary()
     console.print(
         f"{summary.state}: {summary.judged} judgements in this run "
         f"(ok {summary.ok}, unscorable {summary.unscorable}, error {summary.error}); "
         f"{summary.quarantined} dataset records quarantined; results in {summary.run_dir}",
         highlight=False,
+        markup=False,
     )
     if interrupted or summary.state in ("stopped", "cancelled"):
         return EXIT_INTERRUPTED
@@ -333,7 +343,9 @@ def _sole_error() -> Iterator[None]:
 
 def _dashboard(args: argparse.Namespace, console: Console) -> Any:
     """``run_dashboard`` when the dashboard can be shown here, else None (plain progress)."""
-    if not (sys.stdin.isatty() and sys.stdout.isatty()) or args.backend != "asyncio":
+    from trig_stream.progress import full_screen_possible
+
+    if not full_screen_possible() or args.backend != "asyncio":
         return None
     try:
         from trig_stream.tui.run import run_dashboard
@@ -368,12 +380,21 @@ async def _final_report(run_dir: Path, console: Console) -> bool:
             console.print(
                 f"report stopped, incomplete: `trig-stream report {run_dir}` writes it",
                 highlight=False,
+                markup=False,
             )
             return False
         except AnalysisError as exc:  # e.g. nothing scored: the run itself still succeeded
-            console.print(f"no report: {exc}", highlight=False)
+            console.print(f"no report: {exc}", highlight=False, markup=False)
             return True
-        console.print(f"report: {folder}", highlight=False)
+        except TrigStreamError as exc:  # the run dir became unreadable (deleted, say)
+            console.print(
+                f"no report: {exc}; the run's judgements are done: `trig-stream report "
+                f"{run_dir}` writes the report once the run directory can be read",
+                highlight=False,
+                markup=False,
+            )
+            return True
+        console.print(f"report: {folder}", highlight=False, markup=False)
         return True
 
     async with anyio.create_task_group() as tg:
@@ -394,16 +415,27 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
 
     manifest = read_manifest(args.run_dir)
     latest = latest_judgements(args.run_dir / JOURNAL)
-    counts: Counter[tuple[str, str]] = Counter()
-    sums: Counter[tuple[str, str]] = Counter()
-    scored: Counter[tuple[str, str]] = Counter()
+    # Per metric, as the report separates them: two judges' scores of one dimension are not
+    # one mean, nor are their counts one count.
+    counts: Counter[tuple[str, str, str]] = Counter()
+    sums: dict[tuple[str, str, str], float] = {}
+    scored: Counter[tuple[str, str, str]] = Counter()
     for judgement in latest.values():
-        counts[(judgement.model, judgement.status)] += 1
+        counts[(judgement.model, judgement.metric, judgement.status)] += 1
         if judgement.score is not None:
-            sums[(judgement.model, judgement.dimension)] += judgement.score  # type: ignore[assignment]
-            scored[(judgement.model, judgement.dimension)] += 1
-    out = Console()
-    out.print(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}", highlight=False)
+            where = (judgement.model, judgement.metric, judgement.dimension)
+            sums[where] = sums.get(where, 0.0) + judgement.score
+            scored[where] += 1
+    judges = manifest.config.get("judges") or []
+    metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
+    metrics += sorted({metric for _, metric, _ in counts} - set(metrics))
+    # Names and paths are the user's: printed as they are, never read as markup, never wrapped.
+    out = Console(soft_wrap=True)
+    out.print(
+        f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}",
+        highlight=False,
+        markup=False,
+    )
     writer = writer_pid(args.run_dir)
     if writer is None:
         out.print(
@@ -415,23 +447,43 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
             f"running (pid {writer}); the counts below are as of now; follow it live with "
             f"`trig-stream watch {args.run_dir}`",
             highlight=False,
+            markup=False,
         )
-    table = Table("model", "ok", "unscorable", "error", "total")
-    for model in sorted({m for m, _ in counts} | set(manifest.generators)):
-        row = [counts[(model, s)] for s in ("ok", "unscorable", "error")]
-        table.add_row(model, *map(str, row), str(sum(row)))
+    table = Table("model", "metric", "ok", "unscorable", "error", "total")
+    for model in sorted({m for m, _, _ in counts} | set(manifest.generators)):
+        present = [m for m in metrics if any(counts[(model, m, s)] for s in STATUSES)]
+        for metric in present or ["–"]:
+            row = [counts[(model, metric, s)] for s in STATUSES]
+            table.add_row(Text(model), Text(metric), *map(str, row), str(sum(row)))
     out.print(table)
     if scored:
-        means = Table("model", "dimension", "mean score", "n")
-        for model, dimension in sorted(scored):
-            n = scored[(model, dimension)]
-            means.add_row(model, dimension, f"{sums[(model, dimension)] / n:.3f}", str(n))
+        means = Table("model", "metric", "dimension", "mean score", "n")
+        order = {metric: index for index, metric in enumerate(metrics)}
+        for key in sorted(scored, key=lambda k: (k[0], order[k[1]], k[2])):
+            model, metric, dimension = key
+            mean = f"{sums[key] / scored[key]:.3f}"
+            means.add_row(Text(model), Text(metric), dimension, mean, str(scored[key]))
         out.print(means)
     quarantine = args.run_dir / QUARANTINE
-    if quarantine.exists():
-        refused = sum(1 for _ in quarantine.open("rb"))
-        if refused:
-            out.print(f"{refused} dataset records quarantined (see {quarantine})")
+    try:
+        with quarantine.open("rb") as lines:
+            refused = sum(1 for _ in lines)
+    except FileNotFoundError:
+        refused = 0
+    except OSError as exc:
+        out.print(
+            f"cannot read {quarantine}: {exc.strerror or exc}: the quarantined records are not "
+            "counted",
+            highlight=False,
+            markup=False,
+        )
+        refused = 0
+    if refused:
+        out.print(
+            f"{refused} dataset records quarantined (see {quarantine})",
+            highlight=False,
+            markup=False,
+        )
     return EXIT_OK
 
 

@@ -182,16 +182,34 @@ class JudgeConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+Share = Annotated[float, Field(ge=0, le=1)]
+"""A score (TRIGScore is a probability) or a share of points."""
+
+
 class RelationSection(_Section):
-    """``[relation]``: the DTM thresholds (defaults are TRIG's)."""
+    """``[relation]``: the DTM thresholds (defaults are TRIG's).
+
+    Scores and shares lie in [0, 1], correlations in [-1, 1]. A split's ratio is at least 1,
+    so a ``dominance_ratio`` above 1 would call even a balanced split a dominance; and a
+    bottleneck above the synergy threshold would put points in both zones at once.
+    """
 
     correlation: Literal["spearman_corr", "pearson_corr", "paretoF"] = "spearman_corr"
-    synergy: float = 0.8
-    bottleneck: float = 0.5
-    synergy_density: float = 0.4
-    bottleneck_density: float = 0.4
-    dominance_ratio: Annotated[float, Field(gt=0)] = 0.8
-    tradeoff_corr: float = 0.6
+    synergy: Share = 0.8
+    bottleneck: Share = 0.5
+    synergy_density: Share = 0.4
+    bottleneck_density: Share = 0.4
+    dominance_ratio: Annotated[float, Field(gt=0, le=1)] = 0.8
+    tradeoff_corr: Annotated[float, Field(ge=-1, le=1)] = 0.6
+
+    @model_validator(mode="after")
+    def _check(self) -> RelationSection:
+        if self.bottleneck > self.synergy:
+            raise ValueError(
+                f"bottleneck ({self.bottleneck:g}) is above synergy ({self.synergy:g}): a pair's "
+                "scores would be in both zones; keep bottleneck at or below synergy"
+            )
+        return self
 
 
 class EngineSection(_Section):

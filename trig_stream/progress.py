@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 from rich.console import Console
@@ -12,6 +14,18 @@ from trig_stream.stats import EngineStats
 
 LOG_EVERY_S = 10.0
 """How often a line is printed when the output is not a terminal (a log file, CI)."""
+
+
+DUMB_TERMINALS = ("dumb", "unknown")
+"""``TERM`` values of terminals that cannot move the cursor (an editor's shell, some CI
+logs): no full-screen app nor a line redrawn in place there (rich's list)."""
+
+
+def full_screen_possible() -> bool:
+    """Whether a full-screen app (the dashboard) can be shown: stdin and stdout are a
+    terminal, and one that can move the cursor."""
+    dumb = os.environ.get("TERM", "").lower() in DUMB_TERMINALS
+    return sys.stdin.isatty() and sys.stdout.isatty() and not dumb
 
 
 def describe(stats: EngineStats) -> str:
@@ -55,7 +69,7 @@ class PlainProgress:
         self._last = 0.0
 
     def __enter__(self) -> PlainProgress:
-        if self.console.is_terminal:
+        if self.console.is_terminal and not self.console.is_dumb_terminal:
             self._live = Live(console=self.console, auto_refresh=False, transient=False)
             self._live.__enter__()
         return self
@@ -74,4 +88,5 @@ class PlainProgress:
         now = time.monotonic()
         if force or now - self._last >= LOG_EVERY_S:
             self._last = now
-            self.console.print(line, highlight=False, soft_wrap=True)
+            # Literally: the state's brackets, ``[running]``, are no markup.
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -255,22 +255,33 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
     Args:
         path: the journal file.
         limit: read at most this many lines (what was there when a run started).
+
+    Raises:
+        RunDirError: the journal exists but cannot be read (no permission, a folder).
     """
-    if not path.exists():
-        return
     skipped: list[int] = []
     first_reason = ""
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle):
-            if (limit is not None and number >= limit) or not raw.endswith(b"\n"):
-                break
-            try:
-                judgement = parse_journal_line(raw)
-            except ValueError as exc:
-                skipped.append(number + 1)
-                first_reason = first_reason or line_problem(exc)
-                continue
-            yield judgement
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise journal_unreadable(path, exc) from None
+    # The caller's own errors are never thrown in at the yield: an OSError here is a read's.
+    with handle:
+        try:
+            for number, raw in enumerate(handle):
+                if (limit is not None and number >= limit) or not raw.endswith(b"\n"):
+                    break
+                try:
+                    judgement = parse_journal_line(raw)
+                except ValueError as exc:
+                    skipped.append(number + 1)
+                    first_reason = first_reason or line_problem(exc)
+                    continue
+                yield judgement
+        except OSError as exc:
+            raise journal_unreadable(path, exc) from None
     if skipped:
         logger.warning(
             "%s: %d line(s) are not judgements and were skipped (the first: line %d: %s)",
@@ -279,6 +290,14 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
             skipped[0],
             first_reason,
         )
+
+
+def journal_unreadable(path: Path, exc: OSError) -> RunDirError:
+    """The error of a journal that exists but cannot be read: which file, and why."""
+    return RunDirError(
+        f"cannot read the journal {path}: {exc.strerror or exc}; it must be a file this user "
+        "can read"
+    )
 
 
 def parse_journal_line(raw: bytes) -> Judgement:

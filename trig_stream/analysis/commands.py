@@ -230,11 +230,14 @@ def compare_runs(
 ) -> Comparison:
     """Compare every model of the given run directories.
 
-    Models are labelled by name, or ``<run dir name>/<model>`` when several run directories
-    are given. Thresholds are each run's own, with ``overrides`` applied.
+    Models are labelled by name, or ``<run>/<model>`` when several run directories are given,
+    ``<run>`` being the shortest end of the run directory's path that no other one shares
+    (its folder name, unless two share it). Thresholds are each run's own, with
+    ``overrides`` applied.
 
     Raises:
-        AnalysisError: a run directory given twice, or fewer than two models in all.
+        AnalysisError: a run directory given twice, fewer than two models in all, or not one
+            ok score.
     """
     seen: dict[Path, Path] = {}
     for run_dir in run_dirs:
@@ -243,19 +246,48 @@ def compare_runs(
             same = "" if str(first) == str(run_dir) else f" (as {first} and {run_dir})"
             raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
     analyses: dict[str, ModelAnalysis] = {}
-    for run_dir in run_dirs:
+    tasks: dict[str, str] = {}
+    notes: list[str] = []
+    for run_dir, run_label in zip(run_dirs, run_labels(list(seen)), strict=True):
         run = load_run(run_dir)
         thresholds = with_overrides(run.relation, overrides or {})
         for model, analysis in analyse_run(run, thresholds, metric).items():
-            label = model if len(run_dirs) == 1 else f"{run_dir.name}/{model}"
-            if label in analyses:  # two run dirs of the same name
-                label = f"{run_dir}/{model}"
+            # Model names hold no "/": with distinct run labels, labels are distinct too.
+            label = model if len(run_dirs) == 1 else f"{run_label}/{model}"
+            assert label not in analyses, f"two columns labelled {label}"
             analyses[label] = analysis
+            tasks[label] = run.manifest.task
+        writer = writer_pid(run_dir)
+        if writer is not None:
+            notes.append(
+                f"a process (pid {writer}) is still running in {run_dir}: its columns cover "
+                "the judgements so far"
+            )
     if len(analyses) < 2:
         raise AnalysisError(
             f"nothing to compare: {len(analyses)} model(s) in {len(run_dirs)} run dir(s)"
         )
-    return compare(analyses)
+    if not any(analysis.dimension_means for analysis in analyses.values()):
+        raise AnalysisError(
+            f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (every "
+            "judgement is unscorable or an error); `trig-stream status` counts them"
+        )
+    return compare(analyses, tasks, notes)
+
+
+def run_labels(paths: Sequence[Path]) -> list[str]:
+    """The shortest end of each (absolute, distinct) path that no other one ends with: the
+    folder name, with as many parents as it takes to tell two of the same name apart."""
+    parts = [path.parts for path in paths]
+    lengths = [1] * len(paths)
+    while True:
+        labels = [str(Path(*p[-n:])) for p, n in zip(parts, lengths, strict=True)]
+        clashing = {label for label in labels if labels.count(label) > 1}
+        if not clashing:
+            return labels
+        for index, label in enumerate(labels):
+            if label in clashing:
+                lengths[index] += 1
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:

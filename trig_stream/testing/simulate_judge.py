@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
 
@@ -134,7 +135,7 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port {args.port}: a port is 0 to 65535 (0 picks a free one)")
     except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return EXIT_USAGE
     try:
         anyio.run(_serve, options, args.host, args.port, console, backend="asyncio")
@@ -143,7 +144,8 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
         reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
         reason = reason or str(exc)
         console.print(
-            f"[red]error:[/] cannot listen on {args.host}:{args.port}: {reason}", highlight=False
+            f"[red]error:[/] cannot listen on {escape(f'{args.host}:{args.port}: {reason}')}",
+            highlight=False,
         )
         return EXIT_UNAVAILABLE
     return EXIT_OK
@@ -151,7 +153,11 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
 
 async def _serve(options: JudgeServerOptions, host: str, port: int, console: Console) -> None:
     async with JudgeServer(options, host=host, port=port) as server:
-        console.print(f"simulated judge serving {options.model!r} at {server.base_url}")
+        console.print(
+            f"simulated judge serving {options.model!r} at {server.base_url}",
+            highlight=False,
+            markup=False,
+        )
         # Tools that start the command read this line to learn the port.
         print(f"READY {server.base_url}", flush=True)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 TINY_MODELS = ("flux", "sd", "instruct_pix2pix", "vlm")
 
@@ -49,16 +50,17 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        console.print(f"[red]error:[/] cannot make the folder {out}: {exc.strerror or exc}")
+        reason = escape(f"{out}: {exc.strerror or exc}")
+        console.print(f"[red]error:[/] cannot make the folder {reason}", highlight=False)
         return EXIT_CANNOT_WRITE
     for name in TINY_MODELS:
         folder = out / name
         if folder.is_dir() and any(folder.iterdir()) and not args.force:
-            console.print(f"{folder}: present", highlight=False)
+            console.print(f"{folder}: present", highlight=False, markup=False)
             continue
         if name == "vlm":
             build_tiny_vlm(folder)
         else:
             build_tiny_pipeline(name, folder)  # type: ignore[arg-type]
-        console.print(f"{folder}: built", highlight=False)
+        console.print(f"{folder}: built", highlight=False, markup=False)
     return 0

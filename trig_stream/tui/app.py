@@ -21,6 +21,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
+from trig_stream.errors import TrigStreamError
 from trig_stream.tui import render
 from trig_stream.tui.dashboard import REFRESH_EVERY_S, Dashboard
 from trig_stream.tui.snapshot import CLEAN_END_STATES, DashboardSnapshot, SnapshotSource
@@ -141,6 +142,9 @@ class TrigDashboardApp(App[None]):
         self.refresh_every_s = refresh_every_s
         self.linger = linger
         self.interrupts = 0
+        self.source_error: TrigStreamError | None = None
+        """What ended the app when its source failed (the watched run directory is gone):
+        the caller reports it."""
         self._shown_finished = False
 
     def compose(self) -> ComposeResult:
@@ -166,6 +170,10 @@ class TrigDashboardApp(App[None]):
             # Pause and stop are greyed out once the run is over; redraw the footer only then.
             self._shown_finished = snapshot.finished
             self.refresh_bindings()
+
+    def on_dashboard_failed(self, message: Dashboard.Failed) -> None:
+        self.source_error = message.error
+        self.exit()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("toggle_pause", "stop"):

@@ -18,6 +18,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Sparkline
 
+from trig_stream.errors import TrigStreamError
 from trig_stream.tui import render
 from trig_stream.tui.snapshot import DashboardSnapshot, RelationView, SnapshotSource
 
@@ -136,6 +137,14 @@ class Dashboard(Widget):
             super().__init__()
             self.snapshot = snapshot
 
+    class Failed(Message):
+        """Posted once when the source cannot describe the run any more (its run directory
+        was deleted, say); the dashboard stops asking it."""
+
+        def __init__(self, error: TrigStreamError) -> None:
+            super().__init__()
+            self.error = error
+
     def __init__(
         self,
         source: SnapshotSource | None = None,
@@ -149,6 +158,8 @@ class Dashboard(Widget):
         self.refresh_every_s = refresh_every_s
         self.linger = linger
         self.snapshot: DashboardSnapshot | None = None
+        self.error: TrigStreamError | None = None
+        """Why the source stopped giving snapshots, once it did."""
         self._busy = False
 
     def compose(self) -> ComposeResult:
@@ -172,11 +183,15 @@ class Dashboard(Widget):
 
     async def refresh_snapshot(self) -> None:
         """Ask the source for a snapshot and draw it (skipped while the last is pending)."""
-        if self.source is None or self._busy:
+        if self.source is None or self._busy or self.error is not None:
             return
         self._busy = True
         try:
             snapshot = await self.source.snapshot()
+        except TrigStreamError as exc:
+            self.error = exc
+            self.post_message(self.Failed(exc))
+            return
         finally:
             self._busy = False
         self.show(snapshot)

@@ -14,8 +14,6 @@ any other way (a fatal error) closes the app, so the caller can report what happ
 
 from __future__ import annotations
 
-import sys
-
 import anyio
 from anyio.abc import TaskStatus
 from textual.pilot import Pilot
@@ -33,11 +31,6 @@ except ImportError:  # pragma: no cover
     from typing import Any
 
     AutopilotCallbackType = Callable[[Pilot[Any]], Awaitable[None]]  # type: ignore[misc]
-
-
-def terminal_is_interactive() -> bool:
-    """Whether stdin and stdout are a terminal, so a full-screen app can be shown."""
-    return sys.stdin.isatty() and sys.stdout.isatty()
 
 
 async def run_dashboard(

@@ -108,7 +108,8 @@ class DashboardSnapshot:
     elapsed_s: float | None = None
     samples_total: int | None = None
     samples_done: int | None = None
-    """Samples read from the dataset (engine) or seen in the journal (watch)."""
+    """Samples read from the dataset (engine), or judged as the engine's ETA counts them
+    (watch: judgements over two per judge, averaged over the models)."""
     eta_s: float | None = None
     models: tuple[ModelProgress, ...] = ()
     buffers: tuple[Gauge, ...] = ()

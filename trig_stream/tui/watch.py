@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from trig_stream.errors import MissingExtraError
+from trig_stream.progress import full_screen_possible
 from trig_stream.tui.render import duration
 from trig_stream.tui.snapshot import DashboardSnapshot
 from trig_stream.tui.watch_source import RunDirSource
@@ -40,7 +41,7 @@ def add_watch_command(subparsers: Any) -> argparse.ArgumentParser:
     watch.add_argument("run_dir", type=Path, help="the run directory to follow")
     watch.add_argument(
         "--interval",
-        type=_positive,
+        type=_interval,
         default=DEFAULT_INTERVAL_S,
         metavar="S",
         help=f"seconds between two refreshes (default {DEFAULT_INTERVAL_S})",
@@ -53,20 +54,21 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     """Run ``trig-stream watch``: the dashboard on a terminal, progress lines elsewhere.
 
     Raises:
-        RunDirError: ``run_dir`` is not a run directory.
+        RunDirError: ``run_dir`` is not a run directory, or stops being one while watched.
         MissingExtraError: on a terminal, textual is not installed.
     """
     run_dir: Path = args.run_dir
     source = RunDirSource(run_dir)
     source.poll()  # a bad directory fails here, before any screen is drawn
-    from trig_stream.tui.run import terminal_is_interactive
-
-    if terminal_is_interactive():
+    if full_screen_possible():
         try:
             from trig_stream.tui.app import TrigDashboardApp
         except ImportError as exc:
             raise MissingExtraError("textual", "tui") from exc
-        TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=args.interval).run()
+        app = TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=args.interval)
+        app.run()
+        if app.source_error is not None:  # the run directory went away meanwhile
+            raise app.source_error
         return 0
     return follow(source, console, interval_s=args.interval)
 
@@ -74,11 +76,26 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
 def follow(
     source: RunDirSource, console: Console, *, interval_s: float, max_polls: int | None = None
 ) -> int:
-    """Print a progress line whenever the run moves, until nobody writes it any more."""
+    """Print a progress line whenever the run moves, until nobody writes it any more.
+
+    Journal lines that are not judgements are skipped, as ``status`` and ``report`` skip
+    them, with one warning.
+    """
     last = ""
     polls = 0
+    warned = False
     while True:
         snapshot = source.poll()
+        tail = source.tail
+        if tail.bad_lines and not warned:
+            warned = True
+            console.print(
+                f"warning: {tail.path}: {tail.bad_lines} line(s) are not judgements and were "
+                f"skipped (the first: {tail.first_problem})",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
         line = describe(snapshot)
         if line != last:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -104,8 +121,12 @@ def describe(snapshot: DashboardSnapshot) -> str:
 MAX_INTERVAL_S = 3600.0
 
 
-def _positive(text: str) -> float:
-    value = float(text)
+def _interval(text: str) -> float:
+    # Raising the message itself: argparse would name this function in its own.
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value <= MAX_INTERVAL_S:  # NaN fails this too
         raise argparse.ArgumentTypeError(
             f"must be more than 0 and at most {MAX_INTERVAL_S:g} seconds, not {text}"

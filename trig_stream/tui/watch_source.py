@@ -23,6 +23,7 @@ from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.store import (
     JOURNAL,
     Manifest,
+    journal_unreadable,
     line_problem,
     parse_journal_line,
     read_manifest,
@@ -65,7 +66,7 @@ class JournalTail:
         """The complete judgements written since the previous read, in journal order.
 
         Raises:
-            OSError: the journal exists but cannot be read.
+            RunDirError: the journal exists but cannot be read.
         """
         try:
             with self.path.open("rb") as handle:
@@ -73,6 +74,8 @@ class JournalTail:
                 data = handle.read(limit)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise journal_unreadable(self.path, exc) from None
         self.behind = len(data) == limit
         end = data.rfind(b"\n") + 1
         judgements = []
@@ -116,10 +119,12 @@ class RunDirSource:
         self._manifest_mtime = -1.0
         self._tracker = RelationTracker()
         self._samples_total: int | None = None
+        self._config_models: list[str] = []
+        """The models and the number of judges of the run's latest config (when readable)."""
+        self._config_judges = 0
         self._status: dict[JudgementKey, Status] = {}
         self._counts: dict[str, Counter[Status]] = {}
         self._images: dict[str, set[str]] = {}
-        self._data_ids: set[str] = set()
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._errors: deque[str] = deque(maxlen=20)
         self._last_at: float | None = None
@@ -146,7 +151,8 @@ class RunDirSource:
         now = self._clock()
         judged = len(self._status)
         per_s = self._judged_rate.add(now, judged)
-        samples_per_s = self._samples_rate.add(now, len(self._data_ids))
+        finished = self._finished_samples(manifest)
+        samples_per_s = self._samples_rate.add(now, finished)
         self._history.add(now, per_s)
         writer = writer_pid(self.run_dir)
         state = "running" if writer is not None else "finished"
@@ -174,8 +180,8 @@ class RunDirSource:
             state=state,
             elapsed_s=self._elapsed(manifest, running=writer is not None),
             samples_total=self._samples_total,
-            samples_done=len(self._data_ids),
-            eta_s=estimate_eta(self._samples_total, len(self._data_ids), samples_per_s)
+            samples_done=finished,
+            eta_s=estimate_eta(self._samples_total, finished, samples_per_s)
             if writer is not None
             else 0.0,
             models=tuple(self._progress(name) for name in models),
@@ -188,6 +194,18 @@ class RunDirSource:
             last_errors=tuple(self._errors),
             message=message,
         )
+
+    def _finished_samples(self, manifest: Manifest) -> int:
+        # As the engine's dashboard counts them: a sample's judgements (two per judge) per
+        # model, averaged over the models; a sample one model judged and another has still
+        # to make is not done.
+        models = self._config_models or list(manifest.generators)
+        if not models:
+            return 0
+        per_sample = 2 * max(self._config_judges or len(manifest.judges), 1)
+        done = sum(self._counts.get(model, Counter()).total() for model in models)
+        finished = int(done / per_sample / len(models))
+        return finished if self._samples_total is None else min(finished, self._samples_total)
 
     def _read_manifest(self) -> Manifest:
         # A resume may add models and judges: read it again whenever it was replaced.
@@ -207,6 +225,8 @@ class RunDirSource:
         except ValueError:
             return
         self._tracker.thresholds = config.relation or RelationSection()
+        self._config_models = [generator.name for generator in config.generators]
+        self._config_judges = len(config.judges)
         if self._samples_total is None:
             try:
                 self._samples_total = DatasetSource(config.dataset, config.run.task).count()
@@ -222,7 +242,6 @@ class RunDirSource:
             counts[previous] -= 1
         self._status[judgement.key] = judgement.status
         counts[judgement.status] += 1
-        self._data_ids.add(judgement.data_id)
         if judgement.image is not None:
             self._images.setdefault(model, set()).add(judgement.data_id)
         if judgement.status == "error":
