@@ -277,6 +277,19 @@ async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFa
     assert len(journal(config)) == 6  # the original run is untouched
 
 
+async def test_results_without_their_manifest_are_refused_not_mixed(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=2)
+    await run_to_end(config)
+    (config.run_dir / store.MANIFEST).unlink()
+    changed = make_config(samples=2, run={"seed": 7})
+    with pytest.raises(RunDirError, match=r"holds results but no manifest\.json"):
+        await run_to_end(changed)
+    assert not (config.run_dir / store.MANIFEST).exists()
+    assert len(list(read_journal(config.run_dir / JOURNAL))) == 4
+
+
 async def test_a_run_that_made_nothing_takes_its_corrected_settings(
     make_config: ConfigFactory,
 ) -> None:
@@ -558,6 +571,19 @@ def test_a_run_dir_locked_by_another_process_names_its_pid(tmp_path: Path) -> No
             store.RunDir(tmp_path)._acquire_lock()
     finally:
         process.communicate("")
+
+
+def test_a_run_lock_deleted_by_hand_does_not_let_a_second_run_in(tmp_path: Path) -> None:
+    manifest = store.Manifest(run_name="locked", task="t2i")
+    first, _ = store.RunDir.open(tmp_path, manifest)
+    try:
+        (tmp_path / store.LOCK).unlink()  # "stale", to the eye
+        with pytest.raises(RunLockedError, match="its journal is locked"):
+            store.RunDir.open(tmp_path, manifest)
+    finally:
+        first.close()
+    second, _ = store.RunDir.open(tmp_path, manifest)  # once the first is gone, it may
+    second.close()
 
 
 def test_a_lock_error_leaves_no_open_lock_file(

@@ -217,6 +217,20 @@ class Journal:
         created = not self.path.exists()
         # Unbuffered: a write that fails leaves nothing behind in a buffer to be written later.
         self._file = self.path.open("ab", buffering=0)
+        try:
+            # The run lock guards the directory, but a run.lock deleted by hand (a "stale"
+            # lock, to the eye) would let a second run in beside this one: the journal's own
+            # lock still keeps it out.
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise RunLockedError(
+                f"{self.path.parent} is in use by another run: its journal is locked (was its "
+                f"{LOCK} deleted?); use `trig-stream watch` to follow it"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
         if created:
             _sync_dir(self.path.parent)  # the journal's name, durable like its lines
         return state
@@ -456,7 +470,16 @@ class RunDir:
 
     def _check_manifest(self, manifest: Manifest) -> None:
         path = self.path / MANIFEST
-        if path.exists() and self._holds_results():
+        holds_results = self._holds_results()
+        if holds_results and not path.exists():
+            # The manifest is written before anything else, so it was removed: what the
+            # results were made with cannot be checked, and a changed config would mix in.
+            raise RunDirError(
+                f"{self.path} holds results but no {MANIFEST}, so the settings they were made "
+                "with cannot be checked: restore the file, or use --new-run to start a fresh "
+                "run directory beside it"
+            )
+        if holds_results:
             stored = read_manifest(self.path)
             differences = stored.differences(manifest)
             if differences:
