@@ -566,10 +566,10 @@ def test_an_unreadable_journal_is_one_error_naming_it(
 
     run = write_run_dir(tmp_path / "run", {})
     (run / JOURNAL).unlink()
-    (run / JOURNAL).mkdir()  # as a permission refused would, the open fails
+    (run / JOURNAL).mkdir()
     others = [str(write_run_dir(tmp_path / "two", {}))] if command == "compare" else []
     assert main([command, str(run), *others]) == EXIT_RUN_DIR
     assert capsys.readouterr().err == (
-        f"error: cannot read the journal {run / JOURNAL}: Is a directory; it must be a file "
-        "this user can read\n"
+        f"error: cannot read the journal {run / JOURNAL}: it is not a regular file (a folder, "
+        "a pipe or a device?); it must be the file a run wrote\n"
     )

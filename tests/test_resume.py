@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -740,3 +741,50 @@ def test_journal_state_keeps_the_latest_status_of_each_key() -> None:
     assert state.status(("synth", "IQ-R_TA-C_1", "TA-C", "trigscore")) is None
     assert state.status(("other", "IQ-R_TA-C_1", "IQ-R", "trigscore")) is None
     assert len(state) == 2
+
+
+def _ends_within(seconds: float, call: Callable[[], object]) -> BaseException | None:
+    """What ``call`` raised, run in a thread that must end within ``seconds``."""
+    raised: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            call()
+            raised.append(None)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert raised, f"still waiting after {seconds} s"
+    return raised[0]
+
+
+@pytest.mark.parametrize("kind", ["pipe", "folder"])
+def test_a_journal_that_is_no_regular_file_is_refused_without_waiting(
+    tmp_path: Path, kind: str
+) -> None:
+    # Opening a pipe for reading waits for a writer: a run, status or report hung there,
+    # deaf to Ctrl-C, holding the run lock.
+    path = tmp_path / JOURNAL
+    if kind == "pipe":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    for call in (lambda: Journal(path).open(), lambda: list(read_journal(path))):
+        error = _ends_within(10, call)
+        assert isinstance(error, RunDirError) and "is not a regular file" in str(error)
+
+
+def test_a_journal_deleted_during_the_run_stops_it(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL
+    journal = Journal(path)
+    journal.open()
+    try:
+        journal.append([digest_record("ok", "IQ-R_IQ-O_1")])
+        path.unlink()
+        with pytest.raises(RunDirError, match="was deleted while the run went on"):
+            journal.append([digest_record("ok", "IQ-R_IQ-O_2")])
+    finally:
+        journal.close()

@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,7 +30,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from sys import intern
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -182,8 +183,9 @@ class Journal:
         """
         state = JournalState()
         good_end = end = 0
-        if self.path.exists():
-            with self.path.open("rb") as handle:
+        handle = open_journal(self.path)
+        if handle is not None:
+            with handle:
                 unreadable: list[int] = []  # since the last judgement
                 for number, raw in enumerate(handle, start=1):
                     end += len(raw)
@@ -243,7 +245,15 @@ class Journal:
         if not data:
             return
         fd = self._file.fileno()
-        start = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if info.st_nlink == 0:
+            # Removed from its folder (the run directory deleted, most likely): each line
+            # written now would be lost with the file once the run ends.
+            raise RunDirError(
+                f"the journal {self.path} was deleted while the run went on (its run "
+                "directory removed?): stopping, since nothing written now would be kept"
+            )
+        start = info.st_size
         try:
             _write_all(fd, data)
             os.fsync(fd)
@@ -275,12 +285,9 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
     """
     skipped: list[int] = []
     first_reason = ""
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
+    handle = open_journal(path)
+    if handle is None:
         return
-    except OSError as exc:
-        raise journal_unreadable(path, exc) from None
     # The caller's own errors are never thrown in at the yield: an OSError here is a read's.
     with handle:
         try:
@@ -304,6 +311,28 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
             skipped[0],
             first_reason,
         )
+
+
+def open_journal(path: Path) -> BinaryIO | None:
+    """A journal opened for reading, or None when there is none.
+
+    Raises:
+        RunDirError: it exists but cannot be read, or is no regular file: a folder, or a
+            pipe, whose opening and reading would wait for a writer forever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # no effect on a regular file
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise journal_unreadable(path, exc) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(
+            f"cannot read the journal {path}: it is not a regular file (a folder, a pipe or a "
+            "device?); it must be the file a run wrote"
+        )
+    return os.fdopen(fd, "rb")
 
 
 def journal_unreadable(path: Path, exc: OSError) -> RunDirError:

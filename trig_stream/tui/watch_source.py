@@ -25,6 +25,7 @@ from trig_stream.store import (
     Manifest,
     journal_unreadable,
     line_problem,
+    open_journal,
     parse_journal_line,
     read_manifest,
     writer_pid,
@@ -68,12 +69,13 @@ class JournalTail:
         Raises:
             RunDirError: the journal exists but cannot be read.
         """
+        handle = open_journal(self.path)
+        if handle is None:
+            return []
         try:
-            with self.path.open("rb") as handle:
+            with handle:
                 handle.seek(self.offset)
                 data = handle.read(limit)
-        except FileNotFoundError:
-            return []
         except OSError as exc:
             raise journal_unreadable(self.path, exc) from None
         self.behind = len(data) == limit
