@@ -91,6 +91,15 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
                 ),
             ]
         ),
+        # Every backend's options: no NaN or infinity (a latency of inf waits forever).
+        (
+            ("options = { size = 32 }", "options = { size = 32, latency_s = inf }"),
+            r"generators\[1\]\.options\.latency_s: Input should be a finite number",
+        ),
+        (
+            ('backend = "fake"', 'backend = "fake"\noptions = { latency_s = nan }'),
+            r"judges\[0\]\.options\.latency_s: Input should be a finite number",
+        ),
         (
             ('backend = "fake"', 'backend = "fake"\nadaptive = { enabeld = true }'),
             r"judges\[0\]\.adaptive\.enabeld: unknown key; did you mean 'enabled'\?",

@@ -10,9 +10,10 @@ import math
 from typing import TYPE_CHECKING, Annotated
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest
+from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
 from trig_stream.hashing import unit_hash
 from trig_stream.records import JudgeFingerprint
@@ -27,7 +28,7 @@ _WORDS = ("excellent", "good", "medium", "bad", "terrible")
 class FakeJudgeOptions(BaseModel):
     """``options`` of the ``fake`` judge. Rates are shares of requests, chosen by hash."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     latency_s: Annotated[float, Field(ge=0)] = 0.0
     seed: int = 0

@@ -12,9 +12,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError
 from trig_stream.hashing import unit_hash
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 class SyntheticOptions(BaseModel):
     """``options`` of the ``synthetic`` generator."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     size: Annotated[int, Field(ge=8, le=4096)] = 64
     latency_s: Annotated[float, Field(ge=0)] = 0.0

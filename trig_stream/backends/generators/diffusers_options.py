@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.generators.presets import (
     PRESETS,
@@ -28,6 +28,7 @@ from trig_stream.backends.generators.presets import (
     IPAdapterSpec,
     preset_names,
 )
+from trig_stream.config import OPTIONS_CONFIG
 
 Offload = Literal["none", "model", "sequential"]
 Isolation = Literal["thread", "process"]
@@ -38,7 +39,7 @@ _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 class IPAdapterOptions(BaseModel):
     """``options.ip_adapter``: IP-Adapter weights for ``ip_adapter`` inputs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     repo: str
     weight_name: str
@@ -67,7 +68,7 @@ class DiffusersOptions(BaseModel):
     or both ``pipeline`` and ``checkpoint``; every other field overrides the preset.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     preset: str | None = None
     pipeline: str | None = None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from trig_stream.backends.base import (
     EncodedPicture,
@@ -50,7 +50,7 @@ from trig_stream.backends.generators.dtm_relations import (
     system_message,
     user_message,
 )
-from trig_stream.config import HttpUrl
+from trig_stream.config import OPTIONS_CONFIG, HttpUrl
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
 from trig_stream.records import PromptRewrite
 from trig_stream.retry import RetryPolicy
@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 class InnerGenerator(BaseModel):
     """``options.inner``: the generator that draws the rewritten prompts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     backend: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -90,7 +90,7 @@ class DTMRewriteOptions(BaseModel):
     """``options`` of the ``dtm_rewrite`` generator. Give ``relations``, ``report`` or both
     (``relations`` win for the pairs they name)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     inner: InnerGenerator
     model: str

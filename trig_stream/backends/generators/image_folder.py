@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
 from trig_stream.backends.generators.source_images import open_image, png_as_is
+from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 class ImageFolderOptions(BaseModel):
     """``options`` of the ``image_folder`` generator."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     path: Path
     """The folder of ``<data_id>.<ext>`` files for this model."""

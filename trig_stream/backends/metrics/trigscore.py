@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from trig_stream.backends.metrics.base import ImageMetric, MetricInput, MetricNeed, Value
+from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.scoring import Scorer, score_top_logprobs
 
 
 class TRIGScoreOptions(BaseModel):
     """Options of the ``trigscore`` metric."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = OPTIONS_CONFIG
 
     scorer: Scorer = "robust"
     """``trig`` for upstream's exact formula, ``robust`` for the normalising one."""
