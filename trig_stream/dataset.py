@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,16 @@ class DatasetSource:
         Raises:
             DatasetError: the dataset cannot be opened.
         """
+        return self.selected_pairs().total()
+
+    def selected_pairs(self) -> Counter[tuple[Dimension, Dimension]]:
+        """How many samples of each pair :meth:`count` counts (what a reader of a run needs
+        to know how many judgements it makes: a metric judge measures some pairs only).
+
+        Raises:
+            DatasetError: the dataset cannot be opened.
+        """
+        pairs: Counter[tuple[Dimension, Dimension]] = Counter()
         selected = 0
         limit = self.section.limit
         for raw in self._raw_records(identity_only=True):
@@ -157,10 +168,11 @@ class DatasetSource:
             except Rejected:
                 continue
             if self._selected(dimensions):
+                pairs[dimensions] += 1
                 selected += 1
                 if limit is not None and selected >= limit:
                     break
-        return selected
+        return pairs
 
     def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
         path = self.section.path

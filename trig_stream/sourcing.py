@@ -84,7 +84,9 @@ class SourceStage:
                     if context.is_stopping():
                         break
                     await send_now(sends[work.model], work)
-                    context.counters.model(work.model).queued += 1
+                    counts = context.counters.model(work.model)
+                    counts.queued += 1
+                    counts.to_judge += len(work.todo)
         finally:
             for send in sends.values():
                 send.close()

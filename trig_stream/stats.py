@@ -55,6 +55,9 @@ class ModelCounts:
 
     queued: int = 0
     """Samples sent to the model's generation buffer."""
+    to_judge: int = 0
+    """Judgements the queued samples need (each judge asked about the dimensions it
+    measures: two for a VLM judge, one or none for a metric's)."""
     skipped: int = 0
     """Samples whose every judgement was already in the journal."""
     generated: int = 0
@@ -70,6 +73,13 @@ class ModelCounts:
     @property
     def judged(self) -> int:
         return self.ok + self.unscorable + self.error
+
+    @property
+    def samples_finished(self) -> float:
+        """Samples with every judgement written: those an earlier run finished, and the
+        queued ones' share of the judgements they need."""
+        share = self.judged / self.to_judge if self.to_judge else 0.0
+        return self.skipped + self.queued * min(share, 1.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,12 +140,10 @@ class EngineSource:
 
     def _finished_samples(self, stats: EngineStats) -> int:
         # Reading runs ahead of judging by the buffers, so the ETA counts samples whose
-        # judgements are written (two per judge), or that an earlier run finished, averaged
-        # over the models.
+        # judgements are written, or that an earlier run finished, averaged over the models.
         if not stats.models:
             return 0
-        per_sample = 2 * max(len(self.engine.config.judges), 1)
-        done = sum(m.skipped + m.judged / per_sample for m in stats.models.values())
+        done = sum(m.samples_finished for m in stats.models.values())
         return int(done / len(stats.models))
 
     async def snapshot(self) -> DashboardSnapshot:

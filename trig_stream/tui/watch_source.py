@@ -17,8 +17,10 @@ from pathlib import Path
 import anyio
 
 from trig_stream.analysis.live import RelationTracker
+from trig_stream.backends.registry import build_judge
 from trig_stream.config import RelationSection, RunConfig
 from trig_stream.dataset import DatasetSource
+from trig_stream.dimensions import Dimension
 from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.store import (
     JOURNAL,
@@ -122,8 +124,9 @@ class RunDirSource:
         self._tracker = RelationTracker()
         self._samples_total: int | None = None
         self._config_models: list[str] = []
-        """The models and the number of judges of the run's latest config (when readable)."""
-        self._config_judges = 0
+        """The models of the run's latest config (when readable)."""
+        self._judgements_total = 0
+        """The judgements each model makes of the samples, when the dataset is readable."""
         self._status: dict[JudgementKey, Status] = {}
         self._counts: dict[str, Counter[Status]] = {}
         self._images: dict[str, set[str]] = {}
@@ -198,16 +201,16 @@ class RunDirSource:
         )
 
     def _finished_samples(self, manifest: Manifest) -> int:
-        # As the engine's dashboard counts them: a sample's judgements (two per judge) per
-        # model, averaged over the models; a sample one model judged and another has still
-        # to make is not done.
+        # As the engine's dashboard counts them: the share of each model's judgements that
+        # are written, averaged over the models; a sample one model judged and another has
+        # still to make is not done.
         models = self._config_models or list(manifest.generators)
-        if not models:
+        if not models or not self._samples_total:
             return 0
-        per_sample = 2 * max(self._config_judges or len(manifest.judges), 1)
         done = sum(self._counts.get(model, Counter()).total() for model in models)
-        finished = int(done / per_sample / len(models))
-        return finished if self._samples_total is None else min(finished, self._samples_total)
+        planned = self._judgements_total * len(models)
+        share = min(done / planned, 1.0) if planned else 1.0
+        return int(self._samples_total * share)
 
     def _read_manifest(self) -> Manifest:
         # A resume may add models and judges: read it again whenever it was replaced.
@@ -228,12 +231,14 @@ class RunDirSource:
             return
         self._tracker.thresholds = config.relation or RelationSection()
         self._config_models = [generator.name for generator in config.generators]
-        self._config_judges = len(config.judges)
         if self._samples_total is None:
             try:
-                self._samples_total = DatasetSource(config.dataset, config.run.task).count()
+                source = DatasetSource(config.dataset, config.run.task)
+                pairs = source.selected_pairs()
             except Exception:  # a dataset moved or gone: the ETA stays unknown
-                self._samples_total = None
+                return
+            self._samples_total = pairs.total()
+            self._judgements_total = _judgements_per_model(config, source, pairs)
 
     def _add(self, judgement: Judgement) -> None:
         # The last judgement of a key wins, as in the journal: a retried error is replaced.
@@ -273,3 +278,18 @@ def _rank(ordered: list[float], share: float) -> float | None:
     if not ordered:
         return None
     return ordered[round(share * (len(ordered) - 1))]
+
+
+def _judgements_per_model(
+    config: RunConfig, source: DatasetSource, pairs: Counter[tuple[Dimension, Dimension]]
+) -> int:
+    """The judgements a model makes of the selected samples: each judge is asked about the
+    dimensions of a pair it measures (a metric's judge, some only)."""
+    try:
+        judges = [build_judge(entry, config) for entry in config.judges]  # nothing loads
+    except Exception:  # a backend this machine lacks: every judge counted on every dimension
+        return 2 * len(config.judges) * pairs.total()
+    return sum(
+        count * sum(judge.measures(d) for judge in judges for d in source.dimensions_to_judge(pair))
+        for pair, count in pairs.items()
+    )
