@@ -126,7 +126,7 @@ BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
             'backend = "openai"\noptions = { model = "m", base_url = "http://127.0.0.1:99999/v1" }',
         ),
         EXIT_CONFIG,
-        "judges[0].options.base_url: Value error, not a URL: Port out of range",
+        "judges[0].options.base_url: not a URL: Port out of range",
     ),
     (
         "judge URL without a scheme",
@@ -135,7 +135,7 @@ BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
             'backend = "openai"\noptions = { model = "m", base_urls = ["127.0.0.1:8000/v1"] }',
         ),
         EXIT_CONFIG,
-        "judges[0].options.base_urls[0]: Value error, not an http:// or https:// URL",
+        "judges[0].options.base_urls[0]: not an http:// or https:// URL",
     ),
     (
         "no generators",

@@ -381,6 +381,12 @@ def _problems(
             message = "required key is missing"
         elif error["type"] == _URL_CREDENTIALS:
             message = error["msg"]
+        elif error["type"] == "value_error":
+            # Our own checks: their message says what is wrong, without pydantic's prefix,
+            # and a check of a whole table would quote all of it.
+            message = str(error["ctx"]["error"])
+            if not isinstance(error.get("input"), dict):
+                message += f" (got {error.get('input')!r})"
         else:
             message = f"{error['msg']} (got {error.get('input')!r})"
         lines.append(_problem_line(source, text, loc, message))
