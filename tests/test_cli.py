@@ -211,6 +211,12 @@ def test_validate_checks_what_the_backends_need_from_this_machine(
     path.write_text(path.read_text() + '[[judges]]\nbackend = "fake"\n')
     assert main(["validate", str(path)]) == EXIT_FATAL
     assert "generator 'flux': checkpoint " in capsys.readouterr().err
+    made = f'options = {{ path = "{nowhere}" }}'
+    folder = f'[[generators]]\nname = "made"\nbackend = "image_folder"\n{made}\n'
+    path.write_text(base.replace("[[generators]]", folder + "[[generators]]", 1))
+    path.write_text(path.read_text() + '[[judges]]\nbackend = "fake"\n')
+    assert main(["validate", str(path)]) == EXIT_FATAL
+    assert f"image folder {nowhere} does not exist" in capsys.readouterr().err
 
 
 def test_run_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

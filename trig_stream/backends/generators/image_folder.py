@@ -97,17 +97,21 @@ class ImageFolderGenerator(Generator):
             "extensions": self.options.extensions,
         }
 
+    def check_environment(self) -> None:
+        """The folder exists (``validate`` says so before a run does)."""
+        if not self.folder.is_dir():
+            raise FatalBackendError(
+                f"image folder {self.folder} does not exist or is not a folder; "
+                "set options.path to the folder of <data_id>.<ext> files"
+            )
+
     def load(self) -> None:
         """Index the folder once: data_id -> files.
 
         Raises:
             FatalBackendError: the folder does not exist.
         """
-        if not self.folder.is_dir():
-            raise FatalBackendError(
-                f"image folder {self.folder} does not exist or is not a folder; "
-                "set options.path to the folder of <data_id>.<ext> files"
-            )
+        self.check_environment()
         accepted = self.options.extensions
         for entry in sorted(self.folder.iterdir()):
             if not entry.is_file() or entry.name.startswith("."):
