@@ -105,6 +105,10 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
             r"judges\[0\]\.adaptive\.enabeld: unknown key; did you mean 'enabled'\?",
         ),
         (
+            ('name = "two"\n', 'name = "two\\n"\n'),  # a newline at its end: a folder's name
+            r"generators\[1\]\.name: must start with a letter or digit",
+        ),
+        (
             ('name = "two"\n', 'name = "two"\nworkers = "many"\n'),
             r"run\.toml:15: generators\[1\]\.workers: .*integer",
         ),

@@ -210,6 +210,13 @@ def test_filters_and_limit(tmp_path: Path) -> None:
             "dimension_prompt[1] is not valid Unicode: a lone surrogate '\\udfff' at character 0",
         ),
         ({"data_id": "IQ-R_TA-C_\ud83d", "prompt": "p", "x": ["\ud83d"]}, "safe file name"),
+        # "$" matched before a final newline: the id passed, beside the same id without it.
+        ({"data_id": "IQ-R_TA-C_9\n", "prompt": "p"}, "safe file name"),
+        ({"data_id": "IQ-R_TA-C_1", "prompt": "p", "dimension": 5}, "two dimension codes, got 5"),
+        (
+            {"data_id": "IQ-R_TA-C_1", "prompt": "p", "dimension": {"IQ-R": 1, "TA-C": 2}},
+            "two dimension codes",
+        ),
     ],
 )
 def test_malformed_records_are_quarantined(tmp_path: Path, record: object, reason: str) -> None:
@@ -221,6 +228,71 @@ def test_malformed_records_are_quarantined(tmp_path: Path, record: object, reaso
     assert len(refused) == 1 and reason in refused[0].reason
     assert refused[0].index == 0
     refused[0].model_dump_json()  # the quarantine file's line: text it cannot hold is escaped
+
+
+def test_a_null_dimensions_beside_a_dimension_takes_the_dimension(tmp_path: Path) -> None:
+    # A parquet with both columns has nulls in one where the other holds the pair.
+    path = tmp_path / "both.json"
+    record = {
+        "data_id": "IQ-R_TA-C_1",
+        "prompt": "p",
+        "dimensions": None,
+        "dimension": ["D-K", "R-B"],
+    }
+    path.write_text(json.dumps([record]))
+    samples, _ = read(DatasetSection(path=path))
+    assert samples[0].dimensions == ("D-K", "R-B")
+
+
+def test_source_images_past_the_readers_limits_are_quarantined(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "ok.png").write_bytes(png_bytes())
+    # 196 million pixels in a few kilobytes: more than Pillow agrees to decode.
+    Image.new("1", (14000, 14000)).save(root / "bomb.png", optimize=True)
+    (root / "text.png").write_text("not an image")
+    records = [
+        {"data_id": f"IQ-R_TA-C_{n}", "prompt": "p", "img_id": name}
+        for n, name in enumerate(["ok.png", "bomb.png", "text.png"], start=1)
+    ]
+    path = tmp_path / "p2p.json"
+    path.write_text(json.dumps(records))
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    assert "source image 'bomb.png' cannot be decoded: Image size" in refused[0].reason
+    assert refused[1].reason == "source image 'text.png' is no image Pillow can read"
+
+
+def test_an_image_root_that_is_no_folder_is_one_error(tmp_path: Path) -> None:
+    path = tmp_path / "p2p.json"
+    path.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1", "prompt": "p", "img_id": "a.png"}]))
+    with pytest.raises(DatasetError, match=r"image_root .*nonexistent is not a folder"):
+        read(DatasetSection(path=path, image_root=tmp_path / "nonexistent"), task="p2p")
+
+
+def test_json_past_the_readers_limits_is_a_clear_error_or_its_lines_fault(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(DatasetError, match="nested too deep to read"):
+        read(DatasetSection(path=deep))
+    big = tmp_path / "big.json"
+    big.write_text('[{"data_id": "IQ-R_TA-C_1", "x": ' + "9" * 5000 + "}]")
+    with pytest.raises(DatasetError, match="an integer too long to read"):
+        read(DatasetSection(path=big))
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(
+        '{"data_id": "IQ-R_TA-C_1", "prompt": "a"}\n'
+        + "[" * 100_000
+        + "]" * 100_000
+        + '\n{"data_id": "IQ-R_TA-C_2", "x": '
+        + "9" * 5000
+        + "}\n"
+    )
+    samples, refused = read(DatasetSection(path=lines))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    assert [r.reason.split(":")[0] for r in refused] == ["line 2", "line 3"]
 
 
 def test_a_json_object_is_read_as_records_by_data_id_or_refused(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -178,6 +179,10 @@ class DatasetSource:
         path = self.section.path
         if not path.exists():
             raise DatasetError(f"dataset {path} does not exist")
+        root = self.section.image_root
+        if self.task != "t2i" and root is not None and not root.is_dir():
+            # Every record naming a source would be refused for it: one error says why.
+            raise DatasetError(f"[dataset] image_root {root} is not a folder")
         fmt: str = self.section.format
         if fmt == "auto":
             suffix = path.suffix.lower() if path.is_file() else ""
@@ -249,7 +254,11 @@ def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
     try:
         with Image.open(source) as image:
             image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise Rejected(f"{what} is no image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # DecompressionBombError: more pixels than Pillow agrees to decode (a bomb, or a
+        # picture far larger than any model takes).
         raise Rejected(f"{what} cannot be decoded: {exc}") from None
 
 
@@ -285,13 +294,15 @@ def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]
 
 
 def _dimensions(raw: Mapping[str, Any], data_id: str) -> tuple[Dimension, Dimension]:
-    given = raw.get("dimensions", raw.get("dimension"))
+    given = raw.get("dimensions")
+    if given is None:  # absent, or null beside the older "dimension" (a parquet's two columns)
+        given = raw.get("dimension")
     try:
         if given is None:
             return pair_from_data_id(data_id)
         if isinstance(given, str):
             return split_pair(given)
-        values = list(given)
+        values = list(given) if isinstance(given, list | tuple) else []
         if len(values) != 2 or not all(isinstance(v, str) for v in values):
             raise Rejected(f"dimensions must be two dimension codes, got {given!r}")
         return split_pair(f"{values[0]}_{values[1]}")
@@ -366,6 +377,8 @@ def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         raise DatasetError(
             f"cannot read dataset {path}: byte {exc.start} is not {exc.encoding} text"
         ) from None
+    except (ValueError, RecursionError) as exc:  # an integer of 5,000 digits; deep nesting
+        raise DatasetError(f"cannot read dataset {path}: {_json_limit(exc)}") from None
     if isinstance(data, Mapping):
         # Some TRIG files map data_id -> record.
         if data and not any(isinstance(value, Mapping) for value in data.values()):
@@ -434,12 +447,23 @@ def _read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
                 yield _Unreadable(f"line {number}: byte {exc.start} is not utf-8 text", line)
             except json.JSONDecodeError as exc:
                 yield _Unreadable(f"line {number} is not JSON: {exc}", line)
+            except (ValueError, RecursionError) as exc:
+                yield _Unreadable(f"line {number}: {_json_limit(exc)}", line)
             else:
                 if isinstance(record, Mapping):
                     yield record
                 else:
                     kind = _kind(record)
                     yield _Unreadable(f"line {number} is a JSON {kind}, not a record", line)
+
+
+def _json_limit(exc: ValueError | RecursionError) -> str:
+    """What JSON within the syntax but past the reader's limits holds."""
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nested too deep to read"
+    if "integer string conversion" in str(exc):
+        return f"an integer too long to read (over {sys.get_int_max_str_digits()} digits)"
+    return str(exc)
 
 
 IDENTITY_COLUMNS = ("data_id", "dimensions", "dimension")

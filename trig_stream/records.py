@@ -35,7 +35,7 @@ JudgementKey: TypeAlias = tuple[str, str, str, str]
 """(model, data_id, dimension, metric): what a run judges exactly once."""
 
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" lets a final newline in
 """What a name that becomes a file or folder name may be: a model's, a metric's, a data_id."""
 
 
