@@ -830,6 +830,30 @@ class LoadsUntilReleased(SyntheticGenerator):
         self.closed.set()
 
 
+async def test_plain_progress_prints_a_line_when_a_load_starts_and_ends(
+    make_config: ConfigFactory,
+) -> None:
+    # Lines come every 10 s without a terminal: a load between two said nothing of itself.
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from trig_stream.progress import PlainProgress
+    from trig_stream.stats import ModelCounts
+
+    idle = Engine(make_config(samples=1)).stats()
+    loading = replace(idle, models={"synth": ModelCounts(loading=True)})
+    loaded = replace(idle, models={"synth": ModelCounts()})
+    out = io.StringIO()
+    with PlainProgress(Console(file=out, width=200)) as progress:
+        progress.update(loaded, force=True)
+        progress.update(loading)
+        progress.update(loading)  # no news: no line
+        progress.update(loaded)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "loading synth" in lines[1] and "loading" not in lines[2]
+
+
 async def test_cancel_leaves_a_load_behind_which_then_closes_what_it_loaded(
     make_config: ConfigFactory,
 ) -> None:

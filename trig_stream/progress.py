@@ -67,6 +67,7 @@ class PlainProgress:
         self.console = console or Console(stderr=True)
         self._live: Live | None = None
         self._last = 0.0
+        self._loading: tuple[str, ...] = ()
 
     def __enter__(self) -> PlainProgress:
         if self.console.is_terminal and not self.console.is_dumb_terminal:
@@ -86,7 +87,11 @@ class PlainProgress:
             self._live.update(Text(line), refresh=True)
             return
         now = time.monotonic()
-        if force or now - self._last >= LOG_EVERY_S:
+        # A model starting or ending its load is news worth a line of its own: a load takes
+        # seconds to minutes, and between two lines 10 s apart it could go unsaid.
+        loading = tuple(name for name, counts in stats.models.items() if counts.loading)
+        changed, self._loading = loading != self._loading, loading
+        if force or changed or now - self._last >= LOG_EVERY_S:
             self._last = now
             # Literally: the state's brackets, ``[running]``, are no markup.
             self.console.print(line, highlight=False, markup=False, soft_wrap=True)
