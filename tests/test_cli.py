@@ -101,11 +101,22 @@ def test_import_is_light() -> None:
 def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path)
     assert main(["validate", str(path)]) == EXIT_OK
-    assert "ok" in capsys.readouterr().out
-    path.write_text(path.read_text().replace("[engine]", "[engine]\nturbo = true"))
+    out = capsys.readouterr().out
+    assert "ok" in out
+    assert f"writes to {tmp_path / 'runs' / 'cli'}\n" in out  # never wrapped: greppable
+    good = path.read_text()
+    path.write_text(good.replace("[engine]", "[engine]\nturbo = true"))
     assert main(["validate", str(path)]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "run.toml:19: engine.turbo: unknown key" in err
+    # A URL is never quoted in a message: its query may hold a key.
+    base = good.split("[[judges]]")[0]
+    url = "http://127.0.0.1:8000/v1?api_key=sk-in-the-query"
+    options = f'options = {{ model = "m", base_url = "{url}" }}'
+    path.write_text(base + f'[[judges]]\nname = "j"\nbackend = "openai"\n{options}\n')
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "base_url: holds a query string" in err and "sk-in-the-query" not in err
 
 
 def test_validate_counts_the_samples_no_judge_measures(

@@ -196,7 +196,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         dimensions = source.dimensions_to_judge(record.dimensions)
         if not any(judge.measures(d) for judge in judges for d in dimensions):
             unmeasured += 1
-    out = Console()
+    out = Console(soft_wrap=True)  # greppable: a path is never cut in two
     out.print(f"[green]ok[/]: {escape(str(args.config))}", highlight=False)
     out.print(
         f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}",

@@ -46,35 +46,39 @@ def _pair(value: str) -> str:
     return value
 
 
-_URL_CREDENTIALS: Final = "url_credentials"
-"""The error type of a URL holding a password, whose input no message quotes."""
+_URL_PROBLEM: Final = "url_problem"
+"""The error type of a bad URL, whose input no message quotes (it may hold a secret)."""
 
 
 def _http_url(value: str) -> str:
     # Checked here, so that a typo is a config error naming its key, not a traceback or a
-    # run whose every request fails. The URL itself is never quoted: it may hold a password.
+    # run whose every request fails. The URL itself is never quoted: it may hold a password
+    # or, in a query, a key.
     if any(char.isspace() for char in value):
-        raise ValueError("holds spaces: write the URL without them (in a path, %20)")
+        raise _url_problem("holds spaces: write the URL without them (in a path, %20)")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - reading it checks it (out of range, not a number)
     except ValueError as exc:
-        raise ValueError(f"not a URL: {exc}") from None
+        raise _url_problem(f"not a URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("not an http:// or https:// URL with a host")
+        raise _url_problem("not an http:// or https:// URL with a host")
     if "@" in parts.netloc:
-        raise PydanticCustomError(
-            _URL_CREDENTIALS,
+        raise _url_problem(
             "holds credentials (user:password@): remove them, and put the API key in the "
-            "environment variable that api_key_env names (the config is saved with the run)",
+            "environment variable that api_key_env names (the config is saved with the run)"
         )
     if "?" in value or "#" in value:
         # Each client appends the API's path to the base URL, which lands inside the query.
-        raise ValueError(
+        raise _url_problem(
             "holds a query string or fragment (?..., #...), which no request would carry as "
             "written: give the base URL without it"
         )
     return value
+
+
+def _url_problem(message: str) -> PydanticCustomError:
+    return PydanticCustomError(_URL_PROBLEM, message)
 
 
 SafeName = Annotated[str, AfterValidator(_safe_name)]
@@ -379,7 +383,7 @@ def _problems(
             message = "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
         elif error["type"] == "missing":
             message = "required key is missing"
-        elif error["type"] == _URL_CREDENTIALS:
+        elif error["type"] == _URL_PROBLEM:
             message = error["msg"]
         elif error["type"] == "value_error":
             # Our own checks: their message says what is wrong, without pydantic's prefix,
