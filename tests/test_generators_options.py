@@ -91,6 +91,10 @@ def test_generic_form_and_validation() -> None:
             {"pipeline": "StableDiffusion3Pipeline", "checkpoint": "x", "height": 8},
             r"height 8 is not a multiple of 16, .* use 16 \[type",
         ),
+        (  # named by its module too
+            {"pipeline": "diffusers:FluxPipeline", "checkpoint": "x", "height": 72},
+            "height 72 is not a multiple of 16",
+        ),
     ],
 )
 def test_a_size_the_pipeline_cannot_make_is_refused(

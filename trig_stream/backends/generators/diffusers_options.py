@@ -57,8 +57,10 @@ matches its class name wins): others fail each call, or round the size down unas
 
 
 def size_multiple(pipeline: str) -> int | None:
-    """What ``pipeline``'s height and width must be multiples of, when known."""
-    return next((n for prefix, n in _SIZE_MULTIPLES if pipeline.startswith(prefix)), None)
+    """What ``pipeline``'s height and width must be multiples of, when known (``pipeline`` a
+    class name, or ``module:Class``)."""
+    name = pipeline.rpartition(":")[2]
+    return next((n for prefix, n in _SIZE_MULTIPLES if name.startswith(prefix)), None)
 
 
 class DiffusersOptions(BaseModel):
