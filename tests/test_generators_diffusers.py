@@ -732,16 +732,49 @@ def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
         DiffusersGenerator("x", options).check_environment()
 
 
+@pytest.mark.parametrize(
+    ("kind", "extra", "message"),
+    [
+        ("sd", {"pipeline": "NoSuchPipeline"}, "has no pipeline class 'NoSuchPipeline'"),
+        ("sd", {"pipeline": "AutoencoderKL"}, "AutoencoderKL is not a diffusers pipeline"),
+        ("sd", {"scheduler": "NoSuchScheduler"}, "has no scheduler class 'NoSuchScheduler'"),
+        ("sd", {"scheduler": "AutoencoderKL"}, "has no scheduler class 'AutoencoderKL'"),
+        ("flux", {"call": {"bogus": 1}}, r"FluxPipeline takes no argument\(s\) bogus"),
+        # Another pipeline's folder: SD's for Flux.
+        ("sd", {"pipeline": "FluxPipeline"}, r"has no text_encoder_2, .*FluxPipeline needs"),
+    ],
+)
+def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
+    tiny_pipelines: dict[TinyKind, Path], kind: TinyKind, extra: dict[str, Any], message: str
+) -> None:
+    # Each was refused only by the load, after the judge (minutes, for a 7B one) had loaded.
+    generator = make_generator(tiny_pipelines[kind], kind, **extra)
+    with pytest.raises(FatalBackendError, match=message):
+        generator.check_environment()
+
+
+def test_a_model_index_that_is_no_json_is_named(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pipelines["sd"], broken)
+    (broken / "model_index.json").write_text("{not json")
+    with pytest.raises(FatalBackendError, match=r"cannot read .*broken/model_index\.json"):
+        make_generator(broken, "sd").check_environment()
+
+
 def test_a_pipeline_folder_missing_a_component_says_so(
     tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
 ) -> None:
-    # The message spoke of the Hugging Face cache, for a local folder.
+    # The message spoke of the Hugging Face cache, for a local folder, then of a config.json;
+    # it names the folder now, and validate sees it before any model loads.
     half = tmp_path / "half"
     shutil.copytree(tiny_pipelines["sd"], half)
     shutil.rmtree(half / "unet")
     generator = make_generator(half, "sd")
-    with pytest.raises(FatalBackendError, match="a local folder: is a component of the pipeline"):
-        generator.load()
+    for call in (generator.check_environment, generator.load):
+        with pytest.raises(FatalBackendError, match=r"half lacks the folder\(s\) unet/ its"):
+            call()
 
 
 def test_a_pipeline_process_serves_pixels_obeys_cancel_and_dies_loudly(

@@ -361,14 +361,18 @@ class Engine:
             self._state = "cancelled"
         return suppress
 
-    async def _open_backends_and_store(self) -> None:
-        config = self.config
-        self._ensure_open_files()
-        # What the backends need from this machine, seen before a run directory is made.
+    def _check_environments(self) -> None:
         for generator in self._generators:
             generator.check_environment()
         for judge in self._judges:
             judge.check_environment()
+
+    async def _open_backends_and_store(self) -> None:
+        config = self.config
+        self._ensure_open_files()
+        # What the backends need from this machine, seen before a run directory is made and
+        # before any model loads (a check may import a library: a worker thread's job).
+        await anyio.to_thread.run_sync(self._check_environments)
         for judge in self._judges:
             self._fingerprints[judge.name] = judge.fingerprint()
             self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)

@@ -25,6 +25,7 @@ import gc
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import re
 import threading
@@ -166,19 +167,111 @@ class DiffusersGenerator(Generator):
     # -- loading ------------------------------------------------------------------------------
 
     def check_environment(self) -> None:
-        """A checkpoint given as a folder exists and holds a pipeline (devices are checked at
-        load: it takes torch)."""
+        """What :meth:`load` needs, seen without loading a weight (devices are checked at load:
+        that takes torch's device probing):
+
+        * a checkpoint given as a folder exists, holds a pipeline (``model_index.json``), and
+          has the components the pipeline class needs, each in its folder;
+        * the installed diffusers has the pipeline class, which is a pipeline, and the
+          scheduler class the options name; the pipeline's call takes the ``call`` arguments.
+
+        The second part imports diffusers (a few seconds the first time).
+
+        Raises:
+            MissingExtraError: diffusers is not installed.
+            FatalBackendError: something above is missing or wrong.
+        """
+        self._check_checkpoint_folder()
+        with _LOAD_LOCK:  # diffusers resolves its classes lazily, and not thread-safely
+            try:
+                import diffusers
+            except ImportError as exc:
+                raise MissingExtraError("diffusers", "diffusers") from exc
+            pipeline_class = self._pipeline_class(diffusers)
+            self._check_classes(diffusers, pipeline_class)
+
+    def _check_checkpoint_folder(self) -> None:
         checkpoint = Path(self.spec.checkpoint)
-        if checkpoint.is_absolute() and not checkpoint.is_dir():
-            # A path, never a hub id (config paths arrive resolved): say what is missing.
+        if not checkpoint.is_absolute():
+            return  # a hub id (config paths arrive resolved)
+        if not checkpoint.is_dir():
             raise FatalBackendError(
                 f"generator {self.name!r}: checkpoint {checkpoint} is not a folder"
             )
-        if checkpoint.is_absolute() and not (checkpoint / "model_index.json").is_file():
+        if not (checkpoint / "model_index.json").is_file():
             raise FatalBackendError(
                 f"generator {self.name!r}: checkpoint {checkpoint} is no diffusers pipeline "
                 "folder (it has no model_index.json: one written by save_pretrained, or a "
                 "downloaded snapshot, has)"
+            )
+
+    def _check_classes(self, diffusers: Any, pipeline_class: Any) -> None:
+        spec = self.spec
+        if not (
+            isinstance(pipeline_class, type)
+            and issubclass(pipeline_class, diffusers.DiffusionPipeline)
+        ):
+            raise FatalBackendError(
+                f"generator {self.name!r}: {spec.pipeline} is not a diffusers pipeline (a "
+                "DiffusionPipeline); check options.pipeline"
+            )
+        if spec.scheduler is not None:
+            scheduler = getattr(diffusers, spec.scheduler, None)
+            if not (
+                isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)
+            ):
+                raise FatalBackendError(
+                    f"generator {self.name!r}: diffusers {diffusers.__version__} has no scheduler "
+                    f"class {spec.scheduler!r}; check options.scheduler"
+                )
+        self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
+        self._check_call_arguments(pipeline_class)
+        checkpoint = Path(spec.checkpoint)
+        if checkpoint.is_absolute():
+            self._check_components(checkpoint, pipeline_class)
+
+    def _check_components(self, checkpoint: Path, pipeline_class: Any) -> None:
+        # A folder of another pipeline (SD's for Flux), or with a component deleted, failed
+        # only once from_pretrained ran, after the judge had loaded, with a message that
+        # named a config.json rather than what is missing.
+        index_path = checkpoint / "model_index.json"
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise FatalBackendError(
+                f"generator {self.name!r}: cannot read {index_path}: {exc}"
+            ) from None
+        if not isinstance(index, dict):
+            raise FatalBackendError(f"generator {self.name!r}: {index_path} is not a JSON object")
+        given = set(self.spec.load)  # components passed to from_pretrained directly
+        required = [
+            name
+            for name, parameter in inspect.signature(pipeline_class.__init__).parameters.items()
+            if name != "self"
+            and parameter.default is inspect.Parameter.empty
+            and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        ]
+        missing = [name for name in required if name not in index and name not in given]
+        if missing:
+            made_for = index.get("_class_name", "another pipeline")
+            raise FatalBackendError(
+                f"generator {self.name!r}: checkpoint {checkpoint} has no {', '.join(missing)}, "
+                f"which {pipeline_class.__name__} needs (its model_index.json is {made_for}'s); "
+                "check options.pipeline and options.checkpoint"
+            )
+        absent = [
+            name
+            for name, entry in index.items()
+            if not name.startswith("_")
+            and name not in given
+            and isinstance(entry, list)
+            and entry[:1] != [None]
+            and not (checkpoint / name).is_dir()
+        ]
+        if absent:
+            raise FatalBackendError(
+                f"generator {self.name!r}: checkpoint {checkpoint} lacks the folder(s) "
+                f"{', '.join(n + '/' for n in absent)} its model_index.json names"
             )
 
     def load(self) -> None:
@@ -201,6 +294,8 @@ class DiffusersGenerator(Generator):
             except ImportError as exc:
                 raise MissingExtraError("diffusers", "diffusers") from exc
             pipeline_class = self._pipeline_class(diffusers)
+            self._check_checkpoint_folder()
+            self._check_classes(diffusers, pipeline_class)
             for device in self.devices:
                 _check_device(torch, device)
             if huggingface_hub.constants.HF_HUB_DISABLE_PROGRESS_BARS:
@@ -210,8 +305,6 @@ class DiffusersGenerator(Generator):
             try:
                 for device in self.devices:
                     self._pipes.append(self._load_one(torch, diffusers, pipeline_class, device))
-                self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
-                self._check_call_arguments(pipeline_class)
             except BaseException:
                 self.close()  # a failed load holds nothing: the devices loaded before it free
                 raise
@@ -253,7 +346,7 @@ class DiffusersGenerator(Generator):
     def _load_one(self, torch: Any, diffusers: Any, pipeline_class: Any, device: str) -> Any:
         spec = self.spec
         dtype = getattr(torch, spec.dtype_for(device))
-        self.check_environment()
+        self._check_checkpoint_folder()
         try:
             pipe = pipeline_class.from_pretrained(
                 spec.checkpoint,
@@ -272,9 +365,7 @@ class DiffusersGenerator(Generator):
                 )
             raise FatalBackendError(f"cannot load {spec.checkpoint!r}{hint}: {exc}") from exc
         if spec.scheduler is not None:
-            scheduler_class = getattr(diffusers, spec.scheduler, None)
-            if scheduler_class is None:
-                raise FatalBackendError(f"diffusers has no scheduler class {spec.scheduler!r}")
+            scheduler_class = getattr(diffusers, spec.scheduler)  # checked by _check_classes
             pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
         if spec.ip_adapter is not None:
             adapter = spec.ip_adapter
