@@ -291,6 +291,27 @@ async def test_results_without_their_manifest_are_refused_not_mixed(
     assert len(list(read_journal(config.run_dir / JOURNAL))) == 4
 
 
+async def test_a_run_that_made_only_errors_takes_its_corrected_settings(
+    make_config: ConfigFactory,
+) -> None:
+    # Every generate call failed (a wrong option): the errors judged nothing, and the
+    # corrected config was refused as "other settings".
+    config = make_config(
+        samples=3,
+        generators=[
+            {"name": "synth", "backend": "synthetic", "options": {"size": 16, "failure_rate": 1}}
+        ],
+    )
+    assert {j.status for j in await run_to_end(config)} == {"error"}
+    corrected = make_config(
+        samples=3,
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 32}}],
+    )
+    results = await run_to_end(corrected, retry_errors=True)
+    assert [j.status for j in results] == ["ok"] * 6
+    assert store.read_manifest(config.run_dir).generators["synth"]["size"] == 32
+
+
 async def test_a_run_that_made_nothing_takes_its_corrected_settings(
     make_config: ConfigFactory,
 ) -> None:

@@ -133,6 +133,9 @@ class JournalState:
     skipped_lines: list[int] = field(default_factory=list)
     """Numbers (from 1) of lines left in place that are not judgements: see
     :meth:`Journal.open`."""
+    made_results: bool = False
+    """Whether a line records something judged (``ok`` or ``unscorable``) or may (a line
+    that is not a judgement): ``error`` lines alone judged nothing."""
     digests: dict[str, str] = field(default_factory=dict)
     """data_id -> the :attr:`~trig_stream.records.Sample.digest` its latest judgement in the
     file recorded: what each sample asked when it was judged (lines older than the digest
@@ -205,6 +208,7 @@ class Journal:
                         intern(judgement.metric),
                     )
                     state.record(key, judgement.status)
+                    state.made_results = state.made_results or judgement.status != "error"
                     digest = judgement.sample_digest
                     if digest is not None and judgement.status != "error":  # judged nothing
                         state.digests[key[1]] = digest
@@ -402,8 +406,8 @@ class RunDir:
             raise storage_error(exc, f"create the run directory {path}") from None
         try:
             run._remove_partial_images()
-            run._check_manifest(manifest)
             state = run.journal.open()
+            run._check_manifest(manifest, state)
             run._quarantine = (path / QUARANTINE).open("wb", buffering=0)
         except OSError as exc:
             run.close()
@@ -497,9 +501,9 @@ class RunDir:
             for leftover in partial.iterdir():
                 leftover.unlink(missing_ok=True)
 
-    def _check_manifest(self, manifest: Manifest) -> None:
+    def _check_manifest(self, manifest: Manifest, journal: JournalState) -> None:
         path = self.path / MANIFEST
-        holds_results = self._holds_results()
+        holds_results = self._holds_results(journal)
         if holds_results and not path.exists():
             # The manifest is written before anything else, so it was removed: what the
             # results were made with cannot be checked, and a changed config would mix in.
@@ -521,12 +525,12 @@ class RunDir:
             manifest = stored.merged(manifest)
         write_atomic(path, manifest.model_dump_json(indent=2).encode())
 
-    def _holds_results(self) -> bool:
-        """Whether anything here was made under the stored manifest: a journal line or an
-        image. A run that stopped before either (its generator failed to load, say) protects
-        nothing, so its corrected config starts afresh in the same directory."""
-        journal = self.path / JOURNAL
-        if journal.exists() and journal.stat().st_size > 0:
+    def _holds_results(self, journal: JournalState) -> bool:
+        """Whether anything here was made under the stored manifest: a judgement or an image.
+        A run that made neither (its generator failed to load, or failed every call, leaving
+        ``error`` judgements only) protects nothing, so its corrected config starts afresh in
+        the same directory."""
+        if journal.made_results or journal.skipped_lines:
             return True
         images = self.path / IMAGES
         if not images.is_dir():
