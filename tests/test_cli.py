@@ -162,6 +162,21 @@ def test_make_tiny_models_into_a_file_is_one_message(
     assert "cannot make the folder" in capsys.readouterr().err
 
 
+def test_make_tiny_models_builds_each_model_once_and_quietly(tmp_path: Path) -> None:
+    # The demo's first step: the model libraries' progress bars and advice (a torchvision
+    # they do not need) are kept off its output, as in `run`.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "HF_"))}
+    command = [sys.executable, "-m", "trig_stream", "make-tiny-models", str(tmp_path / "m")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.count(": built\n") == 4
+    assert "[transformers]" not in first.stderr and "Writing model shards" not in first.stderr
+    assert (tmp_path / "m" / "flux" / "model_index.json").is_file()
+    assert (tmp_path / "m" / "vlm" / "config.json").is_file()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and again.stderr.count(": present\n") == 4
+
+
 def test_validate_makes_the_checks_of_building_the_backends(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

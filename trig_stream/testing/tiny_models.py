@@ -11,6 +11,7 @@ inference code without a download or a GPU.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
     Returns:
         0, or 3 when ``args.out`` cannot hold them (a file, or a folder it cannot write).
     """
+    from trig_stream.cli import QUIET_LIBRARIES
+
+    # As `run`: no progress bars or advice from the model libraries (read as they import).
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
     from trig_stream.testing.tiny_pipelines import build_tiny_pipeline
     from trig_stream.testing.tiny_vlm import build_tiny_vlm
 
