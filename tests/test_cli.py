@@ -297,7 +297,9 @@ def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     assert main(["run", str(path), "--headless"]) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert "opening judge 'trigscore': connecting" in err  # what the wait is for
-    assert "stopping: finishing the work in flight" in err and "Traceback" not in err
+    # Nothing was in flight: no promise of finishing it, nor of a second Ctrl-C's use.
+    assert "stopping: the run had not started" in err and "Traceback" not in err
+    assert "finishing the work in flight" not in err
     assert "stopped: 0 judgements in this run" in err or "cancelled: 0 judgements" in err, err
     assert sum(journal_keys(tmp_path).values()) == 0
 

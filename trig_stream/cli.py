@@ -254,9 +254,13 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     engine.cancel()
                 elif not interrupted:
                     interrupted = True
-                    console.print(
-                        "stopping: finishing the work in flight (press Ctrl-C again to stop now)"
-                    )
+                    if engine.stats().state == "starting":  # nothing in flight: it ends now
+                        console.print("stopping: the run had not started")
+                    else:
+                        console.print(
+                            "stopping: finishing the work in flight (press Ctrl-C again to "
+                            "stop now)"
+                        )
                     engine.stop()
                 else:
                     console.print("stopping now; run the same command again to resume")
