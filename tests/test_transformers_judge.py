@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -15,11 +17,12 @@ pytest.importorskip("transformers")
 
 from PIL import Image
 
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, write_prompts
 from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.transformers_judge import (
     TransformersJudge,
     TransformersJudgeOptions,
+    context_length,
 )
 from trig_stream.engine import Engine
 from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError
@@ -59,8 +62,11 @@ def make_judge(path: Path, **options: Any) -> TransformersJudge:
     )
 
 
-def request(judge: TransformersJudge, image: Path, dimension: Any = "IQ-R") -> JudgeRequest:
-    return JudgeRequest("synth", SAMPLE, dimension, judge.prepare(image), 1)
+def request(
+    judge: TransformersJudge, image: Path, dimension: Any = "IQ-R", prompt: str | None = None
+) -> JudgeRequest:
+    sample = SAMPLE if prompt is None else SAMPLE.model_copy(update={"prompt": prompt})
+    return JudgeRequest("synth", sample, dimension, judge.prepare(image), 1)
 
 
 def test_tiny_vlm_reloads_offline_with_single_token_ratings(tiny_vlm: Path) -> None:
@@ -167,7 +173,9 @@ async def test_unprepared_image_is_an_item_error(tiny_vlm: Path, images: list[Pa
         await judge.aclose()
 
 
-async def test_missing_model_or_device_is_fatal(tiny_vlm: Path, tmp_path: Path) -> None:
+async def test_missing_model_or_device_is_fatal(
+    tiny_vlm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(FatalBackendError, match=r"model_path .*nowhere is not a folder"):
         await make_judge(tmp_path / "nowhere").open()
     (tmp_path / "empty").mkdir()
@@ -175,9 +183,140 @@ async def test_missing_model_or_device_is_fatal(tiny_vlm: Path, tmp_path: Path) 
         await make_judge(tmp_path / "empty").open()
     import torch
 
-    if not torch.cuda.is_available():
-        with pytest.raises(FatalBackendError, match=r"cuda:3 is not available"):
-            await make_judge(tiny_vlm, device="cuda:3").open()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^judge 'trigscore': device cuda:3 is not available \(no such CUDA device: torch ",
+    ):
+        await make_judge(tiny_vlm, device="cuda:3").open()
+
+
+CONTEXT = 2048
+"""The tiny model's ``max_position_embeddings``."""
+
+
+def request_tokens(tiny_vlm: Path, judge: TransformersJudge, question: JudgeRequest) -> int:
+    """The request's length as the model's own processor builds it, image tokens included."""
+    from transformers import AutoProcessor
+
+    load: Any = AutoProcessor.from_pretrained  # not annotated
+    processor = load(tiny_vlm, local_files_only=True)
+    text = processor.apply_chat_template(
+        judge.messages(question), add_generation_prompt=True, tokenize=False
+    )
+    return len(processor(text=[text], images=[question.image.payload])["input_ids"][0])
+
+
+def prompt_of(tiny_vlm: Path, judge: TransformersJudge, image: Path, tokens: int) -> str:
+    """A prompt that makes a request of exactly ``tokens`` tokens (one "x" is one token)."""
+    base = request_tokens(tiny_vlm, judge, request(judge, image, prompt="x"))
+    prompt = "x" * (1 + tokens - base)
+    assert request_tokens(tiny_vlm, judge, request(judge, image, prompt=prompt)) == tokens
+    return prompt
+
+
+async def test_request_over_the_context_is_its_own_error_in_its_batch(
+    tiny_vlm: Path, images: list[Path]
+) -> None:
+    judge = make_judge(tiny_vlm, batch_size=4, top_logprobs=20)
+    long_prompt = prompt_of(tiny_vlm, judge, images[0], 3000)
+    widths: list[int] = []
+    outcomes: dict[int, JudgeReply | Exception] = {}
+
+    async def ask(index: int) -> None:
+        prompt = long_prompt if index == 1 else None
+        try:
+            outcomes[index] = await judge.judge(request(judge, images[index], prompt=prompt))
+        except ItemError as exc:
+            outcomes[index] = exc
+
+    await judge.open()
+    try:
+        model: Any = judge._model  # the forwards' widths show what was padded together
+        model.register_forward_pre_hook(
+            lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[-1]),
+            with_kwargs=True,
+        )
+        async with anyio.create_task_group() as tg:
+            for index in range(4):
+                tg.start_soon(ask, index)
+        batcher = judge.batcher
+        assert batcher is not None and batcher.largest_batch == 4  # all four in one batch
+        alone = [await judge.judge(request(judge, images[index])) for index in (0, 2, 3)]
+    finally:
+        await judge.aclose()
+    error = outcomes.pop(1)
+    assert isinstance(error, ItemError)
+    assert str(error).startswith(
+        "judge 'trigscore': the request is 3,000 tokens, over the judge model's context of 2,048"
+    )
+    assert widths and max(widths) < CONTEXT
+    for index, reply in zip((0, 2, 3), alone, strict=True):
+        together = outcomes[index]
+        assert isinstance(together, JudgeReply) and together.top_logprobs is not None
+        assert reply.top_logprobs is not None
+        for (token, a), (same, b) in zip(together.top_logprobs, reply.top_logprobs, strict=True):
+            assert token == same and a == pytest.approx(b, abs=1e-4)
+
+
+async def test_request_at_the_context_is_judged(tiny_vlm: Path, images: list[Path]) -> None:
+    judge = make_judge(tiny_vlm, batch_size=1)
+    fitting = prompt_of(tiny_vlm, judge, images[0], CONTEXT)
+    await judge.open()
+    try:
+        reply = await judge.judge(request(judge, images[0], prompt=fitting))
+        with pytest.raises(ItemError, match=r"the request is 2,049 tokens, over .* of 2,048"):
+            await judge.judge(request(judge, images[0], prompt=fitting + "x"))
+    finally:
+        await judge.aclose()
+    assert reply.top_logprobs is not None and len(reply.top_logprobs) > 0
+
+
+async def test_engine_records_a_prompt_over_the_context_as_an_error(
+    tiny_vlm: Path, tmp_path: Path, make_config: ConfigFactory
+) -> None:
+    prompts = write_prompts(tmp_path / "prompts.json", 6)
+    records = json.loads(prompts.read_text())
+    records[2]["prompt"] = "x" * 3000
+    prompts.write_text(json.dumps(records))
+    long_id = records[2]["data_id"]
+    config = make_config(
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 64}}],
+        judges=[
+            {
+                "name": "trigscore",
+                "backend": "transformers",
+                "concurrency": 8,
+                "options": tiny_vlm_options(tiny_vlm, batch_size=4),
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        judgements = [j async for j in engine.results]
+    assert len(judgements) == 12
+    too_long = [j for j in judgements if j.data_id == long_id]
+    assert len(too_long) == 2
+    for judgement in too_long:
+        assert judgement.status == "error" and judgement.score is None
+        assert judgement.error is not None
+        assert "over the judge model's context of 2,048" in judgement.error
+    assert {j.status for j in judgements if j.data_id != long_id} <= {"ok", "unscorable"}
+
+
+def test_context_length_comes_from_the_text_config_then_the_tokenizer() -> None:
+    from transformers import LlavaConfig, Qwen2VLConfig
+
+    no_limit = SimpleNamespace(model_max_length=int(1e30))
+    short = SimpleNamespace(model_max_length=2048)
+    llava = LlavaConfig(text_config={"model_type": "llama", "max_position_embeddings": 4096})
+    assert context_length(llava, no_limit) == 4096
+    assert context_length(llava, short) == 4096  # a tokenizer's setting is not the model's
+    flat: Any = Qwen2VLConfig.from_dict  # not annotated
+    qwen = flat({"model_type": "qwen2_vl", "max_position_embeddings": 32768})
+    assert context_length(qwen, no_limit) == 32768
+    assert context_length(SimpleNamespace(), short) == 2048
+    assert context_length(SimpleNamespace(), no_limit) is None
+    assert context_length(SimpleNamespace(), SimpleNamespace()) is None
 
 
 async def test_missing_transformers_names_the_extra(

@@ -12,6 +12,12 @@ Concurrent requests are gathered into micro-batches (:mod:`.batching`) of up to
 and run one batch at a time in a worker thread. ``concurrency`` in ``[[judges]]`` bounds how
 many requests wait; about twice ``batch_size`` keeps the next batch full while one runs.
 
+A request longer than the model's context (see :func:`context_length`) is never run: it is an
+``error`` judgement of its own that names both lengths, and the rest of its batch is judged
+without it. Run, it would read past the positions the model knows, and padded into a batch it
+would stretch every row to its length: one 50k-token prompt grew a run to 23 GB, which the
+kernel killed, again on every resume.
+
 Example config::
 
     [[judges]]
@@ -26,7 +32,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, Field
 
@@ -51,6 +57,9 @@ if TYPE_CHECKING:
 
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+_NO_LIMIT: Final = 10**12
+"""A declared length from here up means "no limit" (transformers writes 1e30)."""
 
 
 class TransformersJudgeOptions(BaseModel):
@@ -113,6 +122,7 @@ class TransformersJudge(Judge):
         self._processor: Any = None
         self._torch: Any = None
         self._token_texts: dict[int, str] = {}
+        self._context: int | None = None
         self._system_role = True
         self._batcher: MicroBatcher[_Query, JudgeReply] | None = None
 
@@ -175,7 +185,9 @@ class TransformersJudge(Judge):
 
     def _load(self, torch: Any, transformers: Any) -> None:
         opts = self.options
-        _check_device(torch, opts.device)
+        unavailable = _unavailable_device(torch, opts.device)
+        if unavailable is not None:
+            raise FatalBackendError(f"judge {self.name!r}: {unavailable}")
         dtype = _torch_dtype(torch, opts.dtype, opts.device)
         path = str(opts.model_path)
         self.check_environment()
@@ -199,6 +211,7 @@ class TransformersJudge(Judge):
         # of logits per row is enough (a real vocabulary is 150k wide).
         tokenizer.padding_side = "left"
         self._processor = processor
+        self._context = context_length(model.config, tokenizer)
         self._model = model.to(opts.device).eval()
 
     def _unload(self) -> None:
@@ -258,22 +271,53 @@ class TransformersJudge(Judge):
 
     def _run_batch(self, queries: Sequence[_Query]) -> list[JudgeReply | Exception]:
         try:
-            return list(self._forward(queries))
+            inputs = self._encode(queries)
+            too_long = self._over_context(inputs)
+            if not any(too_long):
+                return list(self._forward(inputs))
         except Exception as exc:
             if len(queries) == 1:
                 return [self._classify(exc)]
-        # One bad item must not fail the others: run them one by one.
-        return [reply for query in queries for reply in self._run_batch([query])]
+            # One bad item must not fail the others: run them one by one.
+            return [reply for query in queries for reply in self._run_batch([query])]
+        # The others are encoded again without the requests over the context, whose padding
+        # would otherwise stretch every row of the batch to their length.
+        fitting = [query for query, error in zip(queries, too_long, strict=True) if not error]
+        judged = iter(self._run_batch(fitting) if fitting else [])
+        return [error or next(judged) for error in too_long]
 
-    def _forward(self, queries: Sequence[_Query]) -> list[JudgeReply]:
-        torch = self._torch
-        model = self._model
-        inputs = self._processor(
+    def _encode(self, queries: Sequence[_Query]) -> Any:
+        """The batch's model inputs, on the CPU: token ids with image tokens, padded; pixels."""
+        return self._processor(
             text=[self._prompt(query.request) for query in queries],
             images=[query.image for query in queries],
             return_tensors="pt",
             padding=True,
         )
+
+    def _over_context(self, inputs: Any) -> list[ItemError | None]:
+        """Each encoded request's error when it is longer than the model's context."""
+        ids = inputs["input_ids"]
+        if self._context is None:
+            return [None] * len(ids)
+        mask = inputs.get("attention_mask")
+        # The mask counts each row's own tokens under the padding; without one, every row is
+        # as long as the batch (exact for a batch of one, which is where a flagged row ends up).
+        lengths = mask.sum(dim=-1).tolist() if mask is not None else [ids.shape[-1]] * len(ids)
+        return [
+            ItemError(
+                f"judge {self.name!r}: the request is {length:,} tokens, over the judge model's "
+                f"context of {self._context:,} (prompt, judging text and image together); "
+                "it was not run"
+            )
+            if length > self._context
+            else None
+            for length in lengths
+        ]
+
+    def _forward(self, inputs: Any) -> list[JudgeReply]:
+        torch = self._torch
+        model = self._model
         inputs = inputs.to(self.options.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -307,13 +351,47 @@ class TransformersJudge(Judge):
         return ItemError(f"judge {self.name!r}: {describe_error(exc)}")
 
 
-def _check_device(torch: Any, device: str) -> None:
+def context_length(config: Any, tokenizer: Any) -> int | None:
+    """The most tokens one request may hold on a model, or ``None`` when it does not say.
+
+    The text model's ``max_position_embeddings`` (``text_config``'s for a LLaVA, the
+    config's own for a Qwen2-VL saved flat): the positions the model was built and trained
+    for, a hard limit for learned position embeddings and the edge of what rotary ones were
+    trained on. Failing that, the tokenizer's ``model_max_length``, unless it is
+    transformers' stand-in for "no limit" (1e30, what most VLM tokenizers, LLaVA's among them,
+    declare). The tokenizer's value does not override the config's: it may be a fine-tuning
+    setting rather than the model's limit.
+
+    Args:
+        config: the model's config (``model.config``).
+        tokenizer: the processor's tokenizer.
+    """
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else config
+    for limit in (
+        getattr(text_config, "max_position_embeddings", None),
+        getattr(config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ):
+        if isinstance(limit, int) and 0 < limit < _NO_LIMIT:
+            return limit
+    return None
+
+
+def _unavailable_device(torch: Any, device: str) -> str | None:
+    """Why ``device`` cannot be used, or ``None`` when it can."""
     if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise FatalBackendError(f"device {device} is not available (no such CUDA device)")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            return (
+                f"device {device} is not available (no such CUDA device: torch "
+                f"{torch.__version__} sees {count}); set options.device to one that exists, "
+                'e.g. device = "cpu"'
+            )
     elif device == "mps" and not torch.backends.mps.is_available():
-        raise FatalBackendError("device mps is not available")
+        return 'device mps is not available; set options.device, e.g. device = "cpu"'
+    return None
 
 
 def _torch_dtype(torch: Any, dtype: DType, device: str) -> Any:
