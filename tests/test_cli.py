@@ -25,7 +25,7 @@ from trig_stream import cli
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.signals import stop_signals
 from trig_stream.store import LOCK
-from trig_stream.testing import FakeJudge
+from trig_stream.testing import FakeJudge, SyntheticGenerator
 
 CONFIG = """\
 [run]
@@ -274,6 +274,27 @@ def test_exit_codes_for_refused_run_dir_and_fatal_errors(tmp_path: Path) -> None
     fatal = write_config(tmp_path / "fatal", extra=", fatal_after = 2")
     assert main(["run", str(fatal), "--headless"]) == EXIT_FATAL
     assert main(["status", str(tmp_path / "nothing")]) == EXIT_RUN_DIR
+
+
+def test_a_generator_that_can_never_work_exits_4_and_its_errors_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuses(self: SyntheticGenerator, *args: Any, **kwargs: Any) -> list[Any]:
+        raise TypeError("'str' object cannot be interpreted as an integer")
+
+    path = write_config(tmp_path, samples=20)
+    with monkeypatch.context() as patched:
+        patched.setattr(SyntheticGenerator, "generate", refuses)
+        assert main(["run", str(path), "--headless"]) == EXIT_FATAL
+    err = capsys.readouterr().err
+    assert "generator 'synth' has made no image yet and its first 4 calls all failed" in err
+    assert "(the last: TypeError: 'str' object cannot" in err
+    failed = journal_keys(tmp_path)
+    assert 0 < len(failed) <= 8  # the failed calls' samples, not the dataset's
+    # The cause gone (here a patch, in life an option outside the fingerprint or the
+    # machine), the run resumes: the error judgements are asked again on request.
+    assert main(["run", str(path), "--headless", "--retry-errors"]) == EXIT_OK
+    assert len(journal_keys(tmp_path)) == 40
 
 
 @pytest.mark.parametrize("presses", [1, 2])

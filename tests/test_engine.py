@@ -9,7 +9,7 @@ import random
 import re
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +33,7 @@ from trig_stream.backends.base import (
     threads_left_behind,
 )
 from trig_stream.config import RunConfig
+from trig_stream.generation import FAILED_CALLS_TO_STOP
 from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
 from trig_stream.records import Judgement, PromptRewrite
@@ -199,6 +200,86 @@ async def test_fatal_generator_error_surfaces_as_one_exception(make_config: Conf
     )
     with pytest.raises(FatalBackendError, match="fatal"):
         await run_to_end(config)
+
+
+class FailingCalls(SyntheticGenerator):
+    """A synthetic generator whose calls fail as ``failing`` says of their index: by raising
+    ``error``, or with it as every item's outcome when ``per_item``."""
+
+    def __init__(
+        self,
+        failing: Callable[[int], bool],
+        error: Exception,
+        *,
+        per_item: bool = False,
+        batch_size: int = 1,
+    ) -> None:
+        super().__init__("synth", SyntheticOptions(size=16), batch_size=batch_size)
+        self.failing = failing
+        self.error = error
+        self.per_item = per_item
+        self.tries = 0
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        self.tries += 1
+        if not self.failing(self.tries - 1):
+            return super().generate(requests, worker=worker, cancel=cancel)
+        if self.per_item:
+            return [self.error for _ in requests]
+        raise self.error
+
+
+@pytest.mark.parametrize(("per_item", "batch_size"), [(False, 1), (True, 1), (False, 3), (True, 3)])
+async def test_a_generator_whose_calls_all_fail_stops_the_run_after_a_few(
+    make_config: ConfigFactory, per_item: bool, batch_size: int
+) -> None:
+    # An option every call trips over would otherwise fail the whole dataset, sample by
+    # sample, and the run would end as if it had gone well.
+    config = make_config(samples=40)
+    error = TypeError("'str' object cannot be interpreted as an integer")
+    generator = FailingCalls(lambda _: True, error, per_item=per_item, batch_size=batch_size)
+    message = (
+        f"generator 'synth' has made no image yet and its first {FAILED_CALLS_TO_STOP} calls "
+        f"all failed (the last: TypeError: {error}); check its options"
+    )
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(config, generators=[generator])
+    assert generator.tries == FAILED_CALLS_TO_STOP
+    # What the failed calls wrote stays: error judgements, resumable.
+    assert all(r["status"] == "error" and r["error_stage"] == "generate" for r in journal(config))
+
+
+async def test_items_failing_on_their_own_do_not_count_towards_stopping(
+    make_config: ConfigFactory,
+) -> None:
+    # Every call's items fail with an ItemError (a source image that cannot be read): the
+    # samples' own problem, whatever the generator. Among them, calls that fail as a whole
+    # stop the run only once there are enough of them.
+    config = make_config(samples=12)
+    generator = FailingCalls(lambda _: True, ItemError("cannot read image"), per_item=True)
+    results = await run_to_end(config, generators=[generator])
+    assert len(results) == 24 and {j.status for j in results} == {"error"}
+    config = make_config(samples=12, run={"name": "mixed"})
+    generator = FailingCalls(lambda i: i % 2 == 1, RuntimeError("no scheduler"), per_item=True)
+    generator.options = SyntheticOptions(size=16, failure_rate=1.0)  # ItemErrors when called
+    message = "has made no image yet and 4 of its first 8 calls failed (the last: RuntimeError"
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(config, generators=[generator])
+    assert generator.tries == 2 * FAILED_CALLS_TO_STOP
+
+
+async def test_a_generator_that_made_a_picture_is_never_stopped_by_failed_calls(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=12)
+    generator = FailingCalls(lambda i: i != FAILED_CALLS_TO_STOP - 1, TypeError("flaky"))
+    async with Engine(config, generators=[generator]) as engine:
+        results = [j async for j in engine.results]
+    assert generator.tries == 12 and len(results) == 24
+    assert Counter(j.status for j in results) == {"ok": 2, "error": 22}
+    assert engine.stats().models["synth"].generation_failed == 11
 
 
 async def test_hard_cancel_at_random_points_then_resume_judges_each_key_once(

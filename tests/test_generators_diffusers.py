@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import socket
 import sys
@@ -24,7 +25,7 @@ from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
 from trig_stream.backends.base import EncodedPicture, GenerationRequest, TimedPicture
 from trig_stream.config import RunConfig
-from trig_stream.errors import FatalBackendError, ItemError
+from trig_stream.errors import BackendError, FatalBackendError, ItemError
 from trig_stream.records import Judgement, Sample
 from trig_stream.store import IMAGES, JOURNAL
 
@@ -411,8 +412,10 @@ def test_a_failed_call_fails_its_items_and_a_failed_device_stops_the_run(
     generator._pipes[0] = FailingPipeline(RuntimeError("Expected all tensors on one device"))
     outcomes = generator.generate(batch, worker=0, cancel=threading.Event())
     assert [str(o) for o in outcomes] == ["RuntimeError: Expected all tensors on one device"] * 2
-    # Not the caught error: its traceback would keep the failed call's tensors alive.
-    assert all(isinstance(o, ItemError) and o.__traceback__ is None for o in outcomes)
+    # Not the caught error: its traceback would keep the failed call's tensors alive. Not
+    # an ItemError either: the call failed, not its items (the engine stops a generator
+    # whose first calls all fail so).
+    assert all(type(o) is BackendError and o.__traceback__ is None for o in outcomes)
     generator._pipes[0] = FailingPipeline(torch.AcceleratorError("an illegal memory access"))
     with pytest.raises(FatalBackendError, match=r"the device failed.*illegal memory access"):
         generator.generate(batch, worker=0, cancel=threading.Event())
@@ -622,6 +625,29 @@ async def test_process_isolation_makes_the_same_images_as_threads(
         images[isolation] = png_bytes(config, "tiny")
     assert len(images["process"]) == 4
     assert images["process"] == images["thread"]  # the same pictures, byte for byte
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+async def test_a_pipeline_whose_every_call_fails_stops_the_run(
+    make_config: ConfigFactory, tiny_pipelines: dict[TinyKind, Path], isolation: str
+) -> None:
+    # A call argument the pipeline cannot use fails each call: the run stops after a few,
+    # not after failing the whole dataset, in a child process as in a thread.
+    from trig_stream.generation import FAILED_CALLS_TO_STOP
+
+    options = tiny_options(tiny_pipelines["flux"], "flux", isolation=isolation)
+    options["call"] = {**options["call"], "num_inference_steps": "2"}
+    config = make_config(
+        samples=12,
+        generators=[{"name": "tiny", "backend": "diffusers", "options": options}],
+    )
+    message = (
+        rf"generator 'tiny' has made no image yet and its first {FAILED_CALLS_TO_STOP} calls "
+        r"all failed \(the last: TypeError: .*\); check its options"
+    )
+    with pytest.raises(FatalBackendError, match=message):
+        await run_to_end(config)
 
 
 class AnnouncingProcess(PipelineProcess):
@@ -869,15 +895,20 @@ def test_an_answer_mixes_pictures_png_files_and_failures() -> None:
     picture = Image.fromarray(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
     grey = Image.new("L", (4, 1), 7)
     items = [picture, ItemError("no face"), EncodedPicture(b"\x89PNG...", 9.0), grey]
+    items.append(TypeError("'str' object cannot be interpreted as an integer"))
     portable = [pipeline_process._portable(item) for item in items]
     outcomes = [outcome for outcome, _ in portable]
-    assert outcomes[1] == "no face" and outcomes[2] == ("png", 7)
+    assert outcomes[2] == ("png", 7)
+    outcomes = pickle.loads(pickle.dumps(outcomes))  # as they cross the pipe
     payload = bytearray(b"".join(data for _, data in portable if data))
     assert pipeline_process._payload_size(outcomes) == len(payload) == 18 + 7 + 4
     made = pipeline_process._pictures(outcomes, payload, 0.25)
     assert isinstance(made[0], TimedPicture) and made[0].seconds == 0.25
     assert made[0].image.tobytes() == picture.tobytes() and made[0].image.size == (3, 2)
     assert isinstance(made[1], ItemError) and str(made[1]) == "no face"
+    # The item's own failure stays one, and a failed call's stays apart from it.
+    assert type(made[4]) is BackendError
+    assert str(made[4]) == "TypeError: 'str' object cannot be interpreted as an integer"
     assert made[2] == EncodedPicture(b"\x89PNG...", 0.25)  # timed by the call, as the rest
     assert isinstance(made[3], TimedPicture) and made[3].image.mode == "L"
     assert made[3].image.tobytes() == b"\x07" * 4

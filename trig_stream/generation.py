@@ -6,6 +6,14 @@ blocking ``generate`` call in a thread behind the model's own capacity limiter. 
 worker encodes and writes the pictures while the next batch is generated, each atomically
 before its path moves on, so a judgement never points at a partial file. A valid image left
 by an earlier run is reused instead of generated again.
+
+A failed item is data: an ``error`` judgement per dimension, and the run goes on. One case is
+not: a generator that has made no image yet whose calls keep failing as a whole (an option
+every call trips over, a pipeline that cannot serve the run) would turn the whole dataset
+into errors, so after :data:`FAILED_CALLS_TO_STOP` such calls the run stops, as it does for a
+judge that can never serve it. An item that fails with an
+:class:`~trig_stream.errors.ItemError` failed for its own reason (an unreadable source image,
+a refusal) and says nothing about the generator.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from trig_stream.backends.base import (
     TimedPicture,
     load_in_thread,
 )
-from trig_stream.errors import FatalBackendError, TrigStreamError
+from trig_stream.errors import FatalBackendError, ItemError, TrigStreamError
 from trig_stream.pipeline import (
     ImageItem,
     RunContext,
@@ -63,6 +71,12 @@ class GenerationStage:
             max_workers=max(1, min(os.cpu_count() or 1, generator.workers * generator.batch_size)),
             thread_name_prefix=f"{generator.name} png",
         )
+        self._made_picture = False
+        """Whether a generate call has returned a picture in this run."""
+        self._tried = 0
+        """The generate calls made before the first picture."""
+        self._failed = 0
+        """Those of them that failed as a whole (see :attr:`_Made.failure`)."""
 
     async def run(
         self,
@@ -136,7 +150,31 @@ class GenerationStage:
                 batch = [first]
                 take_ready(receive, batch, self._generator.batch_size)
                 made = await self._calls.run(self._generate_batch, worker, batch, limiter=limiter)
+                self._count_call(made)
                 await made_send.send(made)
+
+    def _count_call(self, made: _Made) -> None:
+        # Runs in the event loop, where the workers' calls end one at a time.
+        if self._made_picture or not made.called:
+            return
+        if made.made_picture:
+            self._made_picture = True  # it works: failures from now on are its items'
+            return
+        self._tried += 1
+        if made.failure is None:
+            return  # its items failed for their own reasons
+        self._failed += 1
+        if self._failed < FAILED_CALLS_TO_STOP:
+            return
+        calls = (
+            f"its first {self._failed} calls all failed"
+            if self._failed == self._tried
+            else f"{self._failed} of its first {self._tried} calls failed"
+        )
+        raise FatalBackendError(
+            f"generator {self._generator.name!r} has made no image yet and {calls} (the last: "
+            f"{made.failure}); check its options"
+        )
 
     async def _writer(
         self,
@@ -190,7 +228,7 @@ class GenerationStage:
                 pictures.append(None)
                 missing.append(index)
         if not missing:
-            return _Made(batch, paths, pictures, 0.0)
+            return _Made(batch, paths, pictures, 0.0, called=False)
         requests = [
             GenerationRequest(batch[i].model, batch[i].sample, batch[i].seed) for i in missing
         ]
@@ -223,9 +261,25 @@ class GenerationStage:
                     f"{type(image).__name__} where a PIL image, an EncodedPicture, a "
                     "TimedPicture or an exception belongs"
                 )
+        failure: str | None = None
+        made_picture = False
         for index, image in zip(missing, images, strict=True):
-            pictures[index] = describe_error(image) if isinstance(image, Exception) else image
-        return _Made(batch, paths, pictures, per_image)
+            if isinstance(image, Exception):
+                pictures[index] = reason = describe_error(image)
+                if not isinstance(image, ItemError):
+                    failure = reason
+            else:
+                pictures[index] = image
+                made_picture = True
+        return _Made(
+            batch,
+            paths,
+            pictures,
+            per_image,
+            called=True,
+            made_picture=made_picture,
+            failure=None if made_picture else failure,
+        )
 
     def _write(self, made: _Made) -> list[GeneratedImage | str]:
         # Runs in a writer thread: PNG encoding and the atomic write of each new picture.
@@ -293,6 +347,17 @@ def _png_or_reason(image: Image) -> bytes | str:
         return f"the picture (mode {image.mode}) cannot be written as PNG: {exc}"
 
 
+FAILED_CALLS_TO_STOP = 4
+"""The run stops when this many of a generator's calls have failed as a whole before any
+of its calls made a picture.
+
+Counted in calls, not samples: a call is one try of the model, whatever its ``batch_size``,
+so a generator that can never work costs at most this many batches of ``error`` judgements.
+More than one: a first call can fail for a passing reason (a server still warming up). With
+several workers, the calls of the others still running when the run stops are left to end
+in their threads, their results unused. Once a call has made a picture the generator is
+known to work, and a failed call fails its own items only."""
+
 PARALLEL_PIXELS = 256 * 256
 """Pictures this large or larger are encoded on the stage's encoder threads (~5 ms each);
 smaller ones in the writer's own thread, where a hand-over would cost more than it saves."""
@@ -309,6 +374,14 @@ class _Made:
     pictures: list[Image | EncodedPicture | TimedPicture | GeneratedImage | str | None]
     latency_s: float
     """Generation time per new picture."""
+    called: bool
+    """Whether a generate call was made (not when every image was reused)."""
+    made_picture: bool = False
+    """Whether the call returned a new picture."""
+    failure: str | None = None
+    """Why the call failed as a whole, if it did: it made no picture, and an item failed
+    with something other than an :class:`~trig_stream.errors.ItemError` (or the whole
+    call raised). The last such item's reason."""
 
 
 def valid_image(path: Path, label: str | None = None) -> bool:

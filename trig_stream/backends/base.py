@@ -101,6 +101,12 @@ class Generator(ABC):
     ) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:
         """Make one image per request, in order; a failed item is its exception.
 
+        A failed item's exception says whose fault it is: an
+        :class:`~trig_stream.errors.ItemError` when the item's own (its source image cannot
+        be read, a refusal of its prompt), any other when the call failed (the model's code
+        raised). Before the generator has made a picture in the run, a few calls that fail
+        so, or that raise, stop the run: every call would likely fail the same way.
+
         An image is a PIL image, an :class:`EncodedPicture` when it already is a PNG file's
         bytes, or a :class:`TimedPicture` when it was made in another process.
 

@@ -47,7 +47,13 @@ from trig_stream.backends.generators.pipeline_process import (
 )
 from trig_stream.backends.generators.presets import INPUT_TASKS
 from trig_stream.backends.generators.source_images import source_image
-from trig_stream.errors import ConfigError, FatalBackendError, ItemError, MissingExtraError
+from trig_stream.errors import (
+    BackendError,
+    ConfigError,
+    FatalBackendError,
+    ItemError,
+    MissingExtraError,
+)
 from trig_stream.pipeline import describe_error
 
 if TYPE_CHECKING:
@@ -546,8 +552,10 @@ class DiffusersGenerator(Generator):
             except Exception as exc:
                 logger.warning("generator %s: pipeline call failed: %s", self.name, exc)
                 # A new error without the traceback: the caught one holds the call's frames
-                # and their tensors, the memory the next call needs.
-                error = ItemError(describe_error(exc))
+                # and their tensors, the memory the next call needs. Not an ItemError: the
+                # call failed, not its items, and a pipeline whose calls all fail so (an
+                # argument it refuses, an offload the device cannot do) stops the run.
+                error = BackendError(describe_error(exc))
                 return [error for _ in batch]
         if out_of_memory is not None:
             # Out of the except block, the failed call's frames and tensors are gone: what
@@ -558,7 +566,7 @@ class DiffusersGenerator(Generator):
         # The device is free again: turning pixels into pictures is the CPU's work alone.
         images: list[Image | Exception] = list(_pictures(pixels))
         if len(images) != len(batch):
-            error = ItemError(f"pipeline returned {len(images)} images for {len(batch)} prompts")
+            error = BackendError(f"pipeline returned {len(images)} images for {len(batch)} prompts")
             return [error for _ in batch]
         return images
 

@@ -36,9 +36,11 @@ Child to parent:
 * ``("ready", threads)`` once loaded, with the number of torch threads it computes with;
 * ``("done", (outcomes, calls, seconds))`` per call, followed by the items' bytes: an
   outcome is ``("pixels", mode, size, length)`` for a picture, ``("png", length)`` for a PNG
-  file, or an error text; the bytes of the items that have a length follow the message, in
-  order. ``calls`` are the pipeline calls' batch sizes, and ``seconds`` is the call's time
-  per request, which the engine records as each image's generation time;
+  file, or a failed item's error made afresh from its text (an ``ItemError`` when the item
+  is at fault, else a ``BackendError``: its call failed); the bytes of the items that have a
+  length follow the message, in order. ``calls`` are the pipeline calls' batch sizes, and
+  ``seconds`` is the call's time per request, which the engine records as each image's
+  generation time;
 * ``("fatal", text)`` when nothing can work.
 """
 
@@ -61,7 +63,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
 from trig_stream.backends.base import EncodedPicture, GenerationRequest, TimedPicture
-from trig_stream.errors import FatalBackendError, ItemError
+from trig_stream.errors import BackendError, FatalBackendError, ItemError
 from trig_stream.pipeline import describe_error
 
 if TYPE_CHECKING:
@@ -73,8 +75,8 @@ if TYPE_CHECKING:
 CANCEL_POLL_S = 0.05
 """How often a waiting call looks at the run's cancel event (a reply ends the wait at once)."""
 
-Outcome = str | tuple[str, int] | tuple[str, str, tuple[int, int], int]
-"""One item of an answer: an error text, ``("png", length)``, or
+Outcome = BackendError | tuple[str, int] | tuple[str, str, tuple[int, int], int]
+"""One item of an answer: its error, ``("png", length)``, or
 ``("pixels", mode, size, length)``."""
 _Answer = tuple[tuple[str, Any], bytearray]
 """A message from the child, and the bytes that followed it."""
@@ -353,7 +355,10 @@ def _hide_progress_bars() -> None:
 def _portable(image: Any) -> tuple[Outcome, bytes | None]:
     """What the child sends for one item (see the module's docstring), and its bytes."""
     if isinstance(image, Exception):
-        return describe_error(image), None
+        # Its text and whether the item itself is at fault (the engine tells the two
+        # apart), not the error itself: that may not pickle, and it holds its traceback.
+        kind = ItemError if isinstance(image, ItemError) else BackendError
+        return kind(describe_error(image)), None
     if isinstance(image, EncodedPicture):
         return ("png", len(image.png)), image.png
     pixels = image.tobytes()
@@ -361,7 +366,7 @@ def _portable(image: Any) -> tuple[Outcome, bytes | None]:
 
 
 def _payload_size(outcomes: Sequence[Outcome]) -> int:
-    return sum(outcome[-1] for outcome in outcomes if not isinstance(outcome, str))
+    return sum(outcome[-1] for outcome in outcomes if not isinstance(outcome, BackendError))
 
 
 def _pictures(
@@ -374,8 +379,8 @@ def _pictures(
     made: list[TimedPicture | EncodedPicture | Exception] = []
     start = 0
     for outcome in outcomes:
-        if isinstance(outcome, str):
-            made.append(ItemError(outcome))
+        if isinstance(outcome, BackendError):
+            made.append(outcome)
             continue
         end = start + outcome[-1]
         if len(outcome) == 2:  # ("png", length)
