@@ -187,3 +187,15 @@ def test_command_line_run_with_a_wrong_key(
     assert "rejected the API key" in err
     for key in (WRONG_KEY, KEY):
         assert_nowhere(key, out, err, logs.text, folder=tmp_path / "runs" / "cli-wrong")
+
+
+def test_options_built_in_python_never_show_a_refused_secret() -> None:
+    # An embedding application's own options: the validation error's text quoted the URL,
+    # password and all.
+    from pydantic import ValidationError
+
+    from trig_stream.backends.judges.openai_judge import OpenAIJudgeOptions
+
+    with pytest.raises(ValidationError) as raised:
+        OpenAIJudgeOptions(model="m", base_url="http://user:pw-secret@host/v1")
+    assert "holds credentials" in str(raised.value) and "pw-secret" not in str(raised.value)

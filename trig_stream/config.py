@@ -91,9 +91,13 @@ TaskName = Annotated[
 PairName = Annotated[str, AfterValidator(_pair)]
 
 
-OPTIONS_CONFIG: Final = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+OPTIONS_CONFIG: Final = ConfigDict(
+    extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True
+)
 """How config tables are read: unknown keys refused, and no NaN or infinity where a number
-goes (TOML has both; a request would send them as non-standard JSON, the manifest as null)."""
+goes (TOML has both; a request would send them as non-standard JSON, the manifest as null).
+A refused value is left out of the error's text (options built in Python may hold a secret,
+as a URL's password); config messages quote it themselves where safe."""
 
 
 class _Section(BaseModel):
