@@ -87,6 +87,25 @@ def slow_config(make_config: ConfigFactory, samples: int, latency_s: float) -> R
     )
 
 
+async def test_p_pressed_twice_fast_pauses_then_resumes(make_config: ConfigFactory) -> None:
+    # The second p came before the dashboard's next snapshot, which still read "running":
+    # it paused again, and the run stayed paused.
+    config = slow_config(make_config, samples=30, latency_s=0.02)
+
+    async def steps(pilot: Pilot[Any], engine: Engine) -> None:
+        await wait_until(lambda: engine.stats().judged >= 2)
+        app = pilot.app
+        assert isinstance(app, TrigDashboardApp)
+        app.action_toggle_pause()  # two presses handled before any refresh, as a terminal's
+        app.action_toggle_pause()  # input can deliver them
+        assert not engine.paused and engine.stats().state in ("running", "done")
+        await until_done(pilot, engine)
+
+    async with Engine(config) as engine:
+        await drive(engine, steps)
+    assert engine.stats().state == "done"
+
+
 async def test_pause_then_resume(make_config: ConfigFactory) -> None:
     config = slow_config(make_config, samples=30, latency_s=0.02)
 

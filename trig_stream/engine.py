@@ -270,6 +270,11 @@ class Engine:
         if self._state == "running":
             self._state = "paused"
 
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` is in effect (also when it came before the run started)."""
+        return self._paused
+
     def resume(self) -> None:
         """Undo :meth:`pause`."""
         self._paused = False

@@ -183,14 +183,17 @@ class TrigDashboardApp(App[None]):
 
     def action_toggle_pause(self) -> None:
         control = self.source.control
-        snapshot = self.dashboard.snapshot
-        if control is None or snapshot is None:
+        if control is None or self._finished():
             return
-        if snapshot.state == "paused":
+        # The run's state now, not the last snapshot's: a second p before the next refresh
+        # read "running" there and paused again.
+        if control.paused:
             control.resume()
             self.notify("resumed")
         else:
             control.pause()
+            if not control.paused:  # stopping already: there is nothing to pause
+                return
             self.notify("paused: no new samples; work already queued goes on")
         self.call_later(self.dashboard.refresh_snapshot)
 

@@ -145,6 +145,10 @@ class DashboardSnapshot:
 class RunControl(Protocol):
     """Steering a run: what the dashboard's keys call."""
 
+    @property
+    def paused(self) -> bool:
+        """Whether the run is paused now (not as of the last snapshot)."""
+
     def pause(self) -> None:
         """Stop feeding new samples."""
 

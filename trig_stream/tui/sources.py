@@ -66,6 +66,11 @@ class EngineControl:
     engine: Engine
     cancel_requested: bool = field(default=False, init=False)
 
+    @property
+    def paused(self) -> bool:
+        """Whether the engine is paused now."""
+        return self.engine.paused
+
     def pause(self) -> None:
         """Stop feeding new samples."""
         self.engine.pause()
