@@ -174,9 +174,10 @@ async def test_progress_counts_the_judgements_a_metric_judge_makes(
         ],
     )
     async with Engine(config) as engine:
+        source = EngineSource(engine)
         judgements = [j async for j in engine.results]
         counts = engine.stats().models["synth"]
-        finished = EngineSource(engine)._finished_samples(engine.stats())
+        finished = (await source.snapshot()).samples_done  # what the dashboard shows
         run_dir = engine.run_dir_path
     assert len(judgements) == 8 * 2 + 4  # nsfw: the four R-T samples
     assert (counts.queued, counts.to_judge, counts.samples_finished) == (8, 20, 8)

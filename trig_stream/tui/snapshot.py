@@ -108,8 +108,9 @@ class DashboardSnapshot:
     elapsed_s: float | None = None
     samples_total: int | None = None
     samples_done: int | None = None
-    """Samples read from the dataset (engine), or judged as the engine's ETA counts them
-    (watch: judgements over two per judge, averaged over the models)."""
+    """Samples whose judgements are all written (each model's share of the judgements its
+    samples need, averaged over the models): what the ETA counts, the same in ``run`` and
+    ``watch``. Reading the dataset runs ahead of it by the buffers."""
     eta_s: float | None = None
     models: tuple[ModelProgress, ...] = ()
     buffers: tuple[Gauge, ...] = ()

@@ -171,7 +171,7 @@ class EngineSource:
             state=state,
             elapsed_s=stats.elapsed_s,
             samples_total=stats.samples_total,
-            samples_done=stats.samples_read,
+            samples_done=finished_samples,
             eta_s=0.0
             if finished
             else estimate_eta(stats.samples_total, finished_samples, samples_per_s),
