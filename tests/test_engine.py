@@ -38,6 +38,7 @@ from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
 from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.scoring import Scorer
+from trig_stream.stats import ModelCounts
 from trig_stream.store import JOURNAL, QUARANTINE, read_journal
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
@@ -920,7 +921,6 @@ async def test_plain_progress_prints_a_line_when_a_load_starts_and_ends(
     from rich.console import Console
 
     from trig_stream.progress import PlainProgress
-    from trig_stream.stats import ModelCounts
 
     idle = Engine(make_config(samples=1)).stats()
     loading = replace(idle, models={"synth": ModelCounts(loading=True)})
@@ -1191,3 +1191,50 @@ async def test_samples_no_judge_measures_are_not_called_done_and_the_run_says_so
     assert (
         "4 sample(s) were not judged: no judge measures a dimension of their pair (trigscore: R-B)"
     ) in " ".join(stats.notes)
+
+
+class HeldJudge(FakeJudge):
+    """Answers nothing until released."""
+
+    def __init__(self) -> None:
+        super().__init__("trigscore", FakeJudgeOptions())
+        self.release = anyio.Event()
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        await self.release.wait()
+        return await super().judge(request)
+
+
+def synth_counts(engine: Engine) -> ModelCounts:
+    return engine.stats().models.get("synth") or ModelCounts()
+
+
+async def poll_until(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(10):
+        while not condition():
+            await checkpoint()
+
+
+async def test_a_stop_once_every_sample_is_in_flight_ends_done(make_config: ConfigFactory) -> None:
+    # It ended "stopped": exit 130 and no report, with nothing left to do.
+    judge = HeldJudge()
+    async with Engine(make_config(samples=2), judges=[judge]) as engine:
+        await poll_until(lambda: synth_counts(engine).generated == 2)
+        engine.stop()
+        judge.release.set()
+        assert len([j async for j in engine.results]) == 4
+    assert engine.stats().state == "done"
+
+
+async def test_samples_a_stop_drops_leave_the_queued_count(make_config: ConfigFactory) -> None:
+    # Dropped, they stayed "queued": the dashboard showed them generating forever.
+    judge = HeldJudge()
+    config = make_config(samples=12, engine={"sample_buffer": 8, "image_buffer": 1})
+    async with Engine(config, judges=[judge]) as engine:
+        await poll_until(lambda: synth_counts(engine).queued >= 8)
+        engine.stop()
+        judge.release.set()
+        await engine.drain()
+    counts = engine.stats().models["synth"]
+    assert engine.stats().state == "stopped" and counts.dropped > 0
+    assert counts.queued == counts.generated + counts.generation_failed

@@ -519,6 +519,12 @@ class Engine:
             image_send.close()
             judgement_send.close()
 
+    def _left_work(self) -> bool:
+        """Whether a graceful stop left work undone: samples not read, or queued ones dropped.
+        A stop that came once the last sample was in flight left none: the run is done."""
+        counters = self._counters
+        return not counters.dataset_read or any(m.dropped for m in counters.models.values())
+
     def _context(self) -> RunContext:
         assert self._run_dir is not None
         return RunContext(
@@ -549,7 +555,7 @@ class Engine:
                     # complete live analysis.
                     self._first_judgement.set()
                     await self._history_loaded.wait()
-                    self._state = "stopped" if self._stopping else "done"
+                    self._state = "stopped" if self._stopping and self._left_work() else "done"
                     return
                 except anyio.get_cancelled_exc_class():
                     # Hard stop: what already landed in the buffer is still written.

@@ -146,7 +146,13 @@ class GenerationStage:
         async with receive, made_send:
             async for first in receive:
                 if self._context.is_stopping():
-                    continue  # graceful stop: queued samples are new work; drop them
+                    # Graceful stop: queued samples are new work; drop them, and take them
+                    # off the model's count (the dashboard showed them generating forever).
+                    counts = self._context.counters.model(first.model)
+                    counts.queued -= 1
+                    counts.to_judge -= len(first.todo)
+                    counts.dropped += 1
+                    continue
                 batch = [first]
                 take_ready(receive, batch, self._generator.batch_size)
                 made = await self._calls.run(self._generate_batch, worker, batch, limiter=limiter)

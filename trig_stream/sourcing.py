@@ -76,6 +76,7 @@ class SourceStage:
                 if not chunk:
                     self._note_an_empty_selection(source)
                     self._note_unmeasured_samples()
+                    context.counters.dataset_read = True
                     break
                 for work in chunk:
                     gate = self._running_gate()

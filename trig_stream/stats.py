@@ -60,6 +60,8 @@ class ModelCounts:
     measures: two for a VLM judge, one or none for a metric's)."""
     skipped: int = 0
     """Samples whose every judgement was already in the journal."""
+    dropped: int = 0
+    """Queued samples a graceful stop left ungenerated (no longer counted in ``queued``)."""
     generated: int = 0
     reused: int = 0
     """Images found valid on disk from an earlier run."""
@@ -122,6 +124,8 @@ class Counters:
     """When it closed; the elapsed time and the rates stop there."""
     samples_total: int | None = None
     samples_read: int = 0
+    dataset_read: bool = False
+    """Whether the source read the dataset to its end (a stop can leave part of it)."""
     unmeasured: int = 0
     """Samples none of whose dimensions any judge measures (a metric judge's own ones)."""
     quarantined: int = 0
