@@ -1238,3 +1238,21 @@ async def test_samples_a_stop_drops_leave_the_queued_count(make_config: ConfigFa
     counts = engine.stats().models["synth"]
     assert engine.stats().state == "stopped" and counts.dropped > 0
     assert counts.queued == counts.generated + counts.generation_failed
+
+
+async def test_a_group_the_consumer_raises_comes_out_as_raised(
+    make_config: ConfigFactory,
+) -> None:
+    # The consumer's own task group failed inside the loop: the engine wrapped that group in
+    # another and said it had failed itself.
+    async def bad() -> None:
+        raise ValueError("the consumer's own")
+
+    engine = Engine(make_config(samples=4))
+    with pytest.raises(ExceptionGroup) as raised:
+        async with engine:
+            async for _ in engine.results:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(bad)
+    assert [type(e) for e in raised.value.exceptions] == [ValueError]
+    assert engine.stats().state == "cancelled"

@@ -346,8 +346,10 @@ class Engine:
             suppress = await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
             leaves = list(leaf_errors(group))
-            if exc is not None and all(leaf is exc for leaf in leaves):
-                # The block's own exception: hand it back as it was raised, not in a group.
+            own = {id(leaf) for leaf in _leaves_of(exc)}
+            if exc is not None and all(id(leaf) in own for leaf in leaves):
+                # The block's own exception (a group of its own too): hand it back as it was
+                # raised, not in a group of ours.
                 self._state = "cancelled"
                 raise exc from None
             self._state = "failed"
@@ -620,3 +622,11 @@ class Engine:
 
 def _take(items: Iterator[Judgement], count: int) -> list[Judgement]:
     return list(islice(items, count))
+
+
+def _leaves_of(exc: BaseException | None) -> list[BaseException]:
+    if exc is None:
+        return []
+    if isinstance(exc, BaseExceptionGroup):
+        return list(leaf_errors(exc))
+    return [exc]
