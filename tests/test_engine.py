@@ -1256,3 +1256,10 @@ async def test_a_group_the_consumer_raises_comes_out_as_raised(
                     tg.start_soon(bad)
     assert [type(e) for e in raised.value.exceptions] == [ValueError]
     assert engine.stats().state == "cancelled"
+
+
+def test_an_engine_made_outside_async_code_says_where_it_belongs(
+    make_config: ConfigFactory,
+) -> None:
+    with pytest.raises(RuntimeError, match="an Engine is made inside the async code that runs"):
+        Engine(make_config(samples=1))

@@ -156,6 +156,13 @@ class Engine:
         self._counters = Counters()
         self._state: EngineState = "starting"
         self._stopping = False
+        try:
+            anyio.get_current_task()  # its events and cancel scopes belong to a running loop
+        except anyio.NoEventLoopError:
+            raise RuntimeError(
+                "an Engine is made inside the async code that runs it (under anyio.run or "
+                "asyncio.run, e.g. `async with Engine(config) as engine:`), not before it"
+            ) from None
         self._running_gate = anyio.Event()
         self._running_gate.set()
         self._cancel_generation = threading.Event()
