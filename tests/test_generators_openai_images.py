@@ -27,6 +27,7 @@ from trig_stream.errors import (
     RetryableError,
 )
 from trig_stream.records import Sample
+from trig_stream.retry import RETRY_AFTER_MAX_S
 from trig_stream.store import JOURNAL, MANIFEST
 from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer
 
@@ -127,6 +128,16 @@ def test_rate_limit_waits_at_least_retry_after_then_succeeds(
     server.fail_next(Fault(status=429, retry_after=7))
     assert isinstance(one(make(server, sleeps, backoff_initial=0.1)), Image.Image)
     assert len(sleeps.waits) == 1 and sleeps.waits[0] >= 7
+
+
+def test_a_retry_after_of_an_hour_is_waited_for_five_minutes_at_most(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # The worker waited the hour, and a graceful stop with it.
+    sleeps = Sleeps()
+    server.fail_next(Fault(status=429, retry_after=3600))
+    assert isinstance(one(make(server, sleeps, backoff_initial=0.1)), Image.Image)
+    assert sleeps.waits == [RETRY_AFTER_MAX_S]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+RETRY_AFTER_MAX_S = 300.0
+"""The longest a server's Retry-After is waited for: one asking for an hour (or for ever)
+held a worker, and a graceful stop behind it, that long; the attempt after it counts."""
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -13,7 +17,7 @@ class RetryPolicy:
 
     The n-th retry waits a random time between half and all of
     ``min(backoff_max, backoff_initial * 2**(n-1))`` ("equal jitter"), and never less than the
-    server's Retry-After.
+    server's Retry-After, up to :data:`RETRY_AFTER_MAX_S`.
     """
 
     max_attempts: int = 5
@@ -35,5 +39,5 @@ class RetryPolicy:
         ceiling = min(self.backoff_max, self.backoff_initial * 2 ** (attempts - 1))
         wait: float = ceiling * (0.5 + 0.5 * self.random())
         if retry_after is not None:
-            wait = max(wait, retry_after)
+            wait = max(wait, min(retry_after, RETRY_AFTER_MAX_S))
         return wait

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from trig_stream.backends.judges.http_errors import parse_retry_after
 from trig_stream.errors import (
     BackendError,
     FatalBackendError,
@@ -93,7 +94,7 @@ def classify(exc: Exception, secret: str) -> BackendError:
         status = exc.status_code
         detail = redact(f"HTTP {status}: {_message(exc)}", secret)
         if status == 429:
-            return RateLimitError(detail, retry_after=_retry_after(exc.response.headers))
+            return RateLimitError(detail, retry_after=parse_retry_after(exc.response.headers))
         if status in (401, 403):
             return FatalBackendError(f"the API refused the credentials ({detail})")
         if status >= 500 or status in (408, 409):
@@ -177,15 +178,3 @@ def _message(exc: Any) -> str:
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
             return str(inner["message"])
     return str(getattr(exc, "message", "")) or type(exc).__name__
-
-
-def _retry_after(headers: Any) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value) * scale)
-        except ValueError:
-            continue
-    return None
