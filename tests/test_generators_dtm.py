@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -91,6 +92,22 @@ def test_relation_table_from_report(tmp_path: Path) -> None:
         RelationTable.from_report(latin)
     with pytest.raises(OSError, match=r"missing\.csv: cannot read it .*relationship_codes\.csv"):
         RelationTable.from_report(tmp_path / "missing.csv")
+    # A code is an integer: 1.9 was read as 1, inf ended the run with a traceback.
+    for cell in ("1.9", "-0.5", "inf", "1e400", "nan"):
+        odd = tmp_path / "odd.csv"
+        odd.write_text(f",IQ-R,TA-C\nIQ-R,,{cell}\n")
+        with pytest.raises(ValueError, match=rf"cell IQ-R_TA-C is '{cell}', no relation code"):
+            RelationTable.from_report(odd)
+    for text, problem in [
+        (",IQ-R,TA-C\n", "a header and no row of relation codes"),
+        (",IQ-R,IQ-R\nIQ-R,,1\n", "names a dimension twice"),
+    ]:
+        odd.write_text(text)
+        with pytest.raises(ValueError, match=problem):
+            RelationTable.from_report(odd)
+    excel = tmp_path / "excel.csv"  # saved with a byte order mark
+    excel.write_bytes(b"\xef\xbb\xbf,IQ-R,TA-C\nIQ-R,,-2\n")
+    assert RelationTable.from_report(excel).code("IQ-R", "TA-C") == -2
 
 
 @pytest.fixture
@@ -257,6 +274,21 @@ def test_empty_answer_falls_back(server: GenerationAPIServer) -> None:
     outcome = generator.rewrites["B_1"]
     assert outcome.status == "fallback" and outcome.prompt == outcome.original
     assert outcome.error is not None and "empty" in outcome.error
+
+
+@pytest.mark.parametrize("choices", [None, {"0": "a table"}], ids=["null", "table"])
+def test_an_answer_of_the_wrong_shape_falls_back(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch, choices: object
+) -> None:
+    # "choices": null (TypeError) or a table (KeyError) stopped the run, as a broken
+    # generator, after four samples.
+    generator = rewriter(server)
+    completions = generator._client.chat.completions
+    monkeypatch.setattr(completions, "create", lambda **_: SimpleNamespace(choices=choices))
+    generator.generate([request("B_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["B_1"]
+    assert outcome.status == "fallback" and outcome.prompt == outcome.original
+    assert outcome.error is not None and outcome.error.startswith("the LLM's answer is malformed")
 
 
 def test_refused_credentials_stop_the_run(

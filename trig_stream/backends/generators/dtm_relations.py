@@ -13,6 +13,7 @@ cells are codes for row_column).
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal, TypeAlias
@@ -79,7 +80,7 @@ class RelationTable:
             OSError: the file cannot be read.
         """
         try:
-            with path.open(newline="", encoding="utf-8") as handle:
+            with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM, as Excel saves
                 rows = list(csv.reader(handle))
         except UnicodeDecodeError as exc:
             raise ValueError(f"{path}: byte {exc.start} is not UTF-8 text") from None
@@ -93,6 +94,10 @@ class RelationTable:
         columns = [cell.strip() for cell in rows[0][1:]]
         if not all(is_dimension(c) for c in columns):
             raise ValueError(f"{path}: the header names unknown dimensions: {columns}")
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"{path}: the header names a dimension twice: {columns}")
+        if not any(row and row[0].strip() for row in rows[1:]):
+            raise ValueError(f"{path}: holds a header and no row of relation codes")
         table = cls()
         for row in rows[1:]:
             if not row or not row[0].strip():
@@ -106,9 +111,15 @@ class RelationTable:
                 if not text or text.upper() == "NULL":
                     continue
                 try:
-                    code = int(float(text))
+                    value = float(text)
                 except ValueError:
-                    raise ValueError(f"{path}: cell {first}_{second} is {text!r}") from None
+                    value = math.nan
+                if not value.is_integer():  # 1.9 read as 1 chose another relation's words
+                    raise ValueError(
+                        f"{path}: cell {first}_{second} is {text!r}, no relation code (an "
+                        "integer from -2 to 3)"
+                    )
+                code = int(value)
                 table.set(first, second, code)  # type: ignore[arg-type]
         return table
 

@@ -290,8 +290,11 @@ class DTMRewriteGenerator(Generator):
                 raise ItemError("the LLM answered with an empty rewrite")
         except FatalBackendError:
             raise
-        except (ItemError, RetryableError, AttributeError, IndexError) as exc:
+        except (ItemError, RetryableError, AttributeError, IndexError, KeyError, TypeError) as exc:
             reason = str(exc) or type(exc).__name__
+            if not isinstance(exc, ItemError | RetryableError):
+                # An answer of the wrong shape ("choices": null, or a table) falls back too.
+                reason = f"the LLM's answer is malformed ({type(exc).__name__}: {reason})"
             logger.warning(
                 "generator %s: rewriting %s failed (%s); the original prompt is used",
                 self.name,
