@@ -19,6 +19,7 @@ from trig_stream.backends.generators.openai_images import (
     OpenAIImagesOptions,
 )
 from trig_stream.errors import (
+    BackendError,
     ConfigError,
     FatalBackendError,
     ItemError,
@@ -217,10 +218,16 @@ def test_an_api_never_reached_stops_the_run_and_one_reached_before_does_not(
     assert type(one(generator)) is RetryableError  # that request's failure alone
 
 
-def test_undecodable_image_is_an_item_error(server: GenerationAPIServer, key: str) -> None:
+def test_an_answer_without_an_image_is_the_apis_failure_not_the_items(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # Not an ItemError: a server that never answers with an image (URLs, another format)
+    # must stop a run whose generator has made none (generation.FAILED_CALLS_TO_STOP); as
+    # an ItemError, every sample of the dataset failed and the run exited 0.
     server.fail_next(Fault(bad_image=True))
     outcome = one(make(server))
-    assert isinstance(outcome, ItemError) and "undecodable" in str(outcome)
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError)
+    assert str(outcome) == "the images API returned bytes that are no image"
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -30,7 +30,7 @@ from trig_stream.backends.generators.api_calls import (
     wait_on_cancel,
 )
 from trig_stream.config import OPTIONS_CONFIG, HttpUrl
-from trig_stream.errors import ConfigError, FatalBackendError, ItemError
+from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -182,7 +182,13 @@ class OpenAIImagesGenerator(Generator):
         data = getattr(response, "data", None) or []
         encoded = getattr(data[0], "b64_json", None) if data else None
         if not encoded:
-            raise ItemError("the images API answered without b64_json image data")
+            # Not this prompt's fault: the server answers in another form (URLs, often), and
+            # so every request would fail alike. Not an ItemError, so that a generator that
+            # never gets an image stops the run (generation.FAILED_CALLS_TO_STOP).
+            raise BackendError(
+                "the images API answered without b64_json image data (with URLs? ask for "
+                'base64: options.extra_body = { response_format = "b64_json" })'
+            )
         return _decode(encoded)
 
     def close(self) -> None:
@@ -193,11 +199,14 @@ class OpenAIImagesGenerator(Generator):
 
 def _decode(encoded: str) -> Image:
     from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
 
     try:
         raw = base64.b64decode(encoded, validate=True)
         with PILImage.open(io.BytesIO(raw)) as image:
             image.load()
             return image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+    except UnidentifiedImageError:
+        raise BackendError("the images API returned bytes that are no image") from None
     except (binascii.Error, OSError, SyntaxError, ValueError) as exc:
-        raise ItemError(f"the images API returned an undecodable image: {exc}") from None
+        raise BackendError(f"the images API returned an undecodable image: {exc}") from None
