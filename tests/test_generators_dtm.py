@@ -291,6 +291,30 @@ def test_an_answer_of_the_wrong_shape_falls_back(
     assert outcome.error is not None and outcome.error.startswith("the LLM's answer is malformed")
 
 
+@pytest.mark.parametrize(
+    ("finish_reason", "content", "reason"),
+    [
+        ("length", "A rewrite cut in the mid", "cut at max_tokens (256)"),
+        ("stop", "x" * 5000, "is 5,000 characters long"),
+    ],
+)
+def test_a_cut_or_overlong_rewrite_falls_back(
+    server: GenerationAPIServer,
+    monkeypatch: pytest.MonkeyPatch,
+    finish_reason: str,
+    content: str,
+    reason: str,
+) -> None:
+    generator = rewriter(server)
+    answer = SimpleNamespace(message=SimpleNamespace(content=content), finish_reason=finish_reason)
+    completions = generator._client.chat.completions
+    monkeypatch.setattr(completions, "create", lambda **_: SimpleNamespace(choices=[answer]))
+    generator.generate([request("B_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["B_1"]
+    assert outcome.status == "fallback" and outcome.prompt == outcome.original
+    assert outcome.error is not None and reason in outcome.error
+
+
 def test_refused_credentials_stop_the_run(
     server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -86,6 +86,11 @@ class InnerGenerator(BaseModel):
         return self
 
 
+MAX_REWRITE_CHARS = 4000
+"""The longest rewrite taken: the system message asks for under 120 words, and a server that
+ignores max_tokens sent a megabyte, stored in every judgement of the image."""
+
+
 class DTMRewriteOptions(BaseModel):
     """``options`` of the ``dtm_rewrite`` generator. Give ``relations``, ``report`` or both
     (``relations`` win for the pairs they name)."""
@@ -285,9 +290,17 @@ class DTMRewriteGenerator(Generator):
                 answered=self._answered,
                 api=f"the rewriting LLM of generator {self.name!r}",
             )
-            text = _clean(response.choices[0].message.content or "")
+            choice = response.choices[0]
+            text = _clean(choice.message.content or "")
             if not text:
                 raise ItemError("the LLM answered with an empty rewrite")
+            if choice.finish_reason == "length":  # cut mid-sentence: no prompt to draw from
+                raise ItemError(f"the LLM's rewrite was cut at max_tokens ({o.max_tokens})")
+            if len(text) > MAX_REWRITE_CHARS:
+                raise ItemError(
+                    f"the LLM's rewrite is {len(text):,} characters long (at most "
+                    f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
+                )
         except FatalBackendError:
             raise
         except (ItemError, RetryableError, AttributeError, IndexError, KeyError, TypeError) as exc:
