@@ -380,3 +380,15 @@ async def test_rewriting_through_the_engine(
     fingerprint = generator.fingerprint()
     assert fingerprint["inner"]["backend"] == "synthetic"
     assert fingerprint["relations"]["IQ-A_TA-S"] == 3
+    # Resumed with the images on disk (the journal lost here, as a crash between writing an
+    # image and judging it loses that image's judgements): each reused image keeps the
+    # rewrite it was drawn from, and no prompt is rewritten again. The records read "no
+    # rewrite" before.
+    first = {(j.data_id, j.dimension): j.prompt_rewrite for j in results}
+    chats = sum(path.endswith("/chat/completions") for path, _ in server.requests)
+    (engine.run_dir_path / "journal.jsonl").unlink()
+    async with Engine(config) as again:
+        resumed = [j async for j in again.results]
+    assert len(resumed) == 16 and all(j.prompt_rewrite is not None for j in resumed)
+    assert {(j.data_id, j.dimension): j.prompt_rewrite for j in resumed} == first
+    assert sum(path.endswith("/chat/completions") for path, _ in server.requests) == chats

@@ -47,8 +47,8 @@ from trig_stream.pipeline import (
     send_now,
     take_ready,
 )
-from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
-from trig_stream.records import GeneratedImage, Judgement
+from trig_stream.png import REWRITE_KEY, SAMPLE_KEY, encode_png, with_sample_digest
+from trig_stream.records import GeneratedImage, Judgement, PromptRewrite
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -220,7 +220,8 @@ class GenerationStage:
         missing: list[int] = []
         paths = [self._context.run_dir.image_path(task, w.model, w.sample.data_id) for w in batch]
         for index, (work, path) in enumerate(zip(batch, paths, strict=True)):
-            if valid_image(path, work.image_label):
+            found = reusable_image(path, work.image_label)
+            if found is not None:
                 pictures.append(
                     GeneratedImage(
                         model=work.model,
@@ -228,6 +229,7 @@ class GenerationStage:
                         path=path,
                         seed=work.seed,
                         reused=True,
+                        prompt_rewrite=found.prompt_rewrite,
                     )
                 )
             else:
@@ -305,7 +307,9 @@ class GenerationStage:
             latency_s = made.latency_s
             if isinstance(picture, EncodedPicture | TimedPicture) and picture.seconds is not None:
                 latency_s = picture.seconds  # timed where it was made
-            files.append((path, with_sample_digest(png, work.image_label)))
+            rewrite = self._generator.prompt_rewrite(work.sample.data_id)
+            stored = None if rewrite is None else rewrite.model_dump_json()
+            files.append((path, with_sample_digest(png, work.image_label, stored)))
             outcomes.append(
                 GeneratedImage(
                     model=work.model,
@@ -313,7 +317,7 @@ class GenerationStage:
                     path=path,
                     seed=work.seed,
                     latency_s=latency_s,
-                    prompt_rewrite=self._generator.prompt_rewrite(work.sample.data_id),
+                    prompt_rewrite=rewrite,
                 )
             )
         # One write for the batch: its pictures share a folder, synced once for them all.
@@ -390,24 +394,40 @@ class _Made:
     call raised). The last such item's reason."""
 
 
-def valid_image(path: Path, label: str | None = None) -> bool:
-    """True when ``path`` is a complete, decodable image file, made for the work item whose
-    :attr:`~trig_stream.pipeline.WorkItem.image_label` is ``label`` when it records one.
+@dataclass(frozen=True, slots=True)
+class _Reusable:
+    """An image on disk a work item can take, and how its prompt was rewritten, if it was."""
+
+    prompt_rewrite: PromptRewrite | None
+
+
+def reusable_image(path: Path, label: str | None = None) -> _Reusable | None:
+    """What ``path`` holds when it is a complete, decodable image file made for the work item
+    whose :attr:`~trig_stream.pipeline.WorkItem.image_label` is ``label`` (when it records
+    one); else None.
 
     An image that records its sample's digest alone was written before labels named the
     model, data_id and seed; it is taken when the digest matches, so that a run begun then
     resumes without making its images again.
     """
     if not path.is_file():
-        return False
+        return None
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             made_for: str | None = image.info.get(SAMPLE_KEY)
+            rewrite: str | None = image.info.get(REWRITE_KEY)
             image.verify()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return False
-    if label is None or made_for is None:
-        return True
-    return made_for in (label, label.partition(" ")[0])
+        return None
+    if (
+        label is not None
+        and made_for is not None
+        and made_for not in (label, label.partition(" ")[0])
+    ):
+        return None
+    try:
+        return _Reusable(None if rewrite is None else PromptRewrite.model_validate_json(rewrite))
+    except ValueError:  # a chunk edited by hand: the image stands, its rewrite is unknown
+        return _Reusable(None)

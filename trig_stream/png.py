@@ -68,7 +68,12 @@ def is_png(data: bytes) -> bool:
     return data.startswith(SIGNATURE) and data[12:16] == b"IHDR"
 
 
-def with_sample_digest(png: bytes, label: str) -> bytes:
+REWRITE_KEY = "trig-stream prompt rewrite"
+"""The text chunk holding how the prompt was rewritten (a PromptRewrite as JSON), when it was:
+an image reused by a later run keeps that record."""
+
+
+def with_sample_digest(png: bytes, label: str, rewrite: str | None = None) -> bytes:
     """``png`` with a text chunk naming the sample it was made for (:data:`SAMPLE_KEY`):
     ``label``, its digest and who it was made for (see
     :attr:`trig_stream.pipeline.WorkItem.image_label`), in ASCII.
@@ -81,7 +86,10 @@ def with_sample_digest(png: bytes, label: str) -> bytes:
     if not is_png(png):
         return png  # not a PNG as written here: leave it as it is
     text = SAMPLE_KEY.encode("latin-1") + b"\x00" + label.encode("ascii")
-    return png[:header_end] + _chunk(b"tEXt", text) + png[header_end:]
+    chunks = _chunk(b"tEXt", text)
+    if rewrite is not None:  # JSON written in ASCII (escapes for the rest), as tEXt wants
+        chunks += _chunk(b"tEXt", REWRITE_KEY.encode("latin-1") + b"\x00" + rewrite.encode("ascii"))
+    return png[:header_end] + chunks + png[header_end:]
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
