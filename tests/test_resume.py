@@ -21,6 +21,7 @@ from tests.conftest import ConfigFactory
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunDirError, RunLockedError, store
 from trig_stream import engine as engine_module
+from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError
 from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
 from trig_stream.records import Judgement, Status
@@ -136,6 +137,13 @@ def edited(field: str, value: str) -> Callable[[dict[str, Any]], tuple[bytes, by
     )
 
 
+async def judged_journal(make_config: ConfigFactory) -> tuple[RunConfig, Path]:
+    """A finished run of 3 samples (6 judgements), and its journal."""
+    config = make_config(samples=3)
+    await run_to_end(config)
+    return config, config.run_dir / JOURNAL
+
+
 LINES_NO_JUDGEMENT_HOLDS = {
     "nan": edited("score", "NaN"),
     "text": edited("score", '"high"'),
@@ -166,9 +174,7 @@ async def test_an_ok_line_no_judgement_holds_is_asked_again(
     # A hand edit can leave what json reads but no judgement holds (a score that is no
     # number, a pair that is none or not its dimension's): the report skips such a line, so
     # resuming must not count it as judged, or its key would be in neither.
-    config = make_config(samples=3)
-    await run_to_end(config)
-    path = config.run_dir / JOURNAL
+    config, path = await judged_journal(make_config)
     lines = path.read_bytes().splitlines(keepends=True)
     record = json.loads(lines[2])
     assert record["status"] == "ok"
@@ -188,9 +194,7 @@ async def test_a_journal_with_windows_line_ends_resumes_asking_nothing(
 ) -> None:
     # An editor or a copy through another system can turn every line end into CRLF; the
     # report reads such lines, and so must the resume, not cut them all off as a torn tail.
-    config = make_config(samples=3)
-    await run_to_end(config)
-    path = config.run_dir / JOURNAL
+    config, path = await judged_journal(make_config)
     crlf = path.read_bytes().replace(b"\n", b"\r\n")
     path.write_bytes(crlf)
     assert await run_to_end(config) == []
@@ -200,9 +204,7 @@ async def test_a_journal_with_windows_line_ends_resumes_asking_nothing(
 async def test_a_line_cut_short_and_joined_to_the_next_is_asked_again(
     make_config: ConfigFactory,
 ) -> None:
-    config = make_config(samples=3)
-    await run_to_end(config)
-    path = config.run_dir / JOURNAL
+    config, path = await judged_journal(make_config)
     lines = path.read_bytes().splitlines(keepends=True)
     joined = {json.loads(line)["data_id"] + json.loads(line)["dimension"] for line in lines[2:4]}
     lines[2:4] = [lines[2][:200] + lines[3]]  # one line again, two starts, one end
@@ -216,9 +218,7 @@ async def test_a_line_cut_short_and_joined_to_the_next_is_asked_again(
 async def test_a_line_zeroed_in_the_middle_is_not_counted_as_judged(
     make_config: ConfigFactory,
 ) -> None:
-    config = make_config(samples=3)
-    await run_to_end(config)
-    path = config.run_dir / JOURNAL
+    config, path = await judged_journal(make_config)
     lines = path.read_bytes().splitlines(keepends=True)
     middle = len(lines[2]) // 2
     lines[2] = lines[2][:middle] + b"\x00" * 16 + lines[2][middle + 16 :]  # start, end intact

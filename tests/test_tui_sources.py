@@ -6,12 +6,9 @@ import anyio
 import pytest
 
 from tests.conftest import ConfigFactory
-from tests.test_engine import LoadsUntilReleased
+from tests.test_engine import HeldJudge, LoadsUntilReleased
 from tests.test_tui_watch import wait_until
 from trig_stream import Engine
-from trig_stream.backends.base import JudgeReply, JudgeRequest
-from trig_stream.testing import FakeJudge
-from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.tui.sources import EngineSource
 
 pytestmark = pytest.mark.anyio
@@ -53,24 +50,12 @@ async def test_a_model_loading_shows_in_the_snapshot(make_config: ConfigFactory)
         assert (await source.snapshot()).loading == ()
 
 
-class _HeldJudge(FakeJudge):
-    """Answers nothing until released: the dataset is read ahead meanwhile."""
-
-    def __init__(self) -> None:
-        super().__init__("trigscore", FakeJudgeOptions())
-        self.release = anyio.Event()
-
-    async def judge(self, request: JudgeRequest) -> JudgeReply:
-        await self.release.wait()
-        return await super().judge(request)
-
-
 async def test_samples_done_counts_judged_samples_not_samples_read(
     make_config: ConfigFactory,
 ) -> None:
     # The dashboard showed the samples read, which run ahead of judging by the buffers (32
     # of 60 "done" with 12 judged), where watch showed the finished ones.
-    judge = _HeldJudge()
+    judge = HeldJudge()
     async with Engine(make_config(samples=6), judges=[judge]) as engine:
         source = EngineSource(engine)
         await wait_until(lambda: engine.stats().samples_read == 6)
