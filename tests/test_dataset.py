@@ -105,6 +105,10 @@ def test_json_source_images_come_from_image_root(tmp_path: Path) -> None:
     assert "not found" in reasons[0]
     assert "no source image" in reasons[1]
     assert "plain file name" in reasons[2]
+    listed = {**records[0], "data_id": "TA-C_IQ-R_5", "item": ["cat"]}
+    path.write_text(json.dumps([listed]))
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="s2p")
+    assert not samples and refused[0].reason == "item must be text (the subject's name), got list"
 
 
 @pytest.mark.parametrize(

@@ -207,6 +207,10 @@ class DatasetSource:
             raise Rejected(f"img_id must be a string, got {type(img_id).__name__}")
         source_path, source_bytes = self._source_image(raw, img_id)
         item = raw.get("item")
+        if self.task == "s2p" and item is not None and not isinstance(item, str):
+            # The subject the judge and the generator are told of: a number or a list was
+            # dropped without a word, and the sample judged as of "the subject".
+            raise Rejected(f"item must be text (the subject's name), got {type(item).__name__}")
         sample = Sample(
             data_id=data_id,
             task=self.task,
