@@ -435,12 +435,20 @@ def test_compare_says_what_each_column_measures_and_which_runs_are_still_going(
     ) in text
 
 
-def test_compare_without_a_single_score_says_so(tmp_path: Path) -> None:
+def test_compare_without_a_single_score_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # It printed an empty table and "Every DTM cell has the same code for all models."
     first = write_run_dir(tmp_path / "one", {}, scored=False)
     second = write_run_dir(tmp_path / "two", {}, scored=False)
     with pytest.raises(AnalysisError, match=r"nothing to compare: no ok score in .*one, .*two"):
         run_command("compare", str(first), str(second))
+    # One column without a score beside others: said, not shown as dashes alone.
+    scored = write_run_dir(tmp_path / "three", {})
+    run_command("compare", str(first), str(scored))
+    out = capsys.readouterr().out
+    assert "Note: one/model-a has no ok score (every judgement unscorable or an error)" in out
+    assert "three/model-a has no ok score" not in out
 
 
 def test_report_on_a_run_made_by_the_engine(make_config: ConfigFactory) -> None:

@@ -272,6 +272,12 @@ def compare_runs(
             f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (every "
             "judgement is unscorable or an error); `trig-stream status` counts them"
         )
+    for label, analysis in analyses.items():
+        if not analysis.dimension_means:
+            notes.append(
+                f"{label} has no ok score (every judgement unscorable or an error): its column "
+                "is empty, and its DTM cells are undefined (-1)"
+            )
     return compare(analyses, tasks, notes)
 
 
