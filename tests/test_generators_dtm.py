@@ -23,7 +23,7 @@ from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTM
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import FatalBackendError
 from trig_stream.records import Sample
-from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer
+from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer, default_rewrite
 from trig_stream.testing.synthetic import draw
 
 KEY = "rewrite-secret-key"
@@ -348,6 +348,7 @@ def test_options_need_relations_and_valid_inner_options(tmp_path: Path) -> None:
 async def test_rewriting_through_the_engine(
     make_config: ConfigFactory, server: GenerationAPIServer, tmp_path: Path
 ) -> None:
+    server.rewrite = lambda text: f"{default_rewrite(text)}, café crème ☕"  # stored in a PNG
     report = write_report(tmp_path / "relationship_codes.csv")
     config = make_config(
         samples=8,

@@ -18,6 +18,7 @@ a refusal) and says nothing about the generator.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -308,7 +309,8 @@ class GenerationStage:
             if isinstance(picture, EncodedPicture | TimedPicture) and picture.seconds is not None:
                 latency_s = picture.seconds  # timed where it was made
             rewrite = self._generator.prompt_rewrite(work.sample.data_id)
-            stored = None if rewrite is None else rewrite.model_dump_json()
+            # In ASCII, as a PNG text chunk holds it: json escapes the rest.
+            stored = None if rewrite is None else json.dumps(rewrite.model_dump(mode="json"))
             files.append((path, with_sample_digest(png, work.image_label, stored)))
             outcomes.append(
                 GeneratedImage(
