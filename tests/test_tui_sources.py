@@ -66,3 +66,31 @@ async def test_samples_done_counts_judged_samples_not_samples_read(
             source.observe(judgement)
         source.end()
         assert (await source.snapshot()).samples_done == 6
+
+
+async def test_a_paused_run_shows_no_eta(make_config: ConfigFactory) -> None:
+    # Paused, nothing new starts: the ETA counted down as if the run went on.
+    config = make_config(
+        samples=30,
+        engine={"sample_buffer": 1, "image_buffer": 1},
+        judges=[
+            {
+                "name": "trigscore",
+                "backend": "fake",
+                "concurrency": 1,  # 60 judgements of 20 ms: time to pause before the end
+                "options": {"latency_s": 0.02},
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        source = EngineSource(engine)
+        await source.snapshot()
+        await wait_until(lambda: engine.stats().judged >= 6)
+        assert (await source.snapshot()).eta_s is not None  # running, with a rate
+        engine.pause()
+        assert (await source.snapshot()).eta_s is None
+        engine.resume()
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        assert (await source.snapshot()).eta_s == 0.0

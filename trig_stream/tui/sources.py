@@ -151,6 +151,16 @@ class EngineSource:
         done = sum(m.samples_finished for m in stats.models.values())
         return int(done / len(stats.models))
 
+    @staticmethod
+    def _eta(
+        state: str, finished: bool, total: int | None, done: int, per_s: float
+    ) -> float | None:
+        if finished:
+            return 0.0
+        if state == "paused":  # nothing new starts: no end to foresee (it counted down)
+            return None
+        return estimate_eta(total, done, per_s)
+
     async def snapshot(self) -> DashboardSnapshot:
         """The engine's state now; the relation views are at most ``relations_every_s`` old."""
         stats = self.engine.stats()
@@ -172,9 +182,7 @@ class EngineSource:
             elapsed_s=stats.elapsed_s,
             samples_total=stats.samples_total,
             samples_done=finished_samples,
-            eta_s=0.0
-            if finished
-            else estimate_eta(stats.samples_total, finished_samples, samples_per_s),
+            eta_s=self._eta(state, finished, stats.samples_total, finished_samples, samples_per_s),
             models=tuple(self._progress(name, stats) for name in self._model_names(stats)),
             buffers=tuple(Gauge(n, b.used, b.size) for n, b in stats.buffers.items()),
             judges=self._judge_views(stats),
