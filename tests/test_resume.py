@@ -608,6 +608,28 @@ def test_a_run_lock_deleted_by_hand_does_not_let_a_second_run_in(tmp_path: Path)
     second.close()
 
 
+def test_a_run_turned_away_by_the_journal_lock_touches_nothing(tmp_path: Path) -> None:
+    # It removed the running run's temporary images and cut its newest journal bytes (as a
+    # crash's leftovers) before trying the lock: the first run then failed, or lost lines.
+    manifest = store.Manifest(run_name="locked", task="t2i")
+    first, _ = store.RunDir.open(tmp_path, manifest)
+    try:
+        (tmp_path / store.LOCK).unlink()
+        partial = tmp_path / "images" / store.PARTIAL
+        partial.mkdir(parents=True)
+        (partial / "being-written.png").write_bytes(b"half an image")
+        journal = tmp_path / JOURNAL
+        with journal.open("ab") as handle:
+            handle.write(b'{"schema_version":1,"model":"synth"')  # a line being written
+        before = journal.read_bytes()
+        with pytest.raises(RunLockedError, match="its journal is locked"):
+            store.RunDir.open(tmp_path, manifest)
+        assert journal.read_bytes() == before
+        assert (partial / "being-written.png").exists()
+    finally:
+        first.close()
+
+
 def test_a_lock_error_leaves_no_open_lock_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

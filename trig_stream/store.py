@@ -163,6 +163,16 @@ class JournalState:
         """The number of distinct keys judged."""
         return sum(len(group) for group in self._groups.values())
 
+    def has_results(self, model: str) -> bool:
+        """Whether a line records a judgement of ``model``'s images (``ok`` or ``unscorable``):
+        its generator made images."""
+        return any(
+            status != "error"
+            for (owner, _, _), group in self._groups.items()
+            if owner == model
+            for status in group.values()
+        )
+
     def is_done(self, key: JudgementKey, *, retry_errors: bool) -> bool:
         status = self.status(key)
         return status is not None and not (retry_errors and status == "error")
@@ -184,6 +194,37 @@ class Journal:
         it: cutting there would delete every judgement after it. A judgement it held is
         asked again.
         """
+        handle = open_journal(self.path)  # refuses a folder or a pipe before anything waits
+        if handle is not None:
+            handle.close()
+        created = not self.path.exists()
+        # Unbuffered: a write that fails leaves nothing behind in a buffer to be written later.
+        self._file = self.path.open("ab", buffering=0)
+        try:
+            # The run lock guards the directory, but a run.lock deleted by hand (a "stale"
+            # lock, to the eye) would let a second run in beside this one: the journal's own
+            # lock still keeps it out, taken before anything here is read or cut.
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise RunLockedError(
+                f"{self.path.parent} is in use by another run: its journal is locked (was its "
+                f"{LOCK} deleted?); use `trig-stream watch` to follow it"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+        try:
+            state = self._read_state()
+        except BaseException:
+            self.close()
+            raise
+        if created:
+            _sync_dir(self.path.parent)  # the journal's name, durable like its lines
+        return state
+
+    def _read_state(self) -> JournalState:
+        # What the journal holds; a torn tail is cut off (this process holds the lock).
         state = JournalState()
         good_end = end = 0
         handle = open_journal(self.path)
@@ -220,25 +261,6 @@ class Journal:
                 with self.path.open("r+b") as handle:
                     handle.truncate(good_end)
                     os.fsync(handle.fileno())
-        created = not self.path.exists()
-        # Unbuffered: a write that fails leaves nothing behind in a buffer to be written later.
-        self._file = self.path.open("ab", buffering=0)
-        try:
-            # The run lock guards the directory, but a run.lock deleted by hand (a "stale"
-            # lock, to the eye) would let a second run in beside this one: the journal's own
-            # lock still keeps it out.
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.close()
-            raise RunLockedError(
-                f"{self.path.parent} is in use by another run: its journal is locked (was its "
-                f"{LOCK} deleted?); use `trig-stream watch` to follow it"
-            ) from None
-        except BaseException:
-            self.close()
-            raise
-        if created:
-            _sync_dir(self.path.parent)  # the journal's name, durable like its lines
         return state
 
     def append(self, judgements: Iterable[Judgement]) -> None:
@@ -405,8 +427,10 @@ class RunDir:
         except OSError as exc:
             raise storage_error(exc, f"create the run directory {path}") from None
         try:
-            run._remove_partial_images()
+            # The journal's lock first: a run turned away by it must touch nothing (a running
+            # run's temporary images and newest lines look like a crash's leftovers).
             state = run.journal.open()
+            run._remove_partial_images()
             run._check_manifest(manifest, state)
             run._quarantine = (path / QUARANTINE).open("wb", buffering=0)
         except OSError as exc:
