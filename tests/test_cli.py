@@ -22,7 +22,9 @@ import pytest
 
 from tests.conftest import ROOT, write_prompts
 from trig_stream import cli
+from trig_stream.backends.base import JudgeRequest
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
+from trig_stream.errors import BackendError
 from trig_stream.signals import stop_signals
 from trig_stream.store import LOCK
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -295,6 +297,50 @@ def test_a_generator_that_can_never_work_exits_4_and_its_errors_resume(
     # machine), the run resumes: the error judgements are asked again on request.
     assert main(["run", str(path), "--headless", "--retry-errors"]) == EXIT_OK
     assert len(journal_keys(tmp_path)) == 40
+
+
+def test_a_retry_of_samples_that_fail_again_does_not_stop_a_working_generator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A --retry-errors run asks the generator only for the samples it failed on: when they
+    # fail again, the run stopped as if the generator had never made an image.
+    original = SyntheticGenerator.generate
+    path = write_config(tmp_path, samples=40)
+    records = json.loads((tmp_path / "prompts.json").read_text())
+    choking = {record["data_id"] for record in records[20:26]}  # after the first images
+
+    def fails_some(self: SyntheticGenerator, requests: Any, **kwargs: Any) -> list[Any]:
+        made = original(self, requests, **kwargs)
+        return [
+            BackendError("the pipeline choked") if r.sample.data_id in choking else m
+            for r, m in zip(requests, made, strict=True)
+        ]
+
+    monkeypatch.setattr(SyntheticGenerator, "generate", fails_some)
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["run", str(path), "--headless", "--retry-errors"]) == EXIT_OK
+    assert "has made no image yet" not in capsys.readouterr().err
+
+
+def test_a_ctrl_c_that_leaves_nothing_undone_ends_the_run_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The run ended "done", yet the command exited 130 and wrote no report.
+    original = FakeJudge.judge
+    pressed: list[bool] = []
+
+    async def interrupted_on_the_last(self: FakeJudge, request: JudgeRequest) -> Any:
+        if not pressed:  # one sample: it is in flight, nothing is left to start
+            pressed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return await original(self, request)
+
+    monkeypatch.setattr(FakeJudge, "judge", interrupted_on_the_last)
+    path = write_config(tmp_path, samples=1)
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    assert "done: 2 judgements in this run" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "cli" / "report" / "synth" / "report.md").is_file()
 
 
 @pytest.mark.parametrize("presses", [1, 2])

@@ -312,7 +312,9 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
         highlight=False,
         markup=False,
     )
-    if interrupted or summary.state in ("stopped", "cancelled"):
+    # A Ctrl-C that left nothing undone (every sample was in flight) ended the run "done":
+    # it is finished, and its report is written as any finished run's.
+    if summary.state in ("stopped", "cancelled") or (interrupted and summary.state != "done"):
         return EXIT_INTERRUPTED
     if not args.no_report and not await _final_report(summary.run_dir, console):
         return EXIT_INTERRUPTED

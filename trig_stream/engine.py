@@ -518,7 +518,11 @@ class Engine:
             for generator in self._generators:
                 _, receive = sample_streams[generator.name]
                 tg.start_soon(
-                    GenerationStage(context, generator).run,
+                    GenerationStage(
+                        context,
+                        generator,
+                        made_before=self._journal_state.has_results(generator.name),
+                    ).run,
                     receive,
                     image_send.clone(),
                     judgement_send.clone(),

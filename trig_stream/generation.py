@@ -58,7 +58,12 @@ if TYPE_CHECKING:
 class GenerationStage:
     """Runs one generator over its model's buffer of work items."""
 
-    def __init__(self, context: RunContext, generator: Generator) -> None:
+    def __init__(
+        self, context: RunContext, generator: Generator, *, made_before: bool = False
+    ) -> None:
+        """``made_before``: an earlier run in the directory judged this model's images, so
+        the generator is known to work (a ``--retry-errors`` run asks it only for the samples
+        it failed on, and those may fail again)."""
         self._context = context
         self._generator = generator
         # A hard stop does not wait for a generate call (an images API may take a minute to
@@ -72,8 +77,9 @@ class GenerationStage:
             max_workers=max(1, min(os.cpu_count() or 1, generator.workers * generator.batch_size)),
             thread_name_prefix=f"{generator.name} png",
         )
-        self._made_picture = False
-        """Whether a generate call has returned a picture in this run."""
+        self._made_picture = made_before
+        """Whether the generator is known to work: a call returned a picture in this run, or
+        an earlier run's judgements show it made some."""
         self._tried = 0
         """The generate calls made before the first picture."""
         self._failed = 0
@@ -180,7 +186,8 @@ class GenerationStage:
         )
         raise FatalBackendError(
             f"generator {self._generator.name!r} has made no image yet and {calls} (the last: "
-            f"{made.failure}); check its options"
+            f"{made.failure}); check its options, then run again with --retry-errors to ask "
+            "again the samples it failed"
         )
 
     async def _writer(
