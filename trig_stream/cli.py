@@ -22,20 +22,20 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, get_args
 
 import anyio
 from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.backends.base import threads_left_behind
 from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
+from trig_stream.records import Status
 from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ EXIT_FATAL = 4
 EXIT_INTERRUPTED = 130
 
 PROGRESS_EVERY_S = 0.5
-STATUSES = ("ok", "unscorable", "error")
+STATUSES: tuple[Status, ...] = get_args(Status)
 OPENING_QUIET_S = 2.0
 """How long an opening step may take before the command says what it waits for."""
 QUIET_LIBRARIES = {
@@ -436,31 +436,22 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
     metrics += sorted({metric for _, metric, _ in counts} - set(metrics))
     # Names and paths are the user's: printed as they are, never read as markup, never wrapped.
-    out = Console(soft_wrap=True)
-    out.print(
-        f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}",
-        highlight=False,
-        markup=False,
-    )
+    out = Console(soft_wrap=True, markup=False, highlight=False)
+    out.print(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}")
     writer = writer_pid(args.run_dir)
     if writer is None:
-        out.print(
-            "not running; `trig-stream run` with its config judges whatever is left",
-            highlight=False,
-        )
+        out.print("not running; `trig-stream run` with its config judges whatever is left")
     else:
         out.print(
             f"running (pid {writer}); the counts below are as of now; follow it live with "
-            f"`trig-stream watch {args.run_dir}`",
-            highlight=False,
-            markup=False,
+            f"`trig-stream watch {args.run_dir}`"
         )
     table = Table("model", "metric", "ok", "unscorable", "error", "total")
     for model in sorted({m for m, _, _ in counts} | set(manifest.generators)):
         present = [m for m in metrics if any(counts[(model, m, s)] for s in STATUSES)]
         for metric in present or ["–"]:
             row = [counts[(model, metric, s)] for s in STATUSES]
-            table.add_row(Text(model), Text(metric), *map(str, row), str(sum(row)))
+            table.add_row(model, metric, *map(str, row), str(sum(row)))
     out.print(table)
     if scored:
         means = Table("model", "metric", "dimension", "mean score", "n")
@@ -468,7 +459,7 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
         for key in sorted(scored, key=lambda k: (k[0], order[k[1]], k[2])):
             model, metric, dimension = key
             mean = f"{sums[key] / scored[key]:.3f}"
-            means.add_row(Text(model), Text(metric), dimension, mean, str(scored[key]))
+            means.add_row(model, metric, dimension, mean, str(scored[key]))
         out.print(means)
     quarantine = args.run_dir / QUARANTINE
     try:
@@ -479,17 +470,11 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     except OSError as exc:
         out.print(
             f"cannot read {quarantine}: {exc.strerror or exc}: the quarantined records are not "
-            "counted",
-            highlight=False,
-            markup=False,
+            "counted"
         )
         refused = 0
     if refused:
-        out.print(
-            f"{refused} dataset records quarantined (see {quarantine})",
-            highlight=False,
-            markup=False,
-        )
+        out.print(f"{refused} dataset records quarantined (see {quarantine})")
     return EXIT_OK
 
 
