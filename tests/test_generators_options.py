@@ -106,6 +106,17 @@ def test_a_size_the_pipeline_cannot_make_is_refused(
     DiffusersOptions.model_validate({"pipeline": "MyPipeline", "checkpoint": "x", "height": 13})
 
 
+def test_an_edit_pipeline_needs_both_sizes_or_none() -> None:
+    # An edit pipeline draws at its source's size: a height alone was dropped, silently.
+    for size in ({"height": 256}, {"call": {"width": 256}}):
+        with pytest.raises(ValidationError, match="without .*set both .*or source_size"):
+            DiffusersOptions.model_validate({"preset": "instructp2p", **size})
+    both = DiffusersOptions.model_validate({"preset": "instructp2p", "height": 256, "width": 320})
+    assert both.spec().call["height"] == 256
+    DiffusersOptions.model_validate({"preset": "hqedit", "height": 256})  # its source_size
+    DiffusersOptions.model_validate({"preset": "sd15", "height": 256})  # text: its own width
+
+
 def test_hub_offline_forces_local_files(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert DiffusersOptions(preset="sdxl").spec().local_files_only is False

@@ -150,6 +150,14 @@ class DiffusersOptions(BaseModel):
                     f"{key} {value} is not a multiple of {multiple}, as {spec.pipeline} needs "
                     f"(it fails, or makes a smaller picture than asked); use {use}"
                 )
+        given = [key for key in ("height", "width") if key in spec.call]
+        if spec.inputs == "edit" and spec.source_size is None and len(given) == 1:
+            # An edit pipeline draws at its source's size, which only both set together.
+            raise ValueError(
+                f"{given[0]} without {'width' if given[0] == 'height' else 'height'}: "
+                "an edit pipeline draws at its source image's size, resized to width x "
+                "height; set both (or source_size)"
+            )
         return self
 
     def spec(self) -> PipelineSpec:
