@@ -109,7 +109,7 @@ def test_a_size_the_pipeline_cannot_make_is_refused(
 def test_an_edit_pipeline_needs_both_sizes_or_none() -> None:
     # An edit pipeline draws at its source's size: a height alone was dropped, silently.
     for size in ({"height": 256}, {"call": {"width": 256}}):
-        with pytest.raises(ValidationError, match="without .*set both .*or source_size"):
+        with pytest.raises(ValidationError, match=r"without .*set both .*or source_size"):
             DiffusersOptions.model_validate({"preset": "instructp2p", **size})
     both = DiffusersOptions.model_validate({"preset": "instructp2p", "height": 256, "width": 320})
     assert both.spec().call["height"] == 256

@@ -272,6 +272,21 @@ async def test_request_at_the_context_is_judged(tiny_vlm: Path, images: list[Pat
     assert reply.top_logprobs is not None and len(reply.top_logprobs) > 0
 
 
+async def test_max_context_replaces_the_models_context(tiny_vlm: Path, images: list[Path]) -> None:
+    # A model run past its declared length (rope scaling) would otherwise be refused there.
+    base = make_judge(tiny_vlm, batch_size=1)
+    beyond = prompt_of(tiny_vlm, base, images[0], CONTEXT + 100)
+    judge = make_judge(tiny_vlm, batch_size=1, max_context=CONTEXT + 100)
+    await judge.open()
+    try:
+        reply = await judge.judge(request(judge, images[0], prompt=beyond))
+        with pytest.raises(ItemError, match=r"2,149 tokens, over the judge's max_context of 2,148"):
+            await judge.judge(request(judge, images[0], prompt=beyond + "x"))
+    finally:
+        await judge.aclose()
+    assert reply.top_logprobs is not None and len(reply.top_logprobs) > 0
+
+
 async def test_engine_records_a_prompt_over_the_context_as_an_error(
     tiny_vlm: Path, tmp_path: Path, make_config: ConfigFactory
 ) -> None:

@@ -83,6 +83,10 @@ class TransformersJudgeOptions(BaseModel):
     """A TOML or JSON file replacing some or all of the built-in judging texts."""
     local_files_only: bool = True
     """Never reach a model hub: the folder must hold everything."""
+    max_context: Annotated[int, Field(ge=1)] | None = None
+    """The most tokens one request may hold, instead of what the model declares (see
+    :func:`context_length`): for a model run past its declared length (rope scaling), or a
+    lower limit to bound the memory of one request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +215,7 @@ class TransformersJudge(Judge):
         # of logits per row is enough (a real vocabulary is 150k wide).
         tokenizer.padding_side = "left"
         self._processor = processor
-        self._context = context_length(model.config, tokenizer)
+        self._context = opts.max_context or context_length(model.config, tokenizer)
         self._model = model.to(opts.device).eval()
 
     def _unload(self) -> None:
@@ -295,6 +299,12 @@ class TransformersJudge(Judge):
             padding=True,
         )
 
+    @property
+    def _context_name(self) -> str:
+        if self.options.max_context is not None:
+            return "the judge's max_context"
+        return "the judge model's context"
+
     def _over_context(self, inputs: Any) -> list[ItemError | None]:
         """Each encoded request's error when it is longer than the model's context."""
         ids = inputs["input_ids"]
@@ -306,8 +316,8 @@ class TransformersJudge(Judge):
         lengths = mask.sum(dim=-1).tolist() if mask is not None else [ids.shape[-1]] * len(ids)
         return [
             ItemError(
-                f"judge {self.name!r}: the request is {length:,} tokens, over the judge model's "
-                f"context of {self._context:,} (prompt, judging text and image together); "
+                f"judge {self.name!r}: the request is {length:,} tokens, over {self._context_name} "
+                f"of {self._context:,} (prompt, judging text and image together); "
                 "it was not run"
             )
             if length > self._context
