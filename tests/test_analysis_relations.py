@@ -133,6 +133,54 @@ def test_constant_column_gives_nan_spearman_which_is_not_a_tradeoff() -> None:
     assert pearson.code == 1
 
 
+def test_points_on_the_fitted_line_count_as_below() -> None:
+    # The exact line goes through (0, 0.5) and (1, 0.25): the three (0, 0.5) points lie on
+    # it. Its rounding in floating point counted them above, and flipped the code to -2.
+    x, y = [0.0] * 3 + [1.0] * 12, [0.5] * 3 + [0.5] * 6 + [0.0] * 6
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection())
+    assert (stats.above, stats.below, stats.code) == (6, 9, 2)
+    # A constant Y whose mean is not exact (ten 0.613s): every point is on the flat line.
+    flat = [round(i / 9, 3) for i in range(10)], [0.613] * 10
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", *flat), RelationSection())
+    assert (stats.above, stats.below, stats.code) == (0, 10, 2)
+
+
+def test_dominance_at_exactly_the_ratio_does_not_fire() -> None:
+    # 20 above and 13 below: 20 / 13 is exactly 1 / 0.65, and rule 3 wants more than that
+    # (floating point made 20 / 13 the larger). The line is flat at mean(Y) = 0.6: X is
+    # symmetric about 0.65 within each Y group, so Y cannot lean on X.
+    xs = [0.55, 0.75] * 10
+    x = xs + [0.55, 0.75] * 6 + [0.65]
+    y = [0.6 + 13 / 660] * 20 + [0.6 - 20 / 660] * 13
+    assert np.mean(y) == pytest.approx(0.6)
+    section = RelationSection(dominance_ratio=0.65, tradeoff_corr=-1.0)
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), section)
+    assert (stats.above, stats.below, stats.code) == (20, 13, -1)
+    stats, _ = analyse_pair(
+        columns("IQ-R_TA-C", x, y), section.model_copy(update={"dominance_ratio": 0.66})
+    )
+    assert stats.code == -2
+
+
+def test_pearson_of_a_constant_side_is_zero_when_its_mean_is_not_exact() -> None:
+    x = np.array([0.7] * 12)  # mean(x) - 0.7 is 1e-16, not 0
+    y = np.array([0.55, 0.6, 0.65, 0.7, 0.75, 0.78, 0.52, 0.58, 0.62, 0.68, 0.72, 0.76])
+    assert x.mean() != 0.7
+    assert pearson_corr(x, y) == 0.0 and pearson_corr(y, x) == 0.0
+    assert math.isnan(spearman_corr(x, y))
+    section = RelationSection(correlation="pearson_corr", tradeoff_corr=0.0)
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x.tolist(), y.tolist()), section)
+    assert (stats.correlation, stats.code) == (0.0, -1)
+
+
+def test_pearson_of_tiny_scores_is_that_of_the_same_scores_scaled() -> None:
+    # Squares of deviations near 1e-100 underflow to 0: a ZeroDivisionError before.
+    a, b = np.array([1.0, 2.0, 3.0, 4.0, 5.0]), np.array([2.0, 1.0, 4.0, 3.0, 5.0])
+    assert pearson_corr(a * 1e-100, b * 1e-100) == pytest.approx(pearson_corr(a, b))
+    assert pearson_corr(a * 1e-300, b) == pytest.approx(pearson_corr(a, b))
+    assert pearson_corr(a, b) == pytest.approx(scipy_stats.pearsonr(a, b).statistic)
+
+
 def test_pareto_f_by_hand() -> None:
     # (0.4, 0.4) is dominated; the front by X: (0.2, 0.9), (0.5, 0.6), (0.9, 0.2).
     x, y = np.array([0.2, 0.5, 0.9, 0.4]), np.array([0.9, 0.6, 0.2, 0.4])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Final, Literal, TypeAlias
 
 import numpy as np
@@ -33,6 +34,9 @@ Z_95: Final = 1.959963984540054
 """The standard normal quantile of 0.975: a two-sided 95 % interval."""
 SPEARMAN_SE_FACTOR: Final = 1.06
 """Fieller, Hartley and Pearson (1957): var(atanh(r_s)) ~ 1.06 / (n - 3)."""
+ON_THE_LINE: Final = 1e-12
+"""How far above its fitted line a point may be and still count as on it (scores lie in
+[0, 1]; the fit's rounding errors are near 1e-16)."""
 
 
 def average_ranks(values: FloatArray) -> FloatArray:
@@ -54,16 +58,24 @@ def average_ranks(values: FloatArray) -> FloatArray:
 
 
 def _pearson_or_nan(x: FloatArray, y: FloatArray) -> float:
-    if x.shape[0] < 2:
+    if x.shape[0] < 2 or _constant(x) or _constant(y):
+        # Tested on the values themselves: a mean that is not exact in floating point (ten
+        # 0.613s) leaves deviations of 1e-17 that would give a correlation of noise.
         return math.nan
-    dx = x - x.mean()
-    dy = y - y.mean()
-    sxx = float(dx @ dx)
-    syy = float(dy @ dy)
-    if sxx == 0.0 or syy == 0.0:
-        return math.nan
-    r = float(dx @ dy) / math.sqrt(sxx * syy)
+    dx = _unit_scaled(x - x.mean())
+    dy = _unit_scaled(y - y.mean())
+    r = float(dx @ dy) / math.sqrt(float(dx @ dx) * float(dy @ dy))
     return max(-1.0, min(1.0, r))
+
+
+def _constant(values: FloatArray) -> bool:
+    return bool(values.min() == values.max())
+
+
+def _unit_scaled(deviations: FloatArray) -> FloatArray:
+    # The correlation does not change with scale; squares of deviations near 1e-100 would
+    # underflow to 0.
+    return deviations / float(np.abs(deviations).max())
 
 
 def spearman_corr(x: FloatArray, y: FloatArray) -> float:
@@ -178,15 +190,17 @@ def dominance(x: FloatArray, y: FloatArray) -> Dominance:
     """Count points above and on-or-below the least-squares line of Y on X.
 
     When every X is the same the line is undefined; it is then taken as the horizontal line
-    at the mean of Y.
+    at the mean of Y. A point counts as above only when it is above the line by more than
+    the fit's rounding (:data:`ON_THE_LINE`): a point the line goes through, such as every
+    point of a constant Y whose mean is not exact in floating point, is on it.
     """
     mean_x = float(x.mean())
     mean_y = float(y.mean())
     dx = x - mean_x
     sxx = float(dx @ dx)
-    slope = float(dx @ (y - mean_y)) / sxx if sxx > 0.0 else 0.0
+    slope = float(dx @ (y - mean_y)) / sxx if sxx > 0.0 and not _constant(x) else 0.0
     fitted = mean_y + slope * dx
-    above = int(np.count_nonzero(y > fitted))
+    above = int(np.count_nonzero(y - fitted > ON_THE_LINE))
     return Dominance(above=above, below=x.shape[0] - above)
 
 
@@ -218,8 +232,16 @@ def relation_code(
         return 0
     if bottleneck_density >= bottleneck_density_min:
         return 3
-    if dominance is not None and dominance.ratio > 1.0 / dominance_ratio:
+    if dominance is not None and _dominates(dominance, dominance_ratio):
         return -2 if dominance.above > dominance.below else 2
     if correlation < tradeoff_corr:  # False for NaN, by IEEE comparison
         return 1
     return -1
+
+
+def _dominates(split: Dominance, dominance_ratio: float) -> bool:
+    """Whether ``max / min > 1 / dominance_ratio``, in exact arithmetic on the threshold as
+    written: with 0.65, a split of 20 to 13 (exactly 1 / 0.65) does not fire, though
+    ``20 / 13 > 1 / 0.65`` in floating point."""
+    ratio = Fraction(repr(dominance_ratio))  # the decimal the user wrote, not its binary value
+    return ratio * max(split.above, split.below) > min(split.above, split.below)
