@@ -11,6 +11,7 @@ import pytest
 from trig_stream.analysis import analyse_judgements
 from trig_stream.analysis.compare import compare, comparison_markdown
 from trig_stream.analysis.exports import (
+    PARQUET_SCHEMA,
     evaluation_result,
     formatted_scores,
     read_judgements_parquet,
@@ -20,7 +21,7 @@ from trig_stream.analysis.exports import (
 )
 from trig_stream.analysis.inputs import read_upstream
 from trig_stream.analysis.report import markdown_report
-from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.records import JudgeFingerprint, Judgement, PromptRewrite
 
 DATA = Path(__file__).parent / "data" / "analysis"
 FORMATTED = DATA / "formatted_small.json"
@@ -107,6 +108,8 @@ def test_parquet_round_trip_equals_the_records(tmp_path: Path) -> None:
             seed=3,
             latency_s=0.5,
             attempts=2,
+            sample_digest="abc123",
+            prompt_rewrite=PromptRewrite(status="rewritten", relation=-2, prompt="a new prompt"),
         ),
         Judgement(
             model="m",
@@ -119,8 +122,13 @@ def test_parquet_round_trip_equals_the_records(tmp_path: Path) -> None:
             status="error",
             error="timeout",
             error_stage="judge",
+            prompt_rewrite=PromptRewrite(
+                status="fallback", relation=1, prompt="the prompt", error="LLM down"
+            ),
         ),
     ]
+    # Every field has its column: polars drops a key its schema lacks, silently.
+    assert set(PARQUET_SCHEMA) == set(Judgement.model_fields)
     path = tmp_path / "judgements.parquet"
     assert write_judgements_parquet(records, path) == len(records)
     frame = pl.read_parquet(path)
@@ -152,3 +160,46 @@ def test_markdown_report_and_comparison(tmp_path: Path) -> None:
     }
     assert comparison.dimension_means["IQ-R"]["low"] == pytest.approx(0.1)
     assert "| IQ-R | TA-C | 0 | 0 | 3 |" in comparison_markdown(comparison)
+
+
+def test_a_formatted_file_whose_first_pair_is_empty_is_read(tmp_path: Path) -> None:
+    # What the report writes when every image of the first pair lacks a score: it was
+    # refused as "neither" layout.
+    document = {"IQ-O_TA-S": {}, **json.loads(FORMATTED.read_text())}
+    path = tmp_path / "formatted.json"
+    path.write_text(json.dumps(document))
+    data = read_upstream(path, model="m")
+    assert data.layout == "formatted"
+    assert [(j.data_id, j.dimension, j.score) for j in data.judgements] == [
+        (j.data_id, j.dimension, j.score) for j in small()
+    ]
+
+
+def test_an_evaluation_result_keeps_the_metrics_in_config_order(tmp_path: Path) -> None:
+    # The first image's first metric failed: its cells hold only the second one, which then
+    # passed for the first, and `analyze` without --metric analysed another metric.
+    document = {
+        "IQ-R_TA-C_1": {"IQ-R": [{"second": 0.2}], "TA-C": [{"second": 0.3}]},
+        "IQ-R_TA-C_2": {"IQ-R": [{"trigscore": 0.9}, {"second": 0.2}], "TA-C": [{"third": 0.1}]},
+    }
+    path = tmp_path / "evaluation_result.json"
+    path.write_text(json.dumps(document))
+    assert read_upstream(path, model="m").metrics == ["trigscore", "second", "third"]
+
+
+def test_the_dtm_plot_shows_below_the_diagonal_the_pair_its_code_is_from(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("matplotlib")
+    from trig_stream.analysis.plots import _mean_cell
+
+    both = {
+        "IQ-A_IQ-O": {f"IQ-A_IQ-O_{i}": [0.6, 0.3] for i in range(3)},
+        "IQ-O_IQ-A": {f"IQ-O_IQ-A_{i}": [0.2, 0.25] for i in range(3)},
+    }
+    path = tmp_path / "formatted.json"
+    path.write_text(json.dumps(both))
+    analysis = analyse_judgements(read_upstream(path, model="m").judgements)[("m", "trigscore")]
+    # Row IQ-O, column IQ-A: the CSV and the code above use pair IQ-A_IQ-O.
+    assert "[0.300-0.600]" in relationship_codes_csv(analysis)
+    assert _mean_cell(analysis, "IQ-O", "IQ-A")[1] == "0.30\n0.60"

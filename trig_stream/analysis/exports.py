@@ -192,7 +192,7 @@ def write_json(path: Path, document: object) -> None:
     path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-_PARQUET_SCHEMA: Final[dict[str, pl.DataType]] = {
+PARQUET_SCHEMA: Final[dict[str, pl.DataType]] = {
     "schema_version": pl.Int64(),
     "model": pl.String(),
     "data_id": pl.String(),
@@ -202,6 +202,7 @@ _PARQUET_SCHEMA: Final[dict[str, pl.DataType]] = {
     "metric": pl.String(),
     "judge": pl.String(),
     "status": pl.String(),
+    "sample_digest": pl.String(),
     "score": pl.Float64(),
     "top_logprobs": pl.List(pl.Struct({"token": pl.String(), "logprob": pl.Float64()})),
     "image": pl.String(),
@@ -210,8 +211,12 @@ _PARQUET_SCHEMA: Final[dict[str, pl.DataType]] = {
     "attempts": pl.Int64(),
     "error": pl.String(),
     "error_stage": pl.String(),
+    "prompt_rewrite": pl.Struct(
+        {"status": pl.String(), "relation": pl.Int64(), "prompt": pl.String(), "error": pl.String()}
+    ),
     "created_at": pl.Float64(),
 }
+"""Every field of :class:`Judgement` (a test holds them equal)."""
 
 
 def _row(judgement: Judgement) -> dict[str, Any]:
@@ -224,7 +229,7 @@ def _row(judgement: Judgement) -> dict[str, Any]:
 
 def write_judgements_parquet(judgements: Iterable[Judgement], path: Path) -> int:
     """Write judgements as parquet, one row each; return how many were written."""
-    frame = pl.DataFrame([_row(j) for j in judgements], schema=_PARQUET_SCHEMA, orient="row")
+    frame = pl.DataFrame([_row(j) for j in judgements], schema=PARQUET_SCHEMA, orient="row")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Encoded here and written by Python, so that a write that fails is an OSError (polars
     # reports its own as a ComputeError).

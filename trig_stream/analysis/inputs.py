@@ -166,8 +166,16 @@ def read_upstream(
     if not isinstance(document, dict) or not document:
         raise AnalysisError(f"{path}: expected a non-empty JSON object")
     judge = JudgeFingerprint(backend="upstream-file", model=path.name)
-    first_value = next(iter(document.values()))
-    sample = next(iter(first_value.values()), None) if isinstance(first_value, dict) else None
+    # The first value of the first non-empty entry: a formatted file's first pair may have
+    # no image scored on both its dimensions (``{}``).
+    sample = next(
+        (
+            next(iter(value.values()))
+            for value in document.values()
+            if isinstance(value, dict) and value
+        ),
+        None,
+    )
     try:
         if isinstance(sample, list) and (_is_pair(next(iter(document))) or _scores(sample)):
             return UpstreamData(
@@ -255,6 +263,17 @@ def _from_formatted(
     return out
 
 
+def _merge_order(order: list[str], names: list[str]) -> None:
+    """Add to ``order`` the names it lacks, each before the first name that follows it in
+    ``names`` (one cell list, in config order): a cell missing the first metric (its
+    judgement failed) does not make the second one first."""
+    for index, name in enumerate(names):
+        if name in order:
+            continue
+        after = next((n for n in names[index + 1 :] if n in order), None)
+        order.insert(order.index(after) if after is not None else len(order), name)
+
+
 def _from_evaluation(
     document: dict[str, Any],
     model: str,
@@ -275,13 +294,12 @@ def _from_evaluation(
                 raise ValueError(
                     f"{data_id} {dim}: expected [{{metric: score}}, ...], got {cells!r}"
                 )
+            _merge_order(metrics, [m for c in cells if isinstance(c, dict) for m in c])
             seen: set[str] = set()
             for cell in cells:
                 if not isinstance(cell, dict):
                     raise ValueError(f"{data_id} {dim}: expected {{metric: score}}, got {cell!r}")
                 for metric, score in cell.items():
-                    if metric not in metrics:
-                        metrics.append(metric)
                     if metric in seen:
                         raise ValueError(f"{data_id} {dim}: metric {metric!r} scored twice")
                     seen.add(metric)

@@ -107,7 +107,7 @@ def _mean_cell(analysis: ModelAnalysis, row: Dimension, column: Dimension) -> tu
         return (
             ("#eeeeee", "–") if math.isnan(mean) else (_hex(shade(0.2 + 0.6 * mean)), f"{mean:.3f}")
         )
-    stats = analysis.present(row, column)
+    stats = analysis.present(column, row)  # the pair the code above the diagonal used
     if stats is None:
         return "#f5f5f5", "NULL"
     means = {stats.first: stats.mean_first, stats.second: stats.mean_second}
