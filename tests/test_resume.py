@@ -331,6 +331,50 @@ async def test_a_run_that_made_nothing_takes_its_corrected_settings(
     assert store.read_manifest(config.run_dir).generators["synth"]["size"] == 32
 
 
+async def test_an_entry_that_made_nothing_takes_its_corrected_settings_beside_others(
+    make_config: ConfigFactory,
+) -> None:
+    # A second judge whose every request failed (its model name was wrong) and a second
+    # generator that failed every call: the first judge's and generator's results made the
+    # whole directory refuse their corrections as "other settings".
+    good = {"name": "synth", "backend": "synthetic", "options": {"size": 16}}
+    failing = {"name": "other", "backend": "synthetic", "options": {"size": 16, "failure_rate": 1}}
+    judges = [
+        {"name": "trigscore", "backend": "fake"},
+        {"name": "vlm", "backend": "fake", "options": {"error_rate": 1}},
+    ]
+    config = make_config(samples=3, generators=[good, failing], judges=judges)
+    first = await run_to_end(config)
+    assert {(j.model, j.metric, j.status) for j in first} == {
+        ("synth", "trigscore", "ok"),
+        ("synth", "vlm", "error"),
+        ("other", "trigscore", "error"),
+        ("other", "vlm", "error"),
+    }
+    fixed = [judges[0], {"name": "vlm", "backend": "fake", "options": {"seed": 1}}]
+    corrected = make_config(
+        samples=3,
+        generators=[good, {**failing, "options": {"size": 32}}],
+        judges=fixed,
+    )
+    results = await run_to_end(corrected, retry_errors=True)
+    assert {j.status for j in results} == {"ok"} and len(results) == 18  # the errors, again
+    manifest = store.read_manifest(config.run_dir)
+    assert manifest.generators["other"]["size"] == 32
+    assert manifest.judges["vlm"]["params"] == {"seed": 1}
+    # The entries that made results keep their settings.
+    for changed in (
+        make_config(samples=3, generators=[{**good, "options": {"size": 32}}], judges=fixed),
+        make_config(
+            samples=3,
+            generators=[good],
+            judges=[{"name": "trigscore", "backend": "fake", "options": {"seed": 2}}],
+        ),
+    ):
+        with pytest.raises(FingerprintMismatch, match="holds results made with other settings"):
+            await run_to_end(changed)
+
+
 def test_an_image_alone_keeps_the_settings_it_was_made_with(tmp_path: Path) -> None:
     first = store.Manifest(run_name="r", task="t2i", generators={"g": {"size": 16}})
     second = store.Manifest(run_name="r", task="t2i", generators={"g": {"size": 32}})

@@ -25,12 +25,12 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from sys import intern
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,6 +58,8 @@ LOCK = "run.lock"
 IMAGES = "images"
 PARTIAL = ".partial"
 """Under ``images/``: temporary files of images being written."""
+EntryKind: TypeAlias = Literal["generators", "judges"]
+"""The manifest's two tables of entries, each a name -> fingerprint."""
 
 
 class Manifest(BaseModel):
@@ -75,15 +77,25 @@ class Manifest(BaseModel):
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
 
-    def differences(self, other: Manifest) -> list[str]:
-        """What in ``other`` would change results already stored under ``self``."""
+    def differences(
+        self, other: Manifest, holds: Callable[[EntryKind, str], bool] | None = None
+    ) -> list[str]:
+        """What in ``other`` would change results already stored under ``self``.
+
+        Args:
+            other: the manifest of the config.
+            holds: whether an entry (``"generators"`` or ``"judges"``, its name) made
+                results here; an entry that made none may change. None: all did.
+        """
         found = []
         if self.task != other.task:
             found.append(f"task: {self.task} in the run dir, {other.task} in the config")
-        for kind in ("generators", "judges"):
+        for kind in get_args(EntryKind):
             mine: dict[str, Any] = getattr(self, kind)
             theirs: dict[str, Any] = getattr(other, kind)
             for name in sorted(mine.keys() & theirs.keys()):
+                if holds is not None and not holds(kind, name):
+                    continue
                 for key, stored, configured in _changed_fields(mine[name], theirs[name]):
                     found.append(
                         f"{kind[:-1]} {name!r}: {key} {stored} in the run dir, {configured} in "
@@ -133,9 +145,11 @@ class JournalState:
     skipped_lines: list[int] = field(default_factory=list)
     """Numbers (from 1) of lines left in place that are not judgements: see
     :meth:`Journal.open`."""
-    made_results: bool = False
-    """Whether a line records something judged (``ok`` or ``unscorable``) or may (a line
-    that is not a judgement): ``error`` lines alone judged nothing."""
+    models_with_results: set[str] = field(default_factory=set)
+    """Models with a line that records something judged (``ok`` or ``unscorable``): their
+    generators made images. ``error`` lines alone judged nothing."""
+    metrics_with_results: set[str] = field(default_factory=set)
+    """Metrics (judges) with a line that records something judged."""
     digests: dict[str, str] = field(default_factory=dict)
     """data_id -> the :attr:`~trig_stream.records.Sample.digest` its latest judgement in the
     file recorded: what each sample asked when it was judged (lines older than the digest
@@ -166,12 +180,7 @@ class JournalState:
     def has_results(self, model: str) -> bool:
         """Whether a line records a judgement of ``model``'s images (``ok`` or ``unscorable``):
         its generator made images."""
-        return any(
-            status != "error"
-            for (owner, _, _), group in self._groups.items()
-            if owner == model
-            for status in group.values()
-        )
+        return model in self.models_with_results
 
     def is_done(self, key: JudgementKey, *, retry_errors: bool) -> bool:
         status = self.status(key)
@@ -249,7 +258,9 @@ class Journal:
                         intern(judgement.metric),
                     )
                     state.record(key, judgement.status)
-                    state.made_results = state.made_results or judgement.status != "error"
+                    if judgement.status != "error":
+                        state.models_with_results.add(key[0])
+                        state.metrics_with_results.add(key[3])
                     digest = judgement.sample_digest
                     if digest is not None and judgement.status != "error":  # judged nothing
                         state.digests[key[1]] = digest
@@ -538,7 +549,7 @@ class RunDir:
             )
         if holds_results:
             stored = read_manifest(self.path)
-            differences = stored.differences(manifest)
+            differences = stored.differences(manifest, self._results_held(journal))
             if differences:
                 raise FingerprintMismatch(
                     f"{self.path} holds results made with other settings:\n  "
@@ -554,16 +565,40 @@ class RunDir:
         A run that made neither (its generator failed to load, or failed every call, leaving
         ``error`` judgements only) protects nothing, so its corrected config starts afresh in
         the same directory."""
-        if journal.made_results or journal.skipped_lines:
+        if journal.models_with_results or journal.skipped_lines:
             return True
+        return _holds_a_file(self.path / IMAGES)
+
+    def _results_held(self, journal: JournalState) -> Callable[[EntryKind, str], bool]:
+        """Whether each entry made results here: a generator an image or a judgement of its
+        images, a judge a judgement (``error`` ones judged nothing). An entry that made none
+        (a judge whose model name was wrong, a generator that failed every call) takes its
+        corrected settings; the others keep theirs. A line that is no judgement could be
+        anyone's: then every entry holds results."""
         images = self.path / IMAGES
-        if not images.is_dir():
-            return False
-        for folder, subfolders, files in os.walk(images):
-            if files and Path(folder).name != PARTIAL:
+
+        def holds(kind: EntryKind, name: str) -> bool:
+            if journal.skipped_lines:
                 return True
-            subfolders[:] = [name for name in subfolders if name != PARTIAL]
+            if kind == "judges":
+                return name in journal.metrics_with_results
+            if name in journal.models_with_results:
+                return True
+            tasks = images.iterdir() if images.is_dir() else ()
+            return any(_holds_a_file(task / name) for task in tasks if task.name != PARTIAL)
+
+        return holds
+
+
+def _holds_a_file(folder: Path) -> bool:
+    """Whether ``folder`` or one below it (temporary images apart) holds a file."""
+    if not folder.is_dir():
         return False
+    for where, subfolders, files in os.walk(folder):
+        if files and Path(where).name != PARTIAL:
+            return True
+        subfolders[:] = [name for name in subfolders if name != PARTIAL]
+    return False
 
 
 def read_manifest(run_dir: Path) -> Manifest:
