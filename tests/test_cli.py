@@ -343,6 +343,35 @@ def test_a_ctrl_c_that_leaves_nothing_undone_ends_the_run_done(
     assert (tmp_path / "runs" / "cli" / "report" / "synth" / "report.md").is_file()
 
 
+def test_an_interrupted_new_run_says_how_to_resume_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "The same command" with --new-run starts yet another directory: it resumes nothing.
+    original = FakeJudge.judge
+    pressed: list[bool] = []
+
+    async def interrupted_on_the_first(self: FakeJudge, request: JudgeRequest) -> Any:
+        if not pressed:
+            pressed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return await original(self, request)
+
+    path = write_config(tmp_path, samples=8)
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    monkeypatch.setattr(FakeJudge, "judge", interrupted_on_the_first)
+    assert main(["run", str(path), "--headless", "--new-run", "--no-report"]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert 'to resume, set name = "cli-2" in the config\'s [run] table' in err, err
+    assert "run the same command" not in err
+    text = path.read_text()
+    assert 'name = "cli"' in text
+    path.write_text(text.replace('name = "cli"', 'name = "cli-2"'))
+    monkeypatch.setattr(FakeJudge, "judge", original)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    assert "done: " in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "cli-3").exists()
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     tmp_path: Path,

@@ -7,7 +7,8 @@ Exit codes:
 * 2: bad command line, invalid config or unusable input file (nothing was done);
 * 3: the run directory was refused (in use, or made with other settings) or is unreadable;
 * 4: the run stopped on a fatal error (dataset unreadable, judge credentials...); resumable;
-* 130: interrupted (Ctrl-C or SIGTERM); resumable by running the same command again.
+* 130: interrupted (Ctrl-C or SIGTERM); resumable by running the same command again
+  (without --new-run: see the stop message).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument(
         "--new-run",
         action="store_true",
-        help="if the run directory holds results, start a fresh one beside it",
+        help="start a fresh run directory beside the configured one if that exists (<name>-2, ...)",
     )
     run.add_argument(
         "--no-report", action="store_true", help="do not write the report when the run ends"
@@ -263,7 +264,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                         )
                     engine.stop()
                 else:
-                    console.print("stopping now; run the same command again to resume")
+                    console.print(f"stopping now; {_how_to_resume(config, engine, args.new_run)}")
                     engine.cancel()
 
     run_dashboard = None if args.headless else _dashboard(args, console)
@@ -315,10 +316,26 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     # A Ctrl-C that left nothing undone (every sample was in flight) ended the run "done":
     # it is finished, and its report is written as any finished run's.
     if summary.state in ("stopped", "cancelled") or (interrupted and summary.state != "done"):
+        if args.new_run:
+            console.print(_how_to_resume(config, engine, True), highlight=False, markup=False)
         return EXIT_INTERRUPTED
     if not args.no_report and not await _final_report(summary.run_dir, console):
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _how_to_resume(config: RunConfig, engine: Engine, new_run: bool) -> str:
+    """What resumes the run: the same command, but without --new-run (with it, yet another
+    directory would start), and naming the directory --new-run gave it."""
+    if not new_run:
+        return "run the same command again to resume"
+    path = engine.run_dir_path
+    if path == config.run_dir:
+        return "to resume, run the same command without --new-run"
+    return (
+        f'to resume, set name = "{path.name}" in the config\'s [run] table and run it '
+        "without --new-run"
+    )
 
 
 async def _say_what_opens(engine: Engine, console: Console, scope: anyio.CancelScope) -> None:
