@@ -1063,6 +1063,61 @@ async def test_pause_before_the_run_starts_it_paused(make_config: ConfigFactory)
     assert (summary.state, summary.judged) == ("done", 6)
 
 
+async def call_in_a_thread(control: Callable[[], None]) -> None:
+    """Call ``control`` from a plain thread (a GUI's, say) and wait for it to return."""
+    errors: list[Exception] = []
+
+    def target() -> None:
+        try:
+            control()
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    await anyio.to_thread.run_sync(thread.join)
+    assert not errors, errors
+
+
+async def test_a_cancel_from_another_thread_cancels_the_run(make_config: ConfigFactory) -> None:
+    # It raised "no running event loop" after telling the generators to stop: the run ended
+    # "stopped" with "generate failed: cancelled" error judgements in the journal.
+    config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
+    with anyio.fail_after(30):
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                await call_in_a_thread(engine.cancel)
+                assert engine.stats().state == "cancelled"
+    assert engine.stats().state == "cancelled"
+    assert {record["status"] for record in journal(config)} == {"ok"}
+
+
+async def test_pause_and_resume_from_another_thread(make_config: ConfigFactory) -> None:
+    # A resume from a thread set the state but never woke the run: it hung, paused.
+    config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
+    received = 0
+    with anyio.fail_after(30):
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                received += 1
+                if received == 2:
+                    await call_in_a_thread(engine.pause)
+                    assert engine.paused and engine.stats().state == "paused"
+                    await call_in_a_thread(engine.resume)
+                    assert not engine.paused and engine.stats().state == "running"
+    assert engine.stats().state == "done" and received == 60
+
+
+async def test_a_stop_from_another_thread_before_the_run_starts_it_stopped(
+    make_config: ConfigFactory,
+) -> None:
+    engine = Engine(make_config(samples=3))
+    await call_in_a_thread(engine.stop)
+    async with engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.judged) == ("stopped", 0)
+
+
 async def test_a_run_cancelled_or_failed_while_opening_says_so(
     make_config: ConfigFactory,
 ) -> None:

@@ -38,6 +38,8 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -163,6 +165,10 @@ class Engine:
                 "an Engine is made inside the async code that runs it (under anyio.run or "
                 "asyncio.run, e.g. `async with Engine(config) as engine:`), not before it"
             ) from None
+        # The loop the engine belongs to (its events and cancel scopes are that loop's):
+        # stop(), cancel(), pause() and resume() called from another thread run there.
+        self._loop_token = anyio.lowlevel.current_token()
+        self._loop_thread = threading.get_ident()
         self._running_gate = anyio.Event()
         self._running_gate.set()
         self._cancel_generation = threading.Event()
@@ -244,7 +250,11 @@ class Engine:
 
         While the engine opens, nothing is in flight yet: the opening ends at once (a judge
         server still starting is stopped, a judge model still loading left to finish).
+        Like :meth:`cancel`, :meth:`pause` and :meth:`resume`, it may be called from any
+        thread.
         """
+        if self._called_elsewhere(self.stop):
+            return
         if self._state in ("starting", "running", "paused"):
             self._state = "stopping"
         self._stopping = True
@@ -259,16 +269,22 @@ class Engine:
         :func:`~trig_stream.backends.base.load_in_thread` and
         :class:`~trig_stream.backends.base.ThreadCalls`).
         """
+        if self._called_elsewhere(self.cancel):
+            return
         self._stopping = True
-        self._cancel_generation.set()
         self._opening.cancel()
         self._work.cancel()
+        # Only now do generate calls see it: whatever they return from here on reaches
+        # tasks already cancelled, and never becomes a "cancelled" error judgement.
+        self._cancel_generation.set()
         if self._state in ("starting", "running", "paused", "stopping"):
             self._state = "cancelled"
 
     def pause(self) -> None:
         """Stop feeding new samples; work already queued continues. Before the engine runs
         (or while it opens), it starts paused."""
+        if self._called_elsewhere(self.pause):
+            return
         if self._stopping or self._state not in ("starting", "running"):
             return
         self._paused = True
@@ -284,10 +300,23 @@ class Engine:
 
     def resume(self) -> None:
         """Undo :meth:`pause`."""
+        if self._called_elsewhere(self.resume):
+            return
         self._paused = False
         if self._state == "paused":
             self._state = "running"
         self._running_gate.set()
+
+    def _called_elsewhere(self, control: Callable[[], None]) -> bool:
+        """Run ``control`` in the engine's event loop when called from another thread (a
+        GUI's, a signal handler's), and say whether it did: its events and cancel scopes may
+        only be touched there (a cancel from a thread failed half done, a resume never woke
+        the run). Once that loop has ended, there is no run left to control."""
+        if threading.get_ident() == self._loop_thread:
+            return False
+        with suppress(anyio.RunFinishedError):
+            anyio.from_thread.run_sync(control, token=self._loop_token)
+        return True
 
     async def drain(self) -> RunSummary:
         """Consume ``results`` to the end and summarise the run."""
