@@ -21,7 +21,6 @@ mean and the DTM as if it were a measurement.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -37,6 +36,7 @@ from trig_stream.backends.metrics.base import (
     MetricInput,
     Value,
     compute_async,
+    is_async,
     load_rgb_image,
 )
 from trig_stream.backends.metrics.registry import import_metric
@@ -147,7 +147,7 @@ class MetricJudge(Judge):
             MissingExtraError: the metric's optional dependencies are not installed.
         """
         await anyio.to_thread.run_sync(self.metric.load)
-        if not inspect.iscoroutinefunction(self.metric.compute_batch):
+        if not is_async(self.metric):  # an async one is awaited, not run in a thread
             self._batcher = MicroBatcher(
                 self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
             )

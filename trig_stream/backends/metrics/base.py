@@ -160,7 +160,7 @@ async def compute_async(
     """
     if inspect.iscoroutinefunction(metric.compute_batch):
         return list(await metric.compute_batch(items))
-    if inspect.iscoroutinefunction(metric.compute) and _inherits_batch(metric):
+    if is_async(metric):
         values: list[Value] = [None] * len(items)
 
         async def one(index: int) -> None:
@@ -185,8 +185,14 @@ async def compute_set_async(
     return cast("Value", await anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter))
 
 
-def _inherits_batch(metric: ImageMetric) -> bool:
-    return type(metric).compute_batch is ImageMetric.compute_batch
+def is_async(metric: ImageMetric) -> bool:
+    """Whether the metric is ``async``: its ``compute_batch`` is, or its ``compute`` is and it
+    inherits ``compute_batch`` (whose loop then awaits nothing: :func:`compute_async` runs
+    the items' ``compute`` calls concurrently instead)."""
+    if inspect.iscoroutinefunction(metric.compute_batch):
+        return True
+    inherits_batch = type(metric).compute_batch is ImageMetric.compute_batch
+    return inherits_batch and inspect.iscoroutinefunction(metric.compute)
 
 
 def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> Image:
