@@ -35,6 +35,7 @@ from trig_stream.backends.metrics.base import (
     ImageMetric,
     MetricInput,
     Value,
+    checked_values,
     compute_async,
     is_async,
     load_rgb_image,
@@ -200,9 +201,8 @@ class MetricJudge(Judge):
 
     def _run_batch(self, items: Sequence[MetricInput]) -> list[Value | Exception]:
         try:
-            values = self.metric.compute_batch(items)
-            assert isinstance(values, list)  # a sync metric (async ones skip the batcher)
-            return list(values)
+            # A sync metric (async ones skip the batcher).
+            return list(checked_values(self.metric, self.metric.compute_batch(items), len(items)))
         except Exception as exc:
             if len(items) == 1:
                 return [exc if isinstance(exc, ItemError) else ItemError(describe_error(exc))]
