@@ -3,6 +3,8 @@ entry points, loading and closing."""
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, cast
@@ -13,13 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import ConfigFactory
+
 from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
 from trig_stream.backends.metrics import registry
 from trig_stream.backends.metrics.base import ImageMetric, Metric, MetricInput, Value
-from trig_stream.backends.metrics.registry import register_metric
+from trig_stream.backends.metrics.registry import import_metric, register_metric
+from trig_stream.backends.registry import build_judge
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import ItemError
+from trig_stream.errors import ConfigError, ItemError
 from trig_stream.records import Sample
 
 pytestmark = pytest.mark.anyio
@@ -131,3 +136,102 @@ async def test_compute_batch_returning_the_wrong_values_is_an_item_error(run_asy
     for returned, message in cases:
         with pytest.raises(ItemError, match=message):
             await judge_once(metric_judge(batch_metric(returned, run_async=run_async)))
+
+
+THIRD_PARTY = '''
+from trig_stream.backends.metrics.base import ImageMetric
+
+class Fine(ImageMetric):
+    name = "fine"
+    dimensions = frozenset({"IQ-R"})
+    def compute(self, item):
+        return 0.5
+
+class NoName(Fine):
+    name = None
+
+class Abstract(ImageMetric):
+    name = "abstract"
+    dimensions = frozenset({"IQ-R"})
+
+class Typo(Fine):
+    dimensions = frozenset({"R-t"})
+
+class NoGPU(Fine):
+    def __init__(self, options=None):
+        super().__init__(options)
+        raise RuntimeError("cannot init: no GPU")
+
+NOT_A_METRIC = frozenset({"IQ-R"})
+'''
+
+
+@pytest.fixture
+def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed distribution, ``thirdparty-metrics 1.2``, declaring metrics good and bad."""
+    (tmp_path / "thirdparty_metrics.py").write_text(THIRD_PARTY)
+    info = tmp_path / "thirdparty_metrics-1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-metrics\nVersion: 1.2\n")
+    points = {
+        "tp_fine": "thirdparty_metrics:Fine",
+        "tp_gone": "no_such_module_xyz:Thing",
+        "tp_missing": "thirdparty_metrics:DoesNotExist",
+        "tp_not_a_metric": "thirdparty_metrics:NOT_A_METRIC",
+        "tp_no_name": "thirdparty_metrics:NoName",
+        "tp_abstract": "thirdparty_metrics:Abstract",
+        "tp_typo": "thirdparty_metrics:Typo",
+        "tp_no_gpu": "thirdparty_metrics:NoGPU",
+    }
+    lines = [f"{name} = {value}" for name, value in points.items()]
+    (info / "entry_points.txt").write_text("[trig_stream.metrics]\n" + "\n".join(lines) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "thirdparty_metrics", raising=False)
+
+
+def test_a_broken_entry_point_is_named_with_its_distribution_and_cause(
+    third_party: None,
+) -> None:
+    # A module or attribute that did not import came out as its own traceback.
+    assert import_metric("tp_fine").name == "fine"
+    with pytest.raises(
+        ImportError,
+        match=re.escape(
+            "metric 'tp_gone' (entry point tp_gone = 'no_such_module_xyz:Thing' of "
+            "thirdparty-metrics 1.2) cannot be imported: ModuleNotFoundError: No module named "
+            "'no_such_module_xyz'"
+        ),
+    ):
+        import_metric("tp_gone")
+
+
+@pytest.mark.parametrize(
+    ("metric", "message"),
+    [
+        ("tp_gone", "cannot be imported: ModuleNotFoundError: No module named"),
+        ("tp_missing", "cannot be imported: AttributeError: module 'thirdparty_metrics' has no"),
+        ("tp_not_a_metric", "is frozenset({'IQ-R'}), not a subclass of trig_stream's ImageMetric"),
+        ("tp_no_name", "is NoName, which has no name: give the class a `name` attribute"),
+        ("tp_abstract", "is Abstract, an abstract class: it does not define compute"),
+        ("tp_typo", "names unknown dimensions in its `dimensions`: 'R-t'; TRIG's are IQ-R"),
+    ],
+)
+def test_a_broken_third_party_metric_is_a_config_error(
+    third_party: None, make_config: ConfigFactory, metric: str, message: str
+) -> None:
+    # Each gave a traceback (exit 1) from validate and run; a typo in `dimensions` passed.
+    judge = {"name": "m", "backend": "metric", "options": {"metric": metric}}
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        make_config(judges=[{"name": "trigscore", "backend": "fake"}, judge])
+    assert f"metric {metric!r}" in str(raised.value)
+
+
+def test_a_metric_whose_init_fails_is_a_config_error(
+    third_party: None, make_config: ConfigFactory
+) -> None:
+    judge = {"name": "m", "backend": "metric", "options": {"metric": "tp_no_gpu"}}
+    config = make_config(judges=[judge])
+    with pytest.raises(
+        ConfigError, match="judge 'm': the tp_no_gpu metric cannot be made: RuntimeError: cannot"
+    ):
+        build_judge(config.judges[0], config)

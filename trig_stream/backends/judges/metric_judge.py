@@ -42,8 +42,8 @@ from trig_stream.backends.metrics.base import (
 )
 from trig_stream.backends.metrics.registry import import_metric
 from trig_stream.config import OPTIONS_CONFIG
-from trig_stream.dimensions import Dimension
-from trig_stream.errors import ItemError
+from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
+from trig_stream.errors import ConfigError, ItemError
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
 
@@ -67,7 +67,10 @@ class MetricJudgeOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MetricJudgeOptions:
-        metric = import_metric(self.metric)  # ValueError lists the known names
+        try:
+            metric = import_metric(self.metric)  # ValueError lists the known names
+        except (ImportError, TypeError) as exc:  # a third party's metric that is broken
+            raise ValueError(str(exc)) from None
         if not issubclass(metric, ImageMetric):
             raise ValueError(
                 f"metric {self.metric!r} gives one value for a whole set of images, not a score "
@@ -82,6 +85,12 @@ class MetricJudgeOptions(BaseModel):
             )
         if not metric.dimensions:
             raise ValueError(f"metric {self.metric!r} measures no TRIG dimension")
+        unknown = sorted(str(d) for d in metric.dimensions if not is_dimension(d))
+        if unknown:
+            raise ValueError(
+                f"metric {self.metric!r} names unknown dimensions in its `dimensions`: "
+                f"{', '.join(map(repr, unknown))}; TRIG's are {', '.join(DIMENSIONS)}"
+            )
         try:
             metric.Options.model_validate(self.metric_options)
         except ValidationError as exc:
@@ -116,7 +125,13 @@ class MetricJudge(Judge):
 
     def __init__(self, name: str, options: MetricJudgeOptions, *, concurrency: int = 16) -> None:
         super().__init__(name, options, concurrency=concurrency)
-        self.metric = options.build_metric()
+        try:
+            self.metric = options.build_metric()
+        except Exception as exc:  # a third party's __init__
+            raise ConfigError(
+                f"judge {name!r}: the {options.metric} metric cannot be made: "
+                f"{describe_error(exc)}"
+            ) from exc
         self.dimensions: frozenset[Dimension] = type(self.metric).dimensions
         self._batcher: MicroBatcher[MetricInput, Value] | None = None
         self._open = False
