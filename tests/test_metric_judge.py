@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, cast
@@ -14,6 +15,7 @@ import anyio.lowlevel
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import BaseModel
 
 from tests.conftest import ConfigFactory
 
@@ -24,8 +26,10 @@ from trig_stream.backends.metrics.base import ImageMetric, Metric, MetricInput, 
 from trig_stream.backends.metrics.registry import import_metric, register_metric
 from trig_stream.backends.registry import build_judge
 from trig_stream.dimensions import Dimension
+from trig_stream.engine import Engine
 from trig_stream.errors import ConfigError, ItemError
 from trig_stream.records import Sample
+from trig_stream.testing import FakeJudge
 
 pytestmark = pytest.mark.anyio
 
@@ -235,3 +239,51 @@ def test_a_metric_whose_init_fails_is_a_config_error(
         ConfigError, match="judge 'm': the tp_no_gpu metric cannot be made: RuntimeError: cannot"
     ):
         build_judge(config.judges[0], config)
+
+
+
+class LoadsUntilReleased(ImageMetric):
+    """A metric whose load blocks until the test releases it (weights read from a slow disk)."""
+
+    name: ClassVar[str] = "slow_load"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.loading = threading.Event()
+        self.release = threading.Event()
+        self.closed = threading.Event()
+        self.closed_in: list[threading.Thread] = []
+
+    def load(self) -> None:
+        self.loading.set()
+        self.release.wait(timeout=20)
+
+    def close(self) -> None:
+        self.closed_in.append(threading.current_thread())
+        self.closed.set()
+
+    def compute(self, item: MetricInput) -> Value:
+        return 0.5
+
+
+async def test_a_hard_stop_does_not_wait_for_a_metric_to_load(make_config: ConfigFactory) -> None:
+    # Ctrl-C, stop() and cancel() waited until the metric's load() had ended.
+    judge = metric_judge(LoadsUntilReleased)
+    metric = cast("LoadsUntilReleased", judge.metric)
+    engine = Engine(make_config(samples=2), judges=[FakeJudge("trigscore"), judge])
+
+    async def cancel_once_loading() -> None:
+        await anyio.to_thread.run_sync(metric.loading.wait, 10)
+        engine.cancel()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_once_loading)
+            async with engine:
+                assert [j async for j in engine.results] == []
+    assert engine.stats().state == "cancelled"
+    assert metric.closed_in == []  # not while it still loads
+    metric.release.set()
+    assert await anyio.to_thread.run_sync(metric.closed.wait, 10)
+    assert len(metric.closed_in) == 1  # by the load's own thread, once

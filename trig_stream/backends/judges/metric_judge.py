@@ -29,7 +29,13 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.base import (
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+    load_in_thread,
+)
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.metrics.base import (
     ImageMetric,
@@ -157,12 +163,14 @@ class MetricJudge(Judge):
         return f"loading the {self.options.metric} metric"
 
     async def open(self) -> None:
-        """Load the metric in a worker thread.
+        """Load the metric in a worker thread, which a hard stop does not wait for (a model
+        loading from disk may take minutes): cancelled, the thread finishes the load and
+        then closes the metric.
 
         Raises:
             MissingExtraError: the metric's optional dependencies are not installed.
         """
-        await anyio.to_thread.run_sync(self.metric.load)
+        await load_in_thread(self.metric.load, self.metric.close)
         if not is_async(self.metric):  # an async one is awaited, not run in a thread
             self._batcher = MicroBatcher(
                 self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
