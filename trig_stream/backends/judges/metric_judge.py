@@ -159,6 +159,14 @@ class MetricJudge(Judge):
             params={**self.metric.fingerprint(), "max_pixels": self.options.max_pixels},
         )
 
+    def check_environment(self) -> None:
+        """What the metric needs from this machine (its optional dependencies).
+
+        Raises:
+            MissingExtraError: the metric's optional dependencies are not installed.
+        """
+        self.metric.check_environment()
+
     def opening(self) -> str:
         return f"loading the {self.options.metric} metric"
 

@@ -105,6 +105,15 @@ class Metric(ABC):
         """Everything that changes the values (the options by default)."""
         return {"metric": self.name, **self.options.model_dump(mode="json")}
 
+    def check_environment(self) -> None:  # noqa: B027 - optional hook
+        """Check what :meth:`load` needs from this machine without loading anything (an
+        optional package, found with ``importlib.util.find_spec``); ``trig-stream validate``
+        and the engine call it, through the ``metric`` judge, before a run starts.
+
+        Raises:
+            MissingExtraError: an optional dependency is not installed.
+        """
+
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load weights or open resources; blocking, called once before use."""
 
