@@ -330,3 +330,32 @@ name = "nsfw"
 backend = "metric"
 options = { metric = "nsfw" }
 """
+
+
+class Blur(ImageMetric):
+    """How blurred an image is: 1 is completely blurred, so lower is better."""
+
+    name: ClassVar[str] = "blur"
+    higher_is_better: ClassVar[bool] = False
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+    value: ClassVar[float] = 0.9
+
+    def compute(self, item: MetricInput) -> Value:
+        return self.value
+
+
+async def test_a_lower_is_better_metric_is_turned_into_a_score() -> None:
+    # A blur of 0.9 (very blurred) scored 0.9 for realism.
+    reply = await judge_once(metric_judge(Blur))
+    assert reply.score == pytest.approx(0.1)
+
+    class Sharpness(Blur):  # higher is better: the value is the score
+        higher_is_better = True
+
+    assert (await judge_once(metric_judge(Sharpness))).score == 0.9
+
+    class BlurInPixels(Blur):  # values outside [0, 1] need a mapping of their own
+        value = 12.0
+
+    with pytest.raises(ItemError, match=r"gave -11.0 for IQ-R \(from its value 12.0\), outside"):
+        await judge_once(metric_judge(BlurInPixels))

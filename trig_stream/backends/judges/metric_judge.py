@@ -225,8 +225,9 @@ class MetricJudge(Judge):
         score = metric.dimension_score(value, request.dimension)
         if not 0.0 <= score <= 1.0:  # also refuses NaN
             raise ItemError(
-                f"the {metric.name} metric gave {score!r} for {request.dimension}, "
-                "outside the score range [0, 1]"
+                f"the {metric.name} metric gave {score!r} for {request.dimension} (from its "
+                f"value {value!r}), outside the score range [0, 1]; a metric whose values lie "
+                "elsewhere maps them to scores in its dimension_score"
             )
         return JudgeReply(score=score, text=f"{metric.name}={value:.6g}")
 

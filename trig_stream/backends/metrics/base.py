@@ -18,8 +18,8 @@ nothing the metric can measure; a metric never puts a made-up number in its plac
 
 An image metric that measures some TRIG dimensions names them in ``dimensions`` and maps its
 value to a TRIG-oriented score (in [0, 1], higher is better) with
-:meth:`~ImageMetric.dimension_score`; such a metric can run as a judge (``backend =
-"metric"``).
+:meth:`~ImageMetric.dimension_score` (by default the value itself, or ``1 - value`` when
+``higher_is_better`` is False); such a metric can run as a judge (``backend = "metric"``).
 """
 
 from __future__ import annotations
@@ -149,8 +149,13 @@ class ImageMetric(Metric):
         return [cast("Value", self.compute(item)) for item in items]
 
     def dimension_score(self, value: float, dimension: Dimension) -> float:
-        """The TRIG score (in [0, 1], higher is better) of a value on one of ``dimensions``."""
-        return value
+        """The TRIG score (in [0, 1], higher is better) of a value on one of ``dimensions``.
+
+        By default the value is taken to lie in [0, 1]: it is the score as it is when
+        ``higher_is_better``, else ``1 - value`` (a blur of 0.9 is a realism of 0.1). A metric
+        whose values lie elsewhere, or that maps them otherwise, overrides this.
+        """
+        return value if self.higher_is_better else 1.0 - value
 
 
 class SetMetric(Metric):
