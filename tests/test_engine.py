@@ -541,6 +541,28 @@ async def test_injected_backends_and_several_engines_in_one_process(
     assert judges[0].requests == judges[1].requests == 16
 
 
+async def test_a_judge_instance_is_refused_by_a_second_engine_while_the_first_runs(
+    make_config: ConfigFactory,
+) -> None:
+    # The first engine to end closed the shared judge, and every judgement left to the other
+    # became an error: "the judge is not open".
+    first = make_config(samples=8)
+    second = first.model_copy(update={"run": first.run.model_copy(update={"name": "other"})})
+    shared = FakeJudge("trigscore", FakeJudgeOptions())
+    async with Engine(first, judges=[shared]) as engine:
+        other = Engine(second, judges=[shared])
+        message = "judge 'trigscore': this instance is in use by another engine (run directory"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            async with other:
+                pass
+        assert other.stats().state == "failed"
+        summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 16)
+    assert not (second.run_dir / JOURNAL).exists()
+    again = await run_to_end(second, judges=[shared])  # free once the first engine closed it
+    assert {j.status for j in again} == {"ok"} and len(again) == 16
+
+
 async def test_an_error_in_the_consumer_propagates_unchanged(make_config: ConfigFactory) -> None:
     config = make_config(samples=20)
     with pytest.raises(ValueError, match="consumer bug"):

@@ -82,6 +82,12 @@ HISTORY_CHUNK = 2048
 """Earlier judgements parsed per worker-thread call when the live analysis catches up."""
 
 
+_judges_in_use: dict[int, Path] = {}
+"""The judge instances an open engine uses (by id; each alive while in use), with its run
+directory: a judge passed to a second engine at once would be closed under the first's feet."""
+_judges_in_use_lock = threading.Lock()  # engines may run in several threads' event loops
+
+
 @dataclass(frozen=True, slots=True)
 class _Streams:
     """The bounded buffers between the stages, as (send, receive) pairs."""
@@ -197,6 +203,7 @@ class Engine:
         self._first_judgement = anyio.Event()
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
         self._closed = False
+        self._judges_claimed = False
         self.run_dir_path = config.run_dir
 
     # -- public API ---------------------------------------------------------------------------
@@ -342,6 +349,12 @@ class Engine:
     async def __aenter__(self) -> Engine:
         if self._task_group is not None or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
+        try:
+            self._claim_judges()
+        except ConfigError:
+            self._state = "failed"
+            self._closed = True  # the judges are another engine's to close
+            raise
         self._counters.started_at = time.monotonic()
         try:
             with self._opening:
@@ -403,6 +416,33 @@ class Engine:
         if self._state not in ("done", "stopped", "failed"):
             self._state = "cancelled"
         return suppress
+
+    def _claim_judges(self) -> None:
+        """Mark this engine's judge instances in use until it closes them.
+
+        Raises:
+            ConfigError: one is in use by another open engine (the first to end would close
+                it, and every judgement left to the other would fail: "the judge is not open").
+        """
+        with _judges_in_use_lock:
+            for judge in self._judges:
+                other = _judges_in_use.get(id(judge))
+                if other is not None:
+                    raise ConfigError(
+                        f"judge {judge.name!r}: this instance is in use by another engine (run "
+                        f"directory {other}); give each engine its own judge instances"
+                    )
+            for judge in self._judges:
+                _judges_in_use[id(judge)] = self.run_dir_path
+        self._judges_claimed = True
+
+    def _release_judges(self) -> None:
+        if not self._judges_claimed:
+            return
+        with _judges_in_use_lock:
+            for judge in self._judges:
+                _judges_in_use.pop(id(judge), None)
+        self._judges_claimed = False
 
     def _check_environments(self) -> None:
         for generator in self._generators:
@@ -483,12 +523,15 @@ class Engine:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            for judge in self._judges:
-                try:
-                    await judge.aclose()
-                except Exception as exc:  # closing must not hide the run's own outcome
-                    note = f"judge {judge.name!r}: closing it failed: {describe_error(exc)}"
-                    self._counters.notes.append(note)
+            try:
+                for judge in self._judges:
+                    try:
+                        await judge.aclose()
+                    except Exception as exc:  # closing must not hide the run's own outcome
+                        note = f"judge {judge.name!r}: closing it failed: {describe_error(exc)}"
+                        self._counters.notes.append(note)
+            finally:
+                self._release_judges()
             if self._run_dir is not None:
                 await anyio.to_thread.run_sync(self._run_dir.close)
 
