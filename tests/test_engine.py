@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -452,6 +453,49 @@ async def test_retries_use_the_injected_sleep(make_config: ConfigFactory) -> Non
     assert all(0.5 <= d <= 7 for d in delays)
     assert any(j.attempts > 1 for j in results)
     assert sum(j.attempts - 1 for j in results) == len(delays)
+
+
+async def test_an_injected_callable_that_raises_comes_out_as_its_own_exception(
+    make_config: ConfigFactory,
+) -> None:
+    # It came out in an ExceptionGroup five task groups deep.
+    config = make_config(
+        samples=10,
+        judges=[{"name": "trigscore", "backend": "fake", "options": {"retryable_rate": 0.3}}],
+    )
+
+    async def broken_sleep(seconds: float) -> None:
+        raise RuntimeError("my sleep broke")
+
+    engine = Engine(config, sleep=broken_sleep)
+    with pytest.raises(RuntimeError, match="my sleep broke"):
+        async with engine:
+            await engine.drain()
+    assert engine.stats().state == "failed"
+
+
+class RaisesCancelled(FakeJudge):
+    """A judge whose own code lets an ``asyncio.CancelledError`` out for some requests (a
+    future it awaited was cancelled), while nothing cancels the run."""
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        if request.sample.data_id.endswith("_2"):
+            raise asyncio.CancelledError
+        return await super().judge(request)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Trio's Cancelled has no constructor
+async def test_a_cancelled_error_a_judge_raises_by_itself_is_its_failure(
+    make_config: ConfigFactory,
+) -> None:
+    # It broke the pipeline's streams: nested BrokenResourceError groups, the judge unnamed.
+    config = make_config(samples=12)
+    results = await run_to_end(config, judges=[RaisesCancelled()])
+    failed = [j for j in results if j.status == "error"]
+    assert len(results) == 24 and len(failed) == 8
+    assert {j.data_id[-2:] for j in failed} == {"_2"}
+    assert all("the judge raised CancelledError though the run was not" in (j.error or "")
+               for j in failed)
 
 
 class AnswersThenFails(FakeJudge):
