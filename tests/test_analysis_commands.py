@@ -23,7 +23,7 @@ from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
 from trig_stream.analysis.relations import default_metric
-from trig_stream.dimensions import Task
+from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import MissingExtraError, RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.store import JOURNAL, LOCK, MANIFEST, Journal, Manifest, write_atomic
@@ -608,7 +608,9 @@ def test_the_report_analyses_the_judge_that_measures_every_dimension(
 
 
 def test_the_default_metric_is_the_first_that_measured_every_dimension() -> None:
-    everything = {"IQ-R", "R-T"}
-    assert default_metric(["nsfw", "vlm"], {"nsfw": {"R-T"}, "vlm": everything}) == "vlm"
+    everything: set[Dimension] = {"IQ-R", "R-T"}
+    toxicity: set[Dimension] = {"R-T"}
+    realism: set[Dimension] = {"IQ-R"}
+    assert default_metric(["nsfw", "vlm"], {"nsfw": toxicity, "vlm": everything}) == "vlm"
     assert default_metric(["a", "b"], {"a": everything, "b": everything}) == "a"
-    assert default_metric(["a", "b"], {"a": {"R-T"}, "b": {"IQ-R"}}) == "a"  # none: the first
+    assert default_metric(["a", "b"], {"a": toxicity, "b": realism}) == "a"  # none: the first

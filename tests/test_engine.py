@@ -494,8 +494,9 @@ async def test_a_cancelled_error_a_judge_raises_by_itself_is_its_failure(
     failed = [j for j in results if j.status == "error"]
     assert len(results) == 24 and len(failed) == 8
     assert {j.data_id[-2:] for j in failed} == {"_2"}
-    assert all("the judge raised CancelledError though the run was not" in (j.error or "")
-               for j in failed)
+    assert all(
+        "the judge raised CancelledError though the run was not" in (j.error or "") for j in failed
+    )
 
 
 class AnswersThenFails(FakeJudge):

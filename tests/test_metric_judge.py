@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar, cast
 
@@ -19,7 +19,6 @@ from pydantic import BaseModel
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli
-
 from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
 from trig_stream.backends.metrics import registry
@@ -38,10 +37,9 @@ SAMPLE = Sample(data_id="IQ-R_TA-C_1", task="t2i", prompt="p", dimensions=("IQ-R
 
 
 @pytest.fixture(autouse=True)
-def registered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def registered(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test registers its own metrics, and leaves none behind."""
     monkeypatch.setattr(registry, "_REGISTERED", {})
-    yield
 
 
 def request(dimension: Dimension = "IQ-R") -> JudgeRequest:
@@ -143,7 +141,7 @@ async def test_compute_batch_returning_the_wrong_values_is_an_item_error(run_asy
             await judge_once(metric_judge(batch_metric(returned, run_async=run_async)))
 
 
-THIRD_PARTY = '''
+THIRD_PARTY = """
 from trig_stream.backends.metrics.base import ImageMetric
 
 class Fine(ImageMetric):
@@ -168,7 +166,7 @@ class NoGPU(Fine):
         raise RuntimeError("cannot init: no GPU")
 
 NOT_A_METRIC = frozenset({"IQ-R"})
-'''
+"""
 
 
 @pytest.fixture
@@ -177,7 +175,9 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "thirdparty_metrics.py").write_text(THIRD_PARTY)
     info = tmp_path / "thirdparty_metrics-1.2.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-metrics\nVersion: 1.2\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: thirdparty-metrics\nVersion: 1.2\n"
+    )
     points = {
         "tp_fine": "thirdparty_metrics:Fine",
         "tp_gone": "no_such_module_xyz:Thing",
@@ -240,7 +240,6 @@ def test_a_metric_whose_init_fails_is_a_config_error(
         ConfigError, match="judge 'm': the tp_no_gpu metric cannot be made: RuntimeError: cannot"
     ):
         build_judge(config.judges[0], config)
-
 
 
 class LoadsUntilReleased(ImageMetric):

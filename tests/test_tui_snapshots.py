@@ -9,7 +9,7 @@ import pytest
 
 from trig_stream.analysis.relations import DTM, negate_dominance
 from trig_stream.analysis.stats import RelationCode
-from trig_stream.dimensions import SORTED_DIMENSIONS
+from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.dashboard import ordered_views
 from trig_stream.tui.snapshot import (
@@ -143,7 +143,7 @@ def test_the_dashboard_shows_first_the_metric_a_report_analyses() -> None:
     # judge, unlike the report. Now each model's default metric comes first, then the
     # config's order.
     snapshot = synthetic_snapshot()
-    partial = {"R-T": 40}
+    partial: dict[Dimension, int] = {"R-T": 40}
     relations = tuple(
         RelationView(model, metric, snapshot.relations[0].means, counts, synthetic_dtm(0))
         for model in ("sd3-medium", "flux-dev")

@@ -135,8 +135,7 @@ class MetricJudge(Judge):
             self.metric = options.build_metric()
         except Exception as exc:  # a third party's __init__
             raise ConfigError(
-                f"judge {name!r}: the {options.metric} metric cannot be made: "
-                f"{describe_error(exc)}"
+                f"judge {name!r}: the {options.metric} metric cannot be made: {describe_error(exc)}"
             ) from exc
         self.dimensions: frozenset[Dimension] = type(self.metric).dimensions
         self._batcher: MicroBatcher[MetricInput, Value] | None = None
