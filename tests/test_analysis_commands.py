@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -21,10 +22,12 @@ from trig_stream.analysis import AnalysisError
 from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
-from trig_stream.dimensions import Task
+from trig_stream.analysis.relations import default_metric
+from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import MissingExtraError, RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.store import JOURNAL, LOCK, MANIFEST, Journal, Manifest, write_atomic
+from trig_stream.testing import FakeJudge
 
 DATA = Path(__file__).parent / "data" / "analysis"
 FORMATTED = DATA / "formatted_small.json"
@@ -581,3 +584,33 @@ def test_an_unreadable_journal_is_one_error_naming_it(
         f"error: cannot read the journal {run / JOURNAL}: it is not a regular file (a folder, "
         "a pipe or a device?); it must be the file a run wrote\n"
     )
+
+
+def test_the_report_analyses_the_judge_that_measures_every_dimension(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # A metric judge listed first (nsfw, measuring R-T only) was analysed: an all -1 DTM,
+    # "images left out for a missing score", and the VLM judge's analysis never written.
+    config = make_config(
+        samples=8,
+        judges=[{"name": "toxicity", "backend": "fake"}, {"name": "trigscore", "backend": "fake"}],
+    )
+    toxicity = FakeJudge("toxicity")
+    toxicity.dimensions = frozenset({"R-T"})
+    anyio.run(partial(run_to_end, config, judges=[toxicity, FakeJudge("trigscore")]))
+    code, text = run_command("report", str(config.run_dir), "--no-plots")
+    assert code == 0 and "0 images left out" in text
+    report = (config.run_dir / "report" / "synth" / "report.md").read_text()
+    assert "Metric `trigscore`" in report
+    code, _ = run_command("report", str(config.run_dir), "--no-plots", "--metric", "toxicity")
+    assert code == 0
+    assert "Metric `toxicity`" in (config.run_dir / "report" / "synth" / "report.md").read_text()
+
+
+def test_the_default_metric_is_the_first_that_measured_every_dimension() -> None:
+    everything: set[Dimension] = {"IQ-R", "R-T"}
+    toxicity: set[Dimension] = {"R-T"}
+    realism: set[Dimension] = {"IQ-R"}
+    assert default_metric(["nsfw", "vlm"], {"nsfw": toxicity, "vlm": everything}) == "vlm"
+    assert default_metric(["a", "b"], {"a": everything, "b": everything}) == "a"
+    assert default_metric(["a", "b"], {"a": toxicity, "b": realism}) == "a"  # none: the first

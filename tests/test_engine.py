@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -454,6 +455,50 @@ async def test_retries_use_the_injected_sleep(make_config: ConfigFactory) -> Non
     assert sum(j.attempts - 1 for j in results) == len(delays)
 
 
+async def test_an_injected_callable_that_raises_comes_out_as_its_own_exception(
+    make_config: ConfigFactory,
+) -> None:
+    # It came out in an ExceptionGroup five task groups deep.
+    config = make_config(
+        samples=10,
+        judges=[{"name": "trigscore", "backend": "fake", "options": {"retryable_rate": 0.3}}],
+    )
+
+    async def broken_sleep(seconds: float) -> None:
+        raise RuntimeError("my sleep broke")
+
+    engine = Engine(config, sleep=broken_sleep)
+    with pytest.raises(RuntimeError, match="my sleep broke"):
+        async with engine:
+            await engine.drain()
+    assert engine.stats().state == "failed"
+
+
+class RaisesCancelled(FakeJudge):
+    """A judge whose own code lets an ``asyncio.CancelledError`` out for some requests (a
+    future it awaited was cancelled), while nothing cancels the run."""
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        if request.sample.data_id.endswith("_2"):
+            raise asyncio.CancelledError
+        return await super().judge(request)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Trio's Cancelled has no constructor
+async def test_a_cancelled_error_a_judge_raises_by_itself_is_its_failure(
+    make_config: ConfigFactory,
+) -> None:
+    # It broke the pipeline's streams: nested BrokenResourceError groups, the judge unnamed.
+    config = make_config(samples=12)
+    results = await run_to_end(config, judges=[RaisesCancelled()])
+    failed = [j for j in results if j.status == "error"]
+    assert len(results) == 24 and len(failed) == 8
+    assert {j.data_id[-2:] for j in failed} == {"_2"}
+    assert all(
+        "the judge raised CancelledError though the run was not" in (j.error or "") for j in failed
+    )
+
+
 class AnswersThenFails(FakeJudge):
     """Answers its first ``answers`` requests, then fails every attempt transiently."""
 
@@ -539,6 +584,28 @@ async def test_injected_backends_and_several_engines_in_one_process(
         tg.start_soon(one, second, 1)
     assert counts == [16, 16]
     assert judges[0].requests == judges[1].requests == 16
+
+
+async def test_a_judge_instance_is_refused_by_a_second_engine_while_the_first_runs(
+    make_config: ConfigFactory,
+) -> None:
+    # The first engine to end closed the shared judge, and every judgement left to the other
+    # became an error: "the judge is not open".
+    first = make_config(samples=8)
+    second = first.model_copy(update={"run": first.run.model_copy(update={"name": "other"})})
+    shared = FakeJudge("trigscore", FakeJudgeOptions())
+    async with Engine(first, judges=[shared]) as engine:
+        other = Engine(second, judges=[shared])
+        message = "judge 'trigscore': this instance is in use by another engine (run directory"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            async with other:
+                pass
+        assert other.stats().state == "failed"
+        summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 16)
+    assert not (second.run_dir / JOURNAL).exists()
+    again = await run_to_end(second, judges=[shared])  # free once the first engine closed it
+    assert {j.status for j in again} == {"ok"} and len(again) == 16
 
 
 async def test_an_error_in_the_consumer_propagates_unchanged(make_config: ConfigFactory) -> None:
@@ -1061,6 +1128,61 @@ async def test_pause_before_the_run_starts_it_paused(make_config: ConfigFactory)
         engine.resume()
         summary = await engine.drain()
     assert (summary.state, summary.judged) == ("done", 6)
+
+
+async def call_in_a_thread(control: Callable[[], None]) -> None:
+    """Call ``control`` from a plain thread (a GUI's, say) and wait for it to return."""
+    errors: list[Exception] = []
+
+    def target() -> None:
+        try:
+            control()
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    await anyio.to_thread.run_sync(thread.join)
+    assert not errors, errors
+
+
+async def test_a_cancel_from_another_thread_cancels_the_run(make_config: ConfigFactory) -> None:
+    # It raised "no running event loop" after telling the generators to stop: the run ended
+    # "stopped" with "generate failed: cancelled" error judgements in the journal.
+    config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
+    with anyio.fail_after(30):
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                await call_in_a_thread(engine.cancel)
+                assert engine.stats().state == "cancelled"
+    assert engine.stats().state == "cancelled"
+    assert {record["status"] for record in journal(config)} == {"ok"}
+
+
+async def test_pause_and_resume_from_another_thread(make_config: ConfigFactory) -> None:
+    # A resume from a thread set the state but never woke the run: it hung, paused.
+    config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
+    received = 0
+    with anyio.fail_after(30):
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                received += 1
+                if received == 2:
+                    await call_in_a_thread(engine.pause)
+                    assert engine.paused and engine.stats().state == "paused"
+                    await call_in_a_thread(engine.resume)
+                    assert not engine.paused and engine.stats().state == "running"
+    assert engine.stats().state == "done" and received == 60
+
+
+async def test_a_stop_from_another_thread_before_the_run_starts_it_stopped(
+    make_config: ConfigFactory,
+) -> None:
+    engine = Engine(make_config(samples=3))
+    await call_in_a_thread(engine.stop)
+    async with engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.judged) == ("stopped", 0)
 
 
 async def test_a_run_cancelled_or_failed_while_opening_says_so(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
 from trig_stream.analysis.relations import DTM, negate_dominance
 from trig_stream.analysis.stats import RelationCode
-from trig_stream.dimensions import SORTED_DIMENSIONS
+from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
 from trig_stream.tui.app import TrigDashboardApp
+from trig_stream.tui.dashboard import ordered_views
 from trig_stream.tui.snapshot import (
     DashboardSnapshot,
     Gauge,
@@ -134,3 +136,30 @@ def test_status_line_says_which_models_are_loading() -> None:
     assert "loading" not in status_line(synthetic_snapshot(), linger=False).plain
     done = replace(loading, state="done")
     assert "loading" not in status_line(done, linger=False).plain
+
+
+def test_the_dashboard_shows_first_the_metric_a_report_analyses() -> None:
+    # Views were sorted by name: a metric judge such as nsfw (R-T only) came before the VLM
+    # judge, unlike the report. Now each model's default metric comes first, then the
+    # config's order.
+    snapshot = synthetic_snapshot()
+    partial: dict[Dimension, int] = {"R-T": 40}
+    relations = tuple(
+        RelationView(model, metric, snapshot.relations[0].means, counts, synthetic_dtm(0))
+        for model in ("sd3-medium", "flux-dev")
+        for metric, counts in (
+            ("aesthetic", snapshot.relations[0].counts),
+            ("nsfw", partial),
+            ("trigscore", snapshot.relations[0].counts),
+        )
+    )
+    judges = tuple(JudgeView(name, "fake") for name in ("nsfw", "trigscore", "aesthetic"))
+    ordered = ordered_views(replace(snapshot, judges=judges, relations=relations))
+    assert [(v.model, v.metric) for v in ordered] == [
+        ("flux-dev", "trigscore"),
+        ("flux-dev", "nsfw"),
+        ("flux-dev", "aesthetic"),
+        ("sd3-medium", "trigscore"),
+        ("sd3-medium", "nsfw"),
+        ("sd3-medium", "aesthetic"),
+    ]

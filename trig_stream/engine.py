@@ -38,6 +38,8 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -78,6 +80,12 @@ PERSIST_BATCH = 256
 """Most judgements written with one fsync."""
 HISTORY_CHUNK = 2048
 """Earlier judgements parsed per worker-thread call when the live analysis catches up."""
+
+
+_judges_in_use: dict[int, Path] = {}
+"""The judge instances an open engine uses (by id; each alive while in use), with its run
+directory: a judge passed to a second engine at once would be closed under the first's feet."""
+_judges_in_use_lock = threading.Lock()  # engines may run in several threads' event loops
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +171,10 @@ class Engine:
                 "an Engine is made inside the async code that runs it (under anyio.run or "
                 "asyncio.run, e.g. `async with Engine(config) as engine:`), not before it"
             ) from None
+        # The loop the engine belongs to (its events and cancel scopes are that loop's):
+        # stop(), cancel(), pause() and resume() called from another thread run there.
+        self._loop_token = anyio.lowlevel.current_token()
+        self._loop_thread = threading.get_ident()
         self._running_gate = anyio.Event()
         self._running_gate.set()
         self._cancel_generation = threading.Event()
@@ -191,6 +203,7 @@ class Engine:
         self._first_judgement = anyio.Event()
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
         self._closed = False
+        self._judges_claimed = False
         self.run_dir_path = config.run_dir
 
     # -- public API ---------------------------------------------------------------------------
@@ -244,7 +257,11 @@ class Engine:
 
         While the engine opens, nothing is in flight yet: the opening ends at once (a judge
         server still starting is stopped, a judge model still loading left to finish).
+        Like :meth:`cancel`, :meth:`pause` and :meth:`resume`, it may be called from any
+        thread.
         """
+        if self._called_elsewhere(self.stop):
+            return
         if self._state in ("starting", "running", "paused"):
             self._state = "stopping"
         self._stopping = True
@@ -259,16 +276,22 @@ class Engine:
         :func:`~trig_stream.backends.base.load_in_thread` and
         :class:`~trig_stream.backends.base.ThreadCalls`).
         """
+        if self._called_elsewhere(self.cancel):
+            return
         self._stopping = True
-        self._cancel_generation.set()
         self._opening.cancel()
         self._work.cancel()
+        # Only now do generate calls see it: whatever they return from here on reaches
+        # tasks already cancelled, and never becomes a "cancelled" error judgement.
+        self._cancel_generation.set()
         if self._state in ("starting", "running", "paused", "stopping"):
             self._state = "cancelled"
 
     def pause(self) -> None:
         """Stop feeding new samples; work already queued continues. Before the engine runs
         (or while it opens), it starts paused."""
+        if self._called_elsewhere(self.pause):
+            return
         if self._stopping or self._state not in ("starting", "running"):
             return
         self._paused = True
@@ -284,10 +307,23 @@ class Engine:
 
     def resume(self) -> None:
         """Undo :meth:`pause`."""
+        if self._called_elsewhere(self.resume):
+            return
         self._paused = False
         if self._state == "paused":
             self._state = "running"
         self._running_gate.set()
+
+    def _called_elsewhere(self, control: Callable[[], None]) -> bool:
+        """Run ``control`` in the engine's event loop when called from another thread (a
+        GUI's, a signal handler's), and say whether it did: its events and cancel scopes may
+        only be touched there (a cancel from a thread failed half done, a resume never woke
+        the run). Once that loop has ended, there is no run left to control."""
+        if threading.get_ident() == self._loop_thread:
+            return False
+        with suppress(anyio.RunFinishedError):
+            anyio.from_thread.run_sync(control, token=self._loop_token)
+        return True
 
     async def drain(self) -> RunSummary:
         """Consume ``results`` to the end and summarise the run."""
@@ -313,6 +349,12 @@ class Engine:
     async def __aenter__(self) -> Engine:
         if self._task_group is not None or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
+        try:
+            self._claim_judges()
+        except ConfigError:
+            self._state = "failed"
+            self._closed = True  # the judges are another engine's to close
+            raise
         self._counters.started_at = time.monotonic()
         try:
             with self._opening:
@@ -360,9 +402,17 @@ class Engine:
                 self._state = "cancelled"
                 raise exc from None
             self._state = "failed"
-            error = next((e for e in leaves if isinstance(e, TrigStreamError)), None)
+            error: BaseException | None = next(
+                (e for e in leaves if isinstance(e, TrigStreamError)), None
+            )
             if error is None:
-                raise
+                # One failure (an injected sleep that raised, in each task that called it)
+                # comes out as itself, not in the groups of every task group it crossed.
+                cancelled = anyio.get_cancelled_exc_class()
+                failures = [e for e in leaves if not isinstance(e, cancelled)]
+                if len({(type(e), str(e)) for e in failures}) != 1:
+                    raise
+                error = failures[0]
             raise error from None
         except BaseException:
             if self._state not in ("done", "stopped"):
@@ -374,6 +424,33 @@ class Engine:
         if self._state not in ("done", "stopped", "failed"):
             self._state = "cancelled"
         return suppress
+
+    def _claim_judges(self) -> None:
+        """Mark this engine's judge instances in use until it closes them.
+
+        Raises:
+            ConfigError: one is in use by another open engine (the first to end would close
+                it, and every judgement left to the other would fail: "the judge is not open").
+        """
+        with _judges_in_use_lock:
+            for judge in self._judges:
+                other = _judges_in_use.get(id(judge))
+                if other is not None:
+                    raise ConfigError(
+                        f"judge {judge.name!r}: this instance is in use by another engine (run "
+                        f"directory {other}); give each engine its own judge instances"
+                    )
+            for judge in self._judges:
+                _judges_in_use[id(judge)] = self.run_dir_path
+        self._judges_claimed = True
+
+    def _release_judges(self) -> None:
+        if not self._judges_claimed:
+            return
+        with _judges_in_use_lock:
+            for judge in self._judges:
+                _judges_in_use.pop(id(judge), None)
+        self._judges_claimed = False
 
     def _check_environments(self) -> None:
         for generator in self._generators:
@@ -454,12 +531,15 @@ class Engine:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            for judge in self._judges:
-                try:
-                    await judge.aclose()
-                except Exception as exc:  # closing must not hide the run's own outcome
-                    note = f"judge {judge.name!r}: closing it failed: {describe_error(exc)}"
-                    self._counters.notes.append(note)
+            try:
+                for judge in self._judges:
+                    try:
+                        await judge.aclose()
+                    except Exception as exc:  # closing must not hide the run's own outcome
+                        note = f"judge {judge.name!r}: closing it failed: {describe_error(exc)}"
+                        self._counters.notes.append(note)
+            finally:
+                self._release_judges()
             if self._run_dir is not None:
                 await anyio.to_thread.run_sync(self._run_dir.close)
 
@@ -600,10 +680,14 @@ class Engine:
         lines = iter(read_journal(self._run_dir.journal.path, limit=state.lines))
         try:
             await self._first_judgement.wait()
-            while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
-                for judgement in chunk:
-                    if state.is_done(judgement.key, retry_errors=self._retry_errors):
-                        self.relations.add(judgement)
+            await self._add_history(lines)
+        except anyio.get_cancelled_exc_class():
+            # A hard stop before (or while) they joined: they still do, or ``relations``
+            # would hold this run's judgements alone. It delays the stop by the time the rest
+            # takes to parse (~1 s per 100k judgements).
+            with anyio.CancelScope(shield=True):
+                await self._add_history(lines)
+            raise
         finally:
             # This run's judgements join after the earlier ones, as in the journal: the
             # analysis then sees the journal's order, and equals a batch analysis of it to
@@ -611,6 +695,14 @@ class Engine:
             self.relations.extend(self._new_while_loading)
             self._new_while_loading = []
             self._history_loaded.set()
+
+    async def _add_history(self, lines: Iterator[Judgement]) -> None:
+        # A chunk is taken in a thread that a cancellation waits for: none is lost.
+        state = self._journal_state
+        while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
+            for judgement in chunk:
+                if state.is_done(judgement.key, retry_errors=self._retry_errors):
+                    self.relations.add(judgement)
 
     def _count(self, batch: list[Judgement]) -> None:
         now = time.monotonic()

@@ -13,6 +13,7 @@ to it, and a task of this stage polls the judge's server load for it while the s
 
 from __future__ import annotations
 
+import asyncio
 import math
 import operator
 import time
@@ -223,6 +224,17 @@ class JudgeStage:
                 except Exception as exc:
                     failure = describe_error(exc)
                     break
+                except anyio.get_cancelled_exc_class() as exc:
+                    if _being_cancelled():
+                        raise
+                    # Raised by the judge's own code (an asyncio.CancelledError of a future
+                    # it awaited): this request's failure, not the run's end. Let through, it
+                    # broke the pipeline's streams and never named the judge.
+                    failure = (
+                        f"the judge raised {type(exc).__name__} though the run was not "
+                        "cancelled: a bug of the judge backend (a cancellation is no answer)"
+                    )
+                    break
             elapsed = time.perf_counter() - started
             self._context.counters.judge_latencies.append(elapsed)
             try:
@@ -379,3 +391,15 @@ def _prepare_all(judge: Judge, paths: list[Path]) -> list[PreparedImage | Except
         except Exception as exc:
             prepared.append(exc)
     return prepared
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task is being cancelled: a cancel scope around it was, or (on
+    asyncio) the task itself, from outside anyio."""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not on asyncio (Trio's Cancelled cannot be raised by hand)
+        return False
+    return task is not None and task.cancelling() > 0

@@ -8,7 +8,7 @@ parsed arguments and the (stderr) console and returns an exit code.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -22,11 +22,11 @@ from trig_stream.analysis.inputs import (
     read_upstream,
     with_overrides,
 )
-from trig_stream.analysis.relations import ModelAnalysis, analyse_judgements
+from trig_stream.analysis.relations import ModelAnalysis, analyse_judgements, default_metric
 from trig_stream.analysis.report import WrittenFiles, write_model_outputs, writing
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
-from trig_stream.dimensions import TASKS, normalise_task
+from trig_stream.dimensions import TASKS, Dimension, normalise_task
 from trig_stream.records import Judgement
 from trig_stream.store import writer_pid
 
@@ -72,7 +72,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _add_common(parser: argparse.ArgumentParser, *, plots: bool = True) -> None:
-    parser.add_argument("--metric", help="the metric to analyse (default: the first one)")
+    parser.add_argument(
+        "--metric",
+        help="the metric to analyse (default: the first judge that measured every dimension)",
+    )
     group = parser.add_argument_group(
         "thresholds", "default: the run's [relation] config, else TRIG's defaults"
     )
@@ -87,11 +90,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in ("correlation", *THRESHOLD_OPTIONS)}
 
 
-def _pick_metric(metrics: Sequence[str], requested: str | None, source: object) -> str:
+def _pick_metric(
+    metrics: Sequence[str], requested: str | None, source: object, judgements: Iterable[Judgement]
+) -> str:
     if not metrics:
         raise AnalysisError(f"{source}: no judgements to analyse")
     if requested is None:
-        return metrics[0]
+        measured: dict[str, set[Dimension]] = {}
+        for judgement in judgements:
+            measured.setdefault(judgement.metric, set()).add(judgement.dimension)
+        return default_metric(metrics, measured)
     if requested not in metrics:
         raise AnalysisError(f"{source}: no metric {requested!r}; it has {', '.join(metrics)}")
     return requested
@@ -100,13 +108,16 @@ def _pick_metric(metrics: Sequence[str], requested: str | None, source: object) 
 def analyse_run(
     run: RunData, thresholds: RelationSection, metric: str | None = None
 ) -> dict[str, ModelAnalysis]:
-    """Analyse every model of a run under one metric (the config's first judge by default).
+    """Analyse every model of a run under one metric (by default the config's first judge
+    that measured every dimension: see :func:`~trig_stream.analysis.relations.default_metric`).
 
     Raises:
         AnalysisError: the run holds no judgement, or none of ``metric``.
     """
     present = {j.metric for j in run.judgements}
-    chosen = _pick_metric([m for m in run.metrics if m in present], metric, run.path)
+    chosen = _pick_metric(
+        [m for m in run.metrics if m in present], metric, run.path, run.judgements
+    )
     analyses = analyse_judgements((j for j in run.judgements if j.metric == chosen), thresholds)
     return {model: analysis for (model, _), analysis in analyses.items()}
 
@@ -201,7 +212,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         metric=args.metric or "trigscore",
         task=normalise_task(args.task),
     )
-    metric = _pick_metric(data.metrics, args.metric, args.file)
+    metric = _pick_metric(data.metrics, args.metric, args.file, data.judgements)
     thresholds = with_overrides(RelationSection(), _overrides(args))
     chosen: list[Judgement] = [j for j in data.judgements if j.metric == metric]
     analysis = analyse_judgements(chosen, thresholds).get((model, metric))

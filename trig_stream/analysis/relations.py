@@ -19,7 +19,7 @@ Conventions beyond the spec:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -157,6 +157,26 @@ class ModelAnalysis:
     def excluded(self) -> int:
         """Images left out of their pair's correlation, over all pairs."""
         return sum(stats.excluded for stats in self.pairs)
+
+
+def default_metric(metrics: Sequence[str], measured: Mapping[str, Collection[Dimension]]) -> str:
+    """The metric analysed when none is named: of ``metrics`` (the config's judges first, in
+    order), the first that measured every dimension any of them measured; else the first.
+
+    A metric judge such as ``nsfw`` is asked about a few dimensions only (``R-T``): analysed
+    because it came first in the config, it left every other dimension out of the DTM, and
+    the VLM judge's analysis was never written. ``report``, ``compare``, the end-of-run
+    report, the dashboard of ``run`` and ``watch`` all pick with this rule.
+
+    Args:
+        metrics: the candidates, in order; not empty.
+        measured: the dimensions each metric measured (has judgements on).
+    """
+    everything = {dimension for dimensions in measured.values() for dimension in dimensions}
+    for metric in metrics:
+        if everything <= set(measured.get(metric, ())):
+            return metric
+    return metrics[0]
 
 
 def negate_dominance(code: RelationCode) -> RelationCode:

@@ -18,6 +18,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Sparkline
 
+from trig_stream.analysis.relations import default_metric
 from trig_stream.errors import TrigStreamError
 from trig_stream.tui import render
 from trig_stream.tui.snapshot import DashboardSnapshot, RelationView, SnapshotSource
@@ -101,6 +102,25 @@ class Throughput(Vertical):
             spark = self.query_one(name, Sparkline)
             if tuple(spark.data or ()) != history:
                 spark.data = list(history)
+
+
+def ordered_views(snapshot: DashboardSnapshot) -> list[RelationView]:
+    """The relation views in the order the dashboard steps through them: by model, and within
+    a model the metric a report analyses by default first (see
+    :func:`~trig_stream.analysis.relations.default_metric`), then the others in the config's
+    order. Alphabetical, a metric judge such as ``nsfw`` came before the VLM judge."""
+    rank = {judge.name: index for index, judge in enumerate(snapshot.judges)}
+    by_model: dict[str, list[RelationView]] = {}
+    for view in snapshot.relations:
+        by_model.setdefault(view.model, []).append(view)
+    ordered: list[RelationView] = []
+    for model in sorted(by_model):
+        views = by_model[model]
+        views.sort(key=lambda v: (rank.get(v.metric, len(rank)), v.metric))
+        first = default_metric([v.metric for v in views], {v.metric: v.counts for v in views})
+        ordered += [v for v in views if v.metric == first]
+        ordered += [v for v in views if v.metric != first]
+    return ordered
 
 
 class Dashboard(Widget):
@@ -232,7 +252,7 @@ class Dashboard(Widget):
         """The relation view the means and DTM panels show."""
         if self.snapshot is None or not self.snapshot.relations:
             return None
-        views = sorted(self.snapshot.relations, key=lambda v: (v.model, v.metric))
+        views = ordered_views(self.snapshot)
         return views[self.selected % len(views)]
 
     def _show_relations(self) -> None:

@@ -22,7 +22,7 @@ caller gets the device its item has either been run by an earlier caller or head
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -91,10 +91,12 @@ class MicroBatcher(Generic[In, Out]):
         async with self._device:
             while not pending.done:
                 await self._run_waiting()
-        assert pending.outcome is not None
-        if isinstance(pending.outcome, Exception):
-            raise pending.outcome
-        return pending.outcome
+        # ``done`` says it was settled; the outcome itself may be None (a metric's "nothing
+        # to measure").
+        outcome = pending.outcome
+        if isinstance(outcome, Exception):
+            raise outcome
+        return cast("Out", outcome)
 
     async def _run_waiting(self) -> None:
         batch: list[_Pending[In, Out]] = []

@@ -21,7 +21,6 @@ mean and the DTM as if it were a measurement.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -30,19 +29,27 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.base import (
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+    load_in_thread,
+)
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.metrics.base import (
     ImageMetric,
     MetricInput,
     Value,
+    checked_values,
     compute_async,
+    is_async,
     load_rgb_image,
 )
 from trig_stream.backends.metrics.registry import import_metric
 from trig_stream.config import OPTIONS_CONFIG
-from trig_stream.dimensions import Dimension
-from trig_stream.errors import ItemError
+from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
+from trig_stream.errors import ConfigError, ItemError
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
 
@@ -66,7 +73,10 @@ class MetricJudgeOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MetricJudgeOptions:
-        metric = import_metric(self.metric)  # ValueError lists the known names
+        try:
+            metric = import_metric(self.metric)  # ValueError lists the known names
+        except (ImportError, TypeError) as exc:  # a third party's metric that is broken
+            raise ValueError(str(exc)) from None
         if not issubclass(metric, ImageMetric):
             raise ValueError(
                 f"metric {self.metric!r} gives one value for a whole set of images, not a score "
@@ -81,6 +91,12 @@ class MetricJudgeOptions(BaseModel):
             )
         if not metric.dimensions:
             raise ValueError(f"metric {self.metric!r} measures no TRIG dimension")
+        unknown = sorted(str(d) for d in metric.dimensions if not is_dimension(d))
+        if unknown:
+            raise ValueError(
+                f"metric {self.metric!r} names unknown dimensions in its `dimensions`: "
+                f"{', '.join(map(repr, unknown))}; TRIG's are {', '.join(DIMENSIONS)}"
+            )
         try:
             metric.Options.model_validate(self.metric_options)
         except ValidationError as exc:
@@ -115,7 +131,12 @@ class MetricJudge(Judge):
 
     def __init__(self, name: str, options: MetricJudgeOptions, *, concurrency: int = 16) -> None:
         super().__init__(name, options, concurrency=concurrency)
-        self.metric = options.build_metric()
+        try:
+            self.metric = options.build_metric()
+        except Exception as exc:  # a third party's __init__
+            raise ConfigError(
+                f"judge {name!r}: the {options.metric} metric cannot be made: {describe_error(exc)}"
+            ) from exc
         self.dimensions: frozenset[Dimension] = type(self.metric).dimensions
         self._batcher: MicroBatcher[MetricInput, Value] | None = None
         self._open = False
@@ -137,17 +158,27 @@ class MetricJudge(Judge):
             params={**self.metric.fingerprint(), "max_pixels": self.options.max_pixels},
         )
 
-    def opening(self) -> str:
-        return f"loading the {self.options.metric} metric"
-
-    async def open(self) -> None:
-        """Load the metric in a worker thread.
+    def check_environment(self) -> None:
+        """What the metric needs from this machine (its optional dependencies).
 
         Raises:
             MissingExtraError: the metric's optional dependencies are not installed.
         """
-        await anyio.to_thread.run_sync(self.metric.load)
-        if not inspect.iscoroutinefunction(self.metric.compute_batch):
+        self.metric.check_environment()
+
+    def opening(self) -> str:
+        return f"loading the {self.options.metric} metric"
+
+    async def open(self) -> None:
+        """Load the metric in a worker thread, which a hard stop does not wait for (a model
+        loading from disk may take minutes): cancelled, the thread finishes the load and
+        then closes the metric.
+
+        Raises:
+            MissingExtraError: the metric's optional dependencies are not installed.
+        """
+        await load_in_thread(self.metric.load, self.metric.close)
+        if not is_async(self.metric):  # an async one is awaited, not run in a thread
             self._batcher = MicroBatcher(
                 self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
             )
@@ -193,16 +224,16 @@ class MetricJudge(Judge):
         score = metric.dimension_score(value, request.dimension)
         if not 0.0 <= score <= 1.0:  # also refuses NaN
             raise ItemError(
-                f"the {metric.name} metric gave {score!r} for {request.dimension}, "
-                "outside the score range [0, 1]"
+                f"the {metric.name} metric gave {score!r} for {request.dimension} (from its "
+                f"value {value!r}), outside the score range [0, 1]; a metric whose values lie "
+                "elsewhere maps them to scores in its dimension_score"
             )
         return JudgeReply(score=score, text=f"{metric.name}={value:.6g}")
 
     def _run_batch(self, items: Sequence[MetricInput]) -> list[Value | Exception]:
         try:
-            values = self.metric.compute_batch(items)
-            assert isinstance(values, list)  # a sync metric (async ones skip the batcher)
-            return list(values)
+            # A sync metric (async ones skip the batcher).
+            return list(checked_values(self.metric, self.metric.compute_batch(items), len(items)))
         except Exception as exc:
             if len(items) == 1:
                 return [exc if isinstance(exc, ItemError) else ItemError(describe_error(exc))]

