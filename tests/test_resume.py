@@ -705,27 +705,6 @@ async def test_live_analysis_includes_earlier_runs(make_config: ConfigFactory) -
     assert sum(p.n for p in live.pairs) == 40
 
 
-async def test_live_analysis_keeps_earlier_runs_when_cancelled_before_a_judgement(
-    make_config: ConfigFactory,
-) -> None:
-    # The earlier runs' judgements waited for this run's first one, and a cancel before it
-    # left them out: ``relations`` held nothing.
-    config = make_config(samples=40)
-    async with Engine(config) as engine:
-        async for _ in engine.results:
-            break
-    async with Engine(config) as engine:
-        engine.cancel()
-        assert [j async for j in engine.results] == []
-    from trig_stream.analysis import analyse_judgements
-    from trig_stream.store import latest_judgements
-
-    earlier = latest_judgements(config.run_dir / JOURNAL).values()
-    assert earlier and engine.relations.added == len(earlier)
-    live = engine.relations.analysis("synth", "trigscore")
-    assert live == analyse_judgements(earlier)[("synth", "trigscore")]
-
-
 async def test_live_analysis_equals_the_batch_one_when_new_judgements_land_first(
     make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

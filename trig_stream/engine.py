@@ -680,14 +680,12 @@ class Engine:
         lines = iter(read_journal(self._run_dir.journal.path, limit=state.lines))
         try:
             await self._first_judgement.wait()
-            await self._add_history(lines)
-        except anyio.get_cancelled_exc_class():
-            # A hard stop before (or while) they joined: they still do, or ``relations``
-            # would hold this run's judgements alone. It delays the stop by the time the rest
-            # takes to parse (~1 s per 100k judgements).
-            with anyio.CancelScope(shield=True):
-                await self._add_history(lines)
-            raise
+            # A hard stop before they have joined leaves them out: it does not wait the
+            # second or so per 100k judgements their parsing takes (the journal has them all).
+            while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
+                for judgement in chunk:
+                    if state.is_done(judgement.key, retry_errors=self._retry_errors):
+                        self.relations.add(judgement)
         finally:
             # This run's judgements join after the earlier ones, as in the journal: the
             # analysis then sees the journal's order, and equals a batch analysis of it to
@@ -695,14 +693,6 @@ class Engine:
             self.relations.extend(self._new_while_loading)
             self._new_while_loading = []
             self._history_loaded.set()
-
-    async def _add_history(self, lines: Iterator[Judgement]) -> None:
-        # A chunk is taken in a thread that a cancellation waits for: none is lost.
-        state = self._journal_state
-        while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
-            for judgement in chunk:
-                if state.is_done(judgement.key, retry_errors=self._retry_errors):
-                    self.relations.add(judgement)
 
     def _count(self, batch: list[Judgement]) -> None:
         now = time.monotonic()
