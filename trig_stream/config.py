@@ -46,8 +46,9 @@ def _pair(value: str) -> str:
     return value
 
 
-_URL_PROBLEM: Final = "url_problem"
-"""The error type of a bad URL, whose input no message quotes (it may hold a secret)."""
+_UNQUOTED: Final = "unquoted_problem"
+"""The error type of a bad URL or variable name, whose input no message quotes (it may hold a
+secret)."""
 
 
 def _http_url(value: str) -> str:
@@ -55,36 +56,61 @@ def _http_url(value: str) -> str:
     # run whose every request fails. The URL itself is never quoted: it may hold a password
     # or, in a query, a key.
     if any(char.isspace() for char in value):
-        raise _url_problem("holds spaces: write the URL without them (in a path, %20)")
+        raise _unquoted_problem("holds spaces: write the URL without them (in a path, %20)")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - reading it checks it (out of range, not a number)
     except ValueError as exc:
-        raise _url_problem(f"not a URL: {exc}") from None
+        raise _unquoted_problem(f"not a URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _url_problem("not an http:// or https:// URL with a host")
+        raise _unquoted_problem("not an http:// or https:// URL with a host")
     if "@" in parts.netloc:
-        raise _url_problem(
+        raise _unquoted_problem(
             "holds credentials (user:password@): remove them, and put the API key in the "
             "environment variable that api_key_env names (the config is saved with the run)"
         )
     if "?" in value or "#" in value:
         # Each client appends the API's path to the base URL, which lands inside the query.
-        raise _url_problem(
+        raise _unquoted_problem(
             "holds a query string or fragment (?..., #...), which no request would carry as "
             "written: give the base URL without it"
         )
     return value
 
 
-def _url_problem(message: str) -> PydanticCustomError:
-    return PydanticCustomError(_URL_PROBLEM, message)
+def _unquoted_problem(message: str) -> PydanticCustomError:
+    return PydanticCustomError(_UNQUOTED, message)
+
+
+_VARIABLE_NAME: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+NOT_A_VARIABLE: Final = (
+    "not the name of an environment variable (letters, digits and '_', not starting with a "
+    "digit): if it is the API key itself, take it out (it would be printed and saved), export "
+    "it in a variable and give the variable's name instead, e.g. OPENAI_API_KEY"
+)
+"""What is wrong with an API key's variable name that is none, without quoting it."""
+
+
+def is_variable_name(text: str) -> bool:
+    """Whether ``text`` can name an environment variable (``OPENAI_API_KEY``)."""
+    return bool(_VARIABLE_NAME.match(text))
+
+
+def _variable_name(value: str) -> str:
+    # An API key pasted where its variable's name goes would be printed by every message
+    # that names the variable, and saved with the run: refused here, and never quoted.
+    if value and not is_variable_name(value):
+        raise _unquoted_problem(NOT_A_VARIABLE)
+    return value
 
 
 SafeName = Annotated[str, AfterValidator(_safe_name)]
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 """An ``http://`` or ``https://`` URL with a host, and a valid port if it names one; without
 spaces, credentials, query string or fragment."""
+EnvVarName = Annotated[str, AfterValidator(_variable_name)]
+"""The name of an environment variable (an API key's ``api_key_env``), or ``""`` for none; a
+value that is not one (the key itself, pasted) is refused without being quoted."""
 TaskName = Annotated[
     Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)
 ]
@@ -387,7 +413,7 @@ def _problems(
             message = "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
         elif error["type"] == "missing":
             message = "required key is missing"
-        elif error["type"] == _URL_PROBLEM:
+        elif error["type"] == _UNQUOTED:
             message = error["msg"]
         elif error["type"] == "value_error":
             # Our own checks: their message says what is wrong, without pydantic's prefix,
