@@ -143,6 +143,100 @@ def test_bad_configs_are_refused_with_file_line_and_key(
         load_config(write(tmp_path, GOOD.replace(old, new, 1)))
 
 
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (('task = "sub"', 'task = "sub"\nseed = true'), r"run\.seed: .*valid integer \(got true\)"),
+        (('task = "sub"', 'task = "sub"\nseed = 4.0'), r"run\.seed: .*valid integer \(got 4\.0\)"),
+        (('name = "two"\n', 'name = "two"\nworkers = "2"\n'), r"workers: .*integer \(got \"2\"\)"),
+        (('name = "two"\n', 'name = "two"\nworkers = 2.0\n'), r"workers: .*valid integer"),
+        (('backend = "fake"', 'backend = "fake"\nconcurrency = true'), r"concurrency: .*integer"),
+        (('backend = "fake"', 'backend = "fake"\nconfidence = "yes"'), r"confidence: .*boolean"),
+        (('backend = "fake"', 'backend = "fake"\nconfidence = 1'), r"confidence: .*boolean"),
+        (("[dataset]\n", "[relation]\nsynergy = true\n\n[dataset]\n"), r"synergy: .*number"),
+        (("[dataset]\n", "[relation]\nsynergy = '0.9'\n\n[dataset]\n"), r"synergy: .*number"),
+        (("[dataset]\n", "[dataset]\nlimit = '5'\n"), r"dataset\.limit: .*integer"),
+        (("[dataset]\n", "[engine]\nmax_attempts = true\n\n[dataset]\n"), r"max_attempts: "),
+        # Backends' options, nested ones included: a wrapper's inner generator, a metric's.
+        (("options = { size = 32 }", "options = { size = true }"), r"options\.size: .*integer"),
+        (
+            ('backend = "fake"', 'backend = "fake"\noptions = { latency_s = "1" }'),
+            r"options\.latency_s: .*number",
+        ),
+        (
+            (
+                'name = "two"\nbackend = "synthetic"\noptions = { size = 32 }',
+                'name = "two"\nbackend = "dtm_rewrite"\noptions = { model = "m", relations = '
+                '{ IQ-R_TA-C = 1 }, inner = { backend = "synthetic", options = { size = "8" } } }',
+            ),
+            r"generators\[1\]\.options\.inner: .*size: Input should be a valid integer",
+        ),
+        (
+            (
+                'backend = "fake"',
+                'backend = "metric"\noptions = { metric = "nsfw", metric_options = '
+                '{ intra_op_threads = "2" } }',
+            ),
+            r"judges\[0\]\.options: .*intra_op_threads: Input should be a valid integer",
+        ),
+        # A TOML date is no value of any key, not even of a table passed to a library.
+        (
+            ("[dataset]\n", "[dataset]\nlimit = 2024-01-01\n"),
+            r"run\.toml:6: dataset\.limit: a date",
+        ),
+        (
+            (
+                'backend = "synthetic"\noptions = { size = 32 }',
+                'backend = "openai_images"\noptions = { extra_body = { when = 12:00:00 } }',
+            ),
+            r"generators\[1\]\.options\.extra_body\.when: a date or time",
+        ),
+    ],
+)
+def test_values_are_not_converted_to_the_type_a_key_takes(
+    tmp_path: Path, edit: tuple[str, str], expected: str
+) -> None:
+    # README: wrong types are refused. They were converted: true became 1, "2" and 2.0 the
+    # integer 2, "yes" True.
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+def test_values_of_the_types_toml_writes_are_taken(tmp_path: Path) -> None:
+    # An integer where a decimal number goes, a string where a path goes, an array where a
+    # tuple goes: no conversion needed, all taken.
+    text = GOOD.replace(
+        "options = { size = 32 }", "options = { size = 32, latency_s = 1 }"
+    ).replace(
+        '[[judges]]\nbackend = "fake"', '[[judges]]\nbackend = "fake"\nadaptive = { min = 2 }'
+    )
+    text += """
+[[judges]]
+name = "vlm"
+backend = "transformers"
+options = { model_path = "vlm", template = "t.toml" }
+
+[relation]
+synergy = 1
+dominance_ratio = 1
+
+[engine]
+backoff_max = 60
+"""
+    text = text.replace(
+        '[[generators]]\nname = "one"\nbackend = "synthetic"',
+        '[[generators]]\nname = "one"\nbackend = "diffusers"\n'
+        'options = { pipeline = "P", checkpoint = "c", source_size = [64, 64] }',
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.relation.synergy == 1.0 and isinstance(config.relation.synergy, float)
+    assert config.engine.backoff_max == 60.0 and config.judges[0].adaptive.min == 2
+    assert config.generators[1].options["latency_s"] == 1
+    assert config.judges[1].options["model_path"] == str((tmp_path / "vlm").resolve())
+
+
 def test_a_password_in_a_url_is_refused_and_never_quoted(tmp_path: Path) -> None:
     # The config is saved with the run: the password would be in manifest.json.
     options = 'options = { model = "m", base_url = "http://user:pw-7f3c9a@host/v1" }'

@@ -8,11 +8,14 @@ inside a config are taken relative to the config file's own folder.
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import json
 import re
 import tomllib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -116,6 +119,9 @@ TaskName = Annotated[
 ]
 PairName = Annotated[str, AfterValidator(_pair)]
 
+
+Loc: TypeAlias = tuple[str | int, ...]
+"""Where a value is in a config: its keys and array indices from the top."""
 
 OPTIONS_CONFIG: Final = ConfigDict(
     extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True
@@ -339,6 +345,61 @@ def _unique(names: list[str], section: str) -> None:
         seen.add(name)
 
 
+_Table = TypeVar("_Table", bound=BaseModel)
+
+
+def validate_table(model: type[_Table], table: Mapping[str, Any]) -> _Table:
+    """Validate a table of a config file against ``model``, refusing values of another type.
+
+    A value is taken as the TOML file writes it, never converted: ``true`` is no number,
+    ``"2"`` and ``2.0`` are no integer, ``"yes"`` is no boolean; but a string is a path, an
+    array a tuple, and an integer a decimal number (pydantic's strict mode, on the JSON the
+    table is). A table built in Python, holding values JSON has no form for (a ``Path``), is
+    validated by Python's looser rules.
+
+    Raises:
+        pydantic.ValidationError: the table does not fit ``model``.
+    """
+    try:
+        # NaN and infinity are written as JSON's extensions, which ``allow_inf_nan`` refuses.
+        data = json.dumps(table, ensure_ascii=False).encode()
+    except (TypeError, ValueError):  # a Path, a lone surrogate (UnicodeEncodeError)...
+        return model.model_validate(table)
+    return model.model_validate_json(data, strict=True)
+
+
+def _unusable_values(data: Any, loc: tuple[str | int, ...] = ()) -> Iterator[tuple[Loc, str]]:
+    """Where a parsed config holds a value no key takes: a date or time (TOML has them, a
+    config uses none), or text with a NUL character or half a character (a lone surrogate),
+    which no path, name, URL or command can carry."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            problem = _text_problem(key)
+            if problem is not None:
+                yield (*loc, key), f"the key {problem}"
+            yield from _unusable_values(value, (*loc, key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _unusable_values(value, (*loc, index))
+    elif isinstance(data, str):
+        problem = _text_problem(data)
+        if problem is not None:
+            yield loc, problem
+    elif isinstance(data, datetime.date | datetime.time):
+        yield loc, "a date or time, which no key takes: quote it if it is text"
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return (
+            "holds a NUL character (\\u0000), which no path, name, URL or command can carry: "
+            "remove it"
+        )
+    if not text.isascii() and any("\ud800" <= char <= "\udfff" for char in text):
+        return "holds half a character (a lone surrogate, \\ud800-\\udfff): remove it"
+    return None
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read, validate and resolve a TOML run config, backend options included.
 
@@ -366,8 +427,11 @@ def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunCo
     """Validate an already-parsed config mapping (see :func:`load_config`)."""
     from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
+    unusable = [_problem_line(source, text, loc, why) for loc, why in _unusable_values(data)]
+    if unusable:
+        raise ConfigError(_join(source, unusable))
     try:
-        config = RunConfig.model_validate(data)
+        config = validate_table(RunConfig, data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source, text)) from None
     problems: list[str] = []
@@ -422,9 +486,19 @@ def _problems(
             if not isinstance(error.get("input"), dict):
                 message += f" (got {error.get('input')!r})"
         else:
-            message = f"{error['msg']} (got {error.get('input')!r})"
+            message = f"{error['msg']} (got {_as_written(error.get('input'))})"
         lines.append(_problem_line(source, text, loc, message))
     return lines
+
+
+def _as_written(value: Any) -> str:
+    """``value`` as TOML writes it (``true``, ``"2"``), so a message shows what the file says."""
+    from trig_stream.upstream_config.toml_writer import toml_value
+
+    try:
+        return toml_value(value)
+    except TypeError:
+        return repr(value)
 
 
 def _known_keys_hint(model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
@@ -456,7 +530,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _problem_line(source: Path, text: str, loc: tuple[str | int, ...], message: str) -> str:
+def _problem_line(source: Path, text: str, loc: Loc, message: str) -> str:
     dotted = _dotted(loc)
     line = locate_key(text, loc)
     where = f"{source}:{line}" if line else f"{source}"

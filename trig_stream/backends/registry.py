@@ -78,13 +78,16 @@ def backend_class(kind: Kind, name: str) -> BackendClass:
 
 
 def validate_backend_options(kind: Kind, name: str, options: dict[str, Any]) -> BaseModel:
-    """Check a backend's ``options`` table against its model.
+    """Check a backend's ``options`` table against its model, as a config file gives it
+    (:func:`~trig_stream.config.validate_table`: a value of another type is refused).
 
     Raises:
         ValueError: unknown backend.
         pydantic.ValidationError: the options do not fit the backend's model.
     """
-    return backend_class(kind, name).Options.model_validate(options)
+    from trig_stream.config import validate_table
+
+    return validate_table(backend_class(kind, name).Options, options)
 
 
 def build_generator(entry: GeneratorConfig, config: RunConfig) -> Generator:

@@ -40,7 +40,7 @@ from trig_stream.backends.metrics.base import (
     load_rgb_image,
 )
 from trig_stream.backends.metrics.registry import import_metric
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config import OPTIONS_CONFIG, validate_table
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ItemError
 from trig_stream.pipeline import describe_error
@@ -82,7 +82,7 @@ class MetricJudgeOptions(BaseModel):
         if not metric.dimensions:
             raise ValueError(f"metric {self.metric!r} measures no TRIG dimension")
         try:
-            metric.Options.model_validate(self.metric_options)
+            validate_table(metric.Options, self.metric_options)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'metric_options'}: {e['msg']}"
