@@ -33,6 +33,7 @@ backend = "fake"
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    tmp_path.mkdir(exist_ok=True)
     path = tmp_path / "run.toml"
     path.write_text(text)
     return path
@@ -302,6 +303,68 @@ def test_path_options_of_backends_are_relative_to_the_config(tmp_path: Path) -> 
     config = load_config(write(tmp_path, text))
     assert config.generators[0].options["path"] == str((tmp_path / "images" / "one").resolve())
     assert config.generators[1].options == {"size": 32}
+
+
+def test_a_path_starting_with_a_tilde_starts_in_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was a folder literally named "~" beside the config (and `rm -rf ~` is one step away).
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    text = (
+        GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "~/runs"')
+        .replace('path = "prompts.json"', 'path = "~/prompts.json"\nimage_root = "~"')
+        .replace(
+            'name = "one"\nbackend = "synthetic"',
+            'name = "one"\nbackend = "image_folder"\noptions = { path = "~/images" }',
+        )
+        .replace('name = "two"\nbackend = "synthetic"\noptions = { size = 32 }', DIFFUSERS_TWO)
+    )
+    config = load_config(write(tmp_path / "project", text))
+    assert config.run_dir == home / "runs" / "demo"
+    assert (config.dataset.path, config.dataset.image_root) == (home / "prompts.json", home)
+    assert config.generators[0].options["path"] == str(home / "images")
+    assert config.generators[1].options["checkpoint"] == str(home / "ckpt")
+    assert not (tmp_path / "project" / "~").exists()
+
+
+DIFFUSERS_TWO = """\
+name = "two"
+backend = "diffusers"
+options = { pipeline = "P", checkpoint = "~/ckpt" }"""
+
+
+def test_the_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "~no-such-user-x9/runs"')
+    with pytest.raises(ConfigError, match=r"run\.output_dir: .*no home folder is known for"):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (('path = "prompts.json"', 'path = "a\\u0000b.json"'), r"run\.toml:6: dataset\.path: "),
+        (('task = "sub"', 'task = "sub"\noutput_dir = "/tmp/x\\u0000y"'), r":4: run\.output_dir"),
+        (
+            (
+                'name = "one"\nbackend = "synthetic"',
+                'name = "one"\nbackend = "image_folder"\noptions = { path = "a\\u0000b" }',
+            ),
+            r"run\.toml:12: generators\[0\]\.options\.path: ",
+        ),
+        (
+            ('backend = "fake"', 'backend = "fake"\noptions = { "a\\u0000" = 1 }'),
+            r"judges\[0\]\.options: the key 'a\\x00' ",
+        ),
+    ],
+)
+def test_text_with_a_nul_character_is_refused(
+    tmp_path: Path, edit: tuple[str, str], expected: str
+) -> None:
+    # A traceback from resolving the path (or, for an absolute one, from the run's mkdir).
+    old, new = edit
+    with pytest.raises(ConfigError, match=expected + r".*holds a NUL character \(\\u0000\)"):
+        load_config(write(tmp_path, GOOD.replace(old, new, 1)))
 
 
 def test_tables_passed_through_to_a_library_keep_their_values(tmp_path: Path) -> None:

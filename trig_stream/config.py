@@ -281,26 +281,35 @@ class RunConfig(_Section):
         return self
 
     def resolve_paths(self, base: Path) -> RunConfig:
-        """Return a copy whose relative paths are taken relative to ``base``."""
+        """Return a copy whose paths starting with ``~`` start in the home folder, and whose
+        relative paths are taken relative to ``base``.
 
-        def fix(path: Path | None) -> Path | None:
-            return None if path is None or path.is_absolute() else (base / path).resolve()
-
+        Raises:
+            ConfigError: a path names the home folder of a user this machine does not know.
+        """
         generators = [
-            g.model_copy(update={"options": _resolve_options(g.options, base)})
-            for g in self.generators
+            g.model_copy(
+                update={"options": _resolve_options(g.options, base, f"generators[{i}].options")}
+            )
+            for i, g in enumerate(self.generators)
         ]
         judges = [
-            j.model_copy(update={"options": _resolve_options(j.options, base)}) for j in self.judges
+            j.model_copy(
+                update={"options": _resolve_options(j.options, base, f"judges[{i}].options")}
+            )
+            for i, j in enumerate(self.judges)
         ]
+        image_root = self.dataset.image_root
         dataset = self.dataset.model_copy(
             update={
-                "path": fix(self.dataset.path) or self.dataset.path,
-                "image_root": fix(self.dataset.image_root) or self.dataset.image_root,
+                "path": _resolve(self.dataset.path, base, "dataset.path"),
+                "image_root": None
+                if image_root is None
+                else _resolve(image_root, base, "dataset.image_root"),
             }
         )
         run = self.run.model_copy(
-            update={"output_dir": fix(self.run.output_dir) or self.run.output_dir}
+            update={"output_dir": _resolve(self.run.output_dir, base, "run.output_dir")}
         )
         return self.model_copy(
             update={"dataset": dataset, "run": run, "generators": generators, "judges": judges}
@@ -316,24 +325,38 @@ PATH_OPTIONS = frozenset({"path", "report", "template", "model_path"})
 """Backend options that name a file or folder, resolved like the config's own paths."""
 HUB_OR_PATH_OPTIONS = frozenset({"checkpoint"})
 """Options that hold a hub id (``org/model``) or a folder: resolved only when written as an
-explicit relative path (``./x``, ``../x``)."""
+explicit relative path (``./x``, ``../x``) or from the home folder (``~/x``)."""
 PASSED_THROUGH_OPTIONS = frozenset({"call", "load", "extra_body"})
 """Tables handed as they are to a library or an API (a pipeline's call and loading
 arguments, an images API's extra body): their keys are not ours, so nothing in them is
 resolved. Other nested tables are backends' options (a wrapper's inner generator, a metric)."""
 
 
-def _resolve_options(options: dict[str, Any], base: Path) -> dict[str, Any]:
+def _resolve(path: Path, base: Path, key: str) -> Path:
+    # ``~`` as a shell reads it: a folder literally named "~" beside the config, which a
+    # later `rm -rf ~` would take for the home folder, is never what was meant.
+    if str(path).startswith("~"):
+        try:
+            path = path.expanduser()
+        except RuntimeError:  # ~name of an unknown user, or no home folder at all
+            raise ConfigError(
+                f"{key}: {path}: no home folder is known for {path.parts[0]}: write the "
+                "path out in full"
+            ) from None
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _resolve_options(options: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
     resolved = dict(options)
     for key, value in options.items():
         if key in PASSED_THROUGH_OPTIONS:
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
-            resolved[key] = _resolve_options(value, base)
+            resolved[key] = _resolve_options(value, base, f"{where}.{key}")
         elif not isinstance(value, str) or not value or Path(value).is_absolute():
             continue
-        elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith(".")):
-            resolved[key] = str((base / value).resolve())
+        elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith((".", "~"))):
+            resolved[key] = str(_resolve(Path(value), base, f"{where}.{key}"))
     return resolved
 
 
@@ -376,7 +399,7 @@ def _unusable_values(data: Any, loc: tuple[str | int, ...] = ()) -> Iterator[tup
         for key, value in data.items():
             problem = _text_problem(key)
             if problem is not None:
-                yield (*loc, key), f"the key {problem}"
+                yield loc, f"the key {key!r} {problem}"
             yield from _unusable_values(value, (*loc, key))
     elif isinstance(data, list):
         for index, value in enumerate(data):
@@ -451,7 +474,10 @@ def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunCo
             problems.append(_problem_line(source, text, loc, str(exc)))
     if problems:
         raise ConfigError(_join(source, problems))
-    return config.resolve_paths(source.parent)
+    try:
+        return config.resolve_paths(source.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _describe(exc: ValidationError, source: Path, text: str) -> str:
