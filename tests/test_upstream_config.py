@@ -341,6 +341,65 @@ def test_command_refuses_an_output_it_cannot_write_in_one_message(
         run_command([*argv, "--force"])
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "evaluation: {image_dirs: [imgs]}\ndimensions:\n  IQ-R:\n    metrics:\n"
+            '      - {name: trig_api, model_name: "a\\ud800b"}\n',
+            r"dimensions\.IQ-R\.metrics\[0\]\.model_name: holds half a character",
+        ),
+        (
+            'prompt_path: "a\\ud800b"\nevaluation: {image_dirs: [imgs]}\n',
+            r"prompt_path: holds half",
+        ),
+        ('evaluation: {image_dirs: ["im\\udc80gs"]}\n', r"evaluation\.image_dirs\[0\]: holds half"),
+        (
+            'prompt_path: "a\\x00b.json"\nevaluation: {image_dirs: [imgs]}\n',
+            r"prompt_path: holds a NUL character",
+        ),
+        ('"a\\x00": 1\nevaluation: {image_dirs: [imgs]}\n', r"the key 'a\\x00' holds a NUL"),
+    ],
+)
+def test_text_no_file_can_hold_is_refused_naming_its_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    # A traceback (UnicodeEncodeError, "embedded null byte"), and with -o an empty file left
+    # behind, which the next try refused to overwrite.
+    source = write(tmp_path, "up.yaml", text)
+    out = tmp_path / "out.toml"
+    argv = ["import-config", str(source), "-o", str(out), "--root", str(tmp_path)]
+    for command in (argv, argv[:2]):
+        with pytest.raises(ConfigError, match=rf"up\.yaml: {message}"):
+            run_command(command)
+    assert not out.exists()
+
+
+def test_a_self_referencing_upstream_config_is_looked_through_once(tmp_path: Path) -> None:
+    source = write(tmp_path, "up.yaml", "loop: &a [1, *a]\nevaluation: {image_dirs: [imgs]}\n")
+    conversion = import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert "loop: unknown upstream key, left out" in conversion.warnings
+
+
+def test_command_writes_nothing_when_the_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file was opened (emptied) before the text was written: a failure left it empty.
+    source = write(tmp_path, "upstream.yaml", GENERATION)
+    out = tmp_path / "imported.toml"
+    out.write_text("# the user's earlier config\n")
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("trig_stream.store._sync_data", fail)
+    argv = ["import-config", str(source), "-o", str(out), "--root", str(tmp_path), "--force"]
+    with pytest.raises(ConfigError, match="cannot write the config: No space left on device"):
+        run_command(argv)
+    assert out.read_text() == "# the user's earlier config\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imported.toml", "upstream.yaml"]
+
+
 def test_command_prints_to_standard_output_without_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

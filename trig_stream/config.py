@@ -391,24 +391,31 @@ def validate_table(model: type[_Table], table: Mapping[str, Any]) -> _Table:
     return model.model_validate_json(data, strict=True)
 
 
-def _unusable_values(data: Any, loc: tuple[str | int, ...] = ()) -> Iterator[tuple[Loc, str]]:
-    """Where a parsed config holds a value no key takes: a date or time (TOML has them, a
-    config uses none), or text with a NUL character or half a character (a lone surrogate),
-    which no path, name, URL or command can carry."""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            problem = _text_problem(key)
+def unusable_values(data: Any, *, dates: bool = True) -> Iterator[tuple[Loc, str]]:
+    """Where parsed config data holds a value no key takes, and why: text with a NUL
+    character or half a character (a lone surrogate), which no path, name, URL or command can
+    carry, a key included; and, with ``dates``, a date or time (TOML has them, a config uses
+    none). A table that holds itself (a YAML alias can) is looked through once."""
+    return _unusable(data, (), dates, set())
+
+
+def _unusable(data: Any, loc: Loc, dates: bool, within: set[int]) -> Iterator[tuple[Loc, str]]:
+    if isinstance(data, dict | list):
+        if id(data) in within:
+            return
+        within.add(id(data))
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in items:
+            problem = _text_problem(key) if isinstance(key, str) else None
             if problem is not None:
                 yield loc, f"the key {key!r} {problem}"
-            yield from _unusable_values(value, (*loc, key))
-    elif isinstance(data, list):
-        for index, value in enumerate(data):
-            yield from _unusable_values(value, (*loc, index))
+            yield from _unusable(value, (*loc, key), dates, within)
+        within.discard(id(data))
     elif isinstance(data, str):
         problem = _text_problem(data)
         if problem is not None:
             yield loc, problem
-    elif isinstance(data, datetime.date | datetime.time):
+    elif dates and isinstance(data, datetime.date | datetime.time):
         yield loc, "a date or time, which no key takes: quote it if it is text"
 
 
@@ -450,7 +457,7 @@ def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunCo
     """Validate an already-parsed config mapping (see :func:`load_config`)."""
     from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
-    unusable = [_problem_line(source, text, loc, why) for loc, why in _unusable_values(data)]
+    unusable = [_problem_line(source, text, loc, why) for loc, why in unusable_values(data)]
     if unusable:
         raise ConfigError(_join(source, unusable))
     try:
@@ -557,13 +564,14 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 
 def _problem_line(source: Path, text: str, loc: Loc, message: str) -> str:
-    dotted = _dotted(loc)
+    dotted = dotted_key(loc)
     line = locate_key(text, loc)
     where = f"{source}:{line}" if line else f"{source}"
     return f"{where}: {dotted or '(top level)'}: {message}"
 
 
-def _dotted(loc: tuple[str | int, ...]) -> str:
+def dotted_key(loc: Loc) -> str:
+    """``loc`` written as a config's keys are: ``generators[0].options.path``."""
     out = ""
     for part in loc:
         if isinstance(part, int):

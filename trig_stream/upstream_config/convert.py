@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from trig_stream.config import RunConfig, parse_config
+from trig_stream.config import RunConfig, dotted_key, parse_config, unusable_values
 from trig_stream.dimensions import DIMENSIONS, Task, normalise_task
 from trig_stream.errors import ConfigError
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping
@@ -98,6 +98,14 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {message}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an upstream config is a mapping of keys at the top level")
+    # Checked before anything is converted: such text reached the TOML, which then could
+    # not be written (UTF-8 has no half characters) or named a file no system can open.
+    problems = []
+    for loc, why in unusable_values(data, dates=False):
+        key = dotted_key(tuple(part if isinstance(part, int) else str(part) for part in loc))
+        problems.append(f"{path}: {key}: {why}" if key else f"{path}: {why}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return data
 
 
