@@ -129,6 +129,10 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
         (('pairs = ["TA-C_IQ-R"]', 'pairs = ["TA-C_XX-Y"]'), r"dataset\.pairs\[0\].*XX-Y"),
         (('name = "one"', 'name = "../escape"'), r"generators\[0\]\.name: .*folder name"),
         (('name = "one"', 'name = "two"'), r"used twice"),
+        # Names the run refuses (they would name a folder ".."-something): refused here.
+        (('name = "demo"', 'name = "a..b"'), r"run\.toml:2: run\.name: .*without '\.\.'"),
+        (('name = "one"', 'name = "one..x"'), r"run\.toml:10: generators\[0\]\.name: "),
+        (('backend = "fake"', 'name = "j..1"\nbackend = "fake"'), r":19: judges\[0\]\.name: "),
         (
             ('[dataset]\npath = "prompts.json"\n', "[dataset]\n"),
             r"run\.toml:5: dataset\.path: required key is missing",

@@ -375,6 +375,17 @@ def test_text_no_file_can_hold_is_refused_naming_its_key(
     assert not out.exists()
 
 
+def test_names_with_two_dots_become_names_the_run_takes(tmp_path: Path) -> None:
+    # They passed import-config and validate, and the run refused them.
+    out, warnings = convert_to_file(
+        tmp_path, 'name: "a..b"\nevaluation: {image_dirs: ["out/x..y", "out/..z"]}\n'
+    )
+    config = load_config(out)
+    assert config.run.name == "a.b"
+    assert [g.name for g in config.generators] == ["x.y", "z"]
+    assert "name: 'a..b' is not a valid run name here; using 'a.b'" in warnings
+
+
 def test_a_self_referencing_upstream_config_is_looked_through_once(tmp_path: Path) -> None:
     source = write(tmp_path, "up.yaml", "loop: &a [1, *a]\nevaluation: {image_dirs: [imgs]}\n")
     conversion = import_config(source, out=tmp_path / "out.toml", root=tmp_path)

@@ -31,15 +31,16 @@ from pydantic_core import PydanticCustomError
 
 from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
 from trig_stream.errors import ConfigError
-from trig_stream.records import SAFE_NAME
+from trig_stream.records import is_safe_name
 from trig_stream.scoring import Scorer
 
 
 def _safe_name(value: str) -> str:
-    if not SAFE_NAME.match(value):
+    # The run's own check (and its data_ids'): a name it would refuse must not pass here.
+    if not is_safe_name(value):
         raise ValueError(
-            "must start with a letter or digit and use only letters, digits, '.', '_' and '-'"
-            " (it becomes a folder name)"
+            "must start with a letter or digit and use only letters, digits, '.', '_' and '-',"
+            " without '..' (it becomes a folder name)"
         )
     return value
 

@@ -124,7 +124,7 @@ def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> 
             if not isinstance(backend.name, str) or not is_safe_name(backend.name):
                 raise ConfigError(
                     f"{kind} name {backend.name!r} is not a safe file name (it names folders of "
-                    "the run directory): letters, digits, '.', '_' and '-'"
+                    "the run directory): letters, digits, '.', '_' and '-', without '..'"
                 )
             if backend.name in seen:
                 raise ConfigError(f"{kind} name {backend.name!r} is used twice")
