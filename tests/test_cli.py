@@ -154,6 +154,11 @@ def test_validate_reads_the_dataset_as_a_run_would(
     prompts.write_bytes(b'[{"data_id": "\xff"}]')  # not UTF-8: the run could not read it
     assert main(["validate", str(path)]) == EXIT_FATAL
     assert "byte 14 is not utf-8 text" in capsys.readouterr().err
+    # A missing dataset is what this machine lacks, as for the run (validate said 2, run 4).
+    prompts.unlink()
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(path)]) == EXIT_FATAL
+        assert f"dataset {prompts} does not exist" in capsys.readouterr().err
 
 
 def test_make_tiny_models_into_a_file_is_one_message(

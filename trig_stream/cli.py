@@ -172,8 +172,6 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.records import QuarantinedRecord
 
     config = load_config(args.config)
-    if not config.dataset.path.exists():
-        raise ConfigError(f"{args.config}: dataset.path: {config.dataset.path} does not exist")
     # Building the backends makes the checks ``run`` makes next (a generator's devices against
     # its workers, its inputs against the task...); it loads no model and connects nowhere.
     # Then what each needs from this machine that can be seen without loading anything: an
@@ -183,8 +181,9 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     judges = [build_judge(judge, config) for judge in config.judges]
     for built in judges:
         built.check_environment()
-    # The dataset is read through, as a run reads it: a file that cannot be read fails here
-    # (DatasetError), and the records the run would quarantine are listed.
+    # The dataset is read through, as a run reads it: a file that is missing or cannot be
+    # read fails here (DatasetError, the run's exit code), and the records the run would
+    # quarantine are listed.
     source = DatasetSource(config.dataset, config.run.task)
     samples = unmeasured = 0
     refused: list[QuarantinedRecord] = []
