@@ -526,44 +526,86 @@ class RunDir:
                 leftover.unlink(missing_ok=True)
 
     def _check_manifest(self, manifest: Manifest, journal: JournalState) -> None:
-        path = self.path / MANIFEST
-        holds_results = self._holds_results(journal)
-        if holds_results and not path.exists():
-            # The manifest is written before anything else, so it was removed: what the
-            # results were made with cannot be checked, and a changed config would mix in.
-            raise RunDirError(
-                f"{self.path} holds results but no {MANIFEST}, so the settings they were made "
-                "with cannot be checked: restore the file, or use --new-run to start a fresh "
-                "run directory beside it"
-            )
-        if holds_results:
-            stored = read_manifest(self.path)
-            differences = stored.differences(manifest)
-            if differences:
-                raise FingerprintMismatch(
-                    f"{self.path} holds results made with other settings:\n  "
-                    + "\n  ".join(differences)
-                    + "\nUse --new-run to start a fresh run directory beside it, or change"
-                    " [run] name."
-                )
-            manifest = stored.merged(manifest)
-        write_atomic(path, manifest.model_dump_json(indent=2).encode())
+        holds_results = journal.made_results or bool(journal.skipped_lines)
+        manifest = resumed_manifest(self.path, manifest, holds_results=holds_results)
+        write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
 
-    def _holds_results(self, journal: JournalState) -> bool:
-        """Whether anything here was made under the stored manifest: a judgement or an image.
-        A run that made neither (its generator failed to load, or failed every call, leaving
-        ``error`` judgements only) protects nothing, so its corrected config starts afresh in
-        the same directory."""
-        if journal.made_results or journal.skipped_lines:
-            return True
-        images = self.path / IMAGES
-        if not images.is_dir():
-            return False
-        for folder, subfolders, files in os.walk(images):
-            if files and Path(folder).name != PARTIAL:
-                return True
-            subfolders[:] = [name for name in subfolders if name != PARTIAL]
+
+def resumed_manifest(path: Path, manifest: Manifest, *, holds_results: bool) -> Manifest:
+    """The manifest a run with ``manifest`` writes in the run directory ``path``: its own, or,
+    when the directory holds results, the stored one with what ``manifest`` adds.
+
+    Results are anything made under the stored manifest: a judgement (``holds_results``, from
+    the journal) or an image. A run that made neither (its generator failed to load, or
+    failed every call, leaving ``error`` judgements only) protects nothing, so its corrected
+    config starts afresh in the same directory. Nothing is written here.
+
+    Raises:
+        RunDirError: the directory holds results but no manifest.
+        FingerprintMismatch: its results were made with settings that differ.
+    """
+    holds_results = holds_results or _holds_images(path)
+    if holds_results and not (path / MANIFEST).exists():
+        # The manifest is written before anything else, so it was removed: what the
+        # results were made with cannot be checked, and a changed config would mix in.
+        raise RunDirError(
+            f"{path} holds results but no {MANIFEST}, so the settings they were made "
+            "with cannot be checked: restore the file, or use --new-run to start a fresh "
+            "run directory beside it"
+        )
+    if not holds_results:
+        return manifest
+    stored = read_manifest(path)
+    differences = stored.differences(manifest)
+    if differences:
+        raise FingerprintMismatch(
+            f"{path} holds results made with other settings:\n  "
+            + "\n  ".join(differences)
+            + "\nUse --new-run to start a fresh run directory beside it, or change"
+            " [run] name."
+        )
+    return stored.merged(manifest)
+
+
+def check_resume(path: Path, manifest: Manifest) -> None:
+    """Raise what a run with ``manifest`` would be refused for in the run directory ``path``
+    (made with other settings, or results without a manifest), reading it only: no lock is
+    taken, nothing is written or cut (``trig-stream validate``). A directory in use by a run
+    is not refused here.
+
+    Raises:
+        RunDirError: see :func:`resumed_manifest`; or the journal cannot be read.
+    """
+    holds_results = False
+    handle = open_journal(path / JOURNAL)
+    if handle is not None:
+        unreadable = False  # a line that is not a judgement, before one that is: see Journal
+        with handle:
+            try:
+                for raw in handle:
+                    try:
+                        judgement = parse_journal_line(raw)
+                    except ValueError:
+                        unreadable = True
+                        continue
+                    if unreadable or judgement.status != "error":
+                        holds_results = True
+                        break
+            except OSError as exc:
+                raise journal_unreadable(path / JOURNAL, exc) from None
+    resumed_manifest(path, manifest, holds_results=holds_results)
+
+
+def _holds_images(path: Path) -> bool:
+    """Whether the run directory ``path`` holds an image (a temporary file is none)."""
+    images = path / IMAGES
+    if not images.is_dir():
         return False
+    for folder, subfolders, files in os.walk(images):
+        if files and Path(folder).name != PARTIAL:
+            return True
+        subfolders[:] = [name for name in subfolders if name != PARTIAL]
+    return False
 
 
 def read_manifest(run_dir: Path) -> Manifest:
