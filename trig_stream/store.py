@@ -32,7 +32,7 @@ from pathlib import Path
 from sys import intern
 from typing import IO, Any, BinaryIO
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trig_stream.errors import (
     FingerprintMismatch,
@@ -74,6 +74,21 @@ class Manifest(BaseModel):
     """The config the latest run used (for ``status``, ``report`` and ``watch``)."""
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
+
+    @field_validator("generators")
+    @classmethod
+    def _dtypes_used(cls, generators: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # A diffusers generator's fingerprint held one dtype per device, so adding a device
+        # was refused as a change; it now holds the dtypes used, which an older run
+        # directory's list is read as.
+        return {
+            name: {**fingerprint, "dtype": sorted(set(fingerprint["dtype"]))}
+            if fingerprint.get("backend") == "diffusers"
+            and isinstance(fingerprint.get("dtype"), list)
+            and all(isinstance(dtype, str) for dtype in fingerprint["dtype"])
+            else fingerprint
+            for name, fingerprint in generators.items()
+        }
 
     def differences(self, other: Manifest) -> list[str]:
         """What in ``other`` would change results already stored under ``self``."""
