@@ -129,6 +129,12 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
         (('pairs = ["TA-C_IQ-R"]', 'pairs = ["TA-C_XX-Y"]'), r"dataset\.pairs\[0\].*XX-Y"),
         (('name = "one"', 'name = "../escape"'), r"generators\[0\]\.name: .*folder name"),
         (('name = "one"', 'name = "two"'), r"used twice"),
+        # The report's comparison of the models sits beside their folders: no model's name.
+        (
+            ('name = "one"', 'name = "comparison.md"'),
+            r"run\.toml:10: generators\[0\]\.name: is the name of the report's comparison",
+        ),
+        (('name = "one"', 'name = "COMPARISON.MD"'), r"generators\[0\]\.name: is the name"),
         # Names the run refuses (they would name a folder ".."-something): refused here.
         (('name = "demo"', 'name = "a..b"'), r"run\.toml:2: run\.name: .*without '\.\.'"),
         (('name = "one"', 'name = "one..x"'), r"run\.toml:10: generators\[0\]\.name: "),

@@ -31,7 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
 from trig_stream.errors import ConfigError
-from trig_stream.records import is_safe_name
+from trig_stream.records import COMPARISON_FILE, is_reserved_model_name, is_safe_name
 from trig_stream.scoring import Scorer
 
 
@@ -41,6 +41,15 @@ def _safe_name(value: str) -> str:
         raise ValueError(
             "must start with a letter or digit and use only letters, digits, '.', '_' and '-',"
             " without '..' (it becomes a folder name)"
+        )
+    return value
+
+
+def _model_name(value: str) -> str:
+    if is_reserved_model_name(value):
+        raise ValueError(
+            f"is the name of the report's comparison of the models ({COMPARISON_FILE}, beside "
+            "their folders): give the model another name"
         )
     return value
 
@@ -109,6 +118,8 @@ def _variable_name(value: str) -> str:
 
 
 SafeName = Annotated[str, AfterValidator(_safe_name)]
+ModelName = Annotated[SafeName, AfterValidator(_model_name)]
+"""A generator's name: a safe name that is not one of the report's files."""
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 """An ``http://`` or ``https://`` URL with a host, and a valid port if it names one; without
 spaces, credentials, query string or fragment."""
@@ -167,7 +178,7 @@ class DatasetSection(_Section):
 class GeneratorConfig(_Section):
     """``[[generators]]``: one model under evaluation."""
 
-    name: SafeName
+    name: ModelName
     """The model's name in the run: image folder, records, reports."""
     backend: str
     workers: Annotated[int, Field(ge=1, le=64)] = 1

@@ -108,11 +108,12 @@ def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> 
     """Check backend instances given to the engine as the config checks its own entries.
 
     Raises:
-        ConfigError: none of a kind, a name that is no safe file name or is used twice, or
+        ConfigError: none of a kind, a name that is no safe file name, is used twice or (a
+            generator's) names a file of the report, or
             a count (workers, batch size, concurrency) under 1.
     """
     from trig_stream.errors import ConfigError
-    from trig_stream.records import is_safe_name
+    from trig_stream.records import is_reserved_model_name, is_safe_name
 
     for kind, backends in (("generator", generators), ("judge", judges)):
         if not backends:
@@ -125,6 +126,11 @@ def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> 
                 raise ConfigError(
                     f"{kind} name {backend.name!r} is not a safe file name (it names folders of "
                     "the run directory): letters, digits, '.', '_' and '-', without '..'"
+                )
+            if kind == "generator" and is_reserved_model_name(backend.name):
+                raise ConfigError(
+                    f"generator name {backend.name!r} names the report's comparison of the "
+                    "models, beside their folders: give the model another name"
                 )
             if backend.name in seen:
                 raise ConfigError(f"{kind} name {backend.name!r} is used twice")
