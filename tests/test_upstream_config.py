@@ -420,7 +420,23 @@ def test_command_prints_to_standard_output_without_out(
     assert code == 0
     printed = capsys.readouterr().out
     assert tomllib.loads(printed)["run"]["name"] == "gen-sweep"
-    assert tomllib.loads(printed)["dataset"]["path"] == "data/TRIG/t2i"
+    assert tomllib.loads(printed)["dataset"]["path"] == f"{tmp_path.resolve()}/data/TRIG/t2i"
+
+
+def test_printed_paths_hold_wherever_the_text_is_saved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # They were relative to the current folder, under a header saying "relative to this
+    # file's folder": `import-config up.yaml > config/y.toml` pointed at config/prompts/.
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "up.yaml", 'prompt_path: "prompts/p.json"\nevaluation: {image_dirs: [imgs]}\n')
+    assert run_command(["import-config", "up.yaml"])[0] == 0
+    printed = capsys.readouterr().out
+    assert "upstream's paths are in full" in printed
+    saved = write(tmp_path / "config", "y.toml", printed)
+    config = load_config(saved)
+    assert config.dataset.path == tmp_path.resolve() / "prompts" / "p.json"
+    assert config.generators[0].options["path"] == str(tmp_path.resolve() / "imgs")
 
 
 def test_image_folder_of_a_generated_model_is_not_judged_twice(tmp_path: Path) -> None:

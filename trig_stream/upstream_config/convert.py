@@ -110,7 +110,7 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
 
 
 def convert_upstream_config(
-    data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path
+    data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path | None
 ) -> Conversion:
     """Convert a parsed upstream config into the text of a trig-stream TOML config.
 
@@ -118,7 +118,8 @@ def convert_upstream_config(
         data: the YAML mapping (see :func:`load_upstream_yaml`).
         source: the YAML file, named in the TOML's header and in messages.
         root: the folder upstream's relative paths start from (its project root).
-        out_dir: the folder the TOML will live in; paths are written relative to it.
+        out_dir: the folder the TOML will live in; upstream's paths are written relative to
+            it, or in full when None (the TOML is printed, and may be saved anywhere).
 
     Raises:
         ConfigError: the task has no counterpart, no model or folder converts to a
@@ -132,12 +133,12 @@ def import_config(path: Path, *, out: Path | None = None, root: Path | None = No
 
     Args:
         path: the upstream YAML file.
-        out: where the TOML will be written (its folder anchors relative paths); None for the
-            current folder.
+        out: where the TOML will be written (its folder anchors relative paths); None when
+            it is printed: upstream's paths are then written in full.
         root: upstream's project root; None for the current folder.
     """
     cwd = Path.cwd()
-    out_dir = (out.parent if out is not None else cwd).resolve()
+    out_dir = out.parent.resolve() if out is not None else None
     return convert_upstream_config(
         load_upstream_yaml(path), source=path, root=(root or cwd).resolve(), out_dir=out_dir
     )
@@ -149,7 +150,9 @@ def import_config(path: Path, *, out: Path | None = None, root: Path | None = No
 class _Converter:
     """One conversion: the TOML's tables as they fill, and the warnings in the order met."""
 
-    def __init__(self, data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path) -> None:
+    def __init__(
+        self, data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path | None
+    ) -> None:
         self.data = data
         self.source = source
         self.root = root
@@ -181,7 +184,7 @@ class _Converter:
                 + "".join(f"\n  {w}" for w in self.warnings)
             )
         text = self._render()
-        virtual = self.out_dir / "imported.toml"
+        virtual = (self.out_dir or Path.cwd()) / "imported.toml"
         try:
             config = parse_config(tomllib.loads(text), source=virtual, text=text)
         except (ConfigError, tomllib.TOMLDecodeError) as exc:
@@ -360,6 +363,8 @@ class _Converter:
         path = Path(value)
         if path.is_absolute():
             return path.as_posix()
+        if self.out_dir is None:  # printed: the file's folder is not known
+            return (self.root / path).as_posix()
         try:
             return Path(os.path.relpath(self.root / path, self.out_dir)).as_posix()
         except ValueError:  # another drive
@@ -376,6 +381,8 @@ class _Converter:
             f"# Converted by `trig-stream import-config` from {comment(str(self.source))}",
             "# (a TRIG upstream YAML config). Relative paths are relative to this file's folder.",
         ]
+        if self.out_dir is None:
+            lines.append("# It was printed, not written to a file: upstream's paths are in full.")
         if self.warnings:
             lines.append("#")
             lines.append(f"# Left out or to check ({len(self.warnings)}):")
