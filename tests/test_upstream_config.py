@@ -386,6 +386,19 @@ def test_names_with_two_dots_become_names_the_run_takes(tmp_path: Path) -> None:
     assert "name: 'a..b' is not a valid run name here; using 'a.b'" in warnings
 
 
+def test_a_conversion_that_does_not_validate_names_no_file_that_is_not_there(
+    tmp_path: Path,
+) -> None:
+    # It named ".../imported.toml:35", a file that never exists.
+    text = "evaluation: {image_dirs: [imgs]}\nrelation:\n  insight_thresholds:\n"
+    source = write(tmp_path, "up.yaml", text + "    dominance_ratio: 1.25\n")
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    message = str(raised.value)
+    assert f"{source} (converted): relation.dominance_ratio: Input should be less" in message
+    assert "imported.toml" not in message and "out.toml" not in message
+
+
 def test_a_self_referencing_upstream_config_is_looked_through_once(tmp_path: Path) -> None:
     source = write(tmp_path, "up.yaml", "loop: &a [1, *a]\nevaluation: {image_dirs: [imgs]}\n")
     conversion = import_config(source, out=tmp_path / "out.toml", root=tmp_path)

@@ -465,8 +465,17 @@ def load_config(path: str | Path) -> RunConfig:
     return parse_config(data, source=path, text=text)
 
 
-def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunConfig:
-    """Validate an already-parsed config mapping (see :func:`load_config`)."""
+def parse_config(
+    data: dict[str, Any], *, source: Path, text: str = "", base: Path | None = None
+) -> RunConfig:
+    """Validate an already-parsed config mapping (see :func:`load_config`).
+
+    Args:
+        data: the parsed TOML.
+        source: the config's name in messages; relative paths start from its folder...
+        text: its TOML text, whose lines messages name (none without it).
+        base: ...unless this folder is given.
+    """
     from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
     unusable = [_problem_line(source, text, loc, why) for loc, why in unusable_values(data)]
@@ -494,7 +503,7 @@ def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunCo
     if problems:
         raise ConfigError(_join(source, problems))
     try:
-        return config.resolve_paths(source.parent)
+        return config.resolve_paths(source.parent if base is None else base)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

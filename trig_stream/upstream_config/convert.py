@@ -184,9 +184,13 @@ class _Converter:
                 + "".join(f"\n  {w}" for w in self.warnings)
             )
         text = self._render()
-        virtual = (self.out_dir or Path.cwd()) / "imported.toml"
+        # Its problems are named by the converted TOML's keys, under the upstream file's
+        # name: the TOML's lines would be those of a file that was never written.
+        converted = Path(f"{self.source} (converted)")
         try:
-            config = parse_config(tomllib.loads(text), source=virtual, text=text)
+            config = parse_config(
+                tomllib.loads(text), source=converted, base=self.out_dir or Path.cwd()
+            )
         except (ConfigError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(
                 f"{self.source}: the converted config does not validate:\n{exc}"
