@@ -399,6 +399,16 @@ def test_a_conversion_that_does_not_validate_names_no_file_that_is_not_there(
     assert "imported.toml" not in message and "out.toml" not in message
 
 
+def test_a_root_that_is_no_folder_is_warned_of(tmp_path: Path) -> None:
+    source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
+    missing = tmp_path / "nowhere"
+    conversion = import_config(source, out=tmp_path / "out.toml", root=missing)
+    assert conversion.warnings[0].startswith(f"--root: {missing} is not a folder")
+    assert f"#   - --root: {missing} is not a folder" in conversion.text
+    warnings = import_config(source, out=tmp_path / "out.toml", root=tmp_path).warnings
+    assert not any("--root" in w for w in warnings)
+
+
 def test_a_self_referencing_upstream_config_is_looked_through_once(tmp_path: Path) -> None:
     source = write(tmp_path, "up.yaml", "loop: &a [1, *a]\nevaluation: {image_dirs: [imgs]}\n")
     conversion = import_config(source, out=tmp_path / "out.toml", root=tmp_path)

@@ -169,6 +169,12 @@ class _Converter:
         self.warnings.append(f"{key}: {message}")
 
     def convert(self) -> Conversion:
+        if not self.root.is_dir():
+            self.warn(
+                "--root",
+                f"{self.root} is not a folder: upstream's relative paths start from it all "
+                "the same; check that it is the project root",
+            )
         for key in self.data:
             if key not in TOP_LEVEL_KEYS:
                 self._extra_top_level(str(key), self.data[key])
