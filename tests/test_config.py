@@ -129,6 +129,24 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
         (('pairs = ["TA-C_IQ-R"]', 'pairs = ["TA-C_XX-Y"]'), r"dataset\.pairs\[0\].*XX-Y"),
         (('name = "one"', 'name = "../escape"'), r"generators\[0\]\.name: .*folder name"),
         (('name = "one"', 'name = "two"'), r"used twice"),
+        # Unknown keys of nested tables get the nearest key too (pydantic's "Extra inputs").
+        (
+            (
+                'name = "two"\nbackend = "synthetic"\noptions = { size = 32 }',
+                'name = "two"\nbackend = "dtm_rewrite"\noptions = { model = "m", relations = '
+                '{ IQ-R_TA-C = 1 }, inner = { backend = "synthetic", options = { sise = 8 } } }',
+            ),
+            r"inner: inner synthetic options: sise: unknown key; did you mean 'size'\?",
+        ),
+        (
+            (
+                'backend = "fake"',
+                'backend = "metric"\noptions = { metric = "nsfw", metric_options = '
+                "{ provider = [], colour = 1 } }",
+            ),
+            r"judges\[0\]\.options: metric_options of 'nsfw': provider: unknown key; did you mean "
+            r"'providers'\?; colour: unknown key; this table takes: providers, intra_op_threads$",
+        ),
         # The report's comparison of the models sits beside their folders: no model's name.
         (
             ('name = "one"', 'name = "comparison.md"'),

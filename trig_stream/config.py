@@ -27,7 +27,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
 from trig_stream.errors import ConfigError
@@ -527,22 +527,35 @@ def _problems(
     lines = []
     for error in exc.errors(include_url=False):
         loc = prefix + tuple(error["loc"])
-        if error["type"] == "extra_forbidden":
-            message = "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
-        elif error["type"] == "missing":
-            message = "required key is missing"
-        elif error["type"] == _UNQUOTED:
-            message = error["msg"]
-        elif error["type"] == "value_error":
-            # Our own checks: their message says what is wrong, without pydantic's prefix,
-            # and a check of a whole table would quote all of it.
-            message = str(error["ctx"]["error"])
-            if not isinstance(error.get("input"), dict):
-                message += f" (got {error.get('input')!r})"
-        else:
-            message = f"{error['msg']} (got {_as_written(error.get('input'))})"
-        lines.append(_problem_line(source, text, loc, message))
+        lines.append(_problem_line(source, text, loc, _message(error, model)))
     return lines
+
+
+def nested_problems(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The problems of a table nested in a backend's options (a wrapper's inner generator's
+    options, a metric's), in one line, each named by its key as the config's own are:
+    ``sise: unknown key; did you mean 'size'?``."""
+    return "; ".join(
+        f"{dotted_key(tuple(error['loc'])) or '(the table)'}: {_message(error, model)}"
+        for error in exc.errors(include_url=False)
+    )
+
+
+def _message(error: ErrorDetails, model: type[BaseModel]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
+    if error["type"] == "missing":
+        return "required key is missing"
+    if error["type"] == _UNQUOTED:
+        return error["msg"]
+    if error["type"] == "value_error":
+        # Our own checks: their message says what is wrong, without pydantic's prefix,
+        # and a check of a whole table would quote all of it.
+        message = str(error.get("ctx", {}).get("error", error["msg"]))
+        if not isinstance(error.get("input"), dict):
+            message += f" (got {_as_written(error.get('input'))})"
+        return message
+    return f"{error['msg']} (got {_as_written(error.get('input'))})"
 
 
 def _as_written(value: Any) -> str:
