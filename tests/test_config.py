@@ -128,7 +128,15 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
         (('task = "sub"', 'task = "video"'), r"run\.toml:3: run\.task: .*unknown task"),
         (('pairs = ["TA-C_IQ-R"]', 'pairs = ["TA-C_XX-Y"]'), r"dataset\.pairs\[0\].*XX-Y"),
         (('name = "one"', 'name = "../escape"'), r"generators\[0\]\.name: .*folder name"),
-        (('name = "one"', 'name = "two"'), r"used twice"),
+        (
+            ('name = "one"', 'name = "two"'),
+            r"run\.toml:14: generators\[1\]\.name: generators: the name 'two' is used twice "
+            r"\(also generators\[0\]\)",
+        ),
+        (
+            ('backend = "fake"', 'backend = "fake"\n\n[[judges]]\nbackend = "fake"'),
+            r"run\.toml:21: judges\[1\]\.name: judges: the name 'trigscore' is used twice",
+        ),
         # Unknown keys of nested tables get the nearest key too (pydantic's "Extra inputs").
         (
             (

@@ -372,12 +372,22 @@ def _resolve_options(options: dict[str, Any], base: Path, where: str) -> dict[st
     return resolved
 
 
+_DUPLICATE: Final = "duplicate_name"
+"""The error type of a name used twice; its context says where the second use is, so that
+the message names that entry's line rather than the whole config's."""
+
+
 def _unique(names: list[str], section: str) -> None:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"{section}: the name {name!r} is used twice")
-        seen.add(name)
+    first: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in first:
+            raise PydanticCustomError(
+                _DUPLICATE,
+                # A safe name holds no brace, which the template would read as a placeholder.
+                f"{section}: the name {name!r} is used twice (also {section}[{first[name]}])",
+                {"section": section, "index": index},
+            )
+        first[name] = index
 
 
 _Table = TypeVar("_Table", bound=BaseModel)
@@ -527,6 +537,8 @@ def _problems(
     lines = []
     for error in exc.errors(include_url=False):
         loc = prefix + tuple(error["loc"])
+        if error["type"] == _DUPLICATE:  # at the entry that repeats the name
+            loc += (error["ctx"]["section"], error["ctx"]["index"], "name")
         lines.append(_problem_line(source, text, loc, _message(error, model)))
     return lines
 
@@ -546,7 +558,7 @@ def _message(error: ErrorDetails, model: type[BaseModel]) -> str:
         return "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
     if error["type"] == "missing":
         return "required key is missing"
-    if error["type"] == _UNQUOTED:
+    if error["type"] in (_UNQUOTED, _DUPLICATE):
         return error["msg"]
     if error["type"] == "value_error":
         # Our own checks: their message says what is wrong, without pydantic's prefix,
