@@ -154,6 +154,40 @@ def test_validate_reads_the_dataset_as_a_run_would(
     prompts.write_bytes(b'[{"data_id": "\xff"}]')  # not UTF-8: the run could not read it
     assert main(["validate", str(path)]) == EXIT_FATAL
     assert "byte 14 is not utf-8 text" in capsys.readouterr().err
+    # A missing dataset is what this machine lacks, as for the run (validate said 2, run 4).
+    prompts.unlink()
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(path)]) == EXIT_FATAL
+        assert f"dataset {prompts} does not exist" in capsys.readouterr().err
+
+
+def test_validate_refuses_what_resuming_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It said ok (exit 0) for a seed changed after a run, which the run then refused (exit 3).
+    path = write_config(tmp_path, samples=2)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    assert main(["validate", str(path)]) == EXIT_OK  # the same settings resume
+    capsys.readouterr()
+    path.write_text(
+        path.read_text().replace('output_dir = "runs"', 'output_dir = "runs"\nseed = 7')
+    )
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(path)]) == EXIT_RUN_DIR
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{run_dir} holds results made with other settings:" in err
+        assert "generator 'synth': seed 42 in the run dir, 7 in the config" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    # Results without their manifest: refused too, and a run that made nothing takes them.
+    (run_dir / "manifest.json").unlink()
+    assert main(["validate", str(path)]) == EXIT_RUN_DIR
+    assert "holds results but no manifest.json" in capsys.readouterr().err
+    shutil.rmtree(run_dir / "images")
+    (run_dir / "journal.jsonl").write_text("")
+    assert main(["validate", str(path)]) == EXIT_OK
+    assert not (run_dir / "manifest.json").exists()  # validate writes nothing
 
 
 def test_make_tiny_models_into_a_file_is_one_message(

@@ -33,6 +33,7 @@ backend = "fake"
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    tmp_path.mkdir(exist_ok=True)
     path = tmp_path / "run.toml"
     path.write_text(text)
     return path
@@ -127,7 +128,43 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
         (('task = "sub"', 'task = "video"'), r"run\.toml:3: run\.task: .*unknown task"),
         (('pairs = ["TA-C_IQ-R"]', 'pairs = ["TA-C_XX-Y"]'), r"dataset\.pairs\[0\].*XX-Y"),
         (('name = "one"', 'name = "../escape"'), r"generators\[0\]\.name: .*folder name"),
-        (('name = "one"', 'name = "two"'), r"used twice"),
+        (
+            ('name = "one"', 'name = "two"'),
+            r"run\.toml:14: generators\[1\]\.name: generators: the name 'two' is used twice "
+            r"\(also generators\[0\]\)",
+        ),
+        (
+            ('backend = "fake"', 'backend = "fake"\n\n[[judges]]\nbackend = "fake"'),
+            r"run\.toml:21: judges\[1\]\.name: judges: the name 'trigscore' is used twice",
+        ),
+        # Unknown keys of nested tables get the nearest key too (pydantic's "Extra inputs").
+        (
+            (
+                'name = "two"\nbackend = "synthetic"\noptions = { size = 32 }',
+                'name = "two"\nbackend = "dtm_rewrite"\noptions = { model = "m", relations = '
+                '{ IQ-R_TA-C = 1 }, inner = { backend = "synthetic", options = { sise = 8 } } }',
+            ),
+            r"inner: inner synthetic options: sise: unknown key; did you mean 'size'\?",
+        ),
+        (
+            (
+                'backend = "fake"',
+                'backend = "metric"\noptions = { metric = "nsfw", metric_options = '
+                "{ provider = [], colour = 1 } }",
+            ),
+            r"judges\[0\]\.options: metric_options of 'nsfw': provider: unknown key; did you mean "
+            r"'providers'\?; colour: unknown key; this table takes: providers, intra_op_threads$",
+        ),
+        # The report's comparison of the models sits beside their folders: no model's name.
+        (
+            ('name = "one"', 'name = "comparison.md"'),
+            r"run\.toml:10: generators\[0\]\.name: is the name of the report's comparison",
+        ),
+        (('name = "one"', 'name = "COMPARISON.MD"'), r"generators\[0\]\.name: is the name"),
+        # Names the run refuses (they would name a folder ".."-something): refused here.
+        (('name = "demo"', 'name = "a..b"'), r"run\.toml:2: run\.name: .*without '\.\.'"),
+        (('name = "one"', 'name = "one..x"'), r"run\.toml:10: generators\[0\]\.name: "),
+        (('backend = "fake"', 'name = "j..1"\nbackend = "fake"'), r":19: judges\[0\]\.name: "),
         (
             ('[dataset]\npath = "prompts.json"\n', "[dataset]\n"),
             r"run\.toml:5: dataset\.path: required key is missing",
@@ -141,6 +178,100 @@ def test_bad_configs_are_refused_with_file_line_and_key(
     assert old in GOOD
     with pytest.raises(ConfigError, match=expected):
         load_config(write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (('task = "sub"', 'task = "sub"\nseed = true'), r"run\.seed: .*valid integer \(got true\)"),
+        (('task = "sub"', 'task = "sub"\nseed = 4.0'), r"run\.seed: .*valid integer \(got 4\.0\)"),
+        (('name = "two"\n', 'name = "two"\nworkers = "2"\n'), r"workers: .*integer \(got \"2\"\)"),
+        (('name = "two"\n', 'name = "two"\nworkers = 2.0\n'), r"workers: .*valid integer"),
+        (('backend = "fake"', 'backend = "fake"\nconcurrency = true'), r"concurrency: .*integer"),
+        (('backend = "fake"', 'backend = "fake"\nconfidence = "yes"'), r"confidence: .*boolean"),
+        (('backend = "fake"', 'backend = "fake"\nconfidence = 1'), r"confidence: .*boolean"),
+        (("[dataset]\n", "[relation]\nsynergy = true\n\n[dataset]\n"), r"synergy: .*number"),
+        (("[dataset]\n", "[relation]\nsynergy = '0.9'\n\n[dataset]\n"), r"synergy: .*number"),
+        (("[dataset]\n", "[dataset]\nlimit = '5'\n"), r"dataset\.limit: .*integer"),
+        (("[dataset]\n", "[engine]\nmax_attempts = true\n\n[dataset]\n"), r"max_attempts: "),
+        # Backends' options, nested ones included: a wrapper's inner generator, a metric's.
+        (("options = { size = 32 }", "options = { size = true }"), r"options\.size: .*integer"),
+        (
+            ('backend = "fake"', 'backend = "fake"\noptions = { latency_s = "1" }'),
+            r"options\.latency_s: .*number",
+        ),
+        (
+            (
+                'name = "two"\nbackend = "synthetic"\noptions = { size = 32 }',
+                'name = "two"\nbackend = "dtm_rewrite"\noptions = { model = "m", relations = '
+                '{ IQ-R_TA-C = 1 }, inner = { backend = "synthetic", options = { size = "8" } } }',
+            ),
+            r"generators\[1\]\.options\.inner: .*size: Input should be a valid integer",
+        ),
+        (
+            (
+                'backend = "fake"',
+                'backend = "metric"\noptions = { metric = "nsfw", metric_options = '
+                '{ intra_op_threads = "2" } }',
+            ),
+            r"judges\[0\]\.options: .*intra_op_threads: Input should be a valid integer",
+        ),
+        # A TOML date is no value of any key, not even of a table passed to a library.
+        (
+            ("[dataset]\n", "[dataset]\nlimit = 2024-01-01\n"),
+            r"run\.toml:6: dataset\.limit: a date",
+        ),
+        (
+            (
+                'backend = "synthetic"\noptions = { size = 32 }',
+                'backend = "openai_images"\noptions = { extra_body = { when = 12:00:00 } }',
+            ),
+            r"generators\[1\]\.options\.extra_body\.when: a date or time",
+        ),
+    ],
+)
+def test_values_are_not_converted_to_the_type_a_key_takes(
+    tmp_path: Path, edit: tuple[str, str], expected: str
+) -> None:
+    # README: wrong types are refused. They were converted: true became 1, "2" and 2.0 the
+    # integer 2, "yes" True.
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+def test_values_of_the_types_toml_writes_are_taken(tmp_path: Path) -> None:
+    # An integer where a decimal number goes, a string where a path goes, an array where a
+    # tuple goes: no conversion needed, all taken.
+    text = GOOD.replace(
+        "options = { size = 32 }", "options = { size = 32, latency_s = 1 }"
+    ).replace(
+        '[[judges]]\nbackend = "fake"', '[[judges]]\nbackend = "fake"\nadaptive = { min = 2 }'
+    )
+    text += """
+[[judges]]
+name = "vlm"
+backend = "transformers"
+options = { model_path = "vlm", template = "t.toml" }
+
+[relation]
+synergy = 1
+dominance_ratio = 1
+
+[engine]
+backoff_max = 60
+"""
+    text = text.replace(
+        '[[generators]]\nname = "one"\nbackend = "synthetic"',
+        '[[generators]]\nname = "one"\nbackend = "diffusers"\n'
+        'options = { pipeline = "P", checkpoint = "c", source_size = [64, 64] }',
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.relation.synergy == 1.0 and isinstance(config.relation.synergy, float)
+    assert config.engine.backoff_max == 60.0 and config.judges[0].adaptive.min == 2
+    assert config.generators[1].options["latency_s"] == 1
+    assert config.judges[1].options["model_path"] == str((tmp_path / "vlm").resolve())
 
 
 def test_a_password_in_a_url_is_refused_and_never_quoted(tmp_path: Path) -> None:
@@ -208,6 +339,68 @@ def test_path_options_of_backends_are_relative_to_the_config(tmp_path: Path) -> 
     config = load_config(write(tmp_path, text))
     assert config.generators[0].options["path"] == str((tmp_path / "images" / "one").resolve())
     assert config.generators[1].options == {"size": 32}
+
+
+def test_a_path_starting_with_a_tilde_starts_in_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was a folder literally named "~" beside the config (and `rm -rf ~` is one step away).
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    text = (
+        GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "~/runs"')
+        .replace('path = "prompts.json"', 'path = "~/prompts.json"\nimage_root = "~"')
+        .replace(
+            'name = "one"\nbackend = "synthetic"',
+            'name = "one"\nbackend = "image_folder"\noptions = { path = "~/images" }',
+        )
+        .replace('name = "two"\nbackend = "synthetic"\noptions = { size = 32 }', DIFFUSERS_TWO)
+    )
+    config = load_config(write(tmp_path / "project", text))
+    assert config.run_dir == home / "runs" / "demo"
+    assert (config.dataset.path, config.dataset.image_root) == (home / "prompts.json", home)
+    assert config.generators[0].options["path"] == str(home / "images")
+    assert config.generators[1].options["checkpoint"] == str(home / "ckpt")
+    assert not (tmp_path / "project" / "~").exists()
+
+
+DIFFUSERS_TWO = """\
+name = "two"
+backend = "diffusers"
+options = { pipeline = "P", checkpoint = "~/ckpt" }"""
+
+
+def test_the_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "~no-such-user-x9/runs"')
+    with pytest.raises(ConfigError, match=r"run\.output_dir: .*no home folder is known for"):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (('path = "prompts.json"', 'path = "a\\u0000b.json"'), r"run\.toml:6: dataset\.path: "),
+        (('task = "sub"', 'task = "sub"\noutput_dir = "/tmp/x\\u0000y"'), r":4: run\.output_dir"),
+        (
+            (
+                'name = "one"\nbackend = "synthetic"',
+                'name = "one"\nbackend = "image_folder"\noptions = { path = "a\\u0000b" }',
+            ),
+            r"run\.toml:12: generators\[0\]\.options\.path: ",
+        ),
+        (
+            ('backend = "fake"', 'backend = "fake"\noptions = { "a\\u0000" = 1 }'),
+            r"judges\[0\]\.options: the key 'a\\x00' ",
+        ),
+    ],
+)
+def test_text_with_a_nul_character_is_refused(
+    tmp_path: Path, edit: tuple[str, str], expected: str
+) -> None:
+    # A traceback from resolving the path (or, for an absolute one, from the run's mkdir).
+    old, new = edit
+    with pytest.raises(ConfigError, match=expected + r".*holds a NUL character \(\\u0000\)"):
+        load_config(write(tmp_path, GOOD.replace(old, new, 1)))
 
 
 def test_tables_passed_through_to_a_library_keep_their_values(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -14,6 +15,7 @@ from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 from trig_stream.backends.generators.presets import PRESETS
 from trig_stream.backends.registry import backend_names, build_generator
 from trig_stream.errors import ConfigError, MissingExtraError
+from trig_stream.store import Manifest
 
 
 def test_upstream_defaults() -> None:
@@ -152,6 +154,37 @@ def test_workers_follow_devices_and_conflicts_are_refused(make_config: ConfigFac
     config = make_config(generators=[{**entry, "options": {"preset": "hqedit"}}])
     with pytest.raises(ConfigError, match="p2p task but the run is t2i"):
         build_generator(config.generators[0], config)
+
+
+def test_another_device_of_a_dtype_in_use_keeps_the_fingerprint(
+    make_config: ConfigFactory,
+) -> None:
+    # Resuming a one-CPU run on two CPUs was refused: `dtype ["float32"] in the run dir,
+    # ["float32", "float32"] in the config`.
+    pytest.importorskip("diffusers")
+
+    def fingerprint(*devices: str) -> dict[str, Any]:
+        options = {"preset": "flux", "devices": list(devices)}
+        config = make_config(generators=[{"name": "g", "backend": "diffusers", "options": options}])
+        return build_generator(config.generators[0], config).fingerprint()
+
+    def manifest(fingerprint: dict[str, Any]) -> Manifest:
+        written = Manifest(run_name="r", task="t2i", generators={"g": fingerprint})
+        return Manifest.model_validate_json(written.model_dump_json())
+
+    one = fingerprint("cpu")
+    assert one == fingerprint("cpu", "cpu") and one["dtype"] == ["float32"]
+    assert manifest(one).differences(manifest(fingerprint("cpu", "cpu"))) == []
+    # A run directory written with one dtype per device resumes on any number of them.
+    older = manifest({**one, "dtype": ["float32", "float32"]})
+    assert older.differences(manifest(one)) == []
+    assert older.differences(manifest(fingerprint("cpu", "cpu", "cpu"))) == []
+    # A device that draws in another dtype is a change.
+    mixed = fingerprint("cpu", "cuda:0")
+    assert mixed["dtype"] == ["bfloat16", "float32"]
+    assert older.differences(manifest(mixed)) == [
+        'generator \'g\': dtype ["float32"] in the run dir, ["bfloat16", "float32"] in the config'
+    ]
 
 
 def test_missing_extra_names_the_install(

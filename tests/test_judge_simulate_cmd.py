@@ -97,6 +97,12 @@ def test_bad_arguments_are_explained(argv: tuple[str, ...], message: str) -> Non
         options_from_args(parse(*argv))
 
 
+def test_a_key_given_as_its_variable_name_is_refused_unquoted() -> None:
+    with pytest.raises(ValueError, match="--api-key-env: not the name of an environment") as raised:
+        options_from_args(parse("--api-key-env", "sk-proj-SECRET123"))
+    assert "SECRET123" not in str(raised.value)
+
+
 def test_a_bad_option_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     # An impossible port too: were the latency accepted, the command would stop there
     # (with another message) instead of serving until interrupted.

@@ -90,7 +90,10 @@ def test_metric_judge_options_are_checked(make_config: ConfigFactory) -> None:
         with pytest.raises(ConfigError, match=message):
             make_config(judges=[judge])
     bad = {"metric": "nsfw", "metric_options": {"threads": 2}}
-    with pytest.raises(ConfigError, match="metric_options of 'nsfw': threads: Extra inputs"):
+    with pytest.raises(
+        ConfigError,
+        match="metric_options of 'nsfw': threads: unknown key; did you mean 'intra_op_threads'",
+    ):
         make_config(judges=[{"name": "m", "backend": "metric", "options": bad}])
 
 

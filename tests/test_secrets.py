@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_prompts
-from trig_stream.cli import EXIT_FATAL, EXIT_OK, main
+from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, main
 from trig_stream.config import load_config
 from trig_stream.engine import Engine
 from trig_stream.errors import FatalBackendError
@@ -199,3 +199,58 @@ def test_options_built_in_python_never_show_a_refused_secret() -> None:
     with pytest.raises(ValidationError) as raised:
         OpenAIJudgeOptions(model="m", base_url="http://user:pw-secret@host/v1")
     assert "holds credentials" in str(raised.value) and "pw-secret" not in str(raised.value)
+
+
+PASTED_KEY = f"sk-proj-{secrets.token_hex(16)}"
+"""An API key pasted where the name of its variable goes."""
+PASTED = [
+    ("judges", "openai", f'model = "m", base_url = "http://h/v1", api_key_env = "{PASTED_KEY}"'),
+    ("generators", "openai_images", f'api_key_env = "{PASTED_KEY}"'),
+    (
+        "generators",
+        "dtm_rewrite",
+        f'model = "llm", api_key_env = "{PASTED_KEY}", relations = {{ IQ-R_TA-C = 1 }}, '
+        'inner = { backend = "synthetic" }',
+    ),
+    (
+        "generators",
+        "dtm_rewrite",
+        'model = "llm", relations = { IQ-R_TA-C = 1 }, inner = { backend = "openai_images", '
+        f'options = {{ api_key_env = "{PASTED_KEY}" }} }}',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "backend", "options"), PASTED, ids=["openai", "openai_images", "dtm_rewrite", "inner"]
+)
+def test_a_key_pasted_as_api_key_env_is_refused_unquoted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, backend: str, options: str
+) -> None:
+    # Every message naming the variable printed the key, and the run saved it in its manifest.
+    entries = {
+        "generators": '[[generators]]\nname = "g"\nbackend = "synthetic"\n',
+        "judges": '[[judges]]\nbackend = "fake"\n',
+    }
+    entries[kind] = f'[[{kind}]]\nname = "x"\nbackend = "{backend}"\noptions = {{ {options} }}\n'
+    config = tmp_path / "pasted.toml"
+    config.write_text(
+        '[run]\nname = "pasted"\n\n[dataset]\npath = "prompts.json"\n\n'
+        + entries["generators"]
+        + "\n"
+        + entries["judges"]
+    )
+    write_prompts(tmp_path / "prompts.json", 1)
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(config)]) == EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert "api_key_env" in err and "not the name of an environment variable" in err
+        assert_nowhere(PASTED_KEY, err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_variable_name_and_none_are_taken_as_api_key_env() -> None:
+    from trig_stream.backends.generators.openai_images import OpenAIImagesOptions
+
+    for name in ("OPENAI_API_KEY", "_key2", ""):
+        assert OpenAIImagesOptions(api_key_env=name).api_key_env == name

@@ -341,6 +341,99 @@ def test_command_refuses_an_output_it_cannot_write_in_one_message(
         run_command([*argv, "--force"])
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "evaluation: {image_dirs: [imgs]}\ndimensions:\n  IQ-R:\n    metrics:\n"
+            '      - {name: trig_api, model_name: "a\\ud800b"}\n',
+            r"dimensions\.IQ-R\.metrics\[0\]\.model_name: holds half a character",
+        ),
+        (
+            'prompt_path: "a\\ud800b"\nevaluation: {image_dirs: [imgs]}\n',
+            r"prompt_path: holds half",
+        ),
+        ('evaluation: {image_dirs: ["im\\udc80gs"]}\n', r"evaluation\.image_dirs\[0\]: holds half"),
+        (
+            'prompt_path: "a\\x00b.json"\nevaluation: {image_dirs: [imgs]}\n',
+            r"prompt_path: holds a NUL character",
+        ),
+        ('"a\\x00": 1\nevaluation: {image_dirs: [imgs]}\n', r"the key 'a\\x00' holds a NUL"),
+    ],
+)
+def test_text_no_file_can_hold_is_refused_naming_its_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    # A traceback (UnicodeEncodeError, "embedded null byte"), and with -o an empty file left
+    # behind, which the next try refused to overwrite.
+    source = write(tmp_path, "up.yaml", text)
+    out = tmp_path / "out.toml"
+    argv = ["import-config", str(source), "-o", str(out), "--root", str(tmp_path)]
+    for command in (argv, argv[:2]):
+        with pytest.raises(ConfigError, match=rf"up\.yaml: {message}"):
+            run_command(command)
+    assert not out.exists()
+
+
+def test_names_with_two_dots_become_names_the_run_takes(tmp_path: Path) -> None:
+    # They passed import-config and validate, and the run refused them.
+    out, warnings = convert_to_file(
+        tmp_path, 'name: "a..b"\nevaluation: {image_dirs: ["out/x..y", "out/..z"]}\n'
+    )
+    config = load_config(out)
+    assert config.run.name == "a.b"
+    assert [g.name for g in config.generators] == ["x.y", "z"]
+    assert "name: 'a..b' is not a valid run name here; using 'a.b'" in warnings
+
+
+def test_a_conversion_that_does_not_validate_names_no_file_that_is_not_there(
+    tmp_path: Path,
+) -> None:
+    # It named ".../imported.toml:35", a file that never exists.
+    text = "evaluation: {image_dirs: [imgs]}\nrelation:\n  insight_thresholds:\n"
+    source = write(tmp_path, "up.yaml", text + "    dominance_ratio: 1.25\n")
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    message = str(raised.value)
+    assert f"{source} (converted): relation.dominance_ratio: Input should be less" in message
+    assert "imported.toml" not in message and "out.toml" not in message
+
+
+def test_a_root_that_is_no_folder_is_warned_of(tmp_path: Path) -> None:
+    source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
+    missing = tmp_path / "nowhere"
+    conversion = import_config(source, out=tmp_path / "out.toml", root=missing)
+    assert conversion.warnings[0].startswith(f"--root: {missing} is not a folder")
+    assert f"#   - --root: {missing} is not a folder" in conversion.text
+    warnings = import_config(source, out=tmp_path / "out.toml", root=tmp_path).warnings
+    assert not any("--root" in w for w in warnings)
+
+
+def test_a_self_referencing_upstream_config_is_looked_through_once(tmp_path: Path) -> None:
+    source = write(tmp_path, "up.yaml", "loop: &a [1, *a]\nevaluation: {image_dirs: [imgs]}\n")
+    conversion = import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert "loop: unknown upstream key, left out" in conversion.warnings
+
+
+def test_command_writes_nothing_when_the_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file was opened (emptied) before the text was written: a failure left it empty.
+    source = write(tmp_path, "upstream.yaml", GENERATION)
+    out = tmp_path / "imported.toml"
+    out.write_text("# the user's earlier config\n")
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("trig_stream.store._sync_data", fail)
+    argv = ["import-config", str(source), "-o", str(out), "--root", str(tmp_path), "--force"]
+    with pytest.raises(ConfigError, match="cannot write the config: No space left on device"):
+        run_command(argv)
+    assert out.read_text() == "# the user's earlier config\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imported.toml", "upstream.yaml"]
+
+
 def test_command_prints_to_standard_output_without_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -350,7 +443,23 @@ def test_command_prints_to_standard_output_without_out(
     assert code == 0
     printed = capsys.readouterr().out
     assert tomllib.loads(printed)["run"]["name"] == "gen-sweep"
-    assert tomllib.loads(printed)["dataset"]["path"] == "data/TRIG/t2i"
+    assert tomllib.loads(printed)["dataset"]["path"] == f"{tmp_path.resolve()}/data/TRIG/t2i"
+
+
+def test_printed_paths_hold_wherever_the_text_is_saved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # They were relative to the current folder, under a header saying "relative to this
+    # file's folder": `import-config up.yaml > config/y.toml` pointed at config/prompts/.
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "up.yaml", 'prompt_path: "prompts/p.json"\nevaluation: {image_dirs: [imgs]}\n')
+    assert run_command(["import-config", "up.yaml"])[0] == 0
+    printed = capsys.readouterr().out
+    assert "upstream's paths are in full" in printed
+    saved = write(tmp_path / "config", "y.toml", printed)
+    config = load_config(saved)
+    assert config.dataset.path == tmp_path.resolve() / "prompts" / "p.json"
+    assert config.generators[0].options["path"] == str(tmp_path.resolve() / "imgs")
 
 
 def test_image_folder_of_a_generated_model_is_not_judged_twice(tmp_path: Path) -> None:

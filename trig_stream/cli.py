@@ -170,22 +170,29 @@ VALIDATE_SHOWN = 5
 
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.dataset import DatasetSource
+    from trig_stream.engine import run_manifest
     from trig_stream.records import QuarantinedRecord
+    from trig_stream.store import check_resume
 
     config = load_config(args.config)
-    if not config.dataset.path.exists():
-        raise ConfigError(f"{args.config}: dataset.path: {config.dataset.path} does not exist")
     # Building the backends makes the checks ``run`` makes next (a generator's devices against
     # its workers, its inputs against the task...); it loads no model and connects nowhere.
     # Then what each needs from this machine that can be seen without loading anything: an
     # API key's variable, a serve command on PATH, a local checkpoint folder.
-    for generator in config.generators:
-        build_generator(generator, config).check_environment()
+    generators = [build_generator(generator, config) for generator in config.generators]
+    for generator in generators:
+        generator.check_environment()
     judges = [build_judge(judge, config) for judge in config.judges]
     for built in judges:
         built.check_environment()
-    # The dataset is read through, as a run reads it: a file that cannot be read fails here
-    # (DatasetError), and the records the run would quarantine are listed.
+    # What the run directory holds is compared with these settings as the run compares it,
+    # reading it only: a run it would refuse (results made with another seed, say) is
+    # refused here, with the run's message and exit code.
+    fingerprints = {judge.name: judge.fingerprint() for judge in judges}
+    check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
+    # The dataset is read through, as a run reads it: a file that is missing or cannot be
+    # read fails here (DatasetError, the run's exit code), and the records the run would
+    # quarantine are listed.
     source = DatasetSource(config.dataset, config.run.task)
     samples = unmeasured = 0
     refused: list[QuarantinedRecord] = []

@@ -8,11 +8,14 @@ inside a config are taken relative to the config file's own folder.
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import json
 import re
 import tomllib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -24,19 +27,29 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
 from trig_stream.errors import ConfigError
-from trig_stream.records import SAFE_NAME
+from trig_stream.records import COMPARISON_FILE, is_reserved_model_name, is_safe_name
 from trig_stream.scoring import Scorer
 
 
 def _safe_name(value: str) -> str:
-    if not SAFE_NAME.match(value):
+    # The run's own check (and its data_ids'): a name it would refuse must not pass here.
+    if not is_safe_name(value):
         raise ValueError(
-            "must start with a letter or digit and use only letters, digits, '.', '_' and '-'"
-            " (it becomes a folder name)"
+            "must start with a letter or digit and use only letters, digits, '.', '_' and '-',"
+            " without '..' (it becomes a folder name)"
+        )
+    return value
+
+
+def _model_name(value: str) -> str:
+    if is_reserved_model_name(value):
+        raise ValueError(
+            f"is the name of the report's comparison of the models ({COMPARISON_FILE}, beside "
+            "their folders): give the model another name"
         )
     return value
 
@@ -46,8 +59,9 @@ def _pair(value: str) -> str:
     return value
 
 
-_URL_PROBLEM: Final = "url_problem"
-"""The error type of a bad URL, whose input no message quotes (it may hold a secret)."""
+_UNQUOTED: Final = "unquoted_problem"
+"""The error type of a bad URL or variable name, whose input no message quotes (it may hold a
+secret)."""
 
 
 def _http_url(value: str) -> str:
@@ -55,41 +69,71 @@ def _http_url(value: str) -> str:
     # run whose every request fails. The URL itself is never quoted: it may hold a password
     # or, in a query, a key.
     if any(char.isspace() for char in value):
-        raise _url_problem("holds spaces: write the URL without them (in a path, %20)")
+        raise _unquoted_problem("holds spaces: write the URL without them (in a path, %20)")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - reading it checks it (out of range, not a number)
     except ValueError as exc:
-        raise _url_problem(f"not a URL: {exc}") from None
+        raise _unquoted_problem(f"not a URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _url_problem("not an http:// or https:// URL with a host")
+        raise _unquoted_problem("not an http:// or https:// URL with a host")
     if "@" in parts.netloc:
-        raise _url_problem(
+        raise _unquoted_problem(
             "holds credentials (user:password@): remove them, and put the API key in the "
             "environment variable that api_key_env names (the config is saved with the run)"
         )
     if "?" in value or "#" in value:
         # Each client appends the API's path to the base URL, which lands inside the query.
-        raise _url_problem(
+        raise _unquoted_problem(
             "holds a query string or fragment (?..., #...), which no request would carry as "
             "written: give the base URL without it"
         )
     return value
 
 
-def _url_problem(message: str) -> PydanticCustomError:
-    return PydanticCustomError(_URL_PROBLEM, message)
+def _unquoted_problem(message: str) -> PydanticCustomError:
+    return PydanticCustomError(_UNQUOTED, message)
+
+
+_VARIABLE_NAME: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+NOT_A_VARIABLE: Final = (
+    "not the name of an environment variable (letters, digits and '_', not starting with a "
+    "digit): if it is the API key itself, take it out (it would be printed and saved), export "
+    "it in a variable and give the variable's name instead, e.g. OPENAI_API_KEY"
+)
+"""What is wrong with an API key's variable name that is none, without quoting it."""
+
+
+def is_variable_name(text: str) -> bool:
+    """Whether ``text`` can name an environment variable (``OPENAI_API_KEY``)."""
+    return bool(_VARIABLE_NAME.match(text))
+
+
+def _variable_name(value: str) -> str:
+    # An API key pasted where its variable's name goes would be printed by every message
+    # that names the variable, and saved with the run: refused here, and never quoted.
+    if value and not is_variable_name(value):
+        raise _unquoted_problem(NOT_A_VARIABLE)
+    return value
 
 
 SafeName = Annotated[str, AfterValidator(_safe_name)]
+ModelName = Annotated[SafeName, AfterValidator(_model_name)]
+"""A generator's name: a safe name that is not one of the report's files."""
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 """An ``http://`` or ``https://`` URL with a host, and a valid port if it names one; without
 spaces, credentials, query string or fragment."""
+EnvVarName = Annotated[str, AfterValidator(_variable_name)]
+"""The name of an environment variable (an API key's ``api_key_env``), or ``""`` for none; a
+value that is not one (the key itself, pasted) is refused without being quoted."""
 TaskName = Annotated[
     Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)
 ]
 PairName = Annotated[str, AfterValidator(_pair)]
 
+
+Loc: TypeAlias = tuple[str | int, ...]
+"""Where a value is in a config: its keys and array indices from the top."""
 
 OPTIONS_CONFIG: Final = ConfigDict(
     extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True
@@ -134,7 +178,7 @@ class DatasetSection(_Section):
 class GeneratorConfig(_Section):
     """``[[generators]]``: one model under evaluation."""
 
-    name: SafeName
+    name: ModelName
     """The model's name in the run: image folder, records, reports."""
     backend: str
     workers: Annotated[int, Field(ge=1, le=64)] = 1
@@ -249,26 +293,35 @@ class RunConfig(_Section):
         return self
 
     def resolve_paths(self, base: Path) -> RunConfig:
-        """Return a copy whose relative paths are taken relative to ``base``."""
+        """Return a copy whose paths starting with ``~`` start in the home folder, and whose
+        relative paths are taken relative to ``base``.
 
-        def fix(path: Path | None) -> Path | None:
-            return None if path is None or path.is_absolute() else (base / path).resolve()
-
+        Raises:
+            ConfigError: a path names the home folder of a user this machine does not know.
+        """
         generators = [
-            g.model_copy(update={"options": _resolve_options(g.options, base)})
-            for g in self.generators
+            g.model_copy(
+                update={"options": _resolve_options(g.options, base, f"generators[{i}].options")}
+            )
+            for i, g in enumerate(self.generators)
         ]
         judges = [
-            j.model_copy(update={"options": _resolve_options(j.options, base)}) for j in self.judges
+            j.model_copy(
+                update={"options": _resolve_options(j.options, base, f"judges[{i}].options")}
+            )
+            for i, j in enumerate(self.judges)
         ]
+        image_root = self.dataset.image_root
         dataset = self.dataset.model_copy(
             update={
-                "path": fix(self.dataset.path) or self.dataset.path,
-                "image_root": fix(self.dataset.image_root) or self.dataset.image_root,
+                "path": _resolve(self.dataset.path, base, "dataset.path"),
+                "image_root": None
+                if image_root is None
+                else _resolve(image_root, base, "dataset.image_root"),
             }
         )
         run = self.run.model_copy(
-            update={"output_dir": fix(self.run.output_dir) or self.run.output_dir}
+            update={"output_dir": _resolve(self.run.output_dir, base, "run.output_dir")}
         )
         return self.model_copy(
             update={"dataset": dataset, "run": run, "generators": generators, "judges": judges}
@@ -284,33 +337,119 @@ PATH_OPTIONS = frozenset({"path", "report", "template", "model_path"})
 """Backend options that name a file or folder, resolved like the config's own paths."""
 HUB_OR_PATH_OPTIONS = frozenset({"checkpoint"})
 """Options that hold a hub id (``org/model``) or a folder: resolved only when written as an
-explicit relative path (``./x``, ``../x``)."""
+explicit relative path (``./x``, ``../x``) or from the home folder (``~/x``)."""
 PASSED_THROUGH_OPTIONS = frozenset({"call", "load", "extra_body"})
 """Tables handed as they are to a library or an API (a pipeline's call and loading
 arguments, an images API's extra body): their keys are not ours, so nothing in them is
 resolved. Other nested tables are backends' options (a wrapper's inner generator, a metric)."""
 
 
-def _resolve_options(options: dict[str, Any], base: Path) -> dict[str, Any]:
+def _resolve(path: Path, base: Path, key: str) -> Path:
+    # ``~`` as a shell reads it: a folder literally named "~" beside the config, which a
+    # later `rm -rf ~` would take for the home folder, is never what was meant.
+    if str(path).startswith("~"):
+        try:
+            path = path.expanduser()
+        except RuntimeError:  # ~name of an unknown user, or no home folder at all
+            raise ConfigError(
+                f"{key}: {path}: no home folder is known for {path.parts[0]}: write the "
+                "path out in full"
+            ) from None
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _resolve_options(options: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
     resolved = dict(options)
     for key, value in options.items():
         if key in PASSED_THROUGH_OPTIONS:
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
-            resolved[key] = _resolve_options(value, base)
+            resolved[key] = _resolve_options(value, base, f"{where}.{key}")
         elif not isinstance(value, str) or not value or Path(value).is_absolute():
             continue
-        elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith(".")):
-            resolved[key] = str((base / value).resolve())
+        elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith((".", "~"))):
+            resolved[key] = str(_resolve(Path(value), base, f"{where}.{key}"))
     return resolved
 
 
+_DUPLICATE: Final = "duplicate_name"
+"""The error type of a name used twice; its context says where the second use is, so that
+the message names that entry's line rather than the whole config's."""
+
+
 def _unique(names: list[str], section: str) -> None:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"{section}: the name {name!r} is used twice")
-        seen.add(name)
+    first: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in first:
+            raise PydanticCustomError(
+                _DUPLICATE,
+                # A safe name holds no brace, which the template would read as a placeholder.
+                f"{section}: the name {name!r} is used twice (also {section}[{first[name]}])",
+                {"section": section, "index": index},
+            )
+        first[name] = index
+
+
+_Table = TypeVar("_Table", bound=BaseModel)
+
+
+def validate_table(model: type[_Table], table: Mapping[str, Any]) -> _Table:
+    """Validate a table of a config file against ``model``, refusing values of another type.
+
+    A value is taken as the TOML file writes it, never converted: ``true`` is no number,
+    ``"2"`` and ``2.0`` are no integer, ``"yes"`` is no boolean; but a string is a path, an
+    array a tuple, and an integer a decimal number (pydantic's strict mode, on the JSON the
+    table is). A table built in Python, holding values JSON has no form for (a ``Path``), is
+    validated by Python's looser rules.
+
+    Raises:
+        pydantic.ValidationError: the table does not fit ``model``.
+    """
+    try:
+        # NaN and infinity are written as JSON's extensions, which ``allow_inf_nan`` refuses.
+        data = json.dumps(table, ensure_ascii=False).encode()
+    except (TypeError, ValueError):  # a Path, a lone surrogate (UnicodeEncodeError)...
+        return model.model_validate(table)
+    return model.model_validate_json(data, strict=True)
+
+
+def unusable_values(data: Any, *, dates: bool = True) -> Iterator[tuple[Loc, str]]:
+    """Where parsed config data holds a value no key takes, and why: text with a NUL
+    character or half a character (a lone surrogate), which no path, name, URL or command can
+    carry, a key included; and, with ``dates``, a date or time (TOML has them, a config uses
+    none). A table that holds itself (a YAML alias can) is looked through once."""
+    return _unusable(data, (), dates, set())
+
+
+def _unusable(data: Any, loc: Loc, dates: bool, within: set[int]) -> Iterator[tuple[Loc, str]]:
+    if isinstance(data, dict | list):
+        if id(data) in within:
+            return
+        within.add(id(data))
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in items:
+            problem = _text_problem(key) if isinstance(key, str) else None
+            if problem is not None:
+                yield loc, f"the key {key!r} {problem}"
+            yield from _unusable(value, (*loc, key), dates, within)
+        within.discard(id(data))
+    elif isinstance(data, str):
+        problem = _text_problem(data)
+        if problem is not None:
+            yield loc, problem
+    elif dates and isinstance(data, datetime.date | datetime.time):
+        yield loc, "a date or time, which no key takes: quote it if it is text"
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return (
+            "holds a NUL character (\\u0000), which no path, name, URL or command can carry: "
+            "remove it"
+        )
+    if not text.isascii() and any("\ud800" <= char <= "\udfff" for char in text):
+        return "holds half a character (a lone surrogate, \\ud800-\\udfff): remove it"
+    return None
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -336,12 +475,24 @@ def load_config(path: str | Path) -> RunConfig:
     return parse_config(data, source=path, text=text)
 
 
-def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunConfig:
-    """Validate an already-parsed config mapping (see :func:`load_config`)."""
+def parse_config(
+    data: dict[str, Any], *, source: Path, text: str = "", base: Path | None = None
+) -> RunConfig:
+    """Validate an already-parsed config mapping (see :func:`load_config`).
+
+    Args:
+        data: the parsed TOML.
+        source: the config's name in messages; relative paths start from its folder...
+        text: its TOML text, whose lines messages name (none without it).
+        base: ...unless this folder is given.
+    """
     from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
+    unusable = [_problem_line(source, text, loc, why) for loc, why in unusable_values(data)]
+    if unusable:
+        raise ConfigError(_join(source, unusable))
     try:
-        config = RunConfig.model_validate(data)
+        config = validate_table(RunConfig, data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source, text)) from None
     problems: list[str] = []
@@ -361,7 +512,10 @@ def parse_config(data: dict[str, Any], *, source: Path, text: str = "") -> RunCo
             problems.append(_problem_line(source, text, loc, str(exc)))
     if problems:
         raise ConfigError(_join(source, problems))
-    return config.resolve_paths(source.parent)
+    try:
+        return config.resolve_paths(source.parent if base is None else base)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _describe(exc: ValidationError, source: Path, text: str) -> str:
@@ -383,22 +537,47 @@ def _problems(
     lines = []
     for error in exc.errors(include_url=False):
         loc = prefix + tuple(error["loc"])
-        if error["type"] == "extra_forbidden":
-            message = "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
-        elif error["type"] == "missing":
-            message = "required key is missing"
-        elif error["type"] == _URL_PROBLEM:
-            message = error["msg"]
-        elif error["type"] == "value_error":
-            # Our own checks: their message says what is wrong, without pydantic's prefix,
-            # and a check of a whole table would quote all of it.
-            message = str(error["ctx"]["error"])
-            if not isinstance(error.get("input"), dict):
-                message += f" (got {error.get('input')!r})"
-        else:
-            message = f"{error['msg']} (got {error.get('input')!r})"
-        lines.append(_problem_line(source, text, loc, message))
+        if error["type"] == _DUPLICATE:  # at the entry that repeats the name
+            loc += (error["ctx"]["section"], error["ctx"]["index"], "name")
+        lines.append(_problem_line(source, text, loc, _message(error, model)))
     return lines
+
+
+def nested_problems(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The problems of a table nested in a backend's options (a wrapper's inner generator's
+    options, a metric's), in one line, each named by its key as the config's own are:
+    ``sise: unknown key; did you mean 'size'?``."""
+    return "; ".join(
+        f"{dotted_key(tuple(error['loc'])) or '(the table)'}: {_message(error, model)}"
+        for error in exc.errors(include_url=False)
+    )
+
+
+def _message(error: ErrorDetails, model: type[BaseModel]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
+    if error["type"] == "missing":
+        return "required key is missing"
+    if error["type"] in (_UNQUOTED, _DUPLICATE):
+        return error["msg"]
+    if error["type"] == "value_error":
+        # Our own checks: their message says what is wrong, without pydantic's prefix,
+        # and a check of a whole table would quote all of it.
+        message = str(error.get("ctx", {}).get("error", error["msg"]))
+        if not isinstance(error.get("input"), dict):
+            message += f" (got {_as_written(error.get('input'))})"
+        return message
+    return f"{error['msg']} (got {_as_written(error.get('input'))})"
+
+
+def _as_written(value: Any) -> str:
+    """``value`` as TOML writes it (``true``, ``"2"``), so a message shows what the file says."""
+    from trig_stream.upstream_config.toml_writer import toml_value
+
+    try:
+        return toml_value(value)
+    except TypeError:
+        return repr(value)
 
 
 def _known_keys_hint(model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
@@ -430,14 +609,15 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _problem_line(source: Path, text: str, loc: tuple[str | int, ...], message: str) -> str:
-    dotted = _dotted(loc)
+def _problem_line(source: Path, text: str, loc: Loc, message: str) -> str:
+    dotted = dotted_key(loc)
     line = locate_key(text, loc)
     where = f"{source}:{line}" if line else f"{source}"
     return f"{where}: {dotted or '(top level)'}: {message}"
 
 
-def _dotted(loc: tuple[str | int, ...]) -> str:
+def dotted_key(loc: Loc) -> str:
+    """``loc`` written as a config's keys are: ``generators[0].options.path``."""
     out = ""
     for part in loc:
         if isinstance(part, int):

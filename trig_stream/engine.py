@@ -29,7 +29,7 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -109,6 +109,22 @@ class RunSummary:
     error: int
     quarantined: int
     run_dir: Path
+
+
+def run_manifest(
+    config: RunConfig,
+    generators: Sequence[Generator],
+    judges: Mapping[str, JudgeFingerprint],
+) -> Manifest:
+    """The manifest a run of ``config`` with these generators and judges' fingerprints (by
+    name) writes in its run directory, and compares with the one stored there."""
+    return Manifest(
+        run_name=config.run.name,
+        task=config.run.task,
+        generators={g.name: {**g.fingerprint(), "seed": config.run.seed} for g in generators},
+        judges={name: fp.model_dump(mode="json") for name, fp in judges.items()},
+        config=config.model_dump(mode="json"),
+    )
 
 
 class Engine:
@@ -467,15 +483,7 @@ class Engine:
         for judge in self._judges:
             self._fingerprints[judge.name] = judge.fingerprint()
             self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
-        manifest = Manifest(
-            run_name=config.run.name,
-            task=config.run.task,
-            generators={
-                g.name: {**g.fingerprint(), "seed": config.run.seed} for g in self._generators
-            },
-            judges={name: fp.model_dump(mode="json") for name, fp in self._fingerprints.items()},
-            config=config.model_dump(mode="json"),
-        )
+        manifest = run_manifest(config, self._generators, self._fingerprints)
         path = config.run_dir
         if self._new_run:
             path = await anyio.to_thread.run_sync(next_free_run_dir, path)

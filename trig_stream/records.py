@@ -19,7 +19,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeAlias, TypeGuard
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +42,16 @@ SAFE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" lets 
 def is_safe_name(name: str) -> bool:
     """Whether ``name`` can name a file or folder of a run directory (no ``..``, no ``/``)."""
     return bool(SAFE_NAME.match(name)) and ".." not in name
+
+
+COMPARISON_FILE: Final = "comparison.md"
+"""The report's file beside its models' folders (``report/<model>/``): no model's name."""
+
+
+def is_reserved_model_name(name: str) -> bool:
+    """Whether ``name`` would name a file the report writes beside the models' folders (in
+    any case: a file system may not tell them apart)."""
+    return name.lower() == COMPARISON_FILE
 
 
 def storable_text(text: str) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from sys import intern
 from typing import IO, Any, BinaryIO, Literal, TypeAlias, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trig_stream.errors import (
     FingerprintMismatch,
@@ -76,6 +76,21 @@ class Manifest(BaseModel):
     """The config the latest run used (for ``status``, ``report`` and ``watch``)."""
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
+
+    @field_validator("generators")
+    @classmethod
+    def _dtypes_used(cls, generators: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # A diffusers generator's fingerprint held one dtype per device, so adding a device
+        # was refused as a change; it now holds the dtypes used, which an older run
+        # directory's list is read as.
+        return {
+            name: {**fingerprint, "dtype": sorted(set(fingerprint["dtype"]))}
+            if fingerprint.get("backend") == "diffusers"
+            and isinstance(fingerprint.get("dtype"), list)
+            and all(isinstance(dtype, str) for dtype in fingerprint["dtype"])
+            else fingerprint
+            for name, fingerprint in generators.items()
+        }
 
     def differences(
         self, other: Manifest, holds: Callable[[EntryKind, str], bool] | None = None
@@ -187,6 +202,50 @@ class JournalState:
         return status is not None and not (retry_errors and status == "error")
 
 
+def journal_state(path: Path) -> tuple[JournalState, int]:
+    """What the journal at ``path`` holds, and where its last judgement ends (past it, a
+    torn tail of ``torn_bytes``); reading only.
+
+    Raises:
+        RunDirError: it is a folder or a pipe.
+        OSError: it cannot be read.
+    """
+    state = JournalState()
+    good_end = end = 0
+    handle = open_journal(path)
+    if handle is None:
+        return state, 0
+    with handle:
+        unreadable: list[int] = []  # since the last judgement
+        for number, raw in enumerate(handle, start=1):
+            end += len(raw)
+            try:
+                # The same check the report's reading makes: a line it would skip must not
+                # count as judged, or its judgement is in neither.
+                judgement = parse_journal_line(raw)
+            except ValueError:
+                unreadable.append(number)
+                continue
+            state.skipped_lines += unreadable
+            unreadable = []
+            key = (
+                intern(judgement.model),  # one string each, not one per line
+                judgement.data_id,
+                intern(judgement.dimension),
+                intern(judgement.metric),
+            )
+            state.record(key, judgement.status)
+            if judgement.status != "error":  # judged nothing
+                state.models_with_results.add(key[0])
+                state.metrics_with_results.add(key[3])
+                if judgement.sample_digest is not None:
+                    state.digests[key[1]] = judgement.sample_digest
+            state.lines = number
+            good_end = end
+        state.torn_bytes = os.fstat(handle.fileno()).st_size - good_end
+    return state, good_end
+
+
 class Journal:
     """An append-only JSON Lines file of judgements, durable on every :meth:`append`."""
 
@@ -234,44 +293,11 @@ class Journal:
 
     def _read_state(self) -> JournalState:
         # What the journal holds; a torn tail is cut off (this process holds the lock).
-        state = JournalState()
-        good_end = end = 0
-        handle = open_journal(self.path)
-        if handle is not None:
-            with handle:
-                unreadable: list[int] = []  # since the last judgement
-                for number, raw in enumerate(handle, start=1):
-                    end += len(raw)
-                    try:
-                        # The same check the report's reading makes: a line it would skip
-                        # must not count as judged, or its judgement is in neither.
-                        judgement = parse_journal_line(raw)
-                    except ValueError:
-                        unreadable.append(number)
-                        continue
-                    state.skipped_lines += unreadable
-                    unreadable = []
-                    key = (
-                        intern(judgement.model),  # one string each, not one per line
-                        judgement.data_id,
-                        intern(judgement.dimension),
-                        intern(judgement.metric),
-                    )
-                    state.record(key, judgement.status)
-                    if judgement.status != "error":
-                        state.models_with_results.add(key[0])
-                        state.metrics_with_results.add(key[3])
-                    digest = judgement.sample_digest
-                    if digest is not None and judgement.status != "error":  # judged nothing
-                        state.digests[key[1]] = digest
-                    state.lines = number
-                    good_end = end
-            size = self.path.stat().st_size
-            if size > good_end:
-                state.torn_bytes = size - good_end
-                with self.path.open("r+b") as handle:
-                    handle.truncate(good_end)
-                    os.fsync(handle.fileno())
+        state, good_end = journal_state(self.path)
+        if state.torn_bytes:
+            with self.path.open("r+b") as handle:
+                handle.truncate(good_end)
+                os.fsync(handle.fileno())
         return state
 
     def append(self, judgements: Iterable[Judgement]) -> None:
@@ -537,57 +563,83 @@ class RunDir:
                 leftover.unlink(missing_ok=True)
 
     def _check_manifest(self, manifest: Manifest, journal: JournalState) -> None:
-        path = self.path / MANIFEST
-        holds_results = self._holds_results(journal)
-        if holds_results and not path.exists():
-            # The manifest is written before anything else, so it was removed: what the
-            # results were made with cannot be checked, and a changed config would mix in.
-            raise RunDirError(
-                f"{self.path} holds results but no {MANIFEST}, so the settings they were made "
-                "with cannot be checked: restore the file, or use --new-run to start a fresh "
-                "run directory beside it"
-            )
-        if holds_results:
-            stored = read_manifest(self.path)
-            differences = stored.differences(manifest, self._results_held(journal))
-            if differences:
-                raise FingerprintMismatch(
-                    f"{self.path} holds results made with other settings:\n  "
-                    + "\n  ".join(differences)
-                    + "\nUse --new-run to start a fresh run directory beside it, or change"
-                    " [run] name."
-                )
-            manifest = stored.merged(manifest)
-        write_atomic(path, manifest.model_dump_json(indent=2).encode())
+        manifest = resumed_manifest(self.path, manifest, journal)
+        write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
 
-    def _holds_results(self, journal: JournalState) -> bool:
-        """Whether anything here was made under the stored manifest: a judgement or an image.
-        A run that made neither (its generator failed to load, or failed every call, leaving
-        ``error`` judgements only) protects nothing, so its corrected config starts afresh in
-        the same directory."""
-        if journal.models_with_results or journal.skipped_lines:
+
+def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> Manifest:
+    """The manifest a run with ``manifest`` writes in the run directory ``path``: its own, or,
+    when the directory holds results, the stored one with what ``manifest`` adds.
+
+    Results are anything made under the stored manifest: a judgement that is not an
+    ``error`` (``journal`` says) or an image. A run that made neither (its generator failed
+    to load, or failed every call) protects nothing, so its corrected config starts afresh
+    in the same directory; and a generator or judge that made none takes its corrected
+    settings beside the others' results (:func:`_results_held`). Nothing is written here.
+
+    Raises:
+        RunDirError: the directory holds results but no manifest.
+        FingerprintMismatch: its results were made with settings that differ.
+    """
+    holds_results = bool(journal.models_with_results or journal.skipped_lines)
+    holds_results = holds_results or _holds_a_file(path / IMAGES)
+    if holds_results and not (path / MANIFEST).exists():
+        # The manifest is written before anything else, so it was removed: what the
+        # results were made with cannot be checked, and a changed config would mix in.
+        raise RunDirError(
+            f"{path} holds results but no {MANIFEST}, so the settings they were made "
+            "with cannot be checked: restore the file, or use --new-run to start a fresh "
+            "run directory beside it"
+        )
+    if not holds_results:
+        return manifest
+    stored = read_manifest(path)
+    differences = stored.differences(manifest, _results_held(path, journal))
+    if differences:
+        raise FingerprintMismatch(
+            f"{path} holds results made with other settings:\n  "
+            + "\n  ".join(differences)
+            + "\nUse --new-run to start a fresh run directory beside it, or change"
+            " [run] name."
+        )
+    return stored.merged(manifest)
+
+
+def _results_held(path: Path, journal: JournalState) -> Callable[[EntryKind, str], bool]:
+    """Whether each entry made results in the run directory ``path``: a generator an image
+    or a judgement of its images, a judge a judgement (``error`` ones judged nothing). An
+    entry that made none (a judge whose model name was wrong, a generator that failed every
+    call) takes its corrected settings; the others keep theirs. A line that is no judgement
+    could be anyone's: then every entry holds results."""
+    images = path / IMAGES
+
+    def holds(kind: EntryKind, name: str) -> bool:
+        if journal.skipped_lines:
             return True
-        return _holds_a_file(self.path / IMAGES)
+        if kind == "judges":
+            return name in journal.metrics_with_results
+        if name in journal.models_with_results:
+            return True
+        tasks = images.iterdir() if images.is_dir() else ()
+        return any(_holds_a_file(task / name) for task in tasks if task.name != PARTIAL)
 
-    def _results_held(self, journal: JournalState) -> Callable[[EntryKind, str], bool]:
-        """Whether each entry made results here: a generator an image or a judgement of its
-        images, a judge a judgement (``error`` ones judged nothing). An entry that made none
-        (a judge whose model name was wrong, a generator that failed every call) takes its
-        corrected settings; the others keep theirs. A line that is no judgement could be
-        anyone's: then every entry holds results."""
-        images = self.path / IMAGES
+    return holds
 
-        def holds(kind: EntryKind, name: str) -> bool:
-            if journal.skipped_lines:
-                return True
-            if kind == "judges":
-                return name in journal.metrics_with_results
-            if name in journal.models_with_results:
-                return True
-            tasks = images.iterdir() if images.is_dir() else ()
-            return any(_holds_a_file(task / name) for task in tasks if task.name != PARTIAL)
 
-        return holds
+def check_resume(path: Path, manifest: Manifest) -> None:
+    """Raise what a run with ``manifest`` would be refused for in the run directory ``path``
+    (made with other settings, or results without a manifest), reading it only: no lock is
+    taken, nothing is written or cut (``trig-stream validate``). A directory in use by a run
+    is not refused here.
+
+    Raises:
+        RunDirError: see :func:`resumed_manifest`; or the journal cannot be read.
+    """
+    try:
+        journal, _ = journal_state(path / JOURNAL)
+    except OSError as exc:
+        raise journal_unreadable(path / JOURNAL, exc) from None
+    resumed_manifest(path, manifest, journal)
 
 
 def _holds_a_file(folder: Path) -> bool:

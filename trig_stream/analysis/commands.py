@@ -27,7 +27,7 @@ from trig_stream.analysis.report import WrittenFiles, write_model_outputs, writi
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
-from trig_stream.records import Judgement
+from trig_stream.records import COMPARISON_FILE, Judgement
 from trig_stream.store import writer_pid
 
 THRESHOLD_OPTIONS: dict[str, str] = {
@@ -194,7 +194,7 @@ def write_report(
         _print_written(console, analysis, written)
     if len(analyses) > 1:
         with writing(folder):
-            (folder / "comparison.md").write_text(
+            (folder / COMPARISON_FILE).write_text(
                 comparison_markdown(compare(analyses)), encoding="utf-8"
             )
     if skipped:

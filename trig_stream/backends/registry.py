@@ -78,13 +78,16 @@ def backend_class(kind: Kind, name: str) -> BackendClass:
 
 
 def validate_backend_options(kind: Kind, name: str, options: dict[str, Any]) -> BaseModel:
-    """Check a backend's ``options`` table against its model.
+    """Check a backend's ``options`` table against its model, as a config file gives it
+    (:func:`~trig_stream.config.validate_table`: a value of another type is refused).
 
     Raises:
         ValueError: unknown backend.
         pydantic.ValidationError: the options do not fit the backend's model.
     """
-    return backend_class(kind, name).Options.model_validate(options)
+    from trig_stream.config import validate_table
+
+    return validate_table(backend_class(kind, name).Options, options)
 
 
 def build_generator(entry: GeneratorConfig, config: RunConfig) -> Generator:
@@ -105,11 +108,12 @@ def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> 
     """Check backend instances given to the engine as the config checks its own entries.
 
     Raises:
-        ConfigError: none of a kind, a name that is no safe file name or is used twice, or
+        ConfigError: none of a kind, a name that is no safe file name, is used twice or (a
+            generator's) names a file of the report, or
             a count (workers, batch size, concurrency) under 1.
     """
     from trig_stream.errors import ConfigError
-    from trig_stream.records import is_safe_name
+    from trig_stream.records import is_reserved_model_name, is_safe_name
 
     for kind, backends in (("generator", generators), ("judge", judges)):
         if not backends:
@@ -121,7 +125,12 @@ def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> 
             if not isinstance(backend.name, str) or not is_safe_name(backend.name):
                 raise ConfigError(
                     f"{kind} name {backend.name!r} is not a safe file name (it names folders of "
-                    "the run directory): letters, digits, '.', '_' and '-'"
+                    "the run directory): letters, digits, '.', '_' and '-', without '..'"
+                )
+            if kind == "generator" and is_reserved_model_name(backend.name):
+                raise ConfigError(
+                    f"generator name {backend.name!r} names the report's comparison of the "
+                    "models, beside their folders: give the model another name"
                 )
             if backend.name in seen:
                 raise ConfigError(f"{kind} name {backend.name!r} is used twice")

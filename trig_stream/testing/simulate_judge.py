@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from trig_stream.config import NOT_A_VARIABLE, is_variable_name
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
 
 EXIT_OK = 0
@@ -100,6 +101,8 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
         if not sep:
             raise ValueError(f"--correlation {text!r}: expected A_B=R, e.g. IQ-R_TA-C=0.8")
         correlations[pair.strip()] = float(value)
+    if args.api_key_env and not is_variable_name(args.api_key_env):
+        raise ValueError(f"--api-key-env: {NOT_A_VARIABLE}")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
         raise ValueError(f"--api-key-env: the environment variable {args.api_key_env} is not set")

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trig_stream.errors import ConfigError
+from trig_stream.store import write_atomic
 from trig_stream.upstream_config.convert import import_config
 
 EXIT_OK = 0
@@ -67,13 +68,21 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
     conversion = import_config(args.yaml, out=out, root=args.root)
     for line in conversion.warnings:
         console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+    try:
+        data = conversion.text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a path of --root's that is not UTF-8
+        raise ConfigError(
+            f"{args.yaml}: the converted config cannot be written as UTF-8 text: "
+            f"{conversion.text[exc.start : exc.end]!r} (a file name that is not UTF-8?)"
+        ) from None
     if out is None:
         sys.stdout.write(conversion.text)
         sys.stdout.flush()
     else:
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(conversion.text, encoding="utf-8")
+            # Whole or not at all: a failed write left an empty file, which the next try
+            # then refused to overwrite without --force.
+            write_atomic(out, data)
         except (FileExistsError, NotADirectoryError):
             raise ConfigError(
                 f"{out}: cannot write the config: a file stands where a folder of its path "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from trig_stream.config import RunConfig, parse_config
+from trig_stream.config import RunConfig, dotted_key, parse_config, unusable_values
 from trig_stream.dimensions import DIMENSIONS, Task, normalise_task
 from trig_stream.errors import ConfigError
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping
@@ -98,11 +98,19 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {message}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an upstream config is a mapping of keys at the top level")
+    # Checked before anything is converted: such text reached the TOML, which then could
+    # not be written (UTF-8 has no half characters) or named a file no system can open.
+    problems = []
+    for loc, why in unusable_values(data, dates=False):
+        key = dotted_key(tuple(part if isinstance(part, int) else str(part) for part in loc))
+        problems.append(f"{path}: {key}: {why}" if key else f"{path}: {why}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return data
 
 
 def convert_upstream_config(
-    data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path
+    data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path | None
 ) -> Conversion:
     """Convert a parsed upstream config into the text of a trig-stream TOML config.
 
@@ -110,7 +118,8 @@ def convert_upstream_config(
         data: the YAML mapping (see :func:`load_upstream_yaml`).
         source: the YAML file, named in the TOML's header and in messages.
         root: the folder upstream's relative paths start from (its project root).
-        out_dir: the folder the TOML will live in; paths are written relative to it.
+        out_dir: the folder the TOML will live in; upstream's paths are written relative to
+            it, or in full when None (the TOML is printed, and may be saved anywhere).
 
     Raises:
         ConfigError: the task has no counterpart, no model or folder converts to a
@@ -124,12 +133,12 @@ def import_config(path: Path, *, out: Path | None = None, root: Path | None = No
 
     Args:
         path: the upstream YAML file.
-        out: where the TOML will be written (its folder anchors relative paths); None for the
-            current folder.
+        out: where the TOML will be written (its folder anchors relative paths); None when
+            it is printed: upstream's paths are then written in full.
         root: upstream's project root; None for the current folder.
     """
     cwd = Path.cwd()
-    out_dir = (out.parent if out is not None else cwd).resolve()
+    out_dir = out.parent.resolve() if out is not None else None
     return convert_upstream_config(
         load_upstream_yaml(path), source=path, root=(root or cwd).resolve(), out_dir=out_dir
     )
@@ -141,7 +150,9 @@ def import_config(path: Path, *, out: Path | None = None, root: Path | None = No
 class _Converter:
     """One conversion: the TOML's tables as they fill, and the warnings in the order met."""
 
-    def __init__(self, data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path) -> None:
+    def __init__(
+        self, data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path | None
+    ) -> None:
         self.data = data
         self.source = source
         self.root = root
@@ -158,6 +169,12 @@ class _Converter:
         self.warnings.append(f"{key}: {message}")
 
     def convert(self) -> Conversion:
+        if not self.root.is_dir():
+            self.warn(
+                "--root",
+                f"{self.root} is not a folder: upstream's relative paths start from it all "
+                "the same; check that it is the project root",
+            )
         for key in self.data:
             if key not in TOP_LEVEL_KEYS:
                 self._extra_top_level(str(key), self.data[key])
@@ -173,9 +190,13 @@ class _Converter:
                 + "".join(f"\n  {w}" for w in self.warnings)
             )
         text = self._render()
-        virtual = self.out_dir / "imported.toml"
+        # Its problems are named by the converted TOML's keys, under the upstream file's
+        # name: the TOML's lines would be those of a file that was never written.
+        converted = Path(f"{self.source} (converted)")
         try:
-            config = parse_config(tomllib.loads(text), source=virtual, text=text)
+            config = parse_config(
+                tomllib.loads(text), source=converted, base=self.out_dir or Path.cwd()
+            )
         except (ConfigError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(
                 f"{self.source}: the converted config does not validate:\n{exc}"
@@ -352,6 +373,8 @@ class _Converter:
         path = Path(value)
         if path.is_absolute():
             return path.as_posix()
+        if self.out_dir is None:  # printed: the file's folder is not known
+            return (self.root / path).as_posix()
         try:
             return Path(os.path.relpath(self.root / path, self.out_dir)).as_posix()
         except ValueError:  # another drive
@@ -368,6 +391,8 @@ class _Converter:
             f"# Converted by `trig-stream import-config` from {comment(str(self.source))}",
             "# (a TRIG upstream YAML config). Relative paths are relative to this file's folder.",
         ]
+        if self.out_dir is None:
+            lines.append("# It was printed, not written to a file: upstream's paths are in full.")
         if self.warnings:
             lines.append("#")
             lines.append(f"# Left out or to check ({len(self.warnings)}):")

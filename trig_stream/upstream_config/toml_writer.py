@@ -13,18 +13,20 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from trig_stream.records import SAFE_NAME
+from trig_stream.records import is_safe_name
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_DOTS = re.compile(r"\.{2,}")
 
 
 def safe_name(name: str) -> str:
     """``name`` as a valid run, generator or judge name here (``imported`` if nothing is left)."""
-    if SAFE_NAME.match(name):
+    if is_safe_name(name):
         return name
-    cleaned = _UNSAFE_NAME_CHARS.sub("-", name).strip("-._")[:128]
-    return cleaned if cleaned and SAFE_NAME.match(cleaned) else "imported"
+    cleaned = _UNSAFE_NAME_CHARS.sub("-", name)
+    cleaned = _DOTS.sub(".", cleaned).strip("-._")[:128]
+    return cleaned if is_safe_name(cleaned) else "imported"
 
 
 def comment(text: str) -> str:

@@ -163,7 +163,9 @@ class DiffusersGenerator(Generator):
             "revision": spec.load.get("revision"),
             "variant": spec.load.get("variant"),
             "inputs": spec.inputs,
-            "dtype": [spec.dtype_for(device) for device in self.devices],
+            # The dtypes used, not one per device: another device of a kind already used
+            # changes no image (a manifest's per-device list is read as this: store.py).
+            "dtype": sorted({spec.dtype_for(device) for device in self.devices}),
             "scheduler": spec.scheduler,
             "call": {key: _jsonable(value) for key, value in sorted(spec.call.items())},
             "ip_adapter": None if spec.ip_adapter is None else repr(spec.ip_adapter),

@@ -50,7 +50,7 @@ from trig_stream.backends.generators.dtm_relations import (
     system_message,
     user_message,
 )
-from trig_stream.config import OPTIONS_CONFIG, HttpUrl
+from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl, nested_problems
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
 from trig_stream.records import PromptRewrite
 from trig_stream.retry import RetryPolicy
@@ -73,15 +73,12 @@ class InnerGenerator(BaseModel):
 
     @model_validator(mode="after")
     def _valid_inner_options(self) -> InnerGenerator:
-        from trig_stream.backends.registry import validate_backend_options
+        from trig_stream.backends.registry import backend_class, validate_backend_options
 
         try:
             validate_backend_options("generators", self.backend, self.options)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '(options)'}: {e['msg']}"
-                for e in exc.errors(include_url=False)
-            )
+            problems = nested_problems(exc, backend_class("generators", self.backend).Options)
             raise ValueError(f"inner {self.backend} options: {problems}") from None
         return self
 
@@ -101,7 +98,7 @@ class DTMRewriteOptions(BaseModel):
     model: str
     """The rewriting LLM's model name on the server."""
     base_url: HttpUrl | None = None
-    api_key_env: str | None = "OPENAI_API_KEY"
+    api_key_env: EnvVarName | None = "OPENAI_API_KEY"
     """The NAME of the environment variable holding the key; None for servers without keys."""
     relations: dict[str, int] = Field(default_factory=dict)
     """``{"IQ-R_TA-C" = 1, ...}``: relation codes by pair."""

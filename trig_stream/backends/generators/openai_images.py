@@ -29,7 +29,7 @@ from trig_stream.backends.generators.api_calls import (
     openai_client,
     wait_on_cancel,
 )
-from trig_stream.config import OPTIONS_CONFIG, HttpUrl
+from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
 
@@ -47,7 +47,7 @@ class OpenAIImagesOptions(BaseModel):
     model: str = "dall-e-3"
     base_url: HttpUrl | None = None
     """The API root, e.g. ``https://api.openai.com/v1``; None uses the SDK's default."""
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: EnvVarName = "OPENAI_API_KEY"
     """The NAME of the environment variable holding the key (never the key itself)."""
     size: str = "1024x1024"
     quality: str | None = None

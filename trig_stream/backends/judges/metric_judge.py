@@ -47,7 +47,7 @@ from trig_stream.backends.metrics.base import (
     load_rgb_image,
 )
 from trig_stream.backends.metrics.registry import import_metric
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config import OPTIONS_CONFIG, nested_problems, validate_table
 from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
 from trig_stream.errors import ConfigError, ItemError
 from trig_stream.pipeline import describe_error
@@ -98,12 +98,9 @@ class MetricJudgeOptions(BaseModel):
                 f"{', '.join(map(repr, unknown))}; TRIG's are {', '.join(DIMENSIONS)}"
             )
         try:
-            metric.Options.model_validate(self.metric_options)
+            validate_table(metric.Options, self.metric_options)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'metric_options'}: {e['msg']}"
-                for e in exc.errors()
-            )
+            problems = nested_problems(exc, metric.Options)
             raise ValueError(f"metric_options of {self.metric!r}: {problems}") from None
         return self
 

@@ -50,7 +50,7 @@ from trig_stream.backends.judges.transports import (
     Transport,
     open_transport,
 )
-from trig_stream.config import OPTIONS_CONFIG, HttpUrl
+from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl
 from trig_stream.errors import (
     FatalBackendError,
     ItemError,
@@ -90,7 +90,7 @@ class OpenAIJudgeOptions(BaseModel):
     base_urls: list[HttpUrl] = Field(default_factory=list)
     """Several endpoints of the same model; requests go to the least busy one."""
     model: str
-    api_key_env: str | None = None
+    api_key_env: EnvVarName | None = None
     """NAME of the environment variable holding the key; unset for a keyless local server."""
     top_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
     temperature: Annotated[float, Field(ge=0)] = 1.0
