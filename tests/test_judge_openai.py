@@ -548,6 +548,40 @@ def test_a_token_or_logprob_of_another_json_type_is_a_malformed_answer(
     assert reply_of(_completion([good]), "http://judge").top_logprobs == [("bad", -2.0)]
 
 
+def test_an_answer_without_the_top_logprobs_asked_for_has_none() -> None:
+    # Scored from the one token sampled (at temperature 1), each image got a confident
+    # score, and a server that drops the option never met the stop for it.
+    chosen = {"token": "Excellent", "logprob": -1.2}
+    for first in ({**chosen, "top_logprobs": []}, chosen):
+        completion = {
+            "choices": [{"message": {"content": "Excellent"}, "logprobs": {"content": [first]}}]
+        }
+        assert reply_of(completion, "http://judge").top_logprobs is None
+        assert reply_of(completion, "http://judge", top_logprobs=5).top_logprobs is None
+        # top_logprobs = 0 asks for the chosen token alone.
+        zero = reply_of(completion, "http://judge", top_logprobs=0)
+        assert zero.top_logprobs == [("Excellent", -1.2)]
+
+
+async def test_a_server_that_drops_the_top_logprobs_list_stops_the_run(
+    image: Path, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+    from trig_stream.testing import judge_server
+
+    def without_the_list(answer: dict[str, Any]) -> bytes:
+        for entry in answer["choices"][0]["logprobs"]["content"]:
+            entry["top_logprobs"] = []
+        return json.dumps(answer).encode()
+
+    monkeypatch.setattr(judge_server, "to_json", without_the_list)
+    async with JudgeServer() as server, judge_at(server, client=client) as judge:
+        for _ in range(REFUSALS_TO_STOP - 1):
+            assert (await ask(judge, image)).top_logprobs is None
+        with pytest.raises(FatalBackendError, match="came without logprobs"):
+            await ask(judge, image)
+
+
 # -- credentials --------------------------------------------------------------------------------
 
 PLANTED_KEY = "sk-planted-SECRET-7f3c9a1e"

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from trig_stream.scoring import (
     LOGPROB_TOLERANCE,
     RATING_WEIGHTS,
+    Scorer,
     broken_logprob,
     normalise_token,
     rating_of,
@@ -109,6 +110,20 @@ def test_a_logprob_just_above_zero_is_rounding(scorer: str) -> None:
 def test_trig_keeps_upstreams_number_for_a_tiny_probability() -> None:
     # exp(-800) is 0.0 in floats and ~0 exactly: upstream's formula gives 0.0, not unscorable.
     assert score_top_logprobs([("good", -800.0)], scorer="trig") == 0.0
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+def test_the_protocols_zero_probability_counts_as_none(scorer: Scorer) -> None:
+    # OpenAI and vLLM send -9999.0 for a probability of 0 (JSON has no -inf). Scored as a
+    # number, rating words that all carry it gave 0.0 (trig) or a confident 0.5 (robust).
+    zero = [("The", -0.0001), ("good", -9999.0), ("bad", -9999.0)]
+    assert score_top_logprobs(zero, scorer=scorer) is None
+    assert score_top_logprobs([("good", -1e5)], scorer=scorer) is None
+    # Beside a rating with a probability, it changes nothing.
+    some = [("good", -0.5), ("bad", -9999.0)]
+    assert score_top_logprobs(some, scorer=scorer) == score_top_logprobs(
+        [("good", -0.5), ("bad", -math.inf)], scorer=scorer
+    )
 
 
 def test_unknown_scorer_is_refused() -> None:

@@ -13,9 +13,10 @@ score is the expected rating under the probabilities the model gave those words,
 
 Both return ``None`` when no token names a rating with any probability: upstream's 0.0 in that
 case cannot be told apart from "terrible", so we never make one up. A ``-inf`` logprob is a
-probability of 0 and counts as absent. A logprob that is no probability (NaN, ``+inf``, or
-above 0 by more than :data:`LOGPROB_TOLERANCE`, a probability above 1) means the judge's
-numbers are broken: both scorers refuse it rather than score around it.
+probability of 0 and counts as absent, as does ``-9999.0`` and below, what the OpenAI
+protocol sends for it (:data:`ZERO_PROBABILITY_LOGPROB`). A logprob that is no probability
+(NaN, ``+inf``, or above 0 by more than :data:`LOGPROB_TOLERANCE`, a probability above 1)
+means the judge's numbers are broken: both scorers refuse it rather than score around it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ _ROBUST_PREFIXES: Final[tuple[tuple[str, str], ...]] = (
 
 _MARKERS: Final[str] = "\u2581\u0120"  # SentencePiece "▁" and byte-level BPE "Ġ"
 
+ZERO_PROBABILITY_LOGPROB: Final[float] = -9999.0
+"""What OpenAI's and vLLM's chat APIs send for a probability of 0 (JSON has no ``-inf``): a
+logprob at or below it counts as ``-inf``. Scored as a number, an answer whose rating words
+all carry it would get a made-up score (0.0 from ``trig``, a confident one from ``robust``)."""
+
 LOGPROB_TOLERANCE: Final[float] = 1e-4
 """How far above 0 a logprob may be and still count as a probability: a server's rounding can
 put a near-certain token's logprob just above 0; anything beyond is a probability above 1."""
@@ -97,14 +103,15 @@ def score_top_logprobs(
 
     Returns:
         The score in ``[0, 1]``, or ``None`` when no token names a rating with a probability
-        above 0 (unscorable). ``-inf`` entries (a probability of 0) are left out.
+        above 0 (unscorable). ``-inf`` entries (a probability of 0), and those at or below
+        ``-9999.0`` (how the OpenAI protocol writes one), are left out.
 
     Raises:
         ValueError: ``scorer`` is not one of ``"trig"`` and ``"robust"``, or an entry's
             logprob is no log probability (NaN, ``+inf``, or above 0 by more than
             :data:`LOGPROB_TOLERANCE`); the message names the entry.
     """
-    pairs = [(str(token), float(logprob)) for token, logprob in top_logprobs]  # type: ignore[arg-type]
+    pairs = [(str(token), _logprob(logprob)) for token, logprob in top_logprobs]  # type: ignore[arg-type]
     broken = broken_logprob(pairs)
     if broken is not None:
         token, logprob = broken
@@ -117,6 +124,11 @@ def score_top_logprobs(
     if scorer == "robust":
         return _score_robust(pairs, confidence=confidence)
     raise ValueError(f"unknown scorer {scorer!r}; expected one of {', '.join(SCORERS)}")
+
+
+def _logprob(value: float) -> float:
+    logprob = float(value)
+    return -math.inf if logprob <= ZERO_PROBABILITY_LOGPROB else logprob
 
 
 def normalise_token(token: str) -> str:

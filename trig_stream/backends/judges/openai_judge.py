@@ -440,7 +440,7 @@ class OpenAIJudge(Judge):
             raise
         finally:
             endpoint.in_flight -= 1
-        reply = reply_of(completion, endpoint.transport.url)
+        reply = reply_of(completion, endpoint.transport.url, top_logprobs=self.options.top_logprobs)
         fatal = endpoint.answer(reply, completion)
         if fatal is not None:
             raise fatal
@@ -483,8 +483,16 @@ def _filtered(completion: Any) -> bool:
         return False
 
 
-def reply_of(completion: Any, endpoint: str) -> JudgeReply:
+def reply_of(completion: Any, endpoint: str, *, top_logprobs: int = 20) -> JudgeReply:
     """The reply in a chat completion (decoded JSON): the first token's top logprobs and text.
+
+    Args:
+        completion: the decoded answer.
+        endpoint: the server's URL, for messages.
+        top_logprobs: how many alternatives were asked for. With 0 the chosen token alone
+            is the list; otherwise an answer without the list has no top logprobs: scoring
+            the one token the server happened to sample (at temperature 1) would be a
+            confident score from a single draw.
 
     Raises:
         RetryableError: the completion is not shaped like one (a malformed answer).
@@ -498,8 +506,10 @@ def reply_of(completion: Any, endpoint: str) -> JudgeReply:
             return JudgeReply(top_logprobs=None, text=str(text))
         first = content[0]
         top = [_token_logprob(e) for e in first.get("top_logprobs") or ()]
-        if not top:  # top_logprobs = 0 asks for the chosen token only
-            top = [_token_logprob(first)]
+        if not top:
+            if top_logprobs > 0:  # the server dropped the list it was asked for
+                return JudgeReply(top_logprobs=None, text=str(text))
+            top = [_token_logprob(first)]  # top_logprobs = 0 asks for the chosen token only
     except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
         raise RetryableError(
             f"judge at {endpoint}: malformed answer ({type(exc).__name__}: {exc})"
