@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -185,6 +186,60 @@ def test_client_error_is_an_item_error_without_retry(server: GenerationAPIServer
     assert "HTTP 400" in str(outcome) and "content policy" in str(outcome)
     assert SECRET not in str(outcome)
     assert sleeps.waits == []
+
+
+@pytest.mark.parametrize("code", ["content_policy_violation", "moderation_blocked"])
+def test_a_refusal_by_error_code_is_the_prompts_own_failure(
+    server: GenerationAPIServer, key: str, code: str
+) -> None:
+    server.fail_next(Fault(status=400, code=code, message="Your request was rejected."))
+    outcome = one(make(server))
+    assert isinstance(outcome, ItemError) and "HTTP 400" in str(outcome)
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_refusal_of_the_request_itself_is_the_calls_failure(
+    server: GenerationAPIServer, key: str, status: int
+) -> None:
+    # A bad size or an option the API refuses fails every request alike: not the prompt's
+    # fault. As an ItemError it never counted towards stopping the run, which turned the
+    # whole dataset into error judgements and exited 0.
+    sleeps = Sleeps()
+    server.fail_next(
+        Fault(status=status, code="invalid_value", message="Invalid value for size: 7x7")
+    )
+    outcome = one(make(server, sleeps))
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError)
+    assert str(outcome) == f"HTTP {status}: Invalid value for size: 7x7"
+    assert sleeps.waits == []  # not retried
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_size_every_request_is_refused_for_stops_the_run(
+    make_config: ConfigFactory, server: GenerationAPIServer, key: str
+) -> None:
+    from trig_stream.generation import FAILED_CALLS_TO_STOP
+
+    config = make_config(
+        samples=12,
+        generators=[
+            {
+                "name": "dalle3",
+                "backend": "openai_images",
+                "options": {"base_url": server.base_url, "api_key_env": KEY_ENV, "size": "7x7"},
+            }
+        ],
+    )
+    server.fail_next(*[Fault(status=400, message="Invalid value for size: 7x7")] * 12)
+    message = (
+        f"generator 'dalle3' has made no image yet and its first {FAILED_CALLS_TO_STOP} calls "
+        "all failed (the last: HTTP 400: Invalid value for size: 7x7)"
+    )
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        async with Engine(config) as engine:
+            [j async for j in engine.results]
+    assert len(server.requests) == FAILED_CALLS_TO_STOP
 
 
 def test_a_404_stops_the_run_until_a_call_has_succeeded(

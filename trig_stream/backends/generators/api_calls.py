@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from trig_stream.backends.judges.http_errors import parse_retry_after
+from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, parse_retry_after
 from trig_stream.errors import (
     BackendError,
     FatalBackendError,
@@ -79,8 +79,12 @@ def classify(exc: Exception, secret: str) -> BackendError:
     """Map an ``openai`` SDK exception to trig-stream's error classes.
 
     429 -> RateLimitError (with Retry-After); 5xx, 408, 409, timeouts and connection
-    failures -> RetryableError; 401 / 403 -> FatalBackendError; 404 -> NotFoundError; other
-    4xx -> ItemError.
+    failures -> RetryableError; 401 / 403 -> FatalBackendError; 404 -> NotFoundError; a
+    refusal of the request's content (a safety system's code or message, see
+    :data:`~trig_stream.backends.judges.http_errors.CONTENT_REFUSAL`) -> ItemError: the
+    prompt's own failure. Any other 4xx (an option the API refuses, a bad size) is a
+    :class:`BackendError` of the call as a whole: every request would be refused alike, so
+    before a generator's first image it counts towards stopping the run.
     """
     import openai
 
@@ -101,7 +105,9 @@ def classify(exc: Exception, secret: str) -> BackendError:
             return RetryableError(detail)
         if status == 404:
             return NotFoundError(detail)
-        return ItemError(detail)
+        if is_content_refusal(exc):
+            return ItemError(detail)
+        return BackendError(detail)
     return ItemError(redact(f"{type(exc).__name__}: {exc}", secret))
 
 
@@ -126,7 +132,8 @@ def call_with_retries(
     call would end the same way.
 
     Raises:
-        ItemError: cancelled during a backoff, or a failure that retrying cannot fix.
+        ItemError: cancelled during a backoff, or a refusal of the request's content.
+        BackendError: any other failure that retrying cannot fix (see :func:`classify`).
         RetryableError: still failing after ``policy.max_attempts`` attempts.
         FatalBackendError: the credentials were refused, or a 404 came before any answer
             (or, with ``unanswered_is_fatal``, an unreachable API).
@@ -161,6 +168,15 @@ def call_with_retries(
             if answered is not None:
                 answered.set()
             return result
+
+
+def is_content_refusal(exc: Any) -> bool:
+    """Whether the API error ``exc`` refuses its request's content (OpenAI's
+    ``content_policy_violation`` or ``moderation_blocked``, a content filter), by its error
+    code or message."""
+    code = getattr(exc, "code", None)
+    said = f"{code if isinstance(code, str) else ''} {_message(exc)}"
+    return CONTENT_REFUSAL.search(said) is not None
 
 
 def _http_answer(exc: Exception) -> bool:

@@ -51,7 +51,7 @@ from trig_stream.backends.generators.dtm_relations import (
     user_message,
 )
 from trig_stream.config import OPTIONS_CONFIG, HttpUrl
-from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
+from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.records import PromptRewrite
 from trig_stream.retry import RetryPolicy
 
@@ -303,9 +303,9 @@ class DTMRewriteGenerator(Generator):
                 )
         except FatalBackendError:
             raise
-        except (ItemError, RetryableError, AttributeError, IndexError, KeyError, TypeError) as exc:
+        except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
             reason = str(exc) or type(exc).__name__
-            if not isinstance(exc, ItemError | RetryableError):
+            if not isinstance(exc, BackendError):
                 # An answer of the wrong shape ("choices": null, or a table) falls back too.
                 reason = f"the LLM's answer is malformed ({type(exc).__name__}: {reason})"
             logger.warning(

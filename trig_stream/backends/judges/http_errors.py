@@ -22,6 +22,7 @@ the client's exception is not chained, since its text and request carry what the
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -37,6 +38,11 @@ from trig_stream.errors import (
 
 REASON_CHARS = 200
 """Longest server reason quoted in an error message."""
+
+CONTENT_REFUSAL = re.compile(r"safety|polic(y|ies)|content[ _]?filter|moderation|flagged", re.I)
+"""What a refusal of one request's content says, in its error code or message (OpenAI's
+safety system: ``content_policy_violation``, ``moderation_blocked``; Azure's content
+filter): the request's own failure, never a sign that every request would fail alike."""
 
 
 def parse_retry_after(
