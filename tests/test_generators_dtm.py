@@ -276,6 +276,23 @@ def test_empty_answer_falls_back(server: GenerationAPIServer) -> None:
     assert outcome.error is not None and "empty" in outcome.error
 
 
+def test_a_rewrite_holding_half_a_character_falls_back(server: GenerationAPIServer) -> None:
+    # "\ud83d" in the answer's JSON (half an emoji) decodes to a lone surrogate, which UTF-8
+    # cannot carry: the journal refused the judgement and the run crashed.
+    server.rewrite = lambda text: "A bike \ud83d here"
+    generator = rewriter(server)
+    generator.generate([request("S_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["S_1"]
+    assert outcome.status == "fallback" and outcome.prompt == outcome.original
+    assert outcome.error is not None and "lone surrogate" in outcome.error
+    outcome.error.encode("utf-8")
+    server.fail_next(Fault(status=500, message="bad token \ud83d"))
+    once = rewriter(server, max_attempts=1)
+    once.generate([request("S_2", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    error = once.rewrites["S_2"].error
+    assert error is not None and "bad token \\ud83d" in error  # its escape, storable
+
+
 @pytest.mark.parametrize("choices", [None, {"0": "a table"}], ids=["null", "table"])
 def test_an_answer_of_the_wrong_shape_falls_back(
     server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch, choices: object
@@ -393,3 +410,37 @@ async def test_rewriting_through_the_engine(
     assert len(resumed) == 16 and all(j.prompt_rewrite is not None for j in resumed)
     assert {(j.data_id, j.dimension): j.prompt_rewrite for j in resumed} == first
     assert sum(path.endswith("/chat/completions") for path, _ in server.requests) == chats
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_rewrite_holding_half_a_character_is_stored_as_a_fallback(
+    make_config: ConfigFactory, server: GenerationAPIServer
+) -> None:
+    # The run crashed writing the journal, and a resumed run read the image's rewrite as none.
+    server.rewrite = lambda text: "A bike \ud83d here"
+    config = make_config(
+        samples=4,
+        generators=[
+            {
+                "name": "synth_dtm",
+                "backend": "dtm_rewrite",
+                "options": {
+                    "inner": {"backend": "synthetic", "options": {"size": 16}},
+                    "model": "rewriter-llm",
+                    "base_url": server.base_url,
+                    "api_key_env": KEY_ENV,
+                    "relations": {"IQ-R_TA-C": 0},
+                },
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+    assert len(results) == 8 and {j.status for j in results} == {"ok"}
+    assert all(j.prompt_rewrite is not None for j in results)
+    assert {j.prompt_rewrite.status for j in results if j.prompt_rewrite} == {"fallback"}
+    (engine.run_dir_path / "journal.jsonl").unlink()
+    async with Engine(config) as again:
+        resumed = [j async for j in again.results]
+    assert {j.prompt_rewrite for j in resumed} == {j.prompt_rewrite for j in results}

@@ -52,7 +52,7 @@ from trig_stream.backends.generators.dtm_relations import (
 )
 from trig_stream.config import OPTIONS_CONFIG, HttpUrl
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
-from trig_stream.records import PromptRewrite
+from trig_stream.records import PromptRewrite, storable_text
 from trig_stream.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -294,6 +294,14 @@ class DTMRewriteGenerator(Generator):
             text = _clean(choice.message.content or "")
             if not text:
                 raise ItemError("the LLM answered with an empty rewrite")
+            if not _encodable(text):
+                # JSON carries "\ud83d" (half an emoji, as a token may be); UTF-8 cannot: the
+                # journal refused the record (the run crashed), and the image's text chunk
+                # held a rewrite no resumed run could read back.
+                raise ItemError(
+                    "the LLM's rewrite holds half a character (a lone surrogate escape such "
+                    "as \\ud83d), which cannot be sent or stored as UTF-8"
+                )
             if choice.finish_reason == "length":  # cut mid-sentence: no prompt to draw from
                 raise ItemError(f"the LLM's rewrite was cut at max_tokens ({o.max_tokens})")
             if len(text) > MAX_REWRITE_CHARS:
@@ -304,7 +312,8 @@ class DTMRewriteGenerator(Generator):
         except FatalBackendError:
             raise
         except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
-            reason = str(exc) or type(exc).__name__
+            # Quoted server text may hold half a character too: kept as its escape.
+            reason = storable_text(str(exc) or type(exc).__name__)
             if not isinstance(exc, BackendError):
                 # An answer of the wrong shape ("choices": null, or a table) falls back too.
                 reason = f"the LLM's answer is malformed ({type(exc).__name__}: {reason})"
@@ -353,6 +362,15 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
         first, second = pair.split("_")
         table.set(first, second, code)  # type: ignore[arg-type]
     return table
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode that UTF-8 can carry (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _clean(text: str) -> str:
