@@ -257,6 +257,35 @@ async def test_a_timeout_fails_the_request_and_drops_its_connection() -> None:
     assert script.connections == 2
 
 
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+async def test_every_client_holds_a_whole_answer_to_the_timeout(client: Client) -> None:
+    # A server that sends its answer a byte at a time never lets a read time out: the sdk
+    # client's timeout, which holds each read, let such an answer take minutes.
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        try:
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    async with server:
+        transport = open_transport(client, url, secret="k", key_source="TEST_KEY", timeout_s=0.5)
+        try:
+            with anyio.fail_after(30):  # a safety net: the answer would take 2,000 s
+                with pytest.raises(RetryableError, match=r"no answer within 0\.5 s"):
+                    await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+
+
 async def test_a_cancelled_request_drops_its_connection() -> None:
     async with (
         scripted(HANG, ([with_length()], False)) as script,

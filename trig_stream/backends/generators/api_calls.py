@@ -64,7 +64,11 @@ def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str
 
 
 def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
-    """A synchronous OpenAI client that never retries by itself (we do, under a policy)."""
+    """A synchronous OpenAI client that never retries by itself (we do, under a policy).
+
+    ``timeout_s`` holds the connection and each read, not the whole answer: httpx, under the
+    SDK, has no total deadline, and a blocking call in a worker thread cannot be cut short
+    without leaving its connection in an unknown state."""
     import openai
 
     return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout_s)

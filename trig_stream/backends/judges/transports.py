@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import anyio
 from pydantic_core import from_json, to_json
 
 from trig_stream.backends.judges.http_errors import (
@@ -229,7 +230,12 @@ class SdkTransport:
             raise RuntimeError(f"the transport to {self.url} is closed")
         filled = _filled(body, image.url)
         try:
-            return await self._client.post("/chat/completions", cast_to=object, body=filled)
+            # The SDK's timeout holds each read, not the answer: a server that sends a byte
+            # now and then would hold the request for as long as it likes.
+            with anyio.fail_after(self._timeout_s):
+                return await self._client.post("/chat/completions", cast_to=object, body=filled)
+        except TimeoutError:
+            raise timeout_error(self.url, self._timeout_s) from None
         except Exception as exc:
             raise classify(
                 exc,
