@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from trig_stream.backends.generators.dtm_relations import (
     user_message,
 )
 from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
+from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import FatalBackendError
 from trig_stream.records import Sample
@@ -237,10 +240,14 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert first.error is not None and "gave up after 2 attempts" in first.error
     assert second.error is not None and "HTTP 400" in second.error
     assert "the original prompt is used" in caplog.text
-    # Said once more at the end of the run, louder when no prompt was rewritten at all.
+    # Said once more at the end of the run, louder when no prompt was rewritten at all; the
+    # LLM answered each request (a 5xx, a 400), so whether it is reachable is not the question.
     (note,) = generator.notes()
     assert note.startswith("2 of 2 prompts were not rewritten and kept their original text")
-    assert note.endswith("none was rewritten, is the LLM at its base_url reachable?")
+    assert note.endswith(
+        "none was rewritten, though the LLM answered; check the generator's model and options "
+        "against the failures"
+    )
     generator.generate([request("A_4", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     assert generator.rewrites["A_4"].status == "rewritten"
     assert generator.notes()[0].startswith("2 of 3 prompts were not rewritten")
@@ -251,6 +258,48 @@ def test_failure_falls_back_to_the_original_and_says_so(
     server.fail_next(Fault(status=500))
     once.generate([request("A_3", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     assert "(gave up after 1 attempt)" in str(once.rewrites["A_3"].error)
+
+
+def test_an_llm_never_reached_is_named_in_the_note(server: GenerationAPIServer) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    generator = rewriter(server, base_url=closed, max_attempts=1)
+    generator.generate([request("U_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    (note,) = generator.notes()
+    assert note.endswith("none was rewritten, is the LLM at its base_url reachable?")
+
+
+def test_refusals_before_any_rewrite_stop_the_run(server: GenerationAPIServer) -> None:
+    # An LLM that refuses every request (a max_tokens over its limit, say) left every image
+    # drawn from its original prompt, and the run exited 0 with a note that asked whether it
+    # was reachable.
+    generator = rewriter(server)
+    refusal = Fault(status=400, message="max_tokens is too large: 256 > 64")
+    content = Fault(status=400, code="content_filter", message="flagged by the content filter")
+    server.fail_next(*[refusal] * (REFUSALS_TO_STOP - 1), content)
+    for index in range(REFUSALS_TO_STOP):
+        generator.generate(
+            [request(f"R_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert {o.status for o in generator.rewrites.values()} == {"fallback"}
+    server.fail_next(refusal)
+    message = (
+        f"the rewriting LLM of generator 'm' ('rewriter-llm' at {server.base_url}) refused the "
+        f"first {REFUSALS_TO_STOP} rewrite requests and rewrote no prompt (the last: HTTP 400: "
+        "max_tokens is too large: 256 > 64); check the generator's model"
+    )
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        generator.generate([request("R_last", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    # Once a prompt has been rewritten, a refusal is its own request's.
+    working = rewriter(server)
+    working.generate([request("W_0", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    server.fail_next(*[refusal] * (REFUSALS_TO_STOP + 1))
+    for index in range(REFUSALS_TO_STOP + 1):
+        working.generate(
+            [request(f"W_{index + 1}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert sum(o.status == "fallback" for o in working.rewrites.values()) == REFUSALS_TO_STOP + 1
 
 
 def test_a_404_stops_the_run_until_a_rewrite_has_succeeded(server: GenerationAPIServer) -> None:

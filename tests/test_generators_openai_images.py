@@ -15,6 +15,7 @@ from PIL import Image
 from tests.conftest import ConfigFactory
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.generators.api_calls import Unreachable
 from trig_stream.backends.generators.openai_images import (
     OpenAIImagesGenerator,
     OpenAIImagesOptions,
@@ -270,7 +271,7 @@ def test_an_api_never_reached_stops_the_run_and_one_reached_before_does_not(
     generator = make(server, max_attempts=2)
     assert isinstance(one(generator), Image.Image)
     server.fail_next(Fault(reset=True), Fault(reset=True))
-    assert type(one(generator)) is RetryableError  # that request's failure alone
+    assert type(one(generator)) is Unreachable  # that request's failure alone (retryable)
 
 
 def test_an_answer_without_an_image_is_the_apis_failure_not_the_items(

@@ -35,6 +35,15 @@ Sleep = Callable[[float, threading.Event], bool]
 """Waits up to the given seconds; returns True when the cancel event fired meanwhile."""
 
 
+class Unreachable(RetryableError):
+    """No answer from the API at all: no connection, or none within the timeout."""
+
+
+class Refused(BackendError):
+    """The API refused the request itself (a 4xx other than 404, 429 or a refusal of its
+    content): an option or value every request carries, most likely."""
+
+
 def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
     """The default :data:`Sleep`: a backoff the run's cancel event cuts short."""
     return cancel.wait(seconds)
@@ -82,22 +91,22 @@ def redact(text: str, secret: str) -> str:
 def classify(exc: Exception, secret: str) -> BackendError:
     """Map an ``openai`` SDK exception to trig-stream's error classes.
 
-    429 -> RateLimitError (with Retry-After); 5xx, 408, 409, timeouts and connection
-    failures -> RetryableError; 401 / 403 -> FatalBackendError; 404 -> NotFoundError; a
-    refusal of the request's content (a safety system's code or message, see
-    :data:`~trig_stream.backends.judges.http_errors.CONTENT_REFUSAL`) -> ItemError: the
-    prompt's own failure. Any other 4xx (an option the API refuses, a bad size) is a
-    :class:`BackendError` of the call as a whole: every request would be refused alike, so
-    before a generator's first image it counts towards stopping the run.
+    429 -> RateLimitError (with Retry-After); 5xx, 408, 409 -> RetryableError; timeouts and
+    connection failures -> :class:`Unreachable` (retryable); 401 / 403 -> FatalBackendError;
+    404 -> NotFoundError; a refusal of the request's content (a safety system's code or
+    message, see :data:`~trig_stream.backends.judges.http_errors.CONTENT_REFUSAL`) ->
+    ItemError: the prompt's own failure. Any other 4xx (an option the API refuses, a bad
+    size) is :class:`Refused`, a failure of the call as a whole: every request would be
+    refused alike, so before a generator's first image it counts towards stopping the run.
     """
     import openai
 
     if isinstance(exc, BackendError):
         return exc
     if isinstance(exc, openai.APITimeoutError):
-        return RetryableError("the API timed out")
+        return Unreachable("the API timed out")
     if isinstance(exc, openai.APIConnectionError):
-        return RetryableError(redact(f"cannot reach the API: {exc}", secret))
+        return Unreachable(redact(f"cannot reach the API: {exc}", secret))
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         detail = redact(f"HTTP {status}: {_message(exc)}", secret)
@@ -111,7 +120,7 @@ def classify(exc: Exception, secret: str) -> BackendError:
             return NotFoundError(detail)
         if is_content_refusal(exc):
             return ItemError(detail)
-        return BackendError(detail)
+        return Refused(detail)
     return ItemError(redact(f"{type(exc).__name__}: {exc}", secret))
 
 
@@ -137,7 +146,7 @@ def call_with_retries(
 
     Raises:
         ItemError: cancelled during a backoff, or a refusal of the request's content.
-        BackendError: any other failure that retrying cannot fix (see :func:`classify`).
+        Refused: the API refused the request itself (see :func:`classify`).
         RetryableError: still failing after ``policy.max_attempts`` attempts.
         FatalBackendError: the credentials were refused, or a 404 came before any answer
             (or, with ``unanswered_is_fatal``, an unreachable API).

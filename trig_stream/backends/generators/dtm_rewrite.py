@@ -38,7 +38,9 @@ from trig_stream.backends.base import (
     TimedPicture,
 )
 from trig_stream.backends.generators.api_calls import (
+    Refused,
     Sleep,
+    Unreachable,
     api_key_from_env,
     call_with_retries,
     openai_client,
@@ -50,6 +52,7 @@ from trig_stream.backends.generators.dtm_relations import (
     system_message,
     user_message,
 )
+from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.config import OPTIONS_CONFIG, HttpUrl
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.records import PromptRewrite, storable_text
@@ -132,6 +135,8 @@ class RewriteOutcome:
         status: ``rewritten``, or ``fallback`` when the original prompt was used.
         relation: the pair's relation code, in the sample's dimension order.
         error: why the rewrite failed (``fallback`` only).
+        unreached: the rewrite failed without an answer from the LLM (no connection,
+            timeouts).
     """
 
     data_id: str
@@ -141,6 +146,7 @@ class RewriteOutcome:
     prompt: str
     status: Literal["rewritten", "fallback"]
     error: str | None = None
+    unreached: bool = False
 
 
 class DTMRewriteGenerator(Generator):
@@ -176,6 +182,10 @@ class DTMRewriteGenerator(Generator):
         self._lock = threading.Lock()
         self._answered = threading.Event()
         """Set once a call to the LLM has succeeded (see ``call_with_retries``)."""
+        self._rewrote = False
+        """Whether a prompt has been rewritten: the LLM and its options work."""
+        self._refused = 0
+        """Requests the LLM refused (:class:`Refused`) before any prompt was rewritten."""
         self._client: Any = None
         self._key = ""
 
@@ -267,7 +277,9 @@ class DTMRewriteGenerator(Generator):
         """Rewrite one request's prompt; on failure keep the original and say why.
 
         Raises:
-            FatalBackendError: the LLM server refused the credentials.
+            FatalBackendError: the LLM server refused the credentials, answered a 404 before
+                any success, or refused :data:`REFUSALS_TO_STOP` requests before any prompt
+                was rewritten.
         """
         sample = request.sample
         first, second = sample.dimensions
@@ -319,6 +331,8 @@ class DTMRewriteGenerator(Generator):
             if not isinstance(exc, BackendError):
                 # An answer of the wrong shape ("choices": null, or a table) falls back too.
                 reason = f"the LLM's answer is malformed ({type(exc).__name__}: {reason})"
+            if isinstance(exc, Refused):
+                self._count_refusal(reason)
             logger.warning(
                 "generator %s: rewriting %s failed (%s); the original prompt is used",
                 self.name,
@@ -326,9 +340,43 @@ class DTMRewriteGenerator(Generator):
                 reason,
             )
             return RewriteOutcome(
-                sample.data_id, sample.pair, code, sample.prompt, sample.prompt, "fallback", reason
+                sample.data_id,
+                sample.pair,
+                code,
+                sample.prompt,
+                sample.prompt,
+                "fallback",
+                reason,
+                unreached=isinstance(exc, Unreachable),
             )
+        with self._lock:
+            self._rewrote = True
         return RewriteOutcome(sample.data_id, sample.pair, code, sample.prompt, text, "rewritten")
+
+    def _count_refusal(self, reason: str) -> None:
+        """Stop the run once the LLM has refused :data:`REFUSALS_TO_STOP` requests before
+        rewriting any prompt: each would be drawn from its original prompt, and the run would
+        end as if it had gone well.
+
+        Raises:
+            FatalBackendError: that many refusals.
+        """
+        with self._lock:
+            if self._rewrote:
+                return
+            self._refused += 1
+            refused = self._refused
+        if refused < REFUSALS_TO_STOP:
+            return
+        o = self.options
+        where = f" at {o.base_url}" if o.base_url else ""
+        raise FatalBackendError(
+            f"the rewriting LLM of generator {self.name!r} ({o.model!r}{where}) refused the "
+            f"first {refused} rewrite requests and rewrote no prompt (the last: {reason}); "
+            "check the generator's model, max_tokens and temperature against what that server "
+            "accepts (the images drawn meanwhile from their original prompts stay in the run: "
+            "start afresh with --new-run to have them rewritten too)"
+        )
 
     def notes(self) -> list[str]:
         """The inner generator's notes, and how many prompts kept their original text."""
@@ -337,15 +385,18 @@ class DTMRewriteGenerator(Generator):
             total = len(self.rewrites)
         notes = list(self.inner.notes())
         if failed:
+            hint = ""
+            if len(failed) == total and any(o.unreached for o in failed):
+                hint = ": none was rewritten, is the LLM at its base_url reachable?"
+            elif len(failed) == total:  # it answered: what it said is at fault
+                hint = (
+                    ": none was rewritten, though the LLM answered; check the generator's "
+                    "model and options against the failures"
+                )
             notes.append(
                 f"{len(failed)} of {total} prompts were not rewritten and kept their original "
                 f"text (the first failure: {failed[0].error}); each judgement's prompt_rewrite "
-                "says which"
-                + (
-                    ": none was rewritten, is the LLM at its base_url reachable?"
-                    if len(failed) == total
-                    else ""
-                )
+                f"says which{hint}"
             )
         return notes
 

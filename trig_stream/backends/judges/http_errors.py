@@ -45,6 +45,12 @@ CONTENT_REFUSAL = re.compile(r"safety|polic(y|ies)|content[ _]?filter|moderation
 safety system: ``content_policy_violation``, ``moderation_blocked``; Azure's content
 filter): the request's own failure, never a sign that every request would fail alike."""
 
+REFUSALS_TO_STOP = 8
+"""Refusals (HTTP 4xx) an API may answer before its first success, or answers without
+logprobs before its first with them, without stopping the run: that many in a row mean every
+request would end the same way. A content filter's refusals (:data:`CONTENT_REFUSAL`) never
+count."""
+
 
 class AnswerTooLarge(ValueError):
     """An answer body over the transports' size limit, as it came or once decompressed."""

@@ -39,7 +39,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage, ServerLoad
-from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL
+from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, REFUSALS_TO_STOP
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
 from trig_stream.backends.judges.server_probe import read_load
 from trig_stream.backends.judges.templates import JudgeTemplate
@@ -69,12 +69,6 @@ METRICS_TIMEOUT_S = 5.0
 REST_FIRST_S = 0.5
 REST_MAX_S = 30.0
 """How long an endpoint rests after a transient failure: the first, and at most."""
-
-REFUSALS_TO_STOP = 8
-"""Refusals (HTTP 4xx) an endpoint may answer before its first success, or answers without
-logprobs before its first with them, without stopping the run: that many in a row mean every
-request would end the same way. A content filter's refusals (:data:`CONTENT_REFUSAL`) never
-count."""
 
 
 class OpenAIJudgeOptions(BaseModel):
