@@ -342,6 +342,63 @@ def test_a_rewrite_holding_half_a_character_falls_back(server: GenerationAPIServ
     assert error is not None and "bad token \\ud83d" in error  # its escape, storable
 
 
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("I'm sorry, but I can't help with that request.", "the LLM refused to rewrite"),
+        ("I cannot rewrite this prompt.", "the LLM refused to rewrite"),
+        ("Sorry, that is not something I can do.", "the LLM refused to rewrite"),
+        ("As an AI, I must decline.", "the LLM refused to rewrite"),
+        ("{user}", "repeats the request's guidance"),  # the whole request echoed
+        ("Original:\nA bike by a wall", "repeats the request's guidance"),
+        ("Sure! Here is the rewritten prompt:", "empty rewrite"),  # a preamble and nothing
+    ],
+    ids=["sorry", "cannot", "sorry-comma", "as-an-ai", "echo-all", "echo-marker", "preamble-only"],
+)
+def test_a_refusal_or_an_echo_is_no_rewrite(
+    server: GenerationAPIServer, answer: str, reason: str
+) -> None:
+    # Each was taken as the rewritten prompt, and an image drawn from it.
+    server.rewrite = lambda user: answer.replace("{user}", user)
+    generator = rewriter(server)
+    generator.generate([request("E_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["E_1"]
+    assert outcome.status == "fallback" and outcome.prompt == outcome.original
+    assert outcome.error is not None and reason in outcome.error
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Sure! Here is the rewritten prompt:\n\nA red bike against a brick wall",
+        "Here's a revised version: A red bike against a brick wall",
+        'Rewritten prompt:\n"A red bike against a brick wall"',
+    ],
+)
+def test_a_preamble_line_is_taken_off_the_rewrite(server: GenerationAPIServer, answer: str) -> None:
+    server.rewrite = lambda user: answer
+    generator = rewriter(server)
+    generator.generate([request("P_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["P_1"]
+    assert outcome.status == "rewritten" and outcome.prompt == "A red bike against a brick wall"
+
+
+def test_an_answer_its_content_filter_stopped_falls_back(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = rewriter(server)
+    answer = SimpleNamespace(
+        message=SimpleNamespace(content="A bike"), finish_reason="content_filter"
+    )
+    completions = generator._client.chat.completions
+    monkeypatch.setattr(completions, "create", lambda **_: SimpleNamespace(choices=[answer]))
+    generator.generate([request("F_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["F_1"]
+    assert outcome.status == "fallback" and outcome.error == (
+        "the LLM's content filter stopped its rewrite"
+    )
+
+
 @pytest.mark.parametrize("choices", [None, {"0": "a table"}], ids=["null", "table"])
 def test_an_answer_of_the_wrong_shape_falls_back(
     server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch, choices: object

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from trig_stream.backends.generators.api_calls import (
 from trig_stream.backends.generators.dtm_relations import (
     INSTRUCTIONS_VERSION,
     RelationTable,
+    instruction,
     system_message,
     user_message,
 )
@@ -305,24 +307,12 @@ class DTMRewriteGenerator(Generator):
                 api=f"the rewriting LLM of generator {self.name!r}",
             )
             choice = response.choices[0]
-            text = _clean(choice.message.content or "")
-            if not text:
-                raise ItemError("the LLM answered with an empty rewrite")
-            if not _encodable(text):
-                # JSON carries "\ud83d" (half an emoji, as a token may be); UTF-8 cannot: the
-                # journal refused the record (the run crashed), and the image's text chunk
-                # held a rewrite no resumed run could read back.
-                raise ItemError(
-                    "the LLM's rewrite holds half a character (a lone surrogate escape such "
-                    "as \\ud83d), which cannot be sent or stored as UTF-8"
-                )
-            if choice.finish_reason == "length":  # cut mid-sentence: no prompt to draw from
-                raise ItemError(f"the LLM's rewrite was cut at max_tokens ({o.max_tokens})")
-            if len(text) > MAX_REWRITE_CHARS:
-                raise ItemError(
-                    f"the LLM's rewrite is {len(text):,} characters long (at most "
-                    f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
-                )
+            text = _rewrite_in(
+                choice.message.content,
+                choice.finish_reason,
+                guidance=instruction(first, second, code),
+                max_tokens=o.max_tokens,
+            )
         except FatalBackendError:
             raise
         except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
@@ -415,6 +405,67 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
         first, second = pair.split("_")
         table.set(first, second, code)  # type: ignore[arg-type]
     return table
+
+
+REFUSAL = re.compile(
+    r"(I['’]?m|I am)\s+(sorry|unable|not able)|sorry\b|I\s+(can(['’]?t|not| not)|won['’]?t|"
+    r"will not)\b|as an AI\b",
+    re.I,
+)
+"""How an LLM's refusal to rewrite opens (matched at the start of its answer only: a prompt may
+well say "sorry" further in)."""
+
+PREAMBLE = re.compile(
+    r"[^\n:]{0,60}\b(here(['’]s| is| are)|rewritten|revised|improved)\b[^\n:]{0,40}"
+    r"\b(prompt|version|text|description)\b[^\n:]{0,20}:\s*",
+    re.I,
+)
+"""A line that introduces the rewrite, as chat models add despite being asked not to
+("Sure! Here is the rewritten prompt:"): taken off the answer's start."""
+
+ECHO = re.compile(r"^\s*Original:\s*$", re.M)
+"""The marker before the prompt in our request (``user_message``): an answer holding it
+repeats the request rather than answering it."""
+
+
+def _rewrite_in(
+    content: str | None, finish_reason: str | None, *, guidance: str, max_tokens: int
+) -> str:
+    """The rewritten prompt in an LLM's answer, cleaned of quotes and a preamble line.
+
+    Raises:
+        ItemError: the answer holds no rewrite to draw from: empty, cut, stopped by a content
+            filter, a refusal, the request repeated, over :data:`MAX_REWRITE_CHARS`, or
+            holding half a character.
+    """
+    if finish_reason == "content_filter":
+        raise ItemError("the LLM's content filter stopped its rewrite")
+    text = _clean(content or "")
+    preamble = PREAMBLE.match(text)
+    if preamble is not None:
+        text = _clean(text[preamble.end() :])
+    if not text:
+        raise ItemError("the LLM answered with an empty rewrite")
+    if not _encodable(text):
+        # JSON carries "\ud83d" (half an emoji, as a token may be); UTF-8 cannot: the
+        # journal refused the record (the run crashed), and the image's text chunk held a
+        # rewrite no resumed run could read back.
+        raise ItemError(
+            "the LLM's rewrite holds half a character (a lone surrogate escape such as "
+            "\\ud83d), which cannot be sent or stored as UTF-8"
+        )
+    if finish_reason == "length":  # cut mid-sentence: no prompt to draw from
+        raise ItemError(f"the LLM's rewrite was cut at max_tokens ({max_tokens})")
+    if len(text) > MAX_REWRITE_CHARS:
+        raise ItemError(
+            f"the LLM's rewrite is {len(text):,} characters long (at most "
+            f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
+        )
+    if REFUSAL.match(text):
+        raise ItemError(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
+    if guidance in text or ECHO.search(text):
+        raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")
+    return text
 
 
 def _encodable(text: str) -> bool:
