@@ -340,14 +340,44 @@ async def test_every_client_decodes_compressed_answers(
     client: Client, encoded: tuple[str, bytes]
 ) -> None:
     coding, body = encoded
-    headers = (f"Content-Encoding: {coding}", "Content-Type: application/json")
-    reply = ([with_length(body, *headers)], False)
+    reply = ([with_length(body, f"Content-Encoding: {coding}")], False)
     async with scripted(reply) as script:
         transport = open_transport(
             client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
         )
         try:
             assert await transport.post(BODY, IMAGE) == DECODED
+        finally:
+            await transport.aclose()
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+@pytest.mark.parametrize(
+    ("headers", "answer"),
+    [
+        ((), ANSWER),
+        (("Content-Type: text/plain",), ANSWER),
+        (("Content-Type: text/html",), b"<html>busy</html>"),
+    ],
+    ids=["no-type", "text-plain", "html"],
+)
+async def test_every_client_reads_the_body_whatever_its_content_type(
+    client: Client, headers: tuple[str, ...], answer: bytes
+) -> None:
+    # The sdk client returned a JSON answer without Content-Type: application/json as a
+    # string, which the judge then failed on as a malformed answer of another kind.
+    async with scripted(([with_length(answer, *headers)], False)) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            if answer == ANSWER:
+                assert await transport.post(BODY, IMAGE) == DECODED
+            else:
+                with pytest.raises(
+                    RetryableError, match=r"malformed answer \(the body is not JSON\)"
+                ):
+                    await transport.post(BODY, IMAGE)
         finally:
             await transport.aclose()
 

@@ -233,7 +233,7 @@ class SdkTransport:
             # The SDK's timeout holds each read, not the answer: a server that sends a byte
             # now and then would hold the request for as long as it likes.
             with anyio.fail_after(self._timeout_s):
-                return await self._client.post("/chat/completions", cast_to=object, body=filled)
+                answer = await self._client.post("/chat/completions", cast_to=object, body=filled)
         except TimeoutError:
             raise timeout_error(self.url, self._timeout_s) from None
         except Exception as exc:
@@ -244,6 +244,14 @@ class SdkTransport:
                 key_source=self._key_source,
                 timeout_s=self._timeout_s,
             ) from None
+        if isinstance(answer, str):
+            # The SDK decodes JSON only when the answer says it is JSON (Content-Type); the
+            # other clients read the body whatever it says, and so must this one.
+            try:
+                return parse_json(answer.encode("utf-8", "surrogatepass"))
+            except ValueError:
+                raise malformed_error(self.url, "the body is not JSON") from None
+        return answer
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
