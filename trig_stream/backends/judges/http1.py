@@ -373,7 +373,7 @@ class _Connection(asyncio.Protocol):
             self._chunked = True
         elif "content-length" in headers:
             text = headers["content-length"]
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):  # "²" is a digit to isdigit()
                 raise ProtocolError(f"Content-Length {text[:20]!r}")
             self._length = int(text)
             if self._length > transports.MAX_BODY_BYTES:
@@ -400,7 +400,7 @@ def _parse_head(raw: bytes) -> tuple[int, dict[str, str], bool]:
     status_line, *lines = raw.decode("latin-1").split("\r\n")
     version, _, rest = status_line.partition(" ")
     code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
+    if not version.startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
         raise ProtocolError(f"status line {status_line[:40]!r}")
     headers: dict[str, str] = {}
     for line in lines:
