@@ -243,6 +243,15 @@ async def test_a_size_every_request_is_refused_for_stops_the_run(
     assert len(server.requests) == FAILED_CALLS_TO_STOP
 
 
+def test_a_server_without_key_has_no_secret_to_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The placeholder the SDK sends for api_key_env = "" was taken for the key, and every
+    # "unused" in a server's message came out as "***".
+    with GenerationAPIServer(api_key="unused") as keyless:
+        keyless.fail_next(Fault(status=400, message="parameter 'style' is unused by this model"))
+        outcome = one(make(keyless, api_key_env=""))
+    assert str(outcome) == "HTTP 400: parameter 'style' is unused by this model"
+
+
 def test_a_404_stops_the_run_until_a_call_has_succeeded(
     server: GenerationAPIServer, key: str
 ) -> None:

@@ -53,6 +53,10 @@ def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str
     """Read the API key from the environment variable ``variable``; an empty ``variable``
     (``api_key_env = ""``) names none, for a server that takes no key.
 
+    Returns:
+        The key, or ``""`` when there is none (:func:`openai_client` then sends a
+        placeholder, which is no secret: :func:`redact` leaves server text alone).
+
     Args:
         variable: the variable's name.
         owner: who needs the key, for the message (``generator 'dalle3'``).
@@ -62,14 +66,14 @@ def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str
         FatalBackendError: the variable is unset or empty and ``required``.
     """
     if not variable:
-        return "unused"
+        return ""
     key = os.environ.get(variable, "")
     if not key and required:
         raise FatalBackendError(
             f"{owner}: set the environment variable {variable} (api_key_env) to the API key "
             '(or api_key_env = "" for a server that takes no key)'
         )
-    return key or "unused"
+    return key
 
 
 def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
@@ -80,7 +84,10 @@ def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
     without leaving its connection in an unknown state."""
     import openai
 
-    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout_s)
+    # The SDK insists on a key: a keyless server gets (and ignores) a placeholder.
+    return openai.OpenAI(
+        base_url=base_url, api_key=key or "unused", max_retries=0, timeout=timeout_s
+    )
 
 
 def redact(text: str, secret: str) -> str:

@@ -246,7 +246,7 @@ class DTMRewriteGenerator(Generator):
         o = self.options
         if o.api_key_env is not None:
             self._key = api_key_from_env(o.api_key_env, owner=f"generator {self.name!r}")
-        self._client = openai_client(o.base_url, self._key or "unused", o.timeout_s)
+        self._client = openai_client(o.base_url, self._key, o.timeout_s)
         self.inner.load()
 
     def generate(
