@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from trig_stream.backends.generators.dtm_relations import (
     user_message,
 )
 from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
+from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import FatalBackendError
 from trig_stream.records import Sample
@@ -237,10 +240,14 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert first.error is not None and "gave up after 2 attempts" in first.error
     assert second.error is not None and "HTTP 400" in second.error
     assert "the original prompt is used" in caplog.text
-    # Said once more at the end of the run, louder when no prompt was rewritten at all.
+    # Said once more at the end of the run, louder when no prompt was rewritten at all; the
+    # LLM answered each request (a 5xx, a 400), so whether it is reachable is not the question.
     (note,) = generator.notes()
     assert note.startswith("2 of 2 prompts were not rewritten and kept their original text")
-    assert note.endswith("none was rewritten, is the LLM at its base_url reachable?")
+    assert note.endswith(
+        "none was rewritten, though the LLM answered; check the generator's model and options "
+        "against the failures"
+    )
     generator.generate([request("A_4", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     assert generator.rewrites["A_4"].status == "rewritten"
     assert generator.notes()[0].startswith("2 of 3 prompts were not rewritten")
@@ -251,6 +258,48 @@ def test_failure_falls_back_to_the_original_and_says_so(
     server.fail_next(Fault(status=500))
     once.generate([request("A_3", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     assert "(gave up after 1 attempt)" in str(once.rewrites["A_3"].error)
+
+
+def test_an_llm_never_reached_is_named_in_the_note(server: GenerationAPIServer) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    generator = rewriter(server, base_url=closed, max_attempts=1)
+    generator.generate([request("U_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    (note,) = generator.notes()
+    assert note.endswith("none was rewritten, is the LLM at its base_url reachable?")
+
+
+def test_refusals_before_any_rewrite_stop_the_run(server: GenerationAPIServer) -> None:
+    # An LLM that refuses every request (a max_tokens over its limit, say) left every image
+    # drawn from its original prompt, and the run exited 0 with a note that asked whether it
+    # was reachable.
+    generator = rewriter(server)
+    refusal = Fault(status=400, message="max_tokens is too large: 256 > 64")
+    content = Fault(status=400, code="content_filter", message="flagged by the content filter")
+    server.fail_next(*[refusal] * (REFUSALS_TO_STOP - 1), content)
+    for index in range(REFUSALS_TO_STOP):
+        generator.generate(
+            [request(f"R_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert {o.status for o in generator.rewrites.values()} == {"fallback"}
+    server.fail_next(refusal)
+    message = (
+        f"the rewriting LLM of generator 'm' ('rewriter-llm' at {server.base_url}) refused the "
+        f"first {REFUSALS_TO_STOP} rewrite requests and rewrote no prompt (the last: HTTP 400: "
+        "max_tokens is too large: 256 > 64); check the generator's model"
+    )
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        generator.generate([request("R_last", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    # Once a prompt has been rewritten, a refusal is its own request's.
+    working = rewriter(server)
+    working.generate([request("W_0", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    server.fail_next(*[refusal] * (REFUSALS_TO_STOP + 1))
+    for index in range(REFUSALS_TO_STOP + 1):
+        working.generate(
+            [request(f"W_{index + 1}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert sum(o.status == "fallback" for o in working.rewrites.values()) == REFUSALS_TO_STOP + 1
 
 
 def test_a_404_stops_the_run_until_a_rewrite_has_succeeded(server: GenerationAPIServer) -> None:
@@ -274,6 +323,80 @@ def test_empty_answer_falls_back(server: GenerationAPIServer) -> None:
     outcome = generator.rewrites["B_1"]
     assert outcome.status == "fallback" and outcome.prompt == outcome.original
     assert outcome.error is not None and "empty" in outcome.error
+
+
+def test_a_rewrite_holding_half_a_character_falls_back(server: GenerationAPIServer) -> None:
+    # "\ud83d" in the answer's JSON (half an emoji) decodes to a lone surrogate, which UTF-8
+    # cannot carry: the journal refused the judgement and the run crashed.
+    server.rewrite = lambda text: "A bike \ud83d here"
+    generator = rewriter(server)
+    generator.generate([request("S_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["S_1"]
+    assert outcome.status == "fallback" and outcome.prompt == outcome.original
+    assert outcome.error is not None and "lone surrogate" in outcome.error
+    outcome.error.encode("utf-8")
+    server.fail_next(Fault(status=500, message="bad token \ud83d"))
+    once = rewriter(server, max_attempts=1)
+    once.generate([request("S_2", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    error = once.rewrites["S_2"].error
+    assert error is not None and "bad token \\ud83d" in error  # its escape, storable
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("I'm sorry, but I can't help with that request.", "the LLM refused to rewrite"),
+        ("I cannot rewrite this prompt.", "the LLM refused to rewrite"),
+        ("Sorry, that is not something I can do.", "the LLM refused to rewrite"),
+        ("As an AI, I must decline.", "the LLM refused to rewrite"),
+        ("{user}", "repeats the request's guidance"),  # the whole request echoed
+        ("Original:\nA bike by a wall", "repeats the request's guidance"),
+        ("Sure! Here is the rewritten prompt:", "empty rewrite"),  # a preamble and nothing
+    ],
+    ids=["sorry", "cannot", "sorry-comma", "as-an-ai", "echo-all", "echo-marker", "preamble-only"],
+)
+def test_a_refusal_or_an_echo_is_no_rewrite(
+    server: GenerationAPIServer, answer: str, reason: str
+) -> None:
+    # Each was taken as the rewritten prompt, and an image drawn from it.
+    server.rewrite = lambda user: answer.replace("{user}", user)
+    generator = rewriter(server)
+    generator.generate([request("E_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["E_1"]
+    assert outcome.status == "fallback" and outcome.prompt == outcome.original
+    assert outcome.error is not None and reason in outcome.error
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Sure! Here is the rewritten prompt:\n\nA red bike against a brick wall",
+        "Here's a revised version: A red bike against a brick wall",
+        'Rewritten prompt:\n"A red bike against a brick wall"',
+    ],
+)
+def test_a_preamble_line_is_taken_off_the_rewrite(server: GenerationAPIServer, answer: str) -> None:
+    server.rewrite = lambda user: answer
+    generator = rewriter(server)
+    generator.generate([request("P_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["P_1"]
+    assert outcome.status == "rewritten" and outcome.prompt == "A red bike against a brick wall"
+
+
+def test_an_answer_its_content_filter_stopped_falls_back(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = rewriter(server)
+    answer = SimpleNamespace(
+        message=SimpleNamespace(content="A bike"), finish_reason="content_filter"
+    )
+    completions = generator._client.chat.completions
+    monkeypatch.setattr(completions, "create", lambda **_: SimpleNamespace(choices=[answer]))
+    generator.generate([request("F_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["F_1"]
+    assert outcome.status == "fallback" and outcome.error == (
+        "the LLM's content filter stopped its rewrite"
+    )
 
 
 @pytest.mark.parametrize("choices", [None, {"0": "a table"}], ids=["null", "table"])
@@ -393,3 +516,37 @@ async def test_rewriting_through_the_engine(
     assert len(resumed) == 16 and all(j.prompt_rewrite is not None for j in resumed)
     assert {(j.data_id, j.dimension): j.prompt_rewrite for j in resumed} == first
     assert sum(path.endswith("/chat/completions") for path, _ in server.requests) == chats
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_rewrite_holding_half_a_character_is_stored_as_a_fallback(
+    make_config: ConfigFactory, server: GenerationAPIServer
+) -> None:
+    # The run crashed writing the journal, and a resumed run read the image's rewrite as none.
+    server.rewrite = lambda text: "A bike \ud83d here"
+    config = make_config(
+        samples=4,
+        generators=[
+            {
+                "name": "synth_dtm",
+                "backend": "dtm_rewrite",
+                "options": {
+                    "inner": {"backend": "synthetic", "options": {"size": 16}},
+                    "model": "rewriter-llm",
+                    "base_url": server.base_url,
+                    "api_key_env": KEY_ENV,
+                    "relations": {"IQ-R_TA-C": 0},
+                },
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+    assert len(results) == 8 and {j.status for j in results} == {"ok"}
+    assert all(j.prompt_rewrite is not None for j in results)
+    assert {j.prompt_rewrite.status for j in results if j.prompt_rewrite} == {"fallback"}
+    (engine.run_dir_path / "journal.jsonl").unlink()
+    async with Engine(config) as again:
+        resumed = [j async for j in again.results]
+    assert {j.prompt_rewrite for j in resumed} == {j.prompt_rewrite for j in results}

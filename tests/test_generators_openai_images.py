@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from PIL import Image
 from tests.conftest import ConfigFactory
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.generators.api_calls import Unreachable
 from trig_stream.backends.generators.openai_images import (
     OpenAIImagesGenerator,
     OpenAIImagesOptions,
@@ -187,6 +189,69 @@ def test_client_error_is_an_item_error_without_retry(server: GenerationAPIServer
     assert sleeps.waits == []
 
 
+@pytest.mark.parametrize("code", ["content_policy_violation", "moderation_blocked"])
+def test_a_refusal_by_error_code_is_the_prompts_own_failure(
+    server: GenerationAPIServer, key: str, code: str
+) -> None:
+    server.fail_next(Fault(status=400, code=code, message="Your request was rejected."))
+    outcome = one(make(server))
+    assert isinstance(outcome, ItemError) and "HTTP 400" in str(outcome)
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_refusal_of_the_request_itself_is_the_calls_failure(
+    server: GenerationAPIServer, key: str, status: int
+) -> None:
+    # A bad size or an option the API refuses fails every request alike: not the prompt's
+    # fault. As an ItemError it never counted towards stopping the run, which turned the
+    # whole dataset into error judgements and exited 0.
+    sleeps = Sleeps()
+    server.fail_next(
+        Fault(status=status, code="invalid_value", message="Invalid value for size: 7x7")
+    )
+    outcome = one(make(server, sleeps))
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError)
+    assert str(outcome) == f"HTTP {status}: Invalid value for size: 7x7"
+    assert sleeps.waits == []  # not retried
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_size_every_request_is_refused_for_stops_the_run(
+    make_config: ConfigFactory, server: GenerationAPIServer, key: str
+) -> None:
+    from trig_stream.generation import FAILED_CALLS_TO_STOP
+
+    config = make_config(
+        samples=12,
+        generators=[
+            {
+                "name": "dalle3",
+                "backend": "openai_images",
+                "options": {"base_url": server.base_url, "api_key_env": KEY_ENV, "size": "7x7"},
+            }
+        ],
+    )
+    server.fail_next(*[Fault(status=400, message="Invalid value for size: 7x7")] * 12)
+    message = (
+        f"generator 'dalle3' has made no image yet and its first {FAILED_CALLS_TO_STOP} calls "
+        "all failed (the last: HTTP 400: Invalid value for size: 7x7)"
+    )
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        async with Engine(config) as engine:
+            [j async for j in engine.results]
+    assert len(server.requests) == FAILED_CALLS_TO_STOP
+
+
+def test_a_server_without_key_has_no_secret_to_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The placeholder the SDK sends for api_key_env = "" was taken for the key, and every
+    # "unused" in a server's message came out as "***".
+    with GenerationAPIServer(api_key="unused") as keyless:
+        keyless.fail_next(Fault(status=400, message="parameter 'style' is unused by this model"))
+        outcome = one(make(keyless, api_key_env=""))
+    assert str(outcome) == "HTTP 400: parameter 'style' is unused by this model"
+
+
 def test_a_404_stops_the_run_until_a_call_has_succeeded(
     server: GenerationAPIServer, key: str
 ) -> None:
@@ -215,7 +280,7 @@ def test_an_api_never_reached_stops_the_run_and_one_reached_before_does_not(
     generator = make(server, max_attempts=2)
     assert isinstance(one(generator), Image.Image)
     server.fail_next(Fault(reset=True), Fault(reset=True))
-    assert type(one(generator)) is RetryableError  # that request's failure alone
+    assert type(one(generator)) is Unreachable  # that request's failure alone (retryable)
 
 
 def test_an_answer_without_an_image_is_the_apis_failure_not_the_items(

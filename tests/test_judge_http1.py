@@ -28,6 +28,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from trig_stream.backends.judges import transports
 from trig_stream.backends.judges.http1 import HttpTransport
 from trig_stream.backends.judges.transports import (
     IMAGE_SLOT,
@@ -216,7 +217,10 @@ async def test_bytes_after_an_answer_drop_the_connection() -> None:
         (b"HELLO\r\n\r\n", "status line"),
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "header line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: -4\r\n\r\n", "Content-Length"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 999999999999\r\n\r\n", "an answer of"),
+        # "²" in Latin-1, a digit to str.isdigit() that int() refuses: the parser raised
+        # inside the protocol's callback, and the request waited for its timeout.
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 \xb200 OK\r\n\r\n", "status line"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd\r\n", "a chunk does not"),
     ],
@@ -257,6 +261,35 @@ async def test_a_timeout_fails_the_request_and_drops_its_connection() -> None:
     assert script.connections == 2
 
 
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+async def test_every_client_holds_a_whole_answer_to_the_timeout(client: Client) -> None:
+    # A server that sends its answer a byte at a time never lets a read time out: the sdk
+    # client's timeout, which holds each read, let such an answer take minutes.
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        try:
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    async with server:
+        transport = open_transport(client, url, secret="k", key_source="TEST_KEY", timeout_s=0.5)
+        try:
+            with anyio.fail_after(30):  # a safety net: the answer would take 2,000 s
+                with pytest.raises(RetryableError, match=r"no answer within 0\.5 s"):
+                    await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+
+
 async def test_a_cancelled_request_drops_its_connection() -> None:
     async with (
         scripted(HANG, ([with_length()], False)) as script,
@@ -295,6 +328,98 @@ async def test_compressed_answers_are_decoded(encoded: tuple[str, bytes]) -> Non
     reply = ([with_length(body, f"Content-Encoding: {coding}")], False)
     async with scripted(reply) as script, transport_to(script) as transport:
         assert await transport.post(BODY, IMAGE) == DECODED
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        ("gzip", gzip.compress(ANSWER)),
+        ("deflate", zlib.compress(ANSWER)),
+        ("deflate", zlib.compress(ANSWER)[2:-4]),
+    ],
+    ids=["gzip", "deflate", "raw-deflate"],
+)
+async def test_every_client_decodes_compressed_answers(
+    client: Client, encoded: tuple[str, bytes]
+) -> None:
+    coding, body = encoded
+    reply = ([with_length(body, f"Content-Encoding: {coding}")], False)
+    async with scripted(reply) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            assert await transport.post(BODY, IMAGE) == DECODED
+        finally:
+            await transport.aclose()
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+@pytest.mark.parametrize(
+    ("headers", "answer"),
+    [
+        ((), ANSWER),
+        (("Content-Type: text/plain",), ANSWER),
+        (("Content-Type: text/html",), b"<html>busy</html>"),
+    ],
+    ids=["no-type", "text-plain", "html"],
+)
+async def test_every_client_reads_the_body_whatever_its_content_type(
+    client: Client, headers: tuple[str, ...], answer: bytes
+) -> None:
+    # The sdk client returned a JSON answer without Content-Type: application/json as a
+    # string, which the judge then failed on as a malformed answer of another kind.
+    async with scripted(([with_length(answer, *headers)], False)) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            if answer == ANSWER:
+                assert await transport.post(BODY, IMAGE) == DECODED
+            else:
+                with pytest.raises(
+                    RetryableError, match=r"malformed answer \(the body is not JSON\)"
+                ):
+                    await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+
+
+LIMIT = 1000
+LARGE = b'{"padding": "' + b" " * 2 * LIMIT + b'"}'
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        ([with_length(LARGE)], False),
+        ([chunked(LARGE[:LIMIT], LARGE[LIMIT:])], False),
+        ([b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + LARGE], True),
+        # Small as it comes, large once decompressed: a gzip bomb, in miniature.
+        ([with_length(gzip.compress(LARGE), "Content-Encoding: gzip")], False),
+        ([with_length(zlib.compress(LARGE)[2:-4], "Content-Encoding: deflate")], False),
+    ],
+    ids=["content-length", "chunked", "read-to-close", "gzip", "raw-deflate"],
+)
+async def test_no_client_reads_an_answer_over_the_size_limit(
+    client: Client, reply: Reply, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The aiohttp and sdk clients read any body whole (a gigabyte, into memory), and the
+    # http client held the limit to the bytes as they came: a 1 MB gzip body inflated to 1 GB.
+    monkeypatch.setattr(transports, "MAX_BODY_BYTES", LIMIT, raising=False)
+    async with scripted(reply) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            with pytest.raises(
+                RetryableError, match=r"malformed answer \(an answer of more than 1,000 bytes\)"
+            ):
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
 
 
 async def test_a_compressed_error_answer_gives_its_reason() -> None:

@@ -180,7 +180,7 @@ async def test_file_urls_only_from_the_allowed_folder(
 async def test_file_urls_refused_from_the_start_stop_the_run_naming_the_server_option(
     image: Path,
 ) -> None:
-    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 
     async with JudgeServer() as server, judge_at(server, image_mode="file") as judge:
         for _ in range(REFUSALS_TO_STOP - 1):
@@ -303,7 +303,7 @@ async def test_missing_logprobs_gives_a_reply_without_them(image: Path, client: 
 async def test_a_server_that_never_returns_logprobs_stops_the_run_after_a_few_answers(
     image: Path, client: Client
 ) -> None:
-    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 
     options = JudgeServerOptions(missing_logprobs_rate=1.0)
     async with JudgeServer(options) as server, judge_at(server, client=client) as judge:
@@ -362,7 +362,7 @@ async def test_refusals_before_any_success_stop_the_run_after_a_few(
     # A request the server refuses every time (top_logprobs above its --max-logprobs, say):
     # a few refusals are the images' own errors; that many in a row, and none succeeded, is
     # the config's, and stops the run instead of refusing every image of it.
-    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 
     bad = EncodedImage.of("data:image/png;base64,aGVsbG8=")
     async with JudgeServer() as server, judge_at(server, client=client) as judge:
@@ -392,8 +392,7 @@ async def test_refusals_before_any_success_stop_the_run_after_a_few(
 async def test_content_refusals_never_stop_the_run_however_many(image: Path, reason: str) -> None:
     # A content filter refuses TRIG's toxicity samples one by one, and a run of them may
     # come first: they are those requests' errors, never the config's.
-    from trig_stream.backends.judges.http_errors import status_error
-    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP, status_error
 
     async with JudgeServer() as server, judge_at(server) as judge:
 
@@ -411,7 +410,7 @@ async def test_content_refusals_never_stop_the_run_however_many(image: Path, rea
 
 async def test_answers_a_content_filter_cut_off_never_stop_the_run(image: Path) -> None:
     # Azure's filter answers 200 with finish_reason "content_filter", and maybe no logprobs.
-    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 
     filtered = {
         "choices": [{"message": {"content": ""}, "finish_reason": "content_filter", "index": 0}]
@@ -566,7 +565,7 @@ def test_an_answer_without_the_top_logprobs_asked_for_has_none() -> None:
 async def test_a_server_that_drops_the_top_logprobs_list_stops_the_run(
     image: Path, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trig_stream.backends.judges.openai_judge import REFUSALS_TO_STOP
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
     from trig_stream.testing import judge_server
 
     def without_the_list(answer: dict[str, Any]) -> bytes:

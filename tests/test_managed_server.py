@@ -100,7 +100,9 @@ async def test_server_that_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> Non
         "print('CUDA out of memory', file=sys.stderr)\n"
         "sys.exit(3)\n"
     )
-    judge = judge_with(serve([sys.executable, "-u", "-c", script]), api_key_env="SERVE_TEST_KEY")
+    judge = judge_with(
+        serve([sys.executable, "-u", "-c", script, "{port}"]), api_key_env="SERVE_TEST_KEY"
+    )
     with pytest.raises(FatalBackendError) as caught:
         await judge.open()
     message = str(caught.value)
@@ -128,7 +130,9 @@ async def test_a_key_cut_by_the_start_of_the_quoted_tail_is_never_shown(
         "sys.stdout.write('echoing ' + key + '\\n' + filler + 'last words\\n')\n"
         "sys.exit(3)\n"
     )
-    judge = judge_with(serve([sys.executable, "-c", script]), api_key_env="SERVE_TEST_KEY")
+    judge = judge_with(
+        serve([sys.executable, "-c", script, "{port}"]), api_key_env="SERVE_TEST_KEY"
+    )
     with pytest.raises(FatalBackendError) as caught:
         await judge.open()
     message = str(caught.value)
@@ -157,7 +161,7 @@ async def test_an_ipv6_host_is_bracketed_in_the_urls(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_command_that_cannot_start() -> None:
-    judge = judge_with(serve(["/nonexistent/vllm", "serve", "m"]))
+    judge = judge_with(serve(["/nonexistent/vllm", "serve", "m", "--port", "{port}"]))
     with pytest.raises(FatalBackendError, match="cannot start the server `/nonexistent/vllm"):
         await judge.open()
 
@@ -187,7 +191,10 @@ async def test_server_never_ready_is_stopped() -> None:
         now[0] += seconds
 
     options = ServeOptions(
-        command=[sys.executable, "-c", script], port=0, ready_timeout_s=30, poll_interval_s=5
+        command=[sys.executable, "-c", script, "{port}"],
+        port=0,
+        ready_timeout_s=30,
+        poll_interval_s=5,
     )
     server = ManagedServer(options, name="trigscore", sleep=sleep, clock=lambda: now[0])
     with pytest.raises(FatalBackendError) as caught:
@@ -208,7 +215,10 @@ async def test_sigkill_after_the_grace_period() -> None:
         "time.sleep(600)\n"
     )
     options = ServeOptions(
-        command=[sys.executable, "-c", script], port=0, ready_timeout_s=600, stop_timeout_s=0.2
+        command=[sys.executable, "-c", script, "{port}"],
+        port=0,
+        ready_timeout_s=600,
+        stop_timeout_s=0.2,
     )
 
     async def sleep(seconds: float) -> None:
@@ -251,6 +261,18 @@ def test_serve_excludes_base_urls() -> None:
     assert options.serve.ready_timeout_s == 600.0 and options.endpoints == []
 
 
+def test_port_0_needs_the_port_in_the_command() -> None:
+    # The server was never told the free port picked: the run polled it for ready_timeout_s.
+    with pytest.raises(ValueError, match=r"port = 0 picks a free port, .*\{port\} in its command"):
+        OpenAIJudgeOptions.model_validate(
+            {"model": "m", "serve": {"command": ["vllm", "serve", "x"], "port": 0}}
+        )
+    options = OpenAIJudgeOptions.model_validate(
+        {"model": "m", "serve": {"command": ["vllm", "--port={port}"], "port": 0}}
+    )
+    assert options.serve is not None and options.serve.port == 0
+
+
 def ended(pid: int) -> bool:
     """Whether a process has exited: gone, or a zombie its new parent has not reaped yet."""
     try:
@@ -270,7 +292,7 @@ def test_the_server_stops_when_the_process_that_started_it_is_killed(tmp_path: P
     starter = (
         "import anyio, sys\n"
         "from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions\n"
-        f"options = ServeOptions(command=[sys.executable, '-c', {server!r}], port=0)\n"
+        f"options = ServeOptions(command=[sys.executable, '-c', {server!r}, '{{port}}'], port=0)\n"
         "anyio.run(ManagedServer(options, name='j').start)\n"  # never ready: waits
     )
     process = subprocess.Popen([sys.executable, "-c", starter])

@@ -44,6 +44,8 @@ class Fault:
         delay_s: wait this long before answering normally (to trip client timeouts).
         bad_image: answer 200 with image data that is not an image.
         message: the error message (``status`` only).
+        code: the error's ``code`` (``status`` only), e.g. ``content_policy_violation``;
+            None sends the status.
     """
 
     status: int | None = None
@@ -52,6 +54,7 @@ class Fault:
     delay_s: float = 0.0
     bad_image: bool = False
     message: str = "scripted failure"
+    code: str | None = None
 
 
 def default_rewrite(user_text: str) -> str:
@@ -170,7 +173,7 @@ class GenerationAPIServer:
             headers = {}
             if fault.retry_after is not None:
                 headers["Retry-After"] = f"{fault.retry_after:g}"
-            raise _error(fault.status, fault.message, headers)
+            raise _error(fault.status, fault.message, headers, code=fault.code)
         return body, fault
 
     async def _images(self, request: web.Request) -> web.Response:
@@ -215,8 +218,10 @@ class _Answer(Exception):
         self.response = response
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> _Answer:
-    body = {"error": {"message": message, "type": "loopback", "code": status}}
+def _error(
+    status: int, message: str, headers: dict[str, str] | None = None, *, code: str | None = None
+) -> _Answer:
+    body = {"error": {"message": message, "type": "loopback", "code": code or status}}
     return _Answer(web.json_response(body, status=status, headers=headers))
 
 

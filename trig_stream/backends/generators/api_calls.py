@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from trig_stream.backends.judges.http_errors import parse_retry_after
+from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, parse_retry_after
 from trig_stream.errors import (
     BackendError,
     FatalBackendError,
@@ -35,6 +35,15 @@ Sleep = Callable[[float, threading.Event], bool]
 """Waits up to the given seconds; returns True when the cancel event fired meanwhile."""
 
 
+class Unreachable(RetryableError):
+    """No answer from the API at all: no connection, or none within the timeout."""
+
+
+class Refused(BackendError):
+    """The API refused the request itself (a 4xx other than 404, 429 or a refusal of its
+    content): an option or value every request carries, most likely."""
+
+
 def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
     """The default :data:`Sleep`: a backoff the run's cancel event cuts short."""
     return cancel.wait(seconds)
@@ -43,6 +52,10 @@ def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
 def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str:
     """Read the API key from the environment variable ``variable``; an empty ``variable``
     (``api_key_env = ""``) names none, for a server that takes no key.
+
+    Returns:
+        The key, or ``""`` when there is none (:func:`openai_client` then sends a
+        placeholder, which is no secret: :func:`redact` leaves server text alone).
 
     Args:
         variable: the variable's name.
@@ -53,21 +66,28 @@ def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str
         FatalBackendError: the variable is unset or empty and ``required``.
     """
     if not variable:
-        return "unused"
+        return ""
     key = os.environ.get(variable, "")
     if not key and required:
         raise FatalBackendError(
             f"{owner}: set the environment variable {variable} (api_key_env) to the API key "
             '(or api_key_env = "" for a server that takes no key)'
         )
-    return key or "unused"
+    return key
 
 
 def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
-    """A synchronous OpenAI client that never retries by itself (we do, under a policy)."""
+    """A synchronous OpenAI client that never retries by itself (we do, under a policy).
+
+    ``timeout_s`` holds the connection and each read, not the whole answer: httpx, under the
+    SDK, has no total deadline, and a blocking call in a worker thread cannot be cut short
+    without leaving its connection in an unknown state."""
     import openai
 
-    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout_s)
+    # The SDK insists on a key: a keyless server gets (and ignores) a placeholder.
+    return openai.OpenAI(
+        base_url=base_url, api_key=key or "unused", max_retries=0, timeout=timeout_s
+    )
 
 
 def redact(text: str, secret: str) -> str:
@@ -78,18 +98,22 @@ def redact(text: str, secret: str) -> str:
 def classify(exc: Exception, secret: str) -> BackendError:
     """Map an ``openai`` SDK exception to trig-stream's error classes.
 
-    429 -> RateLimitError (with Retry-After); 5xx, 408, 409, timeouts and connection
-    failures -> RetryableError; 401 / 403 -> FatalBackendError; 404 -> NotFoundError; other
-    4xx -> ItemError.
+    429 -> RateLimitError (with Retry-After); 5xx, 408, 409 -> RetryableError; timeouts and
+    connection failures -> :class:`Unreachable` (retryable); 401 / 403 -> FatalBackendError;
+    404 -> NotFoundError; a refusal of the request's content (a safety system's code or
+    message, see :data:`~trig_stream.backends.judges.http_errors.CONTENT_REFUSAL`) ->
+    ItemError: the prompt's own failure. Any other 4xx (an option the API refuses, a bad
+    size) is :class:`Refused`, a failure of the call as a whole: every request would be
+    refused alike, so before a generator's first image it counts towards stopping the run.
     """
     import openai
 
     if isinstance(exc, BackendError):
         return exc
     if isinstance(exc, openai.APITimeoutError):
-        return RetryableError("the API timed out")
+        return Unreachable("the API timed out")
     if isinstance(exc, openai.APIConnectionError):
-        return RetryableError(redact(f"cannot reach the API: {exc}", secret))
+        return Unreachable(redact(f"cannot reach the API: {exc}", secret))
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         detail = redact(f"HTTP {status}: {_message(exc)}", secret)
@@ -101,7 +125,9 @@ def classify(exc: Exception, secret: str) -> BackendError:
             return RetryableError(detail)
         if status == 404:
             return NotFoundError(detail)
-        return ItemError(detail)
+        if is_content_refusal(exc):
+            return ItemError(detail)
+        return Refused(detail)
     return ItemError(redact(f"{type(exc).__name__}: {exc}", secret))
 
 
@@ -126,7 +152,8 @@ def call_with_retries(
     call would end the same way.
 
     Raises:
-        ItemError: cancelled during a backoff, or a failure that retrying cannot fix.
+        ItemError: cancelled during a backoff, or a refusal of the request's content.
+        Refused: the API refused the request itself (see :func:`classify`).
         RetryableError: still failing after ``policy.max_attempts`` attempts.
         FatalBackendError: the credentials were refused, or a 404 came before any answer
             (or, with ``unanswered_is_fatal``, an unreachable API).
@@ -161,6 +188,15 @@ def call_with_retries(
             if answered is not None:
                 answered.set()
             return result
+
+
+def is_content_refusal(exc: Any) -> bool:
+    """Whether the API error ``exc`` refuses its request's content (OpenAI's
+    ``content_policy_violation`` or ``moderation_blocked``, a content filter), by its error
+    code or message."""
+    code = getattr(exc, "code", None)
+    said = f"{code if isinstance(code, str) else ''} {_message(exc)}"
+    return CONTENT_REFUSAL.search(said) is not None
 
 
 def _http_answer(exc: Exception) -> bool:

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ from trig_stream.backends.base import (
     TimedPicture,
 )
 from trig_stream.backends.generators.api_calls import (
+    Refused,
     Sleep,
+    Unreachable,
     api_key_from_env,
     call_with_retries,
     openai_client,
@@ -47,12 +50,14 @@ from trig_stream.backends.generators.api_calls import (
 from trig_stream.backends.generators.dtm_relations import (
     INSTRUCTIONS_VERSION,
     RelationTable,
+    instruction,
     system_message,
     user_message,
 )
+from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl, nested_problems
-from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
-from trig_stream.records import PromptRewrite
+from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
+from trig_stream.records import PromptRewrite, storable_text
 from trig_stream.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -107,6 +112,8 @@ class DTMRewriteOptions(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     max_tokens: Annotated[int, Field(ge=16)] = 256
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    """Seconds the API may take to connect, and between two reads of its answer: the
+    synchronous SDK client holds each read to it, not the whole answer."""
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     backoff_initial: Annotated[float, Field(ge=0)] = 1.0
     backoff_max: Annotated[float, Field(ge=0)] = 10.0
@@ -127,6 +134,8 @@ class RewriteOutcome:
         status: ``rewritten``, or ``fallback`` when the original prompt was used.
         relation: the pair's relation code, in the sample's dimension order.
         error: why the rewrite failed (``fallback`` only).
+        unreached: the rewrite failed without an answer from the LLM (no connection,
+            timeouts).
     """
 
     data_id: str
@@ -136,6 +145,7 @@ class RewriteOutcome:
     prompt: str
     status: Literal["rewritten", "fallback"]
     error: str | None = None
+    unreached: bool = False
 
 
 class DTMRewriteGenerator(Generator):
@@ -171,6 +181,10 @@ class DTMRewriteGenerator(Generator):
         self._lock = threading.Lock()
         self._answered = threading.Event()
         """Set once a call to the LLM has succeeded (see ``call_with_retries``)."""
+        self._rewrote = False
+        """Whether a prompt has been rewritten: the LLM and its options work."""
+        self._refused = 0
+        """Requests the LLM refused (:class:`Refused`) before any prompt was rewritten."""
         self._client: Any = None
         self._key = ""
 
@@ -229,7 +243,7 @@ class DTMRewriteGenerator(Generator):
         o = self.options
         if o.api_key_env is not None:
             self._key = api_key_from_env(o.api_key_env, owner=f"generator {self.name!r}")
-        self._client = openai_client(o.base_url, self._key or "unused", o.timeout_s)
+        self._client = openai_client(o.base_url, self._key, o.timeout_s)
         self.inner.load()
 
     def generate(
@@ -262,7 +276,9 @@ class DTMRewriteGenerator(Generator):
         """Rewrite one request's prompt; on failure keep the original and say why.
 
         Raises:
-            FatalBackendError: the LLM server refused the credentials.
+            FatalBackendError: the LLM server refused the credentials, answered a 404 before
+                any success, or refused :data:`REFUSALS_TO_STOP` requests before any prompt
+                was rewritten.
         """
         sample = request.sample
         first, second = sample.dimensions
@@ -288,23 +304,22 @@ class DTMRewriteGenerator(Generator):
                 api=f"the rewriting LLM of generator {self.name!r}",
             )
             choice = response.choices[0]
-            text = _clean(choice.message.content or "")
-            if not text:
-                raise ItemError("the LLM answered with an empty rewrite")
-            if choice.finish_reason == "length":  # cut mid-sentence: no prompt to draw from
-                raise ItemError(f"the LLM's rewrite was cut at max_tokens ({o.max_tokens})")
-            if len(text) > MAX_REWRITE_CHARS:
-                raise ItemError(
-                    f"the LLM's rewrite is {len(text):,} characters long (at most "
-                    f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
-                )
+            text = _rewrite_in(
+                choice.message.content,
+                choice.finish_reason,
+                guidance=instruction(first, second, code),
+                max_tokens=o.max_tokens,
+            )
         except FatalBackendError:
             raise
-        except (ItemError, RetryableError, AttributeError, IndexError, KeyError, TypeError) as exc:
-            reason = str(exc) or type(exc).__name__
-            if not isinstance(exc, ItemError | RetryableError):
+        except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
+            # Quoted server text may hold half a character too: kept as its escape.
+            reason = storable_text(str(exc) or type(exc).__name__)
+            if not isinstance(exc, BackendError):
                 # An answer of the wrong shape ("choices": null, or a table) falls back too.
                 reason = f"the LLM's answer is malformed ({type(exc).__name__}: {reason})"
+            if isinstance(exc, Refused):
+                self._count_refusal(reason)
             logger.warning(
                 "generator %s: rewriting %s failed (%s); the original prompt is used",
                 self.name,
@@ -312,9 +327,43 @@ class DTMRewriteGenerator(Generator):
                 reason,
             )
             return RewriteOutcome(
-                sample.data_id, sample.pair, code, sample.prompt, sample.prompt, "fallback", reason
+                sample.data_id,
+                sample.pair,
+                code,
+                sample.prompt,
+                sample.prompt,
+                "fallback",
+                reason,
+                unreached=isinstance(exc, Unreachable),
             )
+        with self._lock:
+            self._rewrote = True
         return RewriteOutcome(sample.data_id, sample.pair, code, sample.prompt, text, "rewritten")
+
+    def _count_refusal(self, reason: str) -> None:
+        """Stop the run once the LLM has refused :data:`REFUSALS_TO_STOP` requests before
+        rewriting any prompt: each would be drawn from its original prompt, and the run would
+        end as if it had gone well.
+
+        Raises:
+            FatalBackendError: that many refusals.
+        """
+        with self._lock:
+            if self._rewrote:
+                return
+            self._refused += 1
+            refused = self._refused
+        if refused < REFUSALS_TO_STOP:
+            return
+        o = self.options
+        where = f" at {o.base_url}" if o.base_url else ""
+        raise FatalBackendError(
+            f"the rewriting LLM of generator {self.name!r} ({o.model!r}{where}) refused the "
+            f"first {refused} rewrite requests and rewrote no prompt (the last: {reason}); "
+            "check the generator's model, max_tokens and temperature against what that server "
+            "accepts (the images drawn meanwhile from their original prompts stay in the run: "
+            "start afresh with --new-run to have them rewritten too)"
+        )
 
     def notes(self) -> list[str]:
         """The inner generator's notes, and how many prompts kept their original text."""
@@ -323,15 +372,18 @@ class DTMRewriteGenerator(Generator):
             total = len(self.rewrites)
         notes = list(self.inner.notes())
         if failed:
+            hint = ""
+            if len(failed) == total and any(o.unreached for o in failed):
+                hint = ": none was rewritten, is the LLM at its base_url reachable?"
+            elif len(failed) == total:  # it answered: what it said is at fault
+                hint = (
+                    ": none was rewritten, though the LLM answered; check the generator's "
+                    "model and options against the failures"
+                )
             notes.append(
                 f"{len(failed)} of {total} prompts were not rewritten and kept their original "
                 f"text (the first failure: {failed[0].error}); each judgement's prompt_rewrite "
-                "says which"
-                + (
-                    ": none was rewritten, is the LLM at its base_url reachable?"
-                    if len(failed) == total
-                    else ""
-                )
+                f"says which{hint}"
             )
         return notes
 
@@ -350,6 +402,76 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
         first, second = pair.split("_")
         table.set(first, second, code)  # type: ignore[arg-type]
     return table
+
+
+REFUSAL = re.compile(
+    r"(I['’]?m|I am)\s+(sorry|unable|not able)|sorry\b|I\s+(can(['’]?t|not| not)|won['’]?t|"
+    r"will not)\b|as an AI\b",
+    re.I,
+)
+"""How an LLM's refusal to rewrite opens (matched at the start of its answer only: a prompt may
+well say "sorry" further in)."""
+
+PREAMBLE = re.compile(
+    r"[^\n:]{0,60}\b(here(['’]s| is| are)|rewritten|revised|improved)\b[^\n:]{0,40}"
+    r"\b(prompt|version|text|description)\b[^\n:]{0,20}:\s*",
+    re.I,
+)
+"""A line that introduces the rewrite, as chat models add despite being asked not to
+("Sure! Here is the rewritten prompt:"): taken off the answer's start."""
+
+ECHO = re.compile(r"^\s*Original:\s*$", re.M)
+"""The marker before the prompt in our request (``user_message``): an answer holding it
+repeats the request rather than answering it."""
+
+
+def _rewrite_in(
+    content: str | None, finish_reason: str | None, *, guidance: str, max_tokens: int
+) -> str:
+    """The rewritten prompt in an LLM's answer, cleaned of quotes and a preamble line.
+
+    Raises:
+        ItemError: the answer holds no rewrite to draw from: empty, cut, stopped by a content
+            filter, a refusal, the request repeated, over :data:`MAX_REWRITE_CHARS`, or
+            holding half a character.
+    """
+    if finish_reason == "content_filter":
+        raise ItemError("the LLM's content filter stopped its rewrite")
+    text = _clean(content or "")
+    preamble = PREAMBLE.match(text)
+    if preamble is not None:
+        text = _clean(text[preamble.end() :])
+    if not text:
+        raise ItemError("the LLM answered with an empty rewrite")
+    if not _encodable(text):
+        # JSON carries "\ud83d" (half an emoji, as a token may be); UTF-8 cannot: the
+        # journal refused the record (the run crashed), and the image's text chunk held a
+        # rewrite no resumed run could read back.
+        raise ItemError(
+            "the LLM's rewrite holds half a character (a lone surrogate escape such as "
+            "\\ud83d), which cannot be sent or stored as UTF-8"
+        )
+    if finish_reason == "length":  # cut mid-sentence: no prompt to draw from
+        raise ItemError(f"the LLM's rewrite was cut at max_tokens ({max_tokens})")
+    if len(text) > MAX_REWRITE_CHARS:
+        raise ItemError(
+            f"the LLM's rewrite is {len(text):,} characters long (at most "
+            f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
+        )
+    if REFUSAL.match(text):
+        raise ItemError(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
+    if guidance in text or ECHO.search(text):
+        raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")
+    return text
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode that UTF-8 can carry (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _clean(text: str) -> str:

@@ -27,7 +27,6 @@ import asyncio
 import logging
 import ssl
 import urllib.request
-import zlib
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -35,7 +34,9 @@ from urllib.parse import urlsplit
 import anyio
 from pydantic_core import to_json
 
+from trig_stream.backends.judges import transports
 from trig_stream.backends.judges.http_errors import (
+    AnswerTooLarge,
     connection_error,
     malformed_error,
     redirect_error,
@@ -45,6 +46,7 @@ from trig_stream.backends.judges.http_errors import (
 from trig_stream.backends.judges.transports import (
     EncodedImage,
     error_body,
+    inflate,
     parse_json,
     splice_image,
 )
@@ -53,9 +55,9 @@ from trig_stream.errors import FatalBackendError
 logger = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
-"""Longest answer head (status line and headers) accepted."""
-MAX_BODY_BYTES = 64 * 1024 * 1024
-"""Largest answer body accepted; a judge's answer is a few kilobytes."""
+"""Longest answer head (status line and headers) accepted. Bodies are held to
+:data:`~trig_stream.backends.judges.transports.MAX_BODY_BYTES`, as they come and once
+decompressed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,8 @@ class HttpTransport:
             raise timeout_error(self.url, self._timeout_s) from None
         except Dropped as exc:
             raise connection_error(self.url, str(exc)) from None
+        except AnswerTooLarge as exc:
+            raise malformed_error(self.url, str(exc)) from None
         except ProtocolError as exc:
             raise malformed_error(self.url, f"not an HTTP answer: {exc}") from None
         except OSError as exc:  # refused, reset, unreachable, TLS
@@ -290,7 +294,7 @@ class _Connection(asyncio.Protocol):
         self._buffer += data
         try:
             answer = self._parse()
-        except ProtocolError as exc:
+        except (ProtocolError, AnswerTooLarge) as exc:
             self._finish(error=exc)
             self.abort()
             return
@@ -357,8 +361,8 @@ class _Connection(asyncio.Protocol):
             body = bytes(buffer[: self._length])
             del buffer[: self._length]
         else:  # framed by the end of the connection
-            if len(buffer) > MAX_BODY_BYTES:
-                raise ProtocolError(f"an answer of more than {MAX_BODY_BYTES} bytes")
+            if len(buffer) > transports.MAX_BODY_BYTES:
+                raise AnswerTooLarge(transports.MAX_BODY_BYTES)
             return None
         return Answer(status, headers, body, keep_alive)
 
@@ -369,11 +373,11 @@ class _Connection(asyncio.Protocol):
             self._chunked = True
         elif "content-length" in headers:
             text = headers["content-length"]
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):  # "²" is a digit to isdigit()
                 raise ProtocolError(f"Content-Length {text[:20]!r}")
             self._length = int(text)
-            if self._length > MAX_BODY_BYTES:
-                raise ProtocolError(f"an answer of {self._length} bytes")
+            if self._length > transports.MAX_BODY_BYTES:
+                raise AnswerTooLarge(transports.MAX_BODY_BYTES)
 
 
 def _header_safe(text: str) -> bool:
@@ -385,21 +389,10 @@ def _decoded(answer: Answer) -> bytes:
     """The body without its content coding: none is asked for, but a server may use one.
 
     Raises:
+        AnswerTooLarge: it decompresses to more than the body limit.
         ValueError: a coding other than gzip or deflate, or a body that does not decode.
     """
-    coding = answer.headers.get("content-encoding", "identity").lower()
-    if coding == "identity":
-        return answer.body
-    if coding not in ("gzip", "x-gzip", "deflate"):
-        raise ValueError(f"content coding {coding!r}")
-    try:
-        return zlib.decompress(answer.body, wbits=47)  # 32 + 15: gzip or zlib, by its header
-    except zlib.error:
-        pass
-    try:
-        return zlib.decompress(answer.body, wbits=-15)  # deflate sent raw, as some servers do
-    except zlib.error:
-        raise ValueError(f"a {coding} body that does not decode") from None
+    return inflate(answer.body, answer.headers.get("content-encoding", "identity"))
 
 
 def _parse_head(raw: bytes) -> tuple[int, dict[str, str], bool]:
@@ -407,7 +400,7 @@ def _parse_head(raw: bytes) -> tuple[int, dict[str, str], bool]:
     status_line, *lines = raw.decode("latin-1").split("\r\n")
     version, _, rest = status_line.partition(" ")
     code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
+    if not version.startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
         raise ProtocolError(f"status line {status_line[:40]!r}")
     headers: dict[str, str] = {}
     for line in lines:
@@ -424,8 +417,10 @@ def _dechunk(buffer: bytearray) -> tuple[bytes, int] | None:
     """A chunked body and the bytes it spans, or None until all of it has arrived.
 
     It is parsed from the start on each call: a judge's answers are a few chunks at most.
+    Each pass only notes where the chunks lie, and copies them out once all have come, so a
+    long answer in many chunks costs a pass over its chunk sizes per read, not over its bytes.
     """
-    parts: list[bytes] = []
+    spans: list[tuple[int, int]] = []
     size_total = 0
     position = 0
     while True:
@@ -444,14 +439,15 @@ def _dechunk(buffer: bytearray) -> tuple[bytes, int] | None:
                 if line_end < 0:
                     return None
                 if line_end == position:
-                    return b"".join(parts), line_end + 2
+                    body = b"".join(bytes(buffer[start : start + n]) for start, n in spans)
+                    return body, line_end + 2
                 position = line_end + 2
         size_total += size
-        if size_total > MAX_BODY_BYTES:
-            raise ProtocolError(f"an answer of more than {MAX_BODY_BYTES} bytes")
+        if size_total > transports.MAX_BODY_BYTES:
+            raise AnswerTooLarge(transports.MAX_BODY_BYTES)
         if len(buffer) < position + size + 2:
             return None
         if buffer[position + size : position + size + 2] != b"\r\n":
             raise ProtocolError("a chunk does not end where its size says")
-        parts.append(bytes(buffer[position : position + size]))
+        spans.append((position, size))
         position += size + 2

@@ -7,6 +7,7 @@ what happened                          raised
 5xx, 408, 409                          :class:`RetryableError`, with Retry-After
 timeout, refused or reset connection   :class:`RetryableError`
 a body that is not a completion        :class:`RetryableError`
+a body over the size limit             :class:`RetryableError` (malformed)
 401, 403                               :class:`FatalBackendError` (one message)
 3xx, a redirect (never followed)       :class:`FatalBackendError` naming where it points
 404                                    :class:`NotFoundError` (an :class:`ItemError`)
@@ -22,6 +23,7 @@ the client's exception is not chained, since its text and request carry what the
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -37,6 +39,24 @@ from trig_stream.errors import (
 
 REASON_CHARS = 200
 """Longest server reason quoted in an error message."""
+
+CONTENT_REFUSAL = re.compile(r"safety|polic(y|ies)|content[ _]?filter|moderation|flagged", re.I)
+"""What a refusal of one request's content says, in its error code or message (OpenAI's
+safety system: ``content_policy_violation``, ``moderation_blocked``; Azure's content
+filter): the request's own failure, never a sign that every request would fail alike."""
+
+REFUSALS_TO_STOP = 8
+"""Refusals (HTTP 4xx) an API may answer before its first success, or answers without
+logprobs before its first with them, without stopping the run: that many in a row mean every
+request would end the same way. A content filter's refusals (:data:`CONTENT_REFUSAL`) never
+count."""
+
+
+class AnswerTooLarge(ValueError):
+    """An answer body over the transports' size limit, as it came or once decompressed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an answer of more than {limit:,} bytes")
 
 
 def parse_retry_after(
@@ -89,6 +109,9 @@ def classify(
     import openai
     import pydantic
 
+    too_large = next((e for e in _chain(exc) if isinstance(e, AnswerTooLarge)), None)
+    if too_large is not None:  # raised while the SDK read the body, wrapped or not
+        return malformed_error(endpoint, str(too_large))
     if isinstance(exc, openai.APIStatusError):
         return status_error(
             exc.status_code,
@@ -196,14 +219,19 @@ _DROPPED = frozenset(
 
 
 def _cause_names(exc: BaseException) -> list[str]:
-    names: list[str] = []
+    return [type(cause).__name__ for cause in _chain(exc)[1:]]
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from or during, in that order."""
+    chain: list[BaseException] = []
     seen: set[int] = set()
-    cause = exc.__cause__ or exc.__context__
+    cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        names.append(type(cause).__name__)
+        chain.append(cause)
         cause = cause.__cause__ or cause.__context__
-    return names
+    return chain
 
 
 def _reason(body: object, secret: str | None) -> str:

@@ -42,7 +42,7 @@ from typing import IO, Annotated
 
 import anyio
 from anyio.abc import Process
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
 from trig_stream.config import OPTIONS_CONFIG
@@ -72,7 +72,7 @@ class ServeOptions(BaseModel):
     """Where the server listens; the judge's base URL is ``http://host:port/v1`` (an IPv6
     address such as ``::1`` is written without brackets here, and gets them in the URL)."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
-    """0 picks a free port."""
+    """0 picks a free port (``{port}`` in ``command`` must pass it on)."""
     ready_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     """Give up when ``GET /health`` has not answered 200 by then (loading a model is slow)."""
     poll_interval_s: Annotated[float, Field(gt=0)] = 1.0
@@ -81,6 +81,17 @@ class ServeOptions(BaseModel):
     """Grace between SIGTERM and SIGKILL when stopping it."""
     env: dict[str, str] = Field(default_factory=dict)
     """Variables added to the inherited environment (no secrets: the config is saved)."""
+
+    @model_validator(mode="after")
+    def _port_reaches_the_server(self) -> ServeOptions:
+        # Else the server listens where its command says, and /health is polled on a port
+        # nothing listens on until ready_timeout_s (10 minutes) runs out.
+        if self.port == 0 and not any("{port}" in arg for arg in self.command):
+            raise ValueError(
+                "port = 0 picks a free port, which the server only learns through {port} in "
+                'its command: add it (e.g. "--port", "{port}"), or set a fixed port'
+            )
+        return self
 
 
 class ManagedServer:

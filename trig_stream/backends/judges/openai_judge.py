@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage, ServerLoad
+from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, REFUSALS_TO_STOP
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
 from trig_stream.backends.judges.server_probe import read_load
 from trig_stream.backends.judges.templates import JudgeTemplate
@@ -66,18 +66,9 @@ METRICS_TIMEOUT_S = 5.0
 """How long one read of a server's ``/metrics`` may take."""
 
 
-CONTENT_REFUSAL = re.compile(r"safety|polic(y|ies)|content[ _]?filter|moderation|flagged", re.I)
-"""What a refusal of one request's content says (OpenAI's safety system, Azure's content
-filter): such refusals are never counted towards :data:`REFUSALS_TO_STOP`."""
-
 REST_FIRST_S = 0.5
 REST_MAX_S = 30.0
 """How long an endpoint rests after a transient failure: the first, and at most."""
-
-REFUSALS_TO_STOP = 8
-"""Refusals (HTTP 4xx) an endpoint may answer before its first success, or answers without
-logprobs before its first with them, without stopping the run: that many in a row mean every
-request would end the same way."""
 
 
 class OpenAIJudgeOptions(BaseModel):

@@ -18,7 +18,9 @@ dependency, through pydantic): for a request body and a 20-logprob answer they m
 and 11 us here, against 12 and 26 us for the :mod:`json` module's.
 
 All send the same body and headers (bearer key, JSON), never retry (the engine owns
-retries) nor follow a redirect (which stops the run), and raise the same
+retries) nor follow a redirect (which stops the run), read no answer body over
+:data:`MAX_BODY_BYTES` (as sent, or once decompressed: a gzip bomb is refused, not inflated),
+and raise the same
 :mod:`~trig_stream.backends.judges.http_errors` classes for the same failures, so a run's
 judgements do not depend on the transport.
 
@@ -34,12 +36,17 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import anyio
 from pydantic_core import from_json, to_json
 
 from trig_stream.backends.judges.http_errors import (
+    AnswerTooLarge,
     classify,
     connection_error,
     malformed_error,
@@ -53,6 +60,11 @@ if TYPE_CHECKING:
 
 Client = Literal["aiohttp", "sdk", "http"]
 """The names of the transports, as ``options.client`` gives them."""
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""Largest answer body accepted, as it comes and once decompressed; a judge's answer is a few
+kilobytes, and a server that sends a gigabyte (or a small gzip bomb) must not take the
+process's memory with it."""
 
 IMAGE_SLOT = "\x00image-url\x00"
 """Stands in a request body for the image's URL, which the transport puts there."""
@@ -151,10 +163,12 @@ class AiohttpTransport:
                 self._target, data=data, headers=self._headers, allow_redirects=False
             ) as response:
                 status = response.status
-                raw = await response.read()
+                raw = await _read_capped(response)
                 headers = dict(response.headers)
         except TimeoutError:  # asyncio's is the builtin since 3.11
             raise timeout_error(self.url, self._timeout_s) from None
+        except AnswerTooLarge as exc:
+            raise malformed_error(self.url, str(exc)) from None
         except aiohttp.ClientPayloadError:
             raise connection_error(self.url, "the answer was cut off") from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -198,8 +212,14 @@ class SdkTransport:
             api_key=secret or "EMPTY",
             max_retries=0,
             timeout=timeout_s,
+            # Compressed answers are decoded by cap_answers, which knows these two.
+            default_headers={"Accept-Encoding": "gzip, deflate"},
             # A redirect is not followed (the SDK's default): its 3xx is classified instead.
-            http_client=openai.DefaultAioHttpClient(timeout=timeout_s, follow_redirects=False),
+            http_client=openai.DefaultAioHttpClient(
+                timeout=timeout_s,
+                follow_redirects=False,
+                event_hooks={"response": [cap_answers_async]},
+            ),
         )
 
     def __repr__(self) -> str:
@@ -210,7 +230,12 @@ class SdkTransport:
             raise RuntimeError(f"the transport to {self.url} is closed")
         filled = _filled(body, image.url)
         try:
-            return await self._client.post("/chat/completions", cast_to=object, body=filled)
+            # The SDK's timeout holds each read, not the answer: a server that sends a byte
+            # now and then would hold the request for as long as it likes.
+            with anyio.fail_after(self._timeout_s):
+                answer = await self._client.post("/chat/completions", cast_to=object, body=filled)
+        except TimeoutError:
+            raise timeout_error(self.url, self._timeout_s) from None
         except Exception as exc:
             raise classify(
                 exc,
@@ -219,6 +244,14 @@ class SdkTransport:
                 key_source=self._key_source,
                 timeout_s=self._timeout_s,
             ) from None
+        if isinstance(answer, str):
+            # The SDK decodes JSON only when the answer says it is JSON (Content-Type); the
+            # other clients read the body whatever it says, and so must this one.
+            try:
+                return parse_json(answer.encode("utf-8", "surrogatepass"))
+            except ValueError:
+                raise malformed_error(self.url, "the body is not JSON") from None
+        return answer
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -236,6 +269,122 @@ def open_transport(
         return HttpTransport(url, secret, key_source, timeout_s)
     kind = AiohttpTransport if client == "aiohttp" else SdkTransport
     return kind(url, secret, key_source, timeout_s)
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """An aiohttp answer's body (decompressed, as aiohttp does by default), read in pieces.
+
+    Raises:
+        AnswerTooLarge: it says or proves to be over :data:`MAX_BODY_BYTES`.
+    """
+    limit = MAX_BODY_BYTES
+    if response.content_length is not None and response.content_length > limit:
+        raise AnswerTooLarge(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.content.iter_any():
+        size += len(part)
+        if size > limit:
+            raise AnswerTooLarge(limit)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def inflate(body: bytes, coding: str) -> bytes:
+    """``body`` without its content coding (gzip or deflate, zlib-wrapped or raw), at most
+    :data:`MAX_BODY_BYTES` of it.
+
+    Raises:
+        AnswerTooLarge: it decompresses to more than :data:`MAX_BODY_BYTES`.
+        ValueError: a coding other than gzip or deflate, or a body that does not decode.
+    """
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        raise ValueError(f"content coding {coding!r}")
+    limit = MAX_BODY_BYTES
+    # 47 = 32 + 15: gzip or zlib, by its header; then raw deflate, as some servers send it.
+    for wbits in (47, -15):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit:
+            raise AnswerTooLarge(limit)
+        if inflater.eof:
+            return out
+    raise ValueError(f"a {coding} body that does not decode")
+
+
+def cap_answers(response: Any) -> None:
+    """An ``httpx`` response event hook that keeps an SDK client from reading an answer body
+    over :data:`MAX_BODY_BYTES`: a Content-Length over it is refused at once, and the body
+    is read through a stream that counts it and decompresses it itself (:func:`inflate`:
+    ``httpx`` would inflate a gzip bomb whole).
+
+    Raises:
+        AnswerTooLarge: the answer says it is larger.
+    """
+    limit = MAX_BODY_BYTES
+    length = response.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > limit:
+        raise AnswerTooLarge(limit)
+    coding = response.headers.get("content-encoding", "identity")
+    if "content-encoding" in response.headers:
+        del response.headers["content-encoding"]  # decoded by the stream, not again by httpx
+    # The SDK's own httpx (httpx, or a fork of it under another name): its stream classes.
+    httpx = sys.modules[type(response).__module__.partition(".")[0]]
+    response.stream = _capped_stream_type(httpx)(response.stream, coding)
+
+
+async def cap_answers_async(response: Any) -> None:
+    """:func:`cap_answers` for an async client, whose hooks are awaited."""
+    cap_answers(response)
+
+
+_STREAM_TYPES: dict[str, type] = {}
+
+
+def _capped_stream_type(httpx: Any) -> type:
+    """A stream class of ``httpx``'s (a response accepts no other) reading at most
+    :data:`MAX_BODY_BYTES` of its inner stream, then yielding the body decoded."""
+    made = _STREAM_TYPES.get(httpx.__name__)
+    if made is not None:
+        return made
+
+    class CappedStream(httpx.AsyncByteStream, httpx.SyncByteStream):  # type: ignore[misc]
+        def __init__(self, inner: Any, coding: str) -> None:
+            self._inner = inner
+            self._coding = coding
+            self._parts: list[bytes] = []
+            self._size = 0
+
+        def _add(self, part: bytes) -> None:
+            self._size += len(part)
+            if self._size > MAX_BODY_BYTES:
+                raise AnswerTooLarge(MAX_BODY_BYTES)
+            self._parts.append(part)
+
+        def __iter__(self) -> Iterator[bytes]:
+            for part in self._inner:
+                self._add(part)
+            yield inflate(b"".join(self._parts), self._coding)
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            async for part in self._inner:
+                self._add(part)
+            yield inflate(b"".join(self._parts), self._coding)
+
+        def close(self) -> None:
+            self._inner.close()
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    _STREAM_TYPES[httpx.__name__] = CappedStream
+    return CappedStream
 
 
 def splice_image(body: bytes, image: EncodedImage) -> bytes:
