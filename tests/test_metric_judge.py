@@ -88,10 +88,22 @@ class Abstains(ImageMetric):
         return None
 
 
-async def test_a_metric_finding_nothing_to_measure_gives_that_reason() -> None:
+async def test_a_metric_finding_nothing_to_measure_is_unscorable_with_that_reason(
+    make_config: ConfigFactory,
+) -> None:
     # The batcher asserted its outcome was not None: the judgement said "AssertionError".
-    with pytest.raises(ItemError, match="the abstains metric found nothing to measure"):
-        await judge_once(metric_judge(Abstains))
+    # Then it was an error, which --retry-errors asked again of a metric that would find
+    # nothing again: it is an answer without a score, as one without a rating word is.
+    reply = await judge_once(metric_judge(Abstains))
+    assert reply.score is None
+    assert reply.unscorable == "the abstains metric found nothing to measure in this image"
+    judge = metric_judge(Abstains)
+    async with Engine(make_config(samples=2), judges=[FakeJudge("trigscore"), judge]) as engine:
+        judged = [j async for j in engine.results if j.metric == "m"]
+    assert judged  # the samples with IQ-R
+    assert {(j.status, j.score, j.error) for j in judged} == {
+        ("unscorable", None, "the abstains metric found nothing to measure in this image")
+    }
 
 
 def batch_metric(returned: Callable[[int], object], *, run_async: bool = False) -> type[Metric]:

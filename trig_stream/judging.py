@@ -275,6 +275,8 @@ class JudgeStage:
                 failure = f"the judge returned a score outside [0, 1] ({reply.score})"
             elif reply.score is not None:
                 status, score = "ok", reply.score
+            elif reply.unscorable is not None:
+                status, failure = "unscorable", reply.unscorable
             elif top is None:
                 failure = "the judge's answer has no logprobs"
             elif broken is not None:

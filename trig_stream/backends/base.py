@@ -169,11 +169,15 @@ class JudgeReply:
             answer came without them.
         score: set by metrics that compute a score directly (not from logprobs).
         text: the answer text, for the record.
+        unscorable: why there is nothing to score, when the judge answered but found nothing
+            to measure (a metric's None): an ``unscorable`` judgement, as an answer without a
+            rating word is, not an ``error`` that ``--retry-errors`` would ask again.
     """
 
     top_logprobs: TopLogprobs | None = None
     score: float | None = None
     text: str = ""
+    unscorable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -217,7 +217,10 @@ class MetricJudge(Judge):
         else:
             value = (await compute_async(metric, [item]))[0]
         if value is None:
-            raise ItemError(f"the {metric.name} metric found nothing to measure in this image")
+            return JudgeReply(
+                text=f"{metric.name}=None",
+                unscorable=f"the {metric.name} metric found nothing to measure in this image",
+            )
         score = metric.dimension_score(value, request.dimension)
         if not 0.0 <= score <= 1.0:  # also refuses NaN
             raise ItemError(
