@@ -25,6 +25,7 @@ from trig_stream.backends.metrics.base import (
 )
 from trig_stream.backends.metrics.registry import import_metric, metric_names, register_metric
 from trig_stream.backends.metrics.trigscore import TRIGScoreMetric, TRIGScoreOptions
+from trig_stream.errors import ItemError
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.testing.fake_judge import fake_logprobs
 
@@ -144,6 +145,16 @@ async def test_sync_and_async_metrics_run_from_async_code() -> None:
     assert await compute_async(TRIGScoreMetric(), items) == [score_top_logprobs(top), None]
     assert await compute_async(AsyncLength(), items) == [4.0, None]
     assert await compute_set_async(Count(), items) == 2.0
+
+
+@pytest.mark.anyio
+async def test_a_set_metric_giving_no_number_is_an_item_error() -> None:
+    class Says(Count):
+        def compute_set(self, items: Sequence[MetricInput]) -> Any:
+            return "two"
+
+    with pytest.raises(ItemError, match=r"gave a str \('two'\) where a number"):
+        await compute_set_async(Says(), [MetricInput()])
 
 
 @pytest.mark.anyio

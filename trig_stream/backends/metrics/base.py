@@ -246,10 +246,15 @@ def _shown(value: object) -> str:
 async def compute_set_async(
     metric: SetMetric, items: Sequence[MetricInput], *, limiter: anyio.CapacityLimiter | None = None
 ) -> Value:
-    """Compute a set metric on ``items`` from async code (sync ones in a worker thread)."""
+    """Compute a set metric on ``items`` from async code (sync ones in a worker thread).
+
+    Raises:
+        ItemError: the metric gave something else than a number or None.
+    """
     if inspect.iscoroutinefunction(metric.compute_set):
-        return cast("Value", await metric.compute_set(items))
-    return cast("Value", await anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter))
+        return checked_value(metric, await metric.compute_set(items))
+    value = await anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter)
+    return checked_value(metric, value)
 
 
 def is_async(metric: ImageMetric) -> bool:
