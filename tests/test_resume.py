@@ -375,6 +375,58 @@ async def test_an_entry_that_made_nothing_takes_its_corrected_settings_beside_ot
             await run_to_end(changed)
 
 
+class TupleFingerprint(SyntheticGenerator):
+    """A generator whose fingerprint holds what JSON does not: a tuple, a set, a path."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "size": (64, 64), "tags": {"b", "a"}, "at": Path("x")}
+
+
+async def test_a_fingerprint_of_tuples_and_sets_resumes(make_config: ConfigFactory) -> None:
+    # The stored manifest holds [64, 64], the config's fingerprint (64, 64): every resume of
+    # a diffusers run with source_size (every hqedit run) was refused as "other settings".
+    config = make_config(samples=2)
+    first = [TupleFingerprint("synth", SyntheticOptions(size=16))]
+    assert len(await run_to_end(config, generators=first)) == 4
+    again = [TupleFingerprint("synth", SyntheticOptions(size=16))]
+    assert await run_to_end(config, generators=again) == []
+    stored = store.read_manifest(config.run_dir).generators["synth"]
+    assert (stored["size"], stored["tags"], stored["at"]) == ([64, 64], ["a", "b"], "x")
+
+
+async def test_a_fingerprint_json_cannot_hold_is_one_error_naming_the_generator(
+    make_config: ConfigFactory,
+) -> None:
+    class Opaque(SyntheticGenerator):
+        def fingerprint(self) -> dict[str, Any]:
+            return {**super().fingerprint(), "model": object()}
+
+    with pytest.raises(
+        FatalBackendError, match="fingerprint of generator 'synth' holds a value of type object"
+    ):
+        await run_to_end(make_config(samples=2), generators=[Opaque("synth", SyntheticOptions())])
+
+
+def test_the_hqedit_fingerprint_is_stored_as_it_is_read_back(tmp_path: Path) -> None:
+    from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
+    from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+    from trig_stream.engine import run_manifest
+
+    options = DiffusersOptions(preset="hqedit", checkpoint=str(tmp_path))
+    generator = DiffusersGenerator("edit", options)
+    assert isinstance(generator.fingerprint()["source_size"], tuple)
+    config = RunConfig.model_validate(
+        {
+            "run": {"name": "r", "task": "p2p", "output_dir": str(tmp_path)},
+            "dataset": {"path": str(tmp_path / "p.json")},
+            "generators": [{"name": "edit", "backend": "image_folder", "options": {"path": "."}}],
+            "judges": [{"name": "trigscore", "backend": "fake"}],
+        }
+    )
+    manifest = run_manifest(config, [generator], {})
+    assert manifest.generators == json.loads(manifest.model_dump_json())["generators"]
+
+
 def test_an_image_alone_keeps_the_settings_it_was_made_with(tmp_path: Path) -> None:
     first = store.Manifest(run_name="r", task="t2i", generators={"g": {"size": 16}})
     second = store.Manifest(run_name="r", task="t2i", generators={"g": {"size": 32}})

@@ -71,7 +71,14 @@ from trig_stream.stats import (
     latency,
     rate,
 )
-from trig_stream.store import JournalState, Manifest, RunDir, next_free_run_dir, read_journal
+from trig_stream.store import (
+    JournalState,
+    Manifest,
+    RunDir,
+    as_json,
+    next_free_run_dir,
+    read_journal,
+)
 
 FILES_BESIDE_CONNECTIONS = 256
 """Open files the engine's process may need besides its judges' connections: the journal,
@@ -121,7 +128,13 @@ def run_manifest(
     return Manifest(
         run_name=config.run.name,
         task=config.run.task,
-        generators={g.name: {**g.fingerprint(), "seed": config.run.seed} for g in generators},
+        generators={
+            g.name: as_json(
+                {**g.fingerprint(), "seed": config.run.seed},
+                f"the fingerprint of generator {g.name!r}",
+            )
+            for g in generators
+        },
         judges={name: fp.model_dump(mode="json") for name, fp in judges.items()},
         config=config.model_dump(mode="json"),
     )

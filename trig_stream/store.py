@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import stat
 import threading
@@ -28,13 +29,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from sys import intern
 from typing import IO, Any, BinaryIO, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trig_stream.errors import (
+    FatalBackendError,
     FingerprintMismatch,
     RunDirError,
     RunLockedError,
@@ -128,6 +130,36 @@ class Manifest(BaseModel):
                 "updated_at": time.time(),
             }
         )
+
+
+def as_json(value: Any, what: str) -> Any:
+    """``value`` as JSON holds it, for a manifest that is compared with the one read back
+    from disk: a tuple becomes a list (``(64, 64)`` was "changed" into ``[64, 64]``, so a
+    run could never resume), a set a sorted list, a path its text.
+
+    Raises:
+        FatalBackendError: a value JSON cannot hold (named with ``what``): a backend's bug.
+    """
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise FatalBackendError(f"{what} holds {value}, which JSON cannot")
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise FatalBackendError(f"{what} has a key that is not a string: {list(value)!r}")
+        return {key: as_json(item, what) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_json(item, what) for item in value]
+    if isinstance(value, set | frozenset):
+        items = [as_json(item, what) for item in value]
+        return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
+    raise FatalBackendError(
+        f"{what} holds a value of type {type(value).__name__}, which JSON cannot: {value!r}"
+    )
 
 
 _ABSENT = object()
