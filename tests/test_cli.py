@@ -100,6 +100,35 @@ def test_import_is_light() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_command_imports_nothing_before_it_can_take_a_ctrl_c() -> None:
+    # The console script imported the CLI, the engine among it, before any of our code
+    # ran: a Ctrl-C in those tenths of a second printed a KeyboardInterrupt traceback.
+    code = (
+        "import sys, trig_stream.console, trig_stream\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('trig_stream'))\n"
+        "assert loaded == ['trig_stream', 'trig_stream.console'], loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_ctrl_c_while_the_command_imports_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trig_stream import console
+
+    class CtrlCOnImport:
+        @staticmethod
+        def find_spec(name: str, *args: object) -> None:
+            if name == "trig_stream.cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "trig_stream.cli")
+    monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exited:
+        console.entry_point()
+    assert exited.value.code == console.INTERRUPTED == EXIT_INTERRUPTED
+
+
 def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path)
     assert main(["validate", str(path)]) == EXIT_OK

@@ -1,4 +1,4 @@
-from trig_stream.cli import entry_point
+from trig_stream.console import entry_point
 
 if __name__ == "__main__":
     entry_point()
