@@ -26,7 +26,7 @@ from trig_stream.store import JOURNAL, Manifest, latest_judgements, writer_pid
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.watch import add_watch_command, follow
-from trig_stream.tui.watch_source import JournalTail, RunDirSource
+from trig_stream.tui.watch_source import READ_CHUNK, JournalTail, RunDirSource
 
 pytestmark = pytest.mark.anyio
 
@@ -298,3 +298,81 @@ def test_watch_counts_a_sample_done_as_the_engine_does(tmp_path: Path) -> None:
         snapshot = RunDirSource(run_dir).poll()
     assert (snapshot.samples_done, snapshot.samples_total) == (4, 8)
     assert snapshot.eta_s != 0.0
+
+
+def write_judgements(run_dir: Path, count: int) -> None:
+    lines = (judgement(i).model_dump_json().encode() + b"\n" for i in range(count))
+    (run_dir / JOURNAL).write_bytes(b"".join(lines))
+
+
+def test_watch_without_a_terminal_reads_a_long_journal_to_its_end_before_finishing(
+    tmp_path: Path,
+) -> None:
+    # A journal longer than one read (4 MB) was reported "[finished]" with the counts of its
+    # first 4 MB, exit 0.
+    run_dir = write_run_dir(tmp_path)
+    count = READ_CHUNK // len(judgement(0).model_dump_json()) + 500
+    write_judgements(run_dir, count)
+    out = io.StringIO()
+    assert follow(RunDirSource(run_dir), Console(file=out, width=200), interval_s=0.001) == 0
+    last = out.getvalue().splitlines()[-1]
+    assert last == f"[finished] r (t2i) | m: ok {count}, unscorable 0, error 0"
+
+
+def test_watch_without_a_terminal_catches_up_without_waiting(tmp_path: Path) -> None:
+    run_dir = write_run_dir(tmp_path)
+    write_judgements(run_dir, 50)
+    source = RunDirSource(run_dir)
+    source.tail.chunk = 1000  # a few lines a read
+    out = io.StringIO()
+    slept: list[float] = []
+    assert follow(source, Console(file=out, width=200), interval_s=60, sleep=slept.append) == 0
+    assert out.getvalue().splitlines()[-1] == "[finished] r (t2i) | m: ok 50, unscorable 0, error 0"
+    assert slept == []  # nobody writes the run: nothing to wait for, only more to read
+
+
+def test_a_watched_run_is_finished_only_once_its_journal_is_read(tmp_path: Path) -> None:
+    run_dir = write_run_dir(tmp_path)
+    write_judgements(run_dir, 50)
+    source = RunDirSource(run_dir)
+    source.tail.chunk = 1000
+    first = source.poll()
+    assert (first.state, first.finished) == ("catching up", False)
+    while source.tail.behind:
+        source.poll()
+    last = source.poll()
+    assert (last.state, last.judged) == ("finished", 50)
+
+
+def test_a_line_longer_than_a_read_is_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL
+    path.write_bytes(b"".join(judgement(i).model_dump_json().encode() + b"\n" for i in (1, 2)))
+    tail = JournalTail(path, chunk=64)  # a judgement line is some 400 bytes
+    assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_1"]
+    assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_2"]
+    assert (tail.read(), tail.offset) == ([], path.stat().st_size)
+
+
+def test_the_last_lines_of_a_writer_that_ends_as_it_is_watched_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The journal was read, then the writer looked for: one that appended its last lines and
+    # exited in between was reported finished without them.
+    run_dir = write_run_dir(tmp_path)
+    looks = []
+
+    def writer_appends_its_last_line_and_exits(_: Path) -> int | None:
+        looks.append(1)
+        if len(looks) == 1:
+            return os.getpid()
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(judgement(2).model_dump_json().encode() + b"\n")
+        return None
+
+    monkeypatch.setattr(
+        "trig_stream.tui.watch_source.writer_pid", writer_appends_its_last_line_and_exits
+    )
+    source = RunDirSource(run_dir)
+    assert source.poll().state == "running"
+    last = source.poll()
+    assert (last.state, last.judged) == ("finished", 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,19 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
 
 
 def follow(
-    source: RunDirSource, console: Console, *, interval_s: float, max_polls: int | None = None
+    source: RunDirSource,
+    console: Console,
+    *,
+    interval_s: float,
+    max_polls: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Print a progress line whenever the run moves, until nobody writes it any more.
 
-    Journal lines that are not judgements are skipped, as ``status`` and ``report`` skip
-    them, with one warning.
+    A journal longer than one read (:attr:`JournalTail.chunk`) is read on without waiting
+    ``interval_s``, and the run is reported finished only once all of it is read. Journal
+    lines that are not judgements are skipped, as ``status`` and ``report`` skip them, with
+    one warning.
     """
     last = ""
     polls = 0
@@ -103,7 +111,8 @@ def follow(
         polls += 1
         if snapshot.finished or (max_polls is not None and polls >= max_polls):
             return 0
-        time.sleep(interval_s)
+        if not tail.behind:  # catching up with a long journal: read on at once
+            sleep(interval_s)
 
 
 def describe(snapshot: DashboardSnapshot) -> str:

@@ -56,16 +56,18 @@ class JournalTail:
     skipped and counted in :attr:`bad_lines`.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, chunk: int = READ_CHUNK) -> None:
         self.path = path
+        self.chunk = chunk
+        """Most bytes one :meth:`read` parses."""
         self.offset = 0
         self.bad_lines = 0
         self.first_problem = ""
         """What was wrong with the first line that was not a judgement."""
         self.behind = False
-        """The last read stopped at :data:`READ_CHUNK`: more is waiting."""
+        """The last read stopped at :attr:`chunk` bytes: more is waiting."""
 
-    def read(self, limit: int = READ_CHUNK) -> list[Judgement]:
+    def read(self) -> list[Judgement]:
         """The complete judgements written since the previous read, in journal order.
 
         Raises:
@@ -77,10 +79,15 @@ class JournalTail:
         try:
             with handle:
                 handle.seek(self.offset)
-                data = handle.read(limit)
+                data = b""
+                while True:  # a line longer than a chunk is read whole, not waited on forever
+                    part = handle.read(self.chunk)
+                    data += part
+                    if len(part) < self.chunk or b"\n" in part:
+                        break
         except OSError as exc:
             raise journal_unreadable(self.path, exc) from None
-        self.behind = len(data) == limit
+        self.behind = len(part) == self.chunk
         end = data.rfind(b"\n") + 1
         judgements = []
         for raw in data[:end].splitlines():
@@ -149,8 +156,17 @@ class RunDirSource:
             return await anyio.to_thread.run_sync(self.poll)
 
     def poll(self) -> DashboardSnapshot:
-        """:meth:`snapshot`, blocking: for threads and scripts."""
+        """:meth:`snapshot`, blocking: for threads and scripts.
+
+        The state is ``finished`` only once no process writes the run and the journal is read
+        to its end; while a long journal is read (:attr:`JournalTail.behind`), a writer gone
+        already shows as ``catching up``.
+        """
         manifest = self._read_manifest()
+        # Asked before the journal is read: a writer that is gone then has appended its last
+        # line, so what follows reads it. Asked after, the lines it appended meanwhile were
+        # left unread by a snapshot that said "finished".
+        writer = writer_pid(self.run_dir)
         for judgement in self.tail.read():
             self._add(judgement)
         now = self._clock()
@@ -159,8 +175,10 @@ class RunDirSource:
         finished = self._finished_samples(manifest)
         samples_per_s = self._samples_rate.add(now, finished)
         self._history.add(now, per_s)
-        writer = writer_pid(self.run_dir)
-        state = "running" if writer is not None else "finished"
+        if writer is not None:
+            state = "running"
+        else:
+            state = "catching up" if self.tail.behind else "finished"
         if self._relations_at is None or now - self._relations_at >= self.relations_every_s:
             self._relations_at = now
             self._relations = relation_views(self._tracker, self._tracker.groups())
