@@ -376,3 +376,78 @@ def test_the_last_lines_of_a_writer_that_ends_as_it_is_watched_are_counted(
     assert source.poll().state == "running"
     last = source.poll()
     assert (last.state, last.judged) == ("finished", 2)
+
+
+def lines_of(*judgements: Judgement) -> bytes:
+    return b"".join(j.model_dump_json().encode() + b"\n" for j in judgements)
+
+
+def test_a_run_dir_made_anew_while_watched_is_read_from_its_start(tmp_path: Path) -> None:
+    # The viewer kept its offset into the old journal: the new one's first lines were never
+    # read, the old counts stayed, and a line read from mid-way was "not a judgement".
+    run_dir = write_run_dir(tmp_path)
+    (run_dir / JOURNAL).write_bytes(lines_of(*(judgement(i) for i in range(3))))
+    source = RunDirSource(run_dir)
+    assert source.poll().judged == 3
+    shutil.rmtree(run_dir)
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"run_name": "again", "task": "t2i"}')
+    assert source.poll().judged == 0  # no journal yet: nothing of the old one counts
+    erred = judgement(9).model_copy(
+        update={"model": "n", "status": "error", "score": None, "error": "boom"}
+    )
+    (run_dir / JOURNAL).write_bytes(lines_of(*(judgement(i) for i in range(5)), erred))
+    snapshot = source.poll()
+    fresh = RunDirSource(run_dir).poll()
+    assert snapshot.run_name == "again"
+    assert snapshot.models == fresh.models
+    assert [(m.name, m.ok, m.error) for m in snapshot.models] == [("m", 5, 0), ("n", 0, 1)]
+    assert "not judgements" not in snapshot.message
+
+
+def test_a_journal_cut_by_a_resume_while_watched_is_read_again(tmp_path: Path) -> None:
+    # A resume cuts a damaged last line off and appends after it: the viewer's offset was
+    # past the cut, so it read the next line from its middle (one judgement lost, one
+    # "line that is not a judgement").
+    run_dir = write_run_dir(tmp_path)
+    journal = run_dir / JOURNAL
+    journal.write_bytes(lines_of(judgement(1)) + b'{"damaged": "' + b"x" * 200 + b'"}\n')
+    source = RunDirSource(run_dir)
+    assert (source.poll().judged, source.tail.bad_lines) == (1, 1)
+    good_end = len(lines_of(judgement(1)))
+    with journal.open("r+b") as handle:  # as the resume does, on the same file
+        handle.truncate(good_end)
+        handle.seek(good_end)
+        handle.write(lines_of(judgement(2), judgement(3)))
+    assert journal.stat().st_size > source.tail.offset  # only the content tells
+    snapshot = source.poll()
+    assert (snapshot.judged, source.tail.bad_lines) == (3, 0)
+    assert "not judgements" not in snapshot.message
+
+
+def test_a_journal_shorter_than_what_was_read_is_read_again(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL
+    path.write_bytes(lines_of(judgement(1), judgement(2)))
+    tail = JournalTail(path)
+    assert len(tail.read()) == 2
+    path.write_bytes(lines_of(judgement(3)))
+    assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_3"]
+    assert tail.restarted
+    assert (tail.read(), tail.restarted) == ([], False)
+
+
+def test_a_resume_that_lifts_a_limit_counts_the_samples_again(tmp_path: Path) -> None:
+    # The samples were counted once: after a resume without `limit`, "samples 4/4, ETA 0"
+    # while the other 4 were judged.
+    config = load_config(write_config(tmp_path, samples=8)).model_dump(mode="json")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    manifest = Manifest(run_name="watched", task="t2i", config=config)
+    limited = manifest.model_copy(
+        update={"config": {**config, "dataset": {**config["dataset"], "limit": 4}}}
+    )
+    (run_dir / "manifest.json").write_text(limited.model_dump_json())
+    source = RunDirSource(run_dir)
+    assert source.poll().samples_total == 4
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    assert source.poll().samples_total == 8

@@ -9,10 +9,12 @@ runs.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import anyio
 
@@ -48,12 +50,22 @@ READ_CHUNK = 4 << 20
 LATENCY_WINDOW = 1024
 
 
+MARK_BYTES = 64
+"""Bytes before the read offset kept and compared on the next read."""
+
+
 class JournalTail:
     """Reads the judgements appended to a journal since the last call.
 
     Only complete lines are consumed: a torn last line (the writer is mid-append, or crashed)
     stays unread until it is complete. A line that is complete but not a judgement is
     skipped and counted in :attr:`bad_lines`.
+
+    A journal is appended to, but not only: a resume cuts a damaged last line off before it
+    appends, and a run directory deleted and made anew holds another journal (maybe on the
+    same inode). Each read checks that the file is the one read so far (device and inode),
+    no shorter than what was read, and holds the same last bytes before the read offset;
+    when not, it starts over from the beginning and says so in :attr:`restarted`.
     """
 
     def __init__(self, path: Path, *, chunk: int = READ_CHUNK) -> None:
@@ -66,18 +78,34 @@ class JournalTail:
         """What was wrong with the first line that was not a judgement."""
         self.behind = False
         """The last read stopped at :attr:`chunk` bytes: more is waiting."""
+        self.restarted = False
+        """The last read found the journal rewritten, replaced or gone, and read it from the
+        beginning: what the earlier reads returned no longer holds."""
+        self._identity: tuple[int, int] | None = None
+        self._mark = b""
+        """The last bytes read (at most :data:`MARK_BYTES`), ending at :attr:`offset`."""
 
     def read(self) -> list[Judgement]:
-        """The complete judgements written since the previous read, in journal order.
+        """The complete judgements written since the previous read, in journal order (from
+        the beginning when :attr:`restarted`).
 
         Raises:
             RunDirError: the journal exists but cannot be read.
         """
+        self.restarted = False
         handle = open_journal(self.path)
         if handle is None:
+            if self.offset or self.bad_lines:  # it was there: the run directory was emptied
+                self._start_over(None)
             return []
         try:
             with handle:
+                info = os.fstat(handle.fileno())
+                identity = (info.st_dev, info.st_ino)
+                if self._identity is None:
+                    self._identity = identity
+                elif self._rewritten(handle, identity, info.st_size):
+                    self._start_over(identity)
                 handle.seek(self.offset)
                 data = b""
                 while True:  # a line longer than a chunk is read whole, not waited on forever
@@ -97,7 +125,22 @@ class JournalTail:
                 self.bad_lines += 1
                 self.first_problem = self.first_problem or line_problem(exc)
         self.offset += end
+        self._mark = (self._mark + data[:end])[-MARK_BYTES:]
         return judgements
+
+    def _rewritten(self, handle: BinaryIO, identity: tuple[int, int], size: int) -> bool:
+        if identity != self._identity or size < self.offset:
+            return True
+        handle.seek(self.offset - len(self._mark))
+        return handle.read(len(self._mark)) != self._mark
+
+    def _start_over(self, identity: tuple[int, int] | None) -> None:
+        self._identity = identity
+        self.offset = 0
+        self._mark = b""
+        self.bad_lines = 0
+        self.first_problem = ""
+        self.restarted = True
 
 
 class RunDirSource:
@@ -127,13 +170,21 @@ class RunDirSource:
         self.tail = JournalTail(run_dir / JOURNAL)
         self._lock = anyio.Lock()
         self._manifest: Manifest | None = None
-        self._manifest_mtime = -1.0
-        self._tracker = RelationTracker()
+        self._manifest_key: tuple[int, int, int, int] | None = None
+        self._configured: dict[str, Any] | None = None
+        """The config the totals below were counted for."""
+        self._thresholds = RelationSection()
         self._samples_total: int | None = None
         self._config_models: list[str] = []
         """The models of the run's latest config (when readable)."""
         self._judgements_total = 0
         """The judgements each model makes of the samples, when the dataset is readable."""
+        self._forget_the_journal()
+
+    def _forget_the_journal(self) -> None:
+        # Everything read from the journal: a journal rewritten under the viewer (cut by a
+        # resume, or its run directory made anew) is read again from its start.
+        self._tracker = RelationTracker(self._thresholds)
         self._status: dict[JudgementKey, Status] = {}
         self._counts: dict[str, Counter[Status]] = {}
         self._images: dict[str, set[str]] = {}
@@ -167,7 +218,12 @@ class RunDirSource:
         # line, so what follows reads it. Asked after, the lines it appended meanwhile were
         # left unread by a snapshot that said "finished".
         writer = writer_pid(self.run_dir)
-        for judgement in self.tail.read():
+        judgements = self.tail.read()
+        if self.tail.restarted:
+            self._forget_the_journal()
+            self._configured = None  # a run directory made anew may hold another dataset
+            manifest = self._read_manifest()
+        for judgement in judgements:
             self._add(judgement)
         now = self._clock()
         judged = len(self._status)
@@ -231,32 +287,38 @@ class RunDirSource:
         return int(self._samples_total * share)
 
     def _read_manifest(self) -> Manifest:
-        # A resume may add models and judges: read it again whenever it was replaced.
+        # A resume may add models and judges, or lift a limit: read it again whenever it was
+        # rewritten, and count the totals again whenever its config changed.
         try:
-            mtime = (self.run_dir / "manifest.json").stat().st_mtime
+            info = (self.run_dir / "manifest.json").stat()
+            key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         except OSError:
-            mtime = -1.0
-        if self._manifest is None or mtime != self._manifest_mtime:
+            key = None
+        if self._manifest is None or key is None or key != self._manifest_key:
             self._manifest = read_manifest(self.run_dir)
-            self._manifest_mtime = mtime
+            self._manifest_key = key
+        if self._manifest.config != self._configured:
+            self._configured = self._manifest.config
             self._configure(self._manifest)
         return self._manifest
 
     def _configure(self, manifest: Manifest) -> None:
+        self._samples_total = None
+        self._judgements_total = 0
+        self._config_models = []
         try:
             config = RunConfig.model_validate(manifest.config)
         except ValueError:
             return
-        self._tracker.thresholds = config.relation or RelationSection()
+        self._thresholds = self._tracker.thresholds = config.relation or RelationSection()
         self._config_models = [generator.name for generator in config.generators]
-        if self._samples_total is None:
-            try:
-                source = DatasetSource(config.dataset, config.run.task)
-                pairs = source.selected_pairs()
-            except Exception:  # a dataset moved or gone: the ETA stays unknown
-                return
-            self._samples_total = pairs.total()
-            self._judgements_total = _judgements_per_model(config, source, pairs)
+        try:
+            source = DatasetSource(config.dataset, config.run.task)
+            pairs = source.selected_pairs()
+        except Exception:  # a dataset moved or gone: the ETA stays unknown
+            return
+        self._samples_total = pairs.total()
+        self._judgements_total = _judgements_per_model(config, source, pairs)
 
     def _add(self, judgement: Judgement) -> None:
         # The last judgement of a key wins, as in the journal: a retried error is replaced.
