@@ -7,11 +7,13 @@ import fcntl
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -257,14 +259,14 @@ def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = write_run_dir(tmp_path)
-    run = TrigDashboardApp.run
+    run_async = TrigDashboardApp.run_async
 
-    def deleted_then_shown(app: TrigDashboardApp) -> None:
+    async def deleted_then_shown(app: TrigDashboardApp, **_: Any) -> None:
         shutil.rmtree(run_dir)  # after the command's first look, before the dashboard's
-        run(app, headless=True, size=(120, 40))
+        await run_async(app, headless=True, size=(120, 40))
 
     monkeypatch.setattr(watch_module, "full_screen_possible", lambda: True)
-    monkeypatch.setattr(TrigDashboardApp, "run", deleted_then_shown)
+    monkeypatch.setattr(TrigDashboardApp, "run_async", deleted_then_shown)
     assert main(["watch", str(run_dir)]) == EXIT_RUN_DIR
     assert capsys.readouterr().err == (
         f"error: {run_dir} is not a trig-stream run directory (no manifest.json)\n"
@@ -451,3 +453,40 @@ def test_a_resume_that_lifts_a_limit_counts_the_samples_again(tmp_path: Path) ->
     assert source.poll().samples_total == 4
     (run_dir / "manifest.json").write_text(manifest.model_dump_json())
     assert source.poll().samples_total == 8
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_closes_the_watch_dashboard_and_gives_the_terminal_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals
+) -> None:
+    # SIGTERM killed the viewer in the alternate screen: the terminal stayed raw, with no
+    # echo and mouse tracking on. It now closes the app (which restores the terminal), exit
+    # 130 as an interrupted run.
+    run_dir = write_run_dir(tmp_path)
+    run_async = TrigDashboardApp.run_async
+    silenced: list[bool] = []
+    leaked: list[int] = []
+
+    async def signalled(app: TrigDashboardApp, **_: Any) -> None:
+        async def pilot(_: Any) -> None:
+            await wait_until(lambda: app.dashboard.snapshot is not None)
+            os.kill(os.getpid(), signum)
+            try:
+                await wait_until(lambda: app.return_code is not None, within_s=10)
+            except TimeoutError:
+                app.exit()  # not closed by the signal: the assertions below fail, not hang
+
+        await run_async(app, headless=True, size=(120, 40), auto_pilot=pilot)
+
+    monkeypatch.setattr(watch_module, "full_screen_possible", lambda: True)
+    monkeypatch.setattr(
+        watch_module, "silence_the_terminal", lambda: silenced.append(True), raising=False
+    )
+    monkeypatch.setattr(TrigDashboardApp, "run_async", signalled)
+    previous = signal.signal(signum, lambda number, _: leaked.append(number))
+    try:
+        assert main(["watch", str(run_dir)]) == 130
+    finally:
+        signal.signal(signum, previous)
+    assert leaked == []
+    assert silenced == ([True] if signum == signal.SIGHUP else [])

@@ -1,6 +1,7 @@
 """``trig-stream watch RUN_DIR``: follow a run that another process writes, read-only.
 
-On a terminal the dashboard follows the run (``q`` closes it; the run is not disturbed).
+On a terminal the dashboard follows the run (``q``, or SIGINT, SIGTERM or SIGHUP, closes
+it; the run is not disturbed).
 Elsewhere (a log file, CI) a line is printed every ``--interval`` seconds while the journal
 grows, until no process writes the run any more. Importing this module imports no textual.
 """
@@ -11,15 +12,22 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import anyio
+from anyio.abc import TaskStatus
 from rich.console import Console
 
+from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.errors import MissingExtraError
 from trig_stream.progress import full_screen_possible
+from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 from trig_stream.tui.render import duration
 from trig_stream.tui.snapshot import DashboardSnapshot
 from trig_stream.tui.watch_source import RunDirSource
+
+if TYPE_CHECKING:
+    from trig_stream.tui.app import TrigDashboardApp
 
 DEFAULT_INTERVAL_S = 0.5
 
@@ -67,11 +75,46 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
         except ImportError as exc:
             raise MissingExtraError("textual", "tui") from exc
         app = TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=args.interval)
-        app.run()
+        signum = show_dashboard(app)
         if app.source_error is not None:  # the run directory went away meanwhile
             raise app.source_error
-        return 0
+        return EXIT_OK if signum is None else EXIT_INTERRUPTED
     return follow(source, console, interval_s=args.interval)
+
+
+def show_dashboard(app: TrigDashboardApp, **run_options: Any) -> int | None:
+    """Run the dashboard app until ``q`` closes it, or a stop signal does.
+
+    SIGINT, SIGTERM and SIGHUP close the app as ``q`` does, so that it gives the terminal
+    back (without this, SIGTERM killed the process in the alternate screen, with no echo and
+    mouse tracking on). After SIGHUP, the terminal is gone: nothing more is written to it.
+
+    Args:
+        app: the app to run.
+        run_options: passed to :meth:`App.run_async` (``headless``, ``size``, ...).
+
+    Returns:
+        The signal that closed the app, or None.
+    """
+    received: list[int] = []
+
+    async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.open_signal_receiver(*stop_signals()) as signals:
+            task_status.started()
+            async for signum in signals:
+                received.append(signum)
+                if is_hangup(signum):
+                    silence_the_terminal()
+                app.exit()
+
+    async def show() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(on_signals)
+            await app.run_async(**run_options)
+            tg.cancel_scope.cancel()
+
+    anyio.run(show)  # textual needs asyncio, anyio's default
+    return received[0] if received else None
 
 
 def follow(
@@ -143,4 +186,4 @@ def _interval(text: str) -> float:
     return value
 
 
-__all__ = ["add_watch_command", "cmd_watch", "describe", "follow"]
+__all__ = ["add_watch_command", "cmd_watch", "describe", "follow", "show_dashboard"]
