@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import fcntl
 import io
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -490,3 +492,60 @@ def test_a_signal_closes_the_watch_dashboard_and_gives_the_terminal_back(
         signal.signal(signum, previous)
     assert leaked == []
     assert silenced == ([True] if signum == signal.SIGHUP else [])
+
+
+@contextmanager
+def held_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run lock as the process running in ``run_dir`` does."""
+    with (run_dir / "run.lock").open("a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def judged_run_dir(tmp_path: Path, samples: int, **update: Any) -> tuple[Path, list[Judgement]]:
+    """A run directory of ``write_config``'s run, and every judgement its run makes (not
+    written): each model's, of both dimensions of each sample, with ``update`` applied."""
+    config = load_config(write_config(tmp_path, samples))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    manifest = Manifest(run_name="watched", task="t2i", config=config.model_dump(mode="json"))
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    records = json.loads((tmp_path / "prompts.json").read_text())
+    judgements = [
+        judgement(0).model_copy(
+            update={
+                "model": generator.name,
+                "data_id": record["data_id"],
+                "pair": "_".join(record["dimension"]),
+                "dimension": dimension,
+                **update,
+            }
+        )
+        for generator in config.generators
+        for record in records
+        for dimension in record["dimension"]
+    ]
+    return run_dir, judgements
+
+
+def test_a_retry_of_the_errors_shows_its_rate_and_no_end_of_zero(tmp_path: Path) -> None:
+    # Resumed with --retry-errors, every judgement is in the journal already: the viewer
+    # counted unique keys for its rate (0.0/s, as a retry replaces a key) and said
+    # "ETA 0.0s" while the errors were being asked again.
+    run_dir, judgements = judged_run_dir(tmp_path, 8, status="error", score=None, error="boom")
+    (run_dir / JOURNAL).write_bytes(lines_of(*judgements))
+    now = [100.0]
+    with held_lock(run_dir):
+        source = RunDirSource(run_dir, clock=lambda: now[0])
+        first = source.poll()
+        assert (first.samples_done, first.samples_total) == (8, 8)
+        with (run_dir / JOURNAL).open("ab") as journal:
+            retried = (j.model_copy(update={"status": "ok", "score": 0.5}) for j in judgements)
+            journal.write(lines_of(*list(retried)[:10]))
+        now[0] += 2.0
+        snapshot = source.poll()
+    assert snapshot.judgements_per_s == pytest.approx(5.0)
+    assert snapshot.eta_s is None
+    assert snapshot.models[0].ok == 10

@@ -186,6 +186,8 @@ class RunDirSource:
         # resume, or its run directory made anew) is read again from its start.
         self._tracker = RelationTracker(self._thresholds)
         self._status: dict[JudgementKey, Status] = {}
+        self._appended = 0
+        """Judgements read, a key asked again (``--retry-errors``) each time: the rate's."""
         self._counts: dict[str, Counter[Status]] = {}
         self._images: dict[str, set[str]] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -226,8 +228,7 @@ class RunDirSource:
         for judgement in judgements:
             self._add(judgement)
         now = self._clock()
-        judged = len(self._status)
-        per_s = self._judged_rate.add(now, judged)
+        per_s = self._judged_rate.add(now, self._appended)
         finished = self._finished_samples(manifest)
         samples_per_s = self._samples_rate.add(now, finished)
         self._history.add(now, per_s)
@@ -260,9 +261,7 @@ class RunDirSource:
             elapsed_s=self._elapsed(manifest, running=writer is not None),
             samples_total=self._samples_total,
             samples_done=finished,
-            eta_s=estimate_eta(self._samples_total, finished, samples_per_s)
-            if writer is not None
-            else 0.0,
+            eta_s=self._eta(finished, samples_per_s, running=writer is not None),
             models=tuple(self._progress(name) for name in models),
             judges=judge_views(manifest.config),
             judgements_per_s=per_s,
@@ -273,6 +272,16 @@ class RunDirSource:
             last_errors=tuple(self._errors),
             message=message,
         )
+
+    def _eta(self, finished: int, samples_per_s: float, *, running: bool) -> float | None:
+        if not running:
+            return 0.0
+        if self._samples_total is not None and finished >= self._samples_total:
+            # Every judgement is written, yet a process runs: asking the errors again
+            # (--retry-errors), which replaces lines the count already holds. How many it
+            # asks is not in the run directory: no end to foresee, and none is "now".
+            return None
+        return estimate_eta(self._samples_total, finished, samples_per_s)
 
     def _finished_samples(self, manifest: Manifest) -> int:
         # As the engine's dashboard counts them: the share of each model's judgements that
@@ -322,6 +331,7 @@ class RunDirSource:
 
     def _add(self, judgement: Judgement) -> None:
         # The last judgement of a key wins, as in the journal: a retried error is replaced.
+        self._appended += 1
         model = judgement.model
         counts = self._counts.setdefault(model, Counter())
         previous = self._status.get(judgement.key)
