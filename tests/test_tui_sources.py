@@ -9,6 +9,8 @@ from tests.conftest import ConfigFactory
 from tests.test_engine import HeldJudge, LoadsUntilReleased
 from tests.test_tui_watch import wait_until
 from trig_stream import Engine
+from trig_stream.testing import FakeJudge
+from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.tui.sources import EngineSource
 
 pytestmark = pytest.mark.anyio
@@ -94,3 +96,18 @@ async def test_a_paused_run_shows_no_eta(make_config: ConfigFactory) -> None:
             source.observe(judgement)
         source.end()
         assert (await source.snapshot()).eta_s == 0.0
+
+
+async def test_samples_no_judge_measures_count_as_done(make_config: ConfigFactory) -> None:
+    # A judge of IQ-R only: the samples of the pairs without it were never "done", and the
+    # finished run showed "samples 4/8" (a watcher of the same run said 8/8).
+    judge = FakeJudge("trigscore", FakeJudgeOptions())
+    judge.dimensions = frozenset({"IQ-R"})
+    async with Engine(make_config(samples=8), judges=[judge]) as engine:
+        source = EngineSource(engine)
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        snapshot = await source.snapshot()
+    assert (snapshot.samples_done, snapshot.samples_total) == (8, 8)
+    assert engine.stats().unmeasured == 4

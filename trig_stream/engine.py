@@ -269,6 +269,7 @@ class Engine:
             samples_total=c.samples_total,
             samples_read=c.samples_read,
             quarantined=c.quarantined,
+            unmeasured=c.unmeasured,
             models={name: replace(m) for name, m in c.models.items()},
             buffers=buffers,
             judges=judges,

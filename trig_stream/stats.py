@@ -104,6 +104,8 @@ class EngineStats:
     last_errors: tuple[str, ...]
     notes: tuple[str, ...] = ()
     """What backends reported at the end of their work (e.g. image files left unused)."""
+    unmeasured: int = 0
+    """Samples none of whose dimensions any judge measures: done, with nothing to do."""
     opening: str | None = None
     """What the engine is opening while it starts (the run directory, a judge starting its
     server or loading its model), or None."""

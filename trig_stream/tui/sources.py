@@ -145,11 +145,12 @@ class EngineSource:
 
     def _finished_samples(self, stats: EngineStats) -> int:
         # Reading runs ahead of judging by the buffers, so the ETA counts samples whose
-        # judgements are written, or that an earlier run finished, averaged over the models.
-        if not stats.models:
-            return 0
-        done = sum(m.samples_finished for m in stats.models.values())
-        return int(done / len(stats.models))
+        # judgements are written, or that an earlier run finished, averaged over the models;
+        # and the samples no judge measures, which have nothing to wait for (as a watcher
+        # counts them: they need none of the judgements).
+        models = stats.models.values()
+        done = sum(m.samples_finished for m in models) / len(models) if models else 0.0
+        return int(done + stats.unmeasured)
 
     @staticmethod
     def _eta(
