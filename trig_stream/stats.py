@@ -123,7 +123,8 @@ class Counters:
     started_at: float = field(default_factory=time.monotonic)
     """When the engine began to open (entering its ``async with`` block)."""
     ended_at: float | None = None
-    """When it closed; the elapsed time and the rates stop there."""
+    """When the run ended (its results did), or the engine closed if it never ran; the
+    elapsed time and the rates stop there."""
     samples_total: int | None = None
     samples_read: int = 0
     dataset_read: bool = False

@@ -166,12 +166,13 @@ class EngineSource:
         """The engine's state now; the relation views are at most ``relations_every_s`` old."""
         stats = self.engine.stats()
         now = self._clock()
-        self._judgements.add(now, stats.judgements_per_s)
-        self._images.add(now, stats.images_per_s)
-        finished_samples = self._finished_samples(stats)
-        samples_per_s = self._samples.add(now, finished_samples)
         state = self._state(stats)
         finished = state in FINISHED_STATES or self.ended
+        if not finished:  # the rates of an ended run stay as they were: no more points
+            self._judgements.add(now, stats.judgements_per_s)
+            self._images.add(now, stats.images_per_s)
+        finished_samples = self._finished_samples(stats)
+        samples_per_s = self._samples.add(now, finished_samples)
         await self._refresh_relations(now, final=finished)
         config = self.engine.config
         return DashboardSnapshot(
