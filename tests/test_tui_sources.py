@@ -101,6 +101,35 @@ async def test_a_paused_run_shows_no_eta(make_config: ConfigFactory) -> None:
         assert (await source.snapshot()).eta_s == 0.0
 
 
+async def test_a_stopping_run_shows_no_eta(make_config: ConfigFactory) -> None:
+    # A graceful stop ends once the work in flight is done: its ETA still counted the rest
+    # of the dataset ("[stopping] ... ETA 3m34s" for a run that ended within a second).
+    config = make_config(
+        samples=30,
+        engine={"sample_buffer": 1, "image_buffer": 1},
+        judges=[
+            {
+                "name": "trigscore",
+                "backend": "fake",
+                "concurrency": 1,
+                "options": {"latency_s": 0.02},
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        source = EngineSource(engine)
+        await source.snapshot()
+        await wait_until(lambda: engine.stats().judged >= 6)
+        assert (await source.snapshot()).eta_s is not None  # running, with a rate
+        engine.stop()
+        stopping = await source.snapshot()
+        assert (stopping.state, stopping.eta_s) == ("stopping", None)
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        assert (await source.snapshot()).eta_s == 0.0
+
+
 async def test_samples_no_judge_measures_count_as_done(make_config: ConfigFactory) -> None:
     # A judge of IQ-R only: the samples of the pairs without it were never "done", and the
     # finished run showed "samples 4/8" (a watcher of the same run said 8/8).

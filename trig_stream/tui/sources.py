@@ -158,7 +158,9 @@ class EngineSource:
     ) -> float | None:
         if finished:
             return 0.0
-        if state == "paused":  # nothing new starts: no end to foresee (it counted down)
+        if state in ("paused", "stopping", "cancelling"):
+            # Nothing new starts: no end to foresee from the dataset (a pause counted down, a
+            # graceful stop said minutes where it ended within a second).
             return None
         return estimate_eta(total, done, per_s)
 
