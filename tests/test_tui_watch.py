@@ -549,3 +549,42 @@ def test_a_retry_of_the_errors_shows_its_rate_and_no_end_of_zero(tmp_path: Path)
     assert snapshot.judgements_per_s == pytest.approx(5.0)
     assert snapshot.eta_s is None
     assert snapshot.models[0].ok == 10
+
+
+def test_one_commit_seen_just_after_the_last_look_is_no_spike_in_the_rate(
+    tmp_path: Path,
+) -> None:
+    # Two looks 3 ms apart (the command's first, then follow()'s) with one group commit of
+    # 4 lines between them: 1333/s, and an ETA of a second for 300 samples left.
+    run_dir, judgements = judged_run_dir(tmp_path, 8)
+    (run_dir / JOURNAL).write_bytes(lines_of(*judgements[:8]))
+    now = [100.0]
+    with held_lock(run_dir):
+        source = RunDirSource(run_dir, clock=lambda: now[0])
+        source.poll()
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(lines_of(*judgements[8:12]))
+        now[0] += 0.003
+        snapshot = source.poll()
+    assert snapshot.judgements_per_s == pytest.approx(4 / 0.5)  # over half a second at least
+
+
+def test_the_journal_read_on_attaching_is_no_progress(tmp_path: Path) -> None:
+    # A journal longer than one read is read over a few looks: what they read was written
+    # before the viewer came, and counted as progress (9443/s attaching to a large run).
+    run_dir = write_run_dir(tmp_path)
+    write_judgements(run_dir, READ_CHUNK // len(judgement(0).model_dump_json()) + 500)
+    now = [100.0]
+    with held_lock(run_dir):
+        source = RunDirSource(run_dir, clock=lambda: now[0])
+        rates = []
+        while not rates or source.tail.behind:
+            now[0] += 0.5
+            snapshot = source.poll()
+            rates.append((snapshot.judgements_per_s, snapshot.eta_s, snapshot.judgements_history))
+        assert len(rates) == 2
+        assert set(rates) == {(None, None, ())}  # unknown yet, not a spike
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(lines_of(*(judgement(i) for i in range(5))))
+        now[0] += 1.0
+        assert source.poll().judgements_per_s == pytest.approx(5.0)

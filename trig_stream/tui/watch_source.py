@@ -196,6 +196,8 @@ class RunDirSource:
         self._judged_rate = CountRate()
         self._samples_rate = CountRate()
         self._history = RateHistory()
+        self._caught_up = False
+        """The journal was read to its end once: the rates count from there."""
         self._relations: tuple[RelationView, ...] = ()
         self._relations_at: float | None = None
 
@@ -228,10 +230,20 @@ class RunDirSource:
         for judgement in judgements:
             self._add(judgement)
         now = self._clock()
-        per_s = self._judged_rate.add(now, self._appended)
         finished = self._finished_samples(manifest)
-        samples_per_s = self._samples_rate.add(now, finished)
-        self._history.add(now, per_s)
+        per_s: float | None = None
+        samples_per_s = 0.0
+        if self._caught_up:
+            per_s = self._judged_rate.add(now, self._appended)
+            samples_per_s = self._samples_rate.add(now, finished)
+            self._history.add(now, per_s)
+        elif not self.tail.behind:
+            # What the journal held when the viewer came (read over a few polls when long)
+            # was written before it: no progress to measure (9443/s, attaching to a large
+            # run). The rates count from the poll that read its end.
+            self._caught_up = True
+            self._judged_rate.add(now, self._appended)
+            self._samples_rate.add(now, finished)
         if writer is not None:
             state = "running"
         else:
