@@ -32,6 +32,9 @@ class Panel(Widget):
 
     :meth:`show` repaints only when the content changed, and never asks for a new layout
     (as ``Static.update`` does): the panels keep their size, so a refresh costs one paint.
+    A line wider than the panel is cut at its edge, never wrapped: most panels are grids
+    (the DTM, the bars), and a wrapped row ran into the next (textual wraps a widget's
+    content whatever the ``Text`` says). The run panel's free text wraps.
     """
 
     DEFAULT_CSS = """
@@ -42,6 +45,8 @@ class Panel(Widget):
         padding: 0 1;
         height: 1fr;
         width: 1fr;
+        text-wrap: nowrap;
+        text-overflow: clip;
     }
     """
 
@@ -141,7 +146,7 @@ class Dashboard(Widget):
     Dashboard #row-load { height: 8; }
     Dashboard #row-relations { height: 15; }
     Dashboard #progress { width: 84; }
-    Dashboard #info { width: 1fr; }
+    Dashboard #info { width: 1fr; text-wrap: wrap; }
     Dashboard #means { width: 44; }
     Dashboard #dtm { width: 1fr; }
     Dashboard #errors { height: 1fr; min-height: 3; }
