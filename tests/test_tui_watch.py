@@ -190,7 +190,9 @@ def test_watch_counts_what_the_report_would_count_and_names_lines_it_skips(
     ) in snapshot.message
 
 
-def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path) -> None:
+def test_watch_command_without_a_terminal_prints_the_final_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
@@ -198,9 +200,8 @@ def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path
     parser = argparse.ArgumentParser()
     add_watch_command(parser.add_subparsers())
     args = parser.parse_args(["watch", str(run_dir), "--interval", "0.01"])
-    out = io.StringIO()
-    assert args.handler(args, Console(file=out, width=200)) == 0
-    assert "[finished] r (t2i) | m: ok 1, unscorable 0, error 0" in out.getvalue()
+    assert args.handler(args, Console(stderr=True)) == 0
+    assert "[finished] r (t2i) | m: ok 1, unscorable 0, error 0" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.iterdir()) == ["journal.jsonl", "manifest.json"]
     for interval in ("0", "nan", "inf", "1e300"):  # the last three crashed its first sleep
         with pytest.raises(SystemExit):
@@ -415,10 +416,11 @@ def test_a_journal_cut_by_a_resume_while_watched_is_read_again(tmp_path: Path) -
     # "line that is not a judgement").
     run_dir = write_run_dir(tmp_path)
     journal = run_dir / JOURNAL
-    journal.write_bytes(lines_of(judgement(1)) + b'{"damaged": "' + b"x" * 200 + b'"}\n')
+    first = lines_of(judgement(1))
+    journal.write_bytes(first + b'{"damaged": "' + b"x" * 200 + b'"}\n')
     source = RunDirSource(run_dir)
     assert (source.poll().judged, source.tail.bad_lines) == (1, 1)
-    good_end = len(lines_of(judgement(1)))
+    good_end = len(first)
     with journal.open("r+b") as handle:  # as the resume does, on the same file
         handle.truncate(good_end)
         handle.seek(good_end)
@@ -588,3 +590,16 @@ def test_the_journal_read_on_attaching_is_no_progress(tmp_path: Path) -> None:
             journal.write(lines_of(*(judgement(i) for i in range(5))))
         now[0] += 1.0
         assert source.poll().judgements_per_s == pytest.approx(5.0)
+
+
+def test_watch_without_a_terminal_prints_its_lines_to_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # They went to stderr with the errors: `trig-stream watch RUN > log` left the log empty.
+    run_dir = write_run_dir(tmp_path)
+    with (run_dir / JOURNAL).open("ab") as journal:
+        journal.write(b"not json\n")
+    assert main(["watch", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "[finished] r (t2i) | m: ok 1, unscorable 0, error 0\n"
+    assert err.startswith(f"warning: {run_dir / JOURNAL}: 1 line(s) are not judgements")

@@ -1,9 +1,9 @@
 """``trig-stream watch RUN_DIR``: follow a run that another process writes, read-only.
 
 On a terminal the dashboard follows the run (``q``, or SIGINT, SIGTERM or SIGHUP, closes
-it; the run is not disturbed).
-Elsewhere (a log file, CI) a line is printed every ``--interval`` seconds while the journal
-grows, until no process writes the run any more. Importing this module imports no textual.
+it; the run is not disturbed). Elsewhere (a log file, CI) a line is printed to stdout every
+``--interval`` seconds while the journal grows, until no process writes the run any more;
+warnings and errors go to stderr. Importing this module imports no textual.
 """
 
 from __future__ import annotations
@@ -79,7 +79,10 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
         if app.source_error is not None:  # the run directory went away meanwhile
             raise app.source_error
         return EXIT_OK if signum is None else EXIT_INTERRUPTED
-    return follow(source, console, interval_s=args.interval)
+    # The progress lines are what the command prints (`watch RUN > log`); warnings and
+    # errors go where the other commands put theirs (``console``: stderr).
+    out = Console(soft_wrap=True)
+    return follow(source, out, errors=console, interval_s=args.interval)
 
 
 def show_dashboard(app: TrigDashboardApp, **run_options: Any) -> int | None:
@@ -121,6 +124,7 @@ def follow(
     source: RunDirSource,
     console: Console,
     *,
+    errors: Console | None = None,
     interval_s: float,
     max_polls: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -130,7 +134,7 @@ def follow(
     A journal longer than one read (:attr:`JournalTail.chunk`) is read on without waiting
     ``interval_s``, and the run is reported finished only once all of it is read. Journal
     lines that are not judgements are skipped, as ``status`` and ``report`` skip them, with
-    one warning.
+    one warning, printed to ``errors`` (by default ``console``, where the lines go).
     """
     last = ""
     polls = 0
@@ -140,7 +144,7 @@ def follow(
         tail = source.tail
         if tail.bad_lines and not warned:
             warned = True
-            console.print(
+            (errors or console).print(
                 f"warning: {tail.path}: {tail.bad_lines} line(s) are not judgements and were "
                 f"skipped (the first: {tail.first_problem})",
                 highlight=False,
