@@ -194,3 +194,20 @@ class LaterTime:
 
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
+
+
+async def test_the_errors_view_gets_more_than_the_last_twenty_errors(
+    make_config: ConfigFactory,
+) -> None:
+    # "e: all" showed 20: the engine kept the last 20 errors only.
+    config = make_config(
+        samples=30,
+        judges=[{"name": "trigscore", "backend": "fake", "options": {"error_rate": 1.0}}],
+    )
+    async with Engine(config) as engine:
+        source = EngineSource(engine)
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        snapshot = await source.snapshot()
+    assert len(snapshot.last_errors) == 60

@@ -26,6 +26,7 @@ from trig_stream.cli import EXIT_RUN_DIR, main
 from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import JOURNAL, Manifest, latest_judgements, writer_pid
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
@@ -603,3 +604,15 @@ def test_watch_without_a_terminal_prints_its_lines_to_stdout(
     out, err = capsys.readouterr()
     assert out == "[finished] r (t2i) | m: ok 1, unscorable 0, error 0\n"
     assert err.startswith(f"warning: {run_dir / JOURNAL}: 1 line(s) are not judgements")
+
+
+def test_watch_keeps_the_latest_errors_for_its_errors_view(tmp_path: Path) -> None:
+    run_dir = write_run_dir(tmp_path)
+    failed = [
+        judgement(i).model_copy(update={"status": "error", "score": None, "error": f"boom {i}"})
+        for i in range(ERRORS_KEPT + 5)
+    ]
+    (run_dir / JOURNAL).write_bytes(lines_of(*failed))
+    errors = RunDirSource(run_dir).poll().last_errors
+    assert len(errors) == ERRORS_KEPT  # 20 before; bounded all the same
+    assert errors[-1] == f"m IQ-R_TA-C_{ERRORS_KEPT + 4} IQ-R: boom {ERRORS_KEPT + 4}"

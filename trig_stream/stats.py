@@ -20,6 +20,8 @@ LATENCY_WINDOW = 1024
 """Recent latencies kept per stage for the p50 / p95."""
 RATE_WINDOW_S = 10.0
 """Throughput is measured over this many recent seconds."""
+ERRORS_KEPT = 1000
+"""Latest errors kept for the dashboard's errors view (a few hundred kB at most)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +139,7 @@ class Counters:
     judge_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     judged_at: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
     generated_at: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
-    last_errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    last_errors: deque[str] = field(default_factory=lambda: deque(maxlen=ERRORS_KEPT))
     notes: deque[str] = field(default_factory=lambda: deque(maxlen=100))
 
     def model(self, name: str) -> ModelCounts:

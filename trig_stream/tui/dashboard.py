@@ -20,6 +20,7 @@ from textual.widgets import Sparkline
 
 from trig_stream.analysis.relations import default_metric
 from trig_stream.errors import TrigStreamError
+from trig_stream.stats import ERRORS_KEPT
 from trig_stream.tui import render
 from trig_stream.tui.snapshot import DashboardSnapshot, RelationView, SnapshotSource
 
@@ -199,7 +200,7 @@ class Dashboard(Widget):
         with Horizontal(id="row-relations"):
             yield Panel("dimension means", id="means")
             yield Panel("DTM", id="dtm")
-        yield Panel("last errors (e: all)", id="errors")
+        yield Panel(f"last errors (e: the latest {ERRORS_KEPT})", id="errors")
 
     async def on_mount(self) -> None:
         if self.source is not None:

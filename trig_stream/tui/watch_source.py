@@ -24,6 +24,7 @@ from trig_stream.config import RelationSection, RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
 from trig_stream.records import Judgement, JudgementKey, Status
+from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import (
     JOURNAL,
     Manifest,
@@ -191,7 +192,7 @@ class RunDirSource:
         self._counts: dict[str, Counter[Status]] = {}
         self._images: dict[str, set[str]] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._errors: deque[str] = deque(maxlen=20)
+        self._errors: deque[str] = deque(maxlen=ERRORS_KEPT)
         self._last_at: float | None = None
         self._judged_rate = CountRate()
         self._samples_rate = CountRate()
