@@ -616,3 +616,36 @@ def test_watch_keeps_the_latest_errors_for_its_errors_view(tmp_path: Path) -> No
     errors = RunDirSource(run_dir).poll().last_errors
     assert len(errors) == ERRORS_KEPT  # 20 before; bounded all the same
     assert errors[-1] == f"m IQ-R_TA-C_{ERRORS_KEPT + 4} IQ-R: boom {ERRORS_KEPT + 4}"
+
+
+@pytest.mark.parametrize(
+    ("judges", "shown"),
+    [
+        ("abc", ()),
+        (5, ()),
+        ([1, None], ()),
+        ([{"name": "x", "options": "y"}], (("x", "?", (), None),)),
+        (
+            [{"name": "x", "backend": "openai", "options": {"base_urls": 3}, "concurrency": "8"}],
+            (("x", "openai", (), None),),
+        ),
+        (
+            [{"name": "x", "options": {"base_urls": ["http://a/v1"]}, "concurrency": 8}],
+            (("x", "?", ("http://a/v1",), 8),),
+        ),
+    ],
+)
+def test_a_manifest_whose_judges_are_malformed_is_watched_and_its_status_told(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    judges: object,
+    shown: tuple[tuple[str, str, tuple[str, ...], int | None], ...],
+) -> None:
+    # watch (and status, for some) crashed with an AttributeError or a TypeError.
+    run_dir = write_run_dir(tmp_path)
+    manifest = {"run_name": "r", "task": "t2i", "config": {"judges": judges}}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    snapshot = RunDirSource(run_dir).poll()
+    assert tuple((j.name, j.backend, j.endpoints, j.limit) for j in snapshot.judges) == shown
+    assert main(["status", str(run_dir)]) == 0
+    assert "trigscore" in capsys.readouterr().out

@@ -456,7 +456,8 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
             where = (judgement.model, judgement.metric, judgement.dimension)
             sums[where] = sums.get(where, 0.0) + judgement.score
             scored[where] += 1
-    judges = manifest.config.get("judges") or []
+    judges = manifest.config.get("judges")
+    judges = judges if isinstance(judges, list) else []  # a manifest edited by hand
     metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
     metrics += sorted({metric for _, metric, _ in counts} - set(metrics))
     # Names and paths are the user's: printed as they are, never read as markup, never wrapped.

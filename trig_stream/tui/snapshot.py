@@ -247,22 +247,36 @@ def estimate_eta(total: int | None, done: int | None, per_s: float) -> float | N
 
 
 def judge_views(config: Mapping[str, Any]) -> tuple[JudgeView, ...]:
-    """The judges of a run config (as a dict, e.g. from a manifest), endpoints included."""
+    """The judges of a run config (as a dict, e.g. from a manifest), endpoints included.
+
+    A manifest is a file: what it holds is checked, and an entry of another shape than a
+    config's (edited by hand, say) is shown as far as it can be, or left out, never a crash.
+    """
+    judges = config.get("judges")
+    if not isinstance(judges, list):
+        return ()
     views = []
-    for judge in config.get("judges", []):
-        options = judge.get("options") or {}
+    for judge in judges:
+        if not isinstance(judge, Mapping):
+            continue
+        options = judge.get("options")
+        if not isinstance(options, Mapping):
+            options = {}
         endpoints: list[str] = []
         if options.get("base_url"):
             endpoints.append(str(options["base_url"]))
-        endpoints.extend(str(url) for url in options.get("base_urls") or ())
+        base_urls = options.get("base_urls")
+        if isinstance(base_urls, list):
+            endpoints.extend(str(url) for url in base_urls)
         if not endpoints and options.get("serve"):
             endpoints.append("managed server")
+        limit = judge.get("concurrency")
         views.append(
             JudgeView(
                 name=str(judge.get("name", "?")),
                 backend=str(judge.get("backend", "?")),
                 endpoints=tuple(endpoints),
-                limit=judge.get("concurrency"),
+                limit=limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
             )
         )
     return tuple(views)
