@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -649,3 +650,55 @@ def test_a_manifest_whose_judges_are_malformed_is_watched_and_its_status_told(
     assert tuple((j.name, j.backend, j.endpoints, j.limit) for j in snapshot.judges) == shown
     assert main(["status", str(run_dir)]) == 0
     assert "trigscore" in capsys.readouterr().out
+
+
+@contextmanager
+def unblocked_after(fifo: Path, seconds: float) -> Iterator[list[bool]]:
+    """A safety net: a reader still waiting on ``fifo`` after ``seconds`` is let go (a
+    writer opens and closes it), so that a hang fails the test instead of hanging it."""
+    fired: list[bool] = []
+
+    def let_go() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            fired.append(True)
+        except OSError:  # nobody was waiting
+            pass
+
+    timer = threading.Timer(seconds, let_go)
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+
+
+@pytest.mark.parametrize("name", ["run.lock", "quarantine.jsonl", "manifest.json"])
+def test_status_and_watch_do_not_wait_on_a_pipe_in_the_run_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # Opening a pipe for reading waits for a writer: status hung on a quarantine.jsonl or a
+    # run.lock that was one, and watch on the run.lock.
+    run_dir = write_run_dir(tmp_path)
+    fifo = run_dir / name
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    with unblocked_after(fifo, 10) as fired:
+        status = main(["status", str(run_dir)])
+    out, err = capsys.readouterr()
+    assert not fired
+    if name == "manifest.json":
+        assert status == EXIT_RUN_DIR
+        assert err == (
+            f"error: cannot read {fifo}: it is not a regular file (a pipe, a folder or a "
+            "device?); it must be the file a run wrote, readable by this user\n"
+        )
+        return
+    assert status == 0
+    assert "not running" in out
+    if name == "quarantine.jsonl":
+        assert f"cannot read {fifo}: it is not a regular file" in out
+    with unblocked_after(fifo, 10) as fired:
+        snapshot = RunDirSource(run_dir).poll()
+    assert not fired
+    assert (snapshot.state, snapshot.judged) == ("finished", 1)

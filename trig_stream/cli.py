@@ -439,6 +439,7 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
         JOURNAL,
         QUARANTINE,
         latest_judgements,
+        open_regular_file,
         read_manifest,
         writer_pid,
     )
@@ -488,7 +489,7 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
         out.print(means)
     quarantine = args.run_dir / QUARANTINE
     try:
-        with quarantine.open("rb") as lines:
+        with open_regular_file(quarantine) as lines:  # a pipe there would wait forever
             refused = sum(1 for _ in lines)
     except FileNotFoundError:
         refused = 0
