@@ -581,7 +581,7 @@ def test_the_journal_read_on_attaching_is_no_progress(tmp_path: Path) -> None:
     now = [100.0]
     with held_lock(run_dir):
         source = RunDirSource(run_dir, clock=lambda: now[0])
-        rates = []
+        rates: list[tuple[float | None, float | None, tuple[float, ...]]] = []
         while not rates or source.tail.behind:
             now[0] += 0.5
             snapshot = source.poll()
