@@ -1,4 +1,4 @@
-"""Snapshot tests of the dashboard's screens at 120x40, drawn from fixed synthetic data."""
+"""Snapshot tests of the dashboard's screens at 120x40 and 80x24, from fixed synthetic data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from trig_stream.analysis.relations import DTM, negate_dominance
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
 from trig_stream.tui.app import TrigDashboardApp
-from trig_stream.tui.dashboard import ordered_views
+from trig_stream.tui.dashboard import Panel, ordered_views
 from trig_stream.tui.snapshot import (
     DashboardSnapshot,
     Gauge,
@@ -163,3 +163,47 @@ def test_the_dashboard_shows_first_the_metric_a_report_analyses() -> None:
         ("sd3-medium", "nsfw"),
         ("sd3-medium", "aesthetic"),
     ]
+
+
+SMALL = (80, 24)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Textual runs on asyncio only."""
+    return "asyncio"
+
+
+def panel_lines(app: TrigDashboardApp, panel_id: str) -> list[str]:
+    panel = app.query_one(panel_id, Panel)
+    return [
+        "".join(segment.text for segment in panel.render_line(y)).rstrip()
+        for y in range(panel.size.height)
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_small_terminal_cuts_the_grids_rather_than_wrap_them() -> None:
+    # At 80x24 the DTM's rows wrapped after four columns into a misaligned grid, and the
+    # buffers' and judges' bars went to lines of their own, pushing buffers out of sight.
+    dashboard = app()
+    async with dashboard.run_test(size=SMALL) as pilot:
+        await pilot.pause()
+        dtm = panel_lines(dashboard, "#dtm")
+        buffers = panel_lines(dashboard, "#buffers")
+        judges = panel_lines(dashboard, "#judges")
+    assert [row.split()[0] for row in dtm[1 : 1 + len(SORTED_DIMENSIONS)]] == list(
+        SORTED_DIMENSIONS
+    )
+    assert [line.split()[0] for line in buffers if line.strip()] == [
+        "samples:flux-dev",
+        "samples:sd3-med…",
+        "images",
+        "judgements",
+        "results",
+    ]
+    assert judges[0].startswith("trigscore") and "█" in judges[0]
+
+
+def test_dashboard_on_a_small_terminal(snap_compare: SnapCompare) -> None:
+    assert snap_compare(app(), terminal_size=SMALL)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import pytest
 
@@ -9,6 +11,9 @@ from tests.conftest import ConfigFactory
 from tests.test_engine import HeldJudge, LoadsUntilReleased
 from tests.test_tui_watch import wait_until
 from trig_stream import Engine
+from trig_stream import engine as engine_module
+from trig_stream.testing import FakeJudge
+from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.tui.sources import EngineSource
 
 pytestmark = pytest.mark.anyio
@@ -94,3 +99,115 @@ async def test_a_paused_run_shows_no_eta(make_config: ConfigFactory) -> None:
             source.observe(judgement)
         source.end()
         assert (await source.snapshot()).eta_s == 0.0
+
+
+async def test_a_stopping_run_shows_no_eta(make_config: ConfigFactory) -> None:
+    # A graceful stop ends once the work in flight is done: its ETA still counted the rest
+    # of the dataset ("[stopping] ... ETA 3m34s" for a run that ended within a second).
+    config = make_config(
+        samples=30,
+        engine={"sample_buffer": 1, "image_buffer": 1},
+        judges=[
+            {
+                "name": "trigscore",
+                "backend": "fake",
+                "concurrency": 1,
+                "options": {"latency_s": 0.02},
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        source = EngineSource(engine)
+        await source.snapshot()
+        await wait_until(lambda: engine.stats().judged >= 6)
+        assert (await source.snapshot()).eta_s is not None  # running, with a rate
+        engine.stop()
+        stopping = await source.snapshot()
+        assert (stopping.state, stopping.eta_s) == ("stopping", None)
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        assert (await source.snapshot()).eta_s == 0.0
+
+
+async def test_samples_no_judge_measures_count_as_done(make_config: ConfigFactory) -> None:
+    # A judge of IQ-R only: the samples of the pairs without it were never "done", and the
+    # finished run showed "samples 4/8" (a watcher of the same run said 8/8).
+    judge = FakeJudge("trigscore", FakeJudgeOptions())
+    judge.dimensions = frozenset({"IQ-R"})
+    async with Engine(make_config(samples=8), judges=[judge]) as engine:
+        source = EngineSource(engine)
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        snapshot = await source.snapshot()
+    assert (snapshot.samples_done, snapshot.samples_total) == (8, 8)
+    assert engine.stats().unmeasured == 4
+
+
+async def test_the_elapsed_time_and_the_rates_stop_when_the_run_ends(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine's clock stopped only when its block was left: a finished run left on the
+    # dashboard counted the time it was looked at (elapsed 2.6 s, then 7.6 s) and its rates
+    # went on, and so did engine.stats() after the block.
+    clock = Clock()
+    async with Engine(make_config(samples=6)) as engine:
+        source = EngineSource(engine, clock=clock)
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        ended = engine.stats()
+        first = await source.snapshot()
+        assert first.elapsed_s == ended.elapsed_s
+        monkeypatch.setattr(engine_module, "time", LaterTime(60.0))  # looked at for a minute
+        clock.now += 60.0
+        later = await source.snapshot()
+        assert (later.elapsed_s, later.judgements_per_s) == (
+            first.elapsed_s,
+            first.judgements_per_s,
+        )
+        assert later.judgements_history == first.judgements_history
+    after = engine.stats()
+    assert (after.elapsed_s, after.judgements_per_s) == (ended.elapsed_s, ended.judgements_per_s)
+    assert ended.judgements_per_s > 0
+
+
+class Clock:
+    """A monotonic clock that moves when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LaterTime:
+    """The ``time`` module, with its monotonic clock ``ahead_s`` seconds ahead."""
+
+    def __init__(self, ahead_s: float) -> None:
+        self.ahead_s = ahead_s
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+async def test_the_errors_view_gets_more_than_the_last_twenty_errors(
+    make_config: ConfigFactory,
+) -> None:
+    # "e: all" showed 20: the engine kept the last 20 errors only.
+    config = make_config(
+        samples=30,
+        judges=[{"name": "trigscore", "backend": "fake", "options": {"error_rate": 1.0}}],
+    )
+    async with Engine(config) as engine:
+        source = EngineSource(engine)
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        snapshot = await source.snapshot()
+    assert len(snapshot.last_errors) == 60

@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import fcntl
 import io
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -22,11 +27,12 @@ from trig_stream.cli import EXIT_RUN_DIR, main
 from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import JOURNAL, Manifest, latest_judgements, writer_pid
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.watch import add_watch_command, follow
-from trig_stream.tui.watch_source import JournalTail, RunDirSource
+from trig_stream.tui.watch_source import READ_CHUNK, JournalTail, RunDirSource
 
 pytestmark = pytest.mark.anyio
 
@@ -186,7 +192,9 @@ def test_watch_counts_what_the_report_would_count_and_names_lines_it_skips(
     ) in snapshot.message
 
 
-def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path) -> None:
+def test_watch_command_without_a_terminal_prints_the_final_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
@@ -194,9 +202,8 @@ def test_watch_command_without_a_terminal_prints_the_final_counts(tmp_path: Path
     parser = argparse.ArgumentParser()
     add_watch_command(parser.add_subparsers())
     args = parser.parse_args(["watch", str(run_dir), "--interval", "0.01"])
-    out = io.StringIO()
-    assert args.handler(args, Console(file=out, width=200)) == 0
-    assert "[finished] r (t2i) | m: ok 1, unscorable 0, error 0" in out.getvalue()
+    assert args.handler(args, Console(stderr=True)) == 0
+    assert "[finished] r (t2i) | m: ok 1, unscorable 0, error 0" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.iterdir()) == ["journal.jsonl", "manifest.json"]
     for interval in ("0", "nan", "inf", "1e300"):  # the last three crashed its first sleep
         with pytest.raises(SystemExit):
@@ -257,14 +264,14 @@ def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = write_run_dir(tmp_path)
-    run = TrigDashboardApp.run
+    run_async = TrigDashboardApp.run_async
 
-    def deleted_then_shown(app: TrigDashboardApp) -> None:
+    async def deleted_then_shown(app: TrigDashboardApp, **_: Any) -> None:
         shutil.rmtree(run_dir)  # after the command's first look, before the dashboard's
-        run(app, headless=True, size=(120, 40))
+        await run_async(app, headless=True, size=(120, 40))
 
     monkeypatch.setattr(watch_module, "full_screen_possible", lambda: True)
-    monkeypatch.setattr(TrigDashboardApp, "run", deleted_then_shown)
+    monkeypatch.setattr(TrigDashboardApp, "run_async", deleted_then_shown)
     assert main(["watch", str(run_dir)]) == EXIT_RUN_DIR
     assert capsys.readouterr().err == (
         f"error: {run_dir} is not a trig-stream run directory (no manifest.json)\n"
@@ -298,3 +305,400 @@ def test_watch_counts_a_sample_done_as_the_engine_does(tmp_path: Path) -> None:
         snapshot = RunDirSource(run_dir).poll()
     assert (snapshot.samples_done, snapshot.samples_total) == (4, 8)
     assert snapshot.eta_s != 0.0
+
+
+def write_judgements(run_dir: Path, count: int) -> None:
+    lines = (judgement(i).model_dump_json().encode() + b"\n" for i in range(count))
+    (run_dir / JOURNAL).write_bytes(b"".join(lines))
+
+
+def test_watch_without_a_terminal_reads_a_long_journal_to_its_end_before_finishing(
+    tmp_path: Path,
+) -> None:
+    # A journal longer than one read (4 MB) was reported "[finished]" with the counts of its
+    # first 4 MB, exit 0.
+    run_dir = write_run_dir(tmp_path)
+    count = READ_CHUNK // len(judgement(0).model_dump_json()) + 500
+    write_judgements(run_dir, count)
+    out = io.StringIO()
+    assert follow(RunDirSource(run_dir), Console(file=out, width=200), interval_s=0.001) == 0
+    last = out.getvalue().splitlines()[-1]
+    assert last == f"[finished] r (t2i) | m: ok {count}, unscorable 0, error 0"
+
+
+def test_watch_without_a_terminal_catches_up_without_waiting(tmp_path: Path) -> None:
+    run_dir = write_run_dir(tmp_path)
+    write_judgements(run_dir, 50)
+    source = RunDirSource(run_dir)
+    source.tail.chunk = 1000  # a few lines a read
+    out = io.StringIO()
+    slept: list[float] = []
+    assert follow(source, Console(file=out, width=200), interval_s=60, sleep=slept.append) == 0
+    assert out.getvalue().splitlines()[-1] == "[finished] r (t2i) | m: ok 50, unscorable 0, error 0"
+    assert slept == []  # nobody writes the run: nothing to wait for, only more to read
+
+
+def test_a_watched_run_is_finished_only_once_its_journal_is_read(tmp_path: Path) -> None:
+    run_dir = write_run_dir(tmp_path)
+    write_judgements(run_dir, 50)
+    source = RunDirSource(run_dir)
+    source.tail.chunk = 1000
+    first = source.poll()
+    assert (first.state, first.finished) == ("catching up", False)
+    while source.tail.behind:
+        source.poll()
+    last = source.poll()
+    assert (last.state, last.judged) == ("finished", 50)
+
+
+def test_a_line_longer_than_a_read_is_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL
+    path.write_bytes(b"".join(judgement(i).model_dump_json().encode() + b"\n" for i in (1, 2)))
+    tail = JournalTail(path, chunk=64)  # a judgement line is some 400 bytes
+    assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_1"]
+    assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_2"]
+    assert (tail.read(), tail.offset) == ([], path.stat().st_size)
+
+
+def test_the_last_lines_of_a_writer_that_ends_as_it_is_watched_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The journal was read, then the writer looked for: one that appended its last lines and
+    # exited in between was reported finished without them.
+    run_dir = write_run_dir(tmp_path)
+    looks = []
+
+    def writer_appends_its_last_line_and_exits(_: Path) -> int | None:
+        looks.append(1)
+        if len(looks) == 1:
+            return os.getpid()
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(judgement(2).model_dump_json().encode() + b"\n")
+        return None
+
+    monkeypatch.setattr(
+        "trig_stream.tui.watch_source.writer_pid", writer_appends_its_last_line_and_exits
+    )
+    source = RunDirSource(run_dir)
+    assert source.poll().state == "running"
+    last = source.poll()
+    assert (last.state, last.judged) == ("finished", 2)
+
+
+def lines_of(*judgements: Judgement) -> bytes:
+    return b"".join(j.model_dump_json().encode() + b"\n" for j in judgements)
+
+
+def test_a_run_dir_made_anew_while_watched_is_read_from_its_start(tmp_path: Path) -> None:
+    # The viewer kept its offset into the old journal: the new one's first lines were never
+    # read, the old counts stayed, and a line read from mid-way was "not a judgement".
+    run_dir = write_run_dir(tmp_path)
+    (run_dir / JOURNAL).write_bytes(lines_of(*(judgement(i) for i in range(3))))
+    source = RunDirSource(run_dir)
+    assert source.poll().judged == 3
+    shutil.rmtree(run_dir)
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"run_name": "again", "task": "t2i"}')
+    assert source.poll().judged == 0  # no journal yet: nothing of the old one counts
+    erred = judgement(9).model_copy(
+        update={"model": "n", "status": "error", "score": None, "error": "boom"}
+    )
+    (run_dir / JOURNAL).write_bytes(lines_of(*(judgement(i) for i in range(5)), erred))
+    snapshot = source.poll()
+    fresh = RunDirSource(run_dir).poll()
+    assert snapshot.run_name == "again"
+    assert snapshot.models == fresh.models
+    assert [(m.name, m.ok, m.error) for m in snapshot.models] == [("m", 5, 0), ("n", 0, 1)]
+    assert "not judgements" not in snapshot.message
+
+
+def test_a_journal_cut_by_a_resume_while_watched_is_read_again(tmp_path: Path) -> None:
+    # A resume cuts a damaged last line off and appends after it: the viewer's offset was
+    # past the cut, so it read the next line from its middle (one judgement lost, one
+    # "line that is not a judgement").
+    run_dir = write_run_dir(tmp_path)
+    journal = run_dir / JOURNAL
+    first = lines_of(judgement(1))
+    journal.write_bytes(first + b'{"damaged": "' + b"x" * 200 + b'"}\n')
+    source = RunDirSource(run_dir)
+    assert (source.poll().judged, source.tail.bad_lines) == (1, 1)
+    good_end = len(first)
+    with journal.open("r+b") as handle:  # as the resume does, on the same file
+        handle.truncate(good_end)
+        handle.seek(good_end)
+        handle.write(lines_of(judgement(2), judgement(3)))
+    assert journal.stat().st_size > source.tail.offset  # only the content tells
+    snapshot = source.poll()
+    assert (snapshot.judged, source.tail.bad_lines) == (3, 0)
+    assert "not judgements" not in snapshot.message
+
+
+def test_a_journal_shorter_than_what_was_read_is_read_again(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL
+    path.write_bytes(lines_of(judgement(1), judgement(2)))
+    tail = JournalTail(path)
+    assert len(tail.read()) == 2
+    path.write_bytes(lines_of(judgement(3)))
+    assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_3"]
+    assert tail.restarted
+    assert (tail.read(), tail.restarted) == ([], False)
+
+
+def test_a_resume_that_lifts_a_limit_counts_the_samples_again(tmp_path: Path) -> None:
+    # The samples were counted once: after a resume without `limit`, "samples 4/4, ETA 0"
+    # while the other 4 were judged.
+    config = load_config(write_config(tmp_path, samples=8)).model_dump(mode="json")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    manifest = Manifest(run_name="watched", task="t2i", config=config)
+    limited = manifest.model_copy(
+        update={"config": {**config, "dataset": {**config["dataset"], "limit": 4}}}
+    )
+    (run_dir / "manifest.json").write_text(limited.model_dump_json())
+    source = RunDirSource(run_dir)
+    assert source.poll().samples_total == 4
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    assert source.poll().samples_total == 8
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_closes_the_watch_dashboard_and_gives_the_terminal_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals
+) -> None:
+    # SIGTERM killed the viewer in the alternate screen: the terminal stayed raw, with no
+    # echo and mouse tracking on. It now closes the app (which restores the terminal), exit
+    # 130 as an interrupted run.
+    run_dir = write_run_dir(tmp_path)
+    run_async = TrigDashboardApp.run_async
+    silenced: list[bool] = []
+    leaked: list[int] = []
+
+    async def signalled(app: TrigDashboardApp, **_: Any) -> None:
+        async def pilot(_: Any) -> None:
+            await wait_until(lambda: app.dashboard.snapshot is not None)
+            os.kill(os.getpid(), signum)
+            try:
+                await wait_until(lambda: app.return_code is not None, within_s=10)
+            except TimeoutError:
+                app.exit()  # not closed by the signal: the assertions below fail, not hang
+
+        await run_async(app, headless=True, size=(120, 40), auto_pilot=pilot)
+
+    monkeypatch.setattr(watch_module, "full_screen_possible", lambda: True)
+    monkeypatch.setattr(
+        watch_module, "silence_the_terminal", lambda: silenced.append(True), raising=False
+    )
+    monkeypatch.setattr(TrigDashboardApp, "run_async", signalled)
+    previous = signal.signal(signum, lambda number, _: leaked.append(number))
+    try:
+        assert main(["watch", str(run_dir)]) == 130
+    finally:
+        signal.signal(signum, previous)
+    assert leaked == []
+    assert silenced == ([True] if signum == signal.SIGHUP else [])
+
+
+@contextmanager
+def held_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run lock as the process running in ``run_dir`` does."""
+    with (run_dir / "run.lock").open("a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def judged_run_dir(tmp_path: Path, samples: int, **update: Any) -> tuple[Path, list[Judgement]]:
+    """A run directory of ``write_config``'s run, and every judgement its run makes (not
+    written): each model's, of both dimensions of each sample, with ``update`` applied."""
+    config = load_config(write_config(tmp_path, samples))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    manifest = Manifest(run_name="watched", task="t2i", config=config.model_dump(mode="json"))
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    records = json.loads((tmp_path / "prompts.json").read_text())
+    judgements = [
+        judgement(0).model_copy(
+            update={
+                "model": generator.name,
+                "data_id": record["data_id"],
+                "pair": "_".join(record["dimension"]),
+                "dimension": dimension,
+                **update,
+            }
+        )
+        for generator in config.generators
+        for record in records
+        for dimension in record["dimension"]
+    ]
+    return run_dir, judgements
+
+
+def test_a_retry_of_the_errors_shows_its_rate_and_no_end_of_zero(tmp_path: Path) -> None:
+    # Resumed with --retry-errors, every judgement is in the journal already: the viewer
+    # counted unique keys for its rate (0.0/s, as a retry replaces a key) and said
+    # "ETA 0.0s" while the errors were being asked again.
+    run_dir, judgements = judged_run_dir(tmp_path, 8, status="error", score=None, error="boom")
+    (run_dir / JOURNAL).write_bytes(lines_of(*judgements))
+    now = [100.0]
+    with held_lock(run_dir):
+        source = RunDirSource(run_dir, clock=lambda: now[0])
+        first = source.poll()
+        assert (first.samples_done, first.samples_total) == (8, 8)
+        with (run_dir / JOURNAL).open("ab") as journal:
+            retried = (j.model_copy(update={"status": "ok", "score": 0.5}) for j in judgements)
+            journal.write(lines_of(*list(retried)[:10]))
+        now[0] += 2.0
+        snapshot = source.poll()
+    assert snapshot.judgements_per_s == pytest.approx(5.0)
+    assert snapshot.eta_s is None
+    assert snapshot.models[0].ok == 10
+
+
+def test_one_commit_seen_just_after_the_last_look_is_no_spike_in_the_rate(
+    tmp_path: Path,
+) -> None:
+    # Two looks 3 ms apart (the command's first, then follow()'s) with one group commit of
+    # 4 lines between them: 1333/s, and an ETA of a second for 300 samples left.
+    run_dir, judgements = judged_run_dir(tmp_path, 8)
+    (run_dir / JOURNAL).write_bytes(lines_of(*judgements[:8]))
+    now = [100.0]
+    with held_lock(run_dir):
+        source = RunDirSource(run_dir, clock=lambda: now[0])
+        source.poll()
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(lines_of(*judgements[8:12]))
+        now[0] += 0.003
+        snapshot = source.poll()
+    assert snapshot.judgements_per_s == pytest.approx(4 / 0.5)  # over half a second at least
+
+
+def test_the_journal_read_on_attaching_is_no_progress(tmp_path: Path) -> None:
+    # A journal longer than one read is read over a few looks: what they read was written
+    # before the viewer came, and counted as progress (9443/s attaching to a large run).
+    run_dir = write_run_dir(tmp_path)
+    write_judgements(run_dir, READ_CHUNK // len(judgement(0).model_dump_json()) + 500)
+    now = [100.0]
+    with held_lock(run_dir):
+        source = RunDirSource(run_dir, clock=lambda: now[0])
+        rates: list[tuple[float | None, float | None, tuple[float, ...]]] = []
+        while not rates or source.tail.behind:
+            now[0] += 0.5
+            snapshot = source.poll()
+            rates.append((snapshot.judgements_per_s, snapshot.eta_s, snapshot.judgements_history))
+        assert len(rates) == 2
+        assert set(rates) == {(None, None, ())}  # unknown yet, not a spike
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(lines_of(*(judgement(i) for i in range(5))))
+        now[0] += 1.0
+        assert source.poll().judgements_per_s == pytest.approx(5.0)
+
+
+def test_watch_without_a_terminal_prints_its_lines_to_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # They went to stderr with the errors: `trig-stream watch RUN > log` left the log empty.
+    run_dir = write_run_dir(tmp_path)
+    with (run_dir / JOURNAL).open("ab") as journal:
+        journal.write(b"not json\n")
+    assert main(["watch", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "[finished] r (t2i) | m: ok 1, unscorable 0, error 0\n"
+    assert err.startswith(f"warning: {run_dir / JOURNAL}: 1 line(s) are not judgements")
+
+
+def test_watch_keeps_the_latest_errors_for_its_errors_view(tmp_path: Path) -> None:
+    run_dir = write_run_dir(tmp_path)
+    failed = [
+        judgement(i).model_copy(update={"status": "error", "score": None, "error": f"boom {i}"})
+        for i in range(ERRORS_KEPT + 5)
+    ]
+    (run_dir / JOURNAL).write_bytes(lines_of(*failed))
+    errors = RunDirSource(run_dir).poll().last_errors
+    assert len(errors) == ERRORS_KEPT  # 20 before; bounded all the same
+    assert errors[-1] == f"m IQ-R_TA-C_{ERRORS_KEPT + 4} IQ-R: boom {ERRORS_KEPT + 4}"
+
+
+@pytest.mark.parametrize(
+    ("judges", "shown"),
+    [
+        ("abc", ()),
+        (5, ()),
+        ([1, None], ()),
+        ([{"name": "x", "options": "y"}], (("x", "?", (), None),)),
+        (
+            [{"name": "x", "backend": "openai", "options": {"base_urls": 3}, "concurrency": "8"}],
+            (("x", "openai", (), None),),
+        ),
+        (
+            [{"name": "x", "options": {"base_urls": ["http://a/v1"]}, "concurrency": 8}],
+            (("x", "?", ("http://a/v1",), 8),),
+        ),
+    ],
+)
+def test_a_manifest_whose_judges_are_malformed_is_watched_and_its_status_told(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    judges: object,
+    shown: tuple[tuple[str, str, tuple[str, ...], int | None], ...],
+) -> None:
+    # watch (and status, for some) crashed with an AttributeError or a TypeError.
+    run_dir = write_run_dir(tmp_path)
+    manifest = {"run_name": "r", "task": "t2i", "config": {"judges": judges}}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    snapshot = RunDirSource(run_dir).poll()
+    assert tuple((j.name, j.backend, j.endpoints, j.limit) for j in snapshot.judges) == shown
+    assert main(["status", str(run_dir)]) == 0
+    assert "trigscore" in capsys.readouterr().out
+
+
+@contextmanager
+def unblocked_after(fifo: Path, seconds: float) -> Iterator[list[bool]]:
+    """A safety net: a reader still waiting on ``fifo`` after ``seconds`` is let go (a
+    writer opens and closes it), so that a hang fails the test instead of hanging it."""
+    fired: list[bool] = []
+
+    def let_go() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            fired.append(True)
+        except OSError:  # nobody was waiting
+            pass
+
+    timer = threading.Timer(seconds, let_go)
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+
+
+@pytest.mark.parametrize("name", ["run.lock", "quarantine.jsonl", "manifest.json"])
+def test_status_and_watch_do_not_wait_on_a_pipe_in_the_run_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # Opening a pipe for reading waits for a writer: status hung on a quarantine.jsonl or a
+    # run.lock that was one, and watch on the run.lock.
+    run_dir = write_run_dir(tmp_path)
+    fifo = run_dir / name
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    with unblocked_after(fifo, 10) as fired:
+        status = main(["status", str(run_dir)])
+    out, err = capsys.readouterr()
+    assert not fired
+    if name == "manifest.json":
+        assert status == EXIT_RUN_DIR
+        assert err == (
+            f"error: cannot read {fifo}: it is not a regular file (a pipe, a folder or a "
+            "device?); it must be the file a run wrote, readable by this user\n"
+        )
+        return
+    assert status == 0
+    assert "not running" in out
+    if name == "quarantine.jsonl":
+        assert f"cannot read {fifo}: it is not a regular file" in out
+    with unblocked_after(fifo, 10) as fired:
+        snapshot = RunDirSource(run_dir).poll()
+    assert not fired
+    assert (snapshot.state, snapshot.judged) == ("finished", 1)

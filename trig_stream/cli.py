@@ -439,6 +439,7 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
         JOURNAL,
         QUARANTINE,
         latest_judgements,
+        open_regular_file,
         read_manifest,
         writer_pid,
     )
@@ -456,7 +457,8 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
             where = (judgement.model, judgement.metric, judgement.dimension)
             sums[where] = sums.get(where, 0.0) + judgement.score
             scored[where] += 1
-    judges = manifest.config.get("judges") or []
+    judges = manifest.config.get("judges")
+    judges = judges if isinstance(judges, list) else []  # a manifest edited by hand
     metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
     metrics += sorted({metric for _, metric, _ in counts} - set(metrics))
     # Names and paths are the user's: printed as they are, never read as markup, never wrapped.
@@ -487,7 +489,7 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
         out.print(means)
     quarantine = args.run_dir / QUARANTINE
     try:
-        with quarantine.open("rb") as lines:
+        with open_regular_file(quarantine) as lines:  # a pipe there would wait forever
             refused = sum(1 for _ in lines)
     except FileNotFoundError:
         refused = 0

@@ -269,6 +269,7 @@ class Engine:
             samples_total=c.samples_total,
             samples_read=c.samples_read,
             quarantined=c.quarantined,
+            unmeasured=c.unmeasured,
             models={name: replace(m) for name, m in c.models.items()},
             buffers=buffers,
             judges=judges,
@@ -449,7 +450,8 @@ class Engine:
             raise
         finally:
             await self._close_resources()
-            self._counters.ended_at = time.monotonic()
+            if self._counters.ended_at is None:  # else the run ended there, before
+                self._counters.ended_at = time.monotonic()
         if self._state not in ("done", "stopped", "failed"):
             self._state = "cancelled"
         return suppress
@@ -594,6 +596,11 @@ class Engine:
                     tg.start_soon(self._load_history)
                     tg.start_soon(self._count_samples)
         finally:
+            # The run is over, however it ended: the elapsed time and the rates stop when the
+            # results end (as _persist ends them), not when the caller leaves its block (a
+            # dashboard left on screen, say).
+            if self._counters.ended_at is None:
+                self._counters.ended_at = time.monotonic()
             streams.results[0].close()  # ``results`` ends, however the run did
 
     async def _pipeline(self, streams: _Streams) -> None:
@@ -670,6 +677,7 @@ class Engine:
                     self._first_judgement.set()
                     await self._history_loaded.wait()
                     self._state = "stopped" if self._stopping and self._left_work() else "done"
+                    self._counters.ended_at = time.monotonic()
                     return
                 except anyio.get_cancelled_exc_class():
                     # Hard stop: what already landed in the buffer is still written.
@@ -677,6 +685,7 @@ class Engine:
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(journal.append, batch)
                     self._count(batch)
+                    self._counters.ended_at = time.monotonic()
                     raise
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(journal.append, batch)

@@ -20,6 +20,8 @@ LATENCY_WINDOW = 1024
 """Recent latencies kept per stage for the p50 / p95."""
 RATE_WINDOW_S = 10.0
 """Throughput is measured over this many recent seconds."""
+ERRORS_KEPT = 1000
+"""Latest errors kept for the dashboard's errors view (a few hundred kB at most)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,8 @@ class EngineStats:
     last_errors: tuple[str, ...]
     notes: tuple[str, ...] = ()
     """What backends reported at the end of their work (e.g. image files left unused)."""
+    unmeasured: int = 0
+    """Samples none of whose dimensions any judge measures: done, with nothing to do."""
     opening: str | None = None
     """What the engine is opening while it starts (the run directory, a judge starting its
     server or loading its model), or None."""
@@ -121,7 +125,8 @@ class Counters:
     started_at: float = field(default_factory=time.monotonic)
     """When the engine began to open (entering its ``async with`` block)."""
     ended_at: float | None = None
-    """When it closed; the elapsed time and the rates stop there."""
+    """When the run ended (its results did), or the engine closed if it never ran; the
+    elapsed time and the rates stop there."""
     samples_total: int | None = None
     samples_read: int = 0
     dataset_read: bool = False
@@ -134,7 +139,7 @@ class Counters:
     judge_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     judged_at: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
     generated_at: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
-    last_errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    last_errors: deque[str] = field(default_factory=lambda: deque(maxlen=ERRORS_KEPT))
     notes: deque[str] = field(default_factory=lambda: deque(maxlen=100))
 
     def model(self, name: str) -> ModelCounts:

@@ -430,6 +430,26 @@ def open_journal(path: Path) -> BinaryIO | None:
     return os.fdopen(fd, "rb")
 
 
+def open_regular_file(path: Path) -> BinaryIO:
+    """A file of a run directory opened for reading, without waiting on it.
+
+    Opening or reading a pipe (or some devices) waits for a writer that may never come: a
+    viewer of the run hung there. Only a regular file is read.
+
+    Raises:
+        OSError: it cannot be opened (FileNotFoundError when there is none), or it is no
+            regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # no effect on a regular file
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file (a pipe, a folder or a device?)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def journal_unreadable(path: Path, exc: OSError) -> RunDirError:
     """The error of a journal that exists but cannot be read: which file, and why."""
     return RunDirError(
@@ -693,7 +713,8 @@ def read_manifest(run_dir: Path) -> Manifest:
     """
     path = run_dir / MANIFEST
     try:
-        manifest = Manifest.model_validate_json(path.read_bytes())
+        with open_regular_file(path) as handle:
+            manifest = Manifest.model_validate_json(handle.read())
     except FileNotFoundError:
         raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
     except ValidationError as exc:
@@ -704,7 +725,12 @@ def read_manifest(run_dir: Path) -> Manifest:
             "the run directory cannot be used as it is: start a fresh one with --new-run, or "
             "restore the file"
         ) from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise RunDirError(
+            f"cannot read {path}: {exc.strerror or exc}; it must be the file a run wrote, "
+            "readable by this user"
+        ) from None
+    except ValueError as exc:
         raise RunDirError(f"cannot read {path}: {exc}") from None
     if manifest.schema_version > SCHEMA_VERSION:
         raise RunDirError(
@@ -724,8 +750,9 @@ def writer_pid(run_dir: Path) -> int | None:
     """
     path = run_dir / LOCK
     try:
-        pid = int(path.read_text().strip() or "0")
-        info = path.stat()
+        with open_regular_file(path) as handle:  # a pipe there is no lock: no wait on it
+            pid = int(handle.read(64).decode().strip() or "0")
+            info = os.fstat(handle.fileno())
     except (OSError, ValueError):
         return None
     held = _lock_held(info.st_dev, info.st_ino)

@@ -22,6 +22,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
 from trig_stream.errors import TrigStreamError
+from trig_stream.stats import ERRORS_KEPT
 from trig_stream.tui import render
 from trig_stream.tui.dashboard import REFRESH_EVERY_S, Dashboard
 from trig_stream.tui.snapshot import CLEAN_END_STATES, DashboardSnapshot, SnapshotSource
@@ -76,12 +77,13 @@ class TextScreen(ModalScreen[None]):
 
 
 class ErrorsScreen(TextScreen):
-    """Every recent error with its reason, and the backends' notes; updates live."""
+    """The latest errors (:data:`~trig_stream.stats.ERRORS_KEPT`) with their reasons, and
+    the backends' notes; updates live."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("e", "close", "Close", show=False)]
 
     def __init__(self) -> None:
-        super().__init__("errors (latest first)")
+        super().__init__(f"errors: the latest {ERRORS_KEPT}, latest first")
 
     def show(self, snapshot: DashboardSnapshot) -> None:
         """Draw the errors of a snapshot."""

@@ -20,6 +20,7 @@ from textual.widgets import Sparkline
 
 from trig_stream.analysis.relations import default_metric
 from trig_stream.errors import TrigStreamError
+from trig_stream.stats import ERRORS_KEPT
 from trig_stream.tui import render
 from trig_stream.tui.snapshot import DashboardSnapshot, RelationView, SnapshotSource
 
@@ -32,6 +33,9 @@ class Panel(Widget):
 
     :meth:`show` repaints only when the content changed, and never asks for a new layout
     (as ``Static.update`` does): the panels keep their size, so a refresh costs one paint.
+    A line wider than the panel is cut at its edge, never wrapped: most panels are grids
+    (the DTM, the bars), and a wrapped row ran into the next (textual wraps a widget's
+    content whatever the ``Text`` says). The run panel's free text wraps.
     """
 
     DEFAULT_CSS = """
@@ -42,6 +46,8 @@ class Panel(Widget):
         padding: 0 1;
         height: 1fr;
         width: 1fr;
+        text-wrap: nowrap;
+        text-overflow: clip;
     }
     """
 
@@ -141,7 +147,7 @@ class Dashboard(Widget):
     Dashboard #row-load { height: 8; }
     Dashboard #row-relations { height: 15; }
     Dashboard #progress { width: 84; }
-    Dashboard #info { width: 1fr; }
+    Dashboard #info { width: 1fr; text-wrap: wrap; }
     Dashboard #means { width: 44; }
     Dashboard #dtm { width: 1fr; }
     Dashboard #errors { height: 1fr; min-height: 3; }
@@ -194,7 +200,7 @@ class Dashboard(Widget):
         with Horizontal(id="row-relations"):
             yield Panel("dimension means", id="means")
             yield Panel("DTM", id="dtm")
-        yield Panel("last errors (e: all)", id="errors")
+        yield Panel(f"last errors (e: the latest {ERRORS_KEPT})", id="errors")
 
     async def on_mount(self) -> None:
         if self.source is not None:

@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 from trig_stream.analysis.relations import DTM
 from trig_stream.dimensions import Dimension
+from trig_stream.stats import MIN_RATE_WINDOW_S, RATE_WINDOW_S
 
 SourceKind: TypeAlias = Literal["engine", "watch", "static"]
 
@@ -213,9 +214,15 @@ class RateHistory:
 
 @dataclass
 class CountRate:
-    """Events per second from a growing count, over a sliding window of samples."""
+    """Events per second from a growing count, over a sliding window of samples.
 
-    window_s: float = 10.0
+    As :func:`trig_stream.stats.rate`, the span is never taken shorter than
+    :data:`~trig_stream.stats.MIN_RATE_WINDOW_S`: one group commit seen 3 ms after the
+    previous look is 4 judgements in half a second, not 1333 a second.
+    """
+
+    window_s: float = RATE_WINDOW_S
+    min_span_s: float = MIN_RATE_WINDOW_S
     _samples: deque[tuple[float, int]] = field(default_factory=deque, init=False)
 
     def add(self, now: float, count: int) -> float:
@@ -224,8 +231,7 @@ class CountRate:
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()
         first_at, first = self._samples[0]
-        span = now - first_at
-        return (count - first) / span if span > 0 else 0.0
+        return (count - first) / max(now - first_at, self.min_span_s)
 
 
 def estimate_eta(total: int | None, done: int | None, per_s: float) -> float | None:
@@ -241,22 +247,36 @@ def estimate_eta(total: int | None, done: int | None, per_s: float) -> float | N
 
 
 def judge_views(config: Mapping[str, Any]) -> tuple[JudgeView, ...]:
-    """The judges of a run config (as a dict, e.g. from a manifest), endpoints included."""
+    """The judges of a run config (as a dict, e.g. from a manifest), endpoints included.
+
+    A manifest is a file: what it holds is checked, and an entry of another shape than a
+    config's (edited by hand, say) is shown as far as it can be, or left out, never a crash.
+    """
+    judges = config.get("judges")
+    if not isinstance(judges, list):
+        return ()
     views = []
-    for judge in config.get("judges", []):
-        options = judge.get("options") or {}
+    for judge in judges:
+        if not isinstance(judge, Mapping):
+            continue
+        options = judge.get("options")
+        if not isinstance(options, Mapping):
+            options = {}
         endpoints: list[str] = []
         if options.get("base_url"):
             endpoints.append(str(options["base_url"]))
-        endpoints.extend(str(url) for url in options.get("base_urls") or ())
+        base_urls = options.get("base_urls")
+        if isinstance(base_urls, list):
+            endpoints.extend(str(url) for url in base_urls)
         if not endpoints and options.get("serve"):
             endpoints.append("managed server")
+        limit = judge.get("concurrency")
         views.append(
             JudgeView(
                 name=str(judge.get("name", "?")),
                 backend=str(judge.get("backend", "?")),
                 endpoints=tuple(endpoints),
-                limit=judge.get("concurrency"),
+                limit=limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
             )
         )
     return tuple(views)

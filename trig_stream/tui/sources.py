@@ -145,11 +145,12 @@ class EngineSource:
 
     def _finished_samples(self, stats: EngineStats) -> int:
         # Reading runs ahead of judging by the buffers, so the ETA counts samples whose
-        # judgements are written, or that an earlier run finished, averaged over the models.
-        if not stats.models:
-            return 0
-        done = sum(m.samples_finished for m in stats.models.values())
-        return int(done / len(stats.models))
+        # judgements are written, or that an earlier run finished, averaged over the models;
+        # and the samples no judge measures, which have nothing to wait for (as a watcher
+        # counts them: they need none of the judgements).
+        models = stats.models.values()
+        done = sum(m.samples_finished for m in models) / len(models) if models else 0.0
+        return int(done + stats.unmeasured)
 
     @staticmethod
     def _eta(
@@ -157,7 +158,9 @@ class EngineSource:
     ) -> float | None:
         if finished:
             return 0.0
-        if state == "paused":  # nothing new starts: no end to foresee (it counted down)
+        if state in ("paused", "stopping", "cancelling"):
+            # Nothing new starts: no end to foresee from the dataset (a pause counted down, a
+            # graceful stop said minutes where it ended within a second).
             return None
         return estimate_eta(total, done, per_s)
 
@@ -165,12 +168,13 @@ class EngineSource:
         """The engine's state now; the relation views are at most ``relations_every_s`` old."""
         stats = self.engine.stats()
         now = self._clock()
-        self._judgements.add(now, stats.judgements_per_s)
-        self._images.add(now, stats.images_per_s)
-        finished_samples = self._finished_samples(stats)
-        samples_per_s = self._samples.add(now, finished_samples)
         state = self._state(stats)
         finished = state in FINISHED_STATES or self.ended
+        if not finished:  # the rates of an ended run stay as they were: no more points
+            self._judgements.add(now, stats.judgements_per_s)
+            self._images.add(now, stats.images_per_s)
+        finished_samples = self._finished_samples(stats)
+        samples_per_s = self._samples.add(now, finished_samples)
         await self._refresh_relations(now, final=finished)
         config = self.engine.config
         return DashboardSnapshot(

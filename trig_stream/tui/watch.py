@@ -1,24 +1,33 @@
 """``trig-stream watch RUN_DIR``: follow a run that another process writes, read-only.
 
-On a terminal the dashboard follows the run (``q`` closes it; the run is not disturbed).
-Elsewhere (a log file, CI) a line is printed every ``--interval`` seconds while the journal
-grows, until no process writes the run any more. Importing this module imports no textual.
+On a terminal the dashboard follows the run (``q``, or SIGINT, SIGTERM or SIGHUP, closes
+it; the run is not disturbed). Elsewhere (a log file, CI) a line is printed to stdout every
+``--interval`` seconds while the journal grows, until no process writes the run any more;
+warnings and errors go to stderr. Importing this module imports no textual.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import anyio
+from anyio.abc import TaskStatus
 from rich.console import Console
 
+from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.errors import MissingExtraError
 from trig_stream.progress import full_screen_possible
+from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 from trig_stream.tui.render import duration
 from trig_stream.tui.snapshot import DashboardSnapshot
 from trig_stream.tui.watch_source import RunDirSource
+
+if TYPE_CHECKING:
+    from trig_stream.tui.app import TrigDashboardApp
 
 DEFAULT_INTERVAL_S = 0.5
 
@@ -66,20 +75,66 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
         except ImportError as exc:
             raise MissingExtraError("textual", "tui") from exc
         app = TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=args.interval)
-        app.run()
+        signum = show_dashboard(app)
         if app.source_error is not None:  # the run directory went away meanwhile
             raise app.source_error
-        return 0
-    return follow(source, console, interval_s=args.interval)
+        return EXIT_OK if signum is None else EXIT_INTERRUPTED
+    # The progress lines are what the command prints (`watch RUN > log`); warnings and
+    # errors go where the other commands put theirs (``console``: stderr).
+    out = Console(soft_wrap=True)
+    return follow(source, out, errors=console, interval_s=args.interval)
+
+
+def show_dashboard(app: TrigDashboardApp, **run_options: Any) -> int | None:
+    """Run the dashboard app until ``q`` closes it, or a stop signal does.
+
+    SIGINT, SIGTERM and SIGHUP close the app as ``q`` does, so that it gives the terminal
+    back (without this, SIGTERM killed the process in the alternate screen, with no echo and
+    mouse tracking on). After SIGHUP, the terminal is gone: nothing more is written to it.
+
+    Args:
+        app: the app to run.
+        run_options: passed to :meth:`App.run_async` (``headless``, ``size``, ...).
+
+    Returns:
+        The signal that closed the app, or None.
+    """
+    received: list[int] = []
+
+    async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.open_signal_receiver(*stop_signals()) as signals:
+            task_status.started()
+            async for signum in signals:
+                received.append(signum)
+                if is_hangup(signum):
+                    silence_the_terminal()
+                app.exit()
+
+    async def show() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(on_signals)
+            await app.run_async(**run_options)
+            tg.cancel_scope.cancel()
+
+    anyio.run(show)  # textual needs asyncio, anyio's default
+    return received[0] if received else None
 
 
 def follow(
-    source: RunDirSource, console: Console, *, interval_s: float, max_polls: int | None = None
+    source: RunDirSource,
+    console: Console,
+    *,
+    errors: Console | None = None,
+    interval_s: float,
+    max_polls: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Print a progress line whenever the run moves, until nobody writes it any more.
 
-    Journal lines that are not judgements are skipped, as ``status`` and ``report`` skip
-    them, with one warning.
+    A journal longer than one read (:attr:`JournalTail.chunk`) is read on without waiting
+    ``interval_s``, and the run is reported finished only once all of it is read. Journal
+    lines that are not judgements are skipped, as ``status`` and ``report`` skip them, with
+    one warning, printed to ``errors`` (by default ``console``, where the lines go).
     """
     last = ""
     polls = 0
@@ -89,7 +144,7 @@ def follow(
         tail = source.tail
         if tail.bad_lines and not warned:
             warned = True
-            console.print(
+            (errors or console).print(
                 f"warning: {tail.path}: {tail.bad_lines} line(s) are not judgements and were "
                 f"skipped (the first: {tail.first_problem})",
                 highlight=False,
@@ -103,7 +158,8 @@ def follow(
         polls += 1
         if snapshot.finished or (max_polls is not None and polls >= max_polls):
             return 0
-        time.sleep(interval_s)
+        if not tail.behind:  # catching up with a long journal: read on at once
+            sleep(interval_s)
 
 
 def describe(snapshot: DashboardSnapshot) -> str:
@@ -134,4 +190,4 @@ def _interval(text: str) -> float:
     return value
 
 
-__all__ = ["add_watch_command", "cmd_watch", "describe", "follow"]
+__all__ = ["add_watch_command", "cmd_watch", "describe", "follow", "show_dashboard"]

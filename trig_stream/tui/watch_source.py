@@ -9,10 +9,12 @@ runs.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import anyio
 
@@ -22,6 +24,7 @@ from trig_stream.config import RelationSection, RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
 from trig_stream.records import Judgement, JudgementKey, Status
+from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import (
     JOURNAL,
     Manifest,
@@ -48,39 +51,72 @@ READ_CHUNK = 4 << 20
 LATENCY_WINDOW = 1024
 
 
+MARK_BYTES = 64
+"""Bytes before the read offset kept and compared on the next read."""
+
+
 class JournalTail:
     """Reads the judgements appended to a journal since the last call.
 
     Only complete lines are consumed: a torn last line (the writer is mid-append, or crashed)
     stays unread until it is complete. A line that is complete but not a judgement is
     skipped and counted in :attr:`bad_lines`.
+
+    A journal is appended to, but not only: a resume cuts a damaged last line off before it
+    appends, and a run directory deleted and made anew holds another journal (maybe on the
+    same inode). Each read checks that the file is the one read so far (device and inode),
+    no shorter than what was read, and holds the same last bytes before the read offset;
+    when not, it starts over from the beginning and says so in :attr:`restarted`.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, chunk: int = READ_CHUNK) -> None:
         self.path = path
+        self.chunk = chunk
+        """Most bytes one :meth:`read` parses."""
         self.offset = 0
         self.bad_lines = 0
         self.first_problem = ""
         """What was wrong with the first line that was not a judgement."""
         self.behind = False
-        """The last read stopped at :data:`READ_CHUNK`: more is waiting."""
+        """The last read stopped at :attr:`chunk` bytes: more is waiting."""
+        self.restarted = False
+        """The last read found the journal rewritten, replaced or gone, and read it from the
+        beginning: what the earlier reads returned no longer holds."""
+        self._identity: tuple[int, int] | None = None
+        self._mark = b""
+        """The last bytes read (at most :data:`MARK_BYTES`), ending at :attr:`offset`."""
 
-    def read(self, limit: int = READ_CHUNK) -> list[Judgement]:
-        """The complete judgements written since the previous read, in journal order.
+    def read(self) -> list[Judgement]:
+        """The complete judgements written since the previous read, in journal order (from
+        the beginning when :attr:`restarted`).
 
         Raises:
             RunDirError: the journal exists but cannot be read.
         """
+        self.restarted = False
         handle = open_journal(self.path)
         if handle is None:
+            if self.offset or self.bad_lines:  # it was there: the run directory was emptied
+                self._start_over(None)
             return []
         try:
             with handle:
+                info = os.fstat(handle.fileno())
+                identity = (info.st_dev, info.st_ino)
+                if self._identity is None:
+                    self._identity = identity
+                elif self._rewritten(handle, identity, info.st_size):
+                    self._start_over(identity)
                 handle.seek(self.offset)
-                data = handle.read(limit)
+                data = b""
+                while True:  # a line longer than a chunk is read whole, not waited on forever
+                    part = handle.read(self.chunk)
+                    data += part
+                    if len(part) < self.chunk or b"\n" in part:
+                        break
         except OSError as exc:
             raise journal_unreadable(self.path, exc) from None
-        self.behind = len(data) == limit
+        self.behind = len(part) == self.chunk
         end = data.rfind(b"\n") + 1
         judgements = []
         for raw in data[:end].splitlines():
@@ -90,7 +126,22 @@ class JournalTail:
                 self.bad_lines += 1
                 self.first_problem = self.first_problem or line_problem(exc)
         self.offset += end
+        self._mark = (self._mark + data[:end])[-MARK_BYTES:]
         return judgements
+
+    def _rewritten(self, handle: BinaryIO, identity: tuple[int, int], size: int) -> bool:
+        if identity != self._identity or size < self.offset:
+            return True
+        handle.seek(self.offset - len(self._mark))
+        return handle.read(len(self._mark)) != self._mark
+
+    def _start_over(self, identity: tuple[int, int] | None) -> None:
+        self._identity = identity
+        self.offset = 0
+        self._mark = b""
+        self.bad_lines = 0
+        self.first_problem = ""
+        self.restarted = True
 
 
 class RunDirSource:
@@ -120,22 +171,34 @@ class RunDirSource:
         self.tail = JournalTail(run_dir / JOURNAL)
         self._lock = anyio.Lock()
         self._manifest: Manifest | None = None
-        self._manifest_mtime = -1.0
-        self._tracker = RelationTracker()
+        self._manifest_key: tuple[int, int, int, int] | None = None
+        self._configured: dict[str, Any] | None = None
+        """The config the totals below were counted for."""
+        self._thresholds = RelationSection()
         self._samples_total: int | None = None
         self._config_models: list[str] = []
         """The models of the run's latest config (when readable)."""
         self._judgements_total = 0
         """The judgements each model makes of the samples, when the dataset is readable."""
+        self._forget_the_journal()
+
+    def _forget_the_journal(self) -> None:
+        # Everything read from the journal: a journal rewritten under the viewer (cut by a
+        # resume, or its run directory made anew) is read again from its start.
+        self._tracker = RelationTracker(self._thresholds)
         self._status: dict[JudgementKey, Status] = {}
+        self._appended = 0
+        """Judgements read, a key asked again (``--retry-errors``) each time: the rate's."""
         self._counts: dict[str, Counter[Status]] = {}
         self._images: dict[str, set[str]] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._errors: deque[str] = deque(maxlen=20)
+        self._errors: deque[str] = deque(maxlen=ERRORS_KEPT)
         self._last_at: float | None = None
         self._judged_rate = CountRate()
         self._samples_rate = CountRate()
         self._history = RateHistory()
+        self._caught_up = False
+        """The journal was read to its end once: the rates count from there."""
         self._relations: tuple[RelationView, ...] = ()
         self._relations_at: float | None = None
 
@@ -149,18 +212,43 @@ class RunDirSource:
             return await anyio.to_thread.run_sync(self.poll)
 
     def poll(self) -> DashboardSnapshot:
-        """:meth:`snapshot`, blocking: for threads and scripts."""
+        """:meth:`snapshot`, blocking: for threads and scripts.
+
+        The state is ``finished`` only once no process writes the run and the journal is read
+        to its end; while a long journal is read (:attr:`JournalTail.behind`), a writer gone
+        already shows as ``catching up``.
+        """
         manifest = self._read_manifest()
-        for judgement in self.tail.read():
+        # Asked before the journal is read: a writer that is gone then has appended its last
+        # line, so what follows reads it. Asked after, the lines it appended meanwhile were
+        # left unread by a snapshot that said "finished".
+        writer = writer_pid(self.run_dir)
+        judgements = self.tail.read()
+        if self.tail.restarted:
+            self._forget_the_journal()
+            self._configured = None  # a run directory made anew may hold another dataset
+            manifest = self._read_manifest()
+        for judgement in judgements:
             self._add(judgement)
         now = self._clock()
-        judged = len(self._status)
-        per_s = self._judged_rate.add(now, judged)
         finished = self._finished_samples(manifest)
-        samples_per_s = self._samples_rate.add(now, finished)
-        self._history.add(now, per_s)
-        writer = writer_pid(self.run_dir)
-        state = "running" if writer is not None else "finished"
+        per_s: float | None = None
+        samples_per_s = 0.0
+        if self._caught_up:
+            per_s = self._judged_rate.add(now, self._appended)
+            samples_per_s = self._samples_rate.add(now, finished)
+            self._history.add(now, per_s)
+        elif not self.tail.behind:
+            # What the journal held when the viewer came (read over a few polls when long)
+            # was written before it: no progress to measure (9443/s, attaching to a large
+            # run). The rates count from the poll that read its end.
+            self._caught_up = True
+            self._judged_rate.add(now, self._appended)
+            self._samples_rate.add(now, finished)
+        if writer is not None:
+            state = "running"
+        else:
+            state = "catching up" if self.tail.behind else "finished"
         if self._relations_at is None or now - self._relations_at >= self.relations_every_s:
             self._relations_at = now
             self._relations = relation_views(self._tracker, self._tracker.groups())
@@ -186,9 +274,7 @@ class RunDirSource:
             elapsed_s=self._elapsed(manifest, running=writer is not None),
             samples_total=self._samples_total,
             samples_done=finished,
-            eta_s=estimate_eta(self._samples_total, finished, samples_per_s)
-            if writer is not None
-            else 0.0,
+            eta_s=self._eta(finished, samples_per_s, running=writer is not None),
             models=tuple(self._progress(name) for name in models),
             judges=judge_views(manifest.config),
             judgements_per_s=per_s,
@@ -199,6 +285,16 @@ class RunDirSource:
             last_errors=tuple(self._errors),
             message=message,
         )
+
+    def _eta(self, finished: int, samples_per_s: float, *, running: bool) -> float | None:
+        if not running:
+            return 0.0
+        if self._samples_total is not None and finished >= self._samples_total:
+            # Every judgement is written, yet a process runs: asking the errors again
+            # (--retry-errors), which replaces lines the count already holds. How many it
+            # asks is not in the run directory: no end to foresee, and none is "now".
+            return None
+        return estimate_eta(self._samples_total, finished, samples_per_s)
 
     def _finished_samples(self, manifest: Manifest) -> int:
         # As the engine's dashboard counts them: the share of each model's judgements that
@@ -213,35 +309,42 @@ class RunDirSource:
         return int(self._samples_total * share)
 
     def _read_manifest(self) -> Manifest:
-        # A resume may add models and judges: read it again whenever it was replaced.
+        # A resume may add models and judges, or lift a limit: read it again whenever it was
+        # rewritten, and count the totals again whenever its config changed.
         try:
-            mtime = (self.run_dir / "manifest.json").stat().st_mtime
+            info = (self.run_dir / "manifest.json").stat()
+            key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         except OSError:
-            mtime = -1.0
-        if self._manifest is None or mtime != self._manifest_mtime:
+            key = None
+        if self._manifest is None or key is None or key != self._manifest_key:
             self._manifest = read_manifest(self.run_dir)
-            self._manifest_mtime = mtime
+            self._manifest_key = key
+        if self._manifest.config != self._configured:
+            self._configured = self._manifest.config
             self._configure(self._manifest)
         return self._manifest
 
     def _configure(self, manifest: Manifest) -> None:
+        self._samples_total = None
+        self._judgements_total = 0
+        self._config_models = []
         try:
             config = RunConfig.model_validate(manifest.config)
         except ValueError:
             return
-        self._tracker.thresholds = config.relation or RelationSection()
+        self._thresholds = self._tracker.thresholds = config.relation or RelationSection()
         self._config_models = [generator.name for generator in config.generators]
-        if self._samples_total is None:
-            try:
-                source = DatasetSource(config.dataset, config.run.task)
-                pairs = source.selected_pairs()
-            except Exception:  # a dataset moved or gone: the ETA stays unknown
-                return
-            self._samples_total = pairs.total()
-            self._judgements_total = _judgements_per_model(config, source, pairs)
+        try:
+            source = DatasetSource(config.dataset, config.run.task)
+            pairs = source.selected_pairs()
+        except Exception:  # a dataset moved or gone: the ETA stays unknown
+            return
+        self._samples_total = pairs.total()
+        self._judgements_total = _judgements_per_model(config, source, pairs)
 
     def _add(self, judgement: Judgement) -> None:
         # The last judgement of a key wins, as in the journal: a retried error is replaced.
+        self._appended += 1
         model = judgement.model
         counts = self._counts.setdefault(model, Counter())
         previous = self._status.get(judgement.key)
