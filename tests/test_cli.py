@@ -508,8 +508,96 @@ def test_ctrl_c_twice_does_not_wait_for_a_model_loading_or_generating(
         process.kill()
     assert code == EXIT_INTERRUPTED, rest
     assert "cancelled: 0 judgements" in rest, rest
-    assert "not waiting for a model still loading or a generation call still running" in rest
+    assert "not waiting for a model still loading or closing, or a generation call" in rest
     assert not (tmp_path / "runs" / "cli" / "journal.jsonl").read_text()
+
+
+def test_one_ctrl_c_does_not_wait_for_a_model_loading(tmp_path: Path) -> None:
+    # Nothing is in flight while the model loads: the stop waited for the whole load, and
+    # then stopped with nothing done.
+    path = write_config(tmp_path)
+    process = run_patched(
+        path,
+        "import time\n"
+        "from trig_stream.testing.synthetic import SyntheticGenerator\n"
+        "def busy(self, *args, **kwargs):\n"
+        "    print('busy', file=sys.stderr, flush=True)\n"
+        "    time.sleep(600)\n"
+        "SyntheticGenerator.load = busy\n",
+    )
+    assert process.stderr is not None
+    try:
+        signal_after(process, "busy", signal.SIGINT)
+        code = process.wait(timeout=60)
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+    assert code == EXIT_INTERRUPTED, rest
+    assert "stopped: 0 judgements" in rest, rest
+    assert "not waiting for a model still loading" in rest
+    assert not (tmp_path / "runs" / "cli" / "journal.jsonl").read_text()
+
+
+def test_ctrl_c_twice_does_not_wait_for_a_model_closing(tmp_path: Path) -> None:
+    # Every judgement was written, then a close() that hung kept the command running
+    # through any number of Ctrl-C, until SIGKILL.
+    path = write_config(tmp_path)
+    process = run_patched(
+        path,
+        "import time\n"
+        "from trig_stream.testing.synthetic import SyntheticGenerator\n"
+        "def busy(self, *args, **kwargs):\n"
+        "    print('busy', file=sys.stderr, flush=True)\n"
+        "    time.sleep(600)\n"
+        "SyntheticGenerator.close = busy\n",
+    )
+    assert process.stderr is not None
+    try:
+        signal_after(process, "busy", signal.SIGINT)
+        signal_after(process, "stopping:", signal.SIGINT)
+        code = process.wait(timeout=60)
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+    assert code == EXIT_INTERRUPTED, rest
+    assert "cancelled: 12 judgements" in rest, rest
+    assert "not waiting for a model still loading or closing" in rest
+    assert sum(journal_keys(tmp_path).values()) == 12
+
+
+@pytest.mark.parametrize(
+    ("method", "raised", "code", "message"),
+    [
+        ("generate", "SystemExit(3)", EXIT_FATAL, "a call of generator 'synth' failed: it "),
+        ("generate", "KeyboardInterrupt", EXIT_FATAL, "a call of generator 'synth' failed: it "),
+        ("generate", "GeneratorExit", EXIT_FATAL, "a call of generator 'synth' failed: it "),
+        ("load", "SystemExit(3)", EXIT_FATAL, "generator 'synth' failed to load: it "),
+        ("load", "KeyboardInterrupt", EXIT_FATAL, "generator 'synth' failed to load: it "),
+        ("close", "SystemExit(3)", EXIT_OK, "note: synth: closing it failed: it "),
+        ("close", "KeyboardInterrupt", EXIT_OK, "note: synth: closing it failed: it "),
+    ],
+)
+def test_a_generator_raising_what_ends_a_process_is_named_and_never_hangs(
+    tmp_path: Path, method: str, raised: str, code: int, message: str
+) -> None:
+    # Raised in a worker thread, it reached the event loop as a crash of its own: the
+    # command hung, silently, until killed (GeneratorExit gave a traceback, exit 1).
+    path = write_config(tmp_path)
+    process = run_patched(
+        path,
+        "from trig_stream.testing.synthetic import SyntheticGenerator\n"
+        "def ends(self, *args, **kwargs):\n"
+        f"    raise {raised}\n"
+        f"SyntheticGenerator.{method} = ends\n",
+    )
+    try:
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == code, err
+    name = raised.partition("(")[0]
+    assert f"{message}raised {name}" in err, err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -851,7 +851,7 @@ def test_a_batch_of_large_pictures_is_encoded_at_once(monkeypatch: pytest.Monkey
     generator = SyntheticGenerator("synth", SyntheticOptions(), batch_size=8)
     stage = generation.GenerationStage(cast(RunContext, None), generator)
     large, larger, small = draw(1, 256), draw(2, 300), draw(3, 8)
-    given = EncodedPicture(b"\x89PNG given")
+    given = EncodedPicture(encode_png(draw(4, 8)))
     reused = GeneratedImage(model="synth", data_id="x", path=Path("x.png"), seed=1, reused=True)
     floats = Image.new("F", (260, 260))  # a mode PNG cannot hold: that item fails alone
     pngs = stage._encode(
@@ -1386,3 +1386,283 @@ def test_an_engine_made_outside_async_code_says_where_it_belongs(
 ) -> None:
     with pytest.raises(RuntimeError, match="an Engine is made inside the async code that runs"):
         Engine(make_config(samples=1))
+
+
+# -- a generator's lifecycle: load when needed, stop while it loads, close that hangs -------
+
+
+class CountsLoads(SyntheticGenerator):
+    """A synthetic generator that counts its loads and closes."""
+
+    def __init__(self) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.loads = 0
+        self.closes = 0
+
+    def load(self) -> None:
+        self.loads += 1
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+async def test_a_run_with_no_image_to_make_never_loads_the_generator(
+    make_config: ConfigFactory,
+) -> None:
+    # Each run of a finished directory loaded every model (16 s for a diffusers child, and
+    # a machine without the model's GPU failed: "device cuda:0 is not available").
+    config = make_config(samples=4, judges=[{"backend": "fake", "options": {"error_rate": 1.0}}])
+    first = CountsLoads()
+    assert {j.status for j in await run_to_end(config, generators=[first])} == {"error"}
+    assert (first.loads, first.closes) == (1, 1)
+    # The judge failed every image: asked again, they are judged from disk, without the model.
+    config = make_config(samples=4)
+    again = CountsLoads()
+    results = await run_to_end(config, generators=[again], retry_errors=True)
+    assert len(results) == 8 and {j.status for j in results} == {"ok"}
+    assert (again.loads, again.closes) == (0, 0)
+    finished = CountsLoads()
+    async with Engine(config, generators=[finished]) as engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.judged) == ("done", 0)
+    assert (finished.loads, finished.closes) == (0, 0)
+
+
+async def test_a_stop_while_the_generator_loads_ends_the_run_at_once(
+    make_config: ConfigFactory,
+) -> None:
+    # Nothing is in flight while a model loads: the graceful stop waited for the whole load
+    # (minutes, for large weights), then did nothing with it.
+    config = make_config(samples=4)
+    generator = LoadsUntilReleased()
+    engine = Engine(config, generators=[generator])
+    with anyio.fail_after(10):  # before, the stop waited until the load was released
+        async with engine:
+            await anyio.to_thread.run_sync(generator.loading.wait)
+            engine.stop()
+            assert [j async for j in engine.results] == []
+    assert engine.stats().state == "stopped"
+    counts = engine.stats().models["synth"]
+    assert not counts.loading and counts.queued == 0 and counts.dropped > 0
+    assert generator.closed_in == [] and threads_left_behind() == 1
+    generator.release.set()  # its thread finishes the load, then closes what it loaded
+    assert await anyio.to_thread.run_sync(generator.closed.wait, 10)
+    assert generator.closed_in == [generator.loaded_in]
+    await poll_until(lambda: threads_left_behind() == 0)
+    assert not (config.run_dir / JOURNAL).read_text()
+
+
+class ClosesUntilReleased(SyntheticGenerator):
+    """A generator whose close blocks until the test releases it (a device that no longer
+    answers)."""
+
+    def __init__(self) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.closing = threading.Event()
+        self.release = threading.Event()
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.release.wait(timeout=20)
+        self.closed.set()
+
+
+async def test_a_hard_stop_does_not_wait_for_a_close_that_hangs(
+    make_config: ConfigFactory,
+) -> None:
+    # All judgements were written, then the run waited for close() forever: a second
+    # Ctrl-C, or any cancel(), did nothing.
+    config = make_config(samples=2)
+    generator = ClosesUntilReleased()
+    engine = Engine(config, generators=[generator])
+    with anyio.fail_after(10):  # before, the cancel waited until the close was released
+        async with engine:
+            results = []
+            async for judgement in engine.results:
+                results.append(judgement)
+                if len(results) == 4:  # the last one: the generator closes next
+                    await anyio.to_thread.run_sync(generator.closing.wait, 10)
+                    engine.cancel()
+    assert len(results) == 4 and engine.stats().state == "cancelled"
+    assert not generator.closed.is_set() and threads_left_behind() == 1
+    generator.release.set()
+    assert await anyio.to_thread.run_sync(generator.closed.wait, 10)
+    await poll_until(lambda: threads_left_behind() == 0)
+
+
+async def test_a_close_is_waited_for_until_a_hard_stop(make_config: ConfigFactory) -> None:
+    # A close that ends by itself is waited for: the run ends with the model released.
+    generator = ClosesUntilReleased()
+    generator.release.set()
+    await run_to_end(make_config(samples=2), generators=[generator])
+    assert generator.closed.is_set() and threads_left_behind() == 0
+
+
+class RaisesInItsMethods(SyntheticGenerator):
+    """A generator whose ``method`` raises ``error`` (or returns it, for ``returns``)."""
+
+    def __init__(self, method: str, error: BaseException | None, returns: object = None) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.method, self.error, self.returns = method, error, returns
+
+    def _misbehave(self, method: str) -> object:
+        if method != self.method:
+            return None
+        if self.error is not None:
+            raise self.error
+        return self.returns
+
+    def fingerprint(self) -> dict[str, Any]:
+        if self.method == "fingerprint":
+            return cast(dict[str, Any], self._misbehave("fingerprint"))
+        return super().fingerprint()
+
+    def notes(self) -> list[str]:
+        self._misbehave("notes")
+        return []
+
+    def prompt_rewrite(self, data_id: str) -> PromptRewrite | None:
+        return cast(PromptRewrite | None, self._misbehave("prompt_rewrite"))
+
+
+@pytest.mark.parametrize(
+    ("method", "error", "returns", "message"),
+    [
+        (
+            "prompt_rewrite",
+            RuntimeError("no rewrite"),
+            None,
+            "generator 'synth' is broken: prompt_rewrite('IQ-R_TA-C_1') raised RuntimeError: "
+            "no rewrite",
+        ),
+        (
+            "prompt_rewrite",
+            None,
+            "a prompt",
+            "generator 'synth' is broken: prompt_rewrite('IQ-R_TA-C_1') returned an object of "
+            "type str where a PromptRewrite or None belongs",
+        ),
+        (
+            "prompt_rewrite",
+            SystemExit(3),
+            None,
+            "generator 'synth': prompt_rewrite('IQ-R_TA-C_1') failed: it raised SystemExit: 3",
+        ),
+        (
+            "fingerprint",
+            RuntimeError("no checkpoint"),
+            None,
+            "generator 'synth' is broken: fingerprint() raised RuntimeError: no checkpoint",
+        ),
+        (
+            "fingerprint",
+            None,
+            ["steps", 4],
+            "generator 'synth' is broken: fingerprint() returned an object of type list, not "
+            "a dict",
+        ),
+    ],
+)
+async def test_a_generators_methods_that_misbehave_stop_the_run_with_its_name(
+    make_config: ConfigFactory,
+    method: str,
+    error: BaseException | None,
+    returns: object,
+    message: str,
+) -> None:
+    # Each came out as a traceback (exit 1), mid-run for prompt_rewrite.
+    generator = RaisesInItsMethods(method, error, returns)
+    with anyio.fail_after(10), pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(make_config(samples=1), generators=[generator])
+
+
+async def test_a_generator_whose_notes_fail_gets_a_note(make_config: ConfigFactory) -> None:
+    generator = RaisesInItsMethods("notes", RuntimeError("notes exploded"))
+    async with Engine(make_config(samples=2), generators=[generator]) as engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 4)
+    assert "synth: its notes() failed: RuntimeError: notes exploded" in engine.stats().notes
+
+
+class MakesUnwritablePictures(Generator):
+    """Every picture it makes is ``picture``: one that cannot be written as a PNG file."""
+
+    def __init__(self, picture: Image.Image | EncodedPicture, *, batch_size: int = 1) -> None:
+        self.name = "synth"
+        self.batch_size = batch_size
+        self.picture = picture
+        self.tries = 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"backend": "unwritable"}
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | EncodedPicture | Exception]:
+        self.tries += 1
+        return [self.picture for _ in requests]
+
+
+def png_of(seed: int) -> bytes:
+    return encode_png(draw(seed, 16))
+
+
+@pytest.mark.parametrize(
+    ("picture", "reason"),
+    [
+        (Image.new("F", (16, 16)), "the picture (mode F) cannot be written as PNG"),
+        (Image.new("RGB", (0, 0)), "the picture is empty (0x0 pixels)"),
+        (EncodedPicture(b"not a png"), "the bytes handed over are not a PNG file"),
+        (EncodedPicture(png_of(1)[:-20]), "the PNG file handed over is cut short"),
+    ],
+)
+@pytest.mark.parametrize("batch_size", [1, 3])
+async def test_a_generator_whose_pictures_cannot_be_written_stops_the_run(
+    make_config: ConfigFactory, picture: Image.Image | EncodedPicture, reason: str, batch_size: int
+) -> None:
+    # A picture counted as made before it was written: the whole dataset became error
+    # judgements ("cannot write mode F as PNG"), and the run ended as if it had gone well.
+    config = make_config(samples=40)
+    generator = MakesUnwritablePictures(picture, batch_size=batch_size)
+    message = (
+        f"generator 'synth' has made no image yet and its first {FAILED_CALLS_TO_STOP} calls "
+        f"all failed (the last: {reason}"
+    )
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(config, generators=[generator])
+    # Calls go on while the pictures of those before are written: two more at most.
+    assert FAILED_CALLS_TO_STOP <= generator.tries <= FAILED_CALLS_TO_STOP + 2
+    records = journal(config)
+    assert records and all(reason in str(r["error"]) for r in records)
+    assert not list((config.run_dir / "images").rglob("*.png"))
+
+
+class HandsOverOneBadFile(EncodingGenerator):
+    """Hands each picture over as PNG bytes; those of sample ``cut`` are cut short."""
+
+    cut = f"{PAIRS[1]}_1"
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[EncodedPicture | TimedPicture | Exception]:
+        made = super().generate(requests, worker=worker, cancel=cancel)
+        for index, (request, picture) in enumerate(zip(requests, made, strict=True)):
+            if request.sample.data_id == self.cut and isinstance(picture, EncodedPicture):
+                made[index] = EncodedPicture(picture.png[: len(picture.png) // 2])
+        return made
+
+
+async def test_png_bytes_cut_short_fail_their_item_and_are_never_judged(
+    make_config: ConfigFactory,
+) -> None:
+    # They were written as the sample's image, with no label, and judged.
+    config = make_config(samples=4)
+    generator = HandsOverOneBadFile()
+    generator.batch_size = 4
+    results = await run_to_end(config, generators=[generator])
+    failed = {j.data_id: j.error for j in results if j.status == "error"}
+    assert set(failed) == {generator.cut} and len(results) == 8
+    assert "the PNG file handed over is cut short" in str(failed[generator.cut])
+    written = {p.stem for p in (config.run_dir / "images").rglob("*.png")}
+    assert written == {j.data_id for j in results} - {generator.cut}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import sys
@@ -523,9 +524,54 @@ def test_a_call_out_of_memory_is_made_again_in_halves_and_later_ones_kept_small(
     assert "at 3 images per call; calls there take at most 2" in notes[1]
     generator._pipes = [SmallMemoryPipe(generator._pipes[0].pipe, fits=0)]
     (alone_too_big,) = generator.generate(batch[:1], worker=0, cancel=threading.Event())
-    assert isinstance(alone_too_big, ItemError)
-    assert "out of device memory even for one image: OutOfMemoryError" in str(alone_too_big)
+    # The call's failure, not the item's: a model that never fits stops the run.
+    assert isinstance(alone_too_big, BackendError) and not isinstance(alone_too_big, ItemError)
+    assert "out of memory on cpu even for one image: OutOfMemoryError" in str(alone_too_big)
     generator.close()
+
+
+def test_each_smaller_call_size_is_noted_once(tiny_pipelines: dict[TinyKind, Path]) -> None:
+    # Both halves of a call of 4 ran out of memory at 2: "at 2 images per call" came twice,
+    # and again for each later call that tried 2.
+    generator = make_generator(tiny_pipelines["flux"])
+    generator.load()
+    generator._pipes = [SmallMemoryPipe(generator._pipes[0], fits=1)]
+    batch = [request(f"IQ-R_TA-C_{n}", n) for n in range(1, 5)]
+    images = generator.generate(batch, worker=0, cancel=threading.Event())
+    assert all(isinstance(image, Image.Image) for image in images)
+    assert generator.calls == [4, 2, 1, 1, 2, 1, 1]
+    notes = generator.notes()
+    assert len(notes) == 2, notes
+    assert "at 4 images per call; calls there take at most 2" in notes[0]
+    assert "at 2 images per call; calls there take at most 1" in notes[1]
+    generator.close()
+
+
+class OutOfMemoryAlways(DiffusersGenerator):
+    """A model too large for its device: no call fits, however small."""
+
+    def load(self) -> None:
+        super().load()
+        self._pipes = [SmallMemoryPipe(pipe, fits=0) for pipe in self._pipes]
+
+
+@pytest.mark.anyio
+async def test_a_model_that_never_fits_its_device_stops_the_run(
+    make_config: ConfigFactory, tiny_pipelines: dict[TinyKind, Path]
+) -> None:
+    # Every image failed alone "out of memory even for one image": the whole dataset in
+    # error judgements, and exit 0.
+    from trig_stream.generation import FAILED_CALLS_TO_STOP
+
+    options = DiffusersOptions.model_validate(tiny_options(tiny_pipelines["flux"], "flux"))
+    generator = OutOfMemoryAlways("tiny", options, batch_size=2)
+    config = make_config(samples=16)
+    message = (
+        f"generator 'tiny' has made no image yet and its first {FAILED_CALLS_TO_STOP} calls all "
+        "failed (the last: out of memory on cpu even for one image: OutOfMemoryError"
+    )
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(config, generators=[generator])
 
 
 class HeldPipe:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trig_stream.png import SAMPLE_KEY, encode_png, is_png, with_sample_digest
+from trig_stream.png import SAMPLE_KEY, encode_png, is_png, not_png_file, with_sample_digest
 
 MODES = {"L": 1, "RGB": 3, "RGBA": 4}
 
@@ -86,3 +86,17 @@ def test_bytes_that_are_not_a_png_are_left_alone() -> None:
     jpeg = b"\xff\xd8\xff\xe0" + bytes(40)
     assert not is_png(jpeg)
     assert with_sample_digest(jpeg, "0123abcd") == jpeg
+
+
+def test_bytes_handed_over_as_a_png_file_are_checked_whole() -> None:
+    # A generator's EncodedPicture was written as the image whatever it held: cut short, a
+    # JPEG, nothing at all, and then judged.
+    png = encode_png(Image.new("RGB", (8, 8), (10, 20, 30)))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    assert not_png_file(png) is None and not_png_file(buffer.getvalue()) is None
+    assert not_png_file(png + b"\0" * 16) is None  # padding after the end, as decoders allow
+    assert "cut short (30 bytes" in str(not_png_file(png[:30]))
+    assert "not a PNG file (they begin b'\\xff\\xd8" in str(not_png_file(b"\xff\xd8\xff\xe0xx"))
+    assert "not a PNG file (they begin b'')" in str(not_png_file(b""))
+    assert "an object of type str was handed over" in str(not_png_file("a png"))

@@ -64,15 +64,16 @@ QUIET_LIBRARIES = {
 def entry_point() -> NoReturn:
     """The ``trig-stream`` console script: :func:`main`, then exit with its status.
 
-    A hard stop does not wait for a model that is loading or a generation call still
-    running (an images API's answer): each goes on in a worker thread, and the interpreter
-    would wait for those threads before exiting (minutes, for large weights). Everything
-    the command writes is written by then, so it exits at once.
+    A stop does not wait for a model that is loading, nor a hard stop for a generation call
+    still running (an images API's answer) or a model closing (a device that no longer
+    answers): each goes on in a worker thread, and the interpreter would wait for those
+    threads before exiting (minutes, for large weights). Everything the command writes is
+    written by then, so it exits at once.
     """
     code = main()
     if threads_left_behind():
         Console(stderr=True).print(
-            "not waiting for a model still loading or a generation call still running"
+            "not waiting for a model still loading or closing, or a generation call still running"
         )
         logging.shutdown()
         sys.stdout.flush()

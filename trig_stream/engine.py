@@ -130,7 +130,7 @@ def run_manifest(
         task=config.run.task,
         generators={
             g.name: as_json(
-                {**g.fingerprint(), "seed": config.run.seed},
+                {**_fingerprint(g), "seed": config.run.seed},
                 f"the fingerprint of generator {g.name!r}",
             )
             for g in generators
@@ -138,6 +138,24 @@ def run_manifest(
         judges={name: fp.model_dump(mode="json") for name, fp in judges.items()},
         config=config.model_dump(mode="json"),
     )
+
+
+def _fingerprint(generator: Generator) -> dict[str, Any]:
+    """``generator.fingerprint()``, or the error that names it when it has none to give."""
+    try:
+        fingerprint = generator.fingerprint()
+    except TrigStreamError:
+        raise
+    except Exception as exc:  # a backend's bug: one message, not a traceback
+        raise FatalBackendError(
+            f"generator {generator.name!r} is broken: fingerprint() raised {describe_error(exc)}"
+        ) from exc
+    if not isinstance(fingerprint, dict):
+        raise FatalBackendError(
+            f"generator {generator.name!r} is broken: fingerprint() returned an object of type "
+            f"{type(fingerprint).__name__}, not a dict of the settings that change its images"
+        )
+    return fingerprint
 
 
 class Engine:
@@ -207,6 +225,9 @@ class Engine:
         self._running_gate = anyio.Event()
         self._running_gate.set()
         self._cancel_generation = threading.Event()
+        # The stops as events the stages can wait on (their waits end with them).
+        self._stop_event = anyio.Event()
+        self._cancel_event = anyio.Event()
         self._fingerprints: dict[str, JudgeFingerprint] = {}
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._buffers: dict[str, MemoryObjectSendStream[Any]] = {}
@@ -286,7 +307,9 @@ class Engine:
         """Stop gracefully: start no new work, finish what is in flight, then end ``results``.
 
         While the engine opens, nothing is in flight yet: the opening ends at once (a judge
-        server still starting is stopped, a judge model still loading left to finish).
+        server still starting is stopped, a judge model still loading left to finish). A
+        generator still loading is no work in flight either: its thread is left to finish
+        the load and release it, as :meth:`cancel` leaves it.
         Like :meth:`cancel`, :meth:`pause` and :meth:`resume`, it may be called from any
         thread.
         """
@@ -295,20 +318,24 @@ class Engine:
         if self._state in ("starting", "running", "paused"):
             self._state = "stopping"
         self._stopping = True
+        self._stop_event.set()
         self._running_gate.set()
         self._opening.cancel()
 
     def cancel(self) -> None:
         """Stop hard: cancel everything in flight now. Written judgements stay; resume later.
 
-        Nothing waits for a model that is loading or a generation call still running: each
-        thread is left to finish on its own, and the last releases the generator (see
+        Nothing waits for a model that is loading, a generation call still running or a
+        generator's close: each thread is left to finish on its own, and the last releases
+        the generator (see
         :func:`~trig_stream.backends.base.load_in_thread` and
         :class:`~trig_stream.backends.base.ThreadCalls`).
         """
         if self._called_elsewhere(self.cancel):
             return
         self._stopping = True
+        self._stop_event.set()
+        self._cancel_event.set()
         self._opening.cancel()
         self._work.cancel()
         # Only now do generate calls see it: whatever they return from here on reaches
@@ -655,6 +682,8 @@ class Engine:
             fingerprints=self._fingerprints,
             cancel_generation=self._cancel_generation,
             is_stopping=lambda: self._stopping,
+            stopping=self._stop_event,
+            hard_stopping=self._cancel_event,
         )
 
     async def _persist(

@@ -9,11 +9,16 @@ by an earlier run is reused instead of generated again.
 
 A failed item is data: an ``error`` judgement per dimension, and the run goes on. One case is
 not: a generator that has made no image yet whose calls keep failing as a whole (an option
-every call trips over, a pipeline that cannot serve the run) would turn the whole dataset
-into errors, so after :data:`FAILED_CALLS_TO_STOP` such calls the run stops, as it does for a
-judge that can never serve it. An item that fails with an
+every call trips over, a pipeline that cannot serve the run, pictures that cannot be written)
+would turn the whole dataset into errors, so after :data:`FAILED_CALLS_TO_STOP` such calls
+the run stops, as it does for a judge that can never serve it. An item that fails with an
 :class:`~trig_stream.errors.ItemError` failed for its own reason (an unreadable source image,
 a refusal) and says nothing about the generator.
+
+The generator loads when the first batch needs a new image: a run whose images are all on
+disk, or that has nothing left to do, never loads it. A stop, graceful or hard, does not wait
+for a load, and a hard stop does not wait for a close either (see
+:class:`~trig_stream.backends.base.ThreadCalls`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,7 @@ from trig_stream.backends.base import (
     Generator,
     ThreadCalls,
     TimedPicture,
+    call_in_thread,
     load_in_thread,
 )
 from trig_stream.errors import FatalBackendError, ItemError, TrigStreamError
@@ -48,7 +54,13 @@ from trig_stream.pipeline import (
     send_now,
     take_ready,
 )
-from trig_stream.png import REWRITE_KEY, SAMPLE_KEY, encode_png, with_sample_digest
+from trig_stream.png import (
+    REWRITE_KEY,
+    SAMPLE_KEY,
+    encode_png,
+    not_png_file,
+    with_sample_digest,
+)
 from trig_stream.records import GeneratedImage, Judgement, PromptRewrite
 
 if TYPE_CHECKING:
@@ -66,9 +78,10 @@ class GenerationStage:
         it failed on, and those may fail again)."""
         self._context = context
         self._generator = generator
+        self._name = f"generator {generator.name!r}"
         # A hard stop does not wait for a generate call (an images API may take a minute to
         # answer): the call ends in its thread, and the generator is closed after it.
-        self._calls = ThreadCalls()
+        self._calls = ThreadCalls(self._name)
         # A batch's large pictures are encoded at once, one per thread: beside a pipeline
         # that holds the interpreter lock, each encoding waits for it several times, and
         # those waits overlap (8 pictures of 512x512: 520 ms one after another, 200 ms at
@@ -77,13 +90,21 @@ class GenerationStage:
             max_workers=max(1, min(os.cpu_count() or 1, generator.workers * generator.batch_size)),
             thread_name_prefix=f"{generator.name} png",
         )
+        self._loading = anyio.Lock()
+        self._loaded = False
+        """Whether the generator has loaded: on the first batch that needs a new image, so a
+        run with nothing left to make (a finished run directory) never loads it."""
+        self._cancelled: type[BaseException] = BaseException
+        """The event loop's cancellation exception (set by :meth:`run`), for its threads."""
         self._made_picture = made_before
-        """Whether the generator is known to work: a call returned a picture in this run, or
-        an earlier run's judgements show it made some."""
+        """Whether the generator is known to work: a picture it made in this run was
+        written, or an earlier run's judgements show it made some."""
         self._tried = 0
         """The generate calls made before the first picture."""
         self._failed = 0
         """Those of them that failed as a whole (see :attr:`_Made.failure`)."""
+        self._pictures_to_write = 0
+        """Calls that returned pictures which are not written yet."""
 
     async def run(
         self,
@@ -92,26 +113,12 @@ class GenerationStage:
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
         generator = self._generator
+        self._cancelled = anyio.get_cancelled_exc_class()
         # The model's own limiters keep its blocking calls off the shared default thread
         # pool, where they could starve dataset reads and journal writes.
         compute = anyio.CapacityLimiter(generator.workers)
         writing = anyio.CapacityLimiter(generator.workers)
         async with receive, image_send, judgement_send:
-            if self._context.is_stopping():
-                return  # stopped while the engine opened: no model to load for nothing
-            counts = self._context.counters.model(generator.name)
-            counts.loading = True
-            try:
-                # A hard stop does not wait for a load (minutes, for large weights).
-                await load_in_thread(generator.load, generator.close, limiter=compute)
-            except TrigStreamError:
-                raise
-            except Exception as exc:
-                raise FatalBackendError(
-                    f"generator {generator.name!r} failed to load: {exc}"
-                ) from exc
-            finally:
-                counts.loading = False
             try:
                 async with anyio.create_task_group() as tg:
                     for worker in range(generator.workers):
@@ -130,9 +137,41 @@ class GenerationStage:
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._encoders.shutdown)  # writers are done
-                    await self._calls.close(self._close_generator, limiter=compute)
-                for note in generator.notes():
-                    self._context.counters.notes.append(f"{generator.name}: {note}")
+                    if self._loaded:
+                        # A hard stop does not wait for a close that hangs (a device that
+                        # no longer answers): it ends in its thread.
+                        release = self._calls.close(self._close_generator, limiter=compute)
+                        await _unless(self._context.hard_stopping, release)
+                    self._note_generator_notes()
+
+    async def _load(self, limiter: anyio.CapacityLimiter) -> bool:
+        """Load the generator, once for all its workers; False when a stop came first.
+
+        A stop, even a graceful one, does not wait for a load (minutes, for large weights):
+        nothing is in flight yet. Its thread finishes the load and closes the generator.
+        """
+        generator = self._generator
+        async with self._loading:
+            if self._loaded:
+                return True
+            if self._context.is_stopping():
+                return False
+            counts = self._context.counters.model(generator.name)
+            counts.loading = True
+            try:
+                load = load_in_thread(
+                    generator.load, generator.close, limiter=limiter, backend=self._name
+                )
+                if not await _unless(self._context.stopping, load):
+                    return False
+            except TrigStreamError:
+                raise
+            except Exception as exc:
+                raise FatalBackendError(f"{self._name} failed to load: {exc}") from exc
+            finally:
+                counts.loading = False
+            self._loaded = True
+            return True
 
     def _close_generator(self) -> None:
         # The run's outcome is written by now: a failing close is worth a note, not the run.
@@ -140,8 +179,23 @@ class GenerationStage:
         try:
             generator.close()
         except Exception as exc:
-            note = f"{generator.name}: closing it failed: {describe_error(exc)}"
-            self._context.counters.notes.append(note)
+            self._note(f"closing it failed: {describe_error(exc)}")
+        except BaseException as exc:  # SystemExit...: in this thread it would end nothing
+            if isinstance(exc, self._cancelled):
+                raise
+            self._note(f"closing it failed: it raised {describe_error(exc)}")
+
+    def _note_generator_notes(self) -> None:
+        try:
+            notes = self._generator.notes()
+        except Exception as exc:  # a backend's bug: the run's outcome stands
+            self._note(f"its notes() failed: {describe_error(exc)}")
+            return
+        for note in notes:
+            self._note(str(note))
+
+    def _note(self, note: str) -> None:
+        self._context.counters.notes.append(f"{self._generator.name}: {note}")
 
     async def _worker(
         self,
@@ -153,41 +207,58 @@ class GenerationStage:
         async with receive, made_send:
             async for first in receive:
                 if self._context.is_stopping():
-                    # Graceful stop: queued samples are new work; drop them, and take them
-                    # off the model's count (the dashboard showed them generating forever).
-                    counts = self._context.counters.model(first.model)
-                    counts.queued -= 1
-                    counts.to_judge -= len(first.todo)
-                    counts.dropped += 1
+                    self._drop([first])
                     continue
                 batch = [first]
                 take_ready(receive, batch, self._generator.batch_size)
                 made = await self._calls.run(self._generate_batch, worker, batch, limiter=limiter)
-                self._count_call(made)
+                if made is None:  # it needs the generator, which has not loaded yet
+                    if not await self._load(limiter):
+                        self._drop(batch)  # a stop came first
+                        continue
+                    made = await self._calls.run(
+                        self._generate_batch, worker, batch, limiter=limiter
+                    )
+                    assert made is not None
+                if made.made_picture:
+                    self._pictures_to_write += 1  # counted once written
+                elif made.called:
+                    self._count_call(made_picture=False, failure=made.failure, written=False)
                 await made_send.send(made)
 
-    def _count_call(self, made: _Made) -> None:
-        # Runs in the event loop, where the workers' calls end one at a time.
-        if self._made_picture or not made.called:
+    def _drop(self, batch: list[WorkItem]) -> None:
+        # Graceful stop: queued samples are new work; drop them, and take them off the
+        # model's count (the dashboard showed them generating forever).
+        counts = self._context.counters.model(self._generator.name)
+        for work in batch:
+            counts.queued -= 1
+            counts.to_judge -= len(work.todo)
+            counts.dropped += 1
+
+    def _count_call(self, *, made_picture: bool, failure: str | None, written: bool) -> None:
+        """Count one generate call towards the stop rule, in the event loop: a call that
+        returned no picture when it ends, one that did once its pictures are ``written`` (a
+        picture that cannot be written is no sign that the generator works)."""
+        if self._made_picture:
             return
-        if made.made_picture:
+        if made_picture:
             self._made_picture = True  # it works: failures from now on are its items'
             return
         self._tried += 1
-        if made.failure is None:
-            return  # its items failed for their own reasons
-        self._failed += 1
+        if failure is not None:  # else its items failed for their own reasons
+            self._failed += 1
         if self._failed < FAILED_CALLS_TO_STOP:
             return
+        if self._pictures_to_write and not written:
+            return  # an earlier call's pictures, still to write, may show that it works
         calls = (
             f"its first {self._failed} calls all failed"
             if self._failed == self._tried
             else f"{self._failed} of its first {self._tried} calls failed"
         )
         raise FatalBackendError(
-            f"generator {self._generator.name!r} has made no image yet and {calls} (the last: "
-            f"{made.failure}); check its options, then run again with --retry-errors to ask "
-            "again the samples it failed"
+            f"{self._name} has made no image yet and {calls} (the last: {failure}); check its "
+            "options, then run again with --retry-errors to ask again the samples it failed"
         )
 
     async def _writer(
@@ -220,9 +291,19 @@ class GenerationStage:
                                     self._context, work, dimension, judge_name, outcome, "generate"
                                 )
                             )
+                if made.made_picture:
+                    self._pictures_to_write -= 1
+                    new = [o for p, o in zip(made.pictures, outcomes, strict=True) if _new(p)]
+                    unwritten = [o for o in new if isinstance(o, str)]
+                    self._count_call(
+                        made_picture=len(unwritten) < len(new),
+                        failure=unwritten[-1] if unwritten else None,
+                        written=True,
+                    )
 
-    def _generate_batch(self, worker: int, batch: list[WorkItem]) -> _Made:
-        # Runs in one of the generator's threads: reuse check, then one generate call.
+    def _generate_batch(self, worker: int, batch: list[WorkItem]) -> _Made | None:
+        # Runs in one of the generator's threads: reuse check, then one generate call; None
+        # when a picture must be made and the generator has not loaded yet.
         task = self._context.config.run.task
         pictures: list[Image | EncodedPicture | TimedPicture | GeneratedImage | str | None] = []
         missing: list[int] = []
@@ -245,6 +326,8 @@ class GenerationStage:
                 missing.append(index)
         if not missing:
             return _Made(batch, paths, pictures, 0.0, called=False)
+        if not self._loaded:
+            return None
         requests = [
             GenerationRequest(batch[i].model, batch[i].sample, batch[i].seed) for i in missing
         ]
@@ -286,7 +369,7 @@ class GenerationStage:
                     failure = reason
             else:
                 pictures[index] = image
-                made_picture = True
+                made_picture = True  # counted once written (see _count_call)
         return _Made(
             batch,
             paths,
@@ -315,7 +398,7 @@ class GenerationStage:
             latency_s = made.latency_s
             if isinstance(picture, EncodedPicture | TimedPicture) and picture.seconds is not None:
                 latency_s = picture.seconds  # timed where it was made
-            rewrite = self._generator.prompt_rewrite(work.sample.data_id)
+            rewrite = self._prompt_rewrite(work.sample.data_id)
             # In ASCII, as a PNG text chunk holds it: json escapes the rest.
             stored = None if rewrite is None else json.dumps(rewrite.model_dump(mode="json"))
             files.append((path, with_sample_digest(png, work.image_label, stored)))
@@ -333,6 +416,30 @@ class GenerationStage:
         self._context.run_dir.write_images(files)
         return outcomes
 
+    def _prompt_rewrite(self, data_id: str) -> PromptRewrite | None:
+        # A fault of the backend's code, the same for every picture: said once, as the
+        # error that stops the run, not as a traceback.
+        call = f"prompt_rewrite({data_id!r})"
+        try:
+            rewrite = call_in_thread(
+                self._generator.prompt_rewrite,
+                data_id,
+                failed=f"{self._name}: {call} failed",
+                cancelled=self._cancelled,
+            )
+        except TrigStreamError:
+            raise
+        except Exception as exc:
+            raise FatalBackendError(
+                f"{self._name} is broken: {call} raised {describe_error(exc)}"
+            ) from exc
+        if rewrite is not None and not isinstance(rewrite, PromptRewrite):
+            raise FatalBackendError(
+                f"{self._name} is broken: {call} returned an object of type "
+                f"{type(rewrite).__name__} where a PromptRewrite or None belongs"
+            )
+        return rewrite
+
     def _encode(
         self, pictures: list[Image | EncodedPicture | TimedPicture | GeneratedImage | str | None]
     ) -> list[bytes | str | None]:
@@ -342,7 +449,12 @@ class GenerationStage:
         pngs: list[bytes | str | None] = []
         todo: dict[int, Image] = {}  # index -> a picture to encode
         for index, picture in enumerate(pictures):
-            pngs.append(picture.png if isinstance(picture, EncodedPicture) else None)
+            if isinstance(picture, EncodedPicture):
+                # Written as they are: bytes that are no whole PNG file would be judged as
+                # a picture, or fail the judge's decoding.
+                pngs.append(not_png_file(picture.png) or picture.png)
+            else:
+                pngs.append(None)
             if isinstance(picture, TimedPicture):
                 todo[index] = picture.image
             elif not isinstance(picture, EncodedPicture | GeneratedImage | str | None):
@@ -360,10 +472,41 @@ class GenerationStage:
 
 def _png_or_reason(image: Image) -> bytes | str:
     # A picture's PNG bytes, or why it cannot be written (a mode PNG cannot hold, say).
+    if not image.width or not image.height:
+        return f"the picture is empty ({image.width}x{image.height} pixels)"
     try:
         return encode_png(image)
     except Exception as exc:
         return f"the picture (mode {image.mode}) cannot be written as PNG: {exc}"
+
+
+def _new(picture: object) -> bool:
+    """Whether a :class:`_Made` picture is one the call made (not an image reused from disk,
+    nor the reason an item failed)."""
+    return not isinstance(picture, GeneratedImage | str | None)
+
+
+async def _unless(event: anyio.Event, waited: Awaitable[None]) -> bool:
+    """Await ``waited`` unless ``event`` is set first (or already), which cancels it;
+    whether it ended by itself. Its error comes out as itself, not in a group."""
+    failure: Exception | None = None
+    ended = False
+    async with anyio.create_task_group() as tg:
+
+        async def cancel_on_event() -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(cancel_on_event)
+        try:
+            await waited
+            ended = True
+        except Exception as exc:
+            failure = exc
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return ended
 
 
 FAILED_CALLS_TO_STOP = 4
@@ -371,7 +514,9 @@ FAILED_CALLS_TO_STOP = 4
 of its calls made a picture.
 
 Counted in calls, not samples: a call is one try of the model, whatever its ``batch_size``,
-so a generator that can never work costs at most this many batches of ``error`` judgements.
+so a generator that can never work costs at most this many batches of ``error`` judgements
+(a call that returned pictures counts once they are written, and a worker makes up to two
+more calls meanwhile).
 More than one: a first call can fail for a passing reason (a server still warming up). With
 several workers, the calls of the others still running when the run stops are left to end
 in their threads, their results unused. Once a call has made a picture the generator is

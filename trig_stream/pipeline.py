@@ -59,6 +59,11 @@ class RunContext:
     """Set on a hard stop; generator threads check it between steps."""
     is_stopping: Callable[[], bool]
     """True once a graceful stop began: start no new work."""
+    stopping: anyio.Event
+    """Set when a graceful or hard stop begins: it ends a wait that is no work in flight (a
+    generator's load)."""
+    hard_stopping: anyio.Event
+    """Set on a hard stop: it ends every wait (a generator's close, which may hang)."""
 
 
 def failed_judgement(

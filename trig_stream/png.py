@@ -68,6 +68,27 @@ def is_png(data: bytes) -> bool:
     return data.startswith(SIGNATURE) and data[12:16] == b"IHDR"
 
 
+_IEND_END = b"IEND\xaeB`\x82"
+"""The last chunk of every PNG file, bar its empty length: its type and CRC."""
+
+TRAILING_BYTES = 64
+"""Bytes after the IEND chunk that :func:`not_png_file` lets pass, as decoders do (some
+writers pad a file)."""
+
+
+def not_png_file(data: object) -> str | None:
+    """Why ``data`` (a generator's :class:`~trig_stream.backends.base.EncodedPicture`) is not
+    the bytes of a whole PNG file, or None when it is: the signature and header first, the
+    IEND chunk last. A quick look, not a decoding: a file cut short lacks its end."""
+    if not isinstance(data, bytes):
+        return f"an object of type {type(data).__name__} was handed over where PNG bytes belong"
+    if not is_png(data):
+        return f"the bytes handed over are not a PNG file (they begin {bytes(data[:8])!r})"
+    if _IEND_END not in data[-(len(_IEND_END) + TRAILING_BYTES) :]:
+        return f"the PNG file handed over is cut short ({len(data)} bytes, no IEND chunk last)"
+    return None
+
+
 REWRITE_KEY = "trig-stream prompt rewrite"
 """The text chunk holding how the prompt was rewritten (a PromptRewrite as JSON), when it was:
 an image reused by a later run keeps that record."""

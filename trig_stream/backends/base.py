@@ -20,6 +20,7 @@ import anyio
 import anyio.to_thread
 
 from trig_stream.dimensions import Dimension
+from trig_stream.errors import FatalBackendError
 from trig_stream.records import JudgeFingerprint, PromptRewrite, Sample, TopLogprobs
 from trig_stream.scoring import Scorer
 
@@ -324,6 +325,40 @@ def threads_left_behind() -> int:
         return sum(work.busy() for work in _left_behind)
 
 
+def ending_error(exc: BaseException, failed: str) -> FatalBackendError:
+    """The error that stops the run for a ``SystemExit``, ``KeyboardInterrupt`` or other
+    ``BaseException`` (no ``Exception``, no cancellation) that a backend's code raised in a
+    worker thread; ``failed`` says what failed ("generator 'x' failed to load").
+
+    Raised there, it would not end the process as it means to: it reached the event loop
+    as a crash of its own, and the command hung, silently, for good.
+    """
+    text = str(exc)
+    raised = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return FatalBackendError(
+        f"{failed}: it raised {raised} (sys.exit() or an interrupt in its code or a library "
+        "it uses), which cannot end the process from a worker thread; the run stops: fix the "
+        "cause, then run the same command again to resume"
+    )
+
+
+def call_in_thread(
+    func: Callable[..., T], *args: Any, failed: str, cancelled: type[BaseException]
+) -> T:
+    """``func(*args)``, called in a worker thread, with what :func:`ending_error` describes
+    turned into that error. ``cancelled`` is the event loop's cancellation exception
+    (``anyio.get_cancelled_exc_class()``, taken there): one coming back through
+    ``anyio.from_thread`` goes on as it is."""
+    try:
+        return func(*args)
+    except Exception:
+        raise
+    except BaseException as exc:
+        if isinstance(exc, cancelled):
+            raise
+        raise ending_error(exc, failed) from exc
+
+
 class ThreadCalls:
     """A backend's blocking calls, each in a worker thread that a cancellation does not wait
     for, and the backend's release after the last one.
@@ -332,11 +367,16 @@ class ThreadCalls:
     and a hard stop must not wait that long. Cancelled, :meth:`run` returns at once and the
     thread finishes the call, whose result is dropped. :meth:`close` ends the backend's use:
     no call starts after it, and ``release`` runs when the last call has ended: at once when
-    none runs, else in the thread of the last one to end, which
-    :func:`threads_left_behind` counts until then.
+    none runs, else in the thread of the last one to end. A cancelled :meth:`close` does
+    not wait for ``release`` either (a device that no longer answers can hang it).
+    :func:`threads_left_behind` counts a release that nothing waits for until it ends.
+
+    Args:
+        backend: what the calls are of, for messages ("generator 'x'").
     """
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str = "the backend") -> None:
+        self._backend = backend
         self._running = 0
         self._closed = False
         self._release: Callable[[], None] | None = None
@@ -347,7 +387,14 @@ class ThreadCalls:
     async def run(
         self, func: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None
     ) -> T:
-        """``func(*args)`` in a worker thread (behind ``limiter``, as ``anyio.to_thread``)."""
+        """``func(*args)`` in a worker thread (behind ``limiter``, as ``anyio.to_thread``).
+
+        Raises:
+            FatalBackendError: ``func`` raised ``SystemExit``, ``KeyboardInterrupt`` or
+                another ``BaseException`` (see :func:`ending_error`).
+        """
+        cancelled = anyio.get_cancelled_exc_class()
+        failed = f"a call of {self._backend} failed"
 
         def call() -> T:
             with _threads_lock:
@@ -355,32 +402,62 @@ class ThreadCalls:
                     raise RuntimeError("the backend was closed before this call started")
                 self._running += 1
             try:
-                return func(*args)
+                return call_in_thread(func, *args, failed=failed, cancelled=cancelled)
             finally:
                 with _threads_lock:
                     self._running -= 1
-                    release = self._release if self._running == 0 else None
-                if release is not None:
-                    try:
-                        release()
-                    finally:
-                        with _threads_lock:
-                            self._release = None
-                            _left_behind.discard(self)
+                    last = self._running == 0 and self._release is not None
+                if last:
+                    self._release_now()
 
         return await anyio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
 
     async def close(
         self, release: Callable[[], None], *, limiter: anyio.CapacityLimiter | None = None
     ) -> None:
-        """No call starts after this; ``release`` runs after the last (see the class)."""
+        """No call starts after this; ``release`` runs after the last (see the class).
+
+        ``release`` runs in a thread of its own, and ``limiter`` holds the wait for it.
+        """
         with _threads_lock:
             self._closed = True
+            self._release = release
             if self._running:
-                self._release = release
                 _left_behind.add(self)
                 return
-        await anyio.to_thread.run_sync(release, limiter=limiter)
+        failures: list[BaseException] = []
+
+        def release_and_keep_failure() -> None:
+            try:
+                self._release_now()
+            except BaseException as exc:  # the waiting task raises it, if it still waits
+                failures.append(exc)
+
+        # Its own thread, started here and now: a cancellation from here on cannot keep
+        # it from running, as it could keep a worker thread from taking the call up.
+        thread = threading.Thread(target=release_and_keep_failure, name=f"{self._backend} release")
+        thread.start()
+        try:
+            await anyio.to_thread.run_sync(thread.join, limiter=limiter, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            with _threads_lock:
+                if self._release is not None:  # still running: nothing waits for it now
+                    _left_behind.add(self)
+            raise
+        if failures:
+            raise failures[0]
+
+    def _release_now(self) -> None:
+        # In the thread of the last call, or in close's own: the release, once.
+        with _threads_lock:
+            release = self._release
+        try:
+            if release is not None:
+                release()
+        finally:
+            with _threads_lock:
+                self._release = None
+                _left_behind.discard(self)
 
 
 async def load_in_thread(
@@ -388,6 +465,7 @@ async def load_in_thread(
     unload: Callable[[], None],
     *,
     limiter: anyio.CapacityLimiter | None = None,
+    backend: str = "the backend",
 ) -> None:
     """Run a backend's blocking ``load`` in a worker thread that a cancellation does not wait for.
 
@@ -403,14 +481,20 @@ async def load_in_thread(
         load: loads the backend; blocking.
         unload: releases what ``load`` loaded; blocking.
         limiter: the capacity limiter of the worker thread, as for ``anyio.to_thread``.
+        backend: what loads, for messages ("generator 'x'").
+
+    Raises:
+        FatalBackendError: ``load`` raised ``SystemExit``, ``KeyboardInterrupt`` or another
+            ``BaseException`` (see :func:`ending_error`).
     """
     state = _Load()
+    cancelled = anyio.get_cancelled_exc_class()
 
     def load_then_release_if_left_behind() -> None:
         with _threads_lock:
             state.started = True
         try:
-            load()
+            call_in_thread(load, failed=f"{backend} failed to load", cancelled=cancelled)
             with _threads_lock:
                 state.loaded = True
                 release = state.left_behind

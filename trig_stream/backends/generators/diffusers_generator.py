@@ -498,18 +498,32 @@ class DiffusersGenerator(Generator):
                 images += self._call(worker, batch, pictures, cancel)
             except _OutOfMemory as exc:
                 if len(part) == 1:
-                    images.append(ItemError(f"out of device memory even for one image: {exc}"))
+                    # The call's failure, not the item's: before any image, a few of them
+                    # stop the run (a model too large for the device fails every sample).
+                    images.append(
+                        BackendError(
+                            f"out of memory on {self.devices[device]} even for one image: "
+                            f"{exc}; use a smaller model or image size, offload, or a "
+                            "device with more memory"
+                        )
+                    )
                     continue
                 half = (len(part) + 1) // 2
                 with self._lock:
-                    self._fits[device] = min(half, self._fits[device] or half)
-                    message = (
-                        f"out of memory on {self.devices[device]} at {len(part)} images per "
-                        f"call; calls there take at most {half} from now on (set batch_size to "
-                        f"{half} or less to skip the failed call)"
-                    )
-                    self._notes.append(message)
-                logger.warning("generator %s: %s", self.name, message)
+                    # Said once per size: the halves of one call, and the calls of the
+                    # other worker on the device, come to the same.
+                    known = self._fits[device]
+                    smaller = known is None or half < known
+                    if smaller:
+                        self._fits[device] = half
+                        message = (
+                            f"out of memory on {self.devices[device]} at {len(part)} images "
+                            f"per call; calls there take at most {half} from now on (set "
+                            f"batch_size to {half} or less to skip the failed call)"
+                        )
+                        self._notes.append(message)
+                if smaller:
+                    logger.warning("generator %s: %s", self.name, message)
                 images += self._call_fitting(worker, part, cancel)
         return images
 

@@ -174,7 +174,7 @@ class MetricJudge(Judge):
         Raises:
             MissingExtraError: the metric's optional dependencies are not installed.
         """
-        await load_in_thread(self.metric.load, self.metric.close)
+        await load_in_thread(self.metric.load, self.metric.close, backend=f"judge {self.name!r}")
         if not is_async(self.metric):  # an async one is awaited, not run in a thread
             self._batcher = MicroBatcher(
                 self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency

@@ -182,7 +182,9 @@ class TransformersJudge(Judge):
             raise MissingExtraError("transformers", "diffusers") from exc
         self._torch = torch
         # A hard stop does not wait for the load (minutes, for a 7B model).
-        await load_in_thread(lambda: self._load(torch, transformers), self._unload)
+        await load_in_thread(
+            lambda: self._load(torch, transformers), self._unload, backend=f"judge {self.name!r}"
+        )
         self._batcher = MicroBatcher(
             self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
         )
