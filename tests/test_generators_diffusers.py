@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import select
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ConfigFactory, write_prompts
+from tests.conftest import ROOT, ConfigFactory, write_prompts
 from trig_stream import Engine
 from trig_stream.backends.base import EncodedPicture, GenerationRequest, TimedPicture
 from trig_stream.config import RunConfig
@@ -900,11 +905,286 @@ def test_a_pipeline_process_serves_pixels_obeys_cancel_and_dies_loudly(
 
         assert process.pid is not None
         os.kill(process.pid, signal.SIGKILL)
-        died = r"pipeline process for cpu exited \(exit code -9\)"
+        died = (
+            r"pipeline process for cpu was killed \(SIGKILL\), perhaps by the kernel's "
+            "out-of-memory killer"
+        )
         with pytest.raises(FatalBackendError, match=died):
             process.generate(batch, threading.Event())
     finally:
         process.stop()
+
+
+MISBEHAVING = "tests.misbehaving_pipelines"
+"""The module of the pipelines that misbehave on purpose, as a child imports it."""
+
+
+class Announcements:
+    """The lines the pipelines of tests/misbehaving_pipelines.py write on a FIFO."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        # Opened for writing too, so it never reads as ended while no child has it open.
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        self._buffer = b""
+
+    def next(self, timeout: float = 120.0) -> str:
+        """The next line; TimeoutError if none comes within ``timeout`` (a safety net)."""
+        while b"\n" not in self._buffer:
+            readable, _, _ = select.select([self._fd], [], [], timeout)
+            if not readable:
+                raise TimeoutError(f"no announcement within {timeout} s")
+            self._buffer += os.read(self._fd, 4096)
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@pytest.fixture
+def announcements(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Announcements]:
+    from tests.misbehaving_pipelines import ANNOUNCE
+
+    path = tmp_path / "announcements"
+    monkeypatch.setenv(ANNOUNCE, str(path))  # children inherit the environment
+    fifo = Announcements(path)
+    yield fifo
+    fifo.close()
+
+
+def misbehaving_options(path: Path, pipeline: str, **extra: Any) -> DiffusersOptions:
+    options = tiny_options(path, "flux", pipeline=f"{MISBEHAVING}:{pipeline}", **extra)
+    return DiffusersOptions.model_validate(options)
+
+
+def kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+ENGINE_PROCESS = """
+import sys
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.backends.generators.pipeline_process import PipelineProcess
+
+options = DiffusersOptions.model_validate_json(sys.argv[1])
+PipelineProcess("tiny", options, "cpu", batch_size=1).wait_ready()
+"""
+
+
+def test_a_pipeline_process_ends_with_the_engines_process(
+    tiny_pipelines: dict[TinyKind, Path], announcements: Announcements
+) -> None:
+    # A hard stop exits through os._exit, and a killed engine not even so: the child, here
+    # in a load that never ends, lived on (an orphan holding the device's memory while the
+    # run resumed), and printed onto the terminal after the command had ended.
+    options = misbehaving_options(tiny_pipelines["flux"], "LoadBlocks")
+    # Its output is a pipe that the child and multiprocessing's resource tracker inherit: it
+    # ends once they are all gone.
+    engine = subprocess.Popen(
+        [sys.executable, "-c", ENGINE_PROCESS, options.model_dump_json()],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert engine.stdout is not None
+    child: int | None = None
+    pool = ThreadPoolExecutor(1)
+    try:
+        what, pid = announcements.next().split()
+        assert what == "loading"
+        child = int(pid)
+        engine.kill()
+        # The end of the output: the child has exited (it never closes it otherwise).
+        output = pool.submit(engine.stdout.read).result(timeout=60)
+    finally:
+        engine.kill()
+        if child is not None:
+            kill_quietly(child)  # the test failed: it must not outlive the test either
+        pool.shutdown()
+        engine.wait(timeout=60)
+        engine.stdout.close()
+    # Nothing onto the terminal after it (a multiprocessing Event's semaphore was reported
+    # leaked; the child's late "ready" met a broken pipe).
+    assert b"leaked" not in output and b"Traceback" not in output, output.decode()
+
+
+def test_a_pipeline_process_still_loading_is_killed_at_once_when_stopped(
+    tiny_pipelines: dict[TinyKind, Path],
+    announcements: Announcements,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another device's load failed, or the run ends: the child was asked to close, which it
+    # reads only once loaded (minutes, for large weights), then waited for.
+    from trig_stream.backends.generators import pipeline_process
+
+    monkeypatch.setattr(pipeline_process, "STOP_TIMEOUT_S", 600.0)
+    options = misbehaving_options(tiny_pipelines["flux"], "LoadBlocks")
+    process = PipelineProcess("tiny", options, "cpu", batch_size=1)
+    pool = ThreadPoolExecutor(1)
+    try:
+        assert announcements.next().startswith("loading ")
+        pool.submit(process.stop).result(timeout=60)
+        assert process._process.exitcode == -signal.SIGKILL
+    finally:
+        process._process.kill()  # the test failed: it must not outlive the test
+        pool.shutdown()
+        process.stop()
+
+
+def test_a_cancelled_call_that_does_not_end_ends_its_pipeline_process(
+    tiny_pipelines: dict[TinyKind, Path],
+    announcements: Announcements,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A hard stop does not wait for a pipeline that ignores its step callback, or hangs: the
+    # call's thread is left to end, and it waited for its answer forever, the child with it.
+    from trig_stream.backends.generators import pipeline_process
+
+    monkeypatch.setattr(pipeline_process, "CANCEL_GRACE_S", 0.2)
+    process = start_process(tiny_pipelines["flux"], pipeline=f"{MISBEHAVING}:CallBlocks")
+    pool = ThreadPoolExecutor(1)
+    try:
+        cancel = threading.Event()
+        running = pool.submit(process.generate, [request("IQ-R_TA-C_1", 1)], cancel)
+        assert announcements.next().startswith("calling ")
+        cancel.set()
+        made, calls = running.result(timeout=60)
+        assert [str(m) for m in made] == ["cancelled"] and calls == []
+        assert process._process.exitcode == -signal.SIGKILL
+    finally:
+        process._process.kill()  # the test failed: it must not outlive the test
+        pool.shutdown()
+        process.stop()
+
+
+def test_a_pipeline_process_is_out_of_reach_of_the_runs_signals_from_its_start(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    # A terminal's Ctrl-C reaches the run's whole process group. The child ignored it only
+    # once its code ran, after spawn had imported modules for a second or more: a Ctrl-C
+    # then killed it, and turned the engine's graceful stop into a fatal error.
+    options = DiffusersOptions.model_validate(tiny_options(tiny_pipelines["flux"], "flux"))
+    process = PipelineProcess("tiny", options, "cpu", batch_size=1)
+    pid = process.pid
+    assert pid is not None
+    pool = ThreadPoolExecutor(1)
+    try:
+        loading = pool.submit(process.wait_ready)
+        give_up_at = time.monotonic() + 120
+        while True:
+            os.kill(pid, signal.SIGINT)  # from its start until it is ready, and after
+            try:
+                loading.result(timeout=0.005)
+                break
+            except TimeoutError:
+                assert time.monotonic() < give_up_at, "the child never got ready"
+        os.kill(pid, signal.SIGINT)
+        made, _ = process.generate([request("IQ-R_TA-C_1", 1)], threading.Event())
+        assert isinstance(made[0], TimedPicture)
+        # In a session of its own: what is sent to the run's group does not reach it.
+        assert os.getsid(pid) == os.getpgid(pid) == pid != os.getpgid(0)
+    finally:
+        process.stop()
+        pool.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "message", "printed"),
+    [
+        (
+            "LoadFails",
+            r"^generator 'tiny' failed to load on cpu: RuntimeError: weights are corrupt$",
+            "",
+        ),
+        (
+            "LoadCrashes",
+            r"^generator 'tiny': the pipeline process for cpu crashed while loading its pipeline "
+            r"\(SIGSEGV\); the stack it printed above shows where$",
+            "Fatal Python error: Segmentation fault",
+        ),
+    ],
+)
+def test_a_pipeline_process_that_cannot_load_says_whose_load_failed_and_how(
+    tiny_pipelines: dict[TinyKind, Path],
+    capfd: pytest.CaptureFixture[str],
+    pipeline: str,
+    message: str,
+    printed: str,
+) -> None:
+    # In a thread the message named the generator; from a child it was the error alone
+    # ("error: RuntimeError: weights are corrupt"), and a crash left an exit code, -11.
+    options = misbehaving_options(tiny_pipelines["flux"], pipeline, isolation="process")
+    generator = DiffusersGenerator("tiny", options)
+    with pytest.raises(FatalBackendError, match=message):
+        generator.load()
+    assert printed in capfd.readouterr().err
+
+
+def test_a_pipeline_process_that_crashes_mid_call_says_so_and_where(
+    tiny_pipelines: dict[TinyKind, Path], capfd: pytest.CaptureFixture[str]
+) -> None:
+    process = start_process(tiny_pipelines["flux"], pipeline=f"{MISBEHAVING}:CallCrashes")
+    try:
+        crashed = r"the pipeline process for cpu crashed \(SIGSEGV\); the stack it printed above"
+        with pytest.raises(FatalBackendError, match=crashed):
+            process.generate([request("IQ-R_TA-C_1", 1)], threading.Event())
+    finally:
+        process.stop()
+    printed = capfd.readouterr().err
+    assert "Fatal Python error: Segmentation fault" in printed
+    assert "misbehaving_pipelines.py" in printed  # the stack, down to the crash
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+async def test_a_call_that_raises_fails_its_items_in_a_child_process_as_in_a_thread(
+    make_config: ConfigFactory,
+    tiny_pipelines: dict[TinyKind, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    isolation: str,
+) -> None:
+    # After a good call the pipeline returns float arrays, and the generator's call raises:
+    # in a thread each of its items failed, and the run went on; the child crashed, and the
+    # run ended as "exited (exit code 1)".
+    from tests.misbehaving_pipelines import FloatPicturesAfterOneCall
+
+    monkeypatch.setattr(FloatPicturesAfterOneCall, "calls", 0)  # the thread's, in this process
+    options = tiny_options(
+        tiny_pipelines["flux"],
+        "flux",
+        pipeline=f"{MISBEHAVING}:FloatPicturesAfterOneCall",
+        isolation=isolation,
+    )
+    config = make_config(
+        samples=6,
+        generators=[{"name": "tiny", "backend": "diffusers", "batch_size": 2, "options": options}],
+    )
+    results, _ = await run_to_end(config)
+    assert len(results) == 12
+    failures = {j.error for j in results if j.status == "error"}
+    assert failures == {"generate failed: TypeError: Cannot handle this data type: (1, 1, 3), <f4"}
+    assert any(j.status == "ok" for j in results)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+async def test_a_generator_returning_no_pictures_is_broken_in_a_child_process_as_in_a_thread(
+    make_config: ConfigFactory, tiny_pipelines: dict[TinyKind, Path], isolation: str
+) -> None:
+    options = tiny_options(
+        tiny_pipelines["flux"],
+        "flux",
+        pipeline=f"{MISBEHAVING}:TextForPictures",
+        isolation=isolation,
+    )
+    config = make_config(
+        samples=2, generators=[{"name": "tiny", "backend": "diffusers", "options": options}]
+    )
+    broken = r"generator 'tiny' is broken: it returned an object of type str where a PIL image"
+    with pytest.raises(FatalBackendError, match=broken):
+        await run_to_end(config)
 
 
 def test_an_answer_the_child_cannot_send_ends_the_child(

@@ -324,15 +324,17 @@ class DiffusersGenerator(Generator):
     def _start_processes(self) -> None:
         # All children start (and import torch) at once; each then loads its own device.
         threads = thread_share(len(self.devices))
-        self._processes = [
-            PipelineProcess(self.name, self.options, device, self.batch_size, threads=threads)
-            for device in self.devices
-        ]
         try:
+            for device in self.devices:
+                self._processes.append(
+                    PipelineProcess(
+                        self.name, self.options, device, self.batch_size, threads=threads
+                    )
+                )
             for process in self._processes:
                 process.wait_ready()
         except BaseException:
-            self.close()
+            self.close()  # the children still loading are killed: the run will not use them
             raise
 
     def _pipeline_class(self, diffusers: Any) -> Any:

@@ -42,11 +42,20 @@ Child to parent:
   ``seconds`` is the call's time per request, which the engine records as each image's
   generation time;
 * ``("fatal", text)`` when nothing can work.
+
+The child lives no longer than the engine's process, however that ends (a hard stop exits
+through ``os._exit``; a crash; SIGKILL): a thread of the child waits on a pipe that only the
+parent writes to, and ends the child when that pipe closes, mid-load or mid-call, so that no
+orphan keeps the device's memory while the run resumes. The child also runs in a session of
+its own: a terminal's Ctrl-C, or a SIGTERM to the run's process group, reaches the engine,
+which decides how the child ends (a graceful stop lets its calls finish), and not the child.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import faulthandler
 import multiprocessing
 import os
 import queue
@@ -63,13 +72,15 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
 from trig_stream.backends.base import EncodedPicture, GenerationRequest, TimedPicture
-from trig_stream.errors import BackendError, FatalBackendError, ItemError
+from trig_stream.errors import BackendError, FatalBackendError, ItemError, TrigStreamError
 from trig_stream.pipeline import describe_error
 
 if TYPE_CHECKING:
-    from multiprocessing.context import SpawnProcess
-    from multiprocessing.synchronize import Event
+    from multiprocessing.context import SpawnContext, SpawnProcess
 
+    from PIL.Image import Image
+
+    from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
     from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 
 CANCEL_POLL_S = 0.05
@@ -88,7 +99,22 @@ CALLS_IN_FLIGHT = 2
 the child's pipe with this isolation, at the device's lock with threads)."""
 
 STOP_TIMEOUT_S = 30.0
-"""How long :meth:`PipelineProcess.stop` waits for the child to exit before killing it."""
+"""How long :meth:`PipelineProcess.stop` waits for a loaded child to exit before killing it."""
+
+CANCEL_GRACE_S = 5.0
+"""How long a call of a cancelled run may go on in the child (its pipeline stops between two
+denoising steps) before the child is killed: a hard stop does not wait for a pipeline that
+has no step callback, or hangs."""
+
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals sent to the run's whole process group (a terminal's Ctrl-C and hangup, ``kill``
+of the group): the child leaves that group as soon as its code runs, and keeps them blocked
+until then (see :func:`_start_in_own_session`)."""
+
+CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT}
+)
+"""Signals a process raises on itself when its code fails: faulthandler prints its stack."""
 
 
 class PipelineProcess:
@@ -122,18 +148,24 @@ class PipelineProcess:
         self.threads: int | None = None
         """The torch threads the child computes with, once it is ready."""
         context = multiprocessing.get_context("spawn")
-        self._cancel: Event = context.Event()
+        self._cancel = SharedFlag(context)
         self._conn, child_conn = context.Pipe()
+        # Never written to: the child ends when it closes, as this process ends (see serve).
+        lifeline, self._lifeline = context.Pipe(duplex=False)
         child_options = options.model_copy(update={"devices": [device], "isolation": "thread"})
         self._process: SpawnProcess = context.Process(
             target=serve,
-            args=(child_conn, self._cancel, name, child_options.model_dump_json(), batch_size),
-            kwargs={"threads": threads},
+            args=(child_conn, lifeline, self._cancel, name, child_options.model_dump_json()),
+            kwargs={"batch_size": batch_size, "threads": threads},
             name=f"trig-stream {name} {device}",
             daemon=True,
         )
-        self._process.start()
+        _start_in_own_session(self._process)
         child_conn.close()  # the child holds its end: EOF here means the child is gone
+        lifeline.close()
+        self._ready = False
+        self._killed_because: str | None = None
+        """Why this process killed the child, when it did."""
         self._channel = _socket_of(self._conn)
         self._send_lock = threading.Lock()
         self._waiting: deque[Future[_Answer]] = deque()
@@ -154,10 +186,11 @@ class PipelineProcess:
         try:
             kind, body = self._conn.recv()
         except (EOFError, OSError):
-            raise self._died() from None
+            raise self._died(" while loading its pipeline") from None
         if kind != "ready":
             self.stop()
             raise FatalBackendError(str(body))
+        self._ready = True
         self.threads = body
         self._reader = threading.Thread(
             target=self._read_answers, name=f"{self._process.name} answers", daemon=True
@@ -168,6 +201,9 @@ class PipelineProcess:
         self, requests: Sequence[GenerationRequest], cancel: threading.Event
     ) -> tuple[list[TimedPicture | EncodedPicture | Exception], list[int]]:
         """The pictures of ``requests`` (in order) and the pipeline calls' batch sizes.
+
+        Once ``cancel`` is set, the child has :data:`CANCEL_GRACE_S` to answer (its pipeline
+        stops between two steps); then it is killed, and the call's items are cancelled.
 
         Raises:
             FatalBackendError: the child died or reported that nothing can work.
@@ -184,31 +220,50 @@ class PipelineProcess:
             except FatalBackendError:
                 self._waiting.remove(answer)
                 raise
+        give_up_at: float | None = None
         while True:
             try:
                 (kind, body), payload = answer.result(timeout=CANCEL_POLL_S)
                 break
             except TimeoutError:
-                if cancel.is_set():
-                    self._cancel.set()
+                if not cancel.is_set():
+                    continue
+                self._cancel.set()
+                if give_up_at is None:
+                    give_up_at = time.monotonic() + CANCEL_GRACE_S
+                elif time.monotonic() >= give_up_at:
+                    # The reader then fails every call still waiting, this one included.
+                    self._kill(f"the run was cancelled, and a call went on {CANCEL_GRACE_S} s")
+            except FatalBackendError:
+                if cancel.is_set():  # the run is cancelled: nobody uses these items
+                    return [ItemError("cancelled") for _ in requests], []
+                raise
         if kind != "done":
             raise FatalBackendError(str(body))
         outcomes, calls, seconds = body
         return _pictures(outcomes, payload, seconds), calls
 
     def stop(self) -> None:
-        """Ask the child to unload and exit; kill it if it does not. Safe to repeat."""
+        """Ask a loaded child to unload and exit, and kill it if it has not within
+        :data:`STOP_TIMEOUT_S`; kill a child still loading at once (a load can take minutes,
+        and what it holds so far needs no orderly end). Safe to repeat."""
         if self._process.is_alive():
-            with self._send_lock, contextlib.suppress(OSError):  # OSError: already gone
-                self._conn.send(("close", None))
-            self._process.join(STOP_TIMEOUT_S)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
+            if self._ready:
+                with self._send_lock, contextlib.suppress(OSError):  # OSError: already gone
+                    self._conn.send(("close", None))
+                self._process.join(STOP_TIMEOUT_S)
+            self._kill("it did not exit when asked" if self._ready else "it was still loading")
         if self._reader is not None:
             self._reader.join()  # it ends on the child's end of the pipe closing
         self._channel.close()
         self._conn.close()
+        self._lifeline.close()
+
+    def _kill(self, because: str) -> None:
+        if self._process.is_alive():
+            self._killed_because = because
+            self._process.kill()
+        self._process.join()
 
     def _send(self, message: tuple[str, Any]) -> None:
         try:
@@ -235,12 +290,78 @@ class PipelineProcess:
                 while self._waiting:
                     self._waiting.popleft().set_exception(died)
 
-    def _died(self) -> FatalBackendError:
+    def _died(self, doing: str = "") -> FatalBackendError:
         self._process.join(1.0)
+        if self._killed_because is not None:
+            ending = f"was killed{doing}: {self._killed_because}"
+        else:
+            ending = _ending(self._process.exitcode, doing)
         return FatalBackendError(
-            f"generator {self.name!r}: the pipeline process for {self.device} exited "
-            f"(exit code {self._process.exitcode}); its output above says why"
+            f"generator {self.name!r}: the pipeline process for {self.device} {ending}"
         )
+
+
+def _ending(exitcode: int | None, doing: str) -> str:
+    """How a child process ended, from its exit code, for a message (``doing``: while what)."""
+    if exitcode is None:
+        return f"closed its end of the pipe{doing} but still runs"
+    if exitcode >= 0:
+        return f"exited{doing} (exit code {exitcode}); its output above says why"
+    number = -exitcode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    if number == signal.SIGKILL:
+        return (
+            f"was killed{doing} (SIGKILL), perhaps by the kernel's out-of-memory killer: its "
+            "log says (`dmesg` or `journalctl -k`)"
+        )
+    if number in CRASH_SIGNALS:
+        return f"crashed{doing} ({name}); the stack it printed above shows where"
+    return f"was killed{doing} by {name}, sent from outside the run"
+
+
+class SharedFlag:
+    """A flag one process sets and another reads (a byte of shared memory), with the
+    ``is_set`` of a ``threading.Event``: the run's cancel, as the child's pipeline sees it.
+
+    Not a multiprocessing ``Event``: its named semaphore is unlinked only by an orderly exit,
+    and a hard stop exits through ``os._exit``, after which multiprocessing's resource tracker
+    printed a warning about a leaked semaphore onto the terminal.
+    """
+
+    def __init__(self, context: SpawnContext) -> None:
+        self._value = context.RawValue(ctypes.c_bool, False)
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+    def set(self) -> None:
+        self._value.value = True
+
+    def clear(self) -> None:
+        self._value.value = False
+
+
+def _start_in_own_session(process: SpawnProcess) -> None:
+    """Start ``process`` with :data:`GROUP_SIGNALS` blocked; :func:`serve` moves it to a
+    session of its own, then unblocks them.
+
+    The child's code runs only after spawn's bootstrap has imported the modules it needs
+    (seconds, with pydantic): a Ctrl-C then killed it mid-import, and turned the engine's
+    graceful stop into a fatal error. The signal mask is inherited across fork and exec.
+    """
+    from multiprocessing import resource_tracker
+
+    # Starting the tracker (the first child does) unblocks SIGINT and SIGTERM in the thread
+    # that starts it, which would undo the mask below: it runs before.
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def thread_share(children: int) -> int | None:
@@ -263,35 +384,56 @@ def thread_share(children: int) -> int | None:
 
 def serve(
     conn: Connection,
-    cancel: Event,
+    lifeline: Connection,
+    cancel: SharedFlag,
     name: str,
     options_json: str,
-    batch_size: int,
     *,
+    batch_size: int,
     threads: int | None = None,
 ) -> None:
-    """The child's main loop: load the pipeline, then answer calls until told to close."""
-    # A terminal's Ctrl-C reaches the whole process group: the parent decides when this ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """The child's main loop: load the pipeline, then answer calls until told to close.
+
+    Its own failures reach the parent as the engine would see them in a thread: a call that
+    raises fails its items, a load that fails names the generator and the device, and a
+    crash prints the stack where it happened.
+    """
+    _leave_the_run_group()
+    faulthandler.enable()  # a segfault in a pipeline's native code says where
+    threading.Thread(
+        target=_exit_with_parent, args=(lifeline,), name="lifeline", daemon=True
+    ).start()
     from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
     from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     options = DiffusersOptions.model_validate_json(options_json)
-    generator = DiffusersGenerator(name, options, batch_size=batch_size)
-    # The generator only asks ``is_set()``, which the process-shared event answers alike.
+    device = (options.devices or ["?"])[0]
+    # The generator only asks ``is_set()``, which the shared flag answers alike.
     cancelled = cast("threading.Event", cancel)
     try:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        generator = DiffusersGenerator(name, options, batch_size=batch_size)
         _hide_progress_bars()
         generator.load()
-    except Exception as exc:
-        conn.send(("fatal", describe_error(exc)))
+    except BaseException as exc:
+        # A process of its own: no cancellation to let through, and the parent must hear why
+        # (SystemExit too). Worded as the engine words a load failing in a thread, plus the
+        # device.
+        reason = str(exc)
+        if not isinstance(exc, TrigStreamError):
+            reason = f"generator {name!r} failed to load on {device}: {describe_error(exc)}"
+        with contextlib.suppress(OSError):  # the parent may be gone
+            conn.send(("fatal", reason))
         return
     torch = sys.modules["torch"]  # loading the pipeline imported it
-    conn.send(("ready", torch.get_num_threads()))
+    try:
+        conn.send(("ready", torch.get_num_threads()))
+    except OSError:
+        generator.close()
+        return  # the parent is gone while this loaded (the lifeline ends this process too)
     # From here on a thread of its own sends the answers, in order, while this one starts
     # the next call (already in the pipe): the device never waits for the parent to read.
     answers: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
@@ -306,7 +448,7 @@ def serve(
             done = len(generator.calls)
             started = time.perf_counter()
             try:
-                images = generator.generate(requests, worker=0, cancel=cancelled)
+                images = _generate(generator, requests, cancelled)
             except FatalBackendError as exc:
                 answers.put((("fatal", describe_error(exc)), []))
                 return
@@ -322,6 +464,64 @@ def serve(
         answering.join()  # every answer queued is sent before the child exits
         channel.close()
         generator.close()
+
+
+def _generate(
+    generator: DiffusersGenerator, requests: list[GenerationRequest], cancel: threading.Event
+) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:
+    """``generator.generate(requests)`` in the child, failing as the engine's stage makes a
+    call in a thread fail: a call that raises fails each item with its error (a failure of
+    the call, not of the items); an item that is no picture nor error, or an exception that
+    is no ``Exception`` (SystemExit), is the generator's fault: fatal.
+
+    Raises:
+        FatalBackendError: nothing can work (the generator said so, or it is broken).
+    """
+    from PIL.Image import Image as Picture
+
+    try:
+        images = generator.generate(requests, worker=0, cancel=cancel)
+    except FatalBackendError:
+        raise
+    except Exception as exc:
+        return [exc] * len(requests)
+    except BaseException as exc:  # no cancellation in the child: SystemExit, say
+        raise FatalBackendError(
+            f"generator {generator.name!r} raised {describe_error(exc)}; the run cannot go on"
+        ) from None
+    for image in images:
+        if not isinstance(image, Picture | EncodedPicture | TimedPicture | Exception):
+            # The wording of the engine's own check (generation.py), for the same fault.
+            raise FatalBackendError(
+                f"generator {generator.name!r} is broken: it returned an object of type "
+                f"{type(image).__name__} where a PIL image, an EncodedPicture, a TimedPicture "
+                "or an exception belongs"
+            )
+    return images
+
+
+def _leave_the_run_group() -> None:
+    # In a session of its own, the child no longer gets what is sent to the run's process
+    # group. Until now those signals were blocked (see _start_in_own_session): one that came
+    # meanwhile waits, and setting SIG_IGN drops it. A Ctrl-C sent to this process alone is
+    # ignored too: the parent decides when this ends. SIGTERM and SIGHUP keep their handling.
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in GROUP_SIGNALS:
+        if signum != signal.SIGINT:
+            kept = signal.signal(signum, signal.SIG_IGN)
+            signal.signal(signum, signal.SIG_DFL if kept is None else kept)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+
+
+def _exit_with_parent(lifeline: Connection) -> None:
+    # The child's lifeline thread. Nothing is ever sent on this pipe: it closes when the
+    # parent process ends, however that ends, and the child, maybe loading or in a call that
+    # hangs, ends with it. (A parent-death signal would not do: the kernel sends it when the
+    # thread that started the child ends, and a worker thread of the engine starts it.)
+    with contextlib.suppress(EOFError, OSError):
+        lifeline.recv_bytes()
+    os._exit(0)
 
 
 def _answer(
@@ -361,6 +561,8 @@ def _portable(image: Any) -> tuple[Outcome, bytes | None]:
         return kind(describe_error(image)), None
     if isinstance(image, EncodedPicture):
         return ("png", len(image.png)), image.png
+    if isinstance(image, TimedPicture):
+        image = image.image
     pixels = image.tobytes()
     return ("pixels", image.mode, image.size, len(pixels)), pixels
 
