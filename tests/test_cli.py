@@ -435,6 +435,34 @@ def test_an_interrupted_new_run_says_how_to_resume_it(
     assert not (tmp_path / "runs" / "cli-3").exists()
 
 
+@pytest.mark.parametrize(
+    ("when", "code", "says"),
+    [
+        ("done:", EXIT_INTERRUPTED, "report stopped, incomplete"),  # before the report opens
+        ("report:", EXIT_OK, "report: "),  # once it is written
+    ],
+)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_between_the_run_and_its_report_or_after_is_no_crash(
+    tmp_path: Path, when: str, code: int, says: str, signum: int
+) -> None:
+    # Between the run's signal handling and the report's, and after the report, the default
+    # handlers ended the command by the signal (exit 143), the report unwritten without a word.
+    patch = (
+        "import os, rich.console\n"
+        "_print = rich.console.Console.print\n"
+        "def print_(self, *args, **kwargs):\n"
+        "    _print(self, *args, **kwargs)\n"
+        f"    if args and str(args[0]).startswith({when!r}):\n"
+        f"        os.kill(os.getpid(), {int(signum)})\n"
+        "rich.console.Console.print = print_\n"
+    )
+    process = run_patched(write_config(tmp_path, samples=2), patch)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    assert says in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     tmp_path: Path,

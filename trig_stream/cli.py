@@ -17,6 +17,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 from collections import Counter
@@ -240,7 +241,27 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     # says what matters. Set these variables to see them again.
     for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)
-    return anyio.run(_run, config, args, console, backend=args.backend)
+    handlers = {signum: signal.getsignal(signum) for signum in stop_signals()}
+    try:
+        return anyio.run(_run, config, args, console, backend=args.backend)
+    finally:
+        for signum, handler in handlers.items():  # what they were: main() may be called again
+            signal.signal(signum, handler)
+
+
+def _note_stop_signals(noted: threading.Event) -> None:
+    """From here until a signal receiver takes them over, a stop signal only sets ``noted``
+    (a hangup also silences the terminal). Between the run's receiver and the report's, and
+    after the report, the default handlers would end the command by the signal (exit 143),
+    its work done or its report unwritten without a word."""
+
+    def note(signum: int, frame: object) -> None:
+        if is_hangup(signum):
+            silence_the_terminal()
+        noted.set()
+
+    for signum in stop_signals():
+        signal.signal(signum, note)
 
 
 async def _run(config: RunConfig, args: argparse.Namespace, console: Console) -> int:
@@ -311,6 +332,9 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                         tg.cancel_scope.cancel()
                     progress.update(engine.stats(), force=True)
             listening.cancel()
+    # The run's receiver is closed: a stop signal from here stops the report, if any.
+    stop_report = threading.Event()
+    _note_stop_signals(stop_report)
     for note in engine.stats().notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     summary = engine.summary()
@@ -327,9 +351,11 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
         if args.new_run:
             console.print(_how_to_resume(config, engine, True), highlight=False, markup=False)
         return EXIT_INTERRUPTED
-    if not args.no_report and not await _final_report(summary.run_dir, console):
-        return EXIT_INTERRUPTED
-    return EXIT_OK
+    if args.no_report:
+        return EXIT_OK
+    written = await _final_report(summary.run_dir, console, stop_report)
+    _note_stop_signals(threading.Event())  # the command is done: a signal now changes nothing
+    return EXIT_OK if written else EXIT_INTERRUPTED
 
 
 def _how_to_resume(config: RunConfig, engine: Engine, new_run: bool) -> str:
@@ -386,13 +412,12 @@ def _dashboard(args: argparse.Namespace, console: Console) -> Any:
     return run_dashboard
 
 
-async def _final_report(run_dir: Path, console: Console) -> bool:
-    """Write a finished run's report; a stop signal meanwhile stops it. Returns False when
-    it was stopped (the judgements are all written: only the report is incomplete)."""
+async def _final_report(run_dir: Path, console: Console, stop: threading.Event) -> bool:
+    """Write a finished run's report; a stop signal meanwhile (or ``stop`` already set)
+    stops it. Returns False when it was stopped (the judgements are all written: only the
+    report is incomplete)."""
     from trig_stream.analysis.commands import write_report
     from trig_stream.analysis.report import ReportStopped
-
-    stop = threading.Event()
 
     async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with anyio.open_signal_receiver(*stop_signals()) as signals:
