@@ -42,6 +42,7 @@ from trig_stream.backends.base import (
     ThreadCalls,
     TimedPicture,
     call_in_thread,
+    check_pictures,
     load_in_thread,
 )
 from trig_stream.errors import FatalBackendError, ItemError, TrigStreamError
@@ -350,16 +351,7 @@ class GenerationStage:
         if len(images) != len(requests):
             message = f"generator returned {len(images)} images for {len(requests)} requests"
             raise FatalBackendError(f"generator {self._generator.name!r} is broken: {message}")
-        from PIL.Image import Image as Picture
-
-        for image in images:
-            if not isinstance(image, Picture | EncodedPicture | TimedPicture | Exception):
-                # A fault of the backend's code, the same for every batch: say so once.
-                raise FatalBackendError(
-                    f"generator {self._generator.name!r} is broken: it returned an object of type "
-                    f"{type(image).__name__} where a PIL image, an EncodedPicture, a "
-                    "TimedPicture or an exception belongs"
-                )
+        check_pictures(self._generator.name, images)
         failure: str | None = None
         made_picture = False
         for index, image in zip(missing, images, strict=True):

@@ -57,6 +57,24 @@ class TimedPicture:
     seconds: float
 
 
+def check_pictures(generator: str, images: Sequence[object]) -> None:
+    """Refuse an item of ``images`` (what a generate call returned) that is neither a
+    picture nor an exception: a fault of the backend's code, the same for every batch.
+
+    Raises:
+        FatalBackendError: one is something else, named with the generator's name.
+    """
+    from PIL.Image import Image as Picture
+
+    for image in images:
+        if not isinstance(image, Picture | EncodedPicture | TimedPicture | Exception):
+            raise FatalBackendError(
+                f"generator {generator!r} is broken: it returned an object of type "
+                f"{type(image).__name__} where a PIL image, an EncodedPicture, a "
+                "TimedPicture or an exception belongs"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One image to make for one sample."""

@@ -71,7 +71,12 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
-from trig_stream.backends.base import EncodedPicture, GenerationRequest, TimedPicture
+from trig_stream.backends.base import (
+    EncodedPicture,
+    GenerationRequest,
+    TimedPicture,
+    check_pictures,
+)
 from trig_stream.errors import BackendError, FatalBackendError, ItemError, TrigStreamError
 from trig_stream.pipeline import describe_error
 
@@ -477,8 +482,6 @@ def _generate(
     Raises:
         FatalBackendError: nothing can work (the generator said so, or it is broken).
     """
-    from PIL.Image import Image as Picture
-
     try:
         images = generator.generate(requests, worker=0, cancel=cancel)
     except FatalBackendError:
@@ -489,14 +492,7 @@ def _generate(
         raise FatalBackendError(
             f"generator {generator.name!r} raised {describe_error(exc)}; the run cannot go on"
         ) from None
-    for image in images:
-        if not isinstance(image, Picture | EncodedPicture | TimedPicture | Exception):
-            # The wording of the engine's own check (generation.py), for the same fault.
-            raise FatalBackendError(
-                f"generator {generator.name!r} is broken: it returned an object of type "
-                f"{type(image).__name__} where a PIL image, an EncodedPicture, a TimedPicture "
-                "or an exception belongs"
-            )
+    check_pictures(generator.name, images)  # the engine's own check, for the same fault
     return images
 
 
