@@ -210,7 +210,6 @@ class Engine:
         )
         self._counters = Counters()
         self._state: EngineState = "starting"
-        self._stopping = False
         try:
             anyio.get_current_task()  # its events and cancel scopes belong to a running loop
         except anyio.NoEventLoopError:
@@ -317,7 +316,6 @@ class Engine:
             return
         if self._state in ("starting", "running", "paused"):
             self._state = "stopping"
-        self._stopping = True
         self._stop_event.set()
         self._running_gate.set()
         self._opening.cancel()
@@ -333,7 +331,6 @@ class Engine:
         """
         if self._called_elsewhere(self.cancel):
             return
-        self._stopping = True
         self._stop_event.set()
         self._cancel_event.set()
         self._opening.cancel()
@@ -349,7 +346,7 @@ class Engine:
         (or while it opens), it starts paused."""
         if self._called_elsewhere(self.pause):
             return
-        if self._stopping or self._state not in ("starting", "running"):
+        if self._stop_event.is_set() or self._state not in ("starting", "running"):
             return
         self._paused = True
         if self._running_gate.is_set():
@@ -435,7 +432,9 @@ class Engine:
             return self
         self._task_group.start_soon(self._run, streams)
         # stop() or pause() while opening
-        self._state = "stopping" if self._stopping else "paused" if self._paused else "running"
+        self._state = (
+            "stopping" if self._stop_event.is_set() else "paused" if self._paused else "running"
+        )
         return self
 
     async def __aexit__(
@@ -681,7 +680,6 @@ class Engine:
             counters=self._counters,
             fingerprints=self._fingerprints,
             cancel_generation=self._cancel_generation,
-            is_stopping=lambda: self._stopping,
             stopping=self._stop_event,
             hard_stopping=self._cancel_event,
         )
@@ -705,7 +703,9 @@ class Engine:
                     # complete live analysis.
                     self._first_judgement.set()
                     await self._history_loaded.wait()
-                    self._state = "stopped" if self._stopping and self._left_work() else "done"
+                    self._state = (
+                        "stopped" if self._stop_event.is_set() and self._left_work() else "done"
+                    )
                     self._counters.ended_at = time.monotonic()
                     return
                 except anyio.get_cancelled_exc_class():

@@ -155,7 +155,7 @@ class GenerationStage:
         async with self._loading:
             if self._loaded:
                 return True
-            if self._context.is_stopping():
+            if self._context.stopping.is_set():
                 return False
             counts = self._context.counters.model(generator.name)
             counts.loading = True
@@ -207,7 +207,7 @@ class GenerationStage:
     ) -> None:
         async with receive, made_send:
             async for first in receive:
-                if self._context.is_stopping():
+                if self._context.stopping.is_set():
                     self._drop([first])
                     continue
                 batch = [first]

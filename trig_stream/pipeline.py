@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -57,11 +56,9 @@ class RunContext:
     fingerprints: dict[str, JudgeFingerprint]
     cancel_generation: threading.Event
     """Set on a hard stop; generator threads check it between steps."""
-    is_stopping: Callable[[], bool]
-    """True once a graceful stop began: start no new work."""
     stopping: anyio.Event
-    """Set when a graceful or hard stop begins: it ends a wait that is no work in flight (a
-    generator's load)."""
+    """Set when a graceful or hard stop begins: start no new work; it ends a wait that is no
+    work in flight (a generator's load)."""
     hard_stopping: anyio.Event
     """Set on a hard stop: it ends every wait (a generator's close, which may hang)."""
 

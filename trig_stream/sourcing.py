@@ -71,7 +71,7 @@ class SourceStage:
         )
         records = iter(source)
         try:
-            while not context.is_stopping():
+            while not context.stopping.is_set():
                 chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
                 if not chunk:
                     self._note_an_empty_selection(source)
@@ -82,7 +82,7 @@ class SourceStage:
                     gate = self._running_gate()
                     if not gate.is_set():
                         await gate.wait()
-                    if context.is_stopping():
+                    if context.stopping.is_set():
                         break
                     await send_now(sends[work.model], work)
                     counts = context.counters.model(work.model)
