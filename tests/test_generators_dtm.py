@@ -270,6 +270,26 @@ def test_an_llm_never_reached_is_named_in_the_note(server: GenerationAPIServer) 
     assert note.endswith("none was rewritten, is the LLM at its base_url reachable?")
 
 
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (Fault(trickle_s=30.0), "the API timed out"),
+        (Fault(oversize=True), "the API sent an answer of more than 67,108,864 bytes"),
+    ],
+)
+def test_an_answer_too_slow_in_all_or_too_large_falls_back(
+    server: GenerationAPIServer, fault: Fault, reason: str
+) -> None:
+    # Each read of the trickle comes within timeout_s, so only a deadline on the whole call
+    # ends it; the oversized answer is valid JSON after its 65 MiB of spaces.
+    generator = rewriter(server, timeout_s=0.3, max_attempts=1)
+    server.fail_next(fault)
+    generator.generate([request("S_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    rewrite = generator.rewrites["S_1"]
+    assert rewrite.status == "fallback"
+    assert rewrite.error is not None and reason in rewrite.error
+
+
 def test_refusals_before_any_rewrite_stop_the_run(server: GenerationAPIServer) -> None:
     # An LLM that refuses every request (a max_tokens over its limit, say) left every image
     # drawn from its original prompt, and the run exited 0 with a note that asked whether it

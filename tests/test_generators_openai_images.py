@@ -295,6 +295,32 @@ def test_an_answer_without_an_image_is_the_apis_failure_not_the_items(
     assert str(outcome) == "the images API returned bytes that are no image"
 
 
+def test_an_answer_that_trickles_in_is_held_to_the_timeout_in_all(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # A space every 50 ms keeps each read short of timeout_s: the SDK's own timeout, which
+    # holds each read, let the call wait the whole 30 s, and then took the answer.
+    sleeps = Sleeps()
+    generator = make(server, sleeps, timeout_s=0.3, max_attempts=1)
+    assert isinstance(one(generator), Image.Image)  # answered once: a timeout is no longer fatal
+    server.fail_next(Fault(trickle_s=30.0))
+    outcome = one(generator)
+    assert isinstance(outcome, Unreachable)
+    assert "timed out" in str(outcome)
+
+
+def test_an_answer_over_the_size_cap_is_the_apis_failure_not_read_whole(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # 65 MiB of spaces before a valid answer: read whole, and taken, before the cap.
+    sleeps = Sleeps()
+    server.fail_next(Fault(oversize=True))
+    outcome = one(make(server, sleeps))
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError | RetryableError)
+    assert str(outcome) == "the API sent an answer of more than 67,108,864 bytes"
+    assert sleeps.waits == []  # not retried: every answer would be as large
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_refused_credentials_are_fatal_and_never_echo_the_key(
     server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch, status: int

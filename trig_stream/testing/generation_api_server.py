@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
 from collections import deque
@@ -46,6 +47,10 @@ class Fault:
         message: the error message (``status`` only).
         code: the error's ``code`` (``status`` only), e.g. ``content_policy_violation``;
             None sends the status.
+        trickle_s: answer normally, but send a space (JSON's whitespace) every 50 ms
+            for this long before the answer, so that no read waits long while the whole
+            answer does.
+        oversize: answer normally, after 65 MiB of spaces (over the clients' answer cap).
     """
 
     status: int | None = None
@@ -55,6 +60,8 @@ class Fault:
     bad_image: bool = False
     message: str = "scripted failure"
     code: str | None = None
+    trickle_s: float = 0.0
+    oversize: bool = False
 
 
 def default_rewrite(user_text: str) -> str:
@@ -176,7 +183,7 @@ class GenerationAPIServer:
             raise _error(fault.status, fault.message, headers, code=fault.code)
         return body, fault
 
-    async def _images(self, request: web.Request) -> web.Response:
+    async def _images(self, request: web.Request) -> web.StreamResponse:
         body, fault = await self._common(request)
         if fault is not None and fault.bad_image:
             encoded = base64.b64encode(b"not an image").decode()
@@ -185,14 +192,16 @@ class GenerationAPIServer:
             buffer = io.BytesIO()
             draw(seed, self.image_size).save(buffer, format="PNG")
             encoded = base64.b64encode(buffer.getvalue()).decode()
-        return web.json_response({"created": int(time.time()), "data": [{"b64_json": encoded}]})
+        answer = {"created": int(time.time()), "data": [{"b64_json": encoded}]}
+        return await _respond(request, answer, fault)
 
-    async def _chat(self, request: web.Request) -> web.Response:
-        body, _ = await self._common(request)
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body, fault = await self._common(request)
         users = [m for m in body.get("messages", []) if m.get("role") == "user"]
         content = users[-1]["content"] if users else ""
         answer = self.rewrite(content if isinstance(content, str) else str(content))
-        return web.json_response(
+        return await _respond(
+            request,
             {
                 "id": "chatcmpl-loopback",
                 "object": "chat.completion",
@@ -206,8 +215,33 @@ class GenerationAPIServer:
                     }
                 ],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            }
+            },
+            fault,
         )
+
+
+async def _respond(
+    request: web.Request, answer: dict[str, Any], fault: Fault | None
+) -> web.StreamResponse:
+    """``answer`` as JSON, after what ``fault`` puts before it (``trickle_s``, ``oversize``)."""
+    if fault is None or not (fault.trickle_s or fault.oversize):
+        return web.json_response(answer)
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    if fault.oversize:
+        spaces = b" " * (1 << 20)
+        for _ in range(65):
+            await response.write(spaces)
+    ends = time.monotonic() + fault.trickle_s
+    while time.monotonic() < ends:
+        try:
+            await response.write(b" ")
+        except ConnectionResetError:  # the client gave up: the test's point
+            return response
+        await asyncio.sleep(0.05)
+    await response.write(json.dumps(answer).encode())
+    await response.write_eof()
+    return response
 
 
 class _Answer(Exception):

@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from functools import cache, partial
 from typing import Any, TypeVar
 
-from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, parse_retry_after
+from trig_stream.backends.judges.http_errors import (
+    CONTENT_REFUSAL,
+    AnswerTooLarge,
+    exception_chain,
+    parse_retry_after,
+)
+from trig_stream.backends.judges.transports import cap_answers, httpx_of
 from trig_stream.errors import (
     BackendError,
     FatalBackendError,
@@ -77,17 +85,70 @@ def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str
 
 
 def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
-    """A synchronous OpenAI client that never retries by itself (we do, under a policy).
+    """A synchronous OpenAI client that never retries by itself (we do, under a policy), and
+    that holds each call, connecting and reading the answer included, to ``timeout_s`` in
+    all, and reads no answer body over
+    :data:`~trig_stream.backends.judges.transports.MAX_BODY_BYTES`.
 
-    ``timeout_s`` holds the connection and each read, not the whole answer: httpx, under the
-    SDK, has no total deadline, and a blocking call in a worker thread cannot be cut short
-    without leaving its connection in an unknown state."""
+    The SDK's own timeout holds the connection and each read, not the whole answer: an
+    answer that trickles in would keep its worker thread for as long as the server likes.
+    The answer's stream checks the call's deadline between two of its pieces instead, so a
+    call ends at most one read (``timeout_s``) after its deadline.
+    """
     import openai
 
-    # The SDK insists on a key: a keyless server gets (and ignores) a placeholder.
     return openai.OpenAI(
-        base_url=base_url, api_key=key or "unused", max_retries=0, timeout=timeout_s
+        # The SDK insists on a key: a keyless server gets (and ignores) a placeholder.
+        base_url=base_url,
+        api_key=key or "unused",
+        max_retries=0,
+        timeout=timeout_s,
+        http_client=openai.DefaultHttpxClient(
+            timeout=timeout_s,
+            event_hooks={
+                "request": [partial(_start_deadline, timeout_s=timeout_s)],
+                "response": [_hold_to_deadline, cap_answers],
+            },
+        ),
     )
+
+
+_DEADLINE = "trig_stream.deadline"
+"""The request extension that holds its call's deadline (a ``time.monotonic`` time) and
+``timeout_s``."""
+
+
+def _start_deadline(request: Any, *, timeout_s: float) -> None:
+    request.extensions[_DEADLINE] = (time.monotonic() + timeout_s, timeout_s)
+
+
+def _hold_to_deadline(response: Any) -> None:
+    deadline, timeout_s = response.request.extensions[_DEADLINE]
+    stream_type = _deadline_stream_type(httpx_of(response))
+    response.stream = stream_type(response.stream, deadline, timeout_s)
+
+
+@cache
+def _deadline_stream_type(httpx: Any) -> type:
+    """A stream class of ``httpx``'s that raises its read timeout, which the SDK reports as a
+    timeout, once a piece of the answer comes past a deadline."""
+
+    class DeadlineStream(httpx.SyncByteStream):  # type: ignore[misc]
+        def __init__(self, inner: Any, deadline: float, timeout_s: float) -> None:
+            self._inner = inner
+            self._deadline = deadline
+            self._timeout_s = timeout_s
+
+        def __iter__(self) -> Iterator[bytes]:
+            for part in self._inner:
+                if time.monotonic() > self._deadline:
+                    raise httpx.ReadTimeout(f"no whole answer within {self._timeout_s:g} s")
+                yield part
+
+        def close(self) -> None:
+            self._inner.close()
+
+    return DeadlineStream
 
 
 def redact(text: str, secret: str) -> str:
@@ -110,6 +171,10 @@ def classify(exc: Exception, secret: str) -> BackendError:
 
     if isinstance(exc, BackendError):
         return exc
+    too_large = next((e for e in exception_chain(exc) if isinstance(e, AnswerTooLarge)), None)
+    if too_large is not None:  # raised while the SDK read the body, and wrapped by it
+        # Every call would most likely be answered alike: the API's failure, not the item's.
+        return BackendError(f"the API sent {too_large}")
     if isinstance(exc, openai.APITimeoutError):
         return Unreachable("the API timed out")
     if isinstance(exc, openai.APIConnectionError):

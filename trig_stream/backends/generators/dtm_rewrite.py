@@ -112,8 +112,8 @@ class DTMRewriteOptions(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     max_tokens: Annotated[int, Field(ge=16)] = 256
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    """Seconds the API may take to connect, and between two reads of its answer: the
-    synchronous SDK client holds each read to it, not the whole answer."""
+    """Seconds one call may take in all, connecting and reading the whole answer included
+    (``api_calls.openai_client``)."""
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     backoff_initial: Annotated[float, Field(ge=0)] = 1.0
     backoff_max: Annotated[float, Field(ge=0)] = 10.0

@@ -57,8 +57,8 @@ class OpenAIImagesOptions(BaseModel):
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """Further request fields, sent as they are."""
     timeout_s: Annotated[float, Field(gt=0)] = 180.0
-    """Seconds the API may take to connect, and between two reads of its answer: the
-    synchronous SDK client holds each read to it, not the whole answer."""
+    """Seconds one call may take in all, connecting and reading the whole answer included
+    (``api_calls.openai_client``)."""
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 4
     """Attempts per image for transient failures (5xx, timeouts, 429)."""
     backoff_initial: Annotated[float, Field(ge=0)] = 2.0

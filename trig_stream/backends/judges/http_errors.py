@@ -109,7 +109,7 @@ def classify(
     import openai
     import pydantic
 
-    too_large = next((e for e in _chain(exc) if isinstance(e, AnswerTooLarge)), None)
+    too_large = next((e for e in exception_chain(exc) if isinstance(e, AnswerTooLarge)), None)
     if too_large is not None:  # raised while the SDK read the body, wrapped or not
         return malformed_error(endpoint, str(too_large))
     if isinstance(exc, openai.APIStatusError):
@@ -219,10 +219,10 @@ _DROPPED = frozenset(
 
 
 def _cause_names(exc: BaseException) -> list[str]:
-    return [type(cause).__name__ for cause in _chain(exc)[1:]]
+    return [type(cause).__name__ for cause in exception_chain(exc)[1:]]
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and what it was raised from or during, in that order."""
     chain: list[BaseException] = []
     seen: set[int] = set()

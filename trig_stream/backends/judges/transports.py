@@ -334,9 +334,13 @@ def cap_answers(response: Any) -> None:
     coding = response.headers.get("content-encoding", "identity")
     if "content-encoding" in response.headers:
         del response.headers["content-encoding"]  # decoded by the stream, not again by httpx
-    # The SDK's own httpx (httpx, or a fork of it under another name): its stream classes.
-    httpx = sys.modules[type(response).__module__.partition(".")[0]]
-    response.stream = _capped_stream_type(httpx)(response.stream, coding)
+    response.stream = _capped_stream_type(httpx_of(response))(response.stream, coding)
+
+
+def httpx_of(response: Any) -> Any:
+    """The module of an SDK client's ``response``: httpx, or a fork of it under another name,
+    whose stream classes (a response accepts no other) a hook must use."""
+    return sys.modules[type(response).__module__.partition(".")[0]]
 
 
 async def cap_answers_async(response: Any) -> None:
