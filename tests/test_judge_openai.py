@@ -26,6 +26,7 @@ from trig_stream.backends.judges.http_errors import parse_retry_after
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions, reply_of
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE
 from trig_stream.backends.judges.transports import Client, EncodedImage
+from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import (
     FatalBackendError,
@@ -188,7 +189,10 @@ async def test_file_urls_refused_from_the_start_stop_the_run_naming_the_server_o
                 await ask(judge, image)
         with pytest.raises(FatalBackendError) as raised:
             await ask(judge, image)
-    assert "image_mode = 'file' against --allowed-local-media-path" in str(raised.value)
+    assert (
+        "image_mode = 'file' against --allowed-local-media-path (a folder that holds the run's "
+        "images))" in str(raised.value)
+    )
 
 
 def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
@@ -203,6 +207,21 @@ def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(ItemError, match="not a readable image"):
         judge.prepare(tmp_path / "junk.png")
+
+
+@pytest.mark.parametrize(("size", "shrunk"), [((1, 10000), (1, 64)), ((5000, 3), (64, 1))])
+def test_a_thin_image_is_shrunk_to_max_pixels_too(
+    tmp_path: Path, size: tuple[int, int], shrunk: tuple[int, int]
+) -> None:
+    # Its short side held at one pixel, the long one kept its share of the unclamped scale:
+    # 1x10000 became 1x800, 12.5 times the cap. The metric judges' loading shrinks alike.
+    path = tmp_path / "thin.png"
+    Image.new("RGB", size, (1, 2, 3)).save(path)
+    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url="http://x/v1", model="m", max_pixels=64))
+    data = base64.b64decode(judge.prepare(path).payload.url.partition(",")[2])
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == shrunk
+    assert load_rgb_image(path, max_pixels=64).size == shrunk
 
 
 def test_fingerprint_names_what_changes_scores() -> None:

@@ -75,6 +75,20 @@ def check_pictures(generator: str, images: Sequence[object]) -> None:
             )
 
 
+def shrunk_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The size, of the same shape as ``width`` x ``height`` (to rounding), that an image of
+    more than ``max_pixels`` pixels is shrunk to, judges' ``max_pixels``: at most that many
+    pixels, however thin the image (a side kept at one pixel does not let the other grow)."""
+    scale = (max_pixels / (width * height)) ** 0.5
+    new_width, new_height = max(1, int(width * scale)), max(1, int(height * scale))
+    if new_width * new_height > max_pixels:  # one side was held at 1
+        if new_width == 1:
+            new_height = max_pixels
+        else:
+            new_width = max_pixels
+    return new_width, new_height
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One image to make for one sample."""

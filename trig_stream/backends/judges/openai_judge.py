@@ -38,7 +38,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage, ServerLoad
+from trig_stream.backends.base import (
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+    ServerLoad,
+    shrunk_size,
+)
 from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, REFUSALS_TO_STOP
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
 from trig_stream.backends.judges.server_probe import read_load
@@ -181,8 +188,10 @@ class _Endpoint:
         # Every answer so far a refusal: the requests, not the images, are at fault.
         limits = "top_logprobs against --max-logprobs, max_pixels against the model's context"
         if self.file_urls:
-            limits += ", image_mode = 'file' against --allowed-local-media-path (a folder "
-            "that holds the run's images)"
+            limits += (
+                ", image_mode = 'file' against --allowed-local-media-path (a folder "
+                "that holds the run's images)"
+            )
         return FatalBackendError(
             f"{error}; the first {self.refused} answers of this endpoint were refusals and "
             f"none succeeded: check the judge's options against the server's limits ({limits}); "
@@ -552,8 +561,7 @@ def _decoded(path: Path, data: bytes, max_pixels: int | None) -> tuple[bytes, st
         with Image.open(io.BytesIO(data)) as image:
             fmt = (image.format or "PNG").lower()
             if max_pixels is not None and image.width * image.height > max_pixels:
-                scale = (max_pixels / (image.width * image.height)) ** 0.5
-                size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+                size = shrunk_size(image.width, image.height, max_pixels)
                 resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
                 data, fmt = encode_png(resized), "png"
     except (UnidentifiedImageError, ValueError, SyntaxError, OSError):

@@ -36,6 +36,7 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
+from trig_stream.backends.base import shrunk_size
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ItemError
 from trig_stream.records import Sample, TopLogprobs
@@ -287,7 +288,6 @@ def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> 
     else:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
     if max_pixels is not None and rgb.width * rgb.height > max_pixels:
-        scale = (max_pixels / (rgb.width * rgb.height)) ** 0.5
-        size = (max(1, int(rgb.width * scale)), max(1, int(rgb.height * scale)))
+        size = shrunk_size(rgb.width, rgb.height, max_pixels)
         rgb = rgb.resize(size, PILImage.Resampling.LANCZOS)
     return rgb
