@@ -28,6 +28,7 @@ from trig_stream.engine import Engine
 from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError
 from trig_stream.records import Sample
 from trig_stream.scoring import score_top_logprobs
+from trig_stream.store import Manifest
 from trig_stream.testing.tiny_vlm import RATING_WORDS, build_tiny_vlm, tiny_vlm_options
 
 pytestmark = pytest.mark.anyio
@@ -348,6 +349,31 @@ def test_fingerprint_names_model_and_settings(tiny_vlm: Path) -> None:
     assert fingerprint.model == str(tiny_vlm)
     assert fingerprint.params["top_logprobs"] == 20
     assert len(fingerprint.params["config_sha256"]) == 16
+
+
+def test_the_fingerprint_holds_the_dtype_auto_means_on_the_device(tiny_vlm: Path) -> None:
+    # "auto" was recorded as given, so a run begun on the CPU (float32) resumed on a GPU
+    # (bfloat16) without a word, mixing the two precisions' scores.
+    def manifest(device: str, **params: Any) -> Manifest:
+        fingerprint = make_judge(tiny_vlm, device=device).fingerprint().model_dump()
+        fingerprint["params"].update(params)
+        entry = {"name": "trigscore", "backend": "transformers", "options": {"device": device}}
+        written = Manifest(
+            run_name="r", task="t2i", judges={"trigscore": fingerprint}, config={"judges": [entry]}
+        )
+        return Manifest.model_validate_json(written.model_dump_json())
+
+    on_cpu, on_gpu = manifest("cpu"), manifest("cuda:0")
+    assert on_cpu.judges["trigscore"]["params"]["dtype"] == "float32"
+    assert on_gpu.judges["trigscore"]["params"]["dtype"] == "auto on cuda"
+    assert on_cpu.differences(on_gpu) == [
+        'judge \'trigscore\': params.dtype "float32" in the run dir, "auto on cuda" in the config'
+    ]
+    assert on_gpu.differences(manifest("cuda:1")) == []
+    # A run directory that recorded "auto" reads it on the device its config names.
+    assert manifest("cpu", dtype="auto").differences(on_cpu) == []
+    assert manifest("cpu", dtype="auto").differences(on_gpu) != []
+    assert manifest("cuda:0", dtype="auto").differences(on_gpu) == []
 
 
 @pytest.mark.parametrize(("top_logprobs", "statuses"), [(None, {"ok"}), (5, {"ok", "unscorable"})])

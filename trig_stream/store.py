@@ -31,9 +31,16 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from sys import intern
-from typing import IO, Any, BinaryIO, Literal, TypeAlias, get_args
+from typing import IO, Any, BinaryIO, Literal, Self, TypeAlias, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trig_stream.errors import (
     FatalBackendError,
@@ -93,6 +100,31 @@ class Manifest(BaseModel):
             else fingerprint
             for name, fingerprint in generators.items()
         }
+
+    @model_validator(mode="after")
+    def _judge_dtypes_placed(self) -> Self:
+        # A transformers judge's fingerprint held its dtype option as given, so "auto" read
+        # the same on the CPU (float32) and on a GPU (bfloat16): a run resumed on the other
+        # mixed the two. It now holds the dtype on its device (transformers_judge.dtype_on);
+        # an older run directory's "auto" is read with the device its config names.
+        from trig_stream.backends.judges.transformers_judge import dtype_on
+
+        devices = {
+            entry.get("name"): (entry.get("options") or {}).get("device", "cpu")
+            for entry in self.config.get("judges") or []
+            if isinstance(entry, dict) and isinstance(entry.get("options") or {}, dict)
+        }
+        for name, fingerprint in self.judges.items():
+            params = fingerprint.get("params")
+            device = devices.get(name)
+            if (
+                fingerprint.get("backend") == "transformers"
+                and isinstance(params, dict)
+                and params.get("dtype") == "auto"
+                and isinstance(device, str)
+            ):
+                fingerprint["params"] = {**params, "dtype": dtype_on("auto", device)}
+        return self
 
     def differences(
         self, other: Manifest, holds: Callable[[EntryKind, str], bool] | None = None

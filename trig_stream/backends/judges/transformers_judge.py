@@ -149,7 +149,7 @@ class TransformersJudge(Judge):
             params={
                 "top_logprobs": opts.top_logprobs,
                 "max_pixels": opts.max_pixels,
-                "dtype": opts.dtype,
+                "dtype": dtype_on(opts.dtype, opts.device),
                 "config_sha256": _config_hash(opts.model_path),
             },
         )
@@ -404,6 +404,16 @@ def _unavailable_device(torch: Any, device: str) -> str | None:
     elif device == "mps" and not torch.backends.mps.is_available():
         return 'device mps is not available; set options.device, e.g. device = "cpu"'
     return None
+
+
+def dtype_on(dtype: str, device: str) -> str:
+    """The weights' dtype that ``dtype`` means on ``device``, as far as it is known without
+    torch, for the fingerprint: ``auto`` is float32 on the CPU, and on an accelerator the
+    half precision it supports (``auto on cuda``: bfloat16, else float16)."""
+    if dtype != "auto":
+        return dtype
+    kind = device.partition(":")[0]
+    return "float32" if kind == "cpu" else f"auto on {kind}"
 
 
 def _torch_dtype(torch: Any, dtype: DType, device: str) -> Any:
