@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,12 @@ def test_complete_json_without_version_is_versioned_by_hash(tmp_path: Path) -> N
         ('[criteria]\n"XX-Y" = "?"\n', r"invalid judge template: criteria\.XX-Y: Input should be"),
         ("[system]\nt2i = 5\n", r"invalid judge template: system\.t2i: Input should be a valid"),
         ("version = [", "invalid judge template"),
+        # A criterion is put into its task's texts as written: its {scale} reached the judge.
+        (
+            '[criteria]\n"IQ-R" = "realistic, on {scale}"\n',
+            r"invalid judge template: criteria\.IQ-R: \{scale\} would reach the judge as it "
+            r"stands: a criterion is put into its task's texts as written",
+        ),
     ],
 )
 def test_bad_templates_are_refused(tmp_path: Path, text: str, message: str) -> None:
@@ -88,6 +95,33 @@ def test_bad_templates_are_refused(tmp_path: Path, text: str, message: str) -> N
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         JudgeTemplate.load(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"system": {"t2i": "Rate \ud800 {dimension} {criteria} {scale}"}}, "system.t2i"),
+        ({"criteria": {"IQ-R": "\udc00"}}, "criteria.IQ-R"),
+        ({"version": "v\ud83d"}, "version"),
+    ],
+)
+def test_half_a_character_is_refused_not_an_error_on_every_request(
+    tmp_path: Path, data: dict[str, object], where: str
+) -> None:
+    # JSON's \ud800 escape reads as a lone surrogate, which no request can encode: the
+    # template passed validate and every judgement of the run was an error.
+    path = tmp_path / "texts.json"
+    path.write_text(json.dumps(data))
+    message = rf"invalid judge template: {re.escape(where)} holds half a character"
+    with pytest.raises(ConfigError, match=message):
+        JudgeTemplate.load(path)
+
+
+def test_braces_in_a_criterion_that_name_no_placeholder_are_text(tmp_path: Path) -> None:
+    path = tmp_path / "texts.toml"
+    path.write_text('[criteria]\n"IQ-R" = "{braces} and {0} stay as written, as does {"\n')
+    text = JudgeTemplate.load(path).system_text("t2i", "IQ-R", None)
+    assert "{braces} and {0} stay as written, as does {" in text
 
 
 def test_a_dimension_named_in_the_user_prefix_alone_is_enough(tmp_path: Path) -> None:

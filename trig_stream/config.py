@@ -428,20 +428,21 @@ def _unusable(data: Any, loc: Loc, dates: bool, within: set[int]) -> Iterator[tu
         within.add(id(data))
         items = data.items() if isinstance(data, dict) else enumerate(data)
         for key, value in items:
-            problem = _text_problem(key) if isinstance(key, str) else None
+            problem = text_problem(key) if isinstance(key, str) else None
             if problem is not None:
                 yield loc, f"the key {key!r} {problem}"
             yield from _unusable(value, (*loc, key), dates, within)
         within.discard(id(data))
     elif isinstance(data, str):
-        problem = _text_problem(data)
+        problem = text_problem(data)
         if problem is not None:
             yield loc, problem
     elif dates and isinstance(data, datetime.date | datetime.time):
         yield loc, "a date or time, which no key takes: quote it if it is text"
 
 
-def _text_problem(text: str) -> str | None:
+def text_problem(text: str) -> str | None:
+    """What makes ``text`` unfit for a config value (a NUL, half a character), or None."""
     if "\x00" in text:
         return (
             "holds a NUL character (\\u0000), which no path, name, URL or command can carry: "

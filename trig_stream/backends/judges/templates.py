@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from trig_stream.config import text_problem
 from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS, Dimension, Task
 from trig_stream.errors import ConfigError, validation_problems
 
@@ -128,6 +129,25 @@ def _placeholders(text: str) -> list[str]:
             if spec:
                 fields.extend(_placeholders(spec))
     return fields
+
+
+def _check_no_placeholders(name: str, text: str) -> None:
+    """A criterion goes into its task's text as written: a placeholder in it would reach the
+    judge as it stands (``{scale}``, braces and all). Other braces are text.
+
+    Raises:
+        ValueError: ``text`` names one of the :data:`PLACEHOLDERS`.
+    """
+    try:
+        named = [field for field in _placeholders(text) if field in PLACEHOLDERS]
+    except ValueError:
+        return  # braces that are no format field: text like any other
+    if named:
+        raise ValueError(
+            f"{name}: {{{named[0]}}} would reach the judge as it stands: a criterion is put "
+            "into its task's texts as written, so only the system and user_prefix texts take "
+            "placeholders"
+        )
 
 
 class _TemplateFile(BaseModel):
@@ -230,6 +250,13 @@ class JudgeTemplate(BaseModel):
             **{f"system.{task}": text for task, text in self.system.items()},
             **{f"user_prefix.{task}": text for task, text in self.user_prefix.items()},
         }
+        criteria = {f"criteria.{dimension}": text for dimension, text in self.criteria.items()}
+        for name, text in {"version": self.version, **texts, **criteria}.items():
+            problem = text_problem(text)
+            if problem is not None:  # every request would fail to encode, each an error
+                raise ValueError(f"{name} {problem}")
+        for name, text in criteria.items():
+            _check_no_placeholders(name, text)
         known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
         for name, text in texts.items():
             try:
