@@ -370,6 +370,49 @@ backend = "diffusers"
 options = { pipeline = "P", checkpoint = "~/ckpt" }"""
 
 
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (('path = "prompts.json"', 'path = ""'), r"run\.toml:6: dataset\.path: the path is empty"),
+        (
+            ('task = "sub"', 'task = "sub"\noutput_dir = ""'),
+            r":4: run\.output_dir: the path is empty",
+        ),
+        (
+            ('path = "prompts.json"', 'path = "prompts.json"\nimage_root = ""'),
+            r":7: dataset\.image_root: the path is empty",
+        ),
+        (
+            (
+                'name = "one"\nbackend = "synthetic"',
+                'name = "one"\nbackend = "image_folder"\noptions = { path = "" }',
+            ),
+            r"generators\[0\]\.options\.path: the path is empty",
+        ),
+        (
+            (
+                'name = "two"\nbackend = "synthetic"\noptions = { size = 32 }',
+                'name = "two"\nbackend = "diffusers"\n'
+                'options = { pipeline = "P", checkpoint = "" }',
+            ),
+            r"generators\[1\]\.options\.checkpoint: the path is empty",
+        ),
+        (
+            ('backend = "fake"', 'backend = "transformers"\noptions = { model_path = "" }'),
+            r"judges\[0\]\.options\.model_path: the path is empty",
+        ),
+    ],
+)
+def test_an_empty_path_is_refused_naming_its_key(
+    tmp_path: Path, edit: tuple[str, str], expected: str
+) -> None:
+    # Path("") is ".": an empty model_path passed validate and the run wrote its run dir
+    # before failing to load a model from the config's own folder; an empty template was
+    # "cannot read judge template: Is a directory", naming no key.
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, GOOD.replace(*edit)))
+
+
 def test_the_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
     text = GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "~no-such-user-x9/runs"')
     with pytest.raises(ConfigError, match=r"run\.output_dir: .*no home folder is known for"):

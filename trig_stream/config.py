@@ -117,6 +117,18 @@ def _variable_name(value: str) -> str:
     return value
 
 
+EMPTY_PATH: Final = "the path is empty (which would mean the config's own folder): name the file or folder"
+
+
+def _non_empty_path(value: object) -> object:
+    # Path("") is ".", the config's own folder, which no one means by writing "".
+    if value == "":
+        raise ValueError(EMPTY_PATH)
+    return value
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_non_empty_path)]
+"""A path in the config: never empty."""
 SafeName = Annotated[str, AfterValidator(_safe_name)]
 ModelName = Annotated[SafeName, AfterValidator(_model_name)]
 """A generator's name: a safe name that is not one of the report's files."""
@@ -152,7 +164,7 @@ class RunSection(_Section):
     """``[run]``: what this run is called, where it writes, and which TRIG task it evaluates."""
 
     name: SafeName
-    output_dir: Path = Path("runs")
+    output_dir: ConfigPath = Path("runs")
     task: TaskName = "t2i"
     seed: int = 42
     """Base seed; each (model, data_id) gets its own seed derived from it."""
@@ -161,11 +173,11 @@ class RunSection(_Section):
 class DatasetSection(_Section):
     """``[dataset]``: where the TRIG prompts come from, and which of them to use."""
 
-    path: Path
+    path: ConfigPath
     """A legacy TRIG JSON file, the same records as JSON Lines, a TRIG parquet file, or a
     folder of parquet files."""
     format: Literal["auto", "json", "jsonl", "parquet"] = "auto"
-    image_root: Path | None = None
+    image_root: ConfigPath | None = None
     """Folder holding the source / reference images named by ``img_id`` (p2p, s2p JSON)."""
     pairs: list[PairName] = Field(default_factory=list)
     """Keep only samples of these pairs (either order); empty keeps all."""
@@ -365,8 +377,10 @@ def _resolve_options(options: dict[str, Any], base: Path, where: str) -> dict[st
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
             resolved[key] = _resolve_options(value, base, f"{where}.{key}")
-        elif not isinstance(value, str) or not value or Path(value).is_absolute():
+        elif not isinstance(value, str) or Path(value).is_absolute():
             continue
+        elif not value and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
+            raise ConfigError(f"{where}.{key}: {EMPTY_PATH}")
         elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith((".", "~"))):
             resolved[key] = str(_resolve(Path(value), base, f"{where}.{key}"))
     return resolved
