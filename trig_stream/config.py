@@ -117,7 +117,9 @@ def _variable_name(value: str) -> str:
     return value
 
 
-EMPTY_PATH: Final = "the path is empty (which would mean the config's own folder): name the file or folder"
+EMPTY_PATH: Final = (
+    "the path is empty (which would mean the config's own folder): name the file or folder"
+)
 
 
 def _non_empty_path(value: object) -> object:
