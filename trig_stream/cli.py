@@ -188,8 +188,8 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     for built in judges:
         built.check_environment()
     # What the run directory holds is compared with these settings as the run compares it,
-    # reading it only: a run it would refuse (results made with another seed, say) is
-    # refused here, with the run's message and exit code.
+    # reading it only: a run it would refuse (a run still going there, results made with
+    # another seed) is refused here, with the run's message and exit code.
     fingerprints = {judge.name: judge.fingerprint() for judge in judges}
     check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
     # The dataset is read through, as a run reads it: a file that is missing or cannot be

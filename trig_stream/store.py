@@ -307,10 +307,7 @@ class Journal:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.close()
-            raise RunLockedError(
-                f"{self.path.parent} is in use by another run: its journal is locked (was its "
-                f"{LOCK} deleted?); use `trig-stream watch` to follow it"
-            ) from None
+            raise RunLockedError(_journal_in_use(self.path.parent)) from None
         except BaseException:
             self.close()
             raise
@@ -593,13 +590,7 @@ class RunDir:
             handle.seek(0)
             holder = handle.read(32).decode("ascii", "replace").strip()
             handle.close()
-            if holder == str(os.getpid()):
-                who = "another engine in this process"
-            else:
-                who = f"another trig-stream process (pid {holder})" if holder else "another run"
-            raise RunLockedError(
-                f"{self.path} is in use by {who}; use `trig-stream watch` to follow it"
-            ) from None
+            raise RunLockedError(_in_use(self.path, holder)) from None
         except BaseException:  # e.g. a file system without locks: the handle must not leak
             handle.close()
             raise
@@ -680,13 +671,20 @@ def _results_held(path: Path, journal: JournalState) -> Callable[[EntryKind, str
 
 def check_resume(path: Path, manifest: Manifest) -> None:
     """Raise what a run with ``manifest`` would be refused for in the run directory ``path``
-    (made with other settings, or results without a manifest), reading it only: no lock is
-    taken, nothing is written or cut (``trig-stream validate``). A directory in use by a run
-    is not refused here.
+    (in use by a running process, made with other settings, or results without a manifest),
+    reading it only: no lock is taken, nothing is written or cut (``trig-stream validate``).
 
     Raises:
+        RunLockedError: a process runs in it (:func:`writer_pid`, or its journal's lock).
         RunDirError: see :func:`resumed_manifest`; or the journal cannot be read.
     """
+    # Seen from the kernel's lock table, never by taking the lock: holding it even for a
+    # moment would turn away a run starting then.
+    pid = writer_pid(path)
+    if pid is not None:
+        raise RunLockedError(_in_use(path, str(pid)))
+    if _file_locked(path / JOURNAL):
+        raise RunLockedError(_journal_in_use(path))
     try:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:
@@ -767,6 +765,35 @@ def writer_pid(run_dir: Path) -> int | None:
     except PermissionError:
         return pid
     return pid
+
+
+def _in_use(run_dir: Path, holder: str) -> str:
+    """Why a run is refused in ``run_dir``, whose lock ``holder`` (the pid it wrote) holds."""
+    if holder == str(os.getpid()):
+        who = "another engine in this process"
+    else:
+        who = f"another trig-stream process (pid {holder})" if holder else "another run"
+    return (
+        f"{run_dir} is in use by {who}; wait for it to end, or use `trig-stream watch` to follow it"
+    )
+
+
+def _journal_in_use(run_dir: Path) -> str:
+    """Why a run is refused in ``run_dir`` whose journal alone is locked."""
+    return (
+        f"{run_dir} is in use by another run: its journal is locked (was its {LOCK} "
+        "deleted?); wait for it to end, or use `trig-stream watch` to follow it"
+    )
+
+
+def _file_locked(path: Path) -> bool:
+    """Whether some process holds a lock on the file at ``path``, as far as the kernel's lock
+    table says (False where there is none to read, or no file)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return bool(_lock_held(info.st_dev, info.st_ino))
 
 
 def _lock_held(device: int, inode: int) -> bool | None:
