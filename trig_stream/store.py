@@ -31,7 +31,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from sys import intern
-from typing import IO, Any, BinaryIO, Literal, TypeAlias, get_args
+from typing import IO, Annotated, Any, BinaryIO, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -76,6 +76,13 @@ class Manifest(BaseModel):
     judges: dict[str, dict[str, Any]] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
     """The config the latest run used (for ``status``, ``report`` and ``watch``)."""
+    retry_errors: bool | None = None
+    """Whether the latest run asks again the judgements whose status is ``error``
+    (``--retry-errors``): while it runs, ``status`` and ``watch`` count those it found as work
+    left (:func:`errors_asked_again`). None: not recorded (an older trig-stream wrote it)."""
+    journal_lines: Annotated[int, Field(ge=0)] = 0
+    """Lines the journal held when the latest run started, the ``error`` judgements it asks
+    again among them."""
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
 
@@ -121,12 +128,15 @@ class Manifest(BaseModel):
         return found
 
     def merged(self, other: Manifest) -> Manifest:
-        """This manifest with the models and judges ``other`` adds, and its config."""
+        """This manifest with the models and judges ``other`` adds, and what ``other`` says of
+        the latest run: its config, whether it retries errors, where its journal started."""
         return self.model_copy(
             update={
                 "generators": {**self.generators, **other.generators},
                 "judges": {**self.judges, **other.judges},
                 "config": other.config,
+                "retry_errors": other.retry_errors,
+                "journal_lines": other.journal_lines,
                 "updated_at": time.time(),
             }
         )
@@ -375,6 +385,13 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
     Raises:
         RunDirError: the journal exists but cannot be read (no permission, a folder).
     """
+    for _, judgement in read_journal_lines(path, limit=limit):
+        yield judgement
+
+
+def read_journal_lines(path: Path, *, limit: int | None = None) -> Iterator[tuple[int, Judgement]]:
+    """:func:`read_journal`, each judgement with the number of its line (from 0, the lines
+    that are not judgements counted: :attr:`Manifest.journal_lines` counts them too)."""
     skipped: list[int] = []
     first_reason = ""
     handle = open_journal(path)
@@ -392,7 +409,7 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
                     skipped.append(number + 1)
                     first_reason = first_reason or line_problem(exc)
                     continue
-                yield judgement
+                yield number, judgement
         except OSError as exc:
             raise journal_unreadable(path, exc) from None
     if skipped:
@@ -482,6 +499,32 @@ def line_problem(exc: ValueError) -> str:
 def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:
     """The journal reduced to the last judgement of each key."""
     return {j.key: j for j in read_journal(path)}
+
+
+def errors_asked_again(manifest: Manifest) -> Callable[[JudgementKey, int], bool] | None:
+    """Which ``error`` judgements the latest run asks again while it runs
+    (``--retry-errors``), as a test of a key and the number of the line (from 0) that holds
+    its latest judgement: one written before the run started, by a model and a judge of its
+    config. None when it asks none again, or the manifest does not say.
+    """
+    if not manifest.retry_errors:
+        return None
+    models = _entry_names(manifest.config, "generators")
+    metrics = _entry_names(manifest.config, "judges")
+    start = manifest.journal_lines
+
+    def asked(key: JudgementKey, line: int) -> bool:
+        return line < start and key[0] in models and key[3] in metrics
+
+    return asked
+
+
+def _entry_names(config: dict[str, Any], kind: EntryKind) -> frozenset[str]:
+    # A manifest is a file: an entry of another shape (edited by hand) names nothing.
+    entries = config.get(kind)
+    if not isinstance(entries, list):
+        return frozenset()
+    return frozenset(str(e["name"]) for e in entries if isinstance(e, dict) and "name" in e)
 
 
 class RunDir:
@@ -606,6 +649,8 @@ class RunDir:
                 leftover.unlink(missing_ok=True)
 
     def _check_manifest(self, manifest: Manifest, journal: JournalState) -> None:
+        # Where this run's lines start: a viewer tells the errors it asks again by it.
+        manifest = manifest.model_copy(update={"journal_lines": journal.lines})
         manifest = resumed_manifest(self.path, manifest, journal)
         write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
 
