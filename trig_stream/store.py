@@ -102,7 +102,10 @@ class Manifest(BaseModel):
         }
 
     def differences(
-        self, other: Manifest, holds: Callable[[EntryKind, str], bool] | None = None
+        self,
+        other: Manifest,
+        holds: Callable[[EntryKind, str], bool] | None = None,
+        moved: Move | None = None,
     ) -> list[str]:
         """What in ``other`` would change results already stored under ``self``.
 
@@ -110,6 +113,8 @@ class Manifest(BaseModel):
             other: the manifest of the config.
             holds: whether an entry (``"generators"`` or ``"judges"``, its name) made
                 results here; an entry that made none may change. None: all did.
+            moved: how the run directory moved since ``self`` was written: a path of
+                ``self`` is also the same as its new place after that move.
         """
         found = []
         if self.task != other.task:
@@ -120,20 +125,29 @@ class Manifest(BaseModel):
             for name in sorted(mine.keys() & theirs.keys()):
                 if holds is not None and not holds(kind, name):
                     continue
-                for key, stored, configured in _changed_fields(mine[name], theirs[name]):
+                for key, stored, configured in _changed_fields(mine[name], theirs[name], moved):
                     found.append(
                         f"{kind[:-1]} {name!r}: {key} {stored} in the run dir, {configured} in "
                         "the config"
                     )
         return found
 
-    def merged(self, other: Manifest) -> Manifest:
+    def merged(self, other: Manifest, moved: Move | None = None) -> Manifest:
         """This manifest with the models and judges ``other`` adds, and what ``other`` says of
-        the latest run: its config, whether it retries errors, where its journal started."""
+        the latest run: its config, whether it retries errors, where its journal started.
+        An entry of ``other`` replaces this one's; one ``other`` lacks keeps its settings,
+        with the paths that moved with the run directory at their new place (``moved``:
+        :meth:`Move.apply`)."""
+
+        def kept(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+            if moved is None:
+                return mine
+            return {n: e if n in theirs else moved.apply(e) for n, e in mine.items()}
+
         return self.model_copy(
             update={
-                "generators": {**self.generators, **other.generators},
-                "judges": {**self.judges, **other.judges},
+                "generators": {**kept(self.generators, other.generators), **other.generators},
+                "judges": {**kept(self.judges, other.judges), **other.judges},
                 "config": other.config,
                 "retry_errors": other.retry_errors,
                 "journal_lines": other.journal_lines,
@@ -172,20 +186,102 @@ def as_json(value: Any, what: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class Move:
+    """How a run directory moved since its manifest was written, as the folder that moved
+    with it: where it was and where it is, literally and with symbolic links resolved.
+
+    A project folder moved whole (``mv ~/proj ~/proj2``: its config, dataset, checkpoints
+    and ``runs/`` together) took the run directory ``~/proj/runs/name`` to
+    ``~/proj2/runs/name``: what its paths share at their end (``runs/name``) stayed, and
+    what came before it (``~/proj``) is the folder that moved. A path the manifest holds
+    inside that folder is taken to have moved with it; a path elsewhere did not.
+    """
+
+    roots: tuple[tuple[PurePath, PurePath], ...]
+    """(where it was, where it is): the folder that moved."""
+
+    @classmethod
+    def between(cls, was: Path, now: Path) -> Move | None:
+        """How the folder ``was`` became ``now`` (both absolute); None when it did not move."""
+        roots: dict[tuple[PurePath, PurePath], None] = {}
+        for before, after in ((was, now), (was.resolve(), now.resolve())):
+            if before.is_absolute() and after.is_absolute():
+                old, new = before.parts, after.parts
+                shared = 0  # the last parts they share; never the root ("/") itself
+                while shared < min(len(old), len(new)) - 1 and old[-1 - shared] == new[-1 - shared]:
+                    shared += 1
+                pair = (PurePath(*old[: len(old) - shared]), PurePath(*new[: len(new) - shared]))
+                if pair[0] != pair[1]:
+                    roots[pair] = None
+        return cls(tuple(roots)) if roots else None
+
+    def places(self, value: Any) -> list[str]:
+        """Where a stored JSON value, an absolute path's text, would be after the move: one
+        place for each way of it whose folder holds the path (none: a path elsewhere, or a
+        value that is no path)."""
+        if not isinstance(value, str) or not PurePath(value).is_absolute():
+            return []
+        path = PurePath(value)
+        return [
+            str(new / path.relative_to(old)) for old, new in self.roots if path.is_relative_to(old)
+        ]
+
+    def same(self, stored: Any, configured: Any) -> bool:
+        """Whether a stored JSON value is the configured one, its paths in the folder that
+        moved taken at their new place."""
+        if isinstance(stored, list) and isinstance(configured, list):
+            return len(stored) == len(configured) and all(
+                self.same(a, b) for a, b in zip(stored, configured, strict=True)
+            )
+        if isinstance(stored, dict) and isinstance(configured, dict):
+            return stored.keys() == configured.keys() and all(
+                self.same(stored[key], configured[key]) for key in stored
+            )
+        return stored == configured or configured in self.places(stored)
+
+    def apply(self, value: Any) -> Any:
+        """A stored JSON value with each path that moved at its new place: a path in the
+        folder that moved which is gone from its old place and found at the new one (a
+        folder left behind, or a value that only looks like a path, stays as it was)."""
+        if isinstance(value, dict):
+            return {key: self.apply(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.apply(item) for item in value]
+        places = self.places(value)
+        if not places or os.path.lexists(value):
+            return value
+        return next((place for place in places if os.path.lexists(place)), value)
+
+
+def _moved_since(stored: Manifest, path: Path) -> Move | None:
+    """How the run directory ``path`` moved since ``stored``, its manifest, was written: the
+    config of the run that wrote it says where its output folder was (None: unknown)."""
+    run = stored.config.get("run")
+    was = run.get("output_dir") if isinstance(run, dict) else None
+    if not isinstance(was, str) or not Path(was).is_absolute():
+        return None
+    return Move.between(Path(was), path.absolute().parent)
+
+
 _ABSENT = object()
 
 
-def _changed_fields(stored: Any, configured: Any, path: str = "") -> list[tuple[str, str, str]]:
+def _changed_fields(
+    stored: Any, configured: Any, moved: Move | None = None, path: str = ""
+) -> list[tuple[str, str, str]]:
     """Each field that differs between two fingerprints, as (dotted key, stored value,
-    configured value) in JSON; a fingerprint is a JSON object, compared key by key."""
+    configured value) in JSON; a fingerprint is a JSON object, compared key by key. A stored
+    path is the same as the configured one at its new place, after the run directory
+    ``moved``."""
     if isinstance(stored, dict) and isinstance(configured, dict):
         changed = []
         for key in sorted(stored.keys() | configured.keys()):
             changed += _changed_fields(
-                stored.get(key, _ABSENT), configured.get(key, _ABSENT), f"{path}{key}."
+                stored.get(key, _ABSENT), configured.get(key, _ABSENT), moved, f"{path}{key}."
             )
         return changed
-    if stored == configured:
+    if stored == configured or (moved is not None and moved.same(stored, configured)):
         return []
     before, after = ("not set" if v is _ABSENT else json.dumps(v) for v in (stored, configured))
     return [(path.rstrip(".") or "fingerprint", before, after)]
@@ -682,15 +778,24 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
     if not holds_results:
         return manifest
     stored = read_manifest(path)
-    differences = stored.differences(manifest, _results_held(path, journal))
+    moved = _moved_since(stored, path)
+    differences = stored.differences(manifest, _results_held(path, journal), moved)
     if differences:
+        where = ""
+        if moved is not None:
+            old, new = moved.roots[0]
+            where = (
+                f"\n(The run directory has moved since: a path in {old} is compared at its "
+                f"place in {new}, a path elsewhere as it was.)"
+            )
         raise FingerprintMismatch(
             f"{path} holds results made with other settings:\n  "
             + "\n  ".join(differences)
+            + where
             + "\nUse --new-run to start a fresh run directory beside it, or change"
             " [run] name."
         )
-    return stored.merged(manifest)
+    return stored.merged(manifest, moved)
 
 
 def _results_held(path: Path, journal: JournalState) -> Callable[[EntryKind, str], bool]:
