@@ -219,6 +219,50 @@ def test_validate_refuses_what_resuming_would_refuse(
     assert not (run_dir / "manifest.json").exists()  # validate writes nothing
 
 
+def test_validate_refuses_a_run_dir_a_run_is_using(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It said ok (exit 0) while a run held the directory, which `run` then refused (exit 3).
+    path = write_config(tmp_path, samples=2)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    capsys.readouterr()
+    holder = (
+        "import pathlib, sys\n"
+        "from trig_stream import store\n"
+        "path = pathlib.Path(sys.argv[1])\n"
+        "run, _ = store.RunDir.open(path, store.read_manifest(path))\n"
+        "if sys.argv[2] == 'journal':\n"
+        "    (path / store.LOCK).unlink()\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    for held in ("run", "journal"):
+        process = subprocess.Popen(
+            [sys.executable, "-c", holder, str(run_dir), held],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None and process.stdout.readline() == "locked\n"
+            before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+            for command in (["validate"], ["run", "--headless"]):
+                assert main([*command, str(path)]) == EXIT_RUN_DIR
+                if command == ["validate"]:  # it writes nothing
+                    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+                err = " ".join(capsys.readouterr().err.split())
+                if held == "run":
+                    assert f"{run_dir} is in use by another trig-stream process (pid " in err
+                    assert f"(pid {process.pid})" in err
+                else:
+                    assert f"{run_dir} is in use by another run: its journal is locked" in err
+                assert "wait for it to end, or use `trig-stream watch`" in err
+        finally:
+            process.communicate("")
+    assert main(["validate", str(path)]) == EXIT_OK  # once the run has ended
+
+
 def test_make_tiny_models_into_a_file_is_one_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,17 +11,17 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, write_prompts
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunDirError, RunLockedError, store
 from trig_stream import engine as engine_module
-from trig_stream.config import RunConfig
+from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
 from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
 from trig_stream.records import Judgement, Status
@@ -440,6 +440,115 @@ def test_an_image_alone_keeps_the_settings_it_was_made_with(tmp_path: Path) -> N
     image.write_bytes(b"made with size 32")
     with pytest.raises(FingerprintMismatch, match="size"):
         store.RunDir.open(tmp_path, first)
+
+
+def write_project(root: Path, shared_images: Path) -> Path:
+    """A project folder: a config in ``config/`` naming, relative to it, the dataset, an
+    image folder and ``runs/``, and another image folder outside it (``shared_images``)."""
+    root.mkdir()
+    prompts = write_prompts(root / "prompts.json", 4)
+    for folder in (root / "images", shared_images):
+        folder.mkdir(parents=True, exist_ok=True)
+        for record in json.loads(prompts.read_text()):
+            Image.new("RGB", (16, 16), (200, 10, 10)).save(folder / f"{record['data_id']}.png")
+    config = root / "config" / "run.toml"
+    config.parent.mkdir()
+    config.write_text(
+        f"""
+[run]
+name = "moved"
+output_dir = "../runs"
+
+[dataset]
+path = "../prompts.json"
+
+[[generators]]
+name = "mine"
+backend = "image_folder"
+options = {{ path = "../images" }}
+
+[[generators]]
+name = "shared"
+backend = "image_folder"
+options = {{ path = "{shared_images}" }}
+
+[[judges]]
+backend = "fake"
+"""
+    )
+    return config
+
+
+async def test_a_project_folder_moved_whole_resumes_where_it_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `mv proj proj2` (config, dataset, image folder and runs/ together): the manifest's
+    # absolute image folder path made the moved config "other settings", and the
+    # interrupted run could not resume.
+    from trig_stream.cli import EXIT_OK, main
+
+    shared = tmp_path / "shared-images"
+    first = load_config(write_project(tmp_path / "proj", shared))
+    assert len(await run_to_end(first)) == 16
+    path = first.run_dir / JOURNAL
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:5]))  # interrupted
+    (tmp_path / "proj").rename(tmp_path / "proj2")
+    config_file = tmp_path / "proj2" / "config" / "run.toml"
+    assert main(["validate", str(config_file)]) == EXIT_OK
+    # A folder that is really another one is still refused, as is a path outside the
+    # folder that moved which now names another.
+    text = config_file.read_text()
+    (tmp_path / "proj2" / "other-images").mkdir()
+    for old, new in (('"../images"', '"../other-images"'), (str(shared), str(tmp_path))):
+        config_file.write_text(text.replace(old, new))
+        with pytest.raises(FingerprintMismatch) as refused:
+            await run_to_end(load_config(config_file))
+        message = str(refused.value)
+        assert "path " in message and "has moved since" in message
+        assert f"a path in {tmp_path / 'proj'} is compared at its place in" in message
+    config_file.write_text(text)
+    moved = load_config(config_file)
+    results = await run_to_end(moved)
+    assert len(results) == 11  # what the first run had not written, and nothing else
+    assert len(keys_count(moved)) == 16 and set(keys_count(moved).values()) == {1}
+    stored = store.read_manifest(moved.run_dir).generators
+    assert stored["mine"]["path"] == str(tmp_path / "proj2" / "images")
+    assert stored["shared"]["path"] == str(shared)
+    capsys.readouterr()
+
+
+def test_a_model_left_out_after_a_move_keeps_the_paths_that_did_not_move(tmp_path: Path) -> None:
+    # A model of the run directory that the config of the run after the move leaves out:
+    # its paths that moved with the folder are taken to their new place (so that putting
+    # it back later resumes); a path left behind, or gone from both places, stays.
+    old, new = tmp_path / "proj", tmp_path / "proj2"
+    (new / "models" / "moved").mkdir(parents=True)
+    (old / "models" / "left").mkdir(parents=True)
+    stored = store.Manifest(
+        run_name="r",
+        task="t2i",
+        config={"run": {"output_dir": str(old / "runs")}},
+        generators={
+            "out": {
+                "checkpoint": str(old / "models" / "moved"),
+                "others": [str(old / "models" / "left"), str(old / "models" / "nowhere")],
+                "name": "proj",
+            }
+        },
+    )
+    moved = store.Move.between(old / "runs", new / "runs")
+    assert moved is not None and moved.roots == ((old, new),)
+    merged = stored.merged(store.Manifest(run_name="r", task="t2i"), moved)
+    assert merged.generators["out"] == {
+        "checkpoint": str(new / "models" / "moved"),
+        "others": [str(old / "models" / "left"), str(old / "models" / "nowhere")],
+        "name": "proj",
+    }
+    assert store.Move.between(old / "runs", old / "runs") is None
+    # Only what the paths share at their end stayed: /a/x/runs -> /b/runs moved /a/x to /b.
+    assert store.Move.between(Path("/a/x/runs"), Path("/b/runs")) == store.Move(
+        ((PurePath("/a/x"), PurePath("/b")),)
+    )
 
 
 async def test_adding_a_model_resumes_the_same_run(make_config: ConfigFactory) -> None:

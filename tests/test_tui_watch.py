@@ -22,13 +22,24 @@ import anyio
 import pytest
 from rich.console import Console
 
-from tests.conftest import ROOT, write_prompts
-from trig_stream.cli import EXIT_RUN_DIR, main
+from tests.conftest import ROOT, ConfigFactory, write_prompts
+from tests.test_engine import run_to_end
+from trig_stream import Engine
+from trig_stream.backends.base import JudgeReply, JudgeRequest
+from trig_stream.cli import EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.stats import ERRORS_KEPT
-from trig_stream.store import JOURNAL, Manifest, latest_judgements, writer_pid
+from trig_stream.store import (
+    JOURNAL,
+    Manifest,
+    latest_judgements,
+    read_journal_lines,
+    read_manifest,
+    writer_pid,
+)
+from trig_stream.testing import FakeJudge
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.watch import add_watch_command, follow
@@ -170,6 +181,31 @@ def test_journal_tail_waits_for_a_torn_last_line(tmp_path: Path) -> None:
     assert tail.bad_lines == 1
     assert tail.first_problem.startswith("Invalid JSON")
     assert tail.offset == path.stat().st_size
+
+
+def test_journal_tail_numbers_lines_as_the_run_and_status_do(tmp_path: Path) -> None:
+    # The manifest says where a run's lines start, counted as the run reads the journal
+    # (at "\n" alone, lines that are no judgements included): the viewer counts so too.
+    path = tmp_path / JOURNAL
+    lines = [judgement(i).model_dump_json().encode() for i in range(4)]
+    path.write_bytes(
+        lines[0] + b"\r\n" + b"no\rjudgement\n\n" + lines[1] + b"\n" + lines[2] + b"\n"
+    )
+    tail = JournalTail(path)
+    assert [(n, j.data_id) for n, j in tail.read_lines()] == [
+        (0, "IQ-R_TA-C_0"),
+        (3, "IQ-R_TA-C_1"),
+        (4, "IQ-R_TA-C_2"),
+    ]
+    with path.open("ab") as handle:
+        handle.write(lines[3] + b"\n")
+    assert [(n, j.data_id) for n, j in tail.read_lines()] == [(5, "IQ-R_TA-C_3")]
+    assert [(n, j.data_id) for n, j in read_journal_lines(path)] == [
+        (0, "IQ-R_TA-C_0"),
+        (3, "IQ-R_TA-C_1"),
+        (4, "IQ-R_TA-C_2"),
+        (5, "IQ-R_TA-C_3"),
+    ]
 
 
 def test_watch_counts_what_the_report_would_count_and_names_lines_it_skips(
@@ -537,7 +573,8 @@ def judged_run_dir(tmp_path: Path, samples: int, **update: Any) -> tuple[Path, l
 def test_a_retry_of_the_errors_shows_its_rate_and_no_end_of_zero(tmp_path: Path) -> None:
     # Resumed with --retry-errors, every judgement is in the journal already: the viewer
     # counted unique keys for its rate (0.0/s, as a retry replaces a key) and said
-    # "ETA 0.0s" while the errors were being asked again.
+    # "ETA 0.0s" while the errors were being asked again. The manifest here is an older
+    # trig-stream's, which does not say whether the run asks them again: no ETA.
     run_dir, judgements = judged_run_dir(tmp_path, 8, status="error", score=None, error="boom")
     (run_dir / JOURNAL).write_bytes(lines_of(*judgements))
     now = [100.0]
@@ -553,6 +590,69 @@ def test_a_retry_of_the_errors_shows_its_rate_and_no_end_of_zero(tmp_path: Path)
     assert snapshot.judgements_per_s == pytest.approx(5.0)
     assert snapshot.eta_s is None
     assert snapshot.models[0].ok == 10
+
+
+class GatedJudge(FakeJudge):
+    """The fake judge, answering ``open_for`` requests and holding the others until
+    :attr:`gate` is set."""
+
+    def __init__(self, open_for: int) -> None:
+        super().__init__()
+        self.open_for = open_for
+        self.seen = 0
+        self.gate = anyio.Event()
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        self.seen += 1
+        if self.seen > self.open_for:
+            await self.gate.wait()
+        return await super().judge(request)
+
+
+def table_row(text: str, first: str) -> list[str]:
+    """The cells of the row of a table printed by rich that starts with ``first``."""
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.replace("┃", "│").split("│")[1:-1]]
+        if cells and cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in:\n{text}")
+
+
+async def test_watch_and_status_count_the_errors_a_retry_asks_again_as_work_left(
+    make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Resumed with --retry-errors, the errors being asked again counted as finished: the
+    # viewer said "samples 8/8" (and no ETA), `status` counted them as errors that stand,
+    # since nothing in the run directory said that the run asks them again.
+    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.5}}]
+    config = make_config(samples=8, judges=failing)
+    await run_to_end(config)
+    run_dir = config.run_dir
+    errors = sum(1 for j in latest_judgements(run_dir / JOURNAL).values() if j.status == "error")
+    assert 2 <= errors < 16
+    judge = GatedJudge(open_for=1)
+    async with Engine(config, judges=[judge], retry_errors=True) as engine:
+        assert (await engine.results.receive()).status == "ok"  # one error asked again
+        manifest = read_manifest(run_dir)
+        assert (manifest.retry_errors, manifest.journal_lines) == (True, 16)
+        snapshot = RunDirSource(run_dir).poll()
+        assert snapshot.state == "running"
+        left = errors - 1
+        assert (snapshot.samples_done, snapshot.samples_total) == (int(8 * (16 - left) / 16), 8)
+        assert f"asking again {left} error judgement" in snapshot.message
+        assert main(["status", str(run_dir)]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert "with --retry-errors: the error judgements written before it started" in out
+        assert table_row(out, "model")[2:] == ["ok", "unscorable", "error", "asked again", "total"]
+        assert table_row(out, "synth")[2:] == [str(17 - errors), "0", "0", str(left), "16"]
+        judge.gate.set()
+        assert len([j async for j in engine.results]) == left
+    finished = RunDirSource(run_dir).poll()
+    assert (finished.state, finished.samples_done) == ("finished", 8)
+    assert main(["status", str(run_dir)]) == EXIT_OK  # no process asks anything again now
+    out = capsys.readouterr().out
+    assert "asked again" not in out
+    assert table_row(out, "synth")[2:] == ["16", "0", "0", "16"]
 
 
 def test_one_commit_seen_just_after_the_last_look_is_no_spike_in_the_rate(

@@ -52,6 +52,8 @@ EXIT_INTERRUPTED = 130
 
 PROGRESS_EVERY_S = 0.5
 STATUSES: tuple[Status, ...] = get_args(Status)
+ASKED_AGAIN = "asked again"
+"""``status``'s column of the ``error`` judgements a run with ``--retry-errors`` asks again."""
 OPENING_QUIET_S = 2.0
 """How long an opening step may take before the command says what it waits for."""
 QUIET_LIBRARIES = {
@@ -188,8 +190,8 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     for built in judges:
         built.check_environment()
     # What the run directory holds is compared with these settings as the run compares it,
-    # reading it only: a run it would refuse (results made with another seed, say) is
-    # refused here, with the run's message and exit code.
+    # reading it only: a run it would refuse (a run still going there, results made with
+    # another seed) is refused here, with the run's message and exit code.
     fingerprints = {judge.name: judge.fingerprint() for judge in judges}
     check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
@@ -461,24 +463,36 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
 
 
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from trig_stream.records import Judgement, JudgementKey
     from trig_stream.store import (
         JOURNAL,
         QUARANTINE,
-        latest_judgements,
+        errors_asked_again,
         open_regular_file,
+        read_journal_lines,
         read_manifest,
         writer_pid,
     )
 
     manifest = read_manifest(args.run_dir)
-    latest = latest_judgements(args.run_dir / JOURNAL)
+    # Asked before the journal is read, as `watch` asks: a writer that is gone by then has
+    # written its last line, which the counts then hold.
+    writer = writer_pid(args.run_dir)
+    latest: dict[JudgementKey, tuple[int, Judgement]] = {
+        j.key: (line, j) for line, j in read_journal_lines(args.run_dir / JOURNAL)
+    }
+    asked = errors_asked_again(manifest) if writer is not None else None
     # Per metric, as the report separates them: two judges' scores of one dimension are not
-    # one mean, nor are their counts one count.
+    # one mean, nor are their counts one count. An error the running process asks again
+    # (--retry-errors) is work left, not an error that stands.
     counts: Counter[tuple[str, str, str]] = Counter()
     sums: dict[tuple[str, str, str], float] = {}
     scored: Counter[tuple[str, str, str]] = Counter()
-    for judgement in latest.values():
-        counts[(judgement.model, judgement.metric, judgement.status)] += 1
+    for line, judgement in latest.values():
+        status: str = judgement.status
+        if status == "error" and asked is not None and asked(judgement.key, line):
+            status = ASKED_AGAIN
+        counts[(judgement.model, judgement.metric, status)] += 1
         if judgement.score is not None:
             where = (judgement.model, judgement.metric, judgement.dimension)
             sums[where] = sums.get(where, 0.0) + judgement.score
@@ -490,19 +504,27 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     # Names and paths are the user's: printed as they are, never read as markup, never wrapped.
     out = Console(soft_wrap=True, markup=False, highlight=False)
     out.print(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}")
-    writer = writer_pid(args.run_dir)
     if writer is None:
         out.print("not running; `trig-stream run` with its config judges whatever is left")
     else:
+        retrying = ""
+        if asked is not None:
+            retrying = (
+                " with --retry-errors: the error judgements written before it started are "
+                f"being asked again ({ASKED_AGAIN!r} below, not counted as errors)"
+            )
         out.print(
-            f"running (pid {writer}); the counts below are as of now; follow it live with "
-            f"`trig-stream watch {args.run_dir}`"
+            f"running (pid {writer}){retrying}; the counts below are as of now; follow it "
+            f"live with `trig-stream watch {args.run_dir}`"
         )
-    table = Table("model", "metric", "ok", "unscorable", "error", "total")
+    columns: tuple[str, ...] = STATUSES
+    if asked is not None:
+        columns += (ASKED_AGAIN,)
+    table = Table("model", "metric", *columns, "total")
     for model in sorted({m for m, _, _ in counts} | set(manifest.generators)):
-        present = [m for m in metrics if any(counts[(model, m, s)] for s in STATUSES)]
+        present = [m for m in metrics if any(counts[(model, m, s)] for s in columns)]
         for metric in present or ["–"]:
-            row = [counts[(model, metric, s)] for s in STATUSES]
+            row = [counts[(model, metric, s)] for s in columns]
             table.add_row(model, metric, *map(str, row), str(sum(row)))
     out.print(table)
     if scored:

@@ -122,12 +122,16 @@ def run_manifest(
     config: RunConfig,
     generators: Sequence[Generator],
     judges: Mapping[str, JudgeFingerprint],
+    *,
+    retry_errors: bool = False,
 ) -> Manifest:
     """The manifest a run of ``config`` with these generators and judges' fingerprints (by
-    name) writes in its run directory, and compares with the one stored there."""
+    name) writes in its run directory, and compares with the one stored there;
+    ``retry_errors``: whether the run asks again the ``error`` judgements."""
     return Manifest(
         run_name=config.run.name,
         task=config.run.task,
+        retry_errors=retry_errors,
         generators={
             g.name: as_json(
                 {**_fingerprint(g), "seed": config.run.seed},
@@ -524,7 +528,9 @@ class Engine:
         for judge in self._judges:
             self._fingerprints[judge.name] = judge.fingerprint()
             self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
-        manifest = run_manifest(config, self._generators, self._fingerprints)
+        manifest = run_manifest(
+            config, self._generators, self._fingerprints, retry_errors=self._retry_errors
+        )
         path = config.run_dir
         if self._new_run:
             path = await anyio.to_thread.run_sync(next_free_run_dir, path)

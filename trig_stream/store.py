@@ -31,7 +31,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from sys import intern
-from typing import IO, Any, BinaryIO, Literal, Self, TypeAlias, get_args
+from typing import IO, Annotated, Any, BinaryIO, Literal, Self, TypeAlias, get_args
 
 from pydantic import (
     BaseModel,
@@ -83,6 +83,13 @@ class Manifest(BaseModel):
     judges: dict[str, dict[str, Any]] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
     """The config the latest run used (for ``status``, ``report`` and ``watch``)."""
+    retry_errors: bool | None = None
+    """Whether the latest run asks again the judgements whose status is ``error``
+    (``--retry-errors``): while it runs, ``status`` and ``watch`` count those it found as work
+    left (:func:`errors_asked_again`). None: not recorded (an older trig-stream wrote it)."""
+    journal_lines: Annotated[int, Field(ge=0)] = 0
+    """Lines the journal held when the latest run started, the ``error`` judgements it asks
+    again among them."""
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
 
@@ -109,10 +116,13 @@ class Manifest(BaseModel):
         # an older run directory's "auto" is read with the device its config names.
         from trig_stream.backends.judges.transformers_judge import dtype_on
 
+        entries = self.config.get("judges")
         devices = {
-            entry.get("name"): (entry.get("options") or {}).get("device", "cpu")
-            for entry in self.config.get("judges") or []
-            if isinstance(entry, dict) and isinstance(entry.get("options") or {}, dict)
+            entry["name"]: (entry.get("options") or {}).get("device", "cpu")
+            for entry in (entries if isinstance(entries, list) else [])
+            if isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("options") or {}, dict)
         }
         for name, fingerprint in self.judges.items():
             params = fingerprint.get("params")
@@ -127,7 +137,10 @@ class Manifest(BaseModel):
         return self
 
     def differences(
-        self, other: Manifest, holds: Callable[[EntryKind, str], bool] | None = None
+        self,
+        other: Manifest,
+        holds: Callable[[EntryKind, str], bool] | None = None,
+        moved: Move | None = None,
     ) -> list[str]:
         """What in ``other`` would change results already stored under ``self``.
 
@@ -135,6 +148,8 @@ class Manifest(BaseModel):
             other: the manifest of the config.
             holds: whether an entry (``"generators"`` or ``"judges"``, its name) made
                 results here; an entry that made none may change. None: all did.
+            moved: how the run directory moved since ``self`` was written: a path of
+                ``self`` is also the same as its new place after that move.
         """
         found = []
         if self.task != other.task:
@@ -145,20 +160,32 @@ class Manifest(BaseModel):
             for name in sorted(mine.keys() & theirs.keys()):
                 if holds is not None and not holds(kind, name):
                     continue
-                for key, stored, configured in _changed_fields(mine[name], theirs[name]):
+                for key, stored, configured in _changed_fields(mine[name], theirs[name], moved):
                     found.append(
                         f"{kind[:-1]} {name!r}: {key} {stored} in the run dir, {configured} in "
                         "the config"
                     )
         return found
 
-    def merged(self, other: Manifest) -> Manifest:
-        """This manifest with the models and judges ``other`` adds, and its config."""
+    def merged(self, other: Manifest, moved: Move | None = None) -> Manifest:
+        """This manifest with the models and judges ``other`` adds, and what ``other`` says of
+        the latest run: its config, whether it retries errors, where its journal started.
+        An entry of ``other`` replaces this one's; one ``other`` lacks keeps its settings,
+        with the paths that moved with the run directory at their new place (``moved``:
+        :meth:`Move.apply`)."""
+
+        def kept(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+            if moved is None:
+                return mine
+            return {n: e if n in theirs else moved.apply(e) for n, e in mine.items()}
+
         return self.model_copy(
             update={
-                "generators": {**self.generators, **other.generators},
-                "judges": {**self.judges, **other.judges},
+                "generators": {**kept(self.generators, other.generators), **other.generators},
+                "judges": {**kept(self.judges, other.judges), **other.judges},
                 "config": other.config,
+                "retry_errors": other.retry_errors,
+                "journal_lines": other.journal_lines,
                 "updated_at": time.time(),
             }
         )
@@ -194,20 +221,102 @@ def as_json(value: Any, what: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class Move:
+    """How a run directory moved since its manifest was written, as the folder that moved
+    with it: where it was and where it is, literally and with symbolic links resolved.
+
+    A project folder moved whole (``mv ~/proj ~/proj2``: its config, dataset, checkpoints
+    and ``runs/`` together) took the run directory ``~/proj/runs/name`` to
+    ``~/proj2/runs/name``: what its paths share at their end (``runs/name``) stayed, and
+    what came before it (``~/proj``) is the folder that moved. A path the manifest holds
+    inside that folder is taken to have moved with it; a path elsewhere did not.
+    """
+
+    roots: tuple[tuple[PurePath, PurePath], ...]
+    """(where it was, where it is): the folder that moved."""
+
+    @classmethod
+    def between(cls, was: Path, now: Path) -> Move | None:
+        """How the folder ``was`` became ``now`` (both absolute); None when it did not move."""
+        roots: dict[tuple[PurePath, PurePath], None] = {}
+        for before, after in ((was, now), (was.resolve(), now.resolve())):
+            if before.is_absolute() and after.is_absolute():
+                old, new = before.parts, after.parts
+                shared = 0  # the last parts they share; never the root ("/") itself
+                while shared < min(len(old), len(new)) - 1 and old[-1 - shared] == new[-1 - shared]:
+                    shared += 1
+                pair = (PurePath(*old[: len(old) - shared]), PurePath(*new[: len(new) - shared]))
+                if pair[0] != pair[1]:
+                    roots[pair] = None
+        return cls(tuple(roots)) if roots else None
+
+    def places(self, value: Any) -> list[str]:
+        """Where a stored JSON value, an absolute path's text, would be after the move: one
+        place for each way of it whose folder holds the path (none: a path elsewhere, or a
+        value that is no path)."""
+        if not isinstance(value, str) or not PurePath(value).is_absolute():
+            return []
+        path = PurePath(value)
+        return [
+            str(new / path.relative_to(old)) for old, new in self.roots if path.is_relative_to(old)
+        ]
+
+    def same(self, stored: Any, configured: Any) -> bool:
+        """Whether a stored JSON value is the configured one, its paths in the folder that
+        moved taken at their new place."""
+        if isinstance(stored, list) and isinstance(configured, list):
+            return len(stored) == len(configured) and all(
+                self.same(a, b) for a, b in zip(stored, configured, strict=True)
+            )
+        if isinstance(stored, dict) and isinstance(configured, dict):
+            return stored.keys() == configured.keys() and all(
+                self.same(stored[key], configured[key]) for key in stored
+            )
+        return stored == configured or configured in self.places(stored)
+
+    def apply(self, value: Any) -> Any:
+        """A stored JSON value with each path that moved at its new place: a path in the
+        folder that moved which is gone from its old place and found at the new one (a
+        folder left behind, or a value that only looks like a path, stays as it was)."""
+        if isinstance(value, dict):
+            return {key: self.apply(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.apply(item) for item in value]
+        places = self.places(value)
+        if not places or os.path.lexists(value):
+            return value
+        return next((place for place in places if os.path.lexists(place)), value)
+
+
+def _moved_since(stored: Manifest, path: Path) -> Move | None:
+    """How the run directory ``path`` moved since ``stored``, its manifest, was written: the
+    config of the run that wrote it says where its output folder was (None: unknown)."""
+    run = stored.config.get("run")
+    was = run.get("output_dir") if isinstance(run, dict) else None
+    if not isinstance(was, str) or not Path(was).is_absolute():
+        return None
+    return Move.between(Path(was), path.absolute().parent)
+
+
 _ABSENT = object()
 
 
-def _changed_fields(stored: Any, configured: Any, path: str = "") -> list[tuple[str, str, str]]:
+def _changed_fields(
+    stored: Any, configured: Any, moved: Move | None = None, path: str = ""
+) -> list[tuple[str, str, str]]:
     """Each field that differs between two fingerprints, as (dotted key, stored value,
-    configured value) in JSON; a fingerprint is a JSON object, compared key by key."""
+    configured value) in JSON; a fingerprint is a JSON object, compared key by key. A stored
+    path is the same as the configured one at its new place, after the run directory
+    ``moved``."""
     if isinstance(stored, dict) and isinstance(configured, dict):
         changed = []
         for key in sorted(stored.keys() | configured.keys()):
             changed += _changed_fields(
-                stored.get(key, _ABSENT), configured.get(key, _ABSENT), f"{path}{key}."
+                stored.get(key, _ABSENT), configured.get(key, _ABSENT), moved, f"{path}{key}."
             )
         return changed
-    if stored == configured:
+    if stored == configured or (moved is not None and moved.same(stored, configured)):
         return []
     before, after = ("not set" if v is _ABSENT else json.dumps(v) for v in (stored, configured))
     return [(path.rstrip(".") or "fingerprint", before, after)]
@@ -339,10 +448,7 @@ class Journal:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.close()
-            raise RunLockedError(
-                f"{self.path.parent} is in use by another run: its journal is locked (was its "
-                f"{LOCK} deleted?); use `trig-stream watch` to follow it"
-            ) from None
+            raise RunLockedError(_journal_in_use(self.path.parent)) from None
         except BaseException:
             self.close()
             raise
@@ -410,6 +516,13 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
     Raises:
         RunDirError: the journal exists but cannot be read (no permission, a folder).
     """
+    for _, judgement in read_journal_lines(path, limit=limit):
+        yield judgement
+
+
+def read_journal_lines(path: Path, *, limit: int | None = None) -> Iterator[tuple[int, Judgement]]:
+    """:func:`read_journal`, each judgement with the number of its line (from 0, the lines
+    that are not judgements counted: :attr:`Manifest.journal_lines` counts them too)."""
     skipped: list[int] = []
     first_reason = ""
     handle = open_journal(path)
@@ -427,7 +540,7 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
                     skipped.append(number + 1)
                     first_reason = first_reason or line_problem(exc)
                     continue
-                yield judgement
+                yield number, judgement
         except OSError as exc:
             raise journal_unreadable(path, exc) from None
     if skipped:
@@ -517,6 +630,32 @@ def line_problem(exc: ValueError) -> str:
 def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:
     """The journal reduced to the last judgement of each key."""
     return {j.key: j for j in read_journal(path)}
+
+
+def errors_asked_again(manifest: Manifest) -> Callable[[JudgementKey, int], bool] | None:
+    """Which ``error`` judgements the latest run asks again while it runs
+    (``--retry-errors``), as a test of a key and the number of the line (from 0) that holds
+    its latest judgement: one written before the run started, by a model and a judge of its
+    config. None when it asks none again, or the manifest does not say.
+    """
+    if not manifest.retry_errors:
+        return None
+    models = _entry_names(manifest.config, "generators")
+    metrics = _entry_names(manifest.config, "judges")
+    start = manifest.journal_lines
+
+    def asked(key: JudgementKey, line: int) -> bool:
+        return line < start and key[0] in models and key[3] in metrics
+
+    return asked
+
+
+def _entry_names(config: dict[str, Any], kind: EntryKind) -> frozenset[str]:
+    # A manifest is a file: an entry of another shape (edited by hand) names nothing.
+    entries = config.get(kind)
+    if not isinstance(entries, list):
+        return frozenset()
+    return frozenset(str(e["name"]) for e in entries if isinstance(e, dict) and "name" in e)
 
 
 class RunDir:
@@ -625,13 +764,7 @@ class RunDir:
             handle.seek(0)
             holder = handle.read(32).decode("ascii", "replace").strip()
             handle.close()
-            if holder == str(os.getpid()):
-                who = "another engine in this process"
-            else:
-                who = f"another trig-stream process (pid {holder})" if holder else "another run"
-            raise RunLockedError(
-                f"{self.path} is in use by {who}; use `trig-stream watch` to follow it"
-            ) from None
+            raise RunLockedError(_in_use(self.path, holder)) from None
         except BaseException:  # e.g. a file system without locks: the handle must not leak
             handle.close()
             raise
@@ -647,6 +780,8 @@ class RunDir:
                 leftover.unlink(missing_ok=True)
 
     def _check_manifest(self, manifest: Manifest, journal: JournalState) -> None:
+        # Where this run's lines start: a viewer tells the errors it asks again by it.
+        manifest = manifest.model_copy(update={"journal_lines": journal.lines})
         manifest = resumed_manifest(self.path, manifest, journal)
         write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
 
@@ -678,15 +813,24 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
     if not holds_results:
         return manifest
     stored = read_manifest(path)
-    differences = stored.differences(manifest, _results_held(path, journal))
+    moved = _moved_since(stored, path)
+    differences = stored.differences(manifest, _results_held(path, journal), moved)
     if differences:
+        where = ""
+        if moved is not None:
+            old, new = moved.roots[0]
+            where = (
+                f"\n(The run directory has moved since: a path in {old} is compared at its "
+                f"place in {new}, a path elsewhere as it was.)"
+            )
         raise FingerprintMismatch(
             f"{path} holds results made with other settings:\n  "
             + "\n  ".join(differences)
+            + where
             + "\nUse --new-run to start a fresh run directory beside it, or change"
             " [run] name."
         )
-    return stored.merged(manifest)
+    return stored.merged(manifest, moved)
 
 
 def _results_held(path: Path, journal: JournalState) -> Callable[[EntryKind, str], bool]:
@@ -712,13 +856,20 @@ def _results_held(path: Path, journal: JournalState) -> Callable[[EntryKind, str
 
 def check_resume(path: Path, manifest: Manifest) -> None:
     """Raise what a run with ``manifest`` would be refused for in the run directory ``path``
-    (made with other settings, or results without a manifest), reading it only: no lock is
-    taken, nothing is written or cut (``trig-stream validate``). A directory in use by a run
-    is not refused here.
+    (in use by a running process, made with other settings, or results without a manifest),
+    reading it only: no lock is taken, nothing is written or cut (``trig-stream validate``).
 
     Raises:
+        RunLockedError: a process runs in it (:func:`writer_pid`, or its journal's lock).
         RunDirError: see :func:`resumed_manifest`; or the journal cannot be read.
     """
+    # Seen from the kernel's lock table, never by taking the lock: holding it even for a
+    # moment would turn away a run starting then.
+    pid = writer_pid(path)
+    if pid is not None:
+        raise RunLockedError(_in_use(path, str(pid)))
+    if _file_locked(path / JOURNAL):
+        raise RunLockedError(_journal_in_use(path))
     try:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:
@@ -799,6 +950,35 @@ def writer_pid(run_dir: Path) -> int | None:
     except PermissionError:
         return pid
     return pid
+
+
+def _in_use(run_dir: Path, holder: str) -> str:
+    """Why a run is refused in ``run_dir``, whose lock ``holder`` (the pid it wrote) holds."""
+    if holder == str(os.getpid()):
+        who = "another engine in this process"
+    else:
+        who = f"another trig-stream process (pid {holder})" if holder else "another run"
+    return (
+        f"{run_dir} is in use by {who}; wait for it to end, or use `trig-stream watch` to follow it"
+    )
+
+
+def _journal_in_use(run_dir: Path) -> str:
+    """Why a run is refused in ``run_dir`` whose journal alone is locked."""
+    return (
+        f"{run_dir} is in use by another run: its journal is locked (was its {LOCK} "
+        "deleted?); wait for it to end, or use `trig-stream watch` to follow it"
+    )
+
+
+def _file_locked(path: Path) -> bool:
+    """Whether some process holds a lock on the file at ``path``, as far as the kernel's lock
+    table says (False where there is none to read, or no file)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return bool(_lock_held(info.st_dev, info.st_ino))
 
 
 def _lock_held(device: int, inode: int) -> bool | None:

@@ -28,6 +28,7 @@ from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import (
     JOURNAL,
     Manifest,
+    errors_asked_again,
     journal_unreadable,
     line_problem,
     open_journal,
@@ -74,6 +75,8 @@ class JournalTail:
         self.chunk = chunk
         """Most bytes one :meth:`read` parses."""
         self.offset = 0
+        self.lines = 0
+        """Complete lines read so far, those that are not judgements included."""
         self.bad_lines = 0
         self.first_problem = ""
         """What was wrong with the first line that was not a judgement."""
@@ -89,6 +92,15 @@ class JournalTail:
     def read(self) -> list[Judgement]:
         """The complete judgements written since the previous read, in journal order (from
         the beginning when :attr:`restarted`).
+
+        Raises:
+            RunDirError: the journal exists but cannot be read.
+        """
+        return [judgement for _, judgement in self.read_lines()]
+
+    def read_lines(self) -> list[tuple[int, Judgement]]:
+        """:meth:`read`, each judgement with the number of its line (from 0, counted as
+        :func:`~trig_stream.store.read_journal_lines` counts them).
 
         Raises:
             RunDirError: the journal exists but cannot be read.
@@ -119,12 +131,15 @@ class JournalTail:
         self.behind = len(part) == self.chunk
         end = data.rfind(b"\n") + 1
         judgements = []
-        for raw in data[:end].splitlines():
+        # Split at "\n" alone, as reading the file by lines does: the line numbers are the
+        # ones the run counted (a line ending "\r\n" is still one line).
+        for raw in data[:end].split(b"\n")[:-1]:  # [:-1]: what follows the last "\n"
             try:
-                judgements.append(parse_journal_line(raw))
+                judgements.append((self.lines, parse_journal_line(raw)))
             except ValueError as exc:
                 self.bad_lines += 1
                 self.first_problem = self.first_problem or line_problem(exc)
+            self.lines += 1
         self.offset += end
         self._mark = (self._mark + data[:end])[-MARK_BYTES:]
         return judgements
@@ -138,6 +153,7 @@ class JournalTail:
     def _start_over(self, identity: tuple[int, int] | None) -> None:
         self._identity = identity
         self.offset = 0
+        self.lines = 0
         self._mark = b""
         self.bad_lines = 0
         self.first_problem = ""
@@ -187,6 +203,9 @@ class RunDirSource:
         # resume, or its run directory made anew) is read again from its start.
         self._tracker = RelationTracker(self._thresholds)
         self._status: dict[JudgementKey, Status] = {}
+        self._error_lines: dict[JudgementKey, int] = {}
+        """The line of each key whose latest judgement is an ``error``: one that a run with
+        ``--retry-errors`` asks again, if written before it started."""
         self._appended = 0
         """Judgements read, a key asked again (``--retry-errors``) each time: the rate's."""
         self._counts: dict[str, Counter[Status]] = {}
@@ -223,15 +242,16 @@ class RunDirSource:
         # line, so what follows reads it. Asked after, the lines it appended meanwhile were
         # left unread by a snapshot that said "finished".
         writer = writer_pid(self.run_dir)
-        judgements = self.tail.read()
+        judgements = self.tail.read_lines()
         if self.tail.restarted:
             self._forget_the_journal()
             self._configured = None  # a run directory made anew may hold another dataset
             manifest = self._read_manifest()
-        for judgement in judgements:
-            self._add(judgement)
+        for line, judgement in judgements:
+            self._add(judgement, line)
         now = self._clock()
-        finished = self._finished_samples(manifest)
+        asked_again = self._asked_again(manifest) if writer is not None else Counter[str]()
+        finished = self._finished_samples(manifest, asked_again)
         per_s: float | None = None
         samples_per_s = 0.0
         if self._caught_up:
@@ -256,6 +276,11 @@ class RunDirSource:
             message = f"watching read-only: run written by pid {writer}"
         else:
             message = "watching read-only: no process is writing this run"
+        if asked_again:
+            count = asked_again.total()
+            message += (
+                f"; asking again {count} error judgement{'s' * (count != 1)} (--retry-errors)"
+            )
         if self.tail.behind:
             message += " (catching up with the journal)"
         if self.tail.bad_lines:
@@ -274,7 +299,7 @@ class RunDirSource:
             elapsed_s=self._elapsed(manifest, running=writer is not None),
             samples_total=self._samples_total,
             samples_done=finished,
-            eta_s=self._eta(finished, samples_per_s, running=writer is not None),
+            eta_s=self._eta(manifest, finished, samples_per_s, running=writer is not None),
             models=tuple(self._progress(name) for name in models),
             judges=judge_views(manifest.config),
             judgements_per_s=per_s,
@@ -286,24 +311,36 @@ class RunDirSource:
             message=message,
         )
 
-    def _eta(self, finished: int, samples_per_s: float, *, running: bool) -> float | None:
+    def _eta(
+        self, manifest: Manifest, finished: int, samples_per_s: float, *, running: bool
+    ) -> float | None:
         if not running:
             return 0.0
-        if self._samples_total is not None and finished >= self._samples_total:
-            # Every judgement is written, yet a process runs: asking the errors again
-            # (--retry-errors), which replaces lines the count already holds. How many it
-            # asks is not in the run directory: no end to foresee, and none is "now".
+        total = self._samples_total
+        if manifest.retry_errors is None and total is not None and finished >= total:
+            # Every judgement is written, yet a process runs: perhaps asking the errors again
+            # (--retry-errors), which an older trig-stream did not record in the manifest.
+            # No end to foresee, and none is "now".
             return None
-        return estimate_eta(self._samples_total, finished, samples_per_s)
+        return estimate_eta(total, finished, samples_per_s)
 
-    def _finished_samples(self, manifest: Manifest) -> int:
+    def _asked_again(self, manifest: Manifest) -> Counter[str]:
+        """Per model, the ``error`` judgements the running process asks again."""
+        asked = errors_asked_again(manifest)
+        if asked is None:
+            return Counter()
+        return Counter(key[0] for key, line in self._error_lines.items() if asked(key, line))
+
+    def _finished_samples(self, manifest: Manifest, asked_again: Counter[str]) -> int:
         # As the engine's dashboard counts them: the share of each model's judgements that
         # are written, averaged over the models; a sample one model judged and another has
-        # still to make is not done.
+        # still to make is not done, nor is one whose error is being asked again.
         models = self._config_models or list(manifest.generators)
         if not models or not self._samples_total:
             return 0
-        done = sum(self._counts.get(model, Counter()).total() for model in models)
+        done = sum(
+            self._counts.get(model, Counter()).total() - asked_again[model] for model in models
+        )
         planned = self._judgements_total * len(models)
         share = min(done / planned, 1.0) if planned else 1.0
         return int(self._samples_total * share)
@@ -342,16 +379,21 @@ class RunDirSource:
         self._samples_total = pairs.total()
         self._judgements_total = _judgements_per_model(config, source, pairs)
 
-    def _add(self, judgement: Judgement) -> None:
+    def _add(self, judgement: Judgement, line: int) -> None:
         # The last judgement of a key wins, as in the journal: a retried error is replaced.
         self._appended += 1
         model = judgement.model
+        key = judgement.key
         counts = self._counts.setdefault(model, Counter())
-        previous = self._status.get(judgement.key)
+        previous = self._status.get(key)
         if previous is not None:
             counts[previous] -= 1
-        self._status[judgement.key] = judgement.status
+        self._status[key] = judgement.status
         counts[judgement.status] += 1
+        if judgement.status == "error":
+            self._error_lines[key] = line
+        elif previous == "error":
+            del self._error_lines[key]
         if judgement.image is not None:
             self._images.setdefault(model, set()).add(judgement.data_id)
         if judgement.status == "error":
