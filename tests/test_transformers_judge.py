@@ -216,6 +216,24 @@ def prompt_of(tiny_vlm: Path, judge: TransformersJudge, image: Path, tokens: int
     return prompt
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("prompt", ["look <image> here", "the end</s> of it"])
+async def test_a_prompt_that_spells_a_model_token_is_judged_as_text(
+    tiny_vlm: Path, images: list[Path], prompt: str
+) -> None:
+    # The processor took the prompt's "<image>" for a second image: "Found total 2 <image>
+    # tokens and 1 images", an error at any batch size.
+    judge = make_judge(tiny_vlm, top_logprobs=20)
+    await judge.open()
+    try:
+        reply = await judge.judge(request(judge, images[0], prompt=prompt))
+        text = judge.messages(request(judge, images[0], prompt=prompt))[-1]["content"][1]["text"]
+    finally:
+        await judge.aclose()
+    assert reply.top_logprobs
+    assert text.endswith(prompt.replace("<", "<\u2060"))
+
+
 async def test_request_over_the_context_is_its_own_error_in_its_batch(
     tiny_vlm: Path, images: list[Path]
 ) -> None:

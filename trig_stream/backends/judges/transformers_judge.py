@@ -128,6 +128,7 @@ class TransformersJudge(Judge):
         self._token_texts: dict[int, str] = {}
         self._context: int | None = None
         self._system_role = True
+        self._own_tokens: tuple[str, ...] = ()  # set at load: see _defused
         self._batcher: MicroBatcher[_Query, JudgeReply] | None = None
 
     def __repr__(self) -> str:
@@ -217,6 +218,7 @@ class TransformersJudge(Judge):
         # of logits per row is enough (a real vocabulary is 150k wide).
         tokenizer.padding_side = "left"
         self._processor = processor
+        self._own_tokens = _own_tokens(processor, tokenizer)
         self._context = opts.max_context or context_length(model.config, tokenizer)
         self._model = model.to(opts.device).eval()
 
@@ -252,8 +254,12 @@ class TransformersJudge(Judge):
     def messages(self, request: JudgeRequest) -> list[dict[str, Any]]:
         """The chat messages of one (image, dimension) question."""
         sample = request.sample
-        system = self.template.system_text(sample.task, request.dimension, sample.item)
-        user = self.template.user_text(sample.task, request.dimension, sample.prompt, sample.item)
+        system = self._defused(
+            self.template.system_text(sample.task, request.dimension, sample.item)
+        )
+        user = self._defused(
+            self.template.user_text(sample.task, request.dimension, sample.prompt, sample.item)
+        )
         if not self._system_role:
             user = f"{system}\n\n{user}"
         content = [{"type": "image"}, {"type": "text", "text": user}]
@@ -261,6 +267,15 @@ class TransformersJudge(Judge):
         if self._system_role:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         return messages
+
+    def _defused(self, text: str) -> str:
+        """``text`` with each of the model's own tokens in it (``<image>``, ``<|im_end|>``)
+        broken by a word joiner, so that a prompt that spells one is read as text: the
+        processor took a prompt's ``<image>`` for a second image, and refused the request."""
+        for token in self._own_tokens:
+            if token in text:
+                text = text.replace(token, token[0] + WORD_JOINER + token[1:])
+        return text
 
     def _prompt(self, request: JudgeRequest) -> str:
         render = self._processor.apply_chat_template
@@ -404,6 +419,23 @@ def _unavailable_device(torch: Any, device: str) -> str | None:
     elif device == "mps" and not torch.backends.mps.is_available():
         return 'device mps is not available; set options.device, e.g. device = "cpu"'
     return None
+
+
+WORD_JOINER = "\u2060"
+"""An invisible character that breaks a model token spelled in a text (see ``_defused``)."""
+
+
+def _own_tokens(processor: Any, tokenizer: Any) -> tuple[str, ...]:
+    """The texts the processor or tokenizer reads as control tokens of their own, wherever they
+    stand in a text: the image token and the special tokens (not the added words a model's
+    vocabulary may hold). Longest first, so that one holding another is broken whole."""
+    found = {getattr(processor, "image_token", None), *tokenizer.all_special_tokens}
+    found |= {added.content for added in tokenizer.added_tokens_decoder.values() if added.special}
+    return tuple(
+        sorted(
+            (t for t in found if isinstance(t, str) and len(t.strip()) > 1), key=len, reverse=True
+        )
+    )
 
 
 def dtype_on(dtype: str, device: str) -> str:
