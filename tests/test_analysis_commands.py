@@ -614,3 +614,44 @@ def test_the_default_metric_is_the_first_that_measured_every_dimension() -> None
     assert default_metric(["nsfw", "vlm"], {"nsfw": toxicity, "vlm": everything}) == "vlm"
     assert default_metric(["a", "b"], {"a": everything, "b": everything}) == "a"
     assert default_metric(["a", "b"], {"a": toxicity, "b": realism}) == "a"  # none: the first
+
+
+def test_a_judge_whose_every_judgement_failed_is_not_the_default_metric(
+    make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its errors counted as measuring every dimension: the report and `compare` analysed it
+    # (all -1, every image left out) over a judge with full scores, and `compare` said there
+    # was no ok score at all; the dashboard picked the judge with scores.
+    from trig_stream.tui.dashboard import ordered_views
+    from trig_stream.tui.watch_source import RunDirSource
+
+    config = make_config(
+        samples=8,
+        generators=[
+            {"name": name, "backend": "synthetic", "options": {"size": 16}} for name in ("g1", "g2")
+        ],
+        judges=[
+            {"name": "broken", "backend": "fake", "options": {"error_rate": 1.0}},
+            {"name": "good", "backend": "fake"},
+        ],
+    )
+    judgements = anyio.run(run_to_end, config)
+    assert {j.status for j in judgements if j.metric == "broken"} == {"error"}
+    code, text = run_command("report", str(config.run_dir), "--no-plots")
+    assert code == 0 and "0 images left out" in text
+    for model in ("g1", "g2"):
+        report = (config.run_dir / "report" / model / "report.md").read_text()
+        assert "Metric `good`" in report
+    assert "Metric `good`" in (config.run_dir / "report" / "comparison.md").read_text()
+    assert run_command("compare", str(config.run_dir))[0] == 0
+    assert "Metric `good`" in capsys.readouterr().out
+    first: dict[str, str] = {}
+    for view in ordered_views(RunDirSource(config.run_dir).poll()):
+        first.setdefault(view.model, view.metric)
+    assert first == {"g1": "good", "g2": "good"}
+    # Asked for by name, it is analysed, and `compare` names the metric that has no score.
+    code, _ = run_command("report", str(config.run_dir), "--no-plots", "--metric", "broken")
+    assert code == 0
+    assert "Metric `broken`" in (config.run_dir / "report" / "g1" / "report.md").read_text()
+    with pytest.raises(AnalysisError, match=r"no ok score in .* \(metric `broken`: every "):
+        compare_runs([config.run_dir], metric="broken")

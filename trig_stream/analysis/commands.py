@@ -96,9 +96,12 @@ def _pick_metric(
     if not metrics:
         raise AnalysisError(f"{source}: no judgements to analyse")
     if requested is None:
+        # A judge whose every judgement failed measured nothing: counted as measuring its
+        # dimensions, it was analysed (all -1) over a judge with full scores.
         measured: dict[str, set[Dimension]] = {}
         for judgement in judgements:
-            measured.setdefault(judgement.metric, set()).add(judgement.dimension)
+            if judgement.status == "ok":
+                measured.setdefault(judgement.metric, set()).add(judgement.dimension)
         return default_metric(metrics, measured)
     if requested not in metrics:
         raise AnalysisError(f"{source}: no metric {requested!r}; it has {', '.join(metrics)}")
@@ -279,9 +282,11 @@ def compare_runs(
             f"nothing to compare: {len(analyses)} model(s) in {len(run_dirs)} run dir(s)"
         )
     if not any(analysis.dimension_means for analysis in analyses.values()):
+        metrics = ", ".join(f"`{m}`" for m in dict.fromkeys(a.metric for a in analyses.values()))
         raise AnalysisError(
-            f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (every "
-            "judgement is unscorable or an error); `trig-stream status` counts them"
+            f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (metric "
+            f"{metrics}: every judgement of it is unscorable or an error); `trig-stream "
+            "status` counts them, and --metric picks another judge"
         )
     for label, analysis in analyses.items():
         if not analysis.dimension_means:

@@ -162,6 +162,8 @@ class ModelAnalysis:
 def default_metric(metrics: Sequence[str], measured: Mapping[str, Collection[Dimension]]) -> str:
     """The metric analysed when none is named: of ``metrics`` (the config's judges first, in
     order), the first that measured every dimension any of them measured; else the first.
+    A metric has measured a dimension when it holds an ``ok`` score on it: errors and
+    unscorable answers measure nothing.
 
     A metric judge such as ``nsfw`` is asked about a few dimensions only (``R-T``): analysed
     because it came first in the config, it left every other dimension out of the DTM, and
@@ -170,7 +172,7 @@ def default_metric(metrics: Sequence[str], measured: Mapping[str, Collection[Dim
 
     Args:
         metrics: the candidates, in order; not empty.
-        measured: the dimensions each metric measured (has judgements on).
+        measured: the dimensions each metric measured (has ok scores on).
     """
     everything = {dimension for dimensions in measured.values() for dimension in dimensions}
     for metric in metrics:
