@@ -23,6 +23,7 @@ from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
 from trig_stream.analysis.relations import default_metric
+from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import MissingExtraError, RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
@@ -324,6 +325,37 @@ def test_a_report_without_plots_removes_those_an_earlier_one_drew(tmp_path: Path
     assert run_command("report", str(run), "--synergy", "0.7", "--no-plots")[0] == 0
     assert not plots.exists()
     assert [p.name for p in (run / "report" / "model-b" / "plots").iterdir()] == ["mine.txt"]
+
+
+def test_a_report_removes_the_model_folders_and_comparison_an_earlier_one_wrote(
+    tmp_path: Path,
+) -> None:
+    # `report two --out X` (two models) then `report one --out X` (one model): model-b's
+    # folder and comparison.md stayed, the earlier numbers beside the new ones, unsaid.
+    two = write_run_dir(tmp_path / "two", {})
+    one = write_run_dir(tmp_path / "one", {"synergy_density": 0.7}, models=("model-a",))
+    out = tmp_path / "out"
+    assert run_command("report", str(two), "--out", str(out), "--no-plots")[0] == 0
+    assert {p.name for p in (out / "model-b").iterdir()} == set(MODEL_FILES)
+    (out / "notes.txt").write_text("mine")
+    (out / "drafts").mkdir()
+    (out / "drafts" / "report.md").write_text("mine: no report folder")
+    code, text = run_command("report", str(one), "--out", str(out), "--no-plots")
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"model-a", "notes.txt", "drafts"}
+    assert (
+        f"model-b: no judgement of metric 'trigscore' in {one}; the report files an earlier "
+        f"report wrote in {out / 'model-b'} are removed\n"
+    ) in text
+    assert f"{out / 'comparison.md'} removed: this report has one model" in text
+    assert (out / "drafts" / "report.md").read_text() == "mine: no report folder"
+    # A file of the user's in the folder stays, and so does the folder.
+    assert run_command("report", str(two), "--out", str(out), "--no-plots")[0] == 0
+    assert (out / "comparison.md").is_file()
+    (out / "model-b" / "mine.txt").write_text("kept")
+    code, text = run_command("report", str(one), "--out", str(out), "--no-plots")
+    assert [p.name for p in (out / "model-b").iterdir()] == ["mine.txt"]
+    assert "(the other files in it are kept)" in text
 
 
 def test_report_without_matplotlib_notes_the_extra(

@@ -23,7 +23,13 @@ from trig_stream.analysis.inputs import (
     with_overrides,
 )
 from trig_stream.analysis.relations import ModelAnalysis, analyse_judgements, default_metric
-from trig_stream.analysis.report import WrittenFiles, write_model_outputs, writing
+from trig_stream.analysis.report import (
+    WrittenFiles,
+    is_model_outputs,
+    remove_model_outputs,
+    write_model_outputs,
+    writing,
+)
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
@@ -195,14 +201,46 @@ def write_report(
         )
         skipped |= written.plots_skipped
         _print_written(console, analysis, written)
-    if len(analyses) > 1:
-        with writing(folder):
-            (folder / COMPARISON_FILE).write_text(
-                comparison_markdown(compare(analyses)), encoding="utf-8"
-            )
+    _remove_stale_outputs(folder, analyses, run_dir, console)
+    comparison = folder / COMPARISON_FILE
+    with writing(folder):
+        if len(analyses) > 1:
+            comparison.write_text(comparison_markdown(compare(analyses)), encoding="utf-8")
+        elif comparison.is_file():
+            # An earlier report's, of other models or another metric.
+            comparison.unlink()
+            _say(console, f"{comparison} removed: this report has one model")
     if skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return folder
+
+
+def _remove_stale_outputs(
+    folder: Path, analyses: dict[str, ModelAnalysis], run_dir: Path, console: Console
+) -> None:
+    """Remove the model folders an earlier report wrote in ``folder`` that this one did not
+    (a model gone from the run, or without judgements of this metric): they showed other
+    numbers beside this report's. Only the report's own files go; a folder holding anything
+    else keeps it."""
+    if not folder.is_dir():
+        return
+    metric = next(iter(analyses.values())).metric
+    for entry in sorted(folder.iterdir()):
+        if entry.name in analyses or entry.is_symlink() or not entry.is_dir():
+            continue
+        if not is_model_outputs(entry):
+            continue
+        gone = remove_model_outputs(entry)
+        kept = "" if gone else " (the other files in it are kept)"
+        _say(
+            console,
+            f"{entry.name}: no judgement of metric {metric!r} in {run_dir}; the report files "
+            f"an earlier report wrote in {entry} are removed{kept}",
+        )
+
+
+def _say(console: Console, text: str) -> None:
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:

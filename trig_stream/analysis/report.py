@@ -22,6 +22,17 @@ from trig_stream.analysis.relations import AnalysisError, ModelAnalysis
 from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.records import Judgement
 
+JUDGEMENTS_FILE = "judgements.parquet"
+PLOTS_FOLDER = "plots"
+MODEL_FILES = (
+    "evaluation_result.json",
+    "formatted.json",
+    "result.json",
+    "relationship_codes.csv",
+    "report.md",
+    JUDGEMENTS_FILE,
+)
+"""The files a model's report folder holds besides its plots, in the order they are written."""
 PAIR_HEADER = ["pair", "N", "excluded", "corr", "95% CI", "synergy ρs", "bottleneck ρb", "code"]
 CODE_LEGEND = (
     "Codes: 0 synergy, 3 bottleneck, -2 / 2 dominance (-2: the column dimension wins), "
@@ -176,14 +187,45 @@ def _write_model_outputs(
         (folder / name).write_text(text, encoding="utf-8")
         written.files.append(folder / name)
     check()
-    write_judgements_parquet(judgements, folder / "judgements.parquet")
-    written.files.append(folder / "judgements.parquet")
+    write_judgements_parquet(judgements, folder / JUDGEMENTS_FILE)
+    written.files.append(folder / JUDGEMENTS_FILE)
     if plots and drawing.matplotlib_available():
-        written.files.extend(drawing.write_plots(analysis, folder / "plots", before_each=check))
+        written.files.extend(
+            drawing.write_plots(analysis, folder / PLOTS_FOLDER, before_each=check)
+        )
         return written
     # Plots an earlier report drew would stand beside these files as if they were theirs.
-    for name in drawing.PLOT_FILES:
-        (folder / "plots" / name).unlink(missing_ok=True)
-    with suppress(OSError):  # kept when something else is in it
-        (folder / "plots").rmdir()
+    _remove_plots(folder)
     return WrittenFiles(folder, written.files, plots_skipped=plots)
+
+
+def _remove_plots(folder: Path) -> None:
+    for name in drawing.PLOT_FILES:
+        (folder / PLOTS_FOLDER / name).unlink(missing_ok=True)
+    with suppress(OSError):  # kept when something else is in it
+        (folder / PLOTS_FOLDER).rmdir()
+
+
+def is_model_outputs(folder: Path) -> bool:
+    """Whether ``folder`` holds a model's report files (every file but the plots that
+    :func:`write_model_outputs` writes)."""
+    return all((folder / name).is_file() for name in MODEL_FILES)
+
+
+def remove_model_outputs(folder: Path) -> bool:
+    """Remove the files :func:`write_model_outputs` writes from ``folder``, and the folder
+    when nothing else is in it; anything else (a user's notes) stays. Return whether the
+    folder is gone.
+
+    Raises:
+        AnalysisError: a file cannot be removed.
+    """
+    with writing(folder):
+        for name in MODEL_FILES:
+            (folder / name).unlink(missing_ok=True)
+        _remove_plots(folder)
+        try:
+            folder.rmdir()
+        except OSError:
+            return False
+        return True
