@@ -203,16 +203,19 @@ def write_run_dir(
     metric: str = "trigscore",
     task: Task = "t2i",
     scored: bool = True,
+    judge: JudgeFingerprint | None = None,
 ) -> Path:
     """A run directory with two models, written with the store's own helpers (``scored``
-    False: every judgement unscorable)."""
+    False: every judgement unscorable; ``judge``: the fingerprint in the manifest and the
+    judgements)."""
+    judge = judge or JudgeFingerprint(backend="fake", model="j")
     manifest = Manifest(
         run_name=path.name,
         task=task,
+        judges={metric: judge.model_dump()},
         config={"judges": [{"name": metric}], "relation": relation},
     )
     write_atomic(path / MANIFEST, manifest.model_dump_json().encode())
-    judge = JudgeFingerprint(backend="fake", model="j")
     records = []
     for model, shift in zip(models, (0.0, -0.5), strict=False):
         for pair, images in json.loads(FORMATTED.read_text()).items():
@@ -468,6 +471,35 @@ def test_compare_says_what_each_column_measures_and_which_runs_are_still_going(
         f"Note: a process (pid {os.getpid()}) is still running in {edits}: its columns cover "
         "the judgements so far"
     ) in text
+
+
+def test_compare_says_when_the_columns_judges_or_thresholds_differ(tmp_path: Path) -> None:
+    # Columns were comparable by metric name alone: judges of another scorer or other
+    # params, and runs whose [relation] thresholds differ (cells "that differ" by the
+    # thresholds alone), were compared without a word.
+    trig = JudgeFingerprint(backend="openai", model="m", scorer="trig")
+    robust = JudgeFingerprint(backend="openai", model="m", scorer="robust", params={"t": 0.5})
+    first = write_run_dir(tmp_path / "one", {}, models=("model-a",), judge=trig)
+    second = write_run_dir(
+        tmp_path / "two", {"bottleneck_density": 0.9}, models=("model-a",), judge=robust
+    )
+    out = tmp_path / "c.md"
+    assert run_command("compare", str(first), str(second), "--out", str(out))[0] == 0
+    text = out.read_text()
+    assert "Metric `trigscore`, task `t2i`.\n" in text
+    assert "**The columns are of different judges** (first rows below)" in text
+    assert "| judge | scorer trig, params.t – | scorer robust, params.t 0.5 |" in text
+    assert "**The columns' relation codes use different thresholds**" in text
+    assert "| thresholds | bottleneck_density 0.4 | bottleneck_density 0.9 |" in text
+    # The same thresholds for both (an option), the same judge: nothing to say.
+    same = write_run_dir(tmp_path / "same", {}, models=("model-a",), judge=trig)
+    argv = ["compare", str(first), str(same), "--out", str(out), "--bottleneck-density", "0.9"]
+    assert run_command(*argv)[0] == 0
+    assert "different" not in out.read_text()
+    argv = ["compare", str(second), str(same), "--out", str(out), "--bottleneck-density", "0.9"]
+    assert run_command(*argv)[0] == 0
+    assert "different judges" in out.read_text()
+    assert "thresholds" not in out.read_text()
 
 
 def test_compare_without_a_single_score_says_so(

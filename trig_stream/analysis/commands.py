@@ -299,6 +299,7 @@ def compare_runs(
             raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
     analyses: dict[str, ModelAnalysis] = {}
     tasks: dict[str, str] = {}
+    judges: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     for run_dir, run_label in zip(run_dirs, run_labels(list(seen)), strict=True):
         run = load_run(run_dir)
@@ -309,6 +310,7 @@ def compare_runs(
             assert label not in analyses, f"two columns labelled {label}"
             analyses[label] = analysis
             tasks[label] = run.manifest.task
+            judges[label] = judge_fingerprint(run, model, analysis.metric)
         writer = writer_pid(run_dir)
         if writer is not None:
             notes.append(
@@ -332,7 +334,19 @@ def compare_runs(
                 f"{label} has no ok score (every judgement unscorable or an error): its column "
                 "is empty, and its DTM cells are undefined (-1)"
             )
-    return compare(analyses, tasks, notes)
+    return compare(analyses, tasks, notes, judges)
+
+
+def judge_fingerprint(run: RunData, model: str, metric: str) -> dict[str, Any]:
+    """The fingerprint of the judge that scored ``model`` under ``metric``: the manifest's,
+    else (a judge the latest config no longer has) that of its latest judgement."""
+    stored = run.manifest.judges.get(metric)
+    if stored is not None:
+        return stored
+    for judgement in reversed(run.judgements):
+        if judgement.model == model and judgement.metric == metric:
+            return judgement.judge.model_dump()
+    return {}
 
 
 def run_labels(paths: Sequence[Path]) -> list[str]:
