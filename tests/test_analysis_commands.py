@@ -274,6 +274,44 @@ def test_report_of_a_run_in_progress_says_it_covers_the_judgements_so_far(
     assert "covers the judgements so far" in text
 
 
+def test_a_report_made_mid_run_says_so_in_its_files(tmp_path: Path) -> None:
+    # Only the console said so: report.md and comparison.md read as a finished run's.
+    run = write_run_dir(tmp_path / "run", {})
+    with (run / LOCK).open("a+") as lock:  # as the process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        assert run_command("report", str(run), "--no-plots")[0] == 0
+    note = (
+        f"Note: a process (pid {os.getpid()}) is still running in {run}: this report covers "
+        "the judgements so far (the run writes its own when it ends, unless --no-report)\n"
+    )
+    for name in ("model-a/report.md", "model-b/report.md", "comparison.md"):
+        assert note in (run / "report" / name).read_text()
+    assert run_command("report", str(run), "--no-plots")[0] == 0
+    for name in ("model-a/report.md", "model-b/report.md", "comparison.md"):
+        assert "Note:" not in (run / "report" / name).read_text()
+
+
+def test_the_reports_comparison_says_what_compare_says(make_config: ConfigFactory) -> None:
+    # A generator whose every image failed: compare noted its empty column, the report's
+    # comparison.md listed its -1 cells as differing without a word.
+    config = make_config(
+        samples=8,
+        generators=[
+            {"name": "good", "backend": "synthetic", "options": {"size": 16}},
+            {"name": "bad", "backend": "synthetic", "options": {"failure_rate": 1.0}},
+        ],
+    )
+    anyio.run(run_to_end, config)
+    assert run_command("report", str(config.run_dir), "--no-plots")[0] == 0
+    out = config.run_dir / "compared.md"
+    assert run_command("compare", str(config.run_dir), "--out", str(out))[0] == 0
+    written = (config.run_dir / "report" / "comparison.md").read_text()
+    assert "Note: bad has no ok score (every judgement unscorable or an error)" in written
+    assert written == out.read_text()
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_thresholds_that_are_no_number_are_refused(tmp_path: Path, value: str) -> None:
     # NaN compares false with everything: it silently changed the relation codes.

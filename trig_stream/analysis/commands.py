@@ -151,14 +151,6 @@ def _path(text: str) -> Path:
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """``report RUN_DIR``: exports, markdown report and plots per model, from the journal."""
-    writer = writer_pid(args.run_dir)
-    if writer is not None:
-        console.print(
-            f"a process (pid {writer}) is still running in {args.run_dir}: this report covers "
-            "the judgements so far (the run writes its own when it ends, unless --no-report)",
-            highlight=False,
-            markup=False,
-        )
     write_report(
         args.run_dir,
         console,
@@ -168,6 +160,17 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         plots=not args.no_plots,
     )
     return 0
+
+
+def in_progress_note(run_dir: Path, covering: str) -> str | None:
+    """The note that a process still runs in ``run_dir``, so that ``covering`` ("this
+    report covers") holds the judgements so far; None when none runs there."""
+    writer = writer_pid(run_dir)
+    if writer is None:
+        return None
+    return (
+        f"a process (pid {writer}) is still running in {run_dir}: {covering} the judgements so far"
+    )
 
 
 def write_report(
@@ -189,6 +192,12 @@ def write_report(
         AnalysisError: the run holds no judgement to analyse, or a file cannot be written.
         ReportStopped: ``should_stop`` said so.
     """
+    # Asked before the journal is read: a run that ends meanwhile is reported as one going.
+    note = in_progress_note(run_dir, "this report covers")
+    if note is not None:
+        note += " (the run writes its own when it ends, unless --no-report)"
+        _say(console, note)
+    notes = [note] if note is not None else []
     run = load_run(run_dir)
     thresholds = with_overrides(run.relation, overrides or {})
     analyses = analyse_run(run, thresholds, metric)
@@ -197,7 +206,13 @@ def write_report(
     for model, analysis in analyses.items():
         judgements = [j for j in run.judgements if j.model == model]
         written = write_model_outputs(
-            analysis, judgements, run.metrics, folder / model, plots=plots, should_stop=should_stop
+            analysis,
+            judgements,
+            run.metrics,
+            folder / model,
+            plots=plots,
+            should_stop=should_stop,
+            notes=notes,
         )
         skipped |= written.plots_skipped
         _print_written(console, analysis, written)
@@ -205,7 +220,9 @@ def write_report(
     comparison = folder / COMPARISON_FILE
     with writing(folder):
         if len(analyses) > 1:
-            comparison.write_text(comparison_markdown(compare(analyses)), encoding="utf-8")
+            columns = [(model, run, analysis) for model, analysis in analyses.items()]
+            text = comparison_markdown(_comparison(columns, notes))
+            comparison.write_text(text, encoding="utf-8")
         elif comparison.is_file():
             # An earlier report's, of other models or another metric.
             comparison.unlink()
@@ -297,44 +314,54 @@ def compare_runs(
         if first is not run_dir:
             same = "" if str(first) == str(run_dir) else f" (as {first} and {run_dir})"
             raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
-    analyses: dict[str, ModelAnalysis] = {}
-    tasks: dict[str, str] = {}
-    judges: dict[str, dict[str, Any]] = {}
+    columns: list[tuple[str, RunData, ModelAnalysis]] = []
     notes: list[str] = []
     for run_dir, run_label in zip(run_dirs, run_labels(list(seen)), strict=True):
+        note = in_progress_note(run_dir, "its columns cover")
+        if note is not None:
+            notes.append(note)
         run = load_run(run_dir)
         thresholds = with_overrides(run.relation, overrides or {})
         for model, analysis in analyse_run(run, thresholds, metric).items():
             # Model names hold no "/": with distinct run labels, labels are distinct too.
             label = model if len(run_dirs) == 1 else f"{run_label}/{model}"
-            assert label not in analyses, f"two columns labelled {label}"
-            analyses[label] = analysis
-            tasks[label] = run.manifest.task
-            judges[label] = judge_fingerprint(run, model, analysis.metric)
-        writer = writer_pid(run_dir)
-        if writer is not None:
-            notes.append(
-                f"a process (pid {writer}) is still running in {run_dir}: its columns cover "
-                "the judgements so far"
-            )
-    if len(analyses) < 2:
+            columns.append((label, run, analysis))
+    if len(columns) < 2:
         raise AnalysisError(
-            f"nothing to compare: {len(analyses)} model(s) in {len(run_dirs)} run dir(s)"
+            f"nothing to compare: {len(columns)} model(s) in {len(run_dirs)} run dir(s)"
         )
-    if not any(analysis.dimension_means for analysis in analyses.values()):
-        metrics = ", ".join(f"`{m}`" for m in dict.fromkeys(a.metric for a in analyses.values()))
+    if not any(analysis.dimension_means for _, _, analysis in columns):
+        metrics = ", ".join(f"`{m}`" for m in dict.fromkeys(a.metric for _, _, a in columns))
         raise AnalysisError(
             f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (metric "
             f"{metrics}: every judgement of it is unscorable or an error); `trig-stream "
             "status` counts them, and --metric picks another judge"
         )
-    for label, analysis in analyses.items():
-        if not analysis.dimension_means:
-            notes.append(
-                f"{label} has no ok score (every judgement unscorable or an error): its column "
-                "is empty, and its DTM cells are undefined (-1)"
-            )
-    return compare(analyses, tasks, notes, judges)
+    return _comparison(columns, notes)
+
+
+def _comparison(
+    columns: Sequence[tuple[str, RunData, ModelAnalysis]], notes: Sequence[str]
+) -> Comparison:
+    """The comparison of labelled analyses, with what ``compare`` and a report's
+    ``comparison.md`` both say about them: ``notes`` (a run still going), then a note per
+    column without an ok score."""
+    analyses: dict[str, ModelAnalysis] = {}
+    for label, _, analysis in columns:
+        assert label not in analyses, f"two columns labelled {label}"
+        analyses[label] = analysis
+    empty = [
+        f"{label} has no ok score (every judgement unscorable or an error): its column is "
+        "empty, and its DTM cells are undefined (-1)"
+        for label, analysis in analyses.items()
+        if not analysis.dimension_means
+    ]
+    return compare(
+        analyses,
+        {label: run.manifest.task for label, run, _ in columns},
+        [*notes, *empty],
+        {label: judge_fingerprint(run, a.model, a.metric) for label, run, a in columns},
+    )
 
 
 def judge_fingerprint(run: RunData, model: str, metric: str) -> dict[str, Any]:

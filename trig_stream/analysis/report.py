@@ -46,8 +46,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def markdown_report(analysis: ModelAnalysis) -> str:
-    """A readable report: thresholds, dimension means, the pair table and the DTM."""
+def markdown_report(analysis: ModelAnalysis, notes: Sequence[str] = ()) -> str:
+    """A readable report: thresholds, ``notes`` (a run still going), dimension means, the
+    pair table and the DTM."""
     t = analysis.thresholds
     lines = [
         f"# TRIG relation analysis: {analysis.model}",
@@ -57,6 +58,7 @@ def markdown_report(analysis: ModelAnalysis) -> str:
         f"ρb ≥ {t.bottleneck_density:g}, dominance ratio > 1/{t.dominance_ratio:g}, "
         f"trade-off corr < {t.tradeoff_corr:g}.",
         "",
+        *(line for note in notes for line in (f"Note: {note}", "")),
         f"{sum(p.n for p in analysis.pairs)} complete images in {len(analysis.pairs)} pairs; "
         f"{analysis.excluded} images left out because a score was missing.",
         "",
@@ -136,6 +138,7 @@ def write_model_outputs(
     *,
     plots: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
+    notes: Sequence[str] = (),
 ) -> WrittenFiles:
     """Write one model's exports, report and (when matplotlib is there) plots into ``folder``.
 
@@ -146,6 +149,7 @@ def write_model_outputs(
         folder: created when missing.
         plots: draw the PNGs when matplotlib is importable.
         should_stop: asked between two files (the plots take seconds each).
+        notes: what the markdown report says before its numbers (a run still going).
 
     Raises:
         AnalysisError: a file cannot be written.
@@ -157,7 +161,7 @@ def write_model_outputs(
             raise ReportStopped(f"stopped while writing {folder}")
 
     with writing(folder):
-        return _write_model_outputs(analysis, judgements, metrics, folder, plots, check)
+        return _write_model_outputs(analysis, judgements, metrics, folder, plots, check, notes)
 
 
 def _write_model_outputs(
@@ -167,6 +171,7 @@ def _write_model_outputs(
     folder: Path,
     plots: bool,
     check: Callable[[], None],
+    notes: Sequence[str],
 ) -> WrittenFiles:
     check()
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,7 +186,7 @@ def _write_model_outputs(
         written.files.append(folder / name)
     texts = {
         "relationship_codes.csv": relationship_codes_csv(analysis),
-        "report.md": markdown_report(analysis),
+        "report.md": markdown_report(analysis, notes),
     }
     for name, text in texts.items():
         (folder / name).write_text(text, encoding="utf-8")
