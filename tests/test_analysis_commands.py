@@ -195,6 +195,26 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
         )
 
 
+def test_analyze_says_a_formatted_file_without_a_scored_image_is_one(tmp_path: Path) -> None:
+    # A report's formatted.json for a model with no complete image ({pair: {}, ...}) was
+    # "neither a TRIG evaluation result nor a formatted file".
+    run = write_run_dir(tmp_path / "run", {}, scored=False)
+    assert run_command("report", str(run), "--no-plots")[0] == 0
+    formatted = run / "report" / "model-a" / "formatted.json"
+    document = json.loads(formatted.read_text())
+    assert document and all(value == {} for value in document.values())
+    with pytest.raises(AnalysisError) as raised:
+        run_command("analyze", str(formatted), "--out", str(tmp_path / "o"))
+    assert str(raised.value).startswith(
+        f"{formatted}: a formatted file ({{pair: {{data_id: [score_A, score_B]}}}}) with no "
+        "scored image: every pair is empty, so there is nothing to analyse"
+    )
+    # Not a formatted file's layout unless every key is a pair.
+    (tmp_path / "other.json").write_text(json.dumps({"IQ-R_TA-C": {}, "x": {}}))
+    with pytest.raises(AnalysisError, match="neither a TRIG evaluation result"):
+        run_command("analyze", str(tmp_path / "other.json"), "--out", str(tmp_path / "o"))
+
+
 def write_run_dir(
     path: Path,
     relation: dict[str, float],
