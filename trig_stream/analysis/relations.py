@@ -99,7 +99,10 @@ class PairStats:
     tradeoff_points: int
     above: int | None
     below: int | None
-    """The trade-off zone's split around its fitted line (None below 10 points)."""
+    """The trade-off zone's split around its fitted line (None below 10 points): above it,
+    and on or below it (TRIG's rule)."""
+    on_line: int | None
+    """Of ``below``, the points on the line (None below 10 points)."""
     code: RelationCode
     mean_first: float
     mean_second: float
@@ -244,6 +247,7 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
         tradeoff_points=tradeoff_points,
         above=None if split is None else split.above,
         below=None if split is None else split.below,
+        on_line=None if split is None else split.on_line,
         code=code,
         mean_first=mean_first,
         mean_second=mean_second,
