@@ -23,6 +23,7 @@ from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
 from trig_stream.analysis.relations import default_metric
+from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import MissingExtraError, RunDirError
 from trig_stream.records import JudgeFingerprint, Judgement
@@ -194,6 +195,26 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
         )
 
 
+def test_analyze_says_a_formatted_file_without_a_scored_image_is_one(tmp_path: Path) -> None:
+    # A report's formatted.json for a model with no complete image ({pair: {}, ...}) was
+    # "neither a TRIG evaluation result nor a formatted file".
+    run = write_run_dir(tmp_path / "run", {}, scored=False)
+    assert run_command("report", str(run), "--no-plots")[0] == 0
+    formatted = run / "report" / "model-a" / "formatted.json"
+    document = json.loads(formatted.read_text())
+    assert document and all(value == {} for value in document.values())
+    with pytest.raises(AnalysisError) as raised:
+        run_command("analyze", str(formatted), "--out", str(tmp_path / "o"))
+    assert str(raised.value).startswith(
+        f"{formatted}: a formatted file ({{pair: {{data_id: [score_A, score_B]}}}}) with no "
+        "scored image: every pair is empty, so there is nothing to analyse"
+    )
+    # Not a formatted file's layout unless every key is a pair.
+    (tmp_path / "other.json").write_text(json.dumps({"IQ-R_TA-C": {}, "x": {}}))
+    with pytest.raises(AnalysisError, match="neither a TRIG evaluation result"):
+        run_command("analyze", str(tmp_path / "other.json"), "--out", str(tmp_path / "o"))
+
+
 def write_run_dir(
     path: Path,
     relation: dict[str, float],
@@ -202,16 +223,19 @@ def write_run_dir(
     metric: str = "trigscore",
     task: Task = "t2i",
     scored: bool = True,
+    judge: JudgeFingerprint | None = None,
 ) -> Path:
     """A run directory with two models, written with the store's own helpers (``scored``
-    False: every judgement unscorable)."""
+    False: every judgement unscorable; ``judge``: the fingerprint in the manifest and the
+    judgements)."""
+    judge = judge or JudgeFingerprint(backend="fake", model="j")
     manifest = Manifest(
         run_name=path.name,
         task=task,
+        judges={metric: judge.model_dump()},
         config={"judges": [{"name": metric}], "relation": relation},
     )
     write_atomic(path / MANIFEST, manifest.model_dump_json().encode())
-    judge = JudgeFingerprint(backend="fake", model="j")
     records = []
     for model, shift in zip(models, (0.0, -0.5), strict=False):
         for pair, images in json.loads(FORMATTED.read_text()).items():
@@ -270,6 +294,44 @@ def test_report_of_a_run_in_progress_says_it_covers_the_judgements_so_far(
     assert "covers the judgements so far" in text
 
 
+def test_a_report_made_mid_run_says_so_in_its_files(tmp_path: Path) -> None:
+    # Only the console said so: report.md and comparison.md read as a finished run's.
+    run = write_run_dir(tmp_path / "run", {})
+    with (run / LOCK).open("a+") as lock:  # as the process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        assert run_command("report", str(run), "--no-plots")[0] == 0
+    note = (
+        f"Note: a process (pid {os.getpid()}) is still running in {run}: this report covers "
+        "the judgements so far (the run writes its own when it ends, unless --no-report)\n"
+    )
+    for name in ("model-a/report.md", "model-b/report.md", "comparison.md"):
+        assert note in (run / "report" / name).read_text()
+    assert run_command("report", str(run), "--no-plots")[0] == 0
+    for name in ("model-a/report.md", "model-b/report.md", "comparison.md"):
+        assert "Note:" not in (run / "report" / name).read_text()
+
+
+def test_the_reports_comparison_says_what_compare_says(make_config: ConfigFactory) -> None:
+    # A generator whose every image failed: compare noted its empty column, the report's
+    # comparison.md listed its -1 cells as differing without a word.
+    config = make_config(
+        samples=8,
+        generators=[
+            {"name": "good", "backend": "synthetic", "options": {"size": 16}},
+            {"name": "bad", "backend": "synthetic", "options": {"failure_rate": 1.0}},
+        ],
+    )
+    anyio.run(run_to_end, config)
+    assert run_command("report", str(config.run_dir), "--no-plots")[0] == 0
+    out = config.run_dir / "compared.md"
+    assert run_command("compare", str(config.run_dir), "--out", str(out))[0] == 0
+    written = (config.run_dir / "report" / "comparison.md").read_text()
+    assert "Note: bad has no ok score (every judgement unscorable or an error)" in written
+    assert written == out.read_text()
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_thresholds_that_are_no_number_are_refused(tmp_path: Path, value: str) -> None:
     # NaN compares false with everything: it silently changed the relation codes.
@@ -324,6 +386,37 @@ def test_a_report_without_plots_removes_those_an_earlier_one_drew(tmp_path: Path
     assert run_command("report", str(run), "--synergy", "0.7", "--no-plots")[0] == 0
     assert not plots.exists()
     assert [p.name for p in (run / "report" / "model-b" / "plots").iterdir()] == ["mine.txt"]
+
+
+def test_a_report_removes_the_model_folders_and_comparison_an_earlier_one_wrote(
+    tmp_path: Path,
+) -> None:
+    # `report two --out X` (two models) then `report one --out X` (one model): model-b's
+    # folder and comparison.md stayed, the earlier numbers beside the new ones, unsaid.
+    two = write_run_dir(tmp_path / "two", {})
+    one = write_run_dir(tmp_path / "one", {"synergy_density": 0.7}, models=("model-a",))
+    out = tmp_path / "out"
+    assert run_command("report", str(two), "--out", str(out), "--no-plots")[0] == 0
+    assert {p.name for p in (out / "model-b").iterdir()} == set(MODEL_FILES)
+    (out / "notes.txt").write_text("mine")
+    (out / "drafts").mkdir()
+    (out / "drafts" / "report.md").write_text("mine: no report folder")
+    code, text = run_command("report", str(one), "--out", str(out), "--no-plots")
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"model-a", "notes.txt", "drafts"}
+    assert (
+        f"model-b: no judgement of metric 'trigscore' in {one}; the report files an earlier "
+        f"report wrote in {out / 'model-b'} are removed\n"
+    ) in text
+    assert f"{out / 'comparison.md'} removed: this report has one model" in text
+    assert (out / "drafts" / "report.md").read_text() == "mine: no report folder"
+    # A file of the user's in the folder stays, and so does the folder.
+    assert run_command("report", str(two), "--out", str(out), "--no-plots")[0] == 0
+    assert (out / "comparison.md").is_file()
+    (out / "model-b" / "mine.txt").write_text("kept")
+    code, text = run_command("report", str(one), "--out", str(out), "--no-plots")
+    assert [p.name for p in (out / "model-b").iterdir()] == ["mine.txt"]
+    assert "(the other files in it are kept)" in text
 
 
 def test_report_without_matplotlib_notes_the_extra(
@@ -436,6 +529,35 @@ def test_compare_says_what_each_column_measures_and_which_runs_are_still_going(
         f"Note: a process (pid {os.getpid()}) is still running in {edits}: its columns cover "
         "the judgements so far"
     ) in text
+
+
+def test_compare_says_when_the_columns_judges_or_thresholds_differ(tmp_path: Path) -> None:
+    # Columns were comparable by metric name alone: judges of another scorer or other
+    # params, and runs whose [relation] thresholds differ (cells "that differ" by the
+    # thresholds alone), were compared without a word.
+    trig = JudgeFingerprint(backend="openai", model="m", scorer="trig")
+    robust = JudgeFingerprint(backend="openai", model="m", scorer="robust", params={"t": 0.5})
+    first = write_run_dir(tmp_path / "one", {}, models=("model-a",), judge=trig)
+    second = write_run_dir(
+        tmp_path / "two", {"bottleneck_density": 0.9}, models=("model-a",), judge=robust
+    )
+    out = tmp_path / "c.md"
+    assert run_command("compare", str(first), str(second), "--out", str(out))[0] == 0
+    text = out.read_text()
+    assert "Metric `trigscore`, task `t2i`.\n" in text
+    assert "**The columns are of different judges** (first rows below)" in text
+    assert "| judge | scorer trig, params.t – | scorer robust, params.t 0.5 |" in text
+    assert "**The columns' relation codes use different thresholds**" in text
+    assert "| thresholds | bottleneck_density 0.4 | bottleneck_density 0.9 |" in text
+    # The same thresholds for both (an option), the same judge: nothing to say.
+    same = write_run_dir(tmp_path / "same", {}, models=("model-a",), judge=trig)
+    argv = ["compare", str(first), str(same), "--out", str(out), "--bottleneck-density", "0.9"]
+    assert run_command(*argv)[0] == 0
+    assert "different" not in out.read_text()
+    argv = ["compare", str(second), str(same), "--out", str(out), "--bottleneck-density", "0.9"]
+    assert run_command(*argv)[0] == 0
+    assert "different judges" in out.read_text()
+    assert "thresholds" not in out.read_text()
 
 
 def test_compare_without_a_single_score_says_so(
@@ -614,3 +736,44 @@ def test_the_default_metric_is_the_first_that_measured_every_dimension() -> None
     assert default_metric(["nsfw", "vlm"], {"nsfw": toxicity, "vlm": everything}) == "vlm"
     assert default_metric(["a", "b"], {"a": everything, "b": everything}) == "a"
     assert default_metric(["a", "b"], {"a": toxicity, "b": realism}) == "a"  # none: the first
+
+
+def test_a_judge_whose_every_judgement_failed_is_not_the_default_metric(
+    make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its errors counted as measuring every dimension: the report and `compare` analysed it
+    # (all -1, every image left out) over a judge with full scores, and `compare` said there
+    # was no ok score at all; the dashboard picked the judge with scores.
+    from trig_stream.tui.dashboard import ordered_views
+    from trig_stream.tui.watch_source import RunDirSource
+
+    config = make_config(
+        samples=8,
+        generators=[
+            {"name": name, "backend": "synthetic", "options": {"size": 16}} for name in ("g1", "g2")
+        ],
+        judges=[
+            {"name": "broken", "backend": "fake", "options": {"error_rate": 1.0}},
+            {"name": "good", "backend": "fake"},
+        ],
+    )
+    judgements = anyio.run(run_to_end, config)
+    assert {j.status for j in judgements if j.metric == "broken"} == {"error"}
+    code, text = run_command("report", str(config.run_dir), "--no-plots")
+    assert code == 0 and "0 images left out" in text
+    for model in ("g1", "g2"):
+        report = (config.run_dir / "report" / model / "report.md").read_text()
+        assert "Metric `good`" in report
+    assert "Metric `good`" in (config.run_dir / "report" / "comparison.md").read_text()
+    assert run_command("compare", str(config.run_dir))[0] == 0
+    assert "Metric `good`" in capsys.readouterr().out
+    first: dict[str, str] = {}
+    for view in ordered_views(RunDirSource(config.run_dir).poll()):
+        first.setdefault(view.model, view.metric)
+    assert first == {"g1": "good", "g2": "good"}
+    # Asked for by name, it is analysed, and `compare` names the metric that has no score.
+    code, _ = run_command("report", str(config.run_dir), "--no-plots", "--metric", "broken")
+    assert code == 0
+    assert "Metric `broken`" in (config.run_dir / "report" / "g1" / "report.md").read_text()
+    with pytest.raises(AnalysisError, match=r"no ok score in .* \(metric `broken`: every "):
+        compare_runs([config.run_dir], metric="broken")

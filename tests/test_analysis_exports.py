@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from tests.test_analysis_relations import ABOVE, BELOW, judgements_for
 from trig_stream.analysis import analyse_judgements
 from trig_stream.analysis.compare import compare, comparison_markdown
 from trig_stream.analysis.exports import (
@@ -203,3 +204,35 @@ def test_the_dtm_plot_shows_below_the_diagonal_the_pair_its_code_is_from(
     # Row IQ-O, column IQ-A: the CSV and the code above use pair IQ-A_IQ-O.
     assert "[0.300-0.600]" in relationship_codes_csv(analysis)
     assert _mean_cell(analysis, "IQ-O", "IQ-A")[1] == "0.30\n0.60"
+
+
+@pytest.mark.parametrize(
+    ("pair", "scores", "insight"),
+    [
+        # Every point on the line: +2 by TRIG's rule (below = Y <= fitted), which the text
+        # called "12 of 12 falling on its side of the fitted line".
+        (
+            "IQ-R_TA-C",
+            ([0.75] * 12, [0.75] * 12),
+            "the images favour IQ-R (Realism), 12 of 12 on or below the fitted line (12 of "
+            "them on it, which TRIG counts as below).",
+        ),
+        (
+            "TA-C_IQ-R",
+            ([0.75] * 12, [0.75] * 12),
+            "the images favour TA-C (Content alignment), 12 of 12 on or below the fitted line "
+            "(12 of them on it, which TRIG counts as below).",
+        ),
+        ("IQ-R_TA-C", ABOVE, "the images favour TA-C (Content alignment), 8 of 10 above the"),
+        ("TA-C_IQ-R", ABOVE, "the images favour IQ-R (Realism), 8 of 10 above the fitted line."),
+        ("IQ-R_TA-C", BELOW, "favour IQ-R (Realism), 8 of 10 on or below the fitted line."),
+    ],
+)
+def test_a_dominance_insight_says_where_the_points_lie(
+    pair: str, scores: tuple[list[float], list[float]], insight: str
+) -> None:
+    analysis = analyse_judgements(judgements_for(pair, *scores))[("m", "trigscore")]
+    texts = {tuple(i["dimensions"]): i for i in result_document(analysis)["insights"]}
+    found = texts[("IQ-R", "TA-C")]
+    assert found["type"] == "dominance"
+    assert insight in found["description"]

@@ -138,11 +138,11 @@ def test_points_on_the_fitted_line_count_as_below() -> None:
     # it. Its rounding in floating point counted them above, and flipped the code to -2.
     x, y = [0.0] * 3 + [1.0] * 12, [0.5] * 3 + [0.5] * 6 + [0.0] * 6
     stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection())
-    assert (stats.above, stats.below, stats.code) == (6, 9, 2)
+    assert (stats.above, stats.below, stats.on_line, stats.code) == (6, 9, 3, 2)
     # A constant Y whose mean is not exact (ten 0.613s): every point is on the flat line.
     flat = [round(i / 9, 3) for i in range(10)], [0.613] * 10
     stats, _ = analyse_pair(columns("IQ-R_TA-C", *flat), RelationSection())
-    assert (stats.above, stats.below, stats.code) == (0, 10, 2)
+    assert (stats.above, stats.below, stats.on_line, stats.code) == (0, 10, 10, 2)
 
 
 def test_dominance_at_exactly_the_ratio_does_not_fire() -> None:

@@ -23,7 +23,13 @@ from trig_stream.analysis.inputs import (
     with_overrides,
 )
 from trig_stream.analysis.relations import ModelAnalysis, analyse_judgements, default_metric
-from trig_stream.analysis.report import WrittenFiles, write_model_outputs, writing
+from trig_stream.analysis.report import (
+    WrittenFiles,
+    is_model_outputs,
+    remove_model_outputs,
+    write_model_outputs,
+    writing,
+)
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
@@ -96,9 +102,12 @@ def _pick_metric(
     if not metrics:
         raise AnalysisError(f"{source}: no judgements to analyse")
     if requested is None:
+        # A judge whose every judgement failed measured nothing: counted as measuring its
+        # dimensions, it was analysed (all -1) over a judge with full scores.
         measured: dict[str, set[Dimension]] = {}
         for judgement in judgements:
-            measured.setdefault(judgement.metric, set()).add(judgement.dimension)
+            if judgement.status == "ok":
+                measured.setdefault(judgement.metric, set()).add(judgement.dimension)
         return default_metric(metrics, measured)
     if requested not in metrics:
         raise AnalysisError(f"{source}: no metric {requested!r}; it has {', '.join(metrics)}")
@@ -142,14 +151,6 @@ def _path(text: str) -> Path:
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """``report RUN_DIR``: exports, markdown report and plots per model, from the journal."""
-    writer = writer_pid(args.run_dir)
-    if writer is not None:
-        console.print(
-            f"a process (pid {writer}) is still running in {args.run_dir}: this report covers "
-            "the judgements so far (the run writes its own when it ends, unless --no-report)",
-            highlight=False,
-            markup=False,
-        )
     write_report(
         args.run_dir,
         console,
@@ -159,6 +160,17 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         plots=not args.no_plots,
     )
     return 0
+
+
+def in_progress_note(run_dir: Path, covering: str) -> str | None:
+    """The note that a process still runs in ``run_dir``, so that ``covering`` ("this
+    report covers") holds the judgements so far; None when none runs there."""
+    writer = writer_pid(run_dir)
+    if writer is None:
+        return None
+    return (
+        f"a process (pid {writer}) is still running in {run_dir}: {covering} the judgements so far"
+    )
 
 
 def write_report(
@@ -180,6 +192,12 @@ def write_report(
         AnalysisError: the run holds no judgement to analyse, or a file cannot be written.
         ReportStopped: ``should_stop`` said so.
     """
+    # Asked before the journal is read: a run that ends meanwhile is reported as one going.
+    note = in_progress_note(run_dir, "this report covers")
+    if note is not None:
+        note += " (the run writes its own when it ends, unless --no-report)"
+        _say(console, note)
+    notes = [note] if note is not None else []
     run = load_run(run_dir)
     thresholds = with_overrides(run.relation, overrides or {})
     analyses = analyse_run(run, thresholds, metric)
@@ -188,18 +206,58 @@ def write_report(
     for model, analysis in analyses.items():
         judgements = [j for j in run.judgements if j.model == model]
         written = write_model_outputs(
-            analysis, judgements, run.metrics, folder / model, plots=plots, should_stop=should_stop
+            analysis,
+            judgements,
+            run.metrics,
+            folder / model,
+            plots=plots,
+            should_stop=should_stop,
+            notes=notes,
         )
         skipped |= written.plots_skipped
         _print_written(console, analysis, written)
-    if len(analyses) > 1:
-        with writing(folder):
-            (folder / COMPARISON_FILE).write_text(
-                comparison_markdown(compare(analyses)), encoding="utf-8"
-            )
+    _remove_stale_outputs(folder, analyses, run_dir, console)
+    comparison = folder / COMPARISON_FILE
+    with writing(folder):
+        if len(analyses) > 1:
+            columns = [(model, run, analysis) for model, analysis in analyses.items()]
+            text = comparison_markdown(_comparison(columns, notes))
+            comparison.write_text(text, encoding="utf-8")
+        elif comparison.is_file():
+            # An earlier report's, of other models or another metric.
+            comparison.unlink()
+            _say(console, f"{comparison} removed: this report has one model")
     if skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return folder
+
+
+def _remove_stale_outputs(
+    folder: Path, analyses: dict[str, ModelAnalysis], run_dir: Path, console: Console
+) -> None:
+    """Remove the model folders an earlier report wrote in ``folder`` that this one did not
+    (a model gone from the run, or without judgements of this metric): they showed other
+    numbers beside this report's. Only the report's own files go; a folder holding anything
+    else keeps it."""
+    if not folder.is_dir():
+        return
+    metric = next(iter(analyses.values())).metric
+    for entry in sorted(folder.iterdir()):
+        if entry.name in analyses or entry.is_symlink() or not entry.is_dir():
+            continue
+        if not is_model_outputs(entry):
+            continue
+        gone = remove_model_outputs(entry)
+        kept = "" if gone else " (the other files in it are kept)"
+        _say(
+            console,
+            f"{entry.name}: no judgement of metric {metric!r} in {run_dir}; the report files "
+            f"an earlier report wrote in {entry} are removed{kept}",
+        )
+
+
+def _say(console: Console, text: str) -> None:
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
@@ -256,40 +314,66 @@ def compare_runs(
         if first is not run_dir:
             same = "" if str(first) == str(run_dir) else f" (as {first} and {run_dir})"
             raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
-    analyses: dict[str, ModelAnalysis] = {}
-    tasks: dict[str, str] = {}
+    columns: list[tuple[str, RunData, ModelAnalysis]] = []
     notes: list[str] = []
     for run_dir, run_label in zip(run_dirs, run_labels(list(seen)), strict=True):
+        note = in_progress_note(run_dir, "its columns cover")
+        if note is not None:
+            notes.append(note)
         run = load_run(run_dir)
         thresholds = with_overrides(run.relation, overrides or {})
         for model, analysis in analyse_run(run, thresholds, metric).items():
             # Model names hold no "/": with distinct run labels, labels are distinct too.
             label = model if len(run_dirs) == 1 else f"{run_label}/{model}"
-            assert label not in analyses, f"two columns labelled {label}"
-            analyses[label] = analysis
-            tasks[label] = run.manifest.task
-        writer = writer_pid(run_dir)
-        if writer is not None:
-            notes.append(
-                f"a process (pid {writer}) is still running in {run_dir}: its columns cover "
-                "the judgements so far"
-            )
-    if len(analyses) < 2:
+            columns.append((label, run, analysis))
+    if len(columns) < 2:
         raise AnalysisError(
-            f"nothing to compare: {len(analyses)} model(s) in {len(run_dirs)} run dir(s)"
+            f"nothing to compare: {len(columns)} model(s) in {len(run_dirs)} run dir(s)"
         )
-    if not any(analysis.dimension_means for analysis in analyses.values()):
+    if not any(analysis.dimension_means for _, _, analysis in columns):
+        metrics = ", ".join(f"`{m}`" for m in dict.fromkeys(a.metric for _, _, a in columns))
         raise AnalysisError(
-            f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (every "
-            "judgement is unscorable or an error); `trig-stream status` counts them"
+            f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (metric "
+            f"{metrics}: every judgement of it is unscorable or an error); `trig-stream "
+            "status` counts them, and --metric picks another judge"
         )
-    for label, analysis in analyses.items():
-        if not analysis.dimension_means:
-            notes.append(
-                f"{label} has no ok score (every judgement unscorable or an error): its column "
-                "is empty, and its DTM cells are undefined (-1)"
-            )
-    return compare(analyses, tasks, notes)
+    return _comparison(columns, notes)
+
+
+def _comparison(
+    columns: Sequence[tuple[str, RunData, ModelAnalysis]], notes: Sequence[str]
+) -> Comparison:
+    """The comparison of labelled analyses, with what ``compare`` and a report's
+    ``comparison.md`` both say about them: ``notes`` (a run still going), then a note per
+    column without an ok score."""
+    analyses: dict[str, ModelAnalysis] = {}
+    for label, _, analysis in columns:
+        assert label not in analyses, f"two columns labelled {label}"
+        analyses[label] = analysis
+    empty = [
+        f"{label} has no ok score (every judgement unscorable or an error): its column is "
+        "empty, and its DTM cells are undefined (-1)"
+        for label, analysis in analyses.items()
+        if not analysis.dimension_means
+    ]
+    return compare(
+        analyses,
+        {label: run.manifest.task for label, run, _ in columns},
+        [*notes, *empty],
+        {label: judge_fingerprint(run, a.model, a.metric) for label, run, a in columns},
+    )
+
+
+def judge_fingerprint(run: RunData, model: str, metric: str) -> dict[str, Any]:
+    """The fingerprint of the judge that scored ``model`` under ``metric``: the manifest's,
+    else (a judge the latest config no longer has) that of its latest judgement."""
+    stored = run.manifest.judges.get(metric)
+    if stored is not None:
+        return stored
+    for judgement in reversed(run.judgements):
+        if judgement.model == model and judgement.metric == metric:
+            return judgement.judge.model_dump()
+    return {}
 
 
 def run_labels(paths: Sequence[Path]) -> list[str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.analysis.stats import RelationCode
@@ -36,6 +38,11 @@ class Comparison:
     """Label -> its TRIG task, when known."""
     notes: tuple[str, ...] = ()
     """What a reader must know to trust the numbers (a run still in progress)."""
+    judges: dict[str, str] = field(default_factory=dict)
+    """Label -> the fields of its judge's fingerprint on which the columns differ (scorer,
+    params, ...); empty when every column's judge is the same."""
+    thresholds: dict[str, str] = field(default_factory=dict)
+    """Label -> the relation thresholds on which the columns differ; empty when alike."""
 
     @property
     def agreeing_cells(self) -> int:
@@ -48,6 +55,7 @@ def compare(
     analyses: Mapping[str, ModelAnalysis],
     tasks: Mapping[str, str] | None = None,
     notes: Sequence[str] = (),
+    judges: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Comparison:
     """Compare analyses given by label (a model name, or ``run/model`` across run dirs).
 
@@ -55,6 +63,8 @@ def compare(
         analyses: label -> analysis.
         tasks: label -> TRIG task, when known.
         notes: lines the comparison carries (see :attr:`Comparison.notes`).
+        judges: label -> the fingerprint of the judge its scores are of (a manifest's
+            entry), when known.
     """
     labels = tuple(analyses)
     means = {
@@ -74,7 +84,45 @@ def compare(
             if len(set(codes.values())) > 1:
                 differences.append(DTMDifference(row, column, codes))
     metrics = {label: analysis.metric for label, analysis in analyses.items()}
-    return Comparison(labels, means, tuple(differences), metrics, dict(tasks or {}), tuple(notes))
+    thresholds = {label: a.thresholds.model_dump() for label, a in analyses.items()}
+    return Comparison(
+        labels,
+        means,
+        tuple(differences),
+        metrics,
+        dict(tasks or {}),
+        tuple(notes),
+        judges=_differing(judges or {}),
+        thresholds=_differing(thresholds),
+    )
+
+
+def _differing(values: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Label -> ``key value`` for each key on which the labels' values differ (nested keys
+    as ``params.seed``); empty when they are all alike."""
+    flat = {label: _flatten(value) for label, value in values.items()}
+    keys = dict.fromkeys(key for entries in flat.values() for key in entries)
+    apart = [key for key in keys if len({entries.get(key, "–") for entries in flat.values()}) > 1]
+    if not apart:
+        return {}
+    return {
+        label: ", ".join(f"{key} {entries.get(key, '–')}" for key in apart)
+        for label, entries in flat.items()
+    }
+
+
+def _flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if isinstance(item, Mapping):  # an empty one: nothing set, as when it is missing
+            out.update(_flatten(item, f"{prefix}{key}."))
+        elif isinstance(item, float):
+            out[prefix + key] = f"{item:g}"
+        elif isinstance(item, str):
+            out[prefix + key] = item
+        else:
+            out[prefix + key] = json.dumps(item, sort_keys=True, default=str)
+    return out
 
 
 def comparison_markdown(comparison: Comparison) -> str:
@@ -92,11 +140,22 @@ def comparison_markdown(comparison: Comparison) -> str:
     if alike:
         said = ", ".join(alike)
         lines += [f"{said[0].upper()}{said[1:]}.", ""]
+    if comparison.judges:
+        apart.append(("judge", comparison.judges))
     if apart:
-        kinds = " and ".join(f"{what}s" for what, _ in apart)
+        kinds = [f"{what}s" for what, _ in apart]
+        said = ", ".join(kinds[:-1]) + " and " + kinds[-1] if len(kinds) > 1 else kinds[0]
         lines += [
-            f"**The columns are of different {kinds}** (first rows below): their numbers do "
+            f"**The columns are of different {said}** (first rows below): their numbers do "
             "not measure the same thing.",
+            "",
+        ]
+    if comparison.thresholds:
+        apart.append(("thresholds", comparison.thresholds))
+        lines += [
+            "**The columns' relation codes use different thresholds** (row `thresholds` "
+            "below): DTM cells can differ by the thresholds alone; the threshold options "
+            "(`--synergy-density` and the others) set them alike for every column.",
             "",
         ]
     lines += [f"Note: {note}" for note in comparison.notes]

@@ -140,10 +140,17 @@ def insight(analysis: ModelAnalysis, first: Dimension, second: Dimension) -> dic
         )
     elif kind == "dominance":
         winner = second if code == -2 else first
+        # Seen from the pair as written: its Y side wins with the points above the line.
+        y_wins = (code == -2) == (stats.first == first)
+        if y_wins:
+            side = f"{stats.above or 0} of {stats.tradeoff_points} above the fitted line"
+        else:
+            side = f"{stats.below or 0} of {stats.tradeoff_points} on or below the fitted line"
+            if stats.on_line:
+                side += f" ({stats.on_line} of them on it, which TRIG counts as below)"
         text = (
             f"In the trade-off zone one side wins: the images favour {winner} "
-            f"({DIMENSION_NAMES[winner]}), {max(stats.above or 0, stats.below or 0)} of "
-            f"{stats.tradeoff_points} falling on its side of the fitted line."
+            f"({DIMENSION_NAMES[winner]}), {side}."
         )
     elif kind == "tradeoff":
         text = (

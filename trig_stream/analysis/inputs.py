@@ -189,6 +189,14 @@ def read_upstream(
         raise AnalysisError(f"{path}: invalid value: {exc.errors()[0]['msg']}") from None
     except (TypeError, ValueError, AttributeError, IndexError) as exc:
         raise AnalysisError(f"{path}: {exc}") from None
+    if all(_is_pair(key) and value == {} for key, value in document.items()):
+        # As a report writes it for a model without one image scored on both dimensions.
+        raise AnalysisError(
+            f"{path}: a formatted file ({{pair: {{data_id: [score_A, score_B]}}}}) with no "
+            "scored image: every pair is empty, so there is nothing to analyse; a formatted "
+            "file holds only the images scored on both dimensions of their pair, an evaluation "
+            "result (a report's evaluation_result.json) every score"
+        )
     raise AnalysisError(
         f"{path}: neither a TRIG evaluation result ({{data_id: {{dim: [{{metric: score}}]}}}})"
         " nor a formatted file ({pair: {data_id: [score_A, score_B]}})"

@@ -99,7 +99,10 @@ class PairStats:
     tradeoff_points: int
     above: int | None
     below: int | None
-    """The trade-off zone's split around its fitted line (None below 10 points)."""
+    """The trade-off zone's split around its fitted line (None below 10 points): above it,
+    and on or below it (TRIG's rule)."""
+    on_line: int | None
+    """Of ``below``, the points on the line (None below 10 points)."""
     code: RelationCode
     mean_first: float
     mean_second: float
@@ -162,6 +165,8 @@ class ModelAnalysis:
 def default_metric(metrics: Sequence[str], measured: Mapping[str, Collection[Dimension]]) -> str:
     """The metric analysed when none is named: of ``metrics`` (the config's judges first, in
     order), the first that measured every dimension any of them measured; else the first.
+    A metric has measured a dimension when it holds an ``ok`` score on it: errors and
+    unscorable answers measure nothing.
 
     A metric judge such as ``nsfw`` is asked about a few dimensions only (``R-T``): analysed
     because it came first in the config, it left every other dimension out of the DTM, and
@@ -170,7 +175,7 @@ def default_metric(metrics: Sequence[str], measured: Mapping[str, Collection[Dim
 
     Args:
         metrics: the candidates, in order; not empty.
-        measured: the dimensions each metric measured (has judgements on).
+        measured: the dimensions each metric measured (has ok scores on).
     """
     everything = {dimension for dimensions in measured.values() for dimension in dimensions}
     for metric in metrics:
@@ -242,6 +247,7 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
         tradeoff_points=tradeoff_points,
         above=None if split is None else split.above,
         below=None if split is None else split.below,
+        on_line=None if split is None else split.on_line,
         code=code,
         mean_first=mean_first,
         mean_second=mean_second,

@@ -22,6 +22,17 @@ from trig_stream.analysis.relations import AnalysisError, ModelAnalysis
 from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.records import Judgement
 
+JUDGEMENTS_FILE = "judgements.parquet"
+PLOTS_FOLDER = "plots"
+MODEL_FILES = (
+    "evaluation_result.json",
+    "formatted.json",
+    "result.json",
+    "relationship_codes.csv",
+    "report.md",
+    JUDGEMENTS_FILE,
+)
+"""The files a model's report folder holds besides its plots, in the order they are written."""
 PAIR_HEADER = ["pair", "N", "excluded", "corr", "95% CI", "synergy ρs", "bottleneck ρb", "code"]
 CODE_LEGEND = (
     "Codes: 0 synergy, 3 bottleneck, -2 / 2 dominance (-2: the column dimension wins), "
@@ -35,8 +46,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def markdown_report(analysis: ModelAnalysis) -> str:
-    """A readable report: thresholds, dimension means, the pair table and the DTM."""
+def markdown_report(analysis: ModelAnalysis, notes: Sequence[str] = ()) -> str:
+    """A readable report: thresholds, ``notes`` (a run still going), dimension means, the
+    pair table and the DTM."""
     t = analysis.thresholds
     lines = [
         f"# TRIG relation analysis: {analysis.model}",
@@ -46,6 +58,7 @@ def markdown_report(analysis: ModelAnalysis) -> str:
         f"ρb ≥ {t.bottleneck_density:g}, dominance ratio > 1/{t.dominance_ratio:g}, "
         f"trade-off corr < {t.tradeoff_corr:g}.",
         "",
+        *(line for note in notes for line in (f"Note: {note}", "")),
         f"{sum(p.n for p in analysis.pairs)} complete images in {len(analysis.pairs)} pairs; "
         f"{analysis.excluded} images left out because a score was missing.",
         "",
@@ -125,6 +138,7 @@ def write_model_outputs(
     *,
     plots: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
+    notes: Sequence[str] = (),
 ) -> WrittenFiles:
     """Write one model's exports, report and (when matplotlib is there) plots into ``folder``.
 
@@ -135,6 +149,7 @@ def write_model_outputs(
         folder: created when missing.
         plots: draw the PNGs when matplotlib is importable.
         should_stop: asked between two files (the plots take seconds each).
+        notes: what the markdown report says before its numbers (a run still going).
 
     Raises:
         AnalysisError: a file cannot be written.
@@ -146,7 +161,7 @@ def write_model_outputs(
             raise ReportStopped(f"stopped while writing {folder}")
 
     with writing(folder):
-        return _write_model_outputs(analysis, judgements, metrics, folder, plots, check)
+        return _write_model_outputs(analysis, judgements, metrics, folder, plots, check, notes)
 
 
 def _write_model_outputs(
@@ -156,6 +171,7 @@ def _write_model_outputs(
     folder: Path,
     plots: bool,
     check: Callable[[], None],
+    notes: Sequence[str],
 ) -> WrittenFiles:
     check()
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,20 +186,51 @@ def _write_model_outputs(
         written.files.append(folder / name)
     texts = {
         "relationship_codes.csv": relationship_codes_csv(analysis),
-        "report.md": markdown_report(analysis),
+        "report.md": markdown_report(analysis, notes),
     }
     for name, text in texts.items():
         (folder / name).write_text(text, encoding="utf-8")
         written.files.append(folder / name)
     check()
-    write_judgements_parquet(judgements, folder / "judgements.parquet")
-    written.files.append(folder / "judgements.parquet")
+    write_judgements_parquet(judgements, folder / JUDGEMENTS_FILE)
+    written.files.append(folder / JUDGEMENTS_FILE)
     if plots and drawing.matplotlib_available():
-        written.files.extend(drawing.write_plots(analysis, folder / "plots", before_each=check))
+        written.files.extend(
+            drawing.write_plots(analysis, folder / PLOTS_FOLDER, before_each=check)
+        )
         return written
     # Plots an earlier report drew would stand beside these files as if they were theirs.
-    for name in drawing.PLOT_FILES:
-        (folder / "plots" / name).unlink(missing_ok=True)
-    with suppress(OSError):  # kept when something else is in it
-        (folder / "plots").rmdir()
+    _remove_plots(folder)
     return WrittenFiles(folder, written.files, plots_skipped=plots)
+
+
+def _remove_plots(folder: Path) -> None:
+    for name in drawing.PLOT_FILES:
+        (folder / PLOTS_FOLDER / name).unlink(missing_ok=True)
+    with suppress(OSError):  # kept when something else is in it
+        (folder / PLOTS_FOLDER).rmdir()
+
+
+def is_model_outputs(folder: Path) -> bool:
+    """Whether ``folder`` holds a model's report files (every file but the plots that
+    :func:`write_model_outputs` writes)."""
+    return all((folder / name).is_file() for name in MODEL_FILES)
+
+
+def remove_model_outputs(folder: Path) -> bool:
+    """Remove the files :func:`write_model_outputs` writes from ``folder``, and the folder
+    when nothing else is in it; anything else (a user's notes) stays. Return whether the
+    folder is gone.
+
+    Raises:
+        AnalysisError: a file cannot be removed.
+    """
+    with writing(folder):
+        for name in MODEL_FILES:
+            (folder / name).unlink(missing_ok=True)
+        _remove_plots(folder)
+        try:
+            folder.rmdir()
+        except OSError:
+            return False
+        return True

@@ -178,6 +178,9 @@ class Dominance:
     """Points with Y above the line."""
     below: int
     """Points with Y on or below the line."""
+    on_line: int = 0
+    """Of ``below``, the points on the line (within :data:`ON_THE_LINE`): TRIG counts them
+    as below, so a pair whose points all lie on one line is a dominance (+2)."""
 
     @property
     def ratio(self) -> float:
@@ -200,8 +203,10 @@ def dominance(x: FloatArray, y: FloatArray) -> Dominance:
     sxx = float(dx @ dx)
     slope = float(dx @ (y - mean_y)) / sxx if sxx > 0.0 and not _constant(x) else 0.0
     fitted = mean_y + slope * dx
-    above = int(np.count_nonzero(y - fitted > ON_THE_LINE))
-    return Dominance(above=above, below=x.shape[0] - above)
+    residuals = y - fitted
+    above = int(np.count_nonzero(residuals > ON_THE_LINE))
+    on_line = int(np.count_nonzero(np.abs(residuals) <= ON_THE_LINE))
+    return Dominance(above=above, below=x.shape[0] - above, on_line=on_line)
 
 
 def relation_code(
