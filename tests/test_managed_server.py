@@ -317,3 +317,27 @@ def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> N
     ).check_command()
     with pytest.raises(FatalBackendError, match="my-vllm is not an executable file"):
         ManagedServer(ServeOptions(command=["my-vllm"]), name="j").check_command()
+
+
+@pytest.mark.parametrize("host", ["", " ", "[::1]", "http://127.0.0.1", "127.0.0.1/v1"])
+def test_a_host_no_url_can_hold_is_refused(host: str) -> None:
+    # "" was polled as http://:PORT/health until ready_timeout_s; "[::1]" failed to open
+    # with a bare "gaierror: Name or service not known" naming no key.
+    with pytest.raises(ValueError, match=r"serve\.host\n.*(empty|without brackets|the host alone)"):
+        OpenAIJudgeOptions.model_validate(
+            {"model": "m", "serve": {"command": ["vllm", "{port}"], "host": host, "port": 0}}
+        )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("port", [0, 8000])
+@pytest.mark.parametrize("host", ["no.such.host.invalid", "192.0.2.1"])  # 192.0.2.1: TEST-NET-1
+async def test_a_host_that_is_no_address_of_this_machine_is_named(port: int, host: str) -> None:
+    # A bare "gaierror: [Errno -2] Name or service not known" named no key.
+    judge = judge_with(serve(["/nonexistent/vllm", "{port}"], host=host, port=port))
+    with pytest.raises(FatalBackendError) as caught:
+        await judge.open()
+    message = str(caught.value)
+    assert f"options.serve.host {host!r} is not an address of this machine" in message
+    assert "set it to one, e.g. 127.0.0.1" in message
+    assert judge.server is None or judge.server.pid is None  # nothing was started

@@ -25,6 +25,7 @@ environment, so export the key (``VLLM_API_KEY``) instead.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -42,7 +43,7 @@ from typing import IO, Annotated
 
 import anyio
 from anyio.abc import Process
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
 from trig_stream.config import OPTIONS_CONFIG
@@ -81,6 +82,27 @@ class ServeOptions(BaseModel):
     """Grace between SIGTERM and SIGKILL when stopping it."""
     env: dict[str, str] = Field(default_factory=dict)
     """Variables added to the inherited environment (no secrets: the config is saved)."""
+
+    @field_validator("host")
+    @classmethod
+    def _host_alone(cls, host: str) -> str:
+        # Each of these became a URL nothing answers (http://:8000/health, polled until
+        # ready_timeout_s) or an address that cannot be bound.
+        if not host.strip():
+            raise ValueError(
+                "is empty: set the address the server listens on, e.g. 127.0.0.1 (or ::1)"
+            )
+        if "[" in host or "]" in host:
+            raise ValueError(
+                f"{host!r}: write an IPv6 address without brackets ({host.strip('[]')!r}); the "
+                "URLs get them"
+            )
+        if any(char.isspace() or char in "/@?#" for char in host):
+            raise ValueError(
+                f"{host!r} is not a host name or address: write the host alone (127.0.0.1), "
+                "without a scheme, a path or spaces; the port goes in serve.port"
+            )
+        return host
 
     @model_validator(mode="after")
     def _port_reaches_the_server(self) -> ServeOptions:
@@ -172,7 +194,7 @@ class ManagedServer:
             FatalBackendError: the command cannot start, exits, or is not ready in time.
         """
         if self.options.port == 0:
-            self.port = free_port(self.options.host)
+            self.port = self._free_port()
         else:
             self._check_port_free()
         self.argv = [arg.replace("{port}", str(self.port)) for arg in self.options.command]
@@ -213,6 +235,18 @@ class ManagedServer:
                 "executable file, here or on PATH"
             )
 
+    def _free_port(self) -> int:
+        """A port free now on ``serve.host`` (for ``port = 0``)."""
+        host = self.options.host
+        try:
+            return free_port(host)
+        except OSError as exc:
+            raise self._host_error(exc) or FatalBackendError(
+                f"judge {self.name!r}: cannot find a free port for its server on {host} "
+                f"(options.serve.host): {exc.strerror or exc}; set serve.host to an address "
+                "of this machine (127.0.0.1, ::1)"
+            ) from None
+
     def _check_port_free(self) -> None:
         """Refuse a port something already listens on: its ``/health`` would pass for ours.
 
@@ -224,11 +258,21 @@ class ManagedServer:
             with _listening_socket(host) as sock:
                 sock.bind((host, port))
         except OSError as exc:
-            raise FatalBackendError(
+            raise self._host_error(exc) or FatalBackendError(
                 f"judge {self.name!r}: cannot start its server on {host}:{port}: "
                 f"{exc.strerror or exc} (another server listening there?); stop that one, or "
                 "set serve.port to a free port (0 picks one)"
             ) from None
+
+    def _host_error(self, exc: OSError) -> FatalBackendError | None:
+        """The error for a ``serve.host`` that is no address of this machine (no such host, or
+        another machine's), else None."""
+        if not isinstance(exc, socket.gaierror) and exc.errno != errno.EADDRNOTAVAIL:
+            return None
+        return FatalBackendError(
+            f"judge {self.name!r}: options.serve.host {self.options.host!r} is not an address "
+            f"of this machine ({exc.strerror or exc}); set it to one, e.g. 127.0.0.1 or ::1"
+        )
 
     async def aclose(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and release everything; idempotent."""
