@@ -14,10 +14,13 @@ a run::
 already listens on is refused, since that server would answer ``/health`` for ours). The
 command runs in its own process group with the run's environment plus ``env``; its output
 (stdout and stderr together) goes to a temporary file, of which only the last lines are read
-back. The server is ready when ``GET /health`` answers 200; it is stopped with SIGTERM,
-then SIGKILL after ``stop_timeout_s``. A server that exits, or is not ready within
-``ready_timeout_s``, is a :class:`FatalBackendError` whose message ends with its last lines of
-output.
+back. The server is ready when ``GET /health`` answers 200. It is stopped as a process group:
+SIGTERM, then SIGKILL to whatever of the group still runs after ``stop_timeout_s``, whether or
+not the command's own process is still there: vLLM's engine processes outlive a crashed API
+server. A server that exits (the
+command's own process: a launcher that leaves its server running in the background exits too),
+or is not ready within ``ready_timeout_s``, is a :class:`FatalBackendError` whose message ends
+with its last lines of output.
 
 Keep secrets out of ``env``: the config is saved with the run. The child inherits the
 environment, so export the key (``VLLM_API_KEY``) instead.
@@ -59,6 +62,11 @@ HEALTH_TIMEOUT_S = 5.0
 """How long one ``/health`` probe may take."""
 TAIL_BYTES = 64 * 1024
 """Bytes read back from the end of the server's output to find its last lines."""
+STOP_POLL_S = 0.05
+"""Time between looks at whether the server's processes have all ended, while it stops."""
+KILLED_WAIT_S = 10.0
+"""How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
+them, but one inside a GPU driver call only once the call returns)."""
 _LINE_END = re.compile(rb"[\r\n]")
 
 
@@ -292,7 +300,7 @@ class ManagedServer:
         code = self.returncode
         if code is None:
             return None
-        return FatalBackendError(self._describe(f"exited with status {code}"))
+        return FatalBackendError(self._describe(self._exited(code)))
 
     async def _wait_ready(self) -> None:
         assert self._process is not None
@@ -301,7 +309,7 @@ class ManagedServer:
         while True:
             code = self._process.returncode
             if code is not None:
-                raise FatalBackendError(self._describe(f"exited with status {code} before ready"))
+                raise FatalBackendError(self._describe(self._exited(code, " before ready")))
             try:
                 status, _ = await http_get(url, timeout_s=HEALTH_TIMEOUT_S)
             except ProbeError:
@@ -320,13 +328,52 @@ class ManagedServer:
             await self._sleep(self.options.poll_interval_s)
 
     async def _stop(self, process: Process) -> None:
-        if process.returncode is None:
-            _signal_group(process, signal.SIGTERM)
-            with anyio.move_on_after(self.options.stop_timeout_s):
-                await process.wait()
-        if process.returncode is None:
-            _signal_group(process, signal.SIGKILL)
+        # The whole group, whatever the state of the command's own process: it may have
+        # exited (a crashed vLLM API server, a launcher) and left the others running (vLLM's
+        # engine processes, holding the GPU).
+        if not await self._running(process):
+            # All ended: the group's id is free again, and is signalled no more (another
+            # process may be given it).
             await process.wait()
+            return
+        _signal_group(process, signal.SIGTERM)
+        await self._until_ended(process, self.options.stop_timeout_s)
+        if await self._running(process):
+            _signal_group(process, signal.SIGKILL)
+            if not await self._until_ended(process, KILLED_WAIT_S):
+                logger.warning(
+                    "judge %s: processes of its server (group %d) still run %g s after SIGKILL",
+                    self.name,
+                    process.pid,
+                    KILLED_WAIT_S,
+                )
+        await process.wait()
+
+    async def _until_ended(self, process: Process, timeout_s: float) -> bool:
+        """Wait until no process of the server's group runs; False if one still does after
+        ``timeout_s``."""
+        with anyio.move_on_after(timeout_s):
+            while await self._running(process):  # noqa: ASYNC110 - no event tells it
+                await anyio.sleep(STOP_POLL_S)
+            return True
+        return False
+
+    @staticmethod
+    async def _running(process: Process) -> bool:
+        """Whether a process of the server's group runs (the command's own, or another)."""
+        if process.returncode is None:
+            return True
+        return await anyio.to_thread.run_sync(group_running, process.pid)
+
+    def _exited(self, code: int, when: str = "") -> str:
+        what = f"exited with status {code}{when}"
+        if self._process is not None and group_running(self._process.pid):
+            what += (
+                " while processes it started still ran; they are stopped with it (a script "
+                "that starts the server must last as long as it: `exec` the server, rather "
+                "than start it in the background and exit)"
+            )
+        return what
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -376,7 +423,37 @@ def _signal_group(process: Process, signum: signal.Signals) -> None:
     try:
         if hasattr(os, "killpg"):
             os.killpg(process.pid, signum)
-        else:  # pragma: no cover - no process groups on this platform
+        elif process.returncode is None:  # pragma: no cover - no process groups here
             process.send_signal(signum)
     except ProcessLookupError:
-        pass
+        pass  # every process of it has ended
+
+
+def group_running(group: int) -> bool:
+    """Whether a process of process group ``group`` runs.
+
+    A zombie (ended, waiting to be reaped) does not count: where PID 1 reaps no orphans (a
+    container's own program), an ended server process stays one for good, and every stop
+    would wait out its grace period for it.
+    """
+    if not hasattr(os, "killpg"):  # pragma: no cover - no process groups here
+        return False
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # one runs, as another user (a setuid program)
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(_running_in(stat_path, group) for stat_path in Path("/proc").glob("[0-9]*/stat"))
+
+
+def _running_in(stat_path: Path, group: int) -> bool:
+    try:
+        stat = stat_path.read_bytes()
+    except OSError:
+        return False  # it has ended meanwhile
+    # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return len(fields) > 2 and int(fields[2]) == group and fields[0] not in (b"Z", b"X")

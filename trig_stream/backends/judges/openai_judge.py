@@ -413,6 +413,12 @@ class OpenAIJudge(Judge):
         payload = request.image.payload
         if not isinstance(payload, EncodedImage):
             raise ItemError(f"image {request.image.path} was not prepared by this judge")
+        if self.server is not None:
+            # The command's own process has exited: even if a process it started still
+            # answers, it is a server out of our hands (see ManagedServer.failure).
+            failure = self.server.failure()
+            if failure is not None:
+                raise failure
         endpoint = self._pick()
         endpoint.in_flight += 1
         try:
