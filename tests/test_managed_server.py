@@ -20,6 +20,8 @@ import anyio
 import pytest
 from PIL import Image
 
+from tests.conftest import ConfigFactory
+from trig_stream import Engine
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.managed_server import (
     TAIL_BYTES,
@@ -443,6 +445,51 @@ def opened_for_writing(fifo: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_hard_stop_kills_a_server_that_is_being_stopped_gracefully(
+    make_config: ConfigFactory,
+) -> None:
+    # A second Ctrl-C (or SIGHUP) came while the first one's stop gave the server its grace
+    # period, and the run waited all of stop_timeout_s anyway.
+    script = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('got SIGTERM', flush=True))\n"
+        "print('loading weights', flush=True)\n"
+        "while True: time.sleep(60)\n"
+    )
+    judge = judge_with(serve([sys.executable, "-c", script, "{port}"], stop_timeout_s=60))
+    engine = Engine(make_config(samples=4), judges=[judge])
+    output: list[str] = []
+
+    def said(line: str) -> bool:
+        server = judge.server
+        output[:] = server.output_tail() if server is not None else output
+        return f"| {line}" in "\n".join(f"| {text}" for text in output)
+
+    async def stop_then_stop_now() -> None:
+        await wait_for(lambda: said("loading weights"), "the server's first line")
+        engine.stop()  # while the judge opens: the server is stopped, gracefully
+        await wait_for(lambda: said("got SIGTERM"), "the server's SIGTERM")
+        engine.cancel()
+
+    server: ManagedServer | None = None
+
+    async def keep_server() -> None:
+        nonlocal server
+        await wait_for(lambda: judge.server is not None, "the server")
+        server = judge.server
+
+    # Safety net: the grace period is 60 s, a hard stop waits for none of it.
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_server)
+            tg.start_soon(stop_then_stop_now)
+            async with engine:
+                assert [j async for j in engine.results] == []
+    assert engine.stats().state == "cancelled"
+    assert server is not None and server.returncode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("host", ["", " ", "[::1]", "http://127.0.0.1", "127.0.0.1/v1"])

@@ -15,9 +15,9 @@ already listens on is refused, since that server would answer ``/health`` for ou
 command runs in its own process group with the run's environment plus ``env``; its output
 (stdout and stderr together) goes to a temporary file, of which only the last lines are read
 back. The server is ready when ``GET /health`` answers 200. It is stopped as a process group:
-SIGTERM, then SIGKILL to whatever of the group still runs after ``stop_timeout_s``, whether or
-not the command's own process is still there: vLLM's engine processes outlive a crashed API
-server. A server that exits (the
+SIGTERM, then SIGKILL to whatever of the group still runs after ``stop_timeout_s`` (at once on
+a hard stop, :meth:`ManagedServer.stop_now`), whether or not the command's own process is
+still there: vLLM's engine processes outlive a crashed API server. A server that exits (the
 command's own process: a launcher that leaves its server running in the background exits too),
 or is not ready within ``ready_timeout_s``, is a :class:`FatalBackendError` whose message ends
 with its last lines of output.
@@ -155,6 +155,7 @@ class ManagedServer:
         self._process: Process | None = None
         self._output: IO[bytes] | None = None
         self._closed = False
+        self._stop_now = False
         self.port = options.port
         self.argv: list[str] = []
 
@@ -282,6 +283,10 @@ class ManagedServer:
             f"of this machine ({exc.strerror or exc}); set it to one, e.g. 127.0.0.1 or ::1"
         )
 
+    def stop_now(self) -> None:
+        """A hard stop: a stop under way or to come sends SIGKILL at once, with no grace."""
+        self._stop_now = True
+
     async def aclose(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and release everything; idempotent."""
         if self._closed:
@@ -336,8 +341,9 @@ class ManagedServer:
             # process may be given it).
             await process.wait()
             return
-        _signal_group(process, signal.SIGTERM)
-        await self._until_ended(process, self.options.stop_timeout_s)
+        if not self._stop_now:
+            _signal_group(process, signal.SIGTERM)
+            await self._until_ended(process, self.options.stop_timeout_s, cut_short=True)
         if await self._running(process):
             _signal_group(process, signal.SIGKILL)
             if not await self._until_ended(process, KILLED_WAIT_S):
@@ -349,11 +355,15 @@ class ManagedServer:
                 )
         await process.wait()
 
-    async def _until_ended(self, process: Process, timeout_s: float) -> bool:
+    async def _until_ended(
+        self, process: Process, timeout_s: float, *, cut_short: bool = False
+    ) -> bool:
         """Wait until no process of the server's group runs; False if one still does after
-        ``timeout_s``."""
+        ``timeout_s``, or (with ``cut_short``) once :meth:`stop_now` is called."""
         with anyio.move_on_after(timeout_s):
-            while await self._running(process):  # noqa: ASYNC110 - no event tells it
+            while await self._running(process):
+                if cut_short and self._stop_now:
+                    return False
                 await anyio.sleep(STOP_POLL_S)
             return True
         return False
