@@ -6,7 +6,9 @@ child process poll a real condition under a bound; no step depends on how long a
 
 from __future__ import annotations
 
+import errno
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,6 +20,8 @@ import anyio
 import pytest
 from PIL import Image
 
+from tests.conftest import ConfigFactory
+from trig_stream import Engine
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.managed_server import (
     TAIL_BYTES,
@@ -317,3 +321,196 @@ def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> N
     ).check_command()
     with pytest.raises(FatalBackendError, match="my-vllm is not an executable file"):
         ManagedServer(ServeOptions(command=["my-vllm"]), name="j").check_command()
+
+
+def shell(script: str) -> list[str]:
+    """A ``/bin/sh`` command line whose script reads the port as ``$0``."""
+    return ["/bin/sh", "-c", script, "{port}"]
+
+
+def python(*args: str | Path) -> str:
+    """This Python's command line, quoted for a shell."""
+    return " ".join(shlex.quote(str(arg)) for arg in (sys.executable, *args))
+
+
+def stubborn_child(tmp_path: Path) -> tuple[str, Path]:
+    """A shell command starting a process that ignores SIGTERM, and the file where it writes
+    its process id once it does."""
+    pid_file = tmp_path / "stubborn.pid"
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "signal.pause()\n"
+    )
+    return python(script, pid_file), pid_file
+
+
+async def pid_in(path: Path) -> int:
+    """The process id a child writes into ``path``, once it has."""
+    found: list[int] = []
+
+    def written() -> bool:
+        text = path.read_text() if path.exists() else ""  # empty while it is being written
+        if text.strip():
+            found.append(int(text))
+        return bool(found)
+
+    await wait_for(written, f"a process id in {path}")
+    return found[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_what_a_command_that_exits_started_is_stopped_with_it(tmp_path: Path) -> None:
+    # The command's own process had exited, so nothing was signalled: what it started (vLLM's
+    # engine processes, beside a crashed API server) went on, holding the GPU.
+    pid_file = tmp_path / "child.pid"
+    judge = judge_with(
+        serve(shell(f"sleep 321 & echo $! > {pid_file}; echo api server crashed; exit 1"))
+    )
+    with pytest.raises(FatalBackendError) as caught:
+        await judge.open()
+    await judge.aclose()
+    message = str(caught.value)
+    assert "exited with status 1 before ready while processes it started still ran" in message
+    assert "`exec` the server" in message and "| api server crashed" in message
+    assert ended(int(pid_file.read_text()))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_server_process_that_ignores_sigterm_is_killed_after_the_grace_period(
+    tmp_path: Path,
+) -> None:
+    # The command's own process (here a shell, which SIGTERM ends at once) stopped on
+    # SIGTERM within the grace period, and its exit was taken for the group's: a process of
+    # it that ignored SIGTERM was never sent SIGKILL.
+    stubborn, pid_file = stubborn_child(tmp_path)
+    simulated = python("-m", "trig_stream", "simulate-judge")
+    command = shell(f'{stubborn} & {simulated} --port "$0" & wait')
+    judge = judge_with(serve(command, stop_timeout_s=1))
+    await judge.open()
+    server = judge.server
+    assert server is not None
+    try:
+        assert (await judge.judge(request(tmp_path, judge))).top_logprobs
+        pid = await pid_in(pid_file)  # it ignores SIGTERM from now on
+    finally:
+        await judge.aclose()
+    assert server.returncode == -signal.SIGTERM
+    assert ended(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_launcher_that_exits_while_its_server_answers_stops_the_run(
+    tmp_path: Path,
+) -> None:
+    # The run went on judging through a server out of its hands, and left it running.
+    pid_file, go = tmp_path / "server.pid", tmp_path / "go"
+    os.mkfifo(go)
+    launcher = (
+        f'{python("-m", "trig_stream")} simulate-judge --port "$0" & echo $! > {pid_file}; '
+        f"read line < {go}; exit 1"
+    )
+    judge = judge_with(serve(shell(launcher)))
+    await judge.open()
+    server = judge.server
+    assert server is not None
+    try:
+        assert (await judge.judge(request(tmp_path, judge))).top_logprobs
+        pid = await pid_in(pid_file)
+        await wait_for(lambda: opened_for_writing(go), "the launcher reading its fifo")
+        await wait_for(lambda: server.returncode is not None, "the launcher's exit")
+        with pytest.raises(FatalBackendError) as caught:
+            await judge.judge(request(tmp_path, judge))
+        assert "exited with status 1 while processes it started still ran" in str(caught.value)
+    finally:
+        await judge.aclose()
+    assert ended(pid)
+
+
+def opened_for_writing(fifo: Path) -> bool:
+    """Write a line into ``fifo`` if a reader has it open; whether it did."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # nobody reads it yet
+            return False
+        raise
+    try:
+        os.write(fd, b"go\n")
+    finally:
+        os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_hard_stop_kills_a_server_that_is_being_stopped_gracefully(
+    make_config: ConfigFactory,
+) -> None:
+    # A second Ctrl-C (or SIGHUP) came while the first one's stop gave the server its grace
+    # period, and the run waited all of stop_timeout_s anyway.
+    script = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('got SIGTERM', flush=True))\n"
+        "print('loading weights', flush=True)\n"
+        "while True: time.sleep(60)\n"
+    )
+    judge = judge_with(serve([sys.executable, "-c", script, "{port}"], stop_timeout_s=60))
+    engine = Engine(make_config(samples=4), judges=[judge])
+    output: list[str] = []
+
+    def said(line: str) -> bool:
+        server = judge.server
+        output[:] = server.output_tail() if server is not None else output
+        return f"| {line}" in "\n".join(f"| {text}" for text in output)
+
+    async def stop_then_stop_now() -> None:
+        await wait_for(lambda: said("loading weights"), "the server's first line")
+        engine.stop()  # while the judge opens: the server is stopped, gracefully
+        await wait_for(lambda: said("got SIGTERM"), "the server's SIGTERM")
+        engine.cancel()
+
+    server: ManagedServer | None = None
+
+    async def keep_server() -> None:
+        nonlocal server
+        await wait_for(lambda: judge.server is not None, "the server")
+        server = judge.server
+
+    # Safety net: the grace period is 60 s, a hard stop waits for none of it.
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_server)
+            tg.start_soon(stop_then_stop_now)
+            async with engine:
+                assert [j async for j in engine.results] == []
+    assert engine.stats().state == "cancelled"
+    assert server is not None and server.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("host", ["", " ", "[::1]", "http://127.0.0.1", "127.0.0.1/v1"])
+def test_a_host_no_url_can_hold_is_refused(host: str) -> None:
+    # "" was polled as http://:PORT/health until ready_timeout_s; "[::1]" failed to open
+    # with a bare "gaierror: Name or service not known" naming no key.
+    with pytest.raises(ValueError, match=r"serve\.host\n.*(empty|without brackets|the host alone)"):
+        OpenAIJudgeOptions.model_validate(
+            {"model": "m", "serve": {"command": ["vllm", "{port}"], "host": host, "port": 0}}
+        )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("port", [0, 8000])
+@pytest.mark.parametrize("host", ["no.such.host.invalid", "192.0.2.1"])  # 192.0.2.1: TEST-NET-1
+async def test_a_host_that_is_no_address_of_this_machine_is_named(port: int, host: str) -> None:
+    # A bare "gaierror: [Errno -2] Name or service not known" named no key.
+    judge = judge_with(serve(["/nonexistent/vllm", "{port}"], host=host, port=port))
+    with pytest.raises(FatalBackendError) as caught:
+        await judge.open()
+    message = str(caught.value)
+    assert f"options.serve.host {host!r} is not an address of this machine" in message
+    assert "set it to one, e.g. 127.0.0.1" in message
+    assert judge.server is None or judge.server.pid is None  # nothing was started

@@ -331,10 +331,24 @@ class Engine:
         generator's close: each thread is left to finish on its own, and the last releases
         the generator (see
         :func:`~trig_stream.backends.base.load_in_thread` and
-        :class:`~trig_stream.backends.base.ThreadCalls`).
+        :class:`~trig_stream.backends.base.ThreadCalls`). Each judge is told
+        (:meth:`~trig_stream.backends.base.Judge.stop_now`): a judge server is killed, not
+        given its grace period, even if its graceful stop has begun.
         """
         if self._called_elsewhere(self.cancel):
             return
+        self._cancel_work()
+        # Only while this engine holds its judges: once released, another may be using them.
+        for judge in self._judges if self._judges_claimed else ():
+            try:
+                judge.stop_now()
+            except Exception as exc:  # a backend's bug must not keep the run from stopping
+                note = f"judge {judge.name!r}: stop_now() failed: {describe_error(exc)}"
+                self._counters.notes.append(note)
+
+    def _cancel_work(self) -> None:
+        """Cancel everything in flight (what :meth:`cancel` does, the judges left to close
+        as at the end of any run)."""
         self._stop_event.set()
         self._cancel_event.set()
         self._opening.cancel()
@@ -448,9 +462,10 @@ class Engine:
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._task_group is not None
-        # Whatever the block did, nothing of the pipeline may outlive it.
+        # Whatever the block did, nothing of the pipeline may outlive it. A failure or a
+        # block left early is no hard stop: the judges close as usual (a server's grace).
         if self._state not in ("done", "stopped", "failed"):
-            self.cancel()
+            self._cancel_work()
         try:
             suppress = await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:

@@ -328,6 +328,13 @@ class Judge(ABC):
         """
         return None
 
+    def stop_now(self) -> None:  # noqa: B027 - optional hook
+        """The run stops hard (:meth:`Engine.cancel <trig_stream.engine.Engine.cancel>`):
+        :meth:`aclose`, or an :meth:`open` under way, should wait for nothing it can cut
+        short (a server's grace period), even if it is waiting already. Called in the event
+        loop's thread, at any time (before :meth:`open`, during :meth:`aclose`); must not
+        raise."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections; called once at the end of the run."""
 

@@ -14,10 +14,13 @@ a run::
 already listens on is refused, since that server would answer ``/health`` for ours). The
 command runs in its own process group with the run's environment plus ``env``; its output
 (stdout and stderr together) goes to a temporary file, of which only the last lines are read
-back. The server is ready when ``GET /health`` answers 200; it is stopped with SIGTERM,
-then SIGKILL after ``stop_timeout_s``. A server that exits, or is not ready within
-``ready_timeout_s``, is a :class:`FatalBackendError` whose message ends with its last lines of
-output.
+back. The server is ready when ``GET /health`` answers 200. It is stopped as a process group:
+SIGTERM, then SIGKILL to whatever of the group still runs after ``stop_timeout_s`` (at once on
+a hard stop, :meth:`ManagedServer.stop_now`), whether or not the command's own process is
+still there: vLLM's engine processes outlive a crashed API server. A server that exits (the
+command's own process: a launcher that leaves its server running in the background exits too),
+or is not ready within ``ready_timeout_s``, is a :class:`FatalBackendError` whose message ends
+with its last lines of output.
 
 Keep secrets out of ``env``: the config is saved with the run. The child inherits the
 environment, so export the key (``VLLM_API_KEY``) instead.
@@ -25,6 +28,7 @@ environment, so export the key (``VLLM_API_KEY``) instead.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -42,7 +46,7 @@ from typing import IO, Annotated
 
 import anyio
 from anyio.abc import Process
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
 from trig_stream.config import OPTIONS_CONFIG
@@ -58,6 +62,11 @@ HEALTH_TIMEOUT_S = 5.0
 """How long one ``/health`` probe may take."""
 TAIL_BYTES = 64 * 1024
 """Bytes read back from the end of the server's output to find its last lines."""
+STOP_POLL_S = 0.05
+"""Time between looks at whether the server's processes have all ended, while it stops."""
+KILLED_WAIT_S = 10.0
+"""How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
+them, but one inside a GPU driver call only once the call returns)."""
 _LINE_END = re.compile(rb"[\r\n]")
 
 
@@ -81,6 +90,27 @@ class ServeOptions(BaseModel):
     """Grace between SIGTERM and SIGKILL when stopping it."""
     env: dict[str, str] = Field(default_factory=dict)
     """Variables added to the inherited environment (no secrets: the config is saved)."""
+
+    @field_validator("host")
+    @classmethod
+    def _host_alone(cls, host: str) -> str:
+        # Each of these became a URL nothing answers (http://:8000/health, polled until
+        # ready_timeout_s) or an address that cannot be bound.
+        if not host.strip():
+            raise ValueError(
+                "is empty: set the address the server listens on, e.g. 127.0.0.1 (or ::1)"
+            )
+        if "[" in host or "]" in host:
+            raise ValueError(
+                f"{host!r}: write an IPv6 address without brackets ({host.strip('[]')!r}); the "
+                "URLs get them"
+            )
+        if any(char.isspace() or char in "/@?#" for char in host):
+            raise ValueError(
+                f"{host!r} is not a host name or address: write the host alone (127.0.0.1), "
+                "without a scheme, a path or spaces; the port goes in serve.port"
+            )
+        return host
 
     @model_validator(mode="after")
     def _port_reaches_the_server(self) -> ServeOptions:
@@ -125,6 +155,7 @@ class ManagedServer:
         self._process: Process | None = None
         self._output: IO[bytes] | None = None
         self._closed = False
+        self._stop_now = False
         self.port = options.port
         self.argv: list[str] = []
 
@@ -172,7 +203,7 @@ class ManagedServer:
             FatalBackendError: the command cannot start, exits, or is not ready in time.
         """
         if self.options.port == 0:
-            self.port = free_port(self.options.host)
+            self.port = self._free_port()
         else:
             self._check_port_free()
         self.argv = [arg.replace("{port}", str(self.port)) for arg in self.options.command]
@@ -213,6 +244,18 @@ class ManagedServer:
                 "executable file, here or on PATH"
             )
 
+    def _free_port(self) -> int:
+        """A port free now on ``serve.host`` (for ``port = 0``)."""
+        host = self.options.host
+        try:
+            return free_port(host)
+        except OSError as exc:
+            raise self._host_error(exc) or FatalBackendError(
+                f"judge {self.name!r}: cannot find a free port for its server on {host} "
+                f"(options.serve.host): {exc.strerror or exc}; set serve.host to an address "
+                "of this machine (127.0.0.1, ::1)"
+            ) from None
+
     def _check_port_free(self) -> None:
         """Refuse a port something already listens on: its ``/health`` would pass for ours.
 
@@ -224,11 +267,25 @@ class ManagedServer:
             with _listening_socket(host) as sock:
                 sock.bind((host, port))
         except OSError as exc:
-            raise FatalBackendError(
+            raise self._host_error(exc) or FatalBackendError(
                 f"judge {self.name!r}: cannot start its server on {host}:{port}: "
                 f"{exc.strerror or exc} (another server listening there?); stop that one, or "
                 "set serve.port to a free port (0 picks one)"
             ) from None
+
+    def _host_error(self, exc: OSError) -> FatalBackendError | None:
+        """The error for a ``serve.host`` that is no address of this machine (no such host, or
+        another machine's), else None."""
+        if not isinstance(exc, socket.gaierror) and exc.errno != errno.EADDRNOTAVAIL:
+            return None
+        return FatalBackendError(
+            f"judge {self.name!r}: options.serve.host {self.options.host!r} is not an address "
+            f"of this machine ({exc.strerror or exc}); set it to one, e.g. 127.0.0.1 or ::1"
+        )
+
+    def stop_now(self) -> None:
+        """A hard stop: a stop under way or to come sends SIGKILL at once, with no grace."""
+        self._stop_now = True
 
     async def aclose(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and release everything; idempotent."""
@@ -248,7 +305,7 @@ class ManagedServer:
         code = self.returncode
         if code is None:
             return None
-        return FatalBackendError(self._describe(f"exited with status {code}"))
+        return FatalBackendError(self._describe(self._exited(code)))
 
     async def _wait_ready(self) -> None:
         assert self._process is not None
@@ -257,7 +314,7 @@ class ManagedServer:
         while True:
             code = self._process.returncode
             if code is not None:
-                raise FatalBackendError(self._describe(f"exited with status {code} before ready"))
+                raise FatalBackendError(self._describe(self._exited(code, " before ready")))
             try:
                 status, _ = await http_get(url, timeout_s=HEALTH_TIMEOUT_S)
             except ProbeError:
@@ -276,13 +333,57 @@ class ManagedServer:
             await self._sleep(self.options.poll_interval_s)
 
     async def _stop(self, process: Process) -> None:
-        if process.returncode is None:
-            _signal_group(process, signal.SIGTERM)
-            with anyio.move_on_after(self.options.stop_timeout_s):
-                await process.wait()
-        if process.returncode is None:
-            _signal_group(process, signal.SIGKILL)
+        # The whole group, whatever the state of the command's own process: it may have
+        # exited (a crashed vLLM API server, a launcher) and left the others running (vLLM's
+        # engine processes, holding the GPU).
+        if not await self._running(process):
+            # All ended: the group's id is free again, and is signalled no more (another
+            # process may be given it).
             await process.wait()
+            return
+        if not self._stop_now:
+            _signal_group(process, signal.SIGTERM)
+            await self._until_ended(process, self.options.stop_timeout_s, cut_short=True)
+        if await self._running(process):
+            _signal_group(process, signal.SIGKILL)
+            if not await self._until_ended(process, KILLED_WAIT_S):
+                logger.warning(
+                    "judge %s: processes of its server (group %d) still run %g s after SIGKILL",
+                    self.name,
+                    process.pid,
+                    KILLED_WAIT_S,
+                )
+        await process.wait()
+
+    async def _until_ended(
+        self, process: Process, timeout_s: float, *, cut_short: bool = False
+    ) -> bool:
+        """Wait until no process of the server's group runs; False if one still does after
+        ``timeout_s``, or (with ``cut_short``) once :meth:`stop_now` is called."""
+        with anyio.move_on_after(timeout_s):
+            while await self._running(process):
+                if cut_short and self._stop_now:
+                    return False
+                await anyio.sleep(STOP_POLL_S)
+            return True
+        return False
+
+    @staticmethod
+    async def _running(process: Process) -> bool:
+        """Whether a process of the server's group runs (the command's own, or another)."""
+        if process.returncode is None:
+            return True
+        return await anyio.to_thread.run_sync(group_running, process.pid)
+
+    def _exited(self, code: int, when: str = "") -> str:
+        what = f"exited with status {code}{when}"
+        if self._process is not None and group_running(self._process.pid):
+            what += (
+                " while processes it started still ran; they are stopped with it (a script "
+                "that starts the server must last as long as it: `exec` the server, rather "
+                "than start it in the background and exit)"
+            )
+        return what
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -332,7 +433,37 @@ def _signal_group(process: Process, signum: signal.Signals) -> None:
     try:
         if hasattr(os, "killpg"):
             os.killpg(process.pid, signum)
-        else:  # pragma: no cover - no process groups on this platform
+        elif process.returncode is None:  # pragma: no cover - no process groups here
             process.send_signal(signum)
     except ProcessLookupError:
-        pass
+        pass  # every process of it has ended
+
+
+def group_running(group: int) -> bool:
+    """Whether a process of process group ``group`` runs.
+
+    A zombie (ended, waiting to be reaped) does not count: where PID 1 reaps no orphans (a
+    container's own program), an ended server process stays one for good, and every stop
+    would wait out its grace period for it.
+    """
+    if not hasattr(os, "killpg"):  # pragma: no cover - no process groups here
+        return False
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # one runs, as another user (a setuid program)
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(_running_in(stat_path, group) for stat_path in Path("/proc").glob("[0-9]*/stat"))
+
+
+def _running_in(stat_path: Path, group: int) -> bool:
+    try:
+        stat = stat_path.read_bytes()
+    except OSError:
+        return False  # it has ended meanwhile
+    # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return len(fields) > 2 and int(fields[2]) == group and fields[0] not in (b"Z", b"X")

@@ -353,15 +353,24 @@ class OpenAIJudge(Judge):
                 _Endpoint(transport, self.options.model, self.options.image_mode == "file")
             )
 
+    def stop_now(self) -> None:
+        """A hard stop: the server started for ``serve`` is killed at once, not given
+        ``stop_timeout_s`` (also while it is being stopped already)."""
+        if self.server is not None:
+            self.server.stop_now()
+
     async def aclose(self) -> None:
         endpoints, self._endpoints = self._endpoints, []
         try:
             for endpoint in endpoints:
                 await endpoint.transport.aclose()
         finally:
-            server, self.server = self.server, None
+            server = self.server
             if server is not None:
-                await server.aclose()
+                try:
+                    await server.aclose()
+                finally:
+                    self.server = None  # only now: a stop_now() meanwhile must reach it
 
     async def server_load(self) -> ServerLoad | None:
         """vLLM's running and waiting requests, summed over the endpoints that report them."""
@@ -422,6 +431,12 @@ class OpenAIJudge(Judge):
         payload = request.image.payload
         if not isinstance(payload, EncodedImage):
             raise ItemError(f"image {request.image.path} was not prepared by this judge")
+        if self.server is not None:
+            # The command's own process has exited: even if a process it started still
+            # answers, it is a server out of our hands (see ManagedServer.failure).
+            failure = self.server.failure()
+            if failure is not None:
+                raise failure
         endpoint = self._pick()
         endpoint.in_flight += 1
         try:
