@@ -271,18 +271,19 @@ def test_an_llm_never_reached_is_named_in_the_note(server: GenerationAPIServer) 
 
 
 @pytest.mark.parametrize(
-    ("fault", "reason"),
+    ("fault", "timeout_s", "reason"),
     [
-        (Fault(trickle_s=30.0), "the API timed out"),
-        (Fault(oversize=True), "the API sent an answer of more than 67,108,864 bytes"),
+        (Fault(trickle_s=30.0), 0.3, "the API timed out"),
+        (Fault(oversize=True), 60.0, "the API sent an answer of more than 67,108,864 bytes"),
     ],
 )
 def test_an_answer_too_slow_in_all_or_too_large_falls_back(
-    server: GenerationAPIServer, fault: Fault, reason: str
+    server: GenerationAPIServer, fault: Fault, timeout_s: float, reason: str
 ) -> None:
     # Each read of the trickle comes within timeout_s, so only a deadline on the whole call
-    # ends it; the oversized answer is valid JSON after its 65 MiB of spaces.
-    generator = rewriter(server, timeout_s=0.3, max_attempts=1)
+    # ends it; the oversized answer is valid JSON after its 65 MiB of spaces (given the
+    # time to send them, which a loaded machine may take).
+    generator = rewriter(server, timeout_s=timeout_s, max_attempts=1)
     server.fail_next(fault)
     generator.generate([request("S_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     rewrite = generator.rewrites["S_1"]
