@@ -540,6 +540,35 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after({}) is None
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # Python's float() takes these; HTTP's delta-seconds are digits.
+        ({"Retry-After": "infinity"}, None),
+        ({"Retry-After": "nan"}, None),
+        ({"Retry-After": "1_000"}, None),
+        ({"Retry-After": "1e3"}, None),
+        ({"Retry-After": "-1"}, None),
+        # A retry-after-ms that is no number leaves Retry-After to say.
+        ({"retry-after-ms": "nan", "Retry-After": "5"}, 5.0),
+        ({"retry-after-ms": "inf", "Retry-After": "5"}, 5.0),
+        ({"retry-after-ms": "-5", "Retry-After": "5"}, 5.0),
+        ({"retry-after-ms": "250"}, 0.25),
+        # HTTP's three date forms are GMT, asctime's too though it names no zone.
+        ({"Retry-After": "Sun Nov  6 08:49:49 1994"}, 12.0),
+        ({"Retry-After": "Sun, 06 Nov 1994 08:49:49 GMT"}, 12.0),
+        ({"Retry-After": "Sunday, 06-Nov-94 08:49:49 GMT"}, 12.0),
+        ({"Retry-After": "Sun, 06 Nov 1994 08:49:49"}, None),  # another form, zone dropped
+        ({"Retry-After": "Sun Nov  6 28:49:49 1994"}, None),
+    ],
+)
+def test_parse_retry_after_reads_what_http_allows_only(
+    headers: dict[str, str], expected: float | None
+) -> None:
+    now = 784_111_777.0  # Sun, 06 Nov 1994 08:49:37 GMT
+    assert parse_retry_after(headers, now=lambda: now) == expected
+
+
 def _completion(entries: list[dict[str, Any]]) -> dict[str, Any]:
     first = {"token": "good", "logprob": -0.1, "top_logprobs": entries}
     return {"choices": [{"message": {"content": "good"}, "logprobs": {"content": [first]}}]}
