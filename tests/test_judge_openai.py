@@ -33,6 +33,7 @@ from trig_stream.errors import (
     ItemError,
     RateLimitError,
     RetryableError,
+    UnreachableError,
 )
 from trig_stream.records import Sample, TopLogprobs
 from trig_stream.scoring import score_top_logprobs
@@ -291,9 +292,9 @@ def test_options_refuse_ambiguous_endpoints() -> None:
 FAULTS = [
     ("error_rate", RetryableError, "HTTP 503"),
     ("rate_limit_rate", RateLimitError, "HTTP 429"),
-    ("hang_rate", RetryableError, "no answer within"),
+    ("hang_rate", UnreachableError, "no answer within"),
     ("malformed_rate", RetryableError, "malformed answer"),
-    ("reset_rate", RetryableError, "connection failed"),
+    ("reset_rate", UnreachableError, "connection failed"),
 ]
 
 
@@ -511,7 +512,7 @@ async def test_connection_refused_is_retryable(image: Path, client: Client) -> N
     judge = OpenAIJudge("m", options)
     await judge.open()
     try:
-        with pytest.raises(RetryableError, match="connection failed"):
+        with pytest.raises(UnreachableError, match="connection failed"):
             await ask(judge, image)
     finally:
         await judge.aclose()

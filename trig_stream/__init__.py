@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         RunDirError,
         RunLockedError,
         TrigStreamError,
+        UnreachableError,
     )
     from trig_stream.records import GeneratedImage, JudgeFingerprint, Judgement, Sample
     from trig_stream.scoring import score_top_logprobs
@@ -53,6 +54,7 @@ _HOMES = {
             "RunDirError",
             "RunLockedError",
             "TrigStreamError",
+            "UnreachableError",
         ),
         "trig_stream.errors",
     ),
@@ -87,6 +89,7 @@ __all__ = [
     "RunSummary",
     "Sample",
     "TrigStreamError",
+    "UnreachableError",
     "__version__",
     "import_metric",
     "load_config",

@@ -316,6 +316,9 @@ class Judge(ABC):
 
         Raises:
             RetryableError: transient failure (the engine retries with backoff).
+            UnreachableError: a retryable failure without any answer of the judge's server
+                (no connection, none in time): when the judge has answered nothing yet and
+                a request spends its retries on one, the run stops.
             ItemError: this request failed for good.
             FatalBackendError: nothing will work (the run stops).
         """

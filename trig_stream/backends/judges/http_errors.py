@@ -5,7 +5,7 @@ what happened                          raised
 =====================================  ==========================================
 429                                    :class:`RateLimitError`, with Retry-After
 5xx, 408, 409                          :class:`RetryableError`, with Retry-After
-timeout, refused or reset connection   :class:`RetryableError`
+timeout, refused or reset connection   :class:`UnreachableError` (retryable)
 a body that is not a completion        :class:`RetryableError`
 a body over the size limit             :class:`RetryableError` (malformed)
 401, 403                               :class:`FatalBackendError` (one message)
@@ -36,6 +36,7 @@ from trig_stream.errors import (
     NotFoundError,
     RateLimitError,
     RetryableError,
+    UnreachableError,
 )
 
 REASON_CHARS = 200
@@ -201,15 +202,15 @@ def redirect_error(
     )
 
 
-def connection_error(endpoint: str, detail: str | None) -> RetryableError:
+def connection_error(endpoint: str, detail: str | None) -> UnreachableError:
     """A refused, reset or dropped connection; ``detail`` names what happened."""
     what = detail or "connection error"
-    return RetryableError(f"judge at {endpoint}: connection failed ({what})")
+    return UnreachableError(f"judge at {endpoint}: connection failed ({what})")
 
 
-def timeout_error(endpoint: str, timeout_s: float) -> RetryableError:
+def timeout_error(endpoint: str, timeout_s: float) -> UnreachableError:
     """No whole answer within the request timeout."""
-    return RetryableError(f"judge at {endpoint}: no answer within {timeout_s:g} s")
+    return UnreachableError(f"judge at {endpoint}: no answer within {timeout_s:g} s")
 
 
 def malformed_error(endpoint: str, detail: str) -> RetryableError:
