@@ -29,6 +29,7 @@ from trig_stream.backends.judges.transports import Client, EncodedImage
 from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import (
+    AnswerTimeoutError,
     FatalBackendError,
     ItemError,
     RateLimitError,
@@ -292,7 +293,7 @@ def test_options_refuse_ambiguous_endpoints() -> None:
 FAULTS = [
     ("error_rate", RetryableError, "HTTP 503"),
     ("rate_limit_rate", RateLimitError, "HTTP 429"),
-    ("hang_rate", UnreachableError, "no answer within"),
+    ("hang_rate", AnswerTimeoutError, "no answer within"),
     ("malformed_rate", RetryableError, "malformed answer"),
     ("reset_rate", UnreachableError, "connection failed"),
 ]

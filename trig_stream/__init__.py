@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from trig_stream.config import RunConfig, load_config
     from trig_stream.engine import Engine, RunSummary
     from trig_stream.errors import (
+        AnswerTimeoutError,
         BackendError,
         ConfigError,
         DatasetError,
@@ -43,6 +44,7 @@ _HOMES = {
     "RunSummary": "trig_stream.engine",
     **dict.fromkeys(
         (
+            "AnswerTimeoutError",
             "BackendError",
             "ConfigError",
             "DatasetError",
@@ -70,6 +72,7 @@ costs nothing until then (the ``trig-stream`` command sees a Ctrl-C during its i
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnswerTimeoutError",
     "BackendError",
     "ConfigError",
     "DatasetError",

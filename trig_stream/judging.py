@@ -7,8 +7,9 @@ image buffer the generators. Transient failures are retried with backoff; a repl
 judgement here, scored from its top logprobs with the judge's scorer.
 
 A judge whose ``[judges.adaptive]`` is on gets a :class:`~trig_stream.concurrency.
-ConcurrencyController` that moves its limit: every attempt's outcome and latency is reported
-to it, and a task of this stage polls the judge's server load for it while the stage runs.
+ConcurrencyController` that moves its limit: every answer's latency and every sign of load (a
+429, no answer in time) is reported to it, and a task of this stage polls the judge's server
+load for it while the stage runs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedI
 from trig_stream.concurrency import ConcurrencyController, follow_server_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import (
+    AnswerTimeoutError,
     FatalBackendError,
     ItemError,
     RateLimitError,
@@ -214,8 +216,8 @@ class JudgeStage:
                         self._answered.add(judge.name)
                     if controller and isinstance(exc, RateLimitError):
                         controller.on_rate_limited(epoch)
-                    elif controller:
-                        controller.on_failure(epoch)
+                    elif controller and isinstance(exc, AnswerTimeoutError):
+                        controller.on_timeout(epoch)
                     if not self._retry.should_retry(attempts):
                         gave_up = self._retry.gave_up(attempts)
                         failure = f"{gave_up}: {exc}"

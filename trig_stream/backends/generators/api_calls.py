@@ -28,6 +28,7 @@ from trig_stream.backends.judges.http_errors import (
 )
 from trig_stream.backends.judges.transports import cap_answers, httpx_of
 from trig_stream.errors import (
+    AnswerTimeoutError,
     BackendError,
     FatalBackendError,
     ItemError,
@@ -173,7 +174,7 @@ def classify(exc: Exception, secret: str) -> BackendError:
         # Every call would most likely be answered alike: the API's failure, not the item's.
         return BackendError(f"the API sent {too_large}")
     if isinstance(exc, openai.APITimeoutError):
-        return UnreachableError("the API timed out")
+        return AnswerTimeoutError("the API timed out")
     if isinstance(exc, openai.APIConnectionError):
         return UnreachableError(redact(f"cannot reach the API: {exc}", secret))
     if isinstance(exc, openai.APIStatusError):

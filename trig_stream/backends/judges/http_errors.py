@@ -5,7 +5,8 @@ what happened                          raised
 =====================================  ==========================================
 429                                    :class:`RateLimitError`, with Retry-After
 5xx, 408, 409                          :class:`RetryableError`, with Retry-After
-timeout, refused or reset connection   :class:`UnreachableError` (retryable)
+refused or reset connection            :class:`UnreachableError` (retryable)
+timeout                                :class:`AnswerTimeoutError` (unreachable)
 a body that is not a completion        :class:`RetryableError`
 a body over the size limit             :class:`RetryableError` (malformed)
 401, 403                               :class:`FatalBackendError` (one message)
@@ -30,6 +31,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 
 from trig_stream.errors import (
+    AnswerTimeoutError,
     BackendError,
     FatalBackendError,
     ItemError,
@@ -208,9 +210,9 @@ def connection_error(endpoint: str, detail: str | None) -> UnreachableError:
     return UnreachableError(f"judge at {endpoint}: connection failed ({what})")
 
 
-def timeout_error(endpoint: str, timeout_s: float) -> UnreachableError:
+def timeout_error(endpoint: str, timeout_s: float) -> AnswerTimeoutError:
     """No whole answer within the request timeout."""
-    return UnreachableError(f"judge at {endpoint}: no answer within {timeout_s:g} s")
+    return AnswerTimeoutError(f"judge at {endpoint}: no answer within {timeout_s:g} s")
 
 
 def malformed_error(endpoint: str, detail: str) -> RetryableError:
