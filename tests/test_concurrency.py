@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,18 @@ import anyio
 import pytest
 
 from tests.conftest import ConfigFactory
-from trig_stream.backends.base import ServerLoad
+from trig_stream.backends.base import JudgeReply, JudgeRequest, ServerLoad
 from trig_stream.backends.judges.server_probe import parse_load, server_root
 from trig_stream.concurrency import SILENT_POLLS, ConcurrencyController, follow_server_load
 from trig_stream.config import AdaptiveConcurrency, JudgeConfig, load_config
 from trig_stream.engine import Engine
-from trig_stream.errors import ConfigError
+from trig_stream.errors import (
+    AnswerTimeoutError,
+    ConfigError,
+    RateLimitError,
+    RetryableError,
+    UnreachableError,
+)
 from trig_stream.testing.fake_judge import FakeJudge
 
 
@@ -34,11 +41,11 @@ class FakeClock:
 
 
 def controller(
-    start: int = 8, *, busy: bool = True, **settings: Any
+    start: int = 8, *, busy: bool = True, clock: FakeClock | None = None, **settings: Any
 ) -> tuple[ConcurrencyController, FakeLimiter]:
     limiter = FakeLimiter(total_tokens=start)
     adaptive = AdaptiveConcurrency(enabled=True, **settings)
-    control = ConcurrencyController(adaptive, limiter, clock=FakeClock())
+    control = ConcurrencyController(adaptive, limiter, clock=clock or FakeClock())
     if busy:
         limiter.borrowed_tokens = control.limit
     return control, limiter
@@ -79,41 +86,90 @@ def test_no_growth_while_the_limit_is_not_what_holds_requests_back() -> None:
 
 
 def test_rate_limits_cut_once_per_round_trip() -> None:
-    control, _ = controller(start=32, min=2)
+    clock = FakeClock()
+    control, _ = controller(start=32, min=2, clock=clock)
     sent_before = control.epoch
     control.on_rate_limited(sent_before)
     assert control.limit == 16
     # The other requests sent under the old limit come back refused too: no further cut.
+    clock.now += 10.0
     for _ in range(10):
         control.on_rate_limited(sent_before)
-        control.on_failure(sent_before)
+        control.on_timeout(sent_before)
     assert control.limit == 16
     # Requests sent under the new limit are refused again: cut again, down to the floor.
     for _ in range(5):
+        clock.now += 2.0
         control.on_rate_limited(control.epoch)
     assert control.limit == 2
     assert [c.reason for c in control.changes][-1] == "rate limited (429)"
 
 
+def test_cuts_are_a_poll_interval_apart_at_least() -> None:
+    # A round trip under the new limit can be far shorter than the time a cut takes to show:
+    # one 429 of each such round trip cut it again (seen: the limit held at 2 of 64).
+    clock = FakeClock()
+    control, _ = controller(start=64, min=2, poll_interval_s=0.2, clock=clock)
+    control.on_rate_limited(control.epoch)
+    assert control.limit == 32
+    clock.now += 0.1
+    control.on_rate_limited(control.epoch)
+    control.on_timeout(control.epoch)
+    assert control.limit == 32
+    clock.now += 0.15
+    control.on_timeout(control.epoch)
+    assert control.limit == 16
+    assert [c.reason for c in control.changes] == ["rate limited (429)", "no answer in time"]
+
+
+def test_random_429s_leave_the_limit_near_what_the_server_takes() -> None:
+    # 5% of answers a 429 at random, round trips of 20 ms, the load polled every 0.2 s: the
+    # limit climbs by one a round trip and is halved at most once a poll interval (10 round
+    # trips), so it swings between about 6 and 20 (a cut a round trip: between 2 and 14,
+    # about 5 on average).
+    clock = FakeClock()
+    control, limiter = controller(start=32, min=2, max=64, poll_interval_s=0.2, clock=clock)
+    draw = random.Random(7).random
+    limits = []
+    for _ in range(500):  # 10 s of round trips
+        epoch = control.epoch
+        limiter.borrowed_tokens = control.limit
+        for _ in range(control.limit):
+            if draw() < 0.05:
+                control.on_rate_limited(epoch)
+            else:
+                control.on_success(epoch, 0.02)
+        clock.now += 0.02
+        limits.append(control.limit)
+    assert min(limits[100:]) >= 5
+    assert sum(limits[100:]) / len(limits[100:]) >= 9
+
+
 def test_growing_queue_cuts_and_a_drained_queue_lets_it_grow() -> None:
-    control, limiter = controller(start=16, max_waiting=4)
-    control.on_server_load(ServerLoad(running=16, waiting=2))
+    clock = FakeClock()
+    control, limiter = controller(start=16, max_waiting=4, clock=clock)
+
+    def poll(running: int, waiting: int) -> None:  # once a poll interval, as the watcher does
+        clock.now += control.settings.poll_interval_s
+        control.on_server_load(ServerLoad(running=running, waiting=waiting))
+
+    poll(16, 2)
     assert control.limit == 16  # a short queue is fine
-    control.on_server_load(ServerLoad(running=16, waiting=10))
+    poll(16, 10)
     assert control.limit == 8
     # Still long, but nothing sent under the new limit has come back yet: hold.
-    control.on_server_load(ServerLoad(running=16, waiting=12))
+    poll(16, 12)
     assert control.limit == 8
     succeed(control, limiter, 1)  # a round trip under the new limit; the queue is long
     assert control.limit == 8  # ... so no growth either
-    control.on_server_load(ServerLoad(running=16, waiting=14))
+    poll(16, 14)
     assert control.limit == 4
     # Draining (shorter than at the last reading) while still long: wait for it.
     succeed(control, limiter, 1)
-    control.on_server_load(ServerLoad(running=8, waiting=9))
+    poll(8, 9)
     assert control.limit == 4
     # Drained: growth resumes, a step per round trip.
-    control.on_server_load(ServerLoad(running=4, waiting=0))
+    poll(4, 0)
     succeed(control, limiter, 4 + 5 + 6)
     assert control.limit == 7
     reasons = [c.reason for c in control.changes]
@@ -152,7 +208,7 @@ def test_changes_are_stamped_by_the_clock() -> None:
     clock = FakeClock()
     control = ConcurrencyController(AdaptiveConcurrency(enabled=True), limiter, clock=clock)
     clock.now = 250.0
-    control.on_failure(control.epoch)
+    control.on_timeout(control.epoch)
     assert control.changes[-1].at == 250.0
     assert control.changes[-1].limit == 2
 
@@ -237,3 +293,47 @@ async def test_engine_cuts_the_limit_on_rate_limits(make_config: ConfigFactory) 
     assert engine.stats().judges["trigscore"].limit < 16
     # The fake judge reports no load: its watcher gave up after a few polls.
     assert naps.count(2.0) == SILENT_POLLS - 1
+
+
+class FailsFirstAttempts(FakeJudge):
+    """Fails the first attempt of every request with ``failure``; the retry is answered."""
+
+    def __init__(self, failure: RetryableError) -> None:
+        super().__init__(concurrency=16)
+        self.failure = failure
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        if request.attempt == 1:
+            raise self.failure
+        return await super().judge(request)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("failure", "cut"),
+    [
+        (RetryableError("judge at http://127.0.0.1:9/v1: HTTP 503: busy"), False),
+        (UnreachableError("judge at http://127.0.0.1:9/v1: connection failed (reset)"), False),
+        (RetryableError("judge at http://127.0.0.1:9/v1: malformed answer (truncated)"), False),
+        (AnswerTimeoutError("judge at http://127.0.0.1:9/v1: no answer within 5 s"), True),
+        (RateLimitError("judge at http://127.0.0.1:9/v1: HTTP 429", retry_after=0), True),
+    ],
+)
+async def test_only_signs_of_load_cut_the_limit(
+    make_config: ConfigFactory, failure: RetryableError, cut: bool
+) -> None:
+    # A 5xx, a reset or a malformed answer says nothing of the server's load: each halved the
+    # limit, and a server failing 10% of its requests at random held it at the floor.
+    config = make_config(
+        judges=[{"backend": "fake", "concurrency": 16, "adaptive": {"enabled": True}}]
+    )
+
+    async def sleep(seconds: float) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(30):
+        async with Engine(config, judges=[FailsFirstAttempts(failure)], sleep=sleep) as engine:
+            summary = await engine.drain()
+    assert summary.ok == summary.judged == 24  # every failure was retried
+    limit = engine.stats().judges["trigscore"].limit
+    assert limit < 16 if cut else limit >= 16

@@ -21,7 +21,15 @@ from anyio.lowlevel import checkpoint
 from PIL import Image
 
 from tests.conftest import PAIRS, ConfigFactory
-from trig_stream import ConfigError, Engine, FatalBackendError, ItemError, RetryableError
+from trig_stream import (
+    ConfigError,
+    Engine,
+    FatalBackendError,
+    ItemError,
+    RateLimitError,
+    RetryableError,
+    UnreachableError,
+)
 from trig_stream.backends.base import (
     EncodedPicture,
     GenerationRequest,
@@ -500,15 +508,18 @@ async def test_a_cancelled_error_a_judge_raises_by_itself_is_its_failure(
 
 
 class AnswersThenFails(FakeJudge):
-    """Answers its first ``answers`` requests, then fails every attempt transiently."""
+    """Answers its first ``answers`` requests, then fails every attempt with ``failure``."""
 
-    def __init__(self, answers: int) -> None:
+    def __init__(self, answers: int, failure: RetryableError | None = None) -> None:
         super().__init__(concurrency=1)
         self.answers = answers
+        self.failure = failure or UnreachableError(
+            "judge at http://127.0.0.1:9/v1: connection failed (ConnectionRefusedError)"
+        )
 
     async def judge(self, request: JudgeRequest) -> JudgeReply:
         if self.answers <= 0:
-            raise RetryableError("judge at http://127.0.0.1:9/v1: connection failed")
+            raise self.failure
         self.answers -= 1
         return await super().judge(request)
 
@@ -533,6 +544,34 @@ async def test_a_judge_that_never_answered_stops_the_run_when_a_request_spends_i
     results = await run_to_end(config, judges=[judge], sleep=no_wait)
     assert Counter(j.status for j in results) == {"ok": 3, "error": 9}
     assert all("gave up after 3 attempts" in str(j.error) for j in results if j.status == "error")
+
+
+async def test_the_stop_of_a_judge_that_never_answered_says_how_many_attempts(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=2, engine={"max_attempts": 1})
+    with pytest.raises(FatalBackendError) as caught:
+        await run_to_end(config, judges=[AnswersThenFails(0)])
+    assert "and a request gave up after 1 attempt without reaching it" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RetryableError("judge at http://127.0.0.1:9/v1: HTTP 503: busy"),
+        RateLimitError("judge at http://127.0.0.1:9/v1: HTTP 429 rate limited", retry_after=0),
+        RetryableError("judge at http://127.0.0.1:9/v1: malformed answer (the body is not JSON)"),
+    ],
+)
+async def test_a_judge_whose_server_answers_with_failures_has_answered(
+    make_config: ConfigFactory, failure: RetryableError
+) -> None:
+    # Its server is up and at the address in the config: these are its requests' errors,
+    # not a reason to stop the run (it stopped while 26 requests were being served).
+    config = make_config(samples=3, engine={"max_attempts": 1})
+    results = await run_to_end(config, judges=[AnswersThenFails(0, failure)])
+    assert Counter(j.status for j in results) == {"error": 6}
+    assert all(j.error == f"gave up after 1 attempt: {failure}" for j in results)
 
 
 class Connected(FakeJudge):

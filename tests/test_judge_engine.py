@@ -11,6 +11,7 @@ import pytest
 
 from trig_stream.config import RunConfig
 from trig_stream.engine import Engine
+from trig_stream.errors import FatalBackendError
 from trig_stream.judging import _Requesters
 from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
 
@@ -28,10 +29,11 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return "asyncio", {"use_uvloop": request.param == "uvloop"}
 
 
-def run_config(tmp_path: Path, base_url: str) -> RunConfig:
+def run_config(tmp_path: Path, base_url: str, **engine: Any) -> RunConfig:
     return RunConfig.model_validate(
         {
             "run": {"name": "loopback", "output_dir": str(tmp_path), "task": "t2i"},
+            "engine": engine,
             "dataset": {"path": str(DEMO)},
             "generators": [
                 {
@@ -68,6 +70,43 @@ async def test_engine_judges_every_image_once(tmp_path: Path) -> None:
     assert stats.received == stats.served == 2 * samples
     assert stats.repeated == 0
     assert stats.max_running <= 8
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        ({"error_rate": 1.0}, "HTTP 503"),
+        ({"rate_limit_rate": 1.0, "retry_after": "0"}, "HTTP 429"),
+        ({"malformed_rate": 1.0}, "malformed answer"),
+    ],
+)
+async def test_a_server_that_answers_only_failures_is_reached_and_the_run_goes_on(
+    tmp_path: Path, fault: dict[str, Any], error: str
+) -> None:
+    # Every answer a failure, yet an answer: the server is up and at its address. The run
+    # stopped with "is its server running, at the address in the config?".
+    samples = len(json.loads(DEMO.read_text()))
+    async with JudgeServer(JudgeServerOptions(**fault)) as server:
+        config = run_config(tmp_path, server.base_url, max_attempts=1)
+        async with Engine(config) as engine:
+            judgements = [j async for j in engine.results]
+    assert len(judgements) == 2 * samples
+    assert all(j.status == "error" and error in str(j.error) for j in judgements)
+    assert all(str(j.error).startswith("gave up after 1 attempt: ") for j in judgements)
+
+
+async def test_a_server_that_is_not_there_stops_the_run(tmp_path: Path) -> None:
+    async with JudgeServer() as gone:
+        closed = gone.base_url
+    config = run_config(tmp_path, closed, max_attempts=1)
+    with pytest.raises(FatalBackendError) as caught:
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                pass
+    assert str(caught.value).startswith(
+        "judge 'trigscore' has answered no request yet, and a request gave up after 1 "
+        f"attempt without reaching it (its last failure: judge at {closed}: connection failed"
+    )
 
 
 async def test_requests_reuse_the_tasks_that_made_earlier_ones() -> None:

@@ -71,6 +71,8 @@ def test_arguments_become_options() -> None:
     date = "Wed, 21 Oct 2015 07:28:00 GMT"
     assert options_from_args(parse("--retry-after", date)).retry_after == date
     assert options_from_args(parse("--retry-after", "0.5")).retry_after == "0.5"
+    asctime = "Wed Oct 21 07:28:00 2015"  # RFC 9110 has recipients accept it
+    assert options_from_args(parse("--retry-after", asctime)).retry_after == asctime
 
 
 @pytest.mark.parametrize(
@@ -83,6 +85,9 @@ def test_arguments_become_options() -> None:
         (("--retry-after", "soon"), "'soon' is neither a number of seconds nor an HTTP date"),
         (("--retry-after", "-1"), "'-1' is neither"),
         (("--retry-after", "inf"), "'inf' is neither"),
+        (("--retry-after", "infinity"), "'infinity' is neither"),
+        (("--retry-after", "nan"), "'nan' is neither"),
+        (("--retry-after", "1_000"), "'1_000' is neither"),
         (
             (
                 "--capacity",

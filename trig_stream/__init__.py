@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from trig_stream.config import RunConfig, load_config
     from trig_stream.engine import Engine, RunSummary
     from trig_stream.errors import (
+        AnswerTimeoutError,
         BackendError,
         ConfigError,
         DatasetError,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
         RunDirError,
         RunLockedError,
         TrigStreamError,
+        UnreachableError,
     )
     from trig_stream.records import GeneratedImage, JudgeFingerprint, Judgement, Sample
     from trig_stream.scoring import score_top_logprobs
@@ -42,6 +44,7 @@ _HOMES = {
     "RunSummary": "trig_stream.engine",
     **dict.fromkeys(
         (
+            "AnswerTimeoutError",
             "BackendError",
             "ConfigError",
             "DatasetError",
@@ -53,6 +56,7 @@ _HOMES = {
             "RunDirError",
             "RunLockedError",
             "TrigStreamError",
+            "UnreachableError",
         ),
         "trig_stream.errors",
     ),
@@ -68,6 +72,7 @@ costs nothing until then (the ``trig-stream`` command sees a Ctrl-C during its i
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnswerTimeoutError",
     "BackendError",
     "ConfigError",
     "DatasetError",
@@ -87,6 +92,7 @@ __all__ = [
     "RunSummary",
     "Sample",
     "TrigStreamError",
+    "UnreachableError",
     "__version__",
     "import_metric",
     "load_config",

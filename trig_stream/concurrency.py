@@ -9,16 +9,20 @@ queue). :class:`ConcurrencyController` moves a judge's :class:`anyio.CapacityLim
   what holds requests back, the limit grows: by one per answer until the first cut ("slow
   start", doubling each round trip), then by one per round trip (a whole limit's worth of
   answers).
-* **cuts**: a 429, a transient failure (5xx, timeout, reset), a latency blow-up, or a waiting
-  queue on the server (``vllm:num_requests_waiting`` from ``GET /metrics``) above
-  ``max_waiting`` that is not draining multiply the limit by ``decrease_factor``.
+* **cuts**: the signs of load: a 429, no answer within the timeout, a latency blow-up, or a
+  waiting queue on the server (``vllm:num_requests_waiting`` from ``GET /metrics``) above
+  ``max_waiting`` that is not draining multiply the limit by ``decrease_factor``. Other
+  failures (a 5xx, a reset connection, a malformed answer) are no such sign: a server that
+  fails a share of its requests at random would otherwise hold the limit at ``min`` (seen:
+  a 10% error rate held 2-3 of 64 for a whole run), and they neither cut nor grow it.
 
-Requests started before a cut were sent under the old limit, and their failures say nothing
-new: each attempt carries the controller's *epoch* (the number of cuts so far) and a signal
-from an older epoch is ignored. Likewise, a busy server justifies one cut per round trip: after
-a cut, the queue is read again only once an attempt of the new epoch has finished. The
-controller is pure logic (no I/O, no task); :func:`follow_server_load` is the polling loop that
-feeds it the server's load.
+A cut shows its effect only after a while. Requests started before it were sent under the old
+limit, and their signals say nothing new: each attempt carries the controller's *epoch* (the
+number of cuts so far) and a signal from an older epoch is ignored; after a cut, the queue is
+read again only once an attempt of the new epoch has finished. And two cuts are at least
+``poll_interval_s`` apart, so that the few random 429s of a round trip, or a latency average
+still catching up, cut once. The controller is pure logic (no I/O, no task);
+:func:`follow_server_load` is the polling loop that feeds it the server's load.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ class ConcurrencyController:
         self._queue_short = True
         self._last_waiting: int | None = None
         self._settled = True  # an attempt of the current epoch has finished
+        self._last_cut = -math.inf  # the clock at the latest cut
         self.changes: deque[LimitChange] = deque(maxlen=HISTORY)
         """The latest limit changes, oldest first."""
 
@@ -152,10 +157,10 @@ class ConcurrencyController:
         if epoch == self._epoch:
             self._cut("rate limited (429)")
 
-    def on_failure(self, epoch: int) -> None:
-        """An attempt started in ``epoch`` failed transiently (5xx, timeout, reset)."""
+    def on_timeout(self, epoch: int) -> None:
+        """An attempt started in ``epoch`` got no answer within the judge's timeout."""
         if epoch == self._epoch:
-            self._cut("transient failure")
+            self._cut("no answer in time")
 
     def on_server_load(self, load: ServerLoad | None) -> None:
         """The server's queue as last read; None (unknown) changes nothing."""
@@ -193,6 +198,10 @@ class ConcurrencyController:
         return None
 
     def _cut(self, reason: str) -> None:
+        now = self._clock()
+        if now - self._last_cut < self.settings.poll_interval_s:
+            return  # the latest cut has had no time to show its effect
+        self._last_cut = now
         self._slow_start = False
         self._answered = 0
         self._epoch += 1

@@ -206,9 +206,10 @@ class AdaptiveConcurrency(_Section):
 
     Off by default: the limit is then the judge's fixed ``concurrency``. When on, the limit
     starts at ``concurrency`` (kept between ``min`` and ``max``), grows while answers come
-    back in time and the server's waiting queue stays short, and is cut on a 429, on
-    transient failures, when latency blows up, or when the queue that the server reports on
-    ``GET /metrics`` (vLLM's ``vllm:num_requests_waiting``) grows past ``max_waiting``.
+    back in time and the server's waiting queue stays short, and is cut on a 429, on a
+    request without an answer in time, when latency blows up, or when the queue that the
+    server reports on ``GET /metrics`` (vLLM's ``vllm:num_requests_waiting``) grows past
+    ``max_waiting``; at most once per ``poll_interval_s``.
     """
 
     enabled: bool = False
@@ -224,7 +225,8 @@ class AdaptiveConcurrency(_Section):
     max_waiting: Annotated[int, Field(ge=0)] = 8
     """Requests the server may keep waiting (summed over endpoints) before the limit is cut."""
     poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
-    """How often the server's load is read (``GET /metrics``)."""
+    """How often the server's load is read (``GET /metrics``), and the shortest time between
+    two cuts of the limit."""
     decrease_factor: Annotated[float, Field(gt=0, lt=1)] = 0.5
     """A cut multiplies the limit by this."""
 

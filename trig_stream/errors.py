@@ -11,7 +11,9 @@ Everything the package raises on purpose derives from :class:`TrigStreamError`::
     ├── MissingExtraError        an optional dependency is not installed (names the pip command)
     └── BackendError             raised by a generator or judge backend
         ├── RetryableError       worth another attempt (5xx, timeout, reset); may carry retry_after
-        │   └── RateLimitError   the server said 429
+        │   ├── RateLimitError   the server said 429
+        │   └── UnreachableError no answer at all: no connection, a reset, none in time
+        │       └── AnswerTimeoutError  none in time (a sign of load, for adaptive concurrency)
         ├── ItemError            this item failed for good (4xx, refusal); the run goes on
         │   └── NotFoundError    the server said 404 (fatal before any call has succeeded)
         └── FatalBackendError    nothing will work (bad credentials, unusable device): the run stops
@@ -83,6 +85,19 @@ class RetryableError(BackendError):
 
 class RateLimitError(RetryableError):
     """The server refused for load (HTTP 429)."""
+
+
+class UnreachableError(RetryableError):
+    """No answer from the server at all: a refused, reset or dropped connection, or none
+    within the timeout. Any other failure is an answer: the server is there. A judge (or an
+    API) that has answered nothing yet and spends a request's retries on this is down or at
+    another address, so the run stops."""
+
+
+class AnswerTimeoutError(UnreachableError):
+    """No whole answer within the request's timeout: unlike a refused or reset connection,
+    a sign that the server has more than it can do in time, which adaptive concurrency
+    answers by lowering the limit."""
 
 
 class ItemError(BackendError):

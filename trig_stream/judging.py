@@ -7,8 +7,9 @@ image buffer the generators. Transient failures are retried with backoff; a repl
 judgement here, scored from its top logprobs with the judge's scorer.
 
 A judge whose ``[judges.adaptive]`` is on gets a :class:`~trig_stream.concurrency.
-ConcurrencyController` that moves its limit: every attempt's outcome and latency is reported
-to it, and a task of this stage polls the judge's server load for it while the stage runs.
+ConcurrencyController` that moves its limit: every answer's latency and every sign of load (a
+429, no answer in time) is reported to it, and a task of this stage polls the judge's server
+load for it while the stage runs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.concurrency import ConcurrencyController, follow_server_load
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
+from trig_stream.errors import (
+    AnswerTimeoutError,
+    FatalBackendError,
+    ItemError,
+    RateLimitError,
+    RetryableError,
+    UnreachableError,
+)
 from trig_stream.pipeline import (
     ImageItem,
     RunContext,
@@ -81,7 +89,9 @@ class JudgeStage:
         }
         """The controller of each judge whose concurrency is adaptive."""
         self._answered: set[str] = set()
-        """The judges that have answered a request (a reply, or a refusal of their own)."""
+        """The judges that have answered a request: a reply, a refusal, or any failure but
+        an :class:`~trig_stream.errors.UnreachableError` (a 5xx, a 429, a malformed body
+        came from their server)."""
         self._scored: set[str] = set()
         """The judges that have scored an answer."""
         self._unscorable: Counter[str] = Counter()
@@ -201,19 +211,23 @@ class JudgeStage:
                 except FatalBackendError:
                     raise
                 except RetryableError as exc:
+                    unreached = isinstance(exc, UnreachableError)
+                    if not unreached:
+                        self._answered.add(judge.name)
                     if controller and isinstance(exc, RateLimitError):
                         controller.on_rate_limited(epoch)
-                    elif controller:
-                        controller.on_failure(epoch)
+                    elif controller and isinstance(exc, AnswerTimeoutError):
+                        controller.on_timeout(epoch)
                     if not self._retry.should_retry(attempts):
-                        failure = f"{self._retry.gave_up(attempts)}: {exc}"
-                        if judge.name not in self._answered:
+                        gave_up = self._retry.gave_up(attempts)
+                        failure = f"{gave_up}: {exc}"
+                        if unreached and judge.name not in self._answered:
                             # Nothing has ever come back: every request would end the same
                             # way (a server that is down, or at another address).
                             raise FatalBackendError(
                                 f"judge {judge.name!r} has answered no request yet, and a "
-                                f"request failed all its {attempts} attempts (the last: {exc}); "
-                                "is its server running, at the address in the config?"
+                                f"request {gave_up} without reaching it (its last failure: "
+                                f"{exc}); is its server running, at the address in the config?"
                             ) from None
                         break
                     await self._sleep(self._retry.delay(attempts, exc.retry_after))

@@ -65,18 +65,11 @@ DEFAULT_MODEL: Final = "trig-judge-sim"
 
 
 def _retry_after(value: str) -> str:
-    # What HTTP allows: whole or decimal seconds (not -1, inf or nan), or a date with its zone.
-    if _SECONDS.fullmatch(value):
-        return value
-    try:
-        float(value)
-    except ValueError:
-        if parse_retry_after({"Retry-After": value}) is not None:
-            return value
-    raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
-
-
-_SECONDS = re.compile(r"\d+(\.\d+)?")
+    # What HTTP allows: seconds (not -1, inf or nan), or a date in one of HTTP's three forms;
+    # read as the judge reads it.
+    if parse_retry_after({"Retry-After": value}) is None:
+        raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
+    return value
 
 
 class JudgeServerOptions(BaseModel):

@@ -28,12 +28,14 @@ from trig_stream.backends.judges.http_errors import (
 )
 from trig_stream.backends.judges.transports import cap_answers, httpx_of
 from trig_stream.errors import (
+    AnswerTimeoutError,
     BackendError,
     FatalBackendError,
     ItemError,
     NotFoundError,
     RateLimitError,
     RetryableError,
+    UnreachableError,
 )
 from trig_stream.retry import RetryPolicy
 
@@ -41,10 +43,6 @@ T = TypeVar("T")
 
 Sleep = Callable[[float, threading.Event], bool]
 """Waits up to the given seconds; returns True when the cancel event fired meanwhile."""
-
-
-class Unreachable(RetryableError):
-    """No answer from the API at all: no connection, or none within the timeout."""
 
 
 class Refused(BackendError):
@@ -160,7 +158,7 @@ def classify(exc: Exception, secret: str) -> BackendError:
     """Map an ``openai`` SDK exception to trig-stream's error classes.
 
     429 -> RateLimitError (with Retry-After); 5xx, 408, 409 -> RetryableError; timeouts and
-    connection failures -> :class:`Unreachable` (retryable); 401 / 403 -> FatalBackendError;
+    connection failures -> UnreachableError (retryable); 401 / 403 -> FatalBackendError;
     404 -> NotFoundError; a refusal of the request's content (a safety system's code or
     message, see :data:`~trig_stream.backends.judges.http_errors.CONTENT_REFUSAL`) ->
     ItemError: the prompt's own failure. Any other 4xx (an option the API refuses, a bad
@@ -176,9 +174,9 @@ def classify(exc: Exception, secret: str) -> BackendError:
         # Every call would most likely be answered alike: the API's failure, not the item's.
         return BackendError(f"the API sent {too_large}")
     if isinstance(exc, openai.APITimeoutError):
-        return Unreachable("the API timed out")
+        return AnswerTimeoutError("the API timed out")
     if isinstance(exc, openai.APIConnectionError):
-        return Unreachable(redact(f"cannot reach the API: {exc}", secret))
+        return UnreachableError(redact(f"cannot reach the API: {exc}", secret))
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         detail = redact(f"HTTP {status}: {_message(exc)}", secret)
@@ -240,9 +238,9 @@ def call_with_retries(
             if not policy.should_retry(attempts):
                 if unanswered and unanswered_is_fatal and not _http_answer(exc):
                     raise FatalBackendError(
-                        f"{api} has answered no request yet, and one failed all its {attempts} "
-                        f"attempts (the last: {error}); is it running, at the address in the "
-                        "config?"
+                        f"{api} has answered no request yet, and one {policy.gave_up(attempts)} "
+                        f"without reaching it (its last failure: {error}); is it running, at "
+                        "the address in the config?"
                     ) from None
                 raise type(error)(
                     f"{error} ({policy.gave_up(attempts)})", retry_after=error.retry_after

@@ -41,7 +41,6 @@ from trig_stream.backends.base import (
 from trig_stream.backends.generators.api_calls import (
     Refused,
     Sleep,
-    Unreachable,
     api_key_from_env,
     call_with_retries,
     openai_client,
@@ -56,7 +55,13 @@ from trig_stream.backends.generators.dtm_relations import (
 )
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl, nested_problems
-from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
+from trig_stream.errors import (
+    BackendError,
+    ConfigError,
+    FatalBackendError,
+    ItemError,
+    UnreachableError,
+)
 from trig_stream.records import PromptRewrite, storable_text
 from trig_stream.retry import RetryPolicy
 
@@ -334,7 +339,7 @@ class DTMRewriteGenerator(Generator):
                 sample.prompt,
                 "fallback",
                 reason,
-                unreached=isinstance(exc, Unreachable),
+                unreached=isinstance(exc, UnreachableError),
             )
         with self._lock:
             self._rewrote = True

@@ -5,7 +5,8 @@ what happened                          raised
 =====================================  ==========================================
 429                                    :class:`RateLimitError`, with Retry-After
 5xx, 408, 409                          :class:`RetryableError`, with Retry-After
-timeout, refused or reset connection   :class:`RetryableError`
+refused or reset connection            :class:`UnreachableError` (retryable)
+timeout                                :class:`AnswerTimeoutError` (unreachable)
 a body that is not a completion        :class:`RetryableError`
 a body over the size limit             :class:`RetryableError` (malformed)
 401, 403                               :class:`FatalBackendError` (one message)
@@ -22,6 +23,7 @@ the client's exception is not chained, since its text and request carry what the
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 import time
@@ -29,12 +31,14 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 
 from trig_stream.errors import (
+    AnswerTimeoutError,
     BackendError,
     FatalBackendError,
     ItemError,
     NotFoundError,
     RateLimitError,
     RetryableError,
+    UnreachableError,
 )
 
 REASON_CHARS = 200
@@ -59,33 +63,43 @@ class AnswerTooLarge(ValueError):
         super().__init__(f"an answer of more than {limit:,} bytes")
 
 
+RETRY_AFTER_SECONDS = re.compile(r"\d+(\.\d+)?")
+"""A wait in seconds as ``Retry-After`` (or milliseconds as ``retry-after-ms``) gives it:
+digits, as HTTP's delta-seconds, or a decimal, as some servers send; never a sign, an
+exponent, ``_``, ``inf`` or ``nan``, which Python's ``float`` would take."""
+
+_ASCTIME = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
+"""C's asctime date (``Sun Nov  6 08:49:37 1994``), an HTTP date without a zone: GMT."""
+
+
 def parse_retry_after(
     headers: Mapping[str, str], *, now: Callable[[], float] = time.time
 ) -> float | None:
     """Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (seconds or a date).
 
+    A ``retry-after-ms`` that is no number of milliseconds leaves ``Retry-After`` to say.
+    Dates are read in each of HTTP's three forms (RFC 9110: IMF-fixdate, RFC 850, asctime).
+
     Returns None when neither header is present or readable; never a negative number.
     """
-    lowered = {key.lower(): value for key, value in headers.items()}
+    lowered = {key.lower(): value.strip() for key, value in headers.items()}
     millis = lowered.get("retry-after-ms")
-    if millis is not None:
-        try:
-            return max(0.0, float(millis) / 1000.0)
-        except ValueError:
-            pass
+    if millis is not None and RETRY_AFTER_SECONDS.fullmatch(millis):
+        return float(millis) / 1000.0
     value = lowered.get("retry-after")
     if value is None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if RETRY_AFTER_SECONDS.fullmatch(value):
+        return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    if when.tzinfo is None:  # an HTTP date is GMT; a naive result means the zone was dropped
-        return None
+    if when.tzinfo is None:
+        # No zone: an asctime date is GMT; another form without one is not HTTP's.
+        if not _ASCTIME.fullmatch(value):
+            return None
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - now())
 
 
@@ -190,15 +204,15 @@ def redirect_error(
     )
 
 
-def connection_error(endpoint: str, detail: str | None) -> RetryableError:
+def connection_error(endpoint: str, detail: str | None) -> UnreachableError:
     """A refused, reset or dropped connection; ``detail`` names what happened."""
     what = detail or "connection error"
-    return RetryableError(f"judge at {endpoint}: connection failed ({what})")
+    return UnreachableError(f"judge at {endpoint}: connection failed ({what})")
 
 
-def timeout_error(endpoint: str, timeout_s: float) -> RetryableError:
+def timeout_error(endpoint: str, timeout_s: float) -> AnswerTimeoutError:
     """No whole answer within the request timeout."""
-    return RetryableError(f"judge at {endpoint}: no answer within {timeout_s:g} s")
+    return AnswerTimeoutError(f"judge at {endpoint}: no answer within {timeout_s:g} s")
 
 
 def malformed_error(endpoint: str, detail: str) -> RetryableError:

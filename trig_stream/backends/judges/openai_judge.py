@@ -9,7 +9,8 @@ through trig-stream's own small HTTP/1.1 client (``client = "http"``), a plain a
 the engine owns retries, so they never compound.
 
 Several ``base_urls`` serving the same model share the load: each request goes to the endpoint
-with the fewest requests in flight, of those not resting after a failure (see ``_Endpoint``).
+with the fewest requests in flight, of those not resting after a failure or a 429 (see
+``_Endpoint``).
 Instead of a URL, ``serve`` starts the server for the run (see
 :mod:`~trig_stream.backends.judges.managed_server`). For adaptive concurrency the judge
 reads vLLM's queue gauges from ``/metrics`` beside each base URL (:meth:`OpenAIJudge.
@@ -67,6 +68,7 @@ from trig_stream.errors import (
 )
 from trig_stream.png import encode_png
 from trig_stream.records import JudgeFingerprint, storable_text
+from trig_stream.retry import RETRY_AFTER_MAX_S
 from trig_stream.scoring import Scorer
 
 METRICS_TIMEOUT_S = 5.0
@@ -153,7 +155,10 @@ class _Endpoint:
     A transient failure (no connection, a timeout, a 5xx) rests the endpoint for a while: 0.5 s,
     doubling with each failure in a row up to 30 s. A resting endpoint gets no request while
     another does not rest, so one that is down does not draw the requests that the least busy
-    rule would give it (a refused connection leaves it the least busy of all).
+    rule would give it (a refused connection leaves it the least busy of all). A 429 rests it
+    alike, and at least as long as its Retry-After asks (up to
+    :data:`~trig_stream.retry.RETRY_AFTER_MAX_S`), which a success meanwhile does not end: a
+    429 is answered at once, so a rate-limited endpoint would be the least busy too.
     """
 
     transport: Transport
@@ -165,6 +170,8 @@ class _Endpoint:
     """Transient failures in a row."""
     rests_until: float = 0.0
     """Until when (the judge's clock) it gets no request while another endpoint can take it."""
+    limited_until: float = 0.0
+    """Until when its latest 429's Retry-After asked for no request (the judge's clock)."""
     answered: bool = False
     """Whether a request to it has succeeded: its path and model are right."""
     refused: int = 0
@@ -202,6 +209,17 @@ class _Endpoint:
         """A transient failure: rest a while longer each time in a row."""
         self.failures += 1
         self.rests_until = now + min(REST_MAX_S, REST_FIRST_S * 2 ** (self.failures - 1))
+
+    def rate_limited(self, now: float, retry_after: float | None) -> None:
+        """A 429: rest as after a failure, and until its Retry-After has passed."""
+        self.failed(now)
+        if retry_after is not None:
+            until = now + min(retry_after, RETRY_AFTER_MAX_S)
+            self.limited_until = max(self.limited_until, until)
+
+    def awake_at(self) -> float:
+        """When it may get requests again while another endpoint can take them."""
+        return max(self.rests_until, self.limited_until)
 
     def answer(self, reply: JudgeReply, completion: Any) -> FatalBackendError | None:
         """The run-stopping error a successful answer stands for, or None (the usual)."""
@@ -447,8 +465,10 @@ class OpenAIJudge(Judge):
                 raise fatal from None
             raise
         except Exception as exc:
-            if isinstance(exc, RetryableError) and not isinstance(exc, RateLimitError):
-                endpoint.failed(self._clock())  # a 429 says "slower", not "elsewhere"
+            if isinstance(exc, RateLimitError):  # with one endpoint, only the engine's wait
+                endpoint.rate_limited(self._clock(), exc.retry_after)
+            elif isinstance(exc, RetryableError):
+                endpoint.failed(self._clock())
             failure = self.server.failure() if self.server is not None else None
             if failure is not None:  # the server we started has died: nothing will work
                 raise failure from None
@@ -468,9 +488,9 @@ class OpenAIJudge(Judge):
         if len(endpoints) == 1:
             return endpoints[0]
         now = self._clock()
-        awake = [e for e in endpoints if e.rests_until <= now]
+        awake = [e for e in endpoints if e.awake_at() <= now]
         if not awake:
-            return min(endpoints, key=lambda e: e.rests_until)
+            return min(endpoints, key=_Endpoint.awake_at)
         return min(awake, key=lambda e: e.in_flight)
 
     def _body(self, request: JudgeRequest) -> dict[str, Any]:
