@@ -608,6 +608,48 @@ async def test_a_judge_instance_is_refused_by_a_second_engine_while_the_first_ru
     assert {j.status for j in again} == {"ok"} and len(again) == 16
 
 
+class _ClosingGenerator(SyntheticGenerator):
+    """A synthetic generator that refuses to generate once closed, as a pipeline would."""
+
+    def load(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        if self.closed:
+            raise FatalBackendError("generate() called on a closed generator")
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+
+async def test_a_generator_instance_is_refused_by_a_second_engine_while_the_first_runs(
+    make_config: ConfigFactory,
+) -> None:
+    # Each engine loaded the shared generator, and the first to end closed it under the
+    # other, whose run then failed: "generate() called on a closed generator".
+    first = make_config(samples=8)
+    second = first.model_copy(update={"run": first.run.model_copy(update={"name": "other"})})
+    shared = _ClosingGenerator("synth", SyntheticOptions(size=16))
+    async with Engine(first, generators=[shared]) as engine:
+        other = Engine(second, generators=[shared])
+        message = (
+            "generator 'synth': this instance is in use by another engine (run directory "
+            f"{first.run_dir}); give each engine its own generator instances"
+        )
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            async with other:
+                pass
+        assert other.stats().state == "failed"
+        summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 16)
+    assert not (second.run_dir / JOURNAL).exists()
+    again = await run_to_end(second, generators=[shared])  # free once the first engine closed it
+    assert {j.status for j in again} == {"ok"} and len(again) == 16
+
+
 async def test_an_error_in_the_consumer_propagates_unchanged(make_config: ConfigFactory) -> None:
     config = make_config(samples=20)
     with pytest.raises(ValueError, match="consumer bug"):

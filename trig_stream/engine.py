@@ -89,10 +89,11 @@ HISTORY_CHUNK = 2048
 """Earlier judgements parsed per worker-thread call when the live analysis catches up."""
 
 
-_judges_in_use: dict[int, Path] = {}
-"""The judge instances an open engine uses (by id; each alive while in use), with its run
-directory: a judge passed to a second engine at once would be closed under the first's feet."""
-_judges_in_use_lock = threading.Lock()  # engines may run in several threads' event loops
+_backends_in_use: dict[int, Path] = {}
+"""The generator and judge instances an open engine uses (by id; each alive while in use),
+with its run directory: one passed to a second engine at once would be loaded (or opened)
+twice and closed under the other's feet by the first to end."""
+_backends_in_use_lock = threading.Lock()  # engines may run in several threads' event loops
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +253,7 @@ class Engine:
         self._first_judgement = anyio.Event()
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
         self._closed = False
-        self._judges_claimed = False
+        self._backends_claimed = False
         self.run_dir_path = config.run_dir
 
     # -- public API ---------------------------------------------------------------------------
@@ -404,10 +405,10 @@ class Engine:
         if self._task_group is not None or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
         try:
-            self._claim_judges()
+            self._claim_backends()
         except ConfigError:
             self._state = "failed"
-            self._closed = True  # the judges are another engine's to close
+            self._closed = True  # the backends are another engine's to close
             raise
         self._counters.started_at = time.monotonic()
         try:
@@ -482,32 +483,35 @@ class Engine:
             self._state = "cancelled"
         return suppress
 
-    def _claim_judges(self) -> None:
-        """Mark this engine's judge instances in use until it closes them.
+    def _claim_backends(self) -> None:
+        """Mark this engine's generator and judge instances in use until it closes them.
 
         Raises:
             ConfigError: one is in use by another open engine (the first to end would close
-                it, and every judgement left to the other would fail: "the judge is not open").
+                it: every judgement left to the other would fail, "the judge is not open",
+                and a generator would be loaded twice, then used closed).
         """
-        with _judges_in_use_lock:
-            for judge in self._judges:
-                other = _judges_in_use.get(id(judge))
+        backends = [("generator", g) for g in self._generators]
+        backends += [("judge", j) for j in self._judges]
+        with _backends_in_use_lock:
+            for kind, backend in backends:
+                other = _backends_in_use.get(id(backend))
                 if other is not None:
                     raise ConfigError(
-                        f"judge {judge.name!r}: this instance is in use by another engine (run "
-                        f"directory {other}); give each engine its own judge instances"
+                        f"{kind} {backend.name!r}: this instance is in use by another engine "
+                        f"(run directory {other}); give each engine its own {kind} instances"
                     )
-            for judge in self._judges:
-                _judges_in_use[id(judge)] = self.run_dir_path
-        self._judges_claimed = True
+            for _, backend in backends:
+                _backends_in_use[id(backend)] = self.run_dir_path
+        self._backends_claimed = True
 
-    def _release_judges(self) -> None:
-        if not self._judges_claimed:
+    def _release_backends(self) -> None:
+        if not self._backends_claimed:
             return
-        with _judges_in_use_lock:
-            for judge in self._judges:
-                _judges_in_use.pop(id(judge), None)
-        self._judges_claimed = False
+        with _backends_in_use_lock:
+            for backend in [*self._generators, *self._judges]:
+                _backends_in_use.pop(id(backend), None)
+        self._backends_claimed = False
 
     def _check_environments(self) -> None:
         for generator in self._generators:
@@ -588,7 +592,7 @@ class Engine:
                         note = f"judge {judge.name!r}: closing it failed: {describe_error(exc)}"
                         self._counters.notes.append(note)
             finally:
-                self._release_judges()
+                self._release_backends()
             if self._run_dir is not None:
                 await anyio.to_thread.run_sync(self._run_dir.close)
 
