@@ -1560,6 +1560,9 @@ class RaisesInItsMethods(SyntheticGenerator):
             return cast(dict[str, Any], self._misbehave("fingerprint"))
         return super().fingerprint()
 
+    def check_environment(self) -> None:
+        self._misbehave("check_environment")
+
     def notes(self) -> list[str]:
         self._misbehave("notes")
         return []
@@ -1604,6 +1607,18 @@ class RaisesInItsMethods(SyntheticGenerator):
             "generator 'synth' is broken: fingerprint() returned an object of type list, not "
             "a dict",
         ),
+        (
+            "check_environment",
+            RuntimeError("no registry"),
+            None,
+            "generator 'synth' is broken: check_environment() raised RuntimeError: no registry",
+        ),
+        (
+            "check_environment",
+            SystemExit(3),
+            None,
+            "generator 'synth': check_environment() failed: it raised SystemExit: 3",
+        ),
     ],
 )
 async def test_a_generators_methods_that_misbehave_stop_the_run_with_its_name(
@@ -1617,6 +1632,25 @@ async def test_a_generators_methods_that_misbehave_stop_the_run_with_its_name(
     generator = RaisesInItsMethods(method, error, returns)
     with anyio.fail_after(10), pytest.raises(FatalBackendError, match=re.escape(message)):
         await run_to_end(make_config(samples=1), generators=[generator])
+
+
+async def test_a_judge_whose_fingerprint_is_no_judge_fingerprint_stops_the_run_with_its_name(
+    make_config: ConfigFactory,
+) -> None:
+    # Its manifest failed to be written: "AttributeError: 'dict' object has no attribute
+    # 'model_dump'", a traceback.
+    class DictFingerprint(FakeJudge):
+        def fingerprint(self) -> Any:
+            return {"backend": "fake"}
+
+    config = make_config(samples=1)
+    message = (
+        "judge 'trigscore' is broken: fingerprint() returned an object of type dict, not a "
+        "JudgeFingerprint"
+    )
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(config, judges=[DictFingerprint("trigscore", FakeJudgeOptions())])
+    assert not config.run_dir.exists()
 
 
 async def test_a_generator_whose_notes_fail_gets_a_note(make_config: ConfigFactory) -> None:

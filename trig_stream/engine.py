@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -44,7 +44,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.analysis.live import RelationTracker
-from trig_stream.backends.base import Generator, Judge
+from trig_stream.backends.base import Generator, Judge, call_in_thread
 from trig_stream.backends.registry import build_generator, build_judge, check_backends
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
@@ -87,6 +87,8 @@ PERSIST_BATCH = 256
 """Most judgements written with one fsync."""
 HISTORY_CHUNK = 2048
 """Earlier judgements parsed per worker-thread call when the live analysis catches up."""
+
+T = TypeVar("T")
 
 
 _backends_in_use: dict[int, Path] = {}
@@ -143,20 +145,67 @@ def run_manifest(
 
 def _fingerprint(generator: Generator) -> dict[str, Any]:
     """``generator.fingerprint()``, or the error that names it when it has none to give."""
-    try:
-        fingerprint = generator.fingerprint()
-    except TrigStreamError:
-        raise
-    except Exception as exc:  # a backend's bug: one message, not a traceback
-        raise FatalBackendError(
-            f"generator {generator.name!r} is broken: fingerprint() raised {describe_error(exc)}"
-        ) from exc
+    fingerprint = _backend_call(generator, "fingerprint()", generator.fingerprint)
     if not isinstance(fingerprint, dict):
         raise FatalBackendError(
             f"generator {generator.name!r} is broken: fingerprint() returned an object of type "
             f"{type(fingerprint).__name__}, not a dict of the settings that change its images"
         )
     return fingerprint
+
+
+def judge_fingerprint(judge: Judge) -> JudgeFingerprint:
+    """``judge.fingerprint()``, or the error that names the judge when it has none to give.
+
+    Raises:
+        FatalBackendError: it raised (see :func:`check_environment`), or returned no
+            :class:`~trig_stream.records.JudgeFingerprint`.
+    """
+    fingerprint = _backend_call(judge, "fingerprint()", judge.fingerprint)
+    if not isinstance(fingerprint, JudgeFingerprint):
+        raise FatalBackendError(
+            f"judge {judge.name!r} is broken: fingerprint() returned an object of type "
+            f"{type(fingerprint).__name__}, not a JudgeFingerprint"
+        )
+    return fingerprint
+
+
+def check_environment(backend: Generator | Judge) -> None:
+    """``backend.check_environment()``: what it needs from this machine, seen before anything
+    loads (``run`` and ``validate`` both make the check).
+
+    Raises:
+        TrigStreamError: what the check found missing, as the backend raised it.
+        FatalBackendError: it raised another exception (a third-party backend's bug, a file
+            it could not read): one error that names the backend and that exception, not a
+            traceback.
+    """
+    _backend_call(backend, "check_environment()", backend.check_environment)
+
+
+def backend_label(backend: Generator | Judge) -> str:
+    """How messages name a backend: ``generator 'flux'``, ``judge 'trigscore'``."""
+    kind = "generator" if isinstance(backend, Generator) else "judge"
+    return f"{kind} {backend.name!r}"
+
+
+def _backend_call(backend: Generator | Judge, call: str, method: Callable[[], T]) -> T:
+    """``method()``, with an exception it was not meant to raise turned into the error that
+    stops the run, named with the backend and ``call`` ("fingerprint()")."""
+    try:
+        return method()
+    except TrigStreamError:
+        raise
+    except OSError as exc:  # this machine's: a file it cannot read, a folder not there
+        raise FatalBackendError(
+            f"{backend_label(backend)}: {call} failed: {describe_error(exc)}; fix what it "
+            "names, then run the same command again"
+        ) from exc
+    except Exception as exc:  # a backend's bug: one message, not a traceback
+        raise FatalBackendError(
+            f"{backend_label(backend)} is broken: {call} raised {describe_error(exc)} (a fault "
+            "of its code or a library it uses: fix it, or report it to its authors)"
+        ) from exc
 
 
 class Engine:
@@ -491,17 +540,17 @@ class Engine:
                 it: every judgement left to the other would fail, "the judge is not open",
                 and a generator would be loaded twice, then used closed).
         """
-        backends = [("generator", g) for g in self._generators]
-        backends += [("judge", j) for j in self._judges]
+        backends: list[Generator | Judge] = [*self._generators, *self._judges]
         with _backends_in_use_lock:
-            for kind, backend in backends:
+            for backend in backends:
                 other = _backends_in_use.get(id(backend))
                 if other is not None:
+                    kind = "generator" if isinstance(backend, Generator) else "judge"
                     raise ConfigError(
-                        f"{kind} {backend.name!r}: this instance is in use by another engine "
+                        f"{backend_label(backend)}: this instance is in use by another engine "
                         f"(run directory {other}); give each engine its own {kind} instances"
                     )
-            for _, backend in backends:
+            for backend in backends:
                 _backends_in_use[id(backend)] = self.run_dir_path
         self._backends_claimed = True
 
@@ -513,20 +562,22 @@ class Engine:
                 _backends_in_use.pop(id(backend), None)
         self._backends_claimed = False
 
-    def _check_environments(self) -> None:
-        for generator in self._generators:
-            generator.check_environment()
-        for judge in self._judges:
-            judge.check_environment()
+    def _check_environments(self, cancelled: type[BaseException]) -> None:
+        # In a worker thread: sys.exit() in a check ends nothing here, and stops the run.
+        backends: list[Generator | Judge] = [*self._generators, *self._judges]
+        for backend in backends:
+            failed = f"{backend_label(backend)}: check_environment() failed"
+            call_in_thread(check_environment, backend, failed=failed, cancelled=cancelled)
 
     async def _open_backends_and_store(self) -> None:
         config = self.config
         self._ensure_open_files()
         # What the backends need from this machine, seen before a run directory is made and
         # before any model loads (a check may import a library: a worker thread's job).
-        await anyio.to_thread.run_sync(self._check_environments)
+        cancelled = anyio.get_cancelled_exc_class()
+        await anyio.to_thread.run_sync(self._check_environments, cancelled)
         for judge in self._judges:
-            self._fingerprints[judge.name] = judge.fingerprint()
+            self._fingerprints[judge.name] = judge_fingerprint(judge)
             self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
         manifest = run_manifest(config, self._generators, self._fingerprints)
         path = config.run_dir
