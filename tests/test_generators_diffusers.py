@@ -1033,6 +1033,41 @@ def test_a_pipeline_process_still_loading_is_killed_at_once_when_stopped(
         process.stop()
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(("stop", "state"), [("cancel", "cancelled"), ("stop", "stopped")])
+async def test_a_stop_kills_a_pipeline_process_still_loading_at_once(
+    make_config: ConfigFactory,
+    tiny_pipelines: dict[TinyKind, Path],
+    announcements: Announcements,
+    stop: str,
+    state: str,
+) -> None:
+    # The run did not wait for the load, but its child went on loading to the end (minutes
+    # for large weights, holding the device's memory), and was only then closed.
+    options = tiny_options(
+        tiny_pipelines["flux"], "flux", pipeline=f"{MISBEHAVING}:LoadBlocks", isolation="process"
+    )
+    config = make_config(
+        samples=2, generators=[{"name": "tiny", "backend": "diffusers", "options": options}]
+    )
+    child: int | None = None
+    try:
+        async with Engine(config) as engine:
+            what, pid = (await anyio.to_thread.run_sync(announcements.next)).split()
+            assert what == "loading"
+            child = int(pid)
+            ended = os.pidfd_open(child)  # readable once the child has exited
+            getattr(engine, stop)()
+            summary = await engine.drain()
+        assert summary.state == state and summary.judged == 0
+        exited, _, _ = await anyio.to_thread.run_sync(select.select, [ended], [], [], 60.0)
+        os.close(ended)
+        assert exited, "the pipeline process went on loading after the stop"
+    finally:
+        if child is not None:
+            kill_quietly(child)  # the test failed: it must not outlive the test
+
+
 def test_a_cancelled_call_that_does_not_end_ends_its_pipeline_process(
     tiny_pipelines: dict[TinyKind, Path],
     announcements: Announcements,

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CANCELLED = "cancelled"
+_STOPPED_LOADING = "the run stopped while it loaded"
 
 
 _LOAD_LOCK = threading.Lock()
@@ -123,6 +124,10 @@ class DiffusersGenerator(Generator):
         self._fits: list[int | None] = [None] * len(self.devices)
         """Per device, the most prompts a call may take, once one ran out of memory."""
         self._notes: list[str] = []
+        self._starting = False
+        """Whether the child processes are starting and loading (``isolation = "process"``)."""
+        self._stopped_starting = False
+        """Whether :meth:`stop_loading` came while they were."""
 
     @classmethod
     def from_config(
@@ -324,18 +329,38 @@ class DiffusersGenerator(Generator):
     def _start_processes(self) -> None:
         # All children start (and import torch) at once; each then loads its own device.
         threads = thread_share(len(self.devices))
+        with self._lock:
+            self._starting, self._stopped_starting = True, False
         try:
             for device in self.devices:
-                self._processes.append(
-                    PipelineProcess(
-                        self.name, self.options, device, self.batch_size, threads=threads
-                    )
+                process = PipelineProcess(
+                    self.name, self.options, device, self.batch_size, threads=threads
                 )
+                with self._lock:
+                    self._processes.append(process)  # from here stop_loading() kills it
+                    stopped = self._stopped_starting
+                if stopped:
+                    raise FatalBackendError(f"generator {self.name!r}: {_STOPPED_LOADING}")
             for process in self._processes:
                 process.wait_ready()
         except BaseException:
             self.close()  # the children still loading are killed: the run will not use them
             raise
+        finally:
+            with self._lock:
+                self._starting = False
+
+    def stop_loading(self) -> None:
+        """With ``isolation = "process"``, kill the child processes still loading, and any
+        the load would start after them: their load then fails, and the load releases them.
+        A pipeline loading in this process cannot be cut short: its load runs to its end."""
+        with self._lock:
+            if not self._starting:
+                return
+            self._stopped_starting = True
+            processes = list(self._processes)
+        for process in processes:
+            process.kill_now(_STOPPED_LOADING)
 
     def _pipeline_class(self, diffusers: Any) -> Any:
         name = self.spec.pipeline

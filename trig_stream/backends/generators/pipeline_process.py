@@ -264,6 +264,14 @@ class PipelineProcess:
         self._conn.close()
         self._lifeline.close()
 
+    def kill_now(self, because: str) -> None:
+        """Kill the child without waiting for it (safe from any thread): what waits on it,
+        :meth:`wait_ready` or a call, then fails naming ``because``; :meth:`stop` still
+        closes this handle, and reaps the child."""
+        if self._process.is_alive():
+            self._killed_because = because
+            self._process.kill()
+
     def _kill(self, because: str) -> None:
         if self._process.is_alive():
             self._killed_because = because
