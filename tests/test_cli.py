@@ -263,6 +263,58 @@ def test_validate_refuses_a_run_dir_a_run_is_using(
     assert main(["validate", str(path)]) == EXIT_OK  # once the run has ended
 
 
+@pytest.mark.parametrize("backend", [SyntheticGenerator, FakeJudge])
+@pytest.mark.parametrize("method", ["check_environment", "fingerprint"])
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        pytest.param(
+            PermissionError(13, "Permission denied", "/models/x"),
+            "{what}: {method}() failed: PermissionError: [Errno 13] Permission denied: "
+            "'/models/x'; fix what it names, then run the same command again",
+            id="os-error",
+        ),
+        pytest.param(
+            KeyError("device"),
+            "{what} is broken: {method}() raised KeyError: 'device' (a fault of its code or a "
+            "library it uses: fix it, or report it to its authors)",
+            id="bug",
+        ),
+    ],
+)
+def test_a_backend_check_or_fingerprint_that_raises_is_one_error_naming_it(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    backend: type[SyntheticGenerator | FakeJudge],
+    method: str,
+    error: Exception,
+    message: str,
+) -> None:
+    # A third-party backend's bug, or a file it could not read, came out of `validate` and
+    # `run` as a traceback (exit 1).
+    path = write_config(tmp_path, samples=2)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK}
+    capsys.readouterr()
+
+    def raises(self: object) -> None:
+        raise error
+
+    monkeypatch.setattr(backend, method, raises)
+    what = "generator 'synth'" if backend is SyntheticGenerator else "judge 'trigscore'"
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(path)]) == EXIT_FATAL
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"error: {message.format(what=what, method=method)}" in err
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK}
+    assert after == before  # nothing of the earlier run is lost
+    monkeypatch.undo()
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    assert "done: 0 judgements in this run" in capsys.readouterr().err
+
+
 def test_make_tiny_models_into_a_file_is_one_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -647,6 +647,48 @@ async def test_a_judge_instance_is_refused_by_a_second_engine_while_the_first_ru
     assert {j.status for j in again} == {"ok"} and len(again) == 16
 
 
+class _ClosingGenerator(SyntheticGenerator):
+    """A synthetic generator that refuses to generate once closed, as a pipeline would."""
+
+    def load(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        if self.closed:
+            raise FatalBackendError("generate() called on a closed generator")
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+
+async def test_a_generator_instance_is_refused_by_a_second_engine_while_the_first_runs(
+    make_config: ConfigFactory,
+) -> None:
+    # Each engine loaded the shared generator, and the first to end closed it under the
+    # other, whose run then failed: "generate() called on a closed generator".
+    first = make_config(samples=8)
+    second = first.model_copy(update={"run": first.run.model_copy(update={"name": "other"})})
+    shared = _ClosingGenerator("synth", SyntheticOptions(size=16))
+    async with Engine(first, generators=[shared]) as engine:
+        other = Engine(second, generators=[shared])
+        message = (
+            "generator 'synth': this instance is in use by another engine (run directory "
+            f"{first.run_dir}); give each engine its own generator instances"
+        )
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            async with other:
+                pass
+        assert other.stats().state == "failed"
+        summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 16)
+    assert not (second.run_dir / JOURNAL).exists()
+    again = await run_to_end(second, generators=[shared])  # free once the first engine closed it
+    assert {j.status for j in again} == {"ok"} and len(again) == 16
+
+
 async def test_an_error_in_the_consumer_propagates_unchanged(make_config: ConfigFactory) -> None:
     config = make_config(samples=20)
     with pytest.raises(ValueError, match="consumer bug"):
@@ -1557,6 +1599,9 @@ class RaisesInItsMethods(SyntheticGenerator):
             return cast(dict[str, Any], self._misbehave("fingerprint"))
         return super().fingerprint()
 
+    def check_environment(self) -> None:
+        self._misbehave("check_environment")
+
     def notes(self) -> list[str]:
         self._misbehave("notes")
         return []
@@ -1601,6 +1646,18 @@ class RaisesInItsMethods(SyntheticGenerator):
             "generator 'synth' is broken: fingerprint() returned an object of type list, not "
             "a dict",
         ),
+        (
+            "check_environment",
+            RuntimeError("no registry"),
+            None,
+            "generator 'synth' is broken: check_environment() raised RuntimeError: no registry",
+        ),
+        (
+            "check_environment",
+            SystemExit(3),
+            None,
+            "generator 'synth': check_environment() failed: it raised SystemExit: 3",
+        ),
     ],
 )
 async def test_a_generators_methods_that_misbehave_stop_the_run_with_its_name(
@@ -1614,6 +1671,25 @@ async def test_a_generators_methods_that_misbehave_stop_the_run_with_its_name(
     generator = RaisesInItsMethods(method, error, returns)
     with anyio.fail_after(10), pytest.raises(FatalBackendError, match=re.escape(message)):
         await run_to_end(make_config(samples=1), generators=[generator])
+
+
+async def test_a_judge_whose_fingerprint_is_no_judge_fingerprint_stops_the_run_with_its_name(
+    make_config: ConfigFactory,
+) -> None:
+    # Its manifest failed to be written: "AttributeError: 'dict' object has no attribute
+    # 'model_dump'", a traceback.
+    class DictFingerprint(FakeJudge):
+        def fingerprint(self) -> Any:
+            return {"backend": "fake"}
+
+    config = make_config(samples=1)
+    message = (
+        "judge 'trigscore' is broken: fingerprint() returned an object of type dict, not a "
+        "JudgeFingerprint"
+    )
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(config, judges=[DictFingerprint("trigscore", FakeJudgeOptions())])
+    assert not config.run_dir.exists()
 
 
 async def test_a_generator_whose_notes_fail_gets_a_note(make_config: ConfigFactory) -> None:

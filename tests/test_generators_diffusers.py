@@ -728,6 +728,11 @@ def test_pipeline_processes_share_out_the_threads(
     monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(get_num_threads=lambda: parent))
     assert thread_share(children) == share
     monkeypatch.delitem(sys.modules, "torch")  # a parent that never imported torch
+    # ... and whose check of the pipeline's classes, in a child, found torch's count there
+    # (its physical cores, say: fewer than the CPUs below, which count hyperthreads).
+    assert thread_share(children, total=parent) == share
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2 * parent)))
+    assert thread_share(children, total=parent) == share
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(parent)))
     assert thread_share(children) == (None if children == 1 else share)
 
@@ -828,6 +833,83 @@ def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
     generator = make_generator(tiny_pipelines[kind], kind, **extra)
     with pytest.raises(FatalBackendError, match=message):
         generator.check_environment()
+
+
+CHECK_IN_A_FRESH_PROCESS = """
+import json, sys
+from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.errors import FatalBackendError
+
+outcomes = []
+for options in json.loads(sys.argv[1]):
+    generator = DiffusersGenerator("tiny", DiffusersOptions.model_validate(options))
+    try:
+        generator.check_environment()
+        outcomes.append("ok")
+    except FatalBackendError as exc:
+        outcomes.append(str(exc))
+imported = [name for name in ("diffusers", "torch") if name in sys.modules]
+threads = generator._torch_threads  # the last one's, which passed the check
+print(json.dumps({"outcomes": outcomes, "imported": imported, "threads": threads}))
+"""
+
+
+def test_with_process_isolation_the_check_imports_diffusers_in_a_child_alone(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    # The engine's process imported diffusers, and torch with it, to check the classes:
+    # seconds of CPU and ~430 MB kept for the whole run, where no pipeline runs. The same
+    # checks are made in a child of their own, still before any judge loads.
+    flux, sd = tiny_pipelines["flux"], tiny_pipelines["sd"]
+    cases = [
+        (
+            tiny_options(flux, "flux", call={"bogus": 1}),
+            r"FluxPipeline takes no argument\(s\) bogus",
+        ),
+        (tiny_options(sd, "sd", pipeline="FluxPipeline"), r"has no text_encoder_2, .*FluxPipeline"),
+        (tiny_options(flux, "flux"), "ok"),
+    ]
+    options = [{**case, "isolation": "process"} for case, _ in cases]
+    checked = subprocess.run(
+        [sys.executable, "-c", CHECK_IN_A_FRESH_PROCESS, json.dumps(options)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    found = json.loads(checked.stdout.splitlines()[-1])
+    assert found["imported"] == []
+    for outcome, (_, expected) in zip(found["outcomes"], cases, strict=True):
+        assert re.search(expected, outcome), outcome
+    # What its torch would have shared out among the pipeline children: this one's count.
+    import torch
+
+    assert found["threads"] == torch.get_num_threads()
+
+
+@pytest.mark.anyio
+async def test_with_process_isolation_a_wrong_call_argument_stops_the_run_before_the_judge_opens(
+    make_config: ConfigFactory, tiny_pipelines: dict[TinyKind, Path]
+) -> None:
+    from trig_stream.testing import FakeJudge
+    from trig_stream.testing.fake_judge import FakeJudgeOptions
+
+    class OpensOnce(FakeJudge):
+        opened = False
+
+        async def open(self) -> None:
+            self.opened = True
+
+    options = tiny_options(tiny_pipelines["flux"], "flux", call={"bogus": 1}, isolation="process")
+    config = make_config(
+        samples=1, generators=[{"name": "tiny", "backend": "diffusers", "options": options}]
+    )
+    judge = OpensOnce("trigscore", FakeJudgeOptions())
+    with pytest.raises(FatalBackendError, match=r"FluxPipeline takes no argument\(s\) bogus"):
+        await run_to_end(config, judges=[judge])
+    assert not judge.opened and not config.run_dir.exists()
 
 
 def test_a_model_index_that_is_no_json_is_named(
@@ -1031,6 +1113,41 @@ def test_a_pipeline_process_still_loading_is_killed_at_once_when_stopped(
         process._process.kill()  # the test failed: it must not outlive the test
         pool.shutdown()
         process.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("stop", "state"), [("cancel", "cancelled"), ("stop", "stopped")])
+async def test_a_stop_kills_a_pipeline_process_still_loading_at_once(
+    make_config: ConfigFactory,
+    tiny_pipelines: dict[TinyKind, Path],
+    announcements: Announcements,
+    stop: str,
+    state: str,
+) -> None:
+    # The run did not wait for the load, but its child went on loading to the end (minutes
+    # for large weights, holding the device's memory), and was only then closed.
+    options = tiny_options(
+        tiny_pipelines["flux"], "flux", pipeline=f"{MISBEHAVING}:LoadBlocks", isolation="process"
+    )
+    config = make_config(
+        samples=2, generators=[{"name": "tiny", "backend": "diffusers", "options": options}]
+    )
+    child: int | None = None
+    try:
+        async with Engine(config) as engine:
+            what, pid = (await anyio.to_thread.run_sync(announcements.next)).split()
+            assert what == "loading"
+            child = int(pid)
+            ended = os.pidfd_open(child)  # readable once the child has exited
+            getattr(engine, stop)()
+            summary = await engine.drain()
+        assert summary.state == state and summary.judged == 0
+        exited, _, _ = await anyio.to_thread.run_sync(select.select, [ended], [], [], 60.0)
+        os.close(ended)
+        assert exited, "the pipeline process went on loading after the stop"
+    finally:
+        if child is not None:
+            kill_quietly(child)  # the test failed: it must not outlive the test
 
 
 def test_a_cancelled_call_that_does_not_end_ends_its_pipeline_process(

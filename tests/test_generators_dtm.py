@@ -126,13 +126,16 @@ class RecordingGenerator(Generator):
     def __init__(self) -> None:
         self.name = "inner"
         self.prompts: list[str] = []
-        self.loaded = self.closed = False
+        self.loaded = self.closed = self.stopped_loading = False
 
     def fingerprint(self) -> dict[str, Any]:
         return {"backend": "recording"}
 
     def load(self) -> None:
         self.loaded = True
+
+    def stop_loading(self) -> None:
+        self.stopped_loading = True
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
@@ -209,6 +212,15 @@ def test_rewrite_sends_the_pairs_instruction_and_uses_the_answer(
     assert outcome.status == "rewritten" and outcome.error is None
     assert outcome.original == "original prompt of X_1"
     assert user["content"] == user_message(outcome.original, first, second, outcome.relation)
+
+
+def test_a_stop_while_it_loads_reaches_the_inner_generator(server: GenerationAPIServer) -> None:
+    # The inner generator's load is the one to cut short (a pipeline loading in a child
+    # process): the stop never reached it.
+    generator = rewriter(server)
+    generator.stop_loading()
+    assert isinstance(generator.inner, RecordingGenerator)
+    assert generator.inner.stopped_loading
 
 
 def test_an_empty_key_variable_means_a_server_without_key(

@@ -174,7 +174,7 @@ VALIDATE_SHOWN = 5
 
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.dataset import DatasetSource
-    from trig_stream.engine import run_manifest
+    from trig_stream.engine import check_environment, judge_fingerprint, run_manifest
     from trig_stream.records import QuarantinedRecord
     from trig_stream.store import check_resume
 
@@ -185,14 +185,14 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     # API key's variable, a serve command on PATH, a local checkpoint folder.
     generators = [build_generator(generator, config) for generator in config.generators]
     for generator in generators:
-        generator.check_environment()
+        check_environment(generator)
     judges = [build_judge(judge, config) for judge in config.judges]
     for built in judges:
-        built.check_environment()
+        check_environment(built)
     # What the run directory holds is compared with these settings as the run compares it,
     # reading it only: a run it would refuse (a run still going there, results made with
     # another seed) is refused here, with the run's message and exit code.
-    fingerprints = {judge.name: judge.fingerprint() for judge in judges}
+    fingerprints = {judge.name: judge_fingerprint(judge) for judge in judges}
     check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
     # read fails here (DatasetError, the run's exit code), and the records the run would

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -44,7 +44,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.analysis.live import RelationTracker
-from trig_stream.backends.base import Generator, Judge
+from trig_stream.backends.base import Generator, Judge, call_in_thread
 from trig_stream.backends.registry import build_generator, build_judge, check_backends
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
@@ -88,11 +88,14 @@ PERSIST_BATCH = 256
 HISTORY_CHUNK = 2048
 """Earlier judgements parsed per worker-thread call when the live analysis catches up."""
 
+T = TypeVar("T")
 
-_judges_in_use: dict[int, Path] = {}
-"""The judge instances an open engine uses (by id; each alive while in use), with its run
-directory: a judge passed to a second engine at once would be closed under the first's feet."""
-_judges_in_use_lock = threading.Lock()  # engines may run in several threads' event loops
+
+_backends_in_use: dict[int, Path] = {}
+"""The generator and judge instances an open engine uses (by id; each alive while in use),
+with its run directory: one passed to a second engine at once would be loaded (or opened)
+twice and closed under the other's feet by the first to end."""
+_backends_in_use_lock = threading.Lock()  # engines may run in several threads' event loops
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,20 +149,67 @@ def run_manifest(
 
 def _fingerprint(generator: Generator) -> dict[str, Any]:
     """``generator.fingerprint()``, or the error that names it when it has none to give."""
-    try:
-        fingerprint = generator.fingerprint()
-    except TrigStreamError:
-        raise
-    except Exception as exc:  # a backend's bug: one message, not a traceback
-        raise FatalBackendError(
-            f"generator {generator.name!r} is broken: fingerprint() raised {describe_error(exc)}"
-        ) from exc
+    fingerprint = _backend_call(generator, "fingerprint()", generator.fingerprint)
     if not isinstance(fingerprint, dict):
         raise FatalBackendError(
             f"generator {generator.name!r} is broken: fingerprint() returned an object of type "
             f"{type(fingerprint).__name__}, not a dict of the settings that change its images"
         )
     return fingerprint
+
+
+def judge_fingerprint(judge: Judge) -> JudgeFingerprint:
+    """``judge.fingerprint()``, or the error that names the judge when it has none to give.
+
+    Raises:
+        FatalBackendError: it raised (see :func:`check_environment`), or returned no
+            :class:`~trig_stream.records.JudgeFingerprint`.
+    """
+    fingerprint = _backend_call(judge, "fingerprint()", judge.fingerprint)
+    if not isinstance(fingerprint, JudgeFingerprint):
+        raise FatalBackendError(
+            f"judge {judge.name!r} is broken: fingerprint() returned an object of type "
+            f"{type(fingerprint).__name__}, not a JudgeFingerprint"
+        )
+    return fingerprint
+
+
+def check_environment(backend: Generator | Judge) -> None:
+    """``backend.check_environment()``: what it needs from this machine, seen before anything
+    loads (``run`` and ``validate`` both make the check).
+
+    Raises:
+        TrigStreamError: what the check found missing, as the backend raised it.
+        FatalBackendError: it raised another exception (a third-party backend's bug, a file
+            it could not read): one error that names the backend and that exception, not a
+            traceback.
+    """
+    _backend_call(backend, "check_environment()", backend.check_environment)
+
+
+def backend_label(backend: Generator | Judge) -> str:
+    """How messages name a backend: ``generator 'flux'``, ``judge 'trigscore'``."""
+    kind = "generator" if isinstance(backend, Generator) else "judge"
+    return f"{kind} {backend.name!r}"
+
+
+def _backend_call(backend: Generator | Judge, call: str, method: Callable[[], T]) -> T:
+    """``method()``, with an exception it was not meant to raise turned into the error that
+    stops the run, named with the backend and ``call`` ("fingerprint()")."""
+    try:
+        return method()
+    except TrigStreamError:
+        raise
+    except OSError as exc:  # this machine's: a file it cannot read, a folder not there
+        raise FatalBackendError(
+            f"{backend_label(backend)}: {call} failed: {describe_error(exc)}; fix what it "
+            "names, then run the same command again"
+        ) from exc
+    except Exception as exc:  # a backend's bug: one message, not a traceback
+        raise FatalBackendError(
+            f"{backend_label(backend)} is broken: {call} raised {describe_error(exc)} (a fault "
+            "of its code or a library it uses: fix it, or report it to its authors)"
+        ) from exc
 
 
 class Engine:
@@ -256,7 +306,7 @@ class Engine:
         self._first_judgement = anyio.Event()
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
         self._closed = False
-        self._judges_claimed = False
+        self._backends_claimed = False
         self.run_dir_path = config.run_dir
 
     # -- public API ---------------------------------------------------------------------------
@@ -339,7 +389,7 @@ class Engine:
             return
         self._cancel_work()
         # Only while this engine holds its judges: once released, another may be using them.
-        for judge in self._judges if self._judges_claimed else ():
+        for judge in self._judges if self._backends_claimed else ():
             try:
                 judge.stop_now()
             except Exception as exc:  # a backend's bug must not keep the run from stopping
@@ -422,10 +472,10 @@ class Engine:
         if self._task_group is not None or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
         try:
-            self._claim_judges()
+            self._claim_backends()
         except ConfigError:
             self._state = "failed"
-            self._closed = True  # the judges are another engine's to close
+            self._closed = True  # the backends are another engine's to close
             raise
         self._counters.started_at = time.monotonic()
         try:
@@ -501,47 +551,52 @@ class Engine:
             self._state = "cancelled"
         return suppress
 
-    def _claim_judges(self) -> None:
-        """Mark this engine's judge instances in use until it closes them.
+    def _claim_backends(self) -> None:
+        """Mark this engine's generator and judge instances in use until it closes them.
 
         Raises:
             ConfigError: one is in use by another open engine (the first to end would close
-                it, and every judgement left to the other would fail: "the judge is not open").
+                it: every judgement left to the other would fail, "the judge is not open",
+                and a generator would be loaded twice, then used closed).
         """
-        with _judges_in_use_lock:
-            for judge in self._judges:
-                other = _judges_in_use.get(id(judge))
+        backends: list[Generator | Judge] = [*self._generators, *self._judges]
+        with _backends_in_use_lock:
+            for backend in backends:
+                other = _backends_in_use.get(id(backend))
                 if other is not None:
+                    kind = "generator" if isinstance(backend, Generator) else "judge"
                     raise ConfigError(
-                        f"judge {judge.name!r}: this instance is in use by another engine (run "
-                        f"directory {other}); give each engine its own judge instances"
+                        f"{backend_label(backend)}: this instance is in use by another engine "
+                        f"(run directory {other}); give each engine its own {kind} instances"
                     )
-            for judge in self._judges:
-                _judges_in_use[id(judge)] = self.run_dir_path
-        self._judges_claimed = True
+            for backend in backends:
+                _backends_in_use[id(backend)] = self.run_dir_path
+        self._backends_claimed = True
 
-    def _release_judges(self) -> None:
-        if not self._judges_claimed:
+    def _release_backends(self) -> None:
+        if not self._backends_claimed:
             return
-        with _judges_in_use_lock:
-            for judge in self._judges:
-                _judges_in_use.pop(id(judge), None)
-        self._judges_claimed = False
+        with _backends_in_use_lock:
+            for backend in [*self._generators, *self._judges]:
+                _backends_in_use.pop(id(backend), None)
+        self._backends_claimed = False
 
-    def _check_environments(self) -> None:
-        for generator in self._generators:
-            generator.check_environment()
-        for judge in self._judges:
-            judge.check_environment()
+    def _check_environments(self, cancelled: type[BaseException]) -> None:
+        # In a worker thread: sys.exit() in a check ends nothing here, and stops the run.
+        backends: list[Generator | Judge] = [*self._generators, *self._judges]
+        for backend in backends:
+            failed = f"{backend_label(backend)}: check_environment() failed"
+            call_in_thread(check_environment, backend, failed=failed, cancelled=cancelled)
 
     async def _open_backends_and_store(self) -> None:
         config = self.config
         self._ensure_open_files()
         # What the backends need from this machine, seen before a run directory is made and
         # before any model loads (a check may import a library: a worker thread's job).
-        await anyio.to_thread.run_sync(self._check_environments)
+        cancelled = anyio.get_cancelled_exc_class()
+        await anyio.to_thread.run_sync(self._check_environments, cancelled)
         for judge in self._judges:
-            self._fingerprints[judge.name] = judge.fingerprint()
+            self._fingerprints[judge.name] = judge_fingerprint(judge)
             self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
         manifest = run_manifest(
             config, self._generators, self._fingerprints, retry_errors=self._retry_errors
@@ -609,7 +664,7 @@ class Engine:
                         note = f"judge {judge.name!r}: closing it failed: {describe_error(exc)}"
                         self._counters.notes.append(note)
             finally:
-                self._release_judges()
+                self._release_backends()
             if self._run_dir is not None:
                 await anyio.to_thread.run_sync(self._run_dir.close)
 

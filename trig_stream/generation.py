@@ -149,7 +149,9 @@ class GenerationStage:
         """Load the generator, once for all its workers; False when a stop came first.
 
         A stop, even a graceful one, does not wait for a load (minutes, for large weights):
-        nothing is in flight yet. Its thread finishes the load and closes the generator.
+        nothing is in flight yet. Its thread finishes the load and closes the generator,
+        unless the generator can cut it short (:meth:`~trig_stream.backends.base.Generator.
+        stop_loading`: a pipeline loading in a child process is killed).
         """
         generator = self._generator
         async with self._loading:
@@ -161,7 +163,11 @@ class GenerationStage:
             counts.loading = True
             try:
                 load = load_in_thread(
-                    generator.load, generator.close, limiter=limiter, backend=self._name
+                    generator.load,
+                    generator.close,
+                    limiter=limiter,
+                    backend=self._name,
+                    stop=generator.stop_loading,
                 )
                 if not await _unless(self._context.stopping, load):
                     return False

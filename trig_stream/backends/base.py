@@ -9,6 +9,7 @@ engine runs in worker threads, one per ``worker`` index, behind a capacity limit
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +102,8 @@ class GenerationRequest:
 
 
 class Generator(ABC):
-    """Makes images for samples. Every method but ``fingerprint`` blocks and runs in a thread.
+    """Makes images for samples. Every method but ``fingerprint`` and ``stop_loading`` blocks
+    and runs in a thread.
 
     Attributes:
         name: the model's name in the run (its image folder).
@@ -127,6 +131,16 @@ class Generator(ABC):
 
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load weights or open resources; called once, in a worker thread, before use."""
+
+    def stop_loading(self) -> None:  # noqa: B027 - optional hook
+        """Cut short a :meth:`load` that a stop left running in its thread, if it can be.
+
+        Called in the event loop's thread, so it must not block. A load that can end early
+        (a pipeline loading in a child process, which is killed) then raises, and what it
+        raises goes nowhere; :meth:`close` is not called after a load that raised, so the
+        load releases what it holds itself. By default nothing happens: the load runs to its
+        end in its thread, and :meth:`close` then releases it (see :func:`load_in_thread`).
+        """
 
     @abstractmethod
     def generate(
@@ -510,6 +524,7 @@ async def load_in_thread(
     *,
     limiter: anyio.CapacityLimiter | None = None,
     backend: str = "the backend",
+    stop: Callable[[], None] | None = None,
 ) -> None:
     """Run a backend's blocking ``load`` in a worker thread that a cancellation does not wait for.
 
@@ -519,13 +534,16 @@ async def load_in_thread(
     the load ended just as the cancellation came, ``unload`` runs here, before the
     cancellation goes on. A load that fails after it was left behind releases nothing: it
     holds nothing. Until such a thread ends, :func:`threads_left_behind` counts it (a load
-    cancelled before its thread started it never runs).
+    cancelled before its thread started it never runs). A load that can be cut short is,
+    with ``stop``: a child process loading is killed rather than left to load to the end.
 
     Args:
         load: loads the backend; blocking.
         unload: releases what ``load`` loaded; blocking.
         limiter: the capacity limiter of the worker thread, as for ``anyio.to_thread``.
         backend: what loads, for messages ("generator 'x'").
+        stop: cuts a load left behind short (see :meth:`Generator.stop_loading`); called
+            here, in the event loop's thread, when the cancellation leaves the load running.
 
     Raises:
         FatalBackendError: ``load`` raised ``SystemExit``, ``KeyboardInterrupt`` or another
@@ -559,6 +577,12 @@ async def load_in_thread(
             release_here = state.loaded  # its thread saw no cancellation: it will not release
             if not state.finished:
                 _left_behind.add(state)
+            still_loading = not state.loaded and not state.finished
+        if stop is not None and still_loading:
+            try:
+                stop()
+            except Exception:  # the load then runs to its end, as it would without ``stop``
+                logger.warning("%s: stopping its load failed", backend, exc_info=True)
         if release_here:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(unload)

@@ -16,7 +16,8 @@ prompts and one ``torch.Generator`` per prompt, seeded with the request's seed, 
 depends on its own seed (up to rounding when its batch-mates differ). Between denoising steps
 the pipeline's step-end callback checks the run's cancel event and abandons the call.
 
-torch and diffusers are imported in ``load``, never at module import.
+torch and diffusers are imported in ``load`` and ``check_environment`` (with
+``isolation = "process"``, only in child processes), never at module import.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from trig_stream.backends.base import (
     TimedPicture,
 )
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions, PipelineSpec
+from trig_stream.backends.generators.pipeline_check import check_in_child
 from trig_stream.backends.generators.pipeline_process import (
     CALLS_IN_FLIGHT,
     PipelineProcess,
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CANCELLED = "cancelled"
+_STOPPED_LOADING = "the run stopped while it loaded"
 
 
 _LOAD_LOCK = threading.Lock()
@@ -123,6 +126,13 @@ class DiffusersGenerator(Generator):
         self._fits: list[int | None] = [None] * len(self.devices)
         """Per device, the most prompts a call may take, once one ran out of memory."""
         self._notes: list[str] = []
+        self._starting = False
+        """Whether the child processes are starting and loading (``isolation = "process"``)."""
+        self._stopped_starting = False
+        """Whether :meth:`stop_loading` came while they were."""
+        self._torch_threads: int | None = None
+        """The threads torch computes with on this machine, as the child that checked the
+        classes found (``isolation = "process"``: torch is not imported here)."""
 
     @classmethod
     def from_config(
@@ -183,13 +193,19 @@ class DiffusersGenerator(Generator):
         * the installed diffusers has the pipeline class, which is a pipeline, and the
           scheduler class the options name; the pipeline's call takes the ``call`` arguments.
 
-        The second part imports diffusers (a few seconds the first time).
+        The second part imports diffusers (a few seconds the first time, and torch with it):
+        with ``isolation = "process"``, in a child process of its own
+        (:mod:`~trig_stream.backends.generators.pipeline_check`), so that the engine's
+        process, where no pipeline runs, never imports them.
 
         Raises:
             MissingExtraError: diffusers is not installed.
             FatalBackendError: something above is missing or wrong.
         """
         self._check_checkpoint_folder()
+        if self.options.isolation == "process":
+            self._torch_threads = check_in_child(self.name, self.options)
+            return
         with _LOAD_LOCK:  # diffusers resolves its classes lazily, and not thread-safely
             try:
                 import diffusers
@@ -323,19 +339,39 @@ class DiffusersGenerator(Generator):
 
     def _start_processes(self) -> None:
         # All children start (and import torch) at once; each then loads its own device.
-        threads = thread_share(len(self.devices))
+        threads = thread_share(len(self.devices), self._torch_threads)
+        with self._lock:
+            self._starting, self._stopped_starting = True, False
         try:
             for device in self.devices:
-                self._processes.append(
-                    PipelineProcess(
-                        self.name, self.options, device, self.batch_size, threads=threads
-                    )
+                process = PipelineProcess(
+                    self.name, self.options, device, self.batch_size, threads=threads
                 )
+                with self._lock:
+                    self._processes.append(process)  # from here stop_loading() kills it
+                    stopped = self._stopped_starting
+                if stopped:
+                    raise FatalBackendError(f"generator {self.name!r}: {_STOPPED_LOADING}")
             for process in self._processes:
                 process.wait_ready()
         except BaseException:
             self.close()  # the children still loading are killed: the run will not use them
             raise
+        finally:
+            with self._lock:
+                self._starting = False
+
+    def stop_loading(self) -> None:
+        """With ``isolation = "process"``, kill the child processes still loading, and any
+        the load would start after them: their load then fails, and the load releases them.
+        A pipeline loading in this process cannot be cut short: its load runs to its end."""
+        with self._lock:
+            if not self._starting:
+                return
+            self._stopped_starting = True
+            processes = list(self._processes)
+        for process in processes:
+            process.kill_now(_STOPPED_LOADING)
 
     def _pipeline_class(self, diffusers: Any) -> Any:
         name = self.spec.pipeline

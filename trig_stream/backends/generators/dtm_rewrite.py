@@ -251,6 +251,9 @@ class DTMRewriteGenerator(Generator):
         self._client = openai_client(o.base_url, self._key, o.timeout_s)
         self.inner.load()
 
+    def stop_loading(self) -> None:
+        self.inner.stop_loading()
+
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
     ) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:

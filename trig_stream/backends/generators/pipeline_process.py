@@ -264,6 +264,14 @@ class PipelineProcess:
         self._conn.close()
         self._lifeline.close()
 
+    def kill_now(self, because: str) -> None:
+        """Kill the child without waiting for it (safe from any thread): what waits on it,
+        :meth:`wait_ready` or a call, then fails naming ``because``; :meth:`stop` still
+        closes this handle, and reaps the child."""
+        if self._process.is_alive():
+            self._killed_because = because
+            self._process.kill()
+
     def _kill(self, because: str) -> None:
         if self._process.is_alive():
             self._killed_because = because
@@ -369,16 +377,20 @@ def _start_in_own_session(process: SpawnProcess) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def thread_share(children: int) -> int | None:
+def thread_share(children: int, total: int | None = None) -> int | None:
     """The torch threads each of ``children`` pipeline processes gets: the cores this process
     would compute with, shared out, so that N children do not each start a thread per core
     (None for a single child: torch's own default, as in this process).
 
     Args:
         children: how many pipeline processes run at once (one per device).
+        total: the threads torch computes with on this machine, when known without torch
+            in this process (the child that checked the pipeline's classes says); else
+            torch's own count, if this process imported it, or the CPUs it may run on.
     """
     torch = sys.modules.get("torch")
-    total = torch.get_num_threads() if torch is not None else None
+    if total is None and torch is not None:
+        total = torch.get_num_threads()
     if children <= 1:
         return total
     if total is None:
