@@ -647,6 +647,24 @@ async def test_a_judge_instance_is_refused_by_a_second_engine_while_the_first_ru
     assert {j.status for j in again} == {"ok"} and len(again) == 16
 
 
+async def test_the_refusal_names_the_run_directory_a_new_run_chose(
+    make_config: ConfigFactory,
+) -> None:
+    # It named the config's run directory, taken before --new-run chose the one in use.
+    first = make_config(samples=2)
+    await run_to_end(first)
+    second = first.model_copy(update={"run": first.run.model_copy(update={"name": "other"})})
+    shared = FakeJudge("trigscore", FakeJudgeOptions())
+    async with Engine(first, judges=[shared], new_run=True) as engine:
+        chosen = engine.run_dir_path
+        assert chosen != first.run_dir
+        message = f"in use by another engine (run directory {chosen});"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            async with Engine(second, judges=[shared]):
+                pass
+        await engine.drain()
+
+
 class _ClosingGenerator(SyntheticGenerator):
     """A synthetic generator that refuses to generate once closed, as a pipeline would."""
 

@@ -91,9 +91,9 @@ HISTORY_CHUNK = 2048
 T = TypeVar("T")
 
 
-_backends_in_use: dict[int, Path] = {}
+_backends_in_use: dict[int, Engine] = {}
 """The generator and judge instances an open engine uses (by id; each alive while in use),
-with its run directory: one passed to a second engine at once would be loaded (or opened)
+with the engine: one passed to a second engine at once would be loaded (or opened)
 twice and closed under the other's feet by the first to end."""
 _backends_in_use_lock = threading.Lock()  # engines may run in several threads' event loops
 
@@ -567,10 +567,11 @@ class Engine:
                     kind = "generator" if isinstance(backend, Generator) else "judge"
                     raise ConfigError(
                         f"{backend_label(backend)}: this instance is in use by another engine "
-                        f"(run directory {other}); give each engine its own {kind} instances"
+                        f"(run directory {other.run_dir_path}); give each engine its own {kind} "
+                        "instances"
                     )
             for backend in backends:
-                _backends_in_use[id(backend)] = self.run_dir_path
+                _backends_in_use[id(backend)] = self  # its run dir is known later
         self._backends_claimed = True
 
     def _release_backends(self) -> None:
