@@ -346,7 +346,7 @@ def test_a_broken_entry_point_is_a_config_error_naming_it(
     backend: str,
     message: str,
 ) -> None:
-    # Each was a traceback (exit 1) from validate and run, or passed validate (no from_config).
+    # Each was a traceback (exit 1) from validate and run: ModuleNotFoundError, AttributeError...
     generator, judge = (backend, "fake") if kind == "generators" else ("synthetic", backend)
     path = write_config(tmp_path, generator, judge)
     value = (GENERATORS if kind == "generators" else JUDGES)[backend]
@@ -413,7 +413,8 @@ def test_register_backend_refuses_what_is_no_backend() -> None:
 def test_a_broken_inner_backend_of_dtm_rewrite_is_a_config_error(
     third_party: None, make_config: ConfigFactory
 ) -> None:
-    # The wrapper checks its inner generator's options: the abstract class was a traceback.
+    # The wrapper checks its inner generator's options: the abstract class passed that check
+    # (and was a traceback once built).
     inner = {"backend": "tp_abstract"}
     options = {"inner": inner, "model": "m", "relations": {"IQ-R_TA-C": 0}}
     with pytest.raises(
