@@ -13,6 +13,7 @@ import anyio.lowlevel
 import pytest
 
 import trig_stream
+from trig_stream.backends import plugins
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.metrics import registry
 from trig_stream.backends.metrics.base import (
@@ -65,7 +66,7 @@ def fake_entry_points(monkeypatch: pytest.MonkeyPatch, *values: tuple[str, str])
     def entry_points(*, group: str, name: str | None = None) -> list[EntryPoint]:
         return [p for p in points if p.group == group and name in (None, p.name)]
 
-    monkeypatch.setattr(registry, "entry_points", entry_points)
+    monkeypatch.setattr(plugins, "entry_points", entry_points)
 
 
 def test_builtin_metrics_and_their_levels() -> None:

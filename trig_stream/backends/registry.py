@@ -9,20 +9,28 @@ packages add backends through the entry-point groups ``trig_stream.generators`` 
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, cast
 
 from pydantic import BaseModel
 
+from trig_stream.backends.plugins import (
+    Found,
+    check_concrete,
+    checked_subclass,
+    find_plugin,
+    plugin_names,
+)
+
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from trig_stream.backends.base import Generator, Judge
     from trig_stream.config import GeneratorConfig, JudgeConfig, RunConfig
 
 Kind: TypeAlias = Literal["generators", "judges"]
 
-_BUILTIN: dict[Kind, dict[str, str]] = {
+_BUILTIN: Final[dict[Kind, dict[str, str]]] = {
     "generators": {
         "synthetic": "trig_stream.testing.synthetic:SyntheticGenerator",
         "diffusers": "trig_stream.backends.generators.diffusers_generator:DiffusersGenerator",
@@ -37,7 +45,7 @@ _BUILTIN: dict[Kind, dict[str, str]] = {
         "metric": "trig_stream.backends.judges.metric_judge:MetricJudge",
     },
 }
-_REGISTERED: dict[Kind, dict[str, object]] = {"generators": {}, "judges": {}}
+_REGISTERED: dict[Kind, dict[str, BackendClass]] = {"generators": {}, "judges": {}}
 
 
 class BackendClass(Protocol):
@@ -48,33 +56,93 @@ class BackendClass(Protocol):
 
 
 def register_backend(kind: Kind, name: str, backend: type) -> None:
-    """Make ``backend`` available under ``name`` in ``[[generators]]`` or ``[[judges]]``."""
-    _REGISTERED[kind][name] = backend
+    """Make ``backend`` available under ``name`` in ``[[generators]]`` or ``[[judges]]`` (it
+    replaces any backend of that name).
+
+    Raises:
+        ValueError: ``kind`` is neither ``"generators"`` nor ``"judges"``.
+        TypeError: ``backend`` is no class that can be used: not a subclass of
+            :class:`~trig_stream.backends.base.Generator` (or ``Judge``), no ``Options``
+            pydantic model, no ``from_config``, or abstract.
+    """
+    if kind not in _BUILTIN:
+        raise ValueError(f"kind is 'generators' or 'judges', not {kind!r}")
+    _REGISTERED[kind][name] = _checked(kind, name, backend)
 
 
 def backend_names(kind: Kind) -> list[str]:
     """Every backend name known for ``kind``, built-in, registered and from entry points."""
-    names = set(_BUILTIN[kind]) | set(_REGISTERED[kind])
-    names |= {ep.name for ep in entry_points(group=f"trig_stream.{kind}")}
-    return sorted(names)
+    return plugin_names(f"trig_stream.{kind}", _BUILTIN[kind], _REGISTERED[kind])
 
 
 def backend_class(kind: Kind, name: str) -> BackendClass:
-    """Import and return the class of a backend.
+    """Import and return the class of a backend, checked.
+
+    Names registered at run time come first, then built-in names, then entry points.
 
     Raises:
-        ValueError: no backend has that name.
+        ValueError: no backend has that name (the message lists the known ones), or a third
+            party's cannot be used: its entry point cannot be imported, or it is no class that
+            can be used (see :func:`register_backend`); the message names the entry point,
+            its distribution and the cause.
     """
-    if name in _REGISTERED[kind]:
-        return cast("BackendClass", _REGISTERED[kind][name])
-    target = _BUILTIN[kind].get(name)
-    if target is not None:
-        module_name, _, attr = target.partition(":")
-        return cast("BackendClass", getattr(importlib.import_module(module_name), attr))
-    for ep in entry_points(group=f"trig_stream.{kind}", name=name):
-        return cast("BackendClass", ep.load())
-    known = ", ".join(backend_names(kind))
-    raise ValueError(f"unknown backend {name!r}; known {kind} backends: {known}")
+    return _find(kind, name).cls
+
+
+def _find(kind: Kind, name: str) -> Found[BackendClass]:
+    from trig_stream.errors import TrigStreamError
+
+    try:
+        found = find_plugin(
+            name,
+            what=_WHAT[kind],
+            group=f"trig_stream.{kind}",
+            builtin=_BUILTIN[kind],
+            registered=_REGISTERED[kind],
+            check=partial(_checked, kind, name),
+        )
+    except (ImportError, TypeError) as exc:
+        if isinstance(exc, TrigStreamError):  # a missing extra: its own message and exit code
+            raise
+        raise ValueError(str(exc)) from None  # a config's problem, on its `backend` line
+    if found is None:
+        known = ", ".join(backend_names(kind))
+        raise ValueError(f"unknown backend {name!r}; known {kind} backends: {known}")
+    return found
+
+
+_WHAT: Final[dict[Kind, str]] = {"generators": "generator backend", "judges": "judge backend"}
+
+
+def _base(kind: Kind) -> type[Generator | Judge]:
+    """The class every backend of ``kind`` subclasses."""
+    from trig_stream.backends.base import Generator, Judge
+
+    return Generator if kind == "generators" else Judge
+
+
+def _checked(kind: Kind, name: str, obj: object, where: str = "") -> BackendClass:
+    base = _base(kind)
+    described = f"{_WHAT[kind]} {name!r}{where}"
+    cls = checked_subclass(described, obj, base, f"{base.__name__} ({base.__module__})")
+    options = getattr(cls, "Options", None)
+    if options is None:
+        raise TypeError(
+            f"{described} is {cls.__name__}, which has no Options: give the class an "
+            "`Options` attribute, the pydantic model of its `options` table"
+        )
+    if not (isinstance(options, type) and issubclass(options, BaseModel)):
+        raise TypeError(
+            f"{described} is {cls.__name__}, whose Options is {options!r}, not a pydantic "
+            "model: make it a subclass of pydantic.BaseModel, the model of its `options` table"
+        )
+    if not callable(getattr(cls, "from_config", None)):
+        raise TypeError(
+            f"{described} is {cls.__name__}, which has no from_config: give the class a "
+            "`from_config(entry, options, config)` classmethod that returns an instance"
+        )
+    check_concrete(described, cls)
+    return cast("BackendClass", cls)
 
 
 def validate_backend_options(kind: Kind, name: str, options: dict[str, Any]) -> BaseModel:
@@ -82,7 +150,7 @@ def validate_backend_options(kind: Kind, name: str, options: dict[str, Any]) -> 
     (:func:`~trig_stream.config.validate_table`: a value of another type is refused).
 
     Raises:
-        ValueError: unknown backend.
+        ValueError: unknown backend, or one that cannot be used (see :func:`backend_class`).
         pydantic.ValidationError: the options do not fit the backend's model.
     """
     from trig_stream.config import validate_table
@@ -91,17 +159,55 @@ def validate_backend_options(kind: Kind, name: str, options: dict[str, Any]) -> 
 
 
 def build_generator(entry: GeneratorConfig, config: RunConfig) -> Generator:
-    """Build the generator a ``[[generators]]`` entry describes (nothing is loaded yet)."""
-    cls = backend_class("generators", entry.backend)
-    options = cls.Options.model_validate(entry.options)
-    return cast("Generator", cls.from_config(entry, options, config))
+    """Build the generator a ``[[generators]]`` entry describes (nothing is loaded yet).
+
+    Raises:
+        ConfigError: its backend cannot be used, or a third party's cannot be made (its
+            ``from_config`` or ``__init__`` raised, or returned no generator).
+    """
+    return cast("Generator", _build("generators", entry, config))
 
 
 def build_judge(entry: JudgeConfig, config: RunConfig) -> Judge:
-    """Build the judge a ``[[judges]]`` entry describes (nothing is connected yet)."""
-    cls = backend_class("judges", entry.backend)
-    options = cls.Options.model_validate(entry.options)
-    return cast("Judge", cls.from_config(entry, options, config))
+    """Build the judge a ``[[judges]]`` entry describes (nothing is connected yet).
+
+    Raises:
+        ConfigError: its backend cannot be used, or a third party's cannot be made (its
+            ``from_config`` or ``__init__`` raised, or returned no judge).
+    """
+    return cast("Judge", _build("judges", entry, config))
+
+
+def _build(kind: Kind, entry: GeneratorConfig | JudgeConfig, config: RunConfig) -> object:
+    from trig_stream.errors import ConfigError, TrigStreamError
+    from trig_stream.pipeline import describe_error
+
+    described = f"{kind[:-1]} {entry.name!r}"
+    try:
+        found = _find(kind, entry.backend)
+    except ValueError as exc:
+        raise ConfigError(f"{described}: {exc}") from None
+    registered = " (registered with register_backend)" if not found.builtin else ""
+    backend = f"backend {entry.backend!r}{found.where or registered}"
+    options = found.cls.Options.model_validate(entry.options)
+    try:
+        built = found.cls.from_config(entry, options, config)
+    except TrigStreamError:  # its own message (a ConfigError, a missing extra)
+        raise
+    except Exception as exc:
+        if found.builtin:  # a bug of trig-stream's: its traceback is what helps
+            raise
+        raise ConfigError(
+            f"{described}: {backend} cannot be made: {describe_error(exc)}; fix its options, "
+            "or the package that declares it"
+        ) from exc
+    base = _base(kind)
+    if not isinstance(built, base):
+        raise ConfigError(
+            f"{described}: {backend}: its from_config returned {built!r}, not a "
+            f"{base.__name__}; fix the package that declares it"
+        )
+    return built
 
 
 def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> None:

@@ -14,12 +14,11 @@ or at run time with :func:`register_metric`. A metric is a subclass of
 
 from __future__ import annotations
 
-import importlib
-import inspect
-from importlib.metadata import entry_points
+from functools import partial
 from typing import Final
 
 from trig_stream.backends.metrics.base import Metric
+from trig_stream.backends.plugins import check_concrete, checked_subclass, find_plugin, plugin_names
 
 ENTRY_POINT_GROUP: Final[str] = "trig_stream.metrics"
 
@@ -42,9 +41,7 @@ def register_metric(name: str, metric: type[Metric]) -> None:
 
 def metric_names() -> list[str]:
     """Every metric name known: built-in, registered and from entry points."""
-    names = set(_BUILTIN) | set(_REGISTERED)
-    names |= {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return sorted(names)
+    return plugin_names(ENTRY_POINT_GROUP, _BUILTIN, _REGISTERED)
 
 
 def import_metric(name: str) -> type[Metric]:
@@ -67,43 +64,26 @@ def import_metric(name: str) -> type[Metric]:
         TypeError: the name resolves to something that is not a usable metric class: no
             :class:`Metric` subclass, no ``name``, or abstract.
     """
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    target = _BUILTIN.get(name)
-    if target is not None:
-        module_name, _, attr = target.partition(":")
-        return _checked(name, getattr(importlib.import_module(module_name), attr))
-    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        where = f"entry point {ep.name} = {ep.value!r}"
-        if ep.dist is not None:
-            where += f" of {ep.dist.name} {ep.dist.version}"
-        try:
-            loaded = ep.load()
-        except Exception as exc:  # a third party's import: whatever it raises is the cause
-            cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            raise ImportError(
-                f"metric {name!r} ({where}) cannot be imported: {cause}; fix or reinstall "
-                "the package that declares it"
-            ) from exc
-        return _checked(name, loaded, f" ({where})")
-    raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(metric_names())}")
+    found = find_plugin(
+        name,
+        what="metric",
+        group=ENTRY_POINT_GROUP,
+        builtin=_BUILTIN,
+        registered=_REGISTERED,
+        check=partial(_checked, name),
+    )
+    if found is None:
+        raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(metric_names())}")
+    return found.cls
 
 
 def _checked(name: str, obj: object, where: str = "") -> type[Metric]:
-    if not (isinstance(obj, type) and issubclass(obj, Metric)):
+    described = f"metric {name!r}{where}"
+    metric = checked_subclass(described, obj, Metric, "ImageMetric or SetMetric")
+    if not isinstance(getattr(metric, "name", None), str):
         raise TypeError(
-            f"metric {name!r}{where} is {obj!r}, not a subclass of trig_stream's ImageMetric "
-            "or SetMetric"
+            f"{described} is {metric.__name__}, which has no name: give the class a `name` "
+            "attribute (a string)"
         )
-    if not isinstance(getattr(obj, "name", None), str):
-        raise TypeError(
-            f"metric {name!r}{where} is {obj.__name__}, which has no name: give the class a "
-            "`name` attribute (a string)"
-        )
-    if inspect.isabstract(obj):
-        missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
-        raise TypeError(
-            f"metric {name!r}{where} is {obj.__name__}, an abstract class: it does not define "
-            f"{missing}"
-        )
-    return obj
+    check_concrete(described, metric)
+    return metric
