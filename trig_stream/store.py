@@ -56,6 +56,7 @@ from trig_stream.records import (
     QuarantinedRecord,
     Status,
     is_safe_name,
+    storable_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -590,9 +591,31 @@ class RunDir:
         return path.relative_to(self.path).as_posix()
 
     def quarantine(self, record: QuarantinedRecord) -> None:
+        """Add a refused dataset record, with its reason, to the quarantine file.
+
+        A record JSON cannot write (the dataset reader makes every record storable; this is
+        the net under it) is written without its fields, saying why: a refused record never
+        stops the run.
+
+        Raises:
+            RunDirError: the file cannot be written (a full disk).
+        """
         if self._quarantine is not None:
             try:
-                _write_all(self._quarantine.fileno(), record.model_dump_json().encode() + b"\n")
+                line = record.model_dump_json()
+            except (ValueError, RecursionError) as exc:  # PydanticSerializationError included
+                problem = storable_text(str(exc))[:200]
+                note = {"unwritable": f"the record's fields cannot be written as JSON: {problem}"}
+                data_id = None if record.data_id is None else storable_text(record.data_id)
+                line = record.model_copy(
+                    update={
+                        "record": note,
+                        "data_id": data_id,
+                        "reason": storable_text(record.reason),
+                    }
+                ).model_dump_json()
+            try:
+                _write_all(self._quarantine.fileno(), line.encode() + b"\n")
             except OSError as exc:
                 raise storage_error(exc, f"write to {self.path / QUARANTINE}") from None
 
