@@ -270,8 +270,53 @@ def test_source_images_past_the_readers_limits_are_quarantined(tmp_path: Path) -
 def test_an_image_root_that_is_no_folder_is_one_error(tmp_path: Path) -> None:
     path = tmp_path / "p2p.json"
     path.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1", "prompt": "p", "img_id": "a.png"}]))
-    with pytest.raises(DatasetError, match=r"image_root .*nonexistent is not a folder"):
+    with pytest.raises(DatasetError, match=r"image_root .*nonexistent does not exist"):
         read(DatasetSection(path=path, image_root=tmp_path / "nonexistent"), task="p2p")
+    with pytest.raises(DatasetError, match=r"image_root .*p2p.json is not a folder"):
+        read(DatasetSection(path=path, image_root=path), task="p2p")
+
+
+def test_a_dataset_or_image_root_that_cannot_be_looked_up_is_one_error(tmp_path: Path) -> None:
+    # Not only a missing file: a name too long for the file system (or a folder on the way
+    # that may not be entered, an I/O error) is an error that says so, not a traceback.
+    too_long = tmp_path / ("x" * 300 + ".json")
+    with pytest.raises(DatasetError, match="cannot be looked up: File name too long"):
+        read(DatasetSection(path=too_long))
+    path = write_prompts(tmp_path / "p.json", 1)
+    with pytest.raises(DatasetError, match=r"image_root .* cannot be looked up: File name too"):
+        read(DatasetSection(path=path, image_root=tmp_path / ("r" * 300)), task="p2p")
+
+
+def test_a_source_image_that_cannot_be_looked_up_is_its_record_s_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "locked.png").write_bytes(png_bytes())
+    (root / "folder.png").mkdir()
+    names = {"IQ-R_TA-C_1": "x" * 300 + ".png", "IQ-R_TA-C_2": "locked.png"}
+    names |= {"IQ-R_TA-C_3": "folder.png", "IQ-R_TA-C_4": "x\0y.png"}
+    records = [
+        {"data_id": data_id, "prompt": "p", "img_id": img_id} for data_id, img_id in names.items()
+    ]
+    path = tmp_path / "p2p.json"
+    path.write_text(json.dumps(records))
+    stat = Path.stat
+
+    def refusing_stat(self: Path, **kwargs: bool) -> object:
+        if self.name == "locked.png":  # as a file of another user's would (tests run as root)
+            raise PermissionError(13, "Permission denied", str(self))
+        return stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", refusing_stat)
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
+    assert not samples
+    reasons = {r.data_id: r.reason for r in refused}
+    assert "cannot be looked up (File name too long)" in reasons["IQ-R_TA-C_1"]
+    assert "cannot be looked up (Permission denied)" in reasons["IQ-R_TA-C_2"]
+    assert "'folder.png' in " in reasons["IQ-R_TA-C_3"]
+    assert reasons["IQ-R_TA-C_3"].endswith("is not a file")
+    assert "not a plain file name" in reasons["IQ-R_TA-C_4"]
 
 
 def test_json_past_the_readers_limits_is_a_clear_error_or_its_lines_fault(

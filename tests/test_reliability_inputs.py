@@ -147,6 +147,12 @@ BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
     ),
     ("dataset missing", replace("prompts.json", "absent.json"), EXIT_FATAL, "does not exist"),
     ("dataset not JSON", replace("prompts.json", "garbage.json"), EXIT_FATAL, "cannot read"),
+    (
+        "dataset name too long",
+        replace("prompts.json", "p" * 300 + ".json"),
+        EXIT_FATAL,
+        "cannot be looked up: File name too long; check [dataset] path",
+    ),
     ("dataset not a list", replace("prompts.json", "number.json"), EXIT_FATAL, "JSON list"),
     (
         "dataset of an unknown kind",

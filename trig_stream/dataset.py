@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -178,15 +179,16 @@ class DatasetSource:
 
     def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
         path = self.section.path
-        if not path.exists():
-            raise DatasetError(f"dataset {path} does not exist")
+        mode = _mode(path, f"dataset {path}", "[dataset] path")
         root = self.section.image_root
-        if self.task != "t2i" and root is not None and not root.is_dir():
+        if self.task != "t2i" and root is not None:
             # Every record naming a source would be refused for it: one error says why.
-            raise DatasetError(f"[dataset] image_root {root} is not a folder")
+            what = f"[dataset] image_root {root}"
+            if not stat.S_ISDIR(_mode(root, what, "[dataset] image_root")):
+                raise DatasetError(f"{what} is not a folder")
         fmt: str = self.section.format
         if fmt == "auto":
-            suffix = path.suffix.lower() if path.is_file() else ""
+            suffix = path.suffix.lower() if stat.S_ISREG(mode) else ""
             fmt = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix, "parquet")
         if fmt == "json":
             yield from _read_json(path)
@@ -244,12 +246,45 @@ class DatasetSource:
         if root is None:
             raise Rejected(f"img_id {img_id!r} given but [dataset] image_root is not set")
         candidate = root / img_id
-        if Path(img_id).is_absolute() or ".." in Path(img_id).parts:
+        if Path(img_id).is_absolute() or ".." in Path(img_id).parts or "\0" in img_id:
             raise Rejected(f"img_id {img_id!r} is not a plain file name")
-        if not candidate.is_file():
-            raise Rejected(f"source image {img_id!r} not found in {root}")
+        try:
+            mode = candidate.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise Rejected(f"source image {img_id!r} not found in {root}") from None
+        except OSError as exc:  # a name too long for the file system, no permission, EIO
+            shown = (
+                repr(img_id)
+                if len(img_id) <= 80
+                else f"{img_id[:60]!r}... ({len(img_id)} characters)"
+            )
+            raise Rejected(
+                f"source image {shown} cannot be looked up ({exc.strerror or exc}) in {root}"
+            ) from None
+        if not stat.S_ISREG(mode):
+            raise Rejected(f"source image {img_id!r} in {root} is not a file")
         _check_decodable(candidate, f"source image {img_id!r}")
         return candidate, None
+
+
+def _mode(path: Path, what: str, key: str) -> int:
+    """The ``st_mode`` of a path the config names.
+
+    Raises:
+        DatasetError: it does not exist or cannot be looked up (a name too long for the file
+            system, a folder on the way that may not be entered, an I/O error).
+    """
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise DatasetError(f"{what} does not exist; check {key}") from None
+    except ValueError:  # a NUL character, which no file name holds
+        raise DatasetError(f"{what} does not exist (its name holds a NUL); check {key}") from None
+    except OSError as exc:
+        raise DatasetError(
+            f"{what} cannot be looked up: {exc.strerror or exc}; check {key} and the "
+            "permissions of the folders on its way"
+        ) from None
 
 
 def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
@@ -544,7 +579,10 @@ def _read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mappin
     import polars as pl
 
     if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
+        try:
+            files = sorted(path.rglob("*.parquet"))
+        except OSError as exc:
+            raise DatasetError(f"cannot list dataset folder {path}: {exc}") from None
         if not files:
             raise DatasetError(f"dataset folder {path} holds no .parquet files")
     else:
