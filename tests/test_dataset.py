@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -285,6 +287,38 @@ def test_a_dataset_or_image_root_that_cannot_be_looked_up_is_one_error(tmp_path:
     path = write_prompts(tmp_path / "p.json", 1)
     with pytest.raises(DatasetError, match=r"image_root .* cannot be looked up: File name too"):
         read(DatasetSection(path=path, image_root=tmp_path / ("r" * 300)), task="p2p")
+
+
+@pytest.mark.parametrize("name", ["pipe.json", "pipe.jsonl", "pipe.parquet", "folder"])
+def test_a_named_pipe_for_a_dataset_is_refused_not_waited_on(tmp_path: Path, name: str) -> None:
+    # Reading a pipe waits for a writer that never comes, in a thread no stop reaches.
+    path = tmp_path / name
+    if name == "folder":  # a pipe among a folder's shards is passed over
+        path.mkdir()
+        os.mkfifo(path / "part-0.parquet")
+        pl.DataFrame({"data_id": ["IQ-R_TA-C_1"], "prompt": ["p"]}).write_parquet(
+            path / "part-1.parquet"
+        )
+    else:
+        os.mkfifo(path)
+    outcome: list[object] = []
+
+    def go() -> None:
+        try:
+            outcome.append(read(DatasetSection(path=path)))
+        except DatasetError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=go, daemon=True)  # left behind only if the test fails
+    thread.start()
+    thread.join(timeout=60)  # a safety net: the refusal takes no time
+    assert outcome, "the dataset reader waits on the pipe"
+    [result] = outcome
+    if name == "folder":
+        assert isinstance(result, tuple) and [s.data_id for s in result[0]] == ["IQ-R_TA-C_1"]
+    else:
+        assert isinstance(result, DatasetError)
+        assert f"dataset {path} is a named pipe (FIFO), not a file or a folder" in str(result)
 
 
 def test_a_source_image_that_cannot_be_looked_up_is_its_record_s_fault(

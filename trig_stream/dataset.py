@@ -180,6 +180,13 @@ class DatasetSource:
     def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
         path = self.section.path
         mode = _mode(path, f"dataset {path}", "[dataset] path")
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            # A pipe or a device would be read until its writer stops: a run waiting on it
+            # forever, in a thread no stop reaches.
+            raise DatasetError(
+                f"dataset {path} is a {_file_kind(mode)}, not a file or a folder; point "
+                "[dataset] path at a TRIG dataset file or a folder of parquet files"
+            )
         root = self.section.image_root
         if self.task != "t2i" and root is not None:
             # Every record naming a source would be refused for it: one error says why.
@@ -285,6 +292,17 @@ def _mode(path: Path, what: str, key: str) -> int:
             f"{what} cannot be looked up: {exc.strerror or exc}; check {key} and the "
             "permissions of the folders on its way"
         ) from None
+
+
+def _file_kind(mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    kinds = {
+        stat.S_ISFIFO: "named pipe (FIFO)",
+        stat.S_ISSOCK: "socket",
+        stat.S_ISCHR: "character device",
+        stat.S_ISBLK: "block device",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "special file")
 
 
 def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
@@ -580,7 +598,8 @@ def _read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mappin
 
     if path.is_dir():
         try:
-            files = sorted(path.rglob("*.parquet"))
+            # Regular files only: a pipe named like a shard would be waited on forever.
+            files = sorted(file for file in path.rglob("*.parquet") if file.is_file())
         except OSError as exc:
             raise DatasetError(f"cannot list dataset folder {path}: {exc}") from None
         if not files:
