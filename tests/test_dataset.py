@@ -269,6 +269,48 @@ def test_source_images_past_the_readers_limits_are_quarantined(tmp_path: Path) -
     assert refused[1].reason == "source image 'text.png' is no image Pillow can read"
 
 
+def noise_image(fmt: str, size: int = 64) -> bytes:
+    pixels = bytes(range(256)) * (size * size * 3 // 256 + 1)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (size, size), pixels[: size * size * 3]).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "GIF"])
+@pytest.mark.parametrize("where", ["image_root", "embedded"])
+def test_truncated_source_images_of_every_format_are_quarantined(
+    tmp_path: Path, fmt: str, where: str
+) -> None:
+    # Pillow's verify() reads a PNG's chunks through, but only the header of a JPEG or a GIF:
+    # one cut in half passed, and failed at every generation and every --retry-errors.
+    whole = noise_image(fmt)
+    pictures = {"IQ-R_TA-C_1": whole, "IQ-R_TA-C_2": whole[: len(whole) // 2]}
+    if where == "embedded":
+        path = tmp_path / "p2p.parquet"
+        pl.DataFrame(
+            {
+                "data_id": list(pictures),
+                "prompt": ["p"] * 2,
+                "image": [{"bytes": data, "path": None} for data in pictures.values()],
+            }
+        ).write_parquet(path)
+        section = DatasetSection(path=path)
+    else:
+        root = tmp_path / "images"
+        root.mkdir()
+        for data_id, data in pictures.items():
+            (root / f"{data_id}.img").write_bytes(data)
+        path = tmp_path / "p2p.json"
+        path.write_text(
+            json.dumps([{"data_id": d, "prompt": "p", "img_id": f"{d}.img"} for d in pictures])
+        )
+        section = DatasetSection(path=path, image_root=root)
+    samples, refused = read(section, task="p2p")
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    assert [r.data_id for r in refused] == ["IQ-R_TA-C_2"]
+    assert "cannot be decoded" in refused[0].reason
+
+
 def test_an_image_root_that_is_no_folder_is_one_error(tmp_path: Path) -> None:
     path = tmp_path / "p2p.json"
     path.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1", "prompt": "p", "img_id": "a.png"}]))

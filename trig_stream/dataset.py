@@ -306,12 +306,19 @@ def _file_kind(mode: int) -> str:
 
 
 def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
-    """Reject a source image that is truncated or not an image (it stays encoded here)."""
+    """Reject a source image that is truncated or not an image.
+
+    It is decoded in full (``verify`` checks a PNG's chunks but no other format's data: a
+    truncated JPEG, WebP or GIF passed, to fail at every generation and every
+    ``--retry-errors``). The pixels are not kept: this runs in the dataset thread, ahead of
+    the generators, and a decoded picture in every buffered sample would take several times
+    the memory of its file.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(source) as image:
-            image.verify()
+            image.load()
     except UnidentifiedImageError:
         raise Rejected(f"{what} is no image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
