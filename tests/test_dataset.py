@@ -311,6 +311,29 @@ def test_truncated_source_images_of_every_format_are_quarantined(
     assert "cannot be decoded" in refused[0].reason
 
 
+def test_source_images_under_8_pixels_on_a_side_are_quarantined(tmp_path: Path) -> None:
+    # An editing model's VAE shrinks them to nothing: every call failed, and four of them
+    # stopped the run as the generator's fault.
+    sizes = {"IQ-R_TA-C_1": (8, 8), "IQ-R_TA-C_2": (1, 1), "IQ-R_TA-C_3": (64, 7)}
+    path = tmp_path / "p2p.parquet"
+    pictures = []
+    for width, height in sizes.values():
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height)).save(buffer, format="PNG")
+        pictures.append({"bytes": buffer.getvalue(), "path": None})
+    pl.DataFrame({"data_id": list(sizes), "prompt": ["p"] * 3, "image": pictures}).write_parquet(
+        path
+    )
+    samples, refused = read(DatasetSection(path=path), task="p2p")
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    reasons = {r.data_id: r.reason for r in refused}
+    assert reasons["IQ-R_TA-C_2"] == (
+        "embedded source image is 1x1 pixels: under 8 on a side, too small for an "
+        "image-editing model"
+    )
+    assert "is 64x7 pixels" in reasons["IQ-R_TA-C_3"]
+
+
 def test_an_image_root_that_is_no_folder_is_one_error(tmp_path: Path) -> None:
     path = tmp_path / "p2p.json"
     path.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1", "prompt": "p", "img_id": "a.png"}]))

@@ -305,8 +305,14 @@ def _file_kind(mode: int) -> str:
     return next((kind for test, kind in kinds.items() if test(mode)), "special file")
 
 
+SOURCE_MIN_SIDE = 8
+"""Fewest pixels a source image has on a side. An editing model's VAE shrinks a picture 8
+times: a smaller one fails every call of it (height and width must be > 0), which stops the
+run as the generator's fault after its first calls, not the sample's."""
+
+
 def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
-    """Reject a source image that is truncated or not an image.
+    """Reject a source image that is truncated, not an image, or too small to edit.
 
     It is decoded in full (``verify`` checks a PNG's chunks but no other format's data: a
     truncated JPEG, WebP or GIF passed, to fail at every generation and every
@@ -318,10 +324,18 @@ def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
 
     try:
         with Image.open(source) as image:
+            width, height = image.size
+            if min(width, height) < SOURCE_MIN_SIDE:
+                raise Rejected(
+                    f"{what} is {width}x{height} pixels: under {SOURCE_MIN_SIDE} on a side, "
+                    "too small for an image-editing model"
+                )
             image.load()
     except UnidentifiedImageError:
         raise Rejected(f"{what} is no image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, Rejected):  # a ValueError: the size, said above
+            raise
         # DecompressionBombError: more pixels than Pillow agrees to decode (a bomb, or a
         # picture far larger than any model takes).
         raise Rejected(f"{what} cannot be decoded: {exc}") from None
