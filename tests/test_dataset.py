@@ -463,6 +463,41 @@ def test_a_json_object_is_read_as_records_by_data_id_or_refused(tmp_path: Path) 
         read(DatasetSection(path=scalar))
 
 
+def test_a_json_object_naming_a_key_twice_keeps_the_first_and_quarantines_the_second(
+    tmp_path: Path,
+) -> None:
+    # Python's json keeps the last of two values of a key, without a word; and a record's own
+    # data_id took over its key, so the record that really had that id was refused.
+    path = tmp_path / "p.json"
+    path.write_text(
+        '{"IQ-R_TA-C_1": {"prompt": "first"}, "IQ-R_TA-C_1": {"prompt": "second"}, '
+        '"IQ-R_TA-C_2": {"data_id": "IQ-R_TA-C_3", "prompt": "inner id"}, '
+        '"IQ-R_TA-C_3": {"prompt": "third"}, '
+        '"IQ-R_TA-C_4": {"data_id": "IQ-R_TA-C_4", "prompt": "agrees", "x": {"a": 1, "a": 2}}}'
+    )
+    source = DatasetSource(DatasetSection(path=path), "t2i")
+    samples: list[Sample] = []
+    refused: list[QuarantinedRecord] = []
+    for entry in source:
+        if isinstance(entry, QuarantinedRecord):
+            refused.append(entry)
+        else:
+            samples.append(entry)
+    assert [(s.data_id, s.prompt) for s in samples] == [
+        ("IQ-R_TA-C_1", "first"),
+        ("IQ-R_TA-C_3", "third"),
+        ("IQ-R_TA-C_4", "agrees"),
+    ]
+    assert source.records_read == 5
+    assert [(r.index, r.data_id) for r in refused] == [(1, "IQ-R_TA-C_1"), (2, "IQ-R_TA-C_3")]
+    assert refused[0].reason == "duplicate data_id 'IQ-R_TA-C_1'"
+    assert refused[0].record["prompt"] == "second"
+    assert refused[1].reason.startswith(
+        "key 'IQ-R_TA-C_2' maps to a record whose data_id is 'IQ-R_TA-C_3'"
+    )
+    assert refused[1].record == {"data_id": "IQ-R_TA-C_3", "prompt": "inner id"}
+
+
 def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         read(DatasetSection(path=tmp_path / "absent.json"))
