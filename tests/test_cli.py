@@ -219,6 +219,23 @@ def test_validate_refuses_what_resuming_would_refuse(
     assert not (run_dir / "manifest.json").exists()  # validate writes nothing
 
 
+def test_validate_lists_the_records_edited_since_they_were_judged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A resume quarantines them; validate read the dataset as a new run would and said nothing.
+    path = write_config(tmp_path, samples=2)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    records[1]["prompt"] = "an edited prompt"
+    prompts.write_text(json.dumps(records))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 records would be quarantined:" in out
+    assert f"record 1: data_id {records[1]['data_id']!r} changed since it was judged" in out
+
+
 def test_make_tiny_models_into_a_file_is_one_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

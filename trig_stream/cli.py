@@ -191,11 +191,11 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     # reading it only: a run it would refuse (results made with another seed, say) is
     # refused here, with the run's message and exit code.
     fingerprints = {judge.name: judge.fingerprint() for judge in judges}
-    check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
+    journal = check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
     # read fails here (DatasetError, the run's exit code), and the records the run would
-    # quarantine are listed.
-    source = DatasetSource(config.dataset, config.run.task)
+    # quarantine are listed, those edited since they were judged in the run directory too.
+    source = DatasetSource(config.dataset, config.run.task, judged=journal.digests)
     samples = unmeasured = 0
     refused: list[QuarantinedRecord] = []
     for record in source:

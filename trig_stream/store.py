@@ -733,11 +733,14 @@ def _results_held(path: Path, journal: JournalState) -> Callable[[EntryKind, str
     return holds
 
 
-def check_resume(path: Path, manifest: Manifest) -> None:
+def check_resume(path: Path, manifest: Manifest) -> JournalState:
     """Raise what a run with ``manifest`` would be refused for in the run directory ``path``
     (made with other settings, or results without a manifest), reading it only: no lock is
     taken, nothing is written or cut (``trig-stream validate``). A directory in use by a run
     is not refused here.
+
+    Returns:
+        What its journal holds (empty for a new directory), as a run would resume it.
 
     Raises:
         RunDirError: see :func:`resumed_manifest`; or the journal cannot be read.
@@ -747,6 +750,7 @@ def check_resume(path: Path, manifest: Manifest) -> None:
     except OSError as exc:
         raise journal_unreadable(path / JOURNAL, exc) from None
     resumed_manifest(path, manifest, journal)
+    return journal
 
 
 def _holds_a_file(folder: Path) -> bool:
