@@ -4,7 +4,8 @@ Layout (``<output_dir>/<run name>/``)::
 
     manifest.json        what made these results: task, generator and judge fingerprints
     journal.jsonl        one judgement per line, appended and fsynced as they land
-    quarantine.jsonl     dataset records refused in the latest run, with reasons
+    quarantine.jsonl     dataset records refused by the latest run that read the dataset
+                         through, with reasons (written as quarantine.jsonl.partial until then)
     images/<task>/<model>/<data_id>.png
     run.lock             held while a process runs in the directory
 
@@ -64,6 +65,9 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
 QUARANTINE = "quarantine.jsonl"
+QUARANTINE_PARTIAL = "quarantine.jsonl.partial"
+"""The quarantine list a run is writing: it replaces :data:`QUARANTINE` once the dataset has
+been read through (a run stopped before then would leave only the start of its list)."""
 LOCK = "run.lock"
 IMAGES = "images"
 PARTIAL = ".partial"
@@ -554,7 +558,7 @@ class RunDir:
             state = run.journal.open()
             run._remove_partial_images()
             run._check_manifest(manifest, state)
-            run._quarantine = (path / QUARANTINE).open("wb", buffering=0)
+            run._quarantine = (path / QUARANTINE_PARTIAL).open("wb", buffering=0)
         except OSError as exc:
             run.close()
             raise storage_error(exc, f"open the run directory {path}") from None
@@ -617,14 +621,41 @@ class RunDir:
             try:
                 _write_all(self._quarantine.fileno(), line.encode() + b"\n")
             except OSError as exc:
-                raise storage_error(exc, f"write to {self.path / QUARANTINE}") from None
+                raise storage_error(exc, f"write to {self.path / QUARANTINE_PARTIAL}") from None
+
+    def finish_quarantine(self) -> None:
+        """The dataset has been read through: the records this run refused replace the list
+        of the run before (a resume stopped early keeps that list; see :meth:`close`).
+
+        Raises:
+            RunDirError: the list cannot be put in place.
+        """
+        if self._quarantine is None:
+            return
+        self._quarantine.close()
+        self._quarantine = None
+        try:
+            os.replace(self.path / QUARANTINE_PARTIAL, self.path / QUARANTINE)
+        except OSError as exc:
+            raise storage_error(exc, f"replace {self.path / QUARANTINE}") from None
 
     def close(self) -> None:
-        """Close the journal and quarantine files and release the lock; safe to repeat."""
+        """Close the journal and quarantine files and release the lock; safe to repeat.
+
+        A quarantine list left unfinished (the run stopped before it read the dataset
+        through) is only the start of this run's: the list of the run before stays, which
+        says more; with none, the start is better than nothing and takes its place.
+        """
         self.journal.close()
         if self._quarantine is not None:
             self._quarantine.close()
             self._quarantine = None
+            partial, final = self.path / QUARANTINE_PARTIAL, self.path / QUARANTINE
+            with suppress(OSError):  # closing must not hide the run's own outcome
+                if final.exists():
+                    partial.unlink()
+                else:
+                    os.replace(partial, final)
         if self._lock is not None:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
