@@ -334,6 +334,51 @@ def test_source_images_under_8_pixels_on_a_side_are_quarantined(tmp_path: Path) 
     assert "is 64x7 pixels" in reasons["IQ-R_TA-C_3"]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_an_image_column_holding_a_path_is_looked_up_under_image_root(
+    tmp_path: Path, fmt: str
+) -> None:
+    # Hugging Face's Image() not embedded ({"bytes": None, "path": ...}), or JSON Lines'
+    # "image": "name.png": refused as having "no image, no img_id".
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "good.png").write_bytes(png_bytes())
+    if fmt == "parquet":
+        path = tmp_path / "p2p.parquet"
+        pl.DataFrame(
+            {
+                "data_id": ["IQ-R_TA-C_1", "IQ-R_TA-C_2"],
+                "prompt": ["p"] * 2,
+                "img_id": ["", None],
+                "image": [{"bytes": None, "path": "good.png"}, {"bytes": b"", "path": "x.png"}],
+            }
+        ).write_parquet(path)
+    else:
+        path = tmp_path / "p2p.jsonl"
+        records = [
+            {"data_id": "IQ-R_TA-C_1", "prompt": "p", "image": "good.png"},
+            {"data_id": "IQ-R_TA-C_2", "prompt": "p", "image": "x.png"},
+        ]
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    section = DatasetSection(path=path, image_root=root)
+    samples, refused = read(section, task="p2p")
+    assert [(s.data_id, s.img_id, s.source_path) for s in samples] == [
+        ("IQ-R_TA-C_1", "good.png", root / "good.png")
+    ]
+    assert [(r.data_id, r.reason) for r in refused] == [
+        ("IQ-R_TA-C_2", f"source image 'x.png' not found in {root}")
+    ]
+    # What a resume compares: the name the sample was built with.
+    judged = {samples[0].data_id: samples[0].digest}
+    assert list(DatasetSource(section, "p2p", judged=judged))[0] == samples[0]
+    # Without image_root, the reason says what the column holds and what to set.
+    _, refused = read(DatasetSection(path=path), task="p2p")
+    assert refused[0].reason == (
+        "the image column holds a path, 'good.png', not the picture's bytes: set [dataset] "
+        "image_root to the folder it is in (the path is looked up there)"
+    )
+
+
 def test_an_image_root_that_is_no_folder_is_one_error(tmp_path: Path) -> None:
     path = tmp_path / "p2p.json"
     path.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1", "prompt": "p", "img_id": "a.png"}]))

@@ -212,10 +212,10 @@ class DatasetSource:
             raise Rejected(f"prompt must be text, got {type(prompt).__name__}")
         if prompt is None or not prompt.strip():
             raise Rejected("missing or empty prompt")
-        img_id = raw.get("img_id") or ""
+        img_id, via = _source_name(raw)
         if not isinstance(img_id, str):
-            raise Rejected(f"img_id must be a string, got {type(img_id).__name__}")
-        source_path, source_bytes = self._source_image(raw, img_id)
+            raise Rejected(f"{via} must be a string, got {type(img_id).__name__}")
+        source_path, source_bytes = self._source_image(raw, img_id, via)
         item = raw.get("item")
         if self.task == "s2p" and item is not None and not isinstance(item, str):
             # The subject the judge and the generator are told of: a number or a list was
@@ -237,7 +237,7 @@ class DatasetSource:
         return sample
 
     def _source_image(
-        self, raw: Mapping[str, Any], img_id: str
+        self, raw: Mapping[str, Any], img_id: str, via: str
     ) -> tuple[Path | None, bytes | None]:
         if self.task == "t2i":
             return None, None
@@ -251,10 +251,18 @@ class DatasetSource:
             raise Rejected(f"{self.task} sample has no source image (no image, no img_id)")
         root = self.section.image_root
         if root is None:
+            if via == IMAGE_PATH:
+                raise Rejected(
+                    f"the image column holds a path, {img_id!r}, not the picture's bytes: set "
+                    "[dataset] image_root to the folder it is in (the path is looked up there)"
+                )
             raise Rejected(f"img_id {img_id!r} given but [dataset] image_root is not set")
         candidate = root / img_id
         if Path(img_id).is_absolute() or ".." in Path(img_id).parts or "\0" in img_id:
-            raise Rejected(f"img_id {img_id!r} is not a plain file name")
+            raise Rejected(
+                f"{via} {img_id!r} is not a plain file name"
+                + (" (a path relative to [dataset] image_root is)" if via == IMAGE_PATH else "")
+            )
         try:
             mode = candidate.stat().st_mode
         except (FileNotFoundError, NotADirectoryError):
@@ -341,10 +349,31 @@ def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
         raise Rejected(f"{what} cannot be decoded: {exc}") from None
 
 
+IMAGE_PATH = "image path"
+
+
+def _source_name(raw: Mapping[str, Any]) -> tuple[object, str]:
+    """A record's source image name, and what gave it: its ``img_id`` or, with none, the path
+    its image column holds in place of the picture's bytes (a Hugging Face ``Image`` not
+    embedded, ``{"bytes": None, "path": ...}``; JSON Lines' ``"image": "name.png"``), looked
+    up under ``image_root`` as an ``img_id`` is."""
+    img_id = raw.get("img_id") or ""
+    if img_id:
+        return img_id, "img_id"
+    image = raw.get("image")
+    if isinstance(image, Mapping):
+        if image.get("bytes"):
+            return "", "img_id"
+        image = image.get("path")
+    if isinstance(image, str) and image:
+        return image, IMAGE_PATH
+    return "", "img_id"
+
+
 def _raw_digest(raw: Mapping[str, Any], task: Task, dimensions: tuple[Dimension, Dimension]) -> str:
     """The :attr:`~trig_stream.records.Sample.digest` the record's sample has, without building
     it (the fields read as :meth:`DatasetSource._sample` reads them)."""
-    prompt, item, img_id = raw.get("prompt"), raw.get("item"), raw.get("img_id") or ""
+    prompt, item, (img_id, _) = raw.get("prompt"), raw.get("item"), _source_name(raw)
     return sample_digest(
         task,
         prompt if isinstance(prompt, str) else "",
