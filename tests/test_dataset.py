@@ -111,6 +111,19 @@ def test_json_source_images_come_from_image_root(tmp_path: Path) -> None:
     path.write_text(json.dumps([listed]))
     samples, refused = read(DatasetSection(path=path, image_root=root), task="s2p")
     assert not samples and refused[0].reason == "item must be text (the subject's name), got list"
+    # No subject at all: the judge was told of "the subject", the generator of "".
+    unnamed: list[dict[str, object]] = [
+        {**records[0], "data_id": f"TA-C_IQ-R_{6 + n}", "item": i}
+        for n, i in enumerate([None, "", "  "])
+    ]
+    unnamed.append({k: v for k, v in records[0].items() if k != "item"})
+    unnamed[-1]["data_id"] = "TA-C_IQ-R_9"
+    path.write_text(json.dumps(unnamed))
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="s2p")
+    assert not samples
+    assert [r.reason for r in refused] == [
+        "missing or empty item: an s2p sample names its subject"
+    ] * 4
 
 
 @pytest.mark.parametrize(

@@ -221,6 +221,10 @@ class DatasetSource:
             # The subject the judge and the generator are told of: a number or a list was
             # dropped without a word, and the sample judged as of "the subject".
             raise Rejected(f"item must be text (the subject's name), got {type(item).__name__}")
+        if self.task == "s2p" and (item is None or not item.strip()):
+            # The judge was asked about "the subject", the generator (BLIP-Diffusion) given
+            # an empty one: every score would judge something the record never named.
+            raise Rejected("missing or empty item: an s2p sample names its subject")
         sample = Sample(
             data_id=data_id,
             task=self.task,
