@@ -614,6 +614,18 @@ def test_json_lines_are_read_a_line_at_a_time_and_a_bad_line_is_its_record_s_fau
     assert len(read(DatasetSection(path=as_json, format="jsonl"))[0]) == 4
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_json_lines_in_utf_16_or_32_are_one_error(tmp_path: Path, encoding: str) -> None:
+    # Split at newline bytes, every line was quarantined as not UTF-8, for no fault of its own.
+    text = "".join(json.dumps({"data_id": f"IQ-R_TA-C_{i}", "prompt": "p"}) + "\n" for i in (1, 2))
+    path = tmp_path / "prompts.jsonl"
+    bom = "\ufeff" if encoding.endswith("-be") else ""  # the codecs without -be write one
+    path.write_bytes((bom + text).encode(encoding))
+    width = encoding.split("-")[1]
+    with pytest.raises(DatasetError, match=f"is UTF-{width} text .*iconv -f UTF-{width} -t UTF-8"):
+        read(DatasetSection(path=path))
+
+
 def test_finished_samples_count_towards_the_limit_but_are_not_built(tmp_path: Path) -> None:
     path = write_prompts(tmp_path / "p.json", 12)
     asked: list[tuple[str, tuple[str, ...]]] = []

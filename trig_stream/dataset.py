@@ -648,6 +648,7 @@ def _read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
         for number, line in enumerate(handle, start=1):
             if number == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+                _refuse_wide_text(path, line)
             line = line.rstrip(b"\r\n")
             if not line.strip():
                 continue
@@ -665,6 +666,26 @@ def _read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
                 else:
                     kind = _kind(record)
                     yield _Unreadable(f"line {number} is a JSON {kind}, not a record", line)
+
+
+WIDE_BYTE_ORDER_MARKS = {  # longest first: UTF-32 LE's begins with UTF-16 LE's
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+
+
+def _refuse_wide_text(path: Path, start: bytes) -> None:
+    """Refuse JSON Lines in UTF-16 or -32: split at newline bytes, every line would be
+    quarantined as not UTF-8, each for a reason that is not its own."""
+    for mark, encoding in WIDE_BYTE_ORDER_MARKS.items():
+        if start.startswith(mark):
+            raise DatasetError(
+                f"dataset {path} is {encoding} text (its byte order mark says so): JSON Lines "
+                f"are read as UTF-8; convert it (iconv -f {encoding} -t UTF-8), or give the "
+                'records as a JSON list (format = "json" reads any Unicode encoding)'
+            )
 
 
 def _json_limit(exc: ValueError | RecursionError) -> str:
