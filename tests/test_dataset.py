@@ -383,7 +383,7 @@ def test_an_image_column_holding_a_path_is_looked_up_under_image_root(
     ]
     # What a resume compares: the name the sample was built with.
     judged = {samples[0].data_id: samples[0].digest}
-    assert list(DatasetSource(section, "p2p", judged=judged))[0] == samples[0]
+    assert next(iter(DatasetSource(section, "p2p", judged=judged))) == samples[0]
     # Without image_root, the reason says what the column holds and what to set.
     _, refused = read(DatasetSection(path=path), task="p2p")
     assert refused[0].reason == (
@@ -554,6 +554,22 @@ def test_a_json_object_naming_a_key_twice_keeps_the_first_and_quarantines_the_se
         "key 'IQ-R_TA-C_2' maps to a record whose data_id is 'IQ-R_TA-C_3'"
     )
     assert refused[1].record == {"data_id": "IQ-R_TA-C_3", "prompt": "inner id"}
+
+
+def test_a_damaged_shard_of_a_parquet_folder_is_named(tmp_path: Path) -> None:
+    # The error named only the folder: which of its (40, for TRIG's p2p) files to fetch again?
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for part in range(3):
+        pl.DataFrame({"data_id": [f"IQ-R_TA-C_{part}"], "prompt": ["p"]}).write_parquet(
+            folder / f"part-{part}.parquet"
+        )
+    cut = folder / "part-1.parquet"
+    cut.write_bytes(cut.read_bytes()[:-20])
+    with pytest.raises(DatasetError) as caught:
+        read(DatasetSection(path=folder))
+    assert str(caught.value).startswith(f"cannot read parquet dataset {folder}: ")
+    assert f"(in {cut}: its footer cannot be read; it is damaged or cut short)" in str(caught.value)
 
 
 def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:

@@ -733,4 +733,20 @@ def _read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mappin
                 " (read as parquet, since its name ends in none of .json, .jsonl and .ndjson; "
                 "set [dataset] format if it is JSON)"
             )
+        elif len(files) > 1 and (damaged := _unreadable_footer(files)) is not None:
+            hint = f" (in {damaged}: its footer cannot be read; it is damaged or cut short)"
         raise DatasetError(f"cannot read parquet dataset {path}: {exc}{hint}") from None
+
+
+def _unreadable_footer(files: list[Path]) -> Path | None:
+    """The first of a folder's parquet files whose footer (its schema) cannot be read: which
+    shard a folder's error is about, when a read of the footers can tell (damage inside a
+    file's data would take reading it all)."""
+    import polars as pl
+
+    for file in files:
+        try:
+            pl.read_parquet_schema(file)
+        except (pl.exceptions.PolarsError, OSError):
+            return file
+    return None
