@@ -213,7 +213,13 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         highlight=False,
         markup=False,
     )
-    counts = f"{source.records_read} records, {samples} sample{'s' * (samples != 1)} to judge"
+    records = f"{source.records_read} records"
+    if source.limit_reached:  # the rest was not read: how many there are, said apart
+        records = (
+            f"{source.count_records()} records (the first {source.records_read} read: "
+            f"limit = {config.dataset.limit})"
+        )
+    counts = f"{records}, {samples} sample{'s' * (samples != 1)} to judge"
     if source.filtered_out:
         counts += f", {source.filtered_out} left out by its filters"
     out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False, markup=False)

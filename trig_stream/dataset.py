@@ -82,6 +82,8 @@ class DatasetSource:
         """Records read so far by the last iteration, every kind included."""
         self.filtered_out = 0
         """Of those, the well-formed ones the ``pairs`` and ``dimensions`` filters left out."""
+        self.limit_reached = False
+        """Whether the last iteration stopped at ``limit``, with records left unread."""
 
     def __iter__(self) -> Iterator[Sample | QuarantinedRecord]:
         """Yield each selected sample, or a quarantine record for each malformed one.
@@ -95,8 +97,10 @@ class DatasetSource:
         produced = 0
         limit = self.section.limit
         self.records_read = self.filtered_out = 0
+        self.limit_reached = False
         for index, raw in enumerate(self._raw_records()):
             if limit is not None and produced >= limit:
+                self.limit_reached = True
                 return
             self.records_read += 1
             try:
@@ -176,6 +180,15 @@ class DatasetSource:
                 if limit is not None and selected >= limit:
                     break
         return pairs
+
+    def count_records(self) -> int:
+        """How many records the dataset holds, every kind included, filters and limit not
+        applied; reading only the identity columns.
+
+        Raises:
+            DatasetError: the dataset cannot be opened.
+        """
+        return sum(1 for _ in self._raw_records(identity_only=True))
 
     def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
         path = self.section.path
