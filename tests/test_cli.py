@@ -315,6 +315,39 @@ def test_a_backend_check_or_fingerprint_that_raises_is_one_error_naming_it(
     assert "done: 0 judgements in this run" in capsys.readouterr().err
 
 
+def test_validate_lists_the_records_edited_since_they_were_judged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A resume quarantines them; validate read the dataset as a new run would and said nothing.
+    path = write_config(tmp_path, samples=2)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    records[1]["prompt"] = "an edited prompt"
+    prompts.write_text(json.dumps(records))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 records would be quarantined:" in out
+    assert f"record 1: data_id {records[1]['data_id']!r} changed since it was judged" in out
+
+
+def test_validate_under_a_limit_says_how_many_records_the_dataset_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It said "2 records" of a dataset of 6: the count of those read before the limit.
+    path = write_config(tmp_path, samples=6)
+    path.write_text(
+        path.read_text().replace('path = "prompts.json"', 'path = "prompts.json"\nlimit = 2')
+    )
+    assert main(["validate", str(path)]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert "6 records (the first 2 read: limit = 2), 2 samples to judge" in out
+    path.write_text(path.read_text().replace("limit = 2", "limit = 6"))  # reached, not passed
+    assert main(["validate", str(path)]) == EXIT_OK
+    assert "6 records, 6 samples to judge" in " ".join(capsys.readouterr().out.split())
+
+
 def test_make_tiny_models_into_a_file_is_one_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

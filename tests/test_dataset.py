@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -109,6 +111,19 @@ def test_json_source_images_come_from_image_root(tmp_path: Path) -> None:
     path.write_text(json.dumps([listed]))
     samples, refused = read(DatasetSection(path=path, image_root=root), task="s2p")
     assert not samples and refused[0].reason == "item must be text (the subject's name), got list"
+    # No subject at all: the judge was told of "the subject", the generator of "".
+    unnamed: list[dict[str, object]] = [
+        {**records[0], "data_id": f"TA-C_IQ-R_{6 + n}", "item": i}
+        for n, i in enumerate([None, "", "  "])
+    ]
+    unnamed.append({k: v for k, v in records[0].items() if k != "item"})
+    unnamed[-1]["data_id"] = "TA-C_IQ-R_9"
+    path.write_text(json.dumps(unnamed))
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="s2p")
+    assert not samples
+    assert [r.reason for r in refused] == [
+        "missing or empty item: an s2p sample names its subject"
+    ] * 4
 
 
 @pytest.mark.parametrize(
@@ -267,11 +282,198 @@ def test_source_images_past_the_readers_limits_are_quarantined(tmp_path: Path) -
     assert refused[1].reason == "source image 'text.png' is no image Pillow can read"
 
 
+def noise_image(fmt: str, size: int = 64) -> bytes:
+    pixels = bytes(range(256)) * (size * size * 3 // 256 + 1)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (size, size), pixels[: size * size * 3]).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "GIF"])
+@pytest.mark.parametrize("where", ["image_root", "embedded"])
+def test_truncated_source_images_of_every_format_are_quarantined(
+    tmp_path: Path, fmt: str, where: str
+) -> None:
+    # Pillow's verify() reads a PNG's chunks through, but only the header of a JPEG or a GIF:
+    # one cut in half passed, and failed at every generation and every --retry-errors.
+    whole = noise_image(fmt)
+    pictures = {"IQ-R_TA-C_1": whole, "IQ-R_TA-C_2": whole[: len(whole) // 2]}
+    if where == "embedded":
+        path = tmp_path / "p2p.parquet"
+        pl.DataFrame(
+            {
+                "data_id": list(pictures),
+                "prompt": ["p"] * 2,
+                "image": [{"bytes": data, "path": None} for data in pictures.values()],
+            }
+        ).write_parquet(path)
+        section = DatasetSection(path=path)
+    else:
+        root = tmp_path / "images"
+        root.mkdir()
+        for data_id, data in pictures.items():
+            (root / f"{data_id}.img").write_bytes(data)
+        path = tmp_path / "p2p.json"
+        path.write_text(
+            json.dumps([{"data_id": d, "prompt": "p", "img_id": f"{d}.img"} for d in pictures])
+        )
+        section = DatasetSection(path=path, image_root=root)
+    samples, refused = read(section, task="p2p")
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    assert [r.data_id for r in refused] == ["IQ-R_TA-C_2"]
+    assert "cannot be decoded" in refused[0].reason
+
+
+def test_source_images_under_8_pixels_on_a_side_are_quarantined(tmp_path: Path) -> None:
+    # An editing model's VAE shrinks them to nothing: every call failed, and four of them
+    # stopped the run as the generator's fault.
+    sizes = {"IQ-R_TA-C_1": (8, 8), "IQ-R_TA-C_2": (1, 1), "IQ-R_TA-C_3": (64, 7)}
+    path = tmp_path / "p2p.parquet"
+    pictures = []
+    for width, height in sizes.values():
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height)).save(buffer, format="PNG")
+        pictures.append({"bytes": buffer.getvalue(), "path": None})
+    pl.DataFrame({"data_id": list(sizes), "prompt": ["p"] * 3, "image": pictures}).write_parquet(
+        path
+    )
+    samples, refused = read(DatasetSection(path=path), task="p2p")
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    reasons = {r.data_id: r.reason for r in refused}
+    assert reasons["IQ-R_TA-C_2"] == (
+        "embedded source image is 1x1 pixels: under 8 on a side, too small for an "
+        "image-editing model"
+    )
+    assert "is 64x7 pixels" in reasons["IQ-R_TA-C_3"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_an_image_column_holding_a_path_is_looked_up_under_image_root(
+    tmp_path: Path, fmt: str
+) -> None:
+    # Hugging Face's Image() not embedded ({"bytes": None, "path": ...}), or JSON Lines'
+    # "image": "name.png": refused as having "no image, no img_id".
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "good.png").write_bytes(png_bytes())
+    if fmt == "parquet":
+        path = tmp_path / "p2p.parquet"
+        pl.DataFrame(
+            {
+                "data_id": ["IQ-R_TA-C_1", "IQ-R_TA-C_2"],
+                "prompt": ["p"] * 2,
+                "img_id": ["", None],
+                "image": [{"bytes": None, "path": "good.png"}, {"bytes": b"", "path": "x.png"}],
+            }
+        ).write_parquet(path)
+    else:
+        path = tmp_path / "p2p.jsonl"
+        records = [
+            {"data_id": "IQ-R_TA-C_1", "prompt": "p", "image": "good.png"},
+            {"data_id": "IQ-R_TA-C_2", "prompt": "p", "image": "x.png"},
+        ]
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    section = DatasetSection(path=path, image_root=root)
+    samples, refused = read(section, task="p2p")
+    assert [(s.data_id, s.img_id, s.source_path) for s in samples] == [
+        ("IQ-R_TA-C_1", "good.png", root / "good.png")
+    ]
+    assert [(r.data_id, r.reason) for r in refused] == [
+        ("IQ-R_TA-C_2", f"source image 'x.png' not found in {root}")
+    ]
+    # What a resume compares: the name the sample was built with.
+    judged = {samples[0].data_id: samples[0].digest}
+    assert next(iter(DatasetSource(section, "p2p", judged=judged))) == samples[0]
+    # Without image_root, the reason says what the column holds and what to set.
+    _, refused = read(DatasetSection(path=path), task="p2p")
+    assert refused[0].reason == (
+        "the image column holds a path, 'good.png', not the picture's bytes: set [dataset] "
+        "image_root to the folder it is in (the path is looked up there)"
+    )
+
+
 def test_an_image_root_that_is_no_folder_is_one_error(tmp_path: Path) -> None:
     path = tmp_path / "p2p.json"
     path.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1", "prompt": "p", "img_id": "a.png"}]))
-    with pytest.raises(DatasetError, match=r"image_root .*nonexistent is not a folder"):
+    with pytest.raises(DatasetError, match=r"image_root .*nonexistent does not exist"):
         read(DatasetSection(path=path, image_root=tmp_path / "nonexistent"), task="p2p")
+    with pytest.raises(DatasetError, match=r"image_root .*p2p.json is not a folder"):
+        read(DatasetSection(path=path, image_root=path), task="p2p")
+
+
+def test_a_dataset_or_image_root_that_cannot_be_looked_up_is_one_error(tmp_path: Path) -> None:
+    # Not only a missing file: a name too long for the file system (or a folder on the way
+    # that may not be entered, an I/O error) is an error that says so, not a traceback.
+    too_long = tmp_path / ("x" * 300 + ".json")
+    with pytest.raises(DatasetError, match="cannot be looked up: File name too long"):
+        read(DatasetSection(path=too_long))
+    path = write_prompts(tmp_path / "p.json", 1)
+    with pytest.raises(DatasetError, match=r"image_root .* cannot be looked up: File name too"):
+        read(DatasetSection(path=path, image_root=tmp_path / ("r" * 300)), task="p2p")
+
+
+@pytest.mark.parametrize("name", ["pipe.json", "pipe.jsonl", "pipe.parquet", "folder"])
+def test_a_named_pipe_for_a_dataset_is_refused_not_waited_on(tmp_path: Path, name: str) -> None:
+    # Reading a pipe waits for a writer that never comes, in a thread no stop reaches.
+    path = tmp_path / name
+    if name == "folder":  # a pipe among a folder's shards is passed over
+        path.mkdir()
+        os.mkfifo(path / "part-0.parquet")
+        pl.DataFrame({"data_id": ["IQ-R_TA-C_1"], "prompt": ["p"]}).write_parquet(
+            path / "part-1.parquet"
+        )
+    else:
+        os.mkfifo(path)
+    outcome: list[object] = []
+
+    def go() -> None:
+        try:
+            outcome.append(read(DatasetSection(path=path)))
+        except DatasetError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=go, daemon=True)  # left behind only if the test fails
+    thread.start()
+    thread.join(timeout=60)  # a safety net: the refusal takes no time
+    assert outcome, "the dataset reader waits on the pipe"
+    [result] = outcome
+    if name == "folder":
+        assert isinstance(result, tuple) and [s.data_id for s in result[0]] == ["IQ-R_TA-C_1"]
+    else:
+        assert isinstance(result, DatasetError)
+        assert f"dataset {path} is a named pipe (FIFO), not a file or a folder" in str(result)
+
+
+def test_a_source_image_that_cannot_be_looked_up_is_its_record_s_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "locked.png").write_bytes(png_bytes())
+    (root / "folder.png").mkdir()
+    names = {"IQ-R_TA-C_1": "x" * 300 + ".png", "IQ-R_TA-C_2": "locked.png"}
+    names |= {"IQ-R_TA-C_3": "folder.png", "IQ-R_TA-C_4": "x\0y.png"}
+    records = [
+        {"data_id": data_id, "prompt": "p", "img_id": img_id} for data_id, img_id in names.items()
+    ]
+    path = tmp_path / "p2p.json"
+    path.write_text(json.dumps(records))
+    stat = Path.stat
+
+    def refusing_stat(self: Path, **kwargs: bool) -> object:
+        if self.name == "locked.png":  # as a file of another user's would (tests run as root)
+            raise PermissionError(13, "Permission denied", str(self))
+        return stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", refusing_stat)
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
+    assert not samples
+    reasons = {r.data_id: r.reason for r in refused}
+    assert "cannot be looked up (File name too long)" in reasons["IQ-R_TA-C_1"]
+    assert "cannot be looked up (Permission denied)" in reasons["IQ-R_TA-C_2"]
+    assert "'folder.png' in " in reasons["IQ-R_TA-C_3"]
+    assert reasons["IQ-R_TA-C_3"].endswith("is not a file")
+    assert "not a plain file name" in reasons["IQ-R_TA-C_4"]
 
 
 def test_json_past_the_readers_limits_is_a_clear_error_or_its_lines_fault(
@@ -317,6 +519,57 @@ def test_a_json_object_is_read_as_records_by_data_id_or_refused(tmp_path: Path) 
     scalar.write_text("7")
     with pytest.raises(DatasetError, match="expected a JSON list of TRIG records, not a JSON"):
         read(DatasetSection(path=scalar))
+
+
+def test_a_json_object_naming_a_key_twice_keeps_the_first_and_quarantines_the_second(
+    tmp_path: Path,
+) -> None:
+    # Python's json keeps the last of two values of a key, without a word; and a record's own
+    # data_id took over its key, so the record that really had that id was refused.
+    path = tmp_path / "p.json"
+    path.write_text(
+        '{"IQ-R_TA-C_1": {"prompt": "first"}, "IQ-R_TA-C_1": {"prompt": "second"}, '
+        '"IQ-R_TA-C_2": {"data_id": "IQ-R_TA-C_3", "prompt": "inner id"}, '
+        '"IQ-R_TA-C_3": {"prompt": "third"}, '
+        '"IQ-R_TA-C_4": {"data_id": "IQ-R_TA-C_4", "prompt": "agrees", "x": {"a": 1, "a": 2}}}'
+    )
+    source = DatasetSource(DatasetSection(path=path), "t2i")
+    samples: list[Sample] = []
+    refused: list[QuarantinedRecord] = []
+    for entry in source:
+        if isinstance(entry, QuarantinedRecord):
+            refused.append(entry)
+        else:
+            samples.append(entry)
+    assert [(s.data_id, s.prompt) for s in samples] == [
+        ("IQ-R_TA-C_1", "first"),
+        ("IQ-R_TA-C_3", "third"),
+        ("IQ-R_TA-C_4", "agrees"),
+    ]
+    assert source.records_read == 5
+    assert [(r.index, r.data_id) for r in refused] == [(1, "IQ-R_TA-C_1"), (2, "IQ-R_TA-C_3")]
+    assert refused[0].reason == "duplicate data_id 'IQ-R_TA-C_1'"
+    assert refused[0].record["prompt"] == "second"
+    assert refused[1].reason.startswith(
+        "key 'IQ-R_TA-C_2' maps to a record whose data_id is 'IQ-R_TA-C_3'"
+    )
+    assert refused[1].record == {"data_id": "IQ-R_TA-C_3", "prompt": "inner id"}
+
+
+def test_a_damaged_shard_of_a_parquet_folder_is_named(tmp_path: Path) -> None:
+    # The error named only the folder: which of its (40, for TRIG's p2p) files to fetch again?
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for part in range(3):
+        pl.DataFrame({"data_id": [f"IQ-R_TA-C_{part}"], "prompt": ["p"]}).write_parquet(
+            folder / f"part-{part}.parquet"
+        )
+    cut = folder / "part-1.parquet"
+    cut.write_bytes(cut.read_bytes()[:-20])
+    with pytest.raises(DatasetError) as caught:
+        read(DatasetSection(path=folder))
+    assert str(caught.value).startswith(f"cannot read parquet dataset {folder}: ")
+    assert f"(in {cut}: its footer cannot be read; it is damaged or cut short)" in str(caught.value)
 
 
 def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:
@@ -375,6 +628,18 @@ def test_json_lines_are_read_a_line_at_a_time_and_a_bad_line_is_its_record_s_fau
     with pytest.raises(DatasetError, match=r'Extra data.*name it \.jsonl or set format = "jsonl"'):
         read(DatasetSection(path=as_json))
     assert len(read(DatasetSection(path=as_json, format="jsonl"))[0]) == 4
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_json_lines_in_utf_16_or_32_are_one_error(tmp_path: Path, encoding: str) -> None:
+    # Split at newline bytes, every line was quarantined as not UTF-8, for no fault of its own.
+    text = "".join(json.dumps({"data_id": f"IQ-R_TA-C_{i}", "prompt": "p"}) + "\n" for i in (1, 2))
+    path = tmp_path / "prompts.jsonl"
+    bom = "\ufeff" if encoding.endswith("-be") else ""  # the codecs without -be write one
+    path.write_bytes((bom + text).encode(encoding))
+    width = encoding.split("-")[1]
+    with pytest.raises(DatasetError, match=f"is UTF-{width} text .*iconv -f UTF-{width} -t UTF-8"):
+        read(DatasetSection(path=path))
 
 
 def test_finished_samples_count_towards_the_limit_but_are_not_built(tmp_path: Path) -> None:

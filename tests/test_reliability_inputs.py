@@ -26,8 +26,8 @@ from trig_stream.backends.generators.source_images import source_image
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.config import RunConfig, parse_config
 from trig_stream.engine import Engine
-from trig_stream.records import Judgement
-from trig_stream.store import JOURNAL, QUARANTINE, read_journal
+from trig_stream.records import Judgement, QuarantinedRecord
+from trig_stream.store import JOURNAL, QUARANTINE, Manifest, RunDir, read_journal
 from trig_stream.testing import SyntheticGenerator
 from trig_stream.testing.synthetic import SyntheticOptions
 
@@ -147,6 +147,12 @@ BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
     ),
     ("dataset missing", replace("prompts.json", "absent.json"), EXIT_FATAL, "does not exist"),
     ("dataset not JSON", replace("prompts.json", "garbage.json"), EXIT_FATAL, "cannot read"),
+    (
+        "dataset name too long",
+        replace("prompts.json", "p" * 300 + ".json"),
+        EXIT_FATAL,
+        "cannot be looked up: File name too long; check [dataset] path",
+    ),
     ("dataset not a list", replace("prompts.json", "number.json"), EXIT_FATAL, "JSON list"),
     (
         "dataset of an unknown kind",
@@ -417,3 +423,73 @@ def test_a_good_run_of_these_inputs_still_exits_ok(
     path.write_text(CONFIG)
     assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
     assert "error:" not in capsys.readouterr().err
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_records_holding_bytes_or_deep_nesting_are_quarantined_not_a_crash(
+    tmp_path: Path, fmt: str
+) -> None:
+    # An image list as HF's Sequence(Image()) writes it, a list<binary> column, a field nested
+    # deeper than any JSON writer goes: the quarantine file must still hold each record.
+    if fmt == "parquet":
+        dataset = tmp_path / "prompts.parquet"
+        pl.DataFrame(
+            {
+                "data_id": ["IQ-R_TA-C_1", "IQ-R_TA-C_2"],
+                "prompt": ["", "fine"],
+                "dimensions": [["IQ-R", "TA-C"]] * 2,
+                "images": [[{"bytes": png_bytes(), "path": None}]] * 2,
+                "blobs": [[b"\xff\xfe"], [b"\xff"]],
+                "struct": [{"inner": {"bytes": b"\xff", "path": "p"}}] * 2,
+            }
+        ).write_parquet(dataset)
+    else:
+        dataset = tmp_path / "prompts.jsonl"
+        records = [
+            {"data_id": "IQ-R_TA-C_1", "prompt": "", "deep": nested(300)},
+            {"data_id": "IQ-R_TA-C_2", "prompt": "fine", "deep": nested(300)},
+        ]
+        dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = make_config(tmp_path, {"path": str(dataset)})
+    judgements = run_engine(config)
+    assert {(j.data_id, j.status) for j in judgements} == {("IQ-R_TA-C_2", "ok")}
+    [line] = (config.run_dir / QUARANTINE).read_text().splitlines()
+    refused = json.loads(line)
+    assert refused["data_id"] == "IQ-R_TA-C_1" and "prompt" in refused["reason"]
+    record = refused["record"]
+    if fmt == "parquet":
+        assert record["images"] == [{"bytes": f"<{len(png_bytes())} bytes omitted>", "path": None}]
+        assert record["blobs"] == ["<2 bytes omitted>"]
+        assert record["struct"] == {"inner": {"bytes": "<1 bytes omitted>", "path": "p"}}
+    else:
+        kept: Any = record["deep"]
+        depth = 0
+        while isinstance(kept, list):
+            [kept] = kept
+            depth += 1
+        # Cut short: the levels kept, then the rest as the start of its text.
+        assert 1 <= depth < 300 and isinstance(kept, str)
+        assert kept.startswith("[[") and kept.endswith("...") and len(kept) < 300
+
+
+def test_a_record_json_cannot_write_still_reaches_the_quarantine_file(tmp_path: Path) -> None:
+    # The net under the dataset reader's care: whatever a record holds, writing it never
+    # raises, so a resume does not crash on it every time.
+    run, _ = RunDir.open(tmp_path, Manifest(run_name="r", task="t2i"))
+    with run:
+        run.quarantine(
+            QuarantinedRecord(
+                index=3, data_id="IQ-R_TA-C_1", reason="missing prompt", record={"b": b"\xff"}
+            )
+        )
+    [line] = (tmp_path / QUARANTINE).read_text().splitlines()
+    refused = json.loads(line)
+    assert refused["index"] == 3 and refused["reason"] == "missing prompt"
+    assert "cannot be written as JSON" in refused["record"]["unwritable"]

@@ -10,10 +10,11 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
+import anyio.to_thread
 import pytest
 from PIL import Image
 
@@ -21,6 +22,7 @@ from tests.conftest import ConfigFactory, write_prompts
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunDirError, RunLockedError, store
 from trig_stream import engine as engine_module
+from trig_stream.backends.base import GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
 from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
@@ -588,6 +590,60 @@ async def test_a_sample_edited_since_it_was_judged_is_quarantined_not_mixed(
     assert "changed since it was judged" in quarantined[0]["reason"]
     assert "--new-run" in quarantined[0]["reason"]
     assert (config.run_dir / JOURNAL).read_bytes().startswith(before)  # nothing lost
+
+
+class GatedGenerator(SyntheticGenerator):
+    """The synthetic generator, whose calls wait until ``gate`` is set; ``called`` says one
+    began."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, SyntheticOptions(size=16))
+        self.called = threading.Event()
+        self.gate = threading.Event()
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        self.called.set()
+        assert self.gate.wait(timeout=60)  # a safety net: the test sets it at once
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+
+async def test_a_resume_stopped_before_reading_the_dataset_through_keeps_the_quarantine_list(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # The list was wiped when a run opened: a resume stopped early (Ctrl-C, a fatal
+    # generator) left none of the records refused further on, and status said nothing.
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(write_prompts(prompts, 120).read_text())
+    records[-1]["prompt"] = ""
+    prompts.write_text(json.dumps(records))
+    config = make_config(engine={"sample_buffer": 1, "image_buffer": 1})
+    await run_to_end(config)
+    listed = (config.run_dir / store.QUARANTINE).read_bytes()
+    assert json.loads(listed)["data_id"] == records[-1]["data_id"]
+    # A second model: every sample is work again, so reading stays a few samples ahead of
+    # its generator, which holds its first call until the run is told to stop.
+    other = GatedGenerator("other")
+    more = make_config(
+        generators=[*SYNTH_AND_OTHER], engine={"sample_buffer": 1, "image_buffer": 1}
+    )
+    async with Engine(
+        more, generators=[SyntheticGenerator("synth", SyntheticOptions(size=16)), other]
+    ) as engine:
+        await anyio.to_thread.run_sync(other.called.wait, 60)
+        engine.stop()
+        other.gate.set()
+        summary = await engine.drain()
+    assert summary.quarantined == 0  # it stopped long before the last record
+    assert (config.run_dir / store.QUARANTINE).read_bytes() == listed
+    assert not (config.run_dir / store.QUARANTINE_PARTIAL).exists()
+    # Read through, the run's own list replaces the old one.
+    records[-1]["prompt"] = "fixed"
+    prompts.write_text(json.dumps(records))
+    await run_to_end(more)
+    assert (config.run_dir / store.QUARANTINE).read_bytes() == b""
+    assert not (config.run_dir / store.QUARANTINE_PARTIAL).exists()
 
 
 async def test_an_image_left_without_judgements_is_reused_only_for_its_own_sample(

@@ -29,11 +29,13 @@ from trig_stream.backends.base import JudgeReply, JudgeRequest
 from trig_stream.cli import EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
-from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord
 from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import (
     JOURNAL,
+    QUARANTINE,
     Manifest,
+    RunDir,
     latest_judgements,
     read_journal_lines,
     read_manifest,
@@ -42,7 +44,8 @@ from trig_stream.store import (
 from trig_stream.testing import FakeJudge
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
-from trig_stream.tui.watch import add_watch_command, follow
+from trig_stream.tui.render import run_info
+from trig_stream.tui.watch import add_watch_command, describe, follow
 from trig_stream.tui.watch_source import READ_CHUNK, JournalTail, RunDirSource
 
 pytestmark = pytest.mark.anyio
@@ -281,6 +284,32 @@ def write_run_dir(tmp_path: Path) -> Path:
     (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
     (run_dir / JOURNAL).write_bytes(judgement(1).model_dump_json().encode() + b"\n")
     return run_dir
+
+
+def test_watch_shows_the_quarantined_records(tmp_path: Path) -> None:
+    # The engine's dashboard showed them; watching the same run showed none.
+    run_dir = write_run_dir(tmp_path)
+    source = RunDirSource(run_dir)
+    assert source.poll().quarantined == 0
+    refused = [
+        QuarantinedRecord(index=i, data_id=None, reason="missing data_id", record={})
+        for i in range(3)
+    ]
+    (run_dir / QUARANTINE).write_text("".join(r.model_dump_json() + "\n" for r in refused[:2]))
+    assert source.poll().quarantined == 2
+    # A run writing the directory: what it refused so far, not the list of the run before.
+    manifest = Manifest.model_validate_json((run_dir / "manifest.json").read_text())
+    run, _ = RunDir.open(run_dir, manifest)
+    with run:
+        assert source.poll().quarantined == 0
+        run.quarantine(refused[2])
+        snapshot = source.poll()
+        assert (snapshot.state, snapshot.quarantined) == ("running", 1)
+        run.finish_quarantine()
+    snapshot = source.poll()
+    assert (snapshot.state, snapshot.quarantined) == ("finished", 1)
+    assert "1 dataset records quarantined" in run_info(snapshot).plain
+    assert describe(snapshot).endswith(" | quarantined 1")  # the plain lines too
 
 
 async def test_the_dashboard_ends_with_the_error_of_a_run_dir_deleted_while_watched(

@@ -193,11 +193,11 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     # reading it only: a run it would refuse (a run still going there, results made with
     # another seed) is refused here, with the run's message and exit code.
     fingerprints = {judge.name: judge_fingerprint(judge) for judge in judges}
-    check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
+    journal = check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
     # read fails here (DatasetError, the run's exit code), and the records the run would
-    # quarantine are listed.
-    source = DatasetSource(config.dataset, config.run.task)
+    # quarantine are listed, those edited since they were judged in the run directory too.
+    source = DatasetSource(config.dataset, config.run.task, judged=journal.digests)
     samples = unmeasured = 0
     refused: list[QuarantinedRecord] = []
     for record in source:
@@ -215,7 +215,13 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         highlight=False,
         markup=False,
     )
-    counts = f"{source.records_read} records, {samples} sample{'s' * (samples != 1)} to judge"
+    records = f"{source.records_read} records"
+    if source.limit_reached:  # the rest was not read: how many there are, said apart
+        records = (
+            f"{source.count_records()} records (the first {source.records_read} read: "
+            f"limit = {config.dataset.limit})"
+        )
+    counts = f"{records}, {samples} sample{'s' * (samples != 1)} to judge"
     if source.filtered_out:
         counts += f", {source.filtered_out} left out by its filters"
     out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False, markup=False)

@@ -5,7 +5,8 @@ images in a separate folder named by ``img_id``) and the parquet files of the Hu
 dataset (key ``dimensions``, images embedded). Parquet is scanned in small batches with
 polars, so the 18.8 GB image-editing split never sits in memory; embedded images stay encoded
 bytes until a generator asks for them. The same records as JSON Lines (one object per line,
-``.jsonl``) are read a line at a time.
+``.jsonl``) are read a line at a time. (The files are read in :mod:`trig_stream.dataset_formats`;
+the records are checked here.)
 
 A malformed record does not stop a run: it comes out as a :class:`QuarantinedRecord` carrying
 the reason, and the engine writes it to the run's ``quarantine.jsonl``.
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 import io
 import json
-import sys
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from datetime import date, time
 from pathlib import Path
 from typing import Any
 
 from trig_stream.config import DatasetSection
+from trig_stream.dataset_formats import Unreadable, read_json, read_json_lines, read_parquet
 from trig_stream.dimensions import (
     Dimension,
     Task,
@@ -33,11 +36,6 @@ from trig_stream.errors import DatasetError
 from trig_stream.hashing import sample_digest
 from trig_stream.records import QuarantinedRecord, Sample, is_safe_name, storable_text
 from trig_stream.string_index import StringIndex
-
-# Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
-# image), large for text-only files, where the per-batch cost dominates.
-PARQUET_BATCH_ROWS_WITH_IMAGES = 16
-PARQUET_BATCH_ROWS_TEXT = 1024
 
 
 class Rejected(ValueError):
@@ -80,6 +78,8 @@ class DatasetSource:
         """Records read so far by the last iteration, every kind included."""
         self.filtered_out = 0
         """Of those, the well-formed ones the ``pairs`` and ``dimensions`` filters left out."""
+        self.limit_reached = False
+        """Whether the last iteration stopped at ``limit``, with records left unread."""
 
     def __iter__(self) -> Iterator[Sample | QuarantinedRecord]:
         """Yield each selected sample, or a quarantine record for each malformed one.
@@ -93,8 +93,10 @@ class DatasetSource:
         produced = 0
         limit = self.section.limit
         self.records_read = self.filtered_out = 0
+        self.limit_reached = False
         for index, raw in enumerate(self._raw_records()):
             if limit is not None and produced >= limit:
+                self.limit_reached = True
                 return
             self.records_read += 1
             try:
@@ -124,7 +126,7 @@ class DatasetSource:
                 yield QuarantinedRecord(
                     index=index,
                     data_id=_storable(raw_id) if isinstance(raw_id, str) else None,
-                    reason=str(exc),
+                    reason=storable_text(str(exc)),
                     record=_without_images(raw),
                 )
                 continue
@@ -175,24 +177,41 @@ class DatasetSource:
                     break
         return pairs
 
+    def count_records(self) -> int:
+        """How many records the dataset holds, every kind included, filters and limit not
+        applied; reading only the identity columns.
+
+        Raises:
+            DatasetError: the dataset cannot be opened.
+        """
+        return sum(1 for _ in self._raw_records(identity_only=True))
+
     def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
         path = self.section.path
-        if not path.exists():
-            raise DatasetError(f"dataset {path} does not exist")
+        mode = _mode(path, f"dataset {path}", "[dataset] path")
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            # A pipe or a device would be read until its writer stops: a run waiting on it
+            # forever, in a thread no stop reaches.
+            raise DatasetError(
+                f"dataset {path} is a {_file_kind(mode)}, not a file or a folder; point "
+                "[dataset] path at a TRIG dataset file or a folder of parquet files"
+            )
         root = self.section.image_root
-        if self.task != "t2i" and root is not None and not root.is_dir():
+        if self.task != "t2i" and root is not None:
             # Every record naming a source would be refused for it: one error says why.
-            raise DatasetError(f"[dataset] image_root {root} is not a folder")
+            what = f"[dataset] image_root {root}"
+            if not stat.S_ISDIR(_mode(root, what, "[dataset] image_root")):
+                raise DatasetError(f"{what} is not a folder")
         fmt: str = self.section.format
         if fmt == "auto":
-            suffix = path.suffix.lower() if path.is_file() else ""
+            suffix = path.suffix.lower() if stat.S_ISREG(mode) else ""
             fmt = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix, "parquet")
         if fmt == "json":
-            yield from _read_json(path)
+            yield from read_json(path)
         elif fmt == "jsonl":
-            yield from _read_json_lines(path)
+            yield from read_json_lines(path)
         else:
-            yield from _read_parquet(path, identity_only=identity_only)
+            yield from read_parquet(path, identity_only=identity_only)
 
     def _sample(
         self, raw: Mapping[str, Any], data_id: str, dimensions: tuple[Dimension, Dimension]
@@ -202,15 +221,19 @@ class DatasetSource:
             raise Rejected(f"prompt must be text, got {type(prompt).__name__}")
         if prompt is None or not prompt.strip():
             raise Rejected("missing or empty prompt")
-        img_id = raw.get("img_id") or ""
+        img_id, via = _source_name(raw)
         if not isinstance(img_id, str):
-            raise Rejected(f"img_id must be a string, got {type(img_id).__name__}")
-        source_path, source_bytes = self._source_image(raw, img_id)
+            raise Rejected(f"{via} must be a string, got {type(img_id).__name__}")
+        source_path, source_bytes = self._source_image(raw, img_id, via)
         item = raw.get("item")
         if self.task == "s2p" and item is not None and not isinstance(item, str):
             # The subject the judge and the generator are told of: a number or a list was
             # dropped without a word, and the sample judged as of "the subject".
             raise Rejected(f"item must be text (the subject's name), got {type(item).__name__}")
+        if self.task == "s2p" and (item is None or not item.strip()):
+            # The judge was asked about "the subject", the generator (BLIP-Diffusion) given
+            # an empty one: every score would judge something the record never named.
+            raise Rejected("missing or empty item: an s2p sample names its subject")
         sample = Sample(
             data_id=data_id,
             task=self.task,
@@ -227,7 +250,7 @@ class DatasetSource:
         return sample
 
     def _source_image(
-        self, raw: Mapping[str, Any], img_id: str
+        self, raw: Mapping[str, Any], img_id: str, via: str
     ) -> tuple[Path | None, bytes | None]:
         if self.task == "t2i":
             return None, None
@@ -241,35 +264,129 @@ class DatasetSource:
             raise Rejected(f"{self.task} sample has no source image (no image, no img_id)")
         root = self.section.image_root
         if root is None:
+            if via == IMAGE_PATH:
+                raise Rejected(
+                    f"the image column holds a path, {img_id!r}, not the picture's bytes: set "
+                    "[dataset] image_root to the folder it is in (the path is looked up there)"
+                )
             raise Rejected(f"img_id {img_id!r} given but [dataset] image_root is not set")
         candidate = root / img_id
-        if Path(img_id).is_absolute() or ".." in Path(img_id).parts:
-            raise Rejected(f"img_id {img_id!r} is not a plain file name")
-        if not candidate.is_file():
-            raise Rejected(f"source image {img_id!r} not found in {root}")
+        if Path(img_id).is_absolute() or ".." in Path(img_id).parts or "\0" in img_id:
+            raise Rejected(
+                f"{via} {img_id!r} is not a plain file name"
+                + (" (a path relative to [dataset] image_root is)" if via == IMAGE_PATH else "")
+            )
+        try:
+            mode = candidate.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise Rejected(f"source image {img_id!r} not found in {root}") from None
+        except OSError as exc:  # a name too long for the file system, no permission, EIO
+            shown = (
+                repr(img_id)
+                if len(img_id) <= 80
+                else f"{img_id[:60]!r}... ({len(img_id)} characters)"
+            )
+            raise Rejected(
+                f"source image {shown} cannot be looked up ({exc.strerror or exc}) in {root}"
+            ) from None
+        if not stat.S_ISREG(mode):
+            raise Rejected(f"source image {img_id!r} in {root} is not a file")
         _check_decodable(candidate, f"source image {img_id!r}")
         return candidate, None
 
 
+def _mode(path: Path, what: str, key: str) -> int:
+    """The ``st_mode`` of a path the config names.
+
+    Raises:
+        DatasetError: it does not exist or cannot be looked up (a name too long for the file
+            system, a folder on the way that may not be entered, an I/O error).
+    """
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise DatasetError(f"{what} does not exist; check {key}") from None
+    except ValueError:  # a NUL character, which no file name holds
+        raise DatasetError(f"{what} does not exist (its name holds a NUL); check {key}") from None
+    except OSError as exc:
+        raise DatasetError(
+            f"{what} cannot be looked up: {exc.strerror or exc}; check {key} and the "
+            "permissions of the folders on its way"
+        ) from None
+
+
+def _file_kind(mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    kinds = {
+        stat.S_ISFIFO: "named pipe (FIFO)",
+        stat.S_ISSOCK: "socket",
+        stat.S_ISCHR: "character device",
+        stat.S_ISBLK: "block device",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "special file")
+
+
+SOURCE_MIN_SIDE = 8
+"""Fewest pixels a source image has on a side. An editing model's VAE shrinks a picture 8
+times: a smaller one fails every call of it (height and width must be > 0), which stops the
+run as the generator's fault after its first calls, not the sample's."""
+
+
 def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
-    """Reject a source image that is truncated or not an image (it stays encoded here)."""
+    """Reject a source image that is truncated, not an image, or too small to edit.
+
+    It is decoded in full (``verify`` checks a PNG's chunks but no other format's data: a
+    truncated JPEG, WebP or GIF passed, to fail at every generation and every
+    ``--retry-errors``). The pixels are not kept: this runs in the dataset thread, ahead of
+    the generators, and a decoded picture in every buffered sample would take several times
+    the memory of its file.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(source) as image:
-            image.verify()
+            width, height = image.size
+            if min(width, height) < SOURCE_MIN_SIDE:
+                raise Rejected(
+                    f"{what} is {width}x{height} pixels: under {SOURCE_MIN_SIDE} on a side, "
+                    "too small for an image-editing model"
+                )
+            image.load()
     except UnidentifiedImageError:
         raise Rejected(f"{what} is no image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, Rejected):  # a ValueError: the size, said above
+            raise
         # DecompressionBombError: more pixels than Pillow agrees to decode (a bomb, or a
         # picture far larger than any model takes).
         raise Rejected(f"{what} cannot be decoded: {exc}") from None
 
 
+IMAGE_PATH = "image path"
+
+
+def _source_name(raw: Mapping[str, Any]) -> tuple[object, str]:
+    """A record's source image name, and what gave it: its ``img_id`` or, with none, the path
+    its image column holds in place of the picture's bytes (a Hugging Face ``Image`` not
+    embedded, ``{"bytes": None, "path": ...}``; JSON Lines' ``"image": "name.png"``), looked
+    up under ``image_root`` as an ``img_id`` is."""
+    img_id = raw.get("img_id") or ""
+    if img_id:
+        return img_id, "img_id"
+    image = raw.get("image")
+    if isinstance(image, Mapping):
+        if image.get("bytes"):
+            return "", "img_id"
+        image = image.get("path")
+    if isinstance(image, str) and image:
+        return image, IMAGE_PATH
+    return "", "img_id"
+
+
 def _raw_digest(raw: Mapping[str, Any], task: Task, dimensions: tuple[Dimension, Dimension]) -> str:
     """The :attr:`~trig_stream.records.Sample.digest` the record's sample has, without building
     it (the fields read as :meth:`DatasetSource._sample` reads them)."""
-    prompt, item, img_id = raw.get("prompt"), raw.get("item"), raw.get("img_id") or ""
+    prompt, item, (img_id, _) = raw.get("prompt"), raw.get("item"), _source_name(raw)
     return sample_digest(
         task,
         prompt if isinstance(prompt, str) else "",
@@ -281,7 +398,7 @@ def _raw_digest(raw: Mapping[str, Any], task: Task, dimensions: tuple[Dimension,
 
 def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]:
     """A record's data_id and pair, checked: what every later step relies on."""
-    if isinstance(raw, _Unreadable):
+    if isinstance(raw, Unreadable):
         raise Rejected(raw.reason)
     data_id = raw.get("data_id")
     if data_id is None or data_id == "":
@@ -342,164 +459,91 @@ def _strings(value: object) -> tuple[str, ...]:
     return (str(value),)
 
 
+RECORD_DEPTH = 16
+"""Levels of arrays and objects a quarantined record keeps; what lies deeper is kept as the
+start of its text (a record nested hundreds deep is no TRIG record, and JSON writers have a
+depth limit)."""
+VALUE_SHOWN = 200
+"""Characters kept of a value that a quarantined record holds as text, cut short."""
+
+
 def _without_images(raw: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(value, bytes | bytearray) or (
-            isinstance(value, Mapping) and "bytes" in value
-        ):
-            out[str(key)] = "<image bytes omitted>"
-        else:
-            out[_storable(key)] = _storable(value)
-    return out
+    """``raw`` as the quarantine file can hold it: bytes (embedded images) at any depth left
+    out, text made storable, nesting cut at :data:`RECORD_DEPTH`."""
+    return {_storable_key(key): _storable(value, 1) for key, value in raw.items()}
 
 
-def _storable(value: Any) -> Any:
-    """``value`` with every lone surrogate in its text written as an escape (``\\ud800``),
-    so that the quarantine file, which is UTF-8, can hold the record that had it."""
+def _storable(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON can write it: every lone surrogate in its text written as an escape
+    (``\\ud800``), bytes at any depth (an image, as ``{"bytes": ..., "path": ...}`` or a list of
+    them) replaced by a note of their size, nesting past :data:`RECORD_DEPTH` and values
+    of other types kept as the start of their text."""
     if isinstance(value, str):
         return storable_text(value)
-    if isinstance(value, Mapping):
-        return {_storable(k): _storable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_storable(v) for v in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes omitted>"
+    if isinstance(value, Mapping | list | tuple):
+        if depth >= RECORD_DEPTH:
+            return _abridged(value)
+        if isinstance(value, Mapping):
+            return {_storable_key(k): _storable(v, depth + 1) for k, v in value.items()}
+        return [_storable(v, depth + 1) for v in value]
+    return _scalar_text(value)
 
 
-def _read_json(path: Path) -> Iterator[Mapping[str, Any]]:
+def _scalar_text(value: object) -> str:
+    """A value of another type (a parquet timestamp, decimal, duration) as text."""
     try:
-        # From bytes, json finds the encoding itself: UTF-8 (with or without a BOM), -16, -32.
-        data = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise DatasetError(f"cannot read dataset {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        hint = ""
-        if exc.msg == "Extra data":  # a second value after the first: one record per line?
-            hint = ' (JSON Lines, one record per line? name it .jsonl or set format = "jsonl")'
-        raise DatasetError(f"cannot read dataset {path}: {exc}{hint}") from None
-    except UnicodeDecodeError as exc:
-        raise DatasetError(
-            f"cannot read dataset {path}: byte {exc.start} is not {exc.encoding} text"
-        ) from None
-    except (ValueError, RecursionError) as exc:  # an integer of 5,000 digits; deep nesting
-        raise DatasetError(f"cannot read dataset {path}: {_json_limit(exc)}") from None
-    if isinstance(data, Mapping):
-        # Some TRIG files map data_id -> record.
-        if data and not any(isinstance(value, Mapping) for value in data.values()):
-            raise DatasetError(
-                f"dataset {path}: a JSON object whose values are no records: expected a list "
-                "of TRIG records (one record alone? put it in [ ])"
-            )
-        for key, value in data.items():
-            if isinstance(value, Mapping):
-                yield {"data_id": key, **value}
-            else:
-                yield _Unreadable(f"{key!r} maps to a JSON {_kind(value)}, not a record", value)
-        return
-    if not isinstance(data, list):
-        raise DatasetError(
-            f"dataset {path}: expected a JSON list of TRIG records, not a JSON {_kind(data)}"
-        )
-    for index, record in enumerate(data):
-        if isinstance(record, Mapping):
-            yield record
-        else:
-            yield _Unreadable(f"entry {index} is a JSON {_kind(record)}, not a record", record)
+        text = value.isoformat() if isinstance(value, date | time) else str(value)
+    except Exception:  # an object whose str fails still leaves a trace
+        text = f"<{type(value).__name__}>"
+    return storable_text(text[:VALUE_SHOWN])
 
 
-def _kind(value: object) -> str:
-    """A JSON value's type, as JSON names it."""
-    if value is None:
-        return "null"
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
-    return names.get(type(value), "object")
+def _storable_key(key: object) -> str:
+    return storable_text(key if isinstance(key, str) else str(key))[:VALUE_SHOWN]
 
 
-LINE_SHOWN = 200
-"""Characters of an unreadable JSON Lines line kept in its quarantine record."""
+def _abridged(value: object) -> str:
+    """The start of ``value``'s text, at most :data:`VALUE_SHOWN` characters. Written with a
+    budget rather than ``repr``: each level of nesting costs a character, so the walk stays
+    shallow however deep the value goes."""
+    parts: list[str] = []
+    budget = VALUE_SHOWN
 
+    def put(text: str) -> bool:
+        nonlocal budget
+        parts.append(text[:budget])
+        budget -= len(text)
+        return budget > 0
 
-class _Unreadable(dict[str, Any]):
-    """A JSON Lines line, or a JSON file's entry, that is no record: quarantined with
-    ``reason`` and the start of what it holds, the rest read on."""
+    def walk(item: object) -> bool:
+        if isinstance(item, Mapping):
+            if not put("{"):
+                return False
+            for n, (k, v) in enumerate(item.items()):
+                if not (
+                    put(", " if n else "") and put(f"{json.dumps(_storable_key(k))}: ") and walk(v)
+                ):
+                    return False
+            return put("}")
+        if isinstance(item, list | tuple):
+            if not put("["):
+                return False
+            for n, v in enumerate(item):
+                if not (put(", " if n else "") and walk(v)):
+                    return False
+            return put("]")
+        if isinstance(item, bytes | bytearray | memoryview):
+            return put(f"<{len(item)} bytes omitted>")
+        if isinstance(item, str):
+            return put(json.dumps(item[:VALUE_SHOWN]))
+        if item is None or isinstance(item, bool | float):
+            return put(json.dumps(item))
+        return put(_scalar_text(item))
 
-    def __init__(self, reason: str, line: bytes | object) -> None:
-        if isinstance(line, bytes):
-            super().__init__(line=line.decode("utf-8", "replace")[:LINE_SHOWN])
-        else:
-            super().__init__(value=json.dumps(line)[:LINE_SHOWN])
-        self.reason = reason
-
-
-def _read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
-    # One record per line, read as it goes: a line that is not a JSON object (or not UTF-8)
-    # is that record's fault, quarantined; blank lines are skipped.
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise DatasetError(f"cannot read dataset {path}: {exc}") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if number == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield _Unreadable(f"line {number}: byte {exc.start} is not utf-8 text", line)
-            except json.JSONDecodeError as exc:
-                yield _Unreadable(f"line {number} is not JSON: {exc}", line)
-            except (ValueError, RecursionError) as exc:
-                yield _Unreadable(f"line {number}: {_json_limit(exc)}", line)
-            else:
-                if isinstance(record, Mapping):
-                    yield record
-                else:
-                    kind = _kind(record)
-                    yield _Unreadable(f"line {number} is a JSON {kind}, not a record", line)
-
-
-def _json_limit(exc: ValueError | RecursionError) -> str:
-    """What JSON within the syntax but past the reader's limits holds."""
-    if isinstance(exc, RecursionError):
-        return "arrays or objects nested too deep to read"
-    if "integer string conversion" in str(exc):
-        return f"an integer too long to read (over {sys.get_int_max_str_digits()} digits)"
-    return str(exc)
-
-
-IDENTITY_COLUMNS = ("data_id", "dimensions", "dimension")
-
-
-def _read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
-    import polars as pl
-
-    if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
-        if not files:
-            raise DatasetError(f"dataset folder {path} holds no .parquet files")
-    else:
-        files = [path]
-    try:
-        scan = pl.scan_parquet(files)
-        schema = scan.collect_schema()
-        if identity_only:  # never touch the image column: it is most of the bytes
-            scan = scan.select([c for c in IDENTITY_COLUMNS if c in schema])
-        rows = (
-            PARQUET_BATCH_ROWS_WITH_IMAGES
-            if "image" in scan.collect_schema()
-            else PARQUET_BATCH_ROWS_TEXT
-        )
-        batches = scan.collect_batches(chunk_size=rows, lazy=True)
-        for batch in batches:
-            yield from batch.iter_rows(named=True)
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        hint = ""
-        if path.is_file() and path.suffix.lower() != ".parquet":
-            hint = (
-                " (read as parquet, since its name ends in none of .json, .jsonl and .ndjson; "
-                "set [dataset] format if it is JSON)"
-            )
-        raise DatasetError(f"cannot read parquet dataset {path}: {exc}{hint}") from None
+    if not walk(value):
+        parts.append("...")
+    return storable_text("".join(parts))

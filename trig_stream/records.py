@@ -210,4 +210,5 @@ class QuarantinedRecord(_Record):
     data_id: str | None
     reason: str
     record: dict[str, Any]
-    """The record as read, minus embedded image bytes."""
+    """The record as read, with bytes at any depth (embedded images) replaced by a note of
+    their size and nesting past 16 levels cut to the start of its text."""

@@ -74,6 +74,7 @@ class SourceStage:
             while not context.stopping.is_set():
                 chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
                 if not chunk:
+                    await anyio.to_thread.run_sync(context.run_dir.finish_quarantine)
                     self._note_an_empty_selection(source)
                     self._note_unmeasured_samples()
                     context.counters.dataset_read = True

@@ -4,7 +4,8 @@ Layout (``<output_dir>/<run name>/``)::
 
     manifest.json        what made these results: task, generator and judge fingerprints
     journal.jsonl        one judgement per line, appended and fsynced as they land
-    quarantine.jsonl     dataset records refused in the latest run, with reasons
+    quarantine.jsonl     dataset records refused by the latest run that read the dataset
+                         through, with reasons (written as quarantine.jsonl.partial until then)
     images/<task>/<model>/<data_id>.png
     run.lock             held while a process runs in the directory
 
@@ -56,6 +57,7 @@ from trig_stream.records import (
     QuarantinedRecord,
     Status,
     is_safe_name,
+    storable_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
 QUARANTINE = "quarantine.jsonl"
+QUARANTINE_PARTIAL = "quarantine.jsonl.partial"
+"""The quarantine list a run is writing: it replaces :data:`QUARANTINE` once the dataset has
+been read through (a run stopped before then would leave only the start of its list)."""
 LOCK = "run.lock"
 IMAGES = "images"
 PARTIAL = ".partial"
@@ -692,7 +697,7 @@ class RunDir:
             state = run.journal.open()
             run._remove_partial_images()
             run._check_manifest(manifest, state)
-            run._quarantine = (path / QUARANTINE).open("wb", buffering=0)
+            run._quarantine = (path / QUARANTINE_PARTIAL).open("wb", buffering=0)
         except OSError as exc:
             run.close()
             raise storage_error(exc, f"open the run directory {path}") from None
@@ -729,18 +734,67 @@ class RunDir:
         return path.relative_to(self.path).as_posix()
 
     def quarantine(self, record: QuarantinedRecord) -> None:
+        """Add a refused dataset record, with its reason, to the quarantine file.
+
+        A record JSON cannot write (the dataset reader makes every record storable; this is
+        the net under it) is written without its fields, saying why: a refused record never
+        stops the run.
+
+        Raises:
+            RunDirError: the file cannot be written (a full disk).
+        """
         if self._quarantine is not None:
             try:
-                _write_all(self._quarantine.fileno(), record.model_dump_json().encode() + b"\n")
+                line = record.model_dump_json()
+            except (ValueError, RecursionError) as exc:  # PydanticSerializationError included
+                problem = storable_text(str(exc))[:200]
+                note = {"unwritable": f"the record's fields cannot be written as JSON: {problem}"}
+                data_id = None if record.data_id is None else storable_text(record.data_id)
+                line = record.model_copy(
+                    update={
+                        "record": note,
+                        "data_id": data_id,
+                        "reason": storable_text(record.reason),
+                    }
+                ).model_dump_json()
+            try:
+                _write_all(self._quarantine.fileno(), line.encode() + b"\n")
             except OSError as exc:
-                raise storage_error(exc, f"write to {self.path / QUARANTINE}") from None
+                raise storage_error(exc, f"write to {self.path / QUARANTINE_PARTIAL}") from None
+
+    def finish_quarantine(self) -> None:
+        """The dataset has been read through: the records this run refused replace the list
+        of the run before (a resume stopped early keeps that list; see :meth:`close`).
+
+        Raises:
+            RunDirError: the list cannot be put in place.
+        """
+        if self._quarantine is None:
+            return
+        self._quarantine.close()
+        self._quarantine = None
+        try:
+            os.replace(self.path / QUARANTINE_PARTIAL, self.path / QUARANTINE)
+        except OSError as exc:
+            raise storage_error(exc, f"replace {self.path / QUARANTINE}") from None
 
     def close(self) -> None:
-        """Close the journal and quarantine files and release the lock; safe to repeat."""
+        """Close the journal and quarantine files and release the lock; safe to repeat.
+
+        A quarantine list left unfinished (the run stopped before it read the dataset
+        through) is only the start of this run's: the list of the run before stays, which
+        says more; with none, the start is better than nothing and takes its place.
+        """
         self.journal.close()
         if self._quarantine is not None:
             self._quarantine.close()
             self._quarantine = None
+            partial, final = self.path / QUARANTINE_PARTIAL, self.path / QUARANTINE
+            with suppress(OSError):  # closing must not hide the run's own outcome
+                if final.exists():
+                    partial.unlink()
+                else:
+                    os.replace(partial, final)
         if self._lock is not None:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
@@ -854,10 +908,13 @@ def _results_held(path: Path, journal: JournalState) -> Callable[[EntryKind, str
     return holds
 
 
-def check_resume(path: Path, manifest: Manifest) -> None:
+def check_resume(path: Path, manifest: Manifest) -> JournalState:
     """Raise what a run with ``manifest`` would be refused for in the run directory ``path``
     (in use by a running process, made with other settings, or results without a manifest),
     reading it only: no lock is taken, nothing is written or cut (``trig-stream validate``).
+
+    Returns:
+        What its journal holds (empty for a new directory), as a run would resume it.
 
     Raises:
         RunLockedError: a process runs in it (:func:`writer_pid`, or its journal's lock).
@@ -875,6 +932,7 @@ def check_resume(path: Path, manifest: Manifest) -> None:
     except OSError as exc:
         raise journal_unreadable(path / JOURNAL, exc) from None
     resumed_manifest(path, manifest, journal)
+    return journal
 
 
 def _holds_a_file(folder: Path) -> bool:

@@ -171,6 +171,8 @@ def describe(snapshot: DashboardSnapshot) -> str:
         )
     if snapshot.judgements_per_s is not None and not snapshot.finished:
         parts.append(f"{snapshot.judgements_per_s:.1f}/s, ETA {duration(snapshot.eta_s)}")
+    if snapshot.quarantined:
+        parts.append(f"quarantined {snapshot.quarantined}")
     return " | ".join(parts)
 
 

@@ -27,11 +27,14 @@ from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import (
     JOURNAL,
+    QUARANTINE,
+    QUARANTINE_PARTIAL,
     Manifest,
     errors_asked_again,
     journal_unreadable,
     line_problem,
     open_journal,
+    open_regular_file,
     parse_journal_line,
     read_manifest,
     writer_pid,
@@ -196,6 +199,8 @@ class RunDirSource:
         """The models of the run's latest config (when readable)."""
         self._judgements_total = 0
         """The judgements each model makes of the samples, when the dataset is readable."""
+        self._quarantine_key: tuple[str, int, int, int, int] | None = None
+        self._quarantined: int | None = None
         self._forget_the_journal()
 
     def _forget_the_journal(self) -> None:
@@ -308,8 +313,30 @@ class RunDirSource:
             judge_p95=_rank(ordered, 0.95),
             relations=self._relations,
             last_errors=tuple(self._errors),
+            quarantined=self._count_quarantined(running=writer is not None),
             message=message,
         )
+
+    def _count_quarantined(self, *, running: bool) -> int | None:
+        """The dataset records refused: by the run writing the directory so far, or by the
+        last one that read the dataset through (see :data:`~trig_stream.store.QUARANTINE`).
+        Counted again only when the file changed; None when it cannot be read."""
+        names = (QUARANTINE_PARTIAL, QUARANTINE) if running else (QUARANTINE,)
+        for name in names:
+            path = self.run_dir / name
+            try:
+                with open_regular_file(path) as handle:  # a pipe there would wait forever
+                    info = os.fstat(handle.fileno())
+                    key = (name, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+                    if key != self._quarantine_key:
+                        self._quarantined = sum(1 for _ in handle)
+                        self._quarantine_key = key
+                    return self._quarantined
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return None
+        return 0
 
     def _eta(
         self, manifest: Manifest, finished: int, samples_per_s: float, *, running: bool

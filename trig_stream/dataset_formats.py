@@ -1,0 +1,235 @@
+"""Reading a dataset's files as raw records: legacy TRIG JSON, JSON Lines and parquet.
+
+Each reader yields the records of one file (or a folder of parquet files) as mappings, in
+file order, unchecked: :mod:`trig_stream.dataset` checks them. What is no record (a JSON Lines
+line that is not an object, a JSON entry that is a string) comes out as an :class:`Unreadable`
+with its reason, to be quarantined; what makes the whole file unreadable raises
+:class:`~trig_stream.errors.DatasetError`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from trig_stream.errors import DatasetError
+
+# Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
+# image), large for text-only files, where the per-batch cost dominates.
+PARQUET_BATCH_ROWS_WITH_IMAGES = 16
+PARQUET_BATCH_ROWS_TEXT = 1024
+
+
+def read_json(path: Path) -> Iterator[Mapping[str, Any]]:
+    try:
+        # From bytes, json finds the encoding itself: UTF-8 (with or without a BOM), -16, -32.
+        text = path.read_bytes()
+        # A list of records keeps every one of them; an object of records would keep only the
+        # last of two under one key, without a word: its pairs are read as they stand. (The
+        # hook costs ~15% of the parse: a list, the common form, goes without it.)
+        listed = text.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        data = json.loads(text, object_pairs_hook=None if listed else _json_object)
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        hint = ""
+        if exc.msg == "Extra data":  # a second value after the first: one record per line?
+            hint = ' (JSON Lines, one record per line? name it .jsonl or set format = "jsonl")'
+        raise DatasetError(f"cannot read dataset {path}: {exc}{hint}") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"cannot read dataset {path}: byte {exc.start} is not {exc.encoding} text"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # an integer of 5,000 digits; deep nesting
+        raise DatasetError(f"cannot read dataset {path}: {_json_limit(exc)}") from None
+    if isinstance(data, Mapping):
+        # Some TRIG files map data_id -> record.
+        if data and not any(isinstance(value, Mapping) for value in data.values()):
+            raise DatasetError(
+                f"dataset {path}: a JSON object whose values are no records: expected a list "
+                "of TRIG records (one record alone? put it in [ ])"
+            )
+        # A key named twice: both records come out, in order, and the second is quarantined
+        # as a duplicate, as in a list (where the first wins).
+        for key, value in data.pairs if isinstance(data, _RepeatedKeys) else data.items():
+            if not isinstance(value, Mapping):
+                yield Unreadable(f"{key!r} maps to a JSON {_kind(value)}, not a record", value)
+            elif "data_id" in value and value["data_id"] != key:
+                # Which names it? Taking either quietly judges it under a name it may not have
+                # (and refuses the record that does have it as a duplicate).
+                yield Unreadable(
+                    f"key {key!r} maps to a record whose data_id is {value['data_id']!r}: "
+                    "make them agree, or drop the record's data_id",
+                    value,
+                )
+            else:
+                yield {"data_id": key, **value}
+        return
+    if not isinstance(data, list):
+        raise DatasetError(
+            f"dataset {path}: expected a JSON list of TRIG records, not a JSON {_kind(data)}"
+        )
+    for index, record in enumerate(data):
+        if isinstance(record, Mapping):
+            yield record
+        else:
+            yield Unreadable(f"entry {index} is a JSON {_kind(record)}, not a record", record)
+
+
+class _RepeatedKeys(dict[str, Any]):
+    """A JSON object that names a key more than once: a dict, as JSON readers make it (the
+    last value of a key wins), with every pair as written in :attr:`pairs`."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    return record if len(record) == len(pairs) else _RepeatedKeys(pairs)
+
+
+def _kind(value: object) -> str:
+    """A JSON value's type, as JSON names it."""
+    if value is None:
+        return "null"
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+    return names.get(type(value), "object")
+
+
+LINE_SHOWN = 200
+"""Characters of an unreadable JSON Lines line kept in its quarantine record."""
+
+
+class Unreadable(dict[str, Any]):
+    """A JSON Lines line, or a JSON file's entry, that is no record (or a record that names
+    itself two ways): quarantined with ``reason`` and the start of what it holds (the record
+    itself), the rest read on."""
+
+    def __init__(self, reason: str, line: bytes | object) -> None:
+        if isinstance(line, bytes):
+            super().__init__(line=line.decode("utf-8", "replace")[:LINE_SHOWN])
+        elif isinstance(line, Mapping):  # a record refused as a whole: kept as it is
+            super().__init__(line)
+        else:
+            super().__init__(value=json.dumps(line)[:LINE_SHOWN])
+        self.reason = reason
+
+
+def read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
+    # One record per line, read as it goes: a line that is not a JSON object (or not UTF-8)
+    # is that record's fault, quarantined; blank lines are skipped.
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset {path}: {exc}") from None
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+                _refuse_wide_text(path, line)
+            line = line.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield Unreadable(f"line {number}: byte {exc.start} is not utf-8 text", line)
+            except json.JSONDecodeError as exc:
+                yield Unreadable(f"line {number} is not JSON: {exc}", line)
+            except (ValueError, RecursionError) as exc:
+                yield Unreadable(f"line {number}: {_json_limit(exc)}", line)
+            else:
+                if isinstance(record, Mapping):
+                    yield record
+                else:
+                    kind = _kind(record)
+                    yield Unreadable(f"line {number} is a JSON {kind}, not a record", line)
+
+
+WIDE_BYTE_ORDER_MARKS = {  # longest first: UTF-32 LE's begins with UTF-16 LE's
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+
+
+def _refuse_wide_text(path: Path, start: bytes) -> None:
+    """Refuse JSON Lines in UTF-16 or -32: split at newline bytes, every line would be
+    quarantined as not UTF-8, each for a reason that is not its own."""
+    for mark, encoding in WIDE_BYTE_ORDER_MARKS.items():
+        if start.startswith(mark):
+            raise DatasetError(
+                f"dataset {path} is {encoding} text (its byte order mark says so): JSON Lines "
+                f"are read as UTF-8; convert it (iconv -f {encoding} -t UTF-8), or give the "
+                'records as a JSON list (format = "json" reads any Unicode encoding)'
+            )
+
+
+def _json_limit(exc: ValueError | RecursionError) -> str:
+    """What JSON within the syntax but past the reader's limits holds."""
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nested too deep to read"
+    if "integer string conversion" in str(exc):
+        return f"an integer too long to read (over {sys.get_int_max_str_digits()} digits)"
+    return str(exc)
+
+
+IDENTITY_COLUMNS = ("data_id", "dimensions", "dimension")
+
+
+def read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
+    import polars as pl
+
+    if path.is_dir():
+        try:
+            # Regular files only: a pipe named like a shard would be waited on forever.
+            files = sorted(file for file in path.rglob("*.parquet") if file.is_file())
+        except OSError as exc:
+            raise DatasetError(f"cannot list dataset folder {path}: {exc}") from None
+        if not files:
+            raise DatasetError(f"dataset folder {path} holds no .parquet files")
+    else:
+        files = [path]
+    try:
+        scan = pl.scan_parquet(files)
+        schema = scan.collect_schema()
+        if identity_only:  # never touch the image column: it is most of the bytes
+            scan = scan.select([c for c in IDENTITY_COLUMNS if c in schema])
+        rows = (
+            PARQUET_BATCH_ROWS_WITH_IMAGES
+            if "image" in scan.collect_schema()
+            else PARQUET_BATCH_ROWS_TEXT
+        )
+        batches = scan.collect_batches(chunk_size=rows, lazy=True)
+        for batch in batches:
+            yield from batch.iter_rows(named=True)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        hint = ""
+        if path.is_file() and path.suffix.lower() != ".parquet":
+            hint = (
+                " (read as parquet, since its name ends in none of .json, .jsonl and .ndjson; "
+                "set [dataset] format if it is JSON)"
+            )
+        elif len(files) > 1 and (damaged := _unreadable_footer(files)) is not None:
+            hint = f" (in {damaged}: its footer cannot be read; it is damaged or cut short)"
+        raise DatasetError(f"cannot read parquet dataset {path}: {exc}{hint}") from None
+
+
+def _unreadable_footer(files: list[Path]) -> Path | None:
+    """The first of a folder's parquet files whose footer (its schema) cannot be read: which
+    shard a folder's error is about, when a read of the footers can tell (damage inside a
+    file's data would take reading it all)."""
+    import polars as pl
+
+    for file in files:
+        try:
+            pl.read_parquet_schema(file)
+        except (pl.exceptions.PolarsError, OSError):
+            return file
+    return None
