@@ -241,6 +241,44 @@ def test_values_are_not_converted_to_the_type_a_key_takes(
         load_config(write(tmp_path, GOOD.replace(old, new, 1)))
 
 
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            'backend = "openai_images"\noptions = { api_key_env = "", base_url = "http://x/v1", '
+            "extra_body = { x = nan } }",
+            r"run\.toml:16: generators\[1\]\.options\.extra_body\.x: not a finite number "
+            r"\(got nan\)",
+        ),
+        (
+            'backend = "diffusers"\n[generators.options]\npipeline = "P"\ncheckpoint = "c"\n'
+            "call = { joint_attention_kwargs = { scale = inf } }",
+            r"run\.toml:19: generators\[1\]\.options\.call\.joint_attention_kwargs\.scale: "
+            r"not a finite number \(got inf\)",
+        ),
+        (
+            'backend = "diffusers"\noptions = { pipeline = "P", checkpoint = "c", '
+            "load = { sizes = [1, -inf] } }",
+            r"generators\[1\]\.options\.load\.sizes\[1\]: not a finite number \(got -inf\)",
+        ),
+        (  # a wrapper's inner generator's tables are passed through as well
+            'backend = "dtm_rewrite"\noptions = { model = "m", relations = { IQ-R_TA-C = 1 }, '
+            'inner = { backend = "diffusers", options = { pipeline = "P", checkpoint = "c", '
+            "call = { scale = nan } } } }",
+            r"generators\[1\]\.options\.inner\.options\.call\.scale: not a finite number",
+        ),
+    ],
+)
+def test_nan_and_infinity_in_a_passed_through_table_are_config_errors(
+    tmp_path: Path, entry: str, expected: str
+) -> None:
+    # Nothing typed them, so they reached the manifest: exit 4 with "the fingerprint of
+    # generator 'g' holds nan, which JSON cannot", naming no key and no line.
+    text = GOOD.replace('backend = "synthetic"\noptions = { size = 32 }', entry)
+    with pytest.raises(ConfigError, match=expected + r".*JSON, cannot hold it; give a finite "):
+        load_config(write(tmp_path, text))
+
+
 def test_values_of_the_types_toml_writes_are_taken(tmp_path: Path) -> None:
     # An integer where a decimal number goes, a string where a path goes, an array where a
     # tuple goes: no conversion needed, all taken.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import json
+import math
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -459,6 +460,43 @@ def _unusable(data: Any, loc: Loc, dates: bool, within: set[int]) -> Iterator[tu
         yield loc, "a date or time, which no key takes: quote it if it is text"
 
 
+def non_finite_passed_through(data: Any) -> Iterator[tuple[Loc, str]]:
+    """Where parsed config data holds NaN or an infinity in a table passed through to a
+    library or an API (:data:`PASSED_THROUGH_OPTIONS`, in a backend's options or a nested
+    backend's), and why it is refused. Elsewhere a number's own type refuses them; there
+    nothing does, and the run's manifest, which is JSON, could not hold them."""
+    if not isinstance(data, dict):
+        return
+    for kind in ("generators", "judges"):
+        entries = data.get(kind)
+        for index, entry in enumerate(entries if isinstance(entries, list) else []):
+            options = entry.get("options") if isinstance(entry, dict) else None
+            if isinstance(options, dict):
+                yield from _passed_through_tables(options, (kind, index, "options"))
+
+
+def _passed_through_tables(options: dict[Any, Any], loc: Loc) -> Iterator[tuple[Loc, str]]:
+    # The tables _resolve_options leaves alone: its other nested tables are backends' options.
+    for key, value in options.items():
+        if key in PASSED_THROUGH_OPTIONS:
+            yield from _non_finite(value, (*loc, key))
+        elif isinstance(value, dict):
+            yield from _passed_through_tables(value, (*loc, key))
+
+
+def _non_finite(data: Any, loc: Loc) -> Iterator[tuple[Loc, str]]:
+    if isinstance(data, float) and not math.isfinite(data):
+        yield (
+            loc,
+            f"not a finite number (got {data}): the run's manifest, which is JSON, cannot "
+            "hold it; give a finite number",
+        )
+    elif isinstance(data, dict | list):
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in items:
+            yield from _non_finite(value, (*loc, key))
+
+
 def text_problem(text: str) -> str | None:
     """What makes ``text`` unfit for a config value (a NUL, half a character), or None."""
     if "\x00" in text:
@@ -507,7 +545,8 @@ def parse_config(
     """
     from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
-    unusable = [_problem_line(source, text, loc, why) for loc, why in unusable_values(data)]
+    found = [*unusable_values(data), *non_finite_passed_through(data)]
+    unusable = [_problem_line(source, text, loc, why) for loc, why in found]
     if unusable:
         raise ConfigError(_join(source, unusable))
     try:
