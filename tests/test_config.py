@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -332,6 +333,71 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
         load_config(write(tmp_path, text))
     message = str(caught.value)
     assert "2 problems" in message and "extra1" in message and "extra2" in message
+
+
+@pytest.mark.parametrize(
+    ("edits", "expected"),
+    [
+        (  # the config's own tables, then a backend's options
+            [('task = "sub"', 'task = "sub"\nseed = 2.0'), ("size = 32", "size = 32.0")],
+            [
+                r"run\.toml:4: run\.seed: .*integer \(got 2\.0\)",
+                r":17: generators\[1\]\.options\.size",
+            ],
+        ),
+        (  # a value no key takes, an unknown key holding it, and the rest (strictly: 2.0)
+            [('task = "sub"', 'task = "sub"\nseed = 2.0\nwhen = 1979-05-27')],
+            [
+                r":5: run\.when: a date or time",
+                r":4: run\.seed: .*integer \(got 2\.0\)",
+                r":5: run\.when: unknown key",
+            ],
+        ),
+        (
+            [
+                ('backend = "fake"', 'backend = "openai"\nadaptive = { enabeld = true }'),
+                (
+                    "[[judges]]\n",
+                    "[[judges]]\noptions = { model = 'm', serve = { comand = [] } }\n",
+                ),
+            ],
+            [
+                r"judges\[0\]\.adaptive\.enabeld: unknown key",
+                r"judges\[0\]\.options\.serve\.command: required key is missing",
+                r"judges\[0\]\.options\.serve\.comand: unknown key; did you mean 'command'",
+            ],
+        ),
+        (  # a problem of the config's own model does not hide its backend's bad options
+            [('name = "two"', 'name = "two/"'), ("size = 32", "size = true")],
+            [r"generators\[1\]\.name: must start", r"generators\[1\]\.options\.size: "],
+        ),
+        # A refused value is told once: no "valid integer (got "2024-01-01")" beside it.
+        ([("[dataset]\n", "[dataset]\nlimit = 2024-01-01\n")], [r":6: dataset\.limit: a date"]),
+        (
+            [('backend = "fake"', 'backend = "fake"\noptions = { "a\\u0000" = 1 }')],
+            [r"judges\[0\]\.options: the key 'a\\x00' holds a NUL"],
+        ),
+    ],
+)
+def test_every_kind_of_problem_is_listed_at_once(
+    tmp_path: Path, edits: list[tuple[str, str]], expected: list[str]
+) -> None:
+    # README: a config error "lists every problem at once". Values no key takes, the
+    # config's own tables and the backends' options were checked in turn, each only once
+    # the one before had passed: a fix showed the next problem, and with a date in the file
+    # the rest was read loosely (seed = 2.0 passed as 2).
+    text = GOOD
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new, 1)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    head, *problems = str(caught.value).splitlines()
+    count = len(expected)
+    assert head.endswith(f"invalid config ({count} problem{'s' if count > 1 else ''})")
+    assert len(problems) == count
+    for pattern, problem in zip(expected, problems, strict=True):
+        assert re.search(pattern, problem), (pattern, problem)
 
 
 def test_a_config_saved_with_a_byte_order_mark_and_crlf_line_ends_loads(tmp_path: Path) -> None:
