@@ -336,6 +336,26 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ('name = "demo"', 'name = "{name}"'),
+        ('name = "one"', 'name = "{name}"'),
+        ('backend = "fake"', 'name = "{name}"\nbackend = "fake"'),
+    ],
+)
+def test_a_name_too_long_is_refused_naming_the_length_limit(
+    tmp_path: Path, old: str, new: str
+) -> None:
+    # It was refused with the rule of its characters, which the name meets.
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD.replace(old, new.format(name="n" * 129), 1)))
+    message = str(caught.value)
+    assert "name: must be at most 128 characters long, not 129 (it becomes a folder" in message
+    assert "letters, digits" not in message
+    load_config(write(tmp_path, GOOD.replace(old, new.format(name="n" * 128), 1)))
+
+
+@pytest.mark.parametrize(
     ("edits", "expected"),
     [
         (  # the config's own tables, then a backend's options

@@ -35,7 +35,7 @@ from trig_stream.errors import ConfigError
 from trig_stream.records import (
     COMPARISON_FILE,
     is_reserved_model_name,
-    is_safe_name,
+    safe_name_problem,
     storable_text,
 )
 from trig_stream.scoring import Scorer
@@ -43,11 +43,9 @@ from trig_stream.scoring import Scorer
 
 def _safe_name(value: str) -> str:
     # The run's own check (and its data_ids'): a name it would refuse must not pass here.
-    if not is_safe_name(value):
-        raise ValueError(
-            "must start with a letter or digit and use only letters, digits, '.', '_' and '-',"
-            " without '..' (it becomes a folder name)"
-        )
+    problem = safe_name_problem(value)
+    if problem is not None:
+        raise ValueError(f"{problem} (it becomes a folder name)")
     return value
 
 
