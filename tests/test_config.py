@@ -6,9 +6,12 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, model_validator
 
+from trig_stream.backends import registry
 from trig_stream.config import load_config, locate_key
-from trig_stream.errors import ConfigError
+from trig_stream.errors import ConfigError, MissingExtraError
+from trig_stream.testing import SyntheticGenerator
 
 GOOD = """\
 [run]
@@ -418,6 +421,28 @@ def test_every_kind_of_problem_is_listed_at_once(
     assert len(problems) == count
     for pattern, problem in zip(expected, problems, strict=True):
         assert re.search(pattern, problem), (pattern, problem)
+
+
+def test_a_backends_own_error_comes_after_the_configs_problems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backend's options are checked now also when the config's own tables have problems:
+    # an error of the backend's own (a missing extra, exit 4) must not hide those (exit 2).
+    class NeedsExtra(SyntheticGenerator):
+        class Options(BaseModel):
+            @model_validator(mode="before")
+            @classmethod
+            def _extra(cls, data: object) -> object:
+                raise MissingExtraError("some-library", "some-extra")
+
+    monkeypatch.setitem(registry._REGISTERED["generators"], "needs_extra", NeedsExtra)
+    text = GOOD.replace(
+        'name = "one"\nbackend = "synthetic"', 'name = "one"\nbackend = "needs_extra"'
+    )
+    with pytest.raises(MissingExtraError, match="pip install 'trig-stream\\[some-extra\\]'"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"\(1 problem\)\n.*run\.toml:4: run\.seed: "):
+        load_config(write(tmp_path, text.replace('task = "sub"', 'task = "sub"\nseed = "1"')))
 
 
 def test_a_config_saved_with_a_byte_order_mark_and_crlf_line_ends_loads(tmp_path: Path) -> None:

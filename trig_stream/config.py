@@ -31,7 +31,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
-from trig_stream.errors import ConfigError
+from trig_stream.errors import ConfigError, TrigStreamError
 from trig_stream.records import (
     COMPARISON_FILE,
     is_reserved_model_name,
@@ -584,6 +584,9 @@ def parse_config(
         config = validate_table(RunConfig, checked)
     except ValidationError as exc:
         problems.extend(_problems(exc, source, text, (), RunConfig, refused))
+    # An error of a backend's own (a third party's missing extra: its message and exit code)
+    # comes after the config's problems, as when the options were checked only without any.
+    own_error: TrigStreamError | None = None
     kinds: tuple[Kind, ...] = ("generators", "judges")
     for kind in kinds:
         entries = checked.get(kind) if isinstance(checked, dict) else None
@@ -601,8 +604,12 @@ def parse_config(
             except ValueError as exc:
                 loc = (kind, index, "backend")
                 problems.append(_problem_line(source, text, loc, str(exc)))
+            except TrigStreamError as exc:
+                own_error = own_error or exc
     if problems or config is None:
         raise ConfigError(_join(source, problems))
+    if own_error is not None:
+        raise own_error
     try:
         return config.resolve_paths(source.parent if base is None else base)
     except ConfigError as exc:
