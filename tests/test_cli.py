@@ -348,6 +348,55 @@ def test_validate_under_a_limit_says_how_many_records_the_dataset_holds(
     assert "6 records, 6 samples to judge" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.parametrize(
+    ("soft", "hard", "expected"), [(200, 200, EXIT_CONFIG), (200, 4000, EXIT_OK)]
+)
+def test_validate_checks_the_open_file_limit_as_a_run_would_without_raising_it(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    soft: int,
+    hard: int,
+    expected: int,
+) -> None:
+    # validate said ok (exit 0) for judges that may hold more connections than the hard
+    # open-file limit allows, and `run` then refused at once (exit 2). It reads the limits
+    # only: the run raises the soft one up to the hard one, so only the hard one can refuse.
+    import resource
+
+    from trig_stream import engine
+
+    raised: list[tuple[int, int]] = []
+
+    class Limits:
+        RLIMIT_NOFILE = resource.RLIMIT_NOFILE
+        RLIM_INFINITY = resource.RLIM_INFINITY
+
+        @staticmethod
+        def getrlimit(which: int) -> tuple[int, int]:
+            assert which == resource.RLIMIT_NOFILE
+            return raised[-1] if raised else (soft, hard)
+
+        @staticmethod
+        def setrlimit(which: int, limits: tuple[int, int]) -> None:
+            raised.append(limits)
+
+    monkeypatch.setattr(engine, "resource", Limits)
+    path = write_config(tmp_path)
+    base = path.read_text().split("[[judges]]")[0]
+    options = 'options = { model = "m", base_url = "http://127.0.0.1:9/v1", api_key_env = "" }'
+    path.write_text(base + f'[[judges]]\nbackend = "openai"\nconcurrency = 2000\n{options}\n')
+    assert main(["validate", str(path)]) == expected
+    assert raised == []
+    refusal = "the judges may hold 2001 connections at once (trigscore 2001), but this process "
+    refusal += "may open only 200 files (the hard limit, `ulimit -Hn`)"
+    assert (refusal in " ".join(capsys.readouterr().err.split())) == (expected == EXIT_CONFIG)
+    if expected == EXIT_CONFIG:  # the run's own refusal, which validate now foretells
+        assert main(["run", str(path), "--headless"]) == EXIT_CONFIG
+        assert refusal in " ".join(capsys.readouterr().err.split())
+        assert not (tmp_path / "runs").exists()
+
+
 def test_make_tiny_models_into_a_file_is_one_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

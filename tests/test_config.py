@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, model_validator
 
+from trig_stream.backends import registry
 from trig_stream.config import load_config, locate_key
-from trig_stream.errors import ConfigError
+from trig_stream.errors import ConfigError, MissingExtraError
+from trig_stream.testing import SyntheticGenerator
 
 GOOD = """\
 [run]
@@ -241,6 +245,44 @@ def test_values_are_not_converted_to_the_type_a_key_takes(
         load_config(write(tmp_path, GOOD.replace(old, new, 1)))
 
 
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            'backend = "openai_images"\noptions = { api_key_env = "", base_url = "http://x/v1", '
+            "extra_body = { x = nan } }",
+            r"run\.toml:16: generators\[1\]\.options\.extra_body\.x: not a finite number "
+            r"\(got nan\)",
+        ),
+        (
+            'backend = "diffusers"\n[generators.options]\npipeline = "P"\ncheckpoint = "c"\n'
+            "call = { joint_attention_kwargs = { scale = inf } }",
+            r"run\.toml:19: generators\[1\]\.options\.call\.joint_attention_kwargs\.scale: "
+            r"not a finite number \(got inf\)",
+        ),
+        (
+            'backend = "diffusers"\noptions = { pipeline = "P", checkpoint = "c", '
+            "load = { sizes = [1, -inf] } }",
+            r"generators\[1\]\.options\.load\.sizes\[1\]: not a finite number \(got -inf\)",
+        ),
+        (  # a wrapper's inner generator's tables are passed through as well
+            'backend = "dtm_rewrite"\noptions = { model = "m", relations = { IQ-R_TA-C = 1 }, '
+            'inner = { backend = "diffusers", options = { pipeline = "P", checkpoint = "c", '
+            "call = { scale = nan } } } }",
+            r"generators\[1\]\.options\.inner\.options\.call\.scale: not a finite number",
+        ),
+    ],
+)
+def test_nan_and_infinity_in_a_passed_through_table_are_config_errors(
+    tmp_path: Path, entry: str, expected: str
+) -> None:
+    # Nothing typed them, so they reached the manifest: exit 4 with "the fingerprint of
+    # generator 'g' holds nan, which JSON cannot", naming no key and no line.
+    text = GOOD.replace('backend = "synthetic"\noptions = { size = 32 }', entry)
+    with pytest.raises(ConfigError, match=expected + r".*JSON, cannot hold it; give a finite "):
+        load_config(write(tmp_path, text))
+
+
 def test_values_of_the_types_toml_writes_are_taken(tmp_path: Path) -> None:
     # An integer where a decimal number goes, a string where a path goes, an array where a
     # tuple goes: no conversion needed, all taken.
@@ -294,6 +336,113 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
         load_config(write(tmp_path, text))
     message = str(caught.value)
     assert "2 problems" in message and "extra1" in message and "extra2" in message
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ('name = "demo"', 'name = "{name}"'),
+        ('name = "one"', 'name = "{name}"'),
+        ('backend = "fake"', 'name = "{name}"\nbackend = "fake"'),
+    ],
+)
+def test_a_name_too_long_is_refused_naming_the_length_limit(
+    tmp_path: Path, old: str, new: str
+) -> None:
+    # It was refused with the rule of its characters, which the name meets.
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD.replace(old, new.format(name="n" * 129), 1)))
+    message = str(caught.value)
+    assert "name: must be at most 128 characters long, not 129 (it becomes a folder" in message
+    assert "letters, digits" not in message
+    load_config(write(tmp_path, GOOD.replace(old, new.format(name="n" * 128), 1)))
+
+
+@pytest.mark.parametrize(
+    ("edits", "expected"),
+    [
+        (  # the config's own tables, then a backend's options
+            [('task = "sub"', 'task = "sub"\nseed = 2.0'), ("size = 32", "size = 32.0")],
+            [
+                r"run\.toml:4: run\.seed: .*integer \(got 2\.0\)",
+                r":17: generators\[1\]\.options\.size",
+            ],
+        ),
+        (  # a value no key takes, an unknown key holding it, and the rest (strictly: 2.0)
+            [('task = "sub"', 'task = "sub"\nseed = 2.0\nwhen = 1979-05-27')],
+            [
+                r":5: run\.when: a date or time",
+                r":4: run\.seed: .*integer \(got 2\.0\)",
+                r":5: run\.when: unknown key",
+            ],
+        ),
+        (
+            [
+                ('backend = "fake"', 'backend = "openai"\nadaptive = { enabeld = true }'),
+                (
+                    "[[judges]]\n",
+                    "[[judges]]\noptions = { model = 'm', serve = { comand = [] } }\n",
+                ),
+            ],
+            [
+                r"judges\[0\]\.adaptive\.enabeld: unknown key",
+                r"judges\[0\]\.options\.serve\.command: required key is missing",
+                r"judges\[0\]\.options\.serve\.comand: unknown key; did you mean 'command'",
+            ],
+        ),
+        (  # a problem of the config's own model does not hide its backend's bad options
+            [('name = "two"', 'name = "two/"'), ("size = 32", "size = true")],
+            [r"generators\[1\]\.name: must start", r"generators\[1\]\.options\.size: "],
+        ),
+        # A refused value is told once: no "valid integer (got "2024-01-01")" beside it.
+        ([("[dataset]\n", "[dataset]\nlimit = 2024-01-01\n")], [r":6: dataset\.limit: a date"]),
+        (
+            [('backend = "fake"', 'backend = "fake"\noptions = { "a\\u0000" = 1 }')],
+            [r"judges\[0\]\.options: the key 'a\\x00' holds a NUL"],
+        ),
+    ],
+)
+def test_every_kind_of_problem_is_listed_at_once(
+    tmp_path: Path, edits: list[tuple[str, str]], expected: list[str]
+) -> None:
+    # README: a config error "lists every problem at once". Values no key takes, the
+    # config's own tables and the backends' options were checked in turn, each only once
+    # the one before had passed: a fix showed the next problem, and with a date in the file
+    # the rest was read loosely (seed = 2.0 passed as 2).
+    text = GOOD
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new, 1)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    head, *problems = str(caught.value).splitlines()
+    count = len(expected)
+    assert head.endswith(f"invalid config ({count} problem{'s' if count > 1 else ''})")
+    assert len(problems) == count
+    for pattern, problem in zip(expected, problems, strict=True):
+        assert re.search(pattern, problem), (pattern, problem)
+
+
+def test_a_backends_own_error_comes_after_the_configs_problems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backend's options are checked now also when the config's own tables have problems:
+    # an error of the backend's own (a missing extra, exit 4) must not hide those (exit 2).
+    class NeedsExtra(SyntheticGenerator):
+        class Options(BaseModel):
+            @model_validator(mode="before")
+            @classmethod
+            def _extra(cls, data: object) -> object:
+                raise MissingExtraError("some-library", "some-extra")
+
+    monkeypatch.setitem(registry._REGISTERED["generators"], "needs_extra", NeedsExtra)
+    text = GOOD.replace(
+        'name = "one"\nbackend = "synthetic"', 'name = "one"\nbackend = "needs_extra"'
+    )
+    with pytest.raises(MissingExtraError, match="pip install 'trig-stream\\[some-extra\\]'"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"\(1 problem\)\n.*run\.toml:4: run\.seed: "):
+        load_config(write(tmp_path, text.replace('task = "sub"', 'task = "sub"\nseed = "1"')))
 
 
 def test_a_config_saved_with_a_byte_order_mark_and_crlf_line_ends_loads(tmp_path: Path) -> None:

@@ -1192,6 +1192,11 @@ def fake_judge(name: str = "trigscore", concurrency: int = 4) -> FakeJudge:
         ([synth(), synth()], [fake_judge()], "generator name 'synth' is used twice"),
         ([synth()], [fake_judge(), fake_judge()], "judge name 'trigscore' is used twice"),
         ([synth("../../escaped")], [fake_judge()], "generator name '../../escaped' is not a safe"),
+        (
+            [synth()],
+            [fake_judge("j" * 129)],
+            "directory): it must be at most 128 characters long, not 129",
+        ),
         ([synth("Comparison.md")], [fake_judge()], "'Comparison.md' names the report's comparison"),
         ([], [fake_judge()], "no generator: give at least one"),
     ],

@@ -409,6 +409,15 @@ async def test_a_fingerprint_json_cannot_hold_is_one_error_naming_the_generator(
         await run_to_end(make_config(samples=2), generators=[Opaque("synth", SyntheticOptions())])
 
 
+def test_a_value_json_cannot_hold_is_named_in_a_whole_sentence() -> None:
+    with pytest.raises(
+        FatalBackendError, match=r"^the fingerprint holds nan, which JSON cannot hold$"
+    ):
+        store.as_json({"scale": [float("nan")]}, "the fingerprint")
+    with pytest.raises(FatalBackendError, match=r"type object, which JSON cannot hold: <object"):
+        store.as_json(object(), "the fingerprint")
+
+
 def test_the_hqedit_fingerprint_is_stored_as_it_is_read_back(tmp_path: Path) -> None:
     from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
     from trig_stream.backends.generators.diffusers_options import DiffusersOptions

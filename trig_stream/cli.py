@@ -174,19 +174,27 @@ VALIDATE_SHOWN = 5
 
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.dataset import DatasetSource
-    from trig_stream.engine import check_environment, judge_fingerprint, run_manifest
+    from trig_stream.engine import (
+        check_environment,
+        ensure_open_files,
+        judge_fingerprint,
+        run_manifest,
+    )
     from trig_stream.records import QuarantinedRecord
     from trig_stream.store import check_resume
 
     config = load_config(args.config)
     # Building the backends makes the checks ``run`` makes next (a generator's devices against
     # its workers, its inputs against the task...); it loads no model and connects nowhere.
-    # Then what each needs from this machine that can be seen without loading anything: an
-    # API key's variable, a serve command on PATH, a local checkpoint folder.
+    # Then, in the run's order, the files its judges' connections need (the limits only
+    # read: the run raises the soft one), and what each backend needs from this machine
+    # that can be seen without loading anything: an API key's variable, a serve command on
+    # PATH, a local checkpoint folder.
     generators = [build_generator(generator, config) for generator in config.generators]
+    judges = [build_judge(judge, config) for judge in config.judges]
+    ensure_open_files(config, judges, raise_limit=False)
     for generator in generators:
         check_environment(generator)
-    judges = [build_judge(judge, config) for judge in config.judges]
     for built in judges:
         check_environment(built)
     # What the run directory holds is compared with these settings as the run compares it,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import json
+import math
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -30,18 +31,21 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
-from trig_stream.errors import ConfigError
-from trig_stream.records import COMPARISON_FILE, is_reserved_model_name, is_safe_name
+from trig_stream.errors import ConfigError, TrigStreamError
+from trig_stream.records import (
+    COMPARISON_FILE,
+    is_reserved_model_name,
+    safe_name_problem,
+    storable_text,
+)
 from trig_stream.scoring import Scorer
 
 
 def _safe_name(value: str) -> str:
     # The run's own check (and its data_ids'): a name it would refuse must not pass here.
-    if not is_safe_name(value):
-        raise ValueError(
-            "must start with a letter or digit and use only letters, digits, '.', '_' and '-',"
-            " without '..' (it becomes a folder name)"
-        )
+    problem = safe_name_problem(value)
+    if problem is not None:
+        raise ValueError(f"{problem} (it becomes a folder name)")
     return value
 
 
@@ -436,10 +440,14 @@ def unusable_values(data: Any, *, dates: bool = True) -> Iterator[tuple[Loc, str
     character or half a character (a lone surrogate), which no path, name, URL or command can
     carry, a key included; and, with ``dates``, a date or time (TOML has them, a config uses
     none). A table that holds itself (a YAML alias can) is looked through once."""
-    return _unusable(data, (), dates, set())
+    for loc, why, is_key in _unusable(data, (), dates, set()):
+        yield (loc[:-1] if is_key else loc), why
 
 
-def _unusable(data: Any, loc: Loc, dates: bool, within: set[int]) -> Iterator[tuple[Loc, str]]:
+def _unusable(
+    data: Any, loc: Loc, dates: bool, within: set[int]
+) -> Iterator[tuple[Loc, str, bool]]:
+    # The last item: whether the refused thing is the key ``loc`` ends with, not its value.
     if isinstance(data, dict | list):
         if id(data) in within:
             return
@@ -448,15 +456,68 @@ def _unusable(data: Any, loc: Loc, dates: bool, within: set[int]) -> Iterator[tu
         for key, value in items:
             problem = text_problem(key) if isinstance(key, str) else None
             if problem is not None:
-                yield loc, f"the key {key!r} {problem}"
+                yield (*loc, key), f"the key {key!r} {problem}", True
             yield from _unusable(value, (*loc, key), dates, within)
         within.discard(id(data))
     elif isinstance(data, str):
         problem = text_problem(data)
         if problem is not None:
-            yield loc, problem
+            yield loc, problem, False
     elif dates and isinstance(data, datetime.date | datetime.time):
-        yield loc, "a date or time, which no key takes: quote it if it is text"
+        yield loc, "a date or time, which no key takes: quote it if it is text", False
+
+
+def _checkable(data: Any) -> Any:
+    """``data`` with its dates as ISO text and its text with half a character escaped, so that
+    the rest can still be validated strictly, on the JSON it is (which has neither: with
+    them, the table is validated by Python's looser rules, and ``2.0`` would pass as an
+    integer), while those values are refused on their own."""
+    if isinstance(data, dict):
+        return {_checkable(key): _checkable(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_checkable(value) for value in data]
+    if isinstance(data, str):
+        return storable_text(data)
+    if isinstance(data, datetime.date | datetime.time):
+        return data.isoformat()
+    return data
+
+
+def non_finite_passed_through(data: Any) -> Iterator[tuple[Loc, str]]:
+    """Where parsed config data holds NaN or an infinity in a table passed through to a
+    library or an API (:data:`PASSED_THROUGH_OPTIONS`, in a backend's options or a nested
+    backend's), and why it is refused. Elsewhere a number's own type refuses them; there
+    nothing does, and the run's manifest, which is JSON, could not hold them."""
+    if not isinstance(data, dict):
+        return
+    for kind in ("generators", "judges"):
+        entries = data.get(kind)
+        for index, entry in enumerate(entries if isinstance(entries, list) else []):
+            options = entry.get("options") if isinstance(entry, dict) else None
+            if isinstance(options, dict):
+                yield from _passed_through_tables(options, (kind, index, "options"))
+
+
+def _passed_through_tables(options: dict[Any, Any], loc: Loc) -> Iterator[tuple[Loc, str]]:
+    # The tables _resolve_options leaves alone: its other nested tables are backends' options.
+    for key, value in options.items():
+        if key in PASSED_THROUGH_OPTIONS:
+            yield from _non_finite(value, (*loc, key))
+        elif isinstance(value, dict):
+            yield from _passed_through_tables(value, (*loc, key))
+
+
+def _non_finite(data: Any, loc: Loc) -> Iterator[tuple[Loc, str]]:
+    if isinstance(data, float) and not math.isfinite(data):
+        yield (
+            loc,
+            f"not a finite number (got {data}): the run's manifest, which is JSON, cannot "
+            "hold it; give a finite number",
+        )
+    elif isinstance(data, dict | list):
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in items:
+            yield from _non_finite(value, (*loc, key))
 
 
 def text_problem(text: str) -> str | None:
@@ -507,38 +568,52 @@ def parse_config(
     """
     from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
-    unusable = [_problem_line(source, text, loc, why) for loc, why in unusable_values(data)]
-    if unusable:
-        raise ConfigError(_join(source, unusable))
-    try:
-        config = validate_table(RunConfig, data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, source, text)) from None
+    # Every problem is found before one is reported: values no key takes, the config's own
+    # tables, then each backend's options (of the entries whose backend exists).
     problems: list[str] = []
-    entries: list[tuple[Kind, int, GeneratorConfig | JudgeConfig]] = [
-        ("generators", i, g) for i, g in enumerate(config.generators)
-    ]
-    entries += [("judges", i, j) for i, j in enumerate(config.judges)]
-    for kind, index, entry in entries:
-        try:
-            validate_backend_options(kind, entry.backend, entry.options)
-        except ValidationError as exc:
-            prefix: tuple[str | int, ...] = (kind, index, "options")
-            options_model = backend_class(kind, entry.backend).Options
-            problems.extend(_problems(exc, source, text, prefix, options_model))
-        except ValueError as exc:
-            loc = (kind, index, "backend")
-            problems.append(_problem_line(source, text, loc, str(exc)))
-    if problems:
+    refused: dict[Loc, bool] = {}  # where a value (False) or a key (True) is refused already
+    for loc, why, is_key in _unusable(data, (), True, set()):
+        problems.append(_problem_line(source, text, loc[:-1] if is_key else loc, why))
+        refused[tuple(_checkable(part) for part in loc)] = is_key  # as the errors name it
+    for loc, why in non_finite_passed_through(data):
+        problems.append(_problem_line(source, text, loc, why))
+        refused[loc] = False
+    checked = _checkable(data) if refused else data
+    config: RunConfig | None = None
+    try:
+        config = validate_table(RunConfig, checked)
+    except ValidationError as exc:
+        problems.extend(_problems(exc, source, text, (), RunConfig, refused))
+    # An error of a backend's own (a third party's missing extra: its message and exit code)
+    # comes after the config's problems, as when the options were checked only without any.
+    own_error: TrigStreamError | None = None
+    kinds: tuple[Kind, ...] = ("generators", "judges")
+    for kind in kinds:
+        entries = checked.get(kind) if isinstance(checked, dict) else None
+        for index, entry in enumerate(entries if isinstance(entries, list) else []):
+            backend = entry.get("backend") if isinstance(entry, dict) else None
+            options = entry.get("options", {}) if isinstance(entry, dict) else None
+            if not isinstance(backend, str) or not isinstance(options, dict):
+                continue  # refused by the config's own model above
+            try:
+                validate_backend_options(kind, backend, options)
+            except ValidationError as exc:
+                prefix: Loc = (kind, index, "options")
+                options_model = backend_class(kind, backend).Options
+                problems.extend(_problems(exc, source, text, prefix, options_model, refused))
+            except ValueError as exc:
+                loc = (kind, index, "backend")
+                problems.append(_problem_line(source, text, loc, str(exc)))
+            except TrigStreamError as exc:
+                own_error = own_error or exc
+    if problems or config is None:
         raise ConfigError(_join(source, problems))
+    if own_error is not None:
+        raise own_error
     try:
         return config.resolve_paths(source.parent if base is None else base)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def _describe(exc: ValidationError, source: Path, text: str) -> str:
-    return _join(source, _problems(exc, source, text, (), RunConfig))
 
 
 def _join(source: Path, problems: list[str]) -> str:
@@ -552,14 +627,34 @@ def _problems(
     text: str,
     prefix: tuple[str | int, ...],
     model: type[BaseModel],
+    refused: Mapping[Loc, bool] | None = None,
 ) -> list[str]:
+    """One line per error of ``exc``, but none for a value ``refused`` already names (a date
+    where a number goes), nor under a key it names: only an unknown key that holds such a
+    value is told apart."""
     lines = []
     for error in exc.errors(include_url=False):
         loc = prefix + tuple(error["loc"])
         if error["type"] == _DUPLICATE:  # at the entry that repeats the name
             loc += (error["ctx"]["section"], error["ctx"]["index"], "name")
+        if refused and _already_refused(loc, error["type"] == "extra_forbidden", refused):
+            continue
         lines.append(_problem_line(source, text, loc, _message(error, model)))
     return lines
+
+
+def _already_refused(loc: Loc, unknown_key: bool, refused: Mapping[Loc, bool]) -> bool:
+    keys = tuple(p for p in loc if isinstance(p, int) or not _is_validator_step(p))
+    for depth in range(1, len(keys) + 1):
+        is_key = refused.get(keys[:depth])
+        if is_key is not None and (is_key or depth < len(keys) or not unknown_key):
+            return True
+    return False
+
+
+def _is_validator_step(part: str) -> bool:
+    """Whether a part of an error's location is a validator's name, no key."""
+    return part in ("function-after", "function-before") or "[" in part
 
 
 def nested_problems(exc: ValidationError, model: type[BaseModel]) -> str:

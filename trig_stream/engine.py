@@ -147,6 +147,49 @@ def run_manifest(
     )
 
 
+def ensure_open_files(
+    config: RunConfig, judges: Sequence[Judge], *, raise_limit: bool = True
+) -> None:
+    """Make sure this process may open the files a run of ``config`` with these ``judges``
+    needs: each request in flight of an HTTP judge holds a socket, so with a high
+    concurrency the soft open-file limit (often 1024) is raised toward what the judges need,
+    up to the hard limit; past that the run would fail mid-way ("Too many open files").
+
+    Args:
+        raise_limit: False (``validate``): only read the limits, and refuse what the run,
+            raising the soft limit as far as the hard one, would refuse.
+
+    Raises:
+        ConfigError: the judges may need more files than the hard limit allows.
+    """
+    adaptive = {entry.name: entry.adaptive for entry in config.judges}
+    needs = {}
+    for judge in judges:
+        policy = adaptive.get(judge.name)
+        in_flight = judge.concurrency  # adaptive: the starting limit, or its max if more
+        if policy is not None and policy.enabled:
+            in_flight = max(in_flight, policy.max)
+        needs[judge.name] = judge.connections(in_flight)
+    needed = sum(needs.values())
+    if not needed:
+        return
+    wanted = needed + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if wanted <= soft:
+        return
+    limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if raise_limit:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    if limit < wanted:
+        detail = ", ".join(f"{name} {count}" for name, count in needs.items() if count)
+        raise ConfigError(
+            f"the judges may hold {needed} connections at once ({detail}), but this "
+            f"process may open only {hard} files (the hard limit, `ulimit -Hn`), and needs "
+            f"~{FILES_BESIDE_CONNECTIONS} besides: lower their concurrency (or adaptive "
+            "max), or raise the limit"
+        )
+
+
 def _fingerprint(generator: Generator) -> dict[str, Any]:
     """``generator.fingerprint()``, or the error that names it when it has none to give."""
     fingerprint = _backend_call(generator, "fingerprint()", generator.fingerprint)
@@ -623,34 +666,7 @@ class Engine:
         self._opening_now = None
 
     def _ensure_open_files(self) -> None:
-        # Each request in flight of an HTTP judge holds a socket: with a high concurrency the
-        # process's soft open-file limit (often 1024) is raised toward what the judges need,
-        # up to the hard limit; past that the run would fail mid-way ("Too many open files").
-        adaptive = {entry.name: entry.adaptive for entry in self.config.judges}
-        needs = {}
-        for judge in self._judges:
-            policy = adaptive.get(judge.name)
-            in_flight = judge.concurrency  # adaptive: the starting limit, or its max if more
-            if policy is not None and policy.enabled:
-                in_flight = max(in_flight, policy.max)
-            needs[judge.name] = judge.connections(in_flight)
-        needed = sum(needs.values())
-        if not needed:
-            return
-        wanted = needed + FILES_BESIDE_CONNECTIONS
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if wanted <= soft:
-            return
-        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-        if limit < wanted:
-            detail = ", ".join(f"{name} {count}" for name, count in needs.items() if count)
-            raise ConfigError(
-                f"the judges may hold {needed} connections at once ({detail}), but this "
-                f"process may open only {hard} files (the hard limit, `ulimit -Hn`), and needs "
-                f"~{FILES_BESIDE_CONNECTIONS} besides: lower their concurrency (or adaptive "
-                "max), or raise the limit"
-            )
+        ensure_open_files(self.config, self._judges)
 
     async def _close_resources(self) -> None:
         if self._closed:

@@ -35,13 +35,31 @@ JudgementKey: TypeAlias = tuple[str, str, str, str]
 """(model, data_id, dimension, metric): what a run judges exactly once."""
 
 
-SAFE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" lets a final newline in
+MAX_NAME_CHARS: Final = 128
+"""The longest safe name (:data:`SAFE_NAME`)."""
+SAFE_NAME = re.compile(  # \Z: "$" lets a final newline in
+    rf"\A[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}\Z"
+)
 """What a name that becomes a file or folder name may be: a model's, a metric's, a data_id."""
+_SAFE_CHARACTERS = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 def is_safe_name(name: str) -> bool:
     """Whether ``name`` can name a file or folder of a run directory (no ``..``, no ``/``)."""
     return bool(SAFE_NAME.match(name)) and ".." not in name
+
+
+def safe_name_problem(name: str) -> str | None:
+    """What keeps ``name`` from being a safe name (``must ...``), or None if it is one."""
+    rules = []
+    if not _SAFE_CHARACTERS.match(name) or ".." in name:
+        rules.append(
+            "start with a letter or digit and use only letters, digits, '.', '_' and '-', "
+            "without '..'"
+        )
+    if len(name) > MAX_NAME_CHARS:
+        rules.append(f"be at most {MAX_NAME_CHARS} characters long, not {len(name)}")
+    return "must " + ", and ".join(rules) if rules else None
 
 
 COMPARISON_FILE: Final = "comparison.md"

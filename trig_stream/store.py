@@ -208,7 +208,7 @@ def as_json(value: Any, what: str) -> Any:
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise FatalBackendError(f"{what} holds {value}, which JSON cannot")
+            raise FatalBackendError(f"{what} holds {value}, which JSON cannot hold")
         return value
     if isinstance(value, PurePath):
         return str(value)
@@ -222,7 +222,7 @@ def as_json(value: Any, what: str) -> Any:
         items = [as_json(item, what) for item in value]
         return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
     raise FatalBackendError(
-        f"{what} holds a value of type {type(value).__name__}, which JSON cannot: {value!r}"
+        f"{what} holds a value of type {type(value).__name__}, which JSON cannot hold: {value!r}"
     )
 
 

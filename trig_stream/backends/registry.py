@@ -219,7 +219,7 @@ def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> 
             a count (workers, batch size, concurrency) under 1.
     """
     from trig_stream.errors import ConfigError
-    from trig_stream.records import is_reserved_model_name, is_safe_name
+    from trig_stream.records import is_reserved_model_name, safe_name_problem
 
     for kind, backends in (("generator", generators), ("judge", judges)):
         if not backends:
@@ -228,10 +228,13 @@ def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> 
             )
         seen: set[str] = set()
         for backend in backends:
-            if not isinstance(backend.name, str) or not is_safe_name(backend.name):
+            problem = (
+                safe_name_problem(backend.name) if isinstance(backend.name, str) else "must be text"
+            )
+            if problem is not None:
                 raise ConfigError(
                     f"{kind} name {backend.name!r} is not a safe file name (it names folders of "
-                    "the run directory): letters, digits, '.', '_' and '-', without '..'"
+                    f"the run directory): it {problem}"
                 )
             if kind == "generator" and is_reserved_model_name(backend.name):
                 raise ConfigError(
