@@ -192,12 +192,9 @@ def ensure_open_files(
 
 def _fingerprint(generator: Generator) -> dict[str, Any]:
     """``generator.fingerprint()``, or the error that names it when it has none to give."""
-    fingerprint = _backend_call(generator, "fingerprint()", generator.fingerprint)
-    if not isinstance(fingerprint, dict):
-        raise FatalBackendError(
-            f"generator {generator.name!r} is broken: fingerprint() returned an object of type "
-            f"{type(fingerprint).__name__}, not a dict of the settings that change its images"
-        )
+    fingerprint: dict[str, Any] = _checked_fingerprint(
+        generator, dict, "a dict of the settings that change its images"
+    )
     return fingerprint
 
 
@@ -208,11 +205,18 @@ def judge_fingerprint(judge: Judge) -> JudgeFingerprint:
         FatalBackendError: it raised (see :func:`check_environment`), or returned no
             :class:`~trig_stream.records.JudgeFingerprint`.
     """
-    fingerprint = _backend_call(judge, "fingerprint()", judge.fingerprint)
-    if not isinstance(fingerprint, JudgeFingerprint):
+    fingerprint: JudgeFingerprint = _checked_fingerprint(
+        judge, JudgeFingerprint, "a JudgeFingerprint"
+    )
+    return fingerprint
+
+
+def _checked_fingerprint(backend: Generator | Judge, kind: type, wanted: str) -> Any:
+    fingerprint = _backend_call(backend, "fingerprint()", backend.fingerprint)
+    if not isinstance(fingerprint, kind):
         raise FatalBackendError(
-            f"judge {judge.name!r} is broken: fingerprint() returned an object of type "
-            f"{type(fingerprint).__name__}, not a JudgeFingerprint"
+            f"{backend_label(backend)} is broken: fingerprint() returned an object of type "
+            f"{type(fingerprint).__name__}, not {wanted}"
         )
     return fingerprint
 
