@@ -23,8 +23,9 @@ from trig_stream.backends.generators.dtm_relations import (
 )
 from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
+from trig_stream.backends.registry import build_generator
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import FatalBackendError
+from trig_stream.errors import ConfigError, FatalBackendError
 from trig_stream.records import Sample
 from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer, default_rewrite
 from trig_stream.testing.synthetic import draw
@@ -497,6 +498,27 @@ def test_options_need_relations_and_valid_inner_options(tmp_path: Path) -> None:
         DTMRewriteOptions.model_validate(
             {**base, "relations": {"IQ-R_TA-C": 0}, "inner": {"backend": "nope"}}
         )
+
+
+def test_images_made_elsewhere_have_no_prompt_to_rewrite(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # Around an image folder, each prompt cost an LLM call and every judgement recorded a
+    # rewrite its image was never drawn from.
+    options = {
+        "model": "m",
+        "relations": {"IQ-R_TA-C": 1},
+        "inner": {"backend": "image_folder", "options": {"path": str(tmp_path)}},
+    }
+    config = make_config(generators=[{"name": "g", "backend": "dtm_rewrite", "options": options}])
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "generator 'g': its inner backend 'image_folder' serves images made elsewhere, not "
+            "from the prompt it is given: there is nothing to rewrite; use it without dtm_rewrite"
+        ),
+    ):
+        build_generator(config.generators[0], config)
 
 
 @pytest.mark.anyio

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -111,11 +111,14 @@ class Generator(ABC):
             ``diffusers`` generator runs two per device: one running, the next waiting).
         batch_size: the most requests one :meth:`generate` call receives; the engine sends
             what is ready, without waiting to fill a batch.
+        draws_from_the_prompt: whether its images are made from the prompt it is given
+            (images made elsewhere are not: a prompt rewriter has nothing to wrap).
     """
 
     name: str
     workers: int = 1
     batch_size: int = 1
+    draws_from_the_prompt: ClassVar[bool] = True
 
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:

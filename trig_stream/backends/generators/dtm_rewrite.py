@@ -215,7 +215,19 @@ class DTMRewriteGenerator(Generator):
             }
         )
         try:
-            return cls(entry.name, options, build_generator(inner_entry, config))
+            inner = build_generator(inner_entry, config)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"generator {entry.name!r}: {exc}") from None
+        if not inner.draws_from_the_prompt:
+            # Its images would be recorded as drawn from rewrites they never saw, each one an
+            # LLM call paid for nothing.
+            raise ConfigError(
+                f"generator {entry.name!r}: its inner backend {options.inner.backend!r} serves "
+                "images made elsewhere, not from the prompt it is given: there is nothing to "
+                "rewrite; use it without dtm_rewrite"
+            )
+        try:
+            return cls(entry.name, options, inner)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"generator {entry.name!r}: {exc}") from None
 

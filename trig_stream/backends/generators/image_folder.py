@@ -65,6 +65,7 @@ class ImageFolderGenerator(Generator):
     """
 
     Options = ImageFolderOptions
+    draws_from_the_prompt = False  # the images were made elsewhere
 
     def __init__(
         self, name: str, options: ImageFolderOptions, *, workers: int = 1, batch_size: int = 1
