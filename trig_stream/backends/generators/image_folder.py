@@ -65,6 +65,7 @@ class ImageFolderGenerator(Generator):
     """
 
     Options = ImageFolderOptions
+    reads_source_image = False  # it serves images already made
 
     def __init__(
         self, name: str, options: ImageFolderOptions, *, workers: int = 1, batch_size: int = 1
