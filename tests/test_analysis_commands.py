@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 import numpy as np
+import polars as pl
 import pytest
 from rich.console import Console
 
@@ -777,3 +778,48 @@ def test_a_judge_whose_every_judgement_failed_is_not_the_default_metric(
     assert "Metric `broken`" in (config.run_dir / "report" / "g1" / "report.md").read_text()
     with pytest.raises(AnalysisError, match=r"no ok score in .* \(metric `broken`: every "):
         compare_runs([config.run_dir], metric="broken")
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet folder", "parquet file"])
+def test_analyze_takes_prompts_in_every_dataset_format_a_run_reads(
+    tmp_path: Path, form: str
+) -> None:
+    evaluation, prompts = formatted_as_evaluation("clip")
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    rows: list[dict[str, object]] = []  # as parquet holds them: the key is "dimensions"
+    for prompt in prompts:
+        assert isinstance(prompt, dict)
+        rows.append({k if k != "dimension" else "dimensions": v for k, v in prompt.items()})
+    if form == "jsonl":
+        given = tmp_path / "prompts.jsonl"
+        given.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    elif form == "parquet file":
+        given = tmp_path / "prompts.parquet"
+        pl.DataFrame(rows).write_parquet(given)
+    else:
+        given = tmp_path / "shards"
+        given.mkdir()
+        half = len(rows) // 2
+        pl.DataFrame(rows[:half]).write_parquet(given / "part-0.parquet")
+        pl.DataFrame(rows[half:]).write_parquet(given / "part-1.parquet")
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--no-plots", "--prompts", str(given)]
+    code, _ = run_command("analyze", str(tmp_path / "eval.json"), *args)
+    assert code == 0
+    assert (out / "relationship_codes.csv").read_text() == EXPECTED_CSV.read_text()
+
+
+def test_analyze_names_what_is_wrong_with_a_prompts_dataset(tmp_path: Path) -> None:
+    evaluation, prompts = formatted_as_evaluation("clip")
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text(json.dumps(prompts[0]) + "\n{not json\n")
+    analyze = ["analyze", str(tmp_path / "eval.json"), "--out", str(tmp_path / "o"), "--prompts"]
+    with pytest.raises(AnalysisError, match="record 1: line 2 is not JSON"):
+        run_command(*analyze, str(lines))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AnalysisError, match=r"holds no \.parquet files"):
+        run_command(*analyze, str(tmp_path / "empty"))
+    lines.with_suffix(".json").write_text(lines.read_text())  # JSON Lines named .json
+    with pytest.raises(AnalysisError, match="JSON Lines, one record per line"):
+        run_command(*analyze, str(lines.with_suffix(".json")))

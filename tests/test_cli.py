@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio.lowlevel
 import pytest
+from PIL import Image
 
 from tests.conftest import ROOT, write_prompts
 from trig_stream import cli
@@ -442,7 +443,12 @@ def test_validate_makes_the_checks_of_building_the_backends(
     assert main(["validate", str(path)]) == EXIT_CONFIG
     assert "workers = 3 but 1 devices are listed" in capsys.readouterr().err
     path.write_text(with_diffusers("instructp2p"))
-    assert main(["validate", str(path)]) == EXIT_OK
+    # It builds; what is left is the dataset's: an editing model needs each record's source
+    # image, which these t2i records lack, so a run would judge nothing.
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert "p2p sample has no source image" in captured.out
+    assert "every one of the 6 records read would be quarantined" in captured.err
 
 
 def test_validate_checks_what_the_backends_need_from_this_machine(
@@ -927,3 +933,80 @@ def test_a_dumb_terminal_gets_plain_progress_not_the_dashboard(tmp_path: Path) -
     text = output.decode(errors="replace")
     assert "\x1b[?1049h" not in text  # the alternate screen of a full-screen app
     assert "[done] " in text and "done: 12 judgements" in text
+
+
+def test_images_already_made_are_judged_without_the_dataset_s_source_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A p2p dataset naming source images, with no image_root: the image folder's edits are
+    # judged alone (as upstream judges them), not every record quarantined for the sources.
+    records = json.loads(write_prompts(tmp_path / "prompts.json", 4).read_text())
+    edits = tmp_path / "edits"
+    edits.mkdir()
+    for record in records:
+        record["img_id"] = f"src-{record['data_id']}.png"
+        Image.new("RGB", (16, 16), "red").save(edits / f"{record['data_id']}.png")
+    (tmp_path / "prompts.json").write_text(json.dumps(records))
+    path = write_config(tmp_path, samples=4)
+    text = path.read_text().replace('output_dir = "runs"', 'output_dir = "runs"\ntask = "p2p"')
+    folder = f'backend = "image_folder"\noptions = {{ path = "{edits}" }}'
+    path.write_text(text.replace('backend = "synthetic"\noptions = { size = 16 }', folder))
+    assert main(["validate", str(path)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "4 records, 4 samples to judge" in out and "quarantined" not in out
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    assert "done: 8 judgements" in capsys.readouterr().err
+
+
+def test_a_run_whose_every_record_is_quarantined_is_no_success(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, samples=2)
+    records = json.loads((tmp_path / "prompts.json").read_text())
+    (tmp_path / "prompts.json").write_text(json.dumps([{**r, "prompt": " "} for r in records]))
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert captured.out.startswith("nothing to judge: ")
+    assert "2 records would be quarantined" in captured.out
+    assert "every one of the 2 records read would be quarantined" in captured.err
+    assert main(["run", str(path), "--headless"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "note: nothing was judged: every one of the 2 dataset record(s) read was " in err
+    assert "the first for: missing or empty prompt" in err
+    assert "error: nothing was judged" in err and "report:" not in err
+    # One good record left: a run that judged it succeeds, its refused records noted only.
+    (tmp_path / "prompts.json").write_text(json.dumps([records[0], {**records[1], "prompt": ""}]))
+    assert main(["validate", str(path)]) == EXIT_OK
+    assert main(["run", str(path), "--headless", "--new-run"]) == EXIT_OK
+    assert "nothing was judged" not in capsys.readouterr().err
+
+
+def test_only_generators_that_edit_or_follow_a_subject_read_source_images(tmp_path: Path) -> None:
+    from trig_stream.backends.base import reads_source_images
+    from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
+    from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+    from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
+    from trig_stream.backends.generators.image_folder import (
+        ImageFolderGenerator,
+        ImageFolderOptions,
+    )
+
+    def diffusers(preset: str) -> DiffusersGenerator:
+        options = DiffusersOptions(preset=preset, checkpoint=str(tmp_path))
+        return DiffusersGenerator(preset, options)
+
+    readers = {name: diffusers(name) for name in ("instructp2p", "blipdiffusion", "flux")}
+    assert {name: g.reads_source_image for name, g in readers.items()} == {
+        "instructp2p": True,
+        "blipdiffusion": True,
+        "flux": False,
+    }
+    rewrite = DTMRewriteOptions.model_validate(
+        {"inner": {"backend": "synthetic"}, "model": "m", "relations": {"IQ-R_TA-C": 0}}
+    )
+    for inner in readers.values():
+        wrapped = DTMRewriteGenerator("dtm", rewrite, inner)
+        assert wrapped.reads_source_image is inner.reads_source_image
+    folder = ImageFolderGenerator("made", ImageFolderOptions(path=str(tmp_path)))
+    assert not reads_source_images([folder, readers["flux"]])
+    assert reads_source_images([folder, readers["instructp2p"]])

@@ -676,3 +676,32 @@ def test_count_reads_identity_columns_and_applies_filters(tmp_path: Path) -> Non
     ).write_parquet(parquet)
     # The bad id is not counted; the duplicate is (no set of ids is kept for a count).
     assert DatasetSource(DatasetSection(path=parquet), "p2p").count() == 3
+
+
+def test_source_images_are_not_needed_when_no_generator_of_the_run_reads_them(
+    tmp_path: Path,
+) -> None:
+    # Judging images already made (an image folder) sends the judge those images alone: a
+    # dataset naming sources that are nowhere, with no image_root, is judged all the same.
+    record = {"data_id": "TA-C_IQ-R_1", "prompt": "edit", "dimension": ["TA-C", "IQ-R"]}
+    path = tmp_path / "p2p.json"
+    path.write_text(json.dumps([{**record, "img_id": "cat.png"}]))
+    unread = DatasetSection(path=path, image_root=tmp_path / "nowhere")
+    (sample,) = DatasetSource(unread, "p2p", source_images=False)
+    assert isinstance(sample, Sample)
+    assert (sample.img_id, sample.source_path, sample.source_bytes) == ("cat.png", None, None)
+    with pytest.raises(DatasetError, match="image_root"):  # a reader of them needs the folder
+        list(DatasetSource(unread, "p2p"))
+    (refused,) = DatasetSource(DatasetSection(path=path), "p2p")
+    assert isinstance(refused, QuarantinedRecord) and "image_root is not set" in refused.reason
+    # The digest covers the img_id, not the image: a run directory judged with the sources
+    # read resumes without them (and back) without a sample taken for edited.
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "cat.png").write_bytes(png_bytes())
+    (read_too,) = DatasetSource(DatasetSection(path=path, image_root=root), "p2p")
+    assert isinstance(read_too, Sample) and read_too.source_path == root / "cat.png"
+    assert sample.digest == read_too.digest
+    judged = {sample.data_id: read_too.digest}
+    (resumed,) = DatasetSource(DatasetSection(path=path), "p2p", judged=judged, source_images=False)
+    assert isinstance(resumed, Sample)

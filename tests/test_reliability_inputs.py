@@ -332,6 +332,8 @@ class SourceReadingGenerator(SyntheticGenerator):
     """The synthetic generator, made to decode each sample's source image as an editing
     pipeline does (and to fail the sample as it would when that image is broken)."""
 
+    reads_source_image = True
+
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
     ) -> list[PILImage | Exception]:
@@ -371,7 +373,7 @@ def test_broken_p2p_source_images_never_stop_the_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("data_id", ["IQ-R_TA-C_3", "IQ-R_TA-C_4"])
 def test_undecodable_p2p_source_images_are_quarantined(tmp_path: Path, data_id: str) -> None:
     config = make_config(tmp_path, p2p_dataset(tmp_path), task="p2p")
-    run_engine(config)
+    run_engine(config, generators=[SourceReadingGenerator("synth", SyntheticOptions(size=16))])
     assert data_id in quarantined(config)
 
 

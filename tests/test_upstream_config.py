@@ -484,3 +484,20 @@ def test_image_dirs_that_are_no_folder_are_left_out_with_a_warning(tmp_path: Pat
     with pytest.raises(ConfigError, match="nothing to evaluate") as raised:
         convert_to_file(tmp_path, "task: t2i\nevaluation:\n  image_dirs: 7\n")
     assert "evaluation.image_dirs: left out: expected folders, got 7" in str(raised.value)
+
+
+def test_an_editing_model_without_image_path_is_warned_of_an_image_folder_not(
+    tmp_path: Path,
+) -> None:
+    # Upstream's own p2p evaluation config names no image_path: its image_dirs are judged
+    # alone, so no warning; a model that edits the sources needs them looked up.
+    judged = 'task: p2p\nprompt_path: "p2p.json"\nevaluation:\n  image_dirs: ["edits"]\n'
+    _, warnings = convert_to_file(tmp_path, judged)
+    assert not [w for w in warnings if w.startswith("image_path")]
+    models = 'generation:\n  models: ["instructp2p", "hqedit_dtm_dim"]\n'
+    _, warnings = convert_to_file(tmp_path, judged + models)
+    (warning,) = [w for w in warnings if w.startswith("image_path")]
+    assert "instructp2p, hqedit_dtm_dim edit(s) each sample's source image (p2p)" in warning
+    assert "add image_path" in warning
+    _, warnings = convert_to_file(tmp_path, judged + models + 'image_path: "src"\n')
+    assert not [w for w in warnings if w.startswith("image_path")]

@@ -173,6 +173,7 @@ VALIDATE_SHOWN = 5
 
 
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from trig_stream.backends.base import reads_source_images
     from trig_stream.dataset import DatasetSource
     from trig_stream.engine import (
         check_environment,
@@ -205,7 +206,12 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
     # read fails here (DatasetError, the run's exit code), and the records the run would
     # quarantine are listed, those edited since they were judged in the run directory too.
-    source = DatasetSource(config.dataset, config.run.task, judged=journal.digests)
+    source = DatasetSource(
+        config.dataset,
+        config.run.task,
+        judged=journal.digests,
+        source_images=reads_source_images(generators),
+    )
     samples = unmeasured = 0
     refused: list[QuarantinedRecord] = []
     for record in source:
@@ -216,8 +222,11 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         dimensions = source.dimensions_to_judge(record.dimensions)
         if not any(judge.measures(d) for judge in judges for d in dimensions):
             unmeasured += 1
+    # Every record refused: the run would judge nothing and exit 2, and so does this.
+    refused_all = bool(refused) and not samples
     out = Console(soft_wrap=True)  # greppable: a path is never cut in two
-    out.print(f"[green]ok[/]: {escape(str(args.config))}", highlight=False)
+    verdict = "[red]nothing to judge[/]" if refused_all else "[green]ok[/]"
+    out.print(f"{verdict}: {escape(str(args.config))}", highlight=False)
     out.print(
         f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}",
         highlight=False,
@@ -248,6 +257,14 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     for what, entries in (("models", config.generators), ("judges", config.judges)):
         names = ", ".join(f"{entry.name} ({entry.backend})" for entry in entries)
         out.print(f"  {what}: {names}", highlight=False, markup=False)
+    if refused_all:
+        console.print(
+            f"[red]error:[/] every one of the {len(refused)} records read would be "
+            "quarantined (see the reasons above): a run would judge nothing; fix the dataset "
+            "or its \\[dataset] settings",
+            highlight=False,
+        )
+        return EXIT_CONFIG
     return EXIT_OK
 
 
@@ -367,6 +384,17 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
         if args.new_run:
             console.print(_how_to_resume(config, engine, True), highlight=False, markup=False)
         return EXIT_INTERRUPTED
+    stats = engine.stats()
+    if summary.state == "done" and stats.quarantined and not stats.samples_read:
+        # Every record refused: the dataset (or [dataset] image_root) is what to fix, and a
+        # script must not take the run for one that judged its samples.
+        console.print(
+            f"[red]error:[/] nothing was judged: every one of the {stats.quarantined} dataset "
+            "records was quarantined (see the note above); fix the dataset or its \\[dataset] "
+            "settings and run again",
+            highlight=False,
+        )
+        return EXIT_CONFIG
     if args.no_report:
         return EXIT_OK
     written = await _final_report(summary.run_dir, console, stop_report)

@@ -58,6 +58,11 @@ class DatasetSource:
             now (its prompt, pair, item or source image name edited since) is quarantined:
             its earlier judgements answer the old question, and judging the rest of it
             would mix the two versions in one run.
+        source_images: whether a generator of the run reads p2p / s2p source images
+            (:attr:`~trig_stream.backends.base.Generator.reads_source_image`). Without one,
+            a sample's source image is neither looked up nor decoded, nor is ``image_root``
+            needed: judging images already made asks the judge about them alone. The
+            sample keeps its ``img_id``, so its digest is the same either way.
     """
 
     def __init__(
@@ -67,9 +72,11 @@ class DatasetSource:
         *,
         finished: Callable[[str, tuple[Dimension, ...]], bool] | None = None,
         judged: Mapping[str, str] | None = None,
+        source_images: bool = True,
     ) -> None:
         self.section = section
         self.task = task
+        self.source_images = source_images
         self._finished = finished
         self._judged = judged or {}
         self._pairs = {unordered_pair(*split_pair(p)) for p in section.pairs}
@@ -197,7 +204,7 @@ class DatasetSource:
                 "[dataset] path at a TRIG dataset file or a folder of parquet files"
             )
         root = self.section.image_root
-        if self.task != "t2i" and root is not None:
+        if self.task != "t2i" and self.source_images and root is not None:
             # Every record naming a source would be refused for it: one error says why.
             what = f"[dataset] image_root {root}"
             if not stat.S_ISDIR(_mode(root, what, "[dataset] image_root")):
@@ -252,7 +259,7 @@ class DatasetSource:
     def _source_image(
         self, raw: Mapping[str, Any], img_id: str, via: str
     ) -> tuple[Path | None, bytes | None]:
-        if self.task == "t2i":
+        if self.task == "t2i" or not self.source_images:
             return None, None
         embedded = raw.get("image")
         if isinstance(embedded, Mapping):

@@ -44,7 +44,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.analysis.live import RelationTracker
-from trig_stream.backends.base import Generator, Judge, call_in_thread
+from trig_stream.backends.base import Generator, Judge, call_in_thread, reads_source_images
 from trig_stream.backends.registry import build_generator, build_judge, check_backends
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
@@ -823,7 +823,11 @@ class Engine:
     async def _count_samples(self) -> None:
         # For progress and ETA only; a dataset that cannot be read fails the source itself.
         await self._first_judgement.wait()
-        source = DatasetSource(self.config.dataset, self.config.run.task)
+        source = DatasetSource(
+            self.config.dataset,
+            self.config.run.task,
+            source_images=reads_source_images(self._generators),
+        )
         with suppress(TrigStreamError):
             self._counters.samples_total = await anyio.to_thread.run_sync(source.count)
 

@@ -17,13 +17,13 @@ import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
-from trig_stream.backends.base import Generator, Judge
+from trig_stream.backends.base import Generator, Judge, reads_source_images
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
 from trig_stream.hashing import seed_for
 from trig_stream.pipeline import RunContext, WorkItem, send_now
 from trig_stream.records import QuarantinedRecord, Sample
-from trig_stream.store import JournalState
+from trig_stream.store import QUARANTINE, JournalState
 
 SOURCE_CHUNK = 16
 """Work items read per worker-thread call: amortises the thread hop, bounds the read-ahead."""
@@ -54,11 +54,14 @@ class SourceStage:
     ) -> None:
         self._context = context
         self._models = [generator.name for generator in generators]
+        self._source_images = reads_source_images(generators)
         self._judges = list(judges)
         self._measured_pairs: dict[tuple[Dimension, ...], bool] = {}
         self._journal = journal
         self._retry_errors = retry_errors
         self._running_gate = running_gate
+        self._first_refusal: str | None = None
+        """Why the first quarantined record was refused (said when every one was)."""
 
     async def run(self, sends: dict[str, MemoryObjectSendStream[WorkItem]]) -> None:
         """Queue every model's work, then close its buffer (also on a stop or an error)."""
@@ -68,6 +71,7 @@ class SourceStage:
             context.config.run.task,
             finished=self._sample_finished,
             judged=self._journal.digests,
+            source_images=self._source_images,
         )
         records = iter(source)
         try:
@@ -104,6 +108,8 @@ class SourceStage:
             if isinstance(record, QuarantinedRecord):
                 self._context.run_dir.quarantine(record)
                 counters.quarantined += 1
+                if self._first_refusal is None:
+                    self._first_refusal = record.reason
                 continue
             counters.samples_read += 1
             items.extend(self._work_for(source, record))
@@ -179,7 +185,16 @@ class SourceStage:
         # A run with nothing to do says why, when the reason is the dataset's filters or the
         # dataset itself, rather than ending as if it had judged everything.
         counters = self._context.counters
-        if counters.samples_read or counters.quarantined:
+        if counters.samples_read:
+            return
+        if counters.quarantined:
+            # Not a run that judged what there was: a run that was given nothing it could use.
+            counters.notes.append(
+                f"nothing was judged: every one of the {counters.quarantined} dataset "
+                f"record(s) read was quarantined; the first for: {self._first_refusal}; all "
+                f"the reasons are in {self._context.run_dir.path / QUARANTINE} "
+                "(`trig-stream validate CONFIG` lists them without running)"
+            )
             return
         section = self._context.config.dataset
         if not source.records_read:

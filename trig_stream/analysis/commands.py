@@ -62,7 +62,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     analyze.add_argument("file", type=Path, metavar="FILE")
     analyze.add_argument("--out", type=_path, required=True, help="output folder")
-    analyze.add_argument("--prompts", type=Path, help="TRIG prompt file giving each data_id's pair")
+    analyze.add_argument(
+        "--prompts",
+        type=Path,
+        help="TRIG dataset giving each data_id's pair (JSON, JSON Lines, parquet file or folder)",
+    )
     analyze.add_argument("--model", help="model name in the outputs (default: the file's stem)")
     analyze.add_argument("--task", default="t2i", choices=[*TASKS, "sub"], help="TRIG task")
     _add_common(analyze)

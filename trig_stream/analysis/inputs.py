@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 from pydantic import ValidationError
 
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
-from trig_stream.errors import RunDirError, validation_problems
+from trig_stream.errors import DatasetError, RunDirError, validation_problems
 from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
 from trig_stream.store import JOURNAL, MANIFEST, Manifest, read_journal, read_manifest
 
@@ -93,20 +92,32 @@ def _problems(exc: ValidationError) -> str:
 
 
 def read_prompt_pairs(path: Path) -> dict[str, tuple[Dimension, Dimension]]:
-    """The pair of each ``data_id`` in a TRIG prompt file (legacy JSON list or parquet).
+    """The pair of each ``data_id`` in a TRIG dataset, in any format a run reads: a legacy
+    JSON file, JSON Lines (``.jsonl``, ``.ndjson``), a parquet file or a folder of them.
 
     Raises:
-        AnalysisError: the file cannot be read or a record has no usable pair.
+        AnalysisError: the dataset cannot be read, or a record has no usable pair.
     """
+    from trig_stream.dataset_formats import (
+        Unreadable,
+        read_json,
+        read_json_lines,
+        read_parquet,
+    )
+
+    suffix = path.suffix.lower()
     try:
-        if path.suffix == ".parquet":
-            records: list[Any] = pl.read_parquet(path, columns=["data_id", "dimensions"]).to_dicts()
+        if path.is_dir() or suffix == ".parquet":
+            records: list[Any] = list(read_parquet(path, identity_only=True))
+        elif suffix in (".jsonl", ".ndjson"):
+            records = list(read_json_lines(path))
         else:
-            records = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
-        raise AnalysisError(f"{path}: cannot read the prompt file: {exc}") from None
-    if not isinstance(records, list):
-        raise AnalysisError(f"{path}: a prompt file holds a list of records")
+            records = list(read_json(path))
+    except DatasetError as exc:
+        raise AnalysisError(f"--prompts: {exc}") from None
+    for index, record in enumerate(records):
+        if isinstance(record, Unreadable):
+            raise AnalysisError(f"--prompts {path}: record {index}: {record.reason}")
     pairs: dict[str, tuple[Dimension, Dimension]] = {}
     for index, record in enumerate(records):
         try:

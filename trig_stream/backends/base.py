@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
@@ -113,12 +113,18 @@ class Generator(ABC):
             what is ready, without waiting to fill a batch.
         draws_from_the_prompt: whether its images are made from the prompt it is given
             (images made elsewhere are not: a prompt rewriter has nothing to wrap).
+        reads_source_image: whether :meth:`generate` reads a p2p / s2p sample's source
+            image (``source_path`` or ``source_bytes``). The dataset's source images are
+            looked up and decoded only when a generator of the run reads them: judging
+            images already made (an image folder) needs none. True unless a generator says
+            otherwise, so a third party's generator gets the images it may read.
     """
 
     name: str
     workers: int = 1
     batch_size: int = 1
     draws_from_the_prompt: ClassVar[bool] = True
+    reads_source_image: bool = True
 
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:
@@ -184,6 +190,12 @@ class Generator(ABC):
         Called once per new image, in a worker thread, after :meth:`generate` returned it.
         """
         return None
+
+
+def reads_source_images(generators: Iterable[Generator]) -> bool:
+    """Whether one of a run's generators reads p2p / s2p source images (see
+    :attr:`Generator.reads_source_image`): the dataset's are then looked up and checked."""
+    return any(generator.reads_source_image for generator in generators)
 
 
 @dataclass(frozen=True, slots=True)

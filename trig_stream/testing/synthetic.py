@@ -47,6 +47,7 @@ class SyntheticGenerator(Generator):
     """Procedural images from the seed; no model, no dependencies beyond numpy and Pillow."""
 
     Options = SyntheticOptions
+    reads_source_image = False  # drawn from the seed alone
 
     def __init__(
         self, name: str, options: SyntheticOptions, *, workers: int = 1, batch_size: int = 1

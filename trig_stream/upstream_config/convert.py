@@ -304,6 +304,16 @@ class _Converter:
         mapping.add_generation(self.data.get("generation"))
         mapping.add_evaluation(self.data.get("evaluation"))
         self.generators = mapping.generators
+        readers = mapping.source_readers()
+        # A JSON dataset names its source images (img_id) without holding them: with no
+        # folder to look them up in, every sample would be quarantined.
+        if readers and self.data.get("prompt_path") and "image_root" not in self.dataset:
+            self.warn(
+                "image_path",
+                f"absent, but {', '.join(readers)} edit(s) each sample's source image "
+                f"({self.task}): add image_path (the folder of the img_id files) or set "
+                "[dataset] image_root, or every sample is quarantined",
+            )
 
     def _judges(self) -> None:
         self.judges = convert_judges(self.data.get("dimensions"), self.warn)

@@ -153,6 +153,14 @@ class GeneratorMapping:
         self._devices += 1
         return "diffusers", {"preset": alias, "devices": [device]}
 
+    def source_readers(self) -> list[str]:
+        """The generators that are given each sample's source image (an editing or
+        subject-driven preset, also inside a ``dtm_rewrite``): those whose run looks the
+        images up under ``[dataset] image_root``; an image folder reads none."""
+        return [
+            name for name, backend, options in self.generators if _reads_sources(backend, options)
+        ]
+
     def _add_generator(self, alias: str, backend: str, options: dict[str, Any]) -> None:
         name = self._unique_generator_name(safe_name(alias))
         self.generators.append((name, backend, options))
@@ -179,3 +187,14 @@ class GeneratorMapping:
             return
         path = self.path(folder, key)
         self.generators.append((self._unique_generator_name(name), "image_folder", {"path": path}))
+
+
+def _reads_sources(backend: str, options: Mapping[str, Any]) -> bool:
+    """Whether a converted generator reads source images (as its backend's
+    ``reads_source_image`` will say once built)."""
+    if backend == "dtm_rewrite":
+        inner = options["inner"]
+        return _reads_sources(inner["backend"], inner["options"])
+    if backend == "diffusers":
+        return PRESETS[options["preset"]].inputs != "text"
+    return False

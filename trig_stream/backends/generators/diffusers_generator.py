@@ -113,6 +113,8 @@ class DiffusersGenerator(Generator):
         # waits at it (in its process, with isolation = "process").
         self.workers = len(self.devices) * CALLS_IN_FLIGHT
         self.batch_size = batch_size
+        # An editing, subject or IP-Adapter pipeline is given the sample's source image.
+        self.reads_source_image = self.spec.inputs != "text"
         self.calls: list[int] = []
         self._pipes: list[Any] = []
         self._processes: list[PipelineProcess] = []

@@ -177,6 +177,7 @@ class DTMRewriteGenerator(Generator):
         self.inner = inner
         self.workers = inner.workers
         self.batch_size = inner.batch_size
+        self.reads_source_image = inner.reads_source_image  # the sample goes on to it
         self.relations = _relation_table(options)
         self.policy = RetryPolicy(
             options.max_attempts, options.backoff_initial, options.backoff_max

@@ -66,6 +66,7 @@ class ImageFolderGenerator(Generator):
 
     Options = ImageFolderOptions
     draws_from_the_prompt = False  # the images were made elsewhere
+    reads_source_image = False  # it serves images already made
 
     def __init__(
         self, name: str, options: ImageFolderOptions, *, workers: int = 1, batch_size: int = 1

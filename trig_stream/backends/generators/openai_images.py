@@ -77,6 +77,7 @@ class OpenAIImagesGenerator(Generator):
     """
 
     Options = OpenAIImagesOptions
+    reads_source_image = False  # text to image only
 
     def __init__(
         self,
