@@ -1092,6 +1092,51 @@ def test_a_pipeline_process_ends_with_the_engines_process(
     assert b"leaked" not in output and b"Traceback" not in output, output.decode()
 
 
+HARD_STOP_AFTER_A_CALL = """
+import os, sys, threading
+from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.backends.generators.pipeline_process import PipelineProcess
+from trig_stream.records import Sample
+
+options = DiffusersOptions.model_validate_json(sys.argv[1])
+process = PipelineProcess("tiny", options, "cpu", batch_size=1)
+process.wait_ready()
+sample = Sample(data_id="IQ-R_TA-C_1", task="t2i", prompt="a cat", dimensions=("IQ-R", "TA-C"))
+made, _ = process.generate([GenerationRequest("tiny", sample, 1)], threading.Event())
+print("made", type(made[0]).__name__, flush=True)
+os._exit(0)  # a hard stop: the child, on its lifeline, ends so too
+"""
+
+
+def test_a_hard_stop_leaves_no_semaphore_of_a_pipeline_process_behind(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    # The child's first progress bar (loading weights, a call's, shown or not) made tqdm
+    # create a lock for several processes: a named semaphore, which only an orderly exit
+    # unlinks. After a hard stop, multiprocessing's resource tracker printed "There appear to
+    # be 1 leaked semaphore objects" onto the terminal.
+    options = DiffusersOptions.model_validate(tiny_options(tiny_pipelines["flux"], "flux"))
+    # The tracker and the child inherit the output: it ends once they have both exited.
+    engine = subprocess.Popen(
+        [sys.executable, "-c", HARD_STOP_AFTER_A_CALL, options.model_dump_json()],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert engine.stdout is not None
+    pool = ThreadPoolExecutor(1)
+    try:
+        output = pool.submit(engine.stdout.read).result(timeout=300).decode()
+    finally:
+        engine.kill()
+        pool.shutdown()
+        engine.wait(timeout=60)
+        engine.stdout.close()
+    assert "made TimedPicture" in output, output
+    assert "leaked" not in output, output
+
+
 def test_a_pipeline_process_still_loading_is_killed_at_once_when_stopped(
     tiny_pipelines: dict[TinyKind, Path],
     announcements: Announcements,
