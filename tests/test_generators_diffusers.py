@@ -835,6 +835,27 @@ def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
         generator.check_environment()
 
 
+@pytest.mark.parametrize(
+    ("inputs", "unnamed"),
+    [("edit", "image"), ("subject", "reference_image, source_subject_category, target_subject")],
+)
+def test_a_pipeline_that_would_drop_the_source_or_reference_picture_is_refused(
+    tiny_pipelines: dict[TinyKind, Path], inputs: str, unnamed: str
+) -> None:
+    # StableDiffusionPipeline takes **kwargs: it swallowed image=, and drew from the prompt
+    # alone, which was judged as an edit of the source (the run ended done, exit 0).
+    generator = make_generator(tiny_pipelines["sd"], "sd", inputs=inputs)
+    message = (
+        rf"generator 'tiny': StableDiffusionPipeline's call has no {unnamed}.* argument, which "
+        rf"inputs = '{inputs}' passes the .* set options\.pipeline to one whose call takes"
+    )
+    for check in (generator.check_environment, generator.load):
+        with pytest.raises(FatalBackendError, match=message):
+            check()
+    assert generator._pipes == []
+    make_generator(tiny_pipelines["instruct_pix2pix"], "instruct_pix2pix").check_environment()
+
+
 CHECK_IN_A_FRESH_PROCESS = """
 import json, sys
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator

@@ -47,7 +47,7 @@ from trig_stream.backends.generators.pipeline_process import (
     PipelineProcess,
     thread_share,
 )
-from trig_stream.backends.generators.presets import INPUT_TASKS
+from trig_stream.backends.generators.presets import INPUT_ARGUMENTS, INPUT_TASKS
 from trig_stream.backends.generators.source_images import source_image
 from trig_stream.errors import (
     BackendError,
@@ -191,7 +191,8 @@ class DiffusersGenerator(Generator):
         * a checkpoint given as a folder exists, holds a pipeline (``model_index.json``), and
           has the components the pipeline class needs, each in its folder;
         * the installed diffusers has the pipeline class, which is a pipeline, and the
-          scheduler class the options name; the pipeline's call takes the ``call`` arguments.
+          scheduler class the options name; the pipeline's call takes the ``call`` arguments,
+          and names those the input kind passes (``image`` for ``edit``...).
 
         The second part imports diffusers (a few seconds the first time, and torch with it):
         with ``isolation = "process"``, in a child process of its own
@@ -433,6 +434,21 @@ class DiffusersGenerator(Generator):
         return pipe
 
     def _check_call_arguments(self, pipeline_class: Any) -> None:
+        parameters = inspect.signature(pipeline_class.__call__).parameters.values()
+        named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        inputs = self.spec.inputs
+        # A pipeline that takes these only through **kwargs (StableDiffusionPipeline takes
+        # image= so) drops them unread: its pictures came from the prompt alone, and were
+        # judged as edits of the source.
+        unnamed = [name for name in INPUT_ARGUMENTS[inputs] if name not in named]
+        if unnamed:
+            raise FatalBackendError(
+                f"generator {self.name!r}: {pipeline_class.__name__}'s call has no "
+                f"{', '.join(unnamed)} argument, which inputs = {inputs!r} passes the "
+                f"{_INPUT_PICTURE[inputs]} in (it would draw from the prompt alone); set "
+                f"options.pipeline to one whose call takes {', '.join(INPUT_ARGUMENTS[inputs])}, "
+                "or options.inputs to what this one takes"
+            )
         unknown = sorted(set(self.spec.call) - self._accepts - {"height", "width"})
         if not unknown:
             return
@@ -440,7 +456,6 @@ class DiffusersGenerator(Generator):
             f"{pipeline_class.__name__} takes no argument(s) {', '.join(unknown)}; "
             "fix options.call or the typed options"
         )
-        parameters = inspect.signature(pipeline_class.__call__).parameters.values()
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
             # It takes **kwargs, often only for deprecated names: it may ignore them.
             logger.warning("generator %s: %s", self.name, message)
@@ -697,6 +712,15 @@ def _out_of_memory(torch: Any) -> type[BaseException]:
     """torch's out-of-memory error (``torch.OutOfMemoryError`` from 2.5, CUDA's before)."""
     error: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     return error
+
+
+_INPUT_PICTURE = {
+    "text": "prompt",
+    "edit": "source image",
+    "subject": "reference image and subject",
+    "ip_adapter": "reference image",
+}
+"""What each input kind's call arguments carry, for messages."""
 
 
 _PER_PROMPT = re.compile(r"^(negative_prompt|prompt)(_\d)?$")
