@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import pickle
@@ -824,6 +825,21 @@ def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
         ("flux", {"call": {"bogus": 1}}, r"FluxPipeline takes no argument\(s\) bogus"),
         # Another pipeline's folder: SD's for Flux.
         ("sd", {"pipeline": "FluxPipeline"}, r"has no text_encoder_2, .*FluxPipeline needs"),
+        # ... whose components have the names this one takes, and other classes: it loaded,
+        # then failed every call on a tensor's shape.
+        (
+            "flux",
+            {"pipeline": "SanaPipeline"},
+            r"flux holds FluxPipeline's components, not SanaPipeline's: its text_encoder is "
+            r"CLIPTextModel \(SanaPipeline takes Gemma2PreTrainedModel\); its vae is "
+            r"AutoencoderKL \(SanaPipeline takes AutoencoderDC\); .*check options\.pipeline",
+        ),
+        (
+            "flux",
+            {"pipeline": "PixArtSigmaPipeline"},
+            r"its transformer is FluxTransformer2DModel \(PixArtSigmaPipeline takes "
+            r"PixArtTransformer2DModel\)",
+        ),
     ],
 )
 def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
@@ -833,6 +849,100 @@ def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
     generator = make_generator(tiny_pipelines[kind], kind, **extra)
     with pytest.raises(FatalBackendError, match=message):
         generator.check_environment()
+
+
+def test_a_checkpoint_saved_by_another_pipeline_is_named_when_its_calls_fail(
+    tiny_pipelines: dict[TinyKind, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Stable Diffusion on an InstructPix2Pix folder: the same components, one UNet taking 8
+    # channels. Each call failed with "The size of tensor a (8) must match ... (4)", naming
+    # nothing to fix. Pipelines of one family share folders, so it is no refusal.
+    generator = make_generator(tiny_pipelines["instruct_pix2pix"], "sd", inputs="text")
+    saved_by = (
+        r"instruct_pix2pix was saved by StableDiffusionInstructPix2PixPipeline, not "
+        r"StableDiffusionPipeline: if its calls fail, set options\.checkpoint to one saved for "
+        r"StableDiffusionPipeline, or options\.pipeline to StableDiffusionInstructPix2PixPipeline"
+    )
+    with caplog.at_level("WARNING"):
+        generator.check_environment()
+    assert re.search(saved_by, caplog.text), caplog.text
+    generator.load()
+    try:
+        (outcome,) = generator.generate(
+            [request("IQ-R_TA-C_1", 1)], worker=0, cancel=threading.Event()
+        )
+    finally:
+        generator.close()
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError)
+    assert "size of tensor" in str(outcome) and re.search(saved_by, str(outcome)), outcome
+    # Its own pipeline, or one it was saved for, hears nothing of it.
+    for kind in ("instruct_pix2pix", "sd", "flux"):
+        generator = make_generator(tiny_pipelines[kind], kind)
+        generator.check_environment()
+        assert generator._saved_by is None
+
+
+def test_component_classes_are_compared_as_the_pipeline_annotates_them() -> None:
+    from typing import Optional, Union
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import KarrasDiffusionSchedulers
+    from transformers import CLIPTextModel, PreTrainedModel, T5EncoderModel
+
+    from trig_stream.backends.generators.checkpoint_components import (
+        components_of_other_classes,
+    )
+
+    def init(self: Any, **components: Any) -> None:
+        pass
+
+    annotations = {
+        "vae": AutoencoderKL | None,
+        "unet": Optional[UNet2DConditionModel],  # noqa: UP045 (older pipelines write so)
+        "text_encoder": Union[CLIPTextModel, T5EncoderModel],  # noqa: UP007
+        "image_encoder": PreTrainedModel,  # any of its subclasses
+        "tokenizer": "CLIPTokenizer",  # a name that does not resolve: not compared
+        "scheduler": KarrasDiffusionSchedulers,  # an enum, not a class of models
+        "mean": list[float],
+    }
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
+        for name, annotation in annotations.items()
+    ]
+    init.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    takes = type("Takes", (), {"__init__": init})
+    index = {
+        "_class_name": "Takes",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "safety_checker": [None, None],
+    }
+    assert components_of_other_classes(index, takes, set()) == []
+    other = {
+        **index,
+        "vae": ["diffusers", "AutoencoderDC"],
+        "unet": ["diffusers", "FluxTransformer2DModel"],
+        "text_encoder": ["transformers", "CLIPVisionModel"],
+        "image_encoder": ["diffusers", "AutoencoderKL"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+    }
+    assert components_of_other_classes(other, takes, set()) == [
+        ("vae", "AutoencoderDC", "AutoencoderKL"),
+        ("unet", "FluxTransformer2DModel", "UNet2DConditionModel"),
+        ("text_encoder", "CLIPVisionModel", "CLIPTextModel or T5EncoderModel"),
+        ("image_encoder", "AutoencoderKL", "PreTrainedModel"),
+    ]
+    # Passed to from_pretrained in options.load, or of a module of the folder's own: unread.
+    assert components_of_other_classes(other, takes, {"vae", "unet", "text_encoder"}) == [
+        ("image_encoder", "AutoencoderKL", "PreTrainedModel")
+    ]
+    custom = {**index, "unet": ["my_unet", "MyUNet"], "vae": ["diffusers", "NoSuchClass"]}
+    assert components_of_other_classes(custom, takes, set()) == []
 
 
 @pytest.mark.parametrize(
