@@ -966,6 +966,41 @@ def test_a_pipeline_that_would_drop_the_source_or_reference_picture_is_refused(
     make_generator(tiny_pipelines["instruct_pix2pix"], "instruct_pix2pix").check_environment()
 
 
+def test_height_and_width_size_the_pictures_of_an_edit_preset_with_a_source_size(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    # hqedit resizes its sources to 512 x 512: its pictures stayed so whatever height and
+    # width said, while the fingerprint recorded them.
+    options = DiffusersOptions.model_validate(
+        {
+            "preset": "hqedit",
+            "checkpoint": str(tiny_pipelines["instruct_pix2pix"]),
+            "devices": ["cpu"],
+            "local_files_only": True,
+            "steps": 2,
+            "height": 32,
+            "width": 48,
+        }
+    )
+    generator = DiffusersGenerator("tiny", options)
+    assert generator.fingerprint()["source_size"] is None
+    generator.load()
+    sample = Sample(
+        data_id="IQ-R_TA-C_1",
+        task="p2p",
+        prompt="add snow",
+        dimensions=("IQ-R", "TA-C"),
+        source_bytes=_png(Image.new("RGB", (40, 40), "green")),
+    )
+    try:
+        (made,) = generator.generate(
+            [GenerationRequest("tiny", sample, 5)], worker=0, cancel=threading.Event()
+        )
+    finally:
+        generator.close()
+    assert isinstance(made, Image.Image) and made.size == (48, 32)
+
+
 CHECK_IN_A_FRESH_PROCESS = """
 import json, sys
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator

@@ -104,7 +104,8 @@ class DiffusersOptions(BaseModel):
     width: Annotated[int, Field(ge=8, le=8192)] | None = None
     negative_prompt: str | None = None
     source_size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] | None = None
-    """(width, height) the source / reference image is resized to before use."""
+    """(width, height) the source / reference image is resized to before use: for an edit
+    pipeline, the picture's size (height and width, which would set it too, stay unset)."""
     call: dict[str, Any] = Field(default_factory=dict)
     """Further pipeline call arguments; they win over everything else."""
     load: dict[str, Any] = Field(default_factory=dict)
@@ -144,21 +145,44 @@ class DiffusersOptions(BaseModel):
         for key in ("height", "width"):
             value = spec.call.get(key)
             if multiple and isinstance(value, int) and value % multiple:
-                lower = value // multiple * multiple
-                use = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
                 raise ValueError(
                     f"{key} {value} is not a multiple of {multiple}, as {spec.pipeline} needs "
-                    f"(it fails, or makes a smaller picture than asked); use {use}"
+                    f"(it fails, or makes a smaller picture than asked); use "
+                    f"{_nearest(value, multiple)}"
                 )
+        if spec.inputs != "edit":
+            return self
+        # An edit pipeline draws at its source's size: source_size, or width x height, sets
+        # the picture's size, and must be one the pipeline can make.
+        source_size = spec.source_size or ()
+        for key, value in zip(("width", "height"), source_size, strict=False):
+            if multiple and value % multiple:
+                raise ValueError(
+                    f"source_size {list(source_size)}: its {key} {value} is not a "
+                    f"multiple of {multiple}, as {spec.pipeline} needs (an edit pipeline draws "
+                    f"at its source's size: it makes a smaller picture than asked); use "
+                    f"{_nearest(value, multiple)}"
+                )
+        explicit = self._explicit_sizes()
+        if self.source_size is not None and explicit:
+            raise ValueError(
+                f"source_size and {'/'.join(explicit)} both set the size of an edit "
+                "pipeline's picture (it draws at its source image's size, resized to "
+                "source_size, else to width x height); set one of them"
+            )
         given = [key for key in ("height", "width") if key in spec.call]
-        if spec.inputs == "edit" and spec.source_size is None and len(given) == 1:
+        if spec.source_size is None and len(given) == 1:
             # An edit pipeline draws at its source's size, which only both set together.
             raise ValueError(
                 f"{given[0]} without {'width' if given[0] == 'height' else 'height'}: "
                 "an edit pipeline draws at its source image's size, resized to width x "
-                "height; set both (or source_size)"
+                "height; set both (or source_size instead)"
             )
         return self
+
+    def _explicit_sizes(self) -> list[str]:
+        """``height`` and ``width``, those these options set (typed, or in ``call``)."""
+        return [k for k in ("height", "width") if getattr(self, k) is not None or k in self.call]
 
     def spec(self) -> PipelineSpec:
         """The pipeline to build and how to call it: the preset with these options applied."""
@@ -183,19 +207,31 @@ class DiffusersOptions(BaseModel):
             load["revision"] = self.revision
         if self.variant is not None:
             load["variant"] = self.variant
+        inputs = self.inputs or (preset.inputs if preset else "text")
+        source_size = self.source_size
+        # An edit pipeline draws at its source's size: a width x height given here replaces
+        # the size the preset resizes sources to (hqedit's 512 x 512).
+        if source_size is None and preset and (inputs != "edit" or not self._explicit_sizes()):
+            source_size = preset.source_size
         return PipelineSpec(
             pipeline=self.pipeline or (preset.pipeline if preset else ""),
             checkpoint=self.checkpoint or (preset.checkpoint if preset else ""),
-            inputs=self.inputs or (preset.inputs if preset else "text"),
+            inputs=inputs,
             call=call,
             accelerator_dtype=preset.dtype if preset else "float16",
             dtype=self.dtype,
             scheduler=self.scheduler or (preset.scheduler if preset else None),
             load=load,
             ip_adapter=ip_adapter,
-            source_size=self.source_size or (preset.source_size if preset else None),
+            source_size=source_size,
             local_files_only=self.local_files_only or hub_offline(),
         )
+
+
+def _nearest(value: int, multiple: int) -> str:
+    """The multiples of ``multiple`` next to ``value``, for a message (``56 or 64``)."""
+    lower = value // multiple * multiple
+    return f"{lower} or {lower + multiple}" if lower else f"{multiple}"
 
 
 @dataclass(frozen=True, slots=True)
