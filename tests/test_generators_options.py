@@ -158,6 +158,27 @@ def test_height_and_width_replace_an_edit_presets_source_size() -> None:
     assert spec.source_size == (224, 224) and spec.call["height"] == 512
 
 
+def test_ip_adapter_inputs_need_the_ip_adapter_weights() -> None:
+    # Without them, validate passed and every call failed ("'NoneType' object has no
+    # attribute 'image_projection_layers'").
+    generic = {"pipeline": "StableDiffusionXLPipeline", "checkpoint": "x", "inputs": "ip_adapter"}
+    with pytest.raises(ValidationError, match=r"inputs 'ip_adapter' need .*options\.ip_adapter"):
+        DiffusersOptions.model_validate(generic)
+    weights = {"repo": "h94/IP-Adapter", "weight_name": "ip-adapter_sdxl.bin"}
+    assert DiffusersOptions.model_validate({**generic, "ip_adapter": weights}).spec().ip_adapter
+    assert DiffusersOptions.model_validate({"preset": "ip_adapter_sdxl"}).spec().ip_adapter
+
+
+def test_sequential_offload_on_a_cpu_is_refused() -> None:
+    # It passed validate, then every call failed with a TypeError from torch.
+    for devices in (["cpu"], ["cuda:0", "cpu:1"]):
+        with pytest.raises(ValidationError, match=r"offload 'sequential' cannot run on .*'cpu"):
+            DiffusersOptions(preset="sd15", offload="sequential", devices=devices)
+    DiffusersOptions(preset="sd15", offload="model", devices=["cpu"])  # works there
+    DiffusersOptions(preset="sd15", offload="sequential", devices=["cuda:0"])
+    DiffusersOptions(preset="sd15", offload="sequential")  # cuda:0.. by default
+
+
 def test_hub_offline_forces_local_files(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert DiffusersOptions(preset="sdxl").spec().local_files_only is False

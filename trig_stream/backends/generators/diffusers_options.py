@@ -139,6 +139,29 @@ class DiffusersOptions(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _what_the_inputs_need(self) -> DiffusersOptions:
+        spec = self.spec()
+        if spec.inputs == "ip_adapter" and spec.ip_adapter is None:
+            # Without the weights the pipeline has no image projection: every call failed.
+            raise ValueError(
+                "inputs 'ip_adapter' need the IP-Adapter weights: set options.ip_adapter = "
+                '{ repo = "...", weight_name = "..." } (or use the preset ip_adapter_sdxl)'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _offload_the_devices_can_do(self) -> DiffusersOptions:
+        cpus = [d for d in self.devices or () if d.partition(":")[0] == "cpu"]
+        if self.offload == "sequential" and cpus:
+            # Every call failed with a TypeError from torch; "model" works there (uselessly).
+            raise ValueError(
+                f"offload 'sequential' cannot run on the device {cpus[0]!r}: it moves each "
+                "layer to an accelerator as it runs, and every call on a CPU fails; use "
+                'offload = "none" on a CPU, or list accelerators in devices'
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sizes_the_pipeline_makes(self) -> DiffusersOptions:
         spec = self.spec()
         multiple = size_multiple(spec.pipeline)
