@@ -1001,6 +1001,24 @@ def test_height_and_width_size_the_pictures_of_an_edit_preset_with_a_source_size
     assert isinstance(made, Image.Image) and made.size == (48, 32)
 
 
+@pytest.mark.parametrize(
+    "load", [{"local_files_only": True}, {"dtype": "float16"}, {"torch_dtype": "bfloat16"}]
+)
+def test_load_arguments_win_over_the_typed_options_when_loading(
+    tiny_pipelines: dict[TinyKind, Path], load: dict[str, Any]
+) -> None:
+    # As the README says; from_pretrained got them twice: "got multiple values for keyword
+    # argument".
+    generator = make_generator(tiny_pipelines["sd"], "sd", load=load)
+    dtype = load.get("dtype", load.get("torch_dtype", "float32"))
+    assert generator.fingerprint()["dtype"] == [dtype]
+    generator.load()
+    try:
+        assert str(generator._pipes[0].unet.dtype) == f"torch.{dtype}"
+    finally:
+        generator.close()
+
+
 CHECK_IN_A_FRESH_PROCESS = """
 import json, sys
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator

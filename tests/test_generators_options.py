@@ -179,6 +179,36 @@ def test_sequential_offload_on_a_cpu_is_refused() -> None:
     DiffusersOptions(preset="sd15", offload="sequential")  # cuda:0.. by default
 
 
+def test_load_arguments_win_over_the_typed_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README says they win; they were passed to from_pretrained beside the typed ones:
+    # "got multiple values for keyword argument".
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    spec = DiffusersOptions(
+        preset="sd15",
+        dtype="float32",
+        local_files_only=True,
+        revision="main",
+        load={"dtype": "float16", "local_files_only": False, "revision": "fp16"},
+    ).spec()
+    assert spec.dtype_for("cpu") == spec.dtype_for("cuda:0") == "float16"
+    assert spec.local_files_only is False
+    assert spec.load == {
+        "safety_checker": None,
+        "requires_safety_checker": False,
+        "revision": "fp16",
+    }
+    assert (
+        DiffusersOptions(preset="sd15", load={"torch_dtype": "bfloat16"}).spec().dtype == "bfloat16"
+    )
+    for load, message in (
+        ({"dtype": "float8"}, r"load\.dtype 'float8' is no dtype; use one of 'float32'"),
+        ({"dtype": "float16", "torch_dtype": "float16"}, "both dtype and torch_dtype"),
+        ({"local_files_only": "yes"}, r"load\.local_files_only 'yes' is no boolean"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            DiffusersOptions(preset="sd15", load=load)
+
+
 def test_hub_offline_forces_local_files(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert DiffusersOptions(preset="sdxl").spec().local_files_only is False

@@ -428,13 +428,13 @@ class DiffusersGenerator(Generator):
         spec = self.spec
         dtype = getattr(torch, spec.dtype_for(device))
         self._check_checkpoint_folder()
+        arguments: dict[str, Any] = {
+            _dtype_keyword(diffusers): dtype,
+            "local_files_only": spec.local_files_only,
+        }
+        arguments.update(spec.load)  # load wins (its dtype and local_files_only are in spec)
         try:
-            pipe = pipeline_class.from_pretrained(
-                spec.checkpoint,
-                **{_dtype_keyword(diffusers): dtype},
-                local_files_only=spec.local_files_only,
-                **spec.load,
-            )
+            pipe = pipeline_class.from_pretrained(spec.checkpoint, **arguments)
         except (OSError, ValueError) as exc:
             hint = ""
             if Path(spec.checkpoint).is_dir():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -109,7 +109,8 @@ class DiffusersOptions(BaseModel):
     call: dict[str, Any] = Field(default_factory=dict)
     """Further pipeline call arguments; they win over everything else."""
     load: dict[str, Any] = Field(default_factory=dict)
-    """Further ``from_pretrained`` arguments."""
+    """Further ``from_pretrained`` arguments; they win over the typed options (``dtype``,
+    ``local_files_only``, ``revision``, ``variant``)."""
     ip_adapter: IPAdapterOptions | None = None
 
     @field_validator("preset")
@@ -127,6 +128,27 @@ class DiffusersOptions(BaseModel):
         for device in value or ():
             if not DEVICE.match(device):
                 raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps'")
+        return value
+
+    @field_validator("load")
+    @classmethod
+    def _load_arguments_the_spec_reads(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # These replace a typed option (see spec()), which must then be one it can be.
+        names = [n for n in get_args(DType) if n != "auto"]
+        dtypes = [key for key in ("dtype", "torch_dtype") if key in value]
+        if len(dtypes) == 2:
+            raise ValueError("load sets both dtype and torch_dtype; keep one (or use dtype)")
+        for key in dtypes:
+            if value[key] not in names:
+                raise ValueError(
+                    f"load.{key} {value[key]!r} is no dtype; use one of "
+                    f"{', '.join(map(repr, names))}"
+                )
+        if "local_files_only" in value and not isinstance(value["local_files_only"], bool):
+            raise ValueError(
+                f"load.local_files_only {value['local_files_only']!r} is no boolean; use "
+                "true or false"
+            )
         return value
 
     @model_validator(mode="after")
@@ -225,11 +247,15 @@ class DiffusersOptions(BaseModel):
         if self.ip_adapter is not None:
             ip_adapter = IPAdapterSpec(**self.ip_adapter.model_dump())
         load = dict(preset.load) if preset else {}
-        load.update(self.load)
         if self.revision is not None:
             load["revision"] = self.revision
         if self.variant is not None:
             load["variant"] = self.variant
+        load.update(self.load)  # it wins, as the README says
+        # from_pretrained's dtype and local_files_only come from the typed options, replaced
+        # by load's where it sets them: the fingerprint then records the dtype loaded.
+        dtype = cast("DType", load.pop("dtype", load.pop("torch_dtype", self.dtype)))
+        local_files_only = bool(load.pop("local_files_only", self.local_files_only))
         inputs = self.inputs or (preset.inputs if preset else "text")
         source_size = self.source_size
         # An edit pipeline draws at its source's size: a width x height given here replaces
@@ -242,12 +268,12 @@ class DiffusersOptions(BaseModel):
             inputs=inputs,
             call=call,
             accelerator_dtype=preset.dtype if preset else "float16",
-            dtype=self.dtype,
+            dtype=dtype,
             scheduler=self.scheduler or (preset.scheduler if preset else None),
             load=load,
             ip_adapter=ip_adapter,
             source_size=source_size,
-            local_files_only=self.local_files_only or hub_offline(),
+            local_files_only=local_files_only or hub_offline(),
         )
 
 
