@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import anyio.lowlevel
 import pytest
 from PIL import Image
+from rich.console import Console
 
 from tests.conftest import ROOT, write_prompts
 from trig_stream import cli
@@ -419,6 +421,64 @@ def test_make_tiny_models_builds_each_model_once_and_quietly(tmp_path: Path) -> 
     assert (tmp_path / "m" / "vlm" / "config.json").is_file()
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and again.stderr.count(": present\n") == 4
+
+
+def test_make_tiny_models_never_leaves_a_half_written_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A build cut short left a folder without model_index.json, which later runs, and
+    # `make demo`, called present: every run on it then failed to load.
+    from trig_stream.testing import tiny_models, tiny_pipelines, tiny_vlm
+
+    cut_short: set[str] = set()
+
+    def build(kind: str, path: Path, last: str) -> Path:
+        path.mkdir(parents=True)
+        (path / "weights").write_text(kind)  # the weights first, the index last
+        if kind in cut_short:
+            raise KeyboardInterrupt
+        (path / last).write_text("{}")
+        return path
+
+    monkeypatch.setattr(
+        tiny_pipelines,
+        "build_tiny_pipeline",
+        lambda kind, path: build(kind, path, "model_index.json"),
+    )
+    monkeypatch.setattr(
+        tiny_vlm, "build_tiny_vlm", lambda path: build("vlm", path, "processor_config.json")
+    )
+    out = tmp_path / "models"
+    (out / "flux").mkdir(parents=True)  # as an earlier version's build cut short left it
+    (out / "flux" / "transformer").mkdir()
+    args = argparse.Namespace(out=out, force=False)
+    cut_short.add("instruct_pix2pix")
+    with pytest.raises(KeyboardInterrupt):
+        tiny_models.make_tiny_models(args, Console(stderr=True, soft_wrap=True))
+    # What was built is whole; what was cut short is not there at all.
+    assert sorted(p.name for p in out.iterdir()) == ["flux", "sd"]
+    assert (out / "flux" / "model_index.json").read_text() == "{}"
+    assert not (out / "flux" / "transformer").exists()  # the old half was replaced
+    cut_short.clear()
+    assert tiny_models.make_tiny_models(args, Console(stderr=True, soft_wrap=True)) == EXIT_OK
+    said = capsys.readouterr().err
+    for name, done in (("flux", "present"), ("sd", "present"), ("instruct_pix2pix", "built")):
+        assert f"{out / name}: {done}" in said
+    assert sorted(p.name for p in out.iterdir()) == ["flux", "instruct_pix2pix", "sd", "vlm"]
+    # A build killed outright (SIGKILL) leaves its hidden folder: the next build removes it,
+    # and leaves alone one whose process still runs (another build).
+    gone = 2**22 + 1  # past the largest process id Linux gives
+    (out / f".sd.building-{gone}").mkdir()
+    (out / f".flux.old-{gone}").mkdir()
+    (out / f".vlm.building-{os.getppid()}").mkdir()
+    assert tiny_models.make_tiny_models(args, Console(stderr=True, soft_wrap=True)) == EXIT_OK
+    assert sorted(p.name for p in out.iterdir()) == [
+        f".vlm.building-{os.getppid()}",
+        "flux",
+        "instruct_pix2pix",
+        "sd",
+        "vlm",
+    ]
 
 
 def test_validate_makes_the_checks_of_building_the_backends(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import pickle
@@ -824,6 +825,21 @@ def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
         ("flux", {"call": {"bogus": 1}}, r"FluxPipeline takes no argument\(s\) bogus"),
         # Another pipeline's folder: SD's for Flux.
         ("sd", {"pipeline": "FluxPipeline"}, r"has no text_encoder_2, .*FluxPipeline needs"),
+        # ... whose components have the names this one takes, and other classes: it loaded,
+        # then failed every call on a tensor's shape.
+        (
+            "flux",
+            {"pipeline": "SanaPipeline"},
+            r"flux holds FluxPipeline's components, not SanaPipeline's: its text_encoder is "
+            r"CLIPTextModel \(SanaPipeline takes Gemma2PreTrainedModel\); its vae is "
+            r"AutoencoderKL \(SanaPipeline takes AutoencoderDC\); .*check options\.pipeline",
+        ),
+        (
+            "flux",
+            {"pipeline": "PixArtSigmaPipeline"},
+            r"its transformer is FluxTransformer2DModel \(PixArtSigmaPipeline takes "
+            r"PixArtTransformer2DModel\)",
+        ),
     ],
 )
 def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
@@ -833,6 +849,174 @@ def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
     generator = make_generator(tiny_pipelines[kind], kind, **extra)
     with pytest.raises(FatalBackendError, match=message):
         generator.check_environment()
+
+
+def test_a_checkpoint_saved_by_another_pipeline_is_named_when_its_calls_fail(
+    tiny_pipelines: dict[TinyKind, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Stable Diffusion on an InstructPix2Pix folder: the same components, one UNet taking 8
+    # channels. Each call failed with "The size of tensor a (8) must match ... (4)", naming
+    # nothing to fix. Pipelines of one family share folders, so it is no refusal.
+    generator = make_generator(tiny_pipelines["instruct_pix2pix"], "sd", inputs="text")
+    saved_by = (
+        r"instruct_pix2pix was saved by StableDiffusionInstructPix2PixPipeline, not "
+        r"StableDiffusionPipeline: if its calls fail, set options\.checkpoint to one saved for "
+        r"StableDiffusionPipeline, or options\.pipeline to StableDiffusionInstructPix2PixPipeline"
+    )
+    with caplog.at_level("WARNING"):
+        generator.check_environment()
+    assert re.search(saved_by, caplog.text), caplog.text
+    generator.load()
+    try:
+        (outcome,) = generator.generate(
+            [request("IQ-R_TA-C_1", 1)], worker=0, cancel=threading.Event()
+        )
+    finally:
+        generator.close()
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError)
+    assert "size of tensor" in str(outcome) and re.search(saved_by, str(outcome)), outcome
+    # Its own pipeline, or one it was saved for, hears nothing of it.
+    for kind in ("instruct_pix2pix", "sd", "flux"):
+        generator = make_generator(tiny_pipelines[kind], kind)
+        generator.check_environment()
+        assert generator._saved_by is None
+
+
+def test_component_classes_are_compared_as_the_pipeline_annotates_them() -> None:
+    from typing import Optional, Union
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import KarrasDiffusionSchedulers
+    from transformers import CLIPTextModel, PreTrainedModel, T5EncoderModel
+
+    from trig_stream.backends.generators.checkpoint_components import (
+        components_of_other_classes,
+    )
+
+    def init(self: Any, **components: Any) -> None:
+        pass
+
+    annotations = {
+        "vae": AutoencoderKL | None,
+        "unet": Optional[UNet2DConditionModel],  # noqa: UP045 (older pipelines write so)
+        "text_encoder": Union[CLIPTextModel, T5EncoderModel],  # noqa: UP007
+        "image_encoder": PreTrainedModel,  # any of its subclasses
+        "tokenizer": "CLIPTokenizer",  # a name that does not resolve: not compared
+        "scheduler": KarrasDiffusionSchedulers,  # an enum, not a class of models
+        "mean": list[float],
+    }
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
+        for name, annotation in annotations.items()
+    ]
+    init.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    takes = type("Takes", (), {"__init__": init})
+    index = {
+        "_class_name": "Takes",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "safety_checker": [None, None],
+    }
+    assert components_of_other_classes(index, takes, set()) == []
+    other = {
+        **index,
+        "vae": ["diffusers", "AutoencoderDC"],
+        "unet": ["diffusers", "FluxTransformer2DModel"],
+        "text_encoder": ["transformers", "CLIPVisionModel"],
+        "image_encoder": ["diffusers", "AutoencoderKL"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+    }
+    assert components_of_other_classes(other, takes, set()) == [
+        ("vae", "AutoencoderDC", "AutoencoderKL"),
+        ("unet", "FluxTransformer2DModel", "UNet2DConditionModel"),
+        ("text_encoder", "CLIPVisionModel", "CLIPTextModel or T5EncoderModel"),
+        ("image_encoder", "AutoencoderKL", "PreTrainedModel"),
+    ]
+    # Passed to from_pretrained in options.load, or of a module of the folder's own: unread.
+    assert components_of_other_classes(other, takes, {"vae", "unet", "text_encoder"}) == [
+        ("image_encoder", "AutoencoderKL", "PreTrainedModel")
+    ]
+    custom = {**index, "unet": ["my_unet", "MyUNet"], "vae": ["diffusers", "NoSuchClass"]}
+    assert components_of_other_classes(custom, takes, set()) == []
+
+
+@pytest.mark.parametrize(
+    ("inputs", "unnamed"),
+    [("edit", "image"), ("subject", "reference_image, source_subject_category, target_subject")],
+)
+def test_a_pipeline_that_would_drop_the_source_or_reference_picture_is_refused(
+    tiny_pipelines: dict[TinyKind, Path], inputs: str, unnamed: str
+) -> None:
+    # StableDiffusionPipeline takes **kwargs: it swallowed image=, and drew from the prompt
+    # alone, which was judged as an edit of the source (the run ended done, exit 0).
+    generator = make_generator(tiny_pipelines["sd"], "sd", inputs=inputs)
+    message = (
+        rf"generator 'tiny': StableDiffusionPipeline's call has no {unnamed}.* argument, which "
+        rf"inputs = '{inputs}' passes the .* set options\.pipeline to one whose call takes"
+    )
+    for check in (generator.check_environment, generator.load):
+        with pytest.raises(FatalBackendError, match=message):
+            check()
+    assert generator._pipes == []
+    make_generator(tiny_pipelines["instruct_pix2pix"], "instruct_pix2pix").check_environment()
+
+
+def test_height_and_width_size_the_pictures_of_an_edit_preset_with_a_source_size(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    # hqedit resizes its sources to 512 x 512: its pictures stayed so whatever height and
+    # width said, while the fingerprint recorded them.
+    options = DiffusersOptions.model_validate(
+        {
+            "preset": "hqedit",
+            "checkpoint": str(tiny_pipelines["instruct_pix2pix"]),
+            "devices": ["cpu"],
+            "local_files_only": True,
+            "steps": 2,
+            "height": 32,
+            "width": 48,
+        }
+    )
+    generator = DiffusersGenerator("tiny", options)
+    assert generator.fingerprint()["source_size"] is None
+    generator.load()
+    sample = Sample(
+        data_id="IQ-R_TA-C_1",
+        task="p2p",
+        prompt="add snow",
+        dimensions=("IQ-R", "TA-C"),
+        source_bytes=_png(Image.new("RGB", (40, 40), "green")),
+    )
+    try:
+        (made,) = generator.generate(
+            [GenerationRequest("tiny", sample, 5)], worker=0, cancel=threading.Event()
+        )
+    finally:
+        generator.close()
+    assert isinstance(made, Image.Image) and made.size == (48, 32)
+
+
+@pytest.mark.parametrize(
+    "load", [{"local_files_only": True}, {"dtype": "float16"}, {"torch_dtype": "bfloat16"}]
+)
+def test_load_arguments_win_over_the_typed_options_when_loading(
+    tiny_pipelines: dict[TinyKind, Path], load: dict[str, Any]
+) -> None:
+    # As the README says; from_pretrained got them twice: "got multiple values for keyword
+    # argument".
+    generator = make_generator(tiny_pipelines["sd"], "sd", load=load)
+    dtype = load.get("dtype", load.get("torch_dtype", "float32"))
+    assert generator.fingerprint()["dtype"] == [dtype]
+    generator.load()
+    try:
+        assert str(generator._pipes[0].unet.dtype) == f"torch.{dtype}"
+    finally:
+        generator.close()
 
 
 CHECK_IN_A_FRESH_PROCESS = """
@@ -1090,6 +1274,51 @@ def test_a_pipeline_process_ends_with_the_engines_process(
     # Nothing onto the terminal after it (a multiprocessing Event's semaphore was reported
     # leaked; the child's late "ready" met a broken pipe).
     assert b"leaked" not in output and b"Traceback" not in output, output.decode()
+
+
+HARD_STOP_AFTER_A_CALL = """
+import os, sys, threading
+from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.backends.generators.pipeline_process import PipelineProcess
+from trig_stream.records import Sample
+
+options = DiffusersOptions.model_validate_json(sys.argv[1])
+process = PipelineProcess("tiny", options, "cpu", batch_size=1)
+process.wait_ready()
+sample = Sample(data_id="IQ-R_TA-C_1", task="t2i", prompt="a cat", dimensions=("IQ-R", "TA-C"))
+made, _ = process.generate([GenerationRequest("tiny", sample, 1)], threading.Event())
+print("made", type(made[0]).__name__, flush=True)
+os._exit(0)  # a hard stop: the child, on its lifeline, ends so too
+"""
+
+
+def test_a_hard_stop_leaves_no_semaphore_of_a_pipeline_process_behind(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    # The child's first progress bar (loading weights, a call's, shown or not) made tqdm
+    # create a lock for several processes: a named semaphore, which only an orderly exit
+    # unlinks. After a hard stop, multiprocessing's resource tracker printed "There appear to
+    # be 1 leaked semaphore objects" onto the terminal.
+    options = DiffusersOptions.model_validate(tiny_options(tiny_pipelines["flux"], "flux"))
+    # The tracker and the child inherit the output: it ends once they have both exited.
+    engine = subprocess.Popen(
+        [sys.executable, "-c", HARD_STOP_AFTER_A_CALL, options.model_dump_json()],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert engine.stdout is not None
+    pool = ThreadPoolExecutor(1)
+    try:
+        output = pool.submit(engine.stdout.read).result(timeout=300).decode()
+    finally:
+        engine.kill()
+        pool.shutdown()
+        engine.wait(timeout=60)
+        engine.stdout.close()
+    assert "made TimedPicture" in output, output
+    assert "leaked" not in output, output
 
 
 def test_a_pipeline_process_still_loading_is_killed_at_once_when_stopped(

@@ -480,6 +480,12 @@ def test_refused_credentials_stop_the_run(
     with pytest.raises(FatalBackendError) as caught:
         generator.generate([request("C_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     assert "wrong-key-value" not in str(caught.value)
+    # "the API refused the credentials" named neither the generator nor which API: the
+    # inner generator may call an API too.
+    assert str(caught.value).startswith(
+        "the rewriting LLM of generator 'm' refused the credentials (HTTP 401: "
+    )
+    assert "api_key_env" in str(caught.value)
 
 
 def test_options_need_relations_and_valid_inner_options(tmp_path: Path) -> None:

@@ -338,6 +338,8 @@ def test_refused_credentials_are_fatal_and_never_echo_the_key(
         generator.generate([request()], worker=0, cancel=threading.Event())
     text = f"{caught.value} {caught.value!r} {generator!r} {generator.fingerprint()}"
     assert f"HTTP {status}" in text
+    refused = f"the images API of generator {generator.name!r} refused the credentials (HTTP"
+    assert str(caught.value).startswith(refused)
     assert wrong not in text and SECRET not in text
 
 

@@ -108,15 +108,105 @@ def test_a_size_the_pipeline_cannot_make_is_refused(
     DiffusersOptions.model_validate({"pipeline": "MyPipeline", "checkpoint": "x", "height": 13})
 
 
+@pytest.mark.parametrize(
+    ("source_size", "message"),
+    [
+        ([100, 60], r"source_size \[100, 60\]: its width 100 is not a multiple of 8, .*96 or 104"),
+        ([96, 60], r"source_size \[96, 60\]: its height 60 is not a multiple of 8, .*56 or 64"),
+    ],
+)
+def test_a_source_size_the_edit_pipeline_cannot_make_is_refused(
+    source_size: list[int], message: str
+) -> None:
+    # An edit pipeline draws at its source's size: [100, 60] made 96x56 pictures, silently,
+    # where height 60 was refused.
+    with pytest.raises(ValidationError, match=message):
+        DiffusersOptions.model_validate({"preset": "instructp2p", "source_size": source_size})
+    DiffusersOptions.model_validate({"preset": "instructp2p", "source_size": [96, 64]})
+    # A reference picture's size is not the picture's: any will do.
+    options = {"preset": "ip_adapter_sdxl", "source_size": source_size}
+    assert DiffusersOptions.model_validate(options).spec().source_size == tuple(source_size)
+
+
 def test_an_edit_pipeline_needs_both_sizes_or_none() -> None:
     # An edit pipeline draws at its source's size: a height alone was dropped, silently.
-    for size in ({"height": 256}, {"call": {"width": 256}}):
-        with pytest.raises(ValidationError, match=r"without .*set both .*or source_size"):
-            DiffusersOptions.model_validate({"preset": "instructp2p", **size})
+    for preset in ("instructp2p", "hqedit"):
+        for size in ({"height": 256}, {"call": {"width": 256}}):
+            with pytest.raises(ValidationError, match=r"without .*set both .*or source_size"):
+                DiffusersOptions.model_validate({"preset": preset, **size})
     both = DiffusersOptions.model_validate({"preset": "instructp2p", "height": 256, "width": 320})
     assert both.spec().call["height"] == 256
-    DiffusersOptions.model_validate({"preset": "hqedit", "height": 256})  # its source_size
     DiffusersOptions.model_validate({"preset": "sd15", "height": 256})  # text: its own width
+
+
+def test_height_and_width_replace_an_edit_presets_source_size() -> None:
+    # hqedit resizes sources to 512 x 512: its pictures stayed 512 x 512 whatever height and
+    # width said, while the fingerprint recorded them.
+    spec = DiffusersOptions.model_validate({"preset": "hqedit", "height": 32, "width": 48}).spec()
+    assert spec.source_size is None
+    assert (spec.call["width"], spec.call["height"]) == (48, 32)
+    sized = {"preset": "hqedit", "call": {"height": 32, "width": 48}}
+    assert DiffusersOptions.model_validate(sized).spec().source_size is None
+    assert DiffusersOptions.model_validate({"preset": "hqedit"}).spec().source_size == (512, 512)
+    # Both given, one would be ignored: refused.
+    for sizes in ({"height": 32, "width": 48}, {"height": 32}, {"call": {"width": 48}}):
+        with pytest.raises(ValidationError, match=r"source_size and .*both set the size"):
+            DiffusersOptions.model_validate({"preset": "hqedit", "source_size": [64, 64], **sizes})
+    # A reference picture's size and the picture's are two things.
+    options = {"preset": "ip_adapter_sdxl", "source_size": [224, 224], "height": 512}
+    spec = DiffusersOptions.model_validate(options).spec()
+    assert spec.source_size == (224, 224) and spec.call["height"] == 512
+
+
+def test_ip_adapter_inputs_need_the_ip_adapter_weights() -> None:
+    # Without them, validate passed and every call failed ("'NoneType' object has no
+    # attribute 'image_projection_layers'").
+    generic = {"pipeline": "StableDiffusionXLPipeline", "checkpoint": "x", "inputs": "ip_adapter"}
+    with pytest.raises(ValidationError, match=r"inputs 'ip_adapter' need .*options\.ip_adapter"):
+        DiffusersOptions.model_validate(generic)
+    weights = {"repo": "h94/IP-Adapter", "weight_name": "ip-adapter_sdxl.bin"}
+    assert DiffusersOptions.model_validate({**generic, "ip_adapter": weights}).spec().ip_adapter
+    assert DiffusersOptions.model_validate({"preset": "ip_adapter_sdxl"}).spec().ip_adapter
+
+
+def test_sequential_offload_on_a_cpu_is_refused() -> None:
+    # It passed validate, then every call failed with a TypeError from torch.
+    for devices in (["cpu"], ["cuda:0", "cpu:1"]):
+        with pytest.raises(ValidationError, match=r"offload 'sequential' cannot run on .*'cpu"):
+            DiffusersOptions(preset="sd15", offload="sequential", devices=devices)
+    DiffusersOptions(preset="sd15", offload="model", devices=["cpu"])  # works there
+    DiffusersOptions(preset="sd15", offload="sequential", devices=["cuda:0"])
+    DiffusersOptions(preset="sd15", offload="sequential")  # cuda:0.. by default
+
+
+def test_load_arguments_win_over_the_typed_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README says they win; they were passed to from_pretrained beside the typed ones:
+    # "got multiple values for keyword argument".
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    spec = DiffusersOptions(
+        preset="sd15",
+        dtype="float32",
+        local_files_only=True,
+        revision="main",
+        load={"dtype": "float16", "local_files_only": False, "revision": "fp16"},
+    ).spec()
+    assert spec.dtype_for("cpu") == spec.dtype_for("cuda:0") == "float16"
+    assert spec.local_files_only is False
+    assert spec.load == {
+        "safety_checker": None,
+        "requires_safety_checker": False,
+        "revision": "fp16",
+    }
+    assert (
+        DiffusersOptions(preset="sd15", load={"torch_dtype": "bfloat16"}).spec().dtype == "bfloat16"
+    )
+    for load, message in (
+        ({"dtype": "float8"}, r"load\.dtype 'float8' is no dtype; use one of 'float32'"),
+        ({"dtype": "float16", "torch_dtype": "float16"}, "both dtype and torch_dtype"),
+        ({"local_files_only": "yes"}, r"load\.local_files_only 'yes' is no boolean"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            DiffusersOptions(preset="sd15", load=load)
 
 
 def test_hub_offline_forces_local_files(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,12 +6,17 @@ InstructPix2Pix pipeline (p2p) and a tiny LLaVA judge, each loadable with
 ``from_pretrained(folder, local_files_only=True)`` like a real checkpoint. Their weights are
 random: images are noise and scores mean nothing; they exercise the real loading and
 inference code without a download or a GPU.
+
+Each model is built in a hidden folder beside its own and renamed into place once whole: a
+build cut short (Ctrl-C, a full disk) leaves no half-written model that a later run would
+load, or that this command would call present.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,19 @@ from rich.console import Console
 from rich.markup import escape
 
 TINY_MODELS = ("flux", "sd", "instruct_pix2pix", "vlm")
+
+WRITTEN_LAST = {
+    "flux": "model_index.json",
+    "sd": "model_index.json",
+    "instruct_pix2pix": "model_index.json",
+    "vlm": "processor_config.json",
+}
+"""A file each model's folder holds only once whole (its builder writes it after the
+weights): a folder without it, left by a build cut short before the builds were renamed
+into place, is built again."""
+
+_BUILDING = ".building-"
+"""How the folder a model is built in is named: ``.<model>.building-<pid>``."""
 
 
 EXIT_CANNOT_WRITE = 3
@@ -59,14 +77,58 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
         reason = escape(f"{out}: {exc.strerror or exc}")
         console.print(f"[red]error:[/] cannot make the folder {reason}", highlight=False)
         return EXIT_CANNOT_WRITE
+    _remove_abandoned_builds(out)
     for name in TINY_MODELS:
         folder = out / name
-        if folder.is_dir() and any(folder.iterdir()) and not args.force:
+        if (folder / WRITTEN_LAST[name]).is_file() and not args.force:
             console.print(f"{folder}: present", highlight=False, markup=False)
             continue
-        if name == "vlm":
-            build_tiny_vlm(folder)
-        else:
-            build_tiny_pipeline(name, folder)  # type: ignore[arg-type]
+        building = out / f".{name}{_BUILDING}{os.getpid()}"
+        shutil.rmtree(building, ignore_errors=True)
+        try:
+            if name == "vlm":
+                build_tiny_vlm(building)
+            else:
+                build_tiny_pipeline(name, building)  # type: ignore[arg-type]
+            _replace_folder(building, folder)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
         console.print(f"{folder}: built", highlight=False, markup=False)
     return 0
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Put the folder ``new`` where ``folder`` is (a rename cannot replace a folder that
+    holds files: the old one is moved aside first, then removed)."""
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    had_one = folder.exists()
+    if had_one:
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    new.rename(folder)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif had_one:
+        old.unlink()
+
+
+def _remove_abandoned_builds(out: Path) -> None:
+    # The hidden folders of builds whose process is gone (killed mid-build, where nothing
+    # could remove them); a build still running in another process is left alone.
+    for leftover in out.glob(".*.*-*"):
+        kind, _, pid = leftover.name.rpartition("-")
+        if not (kind.endswith((_BUILDING[:-1], ".old")) and pid.isdigit()):
+            continue
+        if not _running(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True

@@ -154,8 +154,9 @@ def redact(text: str, secret: str) -> str:
     return text.replace(secret, "***") if len(secret) >= 4 else text
 
 
-def classify(exc: Exception, secret: str) -> BackendError:
-    """Map an ``openai`` SDK exception to trig-stream's error classes.
+def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
+    """Map an ``openai`` SDK exception to trig-stream's error classes; ``api`` names what
+    answered, for the messages that stop the run (``the images API of generator 'x'``).
 
     429 -> RateLimitError (with Retry-After); 5xx, 408, 409 -> RetryableError; timeouts and
     connection failures -> UnreachableError (retryable); 401 / 403 -> FatalBackendError;
@@ -183,7 +184,10 @@ def classify(exc: Exception, secret: str) -> BackendError:
         if status == 429:
             return RateLimitError(detail, retry_after=parse_retry_after(exc.response.headers))
         if status in (401, 403):
-            return FatalBackendError(f"the API refused the credentials ({detail})")
+            return FatalBackendError(
+                f"{api} refused the credentials ({detail}); check the API key in the "
+                "environment variable that api_key_env names"
+            )
         if status >= 500 or status in (408, 409):
             return RetryableError(detail)
         if status == 404:
@@ -227,7 +231,7 @@ def call_with_retries(
         try:
             result = call()
         except Exception as exc:
-            error = classify(exc, secret)
+            error = classify(exc, secret, api)
             unanswered = answered is not None and not answered.is_set()
             if isinstance(error, NotFoundError) and unanswered:
                 raise error.before_any_success(api) from None

@@ -40,6 +40,7 @@ from trig_stream.backends.base import (
     Generator,
     TimedPicture,
 )
+from trig_stream.backends.generators.checkpoint_components import components_of_other_classes
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions, PipelineSpec
 from trig_stream.backends.generators.pipeline_check import check_in_child
 from trig_stream.backends.generators.pipeline_process import (
@@ -47,7 +48,7 @@ from trig_stream.backends.generators.pipeline_process import (
     PipelineProcess,
     thread_share,
 )
-from trig_stream.backends.generators.presets import INPUT_TASKS
+from trig_stream.backends.generators.presets import INPUT_ARGUMENTS, INPUT_TASKS
 from trig_stream.backends.generators.source_images import source_image
 from trig_stream.errors import (
     BackendError,
@@ -132,6 +133,9 @@ class DiffusersGenerator(Generator):
         """Whether the child processes are starting and loading (``isolation = "process"``)."""
         self._stopped_starting = False
         """Whether :meth:`stop_loading` came while they were."""
+        self._saved_by: str | None = None
+        """Which other pipeline class saved the checkpoint, when it is not this one's kin: a
+        hint the failure of each call carries."""
         self._torch_threads: int | None = None
         """The threads torch computes with on this machine, as the child that checked the
         classes found (``isolation = "process"``: torch is not imported here)."""
@@ -191,9 +195,12 @@ class DiffusersGenerator(Generator):
         that takes torch's device probing):
 
         * a checkpoint given as a folder exists, holds a pipeline (``model_index.json``), and
-          has the components the pipeline class needs, each in its folder;
+          has the components the pipeline class needs, each in its folder, and each model
+          of a class the pipeline takes (a folder saved by an unrelated pipeline class is
+          named in a warning, and in each failed call's error);
         * the installed diffusers has the pipeline class, which is a pipeline, and the
-          scheduler class the options name; the pipeline's call takes the ``call`` arguments.
+          scheduler class the options name; the pipeline's call takes the ``call`` arguments,
+          and names those the input kind passes (``image`` for ``edit``...).
 
         The second part imports diffusers (a few seconds the first time, and torch with it):
         with ``isolation = "process"``, in a child process of its own
@@ -254,9 +261,9 @@ class DiffusersGenerator(Generator):
         self._check_call_arguments(pipeline_class)
         checkpoint = Path(spec.checkpoint)
         if checkpoint.is_absolute():
-            self._check_components(checkpoint, pipeline_class)
+            self._check_components(diffusers, checkpoint, pipeline_class)
 
-    def _check_components(self, checkpoint: Path, pipeline_class: Any) -> None:
+    def _check_components(self, diffusers: Any, checkpoint: Path, pipeline_class: Any) -> None:
         # A folder of another pipeline (SD's for Flux), or with a component deleted, failed
         # only once from_pretrained ran, after the judge had loaded, with a message that
         # named a config.json rather than what is missing.
@@ -299,6 +306,34 @@ class DiffusersGenerator(Generator):
                 f"generator {self.name!r}: checkpoint {checkpoint} lacks the folder(s) "
                 f"{', '.join(n + '/' for n in absent)} its model_index.json names"
             )
+        # Another pipeline's folder whose components have the names this one needs (Flux's
+        # for Sana) loaded, then failed every call with a tensor's shape.
+        wrong = components_of_other_classes(index, pipeline_class, given)
+        made_for = index.get("_class_name")
+        if wrong:
+            saved = f"{made_for}'s" if isinstance(made_for, str) else "another pipeline's"
+            raise FatalBackendError(
+                f"generator {self.name!r}: checkpoint {checkpoint} holds {saved} components, "
+                f"not {pipeline_class.__name__}'s: "
+                + "; ".join(
+                    f"its {name} is {found} ({pipeline_class.__name__} takes {wanted})"
+                    for name, found, wanted in wrong
+                )
+                + "; check options.pipeline and options.checkpoint"
+            )
+        saved_by = getattr(diffusers, made_for, None) if isinstance(made_for, str) else None
+        if isinstance(saved_by, type) and not (
+            issubclass(pipeline_class, saved_by) or issubclass(saved_by, pipeline_class)
+        ):
+            # The components fit, yet their shapes may not (an InstructPix2Pix UNet takes 8
+            # channels, Stable Diffusion's 4); pipelines of one family share checkpoints
+            # (an image-to-image pipeline loads a text-to-image one's), so it may work.
+            self._saved_by = (
+                f"checkpoint {checkpoint} was saved by {made_for}, not "
+                f"{pipeline_class.__name__}: if its calls fail, set options.checkpoint to one "
+                f"saved for {pipeline_class.__name__}, or options.pipeline to {made_for}"
+            )
+            logger.warning("generator %s: %s", self.name, self._saved_by)
 
     def load(self) -> None:
         """Load one pipeline per device.
@@ -395,13 +430,13 @@ class DiffusersGenerator(Generator):
         spec = self.spec
         dtype = getattr(torch, spec.dtype_for(device))
         self._check_checkpoint_folder()
+        arguments: dict[str, Any] = {
+            _dtype_keyword(diffusers): dtype,
+            "local_files_only": spec.local_files_only,
+        }
+        arguments.update(spec.load)  # load wins (its dtype and local_files_only are in spec)
         try:
-            pipe = pipeline_class.from_pretrained(
-                spec.checkpoint,
-                **{_dtype_keyword(diffusers): dtype},
-                local_files_only=spec.local_files_only,
-                **spec.load,
-            )
+            pipe = pipeline_class.from_pretrained(spec.checkpoint, **arguments)
         except (OSError, ValueError) as exc:
             hint = ""
             if Path(spec.checkpoint).is_dir():
@@ -435,6 +470,21 @@ class DiffusersGenerator(Generator):
         return pipe
 
     def _check_call_arguments(self, pipeline_class: Any) -> None:
+        parameters = inspect.signature(pipeline_class.__call__).parameters.values()
+        named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        inputs = self.spec.inputs
+        # A pipeline that takes these only through **kwargs (StableDiffusionPipeline takes
+        # image= so) drops them unread: its pictures came from the prompt alone, and were
+        # judged as edits of the source.
+        unnamed = [name for name in INPUT_ARGUMENTS[inputs] if name not in named]
+        if unnamed:
+            raise FatalBackendError(
+                f"generator {self.name!r}: {pipeline_class.__name__}'s call has no "
+                f"{', '.join(unnamed)} argument, which inputs = {inputs!r} passes the "
+                f"{_INPUT_PICTURE[inputs]} in (it would draw from the prompt alone); set "
+                f"options.pipeline to one whose call takes {', '.join(INPUT_ARGUMENTS[inputs])}, "
+                "or options.inputs to what this one takes"
+            )
         unknown = sorted(set(self.spec.call) - self._accepts - {"height", "width"})
         if not unknown:
             return
@@ -442,7 +492,6 @@ class DiffusersGenerator(Generator):
             f"{pipeline_class.__name__} takes no argument(s) {', '.join(unknown)}; "
             "fix options.call or the typed options"
         )
-        parameters = inspect.signature(pipeline_class.__call__).parameters.values()
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
             # It takes **kwargs, often only for deprecated names: it may ignore them.
             logger.warning("generator %s: %s", self.name, message)
@@ -611,7 +660,10 @@ class DiffusersGenerator(Generator):
                 # and their tensors, the memory the next call needs. Not an ItemError: the
                 # call failed, not its items, and a pipeline whose calls all fail so (an
                 # argument it refuses, an offload the device cannot do) stops the run.
-                error = BackendError(describe_error(exc))
+                reason = describe_error(exc)
+                if self._saved_by is not None:
+                    reason += f" ({self._saved_by})"
+                error = BackendError(reason)
                 return [error for _ in batch]
         if out_of_memory is not None:
             # Out of the except block, the failed call's frames and tensors are gone: what
@@ -699,6 +751,15 @@ def _out_of_memory(torch: Any) -> type[BaseException]:
     """torch's out-of-memory error (``torch.OutOfMemoryError`` from 2.5, CUDA's before)."""
     error: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     return error
+
+
+_INPUT_PICTURE = {
+    "text": "prompt",
+    "edit": "source image",
+    "subject": "reference image and subject",
+    "ip_adapter": "reference image",
+}
+"""What each input kind's call arguments carry, for messages."""
 
 
 _PER_PROMPT = re.compile(r"^(negative_prompt|prompt)(_\d)?$")

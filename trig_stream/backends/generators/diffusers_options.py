@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -104,11 +104,13 @@ class DiffusersOptions(BaseModel):
     width: Annotated[int, Field(ge=8, le=8192)] | None = None
     negative_prompt: str | None = None
     source_size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] | None = None
-    """(width, height) the source / reference image is resized to before use."""
+    """(width, height) the source / reference image is resized to before use: for an edit
+    pipeline, the picture's size (height and width, which would set it too, stay unset)."""
     call: dict[str, Any] = Field(default_factory=dict)
     """Further pipeline call arguments; they win over everything else."""
     load: dict[str, Any] = Field(default_factory=dict)
-    """Further ``from_pretrained`` arguments."""
+    """Further ``from_pretrained`` arguments; they win over the typed options (``dtype``,
+    ``local_files_only``, ``revision``, ``variant``)."""
     ip_adapter: IPAdapterOptions | None = None
 
     @field_validator("preset")
@@ -128,6 +130,27 @@ class DiffusersOptions(BaseModel):
                 raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps'")
         return value
 
+    @field_validator("load")
+    @classmethod
+    def _load_arguments_the_spec_reads(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # These replace a typed option (see spec()), which must then be one it can be.
+        names = [n for n in get_args(DType) if n != "auto"]
+        dtypes = [key for key in ("dtype", "torch_dtype") if key in value]
+        if len(dtypes) == 2:
+            raise ValueError("load sets both dtype and torch_dtype; keep one (or use dtype)")
+        for key in dtypes:
+            if value[key] not in names:
+                raise ValueError(
+                    f"load.{key} {value[key]!r} is no dtype; use one of "
+                    f"{', '.join(map(repr, names))}"
+                )
+        if "local_files_only" in value and not isinstance(value["local_files_only"], bool):
+            raise ValueError(
+                f"load.local_files_only {value['local_files_only']!r} is no boolean; use "
+                "true or false"
+            )
+        return value
+
     @model_validator(mode="after")
     def _preset_or_pipeline(self) -> DiffusersOptions:
         if self.preset is None and (self.pipeline is None or self.checkpoint is None):
@@ -138,27 +161,73 @@ class DiffusersOptions(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _what_the_inputs_need(self) -> DiffusersOptions:
+        spec = self.spec()
+        if spec.inputs == "ip_adapter" and spec.ip_adapter is None:
+            # Without the weights the pipeline has no image projection: every call failed.
+            raise ValueError(
+                "inputs 'ip_adapter' need the IP-Adapter weights: set options.ip_adapter = "
+                '{ repo = "...", weight_name = "..." } (or use the preset ip_adapter_sdxl)'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _offload_the_devices_can_do(self) -> DiffusersOptions:
+        cpus = [d for d in self.devices or () if d.partition(":")[0] == "cpu"]
+        if self.offload == "sequential" and cpus:
+            # Every call failed with a TypeError from torch; "model" works there (uselessly).
+            raise ValueError(
+                f"offload 'sequential' cannot run on the device {cpus[0]!r}: it moves each "
+                "layer to an accelerator as it runs, and every call on a CPU fails; use "
+                'offload = "none" on a CPU, or list accelerators in devices'
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sizes_the_pipeline_makes(self) -> DiffusersOptions:
         spec = self.spec()
         multiple = size_multiple(spec.pipeline)
         for key in ("height", "width"):
             value = spec.call.get(key)
             if multiple and isinstance(value, int) and value % multiple:
-                lower = value // multiple * multiple
-                use = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
                 raise ValueError(
                     f"{key} {value} is not a multiple of {multiple}, as {spec.pipeline} needs "
-                    f"(it fails, or makes a smaller picture than asked); use {use}"
+                    f"(it fails, or makes a smaller picture than asked); use "
+                    f"{_nearest(value, multiple)}"
                 )
+        if spec.inputs != "edit":
+            return self
+        # An edit pipeline draws at its source's size: source_size, or width x height, sets
+        # the picture's size, and must be one the pipeline can make.
+        source_size = spec.source_size or ()
+        for key, value in zip(("width", "height"), source_size, strict=False):
+            if multiple and value % multiple:
+                raise ValueError(
+                    f"source_size {list(source_size)}: its {key} {value} is not a "
+                    f"multiple of {multiple}, as {spec.pipeline} needs (an edit pipeline draws "
+                    f"at its source's size: it makes a smaller picture than asked); use "
+                    f"{_nearest(value, multiple)}"
+                )
+        explicit = self._explicit_sizes()
+        if self.source_size is not None and explicit:
+            raise ValueError(
+                f"source_size and {'/'.join(explicit)} both set the size of an edit "
+                "pipeline's picture (it draws at its source image's size, resized to "
+                "source_size, else to width x height); set one of them"
+            )
         given = [key for key in ("height", "width") if key in spec.call]
-        if spec.inputs == "edit" and spec.source_size is None and len(given) == 1:
+        if spec.source_size is None and len(given) == 1:
             # An edit pipeline draws at its source's size, which only both set together.
             raise ValueError(
                 f"{given[0]} without {'width' if given[0] == 'height' else 'height'}: "
                 "an edit pipeline draws at its source image's size, resized to width x "
-                "height; set both (or source_size)"
+                "height; set both (or source_size instead)"
             )
         return self
+
+    def _explicit_sizes(self) -> list[str]:
+        """``height`` and ``width``, those these options set (typed, or in ``call``)."""
+        return [k for k in ("height", "width") if getattr(self, k) is not None or k in self.call]
 
     def spec(self) -> PipelineSpec:
         """The pipeline to build and how to call it: the preset with these options applied."""
@@ -178,24 +247,40 @@ class DiffusersOptions(BaseModel):
         if self.ip_adapter is not None:
             ip_adapter = IPAdapterSpec(**self.ip_adapter.model_dump())
         load = dict(preset.load) if preset else {}
-        load.update(self.load)
         if self.revision is not None:
             load["revision"] = self.revision
         if self.variant is not None:
             load["variant"] = self.variant
+        load.update(self.load)  # it wins, as the README says
+        # from_pretrained's dtype and local_files_only come from the typed options, replaced
+        # by load's where it sets them: the fingerprint then records the dtype loaded.
+        dtype = cast("DType", load.pop("dtype", load.pop("torch_dtype", self.dtype)))
+        local_files_only = bool(load.pop("local_files_only", self.local_files_only))
+        inputs = self.inputs or (preset.inputs if preset else "text")
+        source_size = self.source_size
+        # An edit pipeline draws at its source's size: a width x height given here replaces
+        # the size the preset resizes sources to (hqedit's 512 x 512).
+        if source_size is None and preset and (inputs != "edit" or not self._explicit_sizes()):
+            source_size = preset.source_size
         return PipelineSpec(
             pipeline=self.pipeline or (preset.pipeline if preset else ""),
             checkpoint=self.checkpoint or (preset.checkpoint if preset else ""),
-            inputs=self.inputs or (preset.inputs if preset else "text"),
+            inputs=inputs,
             call=call,
             accelerator_dtype=preset.dtype if preset else "float16",
-            dtype=self.dtype,
+            dtype=dtype,
             scheduler=self.scheduler or (preset.scheduler if preset else None),
             load=load,
             ip_adapter=ip_adapter,
-            source_size=self.source_size or (preset.source_size if preset else None),
-            local_files_only=self.local_files_only or hub_offline(),
+            source_size=source_size,
+            local_files_only=local_files_only or hub_offline(),
         )
+
+
+def _nearest(value: int, multiple: int) -> str:
+    """The multiples of ``multiple`` next to ``value``, for a message (``56 or 64``)."""
+    lower = value // multiple * multiple
+    return f"{lower} or {lower + multiple}" if lower else f"{multiple}"
 
 
 @dataclass(frozen=True, slots=True)

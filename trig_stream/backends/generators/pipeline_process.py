@@ -420,6 +420,7 @@ def serve(
     threading.Thread(
         target=_exit_with_parent, args=(lifeline,), name="lifeline", daemon=True
     ).start()
+    _progress_bars_lock_threads_only()
     from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
     from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 
@@ -549,6 +550,20 @@ def _answer(
             # exits instead, and the parent reports it with this traceback above.
             traceback.print_exc()
             os._exit(1)
+
+
+def _progress_bars_lock_threads_only() -> None:
+    # tqdm's first bar (a weight-loading bar, a pipeline call's bar, hidden or not) makes a
+    # lock for bars of several processes: a named semaphore, which multiprocessing's resource
+    # tracker holds until this process unlinks it in an orderly exit. A hard stop ends the
+    # child through os._exit (or SIGKILL), and the tracker then printed "There appear to be
+    # 1 leaked semaphore objects" onto the terminal. This process's bars only need to keep
+    # its own threads apart.
+    try:
+        import tqdm
+    except ImportError:
+        return
+    tqdm.tqdm.set_lock(threading.RLock())
 
 
 def _hide_progress_bars() -> None:

@@ -34,6 +34,15 @@ INPUT_TASKS: Mapping[InputKind, Task] = {
 }
 """The TRIG task each input kind serves."""
 
+INPUT_ARGUMENTS: Mapping[InputKind, tuple[str, ...]] = {
+    "text": (),
+    "edit": ("image",),
+    "subject": ("reference_image", "source_subject_category", "target_subject_category"),
+    "ip_adapter": ("ip_adapter_image",),
+}
+"""The call arguments each input kind adds to the prompt: a pipeline must name each of them
+in its call (one that takes them only through ``**kwargs`` ignores them)."""
+
 
 @dataclass(frozen=True, slots=True)
 class IPAdapterSpec:
