@@ -966,6 +966,29 @@ def test_a_pipeline_that_would_drop_the_source_or_reference_picture_is_refused(
     make_generator(tiny_pipelines["instruct_pix2pix"], "instruct_pix2pix").check_environment()
 
 
+def test_blip_diffusion_takes_the_negative_prompt_option_by_its_own_name() -> None:
+    # Refused at validate ("BlipDiffusionPipeline takes no argument(s) negative_prompt", exit
+    # 4), though the call passes it as BLIP-Diffusion's neg_prompt.
+    options = DiffusersOptions.model_validate(
+        {"preset": "blipdiffusion", "devices": ["cpu"], "negative_prompt": "blurry"}
+    )
+    generator = DiffusersGenerator("blip", options)
+    generator.check_environment()  # the classes only: nothing is downloaded
+    sample = Sample(
+        data_id="IQ-R_TA-C_1",
+        task="s2p",
+        prompt="a dog on a beach",
+        dimensions=("IQ-R", "TA-C"),
+        item="dog",
+        source_bytes=_png(Image.new("RGB", (16, 16), "brown")),
+    )
+    called = generator._arguments(
+        [GenerationRequest("blip", sample, 1)], [Image.new("RGB", (16, 16))]
+    )
+    assert called["neg_prompt"] == "blurry"
+    assert "negative_prompt" not in called
+
+
 def test_height_and_width_size_the_pictures_of_an_edit_preset_with_a_source_size(
     tiny_pipelines: dict[TinyKind, Path],
 ) -> None:

@@ -86,6 +86,19 @@ class _OutOfMemory(Exception):
     traceback (whose frames hold the call's tensors)."""
 
 
+PIPELINE_NAMES = {"negative_prompt": "neg_prompt"}
+"""Typed options a pipeline takes under a name of its own (BLIP-Diffusion's ``neg_prompt``)."""
+
+
+def _pipeline_names(call: dict[str, Any], accepts: frozenset[str]) -> dict[str, Any]:
+    """``call`` with each of :data:`PIPELINE_NAMES` under the name the pipeline takes it by."""
+    named = dict(call)
+    for ours, theirs in PIPELINE_NAMES.items():
+        if ours in named and ours not in accepts and theirs in accepts:
+            named[theirs] = named.pop(ours)
+    return named
+
+
 class DiffusersGenerator(Generator):
     """Images from a diffusers pipeline (an upstream preset or any pipeline class).
 
@@ -485,7 +498,8 @@ class DiffusersGenerator(Generator):
                 f"options.pipeline to one whose call takes {', '.join(INPUT_ARGUMENTS[inputs])}, "
                 "or options.inputs to what this one takes"
             )
-        unknown = sorted(set(self.spec.call) - self._accepts - {"height", "width"})
+        called = _pipeline_names(self.spec.call, self._accepts)
+        unknown = sorted(set(called) - self._accepts - {"height", "width"})
         if not unknown:
             return
         message = (
@@ -681,10 +695,8 @@ class DiffusersGenerator(Generator):
     def _arguments(
         self, batch: Sequence[GenerationRequest], pictures: Sequence[Image | None]
     ) -> dict[str, Any]:
-        kwargs = dict(self.spec.call)
         accepts = self._accepts
-        if "negative_prompt" in kwargs and "negative_prompt" not in accepts:
-            kwargs["neg_prompt"] = kwargs.pop("negative_prompt")  # BLIP-Diffusion's name
+        kwargs = _pipeline_names(self.spec.call, accepts)
         if self.spec.inputs == "edit" and "height" not in accepts:
             kwargs.pop("height", None)
             kwargs.pop("width", None)
