@@ -753,6 +753,34 @@ async def test_an_endpoint_that_answers_429_rests_while_another_takes_its_reques
     assert (limited.stats().received, live.stats().served) == (2, 5)
 
 
+async def test_a_429_leaves_its_retry_after_to_its_endpoint_while_another_is_awake(
+    image: Path, client: Client
+) -> None:
+    # The engine waited the Retry-After before the retry, by which time the endpoint's rest
+    # was over: the retry went back to it, five times, and the judgement was lost while the
+    # other endpoint stood idle. With no other endpoint awake the request waits as before.
+    now = [100.0]
+    limiting = JudgeServerOptions(rate_limit_rate=1.0, retry_after="60")
+    async with JudgeServer(limiting) as limited, JudgeServer() as live:
+        for urls, passed_on in (
+            ([limited.base_url, live.base_url], None),
+            ([limited.base_url], 60),
+        ):
+            options = OpenAIJudgeOptions(base_urls=urls, model="m", client=client)
+            judge = OpenAIJudge("m", options, clock=lambda: now[0])
+            await judge.open()
+            try:
+                with pytest.raises(RateLimitError) as raised:
+                    await ask(judge, image)
+                assert raised.value.retry_after == passed_on
+                if passed_on is None:
+                    now[0] += 1.0  # the engine's own short backoff
+                    await ask(judge, image)  # answered by the endpoint awake
+            finally:
+                await judge.aclose()
+    assert live.stats().served == 1
+
+
 async def test_endpoints_share_the_load(image: Path, client: Client) -> None:
     options = JudgeServerOptions(latency_s=0.02)
     async with JudgeServer(options) as one, JudgeServer(options) as two:

@@ -467,6 +467,11 @@ class OpenAIJudge(Judge):
         except Exception as exc:
             if isinstance(exc, RateLimitError):  # with one endpoint, only the engine's wait
                 endpoint.rate_limited(self._clock(), exc.retry_after)
+                if exc.retry_after is not None and self._another_awake(endpoint):
+                    # The Retry-After is this endpoint's rest, not the request's: waited out
+                    # by the engine, it brought the retry back to this endpoint, awake again
+                    # then, while another that could have answered at once stood idle.
+                    raise RateLimitError(str(exc), retry_after=None) from None
             elif isinstance(exc, RetryableError):
                 endpoint.failed(self._clock())
             failure = self.server.failure() if self.server is not None else None
@@ -480,6 +485,10 @@ class OpenAIJudge(Judge):
         if fatal is not None:
             raise fatal
         return reply
+
+    def _another_awake(self, endpoint: _Endpoint) -> bool:
+        now = self._clock()
+        return any(e is not endpoint and e.awake_at() <= now for e in self._endpoints)
 
     def _pick(self) -> _Endpoint:
         # The least busy endpoint of those not resting; when all rest, the one whose rest
