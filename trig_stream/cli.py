@@ -222,8 +222,9 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         dimensions = source.dimensions_to_judge(record.dimensions)
         if not any(judge.measures(d) for judge in judges for d in dimensions):
             unmeasured += 1
-    # Every record refused: the run would judge nothing and exit 2, and so does this.
-    refused_all = bool(refused) and not samples
+    # Every record refused: the run would judge nothing and exit 2, and so does this. Records
+    # the filters left out are not refused: with them, the filters are why nothing is judged.
+    refused_all = bool(refused) and len(refused) == source.records_read
     out = Console(soft_wrap=True)  # greppable: a path is never cut in two
     verdict = "[red]nothing to judge[/]" if refused_all else "[green]ok[/]"
     out.print(f"{verdict}: {escape(str(args.config))}", highlight=False)
@@ -385,9 +386,10 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
             console.print(_how_to_resume(config, engine, True), highlight=False, markup=False)
         return EXIT_INTERRUPTED
     stats = engine.stats()
-    if summary.state == "done" and stats.quarantined and not stats.samples_read:
+    if summary.state == "done" and stats.quarantined and stats.quarantined == stats.records_read:
         # Every record refused: the dataset (or [dataset] image_root) is what to fix, and a
-        # script must not take the run for one that judged its samples.
+        # script must not take the run for one that judged its samples. With records the
+        # filters left out, the filters are why nothing was judged (said in a note).
         console.print(
             f"[red]error:[/] nothing was judged: every one of the {stats.quarantined} dataset "
             "records was quarantined (see the note above); fix the dataset or its \\[dataset] "

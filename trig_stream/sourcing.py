@@ -115,6 +115,7 @@ class SourceStage:
             items.extend(self._work_for(source, record))
             if len(items) >= SOURCE_CHUNK:
                 break
+        counters.records_read = source.records_read
         return items
 
     def _todo(
@@ -187,7 +188,7 @@ class SourceStage:
         counters = self._context.counters
         if counters.samples_read:
             return
-        if counters.quarantined:
+        if counters.quarantined and counters.quarantined == source.records_read:
             # Not a run that judged what there was: a run that was given nothing it could use.
             counters.notes.append(
                 f"nothing was judged: every one of the {counters.quarantined} dataset "
@@ -199,13 +200,21 @@ class SourceStage:
         section = self._context.config.dataset
         if not source.records_read:
             counters.notes.append(f"the dataset {section.path} holds no records")
-        elif source.filtered_out == source.records_read:
+        elif source.filtered_out + counters.quarantined == source.records_read:
             filters = ", ".join(
                 f"{name} = {json.dumps(values)}"
                 for name, values in (("pairs", section.pairs), ("dimensions", section.dimensions))
                 if values
             )
+            counts = f"{source.records_read} records read, all left out"
+            if counters.quarantined:
+                # Those the filters kept out would not have been judged anyway: the filters,
+                # not the quarantined records, are why nothing was.
+                counts = (
+                    f"{source.records_read} records read, {source.filtered_out} left out and "
+                    f"{counters.quarantined} quarantined (the first for: "
+                    f"{self._first_refusal}; see {self._context.run_dir.path / QUARANTINE})"
+                )
             counters.notes.append(
-                f"no sample of the dataset matches its filters ({filters}): "
-                f"{source.records_read} records read, all left out"
+                f"no sample of the dataset matches its filters ({filters}): {counts}"
             )
