@@ -181,7 +181,9 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         judge_fingerprint,
         run_manifest,
     )
+    from trig_stream.dimensions import Dimension
     from trig_stream.records import QuarantinedRecord
+    from trig_stream.sourcing import Owed
     from trig_stream.store import check_resume
 
     config = load_config(args.config)
@@ -206,22 +208,33 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
     # read fails here (DatasetError, the run's exit code), and the records the run would
     # quarantine are listed, those edited since they were judged in the run directory too.
+    # A sample the run directory already holds every judgement of is passed over unbuilt, as
+    # the run passes it over (its source image is not looked up: one removed since is no
+    # reason to refuse it).
+    owed = Owed([g.name for g in generators], judges, journal, retry_errors=False)
+    finished = Counter[str]()
+
+    def passed_over(data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
+        if not owed.finished(data_id, dimensions):
+            return False
+        finished["judged" if owed.measured(dimensions) else "unmeasured"] += 1
+        return True
+
     source = DatasetSource(
         config.dataset,
         config.run.task,
+        finished=passed_over,
         judged=journal.digests,
         source_images=reads_source_images(generators),
     )
-    samples = unmeasured = 0
+    samples = 0
     refused: list[QuarantinedRecord] = []
     for record in source:
         if isinstance(record, QuarantinedRecord):
             refused.append(record)
             continue
         samples += 1
-        dimensions = source.dimensions_to_judge(record.dimensions)
-        if not any(judge.measures(d) for judge in judges for d in dimensions):
-            unmeasured += 1
+    unmeasured = finished["unmeasured"]
     # Every record refused: the run would judge nothing and exit 2, and so does this. Records
     # the filters left out are not refused: with them, the filters are why nothing is judged.
     refused_all = bool(refused) and len(refused) == source.records_read
@@ -240,6 +253,8 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
             f"limit = {config.dataset.limit})"
         )
     counts = f"{records}, {samples} sample{'s' * (samples != 1)} to judge"
+    if finished["judged"]:
+        counts += f", {finished['judged']} already judged in the run directory"
     if source.filtered_out:
         counts += f", {source.filtered_out} left out by its filters"
     out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False, markup=False)
