@@ -175,13 +175,13 @@ VALIDATE_SHOWN = 5
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.backends.base import reads_source_images
     from trig_stream.dataset import DatasetSource
+    from trig_stream.dimensions import Dimension
     from trig_stream.engine import (
         check_environment,
         ensure_open_files,
         judge_fingerprint,
         run_manifest,
     )
-    from trig_stream.dimensions import Dimension
     from trig_stream.records import QuarantinedRecord
     from trig_stream.sourcing import Owed
     from trig_stream.store import check_resume
