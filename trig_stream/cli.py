@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, get_args
@@ -42,6 +42,7 @@ from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 
 if TYPE_CHECKING:
     from trig_stream.engine import Engine
+    from trig_stream.records import JudgementKey
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -521,8 +522,18 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
     return written
 
 
+def _asked_by_manifest(config: dict[str, Any]) -> Callable[[JudgementKey], bool] | None:
+    """Which judgement keys a run of the manifest's ``config`` asks (None: unknown)."""
+    from trig_stream.tui.watch_source import asked_by_config
+
+    try:
+        return asked_by_config(RunConfig.model_validate(config))
+    except ValueError:  # a manifest edited by hand, or written by another version
+        return None
+
+
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from trig_stream.records import Judgement, JudgementKey
+    from trig_stream.records import Judgement
     from trig_stream.store import (
         JOURNAL,
         QUARANTINE,
@@ -540,7 +551,12 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     latest: dict[JudgementKey, tuple[int, Judgement]] = {
         j.key: (line, j) for line, j in read_journal_lines(args.run_dir / JOURNAL)
     }
-    asked = errors_asked_again(manifest) if writer is not None else None
+    asked = selected = None
+    if writer is not None and manifest.retry_errors:
+        # Only the errors of samples and dimensions the run still selects are asked again:
+        # read from its dataset, as `watch` reads it (unknown if it cannot be read here).
+        selected = _asked_by_manifest(manifest.config)
+        asked = errors_asked_again(manifest, selected)
     # Per metric, as the report separates them: two judges' scores of one dimension are not
     # one mean, nor are their counts one count. An error the running process asks again
     # (--retry-errors) is work left, not an error that stands.
@@ -568,9 +584,12 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     else:
         retrying = ""
         if asked is not None:
+            which = "the error judgements written before it started"
+            if selected is None:  # its dataset unread: which ones it still selects is unknown
+                which += " (of samples its dataset still selects)"
             retrying = (
-                " with --retry-errors: the error judgements written before it started are "
-                f"being asked again ({ASKED_AGAIN!r} below, not counted as errors)"
+                f" with --retry-errors: {which} are being asked again ({ASKED_AGAIN!r} "
+                "below, not counted as errors)"
             )
         out.print(
             f"running (pid {writer}){retrying}; the counts below are as of now; follow it "

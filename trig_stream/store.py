@@ -644,11 +644,15 @@ def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:
     return {j.key: j for j in read_journal(path)}
 
 
-def errors_asked_again(manifest: Manifest) -> Callable[[JudgementKey, int], bool] | None:
+def errors_asked_again(
+    manifest: Manifest, selected: Callable[[JudgementKey], bool] | None = None
+) -> Callable[[JudgementKey, int], bool] | None:
     """Which ``error`` judgements the latest run asks again while it runs
     (``--retry-errors``), as a test of a key and the number of the line (from 0) that holds
     its latest judgement: one written before the run started, by a model and a judge of its
-    config. None when it asks none again, or the manifest does not say.
+    config, of a sample and dimension that the run selects (``selected``: see
+    :func:`~trig_stream.tui.watch_source.asked_by_config`; None: not known, taken as
+    selected). None when it asks none again, or the manifest does not say.
     """
     if not manifest.retry_errors:
         return None
@@ -657,7 +661,9 @@ def errors_asked_again(manifest: Manifest) -> Callable[[JudgementKey, int], bool
     start = manifest.journal_lines
 
     def asked(key: JudgementKey, line: int) -> bool:
-        return line < start and key[0] in models and key[3] in metrics
+        if not (line < start and key[0] in models and key[3] in metrics):
+            return False
+        return selected is None or selected(key)
 
     return asked
 
