@@ -1041,6 +1041,71 @@ def test_a_run_whose_every_record_is_quarantined_is_no_success(
     assert "nothing was judged" not in capsys.readouterr().err
 
 
+def test_records_left_out_by_the_filters_are_not_taken_for_every_record_quarantined(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A dataset with one record without a data_id and a pairs filter no record matches:
+    # validate and run said "every one of the 1 records read would be / was quarantined"
+    # and exited 2, though the filters left the 4 others out (without the bad record: a
+    # note of the filters, exit 0).
+    path = write_config(tmp_path, samples=4)
+    records = json.loads((tmp_path / "prompts.json").read_text())
+    (tmp_path / "prompts.json").write_text(json.dumps([*records, {"prompt": "no id"}]))
+    text = path.read_text()
+    path.write_text(text.replace('"prompts.json"', '"prompts.json"\npairs = ["IQ-R_IQ-O"]'))
+    assert main(["validate", str(path)]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out.startswith("ok: ") and "nothing to judge" not in captured.err
+    assert "5 records, 0 samples to judge, 4 left out by its filters" in captured.out
+    assert "1 records would be quarantined" in captured.out
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "every one" not in err and "error:" not in err
+    assert (
+        'note: no sample of the dataset matches its filters (pairs = ["IQ-R_IQ-O"]): 5 records '
+        "read, 4 left out and 1 quarantined (the first for: missing data_id" in err
+    )
+
+
+class SourceReader(SyntheticGenerator):
+    """The synthetic generator as an editing model: it reads the samples' source images."""
+
+    reads_source_image = True
+
+
+def test_validate_passes_over_samples_already_judged_as_the_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A p2p run judged every sample, then its source images were removed: `run` passes the
+    # finished samples over (exit 0), but validate built each one, quarantined them all for
+    # the missing images and said "nothing to judge" (exit 2).
+    from trig_stream.backends import registry
+
+    monkeypatch.setattr(registry, "_REGISTERED", {"generators": {}, "judges": {}})
+    registry.register_backend("generators", "reader", SourceReader)
+    records = json.loads(write_prompts(tmp_path / "prompts.json", 4).read_text())
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for record in records:
+        record["img_id"] = f"src-{record['data_id']}.png"
+        Image.new("RGB", (16, 16), "red").save(sources / record["img_id"])
+    (tmp_path / "prompts.json").write_text(json.dumps(records))
+    path = tmp_path / "run.toml"
+    text = CONFIG.format(latency=0.0, concurrency=8, extra="")
+    text = text.replace('output_dir = "runs"', 'output_dir = "runs"\ntask = "p2p"')
+    text = text.replace('"prompts.json"', '"prompts.json"\nimage_root = "sources"')
+    path.write_text(text.replace('backend = "synthetic"', 'backend = "reader"'))
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    for image in sources.iterdir():
+        image.unlink()
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("ok: ") and "quarantined" not in out
+    assert "4 records, 0 samples to judge, 4 already judged in the run directory" in out
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+
+
 def test_only_generators_that_edit_or_follow_a_subject_read_source_images(tmp_path: Path) -> None:
     from trig_stream.backends.base import reads_source_images
     from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator

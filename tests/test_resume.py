@@ -516,7 +516,10 @@ async def test_a_project_folder_moved_whole_resumes_where_it_stopped(
             await run_to_end(load_config(config_file))
         message = str(refused.value)
         assert "path " in message and "has moved since" in message
-        assert f"a path in {tmp_path / 'proj'} is compared at its place in" in message
+        assert (
+            f"a path in {tmp_path / 'proj'} that is gone from there is compared at its place in"
+            in message
+        )
     config_file.write_text(text)
     moved = load_config(config_file)
     results = await run_to_end(moved)
@@ -526,6 +529,33 @@ async def test_a_project_folder_moved_whole_resumes_where_it_stopped(
     assert stored["mine"]["path"] == str(tmp_path / "proj2" / "images")
     assert stored["shared"]["path"] == str(shared)
     capsys.readouterr()
+
+
+async def test_a_folder_left_behind_by_a_move_is_not_taken_for_one_beside_the_new_place(
+    tmp_path: Path,
+) -> None:
+    # A/proj names an image folder outside it ("../../shared": A/shared) and moves to
+    # B/proj: the runs' shared end is proj/runs/<name>, so A -> B looked moved and every
+    # stored path under A, A/shared included, was compared at B: B/shared, another folder
+    # that stayed where it was, resumed the run with mixed scores. A path still at its old
+    # place did not move.
+    (tmp_path / "A").mkdir()
+    first_file = write_project(tmp_path / "A" / "proj", tmp_path / "A" / "shared")
+    first_file.write_text(first_file.read_text().replace(str(tmp_path / "A"), "../.."))
+    first = load_config(first_file)
+    assert first.generators[1].options["path"] == str(tmp_path / "A" / "shared")
+    assert len(await run_to_end(first)) == 16
+    (tmp_path / "B").mkdir()
+    (tmp_path / "A" / "proj").rename(tmp_path / "B" / "proj")
+    write_project(tmp_path / "C", tmp_path / "B" / "shared")  # another folder of images
+    with pytest.raises(FingerprintMismatch) as refused:
+        await run_to_end(load_config(tmp_path / "B" / "proj" / "config" / "run.toml"))
+    assert f"generator 'shared': path \"{tmp_path / 'A' / 'shared'}\" in the run dir" in str(
+        refused.value
+    )
+    # Gone from its old place, it moved with the project: the run resumes.
+    (tmp_path / "A" / "shared").rename(tmp_path / "A" / "gone")
+    assert await run_to_end(load_config(tmp_path / "B" / "proj" / "config" / "run.toml")) == []
 
 
 def test_a_model_left_out_after_a_move_keeps_the_paths_that_did_not_move(tmp_path: Path) -> None:

@@ -684,6 +684,44 @@ async def test_watch_and_status_count_the_errors_a_retry_asks_again_as_work_left
     assert table_row(out, "synth")[2:] == ["16", "0", "0", "16"]
 
 
+async def test_errors_of_samples_the_retry_no_longer_selects_are_not_counted_as_asked_again(
+    make_config: ConfigFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Resumed with --retry-errors and a dataset limit of 4 of the 8 samples: status and watch
+    # counted every error written before as asked again, also those of the samples beyond
+    # the limit, which the run never asks.
+    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.5}}]
+    config = make_config(samples=8, judges=failing)
+    await run_to_end(config)
+    run_dir = config.run_dir
+    kept = {r["data_id"] for r in json.loads((tmp_path / "prompts.json").read_text())[:4]}
+    errors = [j for j in latest_judgements(run_dir / JOURNAL).values() if j.status == "error"]
+    selected = sum(1 for j in errors if j.data_id in kept)
+    assert selected >= 2 and len(errors) > selected  # errors on both sides of the limit
+    limited = make_config(
+        dataset={"path": str(tmp_path / "prompts.json"), "limit": 4}, judges=failing
+    )
+    judge = GatedJudge(open_for=1)
+    async with Engine(limited, judges=[judge], retry_errors=True) as engine:
+        assert (await engine.results.receive()).status == "ok"  # one error asked again
+        left = selected - 1
+        snapshot = RunDirSource(run_dir).poll()
+        assert f"asking again {left} error judgement" in snapshot.message
+        assert main(["status", str(run_dir)]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert "of samples its dataset still selects" not in out
+        stand = len(errors) - selected
+        assert table_row(out, "synth")[2:] == [
+            str(17 - len(errors)),
+            "0",
+            str(stand),
+            str(left),
+            "16",
+        ]
+        judge.gate.set()
+        assert len([j async for j in engine.results]) == left
+
+
 def test_one_commit_seen_just_after_the_last_look_is_no_spike_in_the_rate(
     tmp_path: Path,
 ) -> None:

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, get_args
@@ -42,6 +42,7 @@ from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 
 if TYPE_CHECKING:
     from trig_stream.engine import Engine
+    from trig_stream.records import JudgementKey
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -175,6 +176,7 @@ VALIDATE_SHOWN = 5
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.backends.base import reads_source_images
     from trig_stream.dataset import DatasetSource
+    from trig_stream.dimensions import Dimension
     from trig_stream.engine import (
         check_environment,
         ensure_open_files,
@@ -182,6 +184,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         run_manifest,
     )
     from trig_stream.records import QuarantinedRecord
+    from trig_stream.sourcing import Owed
     from trig_stream.store import check_resume
 
     config = load_config(args.config)
@@ -206,24 +209,36 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
     # read fails here (DatasetError, the run's exit code), and the records the run would
     # quarantine are listed, those edited since they were judged in the run directory too.
+    # A sample the run directory already holds every judgement of is passed over unbuilt, as
+    # the run passes it over (its source image is not looked up: one removed since is no
+    # reason to refuse it).
+    owed = Owed([g.name for g in generators], judges, journal, retry_errors=False)
+    finished = Counter[str]()
+
+    def passed_over(data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
+        if not owed.finished(data_id, dimensions):
+            return False
+        finished["judged" if owed.measured(dimensions) else "unmeasured"] += 1
+        return True
+
     source = DatasetSource(
         config.dataset,
         config.run.task,
+        finished=passed_over,
         judged=journal.digests,
         source_images=reads_source_images(generators),
     )
-    samples = unmeasured = 0
+    samples = 0
     refused: list[QuarantinedRecord] = []
     for record in source:
         if isinstance(record, QuarantinedRecord):
             refused.append(record)
             continue
         samples += 1
-        dimensions = source.dimensions_to_judge(record.dimensions)
-        if not any(judge.measures(d) for judge in judges for d in dimensions):
-            unmeasured += 1
-    # Every record refused: the run would judge nothing and exit 2, and so does this.
-    refused_all = bool(refused) and not samples
+    unmeasured = finished["unmeasured"]
+    # Every record refused: the run would judge nothing and exit 2, and so does this. Records
+    # the filters left out are not refused: with them, the filters are why nothing is judged.
+    refused_all = bool(refused) and len(refused) == source.records_read
     out = Console(soft_wrap=True)  # greppable: a path is never cut in two
     verdict = "[red]nothing to judge[/]" if refused_all else "[green]ok[/]"
     out.print(f"{verdict}: {escape(str(args.config))}", highlight=False)
@@ -239,6 +254,8 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
             f"limit = {config.dataset.limit})"
         )
     counts = f"{records}, {samples} sample{'s' * (samples != 1)} to judge"
+    if finished["judged"]:
+        counts += f", {finished['judged']} already judged in the run directory"
     if source.filtered_out:
         counts += f", {source.filtered_out} left out by its filters"
     out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False, markup=False)
@@ -385,9 +402,10 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
             console.print(_how_to_resume(config, engine, True), highlight=False, markup=False)
         return EXIT_INTERRUPTED
     stats = engine.stats()
-    if summary.state == "done" and stats.quarantined and not stats.samples_read:
+    if summary.state == "done" and stats.quarantined and stats.quarantined == stats.records_read:
         # Every record refused: the dataset (or [dataset] image_root) is what to fix, and a
-        # script must not take the run for one that judged its samples.
+        # script must not take the run for one that judged its samples. With records the
+        # filters left out, the filters are why nothing was judged (said in a note).
         console.print(
             f"[red]error:[/] nothing was judged: every one of the {stats.quarantined} dataset "
             "records was quarantined (see the note above); fix the dataset or its \\[dataset] "
@@ -504,8 +522,18 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
     return written
 
 
+def _asked_by_manifest(config: dict[str, Any]) -> Callable[[JudgementKey], bool] | None:
+    """Which judgement keys a run of the manifest's ``config`` asks (None: unknown)."""
+    from trig_stream.tui.watch_source import asked_by_config
+
+    try:
+        return asked_by_config(RunConfig.model_validate(config))
+    except ValueError:  # a manifest edited by hand, or written by another version
+        return None
+
+
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from trig_stream.records import Judgement, JudgementKey
+    from trig_stream.records import Judgement
     from trig_stream.store import (
         JOURNAL,
         QUARANTINE,
@@ -523,7 +551,12 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     latest: dict[JudgementKey, tuple[int, Judgement]] = {
         j.key: (line, j) for line, j in read_journal_lines(args.run_dir / JOURNAL)
     }
-    asked = errors_asked_again(manifest) if writer is not None else None
+    asked = selected = None
+    if writer is not None and manifest.retry_errors:
+        # Only the errors of samples and dimensions the run still selects are asked again:
+        # read from its dataset, as `watch` reads it (unknown if it cannot be read here).
+        selected = _asked_by_manifest(manifest.config)
+        asked = errors_asked_again(manifest, selected)
     # Per metric, as the report separates them: two judges' scores of one dimension are not
     # one mean, nor are their counts one count. An error the running process asks again
     # (--retry-errors) is work left, not an error that stands.
@@ -551,9 +584,12 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     else:
         retrying = ""
         if asked is not None:
+            which = "the error judgements written before it started"
+            if selected is None:  # its dataset unread: which ones it still selects is unknown
+                which += " (of samples its dataset still selects)"
             retrying = (
-                " with --retry-errors: the error judgements written before it started are "
-                f"being asked again ({ASKED_AGAIN!r} below, not counted as errors)"
+                f" with --retry-errors: {which} are being asked again ({ASKED_AGAIN!r} "
+                "below, not counted as errors)"
             )
         out.print(
             f"running (pid {writer}){retrying}; the counts below are as of now; follow it "

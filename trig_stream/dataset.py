@@ -184,6 +184,31 @@ class DatasetSource:
                     break
         return pairs
 
+    def selected_samples(self) -> dict[str, tuple[Dimension, ...]]:
+        """Each sample the run selects (filters and limit applied, the first of a repeated
+        ``data_id``), as ``data_id`` -> the dimensions judged of it, reading only the
+        identity columns: what a reader of a run directory needs to tell the judgements a
+        run still asks from those its dataset left out since. Records with a bad id or pair
+        are left out; one edited since it was judged (which a run quarantines) cannot be
+        told from the identity columns and stays in.
+
+        Raises:
+            DatasetError: the dataset cannot be opened.
+        """
+        samples: dict[str, tuple[Dimension, ...]] = {}
+        limit = self.section.limit
+        for raw in self._raw_records(identity_only=True):
+            try:
+                data_id, dimensions = _identity(raw)
+            except Rejected:
+                continue
+            if data_id in samples or not self._selected(dimensions):
+                continue
+            samples[data_id] = self.dimensions_to_judge(dimensions)
+            if limit is not None and len(samples) >= limit:
+                break
+        return samples
+
     def count_records(self) -> int:
         """How many records the dataset holds, every kind included, filters and limit not
         applied; reading only the identity columns.

@@ -390,6 +390,7 @@ class Engine:
             samples_total=c.samples_total,
             samples_read=c.samples_read,
             quarantined=c.quarantined,
+            records_read=c.records_read,
             unmeasured=c.unmeasured,
             models={name: replace(m) for name, m in c.models.items()},
             buffers=buffers,

@@ -29,6 +29,61 @@ SOURCE_CHUNK = 16
 """Work items read per worker-thread call: amortises the thread hop, bounds the read-ahead."""
 
 
+class Owed:
+    """What a run still owes each sample, from what its journal holds: the run's source
+    stage asks it, and so does ``validate``, so that both count a finished sample alike.
+
+    Args:
+        models: the names of the run's models.
+        judges: the run's judges, whose ``dimensions`` say which questions each one is asked.
+        journal: what the journal held when the run opened.
+        retry_errors: ask again the judgements whose status is ``error``.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str],
+        judges: Sequence[Judge],
+        journal: JournalState,
+        *,
+        retry_errors: bool,
+    ) -> None:
+        self._models = list(models)
+        self._judges = list(judges)
+        self._journal = journal
+        self._retry_errors = retry_errors
+        self._measured_pairs: dict[tuple[Dimension, ...], bool] = {}
+
+    def todo(
+        self, model: str, data_id: str, dimensions: tuple[Dimension, ...]
+    ) -> tuple[tuple[Dimension, str], ...]:
+        """The (dimension, judge) pairs of one sample and model not yet in the journal."""
+        return tuple(
+            (dimension, judge.name)
+            for dimension in dimensions
+            for judge in self._judges
+            if judge.measures(dimension)
+            and not self._journal.is_done(
+                (model, data_id, dimension, judge.name), retry_errors=self._retry_errors
+            )
+        )
+
+    def finished(self, data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
+        """Whether no model owes the sample a judgement (also when no judge measures its
+        dimensions: see :meth:`measured`)."""
+        return not any(self.todo(model, data_id, dimensions) for model in self._models)
+
+    def measured(self, dimensions: tuple[Dimension, ...]) -> bool:
+        """Whether a judge asks about one of these dimensions (asked once per pair: a resume
+        asks it of every finished sample)."""
+        measured = self._measured_pairs.get(dimensions)
+        if measured is None:
+            measured = self._measured_pairs[dimensions] = any(
+                judge.measures(dimension) for judge in self._judges for dimension in dimensions
+            )
+        return measured
+
+
 class SourceStage:
     """Reads the dataset and queues each model's work items.
 
@@ -56,9 +111,8 @@ class SourceStage:
         self._models = [generator.name for generator in generators]
         self._source_images = reads_source_images(generators)
         self._judges = list(judges)
-        self._measured_pairs: dict[tuple[Dimension, ...], bool] = {}
         self._journal = journal
-        self._retry_errors = retry_errors
+        self._owed = Owed(self._models, judges, journal, retry_errors=retry_errors)
         self._running_gate = running_gate
         self._first_refusal: str | None = None
         """Why the first quarantined record was refused (said when every one was)."""
@@ -115,39 +169,16 @@ class SourceStage:
             items.extend(self._work_for(source, record))
             if len(items) >= SOURCE_CHUNK:
                 break
+        counters.records_read = source.records_read
         return items
-
-    def _todo(
-        self, model: str, data_id: str, dimensions: tuple[Dimension, ...]
-    ) -> tuple[tuple[Dimension, str], ...]:
-        """The (dimension, judge) pairs of one sample and model not yet in the journal."""
-        return tuple(
-            (dimension, judge.name)
-            for dimension in dimensions
-            for judge in self._judges
-            if judge.measures(dimension)
-            and not self._journal.is_done(
-                (model, data_id, dimension, judge.name), retry_errors=self._retry_errors
-            )
-        )
-
-    def _measured(self, dimensions: tuple[Dimension, ...]) -> bool:
-        """Whether a judge asks about one of these dimensions (asked once per pair: a resume
-        asks it of every finished sample)."""
-        measured = self._measured_pairs.get(dimensions)
-        if measured is None:
-            measured = self._measured_pairs[dimensions] = any(
-                judge.measures(dimension) for judge in self._judges for dimension in dimensions
-            )
-        return measured
 
     def _sample_finished(self, data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
         # Called by the dataset reader (in its thread) before it builds a sample.
-        if any(self._todo(model, data_id, dimensions) for model in self._models):
+        if not self._owed.finished(data_id, dimensions):
             return False
         counters = self._context.counters
         counters.samples_read += 1
-        if not self._measured(dimensions):
+        if not self._owed.measured(dimensions):
             counters.unmeasured += 1  # nothing to do, not something done
             return True
         for model in self._models:
@@ -173,7 +204,7 @@ class SourceStage:
         base_seed = self._context.config.run.seed
         items = []
         for model in self._models:
-            todo = self._todo(model, sample.data_id, dimensions)
+            todo = self._owed.todo(model, sample.data_id, dimensions)
             if todo:
                 seed = seed_for(base_seed, model, sample.data_id)
                 items.append(WorkItem(model, sample, seed, todo))
@@ -187,7 +218,7 @@ class SourceStage:
         counters = self._context.counters
         if counters.samples_read:
             return
-        if counters.quarantined:
+        if counters.quarantined and counters.quarantined == source.records_read:
             # Not a run that judged what there was: a run that was given nothing it could use.
             counters.notes.append(
                 f"nothing was judged: every one of the {counters.quarantined} dataset "
@@ -199,13 +230,21 @@ class SourceStage:
         section = self._context.config.dataset
         if not source.records_read:
             counters.notes.append(f"the dataset {section.path} holds no records")
-        elif source.filtered_out == source.records_read:
+        elif source.filtered_out + counters.quarantined == source.records_read:
             filters = ", ".join(
                 f"{name} = {json.dumps(values)}"
                 for name, values in (("pairs", section.pairs), ("dimensions", section.dimensions))
                 if values
             )
+            counts = f"{source.records_read} records read, all left out"
+            if counters.quarantined:
+                # Those the filters kept out would not have been judged anyway: the filters,
+                # not the quarantined records, are why nothing was.
+                counts = (
+                    f"{source.records_read} records read, {source.filtered_out} left out and "
+                    f"{counters.quarantined} quarantined (the first for: "
+                    f"{self._first_refusal}; see {self._context.run_dir.path / QUARANTINE})"
+                )
             counters.notes.append(
-                f"no sample of the dataset matches its filters ({filters}): "
-                f"{source.records_read} records read, all left out"
+                f"no sample of the dataset matches its filters ({filters}): {counts}"
             )

@@ -108,6 +108,9 @@ class EngineStats:
     """What backends reported at the end of their work (e.g. image files left unused)."""
     unmeasured: int = 0
     """Samples none of whose dimensions any judge measures: done, with nothing to do."""
+    records_read: int = 0
+    """Dataset records read so far, every kind (samples, quarantined, left out by the
+    filters)."""
     opening: str | None = None
     """What the engine is opening while it starts (the run directory, a judge starting its
     server or loading its model), or None."""
@@ -129,6 +132,8 @@ class Counters:
     elapsed time and the rates stop there."""
     samples_total: int | None = None
     samples_read: int = 0
+    records_read: int = 0
+    """Dataset records read so far, every kind."""
     dataset_read: bool = False
     """Whether the source read the dataset to its end (a stop can leave part of it)."""
     unmeasured: int = 0

@@ -269,7 +269,10 @@ class Move:
 
     def same(self, stored: Any, configured: Any) -> bool:
         """Whether a stored JSON value is the configured one, its paths in the folder that
-        moved taken at their new place."""
+        moved taken at their new place. A stored path still at its old place did not move
+        (as in :meth:`apply`): only the folder that moved knows which of its parts went with
+        it, and one left behind (``A/imgs`` beside a moved ``A/proj``) is compared as it
+        was, so that ``B/imgs`` is another folder."""
         if isinstance(stored, list) and isinstance(configured, list):
             return len(stored) == len(configured) and all(
                 self.same(a, b) for a, b in zip(stored, configured, strict=True)
@@ -278,7 +281,11 @@ class Move:
             return stored.keys() == configured.keys() and all(
                 self.same(stored[key], configured[key]) for key in stored
             )
-        return stored == configured or configured in self.places(stored)
+        if stored == configured:
+            return True
+        return not (isinstance(stored, str) and os.path.lexists(stored)) and (
+            configured in self.places(stored)
+        )
 
     def apply(self, value: Any) -> Any:
         """A stored JSON value with each path that moved at its new place: a path in the
@@ -637,11 +644,15 @@ def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:
     return {j.key: j for j in read_journal(path)}
 
 
-def errors_asked_again(manifest: Manifest) -> Callable[[JudgementKey, int], bool] | None:
+def errors_asked_again(
+    manifest: Manifest, selected: Callable[[JudgementKey], bool] | None = None
+) -> Callable[[JudgementKey, int], bool] | None:
     """Which ``error`` judgements the latest run asks again while it runs
     (``--retry-errors``), as a test of a key and the number of the line (from 0) that holds
     its latest judgement: one written before the run started, by a model and a judge of its
-    config. None when it asks none again, or the manifest does not say.
+    config, of a sample and dimension that the run selects (``selected``: see
+    :func:`~trig_stream.tui.watch_source.asked_by_config`; None: not known, taken as
+    selected). None when it asks none again, or the manifest does not say.
     """
     if not manifest.retry_errors:
         return None
@@ -650,7 +661,9 @@ def errors_asked_again(manifest: Manifest) -> Callable[[JudgementKey, int], bool
     start = manifest.journal_lines
 
     def asked(key: JudgementKey, line: int) -> bool:
-        return line < start and key[0] in models and key[3] in metrics
+        if not (line < start and key[0] in models and key[3] in metrics):
+            return False
+        return selected is None or selected(key)
 
     return asked
 
@@ -874,8 +887,8 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
         if moved is not None:
             old, new = moved.roots[0]
             where = (
-                f"\n(The run directory has moved since: a path in {old} is compared at its "
-                f"place in {new}, a path elsewhere as it was.)"
+                f"\n(The run directory has moved since: a path in {old} that is gone from "
+                f"there is compared at its place in {new}, any other path as it was.)"
             )
         raise FingerprintMismatch(
             f"{path} holds results made with other settings:\n  "

@@ -196,6 +196,11 @@ class RunDirSource:
         self._thresholds = RelationSection()
         self._samples_total: int | None = None
         self._config_models: list[str] = []
+        self._config: RunConfig | None = None
+        self._selected: Callable[[JudgementKey], bool] | None = None
+        """Which keys the config's run asks (:func:`asked_by_config`), read from its dataset
+        when first needed (a retry of the errors), again after the config changed."""
+        self._selected_read = False
         """The models of the run's latest config (when readable)."""
         self._judgements_total = 0
         """The judgements each model makes of the samples, when the dataset is readable."""
@@ -353,7 +358,12 @@ class RunDirSource:
 
     def _asked_again(self, manifest: Manifest) -> Counter[str]:
         """Per model, the ``error`` judgements the running process asks again."""
-        asked = errors_asked_again(manifest)
+        if not manifest.retry_errors:
+            return Counter()
+        if not self._selected_read and self._config is not None:
+            self._selected = asked_by_config(self._config)
+            self._selected_read = True
+        asked = errors_asked_again(manifest, self._selected)
         if asked is None:
             return Counter()
         return Counter(key[0] for key, line in self._error_lines.items() if asked(key, line))
@@ -392,10 +402,12 @@ class RunDirSource:
         self._samples_total = None
         self._judgements_total = 0
         self._config_models = []
+        self._config, self._selected, self._selected_read = None, None, False
         try:
             config = RunConfig.model_validate(manifest.config)
         except ValueError:
             return
+        self._config = config
         self._thresholds = self._tracker.thresholds = config.relation or RelationSection()
         self._config_models = [generator.name for generator in config.generators]
         try:
@@ -450,6 +462,31 @@ def _rank(ordered: list[float], share: float) -> float | None:
     if not ordered:
         return None
     return ordered[round(share * (len(ordered) - 1))]
+
+
+def asked_by_config(config: RunConfig) -> Callable[[JudgementKey], bool] | None:
+    """Whether a run of ``config`` asks about a judgement's key: its sample is one the
+    dataset's filters and limit select (read from the identity columns), its dimension one
+    judged of it, its judge one of the config that measures that dimension. A key outside
+    that (a sample removed from the dataset or filtered out since, a dimension no longer
+    measured) is never asked, also by ``--retry-errors``. None when the dataset or a judge
+    cannot be read here.
+    """
+    try:
+        judges = {entry.name: build_judge(entry, config) for entry in config.judges}
+        source = DatasetSource(config.dataset, config.run.task, source_images=False)
+        samples = source.selected_samples()
+    except Exception:  # a dataset moved or gone, a backend this machine lacks
+        return None
+
+    def asked(key: JudgementKey) -> bool:
+        dimensions = samples.get(key[1])
+        judge = judges.get(key[3])
+        if dimensions is None or judge is None:
+            return False
+        return key[2] in dimensions and judge.measures(key[2])
+
+    return asked
 
 
 def _judgements_per_model(
