@@ -526,6 +526,19 @@ def test_a_resume_that_lifts_a_limit_counts_the_samples_again(tmp_path: Path) ->
     assert source.poll().samples_total == 8
 
 
+def test_samples_are_counted_without_the_source_images_they_do_not_need(tmp_path: Path) -> None:
+    # An image_root that is gone made the count fail (the sources were looked up), and the
+    # totals and ETA of a run judging images made elsewhere stayed unknown.
+    config = load_config(write_config(tmp_path, samples=4)).model_dump(mode="json")
+    config["run"]["task"] = "p2p"
+    config["dataset"]["image_root"] = str(tmp_path / "gone")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    manifest = Manifest(run_name="watched", task="p2p", config=config)
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    assert RunDirSource(run_dir).poll().samples_total == 4
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_closes_the_watch_dashboard_and_gives_the_terminal_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals

@@ -411,7 +411,7 @@ class RunDirSource:
         self._thresholds = self._tracker.thresholds = config.relation or RelationSection()
         self._config_models = [generator.name for generator in config.generators]
         try:
-            source = DatasetSource(config.dataset, config.run.task)
+            source = DatasetSource(config.dataset, config.run.task, source_images=False)
             pairs = source.selected_pairs()
         except Exception:  # a dataset moved or gone: the ETA stays unknown
             return
