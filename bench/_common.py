@@ -1,9 +1,12 @@
-"""Helpers shared by the benchmark scripts: datasets and configs of any size."""
+"""Helpers shared by the benchmark scripts: datasets and configs of any size, and a clean
+stop on SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 PAIRS = [
@@ -15,6 +18,32 @@ PAIRS = [
     "R-T_IQ-A",
     "R-B_TA-C",
 ]
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``timeout``) stop this bench as Ctrl-C does, so that its
+    ``finally`` blocks stop the judge server and its temporary folders are removed: SIGTERM's
+    default action ends the process on the spot and leaves both behind. Call it first thing
+    in ``main``.
+
+    SIGTERM calls the SIGINT handler in force: outside an event loop Python's own, which
+    raises ``KeyboardInterrupt``; while ``anyio.run`` runs, asyncio's, which cancels the run's
+    main task, so that the engine stops as on Ctrl-C. An exception raised from a signal
+    handler at a random point inside the event loop instead can leave the engine's worker
+    threads waiting forever. asyncio installs its handler only where SIGINT has Python's
+    default one, so a SIGINT that is ignored (a background job of a shell script) gets it
+    back.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if not callable(on_sigint):
+            raise KeyboardInterrupt
+        on_sigint(signal.SIGINT, frame)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def write_parquet_prompts(path: Path, count: int) -> Path:

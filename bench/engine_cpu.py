@@ -71,7 +71,7 @@ import anyio
 import anyio.to_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json_prompts, write_parquet_prompts
+from _common import stop_on_sigterm, write_json_prompts, write_parquet_prompts
 from _server import judge_stats, openai_judge, start_judge, stop_judge, synthetic_generator
 
 from trig_stream.config import parse_config
@@ -226,6 +226,7 @@ def main() -> None:
         help="rounds of the three runs, alternating (this box's speed drifts by the minute)",
     )
     args = parser.parse_args()
+    stop_on_sigterm()
     server_cpus, engine_cpus = (set(), set()) if args.no_pin else split_cpus()
     if args.engine_cpus is not None:
         # The others first; past them, the server's own CPU (then shared with it).

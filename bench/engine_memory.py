@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_config, write_parquet_prompts, write_toml
+from _common import bench_config, stop_on_sigterm, write_parquet_prompts, write_toml
 
 PEAK = (
     "import sys\n"
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=100_000)
     args = parser.parse_args()
+    stop_on_sigterm()
     with tempfile.TemporaryDirectory() as tmp:
         small_rss, small_s = one(args.small, Path(tmp))
         print(f"{args.small:>7} prompts: peak RSS {small_rss:7.1f} MiB, {small_s:6.1f} s")

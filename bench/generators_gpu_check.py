@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -29,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import stop_on_sigterm
 
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
@@ -200,6 +204,7 @@ def main() -> None:
         help="the engine runs to make, as isolation:batch_size (default: all four)",
     )
     args = parser.parse_args()
+    stop_on_sigterm()
     runs = [
         (isolation, int(batch)) for isolation, batch in (r.split(":") for r in args.runs.split(","))
     ]

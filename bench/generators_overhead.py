@@ -36,6 +36,9 @@ from typing import Any
 
 import anyio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import stop_on_sigterm
+
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
@@ -166,6 +169,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--one", nargs=6, metavar=("MODE", "BATCH", "SIZE", "STEPS", "PIPE", "DIR"))
     args = parser.parse_args()
+    stop_on_sigterm()
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()

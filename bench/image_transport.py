@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_parquet_prompts
+from _common import stop_on_sigterm, write_parquet_prompts
 from _server import judge_stats, openai_judge, start_judge, stop_judge
 
 from trig_stream import Engine
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
+    stop_on_sigterm()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         # As vLLM, the server reads file:// URLs only under the folder it is given.

@@ -23,7 +23,6 @@ import argparse
 import base64
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,8 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import StatsSampler, judge_stats
+from _common import stop_on_sigterm
+from _server import StatsSampler, judge_stats, start_judge, stop_judge
 
 from trig_stream.config import RunConfig
 from trig_stream.dimensions import DIMENSIONS
@@ -61,28 +61,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_server(latency: float, capacity: int) -> tuple[subprocess.Popen[str], str]:
-    """Start ``simulate-judge`` in its own process; returns it and its base URL."""
-    code = (
-        "import argparse, sys\n"
-        "from rich.console import Console\n"
-        "from trig_stream.testing.simulate_judge import add_simulate_judge_command\n"
-        "p = argparse.ArgumentParser(); add_simulate_judge_command(p.add_subparsers())\n"
-        f"a = p.parse_args(['simulate-judge', '--port', '0', '--latency', '{latency}',"
-        f" '--capacity', '{capacity}'])\n"
-        "sys.exit(a.handler(a, Console(stderr=True)))\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith("READY "):
-        process.kill()
-        raise RuntimeError("simulate-judge did not start")
-    return process, line.split()[1]
 
 
 async def run_engine(
@@ -182,9 +160,12 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
+    stop_on_sigterm()
 
     total = 2 * args.images
-    process, base_url = start_server(args.latency, args.capacity)
+    process, base_url = start_judge(
+        "--latency", str(args.latency), "--capacity", str(args.capacity)
+    )
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
@@ -202,8 +183,7 @@ def main() -> None:
             images = sorted((root / "runs").rglob("*.png"))
             sequential_s = run_sequential(images, base_url, args.sequential)
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_judge(process)
     projected = sequential_s * total / args.sequential
     print(
         f"judge: simulate-judge, {args.latency * 1000:g} ms per request, "

@@ -26,7 +26,7 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_parquet_prompts
+from _common import stop_on_sigterm, write_parquet_prompts
 
 from trig_stream.analysis import analyse_judgements
 from trig_stream.config import load_config
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--min-delay", type=float, default=1.0, help="earliest kill after a start")
     parser.add_argument("--max-delay", type=float, default=4.0, help="latest kill after a start")
     args = parser.parse_args()
+    stop_on_sigterm()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -93,9 +94,13 @@ def main() -> None:
                 print(f"start {attempt + 1}: the run finished before its kill at {delay:.2f} s")
                 break
             except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
                 kills += 1
+            finally:
+                # The kill -9 this bench is about; also when this bench is stopped meanwhile,
+                # so that no run goes on writing into the folder being removed.
+                if process.poll() is None:
+                    os.kill(process.pid, signal.SIGKILL)
+                process.wait()
             lines = journal.read_bytes().count(b"\n") if journal.exists() else 0
             print(f"kill {kills:2d} after {delay:.2f} s: journal {lines} lines")
         final = subprocess.run(command, capture_output=True)

@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_parquet_prompts
+from _common import stop_on_sigterm, write_parquet_prompts
 from _server import openai_judge, start_judge, stop_judge, synthetic_generator
 
 from trig_stream.config import parse_config
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--judge-latency", type=float, default=0.08)
     parser.add_argument("--capacity", type=int, default=16)
     args = parser.parse_args()
+    stop_on_sigterm()
     n = args.prompts
     process, url = start_judge(
         "--latency", str(args.judge_latency), "--capacity", str(args.capacity)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_config, write_parquet_prompts
+from _common import bench_config, stop_on_sigterm, write_parquet_prompts
 
 CHILD = """
 import json, sys, time
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--done", type=int, default=50_000, help="finished samples (x2 judgements)")
     parser.add_argument("--new", type=int, default=1_000)
     args = parser.parse_args()
+    stop_on_sigterm()
     with tempfile.TemporaryDirectory() as tmp:
         built = time.perf_counter()
         config = build_run(Path(tmp), args.done, args.new)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_parquet_prompts, write_toml
+from _common import stop_on_sigterm, write_parquet_prompts, write_toml
 from _server import judge_stats, openai_judge, start_judge, stop_judge, synthetic_generator
 
 BUILD = """
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--done", type=int, default=50_000, help="finished samples (x2)")
     parser.add_argument("--new", type=int, default=1_000)
     args = parser.parse_args()
+    stop_on_sigterm()
     process, url = start_judge("--latency", "0", "--capacity", "64")
     try:
         with tempfile.TemporaryDirectory() as tmp:

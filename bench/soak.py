@@ -24,7 +24,7 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_parquet_prompts
+from _common import stop_on_sigterm, write_parquet_prompts
 from _server import judge_stats, openai_judge, rss_mib, start_judge, stop_judge, synthetic_generator
 
 from trig_stream.config import parse_config
@@ -76,6 +76,7 @@ def main() -> None:
         "--latency", type=float, default=0.25, help="server seconds per request: fills its slots"
     )
     args = parser.parse_args()
+    stop_on_sigterm()
     process, url = start_judge("--latency", str(args.latency), "--capacity", "256")
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_config, write_parquet_prompts
+from _common import bench_config, stop_on_sigterm, write_parquet_prompts
 
 from trig_stream import Engine
 from trig_stream.config import RunConfig, parse_config
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--judge-latency", type=float, default=0.0, help="fake judge latency_s")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    stop_on_sigterm()
     rates: dict[bool, list[float]] = {False: [], True: []}
     for repeat in range(args.repeats):
         # Alternate which mode goes first, so warm-up and caches favour neither.
