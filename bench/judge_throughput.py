@@ -11,6 +11,9 @@ own process) the same questions: N images x 2 dimensions.
   is timed on a subset of the requests and extrapolated to all of them (it is linear: one
   request after another), and the output says so.
 
+The goal (bench/README.md, P2) is a speed-up of 40x or more, with every request answered and
+judged ok; the bench exits 1 when it is missed.
+
 Run::
 
     .venv/bin/python bench/judge_throughput.py            # 2,000 images, 100 sequential
@@ -33,6 +36,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import stop_on_sigterm
+from _goal import Goals
 from _server import StatsSampler, judge_stats, start_judge, stop_judge
 
 from trig_stream.config import RunConfig
@@ -179,7 +183,9 @@ def main() -> None:
             engine_cpu = time.process_time() - engine_cpu
             server_cpu = cpu_seconds(process.pid) - server_cpu
             samples = sampler.stop()
-            busy_s = judge_stats(base_url)["busy_slot_s"] - before["busy_slot_s"]
+            after = judge_stats(base_url)
+            busy_s = after["busy_slot_s"] - before["busy_slot_s"]
+            served = after["served"] - before["served"]
             images = sorted((root / "runs").rglob("*.png"))
             sequential_s = run_sequential(images, base_url, args.sequential)
     finally:
@@ -190,8 +196,9 @@ def main() -> None:
         f"{args.capacity} slots, separate process"
     )
     print(
-        f"trig-stream engine:   {total} requests ({ok} ok) in {engine_s:.2f} s "
-        f"= {total / engine_s:.0f} req/s (generation included, concurrency {args.concurrency})"
+        f"trig-stream engine:   {served} requests answered ({ok} ok judgements of {total}) in "
+        f"{engine_s:.2f} s = {served / engine_s:.0f} req/s (generation included, concurrency "
+        f"{args.concurrency})"
     )
     print(
         f"server slots busy during the engine run: {busy_s / (args.capacity * engine_s):.0%} "
@@ -208,7 +215,11 @@ def main() -> None:
         f"= {args.sequential / sequential_s:.1f} req/s; extrapolated to {total} requests: "
         f"{projected:.1f} s"
     )
-    print(f"speed-up: {projected / engine_s:.1f}x")
+    goals = Goals()
+    goals.equal("ok judgements", ok, total)
+    goals.equal("requests answered by the server", served, total)
+    goals.at_least("P2 speed-up over the sequential loop", projected / engine_s, 40, "x", 1)
+    goals.finish()
 
 
 if __name__ == "__main__":
