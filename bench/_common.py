@@ -46,6 +46,21 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def sample_id(index: int) -> str:
+    """The data_id of the dataset writers' sample number ``index`` (from 0)."""
+    return f"{PAIRS[index % len(PAIRS)]}_{index // len(PAIRS) + 1}"
+
+
+def sample_keys(start: int, stop: int) -> set[tuple[str, str]]:
+    """The (data_id, dimension) keys of the writers' samples ``start`` to ``stop - 1``: the
+    judgements a run of them makes."""
+    return {
+        (sample_id(i), dimension)
+        for i in range(start, stop)
+        for dimension in PAIRS[i % len(PAIRS)].split("_")
+    }
+
+
 def write_parquet_prompts(path: Path, count: int) -> Path:
     """A TRIG-shaped t2i parquet file with ``count`` samples over a few pairs."""
     import polars as pl  # here, so that the JSON writer below works without polars
@@ -53,7 +68,7 @@ def write_parquet_prompts(path: Path, count: int) -> Path:
     pairs = [PAIRS[i % len(PAIRS)] for i in range(count)]
     pl.DataFrame(
         {
-            "data_id": [f"{p}_{i // len(PAIRS) + 1}" for i, p in enumerate(pairs)],
+            "data_id": [sample_id(i) for i in range(count)],
             "prompt": [f"benchmark prompt {i}" for i in range(count)],
             "dimensions": [p.split("_") for p in pairs],
             "dimension_prompt": [["", ""]] * count,
@@ -72,7 +87,7 @@ def write_json_prompts(path: Path, count: int) -> Path:
         pair = PAIRS[i % len(PAIRS)]
         records.append(
             {
-                "data_id": f"{pair}_{i // len(PAIRS) + 1}",
+                "data_id": sample_id(i),
                 "prompt": f"benchmark prompt {i}",
                 "dimension": pair.split("_"),
             }
