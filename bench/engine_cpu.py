@@ -26,13 +26,15 @@ The server runs on a CPU of its own (the last one) and the engine on the others,
 machine has two or more and allows it (Linux): in production the judge server runs
 elsewhere, on the GPU machine, and sharing cores with it costs the engine CPU time that is
 not its own (on this 2-vCPU box, 0.1-0.3 ms per judgement: cache and migration churn).
-``--no-pin`` lets both run anywhere. ``--engine-cpus N`` keeps the engine to the first N of
-its CPUs; past them it takes the server's too (on this box, ``--engine-cpus 2`` spreads the
-engine over both CPUs, one of them shared with the server). On a machine with many cores its
-threads spread out, and a hand-over between two of them may wake another core: on the
-16-core GPU machine, with 15 CPUs for the engine, P3 was ~0.62 ms on a tmpfs, against ~0.42
-here with one (untested there with one). Here, two CPUs instead of one doubled it, the fake
-judge's runs included (bench/README.md, P3).
+``--no-pin`` lets both run anywhere (the server on every CPU this bench may use, also when
+``--engine-cpus`` keeps the engine to fewer: it used to inherit the engine's). ``--engine-cpus
+N`` keeps the engine to the first N of its CPUs; past them it takes the server's too (on this
+box, ``--engine-cpus 2`` spreads the engine over both CPUs, one of them shared with the
+server). The output names the CPUs each may use, as the kernel reports them. On a machine
+with many cores its threads spread out, and a hand-over between two of them may wake another
+core: on the 16-core GPU machine, with 15 CPUs for the engine, P3 was ~0.62 ms on a tmpfs,
+against ~0.42 here with one (untested there with one). Here, two CPUs instead of one
+doubled it, the fake judge's runs included (bench/README.md, P3).
 
 ``--dir`` puts the run folders there (e.g. ``/dev/shm``, a tmpfs) instead of the default
 temporary folder: the image files' kernel cost is the disk's, and on some disks it is most
@@ -195,6 +197,13 @@ def split_cpus() -> tuple[set[int], set[int]]:
     return {usable[-1]}, set(usable[:-1])
 
 
+def on_cpus(pid: int) -> str:
+    """The CPUs process ``pid`` (0: this one) may run on, as the kernel has them now."""
+    if not hasattr(os, "sched_getaffinity"):
+        return "any CPU"
+    return str(sorted(os.sched_getaffinity(pid)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=2000)
@@ -232,16 +241,20 @@ def main() -> None:
     )
     args = parser.parse_args()
     stop_on_sigterm()
+    usable = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
     server_cpus, engine_cpus = (set(), set()) if args.no_pin else split_cpus()
     if args.engine_cpus is not None:
         # The others first; past them, the server's own CPU (then shared with it).
-        available = sorted(engine_cpus) + sorted(server_cpus) or sorted(os.sched_getaffinity(0))
+        available = sorted(engine_cpus) + sorted(server_cpus) or sorted(usable)
         engine_cpus = set(available[: max(1, args.engine_cpus)])
     if engine_cpus:
         os.sched_setaffinity(0, engine_cpus)
+    # Unpinned (--no-pin), the server gets every CPU this bench had, not the engine's
+    # (a child inherits its parent's affinity).
     process, url = start_judge(
-        "--latency", "0", "--capacity", str(args.concurrency), cpus=server_cpus
+        "--latency", "0", "--capacity", str(args.concurrency), cpus=server_cpus or usable
     )
+    placed = f"engine on CPUs {on_cpus(0)}, server on {on_cpus(process.pid)}"
     try:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             folder = Path(tmp)
@@ -274,10 +287,7 @@ def main() -> None:
     if (args.batch, args.latency) != (8, 0.0):
         print(f"  images in batches of {args.batch}, {args.latency * 1000:g} ms each (not P3's)")
     where = f"run folders under {args.dir or tempfile.gettempdir()}"
-    if engine_cpus:
-        print(f"  engine on CPUs {sorted(engine_cpus)}, server on {sorted(server_cpus)}; {where}")
-    else:
-        print(f"  engine and server on any CPU; {where}")
+    print(f"  {placed}; {where}")
     for round_, floor in enumerate(floors):
         if args.rounds > 1:
             print(f" round {round_ + 1}")
