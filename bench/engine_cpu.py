@@ -186,6 +186,17 @@ def file_write_floor(folder: Path, files: int = 2000) -> float:
     return (after.user - before.user + after.system - before.system) / (files // 8 * 8)
 
 
+CLIENTS = ("aiohttp", "http")
+"""The ``openai`` judge's clients measured, each in its own run."""
+
+
+def warm_up(folder: Path, dataset: Path, url: str) -> None:
+    """One run per client measured, before the measure: each pays its own imports (aiohttp
+    for its client; the judge's and PIL's modules) there, not in its first measured run."""
+    for client in CLIENTS:
+        measure(folder, f"warmup-{client}", dataset, openai_judge(url, 8, client=client))
+
+
 def split_cpus() -> tuple[set[int], set[int]]:
     """The server's CPU (the last usable one) and the engine's (the rest); both empty where
     that cannot be done (one CPU, or no ``sched_setaffinity``)."""
@@ -263,11 +274,10 @@ def main() -> None:
             else:
                 dataset = write_parquet_prompts(folder / "prompts.parquet", args.prompts)
             fake = {"name": "trigscore", "backend": "fake", "concurrency": args.concurrency}
-            # A warm-up run pays the imports (openai, aiohttp, PIL) outside the measure.
             generator = synthetic_generator(
                 workers=1, batch_size=args.batch, size=8, latency_s=args.latency
             )
-            measure(folder, "warmup", dataset, {**openai_judge(url, 8)})
+            warm_up(folder, dataset, url)
             floors: list[float] = []
             results: dict[str, list[Measured]] = {"fake": [], "aiohttp": [], "http": []}
             for round_ in range(args.rounds):
@@ -275,7 +285,7 @@ def main() -> None:
                 results["fake"].append(
                     measure(folder, f"fake-{round_}", dataset, fake, generator=generator)
                 )
-                for client in ("aiohttp", "http"):
+                for client in CLIENTS:
                     judge = openai_judge(url, args.concurrency, client=client)
                     profile = args.profile and client == args.client and round_ == 0
                     run = measure(folder, f"{client}-{round_}", dataset, judge, profile, generator)
@@ -311,7 +321,7 @@ def main() -> None:
                 f"{label:<7} over {args.rounds} rounds: median {statistics.median(per):.3f} ms "
                 f"per judgement ({per[0]:.3f}-{per[-1]:.3f})"
             )
-    print(f"server answered {served} requests (warm-up included)")
+    print(f"server answered {served} requests (warm-ups included)")
     profiler = results[args.client][0][5]
     if profiler is not None:
         stats = pstats.Stats(profiler)
