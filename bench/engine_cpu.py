@@ -1,15 +1,17 @@
 """P3: the engine process's own CPU time per judgement at zero server latency (goal <= 0.5 ms).
 
 The engine runs in this process; ``simulate-judge`` (zero latency) runs in its own, so its
-CPU is not counted. ``time.process_time()`` (user + system time of every thread of this
-process: the event loop, the generator's and the writers' threads, the client) is read around
-two runs over the same prompts (synthetic 8x8 images):
+CPU is not counted. ``os.times()`` (user and system time of every thread of this process: the
+event loop, the generator's and the writers' threads, the client) is read around three runs
+over the same prompts (synthetic 8x8 images), in this order:
 
-* ``aiohttp`` and ``http``: the ``openai`` judge against ``simulate-judge``, with each of
-  its two plain clients (``options.client``): what a real run costs per judgement on the
-  judging machine's side;
 * ``fake``: the fake judge: the engine alone (dataset, generation, PNG writes, journal fsyncs,
-  live DTM), without any HTTP.
+  live DTM), without any HTTP;
+* ``aiohttp`` and ``http``: the ``openai`` judge against ``simulate-judge``, one run with each
+  of its two plain clients (``options.client``): what a real run costs per judgement on the
+  judging machine's side.
+
+A warm-up run with each client comes first, outside the measure: it pays the imports.
 
 The goal is checked on the ``http`` runs (the default client; their median over
 ``--rounds``) and every run must judge all its prompts ok; the bench exits 1 otherwise.

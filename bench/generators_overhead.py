@@ -12,7 +12,8 @@ competes with it for the interpreter lock) and 128x128 in 4 steps:
   judge, timed from the end of ``load`` (the warm-up is part of it) to the last durable
   judgement;
 * **process**: the same with ``isolation = "process"``: the pipeline runs in a child process,
-  which sends its pictures back as PNG bytes.
+  which sends its pictures back as raw pixels (a small message, then the bytes); the engine's
+  writer encodes them as PNG, as in thread mode.
 
 Prints images per second for batch sizes 1 and 4 and each engine mode's overhead in percent
 (the engine should add under 10%).
