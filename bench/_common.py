@@ -1,9 +1,12 @@
-"""Helpers shared by the benchmark scripts: datasets and configs of any size."""
+"""Helpers shared by the benchmark scripts: datasets and configs of any size, and a clean
+stop on SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 PAIRS = [
@@ -17,6 +20,47 @@ PAIRS = [
 ]
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``timeout``) stop this bench as Ctrl-C does, so that its
+    ``finally`` blocks stop the judge server and its temporary folders are removed: SIGTERM's
+    default action ends the process on the spot and leaves both behind. Call it first thing
+    in ``main``.
+
+    SIGTERM calls the SIGINT handler in force: outside an event loop Python's own, which
+    raises ``KeyboardInterrupt``; while ``anyio.run`` runs, asyncio's, which cancels the run's
+    main task, so that the engine stops as on Ctrl-C. An exception raised from a signal
+    handler at a random point inside the event loop instead can leave the engine's worker
+    threads waiting forever. asyncio installs its handler only where SIGINT has Python's
+    default one, so a SIGINT that is ignored (a background job of a shell script) gets it
+    back.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if not callable(on_sigint):
+            raise KeyboardInterrupt
+        on_sigint(signal.SIGINT, frame)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def sample_id(index: int) -> str:
+    """The data_id of the dataset writers' sample number ``index`` (from 0)."""
+    return f"{PAIRS[index % len(PAIRS)]}_{index // len(PAIRS) + 1}"
+
+
+def sample_keys(start: int, stop: int) -> set[tuple[str, str]]:
+    """The (data_id, dimension) keys of the writers' samples ``start`` to ``stop - 1``: the
+    judgements a run of them makes."""
+    return {
+        (sample_id(i), dimension)
+        for i in range(start, stop)
+        for dimension in PAIRS[i % len(PAIRS)].split("_")
+    }
+
+
 def write_parquet_prompts(path: Path, count: int) -> Path:
     """A TRIG-shaped t2i parquet file with ``count`` samples over a few pairs."""
     import polars as pl  # here, so that the JSON writer below works without polars
@@ -24,7 +68,7 @@ def write_parquet_prompts(path: Path, count: int) -> Path:
     pairs = [PAIRS[i % len(PAIRS)] for i in range(count)]
     pl.DataFrame(
         {
-            "data_id": [f"{p}_{i // len(PAIRS) + 1}" for i, p in enumerate(pairs)],
+            "data_id": [sample_id(i) for i in range(count)],
             "prompt": [f"benchmark prompt {i}" for i in range(count)],
             "dimensions": [p.split("_") for p in pairs],
             "dimension_prompt": [["", ""]] * count,
@@ -43,7 +87,7 @@ def write_json_prompts(path: Path, count: int) -> Path:
         pair = PAIRS[i % len(PAIRS)]
         records.append(
             {
-                "data_id": f"{pair}_{i // len(PAIRS) + 1}",
+                "data_id": sample_id(i),
                 "prompt": f"benchmark prompt {i}",
                 "dimension": pair.split("_"),
             }

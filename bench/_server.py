@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 
+def stopped_with_us(argv: list[str]) -> list[str]:
+    """``argv``, started so that the kernel sends it SIGTERM when this process ends, even by
+    SIGKILL (Linux; elsewhere ``argv`` as it is).
+
+    It goes through trig-stream's own ``parent_death.py`` (``prctl(PR_SET_PDEATHSIG)``), as
+    the managed judge server does: a bench that is killed leaves no server running. The
+    signal comes when the *thread* that started the child ends, so start it from the main
+    thread.
+    """
+    spec = importlib.util.find_spec("trig_stream")  # found, not imported
+    if not sys.platform.startswith("linux") or spec is None or spec.origin is None:
+        return argv
+    script = Path(spec.origin).parent / "backends" / "judges" / "parent_death.py"
+    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), *argv]
+
+
 def start_judge(*options: str, cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], str]:
-    """Start ``trig-stream simulate-judge --port 0 *options``, on ``cpus`` only when given;
-    returns it and its base URL."""
+    """Start ``trig-stream simulate-judge --port 0 *options``, on ``cpus`` only when given,
+    stopped with this process (:func:`stopped_with_us`); returns it and its base URL."""
     command = [sys.executable, "-m", "trig_stream", "simulate-judge", "--port", "0", *options]
     process = subprocess.Popen(
-        command,
+        stopped_with_us(command),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -62,7 +80,7 @@ class StatsSampler:
     def __init__(self, base_url: str, every_s: float = 0.05) -> None:
         url = base_url.removesuffix("/v1") + "/stats"
         self._process = subprocess.Popen(
-            [sys.executable, "-c", self._CODE, url, str(every_s)],
+            stopped_with_us([sys.executable, "-c", self._CODE, url, str(every_s)]),
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -12,6 +12,8 @@
 # there), they are installed into /tmp/site first. Results go under $OUT (./device-out when
 # unset): gpu.txt, generators_gpu_check.json and .log, engine_cpu.txt, engine_cpu_shm.txt,
 # engine_cpu_shm_1cpu.txt (and gil_thread1.txt.gz, .log with py-spy). About 5 minutes on an H200.
+# It runs every step whatever the others did, and exits non-zero when one failed or missed
+# its goal: engine_cpu.py exits 1 when P3 is NOT MET (see the last lines of its .txt).
 #
 #   bash bench/device_check.sh                          # on the device machine
 #   PYTHON=.venv/bin/python bash bench/device_check.sh  # here, to try it (CPU sizes)

@@ -3,7 +3,8 @@
 10 dimensions, 42 pairs (as in TRIG's t2i split), 100,000 ok judgements (50,000 images judged
 on their pair's two dimensions). Prints the median time of a full refresh
 (``RelationTracker.snapshot()``: every pair's correlation, zones, code, means and the DTM), the
-cost of one ``add``, and a from-scratch batch analysis for comparison.
+cost of one ``add``, and a from-scratch batch analysis for comparison. Goal (bench/README.md,
+P5): a median of 50 ms or less; the bench exits 1 when it is missed.
 
 Run: ``.venv/bin/python bench/dtm_refresh.py``
 """
@@ -12,9 +13,14 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _goal import Goals
 
 from trig_stream.analysis import RelationTracker, analyse_judgements
 from trig_stream.dimensions import SORTED_DIMENSIONS
@@ -67,13 +73,18 @@ def main() -> None:
     start = time.perf_counter()
     analyse_judgements(judgements)
     batch_ms = (time.perf_counter() - start) * 1e3
-    print(f"judgements: {len(judgements)}, pairs: {len(tracker.analysis('bench').pairs)}")
+    pairs = len(tracker.analysis("bench").pairs)
+    print(f"judgements: {len(judgements)}, pairs: {pairs}")
     print(f"add: {add_us:.2f} us per judgement")
     print(
         f"full DTM refresh (snapshot): median {statistics.median(times) * 1e3:.1f} ms, "
         f"max {max(times) * 1e3:.1f} ms over {REPEATS}"
     )
     print(f"batch analysis from scratch: {batch_ms:.0f} ms")
+    goals = Goals()
+    goals.equal("pairs in the analysis", pairs, 42)
+    goals.at_most("P5 full DTM refresh, median", statistics.median(times) * 1e3, 50, " ms", 1)
+    goals.finish()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ the child's peak resident memory from the kernel: ``VmHWM`` in ``/proc/self/stat
 high-water mark of the child's own address space. Not ``ru_maxrss``: on Linux it also keeps
 the peak of the address space the process had before ``exec``, and ``subprocess`` starts
 the child with ``vfork``, so the child's ``ru_maxrss`` starts at this script's own peak
-(building the 100k-row dataset here peaks above 200 MiB).
+(building the 100k-row dataset here peaks above 200 MiB). The bench exits 1 when the goal is
+missed or a run's journal does not hold two judgements per prompt.
 
     .venv/bin/python bench/engine_memory.py [--small 10000] [--large 100000]
 """
@@ -21,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_config, write_parquet_prompts, write_toml
+from _common import bench_config, stop_on_sigterm, write_parquet_prompts, write_toml
+from _goal import Goals
 
 PEAK = (
     "import sys\n"
@@ -34,7 +36,7 @@ PEAK = (
 )
 
 
-def one(size: int, folder: Path) -> tuple[float, float]:
+def one(size: int, folder: Path) -> tuple[float, float, int]:
     dataset = write_parquet_prompts(folder / f"prompts-{size}.parquet", size)
     config = write_toml(folder / f"run-{size}.toml", bench_config(folder / f"runs-{size}", dataset))
     started = time.perf_counter()
@@ -48,7 +50,9 @@ def one(size: int, folder: Path) -> tuple[float, float]:
     peak = next(
         int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("peak_rss_kib")
     )
-    return peak / 1024, elapsed
+    with (folder / f"runs-{size}" / "bench" / "journal.jsonl").open("rb") as journal:
+        judged = sum(1 for _ in journal)
+    return peak / 1024, elapsed, judged
 
 
 def main() -> None:
@@ -56,12 +60,17 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=100_000)
     args = parser.parse_args()
+    stop_on_sigterm()
+    goals = Goals()
     with tempfile.TemporaryDirectory() as tmp:
-        small_rss, small_s = one(args.small, Path(tmp))
+        small_rss, small_s, small_judged = one(args.small, Path(tmp))
         print(f"{args.small:>7} prompts: peak RSS {small_rss:7.1f} MiB, {small_s:6.1f} s")
-        large_rss, large_s = one(args.large, Path(tmp))
+        large_rss, large_s, large_judged = one(args.large, Path(tmp))
         print(f"{args.large:>7} prompts: peak RSS {large_rss:7.1f} MiB, {large_s:6.1f} s")
-    print(f"ratio {large_rss / small_rss:.3f} (goal <= 1.2)")
+    goals.equal(f"{args.small} prompts: judgements in the journal", small_judged, 2 * args.small)
+    goals.equal(f"{args.large} prompts: judgements in the journal", large_judged, 2 * args.large)
+    goals.at_most("P4 peak RSS ratio", large_rss / small_rss, 1.2)
+    goals.finish()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ One prepared script for a machine with a GPU (it also runs on a CPU, at smaller 
    for its first image, the images per second after it, and that rate over the plain loop's,
    measured again right before the run (the first pipeline stays loaded meanwhile).
 
+Each engine run must make all its images (a run directory of its own each, even for a run
+listed twice); the script exits 1 otherwise, after writing its report.
+
 Everything finishes in well under 5 minutes on one H200 (about a minute on 2 CPU cores with
 ``--device cpu``). Results are printed and written as JSON to ``$OUT/generators_gpu_check.json``
 when ``OUT`` is set.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -29,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import stop_on_sigterm
+from _goal import Goals
 
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
@@ -138,8 +146,10 @@ def throughput(generator: DiffusersGenerator, batch: int, count: int, device: st
 
 
 async def first_judgement(
-    root: Path, options: dict[str, Any], batch: int, count: int, isolation: str
+    root: Path, options: dict[str, Any], batch: int, count: int, isolation: str, index: int
 ) -> dict[str, Any]:
+    """The ``index``-th engine run (from 1). Its name carries the index, so that a run listed
+    twice in ``--runs`` makes its images again instead of resuming the first one's."""
     records = [
         {"data_id": r.sample.data_id, "prompt": r.sample.prompt, "dimension": ["IQ-R", "TA-C"]}
         for r in requests(count)
@@ -147,7 +157,10 @@ async def first_judgement(
     (root / "prompts.json").write_text(json.dumps(records))
     config = parse_config(
         {
-            "run": {"name": f"gpu-check-{batch}-{isolation}", "output_dir": str(root / "runs")},
+            "run": {
+                "name": f"gpu-check-{index}-{batch}-{isolation}",
+                "output_dir": str(root / "runs"),
+            },
             "dataset": {"path": str(root / "prompts.json")},
             "generators": [
                 {
@@ -180,7 +193,8 @@ async def first_judgement(
     return {
         "batch_size": batch,
         "isolation": isolation,
-        "first_judgement_s": round(arrivals[0] if arrivals else total, 3),
+        # None when nothing was judged: the run's total time is no first judgement.
+        "first_judgement_s": round(arrivals[0], 3) if arrivals else None,
         "total_s": round(total, 3),
         "images": images,
         "images_per_s_after_first_batch": steady,
@@ -200,6 +214,7 @@ def main() -> None:
         help="the engine runs to make, as isolation:batch_size (default: all four)",
     )
     args = parser.parse_args()
+    stop_on_sigterm()
     runs = [
         (isolation, int(batch)) for isolation, batch in (r.split(":") for r in args.runs.split(","))
     ]
@@ -239,12 +254,12 @@ def main() -> None:
             report["images_per_s_batch_8"] / report["images_per_s_batch_1"], 2
         )
         report["engine"] = []
-        for isolation, batch in runs:
+        for index, (isolation, batch) in enumerate(runs, 1):
             # The loop again right before each engine run, at its batch size: the machine's
             # speed drifts between runs (by ~20% over an hour on the H200), so each ratio
             # compares two measurements a minute apart.
             loop = throughput(generator, batch, count, device)
-            run = anyio.run(first_judgement, root, options, batch, count, isolation)
+            run = anyio.run(first_judgement, root, options, batch, count, isolation, index)
             run["loop_images_per_s"] = round(loop, 2)
             steady = run["images_per_s_after_first_batch"]
             run["engine_vs_loop"] = round(steady / loop, 3) if steady else None
@@ -254,6 +269,12 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "generators_gpu_check.json").write_text(json.dumps(report))
+    # After the report is written: a run that made fewer images measured something else.
+    goals = Goals()
+    for index, run in enumerate(report["engine"], 1):
+        what = f"engine run {index} ({run['isolation']}, batch {run['batch_size']})"
+        goals.equal(f"{what}: images made", run["images"], count)
+    goals.finish()
 
 
 if __name__ == "__main__":

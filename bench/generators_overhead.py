@@ -12,7 +12,8 @@ competes with it for the interpreter lock) and 128x128 in 4 steps:
   judge, timed from the end of ``load`` (the warm-up is part of it) to the last durable
   judgement;
 * **process**: the same with ``isolation = "process"``: the pipeline runs in a child process,
-  which sends its pictures back as PNG bytes.
+  which sends its pictures back as raw pixels (a small message, then the bytes); the engine's
+  writer encodes them as PNG, as in thread mode.
 
 Prints images per second for batch sizes 1 and 4 and each engine mode's overhead in percent
 (the engine should add under 10%).
@@ -35,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import stop_on_sigterm
 
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
@@ -166,6 +170,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--one", nargs=6, metavar=("MODE", "BATCH", "SIZE", "STEPS", "PIPE", "DIR"))
     args = parser.parse_args()
+    stop_on_sigterm()
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()

@@ -11,6 +11,9 @@ own process) the same questions: N images x 2 dimensions.
   is timed on a subset of the requests and extrapolated to all of them (it is linear: one
   request after another), and the output says so.
 
+The goal (bench/README.md, P2) is a speed-up of 40x or more, with every request answered and
+judged ok; the bench exits 1 when it is missed.
+
 Run::
 
     .venv/bin/python bench/judge_throughput.py            # 2,000 images, 100 sequential
@@ -23,7 +26,6 @@ import argparse
 import base64
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +35,9 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import StatsSampler, judge_stats
+from _common import stop_on_sigterm
+from _goal import Goals
+from _server import StatsSampler, judge_stats, start_judge, stop_judge
 
 from trig_stream.config import RunConfig
 from trig_stream.dimensions import DIMENSIONS
@@ -61,28 +65,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_server(latency: float, capacity: int) -> tuple[subprocess.Popen[str], str]:
-    """Start ``simulate-judge`` in its own process; returns it and its base URL."""
-    code = (
-        "import argparse, sys\n"
-        "from rich.console import Console\n"
-        "from trig_stream.testing.simulate_judge import add_simulate_judge_command\n"
-        "p = argparse.ArgumentParser(); add_simulate_judge_command(p.add_subparsers())\n"
-        f"a = p.parse_args(['simulate-judge', '--port', '0', '--latency', '{latency}',"
-        f" '--capacity', '{capacity}'])\n"
-        "sys.exit(a.handler(a, Console(stderr=True)))\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith("READY "):
-        process.kill()
-        raise RuntimeError("simulate-judge did not start")
-    return process, line.split()[1]
 
 
 async def run_engine(
@@ -182,9 +164,12 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
+    stop_on_sigterm()
 
     total = 2 * args.images
-    process, base_url = start_server(args.latency, args.capacity)
+    process, base_url = start_judge(
+        "--latency", str(args.latency), "--capacity", str(args.capacity)
+    )
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
@@ -198,20 +183,22 @@ def main() -> None:
             engine_cpu = time.process_time() - engine_cpu
             server_cpu = cpu_seconds(process.pid) - server_cpu
             samples = sampler.stop()
-            busy_s = judge_stats(base_url)["busy_slot_s"] - before["busy_slot_s"]
+            after = judge_stats(base_url)
+            busy_s = after["busy_slot_s"] - before["busy_slot_s"]
+            served = after["served"] - before["served"]
             images = sorted((root / "runs").rglob("*.png"))
             sequential_s = run_sequential(images, base_url, args.sequential)
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_judge(process)
     projected = sequential_s * total / args.sequential
     print(
         f"judge: simulate-judge, {args.latency * 1000:g} ms per request, "
         f"{args.capacity} slots, separate process"
     )
     print(
-        f"trig-stream engine:   {total} requests ({ok} ok) in {engine_s:.2f} s "
-        f"= {total / engine_s:.0f} req/s (generation included, concurrency {args.concurrency})"
+        f"trig-stream engine:   {served} requests answered ({ok} ok judgements of {total}) in "
+        f"{engine_s:.2f} s = {served / engine_s:.0f} req/s (generation included, concurrency "
+        f"{args.concurrency})"
     )
     print(
         f"server slots busy during the engine run: {busy_s / (args.capacity * engine_s):.0%} "
@@ -228,7 +215,11 @@ def main() -> None:
         f"= {args.sequential / sequential_s:.1f} req/s; extrapolated to {total} requests: "
         f"{projected:.1f} s"
     )
-    print(f"speed-up: {projected / engine_s:.1f}x")
+    goals = Goals()
+    goals.equal("ok judgements", ok, total)
+    goals.equal("requests answered by the server", served, total)
+    goals.at_least("P2 speed-up over the sequential loop", projected / engine_s, 40, "x", 1)
+    goals.finish()
 
 
 if __name__ == "__main__":

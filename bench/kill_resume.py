@@ -4,9 +4,10 @@ The run (synthetic generator, two models; the fake judge with some permanent err
 transient failures; everything deterministic) is killed with SIGKILL at a random time after
 each start, 20 times, then run to the end. Checked against an uninterrupted run of the same
 config: every (model, data_id, dimension, metric) appears exactly once in the journal, none
-is missing, every status and score is the same, and so is the DTM
-(``analyse_judgements(latest_judgements(...))``). Leftover temporary image files from killed
-writes are counted too.
+is missing and none is extra (the keys are the uninterrupted run's), every status and score
+is the same, and so is the DTM (``analyse_judgements(latest_judgements(...))``). Leftover
+temporary image files from killed writes are counted too. Each check is a MET / NOT MET
+line, and the bench exits 1 when one is missed.
 
     .venv/bin/python bench/kill_resume.py [--prompts 2500] [--kills 20] [--seed 1]
 """
@@ -21,12 +22,14 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_parquet_prompts
+from _common import stop_on_sigterm, write_parquet_prompts
+from _goal import Goals
 
 from trig_stream.analysis import analyse_judgements
 from trig_stream.config import load_config
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--min-delay", type=float, default=1.0, help="earliest kill after a start")
     parser.add_argument("--max-delay", type=float, default=4.0, help="latest kill after a start")
     args = parser.parse_args()
+    stop_on_sigterm()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -93,13 +97,18 @@ def main() -> None:
                 print(f"start {attempt + 1}: the run finished before its kill at {delay:.2f} s")
                 break
             except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
                 kills += 1
+            finally:
+                # The kill -9 this bench is about; also when this bench is stopped meanwhile,
+                # so that no run goes on writing into the folder being removed.
+                if process.poll() is None:
+                    os.kill(process.pid, signal.SIGKILL)
+                process.wait()
             lines = journal.read_bytes().count(b"\n") if journal.exists() else 0
             print(f"kill {kills:2d} after {delay:.2f} s: journal {lines} lines")
         final = subprocess.run(command, capture_output=True)
-        assert final.returncode == 0, final.stderr.decode()
+        if final.returncode != 0:
+            raise SystemExit(f"the last, uninterrupted start failed: {final.stderr.decode()}")
 
         reference = folder / "reference.toml"
         reference.write_text(CONFIG.format(name="reference", latency=0.0))
@@ -109,26 +118,56 @@ def main() -> None:
                 await engine.drain()
 
         anyio.run(uninterrupted)
-        counts = Counter(j.key for j in read_journal(journal))
-        got = latest_judgements(journal)
-        expected = latest_judgements(folder / "runs" / "reference" / "journal.jsonl")
-        doubled = sum(1 for n in counts.values() if n > 1)
-        missing = len(expected.keys() - got.keys())
-        differ = sum(
-            1
-            for key in expected.keys() & got.keys()
-            if (got[key].status, got[key].score) != (expected[key].status, expected[key].score)
-        )
-        ours, theirs = analyse_judgements(got.values()), analyse_judgements(expected.values())
-        same_dtm = ours.keys() == theirs.keys() and all(ours[k].dtm == theirs[k].dtm for k in ours)
+        found = compare(journal, folder / "runs" / "reference" / "journal.jsonl")
         leftovers = list((folder / "runs" / "killed" / "images").rglob("*.tmp"))
-    print(f"{kills} kills; {len(expected)} keys expected")
-    print(f"judged twice: {doubled}; missing: {missing}; outcomes differing: {differ}")
-    print(f"DTM equal to the uninterrupted run's: {same_dtm}")
-    print(f"temporary image files left behind by killed writes: {len(leftovers)}")
-    ok = kills == args.kills and not (doubled or missing or differ) and same_dtm
-    print("PASS" if ok else "FAIL")
-    sys.exit(0 if ok else 1)
+    print(f"{kills} kills; {found.expected} keys expected")
+    goals = Goals()
+    goals.equal("kills before the run finished", kills, args.kills)
+    goals.equal("R1 keys judged twice", found.doubled, 0)
+    goals.equal("R1 keys missing", found.missing, 0)
+    goals.equal("R1 keys the uninterrupted run does not have", found.extra, 0)
+    goals.equal("R1 outcomes differing", found.differ, 0)
+    goals.equal("R1 DTM equal to the uninterrupted run's", found.same_dtm, True)
+    goals.equal("temporary image files left behind by killed writes", len(leftovers), 0)
+    goals.finish()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The killed run's journal against the uninterrupted run's."""
+
+    expected: int
+    """Keys (model, data_id, dimension, metric) the uninterrupted run judged."""
+    doubled: int
+    """Keys with more than one line in the killed run's journal."""
+    missing: int
+    """Keys of the uninterrupted run that the killed run lacks."""
+    extra: int
+    """Keys of the killed run that the uninterrupted run lacks."""
+    differ: int
+    """Keys of both whose status or score differ."""
+    same_dtm: bool
+
+
+def compare(killed: Path, reference: Path) -> Comparison:
+    """Every key judged exactly once holds when ``doubled``, ``missing`` and ``extra`` are 0:
+    the killed run's keys are then the uninterrupted run's, each once."""
+    counts = Counter(j.key for j in read_journal(killed))
+    got, expected = latest_judgements(killed), latest_judgements(reference)
+    differ = sum(
+        1
+        for key in expected.keys() & got.keys()
+        if (got[key].status, got[key].score) != (expected[key].status, expected[key].score)
+    )
+    ours, theirs = analyse_judgements(got.values()), analyse_judgements(expected.values())
+    return Comparison(
+        expected=len(expected),
+        doubled=sum(1 for n in counts.values() if n > 1),
+        missing=len(expected.keys() - got.keys()),
+        extra=len(got.keys() - expected.keys()),
+        differ=differ,
+        same_dtm=ours.keys() == theirs.keys() and all(ours[k].dtm == theirs[k].dtm for k in ours),
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ dimensions, written in the journal's own format), then appends 1,000 new samples
 of the dataset (the worst place: the reader must pass every finished sample first) and
 resumes it in a fresh Python process with the fake judge. The child reports the time from
 its own start to its first judge request, and how many requests repeated a key that was
-already in the journal (goal: <= 3 s and 0).
+already in the journal (goal: <= 3 s and 0; with no repeat, the first request was about a
+new sample). The bench exits 1 when a goal is missed or the run did not make exactly 2 x new
+judgements.
 
     .venv/bin/python bench/resume_latency.py [--done 50000] [--new 1000]
 """
@@ -13,6 +15,7 @@ already in the journal (goal: <= 3 s and 0).
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import tempfile
@@ -20,7 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_config, write_parquet_prompts
+from _common import bench_config, stop_on_sigterm, write_parquet_prompts
+from _goal import Goals
 
 CHILD = """
 import json, sys, time
@@ -50,7 +54,7 @@ async def main():
     with journal.open("rb") as handle:
         done = {tuple(json.loads(line)[k] for k in ("data_id", "dimension"))
                 for line in handle.read(size_before).splitlines()}
-    print(json.dumps({"first_request_s": first[0] - started,
+    print(json.dumps({"first_request_s": first[0] - started if first else None,
                       "repeated": sum(key in done for key in asked),
                       "new_judgements": summary.judged}))
 
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--done", type=int, default=50_000, help="finished samples (x2 judgements)")
     parser.add_argument("--new", type=int, default=1_000)
     args = parser.parse_args()
+    stop_on_sigterm()
     with tempfile.TemporaryDirectory() as tmp:
         built = time.perf_counter()
         config = build_run(Path(tmp), args.done, args.new)
@@ -99,9 +104,12 @@ def main() -> None:
             check=True,
         )
         report = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"first new request after {report['first_request_s']:.2f} s (goal <= 3 s)")
-    print(f"repeated requests: {report['repeated']} (goal 0)")
-    print(f"new judgements: {report['new_judgements']} (expected {2 * args.new})")
+    goals = Goals()
+    first = report["first_request_s"]  # None: nothing was asked
+    goals.at_most("P6 first new request", math.nan if first is None else first, 3.0, " s", 2)
+    goals.equal("P6 requests about keys already judged", report["repeated"], 0)
+    goals.equal("new judgements", report["new_judgements"], 2 * args.new)
+    goals.finish()
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ flight at ~1,000 per second; at zero latency each answer comes back before the n
 is sent and only a few connections are ever open) in its own process, over ``--items`` judgements
 (half as many prompts, two dimensions each). Every ``--every`` judgements it prints the
 resident memory and the open file descriptors (``/proc/self/fd``) of this process; at the end
-it compares the last samples with those of the first quarter: both should be flat (goal:
-RSS growth within a few MiB, no descriptor growth).
+it compares the last sample with that of the first quarter: both should be flat (goal,
+bench/README.md R2: RSS grows by at most 8 MiB and the descriptors by at most 4 between the
+two; with fewer than four samples, ``--items`` under 4 x ``--every``, flatness is not
+measured). Every judgement must be ok, all ``--items`` of them made, none asked twice; the
+bench exits 1 otherwise.
 
     .venv/bin/python bench/soak.py [--items 100000] [--every 10000] [--latency 0.25]
 """
@@ -24,7 +27,8 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_parquet_prompts
+from _common import stop_on_sigterm, write_parquet_prompts
+from _goal import Goals
 from _server import judge_stats, openai_judge, rss_mib, start_judge, stop_judge, synthetic_generator
 
 from trig_stream.config import parse_config
@@ -76,6 +80,7 @@ def main() -> None:
         "--latency", type=float, default=0.25, help="server seconds per request: fills its slots"
     )
     args = parser.parse_args()
+    stop_on_sigterm()
     process, url = start_judge("--latency", str(args.latency), "--capacity", "256")
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -88,19 +93,24 @@ def main() -> None:
         f"after the run: RSS {rss:.1f} MiB, fds {open_fds} (before it: {samples[0][2]:.1f} MiB, "
         f"{samples[0][3]} fds)"
     )
-    running = samples[1:-1]
-    if len(running) >= 4:
-        early = running[len(running) // 4]
-        late = running[-1]
-        print(
-            f"from {early[0]} to {late[0]} judgements: RSS {early[2]:.1f} -> {late[2]:.1f} MiB "
-            f"({late[2] - early[2]:+.1f}), fds {early[3]} -> {late[3]} ({late[3] - early[3]:+d})"
-        )
     print(
         f"{seen} judgements in {elapsed:.0f} s ({seen / elapsed:.0f}/s); server: "
         f"{stats['served']} served, {stats['repeated']} repeated, max running "
         f"{stats['max_running']}"
     )
+    goals = Goals()
+    goals.equal("judgements made (all ok)", seen, args.items)
+    goals.equal("requests repeated (server /stats)", stats["repeated"], 0)
+    running = samples[1:-1]
+    if len(running) >= 4:
+        early, late = running[len(running) // 4], running[-1]
+        span = f" from {early[0]} to {late[0]} judgements"
+        goals.at_most("R2 RSS growth" + span, late[2] - early[2], 8, " MiB", digits=1)
+        goals.at_most("R2 open descriptors' growth" + span, late[3] - early[3], 4, digits=0)
+    else:
+        why = f"{len(running)} samples, 4 needed: --items >= 4 x --every"
+        goals.not_measured("R2 RSS and descriptors flat", why)
+    goals.finish()
 
 
 if __name__ == "__main__":

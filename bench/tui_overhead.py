@@ -3,7 +3,8 @@
 Runs the engine (synthetic generator, fake judge) twice per repeat on fresh run directories:
 once consuming ``results`` directly (headless), once under :func:`run_dashboard` in a headless
 Textual app at 120x40, which draws at its normal rate (4 Hz, DTM at most 1 Hz) exactly as on a
-terminal. Prints judgements/s of each (median over repeats) and their ratio (goal: >= 0.9).
+terminal. Prints judgements/s of each (median over repeats) and their ratio (goal: >= 0.9);
+exits 1 when the goal is missed or a run did not end done with every prompt judged ok.
 
 Run: ``.venv/bin/python bench/tui_overhead.py [--samples 4000] [--judge-latency 0.002]``
 """
@@ -15,12 +16,14 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_config, write_parquet_prompts
+from _common import bench_config, stop_on_sigterm, write_parquet_prompts
+from _goal import Goals
 
 from trig_stream import Engine
 from trig_stream.config import RunConfig, parse_config
@@ -34,8 +37,8 @@ def make_config(folder: Path, samples: int, judge_latency_s: float) -> RunConfig
     return parse_config(data, source=folder / "bench.toml")
 
 
-async def run_once(config: RunConfig, *, dashboard: bool) -> float:
-    """Judgements per second of one full run."""
+async def run_once(config: RunConfig, *, dashboard: bool) -> tuple[float, int, str]:
+    """Judgements per second of one full run, its ok judgements and its final state."""
     started = time.perf_counter()
     async with Engine(config) as engine:
         if dashboard:
@@ -45,8 +48,7 @@ async def run_once(config: RunConfig, *, dashboard: bool) -> float:
                 pass
     elapsed = time.perf_counter() - started
     summary = engine.summary()
-    assert summary.state == "done", summary.state
-    return summary.judged / elapsed
+    return summary.judged / elapsed, summary.ok, summary.state
 
 
 def main() -> None:
@@ -55,22 +57,31 @@ def main() -> None:
     parser.add_argument("--judge-latency", type=float, default=0.0, help="fake judge latency_s")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    stop_on_sigterm()
     rates: dict[bool, list[float]] = {False: [], True: []}
+    goals = Goals()
     for repeat in range(args.repeats):
         # Alternate which mode goes first, so warm-up and caches favour neither.
         for dashboard in (repeat % 2 == 1, repeat % 2 == 0):
             with tempfile.TemporaryDirectory() as folder:
                 config = make_config(Path(folder), args.samples, args.judge_latency)
-                rate = anyio.run(lambda c=config, d=dashboard: run_once(c, dashboard=d))
+                rate, ok, state = anyio.run(partial(run_once, config, dashboard=dashboard))
             rates[dashboard].append(rate)
             mode = "dashboard" if dashboard else "headless"
             print(f"repeat {repeat + 1} {mode:>9}: {rate:8.0f} judgements/s", flush=True)
+            goals.equal(
+                f"repeat {repeat + 1} {mode}: state, ok judgements",
+                (state, ok),
+                ("done", 2 * args.samples),
+            )
     headless = statistics.median(rates[False])
     with_tui = statistics.median(rates[True])
     print(
         f"samples {args.samples}, judge latency {args.judge_latency}s: "
-        f"headless {headless:.0f}/s, dashboard {with_tui:.0f}/s, ratio {with_tui / headless:.3f}"
+        f"headless {headless:.0f}/s, dashboard {with_tui:.0f}/s"
     )
+    goals.at_least("T1 ratio dashboard / headless", with_tui / headless, 0.9)
+    goals.finish()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""Helpers of the benchmark scripts that are cheap to test: the goal checks
+(``bench/_goal.py``: a missed goal is exit status 1) and R1's comparison of journals."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from trig_stream.records import JudgeFingerprint, Judgement
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture
+def load_bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleType]]:
+    """Load a bench script's module from its file (bench/ is scripts, not a package); what
+    the scripts add to ``sys.path`` and ``sys.modules`` (their ``_common`` and so on) goes
+    again afterwards."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in set(sys.modules) - before:
+        if name.startswith("bench_") or name in {"_common", "_goal", "_server"}:
+            del sys.modules[name]
+
+
+def finish_status(goals: Any) -> object:
+    with pytest.raises(SystemExit) as stopped:
+        goals.finish()
+    return stopped.value.code
+
+
+def test_all_goals_met_exit_0(
+    load_bench: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    goals = load_bench("_goal").Goals()
+    assert goals.at_most("P6 first new request", 2.5, 3.0, " s")
+    assert goals.at_least("P2 speed-up", 41.0, 40, "x")
+    assert goals.equal("requests received", 200, 200)
+    assert finish_status(goals) == 0
+    out = capsys.readouterr().out
+    assert "P6 first new request <= 3 s: 2.500 s -> MET" in out
+    assert "MET: all 3 goals" in out
+
+
+def test_a_missed_goal_exits_1_and_is_named(
+    load_bench: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    goals = load_bench("_goal").Goals()
+    goals.at_most("P3 CPU per judgement", 0.4, 0.5, " ms")
+    assert not goals.equal("requests received", 1100, 200)
+    assert finish_status(goals) == 1
+    out = capsys.readouterr().out
+    assert "requests received == 200: 1100 -> NOT MET" in out
+    assert "NOT MET: 1 of 2 goals: requests received == 200 (1100)" in out
+
+
+@pytest.mark.parametrize("check", ["at_most", "at_least"])
+def test_nothing_measured_is_a_miss(load_bench: Callable[[str], ModuleType], check: str) -> None:
+    goals = load_bench("_goal").Goals()
+    assert not getattr(goals, check)("first request", math.nan, 3.0)
+    assert finish_status(goals) == 1
+
+
+def test_not_measured_is_neither_met_nor_missed(
+    load_bench: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    goals = load_bench("_goal").Goals()
+    goals.not_measured("R2 flat", "4 samples needed")
+    goals.equal("judgements made", 10, 10)
+    assert finish_status(goals) == 0
+    assert "R2 flat: NOT MEASURED (4 samples needed)" in capsys.readouterr().out
+
+
+def test_no_goal_checked_is_a_miss(load_bench: Callable[[str], ModuleType]) -> None:
+    assert finish_status(load_bench("_goal").Goals()) == 1
+
+
+def write_journal(path: Path, judgements: list[Judgement]) -> Path:
+    path.write_text("".join(j.model_dump_json() + "\n" for j in judgements))
+    return path
+
+
+def judgements(*data_ids: str) -> list[Judgement]:
+    judge = JudgeFingerprint(backend="fake", model="j")
+    return [
+        Judgement(
+            model="a",
+            data_id=data_id,
+            task="t2i",
+            pair="IQ-R_TA-C",
+            dimension=dimension,
+            metric="trigscore",
+            judge=judge,
+            status="ok",
+            score=0.5,
+        )
+        for data_id in data_ids
+        for dimension in ("IQ-R", "TA-C")
+    ]
+
+
+def test_kill_resume_counts_a_key_the_uninterrupted_run_lacks(
+    load_bench: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    compare = load_bench("kill_resume").compare
+    reference = write_journal(tmp_path / "reference.jsonl", judgements("IQ-R_TA-C_1"))
+    same = write_journal(tmp_path / "same.jsonl", judgements("IQ-R_TA-C_1"))
+    more = write_journal(tmp_path / "more.jsonl", judgements("IQ-R_TA-C_1", "IQ-R_TA-C_999"))
+    assert compare(same, reference).extra == 0
+    found = compare(more, reference)
+    # Nothing doubled, missing or differing, the DTM the same: only
+    # the count of extra keys tells this run from the uninterrupted one.
+    assert (found.doubled, found.missing, found.differ, found.extra) == (0, 0, 0, 2)
+    assert found.same_dtm
