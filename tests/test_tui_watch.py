@@ -34,6 +34,7 @@ from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import (
     JOURNAL,
     QUARANTINE,
+    QUARANTINE_PARTIAL,
     Manifest,
     RunDir,
     latest_judgements,
@@ -310,6 +311,28 @@ def test_watch_shows_the_quarantined_records(tmp_path: Path) -> None:
     assert (snapshot.state, snapshot.quarantined) == ("finished", 1)
     assert "1 dataset records quarantined" in run_info(snapshot).plain
     assert describe(snapshot).endswith(" | quarantined 1")  # the plain lines too
+
+
+def test_status_and_watch_count_the_list_a_running_or_killed_run_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Since a run writes its list aside until it has read the dataset through, status showed
+    # none of a running run's, and neither showed the list of a run killed before that.
+    run_dir = write_run_dir(tmp_path)
+    refused = QuarantinedRecord(index=0, data_id=None, reason="missing data_id", record={})
+    manifest = Manifest.model_validate_json((run_dir / "manifest.json").read_text())
+    run, _ = RunDir.open(run_dir, manifest)
+    with run:
+        run.quarantine(refused)
+        assert main(["status", str(run_dir)]) == EXIT_OK
+        assert "1 dataset records quarantined so far by the run" in capsys.readouterr().out
+    # Killed before its list was put in place: only the start of it is there.
+    (run_dir / QUARANTINE).unlink()
+    (run_dir / QUARANTINE_PARTIAL).write_text(refused.model_dump_json() + "\n")
+    assert RunDirSource(run_dir).poll().quarantined == 1
+    assert main(["status", str(run_dir)]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 dataset records quarantined by a run stopped before it read the dataset" in out
 
 
 async def test_the_dashboard_ends_with_the_error_of_a_run_dir_deleted_while_watched(

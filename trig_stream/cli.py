@@ -539,6 +539,7 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
         QUARANTINE,
         errors_asked_again,
         open_regular_file,
+        quarantine_lists,
         read_journal_lines,
         read_manifest,
         writer_pid,
@@ -613,20 +614,28 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
             mean = f"{sums[key] / scored[key]:.3f}"
             means.add_row(model, metric, dimension, mean, str(scored[key]))
         out.print(means)
-    quarantine = args.run_dir / QUARANTINE
-    try:
-        with open_regular_file(quarantine) as lines:  # a pipe there would wait forever
-            refused = sum(1 for _ in lines)
-    except FileNotFoundError:
-        refused = 0
-    except OSError as exc:
-        out.print(
-            f"cannot read {quarantine}: {exc.strerror or exc}: the quarantined records are not "
-            "counted"
-        )
-        refused = 0
-    if refused:
+    refused = 0
+    for quarantine in quarantine_lists(args.run_dir, running=writer is not None):
+        try:
+            with open_regular_file(quarantine) as lines:  # a pipe there would wait forever
+                refused = sum(1 for _ in lines)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            out.print(
+                f"cannot read {quarantine}: {exc.strerror or exc}: the quarantined records are "
+                "not counted"
+            )
+        break
+    if refused and quarantine.name == QUARANTINE:
         out.print(f"{refused} dataset records quarantined (see {quarantine})")
+    elif refused and writer is not None:
+        out.print(f"{refused} dataset records quarantined so far by the run (see {quarantine})")
+    elif refused:
+        out.print(
+            f"{refused} dataset records quarantined by a run stopped before it read the "
+            f"dataset through (see {quarantine})"
+        )
     return EXIT_OK
 
 

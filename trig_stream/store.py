@@ -68,6 +68,17 @@ QUARANTINE = "quarantine.jsonl"
 QUARANTINE_PARTIAL = "quarantine.jsonl.partial"
 """The quarantine list a run is writing: it replaces :data:`QUARANTINE` once the dataset has
 been read through (a run stopped before then would leave only the start of its list)."""
+
+
+def quarantine_lists(run_dir: Path, *, running: bool) -> tuple[Path, Path]:
+    """The quarantine files of ``run_dir`` in the order to read them, the first that exists
+    being the list to show: while a run writes the directory, its own list so far, else the
+    last whole one; with none running, the last whole list, else the start of one that a
+    run killed before it read the dataset through left (see :meth:`RunDir.close`)."""
+    partial, final = run_dir / QUARANTINE_PARTIAL, run_dir / QUARANTINE
+    return (partial, final) if running else (final, partial)
+
+
 LOCK = "run.lock"
 IMAGES = "images"
 PARTIAL = ".partial"

@@ -27,8 +27,6 @@ from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import (
     JOURNAL,
-    QUARANTINE,
-    QUARANTINE_PARTIAL,
     Manifest,
     errors_asked_again,
     journal_unreadable,
@@ -36,6 +34,7 @@ from trig_stream.store import (
     open_journal,
     open_regular_file,
     parse_journal_line,
+    quarantine_lists,
     read_manifest,
     writer_pid,
 )
@@ -324,11 +323,11 @@ class RunDirSource:
 
     def _count_quarantined(self, *, running: bool) -> int | None:
         """The dataset records refused: by the run writing the directory so far, or by the
-        last one that read the dataset through (see :data:`~trig_stream.store.QUARANTINE`).
+        last one that read the dataset through, else by one killed before it did (see
+        :func:`~trig_stream.store.quarantine_lists`).
         Counted again only when the file changed; None when it cannot be read."""
-        names = (QUARANTINE_PARTIAL, QUARANTINE) if running else (QUARANTINE,)
-        for name in names:
-            path = self.run_dir / name
+        for path in quarantine_lists(self.run_dir, running=running):
+            name = path.name
             try:
                 with open_regular_file(path) as handle:  # a pipe there would wait forever
                     info = os.fstat(handle.fileno())
