@@ -39,6 +39,7 @@ from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
 from trig_stream.records import Status
 from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
+from trig_stream.terminal import CommandConsole
 
 if TYPE_CHECKING:
     from trig_stream.engine import Engine
@@ -75,7 +76,7 @@ def entry_point() -> NoReturn:
     """
     code = main()
     if threads_left_behind():
-        Console(stderr=True).print(
+        CommandConsole(stderr=True).print(
             "not waiting for a model still loading or closing, or a generation call still running"
         )
         logging.shutdown()
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     # Messages name files and keys: never wrap them, so they stay greppable.
-    console = Console(stderr=True, soft_wrap=True)
+    console = CommandConsole(stderr=True, soft_wrap=True)
     try:
         result: int = args.handler(args, console)
         return result
@@ -224,7 +225,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
             unmeasured += 1
     # Every record refused: the run would judge nothing and exit 2, and so does this.
     refused_all = bool(refused) and not samples
-    out = Console(soft_wrap=True)  # greppable: a path is never cut in two
+    out = CommandConsole(soft_wrap=True)  # greppable: a path is never cut in two
     verdict = "[red]nothing to judge[/]" if refused_all else "[green]ok[/]"
     out.print(f"{verdict}: {escape(str(args.config))}", highlight=False)
     out.print(
@@ -544,7 +545,7 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
     metrics += sorted({metric for _, metric, _ in counts} - set(metrics))
     # Names and paths are the user's: printed as they are, never read as markup, never wrapped.
-    out = Console(soft_wrap=True, markup=False, highlight=False)
+    out = CommandConsole(soft_wrap=True, markup=False, highlight=False)
     out.print(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}")
     if writer is None:
         out.print("not running; `trig-stream run` with its config judges whatever is left")

@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.text import Text
 
 from trig_stream.stats import EngineStats
+from trig_stream.terminal import CommandConsole
 
 LOG_EVERY_S = 10.0
 """How often a line is printed when the output is not a terminal (a log file, CI)."""
@@ -64,7 +65,7 @@ class PlainProgress:
     """
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or CommandConsole(stderr=True)
         self._live: Live | None = None
         self._last = 0.0
         self._loading: tuple[str, ...] = ()
