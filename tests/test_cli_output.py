@@ -4,14 +4,15 @@ standard streams, a locale that cannot encode a message, names never cut short."
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_cli import write_config
-from trig_stream.cli import EXIT_OK
+from tests.test_cli import signal_after, write_config
+from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK
 
 COMMAND = [sys.executable, "-m", "trig_stream"]
 SAFETY_S = 120
@@ -68,3 +69,91 @@ def test_validate_whose_reader_has_gone_exits_as_it_would_have(tmp_path: Path) -
     path = write_config(tmp_path, samples=4)
     code = run_with_gone_reader(["validate", str(path)], stream="stdout")
     assert code == EXIT_OK
+
+
+def with_closed(fds: str, args: list[str]) -> list[str]:
+    """The command run by a shell that closes ``fds`` first (``"1"``, ``"0 2"``...)."""
+    closing = " ".join(f"{fd}>&-" if fd != "0" else "<&-" for fd in fds.split())
+    return ["sh", "-c", f'exec "$@" {closing}', "sh", *COMMAND, *args]
+
+
+def test_a_hangup_stops_a_run_whose_stdout_is_closed(tmp_path: Path) -> None:
+    # The event loop's files took the free numbers 0-2; after SIGHUP, /dev/null was put over
+    # its wakeup pipe and the run never stopped.
+    path = write_config(tmp_path, samples=40, latency=0.2, concurrency=2)
+    command = with_closed("1", ["run", str(path), "--headless"])
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        signal_after(process, "run directory:", signal.SIGHUP)
+        assert process.wait(timeout=SAFETY_S) == EXIT_INTERRUPTED
+    finally:
+        process.kill()
+        process.wait()
+
+
+BUSY_GENERATOR = """\
+import sys, time
+from trig_stream.testing.synthetic import SyntheticGenerator
+def busy(self, *args, **kwargs):
+    print('busy', file=sys.stderr, flush=True)
+    time.sleep(600)
+SyntheticGenerator.generate = busy
+from trig_stream.console import entry_point
+sys.argv = ['trig-stream', *sys.argv[1:]]
+entry_point()
+"""
+
+
+def test_a_hard_stop_of_a_run_whose_stdout_is_closed_exits_130(tmp_path: Path) -> None:
+    # A hard stop leaves the generation call running, and the command flushed sys.stdout
+    # (None: fd 1 was closed) before exiting without it: a traceback, exit 1.
+    path = write_config(tmp_path)
+    command = ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-c", BUSY_GENERATOR]
+    process = subprocess.Popen(
+        [*command, "run", str(path), "--headless"], stderr=subprocess.PIPE, text=True
+    )
+    assert process.stderr is not None
+    try:
+        signal_after(process, "busy", signal.SIGINT)
+        signal_after(process, "stopping:", signal.SIGINT)
+        code = process.wait(timeout=SAFETY_S)
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    assert code == EXIT_INTERRUPTED, rest
+    assert "not waiting for a model still loading" in rest and "Traceback" not in rest
+
+
+@pytest.mark.parametrize("headless", [[], ["--headless"]])
+def test_a_run_with_its_standard_streams_closed_finishes(
+    tmp_path: Path, headless: list[str]
+) -> None:
+    path = write_config(tmp_path, samples=4)
+    command = with_closed("0 1 2", ["run", str(path), *headless])
+    assert subprocess.run(command, timeout=SAFETY_S).returncode == EXIT_OK
+    assert (tmp_path / "runs" / "cli" / "report" / "synth").is_dir()
+
+
+def test_commands_with_stdin_or_stdout_closed_do_their_work(tmp_path: Path) -> None:
+    path = write_config(tmp_path, samples=4)
+    run = subprocess.run(with_closed("0", ["run", str(path)]), capture_output=True, text=True)
+    assert (run.returncode, run.stderr.count("Traceback")) == (EXIT_OK, 0), run.stderr
+    watch = subprocess.run(
+        with_closed("0", ["watch", str(tmp_path / "runs" / "cli")]),
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_S,
+    )
+    assert (watch.returncode, watch.stderr) == (EXIT_OK, "")
+    upstream = tmp_path / "generation.yaml"
+    upstream.write_text('name: "gen"\ntask: "t2i"\ngeneration:\n  models: ["flux"]\n')
+    converted = subprocess.run(
+        with_closed("1", ["import-config", str(upstream)]),
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_S,
+    )
+    assert (converted.returncode, converted.stderr.count("Traceback")) == (EXIT_OK, 0), (
+        converted.stderr
+    )
