@@ -3,6 +3,7 @@ standard streams, a locale that cannot encode a message, names never cut short."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -157,3 +158,22 @@ def test_commands_with_stdin_or_stdout_closed_do_their_work(tmp_path: Path) -> N
     assert (converted.returncode, converted.stderr.count("Traceback")) == (EXIT_OK, 0), (
         converted.stderr
     )
+
+
+def test_what_the_locale_cannot_encode_is_escaped_not_a_traceback(tmp_path: Path) -> None:
+    path = write_config(tmp_path, samples=4)
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    records[0]["dimension"] = ["IQ-R", "Tü"]  # quarantined: the reason quotes the code
+    prompts.write_text(json.dumps(records))
+    ascii_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    validated = subprocess.run(
+        [*COMMAND, "validate", str(path)],
+        capture_output=True,
+        text=True,
+        encoding="ascii",
+        env=ascii_locale,
+        timeout=SAFETY_S,
+    )
+    assert validated.returncode == EXIT_OK, validated.stderr
+    assert "T\\xfc" in validated.stdout
