@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from tests.test_cli import signal_after, write_config
 from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK
+from trig_stream.progress import full_screen_possible
 
 COMMAND = [sys.executable, "-m", "trig_stream"]
 SAFETY_S = 120
@@ -177,3 +179,23 @@ def test_what_the_locale_cannot_encode_is_escaped_not_a_traceback(tmp_path: Path
     )
     assert validated.returncode == EXIT_OK, validated.stderr
     assert "T\\xfc" in validated.stdout
+
+
+def test_no_dashboard_when_stderr_is_not_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `trig-stream run cfg 2>run.log` on a terminal: Textual draws on sys.__stderr__, so the
+    # dashboard filled the log and the terminal showed nothing.
+    leader, follower = pty.openpty()
+    with (
+        os.fdopen(leader, "wb", buffering=0),
+        os.fdopen(follower, "w") as terminal,
+        (tmp_path / "run.log").open("w") as log,
+    ):
+        monkeypatch.setenv("TERM", "xterm")
+        monkeypatch.setattr(sys, "stdin", terminal)
+        monkeypatch.setattr(sys, "stdout", terminal)
+        monkeypatch.setattr(sys, "__stderr__", terminal)
+        assert full_screen_possible()
+        monkeypatch.setattr(sys, "__stderr__", log)
+        assert not full_screen_possible()

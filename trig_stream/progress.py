@@ -23,10 +23,15 @@ logs): no full-screen app nor a line redrawn in place there (rich's list)."""
 
 
 def full_screen_possible() -> bool:
-    """Whether a full-screen app (the dashboard) can be shown: stdin and stdout are a
-    terminal, and one that can move the cursor."""
+    """Whether a full-screen app (the dashboard) can be shown: stdin, stdout and stderr are
+    a terminal, and one that can move the cursor.
+
+    Textual draws on the process's original stderr (``sys.__stderr__``): with it redirected
+    (``2>run.log``), the dashboard would fill the log and the terminal stay blank.
+    """
     dumb = os.environ.get("TERM", "").lower() in DUMB_TERMINALS
-    return sys.stdin.isatty() and sys.stdout.isatty() and not dumb
+    streams = (sys.stdin, sys.stdout, sys.__stderr__)
+    return not dumb and all(stream is not None and stream.isatty() for stream in streams)
 
 
 def describe(stats: EngineStats) -> str:
