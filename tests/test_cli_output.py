@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import signal_after, write_config
-from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK
+from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK, main
 from trig_stream.progress import full_screen_possible
 
 COMMAND = [sys.executable, "-m", "trig_stream"]
@@ -199,3 +199,20 @@ def test_no_dashboard_when_stderr_is_not_the_terminal(
         assert full_screen_possible()
         monkeypatch.setattr(sys, "__stderr__", log)
         assert not full_screen_possible()
+
+
+def test_status_never_cuts_a_name_short(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Off a terminal the tables were 80 columns wide: two models whose names begin alike
+    # both showed as 'stabilityai-stable-diffusion-…'.
+    path = write_config(tmp_path, samples=4)
+    names = [f"stabilityai-stable-diffusion-3.5-large-turbo-{n}" for n in ("first", "second")]
+    second = '[[generators]]\nname = "{}"\nbackend = "synthetic"\n'
+    text = path.read_text().replace('name = "synth"', f'name = "{names[0]}"')
+    path.write_text(text + second.format(names[1]))
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "runs" / "cli")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "…" not in out, out
+    for name in names:  # its counts, and its means: one line each
+        assert sum(f" {name} " in line for line in out.splitlines()) >= 2, out

@@ -30,7 +30,8 @@ import anyio
 from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.measure import Measurement
+from rich.table import Column, Table
 
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.backends.base import threads_left_behind
@@ -563,21 +564,27 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     columns: tuple[str, ...] = STATUSES
     if asked is not None:
         columns += (ASKED_AGAIN,)
-    table = Table("model", "metric", *columns, "total")
+    table = Table(Column("model", overflow="fold"), Column("metric", overflow="fold"))
+    for heading in (*columns, "total"):
+        table.add_column(heading)
     for model in sorted({m for m, _, _ in counts} | set(manifest.generators)):
         present = [m for m in metrics if any(counts[(model, m, s)] for s in columns)]
         for metric in present or ["–"]:
             row = [counts[(model, metric, s)] for s in columns]
             table.add_row(model, metric, *map(str, row), str(sum(row)))
-    out.print(table)
+    _print_whole(out, table)
     if scored:
-        means = Table("model", "metric", "dimension", "mean score", "n")
+        means = Table(
+            *(Column(name, overflow="fold") for name in ("model", "metric", "dimension")),
+            "mean score",
+            "n",
+        )
         order = {metric: index for index, metric in enumerate(metrics)}
         for key in sorted(scored, key=lambda k: (k[0], order[k[1]], k[2])):
             model, metric, dimension = key
             mean = f"{sums[key] / scored[key]:.3f}"
             means.add_row(model, metric, dimension, mean, str(scored[key]))
-        out.print(means)
+        _print_whole(out, means)
     quarantine = args.run_dir / QUARANTINE
     try:
         with open_regular_file(quarantine) as lines:  # a pipe there would wait forever
@@ -593,6 +600,26 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     if refused:
         out.print(f"{refused} dataset records quarantined (see {quarantine})")
     return EXIT_OK
+
+
+def _print_whole(out: Console, table: Table) -> None:
+    """Print ``table`` with its names whole: on a terminal, a name too long for its column
+    is folded onto the next line; elsewhere (``| grep``, a file) the table is as wide as its
+    longest row needs, so that each row stays on one line."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    natural = Measurement.get(out, out.options.update_width(MEASURED_UP_TO), table).maximum
+    width = out.width
+    out.width = max(width, natural)  # print's own width can only narrow the console's
+    try:
+        out.print(table)
+    finally:
+        out.width = width
+
+
+MEASURED_UP_TO = 10_000
+"""The widest table ``status`` prints as it is when not on a terminal (characters)."""
 
 
 if __name__ == "__main__":
