@@ -29,11 +29,17 @@ def gone_reader() -> int:
     return write
 
 
-def run_with_gone_reader(args: list[str], *, stream: str, **popen: object) -> int:
+def run_with_gone_reader(
+    args: list[str], *, stream: str, stdout: int | None = None, stderr: int | None = None
+) -> int:
     """Run the command with ``stream`` (stdout or stderr) writing to a pipe nobody reads."""
     write = gone_reader()
+    if stream == "stdout":
+        stdout = write
+    else:
+        stderr = write
     try:
-        process = subprocess.run([*COMMAND, *args], timeout=SAFETY_S, **{stream: write}, **popen)
+        process = subprocess.run([*COMMAND, *args], stdout=stdout, stderr=stderr, timeout=SAFETY_S)
     finally:
         os.close(write)
     return process.returncode

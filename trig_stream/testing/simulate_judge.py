@@ -143,11 +143,11 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return EXIT_USAGE
-    exc = anyio.run(_serve, options, args.host, args.port, console, backend="asyncio")
-    if exc is not None:  # the address is taken, or not this machine's
+    failed = anyio.run(_serve, options, args.host, args.port, console, backend="asyncio")
+    if failed is not None:  # the address is taken, or not this machine's
         # asyncio's text repeats the address; a lookup failure has a negative errno.
-        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
-        reason = reason or str(exc)
+        reason = os.strerror(failed.errno) if failed.errno and failed.errno > 0 else None
+        reason = reason or failed.strerror or str(failed)
         console.print(
             f"[red]error:[/] cannot listen on {escape(f'{args.host}:{args.port}: {reason}')}",
             highlight=False,
