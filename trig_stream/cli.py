@@ -77,7 +77,7 @@ def entry_point() -> NoReturn:
     """
     code = main()
     if threads_left_behind():
-        CommandConsole(stderr=True).print(
+        CommandConsole(stderr=True, soft_wrap=True).print(  # one line in a log, never cut
             "not waiting for a model still loading or closing, or a generation call still running"
         )
         logging.shutdown()
