@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import io
 import json
@@ -446,6 +447,21 @@ def test_a_report_that_cannot_be_written_is_one_error_naming_where(tmp_path: Pat
         run_command("report", str(run), "--out", str(blocked), "--no-plots")
     with pytest.raises(AnalysisError, match=r"cannot write the report in .*a-file: "):
         run_command("compare", str(run), "--out", str(blocked / "cmp.md"))
+
+
+def test_a_comparison_that_cannot_be_written_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read-only folder: "cannot write the report in ." named neither the file nor what.
+    run = write_run_dir(tmp_path / "run", {})
+
+    def refused(self: Path, *args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    out = tmp_path / "c.md"
+    with pytest.raises(AnalysisError, match=rf"cannot write the comparison to {out}: Permission"):
+        run_command("compare", str(run), "--out", str(out))
 
 
 def test_output_paths_that_would_land_elsewhere_are_refused(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -631,3 +632,32 @@ options = { extra_body = { path = "e" } }
     assert flux["checkpoint"] == str((tmp_path / "tiny").resolve())
     assert flux["call"] == {"path": "c"} and flux["load"] == {"path": "l"}
     assert api["extra_body"] == {"path": "e"}
+
+
+@pytest.mark.parametrize("key", ["run.output_dir", "dataset.path", "generators[0].options.path"])
+def test_a_path_that_is_not_utf8_is_refused_naming_its_key(tmp_path: Path, key: str) -> None:
+    # A folder named in Latin-1: the run took its directory, then crashed writing a manifest
+    # that cannot hold the path (PydanticSerializationError), and validate said ok.
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    folder.mkdir()
+    where = {
+        "run.output_dir": ('output_dir = "runs"', f'output_dir = "{tmp_path}/runs"'),
+        "dataset.path": ('path = "prompts.json"', f'path = "{tmp_path}/prompts.json"'),
+    }
+    text = (
+        '[run]\nname = "r"\noutput_dir = "runs"\n'
+        '[dataset]\npath = "prompts.json"\n'
+        '[[generators]]\nname = "folder"\nbackend = "image_folder"\n'
+        f'options = {{ path = "{tmp_path}/images" }}\n'
+        '[[judges]]\nbackend = "fake"\n'
+    )
+    if key == "generators[0].options.path":
+        text = text.replace(f'"{tmp_path}/images"', '"images"')
+    for other, (relative, absolute) in where.items():
+        if other != key:
+            text = text.replace(relative, absolute)
+    (folder / "run.toml").write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(folder / "run.toml")
+    message = str(refused.value)
+    assert f"{key}: " in message and "caf\\xe9" in message and "not UTF-8" in message

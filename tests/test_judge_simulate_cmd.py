@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -156,3 +157,32 @@ def test_serves_until_interrupted() -> None:
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_serves_when_nobody_reads_its_ready_line() -> None:
+    # `simulate-judge --port 0 | true`: the READY line's broken pipe was taken for a failed
+    # bind: "cannot listen on 127.0.0.1:0: Broken pipe", exit 4.
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone: the READY line's write fails
+    command = [sys.executable, "-m", "trig_stream", "simulate-judge", "--port", "0"]
+    try:
+        process = subprocess.Popen(command, stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    try:
+        assert process.stderr is not None
+        serving = process.stderr.readline()
+        assert serving.startswith("simulated judge serving 'trig-judge-sim' at http://")
+        base_url = serving.split()[-1]
+        with urllib.request.urlopen(f"{base_url}/models", timeout=10) as response:
+            assert json.load(response)["data"][0]["id"] == "trig-judge-sim"
+        process.send_signal(signal.SIGINT)
+        rest = process.stderr.read()
+        assert process.wait(timeout=10) == 0, rest
+        assert "cannot listen" not in rest and "stopped:" in rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

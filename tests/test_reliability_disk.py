@@ -138,3 +138,20 @@ def test_a_journal_write_cut_short_is_taken_back(
     journal.close()
     lines = (tmp_path / JOURNAL).read_text().splitlines()
     assert [json.loads(raw)["data_id"] for raw in lines] == ["IQ-R_TA-C_1", "IQ-R_TA-C_2"]
+
+
+def test_a_run_directory_it_cannot_write_in_is_not_said_uncreated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under umask 777 the folder is made but nothing can be written in it: the message said
+    # "cannot create the run directory", which was there to see.
+    def refused(self: store.RunDir) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.path / store.LOCK))
+
+    monkeypatch.setattr(store.RunDir, "_acquire_lock", refused)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunDirError) as refused_dir:
+        store.RunDir.open(run_dir, store.Manifest(run_name="r", task="t2i"))
+    assert str(refused_dir.value) == (
+        f"cannot write in the run directory {run_dir} ({store.LOCK}): Permission denied"
+    )

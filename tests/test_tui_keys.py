@@ -258,3 +258,29 @@ async def test_a_signal_from_outside_closes_the_app_when_the_run_ends(
     assert engine.stats().state == state
     assert len(journal_keys(config)) < 80
     assert silenced == ([True] if signum == signal.SIGHUP else [])
+
+
+async def test_the_dashboard_puts_the_job_control_handlers_back(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Textual's terminal driver installs SIGTSTP and SIGCONT handlers and leaves them: a
+    # Ctrl-Z and `fg` while the report was written brought the closed app's alternate screen
+    # back, in raw mode, waiting for a key. (The headless driver installs none: done here.)
+    run_async = TrigDashboardApp.run_async
+
+    async def as_on_a_terminal(app: TrigDashboardApp, **options: Any) -> None:
+        for signum in (signal.SIGTSTP, signal.SIGCONT):
+            signal.signal(signum, lambda *_: None)
+        await run_async(app, **options)
+
+    monkeypatch.setattr(TrigDashboardApp, "run_async", as_on_a_terminal)
+    before = [signal.getsignal(s) for s in (signal.SIGTSTP, signal.SIGCONT)]
+    try:
+        async with Engine(make_config(samples=4)) as engine:
+            await drive(engine, until_done)
+        after = [signal.getsignal(s) for s in (signal.SIGTSTP, signal.SIGCONT)]
+    finally:
+        for signum, handler in zip((signal.SIGTSTP, signal.SIGCONT), before, strict=True):
+            signal.signal(signum, handler)
+    assert engine.stats().state == "done"
+    assert after == before

@@ -905,3 +905,32 @@ def test_status_and_watch_do_not_wait_on_a_pipe_in_the_run_dir(
         snapshot = RunDirSource(run_dir).poll()
     assert not fired
     assert (snapshot.state, snapshot.judged) == ("finished", 1)
+
+
+def test_the_watch_dashboard_puts_the_job_control_handlers_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Textual's terminal driver installs SIGTSTP and SIGCONT handlers and leaves them (the
+    # headless driver installs none: done here as it does).
+    run_dir = write_run_dir(tmp_path)
+    run_async = TrigDashboardApp.run_async
+
+    async def as_on_a_terminal(app: TrigDashboardApp, **_: Any) -> None:
+        for signum in (signal.SIGTSTP, signal.SIGCONT):
+            signal.signal(signum, lambda *_: None)
+
+        async def close(_: Any) -> None:
+            await app.action_quit()
+
+        await run_async(app, headless=True, size=(120, 40), auto_pilot=close)
+
+    monkeypatch.setattr(watch_module, "full_screen_possible", lambda: True)
+    monkeypatch.setattr(TrigDashboardApp, "run_async", as_on_a_terminal)
+    before = [signal.getsignal(s) for s in (signal.SIGTSTP, signal.SIGCONT)]
+    try:
+        assert main(["watch", str(run_dir)]) == EXIT_OK
+        after = [signal.getsignal(s) for s in (signal.SIGTSTP, signal.SIGCONT)]
+    finally:
+        for signum, handler in zip((signal.SIGTSTP, signal.SIGCONT), before, strict=True):
+            signal.signal(signum, handler)
+    assert after == before

@@ -30,7 +30,8 @@ import anyio
 from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.measure import Measurement
+from rich.table import Column, Table
 
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.backends.base import threads_left_behind
@@ -39,6 +40,7 @@ from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
 from trig_stream.records import Status
 from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
+from trig_stream.terminal import CommandConsole
 
 if TYPE_CHECKING:
     from trig_stream.engine import Engine
@@ -76,7 +78,7 @@ def entry_point() -> NoReturn:
     """
     code = main()
     if threads_left_behind():
-        Console(stderr=True).print(
+        CommandConsole(stderr=True, soft_wrap=True).print(  # one line in a log, never cut
             "not waiting for a model still loading or closing, or a generation call still running"
         )
         logging.shutdown()
@@ -92,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     # Messages name files and keys: never wrap them, so they stay greppable.
-    console = Console(stderr=True, soft_wrap=True)
+    console = CommandConsole(stderr=True, soft_wrap=True)
     try:
         result: int = args.handler(args, console)
         return result
@@ -239,7 +241,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     # Every record refused: the run would judge nothing and exit 2, and so does this. Records
     # the filters left out are not refused: with them, the filters are why nothing is judged.
     refused_all = bool(refused) and len(refused) == source.records_read
-    out = Console(soft_wrap=True)  # greppable: a path is never cut in two
+    out = CommandConsole(soft_wrap=True)  # greppable: a path is never cut in two
     verdict = "[red]nothing to judge[/]" if refused_all else "[green]ok[/]"
     out.print(f"{verdict}: {escape(str(args.config))}", highlight=False)
     out.print(
@@ -578,7 +580,7 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
     metrics += sorted({metric for _, metric, _ in counts} - set(metrics))
     # Names and paths are the user's: printed as they are, never read as markup, never wrapped.
-    out = Console(soft_wrap=True, markup=False, highlight=False)
+    out = CommandConsole(soft_wrap=True, markup=False, highlight=False)
     out.print(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}")
     if writer is None:
         out.print("not running; `trig-stream run` with its config judges whatever is left")
@@ -599,21 +601,27 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     columns: tuple[str, ...] = STATUSES
     if asked is not None:
         columns += (ASKED_AGAIN,)
-    table = Table("model", "metric", *columns, "total")
+    table = Table(Column("model", overflow="fold"), Column("metric", overflow="fold"))
+    for heading in (*columns, "total"):
+        table.add_column(heading)
     for model in sorted({m for m, _, _ in counts} | set(manifest.generators)):
         present = [m for m in metrics if any(counts[(model, m, s)] for s in columns)]
         for metric in present or ["–"]:
             row = [counts[(model, metric, s)] for s in columns]
             table.add_row(model, metric, *map(str, row), str(sum(row)))
-    out.print(table)
+    _print_whole(out, table)
     if scored:
-        means = Table("model", "metric", "dimension", "mean score", "n")
+        means = Table(
+            *(Column(name, overflow="fold") for name in ("model", "metric", "dimension")),
+            "mean score",
+            "n",
+        )
         order = {metric: index for index, metric in enumerate(metrics)}
         for key in sorted(scored, key=lambda k: (k[0], order[k[1]], k[2])):
             model, metric, dimension = key
             mean = f"{sums[key] / scored[key]:.3f}"
             means.add_row(model, metric, dimension, mean, str(scored[key]))
-        out.print(means)
+        _print_whole(out, means)
     refused = 0
     for quarantine in quarantine_lists(args.run_dir, running=writer is not None):
         try:
@@ -637,6 +645,26 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
             f"dataset through (see {quarantine})"
         )
     return EXIT_OK
+
+
+def _print_whole(out: Console, table: Table) -> None:
+    """Print ``table`` with its names whole: on a terminal, a name too long for its column
+    is folded onto the next line; elsewhere (``| grep``, a file) the table is as wide as its
+    longest row needs, so that each row stays on one line."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    natural = Measurement.get(out, out.options.update_width(MEASURED_UP_TO), table).maximum
+    width = out.width
+    out.width = max(width, natural)  # print's own width can only narrow the console's
+    try:
+        out.print(table)
+    finally:
+        out.width = width
+
+
+MEASURED_UP_TO = 10_000
+"""The widest table ``status`` prints as it is when not on a terminal (characters)."""
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import datetime
 import difflib
 import json
 import math
+import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -375,7 +376,20 @@ def _resolve(path: Path, base: Path, key: str) -> Path:
                 f"{key}: {path}: no home folder is known for {path.parts[0]}: write the "
                 "path out in full"
             ) from None
-    return path if path.is_absolute() else (base / path).resolve()
+    resolved = path if path.is_absolute() else (base / path).resolve()
+    try:
+        str(resolved).encode("utf-8")
+    except UnicodeEncodeError:
+        # A folder named in another encoding (``caf\xe9``, Latin-1): Python holds its bytes
+        # as half characters, which the run directory's manifest, written as UTF-8 JSON,
+        # cannot record; the run crashed after taking its directory.
+        shown = os.fsencode(resolved).decode("utf-8", "backslashreplace")
+        raise ConfigError(
+            f"{key}: {shown}: the path is not UTF-8 text (a folder named in another "
+            "encoding), and a run records its paths as UTF-8: rename that folder, or move "
+            "the config and its files under a UTF-8 path"
+        ) from None
+    return resolved
 
 
 def _resolve_options(options: dict[str, Any], base: Path, where: str) -> dict[str, Any]:

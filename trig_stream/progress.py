@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.text import Text
 
 from trig_stream.stats import EngineStats
+from trig_stream.terminal import CommandConsole
 
 LOG_EVERY_S = 10.0
 """How often a line is printed when the output is not a terminal (a log file, CI)."""
@@ -22,10 +23,15 @@ logs): no full-screen app nor a line redrawn in place there (rich's list)."""
 
 
 def full_screen_possible() -> bool:
-    """Whether a full-screen app (the dashboard) can be shown: stdin and stdout are a
-    terminal, and one that can move the cursor."""
+    """Whether a full-screen app (the dashboard) can be shown: stdin, stdout and stderr are
+    a terminal, and one that can move the cursor.
+
+    Textual draws on the process's original stderr (``sys.__stderr__``): with it redirected
+    (``2>run.log``), the dashboard would fill the log and the terminal stay blank.
+    """
     dumb = os.environ.get("TERM", "").lower() in DUMB_TERMINALS
-    return sys.stdin.isatty() and sys.stdout.isatty() and not dumb
+    streams = (sys.stdin, sys.stdout, sys.__stderr__)
+    return not dumb and all(stream is not None and stream.isatty() for stream in streams)
 
 
 def describe(stats: EngineStats) -> str:
@@ -64,7 +70,7 @@ class PlainProgress:
     """
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or CommandConsole(stderr=True)
         self._live: Live | None = None
         self._last = 0.0
         self._loading: tuple[str, ...] = ()

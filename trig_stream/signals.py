@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
@@ -38,3 +40,22 @@ def silence_the_terminal() -> None:
             os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+@contextmanager
+def job_control_kept() -> Iterator[None]:
+    """Put the SIGTSTP and SIGCONT handlers back as they were on the way out.
+
+    Textual's terminal driver installs its own (Ctrl-Z suspends the app, ``fg`` draws it
+    again) and leaves them there when the app closes: a Ctrl-Z and ``fg`` while the report
+    was written brought back the alternate screen in raw mode, waiting for a key.
+    """
+    names = ("SIGTSTP", "SIGCONT")
+    signums = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    handlers = {signum: signal.getsignal(signum) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(signum, handler)

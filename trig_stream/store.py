@@ -712,9 +712,12 @@ class RunDir:
         run = cls(path)
         try:
             make_dirs(path)
-            run._acquire_lock()
         except OSError as exc:
             raise storage_error(exc, f"create the run directory {path}") from None
+        try:
+            run._acquire_lock()
+        except OSError as exc:  # made, or there already, but not writable (umask 777)
+            raise storage_error(exc, f"write in the run directory {path} ({LOCK})") from None
         try:
             # The journal's lock first: a run turned away by it must touch nothing (a running
             # run's temporary images and newest lines look like a crash's leftovers).

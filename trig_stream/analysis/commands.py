@@ -35,6 +35,7 @@ from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
 from trig_stream.records import COMPARISON_FILE, Judgement
 from trig_stream.store import writer_pid
+from trig_stream.terminal import CommandConsole
 
 THRESHOLD_OPTIONS: dict[str, str] = {
     "synergy": "synergy zone: both scores above this (default 0.8)",
@@ -403,7 +404,11 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
             raise AnalysisError(f"--out {args.out} is a folder: it names the file to write")
         with writing(args.out.parent):
             args.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
             args.out.write_text(text, encoding="utf-8")
+        except OSError as exc:  # the file itself, not its folder (a read-only folder, a full disk)
+            reason = exc.strerror or exc
+            raise AnalysisError(f"cannot write the comparison to {args.out}: {reason}") from None
         console.print(f"comparison written to {args.out}", highlight=False, markup=False)
-    Console(soft_wrap=True).print(text, markup=False, highlight=False)
+    CommandConsole(soft_wrap=True).print(text, markup=False, highlight=False)
     return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trig_stream.config import NOT_A_VARIABLE, is_variable_name
+from trig_stream.terminal import point_at_devnull
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
 
 EXIT_OK = 0
@@ -140,12 +143,11 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return EXIT_USAGE
-    try:
-        anyio.run(_serve, options, args.host, args.port, console, backend="asyncio")
-    except OSError as exc:  # the address is taken, or not this machine's
+    failed = anyio.run(_serve, options, args.host, args.port, console, backend="asyncio")
+    if failed is not None:  # the address is taken, or not this machine's
         # asyncio's text repeats the address; a lookup failure has a negative errno.
-        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
-        reason = reason or str(exc)
+        reason = os.strerror(failed.errno) if failed.errno and failed.errno > 0 else None
+        reason = reason or failed.strerror or str(failed)
         console.print(
             f"[red]error:[/] cannot listen on {escape(f'{args.host}:{args.port}: {reason}')}",
             highlight=False,
@@ -154,15 +156,26 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-async def _serve(options: JudgeServerOptions, host: str, port: int, console: Console) -> None:
-    async with JudgeServer(options, host=host, port=port) as server:
+async def _serve(
+    options: JudgeServerOptions, host: str, port: int, console: Console
+) -> OSError | None:
+    """Serve until SIGINT or SIGTERM; return the error that kept it from listening, if one
+    did (any other error is no listening problem, and is raised)."""
+    async with AsyncExitStack() as stack:
+        try:
+            server = await stack.enter_async_context(JudgeServer(options, host=host, port=port))
+        except OSError as exc:
+            return exc
         console.print(
             f"simulated judge serving {options.model!r} at {server.base_url}",
             highlight=False,
             markup=False,
         )
         # Tools that start the command read this line to learn the port.
-        print(f"READY {server.base_url}", flush=True)
+        try:
+            print(f"READY {server.base_url}", flush=True)
+        except BrokenPipeError:  # nobody reads it (`| true`): serve all the same
+            point_at_devnull([sys.stdout.fileno()])
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 break
@@ -171,3 +184,4 @@ async def _serve(options: JudgeServerOptions, host: str, port: int, console: Con
             f"stopped: {stats.served} served, {stats.repeated} repeated, "
             f"{sum(stats.faults.values())} faults"
         )
+    return None

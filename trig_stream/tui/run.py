@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 from textual.pilot import Pilot
 
 from trig_stream.engine import Engine
-from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
+from trig_stream.signals import is_hangup, job_control_kept, silence_the_terminal, stop_signals
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.dashboard import REFRESH_EVERY_S
 from trig_stream.tui.sources import EngineSource
@@ -94,7 +94,8 @@ async def run_dashboard(
             tg.start_soon(consume)
             if handle_signals:
                 await tg.start(on_signals)
-            await app.run_async(headless=headless, size=size, auto_pilot=auto_pilot)
+            with job_control_kept():  # Textual's Ctrl-Z handlers end with the app
+                await app.run_async(headless=headless, size=size, auto_pilot=auto_pilot)
             if not ended.is_set() and not source.engine_control.cancel_requested:
                 # The app closed while the run goes on: nothing would read its results.
                 source.engine_control.cancel()

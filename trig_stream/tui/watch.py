@@ -21,7 +21,8 @@ from rich.console import Console
 from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.errors import MissingExtraError
 from trig_stream.progress import full_screen_possible
-from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
+from trig_stream.signals import is_hangup, job_control_kept, silence_the_terminal, stop_signals
+from trig_stream.terminal import CommandConsole
 from trig_stream.tui.render import duration
 from trig_stream.tui.snapshot import DashboardSnapshot
 from trig_stream.tui.watch_source import RunDirSource
@@ -81,7 +82,7 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK if signum is None else EXIT_INTERRUPTED
     # The progress lines are what the command prints (`watch RUN > log`); warnings and
     # errors go where the other commands put theirs (``console``: stderr).
-    out = Console(soft_wrap=True)
+    out = CommandConsole(soft_wrap=True)
     return follow(source, out, errors=console, interval_s=args.interval)
 
 
@@ -113,7 +114,8 @@ def show_dashboard(app: TrigDashboardApp, **run_options: Any) -> int | None:
     async def show() -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(on_signals)
-            await app.run_async(**run_options)
+            with job_control_kept():  # Textual's Ctrl-Z handlers end with the app
+                await app.run_async(**run_options)
             tg.cancel_scope.cancel()
 
     anyio.run(show)  # textual needs asyncio, anyio's default

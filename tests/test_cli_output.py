@@ -1,0 +1,224 @@
+"""What the command writes, and where: a reader that goes away, closed or redirected
+standard streams, a locale that cannot encode a message, names never cut short."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import signal_after, write_config
+from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK, main
+from trig_stream.progress import full_screen_possible
+
+COMMAND = [sys.executable, "-m", "trig_stream"]
+SAFETY_S = 120
+"""A safety net: these commands take seconds; one that hangs fails the test."""
+
+
+def gone_reader() -> int:
+    """The write end of a pipe whose reader has gone: the first write to it fails (EPIPE)."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+def run_with_gone_reader(
+    args: list[str], *, stream: str, stdout: int | None = None, stderr: int | None = None
+) -> int:
+    """Run the command with ``stream`` (stdout or stderr) writing to a pipe nobody reads."""
+    write = gone_reader()
+    if stream == "stdout":
+        stdout = write
+    else:
+        stderr = write
+    try:
+        process = subprocess.run([*COMMAND, *args], stdout=stdout, stderr=stderr, timeout=SAFETY_S)
+    finally:
+        os.close(write)
+    return process.returncode
+
+
+def test_a_run_whose_reader_has_gone_finishes_with_its_report(tmp_path: Path) -> None:
+    # `trig-stream run cfg 2>&1 | head -2`: the first failed write ended the event loop midway,
+    # and the command hung, waiting for the run's worker threads, or exited 1 half done.
+    path = write_config(tmp_path, samples=8)
+    code = run_with_gone_reader(
+        ["run", str(path), "--headless"], stream="stderr", stdout=subprocess.DEVNULL
+    )
+    assert code == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    assert len((run_dir / "journal.jsonl").read_text().splitlines()) == 16
+    assert (run_dir / "report" / "synth").is_dir()
+
+
+@pytest.mark.parametrize("command", ["status", "watch"])
+def test_a_command_whose_reader_has_gone_exits_as_it_would_have(
+    tmp_path: Path, command: str
+) -> None:
+    path = write_config(tmp_path, samples=4)
+    finished = subprocess.run(
+        [*COMMAND, "run", str(path), "--headless", "--no-report"],
+        capture_output=True,
+        timeout=SAFETY_S,
+    )
+    assert finished.returncode == EXIT_OK, finished.stderr
+    run_dir = str(tmp_path / "runs" / "cli")
+    code = run_with_gone_reader([command, run_dir], stream="stdout", stderr=subprocess.PIPE)
+    assert code == EXIT_OK
+
+
+def test_validate_whose_reader_has_gone_exits_as_it_would_have(tmp_path: Path) -> None:
+    path = write_config(tmp_path, samples=4)
+    code = run_with_gone_reader(["validate", str(path)], stream="stdout")
+    assert code == EXIT_OK
+
+
+def with_closed(fds: str, args: list[str]) -> list[str]:
+    """The command run by a shell that closes ``fds`` first (``"1"``, ``"0 2"``...)."""
+    closing = " ".join(f"{fd}>&-" if fd != "0" else "<&-" for fd in fds.split())
+    return ["sh", "-c", f'exec "$@" {closing}', "sh", *COMMAND, *args]
+
+
+def test_a_hangup_stops_a_run_whose_stdout_is_closed(tmp_path: Path) -> None:
+    # The event loop's files took the free numbers 0-2; after SIGHUP, /dev/null was put over
+    # its wakeup pipe and the run never stopped.
+    path = write_config(tmp_path, samples=40, latency=0.2, concurrency=2)
+    command = with_closed("1", ["run", str(path), "--headless"])
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        signal_after(process, "run directory:", signal.SIGHUP)
+        assert process.wait(timeout=SAFETY_S) == EXIT_INTERRUPTED
+    finally:
+        process.kill()
+        process.wait()
+
+
+BUSY_GENERATOR = """\
+import sys, time
+from trig_stream.testing.synthetic import SyntheticGenerator
+def busy(self, *args, **kwargs):
+    print('busy', file=sys.stderr, flush=True)
+    time.sleep(600)
+SyntheticGenerator.generate = busy
+from trig_stream.console import entry_point
+sys.argv = ['trig-stream', *sys.argv[1:]]
+entry_point()
+"""
+
+
+def test_a_hard_stop_of_a_run_whose_stdout_is_closed_exits_130(tmp_path: Path) -> None:
+    # A hard stop leaves the generation call running, and the command flushed sys.stdout
+    # (None: fd 1 was closed) before exiting without it: a traceback, exit 1.
+    path = write_config(tmp_path)
+    command = ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-c", BUSY_GENERATOR]
+    process = subprocess.Popen(
+        [*command, "run", str(path), "--headless"], stderr=subprocess.PIPE, text=True
+    )
+    assert process.stderr is not None
+    try:
+        signal_after(process, "busy", signal.SIGINT)
+        signal_after(process, "stopping:", signal.SIGINT)
+        code = process.wait(timeout=SAFETY_S)
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    assert code == EXIT_INTERRUPTED, rest
+    assert "not waiting for a model still loading" in rest and "Traceback" not in rest
+
+
+@pytest.mark.parametrize("headless", [[], ["--headless"]])
+def test_a_run_with_its_standard_streams_closed_finishes(
+    tmp_path: Path, headless: list[str]
+) -> None:
+    path = write_config(tmp_path, samples=4)
+    command = with_closed("0 1 2", ["run", str(path), *headless])
+    assert subprocess.run(command, timeout=SAFETY_S).returncode == EXIT_OK
+    assert (tmp_path / "runs" / "cli" / "report" / "synth").is_dir()
+
+
+def test_commands_with_stdin_or_stdout_closed_do_their_work(tmp_path: Path) -> None:
+    path = write_config(tmp_path, samples=4)
+    run = subprocess.run(with_closed("0", ["run", str(path)]), capture_output=True, text=True)
+    assert (run.returncode, run.stderr.count("Traceback")) == (EXIT_OK, 0), run.stderr
+    watch = subprocess.run(
+        with_closed("0", ["watch", str(tmp_path / "runs" / "cli")]),
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_S,
+    )
+    assert (watch.returncode, watch.stderr) == (EXIT_OK, "")
+    upstream = tmp_path / "generation.yaml"
+    upstream.write_text('name: "gen"\ntask: "t2i"\ngeneration:\n  models: ["flux"]\n')
+    converted = subprocess.run(
+        with_closed("1", ["import-config", str(upstream)]),
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_S,
+    )
+    assert (converted.returncode, converted.stderr.count("Traceback")) == (EXIT_OK, 0), (
+        converted.stderr
+    )
+
+
+def test_what_the_locale_cannot_encode_is_escaped_not_a_traceback(tmp_path: Path) -> None:
+    path = write_config(tmp_path, samples=4)
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    records[0]["dimension"] = ["IQ-R", "Tü"]  # quarantined: the reason quotes the code
+    prompts.write_text(json.dumps(records))
+    ascii_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    validated = subprocess.run(
+        [*COMMAND, "validate", str(path)],
+        capture_output=True,
+        text=True,
+        encoding="ascii",
+        env=ascii_locale,
+        timeout=SAFETY_S,
+    )
+    assert validated.returncode == EXIT_OK, validated.stderr
+    assert "T\\xfc" in validated.stdout
+
+
+def test_no_dashboard_when_stderr_is_not_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `trig-stream run cfg 2>run.log` on a terminal: Textual draws on sys.__stderr__, so the
+    # dashboard filled the log and the terminal showed nothing.
+    leader, follower = pty.openpty()
+    with (
+        os.fdopen(leader, "wb", buffering=0),
+        os.fdopen(follower, "w") as terminal,
+        (tmp_path / "run.log").open("w") as log,
+    ):
+        monkeypatch.setenv("TERM", "xterm")
+        monkeypatch.setattr(sys, "stdin", terminal)
+        monkeypatch.setattr(sys, "stdout", terminal)
+        monkeypatch.setattr(sys, "__stderr__", terminal)
+        assert full_screen_possible()
+        monkeypatch.setattr(sys, "__stderr__", log)
+        assert not full_screen_possible()
+
+
+def test_status_never_cuts_a_name_short(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Off a terminal the tables were 80 columns wide: two models whose names begin alike
+    # both showed as 'stabilityai-stable-diffusion-…'.
+    path = write_config(tmp_path, samples=4)
+    names = [f"stabilityai-stable-diffusion-3.5-large-turbo-{n}" for n in ("first", "second")]
+    second = '[[generators]]\nname = "{}"\nbackend = "synthetic"\n'
+    text = path.read_text().replace('name = "synth"', f'name = "{names[0]}"')
+    path.write_text(text + second.format(names[1]))
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "runs" / "cli")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "…" not in out, out
+    for name in names:  # its counts, and its means: one line each
+        assert sum(f" {name} " in line for line in out.splitlines()) >= 2, out
