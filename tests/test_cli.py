@@ -735,6 +735,26 @@ def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     assert sum(journal_keys(tmp_path).values()) == 0
 
 
+def test_a_run_stopped_before_its_run_directory_says_nothing_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Stopped while the backends were checked, a --new-run said "results in" the earlier
+    # run's directory, and how to resume that one; a new name, a directory never made.
+    path = write_config(tmp_path, samples=2)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    capsys.readouterr()
+
+    def interrupted_while_checked(self: FakeJudge) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(FakeJudge, "check_environment", interrupted_while_checked)
+    assert main(["run", str(path), "--headless", "--new-run"]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "stopped before the run opened its run directory: nothing was written" in err, err
+    assert "results in" not in err and "to resume" not in err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cli"]
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path: Path, presses: int) -> None:
     path = write_config(tmp_path, samples=40, latency=0.1, concurrency=2)

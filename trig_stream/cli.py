@@ -390,6 +390,15 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     for note in engine.stats().notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     summary = engine.summary()
+    if not engine.run_dir_opened:
+        # Stopped while the backends opened: the directory named would be another run's
+        # (with --new-run) or none at all, and there is nothing to resume.
+        console.print(
+            f"{summary.state} before the run opened its run directory: nothing was written",
+            highlight=False,
+            markup=False,
+        )
+        return EXIT_INTERRUPTED
     console.print(
         f"{summary.state}: {summary.judged} judgements in this run "
         f"(ok {summary.ok}, unscorable {summary.unscorable}, error {summary.error}); "

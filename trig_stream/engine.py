@@ -359,6 +359,12 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------
 
     @property
+    def run_dir_opened(self) -> bool:
+        """Whether the run opened its run directory (:attr:`run_dir_path`): one stopped while
+        its backends opened wrote nothing, anywhere."""
+        return self._run_dir is not None
+
+    @property
     def results(self) -> MemoryObjectReceiveStream[Judgement]:
         """Judgements in the order they became durable; ends when the run is over."""
         if self._results is None:
