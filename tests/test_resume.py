@@ -280,6 +280,18 @@ async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFa
     assert len(journal(config)) == 6  # the original run is untouched
 
 
+def test_a_new_run_whose_name_would_be_too_long_is_refused(tmp_path: Path) -> None:
+    # A 128-character name became "<name>-2", which the resume hint told to set as [run]
+    # name, and which the config then refused: the run could be resumed only by hand.
+    taken = tmp_path / ("r" * 127)
+    taken.mkdir()
+    with pytest.raises(RunDirError, match=r"a run name of 129 characters, .* shorten \[run\] name"):
+        store.next_free_run_dir(taken)
+    short = tmp_path / "short"
+    short.mkdir()
+    assert store.next_free_run_dir(short) == tmp_path / "short-2"
+
+
 async def test_results_without_their_manifest_are_refused_not_mixed(
     make_config: ConfigFactory,
 ) -> None:

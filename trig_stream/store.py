@@ -51,6 +51,7 @@ from trig_stream.errors import (
     validation_problems,
 )
 from trig_stream.records import (
+    MAX_NAME_CHARS,
     SCHEMA_VERSION,
     Judgement,
     JudgementKey,
@@ -1165,10 +1166,21 @@ _sync_data = getattr(os, "fdatasync", os.fsync)
 
 
 def next_free_run_dir(path: Path) -> Path:
-    """``path`` itself when unused, else the first ``path-2``, ``path-3``... that is."""
+    """``path`` itself when unused, else the first ``path-2``, ``path-3``... that is.
+
+    Raises:
+        RunDirError: that name is longer than a run's name may be: the config that would
+            resume it (``[run] name`` set to it) would be refused.
+    """
     if not path.exists():
         return path
     number = 2
     while (candidate := path.with_name(f"{path.name}-{number}")).exists():
         number += 1
+    if len(candidate.name) > MAX_NAME_CHARS:
+        raise RunDirError(
+            f"--new-run would write {candidate.name!r}, a run name of {len(candidate.name)} "
+            f"characters, which no config can name to resume it (at most {MAX_NAME_CHARS}): "
+            "shorten [run] name"
+        )
     return candidate
