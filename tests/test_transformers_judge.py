@@ -392,6 +392,14 @@ def test_the_fingerprint_holds_the_dtype_auto_means_on_the_device(tiny_vlm: Path
     assert manifest("cpu", dtype="auto").differences(on_cpu) == []
     assert manifest("cpu", dtype="auto").differences(on_gpu) != []
     assert manifest("cuda:0", dtype="auto").differences(on_gpu) == []
+    # One whose config no longer names the judge (a run left it out since) cannot tell its
+    # device: read as auto on the configured one, as before, not refused.
+    fingerprint = make_judge(tiny_vlm).fingerprint().model_dump()
+    fingerprint["params"]["dtype"] = "auto"
+    written = Manifest(run_name="r", task="t2i", judges={"trigscore": fingerprint})
+    dropped = Manifest.model_validate_json(written.model_dump_json())
+    assert dropped.judges["trigscore"]["params"]["dtype"] == "auto"
+    assert dropped.differences(on_cpu) == dropped.differences(on_gpu) == []
 
 
 @pytest.mark.parametrize(("top_logprobs", "statuses"), [(None, {"ok"}), (5, {"ok", "unscorable"})])

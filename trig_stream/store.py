@@ -177,7 +177,10 @@ class Manifest(BaseModel):
             for name in sorted(mine.keys() & theirs.keys()):
                 if holds is not None and not holds(kind, name):
                     continue
-                for key, stored, configured in _changed_fields(mine[name], theirs[name], moved):
+                stored_entry = mine[name]
+                if kind == "judges":
+                    stored_entry = _auto_dtype_as_configured(stored_entry, theirs[name])
+                for key, stored, configured in _changed_fields(stored_entry, theirs[name], moved):
                     found.append(
                         f"{kind[:-1]} {name!r}: {key} {stored} in the run dir, {configured} in "
                         "the config"
@@ -206,6 +209,24 @@ class Manifest(BaseModel):
                 "updated_at": time.time(),
             }
         )
+
+
+def _auto_dtype_as_configured(stored: dict[str, Any], configured: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` with a transformers judge's ``"auto"`` dtype, from a run directory older
+    than the dtype on its device (see :meth:`Manifest._judge_dtypes_placed`) whose config no
+    longer names the judge's device, read as ``auto`` on the configured device: as it was
+    compared before, rather than refused for a difference no one can tell."""
+    params, now = stored.get("params"), configured.get("params")
+    if not (
+        stored.get("backend") == "transformers"
+        and isinstance(params, dict)
+        and params.get("dtype") == "auto"
+        and isinstance(now, dict)
+        and isinstance(now.get("dtype"), str)
+        and (now["dtype"] == "float32" or now["dtype"].startswith("auto on "))
+    ):
+        return stored
+    return {**stored, "params": {**params, "dtype": now["dtype"]}}
 
 
 def as_json(value: Any, what: str) -> Any:
