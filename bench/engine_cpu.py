@@ -85,7 +85,7 @@ from _server import judge_stats, openai_judge, start_judge, stop_judge, syntheti
 
 from trig_stream.config import parse_config
 from trig_stream.engine import Engine
-from trig_stream.store import write_atomic_many
+from trig_stream.files import write_atomic_many
 
 
 class ThreadTimes:

@@ -34,7 +34,7 @@ from _goal import Goals
 from trig_stream.analysis import analyse_judgements
 from trig_stream.config import load_config
 from trig_stream.engine import Engine
-from trig_stream.store import latest_judgements, read_journal
+from trig_stream.journal import latest_judgements, read_journal
 
 CONFIG = """\
 [run]

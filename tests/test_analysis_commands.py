@@ -28,8 +28,11 @@ from trig_stream.analysis.relations import default_metric
 from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import MissingExtraError, RunDirError
+from trig_stream.files import write_atomic
+from trig_stream.journal import JOURNAL, Journal
+from trig_stream.locks import LOCK
 from trig_stream.records import JudgeFingerprint, Judgement
-from trig_stream.store import JOURNAL, LOCK, MANIFEST, Journal, Manifest, write_atomic
+from trig_stream.store import MANIFEST, Manifest
 from trig_stream.testing import FakeJudge
 
 DATA = Path(__file__).parent / "data" / "analysis"
@@ -658,7 +661,7 @@ def test_report_skips_a_journal_line_whose_score_is_not_a_number(
     ]
     with path.open("a") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in bad)
-    with caplog.at_level("WARNING", logger="trig_stream.store"):
+    with caplog.at_level("WARNING", logger="trig_stream.journal"):
         code, _ = run_command("report", str(config.run_dir), "--no-plots")
     assert code == 0
     assert (
@@ -698,7 +701,7 @@ def test_report_skips_a_journal_line_no_engine_writes_naming_why(
     assert (record["pair"], record["dimension"]) == ("IQ-R_TA-C", "IQ-R")
     lines.append(json.dumps({**record, **edit}) + "\n")
     path.write_text("".join(lines))
-    with caplog.at_level("WARNING", logger="trig_stream.store"):
+    with caplog.at_level("WARNING", logger="trig_stream.journal"):
         code, _ = run_command("report", str(config.run_dir), "--no-plots")
     assert code == 0
     assert f"(the first: line {len(lines)}: {reason})" in caplog.text

@@ -28,8 +28,8 @@ from trig_stream import cli
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.errors import BackendError
+from trig_stream.locks import LOCK
 from trig_stream.signals import stop_signals
-from trig_stream.store import LOCK
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 
 CONFIG = """\
@@ -232,11 +232,11 @@ def test_validate_refuses_a_run_dir_a_run_is_using(
     capsys.readouterr()
     holder = (
         "import pathlib, sys\n"
-        "from trig_stream import store\n"
+        "from trig_stream import locks, store\n"
         "path = pathlib.Path(sys.argv[1])\n"
         "run, _ = store.RunDir.open(path, store.read_manifest(path))\n"
         "if sys.argv[2] == 'journal':\n"
-        "    (path / store.LOCK).unlink()\n"
+        "    (path / locks.LOCK).unlink()\n"
         "print('locked', flush=True)\n"
         "sys.stdin.read()\n"
     )

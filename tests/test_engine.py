@@ -43,12 +43,13 @@ from trig_stream.backends.base import (
 )
 from trig_stream.config import RunConfig
 from trig_stream.generation import FAILED_CALLS_TO_STOP
+from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
 from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.scoring import Scorer
 from trig_stream.stats import ModelCounts
-from trig_stream.store import JOURNAL, QUARANTINE, read_journal
+from trig_stream.store import QUARANTINE
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions, draw

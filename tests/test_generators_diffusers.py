@@ -33,8 +33,9 @@ from trig_stream import Engine
 from trig_stream.backends.base import EncodedPicture, GenerationRequest, TimedPicture
 from trig_stream.config import RunConfig
 from trig_stream.errors import BackendError, FatalBackendError, ItemError
+from trig_stream.journal import JOURNAL
 from trig_stream.records import Judgement, Sample
-from trig_stream.store import IMAGES, JOURNAL
+from trig_stream.store import IMAGES
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection

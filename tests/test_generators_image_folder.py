@@ -23,9 +23,10 @@ from trig_stream.backends.generators.image_folder import (
 )
 from trig_stream.config import RunConfig
 from trig_stream.errors import ItemError
+from trig_stream.journal import JOURNAL
 from trig_stream.png import with_sample_digest
 from trig_stream.records import Sample
-from trig_stream.store import IMAGES, JOURNAL
+from trig_stream.store import IMAGES
 
 pytestmark = pytest.mark.anyio
 

@@ -19,11 +19,13 @@ import pytest
 
 from tests.conftest import write_prompts
 from tests.test_reliability_inputs import CONFIG as RUN_CONFIG
-from trig_stream import store
+from trig_stream import files, store
 from trig_stream.cli import EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.errors import RunDirError
+from trig_stream.journal import JOURNAL, Journal
+from trig_stream.locks import LOCK
 from trig_stream.records import Judgement
-from trig_stream.store import IMAGES, JOURNAL, PARTIAL, Journal
+from trig_stream.store import IMAGES, PARTIAL
 
 PROMPTS = 12
 
@@ -52,14 +54,14 @@ class FullDisk:
 
 
 def no_space_for_images(fd: int) -> None:
-    """``store._sync_data`` for a disk that has no room left for images (their temporary
+    """``files._sync_data`` for a disk that has no room left for images (their temporary
     files live in the images' ``.partial`` folder); other files sync as usual."""
     if f"/{IMAGES}/{PARTIAL}/" in os.readlink(f"/proc/self/fd/{fd}"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     SYNC_DATA(fd)
 
 
-SYNC_DATA = store._sync_data
+SYNC_DATA = files._sync_data
 
 
 def journal_keys(run_dir: Path) -> Counter[tuple[str, str, str]]:
@@ -91,7 +93,7 @@ def test_a_full_disk_stops_the_run_with_one_message_and_a_resume_loses_nothing(
     if full == "journal":
         monkeypatch.setattr(os, "write", disk)
     else:
-        monkeypatch.setattr(store, "_sync_data", no_space_for_images)
+        monkeypatch.setattr(files, "_sync_data", no_space_for_images)
     assert main(["run", str(run_config), "--headless", "--no-report"]) == EXIT_RUN_DIR
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err, err
@@ -146,12 +148,12 @@ def test_a_run_directory_it_cannot_write_in_is_not_said_uncreated(
     # Under umask 777 the folder is made but nothing can be written in it: the message said
     # "cannot create the run directory", which was there to see.
     def refused(self: store.RunDir) -> None:
-        raise PermissionError(errno.EACCES, "Permission denied", str(self.path / store.LOCK))
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.path / LOCK))
 
     monkeypatch.setattr(store.RunDir, "_acquire_lock", refused)
     run_dir = tmp_path / "run"
     with pytest.raises(RunDirError) as refused_dir:
         store.RunDir.open(run_dir, store.Manifest(run_name="r", task="t2i"))
     assert str(refused_dir.value) == (
-        f"cannot write in the run directory {run_dir} ({store.LOCK}): Permission denied"
+        f"cannot write in the run directory {run_dir} ({LOCK}): Permission denied"
     )

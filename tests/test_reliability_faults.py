@@ -29,8 +29,8 @@ from anyio.lowlevel import checkpoint
 from tests.conftest import write_prompts
 from trig_stream.config import parse_config
 from trig_stream.engine import Engine
+from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.records import Judgement
-from trig_stream.store import JOURNAL, read_journal
 
 pytestmark = pytest.mark.anyio
 

@@ -26,8 +26,9 @@ from trig_stream.backends.generators.source_images import source_image
 from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.config import RunConfig, parse_config
 from trig_stream.engine import Engine
+from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.records import Judgement, QuarantinedRecord
-from trig_stream.store import JOURNAL, QUARANTINE, Manifest, RunDir, read_journal
+from trig_stream.store import QUARANTINE, Manifest, RunDir
 from trig_stream.testing import SyntheticGenerator
 from trig_stream.testing.synthetic import SyntheticOptions
 

@@ -31,8 +31,8 @@ from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.cli import EXIT_OK
 from trig_stream.config import load_config
 from trig_stream.engine import Engine
+from trig_stream.journal import JOURNAL, latest_judgements
 from trig_stream.records import Judgement, JudgementKey
-from trig_stream.store import JOURNAL, latest_judgements
 
 SAMPLES = 80
 KILLS = 5

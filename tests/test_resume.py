@@ -22,12 +22,17 @@ from tests.conftest import ConfigFactory, write_prompts
 from tests.test_engine import journal, keys_count, run_to_end
 from trig_stream import Engine, FingerprintMismatch, RunDirError, RunLockedError, store
 from trig_stream import engine as engine_module
+from trig_stream import files as files_module
+from trig_stream import journal as journal_module
 from trig_stream.backends.base import GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
+from trig_stream.files import write_atomic_many
+from trig_stream.journal import JOURNAL, Journal, JournalState, read_journal
+from trig_stream.locks import LOCK
+from trig_stream.moves import Move
 from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
 from trig_stream.records import Judgement, Status
-from trig_stream.store import JOURNAL, Journal, JournalState, read_journal, write_atomic_many
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
@@ -118,7 +123,7 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     state = Journal(path).open()
     assert (state.lines, state.skipped_lines, len(state)) == (10, [4], 9)
     assert path.read_bytes() == b"".join(damaged[:-1])  # only the torn tail was cut
-    with caplog.at_level("WARNING", logger="trig_stream.store"):
+    with caplog.at_level("WARNING", logger="trig_stream.journal"):
         assert len(list(read_journal(path))) == 9
     assert "1 line(s) are not judgements and were skipped (the first: line 4: Invalid JSON" in (
         caplog.text
@@ -589,7 +594,7 @@ def test_a_model_left_out_after_a_move_keeps_the_paths_that_did_not_move(tmp_pat
             }
         },
     )
-    moved = store.Move.between(old / "runs", new / "runs")
+    moved = Move.between(old / "runs", new / "runs")
     assert moved is not None and moved.roots == ((old, new),)
     merged = stored.merged(store.Manifest(run_name="r", task="t2i"), moved)
     assert merged.generators["out"] == {
@@ -597,9 +602,9 @@ def test_a_model_left_out_after_a_move_keeps_the_paths_that_did_not_move(tmp_pat
         "others": [str(old / "models" / "left"), str(old / "models" / "nowhere")],
         "name": "proj",
     }
-    assert store.Move.between(old / "runs", old / "runs") is None
+    assert Move.between(old / "runs", old / "runs") is None
     # Only what the paths share at their end stayed: /a/x/runs -> /b/runs moved /a/x to /b.
-    assert store.Move.between(Path("/a/x/runs"), Path("/b/runs")) == store.Move(
+    assert Move.between(Path("/a/x/runs"), Path("/b/runs")) == Move(
         ((PurePath("/a/x"), PurePath("/b")),)
     )
 
@@ -911,7 +916,7 @@ def test_a_run_lock_deleted_by_hand_does_not_let_a_second_run_in(tmp_path: Path)
     manifest = store.Manifest(run_name="locked", task="t2i")
     first, _ = store.RunDir.open(tmp_path, manifest)
     try:
-        (tmp_path / store.LOCK).unlink()  # "stale", to the eye
+        (tmp_path / LOCK).unlink()  # "stale", to the eye
         with pytest.raises(RunLockedError, match="its journal is locked"):
             store.RunDir.open(tmp_path, manifest)
     finally:
@@ -926,7 +931,7 @@ def test_a_run_turned_away_by_the_journal_lock_touches_nothing(tmp_path: Path) -
     manifest = store.Manifest(run_name="locked", task="t2i")
     first, _ = store.RunDir.open(tmp_path, manifest)
     try:
-        (tmp_path / store.LOCK).unlink()
+        (tmp_path / LOCK).unlink()
         partial = tmp_path / "images" / store.PARTIAL
         partial.mkdir(parents=True)
         (partial / "being-written.png").write_bytes(b"half an image")
@@ -954,7 +959,7 @@ def test_a_lock_error_leaves_no_open_lock_file(
         store.RunDir(tmp_path)._acquire_lock()
     assert raised.traceback
     fds = Path("/proc/self/fd")
-    assert not [fd for fd in fds.iterdir() if fd.resolve() == tmp_path / store.LOCK]
+    assert not [fd for fd in fds.iterdir() if fd.resolve() == tmp_path / LOCK]
 
 
 async def test_live_analysis_includes_earlier_runs(make_config: ConfigFactory) -> None:
@@ -966,7 +971,7 @@ async def test_live_analysis_includes_earlier_runs(make_config: ConfigFactory) -
         await engine.drain()
         live = engine.relations.analysis("synth", "trigscore")
     from trig_stream.analysis import analyse_judgements
-    from trig_stream.store import latest_judgements
+    from trig_stream.journal import latest_judgements
 
     batch = analyse_judgements(latest_judgements(config.run_dir / JOURNAL).values())
     assert live == batch[("synth", "trigscore")]
@@ -1001,7 +1006,7 @@ async def test_live_analysis_equals_the_batch_one_when_new_judgements_land_first
         await engine.drain()
         live = engine.relations.analysis("synth", "trigscore")
     from trig_stream.analysis import analyse_judgements
-    from trig_stream.store import latest_judgements
+    from trig_stream.journal import latest_judgements
 
     batch = analyse_judgements(latest_judgements(config.run_dir / JOURNAL).values())
     assert live == batch[("synth", "trigscore")]
@@ -1049,7 +1054,8 @@ def test_new_folders_and_the_journal_have_durable_names(
     # A synced file survives a crash only if its name does: its folder must be synced,
     # and a new folder's own name in the folder above it.
     synced: list[Path] = []
-    monkeypatch.setattr(store, "_sync_dir", synced.append)
+    monkeypatch.setattr(files_module, "sync_dir", synced.append)
+    monkeypatch.setattr(journal_module, "sync_dir", synced.append)
     image = tmp_path / "images" / "t2i" / "flux" / "one.png"
     write_atomic_many([(image, b"png")], temp_dir=tmp_path)
     assert synced == [tmp_path, tmp_path / "images", tmp_path / "images" / "t2i", image.parent]

@@ -17,7 +17,7 @@ from tests.conftest import ConfigFactory
 from tests.test_tui_snapshots import synthetic_snapshot
 from trig_stream import Engine
 from trig_stream.config import RunConfig
-from trig_stream.store import JOURNAL
+from trig_stream.journal import JOURNAL
 from trig_stream.tui import run as tui_run
 from trig_stream.tui.app import ErrorsScreen, HelpScreen, TrigDashboardApp
 from trig_stream.tui.run import run_dashboard

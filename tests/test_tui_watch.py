@@ -29,19 +29,11 @@ from trig_stream.backends.base import JudgeReply, JudgeRequest
 from trig_stream.cli import EXIT_OK, EXIT_RUN_DIR, main
 from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
+from trig_stream.journal import JOURNAL, latest_judgements, read_journal_lines
+from trig_stream.locks import writer_pid
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord
 from trig_stream.stats import ERRORS_KEPT
-from trig_stream.store import (
-    JOURNAL,
-    QUARANTINE,
-    QUARANTINE_PARTIAL,
-    Manifest,
-    RunDir,
-    latest_judgements,
-    read_journal_lines,
-    read_manifest,
-    writer_pid,
-)
+from trig_stream.store import QUARANTINE, QUARANTINE_PARTIAL, Manifest, RunDir, read_manifest
 from trig_stream.testing import FakeJudge
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp

@@ -426,7 +426,7 @@ def test_command_writes_nothing_when_the_write_fails(
     def fail(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("trig_stream.store._sync_data", fail)
+    monkeypatch.setattr("trig_stream.files._sync_data", fail)
     argv = ["import-config", str(source), "-o", str(out), "--root", str(tmp_path), "--force"]
     with pytest.raises(ConfigError, match="cannot write the config: No space left on device"):
         run_command(argv)

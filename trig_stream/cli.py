@@ -544,17 +544,11 @@ def _asked_by_manifest(config: dict[str, Any]) -> Callable[[JudgementKey], bool]
 
 
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from trig_stream.files import open_regular_file
+    from trig_stream.journal import JOURNAL, read_journal_lines
+    from trig_stream.locks import writer_pid
     from trig_stream.records import Judgement
-    from trig_stream.store import (
-        JOURNAL,
-        QUARANTINE,
-        errors_asked_again,
-        open_regular_file,
-        quarantine_lists,
-        read_journal_lines,
-        read_manifest,
-        writer_pid,
-    )
+    from trig_stream.store import QUARANTINE, errors_asked_again, quarantine_lists, read_manifest
 
     manifest = read_manifest(args.run_dir)
     # Asked before the journal is read, as `watch` asks: a writer that is gone by then has

@@ -50,6 +50,7 @@ from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.errors import ConfigError, FatalBackendError, TrigStreamError, leaf_errors
 from trig_stream.generation import GenerationStage
+from trig_stream.journal import JournalState, read_journal
 from trig_stream.judging import JudgeStage
 from trig_stream.pipeline import (
     ImageItem,
@@ -71,14 +72,7 @@ from trig_stream.stats import (
     latency,
     rate,
 )
-from trig_stream.store import (
-    JournalState,
-    Manifest,
-    RunDir,
-    as_json,
-    next_free_run_dir,
-    read_journal,
-)
+from trig_stream.store import Manifest, RunDir, as_json, next_free_run_dir
 
 FILES_BESIDE_CONNECTIONS = 256
 """Open files the engine's process may need besides its judges' connections: the journal,

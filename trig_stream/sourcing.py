@@ -21,9 +21,10 @@ from trig_stream.backends.base import Generator, Judge, reads_source_images
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
 from trig_stream.hashing import seed_for
+from trig_stream.journal import JournalState
 from trig_stream.pipeline import RunContext, WorkItem, send_now
 from trig_stream.records import QuarantinedRecord, Sample
-from trig_stream.store import QUARANTINE, JournalState
+from trig_stream.store import QUARANTINE
 
 SOURCE_CHUNK = 16
 """Work items read per worker-thread call: amortises the thread hop, bounds the read-ahead."""

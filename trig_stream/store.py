@@ -9,30 +9,24 @@ Layout (``<output_dir>/<run name>/``)::
     images/<task>/<model>/<data_id>.png
     run.lock             held while a process runs in the directory
 
-The journal is JSON Lines rather than SQLite: appending one line and fsyncing is all a
-durable write needs; a crash can only tear the last line, which is detected and cut off on
-open; any other process can follow the file while it grows (``trig-stream watch``); and
-polars, jq and grep read it as it is. When a key (model, data_id, dimension, metric) occurs
-more than once, because a failed judgement was asked again, the last line wins.
+The parts live beside this module: the journal's writer and readers in
+:mod:`trig_stream.journal`, the run lock and who holds it in :mod:`trig_stream.locks`,
+durable writes in :mod:`trig_stream.files`, and the paths that moved with a moved run
+directory in :mod:`trig_stream.moves`. Here: the :class:`Manifest`, the :class:`RunDir` a
+run holds, and the checks a resume makes.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
-import logging
 import math
 import os
-import stat
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from sys import intern
-from typing import IO, Annotated, Any, BinaryIO, Literal, Self, TypeAlias, get_args
+from typing import IO, Annotated, Any, Literal, Self, TypeAlias, get_args
 
 from pydantic import (
     BaseModel,
@@ -48,23 +42,27 @@ from trig_stream.errors import (
     FingerprintMismatch,
     RunDirError,
     RunLockedError,
-    validation_problems,
 )
+from trig_stream.files import (
+    make_dirs,
+    open_regular_file,
+    storage_error,
+    write_all,
+    write_atomic,
+    write_atomic_many,
+)
+from trig_stream.journal import JOURNAL, Journal, JournalState, journal_state, journal_unreadable
+from trig_stream.locks import LOCK, file_locked, journal_in_use, run_in_use, writer_pid
+from trig_stream.moves import Move
 from trig_stream.records import (
     MAX_NAME_CHARS,
     SCHEMA_VERSION,
-    Judgement,
     JudgementKey,
     QuarantinedRecord,
-    Status,
-    is_safe_name,
     storable_text,
 )
 
-logger = logging.getLogger(__name__)
-
 MANIFEST = "manifest.json"
-JOURNAL = "journal.jsonl"
 QUARANTINE = "quarantine.jsonl"
 QUARANTINE_PARTIAL = "quarantine.jsonl.partial"
 """The quarantine list a run is writing: it replaces :data:`QUARANTINE` once the dataset has
@@ -80,7 +78,6 @@ def quarantine_lists(run_dir: Path, *, running: bool) -> tuple[Path, Path]:
     return (partial, final) if running else (final, partial)
 
 
-LOCK = "run.lock"
 IMAGES = "images"
 PARTIAL = ".partial"
 """Under ``images/``: temporary files of images being written."""
@@ -259,81 +256,6 @@ def as_json(value: Any, what: str) -> Any:
     )
 
 
-@dataclass(frozen=True)
-class Move:
-    """How a run directory moved since its manifest was written, as the folder that moved
-    with it: where it was and where it is, literally and with symbolic links resolved.
-
-    A project folder moved whole (``mv ~/proj ~/proj2``: its config, dataset, checkpoints
-    and ``runs/`` together) took the run directory ``~/proj/runs/name`` to
-    ``~/proj2/runs/name``: what its paths share at their end (``runs/name``) stayed, and
-    what came before it (``~/proj``) is the folder that moved. A path the manifest holds
-    inside that folder is taken to have moved with it; a path elsewhere did not.
-    """
-
-    roots: tuple[tuple[PurePath, PurePath], ...]
-    """(where it was, where it is): the folder that moved."""
-
-    @classmethod
-    def between(cls, was: Path, now: Path) -> Move | None:
-        """How the folder ``was`` became ``now`` (both absolute); None when it did not move."""
-        roots: dict[tuple[PurePath, PurePath], None] = {}
-        for before, after in ((was, now), (was.resolve(), now.resolve())):
-            if before.is_absolute() and after.is_absolute():
-                old, new = before.parts, after.parts
-                shared = 0  # the last parts they share; never the root ("/") itself
-                while shared < min(len(old), len(new)) - 1 and old[-1 - shared] == new[-1 - shared]:
-                    shared += 1
-                pair = (PurePath(*old[: len(old) - shared]), PurePath(*new[: len(new) - shared]))
-                if pair[0] != pair[1]:
-                    roots[pair] = None
-        return cls(tuple(roots)) if roots else None
-
-    def places(self, value: Any) -> list[str]:
-        """Where a stored JSON value, an absolute path's text, would be after the move: one
-        place for each way of it whose folder holds the path (none: a path elsewhere, or a
-        value that is no path)."""
-        if not isinstance(value, str) or not PurePath(value).is_absolute():
-            return []
-        path = PurePath(value)
-        return [
-            str(new / path.relative_to(old)) for old, new in self.roots if path.is_relative_to(old)
-        ]
-
-    def same(self, stored: Any, configured: Any) -> bool:
-        """Whether a stored JSON value is the configured one, its paths in the folder that
-        moved taken at their new place. A stored path still at its old place did not move
-        (as in :meth:`apply`): only the folder that moved knows which of its parts went with
-        it, and one left behind (``A/imgs`` beside a moved ``A/proj``) is compared as it
-        was, so that ``B/imgs`` is another folder."""
-        if isinstance(stored, list) and isinstance(configured, list):
-            return len(stored) == len(configured) and all(
-                self.same(a, b) for a, b in zip(stored, configured, strict=True)
-            )
-        if isinstance(stored, dict) and isinstance(configured, dict):
-            return stored.keys() == configured.keys() and all(
-                self.same(stored[key], configured[key]) for key in stored
-            )
-        if stored == configured:
-            return True
-        return not (isinstance(stored, str) and os.path.lexists(stored)) and (
-            configured in self.places(stored)
-        )
-
-    def apply(self, value: Any) -> Any:
-        """A stored JSON value with each path that moved at its new place: a path in the
-        folder that moved which is gone from its old place and found at the new one (a
-        folder left behind, or a value that only looks like a path, stays as it was)."""
-        if isinstance(value, dict):
-            return {key: self.apply(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [self.apply(item) for item in value]
-        places = self.places(value)
-        if not places or os.path.lexists(value):
-            return value
-        return next((place for place in places if os.path.lexists(place)), value)
-
-
 def _moved_since(stored: Manifest, path: Path) -> Move | None:
     """How the run directory ``path`` moved since ``stored``, its manifest, was written: the
     config of the run that wrote it says where its output folder was (None: unknown)."""
@@ -365,316 +287,6 @@ def _changed_fields(
         return []
     before, after = ("not set" if v is _ABSENT else json.dumps(v) for v in (stored, configured))
     return [(path.rstrip(".") or "fingerprint", before, after)]
-
-
-@dataclass
-class JournalState:
-    """What a journal already holds: the latest status of each judged key."""
-
-    lines: int = 0
-    """Lines kept in the file, the skipped ones included."""
-    torn_bytes: int = 0
-    """Bytes cut from the end because the last record was incomplete."""
-    skipped_lines: list[int] = field(default_factory=list)
-    """Numbers (from 1) of lines left in place that are not judgements: see
-    :meth:`Journal.open`."""
-    models_with_results: set[str] = field(default_factory=set)
-    """Models with a line that records something judged (``ok`` or ``unscorable``): their
-    generators made images. ``error`` lines alone judged nothing."""
-    metrics_with_results: set[str] = field(default_factory=set)
-    """Metrics (judges) with a line that records something judged."""
-    digests: dict[str, str] = field(default_factory=dict)
-    """data_id -> the :attr:`~trig_stream.records.Sample.digest` its latest judgement in the
-    file recorded: what each sample asked when it was judged (lines older than the digest
-    record none, and ``error`` lines are left out: they judged nothing)."""
-    # (model, dimension, metric) -> data_id -> status. A resumed run holds one entry per
-    # judged key for its whole length: grouped so, an entry is a data_id and a dict slot
-    # (~100 bytes), not also a 4-tuple (~90 more).
-    _groups: dict[tuple[str, str, str], dict[str, Status]] = field(default_factory=dict)
-
-    def record(self, key: JudgementKey, status: Status) -> None:
-        """Note the latest status of ``key``."""
-        model, data_id, dimension, metric = key
-        group = self._groups.get((model, dimension, metric))
-        if group is None:
-            group = self._groups[model, dimension, metric] = {}
-        group[data_id] = status
-
-    def status(self, key: JudgementKey) -> Status | None:
-        """The latest status of ``key``; None when it was never judged."""
-        model, data_id, dimension, metric = key
-        group = self._groups.get((model, dimension, metric))
-        return None if group is None else group.get(data_id)
-
-    def __len__(self) -> int:
-        """The number of distinct keys judged."""
-        return sum(len(group) for group in self._groups.values())
-
-    def has_results(self, model: str) -> bool:
-        """Whether a line records a judgement of ``model``'s images (``ok`` or ``unscorable``):
-        its generator made images."""
-        return model in self.models_with_results
-
-    def is_done(self, key: JudgementKey, *, retry_errors: bool) -> bool:
-        status = self.status(key)
-        return status is not None and not (retry_errors and status == "error")
-
-
-def journal_state(path: Path) -> tuple[JournalState, int]:
-    """What the journal at ``path`` holds, and where its last judgement ends (past it, a
-    torn tail of ``torn_bytes``); reading only.
-
-    Raises:
-        RunDirError: it is a folder or a pipe.
-        OSError: it cannot be read.
-    """
-    state = JournalState()
-    good_end = end = 0
-    handle = open_journal(path)
-    if handle is None:
-        return state, 0
-    with handle:
-        unreadable: list[int] = []  # since the last judgement
-        for number, raw in enumerate(handle, start=1):
-            end += len(raw)
-            try:
-                # The same check the report's reading makes: a line it would skip must not
-                # count as judged, or its judgement is in neither.
-                judgement = parse_journal_line(raw)
-            except ValueError:
-                unreadable.append(number)
-                continue
-            state.skipped_lines += unreadable
-            unreadable = []
-            key = (
-                intern(judgement.model),  # one string each, not one per line
-                judgement.data_id,
-                intern(judgement.dimension),
-                intern(judgement.metric),
-            )
-            state.record(key, judgement.status)
-            if judgement.status != "error":  # judged nothing
-                state.models_with_results.add(key[0])
-                state.metrics_with_results.add(key[3])
-                if judgement.sample_digest is not None:
-                    state.digests[key[1]] = judgement.sample_digest
-            state.lines = number
-            good_end = end
-        state.torn_bytes = os.fstat(handle.fileno()).st_size - good_end
-    return state, good_end
-
-
-class Journal:
-    """An append-only JSON Lines file of judgements, durable on every :meth:`append`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file: IO[bytes] | None = None
-
-    def open(self) -> JournalState:
-        """Open for appending; return what it holds.
-
-        What follows the last judgement is a torn tail (a crash cut its write short) and is
-        cut off. A line that is not a judgement but has judgements after it (the file was
-        edited or damaged) stays where it is and is skipped, as :func:`read_journal` skips
-        it: cutting there would delete every judgement after it. A judgement it held is
-        asked again.
-        """
-        handle = open_journal(self.path)  # refuses a folder or a pipe before anything waits
-        if handle is not None:
-            handle.close()
-        created = not self.path.exists()
-        # Unbuffered: a write that fails leaves nothing behind in a buffer to be written later.
-        self._file = self.path.open("ab", buffering=0)
-        try:
-            # The run lock guards the directory, but a run.lock deleted by hand (a "stale"
-            # lock, to the eye) would let a second run in beside this one: the journal's own
-            # lock still keeps it out, taken before anything here is read or cut.
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.close()
-            raise RunLockedError(_journal_in_use(self.path.parent)) from None
-        except BaseException:
-            self.close()
-            raise
-        try:
-            state = self._read_state()
-        except BaseException:
-            self.close()
-            raise
-        if created:
-            _sync_dir(self.path.parent)  # the journal's name, durable like its lines
-        return state
-
-    def _read_state(self) -> JournalState:
-        # What the journal holds; a torn tail is cut off (this process holds the lock).
-        state, good_end = journal_state(self.path)
-        if state.torn_bytes:
-            with self.path.open("r+b") as handle:
-                handle.truncate(good_end)
-                os.fsync(handle.fileno())
-        return state
-
-    def append(self, judgements: Iterable[Judgement]) -> None:
-        """Write judgements and fsync once for all of them (group commit)."""
-        if self._file is None:
-            raise RunDirError(f"journal {self.path} is not open")
-        data = b"".join(j.model_dump_json().encode() + b"\n" for j in judgements)
-        if not data:
-            return
-        fd = self._file.fileno()
-        info = os.fstat(fd)
-        if info.st_nlink == 0:
-            # Removed from its folder (the run directory deleted, most likely): each line
-            # written now would be lost with the file once the run ends.
-            raise RunDirError(
-                f"the journal {self.path} was deleted while the run went on (its run "
-                "directory removed?): stopping, since nothing written now would be kept"
-            )
-        start = info.st_size
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except OSError as exc:
-            # Take back what reached the file, so that its last line is whole again (if this
-            # fails too, the next open cuts the torn tail off).
-            with suppress(OSError):
-                os.ftruncate(fd, start)
-            raise storage_error(exc, f"write to the journal {self.path}") from None
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]:
-    """Every complete judgement in a journal, in order.
-
-    A torn last line ends the reading; any other line that is not a judgement is skipped,
-    with one warning for all of them.
-
-    Args:
-        path: the journal file.
-        limit: read at most this many lines (what was there when a run started).
-
-    Raises:
-        RunDirError: the journal exists but cannot be read (no permission, a folder).
-    """
-    for _, judgement in read_journal_lines(path, limit=limit):
-        yield judgement
-
-
-def read_journal_lines(path: Path, *, limit: int | None = None) -> Iterator[tuple[int, Judgement]]:
-    """:func:`read_journal`, each judgement with the number of its line (from 0, the lines
-    that are not judgements counted: :attr:`Manifest.journal_lines` counts them too)."""
-    skipped: list[int] = []
-    first_reason = ""
-    handle = open_journal(path)
-    if handle is None:
-        return
-    # The caller's own errors are never thrown in at the yield: an OSError here is a read's.
-    with handle:
-        try:
-            for number, raw in enumerate(handle):
-                if (limit is not None and number >= limit) or not raw.endswith(b"\n"):
-                    break
-                try:
-                    judgement = parse_journal_line(raw)
-                except ValueError as exc:
-                    skipped.append(number + 1)
-                    first_reason = first_reason or line_problem(exc)
-                    continue
-                yield number, judgement
-        except OSError as exc:
-            raise journal_unreadable(path, exc) from None
-    if skipped:
-        logger.warning(
-            "%s: %d line(s) are not judgements and were skipped (the first: line %d: %s)",
-            path,
-            len(skipped),
-            skipped[0],
-            first_reason,
-        )
-
-
-def open_journal(path: Path) -> BinaryIO | None:
-    """A journal opened for reading, or None when there is none.
-
-    Raises:
-        RunDirError: it exists but cannot be read, or is no regular file: a folder, or a
-            pipe, whose opening and reading would wait for a writer forever.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # no effect on a regular file
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise journal_unreadable(path, exc) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise RunDirError(
-            f"cannot read the journal {path}: it is not a regular file (a folder, a pipe or a "
-            "device?); it must be the file a run wrote"
-        )
-    return os.fdopen(fd, "rb")
-
-
-def open_regular_file(path: Path) -> BinaryIO:
-    """A file of a run directory opened for reading, without waiting on it.
-
-    Opening or reading a pipe (or some devices) waits for a writer that may never come: a
-    viewer of the run hung there. Only a regular file is read.
-
-    Raises:
-        OSError: it cannot be opened (FileNotFoundError when there is none), or it is no
-            regular file.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # no effect on a regular file
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "it is not a regular file (a pipe, a folder or a device?)")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def journal_unreadable(path: Path, exc: OSError) -> RunDirError:
-    """The error of a journal that exists but cannot be read: which file, and why."""
-    return RunDirError(
-        f"cannot read the journal {path}: {exc.strerror or exc}; it must be a file this user "
-        "can read"
-    )
-
-
-def parse_journal_line(raw: bytes) -> Judgement:
-    """The judgement one journal line holds.
-
-    Raises:
-        ValueError: the line is not a judgement the engine could have written: not one at
-            all, or one whose model, data_id or metric is no safe file name (the engine
-            writes only those: they name the images' and the report's folders; another is
-            a hand edit that must not lead a report out of its folder).
-    """
-    judgement = Judgement.model_validate_json(raw)
-    for what in ("model", "data_id", "metric"):
-        name = getattr(judgement, what)
-        if not is_safe_name(name):
-            raise ValueError(f"{what} {name!r} is not a safe file name")
-    return judgement
-
-
-def line_problem(exc: ValueError) -> str:
-    """What :func:`parse_journal_line` found wrong, in one line."""
-    if isinstance(exc, ValidationError):
-        return validation_problems(exc)[0]
-    return str(exc)
-
-
-def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:
-    """The journal reduced to the last judgement of each key."""
-    return {j.key: j for j in read_journal(path)}
 
 
 def errors_asked_again(
@@ -807,7 +419,7 @@ class RunDir:
                     }
                 ).model_dump_json()
             try:
-                _write_all(self._quarantine.fileno(), line.encode() + b"\n")
+                write_all(self._quarantine.fileno(), line.encode() + b"\n")
             except OSError as exc:
                 raise storage_error(exc, f"write to {self.path / QUARANTINE_PARTIAL}") from None
 
@@ -867,7 +479,7 @@ class RunDir:
             handle.seek(0)
             holder = handle.read(32).decode("ascii", "replace").strip()
             handle.close()
-            raise RunLockedError(_in_use(self.path, holder)) from None
+            raise RunLockedError(run_in_use(self.path, holder)) from None
         except BaseException:  # e.g. a file system without locks: the handle must not leak
             handle.close()
             raise
@@ -973,9 +585,9 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
     # moment would turn away a run starting then.
     pid = writer_pid(path)
     if pid is not None:
-        raise RunLockedError(_in_use(path, str(pid)))
-    if _file_locked(path / JOURNAL):
-        raise RunLockedError(_journal_in_use(path))
+        raise RunLockedError(run_in_use(path, str(pid)))
+    if file_locked(path / JOURNAL):
+        raise RunLockedError(journal_in_use(path))
     try:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:
@@ -1029,161 +641,6 @@ def read_manifest(run_dir: Path) -> Manifest:
             "that version, or start a fresh run with --new-run"
         )
     return manifest
-
-
-def writer_pid(run_dir: Path) -> int | None:
-    """The pid of the process running in ``run_dir`` when one does, else None.
-
-    On Linux the kernel's lock table (``/proc/locks``) says whether the run lock is held;
-    elsewhere, whether the pid the lock holder wrote into ``run.lock`` still runs. The lock
-    itself is never touched.
-    """
-    path = run_dir / LOCK
-    try:
-        with open_regular_file(path) as handle:  # a pipe there is no lock: no wait on it
-            pid = int(handle.read(64).decode().strip() or "0")
-            info = os.fstat(handle.fileno())
-    except (OSError, ValueError):
-        return None
-    held = _lock_held(info.st_dev, info.st_ino)
-    if held is not None:
-        return pid if held and pid > 0 else None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
-
-
-def _in_use(run_dir: Path, holder: str) -> str:
-    """Why a run is refused in ``run_dir``, whose lock ``holder`` (the pid it wrote) holds."""
-    if holder == str(os.getpid()):
-        who = "another engine in this process"
-    else:
-        who = f"another trig-stream process (pid {holder})" if holder else "another run"
-    return (
-        f"{run_dir} is in use by {who}; wait for it to end, or use `trig-stream watch` to follow it"
-    )
-
-
-def _journal_in_use(run_dir: Path) -> str:
-    """Why a run is refused in ``run_dir`` whose journal alone is locked."""
-    return (
-        f"{run_dir} is in use by another run: its journal is locked (was its {LOCK} "
-        "deleted?); wait for it to end, or use `trig-stream watch` to follow it"
-    )
-
-
-def _file_locked(path: Path) -> bool:
-    """Whether some process holds a lock on the file at ``path``, as far as the kernel's lock
-    table says (False where there is none to read, or no file)."""
-    try:
-        info = path.stat()
-    except OSError:
-        return False
-    return bool(_lock_held(info.st_dev, info.st_ino))
-
-
-def _lock_held(device: int, inode: int) -> bool | None:
-    """Whether some process holds a lock on the file, from ``/proc/locks`` (None: unknown)."""
-    try:
-        table = Path("/proc/locks").read_text()
-    except OSError:
-        return None
-    wanted = f"{os.major(device):02x}:{os.minor(device):02x}:{inode}"
-    return any(wanted in line.split() for line in table.splitlines())
-
-
-def write_atomic(path: Path, data: bytes, *, temp_dir: Path | None = None) -> None:
-    """Write a file so that readers see either nothing or all of it, even after a crash.
-
-    Args:
-        path: the file to write.
-        data: its whole content.
-        temp_dir: where the temporary file goes before its rename (same file system);
-            beside ``path`` by default.
-    """
-    write_atomic_many([(path, data)], temp_dir=temp_dir)
-
-
-def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | None = None) -> None:
-    """Write files as :func:`write_atomic` does, syncing each folder once for all of them.
-
-    Each file's data is synced before its rename, and each folder after its renames: when
-    this returns, every file is durable under its name.
-    """
-    folders: dict[Path, None] = {}
-    for path, data in files:
-        folder = path.parent
-        if folder not in folders:
-            make_dirs(folder)
-            folders[folder] = None
-        temp = (temp_dir or folder) / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            with temp.open("wb") as handle:
-                handle.write(data)
-                handle.flush()
-                _sync_data(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)  # a full disk leaves no partial file taking space
-            raise
-    for folder in folders:
-        _sync_dir(folder)
-
-
-def storage_error(exc: OSError, what: str) -> RunDirError:
-    """The error that stops a run when the run directory cannot be written: what failed,
-    the system's reason, and, for a full disk, what to do (nothing durable is lost)."""
-    reason = exc.strerror or str(exc)
-    message = f"cannot {what}: {reason}"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        message += (
-            "; free some space, then run the same command again: the run resumes where it "
-            "stopped, and every judgement already written is kept"
-        )
-    return RunDirError(message)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    # ``os.write`` may write part of ``data`` (a disk filling up does): write the rest, until
-    # the system refuses with an error.
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def make_dirs(folder: Path) -> None:
-    """Create ``folder`` and its missing parents durably: each new entry's parent is synced.
-
-    A file's fsync makes its data durable, not its name: that lives in its folder, and a
-    new folder's own name in the folder above it.
-    """
-    missing: list[Path] = []
-    current = folder
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    folder.mkdir(parents=True, exist_ok=True)  # FileExistsError if a file has the name
-    for created in reversed(missing):
-        _sync_dir(created.parent)
-
-
-def _sync_dir(folder: Path) -> None:
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-# A new file's data and size are all a reader needs; fdatasync skips the other metadata
-# (times), which measured ~2.5x less CPU than fsync here. macOS has no fdatasync.
-_sync_data = getattr(os, "fdatasync", os.fsync)
 
 
 def next_free_run_dir(path: Path) -> Path:

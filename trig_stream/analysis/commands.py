@@ -33,8 +33,8 @@ from trig_stream.analysis.report import (
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
+from trig_stream.locks import writer_pid
 from trig_stream.records import COMPARISON_FILE, Judgement
-from trig_stream.store import writer_pid
 from trig_stream.terminal import CommandConsole
 
 THRESHOLD_OPTIONS: dict[str, str] = {

@@ -23,21 +23,18 @@ from trig_stream.backends.registry import build_judge
 from trig_stream.config import RelationSection, RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
-from trig_stream.records import Judgement, JudgementKey, Status
-from trig_stream.stats import ERRORS_KEPT
-from trig_stream.store import (
+from trig_stream.files import open_regular_file
+from trig_stream.journal import (
     JOURNAL,
-    Manifest,
-    errors_asked_again,
     journal_unreadable,
     line_problem,
     open_journal,
-    open_regular_file,
     parse_journal_line,
-    quarantine_lists,
-    read_manifest,
-    writer_pid,
 )
+from trig_stream.locks import writer_pid
+from trig_stream.records import Judgement, JudgementKey, Status
+from trig_stream.stats import ERRORS_KEPT
+from trig_stream.store import Manifest, errors_asked_again, quarantine_lists, read_manifest
 from trig_stream.tui.snapshot import (
     CountRate,
     DashboardSnapshot,
@@ -102,7 +99,7 @@ class JournalTail:
 
     def read_lines(self) -> list[tuple[int, Judgement]]:
         """:meth:`read`, each judgement with the number of its line (from 0, counted as
-        :func:`~trig_stream.store.read_journal_lines` counts them).
+        :func:`~trig_stream.journal.read_journal_lines` counts them).
 
         Raises:
             RunDirError: the journal exists but cannot be read.

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trig_stream.errors import ConfigError
-from trig_stream.store import write_atomic
+from trig_stream.files import write_atomic
 from trig_stream.upstream_config.convert import import_config
 
 EXIT_OK = 0

@@ -1,0 +1,327 @@
+"""The journal of a run directory: one judgement per line, appended and fsynced as they land.
+
+The journal is JSON Lines rather than SQLite: appending one line and fsyncing is all a
+durable write needs; a crash can only tear the last line, which is detected and cut off on
+open; any other process can follow the file while it grows (``trig-stream watch``); and
+polars, jq and grep read it as it is. When a key (model, data_id, dimension, metric) occurs
+more than once, because a failed judgement was asked again, the last line wins.
+
+Here: :class:`Journal` (the writer, locked), :func:`journal_state` (what it holds, for a
+resume), and the readers (:func:`read_journal`, :func:`read_journal_lines`,
+:func:`latest_judgements`, :func:`parse_journal_line`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from sys import intern
+from typing import IO, BinaryIO
+
+from pydantic import ValidationError
+
+from trig_stream.errors import RunDirError, RunLockedError, validation_problems
+from trig_stream.files import storage_error, sync_dir, write_all
+from trig_stream.locks import journal_in_use
+from trig_stream.records import Judgement, JudgementKey, Status, is_safe_name
+
+logger = logging.getLogger(__name__)
+
+JOURNAL = "journal.jsonl"
+
+
+@dataclass
+class JournalState:
+    """What a journal already holds: the latest status of each judged key."""
+
+    lines: int = 0
+    """Lines kept in the file, the skipped ones included."""
+    torn_bytes: int = 0
+    """Bytes cut from the end because the last record was incomplete."""
+    skipped_lines: list[int] = field(default_factory=list)
+    """Numbers (from 1) of lines left in place that are not judgements: see
+    :meth:`Journal.open`."""
+    models_with_results: set[str] = field(default_factory=set)
+    """Models with a line that records something judged (``ok`` or ``unscorable``): their
+    generators made images. ``error`` lines alone judged nothing."""
+    metrics_with_results: set[str] = field(default_factory=set)
+    """Metrics (judges) with a line that records something judged."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """data_id -> the :attr:`~trig_stream.records.Sample.digest` its latest judgement in the
+    file recorded: what each sample asked when it was judged (lines older than the digest
+    record none, and ``error`` lines are left out: they judged nothing)."""
+    # (model, dimension, metric) -> data_id -> status. A resumed run holds one entry per
+    # judged key for its whole length: grouped so, an entry is a data_id and a dict slot
+    # (~100 bytes), not also a 4-tuple (~90 more).
+    _groups: dict[tuple[str, str, str], dict[str, Status]] = field(default_factory=dict)
+
+    def record(self, key: JudgementKey, status: Status) -> None:
+        """Note the latest status of ``key``."""
+        model, data_id, dimension, metric = key
+        group = self._groups.get((model, dimension, metric))
+        if group is None:
+            group = self._groups[model, dimension, metric] = {}
+        group[data_id] = status
+
+    def status(self, key: JudgementKey) -> Status | None:
+        """The latest status of ``key``; None when it was never judged."""
+        model, data_id, dimension, metric = key
+        group = self._groups.get((model, dimension, metric))
+        return None if group is None else group.get(data_id)
+
+    def __len__(self) -> int:
+        """The number of distinct keys judged."""
+        return sum(len(group) for group in self._groups.values())
+
+    def has_results(self, model: str) -> bool:
+        """Whether a line records a judgement of ``model``'s images (``ok`` or ``unscorable``):
+        its generator made images."""
+        return model in self.models_with_results
+
+    def is_done(self, key: JudgementKey, *, retry_errors: bool) -> bool:
+        status = self.status(key)
+        return status is not None and not (retry_errors and status == "error")
+
+
+def journal_state(path: Path) -> tuple[JournalState, int]:
+    """What the journal at ``path`` holds, and where its last judgement ends (past it, a
+    torn tail of ``torn_bytes``); reading only.
+
+    Raises:
+        RunDirError: it is a folder or a pipe.
+        OSError: it cannot be read.
+    """
+    state = JournalState()
+    good_end = end = 0
+    handle = open_journal(path)
+    if handle is None:
+        return state, 0
+    with handle:
+        unreadable: list[int] = []  # since the last judgement
+        for number, raw in enumerate(handle, start=1):
+            end += len(raw)
+            try:
+                # The same check the report's reading makes: a line it would skip must not
+                # count as judged, or its judgement is in neither.
+                judgement = parse_journal_line(raw)
+            except ValueError:
+                unreadable.append(number)
+                continue
+            state.skipped_lines += unreadable
+            unreadable = []
+            key = (
+                intern(judgement.model),  # one string each, not one per line
+                judgement.data_id,
+                intern(judgement.dimension),
+                intern(judgement.metric),
+            )
+            state.record(key, judgement.status)
+            if judgement.status != "error":  # judged nothing
+                state.models_with_results.add(key[0])
+                state.metrics_with_results.add(key[3])
+                if judgement.sample_digest is not None:
+                    state.digests[key[1]] = judgement.sample_digest
+            state.lines = number
+            good_end = end
+        state.torn_bytes = os.fstat(handle.fileno()).st_size - good_end
+    return state, good_end
+
+
+class Journal:
+    """An append-only JSON Lines file of judgements, durable on every :meth:`append`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def open(self) -> JournalState:
+        """Open for appending; return what it holds.
+
+        What follows the last judgement is a torn tail (a crash cut its write short) and is
+        cut off. A line that is not a judgement but has judgements after it (the file was
+        edited or damaged) stays where it is and is skipped, as :func:`read_journal` skips
+        it: cutting there would delete every judgement after it. A judgement it held is
+        asked again.
+        """
+        handle = open_journal(self.path)  # refuses a folder or a pipe before anything waits
+        if handle is not None:
+            handle.close()
+        created = not self.path.exists()
+        # Unbuffered: a write that fails leaves nothing behind in a buffer to be written later.
+        self._file = self.path.open("ab", buffering=0)
+        try:
+            # The run lock guards the directory, but a run.lock deleted by hand (a "stale"
+            # lock, to the eye) would let a second run in beside this one: the journal's own
+            # lock still keeps it out, taken before anything here is read or cut.
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise RunLockedError(journal_in_use(self.path.parent)) from None
+        except BaseException:
+            self.close()
+            raise
+        try:
+            state = self._read_state()
+        except BaseException:
+            self.close()
+            raise
+        if created:
+            sync_dir(self.path.parent)  # the journal's name, durable like its lines
+        return state
+
+    def _read_state(self) -> JournalState:
+        # What the journal holds; a torn tail is cut off (this process holds the lock).
+        state, good_end = journal_state(self.path)
+        if state.torn_bytes:
+            with self.path.open("r+b") as handle:
+                handle.truncate(good_end)
+                os.fsync(handle.fileno())
+        return state
+
+    def append(self, judgements: Iterable[Judgement]) -> None:
+        """Write judgements and fsync once for all of them (group commit)."""
+        if self._file is None:
+            raise RunDirError(f"journal {self.path} is not open")
+        data = b"".join(j.model_dump_json().encode() + b"\n" for j in judgements)
+        if not data:
+            return
+        fd = self._file.fileno()
+        info = os.fstat(fd)
+        if info.st_nlink == 0:
+            # Removed from its folder (the run directory deleted, most likely): each line
+            # written now would be lost with the file once the run ends.
+            raise RunDirError(
+                f"the journal {self.path} was deleted while the run went on (its run "
+                "directory removed?): stopping, since nothing written now would be kept"
+            )
+        start = info.st_size
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        except OSError as exc:
+            # Take back what reached the file, so that its last line is whole again (if this
+            # fails too, the next open cuts the torn tail off).
+            with suppress(OSError):
+                os.ftruncate(fd, start)
+            raise storage_error(exc, f"write to the journal {self.path}") from None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]:
+    """Every complete judgement in a journal, in order.
+
+    A torn last line ends the reading; any other line that is not a judgement is skipped,
+    with one warning for all of them.
+
+    Args:
+        path: the journal file.
+        limit: read at most this many lines (what was there when a run started).
+
+    Raises:
+        RunDirError: the journal exists but cannot be read (no permission, a folder).
+    """
+    for _, judgement in read_journal_lines(path, limit=limit):
+        yield judgement
+
+
+def read_journal_lines(path: Path, *, limit: int | None = None) -> Iterator[tuple[int, Judgement]]:
+    """:func:`read_journal`, each judgement with the number of its line (from 0, the lines
+    that are not judgements counted: :attr:`~trig_stream.store.Manifest.journal_lines`
+    counts them too)."""
+    skipped: list[int] = []
+    first_reason = ""
+    handle = open_journal(path)
+    if handle is None:
+        return
+    # The caller's own errors are never thrown in at the yield: an OSError here is a read's.
+    with handle:
+        try:
+            for number, raw in enumerate(handle):
+                if (limit is not None and number >= limit) or not raw.endswith(b"\n"):
+                    break
+                try:
+                    judgement = parse_journal_line(raw)
+                except ValueError as exc:
+                    skipped.append(number + 1)
+                    first_reason = first_reason or line_problem(exc)
+                    continue
+                yield number, judgement
+        except OSError as exc:
+            raise journal_unreadable(path, exc) from None
+    if skipped:
+        logger.warning(
+            "%s: %d line(s) are not judgements and were skipped (the first: line %d: %s)",
+            path,
+            len(skipped),
+            skipped[0],
+            first_reason,
+        )
+
+
+def open_journal(path: Path) -> BinaryIO | None:
+    """A journal opened for reading, or None when there is none.
+
+    Raises:
+        RunDirError: it exists but cannot be read, or is no regular file: a folder, or a
+            pipe, whose opening and reading would wait for a writer forever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # no effect on a regular file
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise journal_unreadable(path, exc) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(
+            f"cannot read the journal {path}: it is not a regular file (a folder, a pipe or a "
+            "device?); it must be the file a run wrote"
+        )
+    return os.fdopen(fd, "rb")
+
+
+def journal_unreadable(path: Path, exc: OSError) -> RunDirError:
+    """The error of a journal that exists but cannot be read: which file, and why."""
+    return RunDirError(
+        f"cannot read the journal {path}: {exc.strerror or exc}; it must be a file this user "
+        "can read"
+    )
+
+
+def parse_journal_line(raw: bytes) -> Judgement:
+    """The judgement one journal line holds.
+
+    Raises:
+        ValueError: the line is not a judgement the engine could have written: not one at
+            all, or one whose model, data_id or metric is no safe file name (the engine
+            writes only those: they name the images' and the report's folders; another is
+            a hand edit that must not lead a report out of its folder).
+    """
+    judgement = Judgement.model_validate_json(raw)
+    for what in ("model", "data_id", "metric"):
+        name = getattr(judgement, what)
+        if not is_safe_name(name):
+            raise ValueError(f"{what} {name!r} is not a safe file name")
+    return judgement
+
+
+def line_problem(exc: ValueError) -> str:
+    """What :func:`parse_journal_line` found wrong, in one line."""
+    if isinstance(exc, ValidationError):
+        return validation_problems(exc)[0]
+    return str(exc)
+
+
+def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:
+    """The journal reduced to the last judgement of each key."""
+    return {j.key: j for j in read_journal(path)}
