@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 
@@ -34,9 +34,15 @@ def silence_the_terminal() -> None:
     Writes to a terminal that is gone fail (EIO), and the run's last lines would turn its
     clean stop into a crash (exit status 1) on the way out.
     """
+    point_at_devnull((1, 2))
+
+
+def point_at_devnull(fds: Iterable[int]) -> None:
+    """Point each of the file descriptors ``fds`` at ``/dev/null``: what is written to them
+    from then on is dropped, and never fails."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        for fd in (1, 2):
+        for fd in fds:
             os.dup2(devnull, fd)
     finally:
         os.close(devnull)

@@ -12,22 +12,12 @@ would have with a reader.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 from rich.console import Console
 
+from trig_stream.signals import point_at_devnull
+
 STANDARD_OUTPUTS = (1, 2)
-
-
-def point_at_devnull(fds: Iterable[int]) -> None:
-    """Point each of the file descriptors ``fds`` at ``/dev/null``: what is written to them
-    from then on is dropped, and never fails."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in fds:
-            os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
 
 
 def _same_file(fd: int, other: int) -> bool:
