@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from functools import cache, partial
+from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from trig_stream.backends.judges.http_errors import (
@@ -26,7 +26,7 @@ from trig_stream.backends.judges.http_errors import (
     exception_chain,
     parse_retry_after,
 )
-from trig_stream.backends.judges.transports import cap_answers, httpx_of
+from trig_stream.backends.judges.transports import DEADLINE, cap_answers
 from trig_stream.errors import (
     AnswerTimeoutError,
     BackendError,
@@ -90,8 +90,9 @@ def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
 
     The SDK's own timeout holds the connection and each read, not the whole answer: an
     answer that trickles in would keep its worker thread for as long as the server likes.
-    The answer's stream checks the call's deadline between two of its pieces instead, so a
-    call ends at most one read (``timeout_s``) after its deadline.
+    The answer's stream (:func:`~trig_stream.backends.judges.transports.cap_answers`) checks
+    the call's deadline between two of its pieces instead, so a call ends at most one read
+    (``timeout_s``) after its deadline.
     """
     import openai
 
@@ -105,48 +106,14 @@ def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
             timeout=timeout_s,
             event_hooks={
                 "request": [partial(_start_deadline, timeout_s=timeout_s)],
-                "response": [_hold_to_deadline, cap_answers],
+                "response": [cap_answers],
             },
         ),
     )
 
 
-_DEADLINE = "trig_stream.deadline"
-"""The request extension that holds its call's deadline (a ``time.monotonic`` time) and
-``timeout_s``."""
-
-
 def _start_deadline(request: Any, *, timeout_s: float) -> None:
-    request.extensions[_DEADLINE] = (time.monotonic() + timeout_s, timeout_s)
-
-
-def _hold_to_deadline(response: Any) -> None:
-    deadline, timeout_s = response.request.extensions[_DEADLINE]
-    stream_type = _deadline_stream_type(httpx_of(response))
-    response.stream = stream_type(response.stream, deadline, timeout_s)
-
-
-@cache
-def _deadline_stream_type(httpx: Any) -> type:
-    """A stream class of ``httpx``'s that raises its read timeout, which the SDK reports as a
-    timeout, once a piece of the answer comes past a deadline."""
-
-    class DeadlineStream(httpx.SyncByteStream):  # type: ignore[misc]
-        def __init__(self, inner: Any, deadline: float, timeout_s: float) -> None:
-            self._inner = inner
-            self._deadline = deadline
-            self._timeout_s = timeout_s
-
-        def __iter__(self) -> Iterator[bytes]:
-            for part in self._inner:
-                if time.monotonic() > self._deadline:
-                    raise httpx.ReadTimeout(f"no whole answer within {self._timeout_s:g} s")
-                yield part
-
-        def close(self) -> None:
-            self._inner.close()
-
-    return DeadlineStream
+    request.extensions[DEADLINE] = (time.monotonic() + timeout_s, timeout_s)
 
 
 def redact(text: str, secret: str) -> str:

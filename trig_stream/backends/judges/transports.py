@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -324,6 +325,9 @@ def cap_answers(response: Any) -> None:
     is read through a stream that counts it and decompresses it itself (:func:`inflate`:
     ``httpx`` would inflate a gzip bomb whole).
 
+    A request that carries a :data:`DEADLINE` is also held to it: a piece of its answer that
+    comes past it raises httpx's read timeout, which the SDK reports as a timeout.
+
     Raises:
         AnswerTooLarge: the answer says it is larger.
     """
@@ -334,13 +338,20 @@ def cap_answers(response: Any) -> None:
     coding = response.headers.get("content-encoding", "identity")
     if "content-encoding" in response.headers:
         del response.headers["content-encoding"]  # decoded by the stream, not again by httpx
-    response.stream = _capped_stream_type(httpx_of(response))(response.stream, coding)
+    deadline = response.request.extensions.get(DEADLINE)
+    stream_type = _capped_stream_type(httpx_of(response))
+    response.stream = stream_type(response.stream, coding, deadline)
 
 
 def httpx_of(response: Any) -> Any:
     """The module of an SDK client's ``response``: httpx, or a fork of it under another name,
     whose stream classes (a response accepts no other) a hook must use."""
     return sys.modules[type(response).__module__.partition(".")[0]]
+
+
+DEADLINE = "trig_stream.deadline"
+"""The request extension that holds its call's deadline, as (a ``time.monotonic`` time, the
+timeout it was set from): see :func:`cap_answers`."""
 
 
 async def cap_answers_async(response: Any) -> None:
@@ -359,13 +370,18 @@ def _capped_stream_type(httpx: Any) -> type:
         return made
 
     class CappedStream(httpx.AsyncByteStream, httpx.SyncByteStream):  # type: ignore[misc]
-        def __init__(self, inner: Any, coding: str) -> None:
+        def __init__(
+            self, inner: Any, coding: str, deadline: tuple[float, float] | None = None
+        ) -> None:
             self._inner = inner
             self._coding = coding
+            self._deadline = deadline
             self._parts: list[bytes] = []
             self._size = 0
 
         def _add(self, part: bytes) -> None:
+            if self._deadline is not None and time.monotonic() > self._deadline[0]:
+                raise httpx.ReadTimeout(f"no whole answer within {self._deadline[1]:g} s")
             self._size += len(part)
             if self._size > MAX_BODY_BYTES:
                 raise AnswerTooLarge(MAX_BODY_BYTES)
