@@ -367,7 +367,7 @@ def test_validate_checks_the_open_file_limit_as_a_run_would_without_raising_it(
     # only: the run raises the soft one up to the hard one, so only the hard one can refuse.
     import resource
 
-    from trig_stream import engine
+    from trig_stream import preflight
 
     raised: list[tuple[int, int]] = []
 
@@ -384,7 +384,7 @@ def test_validate_checks_the_open_file_limit_as_a_run_would_without_raising_it(
         def setrlimit(which: int, limits: tuple[int, int]) -> None:
             raised.append(limits)
 
-    monkeypatch.setattr(engine, "resource", Limits)
+    monkeypatch.setattr(preflight, "resource", Limits)
     path = write_config(tmp_path)
     base = path.read_text().split("[[judges]]")[0]
     options = 'options = { model = "m", base_url = "http://127.0.0.1:9/v1", api_key_env = "" }'

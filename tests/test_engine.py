@@ -588,7 +588,7 @@ async def test_the_open_file_limit_is_raised_for_the_judges_connections_or_the_r
 ) -> None:
     import resource
 
-    from trig_stream.engine import FILES_BESIDE_CONNECTIONS
+    from trig_stream.preflight import FILES_BESIDE_CONNECTIONS
 
     limits = {"now": (soft, hard if hard >= 0 else resource.RLIM_INFINITY)}
     monkeypatch.setattr(resource, "getrlimit", lambda kind: limits["now"])

@@ -20,8 +20,7 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
 from tests.test_engine import journal, keys_count, run_to_end
-from trig_stream import Engine, FingerprintMismatch, RunDirError, RunLockedError, store
-from trig_stream import engine as engine_module
+from trig_stream import Engine, FingerprintMismatch, RunDirError, RunLockedError, persisting, store
 from trig_stream import files as files_module
 from trig_stream import journal as journal_module
 from trig_stream.backends.base import GenerationRequest
@@ -31,6 +30,7 @@ from trig_stream.files import write_atomic_many
 from trig_stream.journal import JOURNAL, Journal, JournalState, read_journal
 from trig_stream.locks import LOCK
 from trig_stream.moves import Move
+from trig_stream.persisting import PersistStage
 from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
 from trig_stream.records import Judgement, Status
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -438,7 +438,7 @@ def test_a_value_json_cannot_hold_is_named_in_a_whole_sentence() -> None:
 def test_the_hqedit_fingerprint_is_stored_as_it_is_read_back(tmp_path: Path) -> None:
     from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
     from trig_stream.backends.generators.diffusers_options import DiffusersOptions
-    from trig_stream.engine import run_manifest
+    from trig_stream.preflight import run_manifest
 
     options = DiffusersOptions(preset="hqedit", checkpoint=str(tmp_path))
     generator = DiffusersGenerator("edit", options)
@@ -989,10 +989,10 @@ async def test_live_analysis_equals_the_batch_one_when_new_judgements_land_first
         async for _ in engine.results:
             break
     landed = threading.Event()
-    count = Engine._count
-    take = engine_module._take
+    count = PersistStage.count
+    take = persisting._take
 
-    def count_then_signal(self: Engine, batch: list[Judgement]) -> None:
+    def count_then_signal(self: PersistStage, batch: list[Judgement]) -> None:
         count(self, batch)
         landed.set()
 
@@ -1000,8 +1000,8 @@ async def test_live_analysis_equals_the_batch_one_when_new_judgements_land_first
         assert landed.wait(timeout=30)
         return take(items, size)
 
-    monkeypatch.setattr(Engine, "_count", count_then_signal)
-    monkeypatch.setattr(engine_module, "_take", take_after_landing)
+    monkeypatch.setattr(PersistStage, "count", count_then_signal)
+    monkeypatch.setattr(persisting, "_take", take_after_landing)
     async with Engine(config) as engine:
         await engine.drain()
         live = engine.relations.analysis("synth", "trigscore")

@@ -179,7 +179,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.backends.base import reads_source_images
     from trig_stream.dataset import DatasetSource
     from trig_stream.dimensions import Dimension
-    from trig_stream.engine import (
+    from trig_stream.preflight import (
         check_environment,
         ensure_open_files,
         judge_fingerprint,

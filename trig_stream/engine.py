@@ -16,26 +16,25 @@ One task group runs four stages joined by bounded memory streams::
 * **judge** (:mod:`trig_stream.judging`) prepares each image once per judge and asks one
   question per dimension, at most ``concurrency`` at a time per judge, retrying transient
   failures under the retry policy.
-* **persist** (here) appends whatever judgements have landed to the journal and fsyncs once
-  for them all (group commit), shielded from cancellation, and only then hands them to
-  ``results``.
+* **persist** (:mod:`trig_stream.persisting`) appends whatever judgements have landed to
+  the journal and fsyncs once for them all (group commit), shielded from cancellation, and
+  only then hands them to ``results``.
 
-Each bound caps memory and work in flight: a full buffer makes the stage before it wait,
-all the way back to the dataset reader, so a run of any size holds the same amount in memory.
+Each bound (:mod:`trig_stream.buffers`) caps memory and work in flight: a full buffer makes
+the stage before it wait, all the way back to the dataset reader, so a run of any size holds
+the same amount in memory.
 """
 
 from __future__ import annotations
 
-import resource
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
-from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -44,21 +43,24 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.analysis.live import RelationTracker
-from trig_stream.backends.base import Generator, Judge, call_in_thread, reads_source_images
+from trig_stream.backends.base import Generator, Judge, reads_source_images
 from trig_stream.backends.registry import build_generator, build_judge, check_backends
+from trig_stream.buffers import Streams, create_streams
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.errors import ConfigError, FatalBackendError, TrigStreamError, leaf_errors
 from trig_stream.generation import GenerationStage
-from trig_stream.journal import JournalState, read_journal
+from trig_stream.journal import JournalState
 from trig_stream.judging import JudgeStage
-from trig_stream.pipeline import (
-    ImageItem,
-    RunContext,
-    WorkItem,
-    describe_error,
-    send_now,
-    take_ready,
+from trig_stream.persisting import PersistStage
+from trig_stream.pipeline import RunContext, describe_error
+from trig_stream.preflight import (
+    check_environments,
+    claim_backends,
+    ensure_open_files,
+    judge_fingerprint,
+    release_backends,
+    run_manifest,
 )
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.retry import RetryPolicy
@@ -72,34 +74,7 @@ from trig_stream.stats import (
     latency,
     rate,
 )
-from trig_stream.store import Manifest, RunDir, as_json, next_free_run_dir
-
-FILES_BESIDE_CONNECTIONS = 256
-"""Open files the engine's process may need besides its judges' connections: the journal,
-image writes, libraries, a generator's child processes..."""
-PERSIST_BATCH = 256
-"""Most judgements written with one fsync."""
-HISTORY_CHUNK = 2048
-"""Earlier judgements parsed per worker-thread call when the live analysis catches up."""
-
-T = TypeVar("T")
-
-
-_backends_in_use: dict[int, Engine] = {}
-"""The generator and judge instances an open engine uses (by id; each alive while in use),
-with the engine: one passed to a second engine at once would be loaded (or opened)
-twice and closed under the other's feet by the first to end."""
-_backends_in_use_lock = threading.Lock()  # engines may run in several threads' event loops
-
-
-@dataclass(frozen=True, slots=True)
-class _Streams:
-    """The bounded buffers between the stages, as (send, receive) pairs."""
-
-    samples: dict[str, tuple[MemoryObjectSendStream[WorkItem], MemoryObjectReceiveStream[WorkItem]]]
-    images: tuple[MemoryObjectSendStream[ImageItem], MemoryObjectReceiveStream[ImageItem]]
-    judgements: tuple[MemoryObjectSendStream[Judgement], MemoryObjectReceiveStream[Judgement]]
-    results: tuple[MemoryObjectSendStream[Judgement], MemoryObjectReceiveStream[Judgement]]
+from trig_stream.store import RunDir, next_free_run_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,144 +88,6 @@ class RunSummary:
     error: int
     quarantined: int
     run_dir: Path
-
-
-def run_manifest(
-    config: RunConfig,
-    generators: Sequence[Generator],
-    judges: Mapping[str, JudgeFingerprint],
-    *,
-    retry_errors: bool = False,
-) -> Manifest:
-    """The manifest a run of ``config`` with these generators and judges' fingerprints (by
-    name) writes in its run directory, and compares with the one stored there;
-    ``retry_errors``: whether the run asks again the ``error`` judgements."""
-    return Manifest(
-        run_name=config.run.name,
-        task=config.run.task,
-        retry_errors=retry_errors,
-        generators={
-            g.name: as_json(
-                {**_fingerprint(g), "seed": config.run.seed},
-                f"the fingerprint of generator {g.name!r}",
-            )
-            for g in generators
-        },
-        judges={name: fp.model_dump(mode="json") for name, fp in judges.items()},
-        config=config.model_dump(mode="json"),
-    )
-
-
-def ensure_open_files(
-    config: RunConfig, judges: Sequence[Judge], *, raise_limit: bool = True
-) -> None:
-    """Make sure this process may open the files a run of ``config`` with these ``judges``
-    needs: each request in flight of an HTTP judge holds a socket, so with a high
-    concurrency the soft open-file limit (often 1024) is raised toward what the judges need,
-    up to the hard limit; past that the run would fail mid-way ("Too many open files").
-
-    Args:
-        raise_limit: False (``validate``): only read the limits, and refuse what the run,
-            raising the soft limit as far as the hard one, would refuse.
-
-    Raises:
-        ConfigError: the judges may need more files than the hard limit allows.
-    """
-    adaptive = {entry.name: entry.adaptive for entry in config.judges}
-    needs = {}
-    for judge in judges:
-        policy = adaptive.get(judge.name)
-        in_flight = judge.concurrency  # adaptive: the starting limit, or its max if more
-        if policy is not None and policy.enabled:
-            in_flight = max(in_flight, policy.max)
-        needs[judge.name] = judge.connections(in_flight)
-    needed = sum(needs.values())
-    if not needed:
-        return
-    wanted = needed + FILES_BESIDE_CONNECTIONS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if wanted <= soft:
-        return
-    limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if raise_limit:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-    if limit < wanted:
-        detail = ", ".join(f"{name} {count}" for name, count in needs.items() if count)
-        raise ConfigError(
-            f"the judges may hold {needed} connections at once ({detail}), but this "
-            f"process may open only {hard} files (the hard limit, `ulimit -Hn`), and needs "
-            f"~{FILES_BESIDE_CONNECTIONS} besides: lower their concurrency (or adaptive "
-            "max), or raise the limit"
-        )
-
-
-def _fingerprint(generator: Generator) -> dict[str, Any]:
-    """``generator.fingerprint()``, or the error that names it when it has none to give."""
-    fingerprint: dict[str, Any] = _checked_fingerprint(
-        generator, dict, "a dict of the settings that change its images"
-    )
-    return fingerprint
-
-
-def judge_fingerprint(judge: Judge) -> JudgeFingerprint:
-    """``judge.fingerprint()``, or the error that names the judge when it has none to give.
-
-    Raises:
-        FatalBackendError: it raised (see :func:`check_environment`), or returned no
-            :class:`~trig_stream.records.JudgeFingerprint`.
-    """
-    fingerprint: JudgeFingerprint = _checked_fingerprint(
-        judge, JudgeFingerprint, "a JudgeFingerprint"
-    )
-    return fingerprint
-
-
-def _checked_fingerprint(backend: Generator | Judge, kind: type, wanted: str) -> Any:
-    fingerprint = _backend_call(backend, "fingerprint()", backend.fingerprint)
-    if not isinstance(fingerprint, kind):
-        raise FatalBackendError(
-            f"{backend_label(backend)} is broken: fingerprint() returned an object of type "
-            f"{type(fingerprint).__name__}, not {wanted}"
-        )
-    return fingerprint
-
-
-def check_environment(backend: Generator | Judge) -> None:
-    """``backend.check_environment()``: what it needs from this machine, seen before anything
-    loads (``run`` and ``validate`` both make the check).
-
-    Raises:
-        TrigStreamError: what the check found missing, as the backend raised it.
-        FatalBackendError: it raised another exception (a third-party backend's bug, a file
-            it could not read): one error that names the backend and that exception, not a
-            traceback.
-    """
-    _backend_call(backend, "check_environment()", backend.check_environment)
-
-
-def backend_label(backend: Generator | Judge) -> str:
-    """How messages name a backend: ``generator 'flux'``, ``judge 'trigscore'``."""
-    kind = "generator" if isinstance(backend, Generator) else "judge"
-    return f"{kind} {backend.name!r}"
-
-
-def _backend_call(backend: Generator | Judge, call: str, method: Callable[[], T]) -> T:
-    """``method()``, with an exception it was not meant to raise turned into the error that
-    stops the run, named with the backend and ``call`` ("fingerprint()")."""
-    try:
-        return method()
-    except TrigStreamError:
-        raise
-    except OSError as exc:  # this machine's: a file it cannot read, a folder not there
-        raise FatalBackendError(
-            f"{backend_label(backend)}: {call} failed: {describe_error(exc)}; fix what it "
-            "names, then run the same command again"
-        ) from exc
-    except Exception as exc:  # a backend's bug: one message, not a traceback
-        raise FatalBackendError(
-            f"{backend_label(backend)} is broken: {call} raised {describe_error(exc)} (a fault "
-            "of its code or a library it uses: fix it, or report it to its authors)"
-        ) from exc
 
 
 class Engine:
@@ -338,13 +175,6 @@ class Engine:
         self.relations = RelationTracker(config.relation)
         """The live relation analysis (pair statistics, DTM) of every judgement in the run,
         earlier runs included; it updates as judgements become durable."""
-        self._history_loaded = anyio.Event()
-        self._new_while_loading: list[Judgement] = []
-        """This run's judgements that landed while earlier runs' were still loading."""
-        # Set once this run's first judgement is durable (or the run ends without one): side
-        # jobs wait for it, so a resume reaches its first new request before they compete
-        # for the interpreter (loading 100k earlier judgements first delayed it by ~1 s).
-        self._first_judgement = anyio.Event()
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
         self._closed = False
         self._backends_claimed = False
@@ -600,50 +430,25 @@ class Engine:
         return suppress
 
     def _claim_backends(self) -> None:
-        """Mark this engine's generator and judge instances in use until it closes them.
-
-        Raises:
-            ConfigError: one is in use by another open engine (the first to end would close
-                it: every judgement left to the other would fail, "the judge is not open",
-                and a generator would be loaded twice, then used closed).
-        """
-        backends: list[Generator | Judge] = [*self._generators, *self._judges]
-        with _backends_in_use_lock:
-            for backend in backends:
-                other = _backends_in_use.get(id(backend))
-                if other is not None:
-                    kind = "generator" if isinstance(backend, Generator) else "judge"
-                    raise ConfigError(
-                        f"{backend_label(backend)}: this instance is in use by another engine "
-                        f"(run directory {other.run_dir_path}); give each engine its own {kind} "
-                        "instances"
-                    )
-            for backend in backends:
-                _backends_in_use[id(backend)] = self  # its run dir is known later
+        """Mark this engine's generator and judge instances in use until it closes them
+        (see :func:`~trig_stream.preflight.claim_backends`)."""
+        claim_backends([*self._generators, *self._judges], self)
         self._backends_claimed = True
 
     def _release_backends(self) -> None:
         if not self._backends_claimed:
             return
-        with _backends_in_use_lock:
-            for backend in [*self._generators, *self._judges]:
-                _backends_in_use.pop(id(backend), None)
+        release_backends([*self._generators, *self._judges])
         self._backends_claimed = False
-
-    def _check_environments(self, cancelled: type[BaseException]) -> None:
-        # In a worker thread: sys.exit() in a check ends nothing here, and stops the run.
-        backends: list[Generator | Judge] = [*self._generators, *self._judges]
-        for backend in backends:
-            failed = f"{backend_label(backend)}: check_environment() failed"
-            call_in_thread(check_environment, backend, failed=failed, cancelled=cancelled)
 
     async def _open_backends_and_store(self) -> None:
         config = self.config
-        self._ensure_open_files()
+        ensure_open_files(config, self._judges)
         # What the backends need from this machine, seen before a run directory is made and
         # before any model loads (a check may import a library: a worker thread's job).
+        backends: list[Generator | Judge] = [*self._generators, *self._judges]
         cancelled = anyio.get_cancelled_exc_class()
-        await anyio.to_thread.run_sync(self._check_environments, cancelled)
+        await anyio.to_thread.run_sync(check_environments, backends, cancelled)
         for judge in self._judges:
             self._fingerprints[judge.name] = judge_fingerprint(judge)
             self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
@@ -670,9 +475,6 @@ class Engine:
                 ) from exc
         self._opening_now = None
 
-    def _ensure_open_files(self) -> None:
-        ensure_open_files(self.config, self._judges)
-
     async def _close_resources(self) -> None:
         if self._closed:
             return
@@ -692,48 +494,41 @@ class Engine:
 
     # -- the pipeline -------------------------------------------------------------------------
 
-    def _create_streams(self) -> _Streams:
-        engine = self.config.engine
-        # Bounds. Samples are small (a p2p sample holds its encoded source image, ~1.4 MB),
-        # so a few per model keep every generator busy without reading far ahead.
-        samples = {
-            g.name: anyio.create_memory_object_stream[WorkItem](engine.sample_buffer)
-            for g in self._generators
-        }
-        # Images travel as paths on disk; this bound is how far generation may run ahead of
-        # judging, and so how much unjudged work a hard stop leaves behind.
-        images = anyio.create_memory_object_stream[ImageItem](engine.image_buffer)
-        # Judgements are a few hundred bytes; a deep buffer lets one fsync cover many.
-        judgements = anyio.create_memory_object_stream[Judgement](engine.judgement_buffer)
-        # Durable judgements waiting for the consumer; a slow consumer stalls the run here.
-        results = anyio.create_memory_object_stream[Judgement](engine.result_buffer)
-        self._buffers = {f"samples:{name}": send for name, (send, _) in samples.items()}
-        self._buffers.update(images=images[0], judgements=judgements[0], results=results[0])
-        self._results = results[1]
-        return _Streams(samples, images, judgements, results)
+    def _create_streams(self) -> Streams:
+        streams = create_streams(self.config, [g.name for g in self._generators])
+        self._buffers = streams.send_ends()
+        self._results = streams.results[1]
+        return streams
 
-    async def _run(self, streams: _Streams) -> None:
+    async def _run(self, streams: Streams) -> None:
         try:
+            context = self._context()
+            persist = PersistStage(
+                context,
+                self._journal_state,
+                self.relations,
+                retry_errors=self._retry_errors,
+                finished=self._finish,
+            )
             with self._work:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._pipeline, streams)
-                    tg.start_soon(self._load_history)
-                    tg.start_soon(self._count_samples)
+                    tg.start_soon(self._pipeline, context, persist, streams)
+                    tg.start_soon(persist.load_history)
+                    tg.start_soon(self._count_samples, persist.first_judgement)
         finally:
             # The run is over, however it ended: the elapsed time and the rates stop when the
-            # results end (as _persist ends them), not when the caller leaves its block (a
+            # results end (as the persist stage ends them), not when the caller leaves its block (a
             # dashboard left on screen, say).
             if self._counters.ended_at is None:
                 self._counters.ended_at = time.monotonic()
             streams.results[0].close()  # ``results`` ends, however the run did
 
-    async def _pipeline(self, streams: _Streams) -> None:
+    async def _pipeline(self, context: RunContext, persist: PersistStage, streams: Streams) -> None:
         sample_streams = streams.samples
         image_send, image_recv = streams.images
         judgement_send, judgement_recv = streams.judgements
         result_send, _ = streams.results
 
-        context = self._context()
         judging = self._judging = JudgeStage(
             context, self._judges, self._limiters, self._retry, self._sleep
         )
@@ -760,9 +555,13 @@ class Engine:
                     judgement_send.clone(),
                 )
             tg.start_soon(judging.run, image_recv, judgement_send.clone())
-            tg.start_soon(self._persist, judgement_recv, result_send)
+            tg.start_soon(persist.run, judgement_recv, result_send)
             image_send.close()
             judgement_send.close()
+
+    def _finish(self) -> None:
+        """The run's final state, once every stage has finished."""
+        self._state = "stopped" if self._stop_event.is_set() and self._left_work() else "done"
 
     def _left_work(self) -> bool:
         """Whether a graceful stop left work undone: samples not read, or queued ones dropped.
@@ -782,48 +581,9 @@ class Engine:
             hard_stopping=self._cancel_event,
         )
 
-    async def _persist(
-        self,
-        receive: MemoryObjectReceiveStream[Judgement],
-        result_send: MemoryObjectSendStream[Judgement],
-    ) -> None:
-        assert self._run_dir is not None
-        journal = self._run_dir.journal
-        async with receive, result_send:
-            while True:
-                batch: list[Judgement] = []
-                try:
-                    batch.append(await receive.receive())
-                    take_ready(receive, batch, PERSIST_BATCH)
-                except anyio.EndOfStream:
-                    # Every stage before this one has finished: the run is over. Say so
-                    # before ``results`` ends, so its consumer sees the final state and a
-                    # complete live analysis.
-                    self._first_judgement.set()
-                    await self._history_loaded.wait()
-                    self._state = (
-                        "stopped" if self._stop_event.is_set() and self._left_work() else "done"
-                    )
-                    self._counters.ended_at = time.monotonic()
-                    return
-                except anyio.get_cancelled_exc_class():
-                    # Hard stop: what already landed in the buffer is still written.
-                    take_ready(receive, batch, None)
-                    with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(journal.append, batch)
-                    self._count(batch)
-                    self._counters.ended_at = time.monotonic()
-                    raise
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(journal.append, batch)
-                self._count(batch)
-                self._first_judgement.set()
-                for judgement in batch:
-                    await send_now(result_send, judgement)
-
-    async def _count_samples(self) -> None:
+    async def _count_samples(self, first_judgement: anyio.Event) -> None:
         # For progress and ETA only; a dataset that cannot be read fails the source itself.
-        await self._first_judgement.wait()
+        await first_judgement.wait()
         source = DatasetSource(
             self.config.dataset,
             self.config.run.task,
@@ -831,51 +591,6 @@ class Engine:
         )
         with suppress(TrigStreamError):
             self._counters.samples_total = await anyio.to_thread.run_sync(source.count)
-
-    async def _load_history(self) -> None:
-        # Earlier runs' judgements join the live analysis in the background, so they never
-        # delay the first new request. Keys this run may judge again are left out: their
-        # new judgement could land first and must not be overwritten by the old one.
-        assert self._run_dir is not None
-        state = self._journal_state
-        lines = iter(read_journal(self._run_dir.journal.path, limit=state.lines))
-        try:
-            await self._first_judgement.wait()
-            # A hard stop before they have joined leaves them out: it does not wait the
-            # second or so per 100k judgements their parsing takes (the journal has them all).
-            while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
-                for judgement in chunk:
-                    if state.is_done(judgement.key, retry_errors=self._retry_errors):
-                        self.relations.add(judgement)
-        finally:
-            # This run's judgements join after the earlier ones, as in the journal: the
-            # analysis then sees the journal's order, and equals a batch analysis of it to
-            # the last bit (its sums do not depend on how the loading and the run overlapped).
-            self.relations.extend(self._new_while_loading)
-            self._new_while_loading = []
-            self._history_loaded.set()
-
-    def _count(self, batch: list[Judgement]) -> None:
-        now = time.monotonic()
-        if self._history_loaded.is_set():
-            self.relations.extend(batch)
-        else:
-            self._new_while_loading += batch
-        for judgement in batch:
-            counts = self._counters.model(judgement.model)
-            if judgement.status == "ok":
-                counts.ok += 1
-            elif judgement.status == "unscorable":
-                counts.unscorable += 1
-            else:
-                counts.error += 1
-                where = f"{judgement.model} {judgement.data_id} {judgement.dimension}"
-                self._counters.last_errors.append(f"{where}: {judgement.error}")
-            self._counters.judged_at.append(now)
-
-
-def _take(items: Iterator[Judgement], count: int) -> list[Judgement]:
-    return list(islice(items, count))
 
 
 def _leaves_of(exc: BaseException | None) -> list[BaseException]:
