@@ -715,7 +715,8 @@ def test_report_skips_a_journal_line_no_engine_writes_naming_why(
 def test_an_unreadable_journal_is_one_error_naming_it(
     tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from trig_stream.cli import EXIT_RUN_DIR, main
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_RUN_DIR
 
     run = write_run_dir(tmp_path / "run", {})
     (run / JOURNAL).unlink()

@@ -16,7 +16,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from tests.conftest import ConfigFactory, write_prompts
-from trig_stream import cli
+from trig_stream import cli, exit_codes
 from trig_stream.backends import registry
 from trig_stream.backends.base import GenerationRequest, Generator, Judge, JudgeReply, JudgeRequest
 from trig_stream.backends.registry import build_generator, register_backend
@@ -228,7 +228,7 @@ def test_validate_lists_backends_from_entry_points(
     third_party: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_config(tmp_path, "tp_flat", "tp_constant")
-    assert cli.main(["validate", str(path)]) == cli.EXIT_OK
+    assert cli.main(["validate", str(path)]) == exit_codes.EXIT_OK
     out = capsys.readouterr().out
     assert "models: mine (tp_flat)" in out
     assert "judges: trigscore (tp_constant)" in out
@@ -355,7 +355,7 @@ def test_a_broken_entry_point_is_a_config_error_naming_it(
         f"{value!r} of thirdparty-backends 2.0)"
     )
     for command in (["validate"], ["run", "--headless", "--no-report"]):
-        assert cli.main([*command, str(path)]) == cli.EXIT_CONFIG
+        assert cli.main([*command, str(path)]) == exit_codes.EXIT_CONFIG
         err = capsys.readouterr().err
         assert "Traceback" not in err
         assert err.startswith(f"error: {path}: invalid config (1 problem)\n  {path}:")
@@ -392,7 +392,7 @@ def test_a_backend_that_cannot_be_made_is_a_config_error_naming_it(
         f"{value!r} of thirdparty-backends 2.0)"
     )
     for command in (["validate"], ["run", "--headless", "--no-report"]):
-        assert cli.main([*command, str(path)]) == cli.EXIT_CONFIG
+        assert cli.main([*command, str(path)]) == exit_codes.EXIT_CONFIG
         err = capsys.readouterr().err
         assert "Traceback" not in err
         assert err.startswith(named)

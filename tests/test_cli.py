@@ -26,8 +26,9 @@ from rich.console import Console
 from tests.conftest import ROOT, write_prompts
 from trig_stream import cli
 from trig_stream.backends.base import JudgeRequest
-from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR, main
+from trig_stream.cli import main
 from trig_stream.errors import BackendError
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.locks import LOCK
 from trig_stream.signals import stop_signals
 from trig_stream.testing import FakeJudge, SyntheticGenerator

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import signal_after, write_config
-from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK, main
+from trig_stream.cli import main
+from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.progress import full_screen_possible
 
 COMMAND = [sys.executable, "-m", "trig_stream"]

@@ -10,7 +10,8 @@ import pytest
 from pydantic import BaseModel, model_validator
 
 from trig_stream.backends import registry
-from trig_stream.config import load_config, locate_key
+from trig_stream.config import load_config
+from trig_stream.config_problems import locate_key
 from trig_stream.errors import ConfigError, MissingExtraError
 from trig_stream.testing import SyntheticGenerator
 

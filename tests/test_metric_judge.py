@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from tests.conftest import ConfigFactory, write_prompts
-from trig_stream import cli
+from trig_stream import cli, exit_codes
 from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
 from trig_stream.backends.metrics import registry
@@ -313,9 +313,9 @@ def test_validate_sees_that_the_nsfw_extra_is_missing(
     write_prompts(tmp_path / "prompts.json", 4)
     path = tmp_path / "run.toml"
     path.write_text(NSFW_CONFIG)
-    assert cli.main(["validate", str(path)]) == cli.EXIT_FATAL
+    assert cli.main(["validate", str(path)]) == exit_codes.EXIT_FATAL
     assert "pip install 'trig-stream[nsfw]'" in capsys.readouterr().err
-    assert cli.main(["run", "--headless", "--no-report", str(path)]) == cli.EXIT_FATAL
+    assert cli.main(["run", "--headless", "--no-report", str(path)]) == exit_codes.EXIT_FATAL
     assert not (tmp_path / "runs").exists()
 
 

@@ -20,8 +20,9 @@ import pytest
 from tests.conftest import write_prompts
 from tests.test_reliability_inputs import CONFIG as RUN_CONFIG
 from trig_stream import files, store
-from trig_stream.cli import EXIT_OK, EXIT_RUN_DIR, main
+from trig_stream.cli import main
 from trig_stream.errors import RunDirError
+from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, Journal
 from trig_stream.locks import LOCK
 from trig_stream.records import Judgement

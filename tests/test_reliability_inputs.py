@@ -23,9 +23,10 @@ from PIL import Image
 from tests.conftest import write_prompts
 from trig_stream.backends.base import GenerationRequest
 from trig_stream.backends.generators.source_images import source_image
-from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR, main
+from trig_stream.cli import main
 from trig_stream.config import RunConfig, parse_config
 from trig_stream.engine import Engine
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.records import Judgement, QuarantinedRecord
 from trig_stream.store import QUARANTINE, Manifest, RunDir

@@ -28,9 +28,9 @@ import anyio
 from tests.conftest import write_prompts
 from trig_stream.analysis import analyse_judgements
 from trig_stream.analysis.relations import ModelAnalysis
-from trig_stream.cli import EXIT_OK
 from trig_stream.config import load_config
 from trig_stream.engine import Engine
+from trig_stream.exit_codes import EXIT_OK
 from trig_stream.journal import JOURNAL, latest_judgements
 from trig_stream.records import Judgement, JudgementKey
 

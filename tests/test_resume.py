@@ -513,7 +513,8 @@ async def test_a_project_folder_moved_whole_resumes_where_it_stopped(
     # `mv proj proj2` (config, dataset, image folder and runs/ together): the manifest's
     # absolute image folder path made the moved config "other settings", and the
     # interrupted run could not resume.
-    from trig_stream.cli import EXIT_OK, main
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_OK
 
     shared = tmp_path / "shared-images"
     first = load_config(write_project(tmp_path / "proj", shared))

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_prompts
-from trig_stream.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, main
+from trig_stream.cli import main
 from trig_stream.config import load_config
 from trig_stream.engine import Engine
 from trig_stream.errors import FatalBackendError
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 
 KEY = f"sk-trig-{secrets.token_hex(16)}"
 """The key the server requires."""

@@ -26,9 +26,10 @@ from tests.conftest import ROOT, ConfigFactory, write_prompts
 from tests.test_engine import run_to_end
 from trig_stream import Engine
 from trig_stream.backends.base import JudgeReply, JudgeRequest
-from trig_stream.cli import EXIT_OK, EXIT_RUN_DIR, main
+from trig_stream.cli import main
 from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
+from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, latest_judgements, read_journal_lines
 from trig_stream.locks import writer_pid
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord

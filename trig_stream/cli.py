@@ -1,14 +1,8 @@
-"""The ``trig-stream`` command.
+"""The ``trig-stream`` command: its entry point, its argument parser and ``run``.
 
-Exit codes:
-
-* 0: the run finished (per-item failures are recorded and reported, not fatal);
-* 1: an unexpected internal error;
-* 2: bad command line, invalid config or unusable input file (nothing was done);
-* 3: the run directory was refused (in use, or made with other settings) or is unreadable;
-* 4: the run stopped on a fatal error (dataset unreadable, judge credentials...); resumable;
-* 130: interrupted (Ctrl-C or SIGTERM); resumable by running the same command again
-  (without --new-run: see the stop message).
+``validate`` and ``status`` live in :mod:`trig_stream.inspect_commands`, the other commands
+beside what they drive (:data:`EXTRA_COMMANDS`); the exit statuses, in
+:mod:`trig_stream.exit_codes`.
 """
 
 from __future__ import annotations
@@ -20,43 +14,29 @@ import os
 import signal
 import sys
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, get_args
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
-from rich.table import Column, Table
 
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.backends.base import threads_left_behind
-from trig_stream.backends.registry import build_generator, build_judge
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
-from trig_stream.records import Status
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
+from trig_stream.inspect_commands import status_command, validate_command
 from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 from trig_stream.terminal import CommandConsole
 
 if TYPE_CHECKING:
     from trig_stream.engine import Engine
-    from trig_stream.records import JudgementKey
-
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_CONFIG = 2
-EXIT_RUN_DIR = 3
-EXIT_FATAL = 4
-EXIT_INTERRUPTED = 130
 
 PROGRESS_EVERY_S = 0.5
-STATUSES: tuple[Status, ...] = get_args(Status)
-ASKED_AGAIN = "asked again"
-"""``status``'s column of the ``error`` judgements a run with ``--retry-errors`` asks again."""
 OPENING_QUIET_S = 2.0
 """How long an opening step may take before the command says what it waits for."""
 QUIET_LIBRARIES = {
@@ -158,133 +138,17 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a config without running it")
     validate.add_argument("config", type=Path)
-    validate.set_defaults(handler=_cmd_validate)
+    validate.set_defaults(handler=validate_command)
 
     status = commands.add_parser("status", help="summarise a run directory")
     status.add_argument("run_dir", type=Path)
-    status.set_defaults(handler=_cmd_status)
+    status.set_defaults(handler=status_command)
     if command in CORE_COMMANDS:
         return parser
     wanted = [EXTRA_COMMANDS[command]] if command in EXTRA_COMMANDS else EXTRA_COMMANDS.values()
     for module_name, function in dict.fromkeys(wanted):
         getattr(importlib.import_module(module_name), function)(commands)
     return parser
-
-
-VALIDATE_SHOWN = 5
-"""Records `validate` lists of those a run would quarantine."""
-
-
-def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    from trig_stream.backends.base import reads_source_images
-    from trig_stream.dataset import DatasetSource
-    from trig_stream.dimensions import Dimension
-    from trig_stream.preflight import (
-        check_environment,
-        ensure_open_files,
-        judge_fingerprint,
-        run_manifest,
-    )
-    from trig_stream.records import QuarantinedRecord
-    from trig_stream.sourcing import Owed
-    from trig_stream.store import check_resume
-
-    config = load_config(args.config)
-    # Building the backends makes the checks ``run`` makes next (a generator's devices against
-    # its workers, its inputs against the task...); it loads no model and connects nowhere.
-    # Then, in the run's order, the files its judges' connections need (the limits only
-    # read: the run raises the soft one), and what each backend needs from this machine
-    # that can be seen without loading anything: an API key's variable, a serve command on
-    # PATH, a local checkpoint folder.
-    generators = [build_generator(generator, config) for generator in config.generators]
-    judges = [build_judge(judge, config) for judge in config.judges]
-    ensure_open_files(config, judges, raise_limit=False)
-    for generator in generators:
-        check_environment(generator)
-    for built in judges:
-        check_environment(built)
-    # What the run directory holds is compared with these settings as the run compares it,
-    # reading it only: a run it would refuse (a run still going there, results made with
-    # another seed) is refused here, with the run's message and exit code.
-    fingerprints = {judge.name: judge_fingerprint(judge) for judge in judges}
-    journal = check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
-    # The dataset is read through, as a run reads it: a file that is missing or cannot be
-    # read fails here (DatasetError, the run's exit code), and the records the run would
-    # quarantine are listed, those edited since they were judged in the run directory too.
-    # A sample the run directory already holds every judgement of is passed over unbuilt, as
-    # the run passes it over (its source image is not looked up: one removed since is no
-    # reason to refuse it).
-    owed = Owed([g.name for g in generators], judges, journal, retry_errors=False)
-    finished = Counter[str]()
-
-    def passed_over(data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
-        if not owed.finished(data_id, dimensions):
-            return False
-        finished["judged" if owed.measured(dimensions) else "unmeasured"] += 1
-        return True
-
-    source = DatasetSource(
-        config.dataset,
-        config.run.task,
-        finished=passed_over,
-        judged=journal.digests,
-        source_images=reads_source_images(generators),
-    )
-    samples = 0
-    refused: list[QuarantinedRecord] = []
-    for record in source:
-        if isinstance(record, QuarantinedRecord):
-            refused.append(record)
-            continue
-        samples += 1
-    unmeasured = finished["unmeasured"]
-    # Every record refused: the run would judge nothing and exit 2, and so does this. Records
-    # the filters left out are not refused: with them, the filters are why nothing is judged.
-    refused_all = bool(refused) and len(refused) == source.records_read
-    out = CommandConsole(soft_wrap=True)  # greppable: a path is never cut in two
-    verdict = "[red]nothing to judge[/]" if refused_all else "[green]ok[/]"
-    out.print(f"{verdict}: {escape(str(args.config))}", highlight=False)
-    out.print(
-        f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}",
-        highlight=False,
-        markup=False,
-    )
-    records = f"{source.records_read} records"
-    if source.limit_reached:  # the rest was not read: how many there are, said apart
-        records = (
-            f"{source.count_records()} records (the first {source.records_read} read: "
-            f"limit = {config.dataset.limit})"
-        )
-    counts = f"{records}, {samples} sample{'s' * (samples != 1)} to judge"
-    if finished["judged"]:
-        counts += f", {finished['judged']} already judged in the run directory"
-    if source.filtered_out:
-        counts += f", {source.filtered_out} left out by its filters"
-    out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False, markup=False)
-    if unmeasured:
-        out.print(
-            f"  [yellow]{unmeasured} of the samples have no dimension a judge measures[/]: "
-            "they would not be judged",
-            highlight=False,
-        )
-    if refused:
-        first = f"; the first {VALIDATE_SHOWN}" if len(refused) > VALIDATE_SHOWN else ""
-        out.print(f"  [yellow]{len(refused)} records would be quarantined[/]{first}:")
-        for record in refused[:VALIDATE_SHOWN]:
-            reason = record.reason if len(record.reason) <= 160 else record.reason[:159] + "…"
-            out.print(f"    record {record.index}: {reason}", highlight=False, markup=False)
-    for what, entries in (("models", config.generators), ("judges", config.judges)):
-        names = ", ".join(f"{entry.name} ({entry.backend})" for entry in entries)
-        out.print(f"  {what}: {names}", highlight=False, markup=False)
-    if refused_all:
-        console.print(
-            f"[red]error:[/] every one of the {len(refused)} records read would be "
-            "quarantined (see the reasons above): a run would judge nothing; fix the dataset "
-            "or its \\[dataset] settings",
-            highlight=False,
-        )
-        return EXIT_CONFIG
-    return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -531,143 +395,6 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
         written = await anyio.to_thread.run_sync(write)
         tg.cancel_scope.cancel()
     return written
-
-
-def _asked_by_manifest(config: dict[str, Any]) -> Callable[[JudgementKey], bool] | None:
-    """Which judgement keys a run of the manifest's ``config`` asks (None: unknown)."""
-    from trig_stream.tui.watch_source import asked_by_config
-
-    try:
-        return asked_by_config(RunConfig.model_validate(config))
-    except ValueError:  # a manifest edited by hand, or written by another version
-        return None
-
-
-def _cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from trig_stream.files import open_regular_file
-    from trig_stream.journal import JOURNAL, read_journal_lines
-    from trig_stream.locks import writer_pid
-    from trig_stream.records import Judgement
-    from trig_stream.store import QUARANTINE, errors_asked_again, quarantine_lists, read_manifest
-
-    manifest = read_manifest(args.run_dir)
-    # Asked before the journal is read, as `watch` asks: a writer that is gone by then has
-    # written its last line, which the counts then hold.
-    writer = writer_pid(args.run_dir)
-    latest: dict[JudgementKey, tuple[int, Judgement]] = {
-        j.key: (line, j) for line, j in read_journal_lines(args.run_dir / JOURNAL)
-    }
-    asked = selected = None
-    if writer is not None and manifest.retry_errors:
-        # Only the errors of samples and dimensions the run still selects are asked again:
-        # read from its dataset, as `watch` reads it (unknown if it cannot be read here).
-        selected = _asked_by_manifest(manifest.config)
-        asked = errors_asked_again(manifest, selected)
-    # Per metric, as the report separates them: two judges' scores of one dimension are not
-    # one mean, nor are their counts one count. An error the running process asks again
-    # (--retry-errors) is work left, not an error that stands.
-    counts: Counter[tuple[str, str, str]] = Counter()
-    sums: dict[tuple[str, str, str], float] = {}
-    scored: Counter[tuple[str, str, str]] = Counter()
-    for line, judgement in latest.values():
-        status: str = judgement.status
-        if status == "error" and asked is not None and asked(judgement.key, line):
-            status = ASKED_AGAIN
-        counts[(judgement.model, judgement.metric, status)] += 1
-        if judgement.score is not None:
-            where = (judgement.model, judgement.metric, judgement.dimension)
-            sums[where] = sums.get(where, 0.0) + judgement.score
-            scored[where] += 1
-    judges = manifest.config.get("judges")
-    judges = judges if isinstance(judges, list) else []  # a manifest edited by hand
-    metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
-    metrics += sorted({metric for _, metric, _ in counts} - set(metrics))
-    # Names and paths are the user's: printed as they are, never read as markup, never wrapped.
-    out = CommandConsole(soft_wrap=True, markup=False, highlight=False)
-    out.print(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}")
-    if writer is None:
-        out.print("not running; `trig-stream run` with its config judges whatever is left")
-    else:
-        retrying = ""
-        if asked is not None:
-            which = "the error judgements written before it started"
-            if selected is None:  # its dataset unread: which ones it still selects is unknown
-                which += " (of samples its dataset still selects)"
-            retrying = (
-                f" with --retry-errors: {which} are being asked again ({ASKED_AGAIN!r} "
-                "below, not counted as errors)"
-            )
-        out.print(
-            f"running (pid {writer}){retrying}; the counts below are as of now; follow it "
-            f"live with `trig-stream watch {args.run_dir}`"
-        )
-    columns: tuple[str, ...] = STATUSES
-    if asked is not None:
-        columns += (ASKED_AGAIN,)
-    table = Table(Column("model", overflow="fold"), Column("metric", overflow="fold"))
-    for heading in (*columns, "total"):
-        table.add_column(heading)
-    for model in sorted({m for m, _, _ in counts} | set(manifest.generators)):
-        present = [m for m in metrics if any(counts[(model, m, s)] for s in columns)]
-        for metric in present or ["–"]:
-            row = [counts[(model, metric, s)] for s in columns]
-            table.add_row(model, metric, *map(str, row), str(sum(row)))
-    _print_whole(out, table)
-    if scored:
-        means = Table(
-            *(Column(name, overflow="fold") for name in ("model", "metric", "dimension")),
-            "mean score",
-            "n",
-        )
-        order = {metric: index for index, metric in enumerate(metrics)}
-        for key in sorted(scored, key=lambda k: (k[0], order[k[1]], k[2])):
-            model, metric, dimension = key
-            mean = f"{sums[key] / scored[key]:.3f}"
-            means.add_row(model, metric, dimension, mean, str(scored[key]))
-        _print_whole(out, means)
-    refused = 0
-    for quarantine in quarantine_lists(args.run_dir, running=writer is not None):
-        try:
-            with open_regular_file(quarantine) as lines:  # a pipe there would wait forever
-                refused = sum(1 for _ in lines)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            out.print(
-                f"cannot read {quarantine}: {exc.strerror or exc}: the quarantined records are "
-                "not counted"
-            )
-        break
-    if refused and quarantine.name == QUARANTINE:
-        out.print(f"{refused} dataset records quarantined (see {quarantine})")
-    elif refused and writer is not None:
-        out.print(f"{refused} dataset records quarantined so far by the run (see {quarantine})")
-    elif refused:
-        out.print(
-            f"{refused} dataset records quarantined by a run stopped before it read the "
-            f"dataset through (see {quarantine})"
-        )
-    return EXIT_OK
-
-
-def _print_whole(out: Console, table: Table) -> None:
-    """Print ``table`` with its names whole: on a terminal, a name too long for its column
-    is folded onto the next line; elsewhere (``| grep``, a file) the table is as wide as its
-    longest row needs, so that each row stays on one line."""
-    if out.is_terminal:
-        out.print(table)
-        return
-    natural = Measurement.get(out, out.options.update_width(MEASURED_UP_TO), table).maximum
-    width = out.width
-    out.width = max(width, natural)  # print's own width can only narrow the console's
-    try:
-        out.print(table)
-    finally:
-        out.width = width
-
-
-MEASURED_UP_TO = 10_000
-"""The widest table ``status`` prints as it is when not on a terminal (characters)."""
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from typing import Final, NoReturn
 
 INTERRUPTED: Final = 130
-"""The exit status of an interrupted command (:data:`trig_stream.cli.EXIT_INTERRUPTED`)."""
+"""The exit status of an interrupted command (:data:`trig_stream.exit_codes.EXIT_INTERRUPTED`)."""
 
 
 STANDARD_STREAMS: Final = (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w"))

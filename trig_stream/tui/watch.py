@@ -18,8 +18,8 @@ import anyio
 from anyio.abc import TaskStatus
 from rich.console import Console
 
-from trig_stream.cli import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.errors import MissingExtraError
+from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.progress import full_screen_possible
 from trig_stream.signals import is_hangup, job_control_kept, silence_the_terminal, stop_signals
 from trig_stream.terminal import CommandConsole

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from trig_stream.config import RunConfig, dotted_key, parse_config, unusable_values
+from trig_stream.config import RunConfig, parse_config
+from trig_stream.config_problems import dotted_key, unusable_values
 from trig_stream.dimensions import DIMENSIONS, Task, normalise_task
 from trig_stream.errors import ConfigError
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping

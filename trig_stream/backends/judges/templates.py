@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from trig_stream.config import text_problem
+from trig_stream.config_problems import text_problem
 from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS, Dimension, Task
 from trig_stream.errors import ConfigError, validation_problems
 

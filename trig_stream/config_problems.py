@@ -1,0 +1,294 @@
+"""The problems of a config, as its messages name them: file, line, key and what to do.
+
+:mod:`trig_stream.config` validates; this module finds what no key takes (text with a NUL
+or half a character, dates), turns pydantic's errors into one line each naming the file's
+line and the dotted key (``generators[0].options.path``), and finds that line in the TOML
+text (:func:`locate_key`). It reads no file and knows no config model of its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final, TypeAlias, get_args
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from trig_stream.records import storable_text
+
+Loc: TypeAlias = tuple[str | int, ...]
+"""Where a value is in a config: its keys and array indices from the top."""
+
+UNQUOTED_PROBLEM: Final = "unquoted_problem"
+"""The error type of a bad URL or variable name, whose input no message quotes (it may hold a
+secret)."""
+
+DUPLICATE_NAME: Final = "duplicate_name"
+"""The error type of a name used twice; its context says where the second use is, so that
+the message names that entry's line rather than the whole config's."""
+
+
+def unusable_values(data: Any, *, dates: bool = True) -> Iterator[tuple[Loc, str]]:
+    """Where parsed config data holds a value no key takes, and why: text with a NUL
+    character or half a character (a lone surrogate), which no path, name, URL or command can
+    carry, a key included; and, with ``dates``, a date or time (TOML has them, a config uses
+    none). A table that holds itself (a YAML alias can) is looked through once."""
+    for loc, why, is_key in unusable_entries(data, dates=dates):
+        yield (loc[:-1] if is_key else loc), why
+
+
+def unusable_entries(data: Any, *, dates: bool = True) -> Iterator[tuple[Loc, str, bool]]:
+    """As :func:`unusable_values`, with where the value is refused; each with whether the
+    refused thing is the key its place ends with (True), not the value there."""
+    return _unusable(data, (), dates, set())
+
+
+def _unusable(
+    data: Any, loc: Loc, dates: bool, within: set[int]
+) -> Iterator[tuple[Loc, str, bool]]:
+    # The last item: whether the refused thing is the key ``loc`` ends with, not its value.
+    if isinstance(data, dict | list):
+        if id(data) in within:
+            return
+        within.add(id(data))
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in items:
+            problem = text_problem(key) if isinstance(key, str) else None
+            if problem is not None:
+                yield (*loc, key), f"the key {key!r} {problem}", True
+            yield from _unusable(value, (*loc, key), dates, within)
+        within.discard(id(data))
+    elif isinstance(data, str):
+        problem = text_problem(data)
+        if problem is not None:
+            yield loc, problem, False
+    elif dates and isinstance(data, datetime.date | datetime.time):
+        yield loc, "a date or time, which no key takes: quote it if it is text", False
+
+
+def checkable(data: Any) -> Any:
+    """``data`` with its dates as ISO text and its text with half a character escaped, so that
+    the rest can still be validated strictly, on the JSON it is (which has neither: with
+    them, the table is validated by Python's looser rules, and ``2.0`` would pass as an
+    integer), while those values are refused on their own."""
+    if isinstance(data, dict):
+        return {checkable(key): checkable(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [checkable(value) for value in data]
+    if isinstance(data, str):
+        return storable_text(data)
+    if isinstance(data, datetime.date | datetime.time):
+        return data.isoformat()
+    return data
+
+
+def text_problem(text: str) -> str | None:
+    """What makes ``text`` unfit for a config value (a NUL, half a character), or None."""
+    if "\x00" in text:
+        return (
+            "holds a NUL character (\\u0000), which no path, name, URL or command can carry: "
+            "remove it"
+        )
+    if not text.isascii() and any("\ud800" <= char <= "\udfff" for char in text):
+        return "holds half a character (a lone surrogate, \\ud800-\\udfff): remove it"
+    return None
+
+
+def problems_message(source: Path, problems: list[str]) -> str:
+    """The message of an invalid config: a head naming ``source`` and the count, then one
+    indented line per problem."""
+    head = f"{source}: invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''})"
+    return "\n".join([head, *(f"  {p}" for p in problems)])
+
+
+def problem_lines(
+    exc: ValidationError,
+    source: Path,
+    text: str,
+    prefix: tuple[str | int, ...],
+    model: type[BaseModel],
+    refused: Mapping[Loc, bool] | None = None,
+) -> list[str]:
+    """One line per error of ``exc``, but none for a value ``refused`` already names (a date
+    where a number goes), nor under a key it names: only an unknown key that holds such a
+    value is told apart."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = prefix + tuple(error["loc"])
+        if error["type"] == DUPLICATE_NAME:  # at the entry that repeats the name
+            loc += (error["ctx"]["section"], error["ctx"]["index"], "name")
+        if refused and _already_refused(loc, error["type"] == "extra_forbidden", refused):
+            continue
+        lines.append(problem_line(source, text, loc, _message(error, model)))
+    return lines
+
+
+def _already_refused(loc: Loc, unknown_key: bool, refused: Mapping[Loc, bool]) -> bool:
+    keys = tuple(p for p in loc if isinstance(p, int) or not _is_validator_step(p))
+    for depth in range(1, len(keys) + 1):
+        is_key = refused.get(keys[:depth])
+        if is_key is not None and (is_key or depth < len(keys) or not unknown_key):
+            return True
+    return False
+
+
+def _is_validator_step(part: str) -> bool:
+    """Whether a part of an error's location is a validator's name, no key."""
+    return part in ("function-after", "function-before") or "[" in part
+
+
+def nested_problems(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The problems of a table nested in a backend's options (a wrapper's inner generator's
+    options, a metric's), in one line, each named by its key as the config's own are:
+    ``sise: unknown key; did you mean 'size'?``."""
+    return "; ".join(
+        f"{dotted_key(tuple(error['loc'])) or '(the table)'}: {_message(error, model)}"
+        for error in exc.errors(include_url=False)
+    )
+
+
+def _message(error: ErrorDetails, model: type[BaseModel]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key" + _known_keys_hint(model, tuple(error["loc"]))
+    if error["type"] == "missing":
+        return "required key is missing"
+    if error["type"] in (UNQUOTED_PROBLEM, DUPLICATE_NAME):
+        return error["msg"]
+    if error["type"] == "value_error":
+        # Our own checks: their message says what is wrong, without pydantic's prefix,
+        # and a check of a whole table would quote all of it.
+        message = str(error.get("ctx", {}).get("error", error["msg"]))
+        if not isinstance(error.get("input"), dict):
+            message += f" (got {_as_written(error.get('input'))})"
+        return message
+    return f"{error['msg']} (got {_as_written(error.get('input'))})"
+
+
+def _as_written(value: Any) -> str:
+    """``value`` as TOML writes it (``true``, ``"2"``), so a message shows what the file says."""
+    from trig_stream.upstream_config.toml_writer import toml_value
+
+    try:
+        return toml_value(value)
+    except TypeError:
+        return repr(value)
+
+
+def _known_keys_hint(model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
+    """``; did you mean 'x'?`` for an unknown key at ``loc`` in ``model``, or the keys its
+    table takes; empty when the table is not a model's (a table passed to a library)."""
+    table: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or "[" in part or part.startswith("function-"):
+            continue  # a list's index, or a validator's name
+        field = table.model_fields.get(part) if table else None
+        table = _model_in(field.annotation) if field else None
+    if table is None:
+        return ""
+    known = [name for name in table.model_fields if not name.startswith("_")]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; this table takes: {', '.join(known)}"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, itself or in a list, a dict's values or an optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(get_args(annotation)):  # list[M], dict[str, M], M | None, Annotated
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def problem_line(source: Path, text: str, loc: Loc, message: str) -> str:
+    """One problem as a message names it: ``FILE:LINE: dotted.key: message`` (the line found
+    in ``text``; without one, the file alone)."""
+    dotted = dotted_key(loc)
+    line = locate_key(text, loc)
+    where = f"{source}:{line}" if line else f"{source}"
+    return f"{where}: {dotted or '(top level)'}: {message}"
+
+
+def dotted_key(loc: Loc) -> str:
+    """``loc`` written as a config's keys are: ``generators[0].options.path``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or "[" in part:
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_.\-\"' ]+?)\s*=")
+
+
+def locate_key(text: str, loc: tuple[str | int, ...]) -> int | None:
+    """Find the 1-based line of a key path in TOML text, or of its nearest enclosing table.
+
+    Only what TRIG configs use is understood: ``[table]``, ``[[array]]`` and ``key = value``
+    lines (dotted keys included). Returns None when nothing along the path is found.
+    """
+    wanted = tuple(p for p in loc if isinstance(p, int) or "[" not in p)
+    table: tuple[str | int, ...] = ()
+    array_counts: dict[tuple[str | int, ...], int] = {}
+    best: tuple[int, int] | None = None  # (matched length, line)
+    for number, raw in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(raw)
+        if header:
+            names = tuple(_unquote(p) for p in header.group(2).split("."))
+            table = _expand(names, table, array_counts, is_array=header.group(1) == "[[")
+            best = _better(best, wanted, table, number)
+            continue
+        key = _KEY.match(raw)
+        if key:
+            path = table + tuple(_unquote(p) for p in key.group(1).split("."))
+            best = _better(best, wanted, path, number)
+    return best[1] if best else None
+
+
+def _expand(
+    names: tuple[str, ...],
+    current: tuple[str | int, ...],
+    array_counts: dict[tuple[str | int, ...], int],
+    *,
+    is_array: bool,
+) -> tuple[str | int, ...]:
+    # Rebuild the full path, inserting the index of every array-of-tables we pass through.
+    path: tuple[str | int, ...] = ()
+    for depth, name in enumerate(names):
+        path = (*path, name)
+        last = depth == len(names) - 1
+        if last and is_array:
+            array_counts[path] = array_counts.get(path, -1) + 1
+            path = (*path, array_counts[path])
+        elif path in array_counts:
+            path = (*path, array_counts[path])
+    return path
+
+
+def _better(
+    best: tuple[int, int] | None,
+    wanted: tuple[str | int, ...],
+    path: tuple[str | int, ...],
+    line: int,
+) -> tuple[int, int] | None:
+    if len(path) > len(wanted) or wanted[: len(path)] != path:
+        return best
+    if best is None or len(path) > best[0]:
+        return (len(path), line)
+    return best
+
+
+def _unquote(part: str) -> str:
+    return part.strip().strip("\"'")
