@@ -32,12 +32,12 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from trig_stream.backends.generators.pipeline_process import (
-    _payload_size,
+from trig_stream.backends.generators.pipeline_child import (
     _socket_of,
     receive_exactly,
     send_buffers,
 )
+from trig_stream.backends.generators.pipeline_process import _payload_size
 
 
 def child(conn: Connection, way: str, size: int, batch: int, answers: int) -> None:

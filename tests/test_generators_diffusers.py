@@ -44,12 +44,9 @@ pytest.importorskip("diffusers")
 
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions
-from trig_stream.backends.generators.pipeline_process import (
-    PipelineProcess,
-    receive_exactly,
-    send_buffers,
-    thread_share,
-)
+from trig_stream.backends.generators.pipeline_calls import call_arguments
+from trig_stream.backends.generators.pipeline_child import receive_exactly, send_buffers
+from trig_stream.backends.generators.pipeline_process import PipelineProcess, thread_share
 from trig_stream.testing.tiny_pipelines import (
     PIPELINE_CLASSES,
     TINY_CALL,
@@ -788,7 +785,9 @@ def test_pictures_are_those_of_the_pipelines_own_pil_output(
         ]
         batch = [GenerationRequest("tiny", sample, 11 + n) for n, sample in enumerate(samples)]
         made = generator._call(0, batch, sources, threading.Event())
-        kwargs = generator._arguments(batch, sources)
+        kwargs = call_arguments(
+            generator.spec, generator._accepts, generator._output_type, batch, sources
+        )
         kwargs["output_type"] = "pil"
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
         with torch.inference_mode():
@@ -983,8 +982,12 @@ def test_blip_diffusion_takes_the_negative_prompt_option_by_its_own_name() -> No
         item="dog",
         source_bytes=_png(Image.new("RGB", (16, 16), "brown")),
     )
-    called = generator._arguments(
-        [GenerationRequest("blip", sample, 1)], [Image.new("RGB", (16, 16))]
+    called = call_arguments(
+        generator.spec,
+        generator._accepts,
+        generator._output_type,
+        [GenerationRequest("blip", sample, 1)],
+        [Image.new("RGB", (16, 16))],
     )
     assert called["neg_prompt"] == "blurry"
     assert "negative_prompt" not in called
@@ -1563,7 +1566,7 @@ def test_an_answer_the_child_cannot_send_ends_the_child(
     # Otherwise the call waiting for that answer would wait forever.
     import queue
 
-    from trig_stream.backends.generators import pipeline_process
+    from trig_stream.backends.generators import pipeline_child
 
     class Unpicklable:
         def send(self, message: object) -> None:
@@ -1580,19 +1583,19 @@ def test_an_answer_the_child_cannot_send_ends_the_child(
     answers.put((("done", ([], [1], 0.5)), []))
     left, right = socket.socketpair()
     with left, right, pytest.raises(SystemExit):
-        pipeline_process._answer(cast("Connection", Unpicklable()), left, answers)
+        pipeline_child._answer(cast("Connection", Unpicklable()), left, answers)
     assert exits == [1]
     assert "cannot pickle" in capsys.readouterr().err
 
 
 def test_an_answer_mixes_pictures_png_files_and_failures() -> None:
-    from trig_stream.backends.generators import pipeline_process
+    from trig_stream.backends.generators import pipeline_child, pipeline_process
 
     picture = Image.fromarray(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
     grey = Image.new("L", (4, 1), 7)
     items = [picture, ItemError("no face"), EncodedPicture(b"\x89PNG...", 9.0), grey]
     items.append(TypeError("'str' object cannot be interpreted as an integer"))
-    portable = [pipeline_process._portable(item) for item in items]
+    portable = [pipeline_child._portable(item) for item in items]
     outcomes = [outcome for outcome, _ in portable]
     assert outcomes[2] == ("png", 7)
     outcomes = pickle.loads(pickle.dumps(outcomes))  # as they cross the pipe

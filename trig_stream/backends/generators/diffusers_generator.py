@@ -16,6 +16,10 @@ prompts and one ``torch.Generator`` per prompt, seeded with the request's seed, 
 depends on its own seed (up to rounding when its batch-mates differ). Between denoising steps
 the pipeline's step-end callback checks the run's cancel event and abandons the call.
 
+What is checked before a weight loads, and the loading itself, are in
+:mod:`~trig_stream.backends.generators.pipeline_loading`; the call's arguments in
+:mod:`~trig_stream.backends.generators.pipeline_calls`.
+
 torch and diffusers are imported in ``load`` and ``check_environment`` (with
 ``isolation = "process"``, only in child processes), never at module import.
 """
@@ -25,13 +29,9 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
-import inspect
-import json
 import logging
-import re
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trig_stream.backends.base import (
@@ -40,15 +40,23 @@ from trig_stream.backends.base import (
     Generator,
     TimedPicture,
 )
-from trig_stream.backends.generators.checkpoint_components import components_of_other_classes
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions, PipelineSpec
+from trig_stream.backends.generators.pipeline_calls import call_arguments
 from trig_stream.backends.generators.pipeline_check import check_in_child
+from trig_stream.backends.generators.pipeline_loading import (
+    LOAD_LOCK,
+    check_checkpoint_folder,
+    check_classes,
+    check_device,
+    find_pipeline_class,
+    load_pipeline,
+)
 from trig_stream.backends.generators.pipeline_process import (
     CALLS_IN_FLIGHT,
     PipelineProcess,
     thread_share,
 )
-from trig_stream.backends.generators.presets import INPUT_ARGUMENTS, INPUT_TASKS
+from trig_stream.backends.generators.presets import INPUT_TASKS
 from trig_stream.backends.generators.source_images import source_image
 from trig_stream.errors import (
     BackendError,
@@ -70,9 +78,6 @@ _CANCELLED = "cancelled"
 _STOPPED_LOADING = "the run stopped while it loaded"
 
 
-_LOAD_LOCK = threading.Lock()
-
-
 class _Cancelled(Exception):
     """Raised from the step callback to abandon a pipeline call."""
 
@@ -84,19 +89,6 @@ _Prompts = Sequence[tuple[GenerationRequest, "Image | None"]]
 class _OutOfMemory(Exception):
     """A pipeline call ran out of device memory; its message is torch's, without the
     traceback (whose frames hold the call's tensors)."""
-
-
-PIPELINE_NAMES = {"negative_prompt": "neg_prompt"}
-"""Typed options a pipeline takes under a name of its own (BLIP-Diffusion's ``neg_prompt``)."""
-
-
-def _pipeline_names(call: dict[str, Any], accepts: frozenset[str]) -> dict[str, Any]:
-    """``call`` with each of :data:`PIPELINE_NAMES` under the name the pipeline takes it by."""
-    named = dict(call)
-    for ours, theirs in PIPELINE_NAMES.items():
-        if ours in named and ours not in accepts and theirs in accepts:
-            named[theirs] = named.pop(ours)
-    return named
 
 
 class DiffusersGenerator(Generator):
@@ -224,129 +216,22 @@ class DiffusersGenerator(Generator):
             MissingExtraError: diffusers is not installed.
             FatalBackendError: something above is missing or wrong.
         """
-        self._check_checkpoint_folder()
+        check_checkpoint_folder(self.name, self.spec.checkpoint)
         if self.options.isolation == "process":
             self._torch_threads = check_in_child(self.name, self.options)
             return
-        with _LOAD_LOCK:  # diffusers resolves its classes lazily, and not thread-safely
+        with LOAD_LOCK:  # diffusers resolves its classes lazily, and not thread-safely
             try:
                 import diffusers
             except ImportError as exc:
                 raise MissingExtraError("diffusers", "diffusers") from exc
-            pipeline_class = self._pipeline_class(diffusers)
+            pipeline_class = find_pipeline_class(diffusers, self.spec.pipeline)
             self._check_classes(diffusers, pipeline_class)
 
-    def _check_checkpoint_folder(self) -> None:
-        checkpoint = Path(self.spec.checkpoint)
-        if not checkpoint.is_absolute():
-            return  # a hub id (config paths arrive resolved)
-        if not checkpoint.is_dir():
-            raise FatalBackendError(
-                f"generator {self.name!r}: checkpoint {checkpoint} is not a folder"
-            )
-        if not (checkpoint / "model_index.json").is_file():
-            raise FatalBackendError(
-                f"generator {self.name!r}: checkpoint {checkpoint} is no diffusers pipeline "
-                "folder (it has no model_index.json: one written by save_pretrained, or a "
-                "downloaded snapshot, has)"
-            )
-
     def _check_classes(self, diffusers: Any, pipeline_class: Any) -> None:
-        spec = self.spec
-        if not (
-            isinstance(pipeline_class, type)
-            and issubclass(pipeline_class, diffusers.DiffusionPipeline)
-        ):
-            raise FatalBackendError(
-                f"generator {self.name!r}: {spec.pipeline} is not a diffusers pipeline (a "
-                "DiffusionPipeline); check options.pipeline"
-            )
-        if spec.scheduler is not None:
-            scheduler = getattr(diffusers, spec.scheduler, None)
-            if not (
-                isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)
-            ):
-                raise FatalBackendError(
-                    f"generator {self.name!r}: diffusers {diffusers.__version__} has no scheduler "
-                    f"class {spec.scheduler!r}; check options.scheduler"
-                )
-        self._accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
-        self._check_call_arguments(pipeline_class)
-        checkpoint = Path(spec.checkpoint)
-        if checkpoint.is_absolute():
-            self._check_components(diffusers, checkpoint, pipeline_class)
-
-    def _check_components(self, diffusers: Any, checkpoint: Path, pipeline_class: Any) -> None:
-        # A folder of another pipeline (SD's for Flux), or with a component deleted, failed
-        # only once from_pretrained ran, after the judge had loaded, with a message that
-        # named a config.json rather than what is missing.
-        index_path = checkpoint / "model_index.json"
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise FatalBackendError(
-                f"generator {self.name!r}: cannot read {index_path}: {exc}"
-            ) from None
-        if not isinstance(index, dict):
-            raise FatalBackendError(f"generator {self.name!r}: {index_path} is not a JSON object")
-        given = set(self.spec.load)  # components passed to from_pretrained directly
-        required = [
-            name
-            for name, parameter in inspect.signature(pipeline_class.__init__).parameters.items()
-            if name != "self"
-            and parameter.default is inspect.Parameter.empty
-            and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
-        ]
-        missing = [name for name in required if name not in index and name not in given]
-        if missing:
-            made_for = index.get("_class_name", "another pipeline")
-            raise FatalBackendError(
-                f"generator {self.name!r}: checkpoint {checkpoint} has no {', '.join(missing)}, "
-                f"which {pipeline_class.__name__} needs (its model_index.json is {made_for}'s); "
-                "check options.pipeline and options.checkpoint"
-            )
-        absent = [
-            name
-            for name, entry in index.items()
-            if not name.startswith("_")
-            and name not in given
-            and isinstance(entry, list)
-            and entry[:1] != [None]
-            and not (checkpoint / name).is_dir()
-        ]
-        if absent:
-            raise FatalBackendError(
-                f"generator {self.name!r}: checkpoint {checkpoint} lacks the folder(s) "
-                f"{', '.join(n + '/' for n in absent)} its model_index.json names"
-            )
-        # Another pipeline's folder whose components have the names this one needs (Flux's
-        # for Sana) loaded, then failed every call with a tensor's shape.
-        wrong = components_of_other_classes(index, pipeline_class, given)
-        made_for = index.get("_class_name")
-        if wrong:
-            saved = f"{made_for}'s" if isinstance(made_for, str) else "another pipeline's"
-            raise FatalBackendError(
-                f"generator {self.name!r}: checkpoint {checkpoint} holds {saved} components, "
-                f"not {pipeline_class.__name__}'s: "
-                + "; ".join(
-                    f"its {name} is {found} ({pipeline_class.__name__} takes {wanted})"
-                    for name, found, wanted in wrong
-                )
-                + "; check options.pipeline and options.checkpoint"
-            )
-        saved_by = getattr(diffusers, made_for, None) if isinstance(made_for, str) else None
-        if isinstance(saved_by, type) and not (
-            issubclass(pipeline_class, saved_by) or issubclass(saved_by, pipeline_class)
-        ):
-            # The components fit, yet their shapes may not (an InstructPix2Pix UNet takes 8
-            # channels, Stable Diffusion's 4); pipelines of one family share checkpoints
-            # (an image-to-image pipeline loads a text-to-image one's), so it may work.
-            self._saved_by = (
-                f"checkpoint {checkpoint} was saved by {made_for}, not "
-                f"{pipeline_class.__name__}: if its calls fail, set options.checkpoint to one "
-                f"saved for {pipeline_class.__name__}, or options.pipeline to {made_for}"
-            )
-            logger.warning("generator %s: %s", self.name, self._saved_by)
+        self._accepts, self._saved_by = check_classes(
+            self.name, self.spec, diffusers, pipeline_class
+        )
 
     def load(self) -> None:
         """Load one pipeline per device.
@@ -360,18 +245,18 @@ class DiffusersGenerator(Generator):
             return
         # diffusers resolves its classes lazily, and that is not thread-safe: two models
         # loading at once could see a class as missing. Loads are serialised.
-        with _LOAD_LOCK:
+        with LOAD_LOCK:
             try:
                 import diffusers
                 import huggingface_hub.constants
                 import torch
             except ImportError as exc:
                 raise MissingExtraError("diffusers", "diffusers") from exc
-            pipeline_class = self._pipeline_class(diffusers)
-            self._check_checkpoint_folder()
+            pipeline_class = find_pipeline_class(diffusers, self.spec.pipeline)
+            check_checkpoint_folder(self.name, self.spec.checkpoint)
             self._check_classes(diffusers, pipeline_class)
             for device in self.devices:
-                _check_device(torch, device)
+                check_device(torch, device)
             if huggingface_hub.constants.HF_HUB_DISABLE_PROGRESS_BARS:
                 # The hub's switch (`trig-stream run` sets it): transformers follows it,
                 # diffusers' own bar ("Loading pipeline components") does not.
@@ -423,94 +308,16 @@ class DiffusersGenerator(Generator):
         for process in processes:
             process.kill_now(_STOPPED_LOADING)
 
-    def _pipeline_class(self, diffusers: Any) -> Any:
-        name = self.spec.pipeline
-        if ":" in name:
-            module_name, _, attr = name.partition(":")
-            try:
-                return getattr(importlib.import_module(module_name), attr)
-            except (ImportError, AttributeError) as exc:
-                raise FatalBackendError(f"cannot import pipeline {name!r}: {exc}") from exc
-        found = getattr(diffusers, name, None)
-        if found is None:
-            raise FatalBackendError(
-                f"diffusers {diffusers.__version__} has no pipeline class {name!r}; "
-                "check options.pipeline or upgrade diffusers"
-            )
-        return found
-
     def _load_one(self, torch: Any, diffusers: Any, pipeline_class: Any, device: str) -> Any:
-        spec = self.spec
-        dtype = getattr(torch, spec.dtype_for(device))
-        self._check_checkpoint_folder()
-        arguments: dict[str, Any] = {
-            _dtype_keyword(diffusers): dtype,
-            "local_files_only": spec.local_files_only,
-        }
-        arguments.update(spec.load)  # load wins (its dtype and local_files_only are in spec)
-        try:
-            pipe = pipeline_class.from_pretrained(spec.checkpoint, **arguments)
-        except (OSError, ValueError) as exc:
-            hint = ""
-            if Path(spec.checkpoint).is_dir():
-                hint = " (a local folder: is a component of the pipeline missing from it?)"
-            elif spec.local_files_only:
-                hint = (
-                    " (offline: the weights must already be in the Hugging Face cache, or "
-                    "checkpoint must name a local folder)"
-                )
-            raise FatalBackendError(f"cannot load {spec.checkpoint!r}{hint}: {exc}") from exc
-        if spec.scheduler is not None:
-            scheduler_class = getattr(diffusers, spec.scheduler)  # checked by _check_classes
-            pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-        if spec.ip_adapter is not None:
-            adapter = spec.ip_adapter
-            pipe.load_ip_adapter(
-                adapter.repo,
-                subfolder=adapter.subfolder or None,
-                weight_name=adapter.weight_name,
-                local_files_only=spec.local_files_only,
-            )
-            pipe.set_ip_adapter_scale(adapter.scale)
-        offload = self.options.offload
-        if offload == "model":
-            pipe.enable_model_cpu_offload(device=device)
-        elif offload == "sequential":
-            pipe.enable_sequential_cpu_offload(device=device)
-        else:
-            pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def _check_call_arguments(self, pipeline_class: Any) -> None:
-        parameters = inspect.signature(pipeline_class.__call__).parameters.values()
-        named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        inputs = self.spec.inputs
-        # A pipeline that takes these only through **kwargs (StableDiffusionPipeline takes
-        # image= so) drops them unread: its pictures came from the prompt alone, and were
-        # judged as edits of the source.
-        unnamed = [name for name in INPUT_ARGUMENTS[inputs] if name not in named]
-        if unnamed:
-            raise FatalBackendError(
-                f"generator {self.name!r}: {pipeline_class.__name__}'s call has no "
-                f"{', '.join(unnamed)} argument, which inputs = {inputs!r} passes the "
-                f"{_INPUT_PICTURE[inputs]} in (it would draw from the prompt alone); set "
-                f"options.pipeline to one whose call takes {', '.join(INPUT_ARGUMENTS[inputs])}, "
-                "or options.inputs to what this one takes"
-            )
-        called = _pipeline_names(self.spec.call, self._accepts)
-        unknown = sorted(set(called) - self._accepts - {"height", "width"})
-        if not unknown:
-            return
-        message = (
-            f"{pipeline_class.__name__} takes no argument(s) {', '.join(unknown)}; "
-            "fix options.call or the typed options"
+        return load_pipeline(
+            torch,
+            diffusers,
+            pipeline_class,
+            device,
+            name=self.name,
+            spec=self.spec,
+            offload=self.options.offload,
         )
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-            # It takes **kwargs, often only for deprecated names: it may ignore them.
-            logger.warning("generator %s: %s", self.name, message)
-            return
-        raise FatalBackendError(message)
 
     # -- generating ---------------------------------------------------------------------------
 
@@ -645,7 +452,7 @@ class DiffusersGenerator(Generator):
 
         device = worker % len(self._pipes)
         pipe = self._pipes[device]
-        kwargs = self._arguments(batch, pictures)
+        kwargs = call_arguments(self.spec, self._accepts, self._output_type, batch, pictures)
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
         kwargs.update(self._cancel_callback(worker, cancel))
         out_of_memory: str | None = None
@@ -691,32 +498,6 @@ class DiffusersGenerator(Generator):
             error = BackendError(f"pipeline returned {len(images)} images for {len(batch)} prompts")
             return [error for _ in batch]
         return images
-
-    def _arguments(
-        self, batch: Sequence[GenerationRequest], pictures: Sequence[Image | None]
-    ) -> dict[str, Any]:
-        accepts = self._accepts
-        kwargs = _pipeline_names(self.spec.call, accepts)
-        if self.spec.inputs == "edit" and "height" not in accepts:
-            kwargs.pop("height", None)
-            kwargs.pop("width", None)
-        kwargs["prompt"] = [r.sample.prompt for r in batch]
-        for key, value in kwargs.items():
-            if isinstance(value, str) and _PER_PROMPT.match(key):
-                # The pipelines want these as the prompt is given: one per prompt of the list.
-                kwargs[key] = [value] * len(batch)
-        inputs = self.spec.inputs
-        if inputs == "edit":
-            kwargs["image"] = list(pictures)
-        elif inputs == "ip_adapter":
-            kwargs["ip_adapter_image"] = pictures[0]
-        elif inputs == "subject":
-            item = batch[0].sample.item or ""
-            kwargs["reference_image"] = pictures[0]
-            kwargs["source_subject_category"] = [item]
-            kwargs["target_subject_category"] = [item]
-        kwargs["output_type"] = self._output_type
-        return kwargs
 
     def _cancel_callback(self, worker: int, cancel: threading.Event) -> dict[str, Any]:
         def stop_if_cancelled(step: int) -> None:
@@ -765,53 +546,10 @@ def _out_of_memory(torch: Any) -> type[BaseException]:
     return error
 
 
-_INPUT_PICTURE = {
-    "text": "prompt",
-    "edit": "source image",
-    "subject": "reference image and subject",
-    "ip_adapter": "reference image",
-}
-"""What each input kind's call arguments carry, for messages."""
-
-
-_PER_PROMPT = re.compile(r"^(negative_prompt|prompt)(_\d)?$")
-"""Call arguments a pipeline takes one per prompt (``negative_prompt``, SDXL's
-``prompt_2``, SD 3's ``negative_prompt_3``...), which a config gives as one text for all."""
-
-
 def _device_failure(torch: Any) -> type[BaseException] | tuple[()]:
     """torch's error for a failed device (torch >= 2.8), or nothing to catch."""
     error: type[BaseException] | tuple[()] = getattr(torch, "AcceleratorError", ())
     return error
-
-
-def _check_device(torch: Any, device: str) -> None:
-    kind, _, index = device.partition(":")
-    if kind == "cpu":
-        return
-    if kind == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        wanted = int(index or 0)
-        if wanted >= count:
-            raise FatalBackendError(
-                f"device {device!r} is not available (torch {torch.__version__} sees {count} CUDA "
-                "device(s)); set options.devices to devices that exist, e.g. devices = ['cpu']"
-            )
-        return
-    if kind == "mps":
-        if not torch.backends.mps.is_available():
-            raise FatalBackendError("device 'mps' is not available; set options.devices")
-        return
-    raise FatalBackendError(
-        f"unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps' in options.devices"
-    )
-
-
-def _dtype_keyword(diffusers: Any) -> str:
-    # diffusers renamed ``torch_dtype`` to ``dtype`` and warns about the old name.
-    from packaging.version import Version
-
-    return "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
 
 
 def _host_pixels(torch: Any, images: Any) -> Any:

@@ -28,12 +28,8 @@ import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from trig_stream.backends.generators.pipeline_process import (
-    _ending,
-    _exit_with_parent,
-    _leave_the_run_group,
-    _start_in_own_session,
-)
+from trig_stream.backends.generators.pipeline_child import _exit_with_parent, _leave_the_run_group
+from trig_stream.backends.generators.pipeline_process import _ending, _start_in_own_session
 from trig_stream.errors import FatalBackendError, MissingExtraError, TrigStreamError
 from trig_stream.pipeline import describe_error
 

@@ -1,0 +1,121 @@
+"""The arguments of a ``diffusers`` generator's pipeline calls: checked against the pipeline
+class's call before any weight loads (:func:`check_call_arguments`), and built for each
+batch (:func:`call_arguments`)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from trig_stream.backends.generators.presets import INPUT_ARGUMENTS
+from trig_stream.errors import FatalBackendError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from trig_stream.backends.base import GenerationRequest
+    from trig_stream.backends.generators.diffusers_options import PipelineSpec
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_NAMES = {"negative_prompt": "neg_prompt"}
+"""Typed options a pipeline takes under a name of its own (BLIP-Diffusion's ``neg_prompt``)."""
+
+_INPUT_PICTURE = {
+    "text": "prompt",
+    "edit": "source image",
+    "subject": "reference image and subject",
+    "ip_adapter": "reference image",
+}
+"""What each input kind's call arguments carry, for messages."""
+
+
+_PER_PROMPT = re.compile(r"^(negative_prompt|prompt)(_\d)?$")
+"""Call arguments a pipeline takes one per prompt (``negative_prompt``, SDXL's
+``prompt_2``, SD 3's ``negative_prompt_3``...), which a config gives as one text for all."""
+
+
+def pipeline_names(call: dict[str, Any], accepts: frozenset[str]) -> dict[str, Any]:
+    """``call`` with each of :data:`PIPELINE_NAMES` under the name the pipeline takes it by."""
+    named = dict(call)
+    for ours, theirs in PIPELINE_NAMES.items():
+        if ours in named and ours not in accepts and theirs in accepts:
+            named[theirs] = named.pop(ours)
+    return named
+
+
+def check_call_arguments(
+    name: str, spec: PipelineSpec, pipeline_class: Any, accepts: frozenset[str]
+) -> None:
+    """Check that the pipeline's call names the arguments ``spec.inputs`` passes, and
+    takes those of ``spec.call`` (of which ``accepts`` names those it takes).
+
+    Raises:
+        FatalBackendError: it does not (an unknown call argument is only warned about when
+            the call takes ``**kwargs``).
+    """
+    parameters = inspect.signature(pipeline_class.__call__).parameters.values()
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    inputs = spec.inputs
+    # A pipeline that takes these only through **kwargs (StableDiffusionPipeline takes
+    # image= so) drops them unread: its pictures came from the prompt alone, and were
+    # judged as edits of the source.
+    unnamed = [argument for argument in INPUT_ARGUMENTS[inputs] if argument not in named]
+    if unnamed:
+        raise FatalBackendError(
+            f"generator {name!r}: {pipeline_class.__name__}'s call has no "
+            f"{', '.join(unnamed)} argument, which inputs = {inputs!r} passes the "
+            f"{_INPUT_PICTURE[inputs]} in (it would draw from the prompt alone); set "
+            f"options.pipeline to one whose call takes {', '.join(INPUT_ARGUMENTS[inputs])}, "
+            "or options.inputs to what this one takes"
+        )
+    called = pipeline_names(spec.call, accepts)
+    unknown = sorted(set(called) - accepts - {"height", "width"})
+    if not unknown:
+        return
+    message = (
+        f"{pipeline_class.__name__} takes no argument(s) {', '.join(unknown)}; "
+        "fix options.call or the typed options"
+    )
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        # It takes **kwargs, often only for deprecated names: it may ignore them.
+        logger.warning("generator %s: %s", name, message)
+        return
+    raise FatalBackendError(message)
+
+
+def call_arguments(
+    spec: PipelineSpec,
+    accepts: frozenset[str],
+    output_type: str,
+    batch: Sequence[GenerationRequest],
+    pictures: Sequence[Image | None],
+) -> dict[str, Any]:
+    """The arguments of the pipeline call that makes ``batch``, each request with its
+    source or reference picture in ``pictures`` (but the seeded generators and the step
+    callback): ``spec``'s call arguments under the names the pipeline ``accepts``, the
+    prompts, and the pictures under the names ``spec.inputs`` passes them by."""
+    kwargs = pipeline_names(spec.call, accepts)
+    if spec.inputs == "edit" and "height" not in accepts:
+        kwargs.pop("height", None)
+        kwargs.pop("width", None)
+    kwargs["prompt"] = [r.sample.prompt for r in batch]
+    for key, value in kwargs.items():
+        if isinstance(value, str) and _PER_PROMPT.match(key):
+            # The pipelines want these as the prompt is given: one per prompt of the list.
+            kwargs[key] = [value] * len(batch)
+    inputs = spec.inputs
+    if inputs == "edit":
+        kwargs["image"] = list(pictures)
+    elif inputs == "ip_adapter":
+        kwargs["ip_adapter_image"] = pictures[0]
+    elif inputs == "subject":
+        item = batch[0].sample.item or ""
+        kwargs["reference_image"] = pictures[0]
+        kwargs["source_subject_category"] = [item]
+        kwargs["target_subject_category"] = [item]
+    kwargs["output_type"] = output_type
+    return kwargs

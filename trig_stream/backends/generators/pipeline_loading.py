@@ -1,0 +1,281 @@
+"""Finding, checking and loading the pipeline of a ``diffusers`` generator.
+
+:class:`~trig_stream.backends.generators.diffusers_generator.DiffusersGenerator` checks, before
+it loads a weight, what its load and calls need (:func:`check_checkpoint_folder`,
+:func:`find_pipeline_class`, :func:`check_classes`), and loads one pipeline per device with
+:func:`load_pipeline`. Each function takes the modules it uses (``torch``, ``diffusers``) from
+its caller, which imports them: importing this module imports neither.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from trig_stream.backends.generators.checkpoint_components import components_of_other_classes
+from trig_stream.backends.generators.diffusers_options import Offload, PipelineSpec
+from trig_stream.backends.generators.pipeline_calls import check_call_arguments
+from trig_stream.errors import FatalBackendError
+
+logger = logging.getLogger(__name__)
+
+LOAD_LOCK = threading.Lock()
+"""Held while diffusers resolves classes: it does so lazily, and not thread-safely (two
+models loading at once could see a class as missing)."""
+
+
+class CheckedClasses(NamedTuple):
+    """What :func:`check_classes` found out about a pipeline class."""
+
+    accepts: frozenset[str]
+    """The names its call takes."""
+    saved_by: str | None
+    """Which other pipeline class saved the checkpoint, when it is not this one's kin: a hint
+    the failure of each call carries."""
+
+
+def check_checkpoint_folder(name: str, checkpoint_name: str) -> None:
+    """Check that a checkpoint given as a folder is one that holds a pipeline.
+
+    Raises:
+        FatalBackendError: it is no folder, or has no ``model_index.json``.
+    """
+    checkpoint = Path(checkpoint_name)
+    if not checkpoint.is_absolute():
+        return  # a hub id (config paths arrive resolved)
+    if not checkpoint.is_dir():
+        raise FatalBackendError(f"generator {name!r}: checkpoint {checkpoint} is not a folder")
+    if not (checkpoint / "model_index.json").is_file():
+        raise FatalBackendError(
+            f"generator {name!r}: checkpoint {checkpoint} is no diffusers pipeline "
+            "folder (it has no model_index.json: one written by save_pretrained, or a "
+            "downloaded snapshot, has)"
+        )
+
+
+def find_pipeline_class(diffusers: Any, name: str) -> Any:
+    """The pipeline class ``name`` (a diffusers class, or ``module:attribute``).
+
+    Raises:
+        FatalBackendError: there is none of that name.
+    """
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise FatalBackendError(f"cannot import pipeline {name!r}: {exc}") from exc
+    found = getattr(diffusers, name, None)
+    if found is None:
+        raise FatalBackendError(
+            f"diffusers {diffusers.__version__} has no pipeline class {name!r}; "
+            "check options.pipeline or upgrade diffusers"
+        )
+    return found
+
+
+def check_classes(
+    name: str, spec: PipelineSpec, diffusers: Any, pipeline_class: Any
+) -> CheckedClasses:
+    """Check the pipeline and scheduler classes, the call's arguments, and a checkpoint
+    folder's components, against the installed diffusers.
+
+    Raises:
+        FatalBackendError: something is missing or wrong.
+    """
+    if not (
+        isinstance(pipeline_class, type) and issubclass(pipeline_class, diffusers.DiffusionPipeline)
+    ):
+        raise FatalBackendError(
+            f"generator {name!r}: {spec.pipeline} is not a diffusers pipeline (a "
+            "DiffusionPipeline); check options.pipeline"
+        )
+    if spec.scheduler is not None:
+        scheduler = getattr(diffusers, spec.scheduler, None)
+        if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
+            raise FatalBackendError(
+                f"generator {name!r}: diffusers {diffusers.__version__} has no scheduler "
+                f"class {spec.scheduler!r}; check options.scheduler"
+            )
+    accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
+    check_call_arguments(name, spec, pipeline_class, accepts)
+    checkpoint = Path(spec.checkpoint)
+    saved_by = None
+    if checkpoint.is_absolute():
+        saved_by = _check_components(name, spec, diffusers, checkpoint, pipeline_class)
+    return CheckedClasses(accepts, saved_by)
+
+
+def _check_components(
+    name: str, spec: PipelineSpec, diffusers: Any, checkpoint: Path, pipeline_class: Any
+) -> str | None:
+    """Check the folder's components; says which other pipeline class saved it, when one
+    not of this one's kin did (see :attr:`CheckedClasses.saved_by`)."""
+    # A folder of another pipeline (SD's for Flux), or with a component deleted, failed
+    # only once from_pretrained ran, after the judge had loaded, with a message that
+    # named a config.json rather than what is missing.
+    index_path = checkpoint / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FatalBackendError(f"generator {name!r}: cannot read {index_path}: {exc}") from None
+    if not isinstance(index, dict):
+        raise FatalBackendError(f"generator {name!r}: {index_path} is not a JSON object")
+    given = set(spec.load)  # components passed to from_pretrained directly
+    required = [
+        component
+        for component, parameter in inspect.signature(pipeline_class.__init__).parameters.items()
+        if component != "self"
+        and parameter.default is inspect.Parameter.empty
+        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    ]
+    missing = [
+        component for component in required if component not in index and component not in given
+    ]
+    if missing:
+        made_for = index.get("_class_name", "another pipeline")
+        raise FatalBackendError(
+            f"generator {name!r}: checkpoint {checkpoint} has no {', '.join(missing)}, "
+            f"which {pipeline_class.__name__} needs (its model_index.json is {made_for}'s); "
+            "check options.pipeline and options.checkpoint"
+        )
+    absent = [
+        component
+        for component, entry in index.items()
+        if not component.startswith("_")
+        and component not in given
+        and isinstance(entry, list)
+        and entry[:1] != [None]
+        and not (checkpoint / component).is_dir()
+    ]
+    if absent:
+        raise FatalBackendError(
+            f"generator {name!r}: checkpoint {checkpoint} lacks the folder(s) "
+            f"{', '.join(n + '/' for n in absent)} its model_index.json names"
+        )
+    # Another pipeline's folder whose components have the names this one needs (Flux's
+    # for Sana) loaded, then failed every call with a tensor's shape.
+    wrong = components_of_other_classes(index, pipeline_class, given)
+    made_for = index.get("_class_name")
+    if wrong:
+        saved = f"{made_for}'s" if isinstance(made_for, str) else "another pipeline's"
+        raise FatalBackendError(
+            f"generator {name!r}: checkpoint {checkpoint} holds {saved} components, "
+            f"not {pipeline_class.__name__}'s: "
+            + "; ".join(
+                f"its {component} is {found} ({pipeline_class.__name__} takes {wanted})"
+                for component, found, wanted in wrong
+            )
+            + "; check options.pipeline and options.checkpoint"
+        )
+    saved_by = getattr(diffusers, made_for, None) if isinstance(made_for, str) else None
+    if isinstance(saved_by, type) and not (
+        issubclass(pipeline_class, saved_by) or issubclass(saved_by, pipeline_class)
+    ):
+        # The components fit, yet their shapes may not (an InstructPix2Pix UNet takes 8
+        # channels, Stable Diffusion's 4); pipelines of one family share checkpoints
+        # (an image-to-image pipeline loads a text-to-image one's), so it may work.
+        hint = (
+            f"checkpoint {checkpoint} was saved by {made_for}, not "
+            f"{pipeline_class.__name__}: if its calls fail, set options.checkpoint to one "
+            f"saved for {pipeline_class.__name__}, or options.pipeline to {made_for}"
+        )
+        logger.warning("generator %s: %s", name, hint)
+        return hint
+    return None
+
+
+def check_device(torch: Any, device: str) -> None:
+    """Check that ``device`` exists on this machine.
+
+    Raises:
+        FatalBackendError: it does not, or is of no kind torch knows.
+    """
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        wanted = int(index or 0)
+        if wanted >= count:
+            raise FatalBackendError(
+                f"device {device!r} is not available (torch {torch.__version__} sees {count} CUDA "
+                "device(s)); set options.devices to devices that exist, e.g. devices = ['cpu']"
+            )
+        return
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise FatalBackendError("device 'mps' is not available; set options.devices")
+        return
+    raise FatalBackendError(
+        f"unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps' in options.devices"
+    )
+
+
+def load_pipeline(
+    torch: Any,
+    diffusers: Any,
+    pipeline_class: Any,
+    device: str,
+    *,
+    name: str,
+    spec: PipelineSpec,
+    offload: Offload,
+) -> Any:
+    """Load ``spec``'s pipeline onto ``device``, its scheduler and IP-Adapter set as the
+    spec says, offloaded as ``offload`` says, and without progress bars.
+
+    Raises:
+        FatalBackendError: the pipeline cannot be loaded.
+    """
+    dtype = getattr(torch, spec.dtype_for(device))
+    check_checkpoint_folder(name, spec.checkpoint)
+    arguments: dict[str, Any] = {
+        _dtype_keyword(diffusers): dtype,
+        "local_files_only": spec.local_files_only,
+    }
+    arguments.update(spec.load)  # load wins (its dtype and local_files_only are in spec)
+    try:
+        pipe = pipeline_class.from_pretrained(spec.checkpoint, **arguments)
+    except (OSError, ValueError) as exc:
+        hint = ""
+        if Path(spec.checkpoint).is_dir():
+            hint = " (a local folder: is a component of the pipeline missing from it?)"
+        elif spec.local_files_only:
+            hint = (
+                " (offline: the weights must already be in the Hugging Face cache, or "
+                "checkpoint must name a local folder)"
+            )
+        raise FatalBackendError(f"cannot load {spec.checkpoint!r}{hint}: {exc}") from exc
+    if spec.scheduler is not None:
+        scheduler_class = getattr(diffusers, spec.scheduler)  # checked by check_classes
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if spec.ip_adapter is not None:
+        adapter = spec.ip_adapter
+        pipe.load_ip_adapter(
+            adapter.repo,
+            subfolder=adapter.subfolder or None,
+            weight_name=adapter.weight_name,
+            local_files_only=spec.local_files_only,
+        )
+        pipe.set_ip_adapter_scale(adapter.scale)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _dtype_keyword(diffusers: Any) -> str:
+    # diffusers renamed ``torch_dtype`` to ``dtype`` and warns about the old name.
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
