@@ -223,3 +223,13 @@ def test_status_never_cuts_a_name_short(tmp_path: Path, capsys: pytest.CaptureFi
     assert "…" not in out, out
     for name in names:  # its counts, and its means: one line each
         assert sum(f" {name} " in line for line in out.splitlines()) >= 2, out
+
+
+def test_an_error_message_never_sends_its_control_characters_to_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An exception's text may quote what came from outside (a file name, a server's body).
+    assert main(["validate", str(tmp_path / "x\x1b[2J\x9by.toml")]) != EXIT_OK
+    err = capsys.readouterr().err
+    assert "x\\x1b[2J\\x9by.toml" in err
+    assert "\x1b" not in err and "\x9b" not in err

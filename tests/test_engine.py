@@ -810,6 +810,33 @@ async def test_an_image_the_judge_cannot_prepare_fails_alone(make_config: Config
     assert sum(j.status == "ok" for j in results) == 20
 
 
+class _TerminalCommandsInErrors(FakeJudge):
+    """A judge whose every failure reason carries terminal commands, as a server's body may."""
+
+    REASON = "bad image \x1b]0;PWNED\x07\x1b[2J\x9b31m x"
+
+    def prepare(self, path: Path) -> PreparedImage:
+        raise ItemError(self.REASON)
+
+
+async def test_control_characters_in_a_reason_are_kept_escaped_never_sent_to_a_terminal(
+    make_config: ConfigFactory,
+) -> None:
+    # A server's error body is shown on the dashboard and by `watch`: an ESC sequence in it
+    # would clear the screen or retitle the window. It is stored (and so shown) escaped.
+    config = make_config(samples=2)
+    results = await run_to_end(config, judges=[_TerminalCommandsInErrors()])
+    errors = [j.error for j in results]
+    assert len(errors) == 4
+    assert all(
+        e is not None and e.endswith("bad image \\x1b]0;PWNED\\x07\\x1b[2J\\x9b31m x")
+        for e in errors
+    )
+    journal = (config.run_dir / JOURNAL).read_bytes()
+    assert b"\x1b" not in journal and b"\\u001b" not in journal and b"\\u009b" not in journal
+    assert [j.error for j in read_journal(config.run_dir / JOURNAL)] == errors
+
+
 class _NonFiniteAnswers(FakeJudge):
     """Answers with infinities, NaN and probabilities above 1 for the first samples, as a
     numerically broken judge model would."""

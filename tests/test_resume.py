@@ -27,7 +27,14 @@ from trig_stream.backends.base import GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
 from trig_stream.files import write_atomic_many
-from trig_stream.journal import JOURNAL, Journal, JournalState, read_journal
+from trig_stream.journal import (
+    JOURNAL,
+    Journal,
+    JournalState,
+    line_problem,
+    parse_journal_line,
+    read_journal,
+)
 from trig_stream.locks import LOCK
 from trig_stream.moves import Move
 from trig_stream.persisting import PersistStage
@@ -1150,3 +1157,13 @@ def test_a_journal_deleted_during_the_run_stops_it(tmp_path: Path) -> None:
             journal.append([digest_record("ok", "IQ-R_IQ-O_2")])
     finally:
         journal.close()
+
+
+def test_a_damaged_journal_line_is_described_without_its_control_characters() -> None:
+    # `status` and `watch` quote what is wrong with a line, its names included.
+    line = json.loads(digest_record("ok", "IQ-R_IQ-O_1").model_dump_json())
+    line["model"] = "\x1b]0;PWNED\x07"
+    with pytest.raises(ValueError, match="not a safe file name") as raised:
+        parse_journal_line((json.dumps(line) + "\n").encode())
+    problem = line_problem(raised.value)
+    assert "PWNED" in problem and "\x1b" not in problem and "\x07" not in problem

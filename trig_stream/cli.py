@@ -30,6 +30,7 @@ from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.inspect_commands import status_command, validate_command
+from trig_stream.records import printable
 from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
 from trig_stream.terminal import CommandConsole
 
@@ -79,13 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.handler(args, console)
         return result
     except (ConfigError, AnalysisError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
         return EXIT_CONFIG
     except RunDirError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
         return EXIT_RUN_DIR
     except TrigStreamError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
         return EXIT_FATAL
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -252,7 +253,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     stop_report = threading.Event()
     _note_stop_signals(stop_report)
     for note in engine.stats().notes:
-        console.print(f"note: {note}", highlight=False, markup=False)
+        console.print(f"note: {printable(note)}", highlight=False, markup=False)
     summary = engine.summary()
     if not engine.run_dir_opened:
         # Stopped while the backends opened: the directory named would be another run's
@@ -377,7 +378,7 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
             )
             return False
         except AnalysisError as exc:  # e.g. nothing scored: the run itself still succeeded
-            console.print(f"no report: {exc}", highlight=False, markup=False)
+            console.print(f"no report: {printable(str(exc))}", highlight=False, markup=False)
             return True
         except TrigStreamError as exc:  # the run dir became unreadable (deleted, say)
             console.print(

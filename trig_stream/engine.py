@@ -62,7 +62,7 @@ from trig_stream.preflight import (
     release_backends,
     run_manifest,
 )
-from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.records import JudgeFingerprint, Judgement, printable
 from trig_stream.retry import RetryPolicy
 from trig_stream.sourcing import SourceStage
 from trig_stream.stats import (
@@ -230,7 +230,7 @@ class Engine:
             generation_latency=latency(c.generation_latencies),
             judge_latency=latency(c.judge_latencies),
             last_errors=tuple(c.last_errors),
-            notes=tuple(c.notes),
+            notes=tuple(printable(note) for note in c.notes),  # exceptions' texts among them
             opening=self._opening_now if self._state == "starting" else None,
         )
 

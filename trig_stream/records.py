@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeAlias, TypeGuard
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from trig_stream.dimensions import Dimension, Task, pair_holds, split_pair
 from trig_stream.hashing import sample_digest
@@ -78,6 +78,27 @@ def storable_text(text: str) -> str:
     if text.isascii():  # almost all text, and a check that costs nothing
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""C0 controls but tab and newline, DEL and the C1 controls (a lone 0x9b starts a sequence in
+some terminals, as ESC [ does)."""
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character but tab and newline written as ``\\xNN``.
+
+    Text from outside (a server's error body, an exception, a hand-edited journal) reaches a
+    terminal: an ESC sequence in a judge server's error reply would clear the screen, retitle
+    the window or swallow what follows. The reasons records keep, and the messages the command
+    prints of exceptions, pass through here, so what is shown is text, never a command.
+    """
+    return _CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
+Reason: TypeAlias = Annotated[str, AfterValidator(printable)]
+"""Why something failed, as told from outside (a server, an exception, a hand edit): kept
+with its control characters escaped, so showing it never commands a terminal."""
 
 
 def is_finite_number(value: object) -> TypeGuard[int | float]:
@@ -142,7 +163,7 @@ class PromptRewrite(_Record):
     status: Literal["rewritten", "fallback"]
     relation: int
     prompt: str
-    error: str | None = None
+    error: Reason | None = None
 
 
 class GeneratedImage(_Record):
@@ -194,7 +215,7 @@ class Judgement(_Record):
     seed: int | None = None
     latency_s: float = 0.0
     attempts: int = 0
-    error: str | None = None
+    error: Reason | None = None
     error_stage: Stage | None = None
     prompt_rewrite: PromptRewrite | None = None
     """Set when the generator rewrote the prompt (DTM rewriting)."""
@@ -226,7 +247,7 @@ class QuarantinedRecord(_Record):
     index: int
     """Position of the record in the dataset (0-based)."""
     data_id: str | None
-    reason: str
+    reason: Reason
     record: dict[str, Any]
     """The record as read, with bytes at any depth (embedded images) replaced by a note of
     their size and nesting past 16 levels cut to the start of its text."""
