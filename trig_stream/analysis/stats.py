@@ -274,21 +274,38 @@ class Dominance:
         return math.inf if low == 0 else max(self.above, self.below) / low
 
 
-def dominance(x: FloatArray, y: FloatArray) -> Dominance:
-    """Count points above and on-or-below the least-squares line of Y on X.
+@dataclass(frozen=True, slots=True)
+class FittedLine:
+    """A least-squares line of Y on X, through the means: ``y = mean_y + slope (x - mean_x)``."""
 
-    When every X is the same the line is undefined; it is then taken as the horizontal line
-    at the mean of Y. A point counts as above only when it is above the line by more than
-    the fit's rounding (:data:`ON_THE_LINE`): a point the line goes through, such as every
-    point of a constant Y whose mean is not exact in floating point, is on it.
-    """
+    slope: float
+    mean_x: float
+    mean_y: float
+
+    def at(self, x: FloatArray) -> FloatArray:
+        """The line's Y at each X."""
+        return self.mean_y + self.slope * (x - self.mean_x)
+
+
+def fitted_line(x: FloatArray, y: FloatArray) -> FittedLine:
+    """The least-squares line of Y on X; the horizontal line at the mean of Y when every X is
+    the same (the slope is then undefined). :func:`dominance` splits points around it."""
     mean_x = float(x.mean())
     mean_y = float(y.mean())
     dx = x - mean_x
     sxx = float(dx @ dx)
     slope = float(dx @ (y - mean_y)) / sxx if sxx > 0.0 and not _constant(x) else 0.0
-    fitted = mean_y + slope * dx
-    residuals = y - fitted
+    return FittedLine(slope, mean_x, mean_y)
+
+
+def dominance(x: FloatArray, y: FloatArray) -> Dominance:
+    """Count points above and on-or-below the least-squares line of Y on X (:func:`fitted_line`).
+
+    A point counts as above only when it is above the line by more than the fit's rounding
+    (:data:`ON_THE_LINE`): a point the line goes through, such as every point of a constant
+    Y whose mean is not exact in floating point, is on it.
+    """
+    residuals = y - fitted_line(x, y).at(x)
     above = int(np.count_nonzero(residuals > ON_THE_LINE))
     on_line = int(np.count_nonzero(np.abs(residuals) <= ON_THE_LINE))
     return Dominance(above=above, below=x.shape[0] - above, on_line=on_line)
