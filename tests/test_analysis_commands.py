@@ -865,7 +865,10 @@ def test_the_scatter_draws_the_line_that_decides_dominance(
 
     monkeypatch.setattr(plots_module, "_figure", kept)
     plots_module.plot_scatter_grid(analysis, tmp_path / "scatter.png")
-    drawn = {line.get_label(): line.get_ydata() for line in figures[0].axes[0].get_lines()}
+    drawn = {
+        line.get_label(): np.asarray(line.get_ydata(), dtype=np.float64).tolist()
+        for line in figures[0].axes[0].get_lines()
+    }
     decides = drawn["trade-off zone fit (decides dominance)"]
     assert decides == pytest.approx([0.6, 0.6])  # the zone's mean Y: a flat line
     everything = drawn["all points fit"]
