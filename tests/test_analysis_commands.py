@@ -20,7 +20,7 @@ from rich.console import Console
 
 from tests.conftest import ConfigFactory
 from tests.test_engine import run_to_end
-from trig_stream.analysis import AnalysisError
+from trig_stream.analysis import AnalysisError, analyse_judgements
 from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
@@ -843,3 +843,34 @@ def test_analyze_names_what_is_wrong_with_a_prompts_dataset(tmp_path: Path) -> N
     lines.with_suffix(".json").write_text(lines.read_text())  # JSON Lines named .json
     with pytest.raises(AnalysisError, match="JSON Lines, one record per line"):
         run_command(*analyze, str(lines.with_suffix(".json")))
+
+
+def test_the_scatter_draws_the_line_that_decides_dominance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rule 3 and the insight split the trade-off zone's points around that zone's own line;
+    # the scatter drew np.polyfit over every point, synergy zone included: another line.
+    from matplotlib.figure import Figure
+
+    from tests.test_analysis_relations import ABOVE, judgements_for
+
+    x, y = ABOVE[0] + [0.95] * 4, ABOVE[1] + [0.9, 0.95, 0.9, 0.95]
+    analysis = analyse_judgements(judgements_for("IQ-R_TA-C", x, y))[("m", "trigscore")]
+    assert analysis.pairs[0].code == -2  # 8 of the zone's 10 points above its flat line
+    figures: list[Figure] = []
+    figure = plots_module._figure
+
+    def kept(width: float, height: float) -> Figure:
+        figures.append(figure(width, height))
+        return figures[-1]
+
+    monkeypatch.setattr(plots_module, "_figure", kept)
+    plots_module.plot_scatter_grid(analysis, tmp_path / "scatter.png")
+    drawn = {
+        line.get_label(): np.asarray(line.get_ydata(), dtype=np.float64).tolist()
+        for line in figures[0].axes[0].get_lines()
+    }
+    decides = drawn["trade-off zone fit (decides dominance)"]
+    assert decides == pytest.approx([0.6, 0.6])  # the zone's mean Y: a flat line
+    everything = drawn["all points fit"]
+    assert everything[1] - everything[0] > 0.1  # the synergy points tilt the other one

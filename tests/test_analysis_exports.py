@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from tests.test_analysis_relations import ABOVE, BELOW, judgements_for
+from tests.test_analysis_relations import ABOVE, BELOW, TRADEOFF, UNDEFINED, judgements_for
 from trig_stream.analysis import analyse_judgements
 from trig_stream.analysis.compare import compare, comparison_markdown
 from trig_stream.analysis.exports import (
     PARQUET_SCHEMA,
     evaluation_result,
     formatted_scores,
+    insight,
     read_judgements_parquet,
     relationship_codes_csv,
     result_document,
@@ -236,3 +238,23 @@ def test_a_dominance_insight_says_where_the_points_lie(
     found = texts[("IQ-R", "TA-C")]
     assert found["type"] == "dominance"
     assert insight in found["description"]
+
+
+@pytest.mark.parametrize(
+    ("scores", "correlation", "shown"),
+    [
+        (TRADEOFF, 0.5996, "their spearman_corr is 0.5996, below 0.6, over 5 images."),
+        (TRADEOFF, 0.5999999999999999, "is 0.5999999999999999, below 0.6,"),
+        (TRADEOFF, 0.2, "their spearman_corr is 0.200, below 0.6, over 5 images."),
+        (UNDEFINED, 0.6, "no clear relation over 5 images (spearman_corr 0.600)."),
+        (UNDEFINED, 0.60004, "no clear relation over 5 images (spearman_corr 0.60004)."),
+    ],
+)
+def test_an_insight_shows_the_digits_that_set_a_correlation_apart_from_the_threshold(
+    scores: tuple[list[float], list[float]], correlation: float, shown: str
+) -> None:
+    # 0.5996 was written "0.600, below 0.6".
+    analysis = analyse_judgements(judgements_for("IQ-R_TA-C", *scores))[("m", "trigscore")]
+    pair = dataclasses.replace(analysis.pairs[0], correlation=correlation)
+    analysis = dataclasses.replace(analysis, pairs=(pair,))
+    assert shown in insight(analysis, "IQ-R", "TA-C")["description"]

@@ -16,6 +16,7 @@ from trig_stream.analysis.stats import (
     fisher_interval,
     pareto_f,
     pearson_corr,
+    rank_correlation,
     spearman_corr,
 )
 from trig_stream.config import RelationSection
@@ -179,6 +180,53 @@ def test_pearson_of_tiny_scores_is_that_of_the_same_scores_scaled() -> None:
     assert pearson_corr(a * 1e-100, b * 1e-100) == pytest.approx(pearson_corr(a, b))
     assert pearson_corr(a * 1e-300, b) == pytest.approx(pearson_corr(a, b))
     assert pearson_corr(a, b) == pytest.approx(scipy_stats.pearsonr(a, b).statistic)
+
+
+def test_a_spearman_exactly_at_tradeoff_corr_is_not_a_tradeoff() -> None:
+    # Four images, one swap of ranks: rho_s = 1 - 6 * 2 / 60 = 0.8 exactly. Pearson's
+    # formula over float ranks gave 0.7999999999999999, "below 0.8": a trade-off (code 1).
+    x, y = [0.55, 0.6, 0.65, 0.7], [0.55, 0.6, 0.7, 0.65]
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection(tradeoff_corr=0.8))
+    assert (stats.correlation, stats.code) == (0.8, -1)
+    # Two swaps: 0.6 exactly, whose float (0.59999999999999998) is below the decimal 0.6.
+    x, y = [0.55, 0.6, 0.65, 0.7], [0.6, 0.55, 0.7, 0.65]
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection(tradeoff_corr=0.6))
+    assert (stats.correlation, stats.code) == (0.6, -1)
+    # Mirrored: -0.6 is not below -0.6, and just above the threshold is not below it either.
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y[::-1]), RelationSection(tradeoff_corr=-0.6))
+    assert (stats.correlation, stats.code) == (-0.6, -1)
+    section = RelationSection(tradeoff_corr=0.6000000000000001)
+    assert analyse_pair(columns("IQ-R_TA-C", x, y), section)[0].code == 1
+
+
+def test_rank_correlation_compares_irrational_values_exactly() -> None:
+    # Ties make the denominator irrational: 3 / sqrt(10) = 0.94868329805051379960...
+    exact = rank_correlation(np.array([1.0, 2.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0]))
+    assert exact is not None and exact.value == 3 / math.sqrt(10)
+    assert exact.below(0.9486832980505138) and not exact.below(0.9486832980505137)
+    assert not exact.below(-1.0) and exact.below(1.0)
+    assert rank_correlation(np.array([1.0, 1.0]), np.array([1.0, 2.0])) is None
+
+
+def test_the_order_of_the_judgements_does_not_change_a_correlation() -> None:
+    # Six images, rho_s = 1 / 5 exactly: one order gave 0.19999999999999998 (code 1), another
+    # 0.20000000000000004 (code -1), so a resumed run's live DTM and the report disagreed.
+    perm = (0, 4, 3, 2, 5, 1)
+    x = [0.55 + 0.03 * i for i in range(6)]
+    y = [0.55 + 0.03 * perm[i] for i in range(6)]
+    section = RelationSection(tradeoff_corr=0.2)
+    rng = np.random.default_rng(5)
+    orders = [list(range(6))] + [rng.permutation(6).tolist() for _ in range(30)]
+    seen = {
+        analyse_pair(columns("IQ-R_TA-C", [x[i] for i in o], [y[i] for i in o]), section)[0].code
+        for o in orders
+    }
+    assert seen == {-1}
+    assert spearman_corr(np.array(x), np.array(y)) == 0.2
+    # Pearson over float scores is not exact, but the same points give the same bits.
+    a, b = rng.random(500), rng.random(500)
+    values = {pearson_corr(a[o], b[o]) for o in (rng.permutation(500) for _ in range(30))}
+    assert values == {pearson_corr(a, b)}
 
 
 def test_pareto_f_by_hand() -> None:

@@ -855,6 +855,8 @@ class _NonFiniteAnswers(FakeJudge):
             return JudgeReply(top_logprobs=[("good", 5.0), ("bad", 5.0)])
         if sample == 5:
             return JudgeReply(top_logprobs=[("good", -1.0), ("bad", math.inf)])
+        if sample == 6:  # how the OpenAI protocol writes a probability of 0 (no -inf in JSON)
+            return JudgeReply(top_logprobs=[("good", -0.1), ("poor", -9999.0), ("bad", -1e5)])
         return await super().judge(request)
 
 
@@ -865,16 +867,16 @@ async def test_non_finite_answers_never_make_an_unreadable_journal_line(
     # JSON has no NaN or infinities: pydantic would write them as null, which no judgement
     # reads back, and every later line would drop out of the report. A probability above 1
     # is no score either, and must not end the run.
-    config = make_config(samples=7)
+    config = make_config(samples=8)
     results = await run_to_end(config, judges=[_NonFiniteAnswers(scorer=scorer)])
     stored = list(read_journal(config.run_dir / JOURNAL))
-    assert len(stored) == len(results) == 14
+    assert len(stored) == len(results) == 16
     sample = {f"{pair}_{n // 4 + 1}": n for n, pair in enumerate(PAIRS * 2)}  # write_prompts'
     impossible = (
         "the judge's answer has an impossible logprob ({}; NaN, +inf or a probability above 1)"
     )
     for j in results:
-        if sample[j.data_id] == 0:
+        if sample[j.data_id] in (0, 6):  # at or below -9999.0 is left out, as -inf is
             assert j.status == "ok" and j.top_logprobs == [("good", -0.1)] and j.score == 0.75
         elif sample[j.data_id] == 1:
             assert j.status == "error" and j.score is None

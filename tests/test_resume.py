@@ -1020,6 +1020,34 @@ async def test_live_analysis_equals_the_batch_one_when_new_judgements_land_first
     assert live == batch[("synth", "trigscore")]
 
 
+async def test_live_analysis_after_retry_errors_equals_the_batch_one_of_the_journal(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # A --retry-errors run left every earlier ``error`` line out of the live analysis, those
+    # it did not ask again too (here: the pairs its dataset no longer selects): their images
+    # vanished from the excluded counts, and a pair of errors only from the analysis.
+    failing = make_config(
+        samples=24,
+        judges=[{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.5}}],
+    )
+    await run_to_end(failing)
+    one_pair = make_config(dataset={"path": str(tmp_path / "prompts.json"), "pairs": ["IQ-R_TA-C"]})
+    judge = FakeJudge(options=FakeJudgeOptions())
+    async with Engine(one_pair, judges=[judge], retry_errors=True) as engine:
+        await engine.drain()
+        live = engine.relations.snapshot()
+    assert judge.requests > 0
+    from trig_stream.analysis import analyse_judgements
+
+    batch = analyse_judgements(read_journal(one_pair.run_dir / JOURNAL))
+    assert live == batch
+    analysis = batch[("synth", "trigscore")]
+    kept_errors = [p for p in analysis.pairs if p.pair != "IQ-R_TA-C" and p.excluded > 0]
+    assert kept_errors  # errors not asked again stay in the analysis, as excluded images
+    retried = analysis.pair("IQ-R_TA-C")
+    assert retried is not None and retried.excluded == 0
+
+
 async def test_partial_image_files_left_by_a_crash_are_removed(make_config: ConfigFactory) -> None:
     config = make_config(samples=2)
     await run_to_end(config)

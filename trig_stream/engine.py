@@ -507,7 +507,6 @@ class Engine:
                 context,
                 self._journal_state,
                 self.relations,
-                retry_errors=self._retry_errors,
                 finished=self._finish,
             )
             with self._work:

@@ -48,7 +48,12 @@ from trig_stream.pipeline import (
 )
 from trig_stream.records import Judgement, Status, TopLogprobs
 from trig_stream.retry import RetryPolicy
-from trig_stream.scoring import LOGPROB_TOLERANCE, broken_logprob, score_top_logprobs
+from trig_stream.scoring import (
+    LOGPROB_TOLERANCE,
+    ZERO_PROBABILITY_LOGPROB,
+    broken_logprob,
+    score_top_logprobs,
+)
 
 UNSCORABLE_TO_NOTE = 16
 """Unscorable answers of a judge that scored none, from which the run ends with a note."""
@@ -383,19 +388,27 @@ def _storable_entries(top: TopLogprobs) -> tuple[TopLogprobs, tuple[str, float] 
 
     A journal line must read back: JSON has no infinities or NaN, and pydantic would write
     them as null, which no judgement validates against. A -inf logprob is a probability of
-    0 and counts for nothing in either scorer, so it is dropped. NaN, +inf or a logprob above
+    0 and counts for nothing in either scorer, so it is dropped, as is one at or below
+    :data:`~trig_stream.scoring.ZERO_PROBABILITY_LOGPROB` (how the OpenAI protocol writes
+    a probability of 0; the scorers read it as -inf). NaN, +inf or a logprob above
     0 beyond rounding (:func:`~trig_stream.scoring.broken_logprob`) means the judge's numbers
     are broken, which the caller reports as an error, not a score; the scorers would refuse
     it, and ``exp`` of a logprob above ~709 overflows.
     """
-    # The common case in two passes in C: a finite sum means no NaN or infinity, and then
-    # the largest entry says whether any is above 0.
-    if math.isfinite(sum(map(_LOGPROB, top))) and max(map(_LOGPROB, top), default=0.0) <= (
-        LOGPROB_TOLERANCE
+    # The common case in three passes in C: a finite sum means no NaN or infinity, and then
+    # the largest entry says whether any is above 0, the smallest whether any is a zero.
+    if (
+        math.isfinite(sum(map(_LOGPROB, top)))
+        and max(map(_LOGPROB, top), default=0.0) <= LOGPROB_TOLERANCE
+        and min(map(_LOGPROB, top), default=0.0) > ZERO_PROBABILITY_LOGPROB
     ):
         return top, None
-    finite = [(token, logprob) for token, logprob in top if math.isfinite(logprob)]
-    return finite, broken_logprob(top)
+    kept = [
+        (token, logprob)
+        for token, logprob in top
+        if math.isfinite(logprob) and logprob > ZERO_PROBABILITY_LOGPROB
+    ]
+    return kept, broken_logprob(top)
 
 
 def _prepare_all(judge: Judge, paths: list[Path]) -> list[PreparedImage | Exception]:

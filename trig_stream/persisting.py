@@ -33,8 +33,6 @@ class PersistStage:
         context: the run's shared state (its run directory and counters).
         journal_state: what the journal held when the run opened.
         relations: the live analysis this run's and earlier runs' judgements join.
-        retry_errors: whether the run asks again the ``error`` judgements (those of earlier
-            runs then stay out of the analysis: a new one replaces them).
         finished: called once every stage before this one has finished, before ``results``
             ends, so its consumer sees the run's final state.
     """
@@ -45,13 +43,11 @@ class PersistStage:
         journal_state: JournalState,
         relations: RelationTracker,
         *,
-        retry_errors: bool,
         finished: Callable[[], None],
     ) -> None:
         self._context = context
         self._journal_state = journal_state
         self._relations = relations
-        self._retry_errors = retry_errors
         self._finished = finished
         self._history_loaded = anyio.Event()
         self._new_while_loading: list[Judgement] = []
@@ -101,9 +97,11 @@ class PersistStage:
     async def load_history(self) -> None:
         """Add earlier runs' judgements to the live analysis, once this run's first has landed.
 
-        They join in the background, so they never delay the first new request. Keys this
-        run may judge again are left out: their new judgement could land first and must not
-        be overwritten by the old one.
+        They join in the background, so they never delay the first new request. Every line
+        joins, those of keys this run asks again included (the ``error`` lines of a
+        ``retry_errors`` run): this run's judgements join after them, so a new judgement
+        replaces the old one in its slot, and a key this run does not reach (its sample left
+        out of the dataset, a stop) keeps its old one, as in the journal.
         """
         state = self._journal_state
         lines = iter(read_journal(self._context.run_dir.journal.path, limit=state.lines))
@@ -112,9 +110,7 @@ class PersistStage:
             # A hard stop before they have joined leaves them out: it does not wait the
             # second or so per 100k judgements their parsing takes (the journal has them all).
             while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
-                for judgement in chunk:
-                    if state.is_done(judgement.key, retry_errors=self._retry_errors):
-                        self._relations.add(judgement)
+                self._relations.extend(chunk)
         finally:
             # This run's judgements join after the earlier ones, as in the journal: the
             # analysis then sees the journal's order, and equals a batch analysis of it to

@@ -155,14 +155,25 @@ def insight(analysis: ModelAnalysis, first: Dimension, second: Dimension) -> dic
     elif kind == "tradeoff":
         text = (
             f"{first} ({a}) and {second} ({b}) trade off: their {t.correlation} is "
-            f"{stats.correlation:.3f}, below {t.tradeoff_corr:g}, over {stats.n} images."
+            f"{_apart(stats.correlation, t.tradeoff_corr)}, below {t.tradeoff_corr:g}, over "
+            f"{stats.n} images."
         )
     else:
         text = (
             f"{first} ({a}) and {second} ({b}) show no clear relation over {stats.n} images "
-            f"({t.correlation} {stats.correlation:.3f})."
+            f"({t.correlation} {_apart(stats.correlation, t.tradeoff_corr)})."
         )
     return {"type": kind, "dimensions": [first, second], "code": code, "description": text}
+
+
+def _apart(value: float, threshold: float) -> str:
+    """``value`` to three decimals, or to as many more as show it is not ``threshold``:
+    0.5996 under a threshold of 0.6 reads 0.5996, not 0.600 "below 0.6"."""
+    for digits in range(3, 18):
+        text = f"{value:.{digits}f}"
+        if float(text) != threshold or float(text) == value:
+            return text
+    return repr(value)
 
 
 def result_document(analysis: ModelAnalysis) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
-from trig_stream.analysis.relations import ModelAnalysis
+from trig_stream.analysis.relations import ModelAnalysis, PairStats
+from trig_stream.analysis.stats import MIN_TRADEOFF_POINTS, FittedLine, fitted_line, zones
 from trig_stream.analysis.tsne import tsne
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import MissingExtraError
@@ -119,8 +120,36 @@ def _hex(rgba: tuple[float, float, float, float]) -> str:
     return "#" + "".join(f"{round(min(max(c, 0.0), 1.0) * 255):02x}" for c in rgba[:3])
 
 
+TRADEOFF_LINE: Final = "trade-off zone fit"
+ALL_POINTS_LINE: Final = "all points fit"
+
+
+def scatter_lines(analysis: ModelAnalysis, stats: PairStats) -> dict[str, FittedLine]:
+    """The least-squares lines a pair's scatter shows, by legend label.
+
+    The trade-off zone's line (solid) is the one rule 3 splits the points around (the
+    insight's "N of M above the fitted line"); labelled "decides dominance" when the zone
+    holds enough points for the rule to apply. The line over all points (dashed) is shown
+    too when it is another line. A line needs two points with different X.
+    """
+    points = analysis.points[stats.pair]
+    t = analysis.thresholds
+    lines: dict[str, FittedLine] = {}
+    mask = zones(points.x, points.y, t.synergy, t.bottleneck).tradeoff_mask
+    zone_x, zone_y = points.x[mask], points.y[mask]
+    if zone_x.shape[0] >= 2 and float(np.ptp(zone_x)) > 0.0:
+        label = TRADEOFF_LINE
+        if zone_x.shape[0] >= MIN_TRADEOFF_POINTS:
+            label += " (decides dominance)"
+        lines[label] = fitted_line(zone_x, zone_y)
+    if stats.n >= 2 and float(np.ptp(points.x)) > 0.0 and not bool(mask.all()):
+        lines[ALL_POINTS_LINE] = fitted_line(points.x, points.y)
+    return lines
+
+
 def plot_scatter_grid(analysis: ModelAnalysis, path: Path) -> Path:
-    """One scatter per pair with the synergy and bottleneck zones shaded and the LS line."""
+    """One scatter per pair with the synergy and bottleneck zones shaded and the LS lines
+    (:func:`scatter_lines`)."""
     pairs = analysis.pairs
     columns = max(1, math.ceil(math.sqrt(len(pairs))))
     rows = max(1, math.ceil(len(pairs) / columns))
@@ -134,14 +163,20 @@ def plot_scatter_grid(analysis: ModelAnalysis, path: Path) -> Path:
         ax.fill_between([t.synergy, high], t.synergy, high, color=CODE_COLOURS[0], alpha=0.15)
         ax.fill_between([low, t.bottleneck], low, t.bottleneck, color=CODE_COLOURS[3], alpha=0.15)
         ax.scatter(points.x, points.y, s=6, alpha=0.5, color="#37474f", linewidths=0)
-        if stats.n >= 2 and float(np.ptp(points.x)) > 0.0:
-            slope, intercept = np.polyfit(points.x, points.y, 1)
+        lines = scatter_lines(analysis, stats)
+        for label, line in lines.items():
+            ends = np.array([low, high])
+            decides = label.startswith(TRADEOFF_LINE)
             ax.plot(
-                [low, high],
-                [intercept + slope * low, intercept + slope * high],
-                color="black",
+                ends,
+                line.at(ends),
+                color="black" if decides else "#90a4ae",
+                linestyle="-" if decides else "--",
                 linewidth=1,
+                label=label,
             )
+        if lines:
+            ax.legend(fontsize=5, loc="upper left")
         ax.set_xlim(low, high)
         ax.set_ylim(low, high)
         ax.set_xlabel(stats.first, fontsize=8)

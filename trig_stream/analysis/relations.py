@@ -28,9 +28,10 @@ import numpy as np
 from trig_stream.analysis.stats import (
     MIN_TRADEOFF_POINTS,
     FloatArray,
+    RankCorrelation,
     RelationCode,
-    correlation,
     dominance,
+    exact_correlation,
     fisher_interval,
     relation_code,
     zones,
@@ -215,7 +216,8 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
         code: RelationCode = -1
         synergy_density = bottleneck_density = 0.0
     else:
-        corr = correlation(method, x, y)
+        exact = exact_correlation(method, x, y)
+        corr = exact.value if isinstance(exact, RankCorrelation) else exact
         low, high = fisher_interval(method, corr, n)
         zone = zones(x, y, thresholds.synergy, thresholds.bottleneck)
         synergy_density, bottleneck_density = zone.synergy_density, zone.bottleneck_density
@@ -227,7 +229,7 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
             synergy_density=synergy_density,
             bottleneck_density=bottleneck_density,
             dominance=split,
-            correlation=corr,
+            correlation=exact,
             synergy_density_min=thresholds.synergy_density,
             bottleneck_density_min=thresholds.bottleneck_density,
             dominance_ratio=thresholds.dominance_ratio,

@@ -5,9 +5,12 @@ dimensions over the images that have both) and is pure, so the batch analysis an
 tracker share them and always agree. Definitions follow TRIG (see the spec, section 5):
 
 * ``spearman_corr``: Pearson's correlation of the average ranks (ties share the mean of the
-  ranks they span); NaN when fewer than two points or either side is constant.
+  ranks they span); NaN when fewer than two points or either side is constant. Ranks are
+  whole or half numbers, so it is computed exactly (:class:`RankCorrelation`): rule 4
+  compares it with ``tradeoff_corr`` as written, and the order of the points never matters.
 * ``pearson_corr``: Pearson's correlation; 0 when either side is constant (or fewer than
-  two points).
+  two points). Computed over the points in a fixed order, so it is the same to the last bit
+  whatever order they came in.
 * ``paretoF``: the area under the non-dominated front (trapezoid rule over the front sorted by
   X), divided by ``max(X) * max(Y)``; 0 with fewer than two front points.
 """
@@ -41,9 +44,15 @@ ON_THE_LINE: Final = 1e-12
 
 def average_ranks(values: FloatArray) -> FloatArray:
     """Ranks from 1 to n, ties sharing the mean of the ranks they span."""
+    return _doubled_ranks(values) / 2.0
+
+
+def _doubled_ranks(values: FloatArray) -> NDArray[np.int64]:
+    # Twice the average ranks: the mean of a run of ranks is a whole or a half number, so
+    # doubled they are integers, and sums over them are exact.
     n = values.shape[0]
     if n == 0:
-        return np.empty(0, dtype=np.float64)
+        return np.empty(0, dtype=np.int64)
     order = np.argsort(values, kind="stable")
     ordered = values[order]
     starts_group = np.empty(n, dtype=bool)
@@ -51,10 +60,68 @@ def average_ranks(values: FloatArray) -> FloatArray:
     np.not_equal(ordered[1:], ordered[:-1], out=starts_group[1:])
     starts = np.flatnonzero(starts_group)
     sizes = np.diff(np.append(starts, n))
-    mean_rank = starts + (sizes + 1) / 2.0
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = np.repeat(mean_rank, sizes)
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[order] = np.repeat(2 * starts + sizes + 1, sizes)
     return ranks
+
+
+@dataclass(frozen=True, slots=True)
+class RankCorrelation:
+    """Spearman's correlation held exactly: ``covariance / sqrt(variance_product)``.
+
+    Both are integers (sums over doubled ranks, scaled by ``n``), so the value does not depend
+    on the order of the points, and :meth:`below` compares it with a threshold exactly.
+    """
+
+    covariance: int
+    variance_product: int
+    """The product of the two ranks' variances; positive."""
+
+    @property
+    def value(self) -> float:
+        """The correlation as the float nearest it (exactly so when it is rational)."""
+        root = math.isqrt(self.variance_product)
+        if root * root == self.variance_product:
+            return self.covariance / root  # int / int: correctly rounded
+        return max(-1.0, min(1.0, self.covariance / math.sqrt(self.variance_product)))
+
+    def below(self, threshold: float) -> bool:
+        """Whether the correlation is below ``threshold`` as written (its decimal, not its
+        binary value): a correlation of exactly 0.8 is not below 0.8."""
+        limit = Fraction(repr(threshold))
+        c = self.covariance
+        if limit > 0 and c <= 0:
+            return True
+        if limit <= 0 and c >= 0:
+            return False
+        # Same signs: compare the squares, |c| against |limit| * sqrt(variance_product).
+        lhs = c * c * limit.denominator**2
+        rhs = limit.numerator**2 * self.variance_product
+        return lhs < rhs if c > 0 else lhs > rhs
+
+
+EXACT_DOT_LIMIT: Final = 1_000_000
+"""Up to this many points, sums of products of doubled ranks (at most 4 n^3) fit in int64."""
+
+
+def _exact_dot(a: NDArray[np.int64], b: NDArray[np.int64]) -> int:
+    if a.shape[0] <= EXACT_DOT_LIMIT:
+        return int(a @ b)
+    return sum(int(i) * int(j) for i, j in zip(a.tolist(), b.tolist(), strict=True))
+
+
+def rank_correlation(x: FloatArray, y: FloatArray) -> RankCorrelation | None:
+    """Spearman's correlation, exactly; None when it is undefined (constant side, < 2 points)."""
+    n = x.shape[0]
+    if n < 2:
+        return None
+    a, b = _doubled_ranks(x), _doubled_ranks(y)
+    total_squared = (n * (n + 1)) ** 2  # each side's doubled ranks sum to n (n + 1)
+    var_a = n * _exact_dot(a, a) - total_squared
+    var_b = n * _exact_dot(b, b) - total_squared
+    if var_a == 0 or var_b == 0:  # every value tied
+        return None
+    return RankCorrelation(n * _exact_dot(a, b) - total_squared, var_a * var_b)
 
 
 def _pearson_or_nan(x: FloatArray, y: FloatArray) -> float:
@@ -62,6 +129,10 @@ def _pearson_or_nan(x: FloatArray, y: FloatArray) -> float:
         # Tested on the values themselves: a mean that is not exact in floating point (ten
         # 0.613s) leaves deviations of 1e-17 that would give a correlation of noise.
         return math.nan
+    # The sums' rounding depends on the order of the points: in a fixed order, the same
+    # points give the same bits however the judgements arrived (a resume, a report).
+    order = np.lexsort((y, x))
+    x, y = x[order], y[order]
     dx = _unit_scaled(x - x.mean())
     dy = _unit_scaled(y - y.mean())
     r = float(dx @ dy) / math.sqrt(float(dx @ dx) * float(dy @ dy))
@@ -80,7 +151,8 @@ def _unit_scaled(deviations: FloatArray) -> FloatArray:
 
 def spearman_corr(x: FloatArray, y: FloatArray) -> float:
     """Spearman's rank correlation; NaN when it is undefined (constant side, < 2 points)."""
-    return _pearson_or_nan(average_ranks(x), average_ranks(y))
+    exact = rank_correlation(x, y)
+    return math.nan if exact is None else exact.value
 
 
 def pearson_corr(x: FloatArray, y: FloatArray) -> float:
@@ -121,6 +193,19 @@ def correlation(method: CorrelationMethod, x: FloatArray, y: FloatArray) -> floa
     """The pair correlation TRIG's relation rules use, by method name."""
     if method == "spearman_corr":
         return spearman_corr(x, y)
+    if method == "pearson_corr":
+        return pearson_corr(x, y)
+    return pareto_f(x, y)
+
+
+def exact_correlation(
+    method: CorrelationMethod, x: FloatArray, y: FloatArray
+) -> RankCorrelation | float:
+    """:func:`correlation`, held exactly where it can be (Spearman's, as a
+    :class:`RankCorrelation`), for :func:`relation_code` to compare with its threshold."""
+    if method == "spearman_corr":
+        exact = rank_correlation(x, y)
+        return math.nan if exact is None else exact
     if method == "pearson_corr":
         return pearson_corr(x, y)
     return pareto_f(x, y)
@@ -189,21 +274,38 @@ class Dominance:
         return math.inf if low == 0 else max(self.above, self.below) / low
 
 
-def dominance(x: FloatArray, y: FloatArray) -> Dominance:
-    """Count points above and on-or-below the least-squares line of Y on X.
+@dataclass(frozen=True, slots=True)
+class FittedLine:
+    """A least-squares line of Y on X, through the means: ``y = mean_y + slope (x - mean_x)``."""
 
-    When every X is the same the line is undefined; it is then taken as the horizontal line
-    at the mean of Y. A point counts as above only when it is above the line by more than
-    the fit's rounding (:data:`ON_THE_LINE`): a point the line goes through, such as every
-    point of a constant Y whose mean is not exact in floating point, is on it.
-    """
+    slope: float
+    mean_x: float
+    mean_y: float
+
+    def at(self, x: FloatArray) -> FloatArray:
+        """The line's Y at each X."""
+        return self.mean_y + self.slope * (x - self.mean_x)
+
+
+def fitted_line(x: FloatArray, y: FloatArray) -> FittedLine:
+    """The least-squares line of Y on X; the horizontal line at the mean of Y when every X is
+    the same (the slope is then undefined). :func:`dominance` splits points around it."""
     mean_x = float(x.mean())
     mean_y = float(y.mean())
     dx = x - mean_x
     sxx = float(dx @ dx)
     slope = float(dx @ (y - mean_y)) / sxx if sxx > 0.0 and not _constant(x) else 0.0
-    fitted = mean_y + slope * dx
-    residuals = y - fitted
+    return FittedLine(slope, mean_x, mean_y)
+
+
+def dominance(x: FloatArray, y: FloatArray) -> Dominance:
+    """Count points above and on-or-below the least-squares line of Y on X (:func:`fitted_line`).
+
+    A point counts as above only when it is above the line by more than the fit's rounding
+    (:data:`ON_THE_LINE`): a point the line goes through, such as every point of a constant
+    Y whose mean is not exact in floating point, is on it.
+    """
+    residuals = y - fitted_line(x, y).at(x)
     above = int(np.count_nonzero(residuals > ON_THE_LINE))
     on_line = int(np.count_nonzero(np.abs(residuals) <= ON_THE_LINE))
     return Dominance(above=above, below=x.shape[0] - above, on_line=on_line)
@@ -214,7 +316,7 @@ def relation_code(
     synergy_density: float,
     bottleneck_density: float,
     dominance: Dominance | None,
-    correlation: float,
+    correlation: RankCorrelation | float,
     synergy_density_min: float,
     bottleneck_density_min: float,
     dominance_ratio: float,
@@ -227,7 +329,8 @@ def relation_code(
         bottleneck_density: share of points in the bottleneck zone.
         dominance: the trade-off zone's split around its fitted line, or None when that zone
             holds fewer than :data:`MIN_TRADEOFF_POINTS` points (rule 3 is then skipped).
-        correlation: the pair correlation over all points (NaN never counts as small).
+        correlation: the pair correlation over all points (NaN never counts as small); a
+            :class:`RankCorrelation` is compared exactly with the threshold as written.
         synergy_density_min: rule 1's threshold.
         bottleneck_density_min: rule 2's threshold.
         dominance_ratio: rule 3 fires when the split's ratio exceeds ``1 / dominance_ratio``.
@@ -239,7 +342,10 @@ def relation_code(
         return 3
     if dominance is not None and _dominates(dominance, dominance_ratio):
         return -2 if dominance.above > dominance.below else 2
-    if correlation < tradeoff_corr:  # False for NaN, by IEEE comparison
+    if isinstance(correlation, RankCorrelation):
+        if correlation.below(tradeoff_corr):
+            return 1
+    elif correlation < tradeoff_corr:  # False for NaN, by IEEE comparison
         return 1
     return -1
 
