@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,8 +104,10 @@ class Engine:
 
     Args:
         config: the validated run config.
-        generators: generator instances to use instead of building them from the config.
-        judges: judge instances to use instead of building them from the config.
+        generators: generator instances (any iterable) to use instead of building them from
+            the config; checked as the config's entries are.
+        judges: judge instances (any iterable) to use instead of building them from the
+            config; checked as the config's entries are.
         retry_errors: ask again the judgements whose status is ``error``.
         new_run: when the run directory already holds results, start a fresh one beside it
             (``<name>-2``, ...) instead of resuming.
@@ -118,21 +120,25 @@ class Engine:
         self,
         config: RunConfig,
         *,
-        generators: Sequence[Generator] | None = None,
-        judges: Sequence[Judge] | None = None,
+        generators: Iterable[Generator] | None = None,
+        judges: Iterable[Judge] | None = None,
         retry_errors: bool = False,
         new_run: bool = False,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.config = config
-        if generators is None:
-            generators = [build_generator(g, config) for g in config.generators]
-        if judges is None:
-            judges = [build_judge(j, config) for j in config.judges]
-        check_backends(generators, judges)
-        self._generators = list(generators)
-        self._judges = list(judges)
+        # Listed before anything reads them: an iterator checked first was used up by the
+        # check, and the run then had no backend and judged nothing.
+        self._generators: list[Generator] = (
+            [build_generator(g, config) for g in config.generators]
+            if generators is None
+            else list(generators)
+        )
+        self._judges: list[Judge] = (
+            [build_judge(j, config) for j in config.judges] if judges is None else list(judges)
+        )
+        check_backends(self._generators, self._judges)
         self._retry_errors = retry_errors
         self._new_run = new_run
         self._sleep = sleep
