@@ -1357,6 +1357,53 @@ async def test_a_stop_from_another_thread_before_the_run_starts_it_stopped(
     assert (summary.state, summary.judged) == ("stopped", 0)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_an_engine_made_in_one_loop_obeys_a_stop_from_a_thread_in_the_loop_that_runs_it(
+    make_config: ConfigFactory, loop: str
+) -> None:
+    # The control calls ran in the loop that made the engine: ended, it dropped the stop()
+    # silently and the run went on to judge everything.
+    config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
+
+    async def make() -> Engine:
+        return Engine(config)
+
+    engine = anyio.run(make, backend=loop)
+
+    async def run() -> None:
+        with anyio.fail_after(30):
+            async with engine:
+                async for _ in engine.results:
+                    await call_in_a_thread(engine.stop)
+                    assert engine.stats().state in ("stopping", "stopped")
+
+    anyio.run(run, backend=loop)
+    assert engine.stats().state == "stopped"
+    assert len(journal(config)) < 60
+
+
+def test_a_control_from_a_thread_between_the_loops_is_refused_not_dropped(
+    make_config: ConfigFactory,
+) -> None:
+    async def make() -> Engine:
+        return Engine(make_config(samples=2))
+
+    engine = anyio.run(make)
+    errors: list[Exception] = []
+
+    def stop() -> None:
+        try:
+            engine.stop()
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=stop)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert "engine.stop() came from another thread after the event loop" in str(errors[0])
+
+
 async def test_a_run_cancelled_or_failed_while_opening_says_so(
     make_config: ConfigFactory,
 ) -> None:

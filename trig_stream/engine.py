@@ -156,9 +156,9 @@ class Engine:
                 "asyncio.run, e.g. `async with Engine(config) as engine:`), not before it"
             ) from None
         # The loop the engine belongs to (its events and cancel scopes are that loop's):
-        # stop(), cancel(), pause() and resume() called from another thread run there.
-        self._loop_token = anyio.lowlevel.current_token()
-        self._loop_thread = threading.get_ident()
+        # stop(), cancel(), pause() and resume() called from another thread run there. Taken
+        # again by ``async with``: an engine made in one loop may be run in another.
+        self._take_loop()
         self._running_gate = anyio.Event()
         self._running_gate.set()
         self._cancel_generation = threading.Event()
@@ -320,15 +320,34 @@ class Engine:
             self._state = "running"
         self._running_gate.set()
 
+    def _take_loop(self) -> None:
+        """Make the running event loop the one that control calls from other threads run in."""
+        self._loop_token = anyio.lowlevel.current_token()
+        self._loop_thread = threading.get_ident()
+
     def _called_elsewhere(self, control: Callable[[], None]) -> bool:
         """Run ``control`` in the engine's event loop when called from another thread (a
         GUI's, a signal handler's), and say whether it did: its events and cancel scopes may
         only be touched there (a cancel from a thread failed half done, a resume never woke
-        the run). Once that loop has ended, there is no run left to control."""
+        the run). The loop is the one running the engine, once ``async with`` has begun; before,
+        the one that made it. Once the engine's loop has ended, there is no run left to control.
+
+        Raises:
+            RuntimeError: the loop that made the engine has ended, and none runs it yet.
+        """
         if threading.get_ident() == self._loop_thread:
             return False
-        with suppress(anyio.RunFinishedError):
+        try:
             anyio.from_thread.run_sync(control, token=self._loop_token)
+        except anyio.RunFinishedError:
+            if self._task_group is None and not self._closed:
+                # Dropped, it would have gone unnoticed: the run then ran to its end.
+                raise RuntimeError(
+                    f"engine.{control.__name__}() came from another thread after the event "
+                    "loop that made the engine ended, and before any loop runs it: call it "
+                    "once `async with engine` has begun, or before it from the thread of the "
+                    "loop that will run it"
+                ) from None
         return True
 
     async def drain(self) -> RunSummary:
@@ -355,6 +374,9 @@ class Engine:
     async def __aenter__(self) -> Engine:
         if self._task_group is not None or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
+        # A control call from another thread from now on runs in the loop that runs the
+        # engine, not in the one that made it (ended, it dropped a stop() silently).
+        self._take_loop()
         try:
             self._claim_backends()
         except ConfigError:
