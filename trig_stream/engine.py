@@ -483,13 +483,17 @@ class Engine:
         manifest = run_manifest(
             config, self._generators, self._fingerprints, retry_errors=self._retry_errors
         )
-        path = config.run_dir
-        if self._new_run:
-            path = await anyio.to_thread.run_sync(next_free_run_dir, path)
-        self.run_dir_path = path
-        self._opening_now = f"the run directory {path}"
-        self._run_dir, self._journal_state = await anyio.to_thread.run_sync(
-            RunDir.open, path, manifest
+        new_run = self._new_run
+        where = "a new run directory beside " if new_run else "the run directory "
+        self._opening_now = f"{where}{config.run_dir}"
+
+        def open_run_dir() -> tuple[Path, RunDir, JournalState]:
+            # Chosen and opened in one go: a stop between the two left an empty directory.
+            path = next_free_run_dir(config.run_dir) if new_run else config.run_dir
+            return path, *RunDir.open(path, manifest)
+
+        self.run_dir_path, self._run_dir, self._journal_state = await anyio.to_thread.run_sync(
+            open_run_dir
         )
         for judge in self._judges:
             self._opening_now = f"judge {judge.name!r}: {judge.opening()}"
