@@ -189,6 +189,16 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------
 
     @property
+    def generators(self) -> tuple[Generator, ...]:
+        """The generator instances this engine runs: those passed in, else the config's."""
+        return tuple(self._generators)
+
+    @property
+    def judges(self) -> tuple[Judge, ...]:
+        """The judge instances this engine runs: those passed in, else the config's."""
+        return tuple(self._judges)
+
+    @property
     def run_dir_opened(self) -> bool:
         """Whether the run opened its run directory (:attr:`run_dir_path`): one stopped while
         its backends opened wrote nothing, anywhere."""

@@ -76,6 +76,18 @@ def backend_names(kind: Kind) -> list[str]:
     return plugin_names(f"trig_stream.{kind}", _BUILTIN[kind], _REGISTERED[kind])
 
 
+def backend_name_of(kind: Kind, backend: object) -> str | None:
+    """The name a config gives the class of ``backend`` (an instance) in ``kind``: one
+    registered at run time or built in; None for another class (entry points are not
+    imported to find out)."""
+    cls = type(backend)
+    for name, registered in _REGISTERED[kind].items():
+        if registered is cls:
+            return name
+    where = f"{cls.__module__}:{cls.__qualname__}"
+    return next((name for name, target in _BUILTIN[kind].items() if target == where), None)
+
+
 def backend_class(kind: Kind, name: str) -> BackendClass:
     """Import and return the class of a backend, checked.
 
