@@ -16,7 +16,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import annotated_types
@@ -456,10 +456,10 @@ def field_value_problem(model: type[BaseModel], name: str, value: object) -> str
     if math.isnan(value):
         return "must be a number, not nan"
     for bound in field.metadata:
-        if isinstance(bound, annotated_types.Ge) and not value >= bound.ge:
-            return f"must be at least {bound.ge}, not {value!r}"
-        if isinstance(bound, annotated_types.Le) and not value <= bound.le:
-            return f"must be at most {bound.le}, not {value!r}"
+        if isinstance(bound, annotated_types.Ge) and not value >= (low := cast("float", bound.ge)):
+            return f"must be at least {low}, not {value!r}"
+        if isinstance(bound, annotated_types.Le) and not value <= (high := cast("float", bound.le)):
+            return f"must be at most {high}, not {value!r}"
     return None
 
 

@@ -82,7 +82,7 @@ def backend_name_of(kind: Kind, backend: object) -> str | None:
     imported to find out)."""
     cls = type(backend)
     for name, registered in _REGISTERED[kind].items():
-        if registered is cls:
+        if cast(object, registered) is cls:
             return name
     where = f"{cls.__module__}:{cls.__qualname__}"
     return next((name for name, target in _BUILTIN[kind].items() if target == where), None)
