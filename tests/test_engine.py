@@ -47,6 +47,7 @@ from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
 from trig_stream.records import Judgement, PromptRewrite
+from trig_stream.retry import RetryPolicy
 from trig_stream.scoring import Scorer
 from trig_stream.stats import ModelCounts
 from trig_stream.store import QUARANTINE
@@ -1240,6 +1241,71 @@ def test_backend_instances_are_checked_as_config_entries_are(
         Engine(make_config(samples=2), generators=generators, judges=judges)
 
 
+def judge_of(dimensions: object) -> FakeJudge:
+    judge = fake_judge()
+    judge.dimensions = cast(Any, dimensions)
+    return judge
+
+
+@pytest.mark.parametrize(
+    ("generators", "judges", "message"),
+    [
+        ([synth(workers=100_000)], [fake_judge()], "'synth': workers must be at most 64, not"),
+        ([synth(batch_size=10**9)], [fake_judge()], "'synth': batch_size must be at most 256"),
+        ([synth()], [fake_judge(concurrency=10**9)], "concurrency must be at most 4096"),
+        ([synth(workers=cast(int, "2"))], [fake_judge()], "workers must be a whole number"),
+        ([SyntheticGenerator], [fake_judge()], "generators[0] is <class 'trig_stream.testing"),
+        (["synth"], [fake_judge()], "generators[0] is 'synth', not a Generator"),
+        ([synth(), fake_judge()], [fake_judge()], "generators[1] is <trig_stream.testing"),
+        ([synth()], [synth()], "judges[0] is <trig_stream.testing.synthetic"),
+        ([synth()], [judge_of(frozenset())], "'trigscore': dimensions is frozenset()"),
+        ([synth()], [judge_of(frozenset({"XX"}))], "dimensions is frozenset({'XX'}): make it"),
+        ([synth()], [judge_of("IQ-R")], "dimensions is 'IQ-R': make it None"),
+    ],
+)
+def test_backend_instances_are_held_to_the_configs_bounds_and_types(
+    make_config: ConfigFactory, generators: list[Generator], judges: list[Judge], message: str
+) -> None:
+    # Only "at least 1" was checked: 100000 workers were accepted (a run that never finished,
+    # a cancel that took 17 s); a class or a judge among the generators failed with an
+    # AttributeError traceback; a judge of no (or unknown) dimensions judged nothing, silently.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(make_config(samples=2), generators=generators, judges=judges)
+
+
+async def test_backends_given_as_iterators_are_all_used(make_config: ConfigFactory) -> None:
+    # The check read the iterators first: the run had no generator (or no judge) left and
+    # ended "done" with nothing judged.
+    config = make_config(samples=3)
+    generators = (synth(name) for name in ("a", "b"))
+    judges = (fake_judge(name) for name in ("j1", "j2"))
+    async with Engine(config, generators=generators, judges=judges) as engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.judged) == ("done", 3 * 2 * 2 * 2)
+    assert {(r["model"], r["metric"]) for r in journal(config)} == {
+        (model, metric) for model in ("a", "b") for metric in ("j1", "j2")
+    }
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"backoff_initial": math.nan}, "RetryPolicy: backoff_initial must be a number, not nan"),
+        ({"backoff_initial": -1.0}, "RetryPolicy: backoff_initial must be at least 0, not -1.0"),
+        ({"backoff_max": math.nan}, "RetryPolicy: backoff_max must be a number, not nan"),
+        ({"max_attempts": 0}, "RetryPolicy: max_attempts must be at least 1, not 0"),
+        ({"max_attempts": 101}, "RetryPolicy: max_attempts must be at most 100, not 101"),
+    ],
+)
+def test_a_retry_policy_is_held_to_the_engine_sections_bounds(
+    policy: dict[str, Any], message: str
+) -> None:
+    # Given to the engine, it skipped [engine]'s checks: a NaN backoff waited for ever at the
+    # first retryable failure, a negative one failed with anyio's raw ValueError.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RetryPolicy(**policy)
+
+
 async def test_cancel_ends_the_results_and_the_block_goes_on(make_config: ConfigFactory) -> None:
     # It cancelled the caller's own block: code after the loop (the README's print of the
     # stats) never ran, and nothing said so.
@@ -1318,6 +1384,53 @@ async def test_a_stop_from_another_thread_before_the_run_starts_it_stopped(
     async with engine:
         summary = await engine.drain()
     assert (summary.state, summary.judged) == ("stopped", 0)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_an_engine_made_in_one_loop_obeys_a_stop_from_a_thread_in_the_loop_that_runs_it(
+    make_config: ConfigFactory, loop: str
+) -> None:
+    # The control calls ran in the loop that made the engine: ended, it dropped the stop()
+    # silently and the run went on to judge everything.
+    config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
+
+    async def make() -> Engine:
+        return Engine(config)
+
+    engine = anyio.run(make, backend=loop)
+
+    async def run() -> None:
+        with anyio.fail_after(30):
+            async with engine:
+                async for _ in engine.results:
+                    await call_in_a_thread(engine.stop)
+                    assert engine.stats().state in ("stopping", "stopped")
+
+    anyio.run(run, backend=loop)
+    assert engine.stats().state == "stopped"
+    assert len(journal(config)) < 60
+
+
+def test_a_control_from_a_thread_between_the_loops_is_refused_not_dropped(
+    make_config: ConfigFactory,
+) -> None:
+    async def make() -> Engine:
+        return Engine(make_config(samples=2))
+
+    engine = anyio.run(make)
+    errors: list[Exception] = []
+
+    def stop() -> None:
+        try:
+            engine.stop()
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=stop)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert "engine.stop() came from another thread after the event loop" in str(errors[0])
 
 
 async def test_a_run_cancelled_or_failed_while_opening_says_so(

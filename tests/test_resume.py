@@ -304,6 +304,36 @@ def test_a_new_run_whose_name_would_be_too_long_is_refused(tmp_path: Path) -> No
     assert store.next_free_run_dir(short) == tmp_path / "short-2"
 
 
+def test_a_new_run_directory_is_claimed_when_chosen(tmp_path: Path) -> None:
+    # It was only looked at: two runs choosing at once both got "r-2", and the second
+    # failed with RunLockedError once the first had opened it.
+    (tmp_path / "r").mkdir()
+    first = store.next_free_run_dir(tmp_path / "r")
+    second = store.next_free_run_dir(tmp_path / "r")
+    assert (first.name, second.name) == ("r-2", "r-3")
+    assert first.is_dir() and second.is_dir()
+
+
+async def test_two_new_runs_started_together_each_get_a_directory(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=3)
+    await run_to_end(config)
+    # It failed one of them: RunLockedError, "test-2 is in use by another run".
+    engines = [Engine(config, new_run=True) for _ in range(2)]
+
+    async def run(engine: Engine) -> None:
+        async with engine:
+            await engine.drain()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for engine in engines:
+                tg.start_soon(run, engine)
+    assert sorted(engine.run_dir_path.name for engine in engines) == ["test-2", "test-3"]
+    assert [engine.summary().judged for engine in engines] == [6, 6]
+
+
 async def test_results_without_their_manifest_are_refused_not_mixed(
     make_config: ConfigFactory,
 ) -> None:

@@ -14,6 +14,7 @@ from trig_stream import Engine
 from trig_stream import engine as engine_module
 from trig_stream.testing import FakeJudge
 from trig_stream.testing.fake_judge import FakeJudgeOptions
+from trig_stream.testing.synthetic import SyntheticGenerator, SyntheticOptions
 from trig_stream.tui.sources import EngineSource
 
 pytestmark = pytest.mark.anyio
@@ -211,3 +212,35 @@ async def test_the_errors_view_gets_more_than_the_last_twenty_errors(
         source.end()
         snapshot = await source.snapshot()
     assert len(snapshot.last_errors) == 60
+
+
+async def test_the_snapshot_shows_the_backends_the_engine_runs_not_the_configs(
+    make_config: ConfigFactory,
+) -> None:
+    # It listed the config's: its model "synth" at 0 for ever beside the one passed in, and
+    # its judge "trigscore" instead of the one that judged.
+    config = make_config(samples=3)
+    generator = SyntheticGenerator("given", SyntheticOptions(size=16))
+    judge = FakeJudge("myjudge", FakeJudgeOptions(), concurrency=3)
+    async with Engine(config, generators=[generator], judges=[judge]) as engine:
+        assert engine.generators == (generator,) and engine.judges == (judge,)
+        source = EngineSource(engine)
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        snapshot = await source.snapshot()
+    assert [(m.name, m.images, m.ok) for m in snapshot.models] == [("given", 3, 6)]
+    assert [(j.name, j.backend, j.limit) for j in snapshot.judges] == [("myjudge", "fake", 3)]
+
+
+async def test_the_snapshot_shows_the_configs_backends_when_it_built_them(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=2, judges=[{"name": "j", "backend": "fake", "concurrency": 5}])
+    async with Engine(config) as engine:
+        source = EngineSource(engine)
+        await engine.drain()
+        source.end()
+        snapshot = await source.snapshot()
+    assert [m.name for m in snapshot.models] == ["synth"]
+    assert [(j.name, j.backend, j.limit) for j in snapshot.judges] == [("j", "fake", 5)]

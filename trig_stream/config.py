@@ -16,9 +16,10 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
+import annotated_types
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -438,6 +439,28 @@ def validate_table(model: type[_Table], table: Mapping[str, Any]) -> _Table:
     except (TypeError, ValueError):  # a Path, a lone surrogate (UnicodeEncodeError)...
         return model.model_validate(table)
     return model.model_validate_json(data, strict=True)
+
+
+def field_value_problem(model: type[BaseModel], name: str, value: object) -> str | None:
+    """What is wrong with ``value`` as ``model``'s field ``name`` (its type, a number, and the
+    bounds the config checks it against), or None when it would be accepted.
+
+    Values made in Python (a backend instance's counts, a retry policy) reach the engine
+    without the config's validation: they are checked against the same bounds, taken from
+    the model so that the two never drift apart.
+    """
+    field = model.model_fields[name]
+    whole = field.annotation is int
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return f"must be {'a whole number' if whole else 'a number'}, not {value!r}"
+    if math.isnan(value):
+        return "must be a number, not nan"
+    for bound in field.metadata:
+        if isinstance(bound, annotated_types.Ge) and not value >= (low := cast("float", bound.ge)):
+            return f"must be at least {low}, not {value!r}"
+        if isinstance(bound, annotated_types.Le) and not value <= (high := cast("float", bound.le)):
+            return f"must be at most {high}, not {value!r}"
+    return None
 
 
 def non_finite_passed_through(data: Any) -> Iterator[tuple[Loc, str]]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,8 +104,10 @@ class Engine:
 
     Args:
         config: the validated run config.
-        generators: generator instances to use instead of building them from the config.
-        judges: judge instances to use instead of building them from the config.
+        generators: generator instances (any iterable) to use instead of building them from
+            the config; checked as the config's entries are.
+        judges: judge instances (any iterable) to use instead of building them from the
+            config; checked as the config's entries are.
         retry_errors: ask again the judgements whose status is ``error``.
         new_run: when the run directory already holds results, start a fresh one beside it
             (``<name>-2``, ...) instead of resuming.
@@ -118,21 +120,25 @@ class Engine:
         self,
         config: RunConfig,
         *,
-        generators: Sequence[Generator] | None = None,
-        judges: Sequence[Judge] | None = None,
+        generators: Iterable[Generator] | None = None,
+        judges: Iterable[Judge] | None = None,
         retry_errors: bool = False,
         new_run: bool = False,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.config = config
-        if generators is None:
-            generators = [build_generator(g, config) for g in config.generators]
-        if judges is None:
-            judges = [build_judge(j, config) for j in config.judges]
-        check_backends(generators, judges)
-        self._generators = list(generators)
-        self._judges = list(judges)
+        # Listed before anything reads them: an iterator checked first was used up by the
+        # check, and the run then had no backend and judged nothing.
+        self._generators: list[Generator] = (
+            [build_generator(g, config) for g in config.generators]
+            if generators is None
+            else list(generators)
+        )
+        self._judges: list[Judge] = (
+            [build_judge(j, config) for j in config.judges] if judges is None else list(judges)
+        )
+        check_backends(self._generators, self._judges)
         self._retry_errors = retry_errors
         self._new_run = new_run
         self._sleep = sleep
@@ -150,9 +156,9 @@ class Engine:
                 "asyncio.run, e.g. `async with Engine(config) as engine:`), not before it"
             ) from None
         # The loop the engine belongs to (its events and cancel scopes are that loop's):
-        # stop(), cancel(), pause() and resume() called from another thread run there.
-        self._loop_token = anyio.lowlevel.current_token()
-        self._loop_thread = threading.get_ident()
+        # stop(), cancel(), pause() and resume() called from another thread run there. Taken
+        # again by ``async with``: an engine made in one loop may be run in another.
+        self._take_loop()
         self._running_gate = anyio.Event()
         self._running_gate.set()
         self._cancel_generation = threading.Event()
@@ -181,6 +187,16 @@ class Engine:
         self.run_dir_path = config.run_dir
 
     # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def generators(self) -> tuple[Generator, ...]:
+        """The generator instances this engine runs: those passed in, else the config's."""
+        return tuple(self._generators)
+
+    @property
+    def judges(self) -> tuple[Judge, ...]:
+        """The judge instances this engine runs: those passed in, else the config's."""
+        return tuple(self._judges)
 
     @property
     def run_dir_opened(self) -> bool:
@@ -314,15 +330,34 @@ class Engine:
             self._state = "running"
         self._running_gate.set()
 
+    def _take_loop(self) -> None:
+        """Make the running event loop the one that control calls from other threads run in."""
+        self._loop_token = anyio.lowlevel.current_token()
+        self._loop_thread = threading.get_ident()
+
     def _called_elsewhere(self, control: Callable[[], None]) -> bool:
         """Run ``control`` in the engine's event loop when called from another thread (a
         GUI's, a signal handler's), and say whether it did: its events and cancel scopes may
         only be touched there (a cancel from a thread failed half done, a resume never woke
-        the run). Once that loop has ended, there is no run left to control."""
+        the run). The loop is the one running the engine, once ``async with`` has begun; before,
+        the one that made it. Once the engine's loop has ended, there is no run left to control.
+
+        Raises:
+            RuntimeError: the loop that made the engine has ended, and none runs it yet.
+        """
         if threading.get_ident() == self._loop_thread:
             return False
-        with suppress(anyio.RunFinishedError):
+        try:
             anyio.from_thread.run_sync(control, token=self._loop_token)
+        except anyio.RunFinishedError:
+            if self._task_group is None and not self._closed:
+                # Dropped, it would have gone unnoticed: the run then ran to its end.
+                raise RuntimeError(
+                    f"engine.{control.__name__}() came from another thread after the event "
+                    "loop that made the engine ended, and before any loop runs it: call it "
+                    "once `async with engine` has begun, or before it from the thread of the "
+                    "loop that will run it"
+                ) from None
         return True
 
     async def drain(self) -> RunSummary:
@@ -349,6 +384,9 @@ class Engine:
     async def __aenter__(self) -> Engine:
         if self._task_group is not None or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
+        # A control call from another thread from now on runs in the loop that runs the
+        # engine, not in the one that made it (ended, it dropped a stop() silently).
+        self._take_loop()
         try:
             self._claim_backends()
         except ConfigError:
@@ -455,13 +493,17 @@ class Engine:
         manifest = run_manifest(
             config, self._generators, self._fingerprints, retry_errors=self._retry_errors
         )
-        path = config.run_dir
-        if self._new_run:
-            path = await anyio.to_thread.run_sync(next_free_run_dir, path)
-        self.run_dir_path = path
-        self._opening_now = f"the run directory {path}"
-        self._run_dir, self._journal_state = await anyio.to_thread.run_sync(
-            RunDir.open, path, manifest
+        new_run = self._new_run
+        where = "a new run directory beside " if new_run else "the run directory "
+        self._opening_now = f"{where}{config.run_dir}"
+
+        def open_run_dir() -> tuple[Path, RunDir, JournalState]:
+            # Chosen and opened in one go: a stop between the two left an empty directory.
+            path = next_free_run_dir(config.run_dir) if new_run else config.run_dir
+            return path, *RunDir.open(path, manifest)
+
+        self.run_dir_path, self._run_dir, self._journal_state = await anyio.to_thread.run_sync(
+            open_run_dir
         )
         for judge in self._judges:
             self._opening_now = f"judge {judge.name!r}: {judge.opening()}"

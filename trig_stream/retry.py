@@ -25,6 +25,23 @@ class RetryPolicy:
     backoff_max: float = 30.0
     random: Callable[[], float] = field(default=random.random, compare=False)
 
+    def __post_init__(self) -> None:
+        """Check the values against the bounds ``[engine]`` has for them: a policy made in
+        Python skips the config's checks, and a NaN backoff waited for ever.
+
+        Raises:
+            ConfigError: a value the config would refuse, naming the field.
+        """
+        from trig_stream.config import EngineSection, field_value_problem
+        from trig_stream.errors import ConfigError
+
+        for name in ("max_attempts", "backoff_initial", "backoff_max"):
+            problem = field_value_problem(EngineSection, name, getattr(self, name))
+            if problem is not None:
+                raise ConfigError(
+                    f"RetryPolicy: {name} {problem}: give a value [engine] {name} would accept"
+                )
+
     def should_retry(self, attempts: int) -> bool:
         """Whether another attempt is allowed after ``attempts`` have been made."""
         return attempts < self.max_attempts

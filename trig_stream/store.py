@@ -47,6 +47,7 @@ from trig_stream.files import (
     make_dirs,
     open_regular_file,
     storage_error,
+    sync_dir,
     write_all,
     write_atomic,
     write_atomic_many,
@@ -644,21 +645,36 @@ def read_manifest(run_dir: Path) -> Manifest:
 
 
 def next_free_run_dir(path: Path) -> Path:
-    """``path`` itself when unused, else the first ``path-2``, ``path-3``... that is.
+    """``path`` itself when unused, else the first ``path-2``, ``path-3``... that is, made
+    (empty) here so that it is this caller's: two runs asking at once (two engines of one
+    process, two ``run --new-run`` processes) each get their own, not the same one.
 
     Raises:
         RunDirError: that name is longer than a run's name may be: the config that would
-            resume it (``[run] name`` set to it) would be refused.
+            resume it (``[run] name`` set to it) would be refused; or the directory cannot
+            be made.
     """
-    if not path.exists():
-        return path
-    number = 2
-    while (candidate := path.with_name(f"{path.name}-{number}")).exists():
-        number += 1
-    if len(candidate.name) > MAX_NAME_CHARS:
-        raise RunDirError(
-            f"--new-run would write {candidate.name!r}, a run name of {len(candidate.name)} "
-            f"characters, which no config can name to resume it (at most {MAX_NAME_CHARS}): "
-            "shorten [run] name"
-        )
-    return candidate
+    try:
+        make_dirs(path.parent)
+    except OSError as exc:
+        raise storage_error(exc, f"create the folder of run directories {path.parent}") from None
+    candidate, number = path, 1
+    while True:
+        if number > 1:
+            candidate = path.with_name(f"{path.name}-{number}")
+            if len(candidate.name) > MAX_NAME_CHARS:
+                raise RunDirError(
+                    f"--new-run would write {candidate.name!r}, a run name of "
+                    f"{len(candidate.name)} characters, which no config can name to resume it "
+                    f"(at most {MAX_NAME_CHARS}): shorten [run] name"
+                )
+        try:
+            # Made, not looked at: a check then a later make let a second run take it too.
+            candidate.mkdir()
+            sync_dir(path.parent)
+        except FileExistsError:
+            number += 1
+            continue
+        except OSError as exc:
+            raise storage_error(exc, f"create the run directory {candidate}") from None
+        return candidate

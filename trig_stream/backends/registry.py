@@ -9,6 +9,7 @@ packages add backends through the entry-point groups ``trig_stream.generators`` 
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, cast
 
@@ -73,6 +74,18 @@ def register_backend(kind: Kind, name: str, backend: type) -> None:
 def backend_names(kind: Kind) -> list[str]:
     """Every backend name known for ``kind``, built-in, registered and from entry points."""
     return plugin_names(f"trig_stream.{kind}", _BUILTIN[kind], _REGISTERED[kind])
+
+
+def backend_name_of(kind: Kind, backend: object) -> str | None:
+    """The name a config gives the class of ``backend`` (an instance) in ``kind``: one
+    registered at run time or built in; None for another class (entry points are not
+    imported to find out)."""
+    cls = type(backend)
+    for name, registered in _REGISTERED[kind].items():
+        if cast(object, registered) is cls:
+            return name
+    where = f"{cls.__module__}:{cls.__qualname__}"
+    return next((name for name, target in _BUILTIN[kind].items() if target == where), None)
 
 
 def backend_class(kind: Kind, name: str) -> BackendClass:
@@ -210,24 +223,41 @@ def _build(kind: Kind, entry: GeneratorConfig | JudgeConfig, config: RunConfig) 
     return built
 
 
-def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> None:
+def check_backends(generators: Sequence[object], judges: Sequence[object]) -> None:
     """Check backend instances given to the engine as the config checks its own entries.
 
     Raises:
-        ConfigError: none of a kind, a name that is no safe file name, is used twice or (a
-            generator's) names a file of the report, or
-            a count (workers, batch size, concurrency) under 1.
+        ConfigError: none of a kind; an object that is not a backend instance of its kind;
+            a name that is no safe file name, is used twice or (a generator's) names a file
+            of the report; a count (workers, batch size, concurrency) outside the bounds the
+            config sets; or a judge's ``dimensions`` that is not None nor a non-empty set of
+            TRIG dimension codes.
     """
+    from trig_stream.backends.base import Generator, Judge
+    from trig_stream.config import GeneratorConfig, JudgeConfig, field_value_problem
+    from trig_stream.dimensions import DIMENSIONS
     from trig_stream.errors import ConfigError
     from trig_stream.records import is_reserved_model_name, safe_name_problem
 
-    for kind, backends in (("generator", generators), ("judge", judges)):
+    kinds: tuple[tuple[str, Sequence[object], type[Generator | Judge]], ...] = (
+        ("generator", generators, Generator),
+        ("judge", judges, Judge),
+    )
+    for kind, backends, base in kinds:
         if not backends:
             raise ConfigError(
                 f"no {kind}: give at least one (or None, to build them from the config)"
             )
         seen: set[str] = set()
-        for backend in backends:
+        for position, backend in enumerate(backends):
+            if not isinstance(backend, base):
+                what = f"the class {backend.__name__}" if isinstance(backend, type) else "it"
+                raise ConfigError(
+                    f"{kind}s[{position}] is {backend!r}, not a {base.__name__} "
+                    f"({base.__module__}): {what} cannot be used as a {kind}; pass an "
+                    f"instance of a {base.__name__} subclass (or None, to build them from "
+                    "the config)"
+                )
             problem = (
                 safe_name_problem(backend.name) if isinstance(backend.name, str) else "must be text"
             )
@@ -244,9 +274,32 @@ def check_backends(generators: Sequence[Generator], judges: Sequence[Judge]) -> 
             if backend.name in seen:
                 raise ConfigError(f"{kind} name {backend.name!r} is used twice")
             seen.add(backend.name)
-    counts = [(g.name, "workers", g.workers) for g in generators]
-    counts += [(g.name, "batch_size", g.batch_size) for g in generators]
-    counts += [(j.name, "concurrency", j.concurrency) for j in judges]
-    for name, what, value in counts:
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name!r}: {what} must be at least 1, not {value!r}")
+    counts: list[tuple[str, type[GeneratorConfig | JudgeConfig], str, object]] = []
+    for generator in cast("Sequence[Generator]", generators):
+        counts.append(
+            (f"generator {generator.name!r}", GeneratorConfig, "workers", generator.workers)
+        )
+        counts.append(
+            (f"generator {generator.name!r}", GeneratorConfig, "batch_size", generator.batch_size)
+        )
+    for judge in cast("Sequence[Judge]", judges):
+        counts.append((f"judge {judge.name!r}", JudgeConfig, "concurrency", judge.concurrency))
+    for described, model, what, value in counts:
+        if (problem := field_value_problem(model, what, value)) is not None:
+            raise ConfigError(
+                f"{described}: {what} {problem}: set it within the bounds a config's entry has"
+            )
+    for judge in cast("Sequence[Judge]", judges):
+        dimensions: object = judge.dimensions
+        if dimensions is None:
+            continue
+        if (
+            not isinstance(dimensions, AbstractSet)
+            or not dimensions
+            or not all(code in DIMENSIONS for code in dimensions)
+        ):
+            raise ConfigError(
+                f"judge {judge.name!r}: dimensions is {dimensions!r}: make it None (every "
+                "dimension) or a non-empty frozenset of TRIG dimension codes "
+                f"({', '.join(DIMENSIONS)}); a judge of no dimension would judge nothing"
+            )

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import anyio
+from pydantic import BaseModel
 
 from trig_stream.analysis.live import RelationTracker
 from trig_stream.analysis.relations import AnalysisKey
+from trig_stream.backends.registry import backend_name_of
 from trig_stream.engine import Engine
 from trig_stream.records import Judgement
 from trig_stream.stats import EngineStats, ModelCounts
@@ -56,6 +59,36 @@ def relation_views(
                 model, metric, analysis.dimension_means, analysis.dimension_counts, analysis.dtm
             )
         )
+    return tuple(views)
+
+
+def engine_judge_views(engine: Engine) -> tuple[JudgeView, ...]:
+    """The views of the judges ``engine`` runs, in its order.
+
+    A judge the config describes (same name, same backend) is shown as its entry is; one
+    passed in otherwise is shown from the instance: its backend's name (else its class's),
+    the endpoints its options name, and its concurrency.
+    """
+    entries = {view.name: view for view in judge_views(engine.config.model_dump(mode="json"))}
+    views = []
+    for judge in engine.judges:
+        backend = backend_name_of("judges", judge) or type(judge).__name__
+        entry = entries.get(judge.name)
+        if entry is not None and entry.backend == backend:
+            views.append(entry)
+            continue
+        options = getattr(judge, "options", None)  # set by Judge.__init__, if called
+        table: dict[str, object] = {}
+        if isinstance(options, BaseModel):
+            with suppress(ValueError):  # an option JSON has no form for: no endpoints shown
+                table = options.model_dump(mode="json")
+        described = {
+            "name": judge.name,
+            "backend": backend,
+            "concurrency": judge.concurrency,
+            "options": table,
+        }
+        views.extend(judge_views({"judges": [described]}))
     return tuple(views)
 
 
@@ -115,9 +148,10 @@ class EngineSource:
         self.control: EngineControl | None = self.engine_control
         self.relations_every_s = relations_every_s
         self._clock = clock
-        config = engine.config
-        self._models = [g.name for g in config.generators]
-        self._judges = judge_views(config.model_dump(mode="json"))
+        # The engine's own backends, which may be instances passed in rather than the
+        # config's entries (those showed as a model at 0 for ever and a judge never used).
+        self._models = [generator.name for generator in engine.generators]
+        self._judges = engine_judge_views(engine)
         self._judgements = RateHistory()
         self._images = RateHistory()
         self._samples = CountRate()
