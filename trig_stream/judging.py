@@ -27,7 +27,13 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.base import (
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+    raised_in_thread,
+)
 from trig_stream.concurrency import ConcurrencyController, follow_server_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import (
@@ -406,6 +412,12 @@ def _prepare_all(judge: Judge, paths: list[Path]) -> list[PreparedImage | Except
             prepared.append(judge.prepare(path))
         except Exception as exc:
             prepared.append(exc)
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt, or a cancellation of the judge's own (this
+            # thread never calls back into the event loop): here it ends nothing, so it is
+            # that image's failure too. Let out, it ended the run as a Ctrl-C would, with
+            # no word of the judge, or as a cancellation with nothing judged.
+            prepared.append(ItemError(f"prepare() failed: {raised_in_thread(exc)}"))
     return prepared
 
 
