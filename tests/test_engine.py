@@ -1718,7 +1718,7 @@ class CancelsItselfIn(SyntheticGenerator):
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
-    ) -> list[Image.Image | EncodedPicture | Exception]:
+    ) -> list[Image.Image | Exception]:
         self._misbehave("generate")
         return super().generate(requests, worker=worker, cancel=cancel)
 
