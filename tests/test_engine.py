@@ -47,7 +47,7 @@ from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
 from trig_stream.records import Judgement, PromptRewrite
-from trig_stream.scoring import Scorer
+from trig_stream.scoring import Scorer, score_top_logprobs
 from trig_stream.stats import ModelCounts
 from trig_stream.store import QUARANTINE
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -506,6 +506,54 @@ async def test_a_cancelled_error_a_judge_raises_by_itself_is_its_failure(
     assert all(
         "the judge raised CancelledError though the run was not" in (j.error or "") for j in failed
     )
+
+
+class AnswersWith(FakeJudge):
+    """Answers every request with ``top`` as its top logprobs."""
+
+    def __init__(self, top: list[tuple[Any, Any]]) -> None:
+        super().__init__()
+        self.top = top
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        return JudgeReply(top_logprobs=list(self.top))
+
+
+@pytest.mark.parametrize(
+    ("top", "problem"),
+    [
+        (
+            [(b"good", -0.1)],
+            "(b'good', -0.1): the token is of type bytes, not str; decode it to text first",
+        ),
+        ([("good", None)], "('good', None): the logprob None is no real number"),
+        ([("good", "x")], "('good', 'x'): the logprob 'x' is no real number"),
+    ],
+)
+async def test_a_judge_answering_malformed_top_logprobs_gets_an_error_naming_them(
+    make_config: ConfigFactory, top: list[tuple[Any, Any]], problem: str
+) -> None:
+    # Bytes tokens were recorded unscorable ("no rating word among [b'good']") while the
+    # journal stored [["good", -0.1]]; a logprob that is no number stopped the run ("its
+    # reply makes no judgement"), for what is one answer's fault.
+    config = make_config(samples=2)
+    results = await run_to_end(config, judges=[AnswersWith(top)])
+    assert len(results) == 4
+    expected = f"the judge's answer has a malformed top logprob: top logprob entry {problem}"
+    assert {(j.status, j.score, j.error, j.top_logprobs) for j in results} == {
+        ("error", None, expected, None)
+    }
+    stored = list(read_journal(config.run_dir / JOURNAL))
+    assert {(j.status, j.top_logprobs) for j in stored} == {("error", None)}
+
+
+async def test_top_logprobs_are_stored_as_they_were_scored(make_config: ConfigFactory) -> None:
+    # A logprob written as text or as an int is a number: stored as the float it was scored as.
+    judge = AnswersWith([("good", "-0.1"), ("bad", -3)])
+    results = await run_to_end(make_config(samples=2), judges=[judge])
+    score = score_top_logprobs([("good", -0.1), ("bad", -3.0)], scorer=judge.scorer)
+    assert {(j.status, j.score) for j in results} == {("ok", score)}
+    assert {tuple(j.top_logprobs or ()) for j in results} == {(("good", -0.1), ("bad", -3.0))}
 
 
 class AnswersThenFails(FakeJudge):
@@ -1342,7 +1390,6 @@ class Replies(FakeJudge):
         (None, "judge() returned an object of type NoneType, not a JudgeReply"),
         (0.5, "judge() returned an object of type float, not a JudgeReply"),
         (JudgeReply(score=cast(float, "0.5")), "its reply makes no judgement"),
-        (JudgeReply(top_logprobs=[("good", cast(float, "x"))]), "its reply makes no judgement"),
     ],
 )
 async def test_a_judge_replying_the_wrong_shape_stops_the_run_with_one_error(

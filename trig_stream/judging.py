@@ -54,7 +54,12 @@ from trig_stream.pipeline import (
 )
 from trig_stream.records import Judgement, Status, TopLogprobs
 from trig_stream.retry import RetryPolicy
-from trig_stream.scoring import LOGPROB_TOLERANCE, broken_logprob, score_top_logprobs
+from trig_stream.scoring import (
+    LOGPROB_TOLERANCE,
+    broken_logprob,
+    checked_top_logprobs,
+    score_top_logprobs,
+)
 
 UNSCORABLE_TO_NOTE = 16
 """Unscorable answers of a judge that scored none, from which the run ends with a note."""
@@ -286,10 +291,20 @@ class JudgeStage:
         score: float | None = None
         top = reply.top_logprobs if reply else None
         broken: tuple[str, float] | None = None
+        malformed = ""
         if top is not None:
-            top, broken = _storable_entries(top)
+            try:
+                # What is stored is what is scored: bytes tokens were scored as "b'good'"
+                # (unscorable) and stored as "good".
+                top = checked_top_logprobs(top)
+            except ValueError as exc:
+                top, malformed = None, str(exc)
+            else:
+                top, broken = _storable_entries(top)
         if reply is not None:
-            if reply.score is not None and not math.isfinite(reply.score):
+            if malformed:
+                failure = f"the judge's answer has a malformed top logprob: {malformed}"
+            elif reply.score is not None and not math.isfinite(reply.score):
                 failure = f"the judge returned a non-finite score ({reply.score})"
             elif reply.score is not None and not 0.0 <= reply.score <= 1.0:
                 failure = f"the judge returned a score outside [0, 1] ({reply.score})"
