@@ -48,7 +48,7 @@ from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
 from trig_stream.records import Judgement, PromptRewrite
 from trig_stream.retry import RetryPolicy
-from trig_stream.scoring import Scorer
+from trig_stream.scoring import Scorer, score_top_logprobs
 from trig_stream.stats import ModelCounts
 from trig_stream.store import QUARANTINE
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -507,6 +507,54 @@ async def test_a_cancelled_error_a_judge_raises_by_itself_is_its_failure(
     assert all(
         "the judge raised CancelledError though the run was not" in (j.error or "") for j in failed
     )
+
+
+class AnswersWith(FakeJudge):
+    """Answers every request with ``top`` as its top logprobs."""
+
+    def __init__(self, top: list[tuple[Any, Any]]) -> None:
+        super().__init__()
+        self.top = top
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        return JudgeReply(top_logprobs=list(self.top))
+
+
+@pytest.mark.parametrize(
+    ("top", "problem"),
+    [
+        (
+            [(b"good", -0.1)],
+            "(b'good', -0.1): the token is of type bytes, not str; decode it to text first",
+        ),
+        ([("good", None)], "('good', None): the logprob None is no real number"),
+        ([("good", "x")], "('good', 'x'): the logprob 'x' is no real number"),
+    ],
+)
+async def test_a_judge_answering_malformed_top_logprobs_gets_an_error_naming_them(
+    make_config: ConfigFactory, top: list[tuple[Any, Any]], problem: str
+) -> None:
+    # Bytes tokens were recorded unscorable ("no rating word among [b'good']") while the
+    # journal stored [["good", -0.1]]; a logprob that is no number stopped the run ("its
+    # reply makes no judgement"), for what is one answer's fault.
+    config = make_config(samples=2)
+    results = await run_to_end(config, judges=[AnswersWith(top)])
+    assert len(results) == 4
+    expected = f"the judge's answer has a malformed top logprob: top logprob entry {problem}"
+    assert {(j.status, j.score, j.error, j.top_logprobs) for j in results} == {
+        ("error", None, expected, None)
+    }
+    stored = list(read_journal(config.run_dir / JOURNAL))
+    assert {(j.status, j.top_logprobs) for j in stored} == {("error", None)}
+
+
+async def test_top_logprobs_are_stored_as_they_were_scored(make_config: ConfigFactory) -> None:
+    # A logprob written as text or as an int is a number: stored as the float it was scored as.
+    judge = AnswersWith([("good", "-0.1"), ("bad", -3)])
+    results = await run_to_end(make_config(samples=2), judges=[judge])
+    score = score_top_logprobs([("good", -0.1), ("bad", -3.0)], scorer=judge.scorer)
+    assert {(j.status, j.score) for j in results} == {("ok", score)}
+    assert {tuple(j.top_logprobs or ()) for j in results} == {(("good", -0.1), ("bad", -3.0))}
 
 
 class AnswersThenFails(FakeJudge):
@@ -1484,7 +1532,6 @@ class Replies(FakeJudge):
         (None, "judge() returned an object of type NoneType, not a JudgeReply"),
         (0.5, "judge() returned an object of type float, not a JudgeReply"),
         (JudgeReply(score=cast(float, "0.5")), "its reply makes no judgement"),
-        (JudgeReply(top_logprobs=[("good", cast(float, "x"))]), "its reply makes no judgement"),
     ],
 )
 async def test_a_judge_replying_the_wrong_shape_stops_the_run_with_one_error(
@@ -1837,6 +1884,119 @@ async def test_a_generators_methods_that_misbehave_stop_the_run_with_its_name(
     generator = RaisesInItsMethods(method, error, returns)
     with anyio.fail_after(10), pytest.raises(FatalBackendError, match=re.escape(message)):
         await run_to_end(make_config(samples=1), generators=[generator])
+
+
+class CancelsItselfIn(SyntheticGenerator):
+    """A generator whose ``method`` raises an ``asyncio.CancelledError`` of its own (a future
+    it awaited in a loop of its own was cancelled), while nothing cancels the run."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.method = method
+
+    def _misbehave(self, method: str) -> None:
+        if method == self.method:
+            raise asyncio.CancelledError("its own future")
+
+    def check_environment(self) -> None:
+        self._misbehave("check_environment")
+
+    def load(self) -> None:
+        self._misbehave("load")
+        super().load()
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        self._misbehave("generate")
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+    def prompt_rewrite(self, data_id: str) -> PromptRewrite | None:
+        self._misbehave("prompt_rewrite")
+        return None
+
+    def close(self) -> None:
+        self._misbehave("close")
+        super().close()
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("check_environment", "generator 'synth': check_environment() failed: it raised"),
+        ("load", "generator 'synth' failed to load: it raised"),
+        ("generate", "a call of generator 'synth' failed: it raised"),
+        ("prompt_rewrite", "generator 'synth': prompt_rewrite('IQ-R_TA-C_1') failed: it raised"),
+    ],
+)
+async def test_a_cancelled_error_a_generator_raises_by_itself_stops_the_run_with_its_name(
+    make_config: ConfigFactory, method: str, message: str
+) -> None:
+    # On asyncio it passed for the run's cancellation: a BrokenResourceError traceback from
+    # the pipeline's streams (load, generate, prompt_rewrite), a bare CancelledError
+    # (check_environment).
+    expected = f"{message} CancelledError: its own future"
+    with anyio.fail_after(10), pytest.raises(FatalBackendError, match=re.escape(expected)):
+        await run_to_end(make_config(samples=1), generators=[CancelsItselfIn(method)])
+
+
+async def test_a_cancelled_error_a_generators_close_raises_by_itself_is_a_note(
+    make_config: ConfigFactory,
+) -> None:
+    # On asyncio the finished run ended "cancelled", with no word of the close.
+    generator = CancelsItselfIn("close")
+    with anyio.fail_after(10):
+        async with Engine(make_config(samples=2), generators=[generator]) as engine:
+            summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 4)
+    assert (
+        "synth: closing it failed: it raised CancelledError: its own future" in engine.stats().notes
+    )
+
+
+class FailsToPrepare(FakeJudge):
+    """A judge whose ``prepare`` raises ``error`` for the images of samples ending in _2."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def prepare(self, path: Path) -> PreparedImage:
+        if path.stem.endswith("_2"):
+            raise self.error
+        return super().prepare(path)
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        (asyncio.CancelledError("its own future"), "CancelledError: its own future"),
+        (KeyboardInterrupt(), "KeyboardInterrupt"),
+        (SystemExit(3), "SystemExit: 3"),
+        (RuntimeError("unreadable"), None),
+    ],
+)
+async def test_what_a_judges_prepare_raises_is_its_images_failure(
+    make_config: ConfigFactory, error: BaseException, raised: str | None
+) -> None:
+    # Raised in the worker thread that prepares, a CancelledError ended the run cancelled
+    # with nothing judged (a bare CancelledError on Trio), and a KeyboardInterrupt or
+    # SystemExit left the block as itself (exit 130 or 3, no message from the command).
+    with anyio.fail_after(10):
+        async with Engine(make_config(samples=12), judges=[FailsToPrepare(error)]) as engine:
+            results = [j async for j in engine.results]
+    failed = [j for j in results if j.status == "error"]
+    assert engine.stats().state == "done" and len(results) == 24
+    assert {j.data_id[-2:] for j in failed} == {"_2"} and len(failed) == 8
+    if raised is None:  # an ordinary exception, as it always was
+        expected = "judge failed: RuntimeError: unreadable"
+    else:
+        expected = (
+            f"judge failed: prepare() failed: it raised {raised} (sys.exit(), an interrupt or "
+            "a cancellation in its code or a library it uses), which cannot end the process "
+            "from a worker thread"
+        )
+    assert {(j.error, j.error_stage) for j in failed} == {(expected, "judge")}
 
 
 async def test_a_judge_whose_fingerprint_is_no_judge_fingerprint_stops_the_run_with_its_name(

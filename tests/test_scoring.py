@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given
@@ -107,9 +108,39 @@ def test_a_logprob_just_above_zero_is_rounding(scorer: str) -> None:
     )
 
 
-def test_trig_keeps_upstreams_number_for_a_tiny_probability() -> None:
-    # exp(-800) is 0.0 in floats and ~0 exactly: upstream's formula gives 0.0, not unscorable.
-    assert score_top_logprobs([("good", -800.0)], scorer="trig") == 0.0
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+@pytest.mark.parametrize("logprob", [-745.2, -800.0, -1000.0, -9998.0])
+def test_a_rating_whose_probability_underflows_to_zero_is_unscorable(
+    scorer: Scorer, logprob: float
+) -> None:
+    # exp() of it is 0.0 in a float: upstream's formula made a lone such rating word 0.0
+    # ("terrible"), while -9999.0 and -inf were unscorable.
+    assert score_top_logprobs([("good", logprob)], scorer=scorer) is None
+    assert score_top_logprobs([("good", logprob), ("bad", logprob - 1)], scorer=scorer) is None
+    # Beside a rating with a probability, it changes nothing.
+    assert score_top_logprobs([("good", logprob), ("bad", -0.5)], scorer=scorer) == 0.25
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ((b"good", -0.1), "top logprob entry (b'good', -0.1): the token is of type bytes, not str"),
+        ((1, -0.1), "top logprob entry (1, -0.1): the token is of type int, not str"),
+        (("good", None), "top logprob entry ('good', None): the logprob None is no real number"),
+        (("good", 1j), "top logprob entry ('good', 1j): the logprob 1j is no real number"),
+        (("good", "x"), "top logprob entry ('good', 'x'): the logprob 'x' is no real number"),
+        (("good", -0.1, 0), "top logprob entry ('good', -0.1, 0) is no (token, logprob) pair"),
+        ("ab", "top logprob entry 'ab' is no (token, logprob) pair"),
+    ],
+)
+def test_a_malformed_entry_is_refused_naming_it(
+    scorer: Scorer, entry: object, message: str
+) -> None:
+    # A TypeError, or "could not convert string to float", named no entry; bytes tokens were
+    # str()-ed into "b'good'": no rating word, so an unscorable answer.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        score_top_logprobs([("bad", -0.5), entry], scorer=scorer)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("scorer", ["trig", "robust"])

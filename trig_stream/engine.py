@@ -485,8 +485,7 @@ class Engine:
         # What the backends need from this machine, seen before a run directory is made and
         # before any model loads (a check may import a library: a worker thread's job).
         backends: list[Generator | Judge] = [*self._generators, *self._judges]
-        cancelled = anyio.get_cancelled_exc_class()
-        await anyio.to_thread.run_sync(check_environments, backends, cancelled)
+        await anyio.to_thread.run_sync(check_environments, backends)
         for judge in self._judges:
             self._fingerprints[judge.name] = judge_fingerprint(judge)
             self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)

@@ -95,8 +95,6 @@ class GenerationStage:
         self._loaded = False
         """Whether the generator has loaded: on the first batch that needs a new image, so a
         run with nothing left to make (a finished run directory) never loads it."""
-        self._cancelled: type[BaseException] = BaseException
-        """The event loop's cancellation exception (set by :meth:`run`), for its threads."""
         self._made_picture = made_before
         """Whether the generator is known to work: a picture it made in this run was
         written, or an earlier run's judgements show it made some."""
@@ -114,7 +112,6 @@ class GenerationStage:
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
         generator = self._generator
-        self._cancelled = anyio.get_cancelled_exc_class()
         # The model's own limiters keep its blocking calls off the shared default thread
         # pool, where they could starve dataset reads and journal writes.
         compute = anyio.CapacityLimiter(generator.workers)
@@ -187,9 +184,10 @@ class GenerationStage:
             generator.close()
         except Exception as exc:
             self._note(f"closing it failed: {describe_error(exc)}")
-        except BaseException as exc:  # SystemExit...: in this thread it would end nothing
-            if isinstance(exc, self._cancelled):
-                raise
+        except BaseException as exc:
+            # SystemExit, or an asyncio.CancelledError of its own: in this thread, which
+            # never calls back into the event loop, it would end nothing (as the run's
+            # cancellation, it turned a finished run into a cancelled one).
             self._note(f"closing it failed: it raised {describe_error(exc)}")
 
     def _note_generator_notes(self) -> None:
@@ -423,7 +421,6 @@ class GenerationStage:
                 self._generator.prompt_rewrite,
                 data_id,
                 failed=f"{self._name}: {call} failed",
-                cancelled=self._cancelled,
             )
         except TrigStreamError:
             raise

@@ -27,7 +27,13 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.base import (
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+    raised_in_thread,
+)
 from trig_stream.concurrency import ConcurrencyController, follow_server_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import (
@@ -52,6 +58,7 @@ from trig_stream.scoring import (
     LOGPROB_TOLERANCE,
     ZERO_PROBABILITY_LOGPROB,
     broken_logprob,
+    checked_top_logprobs,
     score_top_logprobs,
 )
 
@@ -285,10 +292,20 @@ class JudgeStage:
         score: float | None = None
         top = reply.top_logprobs if reply else None
         broken: tuple[str, float] | None = None
+        malformed = ""
         if top is not None:
-            top, broken = _storable_entries(top)
+            try:
+                # What is stored is what is scored: bytes tokens were scored as "b'good'"
+                # (unscorable) and stored as "good".
+                top = checked_top_logprobs(top)
+            except ValueError as exc:
+                top, malformed = None, str(exc)
+            else:
+                top, broken = _storable_entries(top)
         if reply is not None:
-            if reply.score is not None and not math.isfinite(reply.score):
+            if malformed:
+                failure = f"the judge's answer has a malformed top logprob: {malformed}"
+            elif reply.score is not None and not math.isfinite(reply.score):
                 failure = f"the judge returned a non-finite score ({reply.score})"
             elif reply.score is not None and not 0.0 <= reply.score <= 1.0:
                 failure = f"the judge returned a score outside [0, 1] ({reply.score})"
@@ -419,6 +436,12 @@ def _prepare_all(judge: Judge, paths: list[Path]) -> list[PreparedImage | Except
             prepared.append(judge.prepare(path))
         except Exception as exc:
             prepared.append(exc)
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt, or a cancellation of the judge's own (this
+            # thread never calls back into the event loop): here it ends nothing, so it is
+            # that image's failure too. Let out, it ended the run as a Ctrl-C would, with
+            # no word of the judge, or as a cancellation with nothing judged.
+            prepared.append(ItemError(f"prepare() failed: {raised_in_thread(exc)}"))
     return prepared
 
 

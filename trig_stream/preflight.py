@@ -158,18 +158,12 @@ def check_environment(backend: Generator | Judge) -> None:
     _backend_call(backend, "check_environment()", backend.check_environment)
 
 
-def check_environments(
-    backends: Sequence[Generator | Judge], cancelled: type[BaseException]
-) -> None:
+def check_environments(backends: Sequence[Generator | Judge]) -> None:
     """:func:`check_environment` of each backend; called in a worker thread (a check may
-    import a library), where ``sys.exit()`` in a check ends nothing, and stops the run.
-
-    Args:
-        cancelled: the event loop's cancellation exception class.
-    """
+    import a library), where ``sys.exit()`` in a check ends nothing, and stops the run."""
     for backend in backends:
         failed = f"{backend_label(backend)}: check_environment() failed"
-        call_in_thread(check_environment, backend, failed=failed, cancelled=cancelled)
+        call_in_thread(check_environment, backend, failed=failed)
 
 
 def backend_label(backend: Generator | Judge) -> str:

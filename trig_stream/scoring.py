@@ -14,9 +14,12 @@ score is the expected rating under the probabilities the model gave those words,
 Both return ``None`` when no token names a rating with any probability: upstream's 0.0 in that
 case cannot be told apart from "terrible", so we never make one up. A ``-inf`` logprob is a
 probability of 0 and counts as absent, as does ``-9999.0`` and below, what the OpenAI
-protocol sends for it (:data:`ZERO_PROBABILITY_LOGPROB`). A logprob that is no probability
-(NaN, ``+inf``, or above 0 by more than :data:`LOGPROB_TOLERANCE`, a probability above 1)
-means the judge's numbers are broken: both scorers refuse it rather than score around it.
+protocol sends for it (:data:`ZERO_PROBABILITY_LOGPROB`), and any logprob whose probability
+is 0.0 in a float (below about -745: upstream's formula made a lone such rating word 0.0).
+A logprob that is no probability (NaN, ``+inf``, or above 0 by more than
+:data:`LOGPROB_TOLERANCE`, a probability above 1) means the judge's numbers are broken: both
+scorers refuse it rather than score around it, as they refuse an entry that is no ``(str,
+number)`` pair (:func:`checked_top_logprobs`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Sequence
-from typing import Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 Scorer: TypeAlias = Literal["trig", "robust"]
 SCORERS: Final[tuple[Scorer, ...]] = ("trig", "robust")
@@ -103,15 +106,17 @@ def score_top_logprobs(
 
     Returns:
         The score in ``[0, 1]``, or ``None`` when no token names a rating with a probability
-        above 0 (unscorable). ``-inf`` entries (a probability of 0), and those at or below
-        ``-9999.0`` (how the OpenAI protocol writes one), are left out.
+        above 0 (unscorable). ``-inf`` entries (a probability of 0), those at or below
+        ``-9999.0`` (how the OpenAI protocol writes one) and those whose probability is 0.0
+        in a float are left out.
 
     Raises:
-        ValueError: ``scorer`` is not one of ``"trig"`` and ``"robust"``, or an entry's
-            logprob is no log probability (NaN, ``+inf``, or above 0 by more than
-            :data:`LOGPROB_TOLERANCE`); the message names the entry.
+        ValueError: ``scorer`` is not one of ``"trig"`` and ``"robust"``, an entry is
+            malformed (see :func:`checked_top_logprobs`), or an entry's logprob is no log
+            probability (NaN, ``+inf``, or above 0 by more than :data:`LOGPROB_TOLERANCE`);
+            the message names the entry.
     """
-    pairs = [(str(token), _logprob(logprob)) for token, logprob in top_logprobs]  # type: ignore[arg-type]
+    pairs = [(token, _logprob(logprob)) for token, logprob in checked_top_logprobs(top_logprobs)]
     broken = broken_logprob(pairs)
     if broken is not None:
         token, logprob = broken
@@ -126,9 +131,57 @@ def score_top_logprobs(
     raise ValueError(f"unknown scorer {scorer!r}; expected one of {', '.join(SCORERS)}")
 
 
-def _logprob(value: float) -> float:
-    logprob = float(value)
-    return -math.inf if logprob <= ZERO_PROBABILITY_LOGPROB else logprob
+def checked_top_logprobs(
+    top_logprobs: Iterable[tuple[str, float]] | Sequence[Sequence[object]],
+) -> list[tuple[str, float]]:
+    """The ``(token, logprob)`` pairs of ``top_logprobs``, each logprob a ``float``.
+
+    Raises:
+        ValueError: an entry is no pair, its token no ``str`` (bytes left undecoded: as
+            text, ``b'good'`` names no rating, so the answer would pass for unscorable), or
+            its logprob no real number (None, a complex, text that is no number); the
+            message names the entry.
+    """
+    try:
+        entries: list[Any] = list(top_logprobs)
+    except TypeError:
+        raise ValueError(
+            f"top logprobs of type {type(top_logprobs).__name__} are no sequence of "
+            "(token, logprob) pairs"
+        ) from None
+    try:
+        pairs: list[tuple[str, float]] = [(token, float(logprob)) for token, logprob in entries]
+    except (TypeError, ValueError):
+        pairs = [_checked_entry(entry) for entry in entries]  # raises, naming the entry
+    for token, logprob in pairs:
+        if not isinstance(token, str):
+            raise ValueError(
+                f"top logprob entry ({token!r}, {logprob}): the token is of type "
+                f"{type(token).__name__}, not str; decode it to text first"
+            )
+    return pairs
+
+
+def _checked_entry(entry: Any) -> tuple[str, float]:
+    if isinstance(entry, str | bytes) or not isinstance(entry, Sequence) or len(entry) != 2:
+        raise ValueError(f"top logprob entry {entry!r} is no (token, logprob) pair")
+    token, logprob = entry
+    try:
+        return token, float(logprob)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"top logprob entry {entry!r}: the logprob {logprob!r} is no real number"
+        ) from None
+
+
+_UNDERFLOW: Final[float] = -745.0
+"""Below about -745.13 ``exp`` is 0.0 in a float; above this it never is."""
+
+
+def _logprob(logprob: float) -> float:
+    if logprob <= ZERO_PROBABILITY_LOGPROB or (logprob < _UNDERFLOW and math.exp(logprob) == 0.0):
+        return -math.inf
+    return logprob
 
 
 def normalise_token(token: str) -> str:

@@ -400,35 +400,44 @@ def threads_left_behind() -> int:
 
 def ending_error(exc: BaseException, failed: str) -> FatalBackendError:
     """The error that stops the run for a ``SystemExit``, ``KeyboardInterrupt`` or other
-    ``BaseException`` (no ``Exception``, no cancellation) that a backend's code raised in a
-    worker thread; ``failed`` says what failed ("generator 'x' failed to load").
+    ``BaseException`` (no ``Exception``) that a backend's code raised in a worker thread;
+    ``failed`` says what failed ("generator 'x' failed to load").
 
     Raised there, it would not end the process as it means to: it reached the event loop
     as a crash of its own, and the command hung, silently, for good.
     """
-    text = str(exc)
-    raised = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return FatalBackendError(
-        f"{failed}: it raised {raised} (sys.exit() or an interrupt in its code or a library "
-        "it uses), which cannot end the process from a worker thread; the run stops: fix the "
-        "cause, then run the same command again to resume"
+        f"{failed}: {raised_in_thread(exc)}; the run stops: fix the cause, then run the same "
+        "command again to resume"
     )
 
 
-def call_in_thread(
-    func: Callable[..., T], *args: Any, failed: str, cancelled: type[BaseException]
-) -> T:
-    """``func(*args)``, called in a worker thread, with what :func:`ending_error` describes
-    turned into that error. ``cancelled`` is the event loop's cancellation exception
-    (``anyio.get_cancelled_exc_class()``, taken there): one coming back through
-    ``anyio.from_thread`` goes on as it is."""
+def raised_in_thread(exc: BaseException) -> str:
+    """What a backend's code did, raising ``exc`` (no ``Exception``) in a worker thread,
+    for a message: "it raised KeyboardInterrupt (...), which cannot end the process from a
+    worker thread"."""
+    text = str(exc)
+    raised = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return (
+        f"it raised {raised} (sys.exit(), an interrupt or a cancellation in its code or a "
+        "library it uses), which cannot end the process from a worker thread"
+    )
+
+
+def call_in_thread(func: Callable[..., T], *args: Any, failed: str) -> T:
+    """``func(*args)``, a backend's blocking code called in a worker thread, with what
+    :func:`ending_error` describes turned into that error.
+
+    Such code never calls back into the event loop, so nothing can cancel it there: a
+    cancellation exception it raises (an ``asyncio.CancelledError`` of a future of its own)
+    is its failure too, as ``SystemExit`` is. Let through, it read as the run's own
+    cancellation: the pipeline's streams broke, or a finished run ended ``cancelled``.
+    """
     try:
         return func(*args)
     except Exception:
         raise
     except BaseException as exc:
-        if isinstance(exc, cancelled):
-            raise
         raise ending_error(exc, failed) from exc
 
 
@@ -466,7 +475,6 @@ class ThreadCalls:
             FatalBackendError: ``func`` raised ``SystemExit``, ``KeyboardInterrupt`` or
                 another ``BaseException`` (see :func:`ending_error`).
         """
-        cancelled = anyio.get_cancelled_exc_class()
         failed = f"a call of {self._backend} failed"
 
         def call() -> T:
@@ -475,7 +483,7 @@ class ThreadCalls:
                     raise RuntimeError("the backend was closed before this call started")
                 self._running += 1
             try:
-                return call_in_thread(func, *args, failed=failed, cancelled=cancelled)
+                return call_in_thread(func, *args, failed=failed)
             finally:
                 with _threads_lock:
                     self._running -= 1
@@ -565,13 +573,12 @@ async def load_in_thread(
             ``BaseException`` (see :func:`ending_error`).
     """
     state = _Load()
-    cancelled = anyio.get_cancelled_exc_class()
 
     def load_then_release_if_left_behind() -> None:
         with _threads_lock:
             state.started = True
         try:
-            call_in_thread(load, failed=f"{backend} failed to load", cancelled=cancelled)
+            call_in_thread(load, failed=f"{backend} failed to load")
             with _threads_lock:
                 state.loaded = True
                 release = state.left_behind
