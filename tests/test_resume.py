@@ -1000,6 +1000,20 @@ def test_a_lock_error_leaves_no_open_lock_file(
     assert not [fd for fd in fds.iterdir() if fd.resolve() == tmp_path / LOCK]
 
 
+async def test_a_fresh_runs_judgements_are_analysed_by_the_time_results_gives_them(
+    make_config: ConfigFactory,
+) -> None:
+    # With no earlier judgements to join first, nothing holds this run's back: a consumer
+    # that looks up the analysis of the judgement it just received finds it there.
+    config = make_config(samples=8)
+    async with Engine(config) as engine:
+        received = 0
+        async for judgement in engine.results:
+            received += 1
+            assert engine.relations.added >= received
+            engine.relations.analysis(judgement.model, judgement.metric)
+
+
 async def test_live_analysis_includes_earlier_runs(make_config: ConfigFactory) -> None:
     config = make_config(samples=40)
     async with Engine(config) as engine:

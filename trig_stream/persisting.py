@@ -50,6 +50,8 @@ class PersistStage:
         self._relations = relations
         self._finished = finished
         self._history_loaded = anyio.Event()
+        if journal_state.lines == 0:  # nothing to wait for: this run's join as they land
+            self._history_loaded.set()
         self._new_while_loading: list[Judgement] = []
         """This run's judgements that landed while earlier runs' were still loading."""
         self.first_judgement = anyio.Event()
