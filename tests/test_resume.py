@@ -111,6 +111,41 @@ async def test_torn_last_record_is_cut_off_and_asked_again(make_config: ConfigFa
     assert len(counts) == 10 and set(counts.values()) == {1}
 
 
+async def test_a_whole_last_line_without_its_line_end_is_torn_and_asked_again(
+    make_config: ConfigFactory,
+) -> None:
+    # A crash between a line's text and its "\n": the readers stop before such a line, so
+    # the resume must not count it as judged (it would be in no report), but cut it off.
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])
+    last = json.loads(data.splitlines()[-1])
+    assert len(list(read_journal(path))) == 9
+    results = await run_to_end(config)  # nothing else left to do: that one is asked again
+    assert [(j.data_id, j.dimension) for j in results] == [(last["data_id"], last["dimension"])]
+    assert path.read_bytes().endswith(b"\n")
+    counts = keys_count(config)
+    assert len(counts) == 10 and set(counts.values()) == {1}
+    assert len(list(read_journal(path))) == 10
+
+
+async def test_lines_appended_after_an_unterminated_last_line_are_not_joined_to_it(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:6])[:-1])  # 4 judgements left to ask, line 6 unterminated
+    results = await run_to_end(config)
+    assert len(results) == 5  # the 4 never asked, and the torn one
+    counts = keys_count(config)  # every line parses: none garbled by a join
+    assert len(counts) == 10 and set(counts.values()) == {1}
+    assert len(list(read_journal(path))) == 10
+
+
 async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
