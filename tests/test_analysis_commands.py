@@ -299,6 +299,18 @@ def test_report_of_a_run_in_progress_says_it_covers_the_judgements_so_far(
     assert "covers the judgements so far" in text
 
 
+def test_report_of_a_run_whose_run_lock_was_deleted_says_it_is_still_going(
+    tmp_path: Path,
+) -> None:
+    run = write_run_dir(tmp_path / "run", {})
+    with (run / JOURNAL).open("ab") as journal:  # as the running run holds it
+        fcntl.flock(journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, text = run_command("report", str(run), "--no-plots")
+    assert code == 0
+    assert "a process (pid unknown: its journal is locked but not its run.lock" in text
+    assert "covers the judgements so far" in text
+
+
 def test_a_report_made_mid_run_says_so_in_its_files(tmp_path: Path) -> None:
     # Only the console said so: report.md and comparison.md read as a finished run's.
     run = write_run_dir(tmp_path / "run", {})

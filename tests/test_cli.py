@@ -574,6 +574,26 @@ def test_run_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "done: 0 judgements" in capsys.readouterr().err
 
 
+def test_status_sees_a_run_whose_run_lock_was_deleted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only run.lock was looked at: a run going on without it showed as "not running".
+    path = write_config(tmp_path)
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    capsys.readouterr()
+    with (run_dir / "journal.jsonl").open("ab") as journal:  # as the running run holds it
+        fcntl.flock(journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (run_dir / LOCK).unlink()
+        assert main(["status", str(run_dir)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "not running" not in out
+    assert (
+        "running (pid unknown: its journal is locked but not its run.lock (deleted by hand?))"
+        in out
+    )
+
+
 def test_exit_codes_for_refused_run_dir_and_fatal_errors(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     assert main(["run", str(path), "--headless"]) == EXIT_OK

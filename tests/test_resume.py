@@ -28,7 +28,7 @@ from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
 from trig_stream.files import write_atomic_many
 from trig_stream.journal import JOURNAL, Journal, JournalState, read_journal
-from trig_stream.locks import LOCK
+from trig_stream.locks import LOCK, Writer, find_writer
 from trig_stream.moves import Move
 from trig_stream.persisting import PersistStage
 from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
@@ -929,6 +929,7 @@ def test_a_run_dir_locked_by_another_process_names_its_pid(tmp_path: Path) -> No
         "from trig_stream import store\n"
         "run = store.RunDir(__import__('pathlib').Path(sys.argv[1]))\n"
         "run._acquire_lock()\n"
+        "run._write_pid()\n"
         "print('locked', flush=True)\n"
         "sys.stdin.read()\n"
     )
@@ -959,6 +960,41 @@ def test_a_run_lock_deleted_by_hand_does_not_let_a_second_run_in(tmp_path: Path)
         first.close()
     second, _ = store.RunDir.open(tmp_path, manifest)  # once the first is gone, it may
     second.close()
+
+
+def test_a_run_turned_away_by_the_journal_lock_leaves_no_pid_in_the_run_lock(
+    tmp_path: Path,
+) -> None:
+    # It wrote its pid into the run.lock it made before the journal's lock turned it away:
+    # the file then named a process that had exited, not the one running.
+    manifest = store.Manifest(run_name="locked", task="t2i")
+    first, _ = store.RunDir.open(tmp_path, manifest)
+    try:
+        (tmp_path / LOCK).unlink()
+        with pytest.raises(RunLockedError, match="its journal is locked"):
+            store.RunDir.open(tmp_path, manifest)
+        assert (tmp_path / LOCK).read_bytes() == b""
+        assert find_writer(tmp_path) == Writer(pid=None, run_lock_held=False)
+        with pytest.raises(RunLockedError, match="its journal is locked"):
+            store.check_resume(tmp_path, manifest)  # validate, as the run
+    finally:
+        first.close()
+    assert find_writer(tmp_path) is None
+
+
+def test_a_run_lock_just_taken_names_no_pid_of_the_run_before(tmp_path: Path) -> None:
+    # Until the journal is locked too, the run writes no pid: the one of the run before
+    # (gone) must not be shown as this run's meanwhile.
+    (tmp_path / LOCK).write_text("4194303")
+    run = store.RunDir(tmp_path)
+    run._acquire_lock()
+    try:
+        assert find_writer(tmp_path) == Writer(pid=None, run_lock_held=True)
+        manifest = store.Manifest(run_name="opening", task="t2i")
+        with pytest.raises(RunLockedError, match="in use by another run;"):
+            store.check_resume(tmp_path, manifest)
+    finally:
+        run.close()
 
 
 def test_a_run_turned_away_by_the_journal_lock_touches_nothing(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from trig_stream.analysis.report import (
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
-from trig_stream.locks import writer_pid
+from trig_stream.locks import find_writer
 from trig_stream.records import COMPARISON_FILE, Judgement
 from trig_stream.terminal import CommandConsole
 
@@ -170,12 +170,10 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 def in_progress_note(run_dir: Path, covering: str) -> str | None:
     """The note that a process still runs in ``run_dir``, so that ``covering`` ("this
     report covers") holds the judgements so far; None when none runs there."""
-    writer = writer_pid(run_dir)
+    writer = find_writer(run_dir)
     if writer is None:
         return None
-    return (
-        f"a process (pid {writer}) is still running in {run_dir}: {covering} the judgements so far"
-    )
+    return f"a process ({writer}) is still running in {run_dir}: {covering} the judgements so far"
 
 
 def write_report(
