@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
@@ -1001,6 +1002,26 @@ def test_a_run_dir_gone_before_the_final_report_is_one_line(
         f"no report: {run_dir} is not a trig-stream run directory (no manifest.json); the "
         f"run's judgements are done: `trig-stream report {run_dir}` writes the report once "
         "the run directory can be read"
+    )
+
+
+def test_a_final_report_that_cannot_be_written_points_to_another_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trig_stream.analysis import report
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(report, "write_json", read_only)  # a run directory made read-only
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        f"no report: cannot write the report in {run_dir / 'report' / 'synth'}: Permission "
+        "denied; it must be a folder this user can write, on a disk with space; the run's "
+        f"judgements are done: `trig-stream report {run_dir} --out DIR` writes the report "
+        "elsewhere"
     )
 
 

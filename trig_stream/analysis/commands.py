@@ -22,7 +22,12 @@ from trig_stream.analysis.inputs import (
     read_upstream,
     with_overrides,
 )
-from trig_stream.analysis.relations import ModelAnalysis, analyse_judgements, default_metric
+from trig_stream.analysis.relations import (
+    ModelAnalysis,
+    OutputWriteError,
+    analyse_judgements,
+    default_metric,
+)
 from trig_stream.analysis.report import (
     WrittenFiles,
     is_model_outputs,
@@ -192,7 +197,8 @@ def write_report(
     Ctrl-C then stops it).
 
     Raises:
-        AnalysisError: the run holds no judgement to analyse, or a file cannot be written.
+        AnalysisError: the run holds no judgement to analyse.
+        OutputWriteError: a file cannot be written.
         ReportStopped: ``should_stop`` said so.
     """
     # Asked before the journal is read: a run that ends meanwhile is reported as one going.
@@ -406,7 +412,10 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
             args.out.write_text(text, encoding="utf-8")
         except OSError as exc:  # the file itself, not its folder (a read-only folder, a full disk)
             reason = exc.strerror or exc
-            raise AnalysisError(f"cannot write the comparison to {args.out}: {reason}") from None
+            raise OutputWriteError(
+                f"cannot write the comparison to {args.out}: {reason}; it must be a file this "
+                "user can write, on a disk with space"
+            ) from None
         console.print(f"comparison written to {args.out}", highlight=False, markup=False)
     CommandConsole(soft_wrap=True).print(text, markup=False, highlight=False)
     return 0
