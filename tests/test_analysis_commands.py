@@ -26,8 +26,10 @@ from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
 from trig_stream.analysis.relations import default_metric
 from trig_stream.analysis.report import MODEL_FILES
+from trig_stream.cli import main
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import MissingExtraError, RunDirError
+from trig_stream.exit_codes import EXIT_RUN_DIR
 from trig_stream.files import write_atomic
 from trig_stream.journal import JOURNAL, Journal
 from trig_stream.locks import LOCK
@@ -299,6 +301,18 @@ def test_report_of_a_run_in_progress_says_it_covers_the_judgements_so_far(
     assert "covers the judgements so far" in text
 
 
+def test_report_of_a_run_whose_run_lock_was_deleted_says_it_is_still_going(
+    tmp_path: Path,
+) -> None:
+    run = write_run_dir(tmp_path / "run", {})
+    with (run / JOURNAL).open("ab") as journal:  # as the running run holds it
+        fcntl.flock(journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, text = run_command("report", str(run), "--no-plots")
+    assert code == 0
+    assert "a process (pid unknown: its journal is locked but not its run.lock" in text
+    assert "covers the judgements so far" in text
+
+
 def test_a_report_made_mid_run_says_so_in_its_files(tmp_path: Path) -> None:
     # Only the console said so: report.md and comparison.md read as a finished run's.
     run = write_run_dir(tmp_path / "run", {})
@@ -450,6 +464,43 @@ def test_a_report_that_cannot_be_written_is_one_error_naming_where(tmp_path: Pat
         run_command("report", str(run), "--out", str(blocked), "--no-plots")
     with pytest.raises(AnalysisError, match=r"cannot write the report in .*a-file: "):
         run_command("compare", str(run), "--out", str(blocked / "cmp.md"))
+
+
+@pytest.mark.parametrize("where", ["run-dir", "out"])
+def test_a_report_that_cannot_be_written_exits_3_as_an_unwritable_run_dir(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+) -> None:
+    # A read-only run directory exited 2, the code of a bad command line or input.
+    run = write_run_dir(tmp_path / "run", {})
+
+    def refused(self: Path, *args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    out = ["--out", str(tmp_path / "elsewhere")] if where == "out" else []
+    assert main(["report", str(run), "--no-plots", *out]) == EXIT_RUN_DIR
+    folder = tmp_path / "elsewhere" if where == "out" else run / "report"
+    assert f"cannot write the report in {folder / 'model-a'}: Permission denied" in (
+        capsys.readouterr().err
+    )
+
+
+def test_analyze_and_compare_outputs_that_cannot_be_written_exit_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = write_run_dir(tmp_path / "run", {})
+    blocked = tmp_path / "a-file"
+    blocked.write_text("a file where the output's folder would go")
+    assert (
+        main(["analyze", str(FORMATTED), "--out", str(blocked / "out"), "--no-plots"])
+        == EXIT_RUN_DIR
+    )
+    assert main(["compare", str(run), "--out", str(blocked / "cmp.md")]) == EXIT_RUN_DIR
+    err = capsys.readouterr().err
+    assert err.count("cannot write the report in") == 2 and "this user can write" in err
 
 
 def test_a_comparison_that_cannot_be_written_names_its_file(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
@@ -574,6 +575,26 @@ def test_run_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "done: 0 judgements" in capsys.readouterr().err
 
 
+def test_status_sees_a_run_whose_run_lock_was_deleted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only run.lock was looked at: a run going on without it showed as "not running".
+    path = write_config(tmp_path)
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    capsys.readouterr()
+    with (run_dir / "journal.jsonl").open("ab") as journal:  # as the running run holds it
+        fcntl.flock(journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (run_dir / LOCK).unlink()
+        assert main(["status", str(run_dir)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "not running" not in out
+    assert (
+        "running (pid unknown: its journal is locked but not its run.lock (deleted by hand?))"
+        in out
+    )
+
+
 def test_exit_codes_for_refused_run_dir_and_fatal_errors(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     assert main(["run", str(path), "--headless"]) == EXIT_OK
@@ -981,6 +1002,26 @@ def test_a_run_dir_gone_before_the_final_report_is_one_line(
         f"no report: {run_dir} is not a trig-stream run directory (no manifest.json); the "
         f"run's judgements are done: `trig-stream report {run_dir}` writes the report once "
         "the run directory can be read"
+    )
+
+
+def test_a_final_report_that_cannot_be_written_points_to_another_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trig_stream.analysis import report
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(report, "write_json", read_only)  # a run directory made read-only
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        f"no report: cannot write the report in {run_dir / 'report' / 'synth'}: Permission "
+        "denied; it must be a folder this user can write, on a disk with space; the run's "
+        f"judgements are done: `trig-stream report {run_dir} --out DIR` writes the report "
+        "elsewhere"
     )
 
 

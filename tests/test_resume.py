@@ -35,7 +35,7 @@ from trig_stream.journal import (
     parse_journal_line,
     read_journal,
 )
-from trig_stream.locks import LOCK
+from trig_stream.locks import LOCK, Writer, find_writer
 from trig_stream.moves import Move
 from trig_stream.persisting import PersistStage
 from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
@@ -116,6 +116,41 @@ async def test_torn_last_record_is_cut_off_and_asked_again(make_config: ConfigFa
     assert len(results) == 1
     counts = keys_count(config)
     assert len(counts) == 10 and set(counts.values()) == {1}
+
+
+async def test_a_whole_last_line_without_its_line_end_is_torn_and_asked_again(
+    make_config: ConfigFactory,
+) -> None:
+    # A crash between a line's text and its "\n": the readers stop before such a line, so
+    # the resume must not count it as judged (it would be in no report), but cut it off.
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])
+    last = json.loads(data.splitlines()[-1])
+    assert len(list(read_journal(path))) == 9
+    results = await run_to_end(config)  # nothing else left to do: that one is asked again
+    assert [(j.data_id, j.dimension) for j in results] == [(last["data_id"], last["dimension"])]
+    assert path.read_bytes().endswith(b"\n")
+    counts = keys_count(config)
+    assert len(counts) == 10 and set(counts.values()) == {1}
+    assert len(list(read_journal(path))) == 10
+
+
+async def test_lines_appended_after_an_unterminated_last_line_are_not_joined_to_it(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:6])[:-1])  # 4 judgements left to ask, line 6 unterminated
+    results = await run_to_end(config)
+    assert len(results) == 5  # the 4 never asked, and the torn one
+    counts = keys_count(config)  # every line parses: none garbled by a join
+    assert len(counts) == 10 and set(counts.values()) == {1}
+    assert len(list(read_journal(path))) == 10
 
 
 async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
@@ -931,6 +966,7 @@ def test_a_run_dir_locked_by_another_process_names_its_pid(tmp_path: Path) -> No
         "from trig_stream import store\n"
         "run = store.RunDir(__import__('pathlib').Path(sys.argv[1]))\n"
         "run._acquire_lock()\n"
+        "run._write_pid()\n"
         "print('locked', flush=True)\n"
         "sys.stdin.read()\n"
     )
@@ -961,6 +997,41 @@ def test_a_run_lock_deleted_by_hand_does_not_let_a_second_run_in(tmp_path: Path)
         first.close()
     second, _ = store.RunDir.open(tmp_path, manifest)  # once the first is gone, it may
     second.close()
+
+
+def test_a_run_turned_away_by_the_journal_lock_leaves_no_pid_in_the_run_lock(
+    tmp_path: Path,
+) -> None:
+    # It wrote its pid into the run.lock it made before the journal's lock turned it away:
+    # the file then named a process that had exited, not the one running.
+    manifest = store.Manifest(run_name="locked", task="t2i")
+    first, _ = store.RunDir.open(tmp_path, manifest)
+    try:
+        (tmp_path / LOCK).unlink()
+        with pytest.raises(RunLockedError, match="its journal is locked"):
+            store.RunDir.open(tmp_path, manifest)
+        assert (tmp_path / LOCK).read_bytes() == b""
+        assert find_writer(tmp_path) == Writer(pid=None, run_lock_held=False)
+        with pytest.raises(RunLockedError, match="its journal is locked"):
+            store.check_resume(tmp_path, manifest)  # validate, as the run
+    finally:
+        first.close()
+    assert find_writer(tmp_path) is None
+
+
+def test_a_run_lock_just_taken_names_no_pid_of_the_run_before(tmp_path: Path) -> None:
+    # Until the journal is locked too, the run writes no pid: the one of the run before
+    # (gone) must not be shown as this run's meanwhile.
+    (tmp_path / LOCK).write_text("4194303")
+    run = store.RunDir(tmp_path)
+    run._acquire_lock()
+    try:
+        assert find_writer(tmp_path) == Writer(pid=None, run_lock_held=True)
+        manifest = store.Manifest(run_name="opening", task="t2i")
+        with pytest.raises(RunLockedError, match="in use by another run;"):
+            store.check_resume(tmp_path, manifest)
+    finally:
+        run.close()
 
 
 def test_a_run_turned_away_by_the_journal_lock_touches_nothing(tmp_path: Path) -> None:

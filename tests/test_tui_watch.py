@@ -31,7 +31,7 @@ from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, latest_judgements, read_journal_lines
-from trig_stream.locks import writer_pid
+from trig_stream.locks import Writer, find_writer
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord
 from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import QUARANTINE, QUARANTINE_PARTIAL, Manifest, RunDir, read_manifest
@@ -147,7 +147,7 @@ async def test_watch_follows_a_run_written_by_another_process(tmp_path: Path) ->
     assert final.relations and final.relations[0].dtm is not None
     # Read-only: the writer ran to the end beside the viewer, which left nothing behind.
     assert {p.name for p in run_dir.iterdir()} <= RUN_DIR_FILES
-    assert writer_pid(run_dir) is None
+    assert find_writer(run_dir) is None
 
 
 def judgement(index: int) -> Judgement:
@@ -278,6 +278,17 @@ def write_run_dir(tmp_path: Path) -> Path:
     (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
     (run_dir / JOURNAL).write_bytes(judgement(1).model_dump_json().encode() + b"\n")
     return run_dir
+
+
+def test_watch_sees_a_run_whose_run_lock_was_deleted(tmp_path: Path) -> None:
+    # Only run.lock was looked at: a run going on without it showed as finished.
+    run_dir = write_run_dir(tmp_path)
+    with (run_dir / JOURNAL).open("ab") as journal:  # as the running run holds it
+        fcntl.flock(journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        snapshot = RunDirSource(run_dir).poll()
+    assert snapshot.state == "running"
+    assert "run written by pid unknown: its journal is locked" in snapshot.message
+    assert RunDirSource(run_dir).poll().state == "finished"
 
 
 def test_watch_shows_the_quarantined_records(tmp_path: Path) -> None:
@@ -449,16 +460,16 @@ def test_the_last_lines_of_a_writer_that_ends_as_it_is_watched_are_counted(
     run_dir = write_run_dir(tmp_path)
     looks = []
 
-    def writer_appends_its_last_line_and_exits(_: Path) -> int | None:
+    def writer_appends_its_last_line_and_exits(_: Path) -> Writer | None:
         looks.append(1)
         if len(looks) == 1:
-            return os.getpid()
+            return Writer(pid=os.getpid(), run_lock_held=True)
         with (run_dir / JOURNAL).open("ab") as journal:
             journal.write(judgement(2).model_dump_json().encode() + b"\n")
         return None
 
     monkeypatch.setattr(
-        "trig_stream.tui.watch_source.writer_pid", writer_appends_its_last_line_and_exits
+        "trig_stream.tui.watch_source.find_writer", writer_appends_its_last_line_and_exits
     )
     source = RunDirSource(run_dir)
     assert source.poll().state == "running"

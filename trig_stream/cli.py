@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.markup import escape
 
-from trig_stream.analysis.relations import AnalysisError
+from trig_stream.analysis.relations import AnalysisError, OutputWriteError
 from trig_stream.backends.base import threads_left_behind
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
@@ -81,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except (ConfigError, AnalysisError) as exc:
         console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
-        return EXIT_CONFIG
+        # An output that cannot be written is the storage's fault, as an unwritable run
+        # directory is: not a bad command line or input.
+        return EXIT_RUN_DIR if isinstance(exc, OutputWriteError) else EXIT_CONFIG
     except RunDirError as exc:
         console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
         return EXIT_RUN_DIR
@@ -377,6 +379,14 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
                 markup=False,
             )
             return False
+        except OutputWriteError as exc:
+            console.print(
+                f"no report: {exc}; the run's judgements are done: `trig-stream report "
+                f"{run_dir} --out DIR` writes the report elsewhere",
+                highlight=False,
+                markup=False,
+            )
+            return True
         except AnalysisError as exc:  # e.g. nothing scored: the run itself still succeeded
             console.print(f"no report: {printable(str(exc))}", highlight=False, markup=False)
             return True

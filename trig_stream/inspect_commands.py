@@ -160,14 +160,14 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     mean scores, and whether a process is writing it now."""
     from trig_stream.files import open_regular_file
     from trig_stream.journal import JOURNAL, read_journal_lines
-    from trig_stream.locks import writer_pid
+    from trig_stream.locks import find_writer
     from trig_stream.records import Judgement
     from trig_stream.store import QUARANTINE, errors_asked_again, quarantine_lists, read_manifest
 
     manifest = read_manifest(args.run_dir)
     # Asked before the journal is read, as `watch` asks: a writer that is gone by then has
     # written its last line, which the counts then hold.
-    writer = writer_pid(args.run_dir)
+    writer = find_writer(args.run_dir)
     latest: dict[JudgementKey, tuple[int, Judgement]] = {
         j.key: (line, j) for line, j in read_journal_lines(args.run_dir / JOURNAL)
     }
@@ -212,7 +212,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
                 "below, not counted as errors)"
             )
         out.print(
-            f"running (pid {writer}){retrying}; the counts below are as of now; follow it "
+            f"running ({writer}){retrying}; the counts below are as of now; follow it "
             f"live with `trig-stream watch {args.run_dir}`"
         )
     columns: tuple[str, ...] = STATUSES

@@ -91,7 +91,8 @@ class JournalState:
 
 def journal_state(path: Path) -> tuple[JournalState, int]:
     """What the journal at ``path`` holds, and where its last judgement ends (past it, a
-    torn tail of ``torn_bytes``); reading only.
+    torn tail of ``torn_bytes``); reading only. A last line without its line end is torn,
+    whole JSON or not: :func:`read_journal` stops before it too.
 
     Raises:
         RunDirError: it is a folder or a pipe.
@@ -106,6 +107,11 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
         unreadable: list[int] = []  # since the last judgement
         for number, raw in enumerate(handle, start=1):
             end += len(raw)
+            if not raw.endswith(b"\n"):
+                # The last line, unterminated: torn, even when it parses (the crash came
+                # between its text and its "\n"), as the readers hold it. Counted as judged,
+                # it would be in no report, and the next append would join it to a new line.
+                break
             try:
                 # The same check the report's reading makes: a line it would skip must not
                 # count as judged, or its judgement is in neither.

@@ -1,14 +1,16 @@
 """The run lock: who runs in a run directory, seen without taking the lock.
 
-A running process holds ``run.lock`` (and its journal) locked with ``flock`` and writes its
-pid there; a viewer (``status``, ``watch``, ``validate``) asks the kernel's lock table
-whether the lock is held rather than taking it, which would turn away a run starting then.
+A running process holds ``run.lock`` (and its journal) locked with ``flock`` and, once it
+holds both, writes its pid there; a viewer (``status``, ``watch``, ``report``, ``validate``)
+asks the kernel's lock table whether either lock is held (:func:`find_writer`) rather than
+taking it, which would turn away a run starting then.
 The messages of a run refused because another holds the directory live here too.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from trig_stream.files import open_regular_file
@@ -17,32 +19,69 @@ LOCK = "run.lock"
 """Held locked by the process running in a run directory, which writes its pid there."""
 
 
-def writer_pid(run_dir: Path) -> int | None:
-    """The pid of the process running in ``run_dir`` when one does, else None.
+@dataclass(frozen=True)
+class Writer:
+    """A process running in a run directory, as :func:`find_writer` sees it."""
 
-    On Linux the kernel's lock table (``/proc/locks``) says whether the run lock is held;
-    elsewhere, whether the pid the lock holder wrote into ``run.lock`` still runs. The lock
-    itself is never touched.
+    pid: int | None
+    """Its pid; None when unknown: its ``run.lock`` names none (not written yet, as a run
+    opening writes it last), or only its journal is locked (``run.lock`` deleted by hand)."""
+    run_lock_held: bool
+    """Whether it holds ``run.lock``; False when its journal's lock alone shows it."""
+
+    def __str__(self) -> str:
+        if self.pid is not None:
+            return f"pid {self.pid}"
+        if self.run_lock_held:
+            return f"pid not yet written in {LOCK}"
+        return f"pid unknown: its journal is locked but not its {LOCK} (deleted by hand?)"
+
+
+def find_writer(run_dir: Path) -> Writer | None:
+    """The process running in ``run_dir`` when one does, else None.
+
+    On Linux the kernel's lock table (``/proc/locks``) says whether the run lock is held, or
+    else the journal's (which a run holds too, so that a ``run.lock`` deleted by hand neither
+    lets a second run in nor hides the first); elsewhere, whether the pid the lock holder
+    wrote into ``run.lock`` still runs. No lock is ever touched.
     """
+    # Imported here: the journal's module imports this one for its messages.
+    from trig_stream.journal import JOURNAL
+
+    writer = _run_lock_writer(run_dir)
+    if writer is None and file_locked(run_dir / JOURNAL):
+        return Writer(pid=None, run_lock_held=False)
+    return writer
+
+
+def _run_lock_writer(run_dir: Path) -> Writer | None:
+    """The process that holds ``run.lock``, or the one whose pid it holds and that still
+    runs where the lock table cannot be read."""
     path = run_dir / LOCK
     try:
         with open_regular_file(path) as handle:  # a pipe there is no lock: no wait on it
-            pid = int(handle.read(64).decode().strip() or "0")
+            text = handle.read(64).decode().strip()
             info = os.fstat(handle.fileno())
     except (OSError, ValueError):
         return None
+    try:
+        pid: int | None = int(text)
+    except ValueError:
+        pid = None
+    if pid is not None and pid <= 0:
+        pid = None
     held = _lock_held(info.st_dev, info.st_ino)
     if held is not None:
-        return pid if held and pid > 0 else None
-    if pid <= 0:
+        return Writer(pid=pid, run_lock_held=True) if held else None
+    if pid is None:
         return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
     except PermissionError:
-        return pid
-    return pid
+        pass
+    return Writer(pid=pid, run_lock_held=True)
 
 
 def run_in_use(run_dir: Path, holder: str) -> str:

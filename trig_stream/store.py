@@ -53,7 +53,7 @@ from trig_stream.files import (
     write_atomic_many,
 )
 from trig_stream.journal import JOURNAL, Journal, JournalState, journal_state, journal_unreadable
-from trig_stream.locks import LOCK, file_locked, journal_in_use, run_in_use, writer_pid
+from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
 from trig_stream.moves import Move
 from trig_stream.records import (
     MAX_NAME_CHARS,
@@ -357,6 +357,10 @@ class RunDir:
             # The journal's lock first: a run turned away by it must touch nothing (a running
             # run's temporary images and newest lines look like a crash's leftovers).
             state = run.journal.open()
+            # Only now, both locks held: a run the journal's lock turns away (its run.lock
+            # deleted by hand, so this one made and locked a new one) must not leave its pid
+            # there, naming a process that exits at once instead of the one running.
+            run._write_pid()
             run._remove_partial_images()
             run._check_manifest(manifest, state)
             run._quarantine = (path / QUARANTINE_PARTIAL).open("wb", buffering=0)
@@ -472,10 +476,9 @@ class RunDir:
         handle = (self.path / LOCK).open("a+b")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()).encode())
-            handle.flush()
+            # The pid of the run before, gone: a viewer must not name it as this run's until
+            # this one writes its own (:meth:`_write_pid`), once the journal is locked too.
+            handle.truncate(0)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read(32).decode("ascii", "replace").strip()
@@ -485,6 +488,15 @@ class RunDir:
             handle.close()
             raise
         self._lock = handle
+
+    def _write_pid(self) -> None:
+        # Written once the journal's lock is held too (see open): viewers tell who runs here
+        # by it (:func:`~trig_stream.locks.find_writer`).
+        assert self._lock is not None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()).encode())
+        self._lock.flush()
 
     def _remove_partial_images(self) -> None:
         # A crash between writing an image's temporary file and renaming it leaves the
@@ -579,15 +591,15 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
         What its journal holds (empty for a new directory), as a run would resume it.
 
     Raises:
-        RunLockedError: a process runs in it (:func:`writer_pid`, or its journal's lock).
+        RunLockedError: a process runs in it (:func:`~trig_stream.locks.find_writer`).
         RunDirError: see :func:`resumed_manifest`; or the journal cannot be read.
     """
     # Seen from the kernel's lock table, never by taking the lock: holding it even for a
     # moment would turn away a run starting then.
-    pid = writer_pid(path)
-    if pid is not None:
-        raise RunLockedError(run_in_use(path, str(pid)))
-    if file_locked(path / JOURNAL):
+    writer = find_writer(path)
+    if writer is not None and writer.run_lock_held:
+        raise RunLockedError(run_in_use(path, "" if writer.pid is None else str(writer.pid)))
+    if writer is not None:
         raise RunLockedError(journal_in_use(path))
     try:
         journal, _ = journal_state(path / JOURNAL)

@@ -22,7 +22,12 @@ from trig_stream.analysis.inputs import (
     read_upstream,
     with_overrides,
 )
-from trig_stream.analysis.relations import ModelAnalysis, analyse_judgements, default_metric
+from trig_stream.analysis.relations import (
+    ModelAnalysis,
+    OutputWriteError,
+    analyse_judgements,
+    default_metric,
+)
 from trig_stream.analysis.report import (
     WrittenFiles,
     is_model_outputs,
@@ -33,7 +38,7 @@ from trig_stream.analysis.report import (
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
-from trig_stream.locks import writer_pid
+from trig_stream.locks import find_writer
 from trig_stream.records import COMPARISON_FILE, Judgement
 from trig_stream.terminal import CommandConsole
 
@@ -170,12 +175,10 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 def in_progress_note(run_dir: Path, covering: str) -> str | None:
     """The note that a process still runs in ``run_dir``, so that ``covering`` ("this
     report covers") holds the judgements so far; None when none runs there."""
-    writer = writer_pid(run_dir)
+    writer = find_writer(run_dir)
     if writer is None:
         return None
-    return (
-        f"a process (pid {writer}) is still running in {run_dir}: {covering} the judgements so far"
-    )
+    return f"a process ({writer}) is still running in {run_dir}: {covering} the judgements so far"
 
 
 def write_report(
@@ -194,7 +197,8 @@ def write_report(
     Ctrl-C then stops it).
 
     Raises:
-        AnalysisError: the run holds no judgement to analyse, or a file cannot be written.
+        AnalysisError: the run holds no judgement to analyse.
+        OutputWriteError: a file cannot be written.
         ReportStopped: ``should_stop`` said so.
     """
     # Asked before the journal is read: a run that ends meanwhile is reported as one going.
@@ -408,7 +412,10 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
             args.out.write_text(text, encoding="utf-8")
         except OSError as exc:  # the file itself, not its folder (a read-only folder, a full disk)
             reason = exc.strerror or exc
-            raise AnalysisError(f"cannot write the comparison to {args.out}: {reason}") from None
+            raise OutputWriteError(
+                f"cannot write the comparison to {args.out}: {reason}; it must be a file this "
+                "user can write, on a disk with space"
+            ) from None
         console.print(f"comparison written to {args.out}", highlight=False, markup=False)
     CommandConsole(soft_wrap=True).print(text, markup=False, highlight=False)
     return 0

@@ -49,6 +49,12 @@ class AnalysisError(TrigStreamError):
     """An analysis input cannot be used (unknown layout, bad scores, nothing to analyse)."""
 
 
+class OutputWriteError(AnalysisError):
+    """A report, export or comparison cannot be written where it goes (no permission, a full
+    disk, a file where its folder would be): the output's fault, not the input's, so the
+    command exits as for an unwritable run directory (3), not as for a bad input (2)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PairColumns:
     """One pair's scores: slot ``i`` is the image ``data_ids[i]``; NaN means no ok score.

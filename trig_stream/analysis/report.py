@@ -18,7 +18,7 @@ from trig_stream.analysis.exports import (
     write_json,
     write_judgements_parquet,
 )
-from trig_stream.analysis.relations import AnalysisError, ModelAnalysis
+from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputWriteError
 from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.records import Judgement
 
@@ -119,11 +119,15 @@ class WrittenFiles:
 @contextmanager
 def writing(where: Path) -> Iterator[None]:
     """Turn a failed write under ``where`` (a full disk, no permission) into an
-    :class:`AnalysisError` that names it: one message instead of a traceback."""
+    :class:`~trig_stream.analysis.relations.OutputWriteError` that names it: one message
+    instead of a traceback."""
     try:
         yield
     except OSError as exc:
-        raise AnalysisError(f"cannot write the report in {where}: {exc.strerror or exc}") from None
+        raise OutputWriteError(
+            f"cannot write the report in {where}: {exc.strerror or exc}; it must be a folder "
+            "this user can write, on a disk with space"
+        ) from None
 
 
 class ReportStopped(AnalysisError):
@@ -152,7 +156,7 @@ def write_model_outputs(
         notes: what the markdown report says before its numbers (a run still going).
 
     Raises:
-        AnalysisError: a file cannot be written.
+        OutputWriteError: a file cannot be written.
         ReportStopped: ``should_stop`` said so.
     """
 
@@ -223,7 +227,7 @@ def remove_model_outputs(folder: Path) -> bool:
     folder is gone.
 
     Raises:
-        AnalysisError: a file cannot be removed.
+        OutputWriteError: a file cannot be removed.
     """
     with writing(folder):
         for name in MODEL_FILES:

@@ -2,9 +2,8 @@
 
 :class:`RunDirSource` reads ``manifest.json`` and tails ``journal.jsonl`` by file offset. It
 only ever opens files for reading: it never takes the run lock and never writes in the run
-directory, so attaching or closing a viewer cannot disturb the run. The writer's pid is read
-from ``run.lock`` (written there by the process holding the lock) to tell whether it still
-runs.
+directory, so attaching or closing a viewer cannot disturb the run. Whether a process still
+writes it, and its pid, come from :func:`~trig_stream.locks.find_writer`.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from trig_stream.journal import (
     open_journal,
     parse_journal_line,
 )
-from trig_stream.locks import writer_pid
+from trig_stream.locks import find_writer
 from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import Manifest, errors_asked_again, quarantine_lists, read_manifest
@@ -247,7 +246,7 @@ class RunDirSource:
         # Asked before the journal is read: a writer that is gone then has appended its last
         # line, so what follows reads it. Asked after, the lines it appended meanwhile were
         # left unread by a snapshot that said "finished".
-        writer = writer_pid(self.run_dir)
+        writer = find_writer(self.run_dir)
         judgements = self.tail.read_lines()
         if self.tail.restarted:
             self._forget_the_journal()
@@ -279,7 +278,7 @@ class RunDirSource:
             self._relations_at = now
             self._relations = relation_views(self._tracker, self._tracker.groups())
         if writer is not None:
-            message = f"watching read-only: run written by pid {writer}"
+            message = f"watching read-only: run written by {writer}"
         else:
             message = "watching read-only: no process is writing this run"
         if asked_again:
