@@ -784,8 +784,12 @@ def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     # Nothing was in flight: no promise of finishing it, nor of a second Ctrl-C's use.
     assert "stopping: the run had not started" in err and "Traceback" not in err
     assert "finishing the work in flight" not in err
-    assert "stopped: 0 judgements in this run" in err or "cancelled: 0 judgements" in err, err
-    assert sum(journal_keys(tmp_path).values()) == 0
+    # The run directory it made is gone again: it named it, "[stopped]" twice, and a run
+    # with nothing in it to resume.
+    assert "before the run opened its run directory: nothing was written" in err, err
+    assert "\nrun directory: " not in err and "results in" not in err
+    assert err.count("0.0/s") == 1, err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
 def test_a_run_stopped_before_its_run_directory_says_nothing_was_written(
