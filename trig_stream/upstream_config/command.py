@@ -74,7 +74,7 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
             f"{args.yaml}: the converted config cannot be written as UTF-8 text: "
             f"{conversion.text[exc.start : exc.end]!r} (a file name that is not UTF-8?)"
         ) from None
-    if target is None:
+    if out is None or target is None:
         sys.stdout.write(conversion.text)
         sys.stdout.flush()
     else:
