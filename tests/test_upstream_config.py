@@ -525,6 +525,20 @@ def test_image_folder_of_a_generated_model_is_not_judged_twice(tmp_path: Path) -
     assert any(w.startswith("evaluation.image_dirs[data/output/t2i/flux]:") for w in warnings)
 
 
+def test_a_folder_listed_twice_in_image_dirs_converts_to_one_generator(tmp_path: Path) -> None:
+    # Two generators (imgs, imgs-2) over one folder judged every image twice, unsaid.
+    out, warnings = convert_to_file(
+        tmp_path, "evaluation: {image_dirs: [out/imgs, out/imgs/, ./out/imgs, out/other]}\n"
+    )
+    assert [g.name for g in load_config(out).generators] == ["imgs", "other"]
+    said = [w for w in warnings if "listed again" in w]
+    assert said == [
+        f"evaluation.image_dirs[{folder}]: left out: the same folder as the generator "
+        "'imgs', listed again"
+        for folder in ("out/imgs/", "./out/imgs")
+    ]
+
+
 def test_image_dirs_that_are_no_folder_are_left_out_with_a_warning(tmp_path: Path) -> None:
     # They became generators named "None" and "5" reading folders of those names.
     text = 'task: t2i\nevaluation:\n  image_dirs: [null, 5, "", "out/t2i/flux"]\n'
