@@ -410,6 +410,58 @@ def test_make_tiny_models_into_a_file_is_one_message(
     assert "cannot make the folder" in capsys.readouterr().err
 
 
+def test_make_tiny_models_refuses_an_empty_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Path("") is the current folder: the models were built there without a word.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["make-tiny-models", " "])
+    assert exited.value.code == 2
+    assert "argument OUT: an empty path; name the folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_tiny_models_replaces_only_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A pipe or a file at a model's name was renamed away and deleted; with --force a
+    # symbolic link was renamed away, then the build ended in a traceback (rmtree of a link).
+    from trig_stream.testing import tiny_models, tiny_pipelines, tiny_vlm
+
+    def build(path: Path, last: str) -> None:
+        path.mkdir(parents=True)
+        (path / last).write_text("{}")
+
+    monkeypatch.setattr(
+        tiny_pipelines, "build_tiny_pipeline", lambda kind, path: build(path, "model_index.json")
+    )
+    monkeypatch.setattr(
+        tiny_vlm, "build_tiny_vlm", lambda path: build(path, "processor_config.json")
+    )
+    out = tmp_path / "models"
+    out.mkdir()
+    os.mkfifo(out / "sd")
+    args = argparse.Namespace(out=out, force=False)
+    console = Console(stderr=True, soft_wrap=True)
+    assert tiny_models.make_tiny_models(args, console) == EXIT_RUN_DIR
+    assert f"{out / 'sd'}: is not a folder (a file, a pipe or a symbolic link); move it" in (
+        " ".join(capsys.readouterr().err.split())
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["sd"]  # refused before any build
+    (out / "sd").unlink()
+
+    elsewhere = tmp_path / "elsewhere"
+    build(elsewhere, "processor_config.json")
+    (out / "vlm").symlink_to(elsewhere)
+    assert tiny_models.make_tiny_models(args, console) == EXIT_OK  # a model there: present
+    assert f"{out / 'vlm'}: present" in capsys.readouterr().err
+    forced = argparse.Namespace(out=out, force=True)
+    assert tiny_models.make_tiny_models(forced, console) == EXIT_RUN_DIR
+    assert f"{out / 'vlm'}: is not a folder" in " ".join(capsys.readouterr().err.split())
+    assert (out / "vlm").is_symlink() and (elsewhere / "processor_config.json").is_file()
+
+
 def test_make_tiny_models_builds_each_model_once_and_quietly(tmp_path: Path) -> None:
     # The demo's first step: the model libraries' progress bars and advice (a torchvision
     # they do not need) are kept off its output, as in `run`.
@@ -753,8 +805,12 @@ def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     # Nothing was in flight: no promise of finishing it, nor of a second Ctrl-C's use.
     assert "stopping: the run had not started" in err and "Traceback" not in err
     assert "finishing the work in flight" not in err
-    assert "stopped: 0 judgements in this run" in err or "cancelled: 0 judgements" in err, err
-    assert sum(journal_keys(tmp_path).values()) == 0
+    # The run directory it made is gone again: it named it, "[stopped]" twice, and a run
+    # with nothing in it to resume.
+    assert "before the run opened its run directory: nothing was written" in err, err
+    assert "\nrun directory: " not in err and "results in" not in err
+    assert err.count("0.0/s") == 1, err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
 def test_a_run_stopped_before_its_run_directory_says_nothing_was_written(

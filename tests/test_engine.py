@@ -1133,7 +1133,37 @@ async def test_a_stop_while_a_judge_opens_ends_the_run_before_it_starts(
     assert engine.stats().state == state
     assert engine.stats().opening is None
     assert judge.closed
-    assert not (config.run_dir / JOURNAL).read_text()
+    # The directory it made holds nothing: it is removed (left, it read as a run to resume).
+    assert not engine.run_dir_opened and not config.run_dir.exists()
+    assert config.run_dir.parent.is_dir()
+
+
+@pytest.mark.parametrize("new_run", [False, True])
+async def test_a_stop_while_a_judge_opens_keeps_a_resumed_run_and_removes_a_new_one(
+    make_config: ConfigFactory, new_run: bool
+) -> None:
+    # A --new-run stopped while its judge server started left a new empty <name>-N each time.
+    config = make_config(samples=2)
+    async with Engine(config) as engine:
+        await engine.drain()
+    journal = (config.run_dir / JOURNAL).read_text()
+    assert journal
+    judge = JudgeSlowToOpen()
+    engine = Engine(config, judges=[judge], new_run=new_run)
+
+    async def stop_once_opening() -> None:
+        await judge.opening_started.wait()
+        engine.stop()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_once_opening)
+            async with engine:
+                assert [j async for j in engine.results] == []
+    assert engine.run_dir_opened != new_run
+    assert engine.run_dir_path == config.run_dir
+    assert sorted(p.name for p in config.run_dir.parent.iterdir()) == [config.run_dir.name]
+    assert (config.run_dir / JOURNAL).read_text() == journal
 
 
 class LoadsUntilReleased(SyntheticGenerator):

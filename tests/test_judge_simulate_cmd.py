@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -23,7 +24,7 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(["simulate-judge", *argv])
 
 
-def test_arguments_become_options() -> None:
+def test_arguments_become_options(tmp_path: Path) -> None:
     args = parse(
         "--latency",
         "0.05",
@@ -48,11 +49,11 @@ def test_arguments_become_options() -> None:
         "--correlation",
         "IQ-R_TA-C=0.8",
         "--allowed-local-media-path",
-        "/data/runs",
+        str(tmp_path),
     )
     options = options_from_args(args)
     assert (options.latency_s, options.capacity, options.seed) == (0.05, 64, 3)
-    assert str(options.allowed_local_media_path) == "/data/runs"
+    assert options.allowed_local_media_path == tmp_path
     assert options_from_args(parse()).allowed_local_media_path is None
     assert options.fault_rates() == {
         "error": 0.1,
@@ -89,6 +90,10 @@ def test_arguments_become_options() -> None:
         (("--retry-after", "infinity"), "'infinity' is neither"),
         (("--retry-after", "nan"), "'nan' is neither"),
         (("--retry-after", "1_000"), "'1_000' is neither"),
+        (
+            ("--allowed-local-media-path", "/nonexistent/trig-stream"),
+            "--allowed-local-media-path /nonexistent/trig-stream: no such folder; name the",
+        ),
         (
             (
                 "--capacity",

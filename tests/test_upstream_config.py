@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import stat
 import tomllib
 from pathlib import Path
 
@@ -341,6 +343,56 @@ def test_command_refuses_an_output_it_cannot_write_in_one_message(
         run_command([*argv, "--force"])
 
 
+def test_command_replaces_only_a_regular_file_and_writes_through_a_link(tmp_path: Path) -> None:
+    # --force renamed the new file over whatever stood at -o: a pipe (or, as root, a device
+    # node) became a plain file, and so did a symbolic link, its target untouched.
+    source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
+    argv = ["import-config", str(source), "--root", str(tmp_path), "--force"]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"pipe: is not a regular file \(a pipe, a device"):
+        run_command([*argv, "-o", str(fifo)])
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+    target = write(tmp_path, "target.toml", "keep\n")
+    link = tmp_path / "link.toml"
+    link.symlink_to(target)
+    with pytest.raises(
+        ConfigError, match=r"link\.toml \(a symbolic link to .*target\.toml\): exists"
+    ):
+        run_command([*argv[:-1], "-o", str(link)])
+    code, messages = run_command([*argv, "-o", str(link)])
+    assert code == 0 and f"wrote {link} (a symbolic link to {target})" in messages
+    assert link.is_symlink() and "image_folder" in target.read_text()
+
+    to_pipe = tmp_path / "to-pipe"
+    to_pipe.symlink_to(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        run_command([*argv, "-o", str(to_pipe)])
+    assert to_pipe.is_symlink() and stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def test_a_dangling_link_at_out_writes_the_file_it_names(tmp_path: Path) -> None:
+    # exists() follows the link: a dangling one counted as "not there" and was replaced.
+    source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
+    link = tmp_path / "link.toml"
+    link.symlink_to(tmp_path / "made.toml")
+    code, _ = run_command(["import-config", str(source), "-o", str(link), "--root", str(tmp_path)])
+    assert code == 0
+    assert link.is_symlink() and "image_folder" in (tmp_path / "made.toml").read_text()
+
+
+def test_command_refuses_to_overwrite_its_own_input(tmp_path: Path) -> None:
+    text = "evaluation: {image_dirs: [imgs]}\n"
+    source = write(tmp_path, "up.yaml", text)
+    (tmp_path / "same.yaml").symlink_to(source)
+    for out in (source, tmp_path / "same.yaml", tmp_path / "." / "up.yaml"):
+        argv = ["import-config", str(source), "-o", str(out), "--force"]
+        with pytest.raises(ConfigError, match="is the upstream config being converted"):
+            run_command(argv)
+    assert source.read_text() == text
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -471,6 +523,20 @@ def test_image_folder_of_a_generated_model_is_not_judged_twice(tmp_path: Path) -
     assert len(backends) == 5
     assert config.generators[-1].options["path"] == "/abs/t2i/janus"  # absolute stays so
     assert any(w.startswith("evaluation.image_dirs[data/output/t2i/flux]:") for w in warnings)
+
+
+def test_a_folder_listed_twice_in_image_dirs_converts_to_one_generator(tmp_path: Path) -> None:
+    # Two generators (imgs, imgs-2) over one folder judged every image twice, unsaid.
+    out, warnings = convert_to_file(
+        tmp_path, "evaluation: {image_dirs: [out/imgs, out/imgs/, ./out/imgs, out/other]}\n"
+    )
+    assert [g.name for g in load_config(out).generators] == ["imgs", "other"]
+    said = [w for w in warnings if "listed again" in w]
+    assert said == [
+        f"evaluation.image_dirs[{folder}]: left out: the same folder as the generator "
+        "'imgs', listed again"
+        for folder in ("out/imgs/", "./out/imgs")
+    ]
 
 
 def test_image_dirs_that_are_no_folder_are_left_out_with_a_warning(tmp_path: Path) -> None:

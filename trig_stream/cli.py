@@ -236,9 +236,12 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                 with PlainProgress(console) as progress:
                     async with engine, anyio.create_task_group() as tg:
                         opening.cancel()
-                        console.print(
-                            f"run directory: {engine.run_dir_path}", highlight=False, markup=False
-                        )
+                        if engine.run_dir_opened:  # else removed: stopped while judges opened
+                            console.print(
+                                f"run directory: {engine.run_dir_path}",
+                                highlight=False,
+                                markup=False,
+                            )
 
                         async def refresh() -> None:
                             while True:

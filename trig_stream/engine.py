@@ -177,6 +177,9 @@ class Engine:
         self._opening_now: str | None = None
         self._judging: JudgeStage | None = None
         self._run_dir: RunDir | None = None
+        self._discard_run_dir = False
+        """Whether the run directory is one this engine made, to remove if the run ends
+        before its pipeline starts (a stop or a failure while the judges open)."""
         self._journal_state = JournalState()
         self.relations = RelationTracker(config.relation)
         """The live relation analysis (pair statistics, DTM) of every judgement in the run,
@@ -200,8 +203,9 @@ class Engine:
 
     @property
     def run_dir_opened(self) -> bool:
-        """Whether the run opened its run directory (:attr:`run_dir_path`): one stopped while
-        its backends opened wrote nothing, anywhere."""
+        """Whether the run opened its run directory (:attr:`run_dir_path`) and kept it: one
+        stopped (or failed) while its judges opened removed a directory it had made, and
+        wrote nothing, anywhere; one resumed keeps its results."""
         return self._run_dir is not None
 
     @property
@@ -414,6 +418,7 @@ class Engine:
             streams.results[0].close()
             self._state = "cancelled" if self._cancel_generation.is_set() else "stopped"
             return self
+        self._discard_run_dir = False  # from here it holds the run's results
         self._task_group.start_soon(self._run, streams)
         # stop() or pause() while opening
         self._state = (
@@ -498,9 +503,17 @@ class Engine:
 
         def open_run_dir() -> tuple[Path, RunDir, JournalState]:
             # Chosen and opened in one go: a stop between the two left an empty directory.
-            path = next_free_run_dir(config.run_dir) if new_run else config.run_dir
-            return path, *RunDir.open(path, manifest)
+            if new_run:
+                path, made = next_free_run_dir(config.run_dir), True  # made empty there
+            else:
+                path = config.run_dir
+                made = not path.exists()
+            run_dir, state = RunDir.open(path, manifest)
+            self._discard_run_dir = made
+            return path, run_dir, state
 
+        # Opened before the judges: a run it refuses (another process in it, results made
+        # with other settings) is refused before a judge's server takes minutes to start.
         self.run_dir_path, self._run_dir, self._journal_state = await anyio.to_thread.run_sync(
             open_run_dir
         )
@@ -530,7 +543,13 @@ class Engine:
                         self._counters.notes.append(note)
             finally:
                 self._release_backends()
-            if self._run_dir is not None:
+            if self._run_dir is not None and self._discard_run_dir:
+                # Made by this run, which ended while its judges opened: it holds nothing,
+                # and left there (each --new-run a new one) it looked like a run to resume.
+                await anyio.to_thread.run_sync(self._run_dir.discard)
+                self._run_dir = None
+                self.run_dir_path = self.config.run_dir
+            elif self._run_dir is not None:
                 await anyio.to_thread.run_sync(self._run_dir.close)
 
     # -- the pipeline -------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class PlainProgress:
         self._live: Live | None = None
         self._last = 0.0
         self._loading: tuple[str, ...] = ()
+        self._printed: str | None = None
 
     def __enter__(self) -> PlainProgress:
         if self.console.is_terminal and not self.console.is_dumb_terminal:
@@ -97,7 +98,10 @@ class PlainProgress:
         # seconds to minutes, and between two lines 10 s apart it could go unsaid.
         loading = tuple(name for name, counts in stats.models.items() if counts.loading)
         changed, self._loading = loading != self._loading, loading
+        if line == self._printed:
+            return  # said already (a forced last line repeated the refresh's: "[stopped]" twice)
         if force or changed or now - self._last >= LOG_EVERY_S:
             self._last = now
+            self._printed = line
             # Literally: the state's brackets, ``[running]``, are no markup.
             self.console.print(line, highlight=False, markup=False, soft_wrap=True)

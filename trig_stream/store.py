@@ -466,6 +466,25 @@ class RunDir:
             self._lock.close()
             self._lock = None
 
+    def discard(self) -> None:
+        """Close the run directory and remove it: for one this process just made, whose run
+        ended before it wrote a judgement (stopped, or failed, while its judges opened).
+
+        What opening it wrote goes (the manifest, the empty journal, the quarantine list, the
+        lock), the lock last; a file anyone else put there stays, and the folder with it.
+        """
+        self.journal.close()
+        if self._quarantine is not None:
+            self._quarantine.close()
+            self._quarantine = None
+        with suppress(OSError):  # closing must not hide the run's own outcome
+            for name in (MANIFEST, JOURNAL, QUARANTINE_PARTIAL, LOCK):
+                (self.path / name).unlink(missing_ok=True)
+        self.close()
+        with suppress(OSError):
+            self.path.rmdir()
+            sync_dir(self.path.parent)
+
     def __enter__(self) -> RunDir:
         return self
 

@@ -104,6 +104,14 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
         if not sep:
             raise ValueError(f"--correlation {text!r}: expected A_B=R, e.g. IQ-R_TA-C=0.8")
         correlations[pair.strip()] = float(value)
+    media: Path | None = args.allowed_local_media_path
+    if media is not None and not media.is_dir():
+        # vLLM refuses such a folder at start; accepted here, every file:// image was
+        # refused later, one request at a time.
+        raise ValueError(
+            f"--allowed-local-media-path {media}: no such folder; name the folder the "
+            "judged images lie in (a run's images are in <run dir>/images)"
+        )
     if args.api_key_env and not is_variable_name(args.api_key_env):
         raise ValueError(f"--api-key-env: {NOT_A_VARIABLE}")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +50,27 @@ def add_tiny_models_command(subparsers: Any) -> None:
         "make-tiny-models",
         help="build random-weight tiny pipelines and a tiny VLM judge (for the CPU demo)",
     )
-    parser.add_argument("out", type=Path, metavar="OUT", help="folder to write them into")
+    parser.add_argument("out", type=_folder, metavar="OUT", help="folder to write them into")
     parser.add_argument(
         "--force", action="store_true", help="build again even when a model folder exists"
     )
     parser.set_defaults(handler=make_tiny_models)
 
 
+def _folder(text: str) -> Path:
+    # Path("") is the current folder: an empty OUT (an unset shell variable) built the
+    # models there without a word.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name the folder to write the models into")
+    return Path(text)
+
+
 def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
     """Build every tiny model missing under ``args.out``.
 
     Returns:
-        0, or 3 when ``args.out`` cannot hold them (a file, or a folder it cannot write).
+        0, or 3 when ``args.out`` cannot hold them (a file, or a folder it cannot write), or
+        when something other than a folder stands at a model's name.
     """
     from trig_stream.cli import QUIET_LIBRARIES
 
@@ -77,10 +87,19 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
         reason = escape(f"{out}: {exc.strerror or exc}")
         console.print(f"[red]error:[/] cannot make the folder {reason}", highlight=False)
         return EXIT_CANNOT_WRITE
+    for name in TINY_MODELS:
+        if not _folder_or_nothing(out / name) and (args.force or not _present(out, name)):
+            # A build renamed it away and deleted it (or, for a symbolic link, ended in a
+            # traceback): refused before any model is built.
+            reason = escape(f"{out / name}: is not a folder (a file, a pipe or a symbolic link)")
+            console.print(
+                f"[red]error:[/] {reason}; move it away, or name another OUT", highlight=False
+            )
+            return EXIT_CANNOT_WRITE
     _remove_abandoned_builds(out)
     for name in TINY_MODELS:
         folder = out / name
-        if (folder / WRITTEN_LAST[name]).is_file() and not args.force:
+        if _present(out, name) and not args.force:
             console.print(f"{folder}: present", highlight=False, markup=False)
             continue
         building = out / f".{name}{_BUILDING}{os.getpid()}"
@@ -111,6 +130,17 @@ def _replace_folder(new: Path, folder: Path) -> None:
         shutil.rmtree(old)
     elif had_one:
         old.unlink()
+
+
+def _present(out: Path, name: str) -> bool:
+    return (out / name / WRITTEN_LAST[name]).is_file()
+
+
+def _folder_or_nothing(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
 
 
 def _remove_abandoned_builds(out: Path) -> None:

@@ -7,6 +7,8 @@ module adds the command's arguments to ``trig-stream`` and shows its warnings on
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,10 +63,7 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
         ConfigError: unreadable or unconvertible input, or an output file that exists.
     """
     out: Path | None = args.out
-    if out is not None and out.is_dir():
-        raise ConfigError(f"{out}: is a folder; -o names the TOML file to write")
-    if out is not None and out.exists() and not args.force:
-        raise ConfigError(f"{out}: exists; pass --force to overwrite it")
+    target = None if out is None else _file_to_write(out, args.yaml, force=args.force)
     conversion = import_config(args.yaml, out=out, root=args.root)
     for line in conversion.warnings:
         console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
@@ -75,14 +74,14 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
             f"{args.yaml}: the converted config cannot be written as UTF-8 text: "
             f"{conversion.text[exc.start : exc.end]!r} (a file name that is not UTF-8?)"
         ) from None
-    if out is None:
+    if out is None or target is None:
         sys.stdout.write(conversion.text)
         sys.stdout.flush()
     else:
         try:
             # Whole or not at all: a failed write left an empty file, which the next try
             # then refused to overwrite without --force.
-            write_atomic(out, data)
+            write_atomic(target, data)
         except (FileExistsError, NotADirectoryError):
             raise ConfigError(
                 f"{out}: cannot write the config: a file stands where a folder of its path "
@@ -90,9 +89,54 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
             ) from None
         except OSError as exc:
             raise ConfigError(f"{out}: cannot write the config: {exc.strerror or exc}") from None
+        through = f" (a symbolic link to {target})" if out.is_symlink() else ""
         console.print(
-            f"wrote {escape(str(out))}: {len(conversion.config.generators)} model(s), "
+            f"wrote {escape(f'{out}{through}')}: {len(conversion.config.generators)} model(s), "
             f"{len(conversion.config.judges)} judge(s), {len(conversion.warnings)} warning(s)",
             highlight=False,
         )
     return EXIT_OK
+
+
+def _file_to_write(out: Path, source: Path, *, force: bool) -> Path:
+    """The file that ``-o out`` names: ``out`` itself, or the file a symbolic link there
+    points to (replaced, the link kept).
+
+    Only a regular file is replaced, and only with ``--force``: the write renames a new file
+    over the old one, so a pipe or a device there would have become a plain file.
+
+    Raises:
+        ConfigError: ``out`` is a folder, a pipe, a device or a link that leads nowhere
+            usable; it is the upstream config itself; or it exists and ``force`` is off.
+    """
+    # realpath follows every link, a dangling one's included (to the missing file it names);
+    # a loop of links leaves a link, refused below as no regular file.
+    target = Path(os.path.realpath(out))
+    linked = f" (a symbolic link to {target})" if out.is_symlink() else ""
+    try:
+        mode = os.lstat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return target  # not there (the write names a file standing for a folder)
+    except OSError as exc:
+        raise ConfigError(f"{out}{linked}: cannot look at it: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{out}{linked}: is a folder; -o names the TOML file to write")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(
+            f"{out}{linked}: is not a regular file (a pipe, a device or a loop of links?); "
+            "-o names the TOML file to write, or leave -o out to print the config"
+        )
+    if _same_file(target, source):
+        raise ConfigError(
+            f"{out}{linked}: is the upstream config being converted; name another file with -o"
+        )
+    if not force:
+        raise ConfigError(f"{out}{linked}: exists; pass --force to overwrite it")
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # the upstream config is unreadable: its conversion says so

@@ -9,6 +9,7 @@ model itself.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
 from typing import Any
@@ -186,6 +187,22 @@ class GeneratorMapping:
             )
             return
         path = self.path(folder, key)
+        where = posixpath.normpath(path)
+        same = next(
+            (
+                g[0]
+                for g in self.generators
+                if g[1] == "image_folder" and posixpath.normpath(g[2]["path"]) == where
+            ),
+            None,
+        )
+        if same is not None:
+            # A second generator over it (imgs, imgs-2) judged every image twice.
+            self.warn(
+                f"{key}[{folder}]",
+                f"left out: the same folder as the generator {same!r}, listed again",
+            )
+            return
         self.generators.append((self._unique_generator_name(name), "image_folder", {"path": path}))
 
 
