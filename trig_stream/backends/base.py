@@ -9,7 +9,9 @@ engine runs in worker threads, one per ``worker`` index, behind a capacity limit
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -396,6 +398,20 @@ def threads_left_behind() -> int:
     :func:`load_in_thread` and :class:`ThreadCalls`)."""
     with _threads_lock:
         return sum(work.busy() for work in _left_behind)
+
+
+def being_cancelled() -> bool:
+    """Whether the current task is being cancelled: a cancel scope around it was, or (on
+    asyncio) the task itself, from outside anyio. A cancellation exception caught while
+    this is False was raised by the code called (an ``asyncio.CancelledError`` of a future
+    of its own), not by a cancellation of the caller."""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not on asyncio (Trio's Cancelled cannot be raised by hand)
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 def ending_error(exc: BaseException, failed: str) -> FatalBackendError:

@@ -50,7 +50,7 @@ from trig_stream.backends.metrics.registry import import_metric
 from trig_stream.config import OPTIONS_CONFIG, validate_table
 from trig_stream.config_problems import nested_problems
 from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
-from trig_stream.errors import ConfigError, ItemError
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
 
@@ -235,6 +235,10 @@ class MetricJudge(Judge):
         try:
             # A sync metric (async ones skip the batcher).
             return list(checked_values(self.metric, self.metric.compute_batch(items), len(items)))
+        except (RetryableError, FatalBackendError) as exc:
+            # The metric's service or device, not one image: every item of the batch shares
+            # the failure, which the engine retries (each item again) or stops the run for.
+            return [exc] * len(items)
         except Exception as exc:
             if len(items) == 1:
                 return [exc if isinstance(exc, ItemError) else ItemError(describe_error(exc))]
