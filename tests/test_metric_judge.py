@@ -20,7 +20,12 @@ from pydantic import BaseModel
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
-from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.base import (
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+    threads_left_behind,
+)
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
 from trig_stream.backends.metrics import registry
 from trig_stream.backends.metrics.base import (
@@ -379,7 +384,7 @@ async def test_a_lower_is_better_metric_is_turned_into_a_score() -> None:
         await judge_once(metric_judge(BlurInPixels))
 
 
-def failing_metric(failure: BaseException, *, run_async: bool) -> type[Metric]:
+def failing_metric(failure: BaseException, *, run_async: bool) -> type[ImageMetric]:
     """A metric whose ``compute`` raises ``failure`` the first time it sees each item."""
 
     class Fails(ImageMetric):
@@ -408,13 +413,16 @@ async def no_sleep(seconds: float) -> None:
 
 
 @pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
-async def test_a_metric_failure_keeps_its_class(make_config: ConfigFactory, run_async: bool) -> None:
+async def test_a_metric_failure_keeps_its_class(
+    make_config: ConfigFactory, run_async: bool
+) -> None:
     # An async compute's failure came out inside an ExceptionGroup ("unhandled errors in a
     # TaskGroup"), a sync one's as an ItemError: a RetryableError was never retried, a
     # FatalBackendError did not stop the run, and the cause was lost.
     for failure in (ItemError("no face"), RetryableError("503"), FatalBackendError("gone")):
         with pytest.raises(type(failure), match=f"^{failure}$"):
             await judge_once(metric_judge(failing_metric(failure, run_async=run_async)))
+
     async def judged_by(failure: Exception) -> list[Judgement]:
         config = make_config(samples=4, run={"name": type(failure).__name__})
         metric = failing_metric(failure, run_async=run_async)
@@ -426,7 +434,7 @@ async def test_a_metric_failure_keeps_its_class(make_config: ConfigFactory, run_
     assert judged and {(j.status, j.error) for j in judged} == {("error", "RuntimeError: boom")}
     judged = await judged_by(RetryableError("503 from service"))
     assert judged and {(j.status, j.score, j.attempts) for j in judged} == {("ok", 0.5, 2)}
-    with pytest.raises(FatalBackendError, match="^bad credentials$"):
+    with pytest.raises(FatalBackendError, match=r"^bad credentials$"):
         await judged_by(FatalBackendError("bad credentials"))
 
 
@@ -472,3 +480,50 @@ async def test_compute_async_raises_an_items_failure_as_it_is() -> None:
     with pytest.raises(ItemError) as raised:
         await compute_async(metric, items)
     assert raised.value is failure
+
+
+class HangsUntilReleased(ImageMetric):
+    """A sync metric whose compute blocks until the test releases it (a hung device)."""
+
+    name: ClassVar[str] = "hangs"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.computing = threading.Event()
+        self.release = threading.Event()
+
+    def compute(self, item: MetricInput) -> Value:
+        self.computing.set()
+        self.release.wait(timeout=20)
+        return 0.5
+
+
+@pytest.mark.parametrize("hard", [True, False], ids=["cancel", "stop"])
+async def test_a_hard_stop_does_not_wait_for_a_metric_batch(
+    make_config: ConfigFactory, hard: bool
+) -> None:
+    # The batch ran in a shielded thread: the second Ctrl-C waited for a hung metric forever.
+    judge = metric_judge(HangsUntilReleased)
+    metric = cast("HangsUntilReleased", judge.metric)
+    engine = Engine(make_config(samples=4), judges=[FakeJudge("trigscore"), judge])
+    try:
+        with anyio.fail_after(10):
+            async with engine:
+                assert await anyio.to_thread.run_sync(metric.computing.wait, 10)
+                if hard:
+                    engine.cancel()
+                else:  # a graceful stop lets the batch finish
+                    engine.stop()
+                    metric.release.set()
+                judged = [j async for j in engine.results if j.metric == "m"]
+        if hard:
+            assert engine.stats().state == "cancelled" and judged == []
+            assert threads_left_behind() == 1
+        else:
+            assert judged and {(j.status, j.score) for j in judged} == {("ok", 0.5)}
+    finally:
+        metric.release.set()
+    with anyio.fail_after(10):
+        while threads_left_behind():  # the batch's thread ends once released
+            await anyio.lowlevel.checkpoint()

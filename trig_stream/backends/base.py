@@ -377,7 +377,8 @@ class Judge(ABC):
 
 @dataclass(slots=True, eq=False)
 class _Load:
-    """Where one :func:`load_in_thread` stands; its fields change under ``_threads_lock``."""
+    """Where one :func:`load_in_thread` (or :func:`call_left_behind_on_cancel`) stands; its
+    fields change under ``_threads_lock``."""
 
     started: bool = False
     loaded: bool = False
@@ -555,6 +556,46 @@ class ThreadCalls:
             with _threads_lock:
                 self._release = None
                 _left_behind.discard(self)
+
+
+async def call_left_behind_on_cancel(
+    func: Callable[..., T],
+    *args: Any,
+    limiter: anyio.CapacityLimiter | None = None,
+    backend: str = "the backend",
+) -> T:
+    """``func(*args)``, one blocking call of a backend's code, in a worker thread that a
+    cancellation does not wait for.
+
+    A call may hang (a model on a device that no longer answers), and a hard stop must not
+    wait for it. Cancelled, this returns at once and the thread finishes the call, whose
+    result is dropped; until it ends, :func:`threads_left_behind` counts it.
+
+    Raises:
+        FatalBackendError: ``func`` raised ``SystemExit``, ``KeyboardInterrupt`` or another
+            ``BaseException`` (see :func:`ending_error`).
+    """
+    state = _Load()
+
+    def call() -> T:
+        with _threads_lock:
+            state.started = True
+        try:
+            return call_in_thread(func, *args, failed=f"a call of {backend} failed")
+        finally:
+            with _threads_lock:
+                state.finished = True
+                _left_behind.discard(state)
+
+    try:
+        return await anyio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        with _threads_lock:
+            # Counted once it starts (a worker may take it up still); one that never
+            # starts stays here, never busy.
+            if not state.finished:
+                _left_behind.add(state)
+        raise
 
 
 async def load_in_thread(

@@ -178,7 +178,10 @@ class MetricJudge(Judge):
         await load_in_thread(self.metric.load, self.metric.close, backend=f"judge {self.name!r}")
         if not is_async(self.metric):  # an async one is awaited, not run in a thread
             self._batcher = MicroBatcher(
-                self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
+                self._run_batch,
+                batch_size=self.options.batch_size,
+                buffer=self.concurrency,
+                backend=f"judge {self.name!r}",
             )
         self._open = True
 
