@@ -527,3 +527,23 @@ async def test_a_hard_stop_does_not_wait_for_a_metric_batch(
     with anyio.fail_after(10):
         while threads_left_behind():  # the batch's thread ends once released
             await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("score", [True, None, "0.5"], ids=["bool", "none", "str"])
+async def test_a_dimension_score_that_is_no_number_is_an_error_judgement(
+    make_config: ConfigFactory, score: object
+) -> None:
+    # A bool passed the range check and stopped the run (exit 4: "its reply makes no
+    # judgement"); None or a str gave a TypeError from the comparison.
+    class ScoresOddly(Blur):
+        def dimension_score(self, value: float, dimension: Dimension) -> float:
+            return cast("float", score)
+
+    message = (
+        f"the blur metric's dimension_score gave a {type(score).__name__} ({score!r}) for IQ-R "
+        "(from its value 0.9), where a score, a number in [0, 1], belongs"
+    )
+    judge = metric_judge(ScoresOddly)
+    async with Engine(make_config(samples=2), judges=[FakeJudge("trigscore"), judge]) as engine:
+        judged = [j async for j in engine.results if j.metric == "m"]
+    assert judged and {(j.status, j.error) for j in judged} == {("error", message)}

@@ -21,6 +21,7 @@ mean and the DTM as if it were a measurement.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -226,6 +227,14 @@ class MetricJudge(Judge):
                 unscorable=f"the {metric.name} metric found nothing to measure in this image",
             )
         score = metric.dimension_score(value, request.dimension)
+        if isinstance(score, bool) or not isinstance(score, numbers.Real):
+            # A bool passes the range check below (True <= 1), then no judgement takes it.
+            raise ItemError(
+                f"the {metric.name} metric's dimension_score gave a {type(score).__name__} "
+                f"({score!r:.40}) for {request.dimension} (from its value {value!r}), where a "
+                "score, a number in [0, 1], belongs"
+            )
+        score = float(score)
         if not 0.0 <= score <= 1.0:  # also refuses NaN
             raise ItemError(
                 f"the {metric.name} metric gave {score!r} for {request.dimension} (from its "
