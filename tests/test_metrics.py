@@ -26,6 +26,7 @@ from trig_stream.backends.metrics.base import (
     compute_async,
     compute_set_async,
 )
+from trig_stream.backends.metrics.nsfw import NSFWOptions
 from trig_stream.backends.metrics.registry import import_metric, metric_names, register_metric
 from trig_stream.backends.metrics.trigscore import TRIGScoreMetric, TRIGScoreOptions
 from trig_stream.errors import ItemError, RetryableError
@@ -253,3 +254,23 @@ async def test_micro_batcher_leaves_a_cancelled_batch_to_its_thread() -> None:
     with anyio.fail_after(10):
         while threads_left_behind():  # the abandoned batch's thread ends its part
             await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize(
+    ("metric", "options", "message"),
+    [
+        (
+            "nsfw",
+            {"providers": ["CPUExecutionProvider"]},
+            "as an instance of NSFWOptions, not of dict",
+        ),
+        ("nsfw_rate", NSFWOptions(), "as an instance of NSFWRateOptions, not of NSFWOptions"),
+    ],
+)
+def test_nsfw_metrics_name_the_options_class_they_take(
+    metric: str, options: object, message: str
+) -> None:
+    # Each raised a bare AssertionError. (No model loads: the extra is not needed.)
+    with pytest.raises(TypeError, match=f"the {metric} metric takes its options {message}: pass"):
+        import_metric(metric)(options)  # type: ignore[arg-type]
+    assert import_metric(metric)().options == import_metric(metric).Options()
