@@ -3,6 +3,7 @@ entry points, loading and closing."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 import threading
@@ -19,16 +20,27 @@ from pydantic import BaseModel
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
-from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.base import (
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+    threads_left_behind,
+)
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
 from trig_stream.backends.metrics import registry
-from trig_stream.backends.metrics.base import ImageMetric, Metric, MetricInput, Value
+from trig_stream.backends.metrics.base import (
+    ImageMetric,
+    Metric,
+    MetricInput,
+    Value,
+    compute_async,
+)
 from trig_stream.backends.metrics.registry import import_metric, register_metric
 from trig_stream.backends.registry import build_judge
 from trig_stream.dimensions import Dimension
 from trig_stream.engine import Engine
-from trig_stream.errors import ConfigError, ItemError
-from trig_stream.records import Sample
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
+from trig_stream.records import Judgement, Sample
 from trig_stream.testing import FakeJudge
 
 pytestmark = pytest.mark.anyio
@@ -370,3 +382,168 @@ async def test_a_lower_is_better_metric_is_turned_into_a_score() -> None:
 
     with pytest.raises(ItemError, match=r"gave -11.0 for IQ-R \(from its value 12.0\), outside"):
         await judge_once(metric_judge(BlurInPixels))
+
+
+def failing_metric(failure: BaseException, *, run_async: bool) -> type[ImageMetric]:
+    """A metric whose ``compute`` raises ``failure`` the first time it sees each item."""
+
+    class Fails(ImageMetric):
+        name: ClassVar[str] = "fails"
+        dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+        seen: ClassVar[set[object]] = set()
+
+        def compute(self, item: MetricInput) -> Value:
+            key = (item.sample.data_id if item.sample else None, item.dimension)
+            if key not in self.seen:
+                self.seen.add(key)
+                raise failure
+            return 0.5
+
+    class FailsAsync(Fails):
+        async def compute(self, item: MetricInput) -> Value:  # type: ignore[override]
+            await anyio.lowlevel.checkpoint()
+            return Fails.compute(self, item)
+
+    Fails.seen = set()
+    return FailsAsync if run_async else Fails
+
+
+async def no_sleep(seconds: float) -> None:
+    await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+async def test_a_metric_failure_keeps_its_class(
+    make_config: ConfigFactory, run_async: bool
+) -> None:
+    # An async compute's failure came out inside an ExceptionGroup ("unhandled errors in a
+    # TaskGroup"), a sync one's as an ItemError: a RetryableError was never retried, a
+    # FatalBackendError did not stop the run, and the cause was lost.
+    for failure in (ItemError("no face"), RetryableError("503"), FatalBackendError("gone")):
+        with pytest.raises(type(failure), match=f"^{failure}$"):
+            await judge_once(metric_judge(failing_metric(failure, run_async=run_async)))
+
+    async def judged_by(failure: Exception) -> list[Judgement]:
+        config = make_config(samples=4, run={"name": type(failure).__name__})
+        metric = failing_metric(failure, run_async=run_async)
+        judge = metric_judge(metric, batch_size=1)  # each failure is one item's
+        async with Engine(config, judges=[FakeJudge("trigscore"), judge], sleep=no_sleep) as e:
+            return [j async for j in e.results if j.metric == "m"]
+
+    judged = await judged_by(RuntimeError("boom"))
+    assert judged and {(j.status, j.error) for j in judged} == {("error", "RuntimeError: boom")}
+    judged = await judged_by(RetryableError("503 from service"))
+    assert judged and {(j.status, j.score, j.attempts) for j in judged} == {("ok", 0.5, 2)}
+    with pytest.raises(FatalBackendError, match=r"^bad credentials$"):
+        await judged_by(FatalBackendError("bad credentials"))
+
+
+async def test_a_batch_failing_for_the_service_fails_each_of_its_items_so() -> None:
+    # Each item was measured again alone, and failed as an ItemError: never retried.
+    for failure in (RetryableError("503"), FatalBackendError("no device")):
+        judge = metric_judge(batch_metric(raising(failure)))
+        assert judge._run_batch([MetricInput(), MetricInput()]) == [failure, failure]
+
+
+def raising(failure: Exception) -> Callable[[int], object]:
+    def fail(count: int) -> object:
+        raise failure
+
+    return fail
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the asyncio exception in question
+async def test_an_async_metric_raising_a_cancellation_is_an_error_naming_it(
+    make_config: ConfigFactory,
+) -> None:
+    # Its CancelledError ended the task group's child silently: the value stayed None and
+    # the judgement said "the ... metric found nothing to measure in this image".
+    metric = failing_metric(asyncio.CancelledError(), run_async=True)
+    message = "the fails metric raised CancelledError though nothing cancelled it: a bug"
+    with pytest.raises(ItemError, match=message):
+        await judge_once(metric_judge(metric))
+    judge = metric_judge(metric)
+    async with Engine(make_config(samples=4), judges=[FakeJudge("trigscore"), judge]) as engine:
+        judged = [j async for j in engine.results if j.metric == "m"]
+    assert judged and all(j.status in ("ok", "error") for j in judged)
+    assert {j.error for j in judged if j.status == "error"} == {
+        "the fails metric raised CancelledError though nothing cancelled it: a bug of the "
+        "metric (a cancellation is no answer)"
+    }
+
+
+async def test_compute_async_raises_an_items_failure_as_it_is() -> None:
+    # It raised an ExceptionGroup, though its docstring promises an ItemError.
+    failure = ItemError("unreadable")
+    metric = failing_metric(failure, run_async=True)()
+    items = [MetricInput(dimension=dimension) for dimension in ("IQ-R", "TA-C", "R-T")]
+    with pytest.raises(ItemError) as raised:
+        await compute_async(metric, items)
+    assert raised.value is failure
+
+
+class HangsUntilReleased(ImageMetric):
+    """A sync metric whose compute blocks until the test releases it (a hung device)."""
+
+    name: ClassVar[str] = "hangs"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.computing = threading.Event()
+        self.release = threading.Event()
+
+    def compute(self, item: MetricInput) -> Value:
+        self.computing.set()
+        self.release.wait(timeout=20)
+        return 0.5
+
+
+@pytest.mark.parametrize("hard", [True, False], ids=["cancel", "stop"])
+async def test_a_hard_stop_does_not_wait_for_a_metric_batch(
+    make_config: ConfigFactory, hard: bool
+) -> None:
+    # The batch ran in a shielded thread: the second Ctrl-C waited for a hung metric forever.
+    judge = metric_judge(HangsUntilReleased)
+    metric = cast("HangsUntilReleased", judge.metric)
+    engine = Engine(make_config(samples=4), judges=[FakeJudge("trigscore"), judge])
+    try:
+        with anyio.fail_after(10):
+            async with engine:
+                assert await anyio.to_thread.run_sync(metric.computing.wait, 10)
+                if hard:
+                    engine.cancel()
+                else:  # a graceful stop lets the batch finish
+                    engine.stop()
+                    metric.release.set()
+                judged = [j async for j in engine.results if j.metric == "m"]
+        if hard:
+            assert engine.stats().state == "cancelled" and judged == []
+            assert threads_left_behind() == 1
+        else:
+            assert judged and {(j.status, j.score) for j in judged} == {("ok", 0.5)}
+    finally:
+        metric.release.set()
+    with anyio.fail_after(10):
+        while threads_left_behind():  # the batch's thread ends once released
+            await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("score", [True, None, "0.5"], ids=["bool", "none", "str"])
+async def test_a_dimension_score_that_is_no_number_is_an_error_judgement(
+    make_config: ConfigFactory, score: object
+) -> None:
+    # A bool passed the range check and stopped the run (exit 4: "its reply makes no
+    # judgement"); None or a str gave a TypeError from the comparison.
+    class ScoresOddly(Blur):
+        def dimension_score(self, value: float, dimension: Dimension) -> float:
+            return cast("float", score)
+
+    message = (
+        f"the blur metric's dimension_score gave a {type(score).__name__} ({score!r}) for IQ-R "
+        "(from its value 0.9), where a score, a number in [0, 1], belongs"
+    )
+    judge = metric_judge(ScoresOddly)
+    async with Engine(make_config(samples=2), judges=[FakeJudge("trigscore"), judge]) as engine:
+        judged = [j async for j in engine.results if j.metric == "m"]
+    assert judged and {(j.status, j.error) for j in judged} == {("error", message)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from importlib.metadata import EntryPoint
 from typing import Any, ClassVar
@@ -14,6 +15,7 @@ import pytest
 
 import trig_stream
 from trig_stream.backends import plugins
+from trig_stream.backends.base import threads_left_behind
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.metrics import registry
 from trig_stream.backends.metrics.base import (
@@ -24,9 +26,10 @@ from trig_stream.backends.metrics.base import (
     compute_async,
     compute_set_async,
 )
+from trig_stream.backends.metrics.nsfw import NSFWOptions
 from trig_stream.backends.metrics.registry import import_metric, metric_names, register_metric
 from trig_stream.backends.metrics.trigscore import TRIGScoreMetric, TRIGScoreOptions
-from trig_stream.errors import ItemError
+from trig_stream.errors import ItemError, RetryableError
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.testing.fake_judge import fake_logprobs
 
@@ -188,3 +191,86 @@ async def test_micro_batcher_takes_everything_waiting() -> None:
     assert {i: r for i, r in results.items() if i != 3} == {0: 0, 1: 10, 2: 20, 4: 40, 5: 50}
     assert isinstance(results[3], ValueError)
     assert (batcher.batches, batcher.largest_batch) == (2, 4)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # its tasks start in order: 0 runs
+async def test_micro_batcher_leaves_a_cancelled_batch_to_its_thread() -> None:
+    # The batch ran shielded: a hard stop waited for it, forever on a hung model.
+    running, release = threading.Event(), threading.Event()
+    seen: list[list[int]] = []
+    ran_alone: list[bool] = []
+    in_batch = threading.Lock()
+
+    def run(items: Sequence[int]) -> list[int | Exception]:
+        ran_alone.append(in_batch.acquire(blocking=False))
+        try:
+            seen.append(list(items))
+            running.set()
+            release.wait(timeout=20)
+            return [i * 10 for i in items]
+        finally:
+            in_batch.release()
+
+    device = anyio.CapacityLimiter(1)
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, batch_size=4, buffer=8, device=device)
+    runner = anyio.CancelScope()
+    results: dict[int, Any] = {}
+
+    async def submit(i: int) -> None:
+        try:
+            results[i] = await batcher.submit(i)
+        except RetryableError as exc:
+            results[i] = exc
+
+    async def submit_and_be_cancelled() -> None:
+        with runner:
+            await batcher.submit(0)
+        results[0] = "cancelled"
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await device.acquire()  # both requests arrive while the device is busy
+                tg.start_soon(submit_and_be_cancelled)
+                tg.start_soon(submit, 1)
+                await anyio.wait_all_tasks_blocked()
+                device.release()
+                assert await anyio.to_thread.run_sync(running.wait, 10)
+                runner.cancel()
+            assert seen == [[0, 1]] and results[0] == "cancelled"
+            assert isinstance(results[1], RetryableError)
+            assert "the batch holding this request was abandoned" in str(results[1])
+            assert threads_left_behind() == 1
+            running.clear()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(submit, 2)  # waits for the abandoned batch, in its thread
+                await anyio.wait_all_tasks_blocked()
+                assert seen == [[0, 1]]
+                release.set()
+    finally:
+        release.set()
+    assert results[2] == 20 and seen == [[0, 1], [2]] and ran_alone == [True, True]
+    with anyio.fail_after(10):
+        while threads_left_behind():  # the abandoned batch's thread ends its part
+            await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize(
+    ("metric", "options", "message"),
+    [
+        (
+            "nsfw",
+            {"providers": ["CPUExecutionProvider"]},
+            "as an instance of NSFWOptions, not of dict",
+        ),
+        ("nsfw_rate", NSFWOptions(), "as an instance of NSFWRateOptions, not of NSFWOptions"),
+    ],
+)
+def test_nsfw_metrics_name_the_options_class_they_take(
+    metric: str, options: object, message: str
+) -> None:
+    # Each raised a bare AssertionError. (No model loads: the extra is not needed.)
+    with pytest.raises(TypeError, match=f"the {metric} metric takes its options {message}: pass"):
+        import_metric(metric)(options)  # type: ignore[arg-type]
+    assert import_metric(metric)().options == import_metric(metric).Options()

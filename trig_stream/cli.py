@@ -60,7 +60,8 @@ def entry_point() -> NoReturn:
     code = main()
     if threads_left_behind():
         CommandConsole(stderr=True, soft_wrap=True).print(  # one line in a log, never cut
-            "not waiting for a model still loading or closing, or a generation call still running"
+            "not waiting for a model still loading or closing, or a generation call or judge batch "
+            "still running"
         )
         logging.shutdown()
         sys.stdout.flush()

@@ -14,7 +14,6 @@ load for it while the stage runs.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import operator
 import time
@@ -32,6 +31,7 @@ from trig_stream.backends.base import (
     JudgeReply,
     JudgeRequest,
     PreparedImage,
+    being_cancelled,
     raised_in_thread,
 )
 from trig_stream.concurrency import ConcurrencyController, follow_server_load
@@ -251,7 +251,7 @@ class JudgeStage:
                     failure = describe_error(exc)
                     break
                 except anyio.get_cancelled_exc_class() as exc:
-                    if _being_cancelled():
+                    if being_cancelled():
                         raise
                     # Raised by the judge's own code (an asyncio.CancelledError of a future
                     # it awaited): this request's failure, not the run's end. Let through, it
@@ -443,15 +443,3 @@ def _prepare_all(judge: Judge, paths: list[Path]) -> list[PreparedImage | Except
             # no word of the judge, or as a cancellation with nothing judged.
             prepared.append(ItemError(f"prepare() failed: {raised_in_thread(exc)}"))
     return prepared
-
-
-def _being_cancelled() -> bool:
-    """Whether the current task is being cancelled: a cancel scope around it was, or (on
-    asyncio) the task itself, from outside anyio."""
-    if anyio.current_effective_deadline() == -math.inf:
-        return True
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # not on asyncio (Trio's Cancelled cannot be raised by hand)
-        return False
-    return task is not None and task.cancelling() > 0

@@ -9,7 +9,9 @@ engine runs in worker threads, one per ``worker`` index, behind a capacity limit
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -375,7 +377,8 @@ class Judge(ABC):
 
 @dataclass(slots=True, eq=False)
 class _Load:
-    """Where one :func:`load_in_thread` stands; its fields change under ``_threads_lock``."""
+    """Where one :func:`load_in_thread` (or :func:`call_left_behind_on_cancel`) stands; its
+    fields change under ``_threads_lock``."""
 
     started: bool = False
     loaded: bool = False
@@ -396,6 +399,20 @@ def threads_left_behind() -> int:
     :func:`load_in_thread` and :class:`ThreadCalls`)."""
     with _threads_lock:
         return sum(work.busy() for work in _left_behind)
+
+
+def being_cancelled() -> bool:
+    """Whether the current task is being cancelled: a cancel scope around it was, or (on
+    asyncio) the task itself, from outside anyio. A cancellation exception caught while
+    this is False was raised by the code called (an ``asyncio.CancelledError`` of a future
+    of its own), not by a cancellation of the caller."""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not on asyncio (Trio's Cancelled cannot be raised by hand)
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 def ending_error(exc: BaseException, failed: str) -> FatalBackendError:
@@ -539,6 +556,46 @@ class ThreadCalls:
             with _threads_lock:
                 self._release = None
                 _left_behind.discard(self)
+
+
+async def call_left_behind_on_cancel(
+    func: Callable[..., T],
+    *args: Any,
+    limiter: anyio.CapacityLimiter | None = None,
+    backend: str = "the backend",
+) -> T:
+    """``func(*args)``, one blocking call of a backend's code, in a worker thread that a
+    cancellation does not wait for.
+
+    A call may hang (a model on a device that no longer answers), and a hard stop must not
+    wait for it. Cancelled, this returns at once and the thread finishes the call, whose
+    result is dropped; until it ends, :func:`threads_left_behind` counts it.
+
+    Raises:
+        FatalBackendError: ``func`` raised ``SystemExit``, ``KeyboardInterrupt`` or another
+            ``BaseException`` (see :func:`ending_error`).
+    """
+    state = _Load()
+
+    def call() -> T:
+        with _threads_lock:
+            state.started = True
+        try:
+            return call_in_thread(func, *args, failed=f"a call of {backend} failed")
+        finally:
+            with _threads_lock:
+                state.finished = True
+                _left_behind.discard(state)
+
+    try:
+        return await anyio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        with _threads_lock:
+            # Counted once it starts (a worker may take it up still); one that never
+            # starts stays here, never busy.
+            if not state.finished:
+                _left_behind.add(state)
+        raise
 
 
 async def load_in_thread(

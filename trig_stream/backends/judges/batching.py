@@ -17,15 +17,23 @@ as a corrupted cancel-scope stack.)
 Callers are served in arrival order: the device's capacity limiter queues its waiters first
 in, first out, and batches are taken from the queue in the same order, so by the time a
 caller gets the device its item has either been run by an earlier caller or heads the queue.
+
+A graceful stop lets a running batch finish. A hard stop (a cancellation of the caller running
+it) does not wait for it: the thread finishes the batch on its own, its results dropped, and
+:func:`~trig_stream.backends.base.threads_left_behind` counts it until then; a later batch
+waits for it in its own thread, so the device still runs one batch at a time.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar, cast
 
 import anyio
-import anyio.to_thread
+
+from trig_stream.backends.base import call_left_behind_on_cancel
+from trig_stream.errors import RetryableError
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -58,6 +66,7 @@ class MicroBatcher(Generic[In, Out]):
             is the natural value, as it keeps :meth:`submit` from ever blocking on the queue.
         device: the capacity limiter of the device (one token: one batch at a time on it).
             Judges that share a device may share one; by default each batcher has its own.
+        backend: what runs the batches, for messages ("judge 'x'").
     """
 
     def __init__(
@@ -67,6 +76,7 @@ class MicroBatcher(Generic[In, Out]):
         batch_size: int,
         buffer: int,
         device: anyio.CapacityLimiter | None = None,
+        backend: str = "the judge",
     ) -> None:
         if batch_size < 1 or buffer < 1:
             raise ValueError("batch_size and buffer must be at least 1")
@@ -75,6 +85,8 @@ class MicroBatcher(Generic[In, Out]):
         # Bounded by the number of callers that may wait at once (see ``buffer`` above).
         self._send, self._receive = anyio.create_memory_object_stream[_Pending[In, Out]](buffer)
         self._device = device or anyio.CapacityLimiter(1)
+        self._running = threading.Lock()
+        self._backend = backend
         self.batches = 0
         """Batches run so far."""
         self.largest_batch = 0
@@ -107,24 +119,38 @@ class MicroBatcher(Generic[In, Out]):
                 break
         if not batch:  # cannot happen: the caller's own item is still queued
             raise RuntimeError("micro-batcher: a waiting item is missing from the queue")
-        # Items taken off the queue must be settled whatever happens to this caller: the
-        # others are waiting for them. The thread cannot be interrupted anyway, so the shield
-        # delays a cancellation of this caller by one batch at most.
-        with anyio.CancelScope(shield=True):
-            try:
-                outcomes = await anyio.to_thread.run_sync(
-                    self._run_batch, [pending.item for pending in batch]
+        try:
+            outcomes = await call_left_behind_on_cancel(
+                self._run_one_at_a_time, [pending.item for pending in batch], backend=self._backend
+            )
+            if len(outcomes) != len(batch):
+                raise RuntimeError(
+                    f"batch function returned {len(outcomes)} results for {len(batch)} items"
                 )
-                if len(outcomes) != len(batch):
-                    raise RuntimeError(
-                        f"batch function returned {len(outcomes)} results for {len(batch)} items"
-                    )
-            except Exception as exc:
-                outcomes = [exc] * len(batch)
+        except Exception as exc:
+            outcomes = [exc] * len(batch)
+        except anyio.get_cancelled_exc_class():
+            # A hard stop does not wait for the batch (a hung model would hold it for good):
+            # its thread finishes it and its results are dropped. Items taken off the queue
+            # must be settled all the same, as the others of the batch wait for them; a
+            # caller not cancelled itself tries again.
+            abandoned = RetryableError(
+                f"{self._backend}: the batch holding this request was abandoned (the request "
+                "running it was cancelled)"
+            )
+            for pending in batch:
+                pending.settle(abandoned)
+            raise
         for pending, outcome in zip(batch, outcomes, strict=True):
             pending.settle(outcome)
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+
+    def _run_one_at_a_time(self, items: Sequence[In]) -> Sequence[Out | Exception]:
+        # A batch left running by a cancelled caller still holds the device: the next one
+        # waits for it here, in its own thread.
+        with self._running:
+            return self._run_batch(items)
 
     def close(self) -> None:
         """Release the queue; later :meth:`submit` calls fail with ``ClosedResourceError``."""

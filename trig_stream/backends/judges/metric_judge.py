@@ -21,6 +21,7 @@ mean and the DTM as if it were a measurement.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -50,7 +51,7 @@ from trig_stream.backends.metrics.registry import import_metric
 from trig_stream.config import OPTIONS_CONFIG, validate_table
 from trig_stream.config_problems import nested_problems
 from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
-from trig_stream.errors import ConfigError, ItemError
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
 
@@ -178,7 +179,10 @@ class MetricJudge(Judge):
         await load_in_thread(self.metric.load, self.metric.close, backend=f"judge {self.name!r}")
         if not is_async(self.metric):  # an async one is awaited, not run in a thread
             self._batcher = MicroBatcher(
-                self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
+                self._run_batch,
+                batch_size=self.options.batch_size,
+                buffer=self.concurrency,
+                backend=f"judge {self.name!r}",
             )
         self._open = True
 
@@ -223,6 +227,14 @@ class MetricJudge(Judge):
                 unscorable=f"the {metric.name} metric found nothing to measure in this image",
             )
         score = metric.dimension_score(value, request.dimension)
+        if isinstance(score, bool) or not isinstance(score, numbers.Real):
+            # A bool passes the range check below (True <= 1), then no judgement takes it.
+            raise ItemError(
+                f"the {metric.name} metric's dimension_score gave a {type(score).__name__} "
+                f"({score!r:.40}) for {request.dimension} (from its value {value!r}), where a "
+                "score, a number in [0, 1], belongs"
+            )
+        score = float(score)
         if not 0.0 <= score <= 1.0:  # also refuses NaN
             raise ItemError(
                 f"the {metric.name} metric gave {score!r} for {request.dimension} (from its "
@@ -235,6 +247,10 @@ class MetricJudge(Judge):
         try:
             # A sync metric (async ones skip the batcher).
             return list(checked_values(self.metric, self.metric.compute_batch(items), len(items)))
+        except (RetryableError, FatalBackendError) as exc:
+            # The metric's service or device, not one image: every item of the batch shares
+            # the failure, which the engine retries (each item again) or stops the run for.
+            return [exc] * len(items)
         except Exception as exc:
             if len(items) == 1:
                 return [exc if isinstance(exc, ItemError) else ItemError(describe_error(exc))]

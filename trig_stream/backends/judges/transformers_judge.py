@@ -187,7 +187,10 @@ class TransformersJudge(Judge):
             lambda: self._load(torch, transformers), self._unload, backend=f"judge {self.name!r}"
         )
         self._batcher = MicroBatcher(
-            self._run_batch, batch_size=self.options.batch_size, buffer=self.concurrency
+            self._run_batch,
+            batch_size=self.options.batch_size,
+            buffer=self.concurrency,
+            backend=f"judge {self.name!r}",
         )
 
     def _load(self, torch: Any, transformers: Any) -> None:

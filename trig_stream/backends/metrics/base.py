@@ -36,7 +36,7 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
-from trig_stream.backends.base import shrunk_size
+from trig_stream.backends.base import being_cancelled, shrunk_size
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ItemError
 from trig_stream.records import Sample, TopLogprobs
@@ -178,25 +178,59 @@ async def compute_async(
     """Compute an image metric on ``items`` from async code.
 
     An ``async`` metric is awaited; a sync one runs in a worker thread behind ``limiter``.
+    An async ``compute`` runs for all items at once; what one raises comes out as it is (the
+    first, when several fail), so a :class:`~trig_stream.errors.RetryableError` or a
+    :class:`~trig_stream.errors.FatalBackendError` keeps its meaning.
 
     Raises:
-        ItemError: an item cannot be measured, or the metric gave something else than one
-            value (a number or None) per item.
+        ItemError: an item cannot be measured, the metric gave something else than one
+            value (a number or None) per item, or it raised a cancellation exception though
+            nothing cancelled it.
+        BackendError: what the metric raised to classify its failure (retryable, fatal).
     """
     if inspect.iscoroutinefunction(metric.compute_batch):
         return checked_values(metric, await metric.compute_batch(items), len(items))
     if is_async(metric):
+        if len(items) == 1:  # no task group: nothing to gather
+            return checked_values(metric, [await _computed(metric, items[0])], 1)
         values: list[object] = [None] * len(items)
+        failures: list[Exception] = []
 
         async def one(index: int) -> None:
-            values[index] = await cast("Awaitable[Value]", metric.compute(items[index]))
+            # Each failure is kept as it is: a task group would wrap it in an exception
+            # group (its class, which tells the engine to retry or stop, lost), and a
+            # cancellation exception raised by a child would end that child silently.
+            try:
+                values[index] = await _computed(metric, items[index])
+            except Exception as exc:
+                failures.append(exc)
 
         async with anyio.create_task_group() as tg:
             for index in range(len(items)):
                 tg.start_soon(one, index)
+        if failures:
+            raise failures[0]
         return checked_values(metric, values, len(items))
     batch = await anyio.to_thread.run_sync(metric.compute_batch, items, limiter=limiter)
     return checked_values(metric, batch, len(items))
+
+
+async def _computed(metric: ImageMetric, item: MetricInput) -> object:
+    """An async metric's ``compute`` of one item.
+
+    Raises:
+        ItemError: the metric raised a cancellation exception (an ``asyncio.CancelledError``
+            of a future of its own) though nothing cancelled its caller.
+    """
+    try:
+        return await cast("Awaitable[object]", metric.compute(item))
+    except anyio.get_cancelled_exc_class() as exc:
+        if being_cancelled():
+            raise
+        raise ItemError(
+            f"the {metric.name} metric raised {type(exc).__name__} though nothing cancelled "
+            "it: a bug of the metric (a cancellation is no answer)"
+        ) from None
 
 
 def checked_values(metric: Metric, values: object, count: int) -> list[Value]:

