@@ -266,6 +266,40 @@ dimensions:
     assert config.dataset.dimensions == ["IQ-R", "TA-C"]
 
 
+def test_endpoints_that_differ_by_a_trailing_slash_are_one_judge(tmp_path: Path) -> None:
+    # They were two judges of one server, each scoring every dimension: twice the load, and
+    # two metrics in the report.
+    text = """\
+generation: {models: [flux]}
+dimensions:
+  IQ-R: {metrics: [{name: trig_api, model_name: j, endpoint: "http://h:8000/v1/"}]}
+  IQ-O: {metrics: [{name: trig_api, model_name: j, endpoint: "http://h:8000/v1"}]}
+"""
+    out, warnings = convert_to_file(tmp_path, text)
+    config = load_config(out)
+    assert [(j.name, j.options["base_url"]) for j in config.judges] == [
+        ("trigscore", "http://h:8000/v1")
+    ]
+    assert config.dataset.dimensions == ["IQ-R", "IQ-O"]
+    assert not [w for w in warnings if "upstream asks it only about" in w]
+
+
+def test_an_endpoint_that_is_not_a_string_is_refused_naming_its_key(tmp_path: Path) -> None:
+    # It was written as the text of the list and refused as "base_url: holds spaces".
+    text = (
+        "generation: {models: [flux]}\n"
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, endpoint: [a, b]}]}}\n"
+    )
+    source = write(tmp_path, "up.yaml", text)
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    message = str(raised.value)
+    assert message.startswith(
+        f"{source}: dimensions.IQ-R.metrics[0].endpoint: ['a', 'b'] is not a URL"
+    )
+    assert "base_url" not in message
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

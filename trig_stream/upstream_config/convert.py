@@ -317,7 +317,10 @@ class _Converter:
             )
 
     def _judges(self) -> None:
-        self.judges = convert_judges(self.data.get("dimensions"), self.warn)
+        try:
+            self.judges = convert_judges(self.data.get("dimensions"), self.warn)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
         covered = {d for _, judge in self.judges for d in judge.dimensions}
         if covered != set(DIMENSIONS):
             self.dataset["dimensions"] = sorted(covered, key=DIMENSIONS.index)
@@ -427,7 +430,7 @@ class _Converter:
             )
             lines.append("# upstream scored with its own TRIGScore, reproduced by scorer = trig")
             judge_options: dict[str, Any] = {
-                "base_url": judge.endpoint.rstrip("/"),
+                "base_url": judge.endpoint,
                 "model": judge.model,
                 "top_logprobs": judge.top_logprobs,
             }
