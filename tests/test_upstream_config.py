@@ -301,6 +301,55 @@ def test_an_endpoint_that_is_not_a_string_is_refused_naming_its_key(tmp_path: Pa
 
 
 @pytest.mark.parametrize(
+    ("text", "warning"),
+    [
+        (
+            "task: p2p\nimage_path: true\ngeneration: {models: [instructp2p]}\n",
+            "image_path: left out: expected a folder, got True",
+        ),
+        (
+            "evaluation: {result_dir: {a: 1}, image_dirs: [x]}\n",
+            "evaluation.result_dir: left out: expected a folder, got {'a': 1}",
+        ),
+        (
+            "name: [a, b]\nevaluation: {image_dirs: [x]}\n",
+            "name: left out: expected a run name, got ['a', 'b']",
+        ),
+        (
+            "dataset_name: {repo: x}\nevaluation: {image_dirs: [x]}\n",
+            "dataset_name: left out: expected a dataset name, got {'repo': 'x'}",
+        ),
+    ],
+)
+def test_optional_values_of_the_wrong_type_are_left_out_with_a_warning(
+    tmp_path: Path, text: str, warning: str
+) -> None:
+    # They were written as their text: image_root = ".../True", output_dir = ".../{'a': 1}".
+    out, warnings = convert_to_file(tmp_path, text)
+    config = load_config(out)
+    assert warning in warnings
+    assert config.dataset.image_root is None
+    assert config.run.output_dir == (out.parent / "runs").resolve()
+    assert config.run.name == "run"  # the upstream file's name
+    assert (
+        config.dataset.path == (tmp_path / "upstream" / "data" / "TRIG" / config.run.task).resolve()
+    )
+    assert "{" not in out.read_text().split("\n[run]", 1)[1]
+
+
+def test_a_prompt_path_that_is_no_path_is_refused(tmp_path: Path) -> None:
+    # It became path = ".../['a.json', 'b.json']"; left out, the run would read another dataset.
+    source = write(
+        tmp_path, "up.yaml", "prompt_path: [a.json, b.json]\ngeneration: {models: [flux]}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert str(raised.value).startswith(
+        f"{source}: prompt_path: expected a path, got ['a.json', 'b.json']: name one JSON file"
+    )
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("task: t2i_ml\ngeneration: {models: [flux]}\n", r"task: 't2i_ml' has no counterpart"),
