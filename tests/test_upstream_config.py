@@ -13,7 +13,7 @@ from rich.console import Console
 from trig_stream.config import load_config
 from trig_stream.errors import ConfigError
 from trig_stream.upstream_config import add_import_config_command, import_config
-from trig_stream.upstream_config.toml_writer import toml_value
+from trig_stream.upstream_config.toml_writer import comment, toml_key, toml_value
 
 # Upstream's evaluation layout: judge definitions as YAML anchors, merged into each
 # dimension's metrics list; one image folder (and result file) per model.
@@ -378,6 +378,41 @@ def test_an_upstream_config_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
 )
 def test_strings_survive_the_toml_writer(value: str) -> None:
     assert tomllib.loads(f"key = {toml_value(value)}")["key"] == value
+
+
+CONTROLS = "".join(map(chr, range(0x20))) + "\x7f"
+"""Every character TOML forbids raw in a comment (tab aside) or a string."""
+
+
+@pytest.mark.parametrize("value", [f"a{CONTROLS}b", "del\x7fchar", "ctrl\x01"])
+def test_keys_with_control_characters_survive_the_toml_writer(value: str) -> None:
+    assert tomllib.loads(f"{toml_key(value)} = {toml_value(value)}\n") == {value: value}
+
+
+@pytest.mark.parametrize("value", [f"a{CONTROLS}b", "del\x7fchar", "ctrl\x01"])
+def test_comments_with_control_characters_stay_comments(value: str) -> None:
+    assert tomllib.loads(f"# {comment(value)}\nkey = 1\n") == {"key": 1}
+    assert "\\x01" in comment("ctrl\x01") and "\\x7f" in comment("del\x7fchar")
+
+
+def test_control_characters_in_upstream_keys_and_paths_give_a_config_that_parses(
+    tmp_path: Path,
+) -> None:
+    # The warning comments echoed them raw: "the converted config does not validate: Found
+    # invalid character '\x01' (at line 6, column 10)", a line of a file never written.
+    text = (
+        '"foo\\x01": 1\n"bar\\x7f": 2\nprompt_path: "C:\\\\data\\\\p\\x01.json"\n'
+        'generation: {models: [flux, "sana\\x1b"]}\n'
+    )
+    source = write(tmp_path, "up\x1b.yaml", text)
+    conversion = import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert "foo\x01: unknown upstream key, left out" in conversion.warnings
+    header = conversion.text.split("\n[run]", 1)[0]
+    assert "#   - foo\\x01: unknown upstream key" in header
+    assert "#   - bar\\x7f: unknown upstream key" in header
+    assert "generation.models[sana\\x1b]" in header
+    assert "from " + str(tmp_path / "up\\x1b.yaml") in header
+    assert tomllib.loads(conversion.text)["dataset"]["path"] == "C:/data/p\x01.json"
 
 
 def run_command(argv: list[str]) -> tuple[int, str]:
