@@ -580,6 +580,20 @@ def test_printed_paths_hold_wherever_the_text_is_saved(
     assert config.generators[0].options["path"] == str(tmp_path.resolve() / "imgs")
 
 
+def test_a_relative_path_starting_with_a_tilde_keeps_its_meaning(tmp_path: Path) -> None:
+    # Written as "~/p.json" next to the upstream root, the loader read the home folder's.
+    source = write(tmp_path, "up.yaml", 'prompt_path: "~/p.json"\nimage_path: "~x"\n')
+    source.write_text(source.read_text() + "evaluation: {image_dirs: [~/imgs]}\n")
+    out = tmp_path / "mine.toml"
+    conversion = import_config(source, out=out, root=tmp_path)
+    out.write_text(conversion.text, encoding="utf-8")
+    config = load_config(out)
+    assert config.dataset.path == tmp_path.resolve() / "~" / "p.json"
+    assert config.dataset.image_root == tmp_path.resolve() / "~x"
+    assert config.generators[0].options["path"] == str(tmp_path.resolve() / "~" / "imgs")
+    assert f'path = "{tmp_path.as_posix()}/~/p.json"' in conversion.text
+
+
 def test_image_folder_of_a_generated_model_is_not_judged_twice(tmp_path: Path) -> None:
     text = GENERATION + 'evaluation:\n  image_dirs: ["data/output/t2i/flux", "/abs/t2i/janus"]\n'
     out, warnings = convert_to_file(tmp_path, text)

@@ -408,9 +408,14 @@ class _Converter:
         if self.out_dir is None:  # printed: the file's folder is not known
             return (self.root / path).as_posix()
         try:
-            return Path(os.path.relpath(self.root / path, self.out_dir)).as_posix()
+            relative = Path(os.path.relpath(self.root / path, self.out_dir)).as_posix()
         except ValueError:  # another drive
             return (self.root / path).as_posix()
+        if relative.startswith("~"):
+            # Upstream opened a folder named "~"; the loader reads a leading "~" as the home
+            # folder, "./~" included (pathlib drops the "./"), so only the full path holds.
+            return (self.root / path).as_posix()
+        return relative
 
     def _output_dir_for_report(self) -> str:
         output_dir = self.run.get("output_dir")
