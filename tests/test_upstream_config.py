@@ -15,7 +15,7 @@ from rich.console import Console
 from trig_stream.config import load_config
 from trig_stream.errors import ConfigError
 from trig_stream.upstream_config import add_import_config_command, import_config
-from trig_stream.upstream_config.toml_writer import toml_value
+from trig_stream.upstream_config.toml_writer import comment, toml_key, toml_value
 
 # Upstream's evaluation layout: judge definitions as YAML anchors, merged into each
 # dimension's metrics list; one image folder (and result file) per model.
@@ -268,6 +268,89 @@ dimensions:
     assert config.dataset.dimensions == ["IQ-R", "TA-C"]
 
 
+def test_endpoints_that_differ_by_a_trailing_slash_are_one_judge(tmp_path: Path) -> None:
+    # They were two judges of one server, each scoring every dimension: twice the load, and
+    # two metrics in the report.
+    text = """\
+generation: {models: [flux]}
+dimensions:
+  IQ-R: {metrics: [{name: trig_api, model_name: j, endpoint: "http://h:8000/v1/"}]}
+  IQ-O: {metrics: [{name: trig_api, model_name: j, endpoint: "http://h:8000/v1"}]}
+"""
+    out, warnings = convert_to_file(tmp_path, text)
+    config = load_config(out)
+    assert [(j.name, j.options["base_url"]) for j in config.judges] == [
+        ("trigscore", "http://h:8000/v1")
+    ]
+    assert config.dataset.dimensions == ["IQ-R", "IQ-O"]
+    assert not [w for w in warnings if "upstream asks it only about" in w]
+
+
+def test_an_endpoint_that_is_not_a_string_is_refused_naming_its_key(tmp_path: Path) -> None:
+    # It was written as the text of the list and refused as "base_url: holds spaces".
+    text = (
+        "generation: {models: [flux]}\n"
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, endpoint: [a, b]}]}}\n"
+    )
+    source = write(tmp_path, "up.yaml", text)
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    message = str(raised.value)
+    assert message.startswith(
+        f"{source}: dimensions.IQ-R.metrics[0].endpoint: ['a', 'b'] is not a URL"
+    )
+    assert "base_url" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "warning"),
+    [
+        (
+            "task: p2p\nimage_path: true\ngeneration: {models: [instructp2p]}\n",
+            "image_path: left out: expected a folder, got True",
+        ),
+        (
+            "evaluation: {result_dir: {a: 1}, image_dirs: [x]}\n",
+            "evaluation.result_dir: left out: expected a folder, got {'a': 1}",
+        ),
+        (
+            "name: [a, b]\nevaluation: {image_dirs: [x]}\n",
+            "name: left out: expected a run name, got ['a', 'b']",
+        ),
+        (
+            "dataset_name: {repo: x}\nevaluation: {image_dirs: [x]}\n",
+            "dataset_name: left out: expected a dataset name, got {'repo': 'x'}",
+        ),
+    ],
+)
+def test_optional_values_of_the_wrong_type_are_left_out_with_a_warning(
+    tmp_path: Path, text: str, warning: str
+) -> None:
+    # They were written as their text: image_root = ".../True", output_dir = ".../{'a': 1}".
+    out, warnings = convert_to_file(tmp_path, text)
+    config = load_config(out)
+    assert warning in warnings
+    assert config.dataset.image_root is None
+    assert config.run.output_dir == (out.parent / "runs").resolve()
+    assert config.run.name == "run"  # the upstream file's name
+    assert (
+        config.dataset.path == (tmp_path / "upstream" / "data" / "TRIG" / config.run.task).resolve()
+    )
+    assert "{" not in out.read_text().split("\n[run]", 1)[1]
+
+
+def test_a_prompt_path_that_is_no_path_is_refused(tmp_path: Path) -> None:
+    # It became path = ".../['a.json', 'b.json']"; left out, the run would read another dataset.
+    source = write(
+        tmp_path, "up.yaml", "prompt_path: [a.json, b.json]\ngeneration: {models: [flux]}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert str(raised.value).startswith(
+        f"{source}: prompt_path: expected a path, got ['a.json', 'b.json']: name one JSON file"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -297,6 +380,41 @@ def test_an_upstream_config_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
 )
 def test_strings_survive_the_toml_writer(value: str) -> None:
     assert tomllib.loads(f"key = {toml_value(value)}")["key"] == value
+
+
+CONTROLS = "".join(map(chr, range(0x20))) + "\x7f"
+"""Every character TOML forbids raw in a comment (tab aside) or a string."""
+
+
+@pytest.mark.parametrize("value", [f"a{CONTROLS}b", "del\x7fchar", "ctrl\x01"])
+def test_keys_with_control_characters_survive_the_toml_writer(value: str) -> None:
+    assert tomllib.loads(f"{toml_key(value)} = {toml_value(value)}\n") == {value: value}
+
+
+@pytest.mark.parametrize("value", [f"a{CONTROLS}b", "del\x7fchar", "ctrl\x01"])
+def test_comments_with_control_characters_stay_comments(value: str) -> None:
+    assert tomllib.loads(f"# {comment(value)}\nkey = 1\n") == {"key": 1}
+    assert "\\x01" in comment("ctrl\x01") and "\\x7f" in comment("del\x7fchar")
+
+
+def test_control_characters_in_upstream_keys_and_paths_give_a_config_that_parses(
+    tmp_path: Path,
+) -> None:
+    # The warning comments echoed them raw: "the converted config does not validate: Found
+    # invalid character '\x01' (at line 6, column 10)", a line of a file never written.
+    text = (
+        '"foo\\x01": 1\n"bar\\x7f": 2\nprompt_path: "C:\\\\data\\\\p\\x01.json"\n'
+        'generation: {models: [flux, "sana\\x1b"]}\n'
+    )
+    source = write(tmp_path, "up\x1b.yaml", text)
+    conversion = import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert "foo\x01: unknown upstream key, left out" in conversion.warnings
+    header = conversion.text.split("\n[run]", 1)[0]
+    assert "#   - foo\\x01: unknown upstream key" in header
+    assert "#   - bar\\x7f: unknown upstream key" in header
+    assert "generation.models[sana\\x1b]" in header
+    assert "from " + str(tmp_path / "up\\x1b.yaml") in header
+    assert tomllib.loads(conversion.text)["dataset"]["path"] == "C:/data/p\x01.json"
 
 
 def run_command(argv: list[str]) -> tuple[int, str]:
@@ -512,6 +630,20 @@ def test_printed_paths_hold_wherever_the_text_is_saved(
     config = load_config(saved)
     assert config.dataset.path == tmp_path.resolve() / "prompts" / "p.json"
     assert config.generators[0].options["path"] == str(tmp_path.resolve() / "imgs")
+
+
+def test_a_relative_path_starting_with_a_tilde_keeps_its_meaning(tmp_path: Path) -> None:
+    # Written as "~/p.json" next to the upstream root, the loader read the home folder's.
+    source = write(tmp_path, "up.yaml", 'prompt_path: "~/p.json"\nimage_path: "~x"\n')
+    source.write_text(source.read_text() + "evaluation: {image_dirs: [~/imgs]}\n")
+    out = tmp_path / "mine.toml"
+    conversion = import_config(source, out=out, root=tmp_path)
+    out.write_text(conversion.text, encoding="utf-8")
+    config = load_config(out)
+    assert config.dataset.path == tmp_path.resolve() / "~" / "p.json"
+    assert config.dataset.image_root == tmp_path.resolve() / "~x"
+    assert config.generators[0].options["path"] == str(tmp_path.resolve() / "~" / "imgs")
+    assert f'path = "{tmp_path.as_posix()}/~/p.json"' in conversion.text
 
 
 def test_image_folder_of_a_generated_model_is_not_judged_twice(tmp_path: Path) -> None:

@@ -219,8 +219,7 @@ class _Converter:
             self.warn(key, "unknown upstream key, left out")
 
     def _run(self) -> None:
-        raw_name = self.data.get("name")
-        name = str(raw_name) if raw_name not in (None, "") else self.source.stem
+        name = self._text("name", self.data.get("name"), "a run name") or self.source.stem
         safe = safe_name(name)
         if safe != name:
             self.warn("name", f"{name!r} is not a valid run name here; using {safe!r}")
@@ -244,24 +243,32 @@ class _Converter:
                 ) from None
         self.run["task"] = self.task
         evaluation = self.data.get("evaluation")
-        if isinstance(evaluation, Mapping) and evaluation.get("result_dir"):
+        if isinstance(evaluation, Mapping):
             # Read first: a dtm_rewrite generator's report path is under the output folder.
             key = "evaluation.result_dir"
-            self.run["output_dir"] = self._path(str(evaluation["result_dir"]), key)
+            result_dir = self._text(key, evaluation.get("result_dir"), "a folder")
+            if result_dir is not None:
+                self.run["output_dir"] = self._path(result_dir, key)
 
     def _dataset(self) -> None:
         prompt_path = self.data.get("prompt_path")
         dataset_name = self.data.get("dataset_name")
         split = UPSTREAM_SPLITS[self.task]
-        if prompt_path:
-            self.dataset["path"] = self._path(str(prompt_path), "prompt_path")
+        if prompt_path is not None and not isinstance(prompt_path, str):
+            # Left out, the dataset would silently become upstream's whole split.
+            raise ConfigError(
+                f"{self.source}: prompt_path: expected a path, got {prompt_path!r}: name one "
+                "JSON file of prompts, or leave prompt_path out to read dataset_name"
+            )
+        if prompt_path and prompt_path.strip():
+            self.dataset["path"] = self._path(prompt_path, "prompt_path")
             if dataset_name:
                 self.warn(
                     "dataset_name",
                     "left out: prompt_path is given, and upstream reads it first",
                 )
         else:
-            name = str(dataset_name or "RISys-Lab/TRIG")
+            name = self._text("dataset_name", dataset_name, "a dataset name") or "RISys-Lab/TRIG"
             folder = f"data/TRIG/{self.task}"
             self.dataset["path"] = self._path(folder, "dataset_name")
             extra = "" if name in UPSTREAM_DATASETS else f" (upstream named {name!r})"
@@ -272,9 +279,9 @@ class _Converter:
                 f"'data/{split}-*' --local-dir {folder}` in {self.root}, or edit "
                 "[dataset] path",
             )
-        image_path = self.data.get("image_path")
-        if image_path:
-            self.dataset["image_root"] = self._path(str(image_path), "image_path")
+        image_path = self._text("image_path", self.data.get("image_path"), "a folder")
+        if image_path is not None:
+            self.dataset["image_root"] = self._path(image_path, "image_path")
         if "description_path" in self.data:
             self.warn("description_path", "left out: upstream no longer uses it")
         start = self.data.get("start_idx")
@@ -317,7 +324,10 @@ class _Converter:
             )
 
     def _judges(self) -> None:
-        self.judges = convert_judges(self.data.get("dimensions"), self.warn)
+        try:
+            self.judges = convert_judges(self.data.get("dimensions"), self.warn)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
         covered = {d for _, judge in self.judges for d in judge.dimensions}
         if covered != set(DIMENSIONS):
             self.dataset["dimensions"] = sorted(covered, key=DIMENSIONS.index)
@@ -375,7 +385,18 @@ class _Converter:
             else:
                 self.warn(f"{where}.{key}", f"left out: {number!r} is not a number")
 
-    # -- paths and output
+    # -- values and paths
+
+    def _text(self, key: str, value: Any, expected: str) -> str | None:
+        """An optional upstream string: None when absent or blank, and when of another
+        type, which is left out with a warning (written as its text, a list or a mapping
+        became a path)."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, str):
+            return value
+        self.warn(key, f"left out: expected {expected}, got {value!r}")
+        return None
 
     def _path(self, value: str, key: str) -> str:
         if _WINDOWS_PATH.match(value):
@@ -387,9 +408,14 @@ class _Converter:
         if self.out_dir is None:  # printed: the file's folder is not known
             return (self.root / path).as_posix()
         try:
-            return Path(os.path.relpath(self.root / path, self.out_dir)).as_posix()
+            relative = Path(os.path.relpath(self.root / path, self.out_dir)).as_posix()
         except ValueError:  # another drive
             return (self.root / path).as_posix()
+        if relative.startswith("~"):
+            # Upstream opened a folder named "~"; the loader reads a leading "~" as the home
+            # folder, "./~" included (pathlib drops the "./"), so only the full path holds.
+            return (self.root / path).as_posix()
+        return relative
 
     def _output_dir_for_report(self) -> str:
         output_dir = self.run.get("output_dir")
@@ -427,7 +453,7 @@ class _Converter:
             )
             lines.append("# upstream scored with its own TRIGScore, reproduced by scorer = trig")
             judge_options: dict[str, Any] = {
-                "base_url": judge.endpoint.rstrip("/"),
+                "base_url": judge.endpoint,
                 "model": judge.model,
                 "top_logprobs": judge.top_logprobs,
             }

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trig_stream.dimensions import DIMENSIONS, Dimension
+from trig_stream.errors import ConfigError
 from trig_stream.upstream_config.toml_writer import safe_name
 
 JUDGE_METRIC = "trig_api"
@@ -34,7 +35,10 @@ _JudgeIdent = tuple[str, str, int, str | None]
 
 @dataclass(slots=True)
 class ConvertedJudge:
-    """One ``openai`` judge and the dimensions upstream asked it about."""
+    """One ``openai`` judge and the dimensions upstream asked it about.
+
+    ``endpoint`` is its ``base_url``: upstream's endpoint without a trailing ``/``.
+    """
 
     model: str
     endpoint: str
@@ -55,6 +59,10 @@ def convert_judges(
     Returns:
         One ``(name, judge)`` per distinct ``trig_api`` metric; with none, a judge of
         :data:`DEFAULT_JUDGE_MODEL` at :data:`UPSTREAM_ENDPOINT` for every dimension.
+
+    Raises:
+        ConfigError: a metric's ``endpoint`` is not a string (the message names its key,
+            not the upstream file).
     """
     found: dict[_JudgeIdent, ConvertedJudge] = {}
     if isinstance(dimensions, Mapping):
@@ -70,7 +78,7 @@ def convert_judges(
         )
         found[("", "", 0, None)] = ConvertedJudge(
             model=DEFAULT_JUDGE_MODEL,
-            endpoint=UPSTREAM_ENDPOINT,
+            endpoint=UPSTREAM_ENDPOINT.rstrip("/"),
             top_logprobs=MAX_TOP_LOGPROBS,
             api_key_env=None,
             dimensions=list(DIMENSIONS),
@@ -147,7 +155,15 @@ def _judge_from(
     if not model or model == "None":
         model = DEFAULT_JUDGE_MODEL
         warn(f"{where}.model_name", f"missing: using {DEFAULT_JUDGE_MODEL!r}")
-    endpoint = str(params.get("endpoint") or UPSTREAM_ENDPOINT)
+    raw_endpoint = params.get("endpoint")
+    if raw_endpoint is not None and not isinstance(raw_endpoint, str):
+        raise ConfigError(
+            f"{where}.endpoint: {raw_endpoint!r} is not a URL: write one URL as a string "
+            f"(a server of several is a {JUDGE_METRIC} metric of its own)"
+        )
+    # Without the trailing "/" the URL is the judge's base_url; "…/v1/" and "…/v1" are one
+    # server, so one judge.
+    endpoint = (raw_endpoint or UPSTREAM_ENDPOINT).rstrip("/")
     top = params.get("top_logprobs", UPSTREAM_TOP_LOGPROBS)
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         warn(f"{where}.top_logprobs", f"{top!r} is not a count: using 5")

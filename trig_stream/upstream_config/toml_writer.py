@@ -18,6 +18,7 @@ from trig_stream.records import is_safe_name
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _DOTS = re.compile(r"\.{2,}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def safe_name(name: str) -> str:
@@ -30,8 +31,16 @@ def safe_name(name: str) -> str:
 
 
 def comment(text: str) -> str:
-    """``text`` on one line, to follow a ``#``."""
-    return " ".join(text.split())
+    """``text`` on one line, to follow a ``#``.
+
+    Whitespace runs become one space; the other control characters, which a TOML comment
+    cannot hold (DEL included), are written as ``\\xNN`` escapes.
+    """
+    return _CONTROL.sub(_escape, " ".join(text.split()))
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
 
 
 def assignments(table: Mapping[str, Any]) -> list[str]:
@@ -41,7 +50,7 @@ def assignments(table: Mapping[str, Any]) -> list[str]:
 
 def toml_key(key: str) -> str:
     """``key`` bare when TOML allows it, quoted otherwise."""
-    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
+    return key if _BARE_KEY.match(key) else _basic_string(key)
 
 
 def toml_value(value: Any) -> str:
@@ -61,8 +70,7 @@ def toml_value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        # JSON's escapes are TOML's, except that TOML also forbids a raw DEL.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+        return _basic_string(value)
     if isinstance(value, Mapping):
         if not value:
             return "{}"
@@ -74,3 +82,9 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML form for {value!r}")
+
+
+def _basic_string(text: str) -> str:
+    """``text`` as a TOML basic string (a quoted key or a string value)."""
+    # JSON's escapes are TOML's, except that TOML also forbids a raw DEL.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
