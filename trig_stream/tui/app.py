@@ -84,9 +84,18 @@ class ErrorsScreen(TextScreen):
 
     def __init__(self) -> None:
         super().__init__(f"errors: the latest {ERRORS_KEPT}, latest first")
+        self._shown: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     def show(self, snapshot: DashboardSnapshot) -> None:
-        """Draw the errors of a snapshot."""
+        """Draw the errors of a snapshot, unless they and the notes are those already shown.
+
+        The app calls this on every refresh (4 Hz); rebuilding up to
+        :data:`~trig_stream.stats.ERRORS_KEPT` lines each time cost a core and slowed the run.
+        """
+        shown = (snapshot.last_errors, snapshot.notes)
+        if shown == self._shown:
+            return
+        self._shown = shown
         text = render.error_lines(snapshot.last_errors)
         if snapshot.notes:
             text.append("\n\nnotes:\n", style="bold")
