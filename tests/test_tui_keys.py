@@ -328,3 +328,53 @@ async def test_the_errors_view_is_rebuilt_only_when_the_errors_change(
         await app.dashboard.refresh_snapshot()
         await pilot.pause()
         assert "a new note" in str(body.render())
+
+
+class RecordingControl:
+    """A run control that records what the keys asked for."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+        self._paused = True
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+        self._paused = False
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    def cancel(self) -> None:
+        self.calls.append("cancel")
+
+
+@pytest.mark.parametrize(("view", "key"), [(ErrorsScreen, "e"), (HelpScreen, "question_mark")])
+async def test_the_app_keys_work_in_the_errors_and_help_views(
+    view: type[ErrorsScreen | HelpScreen], key: str
+) -> None:
+    # The views are modal screens, which hide the app's bindings: q, p, s and m did nothing
+    # there, and the footer showed only "esc Close", though the help says q quits.
+    control = RecordingControl()
+    app = TrigDashboardApp(StaticSource(synthetic_snapshot(), control=control))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press(key)
+        assert isinstance(app.screen, view)
+        shown = {k for k, active in app.screen.active_bindings.items() if active.binding.show}
+        assert {"p", "s", "q", "m", "escape"} <= shown
+        await pilot.press("m")
+        view_now = app.dashboard.selected_view()
+        assert view_now is not None and view_now.model == "sd3-medium"
+        await pilot.press("p", "s")
+        assert control.calls == ["pause", "stop"]
+        assert isinstance(app.screen, view)
+        await pilot.press("q")
+    assert control.calls == ["pause", "stop", "cancel"]
+    assert app.return_code == 0

@@ -60,7 +60,15 @@ class TextScreen(ModalScreen[None]):
         border: round $accent; border-title-style: bold; padding: 0 1;
     }
     """
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
+    # A modal screen hides the app's bindings: the app's keys are forwarded from here, or q
+    # and the others did nothing while a view was open (and the footer showed only escape).
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "close", "Close"),
+        Binding("p", "app.toggle_pause", "Pause/resume"),
+        Binding("s", "app.stop", "Stop"),
+        Binding("q", "app.quit_run", "Quit"),
+        Binding("m", "app.next_model", "Model"),
+    ]
 
     def __init__(self, title: str) -> None:
         super().__init__()
