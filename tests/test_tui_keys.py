@@ -378,3 +378,33 @@ async def test_the_app_keys_work_in_the_errors_and_help_views(
         await pilot.press("q")
     assert control.calls == ["pause", "stop", "cancel"]
     assert app.return_code == 0
+
+
+async def test_p_during_a_graceful_stop_neither_resumes_nor_says_so(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine keeps its pause flag through a stop: p, s, p resumed nothing (the run went
+    # on stopping) and the app said "resumed". Slow judgements keep the stop going while the
+    # keys come.
+    config = slow_config(make_config, samples=10, latency_s=2.0)
+    said: list[str] = []
+
+    async def steps(pilot: Pilot[Any], engine: Engine) -> None:
+        await wait_until(lambda: engine.stats().judges["trigscore"].in_flight > 0)
+        app = pilot.app
+        assert isinstance(app, TrigDashboardApp)
+        monkeypatch.setattr(app, "notify", lambda message, **_: said.append(str(message)))
+        await pilot.press("p", "s")
+        assert engine.stats().state == "stopping"
+        assert app.check_action("toggle_pause", ()) is None
+        await pilot.press("p")
+        app.action_toggle_pause()  # called directly, as a host could
+        assert engine.stats().state in ("stopping", "stopped")
+        assert engine.paused
+        await wait_until(lambda: engine.stats().state == "stopped")
+
+    async with Engine(config) as engine:
+        await drive(engine, steps)
+    assert engine.stats().state == "stopped"
+    assert not any(message.startswith("resumed") for message in said)
+    assert said[-1] == "stopping: there is nothing to pause or resume"

@@ -27,9 +27,13 @@ from trig_stream.tui import render
 from trig_stream.tui.dashboard import REFRESH_EVERY_S, Dashboard
 from trig_stream.tui.snapshot import CLEAN_END_STATES, DashboardSnapshot, SnapshotSource
 
+STOPPING_STATES = ("stopping", "cancelling")
+"""States of a run being stopped: pause and resume no longer apply."""
+
 HELP = """\
 [b]Keys[/b]
-  p       pause / resume feeding new samples (work already queued goes on)
+  p       pause / resume feeding new samples (work already queued goes on;
+          not once a stop began)
   s       stop gracefully: finish the work in flight, start none (resumable)
   q       quit: stop a running run now (resumable), or close a finished one
   ctrl+c  first: stop gracefully; second: stop now
@@ -164,7 +168,8 @@ class TrigDashboardApp(App[None]):
         self.source_error: TrigStreamError | None = None
         """What ended the app when its source failed (the watched run directory is gone):
         the caller reports it."""
-        self._shown_finished = False
+        self._stop_asked = False
+        self._shown_steering: tuple[bool, bool] = (False, False)
 
     def compose(self) -> ComposeResult:
         yield Dashboard(self.source, refresh_every_s=self.refresh_every_s, linger=self.linger)
@@ -179,15 +184,27 @@ class TrigDashboardApp(App[None]):
         snapshot = self.dashboard.snapshot
         return snapshot is not None and snapshot.finished
 
+    def _stopping(self) -> bool:
+        """Whether the run is being stopped or is over: there is nothing to pause or resume.
+
+        The engine keeps its pause flag through a stop, so without this a ``p`` after
+        ``p``, ``s`` resumed nothing and said "resumed"."""
+        snapshot = self.dashboard.snapshot
+        return self._stop_asked or (
+            snapshot is not None and (snapshot.finished or snapshot.state in STOPPING_STATES)
+        )
+
     def on_dashboard_updated(self, message: Dashboard.Updated) -> None:
         if isinstance(self.screen, ErrorsScreen):
             self.screen.show(message.snapshot)
         snapshot = message.snapshot
         if snapshot.finished and (not self.linger or snapshot.state not in CLEAN_END_STATES):
             self.exit()
-        if snapshot.finished != self._shown_finished:
-            # Pause and stop are greyed out once the run is over; redraw the footer only then.
-            self._shown_finished = snapshot.finished
+        steering = (snapshot.finished, self._stopping())
+        if steering != self._shown_steering:
+            # Pause is greyed out once the run stops, stop once it is over; redraw the footer
+            # only then.
+            self._shown_steering = steering
             self.refresh_bindings()
 
     def on_dashboard_failed(self, message: Dashboard.Failed) -> None:
@@ -195,14 +212,19 @@ class TrigDashboardApp(App[None]):
         self.exit()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("toggle_pause", "stop"):
-            # Greyed out (None) when there is nothing to steer.
+        # Greyed out (None) when there is nothing to steer.
+        if action == "toggle_pause":
+            return None if self.source.control is None or self._stopping() else True
+        if action == "stop":
             return None if self.source.control is None or self._finished() else True
         return True
 
     def action_toggle_pause(self) -> None:
         control = self.source.control
         if control is None or self._finished():
+            return
+        if self._stopping():
+            self.notify("stopping: there is nothing to pause or resume", severity="warning")
             return
         # The run's state now, not the last snapshot's: a second p before the next refresh
         # read "running" there and paused again.
@@ -219,12 +241,15 @@ class TrigDashboardApp(App[None]):
     def action_stop(self) -> None:
         if self.source.control is not None and not self._finished():
             self.source.control.stop()
+            self._stop_asked = True
+            self.refresh_bindings()
             self.notify("stopping: finishing the work in flight (q or ctrl+c to stop now)")
             self.call_later(self.dashboard.refresh_snapshot)
 
     def action_quit_run(self) -> None:
         if self.source.control is not None and not self._finished():
             self.source.control.cancel()
+            self._stop_asked = True
         self.exit()
 
     def action_interrupt(self) -> None:
