@@ -14,7 +14,6 @@ import anyio
 import pytest
 from rich.text import Text
 from textual.pilot import Pilot
-from textual.widgets import Static
 
 from tests.conftest import ConfigFactory
 from tests.test_tui_snapshots import synthetic_snapshot
@@ -23,7 +22,7 @@ from trig_stream.config import RunConfig
 from trig_stream.journal import JOURNAL
 from trig_stream.tui import render
 from trig_stream.tui import run as tui_run
-from trig_stream.tui.app import ErrorsScreen, HelpScreen, TrigDashboardApp
+from trig_stream.tui.app import ErrorsScreen, HelpScreen, TextLines, TrigDashboardApp
 from trig_stream.tui.run import run_dashboard
 from trig_stream.tui.snapshot import StaticSource
 
@@ -311,8 +310,8 @@ async def test_the_errors_view_is_rebuilt_only_when_the_errors_change(
         await pilot.pause()
         screen = app.screen
         assert isinstance(screen, ErrorsScreen)
-        body = screen.query_one("#body", Static)
-        assert "CUDA out of memory" in str(body.render())
+        body = screen.query_one("#body", TextLines)
+        assert "CUDA out of memory" in body.text.plain
         before = len(built)
         for _ in range(5):
             await app.dashboard.refresh_snapshot()
@@ -323,11 +322,11 @@ async def test_the_errors_view_is_rebuilt_only_when_the_errors_change(
         await pilot.pause()
         # Once for the dashboard's panel, once for the view.
         assert len(built) == before + 2
-        assert "new one" in str(body.render())
+        assert body.line(0).plain == "new one"
         source.fixed = replace(source.fixed, notes=("a new note",))
         await app.dashboard.refresh_snapshot()
         await pilot.pause()
-        assert "a new note" in str(body.render())
+        assert body.text.plain.endswith("notes:\na new note")
 
 
 class RecordingControl:
@@ -408,3 +407,35 @@ async def test_p_during_a_graceful_stop_neither_resumes_nor_says_so(
     assert engine.stats().state == "stopped"
     assert not any(message.startswith("resumed") for message in said)
     assert said[-1] == "stopping: there is nothing to pause or resume"
+
+
+async def test_the_errors_view_draws_only_the_errors_in_sight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With errors coming in the view changes on every refresh: a Static laid out all
+    # ERRORS_KEPT lines each time, and the see-through modal screen redrew the dashboard
+    # under it; together half a core.
+    errors = tuple(f"gen s{i} IQ-R: synthetic failure {i}" for i in range(1000))
+    source = StaticSource(replace(synthetic_snapshot(), last_errors=errors, notes=()))
+    app = TrigDashboardApp(source, refresh_every_s=3600)
+    drawn: list[int] = []
+    line = TextLines.line
+
+    def counting(self: TextLines, index: int) -> Text:
+        drawn.append(index)
+        return line(self, index)
+
+    monkeypatch.setattr(TextLines, "line", counting)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("e")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, ErrorsScreen)
+        assert screen.styles.background.a == 1  # the dashboard is not drawn under it
+        drawn.clear()
+        source.fixed = replace(source.fixed, last_errors=(*errors[1:], "the latest"))
+        await app.dashboard.refresh_snapshot()
+        await pilot.pause()
+        body = screen.query_one("#body", TextLines)
+        assert body.virtual_size.height == 1000
+        assert 0 < len(drawn) <= 40 and body.line(0).plain == "the latest"

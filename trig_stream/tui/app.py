@@ -15,10 +15,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.cells import cell_len
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
+from textual.geometry import Size
 from textual.screen import ModalScreen
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 from textual.widgets import Footer, Static
 
 from trig_stream.errors import TrigStreamError
@@ -58,8 +63,9 @@ class TextScreen(ModalScreen[None]):
     """A full-screen text view closed with escape or its own key."""
 
     DEFAULT_CSS = """
-    TextScreen { align: center middle; }
-    TextScreen > VerticalScroll {
+    /* Opaque: a see-through modal screen redrew the dashboard under it on every refresh. */
+    TextScreen { align: center middle; background: $background; }
+    TextScreen > .frame {
         width: 100%; height: 100%;
         border: round $accent; border-title-style: bold; padding: 0 1;
     }
@@ -79,13 +85,55 @@ class TextScreen(ModalScreen[None]):
         self._title = title
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll() as scroll:
+        with VerticalScroll(classes="frame") as scroll:
             scroll.border_title = self._title
             yield Static(id="body")
         yield Footer()
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+
+class TextLines(ScrollView):
+    """Lines of text that draws only the lines in sight.
+
+    A ``Static`` of :data:`~trig_stream.stats.ERRORS_KEPT` lines laid out and styled every
+    line on each update: with errors coming in, the open errors view took half a core.
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.text = Text()
+        self._starts: list[int] = [0]
+
+    def update(self, text: Text) -> None:
+        """Show ``text``, one line of it a row."""
+        self.text = text
+        plain = text.plain
+        self._starts = [0]
+        width = 0
+        while (end := plain.find("\n", self._starts[-1])) >= 0:
+            width = max(width, cell_len(plain[self._starts[-1] : end]))
+            self._starts.append(end + 1)
+        width = max(width, cell_len(plain[self._starts[-1] :]))
+        self.virtual_size = Size(width, len(self._starts))
+        self.refresh()
+
+    def line(self, index: int) -> Text:
+        """Line ``index`` of the text (cut from it only when drawn)."""
+        start = self._starts[index]
+        end = self._starts[index + 1] - 1 if index + 1 < len(self._starts) else len(self.text)
+        return self.text[start:end]
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        index = y + scroll_y
+        width = self.scrollable_content_region.width
+        if index >= len(self._starts):
+            return Strip.blank(width, self.rich_style)
+        segments = self.line(index).render(self.app.console, end="")
+        strip = Strip(segments).crop(scroll_x, scroll_x + width)
+        return strip.extend_cell_length(width).apply_style(self.rich_style)
 
 
 class ErrorsScreen(TextScreen):
@@ -97,6 +145,12 @@ class ErrorsScreen(TextScreen):
     def __init__(self) -> None:
         super().__init__(f"errors: the latest {ERRORS_KEPT}, latest first")
         self._shown: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+    def compose(self) -> ComposeResult:
+        body = TextLines(id="body", classes="frame")
+        body.border_title = self._title
+        yield body
+        yield Footer()
 
     def show(self, snapshot: DashboardSnapshot) -> None:
         """Draw the errors of a snapshot, unless they and the notes are those already shown.
@@ -112,7 +166,7 @@ class ErrorsScreen(TextScreen):
         if snapshot.notes:
             text.append("\n\nnotes:\n", style="bold")
             text.append("\n".join(snapshot.notes))
-        self.query_one("#body", Static).update(text)
+        self.query_one("#body", TextLines).update(text)
 
 
 class HelpScreen(TextScreen):
