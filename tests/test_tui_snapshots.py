@@ -231,3 +231,21 @@ def test_models_buffers_and_judges_whose_names_share_a_start_stay_apart() -> Non
         tuple(ModelProgress(name, 1, 0, 0, 0, 0, 0, 0, 0, 0) for name in ("synthetic-a", "x"))
     )
     assert table.plain.splitlines()[1].startswith("synthetic-a ")
+
+
+@pytest.mark.anyio
+async def test_the_run_panel_keeps_a_width_on_a_small_terminal() -> None:
+    # The progress panel was 84 columns wide whatever the terminal: below ~100 columns the
+    # run panel (directory, models, judges, watch's warnings) got no width at all.
+    dashboard = app()
+    async with dashboard.run_test(size=SMALL) as pilot:
+        await pilot.pause()
+        info = panel_lines(dashboard, "#info")
+        progress = panel_lines(dashboard, "#progress")
+    assert info[0].startswith("dir    runs/demo")
+    assert progress[1].startswith("flux-dev")
+    wide = app()
+    async with wide.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        progress = panel_lines(wide, "#progress")
+    assert progress[0].endswith("skipped")  # the whole table, as before
