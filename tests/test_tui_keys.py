@@ -6,11 +6,13 @@ import json
 import os
 import signal
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import pytest
+from rich.text import Text
 from textual.pilot import Pilot
 
 from tests.conftest import ConfigFactory
@@ -18,8 +20,9 @@ from tests.test_tui_snapshots import synthetic_snapshot
 from trig_stream import Engine
 from trig_stream.config import RunConfig
 from trig_stream.journal import JOURNAL
+from trig_stream.tui import render
 from trig_stream.tui import run as tui_run
-from trig_stream.tui.app import ErrorsScreen, HelpScreen, TrigDashboardApp
+from trig_stream.tui.app import ErrorsScreen, HelpScreen, TextLines, TrigDashboardApp
 from trig_stream.tui.run import run_dashboard
 from trig_stream.tui.snapshot import StaticSource
 
@@ -284,3 +287,155 @@ async def test_the_dashboard_puts_the_job_control_handlers_back(
             signal.signal(signum, handler)
     assert engine.stats().state == "done"
     assert after == before
+
+
+async def test_the_errors_view_is_rebuilt_only_when_the_errors_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The app handed every refresh (4 Hz) to the errors view, which rebuilt its text of up
+    # to ERRORS_KEPT lines each time even when nothing changed: a run with the view open
+    # went 1.6-1.9x slower.
+    built: list[tuple[str, ...]] = []
+    error_lines = render.error_lines
+
+    def counting(errors: Sequence[str], limit: int | None = None) -> Text:
+        built.append(tuple(errors))
+        return error_lines(errors, limit)
+
+    monkeypatch.setattr(render, "error_lines", counting)
+    source = StaticSource(synthetic_snapshot())
+    app = TrigDashboardApp(source, refresh_every_s=3600)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("e")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, ErrorsScreen)
+        body = screen.query_one("#body", TextLines)
+        assert "CUDA out of memory" in body.text.plain
+        before = len(built)
+        for _ in range(5):
+            await app.dashboard.refresh_snapshot()
+            await pilot.pause()
+        assert len(built) == before
+        source.fixed = replace(source.fixed, last_errors=(*source.fixed.last_errors, "new one"))
+        await app.dashboard.refresh_snapshot()
+        await pilot.pause()
+        # Once for the dashboard's panel, once for the view.
+        assert len(built) == before + 2
+        assert body.line(0).plain == "new one"
+        source.fixed = replace(source.fixed, notes=("a new note",))
+        await app.dashboard.refresh_snapshot()
+        await pilot.pause()
+        assert body.text.plain.endswith("notes:\na new note")
+
+
+class RecordingControl:
+    """A run control that records what the keys asked for."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+        self._paused = True
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+        self._paused = False
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    def cancel(self) -> None:
+        self.calls.append("cancel")
+
+
+@pytest.mark.parametrize(("view", "key"), [(ErrorsScreen, "e"), (HelpScreen, "question_mark")])
+async def test_the_app_keys_work_in_the_errors_and_help_views(
+    view: type[ErrorsScreen | HelpScreen], key: str
+) -> None:
+    # The views are modal screens, which hide the app's bindings: q, p, s and m did nothing
+    # there, and the footer showed only "esc Close", though the help says q quits.
+    control = RecordingControl()
+    app = TrigDashboardApp(StaticSource(synthetic_snapshot(), control=control))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press(key)
+        assert isinstance(app.screen, view)
+        shown = {k for k, active in app.screen.active_bindings.items() if active.binding.show}
+        assert {"p", "s", "q", "m", "escape"} <= shown
+        await pilot.press("m")
+        view_now = app.dashboard.selected_view()
+        assert view_now is not None and view_now.model == "sd3-medium"
+        await pilot.press("p", "s")
+        assert control.calls == ["pause", "stop"]
+        assert isinstance(app.screen, view)
+        await pilot.press("q")
+    assert control.calls == ["pause", "stop", "cancel"]
+    assert app.return_code == 0
+
+
+async def test_p_during_a_graceful_stop_neither_resumes_nor_says_so(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine keeps its pause flag through a stop: p, s, p resumed nothing (the run went
+    # on stopping) and the app said "resumed". Slow judgements keep the stop going while the
+    # keys come.
+    config = slow_config(make_config, samples=10, latency_s=2.0)
+    said: list[str] = []
+
+    async def steps(pilot: Pilot[Any], engine: Engine) -> None:
+        await wait_until(lambda: engine.stats().judges["trigscore"].in_flight > 0)
+        app = pilot.app
+        assert isinstance(app, TrigDashboardApp)
+        monkeypatch.setattr(app, "notify", lambda message, **_: said.append(str(message)))
+        await pilot.press("p", "s")
+        assert engine.stats().state == "stopping"
+        assert app.check_action("toggle_pause", ()) is None
+        await pilot.press("p")
+        app.action_toggle_pause()  # called directly, as a host could
+        assert engine.stats().state in ("stopping", "stopped")
+        assert engine.paused
+        await wait_until(lambda: engine.stats().state == "stopped")
+
+    async with Engine(config) as engine:
+        await drive(engine, steps)
+    assert engine.stats().state == "stopped"
+    assert not any(message.startswith("resumed") for message in said)
+    assert said[-1] == "stopping: there is nothing to pause or resume"
+
+
+async def test_the_errors_view_draws_only_the_errors_in_sight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With errors coming in the view changes on every refresh: a Static laid out all
+    # ERRORS_KEPT lines each time, and the see-through modal screen redrew the dashboard
+    # under it; together half a core.
+    errors = tuple(f"gen s{i} IQ-R: synthetic failure {i}" for i in range(1000))
+    source = StaticSource(replace(synthetic_snapshot(), last_errors=errors, notes=()))
+    app = TrigDashboardApp(source, refresh_every_s=3600)
+    drawn: list[int] = []
+    line = TextLines.line
+
+    def counting(self: TextLines, index: int) -> Text:
+        drawn.append(index)
+        return line(self, index)
+
+    monkeypatch.setattr(TextLines, "line", counting)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("e")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, ErrorsScreen)
+        assert screen.styles.background.a == 1  # the dashboard is not drawn under it
+        drawn.clear()
+        source.fixed = replace(source.fixed, last_errors=(*errors[1:], "the latest"))
+        await app.dashboard.refresh_snapshot()
+        await pilot.pause()
+        body = screen.query_one("#body", TextLines)
+        assert body.virtual_size.height == 1000
+        assert 0 < len(drawn) <= 40 and body.line(0).plain == "the latest"

@@ -197,7 +197,7 @@ async def test_a_small_terminal_cuts_the_grids_rather_than_wrap_them() -> None:
     )
     assert [line.split()[0] for line in buffers if line.strip()] == [
         "samples:flux-dev",
-        "samples:sd3-med…",
+        "samples:sd3…dium",
         "images",
         "judgements",
         "results",
@@ -207,3 +207,45 @@ async def test_a_small_terminal_cuts_the_grids_rather_than_wrap_them() -> None:
 
 def test_dashboard_on_a_small_terminal(snap_compare: SnapCompare) -> None:
     assert snap_compare(app(), terminal_size=SMALL)
+
+
+def test_models_buffers_and_judges_whose_names_share_a_start_stay_apart() -> None:
+    # Names of 11 characters or more were cut at the end to 9 and "…": the shipped example's
+    # synthetic-a and synthetic-b both read "synthetic…", in the buffers "samples:synthet…".
+    from trig_stream.tui.render import gauges, judge_loads, progress_table
+
+    long = ("stabilityai-sd-3.5-large-turbo-a", "stabilityai-sd-3.5-large-turbo-b")
+    for names in (("synthetic-a", "synthetic-b"), long):
+        snapshot = replace(
+            synthetic_snapshot(),
+            models=tuple(ModelProgress(name, 1, 0, 0, 0, 0, 0, 0, 0, 0) for name in names),
+            buffers=tuple(Gauge(f"samples:{name}", 1, 8) for name in names),
+            judges=tuple(JudgeView(f"judge-{name}", "fake", (), 1, 2) for name in names),
+        )
+        for table in (progress_table(snapshot.models), gauges(snapshot), judge_loads(snapshot)):
+            rows = [line.split()[0] for line in table.plain.splitlines() if line[0] != " "]
+            rows = rows[1:] if rows[0] == "model" else rows
+            assert len(rows) == 2 and rows[0] != rows[1], table.plain
+            assert [row[-1] for row in rows] == ["a", "b"]
+    table = progress_table(
+        tuple(ModelProgress(name, 1, 0, 0, 0, 0, 0, 0, 0, 0) for name in ("synthetic-a", "x"))
+    )
+    assert table.plain.splitlines()[1].startswith("synthetic-a ")
+
+
+@pytest.mark.anyio
+async def test_the_run_panel_keeps_a_width_on_a_small_terminal() -> None:
+    # The progress panel was 84 columns wide whatever the terminal: below ~100 columns the
+    # run panel (directory, models, judges, watch's warnings) got no width at all.
+    dashboard = app()
+    async with dashboard.run_test(size=SMALL) as pilot:
+        await pilot.pause()
+        info = panel_lines(dashboard, "#info")
+        progress = panel_lines(dashboard, "#progress")
+    assert info[0].startswith("dir    runs/demo")
+    assert progress[1].startswith("flux-dev")
+    wide = app()
+    async with wide.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        progress = panel_lines(wide, "#progress")
+    assert progress[0].endswith("skipped")  # the whole table, as before

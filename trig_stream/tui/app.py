@@ -15,10 +15,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.cells import cell_len
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
+from textual.geometry import Size
 from textual.screen import ModalScreen
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 from textual.widgets import Footer, Static
 
 from trig_stream.errors import TrigStreamError
@@ -27,9 +32,13 @@ from trig_stream.tui import render
 from trig_stream.tui.dashboard import REFRESH_EVERY_S, Dashboard
 from trig_stream.tui.snapshot import CLEAN_END_STATES, DashboardSnapshot, SnapshotSource
 
+STOPPING_STATES = ("stopping", "cancelling")
+"""States of a run being stopped: pause and resume no longer apply."""
+
 HELP = """\
 [b]Keys[/b]
-  p       pause / resume feeding new samples (work already queued goes on)
+  p       pause / resume feeding new samples (work already queued goes on;
+          not once a stop began)
   s       stop gracefully: finish the work in flight, start none (resumable)
   q       quit: stop a running run now (resumable), or close a finished one
   ctrl+c  first: stop gracefully; second: stop now
@@ -54,26 +63,77 @@ class TextScreen(ModalScreen[None]):
     """A full-screen text view closed with escape or its own key."""
 
     DEFAULT_CSS = """
-    TextScreen { align: center middle; }
-    TextScreen > VerticalScroll {
+    /* Opaque: a see-through modal screen redrew the dashboard under it on every refresh. */
+    TextScreen { align: center middle; background: $background; }
+    TextScreen > .frame {
         width: 100%; height: 100%;
         border: round $accent; border-title-style: bold; padding: 0 1;
     }
     """
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
+    # A modal screen hides the app's bindings: the app's keys are forwarded from here, or q
+    # and the others did nothing while a view was open (and the footer showed only escape).
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "close", "Close"),
+        Binding("p", "app.toggle_pause", "Pause/resume"),
+        Binding("s", "app.stop", "Stop"),
+        Binding("q", "app.quit_run", "Quit"),
+        Binding("m", "app.next_model", "Model"),
+    ]
 
     def __init__(self, title: str) -> None:
         super().__init__()
         self._title = title
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll() as scroll:
+        with VerticalScroll(classes="frame") as scroll:
             scroll.border_title = self._title
             yield Static(id="body")
         yield Footer()
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+
+class TextLines(ScrollView):
+    """Lines of text that draws only the lines in sight.
+
+    A ``Static`` of :data:`~trig_stream.stats.ERRORS_KEPT` lines laid out and styled every
+    line on each update: with errors coming in, the open errors view took half a core.
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.text = Text()
+        self._starts: list[int] = [0]
+
+    def update(self, text: Text) -> None:
+        """Show ``text``, one line of it a row."""
+        self.text = text
+        plain = text.plain
+        self._starts = [0]
+        width = 0
+        while (end := plain.find("\n", self._starts[-1])) >= 0:
+            width = max(width, cell_len(plain[self._starts[-1] : end]))
+            self._starts.append(end + 1)
+        width = max(width, cell_len(plain[self._starts[-1] :]))
+        self.virtual_size = Size(width, len(self._starts))
+        self.refresh()
+
+    def line(self, index: int) -> Text:
+        """Line ``index`` of the text (cut from it only when drawn)."""
+        start = self._starts[index]
+        end = self._starts[index + 1] - 1 if index + 1 < len(self._starts) else len(self.text)
+        return self.text[start:end]
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        index = y + scroll_y
+        width = self.scrollable_content_region.width
+        if index >= len(self._starts):
+            return Strip.blank(width, self.rich_style)
+        segments = self.line(index).render(self.app.console, end="")
+        strip = Strip(segments).crop(scroll_x, scroll_x + width)
+        return strip.extend_cell_length(width).apply_style(self.rich_style)
 
 
 class ErrorsScreen(TextScreen):
@@ -84,14 +144,29 @@ class ErrorsScreen(TextScreen):
 
     def __init__(self) -> None:
         super().__init__(f"errors: the latest {ERRORS_KEPT}, latest first")
+        self._shown: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+    def compose(self) -> ComposeResult:
+        body = TextLines(id="body", classes="frame")
+        body.border_title = self._title
+        yield body
+        yield Footer()
 
     def show(self, snapshot: DashboardSnapshot) -> None:
-        """Draw the errors of a snapshot."""
+        """Draw the errors of a snapshot, unless they and the notes are those already shown.
+
+        The app calls this on every refresh (4 Hz); rebuilding up to
+        :data:`~trig_stream.stats.ERRORS_KEPT` lines each time cost a core and slowed the run.
+        """
+        shown = (snapshot.last_errors, snapshot.notes)
+        if shown == self._shown:
+            return
+        self._shown = shown
         text = render.error_lines(snapshot.last_errors)
         if snapshot.notes:
             text.append("\n\nnotes:\n", style="bold")
             text.append("\n".join(snapshot.notes))
-        self.query_one("#body", Static).update(text)
+        self.query_one("#body", TextLines).update(text)
 
 
 class HelpScreen(TextScreen):
@@ -147,7 +222,8 @@ class TrigDashboardApp(App[None]):
         self.source_error: TrigStreamError | None = None
         """What ended the app when its source failed (the watched run directory is gone):
         the caller reports it."""
-        self._shown_finished = False
+        self._stop_asked = False
+        self._shown_steering: tuple[bool, bool] = (False, False)
 
     def compose(self) -> ComposeResult:
         yield Dashboard(self.source, refresh_every_s=self.refresh_every_s, linger=self.linger)
@@ -162,15 +238,27 @@ class TrigDashboardApp(App[None]):
         snapshot = self.dashboard.snapshot
         return snapshot is not None and snapshot.finished
 
+    def _stopping(self) -> bool:
+        """Whether the run is being stopped or is over: there is nothing to pause or resume.
+
+        The engine keeps its pause flag through a stop, so without this a ``p`` after
+        ``p``, ``s`` resumed nothing and said "resumed"."""
+        snapshot = self.dashboard.snapshot
+        return self._stop_asked or (
+            snapshot is not None and (snapshot.finished or snapshot.state in STOPPING_STATES)
+        )
+
     def on_dashboard_updated(self, message: Dashboard.Updated) -> None:
         if isinstance(self.screen, ErrorsScreen):
             self.screen.show(message.snapshot)
         snapshot = message.snapshot
         if snapshot.finished and (not self.linger or snapshot.state not in CLEAN_END_STATES):
             self.exit()
-        if snapshot.finished != self._shown_finished:
-            # Pause and stop are greyed out once the run is over; redraw the footer only then.
-            self._shown_finished = snapshot.finished
+        steering = (snapshot.finished, self._stopping())
+        if steering != self._shown_steering:
+            # Pause is greyed out once the run stops, stop once it is over; redraw the footer
+            # only then.
+            self._shown_steering = steering
             self.refresh_bindings()
 
     def on_dashboard_failed(self, message: Dashboard.Failed) -> None:
@@ -178,14 +266,19 @@ class TrigDashboardApp(App[None]):
         self.exit()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("toggle_pause", "stop"):
-            # Greyed out (None) when there is nothing to steer.
+        # Greyed out (None) when there is nothing to steer.
+        if action == "toggle_pause":
+            return None if self.source.control is None or self._stopping() else True
+        if action == "stop":
             return None if self.source.control is None or self._finished() else True
         return True
 
     def action_toggle_pause(self) -> None:
         control = self.source.control
         if control is None or self._finished():
+            return
+        if self._stopping():
+            self.notify("stopping: there is nothing to pause or resume", severity="warning")
             return
         # The run's state now, not the last snapshot's: a second p before the next refresh
         # read "running" there and paused again.
@@ -202,12 +295,15 @@ class TrigDashboardApp(App[None]):
     def action_stop(self) -> None:
         if self.source.control is not None and not self._finished():
             self.source.control.stop()
+            self._stop_asked = True
+            self.refresh_bindings()
             self.notify("stopping: finishing the work in flight (q or ctrl+c to stop now)")
             self.call_later(self.dashboard.refresh_snapshot)
 
     def action_quit_run(self) -> None:
         if self.source.control is not None and not self._finished():
             self.source.control.cancel()
+            self._stop_asked = True
         self.exit()
 
     def action_interrupt(self) -> None:

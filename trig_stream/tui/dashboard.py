@@ -146,8 +146,8 @@ class Dashboard(Widget):
     Dashboard #row-progress { height: 8; }
     Dashboard #row-load { height: 8; }
     Dashboard #row-relations { height: 15; }
-    Dashboard #progress { width: 84; }
-    Dashboard #info { width: 1fr; text-wrap: wrap; }
+    Dashboard #progress { width: auto; max-width: 70%; }
+    Dashboard #info { width: 1fr; min-width: 24; text-wrap: wrap; }
     Dashboard #means { width: 44; }
     Dashboard #dtm { width: 1fr; }
     Dashboard #errors { height: 1fr; min-height: 3; }

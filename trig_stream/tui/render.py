@@ -105,13 +105,33 @@ PROGRESS_COLUMNS = (
     ("errors", 10),
     ("skipped", 8),
 )
-MODEL_WIDTH = 11
+MODEL_WIDTH = (11, 24)
+"""The model column's width: its longest name and a space, within these bounds."""
+
+NAME_WIDTH = 16
+"""The longest buffer or judge name the buffers and judges panels show whole."""
+
+
+def fit(name: str, width: int) -> str:
+    """``name`` if it has at most ``width`` characters, else cut in the middle (``…``).
+
+    Names of one run often share their start (``synthetic-a``, ``synthetic-b``,
+    ``samples:gen-00``): cut at the end they read the same, so the end is kept.
+    """
+    if len(name) <= width:
+        return name
+    if width <= 1:
+        return "…"[:width]
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
 
 
 def progress_table(models: Sequence[ModelProgress]) -> Text:
     """Per model: samples queued and generating, images judging, judgements by status."""
     text = Text(no_wrap=True, overflow="ellipsis")
-    header = f"{'model':<{MODEL_WIDTH}}" + "".join(f"{c:>{w}}" for c, w in PROGRESS_COLUMNS)
+    shortest, longest = MODEL_WIDTH
+    name_width = min(max([shortest - 1, *(len(m.name) for m in models)]) + 1, longest)
+    header = f"{'model':<{name_width}}" + "".join(f"{c:>{w}}" for c, w in PROGRESS_COLUMNS)
     text.append(header, style="bold")
     for m in models:
         errors = str(m.error) + (f" ({m.generation_failed}g)" if m.generation_failed else "")
@@ -125,8 +145,7 @@ def progress_table(models: Sequence[ModelProgress]) -> Text:
             (errors, "red" if m.error or m.generation_failed else ""),
             (count(m.skipped), "grey62"),
         ]
-        name = m.name if len(m.name) < MODEL_WIDTH else m.name[: MODEL_WIDTH - 2] + "…"
-        text.append(f"\n{name:<{MODEL_WIDTH}}")
+        text.append(f"\n{fit(m.name, name_width - 1):<{name_width}}")
         for (value, style), (_, width) in zip(cells, PROGRESS_COLUMNS, strict=True):
             text.append(f"{value:>{width}}", style=style)
     return text
@@ -157,8 +176,10 @@ def gauges(snapshot: DashboardSnapshot, width: int = 10) -> Text:
         return Text("not visible from the run directory", style="grey50")
     text = Text(no_wrap=True)
     for index, gauge in enumerate(snapshot.buffers):
-        name = gauge.name if len(gauge.name) < 17 else gauge.name[:15] + "…"
-        text.append(("\n" if index else "") + f"{name:<17}")
+        # A stage's buffer per model (``samples:flux-dev``): the stage stays whole.
+        stage, colon, model = gauge.name.rpartition(":")
+        name = stage + colon + fit(model, NAME_WIDTH - len(stage + colon))
+        text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         text.append_text(bar(gauge.used, gauge.size, width))
         text.append(f" {gauge.used:>3}/{gauge.size}")
     return text
@@ -170,7 +191,8 @@ def judge_loads(snapshot: DashboardSnapshot, width: int = 10) -> Text:
         return Text("no judges", style="grey50")
     text = Text(no_wrap=True)
     for index, judge in enumerate(snapshot.judges):
-        text.append(("\n" if index else "") + f"{judge.name[:16]:<17}")
+        name = fit(judge.name, NAME_WIDTH)
+        text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         if judge.in_flight is None or judge.limit is None:
             limit = "–" if judge.limit is None else str(judge.limit)
             text.append("in flight: unknown", style="grey50")
