@@ -133,6 +133,22 @@ def test_a_ctrl_c_while_the_command_imports_exits_130_without_a_traceback(
     assert exited.value.code == console.INTERRUPTED == EXIT_INTERRUPTED
 
 
+@pytest.mark.parametrize("command", ["report", "watch"])
+def test_a_ctrl_c_while_a_command_s_module_imports_exits_130(
+    monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    # The parser imports the command's module; a Ctrl-C then printed a 40-line traceback.
+    def import_module(name: str, package: str | None = None) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    try:
+        code = main([command, "runs/x"])
+    except KeyboardInterrupt:  # caught here: it would end the test session
+        pytest.fail("the Ctrl-C left main(): the command ends with a traceback")
+    assert code == EXIT_INTERRUPTED
+
+
 def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path)
     assert main(["validate", str(path)]) == EXIT_OK

@@ -72,11 +72,12 @@ def entry_point() -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit status (:func:`entry_point` exits with it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser(argv[0] if argv else None)
-    args = parser.parse_args(argv)
     # Messages name files and keys: never wrap them, so they stay greppable.
     console = CommandConsole(stderr=True, soft_wrap=True)
     try:
+        # Inside the try: the parser imports the command's module (tenths of a second, for
+        # `report` or `watch`), and a Ctrl-C meanwhile is one as any other.
+        args = _parser(argv[0] if argv else None).parse_args(argv)
         result: int = args.handler(args, console)
         return result
     except (ConfigError, AnalysisError) as exc:
