@@ -724,6 +724,42 @@ def test_a_stop_signal_between_the_run_and_its_report_or_after_is_no_crash(
     assert says in err and "Traceback" not in err
 
 
+SIGNAL_ON_RETURN = """\
+import os, rich.console, trig_stream.cli
+_main = trig_stream.cli.main
+def main(*args, **kwargs):
+    code = _main(*args, **kwargs)
+    os.kill(os.getpid(), {signum})  # as the command exits
+    return code
+trig_stream.cli.main = main
+_print = rich.console.Console.print
+def print_(self, *args, **kwargs):
+    _print(self, *args, **kwargs)
+    if args and str(args[0]).startswith({stop_on!r}):
+        os.kill(os.getpid(), {signum})
+rich.console.Console.print = print_
+"""
+
+
+@pytest.mark.parametrize(
+    ("stop_on", "code"),
+    [(None, EXIT_OK), ("run directory:", EXIT_INTERRUPTED)],
+    ids=["finished", "stopped"],
+)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_command_exits_leaves_its_exit_status(
+    tmp_path: Path, stop_on: str | None, code: int, signum: int
+) -> None:
+    # The run put back the default handlers as it returned: a signal in the tenths of a
+    # second of teardown that follow ended a finished (or stopped) command by it (exit 143).
+    patch = SIGNAL_ON_RETURN.format(signum=int(signum), stop_on=stop_on or "\0never")
+    samples, latency = (2, 0.0) if stop_on is None else (40, 0.2)
+    process = run_patched(write_config(tmp_path, samples=samples, latency=latency), patch)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     tmp_path: Path,
