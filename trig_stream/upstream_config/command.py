@@ -7,7 +7,6 @@ module adds the command's arguments to ``trig-stream`` and shows its warnings on
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from rich.markup import escape
 
 from trig_stream.errors import ConfigError
 from trig_stream.files import write_atomic
+from trig_stream.terminal import write_stdout
 from trig_stream.upstream_config.convert import import_config
 
 EXIT_OK = 0
@@ -76,8 +76,13 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
             f"{conversion.text[exc.start : exc.end]!r} (a file name that is not UTF-8?)"
         ) from None
     if out is None:
-        sys.stdout.write(conversion.text)
-        sys.stdout.flush()
+        try:
+            write_stdout(conversion.text)
+        except OSError as exc:  # a full disk under `> out.toml`: the config is not written
+            raise ConfigError(
+                f"standard output: cannot write the config: {exc.strerror or exc}; pass -o "
+                "FILE to write it to a file"
+            ) from None
     else:
         try:
             # Whole or not at all: a failed write left an empty file, which the next try
