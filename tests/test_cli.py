@@ -141,7 +141,7 @@ def test_a_ctrl_c_while_a_command_s_module_imports_exits_130(
     def import_module(name: str, package: str | None = None) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    monkeypatch.setattr("trig_stream.cli.importlib.import_module", import_module)
     try:
         code = main([command, "runs/x"])
     except KeyboardInterrupt:  # caught here: it would end the test session

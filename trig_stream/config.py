@@ -524,16 +524,16 @@ def load_config(path: str | Path) -> RunConfig:
                 "a TOML config file"
             )
         with path.open("rb") as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
+    if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(
             f"{path}: cannot read config: it is larger than {MAX_CONFIG_BYTES // 2**20} MiB, "
             "too large for a config; name a TOML config file"
         )
     try:
-        text = data.decode("utf-8-sig")  # a byte order mark (some editors') is skipped
+        text = raw.decode("utf-8-sig")  # a byte order mark (some editors') is skipped
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not a TOML config: byte {exc.start} is not UTF-8 text"
