@@ -134,6 +134,22 @@ def test_a_ctrl_c_while_the_command_imports_exits_130_without_a_traceback(
     assert exited.value.code == console.INTERRUPTED == EXIT_INTERRUPTED
 
 
+@pytest.mark.parametrize("command", ["report", "watch"])
+def test_a_ctrl_c_while_a_command_s_module_imports_exits_130(
+    monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    # The parser imports the command's module; a Ctrl-C then printed a 40-line traceback.
+    def import_module(name: str, package: str | None = None) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("trig_stream.cli.importlib.import_module", import_module)
+    try:
+        code = main([command, "runs/x"])
+    except KeyboardInterrupt:  # caught here: it would end the test session
+        pytest.fail("the Ctrl-C left main(): the command ends with a traceback")
+    assert code == EXIT_INTERRUPTED
+
+
 def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path)
     assert main(["validate", str(path)]) == EXIT_OK
@@ -779,6 +795,42 @@ def test_a_stop_signal_between_the_run_and_its_report_or_after_is_no_crash(
     _, err = process.communicate(timeout=120)
     assert process.returncode == code, err
     assert says in err and "Traceback" not in err
+
+
+SIGNAL_ON_RETURN = """\
+import os, rich.console, trig_stream.cli
+_main = trig_stream.cli.main
+def main(*args, **kwargs):
+    code = _main(*args, **kwargs)
+    os.kill(os.getpid(), {signum})  # as the command exits
+    return code
+trig_stream.cli.main = main
+_print = rich.console.Console.print
+def print_(self, *args, **kwargs):
+    _print(self, *args, **kwargs)
+    if args and str(args[0]).startswith({stop_on!r}):
+        os.kill(os.getpid(), {signum})
+rich.console.Console.print = print_
+"""
+
+
+@pytest.mark.parametrize(
+    ("stop_on", "code"),
+    [(None, EXIT_OK), ("run directory:", EXIT_INTERRUPTED)],
+    ids=["finished", "stopped"],
+)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_command_exits_leaves_its_exit_status(
+    tmp_path: Path, stop_on: str | None, code: int, signum: int
+) -> None:
+    # The run put back the default handlers as it returned: a signal in the tenths of a
+    # second of teardown that follow ended a finished (or stopped) command by it (exit 143).
+    patch = SIGNAL_ON_RETURN.format(signum=int(signum), stop_on=stop_on or "\0never")
+    samples, latency = (2, 0.0) if stop_on is None else (40, 0.2)
+    process = run_patched(write_config(tmp_path, samples=samples, latency=latency), patch)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("presses", [1, 2])

@@ -3,6 +3,8 @@ standard streams, a locale that cannot encode a message, names never cut short."
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pty
@@ -15,7 +17,7 @@ import pytest
 
 from tests.test_cli import signal_after, write_config
 from trig_stream.cli import main
-from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.progress import full_screen_possible
 
 COMMAND = [sys.executable, "-m", "trig_stream"]
@@ -78,6 +80,77 @@ def test_a_command_whose_reader_has_gone_exits_as_it_would_have(
 def test_validate_whose_reader_has_gone_exits_as_it_would_have(tmp_path: Path) -> None:
     path = write_config(tmp_path, samples=4)
     code = run_with_gone_reader(["validate", str(path)], stream="stdout")
+    assert code == EXIT_OK
+
+
+class FullDisk(io.StringIO):
+    """A standard stream on a disk that is full after its first ``room`` writes (ENOSPC),
+    or whose terminal has gone (EIO)."""
+
+    def __init__(self, room: int = 0, error: int = errno.ENOSPC) -> None:
+        super().__init__()
+        self.room = room
+        self.error = error
+
+    def write(self, text: str) -> int:
+        if self.room <= 0:
+            raise OSError(self.error, os.strerror(self.error))
+        self.room -= 1
+        return super().write(text)
+
+
+@pytest.mark.parametrize(
+    ("room", "error"),
+    [(0, errno.ENOSPC), (1, errno.ENOSPC), (1, errno.EDQUOT), (0, errno.EIO)],
+    ids=["full-at-once", "fills-mid-run", "quota", "terminal-gone"],
+)
+def test_a_run_whose_stderr_cannot_be_written_judges_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: int, error: int
+) -> None:
+    # `run CFG 2>/dev/full`: the "run directory:" line raised ENOSPC from inside the run, which
+    # ended with a traceback, exit 1, nothing judged; a log filling its disk ended it midway.
+    path = write_config(tmp_path, samples=6)
+    stderr = FullDisk(room, error)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["run", str(path), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    assert len((run_dir / "journal.jsonl").read_text().splitlines()) == 12
+    assert (run_dir / "report" / "synth").is_dir()
+    assert stderr.getvalue().startswith("run directory:") == (room > 0)
+
+
+def test_status_and_validate_on_a_full_disk_do_their_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, samples=4)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert main(["status", str(tmp_path / "runs" / "cli")]) == EXIT_OK
+    assert main(["validate", str(path)]) == EXIT_OK
+
+
+def test_import_config_to_a_full_disk_says_the_config_was_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its converted config is all it makes: lost, that is an error (as with -o), not a
+    # traceback.
+    upstream = tmp_path / "generation.yaml"
+    upstream.write_text('name: "gen"\ntask: "t2i"\ngeneration:\n  models: ["flux"]\n')
+    with monkeypatch.context() as patched:
+        patched.setattr(sys, "stdout", FullDisk())
+        code = main(["import-config", str(upstream)])
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG, err
+    assert "error: standard output: cannot write the config: No space left on device; pass " in err
+    assert "-o FILE" in err and "Traceback" not in err
+
+
+def test_import_config_whose_reader_has_gone_exits_as_it_would_have(tmp_path: Path) -> None:
+    upstream = tmp_path / "generation.yaml"
+    upstream.write_text('name: "gen"\ntask: "t2i"\ngeneration:\n  models: ["flux"]\n')
+    code = run_with_gone_reader(
+        ["import-config", str(upstream)], stream="stdout", stderr=subprocess.DEVNULL
+    )
     assert code == EXIT_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from tests.conftest import write_prompts
 from trig_stream.backends.base import GenerationRequest
 from trig_stream.backends.generators.source_images import source_image
 from trig_stream.cli import main
-from trig_stream.config import RunConfig, parse_config
+from trig_stream.config import MAX_CONFIG_BYTES, RunConfig, parse_config
 from trig_stream.engine import Engine
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, read_journal
@@ -240,6 +241,28 @@ def test_unreadable_config_file(
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and fragment in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_config_that_is_a_socket_or_too_large_is_refused_without_reading_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # `trig-stream run /dev/zero` read the device for ever; a pipe waits for its writer.
+    # A socket stands for them here: opening one fails (ENXIO), which said nothing useful.
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(tmp_path / "s"))
+        assert main([command, str(tmp_path / "s")]) == EXIT_CONFIG
+    finally:
+        sock.close()
+    err = capsys.readouterr().err
+    assert "cannot read config: it is a socket, not a file; name a TOML config file" in err, err
+    huge = tmp_path / "huge.toml"
+    with huge.open("wb") as file:  # sparse: no disk space taken
+        file.truncate(MAX_CONFIG_BYTES + 1)
+    assert main([command, str(huge)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "larger than 16 MiB" in err, err
 
 
 def quarantined(config: RunConfig) -> dict[str | None, str]:

@@ -29,7 +29,7 @@ from trig_stream.backends.base import JudgeReply, JudgeRequest
 from trig_stream.cli import main
 from trig_stream.config import load_config
 from trig_stream.errors import RunDirError
-from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
+from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, latest_judgements, read_journal_lines
 from trig_stream.locks import Writer, find_writer
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord
@@ -241,6 +241,35 @@ def test_watch_command_without_a_terminal_prints_the_final_counts(
     for interval in ("0", "nan", "inf", "1e300"):  # the last three crashed its first sleep
         with pytest.raises(SystemExit):
             parser.parse_args(["watch", str(run_dir), "--interval", interval])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_closes_watch_without_a_terminal_exit_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals
+) -> None:
+    # Without a terminal, SIGTERM and SIGHUP killed watch by the signal (exit 143, 129).
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
+    (run_dir / JOURNAL).write_bytes(judgement(1).model_dump_json().encode() + b"\n")
+
+    def signalled(snapshot: Any) -> str:
+        os.kill(os.getpid(), signum)  # as it prints its first line
+        return "line"
+
+    leaked: list[int] = []
+    silenced: list[bool] = []
+    monkeypatch.setattr(watch_module, "describe", signalled)
+    monkeypatch.setattr(watch_module, "full_screen_possible", lambda: False)
+    monkeypatch.setattr("trig_stream.signals.silence_the_terminal", lambda: silenced.append(True))
+    # Without the fix, this handler gets the signal (the run is finished: watch exits 0).
+    previous = signal.signal(signum, lambda number, _: leaked.append(number))
+    try:
+        assert main(["watch", str(run_dir)]) == EXIT_INTERRUPTED
+    finally:
+        signal.signal(signum, previous)
+    assert leaked == []
+    assert silenced == ([True] if signum == signal.SIGHUP else [])
 
 
 def test_watch_without_a_terminal_warns_once_of_lines_it_skips(tmp_path: Path) -> None:

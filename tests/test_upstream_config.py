@@ -426,6 +426,16 @@ def run_command(argv: list[str]) -> tuple[int, str]:
     return code, stream.getvalue()
 
 
+def test_the_command_shows_a_warning_s_control_characters_escaped(tmp_path: Path) -> None:
+    # Printed raw, an upstream key's ESC sequence reached the terminal.
+    source = write(tmp_path, "up.yaml", '"foo\\x1b[2J": 1\ngeneration: {models: [flux]}\n')
+    out = tmp_path / "out.toml"
+    code, messages = run_command(["import-config", str(source), "-o", str(out)])
+    assert code == 0
+    assert "warning: foo\\x1b[2J: unknown upstream key" in messages
+    assert "\x1b" not in messages
+
+
 def test_command_writes_the_file_warns_and_refuses_to_overwrite(tmp_path: Path) -> None:
     source = write(tmp_path, "upstream.yaml", GENERATION.replace("gen-sweep", "cmd"))
     out = tmp_path / "config" / "imported.toml"

@@ -57,7 +57,7 @@ def entry_point() -> NoReturn:
     threads before exiting (minutes, for large weights). Everything the command writes is
     written by then, so it exits at once.
     """
-    code = main()
+    code = main(exiting=True)
     if threads_left_behind():
         CommandConsole(stderr=True, soft_wrap=True).print(  # one line in a log, never cut
             "not waiting for a model still loading or closing, or a generation call or judge batch "
@@ -70,14 +70,24 @@ def entry_point() -> NoReturn:
     sys.exit(code)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command and return its exit status (:func:`entry_point` exits with it)."""
+def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
+    """Run one command and return its exit status (:func:`entry_point` exits with it).
+
+    Args:
+        argv: the command's arguments (by default ``sys.argv[1:]``).
+        exiting: the process exits once this returns (the console script). ``run`` then
+            leaves its stop signals noted and ignored until the process ends, instead of
+            putting back the handlers it found: a signal during the exit (tenths of a second
+            of teardown) would otherwise end a finished command by the signal (exit 143).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser(argv[0] if argv else None)
-    args = parser.parse_args(argv)
     # Messages name files and keys: never wrap them, so they stay greppable.
     console = CommandConsole(stderr=True, soft_wrap=True)
     try:
+        # Inside the try: the parser imports the command's module (tenths of a second, for
+        # `report` or `watch`), and a Ctrl-C meanwhile is one as any other.
+        args = _parser(argv[0] if argv else None).parse_args(argv)
+        args.exiting = exiting
         result: int = args.handler(args, console)
         return result
     except (ConfigError, AnalysisError) as exc:
@@ -165,8 +175,11 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     try:
         return anyio.run(_run, config, args, console, backend=args.backend)
     finally:
-        for signum, handler in handlers.items():  # what they were: main() may be called again
-            signal.signal(signum, handler)
+        if args.exiting:  # the command is done: a signal from here to the exit changes nothing
+            _note_stop_signals(threading.Event())
+        else:  # what they were: main() may be called again
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
 
 def _note_stop_signals(noted: threading.Event) -> None:
@@ -413,4 +426,4 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exiting=True))

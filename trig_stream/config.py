@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -43,6 +44,7 @@ from trig_stream.config_problems import (
 )
 from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
 from trig_stream.errors import ConfigError, TrigStreamError
+from trig_stream.files import file_kind
 from trig_stream.records import COMPARISON_FILE, is_reserved_model_name, safe_name_problem
 from trig_stream.scoring import Scorer
 
@@ -500,18 +502,38 @@ def _non_finite(data: Any, loc: Loc) -> Iterator[tuple[Loc, str]]:
             yield from _non_finite(value, (*loc, key))
 
 
+MAX_CONFIG_BYTES: Final = 16 * 2**20
+"""The largest config file read: a config is a few kilobytes."""
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read, validate and resolve a TOML run config, backend options included.
 
     Raises:
-        ConfigError: the file is missing, not TOML, or invalid; the message names the file,
-            the line and the key of every problem.
+        ConfigError: the file is missing, no regular file (a device, a pipe), larger than
+            :data:`MAX_CONFIG_BYTES`, not TOML, or invalid; the message names the file, the
+            line and the key of every problem.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (some editors') is skipped
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a folder: "Is a directory"
+            # A device (/dev/zero) or a pipe would be read until its writer stops: for ever.
+            raise ConfigError(
+                f"{path}: cannot read config: it is a {file_kind(mode)}, not a file; name "
+                "a TOML config file"
+            )
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: cannot read config: it is larger than {MAX_CONFIG_BYTES // 2**20} MiB, "
+            "too large for a config; name a TOML config file"
+        )
+    try:
+        text = raw.decode("utf-8-sig")  # a byte order mark (some editors') is skipped
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not a TOML config: byte {exc.start} is not UTF-8 text"

@@ -33,6 +33,7 @@ from trig_stream.dimensions import (
     unordered_pair,
 )
 from trig_stream.errors import DatasetError
+from trig_stream.files import file_kind
 from trig_stream.hashing import sample_digest
 from trig_stream.records import QuarantinedRecord, Sample, is_safe_name, storable_text
 from trig_stream.string_index import StringIndex
@@ -225,7 +226,7 @@ class DatasetSource:
             # A pipe or a device would be read until its writer stops: a run waiting on it
             # forever, in a thread no stop reaches.
             raise DatasetError(
-                f"dataset {path} is a {_file_kind(mode)}, not a file or a folder; point "
+                f"dataset {path} is a {file_kind(mode)}, not a file or a folder; point "
                 "[dataset] path at a TRIG dataset file or a folder of parquet files"
             )
         root = self.section.image_root
@@ -345,17 +346,6 @@ def _mode(path: Path, what: str, key: str) -> int:
             f"{what} cannot be looked up: {exc.strerror or exc}; check {key} and the "
             "permissions of the folders on its way"
         ) from None
-
-
-def _file_kind(mode: int) -> str:
-    """What a path that is neither a regular file nor a folder is, in words."""
-    kinds = {
-        stat.S_ISFIFO: "named pipe (FIFO)",
-        stat.S_ISSOCK: "socket",
-        stat.S_ISCHR: "character device",
-        stat.S_ISBLK: "block device",
-    }
-    return next((kind for test, kind in kinds.items() if test(mode)), "special file")
 
 
 SOURCE_MIN_SIDE = 8

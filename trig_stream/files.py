@@ -38,6 +38,17 @@ def open_regular_file(path: Path) -> BinaryIO:
         raise
 
 
+def file_kind(mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    kinds = {
+        stat.S_ISFIFO: "named pipe (FIFO)",
+        stat.S_ISSOCK: "socket",
+        stat.S_ISCHR: "character device",
+        stat.S_ISBLK: "block device",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "special file")
+
+
 def write_atomic(path: Path, data: bytes, *, temp_dir: Path | None = None) -> None:
     """Write a file so that readers see either nothing or all of it, even after a crash.
 

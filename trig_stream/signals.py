@@ -49,6 +49,26 @@ def point_at_devnull(fds: Iterable[int]) -> None:
 
 
 @contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Within, each stop signal raises :class:`KeyboardInterrupt`, as SIGINT does (a
+    hangup silences the terminal first): a command without an event loop (``watch`` without
+    a terminal) ends as a Ctrl-C ends it (exit 130), where SIGTERM and SIGHUP killed it. The
+    handlers found are put back on the way out."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        if is_hangup(signum):
+            silence_the_terminal()
+        raise KeyboardInterrupt
+
+    handlers = {signum: signal.signal(signum, interrupt) for signum in stop_signals()}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
 def job_control_kept() -> Iterator[None]:
     """Put the SIGTSTP and SIGCONT handlers back as they were on the way out.
 

@@ -6,18 +6,25 @@ the pipe fails (``EPIPE``). rich's :class:`~rich.console.Console` answers that b
 run's results, its report and its worker threads are left as they were (the interpreter then
 waits for those threads, for ever). The command's consoles (:class:`CommandConsole`) instead
 point the stream at ``/dev/null`` and go on: the work is finished, and the command exits as it
-would have with a reader.
+would have with a reader. So does a stream whose writes fail for good (:data:`OUTPUT_LOST`):
+``trig-stream run CFG 2>run.log`` on a disk that fills, a terminal that has gone (EIO).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
+from typing import IO, Final
 
 from rich.console import Console
 
 from trig_stream.signals import point_at_devnull
 
 STANDARD_OUTPUTS = (1, 2)
+OUTPUT_LOST: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+"""Write errors that lose the command's output, never its work: a full disk or quota under a
+redirected stream, a terminal that has gone."""
 
 
 def _same_file(fd: int, other: int) -> bool:
@@ -28,20 +35,57 @@ def _same_file(fd: int, other: int) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-class CommandConsole(Console):
-    """A rich console whose output, once its reader has gone (a broken pipe), is dropped.
+def drop_output(file: IO[str]) -> None:
+    """Point ``file``'s file descriptor, and stdout or stderr where they write to that same
+    file (``2>&1``), at ``/dev/null``: what is written there from now on is dropped."""
+    try:
+        broken = file.fileno()
+    except (OSError, ValueError):  # not a file (a StringIO in a test): nothing to point
+        return
+    fds = {broken, *(fd for fd in STANDARD_OUTPUTS if _same_file(fd, broken))}
+    point_at_devnull(sorted(fds))
 
-    The pipe's file descriptor, and stdout or stderr where they write to that same pipe
-    (``2>&1 | head``), are pointed at ``/dev/null``; the command carries on and exits with
-    the status it would have had.
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` to standard output, as the command's product (``import-config``).
+
+    A reader that has gone (a broken pipe) is no failure: the output is dropped as a
+    :class:`CommandConsole` drops it.
+
+    Raises:
+        OSError: the output was lost otherwise (:data:`OUTPUT_LOST`, say); standard output
+            writes to ``/dev/null`` from then on, so that the error can be told.
+    """
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        drop_output(sys.stdout)
+    except OSError:
+        drop_output(sys.stdout)
+        raise
+
+
+class CommandConsole(Console):
+    """A rich console whose output, once its reader has gone (a broken pipe) or its writes
+    fail for good (:data:`OUTPUT_LOST`: a full disk), is dropped.
+
+    The file descriptor, and stdout or stderr where they write to that same file (``2>&1 |
+    head``), are pointed at ``/dev/null``; the command carries on and exits with the status
+    it would have had.
     """
 
     def on_broken_pipe(self) -> None:
         """Drop this console's output from now on, instead of ending the command."""
         self.quiet = True
+        drop_output(self.file)
+
+    def _check_buffer(self) -> None:
+        # rich answers a broken pipe alone (on_broken_pipe): any other failed write raised
+        # from whatever printed, and a run logging to a full disk stopped at its next line.
         try:
-            broken = self.file.fileno()
-        except (OSError, ValueError):  # not a file (a StringIO in a test): nothing to point
-            return
-        fds = {broken, *(fd for fd in STANDARD_OUTPUTS if _same_file(fd, broken))}
-        point_at_devnull(sorted(fds))
+            super()._check_buffer()
+        except OSError as exc:
+            if exc.errno not in OUTPUT_LOST:
+                raise
+            self.on_broken_pipe()

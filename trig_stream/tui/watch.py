@@ -21,7 +21,13 @@ from rich.console import Console
 from trig_stream.errors import MissingExtraError
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.progress import full_screen_possible
-from trig_stream.signals import is_hangup, job_control_kept, silence_the_terminal, stop_signals
+from trig_stream.signals import (
+    is_hangup,
+    job_control_kept,
+    silence_the_terminal,
+    stop_signals,
+    stop_signals_interrupt,
+)
 from trig_stream.terminal import CommandConsole
 from trig_stream.tui.render import duration
 from trig_stream.tui.snapshot import DashboardSnapshot
@@ -83,7 +89,11 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     # The progress lines are what the command prints (`watch RUN > log`); warnings and
     # errors go where the other commands put theirs (``console``: stderr).
     out = CommandConsole(soft_wrap=True)
-    return follow(source, out, errors=console, interval_s=args.interval)
+    with stop_signals_interrupt():  # SIGTERM and SIGHUP close it as Ctrl-C does
+        try:
+            return follow(source, out, errors=console, interval_s=args.interval)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
 
 
 def show_dashboard(app: TrigDashboardApp, **run_options: Any) -> int | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ from rich.markup import escape
 
 from trig_stream.errors import ConfigError
 from trig_stream.files import write_atomic
+from trig_stream.records import printable
+from trig_stream.terminal import write_stdout
 from trig_stream.upstream_config.convert import import_config
 
 EXIT_OK = 0
@@ -66,7 +67,7 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
     target = None if out is None else _file_to_write(out, args.yaml, force=args.force)
     conversion = import_config(args.yaml, out=out, root=args.root)
     for line in conversion.warnings:
-        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(printable(line))}", highlight=False)
     try:
         data = conversion.text.encode("utf-8")
     except UnicodeEncodeError as exc:  # a path of --root's that is not UTF-8
@@ -75,8 +76,13 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
             f"{conversion.text[exc.start : exc.end]!r} (a file name that is not UTF-8?)"
         ) from None
     if out is None or target is None:
-        sys.stdout.write(conversion.text)
-        sys.stdout.flush()
+        try:
+            write_stdout(conversion.text)
+        except OSError as exc:  # a full disk under `> out.toml`: the config is not written
+            raise ConfigError(
+                f"standard output: cannot write the config: {exc.strerror or exc}; pass -o "
+                "FILE to write it to a file"
+            ) from None
     else:
         try:
             # Whole or not at all: a failed write left an empty file, which the next try
