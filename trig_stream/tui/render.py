@@ -71,7 +71,7 @@ def bar(used: int, size: int, width: int) -> Text:
 
 
 def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
-    """The top line: run, task, state, elapsed time, samples and ETA."""
+    """The top line: run, task, state, the source's alerts, elapsed time, samples and ETA."""
     state_style = {
         "running": "bold green",
         "paused": "bold yellow",
@@ -81,8 +81,12 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
         (f" {snapshot.run_name} ", "bold"),
         f"task {snapshot.task}  ",
         (f"[{snapshot.state}]", state_style),
-        f"  elapsed {duration(snapshot.elapsed_s)}",
     )
+    # Early in the line: the rest is cut on a narrow terminal, and so is the run panel that
+    # says them in full.
+    for alert in snapshot.alerts:
+        text.append(f"  {alert}", style="yellow")
+    text.append(f"  elapsed {duration(snapshot.elapsed_s)}")
     total = "?" if snapshot.samples_total is None else str(snapshot.samples_total)
     text.append(f"  samples {count(snapshot.samples_done)}/{total}")
     text.append(f"  judged {snapshot.judged}")
