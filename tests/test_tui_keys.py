@@ -379,6 +379,21 @@ async def test_the_app_keys_work_in_the_errors_and_help_views(
     assert app.return_code == 0
 
 
+async def test_e_and_question_mark_switch_between_the_errors_and_help_views() -> None:
+    # In the help view e did nothing (the help says e opens the errors view); ? in the
+    # errors view did nothing either. Each now replaces the other, and escape goes back to
+    # the dashboard, not to the view it replaced.
+    app = TrigDashboardApp(StaticSource(synthetic_snapshot()))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("question_mark", "e")
+        assert isinstance(app.screen, ErrorsScreen)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen | ErrorsScreen)
+        assert len(app.screen_stack) == 1
+
+
 async def test_p_during_a_graceful_stop_neither_resumes_nor_says_so(
     make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -192,15 +192,15 @@ async def test_a_small_terminal_cuts_the_grids_rather_than_wrap_them() -> None:
         dtm = panel_lines(dashboard, "#dtm")
         buffers = panel_lines(dashboard, "#buffers")
         judges = panel_lines(dashboard, "#judges")
-    assert [row.split()[0] for row in dtm[1 : 1 + len(SORTED_DIMENSIONS)]] == list(
-        SORTED_DIMENSIONS
-    )
+    # The rows shrink to leave the last errors room (the DTM shows its first dimensions);
+    # the shared buffers come first.
+    rows = [row.split()[0] for row in dtm[1:] if row.strip()]
+    assert rows and rows == list(SORTED_DIMENSIONS[: len(rows)])
     assert [line.split()[0] for line in buffers if line.strip()] == [
-        "samples:flux-dev",
-        "samples:sd3…dium",
         "images",
         "judgements",
         "results",
+        "…",
     ]
     assert judges[0].startswith("trigscore") and "█" in judges[0]
 
@@ -249,3 +249,72 @@ async def test_the_run_panel_keeps_a_width_on_a_small_terminal() -> None:
         await pilot.pause()
         progress = panel_lines(wide, "#progress")
     assert progress[0].endswith("skipped")  # the whole table, as before
+
+
+def many_models(count: int) -> DashboardSnapshot:
+    """The synthetic run with ``count`` models, each with its own samples buffer."""
+    snapshot = synthetic_snapshot()
+    names = [f"gen-{index:02d}" for index in range(count)]
+    return replace(
+        snapshot,
+        models=tuple(ModelProgress(name, 3, 1, 2, 1, 4, 1, 1, 0, 0) for name in names),
+        buffers=tuple(Gauge(f"samples:{name}", 1, 8) for name in names) + snapshot.buffers[2:],
+    )
+
+
+def on_screen(app: TrigDashboardApp, panel_id: str) -> list[str]:
+    """The lines of a panel that the terminal shows (its rows below the screen's are not)."""
+    panel = app.query_one(panel_id, Panel)
+    visible = app.screen.region.height - 1 - panel.region.y  # the footer takes the last row
+    return panel_lines(app, panel_id)[: max(visible, 0)]
+
+
+@pytest.mark.anyio
+async def test_a_tall_terminal_shows_every_model_and_buffer() -> None:
+    # The progress and buffers rows were 8 rows high whatever the terminal: with 10 models
+    # at 200x60 the progress panel listed gen-00 to gen-04, the buffers panel samples:gen-00
+    # to samples:gen-05, and the shared buffers (where backpressure shows) not at all.
+    dashboard = TrigDashboardApp(StaticSource(many_models(10)))
+    async with dashboard.run_test(size=(200, 60)) as pilot:
+        await pilot.pause()
+        progress = on_screen(dashboard, "#progress")
+        buffers = on_screen(dashboard, "#buffers")
+        errors = on_screen(dashboard, "#errors")
+    models = [f"gen-{index:02d}" for index in range(10)]
+    assert [line.split()[0] for line in progress[1:] if line.strip()] == models
+    assert [line.split()[0] for line in buffers if line.strip()] == [
+        "images",
+        "judgements",
+        "results",
+        *(f"samples:{model}" for model in models),
+    ]
+    assert errors[0].startswith("sd3-medium R-T_IQ-A_2")
+
+
+@pytest.mark.anyio
+async def test_rows_cut_on_a_short_terminal_say_how_many_more() -> None:
+    dashboard = TrigDashboardApp(StaticSource(many_models(10)))
+    async with dashboard.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        progress = on_screen(dashboard, "#progress")
+        buffers = on_screen(dashboard, "#buffers")
+    shown = [line for line in progress[1:] if line.startswith("gen-")]
+    assert 0 < len(shown) < 10
+    assert f"… {10 - len(shown)} more models" in progress
+    total = next(line for line in progress if line.startswith("total"))
+    assert total.split()[1:5] == ["30", "10", "10", "20"]  # queued generating judging images
+    assert [line.split()[0] for line in buffers[:3]] == ["images", "judgements", "results"]
+    listed = sum(line.startswith("samples:") for line in buffers)
+    assert 0 < listed < 10 and f"… {10 - listed} more" in buffers
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [SMALL, (100, 30)])
+async def test_the_last_errors_stay_on_screen_on_a_small_terminal(size: tuple[int, int]) -> None:
+    # Below ~34 rows the last errors panel was under the screen's bottom: the other rows kept
+    # their heights. They now shrink first, leaving the errors three lines.
+    dashboard = app()
+    async with dashboard.run_test(size=size) as pilot:
+        await pilot.pause()
+        errors = on_screen(dashboard, "#errors")
+    assert [line.split()[0] for line in errors[:3]] == ["sd3-medium", "flux-dev", "flux-dev"]

@@ -38,6 +38,7 @@ from trig_stream.store import QUARANTINE, QUARANTINE_PARTIAL, Manifest, RunDir, 
 from trig_stream.testing import FakeJudge
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
+from trig_stream.tui.dashboard import Panel
 from trig_stream.tui.render import run_info
 from trig_stream.tui.watch import add_watch_command, describe, follow
 from trig_stream.tui.watch_source import READ_CHUNK, JournalTail, RunDirSource
@@ -318,6 +319,26 @@ def test_watch_sees_a_run_whose_run_lock_was_deleted(tmp_path: Path) -> None:
     assert snapshot.state == "running"
     assert "run written by pid unknown: its journal is locked" in snapshot.message
     assert RunDirSource(run_dir).poll().state == "finished"
+
+
+async def test_watch_warnings_show_in_the_status_line_of_a_narrow_terminal(
+    tmp_path: Path,
+) -> None:
+    # "N journal line(s) are not judgements and were skipped" and "run written by pid N" were
+    # in the run panel's message alone, cut at 80 columns: a short form now shows in the
+    # status line, before what it may cut.
+    run_dir = write_run_dir(tmp_path)
+    with (run_dir / JOURNAL).open("ab") as journal:  # as the running run holds it
+        journal.write(b"not json\n{}\n")
+        journal.flush()
+        fcntl.flock(journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        app = TrigDashboardApp(RunDirSource(run_dir))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(lambda: app.dashboard.snapshot is not None)
+            await pilot.pause()
+            status = "".join(s.text for s in app.query_one("#status", Panel).render_line(0))
+    assert "written by an unknown pid  2 bad journal lines skipped" in status
+    assert len(status) == 80  # the whole line as the terminal shows it
 
 
 def test_watch_shows_the_quarantined_records(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ Keys (shown in the footer):
 * ``p`` pause / resume feeding new samples; ``s`` stop gracefully (the work in flight is
   finished); ``q`` quit: a run still going is stopped hard (resumable), a finished one is
   closed. ``ctrl+c`` stops gracefully the first time and hard the second, as in plain mode.
-* ``e`` the errors view, ``m`` the next model in the means and DTM panels, ``?`` help.
+* ``e`` the errors view, ``m`` the next model in the means and DTM panels, ``?`` help;
+  ``e`` in the help view and ``?`` in the errors view switch from one to the other.
 
 A read-only source (``trig-stream watch``) has no pause or stop, and ``q`` only closes the
 viewer.
@@ -140,7 +141,10 @@ class ErrorsScreen(TextScreen):
     """The latest errors (:data:`~trig_stream.stats.ERRORS_KEPT`) with their reasons, and
     the backends' notes; updates live."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("e", "close", "Close", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("e", "close", "Close", show=False),
+        Binding("question_mark", "app.help", "Help", key_display="?"),
+    ]
 
     def __init__(self) -> None:
         super().__init__(f"errors: the latest {ERRORS_KEPT}, latest first")
@@ -172,7 +176,10 @@ class ErrorsScreen(TextScreen):
 class HelpScreen(TextScreen):
     """The keys, the panels and the DTM legend."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("question_mark", "close", "Close", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("question_mark", "close", "Close", show=False),
+        Binding("e", "app.errors", "Errors"),
+    ]
 
     def __init__(self) -> None:
         super().__init__("help")
@@ -316,7 +323,13 @@ class TrigDashboardApp(App[None]):
         else:
             self.action_quit_run()
 
+    def _close_text_view(self) -> None:
+        """Close the errors or help view open, so that the other replaces it."""
+        if isinstance(self.screen, TextScreen):
+            self.pop_screen()
+
     def action_errors(self) -> None:
+        self._close_text_view()
         screen = ErrorsScreen()
         self.push_screen(screen)
         if self.dashboard.snapshot is not None:
@@ -327,4 +340,5 @@ class TrigDashboardApp(App[None]):
         self.dashboard.next_model()
 
     def action_help(self) -> None:
+        self._close_text_view()
         self.push_screen(HelpScreen())

@@ -28,6 +28,42 @@ REFRESH_EVERY_S = 0.25
 """How often a self-refreshing dashboard asks its source for a snapshot (4 Hz)."""
 
 
+ROW_HEIGHTS = (8, 8, 15)
+"""The progress, buffers and relations rows' heights (borders included) when the terminal
+has room: the progress and buffers rows grow to their content (a model, a buffer a line)."""
+ROW_MINIMUMS = (5, 6, 5)
+"""The heights the rows shrink to, the tallest first, when the terminal is short."""
+ERRORS_LINES = (1, 3)
+"""The lines of the errors panel: the fewest, and those kept before it shrinks to the fewest
+(the other rows shrink first: at 80x24 the panel was off screen)."""
+
+
+def row_heights(height: int, progress: int, load: int) -> tuple[int, int, int]:
+    """The heights of the progress, buffers and relations rows in a dashboard ``height`` rows
+    high, whose progress and buffers rows want ``progress`` and ``load`` lines of content.
+
+    The errors panel takes what is left, at least :data:`ERRORS_LINES`'s wish when the other
+    rows can shrink to make room: the tallest of them gives up a line first.
+    """
+    wanted = [
+        max(ROW_HEIGHTS[0], progress + 2),
+        max(ROW_HEIGHTS[1], load + 2),
+        ROW_HEIGHTS[2],
+    ]
+    fewest, wished = ERRORS_LINES
+    room = height - 1 - (wished + 2)  # the status line, the errors panel and its border
+    rows = list(wanted)
+    while sum(rows) > room:
+        shrinkable = [i for i in range(3) if rows[i] > ROW_MINIMUMS[i]]
+        if not shrinkable:
+            if room < height - 1 - (fewest + 2):
+                room += 1  # the errors panel gives up its lines last
+                continue
+            break
+        rows[max(shrinkable, key=lambda i: rows[i])] -= 1
+    return rows[0], rows[1], rows[2]
+
+
 class Panel(Widget):
     """A bordered panel with a title, showing one Rich renderable.
 
@@ -143,6 +179,7 @@ class Dashboard(Widget):
     Dashboard #status {
         height: 1; border: none; padding: 0; background: $primary-background;
     }
+    /* The rows' heights are set to fit the terminal and their content: see row_heights. */
     Dashboard #row-progress { height: 8; }
     Dashboard #row-load { height: 8; }
     Dashboard #row-relations { height: 15; }
@@ -187,6 +224,7 @@ class Dashboard(Widget):
         self.error: TrigStreamError | None = None
         """Why the source stopped giving snapshots, once it did."""
         self._busy = False
+        self._heights: tuple[int, int, int] = ROW_HEIGHTS
 
     def compose(self) -> ComposeResult:
         yield Panel(id="status")
@@ -225,25 +263,53 @@ class Dashboard(Widget):
     def show(self, snapshot: DashboardSnapshot) -> None:
         """Draw a snapshot (panels whose part of it did not change are not repainted)."""
         self.snapshot = snapshot
+        self._draw(snapshot)
+        self.post_message(self.Updated(snapshot))
+
+    def on_resize(self) -> None:
+        if self.snapshot is not None:
+            self._draw(self.snapshot)
+
+    def _fit_rows(self, snapshot: DashboardSnapshot) -> tuple[int, int]:
+        """Size the rows to the terminal and the snapshot; the lines the progress and buffers
+        panels have room for."""
+        judge_lines = 2 * len(snapshot.judges)
+        heights = row_heights(
+            self.size.height,
+            progress=1 + len(snapshot.models),
+            load=max(len(snapshot.buffers), judge_lines),
+        )
+        if heights != self._heights:
+            self._heights = heights
+            for row_id, height in zip(
+                ("#row-progress", "#row-load", "#row-relations"), heights, strict=True
+            ):
+                self.query_one(row_id).styles.height = height
+        return heights[0] - 2, heights[1] - 2
+
+    def _draw(self, snapshot: DashboardSnapshot) -> None:
+        progress_lines, load_lines = self._fit_rows(snapshot)
         linger = self.linger
         self.query_one("#status", Panel).show(
             (snapshot, linger), lambda: render.status_line(snapshot, linger=linger)
         )
         self.query_one("#progress", Panel).show(
-            snapshot.models, lambda: render.progress_table(snapshot.models)
+            (snapshot.models, progress_lines),
+            lambda: render.progress_table(snapshot.models, progress_lines),
         )
         self.query_one("#info", Panel).show(
             (snapshot.run_dir, snapshot.models, snapshot.judges, snapshot.message),
             lambda: render.run_info(snapshot),
         )
-        self.query_one("#buffers", Panel).show(snapshot.buffers, lambda: render.gauges(snapshot))
+        self.query_one("#buffers", Panel).show(
+            (snapshot.buffers, load_lines), lambda: render.gauges(snapshot, limit=load_lines)
+        )
         self.query_one(Throughput).show(snapshot)
         self.query_one("#judges", Panel).show(snapshot.judges, lambda: render.judge_loads(snapshot))
         self._show_relations()
         self.query_one("#errors", Panel).show(
             snapshot.last_errors, lambda: render.error_lines(snapshot.last_errors)
         )
-        self.post_message(self.Updated(snapshot))
 
     def next_model(self) -> None:
         """Show the next (model, metric) in the means and DTM panels."""

@@ -71,7 +71,7 @@ def bar(used: int, size: int, width: int) -> Text:
 
 
 def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
-    """The top line: run, task, state, elapsed time, samples and ETA."""
+    """The top line: run, task, state, the source's alerts, elapsed time, samples and ETA."""
     state_style = {
         "running": "bold green",
         "paused": "bold yellow",
@@ -81,8 +81,12 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
         (f" {snapshot.run_name} ", "bold"),
         f"task {snapshot.task}  ",
         (f"[{snapshot.state}]", state_style),
-        f"  elapsed {duration(snapshot.elapsed_s)}",
     )
+    # Early in the line: the rest is cut on a narrow terminal, and so is the run panel that
+    # says them in full.
+    for alert in snapshot.alerts:
+        text.append(f"  {alert}", style="yellow")
+    text.append(f"  elapsed {duration(snapshot.elapsed_s)}")
     total = "?" if snapshot.samples_total is None else str(snapshot.samples_total)
     text.append(f"  samples {count(snapshot.samples_done)}/{total}")
     text.append(f"  judged {snapshot.judged}")
@@ -126,29 +130,73 @@ def fit(name: str, width: int) -> str:
     return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
 
 
-def progress_table(models: Sequence[ModelProgress]) -> Text:
-    """Per model: samples queued and generating, images judging, judgements by status."""
+def _total(values: Sequence[int | None]) -> int | None:
+    """The sum, or None when a value is unknown."""
+    known = [v for v in values if v is not None]
+    return sum(known) if len(known) == len(values) else None
+
+
+def total_progress(models: Sequence[ModelProgress]) -> ModelProgress:
+    """Every model's progress added up, as one ``total`` row."""
+    return ModelProgress(
+        "total",
+        queued=_total([m.queued for m in models]),
+        generating=_total([m.generating for m in models]),
+        images=_total([m.images for m in models]),
+        judging=_total([m.judging for m in models]),
+        generation_failed=_total([m.generation_failed for m in models]),
+        skipped=_total([m.skipped for m in models]),
+        ok=sum(m.ok for m in models),
+        unscorable=sum(m.unscorable for m in models),
+        error=sum(m.error for m in models),
+    )
+
+
+def progress_table(models: Sequence[ModelProgress], limit: int | None = None) -> Text:
+    """Per model: samples queued and generating, images judging, judgements by status.
+
+    Args:
+        models: the rows.
+        limit: the most lines to draw, header included. When the models need more, the
+            first ones are drawn, then ``… N more models`` and a ``total`` row of them all.
+    """
     text = Text(no_wrap=True, overflow="ellipsis")
     shortest, longest = MODEL_WIDTH
     name_width = min(max([shortest - 1, *(len(m.name) for m in models)]) + 1, longest)
     header = f"{'model':<{name_width}}" + "".join(f"{c:>{w}}" for c, w in PROGRESS_COLUMNS)
     text.append(header, style="bold")
-    for m in models:
-        errors = str(m.error) + (f" ({m.generation_failed}g)" if m.generation_failed else "")
-        cells: list[tuple[str, str]] = [
-            (count(m.queued), ""),
-            (count(m.generating), ""),
-            (count(m.judging), ""),
-            (count(m.images), ""),
-            (str(m.ok), "green"),
-            (str(m.unscorable), ""),
-            (errors, "red" if m.error or m.generation_failed else ""),
-            (count(m.skipped), "grey62"),
-        ]
-        text.append(f"\n{fit(m.name, name_width - 1):<{name_width}}")
-        for (value, style), (_, width) in zip(cells, PROGRESS_COLUMNS, strict=True):
-            text.append(f"{value:>{width}}", style=style)
+    rows = list(models)
+    hidden = 0
+    if limit is not None and 1 + len(rows) > limit:
+        # The header, the "more" line and the total take three lines.
+        rows = rows[: max(limit - 3, 0)]
+        hidden = len(models) - len(rows)
+    for m in rows:
+        text.append("\n")
+        text.append_text(_progress_row(m, name_width))
+    if hidden:
+        text.append(f"\n… {hidden} more model{'s' * (hidden != 1)}", style="grey62")
+        text.append("\n")
+        text.append_text(_progress_row(total_progress(models), name_width, style="bold"))
     return text
+
+
+def _progress_row(m: ModelProgress, name_width: int, style: str = "") -> Text:
+    errors = str(m.error) + (f" ({m.generation_failed}g)" if m.generation_failed else "")
+    cells: list[tuple[str, str]] = [
+        (count(m.queued), ""),
+        (count(m.generating), ""),
+        (count(m.judging), ""),
+        (count(m.images), ""),
+        (str(m.ok), "green"),
+        (str(m.unscorable), ""),
+        (errors, "red" if m.error or m.generation_failed else ""),
+        (count(m.skipped), "grey62"),
+    ]
+    row = Text(f"{fit(m.name, name_width - 1):<{name_width}}", style=style)
+    for (value, cell_style), (_, width) in zip(cells, PROGRESS_COLUMNS, strict=True):
+        row.append(f"{value:>{width}}", style=cell_style)
+    return row
 
 
 def run_info(snapshot: DashboardSnapshot) -> Text:
@@ -170,18 +218,31 @@ def run_info(snapshot: DashboardSnapshot) -> Text:
     return text
 
 
-def gauges(snapshot: DashboardSnapshot, width: int = 10) -> Text:
-    """The buffers between the stages, as fill bars."""
+def gauges(snapshot: DashboardSnapshot, width: int = 10, limit: int | None = None) -> Text:
+    """The buffers between the stages, as fill bars.
+
+    The stages' shared buffers (``images``, ``judgements``, ``results``, where backpressure
+    shows) come first, then those per model (``samples:flux-dev``). Given ``limit`` (the most
+    lines), the buffers past it are counted in a last ``… N more`` line.
+    """
     if not snapshot.buffers:
         return Text("not visible from the run directory", style="grey50")
+    # Stable: each group keeps the source's order.
+    buffers = sorted(snapshot.buffers, key=lambda gauge: ":" in gauge.name)
+    hidden = 0
+    if limit is not None and len(buffers) > limit:
+        hidden = len(buffers) - max(limit - 1, 0)
+        buffers = buffers[: max(limit - 1, 0)]
     text = Text(no_wrap=True)
-    for index, gauge in enumerate(snapshot.buffers):
+    for index, gauge in enumerate(buffers):
         # A stage's buffer per model (``samples:flux-dev``): the stage stays whole.
         stage, colon, model = gauge.name.rpartition(":")
         name = stage + colon + fit(model, NAME_WIDTH - len(stage + colon))
         text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         text.append_text(bar(gauge.used, gauge.size, width))
         text.append(f" {gauge.used:>3}/{gauge.size}")
+    if hidden:
+        text.append(("\n" if buffers else "") + f"… {hidden} more", style="grey62")
     return text
 
 

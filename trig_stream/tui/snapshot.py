@@ -132,6 +132,9 @@ class DashboardSnapshot:
     """Models whose generator is loading (its weights): nothing else moves meanwhile."""
     message: str = ""
     """A line from the source itself (e.g. who writes the run being watched)."""
+    alerts: tuple[str, ...] = ()
+    """Short forms of the message's warnings (``3 bad journal lines skipped``), for the status
+    line: the run panel, where the message is, cuts it on a narrow terminal."""
 
     @property
     def finished(self) -> bool:

@@ -277,8 +277,11 @@ class RunDirSource:
         if self._relations_at is None or now - self._relations_at >= self.relations_every_s:
             self._relations_at = now
             self._relations = relation_views(self._tracker, self._tracker.groups())
+        alerts: list[str] = []
         if writer is not None:
             message = f"watching read-only: run written by {writer}"
+            pid = "an unknown pid" if writer.pid is None else f"pid {writer.pid}"
+            alerts.append(f"written by {pid}")
         else:
             message = "watching read-only: no process is writing this run"
         if asked_again:
@@ -293,6 +296,8 @@ class RunDirSource:
                 f"; {self.tail.bad_lines} journal line(s) are not judgements and were skipped "
                 f"(the first: {self.tail.first_problem})"
             )
+            bad = self.tail.bad_lines
+            alerts.append(f"{bad} bad journal line{'s' * (bad != 1)} skipped")
         ordered = sorted(self._latencies)
         models = list(manifest.generators) + sorted(set(self._counts) - set(manifest.generators))
         return DashboardSnapshot(
@@ -315,6 +320,7 @@ class RunDirSource:
             last_errors=tuple(self._errors),
             quarantined=self._count_quarantined(running=writer is not None),
             message=message,
+            alerts=tuple(alerts),
         )
 
     def _count_quarantined(self, *, running: bool) -> int | None:
