@@ -769,6 +769,39 @@ async def test_an_error_in_the_consumer_propagates_unchanged(make_config: Config
     assert set(keys_count(config).values()) == {1}
 
 
+class FailsOnThirdRequest(FakeJudge):
+    """A judge whose third request finds its credentials refused."""
+
+    def __init__(self) -> None:
+        super().__init__("trigscore", FakeJudgeOptions(), concurrency=1)
+        self.requests_made = 0
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        self.requests_made += 1
+        if self.requests_made == 3:
+            raise FatalBackendError("bad credentials")
+        return await super().judge(request)
+
+
+async def test_an_error_in_the_consumer_as_the_run_fails_stays_in_the_traceback(
+    make_config: ConfigFactory,
+) -> None:
+    # Only the run's error came out, raised "from None": the block's own exception was in
+    # no traceback at all.
+    config = make_config(samples=8)
+    with anyio.fail_after(10), pytest.raises(FatalBackendError, match="bad credentials") as raised:
+        async with Engine(config, judges=[FailsOnThirdRequest()]) as engine:
+            async for _ in engine.results:
+                try:
+                    await anyio.sleep_forever()  # the run's failure cancels the block
+                finally:
+                    raise ValueError("the consumer's own bug")  # its cleanup fails too
+    error = raised.value
+    assert isinstance(error.__context__, ValueError) and not error.__suppress_context__
+    assert error.__notes__[-1].endswith("context: ValueError: the consumer's own bug")
+    assert engine.stats().state == "failed"
+
+
 async def test_pause_holds_back_new_samples_until_resumed(make_config: ConfigFactory) -> None:
     config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
     received = 0
