@@ -39,6 +39,7 @@ from trig_stream.backends.base import (
     JudgeRequest,
     PreparedImage,
     TimedPicture,
+    load_in_thread,
     threads_left_behind,
 )
 from trig_stream.config import RunConfig
@@ -768,6 +769,39 @@ async def test_an_error_in_the_consumer_propagates_unchanged(make_config: Config
     assert set(keys_count(config).values()) == {1}
 
 
+class FailsOnThirdRequest(FakeJudge):
+    """A judge whose third request finds its credentials refused."""
+
+    def __init__(self) -> None:
+        super().__init__("trigscore", FakeJudgeOptions(), concurrency=1)
+        self.requests_made = 0
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        self.requests_made += 1
+        if self.requests_made == 3:
+            raise FatalBackendError("bad credentials")
+        return await super().judge(request)
+
+
+async def test_an_error_in_the_consumer_as_the_run_fails_stays_in_the_traceback(
+    make_config: ConfigFactory,
+) -> None:
+    # Only the run's error came out, raised "from None": the block's own exception was in
+    # no traceback at all.
+    config = make_config(samples=8)
+    with anyio.fail_after(10), pytest.raises(FatalBackendError, match="bad credentials") as raised:
+        async with Engine(config, judges=[FailsOnThirdRequest()]) as engine:
+            async for _ in engine.results:
+                try:
+                    await anyio.sleep_forever()  # the run's failure cancels the block
+                finally:
+                    raise ValueError("the consumer's own bug")  # its cleanup fails too
+    error = raised.value
+    assert isinstance(error.__context__, ValueError) and not error.__suppress_context__
+    assert error.__notes__[-1].endswith("context: ValueError: the consumer's own bug")
+    assert engine.stats().state == "failed"
+
+
 async def test_pause_holds_back_new_samples_until_resumed(make_config: ConfigFactory) -> None:
     config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
     received = 0
@@ -1233,6 +1267,32 @@ async def test_cancel_leaves_a_load_behind_which_then_closes_what_it_loaded(
     assert generator.closed_in == [generator.loaded_in]  # by the load's own thread, once
 
 
+async def test_a_load_cancelled_before_a_thread_took_it_up_never_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A thread that took it up after the cancel (Trio starts one once its limiter is had)
+    # loaded the model for no one, beside a later engine's load of the same instance, and
+    # then closed it under that engine; nothing counted it until it had begun.
+    taken: list[Callable[[], object]] = []
+
+    async def queued(func: Callable[[], object], *args: object, **kwargs: object) -> None:
+        taken.append(func)  # handed to a worker thread that has not begun it yet
+        await anyio.sleep_forever()
+
+    loads: list[str] = []
+    instance = object()
+    monkeypatch.setattr(anyio.to_thread, "run_sync", queued)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await load_in_thread(
+            lambda: loads.append("load"), lambda: loads.append("unload"), instance=instance
+        )
+    monkeypatch.undo()
+    assert len(taken) == 1 and threads_left_behind(instance) == 0
+    await anyio.to_thread.run_sync(taken[0])  # the worker thread begins it now
+    assert loads == [] and threads_left_behind(instance) == 0
+
+
 class GeneratesUntilReleased(SyntheticGenerator):
     """A generator whose call blocks until the test releases it, whatever the cancel event
     says (an images API that takes a minute to answer, a pipeline that hangs)."""
@@ -1279,6 +1339,59 @@ async def test_cancel_leaves_generate_calls_behind_and_the_last_one_closes_the_g
         while threads_left_behind():  # until the closing thread has ended its part
             await checkpoint()
     assert not (config.run_dir / JOURNAL).read_text()
+
+
+LEFT_BEHIND = "this instance is still being released by an earlier engine's thread"
+
+
+async def test_a_generator_a_cancel_left_generating_is_refused_until_its_thread_closes_it(
+    make_config: ConfigFactory,
+) -> None:
+    # A second engine took the instance over at once; the first's call then ended, and its
+    # thread closed the generator under the second: "generate() on a closed generator".
+    config = make_config(samples=4)
+    generator = GeneratesUntilReleased()
+    try:
+        async with Engine(config, generators=[generator]) as engine:
+            await poll_until(lambda: len(generator.generated_in) == 1)
+            engine.cancel()
+            await engine.drain()
+        second = Engine(config, generators=[generator])
+        message = f"generator 'synth': {LEFT_BEHIND}"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            async with second:
+                pass
+        assert second.stats().state == "failed" and not generator.closed.is_set()
+    finally:
+        generator.release.set()
+    assert await anyio.to_thread.run_sync(generator.closed.wait, 10)
+    await poll_until(lambda: threads_left_behind(generator) == 0)
+    results = await run_to_end(config, generators=[generator])  # its own again
+    assert len(results) == 8 and {j.status for j in results} == {"ok"}
+
+
+@pytest.mark.parametrize("stop", ["cancel", "stop"])
+async def test_a_generator_a_stop_left_loading_is_refused_until_its_thread_closes_it(
+    make_config: ConfigFactory, stop: str
+) -> None:
+    # A second engine loaded it beside the first's load, which then closed what both loaded.
+    config = make_config(samples=4)
+    generator = LoadsUntilReleased()
+    try:
+        async with Engine(config, generators=[generator]) as engine:
+            await anyio.to_thread.run_sync(generator.loading.wait, 10)
+            getattr(engine, stop)()
+            await engine.drain()
+        with pytest.raises(ConfigError, match=re.escape(LEFT_BEHIND)):
+            async with Engine(config, generators=[generator]):
+                pass
+        assert generator.closed_in == []
+    finally:
+        generator.release.set()
+    assert await anyio.to_thread.run_sync(generator.closed.wait, 10)
+    await poll_until(lambda: threads_left_behind(generator) == 0)
+    results = await run_to_end(config, generators=[generator])
+    assert len(results) == 8 and {j.status for j in results} == {"ok"}
 
 
 def synth(name: str = "synth", **counts: int) -> SyntheticGenerator:

@@ -437,6 +437,7 @@ class Engine:
         # block left early is no hard stop: the judges close as usual (a server's grace).
         if self._state not in ("done", "stopped", "failed"):
             self._cancel_work()
+        failure: BaseException | None = None  # the run's error, to raise after the handler
         try:
             suppress = await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
@@ -459,7 +460,16 @@ class Engine:
                 if len({(type(e), str(e)) for e in failures}) != 1:
                     raise
                 error = failures[0]
-            raise error from None
+            if not _lost_to(error, exc):
+                raise error from None
+            # The block's own exception (its cleanup failed as the run did) would be dropped
+            # with the group: it stays, as the context of the error that leaves.
+            assert exc is not None
+            error.add_note(
+                "The `async with` block raised an exception of its own as the run failed, "
+                f"shown above as this error's context: {describe_error(exc)}"
+            )
+            failure = error
         except BaseException:
             if self._state not in ("done", "stopped"):
                 self._state = "cancelled"
@@ -468,6 +478,10 @@ class Engine:
             await self._close_resources()
             if self._counters.ended_at is None:  # else the run ended there, before
                 self._counters.ended_at = time.monotonic()
+        if failure is not None:
+            # Outside the handler of the group, which would become its context instead.
+            failure.__context__ = exc
+            raise failure
         if self._state not in ("done", "stopped", "failed"):
             self._state = "cancelled"
         return suppress
@@ -650,6 +664,14 @@ class Engine:
         )
         with suppress(TrigStreamError):
             self._counters.samples_total = await anyio.to_thread.run_sync(source.count)
+
+
+def _lost_to(error: BaseException, exc: BaseException | None) -> bool:
+    """Whether ``exc``, the ``async with`` block's own exception, would be lost if the run's
+    ``error`` left the block alone: it is one, not a cancellation, and not ``error``."""
+    if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
+        return False
+    return all(leaf is not error for leaf in _leaves_of(exc))
 
 
 def _leaves_of(exc: BaseException | None) -> list[BaseException]:

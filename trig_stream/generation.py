@@ -82,7 +82,7 @@ class GenerationStage:
         self._name = f"generator {generator.name!r}"
         # A hard stop does not wait for a generate call (an images API may take a minute to
         # answer): the call ends in its thread, and the generator is closed after it.
-        self._calls = ThreadCalls(self._name)
+        self._calls = ThreadCalls(self._name, instance=generator)
         # A batch's large pictures are encoded at once, one per thread: beside a pipeline
         # that holds the interpreter lock, each encoding waits for it several times, and
         # those waits overlap (8 pictures of 512x512: 520 ms one after another, 200 ms at
@@ -165,6 +165,7 @@ class GenerationStage:
                     limiter=limiter,
                     backend=self._name,
                     stop=generator.stop_loading,
+                    instance=generator,
                 )
                 if not await _unless(self._context.stopping, load):
                     return False

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from trig_stream.backends.base import Generator, Judge, call_in_thread
+from trig_stream.backends.base import Generator, Judge, call_in_thread, threads_left_behind
 from trig_stream.config import RunConfig
 from trig_stream.errors import ConfigError, FatalBackendError, TrigStreamError
 from trig_stream.pipeline import describe_error
@@ -195,20 +195,35 @@ def claim_backends(backends: Sequence[Generator | Judge], owner: BackendOwner) -
     """Mark these generator and judge instances in use by ``owner`` until
     :func:`release_backends`.
 
+    An instance whose load or call an earlier engine's stop or cancel left running in a
+    worker thread (:func:`~trig_stream.backends.base.threads_left_behind`) is in use until
+    that thread has ended: it closes the instance once done.
+
     Raises:
         ConfigError: one is in use by another open engine (the first to end would close
             it: every judgement left to the other would fail, "the judge is not open",
-            and a generator would be loaded twice, then used closed).
+            and a generator would be loaded twice, then used closed), or still being
+            released by such a thread.
     """
     with _backends_in_use_lock:
         for backend in backends:
             other = _backends_in_use.get(id(backend))
+            kind = "generator" if isinstance(backend, Generator) else "judge"
             if other is not None:
-                kind = "generator" if isinstance(backend, Generator) else "judge"
                 raise ConfigError(
                     f"{backend_label(backend)}: this instance is in use by another engine "
                     f"(run directory {other.run_dir_path}); give each engine its own {kind} "
                     "instances"
+                )
+            if threads_left_behind(backend):
+                # Taken over now, it was loaded twice at once, or closed under this engine
+                # by the thread once its load or last generate call ended.
+                raise ConfigError(
+                    f"{backend_label(backend)}: this instance is still being released by an "
+                    "earlier engine's thread, left running by its stop or cancel (a load or "
+                    "a call, which closes the instance when it ends): wait until "
+                    "trig_stream.backends.base.threads_left_behind() is 0, or give this "
+                    f"engine its own {kind} instance"
                 )
         for backend in backends:
             _backends_in_use[id(backend)] = owner  # its run dir is known later

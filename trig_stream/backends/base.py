@@ -380,6 +380,8 @@ class _Load:
     """Where one :func:`load_in_thread` (or :func:`call_left_behind_on_cancel`) stands; its
     fields change under ``_threads_lock``."""
 
+    instance: object = None
+    """The backend instance it is of, when known (see :func:`threads_left_behind`)."""
     started: bool = False
     loaded: bool = False
     finished: bool = False
@@ -394,11 +396,15 @@ _left_behind: set[_Load | ThreadCalls] = set()
 """Work a cancellation left running in worker threads; each thread removes its own."""
 
 
-def threads_left_behind() -> int:
+def threads_left_behind(instance: object = None) -> int:
     """How many loads or calls a cancellation left running in worker threads (see
-    :func:`load_in_thread` and :class:`ThreadCalls`)."""
+    :func:`load_in_thread` and :class:`ThreadCalls`); of the backend ``instance`` only,
+    when given (one that was passed to them): until they have ended, its release (a
+    generator's ``close()``) is still to come, and another engine must not use it."""
     with _threads_lock:
-        return sum(work.busy() for work in _left_behind)
+        return sum(
+            work.busy() for work in _left_behind if instance is None or work.instance is instance
+        )
 
 
 def being_cancelled() -> bool:
@@ -472,10 +478,13 @@ class ThreadCalls:
 
     Args:
         backend: what the calls are of, for messages ("generator 'x'").
+        instance: the backend instance the calls are of, which :func:`threads_left_behind`
+            counts them for.
     """
 
-    def __init__(self, backend: str = "the backend") -> None:
+    def __init__(self, backend: str = "the backend", *, instance: object = None) -> None:
         self._backend = backend
+        self.instance = instance
         self._running = 0
         self._closed = False
         self._release: Callable[[], None] | None = None
@@ -605,6 +614,7 @@ async def load_in_thread(
     limiter: anyio.CapacityLimiter | None = None,
     backend: str = "the backend",
     stop: Callable[[], None] | None = None,
+    instance: object = None,
 ) -> None:
     """Run a backend's blocking ``load`` in a worker thread that a cancellation does not wait for.
 
@@ -624,15 +634,22 @@ async def load_in_thread(
         backend: what loads, for messages ("generator 'x'").
         stop: cuts a load left behind short (see :meth:`Generator.stop_loading`); called
             here, in the event loop's thread, when the cancellation leaves the load running.
+        instance: the backend instance that loads, which :func:`threads_left_behind`
+            counts the load for.
 
     Raises:
         FatalBackendError: ``load`` raised ``SystemExit``, ``KeyboardInterrupt`` or another
             ``BaseException`` (see :func:`ending_error`).
     """
-    state = _Load()
+    state = _Load(instance=instance)
 
     def load_then_release_if_left_behind() -> None:
         with _threads_lock:
+            if state.left_behind:
+                # Cancelled before a thread took it up (Trio's may still start it): nothing
+                # waits for the model, and loading it now would race a later engine's load.
+                _left_behind.discard(state)
+                return
             state.started = True
         try:
             call_in_thread(load, failed=f"{backend} failed to load")

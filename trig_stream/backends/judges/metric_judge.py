@@ -176,7 +176,9 @@ class MetricJudge(Judge):
         Raises:
             MissingExtraError: the metric's optional dependencies are not installed.
         """
-        await load_in_thread(self.metric.load, self.metric.close, backend=f"judge {self.name!r}")
+        await load_in_thread(
+            self.metric.load, self.metric.close, backend=f"judge {self.name!r}", instance=self
+        )
         if not is_async(self.metric):  # an async one is awaited, not run in a thread
             self._batcher = MicroBatcher(
                 self._run_batch,

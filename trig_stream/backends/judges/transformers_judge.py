@@ -184,7 +184,10 @@ class TransformersJudge(Judge):
         self._torch = torch
         # A hard stop does not wait for the load (minutes, for a 7B model).
         await load_in_thread(
-            lambda: self._load(torch, transformers), self._unload, backend=f"judge {self.name!r}"
+            lambda: self._load(torch, transformers),
+            self._unload,
+            backend=f"judge {self.name!r}",
+            instance=self,
         )
         self._batcher = MicroBatcher(
             self._run_batch,
