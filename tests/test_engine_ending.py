@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 import pytest
 from anyio.lowlevel import checkpoint
+from PIL import Image
 
 from tests.conftest import ConfigFactory
 from trig_stream import Engine, FatalBackendError, sourcing
-from trig_stream.backends.base import JudgeReply, JudgeRequest
+from trig_stream.backends.base import (
+    GenerationRequest,
+    JudgeReply,
+    JudgeRequest,
+    threads_left_behind,
+)
 from trig_stream.dataset import DatasetSource
 from trig_stream.judging import _Requesters
-from trig_stream.testing import FakeJudge
+from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
+from trig_stream.testing.synthetic import SyntheticOptions
 
 pytestmark = pytest.mark.anyio
 
@@ -158,3 +166,44 @@ async def test_the_block_never_waits_for_the_count_of_the_dataset(
         assert engine.stats().samples_total != 1
     finally:
         release.set()
+
+
+class GeneratesUntilReleased(SyntheticGenerator):
+    """A generator whose calls block until the test releases them."""
+
+    def __init__(self) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.release = threading.Event()
+        self.generating = 0
+        """Samples in the calls begun."""
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        self.generating += len(requests)
+        self.release.wait(timeout=10)  # a safety net: the test releases it
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+
+async def test_a_cancel_leaves_no_sample_queued_in_the_buffer(make_config: ConfigFactory) -> None:
+    # The samples left in a model's buffer stayed there: stats() showed it full (8/8) and
+    # counted them queued, the dashboard as generating, after the run had ended.
+    generator = GeneratesUntilReleased()
+    engine = Engine(make_config(samples=24, engine={"sample_buffer": 8}), generators=[generator])
+    try:
+        with anyio.fail_after(10):  # a safety net: the loop waits for the source to fill it
+            async with engine:
+                while engine.stats().buffers["samples:synth"].used < 8 or not generator.generating:
+                    await checkpoint()
+                engine.cancel()
+                await engine.drain()
+        stats = engine.stats()
+        assert stats.buffers["samples:synth"].used == 0
+        counts = stats.models["synth"]
+        assert counts.queued == generator.generating  # those the cancel left in a call
+        assert counts.dropped == 8
+    finally:
+        generator.release.set()
+    with anyio.fail_after(10):
+        while threads_left_behind():  # the call left behind ends, and closes the generator
+            await checkpoint()
