@@ -126,17 +126,16 @@ async def test_requests_reuse_the_tasks_that_made_earlier_ones() -> None:
             all_finished[wave].set()
 
     with anyio.fail_after(10):  # a requester that never ended would hang the task group
-        async with anyio.create_task_group() as tg:
-            with _Requesters(tg, make) as requesters:
-                for _ in range(3):
-                    requesters.hand_on(0)
-                await all_started[0].wait()  # three requests in flight at once
-                go.set()
-                await all_finished[0].wait()
-                tasks = len(anyio.get_running_tasks())
-                for _ in range(3):
-                    requesters.hand_on(1)
-                await all_finished[1].wait()
-                assert len(anyio.get_running_tasks()) == tasks  # no task was started
+        async with _Requesters(make, abandon=pytest.fail) as requesters:
+            for _ in range(3):
+                requesters.hand_on(0)
+            await all_started[0].wait()  # three requests in flight at once
+            go.set()
+            await all_finished[0].wait()
+            tasks = len(anyio.get_running_tasks())
+            for _ in range(3):
+                requesters.hand_on(1)
+            await all_finished[1].wait()
+            assert len(anyio.get_running_tasks()) == tasks  # no task was started
     assert len(set(makers[0])) == 3
     assert len(makers[1]) == 3 and set(makers[1]) <= set(makers[0])

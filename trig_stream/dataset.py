@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import stat
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from datetime import date, time
@@ -95,6 +96,19 @@ class DatasetSource:
         Raises:
             DatasetError: the dataset cannot be opened or is not in a TRIG format.
         """
+        for record in self.scan():
+            if record is not None:
+                yield record
+
+    def scan(self, pause_every: int | None = None) -> Iterator[Sample | QuarantinedRecord | None]:
+        """Iterate as :meth:`__iter__` does, and also yield ``None`` after each
+        ``pause_every`` records read in a row without a sample (left out by the filters,
+        finished, quarantined): a reader in a worker thread can then return to its caller,
+        who sees a stop and the records read, also where selected samples are far apart.
+
+        Raises:
+            DatasetError: the dataset cannot be opened or is not in a TRIG format.
+        """
         # Every data_id read so far, for the duplicate check: one entry per sample for the
         # whole run, so a compact index rather than a set of str (~40 instead of ~100 bytes).
         seen = StringIndex()
@@ -102,10 +116,15 @@ class DatasetSource:
         limit = self.section.limit
         self.records_read = self.filtered_out = 0
         self.limit_reached = False
+        without_sample = 0
         for index, raw in enumerate(self._raw_records()):
             if limit is not None and produced >= limit:
                 self.limit_reached = True
                 return
+            if pause_every is not None and without_sample >= pause_every:
+                without_sample = 0
+                yield None
+            without_sample += 1
             self.records_read += 1
             try:
                 data_id, dimensions = _identity(raw)
@@ -140,6 +159,7 @@ class DatasetSource:
                 continue
             seen.add(data_id)
             produced += 1
+            without_sample = 0
             yield sample
 
     def dimensions_to_judge(self, dimensions: tuple[Dimension, Dimension]) -> tuple[Dimension, ...]:
@@ -153,19 +173,28 @@ class DatasetSource:
             return False
         return bool(self.dimensions_to_judge(dimensions))
 
-    def count(self) -> int:
+    def count(self, given_up: threading.Event | None = None) -> int:
         """About how many samples the run selects (filters and limit applied), reading only
         the identity columns. Records with a bad id or pair are not counted; duplicates are
         (keeping no set of ids keeps this cheap). Meant for progress and ETA.
 
+        Args:
+            given_up: once set, the count ends early, its number then meaningless (a count
+                in a thread its caller stopped waiting for).
+
         Raises:
             DatasetError: the dataset cannot be opened.
         """
-        return self.selected_pairs().total()
+        return self.selected_pairs(given_up).total()
 
-    def selected_pairs(self) -> Counter[tuple[Dimension, Dimension]]:
+    def selected_pairs(
+        self, given_up: threading.Event | None = None
+    ) -> Counter[tuple[Dimension, Dimension]]:
         """How many samples of each pair :meth:`count` counts (what a reader of a run needs
         to know how many judgements it makes: a metric judge measures some pairs only).
+
+        Args:
+            given_up: as for :meth:`count`.
 
         Raises:
             DatasetError: the dataset cannot be opened.
@@ -174,6 +203,8 @@ class DatasetSource:
         selected = 0
         limit = self.section.limit
         for raw in self._raw_records(identity_only=True):
+            if given_up is not None and given_up.is_set():
+                break
             try:
                 _, dimensions = _identity(raw)
             except Rejected:

@@ -175,6 +175,9 @@ class Engine:
         self._opening = anyio.CancelScope()
         """Where the backends open and the run directory is read: :meth:`cancel` reaches it."""
         self._opening_now: str | None = None
+        self._counting = anyio.CancelScope()
+        """Where the dataset is counted for progress: :meth:`stop` and the run's end cancel
+        it, and nothing waits for the count's thread."""
         self._judging: JudgeStage | None = None
         self._run_dir: RunDir | None = None
         self._discard_run_dir = False
@@ -271,6 +274,7 @@ class Engine:
         self._stop_event.set()
         self._running_gate.set()
         self._opening.cancel()
+        self._counting.cancel()  # no progress to estimate: a stop never waits for the count
 
     def cancel(self) -> None:
         """Stop hard: cancel everything in flight now. Written judgements stay; resume later.
@@ -634,6 +638,7 @@ class Engine:
 
     def _finish(self) -> None:
         """The run's final state, once every stage has finished."""
+        self._counting.cancel()  # the run is over: its total no longer matters
         self._state = "stopped" if self._stop_event.is_set() and self._left_work() else "done"
 
     def _left_work(self) -> bool:
@@ -656,14 +661,25 @@ class Engine:
 
     async def _count_samples(self, first_judgement: anyio.Event) -> None:
         # For progress and ETA only; a dataset that cannot be read fails the source itself.
-        await first_judgement.wait()
-        source = DatasetSource(
-            self.config.dataset,
-            self.config.run.task,
-            source_images=reads_source_images(self._generators),
-        )
-        with suppress(TrigStreamError):
-            self._counters.samples_total = await anyio.to_thread.run_sync(source.count)
+        # Nothing waits for it: a stop, a cancel or the end of the run leaves its thread
+        # behind (it only reads the dataset, and its number is dropped), told to end.
+        with self._counting:
+            await first_judgement.wait()
+            if self._stop_event.is_set():
+                return
+            source = DatasetSource(
+                self.config.dataset,
+                self.config.run.task,
+                source_images=reads_source_images(self._generators),
+            )
+            given_up = threading.Event()
+            try:
+                with suppress(TrigStreamError):
+                    self._counters.samples_total = await anyio.to_thread.run_sync(
+                        source.count, given_up, abandon_on_cancel=True
+                    )
+            finally:
+                given_up.set()
 
 
 def _lost_to(error: BaseException, exc: BaseException | None) -> bool:

@@ -133,6 +133,12 @@ class GenerationStage:
                             judgement_send.clone(),
                         )
             finally:
+                # A cancel or a failure leaves samples in the buffer (a graceful stop drops
+                # them as they come): no longer queued, or the buffer showed full and the
+                # dashboard the samples generating for ever.
+                left: list[WorkItem] = []
+                take_ready(receive, left, None)
+                self._drop(left)
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._encoders.shutdown)  # writers are done
                     if self._loaded:
@@ -233,8 +239,8 @@ class GenerationStage:
                 await made_send.send(made)
 
     def _drop(self, batch: list[WorkItem]) -> None:
-        # Graceful stop: queued samples are new work; drop them, and take them off the
-        # model's count (the dashboard showed them generating forever).
+        # A stop: queued samples are new work; drop them, and take them off the model's
+        # count (the dashboard showed them generating forever).
         counts = self._context.counters.model(self._generator.name)
         for work in batch:
             counts.queued -= 1

@@ -14,16 +14,17 @@ load for it while the stage runs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.backends.base import (
@@ -117,13 +118,12 @@ class JudgeStage:
         async with receive, judgement_send, anyio.create_task_group() as watchers:
             for name, controller in self.controllers.items():
                 watchers.start_soon(follow_server_load, judges[name], controller, self._sleep)
-            async with anyio.create_task_group() as tg:
-                with _Requesters(tg, self._judge_one) as requesters:
-                    async for first in receive:
-                        items = [first]
-                        take_ready(receive, items, PREPARE_BATCH)
-                        for judge in self._judges:
-                            await self._dispatch(requesters, judge, items, judgement_send)
+            async with _Requesters(self._judge_one, self._give_back_slot) as requesters:
+                async for first in receive:
+                    items = [first]
+                    take_ready(receive, items, PREPARE_BATCH)
+                    for judge in self._judges:
+                        await self._dispatch(requesters, judge, items, judgement_send)
             # Every request has ended: the load watchers have nothing left to steer.
             watchers.cancel_scope.cancel()
         self._note_judges_that_scored_nothing()
@@ -182,6 +182,18 @@ class JudgeStage:
                     await limiter.acquire_on_behalf_of(token)
                 request = JudgeRequest(item.work.model, item.work.sample, dimension, image, 1)
                 requesters.hand_on(judge, item, request, token, judgement_send)
+
+    def _give_back_slot(
+        self,
+        judge: Judge,
+        item: ImageItem,
+        request: JudgeRequest,
+        token: object,
+        judgement_send: MemoryObjectSendStream[Judgement],
+    ) -> None:
+        # A request handed on that never started (the run ended first): its slot, taken in
+        # _dispatch, is given back here, as _judge_one gives back the slot of one that did.
+        self._limiters[judge.name].release_on_behalf_of(token)
 
     async def _judge_one(
         self,
@@ -362,42 +374,65 @@ _LOGPROB = operator.itemgetter(1)
 
 
 class _Requesters:
-    """The tasks that make a stage's requests: each calls ``make`` with one request's
-    arguments after another.
+    """The tasks that make a stage's requests, in a task group of their own: each calls
+    ``make`` with one request's arguments after another.
 
     A request goes to a task that waits for one, or to a new task when none waits: starting
     an anyio task costs about twice what handing a request to a waiting one does (~25 us
     against ~12 here), and a run makes one request per judgement. So there are as many
     tasks as requests were ever in flight at once, which the judges' slots bound. Leaving
-    the ``with`` block closes the queue: each task ends once the queue is empty.
+    the ``async with`` block closes the queue: each task ends once the queue is empty.
+
+    A request that no task started, because the run was cancelled or failed first (its task
+    cancelled while it waited for it, or before it ever ran), is handed to ``abandon`` once
+    every task has ended: what the caller took for it (a judge slot) would never be given
+    back by ``make``.
     """
 
-    def __init__(self, tg: TaskGroup, make: Callable[..., Awaitable[None]]) -> None:
-        self._tg = tg
+    def __init__(self, make: Callable[..., Awaitable[None]], abandon: Callable[..., None]) -> None:
         self._make = make
+        self._abandon = abandon
+        self._tg = anyio.create_task_group()
         # Unbounded, yet never long: a request waits here with its judge slot already taken.
-        self._send, self._receive = anyio.create_memory_object_stream[tuple[Any, ...]](math.inf)
+        self._send, self._receive = anyio.create_memory_object_stream[int](math.inf)
+        self._unstarted: dict[int, tuple[Any, ...]] = {}
+        """The requests handed on that no task has taken yet, by key. Kept here, not in the
+        queue: an item handed to a receiver that is cancelled before it resumes is lost."""
+        self._keys = itertools.count()
         self._idle = 0
 
     def hand_on(self, *request: Any) -> None:
         if self._idle:
             self._idle -= 1
         else:
-            self._tg.start_soon(self._work, self._receive.clone())
-        self._send.send_nowait(request)
+            self._tg.start_soon(self._work)
+        key = next(self._keys)
+        self._unstarted[key] = request
+        self._send.send_nowait(key)
 
-    async def _work(self, receive: MemoryObjectReceiveStream[tuple[Any, ...]]) -> None:
-        async with receive:
-            async for request in receive:
-                await self._make(*request)
-                self._idle += 1
+    async def _work(self) -> None:
+        async for key in self._receive:
+            await self._make(*self._unstarted.pop(key))
+            self._idle += 1
 
-    def __enter__(self) -> _Requesters:
+    async def __aenter__(self) -> _Requesters:
+        await self._tg.__aenter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
         self._send.close()
-        self._receive.close()
+        try:
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            self._receive.close()
+            for request in self._unstarted.values():
+                self._abandon(*request)
+            self._unstarted.clear()
 
 
 def _storable_entries(top: TopLogprobs) -> tuple[TopLogprobs, tuple[str, float] | None]:

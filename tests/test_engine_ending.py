@@ -1,0 +1,209 @@
+"""How a run ends: what a cancel, a failure or a stop leaves behind, and what it waits for."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.lowlevel import checkpoint
+from PIL import Image
+
+from tests.conftest import ConfigFactory
+from trig_stream import Engine, FatalBackendError, sourcing
+from trig_stream.backends.base import (
+    GenerationRequest,
+    JudgeReply,
+    JudgeRequest,
+    threads_left_behind,
+)
+from trig_stream.dataset import DatasetSource
+from trig_stream.judging import _Requesters
+from trig_stream.testing import FakeJudge, SyntheticGenerator
+from trig_stream.testing.fake_judge import FakeJudgeOptions
+from trig_stream.testing.synthetic import SyntheticOptions
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_requests_no_task_started_are_abandoned_once_the_tasks_end() -> None:
+    # A request's judge slot is taken before it is handed on, and only the request gives it
+    # back: one whose task was cancelled before taking it held its slot for good.
+    made: list[int] = []
+    abandoned: list[int] = []
+    first_made = anyio.Event()
+
+    async def make(number: int) -> None:
+        made.append(number)
+        first_made.set()
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10):  # a safety net: nothing here waits on time
+        with anyio.CancelScope() as scope:
+            async with _Requesters(make, abandoned.append) as requesters:
+                requesters.hand_on(1)
+                await first_made.wait()
+                requesters.hand_on(2)  # to a new task, cancelled before it runs
+                requesters.hand_on(3)
+                scope.cancel()
+    assert made == [1]
+    assert abandoned == [2, 3]
+
+
+class CancelsTheRun(FakeJudge):
+    """A judge whose first request cancels the run while the others wait for their tasks."""
+
+    engine: Engine | None = None
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        assert self.engine is not None
+        self.engine.cancel()
+        await checkpoint()
+        return await super().judge(request)
+
+
+async def test_a_cancel_leaves_no_judge_slot_taken(make_config: ConfigFactory) -> None:
+    # stats() showed a request in flight for ever after the run was cancelled.
+    judge = CancelsTheRun("trigscore", FakeJudgeOptions(), concurrency=4)
+    engine = judge.engine = Engine(make_config(samples=4), judges=[judge])
+    async with engine:
+        await engine.drain()
+    stats = engine.stats()
+    assert stats.state == "cancelled"
+    assert stats.judges["trigscore"].in_flight == 0
+
+
+class FailsAtOnce(FakeJudge):
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        await checkpoint()
+        raise FatalBackendError("the judge broke")
+
+
+async def test_a_failed_run_leaves_no_judge_slot_taken(make_config: ConfigFactory) -> None:
+    engine = Engine(
+        make_config(samples=8), judges=[FailsAtOnce("trigscore", FakeJudgeOptions(), concurrency=4)]
+    )
+    with pytest.raises(FatalBackendError, match="the judge broke"):
+        async with engine:
+            await engine.drain()
+    stats = engine.stats()
+    assert stats.state == "failed"
+    assert stats.judges["trigscore"].in_flight == 0
+
+
+def write_far_apart(path: Path, records: int, selected: int) -> Path:
+    """A legacy JSON dataset whose last ``selected`` records alone are of IQ-R_TA-C."""
+    pairs = ["IQ-A_TA-S"] * (records - selected) + ["IQ-R_TA-C"] * selected
+    rows = [
+        {
+            "data_id": f"{pair}_{index}",
+            "prompt": f"prompt {index}",
+            "dimension": pair.split("_"),
+            "dimension_prompt": ["", ""],
+            "parent_dataset": ["test", "Origin"],
+            "img_id": "",
+            "item": None,
+        }
+        for index, pair in enumerate(pairs)
+    ]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+async def test_a_stop_is_seen_between_records_left_out(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One worker-thread call read records until it had work, however many the filters left
+    # out first (300,000 records: 3 s), and a stop or a cancel waited for it.
+    monkeypatch.setattr(sourcing, "SOURCE_SCAN", 16, raising=False)
+    dataset = write_far_apart(tmp_path / "far.json", 200, selected=4)
+    config = make_config(dataset={"path": str(dataset), "pairs": ["IQ-R_TA-C"]})
+    engine = Engine(config)
+    read_chunk = sourcing.SourceStage._read_chunk
+
+    def stop_after_the_first_call(*args: object, **kwargs: object) -> object:
+        chunk = read_chunk(*args, **kwargs)  # type: ignore[arg-type]
+        engine.stop()  # from the worker thread: runs in the engine's loop
+        return chunk
+
+    monkeypatch.setattr(sourcing.SourceStage, "_read_chunk", stop_after_the_first_call)
+    async with engine:
+        judged = [judgement async for judgement in engine.results]
+    stats = engine.stats()
+    assert judged == []
+    assert stats.state == "stopped"
+    assert stats.records_read == 16
+
+
+@pytest.mark.parametrize("end", ["stop", "cancel", "end"])
+async def test_the_block_never_waits_for_the_count_of_the_dataset(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    # The count (for progress and ETA) ran in a thread nothing could abandon: the block
+    # exit waited for it after a stop, a cancel, and after the results had ended (3 s and
+    # 1.3 s at 300,000 records).
+    counting, counted, release = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_count(self: DatasetSource, given_up: threading.Event | None = None) -> int:
+        counting.set()
+        release.wait(10)  # a safety net: the test releases it
+        counted.set()
+        return 1
+
+    monkeypatch.setattr(DatasetSource, "count", slow_count)
+    try:
+        async with Engine(make_config(samples=8)) as engine:
+            async for _ in engine.results:
+                await anyio.to_thread.run_sync(counting.wait, 10)
+                if end == "stop":
+                    engine.stop()
+                elif end == "cancel":
+                    engine.cancel()
+        assert not counted.is_set()  # the block ended while the count went on
+        assert engine.stats().samples_total != 1
+    finally:
+        release.set()
+
+
+class GeneratesUntilReleased(SyntheticGenerator):
+    """A generator whose calls block until the test releases them."""
+
+    def __init__(self) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.release = threading.Event()
+        self.generating = 0
+        """Samples in the calls begun."""
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        self.generating += len(requests)
+        self.release.wait(timeout=10)  # a safety net: the test releases it
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+
+async def test_a_cancel_leaves_no_sample_queued_in_the_buffer(make_config: ConfigFactory) -> None:
+    # The samples left in a model's buffer stayed there: stats() showed it full (8/8) and
+    # counted them queued, the dashboard as generating, after the run had ended.
+    generator = GeneratesUntilReleased()
+    engine = Engine(make_config(samples=24, engine={"sample_buffer": 8}), generators=[generator])
+    try:
+        with anyio.fail_after(10):  # a safety net: the loop waits for the source to fill it
+            async with engine:
+                while engine.stats().buffers["samples:synth"].used < 8 or not generator.generating:
+                    await checkpoint()
+                engine.cancel()
+                await engine.drain()
+        stats = engine.stats()
+        assert stats.buffers["samples:synth"].used == 0
+        counts = stats.models["synth"]
+        assert counts.queued == generator.generating  # those the cancel left in a call
+        assert counts.dropped == 8
+    finally:
+        generator.release.set()
+    with anyio.fail_after(10):
+        while threads_left_behind():  # the call left behind ends, and closes the generator
+            await checkpoint()
