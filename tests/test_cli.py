@@ -1134,6 +1134,22 @@ def test_a_final_report_that_cannot_be_written_points_to_another_folder(
     )
 
 
+def test_a_final_report_that_cannot_be_written_shows_its_reason_escaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The reason reached the terminal raw, where the other "no report" line escapes it.
+    from trig_stream.analysis import report
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission\x1b[2J denied", str(self))
+
+    monkeypatch.setattr(report, "write_json", read_only)
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "\x1b" not in last
+    assert ": Permission\\x1b[2J denied; it must be a folder" in last
+
+
 def test_a_dumb_terminal_gets_plain_progress_not_the_dashboard(tmp_path: Path) -> None:
     # TERM=dumb cannot draw a full-screen app: the dashboard started there anyway.
     path = write_config(tmp_path)
