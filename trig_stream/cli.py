@@ -405,8 +405,8 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
             return False
         except OutputWriteError as exc:
             console.print(
-                f"no report: {printable(str(exc))}; the run's judgements are done: `trig-stream report "
-                f"{run_dir} --out DIR` writes the report elsewhere",
+                f"no report: {printable(str(exc))}; the run's judgements are done: "
+                f"`trig-stream report {run_dir} --out DIR` writes the report elsewhere",
                 highlight=False,
                 markup=False,
             )
@@ -416,8 +416,9 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
             return True
         except TrigStreamError as exc:  # the run dir became unreadable (deleted, say)
             console.print(
-                f"no report: {printable(str(exc))}; the run's judgements are done: `trig-stream report "
-                f"{run_dir}` writes the report once the run directory can be read",
+                f"no report: {printable(str(exc))}; the run's judgements are done: "
+                f"`trig-stream report {run_dir}` writes the report once the run directory can "
+                "be read",
                 highlight=False,
                 markup=False,
             )
