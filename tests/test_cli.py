@@ -28,7 +28,7 @@ from tests.conftest import ROOT, write_prompts
 from trig_stream import cli
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.cli import main
-from trig_stream.errors import BackendError
+from trig_stream.errors import BackendError, RunDirError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.locks import LOCK
 from trig_stream.signals import stop_signals
@@ -1132,6 +1132,37 @@ def test_a_final_report_that_cannot_be_written_points_to_another_folder(
         f"judgements are done: `trig-stream report {run_dir} --out DIR` writes the report "
         "elsewhere"
     )
+
+
+def test_a_final_report_that_cannot_be_written_shows_its_reason_escaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The reason reached the terminal raw, where the other "no report" line escapes it.
+    from trig_stream.analysis import report
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission\x1b[2J denied", str(self))
+
+    monkeypatch.setattr(report, "write_json", read_only)
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "\x1b" not in last
+    assert ": Permission\\x1b[2J denied; it must be a folder" in last
+
+
+def test_an_unreadable_run_dir_at_the_final_report_shows_its_reason_escaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As above, in the branch of a run directory that can no longer be read.
+    from trig_stream.analysis import commands
+
+    def unreadable(run_dir: Path, *args: Any, **kwargs: Any) -> Path:
+        raise RunDirError("the journal\x1b[2J cannot be read")
+
+    monkeypatch.setattr(commands, "write_report", unreadable)
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("no report: the journal\\x1b[2J cannot be read; the run's")
 
 
 def test_a_dumb_terminal_gets_plain_progress_not_the_dashboard(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.test_cli import signal_after, write_config
 from trig_stream.cli import main
-from trig_stream.exit_codes import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK
+from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.progress import full_screen_possible
 
 COMMAND = [sys.executable, "-m", "trig_stream"]
@@ -133,14 +133,14 @@ def test_import_config_to_a_full_disk_says_the_config_was_not_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Its converted config is all it makes: lost, that is an error (as with -o), not a
-    # traceback.
+    # traceback; an output that cannot be written, it exits 3 (it exited 2, as for a bad input).
     upstream = tmp_path / "generation.yaml"
     upstream.write_text('name: "gen"\ntask: "t2i"\ngeneration:\n  models: ["flux"]\n')
     with monkeypatch.context() as patched:
         patched.setattr(sys, "stdout", FullDisk())
         code = main(["import-config", str(upstream)])
     err = capsys.readouterr().err
-    assert code == EXIT_CONFIG, err
+    assert code == EXIT_RUN_DIR, err
     assert "error: standard output: cannot write the config: No space left on device; pass " in err
     assert "-o FILE" in err and "Traceback" not in err
 

@@ -1443,6 +1443,7 @@ def judge_of(dimensions: object) -> FakeJudge:
     [
         ([synth(workers=100_000)], [fake_judge()], "'synth': workers must be at most 64, not"),
         ([synth(batch_size=10**9)], [fake_judge()], "'synth': batch_size must be at most 256"),
+        ([synth(workers=10**400)], [fake_judge()], "workers must be at most 64, not a number of"),
         ([synth()], [fake_judge(concurrency=10**9)], "concurrency must be at most 4096"),
         ([synth(workers=cast(int, "2"))], [fake_judge()], "workers must be a whole number"),
         ([SyntheticGenerator], [fake_judge()], "generators[0] is <class 'trig_stream.testing"),
@@ -1486,13 +1487,32 @@ async def test_backends_given_as_iterators_are_all_used(make_config: ConfigFacto
         ({"backoff_max": math.nan}, "RetryPolicy: backoff_max must be a number, not nan"),
         ({"max_attempts": 0}, "RetryPolicy: max_attempts must be at least 1, not 0"),
         ({"max_attempts": 101}, "RetryPolicy: max_attempts must be at most 100, not 101"),
+        (
+            {"backoff_initial": math.inf, "backoff_max": math.inf},
+            "RetryPolicy: backoff_initial must be a finite number, not inf",
+        ),
+        ({"backoff_max": math.inf}, "RetryPolicy: backoff_max must be a finite number, not inf"),
+        (
+            {"backoff_max": 10**400},
+            "RetryPolicy: backoff_max must be a finite number, not a number of about 401 digits",
+        ),
+        (
+            {"max_attempts": 10**400},
+            "RetryPolicy: max_attempts must be at most 100, not a number of about 401 digits",
+        ),
+        (
+            {"max_attempts": -(10**5000)},
+            "RetryPolicy: max_attempts must be at least 1, not a negative number of about 5001",
+        ),
     ],
 )
 def test_a_retry_policy_is_held_to_the_engine_sections_bounds(
     policy: dict[str, Any], message: str
 ) -> None:
     # Given to the engine, it skipped [engine]'s checks: a NaN backoff waited for ever at the
-    # first retryable failure, a negative one failed with anyio's raw ValueError.
+    # first retryable failure, a negative one failed with anyio's raw ValueError. An infinite
+    # one passed (only NaN was refused) and waited for ever too; a huge max_attempts failed
+    # with a bare OverflowError.
     with pytest.raises(ConfigError, match=re.escape(message)):
         RetryPolicy(**policy)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -106,6 +107,15 @@ def test_arguments_become_options(tmp_path: Path) -> None:
 def test_bad_arguments_are_explained(argv: tuple[str, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         options_from_args(parse(*argv))
+
+
+def test_a_media_path_that_is_a_file_is_not_a_folder(tmp_path: Path) -> None:
+    # It said "no such folder" of a file that is there.
+    media = tmp_path / "images.png"
+    media.write_bytes(b"")
+    message = f"--allowed-local-media-path {media}: is not a folder; name the folder"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        options_from_args(parse("--allowed-local-media-path", str(media)))
 
 
 def test_a_key_given_as_its_variable_name_is_refused_unquoted() -> None:

@@ -529,6 +529,61 @@ async def test_a_hard_stop_does_not_wait_for_a_metric_batch(
             await anyio.lowlevel.checkpoint()
 
 
+class HangsThenFreesItsModel(HangsUntilReleased):
+    """A metric whose close() frees the model its compute uses, behind the same lock."""
+
+    name: ClassVar[str] = "frees"
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.lock = threading.Lock()
+        self.model: object | None = object()
+        self.events: list[str] = []
+        self.closed = threading.Event()
+
+    def compute(self, item: MetricInput) -> Value:
+        with self.lock:
+            self.events.append("compute start")
+            self.computing.set()
+            self.release.wait(timeout=20)
+            self.events.append("compute end" if self.model is not None else "model freed")
+            return 0.5
+
+    def close(self) -> None:
+        # Lock-free, it freed the model under the batch; behind the lock it waited for it.
+        acquired = self.lock.acquire(blocking=False)
+        self.events.append("close" if acquired else "close while computing")
+        self.model = None
+        if acquired:
+            self.lock.release()
+        self.closed.set()
+
+
+async def test_a_hard_stop_leaves_the_metrics_close_to_the_batch_it_left_running(
+    make_config: ConfigFactory,
+) -> None:
+    # aclose() called metric.close() at once: it freed the model under the batch still
+    # computing, or, behind the model's lock, the second Ctrl-C waited for a hung batch.
+    judge = metric_judge(HangsThenFreesItsModel)
+    metric = cast("HangsThenFreesItsModel", judge.metric)
+    engine = Engine(make_config(samples=4), judges=[FakeJudge("trigscore"), judge])
+    try:
+        with anyio.fail_after(10):
+            async with engine:
+                assert await anyio.to_thread.run_sync(metric.computing.wait, 10)
+                engine.cancel()
+                assert [j async for j in engine.results if j.metric == "m"] == []
+        assert metric.events == ["compute start"]  # not closed under the running batch
+        assert threads_left_behind() == 1
+    finally:
+        metric.release.set()
+    assert await anyio.to_thread.run_sync(metric.closed.wait, 10)
+    with anyio.fail_after(10):
+        while threads_left_behind():  # counted until its close has ended
+            await anyio.lowlevel.checkpoint()
+    assert metric.events == ["compute start", "compute end", "close"]
+
+
 @pytest.mark.parametrize("score", [True, None, "0.5"], ids=["bool", "none", "str"])
 async def test_a_dimension_score_that_is_no_number_is_an_error_judgement(
     make_config: ConfigFactory, score: object

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 pytest.importorskip("torch")
@@ -18,7 +21,12 @@ pytest.importorskip("transformers")
 from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
-from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.base import (
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+    threads_left_behind,
+)
 from trig_stream.backends.judges.transformers_judge import (
     TransformersJudge,
     TransformersJudgeOptions,
@@ -428,3 +436,36 @@ async def test_engine_runs_the_transformers_judge(
             assert judgement.score is not None and 0.0 <= judgement.score <= 1.0
         else:
             assert judgement.score is None and judgement.error
+
+
+async def test_a_hard_stop_unloads_the_model_after_the_batch_it_left_running(
+    tiny_vlm: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aclose() unloaded the model at once, under the batch a hard stop left computing.
+    judge = make_judge(tiny_vlm, batch_size=1)
+    computing, release = threading.Event(), threading.Event()
+    model_in_batch: list[bool] = []
+
+    def hangs(queries: Sequence[Any]) -> list[JudgeReply | Exception]:
+        computing.set()
+        release.wait(timeout=20)
+        model_in_batch.append(judge._model is not None)
+        return [JudgeReply(text="ok") for _ in queries]
+
+    monkeypatch.setattr(judge, "_run_batch", hangs)  # what open() hands the batcher
+    await judge.open()
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(judge.judge, request(judge, images[0]))
+                assert await anyio.to_thread.run_sync(computing.wait, 10)
+                tg.cancel_scope.cancel()
+            await judge.aclose()
+        assert judge._model is not None  # still in use by the batch
+        assert threads_left_behind() == 1
+    finally:
+        release.set()
+    with anyio.fail_after(10):
+        while threads_left_behind():  # counted until the unload has ended
+            await anyio.lowlevel.checkpoint()
+    assert model_in_batch == [True] and judge._model is None

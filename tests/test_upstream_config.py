@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from trig_stream import cli
 from trig_stream.config import load_config
 from trig_stream.errors import ConfigError
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_RUN_DIR
 from trig_stream.upstream_config import add_import_config_command, import_config
 from trig_stream.upstream_config.toml_writer import comment, toml_key, toml_value
 
@@ -469,6 +471,40 @@ def test_command_refuses_an_output_it_cannot_write_in_one_message(
     argv = ["import-config", str(source), "-o", str(tmp_path / out), "--root", str(tmp_path)]
     with pytest.raises(ConfigError, match=message):
         run_command([*argv, "--force"])
+
+
+@pytest.mark.parametrize(
+    ("out", "full_disk", "code", "message"),
+    [
+        ("file/x.toml", False, EXIT_RUN_DIR, "cannot write the config: a file stands where"),
+        ("x.toml", True, EXIT_RUN_DIR, "cannot write the config: No space left on device"),
+        ("folder", False, EXIT_CONFIG, "is a folder; -o names the TOML file to write"),
+    ],
+    ids=["file-in-path", "full-disk", "folder-named"],
+)
+def test_an_output_that_cannot_be_written_exits_3(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    out: str,
+    full_disk: bool,
+    code: int,
+    message: str,
+) -> None:
+    # It exited 2, as for a bad input, where report, analyze, compare and make-tiny-models
+    # exit 3 for an output they cannot write. Naming a folder stays a command-line error.
+    source = write(tmp_path, "upstream.yaml", GENERATION)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    if full_disk:
+
+        def fail(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr("trig_stream.files._sync_data", fail)
+    argv = ["import-config", str(source), "-o", str(tmp_path / out), "--root", str(tmp_path)]
+    assert cli.main(argv) == code
+    assert message in capsys.readouterr().err
 
 
 def test_command_replaces_only_a_regular_file_and_writes_through_a_link(tmp_path: Path) -> None:

@@ -27,7 +27,13 @@ from rich.markup import escape
 from trig_stream.analysis.relations import AnalysisError, OutputWriteError
 from trig_stream.backends.base import threads_left_behind
 from trig_stream.config import RunConfig, load_config
-from trig_stream.errors import ConfigError, RunDirError, TrigStreamError, leaf_errors
+from trig_stream.errors import (
+    ConfigError,
+    ConfigWriteError,
+    RunDirError,
+    TrigStreamError,
+    leaf_errors,
+)
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.inspect_commands import status_command, validate_command
 from trig_stream.records import printable
@@ -94,7 +100,8 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
         console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
         # An output that cannot be written is the storage's fault, as an unwritable run
         # directory is: not a bad command line or input.
-        return EXIT_RUN_DIR if isinstance(exc, OutputWriteError) else EXIT_CONFIG
+        unwritable = isinstance(exc, OutputWriteError | ConfigWriteError)
+        return EXIT_RUN_DIR if unwritable else EXIT_CONFIG
     except RunDirError as exc:
         console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
         return EXIT_RUN_DIR
@@ -398,8 +405,8 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
             return False
         except OutputWriteError as exc:
             console.print(
-                f"no report: {exc}; the run's judgements are done: `trig-stream report "
-                f"{run_dir} --out DIR` writes the report elsewhere",
+                f"no report: {printable(str(exc))}; the run's judgements are done: "
+                f"`trig-stream report {run_dir} --out DIR` writes the report elsewhere",
                 highlight=False,
                 markup=False,
             )
@@ -409,8 +416,9 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
             return True
         except TrigStreamError as exc:  # the run dir became unreadable (deleted, say)
             console.print(
-                f"no report: {exc}; the run's judgements are done: `trig-stream report "
-                f"{run_dir}` writes the report once the run directory can be read",
+                f"no report: {printable(str(exc))}; the run's judgements are done: "
+                f"`trig-stream report {run_dir}` writes the report once the run directory can "
+                "be read",
                 highlight=False,
                 markup=False,
             )

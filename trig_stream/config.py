@@ -455,14 +455,29 @@ def field_value_problem(model: type[BaseModel], name: str, value: object) -> str
     whole = field.annotation is int
     if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
         return f"must be {'a whole number' if whole else 'a number'}, not {value!r}"
-    if math.isnan(value):
+    # The config's own finiteness comes from its model settings, not from the field: a float
+    # is checked here (an int is compared as it is; as a float, a huge one overflowed).
+    if isinstance(value, float) and math.isnan(value):
         return "must be a number, not nan"
+    if isinstance(value, float) and math.isinf(value):
+        return f"must be a finite number, not {value!r}"
+    if not whole and isinstance(value, int) and value.bit_length() > 1023:
+        return f"must be a finite number, not {_number_shown(value)} (past a float's range)"
     for bound in field.metadata:
         if isinstance(bound, annotated_types.Ge) and not value >= (low := cast("float", bound.ge)):
-            return f"must be at least {low}, not {value!r}"
+            return f"must be at least {low}, not {_number_shown(value)}"
         if isinstance(bound, annotated_types.Le) and not value <= (high := cast("float", bound.le)):
-            return f"must be at most {high}, not {value!r}"
+            return f"must be at most {high}, not {_number_shown(value)}"
     return None
+
+
+def _number_shown(value: float) -> str:
+    # An int past 4300 digits has no str() at all (ValueError), and one of hundreds of
+    # digits buries the message.
+    if isinstance(value, int) and value.bit_length() > 64:
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"a{'' if value > 0 else ' negative'} number of about {digits} digits"
+    return repr(value)
 
 
 def non_finite_passed_through(data: Any) -> Iterator[tuple[Loc, str]]:

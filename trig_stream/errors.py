@@ -4,6 +4,7 @@ Everything the package raises on purpose derives from :class:`TrigStreamError`::
 
     TrigStreamError
     ├── ConfigError              a config file is unreadable or invalid (names file, key, line)
+    │   └── ConfigWriteError     a converted config cannot be written where it goes
     ├── DatasetError             the dataset as a whole cannot be read (one bad record is data)
     ├── RunDirError              the run directory cannot be used
     │   ├── RunLockedError       another process is running in it
@@ -37,6 +38,13 @@ class TrigStreamError(Exception):
 
 class ConfigError(TrigStreamError):
     """A config file cannot be read or does not validate."""
+
+
+class ConfigWriteError(ConfigError):
+    """``import-config`` cannot write the converted config (its ``-o`` file, or standard
+    output): no permission, a full disk, a file where a folder of its path should be. The
+    output's fault, not the input's, so the command exits as for an unwritable run directory
+    (3), as ``report`` does for its own output."""
 
 
 class DatasetError(TrigStreamError):

@@ -108,9 +108,10 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
     if media is not None and not media.is_dir():
         # vLLM refuses such a folder at start; accepted here, every file:// image was
         # refused later, one request at a time.
+        problem = "is not a folder" if media.exists() else "no such folder"
         raise ValueError(
-            f"--allowed-local-media-path {media}: no such folder; name the folder the "
-            "judged images lie in (a run's images are in <run dir>/images)"
+            f"--allowed-local-media-path {media}: {problem}; name the folder the judged "
+            "images lie in (a run's images are in <run dir>/images)"
         )
     if args.api_key_env and not is_variable_name(args.api_key_env):
         raise ValueError(f"--api-key-env: {NOT_A_VARIABLE}")

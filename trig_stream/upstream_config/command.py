@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from trig_stream.errors import ConfigError
+from trig_stream.errors import ConfigError, ConfigWriteError
 from trig_stream.files import write_atomic
 from trig_stream.records import printable
 from trig_stream.terminal import write_stdout
@@ -62,6 +62,7 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
 
     Raises:
         ConfigError: unreadable or unconvertible input, or an output file that exists.
+        ConfigWriteError: the config cannot be written (to ``-o`` or standard output).
     """
     out: Path | None = args.out
     target = None if out is None else _file_to_write(out, args.yaml, force=args.force)
@@ -79,7 +80,7 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
         try:
             write_stdout(conversion.text)
         except OSError as exc:  # a full disk under `> out.toml`: the config is not written
-            raise ConfigError(
+            raise ConfigWriteError(
                 f"standard output: cannot write the config: {exc.strerror or exc}; pass -o "
                 "FILE to write it to a file"
             ) from None
@@ -89,12 +90,14 @@ def run_import_config(args: argparse.Namespace, console: Console) -> int:
             # then refused to overwrite without --force.
             write_atomic(target, data)
         except (FileExistsError, NotADirectoryError):
-            raise ConfigError(
+            raise ConfigWriteError(
                 f"{out}: cannot write the config: a file stands where a folder of its path "
                 "should be"
             ) from None
         except OSError as exc:
-            raise ConfigError(f"{out}: cannot write the config: {exc.strerror or exc}") from None
+            raise ConfigWriteError(
+                f"{out}: cannot write the config: {exc.strerror or exc}"
+            ) from None
         through = f" (a symbolic link to {target})" if out.is_symlink() else ""
         console.print(
             f"wrote {escape(f'{out}{through}')}: {len(conversion.config.generators)} model(s), "

@@ -21,11 +21,16 @@ caller gets the device its item has either been run by an earlier caller or head
 A graceful stop lets a running batch finish. A hard stop (a cancellation of the caller running
 it) does not wait for it: the thread finishes the batch on its own, its results dropped, and
 :func:`~trig_stream.backends.base.threads_left_behind` counts it until then; a later batch
-waits for it in its own thread, so the device still runs one batch at a time.
+waits for it in its own thread, so the device still runs one batch at a time. Closing the
+batcher with :meth:`MicroBatcher.aclose` hands it the model's release, which runs once no batch
+runs any more: at once, or in the thread of the batch left running, after it ends (counted by
+``threads_left_behind`` until then). Released while that batch still ran, the model was freed
+under it, or, guarded by a lock, the release waited for the hung batch and so did the stop.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar, cast
@@ -37,6 +42,8 @@ from trig_stream.errors import RetryableError
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+logger = logging.getLogger(__name__)
 
 BatchFunction = Callable[[Sequence[In]], Sequence[Out | Exception]]
 """Blocking: one result per item, in order; a failed item is its exception."""
@@ -85,7 +92,12 @@ class MicroBatcher(Generic[In, Out]):
         # Bounded by the number of callers that may wait at once (see ``buffer`` above).
         self._send, self._receive = anyio.create_memory_object_stream[_Pending[In, Out]](buffer)
         self._device = device or anyio.CapacityLimiter(1)
-        self._running = threading.Lock()
+        self._running = threading.Lock()  # one batch on the device at a time
+        # Guards the three below, which worker threads read and change.
+        self._state = threading.Lock()
+        self._in_threads = 0  # batches handed to a worker thread that have not ended
+        self._closed = False
+        self._release: Callable[[], None] | None = None  # left to the last batch's thread
         self._backend = backend
         self.batches = 0
         """Batches run so far."""
@@ -147,12 +159,59 @@ class MicroBatcher(Generic[In, Out]):
         self.largest_batch = max(self.largest_batch, len(batch))
 
     def _run_one_at_a_time(self, items: Sequence[In]) -> Sequence[Out | Exception]:
-        # A batch left running by a cancelled caller still holds the device: the next one
-        # waits for it here, in its own thread.
-        with self._running:
-            return self._run_batch(items)
+        with self._state:
+            if self._closed:  # its caller was cancelled before a worker thread took it up
+                raise RuntimeError(f"{self._backend} was closed before this batch started")
+            self._in_threads += 1
+        try:
+            # A batch left running by a cancelled caller still holds the device: the next
+            # one waits for it here, in its own thread.
+            with self._running:
+                with self._state:
+                    closed = self._closed
+                if closed:  # left behind too, waiting for the batch before it
+                    raise RuntimeError(f"{self._backend} was closed before this batch started")
+                return self._run_batch(items)
+        finally:
+            with self._state:
+                self._in_threads -= 1
+                release = self._release if self._in_threads == 0 else None
+                if release is not None:
+                    self._release = None
+            if release is not None:
+                self._release_left_behind(release)
+
+    def _release_left_behind(self, release: Callable[[], None]) -> None:
+        # In the thread of the last batch a hard stop left running: nobody waits to hear
+        # of a failure, so it is logged.
+        try:
+            release()
+        except Exception:
+            logger.warning(
+                "%s: releasing its model after its last batch failed", self._backend, exc_info=True
+            )
 
     def close(self) -> None:
-        """Release the queue; later :meth:`submit` calls fail with ``ClosedResourceError``."""
+        """Release the queue; later :meth:`submit` calls fail with ``ClosedResourceError``,
+        and no batch starts any more (one a cancelled caller left to a worker thread that
+        has not started it yet is dropped)."""
+        with self._state:
+            self._closed = True
         self._send.close()
         self._receive.close()
+
+    async def aclose(self, release: Callable[[], None] | None = None) -> None:
+        """:meth:`close`, then ``release`` (what frees the model; blocking) once no batch runs.
+
+        With no batch running it runs here, in a worker thread. A batch a hard stop left
+        running (see the module) still uses the model, so ``release`` runs after it, in its
+        thread, and this returns at once; ``threads_left_behind`` counts that thread until
+        the release has ended.
+        """
+        self.close()
+        with self._state:
+            if self._in_threads:
+                self._release = release
+                return
+        if release is not None:
+            await anyio.to_thread.run_sync(release)

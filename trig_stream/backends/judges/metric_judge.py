@@ -192,10 +192,13 @@ class MetricJudge(Judge):
         if not self._open:
             return
         self._open = False
-        if self._batcher is not None:
-            self._batcher.close()
-            self._batcher = None
-        await anyio.to_thread.run_sync(self.metric.close)
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            # After a batch a hard stop left running, in its thread: closed now, the metric
+            # was freed under it (or, behind a lock, the stop waited for a hung batch).
+            await batcher.aclose(self.metric.close)
+        else:
+            await anyio.to_thread.run_sync(self.metric.close)
 
     def prepare(self, path: Path) -> PreparedImage:
         """Decode the image once (a worker thread).

@@ -234,8 +234,10 @@ class TransformersJudge(Judge):
     async def aclose(self) -> None:
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
-            batcher.close()
-        self._unload()
+            # After a batch a hard stop left running, in its thread, not under it.
+            await batcher.aclose(self._unload)
+        else:
+            self._unload()
 
     # -- requests -----------------------------------------------------------------------------
 

@@ -119,7 +119,8 @@ class Metric(ABC):
         """Load weights or open resources; blocking, called once before use."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
-        """Release resources; blocking."""
+        """Release resources; blocking. The ``metric`` judge calls it once no batch
+        computes any more: after a hard stop, in the thread of the batch it left running."""
 
 
 class ImageMetric(Metric):
