@@ -33,8 +33,8 @@ from trig_stream.exit_codes import EXIT_RUN_DIR
 from trig_stream.files import write_atomic
 from trig_stream.journal import JOURNAL, Journal
 from trig_stream.locks import LOCK
+from trig_stream.manifest import MANIFEST, Manifest
 from trig_stream.records import JudgeFingerprint, Judgement
-from trig_stream.store import MANIFEST, Manifest
 from trig_stream.testing import FakeJudge
 
 DATA = Path(__file__).parent / "data" / "analysis"

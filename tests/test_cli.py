@@ -250,9 +250,9 @@ def test_validate_refuses_a_run_dir_a_run_is_using(
     capsys.readouterr()
     holder = (
         "import pathlib, sys\n"
-        "from trig_stream import locks, store\n"
+        "from trig_stream import locks, manifest, store\n"
         "path = pathlib.Path(sys.argv[1])\n"
-        "run, _ = store.RunDir.open(path, store.read_manifest(path))\n"
+        "run, _ = store.RunDir.open(path, manifest.read_manifest(path))\n"
         "if sys.argv[2] == 'journal':\n"
         "    (path / locks.LOCK).unlink()\n"
         "print('locked', flush=True)\n"

@@ -14,12 +14,8 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory
 from trig_stream import Engine, FatalBackendError, sourcing
-from trig_stream.backends.base import (
-    GenerationRequest,
-    JudgeReply,
-    JudgeRequest,
-    threads_left_behind,
-)
+from trig_stream.backends.base import GenerationRequest, JudgeReply, JudgeRequest
+from trig_stream.backends.threads import threads_left_behind
 from trig_stream.dataset import DatasetSource
 from trig_stream.judging import _Requesters
 from trig_stream.testing import FakeJudge, SyntheticGenerator

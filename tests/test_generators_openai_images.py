@@ -30,9 +30,9 @@ from trig_stream.errors import (
     UnreachableError,
 )
 from trig_stream.journal import JOURNAL
+from trig_stream.manifest import MANIFEST
 from trig_stream.records import Sample
 from trig_stream.retry import RETRY_AFTER_MAX_S
-from trig_stream.store import MANIFEST
 from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer
 
 SECRET = "sk-test-0123456789-secret"

@@ -15,7 +15,7 @@ from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 from trig_stream.backends.generators.presets import PRESETS
 from trig_stream.backends.registry import backend_names, build_generator
 from trig_stream.errors import ConfigError, MissingExtraError
-from trig_stream.store import Manifest
+from trig_stream.manifest import Manifest
 
 
 def test_upstream_defaults() -> None:

@@ -20,12 +20,7 @@ from pydantic import BaseModel
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
-from trig_stream.backends.base import (
-    JudgeReply,
-    JudgeRequest,
-    PreparedImage,
-    threads_left_behind,
-)
+from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
 from trig_stream.backends.metrics import registry
 from trig_stream.backends.metrics.base import (
@@ -37,6 +32,7 @@ from trig_stream.backends.metrics.base import (
 )
 from trig_stream.backends.metrics.registry import import_metric, register_metric
 from trig_stream.backends.registry import build_judge
+from trig_stream.backends.threads import threads_left_behind
 from trig_stream.dimensions import Dimension
 from trig_stream.engine import Engine
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError

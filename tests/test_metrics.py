@@ -15,7 +15,6 @@ import pytest
 
 import trig_stream
 from trig_stream.backends import plugins
-from trig_stream.backends.base import threads_left_behind
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.metrics import registry
 from trig_stream.backends.metrics.base import (
@@ -29,6 +28,7 @@ from trig_stream.backends.metrics.base import (
 from trig_stream.backends.metrics.nsfw import NSFWOptions
 from trig_stream.backends.metrics.registry import import_metric, metric_names, register_metric
 from trig_stream.backends.metrics.trigscore import TRIGScoreMetric, TRIGScoreOptions
+from trig_stream.backends.threads import threads_left_behind
 from trig_stream.errors import ItemError, RetryableError
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.testing.fake_judge import fake_logprobs

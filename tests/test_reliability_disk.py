@@ -25,6 +25,7 @@ from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, Journal
 from trig_stream.locks import LOCK
+from trig_stream.manifest import Manifest
 from trig_stream.records import Judgement
 from trig_stream.store import IMAGES, PARTIAL
 
@@ -154,7 +155,7 @@ def test_a_run_directory_it_cannot_write_in_is_not_said_uncreated(
     monkeypatch.setattr(store.RunDir, "_acquire_lock", refused)
     run_dir = tmp_path / "run"
     with pytest.raises(RunDirError) as refused_dir:
-        store.RunDir.open(run_dir, store.Manifest(run_name="r", task="t2i"))
+        store.RunDir.open(run_dir, Manifest(run_name="r", task="t2i"))
     assert str(refused_dir.value) == (
         f"cannot write in the run directory {run_dir} ({LOCK}): Permission denied"
     )

@@ -29,8 +29,9 @@ from trig_stream.config import MAX_CONFIG_BYTES, RunConfig, parse_config
 from trig_stream.engine import Engine
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, read_journal
+from trig_stream.manifest import Manifest
 from trig_stream.records import Judgement, QuarantinedRecord
-from trig_stream.store import QUARANTINE, Manifest, RunDir
+from trig_stream.store import QUARANTINE, RunDir
 from trig_stream.testing import SyntheticGenerator
 from trig_stream.testing.synthetic import SyntheticOptions
 

@@ -36,6 +36,7 @@ from trig_stream.journal import (
     read_journal,
 )
 from trig_stream.locks import LOCK, Writer, find_writer
+from trig_stream.manifest import MANIFEST, Manifest, as_json, read_manifest
 from trig_stream.moves import Move
 from trig_stream.persisting import PersistStage
 from trig_stream.png import SAMPLE_KEY, encode_png, with_sample_digest
@@ -315,8 +316,8 @@ async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFa
     )
     with pytest.raises(FingerprintMismatch, match=r"'trigscore': params\.seed 0 in the run dir, 5"):
         await run_to_end(judged_otherwise)
-    stored = store.Manifest(run_name="r", task="t2i", judges={"j": {"model": "m"}})
-    configured = store.Manifest(run_name="r", task="t2i", judges={"j": {"model": "m", "v": [1]}})
+    stored = Manifest(run_name="r", task="t2i", judges={"j": {"model": "m"}})
+    configured = Manifest(run_name="r", task="t2i", judges={"j": {"model": "m", "v": [1]}})
     assert stored.differences(configured) == [
         "judge 'j': v not set in the run dir, [1] in the config"
     ]
@@ -374,11 +375,11 @@ async def test_results_without_their_manifest_are_refused_not_mixed(
 ) -> None:
     config = make_config(samples=2)
     await run_to_end(config)
-    (config.run_dir / store.MANIFEST).unlink()
+    (config.run_dir / MANIFEST).unlink()
     changed = make_config(samples=2, run={"seed": 7})
     with pytest.raises(RunDirError, match=r"holds results but no manifest\.json"):
         await run_to_end(changed)
-    assert not (config.run_dir / store.MANIFEST).exists()
+    assert not (config.run_dir / MANIFEST).exists()
     assert len(list(read_journal(config.run_dir / JOURNAL))) == 4
 
 
@@ -400,7 +401,7 @@ async def test_a_run_that_made_only_errors_takes_its_corrected_settings(
     )
     results = await run_to_end(corrected, retry_errors=True)
     assert [j.status for j in results] == ["ok"] * 6
-    assert store.read_manifest(config.run_dir).generators["synth"]["size"] == 32
+    assert read_manifest(config.run_dir).generators["synth"]["size"] == 32
 
 
 async def test_a_run_that_made_nothing_takes_its_corrected_settings(
@@ -419,7 +420,7 @@ async def test_a_run_that_made_nothing_takes_its_corrected_settings(
         generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 32}}],
     )
     assert len(await run_to_end(corrected)) == 6  # not refused: nothing was made before
-    assert store.read_manifest(config.run_dir).generators["synth"]["size"] == 32
+    assert read_manifest(config.run_dir).generators["synth"]["size"] == 32
 
 
 async def test_an_entry_that_made_nothing_takes_its_corrected_settings_beside_others(
@@ -450,7 +451,7 @@ async def test_an_entry_that_made_nothing_takes_its_corrected_settings_beside_ot
     )
     results = await run_to_end(corrected, retry_errors=True)
     assert {j.status for j in results} == {"ok"} and len(results) == 18  # the errors, again
-    manifest = store.read_manifest(config.run_dir)
+    manifest = read_manifest(config.run_dir)
     assert manifest.generators["other"]["size"] == 32
     assert manifest.judges["vlm"]["params"] == {"seed": 1}
     # The entries that made results keep their settings.
@@ -481,7 +482,7 @@ async def test_a_fingerprint_of_tuples_and_sets_resumes(make_config: ConfigFacto
     assert len(await run_to_end(config, generators=first)) == 4
     again = [TupleFingerprint("synth", SyntheticOptions(size=16))]
     assert await run_to_end(config, generators=again) == []
-    stored = store.read_manifest(config.run_dir).generators["synth"]
+    stored = read_manifest(config.run_dir).generators["synth"]
     assert (stored["size"], stored["tags"], stored["at"]) == ([64, 64], ["a", "b"], "x")
 
 
@@ -502,9 +503,9 @@ def test_a_value_json_cannot_hold_is_named_in_a_whole_sentence() -> None:
     with pytest.raises(
         FatalBackendError, match=r"^the fingerprint holds nan, which JSON cannot hold$"
     ):
-        store.as_json({"scale": [float("nan")]}, "the fingerprint")
+        as_json({"scale": [float("nan")]}, "the fingerprint")
     with pytest.raises(FatalBackendError, match=r"type object, which JSON cannot hold: <object"):
-        store.as_json(object(), "the fingerprint")
+        as_json(object(), "the fingerprint")
 
 
 def test_the_hqedit_fingerprint_is_stored_as_it_is_read_back(tmp_path: Path) -> None:
@@ -528,14 +529,14 @@ def test_the_hqedit_fingerprint_is_stored_as_it_is_read_back(tmp_path: Path) -> 
 
 
 def test_an_image_alone_keeps_the_settings_it_was_made_with(tmp_path: Path) -> None:
-    first = store.Manifest(run_name="r", task="t2i", generators={"g": {"size": 16}})
-    second = store.Manifest(run_name="r", task="t2i", generators={"g": {"size": 32}})
+    first = Manifest(run_name="r", task="t2i", generators={"g": {"size": 16}})
+    second = Manifest(run_name="r", task="t2i", generators={"g": {"size": 32}})
     run, _ = store.RunDir.open(tmp_path, first)
     run.close()
     run, _ = store.RunDir.open(tmp_path, second)  # an empty run directory: taken
     image = run.image_path("t2i", "g", "IQ-R_TA-C_1")
     run.close()
-    assert store.read_manifest(tmp_path).generators == second.generators
+    assert read_manifest(tmp_path).generators == second.generators
     image.parent.mkdir(parents=True)
     image.write_bytes(b"made with size 32")
     with pytest.raises(FingerprintMismatch, match="size"):
@@ -615,7 +616,7 @@ async def test_a_project_folder_moved_whole_resumes_where_it_stopped(
     results = await run_to_end(moved)
     assert len(results) == 11  # what the first run had not written, and nothing else
     assert len(keys_count(moved)) == 16 and set(keys_count(moved).values()) == {1}
-    stored = store.read_manifest(moved.run_dir).generators
+    stored = read_manifest(moved.run_dir).generators
     assert stored["mine"]["path"] == str(tmp_path / "proj2" / "images")
     assert stored["shared"]["path"] == str(shared)
     capsys.readouterr()
@@ -655,7 +656,7 @@ def test_a_model_left_out_after_a_move_keeps_the_paths_that_did_not_move(tmp_pat
     old, new = tmp_path / "proj", tmp_path / "proj2"
     (new / "models" / "moved").mkdir(parents=True)
     (old / "models" / "left").mkdir(parents=True)
-    stored = store.Manifest(
+    stored = Manifest(
         run_name="r",
         task="t2i",
         config={"run": {"output_dir": str(old / "runs")}},
@@ -669,7 +670,7 @@ def test_a_model_left_out_after_a_move_keeps_the_paths_that_did_not_move(tmp_pat
     )
     moved = Move.between(old / "runs", new / "runs")
     assert moved is not None and moved.roots == ((old, new),)
-    merged = stored.merged(store.Manifest(run_name="r", task="t2i"), moved)
+    merged = stored.merged(Manifest(run_name="r", task="t2i"), moved)
     assert merged.generators["out"] == {
         "checkpoint": str(new / "models" / "moved"),
         "others": [str(old / "models" / "left"), str(old / "models" / "nowhere")],
@@ -944,19 +945,19 @@ async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:
 def test_a_damaged_manifest_is_one_message_saying_what_to_do(
     tmp_path: Path, content: bytes, detail: str
 ) -> None:
-    (tmp_path / store.MANIFEST).write_bytes(content)
+    (tmp_path / MANIFEST).write_bytes(content)
     with pytest.raises(RunDirError) as raised:
-        store.read_manifest(tmp_path)
+        read_manifest(tmp_path)
     message = str(raised.value)
     assert f"it is damaged ({detail}" in message and "--new-run" in message
     assert "\n" not in message and "pydantic" not in message
 
 
 def test_a_run_dir_of_a_later_format_is_refused_not_read_as_this_one(tmp_path: Path) -> None:
-    manifest = store.Manifest(run_name="later", task="t2i", schema_version=2)
-    (tmp_path / store.MANIFEST).write_text(manifest.model_dump_json())
+    manifest = Manifest(run_name="later", task="t2i", schema_version=2)
+    (tmp_path / MANIFEST).write_text(manifest.model_dump_json())
     with pytest.raises(RunDirError) as raised:
-        store.read_manifest(tmp_path)
+        read_manifest(tmp_path)
     assert "written by a later trig-stream (record format 2" in str(raised.value)
 
 
@@ -987,7 +988,7 @@ def test_a_run_dir_locked_by_another_process_names_its_pid(tmp_path: Path) -> No
 
 
 def test_a_run_lock_deleted_by_hand_does_not_let_a_second_run_in(tmp_path: Path) -> None:
-    manifest = store.Manifest(run_name="locked", task="t2i")
+    manifest = Manifest(run_name="locked", task="t2i")
     first, _ = store.RunDir.open(tmp_path, manifest)
     try:
         (tmp_path / LOCK).unlink()  # "stale", to the eye
@@ -1004,7 +1005,7 @@ def test_a_run_turned_away_by_the_journal_lock_leaves_no_pid_in_the_run_lock(
 ) -> None:
     # It wrote its pid into the run.lock it made before the journal's lock turned it away:
     # the file then named a process that had exited, not the one running.
-    manifest = store.Manifest(run_name="locked", task="t2i")
+    manifest = Manifest(run_name="locked", task="t2i")
     first, _ = store.RunDir.open(tmp_path, manifest)
     try:
         (tmp_path / LOCK).unlink()
@@ -1027,7 +1028,7 @@ def test_a_run_lock_just_taken_names_no_pid_of_the_run_before(tmp_path: Path) ->
     run._acquire_lock()
     try:
         assert find_writer(tmp_path) == Writer(pid=None, run_lock_held=True)
-        manifest = store.Manifest(run_name="opening", task="t2i")
+        manifest = Manifest(run_name="opening", task="t2i")
         with pytest.raises(RunLockedError, match="in use by another run;"):
             store.check_resume(tmp_path, manifest)
     finally:
@@ -1037,7 +1038,7 @@ def test_a_run_lock_just_taken_names_no_pid_of_the_run_before(tmp_path: Path) ->
 def test_a_run_turned_away_by_the_journal_lock_touches_nothing(tmp_path: Path) -> None:
     # It removed the running run's temporary images and cut its newest journal bytes (as a
     # crash's leftovers) before trying the lock: the first run then failed, or lost lines.
-    manifest = store.Manifest(run_name="locked", task="t2i")
+    manifest = Manifest(run_name="locked", task="t2i")
     first, _ = store.RunDir.open(tmp_path, manifest)
     try:
         (tmp_path / LOCK).unlink()

@@ -21,22 +21,18 @@ pytest.importorskip("transformers")
 from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
-from trig_stream.backends.base import (
-    JudgeReply,
-    JudgeRequest,
-    PreparedImage,
-    threads_left_behind,
-)
+from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.transformers_judge import (
     TransformersJudge,
     TransformersJudgeOptions,
     context_length,
 )
+from trig_stream.backends.threads import threads_left_behind
 from trig_stream.engine import Engine
 from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError
+from trig_stream.manifest import Manifest
 from trig_stream.records import Sample
 from trig_stream.scoring import score_top_logprobs
-from trig_stream.store import Manifest
 from trig_stream.testing.tiny_vlm import RATING_WORDS, build_tiny_vlm, tiny_vlm_options
 
 pytestmark = pytest.mark.anyio

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trig_stream.analysis.relations import AnalysisError, OutputWriteError
-from trig_stream.backends.base import threads_left_behind
+from trig_stream.backends.threads import threads_left_behind
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import (
     ConfigError,

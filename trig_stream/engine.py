@@ -282,8 +282,8 @@ class Engine:
         Nothing waits for a model that is loading, a generation call still running or a
         generator's close: each thread is left to finish on its own, and the last releases
         the generator (see
-        :func:`~trig_stream.backends.base.load_in_thread` and
-        :class:`~trig_stream.backends.base.ThreadCalls`). Each judge is told
+        :func:`~trig_stream.backends.threads.load_in_thread` and
+        :class:`~trig_stream.backends.threads.ThreadCalls`). Each judge is told
         (:meth:`~trig_stream.backends.base.Judge.stop_now`): a judge server is killed, not
         given its grace period, even if its graceful stop has begun.
         """

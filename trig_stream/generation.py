@@ -18,7 +18,7 @@ a refusal) and says nothing about the generator.
 The generator loads when the first batch needs a new image: a run whose images are all on
 disk, or that has nothing left to do, never loads it. A stop, graceful or hard, does not wait
 for a load, and a hard stop does not wait for a close either (see
-:class:`~trig_stream.backends.base.ThreadCalls`).
+:class:`~trig_stream.backends.threads.ThreadCalls`).
 """
 
 from __future__ import annotations
@@ -39,12 +39,10 @@ from trig_stream.backends.base import (
     EncodedPicture,
     GenerationRequest,
     Generator,
-    ThreadCalls,
     TimedPicture,
-    call_in_thread,
     check_pictures,
-    load_in_thread,
 )
+from trig_stream.backends.threads import ThreadCalls, call_in_thread, load_in_thread
 from trig_stream.errors import FatalBackendError, ItemError, TrigStreamError
 from trig_stream.pipeline import (
     ImageItem,

@@ -161,8 +161,9 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.files import open_regular_file
     from trig_stream.journal import JOURNAL, read_journal_lines
     from trig_stream.locks import find_writer
+    from trig_stream.manifest import errors_asked_again, read_manifest
     from trig_stream.records import Judgement
-    from trig_stream.store import QUARANTINE, errors_asked_again, quarantine_lists, read_manifest
+    from trig_stream.store import QUARANTINE, quarantine_lists
 
     manifest = read_manifest(args.run_dir)
     # Asked before the journal is read, as `watch` asks: a writer that is gone by then has

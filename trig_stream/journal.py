@@ -242,7 +242,7 @@ def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]
 
 def read_journal_lines(path: Path, *, limit: int | None = None) -> Iterator[tuple[int, Judgement]]:
     """:func:`read_journal`, each judgement with the number of its line (from 0, the lines
-    that are not judgements counted: :attr:`~trig_stream.store.Manifest.journal_lines`
+    that are not judgements counted: :attr:`~trig_stream.manifest.Manifest.journal_lines`
     counts them too)."""
     skipped: list[int] = []
     first_reason = ""

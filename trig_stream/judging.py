@@ -27,14 +27,8 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from trig_stream.backends.base import (
-    Judge,
-    JudgeReply,
-    JudgeRequest,
-    PreparedImage,
-    being_cancelled,
-    raised_in_thread,
-)
+from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.threads import being_cancelled, raised_in_thread
 from trig_stream.concurrency import ConcurrencyController, follow_server_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import (

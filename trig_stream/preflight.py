@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from trig_stream.backends.base import Generator, Judge, call_in_thread, threads_left_behind
+from trig_stream.backends.base import Generator, Judge
+from trig_stream.backends.threads import call_in_thread, threads_left_behind
 from trig_stream.config import RunConfig
 from trig_stream.errors import ConfigError, FatalBackendError, TrigStreamError
+from trig_stream.manifest import Manifest, as_json
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
-from trig_stream.store import Manifest, as_json
 
 FILES_BESIDE_CONNECTIONS = 256
 """Open files the engine's process may need besides its judges' connections: the journal,
@@ -196,7 +197,7 @@ def claim_backends(backends: Sequence[Generator | Judge], owner: BackendOwner) -
     :func:`release_backends`.
 
     An instance whose load or call an earlier engine's stop or cancel left running in a
-    worker thread (:func:`~trig_stream.backends.base.threads_left_behind`) is in use until
+    worker thread (:func:`~trig_stream.backends.threads.threads_left_behind`) is in use until
     that thread has ended: it closes the instance once done.
 
     Raises:

@@ -9,43 +9,26 @@ Layout (``<output_dir>/<run name>/``)::
     images/<task>/<model>/<data_id>.png
     run.lock             held while a process runs in the directory
 
-The parts live beside this module: the journal's writer and readers in
-:mod:`trig_stream.journal`, the run lock and who holds it in :mod:`trig_stream.locks`,
-durable writes in :mod:`trig_stream.files`, and the paths that moved with a moved run
-directory in :mod:`trig_stream.moves`. Here: the :class:`Manifest`, the :class:`RunDir` a
-run holds, and the checks a resume makes.
+The parts live beside this module: the manifest's model, comparison and reading in
+:mod:`trig_stream.manifest`, the journal's writer and readers in :mod:`trig_stream.journal`,
+the run lock and who holds it in :mod:`trig_stream.locks`, durable writes in
+:mod:`trig_stream.files`, and the paths that moved with a moved run directory in
+:mod:`trig_stream.moves`. Here: the :class:`RunDir` a run holds, and the checks a resume
+makes (:func:`resumed_manifest`, :func:`check_resume`).
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
-from pathlib import Path, PurePath
-from typing import IO, Annotated, Any, Literal, Self, TypeAlias, get_args
+from pathlib import Path
+from typing import IO
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-
-from trig_stream.errors import (
-    FatalBackendError,
-    FingerprintMismatch,
-    RunDirError,
-    RunLockedError,
-)
+from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.files import (
     make_dirs,
-    open_regular_file,
     storage_error,
     sync_dir,
     write_all,
@@ -54,16 +37,10 @@ from trig_stream.files import (
 )
 from trig_stream.journal import JOURNAL, Journal, JournalState, journal_state, journal_unreadable
 from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
+from trig_stream.manifest import MANIFEST, EntryKind, Manifest, read_manifest
 from trig_stream.moves import Move
-from trig_stream.records import (
-    MAX_NAME_CHARS,
-    SCHEMA_VERSION,
-    JudgementKey,
-    QuarantinedRecord,
-    storable_text,
-)
+from trig_stream.records import MAX_NAME_CHARS, QuarantinedRecord, storable_text
 
-MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 QUARANTINE_PARTIAL = "quarantine.jsonl.partial"
 """The quarantine list a run is writing: it replaces :data:`QUARANTINE` once the dataset has
@@ -82,244 +59,6 @@ def quarantine_lists(run_dir: Path, *, running: bool) -> tuple[Path, Path]:
 IMAGES = "images"
 PARTIAL = ".partial"
 """Under ``images/``: temporary files of images being written."""
-EntryKind: TypeAlias = Literal["generators", "judges"]
-"""The manifest's two tables of entries, each a name -> fingerprint."""
-
-
-class Manifest(BaseModel):
-    """What produced a run directory's results; compared on every resume."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: int = SCHEMA_VERSION
-    run_name: str
-    task: str
-    generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    judges: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    config: dict[str, Any] = Field(default_factory=dict)
-    """The config the latest run used (for ``status``, ``report`` and ``watch``)."""
-    retry_errors: bool | None = None
-    """Whether the latest run asks again the judgements whose status is ``error``
-    (``--retry-errors``): while it runs, ``status`` and ``watch`` count those it found as work
-    left (:func:`errors_asked_again`). None: not recorded (an older trig-stream wrote it)."""
-    journal_lines: Annotated[int, Field(ge=0)] = 0
-    """Lines the journal held when the latest run started, the ``error`` judgements it asks
-    again among them."""
-    created_at: float = Field(default_factory=time.time)
-    updated_at: float = Field(default_factory=time.time)
-
-    @field_validator("generators")
-    @classmethod
-    def _dtypes_used(cls, generators: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        # A diffusers generator's fingerprint held one dtype per device, so adding a device
-        # was refused as a change; it now holds the dtypes used, which an older run
-        # directory's list is read as.
-        return {
-            name: {**fingerprint, "dtype": sorted(set(fingerprint["dtype"]))}
-            if fingerprint.get("backend") == "diffusers"
-            and isinstance(fingerprint.get("dtype"), list)
-            and all(isinstance(dtype, str) for dtype in fingerprint["dtype"])
-            else fingerprint
-            for name, fingerprint in generators.items()
-        }
-
-    @model_validator(mode="after")
-    def _judge_dtypes_placed(self) -> Self:
-        # A transformers judge's fingerprint held its dtype option as given, so "auto" read
-        # the same on the CPU (float32) and on a GPU (bfloat16): a run resumed on the other
-        # mixed the two. It now holds the dtype on its device (transformers_judge.dtype_on);
-        # an older run directory's "auto" is read with the device its config names.
-        from trig_stream.backends.judges.transformers_judge import dtype_on
-
-        entries = self.config.get("judges")
-        devices = {
-            entry["name"]: (entry.get("options") or {}).get("device", "cpu")
-            for entry in (entries if isinstance(entries, list) else [])
-            if isinstance(entry, dict)
-            and isinstance(entry.get("name"), str)
-            and isinstance(entry.get("options") or {}, dict)
-        }
-        for name, fingerprint in self.judges.items():
-            params = fingerprint.get("params")
-            device = devices.get(name)
-            if (
-                fingerprint.get("backend") == "transformers"
-                and isinstance(params, dict)
-                and params.get("dtype") == "auto"
-                and isinstance(device, str)
-            ):
-                fingerprint["params"] = {**params, "dtype": dtype_on("auto", device)}
-        return self
-
-    def differences(
-        self,
-        other: Manifest,
-        holds: Callable[[EntryKind, str], bool] | None = None,
-        moved: Move | None = None,
-    ) -> list[str]:
-        """What in ``other`` would change results already stored under ``self``.
-
-        Args:
-            other: the manifest of the config.
-            holds: whether an entry (``"generators"`` or ``"judges"``, its name) made
-                results here; an entry that made none may change. None: all did.
-            moved: how the run directory moved since ``self`` was written: a path of
-                ``self`` is also the same as its new place after that move.
-        """
-        found = []
-        if self.task != other.task:
-            found.append(f"task: {self.task} in the run dir, {other.task} in the config")
-        for kind in get_args(EntryKind):
-            mine: dict[str, Any] = getattr(self, kind)
-            theirs: dict[str, Any] = getattr(other, kind)
-            for name in sorted(mine.keys() & theirs.keys()):
-                if holds is not None and not holds(kind, name):
-                    continue
-                stored_entry = mine[name]
-                if kind == "judges":
-                    stored_entry = _auto_dtype_as_configured(stored_entry, theirs[name])
-                for key, stored, configured in _changed_fields(stored_entry, theirs[name], moved):
-                    found.append(
-                        f"{kind[:-1]} {name!r}: {key} {stored} in the run dir, {configured} in "
-                        "the config"
-                    )
-        return found
-
-    def merged(self, other: Manifest, moved: Move | None = None) -> Manifest:
-        """This manifest with the models and judges ``other`` adds, and what ``other`` says of
-        the latest run: its config, whether it retries errors, where its journal started.
-        An entry of ``other`` replaces this one's; one ``other`` lacks keeps its settings,
-        with the paths that moved with the run directory at their new place (``moved``:
-        :meth:`Move.apply`)."""
-
-        def kept(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
-            if moved is None:
-                return mine
-            return {n: e if n in theirs else moved.apply(e) for n, e in mine.items()}
-
-        return self.model_copy(
-            update={
-                "generators": {**kept(self.generators, other.generators), **other.generators},
-                "judges": {**kept(self.judges, other.judges), **other.judges},
-                "config": other.config,
-                "retry_errors": other.retry_errors,
-                "journal_lines": other.journal_lines,
-                "updated_at": time.time(),
-            }
-        )
-
-
-def _auto_dtype_as_configured(stored: dict[str, Any], configured: dict[str, Any]) -> dict[str, Any]:
-    """``stored`` with a transformers judge's ``"auto"`` dtype, from a run directory older
-    than the dtype on its device (see :meth:`Manifest._judge_dtypes_placed`) whose config no
-    longer names the judge's device, read as ``auto`` on the configured device: as it was
-    compared before, rather than refused for a difference no one can tell."""
-    params, now = stored.get("params"), configured.get("params")
-    if not (
-        stored.get("backend") == "transformers"
-        and isinstance(params, dict)
-        and params.get("dtype") == "auto"
-        and isinstance(now, dict)
-        and isinstance(now.get("dtype"), str)
-        and (now["dtype"] == "float32" or now["dtype"].startswith("auto on "))
-    ):
-        return stored
-    return {**stored, "params": {**params, "dtype": now["dtype"]}}
-
-
-def as_json(value: Any, what: str) -> Any:
-    """``value`` as JSON holds it, for a manifest that is compared with the one read back
-    from disk: a tuple becomes a list (``(64, 64)`` was "changed" into ``[64, 64]``, so a
-    run could never resume), a set a sorted list, a path its text.
-
-    Raises:
-        FatalBackendError: a value JSON cannot hold (named with ``what``): a backend's bug.
-    """
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise FatalBackendError(f"{what} holds {value}, which JSON cannot hold")
-        return value
-    if isinstance(value, PurePath):
-        return str(value)
-    if isinstance(value, dict):
-        if not all(isinstance(key, str) for key in value):
-            raise FatalBackendError(f"{what} has a key that is not a string: {list(value)!r}")
-        return {key: as_json(item, what) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [as_json(item, what) for item in value]
-    if isinstance(value, set | frozenset):
-        items = [as_json(item, what) for item in value]
-        return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
-    raise FatalBackendError(
-        f"{what} holds a value of type {type(value).__name__}, which JSON cannot hold: {value!r}"
-    )
-
-
-def _moved_since(stored: Manifest, path: Path) -> Move | None:
-    """How the run directory ``path`` moved since ``stored``, its manifest, was written: the
-    config of the run that wrote it says where its output folder was (None: unknown)."""
-    run = stored.config.get("run")
-    was = run.get("output_dir") if isinstance(run, dict) else None
-    if not isinstance(was, str) or not Path(was).is_absolute():
-        return None
-    return Move.between(Path(was), path.absolute().parent)
-
-
-_ABSENT = object()
-
-
-def _changed_fields(
-    stored: Any, configured: Any, moved: Move | None = None, path: str = ""
-) -> list[tuple[str, str, str]]:
-    """Each field that differs between two fingerprints, as (dotted key, stored value,
-    configured value) in JSON; a fingerprint is a JSON object, compared key by key. A stored
-    path is the same as the configured one at its new place, after the run directory
-    ``moved``."""
-    if isinstance(stored, dict) and isinstance(configured, dict):
-        changed = []
-        for key in sorted(stored.keys() | configured.keys()):
-            changed += _changed_fields(
-                stored.get(key, _ABSENT), configured.get(key, _ABSENT), moved, f"{path}{key}."
-            )
-        return changed
-    if stored == configured or (moved is not None and moved.same(stored, configured)):
-        return []
-    before, after = ("not set" if v is _ABSENT else json.dumps(v) for v in (stored, configured))
-    return [(path.rstrip(".") or "fingerprint", before, after)]
-
-
-def errors_asked_again(
-    manifest: Manifest, selected: Callable[[JudgementKey], bool] | None = None
-) -> Callable[[JudgementKey, int], bool] | None:
-    """Which ``error`` judgements the latest run asks again while it runs
-    (``--retry-errors``), as a test of a key and the number of the line (from 0) that holds
-    its latest judgement: one written before the run started, by a model and a judge of its
-    config, of a sample and dimension that the run selects (``selected``: see
-    :func:`~trig_stream.tui.watch_source.asked_by_config`; None: not known, taken as
-    selected). None when it asks none again, or the manifest does not say.
-    """
-    if not manifest.retry_errors:
-        return None
-    models = _entry_names(manifest.config, "generators")
-    metrics = _entry_names(manifest.config, "judges")
-    start = manifest.journal_lines
-
-    def asked(key: JudgementKey, line: int) -> bool:
-        if not (line < start and key[0] in models and key[3] in metrics):
-            return False
-        return selected is None or selected(key)
-
-    return asked
-
-
-def _entry_names(config: dict[str, Any], kind: EntryKind) -> frozenset[str]:
-    # A manifest is a file: an entry of another shape (edited by hand) names nothing.
-    entries = config.get(kind)
-    if not isinstance(entries, list):
-        return frozenset()
-    return frozenset(str(e["name"]) for e in entries if isinstance(e, dict) and "name" in e)
 
 
 class RunDir:
@@ -533,6 +272,16 @@ class RunDir:
         write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
 
 
+def _moved_since(stored: Manifest, path: Path) -> Move | None:
+    """How the run directory ``path`` moved since ``stored``, its manifest, was written: the
+    config of the run that wrote it says where its output folder was (None: unknown)."""
+    run = stored.config.get("run")
+    was = run.get("output_dir") if isinstance(run, dict) else None
+    if not isinstance(was, str) or not Path(was).is_absolute():
+        return None
+    return Move.between(Path(was), path.absolute().parent)
+
+
 def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> Manifest:
     """The manifest a run with ``manifest`` writes in the run directory ``path``: its own, or,
     when the directory holds results, the stored one with what ``manifest`` adds.
@@ -637,42 +386,6 @@ def _holds_a_file(folder: Path) -> bool:
             return True
         subfolders[:] = [name for name in subfolders if name != PARTIAL]
     return False
-
-
-def read_manifest(run_dir: Path) -> Manifest:
-    """Read a run directory's manifest.
-
-    Raises:
-        RunDirError: there is none, or it cannot be read.
-    """
-    path = run_dir / MANIFEST
-    try:
-        with open_regular_file(path) as handle:
-            manifest = Manifest.model_validate_json(handle.read())
-    except FileNotFoundError:
-        raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(map(str, error["loc"]))
-        raise RunDirError(
-            f"cannot read {path}: it is damaged ({where + ': ' if where else ''}{error['msg']}); "
-            "the run directory cannot be used as it is: start a fresh one with --new-run, or "
-            "restore the file"
-        ) from None
-    except OSError as exc:
-        raise RunDirError(
-            f"cannot read {path}: {exc.strerror or exc}; it must be the file a run wrote, "
-            "readable by this user"
-        ) from None
-    except ValueError as exc:
-        raise RunDirError(f"cannot read {path}: {exc}") from None
-    if manifest.schema_version > SCHEMA_VERSION:
-        raise RunDirError(
-            f"{run_dir} was written by a later trig-stream (record format "
-            f"{manifest.schema_version}; this one knows formats up to {SCHEMA_VERSION}): use "
-            "that version, or start a fresh run with --new-run"
-        )
-    return manifest
 
 
 def next_free_run_dir(path: Path) -> Path:

@@ -25,8 +25,8 @@ from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
 from trig_stream.errors import DatasetError, RunDirError, validation_problems
 from trig_stream.journal import JOURNAL, read_journal
+from trig_stream.manifest import MANIFEST, Manifest, read_manifest
 from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
-from trig_stream.store import MANIFEST, Manifest, read_manifest
 
 __all__ = [
     "AnalysisError",

@@ -31,9 +31,10 @@ from trig_stream.journal import (
     parse_journal_line,
 )
 from trig_stream.locks import find_writer
+from trig_stream.manifest import Manifest, errors_asked_again, read_manifest
 from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.stats import ERRORS_KEPT
-from trig_stream.store import Manifest, errors_asked_again, quarantine_lists, read_manifest
+from trig_stream.store import quarantine_lists
 from trig_stream.tui.snapshot import (
     CountRate,
     DashboardSnapshot,

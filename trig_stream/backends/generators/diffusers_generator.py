@@ -185,7 +185,7 @@ class DiffusersGenerator(Generator):
             "variant": spec.load.get("variant"),
             "inputs": spec.inputs,
             # The dtypes used, not one per device: another device of a kind already used
-            # changes no image (a manifest's per-device list is read as this: store.py).
+            # changes no image (a manifest's per-device list is read as this: manifest.py).
             "dtype": sorted({spec.dtype_for(device) for device in self.devices}),
             "scheduler": spec.scheduler,
             "call": {key: _jsonable(value) for key, value in sorted(spec.call.items())},

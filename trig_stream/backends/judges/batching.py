@@ -20,7 +20,7 @@ caller gets the device its item has either been run by an earlier caller or head
 
 A graceful stop lets a running batch finish. A hard stop (a cancellation of the caller running
 it) does not wait for it: the thread finishes the batch on its own, its results dropped, and
-:func:`~trig_stream.backends.base.threads_left_behind` counts it until then; a later batch
+:func:`~trig_stream.backends.threads.threads_left_behind` counts it until then; a later batch
 waits for it in its own thread, so the device still runs one batch at a time. Closing the
 batcher with :meth:`MicroBatcher.aclose` hands it the model's release, which runs once no batch
 runs any more: at once, or in the thread of the batch left running, after it ends (counted by
@@ -37,7 +37,7 @@ from typing import Generic, TypeVar, cast
 
 import anyio
 
-from trig_stream.backends.base import call_left_behind_on_cancel
+from trig_stream.backends.threads import call_left_behind_on_cancel
 from trig_stream.errors import RetryableError
 
 In = TypeVar("In")

@@ -30,13 +30,7 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from trig_stream.backends.base import (
-    Judge,
-    JudgeReply,
-    JudgeRequest,
-    PreparedImage,
-    load_in_thread,
-)
+from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.metrics.base import (
     ImageMetric,
@@ -48,6 +42,7 @@ from trig_stream.backends.metrics.base import (
     load_rgb_image,
 )
 from trig_stream.backends.metrics.registry import import_metric
+from trig_stream.backends.threads import load_in_thread
 from trig_stream.config import OPTIONS_CONFIG, validate_table
 from trig_stream.config_problems import nested_problems
 from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension

@@ -36,16 +36,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, Field
 
-from trig_stream.backends.base import (
-    Judge,
-    JudgeReply,
-    JudgeRequest,
-    PreparedImage,
-    load_in_thread,
-)
+from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.metrics.base import load_rgb_image
+from trig_stream.backends.threads import load_in_thread
 from trig_stream.config import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError, RetryableError
 from trig_stream.pipeline import describe_error

@@ -36,7 +36,8 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
-from trig_stream.backends.base import being_cancelled, shrunk_size
+from trig_stream.backends.base import shrunk_size
+from trig_stream.backends.threads import being_cancelled
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ItemError
 from trig_stream.records import Sample, TopLogprobs
