@@ -10,8 +10,7 @@ import pytest
 from tests.conftest import ConfigFactory
 from tests.test_engine import HeldJudge, LoadsUntilReleased
 from tests.test_tui_watch import wait_until
-from trig_stream import Engine
-from trig_stream import engine as engine_module
+from trig_stream import Engine, snapshots
 from trig_stream.testing import FakeJudge
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticGenerator, SyntheticOptions
@@ -161,7 +160,7 @@ async def test_the_elapsed_time_and_the_rates_stop_when_the_run_ends(
         ended = engine.stats()
         first = await source.snapshot()
         assert first.elapsed_s == ended.elapsed_s
-        monkeypatch.setattr(engine_module, "time", LaterTime(60.0))  # looked at for a minute
+        monkeypatch.setattr(snapshots, "time", LaterTime(60.0))  # looked at for a minute
         clock.now += 60.0
         later = await source.snapshot()
         assert (later.elapsed_s, later.judgements_per_s) == (

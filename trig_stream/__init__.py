@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from trig_stream.backends.metrics.registry import import_metric
     from trig_stream.config import RunConfig, load_config
-    from trig_stream.engine import Engine, RunSummary
+    from trig_stream.engine import Engine
     from trig_stream.errors import (
         AnswerTimeoutError,
         BackendError,
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from trig_stream.records import GeneratedImage, JudgeFingerprint, Judgement, Sample
     from trig_stream.scoring import score_top_logprobs
+    from trig_stream.snapshots import RunSummary
     from trig_stream.stats import EngineStats
 
 _HOMES = {
@@ -41,7 +42,7 @@ _HOMES = {
     "RunConfig": "trig_stream.config",
     "load_config": "trig_stream.config",
     "Engine": "trig_stream.engine",
-    "RunSummary": "trig_stream.engine",
+    "RunSummary": "trig_stream.snapshots",
     **dict.fromkeys(
         (
             "AnswerTimeoutError",

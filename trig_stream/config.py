@@ -3,8 +3,9 @@
 A config is a TOML file (see ``config/`` and the README's config reference). It is checked
 completely before any work starts: unknown keys, wrong types and unknown backends are refused
 with one message that names the file, the line, the key and what was expected (those
-messages are written by :mod:`trig_stream.config_problems`). Relative paths inside a config
-are taken relative to the config file's own folder.
+messages are written by :mod:`trig_stream.config_problems`; the field types and their checks
+live in :mod:`trig_stream.config_fields`). Relative paths inside a config are taken relative
+to the config file's own folder.
 """
 
 from __future__ import annotations
@@ -12,29 +13,32 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar, cast
-from urllib.parse import urlsplit
 
 import annotated_types
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from trig_stream.config_fields import (
+    EMPTY_PATH,
+    OPTIONS_CONFIG,
+    ConfigPath,
+    ModelName,
+    PairName,
+    SafeName,
+    TaskName,
+)
 from trig_stream.config_problems import (
     DUPLICATE_NAME,
-    UNQUOTED_PROBLEM,
     Loc,
     checkable,
     problem_line,
@@ -42,124 +46,10 @@ from trig_stream.config_problems import (
     problems_message,
     unusable_entries,
 )
-from trig_stream.dimensions import Dimension, Task, normalise_task, split_pair
+from trig_stream.dimensions import Dimension
 from trig_stream.errors import ConfigError, TrigStreamError
 from trig_stream.files import file_kind
-from trig_stream.records import COMPARISON_FILE, is_reserved_model_name, safe_name_problem
 from trig_stream.scoring import Scorer
-
-
-def _safe_name(value: str) -> str:
-    # The run's own check (and its data_ids'): a name it would refuse must not pass here.
-    problem = safe_name_problem(value)
-    if problem is not None:
-        raise ValueError(f"{problem} (it becomes a folder name)")
-    return value
-
-
-def _model_name(value: str) -> str:
-    if is_reserved_model_name(value):
-        raise ValueError(
-            f"is the name of the report's comparison of the models ({COMPARISON_FILE}, beside "
-            "their folders): give the model another name"
-        )
-    return value
-
-
-def _pair(value: str) -> str:
-    split_pair(value)
-    return value
-
-
-def _http_url(value: str) -> str:
-    # Checked here, so that a typo is a config error naming its key, not a traceback or a
-    # run whose every request fails. The URL itself is never quoted: it may hold a password
-    # or, in a query, a key.
-    if any(char.isspace() for char in value):
-        raise _unquoted_problem("holds spaces: write the URL without them (in a path, %20)")
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - reading it checks it (out of range, not a number)
-    except ValueError as exc:
-        raise _unquoted_problem(f"not a URL: {exc}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _unquoted_problem("not an http:// or https:// URL with a host")
-    if "@" in parts.netloc:
-        raise _unquoted_problem(
-            "holds credentials (user:password@): remove them, and put the API key in the "
-            "environment variable that api_key_env names (the config is saved with the run)"
-        )
-    if "?" in value or "#" in value:
-        # Each client appends the API's path to the base URL, which lands inside the query.
-        raise _unquoted_problem(
-            "holds a query string or fragment (?..., #...), which no request would carry as "
-            "written: give the base URL without it"
-        )
-    return value
-
-
-def _unquoted_problem(message: str) -> PydanticCustomError:
-    return PydanticCustomError(UNQUOTED_PROBLEM, message)
-
-
-_VARIABLE_NAME: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
-NOT_A_VARIABLE: Final = (
-    "not the name of an environment variable (letters, digits and '_', not starting with a "
-    "digit): if it is the API key itself, take it out (it would be printed and saved), export "
-    "it in a variable and give the variable's name instead, e.g. OPENAI_API_KEY"
-)
-"""What is wrong with an API key's variable name that is none, without quoting it."""
-
-
-def is_variable_name(text: str) -> bool:
-    """Whether ``text`` can name an environment variable (``OPENAI_API_KEY``)."""
-    return bool(_VARIABLE_NAME.match(text))
-
-
-def _variable_name(value: str) -> str:
-    # An API key pasted where its variable's name goes would be printed by every message
-    # that names the variable, and saved with the run: refused here, and never quoted.
-    if value and not is_variable_name(value):
-        raise _unquoted_problem(NOT_A_VARIABLE)
-    return value
-
-
-EMPTY_PATH: Final = (
-    "the path is empty (which would mean the config's own folder): name the file or folder"
-)
-
-
-def _non_empty_path(value: object) -> object:
-    # Path("") is ".", the config's own folder, which no one means by writing "".
-    if value == "":
-        raise ValueError(EMPTY_PATH)
-    return value
-
-
-ConfigPath = Annotated[Path, BeforeValidator(_non_empty_path)]
-"""A path in the config: never empty."""
-SafeName = Annotated[str, AfterValidator(_safe_name)]
-ModelName = Annotated[SafeName, AfterValidator(_model_name)]
-"""A generator's name: a safe name that is not one of the report's files."""
-HttpUrl = Annotated[str, AfterValidator(_http_url)]
-"""An ``http://`` or ``https://`` URL with a host, and a valid port if it names one; without
-spaces, credentials, query string or fragment."""
-EnvVarName = Annotated[str, AfterValidator(_variable_name)]
-"""The name of an environment variable (an API key's ``api_key_env``), or ``""`` for none; a
-value that is not one (the key itself, pasted) is refused without being quoted."""
-TaskName = Annotated[
-    Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)
-]
-PairName = Annotated[str, AfterValidator(_pair)]
-
-
-OPTIONS_CONFIG: Final = ConfigDict(
-    extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True
-)
-"""How config tables are read: unknown keys refused, and no NaN or infinity where a number
-goes (TOML has both; a request would send them as non-standard JSON, the manifest as null).
-A refused value is left out of the error's text (options built in Python may hold a secret,
-as a URL's password); config messages quote it themselves where safe."""
 
 
 class _Section(BaseModel):

@@ -31,14 +31,11 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
-from dataclasses import dataclass, replace
-from pathlib import Path
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -47,11 +44,13 @@ from trig_stream.backends.base import Generator, Judge, reads_source_images
 from trig_stream.backends.registry import build_generator, build_judge, check_backends
 from trig_stream.buffers import Streams, create_streams
 from trig_stream.config import RunConfig
+from trig_stream.controls import EngineLoop
 from trig_stream.dataset import DatasetSource
-from trig_stream.errors import ConfigError, FatalBackendError, TrigStreamError, leaf_errors
+from trig_stream.errors import ConfigError, TrigStreamError, leaf_errors
 from trig_stream.generation import GenerationStage
 from trig_stream.journal import JournalState
 from trig_stream.judging import JudgeStage
+from trig_stream.opening import close_judges, open_judges, open_run_dir
 from trig_stream.persisting import PersistStage
 from trig_stream.pipeline import RunContext, describe_error
 from trig_stream.preflight import (
@@ -62,32 +61,12 @@ from trig_stream.preflight import (
     release_backends,
     run_manifest,
 )
-from trig_stream.records import JudgeFingerprint, Judgement, printable
+from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.retry import RetryPolicy
+from trig_stream.snapshots import RunSummary, engine_stats, run_summary
 from trig_stream.sourcing import SourceStage
-from trig_stream.stats import (
-    BufferFill,
-    Counters,
-    EngineState,
-    EngineStats,
-    JudgeLoad,
-    latency,
-    rate,
-)
-from trig_stream.store import RunDir, next_free_run_dir
-
-
-@dataclass(frozen=True, slots=True)
-class RunSummary:
-    """What :meth:`Engine.drain` returns: the final state and counts of this run."""
-
-    state: EngineState
-    judged: int
-    ok: int
-    unscorable: int
-    error: int
-    quarantined: int
-    run_dir: Path
+from trig_stream.stats import Counters, EngineState, EngineStats
+from trig_stream.store import RunDir
 
 
 class Engine:
@@ -158,7 +137,7 @@ class Engine:
         # The loop the engine belongs to (its events and cancel scopes are that loop's):
         # stop(), cancel(), pause() and resume() called from another thread run there. Taken
         # again by ``async with``: an engine made in one loop may be run in another.
-        self._take_loop()
+        self._loop = EngineLoop()
         self._running_gate = anyio.Event()
         self._running_gate.set()
         self._cancel_generation = threading.Event()
@@ -220,41 +199,13 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A cheap snapshot of progress, buffers, throughput and latencies."""
-        c = self._counters
-        now = c.ended_at or time.monotonic()
-        buffers = {
-            name: BufferFill(
-                stream.statistics().current_buffer_used, int(stream.statistics().max_buffer_size)
-            )
-            for name, stream in self._buffers.items()
-        }
-        controllers = self._judging.controllers if self._judging else {}
-        judges = {
-            name: JudgeLoad(
-                limiter.borrowed_tokens,
-                int(limiter.total_tokens),
-                controllers[name].waiting if name in controllers else None,
-            )
-            for name, limiter in self._limiters.items()
-        }
-        return EngineStats(
-            state=self._state,
-            elapsed_s=now - c.started_at,
-            samples_total=c.samples_total,
-            samples_read=c.samples_read,
-            quarantined=c.quarantined,
-            records_read=c.records_read,
-            unmeasured=c.unmeasured,
-            models={name: replace(m) for name, m in c.models.items()},
-            buffers=buffers,
-            judges=judges,
-            judgements_per_s=rate(c.judged_at, now, c.started_at),
-            images_per_s=rate(c.generated_at, now, c.started_at),
-            generation_latency=latency(c.generation_latencies),
-            judge_latency=latency(c.judge_latencies),
-            last_errors=tuple(c.last_errors),
-            notes=tuple(printable(note) for note in c.notes),  # exceptions' texts among them
-            opening=self._opening_now if self._state == "starting" else None,
+        return engine_stats(
+            self._state,
+            self._counters,
+            buffers=self._buffers,
+            limiters=self._limiters,
+            controllers=self._judging.controllers if self._judging else {},
+            opening=self._opening_now,
         )
 
     def stop(self) -> None:
@@ -338,35 +289,12 @@ class Engine:
             self._state = "running"
         self._running_gate.set()
 
-    def _take_loop(self) -> None:
-        """Make the running event loop the one that control calls from other threads run in."""
-        self._loop_token = anyio.lowlevel.current_token()
-        self._loop_thread = threading.get_ident()
-
     def _called_elsewhere(self, control: Callable[[], None]) -> bool:
-        """Run ``control`` in the engine's event loop when called from another thread (a
-        GUI's, a signal handler's), and say whether it did: its events and cancel scopes may
-        only be touched there (a cancel from a thread failed half done, a resume never woke
-        the run). The loop is the one running the engine, once ``async with`` has begun; before,
-        the one that made it. Once the engine's loop has ended, there is no run left to control.
-
-        Raises:
-            RuntimeError: the loop that made the engine has ended, and none runs it yet.
-        """
-        if threading.get_ident() == self._loop_thread:
-            return False
-        try:
-            anyio.from_thread.run_sync(control, token=self._loop_token)
-        except anyio.RunFinishedError:
-            if self._task_group is None and not self._closed:
-                # Dropped, it would have gone unnoticed: the run then ran to its end.
-                raise RuntimeError(
-                    f"engine.{control.__name__}() came from another thread after the event "
-                    "loop that made the engine ended, and before any loop runs it: call it "
-                    "once `async with engine` has begun, or before it from the thread of the "
-                    "loop that will run it"
-                ) from None
-        return True
+        """Run ``control`` in the engine's event loop when called from another thread, and
+        say whether it did (see :meth:`~trig_stream.controls.EngineLoop.called_elsewhere`)."""
+        return self._loop.called_elsewhere(
+            control, awaiting_run=lambda: self._task_group is None and not self._closed
+        )
 
     async def drain(self) -> RunSummary:
         """Consume ``results`` to the end and summarise the run."""
@@ -376,16 +304,7 @@ class Engine:
 
     def summary(self) -> RunSummary:
         """Counts of this run so far."""
-        models = self._counters.models.values()
-        return RunSummary(
-            state=self._state,
-            judged=sum(m.judged for m in models),
-            ok=sum(m.ok for m in models),
-            unscorable=sum(m.unscorable for m in models),
-            error=sum(m.error for m in models),
-            quarantined=self._counters.quarantined,
-            run_dir=self.run_dir_path,
-        )
+        return run_summary(self._state, self._counters, self.run_dir_path)
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -394,7 +313,7 @@ class Engine:
             raise RuntimeError("an Engine runs once; create a new one to run again")
         # A control call from another thread from now on runs in the loop that runs the
         # engine, not in the one that made it (ended, it dropped a stop() silently).
-        self._take_loop()
+        self._loop.take()
         try:
             self._claim_backends()
         except ConfigError:
@@ -518,34 +437,20 @@ class Engine:
         new_run = self._new_run
         where = "a new run directory beside " if new_run else "the run directory "
         self._opening_now = f"{where}{config.run_dir}"
-
-        def open_run_dir() -> tuple[Path, RunDir, JournalState]:
-            # Chosen and opened in one go: a stop between the two left an empty directory.
-            if new_run:
-                path, made = next_free_run_dir(config.run_dir), True  # made empty there
-            else:
-                path = config.run_dir
-                made = not path.exists()
-            run_dir, state = RunDir.open(path, manifest)
-            self._discard_run_dir = made
-            return path, run_dir, state
-
         # Opened before the judges: a run it refuses (another process in it, results made
         # with other settings) is refused before a judge's server takes minutes to start.
-        self.run_dir_path, self._run_dir, self._journal_state = await anyio.to_thread.run_sync(
-            open_run_dir
+        opened = await anyio.to_thread.run_sync(
+            partial(open_run_dir, config.run_dir, manifest, new_run=new_run)
         )
-        for judge in self._judges:
-            self._opening_now = f"judge {judge.name!r}: {judge.opening()}"
-            try:
-                await judge.open()
-            except TrigStreamError:
-                raise
-            except Exception as exc:  # a backend's own bug or setup: one clear error
-                raise FatalBackendError(
-                    f"judge {judge.name!r} failed to open: {describe_error(exc)}"
-                ) from exc
+        self._discard_run_dir = opened.made
+        self.run_dir_path, self._run_dir = opened.path, opened.run_dir
+        self._journal_state = opened.journal_state
+        await open_judges(self._judges, self._announce_opening)
         self._opening_now = None
+
+    def _announce_opening(self, what: str) -> None:
+        """Say what opens now (:attr:`EngineStats.opening`, while the engine starts)."""
+        self._opening_now = what
 
     async def _close_resources(self) -> None:
         if self._closed:
@@ -553,12 +458,7 @@ class Engine:
         self._closed = True
         with anyio.CancelScope(shield=True):
             try:
-                for judge in self._judges:
-                    try:
-                        await judge.aclose()
-                    except Exception as exc:  # closing must not hide the run's own outcome
-                        note = f"judge {judge.name!r}: closing it failed: {describe_error(exc)}"
-                        self._counters.notes.append(note)
+                await close_judges(self._judges, self._counters.notes)
             finally:
                 self._release_backends()
             if self._run_dir is not None and self._discard_run_dir:

@@ -13,7 +13,7 @@ import anyio
 from pydantic import BaseModel, Field
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
 from trig_stream.hashing import unit_hash
 from trig_stream.records import JudgeFingerprint

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from trig_stream.config import NOT_A_VARIABLE, is_variable_name
+from trig_stream.config_fields import NOT_A_VARIABLE, is_variable_name
 from trig_stream.signals import point_at_devnull
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
 

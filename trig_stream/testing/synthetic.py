@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, Field
 
 from trig_stream.backends.base import GenerationRequest, Generator
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError
 from trig_stream.hashing import unit_hash
 

@@ -28,7 +28,7 @@ from trig_stream.backends.generators.presets import (
     IPAdapterSpec,
     preset_names,
 )
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG
 
 Offload = Literal["none", "model", "sequential"]
 Isolation = Literal["thread", "process"]

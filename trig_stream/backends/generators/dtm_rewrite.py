@@ -54,7 +54,7 @@ from trig_stream.backends.generators.dtm_relations import (
     user_message,
 )
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
-from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl
+from trig_stream.config_fields import OPTIONS_CONFIG, EnvVarName, HttpUrl
 from trig_stream.config_problems import nested_problems
 from trig_stream.errors import (
     BackendError,

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generator
 from trig_stream.backends.generators.source_images import open_image, png_as_is
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError
 
 if TYPE_CHECKING:

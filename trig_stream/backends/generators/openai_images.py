@@ -29,7 +29,7 @@ from trig_stream.backends.generators.api_calls import (
     openai_client,
     wait_on_cancel,
 )
-from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl
+from trig_stream.config_fields import OPTIONS_CONFIG, EnvVarName, HttpUrl
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
 

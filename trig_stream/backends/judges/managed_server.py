@@ -49,7 +49,7 @@ from anyio.abc import Process
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)

@@ -43,7 +43,8 @@ from trig_stream.backends.metrics.base import (
 )
 from trig_stream.backends.metrics.registry import import_metric
 from trig_stream.backends.threads import load_in_thread
-from trig_stream.config import OPTIONS_CONFIG, validate_table
+from trig_stream.config import validate_table
+from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.config_problems import nested_problems
 from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
 from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError

@@ -58,7 +58,7 @@ from trig_stream.backends.judges.transports import (
     Transport,
     open_transport,
 )
-from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl
+from trig_stream.config_fields import OPTIONS_CONFIG, EnvVarName, HttpUrl
 from trig_stream.errors import (
     FatalBackendError,
     ItemError,

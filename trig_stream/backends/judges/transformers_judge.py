@@ -41,7 +41,7 @@ from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.backends.threads import load_in_thread
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError, RetryableError
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint

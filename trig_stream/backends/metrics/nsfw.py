@@ -30,7 +30,7 @@ from trig_stream.backends.metrics.base import (
     SetMetric,
     Value,
 )
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import MissingExtraError
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from trig_stream.backends.metrics.base import ImageMetric, MetricInput, MetricNeed, Value
-from trig_stream.config import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.scoring import Scorer, score_top_logprobs
 
 
