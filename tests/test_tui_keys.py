@@ -391,8 +391,13 @@ async def test_the_help_lists_only_the_keys_that_work(steerable: bool) -> None:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         text = str(app.screen.query_one("#body", Static).render())
-    steering = ("p       pause / resume", "s       stop gracefully", "stop a running run now")
-    steering += ("second: stop now", "to resume a stopped run")
+    steering = (
+        "p       pause / resume",
+        "s       stop gracefully",
+        "stop a running run now",
+        "second: stop now",
+        "to resume a stopped run",
+    )
     viewing = (
         "q       close this viewer; the run itself is never disturbed",
         "cannot pause or stop",

@@ -424,10 +424,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         try:
             args.out.write_text(text, encoding="utf-8")
         except OSError as exc:  # the file itself, not its folder (a read-only folder, a full disk)
-            reason = exc.strerror or exc
             raise OutputWriteError(
-                f"cannot write the comparison to {args.out}: {reason}; it must be a file this "
-                "user can write, on a disk with space"
+                f"cannot write the comparison to {args.out}: {exc.strerror or exc}; it must be "
+                "a file this user can write, on a disk with space"
             ) from None
         console.print(f"comparison written to {args.out}", highlight=False, markup=False)
     CommandConsole(soft_wrap=True).print(text, markup=False, highlight=False)
