@@ -462,8 +462,17 @@ def test_a_report_that_cannot_be_written_is_one_error_naming_where(tmp_path: Pat
     blocked.write_text("a file where the report's folder would go")
     with pytest.raises(AnalysisError, match=r"cannot write the report in .*a-file/model-a: "):
         run_command("report", str(run), "--out", str(blocked), "--no-plots")
-    with pytest.raises(AnalysisError, match=r"cannot write the report in .*a-file: "):
+    # The comparison's own words: it said "cannot write the report in a-file: File exists;
+    # it must be a folder", of a comparison FILE, naming neither it nor what to do.
+    with pytest.raises(AnalysisError) as raised:
         run_command("compare", str(run), "--out", str(blocked / "cmp.md"))
+    assert str(raised.value) == (
+        f"cannot write the comparison to {blocked / 'cmp.md'}: its folder {blocked} cannot be "
+        "made (File exists, a file stands where a folder of its path goes); name a file in a "
+        "folder this user can write, on a disk with space"
+    )
+    with pytest.raises(AnalysisError, match=r"comparison to .*a-file/sub/cmp.md: its folder "):
+        run_command("compare", str(run), "--out", str(blocked / "sub" / "cmp.md"))
 
 
 @pytest.mark.parametrize("where", ["run-dir", "out"])
@@ -499,8 +508,9 @@ def test_analyze_and_compare_outputs_that_cannot_be_written_exit_3(
         == EXIT_RUN_DIR
     )
     assert main(["compare", str(run), "--out", str(blocked / "cmp.md")]) == EXIT_RUN_DIR
-    err = capsys.readouterr().err
-    assert err.count("cannot write the report in") == 2 and "this user can write" in err
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("cannot write the report in") == 1 and "this user can write" in err
+    assert f"cannot write the comparison to {blocked / 'cmp.md'}: its folder" in err
 
 
 def test_a_comparison_that_cannot_be_written_names_its_file(

@@ -551,6 +551,33 @@ def test_make_tiny_models_never_leaves_a_half_written_model(
     ]
 
 
+def test_make_tiny_models_on_a_full_disk_is_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A disk that filled up mid-build (save_pretrained: OSError ENOSPC) ended in a
+    # traceback and exit 1, where the command promises 3 for an OUT that cannot hold them.
+    from trig_stream.testing import tiny_models, tiny_pipelines, tiny_vlm
+
+    def build(kind: str, path: Path) -> None:
+        path.mkdir(parents=True)
+        (path / "weights").write_text(kind)
+        if kind == "instruct_pix2pix":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "weights"))
+        (path / "model_index.json").write_text("{}")
+
+    monkeypatch.setattr(tiny_pipelines, "build_tiny_pipeline", build)
+    monkeypatch.setattr(tiny_vlm, "build_tiny_vlm", lambda path: build("vlm", path))
+    out = tmp_path / "models"
+    args = argparse.Namespace(out=out, force=False)
+    assert tiny_models.make_tiny_models(args, Console(stderr=True, soft_wrap=True)) == EXIT_RUN_DIR
+    said = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in said
+    assert f"error: cannot write the model {out / 'instruct_pix2pix'}: No space left on" in said
+    assert "free some space on its disk, or name another OUT" in said
+    # The models built before stay whole; the one cut short leaves nothing, hidden or not.
+    assert sorted(p.name for p in out.iterdir()) == ["flux", "sd"]
+
+
 def test_validate_makes_the_checks_of_building_the_backends(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -441,7 +441,19 @@ async def test_a_batch_failing_for_the_service_fails_each_of_its_items_so() -> N
         assert judge._run_batch([MetricInput(), MetricInput()]) == [failure, failure]
 
 
-def raising(failure: Exception) -> Callable[[int], object]:
+def test_a_batch_raising_a_cancellation_measures_its_items_one_by_one() -> None:
+    # The cancellation exception of a sync metric's own code, in its worker thread, is each
+    # image's error as any other failure of the batch, not the run's stop.
+    judge = metric_judge(batch_metric(raising(asyncio.CancelledError("its own future"))))
+    outcomes = judge._run_batch([MetricInput(), MetricInput()])
+    assert [type(outcome) for outcome in outcomes] == [ItemError, ItemError]
+    assert {str(outcome) for outcome in outcomes} == {
+        "the returns metric raised CancelledError though nothing cancelled it: a bug of the "
+        "metric (a cancellation is no answer)"
+    }
+
+
+def raising(failure: BaseException) -> Callable[[int], object]:
     def fail(count: int) -> object:
         raise failure
 
@@ -449,12 +461,15 @@ def raising(failure: Exception) -> Callable[[int], object]:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the asyncio exception in question
-async def test_an_async_metric_raising_a_cancellation_is_an_error_naming_it(
-    make_config: ConfigFactory,
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+async def test_a_metric_raising_a_cancellation_is_an_error_naming_it(
+    make_config: ConfigFactory, run_async: bool
 ) -> None:
-    # Its CancelledError ended the task group's child silently: the value stayed None and
-    # the judgement said "the ... metric found nothing to measure in this image".
-    metric = failing_metric(asyncio.CancelledError(), run_async=True)
+    # An async metric's CancelledError ended the task group's child silently: the value
+    # stayed None and the judgement said "the ... metric found nothing to measure in this
+    # image". A sync metric's, in its worker thread, stopped the whole run ("a call of judge
+    # 'm' failed: it raised CancelledError ... the run stops").
+    metric = failing_metric(asyncio.CancelledError(), run_async=run_async)
     message = "the fails metric raised CancelledError though nothing cancelled it: a bug"
     with pytest.raises(ItemError, match=message):
         await judge_once(metric_judge(metric))

@@ -14,6 +14,7 @@ import anyio
 import pytest
 from rich.text import Text
 from textual.pilot import Pilot
+from textual.widgets import Static
 
 from tests.conftest import ConfigFactory
 from tests.test_tui_snapshots import synthetic_snapshot
@@ -377,6 +378,36 @@ async def test_the_app_keys_work_in_the_errors_and_help_views(
         await pilot.press("q")
     assert control.calls == ["pause", "stop", "cancel"]
     assert app.return_code == 0
+
+
+@pytest.mark.parametrize("steerable", [True, False], ids=["run", "watch"])
+async def test_the_help_lists_only_the_keys_that_work(steerable: bool) -> None:
+    # watch's help (a source that cannot steer its run) described p and s, a q and a ctrl+c
+    # that stop the run, and resuming it, though there p and s do nothing and q and ctrl+c
+    # only close the viewer.
+    control = RecordingControl() if steerable else None
+    app = TrigDashboardApp(StaticSource(synthetic_snapshot(), control=control))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        text = str(app.screen.query_one("#body", Static).render())
+    steering = (
+        "p       pause / resume",
+        "s       stop gracefully",
+        "stop a running run now",
+        "second: stop now",
+        "to resume a stopped run",
+    )
+    viewing = (
+        "q       close this viewer; the run itself is never disturbed",
+        "cannot pause or stop",
+    )
+    for words in steering:
+        assert (words in text) == steerable, words
+    for words in viewing:
+        assert (words in text) != steerable, words
+    assert "e       errors view" in text and "[b]" not in text
+    assert "DTM cells" in text
 
 
 async def test_e_and_question_mark_switch_between_the_errors_and_help_views() -> None:

@@ -112,8 +112,33 @@ def test_errors_view(snap_compare: SnapCompare) -> None:
     assert snap_compare(app(), terminal_size=SIZE, press=["e"])
 
 
+class IdleControl:
+    """A run control that steers nothing: the dashboard of a run it could steer."""
+
+    paused = False
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+
 def test_help(snap_compare: SnapCompare) -> None:
-    assert snap_compare(app(), terminal_size=SIZE, press=["question_mark"])
+    steerable = TrigDashboardApp(StaticSource(synthetic_snapshot(), control=IdleControl()))
+    assert snap_compare(steerable, terminal_size=SIZE, press=["question_mark"])
+
+
+def test_help_of_watch(snap_compare: SnapCompare) -> None:
+    # A source that cannot steer its run (`trig-stream watch`): only the keys that work.
+    watched = StaticSource(replace(synthetic_snapshot(), kind="watch"))
+    assert snap_compare(TrigDashboardApp(watched), terminal_size=SIZE, press=["question_mark"])
 
 
 @pytest.mark.parametrize("state", ["done", "paused"])

@@ -8,6 +8,7 @@ parsed arguments and the (stderr) console and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -406,15 +407,26 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     if args.out is not None:
         if args.out.is_dir():
             raise AnalysisError(f"--out {args.out} is a folder: it names the file to write")
-        with writing(args.out.parent):
+        # Not `writing`, the report's: its message spoke of a report and of a folder it
+        # must be, naming the folder of the file (a file there: "cannot write the report in
+        # afile: File exists; it must be a folder").
+        try:
             args.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+                reason += ", a file stands where a folder of its path goes"
+            raise OutputWriteError(
+                f"cannot write the comparison to {args.out}: its folder {args.out.parent} "
+                f"cannot be made ({reason}); name a file in a folder this user can write, on a "
+                "disk with space"
+            ) from None
         try:
             args.out.write_text(text, encoding="utf-8")
         except OSError as exc:  # the file itself, not its folder (a read-only folder, a full disk)
-            reason = exc.strerror or exc
             raise OutputWriteError(
-                f"cannot write the comparison to {args.out}: {reason}; it must be a file this "
-                "user can write, on a disk with space"
+                f"cannot write the comparison to {args.out}: {exc.strerror or exc}; it must be "
+                "a file this user can write, on a disk with space"
             ) from None
         console.print(f"comparison written to {args.out}", highlight=False, markup=False)
     CommandConsole(soft_wrap=True).print(text, markup=False, highlight=False)

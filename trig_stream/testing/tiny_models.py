@@ -15,6 +15,7 @@ load, or that this command would call present.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import stat
@@ -69,8 +70,9 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
     """Build every tiny model missing under ``args.out``.
 
     Returns:
-        0, or 3 when ``args.out`` cannot hold them (a file, or a folder it cannot write), or
-        when something other than a folder stands at a model's name.
+        0, or 3 when ``args.out`` cannot hold them (a file, a folder it cannot write, or a
+        disk that fills up during a build: the models built before stay whole), or when
+        something other than a folder stands at a model's name.
     """
     from trig_stream.cli import QUIET_LIBRARIES
 
@@ -110,11 +112,27 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
             else:
                 build_tiny_pipeline(name, building)  # type: ignore[arg-type]
             _replace_folder(building, folder)
+        except OSError as exc:
+            # A full disk or a folder that turned unwritable mid-build: the models built so
+            # far are whole and stay; this one is not left half-written.
+            shutil.rmtree(building, ignore_errors=True)
+            console.print(f"[red]error:[/] {_cannot_write(folder, exc)}", highlight=False)
+            return EXIT_CANNOT_WRITE
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
         console.print(f"{folder}: built", highlight=False, markup=False)
     return 0
+
+
+def _cannot_write(folder: Path, exc: OSError) -> str:
+    """The message for a model that could not be written (Rich markup, escaped)."""
+    cause = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free some space on its disk, or name another OUT"
+    else:
+        advice = "name an OUT this user can write"
+    return escape(f"cannot write the model {folder}: {cause}") + f"; {advice}"
 
 
 def _replace_folder(new: Path, folder: Path) -> None:

@@ -36,7 +36,7 @@ from trig_stream.tui.snapshot import CLEAN_END_STATES, DashboardSnapshot, Snapsh
 STOPPING_STATES = ("stopping", "cancelling")
 """States of a run being stopped: pause and resume no longer apply."""
 
-HELP = """\
+HELP_KEYS = """\
 [b]Keys[/b]
   p       pause / resume feeding new samples (work already queued goes on;
           not once a stop began)
@@ -49,7 +49,23 @@ HELP = """\
 
 Run the same command again to resume a stopped run: judgements already in the
 journal are not asked again.
+"""
 
+READ_ONLY_HELP_KEYS = """\
+[b]Keys[/b]
+  q       close this viewer; the run itself is never disturbed
+  ctrl+c  close this viewer, as q
+  e       errors view (latest first, with their reasons)
+  m       next model in the means and DTM panels
+  ?       this help; escape closes it
+
+This view only follows the run: it cannot pause or stop it (that is done in
+the terminal of the `trig-stream run` that runs it).
+"""
+"""The keys of a source that cannot steer its run (``trig-stream watch``): p and s do
+nothing there, and q and ctrl+c only close the viewer."""
+
+HELP_PANELS = """\
 [b]Panels[/b]
   progress   samples queued and generating, images waiting for a judgement,
              judgements ok / unscorable / error, samples already done earlier
@@ -174,22 +190,29 @@ class ErrorsScreen(TextScreen):
 
 
 class HelpScreen(TextScreen):
-    """The keys, the panels and the DTM legend."""
+    """The keys, the panels and the DTM legend.
+
+    Args:
+        read_only: the source cannot steer its run (``trig-stream watch``): only the keys
+            that work there are listed.
+    """
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("question_mark", "close", "Close", show=False),
         Binding("e", "app.errors", "Errors"),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, *, read_only: bool = False) -> None:
         super().__init__("help")
+        self.read_only = read_only
 
     def on_mount(self) -> None:
         body = self.query_one("#body", Static)
         legend = "\n".join(
             f"  {render.RELATION_CELLS[code][0]:<6}{name}" for code, name in render.RELATION_LEGEND
         )
-        body.update(HELP + "\n[b]DTM cells[/b]\n" + legend)
+        keys = READ_ONLY_HELP_KEYS if self.read_only else HELP_KEYS
+        body.update(f"{keys}\n{HELP_PANELS}\n[b]DTM cells[/b]\n{legend}")
 
 
 class TrigDashboardApp(App[None]):
@@ -341,4 +364,5 @@ class TrigDashboardApp(App[None]):
 
     def action_help(self) -> None:
         self._close_text_view()
-        self.push_screen(HelpScreen())
+        # Without a control (watch), p and s do nothing and q only closes the viewer.
+        self.push_screen(HelpScreen(read_only=self.source.control is None))

@@ -21,7 +21,9 @@ mean and the DTM as if it were a measurement.
 
 from __future__ import annotations
 
+import asyncio
 import numbers
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -255,5 +257,24 @@ class MetricJudge(Judge):
         except Exception as exc:
             if len(items) == 1:
                 return [exc if isinstance(exc, ItemError) else ItemError(describe_error(exc))]
+        except _cancellation_classes() as exc:
+            # Nothing cancels the metric's code in this worker thread: the exception is its
+            # own (an asyncio.CancelledError of a future of its own), an image's failure as
+            # with an async metric, not a reason to stop the run.
+            if len(items) == 1:
+                return [
+                    ItemError(
+                        f"the {self.metric.name} metric raised {type(exc).__name__} though "
+                        "nothing cancelled it: a bug of the metric (a cancellation is no answer)"
+                    )
+                ]
         # One bad image must not fail the others: measure them one by one.
         return [value for item in items for value in self._run_batch([item])]
+
+
+def _cancellation_classes() -> tuple[type[BaseException], ...]:
+    """The cancellation exceptions a metric's own code may raise (no ``Exception``)."""
+    trio = sys.modules.get("trio")  # only a loaded Trio's: importing it here costs time
+    if trio is None:
+        return (asyncio.CancelledError,)
+    return (asyncio.CancelledError, trio.Cancelled)
