@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_analysis_commands import write_run_dir
 from tests.test_cli import write_config
+from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.cli import main
 from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
@@ -85,3 +87,53 @@ def test_a_journal_opened_for_appending_refuses_a_link(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="is a symbolic link"):
         Journal(link).open()
     assert (elsewhere / "p.txt").read_text() == "precious\n"
+
+
+def test_a_report_refuses_a_linked_file_of_a_model_s_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = write_run_dir(tmp_path / "run", {})
+    assert main(["report", str(run), "--no-plots"]) == EXIT_OK
+    elsewhere = outside(tmp_path)
+    link = run / "report" / "model-a" / "report.md"
+    link.unlink()
+    link.symlink_to(elsewhere / "p.txt")
+    capsys.readouterr()
+    assert main(["report", str(run), "--no-plots"]) == EXIT_RUN_DIR
+    refused(capsys.readouterr().err, link)
+    assert (elsewhere / "p.txt").read_text() == "precious\n"
+
+
+def test_a_report_refuses_a_linked_model_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = write_run_dir(tmp_path / "run", {})
+    elsewhere = outside(tmp_path)
+    (run / "report").mkdir()
+    link = run / "report" / "model-b"
+    link.symlink_to(elsewhere)
+    assert main(["report", str(run), "--no-plots"]) == EXIT_RUN_DIR
+    refused(capsys.readouterr().err, link)
+    assert snapshot(elsewhere) == {"p.txt": b"precious\n"}
+
+
+def test_a_report_refuses_a_linked_report_folder_and_removes_nothing_through_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The report removed the "stale" model folders it found through the link: a copy of
+    # another model's report kept elsewhere.
+    run = write_run_dir(tmp_path / "run", {})
+    kept = tmp_path / "outside" / "rep"
+    (kept / "othermodel").mkdir(parents=True)
+    for name in MODEL_FILES:
+        (kept / "othermodel" / name).write_text("kept\n")
+    before = snapshot(kept)
+    link = run / "report"
+    link.symlink_to(kept)
+    assert main(["report", str(run), "--no-plots"]) == EXIT_RUN_DIR
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{link} is a symbolic link" in err and "--out" in err
+    assert snapshot(kept) == before
+    # Named with --out, a folder behind a link is the user's choice, and written.
+    assert main(["report", str(run), "--no-plots", "--out", str(link)]) == EXIT_OK
+    assert (kept / "model-a" / "report.md").is_file()
