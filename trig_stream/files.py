@@ -13,7 +13,7 @@ import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from trig_stream.errors import RunDirError
 
@@ -33,6 +33,44 @@ def open_regular_file(path: Path) -> BinaryIO:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "it is not a regular file (a pipe, a folder or a device?)")
         return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def link_refused(path: Path) -> RunDirError:
+    """The error of a run directory's own file or folder found to be a symbolic link.
+
+    A run writes, and removes, files only inside its run directory: written through a link
+    planted there, they would land on, or wipe, whatever the link points to.
+    """
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "somewhere else"
+    return RunDirError(
+        f"{path} is a symbolic link (to {target}): a run writes and removes files only inside "
+        "its run directory, never through a link there; replace the link with the file or "
+        "folder itself (moved into the run directory), or remove it"
+    )
+
+
+def open_unlinked(path: Path, flags: int, mode: str, *, buffering: int = -1) -> IO[bytes]:
+    """A file of a run directory opened with ``flags`` (``O_CREAT`` makes it), refusing a
+    symbolic link in its place rather than writing what it points to.
+
+    Raises:
+        RunDirError: ``path`` is a symbolic link (:func:`link_refused`).
+        OSError: it cannot be opened.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and path.is_symlink():
+            raise link_refused(path) from None
+        raise
+    try:
+        return os.fdopen(fd, mode, buffering=buffering)
     except BaseException:
         os.close(fd)
         raise

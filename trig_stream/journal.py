@@ -27,7 +27,7 @@ from typing import IO, BinaryIO
 from pydantic import ValidationError
 
 from trig_stream.errors import RunDirError, RunLockedError, validation_problems
-from trig_stream.files import storage_error, sync_dir, write_all
+from trig_stream.files import open_unlinked, storage_error, sync_dir, write_all
 from trig_stream.locks import journal_in_use
 from trig_stream.records import Judgement, JudgementKey, Status, is_safe_name
 
@@ -160,7 +160,10 @@ class Journal:
             handle.close()
         created = not self.path.exists()
         # Unbuffered: a write that fails leaves nothing behind in a buffer to be written later.
-        self._file = self.path.open("ab", buffering=0)
+        # Refusing a link there: the lines would be appended to the file it points to.
+        self._file = open_unlinked(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "ab", buffering=0
+        )
         try:
             # The run lock guards the directory, but a run.lock deleted by hand (a "stale"
             # lock, to the eye) would let a second run in beside this one: the journal's own

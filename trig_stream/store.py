@@ -28,7 +28,9 @@ from typing import IO
 
 from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.files import (
+    link_refused,
     make_dirs,
+    open_unlinked,
     storage_error,
     sync_dir,
     write_all,
@@ -88,6 +90,7 @@ class RunDir:
             make_dirs(path)
         except OSError as exc:
             raise storage_error(exc, f"create the run directory {path}") from None
+        refuse_links(path)
         try:
             run._acquire_lock()
         except OSError as exc:  # made, or there already, but not writable (umask 777)
@@ -102,7 +105,9 @@ class RunDir:
             run._write_pid()
             run._remove_partial_images()
             run._check_manifest(manifest, state)
-            run._quarantine = (path / QUARANTINE_PARTIAL).open("wb", buffering=0)
+            run._quarantine = open_unlinked(
+                path / QUARANTINE_PARTIAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb", buffering=0
+            )
         except OSError as exc:
             run.close()
             raise storage_error(exc, f"open the run directory {path}") from None
@@ -231,7 +236,8 @@ class RunDir:
         self.close()
 
     def _acquire_lock(self) -> None:
-        handle = (self.path / LOCK).open("a+b")
+        # A link planted there would have the pid written into the file it points to.
+        handle = open_unlinked(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_APPEND, "a+b")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # The pid of the run before, gone: a viewer must not name it as this run's until
@@ -261,6 +267,8 @@ class RunDir:
         # temporary file behind; with the lock held, no writer of ours is using one. They
         # all live in one folder, so this never walks the (large) image folders.
         partial = self.path / IMAGES / PARTIAL
+        if partial.is_symlink():  # its files are someone else's (refuse_links says so first)
+            raise link_refused(partial)
         if partial.is_dir():
             for leftover in partial.iterdir():
                 leftover.unlink(missing_ok=True)
@@ -270,6 +278,36 @@ class RunDir:
         manifest = manifest.model_copy(update={"journal_lines": journal.lines})
         manifest = resumed_manifest(self.path, manifest, journal)
         write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
+
+
+def refuse_links(path: Path) -> None:
+    """Refuse the run directory ``path`` when one of its own files or folders is a symbolic
+    link: its journal, lock, manifest and quarantine lists, ``images/.partial``, and the image
+    folders ``images/<task>`` and ``images/<task>/<model>``. A run would write (or, for
+    ``.partial``, empty) what the link points to. The run directory itself and ``images/``
+    may be links: images kept on another disk stay under a folder of their own.
+
+    Raises:
+        RunDirError: one is a link (:func:`~trig_stream.files.link_refused`).
+    """
+    own = [path / name for name in (JOURNAL, LOCK, MANIFEST, QUARANTINE, QUARANTINE_PARTIAL)]
+    tasks = _entries(path / IMAGES)
+    own += tasks
+    for task in tasks:  # each holds a folder per model, never the images themselves
+        if task.name != PARTIAL and not task.is_symlink():
+            own += _entries(task)
+    for entry in own:
+        if entry.is_symlink():
+            raise link_refused(entry)
+
+
+def _entries(folder: Path) -> list[Path]:
+    # What ``folder`` holds; nothing when it is no folder, or cannot be read (the run's own
+    # reading or writing there says so, in its words).
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
 
 
 def _moved_since(stored: Manifest, path: Path) -> Move | None:
@@ -369,6 +407,7 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
         raise RunLockedError(run_in_use(path, "" if writer.pid is None else str(writer.pid)))
     if writer is not None:
         raise RunLockedError(journal_in_use(path))
+    refuse_links(path)
     try:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:

@@ -32,6 +32,7 @@ from trig_stream.analysis.relations import (
 from trig_stream.analysis.report import (
     WrittenFiles,
     is_model_outputs,
+    refuse_link,
     remove_model_outputs,
     write_model_outputs,
     writing,
@@ -212,6 +213,12 @@ def write_report(
     thresholds = with_overrides(run.relation, overrides or {})
     analyses = analyse_run(run, thresholds, metric)
     folder = out or run_dir / "report"
+    if out is None:
+        # An earlier report's model folders there are removed: never through a link.
+        refuse_link(folder, "replace it with a folder, or name where to write with --out")
+    elsewhere = "remove the link, or write the report elsewhere with --out"
+    for path in [folder / COMPARISON_FILE, *(folder / model for model in analyses)]:
+        refuse_link(path, elsewhere)
     skipped = False
     for model, analysis in analyses.items():
         judgements = [j for j in run.judgements if j.model == model]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -130,6 +131,25 @@ def writing(where: Path) -> Iterator[None]:
         ) from None
 
 
+def refuse_link(path: Path, advice: str) -> None:
+    """Refuse a report's file or folder that is a symbolic link: written (or removed)
+    through it, the report would overwrite what it points to, wherever that is.
+
+    Raises:
+        OutputWriteError: ``path`` is a link; the message ends with ``advice``.
+    """
+    if not path.is_symlink():
+        return
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "somewhere else"
+    raise OutputWriteError(
+        f"{path} is a symbolic link (to {target}): a report writes its files only in its "
+        f"own folder, never through a link there; {advice}"
+    )
+
+
 class ReportStopped(AnalysisError):
     """Writing a report was stopped (a Ctrl-C): what it wrote stays, incomplete."""
 
@@ -178,6 +198,10 @@ def _write_model_outputs(
     notes: Sequence[str],
 ) -> WrittenFiles:
     check()
+    plots_folder = folder / PLOTS_FOLDER
+    fixed = [folder / name for name in MODEL_FILES] + [plots_folder]
+    for path in [*fixed, *(plots_folder / name for name in drawing.PLOT_FILES)]:
+        refuse_link(path, "remove the link, or write the report elsewhere with --out")
     folder.mkdir(parents=True, exist_ok=True)
     written = WrittenFiles(folder)
     documents: dict[str, object] = {
