@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -273,14 +273,65 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert "(gave up after 1 attempt)" in str(once.rewrites["A_3"].error)
 
 
-def test_an_llm_never_reached_is_named_in_the_note(server: GenerationAPIServer) -> None:
+def test_an_llm_never_reached_stops_the_run(server: GenerationAPIServer) -> None:
+    # Every rewrite fell back, every image was drawn from its original prompt and scored ok
+    # under the dtm name, and the run exited 0 with a note.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
     generator = rewriter(server, base_url=closed, max_attempts=1)
-    generator.generate([request("U_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
-    (note,) = generator.notes()
-    assert note.endswith("none was rewritten, is the LLM at its base_url reachable?")
+    with pytest.raises(
+        FatalBackendError,
+        match=r"rewriting LLM of generator 'm' has answered no request yet.*is it running",
+    ):
+        generator.generate([request("U_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert isinstance(generator.inner, RecordingGenerator)
+    assert generator.inner.prompts == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [lambda user: "", lambda user: user, lambda user: "I'm sorry, I can't."],
+    ids=["empty", "echo", "refusal"],
+)
+def test_answers_with_no_rewrite_before_any_rewrite_stop_the_run(
+    server: GenerationAPIServer, answer: Callable[[str], str]
+) -> None:
+    server.rewrite = answer
+    generator = rewriter(server)
+    for index in range(REFUSALS_TO_STOP - 1):
+        generator.generate(
+            [request(f"F_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert {o.status for o in generator.rewrites.values()} == {"fallback"}
+    with pytest.raises(
+        FatalBackendError,
+        match=rf"rewrote none of the first {REFUSALS_TO_STOP} prompts it was given",
+    ):
+        generator.generate([request("F_last", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    # After a rewrite, a failure is its own prompt's: it falls back.
+    working = rewriter(server)
+    server.rewrite = lambda user: "A red bike"
+    working.generate([request("W_0", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    server.rewrite = answer
+    for index in range(REFUSALS_TO_STOP + 1):
+        working.generate(
+            [request(f"W_{index + 1}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert sum(o.status == "fallback" for o in working.rewrites.values()) == REFUSALS_TO_STOP + 1
+
+
+def test_a_content_filter_before_any_rewrite_does_not_stop_the_run(
+    server: GenerationAPIServer,
+) -> None:
+    generator = rewriter(server)
+    content = Fault(status=400, code="content_filter", message="flagged by the content filter")
+    server.fail_next(*[content] * (REFUSALS_TO_STOP + 1))
+    for index in range(REFUSALS_TO_STOP + 1):
+        generator.generate(
+            [request(f"C_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert {o.status for o in generator.rewrites.values()} == {"fallback"}
 
 
 @pytest.mark.parametrize(
@@ -297,6 +348,8 @@ def test_an_answer_too_slow_in_all_or_too_large_falls_back(
     # ends it; the oversized answer is valid JSON after its 65 MiB of spaces (given the
     # time to send them, which a loaded machine may take).
     generator = rewriter(server, timeout_s=timeout_s, max_attempts=1)
+    # Before any answer, a timeout would stop the run (an LLM never reached).
+    generator.generate([request("S_0", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     server.fail_next(fault)
     generator.generate([request("S_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     rewrite = generator.rewrites["S_1"]
@@ -319,8 +372,8 @@ def test_refusals_before_any_rewrite_stop_the_run(server: GenerationAPIServer) -
     assert {o.status for o in generator.rewrites.values()} == {"fallback"}
     server.fail_next(refusal)
     message = (
-        f"the rewriting LLM of generator 'm' ('rewriter-llm' at {server.base_url}) refused the "
-        f"first {REFUSALS_TO_STOP} rewrite requests and rewrote no prompt (the last: HTTP 400: "
+        f"the rewriting LLM of generator 'm' ('rewriter-llm' at {server.base_url}) rewrote none "
+        f"of the first {REFUSALS_TO_STOP} prompts it was given (the last failure: HTTP 400: "
         "max_tokens is too large: 256 > 64); check the generator's model"
     )
     with pytest.raises(FatalBackendError, match=re.escape(message)):

@@ -39,7 +39,6 @@ from trig_stream.backends.base import (
     TimedPicture,
 )
 from trig_stream.backends.generators.api_calls import (
-    Refused,
     Sleep,
     api_key_from_env,
     call_with_retries,
@@ -61,6 +60,7 @@ from trig_stream.errors import (
     ConfigError,
     FatalBackendError,
     ItemError,
+    NotFoundError,
     UnreachableError,
 )
 from trig_stream.records import PromptRewrite, storable_text
@@ -190,8 +190,9 @@ class DTMRewriteGenerator(Generator):
         """Set once a call to the LLM has succeeded (see ``call_with_retries``)."""
         self._rewrote = False
         """Whether a prompt has been rewritten: the LLM and its options work."""
-        self._refused = 0
-        """Requests the LLM refused (:class:`Refused`) before any prompt was rewritten."""
+        self._failed = 0
+        """Rewrites that failed (a content filter's refusal aside) before any prompt was
+        rewritten."""
         self._client: Any = None
         self._key = ""
 
@@ -298,9 +299,9 @@ class DTMRewriteGenerator(Generator):
         """Rewrite one request's prompt; on failure keep the original and say why.
 
         Raises:
-            FatalBackendError: the LLM server refused the credentials, answered a 404 before
-                any success, or refused :data:`REFUSALS_TO_STOP` requests before any prompt
-                was rewritten.
+            FatalBackendError: the LLM server refused the credentials, answered a 404 or could
+                not be reached before any success, or :data:`REFUSALS_TO_STOP` rewrites failed
+                before any prompt was rewritten.
         """
         sample = request.sample
         first, second = sample.dimensions
@@ -310,22 +311,33 @@ class DTMRewriteGenerator(Generator):
             {"role": "user", "content": user_message(sample.prompt, first, second, code)},
         ]
         o = self.options
+        counts = True  # towards stopping the run: a content filter's refusal does not
         try:
-            response = call_with_retries(
-                lambda: self._client.chat.completions.create(
-                    model=o.model,
-                    messages=messages,
-                    temperature=o.temperature,
-                    max_tokens=o.max_tokens,
-                ),
-                policy=self.policy,
-                cancel=cancel,
-                secret=self._key,
-                sleep=self._sleep,
-                answered=self._answered,
-                api=f"the rewriting LLM of generator {self.name!r}",
-            )
+            try:
+                response = call_with_retries(
+                    lambda: self._client.chat.completions.create(
+                        model=o.model,
+                        messages=messages,
+                        temperature=o.temperature,
+                        max_tokens=o.max_tokens,
+                    ),
+                    policy=self.policy,
+                    cancel=cancel,
+                    secret=self._key,
+                    sleep=self._sleep,
+                    answered=self._answered,
+                    api=f"the rewriting LLM of generator {self.name!r}",
+                    # Every rewrite would fall back alike: the run would draw each image from
+                    # its original prompt and end as if it had gone well.
+                    unanswered_is_fatal=True,
+                )
+            except ItemError as exc:
+                # Only a refusal of the prompt's content, or the run's cancel, ends a call so.
+                counts = isinstance(exc, NotFoundError)
+                raise
             choice = response.choices[0]
+            if choice.finish_reason == "content_filter":
+                counts = False
             text = _rewrite_in(
                 choice.message.content,
                 choice.finish_reason,
@@ -340,14 +352,14 @@ class DTMRewriteGenerator(Generator):
             if not isinstance(exc, BackendError):
                 # An answer of the wrong shape ("choices": null, or a table) falls back too.
                 reason = f"the LLM's answer is malformed ({type(exc).__name__}: {reason})"
-            if isinstance(exc, Refused):
-                self._count_refusal(reason)
             logger.warning(
                 "generator %s: rewriting %s failed (%s); the original prompt is used",
                 self.name,
                 sample.data_id,
                 reason,
             )
+            if counts and not cancel.is_set():
+                self._count_failure(reason)
             return RewriteOutcome(
                 sample.data_id,
                 sample.pair,
@@ -362,29 +374,30 @@ class DTMRewriteGenerator(Generator):
             self._rewrote = True
         return RewriteOutcome(sample.data_id, sample.pair, code, sample.prompt, text, "rewritten")
 
-    def _count_refusal(self, reason: str) -> None:
-        """Stop the run once the LLM has refused :data:`REFUSALS_TO_STOP` requests before
-        rewriting any prompt: each would be drawn from its original prompt, and the run would
-        end as if it had gone well.
+    def _count_failure(self, reason: str) -> None:
+        """Stop the run once :data:`REFUSALS_TO_STOP` rewrites have failed before any prompt
+        was rewritten (the LLM refused the request, answered nothing usable, could not be
+        reached; a content filter's refusal is the prompt's own and not counted): each image
+        would be drawn from its original prompt, and the run would end as if it had gone well.
 
         Raises:
-            FatalBackendError: that many refusals.
+            FatalBackendError: that many failures.
         """
         with self._lock:
             if self._rewrote:
                 return
-            self._refused += 1
-            refused = self._refused
-        if refused < REFUSALS_TO_STOP:
+            self._failed += 1
+            failed = self._failed
+        if failed < REFUSALS_TO_STOP:
             return
         o = self.options
         where = f" at {o.base_url}" if o.base_url else ""
         raise FatalBackendError(
-            f"the rewriting LLM of generator {self.name!r} ({o.model!r}{where}) refused the "
-            f"first {refused} rewrite requests and rewrote no prompt (the last: {reason}); "
-            "check the generator's model, max_tokens and temperature against what that server "
-            "accepts (the images drawn meanwhile from their original prompts stay in the run: "
-            "start afresh with --new-run to have them rewritten too)"
+            f"the rewriting LLM of generator {self.name!r} ({o.model!r}{where}) rewrote none "
+            f"of the first {failed} prompts it was given (the last failure: {reason}); check "
+            "the generator's model, base_url, max_tokens and temperature against what that "
+            "server accepts (the images drawn meanwhile from their original prompts stay in "
+            "the run: start afresh with --new-run to have them rewritten too)"
         )
 
     def notes(self) -> list[str]:
