@@ -21,11 +21,15 @@ from trig_stream.backends.generators.dtm_relations import (
     instruction,
     user_message,
 )
-from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
+from trig_stream.backends.generators.dtm_rewrite import (
+    DTMRewriteGenerator,
+    DTMRewriteOptions,
+    _rewrite_in,
+)
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.backends.registry import build_generator
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import ConfigError, FatalBackendError
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError
 from trig_stream.records import Sample
 from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer, default_rewrite
 from trig_stream.testing.synthetic import draw
@@ -468,6 +472,62 @@ def test_a_preamble_line_is_taken_off_the_rewrite(server: GenerationAPIServer, a
     generator.generate([request("P_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     outcome = generator.rewrites["P_1"]
     assert outcome.status == "rewritten" and outcome.prompt == "A red bike against a brick wall"
+
+
+REFUSALS = [
+    "I apologize, but I can't help with rewriting this prompt.",
+    "Unfortunately, I can't rewrite this prompt.",
+    "I'm afraid I can't do that.",
+    "My apologies, but I must decline.",
+    "Regrettably, I can't help with that request.",
+]
+
+
+@pytest.mark.parametrize("answer", REFUSALS)
+def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
+    # Each was recorded as rewritten, and its image drawn from the refusal.
+    with pytest.raises(ItemError, match="the LLM refused to rewrite the prompt"):
+        _rewrite_in(answer, "stop", guidance="G", max_tokens=256)
+
+
+@pytest.mark.parametrize(
+    ("answer", "prompt"),
+    [
+        ("Sure!\n\nHere is the rewritten prompt:\n\nA red bicycle", "A red bicycle"),
+        ("**Rewritten prompt:** A red bicycle", "A red bicycle"),
+        ("**Improved prompt**: A red bicycle", "A red bicycle"),
+        ("## Improved Prompt\n\nA red bicycle", "A red bicycle"),
+        ("Here is the revised text: A red bicycle", "A red bicycle"),
+        ("Rewritten prompt:\nA red bicycle.\n\nExplanation: red stands out.", "A red bicycle."),
+        ("A red bicycle.\n\n**Note:** the wall is kept.", "A red bicycle."),
+        # A first clause of the prompt's own is no preamble, nor is a first-person line in it.
+        (
+            "An improved text layout: a poster reading SALE",
+            "An improved text layout: a poster reading SALE",
+        ),
+        (
+            "Here is a neon sign with the text: OPEN",
+            "Here is a neon sign with the text: OPEN",
+        ),
+        ("A poster: I can't help falling in love", "A poster: I can't help falling in love"),
+        ("A bike.\n\nA note: on the wall", "A bike.\n\nA note: on the wall"),
+    ],
+    ids=[
+        "interjection-line",
+        "bold",
+        "bold-before-colon",
+        "heading",
+        "revised-text",
+        "explanation",
+        "note",
+        "first-clause",
+        "here-is-in-prompt",
+        "first-person-in-prompt",
+        "note-in-prompt",
+    ],
+)
+def test_a_preamble_and_an_explanation_come_off_the_rewrite_alone(answer: str, prompt: str) -> None:
+    assert _rewrite_in(answer, "stop", guidance="G", max_tokens=256) == prompt
 
 
 def test_an_answer_its_content_filter_stopped_falls_back(

@@ -440,20 +440,53 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
 
 
 REFUSAL = re.compile(
-    r"(I['’]?m|I am)\s+(sorry|unable|not able)|sorry\b|I\s+(can(['’]?t|not| not)|won['’]?t|"
-    r"will not)\b|as an AI\b",
+    r"(I['’]?m|I am)\s+(sorry|unable|not able|afraid)|sorry\b|(I\s+)?apologi[sz]e|"
+    r"(my\s+)?apologies|unfortunately\b|I\s+(can(['’]?t|not| not)|won['’]?t|will not)\b|"
+    r"as an AI\b",
     re.I,
 )
 """How an LLM's refusal to rewrite opens (matched at the start of its answer only: a prompt may
 well say "sorry" further in)."""
 
-PREAMBLE = re.compile(
-    r"[^\n:]{0,60}\b(here(['’]s| is| are)|rewritten|revised|improved)\b[^\n:]{0,40}"
-    r"\b(prompt|version|text|description)\b[^\n:]{0,20}:\s*",
+REFUSAL_IN_FIRST_SENTENCE = re.compile(
+    r"\bI\s+((must|have to|need to)\s+(respectfully\s+)?decline\b|"
+    r"(can(['’]?t|not| not)|won['’]?t|will not|am unable to|am not able to)\b"
+    r"[^.!?\n]{0,40}?\b(help( you)? (with|here|on)|assist|rewrite|rewriting|comply|do that|"
+    r"fulfil+|modify)\b)",
     re.I,
 )
-"""A line that introduces the rewrite, as chat models add despite being asked not to
-("Sure! Here is the rewritten prompt:"): taken off the answer's start."""
+"""A refusal in the answer's first sentence after an opening of any kind ("My apologies, but I
+must decline", "Regrettably, I can't help with that"): said in the first person, which an
+image prompt hardly is."""
+
+INTERJECTION = r"((sure|certainly|of course|absolutely|okay|ok|great|alright)\b[^\n]{0,20}\n+)?"
+"""A line of its own before a preamble ("Sure!")."""
+
+MARKDOWN = r"[*_#>\s]*"
+
+REVISED = r"(rewritten|revised|improved|enhanced|refined|updated|new)"
+
+PREAMBLE = re.compile(
+    rf"\s*{INTERJECTION}{MARKDOWN}("
+    r"(sure|certainly|of course|absolutely|okay|ok|great|alright)?[!.,\s]*"
+    rf"here(['’]s| is| are)\b[^\n:]{{0,60}}\b(prompt|version|description|rewrite|{REVISED}\s+text)"
+    r"s?\b[^\n:]{0,40}"
+    rf"|((the|my|your)\s+)?{REVISED}\s+((text-to-image|image)\s+)?"
+    r"(prompt|version|description|text)"
+    r")[*_ \t]*(:|\n)[*_\s]*",
+    re.I,
+)
+"""The words that introduce the rewrite, as chat models add despite being asked not to ("Sure!
+Here is the rewritten prompt:", "**Rewritten prompt:**"), taken off the answer's start: a
+known phrase ("here is ... prompt", "rewritten prompt") before a colon or on a line of its own
+(a heading), after an interjection
+line and markdown, never a first clause of the rewrite's own ("An improved text layout: ...")."""
+
+AFTERWORD = re.compile(
+    r"\n\s*\n[*_#>\s]*(explanation|notes?|changes( made)?|rationale)\b[^\n:]{0,40}:.*\Z",
+    re.I | re.S,
+)
+"""A closing paragraph that explains the rewrite ("Explanation: ..."): no part of the prompt."""
 
 ECHO = re.compile(r"^\s*Original:\s*$", re.M)
 """The marker before the prompt in our request (``user_message``): an answer holding it
@@ -463,7 +496,8 @@ repeats the request rather than answering it."""
 def _rewrite_in(
     content: str | None, finish_reason: str | None, *, guidance: str, max_tokens: int
 ) -> str:
-    """The rewritten prompt in an LLM's answer, cleaned of quotes and a preamble line.
+    """The rewritten prompt in an LLM's answer, cleaned of quotes, a preamble and a closing
+    explanation.
 
     Raises:
         ItemError: the answer holds no rewrite to draw from: empty, cut, stopped by a content
@@ -476,6 +510,7 @@ def _rewrite_in(
     preamble = PREAMBLE.match(text)
     if preamble is not None:
         text = _clean(text[preamble.end() :])
+    text = _clean(AFTERWORD.sub("", text))
     if not text:
         raise ItemError("the LLM answered with an empty rewrite")
     if not _encodable(text):
@@ -493,7 +528,8 @@ def _rewrite_in(
             f"the LLM's rewrite is {len(text):,} characters long (at most "
             f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
         )
-    if REFUSAL.match(text):
+    first_sentence = re.split(r"[.!?\n]", text, maxsplit=1)[0]
+    if REFUSAL.match(text) or REFUSAL_IN_FIRST_SENTENCE.search(first_sentence):
         raise ItemError(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
     if guidance in text or ECHO.search(text):
         raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")
