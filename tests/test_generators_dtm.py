@@ -640,6 +640,26 @@ def test_images_made_elsewhere_have_no_prompt_to_rewrite(
         build_generator(config.generators[0], config)
 
 
+def test_a_rewrite_around_a_rewrite_is_refused(make_config: ConfigFactory, tmp_path: Path) -> None:
+    # The images API was sent the outer rewrite of the inner one's rewrite, while the journal
+    # recorded the inner one's prompt.
+    inner = {"model": "m2", "relations": {"IQ-R_TA-C": 0}, "inner": {"backend": "synthetic"}}
+    options = {
+        "model": "m",
+        "relations": {"IQ-R_TA-C": 1},
+        "inner": {"backend": "dtm_rewrite", "options": inner},
+    }
+    config = make_config(generators=[{"name": "g", "backend": "dtm_rewrite", "options": options}])
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "generator 'g': its inner backend 'dtm_rewrite' is a dtm_rewrite itself: one "
+            "rewrite is made per prompt; give the inner one's inner generator here instead"
+        ),
+    ):
+        build_generator(config.generators[0], config)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_rewriting_through_the_engine(

@@ -203,7 +203,8 @@ class DTMRewriteGenerator(Generator):
         """Build the wrapper and its inner generator (which inherits workers and batch_size).
 
         Raises:
-            ConfigError: the relation report cannot be read.
+            ConfigError: the relation report cannot be read, or the inner generator is an
+                image folder or another dtm_rewrite.
         """
         from trig_stream.backends.registry import build_generator
         from trig_stream.config import GeneratorConfig
@@ -221,6 +222,14 @@ class DTMRewriteGenerator(Generator):
             inner = build_generator(inner_entry, config)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"generator {entry.name!r}: {exc}") from None
+        if isinstance(inner, DTMRewriteGenerator):
+            # The outer rewrite of its rewrite would be drawn, and the journal would record
+            # the inner one's prompt, not the one the image was drawn from.
+            raise ConfigError(
+                f"generator {entry.name!r}: its inner backend {options.inner.backend!r} is a "
+                "dtm_rewrite itself: one rewrite is made per prompt; give the inner one's "
+                "inner generator here instead"
+            )
         if not inner.draws_from_the_prompt:
             # Its images would be recorded as drawn from rewrites they never saw, each one an
             # LLM call paid for nothing.
