@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import socket
@@ -18,6 +20,7 @@ from trig_stream.backends.base import GenerationRequest
 from trig_stream.backends.generators.openai_images import (
     OpenAIImagesGenerator,
     OpenAIImagesOptions,
+    _decode,
 )
 from trig_stream.errors import (
     BackendError,
@@ -373,3 +376,16 @@ def test_only_t2i_runs(make_config: ConfigFactory, tmp_path: Path) -> None:
     p2p = config.model_copy(update={"run": config.run.model_copy(update={"task": "p2p"})})
     with pytest.raises(ConfigError, match="t2i"):
         build_generator(config.generators[0], p2p)
+
+
+def test_an_answer_stored_sideways_is_turned_as_its_exif_says() -> None:
+    picture = Image.new("RGB", (40, 20), "blue")
+    picture.paste(Image.new("RGB", (20, 20), "red"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown a quarter turn clockwise: 20x40, red on top
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", exif=exif)
+    turned = _decode(base64.b64encode(buffer.getvalue()).decode())
+    assert turned.size == (20, 40)
+    top = turned.getpixel((10, 5))
+    assert isinstance(top, tuple) and top[0] > 200 > top[2]

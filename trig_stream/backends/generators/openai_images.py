@@ -29,6 +29,7 @@ from trig_stream.backends.generators.api_calls import (
     openai_client,
     wait_on_cancel,
 )
+from trig_stream.backends.generators.source_images import upright
 from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
@@ -208,6 +209,7 @@ def _decode(encoded: str) -> Image:
         raw = base64.b64decode(encoded, validate=True)
         with PILImage.open(io.BytesIO(raw)) as image:
             image.load()
+            image = upright(image)
             return image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
     except UnidentifiedImageError:
         raise BackendError("the images API returned bytes that are no image") from None
