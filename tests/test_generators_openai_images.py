@@ -378,6 +378,14 @@ def test_only_t2i_runs(make_config: ConfigFactory, tmp_path: Path) -> None:
         build_generator(config.generators[0], p2p)
 
 
+def test_a_16_bit_grey_answer_is_scaled_not_turned_white() -> None:
+    # Pillow's own conversion to RGB clipped its values at 255: every image came out white.
+    buffer = io.BytesIO()
+    Image.new("I;16", (4, 4), 40000).save(buffer, format="PNG")
+    picture = _decode(base64.b64encode(buffer.getvalue()).decode())
+    assert picture.mode == "RGB" and picture.getpixel((0, 0)) == (156, 156, 156)
+
+
 def test_an_answer_stored_sideways_is_turned_as_its_exif_says() -> None:
     picture = Image.new("RGB", (40, 20), "blue")
     picture.paste(Image.new("RGB", (20, 20), "red"))

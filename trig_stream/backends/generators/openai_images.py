@@ -29,7 +29,7 @@ from trig_stream.backends.generators.api_calls import (
     openai_client,
     wait_on_cancel,
 )
-from trig_stream.backends.generators.source_images import upright
+from trig_stream.backends.generators.source_images import rgb, upright
 from trig_stream.config import OPTIONS_CONFIG, EnvVarName, HttpUrl
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
@@ -210,7 +210,8 @@ def _decode(encoded: str) -> Image:
         with PILImage.open(io.BytesIO(raw)) as image:
             image.load()
             image = upright(image)
-            return image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+            # A 16-bit grey picture would turn white through a plain convert("RGB").
+            return image if image.mode in ("RGB", "RGBA") else rgb(image)
     except UnidentifiedImageError:
         raise BackendError("the images API returned bytes that are no image") from None
     except (binascii.Error, OSError, SyntaxError, ValueError) as exc:
