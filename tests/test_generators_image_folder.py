@@ -248,3 +248,45 @@ def test_a_source_picture_stored_sideways_is_turned_as_its_exif_says(tmp_path: P
     embedded = Sample(data_id="IQ-R_TA-C_2", source_bytes=sideways("JPEG"), **common)
     assert_upright(source_image(from_file))
     assert_upright(source_image(embedded))
+
+
+def test_files_whose_extensions_differ_in_case_alone_follow_a_stated_rule(
+    tmp_path: Path,
+) -> None:
+    # x.PNG was used because upper case sorts first, and the note said x.png lost to "a file
+    # of an extension earlier in extensions".
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "IQ-R_TA-C_1.PNG", format="PNG")
+    Image.new("RGB", (6, 6), "blue").save(tmp_path / "IQ-R_TA-C_1.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "IQ-R_TA-C_2.PNG", format="PNG")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "IQ-R_TA-C_2.Png", format="PNG")
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    first, _ = generator.generate(
+        [request("IQ-R_TA-C_1"), request("IQ-R_TA-C_2")], worker=0, cancel=threading.Event()
+    )
+    assert isinstance(first, EncodedPicture)
+    assert first.png == (tmp_path / "IQ-R_TA-C_1.png").read_bytes()
+    generator.close()
+    assert generator.shadowed == []
+    assert generator.twins == [
+        ("IQ-R_TA-C_1.png", "IQ-R_TA-C_1.PNG"),
+        ("IQ-R_TA-C_2.PNG", "IQ-R_TA-C_2.Png"),
+    ]
+    (note,) = generator.notes()
+    assert note == (
+        f"2 sample(s) in {tmp_path} have two files whose extensions differ in case alone (the "
+        "one with the lower-case extension is used, else the first by name): IQ-R_TA-C_1.png "
+        "used, IQ-R_TA-C_1.PNG ignored; IQ-R_TA-C_2.PNG used, IQ-R_TA-C_2.Png ignored"
+    )
+
+
+def test_a_missing_image_names_a_file_differing_in_case_alone(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "iq-r_ta-c_2.png")
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    (outcome,) = generator.generate([request("IQ-R_TA-C_2")], worker=0, cancel=threading.Event())
+    assert isinstance(outcome, ItemError)
+    assert str(outcome) == (
+        f"no image for IQ-R_TA-C_2 in {tmp_path} (found iq-r_ta-c_2.png, whose name differs "
+        "from the data_id in case alone: rename it to IQ-R_TA-C_2.png)"
+    )
