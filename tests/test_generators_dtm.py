@@ -72,6 +72,38 @@ def test_relation_table_reads_both_orders() -> None:
         RelationTable.from_mapping({"IQ-R_XX": 0})
 
 
+@pytest.mark.parametrize(
+    ("relations", "message"),
+    [
+        (
+            {"IQ-R_TA-C": 2, "TA-C_IQ-R": 2},
+            "relations 'IQ-R_TA-C' = 2 and 'TA-C_IQ-R' = 2 set one pair twice, with different "
+            "relations (TA-C_IQ-R = 2 is IQ-R_TA-C = -2); keep one of the two keys",
+        ),
+        (
+            {"IQ-R_TA-C": 0, "TA-C_IQ-R": 3},
+            "relations 'IQ-R_TA-C' = 0 and 'TA-C_IQ-R' = 3 set one pair twice",
+        ),
+    ],
+    ids=["dominance-both-ways", "synergy-and-bottleneck"],
+)
+def test_a_pair_named_in_both_orders_with_different_relations_is_refused(
+    relations: dict[str, int], message: str
+) -> None:
+    # The last key won, silently: {"IQ-R_TA-C": -2}, {"IQ-R_TA-C": 3}.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RelationTable.from_mapping(relations)
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        DTMRewriteOptions.model_validate(
+            {"inner": {"backend": "synthetic"}, "model": "m", "relations": relations}
+        )
+    # The same relation written both ways is one relation.
+    same = RelationTable.from_mapping({"IQ-R_TA-C": 2, "TA-C_IQ-R": -2, "IQ-A_TA-S": 3})
+    assert same.as_dict() == {"IQ-R_TA-C": 2, "IQ-A_TA-S": 3}
+    with pytest.raises(ValueError, match="relation code 7 is not one of"):
+        RelationTable.from_mapping({"IQ-R_TA-C": 2, "TA-C_IQ-R": 7})
+
+
 def write_report(path: Path) -> Path:
     """A relationship_codes.csv in the upstream layout for three dimensions."""
     path.write_text(
