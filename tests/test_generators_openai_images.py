@@ -10,6 +10,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -397,3 +398,48 @@ def test_an_answer_stored_sideways_is_turned_as_its_exif_says() -> None:
     assert turned.size == (20, 40)
     top = turned.getpixel((10, 5))
     assert isinstance(top, tuple) and top[0] > 200 > top[2]
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"size": "banana"}, "size"),
+        ({"size": "1024"}, "size"),
+        ({"quality": "ultra"}, "quality"),
+        ({"style": "pastel"}, "style"),
+        ({"model": "gpt-image-1", "style": "vivid"}, "style is a dall-e-3 option"),
+    ],
+)
+def test_options_no_api_takes_are_refused_before_any_call(
+    options: dict[str, str], problem: str
+) -> None:
+    # Each passed validate, and the run spent 4 calls before stopping.
+    with pytest.raises(ValueError, match=problem):
+        OpenAIImagesOptions.model_validate(options)
+    for size in ("1792x1024", "auto"):
+        assert OpenAIImagesOptions(size=size).size == size
+
+
+@pytest.mark.parametrize(
+    ("answer", "hint"),
+    [
+        ("<html><body>Welcome</body></html>", "no JSON images object (a web page"),
+        (SimpleNamespace(data=[]), "an empty data list: no image"),
+        (
+            SimpleNamespace(data=[SimpleNamespace(url="https://x/1.png", b64_json=None)]),
+            "answered with URLs, not b64_json image data; ask for base64",
+        ),
+    ],
+    ids=["html", "empty", "urls"],
+)
+def test_an_answer_without_an_image_says_what_it_held(
+    server: GenerationAPIServer, key: str, answer: object, hint: str
+) -> None:
+    # Each was asked "with URLs?", a web page and an empty list alike.
+    generator = make(server)
+    generator._client.close()
+    generator._client = SimpleNamespace(images=SimpleNamespace(generate=lambda **_: answer))
+    outcome = one(generator)
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError)
+    assert hint in str(outcome)
+    assert ("URLs" in str(outcome)) == (hint.startswith("answered with URLs"))
