@@ -232,9 +232,9 @@ def _decode(encoded: str) -> Image:
 
     try:
         raw = base64.b64decode(encoded, validate=True)
-        with PILImage.open(io.BytesIO(raw)) as image:
-            image.load()
-            image = upright(image)
+        with PILImage.open(io.BytesIO(raw)) as opened:
+            opened.load()
+            image = upright(opened)
             # A 16-bit grey picture would turn white through a plain convert("RGB").
             return image if image.mode in ("RGB", "RGBA") else rgb(image)
     except UnidentifiedImageError:
