@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,11 +21,15 @@ from trig_stream.backends.generators.dtm_relations import (
     instruction,
     user_message,
 )
-from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
+from trig_stream.backends.generators.dtm_rewrite import (
+    DTMRewriteGenerator,
+    DTMRewriteOptions,
+    _rewrite_in,
+)
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.backends.registry import build_generator
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import ConfigError, FatalBackendError
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError
 from trig_stream.records import Sample
 from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer, default_rewrite
 from trig_stream.testing.synthetic import draw
@@ -66,6 +70,38 @@ def test_relation_table_reads_both_orders() -> None:
         RelationTable.from_mapping({"IQ-R_TA-C": 5})
     with pytest.raises(ValueError, match="dimension"):
         RelationTable.from_mapping({"IQ-R_XX": 0})
+
+
+@pytest.mark.parametrize(
+    ("relations", "message"),
+    [
+        (
+            {"IQ-R_TA-C": 2, "TA-C_IQ-R": 2},
+            "relations 'IQ-R_TA-C' = 2 and 'TA-C_IQ-R' = 2 set one pair twice, with different "
+            "relations (TA-C_IQ-R = 2 is IQ-R_TA-C = -2); keep one of the two keys",
+        ),
+        (
+            {"IQ-R_TA-C": 0, "TA-C_IQ-R": 3},
+            "relations 'IQ-R_TA-C' = 0 and 'TA-C_IQ-R' = 3 set one pair twice",
+        ),
+    ],
+    ids=["dominance-both-ways", "synergy-and-bottleneck"],
+)
+def test_a_pair_named_in_both_orders_with_different_relations_is_refused(
+    relations: dict[str, int], message: str
+) -> None:
+    # The last key won, silently: {"IQ-R_TA-C": -2}, {"IQ-R_TA-C": 3}.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RelationTable.from_mapping(relations)
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        DTMRewriteOptions.model_validate(
+            {"inner": {"backend": "synthetic"}, "model": "m", "relations": relations}
+        )
+    # The same relation written both ways is one relation.
+    same = RelationTable.from_mapping({"IQ-R_TA-C": 2, "TA-C_IQ-R": -2, "IQ-A_TA-S": 3})
+    assert same.as_dict() == {"IQ-R_TA-C": 2, "IQ-A_TA-S": 3}
+    with pytest.raises(ValueError, match="relation code 7 is not one of"):
+        RelationTable.from_mapping({"IQ-R_TA-C": 2, "TA-C_IQ-R": 7})
 
 
 def write_report(path: Path) -> Path:
@@ -273,14 +309,65 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert "(gave up after 1 attempt)" in str(once.rewrites["A_3"].error)
 
 
-def test_an_llm_never_reached_is_named_in_the_note(server: GenerationAPIServer) -> None:
+def test_an_llm_never_reached_stops_the_run(server: GenerationAPIServer) -> None:
+    # Every rewrite fell back, every image was drawn from its original prompt and scored ok
+    # under the dtm name, and the run exited 0 with a note.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
     generator = rewriter(server, base_url=closed, max_attempts=1)
-    generator.generate([request("U_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
-    (note,) = generator.notes()
-    assert note.endswith("none was rewritten, is the LLM at its base_url reachable?")
+    with pytest.raises(
+        FatalBackendError,
+        match=r"rewriting LLM of generator 'm' has answered no request yet.*is it running",
+    ):
+        generator.generate([request("U_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert isinstance(generator.inner, RecordingGenerator)
+    assert generator.inner.prompts == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [lambda user: "", lambda user: user, lambda user: "I'm sorry, I can't."],
+    ids=["empty", "echo", "refusal"],
+)
+def test_answers_with_no_rewrite_before_any_rewrite_stop_the_run(
+    server: GenerationAPIServer, answer: Callable[[str], str]
+) -> None:
+    server.rewrite = answer
+    generator = rewriter(server)
+    for index in range(REFUSALS_TO_STOP - 1):
+        generator.generate(
+            [request(f"F_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert {o.status for o in generator.rewrites.values()} == {"fallback"}
+    with pytest.raises(
+        FatalBackendError,
+        match=rf"rewrote none of the first {REFUSALS_TO_STOP} prompts it was given",
+    ):
+        generator.generate([request("F_last", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    # After a rewrite, a failure is its own prompt's: it falls back.
+    working = rewriter(server)
+    server.rewrite = lambda user: "A red bike"
+    working.generate([request("W_0", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    server.rewrite = answer
+    for index in range(REFUSALS_TO_STOP + 1):
+        working.generate(
+            [request(f"W_{index + 1}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert sum(o.status == "fallback" for o in working.rewrites.values()) == REFUSALS_TO_STOP + 1
+
+
+def test_a_content_filter_before_any_rewrite_does_not_stop_the_run(
+    server: GenerationAPIServer,
+) -> None:
+    generator = rewriter(server)
+    content = Fault(status=400, code="content_filter", message="flagged by the content filter")
+    server.fail_next(*[content] * (REFUSALS_TO_STOP + 1))
+    for index in range(REFUSALS_TO_STOP + 1):
+        generator.generate(
+            [request(f"C_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    assert {o.status for o in generator.rewrites.values()} == {"fallback"}
 
 
 @pytest.mark.parametrize(
@@ -297,6 +384,8 @@ def test_an_answer_too_slow_in_all_or_too_large_falls_back(
     # ends it; the oversized answer is valid JSON after its 65 MiB of spaces (given the
     # time to send them, which a loaded machine may take).
     generator = rewriter(server, timeout_s=timeout_s, max_attempts=1)
+    # Before any answer, a timeout would stop the run (an LLM never reached).
+    generator.generate([request("S_0", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     server.fail_next(fault)
     generator.generate([request("S_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     rewrite = generator.rewrites["S_1"]
@@ -319,8 +408,8 @@ def test_refusals_before_any_rewrite_stop_the_run(server: GenerationAPIServer) -
     assert {o.status for o in generator.rewrites.values()} == {"fallback"}
     server.fail_next(refusal)
     message = (
-        f"the rewriting LLM of generator 'm' ('rewriter-llm' at {server.base_url}) refused the "
-        f"first {REFUSALS_TO_STOP} rewrite requests and rewrote no prompt (the last: HTTP 400: "
+        f"the rewriting LLM of generator 'm' ('rewriter-llm' at {server.base_url}) rewrote none "
+        f"of the first {REFUSALS_TO_STOP} prompts it was given (the last failure: HTTP 400: "
         "max_tokens is too large: 256 > 64); check the generator's model"
     )
     with pytest.raises(FatalBackendError, match=re.escape(message)):
@@ -415,6 +504,62 @@ def test_a_preamble_line_is_taken_off_the_rewrite(server: GenerationAPIServer, a
     generator.generate([request("P_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     outcome = generator.rewrites["P_1"]
     assert outcome.status == "rewritten" and outcome.prompt == "A red bike against a brick wall"
+
+
+REFUSALS = [
+    "I apologize, but I can't help with rewriting this prompt.",
+    "Unfortunately, I can't rewrite this prompt.",
+    "I'm afraid I can't do that.",
+    "My apologies, but I must decline.",
+    "Regrettably, I can't help with that request.",
+]
+
+
+@pytest.mark.parametrize("answer", REFUSALS)
+def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
+    # Each was recorded as rewritten, and its image drawn from the refusal.
+    with pytest.raises(ItemError, match="the LLM refused to rewrite the prompt"):
+        _rewrite_in(answer, "stop", guidance="G", max_tokens=256)
+
+
+@pytest.mark.parametrize(
+    ("answer", "prompt"),
+    [
+        ("Sure!\n\nHere is the rewritten prompt:\n\nA red bicycle", "A red bicycle"),
+        ("**Rewritten prompt:** A red bicycle", "A red bicycle"),
+        ("**Improved prompt**: A red bicycle", "A red bicycle"),
+        ("## Improved Prompt\n\nA red bicycle", "A red bicycle"),
+        ("Here is the revised text: A red bicycle", "A red bicycle"),
+        ("Rewritten prompt:\nA red bicycle.\n\nExplanation: red stands out.", "A red bicycle."),
+        ("A red bicycle.\n\n**Note:** the wall is kept.", "A red bicycle."),
+        # A first clause of the prompt's own is no preamble, nor is a first-person line in it.
+        (
+            "An improved text layout: a poster reading SALE",
+            "An improved text layout: a poster reading SALE",
+        ),
+        (
+            "Here is a neon sign with the text: OPEN",
+            "Here is a neon sign with the text: OPEN",
+        ),
+        ("A poster: I can't help falling in love", "A poster: I can't help falling in love"),
+        ("A bike.\n\nA note: on the wall", "A bike.\n\nA note: on the wall"),
+    ],
+    ids=[
+        "interjection-line",
+        "bold",
+        "bold-before-colon",
+        "heading",
+        "revised-text",
+        "explanation",
+        "note",
+        "first-clause",
+        "here-is-in-prompt",
+        "first-person-in-prompt",
+        "note-in-prompt",
+    ],
+)
+def test_a_preamble_and_an_explanation_come_off_the_rewrite_alone(answer: str, prompt: str) -> None:
+    assert _rewrite_in(answer, "stop", guidance="G", max_tokens=256) == prompt
 
 
 def test_an_answer_its_content_filter_stopped_falls_back(
@@ -522,6 +667,26 @@ def test_images_made_elsewhere_have_no_prompt_to_rewrite(
         match=re.escape(
             "generator 'g': its inner backend 'image_folder' serves images made elsewhere, not "
             "from the prompt it is given: there is nothing to rewrite; use it without dtm_rewrite"
+        ),
+    ):
+        build_generator(config.generators[0], config)
+
+
+def test_a_rewrite_around_a_rewrite_is_refused(make_config: ConfigFactory, tmp_path: Path) -> None:
+    # The images API was sent the outer rewrite of the inner one's rewrite, while the journal
+    # recorded the inner one's prompt.
+    inner = {"model": "m2", "relations": {"IQ-R_TA-C": 0}, "inner": {"backend": "synthetic"}}
+    options = {
+        "model": "m",
+        "relations": {"IQ-R_TA-C": 1},
+        "inner": {"backend": "dtm_rewrite", "options": inner},
+    }
+    config = make_config(generators=[{"name": "g", "backend": "dtm_rewrite", "options": options}])
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "generator 'g': its inner backend 'dtm_rewrite' is a dtm_rewrite itself: one "
+            "rewrite is made per prompt; give the inner one's inner generator here instead"
         ),
     ):
         build_generator(config.generators[0], config)

@@ -21,6 +21,7 @@ from trig_stream.backends.generators.image_folder import (
     ImageFolderGenerator,
     ImageFolderOptions,
 )
+from trig_stream.backends.generators.source_images import source_image
 from trig_stream.config import RunConfig
 from trig_stream.errors import ItemError
 from trig_stream.journal import JOURNAL
@@ -204,3 +205,88 @@ def test_options_refuse_unknown_keys_and_empty_extensions(tmp_path: Path) -> Non
         ImageFolderOptions.model_validate({"path": str(tmp_path), "image_dirs": "x"})
     with pytest.raises(ValidationError):
         ImageFolderOptions.model_validate({"path": str(tmp_path), "extensions": []})
+
+
+def sideways(fmt: str, orientation: int = 6) -> bytes:
+    """A 40x20 picture, red left and blue right, whose EXIF says to show it turned (6: a
+    quarter turn clockwise, 20x40 with red on top)."""
+    picture = Image.new("RGB", (40, 20), "blue")
+    picture.paste(Image.new("RGB", (20, 20), "red"))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    picture.save(buffer, format=fmt, exif=exif)
+    return buffer.getvalue()
+
+
+def assert_upright(picture: object) -> None:
+    assert isinstance(picture, Image.Image) and picture.size == (20, 40)
+    top, bottom = picture.getpixel((10, 5)), picture.getpixel((10, 35))
+    assert isinstance(top, tuple) and isinstance(bottom, tuple)
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_picture_stored_sideways_is_turned_as_its_exif_says(tmp_path: Path, fmt: str) -> None:
+    # It was stored as the file holds it, 40x20, where every viewer shows it 20x40; an 8-bit
+    # RGB PNG was even copied byte for byte.
+    (tmp_path / f"IQ-R_TA-C_1.{fmt.lower()}").write_bytes(sideways(fmt))
+    (tmp_path / "IQ-R_TA-C_2.png").write_bytes(sideways("PNG", orientation=1))
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    turned, as_stored = generator.generate(
+        [request("IQ-R_TA-C_1"), request("IQ-R_TA-C_2")], worker=0, cancel=threading.Event()
+    )
+    assert_upright(turned)
+    assert isinstance(as_stored, EncodedPicture)  # shown as stored: copied as it is
+
+
+def test_a_source_picture_stored_sideways_is_turned_as_its_exif_says(tmp_path: Path) -> None:
+    (tmp_path / "source.jpg").write_bytes(sideways("JPEG"))
+    common = {"task": "p2p", "prompt": "p", "dimensions": ("IQ-R", "TA-C")}
+    from_file = Sample(data_id="IQ-R_TA-C_1", source_path=tmp_path / "source.jpg", **common)
+    embedded = Sample(data_id="IQ-R_TA-C_2", source_bytes=sideways("JPEG"), **common)
+    assert_upright(source_image(from_file))
+    assert_upright(source_image(embedded))
+
+
+def test_files_whose_extensions_differ_in_case_alone_follow_a_stated_rule(
+    tmp_path: Path,
+) -> None:
+    # x.PNG was used because upper case sorts first, and the note said x.png lost to "a file
+    # of an extension earlier in extensions".
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "IQ-R_TA-C_1.PNG", format="PNG")
+    Image.new("RGB", (6, 6), "blue").save(tmp_path / "IQ-R_TA-C_1.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "IQ-R_TA-C_2.PNG", format="PNG")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "IQ-R_TA-C_2.Png", format="PNG")
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    first, _ = generator.generate(
+        [request("IQ-R_TA-C_1"), request("IQ-R_TA-C_2")], worker=0, cancel=threading.Event()
+    )
+    assert isinstance(first, EncodedPicture)
+    assert first.png == (tmp_path / "IQ-R_TA-C_1.png").read_bytes()
+    generator.close()
+    assert generator.shadowed == []
+    assert generator.twins == [
+        ("IQ-R_TA-C_1.png", "IQ-R_TA-C_1.PNG"),
+        ("IQ-R_TA-C_2.PNG", "IQ-R_TA-C_2.Png"),
+    ]
+    (note,) = generator.notes()
+    assert note == (
+        f"2 sample(s) in {tmp_path} have two files whose extensions differ in case alone (the "
+        "one with the lower-case extension is used, else the first by name): IQ-R_TA-C_1.png "
+        "used, IQ-R_TA-C_1.PNG ignored; IQ-R_TA-C_2.PNG used, IQ-R_TA-C_2.Png ignored"
+    )
+
+
+def test_a_missing_image_names_a_file_differing_in_case_alone(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "iq-r_ta-c_2.png")
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    (outcome,) = generator.generate([request("IQ-R_TA-C_2")], worker=0, cancel=threading.Event())
+    assert isinstance(outcome, ItemError)
+    assert str(outcome) == (
+        f"no image for IQ-R_TA-C_2 in {tmp_path} (found iq-r_ta-c_2.png, whose name differs "
+        "from the data_id in case alone: rename it to IQ-R_TA-C_2.png)"
+    )

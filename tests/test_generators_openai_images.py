@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -18,6 +21,7 @@ from trig_stream.backends.base import GenerationRequest
 from trig_stream.backends.generators.openai_images import (
     OpenAIImagesGenerator,
     OpenAIImagesOptions,
+    _decode,
 )
 from trig_stream.errors import (
     BackendError,
@@ -373,3 +377,69 @@ def test_only_t2i_runs(make_config: ConfigFactory, tmp_path: Path) -> None:
     p2p = config.model_copy(update={"run": config.run.model_copy(update={"task": "p2p"})})
     with pytest.raises(ConfigError, match="t2i"):
         build_generator(config.generators[0], p2p)
+
+
+def test_a_16_bit_grey_answer_is_scaled_not_turned_white() -> None:
+    # Pillow's own conversion to RGB clipped its values at 255: every image came out white.
+    buffer = io.BytesIO()
+    Image.new("I;16", (4, 4), 40000).save(buffer, format="PNG")
+    picture = _decode(base64.b64encode(buffer.getvalue()).decode())
+    assert picture.mode == "RGB" and picture.getpixel((0, 0)) == (156, 156, 156)
+
+
+def test_an_answer_stored_sideways_is_turned_as_its_exif_says() -> None:
+    picture = Image.new("RGB", (40, 20), "blue")
+    picture.paste(Image.new("RGB", (20, 20), "red"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown a quarter turn clockwise: 20x40, red on top
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", exif=exif)
+    turned = _decode(base64.b64encode(buffer.getvalue()).decode())
+    assert turned.size == (20, 40)
+    top = turned.getpixel((10, 5))
+    assert isinstance(top, tuple) and top[0] > 200 > top[2]
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"size": "banana"}, "size"),
+        ({"size": "1024"}, "size"),
+        ({"quality": "ultra"}, "quality"),
+        ({"style": "pastel"}, "style"),
+        ({"model": "gpt-image-1", "style": "vivid"}, "style is a dall-e-3 option"),
+    ],
+)
+def test_options_no_api_takes_are_refused_before_any_call(
+    options: dict[str, str], problem: str
+) -> None:
+    # Each passed validate, and the run spent 4 calls before stopping.
+    with pytest.raises(ValueError, match=problem):
+        OpenAIImagesOptions.model_validate(options)
+    for size in ("1792x1024", "auto"):
+        assert OpenAIImagesOptions(size=size).size == size
+
+
+@pytest.mark.parametrize(
+    ("answer", "hint"),
+    [
+        ("<html><body>Welcome</body></html>", "no JSON images object (a web page"),
+        (SimpleNamespace(data=[]), "an empty data list: no image"),
+        (
+            SimpleNamespace(data=[SimpleNamespace(url="https://x/1.png", b64_json=None)]),
+            "answered with URLs, not b64_json image data; ask for base64",
+        ),
+    ],
+    ids=["html", "empty", "urls"],
+)
+def test_an_answer_without_an_image_says_what_it_held(
+    server: GenerationAPIServer, key: str, answer: object, hint: str
+) -> None:
+    # Each was asked "with URLs?", a web page and an empty list alike.
+    generator = make(server)
+    generator._client.close()
+    generator._client = SimpleNamespace(images=SimpleNamespace(generate=lambda **_: answer))
+    outcome = one(generator)
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError)
+    assert hint in str(outcome)
+    assert ("URLs" in str(outcome)) == (hint.startswith("answered with URLs"))

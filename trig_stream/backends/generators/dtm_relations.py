@@ -62,13 +62,27 @@ class RelationTable:
     def from_mapping(cls, relations: Mapping[str, int]) -> RelationTable:
         """From ``{"A_B": code}``.
 
+        A pair may be named in both orders only with the same relation (``"A_B" = 2`` and
+        ``"B_A" = -2``).
+
         Raises:
-            ValueError: a key is not a pair of dimensions, or a code is not a relation code.
+            ValueError: a key is not a pair of dimensions, a code is not a relation code, or
+                a pair is named in both orders with relations that differ.
         """
         table = cls()
+        keys: dict[tuple[Dimension, Dimension], str] = {}
         for pair, code in relations.items():
             first, second = split_pair(pair)
+            earlier = keys.get((second, first))
+            if earlier is not None and code in RELATION_CODES and table.code(first, second) != code:
+                said = relations[earlier]
+                raise ValueError(
+                    f"relations {earlier!r} = {said} and {pair!r} = {code} set one pair twice, "
+                    f"with different relations ({pair} = {code} is {earlier} = "
+                    f"{oriented(code)}); keep one of the two keys"
+                )
             table.set(first, second, code)
+            keys[(first, second)] = pair
         return table
 
     @classmethod

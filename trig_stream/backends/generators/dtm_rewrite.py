@@ -39,7 +39,6 @@ from trig_stream.backends.base import (
     TimedPicture,
 )
 from trig_stream.backends.generators.api_calls import (
-    Refused,
     Sleep,
     api_key_from_env,
     call_with_retries,
@@ -61,6 +60,7 @@ from trig_stream.errors import (
     ConfigError,
     FatalBackendError,
     ItemError,
+    NotFoundError,
     UnreachableError,
 )
 from trig_stream.records import PromptRewrite, storable_text
@@ -190,8 +190,9 @@ class DTMRewriteGenerator(Generator):
         """Set once a call to the LLM has succeeded (see ``call_with_retries``)."""
         self._rewrote = False
         """Whether a prompt has been rewritten: the LLM and its options work."""
-        self._refused = 0
-        """Requests the LLM refused (:class:`Refused`) before any prompt was rewritten."""
+        self._failed = 0
+        """Rewrites that failed (a content filter's refusal aside) before any prompt was
+        rewritten."""
         self._client: Any = None
         self._key = ""
 
@@ -202,7 +203,8 @@ class DTMRewriteGenerator(Generator):
         """Build the wrapper and its inner generator (which inherits workers and batch_size).
 
         Raises:
-            ConfigError: the relation report cannot be read.
+            ConfigError: the relation report cannot be read, or the inner generator is an
+                image folder or another dtm_rewrite.
         """
         from trig_stream.backends.registry import build_generator
         from trig_stream.config import GeneratorConfig
@@ -220,6 +222,14 @@ class DTMRewriteGenerator(Generator):
             inner = build_generator(inner_entry, config)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"generator {entry.name!r}: {exc}") from None
+        if isinstance(inner, DTMRewriteGenerator):
+            # The outer rewrite of its rewrite would be drawn, and the journal would record
+            # the inner one's prompt, not the one the image was drawn from.
+            raise ConfigError(
+                f"generator {entry.name!r}: its inner backend {options.inner.backend!r} is a "
+                "dtm_rewrite itself: one rewrite is made per prompt; give the inner one's "
+                "inner generator here instead"
+            )
         if not inner.draws_from_the_prompt:
             # Its images would be recorded as drawn from rewrites they never saw, each one an
             # LLM call paid for nothing.
@@ -298,9 +308,9 @@ class DTMRewriteGenerator(Generator):
         """Rewrite one request's prompt; on failure keep the original and say why.
 
         Raises:
-            FatalBackendError: the LLM server refused the credentials, answered a 404 before
-                any success, or refused :data:`REFUSALS_TO_STOP` requests before any prompt
-                was rewritten.
+            FatalBackendError: the LLM server refused the credentials, answered a 404 or could
+                not be reached before any success, or :data:`REFUSALS_TO_STOP` rewrites failed
+                before any prompt was rewritten.
         """
         sample = request.sample
         first, second = sample.dimensions
@@ -310,22 +320,33 @@ class DTMRewriteGenerator(Generator):
             {"role": "user", "content": user_message(sample.prompt, first, second, code)},
         ]
         o = self.options
+        counts = True  # towards stopping the run: a content filter's refusal does not
         try:
-            response = call_with_retries(
-                lambda: self._client.chat.completions.create(
-                    model=o.model,
-                    messages=messages,
-                    temperature=o.temperature,
-                    max_tokens=o.max_tokens,
-                ),
-                policy=self.policy,
-                cancel=cancel,
-                secret=self._key,
-                sleep=self._sleep,
-                answered=self._answered,
-                api=f"the rewriting LLM of generator {self.name!r}",
-            )
+            try:
+                response = call_with_retries(
+                    lambda: self._client.chat.completions.create(
+                        model=o.model,
+                        messages=messages,
+                        temperature=o.temperature,
+                        max_tokens=o.max_tokens,
+                    ),
+                    policy=self.policy,
+                    cancel=cancel,
+                    secret=self._key,
+                    sleep=self._sleep,
+                    answered=self._answered,
+                    api=f"the rewriting LLM of generator {self.name!r}",
+                    # Every rewrite would fall back alike: the run would draw each image from
+                    # its original prompt and end as if it had gone well.
+                    unanswered_is_fatal=True,
+                )
+            except ItemError as exc:
+                # Only a refusal of the prompt's content, or the run's cancel, ends a call so.
+                counts = isinstance(exc, NotFoundError)
+                raise
             choice = response.choices[0]
+            if choice.finish_reason == "content_filter":
+                counts = False
             text = _rewrite_in(
                 choice.message.content,
                 choice.finish_reason,
@@ -340,14 +361,14 @@ class DTMRewriteGenerator(Generator):
             if not isinstance(exc, BackendError):
                 # An answer of the wrong shape ("choices": null, or a table) falls back too.
                 reason = f"the LLM's answer is malformed ({type(exc).__name__}: {reason})"
-            if isinstance(exc, Refused):
-                self._count_refusal(reason)
             logger.warning(
                 "generator %s: rewriting %s failed (%s); the original prompt is used",
                 self.name,
                 sample.data_id,
                 reason,
             )
+            if counts and not cancel.is_set():
+                self._count_failure(reason)
             return RewriteOutcome(
                 sample.data_id,
                 sample.pair,
@@ -362,29 +383,30 @@ class DTMRewriteGenerator(Generator):
             self._rewrote = True
         return RewriteOutcome(sample.data_id, sample.pair, code, sample.prompt, text, "rewritten")
 
-    def _count_refusal(self, reason: str) -> None:
-        """Stop the run once the LLM has refused :data:`REFUSALS_TO_STOP` requests before
-        rewriting any prompt: each would be drawn from its original prompt, and the run would
-        end as if it had gone well.
+    def _count_failure(self, reason: str) -> None:
+        """Stop the run once :data:`REFUSALS_TO_STOP` rewrites have failed before any prompt
+        was rewritten (the LLM refused the request, answered nothing usable, could not be
+        reached; a content filter's refusal is the prompt's own and not counted): each image
+        would be drawn from its original prompt, and the run would end as if it had gone well.
 
         Raises:
-            FatalBackendError: that many refusals.
+            FatalBackendError: that many failures.
         """
         with self._lock:
             if self._rewrote:
                 return
-            self._refused += 1
-            refused = self._refused
-        if refused < REFUSALS_TO_STOP:
+            self._failed += 1
+            failed = self._failed
+        if failed < REFUSALS_TO_STOP:
             return
         o = self.options
         where = f" at {o.base_url}" if o.base_url else ""
         raise FatalBackendError(
-            f"the rewriting LLM of generator {self.name!r} ({o.model!r}{where}) refused the "
-            f"first {refused} rewrite requests and rewrote no prompt (the last: {reason}); "
-            "check the generator's model, max_tokens and temperature against what that server "
-            "accepts (the images drawn meanwhile from their original prompts stay in the run: "
-            "start afresh with --new-run to have them rewritten too)"
+            f"the rewriting LLM of generator {self.name!r} ({o.model!r}{where}) rewrote none "
+            f"of the first {failed} prompts it was given (the last failure: {reason}); check "
+            "the generator's model, base_url, max_tokens and temperature against what that "
+            "server accepts (the images drawn meanwhile from their original prompts stay in "
+            "the run: start afresh with --new-run to have them rewritten too)"
         )
 
     def notes(self) -> list[str]:
@@ -427,20 +449,53 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
 
 
 REFUSAL = re.compile(
-    r"(I['’]?m|I am)\s+(sorry|unable|not able)|sorry\b|I\s+(can(['’]?t|not| not)|won['’]?t|"
-    r"will not)\b|as an AI\b",
+    r"(I['’]?m|I am)\s+(sorry|unable|not able|afraid)|sorry\b|(I\s+)?apologi[sz]e|"
+    r"(my\s+)?apologies|unfortunately\b|I\s+(can(['’]?t|not| not)|won['’]?t|will not)\b|"
+    r"as an AI\b",
     re.I,
 )
 """How an LLM's refusal to rewrite opens (matched at the start of its answer only: a prompt may
 well say "sorry" further in)."""
 
-PREAMBLE = re.compile(
-    r"[^\n:]{0,60}\b(here(['’]s| is| are)|rewritten|revised|improved)\b[^\n:]{0,40}"
-    r"\b(prompt|version|text|description)\b[^\n:]{0,20}:\s*",
+REFUSAL_IN_FIRST_SENTENCE = re.compile(
+    r"\bI\s+((must|have to|need to)\s+(respectfully\s+)?decline\b|"
+    r"(can(['’]?t|not| not)|won['’]?t|will not|am unable to|am not able to)\b"
+    r"[^.!?\n]{0,40}?\b(help( you)? (with|here|on)|assist|rewrite|rewriting|comply|do that|"
+    r"fulfil+|modify)\b)",
     re.I,
 )
-"""A line that introduces the rewrite, as chat models add despite being asked not to
-("Sure! Here is the rewritten prompt:"): taken off the answer's start."""
+"""A refusal in the answer's first sentence after an opening of any kind ("My apologies, but I
+must decline", "Regrettably, I can't help with that"): said in the first person, which an
+image prompt hardly is."""
+
+INTERJECTION = r"((sure|certainly|of course|absolutely|okay|ok|great|alright)\b[^\n]{0,20}\n+)?"
+"""A line of its own before a preamble ("Sure!")."""
+
+MARKDOWN = r"[*_#>\s]*"
+
+REVISED = r"(rewritten|revised|improved|enhanced|refined|updated|new)"
+
+PREAMBLE = re.compile(
+    rf"\s*{INTERJECTION}{MARKDOWN}("
+    r"(sure|certainly|of course|absolutely|okay|ok|great|alright)?[!.,\s]*"
+    rf"here(['’]s| is| are)\b[^\n:]{{0,60}}\b(prompt|version|description|rewrite|{REVISED}\s+text)"
+    r"s?\b[^\n:]{0,40}"
+    rf"|((the|my|your)\s+)?{REVISED}\s+((text-to-image|image)\s+)?"
+    r"(prompt|version|description|text)"
+    r")[*_ \t]*(:|\n)[*_\s]*",
+    re.I,
+)
+"""The words that introduce the rewrite, as chat models add despite being asked not to ("Sure!
+Here is the rewritten prompt:", "**Rewritten prompt:**"), taken off the answer's start: a
+known phrase ("here is ... prompt", "rewritten prompt") before a colon or on a line of its own
+(a heading), after an interjection
+line and markdown, never a first clause of the rewrite's own ("An improved text layout: ...")."""
+
+AFTERWORD = re.compile(
+    r"\n\s*\n[*_#>\s]*(explanation|notes?|changes( made)?|rationale)\b[^\n:]{0,40}:.*\Z",
+    re.I | re.S,
+)
+"""A closing paragraph that explains the rewrite ("Explanation: ..."): no part of the prompt."""
 
 ECHO = re.compile(r"^\s*Original:\s*$", re.M)
 """The marker before the prompt in our request (``user_message``): an answer holding it
@@ -450,7 +505,8 @@ repeats the request rather than answering it."""
 def _rewrite_in(
     content: str | None, finish_reason: str | None, *, guidance: str, max_tokens: int
 ) -> str:
-    """The rewritten prompt in an LLM's answer, cleaned of quotes and a preamble line.
+    """The rewritten prompt in an LLM's answer, cleaned of quotes, a preamble and a closing
+    explanation.
 
     Raises:
         ItemError: the answer holds no rewrite to draw from: empty, cut, stopped by a content
@@ -463,6 +519,7 @@ def _rewrite_in(
     preamble = PREAMBLE.match(text)
     if preamble is not None:
         text = _clean(text[preamble.end() :])
+    text = _clean(AFTERWORD.sub("", text))
     if not text:
         raise ItemError("the LLM answered with an empty rewrite")
     if not _encodable(text):
@@ -480,7 +537,8 @@ def _rewrite_in(
             f"the LLM's rewrite is {len(text):,} characters long (at most "
             f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
         )
-    if REFUSAL.match(text):
+    first_sentence = re.split(r"[.!?\n]", text, maxsplit=1)[0]
+    if REFUSAL.match(text) or REFUSAL_IN_FIRST_SENTENCE.search(first_sentence):
         raise ItemError(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
     if guidance in text or ECHO.search(text):
         raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")

@@ -81,6 +81,9 @@ class ImageFolderGenerator(Generator):
         self.shadowed: list[str] = []
         """Files of a requested sample that another file of it, of a preferred extension, won
         over (known after :meth:`close`)."""
+        self.twins: list[tuple[str, str]] = []
+        """(used, ignored): files of a requested sample whose extensions differ in case alone
+        (``x.png`` and ``x.PNG``), known after :meth:`close`; see :func:`_preference`."""
         self._files: dict[str, list[Path]] = {}
         self._others: dict[str, list[Path]] = {}
         self._requested: set[str] = set()
@@ -122,7 +125,7 @@ class ImageFolderGenerator(Generator):
             index = self._files if ext in accepted else self._others
             index.setdefault(entry.stem, []).append(entry)
         for paths in self._files.values():
-            paths.sort(key=lambda p: accepted.index(p.suffix.lstrip(".").lower()))
+            paths.sort(key=lambda p: _preference(p, accepted))
         logger.info(
             "image folder %s: %d images, %d other files",
             self.folder,
@@ -152,6 +155,12 @@ class ImageFolderGenerator(Generator):
                 names = ", ".join(p.name for p in others)
                 accepted = ", ".join(self.options.extensions)
                 message += f" (found {names}, whose extension is not one of: {accepted})"
+            elif cased := self._differing_in_case(data_id):
+                names = ", ".join(p.name for p in cased)
+                message += (
+                    f" (found {names}, whose name differs from the data_id in case alone: "
+                    f"rename it to {data_id}{cased[0].suffix})"
+                )
             return ItemError(message)
         picture = png_as_is(paths[0])
         if picture is not None:
@@ -160,6 +169,17 @@ class ImageFolderGenerator(Generator):
             return open_image(paths[0])  # says what is wrong with a file png_as_is refused
         except ItemError as exc:
             return exc
+
+    def _differing_in_case(self, data_id: str) -> list[Path]:
+        """Files whose stem is ``data_id`` but for its case: ids are matched exactly."""
+        wanted = data_id.casefold()
+        return sorted(
+            path
+            for index in (self._files, self._others)
+            for stem, paths in index.items()
+            if stem.casefold() == wanted
+            for path in paths
+        )
 
     def notes(self) -> list[str]:
         found = []
@@ -180,6 +200,13 @@ class ImageFolderGenerator(Generator):
                 f"of an extension earlier in `extensions` ({', '.join(self.options.extensions)})"
                 f": {shown}"
             )
+        if self.twins:
+            shown = "; ".join(f"{used} used, {ignored} ignored" for used, ignored in self.twins[:5])
+            found.append(
+                f"{len(self.twins)} sample(s) in {self.folder} have two files whose extensions "
+                "differ in case alone (the one with the lower-case extension is used, else the "
+                f"first by name): {shown}" + ("; ..." if len(self.twins) > 5 else "")
+            )
         return found
 
     def close(self) -> None:
@@ -198,6 +225,14 @@ class ImageFolderGenerator(Generator):
             for stem, paths in self._files.items()
             if stem in requested
             for path in paths[1:]
+            if _extension(path) != _extension(paths[0])
+        )
+        self.twins = sorted(
+            (paths[0].name, path.name)
+            for stem, paths in self._files.items()
+            if stem in requested
+            for path in paths[1:]
+            if _extension(path) == _extension(paths[0])
         )
         if self.unmatched:
             shown = ", ".join(self.unmatched[:5]) + (", ..." if len(self.unmatched) > 5 else "")
@@ -213,3 +248,14 @@ class ImageFolderGenerator(Generator):
                 self.folder,
                 len(self.ignored),
             )
+
+
+def _extension(path: Path) -> str:
+    return path.suffix.lstrip(".").lower()
+
+
+def _preference(path: Path, accepted: list[str]) -> tuple[int, bool, str]:
+    """The order of a sample's files, the first one used: by the extension's place in
+    ``extensions``; for extensions that differ in case alone (``x.png``, ``x.PNG``), the
+    lower-case one first, then by name."""
+    return accepted.index(_extension(path)), path.suffix != path.suffix.lower(), path.name

@@ -17,9 +17,9 @@ import binascii
 import io
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from trig_stream.backends.base import GenerationRequest, Generator
 from trig_stream.backends.generators.api_calls import (
@@ -29,6 +29,7 @@ from trig_stream.backends.generators.api_calls import (
     openai_client,
     wait_on_cancel,
 )
+from trig_stream.backends.generators.source_images import rgb, upright
 from trig_stream.config_fields import OPTIONS_CONFIG, EnvVarName, HttpUrl
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
@@ -49,11 +50,13 @@ class OpenAIImagesOptions(BaseModel):
     """The API root, e.g. ``https://api.openai.com/v1``; None uses the SDK's default."""
     api_key_env: EnvVarName = "OPENAI_API_KEY"
     """The NAME of the environment variable holding the key (never the key itself)."""
-    size: str = "1024x1024"
-    quality: str | None = None
-    """``standard`` / ``hd`` (dall-e-3), ``low`` / ``medium`` / ``high`` (gpt-image-1)."""
-    style: str | None = None
-    """``vivid`` / ``natural`` (dall-e-3)."""
+    size: Annotated[str, Field(pattern=r"^([1-9][0-9]*x[1-9][0-9]*|auto)$")] = "1024x1024"
+    """``WIDTHxHEIGHT`` or ``auto``."""
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
+    """``standard`` / ``hd`` (dall-e-3), ``low`` / ``medium`` / ``high`` / ``auto``
+    (gpt-image-1); another value goes in ``extra_body``."""
+    style: Literal["vivid", "natural"] | None = None
+    """``vivid`` / ``natural`` (dall-e-3 only)."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """Further request fields, sent as they are."""
     timeout_s: Annotated[float, Field(gt=0)] = 180.0
@@ -63,6 +66,15 @@ class OpenAIImagesOptions(BaseModel):
     """Attempts per image for transient failures (5xx, timeouts, 429)."""
     backoff_initial: Annotated[float, Field(ge=0)] = 2.0
     backoff_max: Annotated[float, Field(ge=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _style_for_dall_e(self) -> OpenAIImagesOptions:
+        if self.style is not None and self.model.startswith("gpt-image"):
+            raise ValueError(
+                f"style is a dall-e-3 option: {self.model} refuses it; remove style (or pass "
+                "it in extra_body for a server that takes it)"
+            )
+        return self
 
 
 class OpenAIImagesGenerator(Generator):
@@ -182,16 +194,13 @@ class OpenAIImagesGenerator(Generator):
             api=f"the images API of generator {self.name!r}",
             unanswered_is_fatal=True,
         )
-        data = getattr(response, "data", None) or []
-        encoded = getattr(data[0], "b64_json", None) if data else None
+        data = getattr(response, "data", None)
+        encoded = getattr(data[0], "b64_json", None) if isinstance(data, list) and data else None
         if not encoded:
             # Not this prompt's fault: the server answers in another form (URLs, often), and
             # so every request would fail alike. Not an ItemError, so that a generator that
             # never gets an image stops the run (generation.FAILED_CALLS_TO_STOP).
-            raise BackendError(
-                "the images API answered without b64_json image data (with URLs? ask for "
-                'base64: options.extra_body = { response_format = "b64_json" })'
-            )
+            raise BackendError(_no_image(data))
         return _decode(encoded)
 
     def close(self) -> None:
@@ -200,15 +209,34 @@ class OpenAIImagesGenerator(Generator):
             self._client = None
 
 
+def _no_image(data: object) -> str:
+    """What is wrong with an answer whose ``data`` holds no ``b64_json`` image."""
+    if not isinstance(data, list):
+        return (
+            "the images API answered with no JSON images object (a web page, or another "
+            "API's answer?); check base_url: the API's root, often ending in /v1"
+        )
+    if not data:
+        return "the images API answered with an empty data list: no image"
+    if getattr(data[0], "url", None):
+        return (
+            "the images API answered with URLs, not b64_json image data; ask for base64: "
+            'options.extra_body = { response_format = "b64_json" }'
+        )
+    return "the images API answered without b64_json image data"
+
+
 def _decode(encoded: str) -> Image:
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
     try:
         raw = base64.b64decode(encoded, validate=True)
-        with PILImage.open(io.BytesIO(raw)) as image:
-            image.load()
-            return image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+        with PILImage.open(io.BytesIO(raw)) as opened:
+            opened.load()
+            image = upright(opened)
+            # A 16-bit grey picture would turn white through a plain convert("RGB").
+            return image if image.mode in ("RGB", "RGBA") else rgb(image)
     except UnidentifiedImageError:
         raise BackendError("the images API returned bytes that are no image") from None
     except (binascii.Error, OSError, SyntaxError, ValueError) as exc:
