@@ -608,6 +608,33 @@ def test_validate_makes_the_checks_of_building_the_backends(
     assert "every one of the 6 records read would be quarantined" in captured.err
 
 
+@pytest.mark.parametrize("backend", ["openai_images", "dtm_rewrite"])
+def test_validate_and_run_refuse_a_generator_key_no_header_can_carry(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+) -> None:
+    # validate said ok; run then failed every image ("UnicodeEncodeError ... position 3") or
+    # fell back on every prompt, with exit 0.
+    path = write_config(tmp_path)
+    options = 'base_url = "http://127.0.0.1:9/v1", api_key_env = "TRIG_TEST_GEN_KEY"'
+    if backend == "dtm_rewrite":
+        relations = '{ "IQ-R_TA-C" = 1 }'
+        options += f', model = "m", inner = {{ backend = "synthetic" }}, relations = {relations}'
+    synthetic = 'backend = "synthetic"\noptions = { size = 16 }'
+    path.write_text(
+        path.read_text().replace(synthetic, f'backend = "{backend}"\noptions = {{ {options} }}')
+    )
+    monkeypatch.setenv("TRIG_TEST_GEN_KEY", "sk-\u00e9")
+    problem = "TRIG_TEST_GEN_KEY (api_key_env) holds characters an HTTP header cannot carry"
+    assert main(["validate", str(path)]) == EXIT_FATAL
+    assert problem in capsys.readouterr().err
+    assert main(["run", str(path), "--headless"]) == EXIT_FATAL
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_validate_checks_what_the_backends_need_from_this_machine(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

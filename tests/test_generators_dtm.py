@@ -273,6 +273,43 @@ def test_an_empty_key_variable_means_a_server_without_key(
         rewriter(keyless, api_key_env="OPENAI_API_KEY")
 
 
+@pytest.mark.parametrize("bad_key", ["sk-\u00e9", "sk-made-from-a-file\n"])
+def test_a_key_no_header_can_carry_is_fatal_before_any_rewrite(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch, bad_key: str
+) -> None:
+    # It was taken: every prompt then fell back, and the note said the LLM had answered.
+    monkeypatch.setenv(KEY_ENV, bad_key)
+    problem = f"generator 'm': the environment variable {KEY_ENV} .* HTTP header cannot carry"
+    with pytest.raises(FatalBackendError, match=problem) as loading:
+        rewriter(server)
+    options = DTMRewriteOptions.model_validate(
+        {
+            "inner": {"backend": "synthetic"},
+            "model": "rewriter-llm",
+            "base_url": server.base_url,
+            "api_key_env": KEY_ENV,
+            "relations": {"IQ-R_TA-C": 0},
+        }
+    )
+    generator = DTMRewriteGenerator("m", options, RecordingGenerator())
+    with pytest.raises(FatalBackendError, match=problem) as checked:
+        generator.check_environment()  # what validate runs
+    assert "sk-" not in f"{loading.value} {checked.value}"
+    assert server.requests == []
+
+
+def test_a_short_key_echoed_by_the_llm_is_masked_in_the_rewrite_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Keys under 4 characters were never masked: prompt_rewrite.error kept "token abc".
+    monkeypatch.setenv(KEY_ENV, "abc")
+    with GenerationAPIServer(api_key="abc") as short:
+        short.fail_next(Fault(status=400, message="abcd refused: invalid token abc"))
+        generator = rewriter(short)
+        generator.generate([request("S_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert generator.rewrites["S_1"].error == "HTTP 400: abcd refused: invalid token ***"
+
+
 def test_failure_falls_back_to_the_original_and_says_so(
     server: GenerationAPIServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -356,6 +356,38 @@ def test_missing_key_variable_is_fatal_and_names_it(
         make(server)
 
 
+@pytest.mark.parametrize("bad_key", ["sk-\u00e9", "sk-made-from-a-file\n"])
+def test_a_key_no_header_can_carry_is_fatal_before_any_call(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch, bad_key: str
+) -> None:
+    # It was taken: every image then failed with the encoder's error, which named a character
+    # of the key and its position, or as "cannot reach the API" (a newline in the key).
+    monkeypatch.setenv(KEY_ENV, bad_key)
+    options = OpenAIImagesOptions.model_validate(
+        {"base_url": server.base_url, "api_key_env": KEY_ENV}
+    )
+    problem = f"generator 'dalle3': the environment variable {KEY_ENV} .* HTTP header cannot carry"
+    with pytest.raises(FatalBackendError, match=problem) as checked:
+        OpenAIImagesGenerator("dalle3", options).check_environment()  # what validate runs
+    with pytest.raises(FatalBackendError, match=problem) as loading:
+        make(server)
+    assert "sk-" not in f"{checked.value} {loading.value}"
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("short_key", ["e", "abc"])
+def test_a_short_key_echoed_by_the_server_is_masked(
+    monkeypatch: pytest.MonkeyPatch, short_key: str
+) -> None:
+    # Keys under 4 characters were never masked: "HTTP 400: invalid token abc" went to the
+    # journal. Words that hold the key stay readable.
+    monkeypatch.setenv(KEY_ENV, short_key)
+    with GenerationAPIServer(api_key=short_key) as short:
+        short.fail_next(Fault(status=400, message=f"The value is refused: token {short_key}"))
+        outcome = one(make(short))
+    assert str(outcome) == "HTTP 400: The value is refused: token ***"
+
+
 def test_cancel_cuts_a_backoff_short(server: GenerationAPIServer, key: str) -> None:
     cancel = threading.Event()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import shutil
 import socket
 import ssl
@@ -473,6 +474,51 @@ async def test_no_client_follows_a_redirect_and_the_key_in_it_is_scrubbed(client
         f"{script.url}/chat/completions?key=***&k2=***: set base_url to where it points"
     )
     assert len(script.requests) == 1
+
+
+ODD_KEY = "sk-Zq9\\Xp7\"W'k"
+"""A key holding a backslash and both quotes: a body quoted as Python shows it escaped."""
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+@pytest.mark.parametrize(
+    ("key", "body", "reason"),
+    [
+        (ODD_KEY, {"detail": f"invalid token {ODD_KEY}"}, "{'detail': 'invalid token ***'}"),
+        (
+            ODD_KEY,
+            {"error": {"code": "bad", "param": f"token {ODD_KEY}"}},
+            "{'code': 'bad', 'param': 'token ***'}",
+        ),
+        (ODD_KEY, [f"invalid token {ODD_KEY}"], "['invalid token ***']"),
+        (
+            "e",
+            {"error": {"message": "The server is overloaded: e"}},
+            "The server is overloaded: ***",
+        ),
+        ("abc", {"detail": "abcd: invalid token abc"}, "{'detail': 'abcd: invalid token ***'}"),
+    ],
+    ids=["detail", "error-without-message", "list", "one-letter-key", "three-letter-key"],
+)
+async def test_a_key_a_server_echoes_is_scrubbed_escaped_or_short(
+    client: Client, key: str, body: Any, reason: str
+) -> None:
+    # A body without a message is quoted as Python shows it, which escapes a key holding a
+    # backslash or quotes: only the raw key was scrubbed. A one-letter key garbled every word
+    # holding its letter ("Th*** s***rv***r").
+    payload = json.dumps(body).encode()
+    head = f"HTTP/1.1 500 Internal Server Error\r\nContent-Length: {len(payload)}\r\n"
+    reply = ([head.encode() + b"Content-Type: application/json\r\n\r\n" + payload], False)
+    async with scripted(reply) as script:
+        transport = open_transport(
+            client, script.url, secret=key, key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            with pytest.raises(RetryableError) as caught:
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+    assert str(caught.value) == f"judge at {script.url}: HTTP 500: {reason}"
 
 
 @pytest.fixture

@@ -466,7 +466,7 @@ async def test_a_key_with_a_trailing_newline_stops_at_open_without_showing_it(
         client=client,
     )
     with pytest.raises(
-        FatalBackendError, match=r"TRIG_TEST_JUDGE_KEY .* \(a trailing newline\?\)"
+        FatalBackendError, match=r"TRIG_TEST_JUDGE_KEY .* \(a trailing newline\?"
     ) as e:
         await OpenAIJudge("trigscore", options).open()
     assert "sk-made" not in str(e.value)

@@ -146,6 +146,34 @@ async def test_a_key_cut_by_the_start_of_the_quoted_tail_is_never_shown(
     await judge.aclose()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("key", ["e", "abc", KEY, "sk-Zq9\\Xp7\"W'k"])
+async def test_a_key_logged_in_its_arguments_is_scrubbed_and_words_are_left_alone(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    # vLLM logs its arguments as a Python dict, which shows a key holding a backslash or
+    # quotes escaped: only the raw key was scrubbed. A one-letter key garbled every word
+    # holding its letter, in the output and in the command line quoted.
+    monkeypatch.setenv("SERVE_TEST_KEY", key)
+    script = (
+        "import os, sys\n"
+        "key = os.environ['SERVE_TEST_KEY']\n"
+        "print('non-default args:', {'api_key': key, 'model': 'm'})\n"
+        "print('The server is overloaded: abcd', key)\n"
+        "sys.exit(3)\n"
+    )
+    judge = judge_with(
+        serve([sys.executable, "-c", script, "{port}"]), api_key_env="SERVE_TEST_KEY"
+    )
+    with pytest.raises(FatalBackendError) as caught:
+        await judge.open()
+    message = str(caught.value)
+    assert "| non-default args: {'api_key': '***', 'model': 'm'}\n" in message
+    assert "| The server is overloaded: abcd ***" in message
+    assert "print('The server is overloaded: abcd', key)" in message  # the command line
+    await judge.aclose()
+
+
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_an_ipv6_host_is_bracketed_in_the_urls(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
+from trig_stream.backends.api_keys import check_key, scrub
 from trig_stream.backends.judges.http_errors import (
     CONTENT_REFUSAL,
     AnswerTooLarge,
@@ -69,7 +70,9 @@ def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str
         required: whether an unset variable is an error.
 
     Raises:
-        FatalBackendError: the variable is unset or empty and ``required``.
+        FatalBackendError: the variable is unset or empty and ``required``, or the key holds
+            a character an HTTP header cannot carry
+            (:func:`~trig_stream.backends.api_keys.check_key`).
     """
     if not variable:
         return ""
@@ -79,7 +82,7 @@ def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str
             f"{owner}: set the environment variable {variable} (api_key_env) to the API key "
             '(or api_key_env = "" for a server that takes no key)'
         )
-    return key
+    return check_key(key, owner=owner, variable=variable) if key else key
 
 
 def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
@@ -117,8 +120,9 @@ def _start_deadline(request: Any, *, timeout_s: float) -> None:
 
 
 def redact(text: str, secret: str) -> str:
-    """``text`` with every occurrence of ``secret`` masked."""
-    return text.replace(secret, "***") if len(secret) >= 4 else text
+    """``text`` with ``secret`` masked, by the judges' rule
+    (:func:`~trig_stream.backends.api_keys.scrub`)."""
+    return scrub(text, secret)
 
 
 def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:

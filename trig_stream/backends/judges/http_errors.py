@@ -17,7 +17,8 @@ any other 4xx                          :class:`ItemError` with the status and re
 
 :func:`classify` reads what the ``openai`` SDK raised; the http and aiohttp transports call the
 functions below it directly with the status, headers and body they got. Messages never quote
-the API key: server text is scrubbed of it (some providers echo the key they received) and
+the API key: server text is scrubbed of it (some providers echo the key they received; see
+:func:`~trig_stream.backends.api_keys.scrub`, which finds it escaped too) and
 the client's exception is not chained, since its text and request carry what the server said.
 """
 
@@ -27,9 +28,9 @@ import datetime
 import email.utils
 import re
 import time
-import urllib.parse
 from collections.abc import Callable, Mapping
 
+from trig_stream.backends.api_keys import scrub
 from trig_stream.errors import (
     AnswerTimeoutError,
     BackendError,
@@ -196,8 +197,6 @@ def redirect_error(
     Where it points is quoted scrubbed of the key (a query may echo it, also URL-encoded).
     """
     where = next((value for name, value in headers.items() if name.lower() == "location"), "")
-    if secret:
-        where = scrub(where, urllib.parse.quote(secret, safe=""))
     where = scrub(where, secret)[:REASON_CHARS] or "elsewhere"
     return FatalBackendError(
         f"judge at {endpoint} redirects (HTTP {status}) to {where}: set base_url to where it points"
@@ -254,10 +253,3 @@ def _reason(body: object, secret: str | None) -> str:
     # Scrub before cutting, so that no piece of the key survives at the cut.
     text = " ".join(scrub(text, secret).split())
     return text[:REASON_CHARS] + ("…" if len(text) > REASON_CHARS else "") or "no reason given"
-
-
-def scrub(text: str, secret: str | None) -> str:
-    """``text`` with every occurrence of ``secret`` replaced by ``***``."""
-    if secret:
-        text = text.replace(secret, "***")
-    return text

@@ -48,6 +48,7 @@ import anyio
 from anyio.abc import Process
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from trig_stream.backends.api_keys import scrub_all
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError
@@ -386,9 +387,7 @@ class ManagedServer:
         return what
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub_all(text, self._secrets)
 
     def _command(self) -> str:
         return self._scrub(f"`{' '.join(self.argv)}`")

@@ -39,6 +39,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from trig_stream.backends.api_keys import check_key
 from trig_stream.backends.base import (
     Judge,
     JudgeReply,
@@ -325,13 +326,7 @@ class OpenAIJudge(Judge):
                 f"judge {self.name!r}: the environment variable {env} (api_key_env) is "
                 "not set or empty; export the API key in it"
             )
-        if not (key.isascii() and key.isprintable()):  # a newline would end its header
-            raise FatalBackendError(
-                f"judge {self.name!r}: the environment variable {env} (api_key_env) holds "
-                "characters an HTTP header cannot carry (a trailing newline?); export the "
-                "key alone"
-            )
-        return key
+        return check_key(key, owner=f"judge {self.name!r}", variable=env)
 
     async def open(self) -> None:
         """Start the ``serve`` server if any, then create one transport per endpoint.

@@ -1,0 +1,89 @@
+"""One rule for API keys: which an HTTP header can carry, and masking them in quoted text."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Callable
+
+import pytest
+
+from trig_stream.backends.api_keys import check_key, scrub, scrub_all
+from trig_stream.errors import FatalBackendError
+
+ODD_KEY = "sk-Zq9\\Xp7\"W'k"
+"""A key holding a backslash and both quotes: Python's repr and JSON show it escaped."""
+
+KEYS = ["e", "abc", "sk-proj-4f9A_0123456789abcdef", ODD_KEY]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_a_key_echoed_as_it_is_is_masked(key: str) -> None:
+    for text, masked in [
+        (f"invalid token {key}", "invalid token ***"),
+        (f"Bearer {key}.", "Bearer ***."),
+        (f"key={key}&then", "key=***&then"),
+        (key, "***"),
+    ]:
+        assert scrub(text, key) == masked
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_a_key_echoed_inside_a_quoted_body_is_masked(key: str) -> None:
+    # A body with no message was quoted as str(body): ODD_KEY showed as sk-Zq9\\Xp7"W\'k.
+    quotings: list[Callable[[str], str]] = [
+        lambda token: str({"detail": f"invalid token {token}"}),
+        lambda token: str({"code": "bad", "param": f"token {token}"}),
+        lambda token: str([f"invalid token {token}"]),
+        lambda token: json.dumps({"detail": f"invalid token {token}"}),
+    ]
+    for shown in quotings:
+        assert scrub(shown(key), key) == shown("***")
+    in_url = f"https://api/v1?key={urllib.parse.quote(key, safe='')}&k2={key}"
+    assert scrub(in_url, key) == "https://api/v1?key=***&k2=***"
+
+
+def test_a_key_with_a_slash_is_masked_as_json_may_escape_it() -> None:
+    key = "sk-a/b"
+    assert scrub('{"detail": "token sk-a\\/b"}', key) == '{"detail": "token ***"}'
+
+
+def test_a_key_with_one_kind_of_quote_is_masked_however_repr_quotes_it() -> None:
+    # repr picks its quotes by the whole string, not by the key in it.
+    key = "sk-it's\\"
+    assert scrub(repr(f"token {key}"), key) == '"token ***"'
+    assert scrub(repr(f'say "{key}"'), key) == "'say \"***\"'"
+    assert scrub(str({"api_key": key}), key) == "{'api_key': \"***\"}"
+
+
+def test_a_short_key_leaves_the_words_that_hold_it_alone() -> None:
+    # A one-letter key garbled every message: "Th*** s***rv***r is ov***rload***d".
+    assert scrub("The server is overloaded", "e") == "The server is overloaded"
+    assert scrub("abcd xabc abc_1 abc-2 2abc", "abc") == "abcd xabc abc_1 abc-2 2abc"
+    assert scrub("abc: abcd (abc)", "abc") == "***: abcd (***)"
+
+
+def test_a_key_edge_that_is_no_token_character_needs_no_boundary() -> None:
+    # The key's own quote ends it: what is glued to it cannot make it part of a longer word.
+    assert scrub("x'sk-1'x", "'sk-1'") == "x***x"
+
+
+def test_no_key_masks_nothing_and_several_are_each_masked() -> None:
+    assert scrub("unused", "") == "unused"
+    assert scrub("unused", None) == "unused"
+    assert scrub_all("a b c", ["a", "c"]) == "*** b ***"
+
+
+@pytest.mark.parametrize("key", ["sk-\u00e9", "sk-made-from-a-file\n", "sk-\tkey", "sk-\u200b"])
+def test_a_key_no_header_can_carry_is_refused_without_quoting_it(key: str) -> None:
+    with pytest.raises(FatalBackendError) as caught:
+        check_key(key, owner="generator 'dalle3'", variable="TRIG_KEY")
+    message = str(caught.value)
+    assert message.startswith("generator 'dalle3': the environment variable TRIG_KEY ")
+    assert "HTTP header cannot carry" in message and "export the key alone" in message
+    assert "sk-" not in message and "position" not in message
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_a_key_a_header_can_carry_is_taken(key: str) -> None:
+    assert check_key(key, owner="judge 'j'", variable="TRIG_KEY") == key

@@ -1,0 +1,105 @@
+"""API keys read from the environment: which ones an HTTP header can carry, and keeping
+them out of every text quoted from a server or a process.
+
+Judges and generators share one rule, so a key is refused, and masked, the same way
+wherever it is used:
+
+- :func:`check_key` refuses a key an ``Authorization`` header cannot carry (a character
+  outside printable ASCII, a trailing newline pasted from a file) before anything is sent.
+- :func:`scrub` replaces the key with ``***`` where it stands as a token of its own, and in
+  the escaped forms a server or a log writes it in (Python's ``repr``, JSON, a URL), since
+  a body quoted as ``str(body)`` shows a key holding ``\\`` or quotes only escaped. "As a token
+  of its own" means not glued to a letter, digit, ``_`` or ``-`` on a side where the key
+  itself ends in one: a short key (``e``, ``abc``) is masked where a server echoes it, and
+  words that merely contain it (``overloaded``) are left readable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from collections.abc import Iterable
+
+from trig_stream.errors import FatalBackendError
+
+MASK = "***"
+"""What a key is replaced with in a quoted text."""
+
+_TOKEN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+"""Characters a key's token runs on through: a key glued to one of them is part of a
+longer word, not the key."""
+
+_NOT_TOKEN_BEFORE = r"(?<![A-Za-z0-9_-])"
+_NOT_TOKEN_AFTER = r"(?![A-Za-z0-9_-])"
+
+
+def header_safe(key: str) -> bool:
+    """Whether an HTTP header can carry ``key``: printable ASCII only (a newline would end
+    the header, and a non-ASCII character cannot be encoded in it)."""
+    return key.isascii() and key.isprintable()
+
+
+def check_key(key: str, *, owner: str, variable: str) -> str:
+    """``key``, read from the environment variable ``variable``, if a header can carry it.
+
+    Args:
+        key: the key as read.
+        owner: who needs the key, for the message (``judge 'j'``, ``generator 'dalle3'``).
+        variable: the variable's name, for the message.
+
+    Raises:
+        FatalBackendError: the key holds a character an HTTP header cannot carry. The
+            message never quotes the key, nor says which character or where.
+    """
+    if not header_safe(key):
+        raise FatalBackendError(
+            f"{owner}: the environment variable {variable} (api_key_env) holds characters an "
+            "HTTP header cannot carry (a trailing newline? a character outside printable "
+            "ASCII?); export the key alone"
+        )
+    return key
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """``text`` with ``secret`` masked wherever it stands as a token of its own, as it is
+    or escaped (see the module's docstring); an empty or missing ``secret`` masks nothing."""
+    if not secret:
+        return text
+    return _pattern(secret).sub(MASK, text)
+
+
+def scrub_all(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each of ``secrets`` masked, as :func:`scrub` masks one."""
+    for secret in secrets:
+        text = scrub(text, secret)
+    return text
+
+
+def _escaped_forms(secret: str) -> set[str]:
+    """``secret`` as a text quoting it may show it: as it is, inside a Python string's
+    ``repr`` (``\\`` doubled, either quote escaped or not, as the string around it decides),
+    inside a JSON string (``/`` escaped or not) and URL-encoded."""
+    backslashed = secret.replace("\\", "\\\\")
+    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
+    for single in (False, True):
+        for double in (False, True):
+            form = backslashed
+            if single:
+                form = form.replace("'", "\\'")
+            if double:
+                form = form.replace('"', '\\"')
+            forms.add(form)
+    in_json = json.dumps(secret)[1:-1]
+    forms.update({in_json, in_json.replace("/", "\\/")})
+    return forms
+
+
+def _pattern(secret: str) -> re.Pattern[str]:
+    alternatives = []
+    # Longest first: a form that holds another is masked whole.
+    for form in sorted(_escaped_forms(secret), key=len, reverse=True):
+        before = _NOT_TOKEN_BEFORE if form[0] in _TOKEN else ""
+        after = _NOT_TOKEN_AFTER if form[-1] in _TOKEN else ""
+        alternatives.append(before + re.escape(form) + after)
+    return re.compile("|".join(alternatives))
