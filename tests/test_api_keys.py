@@ -63,6 +63,13 @@ def test_a_short_key_leaves_the_words_that_hold_it_alone() -> None:
     assert scrub("abc: abcd (abc)", "abc") == "***: abcd (***)"
 
 
+def test_a_key_of_a_real_length_is_masked_glued_to_other_text_too() -> None:
+    # A server may glue the key to a prefix or a suffix ("Bearersk-...", "sk-...1"): no word
+    # holds a key that long, so it is masked wherever it appears.
+    key = "sk-" + "a1" * 10
+    assert scrub(f"token x{key}_2 and Bearer{key}", key) == "token x***_2 and Bearer***"
+
+
 def test_a_key_edge_that_is_no_token_character_needs_no_boundary() -> None:
     # The key's own quote ends it: what is glued to it cannot make it part of a longer word.
     assert scrub("x'sk-1'x", "'sk-1'") == "x***x"

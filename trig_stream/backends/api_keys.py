@@ -8,10 +8,12 @@ wherever it is used:
   outside printable ASCII, a trailing newline pasted from a file) before anything is sent.
 - :func:`scrub` replaces the key with ``***`` where it stands as a token of its own, and in
   the escaped forms a server or a log writes it in (Python's ``repr``, JSON, a URL), since
-  a body quoted as ``str(body)`` shows a key holding ``\\`` or quotes only escaped. "As a token
-  of its own" means not glued to a letter, digit, ``_`` or ``-`` on a side where the key
-  itself ends in one: a short key (``e``, ``abc``) is masked where a server echoes it, and
-  words that merely contain it (``overloaded``) are left readable.
+  a body quoted as ``str(body)`` shows a key holding ``\\`` or quotes only escaped. A key of
+  :data:`SHORT_KEY_CHARS` characters or more is masked wherever it appears, glued to other
+  text too; a shorter one (``e``, ``abc``) only where it stands as a token of its own (not
+  glued to a letter, digit, ``_`` or ``-`` on a side where the key itself ends in one), so
+  it is masked where a server echoes it and words that merely contain it (``overloaded``)
+  are left readable.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from trig_stream.errors import FatalBackendError
 
 MASK = "***"
 """What a key is replaced with in a quoted text."""
+SHORT_KEY_CHARS = 8
+"""Keys shorter than this are masked as tokens of their own only (see the module's docstring):
+any real key is longer, and a word holding a key that long is no word anyone reads."""
 
 _TOKEN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 """Characters a key's token runs on through: a key glued to one of them is part of a
@@ -98,8 +103,9 @@ def _escaped_forms(secret: str) -> set[str]:
 def _pattern(secret: str) -> re.Pattern[str]:
     alternatives = []
     # Longest first: a form that holds another is masked whole.
+    short = len(secret) < SHORT_KEY_CHARS
     for form in sorted(_escaped_forms(secret), key=len, reverse=True):
-        before = _NOT_TOKEN_BEFORE if form[0] in _TOKEN else ""
-        after = _NOT_TOKEN_AFTER if form[-1] in _TOKEN else ""
+        before = _NOT_TOKEN_BEFORE if short and form[0] in _TOKEN else ""
+        after = _NOT_TOKEN_AFTER if short and form[-1] in _TOKEN else ""
         alternatives.append(before + re.escape(form) + after)
     return re.compile("|".join(alternatives))
