@@ -1145,11 +1145,14 @@ class JudgeSlowToOpen(FakeJudge):
 
 
 @pytest.mark.parametrize(("how", "state"), [("stop", "stopped"), ("cancel", "cancelled")])
+@pytest.mark.parametrize("output_there", [False, True], ids=["output-made", "output-there"])
 async def test_a_stop_while_a_judge_opens_ends_the_run_before_it_starts(
-    make_config: ConfigFactory, how: str, state: str
+    make_config: ConfigFactory, how: str, state: str, output_there: bool
 ) -> None:
     # Nothing is in flight yet, so even a graceful stop need not wait for the judge.
     config = make_config(samples=4)
+    if output_there:
+        config.run_dir.parent.mkdir()
     judge = JudgeSlowToOpen()
     engine = Engine(config, judges=[judge])
 
@@ -1166,9 +1169,12 @@ async def test_a_stop_while_a_judge_opens_ends_the_run_before_it_starts(
     assert engine.stats().state == state
     assert engine.stats().opening is None
     assert judge.closed
-    # The directory it made holds nothing: it is removed (left, it read as a run to resume).
+    # The directory it made holds nothing: it is removed (left, it read as a run to resume),
+    # with the output folder when this run made that too (it left an empty runs/ behind),
+    # and nothing above.
     assert not engine.run_dir_opened and not config.run_dir.exists()
-    assert config.run_dir.parent.is_dir()
+    assert config.run_dir.parent.is_dir() == output_there
+    assert config.run_dir.parent.parent.is_dir()
 
 
 @pytest.mark.parametrize("new_run", [False, True])

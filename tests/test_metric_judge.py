@@ -540,6 +540,59 @@ async def test_a_hard_stop_does_not_wait_for_a_metric_batch(
             await anyio.lowlevel.checkpoint()
 
 
+class CountsItsBatches(HangsUntilReleased):
+    """A hung metric that counts the batches running on it at once."""
+
+    name: ClassVar[str] = "counts"
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.running = 0
+        self.most_running = 0
+        self.count_lock = threading.Lock()
+
+    def compute(self, item: MetricInput) -> Value:
+        with self.count_lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            return super().compute(item)
+        finally:
+            with self.count_lock:
+                self.running -= 1
+
+
+async def test_a_judge_whose_batch_a_cancel_left_running_is_refused_until_it_ends(
+    make_config: ConfigFactory,
+) -> None:
+    # The batch left behind was counted for no instance: a second engine took the judge
+    # over, loaded the metric again and ran a batch beside the one still on the device.
+    config = make_config(samples=4)
+    judge = metric_judge(CountsItsBatches)
+    metric = cast("CountsItsBatches", judge.metric)
+    try:
+        with anyio.fail_after(10):
+            async with Engine(config, judges=[FakeJudge("trigscore"), judge]) as engine:
+                assert await anyio.to_thread.run_sync(metric.computing.wait, 10)
+                engine.cancel()
+                await engine.drain()
+            assert threads_left_behind(judge) == 1
+            second = Engine(config, judges=[FakeJudge("trigscore"), judge], new_run=True)
+            message = "judge 'm': this instance is still being released by an earlier engine's"
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                async with second:
+                    pass
+    finally:
+        metric.release.set()
+    with anyio.fail_after(10):
+        while threads_left_behind(judge):  # until the batch and the close after it end
+            await anyio.lowlevel.checkpoint()
+        async with Engine(config, judges=[FakeJudge("trigscore"), judge]) as engine:
+            judged = [j async for j in engine.results if j.metric == "m"]
+    assert judged and {(j.status, j.score) for j in judged} == {("ok", 0.5)}
+    assert metric.most_running == 1
+
+
 class HangsThenFreesItsModel(HangsUntilReleased):
     """A metric whose close() frees the model its compute uses, behind the same lock."""
 

@@ -10,10 +10,12 @@ missing and nothing twice.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +27,7 @@ from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, Journal
 from trig_stream.locks import LOCK
-from trig_stream.manifest import Manifest
+from trig_stream.manifest import MANIFEST, Manifest
 from trig_stream.records import Judgement
 from trig_stream.store import IMAGES, PARTIAL
 
@@ -159,3 +161,91 @@ def test_a_run_directory_it_cannot_write_in_is_not_said_uncreated(
     assert str(refused_dir.value) == (
         f"cannot write in the run directory {run_dir} ({LOCK}): Permission denied"
     )
+
+
+class DiskFullUnder:
+    """A disk that has no room left under ``folder``: every write of a file there fails
+    (ENOSPC), through ``os.write`` (:meth:`write`) or a file ``io.open`` opened (:meth:`open`,
+    buffered or not); other files are written as usual."""
+
+    def __init__(self, folder: Path) -> None:
+        self.prefix = f"{folder}{os.sep}"
+        self.refused = 0
+        self._write = os.write
+        self._open = io.open
+        disk = self
+
+        class FullFile(io.FileIO):
+            def write(self, data: Any) -> int:
+                disk.refused += 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self._full_file = FullFile
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(self.prefix):
+            self.refused += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._write(fd, data)
+
+    def open(self, file: Any, mode: str = "r", buffering: int = -1, *args: Any) -> Any:
+        writes = any(letter in mode for letter in "wax+")
+        # A file descriptor (os.fdopen's, of a file opened refusing links) by its path.
+        path = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.fspath(file)
+        if not writes or not path.startswith(self.prefix) or "b" not in mode:
+            return self._open(file, mode, buffering, *args)
+        raw = self._full_file(file, mode)
+        if buffering == 0:
+            return raw
+        return io.BufferedRandom(raw) if "+" in mode else io.BufferedWriter(raw)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
+@pytest.mark.parametrize("new_run", [False, True], ids=["first-run", "new-run"])
+def test_a_full_disk_leaves_no_run_directory_it_made_behind(
+    run_config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    new_run: bool,
+) -> None:
+    # The pid the lock file refused stayed in its buffer, and close() wrote it again inside
+    # the error's handler: a traceback (exit 1), runs/full/{journal.jsonl,run.lock} left
+    # behind, and each --new-run another empty full-N.
+    output = run_config.parent / "runs"
+    earlier = output / "full"
+    if new_run:  # an earlier run's directory, which --new-run goes beside
+        earlier.mkdir(parents=True)
+        (earlier / JOURNAL).write_text("")
+    disk = DiskFullUnder(output)
+    monkeypatch.setattr(os, "write", disk.write)
+    monkeypatch.setattr(io, "open", disk.open)
+    argv = ["run", str(run_config), "--headless", "--no-report"]
+    assert main([*argv, "--new-run"] if new_run else argv) == EXIT_RUN_DIR
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert "No space left on device; free some space" in err, err
+    assert disk.refused
+    if new_run:
+        assert [p.name for p in output.iterdir()] == ["full"]
+        assert [p.name for p in earlier.iterdir()] == [JOURNAL]
+    else:
+        assert not output.exists()  # the output folder too: this run made it
+
+
+def test_a_run_directory_that_fails_to_open_keeps_what_an_earlier_run_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a directory the failing run made is removed: a resume keeps the results it found.
+    run_dir = tmp_path / "run"
+    manifest = Manifest(run_name="r", task="t2i")
+    store.RunDir.open(run_dir, manifest)[0].close()
+    before = sorted(p.name for p in run_dir.iterdir())
+
+    def full(path: Path, data: bytes, *, temp_dir: Path | None = None) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "write_atomic", full)
+    with pytest.raises(RunDirError, match="No space left on device"):
+        store.RunDir.open(run_dir, manifest)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert (run_dir / MANIFEST).exists()

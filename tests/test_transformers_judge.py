@@ -458,7 +458,7 @@ async def test_a_hard_stop_unloads_the_model_after_the_batch_it_left_running(
                 tg.cancel_scope.cancel()
             await judge.aclose()
         assert judge._model is not None  # still in use by the batch
-        assert threads_left_behind() == 1
+        assert threads_left_behind() == 1 and threads_left_behind(judge) == 1
     finally:
         release.set()
     with anyio.fail_after(10):

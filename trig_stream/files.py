@@ -146,11 +146,14 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def make_dirs(folder: Path) -> None:
+def make_dirs(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents durably: each new entry's parent is synced.
 
     A file's fsync makes its data durable, not its name: that lives in its folder, and a
     new folder's own name in the folder above it.
+
+    Returns:
+        The folders it created, ``folder`` first, then outwards: the order to remove them in.
     """
     missing: list[Path] = []
     current = folder
@@ -160,6 +163,7 @@ def make_dirs(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)  # FileExistsError if a file has the name
     for created in reversed(missing):
         sync_dir(created.parent)
+    return missing
 
 
 def sync_dir(folder: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -58,6 +59,13 @@ def quarantine_lists(run_dir: Path, *, running: bool) -> tuple[Path, Path]:
     return (partial, final) if running else (final, partial)
 
 
+_made_lock = threading.Lock()
+_made_for_runs: dict[Path, list[Path]] = {}
+"""The folders :func:`next_free_run_dir` made for a run directory (it first, then its
+parents outwards), which :meth:`RunDir.open` takes over: a run that cannot open it, or ends
+before writing anything, removes them again (see :meth:`RunDir.discard`)."""
+
+
 IMAGES = "images"
 PARTIAL = ".partial"
 """Under ``images/``: temporary files of images being written."""
@@ -76,25 +84,37 @@ class RunDir:
         self._quarantine: IO[bytes] | None = None
         self._image_dirs: dict[tuple[str, str], Path] = {}
         self._prefix = f"{path}{os.sep}"
+        self._made: list[Path] = []
+        """The folders this run made for the directory: it, then its parents outwards."""
 
     @classmethod
     def open(cls, path: Path, manifest: Manifest) -> tuple[RunDir, JournalState]:
         """Lock the directory (creating it), check and update its manifest, open the journal.
 
+        A directory this run made (here, or :func:`next_free_run_dir`) that it then cannot
+        open (a full disk) is removed again, with the folders above it that it made.
+
         Raises:
             RunLockedError: another process is running in it.
             FingerprintMismatch: its results were made with settings that differ.
+            RunDirError: it cannot be made or written.
         """
         run = cls(path)
+        with _made_lock:
+            made = _made_for_runs.pop(path, [])
         try:
-            make_dirs(path)
+            run._made = make_dirs(path) or made
         except OSError as exc:
             raise storage_error(exc, f"create the run directory {path}") from None
         refuse_links(path)
         try:
             run._acquire_lock()
         except OSError as exc:  # made, or there already, but not writable (umask 777)
+            run._abandon(locked=False)
             raise storage_error(exc, f"write in the run directory {path} ({LOCK})") from None
+        except BaseException as exc:
+            run._abandon(locked=not isinstance(exc, RunLockedError))
+            raise
         try:
             # The journal's lock first: a run turned away by it must touch nothing (a running
             # run's temporary images and newest lines look like a crash's leftovers).
@@ -109,12 +129,24 @@ class RunDir:
                 path / QUARANTINE_PARTIAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb", buffering=0
             )
         except OSError as exc:
-            run.close()
+            run._abandon(locked=True)
             raise storage_error(exc, f"open the run directory {path}") from None
-        except BaseException:
-            run.close()
+        except BaseException as exc:
+            # Turned away by the journal's lock, the files here are another run's.
+            run._abandon(locked=not isinstance(exc, RunLockedError))
             raise
         return run, state
+
+    def _abandon(self, *, locked: bool) -> None:
+        # A failed open: closed, and, when this run made the directory, removed again (each
+        # full-disk --new-run left another empty run behind). What opening wrote goes only
+        # when it is this run's own (``locked``: it held the locks); else only empty folders.
+        if self.path in self._made and locked:
+            self.discard()
+            return
+        self.close()
+        if self.path in self._made:
+            self._remove_made_folders()
 
     def write_images(self, images: Sequence[tuple[Path, bytes]]) -> None:
         """Write images atomically; their temporary files live in ``images/.partial``."""
@@ -206,9 +238,11 @@ class RunDir:
                 else:
                     os.replace(partial, final)
         if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
+            lock, self._lock = self._lock, None
+            with suppress(OSError):  # closing must not hide the run's own outcome
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            with suppress(OSError):
+                lock.close()
 
     def discard(self) -> None:
         """Close the run directory and remove it: for one this process just made, whose run
@@ -216,6 +250,8 @@ class RunDir:
 
         What opening it wrote goes (the manifest, the empty journal, the quarantine list, the
         lock), the lock last; a file anyone else put there stays, and the folder with it.
+        The folders above it that this run made (the output folder, on a first run) go too,
+        when nothing else is in them.
         """
         self.journal.close()
         if self._quarantine is not None:
@@ -225,9 +261,19 @@ class RunDir:
             for name in (MANIFEST, JOURNAL, QUARANTINE_PARTIAL, LOCK):
                 (self.path / name).unlink(missing_ok=True)
         self.close()
-        with suppress(OSError):
-            self.path.rmdir()
-            sync_dir(self.path.parent)
+        if self.path not in self._made:
+            self._made.insert(0, self.path)
+        self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
+        # Innermost first; one that is not empty (another run's there) keeps those above it.
+        for folder in self._made:
+            try:
+                folder.rmdir()
+                sync_dir(folder.parent)
+            except OSError:
+                break
+        self._made = []
 
     def __enter__(self) -> RunDir:
         return self
@@ -237,7 +283,10 @@ class RunDir:
 
     def _acquire_lock(self) -> None:
         # A link planted there would have the pid written into the file it points to.
-        handle = open_unlinked(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_APPEND, "a+b")
+        # Unbuffered: a pid a full disk refused stays in no buffer for close() to write again.
+        handle = open_unlinked(
+            self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_APPEND, "a+b", buffering=0
+        )
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # The pid of the run before, gone: a viewer must not name it as this run's until
@@ -257,10 +306,8 @@ class RunDir:
         # Written once the journal's lock is held too (see open): viewers tell who runs here
         # by it (:func:`~trig_stream.locks.find_writer`).
         assert self._lock is not None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(str(os.getpid()).encode())
-        self._lock.flush()
+        self._lock.truncate(0)
+        write_all(self._lock.fileno(), str(os.getpid()).encode())  # appends: at 0
 
     def _remove_partial_images(self) -> None:
         # A crash between writing an image's temporary file and renaming it leaves the
@@ -438,7 +485,7 @@ def next_free_run_dir(path: Path) -> Path:
             be made.
     """
     try:
-        make_dirs(path.parent)
+        made = make_dirs(path.parent)
     except OSError as exc:
         raise storage_error(exc, f"create the folder of run directories {path.parent}") from None
     candidate, number = path, 1
@@ -460,4 +507,6 @@ def next_free_run_dir(path: Path) -> Path:
             continue
         except OSError as exc:
             raise storage_error(exc, f"create the run directory {candidate}") from None
+        with _made_lock:
+            _made_for_runs[candidate] = [candidate, *made]
         return candidate

@@ -229,19 +229,22 @@ async def call_left_behind_on_cancel(
     *args: Any,
     limiter: anyio.CapacityLimiter | None = None,
     backend: str = "the backend",
+    instance: object = None,
 ) -> T:
     """``func(*args)``, one blocking call of a backend's code, in a worker thread that a
     cancellation does not wait for.
 
     A call may hang (a model on a device that no longer answers), and a hard stop must not
     wait for it. Cancelled, this returns at once and the thread finishes the call, whose
-    result is dropped; until it ends, :func:`threads_left_behind` counts it.
+    result is dropped; until it ends, :func:`threads_left_behind` counts it (for
+    ``instance``, the backend instance the call is of, too: another engine must not use
+    that instance while the call still runs on it).
 
     Raises:
         FatalBackendError: ``func`` raised ``SystemExit``, ``KeyboardInterrupt`` or another
             ``BaseException`` (see :func:`ending_error`).
     """
-    state = _Load()
+    state = _Load(instance=instance)
 
     def call() -> T:
         with _threads_lock:

@@ -20,7 +20,8 @@ caller gets the device its item has either been run by an earlier caller or head
 
 A graceful stop lets a running batch finish. A hard stop (a cancellation of the caller running
 it) does not wait for it: the thread finishes the batch on its own, its results dropped, and
-:func:`~trig_stream.backends.threads.threads_left_behind` counts it until then; a later batch
+:func:`~trig_stream.backends.threads.threads_left_behind` counts it until then (for the
+judge instance too, which another engine refuses meanwhile); a later batch of the same batcher
 waits for it in its own thread, so the device still runs one batch at a time. Closing the
 batcher with :meth:`MicroBatcher.aclose` hands it the model's release, which runs once no batch
 runs any more: at once, or in the thread of the batch left running, after it ends (counted by
@@ -74,6 +75,10 @@ class MicroBatcher(Generic[In, Out]):
         device: the capacity limiter of the device (one token: one batch at a time on it).
             Judges that share a device may share one; by default each batcher has its own.
         backend: what runs the batches, for messages ("judge 'x'").
+        instance: the judge instance the batches are of: a batch a hard stop left running
+            counts for it in :func:`~trig_stream.backends.threads.threads_left_behind`, so
+            another engine refuses the instance until that batch (and the release after
+            it) has ended.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class MicroBatcher(Generic[In, Out]):
         buffer: int,
         device: anyio.CapacityLimiter | None = None,
         backend: str = "the judge",
+        instance: object = None,
     ) -> None:
         if batch_size < 1 or buffer < 1:
             raise ValueError("batch_size and buffer must be at least 1")
@@ -99,6 +105,7 @@ class MicroBatcher(Generic[In, Out]):
         self._closed = False
         self._release: Callable[[], None] | None = None  # left to the last batch's thread
         self._backend = backend
+        self._instance = instance
         self.batches = 0
         """Batches run so far."""
         self.largest_batch = 0
@@ -133,7 +140,10 @@ class MicroBatcher(Generic[In, Out]):
             raise RuntimeError("micro-batcher: a waiting item is missing from the queue")
         try:
             outcomes = await call_left_behind_on_cancel(
-                self._run_one_at_a_time, [pending.item for pending in batch], backend=self._backend
+                self._run_one_at_a_time,
+                [pending.item for pending in batch],
+                backend=self._backend,
+                instance=self._instance,
             )
             if len(outcomes) != len(batch):
                 raise RuntimeError(

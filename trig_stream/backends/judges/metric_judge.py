@@ -183,6 +183,7 @@ class MetricJudge(Judge):
                 batch_size=self.options.batch_size,
                 buffer=self.concurrency,
                 backend=f"judge {self.name!r}",
+                instance=self,
             )
         self._open = True
 

@@ -189,6 +189,7 @@ class TransformersJudge(Judge):
             batch_size=self.options.batch_size,
             buffer=self.concurrency,
             backend=f"judge {self.name!r}",
+            instance=self,
         )
 
     def _load(self, torch: Any, transformers: Any) -> None:
