@@ -608,6 +608,40 @@ def test_validate_makes_the_checks_of_building_the_backends(
     assert "every one of the 6 records read would be quarantined" in captured.err
 
 
+@pytest.mark.parametrize("backend", ["openai", "openai_images"])
+def test_a_key_pasted_into_api_key_env_is_never_quoted(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    backend: str,
+) -> None:
+    # "hf_...", "gsk_..." and hex keys are valid variable names: pasted there, the key was
+    # printed as the name of the variable that is not set.
+    key = "hf_aBcDeFgHiJkLmNoPqRsTuVwXyZ012345"
+    monkeypatch.delenv(key, raising=False)
+    path = write_config(tmp_path)
+    base = path.read_text().split("[[judges]]")[0]
+    if backend == "openai":
+        path.write_text(
+            base + '[[judges]]\nname = "j"\nbackend = "openai"\n'
+            'options = { model = "m", base_url = "http://127.0.0.1:9/v1", '
+            f'api_key_env = "{key}" }}\n'
+        )
+    else:
+        head, judges = path.read_text().split("[[judges]]")
+        generators = head.split("[[generators]]")[0]
+        path.write_text(
+            generators + '[[generators]]\nname = "dalle"\nbackend = "openai_images"\n'
+            f'options = {{ api_key_env = "{key}" }}\n[[judges]]' + judges
+        )
+    assert main(["validate", str(path)]) == EXIT_FATAL
+    err = capsys.readouterr().err
+    assert "api_key_env names (not quoted" in err and key not in err, err
+    assert main(["run", str(path), "--headless"]) == EXIT_FATAL
+    err = capsys.readouterr().err
+    assert "api_key_env names (not quoted" in err and key not in err, err
+
+
 @pytest.mark.parametrize("backend", ["openai_images", "dtm_rewrite"])
 def test_validate_and_run_refuse_a_generator_key_no_header_can_carry(
     tmp_path: Path,

@@ -45,6 +45,22 @@ def header_safe(key: str) -> bool:
     return key.isascii() and key.isprintable()
 
 
+_NAME_IN_CAPITALS = re.compile(r"[A-Z][A-Z0-9_]*")
+"""How environment variables are named (``OPENAI_API_KEY``); a key is not written so."""
+
+
+def unset_variable(variable: str) -> str:
+    """How a message names ``variable``, an API key's variable found unset: by its name when
+    it reads as one (capitals, digits and ``_``), else not quoted, for it may be the key
+    itself pasted into ``api_key_env`` (``hf_...``, ``gsk_...``, hex: all valid names)."""
+    if _NAME_IN_CAPITALS.fullmatch(variable):
+        return f"the environment variable {variable} (api_key_env)"
+    return (
+        "the environment variable api_key_env names (not quoted: a name not in capitals may be "
+        "a key pasted there, which belongs in the variable, not the config)"
+    )
+
+
 def check_key(key: str, *, owner: str, variable: str) -> str:
     """``key``, read from the environment variable ``variable``, if a header can carry it.
 

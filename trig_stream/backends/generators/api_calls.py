@@ -20,7 +20,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from trig_stream.backends.api_keys import check_key, scrub
+from trig_stream.backends.api_keys import check_key, scrub, unset_variable
 from trig_stream.backends.judges.http_errors import (
     CONTENT_REFUSAL,
     AnswerTooLarge,
@@ -79,7 +79,7 @@ def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str
     key = os.environ.get(variable, "")
     if not key and required:
         raise FatalBackendError(
-            f"{owner}: set the environment variable {variable} (api_key_env) to the API key "
+            f"{owner}: set {unset_variable(variable)} to the API key "
             '(or api_key_env = "" for a server that takes no key)'
         )
     return check_key(key, owner=owner, variable=variable) if key else key

@@ -39,7 +39,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from trig_stream.backends.api_keys import check_key
+from trig_stream.backends.api_keys import check_key, unset_variable
 from trig_stream.backends.base import (
     Judge,
     JudgeReply,
@@ -323,8 +323,8 @@ class OpenAIJudge(Judge):
         key = os.environ.get(env)
         if not key:
             raise FatalBackendError(
-                f"judge {self.name!r}: the environment variable {env} (api_key_env) is "
-                "not set or empty; export the API key in it"
+                f"judge {self.name!r}: {unset_variable(env)} is not set or empty; export "
+                "the API key in it"
             )
         return check_key(key, owner=f"judge {self.name!r}", variable=env)
 
