@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import urllib.parse
 from collections.abc import Callable
@@ -46,6 +47,29 @@ def test_a_key_echoed_inside_a_quoted_body_is_masked(key: str) -> None:
 def test_a_key_with_a_slash_is_masked_as_json_may_escape_it() -> None:
     key = "sk-a/b"
     assert scrub('{"detail": "token sk-a\\/b"}', key) == '{"detail": "token ***"}'
+
+
+def test_a_key_is_masked_however_a_url_encodes_it() -> None:
+    # quote() keeps "/" by default: only quote(key, safe="") was masked, and a key with a
+    # "/" showed as AbC/dEf%2BGhIjKlMn0pQr%3D%3D.
+    key = "AbC/dEf+GhIjKlMn0pQr=="
+    for encoded in [
+        urllib.parse.quote(key),
+        urllib.parse.quote(key, safe=""),
+        urllib.parse.quote_plus(key),
+        urllib.parse.quote_plus(key, safe="/"),
+        "AbC%2fdEf%2bGhIjKlMn0pQr%3d%3d",  # other encoders write the hex in lower case
+        "AbC/dEf%2bGhIjKlMn0pQr%3d%3d",
+    ]:
+        assert scrub(f"GET /v1?key={encoded}&n=1", key) == "GET /v1?key=***&n=1", encoded
+
+
+@pytest.mark.parametrize("key", ["sk-a&b<c>d\"e'f", "s&'<"])
+@pytest.mark.parametrize("quote", [True, False])
+def test_a_key_is_masked_as_html_escapes_it(key: str, quote: bool) -> None:
+    # An HTML error page shows a key holding &, < or " escaped: sk-a&amp;b&lt;c&gt;d...
+    page = f"<p>invalid key {html.escape(key, quote=quote)}</p>"
+    assert scrub(page, key) == "<p>invalid key ***</p>"
 
 
 def test_a_key_with_one_kind_of_quote_is_masked_however_repr_quotes_it() -> None:

@@ -224,6 +224,7 @@ def test_a_full_disk_leaves_no_run_directory_it_made_behind(
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err, err
     assert "No space left on device; free some space" in err, err
+    assert "nothing was written" in err and "already written is kept" not in err, err
     assert disk.refused
     if new_run:
         assert [p.name for p in output.iterdir()] == ["full"]
@@ -245,7 +246,57 @@ def test_a_run_directory_that_fails_to_open_keeps_what_an_earlier_run_wrote(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(store, "write_atomic", full)
-    with pytest.raises(RunDirError, match="No space left on device"):
+    with pytest.raises(RunDirError, match="every judgement already written is kept"):
         store.RunDir.open(run_dir, manifest)
     assert sorted(p.name for p in run_dir.iterdir()) == before
     assert (run_dir / MANIFEST).exists()
+
+
+@pytest.mark.parametrize("new_run", [False, True], ids=["open", "next_free_run_dir"])
+def test_a_run_directory_the_disk_refuses_leaves_no_folder_above_it_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_run: bool
+) -> None:
+    # The disk had room for out/ and out/runs/, not for the run directory: both stayed, and
+    # the message promised a resume keeping judgements of a run that never began.
+    run_dir = tmp_path / "out" / "runs" / "myrun"
+    mkdir = os.mkdir
+
+    def full_for_runs(path: Any, *args: Any, **kwargs: Any) -> None:
+        # Once its parents are made: mkdir(parents=True) tries the folder itself first.
+        if Path(path).name.startswith("myrun") and Path(path).parent.is_dir():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", full_for_runs)
+    with pytest.raises(RunDirError) as refused:
+        if new_run:
+            store.next_free_run_dir(run_dir)
+        else:
+            store.RunDir.open(run_dir, Manifest(run_name="myrun", task="t2i"))
+    assert str(refused.value) == (
+        f"cannot create the run directory {run_dir}: No space left on device; free some "
+        "space, then run the same command again: nothing was written, and the run starts "
+        "from the beginning"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folders_made_for_a_refused_run_directory_keep_what_was_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the folders make_dirs made go: the output folder found there stays, with its files.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    mkdir = os.mkdir
+
+    def full_for_runs(path: Any, *args: Any, **kwargs: Any) -> None:
+        # Once its parents are made: mkdir(parents=True) tries the folder itself first.
+        if Path(path).name == "myrun" and Path(path).parent.is_dir():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", full_for_runs)
+    with pytest.raises(OSError, match="No space left on device"):
+        files.make_dirs(tmp_path / "out" / "runs" / "myrun")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]

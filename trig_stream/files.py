@@ -125,15 +125,23 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
         sync_dir(folder)
 
 
-def storage_error(exc: OSError, what: str) -> RunDirError:
+def storage_error(exc: OSError, what: str, *, nothing_written: bool = False) -> RunDirError:
     """The error that stops a run when the run directory cannot be written: what failed,
-    the system's reason, and, for a full disk, what to do (nothing durable is lost)."""
+    the system's reason, and, for a full disk, what to do (nothing durable is lost).
+
+    Args:
+        exc: the system's error.
+        what: what could not be done, after "cannot".
+        nothing_written: the run had not started: the run directory it made (and the
+            folders above it that it made) are removed again, so there is nothing to resume.
+    """
     reason = exc.strerror or str(exc)
     message = f"cannot {what}: {reason}"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        message += (
-            "; free some space, then run the same command again: the run resumes where it "
-            "stopped, and every judgement already written is kept"
+        message += "; free some space, then run the same command again: " + (
+            "nothing was written, and the run starts from the beginning"
+            if nothing_written
+            else "the run resumes where it stopped, and every judgement already written is kept"
         )
     return RunDirError(message)
 
@@ -160,10 +168,36 @@ def make_dirs(folder: Path) -> list[Path]:
     while not current.exists():
         missing.append(current)
         current = current.parent
-    folder.mkdir(parents=True, exist_ok=True)  # FileExistsError if a file has the name
-    for created in reversed(missing):
-        sync_dir(created.parent)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # FileExistsError if a file has the name
+        for created in reversed(missing):
+            sync_dir(created.parent)
+    except BaseException:
+        # A full disk may refuse ``folder`` once its parents are made: none of them stays.
+        remove_made_dirs(missing)
+        raise
     return missing
+
+
+def remove_made_dirs(folders: Sequence[Path]) -> None:
+    """Remove the empty folders a run made, ``folders`` innermost first, as
+    :func:`make_dirs` returns them; each removal is synced in the folder above.
+
+    A folder that is gone already is passed over; one that is not empty (another run's
+    files are there) stays, and so do those above it. Never raises: removing them must not
+    hide the error that ended the run.
+    """
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+        try:
+            sync_dir(folder.parent)
+        except OSError:
+            return
 
 
 def sync_dir(folder: Path) -> None:

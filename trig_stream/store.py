@@ -32,6 +32,7 @@ from trig_stream.files import (
     link_refused,
     make_dirs,
     open_unlinked,
+    remove_made_dirs,
     storage_error,
     sync_dir,
     write_all,
@@ -105,13 +106,21 @@ class RunDir:
         try:
             run._made = make_dirs(path) or made
         except OSError as exc:
-            raise storage_error(exc, f"create the run directory {path}") from None
+            # make_dirs removed what it made; what next_free_run_dir made goes too.
+            remove_made_dirs(made)
+            raise storage_error(
+                exc, f"create the run directory {path}", nothing_written=True
+            ) from None
+        # A directory this run made, then removed when it cannot open it: no run to resume.
+        made_here = path in run._made
         refuse_links(path)
         try:
             run._acquire_lock()
         except OSError as exc:  # made, or there already, but not writable (umask 777)
             run._abandon(locked=False)
-            raise storage_error(exc, f"write in the run directory {path} ({LOCK})") from None
+            raise storage_error(
+                exc, f"write in the run directory {path} ({LOCK})", nothing_written=made_here
+            ) from None
         except BaseException as exc:
             run._abandon(locked=not isinstance(exc, RunLockedError))
             raise
@@ -130,7 +139,9 @@ class RunDir:
             )
         except OSError as exc:
             run._abandon(locked=True)
-            raise storage_error(exc, f"open the run directory {path}") from None
+            raise storage_error(
+                exc, f"open the run directory {path}", nothing_written=made_here
+            ) from None
         except BaseException as exc:
             # Turned away by the journal's lock, the files here are another run's.
             run._abandon(locked=not isinstance(exc, RunLockedError))
@@ -267,12 +278,7 @@ class RunDir:
 
     def _remove_made_folders(self) -> None:
         # Innermost first; one that is not empty (another run's there) keeps those above it.
-        for folder in self._made:
-            try:
-                folder.rmdir()
-                sync_dir(folder.parent)
-            except OSError:
-                break
+        remove_made_dirs(self._made)
         self._made = []
 
     def __enter__(self) -> RunDir:
@@ -487,7 +493,9 @@ def next_free_run_dir(path: Path) -> Path:
     try:
         made = make_dirs(path.parent)
     except OSError as exc:
-        raise storage_error(exc, f"create the folder of run directories {path.parent}") from None
+        raise storage_error(
+            exc, f"create the folder of run directories {path.parent}", nothing_written=True
+        ) from None
     candidate, number = path, 1
     while True:
         if number > 1:
@@ -498,15 +506,21 @@ def next_free_run_dir(path: Path) -> Path:
                     f"{len(candidate.name)} characters, which no config can name to resume it "
                     f"(at most {MAX_NAME_CHARS}): shorten [run] name"
                 )
+        made_here: list[Path] = []
         try:
             # Made, not looked at: a check then a later make let a second run take it too.
             candidate.mkdir()
+            made_here.append(candidate)
             sync_dir(path.parent)
         except FileExistsError:
             number += 1
             continue
         except OSError as exc:
-            raise storage_error(exc, f"create the run directory {candidate}") from None
+            # Nothing stays of what this call made: it, and the folders above it.
+            remove_made_dirs([*made_here, *made])
+            raise storage_error(
+                exc, f"create the run directory {candidate}", nothing_written=True
+            ) from None
         with _made_lock:
             _made_for_runs[candidate] = [candidate, *made]
         return candidate

@@ -7,7 +7,7 @@ wherever it is used:
 - :func:`check_key` refuses a key an ``Authorization`` header cannot carry (a character
   outside printable ASCII, a trailing newline pasted from a file) before anything is sent.
 - :func:`scrub` replaces the key with ``***`` where it stands as a token of its own, and in
-  the escaped forms a server or a log writes it in (Python's ``repr``, JSON, a URL), since
+  the escaped forms a server or a log writes it in (Python's ``repr``, JSON, a URL, HTML), since
   a body quoted as ``str(body)`` shows a key holding ``\\`` or quotes only escaped. A key of
   :data:`SHORT_KEY_CHARS` characters or more is masked wherever it appears, glued to other
   text too; a shorter one (``e``, ``abc``) only where it stands as a token of its own (not
@@ -18,6 +18,7 @@ wherever it is used:
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import urllib.parse
@@ -100,9 +101,16 @@ def scrub_all(text: str, secrets: Iterable[str]) -> str:
 def _escaped_forms(secret: str) -> set[str]:
     """``secret`` as a text quoting it may show it: as it is, inside a Python string's
     ``repr`` (``\\`` doubled, either quote escaped or not, as the string around it decides),
-    inside a JSON string (``/`` escaped or not) and URL-encoded."""
+    inside a JSON string (``/`` escaped or not), URL-encoded (``/`` kept or not, a space as
+    ``+`` or ``%20``, the hex digits in capitals or not) and HTML-escaped (quotes or not)."""
     backslashed = secret.replace("\\", "\\\\")
-    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
+    forms = {secret, html.escape(secret, quote=True), html.escape(secret, quote=False)}
+    for safe in ("", "/"):
+        for encoded in (
+            urllib.parse.quote(secret, safe=safe),
+            urllib.parse.quote_plus(secret, safe=safe),
+        ):
+            forms.update({encoded, _PERCENT_ESCAPE.sub(lambda escape: escape[0].lower(), encoded)})
     for single in (False, True):
         for double in (False, True):
             form = backslashed
@@ -114,6 +122,10 @@ def _escaped_forms(secret: str) -> set[str]:
     in_json = json.dumps(secret)[1:-1]
     forms.update({in_json, in_json.replace("/", "\\/")})
     return forms
+
+
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+"""A byte as ``quote`` encodes it; other encoders write the hex digits in lower case."""
 
 
 def _pattern(secret: str) -> re.Pattern[str]:
