@@ -23,6 +23,7 @@ import json
 import re
 import urllib.parse
 from collections.abc import Iterable
+from functools import lru_cache
 
 from trig_stream.errors import FatalBackendError
 
@@ -128,6 +129,7 @@ _PERCENT_ESCAPE = re.compile(r"%[0-9A-F]{2}")
 """A byte as ``quote`` encodes it; other encoders write the hex digits in lower case."""
 
 
+@lru_cache(maxsize=16)  # a run has a key or two: built once, not at every quoted message
 def _pattern(secret: str) -> re.Pattern[str]:
     alternatives = []
     # Longest first: a form that holds another is masked whole.
