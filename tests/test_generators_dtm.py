@@ -364,8 +364,8 @@ def test_an_llm_never_reached_stops_the_run(server: GenerationAPIServer) -> None
 
 @pytest.mark.parametrize(
     "answer",
-    [lambda user: "", lambda user: user, lambda user: "I'm sorry, I can't."],
-    ids=["empty", "echo", "refusal"],
+    [lambda user: "", lambda user: user, lambda user: "Original:\nA bike"],
+    ids=["empty", "echo", "echo-marker"],
 )
 def test_answers_with_no_rewrite_before_any_rewrite_stop_the_run(
     server: GenerationAPIServer, answer: Callable[[str], str]
@@ -405,6 +405,46 @@ def test_a_content_filter_before_any_rewrite_does_not_stop_the_run(
             [request(f"C_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
         )
     assert {o.status for o in generator.rewrites.values()} == {"fallback"}
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "I'm sorry, but I can't help with that request.",
+        "I cannot rewrite this prompt.",
+        "Unfortunately, I can't rewrite this prompt.",
+    ],
+)
+def test_refusals_in_words_before_any_rewrite_do_not_stop_the_run(
+    server: GenerationAPIServer, refusal: str
+) -> None:
+    # TRIG's toxicity (R-T) prompts provoke refusals by design: a dataset opening with 8 of
+    # them stopped the run (exit 4) as if the LLM's options were wrong.
+    generator = rewriter(server)
+    server.rewrite = lambda user: refusal
+    for index in range(REFUSALS_TO_STOP + 1):
+        generator.generate(
+            [request(f"T_{index}", "R-T", "IQ-A")], worker=0, cancel=threading.Event()
+        )
+    outcomes = generator.rewrites.values()
+    assert {o.status for o in outcomes} == {"fallback"}
+    assert all(str(o.error).startswith("the LLM refused to rewrite the prompt") for o in outcomes)
+    server.rewrite = default_rewrite
+    generator.generate([request("T_ok", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert generator.rewrites["T_ok"].status == "rewritten"
+    # Refusals do not hide other failures: they still stop the run, counted on their own.
+    mixed = rewriter(server)
+    answers = iter([refusal, ""] * REFUSALS_TO_STOP)
+    server.rewrite = lambda user: next(answers)
+    with pytest.raises(
+        FatalBackendError,
+        match=rf"rewrote none of the first {REFUSALS_TO_STOP} prompts .*empty rewrite",
+    ):
+        for index in range(2 * REFUSALS_TO_STOP):
+            mixed.generate(
+                [request(f"M_{index}", "R-T", "IQ-A")], worker=0, cancel=threading.Event()
+            )
+    assert len(mixed.rewrites) == 2 * REFUSALS_TO_STOP - 1
 
 
 @pytest.mark.parametrize(

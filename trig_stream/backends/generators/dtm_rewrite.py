@@ -191,7 +191,7 @@ class DTMRewriteGenerator(Generator):
         self._rewrote = False
         """Whether a prompt has been rewritten: the LLM and its options work."""
         self._failed = 0
-        """Rewrites that failed (a content filter's refusal aside) before any prompt was
+        """Rewrites that failed (refusals of a prompt's content aside) before any prompt was
         rewritten."""
         self._client: Any = None
         self._key = ""
@@ -320,7 +320,7 @@ class DTMRewriteGenerator(Generator):
             {"role": "user", "content": user_message(sample.prompt, first, second, code)},
         ]
         o = self.options
-        counts = True  # towards stopping the run: a content filter's refusal does not
+        counts = True  # towards stopping the run: a refusal of the prompt's content does not
         try:
             try:
                 response = call_with_retries(
@@ -345,14 +345,18 @@ class DTMRewriteGenerator(Generator):
                 counts = isinstance(exc, NotFoundError)
                 raise
             choice = response.choices[0]
-            if choice.finish_reason == "content_filter":
+            try:
+                text = _rewrite_in(
+                    choice.message.content,
+                    choice.finish_reason,
+                    guidance=instruction(first, second, code),
+                    max_tokens=o.max_tokens,
+                )
+            except RefusedContent:
+                # The LLM answered, and declined this prompt's content (TRIG's toxicity
+                # prompts provoke it by design): nothing wrong with its options.
                 counts = False
-            text = _rewrite_in(
-                choice.message.content,
-                choice.finish_reason,
-                guidance=instruction(first, second, code),
-                max_tokens=o.max_tokens,
-            )
+                raise
         except FatalBackendError:
             raise
         except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
@@ -385,8 +389,9 @@ class DTMRewriteGenerator(Generator):
 
     def _count_failure(self, reason: str) -> None:
         """Stop the run once :data:`REFUSALS_TO_STOP` rewrites have failed before any prompt
-        was rewritten (the LLM refused the request, answered nothing usable, could not be
-        reached; a content filter's refusal is the prompt's own and not counted): each image
+        was rewritten (the server refused the request, the LLM answered nothing usable, could
+        not be reached; a refusal of the prompt's content, by a content filter or in words, is
+        the prompt's own and not counted): each image
         would be drawn from its original prompt, and the run would end as if it had gone well.
 
         Raises:
@@ -502,6 +507,12 @@ ECHO = re.compile(r"^\s*Original:\s*$", re.M)
 repeats the request rather than answering it."""
 
 
+class RefusedContent(ItemError):
+    """The LLM declined to rewrite this prompt (a content filter stopped it, or it refused in
+    words): the prompt's own failure, which says nothing of the LLM's options and does not
+    count toward stopping the run."""
+
+
 def _rewrite_in(
     content: str | None, finish_reason: str | None, *, guidance: str, max_tokens: int
 ) -> str:
@@ -509,12 +520,12 @@ def _rewrite_in(
     explanation.
 
     Raises:
-        ItemError: the answer holds no rewrite to draw from: empty, cut, stopped by a content
-            filter, a refusal, the request repeated, over :data:`MAX_REWRITE_CHARS`, or
-            holding half a character.
+        RefusedContent: a content filter stopped the answer, or the LLM refused in words.
+        ItemError: the answer holds no other rewrite to draw from: empty, cut, the request
+            repeated, over :data:`MAX_REWRITE_CHARS`, or holding half a character.
     """
     if finish_reason == "content_filter":
-        raise ItemError("the LLM's content filter stopped its rewrite")
+        raise RefusedContent("the LLM's content filter stopped its rewrite")
     text = _clean(content or "")
     preamble = PREAMBLE.match(text)
     if preamble is not None:
@@ -539,7 +550,7 @@ def _rewrite_in(
         )
     first_sentence = re.split(r"[.!?\n]", text, maxsplit=1)[0]
     if REFUSAL.match(text) or REFUSAL_IN_FIRST_SENTENCE.search(first_sentence):
-        raise ItemError(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
+        raise RefusedContent(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
     if guidance in text or ECHO.search(text):
         raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")
     return text
