@@ -589,6 +589,10 @@ REFUSALS = [
     "I'm afraid I can't do that.",
     "My apologies, but I must decline.",
     "Regrettably, I can't help with that request.",
+    "Apologies, but I cannot assist with this.",
+    "I can't do that for you.",
+    "I can't.",
+    "I must respectfully decline this request.",
 ]
 
 
@@ -597,6 +601,26 @@ def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
     # Each was recorded as rewritten, and its image drawn from the refusal.
     with pytest.raises(ItemError, match="the LLM refused to rewrite the prompt"):
         _rewrite_in(answer, "stop", guidance="G", max_tokens=256)
+
+
+OWN_FIRST_CLAUSES = [
+    "Here is Venice reimagined as a futuristic version of itself, floating above the clouds: "
+    "gondolas glide between glass towers.",
+    "Here are the ruins of Pompeii with a museum-style description panel in the foreground: "
+    "ash-grey streets, a red sunset.",
+    "Here is the new version of the phone, lying on a desk: soft studio light.",
+    "Your updated description: a serene zen garden, written on a wooden sign by the gate.",
+    "A cat and a dog.\n\nChanges made to the garden: tulips bloom along the fence.",
+    "A sign reading:\n\nNote: closed today, in red letters.",
+    "Unfortunately for the knight, the dragon has already eaten the castle: a comic-book "
+    "scene in bold colours.",
+    "Apologies written on a chalkboard in an empty classroom, chalk dust in the light.",
+    "I must decline the invitation, says a card held by a butler in a grand hall.",
+    "A poster that says 'I can't help you with that' on a brick wall.",
+    "'I can't help you with that,' says a robot behind a help desk.",
+    "I won't forget this sunset: a couple on a pier under an orange sky.",
+]
+"""Genuine prompts that open like a preamble, a refusal or an afterword would."""
 
 
 @pytest.mark.parametrize(
@@ -620,6 +644,12 @@ def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
         ),
         ("A poster: I can't help falling in love", "A poster: I can't help falling in love"),
         ("A bike.\n\nA note: on the wall", "A bike.\n\nA note: on the wall"),
+        ("Here's a revised version of your prompt: A red bicycle", "A red bicycle"),
+        ("Certainly, here is an improved version:\nA red bicycle", "A red bicycle"),
+        ("A red bicycle\n\nRationale: it stands out.", "A red bicycle"),
+        # Each was cut or refused: a keyword of the preamble's in the prompt's first clause,
+        # words that open a refusal or first person that is the prompt's own.
+        *[(prompt, prompt) for prompt in OWN_FIRST_CLAUSES],
     ],
     ids=[
         "interjection-line",
@@ -633,6 +663,10 @@ def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
         "here-is-in-prompt",
         "first-person-in-prompt",
         "note-in-prompt",
+        "revised-version-of-your-prompt",
+        "improved-version-line",
+        "rationale",
+        *[f"own-{index}" for index in range(len(OWN_FIRST_CLAUSES))],
     ],
 )
 def test_a_preamble_and_an_explanation_come_off_the_rewrite_alone(answer: str, prompt: str) -> None:
