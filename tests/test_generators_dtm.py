@@ -364,8 +364,8 @@ def test_an_llm_never_reached_stops_the_run(server: GenerationAPIServer) -> None
 
 @pytest.mark.parametrize(
     "answer",
-    [lambda user: "", lambda user: user, lambda user: "I'm sorry, I can't."],
-    ids=["empty", "echo", "refusal"],
+    [lambda user: "", lambda user: user, lambda user: "Original:\nA bike"],
+    ids=["empty", "echo", "echo-marker"],
 )
 def test_answers_with_no_rewrite_before_any_rewrite_stop_the_run(
     server: GenerationAPIServer, answer: Callable[[str], str]
@@ -405,6 +405,46 @@ def test_a_content_filter_before_any_rewrite_does_not_stop_the_run(
             [request(f"C_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
         )
     assert {o.status for o in generator.rewrites.values()} == {"fallback"}
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "I'm sorry, but I can't help with that request.",
+        "I cannot rewrite this prompt.",
+        "Unfortunately, I can't rewrite this prompt.",
+    ],
+)
+def test_refusals_in_words_before_any_rewrite_do_not_stop_the_run(
+    server: GenerationAPIServer, refusal: str
+) -> None:
+    # TRIG's toxicity (R-T) prompts provoke refusals by design: a dataset opening with 8 of
+    # them stopped the run (exit 4) as if the LLM's options were wrong.
+    generator = rewriter(server)
+    server.rewrite = lambda user: refusal
+    for index in range(REFUSALS_TO_STOP + 1):
+        generator.generate(
+            [request(f"T_{index}", "R-T", "IQ-A")], worker=0, cancel=threading.Event()
+        )
+    outcomes = generator.rewrites.values()
+    assert {o.status for o in outcomes} == {"fallback"}
+    assert all(str(o.error).startswith("the LLM refused to rewrite the prompt") for o in outcomes)
+    server.rewrite = default_rewrite
+    generator.generate([request("T_ok", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert generator.rewrites["T_ok"].status == "rewritten"
+    # Refusals do not hide other failures: they still stop the run, counted on their own.
+    mixed = rewriter(server)
+    answers = iter([refusal, ""] * REFUSALS_TO_STOP)
+    server.rewrite = lambda user: next(answers)
+    with pytest.raises(
+        FatalBackendError,
+        match=rf"rewrote none of the first {REFUSALS_TO_STOP} prompts .*empty rewrite",
+    ):
+        for index in range(2 * REFUSALS_TO_STOP):
+            mixed.generate(
+                [request(f"M_{index}", "R-T", "IQ-A")], worker=0, cancel=threading.Event()
+            )
+    assert len(mixed.rewrites) == 2 * REFUSALS_TO_STOP - 1
 
 
 @pytest.mark.parametrize(
@@ -549,6 +589,10 @@ REFUSALS = [
     "I'm afraid I can't do that.",
     "My apologies, but I must decline.",
     "Regrettably, I can't help with that request.",
+    "Apologies, but I cannot assist with this.",
+    "I can't do that for you.",
+    "I can't.",
+    "I must respectfully decline this request.",
 ]
 
 
@@ -557,6 +601,26 @@ def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
     # Each was recorded as rewritten, and its image drawn from the refusal.
     with pytest.raises(ItemError, match="the LLM refused to rewrite the prompt"):
         _rewrite_in(answer, "stop", guidance="G", max_tokens=256)
+
+
+OWN_FIRST_CLAUSES = [
+    "Here is Venice reimagined as a futuristic version of itself, floating above the clouds: "
+    "gondolas glide between glass towers.",
+    "Here are the ruins of Pompeii with a museum-style description panel in the foreground: "
+    "ash-grey streets, a red sunset.",
+    "Here is the new version of the phone, lying on a desk: soft studio light.",
+    "Your updated description: a serene zen garden, written on a wooden sign by the gate.",
+    "A cat and a dog.\n\nChanges made to the garden: tulips bloom along the fence.",
+    "A sign reading:\n\nNote: closed today, in red letters.",
+    "Unfortunately for the knight, the dragon has already eaten the castle: a comic-book "
+    "scene in bold colours.",
+    "Apologies written on a chalkboard in an empty classroom, chalk dust in the light.",
+    "I must decline the invitation, says a card held by a butler in a grand hall.",
+    "A poster that says 'I can't help you with that' on a brick wall.",
+    "'I can't help you with that,' says a robot behind a help desk.",
+    "I won't forget this sunset: a couple on a pier under an orange sky.",
+]
+"""Genuine prompts that open like a preamble, a refusal or an afterword would."""
 
 
 @pytest.mark.parametrize(
@@ -580,6 +644,12 @@ def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
         ),
         ("A poster: I can't help falling in love", "A poster: I can't help falling in love"),
         ("A bike.\n\nA note: on the wall", "A bike.\n\nA note: on the wall"),
+        ("Here's a revised version of your prompt: A red bicycle", "A red bicycle"),
+        ("Certainly, here is an improved version:\nA red bicycle", "A red bicycle"),
+        ("A red bicycle\n\nRationale: it stands out.", "A red bicycle"),
+        # Each was cut or refused: a keyword of the preamble's in the prompt's first clause,
+        # words that open a refusal or first person that is the prompt's own.
+        *[(prompt, prompt) for prompt in OWN_FIRST_CLAUSES],
     ],
     ids=[
         "interjection-line",
@@ -593,6 +663,10 @@ def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
         "here-is-in-prompt",
         "first-person-in-prompt",
         "note-in-prompt",
+        "revised-version-of-your-prompt",
+        "improved-version-line",
+        "rationale",
+        *[f"own-{index}" for index in range(len(OWN_FIRST_CLAUSES))],
     ],
 )
 def test_a_preamble_and_an_explanation_come_off_the_rewrite_alone(answer: str, prompt: str) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import struct
 import threading
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +251,88 @@ def test_a_source_picture_stored_sideways_is_turned_as_its_exif_says(tmp_path: P
     embedded = Sample(data_id="IQ-R_TA-C_2", source_bytes=sideways("JPEG"), **common)
     assert_upright(source_image(from_file))
     assert_upright(source_image(embedded))
+
+
+def with_exif_chunk(picture: Image.Image, payload: bytes) -> bytes:
+    """``picture`` as a PNG with an ``eXIf`` chunk (its CRC right) holding ``payload``, right
+    after the header chunk."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    chunk = b"eXIf" + payload
+    return (
+        data[:33]
+        + struct.pack(">I", len(payload))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + data[33:]
+    )
+
+
+def wide_picture() -> Image.Image:
+    """40x20, red left and blue right: as :func:`sideways` stores it."""
+    picture = Image.new("RGB", (40, 20), "blue")
+    picture.paste(Image.new("RGB", (20, 20), "red"))
+    return picture
+
+
+TIFF_HEADER = b"MM\x00\x2a\x00\x00\x00\x08"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"garbage!!", TIFF_HEADER, TIFF_HEADER + b"\xff\xff"],
+    ids=["not-tiff", "no-directory", "directory-cut"],
+)
+def test_a_picture_whose_exif_cannot_be_read_is_taken_as_stored(
+    tmp_path: Path, payload: bytes
+) -> None:
+    # Every viewer shows it, as stored: it became "cannot read image ...: not a TIFF file", and
+    # Pillow's "Corrupt EXIF data" warnings reached the run's output.
+    as_rgb = with_exif_chunk(wide_picture(), payload)
+    (tmp_path / "IQ-R_TA-C_1.png").write_bytes(as_rgb)
+    (tmp_path / "IQ-R_TA-C_2.png").write_bytes(
+        with_exif_chunk(wide_picture().convert("P"), payload)
+    )
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    common = {"task": "p2p", "prompt": "p", "dimensions": ("IQ-R", "TA-C")}
+    embedded = Sample(data_id="IQ-R_TA-C_3", source_bytes=as_rgb, **common)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        copied, decoded = generator.generate(
+            [request("IQ-R_TA-C_1"), request("IQ-R_TA-C_2")], worker=0, cancel=threading.Event()
+        )
+        source = source_image(embedded)
+    assert isinstance(copied, EncodedPicture) and copied.png == as_rgb  # as before 9b9006b
+    assert isinstance(decoded, Image.Image) and decoded.size == (40, 20)
+    assert source.size == (40, 20)
+    assert [str(w.message) for w in caught] == []
+
+
+RATIONAL_ORIENTATION = (
+    TIFF_HEADER
+    + struct.pack(">HHHII", 1, 0x0112, 5, 1, 26)  # one entry: a rational, at offset 26
+    + struct.pack(">III", 0, 6, 1)  # no next directory; 6/1
+)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "P", "LA", "I;16"])
+def test_an_orientation_that_is_no_integer_is_taken_as_stored_whatever_the_pictures_mode(
+    tmp_path: Path, mode: str
+) -> None:
+    # 6/1 left an 8-bit RGB PNG unturned (copied byte for byte) but turned a P, LA or 16-bit
+    # one (decoded) with the same chunk.
+    picture = wide_picture().convert("L" if mode == "I;16" else mode)
+    if mode == "I;16":
+        picture = Image.fromarray(np.asarray(picture, dtype=np.uint16) * 257)
+    (tmp_path / "IQ-R_TA-C_1.png").write_bytes(with_exif_chunk(picture, RATIONAL_ORIENTATION))
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    (outcome,) = generator.generate([request("IQ-R_TA-C_1")], worker=0, cancel=threading.Event())
+    if isinstance(outcome, EncodedPicture):
+        outcome = Image.open(io.BytesIO(outcome.png))
+    assert isinstance(outcome, Image.Image) and outcome.size == (40, 20)
 
 
 def test_files_whose_extensions_differ_in_case_alone_follow_a_stated_rule(

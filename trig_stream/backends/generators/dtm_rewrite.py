@@ -191,7 +191,7 @@ class DTMRewriteGenerator(Generator):
         self._rewrote = False
         """Whether a prompt has been rewritten: the LLM and its options work."""
         self._failed = 0
-        """Rewrites that failed (a content filter's refusal aside) before any prompt was
+        """Rewrites that failed (refusals of a prompt's content aside) before any prompt was
         rewritten."""
         self._client: Any = None
         self._key = ""
@@ -320,7 +320,7 @@ class DTMRewriteGenerator(Generator):
             {"role": "user", "content": user_message(sample.prompt, first, second, code)},
         ]
         o = self.options
-        counts = True  # towards stopping the run: a content filter's refusal does not
+        counts = True  # towards stopping the run: a refusal of the prompt's content does not
         try:
             try:
                 response = call_with_retries(
@@ -345,14 +345,18 @@ class DTMRewriteGenerator(Generator):
                 counts = isinstance(exc, NotFoundError)
                 raise
             choice = response.choices[0]
-            if choice.finish_reason == "content_filter":
+            try:
+                text = _rewrite_in(
+                    choice.message.content,
+                    choice.finish_reason,
+                    guidance=instruction(first, second, code),
+                    max_tokens=o.max_tokens,
+                )
+            except RefusedContent:
+                # The LLM answered, and declined this prompt's content (TRIG's toxicity
+                # prompts provoke it by design): nothing wrong with its options.
                 counts = False
-            text = _rewrite_in(
-                choice.message.content,
-                choice.finish_reason,
-                guidance=instruction(first, second, code),
-                max_tokens=o.max_tokens,
-            )
+                raise
         except FatalBackendError:
             raise
         except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
@@ -385,8 +389,9 @@ class DTMRewriteGenerator(Generator):
 
     def _count_failure(self, reason: str) -> None:
         """Stop the run once :data:`REFUSALS_TO_STOP` rewrites have failed before any prompt
-        was rewritten (the LLM refused the request, answered nothing usable, could not be
-        reached; a content filter's refusal is the prompt's own and not counted): each image
+        was rewritten (the server refused the request, the LLM answered nothing usable, could
+        not be reached; a refusal of the prompt's content, by a content filter or in words, is
+        the prompt's own and not counted): each image
         would be drawn from its original prompt, and the run would end as if it had gone well.
 
         Raises:
@@ -449,24 +454,32 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
 
 
 REFUSAL = re.compile(
-    r"(I['’]?m|I am)\s+(sorry|unable|not able|afraid)|sorry\b|(I\s+)?apologi[sz]e|"
-    r"(my\s+)?apologies|unfortunately\b|I\s+(can(['’]?t|not| not)|won['’]?t|will not)\b|"
-    r"as an AI\b",
+    r"(I['’]?m|I am)\s+(sorry|unable|not able|afraid)|sorry\b|I\s+apologi[sz]e|"
+    r"((my\s+)?apologies|unfortunately)[\s,!.]+(but\s+)?(I|we)\b|as an AI\b",
     re.I,
 )
 """How an LLM's refusal to rewrite opens (matched at the start of its answer only: a prompt may
-well say "sorry" further in)."""
+well say "sorry" further in). "Unfortunately" and "Apologies" open a refusal only before "I" or
+"we" ("Unfortunately, I can't ..."): "Unfortunately for the knight, ..." and "Apologies written
+on a chalkboard" are prompts."""
 
 REFUSAL_IN_FIRST_SENTENCE = re.compile(
-    r"\bI\s+((must|have to|need to)\s+(respectfully\s+)?decline\b|"
-    r"(can(['’]?t|not| not)|won['’]?t|will not|am unable to|am not able to)\b"
-    r"[^.!?\n]{0,40}?\b(help( you)? (with|here|on)|assist|rewrite|rewriting|comply|do that|"
-    r"fulfil+|modify)\b)",
+    r"([^\"“”‘\n]{0,40}?(,\s*|\s+but\s+))?"
+    r"I(\s+(must|have to|need to)\s+(respectfully\s+)?decline"
+    r"(\s*$|\s+to\b|\s+(this|that|your|the)\s+(request|prompt|task)\b)|"
+    r"(\s+(can['’]?t|cannot|can not|won['’]?t|will not|am unable to|am not able to)|"
+    r"['’]m\s+(unable|not able)\s+to)\b"
+    r"([^\"“”‘\n]{0,40}?\b(help( you)? (with|here|on)|assist|rewrite|rewriting|comply|"
+    r"do (this|that|it|so)|fulfil+|modify)\b|(\s+help( you)?)?\s*$))",
     re.I,
 )
-"""A refusal in the answer's first sentence after an opening of any kind ("My apologies, but I
-must decline", "Regrettably, I can't help with that"): said in the first person, which an
-image prompt hardly is."""
+"""A refusal in the answer's first sentence: said by the LLM in the first person, to the user,
+at the sentence's start or after an opening of any kind ("My apologies, but I must decline",
+"Regrettably, I can't help with that"), and of the request (declining it, or unable to help
+with it, rewrite it, do it). Not a first person of the prompt's own: one quoted ("A poster that
+says 'I can't help you with that'"), after words that are no opening ("A poster: I can't help
+falling in love"), or of something else ("I must decline the invitation, says a card", "I won't
+forget this sunset")."""
 
 INTERJECTION = r"((sure|certainly|of course|absolutely|okay|ok|great|alright)\b[^\n]{0,20}\n+)?"
 """A line of its own before a preamble ("Sure!")."""
@@ -477,29 +490,39 @@ REVISED = r"(rewritten|revised|improved|enhanced|refined|updated|new)"
 
 PREAMBLE = re.compile(
     rf"\s*{INTERJECTION}{MARKDOWN}("
-    r"(sure|certainly|of course|absolutely|okay|ok|great|alright)?[!.,\s]*"
-    rf"here(['’]s| is| are)\b[^\n:]{{0,60}}\b(prompt|version|description|rewrite|{REVISED}\s+text)"
-    r"s?\b[^\n:]{0,40}"
-    rf"|((the|my|your)\s+)?{REVISED}\s+((text-to-image|image)\s+)?"
-    r"(prompt|version|description|text)"
+    r"((sure|certainly|of course|absolutely|okay|ok|great|alright)[!.,\s]+)?"
+    rf"here(['’]s| is| are)\s+(the|your|a|an|my)\s+(([\w-]+\s+){{0,2}}{REVISED}\b"
+    r"[^\n:]{0,40}?\b(prompt|version|description|rewrite|text)s?|rewrites?)\b[^\n:]{0,12}"
+    rf"|{REVISED}\s+((text-to-image|image)\s+)?(prompt|version|description|text)"
     r")[*_ \t]*(:|\n)[*_\s]*",
     re.I,
 )
 """The words that introduce the rewrite, as chat models add despite being asked not to ("Sure!
-Here is the rewritten prompt:", "**Rewritten prompt:**"), taken off the answer's start: a
-known phrase ("here is ... prompt", "rewritten prompt") before a colon or on a line of its own
-(a heading), after an interjection
-line and markdown, never a first clause of the rewrite's own ("An improved text layout: ...")."""
+Here is the rewritten prompt:", "**Rewritten prompt:**"), taken off the answer's start, after an
+interjection line and markdown: "here is" with a determiner and a word of revision ("the
+rewritten", "a revised", "your improved") before the keyword (prompt, version, description)
+that stands right before the colon or the line's end; or a bare label ("Rewritten prompt:", a
+heading). Never a first clause of the prompt's own ("An improved text layout: ...", "Here is
+Venice reimagined as a futuristic version of itself, floating above the clouds: ...", "Your
+updated description: ...")."""
 
 AFTERWORD = re.compile(
-    r"\n\s*\n[*_#>\s]*(explanation|notes?|changes( made)?|rationale)\b[^\n:]{0,40}:.*\Z",
+    r"(?<=[\w.!?)\"'”’*])[ \t]*\n\s*\n[*_#>\s]*(explanation|rationale|notes?)[*_]*\s*:.*\Z",
     re.I | re.S,
 )
-"""A closing paragraph that explains the rewrite ("Explanation: ..."): no part of the prompt."""
+"""A closing paragraph that explains the rewrite, opening a line with "Explanation:",
+"Rationale:" or "Note:" after a complete prompt: no part of the prompt. Any other paragraph
+("Changes made to the garden: tulips ...") is the prompt's own."""
 
 ECHO = re.compile(r"^\s*Original:\s*$", re.M)
 """The marker before the prompt in our request (``user_message``): an answer holding it
 repeats the request rather than answering it."""
+
+
+class RefusedContent(ItemError):
+    """The LLM declined to rewrite this prompt (a content filter stopped it, or it refused in
+    words): the prompt's own failure, which says nothing of the LLM's options and does not
+    count toward stopping the run."""
 
 
 def _rewrite_in(
@@ -509,12 +532,12 @@ def _rewrite_in(
     explanation.
 
     Raises:
-        ItemError: the answer holds no rewrite to draw from: empty, cut, stopped by a content
-            filter, a refusal, the request repeated, over :data:`MAX_REWRITE_CHARS`, or
-            holding half a character.
+        RefusedContent: a content filter stopped the answer, or the LLM refused in words.
+        ItemError: the answer holds no other rewrite to draw from: empty, cut, the request
+            repeated, over :data:`MAX_REWRITE_CHARS`, or holding half a character.
     """
     if finish_reason == "content_filter":
-        raise ItemError("the LLM's content filter stopped its rewrite")
+        raise RefusedContent("the LLM's content filter stopped its rewrite")
     text = _clean(content or "")
     preamble = PREAMBLE.match(text)
     if preamble is not None:
@@ -538,8 +561,8 @@ def _rewrite_in(
             f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
         )
     first_sentence = re.split(r"[.!?\n]", text, maxsplit=1)[0]
-    if REFUSAL.match(text) or REFUSAL_IN_FIRST_SENTENCE.search(first_sentence):
-        raise ItemError(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
+    if REFUSAL.match(text) or REFUSAL_IN_FIRST_SENTENCE.match(first_sentence):
+        raise RefusedContent(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
     if guidance in text or ECHO.search(text):
         raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")
     return text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +41,7 @@ def png_as_is(path: Path) -> EncodedPicture | None:
     """The file's bytes, when the engine can store them as they are: a still 8-bit RGB PNG
     whose chunks check out (each CRC, through the end chunk), that names no sample of its
     own (an image of an earlier run; see :func:`trig_stream.png.with_sample_digest`) and that
-    is shown as stored (no EXIF orientation turns it).
+    is shown as stored (no EXIF orientation turns it; one unreadable does not).
     None otherwise, including when the file cannot be read: :func:`open_image` then decodes
     it, or says what is wrong with it.
     """
@@ -72,30 +74,69 @@ ORIENTATION = 0x0112
 def upright(image: Image) -> Image:
     """``image`` turned as its EXIF Orientation tag says it is shown (a phone's JPEG is stored
     sideways with Orientation 6): the judge and the generators see what a viewer sees.
-    ``image`` itself when it has no such tag or one of 1."""
-    from PIL import ImageOps
+    ``image`` itself when it has no such tag, one of 1, or one that cannot be read or is no
+    integer from 1 to 8 (viewers show such a picture as stored)."""
+    from PIL import Image as PILImage
 
-    if image.getexif().get(ORIENTATION, 1) == 1:
+    orientation = _orientation(image.getexif)
+    if orientation is None or orientation == 1:
         return image
-    return ImageOps.exif_transpose(image)
+    turn = {
+        2: PILImage.Transpose.FLIP_LEFT_RIGHT,
+        3: PILImage.Transpose.ROTATE_180,
+        4: PILImage.Transpose.FLIP_TOP_BOTTOM,
+        5: PILImage.Transpose.TRANSPOSE,
+        6: PILImage.Transpose.ROTATE_270,
+        7: PILImage.Transpose.TRANSVERSE,
+        8: PILImage.Transpose.ROTATE_90,
+    }
+    return image.transpose(turn[orientation])
+
+
+def _orientation(read_exif: Callable[[], Mapping[int, object]]) -> int | None:
+    """The EXIF Orientation that ``read_exif`` finds, an integer from 1 to 8; None without one,
+    and for one that cannot be read or is anything else (a rational, 9): the picture is shown
+    as stored, as it was copied before orientations were read. Pillow's warnings about the
+    EXIF data it skips ("Corrupt EXIF data") are kept off the run's output: the picture itself
+    is fine."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = read_exif().get(ORIENTATION)
+    except Exception:
+        # Metadata Pillow cannot parse (SyntaxError "not a TIFF file", struct.error, ...)
+        # says nothing of the picture, which decodes fine: its error would be the image's.
+        return None
+    if type(value) is not int or not 1 <= value <= 8:
+        return None
+    return value
 
 
 def _png_orientation(data: bytes) -> int | None:
-    """The EXIF Orientation in a PNG's ``eXIf`` chunk, wherever it is; None without one."""
+    """The EXIF Orientation in a PNG's ``eXIf`` chunk, wherever it is (see
+    :func:`_orientation`); None without one."""
     from PIL import Image as PILImage
 
+    payload = _exif_chunk(data)
+    if payload is None:
+        return None
+    exif = PILImage.Exif()
+
+    def read() -> Mapping[int, object]:
+        exif.load(payload)
+        return exif
+
+    return _orientation(read)
+
+
+def _exif_chunk(data: bytes) -> bytes | None:
+    """The data of a PNG's ``eXIf`` chunk, wherever it is; None without one."""
     offset = 8
     while offset + 8 <= len(data):
         length = int.from_bytes(data[offset : offset + 4], "big")
         kind = data[offset + 4 : offset + 8]
         if kind == b"eXIf":
-            exif = PILImage.Exif()
-            try:
-                exif.load(data[offset + 8 : offset + 8 + length])
-            except (OSError, SyntaxError, ValueError, KeyError, IndexError):
-                return 0  # unreadable: decode the picture, whatever Pillow then makes of it
-            value = exif.get(ORIENTATION)
-            return value if isinstance(value, int) else None
+            return data[offset + 8 : offset + 8 + length]
         if kind == b"IEND":
             break
         offset += 12 + length
