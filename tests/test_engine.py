@@ -1513,6 +1513,14 @@ async def test_backends_given_as_iterators_are_all_used(make_config: ConfigFacto
             {"max_attempts": 10**400},
             "RetryPolicy: max_attempts must be at most 100, not a number of about 401 digits",
         ),
+        # A whole number a float holds was called "past a float's range"; any backoff past
+        # an hour (1e300 waited as long as the infinity refused) is refused as the config's.
+        (
+            {"backoff_max": 10**308},
+            "RetryPolicy: backoff_max must be at most 3600, not a number of about 309 digits",
+        ),
+        ({"backoff_max": 1e300}, "RetryPolicy: backoff_max must be at most 3600, not 1e+300"),
+        ({"backoff_initial": 3601}, "RetryPolicy: backoff_initial must be at most 3600, not 3601"),
         (
             {"max_attempts": -(10**5000)},
             "RetryPolicy: max_attempts must be at least 1, not a negative number of about 5001",

@@ -124,6 +124,16 @@ def test_a_key_given_as_its_variable_name_is_refused_unquoted() -> None:
     assert "SECRET123" not in str(raised.value)
 
 
+def test_an_error_shows_the_control_characters_of_an_argument_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The argument, quoted raw, sent its ESC sequence to the terminal.
+    args = parse("--allowed-local-media-path", str(tmp_path / "bad\x1b[31mname"))
+    assert args.handler(args, Console(stderr=True, width=200)) == 2
+    err = capsys.readouterr().err
+    assert "bad\\x1b[31mname: no such folder" in err and "\x1b" not in err
+
+
 def test_a_bad_option_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     # An impossible port too: were the latency accepted, the command would stop there
     # (with another message) instead of serving until interrupted.

@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 from trig_stream.config_fields import (
     EMPTY_PATH,
     OPTIONS_CONFIG,
+    Backoff,
     ConfigPath,
     ModelName,
     PairName,
@@ -182,8 +183,8 @@ class EngineSection(_Section):
     judgement_buffer: Annotated[int, Field(ge=1)] = 256
     result_buffer: Annotated[int, Field(ge=1)] = 256
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
-    backoff_initial: Annotated[float, Field(ge=0)] = 0.5
-    backoff_max: Annotated[float, Field(ge=0)] = 30.0
+    backoff_initial: Backoff = 0.5
+    backoff_max: Backoff = 30.0
 
 
 class RunConfig(_Section):
@@ -351,8 +352,11 @@ def field_value_problem(model: type[BaseModel], name: str, value: object) -> str
         return "must be a number, not nan"
     if isinstance(value, float) and math.isinf(value):
         return f"must be a finite number, not {value!r}"
-    if not whole and isinstance(value, int) and value.bit_length() > 1023:
-        return f"must be a finite number, not {_number_shown(value)} (past a float's range)"
+    if not whole and isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return f"must be a finite number, not {_number_shown(value)} (past a float's range)"
     for bound in field.metadata:
         if isinstance(bound, annotated_types.Ge) and not value >= (low := cast("float", bound.ge)):
             return f"must be at least {low}, not {_number_shown(value)}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Final
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from trig_stream.config_problems import UNQUOTED_PROBLEM
@@ -124,6 +124,9 @@ TaskName = Annotated[
     Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)
 ]
 PairName = Annotated[str, AfterValidator(_pair)]
+Backoff = Annotated[float, Field(ge=0, le=3600)]
+"""Seconds a retry waits (a backoff's start or ceiling): at most an hour, a longer one being a
+mistake that would hold a request, and a graceful stop, that long."""
 
 
 OPTIONS_CONFIG: Final = ConfigDict(

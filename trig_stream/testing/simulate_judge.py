@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trig_stream.config_fields import NOT_A_VARIABLE, is_variable_name
+from trig_stream.records import printable
 from trig_stream.signals import point_at_devnull
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
 
@@ -150,7 +151,7 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port {args.port}: a port is 0 to 65535 (0 picks a free one)")
     except ValueError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
         return EXIT_USAGE
     failed = anyio.run(_serve, options, args.host, args.port, console, backend="asyncio")
     if failed is not None:  # the address is taken, or not this machine's

@@ -53,7 +53,7 @@ from trig_stream.backends.generators.dtm_relations import (
     user_message,
 )
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
-from trig_stream.config_fields import OPTIONS_CONFIG, EnvVarName, HttpUrl
+from trig_stream.config_fields import OPTIONS_CONFIG, Backoff, EnvVarName, HttpUrl
 from trig_stream.config_problems import nested_problems
 from trig_stream.errors import (
     BackendError,
@@ -121,8 +121,8 @@ class DTMRewriteOptions(BaseModel):
     """Seconds one call may take in all, connecting and reading the whole answer included
     (``api_calls.openai_client``)."""
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
-    backoff_initial: Annotated[float, Field(ge=0)] = 1.0
-    backoff_max: Annotated[float, Field(ge=0)] = 10.0
+    backoff_initial: Backoff = 1.0
+    backoff_max: Backoff = 10.0
 
     @model_validator(mode="after")
     def _some_relations(self) -> DTMRewriteOptions:

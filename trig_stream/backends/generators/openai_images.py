@@ -30,7 +30,7 @@ from trig_stream.backends.generators.api_calls import (
     wait_on_cancel,
 )
 from trig_stream.backends.generators.source_images import rgb, upright
-from trig_stream.config_fields import OPTIONS_CONFIG, EnvVarName, HttpUrl
+from trig_stream.config_fields import OPTIONS_CONFIG, Backoff, EnvVarName, HttpUrl
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
 
@@ -64,8 +64,8 @@ class OpenAIImagesOptions(BaseModel):
     (``api_calls.openai_client``)."""
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 4
     """Attempts per image for transient failures (5xx, timeouts, 429)."""
-    backoff_initial: Annotated[float, Field(ge=0)] = 2.0
-    backoff_max: Annotated[float, Field(ge=0)] = 60.0
+    backoff_initial: Backoff = 2.0
+    backoff_max: Backoff = 60.0
 
     @model_validator(mode="after")
     def _style_for_dall_e(self) -> OpenAIImagesOptions:
