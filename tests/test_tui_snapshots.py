@@ -343,3 +343,21 @@ async def test_the_last_errors_stay_on_screen_on_a_small_terminal(size: tuple[in
         await pilot.pause()
         errors = on_screen(dashboard, "#errors")
     assert [line.split()[0] for line in errors[:3]] == ["sd3-medium", "flux-dev", "flux-dev"]
+
+
+@pytest.mark.anyio
+async def test_ten_models_at_120x40_leave_the_whole_dtm_and_its_legend() -> None:
+    # The grown progress and buffers rows kept their lines while the relations row gave up
+    # its own: with ten models at 120x40 the rows were 11/11/11 and the DTM stopped at TA-C
+    # (TA-R, TA-S and the legend gone), the means at TA-C too. The grown rows now give back
+    # their extra lines first.
+    dashboard = TrigDashboardApp(StaticSource(many_models(10)))
+    async with dashboard.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        dtm = on_screen(dashboard, "#dtm")
+        means = on_screen(dashboard, "#means")
+    rows = [line.split()[0] for line in dtm[1:] if line.strip()]
+    assert rows[: len(SORTED_DIMENSIONS)] == list(SORTED_DIMENSIONS)
+    assert any("synergy" in line for line in dtm) and any("bottleneck" in line for line in dtm)
+    dims = [line.split()[0] for line in means[1:] if line.strip()]
+    assert dims == list(SORTED_DIMENSIONS)

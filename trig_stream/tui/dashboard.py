@@ -43,7 +43,10 @@ def row_heights(height: int, progress: int, load: int) -> tuple[int, int, int]:
     high, whose progress and buffers rows want ``progress`` and ``load`` lines of content.
 
     The errors panel takes what is left, at least :data:`ERRORS_LINES`'s wish when the other
-    rows can shrink to make room: the tallest of them gives up a line first.
+    rows can shrink to make room. The progress and buffers rows first give back the lines they
+    grew by (the taller first), down to :data:`ROW_HEIGHTS`: with ten models at 120x40 the
+    relations row gave up lines first and the DTM lost its last rows and its legend. Below
+    :data:`ROW_HEIGHTS` the tallest row gives up a line first.
     """
     wanted = [
         max(ROW_HEIGHTS[0], progress + 2),
@@ -54,6 +57,10 @@ def row_heights(height: int, progress: int, load: int) -> tuple[int, int, int]:
     room = height - 1 - (wished + 2)  # the status line, the errors panel and its border
     rows = list(wanted)
     while sum(rows) > room:
+        grown = [i for i in range(2) if rows[i] > ROW_HEIGHTS[i]]
+        if grown:
+            rows[max(grown, key=lambda i: rows[i])] -= 1
+            continue
         shrinkable = [i for i in range(3) if rows[i] > ROW_MINIMUMS[i]]
         if not shrinkable:
             if room < height - 1 - (fewest + 2):
