@@ -361,3 +361,43 @@ async def test_ten_models_at_120x40_leave_the_whole_dtm_and_its_legend() -> None
     assert any("synergy" in line for line in dtm) and any("bottleneck" in line for line in dtm)
     dims = [line.split()[0] for line in means[1:] if line.strip()]
     assert dims == list(SORTED_DIMENSIONS)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("size", "models", "judges"), [(SMALL, 3, 3), ((200, 60), 30, 10)])
+async def test_judges_cut_from_their_panel_are_counted(
+    size: tuple[int, int], models: int, judges: int
+) -> None:
+    # The judges panel drew every judge whatever its height: at 80x24 three judges showed as
+    # judge-0 and judge-1, the third gone without a word; at 200x60 with ten judges the
+    # last one and judge-8's queue line were cut.
+    snapshot = replace(
+        many_models(models),
+        judges=tuple(JudgeView(f"judge-{index}", "openai", (), 1, 4) for index in range(judges)),
+    )
+    dashboard = TrigDashboardApp(StaticSource(snapshot))
+    async with dashboard.run_test(size=size) as pilot:
+        await pilot.pause()
+        lines = [line for line in on_screen(dashboard, "#judges") if line.strip()]
+    shown = [line.split()[0] for line in lines if line.startswith("judge-")]
+    queues = [line for line in lines if line.startswith("  server queue")]
+    assert shown == [f"judge-{index}" for index in range(len(shown))]
+    assert len(queues) == len(shown) and 0 < len(shown) < judges
+    hidden = judges - len(shown)
+    assert lines[-1] == f"… {hidden} more judge{'s' * (hidden != 1)}"
+
+
+def test_judge_loads_keeps_to_its_limit() -> None:
+    from trig_stream.tui.render import judge_loads
+
+    judges = tuple(JudgeView(f"judge-{index}", "fake", (), 1, 2) for index in range(3))
+    snapshot = replace(synthetic_snapshot(), judges=judges)
+    assert len(judge_loads(snapshot, limit=6).plain.splitlines()) == 6
+    assert "more" not in judge_loads(snapshot, limit=6).plain
+    for limit, first in ((5, 2), (4, 1), (2, 0), (1, 0)):
+        lines = judge_loads(snapshot, limit=limit).plain.splitlines()
+        assert len(lines) <= limit
+        assert [line.split()[0] for line in lines if line.startswith("judge-")] == [
+            f"judge-{index}" for index in range(first)
+        ]
+        assert lines[-1] == f"… {3 - first} more judge{'s' * (3 - first != 1)}"

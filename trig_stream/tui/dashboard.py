@@ -312,7 +312,9 @@ class Dashboard(Widget):
             (snapshot.buffers, load_lines), lambda: render.gauges(snapshot, limit=load_lines)
         )
         self.query_one(Throughput).show(snapshot)
-        self.query_one("#judges", Panel).show(snapshot.judges, lambda: render.judge_loads(snapshot))
+        self.query_one("#judges", Panel).show(
+            (snapshot.judges, load_lines), lambda: render.judge_loads(snapshot, limit=load_lines)
+        )
         self._show_relations()
         self.query_one("#errors", Panel).show(
             snapshot.last_errors, lambda: render.error_lines(snapshot.last_errors)

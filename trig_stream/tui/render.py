@@ -246,12 +246,21 @@ def gauges(snapshot: DashboardSnapshot, width: int = 10, limit: int | None = Non
     return text
 
 
-def judge_loads(snapshot: DashboardSnapshot, width: int = 10) -> Text:
-    """Each judge's requests in flight against its current limit, and the server queue."""
+def judge_loads(snapshot: DashboardSnapshot, width: int = 10, limit: int | None = None) -> Text:
+    """Each judge's requests in flight against its current limit, and the server queue.
+
+    Every judge takes two lines. Given ``limit`` (the most lines), the judges past it are
+    counted in a last ``… N more judges`` line.
+    """
     if not snapshot.judges:
         return Text("no judges", style="grey50")
+    judges = list(snapshot.judges)
+    hidden = 0
+    if limit is not None and 2 * len(judges) > limit:
+        judges = judges[: max(limit - 1, 0) // 2]
+        hidden = len(snapshot.judges) - len(judges)
     text = Text(no_wrap=True)
-    for index, judge in enumerate(snapshot.judges):
+    for index, judge in enumerate(judges):
         name = fit(judge.name, NAME_WIDTH)
         text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         if judge.in_flight is None or judge.limit is None:
@@ -263,6 +272,9 @@ def judge_loads(snapshot: DashboardSnapshot, width: int = 10) -> Text:
             text.append(f" {judge.in_flight:>3}/{judge.limit}")
         waiting = "n/a" if judge.waiting is None else str(judge.waiting)
         text.append(f"\n  server queue {waiting}", style="grey62")
+    if hidden:
+        more = f"… {hidden} more judge{'s' * (hidden != 1)}"
+        text.append(("\n" if judges else "") + more, style="grey62")
     return text
 
 
