@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from rich.text import Text
+
 import pytest
 
 from trig_stream.analysis.relations import DTM, negate_dominance
@@ -401,3 +403,24 @@ def test_judge_loads_keeps_to_its_limit() -> None:
             f"judge-{index}" for index in range(first)
         ]
         assert lines[-1] == f"… {3 - first} more judge{'s' * (3 - first != 1)}"
+
+
+@pytest.mark.anyio
+async def test_the_errors_panel_lays_out_only_the_errors_it_shows() -> None:
+    # Every refresh built and laid out a Text of all the kept errors (up to 1000) for a panel
+    # of a few lines: a refresh cost more the more errors there were.
+    errors = tuple(f"gen-00 X_{index} IQ-R: error number {index}" for index in range(1000))
+    dashboard = TrigDashboardApp(StaticSource(replace(synthetic_snapshot(), last_errors=errors)))
+    async with dashboard.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        panel = dashboard.query_one("#errors", Panel)
+        content = panel._content
+        height = panel.content_region.height
+        shown = on_screen(dashboard, "#errors")
+    assert isinstance(content, Text)
+    lines = content.plain.splitlines()
+    assert len(lines) == height  # the panel is full, and no more is laid out
+    assert lines == [
+        f"gen-00 X_{index} IQ-R: error number {index}" for index in range(999, 999 - len(lines), -1)
+    ]
+    assert [line.strip() for line in shown[: len(lines)]] == lines

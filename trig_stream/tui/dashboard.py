@@ -277,9 +277,9 @@ class Dashboard(Widget):
         if self.snapshot is not None:
             self._draw(self.snapshot)
 
-    def _fit_rows(self, snapshot: DashboardSnapshot) -> tuple[int, int]:
-        """Size the rows to the terminal and the snapshot; the lines the progress and buffers
-        panels have room for."""
+    def _fit_rows(self, snapshot: DashboardSnapshot) -> tuple[int, int, int]:
+        """Size the rows to the terminal and the snapshot; the lines the progress, buffers and
+        errors panels have room for."""
         judge_lines = 2 * len(snapshot.judges)
         heights = row_heights(
             self.size.height,
@@ -292,10 +292,12 @@ class Dashboard(Widget):
                 ("#row-progress", "#row-load", "#row-relations"), heights, strict=True
             ):
                 self.query_one(row_id).styles.height = height
-        return heights[0] - 2, heights[1] - 2
+        # The errors panel takes what the status line and the rows leave, its border aside.
+        errors_lines = max(self.size.height - 1 - sum(heights) - 2, ERRORS_LINES[0])
+        return heights[0] - 2, heights[1] - 2, errors_lines
 
     def _draw(self, snapshot: DashboardSnapshot) -> None:
-        progress_lines, load_lines = self._fit_rows(snapshot)
+        progress_lines, load_lines, errors_lines = self._fit_rows(snapshot)
         linger = self.linger
         self.query_one("#status", Panel).show(
             (snapshot, linger), lambda: render.status_line(snapshot, linger=linger)
@@ -316,8 +318,11 @@ class Dashboard(Widget):
             (snapshot.judges, load_lines), lambda: render.judge_loads(snapshot, limit=load_lines)
         )
         self._show_relations()
+        # Up to ERRORS_KEPT errors are kept, a few lines shown: only those are laid out (all
+        # of them made every refresh cost more the more errors there were).
+        shown = snapshot.last_errors[-errors_lines:]
         self.query_one("#errors", Panel).show(
-            snapshot.last_errors, lambda: render.error_lines(snapshot.last_errors)
+            shown, lambda: render.error_lines(shown, limit=errors_lines)
         )
 
     def next_model(self) -> None:
