@@ -424,3 +424,35 @@ async def test_the_errors_panel_lays_out_only_the_errors_it_shows() -> None:
         f"gen-00 X_{index} IQ-R: error number {index}" for index in range(999, 999 - len(lines), -1)
     ]
     assert [line.strip() for line in shown[: len(lines)]] == lines
+
+
+def test_an_overflowing_progress_table_lists_the_models_it_has_room_for() -> None:
+    # Once the table overflowed, three lines went to "… N more" and the total whatever the
+    # room: at 80x24 (three lines) three models showed as "… 3 more models" and the total,
+    # without a single model row.
+    from trig_stream.tui.render import progress_table
+
+    models = many_models(3).models
+    for limit, listed, total in ((4, 3, False), (3, 1, False), (2, 0, False)):
+        lines = progress_table(models, limit).plain.splitlines()
+        assert len(lines) <= limit
+        assert [line.split()[0] for line in lines[1:] if line.startswith("gen-")] == [
+            f"gen-{index:02d}" for index in range(listed)
+        ]
+        hidden = 3 - listed
+        assert (f"… {hidden} more models" in lines) == (hidden > 1)
+        assert ("… 1 more model" in lines) == (hidden == 1)
+        assert any(line.startswith("total") for line in lines) == total
+    table = progress_table(many_models(5).models, 5).plain.splitlines()
+    assert table[1:] == [table[1], table[2], "… 3 more models", table[4]]
+    assert table[2].startswith("gen-01")
+    assert table[4].startswith("total")
+
+
+@pytest.mark.anyio
+async def test_three_models_at_80x24_list_a_model() -> None:
+    dashboard = TrigDashboardApp(StaticSource(many_models(3)))
+    async with dashboard.run_test(size=SMALL) as pilot:
+        await pilot.pause()
+        progress = [line for line in on_screen(dashboard, "#progress") if line.strip()]
+    assert progress[1].startswith("gen-00") and progress[2] == "… 2 more models"

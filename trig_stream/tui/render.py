@@ -158,7 +158,9 @@ def progress_table(models: Sequence[ModelProgress], limit: int | None = None) ->
     Args:
         models: the rows.
         limit: the most lines to draw, header included. When the models need more, the
-            first ones are drawn, then ``… N more models`` and a ``total`` row of them all.
+            first ones are drawn, then ``… N more models`` and a ``total`` row of them all;
+            with room for two lines under the header, one model and the ``… N more`` line
+            (the total row would leave no model at all).
     """
     text = Text(no_wrap=True, overflow="ellipsis")
     shortest, longest = MODEL_WIDTH
@@ -166,16 +168,21 @@ def progress_table(models: Sequence[ModelProgress], limit: int | None = None) ->
     header = f"{'model':<{name_width}}" + "".join(f"{c:>{w}}" for c, w in PROGRESS_COLUMNS)
     text.append(header, style="bold")
     rows = list(models)
-    hidden = 0
+    more = total = False
     if limit is not None and 1 + len(rows) > limit:
-        # The header, the "more" line and the total take three lines.
-        rows = rows[: max(limit - 3, 0)]
-        hidden = len(models) - len(rows)
+        room = max(limit - 1, 0)  # the lines under the header
+        # The "more" line, then the total, each when a model row is left beside it (three
+        # lines used to go to them whatever the room: at 80x24 no model was listed).
+        more = room >= 1
+        total = room >= 3
+        rows = rows[: room - more - total]
     for m in rows:
         text.append("\n")
         text.append_text(_progress_row(m, name_width))
-    if hidden:
+    hidden = len(models) - len(rows)
+    if more:
         text.append(f"\n… {hidden} more model{'s' * (hidden != 1)}", style="grey62")
+    if total:
         text.append("\n")
         text.append_text(_progress_row(total_progress(models), name_width, style="bold"))
     return text
