@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from rich.text import Text
-
 import pytest
+from rich.text import Text
 
 from trig_stream.analysis.relations import DTM, negate_dominance
 from trig_stream.analysis.stats import RelationCode

@@ -271,9 +271,9 @@ def judge_loads(snapshot: DashboardSnapshot, width: int = 10, limit: int | None 
         name = fit(judge.name, NAME_WIDTH)
         text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         if judge.in_flight is None or judge.limit is None:
-            limit = "–" if judge.limit is None else str(judge.limit)
+            concurrency = "–" if judge.limit is None else str(judge.limit)
             text.append("in flight: unknown", style="grey50")
-            text.append(f" –/{limit}")
+            text.append(f" –/{concurrency}")
         else:
             text.append_text(bar(judge.in_flight, judge.limit, width))
             text.append(f" {judge.in_flight:>3}/{judge.limit}")
