@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from rich.text import Text
 
 from trig_stream.analysis.relations import DTM, negate_dominance
 from trig_stream.analysis.stats import RelationCode
@@ -343,3 +344,114 @@ async def test_the_last_errors_stay_on_screen_on_a_small_terminal(size: tuple[in
         await pilot.pause()
         errors = on_screen(dashboard, "#errors")
     assert [line.split()[0] for line in errors[:3]] == ["sd3-medium", "flux-dev", "flux-dev"]
+
+
+@pytest.mark.anyio
+async def test_ten_models_at_120x40_leave_the_whole_dtm_and_its_legend() -> None:
+    # The grown progress and buffers rows kept their lines while the relations row gave up
+    # its own: with ten models at 120x40 the rows were 11/11/11 and the DTM stopped at TA-C
+    # (TA-R, TA-S and the legend gone), the means at TA-C too. The grown rows now give back
+    # their extra lines first.
+    dashboard = TrigDashboardApp(StaticSource(many_models(10)))
+    async with dashboard.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        dtm = on_screen(dashboard, "#dtm")
+        means = on_screen(dashboard, "#means")
+    rows = [line.split()[0] for line in dtm[1:] if line.strip()]
+    assert rows[: len(SORTED_DIMENSIONS)] == list(SORTED_DIMENSIONS)
+    assert any("synergy" in line for line in dtm) and any("bottleneck" in line for line in dtm)
+    dims = [line.split()[0] for line in means[1:] if line.strip()]
+    assert dims == list(SORTED_DIMENSIONS)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("size", "models", "judges"), [(SMALL, 3, 3), ((200, 60), 30, 10)])
+async def test_judges_cut_from_their_panel_are_counted(
+    size: tuple[int, int], models: int, judges: int
+) -> None:
+    # The judges panel drew every judge whatever its height: at 80x24 three judges showed as
+    # judge-0 and judge-1, the third gone without a word; at 200x60 with ten judges the
+    # last one and judge-8's queue line were cut.
+    snapshot = replace(
+        many_models(models),
+        judges=tuple(JudgeView(f"judge-{index}", "openai", (), 1, 4) for index in range(judges)),
+    )
+    dashboard = TrigDashboardApp(StaticSource(snapshot))
+    async with dashboard.run_test(size=size) as pilot:
+        await pilot.pause()
+        lines = [line for line in on_screen(dashboard, "#judges") if line.strip()]
+    shown = [line.split()[0] for line in lines if line.startswith("judge-")]
+    queues = [line for line in lines if line.startswith("  server queue")]
+    assert shown == [f"judge-{index}" for index in range(len(shown))]
+    assert len(queues) == len(shown) and 0 < len(shown) < judges
+    hidden = judges - len(shown)
+    assert lines[-1] == f"… {hidden} more judge{'s' * (hidden != 1)}"
+
+
+def test_judge_loads_keeps_to_its_limit() -> None:
+    from trig_stream.tui.render import judge_loads
+
+    judges = tuple(JudgeView(f"judge-{index}", "fake", (), 1, 2) for index in range(3))
+    snapshot = replace(synthetic_snapshot(), judges=judges)
+    assert len(judge_loads(snapshot, limit=6).plain.splitlines()) == 6
+    assert "more" not in judge_loads(snapshot, limit=6).plain
+    for limit, first in ((5, 2), (4, 1), (2, 0), (1, 0)):
+        lines = judge_loads(snapshot, limit=limit).plain.splitlines()
+        assert len(lines) <= limit
+        assert [line.split()[0] for line in lines if line.startswith("judge-")] == [
+            f"judge-{index}" for index in range(first)
+        ]
+        assert lines[-1] == f"… {3 - first} more judge{'s' * (3 - first != 1)}"
+
+
+@pytest.mark.anyio
+async def test_the_errors_panel_lays_out_only_the_errors_it_shows() -> None:
+    # Every refresh built and laid out a Text of all the kept errors (up to 1000) for a panel
+    # of a few lines: a refresh cost more the more errors there were.
+    errors = tuple(f"gen-00 X_{index} IQ-R: error number {index}" for index in range(1000))
+    dashboard = TrigDashboardApp(StaticSource(replace(synthetic_snapshot(), last_errors=errors)))
+    async with dashboard.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        panel = dashboard.query_one("#errors", Panel)
+        content = panel._content
+        height = panel.content_region.height
+        shown = on_screen(dashboard, "#errors")
+    assert isinstance(content, Text)
+    lines = content.plain.splitlines()
+    assert len(lines) == height  # the panel is full, and no more is laid out
+    assert lines == [
+        f"gen-00 X_{index} IQ-R: error number {index}" for index in range(999, 999 - len(lines), -1)
+    ]
+    assert [line.strip() for line in shown[: len(lines)]] == lines
+
+
+def test_an_overflowing_progress_table_lists_the_models_it_has_room_for() -> None:
+    # Once the table overflowed, three lines went to "… N more" and the total whatever the
+    # room: at 80x24 (three lines) three models showed as "… 3 more models" and the total,
+    # without a single model row.
+    from trig_stream.tui.render import progress_table
+
+    models = many_models(3).models
+    for limit, listed, total in ((4, 3, False), (3, 1, False), (2, 0, False)):
+        lines = progress_table(models, limit).plain.splitlines()
+        assert len(lines) <= limit
+        assert [line.split()[0] for line in lines[1:] if line.startswith("gen-")] == [
+            f"gen-{index:02d}" for index in range(listed)
+        ]
+        hidden = 3 - listed
+        assert (f"… {hidden} more models" in lines) == (hidden > 1)
+        assert ("… 1 more model" in lines) == (hidden == 1)
+        assert any(line.startswith("total") for line in lines) == total
+    table = progress_table(many_models(5).models, 5).plain.splitlines()
+    assert table[1:] == [table[1], table[2], "… 3 more models", table[4]]
+    assert table[2].startswith("gen-01")
+    assert table[4].startswith("total")
+
+
+@pytest.mark.anyio
+async def test_three_models_at_80x24_list_a_model() -> None:
+    dashboard = TrigDashboardApp(StaticSource(many_models(3)))
+    async with dashboard.run_test(size=SMALL) as pilot:
+        await pilot.pause()
+        progress = [line for line in on_screen(dashboard, "#progress") if line.strip()]
+    assert progress[1].startswith("gen-00") and progress[2] == "… 2 more models"

@@ -43,7 +43,10 @@ def row_heights(height: int, progress: int, load: int) -> tuple[int, int, int]:
     high, whose progress and buffers rows want ``progress`` and ``load`` lines of content.
 
     The errors panel takes what is left, at least :data:`ERRORS_LINES`'s wish when the other
-    rows can shrink to make room: the tallest of them gives up a line first.
+    rows can shrink to make room. The progress and buffers rows first give back the lines they
+    grew by (the taller first), down to :data:`ROW_HEIGHTS`: with ten models at 120x40 the
+    relations row gave up lines first and the DTM lost its last rows and its legend. Below
+    :data:`ROW_HEIGHTS` the tallest row gives up a line first.
     """
     wanted = [
         max(ROW_HEIGHTS[0], progress + 2),
@@ -54,6 +57,10 @@ def row_heights(height: int, progress: int, load: int) -> tuple[int, int, int]:
     room = height - 1 - (wished + 2)  # the status line, the errors panel and its border
     rows = list(wanted)
     while sum(rows) > room:
+        grown = [i for i in range(2) if rows[i] > ROW_HEIGHTS[i]]
+        if grown:
+            rows[max(grown, key=lambda i: rows[i])] -= 1
+            continue
         shrinkable = [i for i in range(3) if rows[i] > ROW_MINIMUMS[i]]
         if not shrinkable:
             if room < height - 1 - (fewest + 2):
@@ -270,9 +277,9 @@ class Dashboard(Widget):
         if self.snapshot is not None:
             self._draw(self.snapshot)
 
-    def _fit_rows(self, snapshot: DashboardSnapshot) -> tuple[int, int]:
-        """Size the rows to the terminal and the snapshot; the lines the progress and buffers
-        panels have room for."""
+    def _fit_rows(self, snapshot: DashboardSnapshot) -> tuple[int, int, int]:
+        """Size the rows to the terminal and the snapshot; the lines the progress, buffers and
+        errors panels have room for."""
         judge_lines = 2 * len(snapshot.judges)
         heights = row_heights(
             self.size.height,
@@ -285,10 +292,12 @@ class Dashboard(Widget):
                 ("#row-progress", "#row-load", "#row-relations"), heights, strict=True
             ):
                 self.query_one(row_id).styles.height = height
-        return heights[0] - 2, heights[1] - 2
+        # The errors panel takes what the status line and the rows leave, its border aside.
+        errors_lines = max(self.size.height - 1 - sum(heights) - 2, ERRORS_LINES[0])
+        return heights[0] - 2, heights[1] - 2, errors_lines
 
     def _draw(self, snapshot: DashboardSnapshot) -> None:
-        progress_lines, load_lines = self._fit_rows(snapshot)
+        progress_lines, load_lines, errors_lines = self._fit_rows(snapshot)
         linger = self.linger
         self.query_one("#status", Panel).show(
             (snapshot, linger), lambda: render.status_line(snapshot, linger=linger)
@@ -305,10 +314,15 @@ class Dashboard(Widget):
             (snapshot.buffers, load_lines), lambda: render.gauges(snapshot, limit=load_lines)
         )
         self.query_one(Throughput).show(snapshot)
-        self.query_one("#judges", Panel).show(snapshot.judges, lambda: render.judge_loads(snapshot))
+        self.query_one("#judges", Panel).show(
+            (snapshot.judges, load_lines), lambda: render.judge_loads(snapshot, limit=load_lines)
+        )
         self._show_relations()
+        # Up to ERRORS_KEPT errors are kept, a few lines shown: only those are laid out (all
+        # of them made every refresh cost more the more errors there were).
+        shown = snapshot.last_errors[-errors_lines:]
         self.query_one("#errors", Panel).show(
-            snapshot.last_errors, lambda: render.error_lines(snapshot.last_errors)
+            shown, lambda: render.error_lines(shown, limit=errors_lines)
         )
 
     def next_model(self) -> None:

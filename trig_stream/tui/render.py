@@ -158,7 +158,9 @@ def progress_table(models: Sequence[ModelProgress], limit: int | None = None) ->
     Args:
         models: the rows.
         limit: the most lines to draw, header included. When the models need more, the
-            first ones are drawn, then ``… N more models`` and a ``total`` row of them all.
+            first ones are drawn, then ``… N more models`` and a ``total`` row of them all;
+            with room for two lines under the header, one model and the ``… N more`` line
+            (the total row would leave no model at all).
     """
     text = Text(no_wrap=True, overflow="ellipsis")
     shortest, longest = MODEL_WIDTH
@@ -166,16 +168,21 @@ def progress_table(models: Sequence[ModelProgress], limit: int | None = None) ->
     header = f"{'model':<{name_width}}" + "".join(f"{c:>{w}}" for c, w in PROGRESS_COLUMNS)
     text.append(header, style="bold")
     rows = list(models)
-    hidden = 0
+    more = total = False
     if limit is not None and 1 + len(rows) > limit:
-        # The header, the "more" line and the total take three lines.
-        rows = rows[: max(limit - 3, 0)]
-        hidden = len(models) - len(rows)
+        room = max(limit - 1, 0)  # the lines under the header
+        # The "more" line, then the total, each when a model row is left beside it (three
+        # lines used to go to them whatever the room: at 80x24 no model was listed).
+        more = room >= 1
+        total = room >= 3
+        rows = rows[: room - more - total]
     for m in rows:
         text.append("\n")
         text.append_text(_progress_row(m, name_width))
-    if hidden:
+    hidden = len(models) - len(rows)
+    if more:
         text.append(f"\n… {hidden} more model{'s' * (hidden != 1)}", style="grey62")
+    if total:
         text.append("\n")
         text.append_text(_progress_row(total_progress(models), name_width, style="bold"))
     return text
@@ -246,23 +253,35 @@ def gauges(snapshot: DashboardSnapshot, width: int = 10, limit: int | None = Non
     return text
 
 
-def judge_loads(snapshot: DashboardSnapshot, width: int = 10) -> Text:
-    """Each judge's requests in flight against its current limit, and the server queue."""
+def judge_loads(snapshot: DashboardSnapshot, width: int = 10, limit: int | None = None) -> Text:
+    """Each judge's requests in flight against its current limit, and the server queue.
+
+    Every judge takes two lines. Given ``limit`` (the most lines), the judges past it are
+    counted in a last ``… N more judges`` line.
+    """
     if not snapshot.judges:
         return Text("no judges", style="grey50")
+    judges = list(snapshot.judges)
+    hidden = 0
+    if limit is not None and 2 * len(judges) > limit:
+        judges = judges[: max(limit - 1, 0) // 2]
+        hidden = len(snapshot.judges) - len(judges)
     text = Text(no_wrap=True)
-    for index, judge in enumerate(snapshot.judges):
+    for index, judge in enumerate(judges):
         name = fit(judge.name, NAME_WIDTH)
         text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         if judge.in_flight is None or judge.limit is None:
-            limit = "–" if judge.limit is None else str(judge.limit)
+            concurrency = "–" if judge.limit is None else str(judge.limit)
             text.append("in flight: unknown", style="grey50")
-            text.append(f" –/{limit}")
+            text.append(f" –/{concurrency}")
         else:
             text.append_text(bar(judge.in_flight, judge.limit, width))
             text.append(f" {judge.in_flight:>3}/{judge.limit}")
         waiting = "n/a" if judge.waiting is None else str(judge.waiting)
         text.append(f"\n  server queue {waiting}", style="grey62")
+    if hidden:
+        more = f"… {hidden} more judge{'s' * (hidden != 1)}"
+        text.append(("\n" if judges else "") + more, style="grey62")
     return text
 
 
