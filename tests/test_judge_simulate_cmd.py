@@ -142,6 +142,24 @@ def test_a_bad_option_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "error: latency_s: Input should be a finite number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("host", "code", "message"),
+    [
+        ("..", 4, "cannot listen on ..:0: not a valid host name"),  # was a traceback
+        ("a" * 64, 4, "not a valid host name"),
+        ("", 2, "--host: empty"),  # it served at http://:PORT/v1
+        ("h\x1b", 4, "cannot listen on h\\x1b:0"),  # the ESC was printed raw
+    ],
+)
+def test_a_host_that_cannot_be_listened_on_is_one_message(
+    capsys: pytest.CaptureFixture[str], host: str, code: int, message: str
+) -> None:
+    args = parse("--port", "0", "--host", host)
+    assert args.handler(args, Console(stderr=True, width=200)) == code
+    err = capsys.readouterr().err
+    assert message in err and "\x1b" not in err and "Traceback" not in err, err
+
+
 def test_a_port_that_cannot_be_listened_on_is_one_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -989,3 +989,23 @@ def test_the_watch_dashboard_puts_the_job_control_handlers_back(
         for signum, handler in zip((signal.SIGTSTP, signal.SIGCONT), before, strict=True):
             signal.signal(signum, handler)
     assert after == before
+
+
+async def test_a_stored_config_todays_bounds_refuse_keeps_its_thresholds_and_models(
+    tmp_path: Path,
+) -> None:
+    # A manifest written before backoffs were capped at an hour failed validation whole:
+    # the live DTM fell back to TRIG's default thresholds, unlike `report`, and lost the models.
+    path = write_config(tmp_path, samples=4)
+    path.write_text(path.read_text() + "\n[relation]\nsynergy = 0.3\nbottleneck = 0.1\n")
+    config = load_config(path)
+    await run_to_end(config)
+    manifest_path = config.run_dir / "manifest.json"
+    stored = json.loads(manifest_path.read_text())
+    stored["config"].setdefault("engine", {})["backoff_max"] = 7200.0
+    manifest_path.write_text(json.dumps(stored))
+    source = RunDirSource(config.run_dir, relations_every_s=0)
+    source.poll()
+    snapshot = source.poll()
+    assert (source._thresholds.synergy, source._thresholds.bottleneck) == (0.3, 0.1)
+    assert {model.name for model in snapshot.models} == {"synth-a", "synth-b"}

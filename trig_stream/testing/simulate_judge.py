@@ -150,6 +150,8 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
         options = options_from_args(args)
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port {args.port}: a port is 0 to 65535 (0 picks a free one)")
+        if not args.host.strip():  # it served, but at http://:PORT/v1, no URL a client takes
+            raise ValueError("--host: empty; name the address to listen on (127.0.0.1)")
     except ValueError as exc:
         console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
         return EXIT_USAGE
@@ -158,10 +160,8 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
         # asyncio's text repeats the address; a lookup failure has a negative errno.
         reason = os.strerror(failed.errno) if failed.errno and failed.errno > 0 else None
         reason = reason or failed.strerror or str(failed)
-        console.print(
-            f"[red]error:[/] cannot listen on {escape(f'{args.host}:{args.port}: {reason}')}",
-            highlight=False,
-        )
+        where = printable(f"{args.host}:{args.port}: {reason}")
+        console.print(f"[red]error:[/] cannot listen on {escape(where)}", highlight=False)
         return EXIT_UNAVAILABLE
     return EXIT_OK
 
@@ -176,6 +176,8 @@ async def _serve(
             server = await stack.enter_async_context(JudgeServer(options, host=host, port=port))
         except OSError as exc:
             return exc
+        except UnicodeError:  # a name no lookup takes ("..", a label over 63 characters)
+            return OSError("not a valid host name")
         console.print(
             f"simulated judge serving {options.model!r} at {server.base_url}",
             highlight=False,

@@ -8,6 +8,7 @@ writes it, and its pid, come from :func:`~trig_stream.locks.find_writer`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter, deque
@@ -408,6 +409,9 @@ class RunDirSource:
         try:
             config = RunConfig.model_validate(manifest.config)
         except ValueError:
+            # Stored by an older trig-stream and refused by today's bounds (a backoff over an
+            # hour, say): its thresholds and models still hold, as `report` reads them.
+            self._configure_from_parts(manifest.config)
             return
         self._config = config
         self._thresholds = self._tracker.thresholds = config.relation or RelationSection()
@@ -419,6 +423,20 @@ class RunDirSource:
             return
         self._samples_total = pairs.total()
         self._judgements_total = _judgements_per_model(config, source, pairs)
+
+    def _configure_from_parts(self, stored: dict[str, Any]) -> None:
+        """The thresholds and models of a stored config that does not validate whole; the
+        sample counts, which need its dataset section as the run read it, stay unknown."""
+        with contextlib.suppress(ValueError):
+            relation = RelationSection.model_validate(stored.get("relation") or {})
+            self._thresholds = self._tracker.thresholds = relation
+        generators = stored.get("generators")
+        if isinstance(generators, list):
+            self._config_models = [
+                name
+                for entry in generators
+                if isinstance(entry, dict) and isinstance(name := entry.get("name"), str)
+            ]
 
     def _add(self, judgement: Judgement, line: int) -> None:
         # The last judgement of a key wins, as in the journal: a retried error is replaced.
