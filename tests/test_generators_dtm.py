@@ -549,11 +549,21 @@ def test_a_rewrite_holding_half_a_character_falls_back(server: GenerationAPIServ
         ("I cannot rewrite this prompt.", "the LLM refused to rewrite"),
         ("Sorry, that is not something I can do.", "the LLM refused to rewrite"),
         ("As an AI, I must decline.", "the LLM refused to rewrite"),
+        ("I cannot generate a prompt that depicts violence.", "the LLM refused to rewrite"),
         ("{user}", "repeats the request's guidance"),  # the whole request echoed
         ("Original:\nA bike by a wall", "repeats the request's guidance"),
         ("Sure! Here is the rewritten prompt:", "empty rewrite"),  # a preamble and nothing
     ],
-    ids=["sorry", "cannot", "sorry-comma", "as-an-ai", "echo-all", "echo-marker", "preamble-only"],
+    ids=[
+        "sorry",
+        "cannot",
+        "sorry-comma",
+        "as-an-ai",
+        "cannot-generate",
+        "echo-all",
+        "echo-marker",
+        "preamble-only",
+    ],
 )
 def test_a_refusal_or_an_echo_is_no_rewrite(
     server: GenerationAPIServer, answer: str, reason: str
@@ -593,6 +603,13 @@ REFUSALS = [
     "I can't do that for you.",
     "I can't.",
     "I must respectfully decline this request.",
+    # Each was recorded as rewritten: a refusal to make a prompt or an image, of the policy,
+    # or after a clause of its own.
+    "I cannot generate a prompt that depicts violence.",
+    "I can't create that image prompt.",
+    "I cannot provide that.",
+    "Unfortunately, this prompt violates our content policy.",
+    "This request violates my guidelines, so I can't rewrite it.",
 ]
 
 
@@ -619,6 +636,9 @@ OWN_FIRST_CLAUSES = [
     "A poster that says 'I can't help you with that' on a brick wall.",
     "'I can't help you with that,' says a robot behind a help desk.",
     "I won't forget this sunset: a couple on a pier under an orange sky.",
+    "I can't stop smiling: a child holding a balloon in a sunlit park.",
+    "Unfortunately for the knight, this prompt of a dragon is a comic-book scene.",
+    "I can't make it home tonight, says a note on a kitchen table.",
 ]
 """Genuine prompts that open like a preamble, a refusal or an afterword would."""
 
