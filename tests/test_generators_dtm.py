@@ -639,8 +639,22 @@ OWN_FIRST_CLAUSES = [
     "I can't stop smiling: a child holding a balloon in a sunlit park.",
     "Unfortunately for the knight, this prompt of a dragon is a comic-book scene.",
     "I can't make it home tonight, says a note on a kitchen table.",
+    "Here is a prompt that went wrong: a robot painting a wall in the wrong colour.",
+    "Here is the prompt of the day: a lighthouse at dusk.",
+    "The new prompter at the theatre: a young actor reading lines by candlelight.",
 ]
 """Genuine prompts that open like a preamble, a refusal or an afterword would."""
+
+PREAMBLES_ENDING_THEIR_LINE = [
+    "Here's a rewritten version of the prompt that strengthens the synergy between realism "
+    "and composition:\n",
+    "Here is an improved prompt that balances both dimensions:",
+    "Here's a prompt that emphasizes both dimensions:",
+    "Here is the prompt:",
+    "Here's the prompt rewritten:",
+    "**Here is your revised prompt, which keeps both dimensions:**",
+]
+"""Preambles whose colon ends the line, the prompt following on the next."""
 
 
 @pytest.mark.parametrize(
@@ -667,6 +681,15 @@ OWN_FIRST_CLAUSES = [
         ("Here's a revised version of your prompt: A red bicycle", "A red bicycle"),
         ("Certainly, here is an improved version:\nA red bicycle", "A red bicycle"),
         ("A red bicycle\n\nRationale: it stands out.", "A red bicycle"),
+        # Each was returned whole, its preamble or afterword included: a clause after the
+        # keyword, a plain "the prompt", a revision word after it, a label with an article.
+        *[
+            (f"{preamble}\nA red fox in snow.", "A red fox in snow.")
+            for preamble in PREAMBLES_ENDING_THEIR_LINE
+        ],
+        ("The new prompt: a cat.", "a cat."),
+        ("A red fox in snow.\n\nChanges made: added realism.", "A red fox in snow."),
+        ("A red fox in snow.\n\n**Changes:** added realism.", "A red fox in snow."),
         # Each was cut or refused: a keyword of the preamble's in the prompt's first clause,
         # words that open a refusal or first person that is the prompt's own.
         *[(prompt, prompt) for prompt in OWN_FIRST_CLAUSES],
@@ -686,6 +709,10 @@ OWN_FIRST_CLAUSES = [
         "revised-version-of-your-prompt",
         "improved-version-line",
         "rationale",
+        *[f"line-{index}" for index in range(len(PREAMBLES_ENDING_THEIR_LINE))],
+        "the-new-prompt",
+        "changes-made",
+        "changes",
         *[f"own-{index}" for index in range(len(OWN_FIRST_CLAUSES))],
     ],
 )

@@ -502,31 +502,47 @@ MARKDOWN = r"[*_#>\s]*"
 
 REVISED = r"(rewritten|revised|improved|enhanced|refined|updated|new)"
 
+HERE_IS = r"here(['’]s| is| are)\s+(the|your|a|an|my)\s+"
+
+REVISED_KEYWORD = (
+    rf"([\w-]+\s+){{0,2}}{REVISED}\b[^\n:]{{0,40}}?\b(prompt|version|description|rewrite|text)s?"
+)
+"""A keyword of the rewrite after a word of revision: "rewritten prompt", "revised version of
+your prompt", "enhanced text-to-image prompt"."""
+
 PREAMBLE = re.compile(
     rf"\s*{INTERJECTION}{MARKDOWN}("
     r"((sure|certainly|of course|absolutely|okay|ok|great|alright)[!.,\s]+)?"
-    rf"here(['’]s| is| are)\s+(the|your|a|an|my)\s+(([\w-]+\s+){{0,2}}{REVISED}\b"
-    r"[^\n:]{0,40}?\b(prompt|version|description|rewrite|text)s?|rewrites?)\b[^\n:]{0,12}"
+    rf"({HERE_IS}({REVISED_KEYWORD}|rewrites?)\b[^\n:]{{0,12}}"
+    rf"|(the|a)\s+{REVISED}\s+prompt"
     rf"|{REVISED}\s+((text-to-image|image)\s+)?(prompt|version|description|text)"
-    r")[*_ \t]*(:|\n)[*_\s]*",
+    r")[*_ \t]*(:|\n)"
+    rf"|{HERE_IS}({REVISED_KEYWORD}|prompts?)(\s+{REVISED})?"
+    r"(,?[ \t]+(that|which)\b[^\n:]{0,100})?[*_ \t]*:[*_ \t]*\n"
+    r")[*_\s]*",
     re.I,
 )
 """The words that introduce the rewrite, as chat models add despite being asked not to ("Sure!
 Here is the rewritten prompt:", "**Rewritten prompt:**"), taken off the answer's start, after an
 interjection line and markdown: "here is" with a determiner and a word of revision ("the
 rewritten", "a revised", "your improved") before the keyword (prompt, version, description)
-that stands right before the colon or the line's end; or a bare label ("Rewritten prompt:", a
-heading). Never a first clause of the prompt's own ("An improved text layout: ...", "Here is
-Venice reimagined as a futuristic version of itself, floating above the clouds: ...", "Your
-updated description: ...")."""
+that stands right before the colon or the line's end; a bare label ("Rewritten prompt:", "The
+new prompt:", a heading); or, with the colon ending its line (the prompt starts on the next),
+"here is" with a determiner and "prompt" ("Here is the prompt:", "Here's the prompt
+rewritten:") or a keyword after a word of revision, followed by a clause of its own ("Here is an
+improved prompt that balances both dimensions:", "Here's a prompt that emphasizes both
+dimensions:"). Never a first clause of the prompt's own, which goes on on its line ("An improved
+text layout: ...", "Here is Venice reimagined as a futuristic version of itself, floating above
+the clouds: ...", "Your updated description: ...")."""
 
 AFTERWORD = re.compile(
-    r"(?<=[\w.!?)\"'”’*])[ \t]*\n\s*\n[*_#>\s]*(explanation|rationale|notes?)[*_]*\s*:.*\Z",
+    r"(?<=[\w.!?)\"'”’*])[ \t]*\n\s*\n[*_#>\s]*"
+    r"(explanation|rationale|notes?|changes(\s+made)?)[*_]*\s*:.*\Z",
     re.I | re.S,
 )
 """A closing paragraph that explains the rewrite, opening a line with "Explanation:",
-"Rationale:" or "Note:" after a complete prompt: no part of the prompt. Any other paragraph
-("Changes made to the garden: tulips ...") is the prompt's own."""
+"Rationale:", "Note:", "Changes:" or "Changes made:" after a complete prompt: no part of the
+prompt. Any other paragraph ("Changes made to the garden: tulips ...") is the prompt's own."""
 
 ECHO = re.compile(r"^\s*Original:\s*$", re.M)
 """The marker before the prompt in our request (``user_message``): an answer holding it
