@@ -549,11 +549,21 @@ def test_a_rewrite_holding_half_a_character_falls_back(server: GenerationAPIServ
         ("I cannot rewrite this prompt.", "the LLM refused to rewrite"),
         ("Sorry, that is not something I can do.", "the LLM refused to rewrite"),
         ("As an AI, I must decline.", "the LLM refused to rewrite"),
+        ("I cannot generate a prompt that depicts violence.", "the LLM refused to rewrite"),
         ("{user}", "repeats the request's guidance"),  # the whole request echoed
         ("Original:\nA bike by a wall", "repeats the request's guidance"),
         ("Sure! Here is the rewritten prompt:", "empty rewrite"),  # a preamble and nothing
     ],
-    ids=["sorry", "cannot", "sorry-comma", "as-an-ai", "echo-all", "echo-marker", "preamble-only"],
+    ids=[
+        "sorry",
+        "cannot",
+        "sorry-comma",
+        "as-an-ai",
+        "cannot-generate",
+        "echo-all",
+        "echo-marker",
+        "preamble-only",
+    ],
 )
 def test_a_refusal_or_an_echo_is_no_rewrite(
     server: GenerationAPIServer, answer: str, reason: str
@@ -593,6 +603,13 @@ REFUSALS = [
     "I can't do that for you.",
     "I can't.",
     "I must respectfully decline this request.",
+    # Each was recorded as rewritten: a refusal to make a prompt or an image, of the policy,
+    # or after a clause of its own.
+    "I cannot generate a prompt that depicts violence.",
+    "I can't create that image prompt.",
+    "I cannot provide that.",
+    "Unfortunately, this prompt violates our content policy.",
+    "This request violates my guidelines, so I can't rewrite it.",
 ]
 
 
@@ -619,8 +636,25 @@ OWN_FIRST_CLAUSES = [
     "A poster that says 'I can't help you with that' on a brick wall.",
     "'I can't help you with that,' says a robot behind a help desk.",
     "I won't forget this sunset: a couple on a pier under an orange sky.",
+    "I can't stop smiling: a child holding a balloon in a sunlit park.",
+    "Unfortunately for the knight, this prompt of a dragon is a comic-book scene.",
+    "I can't make it home tonight, says a note on a kitchen table.",
+    "Here is a prompt that went wrong: a robot painting a wall in the wrong colour.",
+    "Here is the prompt of the day: a lighthouse at dusk.",
+    "The new prompter at the theatre: a young actor reading lines by candlelight.",
 ]
 """Genuine prompts that open like a preamble, a refusal or an afterword would."""
+
+PREAMBLES_ENDING_THEIR_LINE = [
+    "Here's a rewritten version of the prompt that strengthens the synergy between realism "
+    "and composition:\n",
+    "Here is an improved prompt that balances both dimensions:",
+    "Here's a prompt that emphasizes both dimensions:",
+    "Here is the prompt:",
+    "Here's the prompt rewritten:",
+    "**Here is your revised prompt, which keeps both dimensions:**",
+]
+"""Preambles whose colon ends the line, the prompt following on the next."""
 
 
 @pytest.mark.parametrize(
@@ -647,6 +681,15 @@ OWN_FIRST_CLAUSES = [
         ("Here's a revised version of your prompt: A red bicycle", "A red bicycle"),
         ("Certainly, here is an improved version:\nA red bicycle", "A red bicycle"),
         ("A red bicycle\n\nRationale: it stands out.", "A red bicycle"),
+        # Each was returned whole, its preamble or afterword included: a clause after the
+        # keyword, a plain "the prompt", a revision word after it, a label with an article.
+        *[
+            (f"{preamble}\nA red fox in snow.", "A red fox in snow.")
+            for preamble in PREAMBLES_ENDING_THEIR_LINE
+        ],
+        ("The new prompt: a cat.", "a cat."),
+        ("A red fox in snow.\n\nChanges made: added realism.", "A red fox in snow."),
+        ("A red fox in snow.\n\n**Changes:** added realism.", "A red fox in snow."),
         # Each was cut or refused: a keyword of the preamble's in the prompt's first clause,
         # words that open a refusal or first person that is the prompt's own.
         *[(prompt, prompt) for prompt in OWN_FIRST_CLAUSES],
@@ -666,6 +709,10 @@ OWN_FIRST_CLAUSES = [
         "revised-version-of-your-prompt",
         "improved-version-line",
         "rationale",
+        *[f"line-{index}" for index in range(len(PREAMBLES_ENDING_THEIR_LINE))],
+        "the-new-prompt",
+        "changes-made",
+        "changes",
         *[f"own-{index}" for index in range(len(OWN_FIRST_CLAUSES))],
     ],
 )
