@@ -621,6 +621,9 @@ def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
 
 
 OWN_FIRST_CLAUSES = [
+    # A hyphen goes on with the word: no refusal opens so.
+    "Sorry-looking puppy in the rain, soft light.",
+    "As an AI-generated portrait of a sailor, weathered face, oil paint texture.",
     "Here is Venice reimagined as a futuristic version of itself, floating above the clouds: "
     "gondolas glide between glass towers.",
     "Here are the ruins of Pompeii with a museum-style description panel in the foreground: "

@@ -454,8 +454,8 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
 
 
 REFUSAL = re.compile(
-    r"(I['’]?m|I am)\s+(sorry|unable|not able|afraid)|sorry\b|I\s+apologi[sz]e|"
-    r"((my\s+)?apologies|unfortunately)[\s,!.]+(but\s+)?(I|we)\b|as an AI\b|"
+    r"(I['’]?m|I am)\s+(sorry|unable|not able|afraid)\b(?!-)|sorry\b(?!-)|I\s+apologi[sz]e|"
+    r"((my\s+)?apologies|unfortunately)[\s,!.]+(but\s+)?(I|we)\b|as an AI\b(?!-)|"
     r"unfortunately[\s,]+(this|that|your)\s+(request|prompt)\b",
     re.I,
 )
