@@ -1788,7 +1788,7 @@ async def test_samples_no_judge_measures_are_not_called_done_and_the_run_says_so
         summary = await engine.drain()
     stats = engine.stats()
     assert summary.judged == 0
-    assert stats.models["synth"].skipped == 0 and "already done" not in describe(stats)
+    assert stats.models["synth"].skipped == 0 and "already judged" not in describe(stats)
     assert (
         "4 sample(s) were not judged: no judge measures a dimension of their pair (trigscore: R-B)"
     ) in " ".join(stats.notes)
@@ -2291,3 +2291,19 @@ async def test_png_bytes_cut_short_fail_their_item_and_are_never_judged(
     assert "the PNG file handed over is cut short" in str(failed[generator.cut])
     written = {p.stem for p in (config.run_dir / "images").rglob("*.png")}
     assert written == {j.data_id for j in results} - {generator.cut}
+
+
+async def test_the_progress_line_counts_what_was_already_judged_in_images(
+    make_config: ConfigFactory,
+) -> None:
+    # "samples 4 | ... | already done 8" with two models read as more than the dataset: it
+    # counts per model and sample, as "images" does, and says so.
+    config = make_config(samples=4)
+    generators = [SyntheticGenerator(n, SyntheticOptions(size=16)) for n in ("a", "b")]
+    await run_to_end(config, generators=generators)
+    engine = Engine(
+        config, generators=[SyntheticGenerator(n, SyntheticOptions(size=16)) for n in ("a", "b")]
+    )
+    async with engine:
+        await engine.drain()
+    assert "images already judged 8" in describe(engine.stats())

@@ -53,7 +53,8 @@ def describe(stats: EngineStats) -> str:
     if p50 is not None:
         parts.append(f"judge p50 {p50 * 1000:.0f} ms")
     if skipped:
-        parts.append(f"already done {skipped}")
+        # Per model and sample, as "images" counts: with two models a 32-sample dataset has 64.
+        parts.append(f"images already judged {skipped}")
     if stats.quarantined:
         parts.append(f"quarantined {stats.quarantined}")
     loading = [name for name, m in stats.models.items() if m.loading]
