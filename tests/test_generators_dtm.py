@@ -21,11 +21,8 @@ from trig_stream.backends.generators.dtm_relations import (
     instruction,
     user_message,
 )
-from trig_stream.backends.generators.dtm_rewrite import (
-    DTMRewriteGenerator,
-    DTMRewriteOptions,
-    _rewrite_in,
-)
+from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
+from trig_stream.backends.generators.rewrite_answers import rewritten_prompt
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.backends.registry import build_generator
 from trig_stream.dimensions import Dimension
@@ -617,7 +614,7 @@ REFUSALS = [
 def test_a_refusal_in_other_words_is_no_rewrite(answer: str) -> None:
     # Each was recorded as rewritten, and its image drawn from the refusal.
     with pytest.raises(ItemError, match="the LLM refused to rewrite the prompt"):
-        _rewrite_in(answer, "stop", guidance="G", max_tokens=256)
+        rewritten_prompt(answer, "stop", guidance="G", max_tokens=256)
 
 
 OWN_FIRST_CLAUSES = [
@@ -720,7 +717,7 @@ PREAMBLES_ENDING_THEIR_LINE = [
     ],
 )
 def test_a_preamble_and_an_explanation_come_off_the_rewrite_alone(answer: str, prompt: str) -> None:
-    assert _rewrite_in(answer, "stop", guidance="G", max_tokens=256) == prompt
+    assert rewritten_prompt(answer, "stop", guidance="G", max_tokens=256) == prompt
 
 
 def test_an_answer_its_content_filter_stopped_falls_back(

@@ -5,7 +5,9 @@ Each sample stresses one dimension pair; the pair's relation code in a DTM (from
 or from an earlier run's ``relationship_codes.csv``) picks the rewriting guidance (see
 :mod:`trig_stream.backends.generators.dtm_relations`). The rewrite goes through an
 OpenAI-protocol chat completion; when it fails, the original prompt is used and the outcome
-says so. Outcomes are kept per data_id in :attr:`DTMRewriteGenerator.rewrites`.
+says so (what an answer holds, a rewrite or a refusal, is read by
+:mod:`trig_stream.backends.generators.rewrite_answers`). Outcomes are kept per data_id in
+:attr:`DTMRewriteGenerator.rewrites`.
 
 Example::
 
@@ -23,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from trig_stream.backends.generators.dtm_relations import (
     system_message,
     user_message,
 )
+from trig_stream.backends.generators.rewrite_answers import RefusedContent, rewritten_prompt
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.config_fields import OPTIONS_CONFIG, Backoff, EnvVarName, HttpUrl
 from trig_stream.config_problems import nested_problems
@@ -92,11 +94,6 @@ class InnerGenerator(BaseModel):
             problems = nested_problems(exc, backend_class("generators", self.backend).Options)
             raise ValueError(f"inner {self.backend} options: {problems}") from None
         return self
-
-
-MAX_REWRITE_CHARS = 4000
-"""The longest rewrite taken: the system message asks for under 120 words, and a server that
-ignores max_tokens sent a megabyte, stored in every judgement of the image."""
 
 
 class DTMRewriteOptions(BaseModel):
@@ -346,7 +343,7 @@ class DTMRewriteGenerator(Generator):
                 raise
             choice = response.choices[0]
             try:
-                text = _rewrite_in(
+                text = rewritten_prompt(
                     choice.message.content,
                     choice.finish_reason,
                     guidance=instruction(first, second, code),
@@ -451,164 +448,3 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
         first, second = pair.split("_")
         table.set(first, second, code)  # type: ignore[arg-type]
     return table
-
-
-REFUSAL = re.compile(
-    r"(I['’]?m|I am)\s+(sorry|unable|not able|afraid)\b(?!-)|sorry\b(?!-)|I\s+apologi[sz]e|"
-    r"((my\s+)?apologies|unfortunately)[\s,!.]+(but\s+)?(I|we)\b|as an AI\b(?!-)|"
-    r"unfortunately[\s,]+(this|that|your)\s+(request|prompt)\b",
-    re.I,
-)
-"""How an LLM's refusal to rewrite opens (matched at the start of its answer only: a prompt may
-well say "sorry" further in). "Unfortunately" and "Apologies" open a refusal only before "I" or
-"we" ("Unfortunately, I can't ...") or the request ("Unfortunately, this prompt ..."):
-"Unfortunately for the knight, ..." and "Apologies written on a chalkboard" are prompts."""
-
-OBJECT = (
-    r"(this|that|it)(\s+for\s+you)?\s*$|"
-    r"(a|an|the|this|that|such|any|your)\s+([\w-]+\s+){0,2}?"
-    r"(prompt|image|picture|content|request|rewrite|description|version)s?\b"
-)
-"""What a refusal declines to make: the request itself ("that", "it", at the sentence's end) or
-a prompt, an image, content ("a prompt that depicts ...", "that image prompt")."""
-
-REFUSAL_IN_FIRST_SENTENCE = re.compile(
-    r"[^\"“”‘\n]{0,60}?\bviolates?\s+(our|my)\s+(content\s+)?(polic(y|ies)|guidelines)\b|"
-    r"([^\"“”‘\n]{0,40}?(,\s*(so\s+)?|\s+but\s+))?"
-    r"I(\s+(must|have to|need to)\s+(respectfully\s+)?decline"
-    r"(\s*$|\s+to\b|\s+(this|that|your|the)\s+(request|prompt|task)\b)|"
-    r"(\s+(can['’]?t|cannot|can not|won['’]?t|will not|am unable to|am not able to)|"
-    r"['’]m\s+(unable|not able)\s+to)\b"
-    r"([^\"“”‘\n]{0,40}?\b(help( you)? (with|here|on)|assist|rewrite|rewriting|comply|"
-    r"do (this|that|it|so)|fulfil+|modify)\b|(\s+help( you)?)?\s*$|"
-    rf"\s+(generate|create|provide|produce|write|make)\s+({OBJECT})))",
-    re.I,
-)
-"""A refusal in the answer's first sentence: said by the LLM in the first person, to the user,
-at the sentence's start or after an opening of any kind ("My apologies, but I must decline",
-"Regrettably, I can't help with that", "This request violates my guidelines, so I can't rewrite
-it"), and of the request (declining it, or unable to help with it, rewrite it, do it, make a
-prompt or an image of it: "I cannot generate a prompt that depicts violence", "I cannot provide
-that"); or the request said to violate the LLM's policy ("... violates our content policy").
-Not a first person of the prompt's own: one quoted ("A poster that says 'I can't help you with
-that'"), after words that are no opening ("A poster: I can't help falling in love"), or of
-something else ("I must decline the invitation, says a card", "I won't forget this sunset",
-"I can't stop smiling")."""
-
-INTERJECTION = r"((sure|certainly|of course|absolutely|okay|ok|great|alright)\b[^\n]{0,20}\n+)?"
-"""A line of its own before a preamble ("Sure!")."""
-
-MARKDOWN = r"[*_#>\s]*"
-
-REVISED = r"(rewritten|revised|improved|enhanced|refined|updated|new)"
-
-HERE_IS = r"here(['’]s| is| are)\s+(the|your|a|an|my)\s+"
-
-REVISED_KEYWORD = (
-    rf"([\w-]+\s+){{0,2}}{REVISED}\b[^\n:]{{0,40}}?\b(prompt|version|description|rewrite|text)s?"
-)
-"""A keyword of the rewrite after a word of revision: "rewritten prompt", "revised version of
-your prompt", "enhanced text-to-image prompt"."""
-
-PREAMBLE = re.compile(
-    rf"\s*{INTERJECTION}{MARKDOWN}("
-    r"((sure|certainly|of course|absolutely|okay|ok|great|alright)[!.,\s]+)?"
-    rf"({HERE_IS}({REVISED_KEYWORD}|rewrites?)\b[^\n:]{{0,12}}"
-    rf"|(the|a)\s+{REVISED}\s+prompt"
-    rf"|{REVISED}\s+((text-to-image|image)\s+)?(prompt|version|description|text)"
-    r")[*_ \t]*(:|\n)"
-    rf"|{HERE_IS}({REVISED_KEYWORD}|prompts?)(\s+{REVISED})?"
-    r"(,?[ \t]+(that|which)\b[^\n:]{0,100})?[*_ \t]*:[*_ \t]*\n"
-    r")[*_\s]*",
-    re.I,
-)
-"""The words that introduce the rewrite, as chat models add despite being asked not to ("Sure!
-Here is the rewritten prompt:", "**Rewritten prompt:**"), taken off the answer's start, after an
-interjection line and markdown: "here is" with a determiner and a word of revision ("the
-rewritten", "a revised", "your improved") before the keyword (prompt, version, description)
-that stands right before the colon or the line's end; a bare label ("Rewritten prompt:", "The
-new prompt:", a heading); or, with the colon ending its line (the prompt starts on the next),
-"here is" with a determiner and "prompt" ("Here is the prompt:", "Here's the prompt
-rewritten:") or a keyword after a word of revision, followed by a clause of its own ("Here is an
-improved prompt that balances both dimensions:", "Here's a prompt that emphasizes both
-dimensions:"). Never a first clause of the prompt's own, which goes on on its line ("An improved
-text layout: ...", "Here is Venice reimagined as a futuristic version of itself, floating above
-the clouds: ...", "Your updated description: ...")."""
-
-AFTERWORD = re.compile(
-    r"(?<=[\w.!?)\"'”’*])[ \t]*\n\s*\n[*_#>\s]*"
-    r"(explanation|rationale|notes?|changes(\s+made)?)[*_]*\s*:.*\Z",
-    re.I | re.S,
-)
-"""A closing paragraph that explains the rewrite, opening a line with "Explanation:",
-"Rationale:", "Note:", "Changes:" or "Changes made:" after a complete prompt: no part of the
-prompt. Any other paragraph ("Changes made to the garden: tulips ...") is the prompt's own."""
-
-ECHO = re.compile(r"^\s*Original:\s*$", re.M)
-"""The marker before the prompt in our request (``user_message``): an answer holding it
-repeats the request rather than answering it."""
-
-
-class RefusedContent(ItemError):
-    """The LLM declined to rewrite this prompt (a content filter stopped it, or it refused in
-    words): the prompt's own failure, which says nothing of the LLM's options and does not
-    count toward stopping the run."""
-
-
-def _rewrite_in(
-    content: str | None, finish_reason: str | None, *, guidance: str, max_tokens: int
-) -> str:
-    """The rewritten prompt in an LLM's answer, cleaned of quotes, a preamble and a closing
-    explanation.
-
-    Raises:
-        RefusedContent: a content filter stopped the answer, or the LLM refused in words.
-        ItemError: the answer holds no other rewrite to draw from: empty, cut, the request
-            repeated, over :data:`MAX_REWRITE_CHARS`, or holding half a character.
-    """
-    if finish_reason == "content_filter":
-        raise RefusedContent("the LLM's content filter stopped its rewrite")
-    text = _clean(content or "")
-    preamble = PREAMBLE.match(text)
-    if preamble is not None:
-        text = _clean(text[preamble.end() :])
-    text = _clean(AFTERWORD.sub("", text))
-    if not text:
-        raise ItemError("the LLM answered with an empty rewrite")
-    if not _encodable(text):
-        # JSON carries "\ud83d" (half an emoji, as a token may be); UTF-8 cannot: the
-        # journal refused the record (the run crashed), and the image's text chunk held a
-        # rewrite no resumed run could read back.
-        raise ItemError(
-            "the LLM's rewrite holds half a character (a lone surrogate escape such as "
-            "\\ud83d), which cannot be sent or stored as UTF-8"
-        )
-    if finish_reason == "length":  # cut mid-sentence: no prompt to draw from
-        raise ItemError(f"the LLM's rewrite was cut at max_tokens ({max_tokens})")
-    if len(text) > MAX_REWRITE_CHARS:
-        raise ItemError(
-            f"the LLM's rewrite is {len(text):,} characters long (at most "
-            f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
-        )
-    first_sentence = re.split(r"[.!?\n]", text, maxsplit=1)[0]
-    if REFUSAL.match(text) or REFUSAL_IN_FIRST_SENTENCE.match(first_sentence):
-        raise RefusedContent(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
-    if guidance in text or ECHO.search(text):
-        raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")
-    return text
-
-
-def _encodable(text: str) -> bool:
-    """Whether ``text`` is valid Unicode that UTF-8 can carry (no lone surrogate)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _clean(text: str) -> str:
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        text = text[1:-1].strip()
-    return text
