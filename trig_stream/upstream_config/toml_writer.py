@@ -13,12 +13,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from trig_stream.records import is_safe_name
+from trig_stream.records import is_safe_name, printable
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _DOTS = re.compile(r"\.{2,}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def safe_name(name: str) -> str:
@@ -34,13 +33,10 @@ def comment(text: str) -> str:
     """``text`` on one line, to follow a ``#``.
 
     Whitespace runs become one space; the other control characters, which a TOML comment
-    cannot hold (DEL included), are written as ``\\xNN`` escapes.
+    cannot hold (DEL included), are written as ``\\xNN`` escapes, as
+    :func:`~trig_stream.records.printable` shows them on a terminal.
     """
-    return _CONTROL.sub(_escape, " ".join(text.split()))
-
-
-def _escape(match: re.Match[str]) -> str:
-    return f"\\x{ord(match.group()):02x}"
+    return printable(" ".join(text.split()))
 
 
 def assignments(table: Mapping[str, Any]) -> list[str]:
