@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import urllib.parse
 from collections.abc import Iterable
@@ -61,6 +62,29 @@ def unset_variable(variable: str) -> str:
         "the environment variable api_key_env names (not quoted: a name not in capitals may be "
         "a key pasted there, which belongs in the variable, not the config)"
     )
+
+
+def key_from_env(variable: str, *, owner: str) -> str | None:
+    """The API key in the environment variable ``variable``, checked (:func:`check_key`);
+    None when ``variable`` is empty (``api_key_env = ""``: a server that takes no key).
+
+    Args:
+        variable: the variable's name (``api_key_env``).
+        owner: who needs the key, for the message (``judge 'j'``, ``generator 'dalle3'``).
+
+    Raises:
+        FatalBackendError: the variable is unset or empty, or its key holds a character an
+            HTTP header cannot carry.
+    """
+    if not variable:
+        return None
+    key = os.environ.get(variable)
+    if not key:
+        raise FatalBackendError(
+            f"{owner}: set the API key: {unset_variable(variable)} is not set or empty; "
+            'export the key in it (or api_key_env = "" for a server that takes no key)'
+        )
+    return check_key(key, owner=owner, variable=variable)
 
 
 def check_key(key: str, *, owner: str, variable: str) -> str:

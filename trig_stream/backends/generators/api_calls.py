@@ -13,14 +13,13 @@ config, a record, a log line, a repr or an exception message (messages pass thro
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from trig_stream.backends.api_keys import check_key, scrub, unset_variable
+from trig_stream.backends.api_keys import key_from_env, scrub
 from trig_stream.backends.judges.http_errors import (
     CONTENT_REFUSAL,
     AnswerTooLarge,
@@ -56,33 +55,17 @@ def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
     return cancel.wait(seconds)
 
 
-def api_key_from_env(variable: str, *, owner: str, required: bool = True) -> str:
-    """Read the API key from the environment variable ``variable``; an empty ``variable``
-    (``api_key_env = ""``) names none, for a server that takes no key.
-
-    Returns:
-        The key, or ``""`` when there is none (:func:`openai_client` then sends a
-        placeholder, which is no secret: :func:`redact` leaves server text alone).
-
-    Args:
-        variable: the variable's name.
-        owner: who needs the key, for the message (``generator 'dalle3'``).
-        required: whether an unset variable is an error.
+def api_key_from_env(variable: str, *, owner: str) -> str:
+    """The API key in the environment variable ``variable``
+    (:func:`~trig_stream.backends.api_keys.key_from_env`), or ``""`` when ``api_key_env = ""``
+    names none, for a server that takes no key (:func:`openai_client` then sends a
+    placeholder, which is no secret: :func:`redact` leaves server text alone).
 
     Raises:
-        FatalBackendError: the variable is unset or empty and ``required``, or the key holds
-            a character an HTTP header cannot carry
-            (:func:`~trig_stream.backends.api_keys.check_key`).
+        FatalBackendError: the variable is unset or empty, or its key holds a character an
+            HTTP header cannot carry.
     """
-    if not variable:
-        return ""
-    key = os.environ.get(variable, "")
-    if not key and required:
-        raise FatalBackendError(
-            f"{owner}: set {unset_variable(variable)} to the API key "
-            '(or api_key_env = "" for a server that takes no key)'
-        )
-    return check_key(key, owner=owner, variable=variable) if key else key
+    return key_from_env(variable, owner=owner) or ""
 
 
 def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:

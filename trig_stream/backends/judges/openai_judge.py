@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from trig_stream.backends.api_keys import check_key, unset_variable
+from trig_stream.backends.api_keys import key_from_env
 from trig_stream.backends.base import (
     Judge,
     JudgeReply,
@@ -317,16 +316,7 @@ class OpenAIJudge(Judge):
         return f"starting its server `{command}`, until GET /health answers"
 
     def _key(self) -> str | None:
-        env = self.options.api_key_env
-        if not env:
-            return None
-        key = os.environ.get(env)
-        if not key:
-            raise FatalBackendError(
-                f"judge {self.name!r}: {unset_variable(env)} is not set or empty; export "
-                "the API key in it"
-            )
-        return check_key(key, owner=f"judge {self.name!r}", variable=env)
+        return key_from_env(self.options.api_key_env or "", owner=f"judge {self.name!r}")
 
     async def open(self) -> None:
         """Start the ``serve`` server if any, then create one transport per endpoint.
