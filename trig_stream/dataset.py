@@ -15,12 +15,10 @@ the reason, and the engine writes it to the run's ``quarantine.jsonl``.
 from __future__ import annotations
 
 import io
-import json
 import stat
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from datetime import date, time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from trig_stream.dimensions import (
 from trig_stream.errors import DatasetError
 from trig_stream.files import file_kind
 from trig_stream.hashing import sample_digest
+from trig_stream.quarantine_text import storable, without_images
 from trig_stream.records import QuarantinedRecord, Sample, is_safe_name, storable_text
 from trig_stream.string_index import StringIndex
 
@@ -152,9 +151,9 @@ class DatasetSource:
                 raw_id = raw.get("data_id")
                 yield QuarantinedRecord(
                     index=index,
-                    data_id=_storable(raw_id) if isinstance(raw_id, str) else None,
+                    data_id=storable(raw_id) if isinstance(raw_id, str) else None,
                     reason=storable_text(str(exc)),
-                    record=_without_images(raw),
+                    record=without_images(raw),
                 )
                 continue
             seen.add(data_id)
@@ -510,93 +509,3 @@ def _strings(value: object) -> tuple[str, ...]:
     if isinstance(value, list | tuple):
         return tuple("" if v is None else str(v) for v in value)
     return (str(value),)
-
-
-RECORD_DEPTH = 16
-"""Levels of arrays and objects a quarantined record keeps; what lies deeper is kept as the
-start of its text (a record nested hundreds deep is no TRIG record, and JSON writers have a
-depth limit)."""
-VALUE_SHOWN = 200
-"""Characters kept of a value that a quarantined record holds as text, cut short."""
-
-
-def _without_images(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """``raw`` as the quarantine file can hold it: bytes (embedded images) at any depth left
-    out, text made storable, nesting cut at :data:`RECORD_DEPTH`."""
-    return {_storable_key(key): _storable(value, 1) for key, value in raw.items()}
-
-
-def _storable(value: Any, depth: int = 0) -> Any:
-    """``value`` as JSON can write it: every lone surrogate in its text written as an escape
-    (``\\ud800``), bytes at any depth (an image, as ``{"bytes": ..., "path": ...}`` or a list of
-    them) replaced by a note of their size, nesting past :data:`RECORD_DEPTH` and values
-    of other types kept as the start of their text."""
-    if isinstance(value, str):
-        return storable_text(value)
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        return f"<{len(value)} bytes omitted>"
-    if isinstance(value, Mapping | list | tuple):
-        if depth >= RECORD_DEPTH:
-            return _abridged(value)
-        if isinstance(value, Mapping):
-            return {_storable_key(k): _storable(v, depth + 1) for k, v in value.items()}
-        return [_storable(v, depth + 1) for v in value]
-    return _scalar_text(value)
-
-
-def _scalar_text(value: object) -> str:
-    """A value of another type (a parquet timestamp, decimal, duration) as text."""
-    try:
-        text = value.isoformat() if isinstance(value, date | time) else str(value)
-    except Exception:  # an object whose str fails still leaves a trace
-        text = f"<{type(value).__name__}>"
-    return storable_text(text[:VALUE_SHOWN])
-
-
-def _storable_key(key: object) -> str:
-    return storable_text(key if isinstance(key, str) else str(key))[:VALUE_SHOWN]
-
-
-def _abridged(value: object) -> str:
-    """The start of ``value``'s text, at most :data:`VALUE_SHOWN` characters. Written with a
-    budget rather than ``repr``: each level of nesting costs a character, so the walk stays
-    shallow however deep the value goes."""
-    parts: list[str] = []
-    budget = VALUE_SHOWN
-
-    def put(text: str) -> bool:
-        nonlocal budget
-        parts.append(text[:budget])
-        budget -= len(text)
-        return budget > 0
-
-    def walk(item: object) -> bool:
-        if isinstance(item, Mapping):
-            if not put("{"):
-                return False
-            for n, (k, v) in enumerate(item.items()):
-                if not (
-                    put(", " if n else "") and put(f"{json.dumps(_storable_key(k))}: ") and walk(v)
-                ):
-                    return False
-            return put("}")
-        if isinstance(item, list | tuple):
-            if not put("["):
-                return False
-            for n, v in enumerate(item):
-                if not (put(", " if n else "") and walk(v)):
-                    return False
-            return put("]")
-        if isinstance(item, bytes | bytearray | memoryview):
-            return put(f"<{len(item)} bytes omitted>")
-        if isinstance(item, str):
-            return put(json.dumps(item[:VALUE_SHOWN]))
-        if item is None or isinstance(item, bool | float):
-            return put(json.dumps(item))
-        return put(_scalar_text(item))
-
-    if not walk(value):
-        parts.append("...")
-    return storable_text("".join(parts))
