@@ -23,7 +23,8 @@ from pydantic import TypeAdapter
 
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.http_errors import parse_retry_after
-from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions, reply_of
+from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.payloads import reply_of
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE
 from trig_stream.backends.judges.transports import Client, EncodedImage
 from trig_stream.backends.metrics.base import load_rgb_image

@@ -29,7 +29,6 @@ Example config::
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,10 +44,10 @@ from trig_stream.backends.base import (
     JudgeRequest,
     PreparedImage,
     ServerLoad,
-    shrunk_size,
 )
 from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, REFUSALS_TO_STOP
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
+from trig_stream.backends.judges.payloads import cut_by_filter, encode_image, reply_of
 from trig_stream.backends.judges.server_probe import read_load
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.judges.transports import (
@@ -66,8 +65,7 @@ from trig_stream.errors import (
     RateLimitError,
     RetryableError,
 )
-from trig_stream.png import encode_png
-from trig_stream.records import JudgeFingerprint, storable_text
+from trig_stream.records import JudgeFingerprint
 from trig_stream.retry import RETRY_AFTER_MAX_S
 from trig_stream.scoring import Scorer
 
@@ -229,7 +227,7 @@ class _Endpoint:
         if reply.top_logprobs is not None:
             self.scored = True
             return None
-        if self.scored or _filtered(completion):
+        if self.scored or cut_by_filter(completion):
             return None
         self.unscored += 1
         if self.unscored < REFUSALS_TO_STOP:
@@ -501,98 +499,3 @@ class OpenAIJudge(Judge):
         if opts.seed is not None:
             body["seed"] = opts.seed
         return body
-
-
-def _filtered(completion: Any) -> bool:
-    # An answer a content filter cut off (Azure's finish_reason) may carry no logprobs: it is
-    # that request's, and says nothing of what the server returns for the others.
-    try:
-        return bool(completion["choices"][0].get("finish_reason") == "content_filter")
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return False
-
-
-def reply_of(completion: Any, endpoint: str, *, top_logprobs: int = 20) -> JudgeReply:
-    """The reply in a chat completion (decoded JSON): the first token's top logprobs and text.
-
-    Args:
-        completion: the decoded answer.
-        endpoint: the server's URL, for messages.
-        top_logprobs: how many alternatives were asked for. With 0 the chosen token alone
-            is the list; otherwise an answer without the list has no top logprobs: scoring
-            the one token the server happened to sample (at temperature 1) would be a
-            confident score from a single draw.
-
-    Raises:
-        RetryableError: the completion is not shaped like one (a malformed answer).
-    """
-    try:
-        choice = completion["choices"][0]
-        message = choice.get("message") or {}
-        text = message.get("content") or ""
-        content = (choice.get("logprobs") or {}).get("content")
-        if not content:
-            return JudgeReply(top_logprobs=None, text=str(text))
-        first = content[0]
-        top = [_token_logprob(e) for e in first.get("top_logprobs") or ()]
-        if not top:
-            if top_logprobs > 0:  # the server dropped the list it was asked for
-                return JudgeReply(top_logprobs=None, text=str(text))
-            top = [_token_logprob(first)]  # top_logprobs = 0 asks for the chosen token only
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
-        raise RetryableError(
-            f"judge at {endpoint}: malformed answer ({type(exc).__name__}: {exc})"
-        ) from None
-    return JudgeReply(top_logprobs=top, text=str(text))
-
-
-def _token_logprob(entry: Any) -> tuple[str, float]:
-    # A token is a JSON string and a logprob a JSON number: ``true``, ``"-0.1"`` or a null
-    # token would otherwise pass as 1.0, -0.1 or the word "None".
-    token, logprob = entry["token"], entry["logprob"]
-    if not isinstance(token, str):
-        raise TypeError(f"token {token!r} is not a string")
-    if not isinstance(logprob, int | float) or isinstance(logprob, bool):
-        raise TypeError(f"logprob {logprob!r} of token {token!r} is not a number")
-    return storable_text(token), float(logprob)
-
-
-def encode_image(path: Path, max_pixels: int | None = None) -> EncodedImage:
-    """A ``data:`` URL of the image file, shrunk to at most ``max_pixels`` when given.
-
-    Raises:
-        ItemError: the file cannot be read or is not an image.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ItemError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    # The common case, a PNG or JPEG sent as it is, needs no decoding: its signature names
-    # its format, and the judge server decodes it anyway.
-    fmt = _sniff_format(data) if max_pixels is None else None
-    if fmt is None:
-        data, fmt = _decoded(path, data, max_pixels)
-    return EncodedImage.data_url(f"image/{fmt}", data)
-
-
-_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
-
-
-def _sniff_format(data: bytes) -> str | None:
-    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
-
-
-def _decoded(path: Path, data: bytes, max_pixels: int | None) -> tuple[bytes, str]:
-    # The image's bytes and format after opening it: re-encoded as PNG when it is shrunk.
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt = (image.format or "PNG").lower()
-            if max_pixels is not None and image.width * image.height > max_pixels:
-                size = shrunk_size(image.width, image.height, max_pixels)
-                resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-                data, fmt = encode_png(resized), "png"
-    except (UnidentifiedImageError, ValueError, SyntaxError, OSError):
-        raise ItemError(f"{path} is not a readable image") from None
-    return data, fmt
