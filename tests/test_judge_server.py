@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import numpy as np
 import anyio.lowlevel
 import pytest
 from PIL import Image
@@ -21,7 +22,7 @@ from trig_stream.errors import RetryableError
 from trig_stream.records import Sample
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions, dimension_of
-from trig_stream.testing.planted_scores import loadings, rating_logprobs
+from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
 
 pytestmark = pytest.mark.anyio
 
@@ -207,6 +208,26 @@ def test_dimension_is_read_from_the_instruction() -> None:
     assert dimension_of("Dimension: Realism (IQ-R).") == "IQ-R"
     assert dimension_of("judge R-T here") == "R-T"
     assert dimension_of("nothing to see") is None
+
+
+def test_only_planted_pairs_correlate() -> None:
+    # Every planted pair loaded on one shared factor: planting IQ-R_TA-C = 0.8 and
+    # D-K_R-T = -0.8 made IQ-R and D-K correlate by 0.8 as well.
+    planted = loadings({"IQ-R_TA-C": 0.8, "D-K_R-T": -0.8})
+    keys = [str(n) for n in range(5000)]
+    z = {
+        d: np.array([latent(key, d, planted.get(d), seed=3) for key in keys])
+        for d in ("IQ-R", "TA-C", "D-K", "R-T", "IQ-A")
+    }
+
+    def corr(a: str, b: str) -> float:
+        return float(np.corrcoef(z[a], z[b])[0, 1])
+
+    assert corr("IQ-R", "TA-C") == pytest.approx(0.8, abs=0.05)
+    assert corr("D-K", "R-T") == pytest.approx(-0.8, abs=0.05)
+    for a, b in [("IQ-R", "D-K"), ("IQ-R", "R-T"), ("TA-C", "D-K"), ("TA-C", "R-T")]:
+        assert abs(corr(a, b)) < 0.06, (a, b)
+    assert abs(corr("IQ-R", "IQ-A")) < 0.06
 
 
 def test_rating_distribution_follows_the_latent() -> None:

@@ -471,7 +471,7 @@ class JudgeServer:
         *,
         with_logprobs: bool,
     ) -> dict[str, Any]:
-        loading = self._loadings.get(dimension, 0.0)  # type: ignore[call-overload]
+        loading = self._loadings.get(dimension)  # type: ignore[call-overload]
         z = latent(image_key, dimension, loading, seed=self.options.seed)
         top = rating_logprobs(z, limit=max(limit, 1))
         token, logprob = top[0]

@@ -4,12 +4,14 @@ The simulated judge answers every (image, dimension) question with the top logpr
 five-word rating. What it answers is a pure function of the image and the dimension, so the two
 questions about one image are consistent and a repeated question gets the same answer.
 
-Each image has a latent quality per dimension, a standard normal ``z_d``. Dimensions in a
-planted pair share one factor per image: with loadings ``a`` and ``b``,
-``z_A = a·g + √(1-a²)·e_A`` and ``z_B = b·g + √(1-b²)·e_B``, where ``g``, ``e_A`` and ``e_B``
-are independent normals drawn from a hash of the image, so ``corr(z_A, z_B) = a·b``. A planted
-correlation ``c`` sets ``a = √|c|`` and ``b = sign(c)·√|c|``. Every dimension may appear in at
-most one planted pair, which keeps each planted correlation exact.
+Each image has a latent quality per dimension, a standard normal ``z_d``. The two dimensions of
+a planted pair share one factor per image, the pair's own: with loadings ``a`` and ``b``,
+``z_A = a·g_AB + √(1-a²)·e_A`` and ``z_B = b·g_AB + √(1-b²)·e_B``, where ``g_AB``, ``e_A`` and
+``e_B`` are independent normals drawn from a hash of the image (and of the pair, for
+``g_AB``), so ``corr(z_A, z_B) = a·b``. A planted correlation ``c`` sets ``a = √|c|`` and
+``b = sign(c)·√|c|``. Every dimension may appear in at most one planted pair, and no two pairs
+share a factor, which keeps each planted correlation exact and leaves every other pair
+uncorrelated.
 
 The latent becomes the centre of a peaked distribution over the rating words: the higher
 ``z_d``, the better the rating, so rank correlations of the scores follow the latents.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Final
 
@@ -68,8 +71,18 @@ def normal_from(*parts: object) -> float:
     return _NORMAL.inv_cdf(unit_from(*parts))
 
 
-def loadings(correlations: Mapping[str, float]) -> dict[Dimension, float]:
-    """Each dimension's loading on its image's shared factor.
+@dataclass(frozen=True)
+class Loading:
+    """How a dimension of a planted pair loads on that pair's shared factor."""
+
+    pair: str
+    """The planted pair (``A_B``), naming the factor: each pair has its own."""
+    weight: float
+    """The loading, in ``[-1, 1]``."""
+
+
+def loadings(correlations: Mapping[str, float]) -> dict[Dimension, Loading]:
+    """The loading of each dimension of a planted pair on its pair's shared factor.
 
     Args:
         correlations: planted correlations by pair name ``A_B``, each in ``[-1, 1]``.
@@ -78,7 +91,7 @@ def loadings(correlations: Mapping[str, float]) -> dict[Dimension, float]:
         ValueError: a pair name is invalid, a value is out of range, or a dimension appears
             in two planted pairs.
     """
-    result: dict[Dimension, float] = {}
+    result: dict[Dimension, Loading] = {}
     for pair, value in correlations.items():
         first, second = split_pair(pair)
         if not -1.0 <= value <= 1.0:
@@ -90,16 +103,28 @@ def loadings(correlations: Mapping[str, float]) -> dict[Dimension, float]:
                     "carry at most one planted correlation"
                 )
         root = math.sqrt(abs(value))
-        result[first] = root
-        result[second] = math.copysign(root, value)
+        factor = f"{first}_{second}"
+        result[first] = Loading(factor, root)
+        result[second] = Loading(factor, math.copysign(root, value))
     return result
 
 
-def latent(image_key: str, dimension: str, loading: float, *, seed: int) -> float:
-    """The latent quality ``z`` of one image on one dimension (a standard normal)."""
-    shared = normal_from(seed, image_key, "shared")
+def latent(image_key: str, dimension: str, loading: Loading | None, *, seed: int) -> float:
+    """The latent quality ``z`` of one image on one dimension (a standard normal).
+
+    Args:
+        image_key: what identifies the image.
+        dimension: the dimension asked about.
+        loading: the dimension's loading on its planted pair's factor (see :func:`loadings`);
+            None for a dimension in no planted pair.
+        seed: the simulation's seed.
+    """
     own = normal_from(seed, image_key, dimension)
-    return loading * shared + math.sqrt(max(0.0, 1.0 - loading * loading)) * own
+    if loading is None:
+        return own
+    shared = normal_from(seed, image_key, "shared", loading.pair)
+    weight = loading.weight
+    return weight * shared + math.sqrt(max(0.0, 1.0 - weight * weight)) * own
 
 
 def rating_logprobs(z: float, *, limit: int = 20) -> list[tuple[str, float]]:
