@@ -280,3 +280,31 @@ async def test_planted_correlations_show_in_scores(tmp_path: Path) -> None:
     assert spearmanr(by_dim["D-K"], by_dim["R-T"])[0] < -0.5
     assert abs(spearmanr(by_dim["IQ-R"], by_dim["IQ-A"])[0]) < 0.3
     assert server.stats().repeated == 0
+
+
+async def test_planted_correlation_survives_a_user_text_naming_the_dimension(
+    tmp_path: Path,
+) -> None:
+    # The image key took in the user text, which such a template makes differ per dimension:
+    # the two questions about an image got independent latents, and no correlation came out.
+    template = tmp_path / "template.toml"
+    template.write_text(
+        'version = "names-it-1"\n[user_prefix]\n'
+        't2i = "Judge the {dimension_name} ({dimension}: {criteria}) of this image, made from: "\n'
+    )
+    images = []
+    for n in range(120):
+        path = tmp_path / f"{n}.png"
+        Image.new("RGB", (8, 8), (n, 255 - n, (7 * n) % 256)).save(path)
+        images.append(path)
+    options = JudgeServerOptions(correlations={"IQ-R_TA-C": 0.8}, seed=3)
+    async with JudgeServer(options) as server:
+        judge_options = OpenAIJudgeOptions(base_url=server.base_url, model="m", template=template)
+        judge = OpenAIJudge("m", judge_options)
+        await judge.open()
+        try:
+            prepared = [judge.prepare(path) for path in images]
+            by_dim = {d: await _scores(judge, prepared, d) for d in ("IQ-R", "TA-C")}
+        finally:
+            await judge.aclose()
+    assert spearmanr(by_dim["IQ-R"], by_dim["TA-C"])[0] > 0.5

@@ -6,7 +6,11 @@ It answers ``POST /v1/chat/completions`` as vLLM does: the first token's top log
 vLLM) are decoded and checked; a bad one is a 400. The answer is a
 function of the image and the dimension named in the system message (see
 :mod:`trig_stream.testing.planted_scores`), so planted correlations between dimensions show up
-in the scores. Like vLLM it has ``capacity`` slots and queues what does not fit, reporting
+in the scores. The image is known by its bytes alone, never by the texts: a judging template
+may name the dimension anywhere, the user text included, and the two questions about one image
+must still get its one latent. Images of the engine differ even when their pixels do not (each
+PNG names its sample in a text chunk); identical bytes sent for two prompts get the same
+answers. Like vLLM it has ``capacity`` slots and queues what does not fit, reporting
 ``vllm:num_requests_running`` / ``vllm:num_requests_waiting`` on ``GET /metrics``.
 
 Use it from tests as an async context manager (asyncio only, as aiohttp is)::
@@ -383,10 +387,9 @@ class JudgeServer:
         limit = body.get("top_logprobs") or 0
         if not isinstance(limit, int) or not 0 <= limit <= 20:
             raise BadRequest("top_logprobs must be an integer from 0 to 20")
-        user_text = texts[-1] if texts else ""
-        # The image identifies the question's subject; the prompt text separates images that
-        # happen to be identical (a blank image made for two prompts).
-        image_key = image_hash.hexdigest() + hashlib.sha256(user_text.encode()).hexdigest()
+        # The images alone name the subject (see the module's docstring): any text may vary
+        # with the dimension, as a template's user_prefix naming it does.
+        image_key = image_hash.hexdigest()
         dimension = _dimension_named(system or " ".join(texts))
         return digest.digest(), image_key, dimension, limit
 
