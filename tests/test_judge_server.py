@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from trig_stream.dimensions import Dimension
 from trig_stream.errors import RetryableError
 from trig_stream.records import Sample
 from trig_stream.scoring import score_top_logprobs
+from trig_stream.testing import judge_server
 from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions, dimension_of
 from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
 
@@ -36,6 +39,22 @@ def data_url(colour: tuple[int, int, int] = (10, 20, 30)) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def bomb_data_url() -> str:
+    # A PNG whose header claims 100000 x 100000 pixels: Pillow refuses to open it.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def chat_body(url: str, dimension: str = "IQ-R", prompt: str = "a cat") -> dict[str, Any]:
@@ -91,6 +110,7 @@ async def test_answer_has_openai_shape_and_repeats_are_counted() -> None:
         ("data:image/png;base64,%%%", "not valid base64"),
         ("http://example.com/cat.png", "data: or file://"),
         ("file:///nonexistent/cat.png", "cannot read the image file"),
+        (bomb_data_url(), "the image is too large"),
     ],
 )
 async def test_bad_images_get_400(url: str, reason: str) -> None:
@@ -101,6 +121,52 @@ async def test_bad_images_get_400(url: str, reason: str) -> None:
     ):
         assert resp.status == 400
         assert reason in (await resp.json())["error"]["message"]
+    assert server.stats().rejected == 1
+
+
+async def test_an_image_url_given_as_a_string_is_accepted() -> None:
+    # vLLM takes {"image_url": "data:..."} as well as {"image_url": {"url": "data:..."}};
+    # the string form was a 500 with a traceback.
+    body = chat_body(data_url())
+    body["messages"][1]["content"][0]["image_url"] = data_url()
+    async with (
+        JudgeServer() as server,
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.base_url}/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        assert (await resp.json())["choices"][0]["logprobs"] is not None
+
+
+async def test_an_image_url_of_another_shape_is_400() -> None:
+    body = chat_body(data_url())
+    body["messages"][1]["content"][0]["image_url"] = [1]
+    async with (
+        JudgeServer() as server,
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.base_url}/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 400
+        assert "needs 'image_url'" in (await resp.json())["error"]["message"]
+    assert server.stats().rejected == 1
+
+
+async def test_a_body_over_the_limit_is_an_openai_shaped_413(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # aiohttp answered it in plain text, which no OpenAI client reads as an error body.
+    monkeypatch.setattr(judge_server, "MAX_BODY_BYTES", 1024)
+    async with (
+        JudgeServer() as server,
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{server.base_url}/chat/completions", json=chat_body(data_url(), prompt="x" * 4096)
+        ) as resp,
+    ):
+        assert resp.status == 413
+        error = (await resp.json())["error"]
+        assert "the request body is over" in error["message"]
+        assert error["type"] == "invalid_request_error"
     assert server.stats().rejected == 1
 
 

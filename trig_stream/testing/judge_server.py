@@ -60,6 +60,8 @@ FAULTS: tuple[Fault, ...] = (
 
 VERIFIED_IMAGES = 4096
 """Digests of images already verified, kept so the second question about one is cheaper."""
+MAX_BODY_BYTES = 64 * 1024**2
+"""The largest request body read; a larger one is answered 413."""
 _CODE = re.compile(r"(?<![A-Za-z])(IQ-[ROA]|TA-[CRS]|D-[KA]|R-[TB])(?![A-Za-z])")
 Rate = Annotated[float, Field(ge=0, le=1)]
 
@@ -242,7 +244,7 @@ class JudgeServer:
         if not self._held:
             self._released.set()
         self._changed = asyncio.Event()
-        app = web.Application(client_max_size=64 * 1024**2)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
@@ -284,6 +286,14 @@ class JudgeServer:
         stats.received += 1
         try:
             raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # aiohttp's own answer is plain text
+            stats.rejected += 1
+            message = (
+                f"the request body is over {MAX_BODY_BYTES // 1024**2} MiB; send smaller "
+                "images (the judge's max_pixels shrinks them)"
+            )
+            return _error(413, message, "invalid_request_error")
+        try:
             body = from_json(raw)
         except ValueError:
             stats.rejected += 1
@@ -376,7 +386,7 @@ class JudgeServer:
                         system += text
                     digest.update(f"\x00{role}\x00text\x00{len(text)}\x00{text}".encode())
                 elif isinstance(part, dict) and part.get("type") == "image_url":
-                    url = str((part.get("image_url") or {}).get("url", ""))
+                    url = _image_url(part.get("image_url"))
                     image, key = self._checked_image(url)
                     image_hash.update(image)
                     # A file is named by its URL, a data URL by its content's digest.
@@ -526,6 +536,18 @@ def _dimension_named(text: str) -> str:
     return "unknown"
 
 
+def _image_url(value: Any) -> str:
+    # An image part's URL: {"url": "..."}, or the URL itself, which vLLM accepts too.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("url"), str):
+        return str(value["url"])
+    raise BadRequest(
+        "an image_url part needs 'image_url': {\"url\": \"data:...\"} (or the URL as a "
+        f"string), got {str(value)[:80]}"
+    )
+
+
 def _image_bytes(url: str, allowed_folder: Path | None) -> bytes:
     """The bytes of a ``data:`` or ``file://`` image URL (a file in ``allowed_folder`` only)."""
     if url.startswith("data:"):
@@ -560,6 +582,8 @@ def _verify(data: bytes) -> None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
+    except Image.DecompressionBombError as exc:  # a header claiming billions of pixels
+        raise BadRequest(f"the image is too large: {exc}") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         raise BadRequest("the image cannot be decoded") from None
 
