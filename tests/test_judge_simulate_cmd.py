@@ -73,6 +73,8 @@ def test_arguments_become_options(tmp_path: Path) -> None:
     assert (named.model, named.served_model_only) == ("judge-x", True)
     date = "Wed, 21 Oct 2015 07:28:00 GMT"
     assert options_from_args(parse("--retry-after", date)).retry_after == date
+    # The value as the judge reads it (stripped) is the value sent.
+    assert options_from_args(parse("--retry-after", " 2 ")).retry_after == "2"
     assert options_from_args(parse("--retry-after", "0.5")).retry_after == "0.5"
     asctime = "Wed Oct 21 07:28:00 2015"  # RFC 9110 has recipients accept it
     assert options_from_args(parse("--retry-after", asctime)).retry_after == asctime
@@ -91,6 +93,12 @@ def test_arguments_become_options(tmp_path: Path) -> None:
         (("--retry-after", "infinity"), "'infinity' is neither"),
         (("--retry-after", "nan"), "'nan' is neither"),
         (("--retry-after", "1_000"), "'1_000' is neither"),
+        # Accepted, it made every 429 drop its connection (a newline cannot be sent).
+        (("--retry-after", "1\n"), "'1\\\\n' holds a control character"),
+        (
+            ("--retry-after", "Wed, 21 Oct 2015\t07:28:00 GMT"),
+            "holds a control character, which no HTTP header may carry",
+        ),
         (
             ("--allowed-local-media-path", "/nonexistent/trig-stream"),
             "--allowed-local-media-path /nonexistent/trig-stream: no such folder; name the",
@@ -140,6 +148,15 @@ def test_a_bad_option_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     args = parse("--latency", "inf", "--port", "70000")
     assert args.handler(args, Console(stderr=True, width=200)) == 2
     assert "error: latency_s: Input should be a finite number" in capsys.readouterr().err
+
+
+def test_a_retry_after_with_a_newline_is_exit_2_at_start(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The impossible port stops the command, were the value accepted, before it serves.
+    args = parse("--retry-after", "1\n", "--rate-limit-rate", "1", "--port", "70000")
+    assert args.handler(args, Console(stderr=True, width=200)) == 2
+    assert "holds a control character" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ import io
 import random
 import re
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -72,10 +73,17 @@ DEFAULT_MODEL: Final = "trig-judge-sim"
 
 def _retry_after(value: str) -> str:
     # What HTTP allows: seconds (not -1, inf or nan), or a date in one of HTTP's three forms;
-    # read as the judge reads it.
+    # read as the judge reads it, which strips it: the stripped value is what is sent. A
+    # control character (a newline pasted in) could not be sent: every 429 dropped its
+    # connection instead.
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise ValueError(
+            f"{value!r} holds a control character, which no HTTP header may carry; "
+            "give seconds (1) or an HTTP date alone"
+        )
     if parse_retry_after({"Retry-After": value}) is None:
         raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
-    return value
+    return value.strip()
 
 
 class JudgeServerOptions(BaseModel):
