@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -230,6 +231,38 @@ async def test_requests_past_capacity_wait() -> None:
     assert stats.max_running == 2
     assert stats.max_waiting >= 2
     assert stats.running == 0 and stats.waiting == 0
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback to listen on")
+async def test_port_0_is_one_port_on_every_address_of_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A name with two addresses (dual-stack localhost) listened on a free port per address,
+    # and base_url named only one of them.
+    real = socket.getaddrinfo
+
+    def dual_stack(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "dual-stack.test":
+            return real("::1", *args, **kwargs) + real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", dual_stack)
+    async with JudgeServer(host="dual-stack.test", port=0) as server:
+        assert server.port != 0
+        monkeypatch.setattr(socket, "getaddrinfo", real)
+        async with aiohttp.ClientSession() as http:
+            for address in ("[::1]", "127.0.0.1"):
+                async with http.get(f"http://{address}:{server.port}/health") as response:
+                    assert response.status == 200, address
 
 
 async def test_stop_releases_hung_requests(tmp_path: Path) -> None:

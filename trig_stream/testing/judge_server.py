@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import io
 import random
 import re
+import socket
 import time
 import unicodedata
 from collections.abc import Callable
@@ -61,6 +63,8 @@ FAULTS: tuple[Fault, ...] = (
 
 VERIFIED_IMAGES = 4096
 """Digests of images already verified, kept so the second question about one is cheaper."""
+PORT_ATTEMPTS = 8
+"""Free ports tried when port 0 must be free on each of a host name's addresses."""
 MAX_BODY_BYTES = 64 * 1024**2
 """The largest request body read; a larger one is answered 413."""
 _CODE = re.compile(r"(?<![A-Za-z])(IQ-[ROA]|TA-[CRS]|D-[KA]|R-[TB])(?![A-Za-z])")
@@ -264,10 +268,39 @@ class JudgeServer:
             app, handler_cancellation=True, shutdown_timeout=0.25, access_log=None
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        await self._listen(self._runner)
         return self
+
+    async def _listen(self, runner: web.AppRunner) -> None:
+        # A name may stand for several addresses (localhost: ::1 and 127.0.0.1). Given
+        # port 0, each would get its own free port and base_url would name one of them: the
+        # first address picks the port, and the others listen on that one.
+        if self.port != 0:
+            await web.TCPSite(runner, self.host, self.port).start()
+            return
+        found = await asyncio.get_running_loop().getaddrinfo(
+            self.host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+        for attempt in range(PORT_ATTEMPTS):
+            first = web.TCPSite(runner, addresses[0], 0)
+            await first.start()
+            port = int(runner.addresses[-1][1])
+            started = [first]
+            try:
+                for address in addresses[1:]:
+                    site = web.TCPSite(runner, address, port)
+                    await site.start()
+                    started.append(site)
+            except OSError as exc:
+                # The port is free on the first address but taken on another: try another.
+                for site in started:
+                    await site.stop()
+                if exc.errno != errno.EADDRINUSE or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                continue
+            self.port = port
+            return
 
     async def __aexit__(
         self,
