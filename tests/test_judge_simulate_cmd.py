@@ -84,6 +84,13 @@ def test_arguments_become_options(tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (("--correlation", "IQ-R_TA-C"), "expected A_B=R"),
+        # It said only "could not convert string to float: 'abc'", naming no option.
+        (("--correlation", "IQ-R_TA-C=abc"), "--correlation 'IQ-R_TA-C=abc': 'abc' is not a"),
+        # The second value silently replaced the first.
+        (
+            ("--correlation", "IQ-R_TA-C=0.5", "--correlation", "IQ-R_TA-C=0.8"),
+            "IQ-R_TA-C is named twice; give each pair once",
+        ),
         (("--error-rate", "0.7", "--reset-rate", "0.7"), "must not exceed 1"),
         (("--latency", "inf"), "latency_s: Input should be a finite number"),
         (("--latency", "nan"), "latency_s: Input should be a finite number"),

@@ -97,14 +97,26 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
     """The server options the command line asks for.
 
     Raises:
-        ValueError: a ``--correlation`` is not ``A_B=R``, or an option is out of range.
+        ValueError: a ``--correlation`` is not ``A_B=R`` or names a pair twice, or an option
+            is out of range.
     """
     correlations: dict[str, float] = {}
     for text in args.correlation:
         pair, sep, value = text.partition("=")
         if not sep:
             raise ValueError(f"--correlation {text!r}: expected A_B=R, e.g. IQ-R_TA-C=0.8")
-        correlations[pair.strip()] = float(value)
+        pair = pair.strip()
+        if pair in correlations:
+            raise ValueError(
+                f"--correlation {text!r}: {pair} is named twice; give each pair once"
+            )
+        try:
+            correlations[pair] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"--correlation {text!r}: {value.strip()!r} is not a number; expected A_B=R "
+                "with R from -1 to 1, e.g. IQ-R_TA-C=0.8"
+            ) from None
     media: Path | None = args.allowed_local_media_path
     if media is not None and not media.is_dir():
         # vLLM refuses such a folder at start; accepted here, every file:// image was
