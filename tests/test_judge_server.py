@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 
 from trig_stream.backends.base import JudgeRequest, PreparedImage
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.server_probe import ServerLoad, parse_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import RetryableError
 from trig_stream.records import Sample
@@ -123,6 +124,18 @@ async def test_bad_images_get_400(url: str, reason: str) -> None:
         assert resp.status == 400
         assert reason in (await resp.json())["error"]["message"]
     assert server.stats().rejected == 1
+
+
+async def test_metrics_escape_the_model_name() -> None:
+    # Unescaped, a newline in the model name split the gauge's line and no load was read.
+    async with (
+        JudgeServer(JudgeServerOptions(model='a"b\\c\nd')) as server,
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{server.host}:{server.port}/metrics") as response,
+    ):
+        text = await response.text()
+    assert 'vllm:num_requests_running{model_name="a\\"b\\\\c\\nd"} 0.0' in text
+    assert parse_load(text) == ServerLoad(running=0, waiting=0)
 
 
 async def test_an_image_url_given_as_a_string_is_accepted() -> None:

@@ -384,7 +384,7 @@ class JudgeServer:
         return web.Response(text="")
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        label = f'{{model_name="{self.options.model}"}}'
+        label = f'{{model_name="{_label_value(self.options.model)}"}}'
         lines = []
         for name, value, meaning in (
             ("running", self._stats.running, "Number of requests currently running."),
@@ -565,6 +565,11 @@ def _token_entry(token: str, logprob: float) -> dict[str, Any]:
 def _error(status: int, message: str, kind: str, *, code: str | int | None = None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status)
+
+
+def _label_value(text: str) -> str:
+    # Prometheus' text format: a label value escapes backslash, double quote and newline.
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _dimension_named(text: str) -> str:
