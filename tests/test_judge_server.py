@@ -12,15 +12,15 @@ from typing import Any
 
 import aiohttp
 import anyio
-import numpy as np
 import anyio.lowlevel
+import numpy as np
 import pytest
 from PIL import Image
 from scipy.stats import spearmanr
 
-from trig_stream.backends.base import JudgeRequest, PreparedImage
+from trig_stream.backends.base import JudgeRequest, PreparedImage, ServerLoad
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
-from trig_stream.backends.judges.server_probe import ServerLoad, parse_load
+from trig_stream.backends.judges.server_probe import parse_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import RetryableError
 from trig_stream.records import Sample

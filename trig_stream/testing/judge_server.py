@@ -589,7 +589,7 @@ def _image_url(value: Any) -> str:
     if isinstance(value, dict) and isinstance(value.get("url"), str):
         return str(value["url"])
     raise BadRequest(
-        "an image_url part needs 'image_url': {\"url\": \"data:...\"} (or the URL as a "
+        'an image_url part needs \'image_url\': {"url": "data:..."} (or the URL as a '
         f"string), got {str(value)[:80]}"
     )
 

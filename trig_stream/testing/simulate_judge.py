@@ -107,9 +107,7 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
             raise ValueError(f"--correlation {text!r}: expected A_B=R, e.g. IQ-R_TA-C=0.8")
         pair = pair.strip()
         if pair in correlations:
-            raise ValueError(
-                f"--correlation {text!r}: {pair} is named twice; give each pair once"
-            )
+            raise ValueError(f"--correlation {text!r}: {pair} is named twice; give each pair once")
         try:
             correlations[pair] = float(value)
         except ValueError:
