@@ -27,10 +27,8 @@ until :meth:`JudgeServer.release`, and :meth:`JudgeServer.wait_until` waits for 
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import hashlib
-import io
 import random
 import re
 import socket
@@ -40,7 +38,6 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Final, Literal, TypeAlias
-from urllib.parse import unquote, urlparse
 
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -49,6 +46,7 @@ from pydantic_core import from_json, to_json
 from trig_stream.backends.judges.http_errors import parse_retry_after
 from trig_stream.backends.judges.server_probe import url_host
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
+from trig_stream.testing.judge_images import BadRequest, image_bytes, image_url, verify_image
 from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
 
 Fault: TypeAlias = Literal["error", "rate_limit", "hang", "malformed", "missing_logprobs", "reset"]
@@ -170,10 +168,6 @@ class ServerStats(BaseModel):
     busy_slot_s: float = 0.0
     """Seconds of slot time taken by requests so far (summed over slots): divided by the
     capacity and a span of time, how full the slots were over it."""
-
-
-class BadRequest(Exception):
-    """A request the server refuses with a 400."""
 
 
 class JudgeServer:
@@ -427,7 +421,7 @@ class JudgeServer:
                         system += text
                     digest.update(f"\x00{role}\x00text\x00{len(text)}\x00{text}".encode())
                 elif isinstance(part, dict) and part.get("type") == "image_url":
-                    url = _image_url(part.get("image_url"))
+                    url = image_url(part.get("image_url"))
                     image, key = self._checked_image(url)
                     image_hash.update(image)
                     # A file is named by its URL, a data URL by its content's digest.
@@ -447,10 +441,10 @@ class JudgeServer:
     def _checked_image(self, url: str) -> tuple[bytes, bytes]:
         # The image's bytes and digest. Each image is asked about on two dimensions:
         # it is decoded and verified once.
-        data = _image_bytes(url, self.options.allowed_local_media_path)
+        data = image_bytes(url, self.options.allowed_local_media_path)
         key = hashlib.sha256(data).digest()
         if key not in self._verified:
-            _verify(data)
+            verify_image(data)
             if len(self._verified) >= VERIFIED_IMAGES:
                 self._verified.pop(next(iter(self._verified)))
             self._verified[key] = None
@@ -580,58 +574,6 @@ def _dimension_named(text: str) -> str:
         if name.split()[0].lower() in text.lower():
             return code
     return "unknown"
-
-
-def _image_url(value: Any) -> str:
-    # An image part's URL: {"url": "..."}, or the URL itself, which vLLM accepts too.
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("url"), str):
-        return str(value["url"])
-    raise BadRequest(
-        'an image_url part needs \'image_url\': {"url": "data:..."} (or the URL as a '
-        f"string), got {str(value)[:80]}"
-    )
-
-
-def _image_bytes(url: str, allowed_folder: Path | None) -> bytes:
-    """The bytes of a ``data:`` or ``file://`` image URL (a file in ``allowed_folder`` only)."""
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if not header.endswith(";base64"):
-            raise BadRequest("image data URLs must be base64")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except ValueError:
-            raise BadRequest("the image data URL is not valid base64") from None
-    elif url.startswith("file://"):
-        path = Path(unquote(urlparse(url).path))
-        if allowed_folder is None:
-            raise BadRequest("cannot load local files without `--allowed-local-media-path`")
-        if allowed_folder.resolve() not in path.resolve().parents:
-            raise BadRequest(
-                f"the file path {path} must be a subpath of `--allowed-local-media-path` "
-                f"{allowed_folder}"
-            )
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BadRequest(f"cannot read the image file: {exc.strerror}") from None
-    else:
-        raise BadRequest("image URLs must be data: or file:// URLs")
-    return data
-
-
-def _verify(data: bytes) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-    except Image.DecompressionBombError as exc:  # a header claiming billions of pixels
-        raise BadRequest(f"the image is too large: {exc}") from None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        raise BadRequest("the image cannot be decoded") from None
 
 
 def dimension_of(text: str) -> Dimension | None:
