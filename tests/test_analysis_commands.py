@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 from rich.console import Console
 
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, write_prompts
 from tests.test_engine import run_to_end
 from trig_stream.analysis import AnalysisError, analyse_judgements
 from trig_stream.analysis import plots as plots_module
@@ -935,3 +935,27 @@ def test_the_scatter_draws_the_line_that_decides_dominance(
     assert decides == pytest.approx([0.6, 0.6])  # the zone's mean Y: a flat line
     everything = drawn["all points fit"]
     assert everything[1] - everything[0] > 0.1  # the synergy points tilt the other one
+
+
+def test_images_the_dimensions_filter_left_half_unjudged_are_not_missing_a_score(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # `[dataset] dimensions = ["IQ-R"]` judges IQ-R alone, on purpose: the report said
+    # "8 images left out for a missing score" although no judgement failed.
+    config = make_config(
+        samples=12,
+        dataset={"path": str(write_prompts(tmp_path / "prompts.json", 12)), "dimensions": ["IQ-R"]},
+        judges=[{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.5}}],
+    )
+    judgements = anyio.run(run_to_end, config)
+    assert {j.dimension for j in judgements} == {"IQ-R"}  # 6 images: IQ-R_TA-C, D-K_IQ-R
+    failed = sum(1 for j in judgements if j.status != "ok")
+    assert 0 < failed < 6  # both kinds are there to tell apart
+    code, text = run_command("report", str(config.run_dir), "--no-plots")
+    expected = (
+        f"{failed} images left out for a missing score, {6 - failed} images with one "
+        "dimension not judged (the dataset's dimensions filter)"
+    )
+    assert code == 0 and expected in text
+    report = (config.run_dir / "report" / "synth" / "report.md").read_text()
+    assert f"0 complete images in 2 pairs; {expected}." in report

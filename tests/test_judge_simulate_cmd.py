@@ -92,8 +92,10 @@ def test_arguments_become_options(tmp_path: Path) -> None:
             "IQ-R_TA-C is named twice; give each pair once",
         ),
         (("--error-rate", "0.7", "--reset-rate", "0.7"), "must not exceed 1"),
-        (("--latency", "inf"), "latency_s: Input should be a finite number"),
-        (("--latency", "nan"), "latency_s: Input should be a finite number"),
+        # The errors named the field (latency_s, capacity), not the option typed.
+        (("--latency", "inf"), "^--latency: Input should be a finite number"),
+        (("--latency", "nan"), "^--latency: Input should be a finite number"),
+        (("--latency", "-1"), "^--latency: Input should be greater than or equal to 0"),
         (("--retry-after", "soon"), "'soon' is neither a number of seconds nor an HTTP date"),
         (("--retry-after", "-1"), "'-1' is neither"),
         (("--retry-after", "inf"), "'inf' is neither"),
@@ -110,13 +112,11 @@ def test_arguments_become_options(tmp_path: Path) -> None:
             ("--allowed-local-media-path", "/nonexistent/trig-stream"),
             "--allowed-local-media-path /nonexistent/trig-stream: no such folder; name the",
         ),
-        (
-            (
-                "--capacity",
-                "0",
-            ),
-            "capacity",
-        ),
+        (("--capacity", "0"), "^--capacity: Input should be greater than or equal to 1"),
+        (("--retry-after", "soon"), "^--retry-after: "),
+        # An empty name served the default one, with every other name answered 404.
+        (("--model", ""), "^--model: empty; name the model to serve"),
+        (("--model", "  "), "^--model: empty"),
     ],
 )
 def test_bad_arguments_are_explained(argv: tuple[str, ...], message: str) -> None:
@@ -154,7 +154,10 @@ def test_a_bad_option_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     # (with another message) instead of serving until interrupted.
     args = parse("--latency", "inf", "--port", "70000")
     assert args.handler(args, Console(stderr=True, width=200)) == 2
-    assert "error: latency_s: Input should be a finite number" in capsys.readouterr().err
+    assert "error: --latency: Input should be a finite number" in capsys.readouterr().err
+    args = parse("--model", "", "--port", "70000")
+    assert args.handler(args, Console(stderr=True, width=200)) == 2
+    assert "error: --model: empty" in capsys.readouterr().err
 
 
 def test_a_retry_after_with_a_newline_is_exit_2_at_start(

@@ -7,6 +7,7 @@ child process poll a real condition under a bound; no step depends on how long a
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shlex
 import signal
@@ -20,7 +21,7 @@ import anyio
 import pytest
 from PIL import Image
 
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.managed_server import (
@@ -30,7 +31,9 @@ from trig_stream.backends.judges.managed_server import (
     ServeOptions,
 )
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.cli import main
 from trig_stream.errors import FatalBackendError
+from trig_stream.exit_codes import EXIT_FATAL
 from trig_stream.records import Sample
 
 pytestmark = pytest.mark.anyio
@@ -542,3 +545,56 @@ async def test_a_host_that_is_no_address_of_this_machine_is_named(port: int, hos
     assert f"options.serve.host {host!r} is not an address of this machine" in message
     assert "set it to one, e.g. 127.0.0.1" in message
     assert judge.server is None or judge.server.pid is None  # nothing was started
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:9000", "localhost:8000"])
+def test_a_host_holding_a_port_is_refused_naming_the_key(host: str) -> None:
+    # It passed validate; the run then found it no address of this machine.
+    with pytest.raises(ValueError, match=r"serve\.host\n.*holds a port: .*serve\.port"):
+        OpenAIJudgeOptions.model_validate(
+            {"model": "m", "serve": {"command": ["vllm", "{port}"], "host": host, "port": 0}}
+        )
+
+
+@pytest.mark.parametrize("host", ["::1", "fe80::1"])
+def test_an_ipv6_host_is_not_taken_for_a_host_and_port(host: str) -> None:
+    options = ServeOptions(command=["vllm", "{port}"], host=host, port=0)
+    assert options.host == host
+
+
+@pytest.mark.parametrize("host", ["10.255.255.1", "192.0.2.1"])
+def test_validate_refuses_a_host_that_is_no_address_of_this_machine_as_the_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    # validate said ok (exit 0); the run then stopped with exit 4.
+    write_prompts(tmp_path / "prompts.json", 4)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""\
+[run]
+name = "serve"
+output_dir = "{tmp_path / "runs"}"
+
+[dataset]
+path = "{tmp_path / "prompts.json"}"
+
+[[generators]]
+name = "syn"
+backend = "synthetic"
+options = {{ size = 16 }}
+
+[[judges]]
+name = "trigscore"
+backend = "openai"
+[judges.options]
+model = "trig-judge-sim"
+[judges.options.serve]
+command = {json.dumps([*SIMULATED, "--host", "127.0.0.1"])}
+port = 0
+host = "{host}"
+"""
+    )
+    for command in (["validate"], ["run", "--headless", "--no-report"]):
+        assert main([*command, str(config)]) == EXIT_FATAL
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"options.serve.host {host!r} is not an address of this machine" in err

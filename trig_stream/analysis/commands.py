@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -32,6 +32,7 @@ from trig_stream.analysis.relations import (
 from trig_stream.analysis.report import (
     WrittenFiles,
     is_model_outputs,
+    left_out_text,
     refuse_link,
     remove_model_outputs,
     write_model_outputs,
@@ -143,11 +144,16 @@ def analyse_run(
     return {model: analysis for (model, _), analysis in analyses.items()}
 
 
-def _print_written(console: Console, analysis: ModelAnalysis, written: WrittenFiles) -> None:
+def _print_written(
+    console: Console,
+    analysis: ModelAnalysis,
+    written: WrittenFiles,
+    judged: Collection[Dimension] = frozenset(),
+) -> None:
     codes = sum(1 for p in analysis.pairs if p.n)
     console.print(
         f"{analysis.model}: {len(analysis.pairs)} pairs ({codes} with data), "
-        f"{analysis.excluded} images left out for a missing score -> {written.folder}",
+        f"{left_out_text(analysis, judged)} -> {written.folder}",
         highlight=False,
         markup=False,
     )
@@ -230,9 +236,10 @@ def write_report(
             plots=plots,
             should_stop=should_stop,
             notes=notes,
+            judged=run.judged_dimensions,
         )
         skipped |= written.plots_skipped
-        _print_written(console, analysis, written)
+        _print_written(console, analysis, written, run.judged_dimensions)
     _remove_stale_outputs(folder, analyses, run_dir, console)
     comparison = folder / COMPARISON_FILE
     with writing(folder):

@@ -114,6 +114,9 @@ class PairStats:
     mean_first: float
     mean_second: float
     """Each dimension's mean over the pair's ok scores (NaN when none)."""
+    scored_first: int
+    scored_second: int
+    """Images of the pair with an ok score on each dimension."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,22 @@ class ModelAnalysis:
     def excluded(self) -> int:
         """Images left out of their pair's correlation, over all pairs."""
         return sum(stats.excluded for stats in self.pairs)
+
+    def not_judged(self, judged: Collection[Dimension]) -> int:
+        """Of :attr:`excluded`, the images left out only because the other dimension of their
+        pair is not among ``judged`` (a run's ``[dataset] dimensions`` filter; empty: all
+        are judged): scored on their pair's judged dimension, unjudged on purpose on the
+        other. The rest lack a score that was asked for (an error, an unscorable answer)."""
+        if not judged:
+            return 0
+        count = 0
+        for stats in self.pairs:
+            first, second = stats.first in judged, stats.second in judged
+            if first and not second:
+                count += stats.scored_first - stats.n
+            elif second and not first:
+                count += stats.scored_second - stats.n
+        return count
 
 
 def default_metric(metrics: Sequence[str], measured: Mapping[str, Collection[Dimension]]) -> str:
@@ -259,6 +278,8 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
         code=code,
         mean_first=mean_first,
         mean_second=mean_second,
+        scored_first=int(np.count_nonzero(has_x)),
+        scored_second=int(np.count_nonzero(has_y)),
     )
     return stats, points
 

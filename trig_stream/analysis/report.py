@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from trig_stream.analysis.exports import (
     write_judgements_parquet,
 )
 from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputWriteError
-from trig_stream.dimensions import DIMENSION_NAMES
+from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.records import Judgement
 
 JUDGEMENTS_FILE = "judgements.parquet"
@@ -47,9 +47,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def markdown_report(analysis: ModelAnalysis, notes: Sequence[str] = ()) -> str:
+def left_out_text(analysis: ModelAnalysis, judged: Collection[Dimension] = ()) -> str:
+    """The images left out of their pair's correlation, in words: those missing a score, and
+    apart from them those whose other dimension the run's ``[dataset] dimensions`` filter
+    (``judged``; empty: none) left unjudged on purpose."""
+    not_judged = analysis.not_judged(judged)
+    text = f"{analysis.excluded - not_judged} images left out for a missing score"
+    if not_judged:
+        text += (
+            f", {not_judged} images with one dimension not judged (the dataset's dimensions filter)"
+        )
+    return text
+
+
+def markdown_report(
+    analysis: ModelAnalysis, notes: Sequence[str] = (), judged: Collection[Dimension] = ()
+) -> str:
     """A readable report: thresholds, ``notes`` (a run still going), dimension means, the
-    pair table and the DTM."""
+    pair table and the DTM; ``judged`` is the run's ``[dataset] dimensions`` filter."""
     t = analysis.thresholds
     lines = [
         f"# TRIG relation analysis: {analysis.model}",
@@ -61,7 +76,7 @@ def markdown_report(analysis: ModelAnalysis, notes: Sequence[str] = ()) -> str:
         "",
         *(line for note in notes for line in (f"Note: {note}", "")),
         f"{sum(p.n for p in analysis.pairs)} complete images in {len(analysis.pairs)} pairs; "
-        f"{analysis.excluded} images left out because a score was missing.",
+        f"{left_out_text(analysis, judged)}.",
         "",
         "## Dimension means",
         "",
@@ -163,6 +178,7 @@ def write_model_outputs(
     plots: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     notes: Sequence[str] = (),
+    judged: Collection[Dimension] = (),
 ) -> WrittenFiles:
     """Write one model's exports, report and (when matplotlib is there) plots into ``folder``.
 
@@ -174,6 +190,8 @@ def write_model_outputs(
         plots: draw the PNGs when matplotlib is importable.
         should_stop: asked between two files (the plots take seconds each).
         notes: what the markdown report says before its numbers (a run still going).
+        judged: the run's ``[dataset] dimensions`` filter (empty: every dimension judged):
+            the report tells the images it left half unjudged from those missing a score.
 
     Raises:
         OutputWriteError: a file cannot be written.
@@ -185,7 +203,9 @@ def write_model_outputs(
             raise ReportStopped(f"stopped while writing {folder}")
 
     with writing(folder):
-        return _write_model_outputs(analysis, judgements, metrics, folder, plots, check, notes)
+        return _write_model_outputs(
+            analysis, judgements, metrics, folder, plots, check, notes, judged
+        )
 
 
 def _write_model_outputs(
@@ -196,6 +216,7 @@ def _write_model_outputs(
     plots: bool,
     check: Callable[[], None],
     notes: Sequence[str],
+    judged: Collection[Dimension],
 ) -> WrittenFiles:
     check()
     plots_folder = folder / PLOTS_FOLDER
@@ -214,7 +235,7 @@ def _write_model_outputs(
         written.files.append(folder / name)
     texts = {
         "relationship_codes.csv": relationship_codes_csv(analysis),
-        "report.md": markdown_report(analysis, notes),
+        "report.md": markdown_report(analysis, notes, judged),
     }
     for name, text in texts.items():
         (folder / name).write_text(text, encoding="utf-8")

@@ -129,6 +129,12 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
         raise ValueError(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+    if args.model is not None and not args.model.strip():
+        # It served the default name, with other names answered 404.
+        raise ValueError(
+            "--model: empty; name the model to serve (e.g. trig-judge-sim), or leave --model "
+            "out to accept any name"
+        )
     try:
         return JudgeServerOptions(
             model=args.model or DEFAULT_MODEL,
@@ -149,9 +155,22 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
         )
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
+            f"{_option_of(e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
         )
         raise ValueError(problems) from None
+
+
+_OPTIONS = {"latency_s": "--latency", "correlations": "--correlation", "api_key": "--api-key-env"}
+"""The options whose field of :class:`JudgeServerOptions` is named otherwise."""
+
+
+def _option_of(loc: tuple[int | str, ...]) -> str:
+    """The option typed, for the field an error names (``latency_s``: ``--latency``)."""
+    if not loc:
+        return ""
+    field = str(loc[0])
+    option = _OPTIONS.get(field, "--" + field.replace("_", "-"))
+    return " ".join([option, *map(str, loc[1:])])
 
 
 def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:

@@ -111,6 +111,12 @@ class ServeOptions(BaseModel):
                 f"{host!r} is not a host name or address: write the host alone (127.0.0.1), "
                 "without a scheme, a path or spaces; the port goes in serve.port"
             )
+        if host.count(":") == 1:  # host:port (an IPv6 address holds several colons)
+            name, port = host.split(":")
+            raise ValueError(
+                f"{host!r} holds a port: write the host alone ({name!r}) and the port in "
+                f"serve.port (port = {port})"
+            )
         return host
 
     @model_validator(mode="after")
@@ -244,6 +250,21 @@ class ManagedServer:
                 f"judge {self.name!r}: cannot start the server {command}: {program} is not an "
                 "executable file, here or on PATH"
             )
+
+    def check_host(self) -> None:
+        """Refuse a ``serve.host`` that is no address of this machine, as :meth:`start` would.
+
+        Raises:
+            FatalBackendError: the host is no address of this machine (no such host, or
+                another machine's).
+        """
+        try:
+            free_port(self.options.host)
+        except OSError as exc:
+            error = self._host_error(exc)
+            if error is not None:
+                raise error from None
+            # Anything else (no IPv6 here, say) is for the start to report, with its port.
 
     def _free_port(self) -> int:
         """A port free now on ``serve.host`` (for ``port = 0``)."""

@@ -301,10 +301,13 @@ class OpenAIJudge(Judge):
         )
 
     def check_environment(self) -> None:
-        """The API key's variable is set (if it names one), and the ``serve`` command runs."""
+        """The API key's variable is set (if it names one), and the ``serve`` command runs on
+        an address of this machine."""
         self._key()
         if self.options.serve is not None:
-            ManagedServer(self.options.serve, name=self.name).check_command()
+            server = ManagedServer(self.options.serve, name=self.name)
+            server.check_command()
+            server.check_host()
 
     def opening(self) -> str:
         serve = self.options.serve
