@@ -430,6 +430,59 @@ async def test_content_refusals_never_stop_the_run_however_many(image: Path, rea
             assert not isinstance(caught.value, FatalBackendError)
 
 
+@pytest.mark.parametrize(
+    "base_url", ["http://127.0.0.1:9/safety/v1", "http://127.0.0.1:9/moderation-proxy/v1"]
+)
+async def test_refusals_stop_the_run_whatever_words_the_endpoint_s_url_holds(
+    image: Path, base_url: str
+) -> None:
+    # Only what the server said tells a content filter: the message's "judge at <base_url>"
+    # once made a proxy path read as one, and refusals of every request never stopped the run.
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP, status_error
+
+    options = OpenAIJudgeOptions(base_url=base_url, model="judge")
+    judge = OpenAIJudge("trigscore", options)
+    await judge.open()
+    try:
+
+        async def refused(*args: object) -> None:
+            reason = {
+                "message": "Requested sample logprobs of 20, which is greater than max allowed: 5"
+            }
+            raise status_error(400, {}, reason, endpoint=base_url, secret=None, key_source="")
+
+        judge._endpoints[0].transport.post = refused  # type: ignore[method-assign,assignment]
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError, match="HTTP 400"):
+                await ask(judge, image)
+        with pytest.raises(FatalBackendError, match=r"none succeeded: check the judge's options"):
+            await ask(judge, image)
+    finally:
+        await judge.aclose()
+
+
+async def test_a_404_for_a_model_whose_name_reads_like_a_filter_stops_the_run(
+    image: Path, client: Client
+) -> None:
+    # vLLM's 404 quotes the model asked for ("The model `OpenSafetyLab/MD-Judge-VL` does not
+    # exist."), which read as a content filter's refusal: the run made every image for an
+    # error judgement. A 404 is never a content refusal.
+    served = JudgeServerOptions(model="Qwen/Qwen2.5-VL-7B-Instruct", served_model_only=True)
+    async with JudgeServer(served) as server:
+        options = OpenAIJudgeOptions(
+            base_url=server.base_url, model="OpenSafetyLab/MD-Judge-VL", client=client
+        )
+        judge = OpenAIJudge("trigscore", options)
+        await judge.open()
+        try:
+            with pytest.raises(
+                FatalBackendError, match=r"HTTP 404.*check base_url .*'OpenSafetyLab/MD-Judge-VL'"
+            ):
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
+
+
 async def test_answers_a_content_filter_cut_off_never_stop_the_run(image: Path) -> None:
     # Azure's filter answers 200 with finish_reason "content_filter", and maybe no logprobs.
     from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP

@@ -181,12 +181,16 @@ class _Endpoint:
 
     def refusal(self, error: ItemError) -> FatalBackendError | None:
         """The run-stopping error ``error`` (a 4xx) stands for, or None if it is the request's."""
-        if self.answered or CONTENT_REFUSAL.search(str(error)):
-            # A content filter refuses images one by one (a run of TRIG's toxicity samples
-            # can set it off many times in a row): never the config's fault.
+        if self.answered:
             return None
-        if isinstance(error, NotFoundError):
+        if isinstance(error, NotFoundError):  # no content filter answers 404
             return error.before_any_success(model=self.model)
+        if CONTENT_REFUSAL.search(error.server_said):
+            # A content filter refuses images one by one (a run of TRIG's toxicity samples
+            # can set it off many times in a row): never the config's fault. Only what the
+            # server said is read: the message also names the endpoint, whose URL may hold
+            # "/safety/", and a server may quote the request back (a model "...-Judge").
+            return None
         self.refused += 1
         if self.refused < REFUSALS_TO_STOP:
             return None
