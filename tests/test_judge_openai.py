@@ -763,6 +763,7 @@ async def test_an_endpoint_that_fails_rests_while_another_takes_its_requests(
         options = OpenAIJudgeOptions(base_urls=[dead, live.base_url], model="m", client=client)
         judge = OpenAIJudge("m", options, clock=lambda: now[0])
         await judge.open()
+        judge._endpoints[1].in_flight += 1  # busier: the least busy rule would pick the dead
         try:
             outcomes = []
             for step in (0.0, 0.0, 0.0, 0.6, 0.0, 0.6, 0.5, 0.0):
@@ -791,6 +792,7 @@ async def test_an_endpoint_that_answers_429_rests_while_another_takes_its_reques
         options = OpenAIJudgeOptions(base_urls=urls, model="m", client=client)
         judge = OpenAIJudge("m", options, clock=lambda: now[0])
         await judge.open()
+        judge._endpoints[1].in_flight += 1  # busier: the least busy rule would pick the other
         try:
             outcomes = []
             # Its first rest would end after 0.5 s; its Retry-After asks for 5.
@@ -799,7 +801,8 @@ async def test_an_endpoint_that_answers_429_rests_while_another_takes_its_reques
                 try:
                     await ask(judge, image)
                     outcomes.append("ok")
-                except RateLimitError:
+                except RetryableError as exc:
+                    assert "HTTP 429" in str(exc)
                     outcomes.append("429")
         finally:
             await judge.aclose()
@@ -824,7 +827,7 @@ async def test_a_429_leaves_its_retry_after_to_its_endpoint_while_another_is_awa
             judge = OpenAIJudge("m", options, clock=lambda: now[0])
             await judge.open()
             try:
-                with pytest.raises(RateLimitError) as raised:
+                with pytest.raises(RetryableError, match="HTTP 429") as raised:
                     await ask(judge, image)
                 assert raised.value.retry_after == passed_on
                 if passed_on is None:
@@ -833,6 +836,103 @@ async def test_a_429_leaves_its_retry_after_to_its_endpoint_while_another_is_awa
             finally:
                 await judge.aclose()
     assert live.stats().served == 1
+
+
+@pytest.mark.parametrize("status", [503, 500, 408, 409])
+async def test_a_5xx_leaves_its_retry_after_to_its_endpoint_while_another_is_awake(
+    image: Path, status: int
+) -> None:
+    # As a 429's: the engine waited out the Retry-After (up to 300 s) while the other
+    # endpoint stood idle, the failing one rested 0.5 s only, and the retry went back to it:
+    # a request spent all its attempts there ("gave up after 5 attempts").
+    from trig_stream.backends.judges.http_errors import status_error
+
+    now = [100.0]
+    async with JudgeServer() as failing, JudgeServer() as live:
+        options = OpenAIJudgeOptions(base_urls=[failing.base_url, live.base_url], model="m")
+        judge = OpenAIJudge("m", options, clock=lambda: now[0])
+        await judge.open()
+        try:
+
+            async def overloaded(*args: object) -> None:
+                raise status_error(
+                    status,
+                    {"Retry-After": "5"},
+                    {"message": "overloaded"},
+                    endpoint=failing.base_url,
+                    secret=None,
+                    key_source="",
+                )
+
+            judge._endpoints[0].transport.post = overloaded  # type: ignore[method-assign,assignment]
+            with pytest.raises(RetryableError, match=f"HTTP {status}") as raised:
+                await ask(judge, image)
+            assert raised.value.retry_after is None  # the engine's usual backoff, not 5 s
+            judge._endpoints[1].in_flight += 1  # busier: least busy would pick the failing one
+            now[0] += 4.0  # past its first rest of 0.5 s, not past its Retry-After
+            await ask(judge, image)
+            judge._endpoints[1].in_flight -= 1
+            assert live.stats().served == 1
+        finally:
+            await judge.aclose()
+        only = OpenAIJudgeOptions(base_urls=[failing.base_url], model="m")
+        alone = OpenAIJudge("m", only, clock=lambda: now[0])
+        await alone.open()
+        try:
+            alone._endpoints[0].transport.post = overloaded  # type: ignore[method-assign,assignment]
+            with pytest.raises(RetryableError) as raised:
+                await ask(alone, image)
+            assert raised.value.retry_after == 5.0  # no other endpoint: the request waits
+        finally:
+            await alone.aclose()
+
+
+async def test_an_endpoint_awake_after_its_rest_loses_a_tie_to_one_that_has_not_failed(
+    image: Path, client: Client
+) -> None:
+    # Sequential requests leave every endpoint idle, a tie: the first endpoint won it, so a
+    # retry due after its rest went back to the endpoint that had just failed.
+    now = [100.0]
+    failing_options = JudgeServerOptions(error_rate=1.0)
+    async with JudgeServer(failing_options) as failing, JudgeServer() as live:
+        urls = [failing.base_url, live.base_url]
+        options = OpenAIJudgeOptions(base_urls=urls, model="m", client=client)
+        judge = OpenAIJudge("m", options, clock=lambda: now[0])
+        await judge.open()
+        try:
+            with pytest.raises(RetryableError, match="HTTP 503"):
+                await ask(judge, image)
+            for _ in range(3):
+                now[0] += 1.0  # its rest (0.5 s) is over each time
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
+    assert (failing.stats().received, live.stats().served) == (1, 3)
+
+
+async def test_a_429_is_a_rate_limit_of_the_judge_only_while_no_other_endpoint_is_awake(
+    image: Path, client: Client
+) -> None:
+    # Adaptive concurrency cuts the judge's limit on a RateLimitError: one endpoint's 429s,
+    # sent on to another endpoint awake, halved the limit that the other served well.
+    now = [100.0]
+    limiting = JudgeServerOptions(rate_limit_rate=1.0, retry_after="1")
+    async with JudgeServer(limiting) as limited, JudgeServer() as live:
+        options = OpenAIJudgeOptions(
+            base_urls=[limited.base_url, live.base_url], model="m", client=client
+        )
+        judge = OpenAIJudge("m", options, clock=lambda: now[0])
+        await judge.open()
+        try:
+            with pytest.raises(RetryableError, match="HTTP 429") as raised:
+                await ask(judge, image)
+            assert not isinstance(raised.value, RateLimitError)
+            judge._endpoints[1].rests_until = now[0] + 10.0  # the other one rests too
+            now[0] += 2.0
+            with pytest.raises(RateLimitError, match="HTTP 429"):
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
 
 
 async def test_endpoints_share_the_load(image: Path, client: Client) -> None:
