@@ -65,6 +65,7 @@ from trig_stream.errors import (
     NotFoundError,
     RateLimitError,
     RetryableError,
+    UnreachableError,
 )
 from trig_stream.records import JudgeFingerprint
 from trig_stream.retry import RETRY_AFTER_MAX_S
@@ -174,6 +175,8 @@ class _Endpoint:
     """Until when (the judge's clock) it gets no request while another endpoint can take it."""
     limited_until: float = 0.0
     """Until when its latest Retry-After asked for no request (the judge's clock)."""
+    unreached: bool = False
+    """Whether a request to it has got no answer at all (an UnreachableError)."""
     answered: bool = False
     """Whether a request to it has succeeded: its path and model are right."""
     refused: int = 0
@@ -486,6 +489,8 @@ class OpenAIJudge(Judge):
         answer by lowering the judge's limit.
         """
         now = self._clock()
+        if isinstance(exc, UnreachableError):
+            endpoint.unreached = True
         if not isinstance(exc, RateLimitError) and exc.retry_after is None:
             endpoint.failed(now)
             return None
@@ -493,6 +498,11 @@ class OpenAIJudge(Judge):
         if not self._another_awake(endpoint):
             return None  # the engine's wait (and its concurrency controller) paces it
         return RetryableError(str(exc), retry_after=None)
+
+    def unreached_everywhere(self) -> bool:
+        """Whether a request to each endpoint has got no answer at all: one that is down
+        (a request to it spent its attempts there) says nothing of the others."""
+        return all(endpoint.unreached for endpoint in self._endpoints)
 
     def _another_awake(self, endpoint: _Endpoint) -> bool:
         now = self._clock()
