@@ -802,8 +802,7 @@ async def test_an_endpoint_that_answers_429_rests_while_another_takes_its_reques
                     await ask(judge, image)
                     outcomes.append("ok")
                 except RetryableError as exc:
-                    assert "HTTP 429" in str(exc)
-                    outcomes.append("429")
+                    outcomes.append("429" if "HTTP 429" in str(exc) else str(exc))
         finally:
             await judge.aclose()
     assert outcomes == ["429", "ok", "ok", "ok", "ok", "429", "ok"]
