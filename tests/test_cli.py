@@ -857,6 +857,55 @@ def test_an_interrupted_new_run_says_how_to_resume_it(
     assert not (tmp_path / "runs" / "cli-3").exists()
 
 
+def test_a_second_ctrl_c_says_how_to_resume_a_new_run_with_its_brackets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Printed as Rich markup, "[run]" was taken for a style and vanished: "set name = ... in
+    # the config's  table".
+    print_ = Console.print
+
+    def second_ctrl_c_once_stopping(self: Console, *args: Any, **kwargs: Any) -> None:
+        print_(self, *args, **kwargs)
+        if args and str(args[0]).startswith("stopping: finishing"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    pressed: list[bool] = []
+
+    async def interrupted_then_waits(self: FakeJudge, request: JudgeRequest) -> Any:
+        if not pressed:
+            pressed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        await anyio.sleep_forever()  # until the second Ctrl-C cancels the run
+
+    path = write_config(tmp_path, samples=2)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    capsys.readouterr()
+    monkeypatch.setattr(Console, "print", second_ctrl_c_once_stopping)
+    monkeypatch.setattr(FakeJudge, "judge", interrupted_then_waits)
+    assert main(["run", str(path), "--headless", "--new-run", "--no-report"]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert 'stopping now; to resume, set name = "cli-2" in the config\'s [run] table' in err, err
+
+
+def test_no_dashboard_names_the_extra_to_install_with_its_brackets(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    import_ = builtins.__import__
+
+    def without_the_tui(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("trig_stream.tui"):
+            raise ImportError(name)
+        return import_(name, *args, **kwargs)
+
+    monkeypatch.setattr("trig_stream.progress.full_screen_possible", lambda: True)
+    monkeypatch.setattr(builtins, "__import__", without_the_tui)
+    args = argparse.Namespace(backend="asyncio")
+    assert cli._dashboard(args, Console(stderr=True)) is None
+    assert "pip install 'trig-stream[tui]'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("when", "code", "says"),
     [

@@ -55,7 +55,12 @@ class PollOnChange:
         await self._slept.wait()
 
 
-def run_config(tmp_path: Path, base_url: str) -> RunConfig:
+def run_config(
+    tmp_path: Path, base_url: str, *, more_urls: tuple[str, ...] = (), poll_interval_s: float = 0.5
+) -> RunConfig:
+    endpoints: dict[str, Any] = (
+        {"base_urls": [base_url, *more_urls]} if more_urls else {"base_url": base_url}
+    )
     return RunConfig.model_validate(
         {
             "run": {"name": "adaptive", "output_dir": str(tmp_path), "task": "t2i"},
@@ -73,9 +78,9 @@ def run_config(tmp_path: Path, base_url: str) -> RunConfig:
                         "min": 1,
                         "max": 32,
                         "max_waiting": MAX_WAITING,
-                        "poll_interval_s": 0.5,
+                        "poll_interval_s": poll_interval_s,
                     },
-                    "options": {"base_url": base_url, "model": "trig-judge-sim"},
+                    "options": {**endpoints, "model": "trig-judge-sim"},
                 }
             ],
         }
@@ -119,6 +124,45 @@ async def test_limit_falls_with_the_server_queue_and_recovers(
     assert changes[1].limit > changes[0].limit and changes[1].reason == "answered in time"
     assert set(polls.naps) == {0.5}
     assert server.stats().repeated == 0
+
+
+async def test_one_endpoint_s_429s_leave_the_limit_the_others_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One endpoint answering 429 (it then rests) while another is awake and answers well:
+    # each 429 cut the judge's limit all the same (seen: 31 -> 16, 47 -> 24), though the
+    # request was sent on to the other endpoint.
+    controllers: list[ConcurrencyController] = []
+
+    class RecordingStage(JudgeStage):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            controllers.extend(self.controllers.values())
+
+    monkeypatch.setattr("trig_stream.engine.JudgeStage", RecordingStage)
+    poll_interval_s = 7.25  # told apart from the retries' backoff by the sleep below
+
+    async def sleep(seconds: float) -> None:
+        if seconds == poll_interval_s:
+            await anyio.sleep_forever()  # no load poll after the first: 429s alone may cut
+        await anyio.lowlevel.checkpoint()  # a retry's backoff, not waited for
+
+    limiting = JudgeServerOptions(rate_limit_rate=1.0, retry_after="60")
+    async with JudgeServer(limiting) as limited, JudgeServer() as live:
+        config = run_config(
+            tmp_path,
+            limited.base_url,
+            more_urls=(live.base_url,),
+            poll_interval_s=poll_interval_s,
+        )
+        with anyio.fail_after(60):
+            async with Engine(config, sleep=sleep) as engine:
+                judgements = [judgement async for judgement in engine.results]
+    assert judgements and all(j.status == "ok" for j in judgements)
+    assert limited.stats().received >= 1
+    (controller,) = controllers
+    # (Latency may move it: timing is not this test's concern.)
+    assert [c for c in controller.changes if "429" in c.reason] == []
 
 
 async def test_openai_judge_reads_the_server_load() -> None:

@@ -29,7 +29,8 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return "asyncio", {"use_uvloop": request.param == "uvloop"}
 
 
-def run_config(tmp_path: Path, base_url: str, **engine: Any) -> RunConfig:
+def run_config(tmp_path: Path, base_url: str | list[str], **engine: Any) -> RunConfig:
+    endpoints = {"base_urls": base_url} if isinstance(base_url, list) else {"base_url": base_url}
     return RunConfig.model_validate(
         {
             "run": {"name": "loopback", "output_dir": str(tmp_path), "task": "t2i"},
@@ -49,7 +50,7 @@ def run_config(tmp_path: Path, base_url: str, **engine: Any) -> RunConfig:
                     "backend": "openai",
                     "concurrency": 16,
                     "scorer": "trig",
-                    "options": {"base_url": base_url, "model": "trig-judge-sim"},
+                    "options": {**endpoints, "model": "trig-judge-sim"},
                 }
             ],
         }
@@ -107,6 +108,28 @@ async def test_a_server_that_is_not_there_stops_the_run(tmp_path: Path) -> None:
         "judge 'trigscore' has answered no request yet, and a request gave up after 1 "
         f"attempt without reaching it (its last failure: judge at {closed}: connection failed"
     )
+
+
+async def test_one_endpoint_not_there_leaves_the_run_to_the_others(tmp_path: Path) -> None:
+    # With max_attempts = 1 the first request to the closed endpoint stopped the run ("has
+    # answered no request yet ... is its server running") though the other endpoint, never
+    # asked, was up. Once every endpoint has been tried in vain, the run stops as before.
+    samples = len(json.loads(DEMO.read_text()))
+    async with JudgeServer() as gone, JudgeServer() as other_gone:
+        closed, other_closed = gone.base_url, other_gone.base_url
+    async with JudgeServer() as live:
+        config = run_config(tmp_path / "one", [closed, live.base_url], max_attempts=1)
+        async with Engine(config) as engine:
+            judgements = [j async for j in engine.results]
+    assert len(judgements) == 2 * samples
+    failed = [j for j in judgements if j.status != "ok"]
+    assert all(closed in str(j.error) for j in failed)
+    assert live.stats().served == 2 * samples - len(failed) > 0
+    config = run_config(tmp_path / "none", [closed, other_closed], max_attempts=1)
+    with pytest.raises(FatalBackendError, match="has answered no request yet"):
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                pass
 
 
 async def test_requests_reuse_the_tasks_that_made_earlier_ones() -> None:

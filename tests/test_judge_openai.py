@@ -430,6 +430,59 @@ async def test_content_refusals_never_stop_the_run_however_many(image: Path, rea
             assert not isinstance(caught.value, FatalBackendError)
 
 
+@pytest.mark.parametrize(
+    "base_url", ["http://127.0.0.1:9/safety/v1", "http://127.0.0.1:9/moderation-proxy/v1"]
+)
+async def test_refusals_stop_the_run_whatever_words_the_endpoint_s_url_holds(
+    image: Path, base_url: str
+) -> None:
+    # Only what the server said tells a content filter: the message's "judge at <base_url>"
+    # once made a proxy path read as one, and refusals of every request never stopped the run.
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP, status_error
+
+    options = OpenAIJudgeOptions(base_url=base_url, model="judge")
+    judge = OpenAIJudge("trigscore", options)
+    await judge.open()
+    try:
+
+        async def refused(*args: object) -> None:
+            reason = {
+                "message": "Requested sample logprobs of 20, which is greater than max allowed: 5"
+            }
+            raise status_error(400, {}, reason, endpoint=base_url, secret=None, key_source="")
+
+        judge._endpoints[0].transport.post = refused  # type: ignore[method-assign,assignment]
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError, match="HTTP 400"):
+                await ask(judge, image)
+        with pytest.raises(FatalBackendError, match=r"none succeeded: check the judge's options"):
+            await ask(judge, image)
+    finally:
+        await judge.aclose()
+
+
+async def test_a_404_for_a_model_whose_name_reads_like_a_filter_stops_the_run(
+    image: Path, client: Client
+) -> None:
+    # vLLM's 404 quotes the model asked for ("The model `OpenSafetyLab/MD-Judge-VL` does not
+    # exist."), which read as a content filter's refusal: the run made every image for an
+    # error judgement. A 404 is never a content refusal.
+    served = JudgeServerOptions(model="Qwen/Qwen2.5-VL-7B-Instruct", served_model_only=True)
+    async with JudgeServer(served) as server:
+        options = OpenAIJudgeOptions(
+            base_url=server.base_url, model="OpenSafetyLab/MD-Judge-VL", client=client
+        )
+        judge = OpenAIJudge("trigscore", options)
+        await judge.open()
+        try:
+            with pytest.raises(
+                FatalBackendError, match=r"HTTP 404.*check base_url .*'OpenSafetyLab/MD-Judge-VL'"
+            ):
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
+
+
 async def test_answers_a_content_filter_cut_off_never_stop_the_run(image: Path) -> None:
     # Azure's filter answers 200 with finish_reason "content_filter", and maybe no logprobs.
     from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
@@ -710,6 +763,7 @@ async def test_an_endpoint_that_fails_rests_while_another_takes_its_requests(
         options = OpenAIJudgeOptions(base_urls=[dead, live.base_url], model="m", client=client)
         judge = OpenAIJudge("m", options, clock=lambda: now[0])
         await judge.open()
+        judge._endpoints[1].in_flight += 1  # busier: the least busy rule would pick the dead
         try:
             outcomes = []
             for step in (0.0, 0.0, 0.0, 0.6, 0.0, 0.6, 0.5, 0.0):
@@ -738,6 +792,7 @@ async def test_an_endpoint_that_answers_429_rests_while_another_takes_its_reques
         options = OpenAIJudgeOptions(base_urls=urls, model="m", client=client)
         judge = OpenAIJudge("m", options, clock=lambda: now[0])
         await judge.open()
+        judge._endpoints[1].in_flight += 1  # busier: the least busy rule would pick the other
         try:
             outcomes = []
             # Its first rest would end after 0.5 s; its Retry-After asks for 5.
@@ -746,8 +801,8 @@ async def test_an_endpoint_that_answers_429_rests_while_another_takes_its_reques
                 try:
                     await ask(judge, image)
                     outcomes.append("ok")
-                except RateLimitError:
-                    outcomes.append("429")
+                except RetryableError as exc:
+                    outcomes.append("429" if "HTTP 429" in str(exc) else str(exc))
         finally:
             await judge.aclose()
     assert outcomes == ["429", "ok", "ok", "ok", "ok", "429", "ok"]
@@ -771,7 +826,7 @@ async def test_a_429_leaves_its_retry_after_to_its_endpoint_while_another_is_awa
             judge = OpenAIJudge("m", options, clock=lambda: now[0])
             await judge.open()
             try:
-                with pytest.raises(RateLimitError) as raised:
+                with pytest.raises(RetryableError, match="HTTP 429") as raised:
                     await ask(judge, image)
                 assert raised.value.retry_after == passed_on
                 if passed_on is None:
@@ -780,6 +835,103 @@ async def test_a_429_leaves_its_retry_after_to_its_endpoint_while_another_is_awa
             finally:
                 await judge.aclose()
     assert live.stats().served == 1
+
+
+@pytest.mark.parametrize("status", [503, 500, 408, 409])
+async def test_a_5xx_leaves_its_retry_after_to_its_endpoint_while_another_is_awake(
+    image: Path, status: int
+) -> None:
+    # As a 429's: the engine waited out the Retry-After (up to 300 s) while the other
+    # endpoint stood idle, the failing one rested 0.5 s only, and the retry went back to it:
+    # a request spent all its attempts there ("gave up after 5 attempts").
+    from trig_stream.backends.judges.http_errors import status_error
+
+    now = [100.0]
+    async with JudgeServer() as failing, JudgeServer() as live:
+        options = OpenAIJudgeOptions(base_urls=[failing.base_url, live.base_url], model="m")
+        judge = OpenAIJudge("m", options, clock=lambda: now[0])
+        await judge.open()
+        try:
+
+            async def overloaded(*args: object) -> None:
+                raise status_error(
+                    status,
+                    {"Retry-After": "5"},
+                    {"message": "overloaded"},
+                    endpoint=failing.base_url,
+                    secret=None,
+                    key_source="",
+                )
+
+            judge._endpoints[0].transport.post = overloaded  # type: ignore[method-assign,assignment]
+            with pytest.raises(RetryableError, match=f"HTTP {status}") as raised:
+                await ask(judge, image)
+            assert raised.value.retry_after is None  # the engine's usual backoff, not 5 s
+            judge._endpoints[1].in_flight += 1  # busier: least busy would pick the failing one
+            now[0] += 4.0  # past its first rest of 0.5 s, not past its Retry-After
+            await ask(judge, image)
+            judge._endpoints[1].in_flight -= 1
+            assert live.stats().served == 1
+        finally:
+            await judge.aclose()
+        only = OpenAIJudgeOptions(base_urls=[failing.base_url], model="m")
+        alone = OpenAIJudge("m", only, clock=lambda: now[0])
+        await alone.open()
+        try:
+            alone._endpoints[0].transport.post = overloaded  # type: ignore[method-assign,assignment]
+            with pytest.raises(RetryableError) as raised:
+                await ask(alone, image)
+            assert raised.value.retry_after == 5.0  # no other endpoint: the request waits
+        finally:
+            await alone.aclose()
+
+
+async def test_an_endpoint_awake_after_its_rest_loses_a_tie_to_one_that_has_not_failed(
+    image: Path, client: Client
+) -> None:
+    # Sequential requests leave every endpoint idle, a tie: the first endpoint won it, so a
+    # retry due after its rest went back to the endpoint that had just failed.
+    now = [100.0]
+    failing_options = JudgeServerOptions(error_rate=1.0)
+    async with JudgeServer(failing_options) as failing, JudgeServer() as live:
+        urls = [failing.base_url, live.base_url]
+        options = OpenAIJudgeOptions(base_urls=urls, model="m", client=client)
+        judge = OpenAIJudge("m", options, clock=lambda: now[0])
+        await judge.open()
+        try:
+            with pytest.raises(RetryableError, match="HTTP 503"):
+                await ask(judge, image)
+            for _ in range(3):
+                now[0] += 1.0  # its rest (0.5 s) is over each time
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
+    assert (failing.stats().received, live.stats().served) == (1, 3)
+
+
+async def test_a_429_is_a_rate_limit_of_the_judge_only_while_no_other_endpoint_is_awake(
+    image: Path, client: Client
+) -> None:
+    # Adaptive concurrency cuts the judge's limit on a RateLimitError: one endpoint's 429s,
+    # sent on to another endpoint awake, halved the limit that the other served well.
+    now = [100.0]
+    limiting = JudgeServerOptions(rate_limit_rate=1.0, retry_after="1")
+    async with JudgeServer(limiting) as limited, JudgeServer() as live:
+        options = OpenAIJudgeOptions(
+            base_urls=[limited.base_url, live.base_url], model="m", client=client
+        )
+        judge = OpenAIJudge("m", options, clock=lambda: now[0])
+        await judge.open()
+        try:
+            with pytest.raises(RetryableError, match="HTTP 429") as raised:
+                await ask(judge, image)
+            assert not isinstance(raised.value, RateLimitError)
+            judge._endpoints[1].rests_until = now[0] + 10.0  # the other one rests too
+            now[0] += 2.0
+            with pytest.raises(RateLimitError, match="HTTP 429"):
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
 
 
 async def test_endpoints_share_the_load(image: Path, client: Client) -> None:

@@ -233,7 +233,11 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                         )
                     engine.stop()
                 else:
-                    console.print(f"stopping now; {_how_to_resume(config, engine, args.new_run)}")
+                    console.print(  # its "[run]" is no markup
+                        f"stopping now; {_how_to_resume(config, engine, args.new_run)}",
+                        highlight=False,
+                        markup=False,
+                    )
                     engine.cancel()
 
     run_dashboard = None if args.headless else _dashboard(args, console)
@@ -371,7 +375,11 @@ def _dashboard(args: argparse.Namespace, console: Console) -> Any:
     try:
         from trig_stream.tui.run import run_dashboard
     except ImportError:
-        console.print("no dashboard: install it with pip install 'trig-stream[tui]'")
+        console.print(
+            "no dashboard: install it with pip install 'trig-stream[tui]'",
+            highlight=False,
+            markup=False,  # its "[tui]" is no markup
+        )
         return None
     return run_dashboard
 

@@ -109,7 +109,18 @@ class AnswerTimeoutError(UnreachableError):
 
 
 class ItemError(BackendError):
-    """This one item failed and retrying will not help; the run goes on."""
+    """This one item failed and retrying will not help; the run goes on.
+
+    Args:
+        message: what went wrong.
+        server_said: when the failure is a server's answer, its own error code and message
+            (without the endpoint or anything else of ours around them), for a backend that
+            tells a content filter's refusal from the rest by what the server said.
+    """
+
+    def __init__(self, message: str = "", *, server_said: str = "") -> None:
+        super().__init__(message)
+        self.server_said = server_said
 
 
 class NotFoundError(ItemError):

@@ -239,9 +239,14 @@ class JudgeStage:
                     if not self._retry.should_retry(attempts):
                         gave_up = self._retry.gave_up(attempts)
                         failure = f"{gave_up}: {exc}"
-                        if unreached and judge.name not in self._answered:
-                            # Nothing has ever come back: every request would end the same
-                            # way (a server that is down, or at another address).
+                        if (
+                            unreached
+                            and judge.name not in self._answered
+                            and judge.unreached_everywhere()
+                        ):
+                            # Nothing has ever come back, from any of its servers: every
+                            # request would end the same way (a server that is down, or at
+                            # another address). One of several down leaves the others.
                             raise FatalBackendError(
                                 f"judge {judge.name!r} has answered no request yet, and a "
                                 f"request {gave_up} without reaching it (its last failure: "

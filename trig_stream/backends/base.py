@@ -350,6 +350,14 @@ class Judge(ABC):
             FatalBackendError: nothing will work (the run stops).
         """
 
+    def unreached_everywhere(self) -> bool:
+        """Whether every server this judge sends requests to has been tried and got no
+        answer (a refused, reset or dropped connection, none in time). The engine stops a
+        run whose judge has answered nothing yet only then: with several servers, one that
+        is down says nothing of the others. True by default: a judge with one server has
+        tried it once a request got no answer."""
+        return True
+
     async def server_load(self) -> ServerLoad | None:
         """The load its server reports now, for adaptive concurrency; None when unknown.
 

@@ -183,9 +183,12 @@ def status_error(
         return RetryableError(
             f"judge at {endpoint}: HTTP {status}: {reason}", retry_after=retry_after
         )
+    # What the server said, apart from our own words around it (the endpoint's URL, which
+    # may hold "/safety/"): a content filter is told by that alone.
+    said = _server_said(body, secret)
     if status == 404:
-        return NotFoundError(f"judge at {endpoint}: HTTP 404: {reason}")
-    return ItemError(f"judge at {endpoint}: HTTP {status}: {reason}")
+        return NotFoundError(f"judge at {endpoint}: HTTP 404: {reason}", server_said=said)
+    return ItemError(f"judge at {endpoint}: HTTP {status}: {reason}", server_said=said)
 
 
 def redirect_error(
@@ -245,6 +248,14 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
     return chain
+
+
+def _server_said(body: object, secret: str | None) -> str:
+    """The error code (when a string) and message of an error answer's body, as one text."""
+    code = body.get("code") if isinstance(body, dict) else None
+    message = body.get("message") if isinstance(body, dict) else None
+    text = message if isinstance(message, str) and message else str(body or "")
+    return scrub(f"{code if isinstance(code, str) else ''} {text}".strip(), secret)
 
 
 def _reason(body: object, secret: str | None) -> str:

@@ -29,6 +29,7 @@ Example config::
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from trig_stream.errors import (
     NotFoundError,
     RateLimitError,
     RetryableError,
+    UnreachableError,
 )
 from trig_stream.records import JudgeFingerprint
 from trig_stream.retry import RETRY_AFTER_MAX_S
@@ -153,8 +155,9 @@ class _Endpoint:
     A transient failure (no connection, a timeout, a 5xx) rests the endpoint for a while: 0.5 s,
     doubling with each failure in a row up to 30 s. A resting endpoint gets no request while
     another does not rest, so one that is down does not draw the requests that the least busy
-    rule would give it (a refused connection leaves it the least busy of all). A 429 rests it
-    alike, and at least as long as its Retry-After asks (up to
+    rule would give it (a refused connection leaves it the least busy of all); of endpoints as
+    busy, the one whose latest failure is oldest gets the request. A 429, or a 5xx, 408 or 409
+    with a Retry-After, rests it alike, and at least as long as its Retry-After asks (up to
     :data:`~trig_stream.retry.RETRY_AFTER_MAX_S`), which a success meanwhile does not end: a
     429 is answered at once, so a rate-limited endpoint would be the least busy too.
     """
@@ -166,10 +169,14 @@ class _Endpoint:
     in_flight: int = 0
     failures: int = 0
     """Transient failures in a row."""
+    failed_at: float = -math.inf
+    """When (the judge's clock) its latest transient failure or 429 came."""
     rests_until: float = 0.0
     """Until when (the judge's clock) it gets no request while another endpoint can take it."""
     limited_until: float = 0.0
-    """Until when its latest 429's Retry-After asked for no request (the judge's clock)."""
+    """Until when its latest Retry-After asked for no request (the judge's clock)."""
+    unreached: bool = False
+    """Whether a request to it has got no answer at all (an UnreachableError)."""
     answered: bool = False
     """Whether a request to it has succeeded: its path and model are right."""
     refused: int = 0
@@ -181,12 +188,16 @@ class _Endpoint:
 
     def refusal(self, error: ItemError) -> FatalBackendError | None:
         """The run-stopping error ``error`` (a 4xx) stands for, or None if it is the request's."""
-        if self.answered or CONTENT_REFUSAL.search(str(error)):
-            # A content filter refuses images one by one (a run of TRIG's toxicity samples
-            # can set it off many times in a row): never the config's fault.
+        if self.answered:
             return None
-        if isinstance(error, NotFoundError):
+        if isinstance(error, NotFoundError):  # no content filter answers 404
             return error.before_any_success(model=self.model)
+        if CONTENT_REFUSAL.search(error.server_said):
+            # A content filter refuses images one by one (a run of TRIG's toxicity samples
+            # can set it off many times in a row): never the config's fault. Only what the
+            # server said is read: the message also names the endpoint, whose URL may hold
+            # "/safety/", and a server may quote the request back (a model "...-Judge").
+            return None
         self.refused += 1
         if self.refused < REFUSALS_TO_STOP:
             return None
@@ -206,10 +217,12 @@ class _Endpoint:
     def failed(self, now: float) -> None:
         """A transient failure: rest a while longer each time in a row."""
         self.failures += 1
+        self.failed_at = now
         self.rests_until = now + min(REST_MAX_S, REST_FIRST_S * 2 ** (self.failures - 1))
 
     def rate_limited(self, now: float, retry_after: float | None) -> None:
-        """A 429: rest as after a failure, and until its Retry-After has passed."""
+        """A 429 (or a 5xx with a Retry-After): rest as after a failure, and until its
+        Retry-After has passed."""
         self.failed(now)
         if retry_after is not None:
             until = now + min(retry_after, RETRY_AFTER_MAX_S)
@@ -451,18 +464,12 @@ class OpenAIJudge(Judge):
                 raise fatal from None
             raise
         except Exception as exc:
-            if isinstance(exc, RateLimitError):  # with one endpoint, only the engine's wait
-                endpoint.rate_limited(self._clock(), exc.retry_after)
-                if exc.retry_after is not None and self._another_awake(endpoint):
-                    # The Retry-After is this endpoint's rest, not the request's: waited out
-                    # by the engine, it brought the retry back to this endpoint, awake again
-                    # then, while another that could have answered at once stood idle.
-                    raise RateLimitError(str(exc), retry_after=None) from None
-            elif isinstance(exc, RetryableError):
-                endpoint.failed(self._clock())
+            rerouted = self._rest(endpoint, exc) if isinstance(exc, RetryableError) else None
             failure = self.server.failure() if self.server is not None else None
             if failure is not None:  # the server we started has died: nothing will work
                 raise failure from None
+            if rerouted is not None:
+                raise rerouted from None
             raise
         finally:
             endpoint.in_flight -= 1
@@ -471,6 +478,34 @@ class OpenAIJudge(Judge):
         if fatal is not None:
             raise fatal
         return reply
+
+    def _rest(self, endpoint: _Endpoint, exc: RetryableError) -> RetryableError | None:
+        """Rest ``endpoint`` after ``exc``; the error to raise instead when another endpoint
+        is awake to take the retry at once, else None (``exc`` itself).
+
+        A Retry-After (of a 429, or of a 5xx, 408 or 409) is the endpoint's rest, not the
+        request's: waited out by the engine, it brought the retry back to this endpoint, awake
+        again by then, while another that could have answered at once stood idle (a request
+        could spend all its attempts there). And a 429 of one endpoint while another is awake
+        is no sign that the judge as a whole has too much in flight: it is raised as a plain
+        :class:`~trig_stream.errors.RetryableError`, which adaptive concurrency does not
+        answer by lowering the judge's limit.
+        """
+        now = self._clock()
+        if isinstance(exc, UnreachableError):
+            endpoint.unreached = True
+        if not isinstance(exc, RateLimitError) and exc.retry_after is None:
+            endpoint.failed(now)
+            return None
+        endpoint.rate_limited(now, exc.retry_after)
+        if not self._another_awake(endpoint):
+            return None  # the engine's wait (and its concurrency controller) paces it
+        return RetryableError(str(exc), retry_after=None)
+
+    def unreached_everywhere(self) -> bool:
+        """Whether a request to each endpoint has got no answer at all: one that is down
+        (a request to it spent its attempts there) says nothing of the others."""
+        return all(endpoint.unreached for endpoint in self._endpoints)
 
     def _another_awake(self, endpoint: _Endpoint) -> bool:
         now = self._clock()
@@ -486,7 +521,9 @@ class OpenAIJudge(Judge):
         awake = [e for e in endpoints if e.awake_at() <= now]
         if not awake:
             return min(endpoints, key=_Endpoint.awake_at)
-        return min(awake, key=lambda e: e.in_flight)
+        # Of the least busy, the one whose latest failure is oldest: an endpoint just awake
+        # after its rest does not win a tie against one that has not failed since.
+        return min(awake, key=lambda e: (e.in_flight, e.failed_at))
 
     def _body(self, request: JudgeRequest) -> dict[str, Any]:
         # The image's URL is put in its slot by the transport (see ``transports``).
