@@ -50,7 +50,13 @@ from trig_stream.errors import ConfigError, TrigStreamError, leaf_errors
 from trig_stream.generation import GenerationStage
 from trig_stream.journal import JournalState
 from trig_stream.judging import JudgeStage
-from trig_stream.opening import close_judges, open_judges, open_run_dir
+from trig_stream.opening import (
+    close_judges,
+    judges_open_slowly,
+    open_judges,
+    open_run_dir,
+    work_left_in_thread,
+)
 from trig_stream.persisting import PersistStage
 from trig_stream.pipeline import RunContext, describe_error
 from trig_stream.preflight import (
@@ -154,6 +160,9 @@ class Engine:
         self._opening = anyio.CancelScope()
         """Where the backends open and the run directory is read: :meth:`cancel` reaches it."""
         self._opening_now: str | None = None
+        self._judges_opened = False
+        """Whether the judges' opening began (they are closed at the end only then): a
+        resumed run with nothing left to judge never opens a judge that opens slowly."""
         self._counting = anyio.CancelScope()
         """Where the dataset is counted for progress: :meth:`stop` and the run's end cancel
         it, and nothing waits for the count's thread."""
@@ -445,8 +454,28 @@ class Engine:
         self._discard_run_dir = opened.made
         self.run_dir_path, self._run_dir = opened.path, opened.run_dir
         self._journal_state = opened.journal_state
-        await open_judges(self._judges, self._announce_opening)
+        if not await self._nothing_left():
+            await self._open_judges()
         self._opening_now = None
+
+    async def _open_judges(self) -> None:
+        self._judges_opened = True  # closed at the end, even if one of them fails to open
+        await open_judges(self._judges, self._announce_opening)
+
+    async def _judges_ready(self) -> None:
+        """Open the judges before the first work item is queued, if the run's opening left
+        them closed: it found nothing left to judge, and the dataset changed since."""
+        if not self._judges_opened:
+            await self._open_judges()
+            self._opening_now = None
+
+    async def _nothing_left(self) -> bool:
+        if not judges_open_slowly(self._judges) or not len(self._journal_state):
+            return False
+        self._opening_now = "the dataset, for samples left to judge"
+        return not await work_left_in_thread(
+            self.config, self._generators, self._judges, self._journal_state, self._retry_errors
+        )
 
     def _announce_opening(self, what: str) -> None:
         """Say what opens now (:attr:`EngineStats.opening`, while the engine starts)."""
@@ -458,7 +487,8 @@ class Engine:
         self._closed = True
         with anyio.CancelScope(shield=True):
             try:
-                await close_judges(self._judges, self._counters.notes)
+                if self._judges_opened:
+                    await close_judges(self._judges, self._counters.notes)
             finally:
                 self._release_backends()
             if self._run_dir is not None and self._discard_run_dir:
@@ -516,6 +546,7 @@ class Engine:
             self._journal_state,
             retry_errors=self._retry_errors,
             running_gate=lambda: self._running_gate,
+            judges_ready=self._judges_ready,
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(source.run, {name: send for name, (send, _) in sample_streams.items()})

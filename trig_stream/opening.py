@@ -2,20 +2,28 @@
 
 The :class:`~trig_stream.engine.Engine` opens the run directory first (in a worker thread), so
 that a run it refuses is refused before a judge's server takes minutes to start, then opens each
-judge; at the end it closes the judges, whatever happened, and then the run directory.
+judge; at the end it closes the judges, whatever happened, and then the run directory. A
+resumed run whose judges open slowly (a model to load, a server to start) first reads its
+dataset for work left, and with none it opens no judge at all (:func:`work_left_in_thread`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, MutableSequence
+import threading
+from collections.abc import Callable, Iterable, MutableSequence, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from trig_stream.backends.base import Judge
+import anyio.to_thread
+
+from trig_stream.backends.base import Generator, Judge
+from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError, TrigStreamError
 from trig_stream.journal import JournalState
 from trig_stream.manifest import Manifest
 from trig_stream.pipeline import describe_error
+from trig_stream.sourcing import work_left
 from trig_stream.store import RunDir, next_free_run_dir
 
 
@@ -70,3 +78,52 @@ async def close_judges(judges: Iterable[Judge], notes: MutableSequence[str]) -> 
             await judge.aclose()
         except Exception as exc:
             notes.append(f"judge {judge.name!r}: closing it failed: {describe_error(exc)}")
+
+
+def judges_open_slowly(judges: Iterable[Judge]) -> bool:
+    """Whether one of ``judges`` opens slowly (:meth:`~trig_stream.backends.base.Judge.
+    opens_slowly`).
+
+    Raises:
+        FatalBackendError: a judge's ``opens_slowly()`` raised (its own bug).
+    """
+    for judge in judges:
+        try:
+            if judge.opens_slowly():
+                return True
+        except Exception as exc:
+            raise FatalBackendError(
+                f"judge {judge.name!r} is broken: opens_slowly() raised {describe_error(exc)}"
+            ) from exc
+    return False
+
+
+async def work_left_in_thread(
+    config: RunConfig,
+    generators: Sequence[Generator],
+    judges: Sequence[Judge],
+    journal: JournalState,
+    retry_errors: bool,
+) -> bool:
+    """:func:`~trig_stream.sourcing.work_left`, in a worker thread that a stop or a cancel
+    does not wait for (its reading ends at its next pause, within 4,096 records).
+
+    Raises:
+        DatasetError: the dataset cannot be opened or is not in a TRIG format.
+    """
+    given_up = threading.Event()
+    try:
+        return await anyio.to_thread.run_sync(
+            partial(
+                work_left,
+                config,
+                generators,
+                judges,
+                journal,
+                retry_errors=retry_errors,
+                given_up=given_up,
+            ),
+            abandon_on_cancel=True,
+        )
+    finally:
+        given_up.set()

@@ -11,13 +11,15 @@ bounded, so reading stays a few samples ahead of generation however large the da
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
 from trig_stream.backends.base import Generator, Judge, reads_source_images
+from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
 from trig_stream.hashing import seed_for
@@ -90,6 +92,47 @@ class Owed:
         return measured
 
 
+def work_left(
+    config: RunConfig,
+    generators: Sequence[Generator],
+    judges: Sequence[Judge],
+    journal: JournalState,
+    *,
+    retry_errors: bool,
+    given_up: threading.Event,
+) -> bool:
+    """Whether the dataset holds a sample that a model still owes a judgement: the sample the
+    source stage would queue first, looked for as it looks (a record it would quarantine is no
+    work). Blocks: it reads the dataset up to that sample, to its end on a finished run.
+
+    Args:
+        config: the run's config.
+        generators: the models.
+        judges: the judges, whose ``dimensions`` say which questions each one is asked.
+        journal: what the journal held when the run opened.
+        retry_errors: ask again the judgements whose status is ``error``.
+        given_up: once set, the reading ends early, its answer then meaningless (a thread
+            its caller stopped waiting for).
+
+    Raises:
+        DatasetError: the dataset cannot be opened or is not in a TRIG format.
+    """
+    owed = Owed([g.name for g in generators], judges, journal, retry_errors=retry_errors)
+    source = DatasetSource(
+        config.dataset,
+        config.run.task,
+        finished=owed.finished,
+        judged=journal.digests,
+        source_images=reads_source_images(generators),
+    )
+    for record in source.scan(pause_every=SOURCE_SCAN):
+        if isinstance(record, Sample):
+            return True
+        if record is None and given_up.is_set():
+            break
+    return False
+
+
 class SourceStage:
     """Reads the dataset and queues each model's work items.
 
@@ -101,6 +144,8 @@ class SourceStage:
         retry_errors: ask again the judgements whose status is ``error``.
         running_gate: the event that is set while the run is not paused (a pause replaces
             it with a new one, hence a callable).
+        judges_ready: awaited before the first work item is queued: opens the judges if the
+            run left them closed (it found no work left when it opened).
     """
 
     def __init__(
@@ -112,6 +157,7 @@ class SourceStage:
         *,
         retry_errors: bool,
         running_gate: Callable[[], anyio.Event],
+        judges_ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._context = context
         self._models = [generator.name for generator in generators]
@@ -120,6 +166,7 @@ class SourceStage:
         self._journal = journal
         self._owed = Owed(self._models, judges, journal, retry_errors=retry_errors)
         self._running_gate = running_gate
+        self._judges_ready = judges_ready
         self._first_refusal: str | None = None
         """Why the first quarantined record was refused (said when every one was)."""
 
@@ -149,6 +196,9 @@ class SourceStage:
                         await gate.wait()
                     if context.stopping.is_set():
                         break
+                    if self._judges_ready is not None:
+                        await self._judges_ready()
+                        self._judges_ready = None
                     await send_now(sends[work.model], work)
                     counts = context.counters.model(work.model)
                     counts.queued += 1

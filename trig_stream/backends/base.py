@@ -323,8 +323,16 @@ class Judge(ABC):
         """What :meth:`open` does, when it can take a while (for progress displays)."""
         return "connecting"
 
+    def opens_slowly(self) -> bool:
+        """Whether :meth:`open` takes long: it loads a model or starts a server. A resumed run
+        with such a judge first reads its dataset for work left (a sample some model still
+        owes a judgement) and, with none, opens no judge. False by default: a judge that
+        only connects opens at once, sooner than a large dataset is read."""
+        return False
+
     async def open(self) -> None:  # noqa: B027 - optional hook
-        """Connect or load; called once before the first request."""
+        """Connect or load; called once before the first request, or not at all (a resumed
+        run with nothing left to judge; see :meth:`opens_slowly`)."""
 
     def connections(self, in_flight: int) -> int:
         """Open files (sockets) this judge holds with ``in_flight`` requests at once, for the

@@ -166,6 +166,9 @@ class MetricJudge(Judge):
     def opening(self) -> str:
         return f"loading the {self.options.metric} metric"
 
+    def opens_slowly(self) -> bool:
+        return True  # a model loaded from disk
+
     async def open(self) -> None:
         """Load the metric in a worker thread, which a hard stop does not wait for (a model
         loading from disk may take minutes): cancelled, the thread finishes the load and

@@ -332,6 +332,9 @@ class OpenAIJudge(Judge):
     def _key(self) -> str | None:
         return key_from_env(self.options.api_key_env or "", owner=f"judge {self.name!r}")
 
+    def opens_slowly(self) -> bool:
+        return self.options.serve is not None  # a server started, a model loaded
+
     async def open(self) -> None:
         """Start the ``serve`` server if any, then create one transport per endpoint.
 

@@ -164,6 +164,9 @@ class TransformersJudge(Judge):
     def opening(self) -> str:
         return f"loading {self.options.model_path} onto {self.options.device}"
 
+    def opens_slowly(self) -> bool:
+        return True
+
     async def open(self) -> None:
         """Load the model and its processor in a worker thread.
 
