@@ -30,6 +30,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import stop_on_sigterm, write_parquet_prompts
 from _goal import Goals
+from _server import stopped_with_us
 
 from trig_stream.analysis import analyse_judgements
 from trig_stream.config import load_config
@@ -89,7 +90,7 @@ def main() -> None:
         kills = 0
         for attempt in range(args.kills):
             process = subprocess.Popen(
-                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                stopped_with_us(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             delay = rng.uniform(args.min_delay, args.max_delay)
             try:
@@ -106,7 +107,7 @@ def main() -> None:
                 process.wait()
             lines = journal.read_bytes().count(b"\n") if journal.exists() else 0
             print(f"kill {kills:2d} after {delay:.2f} s: journal {lines} lines")
-        final = subprocess.run(command, capture_output=True)
+        final = subprocess.run(stopped_with_us(command), capture_output=True)
         if final.returncode != 0:
             raise SystemExit(f"the last, uninterrupted start failed: {final.stderr.decode()}")
 
