@@ -129,3 +129,30 @@ def test_kill_resume_counts_a_key_the_uninterrupted_run_lacks(
     # the count of extra keys tells this run from the uninterrupted one.
     assert (found.doubled, found.missing, found.differ, found.extra) == (0, 0, 0, 2)
     assert found.same_dtm
+
+
+def test_kill_resume_counts_only_kills_after_new_judgements(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    tally = load_bench("kill_resume").KillTally(wanted=2)
+    # Killed while the run still loaded: the journal as empty as at the start.
+    assert not tally.record(0, 0)
+    assert tally.record(0, 40)
+    assert not tally.record(40, 40)
+    assert not tally.done()
+    assert tally.record(40, 95)
+    assert (tally.starts, tally.effective) == (4, 2)
+    assert tally.done() and not tally.gave_up()
+
+
+def test_kill_resume_gives_up_after_kills_in_a_row_that_judge_nothing(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    tally = load_bench("kill_resume").KillTally(wanted=3, most_idle=2)
+    assert tally.record(0, 10)
+    assert not tally.record(10, 10)
+    assert tally.record(10, 20)  # a kill that counts starts the idle count again
+    assert not tally.record(20, 20)
+    assert not tally.done()
+    assert not tally.record(20, 20)
+    assert tally.done() and tally.gave_up() and tally.effective == 2
