@@ -156,3 +156,16 @@ def test_kill_resume_gives_up_after_kills_in_a_row_that_judge_nothing(
     assert not tally.done()
     assert not tally.record(20, 20)
     assert tally.done() and tally.gave_up() and tally.effective == 2
+
+
+def test_engine_cpu_run_that_judged_nothing_measures_nothing(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    engine_cpu = load_bench("engine_cpu")
+    assert engine_cpu.ms_per_judgement(0.8, 2000) == pytest.approx(0.4)
+    assert math.isnan(engine_cpu.ms_per_judgement(0.8, 0))
+    times = engine_cpu.ThreadTimes()
+    times.loop_s = 0.5
+    times.calls["write"] = 0.25
+    assert times.line(1000) == "ms per judgement by thread: event loop 0.500, write 0.250"
+    assert times.line(0) == "ms per judgement by thread: none judged"
