@@ -169,3 +169,15 @@ def test_engine_cpu_run_that_judged_nothing_measures_nothing(
     times.calls["write"] = 0.25
     assert times.line(1000) == "ms per judgement by thread: event loop 0.500, write 0.250"
     assert times.line(0) == "ms per judgement by thread: none judged"
+
+
+def test_a_judge_server_that_does_not_start_is_a_message_with_its_reason(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    start_judge = load_bench("_server").start_judge
+    with pytest.raises(SystemExit) as stopped:
+        start_judge("--capacity", "0", "--latency", "0")
+    message = str(stopped.value.code)
+    assert message.startswith("simulate-judge did not start: ")
+    assert "capacity: Input should be greater than or equal to 1" in message
+    assert "--capacity 0 --latency 0" in message
