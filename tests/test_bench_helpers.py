@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -181,3 +182,37 @@ def test_a_judge_server_that_does_not_start_is_a_message_with_its_reason(
     assert message.startswith("simulate-judge did not start: ")
     assert "capacity: Input should be greater than or equal to 1" in message
     assert "--capacity 0 --latency 0" in message
+
+
+def test_gpu_check_loop_calls_the_pipeline_from_a_worker_thread_as_the_engine_does(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    pytest.importorskip("torch")
+    threads: list[threading.Thread] = []
+
+    class Generator:
+        def generate(self, requests: list[Any], worker: int, cancel: threading.Event) -> None:
+            threads.append(threading.current_thread())
+
+    rate = load_bench("generators_gpu_check").throughput(Generator(), 2, 4, "cpu")
+    assert rate > 0
+    assert len(threads) == 3  # the warm-up and two batches
+    assert threading.main_thread() not in threads
+
+
+def test_soak_requires_the_server_slots_full_when_the_latency_allows(
+    load_bench: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    soak = load_bench("soak")
+    goals = soak.Goals()
+    soak.check_slots(goals, 0.25, 152)
+    assert finish_status(goals) == 1
+    assert "max running (server /stats) == 256: 152 -> NOT MET" in capsys.readouterr().out
+    goals = soak.Goals()
+    soak.check_slots(goals, 0.25, 256)
+    assert finish_status(goals) == 0
+    goals = soak.Goals()
+    soak.check_slots(goals, 0.05, 152)
+    goals.equal("judgements made (all ok)", 4000, 4000)
+    assert finish_status(goals) == 0
+    assert "NOT MEASURED (--latency 0.05 s, under 0.25 s)" in capsys.readouterr().out
