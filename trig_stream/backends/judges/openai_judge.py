@@ -313,6 +313,12 @@ class OpenAIJudge(Judge):
         command = " ".join(serve.command).replace("{port}", str(serve.port or "<free port>"))
         return f"starting its server `{command}`, until GET /health answers"
 
+    def closing(self) -> str | None:
+        server = self.server
+        if server is None or server.options.stop_timeout_s == 0:
+            return None
+        return f"stopping its server (up to {server.options.stop_timeout_s:g} s)"
+
     def _key(self) -> str | None:
         return key_from_env(self.options.api_key_env or "", owner=f"judge {self.name!r}")
 
