@@ -301,10 +301,13 @@ class OpenAIJudge(Judge):
         )
 
     def check_environment(self) -> None:
-        """The API key's variable is set (if it names one), and the ``serve`` command runs."""
-        self._key()
+        """The API key's variable is set (if it names one), the ``serve`` table holds no key
+        (it is saved with the run), and its command runs."""
+        key = self._key()
         if self.options.serve is not None:
-            ManagedServer(self.options.serve, name=self.name).check_command()
+            server = ManagedServer(self.options.serve, name=self.name, secrets=[key or ""])
+            server.check_secrets_left_out()
+            server.check_command()
 
     def opening(self) -> str:
         serve = self.options.serve
