@@ -326,6 +326,11 @@ class Judge(ABC):
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect or load; called once before the first request."""
 
+    def closing(self) -> str | None:
+        """What :meth:`aclose` does, when it may take a while (for progress displays): e.g.
+        stopping a server given a grace period. None (the default) when it is quick."""
+        return None
+
     def connections(self, in_flight: int) -> int:
         """Open files (sockets) this judge holds with ``in_flight`` requests at once, for the
         engine's check of the process's open-file limit. None by default."""
