@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -30,21 +31,42 @@ def stopped_with_us(argv: list[str]) -> list[str]:
 
 def start_judge(*options: str, cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], str]:
     """Start ``trig-stream simulate-judge --port 0 *options``, on ``cpus`` only when given,
-    stopped with this process (:func:`stopped_with_us`); returns it and its base URL."""
+    stopped with this process (:func:`stopped_with_us`); returns it and its base URL.
+
+    Raises:
+        SystemExit: the server ended before it was ready; the message holds what it wrote
+            to stderr (a refused option, say), and the bench exits 1 without a traceback.
+    """
     command = [sys.executable, "-m", "trig_stream", "simulate-judge", "--port", "0", *options]
-    process = subprocess.Popen(
-        stopped_with_us(command),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+    # A file, not a pipe: nobody reads the server's stderr while it runs, and a full pipe
+    # would block it. Read only when it did not start.
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            stopped_with_us(command),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("READY "):
+                return process, line.split()[1]
+        process.kill()
+        status = process.wait()
+        stderr.seek(0)
+        said = stderr.read().decode(errors="replace").strip()
+    raise SystemExit(did_not_start(options, status, said))
+
+
+def did_not_start(options: tuple[str, ...], status: int, stderr: str) -> str:
+    """The message of a ``simulate-judge`` that ended before it was ready."""
+    reason = stderr or f"no message, exit status {status}"
+    return (
+        f"simulate-judge did not start: {reason}\n"
+        f"(its options: {' '.join(options) or 'none'}; fix the bench option that sets the "
+        "one named)"
     )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("READY "):
-            return process, line.split()[1]
-    process.kill()
-    raise RuntimeError("simulate-judge did not start")
 
 
 def stop_judge(process: subprocess.Popen[str]) -> None:

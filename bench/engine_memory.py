@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_config, stop_on_sigterm, write_parquet_prompts, write_toml
 from _goal import Goals
+from _server import stopped_with_us
 
 PEAK = (
     "import sys\n"
@@ -41,7 +42,9 @@ def one(size: int, folder: Path) -> tuple[float, float, int]:
     config = write_toml(folder / f"run-{size}.toml", bench_config(folder / f"runs-{size}", dataset))
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", PEAK, "run", str(config), "--headless", "--no-report"],
+        stopped_with_us(
+            [sys.executable, "-c", PEAK, "run", str(config), "--headless", "--no-report"]
+        ),
         capture_output=True,
         text=True,
         check=True,

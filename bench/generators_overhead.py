@@ -39,6 +39,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import stop_on_sigterm
+from _server import stopped_with_us
 
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
@@ -200,7 +201,9 @@ def main() -> None:
                         command = [sys.executable, __file__, "--images", str(args.images)]
                         command += ["--threads", str(args.threads), "--one", mode, str(batch)]
                         command += [str(size), str(steps), str(path), str(where)]
-                        done = subprocess.run(command, capture_output=True, text=True, check=True)
+                        done = subprocess.run(
+                            stopped_with_us(command), capture_output=True, text=True, check=True
+                        )
                         rates[mode].append(float(done.stdout.strip().splitlines()[-1]))
                 loop = statistics.median(rates["loop"])
                 line = f"{size}x{size}, {steps} steps, batch {batch}: loop {loop:6.1f} img/s"

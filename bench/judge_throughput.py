@@ -176,13 +176,17 @@ def main() -> None:
             write_dataset(root / "prompts.json", args.images)
             before = judge_stats(base_url)
             sampler = StatsSampler(base_url)
-            server_cpu, engine_cpu = cpu_seconds(process.pid), time.process_time()
-            engine_s, ok = anyio.run(
-                run_engine, root / "prompts.json", root / "runs", base_url, args.concurrency
-            )
-            engine_cpu = time.process_time() - engine_cpu
-            server_cpu = cpu_seconds(process.pid) - server_cpu
-            samples = sampler.stop()
+            try:
+                server_cpu, engine_cpu = cpu_seconds(process.pid), time.process_time()
+                engine_s, ok = anyio.run(
+                    run_engine, root / "prompts.json", root / "runs", base_url, args.concurrency
+                )
+                engine_cpu = time.process_time() - engine_cpu
+                server_cpu = cpu_seconds(process.pid) - server_cpu
+            finally:
+                # Also on Ctrl-C or SIGTERM: stopped before the server, the sampler has
+                # nothing to poll that refuses it (a ConnectionRefusedError traceback).
+                samples = sampler.stop()
             after = judge_stats(base_url)
             busy_s = after["busy_slot_s"] - before["busy_slot_s"]
             served = after["served"] - before["served"]

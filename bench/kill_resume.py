@@ -2,10 +2,12 @@
 
 The run (synthetic generator, two models; the fake judge with some permanent errors and
 transient failures; everything deterministic) is killed with SIGKILL at a random time after
-each start, 20 times, then run to the end. Checked against an uninterrupted run of the same
-config: every (model, data_id, dimension, metric) appears exactly once in the journal, none
-is missing and none is extra (the keys are the uninterrupted run's), every status and score
-is the same, and so is the DTM (``analyse_judgements(latest_judgements(...))``). Leftover
+each start, until 20 kills have landed after the run judged something (a kill before the
+journal grew since that start is printed and not counted; 10 such in a row end the kills),
+then run to the end. Checked against an uninterrupted run of the same config: every (model,
+data_id, dimension, metric) appears exactly once in the journal, none is missing and none is
+extra (the keys are the uninterrupted run's), every status and score is the same, and so is
+the DTM (``analyse_judgements(latest_judgements(...))``). Leftover
 temporary image files from killed writes are counted too. Each check is a MET / NOT MET
 line, and the bench exits 1 when one is missed.
 
@@ -30,6 +32,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import stop_on_sigterm, write_parquet_prompts
 from _goal import Goals
+from _server import stopped_with_us
 
 from trig_stream.analysis import analyse_judgements
 from trig_stream.config import load_config
@@ -86,27 +89,41 @@ def main() -> None:
         command = [sys.executable, "-m", "trig_stream", "run", str(killed), "--headless"]
         command.append("--no-report")
         journal = folder / "runs" / "killed" / "journal.jsonl"
-        kills = 0
-        for attempt in range(args.kills):
+        tally = KillTally(wanted=args.kills)
+        lines = journal_lines(journal)
+        while not tally.done():
             process = subprocess.Popen(
-                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                stopped_with_us(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             delay = rng.uniform(args.min_delay, args.max_delay)
             try:
                 process.wait(timeout=delay)
-                print(f"start {attempt + 1}: the run finished before its kill at {delay:.2f} s")
+                print(
+                    f"start {tally.starts + 1}: the run finished before its kill at {delay:.2f} s"
+                )
                 break
             except subprocess.TimeoutExpired:
-                kills += 1
+                pass
             finally:
                 # The kill -9 this bench is about; also when this bench is stopped meanwhile,
                 # so that no run goes on writing into the folder being removed.
                 if process.poll() is None:
                     os.kill(process.pid, signal.SIGKILL)
                 process.wait()
-            lines = journal.read_bytes().count(b"\n") if journal.exists() else 0
-            print(f"kill {kills:2d} after {delay:.2f} s: journal {lines} lines")
-        final = subprocess.run(command, capture_output=True)
+            before, lines = lines, journal_lines(journal)
+            if tally.record(before, lines):
+                print(f"kill {tally.effective:2d} after {delay:.2f} s: journal {lines} lines")
+            else:
+                print(
+                    f"kill after {delay:.2f} s: journal {lines} lines, nothing judged since "
+                    "its start: not counted"
+                )
+        if tally.gave_up():
+            print(
+                f"gave up after {tally.idle} kills in a row that judged nothing: "
+                "raise --min-delay / --max-delay"
+            )
+        final = subprocess.run(stopped_with_us(command), capture_output=True)
         if final.returncode != 0:
             raise SystemExit(f"the last, uninterrupted start failed: {final.stderr.decode()}")
 
@@ -120,9 +137,12 @@ def main() -> None:
         anyio.run(uninterrupted)
         found = compare(journal, folder / "runs" / "reference" / "journal.jsonl")
         leftovers = list((folder / "runs" / "killed" / "images").rglob("*.tmp"))
-    print(f"{kills} kills; {found.expected} keys expected")
+    print(
+        f"{tally.starts} kills, {tally.effective} after the run had judged something; "
+        f"{found.expected} keys expected"
+    )
     goals = Goals()
-    goals.equal("kills before the run finished", kills, args.kills)
+    goals.equal("kills after new judgements, before the run finished", tally.effective, args.kills)
     goals.equal("R1 keys judged twice", found.doubled, 0)
     goals.equal("R1 keys missing", found.missing, 0)
     goals.equal("R1 keys the uninterrupted run does not have", found.extra, 0)
@@ -130,6 +150,47 @@ def main() -> None:
     goals.equal("R1 DTM equal to the uninterrupted run's", found.same_dtm, True)
     goals.equal("temporary image files left behind by killed writes", len(leftovers), 0)
     goals.finish()
+
+
+def journal_lines(journal: Path) -> int:
+    """Complete lines in ``journal`` (0 before the run has made it)."""
+    return journal.read_bytes().count(b"\n") if journal.exists() else 0
+
+
+@dataclass
+class KillTally:
+    """The kills so far, and which of them count: a kill counts only when the journal grew
+    between the start it ended and the kill, so that a kill that lands while the run still
+    loads (nothing judged yet) is not counted as one that interrupted judging."""
+
+    wanted: int
+    """Kills to count (``--kills``)."""
+    most_idle: int = 10
+    """Kills in a row that judged nothing before giving up (delays too short to judge)."""
+    starts: int = 0
+    """Runs killed."""
+    effective: int = 0
+    """Runs killed after the journal grew since their start."""
+    idle: int = 0
+    """Kills in a row, up to now, that found the journal as it was."""
+
+    def record(self, lines_before: int, lines_after: int) -> bool:
+        """A run started with ``lines_before`` journal lines was killed with
+        ``lines_after``; returns whether the kill counts."""
+        self.starts += 1
+        if lines_after > lines_before:
+            self.effective += 1
+            self.idle = 0
+            return True
+        self.idle += 1
+        return False
+
+    def gave_up(self) -> bool:
+        return self.idle >= self.most_idle
+
+    def done(self) -> bool:
+        """Enough kills counted, or too many in a row judged nothing."""
+        return self.effective >= self.wanted or self.gave_up()
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_config, stop_on_sigterm, write_parquet_prompts
 from _goal import Goals
+from _server import stopped_with_us
 
 CHILD = """
 import json, sys, time
@@ -80,7 +81,7 @@ def build_run(folder: Path, done: int, new: int) -> dict[str, object]:
     )
     import json
 
-    subprocess.run([sys.executable, "-c", code, json.dumps(first)], check=True)
+    subprocess.run(stopped_with_us([sys.executable, "-c", code, json.dumps(first)]), check=True)
     return config
 
 
@@ -98,7 +99,7 @@ def main() -> None:
         lines = sum(1 for _ in (Path(tmp) / "runs" / "bench" / "journal.jsonl").open())
         print(f"built a run dir with {lines} judgements in {time.perf_counter() - built:.0f} s")
         result = subprocess.run(
-            [sys.executable, "-c", CHILD, str(time.time()), json.dumps(config)],
+            stopped_with_us([sys.executable, "-c", CHILD, str(time.time()), json.dumps(config)]),
             capture_output=True,
             text=True,
             check=True,

@@ -39,7 +39,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import sample_keys, stop_on_sigterm, write_parquet_prompts, write_toml
 from _goal import Goals
-from _server import judge_stats, openai_judge, start_judge, stop_judge, synthetic_generator
+from _server import (
+    judge_stats,
+    openai_judge,
+    start_judge,
+    stop_judge,
+    stopped_with_us,
+    synthetic_generator,
+)
 
 BUILD = """
 import json, sys, anyio
@@ -85,7 +92,9 @@ def main() -> None:
             }
             built = time.perf_counter()
             first = dict(config, dataset={"path": str(dataset), "limit": args.done})
-            subprocess.run([sys.executable, "-c", BUILD, json.dumps(first)], check=True)
+            subprocess.run(
+                stopped_with_us([sys.executable, "-c", BUILD, json.dumps(first)]), check=True
+            )
             journal = folder / "runs" / "bench" / "journal.jsonl"
             lines = sum(1 for _ in journal.open("rb"))
             print(f"built a run dir with {lines} judgements in {time.perf_counter() - built:.0f} s")
@@ -94,7 +103,9 @@ def main() -> None:
             command = [sys.executable, "-m", "trig_stream", "run", str(toml), "--headless"]
             started = time.perf_counter()
             child = subprocess.Popen(
-                [*command, "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                stopped_with_us([*command, "--no-report"]),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
             first_request_s = math.nan  # no request at all
             try:

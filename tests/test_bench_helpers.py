@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -129,3 +130,89 @@ def test_kill_resume_counts_a_key_the_uninterrupted_run_lacks(
     # the count of extra keys tells this run from the uninterrupted one.
     assert (found.doubled, found.missing, found.differ, found.extra) == (0, 0, 0, 2)
     assert found.same_dtm
+
+
+def test_kill_resume_counts_only_kills_after_new_judgements(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    tally = load_bench("kill_resume").KillTally(wanted=2)
+    # Killed while the run still loaded: the journal as empty as at the start.
+    assert not tally.record(0, 0)
+    assert tally.record(0, 40)
+    assert not tally.record(40, 40)
+    assert not tally.done()
+    assert tally.record(40, 95)
+    assert (tally.starts, tally.effective) == (4, 2)
+    assert tally.done() and not tally.gave_up()
+
+
+def test_kill_resume_gives_up_after_kills_in_a_row_that_judge_nothing(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    tally = load_bench("kill_resume").KillTally(wanted=3, most_idle=2)
+    assert tally.record(0, 10)
+    assert not tally.record(10, 10)
+    assert tally.record(10, 20)  # a kill that counts starts the idle count again
+    assert not tally.record(20, 20)
+    assert not tally.done()
+    assert not tally.record(20, 20)
+    assert tally.done() and tally.gave_up() and tally.effective == 2
+
+
+def test_engine_cpu_run_that_judged_nothing_measures_nothing(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    engine_cpu = load_bench("engine_cpu")
+    assert engine_cpu.ms_per_judgement(0.8, 2000) == pytest.approx(0.4)
+    assert math.isnan(engine_cpu.ms_per_judgement(0.8, 0))
+    times = engine_cpu.ThreadTimes()
+    times.loop_s = 0.5
+    times.calls["write"] = 0.25
+    assert times.line(1000) == "ms per judgement by thread: event loop 0.500, write 0.250"
+    assert times.line(0) == "ms per judgement by thread: none judged"
+
+
+def test_a_judge_server_that_does_not_start_is_a_message_with_its_reason(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    start_judge = load_bench("_server").start_judge
+    with pytest.raises(SystemExit) as stopped:
+        start_judge("--capacity", "0", "--latency", "0")
+    message = str(stopped.value.code)
+    assert message.startswith("simulate-judge did not start: ")
+    assert "capacity: Input should be greater than or equal to 1" in message
+    assert "--capacity 0 --latency 0" in message
+
+
+def test_gpu_check_loop_calls_the_pipeline_from_a_worker_thread_as_the_engine_does(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    pytest.importorskip("torch")
+    threads: list[threading.Thread] = []
+
+    class Generator:
+        def generate(self, requests: list[Any], worker: int, cancel: threading.Event) -> None:
+            threads.append(threading.current_thread())
+
+    rate = load_bench("generators_gpu_check").throughput(Generator(), 2, 4, "cpu")
+    assert rate > 0
+    assert len(threads) == 3  # the warm-up and two batches
+    assert threading.main_thread() not in threads
+
+
+def test_soak_requires_the_server_slots_full_when_the_latency_allows(
+    load_bench: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    soak = load_bench("soak")
+    goals = soak.Goals()
+    soak.check_slots(goals, 0.25, 152)
+    assert finish_status(goals) == 1
+    assert "max running (server /stats) == 256: 152 -> NOT MET" in capsys.readouterr().out
+    goals = soak.Goals()
+    soak.check_slots(goals, 0.25, 256)
+    assert finish_status(goals) == 0
+    goals = soak.Goals()
+    soak.check_slots(goals, 0.05, 152)
+    goals.equal("judgements made (all ok)", 4000, 4000)
+    assert finish_status(goals) == 0
+    assert "NOT MEASURED (--latency 0.05 s, under 0.25 s)" in capsys.readouterr().out

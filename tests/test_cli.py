@@ -1478,3 +1478,65 @@ def test_only_generators_that_edit_or_follow_a_subject_read_source_images(tmp_pa
     folder = ImageFolderGenerator("made", ImageFolderOptions(path=str(tmp_path)))
     assert not reads_source_images([folder, readers["flux"]])
     assert reads_source_images([folder, readers["instructp2p"]])
+
+
+class ClosesSlowly:
+    """Patches the fake judge into one whose close is a server given a long grace period:
+    it waits until the command says so, sends the command a Ctrl-C, and ends only once the
+    engine kills it (``stop_now``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+        self.capsys = capsys
+        self.err = ""
+        self.killed = threading.Event()
+        monkeypatch.setattr(FakeJudge, "closing", lambda judge: "stopping its server (up to 30 s)")
+        monkeypatch.setattr(FakeJudge, "stop_now", lambda judge: self.killed.set())
+        monkeypatch.setattr(FakeJudge, "aclose", lambda judge: self.aclose())
+        monkeypatch.setattr(cli, "CLOSING_POLL_S", 0, raising=False)
+
+    async def until(self, condition: Any) -> None:
+        # Polls a condition another task makes true (a line printed, a signal handled).
+        with anyio.fail_after(10):  # a safety net: the fix makes each come at once
+            while not condition():
+                self.err += self.capsys.readouterr().err
+                await anyio.sleep(0.01)
+
+    async def aclose(self) -> None:
+        await self.until(lambda: "closing judge 'trigscore': stopping its server" in self.err)
+        os.kill(os.getpid(), signal.SIGINT)
+        await self.until(self.killed.is_set)
+
+
+def test_ctrl_c_while_a_judge_server_stops_after_the_run_kills_it_and_keeps_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # After a finished run, a Ctrl-C during the server's grace said "finishing the work in
+    # flight", then "run the same command again to resume": nothing was in flight or left.
+    judge = ClosesSlowly(monkeypatch, capsys)
+    assert main(["run", str(write_config(tmp_path, samples=2)), "--headless"]) == EXIT_OK
+    err = judge.err + capsys.readouterr().err
+    assert "closing judge 'trigscore': stopping its server (up to 30 s); Ctrl-C kills" in err
+    assert "stopping now: the run's work is done" in err
+    assert "finishing the work in flight" not in err and "resume" not in err, err
+    assert judge.killed.is_set()
+    assert "done: 4 judgements in this run" in err
+    assert (tmp_path / "runs" / "cli" / "report" / "synth" / "report.md").is_file()
+
+
+def test_on_the_dashboard_a_ctrl_c_while_a_judge_server_stops_kills_it_and_keeps_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Once the dashboard closed, nothing received the stop signals while the server was
+    # given its grace: a Ctrl-C ended the command at once (exit 130), the server's other
+    # processes left running, the summary and the report lost.
+    async def dashboard(engine: Any) -> None:  # its app and signal receiver, closed
+        await engine.drain()
+
+    monkeypatch.setattr(cli, "_dashboard", lambda args, console: dashboard)
+    judge = ClosesSlowly(monkeypatch, capsys)
+    assert main(["run", str(write_config(tmp_path, samples=2))]) == EXIT_OK
+    err = judge.err + capsys.readouterr().err
+    assert "closing judge 'trigscore': stopping its server (up to 30 s); Ctrl-C kills" in err
+    assert judge.killed.is_set()
+    assert "done: 4 judgements in this run" in err
+    assert (tmp_path / "runs" / "cli" / "report" / "synth" / "report.md").is_file()

@@ -203,3 +203,40 @@ async def test_a_cancel_leaves_no_sample_queued_in_the_buffer(make_config: Confi
     with anyio.fail_after(10):
         while threads_left_behind():  # the call left behind ends, and closes the generator
             await checkpoint()
+
+
+class SlowToClose(FakeJudge):
+    """A judge whose close takes until the test lets it end (a server's grace period)."""
+
+    def __init__(self) -> None:
+        super().__init__("trigscore", FakeJudgeOptions(), concurrency=4)
+        self.closing_started = anyio.Event()
+        self.may_close = anyio.Event()
+        self.closes = 0
+
+    def closing(self) -> str:
+        return "stopping its server (up to 30 s)"
+
+    async def aclose(self) -> None:
+        self.closes += 1
+        self.closing_started.set()
+        await self.may_close.wait()
+        await super().aclose()
+
+
+async def test_the_judges_close_when_the_results_end_not_when_the_block_does(
+    make_config: ConfigFactory,
+) -> None:
+    # A finished run held its judge's server (and a GPU) for as long as the caller stayed
+    # in its block: a dashboard left on screen overnight until someone pressed q.
+    judge = SlowToClose()
+    engine = Engine(make_config(samples=2), judges=[judge])
+    with anyio.fail_after(10):  # a safety net: nothing here waits on time
+        async with engine:
+            await engine.drain()
+            await judge.closing_started.wait()
+            assert engine.stats().closing == "judge 'trigscore': stopping its server (up to 30 s)"
+            judge.may_close.set()
+    assert engine.stats().state == "done"
+    assert engine.stats().closing is None
+    assert judge.closes == 1

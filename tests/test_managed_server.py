@@ -32,8 +32,8 @@ from trig_stream.backends.judges.managed_server import (
 )
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
 from trig_stream.cli import main
-from trig_stream.errors import FatalBackendError
-from trig_stream.exit_codes import EXIT_FATAL
+from trig_stream.errors import ConfigError, FatalBackendError
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL
 from trig_stream.records import Sample
 
 pytestmark = pytest.mark.anyio
@@ -598,3 +598,70 @@ host = "{host}"
         assert main([*command, str(config)]) == EXIT_FATAL
         err = " ".join(capsys.readouterr().err.split())
         assert f"options.serve.host {host!r} is not an address of this machine" in err
+
+
+TWO_SERVERS = """\
+[run]
+name = "two"
+
+[dataset]
+path = "prompts.json"
+
+[[generators]]
+name = "synth"
+backend = "synthetic"
+
+[[judges]]
+name = "first"
+backend = "openai"
+options = {{ model = "m", serve = {{ command = ["{python}", "{{port}}"], port = 47330 }} }}
+
+[[judges]]
+name = "second"
+backend = "openai"
+options = {{ model = "m", serve = {{ command = ["{python}", "{{port}}"], port = 47330 }} }}
+"""
+
+
+def test_two_judges_serving_at_one_port_are_refused_before_either_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # validate passed them; run started the first server (a model loading for minutes), then
+    # failed on the second: "Address already in use".
+    write_prompts(tmp_path / "prompts.json", 1)
+    config = tmp_path / "two.toml"
+    config.write_text(TWO_SERVERS.format(python=sys.executable))
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(config)]) == EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert "judges 'first' and 'second': both serve tables start a server on port 47330" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "clash"),
+    [
+        ({"host": "127.0.0.1"}, {"host": "127.0.0.1"}, True),
+        ({"host": "localhost"}, {"host": "127.0.0.1"}, True),
+        ({"host": "::1"}, {"host": "localhost"}, True),
+        ({"host": "0.0.0.0"}, {"host": "127.0.0.1"}, True),
+        ({"host": "::"}, {"host": "127.0.0.1"}, True),
+        ({"host": "0.0.0.0"}, {"host": "::1"}, False),
+        ({"host": "127.0.0.1"}, {"host": "127.0.0.2"}, False),
+        ({"port": 0}, {"port": 0}, False),
+        ({}, {"port": 8001}, False),
+    ],
+)
+async def test_judges_serving_at_one_fixed_address_are_refused(
+    make_config: ConfigFactory, first: dict[str, Any], second: dict[str, Any], clash: bool
+) -> None:
+    tables = [
+        serve([sys.executable, "{port}"], **{"port": 8000, **table}) for table in (first, second)
+    ]
+    judges = [judge_with(table) for table in tables]
+    judges[1].name = "other"
+    if clash:
+        with pytest.raises(ConfigError, match="judges 'trigscore' and 'other': both serve"):
+            Engine(make_config(), judges=judges)
+    else:
+        Engine(make_config(), judges=judges)

@@ -255,3 +255,37 @@ def test_a_variable_name_and_none_are_taken_as_api_key_env() -> None:
 
     for name in ("OPENAI_API_KEY", "_key2", ""):
         assert OpenAIImagesOptions(api_key_env=name).api_key_env == name
+
+
+@pytest.mark.parametrize(
+    "serve",
+    [
+        'command = ["vllm", "serve", "m", "--port", "{port}", "--api-key", "@KEY@"]',
+        'command = ["vllm", "serve", "m", "--port", "{port}", "--api-key=@KEY@"]',
+        'command = ["vllm", "serve", "m", "--port", "{port}"], env = { VLLM_API_KEY = "@KEY@" }',
+    ],
+    ids=["argument", "glued", "env"],
+)
+def test_a_key_in_a_serve_command_or_env_is_refused_unquoted(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    serve: str,
+) -> None:
+    # The key went into manifest.json and into "opening judge 'trigscore': starting its
+    # server `... --api-key sk-...`", unmasked.
+    monkeypatch.setenv(KEY_ENV, KEY)
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        CONFIG.replace('base_url = "{base_url}"\n', "").format(
+            name="serve", env=KEY_ENV, client="http"
+        )
+        + f"serve = {{ {serve.replace('@KEY@', KEY)} }}\n"
+    )
+    write_prompts(tmp_path / "prompts.json", 1)
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(config)]) == EXIT_FATAL
+        err = capsys.readouterr().err
+        assert "holds the API key" in err and "pass it through the environment" in err, err
+        assert_nowhere(KEY, err)
+    assert not (tmp_path / "runs").exists()

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 PROGRESS_EVERY_S = 0.5
 OPENING_QUIET_S = 2.0
 """How long an opening step may take before the command says what it waits for."""
+CLOSING_POLL_S = 0.1
+"""Time between looks at what the engine closes once the run is over (a judge server given
+its grace period), to say so at once."""
 QUIET_LIBRARIES = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
@@ -218,9 +221,23 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
         with listening, anyio.open_signal_receiver(*stop_signals()) as signals:
             task_status.started()
             async for signum in signals:
+                stats = engine.stats()
                 if is_hangup(signum):  # the terminal is gone: nobody to tell, nothing to wait for
                     silence_the_terminal()
                     interrupted = True
+                    engine.cancel()
+                elif stats.closing is not None or stats.state in ("done", "stopped"):
+                    # The run's work is over: nothing is in flight, nothing is left to
+                    # resume; only the judges close. A signal cuts that short (a judge server
+                    # killed, not given the rest of its grace); the run keeps its outcome.
+                    interrupted = True
+                    if stats.closing is not None:
+                        console.print(
+                            "stopping now: the run's work is done; what still closes is "
+                            "stopped at once (a judge server killed)",
+                            highlight=False,
+                            markup=False,
+                        )
                     engine.cancel()
                 elif not interrupted:
                     interrupted = True
@@ -248,6 +265,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
             await signals.start(on_signals)
             opening = anyio.CancelScope()
             signals.start_soon(_say_what_opens, engine, console, opening)
+            closing = anyio.CancelScope()
             if run_dashboard is not None:
                 async with engine:
                     opening.cancel()
@@ -255,9 +273,17 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                         # From here the dashboard maps Ctrl-C to stop, then cancel.
                         listening.cancel()
                         await run_dashboard(engine)
+                        # The app and its receiver are gone, but the judges may still be
+                        # closing (a server given its grace): a signal must still reach the
+                        # engine (a kill, not the run's end unannounced), and the screen
+                        # say what it waits for.
+                        listening = anyio.CancelScope()
+                        await signals.start(on_signals)
+                        signals.start_soon(_say_what_closes, engine, console, closing)
                     else:
                         await engine.drain()  # stopped while opening: ends at once
             else:
+                signals.start_soon(_say_what_closes, engine, console, closing)
                 with PlainProgress(console) as progress:
                     async with engine, anyio.create_task_group() as tg:
                         opening.cancel()
@@ -278,6 +304,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                             pass
                         tg.cancel_scope.cancel()
                     progress.update(engine.stats(), force=True)
+            closing.cancel()
             listening.cancel()
     # The run's receiver is closed: a stop signal from here stops the report, if any.
     stop_report = threading.Event()
@@ -351,6 +378,22 @@ async def _say_what_opens(engine: Engine, console: Console, scope: anyio.CancelS
             if what is not None and what != said:
                 console.print(f"opening {what}", highlight=False, markup=False)
                 said = what
+
+
+async def _say_what_closes(engine: Engine, console: Console, scope: anyio.CancelScope) -> None:
+    """Say what the engine closes once the run is over, when that may take a while (a judge
+    server given its grace period: up to ``stop_timeout_s`` with nothing else on screen), and
+    that a stop signal cuts it short; ends with ``scope``."""
+    said = None
+    with scope:
+        while True:
+            what = engine.stats().closing
+            if what is not None and what != said:
+                console.print(
+                    f"closing {what}; Ctrl-C kills it at once", highlight=False, markup=False
+                )
+                said = what
+            await anyio.sleep(CLOSING_POLL_S)
 
 
 @contextmanager

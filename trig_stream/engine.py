@@ -163,6 +163,8 @@ class Engine:
         self._judges_opened = False
         """Whether the judges' opening began (they are closed at the end only then): a
         resumed run with nothing left to judge never opens a judge that opens slowly."""
+        self._closing_now: str | None = None
+        self._judges_closed = False
         self._counting = anyio.CancelScope()
         """Where the dataset is counted for progress: :meth:`stop` and the run's end cancel
         it, and nothing waits for the count's thread."""
@@ -215,6 +217,7 @@ class Engine:
             limiters=self._limiters,
             controllers=self._judging.controllers if self._judging else {},
             opening=self._opening_now,
+            closing=self._closing_now,
         )
 
     def stop(self) -> None:
@@ -487,8 +490,7 @@ class Engine:
         self._closed = True
         with anyio.CancelScope(shield=True):
             try:
-                if self._judges_opened:
-                    await close_judges(self._judges, self._counters.notes)
+                await self._close_judges()
             finally:
                 self._release_backends()
             if self._run_dir is not None and self._discard_run_dir:
@@ -499,6 +501,21 @@ class Engine:
                 self.run_dir_path = self.config.run_dir
             elif self._run_dir is not None:
                 await anyio.to_thread.run_sync(self._run_dir.close)
+
+    async def _close_judges(self) -> None:
+        """Close the judges, once: when the run's results end (a judge server or model is
+        not held while the caller lingers in its block, a dashboard left on screen), else
+        when the engine closes. Shielded: a hard stop meanwhile reaches them through
+        :meth:`cancel` (a server killed), not by abandoning the close."""
+        if self._judges_closed or not self._judges_opened:
+            return
+        self._judges_closed = True
+        with anyio.CancelScope(shield=True):
+            await close_judges(self._judges, self._counters.notes, self._announce_closing)
+
+    def _announce_closing(self, what: str | None) -> None:
+        """Say what closes now (:attr:`EngineStats.closing`), None once done."""
+        self._closing_now = what
 
     # -- the pipeline -------------------------------------------------------------------------
 
@@ -529,6 +546,10 @@ class Engine:
             if self._counters.ended_at is None:
                 self._counters.ended_at = time.monotonic()
             streams.results[0].close()  # ``results`` ends, however the run did
+            # The judges close with the run, not with the caller's block: a server started
+            # for the run stops now (its grace shown in stats().closing), not when someone
+            # closes a dashboard left on screen.
+            await self._close_judges()
 
     async def _pipeline(self, context: RunContext, persist: PersistStage, streams: Streams) -> None:
         sample_streams = streams.samples

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Column, Table
 
-from trig_stream.backends.registry import build_generator, build_judge
+from trig_stream.backends.registry import build_generator, build_judge, check_backends
 from trig_stream.config import RunConfig, load_config
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_OK
 from trig_stream.records import Status
@@ -51,6 +51,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     # PATH, a local checkpoint folder.
     generators = [build_generator(generator, config) for generator in config.generators]
     judges = [build_judge(judge, config) for judge in config.judges]
+    check_backends(generators, judges)  # as the engine checks them (two servers at one port)
     ensure_open_files(config, judges, raise_limit=False)
     for generator in generators:
         check_environment(generator)

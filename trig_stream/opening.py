@@ -70,14 +70,24 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
             ) from exc
 
 
-async def close_judges(judges: Iterable[Judge], notes: MutableSequence[str]) -> None:
+async def close_judges(
+    judges: Iterable[Judge],
+    notes: MutableSequence[str],
+    closing: Callable[[str | None], None] = lambda what: None,
+) -> None:
     """Close each judge; a failure to close one becomes a note in ``notes``, not an error
-    (closing must not hide the run's own outcome)."""
+    (closing must not hide the run's own outcome). ``closing`` is told what closes when it
+    may take a while (a judge's :meth:`~trig_stream.backends.base.Judge.closing`), and None
+    once it is done."""
     for judge in judges:
         try:
+            what = judge.closing()
+            closing(None if what is None else f"judge {judge.name!r}: {what}")
             await judge.aclose()
         except Exception as exc:
             notes.append(f"judge {judge.name!r}: closing it failed: {describe_error(exc)}")
+        finally:
+            closing(None)
 
 
 def judges_open_slowly(judges: Iterable[Judge]) -> bool:

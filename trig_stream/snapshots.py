@@ -51,6 +51,7 @@ def engine_stats(
     limiters: Mapping[str, anyio.CapacityLimiter],
     controllers: Mapping[str, ConcurrencyController],
     opening: str | None,
+    closing: str | None = None,
 ) -> EngineStats:
     """A cheap snapshot of progress, buffers, throughput and latencies.
 
@@ -61,6 +62,7 @@ def engine_stats(
         limiters: each judge's limit on requests in flight, by judge name.
         controllers: the adaptive limits of the judges that have one, by judge name.
         opening: what the engine is opening (shown only while it starts).
+        closing: what the engine is closing once the run is over, if that may take a while.
     """
     c = counters
     now = c.ended_at or time.monotonic()
@@ -96,6 +98,7 @@ def engine_stats(
         last_errors=tuple(c.last_errors),
         notes=tuple(printable(note) for note in c.notes),  # exceptions' texts among them
         opening=opening if state == "starting" else None,
+        closing=closing,
     )
 
 

@@ -115,6 +115,9 @@ class EngineStats:
     opening: str | None = None
     """What the engine is opening while it starts (the run directory, a judge starting its
     server or loading its model), or None."""
+    closing: str | None = None
+    """What the engine is closing once the run is over, when it may take a while (a judge
+    stopping the server it started, given its grace period), or None."""
 
     @property
     def judged(self) -> int:

@@ -334,6 +334,11 @@ class Judge(ABC):
         """Connect or load; called once before the first request, or not at all (a resumed
         run with nothing left to judge; see :meth:`opens_slowly`)."""
 
+    def closing(self) -> str | None:
+        """What :meth:`aclose` does, when it may take a while (for progress displays): e.g.
+        stopping a server given a grace period. None (the default) when it is quick."""
+        return None
+
     def connections(self, in_flight: int) -> int:
         """Open files (sockets) this judge holds with ``in_flight`` requests at once, for the
         engine's check of the process's open-file limit. None by default."""

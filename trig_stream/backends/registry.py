@@ -230,8 +230,9 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
         ConfigError: none of a kind; an object that is not a backend instance of its kind;
             a name that is no safe file name, is used twice or (a generator's) names a file
             of the report; a count (workers, batch size, concurrency) outside the bounds the
-            config sets; or a judge's ``dimensions`` that is not None nor a non-empty set of
-            TRIG dimension codes.
+            config sets; a judge's ``dimensions`` that is not None nor a non-empty set of
+            TRIG dimension codes; or two judges' servers (``options.serve``) at one fixed
+            address.
     """
     from trig_stream.backends.base import Generator, Judge
     from trig_stream.config import GeneratorConfig, JudgeConfig, field_value_problem
@@ -289,6 +290,9 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
             raise ConfigError(
                 f"{described}: {what} {problem}: set it within the bounds a config's entry has"
             )
+    from trig_stream.backends.judges.managed_server import check_distinct_addresses
+
+    check_distinct_addresses(judges)
     for judge in cast("Sequence[Judge]", judges):
         dimensions: object = judge.dimensions
         if dimensions is None:

@@ -266,6 +266,31 @@ class ManagedServer:
                 raise error from None
             # Anything else (no IPv6 here, say) is for the start to report, with its port.
 
+    def check_secrets_left_out(self) -> None:
+        """Refuse a command argument or an ``env`` value that holds the API key: the serve
+        table is saved with the run (its manifest) and its command shown while it starts.
+
+        Raises:
+            FatalBackendError: one holds it; the message names where, never the key.
+        """
+        where = [
+            f"options.serve.command[{index}]"
+            for index, arg in enumerate(self.options.command)
+            if self._scrub(arg) != arg
+        ] + [
+            f"options.serve.env[{name!r}]"
+            for name, value in self.options.env.items()
+            if self._scrub(value) != value
+        ]
+        if where:
+            raise FatalBackendError(
+                f"judge {self.name!r}: {' and '.join(where)} "
+                f"{'holds' if len(where) == 1 else 'hold'} the API key, which the run "
+                "would save in its manifest and show while the server starts: leave it out "
+                "and pass it through the environment, which the server inherits (vLLM reads "
+                "VLLM_API_KEY: `export VLLM_API_KEY=...` before the run, instead of `--api-key`)"
+            )
+
     def _free_port(self) -> int:
         """A port free now on ``serve.host`` (for ``port = 0``)."""
         host = self.options.host
@@ -420,6 +445,50 @@ class ManagedServer:
             return f"{head}; it wrote no output"
         body = "\n".join(f"  | {line}" for line in tail)
         return f"{head}; its last {len(tail)} lines of output:\n{body}"
+
+
+def check_distinct_addresses(judges: Sequence[object]) -> None:
+    """Refuse two judges whose ``serve`` tables listen at the same fixed host and port: the
+    second would fail to start only once the first had started (its model loaded, minutes).
+
+    ``port = 0`` (a free port each) never clashes; hosts clash when equal, when one is the
+    wildcard covering the other (``::`` all, ``0.0.0.0`` every IPv4 address and host name),
+    or as ``localhost`` and a loopback address.
+
+    Raises:
+        ConfigError: two clash; the message names both judges.
+    """
+    from trig_stream.errors import ConfigError
+
+    fixed: list[tuple[str, ServeOptions]] = []
+    for judge in judges:
+        serve = getattr(getattr(judge, "options", None), "serve", None)
+        if not isinstance(serve, ServeOptions) or serve.port == 0:
+            continue
+        name = str(getattr(judge, "name", "?"))
+        for other_name, other in fixed:
+            if other.port == serve.port and _hosts_overlap(other.host, serve.host):
+                raise ConfigError(
+                    f"judges {other_name!r} and {name!r}: both serve tables start a server on "
+                    f"port {serve.port} ({other.host} and {serve.host}), and the second could "
+                    "not listen there once the first had started: give each its own "
+                    "options.serve.port (or 0, a free port each)"
+                )
+        fixed.append((name, serve))
+
+
+def _hosts_overlap(first: str, second: str) -> bool:
+    """Whether servers listening on ``first`` and ``second`` (at one port) would clash."""
+    first, second = first.lower(), second.lower()
+    if first == second or "::" in (first, second):
+        return True
+    if "0.0.0.0" in (first, second):
+        other = second if first == "0.0.0.0" else first
+        return ":" not in other  # an IPv4 address or a host name
+    if "localhost" in (first, second):
+        other = second if first == "localhost" else first
+        return other in ("127.0.0.1", "::1")
+    return False
 
 
 def _stopped_with_us(argv: list[str]) -> list[str]:

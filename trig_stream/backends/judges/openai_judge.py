@@ -314,11 +314,12 @@ class OpenAIJudge(Judge):
         )
 
     def check_environment(self) -> None:
-        """The API key's variable is set (if it names one), and the ``serve`` command runs on
-        an address of this machine."""
-        self._key()
+        """The API key's variable is set (if it names one), the ``serve`` table holds no key
+        (it is saved with the run), its command runs, and on an address of this machine."""
+        key = self._key()
         if self.options.serve is not None:
-            server = ManagedServer(self.options.serve, name=self.name)
+            server = ManagedServer(self.options.serve, name=self.name, secrets=[key or ""])
+            server.check_secrets_left_out()
             server.check_command()
             server.check_host()
 
@@ -328,6 +329,12 @@ class OpenAIJudge(Judge):
             return "connecting"
         command = " ".join(serve.command).replace("{port}", str(serve.port or "<free port>"))
         return f"starting its server `{command}`, until GET /health answers"
+
+    def closing(self) -> str | None:
+        server = self.server
+        if server is None or server.options.stop_timeout_s == 0:
+            return None
+        return f"stopping its server (up to {server.options.stop_timeout_s:g} s)"
 
     def _key(self) -> str | None:
         return key_from_env(self.options.api_key_env or "", owner=f"judge {self.name!r}")
