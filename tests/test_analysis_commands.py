@@ -24,6 +24,7 @@ from trig_stream.analysis import AnalysisError, analyse_judgements
 from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
+from trig_stream.analysis.inputs import load_run
 from trig_stream.analysis.relations import default_metric
 from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.cli import main
@@ -953,9 +954,60 @@ def test_images_the_dimensions_filter_left_half_unjudged_are_not_missing_a_score
     assert 0 < failed < 6  # both kinds are there to tell apart
     code, text = run_command("report", str(config.run_dir), "--no-plots")
     expected = (
-        f"{failed} images left out for a missing score, {6 - failed} images with one "
-        "dimension not judged (the dataset's dimensions filter)"
+        f"{_images(failed)} left out for a missing score, {_images(6 - failed)} with one "
+        "dimension not judged (the dataset's dimensions filter, or a run stopped before it)"
     )
     assert code == 0 and expected in text
     report = (config.run_dir / "report" / "synth" / "report.md").read_text()
     assert f"0 complete images in 2 pairs; {expected}." in report
+
+
+def _images(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"
+
+
+def _left_out(run_dir: Path) -> tuple[int, int]:
+    """(missing a score, not judged) worked out from the journal: an image not complete is
+    "not judged" when it is scored on one dimension and has no judgement at all on the other."""
+    statuses: dict[tuple[str, str], dict[str, str]] = {}
+    for j in load_run(run_dir).judgements:
+        statuses.setdefault((j.pair, j.data_id), {})[j.dimension] = j.status
+    missing = not_judged = 0
+    for by_dimension in statuses.values():
+        if list(by_dimension.values()) == ["ok", "ok"]:
+            continue
+        if len(by_dimension) == 1 and "ok" in by_dimension.values():
+            not_judged += 1
+        else:
+            missing += 1
+    return missing, not_judged
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [([], ["IQ-R"]), (["IQ-R"], ["TA-C"])],
+    ids=["all-then-IQ-R", "IQ-R-then-TA-C"],
+)
+def test_a_resume_with_another_dimensions_filter_tells_failed_from_never_judged(
+    make_config: ConfigFactory, tmp_path: Path, first: list[str], then: list[str]
+) -> None:
+    # The filter was read from the manifest, which holds the latest run's only: a failed
+    # TA-C judgement of the first run was called "not judged" by a resume judging IQ-R alone,
+    # and an IQ-R-only image of the first run "missing a score" by a resume judging TA-C.
+    prompts = write_prompts(tmp_path / "prompts.json", 12)
+    judges = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.3}}]
+    for dimensions in (first, then):
+        config = make_config(
+            dataset={"path": str(prompts), "dimensions": dimensions}, judges=judges
+        )
+        anyio.run(run_to_end, config)
+    missing, not_judged = _left_out(config.run_dir)
+    assert missing > 0  # failed judgements are there to be told apart
+    code, text = run_command("report", str(config.run_dir), "--no-plots")
+    assert code == 0
+    expected = f"{_images(missing)} left out for a missing score"
+    if not_judged:
+        expected += f", {_images(not_judged)} with one dimension not judged"
+    else:
+        assert "not judged" not in text
+    assert expected in text

@@ -10,6 +10,7 @@ from scipy import stats as scipy_stats
 
 from trig_stream.analysis import RelationTracker, analyse_judgements, negate_dominance
 from trig_stream.analysis.relations import PairColumns, analyse_pair
+from trig_stream.analysis.report import left_out_text
 from trig_stream.analysis.stats import (
     Dominance,
     average_ranks,
@@ -317,3 +318,41 @@ def test_tracker_groups_models_and_metrics_separately() -> None:
     assert tracker.dtm("b").code("IQ-R", "TA-C") == 3
     with pytest.raises(KeyError):
         tracker.analysis("c")
+
+
+def test_a_failed_judgement_is_missing_a_score_and_one_never_asked_for_is_not_judged() -> None:
+    pair = "IQ-R_TA-C"
+    judgements = [
+        *judgements_for(pair, [0.5], [0.6]),  # _1: complete
+        judgement("m", f"{pair}_2", pair, "IQ-R", 0.5),  # _2: TA-C asked for, failed
+        judgement("m", f"{pair}_2", pair, "TA-C", 0.5).model_copy(
+            update={"status": "error", "score": None, "error": "timeout"}
+        ),
+        judgement("m", f"{pair}_3", pair, "IQ-R", 0.5),  # _3: TA-C unscorable
+        judgement("m", f"{pair}_3", pair, "TA-C", None),
+        judgement("m", f"{pair}_4", pair, "TA-C", 0.5),  # _4: IQ-R never asked for
+        judgement("m", f"{pair}_5", pair, "IQ-R", 0.5),  # _5: TA-C never asked for
+        judgement("m", f"{pair}_6", pair, "IQ-R", None),  # _6: IQ-R failed, TA-C never asked
+    ]
+    tracker = RelationTracker()
+    tracker.extend(judgements)
+    batch = analyse_judgements(judgements)[("m", "trigscore")]
+    assert tracker.analysis("m") == batch  # the live path tells them apart alike
+    (stats,) = batch.pairs
+    assert (stats.n, stats.excluded, stats.not_judged) == (1, 5, 2)
+    assert (stats.judged_first, stats.judged_second) == (5, 4)
+    assert batch.not_judged == 2
+
+
+def test_one_image_left_out_is_said_in_the_singular() -> None:
+    pair = "IQ-R_TA-C"
+    judgements = [
+        judgement("m", f"{pair}_1", pair, "IQ-R", 0.5),  # TA-C unscorable
+        judgement("m", f"{pair}_1", pair, "TA-C", None),
+        judgement("m", f"{pair}_2", pair, "IQ-R", 0.5),  # TA-C never asked for
+    ]
+    analysis = analyse_judgements(judgements)[("m", "trigscore")]
+    assert left_out_text(analysis) == (
+        "1 image left out for a missing score, 1 image with one dimension not judged "
+        "(the dataset's dimensions filter, or a run stopped before it)"
+    )

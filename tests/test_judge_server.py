@@ -23,6 +23,7 @@ from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOpt
 from trig_stream.backends.judges.server_probe import parse_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import RetryableError
+from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.records import Sample
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.testing import judge_server
@@ -420,3 +421,55 @@ async def test_planted_correlation_survives_a_user_text_naming_the_dimension(
         finally:
             await judge.aclose()
     assert spearmanr(by_dim["IQ-R"], by_dim["TA-C"])[0] > 0.5
+
+
+@pytest.mark.parametrize("case", ["shrunk for max_pixels", "one source image"])
+async def test_two_samples_sent_the_same_bytes_get_their_own_answers(
+    tmp_path: Path, case: str
+) -> None:
+    # The subject was the image bytes alone: an engine PNG shrunk for max_pixels loses the
+    # text chunk naming its sample, and a baseline returns one source image for several
+    # prompts; either way two samples shared one latent, hence the same answers.
+    pixels = Image.new("RGB", (256, 256), (40, 90, 200))
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in paths:
+        path.write_bytes(with_sample_digest(encode_png(pixels), f"model/{path.stem}"))
+    max_pixels = None
+    if case == "one source image":
+        paths = [paths[0], paths[0]]
+    else:
+        max_pixels = 64 * 64
+    prompts = ["a blue square on a table", "a red cat asleep"]
+    async with JudgeServer() as server:
+        options = OpenAIJudgeOptions(base_url=server.base_url, model="m", max_pixels=max_pixels)
+        judge = OpenAIJudge("m", options)
+        await judge.open()
+        try:
+            answers = []
+            for n, (path, prompt) in enumerate(zip(paths, prompts, strict=True), start=1):
+                sample = Sample(
+                    data_id=f"IQ-R_TA-C_{n}", task="t2i", prompt=prompt, dimensions=("IQ-R", "TA-C")
+                )
+                reply = await judge.judge(JudgeRequest("m", sample, "TA-C", judge.prepare(path), 1))
+                answers.append(reply.top_logprobs)
+        finally:
+            await judge.aclose()
+    assert answers[0] is not None and answers[0] != answers[1]
+
+
+async def test_two_images_are_not_read_as_their_concatenation() -> None:
+    # The images' bytes were hashed end to end: [P, P+P] and [P+P, P] (Pillow reads a PNG
+    # with bytes after its end) were one subject.
+    png = base64.b64decode(data_url().split(",", 1)[1])
+    urls = ["data:image/png;base64," + base64.b64encode(d).decode() for d in (png, png + png)]
+    choices = []
+    async with JudgeServer() as server, aiohttp.ClientSession() as http:
+        for pair in (urls, urls[::-1]):
+            body = chat_body(pair[0])
+            body["messages"][1]["content"].insert(
+                1, {"type": "image_url", "image_url": {"url": pair[1]}}
+            )
+            async with http.post(f"{server.base_url}/chat/completions", json=body) as response:
+                assert response.status == 200
+                choices.append((await response.json())["choices"])
+    assert choices[0] != choices[1]

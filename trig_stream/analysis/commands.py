@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -144,16 +144,11 @@ def analyse_run(
     return {model: analysis for (model, _), analysis in analyses.items()}
 
 
-def _print_written(
-    console: Console,
-    analysis: ModelAnalysis,
-    written: WrittenFiles,
-    judged: Collection[Dimension] = frozenset(),
-) -> None:
+def _print_written(console: Console, analysis: ModelAnalysis, written: WrittenFiles) -> None:
     codes = sum(1 for p in analysis.pairs if p.n)
     console.print(
         f"{analysis.model}: {len(analysis.pairs)} pairs ({codes} with data), "
-        f"{left_out_text(analysis, judged)} -> {written.folder}",
+        f"{left_out_text(analysis)} -> {written.folder}",
         highlight=False,
         markup=False,
     )
@@ -236,10 +231,9 @@ def write_report(
             plots=plots,
             should_stop=should_stop,
             notes=notes,
-            judged=run.judged_dimensions,
         )
         skipped |= written.plots_skipped
-        _print_written(console, analysis, written, run.judged_dimensions)
+        _print_written(console, analysis, written)
     _remove_stale_outputs(folder, analyses, run_dir, console)
     comparison = folder / COMPARISON_FILE
     with writing(folder):

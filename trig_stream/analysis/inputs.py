@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RelationSection
@@ -38,8 +38,6 @@ __all__ = [
     "with_overrides",
 ]
 
-_DIMENSIONS: TypeAdapter[list[Dimension]] = TypeAdapter(list[Dimension])
-
 
 @dataclass(frozen=True, slots=True)
 class RunData:
@@ -52,8 +50,6 @@ class RunData:
     """Metric names: the config's judges in order, then any others found in the journal."""
     relation: RelationSection
     """The thresholds of the run's config, or TRIG's defaults."""
-    judged_dimensions: frozenset[Dimension] = frozenset()
-    """The run's ``[dataset] dimensions`` filter: the only dimensions it judged (empty: all)."""
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -75,15 +71,7 @@ def load_run(run_dir: Path) -> RunData:
         raise RunDirError(
             f"{run_dir}: the manifest's [relation] section is invalid: {_problems(exc)}"
         ) from None
-    dataset = manifest.config.get("dataset")
-    filtered = dataset.get("dimensions") if isinstance(dataset, dict) else None
-    try:
-        judged = frozenset(_DIMENSIONS.validate_python(filtered or []))
-    except ValidationError as exc:
-        raise RunDirError(
-            f"{run_dir}: the manifest's [dataset] dimensions are invalid: {_problems(exc)}"
-        ) from None
-    return RunData(run_dir, manifest, judgements, metrics, relation, judged)
+    return RunData(run_dir, manifest, judgements, metrics, relation)
 
 
 def with_overrides(base: RelationSection, overrides: Mapping[str, object]) -> RelationSection:

@@ -44,7 +44,7 @@ class _PairBuffer:
     of ~120 the tracker no longer makes a run's memory grow with its dataset.
     """
 
-    __slots__ = ("data_ids", "first", "pair", "second", "x", "y")
+    __slots__ = ("data_ids", "first", "judged_x", "judged_y", "pair", "second", "x", "y")
 
     def __init__(self, pair: str) -> None:
         self.pair = pair
@@ -52,12 +52,17 @@ class _PairBuffer:
         self.data_ids = StringIndex()
         self.x = np.full(INITIAL_CAPACITY, math.nan)
         self.y = np.full(INITIAL_CAPACITY, math.nan)
+        # A judgement of any status on each dimension: a failed one is not one never asked for.
+        self.judged_x = np.zeros(INITIAL_CAPACITY, bool)
+        self.judged_y = np.zeros(INITIAL_CAPACITY, bool)
 
     def slot(self, data_id: str) -> int:
         slot = self.data_ids.add(data_id)
         if slot == self.x.shape[0]:
             self.x = _grown(self.x)
             self.y = _grown(self.y)
+            self.judged_x = _grown(self.judged_x)
+            self.judged_y = _grown(self.judged_y)
         return slot
 
     def columns(self) -> PairColumns:
@@ -70,11 +75,15 @@ class _PairBuffer:
             self.data_ids,
             self.x[:size].copy(),
             self.y[:size].copy(),
+            self.judged_x[:size].copy(),
+            self.judged_y[:size].copy(),
         )
 
 
 def _grown(values: np.ndarray) -> np.ndarray:
-    grown = np.full(values.shape[0] * 2, math.nan)
+    # New slots are NaN (no score) in a score column, False (not judged) in a judged one.
+    fill = math.nan if values.dtype.kind == "f" else False
+    grown = np.full(values.shape[0] * 2, fill, values.dtype)
     grown[: values.shape[0]] = values
     return grown
 
@@ -135,8 +144,10 @@ class RelationTracker:
         # Index the buffer's arrays only now: finding the slot may have grown them.
         if on_x:
             buffer.x[slot] = value
+            buffer.judged_x[slot] = True
         else:
             buffer.y[slot] = value
+            buffer.judged_y[slot] = True
         self.added += 1
 
     def extend(self, judgements: Iterable[Judgement]) -> None:

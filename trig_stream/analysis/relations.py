@@ -10,7 +10,10 @@ judgements.
 Conventions beyond the spec:
 
 * An image of a pair that lacks one (or both) of its two ``ok`` scores is left out of the
-  pair's correlation, zones and code; :attr:`PairStats.excluded` counts such images.
+  pair's correlation, zones and code; :attr:`PairStats.excluded` counts such images. Of them,
+  :attr:`PairStats.not_judged` counts those scored on one dimension and never judged on the
+  other (no judgement of any status: a dimensions filter, a run stopped before it); the rest
+  lack a score that was asked for (an error, an unscorable answer).
 * Dimension means and pair means use every ``ok`` score, excluded images included.
 * A pair without a single complete image counts as absent: its code is -1, and the DTM looks
   for the reversed pair instead.
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import numpy as np
+from numpy.typing import NDArray
 
 from trig_stream.analysis.stats import (
     MIN_TRADEOFF_POINTS,
@@ -40,6 +44,8 @@ from trig_stream.config import RelationSection
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension, split_pair
 from trig_stream.errors import TrigStreamError
 from trig_stream.records import SCHEMA_VERSION, Judgement
+
+BoolArray: TypeAlias = NDArray[np.bool_]
 
 AnalysisKey: TypeAlias = tuple[str, str]
 """(model, metric): what one relation analysis covers."""
@@ -60,7 +66,10 @@ class PairColumns:
     """One pair's scores: slot ``i`` is the image ``data_ids[i]``; NaN means no ok score.
 
     ``data_ids`` may be longer than the columns (the live tracker shares its growing list);
-    only its first ``len(x)`` entries belong to these columns.
+    only its first ``len(x)`` entries belong to these columns. ``judged_x`` and ``judged_y``
+    tell whether a slot has a judgement of any status (ok, error, unscorable) on each
+    dimension, so a NaN asked for and failed is told from one never asked for; None: every
+    slot has one.
     """
 
     pair: str
@@ -69,6 +78,8 @@ class PairColumns:
     data_ids: Sequence[str]
     x: FloatArray
     y: FloatArray
+    judged_x: BoolArray | None = None
+    judged_y: BoolArray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +108,10 @@ class PairStats:
     """Images with both ok scores: the points analysed."""
     excluded: int
     """Images of the pair left out because one or both ok scores are missing."""
+    not_judged: int
+    """Of ``excluded``, the images with an ok score on one dimension and no judgement of any
+    status on the other: never asked for (a ``[dataset] dimensions`` filter, a run stopped
+    before it), not failed."""
     correlation: float
     ci_low: float
     ci_high: float
@@ -114,9 +129,10 @@ class PairStats:
     mean_first: float
     mean_second: float
     """Each dimension's mean over the pair's ok scores (NaN when none)."""
-    scored_first: int
-    scored_second: int
-    """Images of the pair with an ok score on each dimension."""
+    judged_first: int
+    judged_second: int
+    """Images of the pair with a judgement of any status (ok, error, unscorable) on each
+    dimension."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,21 +187,12 @@ class ModelAnalysis:
         """Images left out of their pair's correlation, over all pairs."""
         return sum(stats.excluded for stats in self.pairs)
 
-    def not_judged(self, judged: Collection[Dimension]) -> int:
-        """Of :attr:`excluded`, the images left out only because the other dimension of their
-        pair is not among ``judged`` (a run's ``[dataset] dimensions`` filter; empty: all
-        are judged): scored on their pair's judged dimension, unjudged on purpose on the
-        other. The rest lack a score that was asked for (an error, an unscorable answer)."""
-        if not judged:
-            return 0
-        count = 0
-        for stats in self.pairs:
-            first, second = stats.first in judged, stats.second in judged
-            if first and not second:
-                count += stats.scored_first - stats.n
-            elif second and not first:
-                count += stats.scored_second - stats.n
-        return count
+    @property
+    def not_judged(self) -> int:
+        """Of :attr:`excluded`, the images scored on one dimension of their pair and never
+        judged on the other (see :attr:`PairStats.not_judged`). The rest lack a score that was
+        asked for (an error, an unscorable answer)."""
+        return sum(stats.not_judged for stats in self.pairs)
 
 
 def default_metric(metrics: Sequence[str], measured: Mapping[str, Collection[Dimension]]) -> str:
@@ -229,6 +236,9 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
     has_x = ~np.isnan(x_all)
     has_y = ~np.isnan(y_all)
     complete = has_x & has_y
+    size = x_all.shape[0]
+    judged_x = np.ones(size, bool) if columns.judged_x is None else columns.judged_x
+    judged_y = np.ones(size, bool) if columns.judged_y is None else columns.judged_y
     slots = np.flatnonzero(complete)
     x, y = x_all[slots], y_all[slots]
     n = int(slots.shape[0])
@@ -265,7 +275,8 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
         first=columns.first,
         second=columns.second,
         n=n,
-        excluded=int(x_all.shape[0]) - n,
+        excluded=int(size) - n,
+        not_judged=int(np.count_nonzero((has_x & ~judged_y) | (has_y & ~judged_x))),
         correlation=corr,
         ci_low=low,
         ci_high=high,
@@ -278,8 +289,8 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
         code=code,
         mean_first=mean_first,
         mean_second=mean_second,
-        scored_first=int(np.count_nonzero(has_x)),
-        scored_second=int(np.count_nonzero(has_y)),
+        judged_first=int(np.count_nonzero(judged_x)),
+        judged_second=int(np.count_nonzero(judged_y)),
     )
     return stats, points
 
@@ -359,23 +370,34 @@ def columns_from_judgements(
                 judgement.dimension,
             )
             latest[key] = judgement
+    # Per image: the two scores (NaN: no ok score) and whether each dimension was judged at
+    # all (1.0) or never (0.0), so a failed judgement is told from one never asked for.
     cells: dict[AnalysisKey, dict[str, dict[str, list[float]]]] = {}
     for (model, metric, pair, data_id, _), judgement in latest.items():
         slot = cells.setdefault((model, metric), {}).setdefault(pair, {})
-        values = slot.setdefault(data_id, [math.nan, math.nan])
+        values = slot.setdefault(data_id, [math.nan, math.nan, 0.0, 0.0])
         first, _second = split_pair(pair)
         score = (
             judgement.score if judgement.status == "ok" and judgement.score is not None else None
         )
-        values[0 if judgement.dimension == first else 1] = math.nan if score is None else score
+        side = 0 if judgement.dimension == first else 1
+        values[side] = math.nan if score is None else score
+        values[2 + side] = 1.0
     result: dict[AnalysisKey, list[PairColumns]] = {}
     for group, pairs in cells.items():
         for pair, images in pairs.items():
             first, second = split_pair(pair)
-            table = np.array(list(images.values()), dtype=np.float64).reshape(-1, 2)
+            table = np.array(list(images.values()), dtype=np.float64).reshape(-1, 4)
             result.setdefault(group, []).append(
                 PairColumns(
-                    pair, first, second, list(images), table[:, 0].copy(), table[:, 1].copy()
+                    pair,
+                    first,
+                    second,
+                    list(images),
+                    table[:, 0].copy(),
+                    table[:, 1].copy(),
+                    table[:, 2] > 0,
+                    table[:, 3] > 0,
                 )
             )
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from trig_stream.analysis.exports import (
     write_judgements_parquet,
 )
 from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputWriteError
-from trig_stream.dimensions import DIMENSION_NAMES, Dimension
+from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.records import Judgement
 
 JUDGEMENTS_FILE = "judgements.parquet"
@@ -47,24 +47,27 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def left_out_text(analysis: ModelAnalysis, judged: Collection[Dimension] = ()) -> str:
-    """The images left out of their pair's correlation, in words: those missing a score, and
-    apart from them those whose other dimension the run's ``[dataset] dimensions`` filter
-    (``judged``; empty: none) left unjudged on purpose."""
-    not_judged = analysis.not_judged(judged)
-    text = f"{analysis.excluded - not_judged} images left out for a missing score"
+def _images(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"
+
+
+def left_out_text(analysis: ModelAnalysis) -> str:
+    """The images left out of their pair's correlation, in words: those missing a score that
+    was asked for (an error, an unscorable answer), and apart from them those scored on one
+    dimension and never judged on the other (see :attr:`ModelAnalysis.not_judged`)."""
+    not_judged = analysis.not_judged
+    text = f"{_images(analysis.excluded - not_judged)} left out for a missing score"
     if not_judged:
         text += (
-            f", {not_judged} images with one dimension not judged (the dataset's dimensions filter)"
+            f", {_images(not_judged)} with one dimension not judged (the dataset's dimensions "
+            "filter, or a run stopped before it)"
         )
     return text
 
 
-def markdown_report(
-    analysis: ModelAnalysis, notes: Sequence[str] = (), judged: Collection[Dimension] = ()
-) -> str:
+def markdown_report(analysis: ModelAnalysis, notes: Sequence[str] = ()) -> str:
     """A readable report: thresholds, ``notes`` (a run still going), dimension means, the
-    pair table and the DTM; ``judged`` is the run's ``[dataset] dimensions`` filter."""
+    pair table and the DTM."""
     t = analysis.thresholds
     lines = [
         f"# TRIG relation analysis: {analysis.model}",
@@ -76,7 +79,7 @@ def markdown_report(
         "",
         *(line for note in notes for line in (f"Note: {note}", "")),
         f"{sum(p.n for p in analysis.pairs)} complete images in {len(analysis.pairs)} pairs; "
-        f"{left_out_text(analysis, judged)}.",
+        f"{left_out_text(analysis)}.",
         "",
         "## Dimension means",
         "",
@@ -178,7 +181,6 @@ def write_model_outputs(
     plots: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     notes: Sequence[str] = (),
-    judged: Collection[Dimension] = (),
 ) -> WrittenFiles:
     """Write one model's exports, report and (when matplotlib is there) plots into ``folder``.
 
@@ -190,8 +192,6 @@ def write_model_outputs(
         plots: draw the PNGs when matplotlib is importable.
         should_stop: asked between two files (the plots take seconds each).
         notes: what the markdown report says before its numbers (a run still going).
-        judged: the run's ``[dataset] dimensions`` filter (empty: every dimension judged):
-            the report tells the images it left half unjudged from those missing a score.
 
     Raises:
         OutputWriteError: a file cannot be written.
@@ -203,9 +203,7 @@ def write_model_outputs(
             raise ReportStopped(f"stopped while writing {folder}")
 
     with writing(folder):
-        return _write_model_outputs(
-            analysis, judgements, metrics, folder, plots, check, notes, judged
-        )
+        return _write_model_outputs(analysis, judgements, metrics, folder, plots, check, notes)
 
 
 def _write_model_outputs(
@@ -216,7 +214,6 @@ def _write_model_outputs(
     plots: bool,
     check: Callable[[], None],
     notes: Sequence[str],
-    judged: Collection[Dimension],
 ) -> WrittenFiles:
     check()
     plots_folder = folder / PLOTS_FOLDER
@@ -235,7 +232,7 @@ def _write_model_outputs(
         written.files.append(folder / name)
     texts = {
         "relationship_codes.csv": relationship_codes_csv(analysis),
-        "report.md": markdown_report(analysis, notes, judged),
+        "report.md": markdown_report(analysis, notes),
     }
     for name, text in texts.items():
         (folder / name).write_text(text, encoding="utf-8")

@@ -6,11 +6,15 @@ It answers ``POST /v1/chat/completions`` as vLLM does: the first token's top log
 vLLM) are decoded and checked; a bad one is a 400. The answer is a
 function of the image and the dimension named in the system message (see
 :mod:`trig_stream.testing.planted_scores`), so planted correlations between dimensions show up
-in the scores. The image is known by its bytes alone, never by the texts: a judging template
-may name the dimension anywhere, the user text included, and the two questions about one image
-must still get its one latent. Images of the engine differ even when their pixels do not (each
-PNG names its sample in a text chunk); identical bytes sent for two prompts get the same
-answers. Like vLLM it has ``capacity`` slots and queues what does not fit, reporting
+in the scores. A question's subject is known by its images' bytes and its user text with the
+dimension's own words taken out (every dimension code, name and built-in criterion, wherever it
+stands): the prompt tells apart two samples sent the same bytes (an image shrunk for
+``max_pixels`` loses the text chunk naming its sample; a baseline returns one source image for
+several prompts), while a template that names the dimension in its user text still asks both
+questions about an image with one latent. A template whose user text holds criteria of its own
+(a ``[criteria]`` table) gives them independent latents. Each image and text enters the key
+with its length, so two images are never read as their concatenation. Like vLLM it has
+``capacity`` slots and queues what does not fit, reporting
 ``vllm:num_requests_running`` / ``vllm:num_requests_waiting`` on ``GET /metrics``.
 
 Use it from tests as an async context manager (asyncio only, as aiohttp is)::
@@ -45,6 +49,7 @@ from pydantic_core import from_json, to_json
 
 from trig_stream.backends.judges.http_errors import parse_retry_after
 from trig_stream.backends.judges.server_probe import url_host
+from trig_stream.backends.judges.templates import BUILTIN_CRITERIA
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.testing.judge_images import BadRequest, image_bytes, image_url, verify_image
 from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
@@ -401,7 +406,7 @@ class JudgeServer:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise BadRequest("'messages' must be a list")
         messages: list[Any] = body["messages"]
-        image_hash = hashlib.sha256()
+        subject = hashlib.sha256()
         digest = hashlib.sha256()
         texts: list[str] = []
         system = ""
@@ -419,11 +424,13 @@ class JudgeServer:
                     texts.append(text)
                     if role == "system":
                         system += text
+                    else:
+                        subject.update(_sized(b"text", _without_dimension(text).encode()))
                     digest.update(f"\x00{role}\x00text\x00{len(text)}\x00{text}".encode())
                 elif isinstance(part, dict) and part.get("type") == "image_url":
                     url = image_url(part.get("image_url"))
                     image, key = self._checked_image(url)
-                    image_hash.update(image)
+                    subject.update(_sized(b"image", image))
                     # A file is named by its URL, a data URL by its content's digest.
                     named = url.encode() if url.startswith("file:") else key
                     digest.update(f"\x00{role}\x00image\x00".encode() + named)
@@ -432,9 +439,9 @@ class JudgeServer:
         limit = body.get("top_logprobs") or 0
         if not isinstance(limit, int) or not 0 <= limit <= 20:
             raise BadRequest("top_logprobs must be an integer from 0 to 20")
-        # The images alone name the subject (see the module's docstring): any text may vary
-        # with the dimension, as a template's user_prefix naming it does.
-        image_key = image_hash.hexdigest()
+        # The images and the user text without the dimension's words (see the module's
+        # docstring): both questions about an image share a latent, two prompts do not.
+        image_key = subject.hexdigest()
         dimension = _dimension_named(system or " ".join(texts))
         return digest.digest(), image_key, dimension, limit
 
@@ -564,6 +571,28 @@ def _error(status: int, message: str, kind: str, *, code: str | int | None = Non
 def _label_value(text: str) -> str:
     # Prometheus' text format: a label value escapes backslash, double quote and newline.
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _dimension_words() -> re.Pattern[str]:
+    # Codes, then names and built-in criteria longest first: a criterion holding a name is
+    # taken out whole, not cut around the name.
+    words = sorted({*DIMENSION_NAMES.values(), *BUILTIN_CRITERIA.values()}, key=len, reverse=True)
+    return re.compile("|".join([_CODE.pattern, *map(re.escape, words)]), re.IGNORECASE)
+
+
+_DIMENSION_WORDS: Final = _dimension_words()
+
+
+def _without_dimension(text: str) -> str:
+    """``text`` without any dimension's code, name or built-in criterion, spaces collapsed:
+    the same for both questions about an image when a template names the dimension in it."""
+    return " ".join(_DIMENSION_WORDS.sub(" ", text).split())
+
+
+def _sized(kind: bytes, data: bytes) -> bytes:
+    # Each part is hashed with its kind and length: a bare concatenation of two images is
+    # also that of another two cut elsewhere.
+    return kind + len(data).to_bytes(8, "big") + data
 
 
 def _dimension_named(text: str) -> str:
