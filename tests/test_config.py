@@ -662,3 +662,38 @@ def test_a_path_that_is_not_utf8_is_refused_naming_its_key(tmp_path: Path, key: 
         load_config(folder / "run.toml")
     message = str(refused.value)
     assert f"{key}: " in message and "caf\\xe9" in message and "not UTF-8" in message
+
+
+@pytest.mark.parametrize(
+    ("depth", "where", "line"),
+    [
+        (5000, "run", 4),  # past the TOML reader's recursion: a RecursionError traceback
+        (300, "run", 4),  # past the validator's JSON reader: "Invalid JSON: recursion limit"
+        (300, "judges", 20),  # inside a backend's options (fail_ids)
+    ],
+    ids=["5000", "300", "options"],
+)
+def test_values_nested_too_deep_are_refused_in_one_line(
+    tmp_path: Path, depth: int, where: str, line: int
+) -> None:
+    value = "[" * depth + "]" * depth
+    if where == "run":
+        text = GOOD.replace('task = "sub"\n', f'task = "sub"\nx = {value}\n')
+        key = "run.x"
+    else:
+        text = GOOD + f"options = {{ fail_ids = {value} }}\n"
+        key = "judges[0].options.fail_ids"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    if depth > 1000:  # the TOML reader itself gives up: no key is known
+        assert message == (
+            f"{path}: not a usable config: arrays or tables nested too deep to read (over 64 "
+            "levels); a config needs a few"
+        )
+    else:
+        assert message.splitlines()[1:] == [
+            f"  {path}:{line}: {key}: holds arrays or tables nested more than 64 levels deep, "
+            "too deep to read; a config needs a few"
+        ]

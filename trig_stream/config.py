@@ -40,8 +40,10 @@ from trig_stream.config_fields import (
 )
 from trig_stream.config_problems import (
     DUPLICATE_NAME,
+    MAX_NESTING,
     Loc,
     checkable,
+    nested_too_deep,
     problem_line,
     problem_lines,
     problems_message,
@@ -443,6 +445,11 @@ def load_config(path: str | Path) -> RunConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # the TOML reader recurses once per level of an array
+        raise ConfigError(
+            f"{path}: not a usable config: arrays or tables nested too deep to read (over "
+            f"{MAX_NESTING} levels); a config needs a few"
+        ) from None
     return parse_config(data, source=path, text=text)
 
 
@@ -459,6 +466,13 @@ def parse_config(
     """
     from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
+    deep = nested_too_deep(data)
+    if deep is not None:  # the checks below recurse once per level, as does the validator
+        why = (
+            f"holds arrays or tables nested more than {MAX_NESTING} levels deep, too deep to "
+            "read; a config needs a few"
+        )
+        raise ConfigError(problems_message(source, [problem_line(source, text, deep, why)]))
     # Every problem is found before one is reported: values no key takes, the config's own
     # tables, then each backend's options (of the entries whose backend exists).
     problems: list[str] = []

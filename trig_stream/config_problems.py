@@ -70,6 +70,30 @@ def _unusable(
         yield loc, "a date or time, which no key takes: quote it if it is text", False
 
 
+MAX_NESTING: Final = 64
+"""The deepest arrays and tables a config may nest, counted from its top: a config needs a
+handful of levels; the checks that follow recurse once per level, and the validator's JSON
+reader stops at a few hundred."""
+
+
+def nested_too_deep(data: Any, limit: int = MAX_NESTING) -> Loc | None:
+    """Where parsed config data first nests arrays or tables deeper than ``limit`` levels, or
+    None: the key whose value reaches that deep through arrays alone (``x`` of
+    ``x = [[[...]]]``, not its dozens of indices), else the table one level past the limit.
+    Walked without recursion, so that data of any depth is measured."""
+    stack: list[tuple[Any, Loc]] = [(data, ())]
+    while stack:
+        value, loc = stack.pop()
+        if not isinstance(value, dict | list):
+            continue
+        if len(loc) >= limit:
+            keys = [index for index, part in enumerate(loc) if isinstance(part, str)]
+            return loc[: keys[-1] + 1] if keys else loc
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        stack.extend((item, (*loc, key)) for key, item in reversed(list(items)))
+    return None
+
+
 def checkable(data: Any) -> Any:
     """``data`` with its dates as ISO text and its text with half a character escaped, so that
     the rest can still be validated strictly, on the JSON it is (which has neither: with
