@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +79,24 @@ def make_config(tmp_path: Path) -> ConfigFactory:
         return parse_config(data, source=tmp_path / "config.toml")
 
     return factory
+
+
+@contextmanager
+def unblocked_after(fifo: Path, seconds: float) -> Iterator[list[bool]]:
+    """A safety net: a reader still waiting on ``fifo`` after ``seconds`` is let go (a
+    writer opens and closes it), so that a hang fails the test instead of hanging it."""
+    fired: list[bool] = []
+
+    def let_go() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            fired.append(True)
+        except OSError:  # nobody was waiting
+            pass
+
+    timer = threading.Timer(seconds, let_go)
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()

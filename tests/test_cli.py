@@ -150,6 +150,26 @@ def test_a_ctrl_c_while_a_command_s_module_imports_exits_130(
     assert code == EXIT_INTERRUPTED
 
 
+@pytest.mark.parametrize(
+    ("output_dir", "reason"), [("ds.jsonl", "Not a directory"), ("runs", "File exists")]
+)
+def test_validate_says_what_run_says_of_an_output_dir_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], output_dir: str, reason: str
+) -> None:
+    # validate said "cannot read the journal .../ds.jsonl/cli/journal.jsonl: Not a directory".
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace('output_dir = "runs"', f'output_dir = "{output_dir}"'))
+    if output_dir == "runs":  # the run directory itself is a file
+        (tmp_path / "runs").mkdir()
+        (tmp_path / "runs" / "cli").write_text("")
+    else:  # the output_dir is
+        (tmp_path / output_dir).write_text("")
+    expected = f"error: cannot create the run directory {tmp_path / output_dir / 'cli'}: {reason}\n"
+    for command in (["validate"], ["run", "--headless", "--no-report"]):
+        assert main([*command, str(path)]) == EXIT_RUN_DIR
+        assert capsys.readouterr().err == expected
+
+
 def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path)
     assert main(["validate", str(path)]) == EXIT_OK

@@ -474,6 +474,45 @@ def test_locate_key_understands_arrays_of_tables_and_dotted_keys() -> None:
     assert locate_key(text, ("nowhere",)) is None
 
 
+def test_locate_key_reads_quoted_keys_as_toml_does() -> None:
+    text = (
+        '[run]\nname = "n"\n"t\\u0061ssk" = 1\n"x.y" = 2\n\'lit.\\x\' = 3\n"a\\nb" = 4\n'
+        'plain . "q.r" = 5\n[ "sp ace" . inner ]\nk = 6\n'
+    )
+    assert locate_key(text, ("run", "tassk")) == 3
+    assert locate_key(text, ("run", "x.y")) == 4
+    assert locate_key(text, ("run", "lit.\\x")) == 5
+    assert locate_key(text, ("run", "a\nb")) == 6
+    assert locate_key(text, ("run", "plain")) == 7  # a table only a dotted key opens
+    assert locate_key(text, ("run", "plain", "q.r")) == 7
+    assert locate_key(text, ("sp ace", "inner", "k")) == 9
+    assert locate_key(text, ("run", "x")) == 1  # "x.y" is one key, no table x
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        ('"a[0]"', 'run."a[0]"'),  # its bracket read as a validator's step: the key was dropped
+        ('"\\u001b[31mred"', 'run."\\u001b[31mred"'),
+        ('"täsk"', 'run."täsk"'),  # not ASCII: found at the [run] line
+        ('"t\\u0061ssk"', "run.tassk"),  # an escape: found at the [run] line
+        ('"\\u001bx"', 'run."\\u001bx"'),
+        ('"x.y"', 'run."x.y"'),  # shown as run.x.y, which reads as a dotted key
+        ('"a\\nb"', 'run."a\\nb"'),  # a raw newline split the message
+        ('"a\\tb"', 'run."a\\tb"'),
+    ],
+    ids=["bracket", "escape-sequence", "non-ascii", "escaped", "control", "dot", "newline", "tab"],
+)
+def test_an_unknown_key_is_named_as_toml_writes_it_at_its_line(
+    tmp_path: Path, key: str, shown: str
+) -> None:
+    path = write(tmp_path, GOOD.replace('task = "sub"\n', f'task = "sub"\n{key} = 1\n'))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    [problem] = str(raised.value).splitlines()[1:]
+    assert problem.startswith(f"  {path}:4: {shown}: unknown key; "), problem
+
+
 def test_shipped_configs_validate() -> None:
     root = Path(__file__).resolve().parent.parent / "config"
     configs = sorted(root.glob("*.toml"))
@@ -662,3 +701,38 @@ def test_a_path_that_is_not_utf8_is_refused_naming_its_key(tmp_path: Path, key: 
         load_config(folder / "run.toml")
     message = str(refused.value)
     assert f"{key}: " in message and "caf\\xe9" in message and "not UTF-8" in message
+
+
+@pytest.mark.parametrize(
+    ("depth", "where", "line"),
+    [
+        (5000, "run", 4),  # past the TOML reader's recursion: a RecursionError traceback
+        (300, "run", 4),  # past the validator's JSON reader: "Invalid JSON: recursion limit"
+        (300, "judges", 20),  # inside a backend's options (fail_ids)
+    ],
+    ids=["5000", "300", "options"],
+)
+def test_values_nested_too_deep_are_refused_in_one_line(
+    tmp_path: Path, depth: int, where: str, line: int
+) -> None:
+    value = "[" * depth + "]" * depth
+    if where == "run":
+        text = GOOD.replace('task = "sub"\n', f'task = "sub"\nx = {value}\n')
+        key = "run.x"
+    else:
+        text = GOOD + f"options = {{ fail_ids = {value} }}\n"
+        key = "judges[0].options.fail_ids"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    if depth > 1000:  # the TOML reader itself gives up: no key is known
+        assert message == (
+            f"{path}: not a usable config: arrays or tables nested too deep to read (over 64 "
+            "levels); a config needs a few"
+        )
+    else:
+        assert message.splitlines()[1:] == [
+            f"  {path}:{line}: {key}: holds arrays or tables nested more than 64 levels deep, "
+            "too deep to read; a config needs a few"
+        ]

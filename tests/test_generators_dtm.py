@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, unblocked_after
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest, Generator
 from trig_stream.backends.generators.dtm_relations import (
@@ -145,6 +146,41 @@ def test_relation_table_from_report(tmp_path: Path) -> None:
     excel = tmp_path / "excel.csv"  # saved with a byte order mark
     excel.write_bytes(b"\xef\xbb\xbf,IQ-R,TA-C\nIQ-R,,-2\n")
     assert RelationTable.from_report(excel).code("IQ-R", "TA-C") == -2
+
+
+def test_a_report_that_is_a_pipe_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # Reading a named pipe waited for a writer: validate and run hung.
+    fifo = tmp_path / "relationship_codes.csv"
+    os.mkfifo(fifo)
+    expected = (
+        f"report {fifo}: cannot read it (it is a named pipe (FIFO), not a file); it should be "
+        "an earlier run's relationship_codes.csv"
+    )
+    with unblocked_after(fifo, 10) as fired, pytest.raises(OSError, match=re.escape(expected)):
+        RelationTable.from_report(fifo)
+    assert not fired
+
+
+def test_a_report_that_is_a_device_or_too_large_is_refused_without_reading_it(
+    tmp_path: Path,
+) -> None:
+    # /dev/zero was read until memory ran out (a MemoryError traceback); /dev/null stands
+    # for the devices here, a sparse file for one too large to be a report.
+    with pytest.raises(OSError, match=r"cannot read it \(it is a character device, not a file\)"):
+        RelationTable.from_report(Path(os.devnull))
+    large = tmp_path / "large.csv"
+    with large.open("wb") as file:
+        file.truncate(16 * 2**20 + 1)  # past the limit of a settings file
+    with pytest.raises(OSError, match=r"large\.csv: cannot read it \(it is larger than 16 MiB\)"):
+        RelationTable.from_report(large)
+
+
+def test_a_report_field_past_the_csv_limit_is_refused_in_one_line(tmp_path: Path) -> None:
+    # The csv module refuses a field over 131,072 characters: its error was a traceback.
+    path = tmp_path / "relationship_codes.csv"
+    path.write_text(",IQ-R,TA-C\nIQ-R,," + "1" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=r"relationship_codes\.csv: cannot read it as CSV \(field"):
+        RelationTable.from_report(path)
 
 
 @pytest.fixture

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import unblocked_after
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE, JudgeTemplate
 from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS
@@ -134,3 +136,49 @@ def test_a_dimension_named_in_the_user_prefix_alone_is_enough(tmp_path: Path) ->
 def test_missing_template_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read judge template"):
         JudgeTemplate.load(tmp_path / "absent.toml")
+
+
+def test_a_template_that_is_a_pipe_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # Reading a named pipe waited for a writer: validate and run hung.
+    fifo = tmp_path / "template.toml"
+    os.mkfifo(fifo)
+    with unblocked_after(fifo, 10) as fired, pytest.raises(ConfigError) as raised:
+        JudgeTemplate.load(fifo)
+    assert not fired
+    assert str(raised.value) == (
+        f"template {fifo}: cannot read judge template: it is a named pipe (FIFO), not a "
+        "file; name a template file (.toml or .json)"
+    )
+
+
+def test_a_template_that_is_a_device_or_too_large_is_refused_without_reading_it(
+    tmp_path: Path,
+) -> None:
+    # /dev/zero was read until memory ran out (a MemoryError traceback); /dev/null stands
+    # for the devices here, a sparse file for one too large to be a template.
+    with pytest.raises(ConfigError, match="it is a character device, not a file; name a"):
+        JudgeTemplate.load(Path(os.devnull))
+    large = tmp_path / "large.toml"
+    with large.open("wb") as file:
+        file.truncate(16 * 2**20 + 1)  # past the limit of a settings file
+    with pytest.raises(ConfigError, match=r"large\.toml: cannot read judge template: it is"):
+        JudgeTemplate.load(large)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("deep.json", "[" * 100_000 + "]" * 100_000), ("deep.toml", "x = " + "[" * 5000 + "]" * 5000)],
+    ids=["json", "toml"],
+)
+def test_a_template_nested_too_deep_is_refused_in_one_line(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    # The readers recurse once per level: a RecursionError traceback ended validate and run.
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        JudgeTemplate.load(path)
+    assert str(raised.value) == (
+        f"template {path}: invalid judge template: arrays or tables nested too deep to read; "
+        "a template holds tables of texts"
+    )

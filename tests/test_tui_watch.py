@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ import anyio
 import pytest
 from rich.console import Console
 
-from tests.conftest import ROOT, ConfigFactory, write_prompts
+from tests.conftest import ROOT, ConfigFactory, unblocked_after, write_prompts
 from tests.test_engine import run_to_end
 from trig_stream import Engine
 from trig_stream.backends.base import JudgeReply, JudgeRequest
@@ -908,27 +907,6 @@ def test_a_manifest_whose_judges_are_malformed_is_watched_and_its_status_told(
     assert tuple((j.name, j.backend, j.endpoints, j.limit) for j in snapshot.judges) == shown
     assert main(["status", str(run_dir)]) == 0
     assert "trigscore" in capsys.readouterr().out
-
-
-@contextmanager
-def unblocked_after(fifo: Path, seconds: float) -> Iterator[list[bool]]:
-    """A safety net: a reader still waiting on ``fifo`` after ``seconds`` is let go (a
-    writer opens and closes it), so that a hang fails the test instead of hanging it."""
-    fired: list[bool] = []
-
-    def let_go() -> None:
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            fired.append(True)
-        except OSError:  # nobody was waiting
-            pass
-
-    timer = threading.Timer(seconds, let_go)
-    timer.start()
-    try:
-        yield fired
-    finally:
-        timer.cancel()
 
 
 @pytest.mark.parametrize("name", ["run.lock", "quarantine.jsonl", "manifest.json"])

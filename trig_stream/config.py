@@ -10,10 +10,10 @@ to the config file's own folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
-import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,8 +40,10 @@ from trig_stream.config_fields import (
 )
 from trig_stream.config_problems import (
     DUPLICATE_NAME,
+    MAX_NESTING,
     Loc,
     checkable,
+    nested_too_deep,
     problem_line,
     problem_lines,
     problems_message,
@@ -49,7 +51,7 @@ from trig_stream.config_problems import (
 )
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ConfigError, TrigStreamError
-from trig_stream.files import file_kind
+from trig_stream.files import MAX_SETTINGS_BYTES, UnfitFileError, read_settings_file
 from trig_stream.scoring import Scorer
 
 
@@ -411,7 +413,7 @@ def _non_finite(data: Any, loc: Loc) -> Iterator[tuple[Loc, str]]:
             yield from _non_finite(value, (*loc, key))
 
 
-MAX_CONFIG_BYTES: Final = 16 * 2**20
+MAX_CONFIG_BYTES: Final = MAX_SETTINGS_BYTES
 """The largest config file read: a config is a few kilobytes."""
 
 
@@ -425,22 +427,14 @@ def load_config(path: str | Path) -> RunConfig:
     """
     path = Path(path)
     try:
-        mode = path.stat().st_mode
-        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a folder: "Is a directory"
-            # A device (/dev/zero) or a pipe would be read until its writer stops: for ever.
-            raise ConfigError(
-                f"{path}: cannot read config: it is a {file_kind(mode)}, not a file; name "
-                "a TOML config file"
-            )
-        with path.open("rb") as file:
-            raw = file.read(MAX_CONFIG_BYTES + 1)
+        raw = read_settings_file(path, MAX_CONFIG_BYTES)
+    except UnfitFileError as exc:
+        large = ", too large for a config" if exc.errno == errno.EFBIG else ""
+        raise ConfigError(
+            f"{path}: cannot read config: {exc.strerror}{large}; name a TOML config file"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            f"{path}: cannot read config: it is larger than {MAX_CONFIG_BYTES // 2**20} MiB, "
-            "too large for a config; name a TOML config file"
-        )
     try:
         text = raw.decode("utf-8-sig")  # a byte order mark (some editors') is skipped
     except UnicodeDecodeError as exc:
@@ -451,6 +445,11 @@ def load_config(path: str | Path) -> RunConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # the TOML reader recurses once per level of an array
+        raise ConfigError(
+            f"{path}: not a usable config: arrays or tables nested too deep to read (over "
+            f"{MAX_NESTING} levels); a config needs a few"
+        ) from None
     return parse_config(data, source=path, text=text)
 
 
@@ -467,6 +466,13 @@ def parse_config(
     """
     from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
+    deep = nested_too_deep(data)
+    if deep is not None:  # the checks below recurse once per level, as does the validator
+        why = (
+            f"holds arrays or tables nested more than {MAX_NESTING} levels deep, too deep to "
+            "read; a config needs a few"
+        )
+        raise ConfigError(problems_message(source, [problem_line(source, text, deep, why)]))
     # Every problem is found before one is reported: values no key takes, the config's own
     # tables, then each backend's options (of the entries whose backend exists).
     problems: list[str] = []

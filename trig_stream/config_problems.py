@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime
 import difflib
 import re
+import string
+import unicodedata
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeAlias, get_args
@@ -68,6 +70,30 @@ def _unusable(
             yield loc, problem, False
     elif dates and isinstance(data, datetime.date | datetime.time):
         yield loc, "a date or time, which no key takes: quote it if it is text", False
+
+
+MAX_NESTING: Final = 64
+"""The deepest arrays and tables a config may nest, counted from its top: a config needs a
+handful of levels; the checks that follow recurse once per level, and the validator's JSON
+reader stops at a few hundred."""
+
+
+def nested_too_deep(data: Any, limit: int = MAX_NESTING) -> Loc | None:
+    """Where parsed config data first nests arrays or tables deeper than ``limit`` levels, or
+    None: the key whose value reaches that deep through arrays alone (``x`` of
+    ``x = [[[...]]]``, not its dozens of indices), else the table one level past the limit.
+    Walked without recursion, so that data of any depth is measured."""
+    stack: list[tuple[Any, Loc]] = [(data, ())]
+    while stack:
+        value, loc = stack.pop()
+        if not isinstance(value, dict | list):
+            continue
+        if len(loc) >= limit:
+            keys = [index for index, part in enumerate(loc) if isinstance(part, str)]
+            return loc[: keys[-1] + 1] if keys else loc
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        stack.extend((item, (*loc, key)) for key, item in reversed(list(items)))
+    return None
 
 
 def checkable(data: Any) -> Any:
@@ -128,7 +154,7 @@ def problem_lines(
 
 
 def _already_refused(loc: Loc, unknown_key: bool, refused: Mapping[Loc, bool]) -> bool:
-    keys = tuple(p for p in loc if isinstance(p, int) or not _is_validator_step(p))
+    keys = tuple(p for p in loc if not _is_validator_step(p))
     for depth in range(1, len(keys) + 1):
         is_key = refused.get(keys[:depth])
         if is_key is not None and (is_key or depth < len(keys) or not unknown_key):
@@ -136,9 +162,22 @@ def _already_refused(loc: Loc, unknown_key: bool, refused: Mapping[Loc, bool]) -
     return False
 
 
-def _is_validator_step(part: str) -> bool:
-    """Whether a part of an error's location is a validator's name, no key."""
-    return part in ("function-after", "function-before") or "[" in part
+_VALIDATOR_STEP = re.compile(
+    r"(?:function-(?:after|before|wrap|plain)|list|dict|set|frozenset|tuple|literal|union"
+    r"|tagged-union|nullable|is-instance|is-subclass|json-or-python|lax-or-strict|chain|model"
+    r"|dataclass|typed-dict|default|generator|definition-ref|custom-error|enum"
+    r"|constrained-[a-z]+)\[.*\]",
+    re.DOTALL,
+)
+
+
+def _is_validator_step(part: str | int) -> bool:
+    """Whether a part of an error's location is a validator's name (``function-after[...]``,
+    ``list[str]``), no key: told apart by pydantic's names for them, so that a key holding a
+    bracket (``"a[0]"``) is still named."""
+    return isinstance(part, str) and (
+        part in ("function-after", "function-before") or _VALIDATOR_STEP.fullmatch(part) is not None
+    )
 
 
 def nested_problems(exc: ValidationError, model: type[BaseModel]) -> str:
@@ -183,7 +222,7 @@ def _known_keys_hint(model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
     table takes; empty when the table is not a model's (a table passed to a library)."""
     table: type[BaseModel] | None = model
     for part in loc[:-1]:
-        if isinstance(part, int) or "[" in part or part.startswith("function-"):
+        if isinstance(part, int) or _is_validator_step(part):
             continue  # a list's index, or a validator's name
         field = table.model_fields.get(part) if table else None
         table = _model_in(field.annotation) if field else None
@@ -217,44 +256,158 @@ def problem_line(source: Path, text: str, loc: Loc, message: str) -> str:
 
 
 def dotted_key(loc: Loc) -> str:
-    """``loc`` written as a config's keys are: ``generators[0].options.path``."""
+    """``loc`` written as a config's keys are: ``generators[0].options.path``; a key that is
+    no bare TOML key is quoted as TOML quotes it (``run."x.y"``, ``run."a\\nb"``), so that
+    it reads as one key, on one line."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or "[" in part:
-            continue
-        else:
-            out += ("." if out else "") + part
+        elif not _is_validator_step(part):
+            out += ("." if out else "") + toml_key(part)
     return out
 
 
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*([A-Za-z0-9_.\-\"' ]+?)\s*=")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_QUOTED = {
+    "\\": "\\\\",
+    '"': '\\"',
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def toml_key(key: str) -> str:
+    """``key`` as TOML writes it: bare when it can be, else a basic string whose control
+    characters (and line separators) are escaped."""
+    if _BARE_KEY.fullmatch(key):
+        return key
+    quoted = "".join(
+        _QUOTED.get(char)
+        or (f"\\u{ord(char):04x}" if unicodedata.category(char) in ("Cc", "Zl", "Zp") else char)
+        for char in key
+    )
+    return f'"{quoted}"'
 
 
 def locate_key(text: str, loc: tuple[str | int, ...]) -> int | None:
     """Find the 1-based line of a key path in TOML text, or of its nearest enclosing table.
 
     Only what TRIG configs use is understood: ``[table]``, ``[[array]]`` and ``key = value``
-    lines (dotted keys included). Returns None when nothing along the path is found.
+    lines, their keys bare, quoted (escapes included) or dotted. Returns None when nothing
+    along the path is found.
     """
-    wanted = tuple(p for p in loc if isinstance(p, int) or "[" not in p)
+    wanted = tuple(p for p in loc if not _is_validator_step(p))
     table: tuple[str | int, ...] = ()
     array_counts: dict[tuple[str | int, ...], int] = {}
     best: tuple[int, int] | None = None  # (matched length, line)
     for number, raw in enumerate(text.splitlines(), start=1):
-        header = _HEADER.match(raw)
+        header = _header(raw)
         if header:
-            names = tuple(_unquote(p) for p in header.group(2).split("."))
-            table = _expand(names, table, array_counts, is_array=header.group(1) == "[[")
+            names, is_array = header
+            table = _expand(names, table, array_counts, is_array=is_array)
             best = _better(best, wanted, table, number)
             continue
-        key = _KEY.match(raw)
+        key = _key_before_equals(raw)
         if key:
-            path = table + tuple(_unquote(p) for p in key.group(1).split("."))
-            best = _better(best, wanted, path, number)
+            best = _better(best, wanted, table + key, number)
     return best[1] if best else None
+
+
+def _header(line: str) -> tuple[tuple[str, ...], bool] | None:
+    """The keys of a ``[table]`` or ``[[array]]`` line, and whether it is an array's."""
+    start = len(line) - len(line.lstrip())
+    is_array = line.startswith("[[", start)
+    if not line.startswith("[", start):
+        return None
+    parsed = _key_parts(line, start + (2 if is_array else 1))
+    if parsed is None:
+        return None
+    names, end = parsed
+    close = "]]" if is_array else "]"
+    if not line.startswith(close, end):
+        return None
+    rest = line[end + len(close) :].strip()
+    return (names, is_array) if not rest or rest.startswith("#") else None
+
+
+def _key_before_equals(line: str) -> tuple[str, ...] | None:
+    """The keys of a ``key = value`` line."""
+    parsed = _key_parts(line, 0)
+    if parsed is None or not line.startswith("=", parsed[1]):
+        return None
+    return parsed[0]
+
+
+_ESCAPED = {
+    "b": "\b",
+    "t": "\t",
+    "n": "\n",
+    "f": "\f",
+    "r": "\r",
+    '"': '"',
+    "\\": "\\",
+}
+
+
+def _key_parts(line: str, pos: int) -> tuple[tuple[str, ...], int] | None:
+    """A TOML key starting at ``pos`` (blanks first allowed): its dotted parts, each bare,
+    a basic string (escapes read) or a literal string, and where the blanks after it end."""
+    parts: list[str] = []
+    while True:
+        pos = _after_blanks(line, pos)
+        if line.startswith('"', pos):
+            found = _basic_string(line, pos + 1)
+        elif line.startswith("'", pos):
+            end = line.find("'", pos + 1)
+            found = None if end < 0 else (line[pos + 1 : end], end + 1)
+        else:
+            bare = _BARE_KEY.match(line, pos)
+            found = None if bare is None else (bare.group(), bare.end())
+        if found is None:
+            return None
+        parts.append(found[0])
+        pos = _after_blanks(line, found[1])
+        if not line.startswith(".", pos):
+            return tuple(parts), pos
+        pos += 1
+
+
+def _basic_string(line: str, pos: int) -> tuple[str, int] | None:
+    # The body of a "..." key from ``pos`` (after its quote) to its closing quote.
+    out: list[str] = []
+    while pos < len(line):
+        char = line[pos]
+        if char == '"':
+            return "".join(out), pos + 1
+        if char != "\\":
+            out.append(char)
+            pos += 1
+            continue
+        escape = line[pos + 1 : pos + 2]
+        if escape in _ESCAPED:
+            out.append(_ESCAPED[escape])
+            pos += 2
+            continue
+        width = {"u": 4, "U": 8}.get(escape)
+        digits = line[pos + 2 : pos + 2 + width] if width else ""
+        if not width or len(digits) != width or not all(c in string.hexdigits for c in digits):
+            return None
+        try:
+            out.append(chr(int(digits, 16)))
+        except ValueError:  # past the last code point
+            return None
+        pos += 2 + width
+    return None
+
+
+def _after_blanks(line: str, pos: int) -> int:
+    while pos < len(line) and line[pos] in " \t":
+        pos += 1
+    return pos
 
 
 def _expand(
@@ -283,12 +436,11 @@ def _better(
     path: tuple[str | int, ...],
     line: int,
 ) -> tuple[int, int] | None:
-    if len(path) > len(wanted) or wanted[: len(path)] != path:
+    # A dotted key's line, or a header's, names the tables it passes through too: the first
+    # one found is the line of a table that no line of its own opens (``plain."q.r" = 1``).
+    matched = min(len(path), len(wanted))
+    if not matched or wanted[:matched] != path[:matched]:
         return best
-    if best is None or len(path) > best[0]:
-        return (len(path), line)
+    if best is None or matched > best[0]:
+        return (matched, line)
     return best
-
-
-def _unquote(part: str) -> str:
-    return part.strip().strip("\"'")

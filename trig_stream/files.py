@@ -13,7 +13,7 @@ import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, Final
 
 from trig_stream.errors import RunDirError
 
@@ -36,6 +36,46 @@ def open_regular_file(path: Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+MAX_SETTINGS_BYTES: Final = 16 * 2**20
+"""The largest settings file read whole (a config, a judge template, a relation report): each
+is a few kilobytes."""
+
+
+class UnfitFileError(OSError):
+    """A path that names no regular file (a pipe, a device), or a file past the size limit:
+    what it is, in words, is the error's ``strerror``."""
+
+
+def read_settings_file(path: Path, limit: int = MAX_SETTINGS_BYTES) -> bytes:
+    """The whole content of a small settings file (a config, a judge template, a relation
+    report), read without waiting on a pipe and without reading a device for ever.
+
+    A named pipe would be waited on until a writer comes, ``/dev/zero`` read until memory
+    runs out: only a regular file is read, and at most ``limit`` bytes of it.
+
+    Raises:
+        UnfitFileError: ``path`` is no regular file, nor a folder, or is larger than ``limit``;
+            its ``strerror`` says which (``it is a named pipe (FIFO), not a file``).
+        OSError: it cannot be opened or read (``IsADirectoryError`` for a folder).
+    """
+    _refuse_unfit(os.stat(path).st_mode)  # a socket cannot even be opened (ENXIO)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # no wait on a pipe
+    with os.fdopen(fd, "rb") as file:
+        _refuse_unfit(os.fstat(fd).st_mode)  # what was opened, if it was replaced meanwhile
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        size = f"{limit // 2**20} MiB" if limit % 2**20 == 0 else f"{limit} bytes"
+        raise UnfitFileError(errno.EFBIG, f"it is larger than {size}")
+    return data
+
+
+def _refuse_unfit(mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+    if not stat.S_ISREG(mode):
+        raise UnfitFileError(errno.EINVAL, f"it is a {file_kind(mode)}, not a file")
 
 
 def link_refused(path: Path) -> RunDirError:

@@ -19,6 +19,7 @@ makes (:func:`resumed_manifest`, :func:`check_resume`).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -461,12 +462,31 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
     if writer is not None:
         raise RunLockedError(journal_in_use(path))
     refuse_links(path)
+    _refuse_a_file_on_the_way(path)
     try:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:
         raise journal_unreadable(path / JOURNAL, exc) from None
     resumed_manifest(path, manifest, journal)
     return journal
+
+
+def _refuse_a_file_on_the_way(path: Path) -> None:
+    """Raise the error a run gets making the run directory ``path`` when it, or the folder
+    above it that exists, is a file (``output_dir`` naming a file): the journal's own
+    "Not a directory" said nothing of where the fault was."""
+    current = path
+    while not current.is_dir():
+        if current.exists() or current.is_symlink():
+            code = errno.EEXIST if current == path else errno.ENOTDIR
+            raise storage_error(
+                OSError(code, os.strerror(code)),
+                f"create the run directory {path}",
+                nothing_written=True,
+            )
+        if current.parent == current:
+            return
+        current = current.parent
 
 
 def _holds_a_file(folder: Path) -> bool:

@@ -13,12 +13,14 @@ cells are codes for row_column).
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal, TypeAlias
 
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension, Task, is_dimension, split_pair
+from trig_stream.files import read_settings_file
 
 RelationCode: TypeAlias = Literal[-2, -1, 0, 1, 2, 3]
 RELATION_CODES: Final[frozenset[int]] = frozenset({-2, -1, 0, 1, 2, 3})
@@ -94,10 +96,15 @@ class RelationTable:
             OSError: the file cannot be read.
         """
         try:
-            with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM, as Excel saves
-                rows = list(csv.reader(handle))
+            text = read_settings_file(path).decode("utf-8-sig")  # a BOM, as Excel saves
+            rows = list(csv.reader(io.StringIO(text, newline="")))
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: byte {exc.start} is not UTF-8 text") from None
+            raise ValueError(f"report {path}: byte {exc.start} is not UTF-8 text") from None
+        except csv.Error as exc:  # a field past the csv module's limit (131,072 characters)
+            raise ValueError(
+                f"report {path}: cannot read it as CSV ({exc}); it should be an earlier run's "
+                "relationship_codes.csv (trig-stream report writes one per model)"
+            ) from None
         except OSError as exc:
             raise OSError(
                 f"report {path}: cannot read it ({exc.strerror or exc}); it should be an "

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from trig_stream.config_problems import text_problem
 from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS, Dimension, Task
 from trig_stream.errors import ConfigError, validation_problems
+from trig_stream.files import UnfitFileError, read_settings_file
 
 BUILTIN_VERSION: Final[str] = "trig-stream-judge-1"
 SCALE: Final[str] = "excellent, good, medium, bad, terrible"
@@ -196,20 +197,32 @@ class JudgeTemplate(BaseModel):
                 placeholder.
         """
         try:
-            raw = path.read_bytes()
+            raw = read_settings_file(path)
             data: Any = (
                 json.loads(raw)
                 if path.suffix.lower() == ".json"
                 else tomllib.loads(raw.decode("utf-8-sig"))
             )
             override = _TemplateFile.model_validate(data)
+        except UnfitFileError as exc:
+            raise ConfigError(
+                f"template {path}: cannot read judge template: {exc.strerror}; name a "
+                "template file (.toml or .json)"
+            ) from None
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read judge template: {exc.strerror}") from None
+            raise ConfigError(
+                f"template {path}: cannot read judge template: {exc.strerror or exc}"
+            ) from None
+        except RecursionError:  # the readers recurse once per level
+            raise ConfigError(
+                f"template {path}: invalid judge template: arrays or tables nested too deep "
+                "to read; a template holds tables of texts"
+            ) from None
         except (ValueError, UnicodeDecodeError) as exc:  # JSON, TOML and validation errors
             detail = str(exc)
             if isinstance(exc, ValidationError):
                 detail = validation_problems(exc)[0]
-            raise ConfigError(f"{path}: invalid judge template: {detail}") from None
+            raise ConfigError(f"template {path}: invalid judge template: {detail}") from None
         builtin = cls.builtin()
         version = override.version or "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
         complete = (
