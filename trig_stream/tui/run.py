@@ -10,6 +10,9 @@ Lifetime: a run that finishes (``done`` or ``stopped``) stays on screen until ``
 SIGHUP: nobody may be watching), in which case the app exits with the run.
 ``q`` (or a second ``ctrl+c``) cancels the engine and closes the app at once. A run that ends
 any other way (a fatal error) closes the app, so the caller can report what happened.
+The judges close when the run ends, not when the app does: the engine closes them once
+``results`` ends, still inside the caller's ``async with engine``, so a judge server started
+for the run stops while a finished run may still be on screen.
 """
 
 from __future__ import annotations
