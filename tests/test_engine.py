@@ -28,6 +28,7 @@ from trig_stream import (
     ItemError,
     RateLimitError,
     RetryableError,
+    RunSummary,
     UnreachableError,
 )
 from trig_stream.backends.base import (
@@ -1662,7 +1663,73 @@ def test_a_control_from_a_thread_between_the_loops_is_refused_not_dropped(
     thread.start()
     thread.join()
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
-    assert "engine.stop() came from another thread after the event loop" in str(errors[0])
+    assert "engine.stop() came from outside any running event loop after" in str(errors[0])
+
+
+@pytest.mark.parametrize("control", ["stop", "cancel", "pause", "resume"])
+def test_a_control_outside_any_loop_between_the_loops_is_refused_before_it_acts(
+    make_config: ConfigFactory, control: str
+) -> None:
+    # In the thread that made the engine, with no loop running: stop() and cancel() raised
+    # anyio's "no running event loop" half done (the run then ended stopped, a cancel's too)
+    # and pause() returned, its pause kept or lost by chance.
+    config = make_config(samples=2)
+
+    async def make() -> Engine:
+        return Engine(config)
+
+    engine = anyio.run(make)
+    with pytest.raises(RuntimeError, match=rf"engine\.{control}\(\) came from outside any"):
+        getattr(engine, control)()
+
+    async def run() -> RunSummary:
+        with anyio.fail_after(30):
+            async with engine:
+                assert engine.stats().state == "running" and not engine.paused
+                return await engine.drain()
+
+    summary = anyio.run(run)
+    assert (summary.state, summary.judged) == ("done", 4)  # nothing of the control was kept
+    getattr(engine, control)()  # the run is over: nothing to do, nothing raised
+    assert engine.stats().state == "done"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    ("control", "state", "ends"),
+    [
+        ("stop", "stopped", "stopped"),
+        ("cancel", "cancelled", "cancelled"),
+        ("pause", "paused", "done"),
+    ],
+)
+def test_a_control_before_the_block_in_the_loop_that_will_run_it_is_recorded(
+    make_config: ConfigFactory, loop: str, control: str, state: str, ends: str
+) -> None:
+    # Made in a loop in another thread, run in this one: a control here, before the block,
+    # was refused as coming "from another thread", and the run went on without it.
+    config = make_config(samples=2)
+    made: list[Engine] = []
+
+    async def make() -> None:
+        made.append(Engine(config))
+
+    maker = threading.Thread(target=anyio.run, args=(make,), kwargs={"backend": loop})
+    maker.start()
+    maker.join()
+    engine = made[0]
+
+    async def run() -> RunSummary:
+        with anyio.fail_after(30):
+            getattr(engine, control)()
+            async with engine:
+                assert engine.stats().state == state
+                engine.resume()
+                return await engine.drain()
+
+    summary = anyio.run(run, backend=loop)
+    assert summary.state == ends
+    assert summary.judged == (4 if ends == "done" else 0)
 
 
 async def test_a_run_cancelled_or_failed_while_opening_says_so(
