@@ -1129,6 +1129,60 @@ async def test_a_generator_that_returns_no_pictures_stops_the_run_with_its_name(
             await engine.drain()
 
 
+class HandsOver(SyntheticGenerator):
+    """Hands each picture over as ``hand_over`` makes it (a wrapper of the wrong thing)."""
+
+    def __init__(self, hand_over: Callable[[Image.Image], object]) -> None:
+        super().__init__("handing", SyntheticOptions(size=8), batch_size=2)
+        self.hand_over = hand_over
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        made = super().generate(requests, worker=worker, cancel=cancel)
+        return [self.hand_over(cast(Image.Image, picture)) for picture in made]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("hand_over", "broken"),
+    [
+        # AttributeError: 'str' object has no attribute 'width', from the PNG encoding.
+        (
+            lambda p: TimedPicture(cast(Image.Image, "x"), 1.0),
+            "a TimedPicture whose image is an object of type str, not a PIL image",
+        ),
+        # A per-item "generate failed" error judgement for every sample, the run "done".
+        (
+            lambda p: EncodedPicture(cast(bytes, uncompressed_png(p).decode("latin-1"))),
+            "an EncodedPicture whose png is an object of type str, not bytes",
+        ),
+        # Taken as they were: the run's generation latency read nan, inf or -5.0.
+        (
+            lambda p: EncodedPicture(uncompressed_png(p), math.nan),
+            "an EncodedPicture whose seconds is nan: how long making the picture took is a "
+            "finite number of seconds, 0 or more",
+        ),
+        (
+            lambda p: TimedPicture(p, math.inf),
+            "a TimedPicture whose seconds is inf: how long",
+        ),
+        (lambda p: TimedPicture(p, -5.0), "a TimedPicture whose seconds is -5.0: how long"),
+        (
+            lambda p: TimedPicture(p, cast(float, "1")),
+            "a TimedPicture whose seconds is an object of type str, not a number",
+        ),
+    ],
+    ids=["timed-str", "encoded-str", "encoded-nan", "timed-inf", "timed-negative", "timed-str-s"],
+)
+async def test_a_picture_handed_over_holding_the_wrong_thing_is_a_broken_generator(
+    make_config: ConfigFactory, hand_over: Callable[[Image.Image], object], broken: str
+) -> None:
+    message = f"generator 'handing' is broken: it returned {broken}"
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        async with Engine(make_config(samples=2), generators=[HandsOver(hand_over)]) as engine:
+            await engine.drain()
+
+
 class JudgeSlowToOpen(FakeJudge):
     """A judge whose ``open`` waits on something that never comes (a server starting)."""
 
@@ -2275,6 +2329,47 @@ async def test_a_generator_whose_notes_fail_gets_a_note(make_config: ConfigFacto
         summary = await engine.drain()
     assert (summary.state, summary.ok) == ("done", 4)
     assert "synth: its notes() failed: RuntimeError: notes exploded" in engine.stats().notes
+
+
+class NotesAs(SyntheticGenerator):
+    def __init__(self, notes: object) -> None:
+        super().__init__("synth", SyntheticOptions(size=8))
+        self.given = notes
+
+    def notes(self) -> list[str]:
+        return cast(list[str], self.given)
+
+
+@pytest.mark.parametrize(
+    ("notes", "noted"),
+    [
+        # One note per character: "synth: t", "synth: w", ...
+        ("two files unused", ["synth: two files unused"]),
+        (("a", "b"), ["synth: a", "synth: b"]),
+        (
+            7,
+            [
+                "synth: its notes() failed: TypeError: it returned an object of type int, "
+                "not a list of str"
+            ],
+        ),
+        (
+            ["a", 3],
+            [
+                "synth: its notes() failed: TypeError: it returned an object of type int among "
+                "its notes, where a str belongs"
+            ],
+        ),
+    ],
+    ids=["str", "tuple", "int", "int-note"],
+)
+async def test_a_generators_notes_are_a_list_of_str_or_one_str(
+    make_config: ConfigFactory, notes: object, noted: list[str]
+) -> None:
+    async with Engine(make_config(samples=2), generators=[NotesAs(notes)]) as engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 4)  # the run's outcome stands
+    assert list(engine.stats().notes) == noted
 
 
 class MakesUnwritablePictures(Generator):
