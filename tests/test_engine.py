@@ -28,6 +28,7 @@ from trig_stream import (
     ItemError,
     RateLimitError,
     RetryableError,
+    RunSummary,
     UnreachableError,
 )
 from trig_stream.backends.base import (
@@ -1128,6 +1129,60 @@ async def test_a_generator_that_returns_no_pictures_stops_the_run_with_its_name(
             await engine.drain()
 
 
+class HandsOver(SyntheticGenerator):
+    """Hands each picture over as ``hand_over`` makes it (a wrapper of the wrong thing)."""
+
+    def __init__(self, hand_over: Callable[[Image.Image], object]) -> None:
+        super().__init__("handing", SyntheticOptions(size=8), batch_size=2)
+        self.hand_over = hand_over
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        made = super().generate(requests, worker=worker, cancel=cancel)
+        return [self.hand_over(cast(Image.Image, picture)) for picture in made]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("hand_over", "broken"),
+    [
+        # AttributeError: 'str' object has no attribute 'width', from the PNG encoding.
+        (
+            lambda p: TimedPicture(cast(Image.Image, "x"), 1.0),
+            "a TimedPicture whose image is an object of type str, not a PIL image",
+        ),
+        # A per-item "generate failed" error judgement for every sample, the run "done".
+        (
+            lambda p: EncodedPicture(cast(bytes, uncompressed_png(p).decode("latin-1"))),
+            "an EncodedPicture whose png is an object of type str, not bytes",
+        ),
+        # Taken as they were: the run's generation latency read nan, inf or -5.0.
+        (
+            lambda p: EncodedPicture(uncompressed_png(p), math.nan),
+            "an EncodedPicture whose seconds is nan: how long making the picture took is a "
+            "finite number of seconds, 0 or more",
+        ),
+        (
+            lambda p: TimedPicture(p, math.inf),
+            "a TimedPicture whose seconds is inf: how long",
+        ),
+        (lambda p: TimedPicture(p, -5.0), "a TimedPicture whose seconds is -5.0: how long"),
+        (
+            lambda p: TimedPicture(p, cast(float, "1")),
+            "a TimedPicture whose seconds is an object of type str, not a number",
+        ),
+    ],
+    ids=["timed-str", "encoded-str", "encoded-nan", "timed-inf", "timed-negative", "timed-str-s"],
+)
+async def test_a_picture_handed_over_holding_the_wrong_thing_is_a_broken_generator(
+    make_config: ConfigFactory, hand_over: Callable[[Image.Image], object], broken: str
+) -> None:
+    message = f"generator 'handing' is broken: it returned {broken}"
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        async with Engine(make_config(samples=2), generators=[HandsOver(hand_over)]) as engine:
+            await engine.drain()
+
+
 class JudgeSlowToOpen(FakeJudge):
     """A judge whose ``open`` waits on something that never comes (a server starting)."""
 
@@ -1662,7 +1717,73 @@ def test_a_control_from_a_thread_between_the_loops_is_refused_not_dropped(
     thread.start()
     thread.join()
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
-    assert "engine.stop() came from another thread after the event loop" in str(errors[0])
+    assert "engine.stop() came from outside any running event loop after" in str(errors[0])
+
+
+@pytest.mark.parametrize("control", ["stop", "cancel", "pause", "resume"])
+def test_a_control_outside_any_loop_between_the_loops_is_refused_before_it_acts(
+    make_config: ConfigFactory, control: str
+) -> None:
+    # In the thread that made the engine, with no loop running: stop() and cancel() raised
+    # anyio's "no running event loop" half done (the run then ended stopped, a cancel's too)
+    # and pause() returned, its pause kept or lost by chance.
+    config = make_config(samples=2)
+
+    async def make() -> Engine:
+        return Engine(config)
+
+    engine = anyio.run(make)
+    with pytest.raises(RuntimeError, match=rf"engine\.{control}\(\) came from outside any"):
+        getattr(engine, control)()
+
+    async def run() -> RunSummary:
+        with anyio.fail_after(30):
+            async with engine:
+                assert engine.stats().state == "running" and not engine.paused
+                return await engine.drain()
+
+    summary = anyio.run(run)
+    assert (summary.state, summary.judged) == ("done", 4)  # nothing of the control was kept
+    getattr(engine, control)()  # the run is over: nothing to do, nothing raised
+    assert engine.stats().state == "done"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    ("control", "state", "ends"),
+    [
+        ("stop", "stopped", "stopped"),
+        ("cancel", "cancelled", "cancelled"),
+        ("pause", "paused", "done"),
+    ],
+)
+def test_a_control_before_the_block_in_the_loop_that_will_run_it_is_recorded(
+    make_config: ConfigFactory, loop: str, control: str, state: str, ends: str
+) -> None:
+    # Made in a loop in another thread, run in this one: a control here, before the block,
+    # was refused as coming "from another thread", and the run went on without it.
+    config = make_config(samples=2)
+    made: list[Engine] = []
+
+    async def make() -> None:
+        made.append(Engine(config))
+
+    maker = threading.Thread(target=anyio.run, args=(make,), kwargs={"backend": loop})
+    maker.start()
+    maker.join()
+    engine = made[0]
+
+    async def run() -> RunSummary:
+        with anyio.fail_after(30):
+            getattr(engine, control)()
+            async with engine:
+                assert engine.stats().state == state
+                engine.resume()
+                return await engine.drain()
+
+    summary = anyio.run(run, backend=loop)
+    assert summary.state == ends
+    assert summary.judged == (4 if ends == "done" else 0)
 
 
 async def test_a_run_cancelled_or_failed_while_opening_says_so(
@@ -2208,6 +2329,47 @@ async def test_a_generator_whose_notes_fail_gets_a_note(make_config: ConfigFacto
         summary = await engine.drain()
     assert (summary.state, summary.ok) == ("done", 4)
     assert "synth: its notes() failed: RuntimeError: notes exploded" in engine.stats().notes
+
+
+class NotesAs(SyntheticGenerator):
+    def __init__(self, notes: object) -> None:
+        super().__init__("synth", SyntheticOptions(size=8))
+        self.given = notes
+
+    def notes(self) -> list[str]:
+        return cast(list[str], self.given)
+
+
+@pytest.mark.parametrize(
+    ("notes", "noted"),
+    [
+        # One note per character: "synth: t", "synth: w", ...
+        ("two files unused", ["synth: two files unused"]),
+        (("a", "b"), ["synth: a", "synth: b"]),
+        (
+            7,
+            [
+                "synth: its notes() failed: TypeError: it returned an object of type int, "
+                "not a list of str"
+            ],
+        ),
+        (
+            ["a", 3],
+            [
+                "synth: its notes() failed: TypeError: it returned an object of type int among "
+                "its notes, where a str belongs"
+            ],
+        ),
+    ],
+    ids=["str", "tuple", "int", "int-note"],
+)
+async def test_a_generators_notes_are_a_list_of_str_or_one_str(
+    make_config: ConfigFactory, notes: object, noted: list[str]
+) -> None:
+    async with Engine(make_config(samples=2), generators=[NotesAs(notes)]) as engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 4)  # the run's outcome stands
+    assert list(engine.stats().notes) == noted
 
 
 class MakesUnwritablePictures(Generator):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from importlib.metadata import EntryPoint
+from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
@@ -120,6 +122,55 @@ def test_import_metric_is_exported_lazily() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_metric_of_the_wrong_kind_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_REGISTERED", {})
+    assert import_metric("nsfw_rate", kind="set").name == "nsfw_rate"
+    with pytest.raises(TypeError, match=r"metric 'nsfw' is NSFWMetric, not a SetMetric"):
+        import_metric("nsfw", kind="set")
+    with pytest.raises(ValueError, match="pass kind='image' or kind='set'"):
+        import_metric("nsfw", kind="pixel")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="would replace the built-in one, a SetMetric"):
+        register_metric("nsfw_rate", Brightness)  # import_metric("nsfw_rate") says SetMetric
+
+
+DOCUMENTED_USAGE = """
+from pathlib import Path
+
+from trig_stream import import_metric
+from trig_stream.backends.metrics import MetricInput
+from trig_stream.backends.metrics.nsfw import NSFWRateOptions
+from trig_stream.backends.metrics.trigscore import TRIGScoreOptions
+
+nsfw = import_metric("nsfw")()
+nsfw.load()
+value = nsfw.compute(MetricInput(image=Path("cat.png")))
+items = [MetricInput(image=Path("cat.png"))]
+rate = import_metric("nsfw_rate")(NSFWRateOptions(threshold=0.9)).compute_set(items)
+metric = import_metric("trigscore")(TRIGScoreOptions(scorer="trig"))
+metric.compute(MetricInput(top_logprobs=[("good", -0.1)]))
+sharpness = import_metric("sharpness", kind="image")()
+sharpness.compute(items[0])
+"""
+
+
+@pytest.mark.slow
+def test_the_documented_metric_usage_type_checks(tmp_path: Path) -> None:
+    # mypy --strict: "Metric" has no attribute "compute" (import_metric gave type[Metric]).
+    script = tmp_path / "usage.py"
+    script.write_text(DOCUMENTED_USAGE)
+    root = Path(trig_stream.__file__).parents[1]  # this trig_stream, not an installed one
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(script)],
+        cwd=tmp_path,
+        env={**os.environ, "MYPYPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_trigscore_metric_wraps_the_scorer() -> None:

@@ -32,10 +32,20 @@ class EngineLoop:
     def called_elsewhere(
         self, control: Callable[[], None], *, awaiting_run: Callable[[], bool]
     ) -> bool:
-        """Run ``control`` in the engine's event loop when called from another thread, and
-        say whether it did. The loop is the one running the engine, once ``async with`` has
-        begun; before, the one that made it. Once the engine's loop has ended, there is no run
-        left to control.
+        """Run ``control`` in the engine's event loop when called from outside it, and say
+        whether it did (else the caller runs it, in the loop it is in). The loop is the one
+        running the engine, once ``async with`` has begun; before, the one that made it.
+
+        The rule, for each place a control may come from:
+
+        - the thread of the engine's loop, inside a running loop: run by the caller;
+        - another thread while the engine's loop runs: run in that loop;
+        - inside a running loop after the engine's loop ended, before any loop runs the
+          engine: run by the caller, and so recorded for the ``async with`` block to come
+          (the loop the caller is in is the one that will run it);
+        - outside any running loop (any thread, the one that made the engine too) after the
+          engine's loop ended: refused before anything is touched if the engine has not run
+          yet (it would be lost, or half done), else nothing to do: the run is over.
 
         Args:
             control: the engine's control method (its name is the error's).
@@ -43,18 +53,65 @@ class EngineLoop:
                 cannot run then would be dropped unnoticed, and the run ran to its end.
 
         Raises:
-            RuntimeError: the loop that made the engine has ended, and none runs it yet.
+            RuntimeError: the loop that made the engine has ended, none runs it yet, and
+                the call came from outside any running event loop.
         """
+        in_a_loop = _in_a_running_loop()
         if threading.get_ident() == self._thread:
-            return False
-        try:
-            anyio.from_thread.run_sync(control, token=self._token)
-        except anyio.RunFinishedError:
+            if in_a_loop:
+                return False
+            # This thread runs no loop, so the one that made (or ran) the engine has ended.
             if awaiting_run():
-                raise RuntimeError(
-                    f"engine.{control.__name__}() came from another thread after the event "
-                    "loop that made the engine ended, and before any loop runs it: call it "
-                    "once `async with engine` has begun, or before it from the thread of the "
-                    "loop that will run it"
-                ) from None
+                raise self._refused(control)
+            return True
+        try:
+            self._run_there(control, from_a_loop=in_a_loop)
+        except anyio.RunFinishedError:
+            if not awaiting_run():
+                return True  # the run is over: nothing left to control
+            if in_a_loop:
+                return False
+            raise self._refused(control) from None
         return True
+
+    def _run_there(self, control: Callable[[], None], *, from_a_loop: bool) -> None:
+        """Run ``control`` in the engine's loop and wait for it (``RunFinishedError`` if
+        that loop has ended)."""
+        if not from_a_loop:
+            anyio.from_thread.run_sync(control, token=self._token)
+            return
+        # From inside another loop, trio refuses the blocking call ("call it from a
+        # thread"): a plain thread makes it, and this loop waits as it would have.
+        errors: list[Exception] = []
+
+        def call() -> None:
+            try:
+                anyio.from_thread.run_sync(control, token=self._token)
+            except Exception as exc:  # handed to the caller, raised there
+                errors.append(exc)
+
+        thread = threading.Thread(target=call, name=f"trig-stream {control.__name__}()")
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    @staticmethod
+    def _refused(control: Callable[[], None]) -> RuntimeError:
+        return RuntimeError(
+            f"engine.{control.__name__}() came from outside any running event loop after "
+            "the loop that made the engine ended, and before any loop runs it, so it would "
+            "be lost: call it once `async with engine` has begun, or before it from inside "
+            "the event loop that will run it"
+        )
+
+
+def _in_a_running_loop() -> bool:
+    """Whether the calling thread is inside a running event loop (asyncio or trio)."""
+    try:
+        # Not get_current_task(): a control run for another thread runs in the loop as a
+        # callback, in no task.
+        anyio.lowlevel.current_token()
+    except anyio.NoEventLoopError:
+        return False
+    return True

@@ -41,6 +41,7 @@ from trig_stream.backends.base import (
     Generator,
     TimedPicture,
     check_pictures,
+    checked_notes,
 )
 from trig_stream.backends.threads import ThreadCalls, call_in_thread, load_in_thread
 from trig_stream.errors import FatalBackendError, ItemError, TrigStreamError
@@ -197,12 +198,12 @@ class GenerationStage:
 
     def _note_generator_notes(self) -> None:
         try:
-            notes = self._generator.notes()
+            notes = checked_notes(self._generator.notes())
         except Exception as exc:  # a backend's bug: the run's outcome stands
             self._note(f"its notes() failed: {describe_error(exc)}")
             return
         for note in notes:
-            self._note(str(note))
+            self._note(note)
 
     def _note(self, note: str) -> None:
         self._context.counters.notes.append(f"{self._generator.name}: {note}")
@@ -398,7 +399,7 @@ class GenerationStage:
             assert png is not None
             latency_s = made.latency_s
             if isinstance(picture, EncodedPicture | TimedPicture) and picture.seconds is not None:
-                latency_s = picture.seconds  # timed where it was made
+                latency_s = float(picture.seconds)  # timed where it was made
             rewrite = self._prompt_rewrite(work.sample.data_id)
             # In ASCII, as a PNG text chunk holds it: json escapes the rest.
             stored = None if rewrite is None else json.dumps(rewrite.model_dump(mode="json"))

@@ -11,6 +11,8 @@ that run backends' blocking code, and what a hard stop leaves running in them, a
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -57,20 +59,81 @@ class TimedPicture:
 
 def check_pictures(generator: str, images: Sequence[object]) -> None:
     """Refuse an item of ``images`` (what a generate call returned) that is neither a
-    picture nor an exception: a fault of the backend's code, the same for every batch.
+    picture nor an exception: a fault of the backend's code, the same for every batch. A
+    :class:`TimedPicture` must hold a PIL image, an :class:`EncodedPicture` the PNG file's
+    ``bytes``, and the ``seconds`` of either (if given) a finite number, 0 or more.
 
     Raises:
         FatalBackendError: one is something else, named with the generator's name.
     """
+    for image in images:
+        problem = _picture_problem(image)
+        if problem is not None:
+            raise FatalBackendError(f"generator {generator!r} is broken: {problem}")
+
+
+def _picture_problem(image: object) -> str | None:
+    """What is wrong with ``image``, an item a generate call returned; None if nothing."""
     from PIL.Image import Image as Picture
 
-    for image in images:
-        if not isinstance(image, Picture | EncodedPicture | TimedPicture | Exception):
-            raise FatalBackendError(
-                f"generator {generator!r} is broken: it returned an object of type "
-                f"{type(image).__name__} where a PIL image, an EncodedPicture, a "
-                "TimedPicture or an exception belongs"
+    if isinstance(image, TimedPicture):
+        if not isinstance(image.image, Picture):
+            return (
+                "it returned a TimedPicture whose image is an object of type "
+                f"{type(image.image).__name__}, not a PIL image"
             )
+        return _seconds_problem("a TimedPicture", image.seconds)
+    if isinstance(image, EncodedPicture):
+        if not isinstance(image.png, bytes):
+            return (
+                "it returned an EncodedPicture whose png is an object of type "
+                f"{type(image.png).__name__}, not bytes (the PNG file's)"
+            )
+        return (
+            None if image.seconds is None else _seconds_problem("an EncodedPicture", image.seconds)
+        )
+    if not isinstance(image, Picture | Exception):
+        return (
+            f"it returned an object of type {type(image).__name__} where a PIL image, an "
+            "EncodedPicture, a TimedPicture or an exception belongs"
+        )
+    return None
+
+
+def _seconds_problem(kind: str, seconds: object) -> str | None:
+    """What is wrong with a picture's ``seconds`` (it becomes the image's generation time,
+    in the run's latency statistics); None if nothing."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        return (
+            f"it returned {kind} whose seconds is an object of type "
+            f"{type(seconds).__name__}, not a number"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        return (
+            f"it returned {kind} whose seconds is {seconds!r}: how long making the "
+            "picture took is a finite number of seconds, 0 or more"
+        )
+    return None
+
+
+def checked_notes(notes: object) -> list[str]:
+    """What a generator's :meth:`Generator.notes` returned, as its notes: a ``str`` alone is
+    taken as one note (not one note per character).
+
+    Raises:
+        TypeError: they are neither a ``str`` nor a sequence of ``str``.
+    """
+    if isinstance(notes, str):
+        return [notes]
+    if not isinstance(notes, Sequence) or isinstance(notes, bytes):
+        raise TypeError(f"it returned an object of type {type(notes).__name__}, not a list of str")
+    wrong = next((note for note in notes if not isinstance(note, str)), None)
+    if wrong is not None:
+        raise TypeError(
+            f"it returned an object of type {type(wrong).__name__} among its notes, where "
+            "a str belongs"
+        )
+    return list(notes)
 
 
 def shrunk_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -177,7 +240,13 @@ class Generator(ABC):
         """Release resources; called once, in a worker thread, at the end of the run."""
 
     def notes(self) -> list[str]:
-        """What the user should hear about after :meth:`close` (e.g. files left unused)."""
+        """What the user should hear about after :meth:`close` (e.g. files left unused).
+
+        Returns:
+            A list of ``str``, one per note. A ``str`` alone is taken as one note; anything
+            else (or a note that is no ``str``) is reported as a broken ``notes()``, in the
+            run's notes, in place of them: the run's outcome stands.
+        """
         return []
 
     def prompt_rewrite(self, data_id: str) -> PromptRewrite | None:

@@ -38,6 +38,7 @@ from trig_stream.backends.base import (
     GenerationRequest,
     Generator,
     TimedPicture,
+    checked_notes,
 )
 from trig_stream.backends.generators.api_calls import (
     Sleep,
@@ -416,7 +417,7 @@ class DTMRewriteGenerator(Generator):
         with self._lock:
             failed = [o for o in self.rewrites.values() if o.status == "fallback"]
             total = len(self.rewrites)
-        notes = list(self.inner.notes())
+        notes = checked_notes(self.inner.notes())
         if failed:
             hint = ""
             if len(failed) == total and any(o.unreached for o in failed):

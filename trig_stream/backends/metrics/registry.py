@@ -15,18 +15,31 @@ or at run time with :func:`register_metric`. A metric is a subclass of
 from __future__ import annotations
 
 from functools import partial
-from typing import Final
+from typing import Final, Literal, overload
 
-from trig_stream.backends.metrics.base import Metric
+from trig_stream.backends.metrics.base import ImageMetric, Metric, SetMetric
 from trig_stream.backends.plugins import check_concrete, checked_subclass, find_plugin, plugin_names
 
 ENTRY_POINT_GROUP: Final[str] = "trig_stream.metrics"
+
+MetricKind = Literal["image", "set"]
+"""What :func:`import_metric`'s ``kind`` asks for: an :class:`ImageMetric` (one value per
+image) or a :class:`SetMetric` (one value per set of images)."""
+_KINDS: Final[dict[str, type[Metric]]] = {"image": ImageMetric, "set": SetMetric}
+_A_KIND: Final[dict[str, str]] = {"image": "an ImageMetric", "set": "a SetMetric"}
 
 _BUILTIN: Final[dict[str, str]] = {
     "trigscore": "trig_stream.backends.metrics.trigscore:TRIGScoreMetric",
     "nsfw": "trig_stream.backends.metrics.nsfw:NSFWMetric",
     "nsfw_rate": "trig_stream.backends.metrics.nsfw:NSFWRateMetric",
 }
+_BUILTIN_KINDS: Final[dict[str, MetricKind]] = {
+    "trigscore": "image",
+    "nsfw": "image",
+    "nsfw_rate": "set",
+}
+"""The kind of each built-in metric: what :func:`import_metric`'s overloads promise for its
+name, so a metric registered in its place must be of that kind too."""
 _REGISTERED: dict[str, type[Metric]] = {}
 
 
@@ -34,9 +47,17 @@ def register_metric(name: str, metric: type[Metric]) -> None:
     """Make ``metric`` available under ``name`` (it replaces any metric of that name).
 
     Raises:
-        TypeError: ``metric`` is not a :class:`Metric` subclass.
+        TypeError: ``metric`` is not a :class:`Metric` subclass, or it replaces a built-in
+            metric and is not of its kind (an ``ImageMetric`` or a ``SetMetric``).
     """
-    _REGISTERED[name] = _checked(name, metric)
+    checked = _checked(name, metric)
+    kind = _BUILTIN_KINDS.get(name)
+    if kind is not None and not issubclass(checked, _KINDS[kind]):
+        raise TypeError(
+            f"metric {name!r} would replace the built-in one, {_A_KIND[kind]}, with "
+            f"{checked.__name__}, which is not one: register it under another name"
+        )
+    _REGISTERED[name] = checked
 
 
 def metric_names() -> list[str]:
@@ -44,10 +65,24 @@ def metric_names() -> list[str]:
     return plugin_names(ENTRY_POINT_GROUP, _BUILTIN, _REGISTERED)
 
 
-def import_metric(name: str) -> type[Metric]:
+@overload
+def import_metric(name: Literal["nsfw", "trigscore"]) -> type[ImageMetric]: ...
+@overload
+def import_metric(name: Literal["nsfw_rate"]) -> type[SetMetric]: ...
+@overload
+def import_metric(name: str) -> type[Metric]: ...
+@overload
+def import_metric(name: str, *, kind: Literal["image"]) -> type[ImageMetric]: ...
+@overload
+def import_metric(name: str, *, kind: Literal["set"]) -> type[SetMetric]: ...
+def import_metric(name: str, *, kind: MetricKind | None = None) -> type[Metric]:
     """Import and return the class of the metric called ``name``.
 
-    Names registered at run time come first, then built-in names, then entry points.
+    Names registered at run time come first, then built-in names, then entry points. For a
+    built-in name the class is typed as its kind (:class:`ImageMetric` for ``nsfw`` and
+    ``trigscore``, :class:`SetMetric` for ``nsfw_rate``); for another name, pass the kind
+    you expect as ``kind`` (``"image"`` or ``"set"``): it is checked, and the result typed
+    as that kind.
 
     Example::
 
@@ -56,13 +91,15 @@ def import_metric(name: str) -> type[Metric]:
         nsfw = import_metric("nsfw")()
         nsfw.load()
         value = nsfw.compute(MetricInput(image=Path("cat.png")))
+        sharpness = import_metric("sharpness", kind="image")()
 
     Raises:
         ValueError: no metric has that name (the message lists the known ones).
         ImportError: the metric's entry point cannot be imported (the message names the entry
             point, its distribution and the cause).
         TypeError: the name resolves to something that is not a usable metric class: no
-            :class:`Metric` subclass, no ``name``, or abstract.
+            :class:`Metric` subclass, no ``name``, or abstract; or not of ``kind``.
+        ValueError: ``kind`` is neither ``"image"`` nor ``"set"``.
     """
     found = find_plugin(
         name,
@@ -74,6 +111,16 @@ def import_metric(name: str) -> type[Metric]:
     )
     if found is None:
         raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(metric_names())}")
+    if kind is None:
+        return found.cls
+    expected = _KINDS.get(kind)
+    if expected is None:
+        raise ValueError(f"metric kind {kind!r} is unknown: pass kind='image' or kind='set'")
+    if not issubclass(found.cls, expected):
+        raise TypeError(
+            f"metric {name!r} is {found.cls.__name__}, not {_A_KIND[kind]} "
+            f"(kind={kind!r}): ask for the kind it is, or for another metric"
+        )
     return found.cls
 
 
