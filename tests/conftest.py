@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,10 +13,27 @@ from typing import Any
 
 import pytest
 
+from trig_stream.backends.threads import threads_left_behind
 from trig_stream.config import RunConfig, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PROMPTS = ROOT / "data" / "demo" / "t2i_prompts.json"
+
+
+LEFT_BEHIND_GRACE_S = 30.0
+"""How long a test's teardown waits for the backend threads a stop left running to end."""
+
+
+@pytest.fixture(autouse=True)
+def threads_left_behind_end() -> Iterator[None]:
+    """Each test starts with no backend thread of an earlier one still running: a test that
+    counts :func:`threads_left_behind` saw one that a stopped run before it had left to end
+    on its own (a pipeline call finishing, then its generator closing)."""
+    yield
+    deadline = time.monotonic() + LEFT_BEHIND_GRACE_S
+    while threads_left_behind() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
 
 PAIRS = ["IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R"]
 
