@@ -527,8 +527,27 @@ class AnswersWith(FakeJudge):
             [(b"good", -0.1)],
             "(b'good', -0.1): the token is of type bytes, not str; decode it to text first",
         ),
-        ([("good", None)], "('good', None): the logprob None is no real number"),
-        ([("good", "x")], "('good', 'x'): the logprob 'x' is no real number"),
+        (
+            [("good", None)],
+            "('good', None): the logprob None is no real number (it is of type NoneType); "
+            "pass a float",
+        ),
+        (
+            [("good", "x")],
+            "('good', 'x'): the logprob 'x' is no real number (it is of type str); pass a float",
+        ),
+        # Text that parses as a number is no number either: it was scored, 0.75 here.
+        (
+            [("good", "-0.1")],
+            "('good', '-0.1'): the logprob '-0.1' is no real number (it is of type str); "
+            "pass a float",
+        ),
+        # An int too large for a float ended the run with an OverflowError traceback.
+        (
+            [("good", -(10**400))],
+            "'good': the logprob, of type int, is too large for a float, so it is no log "
+            "probability; the judge's numbers are broken",
+        ),
     ],
 )
 async def test_a_judge_answering_malformed_top_logprobs_gets_an_error_naming_them(
@@ -549,8 +568,8 @@ async def test_a_judge_answering_malformed_top_logprobs_gets_an_error_naming_the
 
 
 async def test_top_logprobs_are_stored_as_they_were_scored(make_config: ConfigFactory) -> None:
-    # A logprob written as text or as an int is a number: stored as the float it was scored as.
-    judge = AnswersWith([("good", "-0.1"), ("bad", -3)])
+    # A logprob written as an int is a number: stored as the float it was scored as.
+    judge = AnswersWith([("good", -0.1), ("bad", -3)])
     results = await run_to_end(make_config(samples=2), judges=[judge])
     score = score_top_logprobs([("good", -0.1), ("bad", -3.0)], scorer=judge.scorer)
     assert {(j.status, j.score) for j in results} == {("ok", score)}
