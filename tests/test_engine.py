@@ -46,7 +46,7 @@ from trig_stream.generation import FAILED_CALLS_TO_STOP
 from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
-from trig_stream.records import Judgement, PromptRewrite
+from trig_stream.records import JudgeFingerprint, Judgement, PromptRewrite
 from trig_stream.retry import RetryPolicy
 from trig_stream.scoring import Scorer, score_top_logprobs
 from trig_stream.stats import ModelCounts
@@ -2218,6 +2218,58 @@ async def test_a_judge_whose_fingerprint_is_no_judge_fingerprint_stops_the_run_w
     )
     with pytest.raises(FatalBackendError, match=re.escape(message)):
         await run_to_end(config, judges=[DictFingerprint("trigscore", FakeJudgeOptions())])
+    assert not config.run_dir.exists()
+
+
+class BrokenHook(FakeJudge):
+    """A judge whose ``hook`` misbehaves: raises, or (``fingerprint``) holds a NaN."""
+
+    def __init__(self, hook: str) -> None:
+        super().__init__("trigscore", FakeJudgeOptions())
+        self.hook = hook
+
+    def fingerprint(self) -> JudgeFingerprint:
+        fingerprint = super().fingerprint()
+        if self.hook == "fingerprint":
+            return fingerprint.model_copy(update={"params": {"t": math.nan}})
+        return fingerprint
+
+    def connections(self, in_flight: int) -> int:
+        if self.hook == "connections":
+            raise RuntimeError("no pool")
+        return super().connections(in_flight)
+
+    def opening(self) -> str:
+        if self.hook == "opening":
+            raise RuntimeError("no words")
+        return super().opening()
+
+
+@pytest.mark.parametrize(
+    ("hook", "message"),
+    [
+        (
+            "connections",
+            "judge 'trigscore' is broken: connections() raised RuntimeError: no pool (a fault "
+            "of its code or a library it uses: fix it, or report it to its authors)",
+        ),
+        (
+            "opening",
+            "judge 'trigscore' is broken: opening() raised RuntimeError: no words (a fault "
+            "of its code or a library it uses: fix it, or report it to its authors)",
+        ),
+        ("fingerprint", "the fingerprint of judge 'trigscore' holds nan, which JSON cannot hold"),
+    ],
+)
+async def test_a_judge_whose_hook_misbehaves_stops_the_run_with_its_name(
+    make_config: ConfigFactory, hook: str, message: str
+) -> None:
+    # connections() and opening() raising gave a traceback (exit 1); a NaN in a judge's
+    # fingerprint was written as null in the manifest and every judgement, where a
+    # generator's is refused.
+    config = make_config(samples=1)
+    with pytest.raises(FatalBackendError, match=f"^{re.escape(message)}$"):
+        await run_to_end(config, judges=[BrokenHook(hook)])
     assert not config.run_dir.exists()
 
 

@@ -28,7 +28,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
-from trig_stream.backends.threads import being_cancelled, raised_in_thread
+from trig_stream.backends.threads import being_cancelled, exiting_error, raised_in_thread
 from trig_stream.concurrency import ConcurrencyController, follow_server_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import (
@@ -272,6 +272,10 @@ class JudgeStage:
                         "cancelled: a bug of the judge backend (a cancellation is no answer)"
                     )
                     break
+                except (SystemExit, KeyboardInterrupt) as exc:
+                    # A library calling sys.exit(), say. Let out of the event loop, it left
+                    # the run's worker threads waiting for work: the process never exited.
+                    raise exiting_error(exc, f"judge {judge.name!r}: its judge()") from exc
             elapsed = time.perf_counter() - started
             self._context.counters.judge_latencies.append(elapsed)
             try:

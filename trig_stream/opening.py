@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trig_stream.backends.base import Judge
+from trig_stream.backends.threads import exiting_error
 from trig_stream.errors import FatalBackendError, TrigStreamError
 from trig_stream.journal import JournalState
 from trig_stream.manifest import Manifest
@@ -48,10 +49,19 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
     """Open each judge in turn, telling ``opening`` what is opening (for the progress view).
 
     Raises:
-        FatalBackendError: a judge failed to open with an error of its own (not one of ours).
+        FatalBackendError: a judge failed to open with an error of its own (not one of
+            ours), ``SystemExit`` and ``KeyboardInterrupt`` included, or its ``opening()``
+            raised.
     """
     for judge in judges:
-        opening(f"judge {judge.name!r}: {judge.opening()}")
+        try:
+            what = judge.opening()
+        except Exception as exc:  # a backend's own bug: one clear error, no traceback
+            raise FatalBackendError(
+                f"judge {judge.name!r} is broken: opening() raised {describe_error(exc)} (a "
+                "fault of its code or a library it uses: fix it, or report it to its authors)"
+            ) from exc
+        opening(f"judge {judge.name!r}: {what}")
         try:
             await judge.open()
         except TrigStreamError:
@@ -60,13 +70,23 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
             raise FatalBackendError(
                 f"judge {judge.name!r} failed to open: {describe_error(exc)}"
             ) from exc
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # Let out, it ended the command with its exit code and no word of the judge.
+            raise exiting_error(exc, f"judge {judge.name!r} failed to open: its open()") from exc
 
 
 async def close_judges(judges: Iterable[Judge], notes: MutableSequence[str]) -> None:
     """Close each judge; a failure to close one becomes a note in ``notes``, not an error
-    (closing must not hide the run's own outcome)."""
+    (closing must not hide the run's own outcome), ``SystemExit`` and ``KeyboardInterrupt``
+    included."""
     for judge in judges:
         try:
             await judge.aclose()
         except Exception as exc:
             notes.append(f"judge {judge.name!r}: closing it failed: {describe_error(exc)}")
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # A library calling sys.exit(), say: let out, it ended the command with its exit
+            # code, the run's outcome unsaid.
+            notes.append(
+                f"judge {judge.name!r}: closing it failed: it raised {describe_error(exc)}"
+            )
