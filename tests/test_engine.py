@@ -1470,6 +1470,13 @@ def judge_of(dimensions: object) -> FakeJudge:
     return judge
 
 
+def judge_scoring(scorer: object = "robust", confidence: object = False) -> FakeJudge:
+    judge = fake_judge()
+    judge.scorer = cast(Any, scorer)
+    judge.confidence = cast(Any, confidence)
+    return judge
+
+
 @pytest.mark.parametrize(
     ("generators", "judges", "message"),
     [
@@ -1485,6 +1492,10 @@ def judge_of(dimensions: object) -> FakeJudge:
         ([synth()], [judge_of(frozenset())], "'trigscore': dimensions is frozenset()"),
         ([synth()], [judge_of(frozenset({"XX"}))], "dimensions is frozenset({'XX'}): make it"),
         ([synth()], [judge_of("IQ-R")], "dimensions is 'IQ-R': make it None"),
+        # A scorer of no such name failed the run at its first answer, images made.
+        ([synth()], [judge_scoring("nope")], "'trigscore': scorer is 'nope': make it one of"),
+        ([synth()], [judge_scoring(["trig"])], "scorer is ['trig']: make it one of 'trig', "),
+        ([synth()], [judge_scoring(confidence="yes")], "confidence is 'yes': make it True or"),
     ],
 )
 def test_backend_instances_are_held_to_the_configs_bounds_and_types(
