@@ -567,6 +567,37 @@ async def test_a_judge_answering_malformed_top_logprobs_gets_an_error_naming_the
     assert {(j.status, j.top_logprobs) for j in stored} == {("error", None)}
 
 
+class FindsNothing(FakeJudge):
+    """Finds nothing to score in any answer, for the reason ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        return JudgeReply(unscorable=self.reason)
+
+
+@pytest.mark.parametrize(
+    ("reason", "error"),
+    [
+        ("no face in the picture", "no face in the picture"),
+        # An empty reason was recorded as none (error None), as no unscorable judgement is.
+        ("", "the judge found nothing to score in its answer, and gave no reason"),
+        (" ", "the judge found nothing to score in its answer, and gave no reason"),
+    ],
+)
+async def test_an_unscorable_judgement_always_says_why(
+    make_config: ConfigFactory, reason: str, error: str
+) -> None:
+    config = make_config(samples=2)
+    results = await run_to_end(config, judges=[FindsNothing(reason)])
+    assert {(j.status, j.score, j.error, j.error_stage) for j in results} == {
+        ("unscorable", None, error, None)
+    }
+    assert {j.error for j in read_journal(config.run_dir / JOURNAL)} == {error}
+
+
 async def test_top_logprobs_are_stored_as_they_were_scored(make_config: ConfigFactory) -> None:
     # A logprob written as an int is a number: stored as the float it was scored as.
     judge = AnswersWith([("good", -0.1), ("bad", -3)])

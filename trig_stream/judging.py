@@ -59,6 +59,8 @@ from trig_stream.scoring import (
 
 UNSCORABLE_TO_NOTE = 16
 """Unscorable answers of a judge that scored none, from which the run ends with a note."""
+NO_REASON = "the judge found nothing to score in its answer, and gave no reason"
+"""The error of an unscorable judgement whose judge's reply gave an empty reason."""
 PREPARE_BATCH = 8
 """Images prepared per worker-thread call, of those already waiting: amortises the thread
 hop; at most this many prepared images (e.g. base64 payloads) wait for a judge slot."""
@@ -327,7 +329,10 @@ class JudgeStage:
             elif reply.score is not None:
                 status, score = "ok", reply.score
             elif reply.unscorable is not None:
-                status, failure = "unscorable", reply.unscorable
+                # Every unscorable judgement says why in its error: an empty reason was
+                # recorded as none at all.
+                reason = reply.unscorable
+                status, failure = "unscorable", reason if str(reason).strip() else NO_REASON
             elif top is None:
                 failure = "the judge's answer has no logprobs"
             elif broken is not None:
