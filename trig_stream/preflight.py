@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import resource
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -95,7 +96,7 @@ def ensure_open_files(
         if policy is not None and policy.enabled:
             in_flight = max(in_flight, policy.max)
         needs[judge.name] = _backend_call(
-            judge, "connections()", lambda judge=judge, n=in_flight: judge.connections(n)
+            judge, "connections()", functools.partial(judge.connections, in_flight)
         )
     needed = sum(needs.values())
     if not needed:
