@@ -171,6 +171,8 @@ JUDGES = {
     "tp_constant": "thirdparty_backends:Constant",
     "tp_generator": "thirdparty_backends:Flat",
     "tp_no_key": "thirdparty_backends:NoKey",
+    "tp_exits": "thirdparty_exits:Judge",
+    "tp_interrupts": "thirdparty_interrupts:Judge",
 }
 
 
@@ -178,6 +180,8 @@ JUDGES = {
 def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An installed distribution, ``thirdparty-backends 2.0``, declaring backends good and bad."""
     (tmp_path / "thirdparty_backends.py").write_text(THIRD_PARTY)
+    (tmp_path / "thirdparty_exits.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "thirdparty_interrupts.py").write_text("raise KeyboardInterrupt\n")
     info = tmp_path / "thirdparty_backends-2.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(
@@ -189,7 +193,8 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lines += [f"{name} = {value}" for name, value in JUDGES.items()]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "thirdparty_backends", raising=False)
+    for module in ("thirdparty_backends", "thirdparty_exits", "thirdparty_interrupts"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
 
 
 def write_config(tmp_path: Path, generator: str, judge: str) -> Path:
@@ -334,6 +339,10 @@ BROKEN = [
     ("generators", "tp_dict_options", "is DictOptions, whose Options is {'grey': <class 'int'>}"),
     ("generators", "tp_no_from_config", "is NoFromConfig, which has no from_config: give the"),
     ("generators", "tp_abstract", "is Abstract, an abstract class: it does not define generate"),
+    # sys.exit() on import ended validate and run with its code (3: "run directory refused")
+    # and no message; KeyboardInterrupt as a Ctrl-C (exit 130).
+    ("judges", "tp_exits", "cannot be imported: SystemExit: 3; fix or reinstall the package"),
+    ("judges", "tp_interrupts", "cannot be imported: KeyboardInterrupt; fix or reinstall"),
 ]
 
 

@@ -1145,6 +1145,39 @@ def test_a_generator_raising_what_ends_a_process_is_named_and_never_hangs(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("method", "raised", "code", "message"),
+    [
+        ("judge", "SystemExit(3)", EXIT_FATAL, "judge 'trigscore': its judge() "),
+        ("judge", "KeyboardInterrupt", EXIT_FATAL, "judge 'trigscore': its judge() "),
+        ("open", "SystemExit(3)", EXIT_FATAL, "judge 'trigscore' failed to open: its open() "),
+        ("aclose", "SystemExit(3)", EXIT_OK, "note: judge 'trigscore': closing it failed: it "),
+    ],
+)
+def test_a_judge_raising_what_ends_a_process_is_named_and_never_hangs(
+    tmp_path: Path, method: str, raised: str, code: int, message: str
+) -> None:
+    # From judge(), it left the event loop while the run's worker threads waited for work:
+    # the process never exited, deaf to SIGTERM and Ctrl-C. From open() or aclose(), the
+    # command ended with its exit code (3, "run directory refused") and no word of why.
+    path = write_config(tmp_path)
+    process = run_patched(
+        path,
+        "from trig_stream.testing import FakeJudge\n"
+        "async def ends(self, *args, **kwargs):\n"
+        f"    raise {raised}\n"
+        f"FakeJudge.{method} = ends\n",
+    )
+    try:
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == code, err
+    name = raised.partition("(")[0]
+    assert f"{message}raised {name}" in err, err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_report_is_written_stops_it_without_a_traceback(
     tmp_path: Path, signum: int

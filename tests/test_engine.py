@@ -47,7 +47,7 @@ from trig_stream.generation import FAILED_CALLS_TO_STOP
 from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
-from trig_stream.records import Judgement, PromptRewrite
+from trig_stream.records import JudgeFingerprint, Judgement, PromptRewrite
 from trig_stream.retry import RetryPolicy
 from trig_stream.scoring import Scorer, score_top_logprobs
 from trig_stream.stats import ModelCounts
@@ -528,8 +528,27 @@ class AnswersWith(FakeJudge):
             [(b"good", -0.1)],
             "(b'good', -0.1): the token is of type bytes, not str; decode it to text first",
         ),
-        ([("good", None)], "('good', None): the logprob None is no real number"),
-        ([("good", "x")], "('good', 'x'): the logprob 'x' is no real number"),
+        (
+            [("good", None)],
+            "('good', None): the logprob None is no real number (it is of type NoneType); "
+            "pass a float",
+        ),
+        (
+            [("good", "x")],
+            "('good', 'x'): the logprob 'x' is no real number (it is of type str); pass a float",
+        ),
+        # Text that parses as a number is no number either: it was scored, 0.75 here.
+        (
+            [("good", "-0.1")],
+            "('good', '-0.1'): the logprob '-0.1' is no real number (it is of type str); "
+            "pass a float",
+        ),
+        # An int too large for a float ended the run with an OverflowError traceback.
+        (
+            [("good", -(10**400))],
+            "'good': the logprob, of type int, is too large for a float, so it is no log "
+            "probability; the judge's numbers are broken",
+        ),
     ],
 )
 async def test_a_judge_answering_malformed_top_logprobs_gets_an_error_naming_them(
@@ -549,9 +568,40 @@ async def test_a_judge_answering_malformed_top_logprobs_gets_an_error_naming_the
     assert {(j.status, j.top_logprobs) for j in stored} == {("error", None)}
 
 
+class FindsNothing(FakeJudge):
+    """Finds nothing to score in any answer, for the reason ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        return JudgeReply(unscorable=self.reason)
+
+
+@pytest.mark.parametrize(
+    ("reason", "error"),
+    [
+        ("no face in the picture", "no face in the picture"),
+        # An empty reason was recorded as none (error None), as no unscorable judgement is.
+        ("", "the judge found nothing to score in its answer, and gave no reason"),
+        (" ", "the judge found nothing to score in its answer, and gave no reason"),
+    ],
+)
+async def test_an_unscorable_judgement_always_says_why(
+    make_config: ConfigFactory, reason: str, error: str
+) -> None:
+    config = make_config(samples=2)
+    results = await run_to_end(config, judges=[FindsNothing(reason)])
+    assert {(j.status, j.score, j.error, j.error_stage) for j in results} == {
+        ("unscorable", None, error, None)
+    }
+    assert {j.error for j in read_journal(config.run_dir / JOURNAL)} == {error}
+
+
 async def test_top_logprobs_are_stored_as_they_were_scored(make_config: ConfigFactory) -> None:
-    # A logprob written as text or as an int is a number: stored as the float it was scored as.
-    judge = AnswersWith([("good", "-0.1"), ("bad", -3)])
+    # A logprob written as an int is a number: stored as the float it was scored as.
+    judge = AnswersWith([("good", -0.1), ("bad", -3)])
     results = await run_to_end(make_config(samples=2), judges=[judge])
     score = score_top_logprobs([("good", -0.1), ("bad", -3.0)], scorer=judge.scorer)
     assert {(j.status, j.score) for j in results} == {("ok", score)}
@@ -1506,6 +1556,13 @@ def judge_of(dimensions: object) -> FakeJudge:
     return judge
 
 
+def judge_scoring(scorer: object = "robust", confidence: object = False) -> FakeJudge:
+    judge = fake_judge()
+    judge.scorer = cast(Any, scorer)
+    judge.confidence = cast(Any, confidence)
+    return judge
+
+
 @pytest.mark.parametrize(
     ("generators", "judges", "message"),
     [
@@ -1521,6 +1578,10 @@ def judge_of(dimensions: object) -> FakeJudge:
         ([synth()], [judge_of(frozenset())], "'trigscore': dimensions is frozenset()"),
         ([synth()], [judge_of(frozenset({"XX"}))], "dimensions is frozenset({'XX'}): make it"),
         ([synth()], [judge_of("IQ-R")], "dimensions is 'IQ-R': make it None"),
+        # A scorer of no such name failed the run at its first answer, images made.
+        ([synth()], [judge_scoring("nope")], "'trigscore': scorer is 'nope': make it one of"),
+        ([synth()], [judge_scoring(["trig"])], "scorer is ['trig']: make it one of 'trig', "),
+        ([synth()], [judge_scoring(confidence="yes")], "confidence is 'yes': make it True or"),
     ],
 )
 def test_backend_instances_are_held_to_the_configs_bounds_and_types(
@@ -2320,6 +2381,58 @@ async def test_a_judge_whose_fingerprint_is_no_judge_fingerprint_stops_the_run_w
     )
     with pytest.raises(FatalBackendError, match=re.escape(message)):
         await run_to_end(config, judges=[DictFingerprint("trigscore", FakeJudgeOptions())])
+    assert not config.run_dir.exists()
+
+
+class BrokenHook(FakeJudge):
+    """A judge whose ``hook`` misbehaves: raises, or (``fingerprint``) holds a NaN."""
+
+    def __init__(self, hook: str) -> None:
+        super().__init__("trigscore", FakeJudgeOptions())
+        self.hook = hook
+
+    def fingerprint(self) -> JudgeFingerprint:
+        fingerprint = super().fingerprint()
+        if self.hook == "fingerprint":
+            return fingerprint.model_copy(update={"params": {"t": math.nan}})
+        return fingerprint
+
+    def connections(self, in_flight: int) -> int:
+        if self.hook == "connections":
+            raise RuntimeError("no pool")
+        return super().connections(in_flight)
+
+    def opening(self) -> str:
+        if self.hook == "opening":
+            raise RuntimeError("no words")
+        return super().opening()
+
+
+@pytest.mark.parametrize(
+    ("hook", "message"),
+    [
+        (
+            "connections",
+            "judge 'trigscore' is broken: connections() raised RuntimeError: no pool (a fault "
+            "of its code or a library it uses: fix it, or report it to its authors)",
+        ),
+        (
+            "opening",
+            "judge 'trigscore' is broken: opening() raised RuntimeError: no words (a fault "
+            "of its code or a library it uses: fix it, or report it to its authors)",
+        ),
+        ("fingerprint", "the fingerprint of judge 'trigscore' holds nan, which JSON cannot hold"),
+    ],
+)
+async def test_a_judge_whose_hook_misbehaves_stops_the_run_with_its_name(
+    make_config: ConfigFactory, hook: str, message: str
+) -> None:
+    # connections() and opening() raising gave a traceback (exit 1); a NaN in a judge's
+    # fingerprint was written as null in the manifest and every judgement, where a
+    # generator's is refused.
+    config = make_config(samples=1)
+    with pytest.raises(FatalBackendError, match=f"^{re.escape(message)}$"):
+        await run_to_end(config, judges=[BrokenHook(hook)])
     assert not config.run_dir.exists()
 
 

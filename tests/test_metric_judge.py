@@ -193,6 +193,9 @@ NOT_A_METRIC = frozenset({"IQ-R"})
 def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An installed distribution, ``thirdparty-metrics 1.2``, declaring metrics good and bad."""
     (tmp_path / "thirdparty_metrics.py").write_text(THIRD_PARTY)
+    (tmp_path / "thirdparty_metrics_exit.py").write_text(
+        "import sys\nsys.exit('please install torch')\n"
+    )
     info = tmp_path / "thirdparty_metrics-1.2.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(
@@ -207,11 +210,13 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "tp_abstract": "thirdparty_metrics:Abstract",
         "tp_typo": "thirdparty_metrics:Typo",
         "tp_no_gpu": "thirdparty_metrics:NoGPU",
+        "tp_exits": "thirdparty_metrics_exit:Metric",
     }
     lines = [f"{name} = {value}" for name, value in points.items()]
     (info / "entry_points.txt").write_text("[trig_stream.metrics]\n" + "\n".join(lines) + "\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "thirdparty_metrics", raising=False)
+    monkeypatch.delitem(sys.modules, "thirdparty_metrics_exit", raising=False)
 
 
 def test_a_broken_entry_point_is_named_with_its_distribution_and_cause(
@@ -228,12 +233,23 @@ def test_a_broken_entry_point_is_named_with_its_distribution_and_cause(
         ),
     ):
         import_metric("tp_gone")
+    # sys.exit() on import raised SystemExit from import_metric: validate and run ended with
+    # its code and no message.
+    with pytest.raises(
+        ImportError,
+        match=re.escape(
+            "metric 'tp_exits' (entry point tp_exits = 'thirdparty_metrics_exit:Metric' of "
+            "thirdparty-metrics 1.2) cannot be imported: SystemExit: please install torch"
+        ),
+    ):
+        import_metric("tp_exits")
 
 
 @pytest.mark.parametrize(
     ("metric", "message"),
     [
         ("tp_gone", "cannot be imported: ModuleNotFoundError: No module named"),
+        ("tp_exits", "cannot be imported: SystemExit: please install torch; fix or reinstall"),
         ("tp_missing", "cannot be imported: AttributeError: module 'thirdparty_metrics' has no"),
         ("tp_not_a_metric", "is frozenset({'IQ-R'}), not a subclass of trig_stream's ImageMetric"),
         ("tp_no_name", "is NoName, which has no name: give the class a `name` attribute"),

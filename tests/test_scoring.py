@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 import pytest
 from hypothesis import given
@@ -132,6 +133,13 @@ def test_a_rating_whose_probability_underflows_to_zero_is_unscorable(
         (("good", "x"), "top logprob entry ('good', 'x'): the logprob 'x' is no real number"),
         (("good", -0.1, 0), "top logprob entry ('good', -0.1, 0) is no (token, logprob) pair"),
         ("ab", "top logprob entry 'ab' is no (token, logprob) pair"),
+        # Text that parses as a number, and a bool, are no numbers either: they were scored.
+        (("good", "-0.1"), "top logprob entry ('good', '-0.1'): the logprob '-0.1' is no real"),
+        (("good", False), "top logprob entry ('good', False): the logprob False is no real"),
+        (("good", Decimal("-0.1")), "the logprob Decimal('-0.1') is no real number"),
+        # An int too large for a float raised OverflowError, which named nothing.
+        (("good", 10**400), "top logprob entry 'good': the logprob, of type int, is too large"),
+        (("good", -(10**400)), "top logprob entry 'good': the logprob, of type int, is too"),
     ],
 )
 def test_a_malformed_entry_is_refused_naming_it(
@@ -141,6 +149,15 @@ def test_a_malformed_entry_is_refused_naming_it(
     # str()-ed into "b'good'": no rating word, so an unscorable answer.
     with pytest.raises(ValueError, match=re.escape(message)):
         score_top_logprobs([("bad", -0.5), entry], scorer=scorer)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+def test_ints_and_numpy_floats_are_numbers(scorer: Scorer) -> None:
+    numpy = pytest.importorskip("numpy")
+    expected = score_top_logprobs([("good", -0.5), ("bad", -3.0)], scorer=scorer)
+    assert score_top_logprobs([("good", numpy.float32(-0.5)), ("bad", -3)], scorer=scorer) == (
+        pytest.approx(expected)
+    )
 
 
 @pytest.mark.parametrize("scorer", ["trig", "robust"])

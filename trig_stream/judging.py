@@ -28,7 +28,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
-from trig_stream.backends.threads import being_cancelled, raised_in_thread
+from trig_stream.backends.threads import being_cancelled, exiting_error, raised_in_thread
 from trig_stream.concurrency import ConcurrencyController, follow_server_load
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import (
@@ -59,6 +59,8 @@ from trig_stream.scoring import (
 
 UNSCORABLE_TO_NOTE = 16
 """Unscorable answers of a judge that scored none, from which the run ends with a note."""
+NO_REASON = "the judge found nothing to score in its answer, and gave no reason"
+"""The error of an unscorable judgement whose judge's reply gave an empty reason."""
 PREPARE_BATCH = 8
 """Images prepared per worker-thread call, of those already waiting: amortises the thread
 hop; at most this many prepared images (e.g. base64 payloads) wait for a judge slot."""
@@ -272,6 +274,10 @@ class JudgeStage:
                         "cancelled: a bug of the judge backend (a cancellation is no answer)"
                     )
                     break
+                except (SystemExit, KeyboardInterrupt) as exc:
+                    # A library calling sys.exit(), say. Let out of the event loop, it left
+                    # the run's worker threads waiting for work: the process never exited.
+                    raise exiting_error(exc, f"judge {judge.name!r}: its judge()") from exc
             elapsed = time.perf_counter() - started
             self._context.counters.judge_latencies.append(elapsed)
             try:
@@ -323,7 +329,10 @@ class JudgeStage:
             elif reply.score is not None:
                 status, score = "ok", reply.score
             elif reply.unscorable is not None:
-                status, failure = "unscorable", reply.unscorable
+                # Every unscorable judgement says why in its error: an empty reason was
+                # recorded as none at all.
+                reason = reply.unscorable
+                status, failure = "unscorable", reason if str(reason).strip() else NO_REASON
             elif top is None:
                 failure = "the judge's answer has no logprobs"
             elif broken is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio.to_thread
 
 from trig_stream.backends.base import Generator, Judge
+from trig_stream.backends.threads import exiting_error
 from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError, TrigStreamError
 from trig_stream.journal import JournalState
@@ -56,10 +57,19 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
     """Open each judge in turn, telling ``opening`` what is opening (for the progress view).
 
     Raises:
-        FatalBackendError: a judge failed to open with an error of its own (not one of ours).
+        FatalBackendError: a judge failed to open with an error of its own (not one of
+            ours), ``SystemExit`` and ``KeyboardInterrupt`` included, or its ``opening()``
+            raised.
     """
     for judge in judges:
-        opening(f"judge {judge.name!r}: {judge.opening()}")
+        try:
+            what = judge.opening()
+        except Exception as exc:  # a backend's own bug: one clear error, no traceback
+            raise FatalBackendError(
+                f"judge {judge.name!r} is broken: opening() raised {describe_error(exc)} (a "
+                "fault of its code or a library it uses: fix it, or report it to its authors)"
+            ) from exc
+        opening(f"judge {judge.name!r}: {what}")
         try:
             await judge.open()
         except TrigStreamError:
@@ -68,6 +78,9 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
             raise FatalBackendError(
                 f"judge {judge.name!r} failed to open: {describe_error(exc)}"
             ) from exc
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # Let out, it ended the command with its exit code and no word of the judge.
+            raise exiting_error(exc, f"judge {judge.name!r} failed to open: its open()") from exc
 
 
 async def close_judges(
@@ -76,9 +89,9 @@ async def close_judges(
     closing: Callable[[str | None], None] = lambda what: None,
 ) -> None:
     """Close each judge; a failure to close one becomes a note in ``notes``, not an error
-    (closing must not hide the run's own outcome). ``closing`` is told what closes when it
-    may take a while (a judge's :meth:`~trig_stream.backends.base.Judge.closing`), and None
-    once it is done."""
+    (closing must not hide the run's own outcome), ``SystemExit`` and ``KeyboardInterrupt``
+    included. ``closing`` is told what closes when it may take a while (a judge's
+    :meth:`~trig_stream.backends.base.Judge.closing`), and None once it is done."""
     for judge in judges:
         try:
             what = judge.closing()
@@ -86,6 +99,12 @@ async def close_judges(
             await judge.aclose()
         except Exception as exc:
             notes.append(f"judge {judge.name!r}: closing it failed: {describe_error(exc)}")
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # A library calling sys.exit(), say: let out, it ended the command with its exit
+            # code, the run's outcome unsaid.
+            notes.append(
+                f"judge {judge.name!r}: closing it failed: it raised {describe_error(exc)}"
+            )
         finally:
             closing(None)
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import resource
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -94,7 +95,9 @@ def ensure_open_files(
         in_flight = judge.concurrency  # adaptive: the starting limit, or its max if more
         if policy is not None and policy.enabled:
             in_flight = max(in_flight, policy.max)
-        needs[judge.name] = judge.connections(in_flight)
+        needs[judge.name] = _backend_call(
+            judge, "connections()", functools.partial(judge.connections, in_flight)
+        )
     needed = sum(needs.values())
     if not needed:
         return
@@ -127,12 +130,16 @@ def judge_fingerprint(judge: Judge) -> JudgeFingerprint:
     """``judge.fingerprint()``, or the error that names the judge when it has none to give.
 
     Raises:
-        FatalBackendError: it raised (see :func:`check_environment`), or returned no
-            :class:`~trig_stream.records.JudgeFingerprint`.
+        FatalBackendError: it raised (see :func:`check_environment`), returned no
+            :class:`~trig_stream.records.JudgeFingerprint`, or one that JSON cannot hold (a
+            NaN among its params), as a generator's is refused.
     """
     fingerprint: JudgeFingerprint = _checked_fingerprint(
         judge, JudgeFingerprint, "a JudgeFingerprint"
     )
+    # Written as it was, a NaN became null in the manifest and every judgement: a fingerprint
+    # its own run compares unequal with, or that holds what the judge never said.
+    as_json(fingerprint.model_dump(), f"the fingerprint of {backend_label(judge)}")
     return fingerprint
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
@@ -139,8 +140,9 @@ def checked_top_logprobs(
     Raises:
         ValueError: an entry is no pair, its token no ``str`` (bytes left undecoded: as
             text, ``b'good'`` names no rating, so the answer would pass for unscorable), or
-            its logprob no real number (None, a complex, text that is no number); the
-            message names the entry.
+            its logprob no real number (an int or a float, numpy's too: not None, a
+            bool, a complex or text, even text such as ``"-0.1"``) or too large for a
+            float; the message names the entry.
     """
     try:
         entries: list[Any] = list(top_logprobs)
@@ -150,8 +152,13 @@ def checked_top_logprobs(
             "(token, logprob) pairs"
         ) from None
     try:
-        pairs: list[tuple[str, float]] = [(token, float(logprob)) for token, logprob in entries]
-    except (TypeError, ValueError):
+        # A float is taken as it is, the common case of every answer: the type check of any
+        # other logprob costs more than this whole loop does.
+        pairs: list[tuple[str, float]] = [
+            (token, logprob if type(logprob) is float else _real(logprob))
+            for token, logprob in entries
+        ]
+    except (TypeError, ValueError, OverflowError):
         pairs = [_checked_entry(entry) for entry in entries]  # raises, naming the entry
     for token, logprob in pairs:
         if not isinstance(token, str):
@@ -167,11 +174,31 @@ def _checked_entry(entry: Any) -> tuple[str, float]:
         raise ValueError(f"top logprob entry {entry!r} is no (token, logprob) pair")
     token, logprob = entry
     try:
-        return token, float(logprob)
+        return token, _real(logprob)
     except (TypeError, ValueError):
         raise ValueError(
-            f"top logprob entry {entry!r}: the logprob {logprob!r} is no real number"
+            f"top logprob entry {entry!r}: the logprob {logprob!r} is no real number "
+            f"(it is of type {type(logprob).__name__}); pass a float"
         ) from None
+    except OverflowError:  # an int: its digits may be more than str() will write
+        raise ValueError(
+            f"top logprob entry {token!r}: the logprob, of type {type(logprob).__name__}, "
+            "is too large for a float, so it is no log probability; the judge's numbers "
+            "are broken"
+        ) from None
+
+
+def _real(logprob: object) -> float:
+    """``logprob`` as a float, if it is a real number: an int or a float (numpy's too), not
+    a bool and not text (``float("-0.1")`` would parse it), which no judge means as one.
+
+    Raises:
+        TypeError: it is no real number.
+        OverflowError: it is an int too large for a float.
+    """
+    if isinstance(logprob, bool) or not isinstance(logprob, numbers.Real):
+        raise TypeError(f"{type(logprob).__name__} is no real number")
+    return float(logprob)
 
 
 _UNDERFLOW: Final[float] = -745.0

@@ -88,7 +88,10 @@ def find_plugin(
             where += f" of {ep.dist.name} {ep.dist.version}"
         try:
             loaded = ep.load()
-        except Exception as exc:  # a third party's import: whatever it raises is the cause
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # A third party's import: whatever it raises is the cause. SystemExit too (a
+            # package calling sys.exit() when a dependency is missing): let out, it ended
+            # the command with its code (3 reads "run directory refused") and no message.
             from trig_stream.pipeline import describe_error  # the engine's: only when needed
 
             raise ImportError(

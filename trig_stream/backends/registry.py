@@ -231,7 +231,8 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
             a name that is no safe file name, is used twice or (a generator's) names a file
             of the report; a count (workers, batch size, concurrency) outside the bounds the
             config sets; a judge's ``dimensions`` that is not None nor a non-empty set of
-            TRIG dimension codes; or two judges' servers (``options.serve``) at one fixed
+            TRIG dimension codes; a judge's ``scorer`` that is no scorer's name, or its
+            ``confidence`` no bool; or two judges' servers (``options.serve``) at one fixed
             address.
     """
     from trig_stream.backends.base import Generator, Judge
@@ -239,6 +240,7 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
     from trig_stream.dimensions import DIMENSIONS
     from trig_stream.errors import ConfigError
     from trig_stream.records import is_reserved_model_name, safe_name_problem
+    from trig_stream.scoring import SCORERS
 
     kinds: tuple[tuple[str, Sequence[object], type[Generator | Judge]], ...] = (
         ("generator", generators, Generator),
@@ -306,4 +308,19 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
                 f"judge {judge.name!r}: dimensions is {dimensions!r}: make it None (every "
                 "dimension) or a non-empty frozenset of TRIG dimension codes "
                 f"({', '.join(DIMENSIONS)}); a judge of no dimension would judge nothing"
+            )
+    for judge in cast("Sequence[Judge]", judges):
+        # Unchecked, a scorer of no such name failed the run at its first answer, after the
+        # run directory was made and images were generated.
+        scorer: object = judge.scorer
+        if not (isinstance(scorer, str) and scorer in SCORERS):
+            raise ConfigError(
+                f"judge {judge.name!r}: scorer is {scorer!r}: make it one of "
+                f"{', '.join(map(repr, SCORERS))}, as a config's `scorer` is"
+            )
+        confidence: object = judge.confidence
+        if not isinstance(confidence, bool):
+            raise ConfigError(
+                f"judge {judge.name!r}: confidence is {confidence!r}: make it True or False, "
+                "as a config's `confidence` is"
             )

@@ -92,6 +92,23 @@ def ending_error(exc: BaseException, failed: str) -> FatalBackendError:
     )
 
 
+def exiting_error(exc: SystemExit | KeyboardInterrupt, failed: str) -> FatalBackendError:
+    """The error that stops the run for a ``SystemExit`` or ``KeyboardInterrupt`` that a
+    backend's async code raised in the event loop's thread (a judge's ``judge()`` or
+    ``open()``); ``failed`` says what raised it ("judge 'x': its judge()").
+
+    Let out of the event loop, it left the run's worker threads waiting for work, and the
+    process never exited; or it ended the command with its exit code and no word of why.
+    """
+    text = str(exc)
+    raised = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return FatalBackendError(
+        f"{failed} raised {raised} (sys.exit() or an interrupt in its code or a "
+        "library it uses); the run stops: fix the cause, then run the same command again "
+        "to resume"
+    )
+
+
 def raised_in_thread(exc: BaseException) -> str:
     """What a backend's code did, raising ``exc`` (no ``Exception``) in a worker thread,
     for a message: "it raised KeyboardInterrupt (...), which cannot end the process from a
