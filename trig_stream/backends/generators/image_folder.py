@@ -9,9 +9,10 @@ decoded completely (a broken one is an item error, not a crash) and the engine e
 PNG. For a 1 MB 512x512 PNG that is ~10 ms of CPU (~35 ms at 1024x1024) instead of decoding and
 encoding again (~85 ms for a 1024x1024 JPEG with the engine's encoder).
 
-Files that match no requested sample are counted at :meth:`ImageFolderGenerator.close` and
-kept in :attr:`ImageFolderGenerator.unmatched`, with a log line: they usually mean a folder
-from another task, a renamed dataset, or ids with a typo.
+Files that match no requested sample are counted at :meth:`ImageFolderGenerator.close`,
+kept in :attr:`ImageFolderGenerator.unmatched` and listed in the end-of-run notes: outside
+``--retry-errors`` they usually mean a folder from another task, a renamed dataset, or ids
+with a typo.
 """
 
 from __future__ import annotations
@@ -235,14 +236,8 @@ class ImageFolderGenerator(Generator):
             for path in paths[1:]
             if _extension(path) == _extension(paths[0])
         )
-        if self.unmatched:
-            shown = ", ".join(self.unmatched[:5]) + (", ..." if len(self.unmatched) > 5 else "")
-            logger.warning(
-                "image folder %s: %d image(s) match no requested sample: %s",
-                self.folder,
-                len(self.unmatched),
-                shown,
-            )
+        # The unmatched files are told once, in notes(), whose words also fit a run with
+        # --retry-errors (there they are of samples already judged).
         if self.ignored:
             logger.info(
                 "image folder %s: %d file(s) skipped for their extension",
