@@ -143,7 +143,7 @@ BROKEN_IMAGE_DATA = {
     [
         ("zlib stream cut in half", "inflates to"),
         ("random bytes", "no valid zlib stream"),
-        ("unknown row filter", "a row has filter type 9; PNG has types 0 to 4"),
+        ("unknown row filter", "a row has filter type 9 (PNG has types 0 to 4)"),
         ("half the rows", "inflates to 1552 bytes where its 32x32 pixels need 3104"),
     ],
 )

@@ -160,7 +160,7 @@ def pixel_data_problem(data: bytes) -> str | None:
             last = min(start + count * size, produced + len(piece))
             unknown = filters[first - produced : max(last - produced, 0) : size]
             if first < last and (unknown > 4).any():
-                return f"a row has filter type {int(unknown.max())}; PNG has types 0 to 4"
+                return f"a row has filter type {int(unknown.max())} (PNG has types 0 to 4)"
         produced += len(piece)
     if produced < expected:
         ending = "its zlib stream ends there" if inflater.eof else "the file's data is cut short"
