@@ -6,6 +6,7 @@ import io
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import polars as pl
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import write_prompts
+from trig_stream.backends.generators.source_images import source_image
 from trig_stream.config import DatasetSection
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import normalise_task
@@ -705,3 +707,34 @@ def test_source_images_are_not_needed_when_no_generator_of_the_run_reads_them(
     judged = {sample.data_id: read_too.digest}
     (resumed,) = DatasetSource(DatasetSection(path=path), "p2p", judged=judged, source_images=False)
     assert isinstance(resumed, Sample)
+
+
+def test_a_large_source_picture_is_read_without_pillows_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between Pillow's pixel limit and twice it, Pillow decodes a picture but prints its raw
+    # DecompressionBombWarning (and the `warnings.warn(` line) on stderr: once when the
+    # dataset checked the source, once when the generator read it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 = 1600 pixels: a warning
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("L", (40, 40), 128).save(root / "big.png")
+    record = {"data_id": "IQ-R_TA-C_1", "prompt": "p", "dimension": ["IQ-R", "TA-C"]}
+    path = tmp_path / "p2p.jsonl"
+    path.write_text(json.dumps({**record, "img_id": "big.png"}) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
+        assert not refused and len(samples) == 1
+        assert source_image(samples[0]).size == (40, 40)
+        embedded = io.BytesIO()
+        Image.new("L", (40, 40)).save(embedded, format="PNG")
+        sample = samples[0].model_copy(
+            update={"source_path": None, "source_bytes": embedded.getvalue()}
+        )
+        assert source_image(sample).size == (40, 40)
+    assert [w.message for w in caught] == []
+    # Past twice the limit it is still refused, and says why.
+    Image.new("L", (50, 50)).save(root / "big.png")
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
+    assert not samples and "could be decompression bomb" in refused[0].reason

@@ -18,6 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from tests.conftest import ConfigFactory
+from tests.test_png import BROKEN_IMAGE_DATA, png_with_image_data
 from trig_stream import Engine, FatalBackendError
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.backends.generators.image_folder import (
@@ -97,7 +98,10 @@ async def test_image_folder_edge_cases_through_the_engine(
 
     assert generator.unmatched == ["TA-C_TA-R_99.png"]
     assert generator.ignored == ["R-T_IQ-A_2.gif", "notes.txt"]
-    assert "1 image(s) match no requested sample: TA-C_TA-R_99.png" in caplog.text
+    # Said once, in the end-of-run note, not also in a log line worded for a first run.
+    (note,) = [n for n in generator.notes() if "TA-C_TA-R_99.png" in n]
+    assert note.startswith(f"1 image file(s) in {folder} were not asked for in this run")
+    assert "TA-C_TA-R_99.png" not in caplog.text
 
     # Images are copied into the run as PNGs, at their own size; an RGB PNG byte for byte,
     # with only the chunk that names its sample added.
@@ -375,3 +379,46 @@ def test_a_missing_image_names_a_file_differing_in_case_alone(tmp_path: Path) ->
         f"no image for IQ-R_TA-C_2 in {tmp_path} (found iq-r_ta-c_2.png, whose name differs "
         "from the data_id in case alone: rename it to IQ-R_TA-C_2.png)"
     )
+
+
+@pytest.mark.parametrize("damage", sorted(BROKEN_IMAGE_DATA))
+def test_a_png_whose_pixels_do_not_decode_is_the_samples_error(tmp_path: Path, damage: str) -> None:
+    # Every chunk's CRC is right, so Pillow's verify passes it: copied as it was, it was
+    # judged (a score for a broken picture) or failed in the judge.
+    (tmp_path / "IQ-R_TA-C_1.png").write_bytes(png_with_image_data(BROKEN_IMAGE_DATA[damage]))
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    (outcome,) = generator.generate([request("IQ-R_TA-C_1")], worker=0, cancel=threading.Event())
+    assert isinstance(outcome, ItemError), outcome
+    assert f"cannot read image {tmp_path / 'IQ-R_TA-C_1.png'}: " in str(outcome)
+
+
+async def test_pngs_without_image_data_fail_their_samples_and_never_stop_the_run(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # Pillow's verify raised IndexError on them, taken for the generator's failure: four in a
+    # row stopped the run ("has made no image yet and its first 4 calls all failed").
+    folder = tmp_path / "images"
+    folder.mkdir()
+    broken = ["IQ-R_TA-C_1", "IQ-A_TA-S_1", "R-T_IQ-A_1", "D-K_IQ-R_1", "IQ-R_TA-C_2"]
+    for data_id in broken:
+        (folder / f"{data_id}.png").write_bytes(png_with_image_data(None))
+    for data_id in ("IQ-A_TA-S_2", "R-T_IQ-A_2", "D-K_IQ-R_2"):
+        Image.new("RGB", (16, 16), "red").save(folder / f"{data_id}.png")
+    config = make_config(
+        samples=8,
+        generators=[
+            {"name": "elsewhere", "backend": "image_folder", "options": {"path": str(folder)}}
+        ],
+    )
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+    assert len(results) == 16
+    errors = {r["data_id"]: (r["error"], r["error_stage"]) for r in journal(config) if r["error"]}
+    assert sorted(errors) == sorted(broken)
+    for data_id in broken:
+        assert errors[data_id] == (
+            f"generate failed: cannot read image {folder / data_id}.png: not a readable PNG: "
+            "it has no image data (no IDAT chunk); replace the file",
+            "generate",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 
 import numpy as np
@@ -11,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trig_stream.png import SAMPLE_KEY, encode_png, is_png, not_png_file, with_sample_digest
+from trig_stream.png import (
+    SAMPLE_KEY,
+    SIGNATURE,
+    encode_png,
+    is_png,
+    not_png_file,
+    pixel_data_problem,
+    with_sample_digest,
+)
 
 MODES = {"L": 1, "RGB": 3, "RGBA": 4}
 
@@ -100,3 +109,67 @@ def test_bytes_handed_over_as_a_png_file_are_checked_whole() -> None:
     assert "not a PNG file (they begin b'\\xff\\xd8" in str(not_png_file(b"\xff\xd8\xff\xe0xx"))
     assert "not a PNG file (they begin b'')" in str(not_png_file(b""))
     assert "an object of type str was handed over" in str(not_png_file("a png"))
+
+
+def png_with_image_data(data: bytes | None, size: tuple[int, int] = (32, 32)) -> bytes:
+    """An 8-bit RGB PNG file of ``size`` whose only IDAT chunk holds ``data`` (none for None),
+    every chunk with its right CRC: damage that Pillow's ``verify`` cannot see."""
+    header = struct.pack(">IIBBBBB", *size, 8, 2, 0, 0, 0)
+    chunks = [(b"IHDR", header)] + ([] if data is None else [(b"IDAT", data)]) + [(b"IEND", b"")]
+    return SIGNATURE + b"".join(
+        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        for kind, body in chunks
+    )
+
+
+def rgb_rows(size: tuple[int, int] = (32, 32), filter_type: int = 0) -> bytes:
+    """The filtered rows of a noisy 8-bit RGB picture of ``size``, each led by ``filter_type``."""
+    width, height = size
+    pixels = np.random.default_rng(7).integers(0, 256, (height, width * 3), dtype=np.uint8)
+    return b"".join(bytes([filter_type]) + row.tobytes() for row in pixels)
+
+
+BROKEN_IMAGE_DATA = {
+    "zlib stream cut in half": zlib.compress(rgb_rows())[: len(zlib.compress(rgb_rows())) // 2],
+    "random bytes": np.random.default_rng(3).integers(0, 256, 900, dtype=np.uint8).tobytes(),
+    "unknown row filter": zlib.compress(rgb_rows(filter_type=9)),
+    "half the rows": zlib.compress(rgb_rows()[: len(rgb_rows()) // 2]),
+}
+"""IDAT payloads with every CRC right and the pixels broken, and a word on what is wrong."""
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("zlib stream cut in half", "inflates to"),
+        ("random bytes", "no valid zlib stream"),
+        ("unknown row filter", "a row has filter type 9 (PNG has types 0 to 4)"),
+        ("half the rows", "inflates to 1552 bytes where its 32x32 pixels need 3104"),
+    ],
+)
+def test_pixel_data_that_does_not_decode_is_named(damage: str, reason: str) -> None:
+    broken = png_with_image_data(BROKEN_IMAGE_DATA[damage])
+    with Image.open(io.BytesIO(broken)) as image:
+        image.verify()  # what Pillow checks passes
+    assert reason in str(pixel_data_problem(broken))
+
+
+def test_a_png_without_image_data_is_named() -> None:
+    assert pixel_data_problem(png_with_image_data(None)) == "it has no image data (no IDAT chunk)"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1", "I;16"])
+@pytest.mark.parametrize("interlace", [0, 1])
+@pytest.mark.parametrize("size", [(1, 1), (3, 2), (37, 53)])
+def test_every_kind_of_whole_png_decodes(mode: str, interlace: int, size: tuple[int, int]) -> None:
+    width, height = size
+    noise = np.random.default_rng(5).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    picture = Image.fromarray(noise)
+    if mode == "I;16":
+        picture = Image.fromarray(noise[..., 0].astype(np.uint16) * 257)
+    else:
+        picture = picture.convert(mode)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", interlace=interlace)
+    assert pixel_data_problem(buffer.getvalue()) is None
+    assert pixel_data_problem(png_with_image_data(zlib.compress(rgb_rows((9, 4))), (9, 4))) is None

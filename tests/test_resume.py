@@ -20,6 +20,7 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
 from tests.test_engine import journal, keys_count, run_to_end
+from tests.test_png import BROKEN_IMAGE_DATA, png_with_image_data
 from trig_stream import Engine, FingerprintMismatch, RunDirError, RunLockedError, persisting, store
 from trig_stream import files as files_module
 from trig_stream import journal as journal_module
@@ -1311,3 +1312,26 @@ def test_a_damaged_journal_line_is_described_without_its_control_characters() ->
         parse_journal_line((json.dumps(line) + "\n").encode())
     problem = line_problem(raised.value)
     assert "PWNED" in problem and "\x1b" not in problem and "\x07" not in problem
+
+
+async def test_an_image_whose_pixels_do_not_decode_is_made_again(
+    make_config: ConfigFactory,
+) -> None:
+    # Its chunks' CRCs are right, which is all Pillow's verify checks: it was reused as it
+    # was, and its sample could never be judged until the file was deleted by hand.
+    config = make_config(samples=3)
+    first = await run_to_end(config)
+    image = first[0].image
+    assert image is not None
+    path = config.run_dir / image
+    with Image.open(path) as stored:
+        label = stored.info[SAMPLE_KEY]
+    broken = png_with_image_data(BROKEN_IMAGE_DATA["half the rows"])
+    path.write_bytes(with_sample_digest(broken, label))
+    (config.run_dir / JOURNAL).write_text("")
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    results = await run_to_end(config, generators=[generator])
+    assert generator.calls == [1] and len(results) == len(first)
+    with Image.open(path) as remade:
+        remade.load()
+        assert remade.size == (16, 16)

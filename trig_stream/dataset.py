@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import stat
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -396,14 +397,19 @@ def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(source) as image:
-            width, height = image.size
-            if min(width, height) < SOURCE_MIN_SIDE:
-                raise Rejected(
-                    f"{what} is {width}x{height} pixels: under {SOURCE_MIN_SIDE} on a side, "
-                    "too small for an image-editing model"
-                )
-            image.load()
+        # Pillow warns on stderr of a picture of 89-179 megapixels, which it decodes all the
+        # same (a larger one raises DecompressionBombError, reported below): such a source
+        # picture is resized as any other, and the warning's raw lines said nothing of use.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                width, height = image.size
+                if min(width, height) < SOURCE_MIN_SIDE:
+                    raise Rejected(
+                        f"{what} is {width}x{height} pixels: under {SOURCE_MIN_SIDE} on a side, "
+                        "too small for an image-editing model"
+                    )
+                image.load()
     except UnidentifiedImageError:
         raise Rejected(f"{what} is no image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -23,6 +23,7 @@ for a load, and a hard stop does not wait for a close either (see
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -58,7 +59,9 @@ from trig_stream.png import (
     REWRITE_KEY,
     SAMPLE_KEY,
     encode_png,
+    is_png,
     not_png_file,
+    pixel_data_problem,
     with_sample_digest,
 )
 from trig_stream.records import GeneratedImage, Judgement, PromptRewrite
@@ -557,7 +560,8 @@ class _Reusable:
 
 
 def reusable_image(path: Path, label: str | None = None) -> _Reusable | None:
-    """What ``path`` holds when it is a complete, decodable image file made for the work item
+    """What ``path`` holds when it is a complete image file, whose pixel data decodes in full
+    (see :func:`~trig_stream.png.pixel_data_problem`), made for the work item
     whose :attr:`~trig_stream.pipeline.WorkItem.image_label` is ``label`` (when it records
     one); else None.
 
@@ -567,14 +571,15 @@ def reusable_image(path: Path, label: str | None = None) -> _Reusable | None:
     """
     if not path.is_file():
         return None
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
             made_for: str | None = image.info.get(SAMPLE_KEY)
             rewrite: str | None = image.info.get(REWRITE_KEY)
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            image.verify()  # each chunk's CRC; it decompresses nothing
+    except Exception:  # whatever Pillow raises on a damaged file (IndexError: no IDAT)
         return None
     if (
         label is not None
@@ -582,6 +587,8 @@ def reusable_image(path: Path, label: str | None = None) -> _Reusable | None:
         and made_for not in (label, label.partition(" ")[0])
     ):
         return None
+    if is_png(data) and pixel_data_problem(data) is not None:
+        return None  # an image copied before its pixels were checked: made again
     try:
         return _Reusable(None if rewrite is None else PromptRewrite.model_validate_json(rewrite))
     except ValueError:  # a chunk edited by hand: the image stands, its rewrite is unknown

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,23 +24,70 @@ def open_image(path: Path) -> Image:
     Raises:
         ItemError: the file is missing, truncated or not an image; the message says which.
     """
-    from PIL import Image as PILImage
-
     try:
-        with PILImage.open(path) as image:
-            image.load()
-            return rgb(upright(image))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ItemError(f"image file {path} does not exist") from None
-    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
-        if path.is_file() and path.stat().st_size == 0:  # say so, not "cannot identify"
-            raise ItemError(f"image file {path} is empty (0 bytes)") from None
-        raise ItemError(f"cannot read image {path}: {exc}") from None
+    except OSError as exc:
+        raise ItemError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if not data:  # say so, not "cannot identify"
+        raise ItemError(f"image file {path} is empty (0 bytes)")
+    return decode(data, f"cannot read image {path}")
+
+
+def decode(data: bytes, unreadable: str) -> Image:
+    """Decode an image file's bytes completely, as RGB and upright.
+
+    Raises:
+        ItemError: ``data`` is truncated, not an image, or a PNG whose pixel data does not
+            decode (see :func:`trig_stream.png.pixel_data_problem`); the message is
+            ``unreadable`` ("cannot read image x.png"), then which.
+    """
+    from PIL import Image as PILImage
+
+    from trig_stream.png import is_png, pixel_data_problem
+
+    try:
+        with quiet_bombs(), PILImage.open(io.BytesIO(data)) as image:
+            # Pillow's own size check has run: a bomb is refused before it is inflated.
+            problem = pixel_data_problem(data) if is_png(data) else None
+            if problem is None:
+                image.load()
+                return rgb(upright(image))
+    except PILImage.DecompressionBombError as exc:
+        raise ItemError(f"{unreadable}: {exc}") from None
+    except Exception as exc:
+        # OSError, SyntaxError, ValueError, and whatever else Pillow raises on a damaged
+        # file (an IndexError for a PNG with no image data): the file's failure, never the
+        # generator's.
+        raise ItemError(f"{unreadable}: {_reason(exc)}") from None
+    raise ItemError(f"{unreadable}: not a readable PNG: {problem}; replace the file")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError | SyntaxError | ValueError):
+        return str(exc)
+    return f"Pillow cannot decode it ({type(exc).__name__}: {exc})"
+
+
+@contextmanager
+def quiet_bombs() -> Iterator[None]:
+    """A context in which Pillow's DecompressionBombWarning (a picture of 89-179 megapixels,
+    which Pillow decodes all the same) is not printed: such a picture is decoded, and a source
+    picture resized, as any other. Larger ones still raise DecompressionBombError, which is
+    reported. Like :func:`_orientation`, this changes the process's warning filters while it
+    is entered."""
+    from PIL import Image as PILImage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+        yield
 
 
 def png_as_is(path: Path) -> EncodedPicture | None:
     """The file's bytes, when the engine can store them as they are: a still 8-bit RGB PNG
-    whose chunks check out (each CRC, through the end chunk), that names no sample of its
+    whose chunks check out (each CRC, through the end chunk) and whose pixel data decodes
+    in full (see :func:`trig_stream.png.pixel_data_problem`), that names no sample of its
     own (an image of an earlier run; see :func:`trig_stream.png.with_sample_digest`) and that
     is shown as stored (no EXIF orientation turns it; one unreadable does not).
     None otherwise, including when the file cannot be read: :func:`open_image` then decodes
@@ -47,7 +95,7 @@ def png_as_is(path: Path) -> EncodedPicture | None:
     """
     from PIL import Image as PILImage
 
-    from trig_stream.png import SAMPLE_KEY, is_png
+    from trig_stream.png import SAMPLE_KEY, is_png, pixel_data_problem
 
     try:
         data = path.read_bytes()
@@ -58,11 +106,13 @@ def png_as_is(path: Path) -> EncodedPicture | None:
     if _png_orientation(data) not in (None, 1):
         return None  # shown turned: decoded, to be stored upright
     try:
-        with PILImage.open(io.BytesIO(data)) as image:
+        with quiet_bombs(), PILImage.open(io.BytesIO(data)) as image:
             if SAMPLE_KEY in image.info or getattr(image, "is_animated", False):
                 return None  # an earlier run's image, or an animated PNG: decode it
-            image.verify()
-    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError):
+            image.verify()  # each chunk's CRC, through IEND; it decompresses nothing
+    except Exception:  # whatever Pillow raises on a damaged file (IndexError: no IDAT)
+        return None
+    if pixel_data_problem(data) is not None:
         return None
     return EncodedPicture(png=data)
 
@@ -158,14 +208,7 @@ def source_image(sample: Sample, size: tuple[int, int] | None = None) -> Image:
     if sample.source_path is not None:
         image = open_image(sample.source_path)
     elif sample.source_bytes is not None:
-        try:
-            with PILImage.open(io.BytesIO(sample.source_bytes)) as embedded:
-                embedded.load()
-                image = rgb(upright(embedded))
-        except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
-            raise ItemError(
-                f"cannot decode the embedded image of {sample.data_id}: {exc}"
-            ) from None
+        image = decode(sample.source_bytes, f"cannot decode the embedded image of {sample.data_id}")
     else:
         raise ItemError(
             f"sample {sample.data_id} has no source image (img_id {sample.img_id!r}); "
