@@ -453,10 +453,24 @@ def _png(image: Image.Image) -> bytes:
 
 
 def test_unavailable_device_is_fatal_and_says_what_to_set(
-    tiny_pipelines: dict[TinyKind, Path],
+    tiny_pipelines: dict[TinyKind, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Each message names the generator: with several, whose devices to fix was unsaid.
     generator = make_generator(tiny_pipelines["flux"], devices=["cuda:99"])
-    with pytest.raises(FatalBackendError, match=r"options\.devices"):
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'tiny': device 'cuda:99' is not available .*set options\.devices",
+    ):
+        generator.load()
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    generator = make_generator(tiny_pipelines["flux"], devices=["mps"])
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'tiny': device 'mps' is not available; set options\.devices .*"
+        r"e\.g\. devices = \['cpu'\]$",
+    ):
         generator.load()
 
 

@@ -256,7 +256,7 @@ class DiffusersGenerator(Generator):
             check_checkpoint_folder(self.name, self.spec.checkpoint)
             self._check_classes(diffusers, pipeline_class)
             for device in self.devices:
-                check_device(torch, device)
+                check_device(torch, self.name, device)
             if huggingface_hub.constants.HF_HUB_DISABLE_PROGRESS_BARS:
                 # The hub's switch (`trig-stream run` sets it): transformers follows it,
                 # diffusers' own bar ("Loading pipeline components") does not.

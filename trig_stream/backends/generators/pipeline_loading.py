@@ -190,12 +190,14 @@ def _check_components(
     return None
 
 
-def check_device(torch: Any, device: str) -> None:
-    """Check that ``device`` exists on this machine.
+def check_device(torch: Any, name: str, device: str) -> None:
+    """Check that ``device`` exists on this machine, for generator ``name``.
 
     Raises:
         FatalBackendError: it does not, or is of no kind torch knows.
     """
+    # Each message names the generator: with several, the user must know whose devices.
+    where = f"generator {name!r}"
     kind, _, index = device.partition(":")
     if kind == "cpu":
         return
@@ -204,16 +206,20 @@ def check_device(torch: Any, device: str) -> None:
         wanted = int(index or 0)
         if wanted >= count:
             raise FatalBackendError(
-                f"device {device!r} is not available (torch {torch.__version__} sees {count} CUDA "
-                "device(s)); set options.devices to devices that exist, e.g. devices = ['cpu']"
+                f"{where}: device {device!r} is not available (torch {torch.__version__} sees "
+                f"{count} CUDA device(s)); set options.devices to devices that exist, e.g. "
+                "devices = ['cpu']"
             )
         return
     if kind == "mps":
         if not torch.backends.mps.is_available():
-            raise FatalBackendError("device 'mps' is not available; set options.devices")
+            raise FatalBackendError(
+                f"{where}: device 'mps' is not available; set options.devices to devices "
+                "that exist, e.g. devices = ['cpu']"
+            )
         return
     raise FatalBackendError(
-        f"unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps' in options.devices"
+        f"{where}: unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps' in options.devices"
     )
 
 
