@@ -834,6 +834,12 @@ def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
     [
         ("sd", {"pipeline": "NoSuchPipeline"}, "has no pipeline class 'NoSuchPipeline'"),
         ("sd", {"pipeline": "AutoencoderKL"}, "AutoencoderKL is not a diffusers pipeline"),
+        (
+            "sd",
+            {"pipeline": "no_such_module:Pipeline"},
+            r"^generator 'tiny': cannot import pipeline 'no_such_module:Pipeline': .*"
+            r"check options\.pipeline",
+        ),
         ("sd", {"scheduler": "NoSuchScheduler"}, "has no scheduler class 'NoSuchScheduler'"),
         ("sd", {"scheduler": "AutoencoderKL"}, "has no scheduler class 'AutoencoderKL'"),
         ("flux", {"call": {"bogus": 1}}, r"FluxPipeline takes no argument\(s\) bogus"),
@@ -863,6 +869,22 @@ def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
     generator = make_generator(tiny_pipelines[kind], kind, **extra)
     with pytest.raises(FatalBackendError, match=message):
         generator.check_environment()
+
+
+@pytest.mark.parametrize("pipeline", [":", ":StableDiffusionPipeline", ".x:Y", "a..b:Y"])
+def test_a_pipeline_name_importlib_refuses_is_named_as_the_options_fault(
+    tiny_pipelines: dict[TinyKind, Path], pipeline: str
+) -> None:
+    # Options built around their check (model_construct): importlib's ValueError ("Empty
+    # module name") read as a fault of the backend's code.
+    valid = DiffusersOptions.model_validate(tiny_options(tiny_pipelines["sd"], "sd"))
+    options = valid.model_copy(update={"pipeline": pipeline})
+    with pytest.raises(
+        FatalBackendError,
+        match=rf"^generator 'tiny': cannot import pipeline {re.escape(repr(pipeline))}: .*"
+        r"check options\.pipeline",
+    ):
+        DiffusersGenerator("tiny", options).check_environment()
 
 
 def test_a_checkpoint_saved_by_another_pipeline_is_named_when_its_calls_fail(

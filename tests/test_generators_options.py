@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from typing import Any
@@ -170,6 +171,28 @@ def test_ip_adapter_inputs_need_the_ip_adapter_weights() -> None:
     weights = {"repo": "h94/IP-Adapter", "weight_name": "ip-adapter_sdxl.bin"}
     assert DiffusersOptions.model_validate({**generic, "ip_adapter": weights}).spec().ip_adapter
     assert DiffusersOptions.model_validate({"preset": "ip_adapter_sdxl"}).spec().ip_adapter
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "message"),
+    [
+        (":", "the module of 'module:Class' must be an absolute module path"),
+        (":StableDiffusionPipeline", "the module of 'module:Class' must be an absolute"),
+        (".x:Y", "the module of 'module:Class' must be an absolute module path"),
+        ("a..b:Y", "the module of 'module:Class' must be an absolute module path"),
+        ("os:", "the class of 'module:Class' must be a name"),
+        ("os:a.b", "the class of 'module:Class' must be a name"),
+    ],
+)
+def test_a_malformed_module_and_class_is_refused_naming_the_key(
+    pipeline: str, message: str
+) -> None:
+    # importlib's ValueError ("Empty module name") reached the run as a fault of the
+    # backend's code (exit 4); it is a config error naming options.pipeline.
+    with pytest.raises(ValidationError, match=re.escape(message)) as caught:
+        DiffusersOptions(pipeline=pipeline, checkpoint="org/model")
+    assert [error["loc"] for error in caught.value.errors()] == [("pipeline",)]
+    DiffusersOptions(pipeline="my.pipelines:MyPipeline", checkpoint="org/model")
 
 
 def test_sequential_offload_on_a_cpu_is_refused() -> None:

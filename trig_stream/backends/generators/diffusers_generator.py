@@ -225,7 +225,7 @@ class DiffusersGenerator(Generator):
                 import diffusers
             except ImportError as exc:
                 raise MissingExtraError("diffusers", "diffusers") from exc
-            pipeline_class = find_pipeline_class(diffusers, self.spec.pipeline)
+            pipeline_class = find_pipeline_class(self.name, self.spec, diffusers)
             self._check_classes(diffusers, pipeline_class)
 
     def _check_classes(self, diffusers: Any, pipeline_class: Any) -> None:
@@ -252,7 +252,7 @@ class DiffusersGenerator(Generator):
                 import torch
             except ImportError as exc:
                 raise MissingExtraError("diffusers", "diffusers") from exc
-            pipeline_class = find_pipeline_class(diffusers, self.spec.pipeline)
+            pipeline_class = find_pipeline_class(self.name, self.spec, diffusers)
             check_checkpoint_folder(self.name, self.spec.checkpoint)
             self._check_classes(diffusers, pipeline_class)
             for device in self.devices:

@@ -115,6 +115,26 @@ class DiffusersOptions(BaseModel):
             raise ValueError(f"unknown preset {value!r}; known: {', '.join(preset_names())}")
         return value
 
+    @field_validator("pipeline")
+    @classmethod
+    def _importable_pipeline(cls, value: str | None) -> str | None:
+        # ":" or ".x:Y" reached importlib, whose ValueError ("Empty module name") read as a
+        # fault of the backend's code.
+        if value is not None and ":" in value:
+            module, _, attribute = value.partition(":")
+            if not all(part.isidentifier() for part in module.split(".")):
+                raise ValueError(
+                    "the module of 'module:Class' must be an absolute module path (names "
+                    "joined by dots, e.g. 'my_pipelines:MyPipeline'): set it, or give a "
+                    "diffusers class name alone"
+                )
+            if not attribute.isidentifier():
+                raise ValueError(
+                    "the class of 'module:Class' must be a name (e.g. "
+                    "'my_pipelines:MyPipeline'): set it after the ':'"
+                )
+        return value
+
     @field_validator("devices")
     @classmethod
     def _some_devices(cls, value: list[str] | None) -> list[str] | None:

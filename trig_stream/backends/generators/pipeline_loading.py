@@ -58,23 +58,31 @@ def check_checkpoint_folder(name: str, checkpoint_name: str) -> None:
         )
 
 
-def find_pipeline_class(diffusers: Any, name: str) -> Any:
-    """The pipeline class ``name`` (a diffusers class, or ``module:attribute``).
+def find_pipeline_class(name: str, spec: PipelineSpec, diffusers: Any) -> Any:
+    """The pipeline class of generator ``name``: ``spec.pipeline``, a diffusers class or
+    ``module:attribute``.
 
     Raises:
         FatalBackendError: there is none of that name.
     """
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
+    pipeline = spec.pipeline
+    if ":" in pipeline:
+        module_name, _, attr = pipeline.partition(":")
         try:
             return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise FatalBackendError(f"cannot import pipeline {name!r}: {exc}") from exc
-    found = getattr(diffusers, name, None)
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
+            # ValueError, TypeError: a name importlib refuses ("Empty module name", or a
+            # relative one without a package), which the options' check lets through only
+            # when built around it.
+            raise FatalBackendError(
+                f"generator {name!r}: cannot import pipeline {pipeline!r}: {exc}; check "
+                "options.pipeline ('module:Class', the module importable from here)"
+            ) from exc
+    found = getattr(diffusers, pipeline, None)
     if found is None:
         raise FatalBackendError(
-            f"diffusers {diffusers.__version__} has no pipeline class {name!r}; "
-            "check options.pipeline or upgrade diffusers"
+            f"generator {name!r}: diffusers {diffusers.__version__} has no pipeline class "
+            f"{pipeline!r}; check options.pipeline or upgrade diffusers"
         )
     return found
 
