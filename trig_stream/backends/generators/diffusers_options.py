@@ -198,28 +198,11 @@ class DiffusersOptions(BaseModel):
     @model_validator(mode="after")
     def _sizes_the_pipeline_makes(self) -> DiffusersOptions:
         spec = self.spec()
-        multiple = size_multiple(spec.pipeline)
-        for key in ("height", "width"):
-            value = spec.call.get(key)
-            if multiple and isinstance(value, int) and value % multiple:
-                raise ValueError(
-                    f"{key} {value} is not a multiple of {multiple}, as {spec.pipeline} needs "
-                    f"(it fails, or makes a smaller picture than asked); use "
-                    f"{_nearest(value, multiple)}"
-                )
+        problem = size_problem(spec, spec.pipeline)
+        if problem is not None:
+            raise ValueError(problem)
         if spec.inputs != "edit":
             return self
-        # An edit pipeline draws at its source's size: source_size, or width x height, sets
-        # the picture's size, and must be one the pipeline can make.
-        source_size = spec.source_size or ()
-        for key, value in zip(("width", "height"), source_size, strict=False):
-            if multiple and value % multiple:
-                raise ValueError(
-                    f"source_size {list(source_size)}: its {key} {value} is not a "
-                    f"multiple of {multiple}, as {spec.pipeline} needs (an edit pipeline draws "
-                    f"at its source's size: it makes a smaller picture than asked); use "
-                    f"{_nearest(value, multiple)}"
-                )
         explicit = self._explicit_sizes()
         if self.source_size is not None and explicit:
             raise ValueError(
@@ -287,6 +270,34 @@ class DiffusersOptions(BaseModel):
             source_size=source_size,
             local_files_only=local_files_only or hub_offline(),
         )
+
+
+def size_problem(spec: PipelineSpec, pipeline: str) -> str | None:
+    """What is wrong with the size of ``spec``'s pictures for the pipeline class named
+    ``pipeline`` (see :func:`size_multiple`), or None."""
+    multiple = size_multiple(pipeline)
+    if multiple is None:
+        return None
+    for key in ("height", "width"):
+        value = spec.call.get(key)
+        if isinstance(value, int) and value % multiple:
+            return (
+                f"{key} {value} is not a multiple of {multiple}, as {pipeline} needs (it "
+                f"fails, or makes a smaller picture than asked); use {_nearest(value, multiple)}"
+            )
+    if spec.inputs != "edit":
+        return None
+    # An edit pipeline draws at its source's size: source_size, or width x height, sets
+    # the picture's size, and must be one the pipeline can make.
+    source_size = spec.source_size or ()
+    for key, value in zip(("width", "height"), source_size, strict=False):
+        if value % multiple:
+            return (
+                f"source_size {list(source_size)}: its {key} {value} is not a multiple of "
+                f"{multiple}, as {pipeline} needs (an edit pipeline draws at its source's "
+                f"size: it makes a smaller picture than asked); use {_nearest(value, multiple)}"
+            )
+    return None
 
 
 def _nearest(value: int, multiple: int) -> str:
