@@ -453,10 +453,24 @@ def _png(image: Image.Image) -> bytes:
 
 
 def test_unavailable_device_is_fatal_and_says_what_to_set(
-    tiny_pipelines: dict[TinyKind, Path],
+    tiny_pipelines: dict[TinyKind, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Each message names the generator: with several, whose devices to fix was unsaid.
     generator = make_generator(tiny_pipelines["flux"], devices=["cuda:99"])
-    with pytest.raises(FatalBackendError, match=r"options\.devices"):
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'tiny': device 'cuda:99' is not available .*set options\.devices",
+    ):
+        generator.load()
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    generator = make_generator(tiny_pipelines["flux"], devices=["mps"])
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'tiny': device 'mps' is not available; set options\.devices .*"
+        r"e\.g\. devices = \['cpu'\]$",
+    ):
         generator.load()
 
 
@@ -820,6 +834,12 @@ def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
     [
         ("sd", {"pipeline": "NoSuchPipeline"}, "has no pipeline class 'NoSuchPipeline'"),
         ("sd", {"pipeline": "AutoencoderKL"}, "AutoencoderKL is not a diffusers pipeline"),
+        (
+            "sd",
+            {"pipeline": "no_such_module:Pipeline"},
+            r"^generator 'tiny': cannot import pipeline 'no_such_module:Pipeline': .*"
+            r"check options\.pipeline",
+        ),
         ("sd", {"scheduler": "NoSuchScheduler"}, "has no scheduler class 'NoSuchScheduler'"),
         ("sd", {"scheduler": "AutoencoderKL"}, "has no scheduler class 'AutoencoderKL'"),
         ("flux", {"call": {"bogus": 1}}, r"FluxPipeline takes no argument\(s\) bogus"),
@@ -849,6 +869,117 @@ def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
     generator = make_generator(tiny_pipelines[kind], kind, **extra)
     with pytest.raises(FatalBackendError, match=message):
         generator.check_environment()
+
+
+@pytest.mark.parametrize("pipeline", [":", ":StableDiffusionPipeline", ".x:Y", "a..b:Y"])
+def test_a_pipeline_name_importlib_refuses_is_named_as_the_options_fault(
+    tiny_pipelines: dict[TinyKind, Path], pipeline: str
+) -> None:
+    # Options built around their check (model_construct): importlib's ValueError ("Empty
+    # module name") read as a fault of the backend's code.
+    valid = DiffusersOptions.model_validate(tiny_options(tiny_pipelines["sd"], "sd"))
+    options = valid.model_copy(update={"pipeline": pipeline})
+    with pytest.raises(
+        FatalBackendError,
+        match=rf"^generator 'tiny': cannot import pipeline {re.escape(repr(pipeline))}: .*"
+        r"check options\.pipeline",
+    ):
+        DiffusersGenerator("tiny", options).check_environment()
+
+
+class CancelAtFirstStep(DiffusersGenerator):
+    """Sets the call's cancel event from the step callback, at the first step."""
+
+    cancel: threading.Event
+    steps: list[int]
+
+    def on_step(self, worker: int, step: int) -> None:
+        self.steps.append(step)
+        self.cancel.set()
+
+
+def test_diffusion_pipeline_is_checked_and_stopped_as_the_class_its_checkpoint_names(
+    tiny_pipelines: dict[TinyKind, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # DiffusionPipeline defines no __call__: its "call" was type.__call__'s (*args,
+    # **kwargs). Every call argument was warned about as unknown, no step callback was
+    # installed (a hard stop waited for whole calls), and no size was checked. It loads the
+    # class its checkpoint's model_index.json names, and is seen as that class now.
+    options = DiffusersOptions.model_validate(
+        tiny_options(tiny_pipelines["sd"], "sd", pipeline="DiffusionPipeline", steps=4)
+    )
+    generator = CancelAtFirstStep("tiny", options, batch_size=2)
+    generator.cancel, generator.steps = threading.Event(), []
+    with caplog.at_level("WARNING"):
+        generator.check_environment()
+    assert "takes no argument" not in caplog.text
+    assert "callback_on_step_end" in generator._accepts
+    generator.load()
+    try:
+        made = generator.generate([request("IQ-R_TA-C_1", 1)], worker=0, cancel=generator.cancel)
+    finally:
+        generator.close()
+    assert generator.steps == [0]  # stopped after its first step, not after all four
+    assert [str(item) for item in made] == ["cancelled"]
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'tiny': height 36 is not a multiple of 8, as StableDiffusionPipeline",
+    ):
+        make_generator(
+            tiny_pipelines["sd"], "sd", pipeline="DiffusionPipeline", height=36
+        ).check_environment()
+
+
+def test_diffusion_pipeline_whose_class_cannot_be_known_is_refused(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    unknown = tmp_path / "unknown"
+    shutil.copytree(tiny_pipelines["sd"], unknown)
+    index = json.loads((unknown / "model_index.json").read_text())
+    (unknown / "model_index.json").write_text(json.dumps({**index, "_class_name": "NoSuch"}))
+    concrete = r"set options\.pipeline to the concrete class \(e\.g\. StableDiffusionPipeline\)$"
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'tiny': DiffusionPipeline loads the class .* names, 'NoSuch', .*"
+        + concrete,
+    ):
+        make_generator(unknown, "sd", pipeline="DiffusionPipeline").check_environment()
+    # A hub id, offline and not in the cache: its model_index.json cannot be read.
+    options = DiffusersOptions(
+        pipeline="DiffusionPipeline",
+        checkpoint="nobody/no-such-checkpoint",
+        devices=["cpu"],
+        local_files_only=True,
+        load={"cache_dir": str(tmp_path / "cache")},
+    )
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'x': DiffusionPipeline loads .* cannot be read for "
+        r"'nobody/no-such-checkpoint' .*" + concrete,
+    ):
+        DiffusersGenerator("x", options).check_environment()
+
+
+def test_diffusion_pipeline_of_a_cached_hub_checkpoint_is_its_saved_class(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    # Offline, the model_index.json of a hub id is read from the Hugging Face cache.
+    snapshot = tmp_path / "cache" / "models--org--tiny-sd" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_pipelines["sd"] / "model_index.json", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    options = DiffusersOptions(
+        pipeline="DiffusionPipeline",
+        checkpoint="org/tiny-sd",
+        devices=["cpu"],
+        local_files_only=True,
+        steps=2,
+        load={"cache_dir": str(tmp_path / "cache")},
+    )
+    generator = DiffusersGenerator("x", options)
+    generator.check_environment()
+    assert "callback_on_step_end" in generator._accepts
 
 
 def test_a_checkpoint_saved_by_another_pipeline_is_named_when_its_calls_fail(
@@ -1079,6 +1210,11 @@ def test_with_process_isolation_the_check_imports_diffusers_in_a_child_alone(
             r"FluxPipeline takes no argument\(s\) bogus",
         ),
         (tiny_options(sd, "sd", pipeline="FluxPipeline"), r"has no text_encoder_2, .*FluxPipeline"),
+        (
+            tiny_options(sd, "sd", pipeline="DiffusionPipeline", height=36),
+            r"height 36 is not a multiple of 8, as StableDiffusionPipeline needs",
+        ),
+        (tiny_options(sd, "sd", pipeline="DiffusionPipeline"), "ok"),
         (tiny_options(flux, "flux"), "ok"),
     ]
     options = [{**case, "isolation": "process"} for case, _ in cases]

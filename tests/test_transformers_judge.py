@@ -19,9 +19,11 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from PIL import Image
+from pydantic import ValidationError
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 from trig_stream.backends.judges.transformers_judge import (
     TransformersJudge,
     TransformersJudgeOptions,
@@ -194,6 +196,22 @@ async def test_missing_model_or_device_is_fatal(
         match=r"^judge 'trigscore': device cuda:3 is not available \(no such CUDA device: torch ",
     ):
         await make_judge(tiny_vlm, device="cuda:3").open()
+
+
+def test_a_device_name_is_checked_as_a_generator_checks_it(tmp_path: Path) -> None:
+    # "cpu:1" was refused with the raw pattern "String should match pattern ..." here, and
+    # accepted in a diffusers generator's devices: one rule and one message now serve both.
+    for device in ("cpu:1", "gpu", "cuda:x", "mps:0"):
+        with pytest.raises(
+            ValidationError, match=r"unknown device; use 'cpu', 'cuda:<n>' or 'mps'"
+        ):
+            TransformersJudgeOptions(model_path=tmp_path, device=device)
+        with pytest.raises(
+            ValidationError, match=r"unknown device; use 'cpu', 'cuda:<n>' or 'mps'"
+        ):
+            DiffusersOptions(preset="sd15", devices=[device])
+    for device in ("cpu", "cuda", "cuda:3", "mps"):
+        assert TransformersJudgeOptions(model_path=tmp_path, device=device).device == device
 
 
 CONTEXT = 2048

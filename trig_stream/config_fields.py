@@ -109,6 +109,17 @@ def _non_empty_path(value: object) -> object:
     return value
 
 
+_DEVICE: Final = re.compile(r"\A(cpu|mps|cuda(:\d+)?)\Z")
+
+
+def _device_name(value: str) -> str:
+    # One rule for a generator's devices and a judge's device: "cpu:1" passed for one and
+    # was refused for the other with the raw pattern. It means nothing beyond "cpu".
+    if not _DEVICE.match(value):
+        raise ValueError("unknown device; use 'cpu', 'cuda:<n>' or 'mps'")
+    return value
+
+
 ConfigPath = Annotated[Path, BeforeValidator(_non_empty_path)]
 """A path in the config: never empty."""
 SafeName = Annotated[str, AfterValidator(_safe_name)]
@@ -124,6 +135,8 @@ TaskName = Annotated[
     Task, BeforeValidator(lambda v: normalise_task(v) if isinstance(v, str) else v)
 ]
 PairName = Annotated[str, AfterValidator(_pair)]
+DeviceName = Annotated[str, AfterValidator(_device_name)]
+"""A torch device a model can go to: ``cpu``, ``mps``, ``cuda`` or ``cuda:<n>``."""
 Backoff = Annotated[float, Field(ge=0, le=3600)]
 """Seconds a retry waits (a backoff's start or ceiling): at most an hour, a longer one being a
 mistake that would hold a request, and a graceful stop, that long."""

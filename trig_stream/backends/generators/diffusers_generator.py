@@ -203,7 +203,9 @@ class DiffusersGenerator(Generator):
           has the components the pipeline class needs, each in its folder, and each model
           of a class the pipeline takes (a folder saved by an unrelated pipeline class is
           named in a warning, and in each failed call's error);
-        * the installed diffusers has the pipeline class, which is a pipeline, and the
+        * the installed diffusers has the pipeline class (for ``DiffusionPipeline``, the one
+          the checkpoint's ``model_index.json`` names, which its loader loads), which is a
+          pipeline, and the
           scheduler class the options name; the pipeline's call takes the ``call`` arguments,
           and names those the input kind passes (``image`` for ``edit``...).
 
@@ -225,7 +227,7 @@ class DiffusersGenerator(Generator):
                 import diffusers
             except ImportError as exc:
                 raise MissingExtraError("diffusers", "diffusers") from exc
-            pipeline_class = find_pipeline_class(diffusers, self.spec.pipeline)
+            pipeline_class = find_pipeline_class(self.name, self.spec, diffusers)
             self._check_classes(diffusers, pipeline_class)
 
     def _check_classes(self, diffusers: Any, pipeline_class: Any) -> None:
@@ -252,11 +254,11 @@ class DiffusersGenerator(Generator):
                 import torch
             except ImportError as exc:
                 raise MissingExtraError("diffusers", "diffusers") from exc
-            pipeline_class = find_pipeline_class(diffusers, self.spec.pipeline)
             check_checkpoint_folder(self.name, self.spec.checkpoint)
+            pipeline_class = find_pipeline_class(self.name, self.spec, diffusers)
             self._check_classes(diffusers, pipeline_class)
             for device in self.devices:
-                check_device(torch, device)
+                check_device(torch, self.name, device)
             if huggingface_hub.constants.HF_HUB_DISABLE_PROGRESS_BARS:
                 # The hub's switch (`trig-stream run` sets it): transformers follows it,
                 # diffusers' own bar ("Loading pipeline components") does not.

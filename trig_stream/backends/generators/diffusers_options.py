@@ -15,7 +15,6 @@ Validating these options imports nothing heavier than pydantic.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast, get_args
 
@@ -28,7 +27,7 @@ from trig_stream.backends.generators.presets import (
     IPAdapterSpec,
     preset_names,
 )
-from trig_stream.config_fields import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG, DeviceName
 
 Offload = Literal["none", "model", "sequential"]
 Isolation = Literal["thread", "process"]
@@ -45,10 +44,6 @@ class IPAdapterOptions(BaseModel):
     weight_name: str
     subfolder: str = ""
     scale: float = 0.6
-
-
-DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
-"""A torch device a pipeline can go to."""
 
 
 _SIZE_MULTIPLES = (("Flux", 16), ("StableDiffusion3", 16), ("Sana", 32), ("StableDiffusion", 8))
@@ -81,7 +76,7 @@ class DiffusersOptions(BaseModel):
     """How samples reach the pipeline; the preset's, else ``text``."""
     revision: str | None = None
     variant: str | None = None
-    devices: list[str] | None = None
+    devices: list[DeviceName] | None = None
     """One pipeline per device, used by the worker of the same index (``["cuda:0",
     "cuda:1"]``, ``["cpu"]``). Default: ``cuda:0`` .. ``cuda:<workers-1>``."""
     dtype: DType = "auto"
@@ -120,14 +115,31 @@ class DiffusersOptions(BaseModel):
             raise ValueError(f"unknown preset {value!r}; known: {', '.join(preset_names())}")
         return value
 
+    @field_validator("pipeline")
+    @classmethod
+    def _importable_pipeline(cls, value: str | None) -> str | None:
+        # ":" or ".x:Y" reached importlib, whose ValueError ("Empty module name") read as a
+        # fault of the backend's code.
+        if value is not None and ":" in value:
+            module, _, attribute = value.partition(":")
+            if not all(part.isidentifier() for part in module.split(".")):
+                raise ValueError(
+                    "the module of 'module:Class' must be an absolute module path (names "
+                    "joined by dots, e.g. 'my_pipelines:MyPipeline'): set it, or give a "
+                    "diffusers class name alone"
+                )
+            if not attribute.isidentifier():
+                raise ValueError(
+                    "the class of 'module:Class' must be a name (e.g. "
+                    "'my_pipelines:MyPipeline'): set it after the ':'"
+                )
+        return value
+
     @field_validator("devices")
     @classmethod
     def _some_devices(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("list at least one device, e.g. ['cuda:0'] or ['cpu']")
-        for device in value or ():
-            if not DEVICE.match(device):
-                raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps'")
         return value
 
     @field_validator("load")
@@ -186,28 +198,11 @@ class DiffusersOptions(BaseModel):
     @model_validator(mode="after")
     def _sizes_the_pipeline_makes(self) -> DiffusersOptions:
         spec = self.spec()
-        multiple = size_multiple(spec.pipeline)
-        for key in ("height", "width"):
-            value = spec.call.get(key)
-            if multiple and isinstance(value, int) and value % multiple:
-                raise ValueError(
-                    f"{key} {value} is not a multiple of {multiple}, as {spec.pipeline} needs "
-                    f"(it fails, or makes a smaller picture than asked); use "
-                    f"{_nearest(value, multiple)}"
-                )
+        problem = size_problem(spec, spec.pipeline)
+        if problem is not None:
+            raise ValueError(problem)
         if spec.inputs != "edit":
             return self
-        # An edit pipeline draws at its source's size: source_size, or width x height, sets
-        # the picture's size, and must be one the pipeline can make.
-        source_size = spec.source_size or ()
-        for key, value in zip(("width", "height"), source_size, strict=False):
-            if multiple and value % multiple:
-                raise ValueError(
-                    f"source_size {list(source_size)}: its {key} {value} is not a "
-                    f"multiple of {multiple}, as {spec.pipeline} needs (an edit pipeline draws "
-                    f"at its source's size: it makes a smaller picture than asked); use "
-                    f"{_nearest(value, multiple)}"
-                )
         explicit = self._explicit_sizes()
         if self.source_size is not None and explicit:
             raise ValueError(
@@ -275,6 +270,34 @@ class DiffusersOptions(BaseModel):
             source_size=source_size,
             local_files_only=local_files_only or hub_offline(),
         )
+
+
+def size_problem(spec: PipelineSpec, pipeline: str) -> str | None:
+    """What is wrong with the size of ``spec``'s pictures for the pipeline class named
+    ``pipeline`` (see :func:`size_multiple`), or None."""
+    multiple = size_multiple(pipeline)
+    if multiple is None:
+        return None
+    for key in ("height", "width"):
+        value = spec.call.get(key)
+        if isinstance(value, int) and value % multiple:
+            return (
+                f"{key} {value} is not a multiple of {multiple}, as {pipeline} needs (it "
+                f"fails, or makes a smaller picture than asked); use {_nearest(value, multiple)}"
+            )
+    if spec.inputs != "edit":
+        return None
+    # An edit pipeline draws at its source's size: source_size, or width x height, sets
+    # the picture's size, and must be one the pipeline can make.
+    source_size = spec.source_size or ()
+    for key, value in zip(("width", "height"), source_size, strict=False):
+        if value % multiple:
+            return (
+                f"source_size {list(source_size)}: its {key} {value} is not a multiple of "
+                f"{multiple}, as {pipeline} needs (an edit pipeline draws at its source's "
+                f"size: it makes a smaller picture than asked); use {_nearest(value, multiple)}"
+            )
+    return None
 
 
 def _nearest(value: int, multiple: int) -> str:

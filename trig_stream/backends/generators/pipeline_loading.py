@@ -18,9 +18,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from trig_stream.backends.generators.checkpoint_components import components_of_other_classes
-from trig_stream.backends.generators.diffusers_options import Offload, PipelineSpec
+from trig_stream.backends.generators.diffusers_options import (
+    Offload,
+    PipelineSpec,
+    size_multiple,
+    size_problem,
+)
 from trig_stream.backends.generators.pipeline_calls import check_call_arguments
 from trig_stream.errors import FatalBackendError
+from trig_stream.pipeline import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +64,88 @@ def check_checkpoint_folder(name: str, checkpoint_name: str) -> None:
         )
 
 
-def find_pipeline_class(diffusers: Any, name: str) -> Any:
-    """The pipeline class ``name`` (a diffusers class, or ``module:attribute``).
+def find_pipeline_class(name: str, spec: PipelineSpec, diffusers: Any) -> Any:
+    """The pipeline class of generator ``name``: ``spec.pipeline``, a diffusers class or
+    ``module:attribute``.
 
     Raises:
         FatalBackendError: there is none of that name.
     """
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
+    pipeline = spec.pipeline
+    if ":" in pipeline:
+        module_name, _, attr = pipeline.partition(":")
         try:
             return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise FatalBackendError(f"cannot import pipeline {name!r}: {exc}") from exc
-    found = getattr(diffusers, name, None)
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
+            # ValueError, TypeError: a name importlib refuses ("Empty module name", or a
+            # relative one without a package), which the options' check lets through only
+            # when built around it.
+            raise FatalBackendError(
+                f"generator {name!r}: cannot import pipeline {pipeline!r}: {exc}; check "
+                "options.pipeline ('module:Class', the module importable from here)"
+            ) from exc
+    found = getattr(diffusers, pipeline, None)
     if found is None:
         raise FatalBackendError(
-            f"diffusers {diffusers.__version__} has no pipeline class {name!r}; "
-            "check options.pipeline or upgrade diffusers"
+            f"generator {name!r}: diffusers {diffusers.__version__} has no pipeline class "
+            f"{pipeline!r}; check options.pipeline or upgrade diffusers"
+        )
+    if pipeline_class_without_call(diffusers, found):
+        return _saved_class(name, spec, diffusers, found)
+    return found
+
+
+def pipeline_class_without_call(diffusers: Any, pipeline_class: Any) -> bool:
+    """Whether ``pipeline_class`` is a diffusers pipeline that defines no call of its own
+    (``DiffusionPipeline``, which loads the class its checkpoint names)."""
+    return (
+        isinstance(pipeline_class, type)
+        and issubclass(pipeline_class, diffusers.DiffusionPipeline)
+        and not any("__call__" in vars(klass) for klass in pipeline_class.__mro__)
+    )
+
+
+_LOAD_CONFIG_ARGUMENTS = ("revision", "cache_dir", "token")
+"""``from_pretrained`` arguments (``options.load``) that say where its model_index.json is."""
+
+
+def _saved_class(name: str, spec: PipelineSpec, diffusers: Any, pipeline_class: Any) -> Any:
+    """The pipeline class that ``DiffusionPipeline.from_pretrained`` loads: the one the
+    checkpoint's ``model_index.json`` names.
+
+    Seen as ``DiffusionPipeline``, the call's arguments were those of ``type.__call__``: no
+    step callback (a hard stop waited for whole calls), a false warning about every call
+    argument, and no check of the image size.
+
+    Raises:
+        FatalBackendError: the class cannot be known before loading, or calls nothing.
+    """
+    what = f"generator {name!r}: {pipeline_class.__name__}"
+    concrete = "set options.pipeline to the concrete class (e.g. StableDiffusionPipeline)"
+    if pipeline_class is not diffusers.DiffusionPipeline:
+        raise FatalBackendError(f"{what} defines no __call__, so it makes no pictures; {concrete}")
+    try:
+        arguments = {k: spec.load[k] for k in _LOAD_CONFIG_ARGUMENTS if k in spec.load}
+        index = diffusers.DiffusionPipeline.load_config(
+            spec.checkpoint, local_files_only=spec.local_files_only, **arguments
+        )
+    except (OSError, ValueError) as exc:
+        raise FatalBackendError(
+            f"{what} loads the class its checkpoint's model_index.json names, which cannot "
+            f"be read for {spec.checkpoint!r} (offline, it must be in the Hugging Face "
+            f"cache): {describe_error(exc)}; {concrete}"
+        ) from None
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    found = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    if not (
+        isinstance(found, type)
+        and issubclass(found, diffusers.DiffusionPipeline)
+        and not pipeline_class_without_call(diffusers, found)
+    ):
+        raise FatalBackendError(
+            f"{what} loads the class the model_index.json of {spec.checkpoint!r} names, "
+            f"{class_name!r}, which is no pipeline class of diffusers "
+            f"{diffusers.__version__}; {concrete}"
         )
     return found
 
@@ -102,6 +173,12 @@ def check_classes(
                 f"generator {name!r}: diffusers {diffusers.__version__} has no scheduler "
                 f"class {spec.scheduler!r}; check options.scheduler"
             )
+    if size_multiple(spec.pipeline) is None:
+        # The options checked the size for the class they name; DiffusionPipeline (or a
+        # module:Class) is known only here, resolved.
+        problem = size_problem(spec, pipeline_class.__name__)
+        if problem is not None:
+            raise FatalBackendError(f"generator {name!r}: {problem}")
     accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
     check_call_arguments(name, spec, pipeline_class, accepts)
     checkpoint = Path(spec.checkpoint)
@@ -190,12 +267,14 @@ def _check_components(
     return None
 
 
-def check_device(torch: Any, device: str) -> None:
-    """Check that ``device`` exists on this machine.
+def check_device(torch: Any, name: str, device: str) -> None:
+    """Check that ``device`` exists on this machine, for generator ``name``.
 
     Raises:
         FatalBackendError: it does not, or is of no kind torch knows.
     """
+    # Each message names the generator: with several, the user must know whose devices.
+    where = f"generator {name!r}"
     kind, _, index = device.partition(":")
     if kind == "cpu":
         return
@@ -204,16 +283,20 @@ def check_device(torch: Any, device: str) -> None:
         wanted = int(index or 0)
         if wanted >= count:
             raise FatalBackendError(
-                f"device {device!r} is not available (torch {torch.__version__} sees {count} CUDA "
-                "device(s)); set options.devices to devices that exist, e.g. devices = ['cpu']"
+                f"{where}: device {device!r} is not available (torch {torch.__version__} sees "
+                f"{count} CUDA device(s)); set options.devices to devices that exist, e.g. "
+                "devices = ['cpu']"
             )
         return
     if kind == "mps":
         if not torch.backends.mps.is_available():
-            raise FatalBackendError("device 'mps' is not available; set options.devices")
+            raise FatalBackendError(
+                f"{where}: device 'mps' is not available; set options.devices to devices "
+                "that exist, e.g. devices = ['cpu']"
+            )
         return
     raise FatalBackendError(
-        f"unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps' in options.devices"
+        f"{where}: unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps' in options.devices"
     )
 
 

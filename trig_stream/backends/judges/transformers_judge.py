@@ -41,7 +41,7 @@ from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.backends.threads import load_in_thread
-from trig_stream.config_fields import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG, DeviceName
 from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError, RetryableError
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
@@ -64,7 +64,7 @@ class TransformersJudgeOptions(BaseModel):
 
     model_path: Path
     """A local model folder (weights, config, processor, chat template)."""
-    device: Annotated[str, Field(pattern=r"^(cpu|mps|cuda(:\d+)?)$")] = "cpu"
+    device: DeviceName = "cpu"
     """Where the model runs: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     dtype: DType = "auto"
     """Weight type; ``auto`` is float32 on CPU and bfloat16 (float16 without it) elsewhere."""
