@@ -185,3 +185,30 @@ async def test_a_stop_while_the_judges_open_late_ends_the_run_before_any_work(
     assert engine.run_dir_opened  # a resume: its results stay
     model = engine.stats().models["synth"]
     assert (model.queued, model.dropped, judge.requests) == (0, 0, 0)  # nothing queued
+
+
+async def test_an_adaptive_judge_opened_late_has_its_server_load_read(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The load watcher started before the late open, heard no load from the unopened judge
+    # three times and gave up for the whole run.
+    adaptive = {"enabled": True, "poll_interval_s": 0.1}
+    config = make_config(
+        samples=4, judges=[{"name": "trigscore", "backend": "fake", "adaptive": adaptive}]
+    )
+    await run_opening_late(config, tmp_path, monkeypatch)
+
+    async def no_wait(seconds: float) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    judge = OpensWhenLet()
+    with anyio.fail_after(10):  # a safety net: the fix reads the load once the judge opens
+        async with Engine(config, judges=[judge], sleep=no_wait) as engine:
+            await judge.open_started.wait()
+            # A watcher polling the unopened judge now would have given up by the time
+            # every other task waits.
+            await anyio.wait_all_tasks_blocked()
+            judge.release.set()
+            summary = await engine.drain()
+    assert (summary.state, summary.judged) == ("done", 4)
+    assert judge.loads_unopened == 0

@@ -164,6 +164,8 @@ class Engine:
         self._judges_opened = False
         """Whether the judges' opening began (they are closed at the end only then): a
         resumed run with nothing left to judge never opens a judge that opens slowly."""
+        self._judges_open = anyio.Event()
+        """Set once the judges are open: only then is their servers' load read."""
         self._closing_now: str | None = None
         self._judges_closed = False
         self._counting = anyio.CancelScope()
@@ -470,6 +472,7 @@ class Engine:
     async def _open_judges(self) -> None:
         self._judges_opened = True  # closed at the end, even if one of them fails to open
         await open_judges(self._judges, self._announce_opening)
+        self._judges_open.set()
 
     async def _judges_ready(self) -> None:
         """Open the judges before the first work item is queued, if the run's opening left
@@ -579,6 +582,7 @@ class Engine:
             self._limiters,
             self._retry,
             self._sleep,
+            judges_open=self._judges_open,
         )
         source = SourceStage(
             context,
