@@ -28,7 +28,7 @@ from tests.conftest import ROOT, write_prompts
 from trig_stream import cli
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.cli import main
-from trig_stream.errors import BackendError, RunDirError
+from trig_stream.errors import BackendError, FatalBackendError, RunDirError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.locks import LOCK
 from trig_stream.signals import stop_signals
@@ -1574,6 +1574,38 @@ def test_ctrl_c_while_a_judge_server_stops_after_the_run_kills_it_and_keeps_the_
     assert judge.killed.is_set()
     assert "done: 4 judgements in this run" in err
     assert (tmp_path / "runs" / "cli" / "report" / "synth" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("ending", ["stopped", "failed"])
+def test_ctrl_c_while_a_judge_server_stops_after_a_stop_or_failure_says_how_to_resume(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    ending: str,
+) -> None:
+    # After a graceful stop (or a fatal error), a Ctrl-C during the server's grace said
+    # "the run's work is done" and never how to resume the work left.
+    path = write_config(tmp_path, samples=8, concurrency=1)
+    judge = ClosesSlowly(monkeypatch, capsys)
+    original = FakeJudge.judge
+    pressed: list[bool] = []
+
+    async def ends_on_the_first(self: FakeJudge, request: JudgeRequest) -> Any:
+        if not pressed:
+            pressed.append(True)
+            if ending == "failed":
+                raise FatalBackendError("the judge's server went away")
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a graceful stop
+        return await original(self, request)
+
+    monkeypatch.setattr(FakeJudge, "judge", ends_on_the_first)
+    expected = EXIT_INTERRUPTED if ending == "stopped" else EXIT_FATAL
+    assert main(["run", str(path), "--headless", "--no-report"]) == expected
+    err = judge.err + capsys.readouterr().err
+    assert "closing judge 'trigscore': stopping its server (up to 30 s); Ctrl-C kills" in err
+    assert "stopping now; run the same command again to resume" in err, err
+    assert "the run's work is done" not in err, err
+    assert judge.killed.is_set()
 
 
 def test_on_the_dashboard_a_ctrl_c_while_a_judge_server_stops_kills_it_and_keeps_the_run(

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine, opening
+from trig_stream.backends.base import JudgeReply, JudgeRequest, ServerLoad
 from trig_stream.config import RunConfig
 from trig_stream.testing import FakeJudge
 from trig_stream.testing.fake_judge import FakeJudgeOptions
@@ -116,3 +119,96 @@ async def test_a_judge_left_closed_opens_when_the_source_finds_work_after_all(
     judge = LoadsSlowly()
     assert await run(config, judge) == 4
     assert (judge.opens, judge.closes) == (1, 1)
+
+
+class OpensWhenLet(LoadsSlowly):
+    """A judge server that starts only when the test lets it (``release``), and reports its
+    load only once started, as an unopened ``openai`` judge reports none. Each request waits
+    until the load has been read since the start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open_started = anyio.Event()
+        self.release = anyio.Event()
+        self.opened = False
+        self.load_read = anyio.Event()
+        self.loads_unopened = 0
+
+    def opening(self) -> str:
+        return "starting its server"
+
+    async def open(self) -> None:
+        self.open_started.set()
+        await self.release.wait()
+        await super().open()
+        self.opened = True
+
+    async def server_load(self) -> ServerLoad | None:
+        if not self.opened:
+            self.loads_unopened += 1
+            return None
+        self.load_read.set()
+        return ServerLoad(running=1, waiting=0)
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        await self.load_read.wait()
+        return await super().judge(request)
+
+
+async def run_opening_late(
+    config: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finish ``config``'s run, then grow its dataset behind the look for work left: the
+    next run opens its judges only as its source stage finds work."""
+    await run(config, LoadsSlowly())
+    write_prompts(tmp_path / "prompts.json", 6)
+    monkeypatch.setattr(opening, "work_left", lambda *args, **kwargs: False)
+
+
+async def test_a_stop_while_the_judges_open_late_ends_the_run_before_any_work(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The late open ignored stop() (the run waited for the whole server start) and
+    # stats().opening said nothing meanwhile.
+    config = make_config(samples=4)
+    await run_opening_late(config, tmp_path, monkeypatch)
+    judge = OpensWhenLet()
+    with anyio.fail_after(10):  # a safety net: the fix ends the open at once
+        async with Engine(config, judges=[judge]) as engine:
+            await judge.open_started.wait()
+            assert engine.stats().opening == "judge 'trigscore': starting its server"
+            engine.stop()
+            summary = await engine.drain()
+            assert engine.stats().opening is None
+    assert (summary.state, summary.judged) == ("stopped", 0)
+    assert not judge.opened and judge.closes == 1
+    assert engine.run_dir_opened  # a resume: its results stay
+    model = engine.stats().models["synth"]
+    assert (model.queued, model.dropped, judge.requests) == (0, 0, 0)  # nothing queued
+
+
+async def test_an_adaptive_judge_opened_late_has_its_server_load_read(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The load watcher started before the late open, heard no load from the unopened judge
+    # three times and gave up for the whole run.
+    adaptive = {"enabled": True, "poll_interval_s": 0.1}
+    config = make_config(
+        samples=4, judges=[{"name": "trigscore", "backend": "fake", "adaptive": adaptive}]
+    )
+    await run_opening_late(config, tmp_path, monkeypatch)
+
+    async def no_wait(seconds: float) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    judge = OpensWhenLet()
+    with anyio.fail_after(10):  # a safety net: the fix reads the load once the judge opens
+        async with Engine(config, judges=[judge], sleep=no_wait) as engine:
+            await judge.open_started.wait()
+            # A watcher polling the unopened judge now would have given up by the time
+            # every other task waits.
+            await anyio.wait_all_tasks_blocked()
+            judge.release.set()
+            summary = await engine.drain()
+    assert (summary.state, summary.judged) == ("done", 4)
+    assert judge.loads_unopened == 0

@@ -354,6 +354,47 @@ def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> N
         ManagedServer(ServeOptions(command=["my-vllm"]), name="j").check_command()
 
 
+@pytest.mark.parametrize(
+    ("key", "command"),
+    [
+        ("1", ["srv.sh", "{port}", "--tensor-parallel-size", "1"]),
+        ("vllm", ["vllm", "serve", "m", "--port", "{port}"]),
+        ("EMPTY", ["vllm", "serve", "EMPTY-model", "--served-model-name=EMPTY"]),
+    ],
+    ids=["a-number", "the-program", "a-flag-value"],
+)
+def test_a_short_key_that_is_an_ordinary_word_of_the_command_is_not_refused(
+    key: str, command: list[str]
+) -> None:
+    # A dummy key (`MY_KEY=1`) matched `1` and `vllm` in the command: a config that works
+    # was refused, exit 4 from validate and run.
+    ManagedServer(
+        ServeOptions(command=command, env={"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}),
+        name="j",
+        secrets=[key],
+    ).check_secrets_left_out()
+
+
+@pytest.mark.parametrize(
+    ("key", "command", "env", "where"),
+    [
+        ("1", ["vllm", "serve", "--api-key", "1"], {}, "command[3]"),
+        ("vllm", ["vllm", "serve", "--api-key=vllm"], {}, "command[2]"),
+        ("x", ["vllm", "serve", "--token", "x"], {}, "command[3]"),
+        ("EMPTY", ["vllm", "serve"], {"VLLM_API_KEY": "EMPTY"}, "env['VLLM_API_KEY']"),
+        ("sk-long-key", ["sh", "-c", "vllm serve --api-key sk-long-key"], {}, "command[2]"),
+    ],
+    ids=["after-the-flag", "glued", "after-a-token-flag", "env", "long-key-inside"],
+)
+def test_a_key_passed_to_the_server_is_refused(
+    key: str, command: list[str], env: dict[str, str], where: str
+) -> None:
+    server = ManagedServer(ServeOptions(command=command, env=env), name="j", secrets=[key])
+    with pytest.raises(FatalBackendError, match="holds the API key") as caught:
+        server.check_secrets_left_out()
+    assert f"options.serve.{where}" in str(caught.value)
+
+
 def shell(script: str) -> list[str]:
     """A ``/bin/sh`` command line whose script reads the port as ``$0``."""
     return ["/bin/sh", "-c", script, "{port}"]

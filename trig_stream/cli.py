@@ -226,7 +226,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     silence_the_terminal()
                     interrupted = True
                     engine.cancel()
-                elif stats.closing is not None or stats.state in ("done", "stopped"):
+                elif stats.state == "done":
                     # The run's work is over: nothing is in flight, nothing is left to
                     # resume; only the judges close. A signal cuts that short (a judge server
                     # killed, not given the rest of its grace); the run keeps its outcome.
@@ -238,6 +238,17 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                             highlight=False,
                             markup=False,
                         )
+                    engine.cancel()
+                elif stats.closing is not None or stats.state == "stopped":
+                    # Stopped (or failed) with work left: the judges close, and the run is
+                    # one to resume. A signal kills what still closes; it does not make the
+                    # work done.
+                    interrupted = True
+                    console.print(  # its "[run]" is no markup
+                        f"stopping now; {_how_to_resume(config, engine, args.new_run)}",
+                        highlight=False,
+                        markup=False,
+                    )
                     engine.cancel()
                 elif not interrupted:
                     interrupted = True

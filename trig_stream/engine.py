@@ -158,11 +158,14 @@ class Engine:
         """Where the run's tasks run: :meth:`cancel` cancels it, and not the caller's block."""
         self._paused = False
         self._opening = anyio.CancelScope()
-        """Where the backends open and the run directory is read: :meth:`cancel` reaches it."""
+        """Where the backends open and the run directory is read, and where the judges open
+        late (:meth:`_judges_ready`): :meth:`stop` and :meth:`cancel` reach it."""
         self._opening_now: str | None = None
         self._judges_opened = False
         """Whether the judges' opening began (they are closed at the end only then): a
         resumed run with nothing left to judge never opens a judge that opens slowly."""
+        self._judges_open = anyio.Event()
+        """Set once the judges are open: only then is their servers' load read."""
         self._closing_now: str | None = None
         self._judges_closed = False
         self._counting = anyio.CancelScope()
@@ -224,7 +227,9 @@ class Engine:
         """Stop gracefully: start no new work, finish what is in flight, then end ``results``.
 
         While the engine opens, nothing is in flight yet: the opening ends at once (a judge
-        server still starting is stopped, a judge model still loading left to finish). A
+        server still starting is stopped, a judge model still loading left to finish). So
+        does a late opening of the judges (a resumed run that found no work left as it
+        opened, and then some): the run ends ``stopped`` before any work, its results kept. A
         generator still loading is no work in flight either: its thread is left to finish
         the load and release it, as :meth:`cancel` leaves it.
         Like :meth:`cancel`, :meth:`pause` and :meth:`resume`, it may be called from any
@@ -449,27 +454,41 @@ class Engine:
         new_run = self._new_run
         where = "a new run directory beside " if new_run else "the run directory "
         self._opening_now = f"{where}{config.run_dir}"
-        # Opened before the judges: a run it refuses (another process in it, results made
-        # with other settings) is refused before a judge's server takes minutes to start.
-        opened = await anyio.to_thread.run_sync(
-            partial(open_run_dir, config.run_dir, manifest, new_run=new_run)
-        )
-        self._discard_run_dir = opened.made
-        self.run_dir_path, self._run_dir = opened.path, opened.run_dir
-        self._journal_state = opened.journal_state
-        if not await self._nothing_left():
-            await self._open_judges()
-        self._opening_now = None
+        try:
+            # Opened before the judges: a run it refuses (another process in it, results
+            # made with other settings) is refused before a judge's server takes minutes to
+            # start.
+            opened = await anyio.to_thread.run_sync(
+                partial(open_run_dir, config.run_dir, manifest, new_run=new_run)
+            )
+            self._discard_run_dir = opened.made
+            self.run_dir_path, self._run_dir = opened.path, opened.run_dir
+            self._journal_state = opened.journal_state
+            if not await self._nothing_left():
+                await self._open_judges()
+        finally:
+            self._opening_now = None  # stats().opening names nothing after the opening
 
     async def _open_judges(self) -> None:
         self._judges_opened = True  # closed at the end, even if one of them fails to open
         await open_judges(self._judges, self._announce_opening)
+        self._judges_open.set()
 
     async def _judges_ready(self) -> None:
         """Open the judges before the first work item is queued, if the run's opening left
-        them closed: it found nothing left to judge, and the dataset changed since."""
-        if not self._judges_opened:
-            await self._open_judges()
+        them closed: it found nothing left to judge, and the dataset changed since.
+
+        A stop or a hard stop ends this opening as it ends the run's (a judge server still
+        starting is stopped): the source stage, seeing the stop, queues nothing.
+        """
+        if self._judges_opened:
+            return
+        # The run's opening scope has been left; stop() and cancel() reach this one.
+        self._opening = anyio.CancelScope()
+        try:
+            with self._opening:
+                await self._open_judges()
+        finally:
             self._opening_now = None
 
     async def _nothing_left(self) -> bool:
@@ -481,7 +500,7 @@ class Engine:
         )
 
     def _announce_opening(self, what: str) -> None:
-        """Say what opens now (:attr:`EngineStats.opening`, while the engine starts)."""
+        """Say what opens now (:attr:`EngineStats.opening`)."""
         self._opening_now = what
 
     async def _close_resources(self) -> None:
@@ -558,7 +577,12 @@ class Engine:
         result_send, _ = streams.results
 
         judging = self._judging = JudgeStage(
-            context, self._judges, self._limiters, self._retry, self._sleep
+            context,
+            self._judges,
+            self._limiters,
+            self._retry,
+            self._sleep,
+            judges_open=self._judges_open,
         )
         source = SourceStage(
             context,

@@ -75,6 +75,8 @@ class JudgeStage:
         limiters: the limit on requests in flight of each judge.
         retry: the retry policy.
         sleep: waits for retry backoff and between server load polls (tests inject it).
+        judges_open: set once the judges are open, when their servers' load begins to be
+            read (None: they are open already).
     """
 
     def __init__(
@@ -84,8 +86,11 @@ class JudgeStage:
         limiters: dict[str, anyio.CapacityLimiter],
         retry: RetryPolicy,
         sleep: Callable[[float], Awaitable[None]],
+        *,
+        judges_open: anyio.Event | None = None,
     ) -> None:
         self._context = context
+        self._judges_open = judges_open
         self._judges = list(judges)
         self._limiters = limiters
         self._retry = retry
@@ -110,10 +115,9 @@ class JudgeStage:
         receive: MemoryObjectReceiveStream[ImageItem],
         judgement_send: MemoryObjectSendStream[Judgement],
     ) -> None:
-        judges = {judge.name: judge for judge in self._judges}
         async with receive, judgement_send, anyio.create_task_group() as watchers:
-            for name, controller in self.controllers.items():
-                watchers.start_soon(follow_server_load, judges[name], controller, self._sleep)
+            if self.controllers:
+                watchers.start_soon(self._follow_server_loads)
             async with _Requesters(self._judge_one, self._give_back_slot) as requesters:
                 async for first in receive:
                     items = [first]
@@ -123,6 +127,18 @@ class JudgeStage:
             # Every request has ended: the load watchers have nothing left to steer.
             watchers.cancel_scope.cancel()
         self._note_judges_that_scored_nothing()
+
+    async def _follow_server_loads(self) -> None:
+        """Read each adaptive judge's server load, once the judges are open: an unopened
+        judge reports none, and a watcher that hears none
+        :data:`~trig_stream.concurrency.SILENT_POLLS` times gives up for the run (the judges
+        open late when the run found no work left as it opened and the dataset grew since)."""
+        if self._judges_open is not None:
+            await self._judges_open.wait()
+        judges = {judge.name: judge for judge in self._judges}
+        async with anyio.create_task_group() as watchers:
+            for name, controller in self.controllers.items():
+                watchers.start_soon(follow_server_load, judges[name], controller, self._sleep)
 
     def _note_judges_that_scored_nothing(self) -> None:
         # Each such answer is an unscorable judgement, as it should be, but when no answer

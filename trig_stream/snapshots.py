@@ -61,7 +61,7 @@ def engine_stats(
         buffers: the send ends of the buffers between the stages, by name.
         limiters: each judge's limit on requests in flight, by judge name.
         controllers: the adaptive limits of the judges that have one, by judge name.
-        opening: what the engine is opening (shown only while it starts).
+        opening: what the engine is opening (while it starts, or as its judges open late).
         closing: what the engine is closing once the run is over, if that may take a while.
     """
     c = counters
@@ -97,7 +97,7 @@ def engine_stats(
         judge_latency=latency(c.judge_latencies),
         last_errors=tuple(c.last_errors),
         notes=tuple(printable(note) for note in c.notes),  # exceptions' texts among them
-        opening=opening if state == "starting" else None,
+        opening=opening,
         closing=closing,
     )
 

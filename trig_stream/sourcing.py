@@ -199,6 +199,8 @@ class SourceStage:
                     if self._judges_ready is not None:
                         await self._judges_ready()
                         self._judges_ready = None
+                        if context.stopping.is_set():  # stopped while the judges opened
+                            break
                     await send_now(sends[work.model], work)
                     counts = context.counters.model(work.model)
                     counts.queued += 1

@@ -113,8 +113,9 @@ class EngineStats:
     """Dataset records read so far, every kind (samples, quarantined, left out by the
     filters)."""
     opening: str | None = None
-    """What the engine is opening while it starts (the run directory, a judge starting its
-    server or loading its model), or None."""
+    """What the engine is opening (the run directory, a judge starting its server or loading
+    its model), or None: while it starts, or while the run opens its judges late (it found no
+    work left as it opened, and the dataset has grown since)."""
     closing: str | None = None
     """What the engine is closing once the run is over, when it may take a while (a judge
     stopping the server it started, given its grace period), or None."""

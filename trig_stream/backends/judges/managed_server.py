@@ -48,7 +48,7 @@ import anyio
 from anyio.abc import Process
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from trig_stream.backends.api_keys import scrub_all
+from trig_stream.backends.api_keys import SHORT_KEY_CHARS, scrub, scrub_all
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError
@@ -69,6 +69,10 @@ KILLED_WAIT_S = 10.0
 """How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
 them, but one inside a GPU driver call only once the call returns)."""
 _LINE_END = re.compile(rb"[\r\n]")
+_KEY_FLAG = re.compile(r"--?[\w-]*(key|token)[\w-]*", re.IGNORECASE)
+"""A command-line flag whose value is a key: ``--api-key``, ``--token``, ``-key``."""
+_KEY_FLAG_GLUED = re.compile(r"--?[\w-]*(key|token)[\w-]*=(?P<value>.*)", re.IGNORECASE | re.DOTALL)
+"""Such a flag with its value glued on: ``--api-key=KEY``."""
 
 
 class ServeOptions(BaseModel):
@@ -273,14 +277,15 @@ class ManagedServer:
         Raises:
             FatalBackendError: one holds it; the message names where, never the key.
         """
+        command = self.options.command
         where = [
             f"options.serve.command[{index}]"
-            for index, arg in enumerate(self.options.command)
-            if self._scrub(arg) != arg
+            for index, arg in enumerate(command)
+            if self._carries_key(arg, after=command[index - 1] if index else "")
         ] + [
             f"options.serve.env[{name!r}]"
             for name, value in self.options.env.items()
-            if self._scrub(value) != value
+            if self._carries_key(value, after="", alone=True)
         ]
         if where:
             raise FatalBackendError(
@@ -290,6 +295,30 @@ class ManagedServer:
                 "and pass it through the environment, which the server inherits (vLLM reads "
                 "VLLM_API_KEY: `export VLLM_API_KEY=...` before the run, instead of `--api-key`)"
             )
+
+    def _carries_key(self, text: str, *, after: str, alone: bool = False) -> bool:
+        """Whether ``text`` (a command argument following ``after``, or an ``env`` value when
+        ``alone``) holds one of the keys.
+
+        A key of :data:`SHORT_KEY_CHARS` characters or more counts wherever it appears, as
+        :meth:`_scrub` masks it. A shorter one (a dummy: ``1``, ``vllm``, ``EMPTY``) is an
+        ordinary word too, so only where it is surely passed as the key: as the whole ``env``
+        value, as the argument after a flag naming a key or token (``--api-key KEY``), or as
+        the value of one (``--api-key=KEY``); ``--tensor-parallel-size 1`` beside the key
+        ``1`` does not hold it.
+        """
+        for secret in self._secrets:
+            if len(secret) >= SHORT_KEY_CHARS:
+                if scrub(text, secret) != text:
+                    return True
+            elif alone:
+                if text == secret:
+                    return True
+            elif (text == secret and _KEY_FLAG.fullmatch(after)) or (
+                (flag := _KEY_FLAG_GLUED.fullmatch(text)) and flag["value"] == secret
+            ):
+                return True
+        return False
 
     def _free_port(self) -> int:
         """A port free now on ``serve.host`` (for ``port = 0``)."""
