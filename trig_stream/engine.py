@@ -46,7 +46,7 @@ from trig_stream.buffers import Streams, create_streams
 from trig_stream.config import RunConfig
 from trig_stream.controls import EngineLoop
 from trig_stream.dataset import DatasetSource
-from trig_stream.errors import ConfigError, TrigStreamError, leaf_errors
+from trig_stream.errors import ConfigError, TrigStreamError
 from trig_stream.generation import GenerationStage
 from trig_stream.journal import JournalState
 from trig_stream.judging import JudgeStage
@@ -69,6 +69,7 @@ from trig_stream.preflight import (
 )
 from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.retry import RetryPolicy
+from trig_stream.run_errors import error_leaving
 from trig_stream.snapshots import RunSummary, engine_stats, run_summary
 from trig_stream.sourcing import SourceStage
 from trig_stream.stats import Counters, EngineState, EngineStats
@@ -381,35 +382,18 @@ class Engine:
         try:
             suppress = await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
-            leaves = list(leaf_errors(group))
-            own = {id(leaf) for leaf in _leaves_of(exc)}
-            if exc is not None and all(id(leaf) in own for leaf in leaves):
+            leaving = error_leaving(group, exc)
+            if leaving.blocks_own and exc is not None:
                 # The block's own exception (a group of its own too): hand it back as it was
                 # raised, not in a group of ours.
                 self._state = "cancelled"
                 raise exc from None
             self._state = "failed"
-            error: BaseException | None = next(
-                (e for e in leaves if isinstance(e, TrigStreamError)), None
-            )
-            if error is None:
-                # One failure (an injected sleep that raised, in each task that called it)
-                # comes out as itself, not in the groups of every task group it crossed.
-                cancelled = anyio.get_cancelled_exc_class()
-                failures = [e for e in leaves if not isinstance(e, cancelled)]
-                if len({(type(e), str(e)) for e in failures}) != 1:
-                    raise
-                error = failures[0]
-            if not _lost_to(error, exc):
-                raise error from None
-            # The block's own exception (its cleanup failed as the run did) would be dropped
-            # with the group: it stays, as the context of the error that leaves.
-            assert exc is not None
-            error.add_note(
-                "The `async with` block raised an exception of its own as the run failed, "
-                f"shown above as this error's context: {describe_error(exc)}"
-            )
-            failure = error
+            if leaving.error is None:
+                raise
+            if not leaving.keeps_context:
+                raise leaving.error from None
+            failure = leaving.error
         except BaseException:
             if self._state not in ("done", "stopped"):
                 self._state = "cancelled"
@@ -656,19 +640,3 @@ class Engine:
                     )
             finally:
                 given_up.set()
-
-
-def _lost_to(error: BaseException, exc: BaseException | None) -> bool:
-    """Whether ``exc``, the ``async with`` block's own exception, would be lost if the run's
-    ``error`` left the block alone: it is one, not a cancellation, and not ``error``."""
-    if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
-        return False
-    return all(leaf is not error for leaf in _leaves_of(exc))
-
-
-def _leaves_of(exc: BaseException | None) -> list[BaseException]:
-    if exc is None:
-        return []
-    if isinstance(exc, BaseExceptionGroup):
-        return list(leaf_errors(exc))
-    return [exc]
