@@ -6,8 +6,10 @@ import asyncio
 import io
 import json
 import math
+import os
 import random
 import re
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -17,6 +19,7 @@ from typing import Any, cast
 import anyio
 import numpy as np
 import pytest
+import trio
 from anyio.lowlevel import checkpoint
 from PIL import Image
 
@@ -1845,6 +1848,99 @@ def test_a_control_before_the_block_in_the_loop_that_will_run_it_is_recorded(
     summary = anyio.run(run, backend=loop)
     assert summary.state == ends
     assert summary.judged == (4 if ends == "done" else 0)
+
+
+def call_from_an_asyncio_callback(way: str, control: Callable[[], None]) -> anyio.Event:
+    """Call ``control`` from a callback of the running asyncio loop, in no task: one
+    ``loop.call_soon`` schedules, or the handler ``loop.add_signal_handler`` runs for a
+    SIGUSR1 sent to this process. The event returned is set once it has returned."""
+    loop = asyncio.get_running_loop()
+    called = anyio.Event()
+
+    def callback() -> None:
+        try:
+            control()
+        finally:
+            called.set()
+            if way == "signal handler":
+                loop.remove_signal_handler(signal.SIGUSR1)
+
+    if way == "call_soon":
+        loop.call_soon(callback)
+    else:
+        loop.add_signal_handler(signal.SIGUSR1, callback)
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return called
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
+@pytest.mark.parametrize("way", ["call_soon", "signal handler"])
+@pytest.mark.parametrize(
+    ("control", "state", "ends"),
+    [
+        ("stop", "stopping", "stopped"),
+        ("cancel", "cancelled", "cancelled"),
+        ("pause", "paused", "done"),
+    ],
+)
+def test_a_control_from_a_callback_of_the_engines_asyncio_loop_takes_effect(
+    make_config: ConfigFactory, way: str, control: str, state: str, ends: str
+) -> None:
+    # Under asyncio.run (not anyio's runner, which tells sniffio the loop in every context)
+    # anyio saw no running loop in a callback, in no task, so the engine's own thread looked
+    # like one whose loop had ended: the control was dropped silently and the run judged
+    # all 60 samples ("running" after the stop, "done" at the end).
+    config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
+    received = 0
+
+    async def run() -> Engine:
+        nonlocal received
+        with anyio.fail_after(30):
+            async with Engine(config) as engine:
+                async for _ in engine.results:
+                    received += 1
+                    if received == 2:
+                        control_of = getattr(engine, control)
+                        await call_from_an_asyncio_callback(way, control_of).wait()
+                        assert engine.stats().state in (state, ends)
+                        if control == "pause":
+                            assert engine.paused
+                            await call_from_an_asyncio_callback(way, engine.resume).wait()
+                            assert not engine.paused and engine.stats().state == "running"
+        return engine
+
+    engine = asyncio.run(run())
+    assert engine.stats().state == ends
+    assert (received == 60) is (ends == "done")
+
+
+def test_a_control_from_a_callback_of_the_engines_trio_loop_takes_effect(
+    make_config: ConfigFactory,
+) -> None:
+    # Trio's callbacks (TrioToken.run_sync_soon) run in its system context, in no task of
+    # the caller's: the control takes effect there as it does from asyncio's callbacks.
+    config = make_config(samples=30, engine={"sample_buffer": 1, "image_buffer": 1})
+
+    async def run() -> Engine:
+        token = trio.lowlevel.current_trio_token()
+        with anyio.fail_after(30):
+            async with Engine(config) as engine:
+                called = anyio.Event()
+
+                def callback() -> None:
+                    engine.stop()
+                    called.set()
+
+                async for _ in engine.results:
+                    if not called.is_set():
+                        token.run_sync_soon(callback)
+                        await called.wait()
+                        assert engine.stats().state in ("stopping", "stopped")
+        return engine
+
+    engine = trio.run(run)
+    assert engine.stats().state == "stopped"
+    assert len(journal(config)) < 60
 
 
 async def test_a_run_cancelled_or_failed_while_opening_says_so(

@@ -9,6 +9,8 @@ never woke the run. :class:`EngineLoop` remembers that loop and runs a control t
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
 from collections.abc import Callable
 
@@ -38,7 +40,8 @@ class EngineLoop:
 
         The rule, for each place a control may come from:
 
-        - the thread of the engine's loop, inside a running loop: run by the caller;
+        - the thread of the engine's loop, inside a running loop (in a task, or in a
+          callback of the loop in no task): run by the caller;
         - another thread while the engine's loop runs: run in that loop;
         - inside a running loop after the engine's loop ended, before any loop runs the
           engine: run by the caller, and so recorded for the ``async with`` block to come
@@ -107,11 +110,28 @@ class EngineLoop:
 
 
 def _in_a_running_loop() -> bool:
-    """Whether the calling thread is inside a running event loop (asyncio or trio)."""
+    """Whether the calling thread is inside a running event loop (asyncio or trio), in a
+    task or not. A control may come from a callback of the loop, in no task
+    (``loop.call_soon``, a handler of ``loop.add_signal_handler``): there, under
+    ``asyncio.run``, anyio's ``current_token()`` says no loop runs (sniffio looks for a task,
+    or for the mark only anyio's own runner leaves), and the control was dropped as if the
+    run were over."""
     try:
-        # Not get_current_task(): a control run for another thread runs in the loop as a
-        # callback, in no task.
-        anyio.lowlevel.current_token()
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return True
+    trio = sys.modules.get("trio")  # never imported here: a trio loop has imported it
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            return True
+    try:
+        anyio.lowlevel.current_token()  # any other loop anyio knows (it asks sniffio)
     except anyio.NoEventLoopError:
         return False
     return True
