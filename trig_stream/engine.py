@@ -30,7 +30,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from contextlib import suppress
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -40,13 +39,12 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.analysis.live import RelationTracker
-from trig_stream.backends.base import Generator, Judge, reads_source_images
+from trig_stream.backends.base import Generator, Judge
 from trig_stream.backends.registry import build_generator, build_judge, check_backends
 from trig_stream.buffers import Streams, create_streams
 from trig_stream.config import RunConfig
 from trig_stream.controls import EngineLoop
-from trig_stream.dataset import DatasetSource
-from trig_stream.errors import ConfigError, TrigStreamError
+from trig_stream.errors import ConfigError
 from trig_stream.generation import GenerationStage
 from trig_stream.journal import JournalState
 from trig_stream.judging import JudgeStage
@@ -71,7 +69,7 @@ from trig_stream.records import JudgeFingerprint, Judgement
 from trig_stream.retry import RetryPolicy
 from trig_stream.run_errors import error_leaving
 from trig_stream.snapshots import RunSummary, engine_stats, run_summary
-from trig_stream.sourcing import SourceStage
+from trig_stream.sourcing import SourceStage, count_samples
 from trig_stream.stats import Counters, EngineState, EngineStats
 from trig_stream.store import RunDir
 
@@ -620,23 +618,8 @@ class Engine:
         )
 
     async def _count_samples(self, first_judgement: anyio.Event) -> None:
-        # For progress and ETA only; a dataset that cannot be read fails the source itself.
-        # Nothing waits for it: a stop, a cancel or the end of the run leaves its thread
-        # behind (it only reads the dataset, and its number is dropped), told to end.
+        # Nothing waits for it: a stop, a cancel or the end of the run cancels it.
         with self._counting:
             await first_judgement.wait()
-            if self._stop_event.is_set():
-                return
-            source = DatasetSource(
-                self.config.dataset,
-                self.config.run.task,
-                source_images=reads_source_images(self._generators),
-            )
-            given_up = threading.Event()
-            try:
-                with suppress(TrigStreamError):
-                    self._counters.samples_total = await anyio.to_thread.run_sync(
-                        source.count, given_up, abandon_on_cancel=True
-                    )
-            finally:
-                given_up.set()
+            if not self._stop_event.is_set():
+                await count_samples(self.config, self._generators, self._counters)

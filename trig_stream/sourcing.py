@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import suppress
 
 import anyio
 import anyio.to_thread
@@ -22,10 +23,12 @@ from trig_stream.backends.base import Generator, Judge, reads_source_images
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import Dimension
+from trig_stream.errors import TrigStreamError
 from trig_stream.hashing import seed_for
 from trig_stream.journal import JournalState
 from trig_stream.pipeline import RunContext, WorkItem, send_now
 from trig_stream.records import QuarantinedRecord, Sample
+from trig_stream.stats import Counters
 from trig_stream.store import QUARANTINE
 
 SOURCE_CHUNK = 16
@@ -131,6 +134,26 @@ def work_left(
         if record is None and given_up.is_set():
             break
     return False
+
+
+async def count_samples(
+    config: RunConfig, generators: Sequence[Generator], counters: Counters
+) -> None:
+    """Count the samples the run selects into ``counters.samples_total``, for progress and
+    the ETA only (a dataset that cannot be read fails the source stage itself). Cancelled, it
+    leaves its worker thread behind, told to end: the thread only reads the dataset, and its
+    number is dropped."""
+    source = DatasetSource(
+        config.dataset, config.run.task, source_images=reads_source_images(generators)
+    )
+    given_up = threading.Event()
+    try:
+        with suppress(TrigStreamError):
+            counters.samples_total = await anyio.to_thread.run_sync(
+                source.count, given_up, abandon_on_cancel=True
+            )
+    finally:
+        given_up.set()
 
 
 class SourceStage:
