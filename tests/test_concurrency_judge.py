@@ -87,9 +87,8 @@ def run_config(
     )
 
 
-async def test_limit_falls_with_the_server_queue_and_recovers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def record_controllers(monkeypatch: pytest.MonkeyPatch) -> list[ConcurrencyController]:
+    """The adaptive controllers of the judge stages the engine makes from now on."""
     controllers: list[ConcurrencyController] = []
 
     class RecordingStage(JudgeStage):
@@ -98,6 +97,13 @@ async def test_limit_falls_with_the_server_queue_and_recovers(
             controllers.extend(self.controllers.values())
 
     monkeypatch.setattr("trig_stream.engine.JudgeStage", RecordingStage)
+    return controllers
+
+
+async def test_limit_falls_with_the_server_queue_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    controllers = record_controllers(monkeypatch)
     samples = len(json.loads(DEMO.read_text()))
     # Service time keeps the server, not the dispatcher, the bottleneck (no timing is read).
     options = JudgeServerOptions(capacity=CAPACITY, latency_s=0.02)
@@ -132,14 +138,7 @@ async def test_one_endpoint_s_429s_leave_the_limit_the_others_serve(
     # One endpoint answering 429 (it then rests) while another is awake and answers well:
     # each 429 cut the judge's limit all the same (seen: 31 -> 16, 47 -> 24), though the
     # request was sent on to the other endpoint.
-    controllers: list[ConcurrencyController] = []
-
-    class RecordingStage(JudgeStage):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            controllers.extend(self.controllers.values())
-
-    monkeypatch.setattr("trig_stream.engine.JudgeStage", RecordingStage)
+    controllers = record_controllers(monkeypatch)
     poll_interval_s = 7.25  # told apart from the retries' backoff by the sleep below
 
     async def sleep(seconds: float) -> None:
