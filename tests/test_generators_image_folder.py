@@ -302,8 +302,7 @@ def test_a_picture_whose_exif_cannot_be_read_is_taken_as_stored(
     generator.load()
     common = {"task": "p2p", "prompt": "p", "dimensions": ("IQ-R", "TA-C")}
     embedded = Sample(data_id="IQ-R_TA-C_3", source_bytes=as_rgb, **common)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # as Python shows them by default
         copied, decoded = generator.generate(
             [request("IQ-R_TA-C_1"), request("IQ-R_TA-C_2")], worker=0, cancel=threading.Event()
         )
