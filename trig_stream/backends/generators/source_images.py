@@ -101,7 +101,7 @@ def png_as_is(path: Path) -> EncodedPicture | None:
         return None
     if pixel_data_problem(data) is not None:
         return None
-    return EncodedPicture(png=data)
+    return EncodedPicture(png=data, pixels_checked=True)
 
 
 ORIENTATION = 0x0112
