@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import stat
 import threading
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from trig_stream.dimensions import (
 from trig_stream.errors import DatasetError
 from trig_stream.files import file_kind
 from trig_stream.hashing import sample_digest
+from trig_stream.pillow_warnings import quiet_pillow
 from trig_stream.quarantine_text import storable, without_images
 from trig_stream.records import QuarantinedRecord, Sample, is_safe_name, storable_text
 from trig_stream.string_index import StringIndex
@@ -396,20 +396,19 @@ def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
     """
     from PIL import Image, UnidentifiedImageError
 
+    # Pillow warns on stderr of a picture of 89-179 megapixels, which it decodes all the same
+    # (a larger one raises DecompressionBombError, reported below): such a source picture is
+    # resized as any other, and the warning's raw lines said nothing of use.
+    quiet_pillow()
     try:
-        # Pillow warns on stderr of a picture of 89-179 megapixels, which it decodes all the
-        # same (a larger one raises DecompressionBombError, reported below): such a source
-        # picture is resized as any other, and the warning's raw lines said nothing of use.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                width, height = image.size
-                if min(width, height) < SOURCE_MIN_SIDE:
-                    raise Rejected(
-                        f"{what} is {width}x{height} pixels: under {SOURCE_MIN_SIDE} on a side, "
-                        "too small for an image-editing model"
-                    )
-                image.load()
+        with Image.open(source) as image:
+            width, height = image.size
+            if min(width, height) < SOURCE_MIN_SIDE:
+                raise Rejected(
+                    f"{what} is {width}x{height} pixels: under {SOURCE_MIN_SIDE} on a side, "
+                    "too small for an image-editing model"
+                )
+            image.load()
     except UnidentifiedImageError:
         raise Rejected(f"{what} is no image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

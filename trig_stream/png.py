@@ -192,7 +192,19 @@ REWRITE_KEY = "trig-stream prompt rewrite"
 an image reused by a later run keeps that record."""
 
 
-def with_sample_digest(png: bytes, label: str, rewrite: str | None = None) -> bytes:
+PIXELS_KEY = "trig-stream pixel data"
+"""The text chunk saying, with :data:`PIXELS_WHOLE`, that the engine wrote this file knowing its
+pixel data whole (encoded by it, or checked by :func:`pixel_data_problem`): a resumed run then
+reuses it without inflating it again, its chunks' CRCs (Pillow's ``verify``) sufficing, as
+the file was written whole by an atomic rename. An image without it (copied as-is before its
+pixels were checked, or put into the run directory by hand) is inflated."""
+
+PIXELS_WHOLE = "whole"
+
+
+def with_sample_digest(
+    png: bytes, label: str, rewrite: str | None = None, *, pixels_whole: bool = False
+) -> bytes:
     """``png`` with a text chunk naming the sample it was made for (:data:`SAMPLE_KEY`):
     ``label``, its digest and who it was made for (see
     :attr:`trig_stream.pipeline.WorkItem.image_label`), in ASCII.
@@ -200,6 +212,7 @@ def with_sample_digest(png: bytes, label: str, rewrite: str | None = None) -> by
     A resumed run reuses an image left on disk only for the sample it was made for: one
     written just before a crash, then its record edited, must not be judged against the new
     prompt. The chunk goes right after the header, where a reader meets it on opening.
+    ``pixels_whole``: the caller knows the pixel data whole, which :data:`PIXELS_KEY` records.
     """
     header_end = len(SIGNATURE) + 25  # IHDR: length, type, 13 bytes, CRC
     if not is_png(png):
@@ -208,6 +221,8 @@ def with_sample_digest(png: bytes, label: str, rewrite: str | None = None) -> by
     chunks = _chunk(b"tEXt", text)
     if rewrite is not None:  # JSON written in ASCII (escapes for the rest), as tEXt wants
         chunks += _chunk(b"tEXt", REWRITE_KEY.encode("latin-1") + b"\x00" + rewrite.encode("ascii"))
+    if pixels_whole:
+        chunks += _chunk(b"tEXt", f"{PIXELS_KEY}\x00{PIXELS_WHOLE}".encode("latin-1"))
     return png[:header_end] + chunks + png[header_end:]
 
 

@@ -46,6 +46,10 @@ class EncodedPicture:
     """How long making it took where it was made, when known: the engine records this as
     the image's generation time instead of its own timing of the call, which for a picture
     made elsewhere can include waiting there."""
+    pixels_checked: bool = False
+    """Whether the maker found ``png``'s pixel data whole (see
+    :func:`trig_stream.png.pixel_data_problem`): the stored image then says so, and a resumed
+    run reuses it without inflating it again."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trig_stream.backends.base import EncodedPicture
 from trig_stream.errors import ItemError
+from trig_stream.pillow_warnings import quiet_pillow
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -47,8 +46,9 @@ def decode(data: bytes, unreadable: str) -> Image:
 
     from trig_stream.png import is_png, pixel_data_problem
 
+    quiet_pillow()  # a picture of 89-179 megapixels is decoded as any other
     try:
-        with quiet_bombs(), PILImage.open(io.BytesIO(data)) as image:
+        with PILImage.open(io.BytesIO(data)) as image:
             # Pillow's own size check has run: a bomb is refused before it is inflated.
             problem = pixel_data_problem(data) if is_png(data) else None
             if problem is None:
@@ -68,20 +68,6 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError | SyntaxError | ValueError):
         return str(exc)
     return f"Pillow cannot decode it ({type(exc).__name__}: {exc})"
-
-
-@contextmanager
-def quiet_bombs() -> Iterator[None]:
-    """A context in which Pillow's DecompressionBombWarning (a picture of 89-179 megapixels,
-    which Pillow decodes all the same) is not printed: such a picture is decoded, and a source
-    picture resized, as any other. Larger ones still raise DecompressionBombError, which is
-    reported. Like :func:`_orientation`, this changes the process's warning filters while it
-    is entered."""
-    from PIL import Image as PILImage
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-        yield
 
 
 def png_as_is(path: Path) -> EncodedPicture | None:
@@ -105,8 +91,9 @@ def png_as_is(path: Path) -> EncodedPicture | None:
         return None
     if _png_orientation(data) not in (None, 1):
         return None  # shown turned: decoded, to be stored upright
+    quiet_pillow()
     try:
-        with quiet_bombs(), PILImage.open(io.BytesIO(data)) as image:
+        with PILImage.open(io.BytesIO(data)) as image:
             if SAMPLE_KEY in image.info or getattr(image, "is_animated", False):
                 return None  # an earlier run's image, or an animated PNG: decode it
             image.verify()  # each chunk's CRC, through IEND; it decompresses nothing
@@ -114,7 +101,7 @@ def png_as_is(path: Path) -> EncodedPicture | None:
         return None
     if pixel_data_problem(data) is not None:
         return None
-    return EncodedPicture(png=data)
+    return EncodedPicture(png=data, pixels_checked=True)
 
 
 ORIENTATION = 0x0112
@@ -147,12 +134,11 @@ def _orientation(read_exif: Callable[[], Mapping[int, object]]) -> int | None:
     """The EXIF Orientation that ``read_exif`` finds, an integer from 1 to 8; None without one,
     and for one that cannot be read or is anything else (a rational, 9): the picture is shown
     as stored, as it was copied before orientations were read. Pillow's warnings about the
-    EXIF data it skips ("Corrupt EXIF data") are kept off the run's output: the picture itself
-    is fine."""
+    EXIF data it skips ("Corrupt EXIF data") are kept off the run's output (see
+    :mod:`trig_stream.pillow_warnings`): the picture itself is fine."""
+    quiet_pillow()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            value = read_exif().get(ORIENTATION)
+        value = read_exif().get(ORIENTATION)
     except Exception:
         # Metadata Pillow cannot parse (SyntaxError "not a TIFF file", struct.error, ...)
         # says nothing of the picture, which decodes fine: its error would be the image's.
