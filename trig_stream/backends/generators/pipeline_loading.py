@@ -346,8 +346,13 @@ def check_device(torch: Any, name: str, device: str) -> None:
     if kind == "mps":
         if not torch.backends.mps.is_available():
             raise FatalBackendError(
-                f"{where}: device 'mps' is not available; set options.devices to devices "
+                f"{where}: device {device!r} is not available; set options.devices to devices "
                 "that exist, e.g. devices = ['cpu']"
+            )
+        if int(index or 0) > 0:
+            raise FatalBackendError(
+                f"{where}: device {device!r} is not available (there is one MPS device, "
+                "mps:0); set options.devices to ['mps']"
             )
         return
     raise FatalBackendError(
