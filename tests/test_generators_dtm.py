@@ -373,7 +373,7 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert "reachable" not in generator.notes()[0]
     inner.notes = lambda: ["the inner one's"]  # type: ignore[method-assign]
     assert generator.notes()[0] == "the inner one's"  # were dropped: the wrapper said nothing
-    inner.notes = lambda: {"the inner one's"}  # type: ignore[method-assign,assignment]
+    inner.notes = lambda: {"the inner one's"}  # type: ignore[method-assign,assignment,return-value]
     assert generator.notes()[0] == "the inner one's"  # a set of str was refused
     inner.notes = lambda: [b"bytes"]  # type: ignore[method-assign,list-item]
     # Its failure took the wrapper's own notes with it.

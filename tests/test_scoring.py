@@ -170,7 +170,9 @@ def test_one_number_float_takes_is_a_logprob(scorer: Scorer) -> None:
     expected = score_top_logprobs([("good", -0.5), ("bad", -3.0)], scorer=scorer)
     values = torch.tensor([[-0.5, -3.0]])
     for good, bad in [
-        *zip([torch.tensor(-0.5), Decimal("-0.5"), numpy.array(-0.5)], [-3.0] * 3),
+        (torch.tensor(-0.5), -3.0),
+        (Decimal("-0.5"), -3.0),
+        (numpy.array(-0.5), -3.0),
         tuple(values[0]),
         (numpy.array(-0.5, dtype=numpy.float16), torch.tensor(-3, dtype=torch.int64)),
     ]:

@@ -151,8 +151,8 @@ def _saved_class(name: str, spec: PipelineSpec, diffusers: Any, pipeline_class: 
             )
         except (OSError, ValueError) as exc:
             raise FatalBackendError(
-                f"{unreadable}could not be downloaded for {spec.checkpoint!r} from the Hugging Face hub: "
-                f"{describe_error(exc)}; {concrete}"
+                f"{unreadable}could not be downloaded for {spec.checkpoint!r} from the "
+                f"Hugging Face hub: {describe_error(exc)}; {concrete}"
             ) from None
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     found = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
