@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import pytest
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ValidationError, model_validator
 
 from trig_stream.backends import registry
 from trig_stream.config import load_config
-from trig_stream.config_problems import locate_key
+from trig_stream.config_problems import dotted_key, locate_key, nested_problems
 from trig_stream.errors import ConfigError, MissingExtraError
 from trig_stream.testing import SyntheticGenerator
 
@@ -487,6 +488,21 @@ def test_locate_key_reads_quoted_keys_as_toml_does() -> None:
     assert locate_key(text, ("run", "plain", "q.r")) == 7
     assert locate_key(text, ("sp ace", "inner", "k")) == 9
     assert locate_key(text, ("run", "x")) == 1  # "x.y" is one key, no table x
+
+
+def test_a_refused_dict_key_is_named_without_pydantics_marker() -> None:
+    # pydantic ends the location of a refused dict key with "[key]": it was shown as a key,
+    # a.z."[key]", and the key's line was not found.
+    class Table(BaseModel):
+        a: dict[Literal["x", "y"], int] = {}
+
+    with pytest.raises(ValidationError) as raised:
+        Table.model_validate({"a": {"z": 1}})
+    [error] = raised.value.errors()
+    assert error["loc"] == ("a", "z", "[key]")
+    assert dotted_key(error["loc"]) == "a.z"
+    assert nested_problems(raised.value, Table).startswith("a.z: Input should be 'x' or 'y'")
+    assert locate_key("[a]\nx = 1\nz = 1\n", error["loc"]) == 3
 
 
 @pytest.mark.parametrize(

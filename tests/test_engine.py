@@ -2546,7 +2546,8 @@ class NotesAs(SyntheticGenerator):
         self.given = notes
 
     def notes(self) -> list[str]:
-        return cast(list[str], self.given)
+        # A callable makes them afresh: a generator is used up by one run.
+        return cast(list[str], self.given() if callable(self.given) else self.given)
 
 
 @pytest.mark.parametrize(
@@ -2555,6 +2556,17 @@ class NotesAs(SyntheticGenerator):
         # One note per character: "synth: t", "synth: w", ...
         ("two files unused", ["synth: two files unused"]),
         (("a", "b"), ["synth: a", "synth: b"]),
+        # Any iterable of str was taken until only a sequence was: a set and a generator
+        # were reported as a broken notes().
+        ({"a"}, ["synth: a"]),
+        (lambda: (note for note in ("a", "b")), ["synth: a", "synth: b"]),
+        (
+            b"ab",
+            [
+                "synth: its notes() failed: TypeError: it returned an object of type bytes, "
+                "not a list of str"
+            ],
+        ),
         (
             7,
             [
@@ -2570,7 +2582,7 @@ class NotesAs(SyntheticGenerator):
             ],
         ),
     ],
-    ids=["str", "tuple", "int", "int-note"],
+    ids=["str", "tuple", "set", "generator", "bytes", "int", "int-note"],
 )
 async def test_a_generators_notes_are_a_list_of_str_or_one_str(
     make_config: ConfigFactory, notes: object, noted: list[str]

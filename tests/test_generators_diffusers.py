@@ -472,6 +472,14 @@ def test_unavailable_device_is_fatal_and_says_what_to_set(
         r"e\.g\. devices = \['cpu'\]$",
     ):
         generator.load()
+    with pytest.raises(FatalBackendError, match=r"^generator 'tiny': device 'mps:0' is not"):
+        make_generator(tiny_pipelines["flux"], devices=["mps:0"]).load()
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'tiny': device 'mps:1' is not available \(there is one MPS device",
+    ):
+        make_generator(tiny_pipelines["flux"], devices=["mps:1"]).load()
 
 
 def test_unknown_call_argument_is_fatal(tiny_pipelines: dict[TinyKind, Path]) -> None:
@@ -955,7 +963,8 @@ def test_diffusion_pipeline_whose_class_cannot_be_known_is_refused(
     with pytest.raises(
         FatalBackendError,
         match=r"^generator 'x': DiffusionPipeline loads .* cannot be read for "
-        r"'nobody/no-such-checkpoint' .*" + concrete,
+        r"'nobody/no-such-checkpoint': it is not in the Hugging Face cache, and offline "
+        r"\(options\.local_files_only or HF_HUB_OFFLINE\) the hub is not asked; " + concrete,
     ):
         DiffusersGenerator("x", options).check_environment()
 
@@ -980,6 +989,66 @@ def test_diffusion_pipeline_of_a_cached_hub_checkpoint_is_its_saved_class(
     generator = DiffusersGenerator("x", options)
     generator.check_environment()
     assert "callback_on_step_end" in generator._accepts
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No host name resolves (a machine without network): the hosts asked for, in order."""
+    asked: list[str] = []
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return asked
+
+
+def test_diffusion_pipeline_of_a_hub_id_reads_the_cache_before_the_hub(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path, unreachable_hub: list[str]
+) -> None:
+    # Online, a cached model_index.json was read only after a request to the hub.
+    snapshot = tmp_path / "cache" / "models--org--tiny-sd" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_pipelines["sd"] / "model_index.json", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    options = DiffusersOptions(
+        pipeline="DiffusionPipeline",
+        checkpoint="org/tiny-sd",
+        devices=["cpu"],
+        local_files_only=False,
+        steps=2,
+        load={"cache_dir": str(tmp_path / "cache")},
+    )
+    generator = DiffusersGenerator("x", options)
+    generator.check_environment()
+    assert "callback_on_step_end" in generator._accepts
+    assert unreachable_hub == []
+
+
+def test_diffusion_pipeline_of_a_hub_id_the_hub_cannot_serve_fails_at_once(
+    tmp_path: Path, unreachable_hub: list[str]
+) -> None:
+    # Online, not cached, no network: huggingface_hub retried the hub five times (25 s),
+    # then diffusers said the checkpoint "does not appear to have a file named
+    # model_index.json". The hub is asked once, and the message says it cannot be reached.
+    options = DiffusersOptions(
+        pipeline="DiffusionPipeline",
+        checkpoint="nobody/no-such-checkpoint",
+        devices=["cpu"],
+        local_files_only=False,
+        load={"cache_dir": str(tmp_path / "cache")},
+    )
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'x': DiffusionPipeline loads .* cannot be read for "
+        r"'nobody/no-such-checkpoint': the Hugging Face hub could not be reached, and it is "
+        r"not in the cache \(ConnectError: .*\); set options\.pipeline to the concrete class",
+    ):
+        DiffusersGenerator("x", options).check_environment()
+    assert len(unreachable_hub) == 1, unreachable_hub
 
 
 def test_a_checkpoint_saved_by_another_pipeline_is_named_when_its_calls_fail(

@@ -373,6 +373,16 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert "reachable" not in generator.notes()[0]
     inner.notes = lambda: ["the inner one's"]  # type: ignore[method-assign]
     assert generator.notes()[0] == "the inner one's"  # were dropped: the wrapper said nothing
+    inner.notes = lambda: {"the inner one's"}  # type: ignore[method-assign,assignment,return-value]
+    assert generator.notes()[0] == "the inner one's"  # a set of str was refused
+    inner.notes = lambda: [b"bytes"]  # type: ignore[method-assign,list-item]
+    # Its failure took the wrapper's own notes with it.
+    failed, own = generator.notes()
+    assert failed == (
+        "its inner generator's notes() failed: TypeError: it returned an object of type bytes "
+        "among its notes, where a str belongs"
+    )
+    assert own.startswith("2 of 3 prompts were not rewritten")
     once = rewriter(server, max_attempts=1)
     server.fail_next(Fault(status=500))
     once.generate([request("A_3", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())

@@ -79,12 +79,14 @@ def test_generic_form_and_validation() -> None:
         DiffusersOptions(preset="flux", devices=[])
     # Refused at validate, not when the run loads its first pipeline.
     # "cpu:1" means nothing beyond "cpu" (and the transformers judge refused it).
-    for device in ("", "gpu", "cuda:x", "cuda0", "cpu:", "cpu:1", "mps:1"):
+    for device in ("", "gpu", "cuda:x", "cuda0", "cpu:", "cpu:1", "mps:", "mps0"):
         with pytest.raises(
-            ValidationError, match=r"unknown device; use 'cpu', 'cuda:<n>' or 'mps'"
+            ValidationError,
+            match=r"unknown device; use 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'mps:0' ",
         ):
             DiffusersOptions(preset="flux", devices=[device])
-    DiffusersOptions(preset="flux", devices=["cpu", "cuda", "cuda:7", "mps"])
+    # "mps:0" is torch's name of the MPS device, and was accepted before the rule was shared.
+    DiffusersOptions(preset="flux", devices=["cpu", "cuda", "cuda:7", "mps", "mps:0"])
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,7 @@ def test_a_rating_whose_probability_underflows_to_zero_is_unscorable(
         # Text that parses as a number, and a bool, are no numbers either: they were scored.
         (("good", "-0.1"), "top logprob entry ('good', '-0.1'): the logprob '-0.1' is no real"),
         (("good", False), "top logprob entry ('good', False): the logprob False is no real"),
-        (("good", Decimal("-0.1")), "the logprob Decimal('-0.1') is no real number"),
+        (("good", Decimal("sNaN")), "the logprob Decimal('sNaN') is no real number (it is a "),
         # An int too large for a float raised OverflowError, which named nothing.
         (("good", 10**400), "top logprob entry 'good': the logprob, of type int, is too large"),
         (("good", -(10**400)), "top logprob entry 'good': the logprob, of type int, is too"),
@@ -158,6 +158,57 @@ def test_ints_and_numpy_floats_are_numbers(scorer: Scorer) -> None:
     assert score_top_logprobs([("good", numpy.float32(-0.5)), ("bad", -3)], scorer=scorer) == (
         pytest.approx(expected)
     )
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+def test_one_number_float_takes_is_a_logprob(scorer: Scorer) -> None:
+    # A torch judge zipping tokens with a row of its tensor gives 0-d tensors; numpy gives
+    # 0-d arrays. float() took them, and a Decimal, until the check asked for numbers.Real:
+    # then every judgement of such a judge was an error.
+    numpy = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    expected = score_top_logprobs([("good", -0.5), ("bad", -3.0)], scorer=scorer)
+    values = torch.tensor([[-0.5, -3.0]])
+    for good, bad in [
+        (torch.tensor(-0.5), -3.0),
+        (Decimal("-0.5"), -3.0),
+        (numpy.array(-0.5), -3.0),
+        tuple(values[0]),
+        (numpy.array(-0.5, dtype=numpy.float16), torch.tensor(-3, dtype=torch.int64)),
+    ]:
+        assert score_top_logprobs([("good", good), ("bad", bad)], scorer=scorer) == (
+            pytest.approx(expected)
+        ), (good, bad)
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("numpy bool", r"the logprob np\.True_ is no real number \(it is a bool of bool\)"),
+        ("numpy text", r"is no real number \(it is a ndarray of <U4\)"),
+        ("numpy complex", r"is no real number \(it is a complex128 of complex128\)"),
+        ("numpy row", r"is no real number \(it is a ndarray of shape \(2,\), not one number\)"),
+        ("torch bool", r"is no real number \(it is a Tensor of torch\.bool\)"),
+        ("torch row", r"is no real number \(it is a Tensor of shape \(2,\), not one number\)"),
+    ],
+)
+def test_arrays_that_hold_no_one_real_number_are_refused(
+    scorer: Scorer, kind: str, message: str
+) -> None:
+    # float() parses a 0-d array of text, and takes a bool; neither is a logprob.
+    numpy = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    logprob = {
+        "numpy bool": numpy.True_,
+        "numpy text": numpy.array("-0.1"),
+        "numpy complex": numpy.complex128(-0.1),
+        "numpy row": numpy.array([-0.1, -0.2]),
+        "torch bool": torch.tensor(True),
+        "torch row": torch.tensor([-0.1, -0.2]),
+    }[kind]
+    with pytest.raises(ValueError, match=r"^top logprob entry \('good', .*" + message):
+        score_top_logprobs([("bad", -0.5), ("good", logprob)], scorer=scorer)
 
 
 @pytest.mark.parametrize("scorer", ["trig", "robust"])

@@ -196,22 +196,36 @@ async def test_missing_model_or_device_is_fatal(
         match=r"^judge 'trigscore': device cuda:3 is not available \(no such CUDA device: torch ",
     ):
         await make_judge(tiny_vlm, device="cuda:3").open()
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(
+        FatalBackendError, match=r"^judge 'trigscore': device mps:0 is not available; set"
+    ):
+        await make_judge(tiny_vlm, device="mps:0").open()
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^judge 'trigscore': device mps:1 is not available \(there is one MPS device",
+    ):
+        await make_judge(tiny_vlm, device="mps:1").open()
 
 
 def test_a_device_name_is_checked_as_a_generator_checks_it(tmp_path: Path) -> None:
     # "cpu:1" was refused with the raw pattern "String should match pattern ..." here, and
     # accepted in a diffusers generator's devices: one rule and one message now serve both.
-    for device in ("cpu:1", "gpu", "cuda:x", "mps:0"):
+    for device in ("cpu:1", "gpu", "cuda:x", "mps:"):
         with pytest.raises(
-            ValidationError, match=r"unknown device; use 'cpu', 'cuda:<n>' or 'mps'"
+            ValidationError,
+            match=r"unknown device; use 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'mps:0'",
         ):
             TransformersJudgeOptions(model_path=tmp_path, device=device)
         with pytest.raises(
-            ValidationError, match=r"unknown device; use 'cpu', 'cuda:<n>' or 'mps'"
+            ValidationError,
+            match=r"unknown device; use 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'mps:0'",
         ):
             DiffusersOptions(preset="sd15", devices=[device])
-    for device in ("cpu", "cuda", "cuda:3", "mps"):
+    for device in ("cpu", "cuda", "cuda:3", "mps", "mps:0"):
         assert TransformersJudgeOptions(model_path=tmp_path, device=device).device == device
+        assert DiffusersOptions(preset="sd15", devices=[device]).devices == [device]
 
 
 CONTEXT = 2048

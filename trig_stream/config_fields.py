@@ -109,14 +109,17 @@ def _non_empty_path(value: object) -> object:
     return value
 
 
-_DEVICE: Final = re.compile(r"\A(cpu|mps|cuda(:\d+)?)\Z")
+_DEVICE: Final = re.compile(r"\A(cpu|(cuda|mps)(:\d+)?)\Z")
 
 
 def _device_name(value: str) -> str:
     # One rule for a generator's devices and a judge's device: "cpu:1" passed for one and
-    # was refused for the other with the raw pattern. It means nothing beyond "cpu".
+    # was refused for the other with the raw pattern. It means nothing beyond "cpu"; "mps:0"
+    # is torch's name of the one MPS device, as "cuda:0" is of the first CUDA one.
     if not _DEVICE.match(value):
-        raise ValueError("unknown device; use 'cpu', 'cuda:<n>' or 'mps'")
+        raise ValueError(
+            "unknown device; use 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'mps:0' (torch's names)"
+        )
     return value
 
 
@@ -136,7 +139,8 @@ TaskName = Annotated[
 ]
 PairName = Annotated[str, AfterValidator(_pair)]
 DeviceName = Annotated[str, AfterValidator(_device_name)]
-"""A torch device a model can go to: ``cpu``, ``mps``, ``cuda`` or ``cuda:<n>``."""
+"""A torch device a model can go to: ``cpu``, ``cuda``, ``cuda:<n>``, ``mps`` or ``mps:<n>``
+(whether it exists is checked where torch is imported)."""
 Backoff = Annotated[float, Field(ge=0, le=3600)]
 """Seconds a retry waits (a backoff's start or ceiling): at most an hour, a longer one being a
 mistake that would hold a request, and a graceful stop, that long."""

@@ -171,12 +171,17 @@ _VALIDATOR_STEP = re.compile(
 )
 
 
+_STEP_NAMES: Final = frozenset({"function-after", "function-before", "[key]"})
+"""Steps named without brackets: pydantic's ``[key]`` follows a dict key it refuses (its
+value's errors end with the key alone)."""
+
+
 def _is_validator_step(part: str | int) -> bool:
     """Whether a part of an error's location is a validator's name (``function-after[...]``,
-    ``list[str]``), no key: told apart by pydantic's names for them, so that a key holding a
-    bracket (``"a[0]"``) is still named."""
+    ``list[str]``) or marker (``[key]``), no key: told apart by pydantic's names for them,
+    so that a key holding a bracket (``"a[0]"``) is still named."""
     return isinstance(part, str) and (
-        part in ("function-after", "function-before") or _VALIDATOR_STEP.fullmatch(part) is not None
+        part in _STEP_NAMES or _VALIDATOR_STEP.fullmatch(part) is not None
     )
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
@@ -140,9 +140,11 @@ def checked_top_logprobs(
     Raises:
         ValueError: an entry is no pair, its token no ``str`` (bytes left undecoded: as
             text, ``b'good'`` names no rating, so the answer would pass for unscorable), or
-            its logprob no real number (an int or a float, numpy's too: not None, a
-            bool, a complex or text, even text such as ``"-0.1"``) or too large for a
-            float; the message names the entry.
+            its logprob no real number (one number ``float()`` takes without parsing
+            text: an int, a float, a ``Decimal``, numpy's or torch's scalars and 0-d arrays
+            of ints or floats; not None, a bool, a complex, several numbers or text, even
+            text such as ``"-0.1"``) or an int too large for a float; the message names the
+            entry.
     """
     try:
         entries: list[Any] = list(top_logprobs)
@@ -175,10 +177,10 @@ def _checked_entry(entry: Any) -> tuple[str, float]:
     token, logprob = entry
     try:
         return token, _real(logprob)
-    except (TypeError, ValueError):
+    except TypeError as exc:
         raise ValueError(
             f"top logprob entry {entry!r}: the logprob {logprob!r} is no real number "
-            f"(it is of type {type(logprob).__name__}); pass a float"
+            f"({exc}); pass a float"
         ) from None
     except OverflowError:  # an int: its digits may be more than str() will write
         raise ValueError(
@@ -188,17 +190,41 @@ def _checked_entry(entry: Any) -> tuple[str, float]:
         ) from None
 
 
+_NUMBER_DTYPE: Final = re.compile(r"(torch\.)?(u?int|b?float|half|double)")
+"""The dtype names (numpy's, torch's) of arrays and scalars whose one value is a real number:
+not a bool, a complex or text (``float(np.array("-0.1"))`` would parse it)."""
+
+
+@functools.lru_cache(maxsize=64)  # numpy's and torch's dtypes are a few dozen
+def _number_dtype(dtype: object) -> bool:
+    # Cached: str() of a numpy dtype costs more than the rest of the check of a logprob.
+    return _NUMBER_DTYPE.match(str(dtype)) is not None
+
+
 def _real(logprob: object) -> float:
-    """``logprob`` as a float, if it is a real number: an int or a float (numpy's too), not
-    a bool and not text (``float("-0.1")`` would parse it), which no judge means as one.
+    """``logprob`` as a float, if it is one real number: anything ``float()`` converts
+    without parsing text (an int, a float, a ``Decimal``, numpy's scalars, a 0-d numpy array
+    or torch tensor of ints or floats), but not a bool, a complex or text, which no judge
+    means as one.
 
     Raises:
         TypeError: it is no real number.
         OverflowError: it is an int too large for a float.
     """
-    if isinstance(logprob, bool) or not isinstance(logprob, numbers.Real):
-        raise TypeError(f"{type(logprob).__name__} is no real number")
-    return float(logprob)
+    if isinstance(logprob, bool) or not hasattr(type(logprob), "__float__"):
+        # str and bytes have no __float__ (float() parses them); complex has none either.
+        raise TypeError(f"it is of type {type(logprob).__name__}")
+    dtype = getattr(logprob, "dtype", None)
+    if dtype is not None:  # numpy's or torch's: a scalar, or an array or tensor
+        if not _number_dtype(dtype):
+            raise TypeError(f"it is a {type(logprob).__name__} of {dtype}")
+        if getattr(logprob, "ndim", 0) != 0:
+            shape = tuple(getattr(logprob, "shape", ()))
+            raise TypeError(f"it is a {type(logprob).__name__} of shape {shape}, not one number")
+    try:
+        return float(logprob)  # type: ignore[arg-type]
+    except (ValueError, RuntimeError) as exc:  # a Decimal's signalling NaN; a meta tensor
+        raise TypeError(f"it is a {type(logprob).__name__} float() refuses: {exc}") from None
 
 
 _UNDERFLOW: Final[float] = -745.0

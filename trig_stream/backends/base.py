@@ -121,23 +121,31 @@ def _seconds_problem(kind: str, seconds: object) -> str | None:
 
 
 def checked_notes(notes: object) -> list[str]:
-    """What a generator's :meth:`Generator.notes` returned, as its notes: a ``str`` alone is
-    taken as one note (not one note per character).
+    """What a generator's :meth:`Generator.notes` returned, as its notes: any iterable of
+    ``str`` (a list, a tuple, a set, a generator); a ``str`` alone is taken as one note (not
+    one note per character).
 
     Raises:
-        TypeError: they are neither a ``str`` nor a sequence of ``str``.
+        TypeError: they are no ``str`` and no iterable of ``str`` (bytes among them).
     """
     if isinstance(notes, str):
         return [notes]
-    if not isinstance(notes, Sequence) or isinstance(notes, bytes):
-        raise TypeError(f"it returned an object of type {type(notes).__name__}, not a list of str")
-    wrong = next((note for note in notes if not isinstance(note, str)), None)
+    try:
+        if isinstance(notes, bytes | bytearray):
+            raise TypeError  # iterable, of ints: one note per byte is no note
+        each = iter(notes)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"it returned an object of type {type(notes).__name__}, not a list of str"
+        ) from None
+    taken = list(each)  # a generator's own failure is told as it is
+    wrong = next((note for note in taken if not isinstance(note, str)), None)
     if wrong is not None:
         raise TypeError(
             f"it returned an object of type {type(wrong).__name__} among its notes, where "
             "a str belongs"
         )
-    return list(notes)
+    return taken
 
 
 def shrunk_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -247,9 +255,10 @@ class Generator(ABC):
         """What the user should hear about after :meth:`close` (e.g. files left unused).
 
         Returns:
-            A list of ``str``, one per note. A ``str`` alone is taken as one note; anything
-            else (or a note that is no ``str``) is reported as a broken ``notes()``, in the
-            run's notes, in place of them: the run's outcome stands.
+            A list of ``str``, one per note (any iterable of ``str`` is taken: a tuple, a
+            set, a generator). A ``str`` alone is taken as one note; anything else (or a
+            note that is no ``str``) is reported as a broken ``notes()``, in the run's
+            notes, in place of them: the run's outcome stands.
         """
         return []
 

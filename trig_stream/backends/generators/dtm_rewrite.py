@@ -66,6 +66,7 @@ from trig_stream.errors import (
     NotFoundError,
     UnreachableError,
 )
+from trig_stream.pipeline import describe_error
 from trig_stream.records import PromptRewrite, storable_text
 from trig_stream.retry import RetryPolicy
 
@@ -417,7 +418,10 @@ class DTMRewriteGenerator(Generator):
         with self._lock:
             failed = [o for o in self.rewrites.values() if o.status == "fallback"]
             total = len(self.rewrites)
-        notes = checked_notes(self.inner.notes())
+        try:
+            notes = checked_notes(self.inner.notes())
+        except Exception as exc:  # the inner one's bug: this one's own notes still stand
+            notes = [f"its inner generator's notes() failed: {describe_error(exc)}"]
         if failed:
             hint = ""
             if len(failed) == total and any(o.unreached for o in failed):

@@ -124,17 +124,36 @@ def _saved_class(name: str, spec: PipelineSpec, diffusers: Any, pipeline_class: 
     concrete = "set options.pipeline to the concrete class (e.g. StableDiffusionPipeline)"
     if pipeline_class is not diffusers.DiffusionPipeline:
         raise FatalBackendError(f"{what} defines no __call__, so it makes no pictures; {concrete}")
+    arguments = {k: spec.load[k] for k in _LOAD_CONFIG_ARGUMENTS if k in spec.load}
     try:
-        arguments = {k: spec.load[k] for k in _LOAD_CONFIG_ARGUMENTS if k in spec.load}
+        # The cache first: a hub id already downloaded needs no request to the hub.
         index = diffusers.DiffusionPipeline.load_config(
-            spec.checkpoint, local_files_only=spec.local_files_only, **arguments
+            spec.checkpoint, local_files_only=True, **arguments
         )
     except (OSError, ValueError) as exc:
-        raise FatalBackendError(
-            f"{what} loads the class its checkpoint's model_index.json names, which cannot "
-            f"be read for {spec.checkpoint!r} (offline, it must be in the Hugging Face "
-            f"cache): {describe_error(exc)}; {concrete}"
-        ) from None
+        unreadable = f"{what} loads the class its checkpoint's model_index.json names, which "
+        if Path(spec.checkpoint).is_absolute() or not isinstance(exc, OSError):
+            # A folder's file, or a cached one, that is no JSON: diffusers says which.
+            raise FatalBackendError(
+                f"{unreadable}cannot be read for {spec.checkpoint!r}: {describe_error(exc)}; "
+                f"{concrete}"
+            ) from None
+        if spec.local_files_only:
+            raise FatalBackendError(
+                f"{unreadable}cannot be read for {spec.checkpoint!r}: it is not in the "
+                "Hugging Face cache, and offline (options.local_files_only or HF_HUB_OFFLINE) "
+                f"the hub is not asked; {concrete}"
+            ) from None
+        _reach_model_index(what, spec, arguments, concrete)
+        try:
+            index = diffusers.DiffusionPipeline.load_config(
+                spec.checkpoint, local_files_only=False, **arguments
+            )
+        except (OSError, ValueError) as exc:
+            raise FatalBackendError(
+                f"{unreadable}could not be downloaded for {spec.checkpoint!r} from the "
+                f"Hugging Face hub: {describe_error(exc)}; {concrete}"
+            ) from None
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     found = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if not (
@@ -148,6 +167,42 @@ def _saved_class(name: str, spec: PipelineSpec, diffusers: Any, pipeline_class: 
             f"{diffusers.__version__}; {concrete}"
         )
     return found
+
+
+_HUB_PROBE_TIMEOUT_S = 10.0
+"""How long the one request that asks the hub for a model_index.json may wait: as long as
+huggingface_hub waits for a file's metadata."""
+
+
+def _reach_model_index(
+    what: str, spec: PipelineSpec, arguments: dict[str, Any], concrete: str
+) -> None:
+    """Ask the hub, once, for the metadata of ``spec.checkpoint``'s model_index.json.
+
+    ``load_config`` retries a hub it cannot reach five times, waiting 23 s in all, and then
+    says the checkpoint has no model_index.json; one request says at once which it is.
+
+    Raises:
+        FatalBackendError: the hub cannot be reached, or has no such file.
+    """
+    import huggingface_hub  # diffusers depends on it
+
+    url = huggingface_hub.hf_hub_url(
+        spec.checkpoint, "model_index.json", revision=arguments.get("revision")
+    )
+    try:
+        huggingface_hub.get_hf_file_metadata(
+            url, token=arguments.get("token"), timeout=_HUB_PROBE_TIMEOUT_S
+        )
+    except Exception as exc:  # httpx's errors, the hub's own: all say it cannot be read
+        if isinstance(exc, huggingface_hub.errors.HfHubHTTPError):
+            cause = "the Hugging Face hub has no model_index.json for it"
+        else:
+            cause = "the Hugging Face hub could not be reached, and it is not in the cache"
+        raise FatalBackendError(
+            f"{what} loads the class its checkpoint's model_index.json names, which cannot "
+            f"be read for {spec.checkpoint!r}: {cause} ({describe_error(exc)}); {concrete}"
+        ) from None
 
 
 def check_classes(
@@ -291,8 +346,13 @@ def check_device(torch: Any, name: str, device: str) -> None:
     if kind == "mps":
         if not torch.backends.mps.is_available():
             raise FatalBackendError(
-                f"{where}: device 'mps' is not available; set options.devices to devices "
+                f"{where}: device {device!r} is not available; set options.devices to devices "
                 "that exist, e.g. devices = ['cpu']"
+            )
+        if int(index or 0) > 0:
+            raise FatalBackendError(
+                f"{where}: device {device!r} is not available (there is one MPS device, "
+                "mps:0); set options.devices to ['mps']"
             )
         return
     raise FatalBackendError(
