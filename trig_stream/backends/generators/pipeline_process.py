@@ -37,8 +37,9 @@ Child to parent:
 * ``("ready", threads)`` once loaded, with the number of torch threads it computes with;
 * ``("done", (outcomes, calls, seconds))`` per call, followed by the items' bytes: an
   outcome is ``("pixels", mode, size, length)`` for a picture, ``("png", pixels_checked,
-  length)`` for a PNG file (its :class:`EncodedPicture` flag, kept as under threads), or a failed item's error made afresh from its text (an ``ItemError`` when the item
-  is at fault, else a ``BackendError``: its call failed); the bytes of the items that have a
+  length)`` for a PNG file (its :class:`EncodedPicture` flag, kept as under threads), or a
+  failed item's error made afresh from its text (an ``ItemError`` when the item is at fault,
+  else a ``BackendError``: its call failed); the bytes of the items that have a
   length follow the message, in order. ``calls`` are the pipeline calls' batch sizes, and
   ``seconds`` is the call's time per request, which the engine records as each image's
   generation time;
