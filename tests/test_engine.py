@@ -9,12 +9,13 @@ import math
 import os
 import random
 import re
+import selectors
 import signal
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import numpy as np
@@ -46,6 +47,7 @@ from trig_stream.backends.base import (
 )
 from trig_stream.backends.threads import load_in_thread, threads_left_behind
 from trig_stream.config import RunConfig
+from trig_stream.controls import EngineLoop
 from trig_stream.generation import FAILED_CALLS_TO_STOP
 from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.png import encode_png, with_sample_digest
@@ -1912,6 +1914,118 @@ def test_a_control_from_a_callback_of_the_engines_asyncio_loop_takes_effect(
     engine = asyncio.run(run())
     assert engine.stats().state == ends
     assert (received == 60) is (ends == "done")
+
+
+T = TypeVar("T")
+
+
+class IdleSelector(selectors.DefaultSelector):
+    """A selector that says when its loop waits with nothing scheduled, for as long as it
+    takes (no timeout): only a file, a wake-up or a signal can end that wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle = threading.Event()
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:
+            self.idle.set()
+        return super().select(timeout)
+
+
+def signalled_when_idle(
+    handler: Callable[[], None], body: Callable[[Callable[[], None]], Awaitable[T]]
+) -> T:
+    """Run ``body`` in an asyncio loop; once it calls the function it is given (``arm``) and
+    the loop then waits with nothing scheduled, a helper thread sends this thread a SIGUSR1,
+    which a raw ``signal.signal`` handler hands to ``handler``. Fails if the loop never wakes
+    up after it (a safety net ends ``body`` then)."""
+    selector = IdleSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    main = threading.get_ident()
+    armed, ended = threading.Event(), threading.Event()
+    scopes: list[anyio.CancelScope] = []  # made in the loop
+    gave_up: list[str] = []
+
+    def arm() -> None:
+        selector.idle.clear()
+        armed.set()
+
+    def signal_when_idle() -> None:
+        armed.wait(30)
+        selector.idle.wait(30)
+        signal.pthread_kill(main, signal.SIGUSR1)
+        if not ended.wait(30):  # the handler's control never woke the loop
+            gave_up.append("the loop never woke up")
+            loop.call_soon_threadsafe(scopes[0].cancel)
+
+    async def run() -> T:
+        scopes.append(anyio.CancelScope())
+        helper = threading.Thread(target=signal_when_idle)
+        helper.start()
+        try:
+            with scopes[0]:
+                return await body(arm)
+            raise AssertionError("the loop never woke up after the signal")
+        finally:
+            ended.set()
+            armed.set()
+            helper.join()
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: handler())
+    try:
+        return loop.run_until_complete(run())
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        loop.close()
+        assert not gave_up
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs POSIX signals")
+def test_a_control_from_a_raw_signal_handler_wakes_the_idle_asyncio_loop() -> None:
+    # A `signal.signal` handler runs in the loop's thread, in no task, while the loop waits
+    # on its selector: the control ran there, and what it scheduled with `call_soon` (the
+    # wake-up of the task waiting for it) waited for a wake-up that never came.
+    done: list[asyncio.Event] = []
+    where: list[EngineLoop] = []
+
+    def control() -> None:
+        if where[0].called_elsewhere(control, awaiting_run=lambda: False):
+            return
+        done[0].set()
+
+    async def body(arm: Callable[[], None]) -> None:
+        where.append(EngineLoop())
+        done.append(asyncio.Event())
+        arm()
+        await done[0].wait()
+
+    signalled_when_idle(control, body)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs POSIX signals")
+@pytest.mark.parametrize(
+    ("control", "ends", "judged"), [("resume", "done", 4), ("stop", "stopped", 0)]
+)
+def test_a_paused_engine_is_controlled_from_a_raw_signal_handler(
+    make_config: ConfigFactory, control: str, ends: str, judged: int
+) -> None:
+    # A run paused before its block and resumed from a SIGUSR1 handler stayed paused (when
+    # the signal came while its loop waited with nothing else to do).
+    config = make_config(samples=2)
+    engines: list[Engine] = []
+
+    async def body(arm: Callable[[], None]) -> RunSummary:
+        engine = Engine(config)
+        engines.append(engine)
+        engine.pause()
+        async with engine:
+            arm()
+            return await engine.drain()
+
+    summary = signalled_when_idle(lambda: getattr(engines[0], control)(), body)
+    assert summary.state == ends
+    assert summary.judged == judged
 
 
 def test_a_control_from_a_callback_of_the_engines_trio_loop_takes_effect(

@@ -1802,7 +1802,7 @@ def test_an_answer_mixes_pictures_png_files_and_failures() -> None:
     items.append(TypeError("'str' object cannot be interpreted as an integer"))
     portable = [pipeline_child._portable(item) for item in items]
     outcomes = [outcome for outcome, _ in portable]
-    assert outcomes[2] == ("png", 7)
+    assert outcomes[2] == ("png", False, 7)
     outcomes = pickle.loads(pickle.dumps(outcomes))  # as they cross the pipe
     payload = bytearray(b"".join(data for _, data in portable if data))
     assert pipeline_process._payload_size(outcomes) == len(payload) == 18 + 7 + 4
@@ -1816,6 +1816,19 @@ def test_an_answer_mixes_pictures_png_files_and_failures() -> None:
     assert made[2] == EncodedPicture(b"\x89PNG...", 0.25)  # timed by the call, as the rest
     assert isinstance(made[3], TimedPicture) and made[3].image.mode == "L"
     assert made[3].image.tobytes() == b"\x07" * 4
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_a_png_files_checked_pixels_cross_to_the_parent(checked: bool) -> None:
+    # Under isolation = "process" the flag was dropped: the stored image lost its
+    # 'trig-stream pixel data' chunk that isolation = "thread" gave it.
+    from trig_stream.backends.generators import pipeline_child, pipeline_process
+
+    png = b"\x89PNG checked"
+    outcome, data = pipeline_child._portable(EncodedPicture(png, 3.0, pixels_checked=checked))
+    assert data is not None
+    made = pipeline_process._pictures(pickle.loads(pickle.dumps([outcome])), bytearray(data), 0.5)
+    assert made == [EncodedPicture(png, 0.5, pixels_checked=checked)]
 
 
 def test_an_answers_bytes_cross_in_order_and_whole() -> None:

@@ -360,8 +360,22 @@ def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> N
         ("1", ["srv.sh", "{port}", "--tensor-parallel-size", "1"]),
         ("vllm", ["vllm", "serve", "m", "--port", "{port}"]),
         ("EMPTY", ["vllm", "serve", "EMPTY-model", "--served-model-name=EMPTY"]),
+        ("1", ["vllm", "serve", "m", "--tokenizer-pool-size", "1"]),
+        ("1", ["python", "-m", "sglang.launch_server", "--tokenizer-worker-num", "1"]),
+        ("1", ["vllm", "serve", "m", "--max-tokens=1"]),
+        ("EMPTY", ["sh", "-c", "vllm serve EMPTY-model --api-key-file EMPTY.txt"]),
+        ("EMPTY", ["sh", "-c", "vllm serve m --api-key EMPTY-long"]),
     ],
-    ids=["a-number", "the-program", "a-flag-value"],
+    ids=[
+        "a-number",
+        "the-program",
+        "a-flag-value",
+        "after-a-tokenizer-flag",
+        "after-another-tokenizer-flag",
+        "glued-to-a-tokens-flag",
+        "a-word-of-a-file-name",
+        "the-start-of-a-longer-key",
+    ],
 )
 def test_a_short_key_that_is_an_ordinary_word_of_the_command_is_not_refused(
     key: str, command: list[str]
@@ -383,8 +397,28 @@ def test_a_short_key_that_is_an_ordinary_word_of_the_command_is_not_refused(
         ("x", ["vllm", "serve", "--token", "x"], {}, "command[3]"),
         ("EMPTY", ["vllm", "serve"], {"VLLM_API_KEY": "EMPTY"}, "env['VLLM_API_KEY']"),
         ("sk-long-key", ["sh", "-c", "vllm serve --api-key sk-long-key"], {}, "command[2]"),
+        ("EMPTY", ["bash", "-c", "vllm serve m --api-key EMPTY"], {}, "command[2]"),
+        ("EMPTY", ["sh", "-c", "exec vllm serve m --api-key=EMPTY"], {}, "command[2]"),
+        ("EMPTY", ["sh", "-c", "vllm serve m --api-key 'EMPTY' && x"], {}, "command[2]"),
+        ("x", ["sh", "-c", "serve --hf_token x"], {}, "command[2]"),
+        ("EMPTY", ["vllm", "serve"], {"VLLM_ARGS": "--api-key EMPTY"}, "env['VLLM_ARGS']"),
+        ("EMPTY", ["vllm", "serve"], {"AUTH": "Bearer EMPTY"}, "env['AUTH']"),
+        ("1", ["curl", "-H", "Authorization: bearer 1"], {}, "command[2]"),
     ],
-    ids=["after-the-flag", "glued", "after-a-token-flag", "env", "long-key-inside"],
+    ids=[
+        "after-the-flag",
+        "glued",
+        "after-a-token-flag",
+        "env",
+        "long-key-inside",
+        "short-key-after-the-flag-inside",
+        "short-key-glued-inside",
+        "short-key-quoted-inside",
+        "short-key-after-an-underscored-token-flag-inside",
+        "short-key-after-the-flag-in-env",
+        "short-key-after-bearer-in-env",
+        "short-key-after-bearer-inside",
+    ],
 )
 def test_a_key_passed_to_the_server_is_refused(
     key: str, command: list[str], env: dict[str, str], where: str

@@ -10,6 +10,7 @@ never woke the run. :class:`EngineLoop` remembers that loop and runs a control t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 from collections.abc import Callable
@@ -30,6 +31,7 @@ class EngineLoop:
         (``async with`` takes it again: an engine made in one loop may be run in another)."""
         self._token = anyio.lowlevel.current_token()
         self._thread = threading.get_ident()
+        self._running_scheduled = False  # a control scheduled by _schedule_soon runs now
 
     def called_elsewhere(
         self, control: Callable[[], None], *, awaiting_run: Callable[[], bool]
@@ -40,8 +42,12 @@ class EngineLoop:
 
         The rule, for each place a control may come from:
 
-        - the thread of the engine's loop, inside a running loop (in a task, or in a
-          callback of the loop in no task): run by the caller;
+        - the thread of the engine's loop, inside a running loop, in a task: run by the
+          caller;
+        - that thread inside a running loop, in no task (a callback of the loop, or a raw
+          ``signal.signal`` handler that interrupted the loop as it waits): run by the loop
+          it is in, scheduled so as to wake it (what the control itself schedules would wait
+          for the loop's next wake-up, maybe forever);
         - another thread while the engine's loop runs: run in that loop;
         - inside a running loop after the engine's loop ended, before any loop runs the
           engine: run by the caller, and so recorded for the ``async with`` block to come
@@ -62,7 +68,7 @@ class EngineLoop:
         in_a_loop = _in_a_running_loop()
         if threading.get_ident() == self._thread:
             if in_a_loop:
-                return False
+                return self._schedule_soon(control)
             # This thread runs no loop, so the one that made (or ran) the engine has ended.
             if awaiting_run():
                 raise self._refused(control)
@@ -98,6 +104,39 @@ class EngineLoop:
         thread.join()
         if errors:
             raise errors[0]
+
+    def _schedule_soon(self, control: Callable[[], None]) -> bool:
+        """Schedule ``control`` in the running loop of this thread, waking it, when the call
+        came from no task of it; say whether it did (else the caller runs it)."""
+        if self._running_scheduled:
+            return False
+
+        def run() -> None:
+            self._running_scheduled = True
+            try:
+                control()
+            finally:
+                self._running_scheduled = False
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            if asyncio.current_task(loop) is not None:
+                return False
+            loop.call_soon_threadsafe(run)
+            return True
+        trio = sys.modules.get("trio")  # never imported here: a trio loop has imported it
+        if trio is None:
+            return False
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # in no task
+            with contextlib.suppress(RuntimeError):
+                trio.lowlevel.current_trio_token().run_sync_soon(run)
+                return True
+        return False
 
     @staticmethod
     def _refused(control: Callable[[], None]) -> RuntimeError:

@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
     from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
 
-Outcome = BackendError | tuple[str, int] | tuple[str, str, tuple[int, int], int]
-"""One item of an answer: its error, ``("png", length)``, or
+Outcome = BackendError | tuple[str, bool, int] | tuple[str, str, tuple[int, int], int]
+"""One item of an answer: its error, ``("png", pixels_checked, length)`` (the
+:class:`EncodedPicture`'s own flag, which the stored image keeps), or
 ``("pixels", mode, size, length)``."""
 _Outgoing = tuple[tuple[str, Any], list[bytes]]
 """A message the child sends, and the bytes that follow it."""
@@ -262,7 +263,7 @@ def _portable(image: Any) -> tuple[Outcome, bytes | None]:
         kind = ItemError if isinstance(image, ItemError) else BackendError
         return kind(describe_error(image)), None
     if isinstance(image, EncodedPicture):
-        return ("png", len(image.png)), image.png
+        return ("png", image.pixels_checked, len(image.png)), image.png
     if isinstance(image, TimedPicture):
         image = image.image
     pixels = image.tobytes()

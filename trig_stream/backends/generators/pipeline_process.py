@@ -36,9 +36,10 @@ Child to parent:
 
 * ``("ready", threads)`` once loaded, with the number of torch threads it computes with;
 * ``("done", (outcomes, calls, seconds))`` per call, followed by the items' bytes: an
-  outcome is ``("pixels", mode, size, length)`` for a picture, ``("png", length)`` for a PNG
-  file, or a failed item's error made afresh from its text (an ``ItemError`` when the item
-  is at fault, else a ``BackendError``: its call failed); the bytes of the items that have a
+  outcome is ``("pixels", mode, size, length)`` for a picture, ``("png", pixels_checked,
+  length)`` for a PNG file (its :class:`EncodedPicture` flag, kept as under threads), or a
+  failed item's error made afresh from its text (an ``ItemError`` when the item is at fault,
+  else a ``BackendError``: its call failed); the bytes of the items that have a
   length follow the message, in order. ``calls`` are the pipeline calls' batch sizes, and
   ``seconds`` is the call's time per request, which the engine records as each image's
   generation time;
@@ -382,8 +383,9 @@ def _pictures(
             made.append(outcome)
             continue
         end = start + outcome[-1]
-        if len(outcome) == 2:  # ("png", length)
-            made.append(EncodedPicture(bytes(view[start:end]), seconds))
+        if len(outcome) == 3:  # ("png", pixels_checked, length)
+            png = bytes(view[start:end])
+            made.append(EncodedPicture(png, seconds, pixels_checked=outcome[1]))
         else:
             _, mode, size, _ = outcome
             made.append(TimedPicture(Image.frombytes(mode, size, view[start:end]), seconds))

@@ -69,10 +69,21 @@ KILLED_WAIT_S = 10.0
 """How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
 them, but one inside a GPU driver call only once the call returns)."""
 _LINE_END = re.compile(rb"[\r\n]")
-_KEY_FLAG = re.compile(r"--?[\w-]*(key|token)[\w-]*", re.IGNORECASE)
-"""A command-line flag whose value is a key: ``--api-key``, ``--token``, ``-key``."""
-_KEY_FLAG_GLUED = re.compile(r"--?[\w-]*(key|token)[\w-]*=(?P<value>.*)", re.IGNORECASE | re.DOTALL)
-"""Such a flag with its value glued on: ``--api-key=KEY``."""
+_KEY_FLAG = re.compile(r"--?(?:[^\W_]+[-_])*(?:key|token|apikey)(?:[-_][^\W_]+)*", re.IGNORECASE)
+"""A command-line flag whose value is a key: one of its ``-``/``_``-separated words is
+``key``, ``token`` or ``apikey`` (``--api-key``, ``--token``, ``--hf_token``, ``-key``), so
+``--tokenizer-pool-size`` or ``--max-tokens`` is none."""
+_KEY_END = r"""(?=$|[\s"';&|)])"""
+"""Where a key given as a word inside a longer text ends: the text, a space, a quote or a shell
+separator (``--api-key EMPTY-model`` passes ``EMPTY-model``, not the key ``EMPTY``)."""
+
+
+def _passed_inside(secret: str) -> re.Pattern[str]:
+    """Where a longer text passes ``secret`` as a key: a whole word after a flag naming a key
+    or token (``--api-key KEY``, ``--api-key=KEY``, ``--token 'KEY'``) or after ``Bearer``."""
+    # Case is ignored in the flag and in ``Bearer``, not in the key.
+    before = rf"""(?i:(?<![\w-]){_KEY_FLAG.pattern}(?:=|\s+)|\bBearer\s+)["']?"""
+    return re.compile(before + re.escape(secret) + _KEY_END)
 
 
 class ServeOptions(BaseModel):
@@ -303,21 +314,20 @@ class ManagedServer:
         A key of :data:`SHORT_KEY_CHARS` characters or more counts wherever it appears, as
         :meth:`_scrub` masks it. A shorter one (a dummy: ``1``, ``vllm``, ``EMPTY``) is an
         ordinary word too, so only where it is surely passed as the key: as the whole ``env``
-        value, as the argument after a flag naming a key or token (``--api-key KEY``), or as
-        the value of one (``--api-key=KEY``); ``--tensor-parallel-size 1`` beside the key
-        ``1`` does not hold it.
+        value, as the argument after a flag naming a key or token (``--api-key KEY``), or,
+        inside any argument or value, as a whole word after such a flag (``--api-key=KEY``,
+        ``sh -c "vllm serve --api-key KEY"``) or after ``Bearer``;
+        ``--tensor-parallel-size 1`` or ``--tokenizer-pool-size 1`` beside the key ``1`` does
+        not hold it.
         """
         for secret in self._secrets:
             if len(secret) >= SHORT_KEY_CHARS:
                 if scrub(text, secret) != text:
                     return True
-            elif alone:
-                if text == secret:
+            else:
+                given = text == secret and (alone or _KEY_FLAG.fullmatch(after))
+                if given or _passed_inside(secret).search(text):
                     return True
-            elif (text == secret and _KEY_FLAG.fullmatch(after)) or (
-                (flag := _KEY_FLAG_GLUED.fullmatch(text)) and flag["value"] == secret
-            ):
-                return True
         return False
 
     def _free_port(self) -> int:
