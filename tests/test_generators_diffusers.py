@@ -969,23 +969,31 @@ def test_diffusion_pipeline_whose_class_cannot_be_known_is_refused(
         DiffusersGenerator("x", options).check_environment()
 
 
-def test_diffusion_pipeline_of_a_cached_hub_checkpoint_is_its_saved_class(
-    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
-) -> None:
-    # Offline, the model_index.json of a hub id is read from the Hugging Face cache.
+def cached_diffusion_pipeline(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path, *, local_files_only: bool
+) -> DiffusersOptions:
+    """Options naming ``DiffusionPipeline`` and a hub id whose model_index.json (the tiny SD
+    pipeline's) is in a Hugging Face cache under ``tmp_path``."""
     snapshot = tmp_path / "cache" / "models--org--tiny-sd" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     shutil.copy(tiny_pipelines["sd"] / "model_index.json", snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    options = DiffusersOptions(
+    return DiffusersOptions(
         pipeline="DiffusionPipeline",
         checkpoint="org/tiny-sd",
         devices=["cpu"],
-        local_files_only=True,
+        local_files_only=local_files_only,
         steps=2,
         load={"cache_dir": str(tmp_path / "cache")},
     )
+
+
+def test_diffusion_pipeline_of_a_cached_hub_checkpoint_is_its_saved_class(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    # Offline, the model_index.json of a hub id is read from the Hugging Face cache.
+    options = cached_diffusion_pipeline(tiny_pipelines, tmp_path, local_files_only=True)
     generator = DiffusersGenerator("x", options)
     generator.check_environment()
     assert "callback_on_step_end" in generator._accepts
@@ -1009,19 +1017,7 @@ def test_diffusion_pipeline_of_a_hub_id_reads_the_cache_before_the_hub(
     tiny_pipelines: dict[TinyKind, Path], tmp_path: Path, unreachable_hub: list[str]
 ) -> None:
     # Online, a cached model_index.json was read only after a request to the hub.
-    snapshot = tmp_path / "cache" / "models--org--tiny-sd" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    shutil.copy(tiny_pipelines["sd"] / "model_index.json", snapshot)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    options = DiffusersOptions(
-        pipeline="DiffusionPipeline",
-        checkpoint="org/tiny-sd",
-        devices=["cpu"],
-        local_files_only=False,
-        steps=2,
-        load={"cache_dir": str(tmp_path / "cache")},
-    )
+    options = cached_diffusion_pipeline(tiny_pipelines, tmp_path, local_files_only=False)
     generator = DiffusersGenerator("x", options)
     generator.check_environment()
     assert "callback_on_step_end" in generator._accepts

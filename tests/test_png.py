@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from trig_stream.png import (
+    ADAM7,
     SAMPLE_KEY,
     SIGNATURE,
     encode_png,
@@ -172,18 +173,6 @@ def test_every_kind_of_whole_png_decodes(mode: str, size: tuple[int, int]) -> No
     picture.save(buffer, format="PNG")
     assert pixel_data_problem(buffer.getvalue()) is None
     assert pixel_data_problem(png_with_image_data(zlib.compress(rgb_rows((9, 4))), (9, 4))) is None
-
-
-ADAM7 = (
-    (0, 0, 8, 8),
-    (4, 0, 8, 8),
-    (0, 4, 4, 8),
-    (2, 0, 4, 4),
-    (0, 2, 2, 4),
-    (1, 0, 2, 2),
-    (0, 1, 1, 2),
-)
-"""The passes of an interlaced PNG: (first column, first row, column step, row step)."""
 
 
 def interlaced_png(size: tuple[int, int], depth: int, colour: int, short: int = 0) -> bytes:

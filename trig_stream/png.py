@@ -95,7 +95,7 @@ _SAMPLES_PER_PIXEL = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 _BIT_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 """The bit depths PNG allows for each colour type."""
 
-_ADAM7 = (
+ADAM7 = (
     (0, 0, 8, 8),
     (4, 0, 8, 8),
     (0, 4, 4, 8),
@@ -130,7 +130,7 @@ def pixel_data_problem(data: bytes) -> str | None:
         return f"its header gives it {width}x{height} pixels"
     if interlace not in (0, 1):
         return f"its header gives interlace method {interlace}, which PNG has not"
-    passes = ((0, 0, 1, 1),) if interlace == 0 else _ADAM7
+    passes = ((0, 0, 1, 1),) if interlace == 0 else ADAM7
     rows: list[tuple[int, int, int]] = []  # per pass: where its rows start, how many, their size
     expected = 0
     for column, row, column_step, row_step in passes:
