@@ -26,8 +26,8 @@ from trig_stream import (
     FingerprintMismatch,
     RunDirError,
     RunLockedError,
-    generation,
     persisting,
+    reuse,
     store,
 )
 from trig_stream import files as files_module
@@ -1371,7 +1371,7 @@ async def test_an_image_the_engine_wrote_whole_is_reused_without_inflating_it(
         inflated.append(data)
         return pixel_data_problem(data)
 
-    monkeypatch.setattr(generation, "pixel_data_problem", counted)
+    monkeypatch.setattr(reuse, "pixel_data_problem", counted)
     (config.run_dir / JOURNAL).write_text("")
     generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
     results = await run_to_end(config, generators=[generator])
@@ -1389,5 +1389,5 @@ async def test_an_image_the_engine_wrote_whole_is_reused_without_inflating_it(
         (broken, False),
     ]:
         path.write_bytes(data)
-        assert (generation.reusable_image(path, label) is not None) is reused
+        assert (reuse.reusable_image(path, label) is not None) is reused
         assert inflated[-1] == data

@@ -23,7 +23,6 @@ for a load, and a hard stop does not wait for a close either (see
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -56,17 +55,12 @@ from trig_stream.pipeline import (
     take_ready,
 )
 from trig_stream.png import (
-    PIXELS_KEY,
-    PIXELS_WHOLE,
-    REWRITE_KEY,
-    SAMPLE_KEY,
     encode_png,
-    is_png,
     not_png_file,
-    pixel_data_problem,
     with_sample_digest,
 )
 from trig_stream.records import GeneratedImage, Judgement, PromptRewrite
+from trig_stream.reuse import reusable_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -556,50 +550,3 @@ class _Made:
     """Why the call failed as a whole, if it did: it made no picture, and an item failed
     with something other than an :class:`~trig_stream.errors.ItemError` (or the whole
     call raised). The last such item's reason."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Reusable:
-    """An image on disk a work item can take, and how its prompt was rewritten, if it was."""
-
-    prompt_rewrite: PromptRewrite | None
-
-
-def reusable_image(path: Path, label: str | None = None) -> _Reusable | None:
-    """What ``path`` holds when it is a complete image file, whose pixel data decodes in full
-    (see :func:`~trig_stream.png.pixel_data_problem`; one the engine wrote knowing it whole,
-    see :data:`~trig_stream.png.PIXELS_KEY`, is taken on its chunks' CRCs), made for the work item
-    whose :attr:`~trig_stream.pipeline.WorkItem.image_label` is ``label`` (when it records
-    one); else None.
-
-    An image that records its sample's digest alone was written before labels named the
-    model, data_id and seed; it is taken when the digest matches, so that a run begun then
-    resumes without making its images again.
-    """
-    if not path.is_file():
-        return None
-    from PIL import Image
-
-    try:
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
-            made_for: str | None = image.info.get(SAMPLE_KEY)
-            rewrite: str | None = image.info.get(REWRITE_KEY)
-            whole = made_for is not None and image.info.get(PIXELS_KEY) == PIXELS_WHOLE
-            image.verify()  # each chunk's CRC; it decompresses nothing
-    except Exception:  # whatever Pillow raises on a damaged file (IndexError: no IDAT)
-        return None
-    if (
-        label is not None
-        and made_for is not None
-        and made_for not in (label, label.partition(" ")[0])
-    ):
-        return None
-    # Inflating costs ~15 ms for a 1024x1024 image, verify ~1 ms: an image the engine wrote
-    # knowing its pixels whole (written whole, by an atomic rename) is taken on its CRCs.
-    if not whole and is_png(data) and pixel_data_problem(data) is not None:
-        return None  # copied before its pixels were checked, or put here by hand: made again
-    try:
-        return _Reusable(None if rewrite is None else PromptRewrite.model_validate_json(rewrite))
-    except ValueError:  # a chunk edited by hand: the image stands, its rewrite is unknown
-        return _Reusable(None)
