@@ -14,7 +14,7 @@ from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOpt
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE, JudgeTemplate
 from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS
 from trig_stream.errors import ConfigError
-from trig_stream.testing.judge_server import dimension_of
+from trig_stream.testing.judge_questions import dimension_of
 
 
 def test_builtin_covers_every_task_and_dimension() -> None:

@@ -34,7 +34,6 @@ import asyncio
 import errno
 import hashlib
 import random
-import re
 import socket
 import time
 import unicodedata
@@ -49,9 +48,12 @@ from pydantic_core import from_json, to_json
 
 from trig_stream.backends.judges.http_errors import parse_retry_after
 from trig_stream.backends.judges.server_probe import url_host
-from trig_stream.backends.judges.templates import BUILTIN_CRITERIA
-from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.testing.judge_images import BadRequest, image_bytes, image_url, verify_image
+from trig_stream.testing.judge_questions import (
+    dimension_named,
+    sized,
+    without_dimension,
+)
 from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
 
 Fault: TypeAlias = Literal["error", "rate_limit", "hang", "malformed", "missing_logprobs", "reset"]
@@ -70,7 +72,6 @@ PORT_ATTEMPTS = 8
 """Free ports tried when port 0 must be free on each of a host name's addresses."""
 MAX_BODY_BYTES = 64 * 1024**2
 """The largest request body read; a larger one is answered 413."""
-_CODE = re.compile(r"(?<![A-Za-z])(IQ-[ROA]|TA-[CRS]|D-[KA]|R-[TB])(?![A-Za-z])")
 Rate = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -425,12 +426,12 @@ class JudgeServer:
                     if role == "system":
                         system += text
                     else:
-                        subject.update(_sized(b"text", _without_dimension(text).encode()))
+                        subject.update(sized(b"text", without_dimension(text).encode()))
                     digest.update(f"\x00{role}\x00text\x00{len(text)}\x00{text}".encode())
                 elif isinstance(part, dict) and part.get("type") == "image_url":
                     url = image_url(part.get("image_url"))
                     image, key = self._checked_image(url)
-                    subject.update(_sized(b"image", image))
+                    subject.update(sized(b"image", image))
                     # A file is named by its URL, a data URL by its content's digest.
                     named = url.encode() if url.startswith("file:") else key
                     digest.update(f"\x00{role}\x00image\x00".encode() + named)
@@ -442,7 +443,7 @@ class JudgeServer:
         # The images and the user text without the dimension's words (see the module's
         # docstring): both questions about an image share a latent, two prompts do not.
         image_key = subject.hexdigest()
-        dimension = _dimension_named(system or " ".join(texts))
+        dimension = dimension_named(system or " ".join(texts))
         return digest.digest(), image_key, dimension, limit
 
     def _checked_image(self, url: str) -> tuple[bytes, bytes]:
@@ -571,41 +572,3 @@ def _error(status: int, message: str, kind: str, *, code: str | int | None = Non
 def _label_value(text: str) -> str:
     # Prometheus' text format: a label value escapes backslash, double quote and newline.
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _dimension_words() -> re.Pattern[str]:
-    # Codes, then names and built-in criteria longest first: a criterion holding a name is
-    # taken out whole, not cut around the name.
-    words = sorted({*DIMENSION_NAMES.values(), *BUILTIN_CRITERIA.values()}, key=len, reverse=True)
-    return re.compile("|".join([_CODE.pattern, *map(re.escape, words)]), re.IGNORECASE)
-
-
-_DIMENSION_WORDS: Final = _dimension_words()
-
-
-def _without_dimension(text: str) -> str:
-    """``text`` without any dimension's code, name or built-in criterion, spaces collapsed:
-    the same for both questions about an image when a template names the dimension in it."""
-    return " ".join(_DIMENSION_WORDS.sub(" ", text).split())
-
-
-def _sized(kind: bytes, data: bytes) -> bytes:
-    # Each part is hashed with its kind and length: a bare concatenation of two images is
-    # also that of another two cut elsewhere.
-    return kind + len(data).to_bytes(8, "big") + data
-
-
-def _dimension_named(text: str) -> str:
-    match = _CODE.search(text)
-    if match:
-        return match.group(1)
-    for code, name in DIMENSION_NAMES.items():
-        if name.split()[0].lower() in text.lower():
-            return code
-    return "unknown"
-
-
-def dimension_of(text: str) -> Dimension | None:
-    """The dimension a judging instruction is about, as the server reads it; None if none."""
-    code = _dimension_named(text)
-    return None if code == "unknown" else code  # type: ignore[return-value]
