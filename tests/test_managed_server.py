@@ -97,6 +97,19 @@ async def test_start_judge_stop(tmp_path: Path) -> None:
     assert gone(server.pid)
 
 
+async def start_failure(script: str) -> str:
+    """The message of the error a judge gives when its ``serve`` command, ``script`` run by
+    Python with the judge's key in SERVE_TEST_KEY, fails to start; closing it after that
+    releases nothing and raises nothing."""
+    judge = judge_with(
+        serve([sys.executable, "-u", "-c", script, "{port}"]), api_key_env="SERVE_TEST_KEY"
+    )
+    with pytest.raises(FatalBackendError) as caught:
+        await judge.open()
+    await judge.aclose()
+    return str(caught.value)
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_server_that_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SERVE_TEST_KEY", KEY)
@@ -107,19 +120,13 @@ async def test_server_that_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> Non
         "print('CUDA out of memory', file=sys.stderr)\n"
         "sys.exit(3)\n"
     )
-    judge = judge_with(
-        serve([sys.executable, "-u", "-c", script, "{port}"]), api_key_env="SERVE_TEST_KEY"
-    )
-    with pytest.raises(FatalBackendError) as caught:
-        await judge.open()
-    message = str(caught.value)
+    message = await start_failure(script)
     assert "exited with status 3 before ready" in message
     assert f"last {TAIL_LINES} lines" in message
     assert "| CUDA out of memory" in message and "| echoing ***" in message
     assert "| line 29\n" in message and "| line 12\n" in message
     assert "| line 11\n" not in message  # only the last lines
     assert KEY not in message
-    await judge.aclose()  # nothing left to release, and no error
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -137,16 +144,10 @@ async def test_a_key_cut_by_the_start_of_the_quoted_tail_is_never_shown(
         "sys.stdout.write('echoing ' + key + '\\n' + filler + 'last words\\n')\n"
         "sys.exit(3)\n"
     )
-    judge = judge_with(
-        serve([sys.executable, "-c", script, "{port}"]), api_key_env="SERVE_TEST_KEY"
-    )
-    with pytest.raises(FatalBackendError) as caught:
-        await judge.open()
-    message = str(caught.value)
+    message = await start_failure(script)
     assert "exited with status 3 before ready" in message and "| last words" in message
     assert "| xxx" in message
     assert KEY[10:] not in message and KEY[-8:] not in message
-    await judge.aclose()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -165,16 +166,10 @@ async def test_a_key_logged_in_its_arguments_is_scrubbed_and_words_are_left_alon
         "print('The server is overloaded: abcd', key)\n"
         "sys.exit(3)\n"
     )
-    judge = judge_with(
-        serve([sys.executable, "-c", script, "{port}"]), api_key_env="SERVE_TEST_KEY"
-    )
-    with pytest.raises(FatalBackendError) as caught:
-        await judge.open()
-    message = str(caught.value)
+    message = await start_failure(script)
     assert "| non-default args: {'api_key': '***', 'model': 'm'}\n" in message
     assert "| The server is overloaded: abcd ***" in message
     assert "print('The server is overloaded: abcd', key)" in message  # the command line
-    await judge.aclose()
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
