@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -46,32 +46,16 @@ from trig_stream.config import RunConfig
 from trig_stream.controls import EngineLoop
 from trig_stream.errors import ConfigError
 from trig_stream.generation import GenerationStage
-from trig_stream.journal import JournalState
 from trig_stream.judging import JudgeStage
-from trig_stream.opening import (
-    close_judges,
-    judges_open_slowly,
-    open_judges,
-    open_run_dir,
-    work_left_in_thread,
-)
 from trig_stream.persisting import PersistStage
 from trig_stream.pipeline import RunContext, describe_error
-from trig_stream.preflight import (
-    check_environments,
-    claim_backends,
-    ensure_open_files,
-    judge_fingerprint,
-    release_backends,
-    run_manifest,
-)
-from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.records import Judgement
+from trig_stream.resources import RunResources
 from trig_stream.retry import RetryPolicy
 from trig_stream.run_errors import error_leaving
 from trig_stream.snapshots import RunSummary, engine_stats, run_summary
 from trig_stream.sourcing import SourceStage, count_samples
 from trig_stream.stats import Counters, EngineState, EngineStats
-from trig_stream.store import RunDir
 
 
 class Engine:
@@ -149,40 +133,29 @@ class Engine:
         # The stops as events the stages can wait on (their waits end with them).
         self._stop_event = anyio.Event()
         self._cancel_event = anyio.Event()
-        self._fingerprints: dict[str, JudgeFingerprint] = {}
-        self._limiters: dict[str, anyio.CapacityLimiter] = {}
-        self._buffers: dict[str, MemoryObjectSendStream[Any]] = {}
         self._task_group: TaskGroup | None = None
         self._work = anyio.CancelScope()
         """Where the run's tasks run: :meth:`cancel` cancels it, and not the caller's block."""
         self._paused = False
-        self._opening = anyio.CancelScope()
-        """Where the backends open and the run directory is read, and where the judges open
-        late (:meth:`_judges_ready`): :meth:`stop` and :meth:`cancel` reach it."""
-        self._opening_now: str | None = None
-        self._judges_opened = False
-        """Whether the judges' opening began (they are closed at the end only then): a
-        resumed run with nothing left to judge never opens a judge that opens slowly."""
-        self._judges_open = anyio.Event()
-        """Set once the judges are open: only then is their servers' load read."""
-        self._closing_now: str | None = None
-        self._judges_closed = False
         self._counting = anyio.CancelScope()
         """Where the dataset is counted for progress: :meth:`stop` and the run's end cancel
         it, and nothing waits for the count's thread."""
         self._judging: JudgeStage | None = None
-        self._run_dir: RunDir | None = None
-        self._discard_run_dir = False
-        """Whether the run directory is one this engine made, to remove if the run ends
-        before its pipeline starts (a stop or a failure while the judges open)."""
-        self._journal_state = JournalState()
+        self._resources = RunResources(
+            config,
+            self._generators,
+            self._judges,
+            owner=self,
+            notes=self._counters.notes,
+            retry_errors=retry_errors,
+            new_run=new_run,
+        )
+        self._buffers: dict[str, MemoryObjectSendStream[Any]] = {}
         self.relations = RelationTracker(config.relation)
         """The live relation analysis (pair statistics, DTM) of every judgement in the run,
         earlier runs included; it updates as judgements become durable."""
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
         self._closed = False
-        self._backends_claimed = False
-        self.run_dir_path = config.run_dir
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -197,11 +170,17 @@ class Engine:
         return tuple(self._judges)
 
     @property
+    def run_dir_path(self) -> Path:
+        """The run directory: the configured one, or with ``new_run`` the one made beside it
+        once the run opened it."""
+        return self._resources.run_dir_path
+
+    @property
     def run_dir_opened(self) -> bool:
         """Whether the run opened its run directory (:attr:`run_dir_path`) and kept it: one
         stopped (or failed) while its judges opened removed a directory it had made, and
         wrote nothing, anywhere; one resumed keeps its results."""
-        return self._run_dir is not None
+        return self._resources.run_dir is not None
 
     @property
     def results(self) -> MemoryObjectReceiveStream[Judgement]:
@@ -216,10 +195,10 @@ class Engine:
             self._state,
             self._counters,
             buffers=self._buffers,
-            limiters=self._limiters,
+            limiters=self._resources.limiters,
             controllers=self._judging.controllers if self._judging else {},
-            opening=self._opening_now,
-            closing=self._closing_now,
+            opening=self._resources.opening_now,
+            closing=self._resources.closing_now,
         )
 
     def stop(self) -> None:
@@ -240,7 +219,7 @@ class Engine:
             self._state = "stopping"
         self._stop_event.set()
         self._running_gate.set()
-        self._opening.cancel()
+        self._resources.cancel_opening()
         self._counting.cancel()  # no progress to estimate: a stop never waits for the count
 
     def cancel(self) -> None:
@@ -258,7 +237,7 @@ class Engine:
             return
         self._cancel_work()
         # Only while this engine holds its judges: once released, another may be using them.
-        for judge in self._judges if self._backends_claimed else ():
+        for judge in self._judges if self._resources.claimed else ():
             try:
                 judge.stop_now()
             except Exception as exc:  # a backend's bug must not keep the run from stopping
@@ -270,7 +249,7 @@ class Engine:
         as at the end of any run)."""
         self._stop_event.set()
         self._cancel_event.set()
-        self._opening.cancel()
+        self._resources.cancel_opening()
         self._work.cancel()
         # Only now do generate calls see it: whatever they return from here on reaches
         # tasks already cancelled, and never becomes a "cancelled" error judgement.
@@ -331,15 +310,14 @@ class Engine:
         # engine, not in the one that made it (ended, it dropped a stop() silently).
         self._loop.take()
         try:
-            self._claim_backends()
+            self._resources.claim()
         except ConfigError:
             self._state = "failed"
             self._closed = True  # the backends are another engine's to close
             raise
         self._counters.started_at = time.monotonic()
         try:
-            with self._opening:
-                await self._open_backends_and_store()
+            await self._resources.open()
         except BaseException as exc:
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
             self._state = "cancelled" if cancelled else "failed"
@@ -349,7 +327,7 @@ class Engine:
         streams = self._create_streams()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        if self._opening.cancel_called:
+        if self._resources.opening_cancelled:
             # stop() or cancel() while the judges opened (a server starting, a model
             # loading): the run ends before it starts, and ``results`` with it.
             await self._close_resources()
@@ -357,7 +335,7 @@ class Engine:
             streams.results[0].close()
             self._state = "cancelled" if self._cancel_generation.is_set() else "stopped"
             return self
-        self._discard_run_dir = False  # from here it holds the run's results
+        self._resources.keep_run_dir()  # from here it holds the run's results
         self._task_group.start_soon(self._run, streams)
         # stop() or pause() while opening
         self._state = (
@@ -408,115 +386,11 @@ class Engine:
             self._state = "cancelled"
         return suppress
 
-    def _claim_backends(self) -> None:
-        """Mark this engine's generator and judge instances in use until it closes them
-        (see :func:`~trig_stream.preflight.claim_backends`)."""
-        claim_backends([*self._generators, *self._judges], self)
-        self._backends_claimed = True
-
-    def _release_backends(self) -> None:
-        if not self._backends_claimed:
-            return
-        release_backends([*self._generators, *self._judges])
-        self._backends_claimed = False
-
-    async def _open_backends_and_store(self) -> None:
-        config = self.config
-        ensure_open_files(config, self._judges)
-        # What the backends need from this machine, seen before a run directory is made and
-        # before any model loads (a check may import a library: a worker thread's job).
-        backends: list[Generator | Judge] = [*self._generators, *self._judges]
-        await anyio.to_thread.run_sync(check_environments, backends)
-        for judge in self._judges:
-            self._fingerprints[judge.name] = judge_fingerprint(judge)
-            self._limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
-        manifest = run_manifest(
-            config, self._generators, self._fingerprints, retry_errors=self._retry_errors
-        )
-        new_run = self._new_run
-        where = "a new run directory beside " if new_run else "the run directory "
-        self._opening_now = f"{where}{config.run_dir}"
-        try:
-            # Opened before the judges: a run it refuses (another process in it, results
-            # made with other settings) is refused before a judge's server takes minutes to
-            # start.
-            opened = await anyio.to_thread.run_sync(
-                partial(open_run_dir, config.run_dir, manifest, new_run=new_run)
-            )
-            self._discard_run_dir = opened.made
-            self.run_dir_path, self._run_dir = opened.path, opened.run_dir
-            self._journal_state = opened.journal_state
-            if not await self._nothing_left():
-                await self._open_judges()
-        finally:
-            self._opening_now = None  # stats().opening names nothing after the opening
-
-    async def _open_judges(self) -> None:
-        self._judges_opened = True  # closed at the end, even if one of them fails to open
-        await open_judges(self._judges, self._announce_opening)
-        self._judges_open.set()
-
-    async def _judges_ready(self) -> None:
-        """Open the judges before the first work item is queued, if the run's opening left
-        them closed: it found nothing left to judge, and the dataset changed since.
-
-        A stop or a hard stop ends this opening as it ends the run's (a judge server still
-        starting is stopped): the source stage, seeing the stop, queues nothing.
-        """
-        if self._judges_opened:
-            return
-        # The run's opening scope has been left; stop() and cancel() reach this one.
-        self._opening = anyio.CancelScope()
-        try:
-            with self._opening:
-                await self._open_judges()
-        finally:
-            self._opening_now = None
-
-    async def _nothing_left(self) -> bool:
-        if not judges_open_slowly(self._judges) or not len(self._journal_state):
-            return False
-        self._opening_now = "the dataset, for samples left to judge"
-        return not await work_left_in_thread(
-            self.config, self._generators, self._judges, self._journal_state, self._retry_errors
-        )
-
-    def _announce_opening(self, what: str) -> None:
-        """Say what opens now (:attr:`EngineStats.opening`)."""
-        self._opening_now = what
-
     async def _close_resources(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._close_judges()
-            finally:
-                self._release_backends()
-            if self._run_dir is not None and self._discard_run_dir:
-                # Made by this run, which ended while its judges opened: it holds nothing,
-                # and left there (each --new-run a new one) it looked like a run to resume.
-                await anyio.to_thread.run_sync(self._run_dir.discard)
-                self._run_dir = None
-                self.run_dir_path = self.config.run_dir
-            elif self._run_dir is not None:
-                await anyio.to_thread.run_sync(self._run_dir.close)
-
-    async def _close_judges(self) -> None:
-        """Close the judges, once: when the run's results end (a judge server or model is
-        not held while the caller lingers in its block, a dashboard left on screen), else
-        when the engine closes. Shielded: a hard stop meanwhile reaches them through
-        :meth:`cancel` (a server killed), not by abandoning the close."""
-        if self._judges_closed or not self._judges_opened:
-            return
-        self._judges_closed = True
-        with anyio.CancelScope(shield=True):
-            await close_judges(self._judges, self._counters.notes, self._announce_closing)
-
-    def _announce_closing(self, what: str | None) -> None:
-        """Say what closes now (:attr:`EngineStats.closing`), None once done."""
-        self._closing_now = what
+        await self._resources.close()
 
     # -- the pipeline -------------------------------------------------------------------------
 
@@ -531,7 +405,7 @@ class Engine:
             context = self._context()
             persist = PersistStage(
                 context,
-                self._journal_state,
+                self._resources.journal_state,
                 self.relations,
                 finished=self._finish,
             )
@@ -550,7 +424,7 @@ class Engine:
             # The judges close with the run, not with the caller's block: a server started
             # for the run stops now (its grace shown in stats().closing), not when someone
             # closes a dashboard left on screen.
-            await self._close_judges()
+            await self._resources.close_judges()
 
     async def _pipeline(self, context: RunContext, persist: PersistStage, streams: Streams) -> None:
         sample_streams = streams.samples
@@ -561,19 +435,19 @@ class Engine:
         judging = self._judging = JudgeStage(
             context,
             self._judges,
-            self._limiters,
+            self._resources.limiters,
             self._retry,
             self._sleep,
-            judges_open=self._judges_open,
+            judges_open=self._resources.judges_open,
         )
         source = SourceStage(
             context,
             self._generators,
             self._judges,
-            self._journal_state,
+            self._resources.journal_state,
             retry_errors=self._retry_errors,
             running_gate=lambda: self._running_gate,
-            judges_ready=self._judges_ready,
+            judges_ready=self._resources.judges_ready,
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(source.run, {name: send for name, (send, _) in sample_streams.items()})
@@ -583,7 +457,7 @@ class Engine:
                     GenerationStage(
                         context,
                         generator,
-                        made_before=self._journal_state.has_results(generator.name),
+                        made_before=self._resources.journal_state.has_results(generator.name),
                     ).run,
                     receive,
                     image_send.clone(),
@@ -606,12 +480,13 @@ class Engine:
         return not counters.dataset_read or any(m.dropped for m in counters.models.values())
 
     def _context(self) -> RunContext:
-        assert self._run_dir is not None
+        run_dir = self._resources.run_dir
+        assert run_dir is not None
         return RunContext(
             config=self.config,
-            run_dir=self._run_dir,
+            run_dir=run_dir,
             counters=self._counters,
-            fingerprints=self._fingerprints,
+            fingerprints=self._resources.fingerprints,
             cancel_generation=self._cancel_generation,
             stopping=self._stop_event,
             hard_stopping=self._cancel_event,

@@ -1,10 +1,11 @@
-"""Opening and closing what a run holds: its run directory and its judges.
+"""The steps of opening and closing what a run holds: its run directory and its judges.
 
-The :class:`~trig_stream.engine.Engine` opens the run directory first (in a worker thread), so
-that a run it refuses is refused before a judge's server takes minutes to start, then opens each
-judge; at the end it closes the judges, whatever happened, and then the run directory. A
-resumed run whose judges open slowly (a model to load, a server to start) first reads its
-dataset for work left, and with none it opens no judge at all (:func:`work_left_in_thread`).
+:class:`~trig_stream.resources.RunResources` takes them in order: the run directory first (in
+a worker thread), so that a run it refuses is refused before a judge's server takes minutes to
+start, then each judge; at the end it closes the judges, whatever happened, and then the run
+directory. A resumed run whose judges open slowly (a model to load, a server to start) first
+reads its dataset for work left, and with none it opens no judge at all
+(:func:`work_left_in_thread`).
 """
 
 from __future__ import annotations
