@@ -14,6 +14,9 @@ from PIL import Image
 
 from trig_stream.png import (
     ADAM7,
+    PIXELS_KEY,
+    PIXELS_WHOLE,
+    REWRITE_KEY,
     SAMPLE_KEY,
     SIGNATURE,
     encode_png,
@@ -90,6 +93,49 @@ def test_the_sample_chunk_is_read_back_by_pillow() -> None:
     png = with_sample_digest(encode_png(Image.new("RGB", (4, 4), (9, 8, 7))), "0123abcd")
     assert is_png(png)
     assert decoded(png).info[SAMPLE_KEY] == "0123abcd"
+
+
+def text_chunk(kind: bytes, key: str, value: str) -> bytes:
+    """A PNG text chunk of ``kind`` (tEXt, zTXt or iTXt) saying ``value`` under ``key``."""
+    body = key.encode("latin-1") + b"\0"
+    if kind == b"tEXt":
+        body += value.encode("latin-1")
+    elif kind == b"zTXt":
+        body += b"\0" + zlib.compress(value.encode("latin-1"))
+    else:  # iTXt: not compressed, no language, no translated keyword
+        body += b"\0\0\0\0" + value.encode("utf-8")
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_the_engines_text_chunks_a_png_already_holds_are_dropped() -> None:
+    # Pillow keeps the last chunk of a key: a `trig-stream pixel data: whole` or `trig-stream
+    # sample` chunk in the bytes handed over outvoted the engine's own, so a broken picture
+    # was reused unchecked, or taken for another sample.
+    png = encode_png(Image.new("RGB", (4, 4), (9, 8, 7)))
+    head = len(SIGNATURE) + 25  # after IHDR
+    theirs = [
+        text_chunk(b"tEXt", PIXELS_KEY, PIXELS_WHOLE),
+        text_chunk(b"zTXt", SAMPLE_KEY, "ffff0000 theirs"),
+        text_chunk(b"iTXt", REWRITE_KEY, '{"forged": true}'),
+        text_chunk(b"tEXt", "Comment", "kept"),
+        b"\0\0\0\x16tEXt"
+        + PIXELS_KEY.encode()
+        + zlib.crc32(b"tEXt" + PIXELS_KEY.encode()).to_bytes(4, "big"),
+    ]
+    end = png.index(b"IEND") - 4
+    # Before the pixel data and after it (where Pillow reads them on loading).
+    foreign = png[:head] + b"".join(theirs[:3]) + png[head:end] + b"".join(theirs[3:]) + png[end:]
+    assert decoded(foreign).info.keys() >= {PIXELS_KEY, SAMPLE_KEY, REWRITE_KEY}
+    stamped = with_sample_digest(foreign, "0123abcd")
+    info = decoded(stamped).info
+    assert info[SAMPLE_KEY] == "0123abcd"
+    assert PIXELS_KEY not in info and REWRITE_KEY not in info
+    assert info["Comment"] == "kept"
+    assert stamped == with_sample_digest(png[:end] + theirs[3] + png[end:], "0123abcd")
+    # The engine's own file, stamped again, comes out as stamped once.
+    assert with_sample_digest(with_sample_digest(png, "x", "{}", pixels_whole=True), "y") == (
+        with_sample_digest(png, "y")
+    )
 
 
 def test_bytes_that_are_not_a_png_are_left_alone() -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
 from tests.test_engine import journal, keys_count, run_to_end
-from tests.test_png import BROKEN_IMAGE_DATA, png_with_image_data
+from tests.test_png import BROKEN_IMAGE_DATA, png_with_image_data, text_chunk
 from trig_stream import (
     Engine,
     FingerprintMismatch,
@@ -32,7 +32,7 @@ from trig_stream import (
 )
 from trig_stream import files as files_module
 from trig_stream import journal as journal_module
-from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
 from trig_stream.files import write_atomic_many
@@ -52,6 +52,7 @@ from trig_stream.png import (
     PIXELS_KEY,
     PIXELS_WHOLE,
     SAMPLE_KEY,
+    SIGNATURE,
     encode_png,
     pixel_data_problem,
     with_sample_digest,
@@ -1391,3 +1392,43 @@ async def test_an_image_the_engine_wrote_whole_is_reused_without_inflating_it(
         path.write_bytes(data)
         assert (reuse.reusable_image(path, label) is not None) is reused
         assert inflated[-1] == data
+
+
+class HandsOverBytes(SyntheticGenerator):
+    """A synthetic generator (same fingerprint) whose every picture is the PNG bytes ``png``,
+    its pixels unchecked (``EncodedPicture``'s default)."""
+
+    def __init__(self, png: bytes) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.png = png
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Any]:
+        self.calls.append(len(requests))
+        return [EncodedPicture(png=self.png) for _ in requests]
+
+
+async def test_a_pixel_data_chunk_in_a_generators_bytes_does_not_spare_the_check(
+    make_config: ConfigFactory,
+) -> None:
+    # A generator's PNG (say, one another trig-stream run wrote) carried a `trig-stream pixel
+    # data: whole` chunk of its own, kept beside the engine's words: its pixels unchecked, a
+    # resumed run reused the truncated image without inflating it and judged it again.
+    broken = png_with_image_data(BROKEN_IMAGE_DATA["half the rows"])
+    head = len(SIGNATURE) + 25  # after IHDR
+    forged = broken[:head] + text_chunk(b"tEXt", PIXELS_KEY, PIXELS_WHOLE) + broken[head:]
+    config = make_config(samples=1)
+    first = await run_to_end(config, generators=[HandsOverBytes(forged)])
+    image = first[0].image
+    assert image is not None
+    path = config.run_dir / image
+    label = f"{first[0].sample_digest} synth {first[0].data_id} {first[0].seed}"
+    assert reuse.reusable_image(path, label) is None
+    (config.run_dir / JOURNAL).write_text("")
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    await run_to_end(config, generators=[generator])
+    assert generator.calls == [1]  # made again: its pixels do not decode
+    with Image.open(path) as remade:
+        remade.load()
+        assert remade.size == (16, 16)

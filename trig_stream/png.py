@@ -213,10 +213,15 @@ def with_sample_digest(
     written just before a crash, then its record edited, must not be judged against the new
     prompt. The chunk goes right after the header, where a reader meets it on opening.
     ``pixels_whole``: the caller knows the pixel data whole, which :data:`PIXELS_KEY` records.
+
+    Text chunks under the engine's own keys that ``png`` already holds (a generator's bytes,
+    an image of another run) are dropped first: Pillow keeps the last chunk of a key, so such
+    a chunk would speak for this file in place of the engine's word.
     """
     header_end = len(SIGNATURE) + 25  # IHDR: length, type, 13 bytes, CRC
     if not is_png(png):
         return png  # not a PNG as written here: leave it as it is
+    png = _without_engine_text(png)
     text = SAMPLE_KEY.encode("latin-1") + b"\x00" + label.encode("ascii")
     chunks = _chunk(b"tEXt", text)
     if rewrite is not None:  # JSON written in ASCII (escapes for the rest), as tEXt wants
@@ -224,6 +229,36 @@ def with_sample_digest(
     if pixels_whole:
         chunks += _chunk(b"tEXt", f"{PIXELS_KEY}\x00{PIXELS_WHOLE}".encode("latin-1"))
     return png[:header_end] + chunks + png[header_end:]
+
+
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+"""PNG's text chunks: each begins with its keyword, ended by a zero byte."""
+
+_ENGINE_KEYWORDS = frozenset(key.encode("latin-1") for key in (SAMPLE_KEY, REWRITE_KEY, PIXELS_KEY))
+
+
+def _without_engine_text(png: bytes) -> bytes:
+    """``png`` without its text chunks under :data:`SAMPLE_KEY`, :data:`REWRITE_KEY` or
+    :data:`PIXELS_KEY`, up to the IEND chunk; the same bytes when it has none. Only the
+    chunks' headers are read (a few per file), so the write path stays as fast."""
+    kept: list[bytes] = []
+    start, offset = 0, len(SIGNATURE)
+    while offset + 12 <= len(png):
+        length = int.from_bytes(png[offset : offset + 4], "big")
+        kind = png[offset + 4 : offset + 8]
+        end = offset + 12 + length
+        if kind == b"IEND" or end > len(png):
+            break  # the rest stays as it is, a cut-short chunk too
+        # A keyword has at most 79 bytes; Pillow reads one without its zero byte as the body.
+        head = png[offset + 8 : min(end - 4, offset + 88)] if kind in _TEXT_CHUNKS else b""
+        keyword = head.split(b"\0", 1)[0]
+        if keyword in _ENGINE_KEYWORDS:
+            kept.append(png[start:offset])
+            start = end
+        offset = end
+    if not kept:
+        return png
+    return b"".join(kept) + png[start:]
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
