@@ -360,6 +360,10 @@ def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> N
         ("1", ["vllm", "serve", "m", "--max-tokens=1"]),
         ("EMPTY", ["sh", "-c", "vllm serve EMPTY-model --api-key-file EMPTY.txt"]),
         ("EMPTY", ["sh", "-c", "vllm serve m --api-key EMPTY-long"]),
+        ("1", ["vllm", "serve", "m", "--token-budget", "1"]),
+        ("1", ["vllm", "serve", "m", "--api-key-file", "1"]),
+        ("1", ["sh", "-c", "CUDA_VISIBLE_DEVICES=1 MAX_TOKENS=1 vllm serve m"]),
+        ("1", ["vllm", "serve", "m", "--max-num-batched-tokens=1"]),
     ],
     ids=[
         "a-number",
@@ -370,6 +374,10 @@ def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> N
         "glued-to-a-tokens-flag",
         "a-word-of-a-file-name",
         "the-start-of-a-longer-key",
+        "after-a-flag-whose-first-word-is-token",
+        "after-a-flag-naming-a-key-file",
+        "assigned-to-ordinary-variables",
+        "glued-to-a-flag-ending-in-tokens",
     ],
 )
 def test_a_short_key_that_is_an_ordinary_word_of_the_command_is_not_refused(
@@ -381,6 +389,24 @@ def test_a_short_key_that_is_an_ordinary_word_of_the_command_is_not_refused(
         ServeOptions(command=command, env={"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}),
         name="j",
         secrets=[key],
+    ).check_secrets_left_out()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CUDA_VISIBLE_DEVICES": "1"},
+        {"OMP_NUM_THREADS": "1"},
+        {"VLLM_MAX_TOKENS": "1"},
+        {"TOKENIZERS_PARALLELISM": "1"},
+    ],
+    ids=["cuda-visible-devices", "omp-num-threads", "a-count-of-tokens", "a-tokenizer-setting"],
+)
+def test_a_short_key_that_is_an_ordinary_env_value_is_not_refused(env: dict[str, str]) -> None:
+    # Any env value equal to a dummy key counted as the key: the most ordinary serve env,
+    # CUDA_VISIBLE_DEVICES=1 beside the key `1`, was refused.
+    ManagedServer(
+        ServeOptions(command=["vllm", "serve", "m"], env=env), name="j", secrets=["1"]
     ).check_secrets_left_out()
 
 
@@ -399,6 +425,10 @@ def test_a_short_key_that_is_an_ordinary_word_of_the_command_is_not_refused(
         ("EMPTY", ["vllm", "serve"], {"VLLM_ARGS": "--api-key EMPTY"}, "env['VLLM_ARGS']"),
         ("EMPTY", ["vllm", "serve"], {"AUTH": "Bearer EMPTY"}, "env['AUTH']"),
         ("1", ["curl", "-H", "Authorization: bearer 1"], {}, "command[2]"),
+        ("1", ["vllm", "serve", "m", "--hf-token", "1"], {}, "command[4]"),
+        ("1", ["vllm", "serve"], {"HF_TOKEN": "1"}, "env['HF_TOKEN']"),
+        ("1", ["vllm", "serve"], {"myapikey": "1"}, "env['myapikey']"),
+        ("sk-long-key", ["vllm", "serve"], {"X": "sk-long-key"}, "env['X']"),
     ],
     ids=[
         "after-the-flag",
@@ -413,6 +443,10 @@ def test_a_short_key_that_is_an_ordinary_word_of_the_command_is_not_refused(
         "short-key-after-the-flag-in-env",
         "short-key-after-bearer-in-env",
         "short-key-after-bearer-inside",
+        "short-key-after-a-flag-ending-in-token",
+        "short-key-in-a-token-env",
+        "short-key-in-a-lower-case-key-env",
+        "long-key-in-any-env",
     ],
 )
 def test_a_key_passed_to_the_server_is_refused(

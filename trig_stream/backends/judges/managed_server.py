@@ -69,10 +69,15 @@ KILLED_WAIT_S = 10.0
 """How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
 them, but one inside a GPU driver call only once the call returns)."""
 _LINE_END = re.compile(rb"[\r\n]")
-_KEY_FLAG = re.compile(r"--?(?:[^\W_]+[-_])*(?:key|token|apikey)(?:[-_][^\W_]+)*", re.IGNORECASE)
-"""A command-line flag whose value is a key: one of its ``-``/``_``-separated words is
-``key``, ``token`` or ``apikey`` (``--api-key``, ``--token``, ``--hf_token``, ``-key``), so
-``--tokenizer-pool-size`` or ``--max-tokens`` is none."""
+_KEY_FLAG = re.compile(r"--?(?:[^\W_]+[-_])*(?:key|token|apikey)", re.IGNORECASE)
+"""A command-line flag whose value is a key: its last ``-``/``_``-separated word is ``key``,
+``token`` or ``apikey`` (``--api-key``, ``--token``, ``--hf_token``, ``-key``), so
+``--tokenizer-pool-size``, ``--max-tokens``, ``--token-budget`` or ``--api-key-file`` is none."""
+_KEY_NAME = re.compile(r"(?:key|token)(?![a-z])", re.IGNORECASE)
+"""Found in the name of an environment variable whose value is a key: ``KEY`` or ``TOKEN``
+that no letter follows (``VLLM_API_KEY``, ``OPENAI_API_KEY``, ``HF_TOKEN``, ``APIKEY``);
+``CUDA_VISIBLE_DEVICES``, ``OMP_NUM_THREADS``, ``MAX_TOKENS`` (a count of tokens) or
+``TOKENIZERS_PARALLELISM`` is none."""
 _KEY_END = r"""(?=$|[\s"';&|)])"""
 """Where a key given as a word inside a longer text ends: the text, a space, a quote or a shell
 separator (``--api-key EMPTY-model`` passes ``EMPTY-model``, not the key ``EMPTY``)."""
@@ -82,7 +87,8 @@ def _passed_inside(secret: str) -> re.Pattern[str]:
     """Where a longer text passes ``secret`` as a key: a whole word after a flag naming a key
     or token (``--api-key KEY``, ``--api-key=KEY``, ``--token 'KEY'``) or after ``Bearer``."""
     # Case is ignored in the flag and in ``Bearer``, not in the key.
-    before = rf"""(?i:(?<![\w-]){_KEY_FLAG.pattern}(?:=|\s+)|\bBearer\s+)["']?"""
+    flag = rf"(?<![\w-]){_KEY_FLAG.pattern}(?:=|\s+)"
+    before = rf"""(?i:{flag}|\bBearer\s+)["']?"""
     return re.compile(before + re.escape(secret) + _KEY_END)
 
 
@@ -296,7 +302,7 @@ class ManagedServer:
         ] + [
             f"options.serve.env[{name!r}]"
             for name, value in self.options.env.items()
-            if self._carries_key(value, after="", alone=True)
+            if self._carries_key(value, after="", alone=_KEY_NAME.search(name) is not None)
         ]
         if where:
             raise FatalBackendError(
@@ -308,17 +314,19 @@ class ManagedServer:
             )
 
     def _carries_key(self, text: str, *, after: str, alone: bool = False) -> bool:
-        """Whether ``text`` (a command argument following ``after``, or an ``env`` value when
-        ``alone``) holds one of the keys.
+        """Whether ``text`` (a command argument following ``after``, or an ``env`` value)
+        holds one of the keys; ``alone``: ``text`` is the value of an ``env`` variable whose
+        name holds ``KEY`` or ``TOKEN``.
 
         A key of :data:`SHORT_KEY_CHARS` characters or more counts wherever it appears, as
         :meth:`_scrub` masks it. A shorter one (a dummy: ``1``, ``vllm``, ``EMPTY``) is an
-        ordinary word too, so only where it is surely passed as the key: as the whole ``env``
-        value, as the argument after a flag naming a key or token (``--api-key KEY``), or,
-        inside any argument or value, as a whole word after such a flag (``--api-key=KEY``,
-        ``sh -c "vllm serve --api-key KEY"``) or after ``Bearer``;
-        ``--tensor-parallel-size 1`` or ``--tokenizer-pool-size 1`` beside the key ``1`` does
-        not hold it.
+        ordinary word too, so only where it is surely passed as the key: as the whole value
+        of such a variable (``VLLM_API_KEY``, ``HF_TOKEN``), as the argument after a flag
+        naming a key or token (``--api-key KEY``), or, inside any argument or value, as a
+        whole word after such a flag (``--api-key=KEY``, ``sh -c "vllm serve --api-key KEY"``)
+        or after ``Bearer``;
+        ``--tensor-parallel-size 1``, ``--token-budget 1`` or ``CUDA_VISIBLE_DEVICES=1``
+        beside the key ``1`` does not hold it.
         """
         for secret in self._secrets:
             if len(secret) >= SHORT_KEY_CHARS:
