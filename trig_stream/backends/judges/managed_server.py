@@ -85,10 +85,13 @@ separator (``--api-key EMPTY-model`` passes ``EMPTY-model``, not the key ``EMPTY
 
 def _passed_inside(secret: str) -> re.Pattern[str]:
     """Where a longer text passes ``secret`` as a key: a whole word after a flag naming a key
-    or token (``--api-key KEY``, ``--api-key=KEY``, ``--token 'KEY'``) or after ``Bearer``."""
-    # Case is ignored in the flag and in ``Bearer``, not in the key.
+    or token (``--api-key KEY``, ``--api-key=KEY``, ``--token 'KEY'``), after ``Bearer``, or
+    assigned to a variable whose name holds ``KEY`` or ``TOKEN`` (``VLLM_API_KEY=KEY``, as
+    ``env`` or a shell passes it to the server)."""
+    # Case is ignored in the flag, the variable's name and ``Bearer``, not in the key.
     flag = rf"(?<![\w-]){_KEY_FLAG.pattern}(?:=|\s+)"
-    before = rf"""(?i:{flag}|\bBearer\s+)["']?"""
+    variable = rf"(?<![\w-])[A-Za-z0-9_]*(?:{_KEY_NAME.pattern})[A-Za-z0-9_]*="
+    before = rf"""(?i:{flag}|\bBearer\s+|{variable})["']?"""
     return re.compile(before + re.escape(secret) + _KEY_END)
 
 
@@ -323,8 +326,8 @@ class ManagedServer:
         ordinary word too, so only where it is surely passed as the key: as the whole value
         of such a variable (``VLLM_API_KEY``, ``HF_TOKEN``), as the argument after a flag
         naming a key or token (``--api-key KEY``), or, inside any argument or value, as a
-        whole word after such a flag (``--api-key=KEY``, ``sh -c "vllm serve --api-key KEY"``)
-        or after ``Bearer``;
+        whole word after such a flag (``--api-key=KEY``, ``sh -c "vllm serve --api-key KEY"``),
+        after ``Bearer`` or assigned to such a variable (``env VLLM_API_KEY=KEY vllm serve``);
         ``--tensor-parallel-size 1``, ``--token-budget 1`` or ``CUDA_VISIBLE_DEVICES=1``
         beside the key ``1`` does not hold it.
         """
