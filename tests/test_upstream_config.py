@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from trig_stream import cli
 from trig_stream.config import load_config
+from trig_stream.config_problems import unusable_entries
 from trig_stream.errors import ConfigError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_RUN_DIR
 from trig_stream.upstream_config import add_import_config_command, import_config
@@ -745,3 +747,42 @@ def test_an_editing_model_without_image_path_is_warned_of_an_image_folder_not(
     assert "add image_path" in warning
     _, warnings = convert_to_file(tmp_path, judged + models + 'image_path: "src"\n')
     assert not [w for w in warnings if w.startswith("image_path")]
+
+
+@pytest.mark.parametrize("depth", [500, 5000])
+def test_an_upstream_config_nested_too_deep_is_refused_in_one_line(
+    tmp_path: Path, depth: int
+) -> None:
+    # The YAML reader recursed past Python's limit: a RecursionError traceback, exit 1.
+    text = "name: x\ngeneration: {models: [flux]}\ndeep: " + "[" * depth + "]" * depth + "\n"
+    source = write(tmp_path, "deep.yaml", text)
+    with pytest.raises(ConfigError, match=r"nested too deep to read .*a config needs a few"):
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+
+
+class CountedList(list[object]):
+    """A list that counts how often it is walked."""
+
+    walks = 0
+
+    def __iter__(self) -> Iterator[object]:
+        CountedList.walks += 1
+        return super().__iter__()
+
+
+def test_a_list_that_yaml_aliases_share_is_walked_once() -> None:
+    # Nine aliases on each of eight levels (`b: &b [*a, *a, ...]`) walked the innermost list
+    # 9**8 times: import-config spent a minute on a 1 KB file.
+    CountedList.walks = 0
+    shared: list[object] = CountedList(["lol\udc80"] * 9)
+    for _ in range(3):
+        shared = [shared] * 9
+    assert len(list(unusable_entries(shared))) == 9  # each of its items, once
+    assert CountedList.walks == 1
+
+
+def test_a_shared_value_is_refused_once_and_a_cycle_still_ends() -> None:
+    bad: list[object] = ["lol\udc80"]
+    cycle: list[object] = [bad, bad]
+    cycle.append(cycle)
+    assert [loc for loc, _, _ in unusable_entries({"a": cycle})] == [("a", 0, 0)]

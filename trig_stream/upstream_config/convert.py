@@ -20,7 +20,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from trig_stream.config import RunConfig, parse_config
-from trig_stream.config_problems import dotted_key, unusable_values
+from trig_stream.config_problems import MAX_NESTING, dotted_key, unusable_values
 from trig_stream.dimensions import DIMENSIONS, Task, normalise_task
 from trig_stream.errors import ConfigError
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping
@@ -97,6 +97,11 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
         # An alias to an anchor the file never defines is the usual culprit in upstream files.
         message = " ".join(str(exc).split())
         raise ConfigError(f"{path}: not valid YAML: {message}") from None
+    except RecursionError:  # the YAML reader recurses once per level of a list or mapping
+        raise ConfigError(
+            f"{path}: not a usable upstream config: lists or mappings nested too deep to read "
+            f"(over {MAX_NESTING} levels); a config needs a few"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an upstream config is a mapping of keys at the top level")
     # Checked before anything is converted: such text reached the TOML, which then could
