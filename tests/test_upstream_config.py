@@ -786,3 +786,13 @@ def test_a_shared_value_is_refused_once_and_a_cycle_still_ends() -> None:
     cycle: list[object] = [bad, bad]
     cycle.append(cycle)
     assert [loc for loc, _, _ in unusable_entries({"a": cycle})] == [("a", 0, 0)]
+
+
+def test_command_writes_an_output_whose_name_is_near_the_limit(tmp_path: Path) -> None:
+    # "cannot write the config: File name too long" (exit 3) for a 250-byte name: the
+    # temporary file's name was longer.
+    source = write(tmp_path, "up.yaml", GENERATION)
+    out = tmp_path / ("c" * 245 + ".toml")
+    code, _ = run_command(["import-config", str(source), "-o", str(out), "--root", str(tmp_path)])
+    assert code == 0
+    assert tomllib.loads(out.read_text())["run"]["name"] == "gen-sweep"
