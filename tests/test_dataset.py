@@ -574,6 +574,27 @@ def test_a_damaged_shard_of_a_parquet_folder_is_named(tmp_path: Path) -> None:
     assert f"(in {cut}: its footer cannot be read; it is damaged or cut short)" in str(caught.value)
 
 
+def test_parquet_shards_in_linked_folders_are_read_once(tmp_path: Path) -> None:
+    # A shard in a linked subfolder was skipped, unsaid (Path.rglob on Python 3.11 does not
+    # follow linked folders); with every shard behind links, the folder "held no files".
+    def shard(folder: Path, part: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        frame = pl.DataFrame({"data_id": [f"IQ-R_TA-C_{part}"], "prompt": ["p"]})
+        frame.write_parquet(folder / f"part-{part}.parquet")
+
+    shard(tmp_path / "top", 0)
+    shard(tmp_path / "real", 1)
+    (tmp_path / "top" / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "top" / "loop").symlink_to(tmp_path / "top")  # walked once, not forever
+    (tmp_path / "top" / "again").symlink_to(tmp_path / "real")  # one folder, read once
+    samples, _ = read(DatasetSection(path=tmp_path / "top"))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1", "IQ-R_TA-C_0"]
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "linked").symlink_to(tmp_path / "real")
+    samples, _ = read(DatasetSection(path=tmp_path / "only"))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+
+
 def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         read(DatasetSection(path=tmp_path / "absent.json"))
