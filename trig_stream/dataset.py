@@ -250,6 +250,30 @@ class DatasetSource:
         """
         return sum(1 for _ in self._raw_records(identity_only=True))
 
+    def pairs_by_data_id(self) -> tuple[dict[str, tuple[Dimension, Dimension]], list[str]]:
+        """Each record's pair by ``data_id`` (the first of a repeated one, as a run keeps),
+        filters and limit not applied, reading only the identity columns; and, for each
+        record a run would quarantine for its identity (an unreadable line, a bad data_id or
+        pair, a repeated data_id), why: ``record N (data_id X): reason``.
+
+        Raises:
+            DatasetError: the dataset cannot be opened.
+        """
+        pairs: dict[str, tuple[Dimension, Dimension]] = {}
+        skipped: list[str] = []
+        for index, raw in enumerate(self._raw_records(identity_only=True)):
+            try:
+                data_id, dimensions = _identity(raw)
+                if data_id in pairs:
+                    raise Rejected(f"duplicate data_id {data_id!r}")
+            except Rejected as exc:
+                raw_id = raw.get("data_id")
+                named = f" (data_id {storable(raw_id)!r})" if isinstance(raw_id, str) else ""
+                skipped.append(f"record {index}{named}: {exc}")
+                continue
+            pairs[data_id] = dimensions
+        return pairs, skipped
+
     def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
         path = self.section.path
         mode = _mode(path, f"dataset {path}", "[dataset] path")
