@@ -817,3 +817,26 @@ def test_a_model_listed_twice_converts_once_and_image_folders_match_aliases(
         "images once"
     ) in warnings
     assert not any(w.startswith("evaluation.image_dirs") for w in warnings)
+
+
+def test_end_idx_converted_to_limit_says_it_counts_samples_not_positions(tmp_path: Path) -> None:
+    # limit = 2 beside dimensions = ["IQ-R", "TA-C"] judged IQ-R_TA-C_1 and IQ-R_TA-C_2, unsaid,
+    # where upstream's first two records are IQ-R_TA-C_1 and IQ-A_TA-S_1.
+    metric = '{metrics: [{name: trig_api, model_name: m, endpoint: "http://127.0.0.1:1/v1/"}]}'
+    text = (
+        "prompt_path: prompts.json\nstart_idx: 0\nend_idx: 2\n"
+        f"evaluation: {{image_dirs: [imgs/m]}}\ndimensions: {{IQ-R: {metric}, TA-C: {metric}}}\n"
+    )
+    out, warnings = convert_to_file(tmp_path, text)
+    dataset = load_config(out).dataset
+    assert (dataset.limit, dataset.dimensions) == (2, ["IQ-R", "TA-C"])
+    assert (
+        "end_idx: became [dataset] limit = 2, a count of samples, not a position: upstream "
+        "judges records 0 to 1, the run the first 2 records that [dataset] dimensions keeps "
+        "and that are valid, past upstream's end where one is left out; check the samples "
+        "`trig-stream validate` lists, or cut the dataset to its first 2 records and remove "
+        "limit"
+    ) in warnings
+    _, warnings = convert_to_file(tmp_path, GENERATION)  # no filter: quarantine alone
+    assert any(w.startswith("end_idx: became [dataset] limit = 120") for w in warnings)
+    assert any("the first 120 records that are valid" in w for w in warnings)

@@ -188,6 +188,7 @@ class _Converter:
         self._dataset()
         self._generators()
         self._judges()
+        self._limit_note()
         self._relation()
         if not self.generators:
             raise ConfigError(
@@ -342,6 +343,24 @@ class _Converter:
                 f"no metric for {', '.join(absent)}: [dataset] dimensions keeps the samples "
                 "with a judged dimension and judges only those",
             )
+
+    def _limit_note(self) -> None:
+        """Say what ``end_idx`` became: [dataset] has no positions, and ``limit`` counts the
+        valid samples the filters keep, so with a filter (or a record quarantined) the run
+        reaches past upstream's ``end_idx`` for other records than upstream judges."""
+        limit = self.dataset.get("limit")
+        if limit is None:
+            return
+        filters = [key for key in ("pairs", "dimensions") if key in self.dataset]
+        kept = f"that [dataset] {' and '.join(filters)} keeps and " if filters else ""
+        self.warn(
+            "end_idx",
+            f"became [dataset] limit = {limit}, a count of samples, not a position: upstream "
+            f"judges records 0 to {limit - 1}, the run the first {limit} records {kept}that "
+            "are valid, past upstream's end where one is left out; check the samples "
+            f"`trig-stream validate` lists, or cut the dataset to its first {limit} records "
+            "and remove limit",
+        )
 
     # -- relation
 
