@@ -840,3 +840,13 @@ def test_end_idx_converted_to_limit_says_it_counts_samples_not_positions(tmp_pat
     _, warnings = convert_to_file(tmp_path, GENERATION)  # no filter: quarantine alone
     assert any(w.startswith("end_idx: became [dataset] limit = 120") for w in warnings)
     assert any("the first 120 records that are valid" in w for w in warnings)
+
+
+def test_a_run_name_taken_from_the_file_name_is_said_to_come_from_it(tmp_path: Path) -> None:
+    # "name: 'my cfg (v2)' is not a valid run name" read as if the YAML had a name key.
+    source = write(tmp_path, "my cfg (v2).yaml", "evaluation: {image_dirs: [imgs]}\n")
+    conversion = import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert (
+        "name: the file name 'my cfg (v2)', standing in for it, is not a valid run name here; "
+        "using 'my-cfg-v2'"
+    ) in conversion.warnings

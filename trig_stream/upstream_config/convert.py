@@ -225,10 +225,14 @@ class _Converter:
             self.warn(key, "unknown upstream key, left out")
 
     def _run(self) -> None:
-        name = self._text("name", self.data.get("name"), "a run name") or self.source.stem
+        given = self._text("name", self.data.get("name"), "a run name")
+        name = given or self.source.stem
         safe = safe_name(name)
         if safe != name:
-            self.warn("name", f"{name!r} is not a valid run name here; using {safe!r}")
+            # Without a usable name key the file's name stands in: said as the key's own, the
+            # warning read as if the key were there.
+            given_by = f"{name!r}" if given else f"the file name {name!r}, standing in for it,"
+            self.warn("name", f"{given_by} is not a valid run name here; using {safe!r}")
         self.run["name"] = safe
         raw_task = self.data.get("task", "t2i")
         task_name = str(raw_task)
