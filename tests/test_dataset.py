@@ -349,6 +349,32 @@ def test_source_images_under_8_pixels_on_a_side_are_quarantined(tmp_path: Path) 
     assert "is 64x7 pixels" in reasons["IQ-R_TA-C_3"]
 
 
+def test_a_source_image_field_of_the_wrong_type_is_named(tmp_path: Path) -> None:
+    # Quarantined as "no source image (no image, no img_id)", as if the field were absent.
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "good.png").write_bytes(png_bytes())
+    records = [
+        {"data_id": "IQ-R_TA-C_1", "prompt": "p", "image": {"bytes": "text", "path": "good.png"}},
+        {"data_id": "IQ-R_TA-C_2", "prompt": "p", "image": 12},
+        {"data_id": "IQ-R_TA-C_3", "prompt": "p", "image": {"bytes": 5}},
+        {"data_id": "IQ-R_TA-C_4", "prompt": "p"},
+    ]
+    path = tmp_path / "p2p.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    _, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
+    expected = "the picture's bytes, a {bytes, path} mapping or a path under [dataset] image_root"
+    assert [r.reason for r in refused] == [
+        "p2p sample has no source image: image.bytes is text, not the picture's bytes (or "
+        "give an img_id)",
+        f"p2p sample has no source image: image is int '12', where {expected} is expected "
+        "(or give an img_id)",
+        f"p2p sample has no source image: image.bytes is int '5', where {expected} is "
+        "expected (or give an img_id)",
+        "p2p sample has no source image (no image, no img_id)",
+    ]
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_an_image_column_holding_a_path_is_looked_up_under_image_root(
     tmp_path: Path, fmt: str
@@ -516,7 +542,8 @@ def test_a_json_object_is_read_as_records_by_data_id_or_refused(tmp_path: Path) 
     samples, refused = read(DatasetSection(path=mapped))
     assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
     assert [r.reason for r in refused] == ["'IQ-R_TA-C_2' maps to a JSON number, not a record"]
-    assert refused[0].record == {"value": "5"}
+    assert refused[0].record == {"value": "5", "data_id": "IQ-R_TA-C_2"}
+    assert refused[0].data_id == "IQ-R_TA-C_2"  # was null, though the key names it
     scalar = tmp_path / "scalar.json"
     scalar.write_text("7")
     with pytest.raises(DatasetError, match="expected a JSON list of TRIG records, not a JSON"):

@@ -57,7 +57,8 @@ def read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         # as a duplicate, as in a list (where the first wins).
         for key, value in data.pairs if isinstance(data, _RepeatedKeys) else data.items():
             if not isinstance(value, Mapping):
-                yield Unreadable(f"{key!r} maps to a JSON {_kind(value)}, not a record", value)
+                reason = f"{key!r} maps to a JSON {_kind(value)}, not a record"
+                yield Unreadable(reason, value, data_id=key)
             elif "data_id" in value and value["data_id"] != key:
                 # Which names it? Taking either quietly judges it under a name it may not have
                 # (and refuses the record that does have it as a duplicate).
@@ -111,13 +112,15 @@ class Unreadable(dict[str, Any]):
     itself two ways): quarantined with ``reason`` and the start of what it holds (the record
     itself), the rest read on."""
 
-    def __init__(self, reason: str, line: bytes | object) -> None:
+    def __init__(self, reason: str, line: bytes | object, *, data_id: str | None = None) -> None:
         if isinstance(line, bytes):
             super().__init__(line=line.decode("utf-8", "replace")[:LINE_SHOWN])
         elif isinstance(line, Mapping):  # a record refused as a whole: kept as it is
             super().__init__(line)
         else:
             super().__init__(value=json.dumps(line)[:LINE_SHOWN])
+        if data_id is not None:  # a JSON object's key names the entry: its quarantine says so
+            self["data_id"] = data_id
         self.reason = reason
 
 
