@@ -24,7 +24,7 @@ from trig_stream.analysis import AnalysisError, analyse_judgements
 from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
-from trig_stream.analysis.inputs import load_run
+from trig_stream.analysis.inputs import load_run, read_prompt_pairs
 from trig_stream.analysis.relations import default_metric
 from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.cli import main
@@ -167,21 +167,6 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
         "twice.json",
         {"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.1}, {"m": 0.9}]}},
         "IQ-R_TA-C_1 IQ-R: metric 'm' scored twice",
-    )
-    prompts.write_text(
-        json.dumps(
-            [
-                {"data_id": "IQ-R_TA-C_1", "dimensions": ["IQ-R", "TA-C"]},
-                {"data_id": "IQ-R_TA-C_1", "dimensions": ["R-T", "IQ-A"]},
-            ]
-        )
-    )
-    refused(
-        "ok.json",
-        scored,
-        "record 1: data_id IQ-R_TA-C_1 appears before with",
-        "--prompts",
-        str(prompts),
     )
     # A formatted file names no metric: --metric names it. (This copy starts with a byte
     # order mark, as some editors save JSON.)
@@ -905,6 +890,49 @@ def test_analyze_names_what_is_wrong_with_a_prompts_dataset(tmp_path: Path) -> N
     lines.with_suffix(".json").write_text(lines.read_text())  # JSON Lines named .json
     with pytest.raises(AnalysisError, match="JSON Lines, one record per line"):
         run_command(*analyze, str(lines.with_suffix(".json")))
+
+
+def test_analyze_reads_prompts_as_a_run_does_and_skips_what_it_would_quarantine(
+    tmp_path: Path,
+) -> None:
+    # A pair given as its name ("TA-C_IQ-R", which a run reads) was joined character by
+    # character: "'T_A_-_C___I_Q_-_R' is not a dimension pair", exit 2. And one record a run
+    # quarantines (a bad data_id, even one no score names; a line that is no JSON; a data_id
+    # again with another pair order) stopped the whole analysis.
+    evaluation, prompts = formatted_as_evaluation("clip")
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    lines = []
+    for prompt in prompts:
+        assert isinstance(prompt, dict)
+        first, second = prompt.pop("dimension")
+        lines.append(json.dumps({**prompt, "dimensions": f"{first}_{second}"}))
+    head = json.loads(lines[0])
+    first, second = head["dimensions"].split("_")
+    again = {"data_id": head["data_id"], "prompt": "p", "dimensions": [second, first]}
+    lines[1:1] = [json.dumps({"data_id": "bad id", "prompt": "p"}), "{not json", json.dumps(again)]
+    first_id = head["data_id"]
+    given = tmp_path / "prompts.jsonl"
+    given.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code, text = run_command(
+        "analyze",
+        str(tmp_path / "eval.json"),
+        "--out",
+        str(out),
+        "--no-plots",
+        "--prompts",
+        str(given),
+    )
+    assert code == 0
+    assert (out / "relationship_codes.csv").read_text() == EXPECTED_CSV.read_text()
+    assert (
+        f"note: --prompts {given}: skipped 3 record(s) without a usable pair, as a run "
+        "quarantines them; the first: record 1 (data_id 'bad id'): data_id 'bad id' is not a "
+        "safe file name"
+    ) in " ".join(text.split())
+    pairs = read_prompt_pairs(given)
+    assert pairs.skipped[1].startswith("record 2: line 3 is not JSON")
+    assert pairs.skipped[2] == f"record 3 (data_id {first_id!r}): duplicate data_id {first_id!r}"
 
 
 def test_the_scatter_draws_the_line_that_decides_dominance(

@@ -214,13 +214,20 @@ def test_validate_reads_the_dataset_as_a_run_would(
     records = json.loads(prompts.read_text())
     records[1]["data_id"] = records[0]["data_id"]
     records[2]["data_id"] = "../escape"
+    records[3]["prompt"] = ""
     prompts.write_text(json.dumps(records))
     assert main(["validate", str(path)]) == EXIT_OK
     out = " ".join(capsys.readouterr().out.split())
-    assert "6 records, 4 samples to judge" in out
-    assert "2 records would be quarantined:" in out
+    assert "6 records, 3 samples to judge" in out
+    # Numbered from 0 as quarantine.jsonl is, which the header says, and named by data_id
+    # where the reason does not name it: "record 2" beside "line 3" read as the second.
+    assert (
+        "3 records would be quarantined (records numbered from 0, as quarantine.jsonl's "
+        "index):" in out
+    )
     assert f"record 1: duplicate data_id {records[0]['data_id']!r}" in out
     assert "record 2: data_id '../escape' is not a safe file name" in out
+    assert f"record 3 (data_id {records[3]['data_id']!r}): missing or empty prompt" in out
     prompts.write_bytes(b'[{"data_id": "\xff"}]')  # not UTF-8: the run could not read it
     assert main(["validate", str(path)]) == EXIT_FATAL
     assert "byte 14 is not utf-8 text" in capsys.readouterr().err
@@ -369,7 +376,7 @@ def test_validate_lists_the_records_edited_since_they_were_judged(
     capsys.readouterr()
     assert main(["validate", str(path)]) == EXIT_OK
     out = " ".join(capsys.readouterr().out.split())
-    assert "1 records would be quarantined:" in out
+    assert "1 records would be quarantined (records numbered from 0" in out
     assert f"record 1: data_id {records[1]['data_id']!r} changed since it was judged" in out
 
 

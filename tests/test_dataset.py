@@ -349,6 +349,32 @@ def test_source_images_under_8_pixels_on_a_side_are_quarantined(tmp_path: Path) 
     assert "is 64x7 pixels" in reasons["IQ-R_TA-C_3"]
 
 
+def test_a_source_image_field_of_the_wrong_type_is_named(tmp_path: Path) -> None:
+    # Quarantined as "no source image (no image, no img_id)", as if the field were absent.
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "good.png").write_bytes(png_bytes())
+    records = [
+        {"data_id": "IQ-R_TA-C_1", "prompt": "p", "image": {"bytes": "text", "path": "good.png"}},
+        {"data_id": "IQ-R_TA-C_2", "prompt": "p", "image": 12},
+        {"data_id": "IQ-R_TA-C_3", "prompt": "p", "image": {"bytes": 5}},
+        {"data_id": "IQ-R_TA-C_4", "prompt": "p"},
+    ]
+    path = tmp_path / "p2p.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    _, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
+    expected = "the picture's bytes, a {bytes, path} mapping or a path under [dataset] image_root"
+    assert [r.reason for r in refused] == [
+        "p2p sample has no source image: image.bytes is text, not the picture's bytes (or "
+        "give an img_id)",
+        f"p2p sample has no source image: image is int '12', where {expected} is expected "
+        "(or give an img_id)",
+        f"p2p sample has no source image: image.bytes is int '5', where {expected} is "
+        "expected (or give an img_id)",
+        "p2p sample has no source image (no image, no img_id)",
+    ]
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_an_image_column_holding_a_path_is_looked_up_under_image_root(
     tmp_path: Path, fmt: str
@@ -516,7 +542,8 @@ def test_a_json_object_is_read_as_records_by_data_id_or_refused(tmp_path: Path) 
     samples, refused = read(DatasetSection(path=mapped))
     assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
     assert [r.reason for r in refused] == ["'IQ-R_TA-C_2' maps to a JSON number, not a record"]
-    assert refused[0].record == {"value": "5"}
+    assert refused[0].record == {"value": "5", "data_id": "IQ-R_TA-C_2"}
+    assert refused[0].data_id == "IQ-R_TA-C_2"  # was null, though the key names it
     scalar = tmp_path / "scalar.json"
     scalar.write_text("7")
     with pytest.raises(DatasetError, match="expected a JSON list of TRIG records, not a JSON"):
@@ -572,6 +599,27 @@ def test_a_damaged_shard_of_a_parquet_folder_is_named(tmp_path: Path) -> None:
         read(DatasetSection(path=folder))
     assert str(caught.value).startswith(f"cannot read parquet dataset {folder}: ")
     assert f"(in {cut}: its footer cannot be read; it is damaged or cut short)" in str(caught.value)
+
+
+def test_parquet_shards_in_linked_folders_are_read_once(tmp_path: Path) -> None:
+    # A shard in a linked subfolder was skipped, unsaid (Path.rglob on Python 3.11 does not
+    # follow linked folders); with every shard behind links, the folder "held no files".
+    def shard(folder: Path, part: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        frame = pl.DataFrame({"data_id": [f"IQ-R_TA-C_{part}"], "prompt": ["p"]})
+        frame.write_parquet(folder / f"part-{part}.parquet")
+
+    shard(tmp_path / "top", 0)
+    shard(tmp_path / "real", 1)
+    (tmp_path / "top" / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "top" / "loop").symlink_to(tmp_path / "top")  # walked once, not forever
+    (tmp_path / "top" / "again").symlink_to(tmp_path / "real")  # one folder, read once
+    samples, _ = read(DatasetSection(path=tmp_path / "top"))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1", "IQ-R_TA-C_0"]
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "linked").symlink_to(tmp_path / "real")
+    samples, _ = read(DatasetSection(path=tmp_path / "only"))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
 
 
 def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:

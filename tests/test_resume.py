@@ -35,7 +35,7 @@ from trig_stream import journal as journal_module
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
-from trig_stream.files import write_atomic_many
+from trig_stream.files import write_atomic, write_atomic_many
 from trig_stream.journal import (
     JOURNAL,
     Journal,
@@ -1215,6 +1215,16 @@ def test_files_written_together_are_complete_and_leave_no_temporary_files(
         )
     assert (tmp_path / "a" / "four.png").read_bytes() == b"fourth"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["four.png", "one.png", "two.png"]
+
+
+@pytest.mark.parametrize("name", ["c" * 245 + ".toml", "é" * 122 + ".toml"], ids=["ascii", "utf8"])
+def test_a_file_whose_name_is_near_the_limit_is_written(tmp_path: Path, name: str) -> None:
+    # The temporary name (".{name}.{pid}.{thread}.tmp") passed 255 bytes: "File name too long"
+    # for a name the system takes.
+    assert len(name.encode()) <= 255
+    write_atomic(tmp_path / name, b"text")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert (tmp_path / name).read_bytes() == b"text"
 
 
 def test_new_folders_and_the_journal_have_durable_names(

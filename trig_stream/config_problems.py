@@ -49,21 +49,20 @@ def unusable_entries(data: Any, *, dates: bool = True) -> Iterator[tuple[Loc, st
     return _unusable(data, (), dates, set())
 
 
-def _unusable(
-    data: Any, loc: Loc, dates: bool, within: set[int]
-) -> Iterator[tuple[Loc, str, bool]]:
+def _unusable(data: Any, loc: Loc, dates: bool, seen: set[int]) -> Iterator[tuple[Loc, str, bool]]:
     # The last item: whether the refused thing is the key ``loc`` ends with, not its value.
+    # A container is walked once, wherever else it is referenced: YAML aliases share one, and
+    # nine aliases on each of eight levels walked it 9**8 times; a cycle ends the same way.
     if isinstance(data, dict | list):
-        if id(data) in within:
+        if id(data) in seen:
             return
-        within.add(id(data))
+        seen.add(id(data))
         items = data.items() if isinstance(data, dict) else enumerate(data)
         for key, value in items:
             problem = text_problem(key) if isinstance(key, str) else None
             if problem is not None:
                 yield (*loc, key), f"the key {key!r} {problem}", True
-            yield from _unusable(value, (*loc, key), dates, within)
-        within.discard(id(data))
+            yield from _unusable(value, (*loc, key), dates, seen)
     elif isinstance(data, str):
         problem = text_problem(data)
         if problem is not None:

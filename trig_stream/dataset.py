@@ -250,6 +250,30 @@ class DatasetSource:
         """
         return sum(1 for _ in self._raw_records(identity_only=True))
 
+    def pairs_by_data_id(self) -> tuple[dict[str, tuple[Dimension, Dimension]], list[str]]:
+        """Each record's pair by ``data_id`` (the first of a repeated one, as a run keeps),
+        filters and limit not applied, reading only the identity columns; and, for each
+        record a run would quarantine for its identity (an unreadable line, a bad data_id or
+        pair, a repeated data_id), why: ``record N (data_id X): reason``.
+
+        Raises:
+            DatasetError: the dataset cannot be opened.
+        """
+        pairs: dict[str, tuple[Dimension, Dimension]] = {}
+        skipped: list[str] = []
+        for index, raw in enumerate(self._raw_records(identity_only=True)):
+            try:
+                data_id, dimensions = _identity(raw)
+                if data_id in pairs:
+                    raise Rejected(f"duplicate data_id {data_id!r}")
+            except Rejected as exc:
+                raw_id = raw.get("data_id")
+                named = f" (data_id {storable(raw_id)!r})" if isinstance(raw_id, str) else ""
+                skipped.append(f"record {index}{named}: {exc}")
+                continue
+            pairs[data_id] = dimensions
+        return pairs, skipped
+
     def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
         path = self.section.path
         mode = _mode(path, f"dataset {path}", "[dataset] path")
@@ -325,7 +349,7 @@ class DatasetSource:
             _check_decodable(io.BytesIO(embedded), "embedded source image")
             return None, bytes(embedded)
         if not img_id:
-            raise Rejected(f"{self.task} sample has no source image (no image, no img_id)")
+            raise Rejected(_no_source_image(raw, self.task))
         root = self.section.image_root
         if root is None:
             if via == IMAGE_PATH:
@@ -438,6 +462,28 @@ def _source_name(raw: Mapping[str, Any]) -> tuple[object, str]:
     if isinstance(image, str) and image:
         return image, IMAGE_PATH
     return "", "img_id"
+
+
+def _no_source_image(raw: Mapping[str, Any], task: Task) -> str:
+    """Why a record without an ``img_id`` has no source image: an image field of a type that
+    holds none is named (said as "no image", it looked absent)."""
+    image = raw.get("image")
+    field = "image"
+    if isinstance(image, Mapping):
+        image, field = image.get("bytes"), "image.bytes"
+    if image is not None and not isinstance(image, bytes | bytearray | str):
+        return (
+            f"{task} sample has no source image: {field} is {type(image).__name__} "
+            f"{str(image)[:40]!r}, "
+            "where the picture's bytes, a {bytes, path} mapping or a path under "
+            "[dataset] image_root is expected (or give an img_id)"
+        )
+    if field == "image.bytes" and isinstance(image, str) and image:
+        return (
+            f"{task} sample has no source image: image.bytes is text, not the picture's "
+            "bytes (or give an img_id)"
+        )
+    return f"{task} sample has no source image (no image, no img_id)"
 
 
 def _raw_digest(raw: Mapping[str, Any], task: Task, dimensions: tuple[Dimension, Dimension]) -> str:

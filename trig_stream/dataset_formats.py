@@ -10,6 +10,7 @@ with its reason, to be quarantined; what makes the whole file unreadable raises
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -56,7 +57,8 @@ def read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         # as a duplicate, as in a list (where the first wins).
         for key, value in data.pairs if isinstance(data, _RepeatedKeys) else data.items():
             if not isinstance(value, Mapping):
-                yield Unreadable(f"{key!r} maps to a JSON {_kind(value)}, not a record", value)
+                reason = f"{key!r} maps to a JSON {_kind(value)}, not a record"
+                yield Unreadable(reason, value, data_id=key)
             elif "data_id" in value and value["data_id"] != key:
                 # Which names it? Taking either quietly judges it under a name it may not have
                 # (and refuses the record that does have it as a duplicate).
@@ -110,13 +112,15 @@ class Unreadable(dict[str, Any]):
     itself two ways): quarantined with ``reason`` and the start of what it holds (the record
     itself), the rest read on."""
 
-    def __init__(self, reason: str, line: bytes | object) -> None:
+    def __init__(self, reason: str, line: bytes | object, *, data_id: str | None = None) -> None:
         if isinstance(line, bytes):
             super().__init__(line=line.decode("utf-8", "replace")[:LINE_SHOWN])
         elif isinstance(line, Mapping):  # a record refused as a whole: kept as it is
             super().__init__(line)
         else:
             super().__init__(value=json.dumps(line)[:LINE_SHOWN])
+        if data_id is not None:  # a JSON object's key names the entry: its quarantine says so
+            self["data_id"] = data_id
         self.reason = reason
 
 
@@ -188,8 +192,7 @@ def read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mapping
 
     if path.is_dir():
         try:
-            # Regular files only: a pipe named like a shard would be waited on forever.
-            files = sorted(file for file in path.rglob("*.parquet") if file.is_file())
+            files = _parquet_shards(path)
         except OSError as exc:
             raise DatasetError(f"cannot list dataset folder {path}: {exc}") from None
         if not files:
@@ -219,6 +222,37 @@ def read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mapping
         elif len(files) > 1 and (damaged := _unreadable_footer(files)) is not None:
             hint = f" (in {damaged}: its footer cannot be read; it is damaged or cut short)"
         raise DatasetError(f"cannot read parquet dataset {path}: {exc}{hint}") from None
+
+
+def _parquet_shards(folder: Path) -> list[Path]:
+    """The ``.parquet`` files below ``folder``, sorted, through linked folders too (Path.rglob
+    skipped those silently on Python 3.11, while it read a linked shard file); a folder met
+    again through a link (a loop, or two links to one folder) is walked once.
+
+    Raises:
+        OSError: a folder below cannot be listed.
+    """
+
+    def refuse(exc: OSError) -> None:
+        raise exc
+
+    files: list[Path] = []
+    seen = {os.path.realpath(folder)}
+    for top, folders, names in os.walk(folder, onerror=refuse, followlinks=True):
+        kept = []
+        for name in sorted(folders):
+            real = os.path.realpath(Path(top, name))
+            if real not in seen:
+                seen.add(real)
+                kept.append(name)
+        folders[:] = kept
+        # Regular files only: a pipe named like a shard would be waited on forever.
+        files.extend(
+            Path(top, name)
+            for name in names
+            if name.endswith(".parquet") and Path(top, name).is_file()
+        )
+    return sorted(files)
 
 
 def _unreadable_footer(files: list[Path]) -> Path | None:

@@ -151,7 +151,7 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
         if folder not in folders:
             make_dirs(folder)
             folders[folder] = None
-        temp = (temp_dir or folder) / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        temp = (temp_dir or folder) / _temporary_name(path.name)
         try:
             with temp.open("wb") as handle:
                 handle.write(data)
@@ -163,6 +163,19 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
             raise
     for folder in folders:
         sync_dir(folder)
+
+
+TEMP_NAME_BYTES: Final = 64
+"""How much of a file's name its temporary file's name keeps: a name near the file system's
+limit (255 bytes) plus the suffix was too long, and a valid ``-o`` name failed."""
+
+
+def _temporary_name(name: str) -> str:
+    """The name of ``name``'s temporary file: hidden, a short head of ``name`` (whole
+    characters) to tell whose it is, and the process and thread that write it."""
+    # Bytes that are no whole UTF-8 character (the one cut in two) are dropped.
+    short = os.fsencode(name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    return f".{short}.{os.getpid()}.{threading.get_ident()}.tmp"
 
 
 def storage_error(exc: OSError, what: str, *, nothing_written: bool = False) -> RunDirError:

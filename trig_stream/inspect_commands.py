@@ -123,10 +123,17 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
         )
     if refused:
         first = f"; the first {VALIDATE_SHOWN}" if len(refused) > VALIDATE_SHOWN else ""
-        out.print(f"  [yellow]{len(refused)} records would be quarantined[/]{first}:")
+        # Numbered as quarantine.jsonl's index (from 0): beside a JSON Lines line number
+        # (from 1) an unnamed "record 2" read as the second; the data_id says which.
+        out.print(
+            f"  [yellow]{len(refused)} records would be quarantined[/]{first} (records "
+            "numbered from 0, as quarantine.jsonl's index):"
+        )
         for record in refused[:VALIDATE_SHOWN]:
             reason = record.reason if len(record.reason) <= 160 else record.reason[:159] + "…"
-            out.print(f"    record {record.index}: {reason}", highlight=False, markup=False)
+            named = record.data_id is not None and repr(record.data_id) not in reason
+            which = f" (data_id {record.data_id!r})" if named else ""
+            out.print(f"    record {record.index}{which}: {reason}", highlight=False, markup=False)
     for what, entries in (("models", config.generators), ("judges", config.judges)):
         names = ", ".join(f"{entry.name} ({entry.backend})" for entry in entries)
         out.print(f"  {what}: {names}", highlight=False, markup=False)

@@ -304,6 +304,16 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
             highlight=False,
             markup=False,
         )
+    if data.prompts_skipped:
+        # As a run quarantines them; the analysis stops only where a scored data_id is left
+        # without a pair.
+        skipped = data.prompts_skipped
+        console.print(
+            f"note: --prompts {args.prompts}: skipped {len(skipped)} record(s) without a "
+            f"usable pair, as a run quarantines them; the first: {skipped[0]}",
+            highlight=False,
+            markup=False,
+        )
     _print_written(console, analysis, written)
     if written.plots_skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -30,6 +30,7 @@ from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
 
 __all__ = [
     "AnalysisError",
+    "PromptPairs",
     "RunData",
     "UpstreamData",
     "load_run",
@@ -92,47 +93,44 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(validation_problems(exc))
 
 
-def read_prompt_pairs(path: Path) -> dict[str, tuple[Dimension, Dimension]]:
+@dataclass(frozen=True, slots=True)
+class PromptPairs:
+    """The pairs a ``--prompts`` dataset gives, and the records it had without one."""
+
+    pairs: dict[str, tuple[Dimension, Dimension]]
+    """Each data_id's pair: the first record's, for a data_id repeated (as a run keeps)."""
+    skipped: list[str]
+    """Why each record a run would quarantine for its identity was skipped."""
+
+
+def read_prompt_pairs(path: Path) -> PromptPairs:
     """The pair of each ``data_id`` in a TRIG dataset, in any format a run reads: a legacy
-    JSON file, JSON Lines (``.jsonl``, ``.ndjson``), a parquet file or a folder of them.
+    JSON file, JSON Lines (``.jsonl``, ``.ndjson``), a parquet file or a folder of them,
+    read as a run reads it (``dimensions`` a list or a pair's name, else the data_id's).
+
+    A record a run would quarantine for its identity (an unreadable line, a bad data_id or
+    pair, a data_id repeated) is skipped and said in :attr:`PromptPairs.skipped`: the
+    analysis stops only where the result file scores a data_id left without a pair.
 
     Raises:
-        AnalysisError: the dataset cannot be read, or a record has no usable pair.
+        AnalysisError: the dataset cannot be read.
     """
-    from trig_stream.dataset_formats import (
-        Unreadable,
-        read_json,
-        read_json_lines,
-        read_parquet,
-    )
+    from trig_stream.config import DatasetSection
+    from trig_stream.dataset import DatasetSource
 
     suffix = path.suffix.lower()
+    if path.is_dir() or suffix == ".parquet":
+        fmt: Literal["json", "jsonl", "parquet"] = "parquet"
+    elif suffix in (".jsonl", ".ndjson"):
+        fmt = "jsonl"
+    else:
+        fmt = "json"
     try:
-        if path.is_dir() or suffix == ".parquet":
-            records: list[Any] = list(read_parquet(path, identity_only=True))
-        elif suffix in (".jsonl", ".ndjson"):
-            records = list(read_json_lines(path))
-        else:
-            records = list(read_json(path))
+        source = DatasetSource(DatasetSection(path=path, format=fmt), "t2i", source_images=False)
+        pairs, skipped = source.pairs_by_data_id()
     except DatasetError as exc:
         raise AnalysisError(f"--prompts: {exc}") from None
-    for index, record in enumerate(records):
-        if isinstance(record, Unreadable):
-            raise AnalysisError(f"--prompts {path}: record {index}: {record.reason}")
-    pairs: dict[str, tuple[Dimension, Dimension]] = {}
-    for index, record in enumerate(records):
-        try:
-            data_id = str(record["data_id"])
-            dims = record.get("dimensions") or record.get("dimension")
-            pair = split_pair("_".join(dims)) if dims else pair_from_data_id(data_id)
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise AnalysisError(f"{path}: record {index} has no usable pair: {exc}") from None
-        if pairs.setdefault(data_id, pair) != pair:
-            raise AnalysisError(
-                f"{path}: record {index}: data_id {data_id} appears before with the pair "
-                f"{pair_name(*pairs[data_id])}, here with {pair_name(*pair)}"
-            )
-    return pairs
+    return PromptPairs(pairs, skipped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +141,8 @@ class UpstreamData:
     metrics: list[str]
     layout: str
     """``evaluation`` or ``formatted``."""
+    prompts_skipped: tuple[str, ...] = ()
+    """Why each record of ``--prompts`` without a usable pair was skipped."""
 
 
 def read_upstream(
@@ -194,9 +194,10 @@ def read_upstream(
                 _from_formatted(document, model, metric, task, judge), [metric], "formatted"
             )
         if isinstance(sample, list):
-            pairs = read_prompt_pairs(prompts) if prompts else None
-            judgements, metrics = _from_evaluation(document, model, pairs, task, judge)
-            return UpstreamData(judgements, metrics, "evaluation")
+            given = read_prompt_pairs(prompts) if prompts else None
+            judgements, metrics = _from_evaluation(document, model, given, task, judge)
+            skipped = tuple(given.skipped) if given is not None else ()
+            return UpstreamData(judgements, metrics, "evaluation", skipped)
     except ValidationError as exc:
         raise AnalysisError(f"{path}: invalid value: {exc.errors()[0]['msg']}") from None
     except (TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -297,15 +298,22 @@ def _merge_order(order: list[str], names: list[str]) -> None:
 def _from_evaluation(
     document: dict[str, Any],
     model: str,
-    pairs: dict[str, tuple[Dimension, Dimension]] | None,
+    given: PromptPairs | None,
     task: Task,
     judge: JudgeFingerprint,
 ) -> tuple[list[Judgement], list[str]]:
     out: list[Judgement] = []
     metrics: list[str] = []
+    pairs = given.pairs if given is not None else None
     for data_id, dims in document.items():
-        if pairs is not None and data_id not in pairs:
-            raise ValueError(f"data_id {data_id} is not in the prompt file")
+        if given is not None and pairs is not None and data_id not in pairs:
+            why = f"data_id {data_id} is not in the prompt file"
+            if given.skipped:
+                why += (
+                    f" with a usable pair ({len(given.skipped)} of its records were skipped, "
+                    f"the first: {given.skipped[0]})"
+                )
+            raise ValueError(why)
         pair = pair_name(*(pairs[data_id] if pairs is not None else pair_from_data_id(data_id)))
         if not isinstance(dims, dict):
             raise ValueError(f"{data_id}: expected {{dimension: [{{metric: score}}, ...]}}")

@@ -20,7 +20,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from trig_stream.config import RunConfig, parse_config
-from trig_stream.config_problems import dotted_key, unusable_values
+from trig_stream.config_problems import MAX_NESTING, dotted_key, unusable_values
 from trig_stream.dimensions import DIMENSIONS, Task, normalise_task
 from trig_stream.errors import ConfigError
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping
@@ -97,6 +97,11 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
         # An alias to an anchor the file never defines is the usual culprit in upstream files.
         message = " ".join(str(exc).split())
         raise ConfigError(f"{path}: not valid YAML: {message}") from None
+    except RecursionError:  # the YAML reader recurses once per level of a list or mapping
+        raise ConfigError(
+            f"{path}: not a usable upstream config: lists or mappings nested too deep to read "
+            f"(over {MAX_NESTING} levels); a config needs a few"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an upstream config is a mapping of keys at the top level")
     # Checked before anything is converted: such text reached the TOML, which then could
@@ -183,6 +188,7 @@ class _Converter:
         self._dataset()
         self._generators()
         self._judges()
+        self._limit_note()
         self._relation()
         if not self.generators:
             raise ConfigError(
@@ -219,10 +225,14 @@ class _Converter:
             self.warn(key, "unknown upstream key, left out")
 
     def _run(self) -> None:
-        name = self._text("name", self.data.get("name"), "a run name") or self.source.stem
+        given = self._text("name", self.data.get("name"), "a run name")
+        name = given or self.source.stem
         safe = safe_name(name)
         if safe != name:
-            self.warn("name", f"{name!r} is not a valid run name here; using {safe!r}")
+            # Without a usable name key the file's name stands in: said as the key's own, the
+            # warning read as if the key were there.
+            given_by = f"{name!r}" if given else f"the file name {name!r}, standing in for it,"
+            self.warn("name", f"{given_by} is not a valid run name here; using {safe!r}")
         self.run["name"] = safe
         raw_task = self.data.get("task", "t2i")
         task_name = str(raw_task)
@@ -337,6 +347,24 @@ class _Converter:
                 f"no metric for {', '.join(absent)}: [dataset] dimensions keeps the samples "
                 "with a judged dimension and judges only those",
             )
+
+    def _limit_note(self) -> None:
+        """Say what ``end_idx`` became: [dataset] has no positions, and ``limit`` counts the
+        valid samples the filters keep, so with a filter (or a record quarantined) the run
+        reaches past upstream's ``end_idx`` for other records than upstream judges."""
+        limit = self.dataset.get("limit")
+        if limit is None:
+            return
+        filters = [key for key in ("pairs", "dimensions") if key in self.dataset]
+        kept = f"that [dataset] {' and '.join(filters)} keeps and " if filters else ""
+        self.warn(
+            "end_idx",
+            f"became [dataset] limit = {limit}, a count of samples, not a position: upstream "
+            f"judges records 0 to {limit - 1}, the run the first {limit} records {kept}that "
+            "are valid, past upstream's end where one is left out; check the samples "
+            f"`trig-stream validate` lists, or cut the dataset to its first {limit} records "
+            "and remove limit",
+        )
 
     # -- relation
 
