@@ -1011,3 +1011,58 @@ def test_a_resume_with_another_dimensions_filter_tells_failed_from_never_judged(
     else:
         assert "not judged" not in text
     assert expected in text
+
+
+@pytest.mark.parametrize("name", ["evaluation_result.json", "formatted.json", "report.md"])
+def test_analyze_refuses_to_write_over_its_own_input(tmp_path: Path, name: str) -> None:
+    # --out the input's folder replaced the input with the export of what was read (nulls lost).
+    folder = tmp_path / "res"
+    folder.mkdir()
+    evaluation = {
+        "IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}, {"c": None}], "TA-C": [{"m": None}, {"c": 0.3}]},
+        "IQ-R_TA-C_2": {"IQ-R": [{"m": 0.7}, {"c": 0.1}], "TA-C": [{"m": 0.6}, {"c": 0.2}]},
+    }
+    text = json.dumps(evaluation)
+    (folder / name).write_text(text)
+    given = tmp_path / "res" / ".." / "res" / name
+    with pytest.raises(AnalysisError) as raised:
+        run_command("analyze", str(given), "--out", str(folder), "--no-plots")
+    assert str(raised.value) == (
+        f"--out {folder} would write {folder / name} over the input FILE {given}; name another "
+        "output folder with --out"
+    )
+    assert (folder / name).read_text() == text
+    # A hard link to it is the same file; so is a --prompts file there.
+    os.link(folder / name, tmp_path / "linked.json")
+    with pytest.raises(AnalysisError, match="over the input FILE"):
+        run_command("analyze", str(tmp_path / "linked.json"), "--out", str(folder), "--no-plots")
+    (tmp_path / "eval.json").write_text(text)
+    with pytest.raises(AnalysisError, match="over the input --prompts"):
+        run_command(
+            "analyze",
+            str(tmp_path / "eval.json"),
+            "--out",
+            str(folder),
+            "--prompts",
+            str(folder / name),
+            "--no-plots",
+        )
+    assert (folder / name).read_text() == text
+    assert sorted(p.name for p in folder.iterdir()) == [name]
+
+
+def test_analyze_refuses_to_write_into_its_prompts_folder(tmp_path: Path) -> None:
+    (tmp_path / "eval.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]}}))
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    with pytest.raises(AnalysisError, match="is the --prompts folder .*would join the dataset"):
+        run_command(
+            "analyze",
+            str(tmp_path / "eval.json"),
+            "--out",
+            str(dataset),
+            "--prompts",
+            str(dataset),
+            "--no-plots",
+        )
+    assert not any(dataset.iterdir())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -23,6 +24,7 @@ from trig_stream.analysis.inputs import (
     read_upstream,
     with_overrides,
 )
+from trig_stream.analysis.plots import PLOT_FILES
 from trig_stream.analysis.relations import (
     ModelAnalysis,
     OutputWriteError,
@@ -30,6 +32,8 @@ from trig_stream.analysis.relations import (
     default_metric,
 )
 from trig_stream.analysis.report import (
+    MODEL_FILES,
+    PLOTS_FOLDER,
     WrittenFiles,
     is_model_outputs,
     left_out_text,
@@ -281,6 +285,7 @@ def _say(console: Console, text: str) -> None:
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     """``analyze FILE --out DIR``: the same analysis on an upstream TRIG file."""
     model: str = args.model or args.file.stem
+    _refuse_overwriting_inputs(args.out, args.file, args.prompts)
     data = read_upstream(
         args.file,
         model=model,
@@ -308,6 +313,41 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     if written.plots_skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return 0
+
+
+def _refuse_overwriting_inputs(folder: Path, file: Path, prompts: Path | None) -> None:
+    """Refuse an output folder where ``analyze`` would write over its own input: ``--out``
+    the input's folder replaced an ``evaluation_result.json`` or ``formatted.json`` with the
+    export of what was read from it (its nulls lost).
+
+    Raises:
+        AnalysisError: a file the outputs go to is ``file`` or ``prompts``, or ``folder`` is
+            the ``prompts`` folder.
+    """
+    outputs = [folder / name for name in MODEL_FILES]
+    outputs += [folder / PLOTS_FOLDER / name for name in PLOT_FILES]
+    for option, given in (("FILE", file), ("--prompts", prompts)):
+        if given is None:
+            continue
+        if given.is_dir() and _same_file(folder, given):
+            # A parquet dataset folder: judgements.parquet would join the dataset.
+            raise AnalysisError(
+                f"--out {folder} is the {option} folder {given}: the outputs would join the "
+                "dataset; name another output folder with --out"
+            )
+        for output in outputs:
+            if _same_file(output, given):
+                raise AnalysisError(
+                    f"--out {folder} would write {output} over the input {option} {given}; "
+                    "name another output folder with --out"
+                )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # a hard link too
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
 
 
 def compare_runs(
