@@ -129,7 +129,9 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
         run_command("analyze", str(tmp_path / "big.json"), "--out", str(tmp_path / "o"))
     # A score on another scale would put every image in one zone of the DTM.
     (tmp_path / "scale.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 4.5}]}}))
-    with pytest.raises(AnalysisError, match=r"IQ-R_TA-C_1 IQ-R: score 4.5 is outside \[0, 1\]"):
+    with pytest.raises(
+        AnalysisError, match=r"IQ-R_TA-C_1 IQ-R: score 4.5 of metric 'm' is outside \[0, 1\]"
+    ):
         run_command("analyze", str(tmp_path / "scale.json"), "--out", str(tmp_path / "o"))
     # A formatted file's pair with an unknown dimension is named as such, not read as a data_id.
     (tmp_path / "pair.json").write_text(json.dumps({"IQ-R_XX-C": {"IQ-R_XX-C_1": [0.5, 0.4]}}))
@@ -1066,3 +1068,35 @@ def test_analyze_refuses_to_write_into_its_prompts_folder(tmp_path: Path) -> Non
             "--no-plots",
         )
     assert not any(dataset.iterdir())
+
+
+def test_analyze_metric_reads_only_that_metric(tmp_path: Path) -> None:
+    # Upstream holds one cell per metric: clipscore's scale refused the file for trigscore too.
+    multi = tmp_path / "multi.json"
+    multi.write_text(
+        json.dumps(
+            {
+                "IQ-R_TA-C_1": {
+                    "IQ-R": [{"trigscore": 0.5}, {"clipscore": 27.3}],
+                    "TA-C": [{"trigscore": 0.4}, {"clipscore": 27.3}],
+                }
+            }
+        )
+    )
+    out = tmp_path / "o"
+    code, text = run_command(
+        "analyze", str(multi), "--metric", "trigscore", "--out", str(out), "--no-plots"
+    )
+    assert code == 0
+    assert (
+        "note: metric(s) 'clipscore' not read: --metric trigscore analyses that one, and the "
+        "others' scores are neither checked nor written to the outputs"
+    ) in " ".join(text.split())
+    assert json.loads((out / "evaluation_result.json").read_text()) == {
+        "IQ-R_TA-C_1": {"IQ-R": [{"trigscore": 0.5}], "TA-C": [{"trigscore": 0.4}]}
+    }
+    # Without --metric every metric is read, and the refusal says how to pick one.
+    with pytest.raises(AnalysisError, match="metric 'clipscore' is outside .*--metric names"):
+        run_command("analyze", str(multi), "--out", str(out), "--no-plots")
+    with pytest.raises(AnalysisError, match="no metric 'clip'; it has trigscore, clipscore"):
+        run_command("analyze", str(multi), "--metric", "clip", "--out", str(out), "--no-plots")

@@ -292,6 +292,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         prompts=args.prompts,
         metric=args.metric or "trigscore",
         task=normalise_task(args.task),
+        only=args.metric,
     )
     metric = _pick_metric(data.metrics, args.metric, args.file, data.judgements)
     thresholds = with_overrides(RelationSection(), _overrides(args))
@@ -308,6 +309,13 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
             f"note: --prompts {args.prompts} was not read: a formatted file's pairs are its keys",
             highlight=False,
             markup=False,
+        )
+    if data.skipped:
+        names = ", ".join(repr(m) for m in data.skipped)
+        _say(
+            console,
+            f"note: metric(s) {names} not read: --metric {metric} analyses that one, and the "
+            "others' scores are neither checked nor written to the outputs",
         )
     _print_written(console, analysis, written)
     if written.plots_skipped:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,8 @@ class UpstreamData:
     metrics: list[str]
     layout: str
     """``evaluation`` or ``formatted``."""
+    skipped: list[str] = field(default_factory=list)
+    """The metrics of an evaluation result not read, because another one was asked for."""
 
 
 def read_upstream(
@@ -152,6 +154,7 @@ def read_upstream(
     prompts: Path | None = None,
     metric: str = "trigscore",
     task: Task = "t2i",
+    only: str | None = None,
 ) -> UpstreamData:
     """Read a TRIG evaluation result or formatted JSON file as judgements of ``model``.
 
@@ -161,6 +164,9 @@ def read_upstream(
         prompts: a prompt file giving each data_id's pair (evaluation results only).
         metric: the metric name of a formatted file's scores (it names none).
         task: the TRIG task the judgements get.
+        only: the one metric of an evaluation result to read; the others' scores are neither
+            checked nor kept (upstream holds one cell per metric, some on other scales than
+            [0, 1]), their names listed in :attr:`UpstreamData.skipped`. None reads all.
 
     Raises:
         AnalysisError: the file cannot be read, its layout is neither, or a value is invalid.
@@ -195,8 +201,9 @@ def read_upstream(
             )
         if isinstance(sample, list):
             pairs = read_prompt_pairs(prompts) if prompts else None
-            judgements, metrics = _from_evaluation(document, model, pairs, task, judge)
-            return UpstreamData(judgements, metrics, "evaluation")
+            judgements, metrics = _from_evaluation(document, model, pairs, task, judge, only)
+            skipped = [m for m in metrics if only is not None and m != only]
+            return UpstreamData(judgements, metrics, "evaluation", skipped)
     except ValidationError as exc:
         raise AnalysisError(f"{path}: invalid value: {exc.errors()[0]['msg']}") from None
     except (TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -248,8 +255,9 @@ def _judgement(
         raise ValueError(f"{data_id} {dim}: score {score!r} is not a finite number")
     if value is not None and not 0.0 <= value <= 1.0:
         raise ValueError(
-            f"{data_id} {dim}: score {score!r} is outside [0, 1], where TRIG scores lie (the "
-            "DTM's zone thresholds assume it)"
+            f"{data_id} {dim}: score {score!r} of metric {metric!r} is outside [0, 1], where "
+            "TRIG scores lie (the DTM's zone thresholds assume it); --metric names the one "
+            "metric to analyse, the others' scores are then not read"
         )
     return Judgement.model_validate(
         {
@@ -300,6 +308,7 @@ def _from_evaluation(
     pairs: dict[str, tuple[Dimension, Dimension]] | None,
     task: Task,
     judge: JudgeFingerprint,
+    only: str | None = None,
 ) -> tuple[list[Judgement], list[str]]:
     out: list[Judgement] = []
     metrics: list[str] = []
@@ -323,5 +332,7 @@ def _from_evaluation(
                     if metric in seen:
                         raise ValueError(f"{data_id} {dim}: metric {metric!r} scored twice")
                     seen.add(metric)
+                    if only is not None and metric != only:
+                        continue
                     out.append(_judgement(model, data_id, task, pair, dim, metric, score, judge))
     return out, metrics
