@@ -1100,3 +1100,53 @@ def test_analyze_metric_reads_only_that_metric(tmp_path: Path) -> None:
         run_command("analyze", str(multi), "--out", str(out), "--no-plots")
     with pytest.raises(AnalysisError, match="no metric 'clip'; it has trigscore, clipscore"):
         run_command("analyze", str(multi), "--metric", "clip", "--out", str(out), "--no-plots")
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            '{"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5, "m": 0.7}], "TA-C": [{"m": 0.2}]}}',
+            "key 'm' appears twice in one object (under IQ-R_TA-C_1 > IQ-R[0])",
+        ),
+        (
+            '{"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]}, "IQ-R_TA-C_1": {"IQ-R": [{"m": 0.7}]}}',
+            "key 'IQ-R_TA-C_1' appears twice in one object (at the top level)",
+        ),
+        (
+            '{"IQ-R_TA-C": {"a_1": [0.5, 0.4], "a_1": [0.1, 0.2]}}',
+            "key 'a_1' appears twice in one object (under IQ-R_TA-C)",
+        ),
+    ],
+)
+def test_analyze_refuses_a_key_named_twice(tmp_path: Path, text: str, where: str) -> None:
+    # JSON readers keep the last value of a key: a judgement was dropped without a word.
+    (tmp_path / "dup.json").write_text(text)
+    with pytest.raises(AnalysisError) as raised:
+        run_command("analyze", str(tmp_path / "dup.json"), "--out", str(tmp_path / "o"))
+    assert str(raised.value) == (
+        f"{tmp_path / 'dup.json'}: {where}: a JSON reader keeps the last value only, so a score "
+        "would be silently dropped; remove one of them"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(60)  # the pipe was waited on for ever
+def test_analyze_refuses_what_is_no_file_or_nests_too_deep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A pipe hung the command, /dev/zero ran out of memory, deep nesting was a traceback.
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, reason in [
+        (deep, "cannot read JSON: arrays or objects nested too deep to read"),
+        (fifo, "cannot read it: it is a named pipe (FIFO), not a file; name a TRIG JSON file"),
+        # /dev/zero itself would, on a regression, take the test machine's memory.
+        (Path("/dev/null"), "cannot read it: it is a character device, not a file"),
+    ]:
+        assert main(["analyze", str(path), "--out", str(tmp_path / "o"), "--no-plots"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert err.startswith(f"error: {path}: {reason}") and err.count("\n") == 0
+        assert "Traceback" not in err

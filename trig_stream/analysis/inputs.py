@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
 
@@ -24,6 +24,7 @@ from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
 from trig_stream.errors import DatasetError, RunDirError, validation_problems
+from trig_stream.files import read_settings_file
 from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.manifest import MANIFEST, Manifest, read_manifest
 from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
@@ -177,10 +178,7 @@ def read_upstream(
             f"{path} is a trig-stream run's; `analyze` reads upstream TRIG JSON files: run "
             f"`trig-stream report {run_dir}` instead"
         )
-    try:
-        document = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as exc:
-        raise AnalysisError(f"{path}: cannot read JSON: {exc}") from None
+    document = _read_json(path)
     if not isinstance(document, dict) or not document:
         raise AnalysisError(f"{path}: expected a non-empty JSON object")
     judge = JudgeFingerprint(backend="upstream-file", model=path.name)
@@ -220,6 +218,92 @@ def read_upstream(
         f"{path}: neither a TRIG evaluation result ({{data_id: {{dim: [{{metric: score}}]}}}})"
         " nor a formatted file ({pair: {data_id: [score_A, score_B]}})"
     )
+
+
+MAX_UPSTREAM_BYTES: Final = 2**30
+"""The largest upstream file read: one of 100,000 images is tens of megabytes."""
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object names a key twice (raised while parsing, to be located afterwards)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise _RepeatedKey
+    return document
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object that names :attr:`key` twice (the last value kept)."""
+
+    key: str
+
+
+def _marking_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) == len(pairs):
+        return document
+    marked = _Repeated(document)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            marked.key = key
+            break
+        seen.add(key)
+    return marked
+
+
+def _repeated_at(value: Any, where: str = "") -> tuple[str, str] | None:
+    """Where the first object that names a key twice is (``data_id > dimension[cell]``), and
+    that key."""
+    if isinstance(value, _Repeated):
+        return where, value.key
+    if isinstance(value, dict):
+        steps = ((f"{where} > {key}" if where else key, child) for key, child in value.items())
+    elif isinstance(value, list):
+        steps = ((f"{where}[{index}]", child) for index, child in enumerate(value))
+    else:
+        return None
+    for step, child in steps:
+        found = _repeated_at(child, step)
+        if found is not None:
+            return found
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    """An upstream file's JSON document, every object's keys distinct.
+
+    Raises:
+        AnalysisError: it is no regular file (a pipe is not waited on, a device not read),
+            is larger than :data:`MAX_UPSTREAM_BYTES`, is not JSON, nests too deep or names a
+            key twice in one object (JSON readers keep the last value: a judgement lost).
+    """
+    try:
+        raw = read_settings_file(path, MAX_UPSTREAM_BYTES)
+    except OSError as exc:
+        raise AnalysisError(
+            f"{path}: cannot read it: {exc.strerror or exc}; name a TRIG JSON file"
+        ) from None
+    try:
+        text = raw.decode("utf-8-sig")
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _RepeatedKey:
+        where, key = _repeated_at(json.loads(text, object_pairs_hook=_marking_keys)) or ("", "")
+        place = f"under {where}" if where else "at the top level"
+        raise AnalysisError(
+            f"{path}: key {key!r} appears twice in one object ({place}): a JSON reader keeps "
+            "the last value only, so a score would be silently dropped; remove one of them"
+        ) from None
+    except RecursionError:
+        raise AnalysisError(
+            f"{path}: cannot read JSON: arrays or objects nested too deep to read; a TRIG "
+            "file nests three levels"
+        ) from None
+    except ValueError as exc:  # not JSON, not UTF-8, an integer of 5,000 digits
+        raise AnalysisError(f"{path}: cannot read JSON: {exc}") from None
 
 
 def _scores(cells: list[Any]) -> bool:
