@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -1150,3 +1151,27 @@ def test_analyze_refuses_what_is_no_file_or_nests_too_deep(
         err = " ".join(capsys.readouterr().err.split())
         assert err.startswith(f"error: {path}: {reason}") and err.count("\n") == 0
         assert "Traceback" not in err
+
+
+def test_compare_gives_a_run_without_judgements_empty_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "empty: no judgements to analyse" refused the whole comparison.
+    scored = write_run_dir(tmp_path / "scored", {})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    manifest = json.loads((scored / MANIFEST).read_text())
+    manifest["config"]["generators"] = [{"name": "model-a"}, {"name": "model-c"}]
+    (empty / MANIFEST).write_text(json.dumps(manifest))
+    (empty / JOURNAL).write_text("")
+    assert main(["compare", str(empty), str(scored)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for model in ("model-a", "model-c"):
+        assert (
+            f"Note: empty/{model} has no judgement of metric `trigscore` yet: its column is "
+            "empty, and its DTM cells are undefined (-1)"
+        ) in out
+    assert "| dimension | empty/model-a | empty/model-c | scored/model-a | scored/model-b |" in out
+    # Alone, it still has nothing to compare.
+    with pytest.raises(AnalysisError, match="nothing to compare: no ok score in .*if any"):
+        run_command("compare", str(empty), str(shutil.copytree(empty, tmp_path / "other")))

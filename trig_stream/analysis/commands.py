@@ -29,6 +29,7 @@ from trig_stream.analysis.relations import (
     ModelAnalysis,
     OutputWriteError,
     analyse_judgements,
+    analyse_model,
     default_metric,
 )
 from trig_stream.analysis.report import (
@@ -388,7 +389,7 @@ def compare_runs(
             notes.append(note)
         run = load_run(run_dir)
         thresholds = with_overrides(run.relation, overrides or {})
-        for model, analysis in analyse_run(run, thresholds, metric).items():
+        for model, analysis in _run_columns(run, thresholds, metric).items():
             # Model names hold no "/": with distinct run labels, labels are distinct too.
             label = model if len(run_dirs) == 1 else f"{run_label}/{model}"
             columns.append((label, run, analysis))
@@ -400,10 +401,22 @@ def compare_runs(
         metrics = ", ".join(f"`{m}`" for m in dict.fromkeys(a.metric for _, _, a in columns))
         raise AnalysisError(
             f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (metric "
-            f"{metrics}: every judgement of it is unscorable or an error); `trig-stream "
+            f"{metrics}: every judgement of it, if any, is unscorable or an error); `trig-stream "
             "status` counts them, and --metric picks another judge"
         )
     return _comparison(columns, notes)
+
+
+def _run_columns(
+    run: RunData, thresholds: RelationSection, metric: str | None
+) -> dict[str, ModelAnalysis]:
+    """:func:`analyse_run`, or for a run without a judgement yet an empty analysis of each
+    model of its config (under ``metric``, else its first judge): its columns are empty, as
+    those of a run whose every judgement failed, rather than the comparison refused."""
+    if run.judgements:
+        return analyse_run(run, thresholds, metric)
+    chosen = metric or (run.metrics[0] if run.metrics else "trigscore")
+    return {model: analyse_model(model, chosen, [], thresholds) for model in run.models}
 
 
 def _comparison(
@@ -417,8 +430,13 @@ def _comparison(
         assert label not in analyses, f"two columns labelled {label}"
         analyses[label] = analysis
     empty = [
-        f"{label} has no ok score (every judgement unscorable or an error): its column is "
-        "empty, and its DTM cells are undefined (-1)"
+        f"{label} has "
+        + (
+            "no ok score (every judgement unscorable or an error)"
+            if analysis.pairs
+            else f"no judgement of metric `{analysis.metric}` yet"
+        )
+        + ": its column is empty, and its DTM cells are undefined (-1)"
         for label, analysis in analyses.items()
         if not analysis.dimension_means
     ]

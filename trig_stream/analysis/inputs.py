@@ -51,6 +51,8 @@ class RunData:
     """Metric names: the config's judges in order, then any others found in the journal."""
     relation: RelationSection
     """The thresholds of the run's config, or TRIG's defaults."""
+    models: list[str] = field(default_factory=list)
+    """Model names: the config's generators in order, then any others found in the journal."""
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -61,18 +63,28 @@ def load_run(run_dir: Path) -> RunData:
     """
     manifest = read_manifest(run_dir)
     judgements = list(read_journal(run_dir / JOURNAL))
-    judges = manifest.config.get("judges") or []
-    metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
+    metrics = _names(manifest.config.get("judges"))
+    models = _names(manifest.config.get("generators"))
     for judgement in judgements:
         if judgement.metric not in metrics:
             metrics.append(judgement.metric)
+        if judgement.model not in models:
+            models.append(judgement.model)
     try:
         relation = RelationSection.model_validate(manifest.config.get("relation") or {})
     except ValidationError as exc:
         raise RunDirError(
             f"{run_dir}: the manifest's [relation] section is invalid: {_problems(exc)}"
         ) from None
-    return RunData(run_dir, manifest, judgements, metrics, relation)
+    return RunData(run_dir, manifest, judgements, metrics, relation, models)
+
+
+def _names(entries: object) -> list[str]:
+    """The names of a manifest's config entries (judges, generators), in order; an entry of
+    another shape (edited by hand) names nothing."""
+    if not isinstance(entries, list):
+        return []
+    return [str(e["name"]) for e in entries if isinstance(e, dict) and "name" in e]
 
 
 def with_overrides(base: RelationSection, overrides: Mapping[str, object]) -> RelationSection:
