@@ -1175,3 +1175,59 @@ def test_compare_gives_a_run_without_judgements_empty_columns(
     # Alone, it still has nothing to compare.
     with pytest.raises(AnalysisError, match="nothing to compare: no ok score in .*if any"):
         run_command("compare", str(empty), str(shutil.copytree(empty, tmp_path / "other")))
+
+
+def test_analyze_on_a_reports_evaluation_result_gives_back_its_left_out_images(
+    tmp_path: Path,
+) -> None:
+    # A failed judgement was not exported: analyze counted its image as one dimension never
+    # judged, "the dataset's dimensions filter, or a run stopped before it".
+    run = write_run_dir(tmp_path / "run", {}, models=("model-a",))
+    failed = Judgement(
+        model="model-a",
+        data_id="IQ-R_TA-C_1",
+        task="t2i",
+        pair="IQ-R_TA-C",
+        dimension="TA-C",
+        metric="trigscore",
+        judge=JudgeFingerprint(backend="fake", model="j"),
+        status="error",
+        error="timeout",
+    )
+    journal = Journal(run / JOURNAL)
+    journal.open()
+    journal.append([failed])
+    journal.close()
+    _, reported = run_command("report", str(run), "--no-plots")
+    assert "1 image left out for a missing score ->" in reported
+    folder = run / "report" / "model-a"
+    out = tmp_path / "out"
+    _, analysed = run_command(
+        "analyze",
+        str(folder / "evaluation_result.json"),
+        "--model",
+        "model-a",
+        "--out",
+        str(out),
+        "--no-plots",
+    )
+    assert "1 image left out for a missing score ->" in analysed
+    body = (folder / "report.md").read_text().split("\n", 3)[3]
+    assert (out / "report.md").read_text().split("\n", 3)[3] == body
+
+
+def test_analyze_gives_no_run_cause_for_a_dimension_absent_from_an_upstream_file(
+    tmp_path: Path,
+) -> None:
+    document = {
+        "IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]},
+        "IQ-R_TA-C_2": {"IQ-R": [{"m": 0.5}], "TA-C": [{"m": 0.4}]},
+    }
+    (tmp_path / "eval.json").write_text(json.dumps(document))
+    out = tmp_path / "o"
+    _, text = run_command("analyze", str(tmp_path / "eval.json"), "--out", str(out), "--no-plots")
+    said = (
+        "0 images left out for a missing score, 1 image with no cell in the file for one dimension"
+    )
+    assert said + " ->" in text
+    assert said + "." in (out / "report.md").read_text()

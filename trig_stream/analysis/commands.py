@@ -149,11 +149,13 @@ def analyse_run(
     return {model: analysis for (model, _), analysis in analyses.items()}
 
 
-def _print_written(console: Console, analysis: ModelAnalysis, written: WrittenFiles) -> None:
+def _print_written(
+    console: Console, analysis: ModelAnalysis, written: WrittenFiles, *, upstream: bool = False
+) -> None:
     codes = sum(1 for p in analysis.pairs if p.n)
     console.print(
         f"{analysis.model}: {len(analysis.pairs)} pairs ({codes} with data), "
-        f"{left_out_text(analysis)} -> {written.folder}",
+        f"{left_out_text(analysis, upstream=upstream)} -> {written.folder}",
         highlight=False,
         markup=False,
     )
@@ -302,7 +304,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     if analysis is None:
         raise AnalysisError(f"{args.file}: no scores of metric {metric!r}")
     written = write_model_outputs(
-        analysis, data.judgements, data.metrics, args.out, plots=not args.no_plots
+        analysis, data.judgements, data.metrics, args.out, plots=not args.no_plots, upstream=True
     )
     console.print(f"read {args.file} as a TRIG {data.layout} file", highlight=False, markup=False)
     if args.prompts is not None and data.layout == "formatted":
@@ -318,7 +320,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
             f"note: metric(s) {names} not read: --metric {metric} analyses that one, and the "
             "others' scores are neither checked nor written to the outputs",
         )
-    _print_written(console, analysis, written)
+    _print_written(console, analysis, written, upstream=True)
     if written.plots_skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return 0
