@@ -1231,3 +1231,15 @@ def test_analyze_gives_no_run_cause_for_a_dimension_absent_from_an_upstream_file
     )
     assert said + " ->" in text
     assert said + "." in (out / "report.md").read_text()
+
+
+def test_analyze_refuses_an_image_under_two_pairs_of_a_formatted_file(tmp_path: Path) -> None:
+    # Both orders of one pair held the image: both scores went into the means.
+    document = {"IQ-R_TA-C": {"a_1": [0.5, 0.4]}, "TA-C_IQ-R": {"a_1": [0.1, 0.9]}}
+    (tmp_path / "revpair.json").write_text(json.dumps(document))
+    with pytest.raises(AnalysisError) as raised:
+        run_command("analyze", str(tmp_path / "revpair.json"), "--out", str(tmp_path / "o"))
+    assert str(raised.value) == (
+        f"{tmp_path / 'revpair.json'}: data_id a_1 is under two pairs, IQ-R_TA-C and "
+        "TA-C_IQ-R: an image belongs to one pair; keep it under one of them"
+    )

@@ -375,11 +375,18 @@ def _from_formatted(
     document: dict[str, Any], model: str, metric: str, task: Task, judge: JudgeFingerprint
 ) -> list[Judgement]:
     out = []
+    pair_of: dict[str, str] = {}
     for pair, images in document.items():
         first, second = split_pair(pair)
         if not isinstance(images, dict):
             raise ValueError(f"pair {pair}: expected {{data_id: [score_A, score_B]}}")
         for data_id, scores in images.items():
+            if pair_of.setdefault(data_id, pair) != pair:
+                # One image under both orders of a pair would count twice, with two scores.
+                raise ValueError(
+                    f"data_id {data_id} is under two pairs, {pair_of[data_id]} and {pair}: "
+                    "an image belongs to one pair; keep it under one of them"
+                )
             if not isinstance(scores, list) or len(scores) != 2:
                 raise ValueError(f"{pair} {data_id}: expected two scores, got {scores!r}")
             for dim, score in zip((first, second), scores, strict=True):
