@@ -108,7 +108,8 @@ def markdown_report(
     lines += [
         "",
         "The interval is Fisher's z: atanh(r) ± 1.96·se, se = 1/√(N−3) for Pearson and "
-        "√(1.06/(N−3)) for Spearman; none for paretoF or N < 4.",
+        "√(1.06/(N−3)) for Spearman; none for paretoF, N < 4 or a constant side (Pearson's "
+        "0 there is TRIG's convention, not a measure).",
         "",
         "## Dimension Trade-off Map",
         "",
