@@ -1058,7 +1058,7 @@ def test_analyze_refuses_to_write_into_its_prompts_folder(tmp_path: Path) -> Non
     (tmp_path / "eval.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]}}))
     dataset = tmp_path / "dataset"
     dataset.mkdir()
-    with pytest.raises(AnalysisError, match="is the --prompts folder .*would join the dataset"):
+    with pytest.raises(AnalysisError, match=r"is the --prompts folder .*would join the dataset"):
         run_command(
             "analyze",
             str(tmp_path / "eval.json"),
@@ -1097,7 +1097,7 @@ def test_analyze_metric_reads_only_that_metric(tmp_path: Path) -> None:
         "IQ-R_TA-C_1": {"IQ-R": [{"trigscore": 0.5}], "TA-C": [{"trigscore": 0.4}]}
     }
     # Without --metric every metric is read, and the refusal says how to pick one.
-    with pytest.raises(AnalysisError, match="metric 'clipscore' is outside .*--metric names"):
+    with pytest.raises(AnalysisError, match=r"metric 'clipscore' is outside .*--metric names"):
         run_command("analyze", str(multi), "--out", str(out), "--no-plots")
     with pytest.raises(AnalysisError, match="no metric 'clip'; it has trigscore, clipscore"):
         run_command("analyze", str(multi), "--metric", "clip", "--out", str(out), "--no-plots")
@@ -1173,7 +1173,7 @@ def test_compare_gives_a_run_without_judgements_empty_columns(
         ) in out
     assert "| dimension | empty/model-a | empty/model-c | scored/model-a | scored/model-b |" in out
     # Alone, it still has nothing to compare.
-    with pytest.raises(AnalysisError, match="nothing to compare: no ok score in .*if any"):
+    with pytest.raises(AnalysisError, match=r"nothing to compare: no ok score in .*if any"):
         run_command("compare", str(empty), str(shutil.copytree(empty, tmp_path / "other")))
 
 
