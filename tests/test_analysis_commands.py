@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
         run_command("analyze", str(tmp_path / "big.json"), "--out", str(tmp_path / "o"))
     # A score on another scale would put every image in one zone of the DTM.
     (tmp_path / "scale.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 4.5}]}}))
-    with pytest.raises(AnalysisError, match=r"IQ-R_TA-C_1 IQ-R: score 4.5 is outside \[0, 1\]"):
+    with pytest.raises(
+        AnalysisError, match=r"IQ-R_TA-C_1 IQ-R: score 4.5 of metric 'm' is outside \[0, 1\]"
+    ):
         run_command("analyze", str(tmp_path / "scale.json"), "--out", str(tmp_path / "o"))
     # A formatted file's pair with an unknown dimension is named as such, not read as a data_id.
     (tmp_path / "pair.json").write_text(json.dumps({"IQ-R_XX-C": {"IQ-R_XX-C_1": [0.5, 0.4]}}))
@@ -1039,3 +1042,232 @@ def test_a_resume_with_another_dimensions_filter_tells_failed_from_never_judged(
     else:
         assert "not judged" not in text
     assert expected in text
+
+
+@pytest.mark.parametrize("name", ["evaluation_result.json", "formatted.json", "report.md"])
+def test_analyze_refuses_to_write_over_its_own_input(tmp_path: Path, name: str) -> None:
+    # --out the input's folder replaced the input with the export of what was read (nulls lost).
+    folder = tmp_path / "res"
+    folder.mkdir()
+    evaluation = {
+        "IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}, {"c": None}], "TA-C": [{"m": None}, {"c": 0.3}]},
+        "IQ-R_TA-C_2": {"IQ-R": [{"m": 0.7}, {"c": 0.1}], "TA-C": [{"m": 0.6}, {"c": 0.2}]},
+    }
+    text = json.dumps(evaluation)
+    (folder / name).write_text(text)
+    given = tmp_path / "res" / ".." / "res" / name
+    with pytest.raises(AnalysisError) as raised:
+        run_command("analyze", str(given), "--out", str(folder), "--no-plots")
+    assert str(raised.value) == (
+        f"--out {folder} would write {folder / name} over the input FILE {given}; name another "
+        "output folder with --out"
+    )
+    assert (folder / name).read_text() == text
+    # A hard link to it is the same file; so is a --prompts file there.
+    os.link(folder / name, tmp_path / "linked.json")
+    with pytest.raises(AnalysisError, match="over the input FILE"):
+        run_command("analyze", str(tmp_path / "linked.json"), "--out", str(folder), "--no-plots")
+    (tmp_path / "eval.json").write_text(text)
+    with pytest.raises(AnalysisError, match="over the input --prompts"):
+        run_command(
+            "analyze",
+            str(tmp_path / "eval.json"),
+            "--out",
+            str(folder),
+            "--prompts",
+            str(folder / name),
+            "--no-plots",
+        )
+    assert (folder / name).read_text() == text
+    assert sorted(p.name for p in folder.iterdir()) == [name]
+
+
+def test_analyze_refuses_to_write_into_its_prompts_folder(tmp_path: Path) -> None:
+    (tmp_path / "eval.json").write_text(json.dumps({"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]}}))
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    with pytest.raises(AnalysisError, match=r"is the --prompts folder .*would join the dataset"):
+        run_command(
+            "analyze",
+            str(tmp_path / "eval.json"),
+            "--out",
+            str(dataset),
+            "--prompts",
+            str(dataset),
+            "--no-plots",
+        )
+    assert not any(dataset.iterdir())
+
+
+def test_analyze_metric_reads_only_that_metric(tmp_path: Path) -> None:
+    # Upstream holds one cell per metric: clipscore's scale refused the file for trigscore too.
+    multi = tmp_path / "multi.json"
+    multi.write_text(
+        json.dumps(
+            {
+                "IQ-R_TA-C_1": {
+                    "IQ-R": [{"trigscore": 0.5}, {"clipscore": 27.3}],
+                    "TA-C": [{"trigscore": 0.4}, {"clipscore": 27.3}],
+                }
+            }
+        )
+    )
+    out = tmp_path / "o"
+    code, text = run_command(
+        "analyze", str(multi), "--metric", "trigscore", "--out", str(out), "--no-plots"
+    )
+    assert code == 0
+    assert (
+        "note: metric(s) 'clipscore' not read: --metric trigscore analyses that one, and the "
+        "others' scores are neither checked nor written to the outputs"
+    ) in " ".join(text.split())
+    assert json.loads((out / "evaluation_result.json").read_text()) == {
+        "IQ-R_TA-C_1": {"IQ-R": [{"trigscore": 0.5}], "TA-C": [{"trigscore": 0.4}]}
+    }
+    # Without --metric every metric is read, and the refusal says how to pick one.
+    with pytest.raises(AnalysisError, match=r"metric 'clipscore' is outside .*--metric names"):
+        run_command("analyze", str(multi), "--out", str(out), "--no-plots")
+    with pytest.raises(AnalysisError, match="no metric 'clip'; it has trigscore, clipscore"):
+        run_command("analyze", str(multi), "--metric", "clip", "--out", str(out), "--no-plots")
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            '{"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5, "m": 0.7}], "TA-C": [{"m": 0.2}]}}',
+            "key 'm' appears twice in one object (under IQ-R_TA-C_1 > IQ-R[0])",
+        ),
+        (
+            '{"IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]}, "IQ-R_TA-C_1": {"IQ-R": [{"m": 0.7}]}}',
+            "key 'IQ-R_TA-C_1' appears twice in one object (at the top level)",
+        ),
+        (
+            '{"IQ-R_TA-C": {"a_1": [0.5, 0.4], "a_1": [0.1, 0.2]}}',
+            "key 'a_1' appears twice in one object (under IQ-R_TA-C)",
+        ),
+    ],
+)
+def test_analyze_refuses_a_key_named_twice(tmp_path: Path, text: str, where: str) -> None:
+    # JSON readers keep the last value of a key: a judgement was dropped without a word.
+    (tmp_path / "dup.json").write_text(text)
+    with pytest.raises(AnalysisError) as raised:
+        run_command("analyze", str(tmp_path / "dup.json"), "--out", str(tmp_path / "o"))
+    assert str(raised.value) == (
+        f"{tmp_path / 'dup.json'}: {where}: a JSON reader keeps the last value only, so a score "
+        "would be silently dropped; remove one of them"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(60)  # the pipe was waited on for ever
+def test_analyze_refuses_what_is_no_file_or_nests_too_deep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A pipe hung the command, /dev/zero ran out of memory, deep nesting was a traceback.
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, reason in [
+        (deep, "cannot read JSON: arrays or objects nested too deep to read"),
+        (fifo, "cannot read it: it is a named pipe (FIFO), not a file; name a TRIG JSON file"),
+        # /dev/zero itself would, on a regression, take the test machine's memory.
+        (Path("/dev/null"), "cannot read it: it is a character device, not a file"),
+    ]:
+        assert main(["analyze", str(path), "--out", str(tmp_path / "o"), "--no-plots"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert err.startswith(f"error: {path}: {reason}") and err.count("\n") == 0
+        assert "Traceback" not in err
+
+
+def test_compare_gives_a_run_without_judgements_empty_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "empty: no judgements to analyse" refused the whole comparison.
+    scored = write_run_dir(tmp_path / "scored", {})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    manifest = json.loads((scored / MANIFEST).read_text())
+    manifest["config"]["generators"] = [{"name": "model-a"}, {"name": "model-c"}]
+    (empty / MANIFEST).write_text(json.dumps(manifest))
+    (empty / JOURNAL).write_text("")
+    assert main(["compare", str(empty), str(scored)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for model in ("model-a", "model-c"):
+        assert (
+            f"Note: empty/{model} has no judgement of metric `trigscore` yet: its column is "
+            "empty, and its DTM cells are undefined (-1)"
+        ) in out
+    assert "| dimension | empty/model-a | empty/model-c | scored/model-a | scored/model-b |" in out
+    # Alone, it still has nothing to compare.
+    with pytest.raises(AnalysisError, match=r"nothing to compare: no ok score in .*if any"):
+        run_command("compare", str(empty), str(shutil.copytree(empty, tmp_path / "other")))
+
+
+def test_analyze_on_a_reports_evaluation_result_gives_back_its_left_out_images(
+    tmp_path: Path,
+) -> None:
+    # A failed judgement was not exported: analyze counted its image as one dimension never
+    # judged, "the dataset's dimensions filter, or a run stopped before it".
+    run = write_run_dir(tmp_path / "run", {}, models=("model-a",))
+    failed = Judgement(
+        model="model-a",
+        data_id="IQ-R_TA-C_1",
+        task="t2i",
+        pair="IQ-R_TA-C",
+        dimension="TA-C",
+        metric="trigscore",
+        judge=JudgeFingerprint(backend="fake", model="j"),
+        status="error",
+        error="timeout",
+    )
+    journal = Journal(run / JOURNAL)
+    journal.open()
+    journal.append([failed])
+    journal.close()
+    _, reported = run_command("report", str(run), "--no-plots")
+    assert "1 image left out for a missing score ->" in reported
+    folder = run / "report" / "model-a"
+    out = tmp_path / "out"
+    _, analysed = run_command(
+        "analyze",
+        str(folder / "evaluation_result.json"),
+        "--model",
+        "model-a",
+        "--out",
+        str(out),
+        "--no-plots",
+    )
+    assert "1 image left out for a missing score ->" in analysed
+    body = (folder / "report.md").read_text().split("\n", 3)[3]
+    assert (out / "report.md").read_text().split("\n", 3)[3] == body
+
+
+def test_analyze_gives_no_run_cause_for_a_dimension_absent_from_an_upstream_file(
+    tmp_path: Path,
+) -> None:
+    document = {
+        "IQ-R_TA-C_1": {"IQ-R": [{"m": 0.5}]},
+        "IQ-R_TA-C_2": {"IQ-R": [{"m": 0.5}], "TA-C": [{"m": 0.4}]},
+    }
+    (tmp_path / "eval.json").write_text(json.dumps(document))
+    out = tmp_path / "o"
+    _, text = run_command("analyze", str(tmp_path / "eval.json"), "--out", str(out), "--no-plots")
+    said = (
+        "0 images left out for a missing score, 1 image with no cell in the file for one dimension"
+    )
+    assert said + " ->" in text
+    assert said + "." in (out / "report.md").read_text()
+
+
+def test_analyze_refuses_an_image_under_two_pairs_of_a_formatted_file(tmp_path: Path) -> None:
+    # Both orders of one pair held the image: both scores went into the means.
+    document = {"IQ-R_TA-C": {"a_1": [0.5, 0.4]}, "TA-C_IQ-R": {"a_1": [0.1, 0.9]}}
+    (tmp_path / "revpair.json").write_text(json.dumps(document))
+    with pytest.raises(AnalysisError) as raised:
+        run_command("analyze", str(tmp_path / "revpair.json"), "--out", str(tmp_path / "o"))
+    assert str(raised.value) == (
+        f"{tmp_path / 'revpair.json'}: data_id a_1 is under two pairs, IQ-R_TA-C and "
+        "TA-C_IQ-R: an image belongs to one pair; keep it under one of them"
+    )

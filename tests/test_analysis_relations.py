@@ -9,6 +9,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from trig_stream.analysis import RelationTracker, analyse_judgements, negate_dominance
+from trig_stream.analysis.exports import pair_row
 from trig_stream.analysis.relations import PairColumns, analyse_pair
 from trig_stream.analysis.report import left_out_text
 from trig_stream.analysis.stats import (
@@ -356,3 +357,16 @@ def test_one_image_left_out_is_said_in_the_singular() -> None:
         "1 image left out for a missing score, 1 image with one dimension not judged "
         "(the dataset's dimensions filter, or a run stopped before it)"
     )
+
+
+def test_no_interval_for_pearsons_conventional_zero_of_a_constant_side() -> None:
+    # TRIG's Pearson is 0 when a side is constant: the report showed 0.000 [-0.574, 0.574].
+    flat = columns("IQ-R_TA-C", [0.5, 0.6, 0.7, 0.8, 0.9, 0.4, 0.3, 0.2], [0.7] * 8)
+    stats, _ = analyse_pair(flat, RelationSection(correlation="pearson_corr"))
+    assert stats.correlation == 0.0
+    assert math.isnan(stats.ci_low) and math.isnan(stats.ci_high)
+    assert pair_row(stats)[3:5] == ["0.000", "–"]  # the report's corr and 95% CI cells
+    # With spread on both sides, the interval is there.
+    spread = columns("IQ-R_TA-C", [0.5, 0.6, 0.7, 0.8, 0.9, 0.4, 0.3, 0.2], [0.7, 0.1] * 4)
+    stats, _ = analyse_pair(spread, RelationSection(correlation="pearson_corr"))
+    assert stats.ci_low < stats.correlation < stats.ci_high

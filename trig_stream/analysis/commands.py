@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -23,13 +24,17 @@ from trig_stream.analysis.inputs import (
     read_upstream,
     with_overrides,
 )
+from trig_stream.analysis.plots import PLOT_FILES
 from trig_stream.analysis.relations import (
     ModelAnalysis,
     OutputWriteError,
     analyse_judgements,
+    analyse_model,
     default_metric,
 )
 from trig_stream.analysis.report import (
+    MODEL_FILES,
+    PLOTS_FOLDER,
     WrittenFiles,
     is_model_outputs,
     left_out_text,
@@ -144,11 +149,13 @@ def analyse_run(
     return {model: analysis for (model, _), analysis in analyses.items()}
 
 
-def _print_written(console: Console, analysis: ModelAnalysis, written: WrittenFiles) -> None:
+def _print_written(
+    console: Console, analysis: ModelAnalysis, written: WrittenFiles, *, upstream: bool = False
+) -> None:
     codes = sum(1 for p in analysis.pairs if p.n)
     console.print(
         f"{analysis.model}: {len(analysis.pairs)} pairs ({codes} with data), "
-        f"{left_out_text(analysis)} -> {written.folder}",
+        f"{left_out_text(analysis, upstream=upstream)} -> {written.folder}",
         highlight=False,
         markup=False,
     )
@@ -281,12 +288,14 @@ def _say(console: Console, text: str) -> None:
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     """``analyze FILE --out DIR``: the same analysis on an upstream TRIG file."""
     model: str = args.model or args.file.stem
+    _refuse_overwriting_inputs(args.out, args.file, args.prompts)
     data = read_upstream(
         args.file,
         model=model,
         prompts=args.prompts,
         metric=args.metric or "trigscore",
         task=normalise_task(args.task),
+        only=args.metric,
     )
     metric = _pick_metric(data.metrics, args.metric, args.file, data.judgements)
     thresholds = with_overrides(RelationSection(), _overrides(args))
@@ -295,7 +304,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     if analysis is None:
         raise AnalysisError(f"{args.file}: no scores of metric {metric!r}")
     written = write_model_outputs(
-        analysis, data.judgements, data.metrics, args.out, plots=not args.no_plots
+        analysis, data.judgements, data.metrics, args.out, plots=not args.no_plots, upstream=True
     )
     console.print(f"read {args.file} as a TRIG {data.layout} file", highlight=False, markup=False)
     if args.prompts is not None and data.layout == "formatted":
@@ -308,16 +317,57 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         # As a run quarantines them; the analysis stops only where a scored data_id is left
         # without a pair.
         skipped = data.prompts_skipped
-        console.print(
+        _say(
+            console,
             f"note: --prompts {args.prompts}: skipped {len(skipped)} record(s) without a "
             f"usable pair, as a run quarantines them; the first: {skipped[0]}",
-            highlight=False,
-            markup=False,
         )
-    _print_written(console, analysis, written)
+    if data.skipped:
+        names = ", ".join(repr(m) for m in data.skipped)
+        _say(
+            console,
+            f"note: metric(s) {names} not read: --metric {metric} analyses that one, and the "
+            "others' scores are neither checked nor written to the outputs",
+        )
+    _print_written(console, analysis, written, upstream=True)
     if written.plots_skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return 0
+
+
+def _refuse_overwriting_inputs(folder: Path, file: Path, prompts: Path | None) -> None:
+    """Refuse an output folder where ``analyze`` would write over its own input: ``--out``
+    the input's folder replaced an ``evaluation_result.json`` or ``formatted.json`` with the
+    export of what was read from it (its nulls lost).
+
+    Raises:
+        AnalysisError: a file the outputs go to is ``file`` or ``prompts``, or ``folder`` is
+            the ``prompts`` folder.
+    """
+    outputs = [folder / name for name in MODEL_FILES]
+    outputs += [folder / PLOTS_FOLDER / name for name in PLOT_FILES]
+    for option, given in (("FILE", file), ("--prompts", prompts)):
+        if given is None:
+            continue
+        if given.is_dir() and _same_file(folder, given):
+            # A parquet dataset folder: judgements.parquet would join the dataset.
+            raise AnalysisError(
+                f"--out {folder} is the {option} folder {given}: the outputs would join the "
+                "dataset; name another output folder with --out"
+            )
+        for output in outputs:
+            if _same_file(output, given):
+                raise AnalysisError(
+                    f"--out {folder} would write {output} over the input {option} {given}; "
+                    "name another output folder with --out"
+                )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # a hard link too
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
 
 
 def compare_runs(
@@ -350,7 +400,7 @@ def compare_runs(
             notes.append(note)
         run = load_run(run_dir)
         thresholds = with_overrides(run.relation, overrides or {})
-        for model, analysis in analyse_run(run, thresholds, metric).items():
+        for model, analysis in _run_columns(run, thresholds, metric).items():
             # Model names hold no "/": with distinct run labels, labels are distinct too.
             label = model if len(run_dirs) == 1 else f"{run_label}/{model}"
             columns.append((label, run, analysis))
@@ -362,10 +412,22 @@ def compare_runs(
         metrics = ", ".join(f"`{m}`" for m in dict.fromkeys(a.metric for _, _, a in columns))
         raise AnalysisError(
             f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (metric "
-            f"{metrics}: every judgement of it is unscorable or an error); `trig-stream "
+            f"{metrics}: every judgement of it, if any, is unscorable or an error); `trig-stream "
             "status` counts them, and --metric picks another judge"
         )
     return _comparison(columns, notes)
+
+
+def _run_columns(
+    run: RunData, thresholds: RelationSection, metric: str | None
+) -> dict[str, ModelAnalysis]:
+    """:func:`analyse_run`, or for a run without a judgement yet an empty analysis of each
+    model of its config (under ``metric``, else its first judge): its columns are empty, as
+    those of a run whose every judgement failed, rather than the comparison refused."""
+    if run.judgements:
+        return analyse_run(run, thresholds, metric)
+    chosen = metric or (run.metrics[0] if run.metrics else "trigscore")
+    return {model: analyse_model(model, chosen, [], thresholds) for model in run.models}
 
 
 def _comparison(
@@ -379,8 +441,13 @@ def _comparison(
         assert label not in analyses, f"two columns labelled {label}"
         analyses[label] = analysis
     empty = [
-        f"{label} has no ok score (every judgement unscorable or an error): its column is "
-        "empty, and its DTM cells are undefined (-1)"
+        f"{label} has "
+        + (
+            "no ok score (every judgement unscorable or an error)"
+            if analysis.pairs
+            else f"no judgement of metric `{analysis.metric}` yet"
+        )
+        + ": its column is empty, and its DTM cells are undefined (-1)"
         for label, analysis in analyses.items()
         if not analysis.dimension_means
     ]

@@ -3,8 +3,9 @@
 TRIG-compatible, per model:
 
 * ``evaluation_result.json``: ``{data_id: {dimension: [{metric: score}, ...]}}``, metrics in
-  the given order. Only ``ok`` scores are written: a metric without one is left out of the
-  list, and a dimension without any is left out of the image.
+  the given order. A judgement that is not ``ok`` (an error, an unscorable answer) is written
+  as ``null``, which ``analyze`` reads back as a missing score; a dimension never judged is
+  left out of the image.
 * ``formatted.json``: ``{pair: {data_id: [score_A, score_B]}}``, the complete images only.
 * ``relationship_codes.csv`` and ``result.json``: see :func:`relationship_codes_csv` and
   :func:`result_document`.
@@ -29,7 +30,7 @@ from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.records import JudgeFingerprint, Judgement
 
-EvaluationResult: TypeAlias = dict[str, dict[str, list[dict[str, float]]]]
+EvaluationResult: TypeAlias = dict[str, dict[str, list[dict[str, float | None]]]]
 FormattedScores: TypeAlias = dict[str, dict[str, list[float]]]
 InsightType: TypeAlias = Literal["synergy", "bottleneck", "dominance", "tradeoff", "undefined"]
 
@@ -44,7 +45,9 @@ INSIGHT_TYPES: Final[dict[RelationCode, InsightType]] = {
 
 
 def evaluation_result(judgements: Iterable[Judgement], metrics: Sequence[str]) -> EvaluationResult:
-    """One model's ok scores in TRIG's evaluation-result layout (last judgement of a key wins).
+    """One model's scores in TRIG's evaluation-result layout (last judgement of a key wins),
+    ``null`` for a judgement that is not ok: read back, it is a score that was asked for and is
+    missing, not a dimension never judged.
 
     Args:
         judgements: the model's judgements, in journal order.
@@ -56,11 +59,10 @@ def evaluation_result(judgements: Iterable[Judgement], metrics: Sequence[str]) -
             key = (judgement.data_id, judgement.dimension, judgement.metric)
             latest[key] = judgement.score if judgement.status == "ok" else None
     order = {metric: index for index, metric in enumerate(metrics)}
-    result: dict[str, dict[str, list[tuple[int, str, float]]]] = {}
+    result: dict[str, dict[str, list[tuple[int, str, float | None]]]] = {}
     for (data_id, dimension, metric), score in latest.items():
-        if score is not None:
-            cells = result.setdefault(data_id, {}).setdefault(dimension, [])
-            cells.append((order[metric], metric, score))
+        cells = result.setdefault(data_id, {}).setdefault(dimension, [])
+        cells.append((order[metric], metric, score))
     return {
         data_id: {dim: [{m: s} for _, m, s in sorted(cells)] for dim, cells in dims.items()}
         for data_id, dims in result.items()

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import ValidationError
 
@@ -24,6 +24,7 @@ from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
 from trig_stream.errors import DatasetError, RunDirError, validation_problems
+from trig_stream.files import read_settings_file
 from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.manifest import MANIFEST, Manifest, read_manifest
 from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
@@ -51,6 +52,8 @@ class RunData:
     """Metric names: the config's judges in order, then any others found in the journal."""
     relation: RelationSection
     """The thresholds of the run's config, or TRIG's defaults."""
+    models: list[str] = field(default_factory=list)
+    """Model names: the config's generators in order, then any others found in the journal."""
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -61,18 +64,28 @@ def load_run(run_dir: Path) -> RunData:
     """
     manifest = read_manifest(run_dir)
     judgements = list(read_journal(run_dir / JOURNAL))
-    judges = manifest.config.get("judges") or []
-    metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
+    metrics = _names(manifest.config.get("judges"))
+    models = _names(manifest.config.get("generators"))
     for judgement in judgements:
         if judgement.metric not in metrics:
             metrics.append(judgement.metric)
+        if judgement.model not in models:
+            models.append(judgement.model)
     try:
         relation = RelationSection.model_validate(manifest.config.get("relation") or {})
     except ValidationError as exc:
         raise RunDirError(
             f"{run_dir}: the manifest's [relation] section is invalid: {_problems(exc)}"
         ) from None
-    return RunData(run_dir, manifest, judgements, metrics, relation)
+    return RunData(run_dir, manifest, judgements, metrics, relation, models)
+
+
+def _names(entries: object) -> list[str]:
+    """The names of a manifest's config entries (judges, generators), in order; an entry of
+    another shape (edited by hand) names nothing."""
+    if not isinstance(entries, list):
+        return []
+    return [str(e["name"]) for e in entries if isinstance(e, dict) and "name" in e]
 
 
 def with_overrides(base: RelationSection, overrides: Mapping[str, object]) -> RelationSection:
@@ -141,6 +154,8 @@ class UpstreamData:
     metrics: list[str]
     layout: str
     """``evaluation`` or ``formatted``."""
+    skipped: list[str] = field(default_factory=list)
+    """The metrics of an evaluation result not read, because another one was asked for."""
     prompts_skipped: tuple[str, ...] = ()
     """Why each record of ``--prompts`` without a usable pair was skipped."""
 
@@ -152,6 +167,7 @@ def read_upstream(
     prompts: Path | None = None,
     metric: str = "trigscore",
     task: Task = "t2i",
+    only: str | None = None,
 ) -> UpstreamData:
     """Read a TRIG evaluation result or formatted JSON file as judgements of ``model``.
 
@@ -161,6 +177,9 @@ def read_upstream(
         prompts: a prompt file giving each data_id's pair (evaluation results only).
         metric: the metric name of a formatted file's scores (it names none).
         task: the TRIG task the judgements get.
+        only: the one metric of an evaluation result to read; the others' scores are neither
+            checked nor kept (upstream holds one cell per metric, some on other scales than
+            [0, 1]), their names listed in :attr:`UpstreamData.skipped`. None reads all.
 
     Raises:
         AnalysisError: the file cannot be read, its layout is neither, or a value is invalid.
@@ -171,10 +190,7 @@ def read_upstream(
             f"{path} is a trig-stream run's; `analyze` reads upstream TRIG JSON files: run "
             f"`trig-stream report {run_dir}` instead"
         )
-    try:
-        document = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as exc:
-        raise AnalysisError(f"{path}: cannot read JSON: {exc}") from None
+    document = _read_json(path)
     if not isinstance(document, dict) or not document:
         raise AnalysisError(f"{path}: expected a non-empty JSON object")
     judge = JudgeFingerprint(backend="upstream-file", model=path.name)
@@ -195,9 +211,14 @@ def read_upstream(
             )
         if isinstance(sample, list):
             given = read_prompt_pairs(prompts) if prompts else None
-            judgements, metrics = _from_evaluation(document, model, given, task, judge)
-            skipped = tuple(given.skipped) if given is not None else ()
-            return UpstreamData(judgements, metrics, "evaluation", skipped)
+            judgements, metrics = _from_evaluation(document, model, given, task, judge, only)
+            return UpstreamData(
+                judgements,
+                metrics,
+                "evaluation",
+                skipped=[m for m in metrics if only is not None and m != only],
+                prompts_skipped=tuple(given.skipped) if given is not None else (),
+            )
     except ValidationError as exc:
         raise AnalysisError(f"{path}: invalid value: {exc.errors()[0]['msg']}") from None
     except (TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -214,6 +235,92 @@ def read_upstream(
         f"{path}: neither a TRIG evaluation result ({{data_id: {{dim: [{{metric: score}}]}}}})"
         " nor a formatted file ({pair: {data_id: [score_A, score_B]}})"
     )
+
+
+MAX_UPSTREAM_BYTES: Final = 2**30
+"""The largest upstream file read: one of 100,000 images is tens of megabytes."""
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object names a key twice (raised while parsing, to be located afterwards)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise _RepeatedKey
+    return document
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object that names :attr:`key` twice (the last value kept)."""
+
+    key: str
+
+
+def _marking_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) == len(pairs):
+        return document
+    marked = _Repeated(document)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            marked.key = key
+            break
+        seen.add(key)
+    return marked
+
+
+def _repeated_at(value: Any, where: str = "") -> tuple[str, str] | None:
+    """Where the first object that names a key twice is (``data_id > dimension[cell]``), and
+    that key."""
+    if isinstance(value, _Repeated):
+        return where, value.key
+    if isinstance(value, dict):
+        steps = ((f"{where} > {key}" if where else key, child) for key, child in value.items())
+    elif isinstance(value, list):
+        steps = ((f"{where}[{index}]", child) for index, child in enumerate(value))
+    else:
+        return None
+    for step, child in steps:
+        found = _repeated_at(child, step)
+        if found is not None:
+            return found
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    """An upstream file's JSON document, every object's keys distinct.
+
+    Raises:
+        AnalysisError: it is no regular file (a pipe is not waited on, a device not read),
+            is larger than :data:`MAX_UPSTREAM_BYTES`, is not JSON, nests too deep or names a
+            key twice in one object (JSON readers keep the last value: a judgement lost).
+    """
+    try:
+        raw = read_settings_file(path, MAX_UPSTREAM_BYTES)
+    except OSError as exc:
+        raise AnalysisError(
+            f"{path}: cannot read it: {exc.strerror or exc}; name a TRIG JSON file"
+        ) from None
+    try:
+        text = raw.decode("utf-8-sig")
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _RepeatedKey:
+        where, key = _repeated_at(json.loads(text, object_pairs_hook=_marking_keys)) or ("", "")
+        place = f"under {where}" if where else "at the top level"
+        raise AnalysisError(
+            f"{path}: key {key!r} appears twice in one object ({place}): a JSON reader keeps "
+            "the last value only, so a score would be silently dropped; remove one of them"
+        ) from None
+    except RecursionError:
+        raise AnalysisError(
+            f"{path}: cannot read JSON: arrays or objects nested too deep to read; a TRIG "
+            "file nests three levels"
+        ) from None
+    except ValueError as exc:  # not JSON, not UTF-8, an integer of 5,000 digits
+        raise AnalysisError(f"{path}: cannot read JSON: {exc}") from None
 
 
 def _scores(cells: list[Any]) -> bool:
@@ -249,8 +356,9 @@ def _judgement(
         raise ValueError(f"{data_id} {dim}: score {score!r} is not a finite number")
     if value is not None and not 0.0 <= value <= 1.0:
         raise ValueError(
-            f"{data_id} {dim}: score {score!r} is outside [0, 1], where TRIG scores lie (the "
-            "DTM's zone thresholds assume it)"
+            f"{data_id} {dim}: score {score!r} of metric {metric!r} is outside [0, 1], where "
+            "TRIG scores lie (the DTM's zone thresholds assume it); --metric names the one "
+            "metric to analyse, the others' scores are then not read"
         )
     return Judgement.model_validate(
         {
@@ -272,11 +380,18 @@ def _from_formatted(
     document: dict[str, Any], model: str, metric: str, task: Task, judge: JudgeFingerprint
 ) -> list[Judgement]:
     out = []
+    pair_of: dict[str, str] = {}
     for pair, images in document.items():
         first, second = split_pair(pair)
         if not isinstance(images, dict):
             raise ValueError(f"pair {pair}: expected {{data_id: [score_A, score_B]}}")
         for data_id, scores in images.items():
+            if pair_of.setdefault(data_id, pair) != pair:
+                # One image under both orders of a pair would count twice, with two scores.
+                raise ValueError(
+                    f"data_id {data_id} is under two pairs, {pair_of[data_id]} and {pair}: "
+                    "an image belongs to one pair; keep it under one of them"
+                )
             if not isinstance(scores, list) or len(scores) != 2:
                 raise ValueError(f"{pair} {data_id}: expected two scores, got {scores!r}")
             for dim, score in zip((first, second), scores, strict=True):
@@ -301,6 +416,7 @@ def _from_evaluation(
     given: PromptPairs | None,
     task: Task,
     judge: JudgeFingerprint,
+    only: str | None = None,
 ) -> tuple[list[Judgement], list[str]]:
     out: list[Judgement] = []
     metrics: list[str] = []
@@ -331,5 +447,7 @@ def _from_evaluation(
                     if metric in seen:
                         raise ValueError(f"{data_id} {dim}: metric {metric!r} scored twice")
                     seen.add(metric)
+                    if only is not None and metric != only:
+                        continue
                     out.append(_judgement(model, data_id, task, pair, dim, metric, score, judge))
     return out, metrics

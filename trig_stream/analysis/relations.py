@@ -37,6 +37,7 @@ from trig_stream.analysis.stats import (
     dominance,
     exact_correlation,
     fisher_interval,
+    has_spread,
     relation_code,
     zones,
 )
@@ -253,7 +254,7 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
     else:
         exact = exact_correlation(method, x, y)
         corr = exact.value if isinstance(exact, RankCorrelation) else exact
-        low, high = fisher_interval(method, corr, n)
+        low, high = fisher_interval(method, corr, n, defined=has_spread(x, y))
         zone = zones(x, y, thresholds.synergy, thresholds.bottleneck)
         synergy_density, bottleneck_density = zone.synergy_density, zone.bottleneck_density
         tradeoff_points = int(np.count_nonzero(zone.tradeoff_mask))

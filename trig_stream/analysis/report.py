@@ -51,13 +51,19 @@ def _images(count: int) -> str:
     return f"{count} image" if count == 1 else f"{count} images"
 
 
-def left_out_text(analysis: ModelAnalysis) -> str:
+def left_out_text(analysis: ModelAnalysis, *, upstream: bool = False) -> str:
     """The images left out of their pair's correlation, in words: those missing a score that
     was asked for (an error, an unscorable answer), and apart from them those scored on one
-    dimension and never judged on the other (see :attr:`ModelAnalysis.not_judged`)."""
+    dimension and never judged on the other (see :attr:`ModelAnalysis.not_judged`).
+
+    ``upstream``: the judgements come from an upstream file, which says nothing of why a
+    dimension has no cell, so no cause of a run is given for it.
+    """
     not_judged = analysis.not_judged
     text = f"{_images(analysis.excluded - not_judged)} left out for a missing score"
-    if not_judged:
+    if not_judged and upstream:
+        text += f", {_images(not_judged)} with no cell in the file for one dimension"
+    elif not_judged:
         text += (
             f", {_images(not_judged)} with one dimension not judged (the dataset's dimensions "
             "filter, or a run stopped before it)"
@@ -65,9 +71,11 @@ def left_out_text(analysis: ModelAnalysis) -> str:
     return text
 
 
-def markdown_report(analysis: ModelAnalysis, notes: Sequence[str] = ()) -> str:
+def markdown_report(
+    analysis: ModelAnalysis, notes: Sequence[str] = (), *, upstream: bool = False
+) -> str:
     """A readable report: thresholds, ``notes`` (a run still going), dimension means, the
-    pair table and the DTM."""
+    pair table and the DTM (``upstream``: of judgements read from an upstream file)."""
     t = analysis.thresholds
     lines = [
         f"# TRIG relation analysis: {analysis.model}",
@@ -79,7 +87,7 @@ def markdown_report(analysis: ModelAnalysis, notes: Sequence[str] = ()) -> str:
         "",
         *(line for note in notes for line in (f"Note: {note}", "")),
         f"{sum(p.n for p in analysis.pairs)} complete images in {len(analysis.pairs)} pairs; "
-        f"{left_out_text(analysis)}.",
+        f"{left_out_text(analysis, upstream=upstream)}.",
         "",
         "## Dimension means",
         "",
@@ -100,7 +108,8 @@ def markdown_report(analysis: ModelAnalysis, notes: Sequence[str] = ()) -> str:
     lines += [
         "",
         "The interval is Fisher's z: atanh(r) ± 1.96·se, se = 1/√(N−3) for Pearson and "
-        "√(1.06/(N−3)) for Spearman; none for paretoF or N < 4.",
+        "√(1.06/(N−3)) for Spearman; none for paretoF, N < 4 or a constant side (Pearson's "
+        "0 there is TRIG's convention, not a measure).",
         "",
         "## Dimension Trade-off Map",
         "",
@@ -181,6 +190,7 @@ def write_model_outputs(
     plots: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     notes: Sequence[str] = (),
+    upstream: bool = False,
 ) -> WrittenFiles:
     """Write one model's exports, report and (when matplotlib is there) plots into ``folder``.
 
@@ -192,6 +202,7 @@ def write_model_outputs(
         plots: draw the PNGs when matplotlib is importable.
         should_stop: asked between two files (the plots take seconds each).
         notes: what the markdown report says before its numbers (a run still going).
+        upstream: the judgements come from an upstream file (see :func:`left_out_text`).
 
     Raises:
         OutputWriteError: a file cannot be written.
@@ -203,7 +214,9 @@ def write_model_outputs(
             raise ReportStopped(f"stopped while writing {folder}")
 
     with writing(folder):
-        return _write_model_outputs(analysis, judgements, metrics, folder, plots, check, notes)
+        return _write_model_outputs(
+            analysis, judgements, metrics, folder, plots, check, notes, upstream
+        )
 
 
 def _write_model_outputs(
@@ -214,6 +227,7 @@ def _write_model_outputs(
     plots: bool,
     check: Callable[[], None],
     notes: Sequence[str],
+    upstream: bool,
 ) -> WrittenFiles:
     check()
     plots_folder = folder / PLOTS_FOLDER
@@ -232,7 +246,7 @@ def _write_model_outputs(
         written.files.append(folder / name)
     texts = {
         "relationship_codes.csv": relationship_codes_csv(analysis),
-        "report.md": markdown_report(analysis, notes),
+        "report.md": markdown_report(analysis, notes, upstream=upstream),
     }
     for name, text in texts.items():
         (folder / name).write_text(text, encoding="utf-8")

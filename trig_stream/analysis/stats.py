@@ -211,15 +211,25 @@ def exact_correlation(
     return pareto_f(x, y)
 
 
-def fisher_interval(method: CorrelationMethod, r: float, n: int) -> tuple[float, float]:
+def has_spread(x: FloatArray, y: FloatArray) -> bool:
+    """Whether neither side is constant: a correlation of the points is then defined (TRIG's
+    Pearson gives 0 otherwise, a convention, not a measure)."""
+    return x.shape[0] > 0 and not (_constant(x) or _constant(y))
+
+
+def fisher_interval(
+    method: CorrelationMethod, r: float, n: int, *, defined: bool = True
+) -> tuple[float, float]:
     """A 95 % confidence interval for a correlation by Fisher's z transform.
 
     ``atanh(r)`` is taken as normal with standard error ``1 / sqrt(n - 3)`` for Pearson and
     ``sqrt(1.06 / (n - 3))`` for Spearman (Fieller, Hartley and Pearson, 1957), and the bounds
     are mapped back with ``tanh``. The interval is (NaN, NaN) for ``paretoF`` (an area, not a
-    correlation), for a NaN correlation and below 4 points; it is (r, r) when ``|r| = 1``.
+    correlation), for a NaN correlation, for one not ``defined`` by the points (Pearson's
+    conventional 0 of a constant side: see :func:`has_spread`) and below 4 points; it is
+    (r, r) when ``|r| = 1``.
     """
-    if method == "paretoF" or math.isnan(r) or n < 4:
+    if method == "paretoF" or math.isnan(r) or not defined or n < 4:
         return math.nan, math.nan
     if abs(r) >= 1.0:
         return r, r
