@@ -422,28 +422,9 @@ def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
 
 def test_watch_counts_a_sample_done_as_the_engine_does(tmp_path: Path) -> None:
     # One model judged every sample, the other none: half the work, not "samples 8/8, ETA 0".
-    config = load_config(write_config(tmp_path, samples=8))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    manifest = Manifest(run_name="watched", task="t2i", config=config.model_dump(mode="json"))
-    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
-    lines = []
-    for index, pair in enumerate(("IQ-R_TA-C", "IQ-A_TA-S") * 4):
-        for dimension in pair.split("_"):
-            done = judgement(index).model_copy(
-                update={
-                    "model": "synth-a",
-                    "data_id": f"{pair}_{index}",
-                    "pair": pair,
-                    "dimension": dimension,
-                }
-            )
-            lines.append(done.model_dump_json().encode() + b"\n")
-    (run_dir / JOURNAL).write_bytes(b"".join(lines))
-    with (run_dir / "run.lock").open("a+") as lock:  # as the process running in it holds it
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock.write(str(os.getpid()))
-        lock.flush()
+    run_dir, judgements = judged_run_dir(tmp_path, 8)
+    (run_dir / JOURNAL).write_bytes(lines_of(*(j for j in judgements if j.model == "synth-a")))
+    with held_lock(run_dir):  # as the process running in it holds it
         snapshot = RunDirSource(run_dir).poll()
     assert (snapshot.samples_done, snapshot.samples_total) == (4, 8)
     assert snapshot.eta_s != 0.0
@@ -601,6 +582,36 @@ def test_a_resume_that_lifts_a_limit_counts_the_samples_again(tmp_path: Path) ->
     assert source.poll().samples_total == 4
     (run_dir / "manifest.json").write_text(manifest.model_dump_json())
     assert source.poll().samples_total == 8
+
+
+def test_a_resume_filtering_other_pairs_counts_none_of_the_earlier_judgements_done(
+    tmp_path: Path,
+) -> None:
+    # Every judgement of the pairs an earlier run filtered was counted as this run's work:
+    # resumed with the other pairs, watch said "samples 8/8, ETA 0.0s" while the engine
+    # counted 0/8.
+    run_dir, judgements = judged_run_dir(tmp_path, 16)
+    config = read_manifest(run_dir).config
+    earlier, later = ["IQ-R_TA-C", "IQ-A_TA-S"], ["R-T_IQ-A", "D-K_IQ-R"]
+    resumed = {**config, "dataset": {**config["dataset"], "pairs": later}}
+    manifest = Manifest(run_name="watched", task="t2i", config=resumed)
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    (run_dir / JOURNAL).write_bytes(lines_of(*(j for j in judgements if j.pair in earlier)))
+    source = RunDirSource(run_dir)
+    with held_lock(run_dir):
+        snapshot = source.poll()
+        assert (snapshot.samples_done, snapshot.samples_total) == (0, 8)
+        assert snapshot.eta_s != 0.0
+        # Judgements read after the config are counted as they come: half of this run's.
+        mine = [j for j in judgements if j.pair in later]
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(lines_of(*mine[: len(mine) // 2]))
+        assert source.poll().samples_done == 4
+    # Its config changed again (no filter): the journal's judgements are counted again.
+    everything = Manifest(run_name="watched", task="t2i", config=config)
+    (run_dir / "manifest.json").write_text(everything.model_dump_json())
+    snapshot = source.poll()
+    assert (snapshot.samples_done, snapshot.samples_total) == (12, 16)
 
 
 def test_samples_are_counted_without_the_source_images_they_do_not_need(tmp_path: Path) -> None:
