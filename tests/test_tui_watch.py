@@ -614,6 +614,26 @@ def test_a_resume_filtering_other_pairs_counts_none_of_the_earlier_judgements_do
     assert (snapshot.samples_done, snapshot.samples_total) == (12, 16)
 
 
+def test_a_watcher_counts_the_dataset_again_when_a_new_run_starts_under_the_same_config(
+    tmp_path: Path,
+) -> None:
+    # The dataset grew from 8 to 16 samples between two runs of an unchanged config: a
+    # watcher attached before the second run kept "samples 8/8, ETA 0.0s" throughout (a
+    # fresh one counted 16).
+    run_dir, judgements = judged_run_dir(tmp_path, 8)
+    (run_dir / JOURNAL).write_bytes(lines_of(*judgements))
+    source = RunDirSource(run_dir)
+    assert (source.poll().samples_done, source.poll().samples_total) == (8, 8)
+    write_prompts(tmp_path / "prompts.json", 16)
+    manifest = read_manifest(run_dir)  # as the second run rewrites it as it starts
+    started = manifest.model_copy(update={"updated_at": manifest.updated_at + 1})
+    (run_dir / "manifest.json").write_text(started.model_dump_json())
+    with held_lock(run_dir):
+        snapshot = source.poll()
+    assert (snapshot.samples_done, snapshot.samples_total) == (8, 16)
+    assert snapshot.eta_s != 0.0
+
+
 def test_samples_are_counted_without_the_source_images_they_do_not_need(tmp_path: Path) -> None:
     # An image_root that is gone made the count fail (the sources were looked up), and the
     # totals and ETA of a run judging images made elsewhere stayed unknown.

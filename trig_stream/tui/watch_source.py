@@ -188,8 +188,9 @@ class RunDirSource:
         self._lock = anyio.Lock()
         self._manifest: Manifest | None = None
         self._manifest_key: tuple[int, int, int, int] | None = None
-        self._configured: dict[str, Any] | None = None
-        """The config the totals below were counted for."""
+        self._configured: tuple[dict[str, Any], float] | None = None
+        """The config the totals below were counted for, and when the run that wrote it
+        started (the manifest's ``updated_at``): a new run counts its dataset again."""
         self._thresholds = RelationSection()
         self._samples_total: int | None = None
         self._config_models: list[str] = []
@@ -389,7 +390,8 @@ class RunDirSource:
 
     def _read_manifest(self) -> Manifest:
         # A resume may add models and judges, or lift a limit: read it again whenever it was
-        # rewritten, and count the totals again whenever its config changed.
+        # rewritten, and count the totals again whenever its config changed or a new run
+        # wrote it (its dataset may have grown under the same config).
         try:
             info = (self.run_dir / "manifest.json").stat()
             key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
@@ -398,8 +400,9 @@ class RunDirSource:
         if self._manifest is None or key is None or key != self._manifest_key:
             self._manifest = read_manifest(self.run_dir)
             self._manifest_key = key
-        if self._manifest.config != self._configured:
-            self._configured = self._manifest.config
+        configured = (self._manifest.config, self._manifest.updated_at)
+        if configured != self._configured:
+            self._configured = configured
             self._configure(self._manifest)
         return self._manifest
 
