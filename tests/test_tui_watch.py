@@ -39,7 +39,7 @@ from trig_stream.testing import FakeJudge
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.dashboard import Panel
-from trig_stream.tui.render import run_info
+from trig_stream.tui.render import judge_loads, progress_table, run_info, status_line
 from trig_stream.tui.watch import add_watch_command, describe, follow
 from trig_stream.tui.watch_source import READ_CHUNK, JournalTail, RunDirSource
 
@@ -308,6 +308,47 @@ def write_run_dir(tmp_path: Path) -> Path:
     (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
     (run_dir / JOURNAL).write_bytes(judgement(1).model_dump_json().encode() + b"\n")
     return run_dir
+
+
+CONTROLS = ("\x1b", "\x07", "\x9b")
+
+
+def test_control_characters_of_a_manifest_are_shown_never_sent_to_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A manifest edited by hand ("run_name": "syn\u001b]0;PWNED\u0007") retitled the
+    # terminal of whoever watched the run or asked its status: its names reached it raw.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    judge = {"name": "judge\x1b[2J", "backend": "fake\x9b1m", "options": {"base_url": "u\x07"}}
+    manifest = Manifest(
+        run_name="syn\x1b]0;PWNED\x07",
+        task="t2i\x1b[31m",
+        generators={"gen\x1b[5m": {}},
+        config={"generators": [{"name": "gen\x1b[5m"}], "judges": [judge]},
+    )
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    (run_dir / JOURNAL).write_bytes(lines_of(judgement(1)))
+    snapshot = RunDirSource(run_dir).poll()
+    shown = {
+        "watch": describe(snapshot),
+        "status line": status_line(snapshot, linger=False).plain,
+        "run panel": run_info(snapshot).plain,
+        "progress": progress_table(snapshot.models).plain,
+        "judges": judge_loads(snapshot).plain,
+    }
+    assert main(["watch", str(run_dir), "--interval", "0.01"]) == EXIT_OK
+    shown["watch command"] = capsys.readouterr().out
+    assert main(["status", str(run_dir)]) == EXIT_OK
+    shown["status command"] = capsys.readouterr().out
+    for where, text in shown.items():
+        assert not any(c in text for c in CONTROLS), (where, text)
+    assert "syn\\x1b]0;PWNED\\x07 (t2i\\x1b[31m)" in shown["watch command"]
+    assert "task t2i\\x1b[31m" in shown["status line"]
+    assert "gen\\x1b[5m" in shown["progress"]
+    assert "judge\\x1b[2J (fake\\x9b1m)" in shown["run panel"]
+    assert "(t2i\\x1b[31m)" in shown["status command"]
+    assert "gen\\x1b[5m" in shown["status command"]
 
 
 def test_watch_sees_a_run_whose_run_lock_was_deleted(tmp_path: Path) -> None:
