@@ -101,6 +101,8 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
     if snapshot.loading and not snapshot.finished:
         loading = printable(", ".join(snapshot.loading))
         text.append(f"  loading {loading}", style="bold yellow")
+    if snapshot.opening is not None and not snapshot.finished:
+        text.append(f"  opening {printable(snapshot.opening)}", style="bold yellow")
     return text
 
 
