@@ -630,6 +630,22 @@ def test_compare_says_when_the_columns_judges_or_thresholds_differ(tmp_path: Pat
     assert "thresholds" not in out.read_text()
 
 
+def test_compare_shows_the_control_characters_of_a_manifest_never_sends_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A judge fingerprint edited by hand reached the terminal raw (an ESC sequence retitled
+    # it); the file written with --out keeps it as the manifest has it.
+    odd = JudgeFingerprint(backend="openai", model="m\x1b]0;PWNED\x07")
+    first = write_run_dir(tmp_path / "one", {}, models=("model-a",))
+    second = write_run_dir(tmp_path / "two", {}, models=("model-a",), judge=odd)
+    out = tmp_path / "c.md"
+    assert run_command("compare", str(first), str(second), "--out", str(out))[0] == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "model m\\x1b]0;PWNED\\x07" in shown
+    assert "model m\x1b]0;PWNED\x07" in out.read_text()
+
+
 def test_compare_without_a_single_score_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3,7 +3,9 @@ the dataset holds work left for it."""
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -14,8 +16,12 @@ from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine, opening
 from trig_stream.backends.base import JudgeReply, JudgeRequest, ServerLoad
 from trig_stream.config import RunConfig
+from trig_stream.progress import PlainProgress
+from trig_stream.terminal import CommandConsole
 from trig_stream.testing import FakeJudge
 from trig_stream.testing.fake_judge import FakeJudgeOptions
+from trig_stream.tui.render import status_line
+from trig_stream.tui.sources import EngineSource
 
 pytestmark = pytest.mark.anyio
 
@@ -212,3 +218,32 @@ async def test_an_adaptive_judge_opened_late_has_its_server_load_read(
             summary = await engine.drain()
     assert (summary.state, summary.judged) == ("done", 4)
     assert judge.loads_unopened == 0
+
+
+async def test_a_judge_opening_late_is_named_by_both_displays(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Opened once a display had started, a judge loading its model said nothing: the plain
+    # line stayed at "[running] 0.0s | samples 0 ..." and the dashboard silent meanwhile.
+    config = make_config(samples=4)
+    await run_opening_late(config, tmp_path, monkeypatch)
+    judge = OpensWhenLet()
+    said = "opening judge 'trigscore': starting its server"
+    log = io.StringIO()
+    with anyio.fail_after(10):  # a safety net: the judge opens as soon as it is let
+        async with Engine(config, judges=[judge]) as engine:
+            await judge.open_started.wait()
+            stats = engine.stats()
+            snapshot = await EngineSource(engine).snapshot()
+            assert said in status_line(snapshot, linger=False).plain
+            # Not on a terminal: a line when the opening starts, not 10 s later.
+            with PlainProgress(CommandConsole(file=log, width=400)) as progress:
+                progress.update(replace(stats, opening=None))
+                progress.update(stats)
+            judge.load_read.set()  # no load to read here: its requests need not wait
+            judge.release.set()
+            summary = await engine.drain()
+    assert summary.judged == 4
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and said not in lines[0]
+    assert lines[1].endswith(f"| {said}")

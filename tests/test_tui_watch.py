@@ -39,7 +39,7 @@ from trig_stream.testing import FakeJudge
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.dashboard import Panel
-from trig_stream.tui.render import run_info
+from trig_stream.tui.render import judge_loads, progress_table, run_info, status_line
 from trig_stream.tui.watch import add_watch_command, describe, follow
 from trig_stream.tui.watch_source import READ_CHUNK, JournalTail, RunDirSource
 
@@ -310,6 +310,47 @@ def write_run_dir(tmp_path: Path) -> Path:
     return run_dir
 
 
+CONTROLS = ("\x1b", "\x07", "\x9b")
+
+
+def test_control_characters_of_a_manifest_are_shown_never_sent_to_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A manifest edited by hand ("run_name": "syn\u001b]0;PWNED\u0007") retitled the
+    # terminal of whoever watched the run or asked its status: its names reached it raw.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    judge = {"name": "judge\x1b[2J", "backend": "fake\x9b1m", "options": {"base_url": "u\x07"}}
+    manifest = Manifest(
+        run_name="syn\x1b]0;PWNED\x07",
+        task="t2i\x1b[31m",
+        generators={"gen\x1b[5m": {}},
+        config={"generators": [{"name": "gen\x1b[5m"}], "judges": [judge]},
+    )
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    (run_dir / JOURNAL).write_bytes(lines_of(judgement(1)))
+    snapshot = RunDirSource(run_dir).poll()
+    shown = {
+        "watch": describe(snapshot),
+        "status line": status_line(snapshot, linger=False).plain,
+        "run panel": run_info(snapshot).plain,
+        "progress": progress_table(snapshot.models).plain,
+        "judges": judge_loads(snapshot).plain,
+    }
+    assert main(["watch", str(run_dir), "--interval", "0.01"]) == EXIT_OK
+    shown["watch command"] = capsys.readouterr().out
+    assert main(["status", str(run_dir)]) == EXIT_OK
+    shown["status command"] = capsys.readouterr().out
+    for where, text in shown.items():
+        assert not any(c in text for c in CONTROLS), (where, text)
+    assert "syn\\x1b]0;PWNED\\x07 (t2i\\x1b[31m)" in shown["watch command"]
+    assert "task t2i\\x1b[31m" in shown["status line"]
+    assert "gen\\x1b[5m" in shown["progress"]
+    assert "judge\\x1b[2J (fake\\x9b1m)" in shown["run panel"]
+    assert "(t2i\\x1b[31m)" in shown["status command"]
+    assert "gen\\x1b[5m" in shown["status command"]
+
+
 def test_watch_sees_a_run_whose_run_lock_was_deleted(tmp_path: Path) -> None:
     # Only run.lock was looked at: a run going on without it showed as finished.
     run_dir = write_run_dir(tmp_path)
@@ -422,28 +463,9 @@ def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
 
 def test_watch_counts_a_sample_done_as_the_engine_does(tmp_path: Path) -> None:
     # One model judged every sample, the other none: half the work, not "samples 8/8, ETA 0".
-    config = load_config(write_config(tmp_path, samples=8))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    manifest = Manifest(run_name="watched", task="t2i", config=config.model_dump(mode="json"))
-    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
-    lines = []
-    for index, pair in enumerate(("IQ-R_TA-C", "IQ-A_TA-S") * 4):
-        for dimension in pair.split("_"):
-            done = judgement(index).model_copy(
-                update={
-                    "model": "synth-a",
-                    "data_id": f"{pair}_{index}",
-                    "pair": pair,
-                    "dimension": dimension,
-                }
-            )
-            lines.append(done.model_dump_json().encode() + b"\n")
-    (run_dir / JOURNAL).write_bytes(b"".join(lines))
-    with (run_dir / "run.lock").open("a+") as lock:  # as the process running in it holds it
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock.write(str(os.getpid()))
-        lock.flush()
+    run_dir, judgements = judged_run_dir(tmp_path, 8)
+    (run_dir / JOURNAL).write_bytes(lines_of(*(j for j in judgements if j.model == "synth-a")))
+    with held_lock(run_dir):  # as the process running in it holds it
         snapshot = RunDirSource(run_dir).poll()
     assert (snapshot.samples_done, snapshot.samples_total) == (4, 8)
     assert snapshot.eta_s != 0.0
@@ -601,6 +623,56 @@ def test_a_resume_that_lifts_a_limit_counts_the_samples_again(tmp_path: Path) ->
     assert source.poll().samples_total == 4
     (run_dir / "manifest.json").write_text(manifest.model_dump_json())
     assert source.poll().samples_total == 8
+
+
+def test_a_resume_filtering_other_pairs_counts_none_of_the_earlier_judgements_done(
+    tmp_path: Path,
+) -> None:
+    # Every judgement of the pairs an earlier run filtered was counted as this run's work:
+    # resumed with the other pairs, watch said "samples 8/8, ETA 0.0s" while the engine
+    # counted 0/8.
+    run_dir, judgements = judged_run_dir(tmp_path, 16)
+    config = read_manifest(run_dir).config
+    earlier, later = ["IQ-R_TA-C", "IQ-A_TA-S"], ["R-T_IQ-A", "D-K_IQ-R"]
+    resumed = {**config, "dataset": {**config["dataset"], "pairs": later}}
+    manifest = Manifest(run_name="watched", task="t2i", config=resumed)
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    (run_dir / JOURNAL).write_bytes(lines_of(*(j for j in judgements if j.pair in earlier)))
+    source = RunDirSource(run_dir)
+    with held_lock(run_dir):
+        snapshot = source.poll()
+        assert (snapshot.samples_done, snapshot.samples_total) == (0, 8)
+        assert snapshot.eta_s != 0.0
+        # Judgements read after the config are counted as they come: half of this run's.
+        mine = [j for j in judgements if j.pair in later]
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(lines_of(*mine[: len(mine) // 2]))
+        assert source.poll().samples_done == 4
+    # Its config changed again (no filter): the journal's judgements are counted again.
+    everything = Manifest(run_name="watched", task="t2i", config=config)
+    (run_dir / "manifest.json").write_text(everything.model_dump_json())
+    snapshot = source.poll()
+    assert (snapshot.samples_done, snapshot.samples_total) == (12, 16)
+
+
+def test_a_watcher_counts_the_dataset_again_when_a_new_run_starts_under_the_same_config(
+    tmp_path: Path,
+) -> None:
+    # The dataset grew from 8 to 16 samples between two runs of an unchanged config: a
+    # watcher attached before the second run kept "samples 8/8, ETA 0.0s" throughout (a
+    # fresh one counted 16).
+    run_dir, judgements = judged_run_dir(tmp_path, 8)
+    (run_dir / JOURNAL).write_bytes(lines_of(*judgements))
+    source = RunDirSource(run_dir)
+    assert (source.poll().samples_done, source.poll().samples_total) == (8, 8)
+    write_prompts(tmp_path / "prompts.json", 16)
+    manifest = read_manifest(run_dir)  # as the second run rewrites it as it starts
+    started = manifest.model_copy(update={"updated_at": manifest.updated_at + 1})
+    (run_dir / "manifest.json").write_text(started.model_dump_json())
+    with held_lock(run_dir):
+        snapshot = source.poll()
+    assert (snapshot.samples_done, snapshot.samples_total) == (8, 16)
+    assert snapshot.eta_s != 0.0
 
 
 def test_samples_are_counted_without_the_source_images_they_do_not_need(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from rich.table import Column, Table
 from trig_stream.backends.registry import build_generator, build_judge, check_backends
 from trig_stream.config import RunConfig, load_config
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_OK
-from trig_stream.records import Status
+from trig_stream.records import Status, printable
 from trig_stream.terminal import CommandConsole
 
 if TYPE_CHECKING:
@@ -205,9 +205,11 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     judges = judges if isinstance(judges, list) else []  # a manifest edited by hand
     metrics = [str(j["name"]) for j in judges if isinstance(j, dict) and "name" in j]
     metrics += sorted({metric for _, metric, _ in counts} - set(metrics))
-    # Names and paths are the user's: printed as they are, never read as markup, never wrapped.
+    # Names and paths are the user's: printed as they are, never read as markup, never wrapped;
+    # those from the manifest and the journal (files a hand may have edited) with their control
+    # characters shown, never sent to the terminal.
     out = CommandConsole(soft_wrap=True, markup=False, highlight=False)
-    out.print(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}")
+    out.print(printable(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}"))
     if writer is None:
         out.print("not running; `trig-stream run` with its config judges whatever is left")
     else:
@@ -234,7 +236,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
         present = [m for m in metrics if any(counts[(model, m, s)] for s in columns)]
         for metric in present or ["–"]:
             row = [counts[(model, metric, s)] for s in columns]
-            table.add_row(model, metric, *map(str, row), str(sum(row)))
+            table.add_row(printable(model), printable(metric), *map(str, row), str(sum(row)))
     _print_whole(out, table)
     if scored:
         means = Table(
@@ -246,7 +248,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
         for key in sorted(scored, key=lambda k: (k[0], order[k[1]], k[2])):
             model, metric, dimension = key
             mean = f"{sums[key] / scored[key]:.3f}"
-            means.add_row(model, metric, dimension, mean, str(scored[key]))
+            means.add_row(printable(model), printable(metric), dimension, mean, str(scored[key]))
         _print_whole(out, means)
     refused = 0
     for quarantine in quarantine_lists(args.run_dir, running=writer is not None):

@@ -60,6 +60,10 @@ def describe(stats: EngineStats) -> str:
     loading = [name for name, m in stats.models.items() if m.loading]
     if loading:
         parts.append(f"loading {', '.join(loading)}")
+    if stats.opening is not None:
+        # Judges opened late (a resumed run found no work left as it opened, then its
+        # dataset grew): a model loading, a server starting, with nothing else moving.
+        parts.append(f"opening {stats.opening}")
     return " | ".join(parts)
 
 
@@ -74,7 +78,7 @@ class PlainProgress:
         self.console = console or CommandConsole(stderr=True)
         self._live: Live | None = None
         self._last = 0.0
-        self._loading: tuple[str, ...] = ()
+        self._news: tuple[tuple[str, ...], str | None] = ((), None)
         self._printed: str | None = None
 
     def __enter__(self) -> PlainProgress:
@@ -95,10 +99,12 @@ class PlainProgress:
             self._live.update(Text(line), refresh=True)
             return
         now = time.monotonic()
-        # A model starting or ending its load is news worth a line of its own: a load takes
-        # seconds to minutes, and between two lines 10 s apart it could go unsaid.
+        # A model starting or ending its load, a judge its opening, is news worth a line of
+        # its own: a load takes seconds to minutes, and between two lines 10 s apart it could
+        # go unsaid.
         loading = tuple(name for name, counts in stats.models.items() if counts.loading)
-        changed, self._loading = loading != self._loading, loading
+        news = (loading, stats.opening)
+        changed, self._news = news != self._news, news
         if line == self._printed:
             return  # said already (a forced last line repeated the refresh's: "[stopped]" twice)
         if force or changed or now - self._last >= LOG_EVERY_S:

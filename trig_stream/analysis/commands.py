@@ -47,7 +47,7 @@ from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
 from trig_stream.locks import find_writer
-from trig_stream.records import COMPARISON_FILE, Judgement
+from trig_stream.records import COMPARISON_FILE, Judgement, printable
 from trig_stream.terminal import CommandConsole
 
 THRESHOLD_OPTIONS: dict[str, str] = {
@@ -514,5 +514,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
                 "a file this user can write, on a disk with space"
             ) from None
         console.print(f"comparison written to {args.out}", highlight=False, markup=False)
-    CommandConsole(soft_wrap=True).print(text, markup=False, highlight=False)
+    # The file keeps the runs' names as they are; the terminal is shown their control
+    # characters (a manifest's task edited by hand), never sent them.
+    CommandConsole(soft_wrap=True).print(printable(text), markup=False, highlight=False)
     return 0

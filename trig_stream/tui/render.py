@@ -1,7 +1,10 @@
 """Rich renderables made from snapshot parts: bars, tables, the DTM grid. No textual here.
 
 Every function is pure: the same snapshot gives the same text, which is what makes the
-dashboard's snapshot tests stable.
+dashboard's snapshot tests stable. The names and paths a snapshot holds come from files a
+hand may have edited (a watched run's ``manifest.json`` and journal): each is drawn through
+:func:`~trig_stream.records.printable`, so a control character shows as ``\x1b`` and never
+commands the terminal.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from rich.text import Text
 
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import DIMENSION_NAMES
+from trig_stream.records import printable
 from trig_stream.tui.snapshot import DashboardSnapshot, ModelProgress, RelationView
 
 RELATION_CELLS: dict[RelationCode, tuple[str, str]] = {
@@ -78,14 +82,14 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
         "done": "bold cyan",
     }.get(snapshot.state, "bold red" if snapshot.finished else "bold yellow")
     text = Text.assemble(
-        (f" {snapshot.run_name} ", "bold"),
-        f"task {snapshot.task}  ",
+        (f" {printable(snapshot.run_name)} ", "bold"),
+        f"task {printable(snapshot.task)}  ",
         (f"[{snapshot.state}]", state_style),
     )
     # Early in the line: the rest is cut on a narrow terminal, and so is the run panel that
     # says them in full.
     for alert in snapshot.alerts:
-        text.append(f"  {alert}", style="yellow")
+        text.append(f"  {printable(alert)}", style="yellow")
     text.append(f"  elapsed {duration(snapshot.elapsed_s)}")
     total = "?" if snapshot.samples_total is None else str(snapshot.samples_total)
     text.append(f"  samples {count(snapshot.samples_done)}/{total}")
@@ -95,7 +99,10 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
     else:
         text.append(f"  ETA {duration(snapshot.eta_s)}")
     if snapshot.loading and not snapshot.finished:
-        text.append(f"  loading {', '.join(snapshot.loading)}", style="bold yellow")
+        loading = printable(", ".join(snapshot.loading))
+        text.append(f"  loading {loading}", style="bold yellow")
+    if snapshot.opening is not None and not snapshot.finished:
+        text.append(f"  opening {printable(snapshot.opening)}", style="bold yellow")
     return text
 
 
@@ -164,7 +171,7 @@ def progress_table(models: Sequence[ModelProgress], limit: int | None = None) ->
     """
     text = Text(no_wrap=True, overflow="ellipsis")
     shortest, longest = MODEL_WIDTH
-    name_width = min(max([shortest - 1, *(len(m.name) for m in models)]) + 1, longest)
+    name_width = min(max([shortest - 1, *(len(printable(m.name)) for m in models)]) + 1, longest)
     header = f"{'model':<{name_width}}" + "".join(f"{c:>{w}}" for c, w in PROGRESS_COLUMNS)
     text.append(header, style="bold")
     rows = list(models)
@@ -200,7 +207,7 @@ def _progress_row(m: ModelProgress, name_width: int, style: str = "") -> Text:
         (errors, "red" if m.error or m.generation_failed else ""),
         (count(m.skipped), "grey62"),
     ]
-    row = Text(f"{fit(m.name, name_width - 1):<{name_width}}", style=style)
+    row = Text(f"{fit(printable(m.name), name_width - 1):<{name_width}}", style=style)
     for (value, cell_style), (_, width) in zip(cells, PROGRESS_COLUMNS, strict=True):
         row.append(f"{value:>{width}}", style=cell_style)
     return row
@@ -210,18 +217,18 @@ def run_info(snapshot: DashboardSnapshot) -> Text:
     """Run directory, models and judge endpoints."""
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append("dir    ", style="bold")
-    text.append(snapshot.run_dir + "\n")
+    text.append(printable(snapshot.run_dir) + "\n")
     text.append("models ", style="bold")
-    text.append(", ".join(m.name for m in snapshot.models) or "–")
+    text.append(printable(", ".join(m.name for m in snapshot.models)) or "–")
     for judge in snapshot.judges:
         text.append("\njudge  ", style="bold")
-        text.append(f"{judge.name} ({judge.backend})")
+        text.append(printable(f"{judge.name} ({judge.backend})"))
         if judge.endpoints:
-            text.append(" " + ", ".join(judge.endpoints), style="cyan")
+            text.append(" " + printable(", ".join(judge.endpoints)), style="cyan")
     if snapshot.quarantined:
         text.append(f"\n{snapshot.quarantined} dataset records quarantined", style="yellow")
     if snapshot.message:
-        text.append("\n" + snapshot.message, style="italic grey62")
+        text.append("\n" + printable(snapshot.message), style="italic grey62")
     return text
 
 
@@ -244,7 +251,7 @@ def gauges(snapshot: DashboardSnapshot, width: int = 10, limit: int | None = Non
     for index, gauge in enumerate(buffers):
         # A stage's buffer per model (``samples:flux-dev``): the stage stays whole.
         stage, colon, model = gauge.name.rpartition(":")
-        name = stage + colon + fit(model, NAME_WIDTH - len(stage + colon))
+        name = printable(stage + colon) + fit(printable(model), NAME_WIDTH - len(stage + colon))
         text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         text.append_text(bar(gauge.used, gauge.size, width))
         text.append(f" {gauge.used:>3}/{gauge.size}")
@@ -268,7 +275,7 @@ def judge_loads(snapshot: DashboardSnapshot, width: int = 10, limit: int | None 
         hidden = len(snapshot.judges) - len(judges)
     text = Text(no_wrap=True)
     for index, judge in enumerate(judges):
-        name = fit(judge.name, NAME_WIDTH)
+        name = fit(printable(judge.name), NAME_WIDTH)
         text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         if judge.in_flight is None or judge.limit is None:
             concurrency = "–" if judge.limit is None else str(judge.limit)

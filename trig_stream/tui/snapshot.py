@@ -130,6 +130,9 @@ class DashboardSnapshot:
     quarantined: int | None = None
     loading: tuple[str, ...] = ()
     """Models whose generator is loading (its weights): nothing else moves meanwhile."""
+    opening: str | None = None
+    """What the engine opens while the run is under way (a judge opened late, loading its
+    model or starting its server: nothing is judged meanwhile), or None."""
     message: str = ""
     """A line from the source itself (e.g. who writes the run being watched)."""
     alerts: tuple[str, ...] = ()

@@ -236,6 +236,7 @@ class EngineSource:
             last_errors=stats.last_errors,
             notes=stats.notes,
             loading=tuple(name for name, m in stats.models.items() if m.loading),
+            opening=stats.opening,
             quarantined=stats.quarantined,
         )
 

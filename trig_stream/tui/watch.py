@@ -21,6 +21,7 @@ from rich.console import Console
 from trig_stream.errors import MissingExtraError
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.progress import full_screen_possible
+from trig_stream.records import printable
 from trig_stream.signals import (
     is_hangup,
     job_control_kept,
@@ -185,7 +186,9 @@ def describe(snapshot: DashboardSnapshot) -> str:
         parts.append(f"{snapshot.judgements_per_s:.1f}/s, ETA {duration(snapshot.eta_s)}")
     if snapshot.quarantined:
         parts.append(f"quarantined {snapshot.quarantined}")
-    return " | ".join(parts)
+    # The run's and models' names come from its manifest and journal, files a hand may have
+    # edited: a control character in them is shown, never sent to the terminal.
+    return printable(" | ".join(parts))
 
 
 MAX_INTERVAL_S = 3600.0

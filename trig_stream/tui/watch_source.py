@@ -188,17 +188,16 @@ class RunDirSource:
         self._lock = anyio.Lock()
         self._manifest: Manifest | None = None
         self._manifest_key: tuple[int, int, int, int] | None = None
-        self._configured: dict[str, Any] | None = None
-        """The config the totals below were counted for."""
+        self._configured: tuple[dict[str, Any], float] | None = None
+        """The config the totals below were counted for, and when the run that wrote it
+        started (the manifest's ``updated_at``): a new run counts its dataset again."""
         self._thresholds = RelationSection()
         self._samples_total: int | None = None
         self._config_models: list[str] = []
         self._config: RunConfig | None = None
         self._selected: Callable[[JudgementKey], bool] | None = None
         """Which keys the config's run asks (:func:`asked_by_config`), read from its dataset
-        when first needed (a retry of the errors), again after the config changed."""
-        self._selected_read = False
-        """The models of the run's latest config (when readable)."""
+        with the totals; None when it cannot be read here (every key then counts)."""
         self._judgements_total = 0
         """The judgements each model makes of the samples, when the dataset is readable."""
         self._quarantine_key: tuple[str, int, int, int, int] | None = None
@@ -216,6 +215,9 @@ class RunDirSource:
         self._appended = 0
         """Judgements read, a key asked again (``--retry-errors``) each time: the rate's."""
         self._counts: dict[str, Counter[Status]] = {}
+        self._asked_judged: Counter[str] = Counter()
+        """Per model, the keys with a judgement that the latest config asks (each once, its
+        latest status any): the work of the run written, as :attr:`_selected` tells it."""
         self._images: dict[str, set[str]] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._errors: deque[str] = deque(maxlen=ERRORS_KEPT)
@@ -363,9 +365,6 @@ class RunDirSource:
         """Per model, the ``error`` judgements the running process asks again."""
         if not manifest.retry_errors:
             return Counter()
-        if not self._selected_read and self._config is not None:
-            self._selected = asked_by_config(self._config)
-            self._selected_read = True
         asked = errors_asked_again(manifest, self._selected)
         if asked is None:
             return Counter()
@@ -374,20 +373,25 @@ class RunDirSource:
     def _finished_samples(self, manifest: Manifest, asked_again: Counter[str]) -> int:
         # As the engine's dashboard counts them: the share of each model's judgements that
         # are written, averaged over the models; a sample one model judged and another has
-        # still to make is not done, nor is one whose error is being asked again.
+        # still to make is not done, nor is one whose error is being asked again. Only the
+        # judgements the latest config asks count: a resume that filters other pairs of the
+        # dataset has none of its work done by the earlier run's.
         models = self._config_models or list(manifest.generators)
         if not models or not self._samples_total:
             return 0
-        done = sum(
-            self._counts.get(model, Counter()).total() - asked_again[model] for model in models
-        )
+        if self._selected is None:
+            judged = {model: self._counts.get(model, Counter()).total() for model in models}
+        else:
+            judged = {model: self._asked_judged[model] for model in models}
+        done = sum(judged[model] - asked_again[model] for model in models)
         planned = self._judgements_total * len(models)
         share = min(done / planned, 1.0) if planned else 1.0
         return int(self._samples_total * share)
 
     def _read_manifest(self) -> Manifest:
         # A resume may add models and judges, or lift a limit: read it again whenever it was
-        # rewritten, and count the totals again whenever its config changed.
+        # rewritten, and count the totals again whenever its config changed or a new run
+        # wrote it (its dataset may have grown under the same config).
         try:
             info = (self.run_dir / "manifest.json").stat()
             key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
@@ -396,8 +400,9 @@ class RunDirSource:
         if self._manifest is None or key is None or key != self._manifest_key:
             self._manifest = read_manifest(self.run_dir)
             self._manifest_key = key
-        if self._manifest.config != self._configured:
-            self._configured = self._manifest.config
+        configured = (self._manifest.config, self._manifest.updated_at)
+        if configured != self._configured:
+            self._configured = configured
             self._configure(self._manifest)
         return self._manifest
 
@@ -405,7 +410,8 @@ class RunDirSource:
         self._samples_total = None
         self._judgements_total = 0
         self._config_models = []
-        self._config, self._selected, self._selected_read = None, None, False
+        self._config, self._selected = None, None
+        self._asked_judged = Counter()
         try:
             config = RunConfig.model_validate(manifest.config)
         except ValueError:
@@ -423,6 +429,10 @@ class RunDirSource:
             return
         self._samples_total = pairs.total()
         self._judgements_total = _judgements_per_model(config, source, pairs)
+        self._selected = asked_by_config(config)
+        if self._selected is not None:  # once per config: later keys are counted as read
+            asked = self._selected
+            self._asked_judged = Counter(key[0] for key in self._status if asked(key))
 
     def _configure_from_parts(self, stored: dict[str, Any]) -> None:
         """The thresholds and models of a stored config that does not validate whole; the
@@ -447,6 +457,8 @@ class RunDirSource:
         previous = self._status.get(key)
         if previous is not None:
             counts[previous] -= 1
+        elif self._selected is not None and self._selected(key):
+            self._asked_judged[model] += 1
         self._status[key] = judgement.status
         counts[judgement.status] += 1
         if judgement.status == "error":
