@@ -23,6 +23,7 @@ from trig_stream.backends.generators.dtm_relations import (
     user_message,
 )
 from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
+from trig_stream.backends.generators import rewrite_answers
 from trig_stream.backends.generators.rewrite_answers import rewritten_prompt
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.backends.registry import build_generator
@@ -764,6 +765,42 @@ PREAMBLES_ENDING_THEIR_LINE = [
 )
 def test_a_preamble_and_an_explanation_come_off_the_rewrite_alone(answer: str, prompt: str) -> None:
     assert rewritten_prompt(answer, "stop", guidance="G", max_tokens=256) == prompt
+
+
+class _Untouchable:
+    """Stands in for a pattern that must not run."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"a pattern ran ({name}) over an answer too long to read")
+
+
+def test_an_answer_far_too_long_is_refused_before_any_pattern_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A megabyte of blank lines held the worker thread (and the GIL) for hours.
+    for pattern in ("PREAMBLE", "AFTERWORD", "ECHO", "REFUSAL", "REFUSAL_IN_FIRST_SENTENCE"):
+        monkeypatch.setattr(rewrite_answers, pattern, _Untouchable())
+    answer = "A cat on a mat." + "\n" * 1_000_000 + "A dog sits."
+    with pytest.raises(ItemError, match="is 1,000,026 characters long"):
+        rewritten_prompt(answer, "stop", guidance="G", max_tokens=256)
+
+
+@pytest.mark.timeout(120)  # linear: milliseconds; quadratic (as they were): hours
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Sure!" + "\n" * 100_000 + "A dog sits.",
+        "**" + " \n" * 100_000 + "A dog sits.",
+        "A cat on a mat." + "\n" * 100_000 + "A dog sits.",
+        "A cat on a mat.\n\n" + "*\n" * 100_000,
+        "A cat." + " \t\n" * 100_000 + "Original: x",
+    ],
+    ids=["interjection", "markdown", "blank-lines", "markdown-lines", "echo"],
+)
+def test_the_answer_patterns_are_linear_in_blank_lines(answer: str) -> None:
+    assert rewrite_answers.PREAMBLE.match(answer) is None
+    assert rewrite_answers.AFTERWORD.sub("", answer) == answer
+    assert rewrite_answers.ECHO.search(answer) is None
 
 
 def test_an_answer_its_content_filter_stopped_falls_back(
