@@ -438,6 +438,27 @@ def test_answers_with_no_rewrite_before_any_rewrite_stop_the_run(
     assert sum(o.status == "fallback" for o in working.rewrites.values()) == REFUSALS_TO_STOP + 1
 
 
+def test_answers_that_are_no_json_before_any_rewrite_stop_the_run(
+    server: GenerationAPIServer,
+) -> None:
+    # The SDK raises JSONDecodeError on such a body: taken for the prompt's own failure
+    # (an ItemError), it never counted, and every prompt of the run fell back silently.
+    server.fail_next(*[Fault(not_json=True)] * REFUSALS_TO_STOP)
+    generator = rewriter(server)
+    for index in range(REFUSALS_TO_STOP - 1):
+        generator.generate(
+            [request(f"J_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    outcome = generator.rewrites["J_0"]
+    assert outcome.status == "fallback" and outcome.error is not None
+    assert "answer of the rewriting LLM of generator 'm' could not be read (JSONDec" in outcome.error
+    with pytest.raises(
+        FatalBackendError,
+        match=rf"rewrote none of the first {REFUSALS_TO_STOP} prompts .*JSONDecodeError",
+    ):
+        generator.generate([request("J_last", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+
+
 def test_a_content_filter_before_any_rewrite_does_not_stop_the_run(
     server: GenerationAPIServer,
 ) -> None:
