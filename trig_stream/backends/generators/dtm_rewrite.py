@@ -56,7 +56,13 @@ from trig_stream.backends.generators.dtm_relations import (
 )
 from trig_stream.backends.generators.rewrite_answers import RefusedContent, rewritten_prompt
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
-from trig_stream.config_fields import OPTIONS_CONFIG, Backoff, EnvVarName, HttpUrl
+from trig_stream.config_fields import (
+    OPTIONS_CONFIG,
+    Backoff,
+    CallTimeout,
+    EnvVarName,
+    HttpUrl,
+)
 from trig_stream.config_problems import nested_problems
 from trig_stream.errors import (
     BackendError,
@@ -116,7 +122,7 @@ class DTMRewriteOptions(BaseModel):
     """An earlier run's ``relationship_codes.csv``."""
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     max_tokens: Annotated[int, Field(ge=16)] = 256
-    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    timeout_s: CallTimeout = 60.0
     """Seconds one call may take in all, connecting and reading the whole answer included
     (``api_calls.openai_client``)."""
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
