@@ -1008,6 +1008,40 @@ async def test_rewriting_through_the_engine(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_error_records_of_a_failed_picture_keep_its_rewrite(
+    make_config: ConfigFactory, server: GenerationAPIServer
+) -> None:
+    # The inner generator fails the rewritten sample: its error judgements said nothing of
+    # the rewrite (prompt_rewrite None), though the README says every judgement records it.
+    config = make_config(
+        samples=2,
+        generators=[
+            {
+                "name": "synth_dtm",
+                "backend": "dtm_rewrite",
+                "options": {
+                    "inner": {"backend": "synthetic", "options": {"fail_ids": ["IQ-R_TA-C_1"]}},
+                    "model": "rewriter-llm",
+                    "base_url": server.base_url,
+                    "api_key_env": KEY_ENV,
+                    "relations": {"IQ-R_TA-C": 0},
+                },
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+    failed = [j for j in results if j.data_id == "IQ-R_TA-C_1"]
+    assert len(failed) == 2 and {j.status for j in failed} == {"error"}
+    assert {j.error_stage for j in failed} == {"generate"}
+    for judgement in failed:
+        assert judgement.prompt_rewrite is not None
+        assert judgement.prompt_rewrite.status == "rewritten"
+        assert judgement.prompt_rewrite.prompt.startswith("REWRITTEN: ")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_rewrite_holding_half_a_character_is_stored_as_a_fallback(
     make_config: ConfigFactory, server: GenerationAPIServer
 ) -> None:
