@@ -344,6 +344,27 @@ def test_a_short_key_echoed_by_the_llm_is_masked_in_the_rewrite_record(
     assert generator.rewrites["S_1"].error == "HTTP 400: abcd refused: invalid token ***"
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [f"A neon sign that reads {KEY}", f"A URL: https://x.test/?key={KEY}"],
+    ids=["as-it-is", "in-a-url"],
+)
+def test_a_rewrite_holding_the_key_falls_back_without_it(
+    server: GenerationAPIServer, answer: str
+) -> None:
+    # Stored in the journal and the PNG, and sent to the inner generator, unmasked.
+    server.rewrite = lambda user: answer
+    generator = rewriter(server)
+    generator.generate([request("K_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["K_1"]
+    assert outcome.status == "fallback" and outcome.prompt == outcome.original
+    assert outcome.error is not None and "holds the API key" in outcome.error
+    assert KEY not in repr(outcome)
+    inner = generator.inner
+    assert isinstance(inner, RecordingGenerator)
+    assert inner.prompts == ["original prompt of K_1"]
+
+
 def test_failure_falls_back_to_the_original_and_says_so(
     server: GenerationAPIServer, caplog: pytest.LogCaptureFixture
 ) -> None:

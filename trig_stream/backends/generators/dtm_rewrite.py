@@ -45,6 +45,7 @@ from trig_stream.backends.generators.api_calls import (
     api_key_from_env,
     call_with_retries,
     openai_client,
+    redact,
     wait_on_cancel,
 )
 from trig_stream.backends.generators.dtm_relations import (
@@ -362,6 +363,14 @@ class DTMRewriteGenerator(Generator):
                 # prompts provoke it by design): nothing wrong with its options.
                 counts = False
                 raise
+            if redact(text, self._key) != text:
+                # Masked, the prompt would still go on to the inner generator (an API,
+                # perhaps) and into every record: no rewrite to take.
+                raise ItemError(
+                    "the LLM's rewrite holds the API key of the rewriting LLM (not repeated "
+                    "here), so it is neither sent on nor stored; check what that server puts "
+                    "in its answers"
+                )
         except FatalBackendError:
             raise
         except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
