@@ -140,6 +140,10 @@ def test_relation_table_from_report(tmp_path: Path) -> None:
     for text, problem in [
         (",IQ-R,TA-C\n", "a header and no row of relation codes"),
         (",IQ-R,IQ-R\nIQ-R,,1\n", "names a dimension twice"),
+        # The last of two rows won; codes below the diagonal gave an empty table (every
+        # pair "No clear relation").
+        (",IQ-R,TA-C\nIQ-R,,1\nIQ-R,,-2\n", r"odd\.csv: lists row IQ-R twice; keep one row"),
+        (",IQ-R,TA-C\nIQ-R,,\nTA-C,2,\n", r"odd\.csv: holds relation codes only below the diag"),
     ]:
         odd.write_text(text)
         with pytest.raises(ValueError, match=problem):
