@@ -146,7 +146,10 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
         ),
         # A call's timeout past what the clients' clocks hold: every call failed (OverflowError).
         (
-            ('backend = "fake"', 'backend = "openai"\noptions = { model = "m", timeout_s = 1e300 }'),
+            (
+                'backend = "fake"',
+                'backend = "openai"\noptions = { model = "m", timeout_s = 1e300 }',
+            ),
             r"judges\[0\]\.options\.timeout_s: Input should be less than or equal to 86400",
         ),
         (

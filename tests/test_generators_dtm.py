@@ -17,13 +17,13 @@ from pydantic import ValidationError
 from tests.conftest import ConfigFactory, unblocked_after
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.generators import rewrite_answers
 from trig_stream.backends.generators.dtm_relations import (
     RelationTable,
     instruction,
     user_message,
 )
 from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
-from trig_stream.backends.generators import rewrite_answers
 from trig_stream.backends.generators.rewrite_answers import rewritten_prompt
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.backends.registry import build_generator
@@ -476,7 +476,7 @@ def test_answers_that_are_no_json_before_any_rewrite_stop_the_run(
         )
     outcome = generator.rewrites["J_0"]
     assert outcome.status == "fallback" and outcome.error is not None
-    assert "answer of the rewriting LLM of generator 'm' could not be read (JSONDec" in outcome.error
+    assert "LLM of generator 'm' could not be read (JSONDecodeError" in outcome.error
     with pytest.raises(
         FatalBackendError,
         match=rf"rewrote none of the first {REFUSALS_TO_STOP} prompts .*JSONDecodeError",
