@@ -144,6 +144,29 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
             ('backend = "fake"', 'backend = "fake"\n\n[[judges]]\nbackend = "fake"'),
             r"run\.toml:21: judges\[1\]\.name: judges: the name 'trigscore' is used twice",
         ),
+        # A call's timeout past what the clients' clocks hold: every call failed (OverflowError).
+        (
+            (
+                'backend = "fake"',
+                'backend = "openai"\noptions = { model = "m", timeout_s = 1e300 }',
+            ),
+            r"judges\[0\]\.options\.timeout_s: Input should be less than or equal to 86400",
+        ),
+        (
+            (
+                'name = "two"\nbackend = "synthetic"\noptions = { size = 32 }',
+                'name = "two"\nbackend = "openai_images"\noptions = { timeout_s = 1e10 }',
+            ),
+            r"generators\[1\]\.options\.timeout_s: Input should be less than or equal to 86400",
+        ),
+        (
+            (
+                'name = "two"\nbackend = "synthetic"\noptions = { size = 32 }',
+                'name = "two"\nbackend = "dtm_rewrite"\noptions = { model = "m", relations = '
+                '{ IQ-R_TA-C = 1 }, inner = { backend = "synthetic" }, timeout_s = 1e300 }',
+            ),
+            r"generators\[1\]\.options\.timeout_s: Input should be less than or equal to 86400",
+        ),
         # Unknown keys of nested tables get the nearest key too (pydantic's "Extra inputs").
         (
             (

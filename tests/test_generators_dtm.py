@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from tests.conftest import ConfigFactory, unblocked_after
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.generators import rewrite_answers
 from trig_stream.backends.generators.dtm_relations import (
     RelationTable,
     instruction,
@@ -139,6 +140,10 @@ def test_relation_table_from_report(tmp_path: Path) -> None:
     for text, problem in [
         (",IQ-R,TA-C\n", "a header and no row of relation codes"),
         (",IQ-R,IQ-R\nIQ-R,,1\n", "names a dimension twice"),
+        # The last of two rows won; codes below the diagonal gave an empty table (every
+        # pair "No clear relation").
+        (",IQ-R,TA-C\nIQ-R,,1\nIQ-R,,-2\n", r"odd\.csv: lists row IQ-R twice; keep one row"),
+        (",IQ-R,TA-C\nIQ-R,,\nTA-C,2,\n", r"odd\.csv: holds relation codes only below the diag"),
     ]:
         odd.write_text(text)
         with pytest.raises(ValueError, match=problem):
@@ -343,6 +348,27 @@ def test_a_short_key_echoed_by_the_llm_is_masked_in_the_rewrite_record(
     assert generator.rewrites["S_1"].error == "HTTP 400: abcd refused: invalid token ***"
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [f"A neon sign that reads {KEY}", f"A URL: https://x.test/?key={KEY}"],
+    ids=["as-it-is", "in-a-url"],
+)
+def test_a_rewrite_holding_the_key_falls_back_without_it(
+    server: GenerationAPIServer, answer: str
+) -> None:
+    # Stored in the journal and the PNG, and sent to the inner generator, unmasked.
+    server.rewrite = lambda user: answer
+    generator = rewriter(server)
+    generator.generate([request("K_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["K_1"]
+    assert outcome.status == "fallback" and outcome.prompt == outcome.original
+    assert outcome.error is not None and "holds the API key" in outcome.error
+    assert KEY not in repr(outcome)
+    inner = generator.inner
+    assert isinstance(inner, RecordingGenerator)
+    assert inner.prompts == ["original prompt of K_1"]
+
+
 def test_failure_falls_back_to_the_original_and_says_so(
     server: GenerationAPIServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -435,6 +461,27 @@ def test_answers_with_no_rewrite_before_any_rewrite_stop_the_run(
             [request(f"W_{index + 1}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
         )
     assert sum(o.status == "fallback" for o in working.rewrites.values()) == REFUSALS_TO_STOP + 1
+
+
+def test_answers_that_are_no_json_before_any_rewrite_stop_the_run(
+    server: GenerationAPIServer,
+) -> None:
+    # The SDK raises JSONDecodeError on such a body: taken for the prompt's own failure
+    # (an ItemError), it never counted, and every prompt of the run fell back silently.
+    server.fail_next(*[Fault(not_json=True)] * REFUSALS_TO_STOP)
+    generator = rewriter(server)
+    for index in range(REFUSALS_TO_STOP - 1):
+        generator.generate(
+            [request(f"J_{index}", "IQ-R", "TA-C")], worker=0, cancel=threading.Event()
+        )
+    outcome = generator.rewrites["J_0"]
+    assert outcome.status == "fallback" and outcome.error is not None
+    assert "LLM of generator 'm' could not be read (JSONDecodeError" in outcome.error
+    with pytest.raises(
+        FatalBackendError,
+        match=rf"rewrote none of the first {REFUSALS_TO_STOP} prompts .*JSONDecodeError",
+    ):
+        generator.generate([request("J_last", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
 
 
 def test_a_content_filter_before_any_rewrite_does_not_stop_the_run(
@@ -766,6 +813,42 @@ def test_a_preamble_and_an_explanation_come_off_the_rewrite_alone(answer: str, p
     assert rewritten_prompt(answer, "stop", guidance="G", max_tokens=256) == prompt
 
 
+class _Untouchable:
+    """Stands in for a pattern that must not run."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"a pattern ran ({name}) over an answer too long to read")
+
+
+def test_an_answer_far_too_long_is_refused_before_any_pattern_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A megabyte of blank lines held the worker thread (and the GIL) for hours.
+    for pattern in ("PREAMBLE", "AFTERWORD", "ECHO", "REFUSAL", "REFUSAL_IN_FIRST_SENTENCE"):
+        monkeypatch.setattr(rewrite_answers, pattern, _Untouchable())
+    answer = "A cat on a mat." + "\n" * 1_000_000 + "A dog sits."
+    with pytest.raises(ItemError, match="is 1,000,026 characters long"):
+        rewritten_prompt(answer, "stop", guidance="G", max_tokens=256)
+
+
+@pytest.mark.timeout(120)  # linear: milliseconds; quadratic (as they were): hours
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Sure!" + "\n" * 100_000 + "A dog sits.",
+        "**" + " \n" * 100_000 + "A dog sits.",
+        "A cat on a mat." + "\n" * 100_000 + "A dog sits.",
+        "A cat on a mat.\n\n" + "*\n" * 100_000,
+        "A cat." + " \t\n" * 100_000 + "Original: x",
+    ],
+    ids=["interjection", "markdown", "blank-lines", "markdown-lines", "echo"],
+)
+def test_the_answer_patterns_are_linear_in_blank_lines(answer: str) -> None:
+    assert rewrite_answers.PREAMBLE.match(answer) is None
+    assert rewrite_answers.AFTERWORD.sub("", answer) == answer
+    assert rewrite_answers.ECHO.search(answer) is None
+
+
 def test_an_answer_its_content_filter_stopped_falls_back(
     server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -946,6 +1029,40 @@ async def test_rewriting_through_the_engine(
     assert len(resumed) == 16 and all(j.prompt_rewrite is not None for j in resumed)
     assert {(j.data_id, j.dimension): j.prompt_rewrite for j in resumed} == first
     assert sum(path.endswith("/chat/completions") for path, _ in server.requests) == chats
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_error_records_of_a_failed_picture_keep_its_rewrite(
+    make_config: ConfigFactory, server: GenerationAPIServer
+) -> None:
+    # The inner generator fails the rewritten sample: its error judgements said nothing of
+    # the rewrite (prompt_rewrite None), though the README says every judgement records it.
+    config = make_config(
+        samples=2,
+        generators=[
+            {
+                "name": "synth_dtm",
+                "backend": "dtm_rewrite",
+                "options": {
+                    "inner": {"backend": "synthetic", "options": {"fail_ids": ["IQ-R_TA-C_1"]}},
+                    "model": "rewriter-llm",
+                    "base_url": server.base_url,
+                    "api_key_env": KEY_ENV,
+                    "relations": {"IQ-R_TA-C": 0},
+                },
+            }
+        ],
+    )
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+    failed = [j for j in results if j.data_id == "IQ-R_TA-C_1"]
+    assert len(failed) == 2 and {j.status for j in failed} == {"error"}
+    assert {j.error_stage for j in failed} == {"generate"}
+    for judgement in failed:
+        assert judgement.prompt_rewrite is not None
+        assert judgement.prompt_rewrite.status == "rewritten"
+        assert judgement.prompt_rewrite.prompt.startswith("REWRITTEN: ")
 
 
 @pytest.mark.anyio

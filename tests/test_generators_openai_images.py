@@ -303,6 +303,22 @@ def test_an_answer_without_an_image_is_the_apis_failure_not_the_items(
     assert str(outcome) == "the images API returned bytes that are no image"
 
 
+def test_an_answer_that_is_no_json_is_the_apis_failure_not_the_items(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # The SDK raises JSONDecodeError on such a body: classified as an ItemError, a server
+    # that answered so failed every sample of the run, which never stopped.
+    sleeps = Sleeps()
+    server.fail_next(Fault(not_json=True))
+    outcome = one(make(server, sleeps))
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError | RetryableError)
+    assert str(outcome).startswith(
+        "the answer of the images API of generator 'dalle3' could not be read (JSONDecodeError: "
+    )
+    assert "base_url" in str(outcome) and SECRET not in str(outcome)
+    assert sleeps.waits == []  # not retried: every answer would be alike
+
+
 def test_an_answer_that_trickles_in_is_held_to_the_timeout_in_all(
     server: GenerationAPIServer, key: str
 ) -> None:

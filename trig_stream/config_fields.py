@@ -144,6 +144,9 @@ DeviceName = Annotated[str, AfterValidator(_device_name)]
 Backoff = Annotated[float, Field(ge=0, le=3600)]
 """Seconds a retry waits (a backoff's start or ceiling): at most an hour, a longer one being a
 mistake that would hold a request, and a graceful stop, that long."""
+CallTimeout = Annotated[float, Field(gt=0, le=86400)]
+"""Seconds one API call may take in all: at most a day. A far larger one (``1e10``) is past
+what the clients' clocks can hold, and every call failed with OverflowError."""
 
 
 OPTIONS_CONFIG: Final = ConfigDict(

@@ -298,13 +298,19 @@ class GenerationStage:
                         for dimension, judge_name in work.todo:
                             await judgement_send.send(
                                 failed_judgement(
-                                    self._context, work, dimension, judge_name, outcome, "generate"
+                                    self._context,
+                                    work,
+                                    dimension,
+                                    judge_name,
+                                    outcome.reason,
+                                    "generate",
+                                    prompt_rewrite=outcome.prompt_rewrite,
                                 )
                             )
                 if made.made_picture:
                     self._pictures_to_write -= 1
                     new = [o for p, o in zip(made.pictures, outcomes, strict=True) if _new(p)]
-                    unwritten = [o for o in new if isinstance(o, str)]
+                    unwritten = [o.reason for o in new if isinstance(o, _Failure)]
                     self._count_call(
                         made_picture=len(unwritten) < len(new),
                         failure=unwritten[-1] if unwritten else None,
@@ -381,19 +387,24 @@ class GenerationStage:
             failure=None if made_picture else failure,
         )
 
-    def _write(self, made: _Made) -> list[GeneratedImage | str]:
+    def _write(self, made: _Made) -> list[GeneratedImage | _Failure]:
         # Runs in a writer thread: PNG encoding and the atomic write of each new picture.
-        outcomes: list[GeneratedImage | str] = []
+        outcomes: list[GeneratedImage | _Failure] = []
         files: list[tuple[Path, bytes]] = []
         pngs = self._encode(made.pictures)
         for work, path, picture, png in zip(
             made.batch, made.paths, made.pictures, pngs, strict=True
         ):
-            if isinstance(picture, GeneratedImage | str):
+            if isinstance(picture, GeneratedImage):
                 outcomes.append(picture)
                 continue
+            # A failed item (the batch's others go on) keeps the rewrite its picture was to be
+            # drawn from for its error records, as a picture's judgements do.
+            if isinstance(picture, str):
+                outcomes.append(_Failure(picture, self._prompt_rewrite(work.sample.data_id)))
+                continue
             if isinstance(png, str):
-                outcomes.append(png)  # this item fails; the batch's others go on
+                outcomes.append(_Failure(png, self._prompt_rewrite(work.sample.data_id)))
                 continue
             assert png is not None
             latency_s = made.latency_s
@@ -482,6 +493,15 @@ def _png_or_reason(image: Image) -> bytes | str:
         return encode_png(image)
     except Exception as exc:
         return f"the picture (mode {image.mode}) cannot be written as PNG: {exc}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """Why one item of a generate call has no picture, and the rewrite of its prompt (a
+    ``dtm_rewrite`` generator's), if any."""
+
+    reason: str
+    prompt_rewrite: PromptRewrite | None
 
 
 def _new(picture: object) -> bool:

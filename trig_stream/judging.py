@@ -180,6 +180,7 @@ class JudgeStage:
                             judge.name,
                             describe_error(image),
                             "judge",
+                            prompt_rewrite=item.image.prompt_rewrite,
                         )
                     )
                 continue

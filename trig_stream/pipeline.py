@@ -13,7 +13,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from trig_stream.config import RunConfig
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import TrigStreamError
-from trig_stream.records import GeneratedImage, JudgeFingerprint, Judgement, Sample, Stage
+from trig_stream.records import (
+    GeneratedImage,
+    JudgeFingerprint,
+    Judgement,
+    PromptRewrite,
+    Sample,
+    Stage,
+)
 from trig_stream.stats import Counters
 from trig_stream.store import RunDir
 
@@ -70,8 +77,11 @@ def failed_judgement(
     judge_name: str,
     reason: str,
     stage: Stage,
+    *,
+    prompt_rewrite: PromptRewrite | None = None,
 ) -> Judgement:
-    """The record of a judgement that could not be made: status ``error``, never a score."""
+    """The record of a judgement that could not be made: status ``error``, never a score;
+    with the sample's ``prompt_rewrite`` when a generator rewrote its prompt (or tried)."""
     sample = work.sample
     return Judgement(
         model=work.model,
@@ -86,6 +96,7 @@ def failed_judgement(
         seed=work.seed,
         error=f"{stage} failed: {reason}",
         error_stage=stage,
+        prompt_rewrite=prompt_rewrite,
     )
 
 

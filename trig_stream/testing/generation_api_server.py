@@ -51,6 +51,7 @@ class Fault:
             for this long before the answer, so that no read waits long while the whole
             answer does.
         oversize: answer normally, after 65 MiB of spaces (over the clients' answer cap).
+        not_json: answer 200, ``application/json``, with a body that is no JSON.
     """
 
     status: int | None = None
@@ -62,6 +63,7 @@ class Fault:
     code: str | None = None
     trickle_s: float = 0.0
     oversize: bool = False
+    not_json: bool = False
 
 
 def default_rewrite(user_text: str) -> str:
@@ -223,7 +225,10 @@ class GenerationAPIServer:
 async def _respond(
     request: web.Request, answer: dict[str, Any], fault: Fault | None
 ) -> web.StreamResponse:
-    """``answer`` as JSON, after what ``fault`` puts before it (``trickle_s``, ``oversize``)."""
+    """``answer`` as JSON, after what ``fault`` puts before it (``trickle_s``, ``oversize``),
+    or instead of it (``not_json``)."""
+    if fault is not None and fault.not_json:
+        return web.Response(body=b"not json", content_type="application/json")
     if fault is None or not (fault.trickle_s or fault.oversize):
         return web.json_response(answer)
     response = web.StreamResponse(headers={"Content-Type": "application/json"})

@@ -119,6 +119,9 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
     ItemError: the prompt's own failure. Any other 4xx (an option the API refuses, a bad
     size) is :class:`Refused`, a failure of the call as a whole: every request would be
     refused alike, so before a generator's first image it counts towards stopping the run.
+    Any other exception the call raises (an answer that is no JSON, a timeout the client
+    cannot hold) is a plain :class:`BackendError`, the API's failure too: only a refusal of
+    the content (and a cancelled backoff, in :func:`call_with_retries`) is an ItemError.
     """
     import openai
 
@@ -149,7 +152,16 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
         if is_content_refusal(exc):
             return ItemError(detail)
         return Refused(detail)
-    return ItemError(redact(f"{type(exc).__name__}: {exc}", secret))
+    # Anything else the call raised (a body that is no JSON, a timeout the client cannot
+    # hold, an answer the SDK cannot read): not the prompt's fault, and every call would most
+    # likely fail alike, so the API's failure, counting towards stopping the run.
+    reason = redact(f"{type(exc).__name__}: {exc}", secret)
+    if isinstance(exc, ValueError):  # json.JSONDecodeError among them
+        return BackendError(
+            f"the answer of {api} could not be read ({reason}): is base_url the root of an "
+            "OpenAI-protocol API (often ending in /v1)?"
+        )
+    return BackendError(f"the call to {api} failed ({reason})")
 
 
 def call_with_retries(
@@ -175,6 +187,7 @@ def call_with_retries(
     Raises:
         ItemError: cancelled during a backoff, or a refusal of the request's content.
         Refused: the API refused the request itself (see :func:`classify`).
+        BackendError: the call failed otherwise (an answer that is no JSON, say).
         RetryableError: still failing after ``policy.max_attempts`` attempts.
         FatalBackendError: the credentials were refused, or a 404 came before any answer
             (or, with ``unanswered_is_fatal``, an unreachable API).

@@ -120,13 +120,22 @@ class RelationTable:
         if not any(row and row[0].strip() for row in rows[1:]):
             raise ValueError(f"{path}: holds a header and no row of relation codes")
         table = cls()
+        seen: set[str] = set()
+        below = 0  # codes below the diagonal, which are never read
         for row in rows[1:]:
             if not row or not row[0].strip():
                 continue
             first = row[0].strip()
             if not is_dimension(first) or first not in columns:
                 raise ValueError(f"{path}: row {first!r} is not a dimension of the header")
+            if first in seen:  # the last one silently won
+                raise ValueError(
+                    f"{path}: lists row {first} twice; keep one row per dimension (an earlier "
+                    "run's relationship_codes.csv, as trig-stream report writes it, has one)"
+                )
+            seen.add(first)
             start = columns.index(first) + 1
+            below += sum(_is_code(cell) for cell in row[1:start])
             for second, cell in zip(columns[start:], row[start + 1 :], strict=False):
                 text = cell.strip()
                 if not text or text.upper() == "NULL":
@@ -142,7 +151,22 @@ class RelationTable:
                     )
                 code = int(value)
                 table.set(first, second, code)  # type: ignore[arg-type]
+        if not len(table) and below:
+            # Every pair would have read "No clear relation", the rewrites all alike.
+            raise ValueError(
+                f"{path}: holds relation codes only below the diagonal, and they are read above "
+                "it (row dimension before column dimension, as trig-stream report writes "
+                "them); move the codes above the diagonal"
+            )
         return table
+
+
+def _is_code(cell: str) -> bool:
+    """Whether a report's cell holds a relation code (an integer), not a score or a range."""
+    try:
+        return float(cell.strip()).is_integer()
+    except ValueError:
+        return False
 
 
 _TASK_WORDS: Final[dict[Task, str]] = {

@@ -45,6 +45,7 @@ from trig_stream.backends.generators.api_calls import (
     api_key_from_env,
     call_with_retries,
     openai_client,
+    redact,
     wait_on_cancel,
 )
 from trig_stream.backends.generators.dtm_relations import (
@@ -56,7 +57,13 @@ from trig_stream.backends.generators.dtm_relations import (
 )
 from trig_stream.backends.generators.rewrite_answers import RefusedContent, rewritten_prompt
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
-from trig_stream.config_fields import OPTIONS_CONFIG, Backoff, EnvVarName, HttpUrl
+from trig_stream.config_fields import (
+    OPTIONS_CONFIG,
+    Backoff,
+    CallTimeout,
+    EnvVarName,
+    HttpUrl,
+)
 from trig_stream.config_problems import nested_problems
 from trig_stream.errors import (
     BackendError,
@@ -116,7 +123,7 @@ class DTMRewriteOptions(BaseModel):
     """An earlier run's ``relationship_codes.csv``."""
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     max_tokens: Annotated[int, Field(ge=16)] = 256
-    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    timeout_s: CallTimeout = 60.0
     """Seconds one call may take in all, connecting and reading the whole answer included
     (``api_calls.openai_client``)."""
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
@@ -356,6 +363,14 @@ class DTMRewriteGenerator(Generator):
                 # prompts provoke it by design): nothing wrong with its options.
                 counts = False
                 raise
+            if redact(text, self._key) != text:
+                # Masked, the prompt would still go on to the inner generator (an API,
+                # perhaps) and into every record: no rewrite to take.
+                raise ItemError(
+                    "the LLM's rewrite holds the API key of the rewriting LLM (not repeated "
+                    "here), so it is neither sent on nor stored; check what that server puts "
+                    "in its answers"
+                )
         except FatalBackendError:
             raise
         except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:

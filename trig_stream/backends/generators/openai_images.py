@@ -30,7 +30,13 @@ from trig_stream.backends.generators.api_calls import (
     wait_on_cancel,
 )
 from trig_stream.backends.generators.source_images import rgb, upright
-from trig_stream.config_fields import OPTIONS_CONFIG, Backoff, EnvVarName, HttpUrl
+from trig_stream.config_fields import (
+    OPTIONS_CONFIG,
+    Backoff,
+    CallTimeout,
+    EnvVarName,
+    HttpUrl,
+)
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
 
@@ -59,7 +65,7 @@ class OpenAIImagesOptions(BaseModel):
     """``vivid`` / ``natural`` (dall-e-3 only)."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """Further request fields, sent as they are."""
-    timeout_s: Annotated[float, Field(gt=0)] = 180.0
+    timeout_s: CallTimeout = 180.0
     """Seconds one call may take in all, connecting and reading the whole answer included
     (``api_calls.openai_client``)."""
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 4

@@ -16,6 +16,15 @@ MAX_REWRITE_CHARS = 4000
 """The longest rewrite taken: the system message asks for under 120 words, and a server that
 ignores max_tokens sent a megabyte, stored in every judgement of the image."""
 
+MAX_ANSWER_CHARS = 4 * MAX_REWRITE_CHARS
+"""The longest answer read at all (a rewrite at :data:`MAX_REWRITE_CHARS` with a preamble and
+an explanation around it): a longer one is refused before any pattern runs over it, so that
+no answer, however it is laid out, holds the worker thread (and the GIL) for long.
+
+Each pattern below is linear in its input besides: a run of whitespace is matched one way
+only (possessive ``*+`` / ``++`` where two quantifiers could share it), which
+``tests/test_generators_dtm.py`` checks with answers of blank lines by the hundred thousand."""
+
 
 REFUSAL = re.compile(
     r"(I['’]?m|I am)\s+(sorry|unable|not able|afraid)\b(?!-)|sorry\b(?!-)|I\s+apologi[sz]e|"
@@ -59,10 +68,10 @@ that'"), after words that are no opening ("A poster: I can't help falling in lov
 something else ("I must decline the invitation, says a card", "I won't forget this sunset",
 "I can't stop smiling")."""
 
-INTERJECTION = r"((sure|certainly|of course|absolutely|okay|ok|great|alright)\b[^\n]{0,20}\n+)?"
+INTERJECTION = r"((sure|certainly|of course|absolutely|okay|ok|great|alright)\b[^\n]{0,20}\n++)?"
 """A line of its own before a preamble ("Sure!")."""
 
-MARKDOWN = r"[*_#>\s]*"
+MARKDOWN = r"[*_#>\s]*+"
 
 REVISED = r"(rewritten|revised|improved|enhanced|refined|updated|new)"
 
@@ -75,8 +84,8 @@ REVISED_KEYWORD = (
 your prompt", "enhanced text-to-image prompt"."""
 
 PREAMBLE = re.compile(
-    rf"\s*{INTERJECTION}{MARKDOWN}("
-    r"((sure|certainly|of course|absolutely|okay|ok|great|alright)[!.,\s]+)?"
+    rf"\s*+{INTERJECTION}{MARKDOWN}("
+    r"((sure|certainly|of course|absolutely|okay|ok|great|alright)[!.,\s]++)?"
     rf"({HERE_IS}({REVISED_KEYWORD}|rewrites?)\b[^\n:]{{0,12}}"
     rf"|(the|a)\s+{REVISED}\s+prompt"
     rf"|{REVISED}\s+((text-to-image|image)\s+)?(prompt|version|description|text)"
@@ -100,7 +109,7 @@ text layout: ...", "Here is Venice reimagined as a futuristic version of itself,
 the clouds: ...", "Your updated description: ...")."""
 
 AFTERWORD = re.compile(
-    r"(?<=[\w.!?)\"'”’*])[ \t]*\n\s*\n[*_#>\s]*"
+    r"(?<=[\w.!?)\"'”’*])[ \t]*\n[^\S\n]*\n[*_#>\s]*+"
     r"(explanation|rationale|notes?|changes(\s+made)?)[*_]*\s*:.*\Z",
     re.I | re.S,
 )
@@ -108,7 +117,7 @@ AFTERWORD = re.compile(
 "Rationale:", "Note:", "Changes:" or "Changes made:" after a complete prompt: no part of the
 prompt. Any other paragraph ("Changes made to the garden: tulips ...") is the prompt's own."""
 
-ECHO = re.compile(r"^\s*Original:\s*$", re.M)
+ECHO = re.compile(r"^[^\S\n]*Original:[^\S\n]*$", re.M)
 """The marker before the prompt in our request (``user_message``): an answer holding it
 repeats the request rather than answering it."""
 
@@ -132,6 +141,8 @@ def rewritten_prompt(
     """
     if finish_reason == "content_filter":
         raise RefusedContent("the LLM's content filter stopped its rewrite")
+    if content is not None and len(content) > MAX_ANSWER_CHARS:
+        raise _too_long(content)
     text = _clean(content or "")
     preamble = PREAMBLE.match(text)
     if preamble is not None:
@@ -150,16 +161,20 @@ def rewritten_prompt(
     if finish_reason == "length":  # cut mid-sentence: no prompt to draw from
         raise ItemError(f"the LLM's rewrite was cut at max_tokens ({max_tokens})")
     if len(text) > MAX_REWRITE_CHARS:
-        raise ItemError(
-            f"the LLM's rewrite is {len(text):,} characters long (at most "
-            f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
-        )
+        raise _too_long(text)
     first_sentence = re.split(r"[.!?\n]", text, maxsplit=1)[0]
     if REFUSAL.match(text) or REFUSAL_IN_FIRST_SENTENCE.match(first_sentence):
         raise RefusedContent(f"the LLM refused to rewrite the prompt: {text[:80]!r}")
     if guidance in text or ECHO.search(text):
         raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")
     return text
+
+
+def _too_long(text: str) -> ItemError:
+    return ItemError(
+        f"the LLM's rewrite is {len(text):,} characters long (at most "
+        f"{MAX_REWRITE_CHARS:,} are taken): no answer to the request"
+    )
 
 
 def _encodable(text: str) -> bool:

@@ -58,7 +58,7 @@ from trig_stream.backends.judges.transports import (
     Transport,
     open_transport,
 )
-from trig_stream.config_fields import OPTIONS_CONFIG, EnvVarName, HttpUrl
+from trig_stream.config_fields import OPTIONS_CONFIG, CallTimeout, EnvVarName, HttpUrl
 from trig_stream.errors import (
     FatalBackendError,
     ItemError,
@@ -96,7 +96,7 @@ class OpenAIJudgeOptions(BaseModel):
     temperature: Annotated[float, Field(ge=0)] = 1.0
     seed: int | None = None
     max_tokens: Annotated[int, Field(ge=1)] = 1
-    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    timeout_s: CallTimeout = 60.0
     max_pixels: Annotated[int, Field(ge=64)] | None = None
     """Shrink larger images to this many pixels (keeping their shape) before sending."""
     image_mode: Literal["base64", "file"] = "base64"
