@@ -78,8 +78,8 @@ def test_formatted_and_evaluation_layouts_round_trip() -> None:
     }
 
 
-def test_evaluation_result_keeps_metric_order_and_writes_null_for_a_failed_score() -> None:
-    # A failed judgement was left out, so `analyze` read it back as never judged.
+def test_evaluation_result_keeps_metric_order_and_only_ok_scores() -> None:
+    # No null for a failed judgement: upstream's readers take every cell for a number.
     judge = JudgeFingerprint(backend="fake", model="j")
     common = {"model": "m", "data_id": "IQ-R_TA-C_1", "task": "t2i", "pair": "IQ-R_TA-C"}
     records = [
@@ -90,9 +90,7 @@ def test_evaluation_result_keeps_metric_order_and_writes_null_for_a_failed_score
         Judgement(**common, dimension="TA-C", metric="b", judge=judge, status="unscorable"),
     ]
     result = evaluation_result(records, ["a", "b"])
-    assert result == {
-        "IQ-R_TA-C_1": {"IQ-R": [{"a": 0.4}, {"b": 0.2}], "TA-C": [{"a": None}, {"b": None}]}
-    }
+    assert result == {"IQ-R_TA-C_1": {"IQ-R": [{"a": 0.4}, {"b": 0.2}]}}
 
 
 def test_parquet_round_trip_equals_the_records(tmp_path: Path) -> None:

@@ -338,22 +338,24 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
 def _refuse_overwriting_inputs(folder: Path, file: Path, prompts: Path | None) -> None:
     """Refuse an output folder where ``analyze`` would write over its own input: ``--out``
     the input's folder replaced an ``evaluation_result.json`` or ``formatted.json`` with the
-    export of what was read from it (its nulls lost).
+    export of what was read from it (its nulls lost), and one in a ``--prompts`` parquet folder
+    added its ``judgements.parquet`` to the dataset.
 
     Raises:
         AnalysisError: a file the outputs go to is ``file`` or ``prompts``, or ``folder`` is
-            the ``prompts`` folder.
+            in the ``prompts`` folder.
     """
     outputs = [folder / name for name in MODEL_FILES]
     outputs += [folder / PLOTS_FOLDER / name for name in PLOT_FILES]
     for option, given in (("FILE", file), ("--prompts", prompts)):
         if given is None:
             continue
-        if given.is_dir() and _same_file(folder, given):
-            # A parquet dataset folder: judgements.parquet would join the dataset.
+        if option == "--prompts" and given.is_dir() and _within(folder, given):
+            # A parquet dataset folder, read with its subfolders: judgements.parquet would
+            # join the dataset, and the next read of it fail on its columns.
             raise AnalysisError(
-                f"--out {folder} is the {option} folder {given}: the outputs would join the "
-                "dataset; name another output folder with --out"
+                f"--out {folder} is in the {option} folder {given}: the outputs would join "
+                "the dataset; name an output folder outside it with --out"
             )
         for output in outputs:
             if _same_file(output, given):
@@ -361,6 +363,11 @@ def _refuse_overwriting_inputs(folder: Path, file: Path, prompts: Path | None) -
                     f"--out {folder} would write {output} over the input {option} {given}; "
                     "name another output folder with --out"
                 )
+
+
+def _within(folder: Path, dataset: Path) -> bool:
+    """Whether ``folder`` is the folder ``dataset`` or one under it (links resolved)."""
+    return _same_file(folder, dataset) or folder.resolve().is_relative_to(dataset.resolve())
 
 
 def _same_file(a: Path, b: Path) -> bool:

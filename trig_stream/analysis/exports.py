@@ -3,9 +3,9 @@
 TRIG-compatible, per model:
 
 * ``evaluation_result.json``: ``{data_id: {dimension: [{metric: score}, ...]}}``, metrics in
-  the given order. A judgement that is not ``ok`` (an error, an unscorable answer) is written
-  as ``null``, which ``analyze`` reads back as a missing score; a dimension never judged is
-  left out of the image.
+  the given order. Only ``ok`` scores are written (upstream's readers take every cell for a
+  number): a metric without one is left out of the list, and a dimension without any is left
+  out of the image.
 * ``formatted.json``: ``{pair: {data_id: [score_A, score_B]}}``, the complete images only.
 * ``relationship_codes.csv`` and ``result.json``: see :func:`relationship_codes_csv` and
   :func:`result_document`.
@@ -30,7 +30,7 @@ from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.records import JudgeFingerprint, Judgement
 
-EvaluationResult: TypeAlias = dict[str, dict[str, list[dict[str, float | None]]]]
+EvaluationResult: TypeAlias = dict[str, dict[str, list[dict[str, float]]]]
 FormattedScores: TypeAlias = dict[str, dict[str, list[float]]]
 InsightType: TypeAlias = Literal["synergy", "bottleneck", "dominance", "tradeoff", "undefined"]
 
@@ -45,9 +45,9 @@ INSIGHT_TYPES: Final[dict[RelationCode, InsightType]] = {
 
 
 def evaluation_result(judgements: Iterable[Judgement], metrics: Sequence[str]) -> EvaluationResult:
-    """One model's scores in TRIG's evaluation-result layout (last judgement of a key wins),
-    ``null`` for a judgement that is not ok: read back, it is a score that was asked for and is
-    missing, not a dimension never judged.
+    """One model's ok scores in TRIG's evaluation-result layout (last judgement of a key wins).
+    A failed judgement is left out, not written as ``null``: upstream's readers take every cell
+    for a number.
 
     Args:
         judgements: the model's judgements, in journal order.
@@ -59,10 +59,11 @@ def evaluation_result(judgements: Iterable[Judgement], metrics: Sequence[str]) -
             key = (judgement.data_id, judgement.dimension, judgement.metric)
             latest[key] = judgement.score if judgement.status == "ok" else None
     order = {metric: index for index, metric in enumerate(metrics)}
-    result: dict[str, dict[str, list[tuple[int, str, float | None]]]] = {}
+    result: dict[str, dict[str, list[tuple[int, str, float]]]] = {}
     for (data_id, dimension, metric), score in latest.items():
-        cells = result.setdefault(data_id, {}).setdefault(dimension, [])
-        cells.append((order[metric], metric, score))
+        if score is not None:
+            cells = result.setdefault(data_id, {}).setdefault(dimension, [])
+            cells.append((order[metric], metric, score))
     return {
         data_id: {dim: [{m: s} for _, m, s in sorted(cells)] for dim, cells in dims.items()}
         for data_id, dims in result.items()
