@@ -316,12 +316,15 @@ async def test_micro_batcher_leaves_a_cancelled_batch_to_its_thread() -> None:
             "as an instance of NSFWOptions, not of dict",
         ),
         ("nsfw_rate", NSFWOptions(), "as an instance of NSFWRateOptions, not of NSFWOptions"),
+        ("trigscore", {"scorer": "trig"}, "as an instance of TRIGScoreOptions, not of dict"),
+        ("trigscore", NSFWOptions(), "as an instance of TRIGScoreOptions, not of NSFWOptions"),
     ],
 )
-def test_nsfw_metrics_name_the_options_class_they_take(
+def test_metrics_name_the_options_class_they_take(
     metric: str, options: object, message: str
 ) -> None:
-    # Each raised a bare AssertionError. (No model loads: the extra is not needed.)
+    # Each raised a bare AssertionError (trigscore's until it shared nsfw's check), or an
+    # AttributeError under -O. (No model loads: the extra is not needed.)
     with pytest.raises(TypeError, match=f"the {metric} metric takes its options {message}: pass"):
         import_metric(metric)(options)  # type: ignore[arg-type]
     assert import_metric(metric)().options == import_metric(metric).Options()

