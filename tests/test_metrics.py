@@ -213,6 +213,26 @@ async def test_a_set_metric_giving_no_number_is_an_item_error() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_value_too_large_for_a_float_is_an_item_error_naming_the_metric() -> None:
+    # float(10**400) raised a bare OverflowError, which named no metric.
+    class Huge(Count):
+        def compute_set(self, items: Sequence[MetricInput]) -> Any:
+            return 10**400
+
+    class HugeImages(ImageMetric):
+        name: ClassVar[str] = "huge_images"
+
+        def compute(self, item: MetricInput) -> Any:
+            return 10**400
+
+    message = r"gave an? int \(1000.*\.\.\.\), too large for a float"
+    with pytest.raises(ItemError, match=f"the count metric {message}"):
+        await compute_set_async(Huge(), [MetricInput()])
+    with pytest.raises(ItemError, match=f"the huge_images metric {message}"):
+        await compute_async(HugeImages(), [MetricInput()])
+
+
+@pytest.mark.anyio
 async def test_micro_batcher_takes_everything_waiting() -> None:
     seen: list[list[int]] = []
 

@@ -283,13 +283,15 @@ def checked_value(metric: Metric, value: object) -> Value:
     """One value a metric gave, as a float or None.
 
     Raises:
-        ItemError: it is neither a real number nor None.
+        ItemError: it is neither a real number nor None, or too large for a float.
     """
     if value is None:
         return None
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    raise ItemError(
+        try:
+            return float(value)
+        except OverflowError:  # an int (or a Fraction) past the largest float
+            raise ItemError(
                 f"the {metric.name} metric gave {_shown(value)}, too large for a float "
                 "(past 1.8e308): a metric's value is a float; fix the metric"
             ) from None
