@@ -375,8 +375,7 @@ def test_images_a_judge_of_some_dimensions_leaves_half_judged_name_that_cause() 
         "before it)"
     )
     assert left_out_text(analysis, upstream=True) == (
-        "0 images left out for a missing score, 2 images with no cell in the file for one "
-        "dimension"
+        "0 images left out for a missing score, 2 images with no cell in the file for one dimension"
     )
 
 

@@ -732,8 +732,6 @@ def test_validate_refuses_scorer_on_a_metric_judge(
     register_metric(Blur.name, Blur)
     write_prompts(tmp_path / "prompts.json", 4)
     path = tmp_path / "run.toml"
-    path.write_text(
-        NSFW_CONFIG.replace('metric = "nsfw" }', 'metric = "blur" }\nscorer = "trig"')
-    )
+    path.write_text(NSFW_CONFIG.replace('metric = "nsfw" }', 'metric = "blur" }\nscorer = "trig"'))
     assert cli.main(["validate", str(path)]) == exit_codes.EXIT_CONFIG
     assert "`scorer` has no effect on backend 'metric'" in capsys.readouterr().err
