@@ -710,7 +710,7 @@ def test_a_metric_needing_more_than_the_image_is_a_config_error(
     [
         ({"scorer": "trig"}, "`scorer` has"),
         ({"confidence": True}, "`confidence` has"),
-        ({"scorer": "robust", "confidence": False}, "`confidence` and `scorer` have"),
+        ({"scorer": "trig", "confidence": True}, "`confidence` and `scorer` have"),
     ],
 )
 def test_scorer_or_confidence_set_on_a_metric_judge_is_a_config_error(
@@ -724,6 +724,9 @@ def test_scorer_or_confidence_set_on_a_metric_judge_is_a_config_error(
         build_judge(config.judges[0], config)
     unset = make_config(judges=[{k: v for k, v in entry.items() if k not in keys}])
     assert isinstance(build_judge(unset.judges[0], unset), MetricJudge)
+    # Their defaults ask for nothing: a config read back from a run's manifest holds them.
+    defaults = make_config(judges=[{**entry, "scorer": "robust", "confidence": False}])
+    assert isinstance(build_judge(defaults.judges[0], defaults), MetricJudge)
 
 
 def test_validate_refuses_scorer_on_a_metric_judge(

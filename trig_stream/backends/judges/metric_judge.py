@@ -160,12 +160,19 @@ class MetricJudge(Judge):
         """Build the judge a ``[[judges]]`` entry describes (nothing is loaded yet).
 
         Raises:
-            ConfigError: the entry sets ``scorer`` or ``confidence``, which turn a judge's top
-                logprobs into a score: the metric gives its score itself.
+            ConfigError: the entry sets ``scorer`` or ``confidence`` to other than their
+                defaults: they turn a judge's top logprobs into a score, and the metric gives
+                its score itself.
         """
         # Ignored, they passed validate and the run's scores were the metric's raw values,
-        # though the config asked for another scorer or the confidence weighting.
-        scoring = sorted(entry.model_fields_set & {"scorer", "confidence"})
+        # though the config asked for another scorer or the confidence weighting. Their
+        # defaults are no request: a config read back from a manifest holds every key.
+        fields = type(entry).model_fields
+        scoring = sorted(
+            key
+            for key in ("scorer", "confidence")
+            if key in entry.model_fields_set and getattr(entry, key) != fields[key].default
+        )
         if scoring:
             keys = " and ".join(f"`{key}`" for key in scoring)
             raise ConfigError(
