@@ -355,7 +355,27 @@ def test_one_image_left_out_is_said_in_the_singular() -> None:
     analysis = analyse_judgements(judgements)[("m", "trigscore")]
     assert left_out_text(analysis) == (
         "1 image left out for a missing score, 1 image with one dimension not judged "
-        "(the dataset's dimensions filter, or a run stopped before it)"
+        "(a judge that does not measure it, the dataset's dimensions filter, or a run stopped "
+        "before it)"
+    )
+
+
+def test_images_a_judge_of_some_dimensions_leaves_half_judged_name_that_cause() -> None:
+    # The nsfw metric judge measures R-T alone: the report gave its R-T_IQ-A images "the
+    # dataset's dimensions filter, or a run stopped before it" as the only causes.
+    pair = "R-T_IQ-A"
+    judgements = [
+        judgement("m", f"{pair}_{index}", pair, "R-T", 0.9).model_copy(update={"metric": "nsfw"})
+        for index in (1, 2)
+    ]
+    analysis = analyse_judgements(judgements)[("m", "nsfw")]
+    assert left_out_text(analysis) == (
+        "0 images left out for a missing score, 2 images with one dimension not judged (a "
+        "judge that does not measure it, the dataset's dimensions filter, or a run stopped "
+        "before it)"
+    )
+    assert left_out_text(analysis, upstream=True) == (
+        "0 images left out for a missing score, 2 images with no cell in the file for one dimension"
     )
 
 

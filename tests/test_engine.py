@@ -13,7 +13,7 @@ import selectors
 import signal
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -48,6 +48,7 @@ from trig_stream.backends.base import (
 from trig_stream.backends.threads import load_in_thread, threads_left_behind
 from trig_stream.config import RunConfig
 from trig_stream.controls import EngineLoop
+from trig_stream.dimensions import DIMENSIONS, Dimension
 from trig_stream.generation import FAILED_CALLS_TO_STOP
 from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.png import encode_png, with_sample_digest
@@ -2184,6 +2185,25 @@ async def test_samples_no_judge_measures_are_not_called_done_and_the_run_says_so
     assert (
         "4 sample(s) were not judged: no judge measures a dimension of their pair (trigscore: R-B)"
     ) in " ".join(stats.notes)
+
+
+class SetInReverse(frozenset[Dimension]):
+    """A set of dimensions that iterates in reverse TRIG order, as a frozenset may in a run."""
+
+    def __iter__(self) -> Iterator[Dimension]:
+        return iter(sorted(super().__iter__(), key=DIMENSIONS.index, reverse=True))
+
+
+async def test_the_note_of_samples_no_judge_measures_lists_dimensions_in_trigs_order(
+    make_config: ConfigFactory,
+) -> None:
+    # They came in the frozenset's order ("m: R-T, TA-C, IQ-R"), which differs per run.
+    judge = FakeJudge("trigscore", FakeJudgeOptions())
+    judge.dimensions = SetInReverse({"R-B", "R-T", "IQ-O"})
+    engine = Engine(make_config(samples=4), judges=[judge])
+    async with engine:
+        await engine.drain()
+    assert "(trigscore: IQ-O, R-T, R-B)" in " ".join(engine.stats().notes)
 
 
 class HeldJudge(FakeJudge):

@@ -682,3 +682,59 @@ async def test_a_dimension_score_that_is_no_number_is_an_error_judgement(
     async with Engine(make_config(samples=2), judges=[FakeJudge("trigscore"), judge]) as engine:
         judged = [j async for j in engine.results if j.metric == "m"]
     assert judged and {(j.status, j.error) for j in judged} == {("error", message)}
+
+
+class ReadsAnswersToo(Blur):
+    """An image metric that also asks for a judge's top logprobs, which no one gives it."""
+
+    name: ClassVar[str] = "reads_answers_too"
+    needs = frozenset({"image", "top_logprobs"})
+
+
+def test_a_metric_needing_more_than_the_image_is_a_config_error(
+    make_config: ConfigFactory,
+) -> None:
+    # Accepted, it ran with top_logprobs None and scored every image 0.0 (24 ok judgements).
+    register_metric(ReadsAnswersToo.name, ReadsAnswersToo)
+    judge = {"name": "m", "backend": "metric", "options": {"metric": ReadsAnswersToo.name}}
+    with pytest.raises(
+        ConfigError,
+        match="metric 'reads_answers_too' needs 'top_logprobs', which the metric judge does "
+        "not supply",
+    ):
+        make_config(judges=[judge])
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        ({"scorer": "trig"}, "`scorer` has"),
+        ({"confidence": True}, "`confidence` has"),
+        ({"scorer": "trig", "confidence": True}, "`confidence` and `scorer` have"),
+    ],
+)
+def test_scorer_or_confidence_set_on_a_metric_judge_is_a_config_error(
+    make_config: ConfigFactory, keys: dict[str, object], named: str
+) -> None:
+    # Both were ignored: the scores were the metric's raw values, the fingerprint's scorer "".
+    register_metric(Blur.name, Blur)
+    entry = {"name": "m", "backend": "metric", "options": {"metric": "blur"}, **keys}
+    config = make_config(judges=[entry])
+    with pytest.raises(ConfigError, match=f"judge 'm': {named} no effect on backend 'metric'"):
+        build_judge(config.judges[0], config)
+    unset = make_config(judges=[{k: v for k, v in entry.items() if k not in keys}])
+    assert isinstance(build_judge(unset.judges[0], unset), MetricJudge)
+    # Their defaults ask for nothing: a config read back from a run's manifest holds them.
+    defaults = make_config(judges=[{**entry, "scorer": "robust", "confidence": False}])
+    assert isinstance(build_judge(defaults.judges[0], defaults), MetricJudge)
+
+
+def test_validate_refuses_scorer_on_a_metric_judge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    register_metric(Blur.name, Blur)
+    write_prompts(tmp_path / "prompts.json", 4)
+    path = tmp_path / "run.toml"
+    path.write_text(NSFW_CONFIG.replace('metric = "nsfw" }', 'metric = "blur" }\nscorer = "trig"'))
+    assert cli.main(["validate", str(path)]) == exit_codes.EXIT_CONFIG
+    assert "`scorer` has no effect on backend 'metric'" in capsys.readouterr().err

@@ -213,6 +213,26 @@ async def test_a_set_metric_giving_no_number_is_an_item_error() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_value_too_large_for_a_float_is_an_item_error_naming_the_metric() -> None:
+    # float(10**400) raised a bare OverflowError, which named no metric.
+    class Huge(Count):
+        def compute_set(self, items: Sequence[MetricInput]) -> Any:
+            return 10**400
+
+    class HugeImages(ImageMetric):
+        name: ClassVar[str] = "huge_images"
+
+        def compute(self, item: MetricInput) -> Any:
+            return 10**400
+
+    message = r"gave an? int \(1000.*\.\.\.\), too large for a float"
+    with pytest.raises(ItemError, match=f"the count metric {message}"):
+        await compute_set_async(Huge(), [MetricInput()])
+    with pytest.raises(ItemError, match=f"the huge_images metric {message}"):
+        await compute_async(HugeImages(), [MetricInput()])
+
+
+@pytest.mark.anyio
 async def test_micro_batcher_takes_everything_waiting() -> None:
     seen: list[list[int]] = []
 
@@ -316,12 +336,15 @@ async def test_micro_batcher_leaves_a_cancelled_batch_to_its_thread() -> None:
             "as an instance of NSFWOptions, not of dict",
         ),
         ("nsfw_rate", NSFWOptions(), "as an instance of NSFWRateOptions, not of NSFWOptions"),
+        ("trigscore", {"scorer": "trig"}, "as an instance of TRIGScoreOptions, not of dict"),
+        ("trigscore", NSFWOptions(), "as an instance of TRIGScoreOptions, not of NSFWOptions"),
     ],
 )
-def test_nsfw_metrics_name_the_options_class_they_take(
+def test_metrics_name_the_options_class_they_take(
     metric: str, options: object, message: str
 ) -> None:
-    # Each raised a bare AssertionError. (No model loads: the extra is not needed.)
+    # Each raised a bare AssertionError (trigscore's until it shared nsfw's check), or an
+    # AttributeError under -O. (No model loads: the extra is not needed.)
     with pytest.raises(TypeError, match=f"the {metric} metric takes its options {message}: pass"):
         import_metric(metric)(options)  # type: ignore[arg-type]
     assert import_metric(metric)().options == import_metric(metric).Options()

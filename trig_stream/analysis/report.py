@@ -65,8 +65,8 @@ def left_out_text(analysis: ModelAnalysis, *, upstream: bool = False) -> str:
         text += f", {_images(not_judged)} with no cell in the file for one dimension"
     elif not_judged:
         text += (
-            f", {_images(not_judged)} with one dimension not judged (the dataset's dimensions "
-            "filter, or a run stopped before it)"
+            f", {_images(not_judged)} with one dimension not judged (a judge that does not "
+            "measure it, the dataset's dimensions filter, or a run stopped before it)"
         )
     return text
 

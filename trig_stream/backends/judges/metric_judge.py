@@ -57,6 +57,11 @@ if TYPE_CHECKING:
     from trig_stream.config import JudgeConfig, RunConfig
 
 
+SUPPLIED_NEEDS: frozenset[str] = frozenset({"image"})
+"""What the judge puts in each :class:`MetricInput` of the metric's ``needs`` (it adds the
+sample and the dimension, which no metric declares)."""
+
+
 class MetricJudgeOptions(BaseModel):
     """``options`` of the ``metric`` judge."""
 
@@ -88,6 +93,16 @@ class MetricJudgeOptions(BaseModel):
                 'from backend = "openai" or "transformers"'
                 if "top_logprobs" in metric.needs
                 else f"metric {self.metric!r} does not look at images"
+            )
+        unsupplied = sorted(str(need) for need in metric.needs if need not in SUPPLIED_NEEDS)
+        if unsupplied:
+            # Accepted, such a metric ran with those fields None and scored every image on
+            # what it could see of it, as if it had read what it asked for.
+            raise ValueError(
+                f"metric {self.metric!r} needs {', '.join(map(repr, unsupplied))}, which the "
+                f"metric judge does not supply: it gives a metric the image alone (with its "
+                "sample and dimension); drop that need from the metric's `needs`, or score "
+                "judges' answers after the run (the trigscore metric reads top_logprobs)"
             )
         if not metric.dimensions:
             raise ValueError(f"metric {self.metric!r} measures no TRIG dimension")
@@ -142,7 +157,29 @@ class MetricJudge(Judge):
     def from_config(
         cls, entry: JudgeConfig, options: MetricJudgeOptions, config: RunConfig
     ) -> MetricJudge:
-        """Build the judge a ``[[judges]]`` entry describes (nothing is loaded yet)."""
+        """Build the judge a ``[[judges]]`` entry describes (nothing is loaded yet).
+
+        Raises:
+            ConfigError: the entry sets ``scorer`` or ``confidence`` to other than their
+                defaults: they turn a judge's top logprobs into a score, and the metric gives
+                its score itself.
+        """
+        # Ignored, they passed validate and the run's scores were the metric's raw values,
+        # though the config asked for another scorer or the confidence weighting. Their
+        # defaults are no request: a config read back from a manifest holds every key.
+        fields = type(entry).model_fields
+        scoring = sorted(
+            key
+            for key in ("scorer", "confidence")
+            if key in entry.model_fields_set and getattr(entry, key) != fields[key].default
+        )
+        if scoring:
+            keys = " and ".join(f"`{key}`" for key in scoring)
+            raise ConfigError(
+                f"judge {entry.name!r}: {keys} {'have' if len(scoring) > 1 else 'has'} no "
+                f"effect on backend 'metric', whose scores are the {options.metric} metric's "
+                f"own, not made from top logprobs: remove {keys} from this [[judges]] entry"
+            )
         return cls(entry.name, options, concurrency=entry.concurrency)
 
     def __repr__(self) -> str:

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 MetricLevel: TypeAlias = Literal["image", "set"]
 MetricNeed: TypeAlias = Literal["image", "top_logprobs"]
 Value: TypeAlias = float | None
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,25 @@ class NoOptions(BaseModel):
     """The options of a metric that has none."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def options_of(metric: Metric, expected: type[OptionsT], options: object) -> OptionsT:
+    """``options`` (or the defaults, for None), checked to be an instance of ``expected``:
+    a metric's ``__init__`` takes its options as its ``Options`` model, never a dict.
+
+    Raises:
+        TypeError: they are something else (a dict, another metric's options).
+    """
+    if options is None:
+        return expected()
+    if not isinstance(options, expected):
+        raise TypeError(
+            f"the {metric.name} metric takes its options as an instance of "
+            f"{expected.__name__}, not of {type(options).__name__}: pass {expected.__name__}(...) "
+            f"(from a dict: "
+            f"{expected.__name__}.model_validate(the_dict))"
+        )
+    return options
 
 
 class Metric(ABC):
@@ -263,12 +283,18 @@ def checked_value(metric: Metric, value: object) -> Value:
     """One value a metric gave, as a float or None.
 
     Raises:
-        ItemError: it is neither a real number nor None.
+        ItemError: it is neither a real number nor None, or too large for a float.
     """
     if value is None:
         return None
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int (or a Fraction) past the largest float
+            raise ItemError(
+                f"the {metric.name} metric gave {_shown(value)}, too large for a float "
+                "(past 1.8e308): a metric's value is a float; fix the metric"
+            ) from None
     raise ItemError(
         f"the {metric.name} metric gave {_shown(value)} where a number (or None: nothing to "
         "measure) belongs"

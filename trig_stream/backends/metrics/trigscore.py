@@ -14,7 +14,13 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from trig_stream.backends.metrics.base import ImageMetric, MetricInput, MetricNeed, Value
+from trig_stream.backends.metrics.base import (
+    ImageMetric,
+    MetricInput,
+    MetricNeed,
+    Value,
+    options_of,
+)
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.scoring import Scorer, score_top_logprobs
 
@@ -38,10 +44,10 @@ class TRIGScoreMetric(ImageMetric):
     Options: ClassVar[type[BaseModel]] = TRIGScoreOptions
 
     def __init__(self, options: TRIGScoreOptions | None = None) -> None:
-        super().__init__(options)
-        assert isinstance(self.options, TRIGScoreOptions)
-        self._scorer: Scorer = self.options.scorer
-        self._confidence = self.options.confidence
+        settings = options_of(self, TRIGScoreOptions, options)
+        super().__init__(settings)
+        self._scorer: Scorer = settings.scorer
+        self._confidence = settings.confidence
 
     def compute(self, item: MetricInput) -> Value:
         """Score one answer; None when it has no logprobs or names no rating.
