@@ -134,6 +134,51 @@ def test_a_ctrl_c_while_the_command_imports_exits_130_without_a_traceback(
     assert exited.value.code == console.INTERRUPTED == EXIT_INTERRUPTED
 
 
+BLOCKS_IN = """\
+import sys, threading
+import trig_stream.cli
+def blocks(*args, **kwargs):
+    print('busy', file=sys.stderr, flush=True)
+    threading.Event().wait(600)  # until the signal
+setattr(trig_stream.cli, sys.argv[1], blocks)
+from trig_stream.console import entry_point
+sys.argv = ['trig-stream', *sys.argv[2:]]
+entry_point()
+"""
+
+
+@pytest.mark.parametrize(
+    ("blocked", "command"),
+    [
+        ("load_config", "run"),  # before the run's event loop takes the signals over
+        ("validate_command", "validate"),
+        ("status_command", "status"),
+    ],
+)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_before_the_run_listens_exits_130_as_a_ctrl_c(
+    tmp_path: Path, blocked: str, command: str, signum: int
+) -> None:
+    # The default handlers were in force until then: killed by the signal (exit 143),
+    # without a word, where the README promises 130.
+    path = write_config(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-c", BLOCKS_IN, blocked, command, str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        signal_after(process, "busy", signum)
+        code = process.wait(timeout=60)
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    assert code == EXIT_INTERRUPTED, rest
+    assert "Traceback" not in rest
+
+
 @pytest.mark.parametrize("command", ["report", "watch"])
 def test_a_ctrl_c_while_a_command_s_module_imports_exits_130(
     monkeypatch: pytest.MonkeyPatch, command: str

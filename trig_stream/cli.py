@@ -67,6 +67,9 @@ def entry_point() -> NoReturn:
     written by then, so it exits at once.
     """
     code = main(exiting=True)
+    # The command is done: a signal from here to the exit changes nothing (the console's
+    # KeyboardInterrupt, raised out of here, would end it with a traceback).
+    _note_stop_signals(threading.Event())
     if threads_left_behind():
         CommandConsole(stderr=True, soft_wrap=True).print(  # one line in a log, never cut
             "not waiting for a model still loading or closing, or a generation call or judge batch "
