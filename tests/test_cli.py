@@ -1067,6 +1067,44 @@ def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("earlier_run", "new_run", "resumable"),
+    [(False, False, False), (True, True, False), (True, False, True)],
+    ids=["first-run", "new-run", "resumed"],
+)
+def test_a_hard_stop_while_the_judges_open_promises_a_resume_only_of_a_directory_kept(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    earlier_run: bool,
+    new_run: bool,
+    resumable: bool,
+) -> None:
+    # The directory a run made is removed when it stops while its judges open, yet the hard
+    # stop said how to resume it ('set name = "cli-2"'), beside "nothing was written".
+    path = write_config(tmp_path, samples=2)
+    if earlier_run:
+        assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    capsys.readouterr()
+
+    async def stopped_hard_while_opening(self: FakeJudge) -> None:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # loop turns, as a model load in a thread would give
+            await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(FakeJudge, "open", stopped_hard_while_opening)
+    argv = ["run", str(path), "--headless", "--no-report", *(["--new-run"] if new_run else [])]
+    assert main(argv) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "stopping now" in err, err
+    assert ("resume" in err) == resumable, err
+    if not resumable:
+        assert "nothing was written" in err, err
+    kept = sorted(p.name for p in (tmp_path / "runs").iterdir()) if earlier_run else []
+    assert kept == (["cli"] if earlier_run else [])
+
+
 def test_a_run_stopped_before_its_run_directory_says_nothing_was_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

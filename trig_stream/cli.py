@@ -248,7 +248,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     # work done.
                     interrupted = True
                     console.print(  # its "[run]" is no markup
-                        f"stopping now; {_how_to_resume(config, engine, args.new_run)}",
+                        _stopping_now(config, engine, args.new_run),
                         highlight=False,
                         markup=False,
                     )
@@ -265,7 +265,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     engine.stop()
                 else:
                     console.print(  # its "[run]" is no markup
-                        f"stopping now; {_how_to_resume(config, engine, args.new_run)}",
+                        _stopping_now(config, engine, args.new_run),
                         highlight=False,
                         markup=False,
                     )
@@ -365,6 +365,14 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     written = await _final_report(summary.run_dir, console, stop_report)
     _note_stop_signals(threading.Event())  # the command is done: a signal now changes nothing
     return EXIT_OK if written else EXIT_INTERRUPTED
+
+
+def _stopping_now(config: RunConfig, engine: Engine, new_run: bool) -> str:
+    """What a hard stop says: how to resume, once the run directory stays. A directory this
+    run made while its judges open is removed by the stop: nothing to resume then."""
+    if not engine.run_dir_opened:
+        return "stopping now"
+    return f"stopping now; {_how_to_resume(config, engine, new_run)}"
 
 
 def _how_to_resume(config: RunConfig, engine: Engine, new_run: bool) -> str:

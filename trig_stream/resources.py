@@ -157,6 +157,13 @@ class RunResources:
         finally:
             self.opening_now = None  # stats().opening names nothing after the opening
 
+    @property
+    def run_dir_kept(self) -> bool:
+        """Whether the run directory is open and stays: a resumed one (it was there before),
+        or one this run made once its pipeline started. One made while the run still opens
+        is removed if the run ends there."""
+        return self.run_dir is not None and not self._discard_run_dir
+
     def keep_run_dir(self) -> None:
         """The pipeline starts: from here the run directory holds the run's results."""
         self._discard_run_dir = False
