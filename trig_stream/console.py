@@ -1,8 +1,8 @@
 """The ``trig-stream`` command's entry point, kept apart from everything it imports.
 
 Its imports take a few tenths of a second; a Ctrl-C (or SIGTERM) during them ends the command
-as any other Ctrl-C does (exit 130), not with a traceback. Before them, the standard streams are made
-fit for any output (:func:`standard_streams`).
+as any other Ctrl-C does (exit 130), not with a traceback. Before them, the standard streams
+are made fit for any output (:func:`standard_streams`).
 """
 
 import errno

@@ -64,7 +64,7 @@ def interrupt_on_stop_signals() -> dict[int, Any]:
     Returns:
         The handlers found, by signal, to put back.
     """
-    found = {}
+    found: dict[int, Any] = {}
     for signum in stop_signals():
         if signum == signal.SIGINT and signal.getsignal(signum) is signal.default_int_handler:
             continue
