@@ -1186,8 +1186,8 @@ def test_ctrl_c_does_not_wait_for_a_model_loading_generating_or_closing(
     if method == "generate":
         # One line, as a log holds it (it broke at 80 columns: "... still \nrunning").
         line = (
-            "not waiting for a model still loading or closing, or a generation call or judge "
-            "batch still running"
+            "not waiting for a model still loading or closing, a backend's check of this "
+            "machine, or a generation call or judge batch still running"
         )
         assert f"{line}\n" in rest
     assert sum(journal_keys(tmp_path).values()) == (12 if method == "close" else 0)

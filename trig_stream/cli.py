@@ -60,11 +60,11 @@ QUIET_LIBRARIES = {
 def entry_point() -> NoReturn:
     """The ``trig-stream`` console script: :func:`main`, then exit with its status.
 
-    A stop does not wait for a model that is loading, nor a hard stop for a generation call
-    still running (an images API's answer) or a model closing (a device that no longer
-    answers): each goes on in a worker thread, and the interpreter would wait for those
-    threads before exiting (minutes, for large weights). Everything the command writes is
-    written by then, so it exits at once.
+    A stop does not wait for a model that is loading or a backend checking this machine, nor a
+    hard stop for a generation call still running (an images API's answer) or a model closing
+    (a device that no longer answers): each goes on in a worker thread, and the interpreter
+    would wait for those threads before exiting (minutes, for large weights). Everything the
+    command writes is written by then, so it exits at once.
     """
     code = main(exiting=True)
     # The command is done: a signal from here to the exit changes nothing (the console's
@@ -72,8 +72,8 @@ def entry_point() -> NoReturn:
     _note_stop_signals(threading.Event())
     if threads_left_behind():
         CommandConsole(stderr=True, soft_wrap=True).print(  # one line in a log, never cut
-            "not waiting for a model still loading or closing, or a generation call or judge batch "
-            "still running"
+            "not waiting for a model still loading or closing, a backend's check of this machine, "
+            "or a generation call or judge batch still running"
         )
         logging.shutdown()
         sys.stdout.flush()
