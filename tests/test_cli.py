@@ -134,6 +134,51 @@ def test_a_ctrl_c_while_the_command_imports_exits_130_without_a_traceback(
     assert exited.value.code == console.INTERRUPTED == EXIT_INTERRUPTED
 
 
+BLOCKS_IN = """\
+import sys, threading
+import trig_stream.cli
+def blocks(*args, **kwargs):
+    print('busy', file=sys.stderr, flush=True)
+    threading.Event().wait(600)  # until the signal
+setattr(trig_stream.cli, sys.argv[1], blocks)
+from trig_stream.console import entry_point
+sys.argv = ['trig-stream', *sys.argv[2:]]
+entry_point()
+"""
+
+
+@pytest.mark.parametrize(
+    ("blocked", "command"),
+    [
+        ("load_config", "run"),  # before the run's event loop takes the signals over
+        ("validate_command", "validate"),
+        ("status_command", "status"),
+    ],
+)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_before_the_run_listens_exits_130_as_a_ctrl_c(
+    tmp_path: Path, blocked: str, command: str, signum: int
+) -> None:
+    # The default handlers were in force until then: killed by the signal (exit 143),
+    # without a word, where the README promises 130.
+    path = write_config(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-c", BLOCKS_IN, blocked, command, str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        signal_after(process, "busy", signum)
+        code = process.wait(timeout=60)
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    assert code == EXIT_INTERRUPTED, rest
+    assert "Traceback" not in rest
+
+
 @pytest.mark.parametrize("command", ["report", "watch"])
 def test_a_ctrl_c_while_a_command_s_module_imports_exits_130(
     monkeypatch: pytest.MonkeyPatch, command: str
@@ -1029,6 +1074,44 @@ def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("earlier_run", "new_run", "resumable"),
+    [(False, False, False), (True, True, False), (True, False, True)],
+    ids=["first-run", "new-run", "resumed"],
+)
+def test_a_hard_stop_while_the_judges_open_promises_a_resume_only_of_a_directory_kept(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    earlier_run: bool,
+    new_run: bool,
+    resumable: bool,
+) -> None:
+    # The directory a run made is removed when it stops while its judges open, yet the hard
+    # stop said how to resume it ('set name = "cli-2"'), beside "nothing was written".
+    path = write_config(tmp_path, samples=2)
+    if earlier_run:
+        assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    capsys.readouterr()
+
+    async def stopped_hard_while_opening(self: FakeJudge) -> None:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # loop turns, as a model load in a thread would give
+            await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(FakeJudge, "open", stopped_hard_while_opening)
+    argv = ["run", str(path), "--headless", "--no-report", *(["--new-run"] if new_run else [])]
+    assert main(argv) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "stopping now" in err, err
+    assert ("resume" in err) == resumable, err
+    if not resumable:
+        assert "nothing was written" in err, err
+    kept = sorted(p.name for p in (tmp_path / "runs").iterdir()) if earlier_run else []
+    assert kept == (["cli"] if earlier_run else [])
+
+
 def test_a_run_stopped_before_its_run_directory_says_nothing_was_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1110,8 +1193,8 @@ def test_ctrl_c_does_not_wait_for_a_model_loading_generating_or_closing(
     if method == "generate":
         # One line, as a log holds it (it broke at 80 columns: "... still \nrunning").
         line = (
-            "not waiting for a model still loading or closing, or a generation call or judge "
-            "batch still running"
+            "not waiting for a model still loading or closing, a backend's check of this "
+            "machine, or a generation call or judge batch still running"
         )
         assert f"{line}\n" in rest
     assert sum(journal_keys(tmp_path).values()) == (12 if method == "close" else 0)

@@ -1360,6 +1360,29 @@ async def test_plain_progress_prints_a_line_when_a_load_starts_and_ends(
     assert len(lines) == 3 and "loading synth" in lines[1] and "loading" not in lines[2]
 
 
+async def test_plain_progress_on_a_narrow_terminal_folds_the_line_instead_of_cutting_it(
+    make_config: ConfigFactory,
+) -> None:
+    # The command's console soft-wraps; in a Live region that cut the line at the
+    # terminal's width, and "quarantined 3" was never seen on a 120-column terminal.
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from trig_stream.progress import PlainProgress
+
+    stats = replace(Engine(make_config(samples=1)).stats(), quarantined=3)
+    console = Console(
+        file=io.StringIO(), width=40, force_terminal=True, record=True, soft_wrap=True
+    )
+    with PlainProgress(console) as progress:
+        progress.update(stats, force=True)
+    shown = console.export_text()
+    assert shown.count("\n") > 1  # folded onto several lines
+    assert " ".join(describe(stats).split()) in " ".join(shown.split())
+    assert "quarantined 3" in " ".join(shown.split())
+
+
 async def test_cancel_leaves_a_load_behind_which_then_closes_what_it_loaded(
     make_config: ConfigFactory,
 ) -> None:

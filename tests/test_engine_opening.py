@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from trig_stream.progress import PlainProgress
 from trig_stream.terminal import CommandConsole
 from trig_stream.testing import FakeJudge
 from trig_stream.testing.fake_judge import FakeJudgeOptions
+from trig_stream.testing.synthetic import SyntheticGenerator, SyntheticOptions
 from trig_stream.tui.render import status_line
 from trig_stream.tui.sources import EngineSource
 
@@ -247,3 +249,59 @@ async def test_a_judge_opening_late_is_named_by_both_displays(
     lines = log.getvalue().splitlines()
     assert len(lines) == 2 and said not in lines[0]
     assert lines[1].endswith(f"| {said}")
+
+
+class ChecksUntilLet(SyntheticGenerator):
+    """A generator whose check of this machine runs until the test lets it (``release``),
+    as diffusers' import does for seconds."""
+
+    def __init__(self) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.checking = threading.Event()
+        self.release = threading.Event()
+        self.checked = threading.Event()
+        self.stopped = threading.Event()
+
+    def check_environment(self) -> None:
+        self.checking.set()
+        self.release.wait(timeout=30)  # a safety net: the test releases it
+        self.checked.set()
+
+    def stop_loading(self) -> None:
+        self.stopped.set()
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["stop", "cancel"])
+async def test_a_stop_while_a_generator_checks_its_environment_ends_the_opening(
+    make_config: ConfigFactory, hard: bool
+) -> None:
+    # The check ran in a worker thread nothing could cancel: a stop, and a second one, waited
+    # for diffusers' import (12 s), with nothing said of what the run waited for.
+    config = make_config(samples=4)
+    generator = ChecksUntilLet()
+    engine = Engine(config, generators=[generator])
+
+    async def stop_while_checking() -> None:
+        await anyio.to_thread.run_sync(generator.checking.wait, 10)
+        assert engine.stats().opening == (
+            "generator 'synth': checking its environment (imports its libraries)"
+        )
+        if hard:
+            engine.cancel()
+        else:
+            engine.stop()
+
+    try:
+        with anyio.fail_after(10):  # a safety net: the fix ends the opening at once
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop_while_checking)
+                async with engine:
+                    summary = await engine.drain()
+            assert not generator.checked.is_set()  # not waited for
+    finally:
+        generator.release.set()
+    assert summary.state == ("cancelled" if hard else "stopped")
+    assert engine.stats().opening is None
+    assert generator.stopped.is_set()  # a check in a child process is killed
+    assert not engine.run_dir_opened and not config.run_dir.exists()
+    assert await anyio.to_thread.run_sync(generator.checked.wait, 10)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 pytest.importorskip("diffusers")
 
+from trig_stream.backends.generators import pipeline_check, pipeline_process
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 from trig_stream.backends.generators.pipeline_calls import call_arguments
@@ -1299,6 +1300,31 @@ def test_with_process_isolation_the_check_imports_diffusers_in_a_child_alone(
     import torch
 
     assert found["threads"] == torch.get_num_threads()
+
+
+def test_a_stop_kills_the_child_checking_the_pipeline_classes(
+    tiny_pipelines: dict[TinyKind, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check's child imported diffusers and torch for seconds after the run stopped
+    # (12 s on a small machine), and the stop waited for it.
+    options = DiffusersOptions.model_validate(
+        {**tiny_options(tiny_pipelines["sd"], "sd"), "isolation": "process"}
+    )
+    generator = DiffusersGenerator("tiny", options, workers=1)
+    started = threading.Event()
+    start = pipeline_process._start_in_own_session
+
+    def start_then_say_so(process: Any) -> None:
+        start(process)
+        started.set()
+
+    monkeypatch.setattr(pipeline_check, "_start_in_own_session", start_then_say_so)
+    with ThreadPoolExecutor(1) as pool:
+        check = pool.submit(generator.check_environment)
+        assert started.wait(60)
+        generator.stop_loading()
+        with pytest.raises(FatalBackendError, match=r"checking its pipeline classes .*SIGKILL"):
+            check.result(timeout=60)
 
 
 @pytest.mark.anyio

@@ -60,17 +60,20 @@ QUIET_LIBRARIES = {
 def entry_point() -> NoReturn:
     """The ``trig-stream`` console script: :func:`main`, then exit with its status.
 
-    A stop does not wait for a model that is loading, nor a hard stop for a generation call
-    still running (an images API's answer) or a model closing (a device that no longer
-    answers): each goes on in a worker thread, and the interpreter would wait for those
-    threads before exiting (minutes, for large weights). Everything the command writes is
-    written by then, so it exits at once.
+    A stop does not wait for a model that is loading or a backend checking this machine, nor a
+    hard stop for a generation call still running (an images API's answer) or a model closing
+    (a device that no longer answers): each goes on in a worker thread, and the interpreter
+    would wait for those threads before exiting (minutes, for large weights). Everything the
+    command writes is written by then, so it exits at once.
     """
     code = main(exiting=True)
+    # The command is done: a signal from here to the exit changes nothing (the console's
+    # KeyboardInterrupt, raised out of here, would end it with a traceback).
+    _note_stop_signals(threading.Event())
     if threads_left_behind():
         CommandConsole(stderr=True, soft_wrap=True).print(  # one line in a log, never cut
-            "not waiting for a model still loading or closing, or a generation call or judge batch "
-            "still running"
+            "not waiting for a model still loading or closing, a backend's check of this machine, "
+            "or a generation call or judge batch still running"
         )
         logging.shutdown()
         sys.stdout.flush()
@@ -245,7 +248,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     # work done.
                     interrupted = True
                     console.print(  # its "[run]" is no markup
-                        f"stopping now; {_how_to_resume(config, engine, args.new_run)}",
+                        _stopping_now(config, engine, args.new_run),
                         highlight=False,
                         markup=False,
                     )
@@ -262,7 +265,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     engine.stop()
                 else:
                     console.print(  # its "[run]" is no markup
-                        f"stopping now; {_how_to_resume(config, engine, args.new_run)}",
+                        _stopping_now(config, engine, args.new_run),
                         highlight=False,
                         markup=False,
                     )
@@ -362,6 +365,14 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     written = await _final_report(summary.run_dir, console, stop_report)
     _note_stop_signals(threading.Event())  # the command is done: a signal now changes nothing
     return EXIT_OK if written else EXIT_INTERRUPTED
+
+
+def _stopping_now(config: RunConfig, engine: Engine, new_run: bool) -> str:
+    """What a hard stop says: how to resume, once the run directory stays. A directory this
+    run made while its judges open is removed by the stop: nothing to resume then."""
+    if not engine.run_dir_opened:
+        return "stopping now"
+    return f"stopping now; {_how_to_resume(config, engine, new_run)}"
 
 
 def _how_to_resume(config: RunConfig, engine: Engine, new_run: bool) -> str:

@@ -1,8 +1,8 @@
 """The ``trig-stream`` command's entry point, kept apart from everything it imports.
 
-Its imports take a few tenths of a second; a Ctrl-C during them ends the command as any
-other Ctrl-C does (exit 130), not with a traceback. Before them, the standard streams are made
-fit for any output (:func:`standard_streams`).
+Its imports take a few tenths of a second; a Ctrl-C (or SIGTERM) during them ends the command
+as any other Ctrl-C does (exit 130), not with a traceback. Before them, the standard streams
+are made fit for any output (:func:`standard_streams`).
 """
 
 import errno
@@ -47,9 +47,18 @@ def standard_streams() -> None:
 
 
 def entry_point() -> NoReturn:
-    """Import the CLI, then run it (:func:`trig_stream.cli.entry_point`)."""
+    """Import the CLI, then run it (:func:`trig_stream.cli.entry_point`).
+
+    From the start, SIGTERM and SIGHUP end the command as a Ctrl-C does (exit 130), not by
+    the signal (exit 143, without a word): until ``run``'s event loop takes the signals over
+    (its first second: imports, the config, the engine made), and all along ``validate``
+    and ``status``.
+    """
     standard_streams()
     try:
+        from trig_stream.signals import interrupt_on_stop_signals
+
+        interrupt_on_stop_signals()
         from trig_stream.cli import entry_point as run
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED)

@@ -179,8 +179,10 @@ class Engine:
     def run_dir_opened(self) -> bool:
         """Whether the run opened its run directory (:attr:`run_dir_path`) and kept it: one
         stopped (or failed) while its judges opened removed a directory it had made, and
-        wrote nothing, anywhere; one resumed keeps its results."""
-        return self._resources.run_dir is not None
+        wrote nothing, anywhere; one resumed keeps its results. False while a directory this
+        run made may still be removed (its judges open): a stop then leaves nothing to
+        resume."""
+        return self._resources.run_dir_kept
 
     @property
     def results(self) -> MemoryObjectReceiveStream[Judgement]:

@@ -96,7 +96,10 @@ class PlainProgress:
         """Show the latest stats (rate-limited when not on a terminal)."""
         line = describe(stats)
         if self._live is not None:
-            self._live.update(Text(line), refresh=True)
+            # Folded onto the next lines where wider than the terminal, never cut: the
+            # command's console soft-wraps (a log line is never cut), which a Live region
+            # answered by cropping the line at the terminal's width.
+            self._live.update(Text(line, overflow="fold", no_wrap=False), refresh=True)
             return
         now = time.monotonic()
         # A model starting or ending its load, a judge its opening, is news worth a line of

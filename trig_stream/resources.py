@@ -18,6 +18,7 @@ engine's ``stop()`` and ``cancel()``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import MutableSequence, Sequence
 from functools import partial
 
@@ -25,6 +26,7 @@ import anyio
 import anyio.to_thread
 
 from trig_stream.backends.base import Generator, Judge
+from trig_stream.backends.threads import call_left_behind_on_cancel
 from trig_stream.config import RunConfig
 from trig_stream.journal import JournalState
 from trig_stream.opening import (
@@ -36,6 +38,7 @@ from trig_stream.opening import (
 )
 from trig_stream.preflight import (
     BackendOwner,
+    backend_label,
     check_environments,
     claim_backends,
     ensure_open_files,
@@ -45,6 +48,8 @@ from trig_stream.preflight import (
 )
 from trig_stream.records import JudgeFingerprint
 from trig_stream.store import RunDir
+
+logger = logging.getLogger(__name__)
 
 
 class RunResources:
@@ -132,7 +137,8 @@ class RunResources:
         # What the backends need from this machine, seen before a run directory is made and
         # before any model loads (a check may import a library: a worker thread's job).
         backends: list[Generator | Judge] = [*self._generators, *self._judges]
-        await anyio.to_thread.run_sync(check_environments, backends)
+        for backend in backends:
+            await self._check_environment(backend)
         for judge in self._judges:
             self.fingerprints[judge.name] = judge_fingerprint(judge)
             self.limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
@@ -156,6 +162,34 @@ class RunResources:
                 await self._open_judges()
         finally:
             self.opening_now = None  # stats().opening names nothing after the opening
+
+    @property
+    def run_dir_kept(self) -> bool:
+        """Whether the run directory is open and stays: a resumed one (it was there before),
+        or one this run made once its pipeline started. One made while the run still opens
+        is removed if the run ends there."""
+        return self.run_dir is not None and not self._discard_run_dir
+
+    async def _check_environment(self, backend: Generator | Judge) -> None:
+        """The backend's check of this machine, in a worker thread that a stop does not wait
+        for: a check may import a library for seconds (diffusers, torch), in a child process
+        with ``isolation = "process"``, which the stop kills (a generator's
+        :meth:`~trig_stream.backends.base.Generator.stop_loading`)."""
+        label = backend_label(backend)
+        self.opening_now = f"{label}: checking its environment (imports its libraries)"
+        try:
+            await call_left_behind_on_cancel(
+                check_environments, [backend], backend=label, instance=backend
+            )
+        except anyio.get_cancelled_exc_class():
+            if isinstance(backend, Generator):
+                try:
+                    backend.stop_loading()
+                except Exception:  # the check then runs to its end, left behind
+                    logger.warning("%s: stopping its check failed", label, exc_info=True)
+            raise
+        finally:
+            self.opening_now = None
 
     def keep_run_dir(self) -> None:
         """The pipeline starts: from here the run directory holds the run's results."""

@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
@@ -48,19 +49,36 @@ def point_at_devnull(fds: Iterable[int]) -> None:
         os.close(devnull)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    if is_hangup(signum):
+        silence_the_terminal()
+    raise KeyboardInterrupt
+
+
+def interrupt_on_stop_signals() -> dict[int, Any]:
+    """From here, each stop signal raises :class:`KeyboardInterrupt`, as SIGINT does (a
+    hangup silences the terminal first), until something else takes the signals over (an
+    event loop's signal receiver). SIGINT keeps Python's own handler where it has it: an
+    event loop (asyncio, trio) treats that one with care.
+
+    Returns:
+        The handlers found, by signal, to put back.
+    """
+    found: dict[int, Any] = {}
+    for signum in stop_signals():
+        if signum == signal.SIGINT and signal.getsignal(signum) is signal.default_int_handler:
+            continue
+        found[signum] = signal.signal(signum, _interrupt)
+    return found
+
+
 @contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
     """Within, each stop signal raises :class:`KeyboardInterrupt`, as SIGINT does (a
     hangup silences the terminal first): a command without an event loop (``watch`` without
     a terminal) ends as a Ctrl-C ends it (exit 130), where SIGTERM and SIGHUP killed it. The
     handlers found are put back on the way out."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        if is_hangup(signum):
-            silence_the_terminal()
-        raise KeyboardInterrupt
-
-    handlers = {signum: signal.signal(signum, interrupt) for signum in stop_signals()}
+    handlers = interrupt_on_stop_signals()
     try:
         yield
     finally:

@@ -212,7 +212,8 @@ class Generator(ABC):
         """Load weights or open resources; called once, in a worker thread, before use."""
 
     def stop_loading(self) -> None:  # noqa: B027 - optional hook
-        """Cut short a :meth:`load` that a stop left running in its thread, if it can be.
+        """Cut short a :meth:`load` (or :meth:`check_environment`) that a stop left running
+        in its thread, if it can be.
 
         Called in the event loop's thread, so it must not block. A load that can end early
         (a pipeline loading in a child process, which is killed) then raises, and what it

@@ -68,6 +68,8 @@ from trig_stream.errors import (
 from trig_stream.pipeline import describe_error
 
 if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
     from PIL.Image import Image
 
     from trig_stream.config import GeneratorConfig, RunConfig
@@ -141,6 +143,10 @@ class DiffusersGenerator(Generator):
         self._saved_by: str | None = None
         """Which other pipeline class saved the checkpoint, when it is not this one's kin: a
         hint the failure of each call carries."""
+        self._check_process: BaseProcess | None = None
+        """The child checking the pipeline's classes, while it runs."""
+        self._stopped_checking = False
+        """Whether :meth:`stop_loading` came: a check child starting after it is killed."""
         self._torch_threads: int | None = None
         """The threads torch computes with on this machine, as the child that checked the
         classes found (``isolation = "process"``: torch is not imported here)."""
@@ -218,9 +224,15 @@ class DiffusersGenerator(Generator):
             MissingExtraError: diffusers is not installed.
             FatalBackendError: something above is missing or wrong.
         """
+        with self._lock:
+            self._stopped_checking = False  # a stop of an earlier run's load is no stop here
         check_checkpoint_folder(self.name, self.spec.checkpoint)
         if self.options.isolation == "process":
-            self._torch_threads = check_in_child(self.name, self.options)
+            try:
+                self._torch_threads = check_in_child(self.name, self.options, self._checking)
+            finally:
+                with self._lock:
+                    self._check_process = None
             return
         with LOAD_LOCK:  # diffusers resolves its classes lazily, and not thread-safely
             try:
@@ -229,6 +241,13 @@ class DiffusersGenerator(Generator):
                 raise MissingExtraError("diffusers", "diffusers") from exc
             pipeline_class = find_pipeline_class(self.name, self.spec, diffusers)
             self._check_classes(diffusers, pipeline_class)
+
+    def _checking(self, process: BaseProcess) -> None:
+        with self._lock:
+            self._check_process = process  # from here stop_loading() kills it
+            stopped = self._stopped_checking
+        if stopped:  # the stop came before the child started
+            process.kill()
 
     def _check_classes(self, diffusers: Any, pipeline_class: Any) -> None:
         self._accepts, self._saved_by = check_classes(
@@ -299,14 +318,18 @@ class DiffusersGenerator(Generator):
                 self._starting = False
 
     def stop_loading(self) -> None:
-        """With ``isolation = "process"``, kill the child processes still loading, and any
-        the load would start after them: their load then fails, and the load releases them.
+        """With ``isolation = "process"``, kill the child checking the pipeline's classes
+        (:meth:`check_environment`), or those still loading and any the load would start
+        after them: their load then fails, and the load releases them.
         A pipeline loading in this process cannot be cut short: its load runs to its end."""
         with self._lock:
-            if not self._starting:
-                return
-            self._stopped_starting = True
-            processes = list(self._processes)
+            checking, self._stopped_checking = self._check_process, True
+            starting = self._starting
+            if starting:
+                self._stopped_starting = True
+            processes = list(self._processes) if starting else []
+        if checking is not None:
+            checking.kill()
         for process in processes:
             process.kill_now(_STOPPED_LOADING)
 

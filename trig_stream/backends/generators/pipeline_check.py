@@ -25,7 +25,9 @@ import faulthandler
 import multiprocessing
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
 from trig_stream.backends.generators.pipeline_child import _exit_with_parent, _leave_the_run_group
@@ -37,11 +39,17 @@ if TYPE_CHECKING:
     from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 
 
-def check_in_child(name: str, options: DiffusersOptions) -> int | None:
+def check_in_child(
+    name: str,
+    options: DiffusersOptions,
+    started: Callable[[BaseProcess], None] | None = None,
+) -> int | None:
     """Check the classes and arguments ``options`` name against the installed diffusers, in
     a child process, as :meth:`~trig_stream.backends.generators.diffusers_generator.
     DiffusersGenerator.check_environment` checks them in this one; return the threads torch
     computes with there (None if the check did not import torch).
+
+    ``started`` is given the child once it runs (a stop kills it: the check then fails).
 
     Raises:
         MissingExtraError: diffusers is not installed.
@@ -58,6 +66,8 @@ def check_in_child(name: str, options: DiffusersOptions) -> int | None:
         daemon=True,
     )
     _start_in_own_session(process)
+    if started is not None:
+        started(process)
     child_end.close()  # the child holds its end: EOF here means the child is gone
     lifeline.close()
     try:
