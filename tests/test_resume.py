@@ -195,6 +195,58 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     assert len(counts) == 10 and set(counts.values()) == {1}
 
 
+async def test_a_whole_unreadable_last_line_is_kept_and_skipped_like_a_middle_one(
+    make_config: ConfigFactory,
+) -> None:
+    # Its line end was written, so no crash tore it: a later format's line, or a hand edit.
+    # Cut as a torn tail, it was deleted from the file, while the same line mid-journal stays.
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    later = [line.replace(b'{"schema_version":1,', b'{"schema_version":2,') for line in lines]
+    damaged = [*lines[:3], later[3], *lines[4:-1], later[-1]]
+    path.write_bytes(b"".join(damaged))
+    state = Journal(path).open()
+    assert (state.lines, state.skipped_lines, state.torn_bytes, len(state)) == (10, [4, 10], 0, 8)
+    assert path.read_bytes() == b"".join(damaged)
+    results = await run_to_end(config)  # both asked again; both lines stay in place
+    assert {(j.data_id, j.dimension) for j in results} == {
+        (json.loads(line)["data_id"], json.loads(line)["dimension"]) for line in (lines[3], lines[-1])
+    }
+    assert path.read_bytes().startswith(b"".join(damaged))
+
+
+async def test_a_refused_resume_leaves_the_journal_as_it_was(make_config: ConfigFactory) -> None:
+    # A run directory of a later trig-stream: every journal line is of a format this one
+    # cannot read. The run is refused on its manifest, and must not cut a byte first.
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path, manifest = config.run_dir / JOURNAL, config.run_dir / MANIFEST
+    later = path.read_bytes().replace(b'{"schema_version":1,', b'{"schema_version":2,')
+    path.write_bytes(later + b'{"schema_version":2,"mod')  # a torn tail too
+    manifest.write_text(manifest.read_text().replace('"schema_version": 1,', '"schema_version": 2,'))
+    before = {entry: entry.read_bytes() for entry in config.run_dir.rglob("*") if entry.is_file()}
+    before.pop(config.run_dir / LOCK)
+    with pytest.raises(RunDirError, match="written by a later trig-stream"):
+        await run_to_end(config)
+    after = {entry: entry.read_bytes() for entry in config.run_dir.rglob("*") if entry.is_file()}
+    after.pop(config.run_dir / LOCK)
+    assert after == before
+
+
+async def test_a_refused_resume_leaves_no_journal_where_there_was_none(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=2)
+    await run_to_end(config)
+    (config.run_dir / JOURNAL).unlink()  # images, a manifest, no journal
+    changed = make_config(generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 32}}])
+    with pytest.raises(FingerprintMismatch, match="size 16 in the run dir, 32"):
+        await run_to_end(changed)
+    assert not (config.run_dir / JOURNAL).exists()
+
+
 def edited(field: str, value: str) -> Callable[[dict[str, Any]], tuple[bytes, bytes]]:
     """What to replace in a journal line to set ``field`` to the JSON text ``value``."""
     return lambda record: (
