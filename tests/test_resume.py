@@ -212,7 +212,8 @@ async def test_a_whole_unreadable_last_line_is_kept_and_skipped_like_a_middle_on
     assert path.read_bytes() == b"".join(damaged)
     results = await run_to_end(config)  # both asked again; both lines stay in place
     assert {(j.data_id, j.dimension) for j in results} == {
-        (json.loads(line)["data_id"], json.loads(line)["dimension"]) for line in (lines[3], lines[-1])
+        (json.loads(line)["data_id"], json.loads(line)["dimension"])
+        for line in (lines[3], lines[-1])
     }
     assert path.read_bytes().startswith(b"".join(damaged))
 
@@ -225,7 +226,9 @@ async def test_a_refused_resume_leaves_the_journal_as_it_was(make_config: Config
     path, manifest = config.run_dir / JOURNAL, config.run_dir / MANIFEST
     later = path.read_bytes().replace(b'{"schema_version":1,', b'{"schema_version":2,')
     path.write_bytes(later + b'{"schema_version":2,"mod')  # a torn tail too
-    manifest.write_text(manifest.read_text().replace('"schema_version": 1,', '"schema_version": 2,'))
+    manifest.write_text(
+        manifest.read_text().replace('"schema_version": 1,', '"schema_version": 2,')
+    )
     before = {entry: entry.read_bytes() for entry in config.run_dir.rglob("*") if entry.is_file()}
     before.pop(config.run_dir / LOCK)
     with pytest.raises(RunDirError, match="written by a later trig-stream"):
@@ -241,7 +244,9 @@ async def test_a_refused_resume_leaves_no_journal_where_there_was_none(
     config = make_config(samples=2)
     await run_to_end(config)
     (config.run_dir / JOURNAL).unlink()  # images, a manifest, no journal
-    changed = make_config(generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 32}}])
+    changed = make_config(
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 32}}]
+    )
     with pytest.raises(FingerprintMismatch, match="size 16 in the run dir, 32"):
         await run_to_end(changed)
     assert not (config.run_dir / JOURNAL).exists()

@@ -2,9 +2,10 @@
 
 The journal is JSON Lines rather than SQLite: appending one line and fsyncing is all a
 durable write needs; a crash can only tear the last line (its line end never written), which
-is detected and cut off on open, once the run is sure to go on; any other process can follow the file while it grows (``trig-stream watch``); and
-polars, jq and grep read it as it is. When a key (model, data_id, dimension, metric) occurs
-more than once, because a failed judgement was asked again, the last line wins.
+is detected and cut off on open, once the run is sure to go on; any other process can follow
+the file while it grows (``trig-stream watch``); and polars, jq and grep read it as it is.
+When a key (model, data_id, dimension, metric) occurs more than once, because a failed
+judgement was asked again, the last line wins.
 
 Here: :class:`Journal` (the writer, locked), :func:`journal_state` (what it holds, for a
 resume), and the readers (:func:`read_journal`, :func:`read_journal_lines`,
@@ -30,9 +31,9 @@ from trig_stream.errors import RunDirError, RunLockedError, validation_problems
 from trig_stream.files import open_unlinked, storage_error, sync_dir, write_all
 from trig_stream.locks import journal_in_use
 from trig_stream.records import (
+    JudgeFingerprint,
     Judgement,
     JudgementKey,
-    JudgeFingerprint,
     Status,
     is_safe_name,
 )
