@@ -56,7 +56,7 @@ from trig_stream.png import (
     pixel_data_problem,
     with_sample_digest,
 )
-from trig_stream.records import Judgement, Status
+from trig_stream.records import JudgeFingerprint, Judgement, Status
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
@@ -399,6 +399,64 @@ async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFa
     assert len(results) == 6
     assert engine.run_dir_path.name == "test-2"
     assert len(journal(config)) == 6  # the original run is untouched
+
+
+async def test_a_journal_of_another_judge_copied_in_is_refused_not_mixed(
+    make_config: ConfigFactory,
+) -> None:
+    # The config matches the manifest; the journal's lines were judged with another seed
+    # (another run's journal copied over this one's): resuming judged the rest with seed 5,
+    # and the report mixed both in one metric.
+    config = make_config(
+        samples=4, judges=[{"name": "trigscore", "backend": "fake", "options": {"seed": 5}}]
+    )
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    other = [line.replace(b'"params":{"seed":5}', b'"params":{"seed":0}') for line in lines[:4]]
+    assert other != lines[:4]
+    path.write_bytes(b"".join(other))
+    with pytest.raises(FingerprintMismatch) as refused:
+        await run_to_end(config)
+    message = str(refused.value)
+    assert "holds results its manifest.json does not describe" in message
+    assert "judge 'trigscore': params.seed 0 in the journal, 5 in manifest.json" in message
+    assert "--new-run" in message
+    assert path.read_bytes() == b"".join(other)
+
+
+async def test_results_of_a_model_or_judge_the_manifest_lacks_are_refused(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=2)
+    await run_to_end(config)
+    manifest = config.run_dir / MANIFEST
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "generators": {}, "judges": {}}))
+    with pytest.raises(FingerprintMismatch) as refused:
+        await run_to_end(config)
+    assert str(refused.value).splitlines()[1:3] == [
+        "  model 'synth': has results in the journal but no entry in manifest.json",
+        "  judge 'trigscore': has results in the journal but no entry in manifest.json",
+    ]
+    assert len(journal(config)) == 4
+
+
+def test_journal_lines_of_a_path_that_moved_or_an_older_auto_dtype_are_the_same_judge() -> None:
+    # A moved project's manifest entry takes the judge's path at its new place, while the
+    # lines keep the old; lines older than the dtype on its device say "auto".
+
+    def line(model: str, dtype: str) -> JudgeFingerprint:
+        return JudgeFingerprint(backend="transformers", model=model, params={"dtype": dtype})
+
+    entry = line("/new/proj/judge-vl", "float32").model_dump(mode="json")
+    manifest = Manifest(run_name="r", task="t2i", judges={"j": entry})
+
+    assert manifest.journal_differences([], {"j": [line("/old/proj/judge-vl", "auto")]}) == []
+    assert manifest.journal_differences([], {"j": [line("/old/proj/other-vl", "float32")]}) == [
+        'judge \'j\': model "/old/proj/other-vl" in the journal, "/new/proj/judge-vl" in '
+        "manifest.json"
+    ]
 
 
 def test_a_new_run_whose_name_would_be_too_long_is_refused(tmp_path: Path) -> None:

@@ -395,7 +395,9 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
 
     Raises:
         RunDirError: the directory holds results but no manifest.
-        FingerprintMismatch: its results were made with settings that differ.
+        FingerprintMismatch: its results were made with settings that differ, or its journal
+            holds results its manifest does not describe (a judge's lines of another
+            fingerprint than its entry, a model or judge with results and no entry).
     """
     holds_results = bool(journal.models_with_results or journal.skipped_lines)
     holds_results = holds_results or _holds_a_file(path / IMAGES)
@@ -410,6 +412,15 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
     if not holds_results:
         return manifest
     stored = read_manifest(path)
+    unaccounted = stored.journal_differences(journal.models_with_results, journal.judges)
+    if unaccounted:
+        raise FingerprintMismatch(
+            f"{path} holds results its {MANIFEST} does not describe (a journal copied in from "
+            "another run, or the manifest edited?):\n  "
+            + "\n  ".join(unaccounted)
+            + f"\nRestore the run directory's own {JOURNAL} and {MANIFEST}, or use --new-run "
+            "to start a fresh run directory beside it."
+        )
     moved = _moved_since(stored, path)
     differences = stored.differences(manifest, _results_held(path, journal), moved)
     if differences:
