@@ -168,6 +168,28 @@ def test_a_sample_that_asks_something_else_than_when_judged_is_quarantined(
     assert isinstance(next(iter(DatasetSource(section, "s2p"))), Sample)
 
 
+def test_a_sample_quarantined_as_changed_since_judged_counts_toward_the_limit(
+    tmp_path: Path,
+) -> None:
+    # limit = 3 judged 3 samples; 2 of them edited since were quarantined and 2 more read in
+    # their place: 5 data_ids judged under limit = 3.
+    path = tmp_path / "prompts.json"
+    write_prompts(path, 6)
+    section = DatasetSection(path=path, limit=3)
+    judged = {s.data_id: s.digest for s in DatasetSource(section, "t2i") if isinstance(s, Sample)}
+    assert len(judged) == 3
+    records = json.loads(path.read_text())
+    for record in records[:2]:
+        record["prompt"] += " (edited)"
+    path.write_text(json.dumps(records))
+    source = DatasetSource(section, "t2i", judged=judged)
+    entries = list(source)
+    assert [type(e).__name__ for e in entries] == ["QuarantinedRecord"] * 2 + ["Sample"]
+    assert {e.data_id for e in entries} == set(judged)
+    assert source.limit_reached
+    assert set(source.selected_samples()) == set(judged)  # as the readers of the run count
+
+
 def test_digests_of_odd_text_and_of_t2i_image_ids(tmp_path: Path) -> None:
     """Text with control and invisible characters gets a digest (a lone surrogate is refused:
     see the quarantine test); a t2i sample's img_id, which nothing uses, is not part of it."""

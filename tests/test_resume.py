@@ -57,7 +57,7 @@ from trig_stream.png import (
     pixel_data_problem,
     with_sample_digest,
 )
-from trig_stream.records import Judgement, Status
+from trig_stream.records import JudgeFingerprint, Judgement, Status
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
@@ -194,6 +194,63 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     ]
     counts = Counter(j.key for j in read_journal(path))  # the damaged line stays in place
     assert len(counts) == 10 and set(counts.values()) == {1}
+
+
+async def test_a_whole_unreadable_last_line_is_kept_and_skipped_like_a_middle_one(
+    make_config: ConfigFactory,
+) -> None:
+    # Its line end was written, so no crash tore it: a later format's line, or a hand edit.
+    # Cut as a torn tail, it was deleted from the file, while the same line mid-journal stays.
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    later = [line.replace(b'{"schema_version":1,', b'{"schema_version":2,') for line in lines]
+    damaged = [*lines[:3], later[3], *lines[4:-1], later[-1]]
+    path.write_bytes(b"".join(damaged))
+    state = Journal(path).open()
+    assert (state.lines, state.skipped_lines, state.torn_bytes, len(state)) == (10, [4, 10], 0, 8)
+    assert path.read_bytes() == b"".join(damaged)
+    results = await run_to_end(config)  # both asked again; both lines stay in place
+    assert {(j.data_id, j.dimension) for j in results} == {
+        (json.loads(line)["data_id"], json.loads(line)["dimension"])
+        for line in (lines[3], lines[-1])
+    }
+    assert path.read_bytes().startswith(b"".join(damaged))
+
+
+async def test_a_refused_resume_leaves_the_journal_as_it_was(make_config: ConfigFactory) -> None:
+    # A run directory of a later trig-stream: every journal line is of a format this one
+    # cannot read. The run is refused on its manifest, and must not cut a byte first.
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path, manifest = config.run_dir / JOURNAL, config.run_dir / MANIFEST
+    later = path.read_bytes().replace(b'{"schema_version":1,', b'{"schema_version":2,')
+    path.write_bytes(later + b'{"schema_version":2,"mod')  # a torn tail too
+    manifest.write_text(
+        manifest.read_text().replace('"schema_version": 1,', '"schema_version": 2,')
+    )
+    before = {entry: entry.read_bytes() for entry in config.run_dir.rglob("*") if entry.is_file()}
+    before.pop(config.run_dir / LOCK)
+    with pytest.raises(RunDirError, match="written by a later trig-stream"):
+        await run_to_end(config)
+    after = {entry: entry.read_bytes() for entry in config.run_dir.rglob("*") if entry.is_file()}
+    after.pop(config.run_dir / LOCK)
+    assert after == before
+
+
+async def test_a_refused_resume_leaves_no_journal_where_there_was_none(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=2)
+    await run_to_end(config)
+    (config.run_dir / JOURNAL).unlink()  # images, a manifest, no journal
+    changed = make_config(
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 32}}]
+    )
+    with pytest.raises(FingerprintMismatch, match="size 16 in the run dir, 32"):
+        await run_to_end(changed)
+    assert not (config.run_dir / JOURNAL).exists()
 
 
 def edited(field: str, value: str) -> Callable[[dict[str, Any]], tuple[bytes, bytes]]:
@@ -343,6 +400,64 @@ async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFa
     assert len(results) == 6
     assert engine.run_dir_path.name == "test-2"
     assert len(journal(config)) == 6  # the original run is untouched
+
+
+async def test_a_journal_of_another_judge_copied_in_is_refused_not_mixed(
+    make_config: ConfigFactory,
+) -> None:
+    # The config matches the manifest; the journal's lines were judged with another seed
+    # (another run's journal copied over this one's): resuming judged the rest with seed 5,
+    # and the report mixed both in one metric.
+    config = make_config(
+        samples=4, judges=[{"name": "trigscore", "backend": "fake", "options": {"seed": 5}}]
+    )
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    other = [line.replace(b'"params":{"seed":5}', b'"params":{"seed":0}') for line in lines[:4]]
+    assert other != lines[:4]
+    path.write_bytes(b"".join(other))
+    with pytest.raises(FingerprintMismatch) as refused:
+        await run_to_end(config)
+    message = str(refused.value)
+    assert "holds results its manifest.json does not describe" in message
+    assert "judge 'trigscore': params.seed 0 in the journal, 5 in manifest.json" in message
+    assert "--new-run" in message
+    assert path.read_bytes() == b"".join(other)
+
+
+async def test_results_of_a_model_or_judge_the_manifest_lacks_are_refused(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=2)
+    await run_to_end(config)
+    manifest = config.run_dir / MANIFEST
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "generators": {}, "judges": {}}))
+    with pytest.raises(FingerprintMismatch) as refused:
+        await run_to_end(config)
+    assert str(refused.value).splitlines()[1:3] == [
+        "  model 'synth': has results in the journal but no entry in manifest.json",
+        "  judge 'trigscore': has results in the journal but no entry in manifest.json",
+    ]
+    assert len(journal(config)) == 4
+
+
+def test_journal_lines_of_a_path_that_moved_or_an_older_auto_dtype_are_the_same_judge() -> None:
+    # A moved project's manifest entry takes the judge's path at its new place, while the
+    # lines keep the old; lines older than the dtype on its device say "auto".
+
+    def line(model: str, dtype: str) -> JudgeFingerprint:
+        return JudgeFingerprint(backend="transformers", model=model, params={"dtype": dtype})
+
+    entry = line("/new/proj/judge-vl", "float32").model_dump(mode="json")
+    manifest = Manifest(run_name="r", task="t2i", judges={"j": entry})
+
+    assert manifest.journal_differences([], {"j": [line("/old/proj/judge-vl", "auto")]}) == []
+    assert manifest.journal_differences([], {"j": [line("/old/proj/other-vl", "float32")]}) == [
+        'judge \'j\': model "/old/proj/other-vl" in the journal, "/new/proj/judge-vl" in '
+        "manifest.json"
+    ]
 
 
 def test_a_new_run_whose_name_would_be_too_long_is_refused(tmp_path: Path) -> None:

@@ -305,8 +305,15 @@ def test_watch_interval_that_is_no_number_is_named_so(
 def write_run_dir(tmp_path: Path) -> Path:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "manifest.json").write_text('{"run_name": "r", "task": "t2i"}')
-    (run_dir / JOURNAL).write_bytes(judgement(1).model_dump_json().encode() + b"\n")
+    first = judgement(1)
+    manifest = Manifest(  # one that describes its journal, which a run resuming it checks
+        run_name="r",
+        task="t2i",
+        generators={first.model: {"backend": "synthetic"}},
+        judges={first.metric: first.judge.model_dump(mode="json")},
+    )
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    (run_dir / JOURNAL).write_bytes(first.model_dump_json().encode() + b"\n")
     return run_dir
 
 

@@ -44,6 +44,12 @@ class Rejected(ValueError):
     """A record is malformed; the message is the quarantine reason."""
 
 
+class ChangedSinceJudged(Rejected):
+    """A record asks something else than when it was judged in the run directory: refused,
+    yet still one of the run's samples (its judgements are kept), so it counts toward
+    ``limit``."""
+
+
 class DatasetSource:
     """Iterates the samples a run uses, in dataset order, with malformed records set aside.
 
@@ -52,7 +58,8 @@ class DatasetSource:
         task: the run's task; p2p and s2p samples need a source / reference image.
         finished: says whether a selected sample (by data_id and the dimensions of its pair
             that are judged) needs no more work;
-            such samples count towards ``limit`` but are passed over without being built.
+            such samples count towards ``limit`` but are passed over without being built,
+            and so do samples quarantined as changed since they were judged (``judged``).
             On resume most samples are finished, and building them would dominate the
             time to the first new request.
         judged: data_id -> the :attr:`~trig_stream.records.Sample.digest` recorded when the
@@ -136,7 +143,7 @@ class DatasetSource:
                     continue
                 recorded = self._judged.get(data_id)
                 if recorded is not None and recorded != _raw_digest(raw, self.task, dimensions):
-                    raise Rejected(
+                    raise ChangedSinceJudged(
                         f"data_id {data_id!r} changed since it was judged in this run "
                         "directory (its prompt, pair, item or img_id differ): its earlier "
                         "judgements are kept and it is not judged again; use --new-run to "
@@ -149,6 +156,11 @@ class DatasetSource:
                     continue
                 sample = self._sample(raw, data_id, dimensions)
             except Rejected as exc:
+                if isinstance(exc, ChangedSinceJudged):
+                    # One of the samples the limit took before, as count() still counts it:
+                    # not replaced by a record past the limit.
+                    seen.add(data_id)
+                    produced += 1
                 raw_id = raw.get("data_id")
                 yield QuarantinedRecord(
                     index=index,

@@ -1,10 +1,11 @@
 """The journal of a run directory: one judgement per line, appended and fsynced as they land.
 
 The journal is JSON Lines rather than SQLite: appending one line and fsyncing is all a
-durable write needs; a crash can only tear the last line, which is detected and cut off on
-open; any other process can follow the file while it grows (``trig-stream watch``); and
-polars, jq and grep read it as it is. When a key (model, data_id, dimension, metric) occurs
-more than once, because a failed judgement was asked again, the last line wins.
+durable write needs; a crash can only tear the last line (its line end never written), which
+is detected and cut off on open, once the run is sure to go on; any other process can follow
+the file while it grows (``trig-stream watch``); and polars, jq and grep read it as it is.
+When a key (model, data_id, dimension, metric) occurs more than once, because a failed
+judgement was asked again, the last line wins.
 
 Here: :class:`Journal` (the writer, locked), :func:`journal_state` (what it holds, for a
 resume), and the readers (:func:`read_journal`, :func:`read_journal_lines`,
@@ -29,7 +30,13 @@ from pydantic import ValidationError
 from trig_stream.errors import RunDirError, RunLockedError, validation_problems
 from trig_stream.files import open_unlinked, storage_error, sync_dir, write_all
 from trig_stream.locks import journal_in_use
-from trig_stream.records import Judgement, JudgementKey, Status, is_safe_name
+from trig_stream.records import (
+    JudgeFingerprint,
+    Judgement,
+    JudgementKey,
+    Status,
+    is_safe_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,10 @@ class JournalState:
     skipped_lines: list[int] = field(default_factory=list)
     """Numbers (from 1) of lines left in place that are not judgements: see
     :meth:`Journal.open`."""
+    judges: dict[str, list[JudgeFingerprint]] = field(default_factory=dict)
+    """metric -> each distinct judge fingerprint its lines that record something judged
+    carry: checked against the manifest's entry on resume (lines of another judge, from a
+    journal copied in, must not mix with this one's)."""
     models_with_results: set[str] = field(default_factory=set)
     """Models with a line that records something judged (``ok`` or ``unscorable``): their
     generators made images. ``error`` lines alone judged nothing."""
@@ -90,9 +101,12 @@ class JournalState:
 
 
 def journal_state(path: Path) -> tuple[JournalState, int]:
-    """What the journal at ``path`` holds, and where its last judgement ends (past it, a
-    torn tail of ``torn_bytes``); reading only. A last line without its line end is torn,
-    whole JSON or not: :func:`read_journal` stops before it too.
+    """What the journal at ``path`` holds, and where its last whole line ends (past it, a
+    torn tail of ``torn_bytes``); reading only. Only a last line without its line end is
+    torn, whole JSON or not: :func:`read_journal` stops before it too. A whole line that is
+    no judgement, the last one included, is a skipped line (as :func:`read_journal` skips
+    it): its line end was written, so no crash cut it short, and cutting it would delete
+    what an edit or a later format put there.
 
     Raises:
         RunDirError: it is a folder or a pipe.
@@ -104,7 +118,6 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
     if handle is None:
         return state, 0
     with handle:
-        unreadable: list[int] = []  # since the last judgement
         for number, raw in enumerate(handle, start=1):
             end += len(raw)
             if not raw.endswith(b"\n"):
@@ -117,10 +130,10 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
                 # count as judged, or its judgement is in neither.
                 judgement = parse_journal_line(raw)
             except ValueError:
-                unreadable.append(number)
+                state.skipped_lines.append(number)
+                state.lines = number
+                good_end = end
                 continue
-            state.skipped_lines += unreadable
-            unreadable = []
             key = (
                 intern(judgement.model),  # one string each, not one per line
                 judgement.data_id,
@@ -133,6 +146,16 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
                 state.metrics_with_results.add(key[3])
                 if judgement.sample_digest is not None:
                     state.digests[key[1]] = judgement.sample_digest
+                # One comparison a line, of the fields (a third of the cost of the model's
+                # ==): a journal holds one fingerprint per judge.
+                fingerprint = judgement.judge
+                seen = state.judges.get(key[3])
+                if seen is None:
+                    state.judges[key[3]] = [fingerprint]
+                elif fingerprint.__dict__ != seen[0].__dict__ and all(
+                    fingerprint.__dict__ != other.__dict__ for other in seen
+                ):
+                    seen.append(fingerprint)
             state.lines = number
             good_end = end
         state.torn_bytes = os.fstat(handle.fileno()).st_size - good_end
@@ -145,15 +168,24 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: IO[bytes] | None = None
+        self._good_end: int | None = None
+        """Where the last whole line ends, while a torn tail found by :meth:`open` is uncut."""
+        self.created = False
+        """Whether :meth:`open` made the file (there was no journal)."""
 
-    def open(self) -> JournalState:
+    def open(self, *, cut: bool = True) -> JournalState:
         """Open for appending; return what it holds.
 
-        What follows the last judgement is a torn tail (a crash cut its write short) and is
-        cut off. A line that is not a judgement but has judgements after it (the file was
-        edited or damaged) stays where it is and is skipped, as :func:`read_journal` skips
-        it: cutting there would delete every judgement after it. A judgement it held is
-        asked again.
+        A last line without its line end is a torn tail (a crash cut its write short) and is
+        cut off. A whole line that is not a judgement (the file was edited or damaged, or a
+        later trig-stream wrote it), the last one included, stays where it is and is
+        skipped, as :func:`read_journal` skips it: cutting there would delete it and every
+        judgement after it. A judgement it held is asked again.
+
+        Args:
+            cut: cut the torn tail off now. False leaves it to :meth:`cut_torn_tail`, once
+                the caller has checked the run directory: a run refused must leave the
+                journal as it was.
         """
         handle = open_journal(self.path)  # refuses a folder or a pipe before anything waits
         if handle is not None:
@@ -175,8 +207,12 @@ class Journal:
         except BaseException:
             self.close()
             raise
+        self.created = created
         try:
-            state = self._read_state()
+            state, good_end = journal_state(self.path)
+            self._good_end = good_end if state.torn_bytes else None
+            if cut:
+                self.cut_torn_tail()
         except BaseException:
             self.close()
             raise
@@ -184,14 +220,14 @@ class Journal:
             sync_dir(self.path.parent)  # the journal's name, durable like its lines
         return state
 
-    def _read_state(self) -> JournalState:
-        # What the journal holds; a torn tail is cut off (this process holds the lock).
-        state, good_end = journal_state(self.path)
-        if state.torn_bytes:
-            with self.path.open("r+b") as handle:
-                handle.truncate(good_end)
-                os.fsync(handle.fileno())
-        return state
+    def cut_torn_tail(self) -> None:
+        """Cut off the torn tail :meth:`open` found, if any (this process holds the lock)."""
+        if self._good_end is None:
+            return
+        with self.path.open("r+b") as handle:
+            handle.truncate(self._good_end)
+            os.fsync(handle.fileno())
+        self._good_end = None
 
     def append(self, judgements: Iterable[Judgement]) -> None:
         """Write judgements and fsync once for all of them (group commit)."""

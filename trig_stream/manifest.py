@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal, Self, TypeAlias, get_args
 
@@ -31,7 +31,7 @@ from pydantic import (
 from trig_stream.errors import FatalBackendError, RunDirError
 from trig_stream.files import open_regular_file
 from trig_stream.moves import Move
-from trig_stream.records import SCHEMA_VERSION, JudgementKey
+from trig_stream.records import SCHEMA_VERSION, JudgeFingerprint, JudgementKey
 
 MANIFEST = "manifest.json"
 
@@ -120,6 +120,7 @@ class Manifest(BaseModel):
                 ``self`` is also the same as its new place after that move.
         """
         found = []
+        same = None if moved is None else moved.same
         if self.task != other.task:
             found.append(f"task: {self.task} in the run dir, {other.task} in the config")
         for kind in get_args(EntryKind):
@@ -131,10 +132,43 @@ class Manifest(BaseModel):
                 stored_entry = mine[name]
                 if kind == "judges":
                     stored_entry = _auto_dtype_as_configured(stored_entry, theirs[name])
-                for key, stored, configured in _changed_fields(stored_entry, theirs[name], moved):
+                for key, stored, configured in _changed_fields(stored_entry, theirs[name], same):
                     found.append(
                         f"{kind[:-1]} {name!r}: {key} {stored} in the run dir, {configured} in "
                         "the config"
+                    )
+        return found
+
+    def journal_differences(
+        self, models: Collection[str], judges: Mapping[str, Sequence[JudgeFingerprint]]
+    ) -> list[str]:
+        """What the journal's results hold that this manifest, the run directory's own, does
+        not describe: lines of another judge (a journal copied in from another run) or an
+        entry missing (the manifest edited), which a resume would mix with its own.
+
+        Args:
+            models: the models with a judgement in the journal that judged something.
+            judges: metric -> each fingerprint its lines that judged something carry.
+        """
+        found = [
+            f"model {name!r}: has results in the journal but no entry in {MANIFEST}"
+            for name in sorted(set(models) - self.generators.keys())
+        ]
+        for name in sorted(judges):
+            entry = self.judges.get(name)
+            if entry is None:
+                found.append(
+                    f"judge {name!r}: has results in the journal but no entry in {MANIFEST}"
+                )
+                continue
+            for fingerprint in judges[name]:
+                # As a resume compares a stored entry with the config's (an older line's
+                # "auto" dtype), and with a path kept under its name, as a moved project's
+                # manifest entry moved on while the lines stayed.
+                line = _auto_dtype_as_configured(fingerprint.model_dump(mode="json"), entry)
+                for key, stored, written in _changed_fields(line, entry, _same_name_paths):
+                    found.append(
+                        f"judge {name!r}: {key} {stored} in the journal, {written} in {MANIFEST}"
                     )
         return found
 
@@ -213,21 +247,36 @@ def as_json(value: Any, what: str) -> Any:
 _ABSENT = object()
 
 
+def _same_name_paths(stored: Any, configured: Any) -> bool:
+    """Whether two values are the same, two absolute paths of one name counted so: a judge's
+    path in older journal lines, and in a manifest whose entry moved with the project folder
+    since (the moves themselves unknown by then)."""
+    if stored == configured:
+        return True
+    if not (isinstance(stored, str) and isinstance(configured, str)):
+        return False
+    paths = PurePath(stored), PurePath(configured)
+    return all(p.is_absolute() for p in paths) and paths[0].name == paths[1].name
+
+
 def _changed_fields(
-    stored: Any, configured: Any, moved: Move | None = None, path: str = ""
+    stored: Any,
+    configured: Any,
+    same: Callable[[Any, Any], bool] | None = None,
+    path: str = "",
 ) -> list[tuple[str, str, str]]:
     """Each field that differs between two fingerprints, as (dotted key, stored value,
-    configured value) in JSON; a fingerprint is a JSON object, compared key by key. A stored
-    path is the same as the configured one at its new place, after the run directory
-    ``moved``."""
+    configured value) in JSON; a fingerprint is a JSON object, compared key by key. ``same``
+    tells more values the same than equal ones: a stored path and the configured one at its
+    new place, after the run directory moved (:meth:`Move.same`)."""
     if isinstance(stored, dict) and isinstance(configured, dict):
         changed = []
         for key in sorted(stored.keys() | configured.keys()):
             changed += _changed_fields(
-                stored.get(key, _ABSENT), configured.get(key, _ABSENT), moved, f"{path}{key}."
+                stored.get(key, _ABSENT), configured.get(key, _ABSENT), same, f"{path}{key}."
             )
         return changed
-    if stored == configured or (moved is not None and moved.same(stored, configured)):
+    if stored == configured or (same is not None and same(stored, configured)):
         return []
     before, after = ("not set" if v is _ABSENT else json.dumps(v) for v in (stored, configured))
     return [(path.rstrip(".") or "fingerprint", before, after)]

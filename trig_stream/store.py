@@ -91,7 +91,8 @@ class RunDir:
 
     @classmethod
     def open(cls, path: Path, manifest: Manifest) -> tuple[RunDir, JournalState]:
-        """Lock the directory (creating it), check and update its manifest, open the journal.
+        """Lock the directory (creating it), open the journal, check and update its manifest,
+        and only then cut the journal's torn tail: a run refused leaves the journal as it was.
 
         A directory this run made (here, or :func:`next_free_run_dir`) that it then cannot
         open (a full disk) is removed again, with the folders above it that it made.
@@ -128,13 +129,16 @@ class RunDir:
         try:
             # The journal's lock first: a run turned away by it must touch nothing (a running
             # run's temporary images and newest lines look like a crash's leftovers).
-            state = run.journal.open()
+            state = run.journal.open(cut=False)
             # Only now, both locks held: a run the journal's lock turns away (its run.lock
             # deleted by hand, so this one made and locked a new one) must not leave its pid
             # there, naming a process that exits at once instead of the one running.
             run._write_pid()
-            run._remove_partial_images()
+            # Checked before anything is cut or removed: a run refused (other settings, a
+            # later trig-stream's manifest) leaves the journal and images as they were.
             run._check_manifest(manifest, state)
+            run.journal.cut_torn_tail()
+            run._remove_partial_images()
             run._quarantine = open_unlinked(
                 path / QUARANTINE_PARTIAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb", buffering=0
             )
@@ -156,6 +160,11 @@ class RunDir:
         if self.path in self._made and locked:
             self.discard()
             return
+        if locked and self.journal.created:
+            # Refused where there was no journal (images only): none is left behind.
+            with suppress(OSError):
+                if (self.path / JOURNAL).stat().st_size == 0:
+                    (self.path / JOURNAL).unlink()
         self.close()
         if self.path in self._made:
             self._remove_made_folders()
@@ -386,7 +395,9 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
 
     Raises:
         RunDirError: the directory holds results but no manifest.
-        FingerprintMismatch: its results were made with settings that differ.
+        FingerprintMismatch: its results were made with settings that differ, or its journal
+            holds results its manifest does not describe (a judge's lines of another
+            fingerprint than its entry, a model or judge with results and no entry).
     """
     holds_results = bool(journal.models_with_results or journal.skipped_lines)
     holds_results = holds_results or _holds_a_file(path / IMAGES)
@@ -401,6 +412,15 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
     if not holds_results:
         return manifest
     stored = read_manifest(path)
+    unaccounted = stored.journal_differences(journal.models_with_results, journal.judges)
+    if unaccounted:
+        raise FingerprintMismatch(
+            f"{path} holds results its {MANIFEST} does not describe (a journal copied in from "
+            "another run, or the manifest edited?):\n  "
+            + "\n  ".join(unaccounted)
+            + f"\nRestore the run directory's own {JOURNAL} and {MANIFEST}, or use --new-run "
+            "to start a fresh run directory beside it."
+        )
     moved = _moved_since(stored, path)
     differences = stored.differences(manifest, _results_held(path, journal), moved)
     if differences:
