@@ -31,7 +31,7 @@ from trig_stream.cli import main
 from trig_stream.errors import BackendError, FatalBackendError, RunDirError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.locks import LOCK
-from trig_stream.signals import stop_signals
+from trig_stream.signals import interrupt_on_stop_signals, stop_signals
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 
 CONFIG = """\
@@ -1331,6 +1331,25 @@ def test_stop_signals_leave_an_ignored_hangup_ignored(monkeypatch: pytest.Monkey
     assert stop_signals() == (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     handlers[signal.SIGHUP] = signal.SIG_IGN
     assert stop_signals() == (signal.SIGINT, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("ignored", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ignored_stays_ignored_before_the_run_listens(
+    ignored: signal.Signals,
+) -> None:
+    # A script's background job ignores SIGINT: a Ctrl-C meant for the foreground job ended
+    # a `report` running behind it (exit 130, no report).
+    before = signal.signal(ignored, signal.SIG_IGN)
+    try:
+        handlers = interrupt_on_stop_signals()
+        try:
+            assert signal.getsignal(ignored) is signal.SIG_IGN
+            assert ignored not in handlers
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+    finally:
+        signal.signal(ignored, before)
 
 
 def test_status_shows_each_metric_apart_and_prints_paths_as_they_are(

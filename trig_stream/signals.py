@@ -59,14 +59,19 @@ def interrupt_on_stop_signals() -> dict[int, Any]:
     """From here, each stop signal raises :class:`KeyboardInterrupt`, as SIGINT does (a
     hangup silences the terminal first), until something else takes the signals over (an
     event loop's signal receiver). SIGINT keeps Python's own handler where it has it: an
-    event loop (asyncio, trio) treats that one with care.
+    event loop (asyncio, trio) treats that one with care. A signal ignored stays ignored (a
+    job a script starts in the background ignores SIGINT: the Ctrl-C meant for the script's
+    foreground job ended a ``report`` running behind it).
 
     Returns:
         The handlers found, by signal, to put back.
     """
     found: dict[int, Any] = {}
     for signum in stop_signals():
-        if signum == signal.SIGINT and signal.getsignal(signum) is signal.default_int_handler:
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN:
+            continue
+        if signum == signal.SIGINT and handler is signal.default_int_handler:
             continue
         found[signum] = signal.signal(signum, _interrupt)
     return found
