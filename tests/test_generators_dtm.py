@@ -369,6 +369,21 @@ def test_a_rewrite_holding_the_key_falls_back_without_it(
     assert inner.prompts == ["original prompt of K_1"]
 
 
+def test_a_placeholder_key_that_is_a_word_of_the_rewrite_keeps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A local server's placeholder key ("EMPTY", "dummy") is a word of ordinary rewrites: they
+    # fell back as if they held a secret, and counted toward stopping the run.
+    monkeypatch.setenv(KEY_ENV, "dummy")
+    answer = "A ventriloquist on stage holding his dummy, an empty theatre behind him."
+    with GenerationAPIServer(api_key="dummy") as placeholder:
+        placeholder.rewrite = lambda user: answer
+        generator = rewriter(placeholder)
+        generator.generate([request("P_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["P_1"]
+    assert (outcome.status, outcome.prompt) == ("rewritten", answer)
+
+
 def test_failure_falls_back_to_the_original_and_says_so(
     server: GenerationAPIServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -829,6 +844,16 @@ def test_an_answer_far_too_long_is_refused_before_any_pattern_reads_it(
     answer = "A cat on a mat." + "\n" * 1_000_000 + "A dog sits."
     with pytest.raises(ItemError, match="is 1,000,026 characters long"):
         rewritten_prompt(answer, "stop", guidance="G", max_tokens=256)
+
+
+def test_blanks_around_an_answer_do_not_make_it_too_long_nor_hide_a_cut() -> None:
+    # The early refusal counted the blanks around an answer, and named a cut answer too long.
+    rewrite = "A red cube on a blue sphere."
+    assert rewritten_prompt(rewrite + " " * 17_000, "stop", guidance="G", max_tokens=256) == (
+        rewrite
+    )
+    with pytest.raises(ItemError, match=r"cut at max_tokens \(256\)"):
+        rewritten_prompt("word " * 4_000, "length", guidance="G", max_tokens=256)
 
 
 @pytest.mark.timeout(120)  # linear: milliseconds; quadratic (as they were): hours

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from trig_stream.backends.api_keys import SHORT_KEY_CHARS
 from trig_stream.backends.base import (
     EncodedPicture,
     GenerationRequest,
@@ -363,9 +364,10 @@ class DTMRewriteGenerator(Generator):
                 # prompts provoke it by design): nothing wrong with its options.
                 counts = False
                 raise
-            if redact(text, self._key) != text:
+            if len(self._key) >= SHORT_KEY_CHARS and redact(text, self._key) != text:
                 # Masked, the prompt would still go on to the inner generator (an API,
-                # perhaps) and into every record: no rewrite to take.
+                # perhaps) and into every record: no rewrite to take. A short key is a
+                # placeholder (vLLM's EMPTY, "dummy", "token"), and a word of a good rewrite.
                 raise ItemError(
                     "the LLM's rewrite holds the API key of the rewriting LLM (not repeated "
                     "here), so it is neither sent on nor stored; check what that server puts "

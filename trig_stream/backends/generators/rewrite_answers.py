@@ -141,9 +141,14 @@ def rewritten_prompt(
     """
     if finish_reason == "content_filter":
         raise RefusedContent("the LLM's content filter stopped its rewrite")
-    if content is not None and len(content) > MAX_ANSWER_CHARS:
-        raise _too_long(content)
-    text = _clean(content or "")
+    text = (content or "").strip()
+    if len(text) > MAX_ANSWER_CHARS:
+        # Refused before any pattern reads it (a long answer of blank lines took them
+        # minutes); measured without the blanks around it, which are no answer.
+        if finish_reason == "length":
+            raise _cut(max_tokens)
+        raise _too_long(text)
+    text = _clean(text)
     preamble = PREAMBLE.match(text)
     if preamble is not None:
         text = _clean(text[preamble.end() :])
@@ -159,7 +164,7 @@ def rewritten_prompt(
             "\\ud83d), which cannot be sent or stored as UTF-8"
         )
     if finish_reason == "length":  # cut mid-sentence: no prompt to draw from
-        raise ItemError(f"the LLM's rewrite was cut at max_tokens ({max_tokens})")
+        raise _cut(max_tokens)
     if len(text) > MAX_REWRITE_CHARS:
         raise _too_long(text)
     first_sentence = re.split(r"[.!?\n]", text, maxsplit=1)[0]
@@ -168,6 +173,10 @@ def rewritten_prompt(
     if guidance in text or ECHO.search(text):
         raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")
     return text
+
+
+def _cut(max_tokens: int) -> ItemError:
+    return ItemError(f"the LLM's rewrite was cut at max_tokens ({max_tokens})")
 
 
 def _too_long(text: str) -> ItemError:
