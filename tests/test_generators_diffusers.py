@@ -567,11 +567,34 @@ def test_each_smaller_call_size_is_noted_once(tiny_pipelines: dict[TinyKind, Pat
     batch = [request(f"IQ-R_TA-C_{n}", n) for n in range(1, 5)]
     images = generator.generate(batch, worker=0, cancel=threading.Event())
     assert all(isinstance(image, Image.Image) for image in images)
-    assert generator.calls == [4, 2, 1, 1, 2, 1, 1]
+    assert generator.calls == [4, 2, 1, 1, 1, 1]
     notes = generator.notes()
     assert len(notes) == 2, notes
     assert "at 4 images per call; calls there take at most 2" in notes[0]
     assert "at 2 images per call; calls there take at most 1" in notes[1]
+    generator.close()
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "failed"), [(4, [4, 2]), (8, [8, 4, 2])], ids=["batch-4", "batch-8"]
+)
+def test_out_of_memory_fails_one_call_per_halving_then_none(
+    tiny_pipelines: dict[TinyKind, Path], batch_size: int, failed: list[int]
+) -> None:
+    # A device with room for one image a call: the second half of a halved call still went
+    # at the size before the halving (batch 4: calls of 4 2 1 1 2 1 1), so the failed calls
+    # went on after the size that fits was known.
+    generator = make_generator(tiny_pipelines["flux"])
+    generator.load()
+    generator._pipes = [SmallMemoryPipe(generator._pipes[0], fits=1)]
+    prompts = [request(f"IQ-R_TA-C_{n}", n) for n in range(1, 9)]
+    for start in range(0, len(prompts), batch_size):
+        images = generator.generate(
+            prompts[start : start + batch_size], worker=0, cancel=threading.Event()
+        )
+        assert all(isinstance(image, Image.Image) for image in images)
+    assert generator.calls[: len(failed)] == failed
+    assert generator.calls[len(failed) :] == [1] * len(prompts)  # none failed after
     generator.close()
 
 
