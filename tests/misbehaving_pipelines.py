@@ -95,6 +95,36 @@ class TextForPictures(FluxPipeline):  # type: ignore[misc]
         return result
 
 
+def of_mode(picture: Any, index: int) -> Any:
+    """``picture`` in the Pillow mode :class:`PicturesOfManyModes` gives the item at
+    ``index`` of a call: a palette (every second one with a transparent index), grey with
+    alpha, 1-bit, 16-bit grey."""
+    mode = ("P", "P", "LA", "1", "I;16")[index % 5]
+    converted = picture.convert("L" if mode == "I;16" else mode)
+    if mode == "I;16":
+        converted = converted.convert("I;16")
+    if mode == "P" and index % 2:
+        converted.info["transparency"] = 0
+    return converted
+
+
+class PicturesOfManyModes(FluxPipeline):  # type: ignore[misc]
+    """Its pictures are of modes other than RGB (:func:`of_mode`), each as it would keep
+    them: a palette picture keeps its palette and transparency."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["output_type"] = "pil"  # PIL pictures, not the tensor the engine asks for
+        result = super().__call__(*args, **kwargs)
+        result.images = [of_mode(image, index) for index, image in enumerate(result.images)]
+        return result
+
+
 # The generator reads a pipeline's arguments from its call's signature.
-for _pipeline in (CallBlocks, CallCrashes, FloatPicturesAfterOneCall, TextForPictures):
+for _pipeline in (
+    CallBlocks,
+    CallCrashes,
+    FloatPicturesAfterOneCall,
+    TextForPictures,
+    PicturesOfManyModes,
+):
     _pipeline.__call__.__signature__ = inspect.signature(FluxPipeline.__call__)  # type: ignore[union-attr]

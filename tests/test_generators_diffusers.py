@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import json
 import os
 import pickle
@@ -566,11 +567,34 @@ def test_each_smaller_call_size_is_noted_once(tiny_pipelines: dict[TinyKind, Pat
     batch = [request(f"IQ-R_TA-C_{n}", n) for n in range(1, 5)]
     images = generator.generate(batch, worker=0, cancel=threading.Event())
     assert all(isinstance(image, Image.Image) for image in images)
-    assert generator.calls == [4, 2, 1, 1, 2, 1, 1]
+    assert generator.calls == [4, 2, 1, 1, 1, 1]
     notes = generator.notes()
     assert len(notes) == 2, notes
     assert "at 4 images per call; calls there take at most 2" in notes[0]
     assert "at 2 images per call; calls there take at most 1" in notes[1]
+    generator.close()
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "failed"), [(4, [4, 2]), (8, [8, 4, 2])], ids=["batch-4", "batch-8"]
+)
+def test_out_of_memory_fails_one_call_per_halving_then_none(
+    tiny_pipelines: dict[TinyKind, Path], batch_size: int, failed: list[int]
+) -> None:
+    # A device with room for one image a call: the second half of a halved call still went
+    # at the size before the halving (batch 4: calls of 4 2 1 1 2 1 1), so the failed calls
+    # went on after the size that fits was known.
+    generator = make_generator(tiny_pipelines["flux"])
+    generator.load()
+    generator._pipes = [SmallMemoryPipe(generator._pipes[0], fits=1)]
+    prompts = [request(f"IQ-R_TA-C_{n}", n) for n in range(1, 9)]
+    for start in range(0, len(prompts), batch_size):
+        images = generator.generate(
+            prompts[start : start + batch_size], worker=0, cancel=threading.Event()
+        )
+        assert all(isinstance(image, Image.Image) for image in images)
+    assert generator.calls[: len(failed)] == failed
+    assert generator.calls[len(failed) :] == [1] * len(prompts)  # none failed after
     generator.close()
 
 
@@ -698,6 +722,40 @@ async def test_process_isolation_makes_the_same_images_as_threads(
         images[isolation] = png_bytes(config, "tiny")
     assert len(images["process"]) == 4
     assert images["process"] == images["thread"]  # the same pictures, byte for byte
+
+
+@pytest.mark.anyio
+async def test_process_isolation_stores_pictures_of_other_modes_as_threads_do(
+    make_config: ConfigFactory, tiny_pipelines: dict[TinyKind, Path]
+) -> None:
+    # A palette picture crossed from the child as its raw indices, its palette left behind:
+    # it was stored black, and judged.
+    images = {}
+    for isolation in ("thread", "process"):
+        options = tiny_options(
+            tiny_pipelines["flux"],
+            "flux",
+            pipeline=f"{MISBEHAVING}:PicturesOfManyModes",
+            isolation=isolation,
+        )
+        config = make_config(
+            samples=5,
+            generators=[
+                {"name": "tiny", "backend": "diffusers", "batch_size": 5, "options": options}
+            ],
+            run={"name": isolation},
+        )
+        results, _ = await run_to_end(config)
+        assert {j.error for j in results} == {None}
+        images[isolation] = png_bytes(config, "tiny")
+    assert len(images["process"]) == 5
+    assert images["process"] == images["thread"]  # byte for byte
+    # Not pictures gone black alike: the palette ones are stored with their palettes.
+    stored = [Image.open(io.BytesIO(png)) for png in images["thread"].values()]
+    palettes = [picture for picture in stored if picture.mode == "P"]
+    assert len(palettes) >= 2 and {picture.mode for picture in stored} >= {"LA", "1"}
+    for picture in palettes:
+        assert picture.convert("RGB").getextrema() != ((0, 0), (0, 0), (0, 0))
 
 
 @pytest.mark.anyio
@@ -1838,6 +1896,47 @@ def test_an_answer_mixes_pictures_png_files_and_failures() -> None:
     assert made[2] == EncodedPicture(b"\x89PNG...", 0.25)  # timed by the call, as the rest
     assert isinstance(made[3], TimedPicture) and made[3].image.mode == "L"
     assert made[3].image.tobytes() == b"\x07" * 4
+
+
+def picture_of_mode(mode: str) -> Image.Image:
+    """A small picture of many colours in Pillow mode ``mode`` (``"P+transparency"``: a
+    palette picture with a transparent index)."""
+    rgb = Image.fromarray((np.arange(5 * 6 * 3) * 7 % 256).astype(np.uint8).reshape(5, 6, 3))
+    if mode == "I;16":
+        return rgb.convert("L").convert("I;16")
+    picture = rgb.convert(mode.removesuffix("+transparency"))
+    if mode.endswith("+transparency"):
+        picture.info["transparency"] = 3
+    return picture
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["P", "P+transparency", "PA", "LA", "1", "I;16", "I", "L", "RGB", "RGBA", "F", "CMYK"],
+)
+def test_a_picture_crosses_from_the_child_to_the_same_png_file_as_in_a_thread(
+    mode: str,
+) -> None:
+    # A palette picture crossed as its raw indices, its palette and transparency left behind:
+    # it was stored black. A mode PNG cannot hold (F, CMYK) fails alike either way.
+    from trig_stream.backends.generators import pipeline_child
+    from trig_stream.generation import _png_or_reason
+
+    picture = picture_of_mode(mode)
+    in_a_thread = _png_or_reason(picture)
+    outcome, data = pipeline_child._portable(picture)
+    outcomes = pickle.loads(pickle.dumps([outcome]))  # as it crosses the pipe
+    [made] = pipeline_process._pictures(outcomes, bytearray(data or b""), 0.5)
+    if isinstance(made, EncodedPicture):
+        assert made.pixels_checked  # encoded from its pixels, as in a thread
+        from_the_child: bytes | str = made.png
+    else:
+        assert isinstance(made, TimedPicture)
+        from_the_child = _png_or_reason(made.image)
+    assert from_the_child == in_a_thread
+    if mode.startswith("P") and isinstance(from_the_child, bytes):
+        stored = Image.open(io.BytesIO(from_the_child)).convert("RGBA")
+        assert stored.getpixel((1, 0)) != (0, 0, 0, 255)  # not black
 
 
 @pytest.mark.parametrize("checked", [True, False])

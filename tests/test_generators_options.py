@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, write_prompts
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 from trig_stream.backends.generators.presets import PRESETS
@@ -205,6 +206,68 @@ def test_sequential_offload_on_a_cpu_is_refused() -> None:
     DiffusersOptions(preset="sd15", offload="model", devices=["cpu"])  # works there
     DiffusersOptions(preset="sd15", offload="sequential", devices=["cuda:0"])
     DiffusersOptions(preset="sd15", offload="sequential")  # cuda:0.. by default
+
+
+@pytest.mark.parametrize(
+    ("options", "taken", "why"),
+    [
+        ({"preset": "flux"}, ["return_dict"], "false returns a tuple, and every call fails"),
+        ({"preset": "flux"}, ["num_images_per_prompt"], "one picture per prompt"),
+        ({"preset": "flux"}, ["output_type", "prompt"], "samples' prompts"),
+        ({"preset": "sd15"}, ["generator"], "seeded from the run's seed"),
+        ({"preset": "sd15"}, ["callback_on_step_end"], "stops a call when the run stops"),
+        ({"preset": "sd15"}, ["callback", "callback_steps"], "step callback"),
+        ({"preset": "instructp2p"}, ["image"], "each sample's source image"),
+        ({"preset": "sd15", "inputs": "edit"}, ["image"], "each sample's source image"),
+        ({"preset": "blipdiffusion"}, ["reference_image"], "reference image and subject"),
+        ({"preset": "ip_adapter_sdxl"}, ["ip_adapter_image"], "each sample's reference image"),
+    ],
+)
+def test_call_arguments_the_engine_sets_itself_are_refused(
+    options: dict[str, Any], taken: list[str], why: str
+) -> None:
+    # They passed validate, then were overwritten unread (prompt, output_type: still in the
+    # fingerprint) or failed every call (return_dict = false, num_images_per_prompt = 2).
+    call = dict.fromkeys(taken, 2)
+    with pytest.raises(ValidationError) as caught:
+        DiffusersOptions(**options, call={"max_sequence_length": 64, **call})
+    [error] = caught.value.errors()
+    assert error["loc"] == ("call",)
+    message = str(error["msg"])
+    assert f"call sets {', '.join(taken)}, which the engine sets itself" in message
+    assert why in message and "remove" in message and "from options.call" in message
+
+
+def test_a_call_argument_is_the_engines_only_where_it_passes_it() -> None:
+    # A text pipeline's call takes no source picture from the engine: image is the user's.
+    DiffusersOptions(preset="sd15", call={"image": "x", "max_sequence_length": 64})
+
+
+def test_no_preset_calls_with_an_argument_the_engine_sets() -> None:
+    from trig_stream.backends.generators.pipeline_calls import engine_arguments_problem
+
+    for name, preset in PRESETS.items():
+        assert engine_arguments_problem(preset.call, preset.inputs) is None, name
+
+
+def test_validate_refuses_a_call_argument_the_engine_sets_as_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_CONFIG
+
+    prompts = write_prompts(tmp_path / "prompts.json", 2)
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f'[run]\nname = "r"\noutput_dir = "{tmp_path / "runs"}"\n'
+        f'[dataset]\npath = "{prompts}"\n'
+        '[[generators]]\nname = "g"\nbackend = "diffusers"\n'
+        'options = { preset = "flux", call = { return_dict = false } }\n'
+        '[[judges]]\nbackend = "fake"\n'
+    )
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    err = " ".join(capsys.readouterr().err.split())
+    assert "run.toml:9: generators[0].options.call: call sets return_dict," in err
 
 
 def test_load_arguments_win_over_the_typed_options(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,6 +62,14 @@ def encode_png(image: Image) -> bytes:
     return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
+def writes_pixels_alone(mode: str) -> bool:
+    """Whether :func:`encode_png` writes a picture of Pillow mode ``mode`` from its pixels
+    alone (8-bit greyscale, RGB, RGBA): its mode, size and raw bytes make the same file.
+    Pillow writes any other mode, and with it what the picture holds besides its pixels (a
+    palette, the colour or index that is transparent, a colour profile)."""
+    return mode in _COLOUR_TYPES
+
+
 def is_png(data: bytes) -> bool:
     """True when ``data`` starts as a PNG file does: the signature, then the IHDR chunk (its
     fields from byte 16: width, height, bit depth at 24, colour type at 25...)."""

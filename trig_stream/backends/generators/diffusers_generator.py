@@ -421,13 +421,18 @@ class DiffusersGenerator(Generator):
 
         A call that runs out of memory is made again as two of half its size, and the
         device takes calls of at most that size from then on: a ``batch_size`` too large for
-        the device costs one failed call, not every batch of the run.
+        the device costs one failed call per halving until a size fits (8 -> 4 -> 2 -> 1:
+        three), then none, not every batch of the run.
         """
         device = worker % len(self._pipes)
-        size = self._fits[device] or len(prompts)
         images: list[Image | Exception] = []
-        for start in range(0, len(prompts), size):
+        start = 0
+        while start < len(prompts):
+            # Read afresh for each call: a failed call before it (the first half's, the
+            # other worker's) may have found a smaller size that fits.
+            size = self._fits[device] or len(prompts)
             part = prompts[start : start + size]
+            start += len(part)
             batch, pictures = [r for r, _ in part], [p for _, p in part]
             try:
                 images += self._call(worker, batch, pictures, cancel)

@@ -18,8 +18,9 @@ import os
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast, get_args
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
+from trig_stream.backends.generators.pipeline_calls import engine_arguments_problem
 from trig_stream.backends.generators.presets import (
     PRESETS,
     DType,
@@ -140,6 +141,20 @@ class DiffusersOptions(BaseModel):
     def _some_devices(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("list at least one device, e.g. ['cuda:0'] or ['cpu']")
+        return value
+
+    @field_validator("call")
+    @classmethod
+    def _call_leaves_the_engine_its_arguments(
+        cls, value: dict[str, Any], info: ValidationInfo
+    ) -> dict[str, Any]:
+        # They passed validate, then were overwritten unread (prompt, output_type) or made
+        # every call fail (return_dict = false, num_images_per_prompt = 2).
+        preset = PRESETS.get(info.data.get("preset") or "")
+        inputs = info.data.get("inputs") or (preset.inputs if preset else "text")
+        problem = engine_arguments_problem(value, inputs)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("load")

@@ -7,10 +7,10 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from trig_stream.backends.generators.presets import INPUT_ARGUMENTS
+from trig_stream.backends.generators.presets import INPUT_ARGUMENTS, InputKind
 from trig_stream.errors import FatalBackendError
 
 if TYPE_CHECKING:
@@ -31,6 +31,45 @@ _INPUT_PICTURE = {
     "ip_adapter": "reference image",
 }
 """What each input kind's call arguments carry, for messages."""
+
+
+_STEP_CALLBACK = (
+    "the engine's step callback goes there: it counts the steps and stops a call when the run stops"
+)
+
+ENGINE_ARGUMENTS: Mapping[str, str] = {
+    "prompt": "the engine passes each call its samples' prompts",
+    "generator": "the engine passes a generator per image, seeded from the run's seed",
+    "output_type": "the engine chooses the form the pictures come back in",
+    "return_dict": (
+        "the engine reads the pictures from the pipeline's output object (false returns a "
+        "tuple, and every call fails)"
+    ),
+    "num_images_per_prompt": ("the engine makes one picture per prompt (more fails every call)"),
+    "callback_on_step_end": _STEP_CALLBACK,
+    "callback": _STEP_CALLBACK,
+    "callback_steps": _STEP_CALLBACK,
+}
+"""Call arguments the engine sets itself, each with why: ``call`` may not set them (its
+value was overwritten unread, or made every call fail). The arguments an input kind passes
+its pictures in (:data:`~trig_stream.backends.generators.presets.INPUT_ARGUMENTS`) are the
+engine's too."""
+
+
+def engine_arguments_problem(call: Mapping[str, Any], inputs: InputKind) -> str | None:
+    """Why ``call`` (``options.call``, with ``inputs = inputs``) cannot be used: the call
+    arguments among it that the engine sets itself, each with its reason; None if none."""
+    reasons = dict(ENGINE_ARGUMENTS)
+    for argument in INPUT_ARGUMENTS[inputs]:
+        reasons[argument] = f"the engine passes each sample's {_INPUT_PICTURE[inputs]} there"
+    taken = [key for key in call if key in reasons]
+    if not taken:
+        return None
+    why = "; ".join(f"{key}: {reasons[key]}" for key in taken)
+    return (
+        f"call sets {', '.join(taken)}, which the engine sets itself ({why}); remove "
+        f"{'it' if len(taken) == 1 else 'them'} from options.call"
+    )
 
 
 _PER_PROMPT = re.compile(r"^(negative_prompt|prompt)(_\d)?$")

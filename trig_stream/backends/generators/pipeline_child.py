@@ -35,6 +35,7 @@ from trig_stream.backends.base import (
 )
 from trig_stream.errors import BackendError, FatalBackendError, ItemError, TrigStreamError
 from trig_stream.pipeline import describe_error
+from trig_stream.png import encode_png, writes_pixels_alone
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnContext
@@ -45,8 +46,9 @@ if TYPE_CHECKING:
 
 Outcome = BackendError | tuple[str, bool, int] | tuple[str, str, tuple[int, int], int]
 """One item of an answer: its error, ``("png", pixels_checked, length)`` (the
-:class:`EncodedPicture`'s own flag, which the stored image keeps), or
-``("pixels", mode, size, length)``."""
+:class:`EncodedPicture`'s own flag, which the stored image keeps; a picture of a mode that
+Pillow encodes is sent so too, encoded in the child), or ``("pixels", mode, size, length)``
+(an 8-bit greyscale, RGB or RGBA picture, whose raw pixels are all of it)."""
 _Outgoing = tuple[tuple[str, Any], list[bytes]]
 """A message the child sends, and the bytes that follow it."""
 
@@ -266,6 +268,15 @@ def _portable(image: Any) -> tuple[Outcome, bytes | None]:
         return ("png", image.pixels_checked, len(image.png)), image.png
     if isinstance(image, TimedPicture):
         image = image.image
+    if not writes_pixels_alone(image.mode) and image.width and image.height:
+        # Encoded here as the engine would encode it in a thread: its raw pixels leave its
+        # palette and transparency behind (a palette picture was stored black).
+        try:
+            png = encode_png(image)
+        except Exception:
+            pass  # a mode PNG cannot hold: the parent meets and names the same failure
+        else:
+            return ("png", True, len(png)), png
     pixels = image.tobytes()
     return ("pixels", image.mode, image.size, len(pixels)), pixels
 

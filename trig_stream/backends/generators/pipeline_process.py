@@ -20,7 +20,10 @@ any other thread waits for it each time it takes it back (up to the 5 ms switch 
 ``sys.getswitchinterval``), and zlib and numpy give it up and take it back several times per
 picture: a 512x512 picture took 22 ms to encode alone and 69 ms beside a thread that holds
 the lock. The child only copies each picture's pixels (well under a millisecond) and hands
-the answer to a thread that sends it while the next call runs.
+the answer to a thread that sends it while the next call runs. A picture of another mode
+than 8-bit greyscale, RGB or RGBA (a palette, 16-bit grey, 1-bit) is the exception: its raw
+pixels leave its palette and transparency behind, so the child encodes it, as the engine
+would in a thread (Pillow's encoder, which reads them).
 
 The pixels travel raw, after a small pickled message that says what they are, and each side
 moves them in one system call: the child's ``sendmsg`` of all the buffers, the parent's
@@ -37,7 +40,8 @@ Child to parent:
 * ``("ready", threads)`` once loaded, with the number of torch threads it computes with;
 * ``("done", (outcomes, calls, seconds))`` per call, followed by the items' bytes: an
   outcome is ``("pixels", mode, size, length)`` for a picture, ``("png", pixels_checked,
-  length)`` for a PNG file (its :class:`EncodedPicture` flag, kept as under threads), or a
+  length)`` for a PNG file (its :class:`EncodedPicture` flag, kept as under threads; true
+  for a picture the child encoded), or a
   failed item's error made afresh from its text (an ``ItemError`` when the item is at fault,
   else a ``BackendError``: its call failed); the bytes of the items that have a
   length follow the message, in order. ``calls`` are the pipeline calls' batch sizes, and
