@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,24 @@ def threads_left_behind_end() -> Iterator[None]:
     deadline = time.monotonic() + LEFT_BEHIND_GRACE_S
     while threads_left_behind() and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def hangups_heard_as_on_a_terminal() -> Iterator[None]:
+    """Under ``nohup`` (or any runner that ignores SIGHUP) the commands the tests start keep
+    ignoring SIGHUP, as they should, and the tests that hang up on them failed (4 in
+    test_cli.py). An ignored SIGHUP becomes a do-nothing handler for the session: the suite
+    still survives a hangup, and the processes it starts (``exec`` resets a handler) and the
+    code it runs in-process hear SIGHUP as they would on a terminal."""
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None or signal.getsignal(hangup) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(hangup, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(hangup, signal.SIG_IGN)
 
 
 PAIRS = ["IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R"]
