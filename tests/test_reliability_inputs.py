@@ -165,6 +165,12 @@ BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
         "since its name ends in none of .json, .jsonl and .ndjson; set [dataset] format",
     ),
     (
+        "JSON dataset read as parquet by its format",
+        replace('path = "prompts.json"', 'path = "prompts.json"\nformat = "parquet"'),
+        EXIT_FATAL,
+        'since [dataset] format = "parquet" is set; set format = "json" or "jsonl" if it is JSON',
+    ),
+    (
         "dataset not parquet",
         replace('path = "prompts.json"', 'path = "garbage.json"\nformat = "parquet"'),
         EXIT_FATAL,

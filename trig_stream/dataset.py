@@ -303,6 +303,7 @@ class DatasetSource:
             if not stat.S_ISDIR(_mode(root, what, "[dataset] image_root")):
                 raise DatasetError(f"{what} is not a folder")
         fmt: str = self.section.format
+        format_set = fmt != "auto"
         if fmt == "auto":
             suffix = path.suffix.lower() if stat.S_ISREG(mode) else ""
             fmt = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix, "parquet")
@@ -311,7 +312,7 @@ class DatasetSource:
         elif fmt == "jsonl":
             yield from read_json_lines(path)
         else:
-            yield from read_parquet(path, identity_only=identity_only)
+            yield from read_parquet(path, identity_only=identity_only, format_set=format_set)
 
     def _sample(
         self, raw: Mapping[str, Any], data_id: str, dimensions: tuple[Dimension, Dimension]

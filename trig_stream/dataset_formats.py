@@ -187,7 +187,15 @@ def _json_limit(exc: ValueError | RecursionError) -> str:
 IDENTITY_COLUMNS = ("data_id", "dimensions", "dimension")
 
 
-def read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
+def read_parquet(
+    path: Path, *, identity_only: bool = False, format_set: bool = False
+) -> Iterator[Mapping[str, Any]]:
+    """The records of a parquet file or of a folder of parquet files.
+
+    ``format_set`` says the config set ``[dataset] format = "parquet"`` (rather than ``auto``
+    choosing parquet for a name it did not know): an unreadable file's hint names the setting
+    that chose the reader.
+    """
     import polars as pl
 
     if path.is_dir():
@@ -214,7 +222,12 @@ def read_parquet(path: Path, *, identity_only: bool = False) -> Iterator[Mapping
             yield from batch.iter_rows(named=True)
     except (pl.exceptions.PolarsError, OSError) as exc:
         hint = ""
-        if path.is_file() and path.suffix.lower() != ".parquet":
+        if path.is_file() and path.suffix.lower() != ".parquet" and format_set:
+            hint = (
+                ' (read as parquet, since [dataset] format = "parquet" is set; '
+                'set format = "json" or "jsonl" if it is JSON)'
+            )
+        elif path.is_file() and path.suffix.lower() != ".parquet":
             hint = (
                 " (read as parquet, since its name ends in none of .json, .jsonl and .ndjson; "
                 "set [dataset] format if it is JSON)"
