@@ -1122,3 +1122,32 @@ async def test_a_rewrite_holding_half_a_character_is_stored_as_a_fallback(
     async with Engine(config) as again:
         resumed = [j async for j in again.results]
     assert {j.prompt_rewrite for j in resumed} == {j.prompt_rewrite for j in results}
+
+
+def test_a_bad_relation_is_reported_at_its_own_key_and_line_beside_other_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The codes were checked once the whole options had validated: one bad temperature hid
+    # them, and alone they were reported at the [generators.options] header, keyless.
+    from tests.conftest import write_prompts
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_CONFIG
+
+    prompts = write_prompts(tmp_path / "prompts.json", 2)
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f'[run]\nname = "r"\noutput_dir = "{tmp_path / "runs"}"\n'
+        f'[dataset]\npath = "{prompts}"\n'
+        '[[generators]]\nname = "g"\nbackend = "dtm_rewrite"\n'
+        "[generators.options]\n"
+        'model = "m"\n'
+        'inner = { backend = "synthetic" }\n'
+        'relations = { "IQ-R_TA-C" = 7, "XX_TA-C" = 1 }\n'
+        "temperature = 5\n"
+        '[[judges]]\nbackend = "fake"\n'
+    )
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    err = " ".join(capsys.readouterr().err.split())
+    assert "run.toml:12: generators[0].options.relations.IQ-R_TA-C: relation code 7 is not" in err
+    assert "run.toml:12: generators[0].options.relations.XX_TA-C: unknown dimension 'XX'" in err
+    assert "run.toml:13: generators[0].options.temperature:" in err

@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trig_stream.backends.api_keys import SHORT_KEY_CHARS
 from trig_stream.backends.base import (
@@ -51,6 +58,7 @@ from trig_stream.backends.generators.api_calls import (
 )
 from trig_stream.backends.generators.dtm_relations import (
     INSTRUCTIONS_VERSION,
+    RELATION_CODES,
     RelationTable,
     instruction,
     system_message,
@@ -66,6 +74,7 @@ from trig_stream.config_fields import (
     HttpUrl,
 )
 from trig_stream.config_problems import nested_problems
+from trig_stream.dimensions import split_pair
 from trig_stream.errors import (
     BackendError,
     ConfigError,
@@ -106,6 +115,20 @@ class InnerGenerator(BaseModel):
         return self
 
 
+def _dimension_pair(pair: str) -> str:
+    split_pair(pair)  # raises ValueError naming what is wrong with the key
+    return pair
+
+
+def _relation_code(code: int) -> int:
+    if code not in RELATION_CODES:
+        raise ValueError(
+            f"relation code {code} is not one of -2..3 (0 synergy, 1 trade-off, 2 / -2 "
+            "dominance, 3 bottleneck, -1 undefined)"
+        )
+    return code
+
+
 class DTMRewriteOptions(BaseModel):
     """``options`` of the ``dtm_rewrite`` generator. Give ``relations``, ``report`` or both
     (``relations`` win for the pairs they name)."""
@@ -118,8 +141,12 @@ class DTMRewriteOptions(BaseModel):
     base_url: HttpUrl | None = None
     api_key_env: EnvVarName | None = "OPENAI_API_KEY"
     """The NAME of the environment variable holding the key; None for servers without keys."""
-    relations: dict[str, int] = Field(default_factory=dict)
-    """``{"IQ-R_TA-C" = 1, ...}``: relation codes by pair."""
+    relations: dict[
+        Annotated[str, AfterValidator(_dimension_pair)],
+        Annotated[int, AfterValidator(_relation_code)],
+    ] = Field(default_factory=dict)
+    """``{"IQ-R_TA-C" = 1, ...}``: relation codes by pair. Each key and code is checked where
+    it is written, so that an error names its own key and line beside the other options'."""
     report: Path | None = None
     """An earlier run's ``relationship_codes.csv``."""
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
@@ -131,11 +158,16 @@ class DTMRewriteOptions(BaseModel):
     backoff_initial: Backoff = 1.0
     backoff_max: Backoff = 10.0
 
+    @field_validator("relations")
+    @classmethod
+    def _one_relation_per_pair(cls, relations: dict[str, int]) -> dict[str, int]:
+        RelationTable.from_mapping(relations)  # a pair named in both orders, differently
+        return relations
+
     @model_validator(mode="after")
     def _some_relations(self) -> DTMRewriteOptions:
         if not self.relations and self.report is None:
             raise ValueError("give relations (pair -> code) or report (relationship_codes.csv)")
-        RelationTable.from_mapping(self.relations)  # checks pairs and codes
         return self
 
 
