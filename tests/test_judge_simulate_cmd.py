@@ -92,12 +92,37 @@ def test_arguments_become_options(tmp_path: Path) -> None:
             "IQ-R_TA-C is named twice; give each pair once",
         ),
         (("--error-rate", "0.7", "--reset-rate", "0.7"), "must not exceed 1"),
+        # These named "options" and kept pydantic's "Value error, " prefix.
+        (
+            ("--hang-rate", "1", "--error-rate", "1"),
+            "^--error-rate, --hang-rate: fault rates add up to 2.000; they must not exceed 1$",
+        ),
+        (
+            ("--correlation", "IQ-R_TA-C=2"),
+            r"^--correlation 'IQ-R_TA-C=2': planted correlation of IQ-R_TA-C must be in \[-1, 1\]",
+        ),
+        (
+            ("--correlation", "XX_TA-C=0.5"),
+            "^--correlation 'XX_TA-C=0.5': unknown dimension 'XX' in pair 'XX_TA-C'$",
+        ),
+        (("--correlation", "=0.5"), "^--correlation '=0.5': no pair before '='"),
+        (
+            ("--correlation", "IQ-R_IQ-R=0.5"),
+            "^--correlation 'IQ-R_IQ-R=0.5': pair 'IQ-R_IQ-R' names the same dimension twice$",
+        ),
+        (
+            ("--correlation", "IQ-R_TA-C=0.5", "--correlation", "IQ-R_TA-S=0.5"),
+            "^--correlation: dimension IQ-R appears in two planted pairs",
+        ),
         # The errors named the field (latency_s, capacity), not the option typed.
         (("--latency", "inf"), "^--latency: Input should be a finite number"),
         (("--latency", "nan"), "^--latency: Input should be a finite number"),
         (("--latency", "-1"), "^--latency: Input should be greater than or equal to 0"),
         (("--retry-after", "soon"), "'soon' is neither a number of seconds nor an HTTP date"),
-        (("--retry-after", "-1"), "'-1' is neither"),
+        (
+            ("--retry-after", "-1"),
+            "^--retry-after: '-1' is negative: Retry-After seconds must be >= 0",
+        ),
         (("--retry-after", "inf"), "'inf' is neither"),
         (("--retry-after", "infinity"), "'infinity' is neither"),
         (("--retry-after", "nan"), "'nan' is neither"),

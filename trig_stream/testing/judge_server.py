@@ -34,6 +34,7 @@ import asyncio
 import errno
 import hashlib
 import random
+import re
 import socket
 import time
 import unicodedata
@@ -79,6 +80,9 @@ DEFAULT_MODEL: Final = "trig-judge-sim"
 """The model name served when none is given."""
 
 
+_NEGATIVE_SECONDS: Final = re.compile(r"-\d+(\.\d+)?")
+
+
 def _retry_after(value: str) -> str:
     # What HTTP allows: seconds (not -1, inf or nan), or a date in one of HTTP's three forms;
     # read as the judge reads it, which strips it: the stripped value is what is sent. A
@@ -90,6 +94,11 @@ def _retry_after(value: str) -> str:
             "give seconds (1) or an HTTP date alone"
         )
     if parse_retry_after({"Retry-After": value}) is None:
+        if _NEGATIVE_SECONDS.fullmatch(value.strip()):
+            raise ValueError(
+                f"{value!r} is negative: Retry-After seconds must be >= 0 (e.g. 1), or give "
+                "an HTTP date"
+            )
         raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
     return value.strip()
 

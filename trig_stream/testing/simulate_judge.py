@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 from rich.console import Console
 from rich.markup import escape
 
@@ -25,6 +26,7 @@ from trig_stream.config_fields import NOT_A_VARIABLE, is_variable_name
 from trig_stream.records import printable
 from trig_stream.signals import point_at_devnull
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
+from trig_stream.testing.planted_scores import loadings
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -106,6 +108,8 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
         if not sep:
             raise ValueError(f"--correlation {text!r}: expected A_B=R, e.g. IQ-R_TA-C=0.8")
         pair = pair.strip()
+        if not pair:
+            raise ValueError(f"--correlation {text!r}: no pair before '='; expected A_B=R")
         if pair in correlations:
             raise ValueError(f"--correlation {text!r}: {pair} is named twice; give each pair once")
         try:
@@ -115,6 +119,14 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
                 f"--correlation {text!r}: {value.strip()!r} is not a number; expected A_B=R "
                 "with R from -1 to 1, e.g. IQ-R_TA-C=0.8"
             ) from None
+        try:  # checked here, where the option typed is known: the model names no option
+            loadings({pair: correlations[pair]})
+        except ValueError as exc:
+            raise ValueError(f"--correlation {text!r}: {exc}") from None
+    try:  # a dimension in two planted pairs: a rule over several --correlation
+        loadings(correlations)
+    except ValueError as exc:
+        raise ValueError(f"--correlation: {exc}") from None
     media: Path | None = args.allowed_local_media_path
     if media is not None and not media.is_dir():
         # vLLM refuses such a folder at start; accepted here, every file:// image was
@@ -154,10 +166,24 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
             allowed_local_media_path=args.allowed_local_media_path,
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{_option_of(e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(_problem(e, args) for e in exc.errors())
         raise ValueError(problems) from None
+
+
+def _problem(error: ErrorDetails, args: argparse.Namespace) -> str:
+    """One option's problem, named as typed, in the model's words without pydantic's
+    ``Value error, `` prefix."""
+    message = error["msg"].removeprefix("Value error, ")
+    if error["loc"]:
+        return f"{_option_of(error['loc'])}: {message}"
+    # The model's own rule: once the correlations are checked above, only the fault rates'
+    # sum is one, and the options it is over are the rates given.
+    rates = [
+        _option_of((field,))
+        for field in JudgeServerOptions.model_fields
+        if field.endswith("_rate") and getattr(args, field, 0)
+    ]
+    return f"{', '.join(rates) or 'fault rates'}: {message}"
 
 
 _OPTIONS = {"latency_s": "--latency", "correlations": "--correlation", "api_key": "--api-key-env"}
