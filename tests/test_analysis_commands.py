@@ -220,16 +220,20 @@ def write_run_dir(
     task: Task = "t2i",
     scored: bool = True,
     judge: JudgeFingerprint | None = None,
+    generators: tuple[str, ...] = (),
 ) -> Path:
     """A run directory with two models, written with the store's own helpers (``scored``
     False: every judgement unscorable; ``judge``: the fingerprint in the manifest and the
-    judgements)."""
+    judgements; ``generators``: the config's generator names, in its order)."""
     judge = judge or JudgeFingerprint(backend="fake", model="j")
+    config: dict[str, object] = {"judges": [{"name": metric}], "relation": relation}
+    if generators:
+        config["generators"] = [{"name": name} for name in generators]
     manifest = Manifest(
         run_name=path.name,
         task=task,
         judges={metric: judge.model_dump()},
-        config={"judges": [{"name": metric}], "relation": relation},
+        config=config,
     )
     write_atomic(path / MANIFEST, manifest.model_dump_json().encode())
     records = []
@@ -552,6 +556,19 @@ def test_compare_runs_and_command(tmp_path: Path) -> None:
     # The same run twice, even spelt two ways, would compare each model with itself.
     with pytest.raises(AnalysisError, match=r"one/\.\./one is given twice \(as .*/one and "):
         compare_runs([first, second, first / ".." / "one"])
+
+
+def test_compare_and_report_order_models_as_the_config_does(tmp_path: Path) -> None:
+    # The journal's first line is the config's second generator's (the faster one judged
+    # first): the columns and the report's lines came in journal order, model-b first.
+    run = write_run_dir(
+        tmp_path / "run", {}, models=("model-b", "model-a"), generators=("model-a", "model-b")
+    )
+    assert load_run(run).models == ["model-a", "model-b"]
+    assert compare_runs([run]).labels == ("model-a", "model-b")
+    code, out = run_command("report", str(run), "--no-plots")
+    assert code == 0
+    assert out.index("model-a:") < out.index("model-b:")
 
 
 def test_compare_labels_each_run_apart_whatever_its_folder_name(

@@ -136,7 +136,8 @@ def analyse_run(
     run: RunData, thresholds: RelationSection, metric: str | None = None
 ) -> dict[str, ModelAnalysis]:
     """Analyse every model of a run under one metric (by default the config's first judge
-    that measured every dimension: see :func:`~trig_stream.analysis.relations.default_metric`).
+    that measured every dimension: see :func:`~trig_stream.analysis.relations.default_metric`),
+    in the order of ``run.models``: the config's generators, then any others.
 
     Raises:
         AnalysisError: the run holds no judgement, or none of ``metric``.
@@ -146,7 +147,10 @@ def analyse_run(
         [m for m in run.metrics if m in present], metric, run.path, run.judgements
     )
     analyses = analyse_judgements((j for j in run.judgements if j.metric == chosen), thresholds)
-    return {model: analysis for (model, _), analysis in analyses.items()}
+    by_model = {model: analysis for (model, _), analysis in analyses.items()}
+    # In the config's order (run.models), not the journal's: which model's first judgement
+    # was written first is a race.
+    return {model: by_model[model] for model in run.models if model in by_model}
 
 
 def _print_written(
