@@ -110,6 +110,24 @@ def test_analyze_evaluation_result(tmp_path: Path, with_prompts: bool) -> None:
     assert "# TRIG relation analysis: flux" in (out / "report.md").read_text()
 
 
+def test_analyze_help_describes_a_file_not_a_run(capsys: pytest.CaptureFixture[str]) -> None:
+    # It said the thresholds default to "the run's [relation] config" and the metric to "the
+    # first judge that measured every dimension": a file has neither; --task hid its default.
+    parser = argparse.ArgumentParser(prog="trig-stream")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["analyze", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[relation]" not in text
+    assert "judge" not in text
+    assert "thresholds: default: TRIG's defaults" in text
+    assert "the file's first metric that scored every dimension" in text
+    assert "TRIG task (default: t2i)" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["report", "--help"])
+    assert "the run's [relation] config, else TRIG's defaults" in capsys.readouterr().out
+
+
 def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"x": {"y": 1}}))
     with pytest.raises(AnalysisError, match="neither a TRIG evaluation result"):

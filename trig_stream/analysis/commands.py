@@ -82,8 +82,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="TRIG dataset giving each data_id's pair (JSON, JSON Lines, parquet file or folder)",
     )
     analyze.add_argument("--model", help="model name in the outputs (default: the file's stem)")
-    analyze.add_argument("--task", default="t2i", choices=[*TASKS, "sub"], help="TRIG task")
-    _add_common(analyze)
+    analyze.add_argument(
+        "--task", default="t2i", choices=[*TASKS, "sub"], help="TRIG task (default: t2i)"
+    )
+    # A file has no config and no judges: its metrics are the names its scores are under.
+    _add_common(
+        analyze,
+        metric_help="the metric to analyse (default: the file's first metric that scored every "
+        "dimension, else its first; a formatted file's scores are read as this one, default "
+        "trigscore)",
+        thresholds_help="default: TRIG's defaults",
+    )
     analyze.set_defaults(handler=cmd_analyze)
 
     comparison = subparsers.add_parser(
@@ -95,14 +104,16 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     comparison.set_defaults(handler=cmd_compare)
 
 
-def _add_common(parser: argparse.ArgumentParser, *, plots: bool = True) -> None:
-    parser.add_argument(
-        "--metric",
-        help="the metric to analyse (default: the first judge that measured every dimension)",
-    )
-    group = parser.add_argument_group(
-        "thresholds", "default: the run's [relation] config, else TRIG's defaults"
-    )
+def _add_common(
+    parser: argparse.ArgumentParser,
+    *,
+    plots: bool = True,
+    metric_help: str = "the metric to analyse (default: the first judge that measured every "
+    "dimension)",
+    thresholds_help: str = "default: the run's [relation] config, else TRIG's defaults",
+) -> None:
+    parser.add_argument("--metric", help=metric_help)
+    group = parser.add_argument_group("thresholds", thresholds_help)
     group.add_argument("--correlation", choices=get_args(CorrelationMethod))
     for name, text in THRESHOLD_OPTIONS.items():
         group.add_argument("--" + name.replace("_", "-"), type=float, dest=name, help=text)
