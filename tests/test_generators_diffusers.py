@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -32,6 +33,7 @@ from PIL import Image
 from tests.conftest import ROOT, ConfigFactory, write_prompts
 from trig_stream import Engine
 from trig_stream.backends.base import EncodedPicture, GenerationRequest, TimedPicture
+from trig_stream.backends.library_logs import QUIET_LIBRARIES
 from trig_stream.config import RunConfig
 from trig_stream.errors import BackendError, FatalBackendError, ItemError
 from trig_stream.journal import JOURNAL
@@ -1319,6 +1321,47 @@ imported = [name for name in ("diffusers", "torch") if name in sys.modules]
 threads = generator._torch_threads  # the last one's, which passed the check
 print(json.dumps({"outcomes": outcomes, "imported": imported, "threads": threads}))
 """
+
+
+CHECK_AND_TELL_VERBOSITY = """
+import json, sys
+from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+
+options = DiffusersOptions.model_validate(json.loads(sys.argv[1]))
+DiffusersGenerator("tiny", options).check_environment()
+import transformers.utils.logging
+
+print(transformers.utils.logging.get_verbosity())
+"""
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(None, logging.ERROR), ("info", logging.INFO)],
+    ids=["quieted", "user-setting-kept"],
+)
+def test_the_check_quiets_the_model_libraries_as_run_does_unless_told_otherwise(
+    tiny_pipelines: dict[TinyKind, Path], given: str | None, expected: int
+) -> None:
+    # Only `run` quieted them: `validate` and an embedding application printed transformers'
+    # advice ("CLIPImageProcessor requires torchvision ...") while looking up FluxPipeline.
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_LIBRARIES}
+    if given is not None:
+        env["TRANSFORMERS_VERBOSITY"] = given
+    options = tiny_options(tiny_pipelines["flux"], "flux")
+    checked = subprocess.run(
+        [sys.executable, "-c", CHECK_AND_TELL_VERBOSITY, json.dumps(options)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    assert int(checked.stdout.splitlines()[-1]) == expected
+    if given is None:
+        assert "[transformers]" not in checked.stderr, checked.stderr
 
 
 def test_with_process_isolation_the_check_imports_diffusers_in_a_child_alone(

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trig_stream.analysis.relations import AnalysisError, OutputWriteError
+from trig_stream.backends.library_logs import quiet_model_libraries
 from trig_stream.backends.threads import threads_left_behind
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import (
@@ -49,12 +50,6 @@ OPENING_QUIET_S = 2.0
 CLOSING_POLL_S = 0.1
 """Time between looks at what the engine closes once the run is over (a judge server given
 its grace period), to say so at once."""
-QUIET_LIBRARIES = {
-    "TRANSFORMERS_VERBOSITY": "error",
-    "DIFFUSERS_VERBOSITY": "error",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-}
 
 
 def entry_point() -> NoReturn:
@@ -181,9 +176,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     config = load_config(args.config)
     # Model libraries print progress bars and advice on every load; the run's own progress
-    # says what matters. Set these variables to see them again.
-    for name, value in QUIET_LIBRARIES.items():
-        os.environ.setdefault(name, value)
+    # says what matters. Set these variables to see them again. (The backends that import
+    # them do the same; here it covers a plugin backend too.)
+    quiet_model_libraries()
     handlers = {signum: signal.getsignal(signum) for signum in stop_signals()}
     try:
         return anyio.run(_run, config, args, console, backend=args.backend)

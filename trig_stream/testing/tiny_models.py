@@ -74,11 +74,10 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
         disk that fills up during a build: the models built before stay whole), or when
         something other than a folder stands at a model's name.
     """
-    from trig_stream.cli import QUIET_LIBRARIES
+    from trig_stream.backends.library_logs import quiet_model_libraries
 
     # As `run`: no progress bars or advice from the model libraries (read as they import).
-    for name, value in QUIET_LIBRARIES.items():
-        os.environ.setdefault(name, value)
+    quiet_model_libraries()
     from trig_stream.testing.tiny_pipelines import build_tiny_pipeline
     from trig_stream.testing.tiny_vlm import build_tiny_vlm
 
