@@ -56,6 +56,21 @@ def test_complete_json_without_version_is_versioned_by_hash(tmp_path: Path) -> N
     assert judge.fingerprint().template_version == JudgeTemplate.load(path).version
 
 
+@pytest.mark.parametrize(("text", "kind"), [("[1, 2]", "an array"), ('"x"', "a string")])
+def test_a_json_template_that_is_no_object_says_what_it_must_hold(
+    tmp_path: Path, text: str, kind: str
+) -> None:
+    # It said "Input should be a valid dictionary or instance of _TemplateFile".
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        JudgeTemplate.load(path)
+    assert str(caught.value) == (
+        f"template {path}: the template file must hold a JSON object (tables of texts such as "
+        f'{{"system": {{"t2i": "..."}}}}), not {kind}'
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -151,6 +151,19 @@ def _check_no_placeholders(name: str, text: str) -> None:
         )
 
 
+def _json_kind(data: object) -> str:
+    """What a JSON value is, in JSON's words (``a list``: an array)."""
+    if isinstance(data, list):
+        return "an array"
+    if isinstance(data, str):
+        return "a string"
+    if isinstance(data, bool):
+        return "true or false"
+    if data is None:
+        return "null"
+    return "a number"
+
+
 class _TemplateFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -203,6 +216,11 @@ class JudgeTemplate(BaseModel):
                 if path.suffix.lower() == ".json"
                 else tomllib.loads(raw.decode("utf-8-sig"))
             )
+            if not isinstance(data, dict):  # pydantic's words named the private model class
+                raise ConfigError(
+                    f"template {path}: the template file must hold a JSON object (tables of "
+                    f'texts such as {{"system": {{"t2i": "..."}}}}), not {_json_kind(data)}'
+                )
             override = _TemplateFile.model_validate(data)
         except UnfitFileError as exc:
             raise ConfigError(
