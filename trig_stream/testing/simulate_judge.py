@@ -181,7 +181,7 @@ def _problem(error: ErrorDetails, args: argparse.Namespace) -> str:
     rates = [
         _option_of((field,))
         for field in JudgeServerOptions.model_fields
-        if field.endswith("_rate") and getattr(args, field, 0)
+        if field.endswith("_rate") and vars(args).get(field)
     ]
     return f"{', '.join(rates) or 'fault rates'}: {message}"
 
