@@ -86,6 +86,14 @@ def write_prompts(
     return path
 
 
+def run_and_dataset_toml(folder: Path, samples: int = 2) -> str:
+    """The ``[run]`` and ``[dataset]`` tables of a config file in ``folder`` (its output
+    folder ``runs``, a dataset of ``samples`` prompts written there), for a test to add its
+    backends to."""
+    prompts = write_prompts(folder / "prompts.json", samples)
+    return f'[run]\nname = "r"\noutput_dir = "{folder / "runs"}"\n[dataset]\npath = "{prompts}"\n'
+
+
 ConfigFactory = Callable[..., RunConfig]
 
 

@@ -1129,16 +1129,13 @@ def test_a_bad_relation_is_reported_at_its_own_key_and_line_beside_other_problem
 ) -> None:
     # The codes were checked once the whole options had validated: one bad temperature hid
     # them, and alone they were reported at the [generators.options] header, keyless.
-    from tests.conftest import write_prompts
+    from tests.conftest import run_and_dataset_toml
     from trig_stream.cli import main
     from trig_stream.exit_codes import EXIT_CONFIG
 
-    prompts = write_prompts(tmp_path / "prompts.json", 2)
     path = tmp_path / "run.toml"
     path.write_text(
-        f'[run]\nname = "r"\noutput_dir = "{tmp_path / "runs"}"\n'
-        f'[dataset]\npath = "{prompts}"\n'
-        '[[generators]]\nname = "g"\nbackend = "dtm_rewrite"\n'
+        run_and_dataset_toml(tmp_path) + '[[generators]]\nname = "g"\nbackend = "dtm_rewrite"\n'
         "[generators.options]\n"
         'model = "m"\n'
         'inner = { backend = "synthetic" }\n'

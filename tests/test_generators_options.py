@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import ConfigFactory, write_prompts
+from tests.conftest import ConfigFactory, run_and_dataset_toml
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 from trig_stream.backends.generators.presets import PRESETS
@@ -256,12 +256,9 @@ def test_validate_refuses_a_call_argument_the_engine_sets_as_a_config_error(
     from trig_stream.cli import main
     from trig_stream.exit_codes import EXIT_CONFIG
 
-    prompts = write_prompts(tmp_path / "prompts.json", 2)
     path = tmp_path / "run.toml"
     path.write_text(
-        f'[run]\nname = "r"\noutput_dir = "{tmp_path / "runs"}"\n'
-        f'[dataset]\npath = "{prompts}"\n'
-        '[[generators]]\nname = "g"\nbackend = "diffusers"\n'
+        run_and_dataset_toml(tmp_path) + '[[generators]]\nname = "g"\nbackend = "diffusers"\n'
         'options = { preset = "flux", call = { return_dict = false } }\n'
         '[[judges]]\nbackend = "fake"\n'
     )

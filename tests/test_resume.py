@@ -159,10 +159,7 @@ async def test_a_whole_last_line_without_its_line_end_is_torn_and_asked_again(
 async def test_lines_appended_after_an_unterminated_last_line_are_not_joined_to_it(
     make_config: ConfigFactory,
 ) -> None:
-    config = make_config(samples=5)
-    await run_to_end(config)
-    path = config.run_dir / JOURNAL
-    lines = path.read_bytes().splitlines(keepends=True)
+    config, path, lines = await finished_journal(make_config)
     path.write_bytes(b"".join(lines[:6])[:-1])  # 4 judgements left to ask, line 6 unterminated
     results = await run_to_end(config)
     assert len(results) == 5  # the 4 never asked, and the torn one
@@ -174,10 +171,7 @@ async def test_lines_appended_after_an_unterminated_last_line_are_not_joined_to_
 async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
     make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = make_config(samples=5)
-    await run_to_end(config)
-    path = config.run_dir / JOURNAL
-    lines = path.read_bytes().splitlines(keepends=True)
+    config, path, lines = await finished_journal(make_config)
     damaged = [*lines[:3], b"\x00" * 40 + b"\n", *lines[4:], b'{"schema_version":1,"mod']
     path.write_bytes(b"".join(damaged))  # line 4 damaged, and a torn tail after line 10
     state = Journal(path).open()
@@ -201,10 +195,7 @@ async def test_a_whole_unreadable_last_line_is_kept_and_skipped_like_a_middle_on
 ) -> None:
     # Its line end was written, so no crash tore it: a later format's line, or a hand edit.
     # Cut as a torn tail, it was deleted from the file, while the same line mid-journal stays.
-    config = make_config(samples=5)
-    await run_to_end(config)
-    path = config.run_dir / JOURNAL
-    lines = path.read_bytes().splitlines(keepends=True)
+    config, path, lines = await finished_journal(make_config)
     later = [line.replace(b'{"schema_version":1,', b'{"schema_version":2,') for line in lines]
     damaged = [*lines[:3], later[3], *lines[4:-1], later[-1]]
     path.write_bytes(b"".join(damaged))
@@ -266,6 +257,14 @@ async def judged_journal(make_config: ConfigFactory) -> tuple[RunConfig, Path]:
     config = make_config(samples=3)
     await run_to_end(config)
     return config, config.run_dir / JOURNAL
+
+
+async def finished_journal(make_config: ConfigFactory) -> tuple[RunConfig, Path, list[bytes]]:
+    """A finished run of 5 samples, its journal, and the journal's lines (with their ends)."""
+    config = make_config(samples=5)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    return config, path, path.read_bytes().splitlines(keepends=True)
 
 
 LINES_NO_JUDGEMENT_HOLDS = {
