@@ -244,6 +244,22 @@ def rewriter(server: GenerationAPIServer, **options: Any) -> DTMRewriteGenerator
     return generator
 
 
+def synthetic_rewriter(server: GenerationAPIServer, inner: dict[str, Any]) -> dict[str, Any]:
+    """A ``[[generators]]`` entry: ``dtm_rewrite`` around ``inner``, rewriting with the
+    loopback LLM ``server`` for the IQ-R_TA-C pair (a synergy)."""
+    return {
+        "name": "synth_dtm",
+        "backend": "dtm_rewrite",
+        "options": {
+            "inner": inner,
+            "model": "rewriter-llm",
+            "base_url": server.base_url,
+            "api_key_env": KEY_ENV,
+            "relations": {"IQ-R_TA-C": 0},
+        },
+    }
+
+
 def request(data_id: str, first: Dimension, second: Dimension) -> GenerationRequest:
     sample = Sample(
         data_id=data_id,
@@ -1063,22 +1079,8 @@ async def test_error_records_of_a_failed_picture_keep_its_rewrite(
 ) -> None:
     # The inner generator fails the rewritten sample: its error judgements said nothing of
     # the rewrite (prompt_rewrite None), though the README says every judgement records it.
-    config = make_config(
-        samples=2,
-        generators=[
-            {
-                "name": "synth_dtm",
-                "backend": "dtm_rewrite",
-                "options": {
-                    "inner": {"backend": "synthetic", "options": {"fail_ids": ["IQ-R_TA-C_1"]}},
-                    "model": "rewriter-llm",
-                    "base_url": server.base_url,
-                    "api_key_env": KEY_ENV,
-                    "relations": {"IQ-R_TA-C": 0},
-                },
-            }
-        ],
-    )
+    inner = {"backend": "synthetic", "options": {"fail_ids": ["IQ-R_TA-C_1"]}}
+    config = make_config(samples=2, generators=[synthetic_rewriter(server, inner)])
     async with Engine(config) as engine:
         results = [j async for j in engine.results]
     failed = [j for j in results if j.data_id == "IQ-R_TA-C_1"]
@@ -1097,22 +1099,8 @@ async def test_a_rewrite_holding_half_a_character_is_stored_as_a_fallback(
 ) -> None:
     # The run crashed writing the journal, and a resumed run read the image's rewrite as none.
     server.rewrite = lambda text: "A bike \ud83d here"
-    config = make_config(
-        samples=4,
-        generators=[
-            {
-                "name": "synth_dtm",
-                "backend": "dtm_rewrite",
-                "options": {
-                    "inner": {"backend": "synthetic", "options": {"size": 16}},
-                    "model": "rewriter-llm",
-                    "base_url": server.base_url,
-                    "api_key_env": KEY_ENV,
-                    "relations": {"IQ-R_TA-C": 0},
-                },
-            }
-        ],
-    )
+    inner = {"backend": "synthetic", "options": {"size": 16}}
+    config = make_config(samples=4, generators=[synthetic_rewriter(server, inner)])
     async with Engine(config) as engine:
         results = [j async for j in engine.results]
     assert len(results) == 8 and {j.status for j in results} == {"ok"}
