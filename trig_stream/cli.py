@@ -176,8 +176,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     config = load_config(args.config)
     # Model libraries print progress bars and advice on every load; the run's own progress
-    # says what matters. Set these variables to see them again. (The backends that import
-    # them do the same; here it covers a plugin backend too.)
+    # says what matters. Set these variables to see them again.
     quiet_model_libraries()
     handlers = {signum: signal.getsignal(signum) for signum in stop_signals()}
     try:

@@ -30,6 +30,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     """``trig-stream validate CONFIG``: make the checks ``run`` makes before any work, print
     what the run would do, and return the exit status it would have on these grounds."""
     from trig_stream.backends.base import reads_source_images
+    from trig_stream.backends.library_logs import quiet_model_libraries
     from trig_stream.dataset import DatasetSource
     from trig_stream.dimensions import Dimension
     from trig_stream.preflight import (
@@ -43,6 +44,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.store import check_resume
 
     config = load_config(args.config)
+    quiet_model_libraries()  # as ``run`` does: a class looked up prints no library's advice
     # Building the backends makes the checks ``run`` makes next (a generator's devices against
     # its workers, its inputs against the task...); it loads no model and connects nowhere.
     # Then, in the run's order, the files its judges' connections need (the limits only

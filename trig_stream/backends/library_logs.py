@@ -2,11 +2,11 @@
 
 transformers, diffusers and the Hugging Face hub print progress bars on every load and
 advice on imports (``CLIPImageProcessor requires torchvision ...``) that says nothing about a
-run. Each reads its switch from the environment when it is first imported, so the backends
-that import them set these defaults first: ``run``, ``validate`` and an application embedding
-the engine are then equally quiet. A variable already set wins (set
-``TRANSFORMERS_VERBOSITY=warning`` to see the advice again), and a library imported earlier
-keeps the configuration it has: errors are never hidden.
+run. Each reads its switch from the environment, so the commands (``run``, ``validate``,
+``make-tiny-models``) set these defaults before anything imports them. A variable already set
+wins (set ``TRANSFORMERS_VERBOSITY=warning`` to see the advice again): errors are never
+hidden. An application embedding the engine keeps its process's environment and its
+libraries' logging as it set them: the engine never sets these there.
 """
 
 from __future__ import annotations

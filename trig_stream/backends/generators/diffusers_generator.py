@@ -58,7 +58,6 @@ from trig_stream.backends.generators.pipeline_process import (
 )
 from trig_stream.backends.generators.presets import INPUT_TASKS
 from trig_stream.backends.generators.source_images import source_image
-from trig_stream.backends.library_logs import quiet_model_libraries
 from trig_stream.errors import (
     BackendError,
     ConfigError,
@@ -227,7 +226,6 @@ class DiffusersGenerator(Generator):
         """
         with self._lock:
             self._stopped_checking = False  # a stop of an earlier run's load is no stop here
-        quiet_model_libraries()  # before diffusers imports them (a child inherits it too)
         check_checkpoint_folder(self.name, self.spec.checkpoint)
         if self.options.isolation == "process":
             try:
@@ -263,7 +261,6 @@ class DiffusersGenerator(Generator):
             MissingExtraError: torch or diffusers is not installed.
             FatalBackendError: a device is unavailable, or the pipeline cannot be loaded.
         """
-        quiet_model_libraries()
         if self.options.isolation == "process":
             self._start_processes()
             return

@@ -39,7 +39,6 @@ from pydantic import BaseModel, Field
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.batching import MicroBatcher
 from trig_stream.backends.judges.templates import JudgeTemplate
-from trig_stream.backends.library_logs import quiet_model_libraries
 from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.backends.threads import load_in_thread
 from trig_stream.config_fields import OPTIONS_CONFIG, DeviceName
@@ -175,7 +174,6 @@ class TransformersJudge(Judge):
             MissingExtraError: torch or transformers is not installed.
             FatalBackendError: the device is unavailable or the model cannot be loaded.
         """
-        quiet_model_libraries()
         try:
             import torch
             import transformers
