@@ -37,21 +37,26 @@ def threads_left_behind_end() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def hangups_heard_as_on_a_terminal() -> Iterator[None]:
-    """Under ``nohup`` (or any runner that ignores SIGHUP) the commands the tests start keep
-    ignoring SIGHUP, as they should, and the tests that hang up on them failed (4 in
-    test_cli.py). An ignored SIGHUP becomes a do-nothing handler for the session: the suite
-    still survives a hangup, and the processes it starts (``exec`` resets a handler) and the
-    code it runs in-process hear SIGHUP as they would on a terminal."""
-    hangup = getattr(signal, "SIGHUP", None)
-    if hangup is None or signal.getsignal(hangup) is not signal.SIG_IGN:
-        yield
-        return
-    signal.signal(hangup, lambda *_: None)
+def stop_signals_heard_as_on_a_terminal() -> Iterator[None]:
+    """Under ``nohup`` (SIGHUP), or started in the background by a script (SIGINT), the
+    commands the tests start keep ignoring that signal, as they should, and the tests that
+    send it to them failed (4 in test_cli.py for SIGHUP). Each ignored stop signal becomes a
+    do-nothing handler for the session: the suite still survives it, and the processes it
+    starts (``exec`` resets a handler) and the code it runs in-process hear it as they would
+    on a terminal."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    ignored = [
+        signum
+        for signum in (getattr(signal, name) for name in names if hasattr(signal, name))
+        if signal.getsignal(signum) is signal.SIG_IGN
+    ]
+    for signum in ignored:
+        signal.signal(signum, lambda *_: None)
     try:
         yield
     finally:
-        signal.signal(hangup, signal.SIG_IGN)
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 PAIRS = ["IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R"]
