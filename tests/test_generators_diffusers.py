@@ -1921,7 +1921,7 @@ def test_an_answer_the_child_cannot_send_ends_the_child(
 
     monkeypatch.setattr(os, "_exit", exit_now)  # the one module, as the child sees it
     answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    answers.put((("done", ([], [1], 0.5)), []))
+    answers.put(lambda: pipeline_child._done([], [1], 0.5))
     left, right = socket.socketpair()
     with left, right, pytest.raises(SystemExit):
         pipeline_child._answer(cast("Connection", Unpicklable()), left, answers)

@@ -4,8 +4,9 @@ pipeline_process`, whose docstring describes the messages), and what both sides 
 :func:`serve` is the child's main loop: it leaves the run's process group, ends with the
 parent (a lifeline pipe), loads a thread-isolated :class:`~trig_stream.backends.generators.
 diffusers_generator.DiffusersGenerator` for its single device, then answers calls until told
-to close, a thread of its own sending each answer while the next call runs. Each item of an
-answer travels as an :data:`Outcome`, and the pixels raw after it (:func:`send_buffers`,
+to close, a thread of its own encoding and sending each answer while the next call runs. Each
+item of an answer travels as an :data:`Outcome`, and its pixels raw (or a PNG, for a picture
+whose raw pixels leave something out) after it (:func:`send_buffers`,
 :func:`receive_exactly`); the run's cancel reaches the child's pipeline through a
 :class:`SharedFlag`.
 """
@@ -23,7 +24,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
@@ -51,6 +53,10 @@ Pillow encodes is sent so too, encoded in the child), or ``("pixels", mode, size
 (an 8-bit greyscale, RGB or RGBA picture, whose raw pixels are all of it)."""
 _Outgoing = tuple[tuple[str, Any], list[bytes]]
 """A message the child sends, and the bytes that follow it."""
+
+_Answer = Callable[[], _Outgoing]
+"""What makes a message to send, in the answering thread: a picture PNG-encoded there
+(:func:`_portable`) is encoded while the next call runs, not before it starts."""
 
 GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Signals sent to the run's whole process group (a terminal's Ctrl-C and hangup, ``kill``
@@ -136,7 +142,7 @@ def serve(
         return  # the parent is gone while this loaded (the lifeline ends this process too)
     # From here on a thread of its own sends the answers, in order, while this one starts
     # the next call (already in the pipe): the device never waits for the parent to read.
-    answers: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
+    answers: queue.SimpleQueue[_Answer | None] = queue.SimpleQueue()
     channel = _socket_of(conn)
     answering = threading.Thread(target=_answer, args=(conn, channel, answers), name="answers")
     answering.start()
@@ -150,13 +156,10 @@ def serve(
             try:
                 images = _generate(generator, requests, cancelled)
             except FatalBackendError as exc:
-                answers.put((("fatal", describe_error(exc)), []))
+                answers.put(partial(_fatal, describe_error(exc)))
                 return
             seconds = (time.perf_counter() - started) / max(len(requests), 1)
-            portable = [_portable(image) for image in images]
-            outcomes = [outcome for outcome, _ in portable]
-            body = (outcomes, generator.calls[done:], seconds)
-            answers.put((("done", body), [data for _, data in portable if data]))
+            answers.put(partial(_done, images, generator.calls[done:], seconds))
     except (EOFError, OSError):
         return  # the parent is gone
     finally:
@@ -215,14 +218,30 @@ def _exit_with_parent(lifeline: Connection) -> None:
     os._exit(0)
 
 
+def _fatal(reason: str) -> _Outgoing:
+    return ("fatal", reason), []
+
+
+def _done(
+    images: Sequence[Image | EncodedPicture | TimedPicture | Exception],
+    calls: list[int],
+    seconds: float,
+) -> _Outgoing:
+    """The answer to a call: each item's outcome, the call sizes it took, the seconds per
+    item; then the items' bytes."""
+    portable = [_portable(image) for image in images]
+    outcomes = [outcome for outcome, _ in portable]
+    return ("done", (outcomes, calls, seconds)), [data for _, data in portable if data]
+
+
 def _answer(
-    conn: Connection, channel: socket.socket, answers: queue.SimpleQueue[_Outgoing | None]
+    conn: Connection, channel: socket.socket, answers: queue.SimpleQueue[_Answer | None]
 ) -> None:
     # The child's answering thread, until None: a small pickled message, then the bytes in
     # one call, so it takes the lock back only a few times while the pipeline holds it.
     while (answer := answers.get()) is not None:
-        message, payload = answer
         try:
+            message, payload = answer()
             conn.send(message)
             send_buffers(channel, payload)
         except OSError:
