@@ -642,9 +642,29 @@ def test_an_empty_path_is_refused_naming_its_key(
         load_config(write(tmp_path, GOOD.replace(*edit)))
 
 
-def test_the_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
-    text = GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "~no-such-user-x9/runs"')
-    with pytest.raises(ConfigError, match=r"run\.output_dir: .*no home folder is known for"):
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        (
+            ('task = "sub"', 'task = "sub"\noutput_dir = "~no-such-user-x9/runs"'),
+            r":4: run\.output_dir",
+        ),
+        (
+            (
+                'name = "one"\nbackend = "synthetic"',
+                'name = "one"\nbackend = "image_folder"\n'
+                'options = { path = "~no-such-user-x9/images" }',
+            ),
+            r":12: generators\[0\]\.options\.path",
+        ),
+    ],
+)
+def test_the_home_folder_of_an_unknown_user_is_refused(
+    tmp_path: Path, edit: tuple[str, str], where: str
+) -> None:
+    # The message named the key but no line: the paths are resolved after validation.
+    text = GOOD.replace(*edit)
+    with pytest.raises(ConfigError, match=r"run\.toml" + where + r": .*no home folder is known"):
         load_config(write(tmp_path, text))
 
 
