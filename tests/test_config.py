@@ -210,6 +210,55 @@ def test_bad_configs_are_refused_with_file_line_and_key(
         load_config(write(tmp_path, GOOD.replace(old, new, 1)))
 
 
+DIFFUSERS_AT_LINE_16 = (
+    'backend = "diffusers"\n[generators.options]\npipeline = "StableDiffusionPipeline"\n'
+    'checkpoint = "c"\ndevices = ["cpu"]\n'
+)
+"""The second generator of GOOD as a diffusers one, its options' header at line 16; the key
+under test goes at line 20."""
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ("height = 60", r":20: generators\[1\]\.options\.height: height 60 is not a multiple of 8"),
+        ("call = { width = 60 }", r":20: generators\[1\]\.options\.call\.width: width 60 is not"),
+        (
+            'offload = "sequential"',
+            r":20: generators\[1\]\.options\.offload: offload 'sequential' cannot run on the "
+            r"device 'cpu'",
+        ),
+        (
+            'inputs = "edit"\nsource_size = [100, 64]',
+            r":21: generators\[1\]\.options\.source_size: source_size \[100, 64\]: its width 100",
+        ),
+        (
+            'inputs = "edit"\nsource_size = [64, 64]\nwidth = 64',
+            r":21: generators\[1\]\.options\.source_size: source_size and width both set the size",
+        ),
+        (
+            'inputs = "edit"\nheight = 64',
+            r":21: generators\[1\]\.options\.height: height without width: an edit pipeline",
+        ),
+        (
+            'inputs = "ip_adapter"',
+            r":20: generators\[1\]\.options\.inputs: inputs 'ip_adapter' need the IP-Adapter",
+        ),
+    ],
+)
+def test_a_check_of_several_diffusers_options_names_the_key_at_fault(
+    tmp_path: Path, keys: str, expected: str
+) -> None:
+    # These checks of the whole options table were reported at its header, as
+    # "generators[1].options", whichever key was at fault.
+    text = GOOD.replace(
+        'backend = "synthetic"\noptions = { size = 32 }\n', DIFFUSERS_AT_LINE_16 + keys + "\n"
+    )
+    with pytest.raises(ConfigError, match=r"run\.toml" + expected) as refused:
+        load_config(write(tmp_path, text))
+    assert str(refused.value).count("\n") == 1, "one problem"
+
+
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
