@@ -199,6 +199,22 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
             ('[dataset]\npath = "prompts.json"\n', "[dataset]\n"),
             r"run\.toml:5: dataset\.path: required key is missing",
         ),
+        # Was "source_size[1]: required key is missing", saying nothing of what goes there.
+        (
+            (
+                'backend = "synthetic"\noptions = { size = 32 }',
+                'backend = "diffusers"\noptions = { preset = "sd15", source_size = [512] }',
+            ),
+            r"run\.toml:16: generators\[1\]\.options\.source_size: source_size takes two "
+            r"values, \[width, height\] .*\(got \[512\]\)$",
+        ),
+        (
+            (
+                'backend = "synthetic"\noptions = { size = 32 }',
+                'backend = "diffusers"\noptions = { preset = "sd15", source_size = [8, 8, 3] }',
+            ),
+            r"run\.toml:16: generators\[1\]\.options\.source_size: source_size takes two ",
+        ),
     ],
 )
 def test_bad_configs_are_refused_with_file_line_and_key(

@@ -144,6 +144,20 @@ class DiffusersOptions(BaseModel):
             raise ValueError("list at least one device, e.g. ['cuda:0'] or ['cpu']")
         return value
 
+    @field_validator("source_size", mode="before")
+    @classmethod
+    def _width_and_height(cls, value: object) -> object:
+        # [512] was "source_size[1]: required key is missing", saying nothing of what goes
+        # there; the values themselves are checked by the field's type. A before-validator's
+        # value meets that type in Python's strict mode, where only a tuple is one.
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError(
+                "source_size takes two values, [width, height] (e.g. [512, 512]): give both"
+            )
+        return tuple(value)
+
     @field_validator("call")
     @classmethod
     def _call_leaves_the_engine_its_arguments(
