@@ -199,6 +199,22 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
             ('[dataset]\npath = "prompts.json"\n', "[dataset]\n"),
             r"run\.toml:5: dataset\.path: required key is missing",
         ),
+        # Was "source_size[1]: required key is missing", saying nothing of what goes there.
+        (
+            (
+                'backend = "synthetic"\noptions = { size = 32 }',
+                'backend = "diffusers"\noptions = { preset = "sd15", source_size = [512] }',
+            ),
+            r"run\.toml:16: generators\[1\]\.options\.source_size: source_size takes two "
+            r"values, \[width, height\] .*\(got \[512\]\)$",
+        ),
+        (
+            (
+                'backend = "synthetic"\noptions = { size = 32 }',
+                'backend = "diffusers"\noptions = { preset = "sd15", source_size = [8, 8, 3] }',
+            ),
+            r"run\.toml:16: generators\[1\]\.options\.source_size: source_size takes two ",
+        ),
     ],
 )
 def test_bad_configs_are_refused_with_file_line_and_key(
@@ -208,6 +224,55 @@ def test_bad_configs_are_refused_with_file_line_and_key(
     assert old in GOOD
     with pytest.raises(ConfigError, match=expected):
         load_config(write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+DIFFUSERS_AT_LINE_16 = (
+    'backend = "diffusers"\n[generators.options]\npipeline = "StableDiffusionPipeline"\n'
+    'checkpoint = "c"\ndevices = ["cpu"]\n'
+)
+"""The second generator of GOOD as a diffusers one, its options' header at line 16; the key
+under test goes at line 20."""
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ("height = 60", r":20: generators\[1\]\.options\.height: height 60 is not a multiple of 8"),
+        ("call = { width = 60 }", r":20: generators\[1\]\.options\.call\.width: width 60 is not"),
+        (
+            'offload = "sequential"',
+            r":20: generators\[1\]\.options\.offload: offload 'sequential' cannot run on the "
+            r"device 'cpu'",
+        ),
+        (
+            'inputs = "edit"\nsource_size = [100, 64]',
+            r":21: generators\[1\]\.options\.source_size: source_size \[100, 64\]: its width 100",
+        ),
+        (
+            'inputs = "edit"\nsource_size = [64, 64]\nwidth = 64',
+            r":21: generators\[1\]\.options\.source_size: source_size and width both set the size",
+        ),
+        (
+            'inputs = "edit"\nheight = 64',
+            r":21: generators\[1\]\.options\.height: height without width: an edit pipeline",
+        ),
+        (
+            'inputs = "ip_adapter"',
+            r":20: generators\[1\]\.options\.inputs: inputs 'ip_adapter' need the IP-Adapter",
+        ),
+    ],
+)
+def test_a_check_of_several_diffusers_options_names_the_key_at_fault(
+    tmp_path: Path, keys: str, expected: str
+) -> None:
+    # These checks of the whole options table were reported at its header, as
+    # "generators[1].options", whichever key was at fault.
+    text = GOOD.replace(
+        'backend = "synthetic"\noptions = { size = 32 }\n', DIFFUSERS_AT_LINE_16 + keys + "\n"
+    )
+    with pytest.raises(ConfigError, match=r"run\.toml" + expected) as refused:
+        load_config(write(tmp_path, text))
+    assert str(refused.value).count("\n") == 1, "one problem"
 
 
 @pytest.mark.parametrize(
@@ -642,9 +707,29 @@ def test_an_empty_path_is_refused_naming_its_key(
         load_config(write(tmp_path, GOOD.replace(*edit)))
 
 
-def test_the_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
-    text = GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "~no-such-user-x9/runs"')
-    with pytest.raises(ConfigError, match=r"run\.output_dir: .*no home folder is known for"):
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        (
+            ('task = "sub"', 'task = "sub"\noutput_dir = "~no-such-user-x9/runs"'),
+            r":4: run\.output_dir",
+        ),
+        (
+            (
+                'name = "one"\nbackend = "synthetic"',
+                'name = "one"\nbackend = "image_folder"\n'
+                'options = { path = "~no-such-user-x9/images" }',
+            ),
+            r":12: generators\[0\]\.options\.path",
+        ),
+    ],
+)
+def test_the_home_folder_of_an_unknown_user_is_refused(
+    tmp_path: Path, edit: tuple[str, str], where: str
+) -> None:
+    # The message named the key but no line: the paths are resolved after validation.
+    text = GOOD.replace(*edit)
+    with pytest.raises(ConfigError, match=r"run\.toml" + where + r": .*no home folder is known"):
         load_config(write(tmp_path, text))
 
 

@@ -43,6 +43,7 @@ from trig_stream.config_problems import (
     MAX_NESTING,
     Loc,
     checkable,
+    dotted_key,
     nested_too_deep,
     problem_line,
     problem_lines,
@@ -214,27 +215,27 @@ class RunConfig(_Section):
         """
         generators = [
             g.model_copy(
-                update={"options": _resolve_options(g.options, base, f"generators[{i}].options")}
+                update={"options": _resolve_options(g.options, base, ("generators", i, "options"))}
             )
             for i, g in enumerate(self.generators)
         ]
         judges = [
             j.model_copy(
-                update={"options": _resolve_options(j.options, base, f"judges[{i}].options")}
+                update={"options": _resolve_options(j.options, base, ("judges", i, "options"))}
             )
             for i, j in enumerate(self.judges)
         ]
         image_root = self.dataset.image_root
         dataset = self.dataset.model_copy(
             update={
-                "path": _resolve(self.dataset.path, base, "dataset.path"),
+                "path": _resolve(self.dataset.path, base, ("dataset", "path")),
                 "image_root": None
                 if image_root is None
-                else _resolve(image_root, base, "dataset.image_root"),
+                else _resolve(image_root, base, ("dataset", "image_root")),
             }
         )
         run = self.run.model_copy(
-            update={"output_dir": _resolve(self.run.output_dir, base, "run.output_dir")}
+            update={"output_dir": _resolve(self.run.output_dir, base, ("run", "output_dir"))}
         )
         return self.model_copy(
             update={"dataset": dataset, "run": run, "generators": generators, "judges": judges}
@@ -257,16 +258,26 @@ arguments, an images API's extra body): their keys are not ours, so nothing in t
 resolved. Other nested tables are backends' options (a wrapper's inner generator, a metric)."""
 
 
-def _resolve(path: Path, base: Path, key: str) -> Path:
+class _PathProblem(ConfigError):
+    """A path of a config that cannot be resolved, and where it is: :func:`parse_config`
+    names its line; as raised by :meth:`RunConfig.resolve_paths`, its message names the key."""
+
+    def __init__(self, loc: Loc, why: str) -> None:
+        super().__init__(f"{dotted_key(loc)}: {why}")
+        self.loc = loc
+        self.why = why
+
+
+def _resolve(path: Path, base: Path, loc: Loc) -> Path:
     # ``~`` as a shell reads it: a folder literally named "~" beside the config, which a
     # later `rm -rf ~` would take for the home folder, is never what was meant.
     if str(path).startswith("~"):
         try:
             path = path.expanduser()
         except RuntimeError:  # ~name of an unknown user, or no home folder at all
-            raise ConfigError(
-                f"{key}: {path}: no home folder is known for {path.parts[0]}: write the "
-                "path out in full"
+            raise _PathProblem(
+                loc,
+                f"{path}: no home folder is known for {path.parts[0]}: write the path out in full",
             ) from None
     resolved = path if path.is_absolute() else (base / path).resolve()
     try:
@@ -276,27 +287,28 @@ def _resolve(path: Path, base: Path, key: str) -> Path:
         # as half characters, which the run directory's manifest, written as UTF-8 JSON,
         # cannot record; the run crashed after taking its directory.
         shown = os.fsencode(resolved).decode("utf-8", "backslashreplace")
-        raise ConfigError(
-            f"{key}: {shown}: the path is not UTF-8 text (a folder named in another "
+        raise _PathProblem(
+            loc,
+            f"{shown}: the path is not UTF-8 text (a folder named in another "
             "encoding), and a run records its paths as UTF-8: rename that folder, or move "
-            "the config and its files under a UTF-8 path"
+            "the config and its files under a UTF-8 path",
         ) from None
     return resolved
 
 
-def _resolve_options(options: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
+def _resolve_options(options: dict[str, Any], base: Path, where: Loc) -> dict[str, Any]:
     resolved = dict(options)
     for key, value in options.items():
         if key in PASSED_THROUGH_OPTIONS:
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
-            resolved[key] = _resolve_options(value, base, f"{where}.{key}")
+            resolved[key] = _resolve_options(value, base, (*where, key))
         elif not isinstance(value, str) or Path(value).is_absolute():
             continue
         elif not value and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
-            raise ConfigError(f"{where}.{key}: {EMPTY_PATH}")
+            raise _PathProblem((*where, key), EMPTY_PATH)
         elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith((".", "~"))):
-            resolved[key] = str(_resolve(Path(value), base, f"{where}.{key}"))
+            resolved[key] = str(_resolve(Path(value), base, (*where, key)))
     return resolved
 
 
@@ -517,5 +529,7 @@ def parse_config(
         raise own_error
     try:
         return config.resolve_paths(source.parent if base is None else base)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    except _PathProblem as exc:  # at the line of its key, as the problems above
+        raise ConfigError(
+            problems_message(source, [problem_line(source, text, exc.loc, exc.why)])
+        ) from None

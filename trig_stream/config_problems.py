@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final, TypeAlias, get_args
 
 from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from trig_stream.records import storable_text
 
@@ -32,6 +32,17 @@ secret)."""
 DUPLICATE_NAME: Final = "duplicate_name"
 """The error type of a name used twice; its context says where the second use is, so that
 the message names that entry's line rather than the whole config's."""
+
+
+def key_problem(model: type[BaseModel], loc: Loc, message: str, value: Any) -> ValidationError:
+    """The error of ``value`` at ``loc`` of ``model``'s table, for a check of several of its
+    keys (a model validator) to raise: pydantic names that key, prefixed with where the table
+    is, so that the message names the line of the key at fault, not the table's header. An
+    empty ``loc`` is the table itself."""
+    error = PydanticCustomError("value_error", "{error}", {"error": message})
+    return ValidationError.from_exception_data(
+        model.__name__, [InitErrorDetails(type=error, loc=loc, input=value)]
+    )
 
 
 def unusable_values(data: Any, *, dates: bool = True) -> Iterator[tuple[Loc, str]]:

@@ -29,6 +29,7 @@ from trig_stream.backends.generators.presets import (
     preset_names,
 )
 from trig_stream.config_fields import OPTIONS_CONFIG, DeviceName
+from trig_stream.config_problems import Loc, key_problem
 
 Offload = Literal["none", "model", "sequential"]
 Isolation = Literal["thread", "process"]
@@ -143,6 +144,20 @@ class DiffusersOptions(BaseModel):
             raise ValueError("list at least one device, e.g. ['cuda:0'] or ['cpu']")
         return value
 
+    @field_validator("source_size", mode="before")
+    @classmethod
+    def _width_and_height(cls, value: object) -> object:
+        # [512] was "source_size[1]: required key is missing", saying nothing of what goes
+        # there; the values themselves are checked by the field's type. A before-validator's
+        # value meets that type in Python's strict mode, where only a tuple is one.
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError(
+                "source_size takes two values, [width, height] (e.g. [512, 512]): give both"
+            )
+        return tuple(value)
+
     @field_validator("call")
     @classmethod
     def _call_leaves_the_engine_its_arguments(
@@ -187,15 +202,22 @@ class DiffusersOptions(BaseModel):
             )
         return self
 
+    # The checks of several keys below name the key at fault (key_problem), so that a
+    # message names its line rather than the options' header; the table itself where the
+    # fault is the preset's.
+
     @model_validator(mode="after")
     def _what_the_inputs_need(self) -> DiffusersOptions:
         spec = self.spec()
         if spec.inputs == "ip_adapter" and spec.ip_adapter is None:
             # Without the weights the pipeline has no image projection: every call failed.
-            raise ValueError(
+            message = (
                 "inputs 'ip_adapter' need the IP-Adapter weights: set options.ip_adapter = "
                 '{ repo = "...", weight_name = "..." } (or use the preset ip_adapter_sdxl)'
             )
+            if self.inputs is None:
+                raise ValueError(message)
+            raise key_problem(type(self), ("inputs",), message, self.inputs)
         return self
 
     @model_validator(mode="after")
@@ -203,37 +225,60 @@ class DiffusersOptions(BaseModel):
         cpus = [d for d in self.devices or () if d.partition(":")[0] == "cpu"]
         if self.offload == "sequential" and cpus:
             # Every call failed with a TypeError from torch; "model" works there (uselessly).
-            raise ValueError(
+            raise key_problem(
+                type(self),
+                ("offload",),
                 f"offload 'sequential' cannot run on the device {cpus[0]!r}: it moves each "
                 "layer to an accelerator as it runs, and every call on a CPU fails; use "
-                'offload = "none" on a CPU, or list accelerators in devices'
+                'offload = "none" on a CPU, or list accelerators in devices',
+                self.offload,
             )
         return self
 
     @model_validator(mode="after")
     def _sizes_the_pipeline_makes(self) -> DiffusersOptions:
         spec = self.spec()
-        problem = size_problem(spec, spec.pipeline)
+        problem = _size_problem(spec, spec.pipeline)
         if problem is not None:
-            raise ValueError(problem)
+            key, message = problem
+            loc = self._size_key(key)
+            if not loc:  # the preset's own size
+                raise ValueError(message)
+            value = list(spec.source_size or ()) if key == "source_size" else spec.call[key]
+            raise key_problem(type(self), loc, message, value)
         if spec.inputs != "edit":
             return self
         explicit = self._explicit_sizes()
         if self.source_size is not None and explicit:
-            raise ValueError(
+            raise key_problem(
+                type(self),
+                ("source_size",),
                 f"source_size and {'/'.join(explicit)} both set the size of an edit "
                 "pipeline's picture (it draws at its source image's size, resized to "
-                "source_size, else to width x height); set one of them"
+                "source_size, else to width x height); set one of them",
+                list(self.source_size),
             )
         given = [key for key in ("height", "width") if key in spec.call]
         if spec.source_size is None and len(given) == 1:
             # An edit pipeline draws at its source's size, which only both set together.
-            raise ValueError(
-                f"{given[0]} without {'width' if given[0] == 'height' else 'height'}: "
-                "an edit pipeline draws at its source image's size, resized to width x "
-                "height; set both (or source_size instead)"
+            key = given[0]
+            message = (
+                f"{key} without {'width' if key == 'height' else 'height'}: an edit "
+                "pipeline draws at its source image's size, resized to width x height; set "
+                "both (or source_size instead)"
             )
+            loc = self._size_key(key)
+            if not loc:  # the preset's own size
+                raise ValueError(message)
+            raise key_problem(type(self), loc, message, spec.call[key])
         return self
+
+    def _size_key(self, key: str) -> Loc:
+        """Where these options set ``height``, ``width`` or ``source_size``: ``call``'s,
+        which wins, the typed option, or nowhere (empty: the preset's)."""
+        if key != "source_size" and key in self.call:
+            return ("call", key)
+        return (key,) if getattr(self, key) is not None else ()
 
     def _explicit_sizes(self) -> list[str]:
         """``height`` and ``width``, those these options set (typed, or in ``call``)."""
@@ -290,13 +335,20 @@ class DiffusersOptions(BaseModel):
 def size_problem(spec: PipelineSpec, pipeline: str) -> str | None:
     """What is wrong with the size of ``spec``'s pictures for the pipeline class named
     ``pipeline`` (see :func:`size_multiple`), or None."""
+    problem = _size_problem(spec, pipeline)
+    return None if problem is None else problem[1]
+
+
+def _size_problem(spec: PipelineSpec, pipeline: str) -> tuple[str, str] | None:
+    """As :func:`size_problem`, with the key at fault: ``height``, ``width`` or
+    ``source_size``."""
     multiple = size_multiple(pipeline)
     if multiple is None:
         return None
     for key in ("height", "width"):
         value = spec.call.get(key)
         if isinstance(value, int) and value % multiple:
-            return (
+            return key, (
                 f"{key} {value} is not a multiple of {multiple}, as {pipeline} needs (it "
                 f"fails, or makes a smaller picture than asked); use {_nearest(value, multiple)}"
             )
@@ -307,7 +359,7 @@ def size_problem(spec: PipelineSpec, pipeline: str) -> str | None:
     source_size = spec.source_size or ()
     for key, value in zip(("width", "height"), source_size, strict=False):
         if value % multiple:
-            return (
+            return "source_size", (
                 f"source_size {list(source_size)}: its {key} {value} is not a multiple of "
                 f"{multiple}, as {pipeline} needs (an edit pipeline draws at its source's "
                 f"size: it makes a smaller picture than asked); use {_nearest(value, multiple)}"
