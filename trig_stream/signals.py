@@ -16,12 +16,12 @@ from typing import Any
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
-    """The signals to listen for: SIGINT, SIGTERM and SIGHUP, each unless it is ignored (SIGHUP
-    under ``nohup``, SIGINT in a job a script runs in the background: the Ctrl-C meant for
-    the script's foreground job stopped a run behind it)."""
+    """The signals to listen for: SIGINT, SIGTERM, and SIGHUP unless it is ignored."""
+    signals = [signal.SIGINT, signal.SIGTERM]
     hangup = getattr(signal, "SIGHUP", None)
-    candidates = [signal.SIGINT, signal.SIGTERM, *([hangup] if hangup is not None else [])]
-    return tuple(s for s in candidates if signal.getsignal(s) is not signal.SIG_IGN)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signals.append(hangup)
+    return tuple(signals)
 
 
 def is_hangup(signum: int) -> bool:
@@ -67,8 +67,11 @@ def interrupt_on_stop_signals() -> dict[int, Any]:
         The handlers found, by signal, to put back.
     """
     found: dict[int, Any] = {}
-    for signum in stop_signals():  # an ignored one stays ignored
-        if signum == signal.SIGINT and signal.getsignal(signum) is signal.default_int_handler:
+    for signum in stop_signals():
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN:
+            continue
+        if signum == signal.SIGINT and handler is signal.default_int_handler:
             continue
         found[signum] = signal.signal(signum, _interrupt)
     return found
