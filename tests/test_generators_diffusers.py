@@ -1929,6 +1929,34 @@ def test_an_answer_the_child_cannot_send_ends_the_child(
     assert "cannot pickle" in capsys.readouterr().err
 
 
+def test_an_answer_the_child_cannot_make_ends_the_child(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An OSError making it (a lazily read picture whose file is cut short) was taken for the
+    # parent gone: nothing was sent, and the call waiting for that answer waited forever.
+    import queue
+
+    from trig_stream.backends.generators import pipeline_child
+
+    def unreadable() -> Any:
+        raise OSError("image file is truncated")
+
+    exits: list[int] = []
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    answers.put(unreadable)
+    left, right = socket.socketpair()
+    with left, right, pytest.raises(SystemExit):
+        pipeline_child._answer(cast("Connection", None), left, answers)
+    assert exits == [1]
+    assert "image file is truncated" in capsys.readouterr().err
+
+
 def test_an_answer_mixes_pictures_png_files_and_failures() -> None:
     from trig_stream.backends.generators import pipeline_child, pipeline_process
 

@@ -241,7 +241,13 @@ def _answer(
     # one call, so it takes the lock back only a few times while the pipeline holds it.
     while (answer := answers.get()) is not None:
         try:
+            # Made here, apart from the sending: an OSError making it (a picture's file that
+            # cannot be read) is no parent gone, and left the call waiting forever.
             message, payload = answer()
+        except Exception:
+            traceback.print_exc()
+            os._exit(1)
+        try:
             conn.send(message)
             send_buffers(channel, payload)
         except OSError:
