@@ -216,3 +216,28 @@ def test_soak_requires_the_server_slots_full_when_the_latency_allows(
     goals.equal("judgements made (all ok)", 4000, 4000)
     assert finish_status(goals) == 0
     assert "NOT MEASURED (--latency 0.05 s, under 0.25 s)" in capsys.readouterr().out
+
+
+def test_kill_resume_counts_temporary_files_over_the_whole_run_directory(
+    load_bench: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    leftovers_of = load_bench("kill_resume").Leftovers.of
+    run_dir = tmp_path / "killed"
+    (run_dir / "images" / "a").mkdir(parents=True)
+    (run_dir / "images" / "a" / "IQ-R_TA-C_1.png").write_bytes(b"png")
+    (run_dir / "journal.jsonl").write_text("")
+    assert leftovers_of(run_dir).all_files() == []
+    # What a kill -9 may leave where the next run clears it.
+    (run_dir / "images" / ".partial").mkdir()
+    partial_image = run_dir / "images" / ".partial" / ".IQ-R_TA-C_2.png.7.8.tmp"
+    partial_image.write_bytes(b"p")
+    (run_dir / "quarantine.jsonl.partial").write_text("")
+    # Temporary files of atomic writes elsewhere, which no run removes.
+    stray_manifest = run_dir / ".manifest.json.7.8.tmp"
+    stray_manifest.write_text("{")
+    stray_image = run_dir / "images" / "a" / ".IQ-R_TA-C_3.png.7.8.tmp"
+    stray_image.write_bytes(b"p")
+    found = leftovers_of(run_dir)
+    assert found.cleared == [partial_image, run_dir / "quarantine.jsonl.partial"]
+    assert sorted(found.stray) == sorted([stray_manifest, stray_image])
+    assert len(found.all_files()) == 4
