@@ -241,3 +241,20 @@ def test_kill_resume_counts_temporary_files_over_the_whole_run_directory(
     assert found.cleared == [partial_image, run_dir / "quarantine.jsonl.partial"]
     assert sorted(found.stray) == sorted([stray_manifest, stray_image])
     assert len(found.all_files()) == 4
+
+
+def test_gpu_check_makes_a_missing_out_folder_before_measuring(
+    load_bench: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    report_file = load_bench("generators_gpu_check").report_file
+    assert report_file(None) is None and report_file("") is None
+    out = tmp_path / "not" / "yet"
+    assert report_file(str(out)) == out / "generators_gpu_check.json"
+    assert out.is_dir()
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        report_file(str(taken / "out"))
+    message = str(stopped.value.code)
+    assert message.startswith(f"OUT={taken / 'out'} cannot hold the report (")
+    assert "set OUT to a folder that can be made, or unset it" in message
