@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import sys
@@ -258,3 +259,41 @@ def test_gpu_check_makes_a_missing_out_folder_before_measuring(
     message = str(stopped.value.code)
     assert message.startswith(f"OUT={taken / 'out'} cannot hold the report (")
     assert "set OUT to a folder that can be made, or unset it" in message
+
+
+@pytest.mark.parametrize(
+    ("bench", "check", "minimum", "missed", "option"),
+    [
+        ("judge_throughput", "check_speed_up", 2000, 28.0, "--images"),
+        ("tui_overhead", "check_ratio", 4000, 0.489, "--samples"),
+    ],
+)
+def test_a_run_too_small_leaves_the_goal_not_measured(
+    load_bench: Callable[[str], ModuleType],
+    capsys: pytest.CaptureFixture[str],
+    bench: str,
+    check: str,
+    minimum: int,
+    missed: float,
+    option: str,
+) -> None:
+    module = load_bench(bench)
+    goals = module.Goals()
+    getattr(module, check)(goals, minimum // 4, missed)
+    goals.equal("ok judgements", 1000, 1000)
+    assert finish_status(goals) == 0
+    out = capsys.readouterr().out
+    assert f"NOT MEASURED ({option} {minimum // 4}, under {minimum}: too small" in out
+    assert f"run {option} {minimum})" in out
+    # At the goal's size, the same result misses it.
+    goals = module.Goals()
+    getattr(module, check)(goals, minimum, missed)
+    assert finish_status(goals) == 1
+
+
+def test_soak_refuses_an_odd_count_of_judgements(load_bench: Callable[[str], ModuleType]) -> None:
+    judgements = load_bench("soak").judgements
+    assert judgements("1000") == 1000
+    for odd in ("1001", "1", "0", "-2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="each prompt makes two"):
+            judgements(odd)
