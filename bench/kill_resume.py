@@ -162,9 +162,7 @@ def main() -> None:
         len(after_kills.stray),
         0,
     )
-    goals.equal(
-        "R1 temporary files left after the final run", len(after_final.all_files()), 0
-    )
+    goals.equal("R1 temporary files left after the final run", len(after_final.all_files()), 0)
     goals.finish()
 
 
