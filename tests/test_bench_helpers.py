@@ -297,3 +297,21 @@ def test_soak_refuses_an_odd_count_of_judgements(load_bench: Callable[[str], Mod
     for odd in ("1001", "1", "0", "-2"):
         with pytest.raises(argparse.ArgumentTypeError, match="each prompt makes two"):
             judgements(odd)
+
+
+def test_dtm_refresh_help_measures_nothing(
+    load_bench: Callable[[str], ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dtm_refresh = load_bench("dtm_refresh")
+
+    def measured(count: int, seed: int = 0) -> list[Judgement]:
+        raise AssertionError("--help ran the benchmark")
+
+    monkeypatch.setattr(dtm_refresh, "make_judgements", measured)
+    monkeypatch.setattr(sys, "argv", ["dtm_refresh.py", "--help"])
+    with pytest.raises(SystemExit) as stopped:
+        dtm_refresh.main()
+    assert stopped.value.code == 0
+    assert "--judgements" in capsys.readouterr().out
