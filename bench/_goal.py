@@ -54,6 +54,17 @@ class Goals:
         """A goal this run cannot tell (too small a run, say): printed, neither met nor missed."""
         print(f"{goal}: NOT MEASURED ({why})", flush=True)
 
+    def measured_at(self, goal: str, size: int, minimum: int, option: str) -> bool:
+        """Whether a run of ``size`` (its ``option``) is large enough to tell ``goal``; when
+        it is not (start-up costs not amortised), ``goal`` is printed NOT MEASURED."""
+        if size >= minimum:
+            return True
+        self.not_measured(
+            goal,
+            f"{option} {size}, under {minimum}: too small a run to tell; run {option} {minimum}",
+        )
+        return False
+
     def finish(self) -> NoReturn:
         """Print the verdict and exit: 1 when a goal was missed (or none was checked), else 0."""
         if self.missed:

@@ -4,13 +4,15 @@
 on their pair's two dimensions). Prints the median time of a full refresh
 (``RelationTracker.snapshot()``: every pair's correlation, zones, code, means and the DTM), the
 cost of one ``add``, and a from-scratch batch analysis for comparison. Goal (bench/README.md,
-P5): a median of 50 ms or less; the bench exits 1 when it is missed.
+P5): a median of 50 ms or less at 100,000 judgements; the bench exits 1 when it is missed.
+With fewer ``--judgements`` the goal is NOT MEASURED (a smaller analysis refreshes faster).
 
-Run: ``.venv/bin/python bench/dtm_refresh.py``
+Run: ``.venv/bin/python bench/dtm_refresh.py [--judgements 100000] [--repeats 30]``
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import statistics
 import sys
@@ -27,6 +29,7 @@ from trig_stream.dimensions import SORTED_DIMENSIONS
 from trig_stream.records import JudgeFingerprint, Judgement
 
 JUDGEMENTS = 100_000
+"""P5's size, the default of ``--judgements``."""
 REPEATS = 30
 
 
@@ -60,13 +63,26 @@ def make_judgements(count: int, seed: int = 0) -> list[Judgement]:
 
 
 def main() -> None:
-    judgements = make_judgements(JUDGEMENTS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--judgements",
+        type=int,
+        default=JUDGEMENTS,
+        help=f"ok judgements, two per image (default {JUDGEMENTS:,}, the goal's size)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=REPEATS, help=f"full refreshes timed (default {REPEATS})"
+    )
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: time at least one refresh")
+    judgements = make_judgements(args.judgements)
     tracker = RelationTracker()
     start = time.perf_counter()
     tracker.extend(judgements)
     add_us = (time.perf_counter() - start) / len(judgements) * 1e6
     times = []
-    for _ in range(REPEATS):
+    for _ in range(args.repeats):
         start = time.perf_counter()
         tracker.snapshot()
         times.append(time.perf_counter() - start)
@@ -78,12 +94,14 @@ def main() -> None:
     print(f"add: {add_us:.2f} us per judgement")
     print(
         f"full DTM refresh (snapshot): median {statistics.median(times) * 1e3:.1f} ms, "
-        f"max {max(times) * 1e3:.1f} ms over {REPEATS}"
+        f"max {max(times) * 1e3:.1f} ms over {args.repeats}"
     )
     print(f"batch analysis from scratch: {batch_ms:.0f} ms")
     goals = Goals()
     goals.equal("pairs in the analysis", pairs, 42)
-    goals.at_most("P5 full DTM refresh, median", statistics.median(times) * 1e3, 50, " ms", 1)
+    goal = "P5 full DTM refresh, median"
+    if goals.measured_at(goal, args.judgements, JUDGEMENTS, "--judgements"):
+        goals.at_most(goal, statistics.median(times) * 1e3, 50, " ms", 1)
     goals.finish()
 
 

@@ -16,7 +16,7 @@ listed twice); the script exits 1 otherwise, after writing its report.
 
 Everything finishes in well under 5 minutes on one H200 (about a minute on 2 CPU cores with
 ``--device cpu``). Results are printed and written as JSON to ``$OUT/generators_gpu_check.json``
-when ``OUT`` is set.
+when ``OUT`` is set (the folder is made when missing, before anything is measured).
 
 Run: ``.venv/bin/python bench/generators_gpu_check.py [--device auto|cpu|cuda:0]``
 """
@@ -219,6 +219,22 @@ async def first_judgement(
     }
 
 
+def report_file(out: str | None) -> Path | None:
+    """Where the JSON report goes: ``$OUT/generators_gpu_check.json``, its folder made now,
+    before minutes of measuring, so that a bad ``OUT`` stops the check at once; None when
+    ``OUT`` is unset or empty."""
+    if not out:
+        return None
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(
+            f"OUT={out} cannot hold the report ({exc.strerror}): "
+            "set OUT to a folder that can be made, or unset it"
+        ) from None
+    return Path(out, "generators_gpu_check.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -229,6 +245,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     stop_on_sigterm()
+    report_path = report_file(os.environ.get("OUT"))
     runs = [
         (isolation, int(batch)) for isolation, batch in (r.split(":") for r in args.runs.split(","))
     ]
@@ -281,8 +298,8 @@ def main() -> None:
             print(f"{isolation} batch {batch}: {steady} img/s, loop {loop:.2f}", flush=True)
         generator.close()
     print(json.dumps(report, indent=2))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "generators_gpu_check.json").write_text(json.dumps(report))
+    if report_path is not None:
+        report_path.write_text(json.dumps(report))
     # After the report is written: a run that made fewer images measured something else.
     goals = Goals()
     for index, run in enumerate(report["engine"], 1):

@@ -12,12 +12,14 @@ own process) the same questions: N images x 2 dimensions.
   request after another), and the output says so.
 
 The goal (bench/README.md, P2) is a speed-up of 40x or more, with every request answered and
-judged ok; the bench exits 1 when it is missed.
+judged ok; the bench exits 1 when it is missed. Under ``--images`` 2,000 (the 4,000 requests
+the goal is set at) the engine's start-up (~1 s) is not amortised and the speed-up is NOT
+MEASURED; the correctness checks still count.
 
 Run::
 
     .venv/bin/python bench/judge_throughput.py            # 2,000 images, 100 sequential
-    .venv/bin/python bench/judge_throughput.py --images 200 --sequential 40
+    .venv/bin/python bench/judge_throughput.py --images 200 --sequential 40  # checks only
 """
 
 from __future__ import annotations
@@ -156,6 +158,18 @@ def run_sequential(images: list[Path], base_url: str, requests: int) -> float:
     return elapsed
 
 
+P2_IMAGES = 2000
+"""The least ``--images`` (x 2 dimensions: 4,000 requests, bench/README.md's P2 row) that
+tells the speed-up: at 500 the engine's ~1 s start-up alone made it 28-34x."""
+
+
+def check_speed_up(goals: Goals, images: int, speed_up: float) -> None:
+    """P2's goal, when the run is large enough to tell it."""
+    goal = "P2 speed-up over the sequential loop"
+    if goals.measured_at(goal, images, P2_IMAGES, "--images"):
+        goals.at_least(goal, speed_up, 40, "x", 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -222,7 +236,7 @@ def main() -> None:
     goals = Goals()
     goals.equal("ok judgements", ok, total)
     goals.equal("requests answered by the server", served, total)
-    goals.at_least("P2 speed-up over the sequential loop", projected / engine_s, 40, "x", 1)
+    check_speed_up(goals, args.images, projected / engine_s)
     goals.finish()
 
 

@@ -7,9 +7,11 @@ journal grew since that start is printed and not counted; 10 such in a row end t
 then run to the end. Checked against an uninterrupted run of the same config: every (model,
 data_id, dimension, metric) appears exactly once in the journal, none is missing and none is
 extra (the keys are the uninterrupted run's), every status and score is the same, and so is
-the DTM (``analyse_judgements(latest_judgements(...))``). Leftover
-temporary image files from killed writes are counted too. Each check is a MET / NOT MET
-line, and the bench exits 1 when one is missed.
+the DTM (``analyse_judgements(latest_judgements(...))``). Temporary files are counted over
+the whole run directory twice: after the last kill, before the final start, none may lie
+outside the places a run's opening and closing clear (``images/.partial`` and
+``quarantine.jsonl.partial``: those are printed), and after the final run none may be left
+at all. Each check is a MET / NOT MET line, and the bench exits 1 when one is missed.
 
     .venv/bin/python bench/kill_resume.py [--prompts 2500] [--kills 20] [--seed 1]
 """
@@ -38,6 +40,7 @@ from trig_stream.analysis import analyse_judgements
 from trig_stream.config import load_config
 from trig_stream.engine import Engine
 from trig_stream.journal import latest_judgements, read_journal
+from trig_stream.store import IMAGES, PARTIAL, QUARANTINE_PARTIAL
 
 CONFIG = """\
 [run]
@@ -123,6 +126,12 @@ def main() -> None:
                 f"gave up after {tally.idle} kills in a row that judged nothing: "
                 "raise --min-delay / --max-delay"
             )
+        run_dir = folder / "runs" / "killed"
+        after_kills = Leftovers.of(run_dir)
+        print(
+            f"after the last kill: {len(after_kills.cleared)} temporary files where the next "
+            f"run clears them, {len(after_kills.stray)} elsewhere"
+        )
         final = subprocess.run(stopped_with_us(command), capture_output=True)
         if final.returncode != 0:
             raise SystemExit(f"the last, uninterrupted start failed: {final.stderr.decode()}")
@@ -136,7 +145,7 @@ def main() -> None:
 
         anyio.run(uninterrupted)
         found = compare(journal, folder / "runs" / "reference" / "journal.jsonl")
-        leftovers = list((folder / "runs" / "killed" / "images").rglob("*.tmp"))
+        after_final = Leftovers.of(run_dir)
     print(
         f"{tally.starts} kills, {tally.effective} after the run had judged something; "
         f"{found.expected} keys expected"
@@ -148,13 +157,44 @@ def main() -> None:
     goals.equal("R1 keys the uninterrupted run does not have", found.extra, 0)
     goals.equal("R1 outcomes differing", found.differ, 0)
     goals.equal("R1 DTM equal to the uninterrupted run's", found.same_dtm, True)
-    goals.equal("temporary image files left behind by killed writes", len(leftovers), 0)
+    goals.equal(
+        "R1 temporary files after the kills, outside images/.partial and the quarantine's",
+        len(after_kills.stray),
+        0,
+    )
+    goals.equal("R1 temporary files left after the final run", len(after_final.all_files()), 0)
     goals.finish()
 
 
 def journal_lines(journal: Path) -> int:
     """Complete lines in ``journal`` (0 before the run has made it)."""
     return journal.read_bytes().count(b"\n") if journal.exists() else 0
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """A run directory's temporary files: the hidden ``.NAME.PID.THREAD.tmp`` of an atomic
+    write (``trig_stream.files._temporary_name``), anything in ``images/.partial``, and the
+    unfinished quarantine list."""
+
+    cleared: list[Path]
+    """Where a run clears them: ``images/.partial``'s files (emptied when a run opens) and
+    ``quarantine.jsonl.partial`` (put in place or removed when a run closes). A kill -9 may
+    leave these."""
+    stray: list[Path]
+    """Temporary files anywhere else, which no run removes: never expected."""
+
+    @classmethod
+    def of(cls, run_dir: Path) -> Leftovers:
+        partial = run_dir / IMAGES / PARTIAL
+        cleared = sorted(partial.iterdir()) if partial.is_dir() else []
+        if (run_dir / QUARANTINE_PARTIAL).exists():
+            cleared.append(run_dir / QUARANTINE_PARTIAL)
+        stray = sorted(p for p in run_dir.rglob(".*.tmp") if p.parent != partial)
+        return cls(cleared=cleared, stray=stray)
+
+    def all_files(self) -> list[Path]:
+        return self.cleared + self.stray
 
 
 @dataclass

@@ -1,18 +1,18 @@
 """Soak: a long run at concurrency 256 against the loopback judge; memory and descriptors.
 
 The engine runs in this process with the ``openai`` judge at concurrency 256 against
-``simulate-judge`` (256 slots, ``--latency`` 0.25 s per request, so that ~256 requests are in
-flight at ~1,000 per second; at zero latency each answer comes back before the next request
-is sent and only a few connections are ever open) in its own process, and the server's slots
-must have been full at some point (its ``max_running`` 256; at ``--latency`` under 0.25 s the
-engine need not keep 256 in flight, and this is not measured), over ``--items`` judgements
-(half as many prompts, two dimensions each). Every ``--every`` judgements it prints the
-resident memory and the open file descriptors (``/proc/self/fd``) of this process; at the end
-it compares the last sample with that of the first quarter: both should be flat (goal,
-bench/README.md R2: RSS grows by at most 8 MiB and the descriptors by at most 4 between the
-two; with fewer than four samples, ``--items`` under 4 x ``--every``, flatness is not
-measured). Every judgement must be ok, all ``--items`` of them made, none asked twice; the
-bench exits 1 otherwise.
+``simulate-judge`` (256 slots, ``--latency`` 0.25 s per request, so that ~256 requests are
+in flight at ~1,000 per second; at zero latency each answer comes back before the next
+request is sent and only a few connections are ever open) in its own process, and the
+server's slots must have been full at some point (its ``max_running`` 256; at ``--latency``
+under 0.25 s the engine need not keep 256 in flight, and this is not measured), over
+``--items`` judgements (half as many prompts, two dimensions each, so an odd ``--items`` is
+refused). Every ``--every`` judgements it prints the resident memory and the open file
+descriptors (``/proc/self/fd``) of this process; at the end it compares the last sample with
+that of the first quarter: both should be flat (goal, bench/README.md R2: RSS grows by at
+most 8 MiB and the descriptors by at most 4 between the two; with fewer than four samples,
+``--items`` under 4 x ``--every``, flatness is not measured). Every judgement must be ok,
+all ``--items`` of them made, none asked twice; the bench exits 1 otherwise.
 
     .venv/bin/python bench/soak.py [--items 100000] [--every 10000] [--latency 0.25]
 """
@@ -54,6 +54,17 @@ def check_slots(goals: Goals, latency_s: float, max_running: int) -> None:
         goals.equal(goal, max_running, CONCURRENCY)
 
 
+def judgements(text: str) -> int:
+    """``--items``: a positive even count, since each prompt makes two judgements."""
+    items = int(text)
+    if items < 2 or items % 2:
+        raise argparse.ArgumentTypeError(
+            f"{items} judgements cannot be made: each prompt makes two, "
+            "so give an even count of 2 or more"
+        )
+    return items
+
+
 def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -93,7 +104,9 @@ async def soak(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", type=int, default=100_000, help="judgements")
+    parser.add_argument(
+        "--items", type=judgements, default=100_000, help="judgements (even: two per prompt)"
+    )
     parser.add_argument("--every", type=int, default=10_000)
     parser.add_argument(
         "--latency", type=float, default=0.25, help="server seconds per request: fills its slots"

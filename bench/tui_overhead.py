@@ -4,9 +4,11 @@ Runs the engine (synthetic generator, fake judge) twice per repeat on fresh run 
 once consuming ``results`` directly (headless), once under :func:`run_dashboard` in a headless
 Textual app at 120x40, which draws at its normal rate (4 Hz, DTM at most 1 Hz) exactly as on a
 terminal. Prints judgements/s of each (median over repeats) and their ratio (goal: >= 0.9);
-exits 1 when the goal is missed or a run did not end done with every prompt judged ok.
+exits 1 when the goal is missed or a run did not end done with every prompt judged ok. Under
+``--samples`` 4,000 the dashboard's start-up is not amortised and the ratio is NOT MEASURED
+(at 100 it made 0.49); the state checks still count.
 
-Run: ``.venv/bin/python bench/tui_overhead.py [--samples 4000] [--judge-latency 0.002]``
+Run: ``.venv/bin/python bench/tui_overhead.py [--samples 4000] [--judge-latency 0.0] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -51,9 +53,21 @@ async def run_once(config: RunConfig, *, dashboard: bool) -> tuple[float, int, s
     return summary.judged / elapsed, summary.ok, summary.state
 
 
+T1_SAMPLES = 4000
+"""The least ``--samples`` (the default, the size of bench/README.md's T1 results) that tells
+the ratio: at 100 the dashboard's start-up dominated a run and made it 0.49."""
+
+
+def check_ratio(goals: Goals, samples: int, ratio: float) -> None:
+    """T1's goal, when the runs are large enough to tell it."""
+    goal = "T1 ratio dashboard / headless"
+    if goals.measured_at(goal, samples, T1_SAMPLES, "--samples"):
+        goals.at_least(goal, ratio, 0.9)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--samples", type=int, default=T1_SAMPLES)
     parser.add_argument("--judge-latency", type=float, default=0.0, help="fake judge latency_s")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -80,7 +94,7 @@ def main() -> None:
         f"samples {args.samples}, judge latency {args.judge_latency}s: "
         f"headless {headless:.0f}/s, dashboard {with_tui:.0f}/s"
     )
-    goals.at_least("T1 ratio dashboard / headless", with_tui / headless, 0.9)
+    check_ratio(goals, args.samples, with_tui / headless)
     goals.finish()
 
 

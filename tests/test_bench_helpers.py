@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import sys
@@ -216,3 +217,101 @@ def test_soak_requires_the_server_slots_full_when_the_latency_allows(
     goals.equal("judgements made (all ok)", 4000, 4000)
     assert finish_status(goals) == 0
     assert "NOT MEASURED (--latency 0.05 s, under 0.25 s)" in capsys.readouterr().out
+
+
+def test_kill_resume_counts_temporary_files_over_the_whole_run_directory(
+    load_bench: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    leftovers_of = load_bench("kill_resume").Leftovers.of
+    run_dir = tmp_path / "killed"
+    (run_dir / "images" / "a").mkdir(parents=True)
+    (run_dir / "images" / "a" / "IQ-R_TA-C_1.png").write_bytes(b"png")
+    (run_dir / "journal.jsonl").write_text("")
+    assert leftovers_of(run_dir).all_files() == []
+    # What a kill -9 may leave where the next run clears it.
+    (run_dir / "images" / ".partial").mkdir()
+    partial_image = run_dir / "images" / ".partial" / ".IQ-R_TA-C_2.png.7.8.tmp"
+    partial_image.write_bytes(b"p")
+    (run_dir / "quarantine.jsonl.partial").write_text("")
+    # Temporary files of atomic writes elsewhere, which no run removes.
+    stray_manifest = run_dir / ".manifest.json.7.8.tmp"
+    stray_manifest.write_text("{")
+    stray_image = run_dir / "images" / "a" / ".IQ-R_TA-C_3.png.7.8.tmp"
+    stray_image.write_bytes(b"p")
+    found = leftovers_of(run_dir)
+    assert found.cleared == [partial_image, run_dir / "quarantine.jsonl.partial"]
+    assert sorted(found.stray) == sorted([stray_manifest, stray_image])
+    assert len(found.all_files()) == 4
+
+
+def test_gpu_check_makes_a_missing_out_folder_before_measuring(
+    load_bench: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    report_file = load_bench("generators_gpu_check").report_file
+    assert report_file(None) is None and report_file("") is None
+    out = tmp_path / "not" / "yet"
+    assert report_file(str(out)) == out / "generators_gpu_check.json"
+    assert out.is_dir()
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        report_file(str(taken / "out"))
+    message = str(stopped.value.code)
+    assert message.startswith(f"OUT={taken / 'out'} cannot hold the report (")
+    assert "set OUT to a folder that can be made, or unset it" in message
+
+
+@pytest.mark.parametrize(
+    ("bench", "check", "minimum", "missed", "option"),
+    [
+        ("judge_throughput", "check_speed_up", 2000, 28.0, "--images"),
+        ("tui_overhead", "check_ratio", 4000, 0.489, "--samples"),
+    ],
+)
+def test_a_run_too_small_leaves_the_goal_not_measured(
+    load_bench: Callable[[str], ModuleType],
+    capsys: pytest.CaptureFixture[str],
+    bench: str,
+    check: str,
+    minimum: int,
+    missed: float,
+    option: str,
+) -> None:
+    module = load_bench(bench)
+    goals = module.Goals()
+    getattr(module, check)(goals, minimum // 4, missed)
+    goals.equal("ok judgements", 1000, 1000)
+    assert finish_status(goals) == 0
+    out = capsys.readouterr().out
+    assert f"NOT MEASURED ({option} {minimum // 4}, under {minimum}: too small" in out
+    assert f"run {option} {minimum})" in out
+    # At the goal's size, the same result misses it.
+    goals = module.Goals()
+    getattr(module, check)(goals, minimum, missed)
+    assert finish_status(goals) == 1
+
+
+def test_soak_refuses_an_odd_count_of_judgements(load_bench: Callable[[str], ModuleType]) -> None:
+    judgements = load_bench("soak").judgements
+    assert judgements("1000") == 1000
+    for odd in ("1001", "1", "0", "-2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="each prompt makes two"):
+            judgements(odd)
+
+
+def test_dtm_refresh_help_measures_nothing(
+    load_bench: Callable[[str], ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dtm_refresh = load_bench("dtm_refresh")
+
+    def measured(count: int, seed: int = 0) -> list[Judgement]:
+        raise AssertionError("--help ran the benchmark")
+
+    monkeypatch.setattr(dtm_refresh, "make_judgements", measured)
+    monkeypatch.setattr(sys, "argv", ["dtm_refresh.py", "--help"])
+    with pytest.raises(SystemExit) as stopped:
+        dtm_refresh.main()
+    assert stopped.value.code == 0
+    assert "--judgements" in capsys.readouterr().out
