@@ -1306,6 +1306,21 @@ async def test_partial_image_files_left_by_a_crash_are_removed(make_config: Conf
     assert not leftover.exists()
 
 
+async def test_a_manifests_temporary_file_left_by_a_crash_is_removed(
+    make_config: ConfigFactory,
+) -> None:
+    # Written beside the manifest, it stayed in the run directory for good; a file of the
+    # user's that only looks alike stays.
+    config = make_config(samples=2)
+    await run_to_end(config)
+    leftover = config.run_dir / ".manifest.json.123.456.tmp"
+    leftover.write_bytes(b'{"schema_ver')
+    kept = config.run_dir / "notes.tmp"
+    kept.write_text("mine")
+    await run_to_end(config)
+    assert not leftover.exists() and kept.read_text() == "mine"
+
+
 def test_files_written_together_are_complete_and_leave_no_temporary_files(
     tmp_path: Path,
 ) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -71,6 +72,10 @@ before writing anything, removes them again (see :meth:`RunDir.discard`)."""
 IMAGES = "images"
 PARTIAL = ".partial"
 """Under ``images/``: temporary files of images being written."""
+
+LEFTOVER_TEMPORARY = re.compile(r"\..+\.\d+\.\d+\.tmp")
+"""The name of a temporary file :func:`~trig_stream.files.write_atomic` writes beside its
+file, in the run directory (the manifest's), left there by a crash."""
 
 
 class RunDir:
@@ -139,6 +144,7 @@ class RunDir:
             run._check_manifest(manifest, state)
             run.journal.cut_torn_tail()
             run._remove_partial_images()
+            run._remove_leftover_temporaries()
             run._quarantine = open_unlinked(
                 path / QUARANTINE_PARTIAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb", buffering=0
             )
@@ -334,6 +340,14 @@ class RunDir:
             raise link_refused(partial)
         if partial.is_dir():
             for leftover in partial.iterdir():
+                leftover.unlink(missing_ok=True)
+
+    def _remove_leftover_temporaries(self) -> None:
+        # The manifest is written atomically beside itself: a crash before its rename left
+        # its temporary file (``.manifest.json.<pid>.<thread>.tmp``) in the run directory for
+        # good. With the lock held, no writer of ours is using one.
+        for leftover in self.path.iterdir():
+            if LEFTOVER_TEMPORARY.fullmatch(leftover.name) and not leftover.is_symlink():
                 leftover.unlink(missing_ok=True)
 
     def _check_manifest(self, manifest: Manifest, journal: JournalState) -> None:
