@@ -89,6 +89,18 @@ def tiny_options(path: Path, kind: TinyKind, **extra: Any) -> dict[str, Any]:
     }
 
 
+def uncached_hub_id(tmp_path: Path, *, offline: bool) -> DiffusersOptions:
+    """``DiffusionPipeline`` options naming a hub id that is in no cache (an empty one in
+    ``tmp_path``): its ``model_index.json`` can be read from nowhere but the hub."""
+    return DiffusersOptions(
+        pipeline="DiffusionPipeline",
+        checkpoint="nobody/no-such-checkpoint",
+        devices=["cpu"],
+        local_files_only=offline,
+        load={"cache_dir": str(tmp_path / "cache")},
+    )
+
+
 def p2p_dataset(root: Path, count: int) -> dict[str, Any]:
     """A legacy p2p JSON dataset with its source images in ``root/sources``."""
     sources = root / "sources"
@@ -1013,13 +1025,7 @@ def test_diffusion_pipeline_whose_class_cannot_be_known_is_refused(
     ):
         make_generator(unknown, "sd", pipeline="DiffusionPipeline").check_environment()
     # A hub id, offline and not in the cache: its model_index.json cannot be read.
-    options = DiffusersOptions(
-        pipeline="DiffusionPipeline",
-        checkpoint="nobody/no-such-checkpoint",
-        devices=["cpu"],
-        local_files_only=True,
-        load={"cache_dir": str(tmp_path / "cache")},
-    )
+    options = uncached_hub_id(tmp_path, offline=True)
     with pytest.raises(
         FatalBackendError,
         match=r"^generator 'x': DiffusionPipeline loads .* cannot be read for "
@@ -1090,13 +1096,7 @@ def test_diffusion_pipeline_of_a_hub_id_the_hub_cannot_serve_fails_at_once(
     # Online, not cached, no network: huggingface_hub retried the hub five times (25 s),
     # then diffusers said the checkpoint "does not appear to have a file named
     # model_index.json". The hub is asked once, and the message says it cannot be reached.
-    options = DiffusersOptions(
-        pipeline="DiffusionPipeline",
-        checkpoint="nobody/no-such-checkpoint",
-        devices=["cpu"],
-        local_files_only=False,
-        load={"cache_dir": str(tmp_path / "cache")},
-    )
+    options = uncached_hub_id(tmp_path, offline=False)
     with pytest.raises(
         FatalBackendError,
         match=r"^generator 'x': DiffusionPipeline loads .* cannot be read for "
