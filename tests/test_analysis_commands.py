@@ -1329,3 +1329,8 @@ def test_analyze_refuses_an_image_under_two_pairs_of_a_formatted_file(tmp_path: 
         f"{tmp_path / 'revpair.json'}: data_id a_1 is under two pairs, IQ-R_TA-C and "
         "TA-C_IQ-R: an image belongs to one pair; keep it under one of them"
     )
+
+
+def test_report_on_a_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="does not exist: there is no run directory there"):
+        run_command("report", str(tmp_path / "typo"))

@@ -1402,7 +1402,7 @@ def test_a_run_dir_gone_before_the_final_report_is_one_line(
     run_dir = tmp_path / "runs" / "cli"
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == (
-        f"no report: {run_dir} is not a trig-stream run directory (no manifest.json); the "
+        f"no report: {run_dir} does not exist: there is no run directory there; the "
         f"run's judgements are done: `trig-stream report {run_dir}` writes the report once "
         "the run directory can be read"
     )

@@ -447,7 +447,7 @@ async def test_the_dashboard_ends_with_the_error_of_a_run_dir_deleted_while_watc
         shutil.rmtree(run_dir)
         await wait_until(lambda: app.source_error is not None)
     assert isinstance(app.source_error, RunDirError)
-    assert "no manifest.json" in str(app.source_error)
+    assert "does not exist" in str(app.source_error)
 
 
 def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
@@ -464,7 +464,7 @@ def test_watch_on_a_terminal_exits_as_without_one_when_the_run_dir_goes(
     monkeypatch.setattr(TrigDashboardApp, "run_async", deleted_then_shown)
     assert main(["watch", str(run_dir)]) == EXIT_RUN_DIR
     assert capsys.readouterr().err == (
-        f"error: {run_dir} is not a trig-stream run directory (no manifest.json)\n"
+        f"error: {run_dir} does not exist: there is no run directory there\n"
     )
 
 

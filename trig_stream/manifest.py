@@ -325,6 +325,10 @@ def read_manifest(run_dir: Path) -> Manifest:
         with open_regular_file(path) as handle:
             manifest = Manifest.model_validate_json(handle.read())
     except FileNotFoundError:
+        if not run_dir.exists():
+            raise RunDirError(
+                f"{run_dir} does not exist: there is no run directory there"
+            ) from None
         raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
     except ValidationError as exc:
         error = exc.errors()[0]
