@@ -1317,8 +1317,13 @@ async def test_a_manifests_temporary_file_left_by_a_crash_is_removed(
     leftover.write_bytes(b'{"schema_ver')
     kept = config.run_dir / "notes.tmp"
     kept.write_text("mine")
+    hidden = config.run_dir / ".notes.2024.12.tmp"
+    hidden.write_text("mine too")
+    folder = config.run_dir / ".manifest.json.1.2.tmp"
+    folder.mkdir()
     await run_to_end(config)
     assert not leftover.exists() and kept.read_text() == "mine"
+    assert hidden.read_text() == "mine too" and folder.is_dir()
 
 
 def test_files_written_together_are_complete_and_leave_no_temporary_files(

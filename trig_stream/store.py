@@ -73,9 +73,9 @@ IMAGES = "images"
 PARTIAL = ".partial"
 """Under ``images/``: temporary files of images being written."""
 
-LEFTOVER_TEMPORARY = re.compile(r"\..+\.\d+\.\d+\.tmp")
-"""The name of a temporary file :func:`~trig_stream.files.write_atomic` writes beside its
-file, in the run directory (the manifest's), left there by a crash."""
+LEFTOVER_TEMPORARY = re.compile(rf"\.{re.escape(MANIFEST)}\.\d+\.\d+\.tmp")
+"""The name of the temporary file :func:`~trig_stream.files.write_atomic` writes beside the
+manifest, left in the run directory by a crash."""
 
 
 class RunDir:
@@ -347,7 +347,10 @@ class RunDir:
         # its temporary file (``.manifest.json.<pid>.<thread>.tmp``) in the run directory for
         # good. With the lock held, no writer of ours is using one.
         for leftover in self.path.iterdir():
-            if LEFTOVER_TEMPORARY.fullmatch(leftover.name) and not leftover.is_symlink():
+            if not LEFTOVER_TEMPORARY.fullmatch(leftover.name):
+                continue
+            # A plain file only: a folder or link of the user's named alike is theirs.
+            if leftover.is_file() and not leftover.is_symlink():
                 leftover.unlink(missing_ok=True)
 
     def _check_manifest(self, manifest: Manifest, journal: JournalState) -> None:
