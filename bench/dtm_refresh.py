@@ -31,12 +31,14 @@ from trig_stream.records import JudgeFingerprint, Judgement
 JUDGEMENTS = 100_000
 """P5's size, the default of ``--judgements``."""
 REPEATS = 30
+PAIRS = 42
+"""Dimension pairs judged, as in TRIG's t2i split."""
 
 
 def make_judgements(count: int, seed: int = 0) -> list[Judgement]:
     """``count`` ok judgements over 42 pairs with correlated random scores."""
     rng = np.random.default_rng(seed)
-    pairs = list(itertools.combinations(SORTED_DIMENSIONS, 2))[:42]
+    pairs = list(itertools.combinations(SORTED_DIMENSIONS, 2))[:PAIRS]
     judge = JudgeFingerprint(backend="bench", model="bench")
     out = []
     for index in range(count // 2):
@@ -62,11 +64,22 @@ def make_judgements(count: int, seed: int = 0) -> list[Judgement]:
     return out
 
 
+def judgement_count(text: str) -> int:
+    """``--judgements``: an even count that gives every one of the 42 pairs an image."""
+    count = int(text)
+    if count < 2 * PAIRS or count % 2:
+        raise argparse.ArgumentTypeError(
+            f"{count}: give an even count of {2 * PAIRS} or more (two judgements per image, "
+            f"an image for each of the {PAIRS} pairs)"
+        )
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--judgements",
-        type=int,
+        type=judgement_count,
         default=JUDGEMENTS,
         help=f"ok judgements, two per image (default {JUDGEMENTS:,}, the goal's size)",
     )
@@ -98,7 +111,7 @@ def main() -> None:
     )
     print(f"batch analysis from scratch: {batch_ms:.0f} ms")
     goals = Goals()
-    goals.equal("pairs in the analysis", pairs, 42)
+    goals.equal("pairs in the analysis", pairs, PAIRS)
     goal = "P5 full DTM refresh, median"
     if goals.measured_at(goal, args.judgements, JUDGEMENTS, "--judgements"):
         goals.at_most(goal, statistics.median(times) * 1e3, 50, " ms", 1)

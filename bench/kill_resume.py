@@ -40,7 +40,7 @@ from trig_stream.analysis import analyse_judgements
 from trig_stream.config import load_config
 from trig_stream.engine import Engine
 from trig_stream.journal import latest_judgements, read_journal
-from trig_stream.store import IMAGES, PARTIAL, QUARANTINE_PARTIAL
+from trig_stream.store import IMAGES, LEFTOVER_TEMPORARY, PARTIAL, QUARANTINE_PARTIAL
 
 CONFIG = """\
 [run]
@@ -178,7 +178,8 @@ class Leftovers:
     unfinished quarantine list."""
 
     cleared: list[Path]
-    """Where a run clears them: ``images/.partial``'s files (emptied when a run opens) and
+    """Where a run clears them: ``images/.partial``'s files (emptied when a run opens), the
+    manifest's temporary file in the run directory (removed when a run opens) and
     ``quarantine.jsonl.partial`` (put in place or removed when a run closes). A kill -9 may
     leave these."""
     stray: list[Path]
@@ -188,9 +189,12 @@ class Leftovers:
     def of(cls, run_dir: Path) -> Leftovers:
         partial = run_dir / IMAGES / PARTIAL
         cleared = sorted(partial.iterdir()) if partial.is_dir() else []
+        cleared += sorted(p for p in run_dir.iterdir() if LEFTOVER_TEMPORARY.fullmatch(p.name))
         if (run_dir / QUARANTINE_PARTIAL).exists():
             cleared.append(run_dir / QUARANTINE_PARTIAL)
-        stray = sorted(p for p in run_dir.rglob(".*.tmp") if p.parent != partial)
+        stray = sorted(
+            p for p in run_dir.rglob(".*.tmp") if p.parent != partial and p not in cleared
+        )
         return cls(cleared=cleared, stray=stray)
 
     def all_files(self) -> list[Path]:
