@@ -644,6 +644,97 @@ def test_parquet_shards_in_linked_folders_are_read_once(tmp_path: Path) -> None:
     assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
 
 
+PQ_CONFIG = """\
+[run]
+name = "r"
+[dataset]
+path = "."
+[[generators]]
+name = "a"
+backend = "synthetic"
+[[judges]]
+backend = "fake"
+"""
+
+
+def write_parquet_prompts(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    records = json.loads(write_prompts(folder / "p.json", count, key="dimensions").read_text())
+    (folder / "p.json").unlink()
+    columns = ("data_id", "prompt", "dimensions", "dimension_prompt", "parent_dataset")
+    path = folder / "train-00000.parquet"
+    pl.DataFrame([{c: r[c] for c in columns} for r in records]).write_parquet(path)
+    return path
+
+
+def test_a_run_directory_inside_its_parquet_dataset_folder_is_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The run's report (runs/r/report/a/judgements.parquet) was read as a shard of the
+    # dataset: every later run, and validate, failed (exit 4) on polars' schema check.
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_OK
+
+    folder = tmp_path / "pq"
+    write_parquet_prompts(folder, 6)
+    config = folder / "config.toml"
+    config.write_text(PQ_CONFIG)
+    assert main(["run", str(config), "--headless"]) == EXIT_OK
+    assert "done: 12 judgements" in capsys.readouterr().err
+    report = folder / "runs" / "r" / "report" / "a" / "judgements.parquet"
+    assert report.is_file()
+    note = (
+        f"dataset folder {folder}: left out 1 parquet file(s) in 1 trig-stream run "
+        "directory inside it (runs/r): a run's reports are no dataset records"
+    )
+    assert main(["validate", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "6 records, 0 samples to judge, 6 already judged in the run directory" in out
+    assert f"note: {note}" in out
+    assert main(["run", str(config), "--headless"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "done: 0 judgements" in err  # the same samples, none judged again
+    assert f"note: {note}" in err
+    assert err.count("left out 1 parquet file(s)") == 1
+    assert pl.read_parquet(report).height == 12
+
+
+def test_prompts_of_a_folder_holding_a_run_directory_leave_it_out(tmp_path: Path) -> None:
+    from trig_stream.analysis.inputs import read_prompt_pairs
+
+    folder = tmp_path / "pq"
+    write_parquet_prompts(folder, 4)
+    run_dir = folder / "out" / "r"
+    (run_dir / "report" / "a").mkdir(parents=True)
+    (run_dir / "journal.jsonl").write_text("")  # a run directory without its manifest yet
+    pl.DataFrame({"score": [0.5]}).write_parquet(run_dir / "report" / "a" / "j.parquet")
+    given = read_prompt_pairs(folder)
+    assert len(given.pairs) == 4 and not given.skipped
+    assert given.notes == (
+        f"dataset folder {folder}: left out 1 parquet file(s) in 1 trig-stream run "
+        "directory inside it (out/r): a run's reports are no dataset records",
+    )
+
+
+def test_a_shard_that_does_not_fit_the_folder_s_columns_is_named(tmp_path: Path) -> None:
+    # Polars' message named the file after a hint of its own scan options, which a config
+    # cannot set.
+    folder = tmp_path / "shards"
+    write_parquet_prompts(folder, 2)
+    other = folder / "zz" / "scores.parquet"
+    other.parent.mkdir()
+    pl.DataFrame({"data_id": ["IQ-R_TA-C_1"], "score": [0.5]}).write_parquet(other)
+    with pytest.raises(DatasetError) as caught:
+        read(DatasetSection(path=folder))
+    assert str(caught.value) == (
+        f"cannot read parquet dataset {folder}: its parquet files are read as the shards of "
+        f"one dataset, and {other} does not fit the first one, {folder / 'train-00000.parquet'} "
+        "(it has column(s) score that the first lacks; it lacks column(s) prompt, dimensions, "
+        "dimension_prompt, parent_dataset); move the file that is no shard of the dataset out "
+        "of the folder, or point [dataset] path at one file"
+    )
+
+
 def test_unreadable_datasets_raise_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         read(DatasetSection(path=tmp_path / "absent.json"))

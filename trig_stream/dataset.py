@@ -96,6 +96,9 @@ class DatasetSource:
         """Of those, the well-formed ones the ``pairs`` and ``dimensions`` filters left out."""
         self.limit_reached = False
         """Whether the last iteration stopped at ``limit``, with records left unread."""
+        self.notes: list[str] = []
+        """What the reading left out of the dataset, each said once however often it is
+        read: the parquet files of run directories inside a dataset folder."""
 
     def __iter__(self) -> Iterator[Sample | QuarantinedRecord]:
         """Yield each selected sample, or a quarantine record for each malformed one.
@@ -312,7 +315,13 @@ class DatasetSource:
         elif fmt == "jsonl":
             yield from read_json_lines(path)
         else:
-            yield from read_parquet(path, identity_only=identity_only, format_set=format_set)
+            yield from read_parquet(
+                path, identity_only=identity_only, format_set=format_set, note=self._note
+            )
+
+    def _note(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
 
     def _sample(
         self, raw: Mapping[str, Any], data_id: str, dimensions: tuple[Dimension, Dimension]

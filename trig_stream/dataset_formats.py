@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trig_stream.errors import DatasetError
+from trig_stream.journal import JOURNAL
+from trig_stream.manifest import MANIFEST
 
 # Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
 # image), large for text-only files, where the per-batch cost dominates.
@@ -188,23 +191,31 @@ IDENTITY_COLUMNS = ("data_id", "dimensions", "dimension")
 
 
 def read_parquet(
-    path: Path, *, identity_only: bool = False, format_set: bool = False
+    path: Path,
+    *,
+    identity_only: bool = False,
+    format_set: bool = False,
+    note: Callable[[str], None] | None = None,
 ) -> Iterator[Mapping[str, Any]]:
     """The records of a parquet file or of a folder of parquet files.
 
     ``format_set`` says the config set ``[dataset] format = "parquet"`` (rather than ``auto``
     choosing parquet for a name it did not know): an unreadable file's hint names the setting
-    that chose the reader.
+    that chose the reader. ``note`` is told, in a sentence, of the parquet files of a folder
+    left out for lying in a trig-stream run directory inside it.
     """
     import polars as pl
 
     if path.is_dir():
         try:
-            files = _parquet_shards(path)
+            shards = _parquet_shards(path)
         except OSError as exc:
             raise DatasetError(f"cannot list dataset folder {path}: {exc}") from None
+        files = shards.files
+        if shards.left_out and note is not None:
+            note(_left_out_note(path, shards))
         if not files:
-            raise DatasetError(f"dataset folder {path} holds no .parquet files")
+            raise DatasetError(f"dataset folder {path} holds no .parquet files{_besides(shards)}")
     else:
         files = [path]
     try:
@@ -234,13 +245,37 @@ def read_parquet(
             )
         elif len(files) > 1 and (damaged := _unreadable_footer(files)) is not None:
             hint = f" (in {damaged}: its footer cannot be read; it is damaged or cut short)"
+        elif len(files) > 1 and (misfit := _misfit_shard(files)) is not None:
+            # Polars names the file in its own terms, after a hint about its scan options
+            # that a config cannot follow.
+            raise DatasetError(f"cannot read parquet dataset {path}: {misfit}") from None
         raise DatasetError(f"cannot read parquet dataset {path}: {exc}{hint}") from None
 
 
-def _parquet_shards(folder: Path) -> list[Path]:
+RUN_DIR_MARKS = (MANIFEST, JOURNAL)
+"""Files that make a folder a trig-stream run directory: a dataset folder's walk skips it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParquetShards:
+    """The parquet files of a dataset folder, and what its walk left out."""
+
+    files: list[Path]
+    """The shards, sorted."""
+    left_out: int = 0
+    """Parquet files left out for lying in a run directory (its reports)."""
+    run_dirs: tuple[Path, ...] = ()
+    """The run directories below the folder that hold those files."""
+
+
+def _parquet_shards(folder: Path) -> ParquetShards:
     """The ``.parquet`` files below ``folder``, sorted, through linked folders too (Path.rglob
     skipped those silently on Python 3.11, while it read a linked shard file); a folder met
     again through a link (a loop, or two links to one folder) is walked once.
+
+    A trig-stream run directory below ``folder`` (one holding a manifest or a journal) is
+    not walked: its reports are parquet files too, and a run writing into the folder of its
+    own dataset would read them as shards on its next start. Their number is counted.
 
     Raises:
         OSError: a folder below cannot be listed.
@@ -250,8 +285,17 @@ def _parquet_shards(folder: Path) -> list[Path]:
         raise exc
 
     files: list[Path] = []
+    left_out = 0
+    run_dirs: list[Path] = []
     seen = {os.path.realpath(folder)}
     for top, folders, names in os.walk(folder, onerror=refuse, followlinks=True):
+        if top != str(folder) and any(mark in names for mark in RUN_DIR_MARKS):
+            folders[:] = []
+            found = _count_parquet(Path(top))
+            if found:
+                left_out += found
+                run_dirs.append(Path(top))
+            continue
         kept = []
         for name in sorted(folders):
             real = os.path.realpath(Path(top, name))
@@ -265,7 +309,73 @@ def _parquet_shards(folder: Path) -> list[Path]:
             for name in names
             if name.endswith(".parquet") and Path(top, name).is_file()
         )
-    return sorted(files)
+    return ParquetShards(sorted(files), left_out, tuple(sorted(run_dirs)))
+
+
+def _count_parquet(run_dir: Path) -> int:
+    """The ``.parquet`` files below a run directory (its reports), for the note alone: an
+    error listing them counts what could be listed."""
+    count = 0
+    for _, _, names in os.walk(run_dir):
+        count += sum(1 for name in names if name.endswith(".parquet"))
+    return count
+
+
+def _left_out_note(folder: Path, shards: ParquetShards) -> str:
+    dirs = shards.run_dirs
+    shown = ", ".join(str(d.relative_to(folder)) for d in dirs[:3])
+    more = f" and {len(dirs) - 3} more" if len(dirs) > 3 else ""
+    return (
+        f"dataset folder {folder}: left out {shards.left_out} parquet file(s) in "
+        f"{len(dirs)} trig-stream run director{'y' if len(dirs) == 1 else 'ies'} inside it "
+        f"({shown}{more}): a run's reports are no dataset records"
+    )
+
+
+def _besides(shards: ParquetShards) -> str:
+    if not shards.left_out:
+        return ""
+    return f" outside trig-stream run directories ({shards.left_out} inside them left out)"
+
+
+def _misfit_shard(files: list[Path]) -> str | None:
+    """Which of a folder's parquet files does not have the columns of the first one (and
+    how), when their footers tell: a folder is read as the shards of one dataset."""
+    import polars as pl
+
+    try:
+        first = dict(pl.read_parquet_schema(files[0]))
+    except (pl.exceptions.PolarsError, OSError):
+        return None
+    for file in files[1:]:
+        try:
+            schema = dict(pl.read_parquet_schema(file))
+        except (pl.exceptions.PolarsError, OSError):
+            return None
+        extra = [name for name in schema if name not in first]
+        missing = [name for name in first if name not in schema]
+        retyped = [
+            f"{name} is {schema[name]} there, {first[name]} in the first"
+            for name in schema
+            if name in first and schema[name] != first[name]
+        ]
+        if not (extra or missing or retyped):
+            continue
+        how = "; ".join(
+            part
+            for part in (
+                f"it has column(s) {', '.join(extra)} that the first lacks" if extra else "",
+                f"it lacks column(s) {', '.join(missing)}" if missing else "",
+                *retyped,
+            )
+            if part
+        )
+        return (
+            f"its parquet files are read as the shards of one dataset, and {file} does not "
+            f"fit the first one, {files[0]} ({how}); move the file that is no shard of the "
+            "dataset out of the folder, or point [dataset] path at one file"
+        )
+    return None
 
 
 def _unreadable_footer(files: list[Path]) -> Path | None:

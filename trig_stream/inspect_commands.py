@@ -117,6 +117,8 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     if source.filtered_out:
         counts += f", {source.filtered_out} left out by its filters"
     out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False, markup=False)
+    for note in source.notes:
+        out.print(f"  note: {note}", highlight=False, markup=False)
     if unmeasured:
         out.print(
             f"  [yellow]{unmeasured} of the samples have no dimension a judge measures[/]: "

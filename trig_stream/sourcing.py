@@ -209,6 +209,7 @@ class SourceStage:
                 chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
                 if chunk is None:
                     await anyio.to_thread.run_sync(context.run_dir.finish_quarantine)
+                    context.counters.notes.extend(source.notes)
                     self._note_an_empty_selection(source)
                     self._note_unmeasured_samples()
                     context.counters.dataset_read = True

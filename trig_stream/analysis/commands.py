@@ -328,6 +328,8 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
             highlight=False,
             markup=False,
         )
+    for note in data.prompts_notes:
+        _say(console, f"note: --prompts {args.prompts}: {note}")
     if data.prompts_skipped:
         # As a run quarantines them; the analysis stops only where a scored data_id is left
         # without a pair.

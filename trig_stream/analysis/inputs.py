@@ -114,6 +114,8 @@ class PromptPairs:
     """Each data_id's pair: the first record's, for a data_id repeated (as a run keeps)."""
     skipped: list[str]
     """Why each record a run would quarantine for its identity was skipped."""
+    notes: tuple[str, ...] = ()
+    """What the reading left out of the dataset (run directories inside its folder)."""
 
 
 def read_prompt_pairs(path: Path) -> PromptPairs:
@@ -143,7 +145,7 @@ def read_prompt_pairs(path: Path) -> PromptPairs:
         pairs, skipped = source.pairs_by_data_id()
     except DatasetError as exc:
         raise AnalysisError(f"--prompts: {exc}") from None
-    return PromptPairs(pairs, skipped)
+    return PromptPairs(pairs, skipped, tuple(source.notes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,8 @@ class UpstreamData:
     """The metrics of an evaluation result not read, because another one was asked for."""
     prompts_skipped: tuple[str, ...] = ()
     """Why each record of ``--prompts`` without a usable pair was skipped."""
+    prompts_notes: tuple[str, ...] = ()
+    """What the reading of ``--prompts`` left out of it (:attr:`PromptPairs.notes`)."""
 
 
 def read_upstream(
@@ -218,6 +222,7 @@ def read_upstream(
                 "evaluation",
                 skipped=[m for m in metrics if only is not None and m != only],
                 prompts_skipped=tuple(given.skipped) if given is not None else (),
+                prompts_notes=given.notes if given is not None else (),
             )
     except ValidationError as exc:
         raise AnalysisError(f"{path}: invalid value: {exc.errors()[0]['msg']}") from None
