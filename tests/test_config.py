@@ -734,6 +734,71 @@ def test_the_home_folder_of_an_unknown_user_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("edit", "where", "part"),
+    [
+        (
+            ('task = "sub"', 'task = "sub"\noutput_dir = "$HOME/runs"'),
+            r":4: run\.output_dir",
+            "$HOME",
+        ),
+        (
+            ('path = "prompts.json"', 'path = "data/${SPLIT}.json"'),
+            r":6: dataset\.path",
+            "${SPLIT}.json",
+        ),
+        (
+            ('pairs = ["TA-C_IQ-R"]', 'pairs = ["TA-C_IQ-R"]\nimage_root = "/data/$USER/img"'),
+            r":8: dataset\.image_root",
+            "$USER",
+        ),
+        (
+            (
+                'name = "one"\nbackend = "synthetic"',
+                'name = "one"\nbackend = "image_folder"\noptions = { path = "x/$DATA" }',
+            ),
+            r":12: generators\[0\]\.options\.path",
+            "$DATA",
+        ),
+        (
+            (
+                'name = "one"\nbackend = "synthetic"',
+                'name = "one"\nbackend = "image_folder"\noptions = { path = "/abs/$DATA" }',
+            ),
+            r":12: generators\[0\]\.options\.path",
+            "$DATA",
+        ),
+        (
+            (
+                '[[judges]]\nbackend = "fake"',
+                '[[judges]]\nbackend = "transformers"\n'
+                'options = { model_path = "vlm", template = "$TPL/t.toml" }',
+            ),
+            r":20: judges\[0\]\.options\.template",
+            "$TPL",
+        ),
+    ],
+)
+def test_a_path_with_an_environment_variable_is_refused(
+    tmp_path: Path, edit: tuple[str, str], where: str, part: str
+) -> None:
+    # "$HOME/runs" made a folder literally named "$HOME" beside the config: variables are
+    # not expanded, and the path is refused at its key and line as a "~user" one is.
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD.replace(*edit, 1)))
+    message = str(caught.value)
+    assert re.search(r"run\.toml" + where + ": ", message), message
+    assert f"{part!r} looks like an environment variable" in message
+    assert "no variable is expanded): write the path out in full" in message
+    assert not (tmp_path / "$HOME").exists()
+
+
+def test_a_dollar_inside_a_name_is_taken_as_written(tmp_path: Path) -> None:
+    text = GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "out/a$b"')
+    config = load_config(write(tmp_path, text))
+    assert config.run.output_dir == tmp_path / "out" / "a$b"
+
+
+@pytest.mark.parametrize(
     ("edit", "expected"),
     [
         (('path = "prompts.json"', 'path = "a\\u0000b.json"'), r"run\.toml:6: dataset\.path: "),

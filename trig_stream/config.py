@@ -211,7 +211,9 @@ class RunConfig(_Section):
         relative paths are taken relative to ``base``.
 
         Raises:
-            ConfigError: a path names the home folder of a user this machine does not know.
+            ConfigError: a path names the home folder of a user this machine does not know,
+                or a part of it looks like an environment variable (``$HOME``), which is
+                never expanded.
         """
         generators = [
             g.model_copy(
@@ -268,7 +270,22 @@ class _PathProblem(ConfigError):
         self.why = why
 
 
+def _refuse_variables(path: Path, loc: Loc) -> None:
+    # ``$HOME/runs`` became a folder literally named "$HOME" beside the config, which a later
+    # `rm -rf $HOME/runs` in a shell would not remove, or worse. A ``$`` inside a name
+    # (``a$b``) is taken as written: no shell reads that as a variable of its own.
+    for part in path.parts:
+        if part.startswith("$") or "${" in part:
+            raise _PathProblem(
+                loc,
+                f"{path}: {part!r} looks like an environment variable, and a config's paths "
+                "are taken as written (no variable is expanded): write the path out in full "
+                "(a leading ~ is the home folder)",
+            )
+
+
 def _resolve(path: Path, base: Path, loc: Loc) -> Path:
+    _refuse_variables(path, loc)
     # ``~`` as a shell reads it: a folder literally named "~" beside the config, which a
     # later `rm -rf ~` would take for the home folder, is never what was meant.
     if str(path).startswith("~"):
@@ -303,7 +320,11 @@ def _resolve_options(options: dict[str, Any], base: Path, where: Loc) -> dict[st
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
             resolved[key] = _resolve_options(value, base, (*where, key))
-        elif not isinstance(value, str) or Path(value).is_absolute():
+        elif not isinstance(value, str):
+            continue
+        elif Path(value).is_absolute():
+            if key in PATH_OPTIONS:  # left as written, but never with a variable unexpanded
+                _refuse_variables(Path(value), (*where, key))
             continue
         elif not value and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
             raise _PathProblem((*where, key), EMPTY_PATH)
