@@ -25,7 +25,7 @@ from PIL import Image
 from rich.console import Console
 
 from tests.conftest import ROOT, write_prompts
-from trig_stream import cli
+from trig_stream import cli, signals
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.cli import main
 from trig_stream.errors import BackendError, FatalBackendError, RunDirError
@@ -1324,13 +1324,116 @@ def test_a_hangup_stops_at_once_and_the_same_command_resumes(tmp_path: Path) -> 
     assert len(keys) == 80 and set(keys.values()) == {1}
 
 
-def test_stop_signals_leave_an_ignored_hangup_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Under nohup SIGHUP is ignored, and listening for it would undo that.
-    handlers = {signal.SIGHUP: signal.SIG_DFL}
+def test_stop_signals_leave_an_ignored_one_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under nohup SIGHUP is ignored, and listening for it would undo that. So is SIGINT in
+    # a job a script runs in the background.
+    handlers = dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), signal.SIG_DFL)
     monkeypatch.setattr(signal, "getsignal", lambda signum: handlers[signum])
     assert stop_signals() == (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     handlers[signal.SIGHUP] = signal.SIG_IGN
     assert stop_signals() == (signal.SIGINT, signal.SIGTERM)
+    handlers[signal.SIGINT] = signal.SIG_IGN
+    assert stop_signals() == (signal.SIGTERM,)
+    handlers[signal.SIGTERM] = signal.SIG_IGN
+    assert stop_signals() == ()
+
+
+def ignoring(*signums: int) -> Any:
+    """A ``preexec_fn`` that starts the child with ``signums`` truly ignored, as a shell
+    starts a background job (the session's conftest fixture turned an ignored one into a
+    handler here, which ``exec`` resets)."""
+
+    def ignore() -> None:
+        for signum in signums:
+            signal.signal(signum, signal.SIG_IGN)
+
+    return ignore
+
+
+def test_a_run_started_ignoring_sigint_goes_on_through_one(tmp_path: Path) -> None:
+    # A script's background job: the Ctrl-C meant for its foreground job stopped the run
+    # behind it (exit 130), once the run listened for signals.
+    path = write_config(tmp_path, samples=20, latency=0.05, concurrency=2)
+    command = [sys.executable, "-m", "trig_stream", "run", str(path), "--headless"]
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, preexec_fn=ignoring(signal.SIGINT)
+    )
+    assert process.stderr is not None
+    try:
+        signal_after(process, "run directory:", signal.SIGINT)
+        code = process.wait(timeout=120)
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+    assert code == EXIT_OK, rest
+    assert "stopping" not in rest
+    keys = journal_keys(tmp_path)
+    assert len(keys) == 40 and set(keys.values()) == {1}
+
+
+def test_a_run_started_ignoring_sigint_stops_on_sigterm_and_says_so(tmp_path: Path) -> None:
+    # With SIGINT ignored, the hint to "press Ctrl-C again" named a key that does nothing.
+    path = write_config(tmp_path, samples=40, latency=0.1, concurrency=2)
+    command = [sys.executable, "-m", "trig_stream", "run", str(path), "--headless"]
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, preexec_fn=ignoring(signal.SIGINT)
+    )
+    assert process.stderr is not None
+    try:
+        signal_after(process, "run directory:", signal.SIGINT)  # ignored
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+    assert code == EXIT_INTERRUPTED, rest
+    assert "stopping: finishing the work in flight (send SIGTERM again to stop now)" in rest
+    assert "Ctrl-C" not in rest, rest
+    assert sum(journal_keys(tmp_path).values()) < 80
+    path.write_text(path.read_text().replace("latency_s = 0.1", "latency_s = 0.0"))
+    assert subprocess.run(command, capture_output=True, timeout=120).returncode == EXIT_OK
+    keys = journal_keys(tmp_path)
+    assert len(keys) == 80 and set(keys.values()) == {1}
+
+
+def test_a_trio_run_started_ignoring_every_stop_signal_runs_through_them(tmp_path: Path) -> None:
+    # trio refuses a signal receiver for no signal: the run, then its report, would have
+    # failed; and before that, a run listened for the signals it was started ignoring.
+    path = write_config(tmp_path, samples=20, latency=0.05, concurrency=2)
+    command = [sys.executable, "-m", "trig_stream", "run", str(path), "--headless"]
+    process = subprocess.Popen(
+        [*command, "--backend", "trio"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ignoring(signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+    )
+    assert process.stderr is not None
+    try:
+        signal_after(process, "run directory:", signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGHUP)
+        code = process.wait(timeout=120)
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+    assert code == EXIT_OK, rest
+    assert "stopping" not in rest and "Traceback" not in rest, rest
+    assert "report: " in rest, rest
+    keys = journal_keys(tmp_path)
+    assert len(keys) == 40 and set(keys.values()) == {1}
+
+
+@pytest.mark.anyio
+async def test_a_receiver_for_no_stop_signal_opens_and_receives_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(signals, "stop_signals", lambda: ())
+    received = []
+    with signals.stop_signal_receiver() as receiver, anyio.CancelScope() as scope:
+        scope.cancel()  # what ends a receiver: its task's cancellation
+        async for signum in receiver:
+            received.append(signum)
+    assert scope.cancelled_caught and not received
 
 
 @pytest.mark.parametrize("ignored", [signal.SIGINT, signal.SIGTERM])
@@ -1642,8 +1745,14 @@ class ClosesSlowly:
     it waits until the command says so, sends the command a Ctrl-C, and ends only once the
     engine kills it (``stop_now``)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        signum: int = signal.SIGINT,
+    ):
         self.capsys = capsys
+        self.signum = signum
         self.err = ""
         self.killed = threading.Event()
         monkeypatch.setattr(FakeJudge, "closing", lambda judge: "stopping its server (up to 30 s)")
@@ -1660,7 +1769,7 @@ class ClosesSlowly:
 
     async def aclose(self) -> None:
         await self.until(lambda: "closing judge 'trigscore': stopping its server" in self.err)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), self.signum)
         await self.until(self.killed.is_set)
 
 
@@ -1678,6 +1787,24 @@ def test_ctrl_c_while_a_judge_server_stops_after_the_run_kills_it_and_keeps_the_
     assert judge.killed.is_set()
     assert "done: 4 judgements in this run" in err
     assert (tmp_path / "runs" / "cli" / "report" / "synth" / "report.md").is_file()
+
+
+def test_with_sigint_ignored_the_judge_server_s_grace_names_sigterm_to_kill_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "Ctrl-C kills it at once" was said to a run that ignores SIGINT (a script's background
+    # job), where a Ctrl-C would do nothing.
+    judge = ClosesSlowly(monkeypatch, capsys, signal.SIGTERM)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = main(["run", str(write_config(tmp_path, samples=2)), "--headless"])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = judge.err + capsys.readouterr().err
+    assert code == EXIT_OK, err
+    assert "closing judge 'trigscore': stopping its server (up to 30 s); SIGTERM kills" in err
+    assert "Ctrl-C" not in err, err
+    assert judge.killed.is_set()
 
 
 @pytest.mark.parametrize("ending", ["stopped", "failed"])

@@ -1804,6 +1804,33 @@ def test_a_pipeline_process_is_out_of_reach_of_the_runs_signals_from_its_start(
         pool.shutdown()
 
 
+def test_a_pipeline_child_hears_sigterm_though_the_run_was_started_ignoring_it() -> None:
+    # An ignored signal is inherited: a run started ignoring SIGTERM left its pipeline and
+    # check children ignoring it too. SIGINT stays ignored there (the engine ends them), and
+    # SIGHUP as it was (under nohup, ignored).
+    code = (
+        "import signal\n"
+        "from trig_stream.backends.generators.pipeline_child import _leave_the_run_group\n"
+        "_leave_the_run_group()\n"
+        "stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)\n"
+        "print([signal.getsignal(s).name for s in stops])\n"
+    )
+
+    def ignore_all() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        preexec_fn=ignore_all,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == "['SIG_IGN', 'SIG_DFL', 'SIG_IGN']", done.stdout
+
+
 @pytest.mark.parametrize(
     ("pipeline", "message", "printed"),
     [

@@ -777,3 +777,92 @@ async def test_judges_serving_at_one_fixed_address_are_refused(
             Engine(make_config(), judges=judges)
     else:
         Engine(make_config(), judges=judges)
+
+
+SIGNALS_SHIM = """\
+import os, signal, sys
+log, port, *extra = sys.argv[1:]
+def said(signum):
+    return "ignored" if signal.getsignal(signum) is signal.SIG_IGN else "heard"
+with open(log, "a") as out:
+    out.write(f"pid {os.getpid()}: SIGINT {said(signal.SIGINT)}, SIGTERM {said(signal.SIGTERM)}\\n")
+os.dup2(os.open(log, os.O_WRONLY | os.O_APPEND), 2)
+command = [sys.executable, "-m", "trig_stream", "simulate-judge", "--port", port, *extra]
+os.execv(sys.executable, command)
+"""
+"""A server command that writes, before it becomes the simulated judge, how it started with
+SIGINT and SIGTERM, and sends the judge's messages (its "stopped:" line) to the same log."""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("ending", ["finished", "killed"])
+def test_a_run_started_ignoring_sigterm_starts_its_server_hearing_it(
+    tmp_path: Path, ending: str
+) -> None:
+    # The server inherited the ignored SIGTERM: it outlived a `kill -9` of the run (its
+    # parent-death signal is SIGTERM), and every stop waited out its grace, then SIGKILL.
+    write_prompts(tmp_path / "prompts.json", 4)
+    shim, log = tmp_path / "server.py", tmp_path / "server.log"
+    shim.write_text(SIGNALS_SHIM)
+    extra = ["--hang-rate", "1"] if ending == "killed" else ["--latency", "0.1"]
+    command = [sys.executable, str(shim), str(log), "{port}", *extra]
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""\
+[run]
+name = "serve"
+output_dir = "{tmp_path / "runs"}"
+
+[dataset]
+path = "{tmp_path / "prompts.json"}"
+
+[[generators]]
+name = "syn"
+backend = "synthetic"
+options = {{ size = 16 }}
+
+[[judges]]
+name = "trigscore"
+backend = "openai"
+concurrency = 1
+[judges.options]
+model = "trig-judge-sim"
+[judges.options.serve]
+command = {json.dumps(command)}
+port = 0
+stop_timeout_s = 60
+"""
+    )
+    run = [sys.executable, "-m", "trig_stream", "run", str(config), "--headless", "--no-report"]
+    process = subprocess.Popen(
+        run,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
+    )
+    assert process.stderr is not None
+    try:
+        for line in process.stderr:
+            if line.startswith("run directory:"):
+                break
+        started = log.read_text().splitlines()[0]
+        pid = int(started.split()[1].rstrip(":"))
+        if ending == "killed":
+            process.kill()
+            code = process.wait(timeout=60)
+        else:
+            process.send_signal(signal.SIGTERM)  # ignored: the run goes on
+            code = process.wait(timeout=120)
+        rest = process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    assert started.endswith("SIGINT heard, SIGTERM heard"), started
+    anyio.run(wait_for, lambda: ended(pid), "the server's end")
+    # Ended by SIGTERM, which it heard (its "stopped:" line), not by SIGKILL after the grace.
+    assert "stopped: " in log.read_text(), log.read_text()
+    if ending == "finished":
+        assert code == 0, rest
+        assert "done: 8 judgements in this run" in rest, rest
+    else:
+        assert code == -signal.SIGKILL

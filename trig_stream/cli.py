@@ -38,7 +38,13 @@ from trig_stream.errors import (
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.inspect_commands import status_command, validate_command
 from trig_stream.records import printable
-from trig_stream.signals import is_hangup, silence_the_terminal, stop_signals
+from trig_stream.signals import (
+    how_to_stop,
+    is_hangup,
+    silence_the_terminal,
+    stop_signal_receiver,
+    stop_signals,
+)
 from trig_stream.terminal import CommandConsole
 
 if TYPE_CHECKING:
@@ -215,7 +221,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
 
     async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         nonlocal interrupted
-        with listening, anyio.open_signal_receiver(*stop_signals()) as signals:
+        with listening, stop_signal_receiver() as signals:
             task_status.started()
             async for signum in signals:
                 stats = engine.stats()
@@ -252,10 +258,7 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                     if engine.stats().state == "starting":  # nothing in flight: it ends now
                         console.print("stopping: the run had not started")
                     else:
-                        console.print(
-                            "stopping: finishing the work in flight (press Ctrl-C again to "
-                            "stop now)"
-                        )
+                        console.print(_stopping_gracefully(), highlight=False, markup=False)
                     engine.stop()
                 else:
                     console.print(  # its "[run]" is no markup
@@ -361,6 +364,15 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
     return EXIT_OK if written else EXIT_INTERRUPTED
 
 
+def _stopping_gracefully() -> str:
+    """What a graceful stop says: how to stop now, with a signal the run listens for (with
+    SIGINT ignored, a Ctrl-C would do nothing)."""
+    how = how_to_stop()
+    if how is None:
+        return "stopping: finishing the work in flight"
+    return f"stopping: finishing the work in flight ({how[0]} again to stop now)"
+
+
 def _stopping_now(config: RunConfig, engine: Engine, new_run: bool) -> str:
     """What a hard stop says: how to resume, once the run directory stays. A directory this
     run made while its judges open is removed by the stop: nothing to resume then."""
@@ -405,9 +417,9 @@ async def _say_what_closes(engine: Engine, console: Console, scope: anyio.Cancel
         while True:
             what = engine.stats().closing
             if what is not None and what != said:
-                console.print(
-                    f"closing {what}; Ctrl-C kills it at once", highlight=False, markup=False
-                )
+                how = how_to_stop()
+                hint = "" if how is None else f"; {how[1]} kills it at once"
+                console.print(f"closing {what}{hint}", highlight=False, markup=False)
                 said = what
             await anyio.sleep(CLOSING_POLL_S)
 
@@ -451,7 +463,7 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
     from trig_stream.analysis.report import ReportStopped
 
     async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with anyio.open_signal_receiver(*stop_signals()) as signals:
+        with stop_signal_receiver() as signals:
             task_status.started()
             async for signum in signals:
                 if is_hangup(signum):

@@ -3,25 +3,77 @@
 ``SIGINT`` (Ctrl-C) and ``SIGTERM`` (a process manager, ``kill``) stop gracefully the first
 time and hard the second. ``SIGHUP`` means the terminal is gone: nobody is there to wait for
 a graceful stop, so it stops hard at once (a managed judge server is stopped, everything
-written stays). Under ``nohup`` SIGHUP is ignored, and so it stays.
+written stays).
+
+A stop signal the command was started ignoring stays ignored, and is never listened for:
+SIGHUP under ``nohup``, SIGINT in a job a non-interactive shell starts in the background
+(the Ctrl-C meant for the script's foreground job reaches the whole process group, and
+stopped a run behind it). The processes a run starts begin with SIGINT and SIGTERM at their
+default handling all the same (see :data:`RESET_IN_CHILDREN`).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+RESET_IN_CHILDREN = (signal.SIGINT, signal.SIGTERM)
+"""The signals each process a run starts puts back to their default handling before its own
+code runs, whatever the run was started with: an ignored disposition is inherited across
+``exec``, and a judge server ignoring SIGTERM outlived a killed run (its parent-death signal
+is SIGTERM) and made every stop wait out its grace period. SIGHUP is not among them: under
+``nohup`` the processes a run starts are meant to ignore it too."""
+
 
 def stop_signals() -> tuple[signal.Signals, ...]:
-    """The signals to listen for: SIGINT, SIGTERM, and SIGHUP unless it is ignored."""
-    signals = [signal.SIGINT, signal.SIGTERM]
+    """The signals to listen for: SIGINT, SIGTERM and SIGHUP, each unless it is ignored
+    (SIGHUP under ``nohup``, SIGINT in a job a script runs in the background). May be empty."""
     hangup = getattr(signal, "SIGHUP", None)
-    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
-        signals.append(hangup)
-    return tuple(signals)
+    candidates = [signal.SIGINT, signal.SIGTERM, *([hangup] if hangup is not None else [])]
+    return tuple(s for s in candidates if signal.getsignal(s) is not signal.SIG_IGN)
+
+
+@contextmanager
+def stop_signal_receiver() -> Iterator[AsyncIterator[signal.Signals]]:
+    """``anyio.open_signal_receiver`` for the :func:`stop_signals`; with none of them to listen
+    for (all ignored), a receiver that never receives: trio refuses to open one for no signal.
+    """
+    import anyio
+
+    signals = stop_signals()
+    if not signals:
+        yield _NoSignals()
+        return
+    with anyio.open_signal_receiver(*signals) as receiver:
+        yield receiver
+
+
+class _NoSignals:
+    """A signal receiver for no signal: waits until cancelled."""
+
+    def __aiter__(self) -> _NoSignals:
+        return self
+
+    async def __anext__(self) -> signal.Signals:
+        import anyio
+
+        await anyio.sleep_forever()
+        raise StopAsyncIteration  # pragma: no cover - sleep_forever only ends by cancellation
+
+
+def how_to_stop() -> tuple[str, str] | None:
+    """How to send the run a stop signal it listens for, as (what to do, what it is): ``("press
+    Ctrl-C", "Ctrl-C")`` when it listens for SIGINT, else ``("send SIGTERM", "SIGTERM")``;
+    None when it listens for neither (a hangup is no advice to give)."""
+    listened = stop_signals()
+    if signal.SIGINT in listened:
+        return "press Ctrl-C", "Ctrl-C"
+    if signal.SIGTERM in listened:
+        return "send SIGTERM", "SIGTERM"
+    return None
 
 
 def is_hangup(signum: int) -> bool:
@@ -67,11 +119,8 @@ def interrupt_on_stop_signals() -> dict[int, Any]:
         The handlers found, by signal, to put back.
     """
     found: dict[int, Any] = {}
-    for signum in stop_signals():
-        handler = signal.getsignal(signum)
-        if handler is signal.SIG_IGN:
-            continue
-        if signum == signal.SIGINT and handler is signal.default_int_handler:
+    for signum in stop_signals():  # an ignored one is none of them
+        if signum == signal.SIGINT and signal.getsignal(signum) is signal.default_int_handler:
             continue
         found[signum] = signal.signal(signum, _interrupt)
     return found

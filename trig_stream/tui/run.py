@@ -22,7 +22,12 @@ from anyio.abc import TaskStatus
 from textual.pilot import Pilot
 
 from trig_stream.engine import Engine
-from trig_stream.signals import is_hangup, job_control_kept, silence_the_terminal, stop_signals
+from trig_stream.signals import (
+    is_hangup,
+    job_control_kept,
+    silence_the_terminal,
+    stop_signal_receiver,
+)
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.dashboard import REFRESH_EVERY_S
 from trig_stream.tui.sources import EngineSource
@@ -57,7 +62,8 @@ async def run_dashboard(
         headless: run the app without a terminal (benchmarks, tests).
         size: the terminal size to assume, as (columns, rows).
         auto_pilot: a coroutine driving the app, as in Textual's :meth:`App.run_async`.
-        handle_signals: map SIGINT and SIGTERM to ``ctrl+c``: graceful stop, then hard.
+        handle_signals: map SIGINT and SIGTERM (each unless ignored) to ``ctrl+c``: graceful
+            stop, then hard; SIGHUP (unless ignored) to a hard stop.
         refresh_every_s: how often the dashboard reads the engine.
     """
     source = EngineSource(engine)
@@ -77,7 +83,7 @@ async def run_dashboard(
             ended.set()
 
     async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with anyio.open_signal_receiver(*stop_signals()) as signals:
+        with stop_signal_receiver() as signals:
             task_status.started()
             async for signum in signals:
                 # A signal comes from outside (ctrl+c here is a key): no one may be watching,

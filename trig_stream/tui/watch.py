@@ -26,7 +26,7 @@ from trig_stream.signals import (
     is_hangup,
     job_control_kept,
     silence_the_terminal,
-    stop_signals,
+    stop_signal_receiver,
     stop_signals_interrupt,
 )
 from trig_stream.terminal import CommandConsole
@@ -114,7 +114,7 @@ def show_dashboard(app: TrigDashboardApp, **run_options: Any) -> int | None:
     received: list[int] = []
 
     async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with anyio.open_signal_receiver(*stop_signals()) as signals:
+        with stop_signal_receiver() as signals:
             task_status.started()
             async for signum in signals:
                 received.append(signum)

@@ -198,13 +198,15 @@ def _leave_the_run_group() -> None:
     # In a session of its own, the child no longer gets what is sent to the run's process
     # group. Until now those signals were blocked (see _start_in_own_session): one that came
     # meanwhile waits, and setting SIG_IGN drops it. A Ctrl-C sent to this process alone is
-    # ignored too: the parent decides when this ends. SIGTERM and SIGHUP keep their handling.
+    # ignored too: the parent decides when this ends. SIGTERM ends it, as by default, even
+    # where the run was started ignoring it (an ignored signal is inherited: see
+    # signals.RESET_IN_CHILDREN); SIGHUP keeps its handling (ignored under nohup).
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for signum in GROUP_SIGNALS:
-        if signum != signal.SIGINT:
-            kept = signal.signal(signum, signal.SIG_IGN)
-            signal.signal(signum, signal.SIG_DFL if kept is None else kept)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    kept = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL if kept is None else kept)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
 
 

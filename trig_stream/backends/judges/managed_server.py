@@ -542,8 +542,10 @@ def _hosts_overlap(first: str, second: str) -> bool:
 
 
 def _stopped_with_us(argv: list[str]) -> list[str]:
-    """``argv``, started so that the kernel stops it when this process dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
+    """``argv``, started so that the kernel stops it when this process dies (Linux only), and
+    with SIGINT and SIGTERM at their default handling, even if this process ignores them
+    (POSIX: an ignored signal is inherited across ``exec``)."""
+    if os.name != "posix":
         return argv
     script = Path(__file__).with_name("parent_death.py")
     return [sys.executable, "-I", "-S", str(script), str(os.getpid()), *argv]
