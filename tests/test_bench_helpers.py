@@ -233,15 +233,21 @@ def test_kill_resume_counts_temporary_files_over_the_whole_run_directory(
     partial_image = run_dir / "images" / ".partial" / ".IQ-R_TA-C_2.png.7.8.tmp"
     partial_image.write_bytes(b"p")
     (run_dir / "quarantine.jsonl.partial").write_text("")
+    manifest_temp = run_dir / ".manifest.json.7.8.tmp"  # removed when a run opens
+    manifest_temp.write_text("{")
     # Temporary files of atomic writes elsewhere, which no run removes.
-    stray_manifest = run_dir / ".manifest.json.7.8.tmp"
-    stray_manifest.write_text("{")
     stray_image = run_dir / "images" / "a" / ".IQ-R_TA-C_3.png.7.8.tmp"
     stray_image.write_bytes(b"p")
+    stray_other = run_dir / ".notes.json.7.8.tmp"
+    stray_other.write_text("{")
     found = leftovers_of(run_dir)
-    assert found.cleared == [partial_image, run_dir / "quarantine.jsonl.partial"]
-    assert sorted(found.stray) == sorted([stray_manifest, stray_image])
-    assert len(found.all_files()) == 4
+    assert found.cleared == [
+        partial_image,
+        manifest_temp,
+        run_dir / "quarantine.jsonl.partial",
+    ]
+    assert sorted(found.stray) == sorted([stray_other, stray_image])
+    assert len(found.all_files()) == 5
 
 
 def test_gpu_check_makes_a_missing_out_folder_before_measuring(
