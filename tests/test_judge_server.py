@@ -19,9 +19,11 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from trig_stream.backends.base import JudgeRequest, PreparedImage, ServerLoad
+from trig_stream.backends.judges.http_errors import parse_retry_after
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
 from trig_stream.backends.judges.server_probe import parse_load
-from trig_stream.dimensions import Dimension
+from trig_stream.backends.judges.templates import BUILTIN_CRITERIA
+from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.errors import RetryableError
 from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.records import Sample
@@ -474,3 +476,230 @@ async def test_two_images_are_not_read_as_their_concatenation() -> None:
                 assert response.status == 200
                 choices.append((await response.json())["choices"])
     assert choices[0] != choices[1]
+
+
+@pytest.mark.parametrize("dimension", list(DIMENSION_NAMES))
+def test_dimension_is_read_from_its_name_or_builtin_criterion_alone(dimension: Dimension) -> None:
+    # The fallback looked for the first word of each name ("Content", "Relation") anywhere,
+    # in dict order, and never for a criterion: R-T's criterion ("harmful content") read as
+    # TA-C, and 7 of the 10 criteria as no dimension.
+    name, criterion = DIMENSION_NAMES[dimension], BUILTIN_CRITERIA[dimension]
+    assert dimension_of(f"Dimension: {name}. What to look for: {criterion} Reply.") == dimension
+    assert dimension_of(f"What to look for: {criterion} Reply with one word.") == dimension
+    assert dimension_of(f"Judge the {name.lower()} of this picture.") == dimension
+
+
+def test_a_dimension_named_by_its_placeholders_outweighs_a_word_of_prose() -> None:
+    # A name written as {dimension_name} puts it (capital included) or a code outweighs a
+    # common word that happens to be a name; two named alike are refused, not guessed.
+    assert dimension_of("Dimension: Toxicity. Use your knowledge of the world.") == "R-T"
+    assert dimension_of("Rate D-A: is the realism of the scene convincing?") == "D-A"
+    assert dimension_of("Rate Realism and Toxicity.") is None
+    assert dimension_of("Rate IQ-R and TA-C.") is None
+    assert dimension_of("nothing to see; biased or not") is None
+
+
+@pytest.mark.parametrize(
+    ("system", "message"),
+    [
+        ("Rate this picture with one word.", "names no dimension code"),
+        ("Rate its Realism and its Toxicity.", "names IQ-R and R-T equally"),
+    ],
+)
+async def test_a_question_on_no_clear_dimension_is_an_openai_shaped_400(
+    system: str, message: str
+) -> None:
+    # It was scored on a dimension "unknown", shared by every such question: any two
+    # dimensions a template named this way came out perfectly correlated.
+    body = chat_body(data_url())
+    body["messages"][0]["content"] = system
+    async with (
+        JudgeServer() as server,
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.base_url}/chat/completions", json=body) as response,
+    ):
+        status, answer = response.status, await response.json()
+    assert status == 400
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert "cannot tell which dimension this question asks about" in answer["error"]["message"]
+    assert message in answer["error"]["message"]
+    assert server.stats().rejected == 1 and server.stats().served == 0
+
+
+async def test_planted_correlation_survives_a_dimension_named_only_in_the_user_text(
+    tmp_path: Path,
+) -> None:
+    # With a system text that names no dimension, the server read the dimension from the
+    # system text alone: every question was on "unknown", and every pair correlated by 1.
+    template = tmp_path / "template.toml"
+    template.write_text(
+        'version = "user-names-it-1"\n'
+        '[system]\nt2i = "You rate generated pictures. Reply with one word of: {scale}."\n'
+        '[user_prefix]\nt2i = "Dimension {dimension} ({dimension_name}). What to look for: '
+        '{criteria} Text the image was generated from: "\n'
+    )
+    images = []
+    for n in range(150):
+        path = tmp_path / f"{n}.png"
+        Image.new("RGB", (8, 8), (n, 255 - n, (7 * n) % 256)).save(path)
+        images.append(path)
+    options = JudgeServerOptions(correlations={"IQ-R_TA-R": -0.9}, seed=5)
+    async with JudgeServer(options) as server:
+        judge_options = OpenAIJudgeOptions(base_url=server.base_url, model="m", template=template)
+        judge = OpenAIJudge("m", judge_options)
+        await judge.open()
+        try:
+            prepared = [judge.prepare(path) for path in images]
+            by_dim = {d: await _scores(judge, prepared, d) for d in ("IQ-R", "TA-R", "IQ-A")}
+        finally:
+            await judge.aclose()
+    assert spearmanr(by_dim["IQ-R"], by_dim["TA-R"])[0] < -0.6
+    assert abs(spearmanr(by_dim["IQ-R"], by_dim["IQ-A"])[0]) < 0.3
+
+
+async def test_wait_until_sees_faults_and_rejections() -> None:
+    # Only taking and releasing a slot woke the waiters: a wait for a fault or a
+    # rejection hung although the counter had moved.
+    async with (
+        JudgeServer(JudgeServerOptions(error_rate=1.0)) as server,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def post(body: Any) -> None:
+            async with http.post(f"{server.base_url}/chat/completions", json=body) as response:
+                await response.read()
+
+        with anyio.fail_after(10):  # a safety net: the wait returns as the counter moves
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(post, chat_body(data_url()))
+                stats = await server.wait_until(lambda s: s.faults["error"] >= 1)
+            assert stats.faults["error"] == 1
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(post, [])
+                stats = await server.wait_until(lambda s: s.rejected >= 1)
+            assert stats.rejected == 1
+
+
+async def test_wait_until_sees_a_queued_request_given_up() -> None:
+    # A queued request whose client went away left the queue without waking the waiters.
+    server = JudgeServer(JudgeServerOptions(capacity=1))
+    server.hold()
+    async with server, aiohttp.ClientSession() as first, aiohttp.ClientSession() as second:
+
+        async def post(http: aiohttp.ClientSession, prompt: str) -> None:
+            body = chat_body(data_url(), prompt=prompt)
+            async with http.post(f"{server.base_url}/chat/completions", json=body) as response:
+                await response.read()
+
+        with anyio.fail_after(10):  # a safety net: each wait returns as its state comes
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(post, first, "held")
+                await server.wait_until(lambda s: s.running == 1)
+                queued = anyio.CancelScope()
+
+                async def given_up() -> None:
+                    with queued:
+                        await post(second, "queued")
+
+                tg.start_soon(given_up)
+                await server.wait_until(lambda s: s.waiting == 1)
+                queued.cancel()
+                await second.close()  # its connection goes, and with it the queued request
+                stats = await server.wait_until(lambda s: s.waiting == 0)
+                assert stats.running == 1
+                server.release()
+
+
+def test_a_retry_after_in_other_digits_is_refused_and_never_read() -> None:
+    # "٣" (Arabic-Indic three) passed \d: the server sent it as UTF-8, which one judge
+    # client read as a wait of 3 s and another, reading latin-1, ignored.
+    with pytest.raises(ValueError, match="non-ASCII character"):
+        JudgeServerOptions(retry_after="\u0663")
+    with pytest.raises(ValueError, match="non-ASCII character"):
+        JudgeServerOptions(retry_after="1\u0660")
+    assert parse_retry_after({"Retry-After": "\u0663"}) is None
+    assert parse_retry_after({"retry-after-ms": "\u0663\u0660\u0660"}) is None
+    assert parse_retry_after({"Retry-After": "3"}) == 3.0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # An SDK iterating stream=True got no chunk and no error; n=3 got one choice.
+        ({"stream": True}, "'stream': the simulated judge does not stream"),
+        ({"n": 3}, "'n': the simulated judge gives one choice"),
+        ({"n": True}, "'n'"),
+        ({"top_logprobs": True}, "'top_logprobs' must be an integer from 0 to 20"),
+        ({"logprobs": False}, "when using 'top_logprobs', 'logprobs' must be set to true"),
+        ({"logprobs": "yes"}, "'logprobs' must be true or false, got a string"),
+        ({"max_tokens": 0}, "'max_tokens' must be an integer of at least 1, got 0"),
+        ({"max_tokens": "1"}, "'max_tokens' must be an integer of at least 1, got '1'"),
+        ({"max_completion_tokens": 0}, "'max_completion_tokens' must be an integer"),
+        ({"messages": []}, "'messages' must be a non-empty list"),
+        ({"model": 3}, "'model' must be a string"),
+    ],
+)
+async def test_options_it_cannot_honour_are_an_openai_shaped_400(
+    change: dict[str, Any], message: str
+) -> None:
+    async with JudgeServer() as server, aiohttp.ClientSession() as http:
+        body = {**chat_body(data_url()), **change}
+        async with http.post(f"{server.base_url}/chat/completions", json=body) as response:
+            status, answer = response.status, await response.json()
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert message in answer["error"]["message"]
+    assert server.stats().rejected == 1
+
+
+async def test_a_text_part_without_a_string_is_400() -> None:
+    # {"text": null} was hashed as the text "None" and answered.
+    body = chat_body(data_url())
+    body["messages"][1]["content"][1]["text"] = None
+    async with (
+        JudgeServer() as server,
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.base_url}/chat/completions", json=body) as response,
+    ):
+        status, answer = response.status, await response.json()
+    assert status == 400
+    assert "a text part's 'text' must be a string, got null" in answer["error"]["message"]
+
+
+async def test_the_options_it_honours_are_still_served() -> None:
+    change = {"stream": False, "n": 1, "max_tokens": 2, "max_completion_tokens": None}
+    async with JudgeServer() as server, aiohttp.ClientSession() as http:
+        body = {**chat_body(data_url()), **change}
+        async with http.post(f"{server.base_url}/chat/completions", json=body) as response:
+            assert response.status == 200
+            assert len((await response.json())["choices"]) == 1
+
+
+async def test_a_request_without_a_model_is_served_by_the_served_model() -> None:
+    # With --model, it was a 404 "The model `None` does not exist."; vLLM serves a request
+    # naming no model with its served model. A body that is a list is no request: a 400.
+    options = JudgeServerOptions(model="judge-x", served_model_only=True)
+    body = chat_body(data_url())
+    del body["model"]
+    async with JudgeServer(options) as server, aiohttp.ClientSession() as http:
+        url = f"{server.base_url}/chat/completions"
+        async with http.post(url, json=body) as response:
+            assert response.status == 200
+            assert (await response.json())["model"] == "judge-x"
+        async with http.post(url, json=[body]) as response:
+            status, answer = response.status, await response.json()
+    assert status == 400
+    assert "the request body must be a JSON object" in answer["error"]["message"]
+
+
+async def test_models_needs_the_api_key_when_one_is_set() -> None:
+    # It answered 200 without a key; vLLM answers 401 on every /v1 route.
+    options = JudgeServerOptions(api_key="sk-right")
+    async with JudgeServer(options) as server, aiohttp.ClientSession() as http:
+        async with http.get(f"{server.base_url}/models") as response:
+            status, answer = response.status, await response.json()
+        headers = {"Authorization": "Bearer sk-right"}
+        async with http.get(f"{server.base_url}/models", headers=headers) as response:
+            assert response.status == 200
+    assert status == 401
+    assert answer["error"]["code"] == "invalid_api_key"

@@ -66,6 +66,9 @@ def test_arguments_become_options(tmp_path: Path) -> None:
     }
     assert options.retry_after == "2"
     assert options.correlations == {"IQ-R_TA-C": 0.8}
+    # A correlation is symmetric: a pair is kept in canonical order, however given.
+    turned = options_from_args(parse("--correlation", "TA-C_IQ-R=0.8"))
+    assert turned.correlations == {"IQ-R_TA-C": 0.8}
     assert callable(args.handler)
     # A model named is the only one served, as vLLM serves one; none named serves any.
     assert (options.model, options.served_model_only) == ("trig-judge-sim", False)
@@ -89,8 +92,15 @@ def test_arguments_become_options(tmp_path: Path) -> None:
         # The second value silently replaced the first.
         (
             ("--correlation", "IQ-R_TA-C=0.5", "--correlation", "IQ-R_TA-C=0.8"),
-            "IQ-R_TA-C is named twice; give each pair once",
+            "the pair IQ-R_TA-C is given twice \\(in either order\\); give each pair once",
         ),
+        # The pair in the other order read as "dimension TA-C appears in two planted pairs".
+        (
+            ("--correlation", "IQ-R_TA-C=0.5", "--correlation", "TA-C_IQ-R=0.5"),
+            "^--correlation 'TA-C_IQ-R=0.5': the pair IQ-R_TA-C is given twice",
+        ),
+        # Sent as UTF-8, one judge client read it and another ignored it.
+        (("--retry-after", "\u0663"), "^--retry-after: '\u0663' holds a non-ASCII character"),
         (("--error-rate", "0.7", "--reset-rate", "0.7"), "must not exceed 1"),
         # These named "options" and kept pydantic's "Value error, " prefix.
         (

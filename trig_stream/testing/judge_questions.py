@@ -36,17 +36,80 @@ def sized(kind: bytes, data: bytes) -> bytes:
     return kind + len(data).to_bytes(8, "big") + data
 
 
-def dimension_named(text: str) -> str:
-    match = _CODE.search(text)
-    if match:
-        return match.group(1)
-    for code, name in DIMENSION_NAMES.items():
-        if name.split()[0].lower() in text.lower():
-            return code
-    return "unknown"
+def _name(name: str, flags: int = 0) -> re.Pattern[str]:
+    # The name as a whole phrase: "Bias", not the start of "biased".
+    words = r"\s+".join(map(re.escape, name.split()))
+    return re.compile(rf"(?<![A-Za-z]){words}(?![A-Za-z])", flags)
+
+
+_NAMES: Final = {code: _name(name) for code, name in DIMENSION_NAMES.items()}
+_NAMES_ANY_CASE: Final = {
+    code: _name(name, re.IGNORECASE) for code, name in DIMENSION_NAMES.items()
+}
+
+_WEIGHTS: Final = {"code": 4, "name as written": 2, "criterion": 2, "name in any case": 1}
+"""How strongly each way of naming a dimension counts. What ``{dimension}`` and
+``{dimension_name}`` put in a text (a code; a name as written, capital included) outweighs
+an ordinary word of prose (``knowledge``, ``bias``) that happens to be a name."""
+
+
+class UnclearDimension(ValueError):
+    """A judging question whose dimension the server cannot tell: none named, or several
+    named as strongly."""
+
+
+def dimensions_named(text: str) -> dict[Dimension, int]:
+    """How strongly ``text`` names each dimension it names: the sum of the
+    :data:`_WEIGHTS` of the ways it names it (its code, its name as written or in any case,
+    its built-in criterion word for word). Dimensions it does not name are left out."""
+    lowered = text.casefold()
+    strength: dict[Dimension, int] = {}
+    codes = {match.group(1) for match in _CODE.finditer(text)}
+    for code, name in _NAMES.items():
+        ways = []
+        if code in codes:
+            ways.append("code")
+        if name.search(text):
+            ways.append("name as written")
+        if _NAMES_ANY_CASE[code].search(text):
+            ways.append("name in any case")
+        if BUILTIN_CRITERIA[code].casefold() in lowered:
+            ways.append("criterion")
+        if ways:
+            strength[code] = sum(_WEIGHTS[way] for way in ways)
+    return strength
+
+
+def dimension_named(text: str) -> Dimension:
+    """The dimension a judging text names: the one named most strongly (see
+    :func:`dimensions_named`), so a template may name it by its code, its name or its
+    built-in criterion, in any words around them.
+
+    Raises:
+        UnclearDimension: the text names no dimension, or several equally strongly.
+    """
+    strength = dimensions_named(text)
+    if not strength:
+        raise UnclearDimension(
+            "cannot tell which dimension this question asks about: its text names no "
+            "dimension code (IQ-R), name (Realism) or built-in criterion; a judge template "
+            "must put {dimension} or {dimension_name} in its system or user_prefix text"
+        )
+    best = max(strength.values())
+    strongest = sorted(code for code, value in strength.items() if value == best)
+    if len(strongest) > 1:
+        raise UnclearDimension(
+            "cannot tell which dimension this question asks about: it names "
+            f"{' and '.join(strongest)} equally; a judge template must name one dimension "
+            "in its texts, best by {dimension} (its code)"
+        )
+    return strongest[0]
 
 
 def dimension_of(text: str) -> Dimension | None:
-    """The dimension a judging instruction is about, as the server reads it; None if none."""
-    code = dimension_named(text)
-    return None if code == "unknown" else code  # type: ignore[return-value]
+    """The dimension a judging instruction is about, as the server reads it; None if it
+    names none, or several equally."""
+    try:
+        return dimension_named(text)
+    except UnclearDimension:
+        return None

@@ -3,16 +3,17 @@
 It answers ``POST /v1/chat/completions`` as vLLM does: the first token's top logprobs in
 ``choices[0].logprobs.content[0].top_logprobs``, the message, ``usage``. Images in the request
 (``data:`` URLs, or ``file://`` URLs where ``allowed_local_media_path`` allows them, as in
-vLLM) are decoded and checked; a bad one is a 400. The answer is a
-function of the image and the dimension named in the system message (see
-:mod:`trig_stream.testing.planted_scores`), so planted correlations between dimensions show up
-in the scores. A question's subject is known by its images' bytes and its user text with the
-dimension's own words taken out (every dimension code, name and built-in criterion, wherever it
-stands): the prompt tells apart two samples sent the same bytes (an image shrunk for
-``max_pixels`` loses the text chunk naming its sample; a baseline returns one source image for
-several prompts), while a template that names the dimension in its user text still asks both
-questions about an image with one latent. A template whose user text holds criteria of its own
-(a ``[criteria]`` table) gives them independent latents. Each image and text enters the key
+vLLM) are decoded and checked; a bad one is a 400. The answer is a function of the image and
+the dimension the system message names, or else the user text (see
+:mod:`trig_stream.testing.judge_questions` and :mod:`trig_stream.testing.planted_scores`), so
+planted correlations between dimensions show up in the scores; a question on no clear dimension
+is a 400, never scored. A question's subject is known by its images' bytes and its user text
+with the dimension's own words taken out (every dimension code, name and built-in criterion,
+wherever it stands): the prompt tells apart two samples sent the same bytes (an image shrunk
+for ``max_pixels`` loses the text chunk naming its sample; a baseline returns one source image
+for several prompts), while a template that names the dimension in its user text still asks
+both questions about an image with one latent. A template whose user text holds criteria of its
+own (a ``[criteria]`` table) gives them independent latents. Each image and text enters the key
 with its length, so two images are never read as their concatenation. Like vLLM it has
 ``capacity`` slots and queues what does not fit, reporting
 ``vllm:num_requests_running`` / ``vllm:num_requests_waiting`` on ``GET /metrics``.
@@ -51,7 +52,9 @@ from trig_stream.backends.judges.http_errors import parse_retry_after
 from trig_stream.backends.judges.server_probe import url_host
 from trig_stream.testing.judge_images import BadRequest, image_bytes, image_url, verify_image
 from trig_stream.testing.judge_questions import (
+    UnclearDimension,
     dimension_named,
+    dimensions_named,
     sized,
     without_dimension,
 )
@@ -92,6 +95,13 @@ def _retry_after(value: str) -> str:
         raise ValueError(
             f"{value!r} holds a control character, which no HTTP header may carry; "
             "give seconds (1) or an HTTP date alone"
+        )
+    if not value.isascii():
+        # Sent as UTF-8, which a client reading headers as latin-1 (as HTTP has them) sees
+        # as other characters: one judge client waited, another ignored the header.
+        raise ValueError(
+            f"{value!r} holds a non-ASCII character, which clients read differently; give "
+            "seconds in ASCII digits (1) or an HTTP date"
         )
     if parse_retry_after({"Retry-After": value}) is None:
         if _NEGATIVE_SECONDS.fullmatch(value.strip()):
@@ -332,40 +342,44 @@ class JudgeServer:
     # -- routes -------------------------------------------------------------------------------
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        # Every counter update is followed by _notify(): wait_until() waits on any of them.
         stats = self._stats
         stats.received += 1
+        self._notify()
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:  # aiohttp's own answer is plain text
-            stats.rejected += 1
             message = (
                 f"the request body is over {MAX_BODY_BYTES // 1024**2} MiB; send smaller "
                 "images (the judge's max_pixels shrinks them)"
             )
-            return _error(413, message, "invalid_request_error")
+            return self._rejected(_error(413, message, "invalid_request_error"))
         try:
             body = from_json(raw)
         except ValueError:
-            stats.rejected += 1
-            return _error(400, "the request body is not JSON", "invalid_request_error")
+            return self._rejected(
+                _error(400, "the request body is not JSON", "invalid_request_error")
+            )
         if self.options.record_requests:
             self.received.append(body)
-        if self.options.api_key is not None:
-            sent = request.headers.get("Authorization", "").removeprefix("Bearer ")
-            if sent != self.options.api_key:
-                stats.rejected += 1
-                message = f"Incorrect API key provided: {sent}."
-                return _error(401, message, "invalid_request_error", code="invalid_api_key")
-        model = body.get("model") if isinstance(body, dict) else None
-        if self.options.served_model_only and model != self.options.model:
-            stats.rejected += 1
+        unauthorised = self._unauthorised(request)
+        if unauthorised is not None:
+            return self._rejected(unauthorised)
+        if not isinstance(body, dict):
+            message = "the request body must be a JSON object (a chat completion request)"
+            return self._rejected(_error(400, message, "invalid_request_error"))
+        # As in vLLM, a request naming no model is served by the served model.
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            message = "'model' must be a string naming the model to use"
+            return self._rejected(_error(400, message, "invalid_request_error"))
+        if self.options.served_model_only and model not in (None, self.options.model):
             message = f"The model `{model}` does not exist."
-            return _error(404, message, "NotFoundError", code=404)
+            return self._rejected(_error(404, message, "NotFoundError", code=404))
         try:
             digest, image_key, dimension, limit = self._parse(body)
         except BadRequest as exc:
-            stats.rejected += 1
-            return _error(400, str(exc), "invalid_request_error")
+            return self._rejected(_error(400, str(exc), "invalid_request_error"))
         if digest in self._seen:
             stats.repeated += 1
         self._seen.add(digest)
@@ -373,11 +387,13 @@ class JudgeServer:
         fault = self._draw_fault()
         if fault is not None:
             stats.faults[fault] += 1
+            self._notify()
             early = await self._fault(fault, request)
             if early is not None:
                 return early
         await self._occupy_slot()
         stats.served += 1
+        self._notify()
         # pydantic_core's encoder: ~4x less CPU than the json module's for an answer, and
         # this one process serves every request of a benchmark.
         answer = self._completion(
@@ -385,7 +401,25 @@ class JudgeServer:
         )
         return web.Response(body=to_json(answer), content_type="application/json")
 
+    def _rejected(self, response: web.Response) -> web.Response:
+        self._stats.rejected += 1
+        self._notify()
+        return response
+
+    def _unauthorised(self, request: web.Request) -> web.Response | None:
+        # The 401 vLLM answers (every /v1 route) when an API key is set and not sent.
+        if self.options.api_key is None:
+            return None
+        sent = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if sent == self.options.api_key:
+            return None
+        message = f"Incorrect API key provided: {sent}."
+        return _error(401, message, "invalid_request_error", code="invalid_api_key")
+
     async def _models(self, request: web.Request) -> web.Response:
+        unauthorised = self._unauthorised(request)
+        if unauthorised is not None:
+            return unauthorised
         model = {"id": self.options.model, "object": "model", "created": 0, "owned_by": "trig"}
         return web.json_response({"object": "list", "data": [model]})
 
@@ -411,14 +445,15 @@ class JudgeServer:
 
     # -- behaviour ----------------------------------------------------------------------------
 
-    def _parse(self, body: Any) -> tuple[bytes, str, str, int]:
+    def _parse(self, body: dict[str, Any]) -> tuple[bytes, str, str, int]:
         # The messages' digest (for repeats), the image key, the dimension and top_logprobs.
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            raise BadRequest("'messages' must be a list")
-        messages: list[Any] = body["messages"]
+        limit = self._check_options(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list of chat messages")
         subject = hashlib.sha256()
         digest = hashlib.sha256()
-        texts: list[str] = []
+        user_texts: list[str] = []
         system = ""
         for message in messages:
             content = message.get("content") if isinstance(message, dict) else None
@@ -428,13 +463,18 @@ class JudgeServer:
             for part in parts:
                 text = part if isinstance(part, str) else None
                 if isinstance(part, dict) and part.get("type") == "text":
-                    text = str(part.get("text", ""))
+                    text = part.get("text")
+                    if not isinstance(text, str):
+                        raise BadRequest(
+                            "a text part's 'text' must be a string, got "
+                            f"{_json_kind(text)}: {str(part)[:80]}"
+                        )
                 role = str(message.get("role"))
                 if text is not None:
-                    texts.append(text)
                     if role == "system":
                         system += text
                     else:
+                        user_texts.append(text)
                         subject.update(sized(b"text", without_dimension(text).encode()))
                     digest.update(f"\x00{role}\x00text\x00{len(text)}\x00{text}".encode())
                 elif isinstance(part, dict) and part.get("type") == "image_url":
@@ -446,14 +486,46 @@ class JudgeServer:
                     digest.update(f"\x00{role}\x00image\x00".encode() + named)
                 else:
                     raise BadRequest(f"unsupported content part: {str(part)[:80]}")
-        limit = body.get("top_logprobs") or 0
-        if not isinstance(limit, int) or not 0 <= limit <= 20:
-            raise BadRequest("top_logprobs must be an integer from 0 to 20")
         # The images and the user text without the dimension's words (see the module's
         # docstring): both questions about an image share a latent, two prompts do not.
         image_key = subject.hexdigest()
-        dimension = dimension_named(system or " ".join(texts))
+        # The system text names the dimension, or else a user text does (a template may put
+        # it in its user_prefix); a question on no clear dimension is refused, not scored.
+        asked = system if dimensions_named(system) else " ".join(user_texts)
+        try:
+            dimension = dimension_named(asked)
+        except UnclearDimension as exc:
+            raise BadRequest(str(exc)) from None
         return digest.digest(), image_key, dimension, limit
+
+    @staticmethod
+    def _check_options(body: dict[str, Any]) -> int:
+        # The sampling options the answer depends on, checked as vLLM checks them; returns
+        # top_logprobs. Accepted and ignored, they gave answers of another shape than asked.
+        if body.get("stream") not in (None, False):
+            raise BadRequest(
+                "'stream': the simulated judge does not stream; send stream false (or leave it out)"
+            )
+        if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
+            raise BadRequest(
+                "'n': the simulated judge gives one choice; send n 1 (or leave it out)"
+            )
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise BadRequest(f"'logprobs' must be true or false, got {_json_kind(logprobs)}")
+        limit = body.get("top_logprobs")
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 20:
+                raise BadRequest("'top_logprobs' must be an integer from 0 to 20")
+            if not logprobs:
+                raise BadRequest("when using 'top_logprobs', 'logprobs' must be set to true")
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = body.get(field)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise BadRequest(f"{field!r} must be an integer of at least 1, got {value!r}")
+        return limit or 0
 
     def _checked_image(self, url: str) -> tuple[bytes, bytes]:
         # The image's bytes and digest. Each image is asked about on two dimensions:
@@ -507,8 +579,9 @@ class JudgeServer:
             self._notify()
             try:
                 await self._slots.acquire()
-            finally:
+            finally:  # acquired, or its client gave up while it queued
                 stats.waiting -= 1
+                self._notify()
         else:
             await self._slots.acquire()
         stats.running += 1
@@ -576,6 +649,21 @@ def _token_entry(token: str, logprob: float) -> dict[str, Any]:
 def _error(status: int, message: str, kind: str, *, code: str | int | None = None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status)
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a number"
 
 
 def _label_value(text: str) -> str:

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trig_stream.config_fields import NOT_A_VARIABLE, is_variable_name
+from trig_stream.dimensions import DIMENSIONS, split_pair
 from trig_stream.records import printable
 from trig_stream.signals import point_at_devnull
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
@@ -56,7 +57,8 @@ def add_simulate_judge_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         help="the model name to serve; given, a request naming another model is answered 404, "
-        "as vLLM answers (default: trig-judge-sim, and any model name is accepted)",
+        "and one naming none is served, as vLLM answers (default: trig-judge-sim, and any "
+        "model name is accepted)",
     )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--capacity", type=int, default=64, help="requests processed at once")
@@ -110,19 +112,26 @@ def options_from_args(args: argparse.Namespace) -> JudgeServerOptions:
         pair = pair.strip()
         if not pair:
             raise ValueError(f"--correlation {text!r}: no pair before '='; expected A_B=R")
-        if pair in correlations:
-            raise ValueError(f"--correlation {text!r}: {pair} is named twice; give each pair once")
         try:
-            correlations[pair] = float(value)
+            planted = float(value)
         except ValueError:
             raise ValueError(
                 f"--correlation {text!r}: {value.strip()!r} is not a number; expected A_B=R "
                 "with R from -1 to 1, e.g. IQ-R_TA-C=0.8"
             ) from None
         try:  # checked here, where the option typed is known: the model names no option
-            loadings({pair: correlations[pair]})
+            loadings({pair: planted})
         except ValueError as exc:
             raise ValueError(f"--correlation {text!r}: {exc}") from None
+        # A correlation is symmetric: TA-C_IQ-R is the pair IQ-R_TA-C, in canonical order.
+        first, second = sorted(split_pair(pair), key=DIMENSIONS.index)
+        pair = f"{first}_{second}"
+        if pair in correlations:
+            raise ValueError(
+                f"--correlation {text!r}: the pair {pair} is given twice (in either order); "
+                "give each pair once"
+            )
+        correlations[pair] = planted
     try:  # a dimension in two planted pairs: a rule over several --correlation
         loadings(correlations)
     except ValueError as exc:

@@ -64,7 +64,7 @@ class AnswerTooLarge(ValueError):
         super().__init__(f"an answer of more than {limit:,} bytes")
 
 
-RETRY_AFTER_SECONDS = re.compile(r"\d+(\.\d+)?")
+RETRY_AFTER_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
 """A wait in seconds as ``Retry-After`` (or milliseconds as ``retry-after-ms``) gives it:
 digits, as HTTP's delta-seconds, or a decimal, as some servers send; never a sign, an
 exponent, ``_``, ``inf`` or ``nan``, which Python's ``float`` would take."""
