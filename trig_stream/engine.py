@@ -155,6 +155,9 @@ class Engine:
         """The live relation analysis (pair statistics, DTM) of every judgement in the run,
         earlier runs included; it updates as judgements become durable."""
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
+        self._entered = False
+        """Whether ``async with`` began: set before its first await, so that a second entry
+        (two tasks entering one engine at once) is refused before it touches the first's run."""
         self._closed = False
 
     # -- public API ---------------------------------------------------------------------------
@@ -306,8 +309,9 @@ class Engine:
     # -- lifetime -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Engine:
-        if self._task_group is not None or self._closed:
+        if self._entered or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
+        self._entered = True
         # A control call from another thread from now on runs in the loop that runs the
         # engine, not in the one that made it (ended, it dropped a stop() silently).
         self._loop.take()
