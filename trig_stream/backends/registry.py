@@ -202,7 +202,7 @@ def _build(kind: Kind, entry: GeneratorConfig | JudgeConfig, config: RunConfig) 
         raise ConfigError(f"{described}: {exc}") from None
     registered = " (registered with register_backend)" if not found.builtin else ""
     backend = f"backend {entry.backend!r}{found.where or registered}"
-    options = found.cls.Options.model_validate(entry.options)
+    options = _validated_options(described, found.cls.Options, entry.options)
     try:
         built = found.cls.from_config(entry, options, config)
     except TrigStreamError:  # its own message (a ConfigError, a missing extra)
@@ -221,6 +221,28 @@ def _build(kind: Kind, entry: GeneratorConfig | JudgeConfig, config: RunConfig) 
             f"{base.__name__}; fix the package that declares it"
         )
     return built
+
+
+def _validated_options(described: str, model: type[BaseModel], options: dict[str, Any]) -> Any:
+    """``options`` checked against the backend's ``model`` as a config file's are (a value of
+    another type refused): a config built in code never went through :func:`parse_config
+    <trig_stream.config.parse_config>`, and Python's looser rules let ``"64"`` pass as a size
+    and a bare pydantic error name no entry.
+
+    Raises:
+        ConfigError: the options do not fit the model; the message names the entry and each
+            key at fault.
+    """
+    from pydantic import ValidationError
+
+    from trig_stream.config import validate_table
+    from trig_stream.config_problems import nested_problems
+    from trig_stream.errors import ConfigError
+
+    try:
+        return validate_table(model, options)
+    except ValidationError as exc:
+        raise ConfigError(f"{described}: options: {nested_problems(exc, model)}") from None
 
 
 def check_backends(generators: Sequence[object], judges: Sequence[object]) -> None:
