@@ -3,11 +3,17 @@ and run under another, given backends or a config built in code."""
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
+from typing import Any
+
 import anyio
 import pytest
 
-from tests.conftest import ConfigFactory
-from trig_stream import Engine, RunSummary
+from tests.conftest import ConfigFactory, write_prompts
+from trig_stream import ConfigError, Engine, RunSummary
+from trig_stream.config import RunConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -40,3 +46,73 @@ async def test_an_engine_entered_twice_at_once_refuses_the_second_and_keeps_the_
     # The first run released its run directory: another engine opens it (and finds it done).
     async with Engine(config) as again:
         assert (await again.drain()).state == "done"
+
+
+def code_built_config(
+    prompts: Path,
+    output_dir: str,
+    *,
+    generator_options: dict[str, Any] | None = None,
+    judge_options: dict[str, Any] | None = None,
+) -> RunConfig:
+    """A config built in code, as an application does: no file, no :func:`parse_config`."""
+    return RunConfig.model_validate(
+        {
+            "run": {"name": "r", "output_dir": output_dir},
+            "dataset": {"path": str(prompts)},
+            "generators": [
+                {"name": "g", "backend": "synthetic", "options": generator_options or {}}
+            ],
+            "judges": [{"name": "j", "backend": "fake", "options": judge_options or {}}],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("generator_options", "judge_options", "message"),
+    [
+        ({"size": 3}, {}, "generator 'g': options: size: Input should be greater than or equal"),
+        ({"sizee": 64}, {}, "generator 'g': options: sizee: unknown key; did you mean 'size'?"),
+        ({"size": "64"}, {}, "generator 'g': options: size: Input should be a valid integer"),
+        ({}, {"latency_s": math.nan}, "judge 'j': options: latency_s: Input should be a finite"),
+    ],
+)
+async def test_a_code_built_config_with_bad_options_names_the_entry(
+    tmp_path: Path,
+    generator_options: dict[str, Any],
+    judge_options: dict[str, Any],
+    message: str,
+) -> None:
+    config = code_built_config(
+        write_prompts(tmp_path / "prompts.json", 2),
+        str(tmp_path / "runs"),
+        generator_options=generator_options,
+        judge_options=judge_options,
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(config)
+
+
+async def test_a_code_built_config_resolves_its_paths_as_a_loaded_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    write_prompts(work / "prompts.json", 2)
+    config = code_built_config(Path("prompts.json"), "~/runs")
+    async with Engine(config) as engine:
+        assert (await engine.drain()).state == "done"
+    assert engine.config.run.output_dir == home / "runs"
+    assert engine.config.dataset.path == work / "prompts.json"
+    assert engine.run_dir_path == home / "runs" / "r"
+    assert (home / "runs" / "r").is_dir()
+    assert not (work / "~").exists()  # no folder literally named "~"
+
+
+async def test_a_code_built_config_of_an_unknown_home_names_the_key(tmp_path: Path) -> None:
+    config = code_built_config(write_prompts(tmp_path / "p.json", 2), "~no-such-user-xq/runs")
+    with pytest.raises(ConfigError, match=r"run\.output_dir: .*no home folder is known"):
+        Engine(config)

@@ -71,7 +71,10 @@ class Engine:
     in flight; everything already written stays, and running again resumes from there.
 
     Args:
-        config: the validated run config.
+        config: the validated run config. Its paths are resolved as :func:`load_config
+            <trig_stream.config.load_config>` resolves a file's (``~`` is the home folder),
+            relative ones against the working directory (a config built in code has no
+            file); :attr:`config` is that resolved copy.
         generators: generator instances (any iterable) to use instead of building them from
             the config; checked as the config's entries are.
         judges: judge instances (any iterable) to use instead of building them from the
@@ -95,6 +98,13 @@ class Engine:
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         retry_policy: RetryPolicy | None = None,
     ) -> None:
+        # A config built in code (``RunConfig.model_validate``) never went through
+        # load_config: its ``~`` made a folder literally named "~", and its relative paths
+        # moved with the working directory. A loaded config's paths are absolute already.
+        try:
+            config = config.resolve_paths(Path.cwd())
+        except ConfigError as exc:  # a path of no known home folder: the message names its key
+            raise ConfigError(str(exc)) from None
         self.config = config
         # Listed before anything reads them: an iterator checked first was used up by the
         # check, and the run then had no backend and judged nothing.
