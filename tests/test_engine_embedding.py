@@ -13,7 +13,11 @@ import pytest
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import ConfigError, Engine, RunSummary
+from trig_stream.backends.base import Generator, Judge
 from trig_stream.config import RunConfig
+from trig_stream.testing import FakeJudge, SyntheticGenerator
+from trig_stream.testing.fake_judge import FakeJudgeOptions
+from trig_stream.testing.synthetic import SyntheticOptions
 
 pytestmark = pytest.mark.anyio
 
@@ -116,3 +120,48 @@ async def test_a_code_built_config_of_an_unknown_home_names_the_key(tmp_path: Pa
     config = code_built_config(write_prompts(tmp_path / "p.json", 2), "~no-such-user-xq/runs")
     with pytest.raises(ConfigError, match=r"run\.output_dir: .*no home folder is known"):
         Engine(config)
+
+
+class NamelessJudge(FakeJudge):
+    """A judge whose ``__init__`` forgot ``super().__init__(name, ...)``: it has no name."""
+
+    def __init__(self) -> None:
+        pass
+
+
+class NamelessGenerator(SyntheticGenerator):
+    """A generator whose ``__init__`` never sets ``self.name``."""
+
+    def __init__(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("generators", "judges", "message"),
+    [
+        (
+            None,
+            [FakeJudge("j", FakeJudgeOptions())],
+            "generators[0] (NamelessGenerator) has no name: set `self.name` in its __init__",
+        ),
+        (
+            [SyntheticGenerator("g", SyntheticOptions())],
+            None,
+            "judges[0] (NamelessJudge) has no name: set `self.name` in its __init__ (call "
+            "super().__init__(name, options, ...))",
+        ),
+    ],
+)
+async def test_a_backend_instance_without_a_name_is_refused_naming_its_class(
+    make_config: ConfigFactory,
+    generators: list[Generator] | None,
+    judges: list[Judge] | None,
+    message: str,
+) -> None:
+    # It crashed with an AttributeError from the check of the names.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(
+            make_config(samples=2),
+            generators=generators or [NamelessGenerator()],
+            judges=judges or [NamelessJudge()],
+        )

@@ -250,8 +250,8 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
 
     Raises:
         ConfigError: none of a kind; an object that is not a backend instance of its kind;
-            a name that is no safe file name, is used twice or (a generator's) names a file
-            of the report; a count (workers, batch size, concurrency) outside the bounds the
+            one without a name (its ``__init__`` set none); a name that is no safe file
+            name, is used twice or (a generator's) names a file of the report; a count (workers, batch size, concurrency) outside the bounds the
             config sets; a judge's ``dimensions`` that is not None nor a non-empty set of
             TRIG dimension codes; a judge's ``scorer`` that is no scorer's name, or its
             ``confidence`` no bool; or two judges' servers (``options.serve``) at one fixed
@@ -282,6 +282,13 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
                     f"({base.__module__}): {what} cannot be used as a {kind}; pass an "
                     f"instance of a {base.__name__} subclass (or None, to build them from "
                     "the config)"
+                )
+            if not hasattr(backend, "name"):  # a subclass whose __init__ never set it
+                how = " (call super().__init__(name, options, ...))" if kind == "judge" else ""
+                raise ConfigError(
+                    f"{kind}s[{position}] ({type(backend).__name__}) has no name: set "
+                    f"`self.name` in its __init__{how}; the name is the {kind}'s in the run "
+                    "and in its records"
                 )
             problem = (
                 safe_name_problem(backend.name) if isinstance(backend.name, str) else "must be text"
