@@ -205,7 +205,12 @@ class Engine:
         return self._results
 
     def stats(self) -> EngineStats:
-        """A cheap snapshot of progress, buffers, throughput and latencies."""
+        """A cheap snapshot of progress, buffers, throughput and latencies.
+
+        May be called from any thread (a GUI's, beside :meth:`stop` and :meth:`pause`): it
+        waits for nothing, and taken from another thread than the event loop's it may mix
+        counts a moment apart, but never fails for the counters changing under it.
+        """
         return engine_stats(
             self._state,
             self._counters,
@@ -313,7 +318,7 @@ class Engine:
         return self.summary()
 
     def summary(self) -> RunSummary:
-        """Counts of this run so far."""
+        """Counts of this run so far; like :meth:`stats`, from any thread."""
         return run_summary(self._state, self._counters, self.run_dir_path)
 
     # -- lifetime -----------------------------------------------------------------------------
