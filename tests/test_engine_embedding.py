@@ -165,3 +165,31 @@ async def test_a_backend_instance_without_a_name_is_refused_naming_its_class(
             generators=generators or [NamelessGenerator()],
             judges=judges or [NamelessJudge()],
         )
+
+
+@pytest.mark.parametrize(("made_under", "run_under"), [("trio", "asyncio"), ("asyncio", "trio")])
+def test_an_engine_run_under_another_async_library_says_so(
+    make_config: ConfigFactory, made_under: str, run_under: str
+) -> None:
+    # It failed deep inside with a bare RuntimeError ("must be called from async context",
+    # "no running event loop").
+    config = make_config(samples=2)
+    engines: list[Engine] = []
+
+    async def make() -> None:
+        engines.append(Engine(config))
+
+    async def run() -> str:
+        async with engines[0] as engine:
+            return (await engine.drain()).state
+
+    anyio.run(make, backend=made_under)
+    message = (
+        f"this Engine was made under {made_under} and cannot run under {run_under}: its "
+        f"events and cancel scopes are {made_under}'s; make it inside the async code that "
+        "runs it"
+    )
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        anyio.run(run, backend=run_under)
+    # Refused before it changed anything: a loop of its own library still runs it.
+    assert anyio.run(run, backend=made_under) == "done"

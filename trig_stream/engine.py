@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -133,6 +134,9 @@ class Engine:
                 "an Engine is made inside the async code that runs it (under anyio.run or "
                 "asyncio.run, e.g. `async with Engine(config) as engine:`), not before it"
             ) from None
+        # Its events and cancel scopes are of this async library (asyncio or trio): another
+        # library's loop may not run them, and failed with a bare RuntimeError deep inside.
+        self._async_library = _async_library()
         # The loop the engine belongs to (its events and cancel scopes are that loop's):
         # stop(), cancel(), pause() and resume() called from another thread run there. Taken
         # again by ``async with``: an engine made in one loop may be run in another.
@@ -326,6 +330,12 @@ class Engine:
     async def __aenter__(self) -> Engine:
         if self._entered or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
+        if (running := _async_library()) != self._async_library:
+            raise RuntimeError(
+                f"this Engine was made under {self._async_library} and cannot run under "
+                f"{running}: its events and cancel scopes are {self._async_library}'s; make "
+                "it inside the async code that runs it"
+            )
         self._entered = True
         # A control call from another thread from now on runs in the loop that runs the
         # engine, not in the one that made it (ended, it dropped a stop() silently).
@@ -519,3 +529,8 @@ class Engine:
             await first_judgement.wait()
             if not self._stop_event.is_set():
                 await count_samples(self.config, self._generators, self._counters)
+
+
+def _async_library() -> str:
+    """The async library of the running event loop, as anyio names it (``asyncio``, ``trio``)."""
+    return anyio.lowlevel.get_async_backend().__module__.rpartition("._")[2]
