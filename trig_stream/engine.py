@@ -533,4 +533,5 @@ class Engine:
 
 def _async_library() -> str:
     """The async library of the running event loop, as anyio names it (``asyncio``, ``trio``)."""
-    return anyio.lowlevel.get_async_backend().__module__.rpartition("._")[2]
+    backend = anyio.lowlevel.current_token().backend_class  # anyio._backends._trio's
+    return backend.__module__.rpartition("._")[2]
