@@ -4,6 +4,7 @@ config's ``backend``, and named with their entry point and distribution when bro
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import threading
@@ -458,3 +459,61 @@ def test_a_registered_backend_that_cannot_be_made_is_a_config_error(
         ),
     ):
         build_generator(config.generators[0], config)
+
+
+class PlainHalves(Halves):
+    """A registered judge whose ``judge`` is a plain ``def``: the engine cannot await it."""
+
+    def judge(self, request: JudgeRequest) -> JudgeReply:  # type: ignore[override]
+        return JudgeReply(score=0.5)
+
+
+async def test_a_judge_whose_judge_is_no_coroutine_function_is_refused(
+    make_config: ConfigFactory,
+) -> None:
+    # Every request became an `error` judgement ("object JudgeReply can't be used in 'await'
+    # expression"), which --retry-errors asked again forever.
+    register_backend("judges", "plain_halves", PlainHalves)
+    config = make_config(samples=2, judges=[{"name": "plain", "backend": "plain_halves"}])
+    message = (
+        "judge 'plain' (PlainHalves): its judge() is no coroutine function, and the engine "
+        "awaits it: define it as `async def judge(self, request)`"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(config)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(config, judges=[PlainHalves("plain", PlainHalves.Options())])
+
+
+async def answer_with(score: float, request: JudgeRequest) -> JudgeReply:
+    return JudgeReply(score=score)
+
+
+def passing_on(function: Any) -> Any:
+    """A plain decorator of an ``async def`` function: calling it gives that coroutine."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize(
+    "judge",
+    [
+        functools.partial(answer_with, 0.5),
+        passing_on(functools.partial(answer_with, 0.5)),
+        functools.partial(Halves("h", Halves.Options()).judge),
+    ],
+    ids=["partial", "decorated-partial", "partial-of-a-bound-method"],
+)
+async def test_a_judge_whose_judge_gives_a_coroutine_is_accepted(
+    make_config: ConfigFactory, judge: Any
+) -> None:
+    halves = Halves("trigscore", Halves.Options())
+    halves.judge = judge  # type: ignore[method-assign]
+    async with Engine(make_config(samples=2), judges=[halves]) as engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.ok, summary.error) == ("done", summary.judged, 0)
+    assert summary.judged > 0

@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -71,7 +72,10 @@ class Engine:
     in flight; everything already written stays, and running again resumes from there.
 
     Args:
-        config: the validated run config.
+        config: the validated run config. Its paths are resolved as :func:`load_config
+            <trig_stream.config.load_config>` resolves a file's (``~`` is the home folder),
+            relative ones against the working directory (a config built in code has no
+            file); :attr:`config` is that resolved copy.
         generators: generator instances (any iterable) to use instead of building them from
             the config; checked as the config's entries are.
         judges: judge instances (any iterable) to use instead of building them from the
@@ -95,6 +99,13 @@ class Engine:
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         retry_policy: RetryPolicy | None = None,
     ) -> None:
+        # A config built in code (``RunConfig.model_validate``) never went through
+        # load_config: its ``~`` made a folder literally named "~", and its relative paths
+        # moved with the working directory. A loaded config's paths are absolute already.
+        try:
+            config = config.resolve_paths(Path.cwd())
+        except ConfigError as exc:  # a path of no known home folder: the message names its key
+            raise ConfigError(str(exc)) from None
         self.config = config
         # Listed before anything reads them: an iterator checked first was used up by the
         # check, and the run then had no backend and judged nothing.
@@ -123,6 +134,9 @@ class Engine:
                 "an Engine is made inside the async code that runs it (under anyio.run or "
                 "asyncio.run, e.g. `async with Engine(config) as engine:`), not before it"
             ) from None
+        # Its events and cancel scopes are of this async library (asyncio or trio): another
+        # library's loop may not run them, and failed with a bare RuntimeError deep inside.
+        self._async_library = _async_library()
         # The loop the engine belongs to (its events and cancel scopes are that loop's):
         # stop(), cancel(), pause() and resume() called from another thread run there. Taken
         # again by ``async with``: an engine made in one loop may be run in another.
@@ -155,6 +169,9 @@ class Engine:
         """The live relation analysis (pair statistics, DTM) of every judgement in the run,
         earlier runs included; it updates as judgements become durable."""
         self._results: MemoryObjectReceiveStream[Judgement] | None = None
+        self._entered = False
+        """Whether ``async with`` began: set before its first await, so that a second entry
+        (two tasks entering one engine at once) is refused before it touches the first's run."""
         self._closed = False
 
     # -- public API ---------------------------------------------------------------------------
@@ -192,7 +209,12 @@ class Engine:
         return self._results
 
     def stats(self) -> EngineStats:
-        """A cheap snapshot of progress, buffers, throughput and latencies."""
+        """A cheap snapshot of progress, buffers, throughput and latencies.
+
+        May be called from any thread (a GUI's, beside :meth:`stop` and :meth:`pause`): it
+        waits for nothing, and taken from another thread than the event loop's it may mix
+        counts a moment apart, but never fails for the counters changing under it.
+        """
         return engine_stats(
             self._state,
             self._counters,
@@ -300,14 +322,21 @@ class Engine:
         return self.summary()
 
     def summary(self) -> RunSummary:
-        """Counts of this run so far."""
+        """Counts of this run so far; like :meth:`stats`, from any thread."""
         return run_summary(self._state, self._counters, self.run_dir_path)
 
     # -- lifetime -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Engine:
-        if self._task_group is not None or self._closed:
+        if self._entered or self._closed:
             raise RuntimeError("an Engine runs once; create a new one to run again")
+        if (running := _async_library()) != self._async_library:
+            raise RuntimeError(
+                f"this Engine was made under {self._async_library} and cannot run under "
+                f"{running}: its events and cancel scopes are {self._async_library}'s; make "
+                "it inside the async code that runs it"
+            )
+        self._entered = True
         # A control call from another thread from now on runs in the loop that runs the
         # engine, not in the one that made it (ended, it dropped a stop() silently).
         self._loop.take()
@@ -500,3 +529,9 @@ class Engine:
             await first_judgement.wait()
             if not self._stop_event.is_set():
                 await count_samples(self.config, self._generators, self._counters)
+
+
+def _async_library() -> str:
+    """The async library of the running event loop, as anyio names it (``asyncio``, ``trio``)."""
+    backend = anyio.lowlevel.current_token().backend_class  # anyio._backends._trio's
+    return backend.__module__.rpartition("._")[2]

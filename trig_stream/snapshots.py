@@ -4,6 +4,11 @@
 Both are read from the engine's counters, buffers and judge limiters without waiting for
 anything: a dashboard asks for them several times a second. Once the run has ended, its
 clock has stopped: the elapsed time and the rates stay as they were at the end.
+
+Both may be called from any thread, the event loop's or another (a GUI's): each deque and
+dict of the counters is copied in one step before it is walked (see :mod:`trig_stream.stats`).
+A snapshot taken from another thread may mix counts a moment apart (a judgement counted,
+its latency not yet), never raise.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def engine_stats(
         name: BufferFill(
             stream.statistics().current_buffer_used, int(stream.statistics().max_buffer_size)
         )
-        for name, stream in buffers.items()
+        for name, stream in list(buffers.items())
     }
     judges = {
         name: JudgeLoad(
@@ -78,7 +83,7 @@ def engine_stats(
             int(limiter.total_tokens),
             controllers[name].waiting if name in controllers else None,
         )
-        for name, limiter in limiters.items()
+        for name, limiter in list(limiters.items())
     }
     return EngineStats(
         state=state,
@@ -88,7 +93,9 @@ def engine_stats(
         quarantined=c.quarantined,
         records_read=c.records_read,
         unmeasured=c.unmeasured,
-        models={name: replace(m) for name, m in c.models.items()},
+        # Copied in one step before they are walked: the snapshot may come from another
+        # thread, and the event loop adds a model's counts as it first meets the model.
+        models={name: replace(m) for name, m in list(c.models.items())},
         buffers=fills,
         judges=judges,
         judgements_per_s=rate(c.judged_at, now, c.started_at),
@@ -96,7 +103,7 @@ def engine_stats(
         generation_latency=latency(c.generation_latencies),
         judge_latency=latency(c.judge_latencies),
         last_errors=tuple(c.last_errors),
-        notes=tuple(printable(note) for note in c.notes),  # exceptions' texts among them
+        notes=tuple(printable(note) for note in list(c.notes)),  # exceptions' texts too
         opening=opening,
         closing=closing,
     )
@@ -104,7 +111,7 @@ def engine_stats(
 
 def run_summary(state: EngineState, counters: Counters, run_dir: Path) -> RunSummary:
     """Counts of a run so far: its ``state``, its ``counters``' totals and its ``run_dir``."""
-    models = counters.models.values()
+    models = list(counters.models.values())  # one step: it may come from another thread
     return RunSummary(
         state=state,
         judged=sum(m.judged for m in models),

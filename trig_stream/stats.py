@@ -3,6 +3,11 @@
 Counters are plain integers with one writer each (the event loop, or for dataset counts the
 source's reader thread); a snapshot copies a few dozen numbers and
 sorts at most :data:`LATENCY_WINDOW` latencies, so the TUI can poll it often.
+
+A snapshot may be taken from another thread than the writers': it copies each deque and
+dict of the counters in one step (``list(d)``, done in C under the interpreter lock, which no
+writer can interleave) before it walks it. Walked live, a step of Python code at a time, a
+deque the event loop appended to meanwhile raised "deque mutated during iteration".
 """
 
 from __future__ import annotations
@@ -158,9 +163,9 @@ class Counters:
 
 def latency(values: deque[float]) -> Latency:
     """p50 and p95 of recent values (nearest rank)."""
-    if not values:
+    ordered = sorted(values)  # copied first, in C, in one step: a writer may append meanwhile
+    if not ordered:
         return Latency(None, None, 0)
-    ordered = sorted(values)
     last = len(ordered) - 1
     return Latency(ordered[round(0.5 * last)], ordered[round(0.95 * last)], len(ordered))
 
@@ -175,7 +180,7 @@ def rate(times: deque[float], now: float, since: float) -> float:
     window = max(MIN_RATE_WINDOW_S, min(RATE_WINDOW_S, now - since))
     cutoff = now - window
     count = 0
-    for stamp in reversed(times):
+    for stamp in reversed(list(times)):  # a copy: walked live, an append meanwhile raised
         if stamp < cutoff:
             break
         count += 1

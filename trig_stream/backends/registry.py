@@ -9,6 +9,8 @@ packages add backends through the entry-point groups ``trig_stream.generators`` 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Set as AbstractSet
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, cast
@@ -202,7 +204,7 @@ def _build(kind: Kind, entry: GeneratorConfig | JudgeConfig, config: RunConfig) 
         raise ConfigError(f"{described}: {exc}") from None
     registered = " (registered with register_backend)" if not found.builtin else ""
     backend = f"backend {entry.backend!r}{found.where or registered}"
-    options = found.cls.Options.model_validate(entry.options)
+    options = _validated_options(described, found.cls.Options, entry.options)
     try:
         built = found.cls.from_config(entry, options, config)
     except TrigStreamError:  # its own message (a ConfigError, a missing extra)
@@ -223,17 +225,40 @@ def _build(kind: Kind, entry: GeneratorConfig | JudgeConfig, config: RunConfig) 
     return built
 
 
+def _validated_options(described: str, model: type[BaseModel], options: dict[str, Any]) -> Any:
+    """``options`` checked against the backend's ``model`` as a config file's are (a value of
+    another type refused): a config built in code never went through :func:`parse_config
+    <trig_stream.config.parse_config>`, and Python's looser rules let ``"64"`` pass as a size
+    and a bare pydantic error name no entry.
+
+    Raises:
+        ConfigError: the options do not fit the model; the message names the entry and each
+            key at fault.
+    """
+    from pydantic import ValidationError
+
+    from trig_stream.config import validate_table
+    from trig_stream.config_problems import nested_problems
+    from trig_stream.errors import ConfigError
+
+    try:
+        return validate_table(model, options)
+    except ValidationError as exc:
+        raise ConfigError(f"{described}: options: {nested_problems(exc, model)}") from None
+
+
 def check_backends(generators: Sequence[object], judges: Sequence[object]) -> None:
     """Check backend instances given to the engine as the config checks its own entries.
 
     Raises:
         ConfigError: none of a kind; an object that is not a backend instance of its kind;
-            a name that is no safe file name, is used twice or (a generator's) names a file
-            of the report; a count (workers, batch size, concurrency) outside the bounds the
-            config sets; a judge's ``dimensions`` that is not None nor a non-empty set of
-            TRIG dimension codes; a judge's ``scorer`` that is no scorer's name, or its
-            ``confidence`` no bool; or two judges' servers (``options.serve``) at one fixed
-            address.
+            one without a name (its ``__init__`` set none); a name that is no safe file
+            name, is used twice or (a generator's) names a file of the report; a count
+            (workers, batch size, concurrency) outside the bounds the config sets; a judge's
+            ``dimensions`` that is not None nor a non-empty set of TRIG dimension codes; a
+            judge's ``scorer`` that is no scorer's name, or its ``confidence`` no bool; a
+            judge's ``judge`` that is no coroutine function (a plain ``def``); or two
+            judges' servers (``options.serve``) at one fixed address.
     """
     from trig_stream.backends.base import Generator, Judge
     from trig_stream.config import GeneratorConfig, JudgeConfig, field_value_problem
@@ -260,6 +285,13 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
                     f"({base.__module__}): {what} cannot be used as a {kind}; pass an "
                     f"instance of a {base.__name__} subclass (or None, to build them from "
                     "the config)"
+                )
+            if not hasattr(backend, "name"):  # a subclass whose __init__ never set it
+                how = " (call super().__init__(name, options, ...))" if kind == "judge" else ""
+                raise ConfigError(
+                    f"{kind}s[{position}] ({type(backend).__name__}) has no name: set "
+                    f"`self.name` in its __init__{how}; the name is the {kind}'s in the run "
+                    "and in its records"
                 )
             problem = (
                 safe_name_problem(backend.name) if isinstance(backend.name, str) else "must be text"
@@ -310,6 +342,15 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
                 f"({', '.join(DIMENSIONS)}); a judge of no dimension would judge nothing"
             )
     for judge in cast("Sequence[Judge]", judges):
+        # A plain `def judge` made every request an `error` judgement ("can't be used in
+        # 'await' expression"), which --retry-errors asked again forever.
+        if not _is_coroutine_function(judge.judge):
+            raise ConfigError(
+                f"judge {judge.name!r} ({type(judge).__name__}): its judge() is no coroutine "
+                "function, and the engine awaits it: define it as "
+                "`async def judge(self, request)`"
+            )
+    for judge in cast("Sequence[Judge]", judges):
         # Unchecked, a scorer of no such name failed the run at its first answer, after the
         # run directory was made and images were generated.
         scorer: object = judge.scorer
@@ -324,3 +365,23 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
                 f"judge {judge.name!r}: confidence is {confidence!r}: make it True or False, "
                 "as a config's `confidence` is"
             )
+
+
+def _is_coroutine_function(function: object) -> bool:
+    """Whether calling ``function`` gives a coroutine: an ``async def`` function, seen
+    through bound methods, :func:`functools.partial` and decorators that keep
+    ``__wrapped__`` (a plain wrapper of an ``async def`` function returns its coroutine)."""
+    seen: set[int] = set()
+    while id(function) not in seen:  # a __wrapped__ that leads back to itself ends the walk
+        seen.add(id(function))
+        if inspect.iscoroutinefunction(function):
+            return True
+        if inspect.ismethod(function):
+            function = function.__func__
+        elif isinstance(function, functools.partial):
+            function = function.func
+        elif (wrapped := getattr(function, "__wrapped__", None)) is not None:
+            function = wrapped
+        else:
+            return False
+    return False

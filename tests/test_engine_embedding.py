@@ -1,0 +1,195 @@
+"""An engine embedded in an application: entered twice, made under one event loop library
+and run under another, given backends or a config built in code."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.conftest import ConfigFactory, write_prompts
+from trig_stream import ConfigError, Engine, RunSummary
+from trig_stream.backends.base import Generator, Judge
+from trig_stream.config import RunConfig
+from trig_stream.testing import FakeJudge, SyntheticGenerator
+from trig_stream.testing.fake_judge import FakeJudgeOptions
+from trig_stream.testing.synthetic import SyntheticOptions
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_an_engine_entered_twice_at_once_refuses_the_second_and_keeps_the_first(
+    make_config: ConfigFactory,
+) -> None:
+
+    config = make_config(samples=2)
+    engine = Engine(config)
+    outcomes: list[RunSummary | BaseException] = []
+
+    async def enter() -> None:
+        try:
+            async with engine:
+                outcomes.append(await engine.drain())
+        except Exception as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(enter)
+        tg.start_soon(enter)
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    ran = [o for o in outcomes if isinstance(o, RunSummary)]
+    assert len(refused) == 1 and len(ran) == 1, outcomes
+    assert isinstance(refused[0], RuntimeError)
+    assert "an Engine runs once" in str(refused[0])
+    assert ran[0].state == "done"
+    assert engine.summary().state == "done"
+    # The first run released its run directory: another engine opens it (and finds it done).
+    async with Engine(config) as again:
+        assert (await again.drain()).state == "done"
+
+
+def code_built_config(
+    prompts: Path,
+    output_dir: str,
+    *,
+    generator_options: dict[str, Any] | None = None,
+    judge_options: dict[str, Any] | None = None,
+) -> RunConfig:
+    """A config built in code, as an application does: no file, no :func:`parse_config`."""
+    return RunConfig.model_validate(
+        {
+            "run": {"name": "r", "output_dir": output_dir},
+            "dataset": {"path": str(prompts)},
+            "generators": [
+                {"name": "g", "backend": "synthetic", "options": generator_options or {}}
+            ],
+            "judges": [{"name": "j", "backend": "fake", "options": judge_options or {}}],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("generator_options", "judge_options", "message"),
+    [
+        ({"size": 3}, {}, "generator 'g': options: size: Input should be greater than or equal"),
+        ({"sizee": 64}, {}, "generator 'g': options: sizee: unknown key; did you mean 'size'?"),
+        ({"size": "64"}, {}, "generator 'g': options: size: Input should be a valid integer"),
+        ({}, {"latency_s": math.nan}, "judge 'j': options: latency_s: Input should be a finite"),
+    ],
+)
+async def test_a_code_built_config_with_bad_options_names_the_entry(
+    tmp_path: Path,
+    generator_options: dict[str, Any],
+    judge_options: dict[str, Any],
+    message: str,
+) -> None:
+    config = code_built_config(
+        write_prompts(tmp_path / "prompts.json", 2),
+        str(tmp_path / "runs"),
+        generator_options=generator_options,
+        judge_options=judge_options,
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(config)
+
+
+async def test_a_code_built_config_resolves_its_paths_as_a_loaded_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    write_prompts(work / "prompts.json", 2)
+    config = code_built_config(Path("prompts.json"), "~/runs")
+    async with Engine(config) as engine:
+        assert (await engine.drain()).state == "done"
+    assert engine.config.run.output_dir == home / "runs"
+    assert engine.config.dataset.path == work / "prompts.json"
+    assert engine.run_dir_path == home / "runs" / "r"
+    assert (home / "runs" / "r").is_dir()
+    assert not (work / "~").exists()  # no folder literally named "~"
+
+
+async def test_a_code_built_config_of_an_unknown_home_names_the_key(tmp_path: Path) -> None:
+    config = code_built_config(write_prompts(tmp_path / "p.json", 2), "~no-such-user-xq/runs")
+    with pytest.raises(ConfigError, match=r"run\.output_dir: .*no home folder is known"):
+        Engine(config)
+
+
+class NamelessJudge(FakeJudge):
+    """A judge whose ``__init__`` forgot ``super().__init__(name, ...)``: it has no name."""
+
+    def __init__(self) -> None:
+        pass
+
+
+class NamelessGenerator(SyntheticGenerator):
+    """A generator whose ``__init__`` never sets ``self.name``."""
+
+    def __init__(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("generators", "judges", "message"),
+    [
+        (
+            None,
+            [FakeJudge("j", FakeJudgeOptions())],
+            "generators[0] (NamelessGenerator) has no name: set `self.name` in its __init__",
+        ),
+        (
+            [SyntheticGenerator("g", SyntheticOptions())],
+            None,
+            "judges[0] (NamelessJudge) has no name: set `self.name` in its __init__ (call "
+            "super().__init__(name, options, ...))",
+        ),
+    ],
+)
+async def test_a_backend_instance_without_a_name_is_refused_naming_its_class(
+    make_config: ConfigFactory,
+    generators: list[Generator] | None,
+    judges: list[Judge] | None,
+    message: str,
+) -> None:
+    # It crashed with an AttributeError from the check of the names.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(
+            make_config(samples=2),
+            generators=generators or [NamelessGenerator()],
+            judges=judges or [NamelessJudge()],
+        )
+
+
+@pytest.mark.parametrize(("made_under", "run_under"), [("trio", "asyncio"), ("asyncio", "trio")])
+def test_an_engine_run_under_another_async_library_says_so(
+    make_config: ConfigFactory, made_under: str, run_under: str
+) -> None:
+    # It failed deep inside with a bare RuntimeError ("must be called from async context",
+    # "no running event loop").
+    config = make_config(samples=2)
+    engines: list[Engine] = []
+
+    async def make() -> None:
+        engines.append(Engine(config))
+
+    async def run() -> str:
+        async with engines[0] as engine:
+            return (await engine.drain()).state
+
+    anyio.run(make, backend=made_under)
+    message = (
+        f"this Engine was made under {made_under} and cannot run under {run_under}: its "
+        f"events and cancel scopes are {made_under}'s; make it inside the async code that "
+        "runs it"
+    )
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        anyio.run(run, backend=run_under)
+    # Refused before it changed anything: a loop of its own library still runs it.
+    assert anyio.run(run, backend=made_under) == "done"
