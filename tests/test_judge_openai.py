@@ -289,6 +289,18 @@ def test_options_refuse_ambiguous_endpoints() -> None:
         OpenAIJudgeOptions(model="m", base_url="http://a/v1", base_urls=["http://b/v1"])
 
 
+@pytest.mark.parametrize(
+    "twice",
+    ["http://gpu:8000/v1", "http://gpu:8000/v1/", "HTTP://GPU:8000/v1", "http://Gpu:8000/v1//"],
+)
+def test_options_refuse_a_server_listed_twice_naming_both_entries(twice: str) -> None:
+    # Listed twice, its /metrics queue was summed twice: the adaptive limit was cut early.
+    with pytest.raises(ValueError, match=r"base_urls\[0\] .* and base_urls\[2\] .* same endpoint"):
+        OpenAIJudgeOptions(model="m", base_urls=["http://gpu:8000/v1", "http://gpu:8001/v1", twice])
+    # Another path or port of the same host is another endpoint.
+    OpenAIJudgeOptions(model="m", base_urls=["http://gpu:8000/v1", "http://gpu:8000/v2"])
+
+
 # -- failures -----------------------------------------------------------------------------------
 
 FAULTS = [
