@@ -58,11 +58,17 @@ class PollOnChange:
 
 
 def run_config(
-    tmp_path: Path, base_url: str, *, more_urls: tuple[str, ...] = (), poll_interval_s: float = 0.5
+    tmp_path: Path,
+    base_url: str,
+    *,
+    more_urls: tuple[str, ...] = (),
+    poll_interval_s: float = 0.5,
+    timeout_s: float = 60.0,
 ) -> RunConfig:
     endpoints: dict[str, Any] = (
         {"base_urls": [base_url, *more_urls]} if more_urls else {"base_url": base_url}
     )
+    endpoints["timeout_s"] = timeout_s
     return RunConfig.model_validate(
         {
             "run": {"name": "adaptive", "output_dir": str(tmp_path), "task": "t2i"},
@@ -164,6 +170,36 @@ async def test_one_endpoint_s_429s_leave_the_limit_the_others_serve(
     (controller,) = controllers
     # (Latency may move it: timing is not this test's concern.)
     assert [c for c in controller.changes if "429" in c.reason] == []
+
+
+async def test_one_endpoint_s_timeouts_leave_the_limit_the_others_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One endpoint that never answers (it then rests) while another answers well: each
+    # timeout cut the judge's limit ("no answer in time"), again each time it woke.
+    controllers = record_controllers(monkeypatch)
+    poll_interval_s = 7.25
+
+    async def sleep(seconds: float) -> None:
+        if seconds == poll_interval_s:
+            await anyio.sleep_forever()  # no load poll after the first: timeouts alone may cut
+        await anyio.lowlevel.checkpoint()  # a retry's backoff, not waited for
+
+    async with JudgeServer(JudgeServerOptions(hang_rate=1.0)) as hangs, JudgeServer() as live:
+        config = run_config(
+            tmp_path,
+            hangs.base_url,
+            more_urls=(live.base_url,),
+            poll_interval_s=poll_interval_s,
+            timeout_s=0.3,
+        )
+        with anyio.fail_after(60):
+            async with Engine(config, sleep=sleep) as engine:
+                judgements = [judgement async for judgement in engine.results]
+    assert judgements and all(j.status == "ok" for j in judgements)
+    assert hangs.stats().faults["hang"] >= 1
+    (controller,) = controllers
+    assert [c for c in controller.changes if c.reason == "no answer in time"] == []
 
 
 async def test_openai_judge_reads_the_server_load() -> None:

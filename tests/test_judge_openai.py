@@ -792,6 +792,35 @@ async def test_an_endpoint_that_fails_rests_while_another_takes_its_requests(
     assert live.stats().served == 5
 
 
+async def test_a_timeout_of_one_endpoint_while_another_is_awake_is_no_sign_of_load(
+    image: Path,
+) -> None:
+    # An AnswerTimeoutError cuts an adaptive limit: one hanging endpoint of several cut the
+    # limit that the others served, again each time it woke from its rest.
+    now = [100.0]
+    hanging = JudgeServerOptions(hang_rate=1.0)
+    async with JudgeServer(hanging) as hangs, JudgeServer() as live:
+        options = OpenAIJudgeOptions(
+            base_urls=[hangs.base_url, live.base_url], model="m", timeout_s=0.3
+        )
+        judge = OpenAIJudge("m", options, clock=lambda: now[0])
+        await judge.open()
+        try:
+            with pytest.raises(RetryableError, match="no answer within") as caught:
+                await ask(judge, image)
+            assert type(caught.value) is UnreachableError  # still no answer, but no cut
+            await ask(judge, image)  # the live one takes the retry
+            # Both resting: the timeout is the judge's as a whole again.
+            judge._endpoints[1].failed(now[0])
+            now[0] += 0.6
+            judge._endpoints[1].failed(now[0])
+            with pytest.raises(AnswerTimeoutError):
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
+    assert hangs.stats().faults["hang"] == 2
+
+
 async def test_an_endpoint_that_answers_429_rests_while_another_takes_its_requests(
     image: Path, client: Client
 ) -> None:

@@ -61,6 +61,7 @@ from trig_stream.backends.judges.transports import (
 )
 from trig_stream.config_fields import OPTIONS_CONFIG, CallTimeout, EnvVarName, HttpUrl
 from trig_stream.errors import (
+    AnswerTimeoutError,
     FatalBackendError,
     ItemError,
     NotFoundError,
@@ -531,16 +532,20 @@ class OpenAIJudge(Judge):
         A Retry-After (of a 429, or of a 5xx, 408 or 409) is the endpoint's rest, not the
         request's: waited out by the engine, it brought the retry back to this endpoint, awake
         again by then, while another that could have answered at once stood idle (a request
-        could spend all its attempts there). And a 429 of one endpoint while another is awake
-        is no sign that the judge as a whole has too much in flight: it is raised as a plain
-        :class:`~trig_stream.errors.RetryableError`, which adaptive concurrency does not
-        answer by lowering the judge's limit.
+        could spend all its attempts there). And a 429 or a timeout of one endpoint while
+        another is awake is no sign that the judge as a whole has too much in flight (one
+        endpoint that hangs cut the limit the others served, again each time it woke from its
+        rest): it is raised as a plain :class:`~trig_stream.errors.RetryableError` (a timeout
+        as a plain :class:`~trig_stream.errors.UnreachableError`: it got no answer), which
+        adaptive concurrency does not answer by lowering the judge's limit.
         """
         now = self._clock()
         if isinstance(exc, UnreachableError):
             endpoint.unreached = True
         if not isinstance(exc, RateLimitError) and exc.retry_after is None:
             endpoint.failed(now)
+            if isinstance(exc, AnswerTimeoutError) and self._another_awake(endpoint):
+                return UnreachableError(str(exc))
             return None
         endpoint.rate_limited(now, exc.retry_after)
         if not self._another_awake(endpoint):
