@@ -13,9 +13,11 @@ from typing import Any
 
 import anyio
 import pytest
+from aiohttp import web
 
 from trig_stream.backends.base import ServerLoad
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.server_probe import parse_load, server_root
 from trig_stream.concurrency import ConcurrencyController
 from trig_stream.config import RunConfig
 from trig_stream.engine import Engine
@@ -56,11 +58,17 @@ class PollOnChange:
 
 
 def run_config(
-    tmp_path: Path, base_url: str, *, more_urls: tuple[str, ...] = (), poll_interval_s: float = 0.5
+    tmp_path: Path,
+    base_url: str,
+    *,
+    more_urls: tuple[str, ...] = (),
+    poll_interval_s: float = 0.5,
+    timeout_s: float = 60.0,
 ) -> RunConfig:
     endpoints: dict[str, Any] = (
         {"base_urls": [base_url, *more_urls]} if more_urls else {"base_url": base_url}
     )
+    endpoints["timeout_s"] = timeout_s
     return RunConfig.model_validate(
         {
             "run": {"name": "adaptive", "output_dir": str(tmp_path), "task": "t2i"},
@@ -164,12 +172,45 @@ async def test_one_endpoint_s_429s_leave_the_limit_the_others_serve(
     assert [c for c in controller.changes if "429" in c.reason] == []
 
 
+async def test_one_endpoint_s_timeouts_leave_the_limit_the_others_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One endpoint that never answers (it then rests) while another answers well: each
+    # timeout cut the judge's limit ("no answer in time"), again each time it woke.
+    controllers = record_controllers(monkeypatch)
+    poll_interval_s = 7.25
+
+    async def sleep(seconds: float) -> None:
+        if seconds == poll_interval_s:
+            await anyio.sleep_forever()  # no load poll after the first: timeouts alone may cut
+        await anyio.lowlevel.checkpoint()  # a retry's backoff, not waited for
+
+    async with JudgeServer(JudgeServerOptions(hang_rate=1.0)) as hangs, JudgeServer() as live:
+        config = run_config(
+            tmp_path,
+            hangs.base_url,
+            more_urls=(live.base_url,),
+            poll_interval_s=poll_interval_s,
+            timeout_s=0.3,
+        )
+        with anyio.fail_after(60):
+            async with Engine(config, sleep=sleep) as engine:
+                judgements = [judgement async for judgement in engine.results]
+    assert judgements and all(j.status == "ok" for j in judgements)
+    assert hangs.stats().faults["hang"] >= 1
+    (controller,) = controllers
+    assert [c for c in controller.changes if c.reason == "no answer in time"] == []
+
+
 async def test_openai_judge_reads_the_server_load() -> None:
     async with JudgeServer(JudgeServerOptions(capacity=1)) as server:
         server.hold()
         judge = OpenAIJudge(
             "trigscore",
-            OpenAIJudgeOptions(base_urls=[server.base_url, server.base_url], model="m"),
+            # Two base URLs of one server (its /metrics is at their shared root).
+            OpenAIJudgeOptions(
+                base_urls=[server.base_url, server_root(server.base_url)], model="m"
+            ),
         )
         await judge.open()
         try:
@@ -178,8 +219,8 @@ async def test_openai_judge_reads_the_server_load() -> None:
                 for _ in range(3):
                     tg.start_soon(_chat, server.base_url)
                 await server.wait_until(lambda s: s.waiting == 2)
-                # Both endpoints are the same server here, so each gauge counts twice.
-                assert await judge.server_load() == ServerLoad(running=2, waiting=4)
+                # Both endpoints are the same server: its queue is counted once.
+                assert await judge.server_load() == ServerLoad(running=1, waiting=2)
                 server.release()
         finally:
             await judge.aclose()
@@ -189,6 +230,70 @@ async def test_openai_judge_reads_the_server_load() -> None:
         assert await closed.server_load() is None  # the server is gone: unknown, no error
     finally:
         await closed.aclose()
+
+
+class UnknownLoad(JudgeServer):
+    """A vLLM-like server whose gauges say it does not know its load (valid Prometheus)."""
+
+    def __init__(self, value: str) -> None:
+        super().__init__()
+        self.value = value
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        text = (
+            f'vllm:num_requests_running{{model_name="m"}} {self.value}\n'
+            f'vllm:num_requests_waiting{{model_name="m"}} {self.value}\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-Inf", "1e400"])
+async def test_a_server_that_does_not_know_its_load_leaves_the_others_loads(value: str) -> None:
+    # round() of NaN or +Inf raised out of server_load: the healthy server's load was lost
+    # too, and after three such polls the run stopped reading loads, silently.
+    assert parse_load(f"vllm:num_requests_waiting {value}\n") is None
+    assert parse_load(
+        f"vllm:num_requests_running 3\nvllm:num_requests_waiting {value}\n"
+    ) == ServerLoad(running=3, waiting=0)
+    async with (
+        UnknownLoad(value) as unknown,
+        JudgeServer(JudgeServerOptions(capacity=1)) as server,
+    ):
+        server.hold()
+        judge = OpenAIJudge(
+            "trigscore",
+            OpenAIJudgeOptions(base_urls=[unknown.base_url, server.base_url], model="m"),
+        )
+        await judge.open()
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):
+                    tg.start_soon(_chat, server.base_url)
+                await server.wait_until(lambda s: s.waiting == 1)
+                assert await judge.server_load() == ServerLoad(running=1, waiting=1)
+                server.release()
+        finally:
+            await judge.aclose()
+
+
+async def test_one_server_whose_load_read_fails_never_hides_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def read_load(base_url: str, *, timeout_s: float) -> ServerLoad | None:
+        if "broken" in base_url:
+            raise ValueError("a probe's bug")
+        return ServerLoad(running=2, waiting=3)
+
+    monkeypatch.setattr("trig_stream.backends.judges.openai_judge.read_load", read_load)
+    judge = OpenAIJudge(
+        "trigscore",
+        OpenAIJudgeOptions(base_urls=["http://broken:1/v1", "http://127.0.0.1:1/v1"], model="m"),
+    )
+    await judge.open()
+    try:
+        assert await judge.server_load() == ServerLoad(running=2, waiting=3)
+    finally:
+        await judge.aclose()
 
 
 async def _chat(base_url: str) -> None:

@@ -2251,8 +2251,11 @@ class HeldJudge(FakeJudge):
     def __init__(self) -> None:
         super().__init__("trigscore", FakeJudgeOptions())
         self.release = anyio.Event()
+        self.asked = 0
+        """Requests that reached judge(): on the wire, for a judge behind a server."""
 
     async def judge(self, request: JudgeRequest) -> JudgeReply:
+        self.asked += 1
         await self.release.wait()
         return await super().judge(request)
 
@@ -2267,11 +2270,14 @@ async def poll_until(condition: Callable[[], bool]) -> None:
             await checkpoint()
 
 
-async def test_a_stop_once_every_sample_is_in_flight_ends_done(make_config: ConfigFactory) -> None:
-    # It ended "stopped": exit 130 and no report, with nothing left to do.
+async def test_a_stop_once_every_request_is_in_flight_ends_done(
+    make_config: ConfigFactory,
+) -> None:
+    # It ended "stopped": exit 130 and no report, with nothing left to do. (A stop starts
+    # no request: one not yet asked is left to the resume, and the run ends "stopped".)
     judge = HeldJudge()
     async with Engine(make_config(samples=2), judges=[judge]) as engine:
-        await poll_until(lambda: synth_counts(engine).generated == 2)
+        await poll_until(lambda: judge.asked == 4)
         engine.stop()
         judge.release.set()
         assert len([j async for j in engine.results]) == 4

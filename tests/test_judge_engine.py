@@ -29,7 +29,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return "asyncio", {"use_uvloop": request.param == "uvloop"}
 
 
-def run_config(tmp_path: Path, base_url: str | list[str], **engine: Any) -> RunConfig:
+def run_config(
+    tmp_path: Path, base_url: str | list[str], *, concurrency: int = 16, **engine: Any
+) -> RunConfig:
     endpoints = {"base_urls": base_url} if isinstance(base_url, list) else {"base_url": base_url}
     return RunConfig.model_validate(
         {
@@ -48,7 +50,7 @@ def run_config(tmp_path: Path, base_url: str | list[str], **engine: Any) -> RunC
                 {
                     "name": "trigscore",
                     "backend": "openai",
-                    "concurrency": 16,
+                    "concurrency": concurrency,
                     "scorer": "trig",
                     "options": {**endpoints, "model": "trig-judge-sim"},
                 }
@@ -162,3 +164,47 @@ async def test_requests_reuse_the_tasks_that_made_earlier_ones() -> None:
             assert len(anyio.get_running_tasks()) == tasks  # no task was started
     assert len(set(makers[0])) == 3
     assert len(makers[1]) == 3 and set(makers[1]) <= set(makers[0])
+
+
+async def test_a_stop_in_a_429_storm_ends_the_retries_waits_and_starts_no_request(
+    tmp_path: Path,
+) -> None:
+    # A stop while every slot's retry waited out a Retry-After of 20 s waited for them all,
+    # and then each retry, and more first attempts, went out: one Ctrl-C took minutes. The
+    # images are on disk: their judgements are asked on resume.
+    samples = len(json.loads(DEMO.read_text()))
+    concurrency = 4
+    waiting: list[float] = []
+    all_waiting = anyio.Event()
+
+    async def sleep(seconds: float) -> None:  # a retry's wait: only a stop ends it
+        waiting.append(seconds)
+        if len(waiting) == concurrency:
+            all_waiting.set()
+        await anyio.sleep_forever()
+
+    storm = JudgeServerOptions(rate_limit_rate=1.0, retry_after="20")
+    async with JudgeServer(storm) as limited:
+        config = run_config(tmp_path, limited.base_url, concurrency=concurrency, max_attempts=3)
+        with anyio.fail_after(30):  # a safety net: the stop ends the waits at once
+            async with Engine(config, sleep=sleep) as engine:
+                async with anyio.create_task_group() as tg:
+
+                    async def stop_once_all_wait() -> None:
+                        await all_waiting.wait()
+                        assert limited.stats().received == concurrency
+                        engine.stop()
+
+                    tg.start_soon(stop_once_all_wait)
+                    judgements = [j async for j in engine.results]
+                state = engine.stats().state
+    assert waiting == [20.0] * concurrency
+    assert judgements == []  # no record of a request the stop cut short
+    assert limited.stats().received == concurrency  # no first attempt after the stop
+    assert state == "stopped"
+    async with JudgeServer() as live:
+        config = run_config(tmp_path, live.base_url)
+        async with Engine(config) as engine:
+            judgements = [j async for j in engine.results]
+    assert len(judgements) == 2 * samples and all(j.status == "ok" for j in judgements)
+    assert live.stats().received == 2 * samples  # exactly the missing ones

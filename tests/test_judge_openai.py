@@ -289,6 +289,18 @@ def test_options_refuse_ambiguous_endpoints() -> None:
         OpenAIJudgeOptions(model="m", base_url="http://a/v1", base_urls=["http://b/v1"])
 
 
+@pytest.mark.parametrize(
+    "twice",
+    ["http://gpu:8000/v1", "http://gpu:8000/v1/", "HTTP://GPU:8000/v1", "http://Gpu:8000/v1//"],
+)
+def test_options_refuse_a_server_listed_twice_naming_both_entries(twice: str) -> None:
+    # Listed twice, its /metrics queue was summed twice: the adaptive limit was cut early.
+    with pytest.raises(ValueError, match=r"base_urls\[0\] .* and base_urls\[2\] .* same endpoint"):
+        OpenAIJudgeOptions(model="m", base_urls=["http://gpu:8000/v1", "http://gpu:8001/v1", twice])
+    # Another path or port of the same host is another endpoint.
+    OpenAIJudgeOptions(model="m", base_urls=["http://gpu:8000/v1", "http://gpu:8000/v2"])
+
+
 # -- failures -----------------------------------------------------------------------------------
 
 FAULTS = [
@@ -778,6 +790,35 @@ async def test_an_endpoint_that_fails_rests_while_another_takes_its_requests(
     # Rests of 0.5 s, then 1 s, then 2 s: the dead endpoint is tried once each time one ends.
     assert outcomes == ["down", "ok", "ok", "down", "ok", "ok", "down", "ok"]
     assert live.stats().served == 5
+
+
+async def test_a_timeout_of_one_endpoint_while_another_is_awake_is_no_sign_of_load(
+    image: Path,
+) -> None:
+    # An AnswerTimeoutError cuts an adaptive limit: one hanging endpoint of several cut the
+    # limit that the others served, again each time it woke from its rest.
+    now = [100.0]
+    hanging = JudgeServerOptions(hang_rate=1.0)
+    async with JudgeServer(hanging) as hangs, JudgeServer() as live:
+        options = OpenAIJudgeOptions(
+            base_urls=[hangs.base_url, live.base_url], model="m", timeout_s=0.3
+        )
+        judge = OpenAIJudge("m", options, clock=lambda: now[0])
+        await judge.open()
+        try:
+            with pytest.raises(RetryableError, match="no answer within") as caught:
+                await ask(judge, image)
+            assert type(caught.value) is UnreachableError  # still no answer, but no cut
+            await ask(judge, image)  # the live one takes the retry
+            # Both resting: the timeout is the judge's as a whole again.
+            judge._endpoints[1].failed(now[0])
+            now[0] += 0.6
+            judge._endpoints[1].failed(now[0])
+            with pytest.raises(AnswerTimeoutError):
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
+    assert hangs.stats().faults["hang"] == 2
 
 
 async def test_an_endpoint_that_answers_429_rests_while_another_takes_its_requests(

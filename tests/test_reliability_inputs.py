@@ -142,6 +142,17 @@ BROKEN_CONFIGS: list[tuple[str, Edit, int, str]] = [
         "judges[0].options.base_urls[0]: not an http:// or https:// URL",
     ),
     (
+        "judge server listed twice",
+        replace(
+            'backend = "fake"',
+            'backend = "openai"\noptions = { model = "m", base_urls = '
+            '["http://gpu:8000/v1", "http://10.0.0.2:8000/v1", "HTTP://GPU:8000/v1/"] }',
+        ),
+        EXIT_CONFIG,
+        "judges[0].options.base_urls: base_urls[0] ('http://gpu:8000/v1') and base_urls[2] "
+        "('HTTP://GPU:8000/v1/') are the same endpoint",
+    ),
+    (
         "no generators",
         replace(
             '[[generators]]\nname = "synth"\nbackend = "synthetic"\noptions = { size = 16 }\n', ""

@@ -1066,3 +1066,33 @@ async def test_a_stored_config_todays_bounds_refuse_keeps_its_thresholds_and_mod
     snapshot = source.poll()
     assert (source._thresholds.synergy, source._thresholds.bottleneck) == (0.3, 0.1)
     assert {model.name for model in snapshot.models} == {"synth-a", "synth-b"}
+
+
+def test_watch_shows_an_adaptive_judge_s_range_not_its_starting_concurrency(
+    tmp_path: Path,
+) -> None:
+    # The run directory holds no live limit: "in flight: unknown –/32" read the starting
+    # concurrency of an adaptive judge as its limit.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    judges = [
+        {"name": "fixed", "backend": "fake", "concurrency": 32},
+        {
+            "name": "moving",
+            "backend": "fake",
+            "concurrency": 32,
+            "adaptive": {"enabled": True, "min": 1, "max": 64},
+        },
+        {"name": "bare", "backend": "fake", "concurrency": 32, "adaptive": {"enabled": True}},
+        {
+            "name": "off",
+            "backend": "fake",
+            "concurrency": 8,
+            "adaptive": {"enabled": False, "min": 1, "max": 64},
+        },
+    ]
+    manifest = Manifest(run_name="r", task="t2i", config={"judges": judges})
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    (run_dir / JOURNAL).write_bytes(lines_of(judgement(1)))
+    shown = judge_loads(RunDirSource(run_dir).poll()).plain.splitlines()[::2]
+    assert [line.split()[-1] for line in shown] == ["–/32", "–/1–64", "–/adaptive", "–/8"]

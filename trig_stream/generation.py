@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ from trig_stream.pipeline import (
     failed_judgement,
     send_now,
     take_ready,
+    unless,
 )
 from trig_stream.png import (
     encode_png,
@@ -143,7 +144,7 @@ class GenerationStage:
                         # A hard stop does not wait for a close that hangs (a device that
                         # no longer answers): it ends in its thread.
                         release = self._calls.close(self._close_generator, limiter=compute)
-                        await _unless(self._context.hard_stopping, release)
+                        await unless(self._context.hard_stopping, release)
                     self._note_generator_notes()
 
     async def _load(self, limiter: anyio.CapacityLimiter) -> bool:
@@ -171,7 +172,7 @@ class GenerationStage:
                     stop=generator.stop_loading,
                     instance=generator,
                 )
-                if not await _unless(self._context.stopping, load):
+                if not await unless(self._context.stopping, load):
                     return False
             except TrigStreamError:
                 raise
@@ -508,29 +509,6 @@ def _new(picture: object) -> bool:
     """Whether a :class:`_Made` picture is one the call made (not an image reused from disk,
     nor the reason an item failed)."""
     return not isinstance(picture, GeneratedImage | str | None)
-
-
-async def _unless(event: anyio.Event, waited: Awaitable[None]) -> bool:
-    """Await ``waited`` unless ``event`` is set first (or already), which cancels it;
-    whether it ended by itself. Its error comes out as itself, not in a group."""
-    failure: Exception | None = None
-    ended = False
-    async with anyio.create_task_group() as tg:
-
-        async def cancel_on_event() -> None:
-            await event.wait()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(cancel_on_event)
-        try:
-            await waited
-            ended = True
-        except Exception as exc:
-            failure = exc
-        tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    return ended
 
 
 FAILED_CALLS_TO_STOP = 4

@@ -10,6 +10,11 @@ A judge whose ``[judges.adaptive]`` is on gets a :class:`~trig_stream.concurrenc
 ConcurrencyController` that moves its limit: every answer's latency and every sign of load (a
 429, no answer in time) is reported to it, and a task of this stage polls the judge's server
 load for it while the stage runs.
+
+A stop (graceful or hard) starts no request: every image handed to this stage is on disk in
+the run directory (written there, or reused from it), so its judgements not yet asked are asked
+when the run resumes, which reuses the image. A retry waiting out its backoff or Retry-After
+ends at the stop without a record; only a request on the wire is waited for.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from trig_stream.pipeline import (
     failed_judgement,
     send_now,
     take_ready,
+    unless,
 )
 from trig_stream.records import Judgement, Status, TopLogprobs
 from trig_stream.retry import RetryPolicy
@@ -109,6 +115,9 @@ class JudgeStage:
         self._scored: set[str] = set()
         """The judges that have scored an answer."""
         self._unscorable: Counter[str] = Counter()
+        self._unasked: dict[int, tuple[ImageItem, int]] = {}
+        """By the item's id: the images whose judgements a stop left unasked, and how many
+        (some may have been made); counted as left work once the stage ends."""
 
     async def run(
         self,
@@ -126,7 +135,24 @@ class JudgeStage:
                         await self._dispatch(requesters, judge, items, judgement_send)
             # Every request has ended: the load watchers have nothing left to steer.
             watchers.cancel_scope.cancel()
+        self._count_unasked()
         self._note_judges_that_scored_nothing()
+
+    def _leave_unasked(self, item: ImageItem, count: int = 1) -> None:
+        # A stop: the image is on disk, and a resume asks these judgements.
+        _, before = self._unasked.get(id(item), (item, 0))
+        self._unasked[id(item)] = (item, before + count)
+
+    def _count_unasked(self) -> None:
+        """Take the judgements a stop left unasked off their models' counts: the run has work
+        left (it ends ``stopped``), and the dashboard waits for none of them."""
+        for item, count in self._unasked.values():
+            counts = self._context.counters.model(item.work.model)
+            counts.to_judge -= count
+            counts.dropped += 1
+            if count == len(item.work.todo):  # none of its judgements was made
+                counts.queued -= 1
+        self._unasked.clear()
 
     async def _follow_server_loads(self) -> None:
         """Read each adaptive judge's server load, once the judges are open: an unopened
@@ -166,6 +192,10 @@ class JudgeStage:
         ]
         if not jobs:
             return
+        if self._context.stopping.is_set():
+            for item, dimensions in jobs:
+                self._leave_unasked(item, len(dimensions))
+            return
         paths = [item.image.path for item, _ in jobs]
         prepared = await anyio.to_thread.run_sync(_prepare_all, judge, paths)
         limiter = self._limiters[judge.name]
@@ -184,7 +214,7 @@ class JudgeStage:
                         )
                     )
                 continue
-            for dimension in dimensions:
+            for index, dimension in enumerate(dimensions):
                 # Taking the slot here, before starting the request, is the backpressure:
                 # when the judge is saturated, images wait in their buffer and generation
                 # slows.
@@ -193,6 +223,10 @@ class JudgeStage:
                     limiter.acquire_on_behalf_of_nowait(token)
                 except anyio.WouldBlock:
                     await limiter.acquire_on_behalf_of(token)
+                if self._context.stopping.is_set():  # came while the slot was awaited
+                    limiter.release_on_behalf_of(token)
+                    self._leave_unasked(item, len(dimensions) - index)
+                    break
                 request = JudgeRequest(item.work.model, item.work.sample, dimension, image, 1)
                 requesters.hand_on(judge, item, request, token, judgement_send)
 
@@ -223,6 +257,11 @@ class JudgeStage:
         controller = self.controllers.get(judge.name)
         try:
             while True:
+                if self._context.stopping.is_set():
+                    # Handed on before the stop, or a retry: not on the wire yet, so asked
+                    # on resume instead (its image is on disk).
+                    self._leave_unasked(item)
+                    return
                 attempts += 1
                 epoch = controller.epoch if controller else 0
                 attempt_started = time.perf_counter()
@@ -272,7 +311,10 @@ class JudgeStage:
                                 f"{exc}); is its server running, at the address in the config?"
                             ) from None
                         break
-                    await self._sleep(self._retry.delay(attempts, exc.retry_after))
+                    # A stop ends the wait (a Retry-After may ask for minutes): the loop's
+                    # check then leaves the request to the resume.
+                    delay = self._retry.delay(attempts, exc.retry_after)
+                    await unless(self._context.stopping, self._sleep(delay))
                 except ItemError as exc:
                     self._answered.add(judge.name)
                     failure = str(exc) or type(exc).__name__

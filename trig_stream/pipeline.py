@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -133,3 +134,26 @@ async def send_now(send: MemoryObjectSendStream[T], item: T) -> None:
         # cancellation is what this task must raise, as ``send`` would have.
         await anyio.lowlevel.checkpoint()
         raise
+
+
+async def unless(event: anyio.Event, waited: Awaitable[None]) -> bool:
+    """Await ``waited`` unless ``event`` is set first (or already), which cancels it;
+    whether it ended by itself. Its error comes out as itself, not in a group."""
+    failure: Exception | None = None
+    ended = False
+    async with anyio.create_task_group() as tg:
+
+        async def cancel_on_event() -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(cancel_on_event)
+        try:
+            await waited
+            ended = True
+        except Exception as exc:
+            failure = exc
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return ended

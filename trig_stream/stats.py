@@ -68,8 +68,8 @@ class ModelCounts:
     skipped: int = 0
     """Samples whose every judgement was already in the journal."""
     dropped: int = 0
-    """Queued samples a stop (graceful or hard) or a failure left ungenerated (no longer
-    counted in ``queued``)."""
+    """Queued samples a stop (graceful or hard) or a failure left ungenerated, or a stop left
+    with judgements unasked (no longer counted in ``queued`` when none was made)."""
     generated: int = 0
     reused: int = 0
     """Images found valid on disk from an earlier run."""

@@ -278,7 +278,12 @@ def judge_loads(snapshot: DashboardSnapshot, width: int = 10, limit: int | None 
         name = fit(printable(judge.name), NAME_WIDTH)
         text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         if judge.in_flight is None or judge.limit is None:
-            concurrency = "–" if judge.limit is None else str(judge.limit)
+            if judge.limit is not None:
+                concurrency = str(judge.limit)
+            elif judge.limit_range is not None:  # adaptive: where it stands is not known
+                concurrency = "{}–{}".format(*judge.limit_range)
+            else:
+                concurrency = "adaptive" if judge.adaptive else "–"
             text.append("in flight: unknown", style="grey50")
             text.append(f" –/{concurrency}")
         else:

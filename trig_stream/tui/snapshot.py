@@ -15,7 +15,7 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias, TypeGuard
 
 from trig_stream.analysis.relations import DTM
 from trig_stream.dimensions import Dimension
@@ -84,6 +84,11 @@ class JudgeView:
     limit: int | None = None
     waiting: int | None = None
     """Requests queued at the server, when the engine reports it."""
+    adaptive: bool = False
+    """Whether its limit moves (``[judges.adaptive]``): without a live ``limit``, its
+    configured ``concurrency`` is only where the limit started."""
+    limit_range: tuple[int, int] | None = None
+    """The bounds (``min``, ``max``) of an adaptive limit, when the config says them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,12 +282,24 @@ def judge_views(config: Mapping[str, Any]) -> tuple[JudgeView, ...]:
         if not endpoints and options.get("serve"):
             endpoints.append("managed server")
         limit = judge.get("concurrency")
+        adaptive = judge.get("adaptive")
+        if not isinstance(adaptive, Mapping):
+            adaptive = {}
+        moves = adaptive.get("enabled") is True
+        low, high = adaptive.get("min"), adaptive.get("max")
         views.append(
             JudgeView(
                 name=str(judge.get("name", "?")),
                 backend=str(judge.get("backend", "?")),
                 endpoints=tuple(endpoints),
-                limit=limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
+                # An adaptive judge's concurrency is only its starting limit: no limit now.
+                limit=limit if _count(limit) and not moves else None,
+                adaptive=moves,
+                limit_range=(low, high) if moves and _count(low) and _count(high) else None,
             )
         )
     return tuple(views)
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -35,8 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.api_keys import key_from_env
 from trig_stream.backends.base import (
@@ -49,7 +50,7 @@ from trig_stream.backends.base import (
 from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, REFUSALS_TO_STOP
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
 from trig_stream.backends.judges.payloads import cut_by_filter, encode_image, reply_of
-from trig_stream.backends.judges.server_probe import read_load
+from trig_stream.backends.judges.server_probe import read_load, server_root
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.judges.transports import (
     IMAGE_SLOT,
@@ -60,6 +61,7 @@ from trig_stream.backends.judges.transports import (
 )
 from trig_stream.config_fields import OPTIONS_CONFIG, CallTimeout, EnvVarName, HttpUrl
 from trig_stream.errors import (
+    AnswerTimeoutError,
     FatalBackendError,
     ItemError,
     NotFoundError,
@@ -109,6 +111,22 @@ class OpenAIJudgeOptions(BaseModel):
     serve: ServeOptions | None = None
     """Start this server for the run and judge with it (instead of a base URL)."""
 
+    @field_validator("base_urls")
+    @classmethod
+    def _each_endpoint_once(cls, urls: list[str]) -> list[str]:
+        seen: dict[str, int] = {}
+        for index, url in enumerate(urls):
+            first = seen.setdefault(same_endpoint_key(url), index)
+            if first != index:
+                # Listed twice, its queue was read and counted twice (the adaptive limit cut
+                # early) and it drew twice the share of requests.
+                raise ValueError(
+                    f"base_urls[{first}] ({urls[first]!r}) and base_urls[{index}] ({url!r}) "
+                    "are the same endpoint (scheme and host case, a trailing '/' aside): "
+                    "list each server once"
+                )
+        return urls
+
     @model_validator(mode="after")
     def _check(self) -> OpenAIJudgeOptions:
         sources = (self.base_url is not None) + bool(self.base_urls) + (self.serve is not None)
@@ -122,6 +140,13 @@ class OpenAIJudgeOptions(BaseModel):
     def endpoints(self) -> list[str]:
         """Every base URL configured (none with ``serve``: its URL is known once started)."""
         return [self.base_url] if self.base_url is not None else list(self.base_urls)
+
+
+def same_endpoint_key(url: str) -> str:
+    """``url`` as two spellings of one endpoint share it: scheme and host in lower case,
+    without a trailing ``/`` (``http://H:8000/v1/`` is ``http://h:8000/v1``)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
 
 
 class Secret:
@@ -400,12 +425,23 @@ class OpenAIJudge(Judge):
                     self.server = None  # only now: a stop_now() meanwhile must reach it
 
     async def server_load(self) -> ServerLoad | None:
-        """vLLM's running and waiting requests, summed over the endpoints that report them."""
-        loads = [
-            await read_load(endpoint.transport.url, timeout_s=METRICS_TIMEOUT_S)
+        """vLLM's running and waiting requests, summed over the servers that report them.
+
+        Each server is read once, however many base URLs lead to it (``/metrics`` sits at its
+        root); one that cannot say its load leaves out its own share only.
+        """
+        roots = dict.fromkeys(
+            same_endpoint_key(server_root(endpoint.transport.url))
             for endpoint in list(self._endpoints)
-        ]
-        known = [load for load in loads if load is not None]
+        )
+        known: list[ServerLoad] = []
+        for root in roots:
+            try:
+                load = await read_load(root, timeout_s=METRICS_TIMEOUT_S)
+            except Exception:  # a bug of the probe: this server's load is unknown, not all
+                load = None
+            if load is not None:
+                known.append(load)
         if not known:
             return None
         return ServerLoad(
@@ -496,16 +532,20 @@ class OpenAIJudge(Judge):
         A Retry-After (of a 429, or of a 5xx, 408 or 409) is the endpoint's rest, not the
         request's: waited out by the engine, it brought the retry back to this endpoint, awake
         again by then, while another that could have answered at once stood idle (a request
-        could spend all its attempts there). And a 429 of one endpoint while another is awake
-        is no sign that the judge as a whole has too much in flight: it is raised as a plain
-        :class:`~trig_stream.errors.RetryableError`, which adaptive concurrency does not
-        answer by lowering the judge's limit.
+        could spend all its attempts there). And a 429 or a timeout of one endpoint while
+        another is awake is no sign that the judge as a whole has too much in flight (one
+        endpoint that hangs cut the limit the others served, again each time it woke from its
+        rest): it is raised as a plain :class:`~trig_stream.errors.RetryableError` (a timeout
+        as a plain :class:`~trig_stream.errors.UnreachableError`: it got no answer), which
+        adaptive concurrency does not answer by lowering the judge's limit.
         """
         now = self._clock()
         if isinstance(exc, UnreachableError):
             endpoint.unreached = True
         if not isinstance(exc, RateLimitError) and exc.retry_after is None:
             endpoint.failed(now)
+            if isinstance(exc, AnswerTimeoutError) and self._another_awake(endpoint):
+                return UnreachableError(str(exc))
             return None
         endpoint.rate_limited(now, exc.retry_after)
         if not self._another_awake(endpoint):

@@ -8,6 +8,7 @@ they work on any event loop and never carry the API key.
 
 from __future__ import annotations
 
+import math
 from urllib.parse import urlsplit
 
 import anyio
@@ -83,7 +84,8 @@ def server_root(base_url: str) -> str:
 def parse_load(text: str) -> ServerLoad | None:
     """The running and waiting requests in a Prometheus page, summed over label sets.
 
-    Returns None when the page has neither gauge (not a vLLM server).
+    Returns None when the page has neither gauge with a finite value (not a vLLM server, or
+    one that does not know its load: ``NaN``, ``+Inf``).
     """
     totals = {RUNNING: 0.0, WAITING: 0.0}
     found = False
@@ -102,12 +104,15 @@ def parse_load(text: str) -> ServerLoad | None:
         if not fields:
             continue
         try:
-            totals[name] += float(fields[0])
+            value = float(fields[0])
         except ValueError:
             continue
+        if not math.isfinite(value):
+            continue  # NaN or +Inf is valid Prometheus, and says nothing of the queue
+        totals[name] += value
         found = True
-    if not found:
-        return None
+    if not found or not all(map(math.isfinite, totals.values())):
+        return None  # (a sum of huge gauges overflowed: no count of requests)
     return ServerLoad(running=round(totals[RUNNING]), waiting=round(totals[WAITING]))
 
 
