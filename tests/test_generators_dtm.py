@@ -400,6 +400,95 @@ def test_a_placeholder_key_that_is_a_word_of_the_rewrite_keeps_it(
     assert (outcome.status, outcome.prompt) == ("rewritten", answer)
 
 
+LLM_KEY = "sk-LLM.key+1234567"
+"""A key of the rewriting LLM that a refusal quotes (``.`` and ``+`` included, which end a
+sentence and escape in a URL)."""
+CUT_HEAD = "I'm sorry, but I cannot rewrite this prompt with" + " at all" * 3 + " "
+"""70 characters: a key after it stands across the 80th, where a refusal's quote is cut."""
+
+
+@pytest.mark.parametrize(
+    ("key", "refusal", "shown"),
+    [
+        (
+            LLM_KEY,
+            f"I'm sorry, but I cannot use {LLM_KEY} here.",
+            "I'm sorry, but I cannot use *** here.",
+        ),
+        # The key across the 80th character, where the quote is cut: masked after the cut,
+        # its first characters were left.
+        (LLM_KEY, f"{CUT_HEAD}{LLM_KEY} in it.", f"{CUT_HEAD}***"),
+        # A short key is masked where it stands as a word, as in every other message.
+        ("dummy", "I'm sorry, dummy, I cannot rewrite this.", "I'm sorry, ***, I cannot"),
+    ],
+    ids=["quoted", "across-the-cut", "short-key"],
+)
+def test_a_refusal_quoting_the_key_is_stored_with_the_key_masked(
+    monkeypatch: pytest.MonkeyPatch, key: str, refusal: str, shown: str
+) -> None:
+    # The refusal's quote held the key: in the journal, the PNG, the log and the end note.
+    monkeypatch.setenv(KEY_ENV, key)
+    with GenerationAPIServer(api_key=key, rewrite=lambda user: refusal) as llm:
+        generator = rewriter(llm)
+        generator.generate([request("R_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["R_1"]
+    assert outcome.status == "fallback" and outcome.error is not None
+    assert "the LLM refused to rewrite the prompt" in outcome.error and shown in outcome.error
+    assert key[:5] not in outcome.error.removeprefix("the LLM refused")
+    assert key[:5] not in " ".join(generator.notes())
+
+
+def test_a_key_only_in_the_answers_explanation_falls_back_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Read masked, the answer's rewrite no longer shows where the key stood: an answer holding
+    # it anywhere is not taken.
+    monkeypatch.setenv(KEY_ENV, LLM_KEY)
+    answer = f"A red kite over a beach.\n\nExplanation: I used {LLM_KEY} to rewrite it."
+    with GenerationAPIServer(api_key=LLM_KEY, rewrite=lambda user: answer) as llm:
+        generator = rewriter(llm)
+        generator.generate([request("E_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["E_1"]
+    assert outcome.status == "fallback" and outcome.error is not None
+    assert "holds the API key" in outcome.error and LLM_KEY not in outcome.error
+
+
+def test_a_refusal_quoting_the_key_leaves_it_nowhere_in_a_run(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The key was in journal.jsonl, both PNGs' text chunks, stderr and the end-of-run note.
+    from tests.conftest import run_and_dataset_toml
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_OK
+
+    monkeypatch.setenv("LLMKEY", LLM_KEY)
+    refusal = f"I'm sorry, but I cannot use {LLM_KEY} here."
+    with GenerationAPIServer(api_key=LLM_KEY, rewrite=lambda user: refusal) as llm:
+        path = tmp_path / "run.toml"
+        path.write_text(
+            run_and_dataset_toml(tmp_path)
+            + '[[generators]]\nname = "dtm"\nbackend = "dtm_rewrite"\n'
+            "[generators.options]\n"
+            f'model = "llm"\nbase_url = "{llm.base_url}"\napi_key_env = "LLMKEY"\n'
+            "max_attempts = 1\n"
+            'inner = { backend = "synthetic", options = { size = 16 } }\n'
+            'relations = { "IQ-R_TA-C" = 1 }\n'
+            '[[judges]]\nname = "trigscore"\nbackend = "fake"\n'
+        )
+        assert main(["run", str(path), "--headless"]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert "I'm sorry, but I cannot use *** here." in err  # the end-of-run note
+    files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".png" for p in files)
+    for piece in (LLM_KEY, LLM_KEY[:6], LLM_KEY[-8:]):
+        assert piece not in out + err + caplog.text
+        for file in files:
+            assert piece.encode() not in file.read_bytes(), f"{file} holds the key"
+
+
 def test_failure_falls_back_to_the_original_and_says_so(
     server: GenerationAPIServer, caplog: pytest.LogCaptureFixture
 ) -> None:

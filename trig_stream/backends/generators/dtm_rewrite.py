@@ -383,28 +383,13 @@ class DTMRewriteGenerator(Generator):
                 # Only a refusal of the prompt's content, or the run's cancel, ends a call so.
                 counts = isinstance(exc, NotFoundError)
                 raise
-            choice = response.choices[0]
             try:
-                text = rewritten_prompt(
-                    choice.message.content,
-                    choice.finish_reason,
-                    guidance=instruction(first, second, code),
-                    max_tokens=o.max_tokens,
-                )
+                text = self._rewrite_in(response.choices[0], instruction(first, second, code))
             except RefusedContent:
                 # The LLM answered, and declined this prompt's content (TRIG's toxicity
                 # prompts provoke it by design): nothing wrong with its options.
                 counts = False
                 raise
-            if len(self._key) >= SHORT_KEY_CHARS and redact(text, self._key) != text:
-                # Masked, the prompt would still go on to the inner generator (an API,
-                # perhaps) and into every record: no rewrite to take. A short key is a
-                # placeholder (vLLM's EMPTY, "dummy", "token"), and a word of a good rewrite.
-                raise ItemError(
-                    "the LLM's rewrite holds the API key of the rewriting LLM (not repeated "
-                    "here), so it is neither sent on nor stored; check what that server puts "
-                    "in its answers"
-                )
         except FatalBackendError:
             raise
         except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
@@ -434,6 +419,43 @@ class DTMRewriteGenerator(Generator):
         with self._lock:
             self._rewrote = True
         return RewriteOutcome(sample.data_id, sample.pair, code, sample.prompt, text, "rewritten")
+
+    def _rewrite_in(self, choice: Any, guidance: str) -> str:
+        """The rewrite in the LLM's answer ``choice`` (:func:`rewritten_prompt`), read with
+        the API key masked first: every message quoting the answer (a refusal that quotes the
+        key, cut at 80 characters) is stored, logged and noted at the run's end, and the mask
+        goes in before any cut, so no piece of the key is left at one.
+
+        Raises:
+            RefusedContent: the LLM refused in words, or its content filter stopped it.
+            ItemError: the answer holds no rewrite (see :func:`rewritten_prompt`), or it holds
+                a key of :data:`SHORT_KEY_CHARS` characters or more.
+        """
+        o = self.options
+        answer = choice.message.content
+        masked = redact(answer, self._key) if isinstance(answer, str) else answer
+        text = rewritten_prompt(
+            masked, choice.finish_reason, guidance=guidance, max_tokens=o.max_tokens
+        )
+        if masked == answer:
+            return text
+        if len(self._key) >= SHORT_KEY_CHARS:
+            # Masked, the prompt would still go on to the inner generator (an API, perhaps)
+            # and into every record, a mask where the server put something: no rewrite to
+            # take.
+            raise ItemError(
+                "the LLM's answer holds the API key of the rewriting LLM (not repeated here), "
+                "so its rewrite is neither sent on nor stored; check what that server puts in "
+                "its answers"
+            )
+        # A short key is a placeholder (vLLM's EMPTY, "dummy", "token"), and a word of a good
+        # rewrite, which keeps it: read again unmasked, with what it says masked.
+        try:
+            return rewritten_prompt(
+                answer, choice.finish_reason, guidance=guidance, max_tokens=o.max_tokens
+            )
+        except ItemError as exc:
+            raise type(exc)(redact(str(exc), self._key)) from None
 
     def _count_failure(self, reason: str) -> None:
         """Stop the run once :data:`REFUSALS_TO_STOP` rewrites have failed before any prompt
