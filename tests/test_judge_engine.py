@@ -30,7 +30,12 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
 
 
 def run_config(
-    tmp_path: Path, base_url: str | list[str], *, concurrency: int = 16, **engine: Any
+    tmp_path: Path,
+    base_url: str | list[str],
+    *,
+    concurrency: int = 16,
+    judge_options: dict[str, Any] | None = None,
+    **engine: Any,
 ) -> RunConfig:
     endpoints = {"base_urls": base_url} if isinstance(base_url, list) else {"base_url": base_url}
     return RunConfig.model_validate(
@@ -52,7 +57,7 @@ def run_config(
                     "backend": "openai",
                     "concurrency": concurrency,
                     "scorer": "trig",
-                    "options": {**endpoints, "model": "trig-judge-sim"},
+                    "options": {**endpoints, "model": "trig-judge-sim", **(judge_options or {})},
                 }
             ],
         }
@@ -208,3 +213,52 @@ async def test_a_stop_in_a_429_storm_ends_the_retries_waits_and_starts_no_reques
             judgements = [j async for j in engine.results]
     assert len(judgements) == 2 * samples and all(j.status == "ok" for j in judgements)
     assert live.stats().received == 2 * samples  # exactly the missing ones
+
+
+@pytest.mark.parametrize(
+    ("echoed", "status", "error"),
+    [
+        ("token", "unscorable", "no rating word among the top tokens: ['***'"),
+        ("logprob", "error", "malformed answer (TypeError: logprob '***' of token"),
+    ],
+)
+async def test_a_key_the_server_echoes_in_its_answers_is_stored_nowhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, echoed: str, status: str, error: str
+) -> None:
+    # A server that puts the Bearer token it received in its answer, as a token or as a
+    # logprob: the key was in the journal, the records' top_logprobs, their errors and the
+    # report's judgements.parquet.
+    from trig_stream.analysis.exports import write_judgements_parquet
+    from trig_stream.testing import judge_server
+
+    key = "sk-echoed-by-the-judge-5e1f"
+
+    def echoing(answer: dict[str, Any]) -> bytes:
+        first = answer["choices"][0]["logprobs"]["content"][0]
+        for entry in first["top_logprobs"]:
+            entry[echoed] = key
+        return json.dumps(answer).encode()
+
+    monkeypatch.setenv("TRIG_TEST_ECHO_KEY", key)
+    monkeypatch.setattr(judge_server, "to_json", echoing)
+    async with JudgeServer(JudgeServerOptions(api_key=key)) as server:
+        config = run_config(
+            tmp_path,
+            server.base_url,
+            judge_options={"api_key_env": "TRIG_TEST_ECHO_KEY"},
+            max_attempts=1,
+        )
+        async with Engine(config) as engine:
+            judgements = [j async for j in engine.results]
+    assert judgements and {j.status for j in judgements} == {status}
+    assert all(error in str(j.error) for j in judgements)
+    write_judgements_parquet(judgements, tmp_path / "report" / "judgements.parquet")
+    assert _files_holding(tmp_path, key) == []
+    assert key not in repr(judgements)
+
+
+def _files_holding(folder: Path, text: str) -> list[Path]:
+    """The files under ``folder`` (a run directory's journal among them) holding ``text``."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert any(p.name == "journal.jsonl" for p in files)
+    return [p for p in files if text.encode() in p.read_bytes()]

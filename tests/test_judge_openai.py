@@ -760,6 +760,62 @@ async def test_accepted_key_is_sent(
     assert reply.top_logprobs
 
 
+def test_a_malformed_answer_quoting_the_key_is_reported_with_the_key_masked() -> None:
+    # A logprob that is the Bearer token the server received: the message quoted it.
+    entry = {"token": "Good", "logprob": PLANTED_KEY}
+    with pytest.raises(RetryableError) as caught:
+        reply_of(_completion([entry]), "http://judge", secret=PLANTED_KEY)
+    assert "malformed answer (TypeError: logprob '***' of token 'Good' is not a number)" in str(
+        caught.value
+    )
+    assert PLANTED_KEY not in str(caught.value)
+
+
+def test_tokens_holding_the_key_are_masked() -> None:
+    # Stored in the record's top_logprobs, the report's parquet, and quoted in "no rating
+    # word among the top tokens".
+    entries = [
+        {"token": PLANTED_KEY, "logprob": -0.1},
+        {"token": f"x{PLANTED_KEY}y", "logprob": -0.5},
+        {"token": "Good", "logprob": -2},
+    ]
+    completion = _completion(entries)
+    completion["choices"][0]["message"]["content"] = f"{PLANTED_KEY} Good"
+    reply = reply_of(completion, "http://judge", secret=PLANTED_KEY)
+    assert reply.top_logprobs == [("***", -0.1), ("x***y", -0.5), ("Good", -2.0)]
+    assert reply.text == "*** Good"
+    # top_logprobs = 0: the chosen token alone, masked too.
+    chosen = {"choices": [{"message": {}, "logprobs": {"content": [entries[0]]}}]}
+    alone = reply_of(chosen, "http://judge", top_logprobs=0, secret=PLANTED_KEY)
+    assert alone.top_logprobs == [("***", -0.1)]
+
+
+@pytest.mark.parametrize("echoed", ["logprob", "token"])
+async def test_a_server_echoing_the_key_in_its_answer_never_shows_it(
+    image: Path, client: Client, monkeypatch: pytest.MonkeyPatch, echoed: str
+) -> None:
+    from trig_stream.testing import judge_server
+
+    def echoing(answer: dict[str, Any]) -> bytes:
+        first = answer["choices"][0]["logprobs"]["content"][0]
+        first["top_logprobs"][0][echoed] = PLANTED_KEY
+        return json.dumps(answer).encode()
+
+    monkeypatch.setenv("TRIG_TEST_JUDGE_KEY", PLANTED_KEY)
+    monkeypatch.setattr(judge_server, "to_json", echoing)
+    async with (
+        JudgeServer(JudgeServerOptions(api_key=PLANTED_KEY)) as server,
+        judge_at(server, client=client, api_key_env="TRIG_TEST_JUDGE_KEY") as judge,
+    ):
+        if echoed == "logprob":
+            with pytest.raises(RetryableError, match=r"malformed answer .*logprob '\*\*\*'"):
+                await ask(judge, image)
+            return
+        reply = await ask(judge, image)
+    assert reply.top_logprobs is not None and reply.top_logprobs[0][0] == "***"
+    assert PLANTED_KEY not in repr(reply)
+
+
 # -- several endpoints --------------------------------------------------------------------------
 
 

@@ -519,7 +519,12 @@ class OpenAIJudge(Judge):
             raise
         finally:
             endpoint.in_flight -= 1
-        reply = reply_of(completion, endpoint.transport.url, top_logprobs=self.options.top_logprobs)
+        reply = reply_of(
+            completion,
+            endpoint.transport.url,
+            top_logprobs=self.options.top_logprobs,
+            secret=self._secret.reveal() if self._secret else None,
+        )
         fatal = endpoint.answer(reply, completion)
         if fatal is not None:
             raise fatal

@@ -2,7 +2,9 @@
 
 :func:`encode_image` makes the image's ``data:`` URL (its bytes as they are, or shrunk under a
 pixel cap); :func:`reply_of` reads the first token's top logprobs out of a chat completion,
-checking each entry's types, since a third-party server's answer is not trusted.
+checking each entry's types, since a third-party server's answer is not trusted: nor is what
+it puts in it, so the API key is masked in all it takes from the answer (a server may echo the
+key it received, as a token or as a logprob).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from trig_stream.backends.api_keys import scrub
 from trig_stream.backends.base import JudgeReply, shrunk_size
 from trig_stream.backends.judges.transports import EncodedImage
 from trig_stream.errors import ItemError, RetryableError
@@ -27,7 +30,9 @@ def cut_by_filter(completion: Any) -> bool:
         return False
 
 
-def reply_of(completion: Any, endpoint: str, *, top_logprobs: int = 20) -> JudgeReply:
+def reply_of(
+    completion: Any, endpoint: str, *, top_logprobs: int = 20, secret: str | None = None
+) -> JudgeReply:
     """The reply in a chat completion (decoded JSON): the first token's top logprobs and text.
 
     Args:
@@ -37,6 +42,10 @@ def reply_of(completion: Any, endpoint: str, *, top_logprobs: int = 20) -> Judge
             is the list; otherwise an answer without the list has no top logprobs: scoring
             the one token the server happened to sample (at temperature 1) would be a
             confident score from a single draw.
+        secret: the API key in use, masked (:func:`~trig_stream.backends.api_keys.scrub`)
+            in the tokens and text of the reply and in a malformed answer's message: they are
+            stored in the judgements, quoted in their errors (no rating word among the
+            tokens ...), logged and reported, and a token is never a legitimate key.
 
     Raises:
         RetryableError: the completion is not shaped like one (a malformed answer).
@@ -44,24 +53,25 @@ def reply_of(completion: Any, endpoint: str, *, top_logprobs: int = 20) -> Judge
     try:
         choice = completion["choices"][0]
         message = choice.get("message") or {}
-        text = message.get("content") or ""
+        text = scrub(str(message.get("content") or ""), secret)
         content = (choice.get("logprobs") or {}).get("content")
         if not content:
-            return JudgeReply(top_logprobs=None, text=str(text))
+            return JudgeReply(top_logprobs=None, text=text)
         first = content[0]
-        top = [_token_logprob(e) for e in first.get("top_logprobs") or ()]
+        top = [_token_logprob(e, secret) for e in first.get("top_logprobs") or ()]
         if not top:
             if top_logprobs > 0:  # the server dropped the list it was asked for
-                return JudgeReply(top_logprobs=None, text=str(text))
-            top = [_token_logprob(first)]  # top_logprobs = 0 asks for the chosen token only
+                return JudgeReply(top_logprobs=None, text=text)
+            # top_logprobs = 0 asks for the chosen token only
+            top = [_token_logprob(first, secret)]
     except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
-        raise RetryableError(
-            f"judge at {endpoint}: malformed answer ({type(exc).__name__}: {exc})"
-        ) from None
-    return JudgeReply(top_logprobs=top, text=str(text))
+        # The message quotes the answer (a logprob that is the key, in its repr).
+        problem = scrub(f"{type(exc).__name__}: {exc}", secret)
+        raise RetryableError(f"judge at {endpoint}: malformed answer ({problem})") from None
+    return JudgeReply(top_logprobs=top, text=text)
 
 
-def _token_logprob(entry: Any) -> tuple[str, float]:
+def _token_logprob(entry: Any, secret: str | None) -> tuple[str, float]:
     # A token is a JSON string and a logprob a JSON number: ``true``, ``"-0.1"`` or a null
     # token would otherwise pass as 1.0, -0.1 or the word "None".
     token, logprob = entry["token"], entry["logprob"]
@@ -69,7 +79,7 @@ def _token_logprob(entry: Any) -> tuple[str, float]:
         raise TypeError(f"token {token!r} is not a string")
     if not isinstance(logprob, int | float) or isinstance(logprob, bool):
         raise TypeError(f"logprob {logprob!r} of token {token!r} is not a number")
-    return storable_text(token), float(logprob)
+    return storable_text(scrub(token, secret)), float(logprob)
 
 
 def encode_image(path: Path, max_pixels: int | None = None) -> EncodedImage:
