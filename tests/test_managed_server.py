@@ -336,6 +336,39 @@ def test_the_server_stops_when_the_process_that_started_it_is_killed(tmp_path: P
     anyio.run(wait_for, lambda: ended(pid), "the server's end")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("stubborn", [False, True])
+def test_a_server_a_launcher_runs_as_its_child_stops_when_the_run_is_killed(
+    tmp_path: Path, stubborn: bool
+) -> None:
+    # The kernel's SIGTERM reached only the command's own process (the shell, which does not
+    # `exec` the server), and the server, orphaned, went on holding its port and GPU.
+    pid_file = tmp_path / "server.pid"
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if stubborn else ""
+    server = tmp_path / "server.py"
+    server.write_text(
+        f"import os, signal, sys\n{ignore}"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "signal.pause()\n"
+    )
+    launcher = f"{python(server, pid_file)}; echo server exited"
+    starter = (
+        "import anyio, sys\n"
+        "from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions\n"
+        f"options = ServeOptions(command={shell(launcher)!r}, port=0, stop_timeout_s=0.5)\n"
+        "anyio.run(ManagedServer(options, name='j').start)\n"  # never ready: waits
+    )
+    process = subprocess.Popen([sys.executable, "-c", starter])
+    try:
+        pid = anyio.run(pid_in, pid_file)
+        assert not ended(pid)
+    finally:
+        process.kill()
+        process.wait()
+    # A server ignoring SIGTERM is killed after the grace period (stop_timeout_s).
+    anyio.run(wait_for, lambda: ended(pid), "the server's end")
+
+
 def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> None:
     # `env` may give the server a PATH of its own, where its command lives.
     program = tmp_path / "bin" / "my-vllm"

@@ -243,7 +243,7 @@ class ManagedServer:
         self._output = tempfile.TemporaryFile(prefix="trig-stream-serve-")  # noqa: SIM115
         try:
             self._process = await anyio.open_process(
-                _stopped_with_us(self.argv),
+                _stopped_with_us(self.argv, self.options.stop_timeout_s),
                 stdin=subprocess.DEVNULL,
                 stdout=self._output,
                 stderr=subprocess.STDOUT,
@@ -541,14 +541,15 @@ def _hosts_overlap(first: str, second: str) -> bool:
     return False
 
 
-def _stopped_with_us(argv: list[str]) -> list[str]:
-    """``argv``, started so that the kernel stops it when this process dies (Linux only), and
-    with SIGINT and SIGTERM at their default handling, even if this process ignores them
-    (POSIX: an ignored signal is inherited across ``exec``)."""
+def _stopped_with_us(argv: list[str], grace_s: float) -> list[str]:
+    """``argv``, started under a supervisor that stops its whole process group when this
+    process dies (Linux only; SIGTERM, then SIGKILL after ``grace_s``), and with SIGINT and
+    SIGTERM at their default handling, even if this process ignores them (POSIX: an ignored
+    signal is inherited across ``exec``). The supervisor exits as the command does."""
     if os.name != "posix":
         return argv
     script = Path(__file__).with_name("parent_death.py")
-    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), *argv]
+    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), f"{grace_s:g}", *argv]
 
 
 def free_port(host: str) -> int:
