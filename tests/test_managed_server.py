@@ -899,3 +899,42 @@ stop_timeout_s = 60
         assert "done: 8 judgements in this run" in rest, rest
     else:
         assert code == -signal.SIGKILL
+
+
+ENV_CONFIG = """\
+[run]
+name = "env"
+
+[dataset]
+path = "prompts.json"
+
+[[generators]]
+name = "synth"
+backend = "synthetic"
+
+[[judges]]
+name = "trigscore"
+backend = "openai"
+[judges.options]
+model = "m"
+[judges.options.serve]
+command = ["{python}", "{{port}}"]
+port = 0
+env = {{ {name} = "x" }}
+"""
+
+
+@pytest.mark.parametrize("name", ['"A=B"', '""', '"A\\u0000B"'])
+def test_an_env_name_no_environment_can_hold_is_a_config_error_at_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # validate passed it; run failed opening the judge: "illegal environment variable name".
+    write_prompts(tmp_path / "prompts.json", 1)
+    config = tmp_path / "env.toml"
+    config.write_text(ENV_CONFIG.format(python=sys.executable, name=name))
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(config)]) == EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert "env.toml:19: judges[0].options.serve.env:" in err, err
+        assert "is no environment variable name" in err
+    assert not (tmp_path / "runs").exists()

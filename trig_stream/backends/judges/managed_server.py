@@ -143,6 +143,24 @@ class ServeOptions(BaseModel):
             )
         return host
 
+    @field_validator("env")
+    @classmethod
+    def _env_names_valid(cls, env: dict[str, str]) -> dict[str, str]:
+        # Else validate passed it, and the run failed opening the judge: "illegal environment
+        # variable name".
+        for name, value in env.items():
+            if not name or "=" in name or "\0" in name:
+                raise ValueError(
+                    f"{name!r} is no environment variable name (it must be non-empty, without "
+                    "'=' or NUL): rename it (e.g. CUDA_VISIBLE_DEVICES)"
+                )
+            if "\0" in value:
+                raise ValueError(
+                    f"the value of {name!r} holds a NUL character, which no environment "
+                    "variable can hold: remove it"
+                )
+        return env
+
     @model_validator(mode="after")
     def _port_reaches_the_server(self) -> ServeOptions:
         # Else the server listens where its command says, and /health is polled on a port
