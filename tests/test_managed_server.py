@@ -793,6 +793,12 @@ def test_two_judges_serving_at_one_port_are_refused_before_either_starts(
         ({"host": "::"}, {"host": "127.0.0.1"}, True),
         ({"host": "0.0.0.0"}, {"host": "::1"}, False),
         ({"host": "127.0.0.1"}, {"host": "127.0.0.2"}, False),
+        # Spelled otherwise, one address: validate passed them, and the second server failed
+        # with "Address already in use" once the first had started.
+        ({"host": "127.1"}, {}, True),
+        ({"host": "0:0:0:0:0:0:0:1"}, {"host": "::1"}, True),
+        ({"host": "0.0.0.0"}, {"host": "localhost"}, True),
+        ({"host": "no.such.host.invalid"}, {"host": "127.0.0.1"}, False),
         ({"port": 0}, {"port": 0}, False),
         ({}, {"port": 8001}, False),
     ],

@@ -519,9 +519,10 @@ def check_distinct_addresses(judges: Sequence[object]) -> None:
     """Refuse two judges whose ``serve`` tables listen at the same fixed host and port: the
     second would fail to start only once the first had started (its model loaded, minutes).
 
-    ``port = 0`` (a free port each) never clashes; hosts clash when equal, when one is the
-    wildcard covering the other (``::`` all, ``0.0.0.0`` every IPv4 address and host name),
-    or as ``localhost`` and a loopback address.
+    ``port = 0`` (a free port each) never clashes; hosts clash when they resolve to a common
+    address (``127.1`` and ``127.0.0.1``, ``localhost`` and ``::1``, a host name and its
+    address), or when one is the wildcard covering the other (``::`` all, ``0.0.0.0`` every
+    IPv4 address).
 
     Raises:
         ConfigError: two clash; the message names both judges.
@@ -546,7 +547,39 @@ def check_distinct_addresses(judges: Sequence[object]) -> None:
 
 
 def _hosts_overlap(first: str, second: str) -> bool:
-    """Whether servers listening on ``first`` and ``second`` (at one port) would clash."""
+    """Whether servers listening on ``first`` and ``second`` (at one port) would clash.
+
+    Each host is resolved to its addresses (``127.1`` is ``127.0.0.1``, a host name the
+    addresses it stands for, an IPv6 address however written); hosts that resolve to a
+    common address, or where one is a wildcard covering the other, clash; so do hosts whose
+    spelling says so (``localhost`` and a loopback address). A host that does not resolve is
+    compared by its spelling alone (the run reports it as no address of this machine).
+    """
+    if _spellings_overlap(first, second):
+        return True  # localhost and ::1 too, where localhost resolves to 127.0.0.1 alone
+    first_addresses, second_addresses = _addresses(first), _addresses(second)
+    if first_addresses is None or second_addresses is None:
+        return False
+    if first_addresses & second_addresses or "::" in first_addresses | second_addresses:
+        return True
+    for one, other in ((first_addresses, second_addresses), (second_addresses, first_addresses)):
+        if "0.0.0.0" in one and any(":" not in address for address in other):
+            return True  # every IPv4 address
+    return False
+
+
+def _addresses(host: str) -> set[str] | None:
+    """The addresses ``host`` stands for, each as the system writes it; None if it does not
+    resolve."""
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    return {str(info[4][0]).split("%")[0] for info in found}
+
+
+def _spellings_overlap(first: str, second: str) -> bool:
+    """:func:`_hosts_overlap` by the hosts' spelling alone."""
     first, second = first.lower(), second.lower()
     if first == second or "::" in (first, second):
         return True
