@@ -491,7 +491,7 @@ class ManagedServer:
         return await anyio.to_thread.run_sync(group_running, process.pid)
 
     def _exited(self, code: int, when: str = "") -> str:
-        what = f"exited with status {code}{when}"
+        what = f"exited with status {code}{when}" if code >= 0 else f"{_killed_by(-code)}{when}"
         if self._process is not None and group_running(self._process.pid):
             what += (
                 " while processes it started still ran; they are stopped with it (a script "
@@ -513,6 +513,17 @@ class ManagedServer:
             return f"{head}; it wrote no output"
         body = "\n".join(f"  | {line}" for line in tail)
         return f"{head}; its last {len(tail)} lines of output:\n{body}"
+
+
+def _killed_by(signum: int) -> str:
+    """How a process that ``signum`` ended is described (``was killed by signal 9 (SIGKILL;
+    the OOM killer?)``)."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"was killed by signal {signum}"
+    hint = "; the OOM killer?" if signum == signal.SIGKILL else ""
+    return f"was killed by signal {signum} ({name}{hint})"
 
 
 def check_distinct_addresses(judges: Sequence[object]) -> None:
