@@ -192,7 +192,7 @@ async def test_an_ipv6_host_is_bracketed_in_the_urls(tmp_path: Path) -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_command_that_cannot_start() -> None:
     judge = judge_with(serve(["/nonexistent/vllm", "serve", "m", "--port", "{port}"]))
-    with pytest.raises(FatalBackendError, match="cannot start the server `/nonexistent/vllm"):
+    with pytest.raises(FatalBackendError, match="cannot start its server: /nonexistent/vllm is not"):
         await judge.open()
 
 
@@ -947,3 +947,41 @@ def test_an_env_name_no_environment_can_hold_is_a_config_error_at_its_key(
         assert "env.toml:19: judges[0].options.serve.env:" in err, err
         assert "is no environment variable name" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_server_that_said_one_line_is_quoted_in_the_singular(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SERVE_TEST_KEY", KEY)
+    message = await start_failure("print('CUDA out of memory'); raise SystemExit(3)")
+    assert "; its last line of output:\n  | CUDA out of memory" in message, message
+
+
+def test_a_command_not_found_is_named_without_its_unsubstituted_port() -> None:
+    # The whole command was quoted before the start, with "{port}" still in it.
+    server = ManagedServer(ServeOptions(command=["my-vllm", "--port", "{port}"]), name="j")
+    with pytest.raises(FatalBackendError) as caught:
+        server.check_command()
+    message = str(caught.value)
+    assert "{port}" not in message, message
+    assert "my-vllm is not an executable file, here or on PATH (options.serve.command[0])" in (
+        message
+    )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_model_the_started_server_does_not_serve_names_serve_not_base_url(
+    tmp_path: Path,
+) -> None:
+    # A serve judge has no base_url, and was told to check it.
+    judge = judge_with(serve([*SIMULATED, "--model", "served-name"]))
+    await judge.open()
+    try:
+        with pytest.raises(FatalBackendError) as caught:
+            await judge.judge(request(tmp_path, judge))
+    finally:
+        await judge.aclose()
+    message = str(caught.value)
+    assert "check serve.command's served model name and model ('m')" in message, message
+    assert "base_url" not in message

@@ -287,10 +287,10 @@ class ManagedServer:
         program = self.options.command[0]
         search = self.options.env.get("PATH", os.environ.get("PATH"))  # the server's own PATH
         if shutil.which(program, path=search) is None:
-            command = self._scrub(f"`{' '.join(self.argv or self.options.command)}`")
+            # Its program alone: before the start, the rest still holds {port}.
             raise FatalBackendError(
-                f"judge {self.name!r}: cannot start the server {command}: {program} is not an "
-                "executable file, here or on PATH"
+                f"judge {self.name!r}: cannot start its server: {self._scrub(program)} is not "
+                "an executable file, here or on PATH (options.serve.command[0])"
             )
 
     def check_host(self) -> None:
@@ -512,7 +512,8 @@ class ManagedServer:
         if not tail:
             return f"{head}; it wrote no output"
         body = "\n".join(f"  | {line}" for line in tail)
-        return f"{head}; its last {len(tail)} lines of output:\n{body}"
+        lines = "line" if len(tail) == 1 else f"{len(tail)} lines"
+        return f"{head}; its last {lines} of output:\n{body}"
 
 
 def _killed_by(signum: int) -> str:
