@@ -23,6 +23,7 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
+from trig_stream.backends import library_logs
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.managed_server import (
     TAIL_BYTES,
@@ -192,7 +193,9 @@ async def test_an_ipv6_host_is_bracketed_in_the_urls(tmp_path: Path) -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_command_that_cannot_start() -> None:
     judge = judge_with(serve(["/nonexistent/vllm", "serve", "m", "--port", "{port}"]))
-    with pytest.raises(FatalBackendError, match="cannot start its server: /nonexistent/vllm is not"):
+    with pytest.raises(
+        FatalBackendError, match="cannot start its server: /nonexistent/vllm is not"
+    ):
         await judge.open()
 
 
@@ -985,3 +988,35 @@ async def test_a_model_the_started_server_does_not_serve_names_serve_not_base_ur
     message = str(caught.value)
     assert "check serve.command's served model name and model ('m')" in message, message
     assert "base_url" not in message
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_server_gets_the_environment_without_the_runs_own_quieting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The server inherited TRANSFORMERS_VERBOSITY=error and the like from the run, which cut
+    # warnings from the log quoted when it fails.
+    for name in library_logs.QUIET_LIBRARIES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(library_logs, "_SET_HERE", set())
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")  # the user's own: it stays
+    library_logs.quiet_model_libraries()  # as the commands do
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    names = sorted(library_logs.QUIET_LIBRARIES)
+    script = f"import os; print([(n, os.environ.get(n)) for n in {names!r}]); raise SystemExit(3)"
+    options = ServeOptions(
+        command=[sys.executable, "-c", script, "{port}"],
+        port=0,
+        env={"HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+    )
+    server = ManagedServer(options, name="trigscore")
+    try:
+        with pytest.raises(FatalBackendError) as caught:
+            await server.start()
+    finally:
+        await server.aclose()
+    seen = dict.fromkeys(names) | {
+        "DIFFUSERS_VERBOSITY": "info",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    assert f"| {sorted(seen.items())!r}" in str(caught.value), str(caught.value)

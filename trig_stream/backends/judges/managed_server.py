@@ -12,7 +12,8 @@ a run::
 
 ``{port}`` in the command becomes the port (``port = 0`` picks a free one; a port something
 already listens on is refused, since that server would answer ``/health`` for ours). The
-command runs in its own process group with the run's environment plus ``env``; its output
+command runs in its own process group with the run's environment (less the variables with
+which the run quiets its own model libraries) plus ``env``; its output
 (stdout and stderr together) goes to a temporary file, of which only the last lines are read
 back. The server is ready when ``GET /health`` answers 200. It is stopped as a process group:
 SIGTERM, then SIGKILL to whatever of the group still runs after ``stop_timeout_s`` (at once on
@@ -49,6 +50,7 @@ from anyio.abc import Process
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.api_keys import SHORT_KEY_CHARS, scrub, scrub_all
+from trig_stream.backends.library_logs import environment_unquieted
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError
@@ -265,7 +267,8 @@ class ManagedServer:
                 stdin=subprocess.DEVNULL,
                 stdout=self._output,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.options.env},
+                # Without the run's own quieting: the server's warnings explain its failures.
+                env={**environment_unquieted(), **self.options.env},
                 # Its own group: vLLM starts worker processes, and a stop must reach them.
                 start_new_session=True,
             )
