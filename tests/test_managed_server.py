@@ -1020,3 +1020,19 @@ async def test_the_server_gets_the_environment_without_the_runs_own_quieting(
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
     assert f"| {sorted(seen.items())!r}" in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_hard_stop_says_no_grace_period_for_the_server() -> None:
+    # After a hard stop the closing line still promised "up to 30 s" and a Ctrl-C to kill
+    # it, though it was killed at once.
+    judge = judge_with(serve(SIMULATED))
+    assert judge.closing() is None  # nothing started
+    await judge.open()
+    try:
+        assert judge.closing() == "stopping its server (up to 30 s)"
+        judge.stop_now()
+        assert judge.closing() is None
+    finally:
+        await judge.aclose()
+    assert judge.closing() is None

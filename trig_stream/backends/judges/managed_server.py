@@ -401,6 +401,16 @@ class ManagedServer:
             f"of this machine ({exc.strerror or exc}); set it to one, e.g. 127.0.0.1 or ::1"
         )
 
+    def closing(self) -> str | None:
+        """What :meth:`aclose` does when it may take a while: the server given its grace
+        period; None when it is quick (no server started, or closed; a hard stop kills it at
+        once; ``stop_timeout_s = 0``)."""
+        if self._process is None or self._closed or self._stop_now:
+            return None
+        if self.options.stop_timeout_s == 0:
+            return None
+        return f"stopping its server (up to {self.options.stop_timeout_s:g} s)"
+
     def stop_now(self) -> None:
         """A hard stop: a stop under way or to come sends SIGKILL at once, with no grace."""
         self._stop_now = True

@@ -335,9 +335,7 @@ class OpenAIJudge(Judge):
 
     def closing(self) -> str | None:
         server = self.server
-        if server is None or server.options.stop_timeout_s == 0:
-            return None
-        return f"stopping its server (up to {server.options.stop_timeout_s:g} s)"
+        return None if server is None else server.closing()
 
     def _key(self) -> str | None:
         return key_from_env(self.options.api_key_env or "", owner=f"judge {self.name!r}")
