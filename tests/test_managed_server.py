@@ -1036,3 +1036,39 @@ async def test_a_hard_stop_says_no_grace_period_for_the_server() -> None:
     finally:
         await judge.aclose()
     assert judge.closing() is None
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_stop_while_the_server_starts_announces_its_grace_period(
+    make_config: ConfigFactory,
+) -> None:
+    # The server being started was stopped inside its start, out of the judges' close: no
+    # "closing judge ..." line, and up to stop_timeout_s of silence.
+    script = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('got SIGTERM', flush=True))\n"
+        "print('loading weights', flush=True)\n"
+        "while True: time.sleep(60)\n"
+    )
+    judge = judge_with(serve([sys.executable, "-c", script, "{port}"], stop_timeout_s=60))
+    engine = Engine(make_config(samples=4), judges=[judge])
+    closing: list[str | None] = []
+
+    def said(line: str) -> bool:
+        server = judge.server
+        return server is not None and line in server.output_tail()
+
+    async def stop_then_stop_now() -> None:
+        await wait_for(lambda: said("loading weights"), "the server's first line")
+        engine.stop()  # while the judge opens
+        await wait_for(lambda: said("got SIGTERM"), "the server's SIGTERM")
+        closing.append(engine.stats().closing)
+        engine.cancel()
+
+    with anyio.fail_after(30):  # safety net: a hard stop waits for none of the 60 s
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_then_stop_now)
+            async with engine:
+                assert [j async for j in engine.results] == []
+    assert closing == ["judge 'trigscore': stopping its server (up to 60 s)"]
+    assert engine.stats().closing is None

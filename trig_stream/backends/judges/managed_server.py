@@ -176,7 +176,8 @@ class ServeOptions(BaseModel):
 
 
 class ManagedServer:
-    """One server process, from start to stop; :meth:`start` then :meth:`aclose`.
+    """One server process, from start to stop; :meth:`start` then :meth:`aclose`, also when
+    :meth:`start` is cancelled (a server being started is left for :meth:`aclose` to stop).
 
     The server's output goes to an unnamed temporary file, never to a pipe that a full
     buffer could block; only its last lines are ever read back (:meth:`output_tail`).
@@ -280,6 +281,11 @@ class ManagedServer:
             ) from None
         try:
             await self._wait_ready()
+        except anyio.get_cancelled_exc_class():
+            # A stop while it starts: the server is stopped by aclose(), which its owner
+            # calls, and announces (closing()), as after a run: else the run waited out the
+            # grace period with nothing on screen.
+            raise
         except BaseException:
             await self.aclose()
             raise
