@@ -140,8 +140,7 @@ class NotFoundError(ItemError):
         named = f" ({model!r})" if model else ""
         check = check or "base_url (an OpenAI-protocol server's usually ends in /v1)"
         return FatalBackendError(
-            f"{where}{self}; nothing sent there has succeeded yet: check {check} and "
-            f"model{named}"
+            f"{where}{self}; nothing sent there has succeeded yet: check {check} and model{named}"
         )
 
 

@@ -50,8 +50,8 @@ from anyio.abc import Process
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.api_keys import SHORT_KEY_CHARS, scrub, scrub_all
-from trig_stream.backends.library_logs import environment_unquieted
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
+from trig_stream.backends.library_logs import environment_unquieted
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError
 
