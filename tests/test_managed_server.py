@@ -23,6 +23,7 @@ from PIL import Image
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
+from trig_stream.backends import library_logs
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.managed_server import (
     TAIL_BYTES,
@@ -192,7 +193,9 @@ async def test_an_ipv6_host_is_bracketed_in_the_urls(tmp_path: Path) -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_command_that_cannot_start() -> None:
     judge = judge_with(serve(["/nonexistent/vllm", "serve", "m", "--port", "{port}"]))
-    with pytest.raises(FatalBackendError, match="cannot start the server `/nonexistent/vllm"):
+    with pytest.raises(
+        FatalBackendError, match="cannot start its server: /nonexistent/vllm is not"
+    ):
         await judge.open()
 
 
@@ -256,7 +259,7 @@ async def test_sigkill_after_the_grace_period() -> None:
         await server.aclose()  # stop it while it is still starting
 
     server = ManagedServer(options, name="trigscore", sleep=sleep)
-    with pytest.raises(FatalBackendError, match="exited with status -9"):
+    with pytest.raises(FatalBackendError, match=r"was killed by signal 9 \(SIGKILL; the OOM"):
         await server.start()
     assert server.returncode == -signal.SIGKILL
 
@@ -268,11 +271,14 @@ async def test_server_dying_during_the_run_is_fatal(tmp_path: Path) -> None:
     try:
         server = judge.server
         assert server is not None and server.pid is not None
-        os.kill(server.pid, signal.SIGKILL)
+        os.killpg(server.pid, signal.SIGKILL)  # as the OOM killer would
         await wait_for(lambda: server.returncode is not None, "the server's exit")
-        with pytest.raises(FatalBackendError, match="exited with status -9") as caught:
+        with pytest.raises(FatalBackendError) as caught:
             await judge.judge(request(tmp_path, judge))
-        assert "READY http://127.0.0.1" in str(caught.value)
+        # Not "exited with status -9".
+        message = str(caught.value)
+        assert "was killed by signal 9 (SIGKILL; the OOM killer?); its last" in message
+        assert "READY http://127.0.0.1" in message
     finally:
         await judge.aclose()
 
@@ -333,6 +339,39 @@ def test_the_server_stops_when_the_process_that_started_it_is_killed(tmp_path: P
     finally:
         process.kill()
         process.wait()
+    anyio.run(wait_for, lambda: ended(pid), "the server's end")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("stubborn", [False, True])
+def test_a_server_a_launcher_runs_as_its_child_stops_when_the_run_is_killed(
+    tmp_path: Path, stubborn: bool
+) -> None:
+    # The kernel's SIGTERM reached only the command's own process (the shell, which does not
+    # `exec` the server), and the server, orphaned, went on holding its port and GPU.
+    pid_file = tmp_path / "server.pid"
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if stubborn else ""
+    server = tmp_path / "server.py"
+    server.write_text(
+        f"import os, signal, sys\n{ignore}"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "signal.pause()\n"
+    )
+    launcher = f"{python(server, pid_file)}; echo server exited"
+    starter = (
+        "import anyio, sys\n"
+        "from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions\n"
+        f"options = ServeOptions(command={shell(launcher)!r}, port=0, stop_timeout_s=0.5)\n"
+        "anyio.run(ManagedServer(options, name='j').start)\n"  # never ready: waits
+    )
+    process = subprocess.Popen([sys.executable, "-c", starter])
+    try:
+        pid = anyio.run(pid_in, pid_file)
+        assert not ended(pid)
+    finally:
+        process.kill()
+        process.wait()
+    # A server ignoring SIGTERM is killed after the grace period (stop_timeout_s).
     anyio.run(wait_for, lambda: ended(pid), "the server's end")
 
 
@@ -760,6 +799,12 @@ def test_two_judges_serving_at_one_port_are_refused_before_either_starts(
         ({"host": "::"}, {"host": "127.0.0.1"}, True),
         ({"host": "0.0.0.0"}, {"host": "::1"}, False),
         ({"host": "127.0.0.1"}, {"host": "127.0.0.2"}, False),
+        # Spelled otherwise, one address: validate passed them, and the second server failed
+        # with "Address already in use" once the first had started.
+        ({"host": "127.1"}, {}, True),
+        ({"host": "0:0:0:0:0:0:0:1"}, {"host": "::1"}, True),
+        ({"host": "0.0.0.0"}, {"host": "localhost"}, True),
+        ({"host": "no.such.host.invalid"}, {"host": "127.0.0.1"}, False),
         ({"port": 0}, {"port": 0}, False),
         ({}, {"port": 8001}, False),
     ],
@@ -866,3 +911,164 @@ stop_timeout_s = 60
         assert "done: 8 judgements in this run" in rest, rest
     else:
         assert code == -signal.SIGKILL
+
+
+ENV_CONFIG = """\
+[run]
+name = "env"
+
+[dataset]
+path = "prompts.json"
+
+[[generators]]
+name = "synth"
+backend = "synthetic"
+
+[[judges]]
+name = "trigscore"
+backend = "openai"
+[judges.options]
+model = "m"
+[judges.options.serve]
+command = ["{python}", "{{port}}"]
+port = 0
+env = {{ {name} = "x" }}
+"""
+
+
+@pytest.mark.parametrize("name", ['"A=B"', '""', '"A\\u0000B"'])
+def test_an_env_name_no_environment_can_hold_is_a_config_error_at_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # validate passed it; run failed opening the judge: "illegal environment variable name".
+    write_prompts(tmp_path / "prompts.json", 1)
+    config = tmp_path / "env.toml"
+    config.write_text(ENV_CONFIG.format(python=sys.executable, name=name))
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(config)]) == EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert "env.toml:19: judges[0].options.serve.env:" in err, err
+        assert "is no environment variable name" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_server_that_said_one_line_is_quoted_in_the_singular(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SERVE_TEST_KEY", KEY)
+    message = await start_failure("print('CUDA out of memory'); raise SystemExit(3)")
+    assert "; its last line of output:\n  | CUDA out of memory" in message, message
+
+
+def test_a_command_not_found_is_named_without_its_unsubstituted_port() -> None:
+    # The whole command was quoted before the start, with "{port}" still in it.
+    server = ManagedServer(ServeOptions(command=["my-vllm", "--port", "{port}"]), name="j")
+    with pytest.raises(FatalBackendError) as caught:
+        server.check_command()
+    message = str(caught.value)
+    assert "{port}" not in message, message
+    assert "my-vllm is not an executable file, here or on PATH (options.serve.command[0])" in (
+        message
+    )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_model_the_started_server_does_not_serve_names_serve_not_base_url(
+    tmp_path: Path,
+) -> None:
+    # A serve judge has no base_url, and was told to check it.
+    judge = judge_with(serve([*SIMULATED, "--model", "served-name"]))
+    await judge.open()
+    try:
+        with pytest.raises(FatalBackendError) as caught:
+            await judge.judge(request(tmp_path, judge))
+    finally:
+        await judge.aclose()
+    message = str(caught.value)
+    assert "check serve.command's served model name and model ('m')" in message, message
+    assert "base_url" not in message
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_server_gets_the_environment_without_the_runs_own_quieting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The server inherited TRANSFORMERS_VERBOSITY=error and the like from the run, which cut
+    # warnings from the log quoted when it fails.
+    for name in library_logs.QUIET_LIBRARIES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(library_logs, "_SET_HERE", set())
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")  # the user's own: it stays
+    library_logs.quiet_model_libraries()  # as the commands do
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    names = sorted(library_logs.QUIET_LIBRARIES)
+    script = f"import os; print([(n, os.environ.get(n)) for n in {names!r}]); raise SystemExit(3)"
+    options = ServeOptions(
+        command=[sys.executable, "-c", script, "{port}"],
+        port=0,
+        env={"HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+    )
+    server = ManagedServer(options, name="trigscore")
+    try:
+        with pytest.raises(FatalBackendError) as caught:
+            await server.start()
+    finally:
+        await server.aclose()
+    seen = dict.fromkeys(names) | {
+        "DIFFUSERS_VERBOSITY": "info",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    assert f"| {sorted(seen.items())!r}" in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_hard_stop_says_no_grace_period_for_the_server() -> None:
+    # After a hard stop the closing line still promised "up to 30 s" and a Ctrl-C to kill
+    # it, though it was killed at once.
+    judge = judge_with(serve(SIMULATED))
+    assert judge.closing() is None  # nothing started
+    await judge.open()
+    try:
+        assert judge.closing() == "stopping its server (up to 30 s)"
+        judge.stop_now()
+        assert judge.closing() is None
+    finally:
+        await judge.aclose()
+    assert judge.closing() is None
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_stop_while_the_server_starts_announces_its_grace_period(
+    make_config: ConfigFactory,
+) -> None:
+    # The server being started was stopped inside its start, out of the judges' close: no
+    # "closing judge ..." line, and up to stop_timeout_s of silence.
+    script = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('got SIGTERM', flush=True))\n"
+        "print('loading weights', flush=True)\n"
+        "while True: time.sleep(60)\n"
+    )
+    judge = judge_with(serve([sys.executable, "-c", script, "{port}"], stop_timeout_s=60))
+    engine = Engine(make_config(samples=4), judges=[judge])
+    closing: list[str | None] = []
+
+    def said(line: str) -> bool:
+        server = judge.server
+        return server is not None and line in server.output_tail()
+
+    async def stop_then_stop_now() -> None:
+        await wait_for(lambda: said("loading weights"), "the server's first line")
+        engine.stop()  # while the judge opens
+        await wait_for(lambda: said("got SIGTERM"), "the server's SIGTERM")
+        closing.append(engine.stats().closing)
+        engine.cancel()
+
+    with anyio.fail_after(30):  # safety net: a hard stop waits for none of the 60 s
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_then_stop_now)
+            async with engine:
+                assert [j async for j in engine.results] == []
+    assert closing == ["judge 'trigscore': stopping its server (up to 60 s)"]
+    assert engine.stats().closing is None

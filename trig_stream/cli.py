@@ -278,8 +278,13 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
             signals.start_soon(_say_what_opens, engine, console, opening)
             closing = anyio.CancelScope()
             if run_dashboard is not None:
+                # A stop while the judges open closes them before the dashboard shows (a
+                # server being started given its grace): said on the plain screen.
+                opening_closes = anyio.CancelScope()
+                signals.start_soon(_say_what_closes, engine, console, opening_closes)
                 async with engine:
                     opening.cancel()
+                    opening_closes.cancel()
                     if not interrupted:
                         # From here the dashboard maps Ctrl-C to stop, then cancel.
                         listening.cancel()
@@ -316,6 +321,8 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
                         tg.cancel_scope.cancel()
                     progress.update(engine.stats(), force=True)
             closing.cancel()
+            if run_dashboard is not None:
+                opening_closes.cancel()  # stopped while opening: the block was never entered
             listening.cancel()
     # The run's receiver is closed: a stop signal from here stops the report, if any.
     stop_report = threading.Event()

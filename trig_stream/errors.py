@@ -129,14 +129,18 @@ class NotFoundError(ItemError):
     backend stops the run instead (every call would fail the same way); after one has, it is
     this item's."""
 
-    def before_any_success(self, api: str = "", model: str | None = None) -> FatalBackendError:
+    def before_any_success(
+        self, api: str = "", model: str | None = None, *, check: str | None = None
+    ) -> FatalBackendError:
         """The error that stops the run when this 404 came before any success; ``api`` (e.g.
-        "the images API of generator 'x'") and ``model`` name what to check."""
+        "the images API of generator 'x'") and ``model`` name what to check, and ``check``
+        what to check beside ``model`` instead of ``base_url`` (a server the run started has
+        none)."""
         where = f"{api} answered " if api else ""
         named = f" ({model!r})" if model else ""
+        check = check or "base_url (an OpenAI-protocol server's usually ends in /v1)"
         return FatalBackendError(
-            f"{where}{self}; nothing sent there has succeeded yet: check base_url (an "
-            f"OpenAI-protocol server's usually ends in /v1) and model{named}"
+            f"{where}{self}; nothing sent there has succeeded yet: check {check} and model{named}"
         )
 
 

@@ -12,7 +12,8 @@ a run::
 
 ``{port}`` in the command becomes the port (``port = 0`` picks a free one; a port something
 already listens on is refused, since that server would answer ``/health`` for ours). The
-command runs in its own process group with the run's environment plus ``env``; its output
+command runs in its own process group with the run's environment (less the variables with
+which the run quiets its own model libraries) plus ``env``; its output
 (stdout and stderr together) goes to a temporary file, of which only the last lines are read
 back. The server is ready when ``GET /health`` answers 200. It is stopped as a process group:
 SIGTERM, then SIGKILL to whatever of the group still runs after ``stop_timeout_s`` (at once on
@@ -50,6 +51,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.api_keys import SHORT_KEY_CHARS, scrub, scrub_all
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
+from trig_stream.backends.library_logs import environment_unquieted
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError
 
@@ -143,6 +145,24 @@ class ServeOptions(BaseModel):
             )
         return host
 
+    @field_validator("env")
+    @classmethod
+    def _env_names_valid(cls, env: dict[str, str]) -> dict[str, str]:
+        # Else validate passed it, and the run failed opening the judge: "illegal environment
+        # variable name".
+        for name, value in env.items():
+            if not name or "=" in name or "\0" in name:
+                raise ValueError(
+                    f"{name!r} is no environment variable name (it must be non-empty, without "
+                    "'=' or NUL): rename it (e.g. CUDA_VISIBLE_DEVICES)"
+                )
+            if "\0" in value:
+                raise ValueError(
+                    f"the value of {name!r} holds a NUL character, which no environment "
+                    "variable can hold: remove it"
+                )
+        return env
+
     @model_validator(mode="after")
     def _port_reaches_the_server(self) -> ServeOptions:
         # Else the server listens where its command says, and /health is polled on a port
@@ -156,7 +176,8 @@ class ServeOptions(BaseModel):
 
 
 class ManagedServer:
-    """One server process, from start to stop; :meth:`start` then :meth:`aclose`.
+    """One server process, from start to stop; :meth:`start` then :meth:`aclose`, also when
+    :meth:`start` is cancelled (a server being started is left for :meth:`aclose` to stop).
 
     The server's output goes to an unnamed temporary file, never to a pipe that a full
     buffer could block; only its last lines are ever read back (:meth:`output_tail`).
@@ -243,11 +264,12 @@ class ManagedServer:
         self._output = tempfile.TemporaryFile(prefix="trig-stream-serve-")  # noqa: SIM115
         try:
             self._process = await anyio.open_process(
-                _stopped_with_us(self.argv),
+                _stopped_with_us(self.argv, self.options.stop_timeout_s),
                 stdin=subprocess.DEVNULL,
                 stdout=self._output,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.options.env},
+                # Without the run's own quieting: the server's warnings explain its failures.
+                env={**environment_unquieted(), **self.options.env},
                 # Its own group: vLLM starts worker processes, and a stop must reach them.
                 start_new_session=True,
             )
@@ -259,6 +281,11 @@ class ManagedServer:
             ) from None
         try:
             await self._wait_ready()
+        except anyio.get_cancelled_exc_class():
+            # A stop while it starts: the server is stopped by aclose(), which its owner
+            # calls, and announces (closing()), as after a run: else the run waited out the
+            # grace period with nothing on screen.
+            raise
         except BaseException:
             await self.aclose()
             raise
@@ -269,10 +296,10 @@ class ManagedServer:
         program = self.options.command[0]
         search = self.options.env.get("PATH", os.environ.get("PATH"))  # the server's own PATH
         if shutil.which(program, path=search) is None:
-            command = self._scrub(f"`{' '.join(self.argv or self.options.command)}`")
+            # Its program alone: before the start, the rest still holds {port}.
             raise FatalBackendError(
-                f"judge {self.name!r}: cannot start the server {command}: {program} is not an "
-                "executable file, here or on PATH"
+                f"judge {self.name!r}: cannot start its server: {self._scrub(program)} is not "
+                "an executable file, here or on PATH (options.serve.command[0])"
             )
 
     def check_host(self) -> None:
@@ -380,6 +407,16 @@ class ManagedServer:
             f"of this machine ({exc.strerror or exc}); set it to one, e.g. 127.0.0.1 or ::1"
         )
 
+    def closing(self) -> str | None:
+        """What :meth:`aclose` does when it may take a while: the server given its grace
+        period; None when it is quick (no server started, or closed; a hard stop kills it at
+        once; ``stop_timeout_s = 0``)."""
+        if self._process is None or self._closed or self._stop_now:
+            return None
+        if self.options.stop_timeout_s == 0:
+            return None
+        return f"stopping its server (up to {self.options.stop_timeout_s:g} s)"
+
     def stop_now(self) -> None:
         """A hard stop: a stop under way or to come sends SIGKILL at once, with no grace."""
         self._stop_now = True
@@ -473,7 +510,7 @@ class ManagedServer:
         return await anyio.to_thread.run_sync(group_running, process.pid)
 
     def _exited(self, code: int, when: str = "") -> str:
-        what = f"exited with status {code}{when}"
+        what = f"exited with status {code}{when}" if code >= 0 else f"{_killed_by(-code)}{when}"
         if self._process is not None and group_running(self._process.pid):
             what += (
                 " while processes it started still ran; they are stopped with it (a script "
@@ -494,16 +531,29 @@ class ManagedServer:
         if not tail:
             return f"{head}; it wrote no output"
         body = "\n".join(f"  | {line}" for line in tail)
-        return f"{head}; its last {len(tail)} lines of output:\n{body}"
+        lines = "line" if len(tail) == 1 else f"{len(tail)} lines"
+        return f"{head}; its last {lines} of output:\n{body}"
+
+
+def _killed_by(signum: int) -> str:
+    """How a process that ``signum`` ended is described (``was killed by signal 9 (SIGKILL;
+    the OOM killer?)``)."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"was killed by signal {signum}"
+    hint = "; the OOM killer?" if signum == signal.SIGKILL else ""
+    return f"was killed by signal {signum} ({name}{hint})"
 
 
 def check_distinct_addresses(judges: Sequence[object]) -> None:
     """Refuse two judges whose ``serve`` tables listen at the same fixed host and port: the
     second would fail to start only once the first had started (its model loaded, minutes).
 
-    ``port = 0`` (a free port each) never clashes; hosts clash when equal, when one is the
-    wildcard covering the other (``::`` all, ``0.0.0.0`` every IPv4 address and host name),
-    or as ``localhost`` and a loopback address.
+    ``port = 0`` (a free port each) never clashes; hosts clash when they resolve to a common
+    address (``127.1`` and ``127.0.0.1``, ``localhost`` and ``::1``, a host name and its
+    address), or when one is the wildcard covering the other (``::`` all, ``0.0.0.0`` every
+    IPv4 address).
 
     Raises:
         ConfigError: two clash; the message names both judges.
@@ -528,7 +578,39 @@ def check_distinct_addresses(judges: Sequence[object]) -> None:
 
 
 def _hosts_overlap(first: str, second: str) -> bool:
-    """Whether servers listening on ``first`` and ``second`` (at one port) would clash."""
+    """Whether servers listening on ``first`` and ``second`` (at one port) would clash.
+
+    Each host is resolved to its addresses (``127.1`` is ``127.0.0.1``, a host name the
+    addresses it stands for, an IPv6 address however written); hosts that resolve to a
+    common address, or where one is a wildcard covering the other, clash; so do hosts whose
+    spelling says so (``localhost`` and a loopback address). A host that does not resolve is
+    compared by its spelling alone (the run reports it as no address of this machine).
+    """
+    if _spellings_overlap(first, second):
+        return True  # localhost and ::1 too, where localhost resolves to 127.0.0.1 alone
+    first_addresses, second_addresses = _addresses(first), _addresses(second)
+    if first_addresses is None or second_addresses is None:
+        return False
+    if first_addresses & second_addresses or "::" in first_addresses | second_addresses:
+        return True
+    for one, other in ((first_addresses, second_addresses), (second_addresses, first_addresses)):
+        if "0.0.0.0" in one and any(":" not in address for address in other):
+            return True  # every IPv4 address
+    return False
+
+
+def _addresses(host: str) -> set[str] | None:
+    """The addresses ``host`` stands for, each as the system writes it; None if it does not
+    resolve."""
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    return {str(info[4][0]).split("%")[0] for info in found}
+
+
+def _spellings_overlap(first: str, second: str) -> bool:
+    """:func:`_hosts_overlap` by the hosts' spelling alone."""
     first, second = first.lower(), second.lower()
     if first == second or "::" in (first, second):
         return True
@@ -541,14 +623,15 @@ def _hosts_overlap(first: str, second: str) -> bool:
     return False
 
 
-def _stopped_with_us(argv: list[str]) -> list[str]:
-    """``argv``, started so that the kernel stops it when this process dies (Linux only), and
-    with SIGINT and SIGTERM at their default handling, even if this process ignores them
-    (POSIX: an ignored signal is inherited across ``exec``)."""
+def _stopped_with_us(argv: list[str], grace_s: float) -> list[str]:
+    """``argv``, started under a supervisor that stops its whole process group when this
+    process dies (Linux only; SIGTERM, then SIGKILL after ``grace_s``), and with SIGINT and
+    SIGTERM at their default handling, even if this process ignores them (POSIX: an ignored
+    signal is inherited across ``exec``). The supervisor exits as the command does."""
     if os.name != "posix":
         return argv
     script = Path(__file__).with_name("parent_death.py")
-    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), *argv]
+    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), f"{grace_s:g}", *argv]
 
 
 def free_port(host: str) -> int:

@@ -191,6 +191,8 @@ class _Endpoint:
     model: str
     file_urls: bool = False
     """Whether its requests carry ``file://`` URLs (``image_mode = "file"``)."""
+    served: bool = False
+    """Whether it is the server ``serve`` started (no ``base_url`` to check)."""
     in_flight: int = 0
     failures: int = 0
     """Transient failures in a row."""
@@ -216,7 +218,8 @@ class _Endpoint:
         if self.answered:
             return None
         if isinstance(error, NotFoundError):  # no content filter answers 404
-            return error.before_any_success(model=self.model)
+            check = "serve.command's served model name" if self.served else None
+            return error.before_any_success(model=self.model, check=check)
         if CONTENT_REFUSAL.search(error.server_said):
             # A content filter refuses images one by one (a run of TRIG's toxicity samples
             # can set it off many times in a row): never the config's fault. Only what the
@@ -357,9 +360,7 @@ class OpenAIJudge(Judge):
 
     def closing(self) -> str | None:
         server = self.server
-        if server is None or server.options.stop_timeout_s == 0:
-            return None
-        return f"stopping its server (up to {server.options.stop_timeout_s:g} s)"
+        return None if server is None else server.closing()
 
     def _key(self) -> str | None:
         return key_from_env(self.options.api_key_env or "", owner=f"judge {self.name!r}")
@@ -402,7 +403,12 @@ class OpenAIJudge(Judge):
                 timeout_s=self.options.timeout_s,
             )
             self._endpoints.append(
-                _Endpoint(transport, self.options.model, self.options.image_mode == "file")
+                _Endpoint(
+                    transport,
+                    self.options.model,
+                    self.options.image_mode == "file",
+                    served=self.server is not None,
+                )
             )
 
     def stop_now(self) -> None:

@@ -1,16 +1,29 @@
-"""Run a command that the kernel stops when the process that started it dies (Linux).
+"""Run a command whose whole process group the kernel's word stops when the process that
+started it dies (Linux).
 
-``python -I -S parent_death.py PARENT_PID COMMAND...`` asks the kernel
-(``prctl(PR_SET_PDEATHSIG)``) to send it SIGTERM when its parent ends, then becomes
-``COMMAND``, which keeps that request. The managed judge server starts through it:
-``trig-stream run`` stops its server when it ends, but not when it is killed (SIGKILL, the
-OOM killer, a closed terminal), and a vLLM left running holds its GPU and its port.
+``python -I -S parent_death.py PARENT_PID GRACE_S COMMAND...`` is a small supervisor. It
+asks the kernel (``prctl(PR_SET_PDEATHSIG)``) to send it SIGTERM when its parent ends, starts
+``COMMAND`` as its child, waits for it, and exits as the command did (its exit status, or
+killed by the same signal), so the run reads the command's own end. The managed judge server
+starts through it, as the leader of a new process group: ``trig-stream run`` stops its server
+when it ends, but not when it is killed (SIGKILL, the OOM killer, a closed terminal), and a
+vLLM left running holds its GPU and its port.
 
-Before that it puts SIGINT and SIGTERM back to their default handling: a run started with
-one ignored (SIGINT in a script's background job) leaves it ignored for itself, and an
-ignored signal is inherited across ``exec``; a server ignoring SIGTERM outlived a killed run
-and made every stop wait out its grace period. SIGHUP stays as it was (under ``nohup`` the
-server ignores it too). Where ``prctl`` is not there (not Linux) only that is done.
+When its parent dies, the supervisor stops the whole group, not only the command's own
+process: a launcher that does not ``exec`` its server (``sh -c "vllm serve ...; echo done"``,
+a script that activates a virtualenv and runs vLLM as its child) would else die alone and
+leave the server running. It sends the group SIGTERM, then SIGKILL to whatever of it still
+runs after ``GRACE_S`` (the serve table's ``stop_timeout_s``). It is made the group's child
+subreaper, so that processes whose parent ends are handed to it: it reaps them, and sees
+when the last one ends. A SIGTERM while its parent lives is the run stopping the group, which
+the command received too: the supervisor waits for the command's end and passes it on.
+
+The command starts with SIGINT and SIGTERM at their default handling: a run started with one
+ignored (SIGINT in a script's background job) leaves it ignored for itself, and an ignored
+signal is inherited across ``exec``; a server ignoring SIGTERM outlived a killed run and made
+every stop wait out its grace period. SIGHUP stays as it was (under ``nohup`` the server
+ignores it too). Where ``prctl`` is not there (not Linux) the supervisor only passes the
+command's end on.
 
 It runs as a script, not as part of the package, so that it starts in milliseconds. Only the
 standard library is imported here.
@@ -22,20 +35,36 @@ import ctypes
 import os
 import signal
 import sys
+import time
 
 PR_SET_PDEATHSIG = 1
 """The ``prctl`` option, from ``<linux/prctl.h>``."""
+PR_SET_CHILD_SUBREAPER = 36
+"""The ``prctl`` option, from ``<linux/prctl.h>``."""
 CANNOT_RUN = 127
 """Exit status when the command cannot be run (a shell's)."""
+POLL_S = 0.05
+"""Time between looks at whether the group has ended, within the grace period."""
+
+
+class ParentDied(Exception):
+    """The process that started the supervisor has ended."""
 
 
 def main(argv: list[str]) -> int:
-    parent, command = int(argv[0]), argv[1:]
-    # Before the request: a SIGTERM that comes once it is made must end us.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
+    parent, grace_s, command = int(argv[0]), float(argv[1]), argv[2:]
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # With the parent alive it is the run stopping the group, the command included.
+        if os.getppid() != parent:
+            raise ParentDied
+
+    # Before the request: a SIGTERM that comes once it is made must reach us.
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
             print(
                 f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(ctypes.get_errno())}); "
@@ -45,10 +74,81 @@ def main(argv: list[str]) -> int:
         elif os.getppid() != parent:
             return 1  # the parent died before the request took effect: no one would stop us
     try:
-        os.execvp(command[0], command)
-    except OSError as exc:
-        print(f"cannot run {command[0]}: {exc.strerror or exc}", file=sys.stderr)
-    return CANNOT_RUN
+        child = _start(command)
+        if child is None:
+            return CANNOT_RUN
+        return _pass_on(_wait_for(child))
+    except ParentDied:
+        _stop_group(grace_s)
+        return 1
+
+
+def _start(command: list[str]) -> int | None:
+    """Start ``command`` as a child, with SIGINT and SIGTERM at their defaults; its pid, or
+    None when it cannot be run (said on stderr)."""
+    # Told through a pipe closed on exec: an exec failure is the supervisor's to report.
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, False)
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read_end)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_DFL)
+            os.execvp(command[0], command)
+        except OSError as exc:
+            os.write(write_end, f"{exc.strerror or exc}".encode())
+        finally:
+            os._exit(CANNOT_RUN)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        error = pipe.read()
+    if error:
+        os.waitpid(child, 0)
+        print(f"cannot run {command[0]}: {error.decode(errors='replace')}", file=sys.stderr)
+        return None
+    return child
+
+
+def _wait_for(child: int) -> int:
+    """The wait status of ``child``, once it has ended; reaps the orphans handed to us."""
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == child:
+            return status
+
+
+def _pass_on(status: int) -> int:
+    """Exit as the command did: its exit status, or killed by its signal."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the command's crash, not ours
+        except (ImportError, ValueError, OSError):
+            pass
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return 128 + signum  # a signal that does not end a process (SIGCHLD, say)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _stop_group(grace_s: float) -> None:
+    """Stop the group: SIGTERM, then SIGKILL to whatever still runs after ``grace_s``."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    group = os.getpgrp()
+    os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            # Every process of the group is our descendant, and so ours to reap.
+            while os.waitpid(-1, os.WNOHANG)[0] != 0:
+                pass
+        except ChildProcessError:
+            return  # none is left
+        time.sleep(POLL_S)
+    os.killpg(group, signal.SIGKILL)  # ourselves included
 
 
 if __name__ == "__main__":
