@@ -406,6 +406,38 @@ def test_thresholds_outside_what_scores_and_shares_can_be_are_refused(
         run_command("report", str(run), "--no-plots", *thresholds)
 
 
+@pytest.mark.parametrize("models", [("model-a",), ("model-a", "model-b")])
+def test_a_report_leaves_a_comparison_md_of_the_users_alone(
+    tmp_path: Path, models: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `report RUN --out notes` removed the user's notes/comparison.md ("removed: this
+    # report has one model"), or with two models wrote over it.
+    run = write_run_dir(tmp_path / "run", {}, models=models)
+    out = tmp_path / "notes"
+    out.mkdir()
+    mine = out / "comparison.md"
+    mine.write_text("# My comparison of the two papers\n")
+    assert main(["report", str(run), "--out", str(out), "--no-plots"]) == EXIT_RUN_DIR
+    assert (
+        f"{mine} is not a comparison a report wrote (it does not start with '# TRIG model "
+        "comparison'), and a report replaces or removes that file: move it away, or write the "
+        "report elsewhere with --out"
+    ) in " ".join(capsys.readouterr().err.split())
+    assert mine.read_text() == "# My comparison of the two papers\n"
+    assert [p.name for p in out.iterdir()] == ["comparison.md"]  # refused before any write
+    # Nor anything but a file (a pipe would have blocked the write).
+    mine.unlink()
+    os.mkfifo(mine)
+    with pytest.raises(AnalysisError, match="comparison.md is not a comparison a report wrote"):
+        run_command("report", str(run), "--out", str(out), "--no-plots")
+    mine.unlink()
+    # An earlier report's is replaced, or removed.
+    other = write_run_dir(tmp_path / "other", {}, models=("model-a", "model-b"))
+    assert run_command("report", str(other), "--out", str(out), "--no-plots")[0] == 0
+    assert run_command("report", str(run), "--out", str(out), "--no-plots")[0] == 0
+    assert mine.is_file() == (len(models) > 1)
+
+
 def test_a_report_without_plots_removes_those_an_earlier_one_drew(tmp_path: Path) -> None:
     # They showed the earlier scores (or thresholds) beside the new files.
     run = write_run_dir(tmp_path / "run", {})

@@ -17,7 +17,12 @@ from typing import Any, get_args
 
 from rich.console import Console
 
-from trig_stream.analysis.compare import Comparison, compare, comparison_markdown
+from trig_stream.analysis.compare import (
+    COMPARISON_HEADING,
+    Comparison,
+    compare,
+    comparison_markdown,
+)
 from trig_stream.analysis.inputs import (
     AnalysisError,
     RunData,
@@ -243,6 +248,7 @@ def write_report(
     elsewhere = "remove the link, or write the report elsewhere with --out"
     for path in [folder / COMPARISON_FILE, *(folder / model for model in analyses)]:
         refuse_link(path, elsewhere)
+    _refuse_foreign_comparison(folder / COMPARISON_FILE)
     skipped = False
     for model, analysis in analyses.items():
         judgements = [j for j in run.judgements if j.model == model]
@@ -271,6 +277,41 @@ def write_report(
     if skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return folder
+
+
+def _refuse_foreign_comparison(comparison: Path) -> None:
+    """Refuse a report folder whose ``comparison.md`` is not one a report wrote: a report
+    replaces it (two models) or removes it (one), and a file of the user's of that name was
+    lost either way.
+
+    Raises:
+        OutputWriteError: ``comparison`` exists and is not a regular file starting with the
+            comparison's heading (or empty).
+    """
+    try:
+        mode = os.lstat(comparison).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        raise OutputWriteError(
+            f"cannot look at {comparison}: {exc.strerror or exc}; a report replaces it"
+        ) from None
+    heading = (COMPARISON_HEADING + "\n").encode()
+    start = b""
+    if stat.S_ISREG(mode):  # never opened otherwise: a pipe would block the read
+        try:
+            with comparison.open("rb") as file:
+                start = file.read(len(heading))
+        except OSError as exc:
+            raise OutputWriteError(
+                f"cannot read {comparison}: {exc.strerror or exc}; a report replaces it"
+            ) from None
+    if start != heading and (start or not stat.S_ISREG(mode)):  # an empty file loses nothing
+        raise OutputWriteError(
+            f"{comparison} is not a comparison a report wrote (it does not start with "
+            f"{COMPARISON_HEADING!r}), and a report replaces or removes that file: move it "
+            "away, or write the report elsewhere with --out"
+        )
 
 
 def _remove_stale_outputs(
