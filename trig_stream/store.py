@@ -33,6 +33,7 @@ from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.files import (
     link_refused,
     make_dirs,
+    open_regular_file,
     open_unlinked,
     remove_made_dirs,
     storage_error,
@@ -43,7 +44,14 @@ from trig_stream.files import (
 )
 from trig_stream.journal import JOURNAL, Journal, JournalState, journal_state, journal_unreadable
 from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
-from trig_stream.manifest import MANIFEST, EntryKind, Manifest, read_manifest
+from trig_stream.manifest import (
+    MANIFEST,
+    EntryKind,
+    Manifest,
+    is_trig_stream_manifest,
+    not_a_manifest,
+    read_manifest,
+)
 from trig_stream.moves import Move
 from trig_stream.records import MAX_NAME_CHARS, QuarantinedRecord, storable_text
 
@@ -411,11 +419,13 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
     settings beside the others' results (:func:`_results_held`). Nothing is written here.
 
     Raises:
-        RunDirError: the directory holds results but no manifest.
+        RunDirError: the directory holds results but no manifest, or its manifest or
+            quarantine list is another program's file (:func:`_refuse_files_not_ours`).
         FingerprintMismatch: its results were made with settings that differ, or its journal
             holds results its manifest does not describe (a judge's lines of another
             fingerprint than its entry, a model or judge with results and no entry).
     """
+    _refuse_files_not_ours(path)
     holds_results = bool(journal.models_with_results or journal.skipped_lines)
     holds_results = holds_results or _holds_a_file(path / IMAGES)
     if holds_results and not (path / MANIFEST).exists():
@@ -456,6 +466,37 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
             " [run] name."
         )
     return stored.merged(manifest, moved)
+
+
+QUARANTINE_START = b'{"schema_version":'
+"""How every line of a quarantine list starts (a record's JSON, its version first)."""
+
+
+def _refuse_files_not_ours(path: Path) -> None:
+    """Refuse the run directory ``path`` when its ``manifest.json`` or ``quarantine.jsonl``
+    is not one trig-stream wrote: a run writes over both (a folder without results starts
+    afresh), and another program's file of that name (a web app's manifest) was lost. A
+    damaged manifest of ours is :func:`~trig_stream.manifest.read_manifest`'s to name;
+    one that cannot be read is left to the run's own reading or writing to say so.
+
+    Raises:
+        RunDirError: either file is another program's.
+    """
+    with suppress(OSError):
+        with open_regular_file(path / MANIFEST) as handle:
+            text = handle.read()
+        if not is_trig_stream_manifest(text):
+            raise RunDirError(not_a_manifest(path / MANIFEST))
+    with suppress(OSError):
+        with open_regular_file(path / QUARANTINE) as handle:
+            start = handle.read(len(QUARANTINE_START))
+        # Empty when nothing was refused; a line cut short by a crash starts alike.
+        if not QUARANTINE_START.startswith(start):
+            raise RunDirError(
+                f"{path / QUARANTINE} is not a trig-stream run directory's quarantine list "
+                "(another program's file?), and a run would write over it: move it away, or "
+                "use --new-run to start a fresh run directory beside it (or change [run] name)"
+            )
 
 
 def _results_held(path: Path, journal: JournalState) -> Callable[[EntryKind, str], bool]:
