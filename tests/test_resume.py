@@ -1361,6 +1361,29 @@ async def test_partial_image_files_left_by_a_crash_are_removed(make_config: Conf
     assert not leftover.exists()
 
 
+async def test_what_is_no_temporary_image_in_partial_is_left_alone_and_named(
+    make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A folder in images/.partial stopped every resume ("cannot open the run directory:
+    # Is a directory") while validate said OK.
+    config = make_config(samples=2)
+    await run_to_end(config)
+    partial = config.run_dir / store.IMAGES / store.PARTIAL
+    (partial / "sub").mkdir()
+    (partial / "sub" / "f").write_text("mine")
+    leftover = partial / ".IQ-R_TA-C_1.png.123.456.tmp"
+    leftover.write_bytes(b"half a png")
+    said = f"{partial} holds 1 entry(ies) a run never writes there (the first: sub, not a plain"
+    with caplog.at_level("WARNING", logger="trig_stream.store"):
+        store.check_resume(config.run_dir, read_manifest(config.run_dir))
+    assert said in caplog.text  # validate says what the run will
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trig_stream.store"):
+        await run_to_end(config)
+    assert said in caplog.text
+    assert not leftover.exists() and (partial / "sub" / "f").read_text() == "mine"
+
+
 async def test_a_manifests_temporary_file_left_by_a_crash_is_removed(
     make_config: ConfigFactory,
 ) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import threading
@@ -54,6 +55,8 @@ from trig_stream.manifest import (
 )
 from trig_stream.moves import Move
 from trig_stream.records import MAX_NAME_CHARS, QuarantinedRecord, storable_text
+
+logger = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine.jsonl"
 QUARANTINE_PARTIAL = "quarantine.jsonl.partial"
@@ -348,7 +351,11 @@ class RunDir:
             raise link_refused(partial)
         if partial.is_dir():
             for leftover in partial.iterdir():
-                leftover.unlink(missing_ok=True)
+                # A plain file only: a folder there (unlink: "Is a directory") stopped every
+                # resume, and no writer of ours makes one, nor a link or a pipe.
+                if leftover.is_file() and not leftover.is_symlink():
+                    leftover.unlink(missing_ok=True)
+            _warn_of_foreign_partials(self.path)
 
     def _remove_leftover_temporaries(self) -> None:
         # The manifest is written atomically beside itself: a crash before its rename left
@@ -366,6 +373,24 @@ class RunDir:
         manifest = manifest.model_copy(update={"journal_lines": journal.lines})
         manifest = resumed_manifest(self.path, manifest, journal)
         write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
+
+
+def _warn_of_foreign_partials(path: Path) -> None:
+    """Warn of what ``images/.partial`` of the run directory ``path`` holds that is no plain
+    file: never written by a run, it is left alone (only temporary images are removed)."""
+    foreign = [
+        entry
+        for entry in _entries(path / IMAGES / PARTIAL)
+        if entry.is_symlink() or not entry.is_file()
+    ]
+    if foreign:
+        logger.warning(
+            "%s holds %d entry(ies) a run never writes there (the first: %s, not a plain "
+            "file): left alone; move them away, only temporary images belong there",
+            path / IMAGES / PARTIAL,
+            len(foreign),
+            foreign[0].name,
+        )
 
 
 def refuse_links(path: Path) -> None:
@@ -541,6 +566,7 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
         raise RunLockedError(journal_in_use(path))
     refuse_links(path)
     _refuse_a_file_on_the_way(path)
+    _warn_of_foreign_partials(path)  # as a run does
     try:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:
