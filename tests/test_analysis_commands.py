@@ -428,7 +428,7 @@ def test_a_report_leaves_a_comparison_md_of_the_users_alone(
     # Nor anything but a file (a pipe would have blocked the write).
     mine.unlink()
     os.mkfifo(mine)
-    with pytest.raises(AnalysisError, match="comparison.md is not a comparison a report wrote"):
+    with pytest.raises(AnalysisError, match=r"comparison\.md is not a comparison a report wrote"):
         run_command("report", str(run), "--out", str(out), "--no-plots")
     mine.unlink()
     # An earlier report's is replaced, or removed.

@@ -12,7 +12,6 @@ from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
 
-
 COMPARISON_HEADING = "# TRIG model comparison"
 """The first line of :func:`comparison_markdown`: how a report knows a ``comparison.md``
 an earlier report wrote (replaced or removed) from a file of the user's (left alone)."""
