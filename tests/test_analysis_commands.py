@@ -355,7 +355,7 @@ def test_the_reports_comparison_says_what_compare_says(make_config: ConfigFactor
     )
     anyio.run(run_to_end, config)
     assert run_command("report", str(config.run_dir), "--no-plots")[0] == 0
-    out = config.run_dir / "compared.md"
+    out = config.run_dir.parent / "compared.md"
     assert run_command("compare", str(config.run_dir), "--out", str(out))[0] == 0
     written = (config.run_dir / "report" / "comparison.md").read_text()
     assert "Note: bad has no ok score (every judgement unscorable or an error)" in written
@@ -404,6 +404,38 @@ def test_thresholds_outside_what_scores_and_shares_can_be_are_refused(
     run = write_run_dir(tmp_path / "run", {})
     with pytest.raises(AnalysisError, match=f"invalid thresholds: {problem}"):
         run_command("report", str(run), "--no-plots", *thresholds)
+
+
+@pytest.mark.parametrize("models", [("model-a",), ("model-a", "model-b")])
+def test_a_report_leaves_a_comparison_md_of_the_users_alone(
+    tmp_path: Path, models: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `report RUN --out notes` removed the user's notes/comparison.md ("removed: this
+    # report has one model"), or with two models wrote over it.
+    run = write_run_dir(tmp_path / "run", {}, models=models)
+    out = tmp_path / "notes"
+    out.mkdir()
+    mine = out / "comparison.md"
+    mine.write_text("# My comparison of the two papers\n")
+    assert main(["report", str(run), "--out", str(out), "--no-plots"]) == EXIT_RUN_DIR
+    assert (
+        f"{mine} is not a comparison a report wrote (it does not start with '# TRIG model "
+        "comparison'), and a report replaces or removes that file: move it away, or write the "
+        "report elsewhere with --out"
+    ) in " ".join(capsys.readouterr().err.split())
+    assert mine.read_text() == "# My comparison of the two papers\n"
+    assert [p.name for p in out.iterdir()] == ["comparison.md"]  # refused before any write
+    # Nor anything but a file (a pipe would have blocked the write).
+    mine.unlink()
+    os.mkfifo(mine)
+    with pytest.raises(AnalysisError, match=r"comparison\.md is not a comparison a report wrote"):
+        run_command("report", str(run), "--out", str(out), "--no-plots")
+    mine.unlink()
+    # An earlier report's is replaced, or removed.
+    other = write_run_dir(tmp_path / "other", {}, models=("model-a", "model-b"))
+    assert run_command("report", str(other), "--out", str(out), "--no-plots")[0] == 0
+    assert run_command("report", str(run), "--out", str(out), "--no-plots")[0] == 0
+    assert mine.is_file() == (len(models) > 1)
 
 
 def test_a_report_without_plots_removes_those_an_earlier_one_drew(tmp_path: Path) -> None:
@@ -552,6 +584,43 @@ def test_output_paths_that_would_land_elsewhere_are_refused(tmp_path: Path) -> N
     (tmp_path / "folder").mkdir()
     with pytest.raises(AnalysisError, match=f"--out {tmp_path / 'folder'} is a folder"):
         run_command("compare", str(run), "--out", str(tmp_path / "folder"))
+
+
+@pytest.mark.parametrize(
+    "where", [JOURNAL, MANIFEST, "quarantine.jsonl", LOCK, "report/comparison.md", "new.md"]
+)
+def test_compare_never_writes_in_a_run_directory_it_compares(tmp_path: Path, where: str) -> None:
+    # `--out RUN_DIR/journal.jsonl` exited 0, the journal replaced by the markdown; the
+    # manifest likewise, and the run could no longer be resumed.
+    first = write_run_dir(tmp_path / "one", {})
+    second = write_run_dir(tmp_path / "two", {})
+    out = second / where
+    before = out.read_bytes() if out.exists() else None
+    with pytest.raises(AnalysisError, match=rf"--out {out} is in the run directory {second}, "):
+        run_command("compare", str(first), str(second), "--out", str(out))
+    assert (out.read_bytes() if out.exists() else None) == before
+    # Through a symbolic link, or a hard link, from outside it.
+    (tmp_path / "soft.md").symlink_to(second / JOURNAL)
+    with pytest.raises(AnalysisError, match=r"soft.md \(a symbolic link to .*two/journal.jsonl"):
+        run_command("compare", str(first), str(second), "--out", str(tmp_path / "soft.md"))
+    os.link(second / MANIFEST, tmp_path / "hard.json")
+    with pytest.raises(AnalysisError, match=r"hard.json is .*two/manifest.json \(a hard link"):
+        run_command("compare", str(first), str(second), "--out", str(tmp_path / "hard.json"))
+    assert main(["compare", str(first), str(second), "--out", str(second / JOURNAL)]) == 2
+    assert len(load_run(second).judgements) == len(load_run(first).judgements)
+
+
+def test_compare_writes_only_a_regular_file(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # A pipe without a reader: the command hung for good, opening it to write.
+    run = write_run_dir(tmp_path / "run", {})
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # A reader held open, so that a write would not hang the test but go through unrefused.
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    request.addfinalizer(partial(os.close, reader))
+    with pytest.raises(AnalysisError, match=rf"--out {fifo} is not a regular file \(a pipe"):
+        run_command("compare", str(run), "--out", str(fifo))
+    assert main(["compare", str(run), "--out", str(fifo)]) == 2
 
 
 def test_compare_runs_and_command(tmp_path: Path) -> None:

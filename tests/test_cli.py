@@ -561,6 +561,11 @@ def test_make_tiny_models_builds_each_model_once_and_quietly(tmp_path: Path) -> 
     assert "[transformers]" not in first.stderr and "Writing model shards" not in first.stderr
     assert (tmp_path / "m" / "flux" / "model_index.json").is_file()
     assert (tmp_path / "m" / "vlm" / "config.json").is_file()
+    # What a build writes is what the command takes for its own (a folder of the user's at
+    # a model's name is refused).
+    from trig_stream.testing.tiny_models import TINY_MODELS, _not_written_here
+
+    assert all(_not_written_here(tmp_path / "m", name) == [] for name in TINY_MODELS)
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and again.stderr.count(": present\n") == 4
 
@@ -621,6 +626,62 @@ def test_make_tiny_models_never_leaves_a_half_written_model(
         "sd",
         "vlm",
     ]
+
+
+def test_make_tiny_models_keeps_the_users_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Hidden folders named as a build's leftovers but of other names (a date for the pid)
+    # were deleted with their files; so was a folder of the user's at a model's name.
+    from trig_stream.testing import tiny_models, tiny_pipelines, tiny_vlm
+
+    def build(path: Path, last: str) -> None:
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        (path / last).write_text("{}")
+
+    monkeypatch.setattr(
+        tiny_pipelines, "build_tiny_pipeline", lambda kind, path: build(path, "model_index.json")
+    )
+    monkeypatch.setattr(
+        tiny_vlm, "build_tiny_vlm", lambda path: build(path, "processor_config.json")
+    )
+    out = tmp_path / "models"
+    kept = [out / ".thesis.old-20240131" / "chapter1.tex", out / ".photos.building-999999" / "a"]
+    kept += [out / ".vlm.older-7" / "b", out / ".sdx.old-7" / "c", out / "vlm" / "notes.txt"]
+    kept += [out / "vlm" / "my_thesis" / "ch1.tex"]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("precious")
+    (out / "vlm" / "config.json").write_text("{}")  # beside the user's files, as a model's
+    args = argparse.Namespace(out=out, force=False)
+    console = Console(stderr=True, soft_wrap=True)
+    assert tiny_models.make_tiny_models(args, console) == EXIT_RUN_DIR
+    said = " ".join(capsys.readouterr().err.split())
+    assert (
+        f"error: {out / 'vlm'}: holds what this command does not write ({out / 'vlm/my_thesis'}, "
+        f"{out / 'vlm/notes.txt'}), so it is not a model it built; move it away or use --force"
+    ) in said
+    assert all(path.read_text() == "precious" for path in kept)
+    assert not (out / "flux").exists()  # refused before any model is built
+    # Moved away, the others are built, and the hidden folders stay.
+    (out / "vlm").rename(tmp_path / "thesis")
+    assert tiny_models.make_tiny_models(args, console) == EXIT_OK
+    assert all(path.read_text() == "precious" for path in kept if "vlm/" not in str(path))
+    assert (out / "vlm" / "processor_config.json").is_file()
+    # A model's folder left by a build cut short, its components half written, is built
+    # again; with --force, so is a folder of the user's.
+    (out / "sd" / "model_index.json").unlink()
+    (out / "sd" / "unet").mkdir()
+    (out / "sd" / "unet" / "diffusion_pytorch_model.safetensors").write_text("")
+    assert tiny_models.make_tiny_models(args, console) == EXIT_OK
+    assert f"{out / 'sd'}: built" in capsys.readouterr().err
+    assert not (out / "sd" / "unet").exists()
+    shutil.rmtree(out / "vlm")
+    (tmp_path / "thesis").rename(out / "vlm")
+    forced = argparse.Namespace(out=out, force=True)
+    assert tiny_models.make_tiny_models(forced, console) == EXIT_OK
+    assert not (out / "vlm" / "notes.txt").exists()
 
 
 def test_make_tiny_models_on_a_full_disk_is_one_message(

@@ -1071,7 +1071,10 @@ async def test_a_locked_run_dir_is_refused(make_config: ConfigFactory) -> None:
 
 @pytest.mark.parametrize(
     ("content", "detail"),
-    [(b"{broken", "Invalid JSON"), (b'{"schema_version": 1}', "run_name: Field required")],
+    [
+        (b'{"schema_version": 1, "run_na', "Invalid JSON"),
+        (b'{"schema_version": 1}', "run_name: Field required"),
+    ],
 )
 def test_a_damaged_manifest_is_one_message_saying_what_to_do(
     tmp_path: Path, content: bytes, detail: str
@@ -1082,6 +1085,58 @@ def test_a_damaged_manifest_is_one_message_saying_what_to_do(
     message = str(raised.value)
     assert f"it is damaged ({detail}" in message and "--new-run" in message
     assert "\n" not in message and "pydantic" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        (MANIFEST, b'{"name": "My PWA", "icons": []}'),
+        (MANIFEST, b"[1, 2]"),
+        (MANIFEST, b"not json at all"),
+        (store.QUARANTINE, b'{"name": "a log of mine"}\n'),
+        (store.QUARANTINE, b"notes\n"),
+    ],
+)
+async def test_a_file_of_another_programs_is_never_written_over(
+    make_config: ConfigFactory, name: str, content: bytes
+) -> None:
+    # A folder without results was taken for a fresh run directory: a web app's
+    # manifest.json there was replaced by the run's, rc 0.
+    config = make_config(samples=2)
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / name).write_bytes(content)
+    what = "manifest" if name == MANIFEST else "quarantine list"
+    said = (
+        f"{config.run_dir / name} is not a trig-stream run directory's {what} (another "
+        "program's file?), and a run would write over it: move it away, or use --new-run"
+    )
+    with pytest.raises(RunDirError) as raised:
+        await run_to_end(config)
+    assert said in str(raised.value)
+    assert (config.run_dir / name).read_bytes() == content
+    assert not (config.run_dir / JOURNAL).exists() and not (config.run_dir / store.IMAGES).exists()
+    # validate says the same, reading only.
+    with pytest.raises(RunDirError) as raised:
+        store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
+    assert said in str(raised.value)
+    if name == MANIFEST:  # and so do the viewers
+        with pytest.raises(RunDirError, match="is not a trig-stream run directory's manifest"):
+            read_manifest(config.run_dir)
+
+
+async def test_a_damaged_manifest_of_a_run_without_results_is_replaced(
+    make_config: ConfigFactory,
+) -> None:
+    # Ours, damaged (not another program's): a run that holds nothing starts afresh, as
+    # before; and quarantine lists of ours, empty or cut short by a crash, are replaced.
+    config = make_config(samples=2)
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / MANIFEST).write_bytes(b'{"schema_version": 1, "run_na')
+    (config.run_dir / store.QUARANTINE).write_bytes(b'{"schema_ver')
+    await run_to_end(config)
+    assert read_manifest(config.run_dir).run_name == config.run.name
+    assert (config.run_dir / store.QUARANTINE).read_bytes() == b""
+    await run_to_end(config)  # its own files, resumed
 
 
 def test_a_run_dir_of_a_later_format_is_refused_not_read_as_this_one(tmp_path: Path) -> None:
@@ -1304,6 +1359,29 @@ async def test_partial_image_files_left_by_a_crash_are_removed(make_config: Conf
     leftover.write_bytes(b"half a png")
     await run_to_end(config)
     assert not leftover.exists()
+
+
+async def test_what_is_no_temporary_image_in_partial_is_left_alone_and_named(
+    make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A folder in images/.partial stopped every resume ("cannot open the run directory:
+    # Is a directory") while validate said OK.
+    config = make_config(samples=2)
+    await run_to_end(config)
+    partial = config.run_dir / store.IMAGES / store.PARTIAL
+    (partial / "sub").mkdir()
+    (partial / "sub" / "f").write_text("mine")
+    leftover = partial / ".IQ-R_TA-C_1.png.123.456.tmp"
+    leftover.write_bytes(b"half a png")
+    said = f"{partial} holds 1 entry(ies) a run never writes there (the first: sub, not a plain"
+    with caplog.at_level("WARNING", logger="trig_stream.store"):
+        store.check_resume(config.run_dir, read_manifest(config.run_dir))
+    assert said in caplog.text  # validate says what the run will
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trig_stream.store"):
+        await run_to_end(config)
+    assert said in caplog.text
+    assert not leftover.exists() and (partial / "sub" / "f").read_text() == "mine"
 
 
 async def test_a_manifests_temporary_file_left_by_a_crash_is_removed(

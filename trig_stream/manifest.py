@@ -314,6 +314,26 @@ def _entry_names(config: dict[str, Any], kind: EntryKind) -> frozenset[str]:
     return frozenset(str(e["name"]) for e in entries if isinstance(e, dict) and "name" in e)
 
 
+def is_trig_stream_manifest(text: bytes) -> bool:
+    """Whether ``text``, a ``manifest.json``, is one trig-stream wrote, whole or damaged:
+    a JSON object with its ``schema_version`` or ``run_name`` (or, unparsable, text naming
+    ``schema_version``), rather than another program's file of that name (a web app's)."""
+    try:
+        data = json.loads(text)
+    except ValueError:  # a damaged one (cut short, edited by hand) still names its fields
+        return b'"schema_version"' in text
+    return isinstance(data, dict) and bool({"schema_version", "run_name"} & data.keys())
+
+
+def not_a_manifest(path: Path) -> str:
+    """The message for a ``manifest.json`` that trig-stream did not write."""
+    return (
+        f"{path} is not a trig-stream run directory's manifest (another program's file?), "
+        "and a run would write over it: move it away, or use --new-run to start a fresh run "
+        "directory beside it (or change [run] name)"
+    )
+
+
 def read_manifest(run_dir: Path) -> Manifest:
     """Read a run directory's manifest.
 
@@ -321,9 +341,11 @@ def read_manifest(run_dir: Path) -> Manifest:
         RunDirError: there is none, or it cannot be read.
     """
     path = run_dir / MANIFEST
+    text = b""
     try:
         with open_regular_file(path) as handle:
-            manifest = Manifest.model_validate_json(handle.read())
+            text = handle.read()
+        manifest = Manifest.model_validate_json(text)
     except FileNotFoundError:
         if not run_dir.exists():
             raise RunDirError(
@@ -331,6 +353,8 @@ def read_manifest(run_dir: Path) -> Manifest:
             ) from None
         raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
     except ValidationError as exc:
+        if not is_trig_stream_manifest(text):
+            raise RunDirError(not_a_manifest(path)) from None
         error = exc.errors()[0]
         where = ".".join(map(str, error["loc"]))
         raise RunDirError(

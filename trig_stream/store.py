@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import threading
@@ -33,6 +34,7 @@ from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.files import (
     link_refused,
     make_dirs,
+    open_regular_file,
     open_unlinked,
     remove_made_dirs,
     storage_error,
@@ -43,9 +45,18 @@ from trig_stream.files import (
 )
 from trig_stream.journal import JOURNAL, Journal, JournalState, journal_state, journal_unreadable
 from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
-from trig_stream.manifest import MANIFEST, EntryKind, Manifest, read_manifest
+from trig_stream.manifest import (
+    MANIFEST,
+    EntryKind,
+    Manifest,
+    is_trig_stream_manifest,
+    not_a_manifest,
+    read_manifest,
+)
 from trig_stream.moves import Move
 from trig_stream.records import MAX_NAME_CHARS, QuarantinedRecord, storable_text
+
+logger = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine.jsonl"
 QUARANTINE_PARTIAL = "quarantine.jsonl.partial"
@@ -340,7 +351,11 @@ class RunDir:
             raise link_refused(partial)
         if partial.is_dir():
             for leftover in partial.iterdir():
-                leftover.unlink(missing_ok=True)
+                # A plain file only: a folder there (unlink: "Is a directory") stopped every
+                # resume, and no writer of ours makes one, nor a link or a pipe.
+                if leftover.is_file() and not leftover.is_symlink():
+                    leftover.unlink(missing_ok=True)
+            _warn_of_foreign_partials(self.path)
 
     def _remove_leftover_temporaries(self) -> None:
         # The manifest is written atomically beside itself: a crash before its rename left
@@ -358,6 +373,24 @@ class RunDir:
         manifest = manifest.model_copy(update={"journal_lines": journal.lines})
         manifest = resumed_manifest(self.path, manifest, journal)
         write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
+
+
+def _warn_of_foreign_partials(path: Path) -> None:
+    """Warn of what ``images/.partial`` of the run directory ``path`` holds that is no plain
+    file: never written by a run, it is left alone (only temporary images are removed)."""
+    foreign = [
+        entry
+        for entry in _entries(path / IMAGES / PARTIAL)
+        if entry.is_symlink() or not entry.is_file()
+    ]
+    if foreign:
+        logger.warning(
+            "%s holds %d entry(ies) a run never writes there (the first: %s, not a plain "
+            "file): left alone; move them away, only temporary images belong there",
+            path / IMAGES / PARTIAL,
+            len(foreign),
+            foreign[0].name,
+        )
 
 
 def refuse_links(path: Path) -> None:
@@ -411,11 +444,13 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
     settings beside the others' results (:func:`_results_held`). Nothing is written here.
 
     Raises:
-        RunDirError: the directory holds results but no manifest.
+        RunDirError: the directory holds results but no manifest, or its manifest or
+            quarantine list is another program's file (:func:`_refuse_files_not_ours`).
         FingerprintMismatch: its results were made with settings that differ, or its journal
             holds results its manifest does not describe (a judge's lines of another
             fingerprint than its entry, a model or judge with results and no entry).
     """
+    _refuse_files_not_ours(path)
     holds_results = bool(journal.models_with_results or journal.skipped_lines)
     holds_results = holds_results or _holds_a_file(path / IMAGES)
     if holds_results and not (path / MANIFEST).exists():
@@ -456,6 +491,37 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
             " [run] name."
         )
     return stored.merged(manifest, moved)
+
+
+QUARANTINE_START = b'{"schema_version":'
+"""How every line of a quarantine list starts (a record's JSON, its version first)."""
+
+
+def _refuse_files_not_ours(path: Path) -> None:
+    """Refuse the run directory ``path`` when its ``manifest.json`` or ``quarantine.jsonl``
+    is not one trig-stream wrote: a run writes over both (a folder without results starts
+    afresh), and another program's file of that name (a web app's manifest) was lost. A
+    damaged manifest of ours is :func:`~trig_stream.manifest.read_manifest`'s to name;
+    one that cannot be read is left to the run's own reading or writing to say so.
+
+    Raises:
+        RunDirError: either file is another program's.
+    """
+    with suppress(OSError):
+        with open_regular_file(path / MANIFEST) as handle:
+            text = handle.read()
+        if not is_trig_stream_manifest(text):
+            raise RunDirError(not_a_manifest(path / MANIFEST))
+    with suppress(OSError):
+        with open_regular_file(path / QUARANTINE) as handle:
+            start = handle.read(len(QUARANTINE_START))
+        # Empty when nothing was refused; a line cut short by a crash starts alike.
+        if not QUARANTINE_START.startswith(start):
+            raise RunDirError(
+                f"{path / QUARANTINE} is not a trig-stream run directory's quarantine list "
+                "(another program's file?), and a run would write over it: move it away, or "
+                "use --new-run to start a fresh run directory beside it (or change [run] name)"
+            )
 
 
 def _results_held(path: Path, journal: JournalState) -> Callable[[EntryKind, str], bool]:
@@ -500,6 +566,7 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
         raise RunLockedError(journal_in_use(path))
     refuse_links(path)
     _refuse_a_file_on_the_way(path)
+    _warn_of_foreign_partials(path)  # as a run does
     try:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:

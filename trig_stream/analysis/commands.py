@@ -10,13 +10,19 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
 from rich.console import Console
 
-from trig_stream.analysis.compare import Comparison, compare, comparison_markdown
+from trig_stream.analysis.compare import (
+    COMPARISON_HEADING,
+    Comparison,
+    compare,
+    comparison_markdown,
+)
 from trig_stream.analysis.inputs import (
     AnalysisError,
     RunData,
@@ -242,6 +248,7 @@ def write_report(
     elsewhere = "remove the link, or write the report elsewhere with --out"
     for path in [folder / COMPARISON_FILE, *(folder / model for model in analyses)]:
         refuse_link(path, elsewhere)
+    _refuse_foreign_comparison(folder / COMPARISON_FILE)
     skipped = False
     for model, analysis in analyses.items():
         judgements = [j for j in run.judgements if j.model == model]
@@ -270,6 +277,41 @@ def write_report(
     if skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return folder
+
+
+def _refuse_foreign_comparison(comparison: Path) -> None:
+    """Refuse a report folder whose ``comparison.md`` is not one a report wrote: a report
+    replaces it (two models) or removes it (one), and a file of the user's of that name was
+    lost either way.
+
+    Raises:
+        OutputWriteError: ``comparison`` exists and is not a regular file starting with the
+            comparison's heading (or empty).
+    """
+    try:
+        mode = os.lstat(comparison).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        raise OutputWriteError(
+            f"cannot look at {comparison}: {exc.strerror or exc}; a report replaces it"
+        ) from None
+    heading = (COMPARISON_HEADING + "\n").encode()
+    start = b""
+    if stat.S_ISREG(mode):  # never opened otherwise: a pipe would block the read
+        try:
+            with comparison.open("rb") as file:
+                start = file.read(len(heading))
+        except OSError as exc:
+            raise OutputWriteError(
+                f"cannot read {comparison}: {exc.strerror or exc}; a report replaces it"
+            ) from None
+    if start != heading and (start or not stat.S_ISREG(mode)):  # an empty file loses nothing
+        raise OutputWriteError(
+            f"{comparison} is not a comparison a report wrote (it does not start with "
+            f"{COMPARISON_HEADING!r}), and a report replaces or removes that file: move it "
+            "away, or write the report elsewhere with --out"
+        )
 
 
 def _remove_stale_outputs(
@@ -510,12 +552,58 @@ def run_labels(paths: Sequence[Path]) -> list[str]:
                 lengths[index] += 1
 
 
+def _refuse_comparison_file(out: Path, run_dirs: Sequence[Path]) -> None:
+    """Refuse a ``compare --out`` that is not a file of the user's to write: one in a run
+    directory being compared (its journal or manifest was replaced by the markdown, and the
+    run could no longer be resumed), a folder, or anything but a regular file (a pipe with no
+    reader hung the command for good).
+
+    Raises:
+        AnalysisError: ``out`` (or the file a link there leads to) is in one of ``run_dirs``,
+            is one of their files through a hard link, or exists and is no regular file.
+    """
+    # realpath follows every link, a dangling one's too: the write goes where they lead.
+    target = Path(os.path.realpath(out))
+    linked = f" (a symbolic link to {target})" if out.is_symlink() else ""
+    elsewhere = "name a file outside every RUN_DIR with --out"
+    for run_dir in run_dirs:
+        if _within(target, run_dir):
+            raise AnalysisError(
+                f"--out {out}{linked} is in the run directory {run_dir}, whose files (journal, "
+                f"manifest, images, report) are the run's own; {elsewhere}"
+            )
+    try:
+        status = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # not there yet (a file standing for a folder of its path is named when written)
+    except OSError as exc:
+        raise AnalysisError(
+            f"--out {out}{linked}: cannot look at it: {exc.strerror or exc}"
+        ) from None
+    if stat.S_ISDIR(status.st_mode):
+        raise AnalysisError(f"--out {out}{linked} is a folder: it names the file to write")
+    if not stat.S_ISREG(status.st_mode):
+        raise AnalysisError(
+            f"--out {out}{linked} is not a regular file (a pipe, a device?): it names the file "
+            "to write the comparison to; name a regular file, or leave --out out to print it only"
+        )
+    if status.st_nlink > 1:
+        # A hard link elsewhere to a run's journal or manifest writes over it all the same.
+        for run_dir in run_dirs:
+            files = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+            for entry in files:
+                if entry.is_file() and _same_file(entry, target):
+                    raise AnalysisError(
+                        f"--out {out}{linked} is {entry} (a hard link to it); {elsewhere}"
+                    )
+
+
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     """``compare RUN_DIR...``: dimension means side by side and the DTM cells that differ."""
+    if args.out is not None:
+        _refuse_comparison_file(args.out, args.run_dirs)
     text = comparison_markdown(compare_runs(args.run_dirs, _overrides(args), args.metric))
     if args.out is not None:
-        if args.out.is_dir():
-            raise AnalysisError(f"--out {args.out} is a folder: it names the file to write")
         # Not `writing`, the report's: its message spoke of a report and of a folder it
         # must be, naming the folder of the file (a file there: "cannot write the report in
         # afile: File exists; it must be a folder").

@@ -12,6 +12,10 @@ from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
 
+COMPARISON_HEADING = "# TRIG model comparison"
+"""The first line of :func:`comparison_markdown`: how a report knows a ``comparison.md``
+an earlier report wrote (replaced or removed) from a file of the user's (left alone)."""
+
 
 @dataclass(frozen=True, slots=True)
 class DTMDifference:
@@ -128,7 +132,7 @@ def _flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def comparison_markdown(comparison: Comparison) -> str:
     """The comparison as markdown: a means table and a table of the differing DTM cells."""
     labels = comparison.labels
-    lines = ["# TRIG model comparison", ""]
+    lines = [COMPARISON_HEADING, ""]
     # What the scores are of: said once when all columns agree, else per column, first.
     alike = []
     apart: list[tuple[str, dict[str, str]]] = []

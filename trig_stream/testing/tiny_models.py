@@ -40,6 +40,23 @@ into place, is built again."""
 _BUILDING = ".building-"
 """How the folder a model is built in is named: ``.<model>.building-<pid>``."""
 
+_OLD = ".old-"
+"""How a model's folder is named while a build replaces it: ``.<model>.old-<pid>``."""
+
+_PIPELINE = frozenset({"model_index.json", "scheduler", "text_encoder", "tokenizer", "vae"})
+LAYOUT: dict[str, frozenset[str]] = {
+    "flux": _PIPELINE | {"text_encoder_2", "tokenizer_2", "transformer"},
+    "sd": _PIPELINE | {"unet"},
+    "instruct_pix2pix": _PIPELINE | {"unet"},
+    "vlm": frozenset(),
+}
+"""The folders (and the pipelines' index) a model's folder holds, besides the files that
+``save_pretrained`` writes (:data:`SAVED_SUFFIXES`): what an earlier build of it may have
+left there. A folder holding anything else is the user's, never replaced without --force."""
+
+SAVED_SUFFIXES = (".json", ".safetensors", ".jinja")
+"""The files ``save_pretrained`` writes: configs, weights (and their index), chat template."""
+
 
 EXIT_CANNOT_WRITE = 3
 """The output folder cannot be made (as the CLI's exit code for an unusable run directory)."""
@@ -97,6 +114,20 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
                 f"[red]error:[/] {reason}; move it away, or name another OUT", highlight=False
             )
             return EXIT_CANNOT_WRITE
+        foreign = [] if args.force or _present(out, name) else _not_written_here(out, name)
+        if foreign:
+            # A folder of the user's at a model's name was replaced, its files deleted.
+            shown = ", ".join(str(path) for path in foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            reason = escape(
+                f"{out / name}: holds what this command does not write ({shown}{more}), so it "
+                "is not a model it built"
+            )
+            console.print(
+                f"[red]error:[/] {reason}; move it away or use --force to replace it",
+                highlight=False,
+            )
+            return EXIT_CANNOT_WRITE
     _remove_abandoned_builds(out)
     for name in TINY_MODELS:
         folder = out / name
@@ -137,7 +168,7 @@ def _cannot_write(folder: Path, exc: OSError) -> str:
 def _replace_folder(new: Path, folder: Path) -> None:
     """Put the folder ``new`` where ``folder`` is (a rename cannot replace a folder that
     holds files: the old one is moved aside first, then removed)."""
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}{_OLD}{os.getpid()}")
     had_one = folder.exists()
     if had_one:
         shutil.rmtree(old, ignore_errors=True)
@@ -153,6 +184,33 @@ def _present(out: Path, name: str) -> bool:
     return (out / name / WRITTEN_LAST[name]).is_file()
 
 
+def _not_written_here(out: Path, name: str) -> list[Path]:
+    """What the folder of model ``name`` holds that no build of it writes (sorted; none
+    when the folder is not there, empty, or an earlier build's, cut short)."""
+    folder = out / name
+    if not folder.is_dir():
+        return []
+    foreign: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry)
+        elif entry.is_dir():
+            if entry.name not in LAYOUT[name]:
+                foreign.append(entry)
+                continue
+            # A component's folder: its config, weights and tokenizer files only.
+            for inner in sorted(entry.iterdir()):
+                if inner.is_symlink() or not inner.is_file() or not _saved(inner):
+                    foreign.append(inner)
+        elif not (entry.is_file() and (_saved(entry) or entry.name in LAYOUT[name])):
+            foreign.append(entry)
+    return foreign
+
+
+def _saved(file: Path) -> bool:
+    return file.suffix in SAVED_SUFFIXES and not file.name.startswith(".")
+
+
 def _folder_or_nothing(path: Path) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
@@ -162,12 +220,16 @@ def _folder_or_nothing(path: Path) -> bool:
 
 def _remove_abandoned_builds(out: Path) -> None:
     # The hidden folders of builds whose process is gone (killed mid-build, where nothing
-    # could remove them); a build still running in another process is left alone.
-    for leftover in out.glob(".*.*-*"):
-        kind, _, pid = leftover.name.rpartition("-")
-        if not (kind.endswith((_BUILDING[:-1], ".old")) and pid.isdigit()):
+    # could remove them); a build still running in another process is left alone. Only
+    # the names this command gives them, of its own models: any `.X.old-<digits>` matched,
+    # a user's `.thesis.old-20240131` deleted with its files (a date is no running pid).
+    prefixes = tuple(f".{name}{mark}" for name in TINY_MODELS for mark in (_BUILDING, _OLD))
+    for leftover in sorted(out.iterdir()):
+        prefix = next((p for p in prefixes if leftover.name.startswith(p)), None)
+        if prefix is None or leftover.is_symlink() or not leftover.is_dir():
             continue
-        if not _running(int(pid)):
+        pid = leftover.name.removeprefix(prefix)
+        if pid.isascii() and pid.isdigit() and not _running(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
