@@ -58,6 +58,7 @@ from trig_stream.progress import describe
 from trig_stream.records import JudgeFingerprint, Judgement, PromptRewrite
 from trig_stream.retry import RetryPolicy
 from trig_stream.scoring import Scorer, score_top_logprobs
+from trig_stream.sourcing import count_samples
 from trig_stream.stats import ModelCounts
 from trig_stream.store import QUARANTINE
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -141,14 +142,29 @@ async def test_outer_cancel_scope_cancels_cleanly(make_config: ConfigFactory) ->
 
 
 async def test_stop_finishes_in_flight_work_and_resume_does_the_rest(
-    make_config: ConfigFactory,
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = make_config(samples=60, engine={"sample_buffer": 2, "image_buffer": 2})
+    # Every buffer small: while the loop below waits, the run can get only a few judgements
+    # ahead of it, never to its end (a result buffer of 256 let a loaded machine judge all
+    # 120 before the stop).
+    small = {"sample_buffer": 2, "image_buffer": 2, "judgement_buffer": 1, "result_buffer": 1}
+    config = make_config(samples=60, engine=small)
+    # A stop does not wait for the count of the dataset's samples (it runs in a thread once
+    # the first judgement is durable): the loop waits for it before stopping.
+    counted = anyio.Event()
+
+    async def count_then_say_so(*args: Any) -> None:
+        await count_samples(*args)
+        counted.set()
+
+    monkeypatch.setattr("trig_stream.engine.count_samples", count_then_say_so)
     async with Engine(config) as engine:
         delivered = 0
         async for _ in engine.results:
             delivered += 1
             if delivered == 4:
+                with anyio.fail_after(60):  # a safety net: the count reads 60 records
+                    await counted.wait()
                 engine.stop()
         assert engine.stats().state == "stopped"
         assert engine.stats().samples_total == 60

@@ -35,7 +35,7 @@ from trig_stream import journal as journal_module
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
-from trig_stream.files import write_atomic, write_atomic_many
+from trig_stream.files import write_all, write_atomic, write_atomic_many
 from trig_stream.journal import (
     JOURNAL,
     Journal,
@@ -1552,7 +1552,6 @@ async def test_each_judgement_is_fsynced_before_results_delivers_it(
     durable: set[tuple[str, str]] = set()
     batches: list[int] = []
     fsync = os.fsync
-    write_all = journal_module.write_all
 
     def recording_write_all(fd: int, data: bytes) -> None:
         write_all(fd, data)
@@ -1564,7 +1563,7 @@ async def test_each_judgement_is_fsynced_before_results_delivers_it(
             batches.append(0)  # the batch written before it is durable
             durable.update((j.data_id, j.dimension) for j in read_journal(path))
 
-    monkeypatch.setattr(journal_module, "write_all", recording_write_all)
+    monkeypatch.setattr("trig_stream.journal.write_all", recording_write_all)
     monkeypatch.setattr(os, "fsync", recording_fsync)
     async with Engine(config) as engine:
         async for judgement in engine.results:
