@@ -851,8 +851,17 @@ def test_report_skips_a_journal_line_whose_score_is_not_a_number(
         ({"model": "../../../escaped"}, "model '../../../escaped' is not a safe file name"),
         ({"model": "/tmp/abs"}, "model '/tmp/abs' is not a safe file name"),
         ({"metric": "."}, "metric '.' is not a safe file name"),
+        ({"data_id": "../../x"}, "data_id '../../x' is not a safe file name"),
     ],
-    ids=["same-twice", "unknown", "not-in-pair", "relative-model", "absolute-model", "metric"],
+    ids=[
+        "same-twice",
+        "unknown",
+        "not-in-pair",
+        "relative-model",
+        "absolute-model",
+        "metric",
+        "data_id",
+    ],
 )
 def test_report_skips_a_journal_line_no_engine_writes_naming_why(
     make_config: ConfigFactory,

@@ -17,6 +17,7 @@ from trig_stream.analysis.stats import (
     average_ranks,
     fisher_interval,
     pareto_f,
+    pareto_front,
     pearson_corr,
     rank_correlation,
     spearman_corr,
@@ -210,6 +211,14 @@ def test_rank_correlation_compares_irrational_values_exactly() -> None:
     assert rank_correlation(np.array([1.0, 1.0]), np.array([1.0, 2.0])) is None
 
 
+def test_a_rank_correlation_of_exactly_zero_is_below_a_positive_threshold_only() -> None:
+    # Doubled ranks x: 2, 4, 6, 8; y: 3, 7, 7, 3 (two ties): the covariance is 0 exactly.
+    exact = rank_correlation(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 2.0, 1.0]))
+    assert exact is not None and (exact.covariance, exact.value) == (0, 0.0)
+    assert exact.below(0.6) and exact.below(1e-300)
+    assert not exact.below(0.0) and not exact.below(-0.6)
+
+
 def test_the_order_of_the_judgements_does_not_change_a_correlation() -> None:
     # Six images, rho_s = 1 / 5 exactly: one order gave 0.19999999999999998 (code 1), another
     # 0.20000000000000004 (code -1), so a resumed run's live DTM and the report disagreed.
@@ -238,6 +247,21 @@ def test_pareto_f_by_hand() -> None:
     assert pareto_f(x, y) == pytest.approx(area / (0.9 * 0.9))
     # One point dominates the rest: fewer than two front points gives 0.
     assert pareto_f(np.array([0.9, 0.5, 0.9]), np.array([0.9, 0.5, 0.9])) == 0.0
+
+
+def test_a_point_tied_on_y_with_a_point_of_larger_x_is_off_the_front() -> None:
+    # (1, 0.5) dominates (0.5, 0.5): as good on Y, better on X. One front point: 0.
+    x, y = np.array([0.5, 1.0]), np.array([0.5, 0.5])
+    front_x, front_y = pareto_front(x, y)
+    assert (front_x.tolist(), front_y.tolist()) == ([1.0], [0.5])
+    assert pareto_f(x, y) == 0.0
+    # Tied on Y below a point of larger X, it stays off the front beside others on it.
+    x, y = np.array([0.2, 0.5, 0.9]), np.array([0.9, 0.2, 0.2])
+    assert pareto_front(x, y)[0].tolist() == [0.2, 0.9]
+    assert pareto_f(x, y) == pytest.approx(0.7 * (0.9 + 0.2) / 2 / (0.9 * 0.9))
+    # A point given twice is one front point: the front holds distinct points.
+    front_x, front_y = pareto_front(np.array([0.2, 0.9, 0.9]), np.array([0.9, 0.2, 0.2]))
+    assert (front_x.tolist(), front_y.tolist()) == ([0.2, 0.9], [0.9, 0.2])
 
 
 def test_fisher_interval_by_hand() -> None:

@@ -8,6 +8,7 @@ depends on how long anything takes.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from trig_stream.backends.judges.server_probe import parse_load, server_root
 from trig_stream.concurrency import ConcurrencyController
 from trig_stream.config import RunConfig
 from trig_stream.engine import Engine
+from trig_stream.errors import FatalBackendError
 from trig_stream.judging import JudgeStage
 from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
 
@@ -138,6 +140,47 @@ async def test_limit_falls_with_the_server_queue_and_recovers(
     assert changes[1].limit > changes[0].limit and changes[1].reason == "answered in time"
     assert set(polls.naps) == {0.5}
     assert server.stats().repeated == 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (JudgeServerOptions(rate_limit_rate=1.0, retry_after="1"), "rate limited (429)"),
+        (JudgeServerOptions(hang_rate=1.0), "no answer in time"),
+    ],
+    ids=["429", "timeout"],
+)
+async def test_a_lone_endpoint_s_429s_and_timeouts_cut_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: JudgeServerOptions, reason: str
+) -> None:
+    # No other endpoint takes the requests: each such answer says the server is overloaded.
+    controllers = record_controllers(monkeypatch)
+    poll_interval_s = 7.25
+
+    async def sleep(seconds: float) -> None:
+        if seconds == poll_interval_s:
+            await anyio.sleep_forever()  # no load poll after the first: the faults alone cut
+        await anyio.lowlevel.checkpoint()  # a retry's backoff, not waited for
+
+    async with JudgeServer(fault) as server:
+        config = run_config(
+            tmp_path, server.base_url, poll_interval_s=poll_interval_s, timeout_s=0.3
+        )
+        # A server that never answers is taken for one that is not there: the run stops.
+        never_answers = fault.hang_rate == 1.0
+        with (
+            anyio.fail_after(60),
+            pytest.raises(FatalBackendError, match="has answered no request yet")
+            if never_answers
+            else nullcontext(),
+        ):
+            async with Engine(config, sleep=sleep) as engine:
+                async for _ in engine.results:
+                    break  # one judgement failed for good: the cut came before it
+                engine.stop()
+    (controller,) = controllers
+    cuts = [c for c in controller.changes if c.reason == reason]
+    assert cuts and cuts[0].limit < START
 
 
 async def test_one_endpoint_s_429s_leave_the_limit_the_others_serve(

@@ -35,7 +35,7 @@ from trig_stream import journal as journal_module
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
-from trig_stream.files import write_atomic, write_atomic_many
+from trig_stream.files import write_all, write_atomic, write_atomic_many
 from trig_stream.journal import (
     JOURNAL,
     Journal,
@@ -425,6 +425,26 @@ async def test_a_journal_of_another_judge_copied_in_is_refused_not_mixed(
     assert path.read_bytes() == b"".join(other)
 
 
+async def test_one_line_of_another_judge_after_the_run_s_own_is_refused_not_mixed(
+    make_config: ConfigFactory,
+) -> None:
+    # The first line holds the manifest's fingerprint: the other one, at the end, is a
+    # second fingerprint of the same metric, and must be seen there too.
+    config = make_config(samples=4)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    other = {**record, "judge": {**record["judge"], "params": {"seed": 5}}}
+    assert other["judge"] != record["judge"] and other["metric"] == record["metric"]
+    path.write_bytes(b"".join(lines) + json.dumps(other).encode() + b"\n")
+    with pytest.raises(FingerprintMismatch) as refused:
+        await run_to_end(config)
+    message = str(refused.value)
+    assert f"holds results its {MANIFEST} does not describe" in message
+    assert f"judge 'trigscore': params.seed 5 in the journal, 0 in {MANIFEST}" in message
+
+
 async def test_results_of_a_model_or_judge_the_manifest_lacks_are_refused(
     make_config: ConfigFactory,
 ) -> None:
@@ -674,6 +694,22 @@ def test_an_image_alone_keeps_the_settings_it_was_made_with(tmp_path: Path) -> N
         store.RunDir.open(tmp_path, first)
 
 
+def test_a_journal_of_only_unreadable_lines_holds_results(tmp_path: Path) -> None:
+    # Whatever an unreadable line held may have been a judgement of the stored settings:
+    # the directory is not taken as empty, for other settings or without its manifest.
+    first = Manifest(run_name="r", task="t2i", judges={"j": {"backend": "fake", "seed": 0}})
+    second = Manifest(run_name="r", task="t2i", judges={"j": {"backend": "fake", "seed": 5}})
+    run, _ = store.RunDir.open(tmp_path, first)
+    run.close()
+    (tmp_path / JOURNAL).write_bytes(b"a line no judgement holds\n")
+    with pytest.raises(FingerprintMismatch, match="seed"):
+        store.RunDir.open(tmp_path, second)
+    (tmp_path / MANIFEST).unlink()
+    with pytest.raises(RunDirError, match=f"holds results but no {MANIFEST}"):
+        store.RunDir.open(tmp_path, first)
+    assert (tmp_path / JOURNAL).read_bytes() == b"a line no judgement holds\n"
+
+
 def write_project(root: Path, shared_images: Path) -> Path:
     """A project folder: a config in ``config/`` naming, relative to it, the dataset, an
     image folder and ``runs/``, and another image folder outside it (``shared_images``)."""
@@ -851,6 +887,40 @@ async def test_a_sample_edited_since_it_was_judged_is_quarantined_not_mixed(
     assert "changed since it was judged" in quarantined[0]["reason"]
     assert "--new-run" in quarantined[0]["reason"]
     assert (config.run_dir / JOURNAL).read_bytes().startswith(before)  # nothing lost
+
+
+async def test_a_sample_is_compared_with_what_its_latest_judgements_asked(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # The last line of a key wins (the report reads it): when a sample's lines record two
+    # versions (a journal whose later lines judged the edited record, copied in from the
+    # --new-run that judged it), the resume compares the record with the later one.
+    config = make_config(samples=4)
+    await run_to_end(config)
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    edited = records[1]["data_id"]
+    records[1]["prompt"] = "another prompt"
+    prompts.write_text(json.dumps(records))
+    fresh = make_config(samples=4, run={"name": "fresh"})
+    judged_again = [j for j in await run_to_end(fresh) if j.data_id == edited]
+    path = config.run_dir / JOURNAL
+    old = {j.sample_digest for j in read_journal(path) if j.data_id == edited}
+    new = {j.sample_digest for j in judged_again}
+    assert len(old) == len(new) == 1 and old != new
+    with path.open("ab") as journal_file:
+        journal_file.write(b"".join(j.model_dump_json().encode() + b"\n" for j in judged_again))
+    assert Journal(path).open().digests[edited] == new.pop()
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+        summary = await engine.drain()
+    assert (results, summary.quarantined) == ([], 0)  # the record asks what was judged last
+    records[1]["prompt"] = "prompt number 1"  # the first version, which the lines before asked
+    prompts.write_text(json.dumps(records))
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+        summary = await engine.drain()
+    assert (results, summary.quarantined) == ([], 1)
 
 
 class GatedGenerator(SyntheticGenerator):
@@ -1527,6 +1597,59 @@ def test_a_journal_that_is_no_regular_file_is_refused_without_waiting(
     for call in (lambda: Journal(path).open(), lambda: list(read_journal(path))):
         error = _ends_within(10, call)
         assert isinstance(error, RunDirError) and "is not a regular file" in str(error)
+
+
+def test_one_fsync_covers_a_batch_of_journal_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / JOURNAL
+    journal = Journal(path)
+    journal.open()
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            synced.append(path.read_bytes().count(b"\n"))  # the lines it made durable
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    try:
+        journal.append([digest_record("ok", f"IQ-R_IQ-O_{i}") for i in range(1, 4)])
+        journal.append([digest_record("ok", "IQ-R_IQ-O_4")])
+    finally:
+        journal.close()
+    assert synced == [3, 4]
+
+
+async def test_each_judgement_is_fsynced_before_results_delivers_it(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(samples=6)
+    path = config.run_dir / JOURNAL
+    durable: set[tuple[str, str]] = set()
+    batches: list[int] = []
+    fsync = os.fsync
+
+    def recording_write_all(fd: int, data: bytes) -> None:
+        write_all(fd, data)
+        batches.append(data.count(b"\n"))
+
+    def recording_fsync(fd: int) -> None:
+        fsync(fd)
+        if path.exists() and os.path.samestat(os.fstat(fd), os.stat(path)):
+            batches.append(0)  # the batch written before it is durable
+            durable.update((j.data_id, j.dimension) for j in read_journal(path))
+
+    monkeypatch.setattr("trig_stream.journal.write_all", recording_write_all)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    async with Engine(config) as engine:
+        async for judgement in engine.results:
+            assert (judgement.data_id, judgement.dimension) in durable
+    assert len(durable) == 12
+    # Each batch written is fsynced once, before the next is written.
+    assert batches[1::2] == [0] * (len(batches) // 2) and 0 not in batches[::2]
+    assert sum(batches) == 12
 
 
 def test_a_journal_deleted_during_the_run_stops_it(tmp_path: Path) -> None:

@@ -31,6 +31,12 @@ def test_trig_matches_hand_computation() -> None:
     assert score_top_logprobs(top, scorer="trig", confidence=True) == 0.407
 
 
+def test_trig_keeps_upstreams_guard_in_the_denominator() -> None:
+    # p = exp(lp) / (sum exp(lp) + 1e-10): a lone rating word of tiny probability is not
+    # renormalised to certainty. exp(-25) / (exp(-25) + 1e-10) = 0.1219...
+    assert score_top_logprobs([("excellent", -25.0)], scorer="trig") == 0.122
+
+
 def test_trig_is_exact_and_case_sensitive() -> None:
     # "terrible", " Good", "▁good" and "GOOD" are outside upstream's set; only "good" counts.
     top = [
@@ -64,6 +70,9 @@ def test_robust_maps_prefixes() -> None:
     assert rating_of(" med") == "medium"
     assert rating_of("TERR") == "terrible"
     assert rating_of("Overall") is None
+    # "med" is a prefix, "me" is not: "mean" or "me" is no rating word.
+    assert rating_of("me") is None and rating_of("mean") is None
+    assert rating_of("medi") == "medium"
     assert normalise_token(" \u2581Good") == "good"
 
 
