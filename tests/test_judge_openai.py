@@ -301,6 +301,21 @@ def test_options_refuse_a_server_listed_twice_naming_both_entries(twice: str) ->
     OpenAIJudgeOptions(model="m", base_urls=["http://gpu:8000/v1", "http://gpu:8000/v2"])
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("http://gpu/v1", "http://gpu:80/v1"),
+        ("https://gpu:443/v1", "https://GPU/v1/"),
+        ("http://[::1]/v1", "http://[::1]:80/v1"),
+    ],
+)
+def test_options_take_a_scheme_s_default_port_for_no_port(first: str, second: str) -> None:
+    with pytest.raises(ValueError, match="same endpoint"):
+        OpenAIJudgeOptions(model="m", base_urls=[first, second])
+    # Another scheme's default port is a port of its own.
+    OpenAIJudgeOptions(model="m", base_urls=["http://gpu/v1", "http://gpu:443/v1"])
+
+
 # -- failures -----------------------------------------------------------------------------------
 
 FAULTS = [

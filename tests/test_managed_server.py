@@ -264,6 +264,23 @@ async def test_sigkill_after_the_grace_period() -> None:
     assert server.returncode == -signal.SIGKILL
 
 
+async def test_a_server_the_oom_killer_kills_alone_is_named_killed() -> None:
+    # The OOM killer kills the large server, not the supervisor that started it: copying
+    # a SIGKILL's end, the supervisor crashed (no handler can be set for SIGKILL).
+    options = ServeOptions(
+        command=["sh", "-c", "echo loading; kill -9 $$", "{port}"],
+        port=0,
+        ready_timeout_s=600,
+    )
+    server = ManagedServer(options, name="trigscore")
+    with pytest.raises(FatalBackendError) as caught:
+        await server.start()
+    message = str(caught.value)
+    assert "was killed by signal 9 (SIGKILL; the OOM killer?)" in message
+    assert "loading" in message and "Traceback" not in message
+    assert server.returncode == -signal.SIGKILL
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_server_dying_during_the_run_is_fatal(tmp_path: Path) -> None:
     judge = judge_with(serve(SIMULATED))

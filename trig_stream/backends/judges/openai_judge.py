@@ -142,11 +142,20 @@ class OpenAIJudgeOptions(BaseModel):
         return [self.base_url] if self.base_url is not None else list(self.base_urls)
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+"""The port a URL of each scheme names when it names none."""
+
+
 def same_endpoint_key(url: str) -> str:
     """``url`` as two spellings of one endpoint share it: scheme and host in lower case,
-    without a trailing ``/`` (``http://H:8000/v1/`` is ``http://h:8000/v1``)."""
+    the scheme's default port left out, without a trailing ``/`` (``http://H:80/v1/`` is
+    ``http://h/v1``)."""
     parts = urlsplit(url)
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    host, _, port = netloc.rpartition(":")
+    if host and not port.endswith("]") and port == str(DEFAULT_PORTS.get(scheme)):
+        netloc = host
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
 
 
 class Secret:

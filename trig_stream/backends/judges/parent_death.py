@@ -128,7 +128,8 @@ def _pass_on(status: int) -> int:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the command's crash, not ours
         except (ImportError, ValueError, OSError):
             pass
-        signal.signal(signum, signal.SIG_DFL)
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those two take no handler
+            signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return 128 + signum  # a signal that does not end a process (SIGCHLD, say)
     return os.waitstatus_to_exitcode(status)
