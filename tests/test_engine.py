@@ -34,6 +34,7 @@ from trig_stream import (
     RateLimitError,
     RetryableError,
     RunSummary,
+    TrigStreamError,
     UnreachableError,
 )
 from trig_stream.backends.base import (
@@ -50,6 +51,7 @@ from trig_stream.backends.threads import load_in_thread, threads_left_behind
 from trig_stream.config import RunConfig
 from trig_stream.controls import EngineLoop
 from trig_stream.dimensions import DIMENSIONS, Dimension
+from trig_stream.errors import MissingExtraError
 from trig_stream.generation import FAILED_CALLS_TO_STOP
 from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.judging import UNSCORABLE_TO_NOTE
@@ -237,6 +239,69 @@ async def test_fatal_generator_error_surfaces_as_one_exception(make_config: Conf
     )
     with pytest.raises(FatalBackendError, match="fatal"):
         await run_to_end(config)
+
+
+class FailingLoad(SyntheticGenerator):
+    """A synthetic generator whose load raises ``error``."""
+
+    def __init__(self, name: str, error: TrigStreamError) -> None:
+        super().__init__(name, SyntheticOptions(size=16))
+        self.error = error
+
+    def load(self) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        # A diffusers checkpoint's words name its folder, not the model that uses it.
+        (
+            FatalBackendError("cannot load '/models/sdbad' (a local folder)"),
+            "generator 'bad': cannot load '/models/sdbad' (a local folder)",
+        ),
+        # Its type, and with it the command's exit code and its attributes, stay.
+        (
+            MissingExtraError("diffusers", "diffusers"),
+            "generator 'bad': diffusers is not installed; install it with: pip install",
+        ),
+        # Named already: not twice.
+        (
+            FatalBackendError("the images API of generator 'bad' refused the credentials"),
+            "the images API of generator 'bad' refused the credentials",
+        ),
+    ],
+)
+async def test_a_failed_load_names_its_generator_among_several(
+    make_config: ConfigFactory, error: TrigStreamError, message: str
+) -> None:
+    config = make_config(
+        generators=[
+            {"name": "syn", "backend": "synthetic", "options": {"size": 16}},
+            {"name": "bad", "backend": "synthetic", "options": {"size": 16}},
+        ]
+    )
+    good = SyntheticGenerator("syn", SyntheticOptions(size=16))
+    with pytest.raises(type(error)) as raised:
+        await run_to_end(config, generators=[good, FailingLoad("bad", error)])
+    assert raised.value is error
+    assert str(raised.value).startswith(message)
+
+
+async def test_a_fatal_generate_error_names_its_generator_among_several(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(
+        generators=[
+            {"name": "syn", "backend": "synthetic", "options": {"size": 16}},
+            {"name": "bad", "backend": "synthetic", "options": {"fatal": True}},
+        ]
+    )
+    with pytest.raises(FatalBackendError) as raised:
+        await run_to_end(config)
+    assert str(raised.value) == (
+        "generator 'bad': synthetic generator configured to fail (fatal = true)"
+    )
 
 
 class FailingCalls(SyntheticGenerator):

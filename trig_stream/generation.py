@@ -174,7 +174,8 @@ class GenerationStage:
                 )
                 if not await unless(self._context.stopping, load):
                     return False
-            except TrigStreamError:
+            except TrigStreamError as exc:
+                _name_in(exc, self._name)
                 raise
             except Exception as exc:
                 raise FatalBackendError(f"{self._name} failed to load: {exc}") from exc
@@ -354,7 +355,8 @@ class GenerationStage:
             images = self._generator.generate(
                 requests, worker=worker, cancel=self._context.cancel_generation
             )
-        except FatalBackendError:
+        except FatalBackendError as exc:
+            _name_in(exc, self._name)
             raise
         except Exception as exc:
             images = [exc] * len(requests)
@@ -484,6 +486,22 @@ class GenerationStage:
             if pngs[index] is None:
                 pngs[index] = _png_or_reason(image)
         return pngs
+
+
+def _name_in(exc: TrigStreamError, name: str) -> None:
+    """Lead the message of an error that stops the run with ``name`` ("generator 'x'"),
+    unless it names it already: with several models in a run, a backend's own words ("cannot
+    load '/models/sd'") do not say whose they are.
+
+    Changed in place, not wrapped: its type (which picks the command's exit code) and its
+    attributes stay as the backend raised them.
+    """
+    text = str(exc)
+    if name in text:
+        return
+    exc.args = (f"{name}: {text}",)
+    if isinstance(exc, ImportError):  # a MissingExtraError: its str() is its msg
+        exc.msg = exc.args[0]
 
 
 def _png_or_reason(image: Image) -> bytes | str:
