@@ -144,6 +144,12 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
             ('backend = "fake"', 'backend = "fake"\n\n[[judges]]\nbackend = "fake"'),
             r"run\.toml:21: judges\[1\]\.name: judges: the name 'trigscore' is used twice",
         ),
+        # Folders that differ only in case: one folder on macOS's and Windows' file systems.
+        (
+            ('name = "two"', 'name = "ONE"'),
+            r"run\.toml:14: generators\[1\]\.name: generators: the name 'ONE' differs from "
+            r"'one' \(generators\[0\]\) only in case; a model's name names its folders",
+        ),
         # A call's timeout past what the clients' clocks hold: every call failed (OverflowError).
         (
             (

@@ -1642,6 +1642,11 @@ def fake_judge(name: str = "trigscore", concurrency: int = 4) -> FakeJudge:
         ([synth(batch_size=0)], [fake_judge()], "batch_size must be at least 1"),
         ([synth()], [fake_judge(concurrency=0)], "'trigscore': concurrency must be at least 1"),
         ([synth(), synth()], [fake_judge()], "generator name 'synth' is used twice"),
+        (
+            [synth("Synth"), synth()],
+            [fake_judge()],
+            "generator names 'Synth' and 'synth' differ only in case; a model's name names",
+        ),
         ([synth()], [fake_judge(), fake_judge()], "judge name 'trigscore' is used twice"),
         ([synth("../../escaped")], [fake_judge()], "generator name '../../escaped' is not a safe"),
         (

@@ -53,6 +53,7 @@ from trig_stream.config_problems import (
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ConfigError, TrigStreamError
 from trig_stream.files import MAX_SETTINGS_BYTES, UnfitFileError, read_settings_file
+from trig_stream.records import CASE_CLASH
 from trig_stream.scoring import Scorer
 
 
@@ -202,7 +203,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        _unique([g.name for g in self.generators], "generators")
+        _unique([g.name for g in self.generators], "generators", folders=True)
         _unique([j.name for j in self.judges], "judges")
         return self
 
@@ -333,8 +334,11 @@ def _resolve_options(options: dict[str, Any], base: Path, where: Loc) -> dict[st
     return resolved
 
 
-def _unique(names: list[str], section: str) -> None:
+def _unique(names: list[str], section: str, *, folders: bool = False) -> None:
+    """Refuse a name used twice in ``section``; with ``folders`` (the names name folders of
+    the run directory), also two that differ only in case."""
     first: dict[str, int] = {}
+    folded: dict[str, int] = {}
     for index, name in enumerate(names):
         if name in first:
             raise PydanticCustomError(
@@ -343,7 +347,16 @@ def _unique(names: list[str], section: str) -> None:
                 f"{section}: the name {name!r} is used twice (also {section}[{first[name]}])",
                 {"section": section, "index": index},
             )
+        other = folded.get(name.casefold())
+        if folders and other is not None:
+            raise PydanticCustomError(
+                DUPLICATE_NAME,
+                f"{section}: the name {name!r} differs from {names[other]!r} ({section}"
+                f"[{other}]) only in case; {CASE_CLASH}",
+                {"section": section, "index": index},
+            )
         first[name] = index
+        folded.setdefault(name.casefold(), index)
 
 
 _Table = TypeVar("_Table", bound=BaseModel)

@@ -66,6 +66,15 @@ COMPARISON_FILE: Final = "comparison.md"
 """The report's file beside its models' folders (``report/<model>/``): no model's name."""
 
 
+CASE_CLASH: Final = (
+    "a model's name names its folders in the run directory (images/<task>/<name>, "
+    "report/<name>), and a file system that ignores case (macOS's and Windows' by default) "
+    "holds the two as one folder, where one model's judgements would score the other's "
+    "pictures: rename one of them"
+)
+"""Why two generators' names may not differ only in case."""
+
+
 def is_reserved_model_name(name: str) -> bool:
     """Whether ``name`` would name a file the report writes beside the models' folders (in
     any case: a file system may not tell them apart)."""

@@ -253,18 +253,19 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
     Raises:
         ConfigError: none of a kind; an object that is not a backend instance of its kind;
             one without a name (its ``__init__`` set none); a name that is no safe file
-            name, is used twice or (a generator's) names a file of the report; a count
-            (workers, batch size, concurrency) outside the bounds the config sets; a judge's
-            ``dimensions`` that is not None nor a non-empty set of TRIG dimension codes; a
-            judge's ``scorer`` that is no scorer's name, or its ``confidence`` no bool; a
-            judge's ``judge`` that is no coroutine function (a plain ``def``); or two
-            judges' servers (``options.serve``) at one fixed address.
+            name, is used twice, or (a generator's) differs from another's only in case or
+            names a file of the report; a count (workers, batch size, concurrency) outside
+            the bounds the config sets; a judge's ``dimensions`` that is not None nor a
+            non-empty set of TRIG dimension codes; a judge's ``scorer`` that is no scorer's
+            name, or its ``confidence`` no bool; a judge's ``judge`` that is no coroutine
+            function (a plain ``def``); or two judges' servers (``options.serve``) at one
+            fixed address.
     """
     from trig_stream.backends.base import Generator, Judge
     from trig_stream.config import GeneratorConfig, JudgeConfig, field_value_problem
     from trig_stream.dimensions import DIMENSIONS
     from trig_stream.errors import ConfigError
-    from trig_stream.records import is_reserved_model_name, safe_name_problem
+    from trig_stream.records import CASE_CLASH, is_reserved_model_name, safe_name_problem
     from trig_stream.scoring import SCORERS
 
     kinds: tuple[tuple[str, Sequence[object], type[Generator | Judge]], ...] = (
@@ -277,6 +278,7 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
                 f"no {kind}: give at least one (or None, to build them from the config)"
             )
         seen: set[str] = set()
+        folded: dict[str, str] = {}  # the first name of each casefold()
         for position, backend in enumerate(backends):
             if not isinstance(backend, base):
                 what = f"the class {backend.__name__}" if isinstance(backend, type) else "it"
@@ -309,6 +311,12 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
             if backend.name in seen:
                 raise ConfigError(f"{kind} name {backend.name!r} is used twice")
             seen.add(backend.name)
+            other = folded.setdefault(backend.name.casefold(), backend.name)
+            if kind == "generator" and other != backend.name:
+                raise ConfigError(
+                    f"generator names {other!r} and {backend.name!r} differ only in case; "
+                    f"{CASE_CLASH}"
+                )
     counts: list[tuple[str, type[GeneratorConfig | JudgeConfig], str, object]] = []
     for generator in cast("Sequence[Generator]", generators):
         counts.append(
