@@ -1225,3 +1225,54 @@ def test_a_bad_relation_is_reported_at_its_own_key_and_line_beside_other_problem
     assert "run.toml:12: generators[0].options.relations.IQ-R_TA-C: relation code 7 is not" in err
     assert "run.toml:12: generators[0].options.relations.XX_TA-C: unknown dimension 'XX'" in err
     assert "run.toml:13: generators[0].options.temperature:" in err
+
+
+@pytest.mark.parametrize(
+    ("report", "refused"),
+    [
+        # The *_dtm_dim setup: the base model's DTM from the same run's report, which the
+        # run writes again at its end (its relations then changed the generator's
+        # fingerprint, and the run refused its own re-run, exit 3).
+        ("runs/r/report/syn/relationship_codes.csv", True),
+        ("runs/r/relationship_codes.csv", True),
+        ("linked/report/syn/relationship_codes.csv", True),  # through a link to the run dir
+        # Another run's report (one --new-run made beside it among them) is never written by
+        # this run.
+        ("runs/base/report/syn/relationship_codes.csv", False),
+        ("runs/r-2/report/syn/relationship_codes.csv", False),
+    ],
+)
+def test_a_report_in_the_runs_own_run_directory_is_refused_at_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], report: str, refused: bool
+) -> None:
+    from tests.conftest import run_and_dataset_toml
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_CONFIG, EXIT_OK
+
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "linked").symlink_to(tmp_path / "runs" / "r")
+    (tmp_path / report).parent.mkdir(parents=True, exist_ok=True)
+    write_report(tmp_path / report)
+    path = tmp_path / "run.toml"
+    path.write_text(
+        run_and_dataset_toml(tmp_path)
+        + '[[generators]]\nname = "syn"\nbackend = "synthetic"\n'
+        + '[[generators]]\nname = "rw"\nbackend = "dtm_rewrite"\n'
+        + "[generators.options]\n"
+        + 'model = "m"\n'
+        + 'api_key_env = ""\n'
+        + 'inner = { backend = "synthetic" }\n'
+        + f'report = "{report}"\n'
+        + '[[judges]]\nbackend = "fake"\n'
+    )
+    if not refused:
+        assert main(["validate", str(path)]) == EXIT_OK
+        return
+    for command in (["validate"], ["run", "--headless", "--no-report"]):
+        assert main([*command, str(path)]) == EXIT_CONFIG
+        err = " ".join(capsys.readouterr().err.split())
+        where = (tmp_path / report).resolve()
+        assert f"run.toml:16: generators[1].options.report: {where}: lies in " in err
+        assert f"this run's own run directory ({tmp_path / 'runs' / 'r'})" in err
+        assert "copy the file out of the run directory" in err
+    assert not (tmp_path / "runs" / "r" / "journal.jsonl").exists()  # refused before a run

@@ -214,7 +214,8 @@ class RunConfig(_Section):
         Raises:
             ConfigError: a path names the home folder of a user this machine does not know,
                 or a part of it looks like an environment variable (``$HOME``), which is
-                never expanded.
+                never expanded; or a ``dtm_rewrite`` generator's ``report`` lies in the run
+                directory.
         """
         generators = [
             g.model_copy(
@@ -240,6 +241,7 @@ class RunConfig(_Section):
         run = self.run.model_copy(
             update={"output_dir": _resolve(self.run.output_dir, base, ("run", "output_dir"))}
         )
+        _refuse_reports_in(run.output_dir / run.name, generators)
         return self.model_copy(
             update={"dataset": dataset, "run": run, "generators": generators, "judges": judges}
         )
@@ -312,6 +314,32 @@ def _resolve(path: Path, base: Path, loc: Loc) -> Path:
             "the config and its files under a UTF-8 path",
         ) from None
     return resolved
+
+
+def _refuse_reports_in(run_dir: Path, generators: list[GeneratorConfig]) -> None:
+    """Refuse a ``dtm_rewrite`` generator's ``report`` (resolved) inside ``run_dir``.
+
+    The run writes its report again at its end, that file included: the relations read from
+    it, and with them the generator's fingerprint, changed, and the run directory refused
+    the run's own next command (exit 3). Checked against the configured run directory with
+    or without ``--new-run``: the new folder that flag picks beside it holds no file yet (and
+    is the configured one when it is resumed, by its ``[run] name``), while a report in the
+    configured one is written again by the next run of this config without the flag.
+    """
+    own = Path(os.path.realpath(run_dir))
+    for index, generator in enumerate(generators):
+        report = generator.options.get("report")
+        if generator.backend != "dtm_rewrite" or not isinstance(report, str):
+            continue
+        if Path(os.path.realpath(report)).is_relative_to(own):
+            raise _PathProblem(
+                ("generators", index, "options", "report"),
+                f"{report}: lies in this run's own run directory ({run_dir}), whose report "
+                "the run writes again at its end: the relations read from it would change, "
+                "and the run directory would then refuse the run's next command (exit 3) as "
+                "made with other settings; copy the file out of the run directory (next to "
+                "the config, say) and point report at the copy",
+            )
 
 
 def _resolve_options(options: dict[str, Any], base: Path, where: Loc) -> dict[str, Any]:
