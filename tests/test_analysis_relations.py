@@ -414,3 +414,13 @@ def test_no_interval_for_pearsons_conventional_zero_of_a_constant_side() -> None
     spread = columns("IQ-R_TA-C", [0.5, 0.6, 0.7, 0.8, 0.9, 0.4, 0.3, 0.2], [0.7, 0.1] * 4)
     stats, _ = analyse_pair(spread, RelationSection(correlation="pearson_corr"))
     assert stats.ci_low < stats.correlation < stats.ci_high
+
+
+def test_a_pair_of_no_complete_image_shows_no_zone_shares() -> None:
+    # The report showed "synergy ρs 0.000, bottleneck ρb 0.000" for a pair never measured.
+    nan = float("nan")
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", [0.5, nan], [nan, 0.7]), RelationSection())
+    assert stats.n == 0
+    assert pair_row(stats)[5:7] == ["–", "–"]
+    measured, _ = analyse_pair(columns("IQ-R_TA-C", [0.9, 0.9], [0.9, 0.9]), RelationSection())
+    assert pair_row(measured)[5:7] == ["1.000", "0.000"]

@@ -275,13 +275,10 @@ def pair_row(stats: PairStats) -> list[str]:
     """A pair's statistics as table cells (used by the markdown report and the console)."""
     ci = "–" if math.isnan(stats.ci_low) else f"[{stats.ci_low:.3f}, {stats.ci_high:.3f}]"
     corr = "NaN" if math.isnan(stats.correlation) else f"{stats.correlation:.3f}"
-    return [
-        stats.pair,
-        str(stats.n),
-        str(stats.excluded),
-        corr,
-        ci,
-        f"{stats.synergy_density:.3f}",
-        f"{stats.bottleneck_density:.3f}",
-        str(stats.code),
-    ]
+    # Of no complete image, no share is in either zone: nothing was measured.
+    densities = (
+        [f"{stats.synergy_density:.3f}", f"{stats.bottleneck_density:.3f}"]
+        if stats.n
+        else ["–", "–"]
+    )
+    return [stats.pair, str(stats.n), str(stats.excluded), corr, ci, *densities, str(stats.code)]
