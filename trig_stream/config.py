@@ -17,7 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Final, Literal, TypeVar, cast
 
 import annotated_types
@@ -366,6 +366,10 @@ def _resolve_options(options: dict[str, Any], base: Path, where: Loc) -> dict[st
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
             resolved[key] = _resolve_options(value, base, (*where, key))
+        elif isinstance(value, PurePath) and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
+            # A code-built config's Path("imgs"): a path, never a hub id, resolved as its
+            # text would be (its "./" is gone by now) and handed on as text.
+            resolved[key] = str(_resolve(Path(value), base, (*where, key)))
         elif not isinstance(value, str):
             continue
         elif Path(value).is_absolute():
