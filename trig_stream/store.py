@@ -45,8 +45,8 @@ from trig_stream.files import (
 )
 from trig_stream.journal import JOURNAL, Journal, JournalState, journal_state, journal_unreadable
 from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
+from trig_stream.manifest import IMAGES as IMAGES  # re-exported: store.IMAGES, as ever
 from trig_stream.manifest import (
-    IMAGES,
     MANIFEST,
     EntryKind,
     Manifest,
