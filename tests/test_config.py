@@ -785,10 +785,13 @@ def test_the_home_folder_of_an_unknown_user_is_refused(
     ],
 )
 def test_a_path_with_an_environment_variable_is_refused(
-    tmp_path: Path, edit: tuple[str, str], where: str, part: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: tuple[str, str], where: str, part: str
 ) -> None:
     # "$HOME/runs" made a folder literally named "$HOME" beside the config: variables are
     # not expanded, and the path is refused at its key and line as a "~user" one is.
+    for name in ("HOME", "USER", "DATA", "TPL"):  # set, as a shell would expand them
+        monkeypatch.setenv(name, "/somewhere")
+    monkeypatch.delenv("SPLIT", raising=False)  # ${...} is refused, set or not
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, GOOD.replace(*edit, 1)))
     message = str(caught.value)
@@ -798,10 +801,41 @@ def test_a_path_with_an_environment_variable_is_refused(
     assert not (tmp_path / "$HOME").exists()
 
 
-def test_a_dollar_inside_a_name_is_taken_as_written(tmp_path: Path) -> None:
+def test_a_dollar_inside_a_name_is_taken_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("b", raising=False)
     text = GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "out/a$b"')
     config = load_config(write(tmp_path, text))
     assert config.run.output_dir == tmp_path / "out" / "a$b"
+
+
+@pytest.mark.parametrize("output_dir", ["{tmp}/x/$RECYCLE.BIN/y", "out/$RECYCLE.BIN", "$1/x"])
+def test_a_dollar_that_names_no_set_variable_is_taken_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output_dir: str
+) -> None:
+    # "$RECYCLE.BIN" (a Windows folder) was refused as a variable, with no way to name it.
+    monkeypatch.delenv("RECYCLE", raising=False)
+    written = output_dir.format(tmp=tmp_path)
+    text = GOOD.replace('task = "sub"', f'task = "sub"\noutput_dir = "{written}"')
+    config = load_config(write(tmp_path, text))
+    assert config.run.output_dir == tmp_path / written
+    # Once the variable is set, a shell would have expanded it: refused, saying how out.
+    monkeypatch.setenv("RECYCLE", "/bin")
+    if "$RECYCLE" in written:
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path, text))
+        assert "looks like an environment variable ($RECYCLE)" in str(caught.value)
+        assert "rename it, or unset RECYCLE" in str(caught.value)
+
+
+def test_a_variable_inside_a_name_is_refused_when_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USER", "ada")
+    text = GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "out/runs-$USER"')
+    with pytest.raises(ConfigError, match=r"'runs-\$USER' looks like an environment variable"):
+        load_config(write(tmp_path, text))
 
 
 @pytest.mark.parametrize(

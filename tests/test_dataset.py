@@ -706,7 +706,8 @@ def test_prompts_of_a_folder_holding_a_run_directory_leave_it_out(tmp_path: Path
     write_parquet_prompts(folder, 4)
     run_dir = folder / "out" / "r"
     (run_dir / "report" / "a").mkdir(parents=True)
-    (run_dir / "journal.jsonl").write_text("")  # a run directory without its manifest yet
+    # A run directory whose manifest is gone: its journal is trig-stream's.
+    (run_dir / "journal.jsonl").write_text('{"schema_version":1,"model":"g"}\n')
     pl.DataFrame({"score": [0.5]}).write_parquet(run_dir / "report" / "a" / "j.parquet")
     given = read_prompt_pairs(folder)
     assert len(given.pairs) == 4 and not given.skipped
@@ -714,6 +715,35 @@ def test_prompts_of_a_folder_holding_a_run_directory_leave_it_out(tmp_path: Path
         f"dataset folder {folder}: left out 1 parquet file(s) in 1 trig-stream run "
         "directory inside it (out/r): a run's reports are no dataset records",
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("manifest.json", '{"files": ["part-1.parquet"], "version": 1}'),
+        ("manifest.json", "not json"),
+        ("manifest.json", ""),  # empty: nothing to tell it by
+        ("journal.jsonl", '{"event": "exported", "rows": 5}\n'),
+        ("journal.jsonl", ""),
+    ],
+)
+def test_a_subfolder_with_another_tool_s_manifest_or_journal_is_read(
+    tmp_path: Path, name: str, content: str
+) -> None:
+    # Any manifest.json or journal.jsonl made a subfolder a "trig-stream run directory": its
+    # shards were left out (5 of 10 samples), with a note calling it a run directory.
+    folder = tmp_path / "ds"
+    records = json.loads(write_prompts(tmp_path / "p.json", 10, key="dimensions").read_text())
+    columns = ("data_id", "prompt", "dimensions", "dimension_prompt", "parent_dataset")
+    rows = [{c: r[c] for c in columns} for r in records]
+    (folder / "more").mkdir(parents=True)
+    pl.DataFrame(rows[:5]).write_parquet(folder / "part-0.parquet")
+    pl.DataFrame(rows[5:]).write_parquet(folder / "more" / "part-1.parquet")
+    (folder / "more" / name).write_text(content)
+    source = DatasetSource(DatasetSection(path=folder), normalise_task("t2i"))
+    samples = [entry for entry in source if isinstance(entry, Sample)]
+    assert len(samples) == 10
+    assert source.notes == []
 
 
 def test_a_shard_that_does_not_fit_the_folder_s_columns_is_named(tmp_path: Path) -> None:

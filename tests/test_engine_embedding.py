@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import ConfigError, Engine, RunSummary
 from trig_stream.backends.base import Generator, Judge
-from trig_stream.config import RunConfig
+from trig_stream.config import GeneratorConfig, RunConfig
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
@@ -114,6 +114,25 @@ async def test_a_code_built_config_resolves_its_paths_as_a_loaded_one(
     assert engine.run_dir_path == home / "runs" / "r"
     assert (home / "runs" / "r").is_dir()
     assert not (work / "~").exists()  # no folder literally named "~"
+
+
+async def test_a_code_built_config_resolves_a_path_object_option_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only str options were resolved against the working folder: Path("imgs") stayed
+    # relative, to be read from wherever the process stood when the backend opened it.
+    monkeypatch.chdir(tmp_path)
+    write_prompts(tmp_path / "prompts.json", 2)
+    config = code_built_config(Path("prompts.json"), "runs")
+    folder = {"name": "g", "backend": "image_folder", "options": {"path": Path("imgs")}}
+    config = config.model_copy(update={"generators": [GeneratorConfig.model_validate(folder)]})
+    assert Engine(config).config.generators[0].options == {"path": str(tmp_path / "imgs")}
+    # In a nested backend's options, and under a key a hub id may take: a Path is a path.
+    inner = {"backend": "diffusers", "options": {"checkpoint": Path("ckpt")}}
+    nested = {"name": "h", "backend": "dtm_rewrite", "options": {"inner": inner}}
+    config = config.model_copy(update={"generators": [GeneratorConfig.model_validate(nested)]})
+    resolved = config.resolve_paths(tmp_path).generators[0].options
+    assert resolved["inner"]["options"]["checkpoint"] == str(tmp_path / "ckpt")
 
 
 async def test_a_code_built_config_of_an_unknown_home_names_the_key(tmp_path: Path) -> None:

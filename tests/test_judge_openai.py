@@ -805,6 +805,29 @@ def test_tokens_holding_the_key_are_masked() -> None:
     assert alone.top_logprobs == [("***", -0.1)]
 
 
+def test_a_short_key_that_is_a_rating_word_leaves_the_tokens_as_they_are() -> None:
+    # SIMKEY=Good: every "Good" token was stored as "***", and the scores shifted (0.532 to
+    # 0.469) with every judgement ok.
+    entries = [
+        {"token": "Good", "logprob": -0.3},
+        {"token": " good", "logprob": -1.5},
+        {"token": "Excellent", "logprob": -2.0},
+    ]
+    completion = _completion(entries)
+    completion["choices"][0]["message"]["content"] = "Good"
+    keyless = reply_of(completion, "http://judge")
+    for key in ("Good", "good", "Exc"):
+        reply = reply_of(completion, "http://judge", secret=key)
+        assert reply.top_logprobs == keyless.top_logprobs
+        assert reply.text == keyless.text == "Good"
+        assert reply.top_logprobs is not None and keyless.top_logprobs is not None
+        assert score_top_logprobs(reply.top_logprobs) == score_top_logprobs(keyless.top_logprobs)
+    # A malformed answer's message still masks it.
+    with pytest.raises(RetryableError) as caught:
+        reply_of(_completion([{"token": "x", "logprob": "Good"}]), "http://judge", secret="Good")
+    assert "logprob '***' of token 'x'" in str(caught.value)
+
+
 @pytest.mark.parametrize("echoed", ["logprob", "token"])
 async def test_a_server_echoing_the_key_in_its_answer_never_shows_it(
     image: Path, client: Client, monkeypatch: pytest.MonkeyPatch, echoed: str

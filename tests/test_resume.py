@@ -1189,9 +1189,60 @@ async def test_a_file_of_another_programs_is_never_written_over(
     with pytest.raises(RunDirError) as raised:
         store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
     assert said in str(raised.value)
-    if name == MANIFEST:  # and so do the viewers
-        with pytest.raises(RunDirError, match="is not a trig-stream run directory's manifest"):
+    if name == MANIFEST:  # and so do the viewers, which write over nothing
+        with pytest.raises(RunDirError) as raised:
             read_manifest(config.run_dir)
+        viewed = str(raised.value)
+        assert viewed.startswith(
+            f"{config.run_dir / name} is not a trig-stream manifest (another program's file?)"
+        )
+        assert "write over" not in viewed
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"  \r\n\t"])
+async def test_an_empty_manifest_is_ours_damaged_not_another_programs(
+    make_config: ConfigFactory, content: bytes
+) -> None:
+    # An empty manifest.json was called another program's file: a fresh folder holding one
+    # was refused (exit 3), and a run directory whose manifest a crash left empty was told
+    # (by run, status and report alike) that a run would write over another program's file.
+    config = make_config(samples=2)
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / MANIFEST).write_bytes(content)
+    await run_to_end(config)  # nothing to protect: the run starts over it
+    assert read_manifest(config.run_dir).run_name == config.run.name
+    (config.run_dir / MANIFEST).write_bytes(content)  # now beside results
+    with pytest.raises(RunDirError) as raised:
+        await run_to_end(config)
+    messages = [str(raised.value)]
+    with pytest.raises(RunDirError) as raised:  # status, report and watch read it so
+        read_manifest(config.run_dir)
+    messages.append(str(raised.value))
+    for message in messages:
+        assert f"cannot read {config.run_dir / MANIFEST}: it is damaged (" in message
+        assert "another program" not in message and "restore the file" in message
+
+
+@pytest.mark.parametrize("content", [b"{", b"not json at all", b"\x00\x00\x00"])
+async def test_an_unparsable_manifest_beside_our_results_is_damaged(
+    make_config: ConfigFactory, content: bytes
+) -> None:
+    # Beside our journal or images it is ours, damaged: it was called another program's.
+    config = make_config(samples=2)
+    await run_to_end(config)
+    (config.run_dir / MANIFEST).write_bytes(content)
+    said = f"cannot read {config.run_dir / MANIFEST}: it is damaged ("
+    with pytest.raises(RunDirError, match="it is damaged") as raised:
+        await run_to_end(config)
+    assert said in str(raised.value)
+    with pytest.raises(RunDirError) as raised:
+        read_manifest(config.run_dir)
+    assert said in str(raised.value)
+    # The images alone (the journal's lines gone) still tell it.
+    (config.run_dir / JOURNAL).write_bytes(b"")
+    with pytest.raises(RunDirError) as raised:
+        read_manifest(config.run_dir)
+    assert said in str(raised.value)
 
 
 async def test_a_damaged_manifest_of_a_run_without_results_is_replaced(

@@ -14,9 +14,10 @@ import errno
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Final, Literal, TypeVar, cast
 
 import annotated_types
@@ -273,18 +274,34 @@ class _PathProblem(ConfigError):
         self.why = why
 
 
+_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+"""A shell's ``$NAME``: what it would expand, when ``NAME`` is set."""
+_BRACED = re.compile(r"\$\{[^}]*\}?")
+"""A shell's ``${...}``."""
+
+
 def _refuse_variables(path: Path, loc: Loc) -> None:
     # ``$HOME/runs`` became a folder literally named "$HOME" beside the config, which a later
-    # `rm -rf $HOME/runs` in a shell would not remove, or worse. A ``$`` inside a name
-    # (``a$b``) is taken as written: no shell reads that as a variable of its own.
+    # `rm -rf $HOME/runs` in a shell would not remove, or worse. Refused: a ``$NAME`` whose
+    # variable is set here (a shell would have expanded it: ``$HOME``, ``runs-$USER``), and
+    # any ``${``, a shell's syntax no file name is likely to use. A ``$`` that names no set
+    # variable is a name (Windows' ``$RECYCLE.BIN``, ``a$b``) and is taken as written.
     for part in path.parts:
-        if part.startswith("$") or "${" in part:
-            raise _PathProblem(
-                loc,
-                f"{path}: {part!r} looks like an environment variable, and a config's paths "
-                "are taken as written (no variable is expanded): write the path out in full "
-                "(a leading ~ is the home folder)",
-            )
+        braced = _BRACED.search(part)
+        named = next((m for m in _VARIABLE.finditer(part) if m.group(1) in os.environ), None)
+        if braced is not None:
+            found, literal = braced.group(), ""
+        elif named is not None:
+            found = named.group()
+            literal = f"; a name that really holds {found}: rename it, or unset {named.group(1)}"
+        else:
+            continue
+        raise _PathProblem(
+            loc,
+            f"{path}: {part!r} looks like an environment variable ({found}), and a config's "
+            "paths are taken as written (no variable is expanded): write the path out in full "
+            f"(a leading ~ is the home folder){literal}",
+        )
 
 
 def _resolve(path: Path, base: Path, loc: Loc) -> Path:
@@ -349,6 +366,10 @@ def _resolve_options(options: dict[str, Any], base: Path, where: Loc) -> dict[st
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
             resolved[key] = _resolve_options(value, base, (*where, key))
+        elif isinstance(value, PurePath) and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
+            # A code-built config's Path("imgs"): a path, never a hub id, resolved as its
+            # text would be (its "./" is gone by now) and handed on as text.
+            resolved[key] = str(_resolve(Path(value), base, (*where, key)))
         elif not isinstance(value, str):
             continue
         elif Path(value).is_absolute():

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from trig_stream.errors import DatasetError
-from trig_stream.journal import JOURNAL
-from trig_stream.manifest import MANIFEST
+from trig_stream.files import open_regular_file
+from trig_stream.journal import holds_our_journal
+from trig_stream.manifest import MANIFEST, is_trig_stream_manifest
 
 # Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
 # image), large for text-only files, where the per-batch cost dominates.
@@ -252,8 +253,18 @@ def read_parquet(
         raise DatasetError(f"cannot read parquet dataset {path}: {exc}{hint}") from None
 
 
-RUN_DIR_MARKS = (MANIFEST, JOURNAL)
-"""Files that make a folder a trig-stream run directory: a dataset folder's walk skips it."""
+def _is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` is a trig-stream run directory: its manifest or its journal is one
+    trig-stream wrote. Another tool's ``manifest.json`` or ``journal.jsonl`` (a dataset's own
+    index) does not make it one; nor does an empty manifest alone, which protects nothing."""
+    if holds_our_journal(folder):
+        return True
+    try:
+        with open_regular_file(folder / MANIFEST) as handle:
+            text = handle.read()
+    except OSError:
+        return False
+    return bool(text.strip()) and is_trig_stream_manifest(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,9 +284,10 @@ def _parquet_shards(folder: Path) -> ParquetShards:
     skipped those silently on Python 3.11, while it read a linked shard file); a folder met
     again through a link (a loop, or two links to one folder) is walked once.
 
-    A trig-stream run directory below ``folder`` (one holding a manifest or a journal) is
-    not walked: its reports are parquet files too, and a run writing into the folder of its
-    own dataset would read them as shards on its next start. Their number is counted.
+    A trig-stream run directory below ``folder`` (one holding a manifest or a journal that
+    trig-stream wrote: :func:`_is_run_dir`) is not walked: its reports are parquet files
+    too, and a run writing into the folder of its own dataset would read them as shards on
+    its next start. Their number is counted.
 
     Raises:
         OSError: a folder below cannot be listed.
@@ -289,7 +301,7 @@ def _parquet_shards(folder: Path) -> ParquetShards:
     run_dirs: list[Path] = []
     seen = {os.path.realpath(folder)}
     for top, folders, names in os.walk(folder, onerror=refuse, followlinks=True):
-        if top != str(folder) and any(mark in names for mark in RUN_DIR_MARKS):
+        if top != str(folder) and _is_run_dir(Path(top)):
             folders[:] = []
             found = _count_parquet(Path(top))
             if found:

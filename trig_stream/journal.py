@@ -28,7 +28,13 @@ from typing import IO, BinaryIO
 from pydantic import ValidationError
 
 from trig_stream.errors import RunDirError, RunLockedError, validation_problems
-from trig_stream.files import open_unlinked, storage_error, sync_dir, write_all
+from trig_stream.files import (
+    open_regular_file,
+    open_unlinked,
+    storage_error,
+    sync_dir,
+    write_all,
+)
 from trig_stream.locks import journal_in_use
 from trig_stream.records import (
     JudgeFingerprint,
@@ -41,6 +47,19 @@ from trig_stream.records import (
 logger = logging.getLogger(__name__)
 
 JOURNAL = "journal.jsonl"
+
+JOURNAL_START = b'{"schema_version":'
+"""How every line of a journal starts (a judgement's JSON, its version first)."""
+
+
+def holds_our_journal(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a journal trig-stream wrote a line to: its first bytes are a
+    judgement's. Another program's ``journal.jsonl``, an empty one, or none is not."""
+    try:
+        with open_regular_file(run_dir / JOURNAL) as handle:
+            return handle.read(len(JOURNAL_START)) == JOURNAL_START
+    except OSError:
+        return False
 
 
 @dataclass

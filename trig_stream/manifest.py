@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePath
@@ -30,10 +31,13 @@ from pydantic import (
 
 from trig_stream.errors import FatalBackendError, RunDirError
 from trig_stream.files import open_regular_file
+from trig_stream.journal import holds_our_journal
 from trig_stream.moves import Move
 from trig_stream.records import SCHEMA_VERSION, JudgeFingerprint, JudgementKey
 
 MANIFEST = "manifest.json"
+IMAGES = "images"
+"""A run directory's folder of generated images."""
 
 EntryKind: TypeAlias = Literal["generators", "judges"]
 """The manifest's two tables of entries, each a name -> fingerprint."""
@@ -317,16 +321,37 @@ def _entry_names(config: dict[str, Any], kind: EntryKind) -> frozenset[str]:
 def is_trig_stream_manifest(text: bytes) -> bool:
     """Whether ``text``, a ``manifest.json``, is one trig-stream wrote, whole or damaged:
     a JSON object with its ``schema_version`` or ``run_name`` (or, unparsable, text naming
-    ``schema_version``), rather than another program's file of that name (a web app's)."""
+    ``schema_version``), rather than another program's file of that name (a web app's).
+    An empty one (whitespace at most) counts as ours, damaged: a crash or a full disk leaves
+    it so, and it holds nothing of anyone's to protect."""
+    if not text.strip():
+        return True
     try:
         data = json.loads(text)
-    except ValueError:  # a damaged one (cut short, edited by hand) still names its fields
+    except (ValueError, RecursionError):  # a damaged one (cut short, edited) names its fields
         return b'"schema_version"' in text
     return isinstance(data, dict) and bool({"schema_version", "run_name"} & data.keys())
 
 
+def manifest_is_ours(run_dir: Path, text: bytes) -> bool:
+    """Whether ``text``, the ``manifest.json`` of ``run_dir``, is one trig-stream wrote: by
+    its content (:func:`is_trig_stream_manifest`), or, when it is no JSON at all, by what
+    lies beside it: a journal of ours or generated images make it our manifest, damaged."""
+    if is_trig_stream_manifest(text):
+        return True
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return holds_our_journal(run_dir) or _holds_a_file(run_dir / IMAGES)
+    return False
+
+
+def _holds_a_file(folder: Path) -> bool:
+    return any(files for _, _, files in os.walk(folder))
+
+
 def not_a_manifest(path: Path) -> str:
-    """The message for a ``manifest.json`` that trig-stream did not write."""
+    """The message for a ``manifest.json`` that trig-stream did not write, met by a run."""
     return (
         f"{path} is not a trig-stream run directory's manifest (another program's file?), "
         "and a run would write over it: move it away, or use --new-run to start a fresh run "
@@ -334,8 +359,20 @@ def not_a_manifest(path: Path) -> str:
     )
 
 
+def _not_a_manifest_read_only(path: Path) -> str:
+    # A command that only reads (status, report, watch) writes over nothing.
+    return (
+        f"{path} is not a trig-stream manifest (another program's file?): name a run "
+        "directory that trig-stream wrote"
+    )
+
+
 def read_manifest(run_dir: Path) -> Manifest:
     """Read a run directory's manifest.
+
+    A manifest that is not trig-stream's is named as such in words for a command that only
+    reads (status, report, watch): a run refuses it before it gets here
+    (:func:`trig_stream.store.resumed_manifest`).
 
     Raises:
         RunDirError: there is none, or it cannot be read.
@@ -353,8 +390,8 @@ def read_manifest(run_dir: Path) -> Manifest:
             ) from None
         raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
     except ValidationError as exc:
-        if not is_trig_stream_manifest(text):
-            raise RunDirError(not_a_manifest(path)) from None
+        if not manifest_is_ours(run_dir, text):
+            raise RunDirError(_not_a_manifest_read_only(path)) from None
         error = exc.errors()[0]
         where = ".".join(map(str, error["loc"]))
         raise RunDirError(

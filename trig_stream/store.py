@@ -45,11 +45,12 @@ from trig_stream.files import (
 )
 from trig_stream.journal import JOURNAL, Journal, JournalState, journal_state, journal_unreadable
 from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
+from trig_stream.manifest import IMAGES as IMAGES  # re-exported: store.IMAGES, as ever
 from trig_stream.manifest import (
     MANIFEST,
     EntryKind,
     Manifest,
-    is_trig_stream_manifest,
+    manifest_is_ours,
     not_a_manifest,
     read_manifest,
 )
@@ -80,7 +81,6 @@ parents outwards), which :meth:`RunDir.open` takes over: a run that cannot open 
 before writing anything, removes them again (see :meth:`RunDir.discard`)."""
 
 
-IMAGES = "images"
 PARTIAL = ".partial"
 """Under ``images/``: temporary files of images being written."""
 
@@ -501,7 +501,9 @@ def _refuse_files_not_ours(path: Path) -> None:
     """Refuse the run directory ``path`` when its ``manifest.json`` or ``quarantine.jsonl``
     is not one trig-stream wrote: a run writes over both (a folder without results starts
     afresh), and another program's file of that name (a web app's manifest) was lost. A
-    damaged manifest of ours is :func:`~trig_stream.manifest.read_manifest`'s to name;
+    damaged manifest of ours (empty, or unparsable beside our journal or images:
+    :func:`~trig_stream.manifest.manifest_is_ours`) is
+    :func:`~trig_stream.manifest.read_manifest`'s to name;
     one that cannot be read is left to the run's own reading or writing to say so.
 
     Raises:
@@ -510,7 +512,7 @@ def _refuse_files_not_ours(path: Path) -> None:
     with suppress(OSError):
         with open_regular_file(path / MANIFEST) as handle:
             text = handle.read()
-        if not is_trig_stream_manifest(text):
+        if not manifest_is_ours(path, text):
             raise RunDirError(not_a_manifest(path / MANIFEST))
     with suppress(OSError):
         with open_regular_file(path / QUARANTINE) as handle:

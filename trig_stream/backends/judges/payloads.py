@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from trig_stream.backends.api_keys import scrub
+from trig_stream.backends.api_keys import SHORT_KEY_CHARS, scrub
 from trig_stream.backends.base import JudgeReply, shrunk_size
 from trig_stream.backends.judges.transports import EncodedImage
 from trig_stream.errors import ItemError, RetryableError
@@ -45,25 +45,29 @@ def reply_of(
         secret: the API key in use, masked (:func:`~trig_stream.backends.api_keys.scrub`)
             in the tokens and text of the reply and in a malformed answer's message: they are
             stored in the judgements, quoted in their errors (no rating word among the
-            tokens ...), logged and reported, and a token is never a legitimate key.
+            tokens ...), logged and reported. In the tokens and text only a key of
+            :data:`~trig_stream.backends.api_keys.SHORT_KEY_CHARS` characters or more is
+            masked: a shorter one (a local server's ``Good``) may be a rating word itself,
+            and masking it would shift every score; the message masks it all the same.
 
     Raises:
         RetryableError: the completion is not shaped like one (a malformed answer).
     """
+    answered = secret if secret is not None and len(secret) >= SHORT_KEY_CHARS else None
     try:
         choice = completion["choices"][0]
         message = choice.get("message") or {}
-        text = scrub(str(message.get("content") or ""), secret)
+        text = scrub(str(message.get("content") or ""), answered)
         content = (choice.get("logprobs") or {}).get("content")
         if not content:
             return JudgeReply(top_logprobs=None, text=text)
         first = content[0]
-        top = [_token_logprob(e, secret) for e in first.get("top_logprobs") or ()]
+        top = [_token_logprob(e, answered) for e in first.get("top_logprobs") or ()]
         if not top:
             if top_logprobs > 0:  # the server dropped the list it was asked for
                 return JudgeReply(top_logprobs=None, text=text)
             # top_logprobs = 0 asks for the chosen token only
-            top = [_token_logprob(first, secret)]
+            top = [_token_logprob(first, answered)]
     except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
         # The message quotes the answer (a logprob that is the key, in its repr).
         problem = scrub(f"{type(exc).__name__}: {exc}", secret)
