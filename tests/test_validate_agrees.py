@@ -1,4 +1,5 @@
-"""``validate`` and ``run`` agree on a run directory that cannot be looked up or written."""
+"""``validate`` and ``run`` agree on a run directory that cannot be looked up or written, and
+``validate`` takes ``run``'s ``--new-run`` and ``--retry-errors``."""
 
 from __future__ import annotations
 
@@ -160,3 +161,54 @@ def test_a_storage_error_names_the_file_at_fault() -> None:
     assert str(storage_error(lock, f"write in the run directory {run_dir} (run.lock)")) == (
         f"cannot write in the run directory {run_dir} (run.lock): Permission denied"
     )
+
+
+def test_validate_new_run_checks_the_fresh_run_directory_it_would_take(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a seed change validate said "use --new-run", which it did not take.
+    path = write_config(tmp_path, samples=2)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    path.write_text(
+        path.read_text().replace('output_dir = "runs"', 'output_dir = "runs"\nseed = 7')
+    )
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == EXIT_RUN_DIR
+    assert "Use --new-run" in capsys.readouterr().err
+    assert main(["validate", "--new-run", str(path)]) == EXIT_OK
+    out = capsys.readouterr().out
+    fresh = tmp_path / "runs" / "cli-2"
+    assert f"writes to {fresh} (--new-run: a fresh run directory beside " in out
+    assert "2 records, 2 samples to judge\n" in out
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cli"]  # nothing made
+    # Only that it can be made is checked: a folder of run directories that is read-only.
+    allowed = os.access
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(
+        os, "access", lambda where, mode: Path(where) != runs and allowed(where, mode)
+    )
+    assert main(["validate", "--new-run", str(path)]) == EXIT_RUN_DIR
+    assert capsys.readouterr().err == (
+        f"error: cannot create the run directory {fresh}: Permission denied\n"
+    )
+
+
+def test_validate_retry_errors_counts_the_errors_the_run_asks_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # After a run with errors validate said "0 samples to judge" with or without the flag,
+    # which it did not take, while run --retry-errors asked them again.
+    path = write_config(tmp_path, samples=6, extra=", error_rate = 0.5, seed = 3")
+    assert main([*RUN, str(path)]) == EXIT_OK
+    lines = (tmp_path / "runs" / "cli" / "journal.jsonl").read_text().splitlines()
+    errors = sum('"status":"error"' in line for line in lines)
+    assert 0 < errors < len(lines)
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f", {errors} error judgements kept (--retry-errors asks them again)" in out
+    assert "0 samples to judge" in out
+    assert main(["validate", "--retry-errors", str(path)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f", {errors} error judgements to ask again" in out
+    assert "0 samples to judge" not in out
