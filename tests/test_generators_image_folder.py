@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -205,6 +206,26 @@ def test_missing_folder_is_fatal(tmp_path: Path) -> None:
     generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path / "nowhere"))
     with pytest.raises(FatalBackendError, match=r"set options\.path"):
         generator.load()
+
+
+def test_a_folder_that_cannot_be_listed_is_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # validate said ok for a folder of mode 311; the run then failed to load it (exit 4).
+    # Root lists any folder: the refusal is faked where the folder is opened.
+    import os
+
+    listed = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path) == tmp_path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return listed(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
+    with pytest.raises(FatalBackendError, match=r"cannot be read: Permission denied; give this"):
+        generator.check_environment()
 
 
 def test_options_refuse_unknown_keys_and_empty_extensions(tmp_path: Path) -> None:

@@ -161,6 +161,33 @@ async def test_batches_take_what_is_waiting(tiny_vlm: Path, images: list[Path]) 
         await judge.aclose()
 
 
+def test_check_environment_names_the_model_files_the_folder_lacks(
+    tiny_vlm: Path, tmp_path: Path
+) -> None:
+    # validate said ok for an empty model_path, and for a model without its weights; the
+    # run then failed as it loaded them (exit 4).
+    make_judge(tiny_vlm).check_environment()  # a whole model passes
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FatalBackendError) as raised:
+        make_judge(empty).check_environment()
+    message = str(raised.value)
+    assert f"model_path {empty} holds no model to load: it lacks its config (config.json)" in (
+        message
+    )
+    assert "its weights (" in message and "its processor or tokenizer (" in message
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    for file in tiny_vlm.iterdir():
+        if file.suffix != ".safetensors":
+            (weightless / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(
+        FatalBackendError, match=r"it lacks its weights \(\*\.safetensors"
+    ) as raised:
+        make_judge(weightless).check_environment()
+    assert "config.json" not in str(raised.value)
+
+
 def test_unreadable_image_is_an_item_error(tiny_vlm: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
@@ -186,8 +213,14 @@ async def test_missing_model_or_device_is_fatal(
     with pytest.raises(FatalBackendError, match=r"model_path .*nowhere is not a folder"):
         await make_judge(tmp_path / "nowhere").open()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FatalBackendError, match=r"cannot load the model in .*empty: "):
+    with pytest.raises(FatalBackendError, match=r"model_path .*empty holds no model to load"):
         await make_judge(tmp_path / "empty").open()
+    broken = tmp_path / "broken"  # every file there, none of them a model's
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (broken / name).write_text("{}")
+    with pytest.raises(FatalBackendError, match=r"cannot load the model in .*broken: "):
+        await make_judge(broken).open()
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

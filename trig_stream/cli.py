@@ -166,6 +166,16 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a config without running it")
     validate.add_argument("config", type=Path)
+    validate.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="count the judgements that failed as work, as `run --retry-errors` asks them again",
+    )
+    validate.add_argument(
+        "--new-run",
+        action="store_true",
+        help="check as `run --new-run` would: the fresh run directory it would start",
+    )
     validate.set_defaults(handler=validate_command)
 
     status = commands.add_parser("status", help="summarise a run directory")

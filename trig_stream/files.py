@@ -104,16 +104,32 @@ def open_unlinked(path: Path, flags: int, mode: str, *, buffering: int = -1) -> 
         OSError: it cannot be opened.
     """
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        # Not blocking: opened for writing, a named pipe there waited for a reader for ever.
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
     except OSError as exc:
         if exc.errno == errno.ELOOP and path.is_symlink():
             raise link_refused(path) from None
+        if exc.errno == errno.ENXIO:  # a pipe with no reader, or a socket
+            refuse_special_file(path, os.stat(path).st_mode)
         raise
     try:
+        refuse_special_file(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
         return os.fdopen(fd, mode, buffering=buffering)
     except BaseException:
         os.close(fd)
         raise
+
+
+def refuse_special_file(path: Path, mode: int) -> None:
+    """Raise when ``mode`` (of ``path``) is no regular file nor folder: a run's own file
+    that is a pipe or a device cannot be written as a file.
+
+    Raises:
+        UnfitFileError: it is not, naming ``path`` and what it is.
+    """
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UnfitFileError(errno.EINVAL, f"it is a {file_kind(mode)}, not a file", str(path))
 
 
 def file_kind(mode: int) -> str:
@@ -153,11 +169,18 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
             folders[folder] = None
         temp = (temp_dir or folder) / _temporary_name(path.name)
         try:
-            with temp.open("wb") as handle:
+            try:
+                handle = temp.open("wb")
+            except OSError as exc:  # the folder cannot be written: named, not the temporary
+                raise type(exc)(exc.errno, exc.strerror, str(temp.parent)) from None
+            with handle:
                 handle.write(data)
                 handle.flush()
                 _sync_data(handle.fileno())
-            os.replace(temp, path)
+            try:
+                os.replace(temp, path)
+            except IsADirectoryError as exc:  # named by the folder in the way, not the temporary
+                raise IsADirectoryError(exc.errno, exc.strerror, str(path)) from None
         except BaseException:
             temp.unlink(missing_ok=True)  # a full disk leaves no partial file taking space
             raise
@@ -189,6 +212,12 @@ def storage_error(exc: OSError, what: str, *, nothing_written: bool = False) -> 
             folders above it that it made) are removed again, so there is nothing to resume.
     """
     reason = exc.strerror or str(exc)
+    if isinstance(exc.filename, str | bytes):
+        # The file at fault, unless ``what`` names it already: "cannot open the run directory
+        # X: Permission denied" said nothing of which of its files it was.
+        named = os.fsdecode(exc.filename)
+        if named not in what and f"({Path(named).name})" not in what:
+            reason = f"{named}: {reason}"
     message = f"cannot {what}: {reason}"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         message += "; free some space, then run the same command again: " + (

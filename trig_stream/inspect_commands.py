@@ -33,6 +33,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.backends.library_logs import quiet_model_libraries
     from trig_stream.dataset import DatasetSource
     from trig_stream.dimensions import Dimension
+    from trig_stream.journal import JournalState
     from trig_stream.preflight import (
         check_environment,
         ensure_open_files,
@@ -41,7 +42,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     )
     from trig_stream.records import QuarantinedRecord
     from trig_stream.sourcing import Owed
-    from trig_stream.store import check_resume
+    from trig_stream.store import check_new_run, check_resume
 
     config = load_config(args.config)
     quiet_model_libraries()  # as ``run`` does: a class looked up prints no library's advice
@@ -62,18 +63,32 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     # What the run directory holds is compared with these settings as the run compares it,
     # reading it only: a run it would refuse (a run still going there, results made with
     # another seed) is refused here, with the run's message and exit code.
+    # With --new-run, the run starts a fresh directory beside it: only that it can be made.
     fingerprints = {judge.name: judge_fingerprint(judge) for judge in judges}
-    journal = check_resume(config.run_dir, run_manifest(config, generators, fingerprints))
+    if args.new_run:
+        run_dir, journal = check_new_run(config.run_dir), JournalState()
+    else:
+        run_dir = config.run_dir
+        journal = check_resume(run_dir, run_manifest(config, generators, fingerprints))
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
     # read fails here (DatasetError, the run's exit code), and the records the run would
     # quarantine are listed, those edited since they were judged in the run directory too.
     # A sample the run directory already holds every judgement of is passed over unbuilt, as
     # the run passes it over (its source image is not looked up: one removed since is no
     # reason to refuse it).
-    owed = Owed([g.name for g in generators], judges, journal, retry_errors=False)
+    models = [g.name for g in generators]
+    kept = Owed(models, judges, journal, retry_errors=False)
+    asked_again = Owed(models, judges, journal, retry_errors=True)
+    owed = asked_again if args.retry_errors else kept
     finished = Counter[str]()
 
     def passed_over(data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
+        # The error judgements of the sample: asked again with --retry-errors, else kept.
+        finished["errors"] += sum(
+            len(asked_again.todo(model, data_id, dimensions))
+            - len(kept.todo(model, data_id, dimensions))
+            for model in models
+        )
         if not owed.finished(data_id, dimensions):
             return False
         finished["judged" if owed.measured(dimensions) else "unmeasured"] += 1
@@ -100,8 +115,11 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     out = CommandConsole(soft_wrap=True)  # greppable: a path is never cut in two
     verdict = "[red]nothing to judge[/]" if refused_all else "[green]ok[/]"
     out.print(f"{verdict}: {escape(str(args.config))}", highlight=False)
+    fresh = f" (--new-run: a fresh run directory beside {config.run_dir})" * (
+        run_dir != config.run_dir
+    )
     out.print(
-        f"  run {config.run.name!r}, task {config.run.task}, writes to {config.run_dir}",
+        f"  run {config.run.name!r}, task {config.run.task}, writes to {run_dir}{fresh}",
         highlight=False,
         markup=False,
     )
@@ -114,6 +132,14 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     counts = f"{records}, {samples} sample{'s' * (samples != 1)} to judge"
     if finished["judged"]:
         counts += f", {finished['judged']} already judged in the run directory"
+    errors = finished["errors"]
+    if errors and args.retry_errors:
+        counts += f", {errors} error judgement{'s' * (errors != 1)} to ask again"
+    elif errors:
+        counts += (
+            f", {errors} error judgement{'s' * (errors != 1)} kept (--retry-errors asks "
+            f"{'them' if errors != 1 else 'it'} again)"
+        )
     if source.filtered_out:
         counts += f", {source.filtered_out} left out by its filters"
     out.print(f"  dataset {config.dataset.path}: {counts}", highlight=False, markup=False)

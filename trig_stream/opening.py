@@ -22,6 +22,7 @@ from trig_stream.backends.base import Generator, Judge
 from trig_stream.backends.threads import exiting_error
 from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError, TrigStreamError
+from trig_stream.files import storage_error
 from trig_stream.journal import JournalState
 from trig_stream.manifest import Manifest
 from trig_stream.pipeline import describe_error
@@ -49,7 +50,12 @@ def open_run_dir(configured: Path, manifest: Manifest, *, new_run: bool) -> Open
         path, made = next_free_run_dir(configured), True  # made empty there
     else:
         path = configured
-        made = not path.exists()
+        try:
+            made = not path.exists()
+        except OSError as exc:  # a name too long, a folder without search permission
+            raise storage_error(
+                exc, f"create the run directory {path}", nothing_written=True
+            ) from None
     run_dir, state = RunDir.open(path, manifest)
     return OpenedRunDir(path, run_dir, state, made)
 

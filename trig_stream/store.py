@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -36,6 +37,7 @@ from trig_stream.files import (
     make_dirs,
     open_regular_file,
     open_unlinked,
+    refuse_special_file,
     remove_made_dirs,
     storage_error,
     sync_dir,
@@ -410,7 +412,11 @@ def refuse_links(path: Path) -> None:
         if task.name != PARTIAL and not task.is_symlink():
             own += _entries(task)
     for entry in own:
-        if entry.is_symlink():
+        try:
+            linked = entry.is_symlink()
+        except OSError as exc:  # a folder without search permission: never a traceback
+            raise storage_error(exc, f"open the run directory {path}") from None
+        if linked:
             raise link_refused(entry)
 
 
@@ -566,8 +572,10 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
         raise RunLockedError(run_in_use(path, "" if writer.pid is None else str(writer.pid)))
     if writer is not None:
         raise RunLockedError(journal_in_use(path))
-    refuse_links(path)
+    # In the run's order: making the directory, then looking into it, then writing there.
     _refuse_a_file_on_the_way(path)
+    refuse_links(path)
+    _refuse_unwritable(path)
     _warn_of_foreign_partials(path)  # as a run does
     try:
         journal, _ = journal_state(path / JOURNAL)
@@ -580,19 +588,78 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
 def _refuse_a_file_on_the_way(path: Path) -> None:
     """Raise the error a run gets making the run directory ``path`` when it, or the folder
     above it that exists, is a file (``output_dir`` naming a file): the journal's own
-    "Not a directory" said nothing of where the fault was."""
+    "Not a directory" said nothing of where the fault was. A folder on the way that cannot be
+    looked up (a name too long, no search permission) gets the run's error too."""
     current = path
-    while not current.is_dir():
-        if current.exists() or current.is_symlink():
-            code = errno.EEXIST if current == path else errno.ENOTDIR
+    try:
+        while not current.is_dir():
+            if current.exists() or current.is_symlink():
+                code = errno.EEXIST if current == path else errno.ENOTDIR
+                raise storage_error(
+                    OSError(code, os.strerror(code)),
+                    f"create the run directory {path}",
+                    nothing_written=True,
+                )
+            if current.parent == current:
+                return
+            current = current.parent
+    except OSError as exc:
+        raise storage_error(exc, f"create the run directory {path}", nothing_written=True) from None
+
+
+def _refuse_unwritable(path: Path) -> None:
+    """Raise the error a run gets when it cannot write the run directory ``path``: the
+    folder it would make it in, or the directory, is not writable; or one of the files a run
+    writes there (its lock, journal, manifest, quarantine list) is read-only, a folder or a
+    pipe; or ``images/`` cannot be read. Looked at only (``os.access``), nothing is opened."""
+    if not path.is_dir():  # made by the run, in the nearest folder that exists
+        missing = path
+        while not missing.parent.is_dir():
+            missing = missing.parent
+        if not os.access(missing.parent, os.W_OK | os.X_OK):
             raise storage_error(
-                OSError(code, os.strerror(code)),
-                f"create the run directory {path}",
-                nothing_written=True,
+                _denied(missing), f"create the run directory {path}", nothing_written=True
             )
-        if current.parent == current:
-            return
-        current = current.parent
+        return
+    # The lock first, then the journal, the manifest (written beside itself, atomically) and
+    # the quarantine list, as RunDir.open opens them.
+    _refuse_unwritable_file(path / LOCK, f"write in the run directory {path} ({LOCK})")
+    opening = f"open the run directory {path}"
+    _refuse_unwritable_file(path / JOURNAL, opening)
+    if (path / MANIFEST).is_dir():
+        code = errno.EISDIR
+        raise storage_error(OSError(code, os.strerror(code), str(path / MANIFEST)), opening)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise storage_error(_denied(path), opening)
+    images = path / IMAGES
+    if images.is_dir() and not os.access(images, os.R_OK | os.X_OK):
+        raise storage_error(_denied(images), opening)
+    _refuse_unwritable_file(path / QUARANTINE_PARTIAL, opening)
+
+
+def _refuse_unwritable_file(file: Path, what: str) -> None:
+    # A file of the run directory a run opens for writing, creating it when absent.
+    try:
+        mode = file.lstat().st_mode
+    except FileNotFoundError:
+        if not os.access(file.parent, os.W_OK | os.X_OK):
+            raise storage_error(_denied(file), what) from None
+        return
+    except OSError as exc:
+        raise storage_error(exc, what) from None
+    if stat.S_ISDIR(mode):
+        code = errno.EISDIR
+        raise storage_error(OSError(code, os.strerror(code), str(file)), what)
+    try:
+        refuse_special_file(file, mode)
+    except OSError as exc:
+        raise storage_error(exc, what) from None
+    if not os.access(file, os.W_OK):
+        raise storage_error(_denied(file), what)
+
+
+def _denied(path: Path) -> OSError:
+    return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
 
 def _holds_a_file(folder: Path) -> bool:
@@ -604,6 +671,44 @@ def _holds_a_file(folder: Path) -> bool:
             return True
         subfolders[:] = [name for name in subfolders if name != PARTIAL]
     return False
+
+
+def check_new_run(path: Path) -> Path:
+    """The run directory ``run --new-run`` would take for ``path``
+    (:func:`next_free_run_dir`'s choice), made nothing of: ``validate --new-run``.
+
+    Raises:
+        RunDirError: what :func:`next_free_run_dir` would raise: the folder of run
+            directories cannot be made or written, or the name it would take is too long.
+    """
+    folder = path.parent
+    _refuse_a_file_on_the_way(folder / path.name)  # the lookups make_dirs makes
+    if not folder.is_dir():
+        missing = folder
+        while not missing.parent.is_dir():
+            missing = missing.parent
+        if not os.access(missing.parent, os.W_OK | os.X_OK):
+            what = f"create the folder of run directories {folder}"
+            raise storage_error(_denied(missing), what, nothing_written=True)
+        return path
+    candidate, number = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+        if len(candidate.name) > MAX_NAME_CHARS:
+            raise _new_run_name_too_long(candidate)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        what = f"create the run directory {candidate}"
+        raise storage_error(_denied(candidate), what, nothing_written=True)
+    return candidate
+
+
+def _new_run_name_too_long(candidate: Path) -> RunDirError:
+    return RunDirError(
+        f"--new-run would write {candidate.name!r}, a run name of {len(candidate.name)} "
+        f"characters, which no config can name to resume it (at most {MAX_NAME_CHARS}): "
+        "shorten [run] name"
+    )
 
 
 def next_free_run_dir(path: Path) -> Path:
@@ -627,11 +732,7 @@ def next_free_run_dir(path: Path) -> Path:
         if number > 1:
             candidate = path.with_name(f"{path.name}-{number}")
             if len(candidate.name) > MAX_NAME_CHARS:
-                raise RunDirError(
-                    f"--new-run would write {candidate.name!r}, a run name of "
-                    f"{len(candidate.name)} characters, which no config can name to resume it "
-                    f"(at most {MAX_NAME_CHARS}): shorten [run] name"
-                )
+                raise _new_run_name_too_long(candidate)
         made_here: list[Path] = []
         try:
             # Made, not looked at: a check then a later make let a second run take it too.

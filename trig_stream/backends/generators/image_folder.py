@@ -18,6 +18,7 @@ with a typo.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,12 +106,20 @@ class ImageFolderGenerator(Generator):
         }
 
     def check_environment(self) -> None:
-        """The folder exists (``validate`` says so before a run does)."""
+        """The folder exists and can be listed (``validate`` says so before a run does)."""
         if not self.folder.is_dir():
             raise FatalBackendError(
                 f"image folder {self.folder} does not exist or is not a folder; "
                 "set options.path to the folder of <data_id>.<ext> files"
             )
+        try:
+            with os.scandir(self.folder):  # opened only: the run lists it when it loads
+                pass
+        except OSError as exc:
+            raise FatalBackendError(
+                f"image folder {self.folder} cannot be read: {exc.strerror or exc}; give this "
+                "user permission to list it (chmod +r), or set options.path to a readable copy"
+            ) from None
 
     def load(self) -> None:
         """Index the folder once: data_id -> files.

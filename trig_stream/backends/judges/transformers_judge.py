@@ -28,6 +28,7 @@ Example config::
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,6 +160,13 @@ class TransformersJudge(Judge):
                 f"judge {self.name!r}: model_path {self.options.model_path} is not a folder (it "
                 "must hold a local copy of the model: its config.json, weights and processor "
                 "files)"
+            )
+        missing = _missing_model_files(self.options.model_path)
+        if missing:
+            raise FatalBackendError(
+                f"judge {self.name!r}: model_path {self.options.model_path} holds no model to "
+                f"load: it lacks {'; '.join(missing)}. Point model_path at the folder a "
+                "download of the model made (huggingface-cli download <model> --local-dir DIR)"
             )
 
     def opening(self) -> str:
@@ -477,3 +485,38 @@ def _config_hash(model_path: Path) -> str:
         return hashlib.sha256((model_path / "config.json").read_bytes()).hexdigest()[:16]
     except OSError:
         return ""
+
+
+MODEL_FILES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
+    ("its config (config.json)", ("config.json",)),
+    (
+        "its weights (*.safetensors, pytorch_model*.bin, or their *.index.json)",
+        ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "*.bin.index.json"),
+    ),
+    (
+        "its processor or tokenizer (processor_config.json, preprocessor_config.json, "
+        "tokenizer_config.json or tokenizer.json)",
+        (
+            "processor_config.json",
+            "preprocessor_config.json",
+            "tokenizer_config.json",
+            "tokenizer.json",
+        ),
+    ),
+)
+"""What a model folder must hold for ``from_pretrained`` to load it: each part, in words,
+and the file names (patterns) any one of which holds it."""
+
+
+def _missing_model_files(folder: Path) -> list[str]:
+    """The parts of :data:`MODEL_FILES` that ``folder`` lacks, in words (a folder that cannot
+    be listed lacks them all: the load could not read it either)."""
+    try:
+        names = [entry.name for entry in folder.iterdir()]
+    except OSError:
+        names = []
+    return [
+        what
+        for what, patterns in MODEL_FILES
+        if not any(fnmatch.fnmatch(name, pattern) for name in names for pattern in patterns)
+    ]
