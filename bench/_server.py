@@ -12,6 +12,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+GRACE_S = "5"
+"""Seconds a command started by :func:`stopped_with_us` is given between SIGTERM and SIGKILL
+once this process has died."""
+
 
 def stopped_with_us(argv: list[str]) -> list[str]:
     """``argv``, started so that the kernel sends it SIGTERM when this process ends, even by
@@ -26,7 +30,7 @@ def stopped_with_us(argv: list[str]) -> list[str]:
     if not sys.platform.startswith("linux") or spec is None or spec.origin is None:
         return argv
     script = Path(spec.origin).parent / "backends" / "judges" / "parent_death.py"
-    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), *argv]
+    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), GRACE_S, *argv]
 
 
 def start_judge(*options: str, cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], str]:

@@ -25,6 +25,7 @@ from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
 from trig_stream.backends import library_logs
 from trig_stream.backends.base import JudgeRequest
+from trig_stream.backends.judges import managed_server
 from trig_stream.backends.judges.managed_server import (
     TAIL_BYTES,
     TAIL_LINES,
@@ -67,11 +68,17 @@ def request(tmp_path: Path, judge: OpenAIJudge) -> JudgeRequest:
 
 
 def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended: no such process, or a zombie nobody reaps yet (an
+    orphan's new parent may be slow to, or never)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc: alive as far as can be told
+    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 async def wait_for(condition: Any, what: str) -> None:
@@ -1089,3 +1096,41 @@ async def test_a_stop_while_the_server_starts_announces_its_grace_period(
                 assert [j async for j in engine.results] == []
     assert closing == ["judge 'trigscore': stopping its server (up to 60 s)"]
     assert engine.stats().closing is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal")
+def test_a_supervisor_in_another_s_process_group_stops_only_its_command(tmp_path: Path) -> None:
+    # A bench starts servers through the supervisor inside its own process group: on the
+    # bench's death the supervisor stopped that whole group, its other processes included.
+    script = Path(managed_server.__file__).with_name("parent_death.py")
+    pid_file = tmp_path / "command.pid"
+    starter = (
+        "import os, subprocess, sys, time\n"
+        f"command = ['sh', '-c', 'echo $$ > {pid_file}; exec sleep 600']\n"
+        "quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}\n"
+        f"subprocess.Popen([sys.executable, '-I', '-S', {str(script)!r}, str(os.getpid()), "
+        "'5', *command], **quiet)\n"
+        "sibling = subprocess.Popen(['sleep', '600'], **quiet)\n"
+        f"pid_file = {str(pid_file)!r}\n"
+        "while not (os.path.exists(pid_file) and os.path.getsize(pid_file)):\n"
+        "    time.sleep(0.01)\n"
+        "print(sibling.pid, flush=True)\n"
+    )
+    # Its own session, so that what it leaves is never in the test's process group.
+    done = subprocess.run(
+        [sys.executable, "-c", starter],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+        check=True,
+    )
+    sibling = int(done.stdout)
+    command = int(pid_file.read_text())
+    try:
+        anyio.run(wait_for, lambda: gone(command), "the command's end")
+        assert not gone(sibling)
+    finally:
+        for pid in (sibling, command):
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)

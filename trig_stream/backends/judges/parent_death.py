@@ -13,7 +13,8 @@ When its parent dies, the supervisor stops the whole group, not only the command
 process: a launcher that does not ``exec`` its server (``sh -c "vllm serve ...; echo done"``,
 a script that activates a virtualenv and runs vLLM as its child) would else die alone and
 leave the server running. It sends the group SIGTERM, then SIGKILL to whatever of it still
-runs after ``GRACE_S`` (the serve table's ``stop_timeout_s``). It is made the group's child
+runs after ``GRACE_S`` (the serve table's ``stop_timeout_s``); started inside another's
+process group (a bench's), it stops only the command's own process. It is made the group's child
 subreaper, so that processes whose parent ends are handed to it: it reaps them, and sees
 when the last one ends. A SIGTERM while its parent lives is the run stopping the group, which
 the command received too: the supervisor waits for the command's end and passes it on.
@@ -31,6 +32,7 @@ standard library is imported here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -73,13 +75,14 @@ def main(argv: list[str]) -> int:
             )
         elif os.getppid() != parent:
             return 1  # the parent died before the request took effect: no one would stop us
+    child = None
     try:
         child = _start(command)
         if child is None:
             return CANNOT_RUN
         return _pass_on(_wait_for(child))
     except ParentDied:
-        _stop_group(grace_s)
+        _stop(grace_s, child)
         return 1
 
 
@@ -135,21 +138,40 @@ def _pass_on(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _stop_group(grace_s: float) -> None:
-    """Stop the group: SIGTERM, then SIGKILL to whatever still runs after ``grace_s``."""
+def _stop(grace_s: float, child: int | None) -> None:
+    """Stop the command: SIGTERM, then SIGKILL to whatever still runs after ``grace_s``.
+
+    Leading its own process group (the managed server's), the supervisor stops the whole
+    group; started inside another's (a bench's, a shell's job), only the command's own
+    process: the group is not ours to end.
+    """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    group = os.getpgrp()
-    os.killpg(group, signal.SIGTERM)
+    if os.getpgrp() == os.getpid():
+        group = os.getpid()
+
+        def kill(signum: int) -> None:
+            os.killpg(group, signum)  # at SIGKILL, ourselves included
+
+    elif child is not None:
+
+        def kill(signum: int) -> None:
+            # Ended and reaped already: nothing of ours is left to stop.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    else:
+        return
+    kill(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         try:
-            # Every process of the group is our descendant, and so ours to reap.
+            # What is stopped is our descendant (or handed to us), and so ours to reap.
             while os.waitpid(-1, os.WNOHANG)[0] != 0:
                 pass
         except ChildProcessError:
             return  # none is left
         time.sleep(POLL_S)
-    os.killpg(group, signal.SIGKILL)  # ourselves included
+    kill(signal.SIGKILL)
 
 
 if __name__ == "__main__":
