@@ -1441,6 +1441,38 @@ def test_a_stop_kills_the_child_checking_the_pipeline_classes(
             check.result(timeout=60)
 
 
+@pytest.mark.parametrize(
+    ("body", "raised"),
+    [
+        ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+        ("raise KeyboardInterrupt\n", "KeyboardInterrupt"),
+    ],
+)
+def test_a_pipeline_module_that_ends_the_checking_child_is_named_with_what_it_raised(
+    tiny_pipelines: dict[TinyKind, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    body: str,
+    raised: str,
+) -> None:
+    # A pipeline module's sys.exit(3) ended the check's child without a word, and the error
+    # said "exited before it answered (exit code 3); its output above says why": above, there
+    # was nothing.
+    (tmp_path / "ends_the_check.py").write_text(body)
+    monkeypatch.syspath_prepend(tmp_path)  # a spawned child is given this sys.path
+    options = DiffusersOptions.model_validate(
+        {
+            **tiny_options(tiny_pipelines["sd"], "sd", pipeline="ends_the_check:X"),
+            "isolation": "process",
+        }
+    )
+    with pytest.raises(FatalBackendError) as failed:
+        pipeline_check.check_in_child("tiny", options)
+    message = str(failed.value)
+    assert f"generator 'tiny': checking its pipeline classes failed: it raised {raised}" in message
+    assert "output above" not in message
+
+
 @pytest.mark.anyio
 async def test_with_process_isolation_a_wrong_call_argument_stops_the_run_before_the_judge_opens(
     make_config: ConfigFactory, tiny_pipelines: dict[TinyKind, Path]
