@@ -843,6 +843,36 @@ def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None
         generator.load()
 
 
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_a_truncated_weights_file_is_named_as_such_for_its_generator(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path, isolation: str
+) -> None:
+    # The error named no generator, and asked "is a component of the pipeline missing from
+    # it?" of a weights file that was there, but cut short.
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_pipelines["sd"], truncated)
+    (weights,) = (truncated / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_pipelines["sd"], missing)
+    for path in (missing / "text_encoder").glob("*.safetensors"):
+        path.unlink()
+    cases = [
+        (truncated, "a weights file in it is incomplete or damaged"),
+        (missing, "a local folder: is a component of the pipeline missing from it?"),
+    ]
+    for checkpoint, hint in cases:
+        options = DiffusersOptions.model_validate(
+            {**tiny_options(checkpoint, "sd"), "isolation": isolation}
+        )
+        generator = DiffusersGenerator("tiny", options)
+        with pytest.raises(FatalBackendError) as failed:
+            generator.load()
+        message = str(failed.value)
+        assert f"generator 'tiny': cannot load {str(checkpoint)!r} ({hint}" in message
+        assert ("incomplete or damaged" in message) == (checkpoint == truncated)
+
+
 @pytest.mark.parametrize("kind", list(PIPELINE_CLASSES))
 def test_pictures_are_those_of_the_pipelines_own_pil_output(
     tiny_pipelines: dict[TinyKind, Path], kind: TinyKind, monkeypatch: pytest.MonkeyPatch
