@@ -408,6 +408,34 @@ def test_a_backend_check_or_fingerprint_that_raises_is_one_error_naming_it(
     assert "done: 0 judgements in this run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("backend", [SyntheticGenerator, FakeJudge])
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()], ids=repr)
+def test_validate_ends_as_the_run_does_when_a_check_raises_what_ends_a_process(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    backend: type[SyntheticGenerator | FakeJudge],
+    raised: BaseException,
+) -> None:
+    # `validate` made the check in the main thread: a check's sys.exit(3) ended it with
+    # exit 3 ("run directory refused") and a KeyboardInterrupt with 130, not a word of
+    # why, where `run` names the backend and exits 4.
+    path = write_config(tmp_path, samples=2)
+
+    def raises(self: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(backend, "check_environment", raises)
+    what = "generator 'synth'" if backend is SyntheticGenerator else "judge 'trigscore'"
+    errors = []
+    for command in (["validate"], ["run", "--headless", "--no-report"]):
+        assert main([*command, str(path)]) == EXIT_FATAL
+        errors.append(" ".join(capsys.readouterr().err.split()))
+    expected = f"error: {what}: check_environment() failed: it raised {type(raised).__name__}"
+    assert all(expected in err for err in errors), errors
+    assert not (tmp_path / "runs" / "cli").exists()  # neither made the run directory
+
+
 def test_validate_lists_the_records_edited_since_they_were_judged(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -843,6 +843,36 @@ def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None
         generator.load()
 
 
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_a_truncated_weights_file_is_named_as_such_for_its_generator(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path, isolation: str
+) -> None:
+    # The error named no generator, and asked "is a component of the pipeline missing from
+    # it?" of a weights file that was there, but cut short.
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_pipelines["sd"], truncated)
+    (weights,) = (truncated / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_pipelines["sd"], missing)
+    for path in (missing / "text_encoder").glob("*.safetensors"):
+        path.unlink()
+    cases = [
+        (truncated, "a weights file in it is incomplete or damaged"),
+        (missing, "a local folder: is a component of the pipeline missing from it?"),
+    ]
+    for checkpoint, hint in cases:
+        options = DiffusersOptions.model_validate(
+            {**tiny_options(checkpoint, "sd"), "isolation": isolation}
+        )
+        generator = DiffusersGenerator("tiny", options)
+        with pytest.raises(FatalBackendError) as failed:
+            generator.load()
+        message = str(failed.value)
+        assert f"generator 'tiny': cannot load {str(checkpoint)!r} ({hint}" in message
+        assert ("incomplete or damaged" in message) == (checkpoint == truncated)
+
+
 @pytest.mark.parametrize("kind", list(PIPELINE_CLASSES))
 def test_pictures_are_those_of_the_pipelines_own_pil_output(
     tiny_pipelines: dict[TinyKind, Path], kind: TinyKind, monkeypatch: pytest.MonkeyPatch
@@ -1439,6 +1469,38 @@ def test_a_stop_kills_the_child_checking_the_pipeline_classes(
         generator.stop_loading()
         with pytest.raises(FatalBackendError, match=r"checking its pipeline classes .*SIGKILL"):
             check.result(timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("body", "raised"),
+    [
+        ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+        ("raise KeyboardInterrupt\n", "KeyboardInterrupt"),
+    ],
+)
+def test_a_pipeline_module_that_ends_the_checking_child_is_named_with_what_it_raised(
+    tiny_pipelines: dict[TinyKind, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    body: str,
+    raised: str,
+) -> None:
+    # A pipeline module's sys.exit(3) ended the check's child without a word, and the error
+    # said "exited before it answered (exit code 3); its output above says why": above, there
+    # was nothing.
+    (tmp_path / "ends_the_check.py").write_text(body)
+    monkeypatch.syspath_prepend(tmp_path)  # a spawned child is given this sys.path
+    options = DiffusersOptions.model_validate(
+        {
+            **tiny_options(tiny_pipelines["sd"], "sd", pipeline="ends_the_check:X"),
+            "isolation": "process",
+        }
+    )
+    with pytest.raises(FatalBackendError) as failed:
+        pipeline_check.check_in_child("tiny", options)
+    message = str(failed.value)
+    assert f"generator 'tiny': checking its pipeline classes failed: it raised {raised}" in message
+    assert "output above" not in message
 
 
 @pytest.mark.anyio

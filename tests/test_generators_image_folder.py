@@ -444,3 +444,63 @@ async def test_pngs_without_image_data_fail_their_samples_and_never_stop_the_run
             "it has no image data (no IDAT chunk); replace the file",
             "generate",
         )
+
+
+class BlocksFromTheThirdSample(ImageFolderGenerator):
+    """An image folder whose third request waits until the test has stopped the run."""
+
+    def __init__(self, name: str, options: ImageFolderOptions) -> None:
+        super().__init__(name, options)
+        self.stopped = threading.Event()
+        self.calls = 0
+
+    def generate(
+        self, requests: Any, *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | EncodedPicture | Exception]:
+        self.calls += 1
+        if self.calls == 3:
+            assert self.stopped.wait(60)  # a safety net: the test sets it at once
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+
+async def test_a_stopped_run_does_not_name_the_files_it_never_reached_as_unused(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # A stopped run said "8 image file(s) ... were not asked for in this run (no such sample,
+    # filtered out, or already judged)" of the samples it had not reached yet.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ids = [
+        f"{pair}_{n}" for n in (1, 2) for pair in ("IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R")
+    ]
+    for data_id in [*ids, "TA-C_TA-R_99"]:  # the last matches no sample
+        Image.new("RGB", (8, 8), "red").save(folder / f"{data_id}.png")
+
+    def config_of(name: str) -> RunConfig:
+        return make_config(
+            samples=8,
+            generators=[
+                {"name": "elsewhere", "backend": "image_folder", "options": {"path": str(folder)}}
+            ],
+            run={"name": name},
+        )
+
+    options = ImageFolderOptions(path=folder)
+    stopped = BlocksFromTheThirdSample("elsewhere", options)
+    async with Engine(config_of("stopped"), generators=[stopped]) as engine:
+        async for _ in engine.results:
+            if not stopped.stopped.is_set():
+                engine.stop()
+                stopped.stopped.set()
+    assert engine.stats().state == "stopped"
+    assert stopped.calls == 3  # samples 4 to 8 were never asked for
+    assert stopped.unmatched == []
+    assert not [note for note in stopped.notes() if "not asked for" in note]
+
+    finished = ImageFolderGenerator("elsewhere", options)
+    async with Engine(config_of("finished"), generators=[finished]) as engine:
+        results = [j async for j in engine.results]
+    assert len(results) == 16
+    assert finished.unmatched == ["TA-C_TA-R_99.png"]
+    (note,) = [n for n in finished.notes() if "not asked for" in n]
+    assert note.startswith(f"1 image file(s) in {folder} were not asked for in this run")

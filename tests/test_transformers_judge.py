@@ -145,6 +145,70 @@ async def test_concurrent_requests_are_batched_with_the_same_answers(
             assert a == pytest.approx(b, abs=1e-4)
 
 
+def without_tokens(tiny_vlm: Path, folder: Path, *names: str) -> Path:
+    """A copy of the tiny VLM whose tokenizer_config.json names none of ``names``."""
+    import shutil
+
+    shutil.copytree(tiny_vlm, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    assert all(name in config for name in names)
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k not in names}))
+    return folder
+
+
+async def test_a_tokenizer_without_a_pad_token_pads_with_its_eos_token_to_the_same_answers(
+    tiny_vlm: Path, images: list[Path], tmp_path: Path
+) -> None:
+    # Every batch failed ("Asking to pad but the tokenizer does not have a padding token"):
+    # each judgement an error, and the run ended done, exit 0.
+    no_pad = without_tokens(tiny_vlm, tmp_path / "no-pad", "pad_token")
+    batched = make_judge(no_pad, batch_size=8, top_logprobs=20)
+    single = make_judge(tiny_vlm, batch_size=1, top_logprobs=20)  # padded by its own pad token
+    prompts = ["a cat", "a red bicycle leaning on a wall beside a blue door in the rain"]
+    questions = [
+        (image, dimension, prompt)
+        for image in images[:2]
+        for dimension in ("IQ-R", "TA-C")
+        for prompt in prompts
+    ]
+    replies: dict[int, JudgeReply] = {}
+
+    async def ask(index: int) -> None:
+        image, dimension, prompt = questions[index]
+        replies[index] = await batched.judge(request(batched, image, dimension, prompt))
+
+    await batched.open()
+    await single.open()
+    try:
+        async with anyio.create_task_group() as tg:
+            for index in range(len(questions)):
+                tg.start_soon(ask, index)
+        alone = [await single.judge(request(single, i, d, p)) for i, d, p in questions]
+        assert batched.batcher is not None and batched.batcher.largest_batch >= 2
+    finally:
+        await batched.aclose()
+        await single.aclose()
+    for index, reply in enumerate(alone):
+        together = replies[index]
+        assert together.top_logprobs is not None and reply.top_logprobs is not None
+        assert [t for t, _ in together.top_logprobs[:5]] == [t for t, _ in reply.top_logprobs[:5]]
+        for (_, a), (_, b) in zip(together.top_logprobs, reply.top_logprobs, strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+async def test_a_tokenizer_with_nothing_to_pad_with_is_refused_at_load(
+    tiny_vlm: Path, tmp_path: Path
+) -> None:
+    folder = without_tokens(tiny_vlm, tmp_path / "no-pad-eos", "pad_token", "eos_token")
+    judge = make_judge(folder)
+    with pytest.raises(FatalBackendError) as refused:
+        await judge.open()
+    message = str(refused.value)
+    assert f"judge 'trigscore': the tokenizer in {folder} has no pad_token" in message
+    assert "set pad_token in its tokenizer_config.json" in message
+
+
 async def test_batches_take_what_is_waiting(tiny_vlm: Path, images: list[Path]) -> None:
     judge = make_judge(tiny_vlm, batch_size=4, top_logprobs=5)
     await judge.open()

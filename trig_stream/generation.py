@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,6 +117,7 @@ class GenerationStage:
         compute = anyio.CapacityLimiter(generator.workers)
         writing = anyio.CapacityLimiter(generator.workers)
         async with receive, image_send, judgement_send:
+            finished = False
             try:
                 async with anyio.create_task_group() as tg:
                     for worker in range(generator.workers):
@@ -131,6 +133,8 @@ class GenerationStage:
                             image_send.clone(),
                             judgement_send.clone(),
                         )
+                # Its input ran out, not cut short by a stop: every sample was asked for.
+                finished = not self._context.stopping.is_set()
             finally:
                 # A cancel or a failure leaves samples in the buffer (a graceful stop drops
                 # them as they come): no longer queued, or the buffer showed full and the
@@ -143,7 +147,9 @@ class GenerationStage:
                     if self._loaded:
                         # A hard stop does not wait for a close that hangs (a device that
                         # no longer answers): it ends in its thread.
-                        release = self._calls.close(self._close_generator, limiter=compute)
+                        release = self._calls.close(
+                            partial(self._close_generator, finished=finished), limiter=compute
+                        )
                         await unless(self._context.hard_stopping, release)
                     self._note_generator_notes()
 
@@ -184,18 +190,24 @@ class GenerationStage:
             self._loaded = True
             return True
 
-    def _close_generator(self) -> None:
+    def _close_generator(self, *, finished: bool) -> None:
         # The run's outcome is written by now: a failing close is worth a note, not the run.
         generator = self._generator
+        if finished:
+            self._call_noting("all_requested()", generator.all_requested)
+        self._call_noting("closing it", generator.close)
+
+    def _call_noting(self, what: str, method: Callable[[], None]) -> None:
+        """``method()``, at the run's end: what it raises becomes a note naming ``what``."""
         try:
-            generator.close()
+            method()
         except Exception as exc:
-            self._note(f"closing it failed: {describe_error(exc)}")
+            self._note(f"{what} failed: {describe_error(exc)}")
         except BaseException as exc:
             # SystemExit, or an asyncio.CancelledError of its own: in this thread, which
             # never calls back into the event loop, it would end nothing (as the run's
             # cancellation, it turned a finished run into a cancelled one).
-            self._note(f"closing it failed: it raised {describe_error(exc)}")
+            self._note(f"{what} failed: it raised {describe_error(exc)}")
 
     def _note_generator_notes(self) -> None:
         try:

@@ -35,7 +35,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.dimensions import Dimension
     from trig_stream.journal import JournalState
     from trig_stream.preflight import (
-        check_environment,
+        check_environments,
         ensure_open_files,
         judge_fingerprint,
         run_manifest,
@@ -56,10 +56,9 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     judges = [build_judge(judge, config) for judge in config.judges]
     check_backends(generators, judges)  # as the engine checks them (two servers at one port)
     ensure_open_files(config, judges, raise_limit=False)
-    for generator in generators:
-        check_environment(generator)
-    for built in judges:
-        check_environment(built)
+    # Through the run's own path (a worker thread): a check's ``sys.exit()`` or
+    # KeyboardInterrupt is the run's error and exit code here too, not the process's end.
+    check_environments([*generators, *judges])
     # What the run directory holds is compared with these settings as the run compares it,
     # reading it only: a run it would refuse (a run still going there, results made with
     # another seed) is refused here, with the run's message and exit code.

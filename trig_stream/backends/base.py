@@ -249,6 +249,13 @@ class Generator(ABC):
             FatalBackendError: nothing can be generated at all (the run stops).
         """
 
+    def all_requested(self) -> None:  # noqa: B027 - optional hook
+        """Told, in a worker thread just before :meth:`close`, that the run went through its
+        whole input: every sample it had for this generator was asked for. Not called after
+        a stop, a cancellation or a failure, which leave samples unreached: what the run
+        never asked for is then no sign of a file or sample in excess (see
+        :meth:`notes`)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; called once, in a worker thread, at the end of the run."""
 

@@ -317,6 +317,9 @@ class DTMRewriteGenerator(Generator):
     def stop_loading(self) -> None:
         self.inner.stop_loading()
 
+    def all_requested(self) -> None:
+        self.inner.all_requested()
+
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
     ) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:

@@ -63,7 +63,8 @@ class ImageFolderGenerator(Generator):
 
     Attributes:
         unmatched: after :meth:`close`, the names of image files no requested sample asked
-            for, sorted.
+            for, sorted; known only after a run that went through its whole input (see
+            :meth:`all_requested`): a stopped one never asked for the samples it left.
         ignored: after :meth:`close`, the names of files whose extension is not accepted.
     """
 
@@ -90,6 +91,7 @@ class ImageFolderGenerator(Generator):
         self._files: dict[str, list[Path]] = {}
         self._others: dict[str, list[Path]] = {}
         self._requested: set[str] = set()
+        self._all_requested = False
         self._lock = threading.Lock()
 
     @classmethod
@@ -128,6 +130,7 @@ class ImageFolderGenerator(Generator):
             FatalBackendError: the folder does not exist.
         """
         self.check_environment()
+        self._all_requested = False
         accepted = self.options.extensions
         for entry in sorted(self.folder.iterdir()):
             if not entry.is_file() or entry.name.startswith("."):
@@ -220,14 +223,19 @@ class ImageFolderGenerator(Generator):
             )
         return found
 
+    def all_requested(self) -> None:
+        self._all_requested = True
+
     def close(self) -> None:
         """Report the files that no requested sample matched."""
         with self._lock:
             requested = set(self._requested)
+        # After a stop, the files of samples the run had not reached yet are no excess: they
+        # are left unnamed rather than told as "not asked for".
         self.unmatched = sorted(
             path.name
             for stem, paths in self._files.items()
-            if stem not in requested
+            if stem not in requested and self._all_requested
             for path in paths
         )
         self.ignored = sorted(path.name for paths in self._others.values() for path in paths)

@@ -114,6 +114,17 @@ def check(conn: Connection, lifeline: Connection, name: str, options_json: str) 
     except Exception as exc:  # the parent must hear why: a pipeline module that fails, say
         reason = f"checking its pipeline classes failed: {describe_error(exc)}"
         answer = ("fatal", f"generator {name!r}: {reason}")
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # A pipeline module's sys.exit() or interrupt: let through, the child ended without
+        # a word, and the parent could tell no more than its exit code.
+        text = str(exc)
+        raised = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        answer = (
+            "fatal",
+            f"generator {name!r}: checking its pipeline classes failed: it raised {raised} "
+            "(sys.exit() or an interrupt in a module it imports); fix that module or the "
+            "option that names it, then run the same command again",
+        )
     with contextlib.suppress(OSError):  # the parent may be gone
         conn.send(answer)
     conn.close()

@@ -386,15 +386,9 @@ def load_pipeline(
     try:
         pipe = pipeline_class.from_pretrained(spec.checkpoint, **arguments)
     except (OSError, ValueError) as exc:
-        hint = ""
-        if Path(spec.checkpoint).is_dir():
-            hint = " (a local folder: is a component of the pipeline missing from it?)"
-        elif spec.local_files_only:
-            hint = (
-                " (offline: the weights must already be in the Hugging Face cache, or "
-                "checkpoint must name a local folder)"
-            )
-        raise FatalBackendError(f"cannot load {spec.checkpoint!r}{hint}: {exc}") from exc
+        raise FatalBackendError(
+            f"generator {name!r}: cannot load {spec.checkpoint!r}{_load_hint(spec, exc)}"
+        ) from exc
     if spec.scheduler is not None:
         scheduler_class = getattr(diffusers, spec.scheduler)  # checked by check_classes
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
@@ -415,6 +409,33 @@ def load_pipeline(
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+UNREADABLE_WEIGHTS = "Unable to load weights from checkpoint file"
+"""How diffusers words a weights file it found but could not read (a truncated one)."""
+
+
+def _load_hint(spec: PipelineSpec, exc: BaseException) -> str:
+    """What a failed ``from_pretrained`` of ``spec`` most likely means, then ``exc``'s text
+    (with the innermost cause's, which says what is wrong with an unreadable file)."""
+    text = str(exc).strip()
+    if UNREADABLE_WEIGHTS in text:
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+        detail = f" ({describe_error(cause)})" if cause is not exc else ""
+        return (
+            " (a weights file in it is incomplete or damaged: a download or copy cut short? "
+            f"download or copy it again): {text}{detail}"
+        )
+    if Path(spec.checkpoint).is_dir():
+        return f" (a local folder: is a component of the pipeline missing from it?): {text}"
+    if spec.local_files_only:
+        return (
+            " (offline: the weights must already be in the Hugging Face cache, or "
+            f"checkpoint must name a local folder): {text}"
+        )
+    return f": {text}"
 
 
 def _dtype_keyword(diffusers: Any) -> str:

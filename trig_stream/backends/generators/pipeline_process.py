@@ -311,7 +311,7 @@ def _ending(exitcode: int | None, doing: str) -> str:
     if exitcode is None:
         return f"closed its end of the pipe{doing} but still runs"
     if exitcode >= 0:
-        return f"exited{doing} (exit code {exitcode}); its output above says why"
+        return f"exited{doing} (exit code {exitcode}); its output above, if any, says why"
     number = -exitcode
     try:
         name = signal.Signals(number).name

@@ -230,6 +230,7 @@ class TransformersJudge(Judge):
         # Left padding puts every prompt's last token at the last position, so one position
         # of logits per row is enough (a real vocabulary is 150k wide).
         tokenizer.padding_side = "left"
+        _ensure_pad_token(tokenizer, f"judge {self.name!r}", path)
         self._processor = processor
         self._own_tokens = _own_tokens(processor, tokenizer)
         self._context = opts.max_context or context_length(model.config, tokenizer)
@@ -391,6 +392,29 @@ class TransformersJudge(Judge):
         if isinstance(exc, ItemError):
             return exc
         return ItemError(f"judge {self.name!r}: {describe_error(exc)}")
+
+
+def _ensure_pad_token(tokenizer: Any, judge: str, path: str) -> None:
+    """Give ``tokenizer`` a pad token if its files name none (many causal models' do not):
+    its end-of-sequence token, else its unknown token. Which token pads changes no score:
+    padding is on the left and masked out.
+
+    Without one every batch failed, each judgement an error ("Asking to pad but the
+    tokenizer does not have a padding token"), and the run ended ``done``.
+
+    Raises:
+        FatalBackendError: the tokenizer has none of the three.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    stand_in = tokenizer.eos_token or tokenizer.unk_token
+    if stand_in is None:
+        raise FatalBackendError(
+            f"{judge}: the tokenizer in {path} has no pad_token, nor an eos_token or "
+            "unk_token to pad batches with; set pad_token in its tokenizer_config.json "
+            '(any token of its vocabulary: padding is masked out), e.g. "pad_token": "</s>"'
+        )
+    tokenizer.pad_token = stand_in
 
 
 def context_length(config: Any, tokenizer: Any) -> int | None:
