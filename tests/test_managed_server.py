@@ -1134,3 +1134,25 @@ def test_a_supervisor_in_another_s_process_group_stops_only_its_command(tmp_path
         for pid in (sibling, command):
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the supervisor is POSIX only")
+def test_a_supervisor_in_another_s_process_group_is_its_command() -> None:
+    # A bench stops the server it started with terminate(), or kills it: sent to a
+    # supervisor that waited for the group's stop, neither reached the command.
+    script = Path(managed_server.__file__).with_name("parent_death.py")
+    command = ["sh", "-c", "echo started; exec sleep 600"]
+    started = subprocess.Popen(
+        [sys.executable, "-I", "-S", str(script), str(os.getpid()), "5", *command],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert started.stdout is not None and started.stdout.readline() == "started\n"
+        started.terminate()
+        assert started.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        started.kill()
+        started.wait()
+        if started.stdout is not None:
+            started.stdout.close()

@@ -13,11 +13,15 @@ When its parent dies, the supervisor stops the whole group, not only the command
 process: a launcher that does not ``exec`` its server (``sh -c "vllm serve ...; echo done"``,
 a script that activates a virtualenv and runs vLLM as its child) would else die alone and
 leave the server running. It sends the group SIGTERM, then SIGKILL to whatever of it still
-runs after ``GRACE_S`` (the serve table's ``stop_timeout_s``); started inside another's
-process group (a bench's), it stops only the command's own process. It is made the group's child
+runs after ``GRACE_S`` (the serve table's ``stop_timeout_s``). It is made the group's child
 subreaper, so that processes whose parent ends are handed to it: it reaps them, and sees
 when the last one ends. A SIGTERM while its parent lives is the run stopping the group, which
 the command received too: the supervisor waits for the command's end and passes it on.
+
+Started inside another's process group (a bench's helper, which does not start a session),
+nothing of that group is the supervisor's to stop: it then runs the command in its own place
+(``exec``), with the kernel's signal asked for it, so that what is sent to the process started
+(a bench's ``terminate()``, its SIGKILL) reaches the command itself.
 
 The command starts with SIGINT and SIGTERM at their default handling: a run started with one
 ignored (SIGINT in a script's background job) leaves it ignored for itself, and an ignored
@@ -32,7 +36,6 @@ standard library is imported here.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
@@ -55,6 +58,8 @@ class ParentDied(Exception):
 
 def main(argv: list[str]) -> int:
     parent, grace_s, command = int(argv[0]), float(argv[1]), argv[2:]
+    if os.getpgrp() != os.getpid():
+        return _become(parent, command)
 
     def on_sigterm(signum: int, frame: object) -> None:
         # With the parent alive it is the run stopping the group, the command included.
@@ -67,23 +72,50 @@ def main(argv: list[str]) -> int:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-            print(
-                f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(ctypes.get_errno())}); "
-                "the server will outlive a killed trig-stream",
-                file=sys.stderr,
-            )
-        elif os.getppid() != parent:
-            return 1  # the parent died before the request took effect: no one would stop us
-    child = None
+        if not _ask_for_the_parents_death(libc, parent):
+            return 1
     try:
         child = _start(command)
         if child is None:
             return CANNOT_RUN
         return _pass_on(_wait_for(child))
     except ParentDied:
-        _stop(grace_s, child)
+        _stop_group(grace_s)
         return 1
+
+
+def _ask_for_the_parents_death(libc: ctypes.CDLL, parent: int) -> bool:
+    """Ask the kernel for SIGTERM when ``parent`` dies; False when it died already (no one
+    would stop us). A request the kernel refuses is warned about."""
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        print(
+            f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(ctypes.get_errno())}); "
+            "the server will outlive a killed trig-stream",
+            file=sys.stderr,
+        )
+        return True
+    return os.getppid() == parent
+
+
+def _become(parent: int, command: list[str]) -> int:
+    """Run ``command`` in the supervisor's place, with SIGINT and SIGTERM at their defaults
+    and the kernel's SIGTERM asked for on the parent's death; the exit status when it cannot
+    be run.
+
+    Started inside another's process group (a bench's, a shell's job), nothing of the group
+    is the supervisor's to stop: the command itself gets the kernel's signal, and whatever is
+    sent to the process started (a bench's ``terminate()`` or SIGKILL) reaches the command.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        if not _ask_for_the_parents_death(ctypes.CDLL(None, use_errno=True), parent):
+            return 1
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        print(f"cannot run {command[0]}: {exc.strerror or exc}", file=sys.stderr)
+    return CANNOT_RUN
 
 
 def _start(command: list[str]) -> int | None:
@@ -138,40 +170,22 @@ def _pass_on(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _stop(grace_s: float, child: int | None) -> None:
-    """Stop the command: SIGTERM, then SIGKILL to whatever still runs after ``grace_s``.
-
-    Leading its own process group (the managed server's), the supervisor stops the whole
-    group; started inside another's (a bench's, a shell's job), only the command's own
-    process: the group is not ours to end.
-    """
+def _stop_group(grace_s: float) -> None:
+    """Stop the group the supervisor leads: SIGTERM, then SIGKILL to whatever still runs
+    after ``grace_s``."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if os.getpgrp() == os.getpid():
-        group = os.getpid()
-
-        def kill(signum: int) -> None:
-            os.killpg(group, signum)  # at SIGKILL, ourselves included
-
-    elif child is not None:
-
-        def kill(signum: int) -> None:
-            # Ended and reaped already: nothing of ours is left to stop.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    else:
-        return
-    kill(signal.SIGTERM)
+    group = os.getpgrp()
+    os.killpg(group, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         try:
-            # What is stopped is our descendant (or handed to us), and so ours to reap.
+            # Every process of the group is our descendant, and so ours to reap.
             while os.waitpid(-1, os.WNOHANG)[0] != 0:
                 pass
         except ChildProcessError:
             return  # none is left
         time.sleep(POLL_S)
-    kill(signal.SIGKILL)
+    os.killpg(group, signal.SIGKILL)  # ourselves included
 
 
 if __name__ == "__main__":
