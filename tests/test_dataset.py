@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import threading
 import warnings
+import zlib
 from pathlib import Path
 
 import polars as pl
@@ -346,6 +348,65 @@ def test_truncated_source_images_of_every_format_are_quarantined(
     assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
     assert [r.data_id for r in refused] == ["IQ-R_TA-C_2"]
     assert "cannot be decoded" in refused[0].reason
+
+
+def png_with_half_its_rows(size: int = 32) -> bytes:
+    """An RGB PNG whose zlib stream is complete but holds half the rows its header gives:
+    Pillow's load() takes it (the rest black), the generator's decoding refuses it."""
+    rows = b"".join(b"\x00" + bytes([n % 256]) * (size * 3) for n in range(size // 2))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(body, zlib.crc32(kind))
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("where", ["image_root", "embedded"])
+def test_a_png_whose_data_holds_half_its_rows_is_quarantined(tmp_path: Path, where: str) -> None:
+    # Pillow's load() accepted it, the missing rows black, so it passed as a sample: then every
+    # generation failed on it as an error judgement, asked again by --retry-errors forever.
+    short = png_with_half_its_rows()
+    with Image.open(io.BytesIO(short)) as image:
+        image.load()  # what the check relied on: no error
+    pictures = {"IQ-R_TA-C_1": noise_image("PNG", 32), "IQ-R_TA-C_2": short}
+    if where == "embedded":
+        path = tmp_path / "p2p.parquet"
+        pl.DataFrame(
+            {
+                "data_id": list(pictures),
+                "prompt": ["p"] * 2,
+                "image": [{"bytes": data, "path": None} for data in pictures.values()],
+            }
+        ).write_parquet(path)
+        section = DatasetSection(path=path)
+        what = "embedded source image"
+    else:
+        root = tmp_path / "images"
+        root.mkdir()
+        for data_id, data in pictures.items():
+            (root / f"{data_id}.png").write_bytes(data)
+        path = tmp_path / "p2p.json"
+        path.write_text(
+            json.dumps([{"data_id": d, "prompt": "p", "img_id": f"{d}.png"} for d in pictures])
+        )
+        section = DatasetSection(path=path, image_root=root)
+        what = "source image 'IQ-R_TA-C_2.png'"
+    samples, refused = read(section, task="p2p")
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    assert [(r.data_id, r.reason) for r in refused] == [
+        (
+            "IQ-R_TA-C_2",
+            f"{what} is not a readable PNG: its image data inflates to 1552 bytes where its "
+            "32x32 pixels need 3104 (its zlib stream ends there); replace the file",
+        )
+    ]
 
 
 def test_source_images_under_8_pixels_on_a_side_are_quarantined(tmp_path: Path) -> None:

@@ -368,8 +368,9 @@ class DatasetSource:
         if isinstance(embedded, Mapping):
             embedded = embedded.get("bytes")
         if isinstance(embedded, bytes | bytearray) and embedded:
-            _check_decodable(io.BytesIO(embedded), "embedded source image")
-            return None, bytes(embedded)
+            data = bytes(embedded)
+            _check_decodable(data, "embedded source image")
+            return None, data
         if not img_id:
             raise Rejected(_no_source_image(raw, self.task))
         root = self.section.image_root
@@ -431,34 +432,50 @@ times: a smaller one fails every call of it (height and width must be > 0), whic
 run as the generator's fault after its first calls, not the sample's."""
 
 
-def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
+def _check_decodable(source: Path | bytes, what: str) -> None:
     """Reject a source image that is truncated, not an image, or too small to edit.
 
     It is decoded in full (``verify`` checks a PNG's chunks but no other format's data: a
     truncated JPEG, WebP or GIF passed, to fail at every generation and every
-    ``--retry-errors``). The pixels are not kept: this runs in the dataset thread, ahead of
-    the generators, and a decoded picture in every buffered sample would take several times
-    the memory of its file.
+    ``--retry-errors``), and a PNG's pixel data is inflated as the generator's decoding
+    inflates it (:func:`trig_stream.png.pixel_data_problem`): Pillow's ``load`` takes a zlib
+    stream that ends early for a whole picture, its missing rows black, which the generator
+    refuses. The pixels are not kept: this runs in the dataset thread, ahead of the
+    generators, and a decoded picture in every buffered sample would take several times the
+    memory of its file.
     """
     from PIL import Image, UnidentifiedImageError
 
+    from trig_stream.png import is_png, pixel_data_problem
+
+    if isinstance(source, Path):
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise Rejected(f"{what} cannot be read: {exc.strerror or exc}") from None
+    else:
+        data = source
     # Pillow warns on stderr of a picture of 89-179 megapixels, which it decodes all the same
     # (a larger one raises DecompressionBombError, reported below): such a source picture is
     # resized as any other, and the warning's raw lines said nothing of use.
     quiet_pillow()
     try:
-        with Image.open(source) as image:
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if min(width, height) < SOURCE_MIN_SIDE:
                 raise Rejected(
                     f"{what} is {width}x{height} pixels: under {SOURCE_MIN_SIDE} on a side, "
                     "too small for an image-editing model"
                 )
+            # After Pillow's size check: a bomb is refused before it is inflated.
+            problem = pixel_data_problem(data) if is_png(data) else None
+            if problem is not None:
+                raise Rejected(f"{what} is not a readable PNG: {problem}; replace the file")
             image.load()
     except UnidentifiedImageError:
         raise Rejected(f"{what} is no image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, Rejected):  # a ValueError: the size, said above
+        if isinstance(exc, Rejected):  # a ValueError: the size or the PNG data, said above
             raise
         # DecompressionBombError: more pixels than Pillow agrees to decode (a bomb, or a
         # picture far larger than any model takes).
