@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
+import random
 import struct
 import threading
 import warnings
@@ -501,6 +503,60 @@ def test_an_image_column_holding_a_path_is_looked_up_under_image_root(
         "the image column holds a path, 'good.png', not the picture's bytes: set [dataset] "
         "image_root to the folder it is in (the path is looked up there)"
     )
+
+
+@pytest.mark.parametrize("image_root", [True, False])
+def test_inline_image_text_is_named_and_quoted_short(tmp_path: Path, image_root: bool) -> None:
+    # A data: URL or base64 in the image field was called "a path", with the advice to set
+    # image_root, and quoted whole: a reason of 270,000 characters, stored twice.
+    root = tmp_path / "images"
+    root.mkdir()
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3)).save(buffer, "PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    assert len(encoded) > 4096  # past what a path can be: the record keeps its start
+    jpeg = base64.b64encode(noise_image("JPEG", 64)).decode("ascii")
+    long_name = "n" * 100 + ".png"
+    records = [
+        {"data_id": "IQ-R_TA-C_1", "prompt": "p", "image": f"data:image/png;base64,{encoded}"},
+        {"data_id": "IQ-R_TA-C_2", "prompt": "p", "image": jpeg},
+        {"data_id": "IQ-R_TA-C_3", "prompt": "p", "image": {"bytes": None, "path": encoded}},
+        {"data_id": "IQ-R_TA-C_4", "prompt": "p", "img_id": f"data:image/png;base64,{encoded}"},
+        {"data_id": "IQ-R_TA-C_5", "prompt": "p", "img_id": long_name},
+    ]
+    path = tmp_path / "p2p.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    section = DatasetSection(path=path, image_root=root if image_root else None)
+    samples, refused = read(section, task="p2p")
+    assert samples == []
+    advice = (
+        "not the picture's bytes or a file name: decode it into the picture's bytes in the "
+        "dataset (image = {bytes, path}), or save it as a file under [dataset] image_root and "
+        "name that file by img_id"
+    )
+    url = f"data:image/png;base64,{encoded}"
+    cut = f"{encoded[:60]!r}... ({len(encoded)} characters)"
+    assert [r.reason for r in refused[:4]] == [
+        f"image holds a data: URL ({url[:60]!r}... ({len(url)} characters)), {advice}",
+        f"image holds base64 text ({jpeg[:60]!r}... ({len(jpeg)} characters)), {advice}",
+        f"image.path holds base64 text ({cut}), {advice}",
+        f"img_id holds a data: URL ({url[:60]!r}... ({len(url)} characters)), {advice}",
+    ]
+    shown = f"{long_name[:60]!r}... (104 characters)"
+    assert refused[4].reason == (
+        f"source image {shown} not found in {root}"
+        if image_root
+        else f"img_id {shown} given but [dataset] image_root is not set"
+    )
+    # The record kept in quarantine.jsonl holds the start of the text and its length.
+    assert refused[0].record["image"] == f"{url[:200]}... <{len(url)} characters, the rest omitted>"
+    assert refused[2].record["image"] == {
+        "bytes": None,
+        "path": f"{encoded[:200]}... <{len(encoded)} characters, the rest omitted>",
+    }
+    assert refused[4].record["img_id"] == long_name  # a name that could be a path stays whole
+    for entry in (refused[0], refused[2], refused[3]):
+        assert len(json.dumps(entry.model_dump(mode="json"))) < 1000
 
 
 def test_an_image_root_that_is_no_folder_is_one_error(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ the reason, and the engine writes it to the run's ``quarantine.jsonl``.
 from __future__ import annotations
 
 import io
+import re
 import stat
 import threading
 from collections import Counter
@@ -373,37 +374,80 @@ class DatasetSource:
             return None, data
         if not img_id:
             raise Rejected(_no_source_image(raw, self.task))
+        shown = quoted(img_id)
+        inline = _inline_image(img_id)
+        if inline is not None:
+            field = "img_id" if via != IMAGE_PATH else "image"
+            if field == "image" and isinstance(raw.get("image"), Mapping):
+                field = "image.path"
+            raise Rejected(
+                f"{field} holds {inline} ({shown}), not the picture's bytes or a file name: "
+                "decode it into the picture's bytes in the dataset (image = {bytes, path}), "
+                "or save it as a file under [dataset] image_root and name that file by img_id"
+            )
         root = self.section.image_root
         if root is None:
             if via == IMAGE_PATH:
                 raise Rejected(
-                    f"the image column holds a path, {img_id!r}, not the picture's bytes: set "
+                    f"the image column holds a path, {shown}, not the picture's bytes: set "
                     "[dataset] image_root to the folder it is in (the path is looked up there)"
                 )
-            raise Rejected(f"img_id {img_id!r} given but [dataset] image_root is not set")
+            raise Rejected(f"img_id {shown} given but [dataset] image_root is not set")
         candidate = root / img_id
         if Path(img_id).is_absolute() or ".." in Path(img_id).parts or "\0" in img_id:
             raise Rejected(
-                f"{via} {img_id!r} is not a plain file name"
+                f"{via} {shown} is not a plain file name"
                 + (" (a path relative to [dataset] image_root is)" if via == IMAGE_PATH else "")
             )
         try:
             mode = candidate.stat().st_mode
         except (FileNotFoundError, NotADirectoryError):
-            raise Rejected(f"source image {img_id!r} not found in {root}") from None
+            raise Rejected(f"source image {shown} not found in {root}") from None
         except OSError as exc:  # a name too long for the file system, no permission, EIO
-            shown = (
-                repr(img_id)
-                if len(img_id) <= 80
-                else f"{img_id[:60]!r}... ({len(img_id)} characters)"
-            )
             raise Rejected(
                 f"source image {shown} cannot be looked up ({exc.strerror or exc}) in {root}"
             ) from None
         if not stat.S_ISREG(mode):
-            raise Rejected(f"source image {img_id!r} in {root} is not a file")
-        _check_decodable(candidate, f"source image {img_id!r}")
+            raise Rejected(f"source image {shown} in {root} is not a file")
+        _check_decodable(candidate, f"source image {shown}")
         return candidate, None
+
+
+NAME_SHOWN = 80
+"""Characters of a source image's name a reason quotes whole; a longer one is cut to its
+start and its length (inline image text runs to hundreds of thousands)."""
+
+
+def quoted(name: str) -> str:
+    """``name`` quoted for a quarantine reason, cut short past :data:`NAME_SHOWN` characters."""
+    if len(name) <= NAME_SHOWN:
+        return repr(name)
+    return f"{name[:60]!r}... ({len(name)} characters)"
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
+"""Text in base64's alphabet (line breaks allowed), padded at its end."""
+
+_BASE64_IMAGE_STARTS = ("iVBORw0KGgo", "/9j/", "R0lGOD", "UklGR")
+"""How base64 of a PNG, JPEG, GIF or WebP (RIFF) file begins."""
+
+BASE64_LENGTH = 256
+"""Characters from which text in base64's alphabet is taken for inline image data rather than
+a name: a file name has 255 bytes at most, and a path that long without a dot (no file
+extension) is no name a dataset gives."""
+
+
+def _inline_image(name: str) -> str | None:
+    """What ``name`` is when it is a picture written as text, not a file's name: "a data: URL"
+    or "base64 text"; None otherwise."""
+    start = name.lstrip()
+    if start[:5].lower() == "data:":
+        return "a data: URL"
+    if _BASE64.fullmatch(start) and (
+        len(start) >= BASE64_LENGTH or (len(start) >= 64 and start.startswith(_BASE64_IMAGE_STARTS))
+    ):
+        return "base64 text"
+    return None
 
 
 def _mode(path: Path, what: str, key: str) -> int:
