@@ -460,6 +460,23 @@ def test_a_source_image_field_of_the_wrong_type_is_named(tmp_path: Path) -> None
     ]
 
 
+def test_an_image_with_empty_bytes_and_no_path_says_so(tmp_path: Path) -> None:
+    # Quarantined as "no source image (no image, no img_id)", as if the column were absent.
+    path = tmp_path / "p2p.parquet"
+    pl.DataFrame(
+        {
+            "data_id": ["IQ-R_TA-C_1"],
+            "prompt": ["p"],
+            "image": [{"bytes": b"", "path": None}],
+        }
+    ).write_parquet(path)
+    _, refused = read(DatasetSection(path=path), task="p2p")
+    assert [r.reason for r in refused] == [
+        "p2p sample has no source image: image.bytes is empty and image.path names no file "
+        "(embed the picture's bytes, or give an img_id)"
+    ]
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_an_image_column_holding_a_path_is_looked_up_under_image_root(
     tmp_path: Path, fmt: str

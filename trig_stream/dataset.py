@@ -561,6 +561,11 @@ def _no_source_image(raw: Mapping[str, Any], task: Task) -> str:
             "where the picture's bytes, a {bytes, path} mapping or a path under "
             "[dataset] image_root is expected (or give an img_id)"
         )
+    if isinstance(image, bytes | bytearray | str) and not image and field == "image.bytes":
+        return (
+            f"{task} sample has no source image: image.bytes is empty and image.path names "
+            "no file (embed the picture's bytes, or give an img_id)"
+        )
     if field == "image.bytes" and isinstance(image, str) and image:
         return (
             f"{task} sample has no source image: image.bytes is text, not the picture's "

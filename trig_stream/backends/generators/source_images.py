@@ -65,6 +65,10 @@ def decode(data: bytes, unreadable: str) -> Image:
 
 
 def _reason(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):  # its text names an io.BytesIO at an address
+        return "it is no image Pillow can read"
     if isinstance(exc, OSError | SyntaxError | ValueError):
         return str(exc)
     return f"Pillow cannot decode it ({type(exc).__name__}: {exc})"
