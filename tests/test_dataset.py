@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
+import random
+import struct
 import threading
 import warnings
+import zlib
 from pathlib import Path
 
 import polars as pl
@@ -348,6 +352,65 @@ def test_truncated_source_images_of_every_format_are_quarantined(
     assert "cannot be decoded" in refused[0].reason
 
 
+def png_with_half_its_rows(size: int = 32) -> bytes:
+    """An RGB PNG whose zlib stream is complete but holds half the rows its header gives:
+    Pillow's load() takes it (the rest black), the generator's decoding refuses it."""
+    rows = b"".join(b"\x00" + bytes([n % 256]) * (size * 3) for n in range(size // 2))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(body, zlib.crc32(kind))
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("where", ["image_root", "embedded"])
+def test_a_png_whose_data_holds_half_its_rows_is_quarantined(tmp_path: Path, where: str) -> None:
+    # Pillow's load() accepted it, the missing rows black, so it passed as a sample: then every
+    # generation failed on it as an error judgement, asked again by --retry-errors forever.
+    short = png_with_half_its_rows()
+    with Image.open(io.BytesIO(short)) as image:
+        image.load()  # what the check relied on: no error
+    pictures = {"IQ-R_TA-C_1": noise_image("PNG", 32), "IQ-R_TA-C_2": short}
+    if where == "embedded":
+        path = tmp_path / "p2p.parquet"
+        pl.DataFrame(
+            {
+                "data_id": list(pictures),
+                "prompt": ["p"] * 2,
+                "image": [{"bytes": data, "path": None} for data in pictures.values()],
+            }
+        ).write_parquet(path)
+        section = DatasetSection(path=path)
+        what = "embedded source image"
+    else:
+        root = tmp_path / "images"
+        root.mkdir()
+        for data_id, data in pictures.items():
+            (root / f"{data_id}.png").write_bytes(data)
+        path = tmp_path / "p2p.json"
+        path.write_text(
+            json.dumps([{"data_id": d, "prompt": "p", "img_id": f"{d}.png"} for d in pictures])
+        )
+        section = DatasetSection(path=path, image_root=root)
+        what = "source image 'IQ-R_TA-C_2.png'"
+    samples, refused = read(section, task="p2p")
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    assert [(r.data_id, r.reason) for r in refused] == [
+        (
+            "IQ-R_TA-C_2",
+            f"{what} is not a readable PNG: its image data inflates to 1552 bytes where its "
+            "32x32 pixels need 3104 (its zlib stream ends there); replace the file",
+        )
+    ]
+
+
 def test_source_images_under_8_pixels_on_a_side_are_quarantined(tmp_path: Path) -> None:
     # An editing model's VAE shrinks them to nothing: every call failed, and four of them
     # stopped the run as the generator's fault.
@@ -397,6 +460,23 @@ def test_a_source_image_field_of_the_wrong_type_is_named(tmp_path: Path) -> None
     ]
 
 
+def test_an_image_with_empty_bytes_and_no_path_says_so(tmp_path: Path) -> None:
+    # Quarantined as "no source image (no image, no img_id)", as if the column were absent.
+    path = tmp_path / "p2p.parquet"
+    pl.DataFrame(
+        {
+            "data_id": ["IQ-R_TA-C_1"],
+            "prompt": ["p"],
+            "image": [{"bytes": b"", "path": None}],
+        }
+    ).write_parquet(path)
+    _, refused = read(DatasetSection(path=path), task="p2p")
+    assert [r.reason for r in refused] == [
+        "p2p sample has no source image: image.bytes is empty and image.path names no file "
+        "(embed the picture's bytes, or give an img_id)"
+    ]
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_an_image_column_holding_a_path_is_looked_up_under_image_root(
     tmp_path: Path, fmt: str
@@ -440,6 +520,60 @@ def test_an_image_column_holding_a_path_is_looked_up_under_image_root(
         "the image column holds a path, 'good.png', not the picture's bytes: set [dataset] "
         "image_root to the folder it is in (the path is looked up there)"
     )
+
+
+@pytest.mark.parametrize("image_root", [True, False])
+def test_inline_image_text_is_named_and_quoted_short(tmp_path: Path, image_root: bool) -> None:
+    # A data: URL or base64 in the image field was called "a path", with the advice to set
+    # image_root, and quoted whole: a reason of 270,000 characters, stored twice.
+    root = tmp_path / "images"
+    root.mkdir()
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3)).save(buffer, "PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    assert len(encoded) > 4096  # past what a path can be: the record keeps its start
+    jpeg = base64.b64encode(noise_image("JPEG", 64)).decode("ascii")
+    long_name = "n" * 100 + ".png"
+    records = [
+        {"data_id": "IQ-R_TA-C_1", "prompt": "p", "image": f"data:image/png;base64,{encoded}"},
+        {"data_id": "IQ-R_TA-C_2", "prompt": "p", "image": jpeg},
+        {"data_id": "IQ-R_TA-C_3", "prompt": "p", "image": {"bytes": None, "path": encoded}},
+        {"data_id": "IQ-R_TA-C_4", "prompt": "p", "img_id": f"data:image/png;base64,{encoded}"},
+        {"data_id": "IQ-R_TA-C_5", "prompt": "p", "img_id": long_name},
+    ]
+    path = tmp_path / "p2p.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    section = DatasetSection(path=path, image_root=root if image_root else None)
+    samples, refused = read(section, task="p2p")
+    assert samples == []
+    advice = (
+        "not the picture's bytes or a file name: decode it into the picture's bytes in the "
+        "dataset (image = {bytes, path}), or save it as a file under [dataset] image_root and "
+        "name that file by img_id"
+    )
+    url = f"data:image/png;base64,{encoded}"
+    cut = f"{encoded[:60]!r}... ({len(encoded)} characters)"
+    assert [r.reason for r in refused[:4]] == [
+        f"image holds a data: URL ({url[:60]!r}... ({len(url)} characters)), {advice}",
+        f"image holds base64 text ({jpeg[:60]!r}... ({len(jpeg)} characters)), {advice}",
+        f"image.path holds base64 text ({cut}), {advice}",
+        f"img_id holds a data: URL ({url[:60]!r}... ({len(url)} characters)), {advice}",
+    ]
+    shown = f"{long_name[:60]!r}... (104 characters)"
+    assert refused[4].reason == (
+        f"source image {shown} not found in {root}"
+        if image_root
+        else f"img_id {shown} given but [dataset] image_root is not set"
+    )
+    # The record kept in quarantine.jsonl holds the start of the text and its length.
+    assert refused[0].record["image"] == f"{url[:200]}... <{len(url)} characters, the rest omitted>"
+    assert refused[2].record["image"] == {
+        "bytes": None,
+        "path": f"{encoded[:200]}... <{len(encoded)} characters, the rest omitted>",
+    }
+    assert refused[4].record["img_id"] == long_name  # a name that could be a path stays whole
+    for entry in (refused[0], refused[2], refused[3]):
+        assert len(json.dumps(entry.model_dump(mode="json"))) < 1000
 
 
 def test_an_image_root_that_is_no_folder_is_one_error(tmp_path: Path) -> None:

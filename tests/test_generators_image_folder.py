@@ -93,7 +93,11 @@ async def test_image_folder_edge_cases_through_the_engine(
     (truncated,) = by_id["IQ-R_TA-C_2"]
     assert "cannot read image" in truncated and "IQ-R_TA-C_2.png" in truncated
     (garbage,) = by_id["IQ-A_TA-S_2"]
-    assert "cannot read image" in garbage
+    # Not Pillow's "cannot identify image file <_io.BytesIO object at 0x7f...>".
+    assert garbage == (
+        f"generate failed: cannot read image {folder / 'IQ-A_TA-S_2.png'}: it is no image "
+        "Pillow can read"
+    )
     (wrong_ext,) = by_id["R-T_IQ-A_2"]
     assert "found R-T_IQ-A_2.gif, whose extension is not one of" in wrong_ext
 
@@ -167,6 +171,31 @@ def test_a_16_bit_grey_picture_is_scaled_to_8_bits_not_clipped(tmp_path: Path) -
     assert isinstance(picture, Image.Image) and picture.mode == "RGB"
     assert np.asarray(picture)[0, :, 0].tolist() == [0, 1, 128, 255]
     assert np.asarray(picture).std(axis=2).max() == 0  # grey: the three channels equal
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32), [0, 64, 128, 255]),  # 0-1
+        (np.array([[-10.0, 50.0, 90.0, 1010.0]], dtype=np.float32), [0, 15, 25, 255]),
+        (np.array([[0, 1 << 18, 1 << 19, 1 << 20]], dtype=np.int32), [0, 64, 128, 255]),
+    ],
+    ids=["float-0-1", "float-own-range", "int-32-bit"],
+)
+def test_a_float_or_32_bit_grey_source_picture_is_scaled_not_clipped(
+    tmp_path: Path, values: Any, expected: list[int]
+) -> None:
+    # Pillow's own conversion clipped a float picture's values (0 to 1) to 0-255: the source
+    # picture came out black, and was edited and judged so.
+    Image.fromarray(np.repeat(values, 8, axis=0).repeat(4, axis=1)).save(tmp_path / "f.tif")
+    with Image.open(tmp_path / "f.tif") as saved:
+        assert saved.mode == ("F" if values.dtype == np.float32 else "I")
+    common = {"task": "p2p", "prompt": "p", "dimensions": ("IQ-R", "TA-C")}
+    sample = Sample(data_id="IQ-R_TA-C_1", source_path=tmp_path / "f.tif", **common)
+    picture = np.asarray(source_image(sample))
+    assert picture.shape == (8, 16, 3)
+    assert picture[0, ::4, 0].tolist() == expected
+    assert picture.std(axis=2).max() == 0  # grey: the three channels equal
 
 
 def test_extension_preference_and_case(tmp_path: Path) -> None:

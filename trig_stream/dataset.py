@@ -15,6 +15,7 @@ the reason, and the engine writes it to the run's ``quarantine.jsonl``.
 from __future__ import annotations
 
 import io
+import re
 import stat
 import threading
 from collections import Counter
@@ -368,41 +369,85 @@ class DatasetSource:
         if isinstance(embedded, Mapping):
             embedded = embedded.get("bytes")
         if isinstance(embedded, bytes | bytearray) and embedded:
-            _check_decodable(io.BytesIO(embedded), "embedded source image")
-            return None, bytes(embedded)
+            data = bytes(embedded)
+            _check_decodable(data, "embedded source image")
+            return None, data
         if not img_id:
             raise Rejected(_no_source_image(raw, self.task))
+        shown = quoted(img_id)
+        inline = _inline_image(img_id)
+        if inline is not None:
+            field = "img_id" if via != IMAGE_PATH else "image"
+            if field == "image" and isinstance(raw.get("image"), Mapping):
+                field = "image.path"
+            raise Rejected(
+                f"{field} holds {inline} ({shown}), not the picture's bytes or a file name: "
+                "decode it into the picture's bytes in the dataset (image = {bytes, path}), "
+                "or save it as a file under [dataset] image_root and name that file by img_id"
+            )
         root = self.section.image_root
         if root is None:
             if via == IMAGE_PATH:
                 raise Rejected(
-                    f"the image column holds a path, {img_id!r}, not the picture's bytes: set "
+                    f"the image column holds a path, {shown}, not the picture's bytes: set "
                     "[dataset] image_root to the folder it is in (the path is looked up there)"
                 )
-            raise Rejected(f"img_id {img_id!r} given but [dataset] image_root is not set")
+            raise Rejected(f"img_id {shown} given but [dataset] image_root is not set")
         candidate = root / img_id
         if Path(img_id).is_absolute() or ".." in Path(img_id).parts or "\0" in img_id:
             raise Rejected(
-                f"{via} {img_id!r} is not a plain file name"
+                f"{via} {shown} is not a plain file name"
                 + (" (a path relative to [dataset] image_root is)" if via == IMAGE_PATH else "")
             )
         try:
             mode = candidate.stat().st_mode
         except (FileNotFoundError, NotADirectoryError):
-            raise Rejected(f"source image {img_id!r} not found in {root}") from None
+            raise Rejected(f"source image {shown} not found in {root}") from None
         except OSError as exc:  # a name too long for the file system, no permission, EIO
-            shown = (
-                repr(img_id)
-                if len(img_id) <= 80
-                else f"{img_id[:60]!r}... ({len(img_id)} characters)"
-            )
             raise Rejected(
                 f"source image {shown} cannot be looked up ({exc.strerror or exc}) in {root}"
             ) from None
         if not stat.S_ISREG(mode):
-            raise Rejected(f"source image {img_id!r} in {root} is not a file")
-        _check_decodable(candidate, f"source image {img_id!r}")
+            raise Rejected(f"source image {shown} in {root} is not a file")
+        _check_decodable(candidate, f"source image {shown}")
         return candidate, None
+
+
+NAME_SHOWN = 80
+"""Characters of a source image's name a reason quotes whole; a longer one is cut to its
+start and its length (inline image text runs to hundreds of thousands)."""
+
+
+def quoted(name: str) -> str:
+    """``name`` quoted for a quarantine reason, cut short past :data:`NAME_SHOWN` characters."""
+    if len(name) <= NAME_SHOWN:
+        return repr(name)
+    return f"{name[:60]!r}... ({len(name)} characters)"
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
+"""Text in base64's alphabet (line breaks allowed), padded at its end."""
+
+_BASE64_IMAGE_STARTS = ("iVBORw0KGgo", "/9j/", "R0lGOD", "UklGR")
+"""How base64 of a PNG, JPEG, GIF or WebP (RIFF) file begins."""
+
+BASE64_LENGTH = 256
+"""Characters from which text in base64's alphabet is taken for inline image data rather than
+a name: a file name has 255 bytes at most, and a path that long without a dot (no file
+extension) is no name a dataset gives."""
+
+
+def _inline_image(name: str) -> str | None:
+    """What ``name`` is when it is a picture written as text, not a file's name: "a data: URL"
+    or "base64 text"; None otherwise."""
+    start = name.lstrip()
+    if start[:5].lower() == "data:":
+        return "a data: URL"
+    if _BASE64.fullmatch(start) and (
+        len(start) >= BASE64_LENGTH or (len(start) >= 64 and start.startswith(_BASE64_IMAGE_STARTS))
+    ):
+        return "base64 text"
+    return None
 
 
 def _mode(path: Path, what: str, key: str) -> int:
@@ -431,34 +476,50 @@ times: a smaller one fails every call of it (height and width must be > 0), whic
 run as the generator's fault after its first calls, not the sample's."""
 
 
-def _check_decodable(source: Path | io.BytesIO, what: str) -> None:
+def _check_decodable(source: Path | bytes, what: str) -> None:
     """Reject a source image that is truncated, not an image, or too small to edit.
 
     It is decoded in full (``verify`` checks a PNG's chunks but no other format's data: a
     truncated JPEG, WebP or GIF passed, to fail at every generation and every
-    ``--retry-errors``). The pixels are not kept: this runs in the dataset thread, ahead of
-    the generators, and a decoded picture in every buffered sample would take several times
-    the memory of its file.
+    ``--retry-errors``), and a PNG's pixel data is inflated as the generator's decoding
+    inflates it (:func:`trig_stream.png.pixel_data_problem`): Pillow's ``load`` takes a zlib
+    stream that ends early for a whole picture, its missing rows black, which the generator
+    refuses. The pixels are not kept: this runs in the dataset thread, ahead of the
+    generators, and a decoded picture in every buffered sample would take several times the
+    memory of its file.
     """
     from PIL import Image, UnidentifiedImageError
 
+    from trig_stream.png import is_png, pixel_data_problem
+
+    if isinstance(source, Path):
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise Rejected(f"{what} cannot be read: {exc.strerror or exc}") from None
+    else:
+        data = source
     # Pillow warns on stderr of a picture of 89-179 megapixels, which it decodes all the same
     # (a larger one raises DecompressionBombError, reported below): such a source picture is
     # resized as any other, and the warning's raw lines said nothing of use.
     quiet_pillow()
     try:
-        with Image.open(source) as image:
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if min(width, height) < SOURCE_MIN_SIDE:
                 raise Rejected(
                     f"{what} is {width}x{height} pixels: under {SOURCE_MIN_SIDE} on a side, "
                     "too small for an image-editing model"
                 )
+            # After Pillow's size check: a bomb is refused before it is inflated.
+            problem = pixel_data_problem(data) if is_png(data) else None
+            if problem is not None:
+                raise Rejected(f"{what} is not a readable PNG: {problem}; replace the file")
             image.load()
     except UnidentifiedImageError:
         raise Rejected(f"{what} is no image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, Rejected):  # a ValueError: the size, said above
+        if isinstance(exc, Rejected):  # a ValueError: the size or the PNG data, said above
             raise
         # DecompressionBombError: more pixels than Pillow agrees to decode (a bomb, or a
         # picture far larger than any model takes).
@@ -499,6 +560,11 @@ def _no_source_image(raw: Mapping[str, Any], task: Task) -> str:
             f"{str(image)[:40]!r}, "
             "where the picture's bytes, a {bytes, path} mapping or a path under "
             "[dataset] image_root is expected (or give an img_id)"
+        )
+    if isinstance(image, bytes | bytearray | str) and not image and field == "image.bytes":
+        return (
+            f"{task} sample has no source image: image.bytes is empty and image.path names "
+            "no file (embed the picture's bytes, or give an img_id)"
         )
     if field == "image.bytes" and isinstance(image, str) and image:
         return (

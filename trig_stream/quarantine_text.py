@@ -21,12 +21,34 @@ start of its text (a record nested hundreds deep is no TRIG record, and JSON wri
 depth limit)."""
 VALUE_SHOWN = 200
 """Characters kept of a value that a quarantined record holds as text, cut short."""
+IMAGE_TEXT_LIMIT = 4096
+"""Characters from which text in a record's image fields (``image``, ``image.path``,
+``image.bytes``, ``img_id``) is kept as its start and its length: a path is at most 4096
+bytes, and longer text is a picture written inline (a data: URL, base64), as large as the
+bytes that are left out."""
+_IMAGE_FIELDS = frozenset(("image", "img_id"))
 
 
 def without_images(raw: Mapping[str, Any]) -> dict[str, Any]:
     """``raw`` as the quarantine file can hold it: bytes (embedded images) at any depth left
-    out, text made storable, nesting cut at :data:`RECORD_DEPTH`."""
-    return {_storable_key(key): storable(value, 1) for key, value in raw.items()}
+    out, text in its image fields past :data:`IMAGE_TEXT_LIMIT` cut short, text made
+    storable, nesting cut at :data:`RECORD_DEPTH`."""
+    return {
+        _storable_key(key): storable(
+            _without_inline_text(value) if key in _IMAGE_FIELDS else value, 1
+        )
+        for key, value in raw.items()
+    }
+
+
+def _without_inline_text(value: Any) -> Any:
+    """An image field with its text (or, in a ``{bytes, path}`` mapping, its values' text)
+    past :data:`IMAGE_TEXT_LIMIT` characters cut to its start and a note of its length."""
+    if isinstance(value, str) and len(value) > IMAGE_TEXT_LIMIT:
+        return f"{value[:VALUE_SHOWN]}... <{len(value)} characters, the rest omitted>"
+    if isinstance(value, Mapping):
+        return {k: _without_inline_text(v) if isinstance(v, str) else v for k, v in value.items()}
+    return value
 
 
 def storable(value: Any, depth: int = 0) -> Any:

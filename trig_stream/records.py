@@ -259,4 +259,5 @@ class QuarantinedRecord(_Record):
     reason: Reason
     record: dict[str, Any]
     """The record as read, with bytes at any depth (embedded images) replaced by a note of
-    their size and nesting past 16 levels cut to the start of its text."""
+    their size, inline picture text in its image fields cut to its start and its length, and
+    nesting past 16 levels cut to the start of its text."""

@@ -65,6 +65,10 @@ def decode(data: bytes, unreadable: str) -> Image:
 
 
 def _reason(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):  # its text names an io.BytesIO at an address
+        return "it is no image Pillow can read"
     if isinstance(exc, OSError | SyntaxError | ValueError):
         return str(exc)
     return f"Pillow cannot decode it ({type(exc).__name__}: {exc})"
@@ -205,20 +209,30 @@ def source_image(sample: Sample, size: tuple[int, int] | None = None) -> Image:
     return image
 
 
-_DEEP_GREY = frozenset(("I", "I;16", "I;16B", "I;16L", "I;16N"))
-"""Grey pictures of more than 8 bits (16-bit PNGs open so): Pillow's conversion to RGB clips
-their values at 255 instead of scaling them, which turns them almost white."""
+_DEEP_GREY = frozenset(("I", "I;16", "I;16B", "I;16L", "I;16N", "F"))
+"""Grey pictures of more than 8 bits (16-bit PNGs open so, 32-bit integer or float TIFFs):
+Pillow's conversion to RGB clips their values to 0-255 instead of scaling them, which turns a
+16-bit one almost white and a float one (values 0 to 1) black."""
 
 
 def rgb(image: Image) -> Image:
-    """``image`` as 8-bit RGB, a 16-bit grey one scaled rather than clipped to white."""
+    """``image`` as 8-bit RGB, a grey one of more than 8 bits scaled rather than clipped: from
+    0-65535 (16 bits), or 0-1 for a float one, when its values lie within that range; else
+    from the lowest of its values to the highest."""
     if image.mode == "RGB":
         return image
     if image.mode in _DEEP_GREY:
         import numpy as np
         from PIL import Image as PILImage
 
-        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-        eight_bits = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        grey = np.asarray(image, dtype=np.float64)
+        finite = grey[np.isfinite(grey)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        full = 1.0 if image.mode == "F" else 65535.0
+        if low >= 0 and high <= full:
+            low, high = 0.0, full
+        grey = np.nan_to_num(grey, nan=low, posinf=high, neginf=low)
+        scaled = (grey - low) * (255 / ((high - low) or 1.0))
+        eight_bits = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
         return PILImage.fromarray(eight_bits, mode="L").convert("RGB")
     return image.convert("RGB")
