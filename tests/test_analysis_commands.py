@@ -12,6 +12,7 @@ import os
 import shutil
 from functools import partial
 from pathlib import Path
+from typing import IO, Any
 
 import anyio
 import numpy as np
@@ -22,7 +23,9 @@ from rich.console import Console
 from tests.conftest import ConfigFactory, write_prompts
 from tests.test_engine import run_to_end
 from trig_stream.analysis import AnalysisError, analyse_judgements
+from trig_stream.analysis import commands as commands_module
 from trig_stream.analysis import plots as plots_module
+from trig_stream.analysis import report as report_module
 from trig_stream.analysis.commands import add_commands, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
 from trig_stream.analysis.inputs import load_run, read_prompt_pairs
@@ -528,10 +531,10 @@ def test_a_report_that_cannot_be_written_exits_3_as_an_unwritable_run_dir(
     # A read-only run directory exited 2, the code of a bad command line or input.
     run = write_run_dir(tmp_path / "run", {})
 
-    def refused(self: Path, *args: object, **kwargs: object) -> int:
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    def refused(files: list[tuple[Path, bytes]], **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(files[0][0]))
 
-    monkeypatch.setattr(Path, "write_text", refused)
+    monkeypatch.setattr(report_module, "write_atomic_together", refused)
     out = ["--out", str(tmp_path / "elsewhere")] if where == "out" else []
     assert main(["report", str(run), "--no-plots", *out]) == EXIT_RUN_DIR
     folder = tmp_path / "elsewhere" if where == "out" else run / "report"
@@ -556,16 +559,81 @@ def test_analyze_and_compare_outputs_that_cannot_be_written_exit_3(
     assert f"cannot write the comparison to {blocked / 'cmp.md'}: its folder" in err
 
 
+class FillingFile:
+    """A file opened for writing on a disk that fills up: it takes what room is left of
+    its disk's, then refuses the rest with ENOSPC, as a write on a full disk does."""
+
+    def __init__(self, file: IO[Any], room: list[int]) -> None:
+        self._file = file
+        self._room = room
+
+    def write(self, data: Any) -> int:
+        taken = min(len(data), self._room[0])
+        self._file.write(data[:taken])
+        self._room[0] -= taken
+        if taken < len(data):
+            self._file.flush()  # the part that fitted reaches the file, as it would
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return taken
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def __enter__(self) -> FillingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def fill_disk_after(monkeypatch: pytest.MonkeyPatch, room: int) -> None:
+    """Every file opened for writing through :meth:`Path.open` (``write_text`` and
+    ``write_bytes`` too) shares a disk with ``room`` bytes left."""
+    left = [room]
+    opened = Path.open
+
+    def open_on_a_filling_disk(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        file = opened(self, mode, *args, **kwargs)
+        return FillingFile(file, left) if "w" in mode else file
+
+    monkeypatch.setattr(Path, "open", open_on_a_filling_disk)
+
+
+def test_a_full_disk_during_a_report_keeps_the_earlier_report_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The report was written file by file in place: a full disk left the earlier report's
+    # evaluation_result.json truncated beside its stale report.md.
+    run = write_run_dir(tmp_path / "run", {})
+    assert main(["report", str(run), "--correlation", "pearson_corr"]) == 0
+    folder = run / "report"
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    assert (folder / "model-a" / "plots" / "dtm.png") in before
+    first_files = sum(len(before[folder / "model-a" / name]) for name in MODEL_FILES)
+    capsys.readouterr()
+    fill_disk_after(monkeypatch, first_files // 2)  # part way through the first model
+    assert main(["report", str(run), "--correlation", "spearman_corr"]) == EXIT_RUN_DIR
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        f"error: cannot write the report in {folder / 'model-a'}: No space left on device; it "
+        "must be a folder this user can write, on a disk with space"
+    ) in err
+    after = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    assert sorted(after) == sorted(before)  # no temporary file left
+    changed = [path.name for path in before if after[path] != before[path]]
+    assert changed == []
+
+
 def test_a_comparison_that_cannot_be_written_names_its_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A read-only folder: "cannot write the report in ." named neither the file nor what.
     run = write_run_dir(tmp_path / "run", {})
 
-    def refused(self: Path, *args: object, **kwargs: object) -> int:
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    def refused(path: Path, data: bytes, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(Path, "write_text", refused)
+    monkeypatch.setattr(commands_module, "write_atomic", refused)
     out = tmp_path / "c.md"
     with pytest.raises(AnalysisError, match=rf"cannot write the comparison to {out}: Permission"):
         run_command("compare", str(run), "--out", str(out))

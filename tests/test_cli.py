@@ -1605,10 +1605,10 @@ def test_a_final_report_that_cannot_be_written_points_to_another_folder(
 ) -> None:
     from trig_stream.analysis import report
 
-    def read_only(self: Path, *args: object, **kwargs: object) -> int:
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    def read_only(files: list[tuple[Path, bytes]], **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(files[0][0]))
 
-    monkeypatch.setattr(report, "write_json", read_only)  # a run directory made read-only
+    monkeypatch.setattr(report, "write_atomic_together", read_only)  # a run directory made read-only
     assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
     run_dir = tmp_path / "runs" / "cli"
     last = capsys.readouterr().err.splitlines()[-1]
@@ -1626,10 +1626,10 @@ def test_a_final_report_that_cannot_be_written_shows_its_reason_escaped(
     # The reason reached the terminal raw, where the other "no report" line escapes it.
     from trig_stream.analysis import report
 
-    def read_only(self: Path, *args: object, **kwargs: object) -> int:
-        raise PermissionError(errno.EACCES, "Permission\x1b[2J denied", str(self))
+    def read_only(files: list[tuple[Path, bytes]], **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission\x1b[2J denied", str(files[0][0]))
 
-    monkeypatch.setattr(report, "write_json", read_only)
+    monkeypatch.setattr(report, "write_atomic_together", read_only)
     assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
     last = capsys.readouterr().err.splitlines()[-1]
     assert "\x1b" not in last

@@ -35,7 +35,7 @@ from trig_stream import journal as journal_module
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
-from trig_stream.files import write_all, write_atomic, write_atomic_many
+from trig_stream.files import write_all, write_atomic, write_atomic_many, write_atomic_together
 from trig_stream.journal import (
     JOURNAL,
     Journal,
@@ -1548,6 +1548,26 @@ def test_files_written_together_are_complete_and_leave_no_temporary_files(
         )
     assert (tmp_path / "a" / "four.png").read_bytes() == b"fourth"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["four.png", "one.png", "two.png"]
+
+
+def test_files_written_together_are_all_kept_as_they_were_when_one_fails(
+    tmp_path: Path,
+) -> None:
+    # A report of many files on a disk that filled up part way: none of them may be new
+    # beside old ones, and no temporary file may stay.
+    files = [(tmp_path / "one.json", b"old one"), (tmp_path / "plots" / "two.png", b"old two")]
+    write_atomic_together(files)
+    blocker = tmp_path / "c"
+    blocker.write_bytes(b"a file where a folder should be")
+    with pytest.raises(FileExistsError):
+        write_atomic_together(
+            [(tmp_path / "one.json", b"new one"), (blocker / "three.png", b"x")],
+        )
+    assert [path.read_bytes() for path, _ in files] == [b"old one", b"old two"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "one.json", "plots"]
+    write_atomic_together([(tmp_path / "one.json", b"new"), (files[1][0], b"new two")])
+    assert [path.read_bytes() for path, _ in files] == [b"new", b"new two"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["c", "one.json", "plots", "two.png"]
 
 
 @pytest.mark.parametrize("name", ["c" * 245 + ".toml", "é" * 122 + ".toml"], ids=["ascii", "utf8"])

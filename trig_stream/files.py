@@ -188,6 +188,54 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
         sync_dir(folder)
 
 
+def write_atomic_together(
+    files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | None = None
+) -> None:
+    """Write files so that a failure leaves every one of them as it was: all are written
+    (and synced) to temporary files first, then renamed into place one after the other.
+
+    A disk that fills up part way (a report of many files) leaves the earlier version of
+    each file whole, not some new files beside old ones, and no temporary file. The renames
+    take no space; only a crash between two of them leaves some files new, each whole.
+
+    Args:
+        files: each file's path and whole content.
+        temp_dir: where the temporary files go (same file system); beside each file by
+            default.
+    """
+    folders: dict[Path, None] = {}
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files:
+            folder = path.parent
+            if folder not in folders:
+                make_dirs(folder)
+                folders[folder] = None
+            temp = (temp_dir or folder) / _temporary_name(path.name)
+            try:
+                handle = temp.open("wb")
+            except OSError as exc:  # the folder cannot be written: named, not the temporary
+                raise type(exc)(exc.errno, exc.strerror, str(temp.parent)) from None
+            temps.append((temp, path))
+            with handle:
+                handle.write(data)
+                handle.flush()
+                _sync_data(handle.fileno())
+        for index, (temp, path) in enumerate(temps):
+            try:
+                os.replace(temp, path)
+            except IsADirectoryError as exc:  # named by the folder in the way, not the temporary
+                raise IsADirectoryError(exc.errno, exc.strerror, str(path)) from None
+            temps[index] = (path, path)  # renamed: no temporary left to remove
+    except BaseException:
+        for temp, path in temps:
+            if temp != path:
+                temp.unlink(missing_ok=True)  # a full disk leaves no partial file taking space
+        raise
+    for folder in folders:
+        sync_dir(folder)
+
+
 TEMP_NAME_BYTES: Final = 64
 """How much of a file's name its temporary file's name keeps: a name near the file system's
 limit (255 bytes) plus the suffix was too long, and a valid ``-o`` name failed."""

@@ -52,6 +52,7 @@ from trig_stream.analysis.report import (
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
+from trig_stream.files import write_atomic
 from trig_stream.locks import find_writer
 from trig_stream.records import COMPARISON_FILE, Judgement, printable
 from trig_stream.terminal import CommandConsole
@@ -269,7 +270,7 @@ def write_report(
         if len(analyses) > 1:
             columns = [(model, run, analysis) for model, analysis in analyses.items()]
             text = comparison_markdown(_comparison(columns, notes))
-            comparison.write_text(text, encoding="utf-8")
+            write_atomic(comparison, text.encode("utf-8"))  # never half a file
         elif comparison.is_file():
             # An earlier report's, of other models or another metric.
             comparison.unlink()
@@ -619,7 +620,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
                 "disk with space"
             ) from None
         try:
-            args.out.write_text(text, encoding="utf-8")
+            # Whole or not at all (a full disk keeps the file that was there); through a
+            # link, to where it leads, as the check above looked.
+            write_atomic(Path(os.path.realpath(args.out)), text.encode("utf-8"))
         except OSError as exc:  # the file itself, not its folder (a read-only folder, a full disk)
             raise OutputWriteError(
                 f"cannot write the comparison to {args.out}: {exc.strerror or exc}; it must be "

@@ -28,6 +28,7 @@ import polars as pl
 from trig_stream.analysis.relations import ModelAnalysis, PairStats, negate_dominance
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
+from trig_stream.files import write_atomic
 from trig_stream.records import JudgeFingerprint, Judgement
 
 EvaluationResult: TypeAlias = dict[str, dict[str, list[dict[str, float]]]]
@@ -207,10 +208,15 @@ def result_document(analysis: ModelAnalysis) -> dict[str, Any]:
     }
 
 
+def json_bytes(document: object) -> bytes:
+    """A JSON document as a file holds it (UTF-8, indented, strict: NaN is refused)."""
+    return (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
 def write_json(path: Path, document: object) -> None:
-    """Write a JSON document (UTF-8, indented, strict: NaN is refused)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    """Write a JSON document (see :func:`json_bytes`) whole or not at all (a full disk
+    leaves the file that was there)."""
+    write_atomic(path, json_bytes(document))
 
 
 PARQUET_SCHEMA: Final[dict[str, pl.DataType]] = {
@@ -248,16 +254,22 @@ def _row(judgement: Judgement) -> dict[str, Any]:
     return row
 
 
-def write_judgements_parquet(judgements: Iterable[Judgement], path: Path) -> int:
-    """Write judgements as parquet, one row each; return how many were written."""
+def judgements_parquet(judgements: Iterable[Judgement]) -> bytes:
+    """Judgements as a parquet file's content, one row each."""
     frame = pl.DataFrame([_row(j) for j in judgements], schema=PARQUET_SCHEMA, orient="row")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Encoded here and written by Python, so that a write that fails is an OSError (polars
     # reports its own as a ComputeError).
     buffer = io.BytesIO()
     frame.write_parquet(buffer)
-    path.write_bytes(buffer.getvalue())
-    return frame.height
+    return buffer.getvalue()
+
+
+def write_judgements_parquet(judgements: Iterable[Judgement], path: Path) -> int:
+    """Write judgements as parquet, one row each, whole or not at all; return how many
+    were written."""
+    rows = list(judgements)
+    write_atomic(path, judgements_parquet(rows))
+    return len(rows)
 
 
 def read_judgements_parquet(path: Path) -> list[Judgement]:

@@ -13,10 +13,11 @@ plots can be drawn from worker threads. Four plots, as TRIG draws them:
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, BinaryIO, Final, TypeAlias
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from trig_stream.analysis.stats import MIN_TRADEOFF_POINTS, FittedLine, fitted_l
 from trig_stream.analysis.tsne import tsne
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import MissingExtraError
+from trig_stream.files import write_atomic, write_atomic_together
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -56,6 +58,21 @@ def matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+Target: TypeAlias = Path | BinaryIO
+"""Where a plot goes: a file (written whole or not at all), or a binary stream."""
+
+
+def _save(fig: Figure, target: Target) -> None:
+    """Write ``fig`` as PNG to ``target``; a file is rendered first, then written whole:
+    a full disk leaves the plot that was there, never a truncated one."""
+    if isinstance(target, Path):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        write_atomic(target, buffer.getvalue())
+    else:
+        fig.savefig(target, format="png", bbox_inches="tight")
+
+
 def _figure(width: float, height: float) -> Figure:
     if not matplotlib_available():
         raise MissingExtraError("matplotlib", "plots")
@@ -64,7 +81,7 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def plot_dtm(analysis: ModelAnalysis, path: Path) -> Path:
+def plot_dtm(analysis: ModelAnalysis, path: Target) -> Target:
     """Draw the DTM: coloured codes above the diagonal, means (shaded) on and below it."""
     from matplotlib.patches import Rectangle
 
@@ -95,7 +112,7 @@ def plot_dtm(analysis: ModelAnalysis, path: Path) -> Path:
         fontsize=8,
     )
     ax.set_title(f"DTM of {analysis.model} ({analysis.thresholds.correlation})")
-    fig.savefig(path, bbox_inches="tight")
+    _save(fig, path)
     return path
 
 
@@ -147,7 +164,7 @@ def scatter_lines(analysis: ModelAnalysis, stats: PairStats) -> dict[str, Fitted
     return lines
 
 
-def plot_scatter_grid(analysis: ModelAnalysis, path: Path) -> Path:
+def plot_scatter_grid(analysis: ModelAnalysis, path: Target) -> Target:
     """One scatter per pair with the synergy and bottleneck zones shaded and the LS lines
     (:func:`scatter_lines`)."""
     pairs = analysis.pairs
@@ -188,7 +205,7 @@ def plot_scatter_grid(analysis: ModelAnalysis, path: Path) -> Path:
             color=TITLE_COLOURS.get(stats.code, CODE_COLOURS[stats.code]),
         )
     fig.suptitle(f"{analysis.model}: scores per pair")
-    fig.savefig(path, bbox_inches="tight")
+    _save(fig, path)
     return path
 
 
@@ -205,7 +222,7 @@ def dimension_distances(analysis: ModelAnalysis) -> tuple[list[Dimension], np.nd
     return dims, distances
 
 
-def plot_dimension_map(analysis: ModelAnalysis, path: Path, *, seed: int = 0) -> Path:
+def plot_dimension_map(analysis: ModelAnalysis, path: Target, *, seed: int = 0) -> Target:
     """A 2-D t-SNE embedding of the dimensions (see :func:`tsne`); close = correlated."""
     dims, distances = dimension_distances(analysis)
     coords = tsne(distances, seed=seed)
@@ -217,11 +234,11 @@ def plot_dimension_map(analysis: ModelAnalysis, path: Path, *, seed: int = 0) ->
     ax.set_title(f"{analysis.model}: t-SNE of dimensions (distance 1 − |corr|)")
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.savefig(path, bbox_inches="tight")
+    _save(fig, path)
     return path
 
 
-def plot_tradeoff_graph(analysis: ModelAnalysis, path: Path) -> Path:
+def plot_tradeoff_graph(analysis: ModelAnalysis, path: Target) -> Target:
     """Dimensions on a circle; one edge per pair with data, coloured by relation code.
 
     A dominance edge is an arrow towards the dimension whose scores more often lie on its
@@ -269,7 +286,7 @@ def plot_tradeoff_graph(analysis: ModelAnalysis, path: Path) -> Path:
     ax.set_aspect("equal")
     ax.axis("off")
     ax.set_title(f"{analysis.model}: trade-off graph")
-    fig.savefig(path, bbox_inches="tight")
+    _save(fig, path)
     return path
 
 
@@ -281,17 +298,34 @@ def write_plots(
     analysis: ModelAnalysis, folder: Path, *, before_each: Callable[[], None] = lambda: None
 ) -> list[Path]:
     """Draw all four plots into ``folder`` (created when missing), calling ``before_each``
-    before each (it may raise to stop the drawing: each takes a second or more).
+    before each (it may raise to stop the drawing: each takes a second or more). They are
+    written together once all are drawn (:func:`~trig_stream.files.write_atomic_together`):
+    a stop or a full disk leaves the plots that were there.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+    """
+    files = [(folder / name, data) for name, data in render_plots(analysis, before_each)]
+    write_atomic_together(files)
+    return [path for path, _ in files]
+
+
+def render_plots(
+    analysis: ModelAnalysis, before_each: Callable[[], None] = lambda: None
+) -> list[tuple[str, bytes]]:
+    """Draw all four plots in memory: each file's name (:data:`PLOT_FILES`) and PNG
+    content, calling ``before_each`` before each as :func:`write_plots` does.
 
     Raises:
         MissingExtraError: matplotlib is not installed.
     """
     if not matplotlib_available():
         raise MissingExtraError("matplotlib", "plots")
-    folder.mkdir(parents=True, exist_ok=True)
     drawings = (plot_dtm, plot_scatter_grid, plot_dimension_map, plot_tradeoff_graph)
-    written = []
+    rendered = []
     for draw, name in zip(drawings, PLOT_FILES, strict=True):
         before_each()
-        written.append(draw(analysis, folder / name))
-    return written
+        buffer = io.BytesIO()
+        draw(analysis, buffer)
+        rendered.append((name, buffer.getvalue()))
+    return rendered

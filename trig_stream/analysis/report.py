@@ -14,13 +14,14 @@ from trig_stream.analysis.exports import (
     evaluation_result,
     formatted_scores,
     pair_row,
+    json_bytes,
+    judgements_parquet,
     relationship_codes_csv,
     result_document,
-    write_json,
-    write_judgements_parquet,
 )
 from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputWriteError
 from trig_stream.dimensions import DIMENSION_NAMES
+from trig_stream.files import write_atomic_together
 from trig_stream.records import Judgement
 
 JUDGEMENTS_FILE = "judgements.parquet"
@@ -234,34 +235,29 @@ def _write_model_outputs(
     fixed = [folder / name for name in MODEL_FILES] + [plots_folder]
     for path in [*fixed, *(plots_folder / name for name in drawing.PLOT_FILES)]:
         refuse_link(path, "remove the link, or write the report elsewhere with --out")
-    folder.mkdir(parents=True, exist_ok=True)
-    written = WrittenFiles(folder)
-    documents: dict[str, object] = {
-        "evaluation_result.json": evaluation_result(judgements, metrics),
-        "formatted.json": formatted_scores(analysis),
-        "result.json": result_document(analysis),
-    }
-    for name, document in documents.items():
-        write_json(folder / name, document)
-        written.files.append(folder / name)
-    texts = {
-        "relationship_codes.csv": relationship_codes_csv(analysis),
-        "report.md": markdown_report(analysis, notes, upstream=upstream),
-    }
-    for name, text in texts.items():
-        (folder / name).write_text(text, encoding="utf-8")
-        written.files.append(folder / name)
+    # Every file is rendered before any is written, then all are written together: a full
+    # disk (or a stop) part way leaves the earlier report's files as they were, never a
+    # truncated file beside stale ones.
+    contents: list[tuple[Path, bytes]] = [
+        (folder / "evaluation_result.json", json_bytes(evaluation_result(judgements, metrics))),
+        (folder / "formatted.json", json_bytes(formatted_scores(analysis))),
+        (folder / "result.json", json_bytes(result_document(analysis))),
+        (folder / "relationship_codes.csv", relationship_codes_csv(analysis).encode("utf-8")),
+        (folder / "report.md", markdown_report(analysis, notes, upstream=upstream).encode()),
+    ]
     check()
-    write_judgements_parquet(judgements, folder / JUDGEMENTS_FILE)
-    written.files.append(folder / JUDGEMENTS_FILE)
-    if plots and drawing.matplotlib_available():
-        written.files.extend(
-            drawing.write_plots(analysis, folder / PLOTS_FOLDER, before_each=check)
-        )
-        return written
+    contents.append((folder / JUDGEMENTS_FILE, judgements_parquet(judgements)))
+    drawn = plots and drawing.matplotlib_available()
+    if drawn:
+        rendered = drawing.render_plots(analysis, before_each=check)
+        contents += [(plots_folder / name, data) for name, data in rendered]
+    write_atomic_together(contents)
+    files = [path for path, _ in contents]
+    if drawn:
+        return WrittenFiles(folder, files)
     # Plots an earlier report drew would stand beside these files as if they were theirs.
     _remove_plots(folder)
-    return WrittenFiles(folder, written.files, plots_skipped=plots)
+    return WrittenFiles(folder, files, plots_skipped=plots)
 
 
 def _remove_plots(folder: Path) -> None:
