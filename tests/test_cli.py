@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -712,8 +713,45 @@ def test_make_tiny_models_keeps_the_users_folders(
     assert not (out / "vlm" / "notes.txt").exists()
 
 
+def _safetensors_full_disk(path: Path) -> Exception:
+    from safetensors import SafetensorError
+
+    return SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+    )
+
+
+def _safetensors_too_large(path: Path) -> Exception:
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        (
+            lambda path: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "weights")),
+            "No space left on device; free some space on its disk, or name another OUT",
+        ),
+        # The weights' writer reports its own error, no OSError: a traceback, exit 1.
+        (
+            _safetensors_full_disk,
+            "No space left on device; free some space on its disk, or name another OUT",
+        ),
+        (
+            _safetensors_too_large,  # `ulimit -f`
+            "File too large; raise the file-size limit (ulimit -f), or name another OUT",
+        ),
+    ],
+    ids=["oserror", "safetensors", "ulimit"],
+)
 def test_make_tiny_models_on_a_full_disk_is_one_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    failure: Callable[[Path], Exception],
+    said: str,
 ) -> None:
     # A disk that filled up mid-build (save_pretrained: OSError ENOSPC) ended in a
     # traceback and exit 1, where the command promises 3 for an OUT that cannot hold them.
@@ -723,7 +761,7 @@ def test_make_tiny_models_on_a_full_disk_is_one_message(
         path.mkdir(parents=True)
         (path / "weights").write_text(kind)
         if kind == "instruct_pix2pix":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "weights"))
+            raise failure(path)
         (path / "model_index.json").write_text("{}")
 
     monkeypatch.setattr(tiny_pipelines, "build_tiny_pipeline", build)
@@ -731,10 +769,10 @@ def test_make_tiny_models_on_a_full_disk_is_one_message(
     out = tmp_path / "models"
     args = argparse.Namespace(out=out, force=False)
     assert tiny_models.make_tiny_models(args, Console(stderr=True, soft_wrap=True)) == EXIT_RUN_DIR
-    said = " ".join(capsys.readouterr().err.split())
-    assert "Traceback" not in said
-    assert f"error: cannot write the model {out / 'instruct_pix2pix'}: No space left on" in said
-    assert "free some space on its disk, or name another OUT" in said
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err
+    assert err.count("error:") == 1
+    assert err.endswith(f"error: cannot write the model {out / 'instruct_pix2pix'}: {said}")
     # The models built before stay whole; the one cut short leaves nothing, hidden or not.
     assert sorted(p.name for p in out.iterdir()) == ["flux", "sd"]
 
@@ -1608,7 +1646,9 @@ def test_a_final_report_that_cannot_be_written_points_to_another_folder(
     def read_only(files: list[tuple[Path, bytes]], **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(files[0][0]))
 
-    monkeypatch.setattr(report, "write_atomic_together", read_only)  # a run directory made read-only
+    monkeypatch.setattr(
+        report, "write_atomic_together", read_only
+    )  # a run directory made read-only
     assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
     run_dir = tmp_path / "runs" / "cli"
     last = capsys.readouterr().err.splitlines()[-1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -142,11 +143,15 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
             else:
                 build_tiny_pipeline(name, building)  # type: ignore[arg-type]
             _replace_folder(building, folder)
-        except OSError as exc:
+        except Exception as exc:
+            disk = _as_os_error(exc)
+            if disk is None:
+                shutil.rmtree(building, ignore_errors=True)
+                raise
             # A full disk or a folder that turned unwritable mid-build: the models built so
             # far are whole and stay; this one is not left half-written.
             shutil.rmtree(building, ignore_errors=True)
-            console.print(f"[red]error:[/] {_cannot_write(folder, exc)}", highlight=False)
+            console.print(f"[red]error:[/] {_cannot_write(folder, disk)}", highlight=False)
             return EXIT_CANNOT_WRITE
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
@@ -155,11 +160,38 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _as_os_error(exc: Exception) -> OSError | None:
+    """The system's error behind a failed save, or None for any other failure.
+
+    safetensors reports a failed write (a full disk, ``ulimit -f``) as its own
+    ``SafetensorError``, no OSError: ``Error while serializing: I/O error: No space left on
+    device (os error 28)``; its reason is taken from the error number it names.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    from safetensors import SafetensorError
+
+    if not isinstance(exc, SafetensorError):
+        return None
+    found = _OS_ERROR.search(str(exc))
+    if found is not None:
+        number = int(found.group(1))
+        return OSError(number, os.strerror(number))
+    if "I/O error" in str(exc):
+        return OSError(errno.EIO, str(exc))
+    return None
+
+
 def _cannot_write(folder: Path, exc: OSError) -> str:
     """The message for a model that could not be written (Rich markup, escaped)."""
     cause = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         advice = "free some space on its disk, or name another OUT"
+    elif exc.errno == errno.EFBIG:  # past the process's file-size limit (ulimit -f)
+        advice = "raise the file-size limit (ulimit -f), or name another OUT"
     else:
         advice = "name an OUT this user can write"
     return escape(f"cannot write the model {folder}: {cause}") + f"; {advice}"
