@@ -281,6 +281,29 @@ def test_no_dashboard_when_stderr_is_not_the_terminal(
         assert not full_screen_possible()
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "cp1252"])
+def test_no_dashboard_on_a_terminal_that_does_not_write_utf8(
+    monkeypatch: pytest.MonkeyPatch, encoding: str
+) -> None:
+    # PYTHONIOENCODING=ascii, or a Latin-1 locale: the dashboard's box lines were drawn
+    # as backslash escapes (\u2502), unreadable; plain progress lines are shown instead.
+    leader, follower = pty.openpty()
+    with (
+        os.fdopen(leader, "wb", buffering=0),
+        os.fdopen(follower, "w", encoding="UTF8") as terminal,
+        os.fdopen(os.dup(follower), "w", encoding=encoding) as other,
+    ):
+        monkeypatch.setenv("TERM", "xterm")
+        monkeypatch.setattr(sys, "stdin", terminal)
+        monkeypatch.setattr(sys, "stdout", terminal)
+        monkeypatch.setattr(sys, "__stderr__", terminal)
+        assert full_screen_possible()
+        for name in ("stdout", "__stderr__"):
+            with monkeypatch.context() as patch:
+                patch.setattr(sys, name, other)
+                assert not full_screen_possible(), name
+
+
 def test_status_never_cuts_a_name_short(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Off a terminal the tables were 80 columns wide: two models whose names begin alike
     # both showed as 'stabilityai-stable-diffusion-…'.

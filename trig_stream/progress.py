@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 import sys
 import time
@@ -24,14 +25,26 @@ logs): no full-screen app nor a line redrawn in place there (rich's list)."""
 
 def full_screen_possible() -> bool:
     """Whether a full-screen app (the dashboard) can be shown: stdin, stdout and stderr are
-    a terminal, and one that can move the cursor.
+    a terminal, one that can move the cursor, and stdout and stderr write UTF-8.
 
     Textual draws on the process's original stderr (``sys.__stderr__``): with it redirected
-    (``2>run.log``), the dashboard would fill the log and the terminal stay blank.
+    (``2>run.log``), the dashboard would fill the log and the terminal stay blank. On a
+    terminal of another encoding (``PYTHONIOENCODING=ascii``, a Latin-1 locale) its box
+    lines and marks came out as backslash escapes (``\\u2502``), unreadable.
     """
     dumb = os.environ.get("TERM", "").lower() in DUMB_TERMINALS
     streams = (sys.stdin, sys.stdout, sys.__stderr__)
-    return not dumb and all(stream is not None and stream.isatty() for stream in streams)
+    if dumb or not all(stream is not None and stream.isatty() for stream in streams):
+        return False
+    return all(_writes_utf8(stream) for stream in (sys.stdout, sys.__stderr__))
+
+
+def _writes_utf8(stream: object) -> bool:
+    encoding = getattr(stream, "encoding", None)
+    try:
+        return isinstance(encoding, str) and codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
 
 
 def describe(stats: EngineStats) -> str:
