@@ -1985,3 +1985,43 @@ def test_on_the_dashboard_a_ctrl_c_while_a_judge_server_stops_kills_it_and_keeps
     assert judge.killed.is_set()
     assert "done: 4 judgements in this run" in err
     assert (tmp_path / "runs" / "cli" / "report" / "synth" / "report.md").is_file()
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    # `--version` said "the following arguments are required: COMMAND" (exit 2).
+    import trig_stream
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == EXIT_OK
+    assert capsys.readouterr().out == f"trig-stream {trig_stream.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_new_run_that_would_retry_errors_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # Accepted silently: --retry-errors did nothing in the fresh directory --new-run starts.
+    path = write_config(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main([command, str(path), "--new-run", "--retry-errors"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: trig-stream {command} ")
+    assert err.endswith(
+        f"trig-stream {command}: error: argument --retry-errors: not allowed with --new-run: a "
+        "new run directory has no errors to ask again; leave one of them out\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_option_shows_the_usage_of_its_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `run --hedless x` showed the top-level usage, which says nothing of run's options.
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--hedless", str(tmp_path / "x.toml")])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: trig-stream run [-h] [--headless]")
+    assert err.endswith("trig-stream run: error: unrecognized arguments: --hedless\n")

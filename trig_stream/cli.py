@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.markup import escape
 
+from trig_stream import __version__
 from trig_stream.analysis.relations import AnalysisError, OutputWriteError
 from trig_stream.backends.library_logs import quiet_model_libraries
 from trig_stream.backends.threads import threads_left_behind
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
     try:
         # Inside the try: the parser imports the command's module (tenths of a second, for
         # `report` or `watch`), and a Ctrl-C meanwhile is one as any other.
-        args = _parser(argv[0] if argv else None).parse_args(argv)
+        args = _parse(argv)
         args.exiting = exiting
         result: int = args.handler(args, console)
         return result
@@ -133,12 +134,31 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 CORE_COMMANDS = ("run", "validate", "status")
 
 
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line's arguments; a usage error exits 2 with the usage of the command
+    it concerns (argparse reported an unknown option of ``run`` with the top-level usage).
+    """
+    parser = _parser(argv[0] if argv else None)
+    args, unknown = parser.parse_known_args(argv)
+    command: argparse.ArgumentParser = args.command_parser
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "new_run", False) and getattr(args, "retry_errors", False):
+        # Accepted silently, it did nothing: a fresh directory holds no judgement.
+        command.error(
+            "argument --retry-errors: not allowed with --new-run: a new run directory has no "
+            "errors to ask again; leave one of them out"
+        )
+    return args
+
+
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``command``, only that command's module is imported."""
     parser = argparse.ArgumentParser(
         prog="trig-stream",
         description="Evaluate image generators on TRIG as a stream: generate, judge, analyse.",
     )
+    parser.add_argument("--version", action="version", version=f"trig-stream {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run (or resume) an evaluation")
@@ -181,11 +201,14 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="summarise a run directory")
     status.add_argument("run_dir", type=Path)
     status.set_defaults(handler=status_command)
-    if command in CORE_COMMANDS:
-        return parser
-    wanted = [EXTRA_COMMANDS[command]] if command in EXTRA_COMMANDS else EXTRA_COMMANDS.values()
-    for module_name, function in dict.fromkeys(wanted):
-        getattr(importlib.import_module(module_name), function)(commands)
+    if command not in CORE_COMMANDS:
+        wanted = (
+            [EXTRA_COMMANDS[command]] if command in EXTRA_COMMANDS else EXTRA_COMMANDS.values()
+        )
+        for module_name, function in dict.fromkeys(wanted):
+            getattr(importlib.import_module(module_name), function)(commands)
+    for sub in commands.choices.values():  # whose usage a usage error shows (see _parse)
+        sub.set_defaults(command_parser=sub)
     return parser
 
 
