@@ -202,9 +202,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     status.add_argument("run_dir", type=Path)
     status.set_defaults(handler=status_command)
     if command not in CORE_COMMANDS:
-        wanted = (
-            [EXTRA_COMMANDS[command]] if command in EXTRA_COMMANDS else EXTRA_COMMANDS.values()
-        )
+        wanted = [EXTRA_COMMANDS[command]] if command in EXTRA_COMMANDS else EXTRA_COMMANDS.values()
         for module_name, function in dict.fromkeys(wanted):
             getattr(importlib.import_module(module_name), function)(commands)
     for sub in commands.choices.values():  # whose usage a usage error shows (see _parse)

@@ -13,9 +13,9 @@ from trig_stream.analysis import plots as drawing
 from trig_stream.analysis.exports import (
     evaluation_result,
     formatted_scores,
-    pair_row,
     json_bytes,
     judgements_parquet,
+    pair_row,
     relationship_codes_csv,
     result_document,
 )
