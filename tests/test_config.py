@@ -150,6 +150,14 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path: Path) -> N
             r"run\.toml:14: generators\[1\]\.name: generators: the name 'ONE' differs from "
             r"'one' \(generators\[0\]\) only in case; a model's name names its folders",
         ),
+        # ... and what renaming one costs in a run directory an earlier version made with both.
+        (
+            ('name = "two"', 'name = "ONE"'),
+            r"rename one of them \(in a run directory made before this rule, by an earlier "
+            r"version, the renamed model's results stay under its old name, which the run no "
+            r"longer reads, and it is generated and judged again; or start a new run directory "
+            r"with --new-run\)",
+        ),
         # A call's timeout past what the clients' clocks hold: every call failed (OverflowError).
         (
             (

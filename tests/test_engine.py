@@ -1647,6 +1647,11 @@ def fake_judge(name: str = "trigscore", concurrency: int = 4) -> FakeJudge:
             [fake_judge()],
             "generator names 'Synth' and 'synth' differ only in case; a model's name names",
         ),
+        (
+            [synth("Synth"), synth()],
+            [fake_judge()],
+            "the renamed model's results stay under its old name, which the run no longer reads",
+        ),
         ([synth()], [fake_judge(), fake_judge()], "judge name 'trigscore' is used twice"),
         ([synth("../../escaped")], [fake_judge()], "generator name '../../escaped' is not a safe"),
         (

@@ -70,7 +70,10 @@ CASE_CLASH: Final = (
     "a model's name names its folders in the run directory (images/<task>/<name>, "
     "report/<name>), and a file system that ignores case (macOS's and Windows' by default) "
     "holds the two as one folder, where one model's judgements would score the other's "
-    "pictures: rename one of them"
+    "pictures: rename one of them (in a run directory made before this rule, by an "
+    "earlier version, the renamed model's results stay under its old name, which the run "
+    "no longer reads, and it is generated and judged again; or start a new run directory "
+    "with --new-run)"
 )
 """Why two generators' names may not differ only in case."""
 
