@@ -818,23 +818,54 @@ def test_a_dollar_inside_a_name_is_taken_as_written(
     assert config.run.output_dir == tmp_path / "out" / "a$b"
 
 
-@pytest.mark.parametrize("output_dir", ["{tmp}/x/$RECYCLE.BIN/y", "out/$RECYCLE.BIN", "$1/x"])
-def test_a_dollar_that_names_no_set_variable_is_taken_as_written(
+@pytest.mark.parametrize("output_dir", ["$SCRATCH/runs", "out/$SCRATCH", "{tmp}/$SCRATCH/runs"])
+def test_a_part_starting_with_a_variable_is_refused_even_when_it_is_unset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output_dir: str
 ) -> None:
-    # "$RECYCLE.BIN" (a Windows folder) was refused as a variable, with no way to name it.
-    monkeypatch.delenv("RECYCLE", raising=False)
+    # Unset (cron, CI), "$SCRATCH/runs" became a folder literally named "$SCRATCH", while the
+    # same config was refused in a shell that set it.
+    monkeypatch.delenv("SCRATCH", raising=False)
     written = output_dir.format(tmp=tmp_path)
     text = GOOD.replace('task = "sub"', f'task = "sub"\noutput_dir = "{written}"')
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    message = str(caught.value)
+    assert "run.toml:4: run.output_dir: " in message
+    assert "'$SCRATCH' looks like an environment variable ($SCRATCH)" in message
+    assert "write the path out in full" in message
+    assert not (tmp_path / "$SCRATCH").exists()
+
+
+@pytest.mark.parametrize("output_dir", ["{tmp}/x/$RECYCLE.BIN/y", "x/$RECYCLE.BIN", "$1/x"])
+@pytest.mark.parametrize("variable_set", [False, True])
+def test_a_folder_whose_name_starts_with_a_dollar_is_taken_once_it_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output_dir: str, variable_set: bool
+) -> None:
+    # "$RECYCLE.BIN" (a Windows folder) is a real name: taken as written once it exists,
+    # whatever the environment holds ("$1" names no variable a config could mean).
+    if variable_set:
+        monkeypatch.setenv("RECYCLE", "/bin")
+    else:
+        monkeypatch.delenv("RECYCLE", raising=False)
+    written = output_dir.format(tmp=tmp_path)
+    text = GOOD.replace('task = "sub"', f'task = "sub"\noutput_dir = "{written}"')
+    if "$RECYCLE" in written:
+        with pytest.raises(ConfigError, match=r"looks like an environment variable \(\$RECYCLE\)"):
+            load_config(write(tmp_path, text))
+        (tmp_path / "x" / "$RECYCLE.BIN").mkdir(parents=True)
     config = load_config(write(tmp_path, text))
     assert config.run.output_dir == tmp_path / written
-    # Once the variable is set, a shell would have expanded it: refused, saying how out.
-    monkeypatch.setenv("RECYCLE", "/bin")
-    if "$RECYCLE" in written:
-        with pytest.raises(ConfigError) as caught:
-            load_config(write(tmp_path, text))
-        assert "looks like an environment variable ($RECYCLE)" in str(caught.value)
-        assert "rename it, or unset RECYCLE" in str(caught.value)
+
+
+def test_a_braced_variable_is_refused_unless_its_folder_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SPLIT", raising=False)
+    text = GOOD.replace('task = "sub"', 'task = "sub"\noutput_dir = "out/${SPLIT}"')
+    with pytest.raises(ConfigError, match=r"'\$\{SPLIT\}' looks like an environment variable"):
+        load_config(write(tmp_path, text))
+    (tmp_path / "out" / "${SPLIT}").mkdir(parents=True)
+    assert load_config(write(tmp_path, text)).run.output_dir == tmp_path / "out" / "${SPLIT}"
 
 
 def test_a_variable_inside_a_name_is_refused_when_set(

@@ -280,32 +280,56 @@ _BRACED = re.compile(r"\$\{[^}]*\}?")
 """A shell's ``${...}``."""
 
 
-def _refuse_variables(path: Path, loc: Loc) -> None:
+def _refuse_variables(path: Path, loc: Loc, base: Path) -> None:
     # ``$HOME/runs`` became a folder literally named "$HOME" beside the config, which a later
-    # `rm -rf $HOME/runs` in a shell would not remove, or worse. Refused: a ``$NAME`` whose
-    # variable is set here (a shell would have expanded it: ``$HOME``, ``runs-$USER``), and
-    # any ``${``, a shell's syntax no file name is likely to use. A ``$`` that names no set
-    # variable is a name (Windows' ``$RECYCLE.BIN``, ``a$b``) and is taken as written.
-    for part in path.parts:
+    # `rm -rf $HOME/runs` in a shell would not remove, or worse. Refused, set here or not: a
+    # part that starts with ``$NAME`` (``$SCRATCH/runs``: unset in cron or CI, it is still
+    # meant as a variable, and the same config is refused in a shell that sets it) and any
+    # ``${``, a shell's syntax no file name is likely to use; unless the path up to that part
+    # exists as written (Windows' ``$RECYCLE.BIN``). A ``$NAME`` inside a name
+    # (``runs-$USER``, ``a$b``) is refused only when ``NAME`` is set: a shell would expand it.
+    parts = path.parts
+    for index, part in enumerate(parts):
         braced = _BRACED.search(part)
+        leading = _VARIABLE.match(part)
         named = next((m for m in _VARIABLE.finditer(part) if m.group(1) in os.environ), None)
         if braced is not None:
-            found, literal = braced.group(), ""
+            found = braced.group()
+        elif leading is not None:
+            found = leading.group()
         elif named is not None:
             found = named.group()
-            literal = f"; a name that really holds {found}: rename it, or unset {named.group(1)}"
         else:
             continue
+        if (braced is not None or leading is not None) and _exists_as_written(
+            Path(*parts[: index + 1]), base
+        ):
+            continue
+        if braced is None and leading is None and named is not None:
+            how = f"; a name that really holds {found}: rename it, or unset {named.group(1)}"
+        else:
+            how = f"; a folder really named {part!r} is taken as written once it exists"
         raise _PathProblem(
             loc,
             f"{path}: {part!r} looks like an environment variable ({found}), and a config's "
             "paths are taken as written (no variable is expanded): write the path out in full "
-            f"(a leading ~ is the home folder){literal}",
+            f"(a leading ~ is the home folder){how}",
         )
 
 
+def _exists_as_written(path: Path, base: Path) -> bool:
+    """Whether ``path`` (relative ones from ``base``; ``~`` the home folder) names something
+    on disk, taken literally."""
+    try:
+        if str(path).startswith("~"):
+            path = path.expanduser()
+        return os.path.lexists(path if path.is_absolute() else base / path)
+    except (RuntimeError, OSError, ValueError):  # no home folder known; a name too long
+        return False
+
+
 def _resolve(path: Path, base: Path, loc: Loc) -> Path:
-    _refuse_variables(path, loc)
+    _refuse_variables(path, loc, base)
     # ``~`` as a shell reads it: a folder literally named "~" beside the config, which a
     # later `rm -rf ~` would take for the home folder, is never what was meant.
     if str(path).startswith("~"):
@@ -374,7 +398,7 @@ def _resolve_options(options: dict[str, Any], base: Path, where: Loc) -> dict[st
             continue
         elif Path(value).is_absolute():
             if key in PATH_OPTIONS:  # left as written, but never with a variable unexpanded
-                _refuse_variables(Path(value), (*where, key))
+                _refuse_variables(Path(value), (*where, key), base)
             continue
         elif not value and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
             raise _PathProblem((*where, key), EMPTY_PATH)
