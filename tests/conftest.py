@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -150,3 +150,38 @@ def unblocked_after(fifo: Path, seconds: float) -> Iterator[list[bool]]:
         yield fired
     finally:
         timer.cancel()
+
+
+class _CountedReads:
+    """A file opened for reading whose reads add their byte counts to ``sizes``."""
+
+    def __init__(self, handle: BinaryIO, sizes: list[int]) -> None:
+        self._handle = handle
+        self._sizes = sizes
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self._sizes.append(len(data))
+        return data
+
+    def __enter__(self) -> _CountedReads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Spy on the files ``module`` opens with ``open_regular_file`` whose name is ``name``:
+    the byte count of each read of them, in order."""
+    import trig_stream.files
+
+    sizes: list[int] = []
+    opened = trig_stream.files.open_regular_file
+
+    def counting(path: Path) -> object:
+        handle = opened(path)
+        return _CountedReads(handle, sizes) if Path(path).name == name else handle
+
+    monkeypatch.setattr(module, "open_regular_file", counting)
+    return sizes

@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from tests.conftest import write_prompts
+from tests.conftest import count_reads, write_prompts
 from trig_stream.backends.generators.source_images import source_image
 from trig_stream.config import DatasetSection
 from trig_stream.dataset import DatasetSource
@@ -878,6 +878,45 @@ def test_a_subfolder_with_another_tool_s_manifest_or_journal_is_read(
     samples = [entry for entry in source if isinstance(entry, Sample)]
     assert len(samples) == 10
     assert source.notes == []
+
+
+def test_a_large_manifest_of_another_tool_is_not_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dataset's own 100 MiB manifest.json (a JSON array, its index) was read and parsed
+    # whole on every walk of the folder: seconds and hundreds of megabytes each time.
+    import trig_stream.dataset_formats
+    from trig_stream.manifest import MANIFEST_HEAD_BYTES
+
+    folder = tmp_path / "ds"
+    write_parquet_prompts(folder, 4)
+    expected = len(read(DatasetSection(path=folder))[0])
+    (folder / "index").mkdir()
+    index = [{"file": f"train-{i:05}.parquet", "rows": i} for i in range(100_000)]
+    (folder / "index" / "manifest.json").write_text(json.dumps(index))
+    assert (folder / "index" / "manifest.json").stat().st_size > 2**20
+    sizes = count_reads(monkeypatch, trig_stream.dataset_formats, "manifest.json")
+    assert len(read(DatasetSection(path=folder))[0]) == expected
+    assert sizes and sum(sizes) <= MANIFEST_HEAD_BYTES
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_run_directory_s_manifest_compact_or_indented_leaves_it_out(
+    tmp_path: Path, indent: int | None
+) -> None:
+    from trig_stream.manifest import Manifest
+
+    folder = tmp_path / "pq"
+    write_parquet_prompts(folder, 4)
+    expected = len(read(DatasetSection(path=folder))[0])
+    run_dir = folder / "out" / "r"
+    (run_dir / "report" / "a").mkdir(parents=True)
+    manifest = Manifest(run_name="r", task="t2i").model_dump_json(indent=indent)
+    (run_dir / "manifest.json").write_text(manifest)
+    pl.DataFrame({"score": [0.5]}).write_parquet(run_dir / "report" / "a" / "j.parquet")
+    source = DatasetSource(DatasetSection(path=folder), normalise_task("t2i"))
+    assert len([entry for entry in source if isinstance(entry, Sample)]) == expected
+    assert "left out 1 parquet file(s) in 1 trig-stream run directory" in source.notes[0]
 
 
 def test_a_shard_that_does_not_fit_the_folder_s_columns_is_named(tmp_path: Path) -> None:

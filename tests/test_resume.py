@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import anyio.to_thread
 import pytest
 from PIL import Image
 
-from tests.conftest import ConfigFactory, write_prompts
+from tests.conftest import ConfigFactory, count_reads, write_prompts
 from tests.test_engine import journal, keys_count, run_to_end
 from tests.test_png import BROKEN_IMAGE_DATA, png_with_image_data, text_chunk
 from trig_stream import (
@@ -1155,6 +1156,39 @@ def test_a_damaged_manifest_is_one_message_saying_what_to_do(
     message = str(raised.value)
     assert f"it is damaged ({detail}" in message and "--new-run" in message
     assert "\n" not in message and "pydantic" not in message
+
+
+@pytest.mark.parametrize("start", [b"", b'{\n  "schema_version": 1,\n  "run_name": "r"'])
+async def test_a_manifest_larger_than_any_run_writes_is_not_read_whole(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch, start: bytes
+) -> None:
+    # Another program's manifest.json of a gigabyte in the output folder was read whole
+    # (and parsed) to tell whether a run wrote it.
+    from trig_stream import manifest as manifest_module
+    from trig_stream.manifest import MANIFEST_HEAD_BYTES, MAX_MANIFEST_BYTES
+
+    config = make_config(samples=2)
+    config.run_dir.mkdir(parents=True)
+    with open(config.run_dir / MANIFEST, "wb") as handle:
+        handle.write(start)
+        handle.truncate(MAX_MANIFEST_BYTES + 4 * 2**20)  # sparse: no disk taken
+    sizes = count_reads(monkeypatch, store, MANIFEST)
+    sizes_read = count_reads(monkeypatch, manifest_module, MANIFEST)
+    said = f"{config.run_dir / MANIFEST} is larger than 16 MiB, and a run's manifest is a few"
+    # A viewer reads it to show it: refused, read up to the cap only.
+    with pytest.raises(RunDirError, match=re.escape(said)):
+        read_manifest(config.run_dir)
+    assert sizes_read and sum(sizes_read) <= MAX_MANIFEST_BYTES + 1
+    if start:  # one that starts as a run's, damaged: a run with no results writes over it
+        store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
+        assert sum(sizes) <= MANIFEST_HEAD_BYTES
+        return
+    with pytest.raises(RunDirError, match=re.escape(said)):
+        store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
+    with pytest.raises(RunDirError, match=re.escape(said)):
+        await run_to_end(config)
+    assert sizes and sum(sizes) <= 2 * (MANIFEST_HEAD_BYTES + MAX_MANIFEST_BYTES + 1)
+    assert not (config.run_dir / JOURNAL).exists()
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from typing import Any
 from trig_stream.errors import DatasetError
 from trig_stream.files import open_regular_file
 from trig_stream.journal import holds_our_journal
-from trig_stream.manifest import MANIFEST, is_trig_stream_manifest
+from trig_stream.manifest import MANIFEST, MANIFEST_HEAD_BYTES, manifest_head_is_ours
 
 # Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
 # image), large for text-only files, where the per-batch cost dominates.
@@ -257,14 +257,16 @@ def _is_run_dir(folder: Path) -> bool:
     """Whether ``folder`` is a trig-stream run directory: its manifest or its journal is one
     trig-stream wrote. Another tool's ``manifest.json`` or ``journal.jsonl`` (a dataset's own
     index) does not make it one; nor does an empty manifest alone, which protects nothing."""
-    if holds_our_journal(folder):
+    if holds_our_journal(folder):  # its first bytes only
         return True
     try:
         with open_regular_file(folder / MANIFEST) as handle:
-            text = handle.read()
+            # Its first bytes only: a dataset's own index of that name (100 MiB of JSON) was
+            # read and parsed whole on every walk of the folder.
+            head = handle.read(MANIFEST_HEAD_BYTES)
     except OSError:
         return False
-    return bool(text.strip()) and is_trig_stream_manifest(text)
+    return manifest_head_is_ours(head)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePath
-from typing import Annotated, Any, Literal, Self, TypeAlias, get_args
+from typing import Annotated, Any, BinaryIO, Final, Literal, Self, TypeAlias, get_args
 
 from pydantic import (
     BaseModel,
@@ -30,12 +31,20 @@ from pydantic import (
 )
 
 from trig_stream.errors import FatalBackendError, RunDirError
-from trig_stream.files import open_regular_file
+from trig_stream.files import MAX_SETTINGS_BYTES, open_regular_file
 from trig_stream.journal import holds_our_journal
 from trig_stream.moves import Move
 from trig_stream.records import SCHEMA_VERSION, JudgeFingerprint, JudgementKey
 
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES: Final = MAX_SETTINGS_BYTES
+"""The largest ``manifest.json`` read whole. A run writes a few kilobytes; a larger file of
+that name is another program's (a dataset's index), and reading it whole cost seconds and
+hundreds of megabytes."""
+MANIFEST_HEAD_BYTES: Final = 4096
+"""How much of a ``manifest.json`` tells at once that trig-stream wrote it
+(:func:`manifest_head_is_ours`)."""
+_OUR_HEAD = re.compile(rb'\A\s*\{\s*"schema_version"\s*:')
 IMAGES = "images"
 """A run directory's folder of generated images."""
 
@@ -333,6 +342,31 @@ def is_trig_stream_manifest(text: bytes) -> bool:
     return isinstance(data, dict) and bool({"schema_version", "run_name"} & data.keys())
 
 
+def manifest_head_is_ours(head: bytes) -> bool:
+    """Whether ``head``, the first bytes of a ``manifest.json``, start as trig-stream writes
+    one: a JSON object whose first key is ``schema_version`` (the model's first field),
+    compact or indented. A manifest of ours cut short starts alike; another program's file
+    (a dataset's index, a JSON array) does not. Decided from :data:`MANIFEST_HEAD_BYTES`."""
+    return _OUR_HEAD.match(head[:MANIFEST_HEAD_BYTES]) is not None
+
+
+def read_manifest_text(handle: BinaryIO) -> bytes | None:
+    """The whole of an open ``manifest.json``, or None when it is larger than
+    :data:`MAX_MANIFEST_BYTES` (never one trig-stream wrote), read no further than that."""
+    text = handle.read(MAX_MANIFEST_BYTES + 1)
+    return None if len(text) > MAX_MANIFEST_BYTES else text
+
+
+def too_large_manifest(path: Path) -> str:
+    """The message for a ``manifest.json`` larger than any a run writes."""
+    return (
+        f"{path} is larger than {MAX_MANIFEST_BYTES // 2**20} MiB, and a run's manifest is a "
+        "few kilobytes: it is not a trig-stream run directory's manifest (another program's "
+        "file?); move it away, or use --new-run to start a fresh run directory beside it (or "
+        "change [run] name)"
+    )
+
+
 def manifest_is_ours(run_dir: Path, text: bytes) -> bool:
     """Whether ``text``, the ``manifest.json`` of ``run_dir``, is one trig-stream wrote: by
     its content (:func:`is_trig_stream_manifest`), or, when it is no JSON at all, by what
@@ -381,7 +415,10 @@ def read_manifest(run_dir: Path) -> Manifest:
     text = b""
     try:
         with open_regular_file(path) as handle:
-            text = handle.read()
+            whole = read_manifest_text(handle)
+        if whole is None:
+            raise RunDirError(too_large_manifest(path))
+        text = whole
         manifest = Manifest.model_validate_json(text)
     except FileNotFoundError:
         if not run_dir.exists():

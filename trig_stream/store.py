@@ -50,11 +50,16 @@ from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
 from trig_stream.manifest import IMAGES as IMAGES  # re-exported: store.IMAGES, as ever
 from trig_stream.manifest import (
     MANIFEST,
+    MANIFEST_HEAD_BYTES,
+    MAX_MANIFEST_BYTES,
     EntryKind,
     Manifest,
+    manifest_head_is_ours,
     manifest_is_ours,
     not_a_manifest,
     read_manifest,
+    read_manifest_text,
+    too_large_manifest,
 )
 from trig_stream.moves import Move
 from trig_stream.records import MAX_NAME_CHARS, QuarantinedRecord, storable_text
@@ -517,8 +522,14 @@ def _refuse_files_not_ours(path: Path) -> None:
     """
     with suppress(OSError):
         with open_regular_file(path / MANIFEST) as handle:
-            text = handle.read()
-        if not manifest_is_ours(path, text):
+            head = handle.read(MANIFEST_HEAD_BYTES)
+            # One that starts as ours is: nothing more to read. Any other is read whole, up
+            # to the cap only (a foreign file of a gigabyte was read whole).
+            ours = manifest_head_is_ours(head)
+            rest = b"" if ours else read_manifest_text(handle)
+        if rest is None or len(head) + len(rest) > MAX_MANIFEST_BYTES:
+            raise RunDirError(too_large_manifest(path / MANIFEST))
+        if not ours and not manifest_is_ours(path, head + rest):
             raise RunDirError(not_a_manifest(path / MANIFEST))
     with suppress(OSError):
         with open_regular_file(path / QUARANTINE) as handle:
