@@ -33,6 +33,7 @@ from trig_stream import (
     ItemError,
     RateLimitError,
     RetryableError,
+    RunDirError,
     RunSummary,
     TrigStreamError,
     UnreachableError,
@@ -270,6 +271,11 @@ class FailingLoad(SyntheticGenerator):
             FatalBackendError("the images API of generator 'bad' refused the credentials"),
             "the images API of generator 'bad' refused the credentials",
         ),
+        # The bare name in other words is no naming of the generator.
+        (
+            FatalBackendError("a bad checkpoint"),
+            "generator 'bad': a bad checkpoint",
+        ),
     ],
 )
 async def test_a_failed_load_names_its_generator_among_several(
@@ -286,6 +292,43 @@ async def test_a_failed_load_names_its_generator_among_several(
         await run_to_end(config, generators=[good, FailingLoad("bad", error)])
     assert raised.value is error
     assert str(raised.value).startswith(message)
+
+
+class _DeviceError(FatalBackendError):
+    """A backend's error whose message is built from its attributes, not its args."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+
+    def __str__(self) -> str:
+        return f"device {self.device} is unusable"
+
+
+class _LockError(RunDirError):
+    def __str__(self) -> str:
+        return "its cache folder is locked"
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"), [(_DeviceError("cuda:7"), FatalBackendError), (_LockError(), RunDirError)]
+)
+async def test_a_failed_load_of_an_error_with_its_own_str_names_its_generator(
+    make_config: ConfigFactory, error: TrigStreamError, kind: type[TrigStreamError]
+) -> None:
+    # Setting args changed nothing its __str__ shows: the generator went unnamed.
+    config = make_config(
+        generators=[
+            {"name": "syn", "backend": "synthetic", "options": {"size": 16}},
+            {"name": "bad", "backend": "synthetic", "options": {"size": 16}},
+        ]
+    )
+    good = SyntheticGenerator("syn", SyntheticOptions(size=16))
+    with pytest.raises(kind) as raised:
+        await run_to_end(config, generators=[good, FailingLoad("bad", error)])
+    # Of the same exit code as the backend's own error.
+    assert type(raised.value) is kind
+    assert str(raised.value) == f"generator 'bad': {error}"
 
 
 async def test_a_fatal_generate_error_names_its_generator_among_several(

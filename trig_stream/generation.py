@@ -45,7 +45,14 @@ from trig_stream.backends.base import (
     checked_notes,
 )
 from trig_stream.backends.threads import ThreadCalls, call_in_thread, load_in_thread
-from trig_stream.errors import FatalBackendError, ItemError, TrigStreamError
+from trig_stream.errors import (
+    ConfigError,
+    ConfigWriteError,
+    FatalBackendError,
+    ItemError,
+    RunDirError,
+    TrigStreamError,
+)
 from trig_stream.pipeline import (
     ImageItem,
     RunContext,
@@ -181,7 +188,8 @@ class GenerationStage:
                 if not await unless(self._context.stopping, load):
                     return False
             except TrigStreamError as exc:
-                _name_in(exc, self._name)
+                if (named := _name_in(exc, self._name)) is not None:
+                    raise named from exc
                 raise
             except Exception as exc:
                 raise FatalBackendError(f"{self._name} failed to load: {exc}") from exc
@@ -368,7 +376,8 @@ class GenerationStage:
                 requests, worker=worker, cancel=self._context.cancel_generation
             )
         except FatalBackendError as exc:
-            _name_in(exc, self._name)
+            if (named := _name_in(exc, self._name)) is not None:
+                raise named from exc
             raise
         except Exception as exc:
             images = [exc] * len(requests)
@@ -500,20 +509,34 @@ class GenerationStage:
         return pngs
 
 
-def _name_in(exc: TrigStreamError, name: str) -> None:
-    """Lead the message of an error that stops the run with ``name`` ("generator 'x'"),
-    unless it names it already: with several models in a run, a backend's own words ("cannot
-    load '/models/sd'") do not say whose they are.
+def _name_in(exc: TrigStreamError, name: str) -> TrigStreamError | None:
+    """Lead the message of an error that stops the run with ``name`` ("generator 'x'",
+    quoted as a whole), unless it names it already: with several models in a run, a
+    backend's own words ("cannot load '/models/sd'") do not say whose they are.
 
     Changed in place, not wrapped: its type (which picks the command's exit code) and its
     attributes stay as the backend raised them.
+
+    Returns:
+        None when ``exc`` names it now; else (an error class whose ``__str__`` is its own,
+        built from attributes, which ignores ``args``) an error of the same exit code whose
+        message does, to raise ``from`` it.
     """
     text = str(exc)
     if name in text:
-        return
-    exc.args = (f"{name}: {text}",)
+        return None
+    led = f"{name}: {text}"
+    exc.args = (led,)
     if isinstance(exc, ImportError):  # a MissingExtraError: its str() is its msg
-        exc.msg = exc.args[0]
+        exc.msg = led
+    if name in str(exc):
+        return None
+    kind: type[TrigStreamError] = FatalBackendError
+    for exit_kind in (ConfigWriteError, ConfigError, RunDirError):
+        if isinstance(exc, exit_kind):
+            kind = exit_kind
+            break
+    return kind(led)
 
 
 def _png_or_reason(image: Image) -> bytes | str:
