@@ -533,3 +533,90 @@ async def test_a_stopped_run_does_not_name_the_files_it_never_reached_as_unused(
     assert finished.unmatched == ["TA-C_TA-R_99.png"]
     (note,) = [n for n in finished.notes() if "not asked for" in n]
     assert note.startswith(f"1 image file(s) in {folder} were not asked for in this run")
+
+
+def test_a_second_load_indexes_the_folder_afresh(tmp_path: Path) -> None:
+    # load() kept the first index and added the folder again: the unused-files note listed
+    # every file twice.
+    for name in ("IQ-R_TA-C_1.png", "IQ-R_TA-C_2.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    generator = ImageFolderGenerator("g", ImageFolderOptions(path=tmp_path))
+    generator.load()
+    generator.all_requested()
+    generator.close()
+    first = (generator.unmatched, generator.ignored, generator.notes())
+    generator.load()
+    generator.all_requested()
+    generator.close()
+    assert (generator.unmatched, generator.ignored, generator.notes()) == first
+    assert generator.unmatched == ["IQ-R_TA-C_1.png", "IQ-R_TA-C_2.png"]
+
+
+class BlocksTheLastCall(ImageFolderGenerator):
+    """An image folder whose eighth call (of one sample each) waits until the test lets it
+    go: the run's last sample, generating."""
+
+    def __init__(self, name: str, options: ImageFolderOptions) -> None:
+        super().__init__(name, options)
+        self.reached = threading.Event()
+        self.go = threading.Event()
+        self.calls = 0
+
+    def generate(
+        self, requests: Any, *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | EncodedPicture | Exception]:
+        self.calls += 1
+        if self.calls == 8:
+            self.reached.set()
+            assert self.go.wait(60)  # a safety net: the test lets it go at once
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+
+async def test_a_stop_while_the_last_sample_generates_still_names_unused_files(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A graceful stop that came once every sample was asked for (the last one generating)
+    # counted as a stop that left samples unreached: the unused file went unnamed.
+    import anyio
+
+    import trig_stream.engine
+    from trig_stream.stats import Counters
+
+    dataset_read = anyio.Event()
+
+    class Watched(Counters):
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            if name == "dataset_read" and value:
+                dataset_read.set()
+
+    monkeypatch.setattr(trig_stream.engine, "Counters", Watched)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ids = [
+        f"{pair}_{n}" for n in (1, 2) for pair in ("IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R")
+    ]
+    for data_id in [*ids, "TA-C_TA-R_99"]:  # the last matches no sample
+        Image.new("RGB", (8, 8), "red").save(folder / f"{data_id}.png")
+    config = make_config(
+        samples=8,
+        generators=[
+            {"name": "elsewhere", "backend": "image_folder", "options": {"path": str(folder)}}
+        ],
+    )
+    generator = BlocksTheLastCall("elsewhere", ImageFolderOptions(path=folder))
+    try:
+        async with Engine(config, generators=[generator]) as engine:
+            with anyio.fail_after(60):  # a safety net
+                await anyio.to_thread.run_sync(generator.reached.wait)
+                await dataset_read.wait()
+            engine.stop()
+            generator.go.set()
+            async for _ in engine.results:
+                pass
+    finally:
+        generator.go.set()
+    assert generator.calls == 8  # every sample was asked for
+    assert generator.unmatched == ["TA-C_TA-R_99.png"]
+    (note,) = [n for n in generator.notes() if "not asked for" in n]
+    assert note.startswith(f"1 image file(s) in {folder} were not asked for in this run")

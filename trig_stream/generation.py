@@ -111,6 +111,8 @@ class GenerationStage:
         """Those of them that failed as a whole (see :attr:`_Made.failure`)."""
         self._pictures_to_write = 0
         """Calls that returned pictures which are not written yet."""
+        self._dropped_any = False
+        """Whether a stop dropped a sample of this stage's input, never asked for."""
 
     async def run(
         self,
@@ -140,8 +142,14 @@ class GenerationStage:
                             image_send.clone(),
                             judgement_send.clone(),
                         )
-                # Its input ran out, not cut short by a stop: every sample was asked for.
-                finished = not self._context.stopping.is_set()
+                # Every sample was asked for: its input ran out, not cut short by a stop; or
+                # a graceful stop came after the whole dataset was queued (its last batch
+                # generating) and this stage dropped none of it.
+                finished = not self._context.stopping.is_set() or (
+                    self._context.counters.dataset_read
+                    and not self._dropped_any
+                    and not self._context.hard_stopping.is_set()
+                )
             finally:
                 # A cancel or a failure leaves samples in the buffer (a graceful stop drops
                 # them as they come): no longer queued, or the buffer showed full and the
@@ -262,6 +270,7 @@ class GenerationStage:
         # A stop: queued samples are new work; drop them, and take them off the model's
         # count (the dashboard showed them generating forever).
         counts = self._context.counters.model(self._generator.name)
+        self._dropped_any = self._dropped_any or bool(batch)
         for work in batch:
             counts.queued -= 1
             counts.to_judge -= len(work.todo)

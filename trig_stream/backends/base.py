@@ -251,10 +251,10 @@ class Generator(ABC):
 
     def all_requested(self) -> None:  # noqa: B027 - optional hook
         """Told, in a worker thread just before :meth:`close`, that the run went through its
-        whole input: every sample it had for this generator was asked for. Not called after
-        a stop, a cancellation or a failure, which leave samples unreached: what the run
-        never asked for is then no sign of a file or sample in excess (see
-        :meth:`notes`)."""
+        whole input: every sample it had for this generator was asked for (a graceful stop
+        that came after that, its last calls in flight, included). Not called after a stop
+        that left samples unreached, a cancellation or a failure: what the run never asked
+        for is then no sign of a file or sample in excess (see :meth:`notes`)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; called once, in a worker thread, at the end of the run."""

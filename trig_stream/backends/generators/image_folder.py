@@ -130,6 +130,12 @@ class ImageFolderGenerator(Generator):
             FatalBackendError: the folder does not exist.
         """
         self.check_environment()
+        # Loaded again (a second run of this instance): indexed afresh, not added to the
+        # first index, whose files the unused-files note then listed twice.
+        self._files = {}
+        self._others = {}
+        with self._lock:
+            self._requested = set()
         self._all_requested = False
         accepted = self.options.extensions
         for entry in sorted(self.folder.iterdir()):
