@@ -1169,9 +1169,8 @@ async def test_a_manifest_larger_than_any_run_writes_is_not_read_whole(
 
     config = make_config(samples=2)
     config.run_dir.mkdir(parents=True)
-    with open(config.run_dir / MANIFEST, "wb") as handle:
-        handle.write(start)
-        handle.truncate(MAX_MANIFEST_BYTES + 4 * 2**20)  # sparse: no disk taken
+    (config.run_dir / MANIFEST).write_bytes(start)
+    os.truncate(config.run_dir / MANIFEST, MAX_MANIFEST_BYTES + 4 * 2**20)  # sparse: no disk
     sizes = count_reads(monkeypatch, store, MANIFEST)
     sizes_read = count_reads(monkeypatch, manifest_module, MANIFEST)
     said = f"{config.run_dir / MANIFEST} is larger than 16 MiB, and a run's manifest is a few"
