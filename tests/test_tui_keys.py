@@ -186,7 +186,8 @@ async def test_hard_quit_then_resume_judges_each_key_once(make_config: ConfigFac
 
 
 async def test_ctrl_c_stops_gracefully_then_hard(make_config: ConfigFactory) -> None:
-    # A deep image buffer: the graceful stop has a lot to finish when the second ctrl+c comes.
+    # Requests that take long: the graceful stop waits for those in flight, and is still
+    # waiting when the second ctrl+c comes (the buffered images it leaves to the resume).
     config = make_config(
         samples=80,
         engine={"image_buffer": 32},
@@ -195,7 +196,7 @@ async def test_ctrl_c_stops_gracefully_then_hard(make_config: ConfigFactory) -> 
                 "name": "trigscore",
                 "backend": "fake",
                 "concurrency": 2,
-                "options": {"latency_s": 0.05},
+                "options": {"latency_s": 600},
             }
         ],
     )
