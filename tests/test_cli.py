@@ -1660,6 +1660,33 @@ def test_a_final_report_that_cannot_be_written_points_to_another_folder(
     )
 
 
+def test_a_refused_final_report_keeps_the_runs_exit_status_and_report_then_exits_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # README: the run's exit status is about its judgements (0: done), its report a step that
+    # `trig-stream report RUN_DIR` repeats, which then exits 3 with the error.
+    from trig_stream.analysis import commands
+
+    write_report = commands.write_report
+
+    def foreign_comparison_first(run_dir: Path, *args: Any, **kwargs: Any) -> Path:
+        (run_dir / "report").mkdir(exist_ok=True)
+        (run_dir / "report" / "comparison.md").write_text("my notes\n")
+        return write_report(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(commands, "write_report", foreign_comparison_first)
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    comparison = run_dir / "report" / "comparison.md"
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("no report:")] == [err[-1]]
+    assert err[-1].startswith(f"no report: {comparison} is not a comparison a report wrote")
+    assert comparison.read_text() == "my notes\n"
+    monkeypatch.setattr(commands, "write_report", write_report)
+    assert main(["report", str(run_dir)]) == EXIT_RUN_DIR
+    assert f"error: {comparison} is not a comparison a report wrote" in capsys.readouterr().err
+
+
 def test_a_final_report_that_cannot_be_written_shows_its_reason_escaped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
