@@ -2024,14 +2024,17 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out == f"trig-stream {trig_stream.__version__}\n"
 
 
+@pytest.mark.parametrize(
+    "options", [["--new-run", "--retry-errors"], ["--retry-errors", "--new-run"]]
+)
 @pytest.mark.parametrize("command", ["run", "validate"])
 def test_a_new_run_that_would_retry_errors_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, options: list[str]
 ) -> None:
     # Accepted silently: --retry-errors did nothing in the fresh directory --new-run starts.
     path = write_config(tmp_path)
     with pytest.raises(SystemExit) as exited:
-        main([command, str(path), "--new-run", "--retry-errors"])
+        main([command, str(path), *options])
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"usage: trig-stream {command} ")
@@ -2040,6 +2043,40 @@ def test_a_new_run_that_would_retry_errors_is_refused(
         "new run directory has no errors to ask again; leave one of them out\n"
     )
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--bogus", "run", "x.toml"]])
+def test_an_unknown_option_before_the_command_is_named_with_the_top_level_usage(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    # `--bogus` said "the following arguments are required: COMMAND", and `--bogus run x`
+    # blamed run ("trig-stream run: error: unrecognized arguments: --bogus").
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: trig-stream [-h] [--version] COMMAND ...")
+    assert err.endswith("trig-stream: error: unrecognized arguments: --bogus\n")
+
+
+def test_no_command_is_still_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "trig-stream: error: the following arguments are required: COMMAND\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_the_usage_shows_retry_errors_and_new_run_as_exclusive(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # README shows `[--retry-errors | --new-run]`; the usage showed two independent options.
+    with pytest.raises(SystemExit) as exited:
+        main([command, "-h"])
+    assert exited.value.code == 0
+    assert "[--retry-errors | --new-run]" in capsys.readouterr().out
 
 
 def test_an_unknown_option_shows_the_usage_of_its_command(

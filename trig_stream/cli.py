@@ -135,21 +135,57 @@ CORE_COMMANDS = ("run", "validate", "status")
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    """The command line's arguments; a usage error exits 2 with the usage of the command
-    it concerns (argparse reported an unknown option of ``run`` with the top-level usage).
+    """The command line's arguments; a usage error exits 2 with the usage of what it concerns:
+    an unknown option before COMMAND, the top-level usage (``trig-stream --bogus`` said COMMAND
+    was required, and ``--bogus run x`` blamed run); one after it, the command's (argparse
+    reported an unknown option of ``run`` with the top-level usage).
     """
-    parser = _parser(argv[0] if argv else None)
+    parser = _parser(_command_name(argv))
+    start = _command_start(argv)
+    # The top-level options alone first (COMMAND not required there): -h and --version act
+    # at once, as argparse does; anything else there is no option of trig-stream's.
+    _, unknown = parser.parse_known_args(argv[:start])
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args, unknown = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.error("the following arguments are required: COMMAND")
     command: argparse.ArgumentParser = args.command_parser
     if unknown:
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if getattr(args, "new_run", False) and getattr(args, "retry_errors", False):
-        # Accepted silently, it did nothing: a fresh directory holds no judgement.
-        command.error(
-            "argument --retry-errors: not allowed with --new-run: a new run directory has no "
-            "errors to ask again; leave one of them out"
-        )
     return args
+
+
+def _command_start(argv: Sequence[str]) -> int:
+    """Where COMMAND starts in ``argv`` (its length when there is none): the first word that is
+    no option, or ``--``. The top-level options take no value."""
+    for index, word in enumerate(argv):
+        if word in ("-", "--") or not word.startswith("-"):
+            return index
+    return len(argv)
+
+
+def _command_name(argv: Sequence[str]) -> str | None:
+    """The word where COMMAND stands in ``argv`` (the parser imports that command's module
+    alone), if any."""
+    start = _command_start(argv)
+    return argv[start] if start < len(argv) else None
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: argparse's refusal of ``--retry-errors`` with ``--new-run`` (one
+    mutually exclusive group, so the usage shows ``[--retry-errors | --new-run]``) says why."""
+
+    def error(self, message: str) -> NoReturn:
+        if "not allowed with argument" in message and all(
+            option in message for option in ("--retry-errors", "--new-run")
+        ):
+            # Accepted silently, it did nothing: a fresh directory holds no judgement.
+            message = (
+                "argument --retry-errors: not allowed with --new-run: a new run directory has "
+                "no errors to ask again; leave one of them out"
+            )
+        super().error(message)
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -159,7 +195,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Evaluate image generators on TRIG as a stream: generate, judge, analyse.",
     )
     parser.add_argument("--version", action="version", version=f"trig-stream {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Not required here: _parse says so, once the options before COMMAND are checked.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
 
     run = commands.add_parser("run", help="run (or resume) an evaluation")
     run.add_argument("config", type=Path, help="the run's TOML config")
@@ -168,10 +205,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="plain progress, no dashboard (the default when not on a terminal)",
     )
-    run.add_argument(
+    run_dir_choice = run.add_mutually_exclusive_group()
+    run_dir_choice.add_argument(
         "--retry-errors", action="store_true", help="ask again the judgements that failed"
     )
-    run.add_argument(
+    run_dir_choice.add_argument(
         "--new-run",
         action="store_true",
         help="start a fresh run directory beside the configured one if that exists (<name>-2, ...)",
@@ -186,12 +224,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a config without running it")
     validate.add_argument("config", type=Path)
-    validate.add_argument(
+    validate_choice = validate.add_mutually_exclusive_group()
+    validate_choice.add_argument(
         "--retry-errors",
         action="store_true",
         help="count the judgements that failed as work, as `run --retry-errors` asks them again",
     )
-    validate.add_argument(
+    validate_choice.add_argument(
         "--new-run",
         action="store_true",
         help="check as `run --new-run` would: the fresh run directory it would start",
