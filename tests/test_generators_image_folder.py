@@ -105,7 +105,7 @@ async def test_image_folder_edge_cases_through_the_engine(
     assert generator.ignored == ["R-T_IQ-A_2.gif", "notes.txt"]
     # Said once, in the end-of-run note, not also in a log line worded for a first run.
     (note,) = [n for n in generator.notes() if "TA-C_TA-R_99.png" in n]
-    assert note.startswith(f"1 image file(s) in {folder} were not asked for in this run")
+    assert note.startswith(f"1 image file(s) in {folder} match no sample of the run")
     assert "TA-C_TA-R_99.png" not in caplog.text
 
     # Images are copied into the run as PNGs, at their own size; an RGB PNG byte for byte,
@@ -524,15 +524,102 @@ async def test_a_stopped_run_does_not_name_the_files_it_never_reached_as_unused(
     assert engine.stats().state == "stopped"
     assert stopped.calls == 3  # samples 4 to 8 were never asked for
     assert stopped.unmatched == []
-    assert not [note for note in stopped.notes() if "not asked for" in note]
+    assert not [note for note in stopped.notes() if "match no sample" in note]
 
     finished = ImageFolderGenerator("elsewhere", options)
     async with Engine(config_of("finished"), generators=[finished]) as engine:
         results = [j async for j in engine.results]
     assert len(results) == 16
     assert finished.unmatched == ["TA-C_TA-R_99.png"]
-    (note,) = [n for n in finished.notes() if "not asked for" in n]
-    assert note.startswith(f"1 image file(s) in {folder} were not asked for in this run")
+    (note,) = [n for n in finished.notes() if "match no sample" in n]
+    assert note.startswith(f"1 image file(s) in {folder} match no sample of the run")
+
+
+async def test_a_resume_names_only_the_files_that_match_no_sample(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # The resume of a stopped run listed the samples the first run had judged as "not asked
+    # for in this run (no such sample, filtered out, or already judged)", hiding among them
+    # the one file that matches no sample.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ids = [
+        f"{pair}_{n}" for n in (1, 2) for pair in ("IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R")
+    ]
+    for data_id in [*ids, "TA-C_TA-R_99"]:  # the last matches no sample
+        Image.new("RGB", (8, 8), "red").save(folder / f"{data_id}.png")
+    config = make_config(
+        samples=8,
+        generators=[
+            {"name": "elsewhere", "backend": "image_folder", "options": {"path": str(folder)}}
+        ],
+    )
+    options = ImageFolderOptions(path=folder)
+    stopped = BlocksFromTheThirdSample("elsewhere", options)
+    async with Engine(config, generators=[stopped]) as engine:
+        async for _ in engine.results:
+            if not stopped.stopped.is_set():
+                engine.stop()
+                stopped.stopped.set()
+    assert engine.stats().state == "stopped"
+    judged = {r["data_id"] for r in journal(config)}
+    assert judged and len(judged) < len(ids)
+
+    resumed = ImageFolderGenerator("elsewhere", options)
+    async with Engine(config, generators=[resumed]) as engine:
+        results = [j async for j in engine.results]
+    assert engine.stats().state == "done"
+    assert {r.data_id for r in results} == set(ids) - judged  # the judged ones passed over
+    assert resumed.unmatched == ["TA-C_TA-R_99.png"]
+    (note,) = [n for n in resumed.notes() if "match no sample" in n]
+    assert note == (
+        f"1 image file(s) in {folder} match no sample of the run's dataset selection (no such "
+        "sample, or filtered out): TA-C_TA-R_99.png"
+    )
+
+    # Nothing left to generate: the generator never loads, and says nothing of its files.
+    again = ImageFolderGenerator("elsewhere", options)
+    async with Engine(config, generators=[again]) as engine:
+        assert [j async for j in engine.results] == []
+    assert again.unmatched == []
+    assert again.notes() == []
+
+
+async def test_a_resume_passes_over_the_samples_whose_images_it_reuses(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # An image an earlier run wrote but did not judge is reused, not asked for: its file is
+    # the sample's all the same.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ids = ["IQ-R_TA-C_1", "IQ-A_TA-S_1", "R-T_IQ-A_1"]
+    for data_id in [*ids, "TA-C_TA-R_99"]:
+        Image.new("RGB", (8, 8), "red").save(folder / f"{data_id}.png")
+    config = make_config(
+        samples=3,
+        generators=[
+            {"name": "elsewhere", "backend": "image_folder", "options": {"path": str(folder)}}
+        ],
+    )
+    options = ImageFolderOptions(path=folder)
+    async with Engine(config, generators=[ImageFolderGenerator("elsewhere", options)]) as engine:
+        assert len([j async for j in engine.results]) == 6
+    # Forget the judgements of the first two samples: the first keeps its image, to be
+    # reused; the second's is made again (the generator loads).
+    lines = (config.run_dir / JOURNAL).read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["data_id"] not in ids[:2]]
+    assert len(kept) == 2
+    (config.run_dir / JOURNAL).write_text("".join(kept))
+    (made_again,) = (config.run_dir / IMAGES).rglob(f"{ids[1]}.png")
+    made_again.unlink()
+
+    resumed = ImageFolderGenerator("elsewhere", options)
+    async with Engine(config, generators=[resumed]) as engine:
+        results = [j async for j in engine.results]
+    assert {r.data_id for r in results} == set(ids[:2])
+    counts = engine.stats().models["elsewhere"]
+    assert (counts.reused, counts.generated) == (1, 1)
+    assert resumed.unmatched == ["TA-C_TA-R_99.png"]
 
 
 def test_a_second_load_indexes_the_folder_afresh(tmp_path: Path) -> None:
@@ -542,11 +629,11 @@ def test_a_second_load_indexes_the_folder_afresh(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     generator = ImageFolderGenerator("g", ImageFolderOptions(path=tmp_path))
     generator.load()
-    generator.all_requested()
+    generator.all_requested(frozenset())
     generator.close()
     first = (generator.unmatched, generator.ignored, generator.notes())
     generator.load()
-    generator.all_requested()
+    generator.all_requested(frozenset())
     generator.close()
     assert (generator.unmatched, generator.ignored, generator.notes()) == first
     assert generator.unmatched == ["IQ-R_TA-C_1.png", "IQ-R_TA-C_2.png"]
@@ -618,5 +705,5 @@ async def test_a_stop_while_the_last_sample_generates_still_names_unused_files(
         generator.go.set()
     assert generator.calls == 8  # every sample was asked for
     assert generator.unmatched == ["TA-C_TA-R_99.png"]
-    (note,) = [n for n in generator.notes() if "not asked for" in n]
-    assert note.startswith(f"1 image file(s) in {folder} were not asked for in this run")
+    (note,) = [n for n in generator.notes() if "match no sample" in n]
+    assert note.startswith(f"1 image file(s) in {folder} match no sample of the run")

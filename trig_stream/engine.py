@@ -40,7 +40,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trig_stream.analysis.live import RelationTracker
-from trig_stream.backends.base import Generator, Judge
+from trig_stream.backends.base import Generator, Judge, hears_of_whole_input
 from trig_stream.backends.registry import build_generator, build_judge, check_backends
 from trig_stream.buffers import Streams, create_streams
 from trig_stream.config import RunConfig
@@ -521,6 +521,7 @@ class Engine:
             cancel_generation=self._cancel_generation,
             stopping=self._stop_event,
             hard_stopping=self._cancel_event,
+            passed_over={g.name: set() for g in self._generators if hears_of_whole_input(g)},
         )
 
     async def _count_samples(self, first_judgement: anyio.Event) -> None:

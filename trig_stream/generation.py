@@ -27,6 +27,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -210,7 +211,10 @@ class GenerationStage:
         # The run's outcome is written by now: a failing close is worth a note, not the run.
         generator = self._generator
         if finished:
-            self._call_noting("all_requested()", generator.all_requested)
+            passed_over: AbstractSet[str] = self._context.passed_over.get(
+                generator.name, frozenset()
+            )
+            self._call_noting("all_requested()", partial(generator.all_requested, passed_over))
         self._call_noting("closing it", generator.close)
 
     def _call_noting(self, what: str, method: Callable[[], None]) -> None:
@@ -358,6 +362,7 @@ class GenerationStage:
         for index, (work, path) in enumerate(zip(batch, paths, strict=True)):
             found = reusable_image(path, work.image_label)
             if found is not None:
+                self._context.pass_over(work.model, work.sample.data_id)
                 pictures.append(
                     GeneratedImage(
                         model=work.model,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import anyio
@@ -69,6 +69,17 @@ class RunContext:
     work in flight (a generator's load)."""
     hard_stopping: anyio.Event
     """Set on a hard stop: it ends every wait (a generator's close, which may hang)."""
+    passed_over: dict[str, set[str]] = field(default_factory=dict)
+    """Per model whose generator hears of it (see
+    :meth:`~trig_stream.backends.base.Generator.all_requested`), the data_ids of the samples
+    the run did not ask it for: finished (the source stage, in its thread) or reused (the
+    generation stage)."""
+
+    def pass_over(self, model: str, data_id: str) -> None:
+        """Note that ``model``'s generator is not asked for ``data_id``."""
+        passed_over = self.passed_over.get(model)
+        if passed_over is not None:
+            passed_over.add(data_id)  # one call, atomic: the set is shared by two threads
 
 
 def failed_judgement(

@@ -266,8 +266,11 @@ class SourceStage:
         # Called by the dataset reader (in its thread) before it builds a sample.
         if not self._owed.finished(data_id, dimensions):
             return False
-        counters = self._context.counters
+        context = self._context
+        counters = context.counters
         counters.samples_read += 1
+        for model in self._models:  # a sample of the selection all the same
+            context.pass_over(model, data_id)
         if not self._owed.measured(dimensions):
             counters.unmeasured += 1  # nothing to do, not something done
             return True
@@ -301,6 +304,7 @@ class SourceStage:
                 items.append(WorkItem(model, sample, seed, todo))
             else:
                 self._context.counters.model(model).skipped += 1
+                self._context.pass_over(model, sample.data_id)
         return items
 
     def _note_an_empty_selection(self, source: DatasetSource) -> None:

@@ -16,6 +16,7 @@ import numbers
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -249,12 +250,25 @@ class Generator(ABC):
             FatalBackendError: nothing can be generated at all (the run stops).
         """
 
-    def all_requested(self) -> None:  # noqa: B027 - optional hook
+    def all_requested(  # noqa: B027 - optional hook
+        self, passed_over: AbstractSet[str] = frozenset()
+    ) -> None:
         """Told, in a worker thread just before :meth:`close`, that the run went through its
         whole input: every sample it had for this generator was asked for (a graceful stop
-        that came after that, its last calls in flight, included). Not called after a stop
-        that left samples unreached, a cancellation or a failure: what the run never asked
-        for is then no sign of a file or sample in excess (see :meth:`notes`)."""
+        that came after that, its last calls in flight, included), or passed over. Not called
+        after a stop that left samples unreached, a cancellation or a failure: what the run
+        never asked for is then no sign of a file or sample in excess (see :meth:`notes`);
+        nor when the generator never loaded (nothing to generate: a finished run directory,
+        every image on disk), as :meth:`close` is not.
+
+        Args:
+            passed_over: the data_ids of the dataset selection's samples that the run did
+                not ask this generator for: already judged (by an earlier run in the
+                directory, or measured by no judge), or whose image an earlier run left on
+                disk (reused). With the samples it was asked for, they are the whole
+                selection. Collected only for a generator whose class overrides this hook
+                (see :func:`hears_of_whole_input`).
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; called once, in a worker thread, at the end of the run."""
@@ -276,6 +290,12 @@ class Generator(ABC):
         Called once per new image, in a worker thread, after :meth:`generate` returned it.
         """
         return None
+
+
+def hears_of_whole_input(generator: Generator) -> bool:
+    """Whether ``generator`` overrides :meth:`Generator.all_requested`: the run then collects
+    the data_ids it passes over for it (a set of the selection's ids, kept for the run)."""
+    return type(generator).all_requested is not Generator.all_requested
 
 
 def reads_source_images(generators: Iterable[Generator]) -> bool:

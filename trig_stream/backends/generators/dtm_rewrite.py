@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -317,8 +318,8 @@ class DTMRewriteGenerator(Generator):
     def stop_loading(self) -> None:
         self.inner.stop_loading()
 
-    def all_requested(self) -> None:
-        self.inner.all_requested()
+    def all_requested(self, passed_over: AbstractSet[str] = frozenset()) -> None:
+        self.inner.all_requested(passed_over)
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event

@@ -9,10 +9,11 @@ decoded completely (a broken one is an item error, not a crash) and the engine e
 PNG. For a 1 MB 512x512 PNG that is ~10 ms of CPU (~35 ms at 1024x1024) instead of decoding and
 encoding again (~85 ms for a 1024x1024 JPEG with the engine's encoder).
 
-Files that match no requested sample are counted at :meth:`ImageFolderGenerator.close`,
-kept in :attr:`ImageFolderGenerator.unmatched` and listed in the end-of-run notes: outside
-``--retry-errors`` they usually mean a folder from another task, a renamed dataset, or ids
-with a typo.
+Files that match no sample of the run's dataset selection (neither asked for nor passed over
+by the run: see :meth:`ImageFolderGenerator.all_requested`) are counted at
+:meth:`ImageFolderGenerator.close`, kept in :attr:`ImageFolderGenerator.unmatched` and listed
+in the end-of-run notes: they usually mean a folder from another task, a renamed dataset, a
+filter, or ids with a typo.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +64,11 @@ class ImageFolderGenerator(Generator):
     """Serves images from a folder, one ``<data_id>.<ext>`` file per sample.
 
     Attributes:
-        unmatched: after :meth:`close`, the names of image files no requested sample asked
-            for, sorted; known only after a run that went through its whole input (see
-            :meth:`all_requested`): a stopped one never asked for the samples it left.
+        unmatched: after :meth:`close`, the names of image files that match no sample of the
+            run's dataset selection, sorted; known only after a run that went through its
+            whole input (see :meth:`all_requested`): a stopped one never asked for the samples
+            it left. A run that never loaded the generator (nothing to generate) closes it
+            neither, and names none.
         ignored: after :meth:`close`, the names of files whose extension is not accepted.
     """
 
@@ -92,6 +96,8 @@ class ImageFolderGenerator(Generator):
         self._others: dict[str, list[Path]] = {}
         self._requested: set[str] = set()
         self._all_requested = False
+        self._passed_over: AbstractSet[str] = frozenset()
+        """The samples of the selection the run did not ask for (see :meth:`all_requested`)."""
         self._lock = threading.Lock()
 
     @classmethod
@@ -137,6 +143,7 @@ class ImageFolderGenerator(Generator):
         with self._lock:
             self._requested = set()
         self._all_requested = False
+        self._passed_over = frozenset()
         accepted = self.options.extensions
         for entry in sorted(self.folder.iterdir()):
             if not entry.is_file() or entry.name.startswith("."):
@@ -206,8 +213,8 @@ class ImageFolderGenerator(Generator):
         if self.unmatched:
             shown = ", ".join(self.unmatched[:5]) + (", ..." if len(self.unmatched) > 5 else "")
             found.append(
-                f"{len(self.unmatched)} image file(s) in {self.folder} were not asked for in this"
-                f" run (no such sample, filtered out, or already judged): {shown}"
+                f"{len(self.unmatched)} image file(s) in {self.folder} match no sample of the "
+                f"run's dataset selection (no such sample, or filtered out): {shown}"
             )
         if self.ignored:
             found.append(
@@ -229,19 +236,22 @@ class ImageFolderGenerator(Generator):
             )
         return found
 
-    def all_requested(self) -> None:
+    def all_requested(self, passed_over: AbstractSet[str] = frozenset()) -> None:
+        """The run went through its whole input; ``passed_over``, the samples it did not ask
+        for (already judged, or their images reused): their files are no excess."""
         self._all_requested = True
+        self._passed_over = passed_over
 
     def close(self) -> None:
-        """Report the files that no requested sample matched."""
+        """Report the files that match no sample of the selection."""
         with self._lock:
             requested = set(self._requested)
         # After a stop, the files of samples the run had not reached yet are no excess: they
-        # are left unnamed rather than told as "not asked for".
+        # are left unnamed rather than told as unused.
         self.unmatched = sorted(
             path.name
             for stem, paths in self._files.items()
-            if stem not in requested and self._all_requested
+            if self._all_requested and stem not in requested and stem not in self._passed_over
             for path in paths
         )
         self.ignored = sorted(path.name for paths in self._others.values() for path in paths)
@@ -259,8 +269,7 @@ class ImageFolderGenerator(Generator):
             for path in paths[1:]
             if _extension(path) == _extension(paths[0])
         )
-        # The unmatched files are told once, in notes(), whose words also fit a run with
-        # --retry-errors (there they are of samples already judged).
+        # The unmatched files are told once, in notes().
         if self.ignored:
             logger.info(
                 "image folder %s: %d file(s) skipped for their extension",
