@@ -12,6 +12,7 @@ import threading
 import warnings
 import zlib
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -308,6 +309,75 @@ def test_source_images_past_the_readers_limits_are_quarantined(tmp_path: Path) -
     assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
     assert "source image 'bomb.png' cannot be decoded: Image size" in refused[0].reason
     assert refused[1].reason == "source image 'text.png' is no image Pillow can read"
+
+
+class _CountingFile(io.FileIO):
+    """A file opened for reading that adds the byte count of each read to ``sizes``."""
+
+    def __init__(self, path: Path, sizes: list[int]) -> None:
+        super().__init__(path, "r")
+        self._sizes = sizes
+
+    def readinto(self, buffer: Any) -> int | None:
+        count = super().readinto(buffer)
+        self._sizes.append(count or 0)
+        return count
+
+    def readall(self) -> bytes:
+        data = super().readall()
+        self._sizes.append(len(data))
+        return data
+
+
+def spy_on_reads(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """The byte counts of the reads of the files named ``name`` opened through ``Path.open``."""
+    sizes: list[int] = []
+    opened = Path.open
+
+    def counting(path: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if path.name == name and mode == "rb":
+            return io.BufferedReader(_CountingFile(path, sizes))
+        return opened(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting)
+    return sizes
+
+
+@pytest.mark.parametrize("picture", ["junk", "png"])
+def test_a_source_file_is_read_no_further_than_its_check_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, picture: str
+) -> None:
+    # The file was read whole before Pillow looked at it: a 600 MB file that is no image took
+    # 1.27 s and 665 MB to refuse (from its header before), and a picture's bytes were held
+    # beside its pixels. Junk is refused from its first bytes; a PNG is read once by Pillow
+    # and once, a piece at a time, for its pixel data.
+    root = tmp_path / "images"
+    root.mkdir()
+    size = 4 * 2**20
+    if picture == "junk":
+        data = b"not an image " + bytes(size)
+    else:
+        noise = random.Random(0).randbytes(1024 * 1024 * 3)
+        buffer = io.BytesIO()
+        Image.frombytes("RGB", (1024, 1024), noise).save(buffer, format="PNG", compress_level=1)
+        data = buffer.getvalue()
+        assert len(data) > 2**20  # more than a piece of the pixel-data check
+    (root / "picture.png").write_bytes(data)
+    path = tmp_path / "p2p.json"
+    path.write_text(
+        json.dumps([{"data_id": "IQ-R_TA-C_1", "prompt": "p", "img_id": "picture.png"}])
+    )
+    sizes = spy_on_reads(monkeypatch, "picture.png")
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
+    if picture == "junk":
+        assert [r.reason for r in refused] == [
+            "source image 'picture.png' is no image Pillow can read"
+        ]
+        assert sum(sizes) < 2**16
+    else:
+        assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+        assert max(sizes) <= 2**20  # never the whole file in one read
+        assert sum(sizes) <= 2 * len(data) + 2**16
 
 
 def noise_image(fmt: str, size: int = 64) -> bytes:

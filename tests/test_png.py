@@ -199,6 +199,7 @@ def test_pixel_data_that_does_not_decode_is_named(damage: str, reason: str) -> N
     with Image.open(io.BytesIO(broken)) as image:
         image.verify()  # what Pillow checks passes
     assert reason in str(pixel_data_problem(broken))
+    assert pixel_data_problem(io.BytesIO(broken)) == pixel_data_problem(broken)  # as a file
 
 
 def test_a_png_without_image_data_is_named() -> None:
@@ -265,5 +266,8 @@ def test_a_whole_interlaced_png_decodes(depth: int, colour: int, size: tuple[int
         image.load()  # Pillow decodes it in full
         assert image.size == size
     assert pixel_data_problem(data) is None
+    assert pixel_data_problem(io.BytesIO(data)) is None  # its 40-byte chunks read from a file
     # One byte short of its seven passes (more bytes than the same picture's rows): refused.
-    assert "inflates to" in str(pixel_data_problem(interlaced_png(size, depth, colour, short=1)))
+    short = interlaced_png(size, depth, colour, short=1)
+    assert "inflates to" in str(pixel_data_problem(short))
+    assert pixel_data_problem(io.BytesIO(short)) == pixel_data_problem(short)

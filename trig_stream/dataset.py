@@ -490,31 +490,31 @@ def _check_decodable(source: Path | bytes, what: str) -> None:
     """
     from PIL import Image, UnidentifiedImageError
 
-    from trig_stream.png import is_png, pixel_data_problem
-
-    if isinstance(source, Path):
-        try:
-            data = source.read_bytes()
-        except OSError as exc:
-            raise Rejected(f"{what} cannot be read: {exc.strerror or exc}") from None
-    else:
-        data = source
+    # A file is handed to Pillow open, not read first: a large file that is no image is
+    # refused from its header, and a picture's bytes are not held beside its pixels.
+    try:
+        file = source.open("rb") if isinstance(source, Path) else io.BytesIO(source)
+    except OSError as exc:
+        raise Rejected(f"{what} cannot be read: {exc.strerror or exc}") from None
     # Pillow warns on stderr of a picture of 89-179 megapixels, which it decodes all the same
     # (a larger one raises DecompressionBombError, reported below): such a source picture is
     # resized as any other, and the warning's raw lines said nothing of use.
     quiet_pillow()
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with file, Image.open(file) as image:
             width, height = image.size
             if min(width, height) < SOURCE_MIN_SIDE:
                 raise Rejected(
                     f"{what} is {width}x{height} pixels: under {SOURCE_MIN_SIDE} on a side, "
                     "too small for an image-editing model"
                 )
-            # After Pillow's size check: a bomb is refused before it is inflated.
-            problem = pixel_data_problem(data) if is_png(data) else None
-            if problem is not None:
-                raise Rejected(f"{what} is not a readable PNG: {problem}; replace the file")
+            if image.format == "PNG":
+                # After Pillow's size check: a bomb is refused before it is inflated. The
+                # file is read through a second handle a piece at a time, leaving Pillow's
+                # position in it alone.
+                problem = _png_problem(source)
+                if problem is not None:
+                    raise Rejected(f"{what} is not a readable PNG: {problem}; replace the file")
             image.load()
     except UnidentifiedImageError:
         raise Rejected(f"{what} is no image Pillow can read") from None
@@ -524,6 +524,17 @@ def _check_decodable(source: Path | bytes, what: str) -> None:
         # DecompressionBombError: more pixels than Pillow agrees to decode (a bomb, or a
         # picture far larger than any model takes).
         raise Rejected(f"{what} cannot be decoded: {exc}") from None
+
+
+def _png_problem(source: Path | bytes) -> str | None:
+    """Why the PNG ``source`` (a file, or bytes already in memory) has pixel data that does not
+    decode whole, or None when it decodes (see :func:`trig_stream.png.pixel_data_problem`)."""
+    from trig_stream.png import is_png, pixel_data_problem
+
+    if isinstance(source, bytes):
+        return pixel_data_problem(source) if is_png(source) else None
+    with source.open("rb") as file:
+        return pixel_data_problem(file) if is_png(file.read(16)) else None
 
 
 IMAGE_PATH = "image path"
