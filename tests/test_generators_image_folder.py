@@ -179,8 +179,24 @@ def test_a_16_bit_grey_picture_is_scaled_to_8_bits_not_clipped(tmp_path: Path) -
         (np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32), [0, 64, 128, 255]),  # 0-1
         (np.array([[-10.0, 50.0, 90.0, 1010.0]], dtype=np.float32), [0, 15, 25, 255]),
         (np.array([[0, 1 << 18, 1 << 19, 1 << 20]], dtype=np.int32), [0, 64, 128, 255]),
+        # 8-bit values stored as floats are taken as they are (they were stretched: a
+        # picture of one value turned black).
+        (np.array([[20.0, 50.4, 90.6, 120.0]], dtype=np.float32), [20, 50, 91, 120]),
+        (np.full((1, 4), 128.0, dtype=np.float32), [128] * 4),
+        (np.full((1, 4), 300.0, dtype=np.float32), [255] * 4),  # one value past 255: clipped
+        (np.full((1, 4), 1 << 20, dtype=np.int32), [255] * 4),  # past 65535: clipped
+        (np.array([[0, 255, 257, 65535]], dtype=np.int32), [0, 1, 1, 255]),  # 16 bits
     ],
-    ids=["float-0-1", "float-own-range", "int-32-bit"],
+    ids=[
+        "float-0-1",
+        "float-own-range",
+        "int-32-bit",
+        "float-8-bit",
+        "float-flat-8-bit",
+        "float-flat-past-255",
+        "int-flat-past-16-bit",
+        "int-16-bit",
+    ],
 )
 def test_a_float_or_32_bit_grey_source_picture_is_scaled_not_clipped(
     tmp_path: Path, values: Any, expected: list[int]

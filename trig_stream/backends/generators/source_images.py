@@ -215,10 +215,20 @@ Pillow's conversion to RGB clips their values to 0-255 instead of scaling them, 
 16-bit one almost white and a float one (values 0 to 1) black."""
 
 
+_NOMINAL_RANGES = {"F": ((0.0, 1.0), (0.0, 255.0))}
+"""The ranges a deep grey picture's values are read in when they lie within one (the first
+that holds them all), by mode: a float picture holds 0-1, or 8-bit values stored as floats;
+every other deep mode (16 or 32-bit integers) 0-65535."""
+
+
 def rgb(image: Image) -> Image:
-    """``image`` as 8-bit RGB, a grey one of more than 8 bits scaled rather than clipped: from
-    0-65535 (16 bits), or 0-1 for a float one, when its values lie within that range; else
-    from the lowest of its values to the highest."""
+    """``image`` as 8-bit RGB, a grey one of more than 8 bits scaled rather than clipped.
+
+    Its values are read in the first of its mode's :data:`_NOMINAL_RANGES` that holds them
+    all: 0-65535 for integers (16 bits); 0-1, else 0-255 (taken as they are), for floats.
+    Values outside every one are stretched from the lowest to the highest; a picture of one
+    such value throughout is clipped to the widest range (a float one's value to 0-255).
+    """
     if image.mode == "RGB":
         return image
     if image.mode in _DEEP_GREY:
@@ -228,9 +238,12 @@ def rgb(image: Image) -> Image:
         grey = np.asarray(image, dtype=np.float64)
         finite = grey[np.isfinite(grey)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        full = 1.0 if image.mode == "F" else 65535.0
-        if low >= 0 and high <= full:
-            low, high = 0.0, full
+        ranges = _NOMINAL_RANGES.get(image.mode, ((0.0, 65535.0),))
+        within = [(0.0, full) for _, full in ranges if low >= 0 and high <= full]
+        if within:
+            low, high = within[0]
+        elif high == low:  # one value throughout: stretched, it would be black
+            low, high = ranges[-1]
         grey = np.nan_to_num(grey, nan=low, posinf=high, neginf=low)
         scaled = (grey - low) * (255 / ((high - low) or 1.0))
         eight_bits = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
