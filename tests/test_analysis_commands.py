@@ -521,6 +521,42 @@ def test_a_report_that_cannot_be_written_is_one_error_naming_where(tmp_path: Pat
         run_command("compare", str(run), "--out", str(blocked / "sub" / "cmp.md"))
 
 
+def test_a_comparison_written_again_keeps_its_file_permissions(tmp_path: Path) -> None:
+    # Replaced through a temporary, a private comparison (0600) became 0644, readable by all.
+    run = write_run_dir(tmp_path / "run", {})
+    out = tmp_path / "cmp.md"
+    run_command("compare", str(run), "--out", str(out))
+    out.chmod(0o600)
+    out.write_text("earlier")
+    run_command("compare", str(run), "--out", str(out))
+    assert out.read_text() != "earlier" and (out.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_folder_where_a_report_file_goes_is_named_and_nothing_is_replaced(
+    tmp_path: Path,
+) -> None:
+    # The files before it were replaced, then "Is a directory" named the model's folder.
+    run = write_run_dir(tmp_path / "run", {})
+    out = tmp_path / "o2"
+    run_command("report", str(run), "--out", str(out), "--no-plots")
+    folder = out / "model-a"
+    before = {name: (folder / name).read_bytes() for name in MODEL_FILES if name != "report.md"}
+    (folder / "report.md").unlink()
+    (folder / "report.md").mkdir()
+    for name in before:
+        (folder / name).write_bytes(b"earlier")
+    with pytest.raises(AnalysisError) as raised:
+        run_command("report", str(run), "--out", str(out), "--no-plots")
+    assert str(raised.value) == (
+        f"cannot write the report in {folder}: {folder / 'report.md'} is a folder, where a file "
+        "of that name is to be written; move or remove it"
+    )
+    assert {name: (folder / name).read_bytes() for name in before} == dict.fromkeys(
+        before, b"earlier"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == sorted(MODEL_FILES)
+
+
 @pytest.mark.parametrize("where", ["run-dir", "out"])
 def test_a_report_that_cannot_be_written_exits_3_as_an_unwritable_run_dir(
     tmp_path: Path,

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import threading
@@ -36,7 +37,13 @@ from trig_stream import journal as journal_module
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError
-from trig_stream.files import write_all, write_atomic, write_atomic_many, write_atomic_together
+from trig_stream.files import (
+    UnfitFileError,
+    write_all,
+    write_atomic,
+    write_atomic_many,
+    write_atomic_together,
+)
 from trig_stream.journal import (
     JOURNAL,
     Journal,
@@ -1601,6 +1608,58 @@ def test_files_written_together_are_all_kept_as_they_were_when_one_fails(
     write_atomic_together([(tmp_path / "one.json", b"new"), (files[1][0], b"new two")])
     assert [path.read_bytes() for path, _ in files] == [b"new", b"new two"]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["c", "one.json", "plots", "two.png"]
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["write_atomic", "together"])
+def test_a_replaced_file_keeps_its_permissions(tmp_path: Path, together: bool) -> None:
+    # The temporary renamed over it took the umask's permissions: a private 0640 comparison
+    # or report file became 0644, readable by all.
+    kept, new = tmp_path / "cmp.md", tmp_path / "new.md"
+    kept.write_bytes(b"old")
+    kept.chmod(0o640)
+    if together:
+        write_atomic_together([(kept, b"new"), (new, b"first")])
+    else:
+        write_atomic(kept, b"new")
+        write_atomic(new, b"first")
+    assert kept.read_bytes() == b"new"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask  # a new file: as before
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_files_written_together_refuse_what_stands_where_a_file_goes(
+    tmp_path: Path, kind: str
+) -> None:
+    # A folder where the last file goes: the files before it were renamed into place, then
+    # "Is a directory", new files beside old ones, naming the report's folder.
+    files = [(tmp_path / "one.json", b"old one"), (tmp_path / "plots" / "two.png", b"old two")]
+    write_atomic_together(files)
+    in_the_way = files[1][0]
+    in_the_way.unlink()
+    if kind == "folder":
+        in_the_way.mkdir()
+    else:
+        os.mkfifo(in_the_way)
+    with pytest.raises(UnfitFileError) as raised:
+        write_atomic_together([(files[0][0], b"new one"), (in_the_way, b"new two")])
+    what = "folder" if kind == "folder" else "named pipe (FIFO)"
+    assert raised.value.strerror == (
+        f"{in_the_way} is a {what}, where a file of that name is to be written; move or remove it"
+    )
+    assert raised.value.filename == str(in_the_way)
+    assert files[0][0].read_bytes() == b"old one"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["one.json", "plots", "two.png"]
+    # A symbolic link there is replaced, not written through.
+    in_the_way.rmdir() if kind == "folder" else in_the_way.unlink()
+    target = tmp_path / "elsewhere.png"
+    target.write_bytes(b"theirs")
+    in_the_way.symlink_to(target)
+    write_atomic_together([(files[0][0], b"new one"), (in_the_way, b"new two")])
+    assert not in_the_way.is_symlink() and in_the_way.read_bytes() == b"new two"
+    assert target.read_bytes() == b"theirs"
 
 
 @pytest.mark.parametrize("name", ["c" * 245 + ".toml", "é" * 122 + ".toml"], ids=["ascii", "utf8"])

@@ -12,6 +12,7 @@ import os
 import stat
 import threading
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, BinaryIO, Final
 
@@ -146,6 +147,10 @@ def file_kind(mode: int) -> str:
 def write_atomic(path: Path, data: bytes, *, temp_dir: Path | None = None) -> None:
     """Write a file so that readers see either nothing or all of it, even after a crash.
 
+    The file is written beside its name and renamed over it: one that was there is replaced,
+    not written into. It keeps its permissions (the new file takes them), not its other names
+    (a hard link to it keeps the old content) nor, unless root writes it, its owner.
+
     Args:
         path: the file to write.
         data: its whole content.
@@ -174,6 +179,7 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
             except OSError as exc:  # the folder cannot be written: named, not the temporary
                 raise type(exc)(exc.errno, exc.strerror, str(temp.parent)) from None
             with handle:
+                _take_mode(handle.fileno(), path)
                 handle.write(data)
                 handle.flush()
                 _sync_data(handle.fileno())
@@ -196,7 +202,15 @@ def write_atomic_together(
 
     A disk that fills up part way (a report of many files) leaves the earlier version of
     each file whole, not some new files beside old ones, and no temporary file. The renames
-    take no space; only a crash between two of them leaves some files new, each whole.
+    take no space; only a crash between two of them leaves some files new, each whole. A
+    folder (or a pipe, a device) where one of the files goes is refused before the first
+    rename; a symbolic link there is replaced by the file, as :func:`write_atomic` replaces
+    a file (keeping its permissions).
+
+    Raises:
+        UnfitFileError: something other than a file stands where one goes; its ``strerror``
+            names the path and what is there.
+        OSError: a file cannot be written.
 
     Args:
         files: each file's path and whole content.
@@ -218,9 +232,12 @@ def write_atomic_together(
                 raise type(exc)(exc.errno, exc.strerror, str(temp.parent)) from None
             temps.append((temp, path))
             with handle:
+                _take_mode(handle.fileno(), path)
                 handle.write(data)
                 handle.flush()
                 _sync_data(handle.fileno())
+        for _, path in temps:  # no rename may fail once one is done
+            _refuse_in_the_way(path)
         for index, (temp, path) in enumerate(temps):
             try:
                 os.replace(temp, path)
@@ -234,6 +251,36 @@ def write_atomic_together(
         raise
     for folder in folders:
         sync_dir(folder)
+
+
+def _take_mode(fd: int, path: Path) -> None:
+    """Give the temporary file ``fd`` the permissions of the file ``path`` it is to replace,
+    if there is one: replaced, a private file (0600) took the umask's (0644)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # none yet; or it cannot be looked up, which its rename reports
+        return
+    if stat.S_ISREG(mode):
+        with suppress(OSError):  # a file system without permissions (FAT): the write goes on
+            os.fchmod(fd, stat.S_IMODE(mode))
+
+
+def _refuse_in_the_way(path: Path) -> None:
+    """Raise :class:`UnfitFileError` when something other than a file or a symbolic link
+    (replaced by the rename, not written through) stands at ``path``."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return
+    folder = stat.S_ISDIR(mode)
+    raise UnfitFileError(
+        errno.EISDIR if folder else errno.EEXIST,
+        f"{path} is a {'folder' if folder else file_kind(mode)}, where a file of that name is "
+        "to be written; move or remove it",
+        str(path),
+    )
 
 
 TEMP_NAME_BYTES: Final = 64

@@ -21,7 +21,7 @@ from trig_stream.analysis.exports import (
 )
 from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputWriteError
 from trig_stream.dimensions import DIMENSION_NAMES
-from trig_stream.files import write_atomic_together
+from trig_stream.files import UnfitFileError, write_atomic_together
 from trig_stream.records import Judgement
 
 JUDGEMENTS_FILE = "judgements.parquet"
@@ -152,6 +152,8 @@ def writing(where: Path) -> Iterator[None]:
     instead of a traceback."""
     try:
         yield
+    except UnfitFileError as exc:  # its words name the path in the way and what to do
+        raise OutputWriteError(f"cannot write the report in {where}: {exc.strerror}") from None
     except OSError as exc:
         raise OutputWriteError(
             f"cannot write the report in {where}: {exc.strerror or exc}; it must be a folder "
