@@ -5,6 +5,7 @@ own words), so that both questions about one image share one latent score.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -62,6 +63,23 @@ def dimensions_named(text: str) -> dict[Dimension, int]:
     """How strongly ``text`` names each dimension it names: the sum of the
     :data:`_WEIGHTS` of the ways it names it (its code, its name as written or in any case,
     its built-in criterion word for word). Dimensions it does not name are left out."""
+    if len(text) > _CACHED_TEXT_CHARS:
+        return dict(_strength.__wrapped__(text))
+    return dict(_strength(text))
+
+
+# A server asks this of every question, and its 20 name searches cost ~140 us a text: the
+# loopback server, one process on one CPU, became the bound of the engine benches (P3's engine
+# CPU per judgement rose by half as answers came in smaller bursts). A template's texts repeat
+# from question to question (one system text per task and dimension, or per subject too), so
+# each is read once while it keeps coming. Only texts of a template's size are kept: a long
+# user text (read when the system text names no dimension) would hold megabytes.
+_CACHED_TEXT_CHARS: Final = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def _strength(text: str) -> tuple[tuple[Dimension, int], ...]:
+    # A tuple, as the cache hands the same value to every caller.
     lowered = text.casefold()
     strength: dict[Dimension, int] = {}
     codes = {match.group(1) for match in _CODE.finditer(text)}
@@ -77,7 +95,7 @@ def dimensions_named(text: str) -> dict[Dimension, int]:
             ways.append("criterion")
         if ways:
             strength[code] = sum(_WEIGHTS[way] for way in ways)
-    return strength
+    return tuple(strength.items())
 
 
 def dimension_named(text: str) -> Dimension:
