@@ -164,6 +164,29 @@ def test_status_line_says_which_models_are_loading() -> None:
     assert "loading" not in status_line(done, linger=False).plain
 
 
+def test_status_line_says_how_many_images_a_stop_left_to_judge() -> None:
+    # A graceful stop left images on disk unjudged: the dashboard showed them "judging"
+    # forever and nothing said that a resume judges them.
+    from trig_stream.tui.render import progress_table, status_line, total_progress
+
+    snapshot = synthetic_snapshot()
+    stopped = replace(
+        snapshot,
+        state="stopped",
+        models=(replace(snapshot.models[0], judging=0, left=26), snapshot.models[1]),
+    )
+    line = status_line(stopped, linger=True).plain
+    assert "[stopped]  26 images on disk left to judge on resume" in line
+    assert "left" not in status_line(snapshot, linger=False).plain
+    assert total_progress(stopped.models).left is None  # sd3-medium's is not known
+    assert progress_table(stopped.models).plain.splitlines()[1].split()[1:5] == [
+        "120",
+        "4",
+        "0",
+        "90",
+    ]
+
+
 def test_the_dashboard_shows_first_the_metric_a_report_analyses() -> None:
     # Views were sorted by name: a metric judge such as nsfw (R-T only) came before the VLM
     # judge, unlike the report. Now each model's default metric comes first, then the

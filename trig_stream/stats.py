@@ -68,8 +68,11 @@ class ModelCounts:
     skipped: int = 0
     """Samples whose every judgement was already in the journal."""
     dropped: int = 0
-    """Queued samples a stop (graceful or hard) or a failure left ungenerated, or a stop left
-    with judgements unasked (no longer counted in ``queued`` when none was made)."""
+    """Queued samples a stop (graceful or hard) or a failure left ungenerated (no longer
+    counted in ``queued``), or a stop left with judgements unasked."""
+    left: int = 0
+    """Images on disk (made or reused) whose every judgement a stop left unasked: still
+    counted in ``queued``; a resume reuses them and asks their judgements."""
     generated: int = 0
     reused: int = 0
     """Images found valid on disk from an earlier run."""
@@ -87,9 +90,10 @@ class ModelCounts:
     @property
     def samples_finished(self) -> float:
         """Samples with every judgement written: those an earlier run finished, and the
-        queued ones' share of the judgements they need."""
+        queued ones' share of the judgements they need (the images a stop left unjudged
+        need none in this run)."""
         share = self.judged / self.to_judge if self.to_judge else 0.0
-        return self.skipped + self.queued * min(share, 1.0)
+        return self.skipped + (self.queued - self.left) * min(share, 1.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,10 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
     # says them in full.
     for alert in snapshot.alerts:
         text.append(f"  {printable(alert)}", style="yellow")
+    left = sum(m.left or 0 for m in snapshot.models)
+    if left:
+        images = f"{left} image{'s' * (left != 1)}"
+        text.append(f"  {images} on disk left to judge on resume", style="yellow")
     text.append(f"  elapsed {duration(snapshot.elapsed_s)}")
     total = "?" if snapshot.samples_total is None else str(snapshot.samples_total)
     text.append(f"  samples {count(snapshot.samples_done)}/{total}")
@@ -151,6 +155,7 @@ def total_progress(models: Sequence[ModelProgress]) -> ModelProgress:
         generating=_total([m.generating for m in models]),
         images=_total([m.images for m in models]),
         judging=_total([m.judging for m in models]),
+        left=_total([m.left for m in models]),
         generation_failed=_total([m.generation_failed for m in models]),
         skipped=_total([m.skipped for m in models]),
         ok=sum(m.ok for m in models),
