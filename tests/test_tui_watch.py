@@ -1096,3 +1096,30 @@ def test_watch_shows_an_adaptive_judge_s_range_not_its_starting_concurrency(
     (run_dir / JOURNAL).write_bytes(lines_of(judgement(1)))
     shown = judge_loads(RunDirSource(run_dir).poll()).plain.splitlines()[::2]
     assert [line.split()[-1] for line in shown] == ["–/32", "–/1–64", "–/adaptive", "–/8"]
+
+
+@pytest.mark.anyio
+async def test_error_lines_name_the_judge_and_tell_a_failed_generation_once(
+    make_config: ConfigFactory,
+) -> None:
+    # With four judges, each image's failures read "m8-en TA-R_TA-C_1_12 TA-C: fake judge:
+    # 400 Bad Request" four times over; a failed generation showed judges x dimensions times.
+    failing = {"backend": "fake", "options": {"error_rate": 1.0}}
+    config = make_config(
+        samples=2,
+        generators=[
+            {"name": "synth", "backend": "synthetic", "options": {"fail_ids": ["IQ-R_TA-C_1"]}}
+        ],
+        judges=[{"name": "judge-a", **failing}, {"name": "judge-b", **failing}],
+    )
+    async with Engine(config) as engine:
+        assert len([j async for j in engine.results]) == 8
+        live = engine.stats().last_errors
+    watched = RunDirSource(engine.run_dir_path).poll().last_errors
+    assert watched == live
+    assert live[0] == "synth IQ-R_TA-C_1: generate failed: synthetic failure for IQ-R_TA-C_1"
+    assert sorted(live[1:]) == [
+        f"synth IQ-A_TA-S_1 {dimension} {judge}: fake judge: 400 Bad Request"
+        for dimension in ("IQ-A", "TA-S")
+        for judge in ("judge-a", "judge-b")
+    ]

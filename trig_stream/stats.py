@@ -15,7 +15,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
+
+if TYPE_CHECKING:
+    from trig_stream.records import Judgement
 
 EngineState: TypeAlias = Literal[
     "starting", "running", "paused", "stopping", "stopped", "cancelled", "done", "failed"
@@ -163,6 +166,37 @@ class Counters:
 
     def model(self, name: str) -> ModelCounts:
         return self.models.setdefault(name, ModelCounts())
+
+
+class ErrorLines:
+    """The lines of the last errors view, one per error judgement worth telling apart.
+
+    Args:
+        several_judges: the run has more than one judge: each line names the judge (the
+            judgement's metric), or four judges' failures of one image read the same.
+
+    A failed generation is recorded once per judge and dimension of its sample; only its
+    first record makes a line (``flux-dev D-K_IQ-R_7: generation failed: ...``), or one
+    failure filled the view with copies.
+    """
+
+    def __init__(self, *, several_judges: bool) -> None:
+        self.several_judges = several_judges
+        self._generations_told: set[tuple[str, str]] = set()
+        """(model, data_id) of the failed generations told: a set of the failures only."""
+
+    def line(self, judgement: Judgement) -> str | None:
+        """The line telling ``judgement``'s error, or None when it is told already."""
+        if judgement.error_stage == "generate":
+            image = (judgement.model, judgement.data_id)
+            if image in self._generations_told:
+                return None
+            self._generations_told.add(image)
+            return f"{judgement.model} {judgement.data_id}: {judgement.error}"
+        where = f"{judgement.model} {judgement.data_id} {judgement.dimension}"
+        if self.several_judges:
+            where += f" {judgement.metric}"
+        return f"{where}: {judgement.error}"
 
 
 def latency(values: deque[float]) -> Latency:
