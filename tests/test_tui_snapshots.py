@@ -478,3 +478,31 @@ async def test_three_models_at_80x24_list_a_model() -> None:
         await pilot.pause()
         progress = [line for line in on_screen(dashboard, "#progress") if line.strip()]
     assert progress[1].startswith("gen-00") and progress[2] == "… 2 more models"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [SIZE, SMALL])
+async def test_the_progress_and_judges_panels_cut_names_never_figures(
+    size: tuple[int, int],
+) -> None:
+    # At 120x40 with names over ~10 characters the "skipped" column was cut, with long ones
+    # the "errors" one ("12 (1g)" read "12", a 0-9 cell blank), while the run panel took 36
+    # columns; the judges panel cut an adaptive judge's limit ("in flight: unknown" alone).
+    snapshot = replace(
+        synthetic_snapshot(),
+        models=(
+            ModelProgress("stabilityai-sd-3.5-large-turbo", 120, 4, 90, 6, 1, 0, 160, 3, 12),
+            ModelProgress("synthetic-b", 118, 8, 80, 10, 0, 12, 140, 1, 5),
+        ),
+        judges=(JudgeView("trigscore-with-a-long-name", "openai", (), limit_range=(1, 64)),),
+    )
+    dashboard = TrigDashboardApp(StaticSource(snapshot))
+    async with dashboard.run_test(size=size) as pilot:
+        await pilot.pause()
+        progress = on_screen(dashboard, "#progress")
+        judges = panel_lines(dashboard, "#judges")
+    assert progress[0].split()[-1] == ("skipped" if size == SIZE else "skip")
+    assert progress[1].split()[-4:] == ["3", "12", "(1g)", "0"]
+    assert progress[2].split()[-3:] == ["1", "5", "12"]
+    assert progress[1].startswith("stab") and "…" in progress[1].split()[0]
+    assert judges[0].split()[:2] == ["trigs…g-name", "–/1–64"]
