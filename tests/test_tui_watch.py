@@ -1123,3 +1123,19 @@ async def test_error_lines_name_the_judge_and_tell_a_failed_generation_once(
         for dimension in ("IQ-A", "TA-S")
         for judge in ("judge-a", "judge-b")
     ]
+
+
+def test_a_watched_run_with_samples_left_is_not_running_not_finished(tmp_path: Path) -> None:
+    # A stopped run with 284 of 300 samples left showed "[finished] … samples 16/300 …
+    # finished; press q to close": "finished" is for a run with its work done.
+    run_dir, judgements = judged_run_dir(tmp_path, 8)
+    (run_dir / JOURNAL).write_bytes(lines_of(*(j for j in judgements if j.model == "synth-a")))
+    stopped = RunDirSource(run_dir).poll()
+    assert (stopped.state, stopped.samples_done, stopped.samples_total) == ("not running", 4, 8)
+    line = status_line(stopped, linger=True).plain
+    assert "[not running]" in line and "finished" not in line
+    assert "not running; 4 samples left: `trig-stream run` resumes it; press q" in line
+    (run_dir / JOURNAL).write_bytes(lines_of(*judgements))
+    done = RunDirSource(run_dir).poll()
+    assert done.state == "finished" and done.samples_done == 8
+    assert "finished; press q to close" in status_line(done, linger=True).plain

@@ -98,7 +98,14 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
     total = "?" if snapshot.samples_total is None else str(snapshot.samples_total)
     text.append(f"  samples {count(snapshot.samples_done)}/{total}")
     text.append(f"  judged {snapshot.judged}")
-    if snapshot.finished:
+    if snapshot.state == "not running":
+        left = max((snapshot.samples_total or 0) - (snapshot.samples_done or 0), 0)
+        text.append(
+            f"  not running; {left} sample{'s' * (left != 1)} left: `trig-stream run` resumes it"
+            + ("; press q to close" if linger else ""),
+            style="bold",
+        )
+    elif snapshot.finished:
         text.append("  finished" + ("; press q to close" if linger else ""), style="bold")
     else:
         text.append(f"  ETA {duration(snapshot.eta_s)}")

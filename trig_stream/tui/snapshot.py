@@ -23,11 +23,13 @@ from trig_stream.stats import MIN_RATE_WINDOW_S, RATE_WINDOW_S
 
 SourceKind: TypeAlias = Literal["engine", "watch", "static"]
 
-FINISHED_STATES = frozenset(("done", "stopped", "cancelled", "failed", "ended", "finished"))
+FINISHED_STATES = frozenset(
+    ("done", "stopped", "cancelled", "failed", "ended", "finished", "not running")
+)
 """States after which a run makes no more progress. ``ended``: the results stream ended
 without the engine saying why yet (a fatal error); ``finished``: the watched run's writer is
 gone."""
-CLEAN_END_STATES = frozenset(("done", "stopped", "finished"))
+CLEAN_END_STATES = frozenset(("done", "stopped", "finished", "not running"))
 """Finished states worth keeping on screen; after the others the app closes at once."""
 
 HISTORY_POINTS = 60

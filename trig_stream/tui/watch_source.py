@@ -279,6 +279,10 @@ class RunDirSource:
             state = "running"
         else:
             state = "catching up" if self.tail.behind else "finished"
+            total = self._samples_total
+            if state == "finished" and total is not None and finished < total:
+                # No process writes it, yet work is left (a stopped run): not "finished".
+                state = "not running"
         if self._relations_at is None or now - self._relations_at >= self.relations_every_s:
             self._relations_at = now
             self._relations = relation_views(self._tracker, self._tracker.groups())
