@@ -53,7 +53,9 @@ async def test_images_a_stop_leaves_unjudged_are_left_not_judging(
     config = make_config(samples=12, engine={"sample_buffer": 2, "image_buffer": 4})
     async with Engine(config, judges=[judge]) as engine:
         source = EngineSource(engine)
-        await wait_until(lambda: judge.asked == 16 and engine.stats().models["synth"].generated == 12)
+        await wait_until(
+            lambda: judge.asked == 16 and engine.stats().models["synth"].generated == 12
+        )
         engine.stop()
         judge.release.set()
         async for judgement in engine.results:
