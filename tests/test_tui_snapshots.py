@@ -164,6 +164,29 @@ def test_status_line_says_which_models_are_loading() -> None:
     assert "loading" not in status_line(done, linger=False).plain
 
 
+def test_status_line_says_how_many_images_a_stop_left_to_judge() -> None:
+    # A graceful stop left images on disk unjudged: the dashboard showed them "judging"
+    # forever and nothing said that a resume judges them.
+    from trig_stream.tui.render import progress_table, status_line, total_progress
+
+    snapshot = synthetic_snapshot()
+    stopped = replace(
+        snapshot,
+        state="stopped",
+        models=(replace(snapshot.models[0], judging=0, left=26), snapshot.models[1]),
+    )
+    line = status_line(stopped, linger=True).plain
+    assert "[stopped]  26 images on disk left to judge on resume" in line
+    assert "left" not in status_line(snapshot, linger=False).plain
+    assert total_progress(stopped.models).left is None  # sd3-medium's is not known
+    assert progress_table(stopped.models).plain.splitlines()[1].split()[1:5] == [
+        "120",
+        "4",
+        "0",
+        "90",
+    ]
+
+
 def test_the_dashboard_shows_first_the_metric_a_report_analyses() -> None:
     # Views were sorted by name: a metric judge such as nsfw (R-T only) came before the VLM
     # judge, unlike the report. Now each model's default metric comes first, then the
@@ -455,3 +478,31 @@ async def test_three_models_at_80x24_list_a_model() -> None:
         await pilot.pause()
         progress = [line for line in on_screen(dashboard, "#progress") if line.strip()]
     assert progress[1].startswith("gen-00") and progress[2] == "… 2 more models"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [SIZE, SMALL])
+async def test_the_progress_and_judges_panels_cut_names_never_figures(
+    size: tuple[int, int],
+) -> None:
+    # At 120x40 with names over ~10 characters the "skipped" column was cut, with long ones
+    # the "errors" one ("12 (1g)" read "12", a 0-9 cell blank), while the run panel took 36
+    # columns; the judges panel cut an adaptive judge's limit ("in flight: unknown" alone).
+    snapshot = replace(
+        synthetic_snapshot(),
+        models=(
+            ModelProgress("stabilityai-sd-3.5-large-turbo", 120, 4, 90, 6, 1, 0, 160, 3, 12),
+            ModelProgress("synthetic-b", 118, 8, 80, 10, 0, 12, 140, 1, 5),
+        ),
+        judges=(JudgeView("trigscore-with-a-long-name", "openai", (), limit_range=(1, 64)),),
+    )
+    dashboard = TrigDashboardApp(StaticSource(snapshot))
+    async with dashboard.run_test(size=size) as pilot:
+        await pilot.pause()
+        progress = on_screen(dashboard, "#progress")
+        judges = panel_lines(dashboard, "#judges")
+    assert progress[0].split()[-1] == ("skipped" if size == SIZE else "skip")
+    assert progress[1].split()[-4:] == ["3", "12", "(1g)", "0"]
+    assert progress[2].split()[-3:] == ["1", "5", "12"]
+    assert progress[1].startswith("stab") and "…" in progress[1].split()[0]
+    assert judges[0].split()[:2] == ["trigs…g-name", "–/1–64"]

@@ -11,6 +11,7 @@ from tests.conftest import ConfigFactory
 from tests.test_engine import HeldJudge, LoadsUntilReleased
 from tests.test_tui_watch import wait_until
 from trig_stream import Engine, snapshots
+from trig_stream.progress import describe
 from trig_stream.testing import FakeJudge
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticGenerator, SyntheticOptions
@@ -36,10 +37,41 @@ async def test_images_waiting_for_a_judgement_are_counted_per_model(
         source.end()
         after = await source.snapshot()
     (model,) = before.models
-    assert model.images == 10 and model.judging is None  # unknown until observed
+    assert model.images is None and model.judging is None  # unknown until observed
     judged = {j.data_id for j in results[:7]}
-    assert partway.models[0].judging == 10 - len(judged)
-    assert after.models[0].judging == 0
+    # "images" counts the images with a judgement, as `watch` does from the journal.
+    assert (partway.models[0].images, partway.models[0].judging) == (len(judged), 10 - len(judged))
+    assert (after.models[0].images, after.models[0].judging) == (10, 0)
+
+
+async def test_images_a_stop_leaves_unjudged_are_left_not_judging(
+    make_config: ConfigFactory,
+) -> None:
+    # A graceful stop asks no judge about the images waiting for one: they showed as
+    # "judging" forever, and their samples were taken off "queued" (below "images").
+    judge = HeldJudge()  # 16 requests at a time: 8 images, two dimensions each
+    config = make_config(samples=12, engine={"sample_buffer": 2, "image_buffer": 4})
+    async with Engine(config, judges=[judge]) as engine:
+        source = EngineSource(engine)
+        await wait_until(
+            lambda: judge.asked == 16 and engine.stats().models["synth"].generated == 12
+        )
+        engine.stop()
+        judge.release.set()
+        async for judgement in engine.results:
+            source.observe(judgement)
+        source.end()
+        snapshot = await source.snapshot()
+        summary = engine.summary()
+    counts = engine.stats().models["synth"]
+    made = counts.generated + counts.reused
+    (model,) = snapshot.models
+    assert engine.stats().state == "stopped"
+    assert counts.queued == made + counts.generation_failed  # every queued sample was made
+    assert (made, model.images) == (12, 8)  # 8 images had their requests on the wire
+    assert (model.queued, model.generating, model.judging, model.left) == (12, 0, 0, 4)
+    assert summary.left_to_judge == 4
+    assert "| images left to judge on resume 4" in describe(engine.stats())  # --headless
 
 
 async def test_a_model_loading_shows_in_the_snapshot(make_config: ConfigFactory) -> None:

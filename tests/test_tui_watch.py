@@ -1095,4 +1095,47 @@ def test_watch_shows_an_adaptive_judge_s_range_not_its_starting_concurrency(
     (run_dir / "manifest.json").write_text(manifest.model_dump_json())
     (run_dir / JOURNAL).write_bytes(lines_of(judgement(1)))
     shown = judge_loads(RunDirSource(run_dir).poll()).plain.splitlines()[::2]
-    assert [line.split()[-1] for line in shown] == ["–/32", "–/1–64", "–/adaptive", "–/8"]
+    assert [line.split()[1] for line in shown] == ["–/32", "–/1–64", "–/adaptive", "–/8"]
+
+
+@pytest.mark.anyio
+async def test_error_lines_name_the_judge_and_tell_a_failed_generation_once(
+    make_config: ConfigFactory,
+) -> None:
+    # With four judges, each image's failures read "m8-en TA-R_TA-C_1_12 TA-C: fake judge:
+    # 400 Bad Request" four times over; a failed generation showed judges x dimensions times.
+    failing = {"backend": "fake", "options": {"error_rate": 1.0}}
+    config = make_config(
+        samples=2,
+        generators=[
+            {"name": "synth", "backend": "synthetic", "options": {"fail_ids": ["IQ-R_TA-C_1"]}}
+        ],
+        judges=[{"name": "judge-a", **failing}, {"name": "judge-b", **failing}],
+    )
+    async with Engine(config) as engine:
+        assert len([j async for j in engine.results]) == 8
+        live = engine.stats().last_errors
+    watched = RunDirSource(engine.run_dir_path).poll().last_errors
+    assert watched == live
+    assert live[0] == "synth IQ-R_TA-C_1: generate failed: synthetic failure for IQ-R_TA-C_1"
+    assert sorted(live[1:]) == [
+        f"synth IQ-A_TA-S_1 {dimension} {judge}: fake judge: 400 Bad Request"
+        for dimension in ("IQ-A", "TA-S")
+        for judge in ("judge-a", "judge-b")
+    ]
+
+
+def test_a_watched_run_with_samples_left_is_not_running_not_finished(tmp_path: Path) -> None:
+    # A stopped run with 284 of 300 samples left showed "[finished] … samples 16/300 …
+    # finished; press q to close": "finished" is for a run with its work done.
+    run_dir, judgements = judged_run_dir(tmp_path, 8)
+    (run_dir / JOURNAL).write_bytes(lines_of(*(j for j in judgements if j.model == "synth-a")))
+    stopped = RunDirSource(run_dir).poll()
+    assert (stopped.state, stopped.samples_done, stopped.samples_total) == ("not running", 4, 8)
+    line = status_line(stopped, linger=True).plain
+    assert "[not running]" in line and "finished" not in line
+    assert "not running; 4 samples left: `trig-stream run` resumes it; press q" in line
+    (run_dir / JOURNAL).write_bytes(lines_of(*judgements))
+    done = RunDirSource(run_dir).poll()
+    assert done.state == "finished" and done.samples_done == 8
+    assert "finished; press q to close" in status_line(done, linger=True).plain

@@ -416,6 +416,14 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
         highlight=False,
         markup=False,
     )
+    if summary.left_to_judge:
+        left = summary.left_to_judge
+        console.print(
+            f"{left} image{'s' * (left != 1)} on disk left to judge on resume: the stop asked "
+            "no judge about them; the same command judges them (reusing the images)",
+            highlight=False,
+            markup=False,
+        )
     # A Ctrl-C that left nothing undone (every sample was in flight) ended the run "done":
     # it is finished, and its report is written as any finished run's.
     if summary.state in ("stopped", "cancelled") or (interrupted and summary.state != "done"):

@@ -145,13 +145,15 @@ class JudgeStage:
 
     def _count_unasked(self) -> None:
         """Take the judgements a stop left unasked off their models' counts: the run has work
-        left (it ends ``stopped``), and the dashboard waits for none of them."""
+        left (it ends ``stopped``), and the dashboard waits for none of them. An image none
+        of whose judgements was made is counted ``left``: it stays queued (it was made), and
+        the dashboard says it waits on disk for the resume instead of "judging" forever."""
         for item, count in self._unasked.values():
             counts = self._context.counters.model(item.work.model)
             counts.to_judge -= count
             counts.dropped += 1
             if count == len(item.work.todo):  # none of its judgements was made
-                counts.queued -= 1
+                counts.left += 1
         self._unasked.clear()
 
     async def _follow_server_loads(self) -> None:

@@ -19,6 +19,7 @@ from trig_stream.analysis.live import RelationTracker
 from trig_stream.journal import JournalState, read_journal
 from trig_stream.pipeline import RunContext, send_now, take_ready
 from trig_stream.records import Judgement
+from trig_stream.stats import ErrorLines
 
 PERSIST_BATCH = 256
 """Most judgements written with one fsync."""
@@ -49,6 +50,7 @@ class PersistStage:
         self._journal_state = journal_state
         self._relations = relations
         self._finished = finished
+        self._error_lines = ErrorLines(several_judges=len(context.config.judges) > 1)
         self._history_loaded = anyio.Event()
         if journal_state.lines == 0:  # nothing to wait for: this run's join as they land
             self._history_loaded.set()
@@ -137,8 +139,8 @@ class PersistStage:
                 counts.unscorable += 1
             else:
                 counts.error += 1
-                where = f"{judgement.model} {judgement.data_id} {judgement.dimension}"
-                counters.last_errors.append(f"{where}: {judgement.error}")
+                if (line := self._error_lines.line(judgement)) is not None:
+                    counters.last_errors.append(line)
             counters.judged_at.append(now)
 
 

@@ -68,6 +68,9 @@ def describe(stats: EngineStats) -> str:
     if skipped:
         # Per model and sample, as "images" counts: with two models a 32-sample dataset has 64.
         parts.append(f"images already judged {skipped}")
+    left = sum(m.left for m in models)
+    if left:
+        parts.append(f"images left to judge on resume {left}")
     if stats.quarantined:
         parts.append(f"quarantined {stats.quarantined}")
     loading = [name for name, m in stats.models.items() if m.loading]

@@ -46,6 +46,8 @@ class RunSummary:
     error: int
     quarantined: int
     run_dir: Path
+    left_to_judge: int = 0
+    """Images on disk a stop left with no judgement asked: a resume judges them."""
 
 
 def engine_stats(
@@ -120,4 +122,5 @@ def run_summary(state: EngineState, counters: Counters, run_dir: Path) -> RunSum
         error=sum(m.error for m in models),
         quarantined=counters.quarantined,
         run_dir=run_dir,
+        left_to_judge=sum(m.left for m in models),
     )

@@ -15,7 +15,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
+
+if TYPE_CHECKING:
+    from trig_stream.records import Judgement
 
 EngineState: TypeAlias = Literal[
     "starting", "running", "paused", "stopping", "stopped", "cancelled", "done", "failed"
@@ -68,8 +71,11 @@ class ModelCounts:
     skipped: int = 0
     """Samples whose every judgement was already in the journal."""
     dropped: int = 0
-    """Queued samples a stop (graceful or hard) or a failure left ungenerated, or a stop left
-    with judgements unasked (no longer counted in ``queued`` when none was made)."""
+    """Queued samples a stop (graceful or hard) or a failure left ungenerated (no longer
+    counted in ``queued``), or a stop left with judgements unasked."""
+    left: int = 0
+    """Images on disk (made or reused) whose every judgement a stop left unasked: still
+    counted in ``queued``; a resume reuses them and asks their judgements."""
     generated: int = 0
     reused: int = 0
     """Images found valid on disk from an earlier run."""
@@ -87,9 +93,10 @@ class ModelCounts:
     @property
     def samples_finished(self) -> float:
         """Samples with every judgement written: those an earlier run finished, and the
-        queued ones' share of the judgements they need."""
+        queued ones' share of the judgements they need (the images a stop left unjudged
+        need none in this run)."""
         share = self.judged / self.to_judge if self.to_judge else 0.0
-        return self.skipped + self.queued * min(share, 1.0)
+        return self.skipped + (self.queued - self.left) * min(share, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,37 @@ class Counters:
 
     def model(self, name: str) -> ModelCounts:
         return self.models.setdefault(name, ModelCounts())
+
+
+class ErrorLines:
+    """The lines of the last errors view, one per error judgement worth telling apart.
+
+    Args:
+        several_judges: the run has more than one judge: each line names the judge (the
+            judgement's metric), or four judges' failures of one image read the same.
+
+    A failed generation is recorded once per judge and dimension of its sample; only its
+    first record makes a line (``flux-dev D-K_IQ-R_7: generation failed: ...``), or one
+    failure filled the view with copies.
+    """
+
+    def __init__(self, *, several_judges: bool) -> None:
+        self.several_judges = several_judges
+        self._generations_told: set[tuple[str, str]] = set()
+        """(model, data_id) of the failed generations told: a set of the failures only."""
+
+    def line(self, judgement: Judgement) -> str | None:
+        """The line telling ``judgement``'s error, or None when it is told already."""
+        if judgement.error_stage == "generate":
+            image = (judgement.model, judgement.data_id)
+            if image in self._generations_told:
+                return None
+            self._generations_told.add(image)
+            return f"{judgement.model} {judgement.data_id}: {judgement.error}"
+        where = f"{judgement.model} {judgement.data_id} {judgement.dimension}"
+        if self.several_judges:
+            where += f" {judgement.metric}"
+        return f"{where}: {judgement.error}"
 
 
 def latency(values: deque[float]) -> Latency:

@@ -71,6 +71,12 @@ def row_heights(height: int, progress: int, load: int) -> tuple[int, int, int]:
     return rows[0], rows[1], rows[2]
 
 
+INFO_MIN_WIDTH = 24
+"""The run panel's least width, beside the progress panel."""
+PANEL_FRAME = 4
+"""Columns a panel's border and padding take."""
+
+
 class Panel(Widget):
     """A bordered panel with a title, showing one Rich renderable.
 
@@ -190,7 +196,8 @@ class Dashboard(Widget):
     Dashboard #row-progress { height: 8; }
     Dashboard #row-load { height: 8; }
     Dashboard #row-relations { height: 15; }
-    Dashboard #progress { width: auto; max-width: 70%; }
+    /* The progress panel's width is set to its table's: see _show_progress. */
+    Dashboard #progress { width: auto; }
     Dashboard #info { width: 1fr; min-width: 24; text-wrap: wrap; }
     Dashboard #means { width: 44; }
     Dashboard #dtm { width: 1fr; }
@@ -232,6 +239,7 @@ class Dashboard(Widget):
         """Why the source stopped giving snapshots, once it did."""
         self._busy = False
         self._heights: tuple[int, int, int] = ROW_HEIGHTS
+        self._progress_width: int | None = None
 
     def compose(self) -> ComposeResult:
         yield Panel(id="status")
@@ -302,10 +310,7 @@ class Dashboard(Widget):
         self.query_one("#status", Panel).show(
             (snapshot, linger), lambda: render.status_line(snapshot, linger=linger)
         )
-        self.query_one("#progress", Panel).show(
-            (snapshot.models, progress_lines),
-            lambda: render.progress_table(snapshot.models, progress_lines),
-        )
+        self._show_progress(snapshot, progress_lines)
         self.query_one("#info", Panel).show(
             (snapshot.run_dir, snapshot.models, snapshot.judges, snapshot.message),
             lambda: render.run_info(snapshot),
@@ -324,6 +329,19 @@ class Dashboard(Widget):
         self.query_one("#errors", Panel).show(
             shown, lambda: render.error_lines(shown, limit=errors_lines)
         )
+
+    def _show_progress(self, snapshot: DashboardSnapshot, lines: int) -> None:
+        """The progress table, as wide as its header needs, within what the run panel leaves:
+        narrower, it cuts its model names and shortens its headers, never a figure (at 120
+        columns, 70% of the width cut the "skipped" and "errors" columns of long names)."""
+        room = max(self.size.width - INFO_MIN_WIDTH, 0)
+        table = render.progress_table(snapshot.models, lines, width=room - PANEL_FRAME)
+        want = min(max(map(len, table.plain.splitlines())) + PANEL_FRAME, room)
+        panel = self.query_one("#progress", Panel)
+        if want != self._progress_width:
+            self._progress_width = want
+            panel.styles.width = want
+        panel.show((snapshot.models, lines, room), lambda: table)
 
     def next_model(self) -> None:
         """Show the next (model, metric) in the means and DTM panels."""

@@ -90,11 +90,22 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
     # says them in full.
     for alert in snapshot.alerts:
         text.append(f"  {printable(alert)}", style="yellow")
+    left = sum(m.left or 0 for m in snapshot.models)
+    if left:
+        images = f"{left} image{'s' * (left != 1)}"
+        text.append(f"  {images} on disk left to judge on resume", style="yellow")
     text.append(f"  elapsed {duration(snapshot.elapsed_s)}")
     total = "?" if snapshot.samples_total is None else str(snapshot.samples_total)
     text.append(f"  samples {count(snapshot.samples_done)}/{total}")
     text.append(f"  judged {snapshot.judged}")
-    if snapshot.finished:
+    if snapshot.state == "not running":
+        left = max((snapshot.samples_total or 0) - (snapshot.samples_done or 0), 0)
+        text.append(
+            f"  not running; {left} sample{'s' * (left != 1)} left: `trig-stream run` resumes it"
+            + ("; press q to close" if linger else ""),
+            style="bold",
+        )
+    elif snapshot.finished:
         text.append("  finished" + ("; press q to close" if linger else ""), style="bold")
     else:
         text.append(f"  ETA {duration(snapshot.eta_s)}")
@@ -116,11 +127,22 @@ PROGRESS_COLUMNS = (
     ("errors", 10),
     ("skipped", 8),
 )
+"""The progress table's columns and their widths when there is room (a wider figure widens
+its column)."""
+SHORT_HEADERS = ("queue", "gen", "judg", "imgs", "ok", "unsc", "err", "skip")
+"""The columns' headers on a terminal too narrow for the full ones; each column then takes
+its header's or its widest figure's width and a space."""
 MODEL_WIDTH = (11, 24)
 """The model column's width: its longest name and a space, within these bounds."""
+MODEL_WIDTH_LEAST = 8
+"""The model column's width when the panel is narrow: the names are cut first (``…``), the
+figures never."""
 
 NAME_WIDTH = 16
-"""The longest buffer or judge name the buffers and judges panels show whole."""
+"""The longest buffer name the buffers panel shows whole."""
+JUDGE_NAME_WIDTH = 12
+"""The longest judge name the judges panel shows whole (the run panel names it in full): at
+80 columns its limit (``–/1–64``) still shows beside it."""
 
 
 def fit(name: str, width: int) -> str:
@@ -151,6 +173,7 @@ def total_progress(models: Sequence[ModelProgress]) -> ModelProgress:
         generating=_total([m.generating for m in models]),
         images=_total([m.images for m in models]),
         judging=_total([m.judging for m in models]),
+        left=_total([m.left for m in models]),
         generation_failed=_total([m.generation_failed for m in models]),
         skipped=_total([m.skipped for m in models]),
         ok=sum(m.ok for m in models),
@@ -159,7 +182,9 @@ def total_progress(models: Sequence[ModelProgress]) -> ModelProgress:
     )
 
 
-def progress_table(models: Sequence[ModelProgress], limit: int | None = None) -> Text:
+def progress_table(
+    models: Sequence[ModelProgress], limit: int | None = None, width: int | None = None
+) -> Text:
     """Per model: samples queued and generating, images judging, judgements by status.
 
     Args:
@@ -168,12 +193,11 @@ def progress_table(models: Sequence[ModelProgress], limit: int | None = None) ->
             first ones are drawn, then ``… N more models`` and a ``total`` row of them all;
             with room for two lines under the header, one model and the ``… N more`` line
             (the total row would leave no model at all).
+        width: the most columns to draw. The model names are cut first (to
+            :data:`MODEL_WIDTH_LEAST`), then the headers get short (:data:`SHORT_HEADERS`);
+            a figure is never cut.
     """
     text = Text(no_wrap=True, overflow="ellipsis")
-    shortest, longest = MODEL_WIDTH
-    name_width = min(max([shortest - 1, *(len(printable(m.name)) for m in models)]) + 1, longest)
-    header = f"{'model':<{name_width}}" + "".join(f"{c:>{w}}" for c, w in PROGRESS_COLUMNS)
-    text.append(header, style="bold")
     rows = list(models)
     more = total = False
     if limit is not None and 1 + len(rows) > limit:
@@ -183,21 +207,41 @@ def progress_table(models: Sequence[ModelProgress], limit: int | None = None) ->
         more = room >= 1
         total = room >= 3
         rows = rows[: room - more - total]
-    for m in rows:
-        text.append("\n")
-        text.append_text(_progress_row(m, name_width))
     hidden = len(models) - len(rows)
-    if more:
-        text.append(f"\n… {hidden} more model{'s' * (hidden != 1)}", style="grey62")
+    drawn = [(m, "") for m in rows]
     if total:
+        drawn.append((total_progress(models), "bold"))
+    cells = [_progress_cells(m) for m, _ in drawn]
+    shortest, longest = MODEL_WIDTH
+    name_width = min(max([shortest - 1, *(len(printable(m.name)) for m, _ in drawn)]) + 1, longest)
+    figures = [max([0, *(len(row[i][0]) for row in cells)]) for i in range(len(PROGRESS_COLUMNS))]
+    headers = [column for column, _ in PROGRESS_COLUMNS]
+    widths = [max(w, f + 1) for (_, w), f in zip(PROGRESS_COLUMNS, figures, strict=True)]
+    if width is not None and name_width + sum(widths) > width:
+        if MODEL_WIDTH_LEAST + sum(widths) > width:
+            headers = list(SHORT_HEADERS)
+            widths = [max(len(h), f) + 1 for h, f in zip(headers, figures, strict=True)]
+        name_width = max(min(name_width, width - sum(widths)), MODEL_WIDTH_LEAST)
+    header = f"{'model':<{name_width}}" + "".join(
+        f"{c:>{w}}" for c, w in zip(headers, widths, strict=True)
+    )
+    text.append(header, style="bold")
+    lines = [
+        _progress_row(m.name, row, name_width, widths, style)
+        for (m, style), row in zip(drawn, cells, strict=True)
+    ]
+    if more:  # between the models and their total
+        more_line = Text(f"… {hidden} more model{'s' * (hidden != 1)}", style="grey62")
+        lines.insert(len(rows), more_line)
+    for line in lines:
         text.append("\n")
-        text.append_text(_progress_row(total_progress(models), name_width, style="bold"))
+        text.append_text(line)
     return text
 
 
-def _progress_row(m: ModelProgress, name_width: int, style: str = "") -> Text:
+def _progress_cells(m: ModelProgress) -> list[tuple[str, str]]:
     errors = str(m.error) + (f" ({m.generation_failed}g)" if m.generation_failed else "")
-    cells: list[tuple[str, str]] = [
+    return [
         (count(m.queued), ""),
         (count(m.generating), ""),
         (count(m.judging), ""),
@@ -207,8 +251,13 @@ def _progress_row(m: ModelProgress, name_width: int, style: str = "") -> Text:
         (errors, "red" if m.error or m.generation_failed else ""),
         (count(m.skipped), "grey62"),
     ]
-    row = Text(f"{fit(printable(m.name), name_width - 1):<{name_width}}", style=style)
-    for (value, cell_style), (_, width) in zip(cells, PROGRESS_COLUMNS, strict=True):
+
+
+def _progress_row(
+    name: str, cells: list[tuple[str, str]], name_width: int, widths: list[int], style: str
+) -> Text:
+    row = Text(f"{fit(printable(name), name_width - 1):<{name_width}}", style=style)
+    for (value, cell_style), width in zip(cells, widths, strict=True):
         row.append(f"{value:>{width}}", style=cell_style)
     return row
 
@@ -273,10 +322,14 @@ def judge_loads(snapshot: DashboardSnapshot, width: int = 10, limit: int | None 
     if limit is not None and 2 * len(judges) > limit:
         judges = judges[: max(limit - 1, 0) // 2]
         hidden = len(snapshot.judges) - len(judges)
+    # The names padded to the longest shown, not to NAME_WIDTH; the figures before the bar
+    # and the words: at 120x40 "in flight: unknown –/1–64" lost its limit, at 80x24 the bar
+    # its "24/32".
+    name_width = min(max([1, *(len(printable(judge.name)) for judge in judges)]), JUDGE_NAME_WIDTH)
     text = Text(no_wrap=True)
     for index, judge in enumerate(judges):
-        name = fit(printable(judge.name), NAME_WIDTH)
-        text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
+        name = fit(printable(judge.name), name_width)
+        text.append(("\n" if index else "") + f"{name:<{name_width + 1}}")
         if judge.in_flight is None or judge.limit is None:
             if judge.limit is not None:
                 concurrency = str(judge.limit)
@@ -284,11 +337,11 @@ def judge_loads(snapshot: DashboardSnapshot, width: int = 10, limit: int | None 
                 concurrency = "{}–{}".format(*judge.limit_range)
             else:
                 concurrency = "adaptive" if judge.adaptive else "–"
-            text.append("in flight: unknown", style="grey50")
-            text.append(f" –/{concurrency}")
+            text.append(f"–/{concurrency}")
+            text.append(" in flight unknown", style="grey50")
         else:
+            text.append(f"{judge.in_flight:>3}/{judge.limit} ")
             text.append_text(bar(judge.in_flight, judge.limit, width))
-            text.append(f" {judge.in_flight:>3}/{judge.limit}")
         waiting = "n/a" if judge.waiting is None else str(judge.waiting)
         text.append(f"\n  server queue {waiting}", style="grey62")
     if hidden:

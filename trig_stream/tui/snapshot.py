@@ -23,11 +23,13 @@ from trig_stream.stats import MIN_RATE_WINDOW_S, RATE_WINDOW_S
 
 SourceKind: TypeAlias = Literal["engine", "watch", "static"]
 
-FINISHED_STATES = frozenset(("done", "stopped", "cancelled", "failed", "ended", "finished"))
+FINISHED_STATES = frozenset(
+    ("done", "stopped", "cancelled", "failed", "ended", "finished", "not running")
+)
 """States after which a run makes no more progress. ``ended``: the results stream ended
 without the engine saying why yet (a fatal error); ``finished``: the watched run's writer is
 gone."""
-CLEAN_END_STATES = frozenset(("done", "stopped", "finished"))
+CLEAN_END_STATES = frozenset(("done", "stopped", "finished", "not running"))
 """Finished states worth keeping on screen; after the others the app closes at once."""
 
 HISTORY_POINTS = 60
@@ -38,8 +40,10 @@ HISTORY_POINTS = 60
 class ModelProgress:
     """One model's progress through the stages; None where the source cannot know it.
 
-    Samples (``queued``, ``generating``, ``skipped``) and images (``images``, ``judging``)
-    are counted per sample; ``ok``, ``unscorable`` and ``error`` count judgements.
+    Samples (``queued``, ``generating``, ``skipped``) and images (``images``, ``judging``,
+    ``left``) are counted per sample; ``ok``, ``unscorable`` and ``error`` count judgements.
+    ``images``, like those, counts what the view sees judged: the run's own work live, the
+    whole journal in ``watch``.
     """
 
     name: str
@@ -48,15 +52,17 @@ class ModelProgress:
     generating: int | None = None
     """Samples queued or being generated, with no image yet."""
     images: int | None = None
-    """Images generated in this run or reused from an earlier one."""
+    """Images with at least one judgement written (generated or reused)."""
     judging: int | None = None
-    """Images waiting for their first judgement."""
+    """Images made (generated or reused) and waiting for their first judgement."""
     generation_failed: int | None = None
     skipped: int | None = None
     """Samples whose every judgement was already in the journal."""
     ok: int = 0
     unscorable: int = 0
     error: int = 0
+    left: int | None = None
+    """Images on disk whose judgements a stop left unasked: a resume judges them."""
 
     @property
     def judged(self) -> int:

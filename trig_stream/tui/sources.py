@@ -263,16 +263,20 @@ class EngineSource:
 
     def _progress(self, name: str, stats: EngineStats) -> ModelProgress:
         counts = stats.models.get(name) or ModelCounts()
-        images = counts.generated + counts.reused
-        judging = None
+        made = counts.generated + counts.reused
+        # "images" counts the images with a judgement, as `watch` does from the journal; the
+        # made ones wait in "judging", or, a stop having left them unasked, in "left".
+        images = judging = None
         if self._images_judged is not None:
-            judging = max(images - len(self._images_judged.get(name, ())), 0)
+            images = len(self._images_judged.get(name, ()))
+            judging = max(made - images - counts.left, 0)
         return ModelProgress(
             name=name,
             queued=counts.queued,
-            generating=max(counts.queued - images - counts.generation_failed, 0),
+            generating=max(counts.queued - made - counts.generation_failed, 0),
             images=images,
             judging=judging,
+            left=counts.left,
             generation_failed=counts.generation_failed,
             skipped=counts.skipped,
             ok=counts.ok,

@@ -34,7 +34,7 @@ from trig_stream.journal import (
 from trig_stream.locks import find_writer
 from trig_stream.manifest import Manifest, errors_asked_again, read_manifest
 from trig_stream.records import Judgement, JudgementKey, Status
-from trig_stream.stats import ERRORS_KEPT
+from trig_stream.stats import ERRORS_KEPT, ErrorLines
 from trig_stream.store import quarantine_lists
 from trig_stream.tui.snapshot import (
     CountRate,
@@ -221,6 +221,7 @@ class RunDirSource:
         self._images: dict[str, set[str]] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._errors: deque[str] = deque(maxlen=ERRORS_KEPT)
+        self._error_text = ErrorLines(several_judges=False)  # told by each manifest read
         self._last_at: float | None = None
         self._judged_rate = CountRate()
         self._samples_rate = CountRate()
@@ -278,6 +279,10 @@ class RunDirSource:
             state = "running"
         else:
             state = "catching up" if self.tail.behind else "finished"
+            total = self._samples_total
+            if state == "finished" and total is not None and finished < total:
+                # No process writes it, yet work is left (a stopped run): not "finished".
+                state = "not running"
         if self._relations_at is None or now - self._relations_at >= self.relations_every_s:
             self._relations_at = now
             self._relations = relation_views(self._tracker, self._tracker.groups())
@@ -400,6 +405,8 @@ class RunDirSource:
         if self._manifest is None or key is None or key != self._manifest_key:
             self._manifest = read_manifest(self.run_dir)
             self._manifest_key = key
+        judges = self._manifest.config.get("judges")
+        self._error_text.several_judges = isinstance(judges, list) and len(judges) > 1
         configured = (self._manifest.config, self._manifest.updated_at)
         if configured != self._configured:
             self._configured = configured
@@ -468,8 +475,8 @@ class RunDirSource:
         if judgement.image is not None:
             self._images.setdefault(model, set()).add(judgement.data_id)
         if judgement.status == "error":
-            where = f"{model} {judgement.data_id} {judgement.dimension}"
-            self._errors.append(f"{where}: {judgement.error}")
+            if (error := self._error_text.line(judgement)) is not None:
+                self._errors.append(error)
         elif judgement.latency_s > 0:
             self._latencies.append(judgement.latency_s)
         self._last_at = judgement.created_at
