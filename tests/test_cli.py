@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import json
@@ -130,8 +131,15 @@ def test_a_ctrl_c_while_the_command_imports_exits_130_without_a_traceback(
 
     monkeypatch.delitem(sys.modules, "trig_stream.cli")
     monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
-    with pytest.raises(SystemExit) as exited:
-        console.entry_point()
+    handlers = {signum: signal.getsignal(signum) for signum in stop_signals()}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            console.entry_point()
+        # Exiting, a second signal while Python shuts down would end it by the signal.
+        assert all(signal.getsignal(signum) is signal.SIG_IGN for signum in handlers)
+    finally:  # this process goes on: its children must not start with them ignored
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     assert exited.value.code == console.INTERRUPTED == EXIT_INTERRUPTED
 
 
@@ -2089,3 +2097,28 @@ def test_an_unknown_option_shows_the_usage_of_its_command(
     err = capsys.readouterr().err
     assert err.startswith("usage: trig-stream run [-h] [--headless]")
     assert err.endswith("trig-stream run: error: unrecognized arguments: --hedless\n")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_while_the_finished_command_exits_change_nothing(
+    tmp_path: Path, signum: int
+) -> None:
+    # Python puts the default handlers back while it shuts down: a signal then ended a
+    # finished run by the signal (143 for SIGTERM), where it should exit as it would have.
+    path = write_config(tmp_path, samples=2)
+    command = [sys.executable, "-m", "trig_stream", "run", str(path), "--headless", "--no-report"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    try:
+        for line in process.stderr:
+            if line.startswith("done:"):
+                break
+        while process.poll() is None:  # a signal for every moment of its way out
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+            time.sleep(0.002)
+        process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == EXIT_OK

@@ -41,6 +41,7 @@ from trig_stream.inspect_commands import status_command, validate_command
 from trig_stream.records import printable
 from trig_stream.signals import (
     how_to_stop,
+    ignore_stop_signals_to_the_end,
     is_hangup,
     silence_the_terminal,
     stop_signal_receiver,
@@ -70,8 +71,9 @@ def entry_point() -> NoReturn:
     """
     code = main(exiting=True)
     # The command is done: a signal from here to the exit changes nothing (the console's
-    # KeyboardInterrupt, raised out of here, would end it with a traceback).
-    _note_stop_signals(threading.Event())
+    # KeyboardInterrupt, raised out of here, would end it with a traceback; Python's own
+    # handlers, put back while it shuts down, would end it by the signal).
+    ignore_stop_signals_to_the_end()
     if threads_left_behind():
         CommandConsole(stderr=True, soft_wrap=True).print(  # one line in a log, never cut
             "not waiting for a model still loading or closing, a backend's check of this machine, "

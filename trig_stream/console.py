@@ -61,5 +61,9 @@ def entry_point() -> NoReturn:
         interrupt_on_stop_signals()
         from trig_stream.cli import entry_point as run
     except KeyboardInterrupt:
+        from trig_stream.signals import ignore_stop_signals_to_the_end
+
+        # A second signal while Python shuts down would end it by the signal, without a word.
+        ignore_stop_signals_to_the_end()
         sys.exit(INTERRUPTED)
     run()

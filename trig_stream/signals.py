@@ -76,6 +76,18 @@ def how_to_stop() -> tuple[str, str] | None:
     return None
 
 
+def ignore_stop_signals_to_the_end() -> None:
+    """From here to the process's end, every stop signal it listens to is ignored.
+
+    For a command whose exit status is decided: Python puts its own handlers back to the
+    default ones while it shuts down (tenths of a second, with numpy, polars and pydantic to
+    tear down), and a signal then ended the process by the signal (a finished run exited 143,
+    a Ctrl-C at startup -2 with no word), where an ignored one stays ignored to the end.
+    """
+    for signum in stop_signals():
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def is_hangup(signum: int) -> bool:
     """Whether a received signal is SIGHUP: the terminal is gone, stop hard at once."""
     return signum == getattr(signal, "SIGHUP", None)
