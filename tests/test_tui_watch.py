@@ -1139,11 +1139,13 @@ async def test_error_lines_name_the_judge_when_the_judges_run_are_several_not_th
         assert len([j async for j in engine.results]) == 4
         live = engine.stats().last_errors
     watched = RunDirSource(engine.run_dir_path).poll().last_errors
-    assert sorted(live) == sorted(watched) == [
+    expected = [
         f"synth IQ-R_TA-C_1 {dimension} {judge}: fake judge: 400 Bad Request"
         for dimension in ("IQ-R", "TA-C")
         for judge in ("alpha", "beta")
     ]
+    assert sorted(live) == expected
+    assert sorted(watched) == expected
 
 
 def test_a_watched_run_with_samples_left_is_not_running_not_finished(tmp_path: Path) -> None:

@@ -327,8 +327,7 @@ def _takes_no_argument(method: Callable[..., None]) -> bool:
     except (TypeError, ValueError):  # no signature to read (a builtin): pass the argument
         return False
     return not any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-        for p in parameters
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters
     )
 
 
