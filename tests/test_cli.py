@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 from PIL import Image
 from rich.console import Console
@@ -1062,6 +1063,53 @@ def test_an_interrupted_new_run_says_how_to_resume_it(
     assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
     assert "done: " in capsys.readouterr().err
     assert not (tmp_path / "runs" / "cli-3").exists()
+
+
+@pytest.mark.parametrize("new_run", [False, True], ids=["resumable", "new-run"])
+def test_images_a_stop_left_to_judge_are_promised_to_the_resume_the_summary_names(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    new_run: bool,
+) -> None:
+    # After --new-run the summary said "the same command judges them", then "to resume, set
+    # name = ... and run it without --new-run": the same command starts another directory.
+    made_three = threading.Event()
+    made: list[int] = []
+    original_generate = SyntheticGenerator.generate
+    original_judge = FakeJudge.judge
+    pressed: list[bool] = []
+
+    def counted(self: SyntheticGenerator, requests: Any, **kwargs: Any) -> Any:
+        images = original_generate(self, requests, **kwargs)
+        made.append(len(requests))
+        if sum(made) >= 3:
+            made_three.set()
+        return images
+
+    async def interrupted_once_images_wait(self: FakeJudge, request: JudgeRequest) -> Any:
+        if not pressed:  # one judge call at a time: the images made meanwhile wait for it
+            pressed.append(True)
+            assert await anyio.to_thread.run_sync(made_three.wait, 30)
+            os.kill(os.getpid(), signal.SIGINT)
+        return await original_judge(self, request)
+
+    path = write_config(tmp_path, samples=8, concurrency=1)
+    if new_run:
+        assert main(["run", str(path), "--headless"]) == EXIT_OK
+        capsys.readouterr()
+    monkeypatch.setattr(SyntheticGenerator, "generate", counted)
+    monkeypatch.setattr(FakeJudge, "judge", interrupted_once_images_wait)
+    argv = ["run", str(path), "--headless", "--no-report", *(["--new-run"] if new_run else [])]
+    assert main(argv) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "on disk left to judge on resume: the stop asked no judge about them; a resume " in err
+    assert "the same command judges" not in err
+    if new_run:
+        assert 'to resume, set name = "cli-2" in the config\'s [run] table' in err, err
+        assert "run the same command" not in err
+    else:
+        assert "run the same command again to resume" in err, err
 
 
 def test_a_second_ctrl_c_says_how_to_resume_a_new_run_with_its_brackets(

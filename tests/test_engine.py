@@ -2356,6 +2356,26 @@ async def test_a_generator_returning_no_list_is_one_error_and_one_failing_to_clo
     assert "synth: closing it failed: ValueError: the device is gone" in e.stats().notes
 
 
+class HearsOfWholeInputInFirstForm(SyntheticGenerator):
+    """A third party's generator written for the hook's first form, which took no argument."""
+
+    told = False
+
+    def all_requested(self) -> None:  # type: ignore[override]
+        self.told = True
+
+
+async def test_an_all_requested_taking_no_argument_is_still_told_of_the_whole_input(
+    make_config: ConfigFactory,
+) -> None:
+    generator = HearsOfWholeInputInFirstForm("synth", SyntheticOptions(size=16))
+    async with Engine(make_config(samples=2), generators=[generator]) as engine:
+        summary = await engine.drain()
+    # It was called with passed_over, a TypeError the run kept as a note: never told.
+    assert (summary.state, generator.told) == ("done", True)
+    assert not [n for n in engine.stats().notes if "all_requested" in n]
+
+
 async def test_samples_no_judge_measures_are_not_called_done_and_the_run_says_so(
     make_config: ConfigFactory,
 ) -> None:

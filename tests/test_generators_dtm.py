@@ -16,7 +16,12 @@ from pydantic import ValidationError
 
 from tests.conftest import ConfigFactory, unblocked_after
 from trig_stream import Engine
-from trig_stream.backends.base import GenerationRequest, Generator
+from trig_stream.backends.base import (
+    GenerationRequest,
+    Generator,
+    hears_of_whole_input,
+    tell_all_requested,
+)
 from trig_stream.backends.generators import rewrite_answers
 from trig_stream.backends.generators.dtm_relations import (
     RelationTable,
@@ -312,6 +317,29 @@ def test_a_stop_while_it_loads_reaches_the_inner_generator(server: GenerationAPI
     generator.stop_loading()
     assert isinstance(generator.inner, RecordingGenerator)
     assert generator.inner.stopped_loading
+
+
+class HearsOfWholeInputInFirstForm(RecordingGenerator):
+    """An inner generator written for ``all_requested``'s first form (no argument)."""
+
+    told = False
+
+    def all_requested(self) -> None:  # type: ignore[override]
+        self.told = True
+
+
+def test_passed_over_ids_are_collected_only_when_the_inner_generator_hears_of_them(
+    server: GenerationAPIServer,
+) -> None:
+    # dtm_rewrite overrides all_requested to pass it on: the run kept a set of every
+    # passed-over data_id for it (~10 MB on a 100k resume), heard by no one.
+    assert not hears_of_whole_input(rewriter(server))
+    options = rewriter(server).options
+    listening = DTMRewriteGenerator("m", options, HearsOfWholeInputInFirstForm())
+    assert hears_of_whole_input(listening)
+    tell_all_requested(listening, frozenset({"X_1"}))
+    assert isinstance(listening.inner, HearsOfWholeInputInFirstForm)
+    assert listening.inner.told
 
 
 def test_an_empty_key_variable_means_a_server_without_key(

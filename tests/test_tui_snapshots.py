@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import pytest
@@ -13,6 +13,7 @@ from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.dashboard import Panel, ordered_views
+from trig_stream.tui.render import CUT_MARK, SHORT_HEADERS, progress_table
 from trig_stream.tui.snapshot import (
     DashboardSnapshot,
     Gauge,
@@ -298,6 +299,56 @@ async def test_the_run_panel_keeps_a_width_on_a_small_terminal() -> None:
         await pilot.pause()
         progress = panel_lines(wide, "#progress")
     assert progress[0].endswith("skipped")  # the whole table, as before
+
+
+def trig_sized(names: Sequence[str]) -> DashboardSnapshot:
+    """The synthetic run with TRIG-sized figures (100k samples) for models ``names``."""
+    return replace(
+        synthetic_snapshot(),
+        models=tuple(
+            ModelProgress(
+                name,
+                queued=100000,
+                generating=4,
+                images=50000,
+                judging=8,
+                generation_failed=2,
+                skipped=0,
+                ok=100000,
+                unscorable=120,
+                error=30,
+            )
+            for name in names
+        ),
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("width", [80, 70])
+async def test_trig_sized_figures_stay_whole_on_a_small_terminal(width: int) -> None:
+    # Names stopped shrinking at 7 characters: at 80 columns the table was 55 wide in 52,
+    # the skip column cut, the README's "never a figure" untrue.
+    names = ("stabilityai-sd-3.5-large", "flux-dev-guidance")
+    dashboard = TrigDashboardApp(StaticSource(trig_sized(names)))
+    async with dashboard.run_test(size=(width, 24)) as pilot:
+        await pilot.pause()
+        progress = on_screen(dashboard, "#progress")
+        info = panel_lines(dashboard, "#info")
+    assert progress[0].split()[1:] == list(SHORT_HEADERS), progress
+    rows = [line.split() for line in progress[1:3]]
+    assert [row[1:] for row in rows] == [
+        ["100000", "4", "8", "50000", "100000", "120", "30", "(2g)", "0"]
+    ] * 2, progress
+    assert rows[0][0] != rows[1][0]  # the names, cut, still tell the models apart
+    assert not any(CUT_MARK in line for line in progress)
+    assert any(line.strip() for line in info)  # the run panel keeps what is left
+
+
+def test_a_table_too_narrow_for_its_figures_marks_its_cut_lines() -> None:
+    table = progress_table(trig_sized(["flux-dev"]).models, width=30).plain.splitlines()
+    assert all(len(line) <= 30 and line.endswith(CUT_MARK) for line in table), table
+    whole = progress_table(trig_sized(["flux-dev"]).models, width=60).plain
+    assert CUT_MARK not in whole
 
 
 def many_models(count: int) -> DashboardSnapshot:

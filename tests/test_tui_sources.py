@@ -71,7 +71,10 @@ async def test_images_a_stop_leaves_unjudged_are_left_not_judging(
     assert (made, model.images) == (12, 8)  # 8 images had their requests on the wire
     assert (model.queued, model.generating, model.judging, model.left) == (12, 0, 0, 4)
     assert summary.left_to_judge == 4
-    assert "| images left to judge on resume 4" in describe(engine.stats())  # --headless
+    line = describe(engine.stats())  # --headless
+    assert "| images left to judge on resume 4" in line
+    # The plain line said "images 12" where the dashboard says images 8 (with a judgement).
+    assert "| made 12 |" in line and "| images 12" not in line
 
 
 async def test_a_model_loading_shows_in_the_snapshot(make_config: ConfigFactory) -> None:

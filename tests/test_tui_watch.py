@@ -36,6 +36,7 @@ from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord
 from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import QUARANTINE, QUARANTINE_PARTIAL, RunDir
 from trig_stream.testing import FakeJudge
+from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.dashboard import Panel
@@ -1123,6 +1124,28 @@ async def test_error_lines_name_the_judge_and_tell_a_failed_generation_once(
         for dimension in ("IQ-A", "TA-S")
         for judge in ("judge-a", "judge-b")
     ]
+
+
+@pytest.mark.anyio
+async def test_error_lines_name_the_judge_when_the_judges_run_are_several_not_the_configs(
+    make_config: ConfigFactory,
+) -> None:
+    # The config's one judge decided: two judges passed to the engine gave each error twice
+    # in the same words, in the run and in watch (the manifest's config names one judge).
+    config = make_config(samples=1)
+    failing = FakeJudgeOptions(error_rate=1.0)
+    judges = [FakeJudge("alpha", failing), FakeJudge("beta", failing)]
+    async with Engine(config, judges=judges) as engine:
+        assert len([j async for j in engine.results]) == 4
+        live = engine.stats().last_errors
+    watched = RunDirSource(engine.run_dir_path).poll().last_errors
+    expected = [
+        f"synth IQ-R_TA-C_1 {dimension} {judge}: fake judge: 400 Bad Request"
+        for dimension in ("IQ-R", "TA-C")
+        for judge in ("alpha", "beta")
+    ]
+    assert sorted(live) == expected
+    assert sorted(watched) == expected
 
 
 def test_a_watched_run_with_samples_left_is_not_running_not_finished(tmp_path: Path) -> None:

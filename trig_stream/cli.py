@@ -422,15 +422,19 @@ async def _run(config: RunConfig, args: argparse.Namespace, console: Console) ->
         left = summary.left_to_judge
         console.print(
             f"{left} image{'s' * (left != 1)} on disk left to judge on resume: the stop asked "
-            "no judge about them; the same command judges them (reusing the images)",
+            "no judge about them; a resume judges them (reusing the images)",
             highlight=False,
             markup=False,
         )
     # A Ctrl-C that left nothing undone (every sample was in flight) ended the run "done":
     # it is finished, and its report is written as any finished run's.
     if summary.state in ("stopped", "cancelled") or (interrupted and summary.state != "done"):
-        if args.new_run:
-            console.print(_how_to_resume(config, engine, True), highlight=False, markup=False)
+        # After --new-run, "the same command" would start yet another directory: the line
+        # names the one to resume. Images left to judge promise a resume: say what it is.
+        if args.new_run or summary.left_to_judge:
+            console.print(
+                _how_to_resume(config, engine, args.new_run), highlight=False, markup=False
+            )
         return EXIT_INTERRUPTED
     stats = engine.stats()
     if summary.state == "done" and stats.quarantined and stats.quarantined == stats.records_read:

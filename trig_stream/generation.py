@@ -44,6 +44,7 @@ from trig_stream.backends.base import (
     TimedPicture,
     check_pictures,
     checked_notes,
+    tell_all_requested,
 )
 from trig_stream.backends.threads import ThreadCalls, call_in_thread, load_in_thread
 from trig_stream.errors import (
@@ -214,7 +215,9 @@ class GenerationStage:
             passed_over: AbstractSet[str] = self._context.passed_over.get(
                 generator.name, frozenset()
             )
-            self._call_noting("all_requested()", partial(generator.all_requested, passed_over))
+            self._call_noting(
+                "all_requested()", partial(tell_all_requested, generator, passed_over)
+            )
         self._call_noting("closing it", generator.close)
 
     def _call_noting(self, what: str, method: Callable[[], None]) -> None:

@@ -50,7 +50,8 @@ class PersistStage:
         self._journal_state = journal_state
         self._relations = relations
         self._finished = finished
-        self._error_lines = ErrorLines(several_judges=len(context.config.judges) > 1)
+        # The judges this run runs (the engine may be given others than the config's).
+        self._error_lines = ErrorLines(several_judges=len(context.fingerprints) > 1)
         self._history_loaded = anyio.Event()
         if journal_state.lines == 0:  # nothing to wait for: this run's join as they land
             self._history_loaded.set()

@@ -59,7 +59,8 @@ def describe(stats: EngineStats) -> str:
     parts = [
         f"[{stats.state}] {stats.elapsed_s:6.1f}s",
         f"samples {stats.samples_read}",
-        f"images {generated}",
+        # Images made by this run: "images" means those with a judgement (the dashboard's).
+        f"made {generated}",
         f"judged {ok + unscorable + error} (ok {ok}, unscorable {unscorable}, error {error})",
         f"{stats.judgements_per_s:.1f}/s",
     ]

@@ -11,11 +11,13 @@ that run backends' blocking code, and what a hard stop leaves running in them, a
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +191,10 @@ class Generator(ABC):
             looked up and decoded only when a generator of the run reads them: judging
             images already made (an image folder) needs none. True unless a generator says
             otherwise, so a third party's generator gets the images it may read.
+        wrapped: the generator this one wraps (``dtm_rewrite``'s inner one), when its
+            :meth:`all_requested` does nothing but pass the call on to it: the run then
+            collects the data_ids it passes over only when the wrapped one hears of them
+            (see :func:`hears_of_whole_input`). None for a generator that wraps none.
     """
 
     name: str
@@ -196,6 +202,7 @@ class Generator(ABC):
     batch_size: int = 1
     draws_from_the_prompt: ClassVar[bool] = True
     reads_source_image: bool = True
+    wrapped: Generator | None = None
 
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:
@@ -267,7 +274,8 @@ class Generator(ABC):
                 directory, or measured by no judge), or whose image an earlier run left on
                 disk (reused). With the samples it was asked for, they are the whole
                 selection. Collected only for a generator whose class overrides this hook
-                (see :func:`hears_of_whole_input`).
+                (see :func:`hears_of_whole_input`). Optional to accept: an override that
+                takes no argument (the hook's first form) is called without it.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -293,9 +301,34 @@ class Generator(ABC):
 
 
 def hears_of_whole_input(generator: Generator) -> bool:
-    """Whether ``generator`` overrides :meth:`Generator.all_requested`: the run then collects
-    the data_ids it passes over for it (a set of the selection's ids, kept for the run)."""
-    return type(generator).all_requested is not Generator.all_requested
+    """Whether ``generator`` overrides :meth:`Generator.all_requested` (through the generator
+    it wraps, see :attr:`Generator.wrapped`): the run then collects the data_ids it passes
+    over for it (a set of the selection's ids, kept for the run)."""
+    if type(generator).all_requested is Generator.all_requested:
+        return False
+    return generator.wrapped is None or hears_of_whole_input(generator.wrapped)
+
+
+def tell_all_requested(generator: Generator, passed_over: AbstractSet[str]) -> None:
+    """Call ``generator``'s :meth:`~Generator.all_requested`, with ``passed_over`` unless its
+    override takes no argument (the hook's first form, still met in third parties' code)."""
+    if _takes_no_argument(type(generator).all_requested):
+        generator.all_requested()
+    else:
+        generator.all_requested(passed_over)
+
+
+@functools.cache
+def _takes_no_argument(method: Callable[..., None]) -> bool:
+    """Whether ``method`` (a generator class's ``all_requested``, unbound) takes no argument
+    but ``self``; looked at once per method."""
+    try:
+        parameters = list(inspect.signature(method).parameters.values())[1:]
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass the argument
+        return False
+    return not any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters
+    )
 
 
 def reads_source_images(generators: Iterable[Generator]) -> bool:

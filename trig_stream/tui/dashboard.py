@@ -239,7 +239,8 @@ class Dashboard(Widget):
         """Why the source stopped giving snapshots, once it did."""
         self._busy = False
         self._heights: tuple[int, int, int] = ROW_HEIGHTS
-        self._progress_width: int | None = None
+        self._progress_width: tuple[int, int] | None = None
+        """The progress panel's width and the terminal's it was set for."""
 
     def compose(self) -> ComposeResult:
         yield Panel(id="status")
@@ -332,15 +333,23 @@ class Dashboard(Widget):
 
     def _show_progress(self, snapshot: DashboardSnapshot, lines: int) -> None:
         """The progress table, as wide as its header needs, within what the run panel leaves:
-        narrower, it cuts its model names and shortens its headers, never a figure (at 120
-        columns, 70% of the width cut the "skipped" and "errors" columns of long names)."""
-        room = max(self.size.width - INFO_MIN_WIDTH, 0)
+        narrower, it cuts its model names and shortens its headers; when its figures still
+        do not fit, it takes the run panel's columns, and only past the whole width are its
+        lines cut (marked ``›``). At 120 columns, 70% of the width cut the "skipped" and
+        "errors" columns of long names."""
+        total = self.size.width
+        room = max(total - INFO_MIN_WIDTH, 0)
+        least = render.progress_least_width(snapshot.models, lines) + PANEL_FRAME
+        if least > room:  # the figures before the run panel's width
+            room = min(least, total)
         table = render.progress_table(snapshot.models, lines, width=room - PANEL_FRAME)
         want = min(max(map(len, table.plain.splitlines())) + PANEL_FRAME, room)
         panel = self.query_one("#progress", Panel)
-        if want != self._progress_width:
-            self._progress_width = want
+        if (want, total) != self._progress_width:
+            self._progress_width = (want, total)
             panel.styles.width = want
+            info = self.query_one("#info", Panel)
+            info.styles.min_width = max(min(INFO_MIN_WIDTH, total - want), 0)
         panel.show((snapshot.models, lines, room), lambda: table)
 
     def next_model(self) -> None:

@@ -134,9 +134,11 @@ SHORT_HEADERS = ("queue", "gen", "judg", "imgs", "ok", "unsc", "err", "skip")
 its header's or its widest figure's width and a space."""
 MODEL_WIDTH = (11, 24)
 """The model column's width: its longest name and a space, within these bounds."""
-MODEL_WIDTH_LEAST = 8
-"""The model column's width when the panel is narrow: the names are cut first (``…``), the
-figures never."""
+MODEL_WIDTH_LEAST = 4
+"""The model column's width when the panel is narrow: the names are cut first (``…``), to
+three characters (``s…b``), before a figure is."""
+CUT_MARK = "›"
+"""Ends a progress table line cut short: the panel is too narrow for its figures."""
 
 NAME_WIDTH = 16
 """The longest buffer name the buffers panel shows whole."""
@@ -195,9 +197,62 @@ def progress_table(
             (the total row would leave no model at all).
         width: the most columns to draw. The model names are cut first (to
             :data:`MODEL_WIDTH_LEAST`), then the headers get short (:data:`SHORT_HEADERS`);
-            a figure is never cut.
+            narrower than that (:func:`progress_least_width`), each line is cut and ends in
+            :data:`CUT_MARK`.
     """
     text = Text(no_wrap=True, overflow="ellipsis")
+    drawn, rows, more = _progress_rows(models, limit)
+    cells = [_progress_cells(m) for m, _ in drawn]
+    shortest, longest = MODEL_WIDTH
+    name_width = min(max([shortest - 1, *(len(printable(m.name)) for m, _ in drawn)]) + 1, longest)
+    figures = _figure_widths(cells)
+    headers = [column for column, _ in PROGRESS_COLUMNS]
+    widths = [max(w, f + 1) for (_, w), f in zip(PROGRESS_COLUMNS, figures, strict=True)]
+    if width is not None and name_width + sum(widths) > width:
+        if MODEL_WIDTH_LEAST + sum(widths) > width:
+            headers = list(SHORT_HEADERS)
+            widths = _short_widths(figures)
+        name_width = max(min(name_width, width - sum(widths)), MODEL_WIDTH_LEAST)
+    header = Text(
+        f"{'model'[: name_width - 1]:<{name_width}}"  # "mod" over names cut to 3
+        + "".join(f"{c:>{w}}" for c, w in zip(headers, widths, strict=True)),
+        style="bold",
+    )
+    lines = [
+        header,
+        *(
+            _progress_row(m.name, row, name_width, widths, style)
+            for (m, style), row in zip(drawn, cells, strict=True)
+        ),
+    ]
+    if more:  # between the models and their total
+        hidden = len(models) - len(rows)
+        more_line = Text(f"… {hidden} more model{'s' * (hidden != 1)}", style="grey62")
+        lines.insert(1 + len(rows), more_line)
+    for index, line in enumerate(lines):
+        if width is not None and line.cell_len > width:
+            # Too narrow for a figure: cut, and say so, rather than show a wrong number.
+            line.truncate(max(width - 1, 0), overflow="crop")
+            line.append(CUT_MARK, style="bold yellow")
+        if index:
+            text.append("\n")
+        text.append_text(line)
+    return text
+
+
+def progress_least_width(models: Sequence[ModelProgress], limit: int | None = None) -> int:
+    """The fewest columns :func:`progress_table` draws ``models`` in without cutting a figure:
+    names cut to :data:`MODEL_WIDTH_LEAST`, short headers."""
+    drawn, _, _ = _progress_rows(models, limit)
+    figures = _figure_widths([_progress_cells(m) for m, _ in drawn])
+    return MODEL_WIDTH_LEAST + sum(_short_widths(figures))
+
+
+def _progress_rows(
+    models: Sequence[ModelProgress], limit: int | None
+) -> tuple[list[tuple[ModelProgress, str]], list[ModelProgress], bool]:
+    """The rows drawn (and their style), the models among them, and whether a ``… N more``
+    line goes between them and the total."""
     rows = list(models)
     more = total = False
     if limit is not None and 1 + len(rows) > limit:
@@ -207,36 +262,18 @@ def progress_table(
         more = room >= 1
         total = room >= 3
         rows = rows[: room - more - total]
-    hidden = len(models) - len(rows)
     drawn = [(m, "") for m in rows]
     if total:
         drawn.append((total_progress(models), "bold"))
-    cells = [_progress_cells(m) for m, _ in drawn]
-    shortest, longest = MODEL_WIDTH
-    name_width = min(max([shortest - 1, *(len(printable(m.name)) for m, _ in drawn)]) + 1, longest)
-    figures = [max([0, *(len(row[i][0]) for row in cells)]) for i in range(len(PROGRESS_COLUMNS))]
-    headers = [column for column, _ in PROGRESS_COLUMNS]
-    widths = [max(w, f + 1) for (_, w), f in zip(PROGRESS_COLUMNS, figures, strict=True)]
-    if width is not None and name_width + sum(widths) > width:
-        if MODEL_WIDTH_LEAST + sum(widths) > width:
-            headers = list(SHORT_HEADERS)
-            widths = [max(len(h), f) + 1 for h, f in zip(headers, figures, strict=True)]
-        name_width = max(min(name_width, width - sum(widths)), MODEL_WIDTH_LEAST)
-    header = f"{'model':<{name_width}}" + "".join(
-        f"{c:>{w}}" for c, w in zip(headers, widths, strict=True)
-    )
-    text.append(header, style="bold")
-    lines = [
-        _progress_row(m.name, row, name_width, widths, style)
-        for (m, style), row in zip(drawn, cells, strict=True)
-    ]
-    if more:  # between the models and their total
-        more_line = Text(f"… {hidden} more model{'s' * (hidden != 1)}", style="grey62")
-        lines.insert(len(rows), more_line)
-    for line in lines:
-        text.append("\n")
-        text.append_text(line)
-    return text
+    return drawn, rows, more
+
+
+def _figure_widths(cells: list[list[tuple[str, str]]]) -> list[int]:
+    return [max([0, *(len(row[i][0]) for row in cells)]) for i in range(len(PROGRESS_COLUMNS))]
+
+
+def _short_widths(figures: list[int]) -> list[int]:
+    return [max(len(h), f) + 1 for h, f in zip(SHORT_HEADERS, figures, strict=True)]
 
 
 def _progress_cells(m: ModelProgress) -> list[tuple[str, str]]:

@@ -405,8 +405,9 @@ class RunDirSource:
         if self._manifest is None or key is None or key != self._manifest_key:
             self._manifest = read_manifest(self.run_dir)
             self._manifest_key = key
-        judges = self._manifest.config.get("judges")
-        self._error_text.several_judges = isinstance(judges, list) and len(judges) > 1
+        # The judges that ran, by name (every run's: the journal holds their lines), not the
+        # config's: an engine may be given others.
+        self._error_text.several_judges = len(self._manifest.judges) > 1
         configured = (self._manifest.config, self._manifest.updated_at)
         if configured != self._configured:
             self._configured = configured

@@ -48,6 +48,7 @@ from trig_stream.backends.base import (
     Generator,
     TimedPicture,
     checked_notes,
+    tell_all_requested,
 )
 from trig_stream.backends.generators.api_calls import (
     Sleep,
@@ -216,6 +217,7 @@ class DTMRewriteGenerator(Generator):
         self.name = name
         self.options = options
         self.inner = inner
+        self.wrapped = inner  # all_requested only passes the call on
         self.workers = inner.workers
         self.batch_size = inner.batch_size
         self.reads_source_image = inner.reads_source_image  # the sample goes on to it
@@ -319,7 +321,7 @@ class DTMRewriteGenerator(Generator):
         self.inner.stop_loading()
 
     def all_requested(self, passed_over: AbstractSet[str] = frozenset()) -> None:
-        self.inner.all_requested(passed_over)
+        tell_all_requested(self.inner, passed_over)
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
