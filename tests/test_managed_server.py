@@ -737,11 +737,9 @@ def test_an_ipv6_host_is_not_taken_for_a_host_and_port(host: str) -> None:
     assert options.host == host
 
 
-@pytest.mark.parametrize("host", ["10.255.255.1", "192.0.2.1"])
-def test_validate_refuses_a_host_that_is_no_address_of_this_machine_as_the_run_does(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str
-) -> None:
-    # validate said ok (exit 0); the run then stopped with exit 4.
+def write_serve_config(tmp_path: Path, serve: str, *, judge: str = "") -> Path:
+    """A config of 4 prompts, the synthetic generator and an openai judge whose serve table
+    holds the TOML lines ``serve`` (``judge``: lines of the judge's own table)."""
     write_prompts(tmp_path / "prompts.json", 4)
     config = tmp_path / "config.toml"
     config.write_text(
@@ -761,14 +759,21 @@ options = {{ size = 16 }}
 [[judges]]
 name = "trigscore"
 backend = "openai"
-[judges.options]
+{judge}[judges.options]
 model = "trig-judge-sim"
 [judges.options.serve]
-command = {json.dumps([*SIMULATED, "--host", "127.0.0.1"])}
-port = 0
-host = "{host}"
-"""
+{serve}"""
     )
+    return config
+
+
+@pytest.mark.parametrize("host", ["10.255.255.1", "192.0.2.1"])
+def test_validate_refuses_a_host_that_is_no_address_of_this_machine_as_the_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    # validate said ok (exit 0); the run then stopped with exit 4.
+    serve = json.dumps([*SIMULATED, "--host", "127.0.0.1"])
+    config = write_serve_config(tmp_path, f'command = {serve}\nport = 0\nhost = "{host}"\n')
     for command in (["validate"], ["run", "--headless", "--no-report"]):
         assert main([*command, str(config)]) == EXIT_FATAL
         err = " ".join(capsys.readouterr().err.split())
@@ -870,37 +875,14 @@ def test_a_run_started_ignoring_sigterm_starts_its_server_hearing_it(
 ) -> None:
     # The server inherited the ignored SIGTERM: it outlived a `kill -9` of the run (its
     # parent-death signal is SIGTERM), and every stop waited out its grace, then SIGKILL.
-    write_prompts(tmp_path / "prompts.json", 4)
     shim, log = tmp_path / "server.py", tmp_path / "server.log"
     shim.write_text(SIGNALS_SHIM)
     extra = ["--hang-rate", "1"] if ending == "killed" else ["--latency", "0.1"]
     command = [sys.executable, str(shim), str(log), "{port}", *extra]
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f"""\
-[run]
-name = "serve"
-output_dir = "{tmp_path / "runs"}"
-
-[dataset]
-path = "{tmp_path / "prompts.json"}"
-
-[[generators]]
-name = "syn"
-backend = "synthetic"
-options = {{ size = 16 }}
-
-[[judges]]
-name = "trigscore"
-backend = "openai"
-concurrency = 1
-[judges.options]
-model = "trig-judge-sim"
-[judges.options.serve]
-command = {json.dumps(command)}
-port = 0
-stop_timeout_s = 60
-"""
+    config = write_serve_config(
+        tmp_path,
+        f"command = {json.dumps(command)}\nport = 0\nstop_timeout_s = 60\n",
+        judge="concurrency = 1\n",
     )
     run = [sys.executable, "-m", "trig_stream", "run", str(config), "--headless", "--no-report"]
     process = subprocess.Popen(
