@@ -491,6 +491,22 @@ async def test_pngs_without_image_data_fail_their_samples_and_never_stop_the_run
         )
 
 
+EIGHT_SAMPLES = [
+    f"{pair}_{n}" for n in (1, 2) for pair in ("IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R")
+]
+"""The data_ids of ``make_config(samples=8)``."""
+
+
+def folder_with_one_unmatched(tmp_path: Path, ids: list[str]) -> Path:
+    """A folder of an 8x8 picture for each of ``ids``, and one, ``TA-C_TA-R_99.png``, that
+    matches no sample."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for data_id in [*ids, "TA-C_TA-R_99"]:
+        Image.new("RGB", (8, 8), "red").save(folder / f"{data_id}.png")
+    return folder
+
+
 class BlocksFromTheThirdSample(ImageFolderGenerator):
     """An image folder whose third request waits until the test has stopped the run."""
 
@@ -513,13 +529,7 @@ async def test_a_stopped_run_does_not_name_the_files_it_never_reached_as_unused(
 ) -> None:
     # A stopped run said "8 image file(s) ... were not asked for in this run (no such sample,
     # filtered out, or already judged)" of the samples it had not reached yet.
-    folder = tmp_path / "images"
-    folder.mkdir()
-    ids = [
-        f"{pair}_{n}" for n in (1, 2) for pair in ("IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R")
-    ]
-    for data_id in [*ids, "TA-C_TA-R_99"]:  # the last matches no sample
-        Image.new("RGB", (8, 8), "red").save(folder / f"{data_id}.png")
+    folder = folder_with_one_unmatched(tmp_path, EIGHT_SAMPLES)
 
     def config_of(name: str) -> RunConfig:
         return make_config(
@@ -557,13 +567,7 @@ async def test_a_resume_names_only_the_files_that_match_no_sample(
     # The resume of a stopped run listed the samples the first run had judged as "not asked
     # for in this run (no such sample, filtered out, or already judged)", hiding among them
     # the one file that matches no sample.
-    folder = tmp_path / "images"
-    folder.mkdir()
-    ids = [
-        f"{pair}_{n}" for n in (1, 2) for pair in ("IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R")
-    ]
-    for data_id in [*ids, "TA-C_TA-R_99"]:  # the last matches no sample
-        Image.new("RGB", (8, 8), "red").save(folder / f"{data_id}.png")
+    folder = folder_with_one_unmatched(tmp_path, EIGHT_SAMPLES)
     config = make_config(
         samples=8,
         generators=[
@@ -579,13 +583,13 @@ async def test_a_resume_names_only_the_files_that_match_no_sample(
                 stopped.stopped.set()
     assert engine.stats().state == "stopped"
     judged = {r["data_id"] for r in journal(config)}
-    assert judged and len(judged) < len(ids)
+    assert judged and len(judged) < len(EIGHT_SAMPLES)
 
     resumed = ImageFolderGenerator("elsewhere", options)
     async with Engine(config, generators=[resumed]) as engine:
         results = [j async for j in engine.results]
     assert engine.stats().state == "done"
-    assert {r.data_id for r in results} == set(ids) - judged  # the judged ones passed over
+    assert {r.data_id for r in results} == set(EIGHT_SAMPLES) - judged  # judged: passed over
     assert resumed.unmatched == ["TA-C_TA-R_99.png"]
     (note,) = [n for n in resumed.notes() if "match no sample" in n]
     assert note == (
@@ -606,11 +610,8 @@ async def test_a_resume_passes_over_the_samples_whose_images_it_reuses(
 ) -> None:
     # An image an earlier run wrote but did not judge is reused, not asked for: its file is
     # the sample's all the same.
-    folder = tmp_path / "images"
-    folder.mkdir()
     ids = ["IQ-R_TA-C_1", "IQ-A_TA-S_1", "R-T_IQ-A_1"]
-    for data_id in [*ids, "TA-C_TA-R_99"]:
-        Image.new("RGB", (8, 8), "red").save(folder / f"{data_id}.png")
+    folder = folder_with_one_unmatched(tmp_path, ids)
     config = make_config(
         samples=3,
         generators=[
@@ -694,13 +695,7 @@ async def test_a_stop_while_the_last_sample_generates_still_names_unused_files(
                 dataset_read.set()
 
     monkeypatch.setattr(trig_stream.engine, "Counters", Watched)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    ids = [
-        f"{pair}_{n}" for n in (1, 2) for pair in ("IQ-R_TA-C", "IQ-A_TA-S", "R-T_IQ-A", "D-K_IQ-R")
-    ]
-    for data_id in [*ids, "TA-C_TA-R_99"]:  # the last matches no sample
-        Image.new("RGB", (8, 8), "red").save(folder / f"{data_id}.png")
+    folder = folder_with_one_unmatched(tmp_path, EIGHT_SAMPLES)
     config = make_config(
         samples=8,
         generators=[
