@@ -951,6 +951,18 @@ async def test_an_error_in_the_consumer_propagates_unchanged(make_config: Config
     assert set(keys_count(config).values()) == {1}
 
 
+async def test_an_error_in_the_consumer_keeps_its_own_cause(make_config: ConfigFactory) -> None:
+    config = make_config(samples=20)
+    with pytest.raises(ValueError, match="consumer bug") as raised:
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                try:
+                    raise KeyError("missing")
+                except KeyError as exc:
+                    raise ValueError("consumer bug") from exc
+    assert isinstance(raised.value.__cause__, KeyError)
+
+
 class FailsOnThirdRequest(FakeJudge):
     """A judge whose third request finds its credentials refused."""
 
@@ -982,6 +994,30 @@ async def test_an_error_in_the_consumer_as_the_run_fails_stays_in_the_traceback(
     assert isinstance(error.__context__, ValueError) and not error.__suppress_context__
     assert error.__notes__[-1].endswith("context: ValueError: the consumer's own bug")
     assert engine.stats().state == "failed"
+
+
+class FailsWithACause(FakeJudge):
+    """A judge whose first request fails fatally, raised from the error beneath it."""
+
+    def __init__(self) -> None:
+        super().__init__("trigscore", FakeJudgeOptions(), concurrency=1)
+
+    async def judge(self, request: JudgeRequest) -> JudgeReply:
+        try:
+            raise OSError("the token file is unreadable")
+        except OSError as exc:
+            raise FatalBackendError("bad credentials") from exc
+
+
+async def test_the_run_error_keeps_its_own_cause(make_config: ConfigFactory) -> None:
+    config = make_config(samples=4)
+    with anyio.fail_after(10), pytest.raises(FatalBackendError) as raised:
+        async with Engine(config, judges=[FailsWithACause()]) as engine:
+            async for _ in engine.results:
+                pass
+    error = raised.value
+    assert isinstance(error.__cause__, OSError)
+    assert str(error.__cause__) == "the token file is unreadable"
 
 
 async def test_pause_holds_back_new_samples_until_resumed(make_config: ConfigFactory) -> None:

@@ -524,7 +524,8 @@ def _sole_error() -> Iterator[None]:
     except BaseExceptionGroup as group:
         leaves = list(leaf_errors(group))
         if len(leaves) == 1:
-            raise leaves[0] from None
+            # as itself: its own cause kept, the group left out
+            raise leaves[0] from leaves[0].__cause__
         raise
 
 

@@ -394,12 +394,12 @@ class Engine:
                 # The block's own exception (a group of its own too): hand it back as it was
                 # raised, not in a group of ours.
                 self._state = "cancelled"
-                raise exc from None
+                raise exc from exc.__cause__  # its own cause kept, our group left out
             self._state = "failed"
             if leaving.error is None:
                 raise
             if not leaving.keeps_context:
-                raise leaving.error from None
+                raise leaving.error from leaving.error.__cause__
             failure = leaving.error
         except BaseException:
             if self._state not in ("done", "stopped"):
