@@ -1173,3 +1173,104 @@ def test_a_large_source_picture_is_read_without_pillows_warning(
     Image.new("L", (50, 50)).save(root / "big.png")
     samples, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
     assert not samples and "could be decompression bomb" in refused[0].reason
+
+
+@pytest.mark.parametrize("form", ["list", "object"])
+def test_a_repeated_data_id_is_a_duplicate_also_when_its_first_record_is_refused(
+    tmp_path: Path, form: str
+) -> None:
+    # The first record keeps its data_id even when refused for its content: the second was
+    # judged under it (another pair), and a resume then called the first "changed since".
+    path = tmp_path / "p.json"
+    if form == "list":
+        path.write_text(
+            json.dumps(
+                [
+                    {"data_id": "IQ-R_TA-C_1", "prompt": "", "dimension": ["IQ-R", "TA-C"]},
+                    {"data_id": "IQ-R_TA-C_1", "prompt": "a bike", "dimension": ["R-T", "R-B"]},
+                    {"data_id": "IQ-R_TA-C_2", "prompt": "a cat", "dimension": ["IQ-R", "TA-C"]},
+                ]
+            )
+        )
+    else:
+        path.write_text(
+            '{"IQ-R_TA-C_1": {"prompt": ""}, "IQ-R_TA-C_1": {"prompt": "a dog"}, '
+            '"IQ-R_TA-C_2": {"prompt": "a cat"}}'
+        )
+    section = DatasetSection(path=path)
+    samples, refused = read(section)
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_2"]
+    assert [(r.index, r.reason) for r in refused] == [
+        (0, "missing or empty prompt"),
+        (1, "duplicate data_id 'IQ-R_TA-C_1'"),
+    ]
+    # A resume reads the same: nothing is called changed since it was judged.
+    judged = {s.data_id: s.digest for s in samples}
+    again = list(DatasetSource(section, "t2i", judged=judged))
+    assert [r.reason for r in again if isinstance(r, QuarantinedRecord)] == [
+        "missing or empty prompt",
+        "duplicate data_id 'IQ-R_TA-C_1'",
+    ]
+
+
+def test_a_judged_sample_refused_on_resume_for_its_source_image_counts_toward_the_limit(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        (root / name).write_bytes(png_bytes())
+    path = tmp_path / "p2p.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"data_id": f"IQ-R_TA-C_{n}", "prompt": "edit", "img_id": name}
+                for n, name in ((1, "a.png"), (2, "b.png"))
+            ]
+        )
+    )
+    section = DatasetSection(path=path, image_root=root, limit=1)
+    (sample,), _ = read(section, task="p2p")
+    (root / "a.png").unlink()
+    # Judged before on one dimension; its source image gone, the rest of it cannot be made,
+    # yet it is still the sample the limit took: the record past the limit is not read.
+    source = DatasetSource(section, "p2p", judged={sample.data_id: sample.digest})
+    (entry,) = list(source)
+    assert isinstance(entry, QuarantinedRecord) and "'a.png' not found" in entry.reason
+    assert source.limit_reached
+    # Never judged, a record refused for its content leaves its place to the next.
+    samples, refused = read(section, task="p2p")
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_2"] and len(refused) == 1
+
+
+def test_odd_source_image_names_and_empty_files_are_named_for_what_they_are(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "ok.png").write_bytes(png_bytes())
+    (root / "empty.png").write_bytes(b"")
+    path = tmp_path / "p2p.json"
+    img_ids: list[object] = [0, False, "ok.png/", "ok.png/.", "empty.png", "ok.png"]
+    path.write_text(
+        json.dumps(
+            [
+                {"data_id": f"IQ-R_TA-C_{n}", "prompt": "edit", "img_id": img_id}
+                for n, img_id in enumerate(img_ids)
+            ]
+        )
+    )
+    samples, refused = read(DatasetSection(path=path, image_root=root), task="p2p")
+    assert [s.img_id for s in samples] == ["ok.png"]
+    folder = "ends as a folder's path does, not a file's name: name the image file itself"
+    folder += ", without the trailing '/'"
+    assert [r.reason for r in refused] == [
+        "img_id must be a string, got int",
+        "img_id must be a string, got bool",
+        f"img_id 'ok.png/' {folder}",
+        f"img_id 'ok.png/.' {folder}",
+        "source image 'empty.png' is empty (0 bytes)",
+    ]
+    # As the generator's own decoding says of it.
+    with pytest.raises(Exception, match=r"is empty \(0 bytes\)"):
+        source_image(samples[0].model_copy(update={"source_path": root / "empty.png"}), (8, 8))

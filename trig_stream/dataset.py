@@ -60,7 +60,8 @@ class DatasetSource:
         finished: says whether a selected sample (by data_id and the dimensions of its pair
             that are judged) needs no more work;
             such samples count towards ``limit`` but are passed over without being built,
-            and so do samples quarantined as changed since they were judged (``judged``).
+            and so do samples quarantined that were judged before (in ``judged``: changed
+            since, or their source image gone), whose judgements stay.
             On resume most samples are finished, and building them would dominate the
             time to the first new request.
         judged: data_id -> the :attr:`~trig_stream.records.Sample.digest` recorded when the
@@ -137,12 +138,17 @@ class DatasetSource:
                 yield None
             without_sample += 1
             self.records_read += 1
+            kept_id: str | None = None  # set once its identity is sound and not repeated
             try:
                 data_id, dimensions = _identity(raw)
                 if data_id in seen:
                     raise Rejected(f"duplicate data_id {data_id!r}")
+                # Taken before the content is checked: the first record keeps its data_id
+                # also when it is refused for its prompt or source image, so a later record
+                # of the same id is a duplicate, not judged in its place.
+                seen.add(data_id)
+                kept_id = data_id
                 if not self._selected(dimensions):
-                    seen.add(data_id)
                     self.filtered_out += 1
                     continue
                 recorded = self._judged.get(data_id)
@@ -155,15 +161,14 @@ class DatasetSource:
                     )
                 judged = self.dimensions_to_judge(dimensions)
                 if self._finished is not None and self._finished(data_id, judged):
-                    seen.add(data_id)
                     produced += 1
                     continue
                 sample = self._sample(raw, data_id, dimensions)
             except Rejected as exc:
-                if isinstance(exc, ChangedSinceJudged):
-                    # One of the samples the limit took before, as count() still counts it:
+                if kept_id is not None and kept_id in self._judged:
+                    # One of the samples the limit took before (its judgements are kept), as
+                    # count() still counts it: changed since, or its source image gone, it is
                     # not replaced by a record past the limit.
-                    seen.add(data_id)
                     produced += 1
                 raw_id = raw.get("data_id")
                 yield QuarantinedRecord(
@@ -173,7 +178,6 @@ class DatasetSource:
                     record=without_images(raw),
                 )
                 continue
-            seen.add(data_id)
             produced += 1
             without_sample = 0
             yield sample
@@ -394,6 +398,12 @@ class DatasetSource:
                 )
             raise Rejected(f"img_id {shown} given but [dataset] image_root is not set")
         candidate = root / img_id
+        if img_id.endswith(("/", "/.")):
+            # Path drops the trailing slash: "a.png/" was looked up, and read, as "a.png".
+            raise Rejected(
+                f"{via} {shown} ends as a folder's path does, not a file's name: name the "
+                "image file itself, without the trailing '/'"
+            )
         if Path(img_id).is_absolute() or ".." in Path(img_id).parts or "\0" in img_id:
             raise Rejected(
                 f"{via} {shown} is not a plain file name"
@@ -517,6 +527,9 @@ def _check_decodable(source: Path | bytes, what: str) -> None:
                     raise Rejected(f"{what} is not a readable PNG: {problem}; replace the file")
             image.load()
     except UnidentifiedImageError:
+        if _is_empty(source):
+            # As the generator's own decoding says it: "no image" hid that nothing is there.
+            raise Rejected(f"{what} is empty (0 bytes)") from None
         raise Rejected(f"{what} is no image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, Rejected):  # a ValueError: the size or the PNG data, said above
@@ -524,6 +537,15 @@ def _check_decodable(source: Path | bytes, what: str) -> None:
         # DecompressionBombError: more pixels than Pillow agrees to decode (a bomb, or a
         # picture far larger than any model takes).
         raise Rejected(f"{what} cannot be decoded: {exc}") from None
+
+
+def _is_empty(source: Path | bytes) -> bool:
+    if isinstance(source, bytes):
+        return not source
+    try:
+        return source.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _png_problem(source: Path | bytes) -> str | None:
@@ -545,8 +567,8 @@ def _source_name(raw: Mapping[str, Any]) -> tuple[object, str]:
     its image column holds in place of the picture's bytes (a Hugging Face ``Image`` not
     embedded, ``{"bytes": None, "path": ...}``; JSON Lines' ``"image": "name.png"``), looked
     up under ``image_root`` as an ``img_id`` is."""
-    img_id = raw.get("img_id") or ""
-    if img_id:
+    img_id = raw.get("img_id")
+    if img_id is not None and img_id != "":  # 0 or False is an img_id of the wrong type
         return img_id, "img_id"
     image = raw.get("image")
     if isinstance(image, Mapping):
