@@ -1241,6 +1241,9 @@ def test_a_judged_sample_refused_on_resume_for_its_source_image_counts_toward_th
     # Never judged, a record refused for its content leaves its place to the next.
     samples, refused = read(section, task="p2p")
     assert [s.data_id for s in samples] == ["IQ-R_TA-C_2"] and len(refused) == 1
+    # The readers of a run directory count them alike, given its quarantine list.
+    assert source.selected_samples(refused={0}, judged={sample.data_id}) == {}
+    assert source.selected_samples(refused={0}) == {"IQ-R_TA-C_2": ("IQ-R", "TA-C")}
 
 
 def test_odd_source_image_names_and_empty_files_are_named_for_what_they_are(

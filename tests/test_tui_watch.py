@@ -1162,3 +1162,52 @@ def test_a_watched_run_with_samples_left_is_not_running_not_finished(tmp_path: P
     done = RunDirSource(run_dir).poll()
     assert done.state == "finished" and done.samples_done == 8
     assert "finished; press q to close" in status_line(done, linger=True).plain
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_a_finished_run_that_quarantined_records_shows_finished(
+    tmp_path: Path, limit: int | None
+) -> None:
+    # Its total counted every record of a sound identity: one refused for an empty prompt,
+    # or repeating a data_id, was a sample left that no resume would ever judge ("not
+    # running; 1 sample left"); under a limit the bad record also took a good one's place.
+    records = [
+        {"data_id": "IQ-R_TA-C_1", "prompt": "", "dimension": ["IQ-R", "TA-C"]},
+        {"data_id": "IQ-R_TA-C_2", "prompt": "a cat", "dimension": ["IQ-R", "TA-C"]},
+        {"data_id": "IQ-R_TA-C_2", "prompt": "a dog", "dimension": ["IQ-R", "TA-C"]},
+        {"data_id": "IQ-R_TA-C_3", "prompt": "a cow", "dimension": ["IQ-R", "TA-C"]},
+    ]
+    dataset = tmp_path / "ds.json"
+    dataset.write_text(json.dumps(records))
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f"""
+[run]
+name = "r"
+output_dir = "{tmp_path / "out"}"
+
+[dataset]
+path = "{dataset}"
+{"" if limit is None else f"limit = {limit}"}
+
+[[generators]]
+name = "g"
+backend = "synthetic"
+options = {{ size = 16 }}
+
+[[judges]]
+name = "j"
+backend = "fake"
+"""
+    )
+    assert main(["run", str(config), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "out" / "r"
+    snapshot = RunDirSource(run_dir).poll()
+    assert snapshot.quarantined == 2
+    assert (snapshot.state, snapshot.samples_done, snapshot.samples_total) == ("finished", 2, 2)
+    assert "finished; press q to close" in status_line(snapshot, linger=True).plain
+    # A run stopped before judging one of them still shows the one left.
+    kept = [j for j in latest_judgements(run_dir / JOURNAL).values() if j.data_id != "IQ-R_TA-C_3"]
+    (run_dir / JOURNAL).write_bytes(lines_of(*kept))
+    stopped = RunDirSource(run_dir).poll()
+    assert (stopped.state, stopped.samples_done, stopped.samples_total) == ("not running", 1, 2)

@@ -19,7 +19,7 @@ import re
 import stat
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Container, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -236,28 +236,48 @@ class DatasetSource:
                     break
         return pairs
 
-    def selected_samples(self) -> dict[str, tuple[Dimension, ...]]:
+    def selected_samples(
+        self, *, refused: Collection[int] = (), judged: Container[str] = ()
+    ) -> dict[str, tuple[Dimension, ...]]:
         """Each sample the run selects (filters and limit applied, the first of a repeated
         ``data_id``), as ``data_id`` -> the dimensions judged of it, reading only the
         identity columns: what a reader of a run directory needs to tell the judgements a
         run still asks from those its dataset left out since. Records with a bad id or pair
-        are left out; one edited since it was judged (which a run quarantines) cannot be
-        told from the identity columns and stays in.
+        are left out; one refused for its content cannot be told from the identity columns
+        and stays in, unless ``refused`` names it.
+
+        Args:
+            refused: the indexes of the records the run quarantined (``quarantine.jsonl``'s
+                ``index``): left out, as :meth:`scan` leaves them out. One whose data_id is
+                in ``judged`` still counts toward ``limit``, as :meth:`scan` counts it.
+            judged: the data_ids the run directory holds judgements of.
 
         Raises:
             DatasetError: the dataset cannot be opened.
         """
         samples: dict[str, tuple[Dimension, ...]] = {}
+        # Every data_id taken, as scan() takes them: a record left out by the filters, or
+        # refused for its content, keeps its id from a later record too.
+        seen: set[str] = set()
+        taken = 0
         limit = self.section.limit
-        for raw in self._raw_records(identity_only=True):
+        for index, raw in enumerate(self._raw_records(identity_only=True)):
             try:
                 data_id, dimensions = _identity(raw)
             except Rejected:
                 continue
-            if data_id in samples or not self._selected(dimensions):
+            if data_id in seen:
                 continue
-            samples[data_id] = self.dimensions_to_judge(dimensions)
-            if limit is not None and len(samples) >= limit:
+            seen.add(data_id)
+            if not self._selected(dimensions):
+                continue
+            if index in refused:
+                if data_id not in judged:
+                    continue
+            else:
+                samples[data_id] = self.dimensions_to_judge(dimensions)
+            taken += 1
+            if limit is not None and taken >= limit:
                 break
         return samples
 

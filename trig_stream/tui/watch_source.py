@@ -9,6 +9,7 @@ writes it, and its pid, come from :func:`~trig_stream.locks.find_writer`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections import Counter, deque
@@ -202,6 +203,11 @@ class RunDirSource:
         """The judgements each model makes of the samples, when the dataset is readable."""
         self._quarantine_key: tuple[str, int, int, int, int] | None = None
         self._quarantined: int | None = None
+        self._refused: frozenset[int] = frozenset()
+        """The indexes of the dataset records in the quarantine list shown: not the run's
+        samples, so not counted in its totals."""
+        self._counted: tuple[object, frozenset[int], bool] | None = None
+        """The config, refusals and journal state the totals were last counted for."""
         self._forget_the_journal()
 
     def _forget_the_journal(self) -> None:
@@ -259,6 +265,8 @@ class RunDirSource:
             manifest = self._read_manifest()
         for line, judgement in judgements:
             self._add(judgement, line)
+        quarantined = self._count_quarantined(running=writer is not None)
+        self._count_totals()
         now = self._clock()
         asked_again = self._asked_again(manifest) if writer is not None else Counter[str]()
         finished = self._finished_samples(manifest, asked_again)
@@ -327,7 +335,7 @@ class RunDirSource:
             judge_p95=_rank(ordered, 0.95),
             relations=self._relations,
             last_errors=tuple(self._errors),
-            quarantined=self._count_quarantined(running=writer is not None),
+            quarantined=quarantined,
             message=message,
             alerts=tuple(alerts),
         )
@@ -344,13 +352,14 @@ class RunDirSource:
                     info = os.fstat(handle.fileno())
                     key = (name, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
                     if key != self._quarantine_key:
-                        self._quarantined = sum(1 for _ in handle)
+                        self._quarantined, self._refused = _read_refusals(handle)
                         self._quarantine_key = key
                     return self._quarantined
             except FileNotFoundError:
                 continue
             except OSError:
                 return None
+        self._refused = frozenset()
         return 0
 
     def _eta(
@@ -428,17 +437,38 @@ class RunDirSource:
             self._configure_from_parts(manifest.config)
             return
         self._config = config
+        self._counted = None
         self._thresholds = self._tracker.thresholds = config.relation or RelationSection()
         self._config_models = [generator.name for generator in config.generators]
+
+    def _count_totals(self) -> None:
+        """Count the samples and judgements of the latest config's run from its dataset, again
+        whenever the quarantine list changed: the records it refused (an empty prompt, a
+        source image missing, a repeated data_id) are none of its samples. Counted as the
+        run reads its dataset, they stay out of the total (else a finished run showed as
+        stopped with samples left, which no resume would ever judge), and a ``limit`` that
+        the run filled with other records past them is filled here too."""
+        config = self._config
+        # Again once the journal is read to its end: a refused record judged before (in
+        # a line not read yet while catching up) still took its place under the limit.
+        counted = (self._configured, self._refused, self.tail.behind)
+        if config is None or counted == self._counted:
+            return
+        self._counted = counted
+        self._samples_total = None
+        self._judgements_total = 0
+        self._selected = None
+        self._asked_judged = Counter()
+        judged = {key[1] for key in self._status}
         try:
             source = DatasetSource(config.dataset, config.run.task, source_images=False)
-            pairs = source.selected_pairs()
+            samples = source.selected_samples(refused=self._refused, judged=judged)
         except Exception:  # a dataset moved or gone: the ETA stays unknown
             return
-        self._samples_total = pairs.total()
-        self._judgements_total = _judgements_per_model(config, source, pairs)
-        self._selected = asked_by_config(config)
-        if self._selected is not None:  # once per config: later keys are counted as read
+        self._samples_total = len(samples)
+        self._judgements_total = _judgements_per_model(config, samples)
+        self._selected = asked_by_config(config, samples)
+        if self._selected is not None:  # once per count: later keys are counted as read
             asked = self._selected
             self._asked_judged = Counter(key[0] for key in self._status if asked(key))
 
@@ -504,23 +534,32 @@ def _rank(ordered: list[float], share: float) -> float | None:
     return ordered[round(share * (len(ordered) - 1))]
 
 
-def asked_by_config(config: RunConfig) -> Callable[[JudgementKey], bool] | None:
+def asked_by_config(
+    config: RunConfig, samples: dict[str, tuple[Dimension, ...]] | None = None
+) -> Callable[[JudgementKey], bool] | None:
     """Whether a run of ``config`` asks about a judgement's key: its sample is one the
     dataset's filters and limit select (read from the identity columns), its dimension one
     judged of it, its judge one of the config that measures that dimension. A key outside
     that (a sample removed from the dataset or filtered out since, a dimension no longer
     measured) is never asked, also by ``--retry-errors``. None when the dataset or a judge
     cannot be read here.
+
+    Args:
+        config: the run's config.
+        samples: its samples (:meth:`~trig_stream.dataset.DatasetSource.selected_samples`),
+            when already read; else they are read from its dataset.
     """
     try:
         judges = {entry.name: build_judge(entry, config) for entry in config.judges}
-        source = DatasetSource(config.dataset, config.run.task, source_images=False)
-        samples = source.selected_samples()
+        if samples is None:
+            source = DatasetSource(config.dataset, config.run.task, source_images=False)
+            samples = source.selected_samples()
     except Exception:  # a dataset moved or gone, a backend this machine lacks
         return None
+    selected = samples
 
     def asked(key: JudgementKey) -> bool:
-        dimensions = samples.get(key[1])
+        dimensions = selected.get(key[1])
         judge = judges.get(key[3])
         if dimensions is None or judge is None:
             return False
@@ -529,16 +568,30 @@ def asked_by_config(config: RunConfig) -> Callable[[JudgementKey], bool] | None:
     return asked
 
 
-def _judgements_per_model(
-    config: RunConfig, source: DatasetSource, pairs: Counter[tuple[Dimension, Dimension]]
-) -> int:
-    """The judgements a model makes of the selected samples: each judge is asked about the
-    dimensions of a pair it measures (a metric's judge, some only)."""
+def _judgements_per_model(config: RunConfig, samples: dict[str, tuple[Dimension, ...]]) -> int:
+    """The judgements a model makes of the selected samples (each with the dimensions judged
+    of it): each judge is asked about the dimensions it measures (a metric's judge, some
+    only)."""
+    dimensions = Counter(d for judged in samples.values() for d in judged)
     try:
         judges = [build_judge(entry, config) for entry in config.judges]  # nothing loads
     except Exception:  # a backend this machine lacks: every judge counted on every dimension
-        return 2 * len(config.judges) * pairs.total()
+        return len(config.judges) * dimensions.total()
     return sum(
-        count * sum(judge.measures(d) for judge in judges for d in source.dimensions_to_judge(pair))
-        for pair, count in pairs.items()
+        count * sum(judge.measures(d) for judge in judges) for d, count in dimensions.items()
     )
+
+
+def _read_refusals(handle: BinaryIO) -> tuple[int, frozenset[int]]:
+    """How many records a quarantine list holds, and the dataset indexes of those whose
+    line reads (one that does not still counts, but refuses no index)."""
+    lines = 0
+    indexes: set[int] = set()
+    for line in handle:
+        lines += 1
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            index = record.get("index") if isinstance(record, dict) else None
+            if isinstance(index, int) and not isinstance(index, bool):
+                indexes.add(index)
+    return lines, frozenset(indexes)
