@@ -299,11 +299,12 @@ def inflate(body: bytes, coding: str) -> bytes:
         AnswerTooLarge: it decompresses to more than :data:`MAX_BODY_BYTES`.
         ValueError: a coding other than gzip or deflate, or a body that does not decode.
     """
-    coding = coding.strip().lower()
+    named, coding = coding.strip(), coding.strip().lower()
     if coding in ("", "identity"):
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):
-        raise ValueError(f"content coding {coding!r}")
+        # Quoted whole, as the server wrote it: a caller masks the key in it before cutting.
+        raise ValueError(f"content coding {named!r}")
     limit = MAX_BODY_BYTES
     # 47 = 32 + 15: gzip or zlib, by its header; then raw deflate, as some servers send it.
     for wbits in (47, -15):
