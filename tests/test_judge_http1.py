@@ -39,7 +39,7 @@ from trig_stream.backends.judges.transports import (
     EncodedImage,
     open_transport,
 )
-from trig_stream.errors import FatalBackendError, ItemError, RetryableError
+from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
 
 pytestmark = pytest.mark.anyio
 
@@ -491,6 +491,24 @@ async def test_every_client_reads_the_body_whatever_its_content_type(
                     await transport.post(BODY, IMAGE)
         finally:
             await transport.aclose()
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+async def test_a_429_with_a_date_out_of_range_is_a_rate_limit_without_a_wait(
+    client: Client,
+) -> None:
+    # The date raised OverflowError: the 429 became an error judgement, never retried.
+    head = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: Mon, 01 Jan 99999999999 00:00:00 GMT"
+    async with scripted(([head + b"\r\nContent-Length: 2\r\n\r\n{}"], False)) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            with pytest.raises(RateLimitError, match="HTTP 429 rate limited") as caught:
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+    assert caught.value.retry_after is None
 
 
 LIMIT = 1000

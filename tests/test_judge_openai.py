@@ -643,6 +643,13 @@ def test_parse_retry_after() -> None:
         ({"Retry-After": "Sunday, 06-Nov-94 08:49:49 GMT"}, 12.0),
         ({"Retry-After": "Sun, 06 Nov 1994 08:49:49"}, None),  # another form, zone dropped
         ({"Retry-After": "Sun Nov  6 28:49:49 1994"}, None),
+        # Past what a date holds: OverflowError, and a 429 became an error judgement.
+        ({"Retry-After": "Mon, 01 Jan 99999999999 00:00:00 GMT"}, None),
+        ({"Retry-After": "Mon, 01 Jan 2020 99999999999:00:00 GMT"}, None),
+        ({"Retry-After": "Mon, 01 Jan 2020 00:00:99999999999 GMT"}, None),
+        ({"Retry-After": "Mon, 99999999999 Jan 2020 00:00:00 GMT"}, None),
+        ({"Retry-After": "Mon, 01 Jan 2020 00:00:00 +99999999999999999999"}, None),
+        ({"Retry-After": "Sun Nov  6 08:49:37 99999999999"}, None),
     ],
 )
 def test_parse_retry_after_reads_what_http_allows_only(

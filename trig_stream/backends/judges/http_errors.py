@@ -81,7 +81,8 @@ def parse_retry_after(
     A ``retry-after-ms`` that is no number of milliseconds leaves ``Retry-After`` to say.
     Dates are read in each of HTTP's three forms (RFC 9110: IMF-fixdate, RFC 850, asctime).
 
-    Returns None when neither header is present or readable; never a negative number.
+    Returns None when neither header is present or readable (a date out of range included);
+    never a negative number.
     """
     lowered = {key.lower(): value.strip() for key, value in headers.items()}
     millis = lowered.get("retry-after-ms")
@@ -94,14 +95,17 @@ def parse_retry_after(
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:
+            # No zone: an asctime date is GMT; another form without one is not HTTP's.
+            if not _ASCTIME.fullmatch(value):
+                return None
+            when = when.replace(tzinfo=datetime.UTC)
+        timestamp = when.timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        # A year, day, time or zone past what a date holds (year 99999999999): no wait
+        # the server could mean, so none is taken from it, as from any unreadable one.
         return None
-    if when.tzinfo is None:
-        # No zone: an asctime date is GMT; another form without one is not HTTP's.
-        if not _ASCTIME.fullmatch(value):
-            return None
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, when.timestamp() - now())
+    return max(0.0, timestamp - now())
 
 
 def classify(
