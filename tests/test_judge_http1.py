@@ -39,7 +39,13 @@ from trig_stream.backends.judges.transports import (
     EncodedImage,
     open_transport,
 )
-from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
+from trig_stream.errors import (
+    FatalBackendError,
+    ItemError,
+    RateLimitError,
+    RetryableError,
+    UnreachableError,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -509,6 +515,36 @@ async def test_a_429_with_a_date_out_of_range_is_a_rate_limit_without_a_wait(
         finally:
             await transport.aclose()
     assert caught.value.retry_after is None
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        with_length(ANSWER, "Content-Encoding: gzip"),  # a gzip header over plain JSON
+        with_length(ANSWER, "Content-Encoding: br"),
+        b"HTTP/1.1 Bearer sk-test\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX-Echo Bearer sk-test\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+    ids=["gzip-over-plain", "br", "status-line", "header-line"],
+)
+async def test_every_client_calls_an_unreadable_answer_malformed(
+    client: Client, answer: bytes
+) -> None:
+    # The aiohttp client called these an unreachable server: a run that had had no answer
+    # yet stopped ("is its server running?"), and with several base_urls the endpoint was
+    # marked unreached, where the other clients retried a malformed answer.
+    async with scripted(([answer], False)) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            with pytest.raises(RetryableError, match="malformed answer") as caught:
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+    assert not isinstance(caught.value, UnreachableError)
+    assert "sk-test" not in str(caught.value)
 
 
 LIMIT = 1000

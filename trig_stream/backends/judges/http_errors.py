@@ -150,7 +150,31 @@ def classify(
         return timeout_error(endpoint, timeout_s)
     if isinstance(exc, openai.APIResponseValidationError | pydantic.ValidationError | ValueError):
         return malformed_error(endpoint, type(exc).__name__)
+    unreadable = aiohttp_malformed(exc)  # what the SDK's aiohttp transport let through
+    if unreadable is not None:
+        return malformed_error(endpoint, unreadable)
     return RetryableError(f"judge at {endpoint}: {type(exc).__name__}")
+
+
+def aiohttp_malformed(exc: BaseException) -> str | None:
+    """What is wrong with an answer aiohttp could not read (``exc`` raised by it, or from what
+    it raised), or None for another failure: a body cut off, a connection lost.
+
+    The server's words are not quoted: aiohttp's message shows the offending line, which may
+    echo the key; the name of its parser's error says what kind of fault it was.
+    """
+    from aiohttp import ClientResponseError, http_exceptions
+
+    chain = exception_chain(exc)
+    if any(isinstance(e, http_exceptions.ContentEncodingError) for e in chain):
+        return "a body whose Content-Encoding does not decode"
+    if any(isinstance(e, ClientResponseError) for e in chain):  # a head that does not parse
+        parser_error = next(
+            (e for e in reversed(chain) if isinstance(e, http_exceptions.HttpProcessingError)),
+            exc,
+        )
+        return f"not an HTTP answer: {type(parser_error).__name__}"
+    return None
 
 
 def status_error(
