@@ -610,6 +610,24 @@ async def test_a_redirect_stops_the_run_naming_where_it_points() -> None:
 
 
 @pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+async def test_a_304_is_a_malformed_answer_not_a_redirect(client: Client) -> None:
+    # It stopped the run: "redirects (HTTP 304) to elsewhere: set base_url to where it points".
+    reply = ([b"HTTP/1.1 304 Not Modified\r\n\r\n"], False)
+    async with scripted(reply) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            with pytest.raises(RetryableError) as caught:
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+    assert str(caught.value) == (
+        f"judge at {script.url}: malformed answer (HTTP 304 Not Modified, which answers no POST)"
+    )
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
 async def test_no_client_follows_a_redirect_and_the_key_in_it_is_scrubbed(client: Client) -> None:
     # Followed, the POST would carry the key to wherever it points; quoted, the key the
     # Location echoes (plain or URL-encoded) would be in the message.

@@ -41,7 +41,6 @@ from trig_stream.backends.judges.http_errors import (
     AnswerTooLarge,
     connection_error,
     malformed_error,
-    redirect_error,
     status_error,
     timeout_error,
 )
@@ -182,9 +181,14 @@ class HttpTransport:
             raise malformed_error(self.url, f"not an HTTP answer: {detail}") from None
         except OSError as exc:  # refused, reset, unreachable, TLS
             raise connection_error(self.url, type(exc).__name__) from None
-        if 300 <= answer.status < 400:  # every request would be sent to the wrong place
-            raise redirect_error(
-                answer.status, answer.headers, endpoint=self.url, secret=self._secret
+        if 300 <= answer.status < 400:  # a redirect: every request would go to the wrong place
+            raise status_error(
+                answer.status,
+                answer.headers,
+                None,
+                endpoint=self.url,
+                secret=self._secret,
+                key_source=self._key_source,
             )
         if answer.status >= 400:
             try:

@@ -11,6 +11,7 @@ a body that is not a completion        :class:`RetryableError`
 a body over the size limit             :class:`RetryableError` (malformed)
 401, 403                               :class:`FatalBackendError` (one message)
 3xx, a redirect (never followed)       :class:`FatalBackendError` naming where it points
+304 (no redirect: nothing to send on)  :class:`RetryableError` (malformed)
 404                                    :class:`NotFoundError` (an :class:`ItemError`)
 any other 4xx                          :class:`ItemError` with the status and reason
 =====================================  ==========================================
@@ -196,6 +197,8 @@ def status_error(
         secret: the API key in use, scrubbed from any text quoted from the server.
         key_source: where the key came from, for the credentials message.
     """
+    if status == 304:  # answers a conditional GET: no redirect, and no completion either
+        return malformed_error(endpoint, "HTTP 304 Not Modified, which answers no POST")
     if status < 400:
         return redirect_error(status, headers, endpoint=endpoint, secret=secret)
     if status in (401, 403):
