@@ -793,6 +793,22 @@ def test_a_malformed_answer_quoting_the_key_is_reported_with_the_key_masked() ->
     assert PLANTED_KEY not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("said", "reason"),
+    [
+        ({"message": "internal model crash"}, "internal model crash"),
+        ({"message": f"crash for {PLANTED_KEY}"}, "crash for ***"),
+        ({"message": "crash " + "x" * 300}, "crash " + "x" * 194 + "…"),
+        ("model crashed", "model crashed"),
+    ],
+)
+def test_an_error_sent_with_a_200_is_quoted(said: Any, reason: str) -> None:
+    # It was "malformed answer (KeyError: 'choices')", the server's own words lost.
+    with pytest.raises(RetryableError) as caught:
+        reply_of({"error": said}, "http://judge", secret=PLANTED_KEY)
+    assert str(caught.value) == f"judge at http://judge: malformed answer (an error: {reason})"
+
+
 def test_tokens_holding_the_key_are_masked() -> None:
     # Stored in the record's top_logprobs, the report's parquet, and quoted in "no rating
     # word among the top tokens".

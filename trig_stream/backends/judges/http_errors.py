@@ -204,7 +204,7 @@ def status_error(
     if status in (401, 403):
         what = "rejected the API key" if status == 401 else "denied access with this API key"
         return FatalBackendError(f"judge at {endpoint} {what} (HTTP {status}); check {key_source}")
-    reason = _reason(body, secret)
+    reason = server_reason(body, secret)
     retry_after = parse_retry_after(headers)
     if status == 429:
         return RateLimitError(
@@ -289,7 +289,8 @@ def _server_said(body: object, secret: str | None) -> str:
     return scrub(f"{code if isinstance(code, str) else ''} {text}".strip(), secret)
 
 
-def _reason(body: object, secret: str | None) -> str:
+def server_reason(body: object, secret: str | None) -> str:
+    """An error body's message (or the body itself), the key masked, on one line, cut short."""
     message = body.get("message") if isinstance(body, dict) else None
     text = message if isinstance(message, str) and message else str(body or "")
     # Scrub before cutting, so that no piece of the key survives at the cut.
