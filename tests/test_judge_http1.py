@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import shutil
 import socket
@@ -281,7 +282,7 @@ class FindCounting(bytearray):
 
     finds = 0
 
-    def find(self, *args: Any) -> int:  # type: ignore[override]
+    def find(self, *args: Any) -> int:
         self.finds += 1
         return super().find(*args)
 
@@ -294,7 +295,8 @@ def fed(pieces: list[bytes], buffer: bytearray | None = None) -> http1.Answer:
         if buffer is not None:
             connection._buffer = buffer
         connection._transport = cast(asyncio.Transport, NullTransport())
-        waiter = connection._waiter = loop.create_future()
+        waiter: asyncio.Future[http1.Answer] = loop.create_future()
+        connection._waiter = waiter
         for piece in pieces:
             assert not waiter.done(), "answered before all of it came"
             connection.data_received(piece)
@@ -340,7 +342,7 @@ def test_a_chunked_body_reads_the_same_however_it_is_split(
         + b"\r\n"
     )
     bounds = sorted({0, len(whole), *(c for c in cuts if c < len(whole))})
-    pieces = [whole[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [whole[a:b] for a, b in itertools.pairwise(bounds)]
     answer = fed(pieces)
     assert answer.body == b"".join(chunks)
     assert answer.keep_alive
