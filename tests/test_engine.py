@@ -1158,6 +1158,8 @@ class _NonFiniteAnswers(FakeJudge):
             return JudgeReply(top_logprobs=[("good", -1.0), ("bad", math.inf)])
         if sample == 6:  # how the OpenAI protocol writes a probability of 0 (no -inf in JSON)
             return JudgeReply(top_logprobs=[("good", -0.1), ("poor", -9999.0), ("bad", -1e5)])
+        if sample == 7:  # rating words, all at probability 0
+            return JudgeReply(top_logprobs=[("good", -math.inf), ("bad", -9999.0), ("the", -1.0)])
         return await super().judge(request)
 
 
@@ -1193,6 +1195,14 @@ async def test_non_finite_answers_never_make_an_unreadable_journal_line(
         elif sample[j.data_id] == 5:
             assert j.status == "error" and j.error == impossible.format("'bad': inf")
             assert j.top_logprobs == [("good", -1.0)]
+        elif sample[j.data_id] == 7:
+            # It said "no rating word among the top tokens" of an answer in rating words,
+            # whose entries at probability 0 the journal cannot hold (JSON has no -inf).
+            assert j.status == "unscorable" and j.top_logprobs == [("the", -1.0)]
+            assert j.error == (
+                "rating words only at probability 0 ('good': -inf, 'bad': -9999.0), which "
+                "count for nothing; the other top tokens: ['the']"
+            )
         else:
             assert j.status == "ok"
 

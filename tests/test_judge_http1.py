@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import shutil
 import socket
@@ -22,14 +23,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from trig_stream.backends.judges import transports
+from trig_stream.backends.judges import http1, transports
 from trig_stream.backends.judges.http1 import HttpTransport
 from trig_stream.backends.judges.transports import (
     IMAGE_SLOT,
@@ -37,7 +40,13 @@ from trig_stream.backends.judges.transports import (
     EncodedImage,
     open_transport,
 )
-from trig_stream.errors import FatalBackendError, ItemError, RetryableError
+from trig_stream.errors import (
+    FatalBackendError,
+    ItemError,
+    RateLimitError,
+    RetryableError,
+    UnreachableError,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -224,6 +233,11 @@ async def test_bytes_after_an_answer_drop_the_connection() -> None:
         (b"HTTP/1.1 \xb200 OK\r\n\r\n", "status line"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd\r\n", "a chunk does not"),
+        # What int(text, 16) takes besides hex digits: a negative size lowered the total
+        # held to the body limit.
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\n", "chunk size '-2'"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x1\r\n", "chunk size '0x1'"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n", "chunk size '1_0'"),
     ],
 )
 async def test_broken_framing_is_a_retryable_malformed_answer(answer: bytes, reason: str) -> None:
@@ -232,6 +246,106 @@ async def test_broken_framing_is_a_retryable_malformed_answer(answer: bytes, rea
             RetryableError, match=f"malformed answer \\(not an HTTP answer: {reason}"
         ):
             await transport.post(BODY, IMAGE)
+
+
+LONG_KEY = "sk-proj-" + "Zq9Xp7Wk" * 8
+"""A key longer than the 40 characters of a head line quoted: cut before it is masked, the
+start of it would be left in the message."""
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        f"HTTP/1.1 Bearer {LONG_KEY}\r\nContent-Length: 2\r\n\r\n{{}}",
+        f"HTTP/1.1 200 OK\r\nX-Echo Bearer {LONG_KEY}\r\nContent-Length: 2\r\n\r\n{{}}",
+        f"HTTP/1.1 200 OK\r\nContent-Length: {LONG_KEY}\r\n\r\n",
+        f"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{LONG_KEY}\r\n",
+        f"HTTP/1.1 200 OK\r\nContent-Encoding: {LONG_KEY}\r\nContent-Length: 2\r\n\r\n{{}}",
+    ],
+    ids=["status-line", "header-line", "content-length", "chunk-size", "content-coding"],
+)
+async def test_a_malformed_answer_echoing_the_key_is_quoted_without_it(answer: str) -> None:
+    # The head line was quoted as it came, into the judgement's error and the journal.
+    async with scripted(([answer.encode()], False)) as script:
+        transport = HttpTransport(script.url, LONG_KEY, "TEST_KEY", 5)
+        try:
+            with pytest.raises(RetryableError, match="malformed answer") as caught:
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+    assert "***" in str(caught.value)
+    assert LONG_KEY[:12] not in str(caught.value)
+
+
+class FindCounting(bytearray):
+    """A connection's buffer that counts the searches made in it."""
+
+    finds = 0
+
+    def find(self, *args: Any) -> int:
+        self.finds += 1
+        return super().find(*args)
+
+
+def fed(pieces: list[bytes], buffer: bytearray | None = None) -> http1.Answer:
+    """The answer a connection reads from ``pieces``, each arriving on its own."""
+    loop = asyncio.new_event_loop()
+    try:
+        connection = http1._Connection()
+        if buffer is not None:
+            connection._buffer = buffer
+        connection._transport = cast(asyncio.Transport, NullTransport())
+        waiter: asyncio.Future[http1.Answer] = loop.create_future()
+        connection._waiter = waiter
+        for piece in pieces:
+            assert not waiter.done(), "answered before all of it came"
+            connection.data_received(piece)
+        return waiter.result()
+    finally:
+        loop.close()
+
+
+class NullTransport:
+    def abort(self) -> None:
+        pass
+
+
+def test_a_chunked_answer_in_many_reads_is_parsed_once() -> None:
+    # Each read parsed every chunk header from the body's start: an answer padded to 1.5 M
+    # one-byte chunks held the event loop for seconds at a time.
+    count = 2000
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    pieces = [head, *([b"1\r\n \r\n"] * count), b"0\r\n\r\n"]
+    buffer = FindCounting()
+    answer = fed(pieces, buffer)
+    assert answer.body == b" " * count
+    assert buffer.finds < 3 * count  # parsed from the start each time: ~count**2 / 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    chunks=st.lists(st.binary(min_size=1, max_size=12), max_size=6),
+    extensions=st.booleans(),
+    trailers=st.lists(st.sampled_from([b"X-A: 1", b"X-Checksum: abc"]), max_size=2),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+)
+def test_a_chunked_body_reads_the_same_however_it_is_split(
+    chunks: list[bytes], extensions: bool, trailers: list[bytes], cuts: list[int]
+) -> None:
+    extension = b";name=value" if extensions else b""
+    body = b"".join(b"%X%s\r\n%s\r\n" % (len(c), extension, c) for c in chunks)
+    whole = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + body
+        + b"0\r\n"
+        + b"".join(t + b"\r\n" for t in trailers)
+        + b"\r\n"
+    )
+    bounds = sorted({0, len(whole), *(c for c in cuts if c < len(whole))})
+    pieces = [whole[a:b] for a, b in itertools.pairwise(bounds)]
+    answer = fed(pieces)
+    assert answer.body == b"".join(chunks)
+    assert answer.keep_alive
 
 
 @pytest.mark.parametrize(
@@ -387,6 +501,54 @@ async def test_every_client_reads_the_body_whatever_its_content_type(
             await transport.aclose()
 
 
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+async def test_a_429_with_a_date_out_of_range_is_a_rate_limit_without_a_wait(
+    client: Client,
+) -> None:
+    # The date raised OverflowError: the 429 became an error judgement, never retried.
+    head = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: Mon, 01 Jan 99999999999 00:00:00 GMT"
+    async with scripted(([head + b"\r\nContent-Length: 2\r\n\r\n{}"], False)) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            with pytest.raises(RateLimitError, match="HTTP 429 rate limited") as caught:
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+    assert caught.value.retry_after is None
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        with_length(ANSWER, "Content-Encoding: gzip"),  # a gzip header over plain JSON
+        with_length(ANSWER, "Content-Encoding: br"),
+        b"HTTP/1.1 Bearer sk-test\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX-Echo Bearer sk-test\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+    ids=["gzip-over-plain", "br", "status-line", "header-line"],
+)
+async def test_every_client_calls_an_unreadable_answer_malformed(
+    client: Client, answer: bytes
+) -> None:
+    # The aiohttp client called these an unreachable server: a run that had had no answer
+    # yet stopped ("is its server running?"), and with several base_urls the endpoint was
+    # marked unreached, where the other clients retried a malformed answer.
+    async with scripted(([answer], False)) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            with pytest.raises(RetryableError, match="malformed answer") as caught:
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+    assert not isinstance(caught.value, UnreachableError)
+    assert "sk-test" not in str(caught.value)
+
+
 LIMIT = 1000
 LARGE = b'{"padding": "' + b" " * 2 * LIMIT + b'"}'
 
@@ -447,6 +609,24 @@ async def test_a_redirect_stops_the_run_naming_where_it_points() -> None:
             FatalBackendError, match="redirects \\(HTTP 308\\) to https://elsewhere"
         ):
             await transport.post(BODY, IMAGE)
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+async def test_a_304_is_a_malformed_answer_not_a_redirect(client: Client) -> None:
+    # It stopped the run: "redirects (HTTP 304) to elsewhere: set base_url to where it points".
+    reply = ([b"HTTP/1.1 304 Not Modified\r\n\r\n"], False)
+    async with scripted(reply) as script:
+        transport = open_transport(
+            client, script.url, secret="sk-test", key_source="TEST_KEY", timeout_s=5
+        )
+        try:
+            with pytest.raises(RetryableError) as caught:
+                await transport.post(BODY, IMAGE)
+        finally:
+            await transport.aclose()
+    assert str(caught.value) == (
+        f"judge at {script.url}: malformed answer (HTTP 304 Not Modified, which answers no POST)"
+    )
 
 
 @pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])

@@ -643,6 +643,13 @@ def test_parse_retry_after() -> None:
         ({"Retry-After": "Sunday, 06-Nov-94 08:49:49 GMT"}, 12.0),
         ({"Retry-After": "Sun, 06 Nov 1994 08:49:49"}, None),  # another form, zone dropped
         ({"Retry-After": "Sun Nov  6 28:49:49 1994"}, None),
+        # Past what a date holds: OverflowError, and a 429 became an error judgement.
+        ({"Retry-After": "Mon, 01 Jan 99999999999 00:00:00 GMT"}, None),
+        ({"Retry-After": "Mon, 01 Jan 2020 99999999999:00:00 GMT"}, None),
+        ({"Retry-After": "Mon, 01 Jan 2020 00:00:99999999999 GMT"}, None),
+        ({"Retry-After": "Mon, 99999999999 Jan 2020 00:00:00 GMT"}, None),
+        ({"Retry-After": "Mon, 01 Jan 2020 00:00:00 +99999999999999999999"}, None),
+        ({"Retry-After": "Sun Nov  6 08:49:37 99999999999"}, None),
     ],
 )
 def test_parse_retry_after_reads_what_http_allows_only(
@@ -784,6 +791,22 @@ def test_a_malformed_answer_quoting_the_key_is_reported_with_the_key_masked() ->
         caught.value
     )
     assert PLANTED_KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("said", "reason"),
+    [
+        ({"message": "internal model crash"}, "internal model crash"),
+        ({"message": f"crash for {PLANTED_KEY}"}, "crash for ***"),
+        ({"message": "crash " + "x" * 300}, "crash " + "x" * 194 + "…"),
+        ("model crashed", "model crashed"),
+    ],
+)
+def test_an_error_sent_with_a_200_is_quoted(said: Any, reason: str) -> None:
+    # It was "malformed answer (KeyError: 'choices')", the server's own words lost.
+    with pytest.raises(RetryableError) as caught:
+        reply_of({"error": said}, "http://judge", secret=PLANTED_KEY)
+    assert str(caught.value) == f"judge at http://judge: malformed answer (an error: {reason})"
 
 
 def test_tokens_holding_the_key_are_masked() -> None:

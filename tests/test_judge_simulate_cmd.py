@@ -137,6 +137,13 @@ def test_arguments_become_options(tmp_path: Path) -> None:
         (("--retry-after", "infinity"), "'infinity' is neither"),
         (("--retry-after", "nan"), "'nan' is neither"),
         (("--retry-after", "1_000"), "'1_000' is neither"),
+        # A date past what a datetime holds raised OverflowError: a traceback, exit 1.
+        (
+            ("--retry-after", "Mon, 01 Jan 99999999999 00:00:00 GMT"),
+            "^--retry-after: 'Mon, 01 Jan 99999999999 00:00:00 GMT' is a date out of range",
+        ),
+        (("--retry-after", "Mon, 01 Jan 2020 00:00:00 +99999999999999999999"), "out of range"),
+        (("--retry-after", "Sun Nov  6 08:49:37 99999999999"), "out of range"),
         # Accepted, it made every 429 drop its connection (a newline cannot be sent).
         (("--retry-after", "1\n"), "'1\\\\n' holds a control character"),
         (
@@ -193,6 +200,13 @@ def test_a_bad_option_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     args = parse("--model", "", "--port", "70000")
     assert args.handler(args, Console(stderr=True, width=200)) == 2
     assert "error: --model: empty" in capsys.readouterr().err
+
+
+def test_a_retry_after_date_out_of_range_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    date = "Mon, 01 Jan 99999999999 00:00:00 GMT"
+    args = parse("--retry-after", date, "--rate-limit-rate", "0.5", "--port", "70000")
+    assert args.handler(args, Console(stderr=True, width=200)) == 2
+    assert "is a date out of range" in capsys.readouterr().err
 
 
 def test_a_retry_after_with_a_newline_is_exit_2_at_start(

@@ -58,6 +58,7 @@ from trig_stream.retry import RetryPolicy
 from trig_stream.scoring import (
     LOGPROB_TOLERANCE,
     ZERO_PROBABILITY_LOGPROB,
+    Scorer,
     broken_logprob,
     checked_top_logprobs,
     score_top_logprobs,
@@ -370,6 +371,8 @@ class JudgeStage:
         score: float | None = None
         top = reply.top_logprobs if reply else None
         broken: tuple[str, float] | None = None
+        answered: TopLogprobs = []
+        """The entries as the judge gave them, before those a journal cannot hold go."""
         malformed = ""
         if top is not None:
             try:
@@ -379,6 +382,7 @@ class JudgeStage:
             except ValueError as exc:
                 top, malformed = None, str(exc)
             else:
+                answered = top
                 top, broken = _storable_entries(top)
         if reply is not None:
             if malformed:
@@ -410,7 +414,7 @@ class JudgeStage:
                 )
                 if score is None:
                     status = "unscorable"
-                    failure = f"no rating word among the top tokens: {[t for t, _ in top][:10]}"
+                    failure = _unscorable_reason(answered, top, judge.scorer)
                     self._unscorable[judge.name] += 1
                 else:
                     status = "ok"
@@ -502,6 +506,30 @@ class _Requesters:
             for request in self._unstarted.values():
                 self._abandon(*request)
             self._unstarted.clear()
+
+
+def _unscorable_reason(answered: TopLogprobs, stored: TopLogprobs, scorer: Scorer) -> str:
+    """Why top logprobs with no rating word at a probability above 0 give no score.
+
+    The journal drops the entries at a probability of 0 (:func:`_storable_entries`): when
+    rating words stood there, the reason names them, since the stored tokens no longer show
+    that the judge answered in rating words it gave no weight.
+    """
+    at_zero = [
+        (token, logprob)
+        for token, logprob in answered
+        # A rating word that counts with a probability, and not with its own: one at 0.
+        if score_top_logprobs([(token, 0.0)], scorer=scorer) is not None
+        and score_top_logprobs([(token, logprob)], scorer=scorer) is None
+    ]
+    tokens = [token for token, logprob in stored if (token, logprob) not in at_zero][:10]
+    if not at_zero:
+        return f"no rating word among the top tokens: {tokens}"
+    quoted = ", ".join(f"{token!r}: {logprob}" for token, logprob in at_zero[:10])
+    return (
+        f"rating words only at probability 0 ({quoted}), which count for nothing; "
+        f"the other top tokens: {tokens}"
+    )
 
 
 def _storable_entries(top: TopLogprobs) -> tuple[TopLogprobs, tuple[str, float] | None]:

@@ -32,6 +32,7 @@ until :meth:`JudgeServer.release`, and :meth:`JudgeServer.wait_until` waits for 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import errno
 import hashlib
 import random
@@ -108,6 +109,11 @@ def _retry_after(value: str) -> str:
             raise ValueError(
                 f"{value!r} is negative: Retry-After seconds must be >= 0 (e.g. 1), or give "
                 "an HTTP date"
+            )
+        if email.utils.parsedate_tz(value) is not None:
+            raise ValueError(
+                f"{value!r} is a date out of range (its year, day, time or zone): give "
+                "seconds (1) or an HTTP date in years 1 to 9999"
             )
         raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
     return value.strip()

@@ -34,12 +34,13 @@ from urllib.parse import urlsplit
 import anyio
 from pydantic_core import to_json
 
+from trig_stream.backends.api_keys import scrub
 from trig_stream.backends.judges import transports
 from trig_stream.backends.judges.http_errors import (
+    REASON_CHARS,
     AnswerTooLarge,
     connection_error,
     malformed_error,
-    redirect_error,
     status_error,
     timeout_error,
 )
@@ -73,7 +74,28 @@ class Answer:
 
 
 class ProtocolError(Exception):
-    """The server's bytes are not an HTTP/1.1 answer."""
+    """The server's bytes are not an HTTP/1.1 answer.
+
+    Args:
+        what: what is wrong, in our words.
+        quoted: the server's text it is about, whole: :meth:`describe` masks the key in it
+            before cutting it short (a server may echo the request's Authorization, and a
+            key cut in two is no longer found to be masked).
+    """
+
+    QUOTED_CHARS = 40
+    """Longest piece of the server's text quoted."""
+
+    def __init__(self, what: str, quoted: str | None = None) -> None:
+        super().__init__(what if quoted is None else f"{what} {quoted[: self.QUOTED_CHARS]!r}")
+        self.what = what
+        self.quoted = quoted
+
+    def describe(self, secret: str | None) -> str:
+        """The message with ``secret`` masked in the quoted text."""
+        if self.quoted is None:
+            return self.what
+        return f"{self.what} {scrub(self.quoted, secret)[: self.QUOTED_CHARS]!r}"
 
 
 class Dropped(Exception):
@@ -155,12 +177,18 @@ class HttpTransport:
         except AnswerTooLarge as exc:
             raise malformed_error(self.url, str(exc)) from None
         except ProtocolError as exc:
-            raise malformed_error(self.url, f"not an HTTP answer: {exc}") from None
+            detail = exc.describe(self._secret)
+            raise malformed_error(self.url, f"not an HTTP answer: {detail}") from None
         except OSError as exc:  # refused, reset, unreachable, TLS
             raise connection_error(self.url, type(exc).__name__) from None
-        if 300 <= answer.status < 400:  # every request would be sent to the wrong place
-            raise redirect_error(
-                answer.status, answer.headers, endpoint=self.url, secret=self._secret
+        if 300 <= answer.status < 400:  # a redirect: every request would go to the wrong place
+            raise status_error(
+                answer.status,
+                answer.headers,
+                None,
+                endpoint=self.url,
+                secret=self._secret,
+                key_source=self._key_source,
             )
         if answer.status >= 400:
             try:
@@ -177,8 +205,9 @@ class HttpTransport:
             )
         try:
             decoded = _decoded(answer)
-        except ValueError as exc:
-            raise malformed_error(self.url, str(exc)) from None
+        except ValueError as exc:  # it may quote the server's Content-Encoding
+            detail = scrub(str(exc), self._secret)[:REASON_CHARS]
+            raise malformed_error(self.url, detail) from None
         try:
             return parse_json(decoded)
         except ValueError:
@@ -249,7 +278,8 @@ class _Connection(asyncio.Protocol):
         self._head: tuple[int, dict[str, str], bool] | None = None
         self._length: int | None = None
         """Body length from Content-Length; None for chunked or read-to-close framing."""
-        self._chunked = False
+        self._chunks: _Dechunker | None = None
+        """Reads the body, when it is chunked."""
         self._eof = False
         """The server ended its side of the connection (not a reset, not our abort)."""
 
@@ -309,7 +339,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self._waiter is None:
             return
-        framed_by_close = self._head is not None and self._length is None and not self._chunked
+        framed_by_close = self._head is not None and self._length is None and self._chunks is None
         if framed_by_close and self._eof:  # the server ended it: the body is whole
             assert self._head is not None
             status, headers, _ = self._head
@@ -321,7 +351,7 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self, *, answer: Answer | None = None, error: Exception | None = None) -> None:
         waiter, self._waiter = self._waiter, None
-        self._head, self._length, self._chunked = None, None, False
+        self._head, self._length, self._chunks = None, None, None
         if answer is not None and self._buffer:
             answer = Answer(answer.status, answer.headers, answer.body, keep_alive=False)
         self._buffer.clear()
@@ -349,8 +379,8 @@ class _Connection(asyncio.Protocol):
             self._head = (status, headers, keep_alive)
             self._framing(status, headers)
         status, headers, keep_alive = self._head
-        if self._chunked:
-            found = _dechunk(buffer)
+        if self._chunks is not None:
+            found = self._chunks.read(buffer)
             if found is None:
                 return None
             body, used = found
@@ -370,11 +400,11 @@ class _Connection(asyncio.Protocol):
         if status in (204, 304):
             self._length = 0
         elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._chunked = True
+            self._chunks = _Dechunker()
         elif "content-length" in headers:
             text = headers["content-length"]
             if not (text.isascii() and text.isdigit()):  # "²" is a digit to isdigit()
-                raise ProtocolError(f"Content-Length {text[:20]!r}")
+                raise ProtocolError("Content-Length", text)
             self._length = int(text)
             if self._length > transports.MAX_BODY_BYTES:
                 raise AnswerTooLarge(transports.MAX_BODY_BYTES)
@@ -401,53 +431,103 @@ def _parse_head(raw: bytes) -> tuple[int, dict[str, str], bool]:
     version, _, rest = status_line.partition(" ")
     code = rest[:3]
     if not version.startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
-        raise ProtocolError(f"status line {status_line[:40]!r}")
+        raise ProtocolError("status line", status_line)
     headers: dict[str, str] = {}
     for line in lines:
         name, colon, value = line.partition(":")
         if not colon:
-            raise ProtocolError(f"header line {line[:40]!r}")
+            raise ProtocolError("header line", line)
         headers[name.strip().lower()] = value.strip()
     tokens = {token.strip() for token in headers.get("connection", "").lower().split(",")}
     keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
     return int(code), headers, keep_alive
 
 
-def _dechunk(buffer: bytearray) -> tuple[bytes, int] | None:
-    """A chunked body and the bytes it spans, or None until all of it has arrived.
+MAX_CHUNK_LINE_BYTES = 4096
+"""Longest chunk-size line (its extensions included) or trailer line accepted."""
 
-    It is parsed from the start on each call: a judge's answers are a few chunks at most.
-    Each pass only notes where the chunks lie, and copies them out once all have come, so a
-    long answer in many chunks costs a pass over its chunk sizes per read, not over its bytes.
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+class _Dechunker:
+    """Reads one chunked body out of a connection's buffer as its bytes arrive.
+
+    It keeps where it got to between reads, so each byte's framing is parsed once: parsed
+    from the start on every read, an answer padded to a million one-byte chunks took
+    seconds of the event loop per read. It only notes where the chunks lie, and copies them
+    out once all have come.
     """
-    spans: list[tuple[int, int]] = []
-    size_total = 0
-    position = 0
-    while True:
-        line_end = buffer.find(b"\r\n", position)
-        if line_end < 0:
-            return None
-        size_text = bytes(buffer[position:line_end]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise ProtocolError(f"chunk size {size_text[:20]!r}") from None
-        position = line_end + 2
-        if size == 0:
-            while True:  # trailer lines, then an empty line
-                line_end = buffer.find(b"\r\n", position)
-                if line_end < 0:
+
+    def __init__(self) -> None:
+        self.lines = 0
+        """Chunk-size and trailer lines parsed: what a read costs, for the tests."""
+        self._spans: list[tuple[int, int]] = []
+        self._size_total = 0
+        self._position = 0
+        """Where the next chunk-size (or trailer) line starts in the buffer."""
+        self._searched = 0
+        """Where the search for the end of that line goes on from: it did not end before."""
+        self._chunk: int | None = None
+        """The size of the chunk whose data comes next, once its size line was read."""
+        self._trailers_at: int | None = None
+        """Where the trailers start, once the last chunk was read."""
+
+    def read(self, buffer: bytearray) -> tuple[bytes, int] | None:
+        """The body and the bytes it spans at the buffer's start, or None until all came.
+
+        The buffer holds what came since the first call, unchanged, plus what came since.
+
+        Raises:
+            ProtocolError: the bytes are not a chunked body.
+            AnswerTooLarge: its chunks add up to more than the body limit.
+        """
+        while True:
+            if self._chunk is not None:
+                size, position = self._chunk, self._position
+                if len(buffer) < position + size + 2:
                     return None
-                if line_end == position:
+                if buffer[position + size : position + size + 2] != b"\r\n":
+                    raise ProtocolError("a chunk does not end where its size says")
+                self._spans.append((position, size))
+                self._position = self._searched = position + size + 2
+                self._chunk = None
+            line = self._line(buffer)
+            if line is None:
+                return None
+            if self._trailers_at is not None:
+                if not line:  # the empty line after the trailers: the body is whole
+                    spans = self._spans
                     body = b"".join(bytes(buffer[start : start + n]) for start, n in spans)
-                    return body, line_end + 2
-                position = line_end + 2
-        size_total += size
-        if size_total > transports.MAX_BODY_BYTES:
-            raise AnswerTooLarge(transports.MAX_BODY_BYTES)
-        if len(buffer) < position + size + 2:
+                    return body, self._position
+                if self._position - self._trailers_at > MAX_HEAD_BYTES:
+                    raise ProtocolError("the answer's trailers are too long")
+                continue
+            size = _chunk_size(line)
+            if size == 0:
+                self._trailers_at = self._position
+                continue
+            self._size_total += size
+            if self._size_total > transports.MAX_BODY_BYTES:
+                raise AnswerTooLarge(transports.MAX_BODY_BYTES)
+            self._chunk = size
+
+    def _line(self, buffer: bytearray) -> bytes | None:
+        """The next line (taken), or None until its end has come."""
+        end = buffer.find(b"\r\n", self._searched)
+        if end < 0:
+            if len(buffer) - self._position > MAX_CHUNK_LINE_BYTES:
+                raise ProtocolError("a chunk-size or trailer line is too long")
+            self._searched = max(self._position, len(buffer) - 1)  # "\r" may end it
             return None
-        if buffer[position + size : position + size + 2] != b"\r\n":
-            raise ProtocolError("a chunk does not end where its size says")
-        spans.append((position, size))
-        position += size + 2
+        line = bytes(buffer[self._position : end])
+        self._position = self._searched = end + 2
+        self.lines += 1
+        return line
+
+
+def _chunk_size(line: bytes) -> int:
+    """A chunk's size from its size line: hex digits, then any extensions after ``;``."""
+    digits = line.split(b";", 1)[0].strip(b" \t")
+    if not digits or not _HEX_DIGITS.issuperset(digits):  # int() takes "-2", "0x10", "1_0"
+        raise ProtocolError("chunk size", digits.decode("latin-1"))
+    return int(digits, 16)

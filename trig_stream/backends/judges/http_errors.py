@@ -11,6 +11,7 @@ a body that is not a completion        :class:`RetryableError`
 a body over the size limit             :class:`RetryableError` (malformed)
 401, 403                               :class:`FatalBackendError` (one message)
 3xx, a redirect (never followed)       :class:`FatalBackendError` naming where it points
+304 (no redirect: nothing to send on)  :class:`RetryableError` (malformed)
 404                                    :class:`NotFoundError` (an :class:`ItemError`)
 any other 4xx                          :class:`ItemError` with the status and reason
 =====================================  ==========================================
@@ -81,7 +82,8 @@ def parse_retry_after(
     A ``retry-after-ms`` that is no number of milliseconds leaves ``Retry-After`` to say.
     Dates are read in each of HTTP's three forms (RFC 9110: IMF-fixdate, RFC 850, asctime).
 
-    Returns None when neither header is present or readable; never a negative number.
+    Returns None when neither header is present or readable (a date out of range included);
+    never a negative number.
     """
     lowered = {key.lower(): value.strip() for key, value in headers.items()}
     millis = lowered.get("retry-after-ms")
@@ -94,14 +96,17 @@ def parse_retry_after(
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:
+            # No zone: an asctime date is GMT; another form without one is not HTTP's.
+            if not _ASCTIME.fullmatch(value):
+                return None
+            when = when.replace(tzinfo=datetime.UTC)
+        timestamp = when.timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        # A year, day, time or zone past what a date holds (year 99999999999): no wait
+        # the server could mean, so none is taken from it, as from any unreadable one.
         return None
-    if when.tzinfo is None:
-        # No zone: an asctime date is GMT; another form without one is not HTTP's.
-        if not _ASCTIME.fullmatch(value):
-            return None
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, when.timestamp() - now())
+    return max(0.0, timestamp - now())
 
 
 def classify(
@@ -146,7 +151,31 @@ def classify(
         return timeout_error(endpoint, timeout_s)
     if isinstance(exc, openai.APIResponseValidationError | pydantic.ValidationError | ValueError):
         return malformed_error(endpoint, type(exc).__name__)
+    unreadable = aiohttp_malformed(exc)  # what the SDK's aiohttp transport let through
+    if unreadable is not None:
+        return malformed_error(endpoint, unreadable)
     return RetryableError(f"judge at {endpoint}: {type(exc).__name__}")
+
+
+def aiohttp_malformed(exc: BaseException) -> str | None:
+    """What is wrong with an answer aiohttp could not read (``exc`` raised by it, or from what
+    it raised), or None for another failure: a body cut off, a connection lost.
+
+    The server's words are not quoted: aiohttp's message shows the offending line, which may
+    echo the key; the name of its parser's error says what kind of fault it was.
+    """
+    from aiohttp import ClientResponseError, http_exceptions
+
+    chain = exception_chain(exc)
+    if any(isinstance(e, http_exceptions.ContentEncodingError) for e in chain):
+        return "a body whose Content-Encoding does not decode"
+    if any(isinstance(e, ClientResponseError) for e in chain):  # a head that does not parse
+        parser_error = next(
+            (e for e in reversed(chain) if isinstance(e, http_exceptions.HttpProcessingError)),
+            exc,
+        )
+        return f"not an HTTP answer: {type(parser_error).__name__}"
+    return None
 
 
 def status_error(
@@ -168,12 +197,14 @@ def status_error(
         secret: the API key in use, scrubbed from any text quoted from the server.
         key_source: where the key came from, for the credentials message.
     """
+    if status == 304:  # answers a conditional GET: no redirect, and no completion either
+        return malformed_error(endpoint, "HTTP 304 Not Modified, which answers no POST")
     if status < 400:
         return redirect_error(status, headers, endpoint=endpoint, secret=secret)
     if status in (401, 403):
         what = "rejected the API key" if status == 401 else "denied access with this API key"
         return FatalBackendError(f"judge at {endpoint} {what} (HTTP {status}); check {key_source}")
-    reason = _reason(body, secret)
+    reason = server_reason(body, secret)
     retry_after = parse_retry_after(headers)
     if status == 429:
         return RateLimitError(
@@ -258,7 +289,8 @@ def _server_said(body: object, secret: str | None) -> str:
     return scrub(f"{code if isinstance(code, str) else ''} {text}".strip(), secret)
 
 
-def _reason(body: object, secret: str | None) -> str:
+def server_reason(body: object, secret: str | None) -> str:
+    """An error body's message (or the body itself), the key masked, on one line, cut short."""
     message = body.get("message") if isinstance(body, dict) else None
     text = message if isinstance(message, str) and message else str(body or "")
     # Scrub before cutting, so that no piece of the key survives at the cut.

@@ -15,6 +15,7 @@ from typing import Any
 
 from trig_stream.backends.api_keys import SHORT_KEY_CHARS, scrub
 from trig_stream.backends.base import JudgeReply, shrunk_size
+from trig_stream.backends.judges.http_errors import server_reason
 from trig_stream.backends.judges.transports import EncodedImage
 from trig_stream.errors import ItemError, RetryableError
 from trig_stream.png import encode_png
@@ -54,6 +55,12 @@ def reply_of(
         RetryableError: the completion is not shaped like one (a malformed answer).
     """
     answered = secret if secret is not None and len(secret) >= SHORT_KEY_CHARS else None
+    said = completion.get("error") if isinstance(completion, dict) else None
+    if said and "choices" not in completion:
+        # An error sent with a 200 (some servers do): what it says is the reason, not the
+        # field the answer lacks.
+        reason = server_reason(said, secret)
+        raise RetryableError(f"judge at {endpoint}: malformed answer (an error: {reason})")
     try:
         choice = completion["choices"][0]
         message = choice.get("message") or {}

@@ -48,6 +48,7 @@ from pydantic_core import from_json, to_json
 
 from trig_stream.backends.judges.http_errors import (
     AnswerTooLarge,
+    aiohttp_malformed,
     classify,
     connection_error,
     malformed_error,
@@ -170,8 +171,14 @@ class AiohttpTransport:
             raise timeout_error(self.url, self._timeout_s) from None
         except AnswerTooLarge as exc:
             raise malformed_error(self.url, str(exc)) from None
-        except aiohttp.ClientPayloadError:
-            raise connection_error(self.url, "the answer was cut off") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
+            # The answer came, but is not one: the server is there, and every client calls
+            # that a malformed answer (retried), never an unreachable server (which stops a
+            # run that has had no answer yet). Only a body cut short is a connection's end.
+            detail = aiohttp_malformed(exc)
+            if detail is None:
+                raise connection_error(self.url, "the answer was cut off") from None
+            raise malformed_error(self.url, detail) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise connection_error(self.url, type(exc).__name__) from None
         if status >= 300:
@@ -299,11 +306,12 @@ def inflate(body: bytes, coding: str) -> bytes:
         AnswerTooLarge: it decompresses to more than :data:`MAX_BODY_BYTES`.
         ValueError: a coding other than gzip or deflate, or a body that does not decode.
     """
-    coding = coding.strip().lower()
+    named, coding = coding.strip(), coding.strip().lower()
     if coding in ("", "identity"):
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):
-        raise ValueError(f"content coding {coding!r}")
+        # Quoted whole, as the server wrote it: a caller masks the key in it before cutting.
+        raise ValueError(f"content coding {named!r}")
     limit = MAX_BODY_BYTES
     # 47 = 32 + 15: gzip or zlib, by its header; then raw deflate, as some servers send it.
     for wbits in (47, -15):
