@@ -1004,3 +1004,52 @@ def test_values_nested_too_deep_are_refused_in_one_line(
             f"  {path}:{line}: {key}: holds arrays or tables nested more than 64 levels deep, "
             "too deep to read; a config needs a few"
         ]
+
+
+SERVED_MODEL_ENTRIES = {
+    # backend: (the entry naming MODEL with what the run needs beside it, its key)
+    "openai": (
+        '[[generators]]\nname = "s"\nbackend = "synthetic"\n[[judges]]\nbackend = "openai"\n'
+        'options = { model = MODEL, base_url = "http://127.0.0.1:9/v1" }\n',
+        "judges[0]",
+    ),
+    "openai_images": (
+        '[[generators]]\nname = "g"\nbackend = "openai_images"\noptions = { model = MODEL }\n'
+        '[[judges]]\nbackend = "fake"\n',
+        "generators[0]",
+    ),
+    "dtm_rewrite": (
+        '[[generators]]\nname = "g"\nbackend = "dtm_rewrite"\noptions = { model = MODEL, '
+        'inner = { backend = "synthetic" }, relations = { IQ-R_TA-C = 1 } }\n'
+        '[[judges]]\nbackend = "fake"\n',
+        "generators[0]",
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", list(SERVED_MODEL_ENTRIES))
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ('""', "is empty or blank"),
+        ('" "', "is empty or blank"),
+        ('"m\\nx"', "holds a control character"),
+        ('"m\\tx"', "holds a control character"),
+        ('" m"', "starts or ends with a space"),
+    ],
+)
+def test_validate_refuses_a_served_model_name_no_server_serves_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backend: str, model: str, problem: str
+) -> None:
+    # Each validated (exit 0); the run then sent it in every request, each answered 404,
+    # and its manifest recorded model "".
+    from tests.conftest import run_and_dataset_toml
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_CONFIG
+
+    entries, key = SERVED_MODEL_ENTRIES[backend]
+    path = tmp_path / "run.toml"
+    path.write_text(run_and_dataset_toml(tmp_path) + entries.replace("MODEL", model))
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{key}.options.model: {problem}" in err

@@ -903,6 +903,54 @@ def test_a_run_directory_inside_its_parquet_dataset_folder_is_left_out(
     assert pl.read_parquet(report).height == 12
 
 
+def test_a_run_directory_that_is_its_own_parquet_dataset_folder_runs_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only run directories below the dataset folder were left out: a run whose run directory
+    # was the folder itself read its report/a/judgements.parquet as a shard on its next
+    # start, and validate and run failed (exit 4) on every later try.
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_OK
+
+    folder = tmp_path / "out" / "self"
+    write_parquet_prompts(folder, 4)
+    config = tmp_path / "config.toml"
+    run = f'name = "self"\noutput_dir = "{folder.parent}"'
+    config.write_text(
+        PQ_CONFIG.replace('name = "r"', run).replace('path = "."', f'path = "{folder}"')
+    )
+    assert main(["validate", str(config)]) == EXIT_OK
+    assert main(["run", str(config), "--headless"]) == EXIT_OK
+    assert "done: 8 judgements" in capsys.readouterr().err
+    report = folder / "report" / "a" / "judgements.parquet"
+    assert report.is_file()
+    note = (
+        f"dataset folder {folder} is itself a trig-stream run directory: left out 1 "
+        "parquet file(s) in its report and images folders: a run's reports are no dataset "
+        "records"
+    )
+    assert main(["validate", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "4 records, 0 samples to judge, 4 already judged in the run directory" in out
+    assert f"note: {note}" in out
+    assert main(["run", str(config), "--headless"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "done: 0 judgements" in err
+    assert f"note: {note}" in err
+    # The dataset's own shards beside the run's files are still read, and a run directory
+    # below it is still named on its own.
+    nested = folder / "more" / "r"
+    (nested / "report").mkdir(parents=True)
+    (nested / "journal.jsonl").write_text('{"schema_version":1,"model":"g"}\n')
+    pl.DataFrame({"score": [0.5]}).write_parquet(nested / "report" / "j.parquet")
+    source = DatasetSource(DatasetSection(path=folder), normalise_task("t2i"))
+    assert len([entry for entry in source if isinstance(entry, Sample)]) == 4
+    assert source.notes == [
+        f"{note}; dataset folder {folder}: left out 1 parquet file(s) in 1 trig-stream run "
+        "directory inside it (more/r): a run's reports are no dataset records"
+    ]
+
+
 def test_prompts_of_a_folder_holding_a_run_directory_leave_it_out(tmp_path: Path) -> None:
     from trig_stream.analysis.inputs import read_prompt_pairs
 

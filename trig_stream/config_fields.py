@@ -10,6 +10,7 @@ included, is read.
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Final
 from urllib.parse import urlsplit
@@ -35,6 +36,28 @@ def _model_name(value: str) -> str:
         raise ValueError(
             f"is the name of the report's comparison of the models ({COMPARISON_FILE}, beside "
             "their folders): give the model another name"
+        )
+    return value
+
+
+def _served_model(value: str) -> str:
+    # Each of these validated and went out in every request, which the server answered 404
+    # (no such model) for every image; the manifest recorded the name as it was. The config
+    # message quotes the value itself.
+    if not value.strip():
+        raise ValueError(
+            "is empty or blank: give the model's name as the server serves it (for vLLM, "
+            "its --served-model-name or the model's path)"
+        )
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise ValueError(
+            "holds a control character (a line break, a tab): write the model's name on one "
+            "line, as the server serves it"
+        )
+    if value != value.strip():
+        raise ValueError(
+            "starts or ends with a space: write the model's name without it, as the server "
+            "serves it"
         )
     return value
 
@@ -128,6 +151,9 @@ ConfigPath = Annotated[Path, BeforeValidator(_non_empty_path)]
 SafeName = Annotated[str, AfterValidator(_safe_name)]
 ModelName = Annotated[SafeName, AfterValidator(_model_name)]
 """A generator's name: a safe name that is not one of the report's files."""
+ServedModel = Annotated[str, AfterValidator(_served_model)]
+"""A model's name on an OpenAI-protocol server (a request's ``model``): not empty, without
+control characters or spaces around it."""
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 """An ``http://`` or ``https://`` URL with a host, and a valid port if it names one; without
 spaces, credentials, query string or fragment."""

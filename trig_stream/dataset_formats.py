@@ -20,12 +20,16 @@ from typing import Any
 from trig_stream.errors import DatasetError
 from trig_stream.files import open_regular_file
 from trig_stream.journal import holds_our_journal
-from trig_stream.manifest import MANIFEST, MANIFEST_HEAD_BYTES, manifest_head_is_ours
+from trig_stream.manifest import IMAGES, MANIFEST, MANIFEST_HEAD_BYTES, manifest_head_is_ours
 
 # Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
 # image), large for text-only files, where the per-batch cost dominates.
 PARQUET_BATCH_ROWS_WITH_IMAGES = 16
 PARQUET_BATCH_ROWS_TEXT = 1024
+RUN_OUTPUT_FOLDERS = ("report", IMAGES)
+"""The folders a run writes into its run directory: its final report (``trig-stream
+report``'s default folder) and its images. Left out of a dataset folder that is itself a
+run directory, the dataset's own shards beside them read."""
 
 
 def read_json(path: Path) -> Iterator[Mapping[str, Any]]:
@@ -279,6 +283,9 @@ class ParquetShards:
     """Parquet files left out for lying in a run directory (its reports)."""
     run_dirs: tuple[Path, ...] = ()
     """The run directories below the folder that hold those files."""
+    own_left_out: int = 0
+    """Of ``left_out``, those in what a run wrote into the folder itself, when the folder
+    is a run directory (:data:`RUN_OUTPUT_FOLDERS`)."""
 
 
 def _parquet_shards(folder: Path) -> ParquetShards:
@@ -289,7 +296,10 @@ def _parquet_shards(folder: Path) -> ParquetShards:
     A trig-stream run directory below ``folder`` (one holding a manifest or a journal that
     trig-stream wrote: :func:`_is_run_dir`) is not walked: its reports are parquet files
     too, and a run writing into the folder of its own dataset would read them as shards on
-    its next start. Their number is counted.
+    its next start. Their number is counted. When ``folder`` itself is a run directory (a
+    run whose ``output_dir``/``name`` is its dataset folder), the folders the run writes
+    there (:data:`RUN_OUTPUT_FOLDERS`) are left out the same way, and the dataset's own
+    shards beside them are read.
 
     Raises:
         OSError: a folder below cannot be listed.
@@ -302,8 +312,15 @@ def _parquet_shards(folder: Path) -> ParquetShards:
     left_out = 0
     run_dirs: list[Path] = []
     seen = {os.path.realpath(folder)}
+    own_left_out = 0
+    root_is_run_dir = _is_run_dir(folder)
     for top, folders, names in os.walk(folder, onerror=refuse, followlinks=True):
-        if top != str(folder) and _is_run_dir(Path(top)):
+        if top == str(folder) and root_is_run_dir:
+            # Only what the run writes is left out: the dataset's shards lie beside it.
+            own_left_out = sum(_count_parquet(folder / name) for name in RUN_OUTPUT_FOLDERS)
+            left_out += own_left_out
+            folders[:] = [name for name in folders if name not in RUN_OUTPUT_FOLDERS]
+        elif top != str(folder) and _is_run_dir(Path(top)):
             folders[:] = []
             found = _count_parquet(Path(top))
             if found:
@@ -323,7 +340,7 @@ def _parquet_shards(folder: Path) -> ParquetShards:
             for name in names
             if name.endswith(".parquet") and Path(top, name).is_file()
         )
-    return ParquetShards(sorted(files), left_out, tuple(sorted(run_dirs)))
+    return ParquetShards(sorted(files), left_out, tuple(sorted(run_dirs)), own_left_out)
 
 
 def _count_parquet(run_dir: Path) -> int:
@@ -336,14 +353,26 @@ def _count_parquet(run_dir: Path) -> int:
 
 
 def _left_out_note(folder: Path, shards: ParquetShards) -> str:
+    notes = []
+    if shards.own_left_out:
+        # The folder itself: a list of the run directories below would show it as ".".
+        notes.append(
+            f"dataset folder {folder} is itself a trig-stream run directory: left out "
+            f"{shards.own_left_out} parquet file(s) in its "
+            f"{' and '.join(RUN_OUTPUT_FOLDERS)} folders: a run's reports are no dataset "
+            "records"
+        )
     dirs = shards.run_dirs
-    shown = ", ".join(str(d.relative_to(folder)) for d in dirs[:3])
-    more = f" and {len(dirs) - 3} more" if len(dirs) > 3 else ""
-    return (
-        f"dataset folder {folder}: left out {shards.left_out} parquet file(s) in "
-        f"{len(dirs)} trig-stream run director{'y' if len(dirs) == 1 else 'ies'} inside it "
-        f"({shown}{more}): a run's reports are no dataset records"
-    )
+    if dirs:
+        shown = ", ".join(str(d.relative_to(folder)) for d in dirs[:3])
+        more = f" and {len(dirs) - 3} more" if len(dirs) > 3 else ""
+        notes.append(
+            f"dataset folder {folder}: left out {shards.left_out - shards.own_left_out} "
+            f"parquet file(s) in {len(dirs)} trig-stream run "
+            f"director{'y' if len(dirs) == 1 else 'ies'} inside it "
+            f"({shown}{more}): a run's reports are no dataset records"
+        )
+    return "; ".join(notes)
 
 
 def _besides(shards: ParquetShards) -> str:

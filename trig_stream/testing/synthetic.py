@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from trig_stream.config import GeneratorConfig, RunConfig
 
 
+MAX_STEPS = 10_000
+"""The most slices of ``latency_s``: finer ones only spin, and an unbounded number (a
+typo's 2**63 - 1) kept a call busy for ever."""
+
+
 class SyntheticOptions(BaseModel):
     """``options`` of the ``synthetic`` generator."""
 
@@ -33,8 +38,9 @@ class SyntheticOptions(BaseModel):
     size: Annotated[int, Field(ge=8, le=4096)] = 64
     latency_s: Annotated[float, Field(ge=0)] = 0.0
     """Time spent per call (one batch, whatever it holds), as a pipeline would."""
-    steps: Annotated[int, Field(ge=1)] = 4
-    """Slices of ``latency_s`` between which cancellation is checked."""
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 4
+    """Slices of ``latency_s`` between which cancellation is checked (none without a
+    latency: nothing to slice)."""
     failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     """Share of data_ids whose generation fails (the same ones every run)."""
     fail_ids: list[str] = Field(default_factory=list)
@@ -74,12 +80,13 @@ class SyntheticGenerator(Generator):
         if self.options.fatal:
             raise FatalBackendError("synthetic generator configured to fail (fatal = true)")
         self.calls.append(len(requests))
-        step = self.options.latency_s / self.options.steps
-        for _ in range(self.options.steps):
+        # Without a latency there is nothing to slice: steps alone kept a call spinning.
+        steps = self.options.steps if self.options.latency_s else 1
+        for _ in range(steps):
             if cancel.is_set():
                 return [ItemError("cancelled") for _ in requests]
-            if step:
-                time.sleep(step)
+            if self.options.latency_s:
+                time.sleep(self.options.latency_s / steps)
         return [self._one(request) for request in requests]
 
     def _one(self, request: GenerationRequest) -> Image | Exception:

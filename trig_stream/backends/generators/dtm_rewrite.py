@@ -74,6 +74,7 @@ from trig_stream.config_fields import (
     CallTimeout,
     EnvVarName,
     HttpUrl,
+    ServedModel,
 )
 from trig_stream.config_problems import nested_problems
 from trig_stream.dimensions import split_pair
@@ -138,7 +139,7 @@ class DTMRewriteOptions(BaseModel):
     model_config = OPTIONS_CONFIG
 
     inner: InnerGenerator
-    model: str
+    model: ServedModel
     """The rewriting LLM's model name on the server."""
     base_url: HttpUrl | None = None
     api_key_env: EnvVarName | None = "OPENAI_API_KEY"

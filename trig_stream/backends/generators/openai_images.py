@@ -36,6 +36,7 @@ from trig_stream.config_fields import (
     CallTimeout,
     EnvVarName,
     HttpUrl,
+    ServedModel,
 )
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
 from trig_stream.retry import RetryPolicy
@@ -51,7 +52,7 @@ class OpenAIImagesOptions(BaseModel):
 
     model_config = OPTIONS_CONFIG
 
-    model: str = "dall-e-3"
+    model: ServedModel = "dall-e-3"
     base_url: HttpUrl | None = None
     """The API root, e.g. ``https://api.openai.com/v1``; None uses the SDK's default."""
     api_key_env: EnvVarName = "OPENAI_API_KEY"

@@ -59,7 +59,13 @@ from trig_stream.backends.judges.transports import (
     Transport,
     open_transport,
 )
-from trig_stream.config_fields import OPTIONS_CONFIG, CallTimeout, EnvVarName, HttpUrl
+from trig_stream.config_fields import (
+    OPTIONS_CONFIG,
+    CallTimeout,
+    EnvVarName,
+    HttpUrl,
+    ServedModel,
+)
 from trig_stream.errors import (
     AnswerTimeoutError,
     FatalBackendError,
@@ -91,7 +97,8 @@ class OpenAIJudgeOptions(BaseModel):
     """The endpoint, e.g. ``http://127.0.0.1:8000/v1``."""
     base_urls: list[HttpUrl] = Field(default_factory=list)
     """Several endpoints of the same model; requests go to the least busy one."""
-    model: str
+    model: ServedModel
+    """The served model's name (vLLM's ``--served-model-name``)."""
     api_key_env: EnvVarName | None = None
     """NAME of the environment variable holding the key; unset for a keyless local server."""
     top_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
