@@ -199,7 +199,7 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
 
 
 async def test_a_whole_unreadable_last_line_is_kept_and_skipped_like_a_middle_one(
-    make_config: ConfigFactory,
+    make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Its line end was written, so no crash tore it: a later format's line, or a hand edit.
     # Cut as a torn tail, it was deleted from the file, while the same line mid-journal stays.
@@ -210,6 +210,14 @@ async def test_a_whole_unreadable_last_line_is_kept_and_skipped_like_a_middle_on
     state = Journal(path).open()
     assert (state.lines, state.skipped_lines, state.torn_bytes, len(state)) == (10, [4, 10], 0, 8)
     assert path.read_bytes() == b"".join(damaged)
+    with caplog.at_level("WARNING", logger="trig_stream.journal"):
+        assert len(list(read_journal(path))) == 8
+    # A later format's line is named so, not as a number out of range.
+    assert (
+        "2 line(s) are not judgements and were skipped (the first: line 4: schema_version: "
+        "written by a later trig-stream (record format 2; this one reads formats up to 1): "
+        "read it with that version)"
+    ) in caplog.text
     results = await run_to_end(config)  # both asked again; both lines stay in place
     assert {(j.data_id, j.dimension) for j in results} == {
         (json.loads(line)["data_id"], json.loads(line)["dimension"])

@@ -419,6 +419,7 @@ def read_manifest(run_dir: Path) -> Manifest:
         if whole is None:
             raise RunDirError(too_large_manifest(path))
         text = whole
+        _refuse_later_format(run_dir, text)
         manifest = Manifest.model_validate_json(text)
     except FileNotFoundError:
         if not run_dir.exists():
@@ -443,10 +444,25 @@ def read_manifest(run_dir: Path) -> Manifest:
         ) from None
     except ValueError as exc:
         raise RunDirError(f"cannot read {path}: {exc}") from None
-    if manifest.schema_version > SCHEMA_VERSION:
-        raise RunDirError(
-            f"{run_dir} was written by a later trig-stream (record format "
-            f"{manifest.schema_version}; this one knows formats up to {SCHEMA_VERSION}): use "
-            "that version, or start a fresh run with --new-run"
-        )
     return manifest
+
+
+def _refuse_later_format(run_dir: Path, text: bytes) -> None:
+    """Refuse a manifest a later trig-stream wrote, told by its ``schema_version`` alone:
+    a later format may add a field or widen a type, which this one's model would call
+    damage.
+
+    Raises:
+        RunDirError: its ``schema_version`` is past :data:`SCHEMA_VERSION`.
+    """
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return  # damaged: the model's reading names what is wrong
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise RunDirError(
+            f"{run_dir} was written by a later trig-stream (record format {version}; this "
+            f"one knows formats up to {SCHEMA_VERSION}): use that version, or start a fresh "
+            "run with --new-run"
+        )
