@@ -66,6 +66,7 @@ from trig_stream.png import (
     with_sample_digest,
 )
 from trig_stream.records import JudgeFingerprint, Judgement, Status
+from trig_stream.scoring import SCORING_RULES
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
@@ -429,7 +430,7 @@ async def test_a_journal_of_another_judge_copied_in_is_refused_not_mixed(
     await run_to_end(config)
     path = config.run_dir / JOURNAL
     lines = path.read_bytes().splitlines(keepends=True)
-    other = [line.replace(b'"params":{"seed":5}', b'"params":{"seed":0}') for line in lines[:4]]
+    other = [line.replace(b'"seed":5}', b'"seed":0}') for line in lines[:4]]
     assert other != lines[:4]
     path.write_bytes(b"".join(other))
     with pytest.raises(FingerprintMismatch) as refused:
@@ -620,7 +621,7 @@ async def test_an_entry_that_made_nothing_takes_its_corrected_settings_beside_ot
     assert {j.status for j in results} == {"ok"} and len(results) == 18  # the errors, again
     manifest = read_manifest(config.run_dir)
     assert manifest.generators["other"]["size"] == 32
-    assert manifest.judges["vlm"]["params"] == {"seed": 1}
+    assert manifest.judges["vlm"]["params"] == {"scoring_rules": SCORING_RULES, "seed": 1}
     # The entries that made results keep their settings.
     for changed in (
         make_config(samples=3, generators=[{**good, "options": {"size": 32}}], judges=fixed),
