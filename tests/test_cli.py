@@ -971,6 +971,37 @@ def test_exit_codes_for_refused_run_dir_and_fatal_errors(tmp_path: Path) -> None
     assert main(["status", str(tmp_path / "nothing")]) == EXIT_RUN_DIR
 
 
+@pytest.mark.parametrize(
+    "later", [{"new_field": {"x": 1}}, {"retry_errors": "only_rate_limits"}], ids=["field", "type"]
+)
+def test_a_later_format_s_manifest_is_named_so_not_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], later: dict[str, Any]
+) -> None:
+    # A later trig-stream's manifest, with a field added or a type widened, was read by this
+    # one's model first and called damaged, with advice to restore the file.
+    path = write_config(tmp_path, samples=2)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    manifest = run_dir / "manifest.json"
+    manifest.write_text(
+        json.dumps({**json.loads(manifest.read_text()), "schema_version": 2, **later})
+    )
+    capsys.readouterr()
+    for command in (
+        ["report", str(run_dir)],
+        ["status", str(run_dir)],
+        ["validate", str(path)],
+        ["run", str(path), "--headless"],
+    ):
+        assert main(command) == EXIT_RUN_DIR, command
+        err = " ".join(capsys.readouterr().err.split())
+        assert "damaged" not in err, command
+        assert (
+            f"{run_dir} was written by a later trig-stream (record format 2; this one knows "
+            "formats up to 1): use that version, or start a fresh run with --new-run"
+        ) in err, command
+
+
 def test_a_generator_that_can_never_work_exits_4_and_its_errors_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

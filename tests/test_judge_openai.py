@@ -38,7 +38,7 @@ from trig_stream.errors import (
     UnreachableError,
 )
 from trig_stream.records import Sample, TopLogprobs
-from trig_stream.scoring import score_top_logprobs
+from trig_stream.scoring import SCORING_RULES, score_top_logprobs
 from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
 
 pytestmark = pytest.mark.anyio
@@ -241,6 +241,7 @@ def test_fingerprint_names_what_changes_scores() -> None:
         "trig",
     )
     assert fp.params == {
+        "scoring_rules": SCORING_RULES,
         "top_logprobs": 20,
         "temperature": 1.0,
         "seed": 3,

@@ -66,6 +66,7 @@ from trig_stream.png import (
     with_sample_digest,
 )
 from trig_stream.records import JudgeFingerprint, Judgement, Status
+from trig_stream.scoring import SCORING_RULES
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions
@@ -199,7 +200,7 @@ async def test_a_damaged_line_mid_journal_is_skipped_not_cut_with_all_after_it(
 
 
 async def test_a_whole_unreadable_last_line_is_kept_and_skipped_like_a_middle_one(
-    make_config: ConfigFactory,
+    make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Its line end was written, so no crash tore it: a later format's line, or a hand edit.
     # Cut as a torn tail, it was deleted from the file, while the same line mid-journal stays.
@@ -210,6 +211,14 @@ async def test_a_whole_unreadable_last_line_is_kept_and_skipped_like_a_middle_on
     state = Journal(path).open()
     assert (state.lines, state.skipped_lines, state.torn_bytes, len(state)) == (10, [4, 10], 0, 8)
     assert path.read_bytes() == b"".join(damaged)
+    with caplog.at_level("WARNING", logger="trig_stream.journal"):
+        assert len(list(read_journal(path))) == 8
+    # A later format's line is named so, not as a number out of range.
+    assert (
+        "2 line(s) are not judgements and were skipped (the first: line 4: schema_version: "
+        "written by a later trig-stream (record format 2; this one reads formats up to 1): "
+        "read it with that version)"
+    ) in caplog.text
     results = await run_to_end(config)  # both asked again; both lines stay in place
     assert {(j.data_id, j.dimension) for j in results} == {
         (json.loads(line)["data_id"], json.loads(line)["dimension"])
@@ -421,7 +430,7 @@ async def test_a_journal_of_another_judge_copied_in_is_refused_not_mixed(
     await run_to_end(config)
     path = config.run_dir / JOURNAL
     lines = path.read_bytes().splitlines(keepends=True)
-    other = [line.replace(b'"params":{"seed":5}', b'"params":{"seed":0}') for line in lines[:4]]
+    other = [line.replace(b'"seed":5}', b'"seed":0}') for line in lines[:4]]
     assert other != lines[:4]
     path.write_bytes(b"".join(other))
     with pytest.raises(FingerprintMismatch) as refused:
@@ -612,7 +621,7 @@ async def test_an_entry_that_made_nothing_takes_its_corrected_settings_beside_ot
     assert {j.status for j in results} == {"ok"} and len(results) == 18  # the errors, again
     manifest = read_manifest(config.run_dir)
     assert manifest.generators["other"]["size"] == 32
-    assert manifest.judges["vlm"]["params"] == {"seed": 1}
+    assert manifest.judges["vlm"]["params"] == {"scoring_rules": SCORING_RULES, "seed": 1}
     # The entries that made results keep their settings.
     for changed in (
         make_config(samples=3, generators=[{**good, "options": {"size": 32}}], judges=fixed),

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePath
-from typing import Annotated, Any, BinaryIO, Final, Literal, Self, TypeAlias, get_args
+from typing import Annotated, Any, BinaryIO, Final, Literal, Self, TypeAlias, cast, get_args
 
 from pydantic import (
     BaseModel,
@@ -30,11 +30,12 @@ from pydantic import (
     model_validator,
 )
 
-from trig_stream.errors import FatalBackendError, RunDirError
+from trig_stream.errors import FatalBackendError, FingerprintMismatch, RunDirError
 from trig_stream.files import MAX_SETTINGS_BYTES, open_regular_file
-from trig_stream.journal import holds_our_journal
+from trig_stream.journal import holds_our_journal, read_journal
 from trig_stream.moves import Move
-from trig_stream.records import SCHEMA_VERSION, JudgeFingerprint, JudgementKey
+from trig_stream.records import SCHEMA_VERSION, JudgeFingerprint, Judgement, JudgementKey
+from trig_stream.scoring import Scorer, score_top_logprobs
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES: Final = MAX_SETTINGS_BYTES
@@ -146,6 +147,9 @@ class Manifest(BaseModel):
                 if kind == "judges":
                     stored_entry = _auto_dtype_as_configured(stored_entry, theirs[name])
                 for key, stored, configured in _changed_fields(stored_entry, theirs[name], same):
+                    if kind == "judges" and key == f"params.{SCORING_RULES_KEY}":
+                        found.append(_other_scoring_rules(name, stored, configured))
+                        continue
                     found.append(
                         f"{kind[:-1]} {name!r}: {key} {stored} in the run dir, {configured} in "
                         "the config"
@@ -179,6 +183,7 @@ class Manifest(BaseModel):
                 # "auto" dtype), and with a path kept under its name, as a moved project's
                 # manifest entry moved on while the lines stayed.
                 line = _auto_dtype_as_configured(fingerprint.model_dump(mode="json"), entry)
+                line = _scoring_rules_as_entry(line, entry)
                 for key, stored, written in _changed_fields(line, entry, _same_name_paths):
                     found.append(
                         f"judge {name!r}: {key} {stored} in the journal, {written} in {MANIFEST}"
@@ -207,6 +212,107 @@ class Manifest(BaseModel):
                 "updated_at": time.time(),
             }
         )
+
+
+SCORING_RULES_KEY: Final = "scoring_rules"
+"""The key of a judge fingerprint's ``params`` that holds its
+:data:`~trig_stream.scoring.SCORING_RULES`."""
+
+
+def _other_scoring_rules(name: str, stored: str, configured: str) -> str:
+    """The difference of a judge's scoring rules, in words (``stored`` and ``configured`` as
+    :func:`_changed_fields` gives them: JSON text)."""
+    if stored == "not set":
+        return (
+            f"judge {name!r}: judged under an earlier trig-stream's scoring rules (before "
+            f"{configured}), and this one scores by rules {configured}"
+        )
+    later = configured == "not set" or json.loads(stored) > json.loads(configured)
+    when = "later" if later else "earlier"
+    return (
+        f"judge {name!r}: judged under trig-stream's {when} scoring rules ({stored}), and this "
+        f"one scores by rules {configured}: its scores would not compare with those stored"
+    )
+
+
+def _scoring_rules_as_entry(line: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A journal line's fingerprint written before fingerprints held their scoring rules,
+    read with its manifest entry's: :func:`checked_scoring_rules` found the line scored as
+    those rules score it before it wrote them into the entry."""
+    params, rules = line.get("params"), (entry.get("params") or {}).get(SCORING_RULES_KEY)
+    if not isinstance(params, dict) or SCORING_RULES_KEY in params or rules is None:
+        return line
+    return {**line, "params": {**params, SCORING_RULES_KEY: rules}}
+
+
+def checked_scoring_rules(stored: Manifest, configured: Manifest, journal: Path) -> Manifest:
+    """``stored``, a run directory's manifest, with the scoring rules of ``configured``'s
+    judges written into the entries that were written before fingerprints held them, once
+    every ``ok`` and ``unscorable`` judgement of those judges in ``journal`` scores now as
+    it was stored: a resume then adds scores that compare with the stored ones.
+
+    A judgement scores otherwise when its stored top logprobs give another score (or none)
+    under the current scorer, or are fewer than one entry (two when two or more were asked)
+    when the judge asked for ``top_logprobs``: an earlier trig-stream scored the one token a
+    server sampled when it left out the list asked for, which is now an ``error``.
+
+    Raises:
+        FingerprintMismatch: a judgement scores otherwise now.
+    """
+    judges = {
+        name: rules
+        for name, entry in configured.judges.items()
+        if name in stored.judges
+        and (rules := (entry.get("params") or {}).get(SCORING_RULES_KEY)) is not None
+        and SCORING_RULES_KEY not in (stored.judges[name].get("params") or {})
+    }
+    if not judges:
+        return stored
+    changed = [
+        judgement
+        for judgement in read_journal(journal)
+        if judgement.metric in judges and not _scores_as_stored(judgement)
+    ]
+    if changed:
+        first = changed[0]
+        raise FingerprintMismatch(
+            f"{journal.parent} was judged by an earlier trig-stream, under scoring rules "
+            f"changed since: {len(changed)} judgement(s) of judge(s) "
+            f"{', '.join(sorted({repr(j.metric) for j in changed}))} score otherwise now (the "
+            f"first: model {first.model!r}, data_id {first.data_id!r}, dimension "
+            f"{first.dimension}), and would stand beside this trig-stream's scores, never asked "
+            "again (not even with --retry-errors). Use --new-run to judge afresh in a fresh "
+            "run directory beside it (or change [run] name), or finish this run with the "
+            "trig-stream version that started it."
+        )
+    entries = {
+        name: {**entry, "params": {**(entry.get("params") or {}), SCORING_RULES_KEY: judges[name]}}
+        if name in judges
+        else entry
+        for name, entry in stored.judges.items()
+    }
+    return stored.model_copy(update={"judges": entries})
+
+
+def _scores_as_stored(judgement: Judgement) -> bool:
+    """Whether ``judgement`` gets the same score (or none) under the current scorer from the
+    top logprobs it stored; an ``error`` one, or one without any (a judge that gave its own
+    verdict), does."""
+    top = judgement.top_logprobs
+    if judgement.status == "error" or top is None:
+        return True
+    asked = judgement.judge.params.get("top_logprobs")
+    if isinstance(asked, int) and len(top) < min(asked, 2):
+        return False
+    try:
+        score = score_top_logprobs(
+            top,
+            scorer=cast(Scorer, judgement.judge.scorer or "robust"),
+            confidence=judgement.judge.confidence,
+        )
+    except ValueError:
+        return False
+    return score == judgement.score
 
 
 def _auto_dtype_as_configured(stored: dict[str, Any], configured: dict[str, Any]) -> dict[str, Any]:
@@ -419,6 +525,7 @@ def read_manifest(run_dir: Path) -> Manifest:
         if whole is None:
             raise RunDirError(too_large_manifest(path))
         text = whole
+        _refuse_later_format(run_dir, text)
         manifest = Manifest.model_validate_json(text)
     except FileNotFoundError:
         if not run_dir.exists():
@@ -443,10 +550,25 @@ def read_manifest(run_dir: Path) -> Manifest:
         ) from None
     except ValueError as exc:
         raise RunDirError(f"cannot read {path}: {exc}") from None
-    if manifest.schema_version > SCHEMA_VERSION:
-        raise RunDirError(
-            f"{run_dir} was written by a later trig-stream (record format "
-            f"{manifest.schema_version}; this one knows formats up to {SCHEMA_VERSION}): use "
-            "that version, or start a fresh run with --new-run"
-        )
     return manifest
+
+
+def _refuse_later_format(run_dir: Path, text: bytes) -> None:
+    """Refuse a manifest a later trig-stream wrote, told by its ``schema_version`` alone:
+    a later format may add a field or widen a type, which this one's model would call
+    damage.
+
+    Raises:
+        RunDirError: its ``schema_version`` is past :data:`SCHEMA_VERSION`.
+    """
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return  # damaged: the model's reading names what is wrong
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise RunDirError(
+            f"{run_dir} was written by a later trig-stream (record format {version}; this "
+            f"one knows formats up to {SCHEMA_VERSION}): use that version, or start a fresh "
+            "run with --new-run"
+        )

@@ -27,6 +27,10 @@ from trig_stream.dimensions import Dimension, Task, pair_holds, split_pair
 from trig_stream.hashing import sample_digest
 
 SCHEMA_VERSION = 1
+# Bump it when the manifest, a journal line or a quarantine line gains a field, or a field
+# widens its type, that an older build would refuse: the older build then says a later
+# trig-stream wrote the file instead of calling it damaged (manifest.read_manifest), and
+# skips such a line with a warning.
 
 Status: TypeAlias = Literal["ok", "unscorable", "error"]
 Stage: TypeAlias = Literal["generate", "judge"]
@@ -192,6 +196,15 @@ class GeneratedImage(_Record):
     prompt_rewrite: PromptRewrite | None = None
 
 
+def _format_known(version: int) -> int:
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"written by a later trig-stream (record format {version}; this one reads formats "
+            f"up to {SCHEMA_VERSION}): read it with that version"
+        )
+    return version
+
+
 class JudgeFingerprint(_Record):
     """Everything about a judge that changes its scores."""
 
@@ -206,7 +219,9 @@ class JudgeFingerprint(_Record):
 class Judgement(_Record):
     """The outcome of judging one image on one dimension with one metric."""
 
-    schema_version: Annotated[int, Field(strict=True, ge=1, le=SCHEMA_VERSION)] = SCHEMA_VERSION
+    schema_version: Annotated[int, Field(strict=True, ge=1), AfterValidator(_format_known)] = (
+        SCHEMA_VERSION
+    )
     """A line of a later format is not read as this one: its fields may mean other things."""
     model: str
     data_id: str

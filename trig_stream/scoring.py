@@ -74,6 +74,15 @@ ZERO_PROBABILITY_LOGPROB: Final[float] = -9999.0
 logprob at or below it counts as ``-inf``. Scored as a number, an answer whose rating words
 all carry it would get a made-up score (0.0 from ``trig``, a confident one from ``robust``)."""
 
+SCORING_RULES: Final = 1
+"""The version of the rules by which a judge's answer gets its score or status, in the
+fingerprint of every judge scored from logprobs (``params.scoring_rules``), so a resume under
+other rules is refused as a change of settings rather than mixing scores that do not compare.
+Bump it with any change to what an answer scores: 1 made an answer without the top logprobs
+asked for an ``error`` (the one sampled token was scored) and a -9999.0 logprob a probability
+of 0. A run directory older than the field is checked once on resume
+(:func:`trig_stream.manifest.checked_scoring_rules`)."""
+
 LOGPROB_TOLERANCE: Final[float] = 1e-4
 """How far above 0 a logprob may be and still count as a probability: a server's rounding can
 put a near-certain token's logprob just above 0; anything beyond is a probability above 1."""

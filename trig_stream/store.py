@@ -54,6 +54,7 @@ from trig_stream.manifest import (
     MAX_MANIFEST_BYTES,
     EntryKind,
     Manifest,
+    checked_scoring_rules,
     manifest_head_is_ours,
     manifest_is_ours,
     not_a_manifest,
@@ -484,6 +485,7 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
             + f"\nRestore the run directory's own {JOURNAL} and {MANIFEST}, or use --new-run "
             "to start a fresh run directory beside it."
         )
+    stored = checked_scoring_rules(stored, manifest, path / JOURNAL)
     moved = _moved_since(stored, path)
     differences = stored.differences(manifest, _results_held(path, journal), moved)
     if differences:

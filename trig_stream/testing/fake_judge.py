@@ -17,7 +17,7 @@ from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError, RateLimitError, RetryableError
 from trig_stream.hashing import unit_hash
 from trig_stream.records import JudgeFingerprint
-from trig_stream.scoring import Scorer
+from trig_stream.scoring import SCORING_RULES, Scorer
 
 if TYPE_CHECKING:
     pass
@@ -76,7 +76,7 @@ class FakeJudge(Judge):
             model="fake",
             scorer=self.scorer,
             confidence=self.confidence,
-            params={"seed": self.options.seed},
+            params={"scoring_rules": SCORING_RULES, "seed": self.options.seed},
         )
 
     async def judge(self, request: JudgeRequest) -> JudgeReply:

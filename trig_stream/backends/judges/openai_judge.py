@@ -77,7 +77,7 @@ from trig_stream.errors import (
 )
 from trig_stream.records import JudgeFingerprint
 from trig_stream.retry import RETRY_AFTER_MAX_S
-from trig_stream.scoring import Scorer
+from trig_stream.scoring import SCORING_RULES, Scorer
 
 METRICS_TIMEOUT_S = 5.0
 """How long one read of a server's ``/metrics`` may take."""
@@ -348,6 +348,7 @@ class OpenAIJudge(Judge):
             scorer=self.scorer,
             confidence=self.confidence,
             params={
+                "scoring_rules": SCORING_RULES,
                 "top_logprobs": opts.top_logprobs,
                 "temperature": opts.temperature,
                 "seed": opts.seed,

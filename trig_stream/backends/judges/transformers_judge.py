@@ -46,7 +46,7 @@ from trig_stream.config_fields import OPTIONS_CONFIG, DeviceName
 from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError, RetryableError
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
-from trig_stream.scoring import Scorer
+from trig_stream.scoring import SCORING_RULES, Scorer
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -144,6 +144,7 @@ class TransformersJudge(Judge):
             scorer=self.scorer,
             confidence=self.confidence,
             params={
+                "scoring_rules": SCORING_RULES,
                 "top_logprobs": opts.top_logprobs,
                 "max_pixels": opts.max_pixels,
                 "dtype": dtype_on(opts.dtype, opts.device),

@@ -1,0 +1,137 @@
+"""Resuming across a change of scoring rules: refused, and a run directory older than the rules
+in the fingerprint checked once by re-scoring its judgements."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ConfigFactory
+from tests.test_engine import run_to_end
+from trig_stream import FingerprintMismatch, store
+from trig_stream.config import RunConfig
+from trig_stream.journal import JOURNAL
+from trig_stream.manifest import MANIFEST, Manifest, read_manifest
+from trig_stream.scoring import SCORING_RULES
+
+pytestmark = pytest.mark.anyio
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def _without_rules(fingerprint: dict[str, Any]) -> None:
+    fingerprint["params"].pop("scoring_rules")
+
+
+async def run_before_scoring_rules(
+    make_config: ConfigFactory, edit: Edit | None = None, params: dict[str, Any] | None = None
+) -> tuple[RunConfig, Manifest, dict[Path, bytes]]:
+    """A finished run whose manifest and journal lines are as a trig-stream older than the
+    scoring rules in the fingerprint wrote them (``params`` added to its judge's), the first
+    ``ok`` line edited by ``edit``; the config's manifest, as validate builds it; and the run
+    directory's files."""
+    config = make_config(samples=3)
+    await run_to_end(config)
+    run_dir = config.run_dir
+    configured = read_manifest(run_dir)
+    data = json.loads((run_dir / MANIFEST).read_text())
+    for fingerprint in data["judges"].values():
+        _without_rules(fingerprint)
+        fingerprint["params"].update(params or {})
+    (run_dir / MANIFEST).write_text(json.dumps(data))
+    lines = []
+    edited = edit is None
+    for raw in (run_dir / JOURNAL).read_text().splitlines():
+        line = json.loads(raw)
+        _without_rules(line["judge"])
+        line["judge"]["params"].update(params or {})
+        if not edited and line["status"] == "ok":
+            assert edit is not None
+            edit(line)
+            edited = True
+        lines.append(json.dumps(line) + "\n")
+    (run_dir / JOURNAL).write_text("".join(lines))
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
+    return config, configured, files
+
+
+async def test_a_run_dir_older_than_the_rules_whose_scores_agree_resumes_and_records_them(
+    make_config: ConfigFactory,
+) -> None:
+    config, configured, _ = await run_before_scoring_rules(make_config)
+    store.check_resume(config.run_dir, configured)  # validate says what run does
+    assert await run_to_end(config) == []
+    judges = read_manifest(config.run_dir).judges
+    assert judges["trigscore"]["params"]["scoring_rules"] == SCORING_RULES
+    # Its older lines, without the field, are the manifest's own on the next resume.
+    store.check_resume(config.run_dir, configured)
+    assert await run_to_end(config) == []
+
+
+def _probability_zero_scored(line: dict[str, Any]) -> None:
+    # What an earlier trig-stream made of a lone ' good' at -9999.0 (a probability of 0).
+    line.update(score=0.75, top_logprobs=[[" good", -9999.0]])
+
+
+def _sampled_token_scored(line: dict[str, Any]) -> None:
+    # An earlier trig-stream scored the one token sampled when a server left out the list
+    # of top logprobs asked for; that answer is now an error.
+    line.update(score=1.0, top_logprobs=[["Excellent", -0.05]])
+
+
+@pytest.mark.parametrize(
+    ("edit", "params"),
+    [(_probability_zero_scored, {}), (_sampled_token_scored, {"top_logprobs": 20})],
+    ids=["probability-zero", "sampled-token"],
+)
+async def test_a_run_dir_older_than_the_rules_with_a_score_changed_since_is_refused(
+    make_config: ConfigFactory, edit: Edit, params: dict[str, Any]
+) -> None:
+    config, configured, files = await run_before_scoring_rules(make_config, edit, params)
+    first = json.loads((config.run_dir / JOURNAL).read_text().splitlines()[0])
+    said = (
+        f"{config.run_dir} was judged by an earlier trig-stream, under scoring rules changed "
+        "since: 1 judgement(s) of judge(s) 'trigscore' score otherwise now (the first: model "
+        f"'synth', data_id {first['data_id']!r}, dimension {first['dimension']})"
+    )
+    with pytest.raises(FingerprintMismatch) as validated:
+        store.check_resume(config.run_dir, configured)
+    assert said in str(validated.value)
+    assert "Use --new-run to judge afresh in a fresh run directory beside it" in str(
+        validated.value
+    )
+    with pytest.raises(FingerprintMismatch) as ran:
+        await run_to_end(config, retry_errors=True)
+    assert str(ran.value) == str(validated.value)
+    after = {p: p.read_bytes() for p in config.run_dir.rglob("*") if p.is_file()}
+    after.pop(config.run_dir / "run.lock", None)
+    assert after == files
+
+
+async def test_a_run_dir_of_other_scoring_rules_is_refused_naming_them(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=2)
+    await run_to_end(config)
+    configured = read_manifest(config.run_dir)
+    data = json.loads((config.run_dir / MANIFEST).read_text())
+    data["judges"]["trigscore"]["params"]["scoring_rules"] = SCORING_RULES - 1
+    (config.run_dir / MANIFEST).write_text(json.dumps(data))
+    journal = config.run_dir / JOURNAL
+    earlier = f'"scoring_rules":{SCORING_RULES - 1},'
+    journal.write_text(journal.read_text().replace(f'"scoring_rules":{SCORING_RULES},', earlier))
+    for check in (lambda: store.check_resume(config.run_dir, configured), None):
+        with pytest.raises(FingerprintMismatch) as raised:
+            if check is not None:
+                check()
+            else:
+                await run_to_end(config)
+        assert (
+            f"judge 'trigscore': judged under trig-stream's earlier scoring rules "
+            f"({SCORING_RULES - 1}), and this one scores by rules {SCORING_RULES}"
+        ) in str(raised.value)
+        assert "Use --new-run" in str(raised.value)
