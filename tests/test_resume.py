@@ -1044,6 +1044,36 @@ async def test_an_image_copied_from_another_sample_is_not_reused(
         assert image.info[SAMPLE_KEY].split(" ")[1:] == ["synth", other, str(results[0].seed)]
 
 
+@pytest.mark.parametrize("picture", ["another sample's, re-saved", "solid red"])
+async def test_an_image_without_its_sample_chunk_is_not_reused(
+    make_config: ConfigFactory, picture: str
+) -> None:
+    # Every image a run writes names what it was made for; one that names nothing (another
+    # sample's image re-saved by an editor, which drops the chunk, or any picture put there
+    # by hand) was judged as this sample's on its pixels alone.
+    config = make_config(samples=2)
+    first = await run_to_end(config)
+    images = {j.data_id: config.run_dir / j.image for j in first if j.image}
+    (_, one_image), (other, other_image) = sorted(images.items())
+    path = config.run_dir / JOURNAL
+    path.write_text(
+        "".join(line + "\n" for line in path.read_text().splitlines() if other not in line)
+    )
+    if picture == "solid red":
+        Image.new("RGB", (16, 16), (255, 0, 0)).save(other_image)
+    else:
+        with Image.open(one_image) as source:
+            source.save(other_image)
+    with Image.open(other_image) as image:
+        assert SAMPLE_KEY not in image.info
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    results = await run_to_end(config, generators=[generator])
+    assert generator.calls == [1]  # made again, for its own sample
+    assert {j.data_id for j in results} == {other}
+    with Image.open(other_image) as image:
+        assert image.info[SAMPLE_KEY].split(" ")[1:] == ["synth", other, str(results[0].seed)]
+
+
 async def test_an_image_of_a_run_before_labels_is_reused(make_config: ConfigFactory) -> None:
     # Its label is its sample's digest alone: resuming such a run makes no image again.
     config = make_config(samples=3)
@@ -1891,14 +1921,15 @@ async def test_an_image_the_engine_wrote_whole_is_reused_without_inflating_it(
     whole = encode_png(Image.new("RGB", (16, 16), (9, 8, 7)))
     broken = png_with_image_data(BROKEN_IMAGE_DATA["half the rows"])
     path = config.run_dir / image
-    for data, reused in [
-        (with_sample_digest(whole, label), True),
-        (whole, True),
-        (with_sample_digest(broken, label), False),
-        (broken, False),
+    # (Asked without a label: with one, a file that records none is made again uninflated.)
+    for data, asked_for, reused in [
+        (with_sample_digest(whole, label), label, True),
+        (whole, None, True),
+        (with_sample_digest(broken, label), label, False),
+        (broken, None, False),
     ]:
         path.write_bytes(data)
-        assert (reuse.reusable_image(path, label) is not None) is reused
+        assert (reuse.reusable_image(path, asked_for) is not None) is reused
         assert inflated[-1] == data
 
 
