@@ -453,6 +453,43 @@ async def test_one_line_of_another_judge_after_the_run_s_own_is_refused_not_mixe
     assert f"judge 'trigscore': params.seed 5 in the journal, 0 in {MANIFEST}" in message
 
 
+@pytest.mark.parametrize("where", ["at the end", "first"])
+async def test_a_line_of_a_run_with_another_seed_is_refused_not_mixed(
+    make_config: ConfigFactory, where: str
+) -> None:
+    # A line of another run (same settings but [run] seed) appended to this journal was
+    # taken as this run's: 0 asked, and the report gave the other run's score for an image
+    # made with another seed. Each line records its seed, derived from the run's.
+    config = make_config(samples=3)
+    other = make_config(samples=3, run={"name": "other", "seed": 43})
+    await run_to_end(config)
+    await run_to_end(other)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    data_id = json.loads(lines[-1])["data_id"]
+    foreign = [
+        line
+        for line in (other.run_dir / JOURNAL).read_bytes().splitlines(keepends=True)
+        if json.loads(line)["data_id"] == data_id
+    ]
+    assert foreign and all(
+        json.loads(line)["seed"] != json.loads(lines[-1])["seed"] for line in foreign
+    )
+    edited = b"".join(lines + foreign) if where == "at the end" else b"".join(foreign + lines)
+    path.write_bytes(edited)
+    with pytest.raises(FingerprintMismatch) as checked:
+        store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
+    with pytest.raises(FingerprintMismatch) as refused:
+        await run_to_end(config)
+    for message in (str(checked.value), str(refused.value)):
+        assert f"holds results its {MANIFEST} does not describe" in message
+        assert f"model 'synth', data_id {data_id!r}: " in message
+        assert "gives" in message and "another seed" in message and "--new-run" in message
+    if where == "at the end":
+        assert f"line {len(lines) + 1} of the journal records seed" in str(refused.value)
+    assert path.read_bytes() == edited
+
+
 async def test_results_of_a_model_or_judge_the_manifest_lacks_are_refused(
     make_config: ConfigFactory,
 ) -> None:

@@ -459,7 +459,8 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
             quarantine list is another program's file (:func:`_refuse_files_not_ours`).
         FingerprintMismatch: its results were made with settings that differ, or its journal
             holds results its manifest does not describe (a judge's lines of another
-            fingerprint than its entry, a model or judge with results and no entry).
+            fingerprint than its entry, lines of images made with another seed, a model or
+            judge with results and no entry).
     """
     _refuse_files_not_ours(path)
     holds_results = bool(journal.models_with_results or journal.skipped_lines)
@@ -475,7 +476,9 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
     if not holds_results:
         return manifest
     stored = read_manifest(path)
-    unaccounted = stored.journal_differences(journal.models_with_results, journal.judges)
+    unaccounted = stored.journal_differences(
+        journal.models_with_results, journal.judges, journal.seeds, journal.seed_conflicts
+    )
     if unaccounted:
         raise FingerprintMismatch(
             f"{path} holds results its {MANIFEST} does not describe (a journal copied in from "
