@@ -1895,6 +1895,64 @@ def test_a_journal_deleted_during_the_run_stops_it(tmp_path: Path) -> None:
         journal.close()
 
 
+@pytest.mark.parametrize("then", ["moved", "replaced"])
+def test_a_journal_whose_run_directory_moved_during_the_run_stops_it(
+    tmp_path: Path, then: str
+) -> None:
+    # Its lines went on in the file at the new place, the images to a folder made again at
+    # the old one: a run split in two, resumable from neither.
+    run_dir = tmp_path / "big"
+    run_dir.mkdir()
+    journal = Journal(run_dir / JOURNAL)
+    journal.open()
+    try:
+        journal.append([digest_record("ok", "IQ-R_IQ-O_1")])
+        run_dir.rename(tmp_path / "big-moved")
+        if then == "replaced":
+            run_dir.mkdir()
+            (run_dir / JOURNAL).write_bytes((tmp_path / "big-moved" / JOURNAL).read_bytes())
+        with pytest.raises(RunDirError, match="was moved or replaced while the run went on"):
+            journal.append([digest_record("ok", "IQ-R_IQ-O_2")])
+    finally:
+        journal.close()
+    assert len((tmp_path / "big-moved" / JOURNAL).read_bytes().splitlines()) == 1
+
+
+class MovesTheRunDir(SyntheticGenerator):
+    """A synthetic generator (same fingerprint) that renames the run directory ``run_dir``
+    to ``moved_to`` during its second call."""
+
+    def __init__(self, run_dir: Path, moved_to: Path) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.run_dir, self.moved_to = run_dir, moved_to
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Any]:
+        if len(self.calls) == 1:
+            self.run_dir.rename(self.moved_to)
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+
+async def test_a_run_directory_moved_during_the_run_stops_it_not_made_again(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # `mv runs/big runs/big-moved` mid-run: runs/big was made again for the next images,
+    # the journal went on in runs/big-moved with image paths into runs/big, and the stop
+    # message said to resume runs/big, which then had results but no manifest.
+    config = make_config(samples=6)
+    moved_to = tmp_path / "moved"
+    generator = MovesTheRunDir(config.run_dir, moved_to)
+    with pytest.raises(RunDirError, match="was moved or replaced while the run went on") as raised:
+        await run_to_end(config, generators=[generator])
+    assert f"put it back at {config.run_dir}" in str(raised.value)
+    assert not config.run_dir.exists()  # never made again
+    assert (moved_to / MANIFEST).is_file()
+    # Everything the run wrote is in the one place, each image its lines name included.
+    for judgement in read_journal(moved_to / JOURNAL):
+        assert judgement.image is not None and (moved_to / judgement.image).is_file()
+
+
 def test_a_damaged_journal_line_is_described_without_its_control_characters() -> None:
     # `status` and `watch` quote what is wrong with a line, its names included.
     line = json.loads(digest_record("ok", "IQ-R_IQ-O_1").model_dump_json())

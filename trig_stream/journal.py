@@ -280,6 +280,14 @@ class Journal:
                 f"the journal {self.path} was deleted while the run went on (its run "
                 "directory removed?): stopping, since nothing written now would be kept"
             )
+        try:
+            here = os.stat(self.path)
+        except OSError:
+            here = None
+        if here is None or (here.st_dev, here.st_ino) != (info.st_dev, info.st_ino):
+            # The run directory renamed (or the journal moved away): the lines would go on
+            # in the file at its new place, the images to a folder made again at the old.
+            raise RunDirError(moved_or_replaced(self.path.parent))
         start = info.st_size
         try:
             write_all(fd, data)
@@ -295,6 +303,16 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def moved_or_replaced(run_dir: Path) -> str:
+    """The error of a run whose directory was renamed, moved or replaced while it ran."""
+    return (
+        f"the run directory {run_dir} was moved or replaced while the run went on: stopping, "
+        "since what is written now would be split from the results already there; put it "
+        f"back at {run_dir} and run the same command again to resume (or resume it where it "
+        "is now, with [run] name and output_dir naming that place)"
+    )
 
 
 def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]:
