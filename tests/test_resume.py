@@ -462,6 +462,43 @@ async def test_one_line_of_another_judge_after_the_run_s_own_is_refused_not_mixe
     assert f"judge 'trigscore': params.seed 5 in the journal, 0 in {MANIFEST}" in message
 
 
+@pytest.mark.parametrize("where", ["at the end", "first"])
+async def test_a_line_of_a_run_with_another_seed_is_refused_not_mixed(
+    make_config: ConfigFactory, where: str
+) -> None:
+    # A line of another run (same settings but [run] seed) appended to this journal was
+    # taken as this run's: 0 asked, and the report gave the other run's score for an image
+    # made with another seed. Each line records its seed, derived from the run's.
+    config = make_config(samples=3)
+    other = make_config(samples=3, run={"name": "other", "seed": 43})
+    await run_to_end(config)
+    await run_to_end(other)
+    path = config.run_dir / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    data_id = json.loads(lines[-1])["data_id"]
+    foreign = [
+        line
+        for line in (other.run_dir / JOURNAL).read_bytes().splitlines(keepends=True)
+        if json.loads(line)["data_id"] == data_id
+    ]
+    assert foreign and all(
+        json.loads(line)["seed"] != json.loads(lines[-1])["seed"] for line in foreign
+    )
+    edited = b"".join(lines + foreign) if where == "at the end" else b"".join(foreign + lines)
+    path.write_bytes(edited)
+    with pytest.raises(FingerprintMismatch) as checked:
+        store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
+    with pytest.raises(FingerprintMismatch) as refused:
+        await run_to_end(config)
+    for message in (str(checked.value), str(refused.value)):
+        assert f"holds results its {MANIFEST} does not describe" in message
+        assert f"model 'synth', data_id {data_id!r}: " in message
+        assert "gives" in message and "another seed" in message and "--new-run" in message
+    if where == "at the end":
+        assert f"line {len(lines) + 1} of the journal records seed" in str(refused.value)
+    assert path.read_bytes() == edited
+
+
 async def test_results_of_a_model_or_judge_the_manifest_lacks_are_refused(
     make_config: ConfigFactory,
 ) -> None:
@@ -1050,6 +1087,36 @@ async def test_an_image_copied_from_another_sample_is_not_reused(
     assert {j.data_id for j in results} == {other}
     with Image.open(other_image) as image, Image.open(one_image) as copied_from:
         assert image.tobytes() != copied_from.tobytes()
+        assert image.info[SAMPLE_KEY].split(" ")[1:] == ["synth", other, str(results[0].seed)]
+
+
+@pytest.mark.parametrize("picture", ["another sample's, re-saved", "solid red"])
+async def test_an_image_without_its_sample_chunk_is_not_reused(
+    make_config: ConfigFactory, picture: str
+) -> None:
+    # Every image a run writes names what it was made for; one that names nothing (another
+    # sample's image re-saved by an editor, which drops the chunk, or any picture put there
+    # by hand) was judged as this sample's on its pixels alone.
+    config = make_config(samples=2)
+    first = await run_to_end(config)
+    images = {j.data_id: config.run_dir / j.image for j in first if j.image}
+    (_, one_image), (other, other_image) = sorted(images.items())
+    path = config.run_dir / JOURNAL
+    path.write_text(
+        "".join(line + "\n" for line in path.read_text().splitlines() if other not in line)
+    )
+    if picture == "solid red":
+        Image.new("RGB", (16, 16), (255, 0, 0)).save(other_image)
+    else:
+        with Image.open(one_image) as source:
+            source.save(other_image)
+    with Image.open(other_image) as image:
+        assert SAMPLE_KEY not in image.info
+    generator = SyntheticGenerator("synth", SyntheticOptions(size=16))
+    results = await run_to_end(config, generators=[generator])
+    assert generator.calls == [1]  # made again, for its own sample
+    assert {j.data_id for j in results} == {other}
+    with Image.open(other_image) as image:
         assert image.info[SAMPLE_KEY].split(" ")[1:] == ["synth", other, str(results[0].seed)]
 
 
@@ -1837,6 +1904,64 @@ def test_a_journal_deleted_during_the_run_stops_it(tmp_path: Path) -> None:
         journal.close()
 
 
+@pytest.mark.parametrize("then", ["moved", "replaced"])
+def test_a_journal_whose_run_directory_moved_during_the_run_stops_it(
+    tmp_path: Path, then: str
+) -> None:
+    # Its lines went on in the file at the new place, the images to a folder made again at
+    # the old one: a run split in two, resumable from neither.
+    run_dir = tmp_path / "big"
+    run_dir.mkdir()
+    journal = Journal(run_dir / JOURNAL)
+    journal.open()
+    try:
+        journal.append([digest_record("ok", "IQ-R_IQ-O_1")])
+        run_dir.rename(tmp_path / "big-moved")
+        if then == "replaced":
+            run_dir.mkdir()
+            (run_dir / JOURNAL).write_bytes((tmp_path / "big-moved" / JOURNAL).read_bytes())
+        with pytest.raises(RunDirError, match="was moved or replaced while the run went on"):
+            journal.append([digest_record("ok", "IQ-R_IQ-O_2")])
+    finally:
+        journal.close()
+    assert len((tmp_path / "big-moved" / JOURNAL).read_bytes().splitlines()) == 1
+
+
+class MovesTheRunDir(SyntheticGenerator):
+    """A synthetic generator (same fingerprint) that renames the run directory ``run_dir``
+    to ``moved_to`` during its second call."""
+
+    def __init__(self, run_dir: Path, moved_to: Path) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+        self.run_dir, self.moved_to = run_dir, moved_to
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Any]:
+        if len(self.calls) == 1:
+            self.run_dir.rename(self.moved_to)
+        return super().generate(requests, worker=worker, cancel=cancel)
+
+
+async def test_a_run_directory_moved_during_the_run_stops_it_not_made_again(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # `mv runs/big runs/big-moved` mid-run: runs/big was made again for the next images,
+    # the journal went on in runs/big-moved with image paths into runs/big, and the stop
+    # message said to resume runs/big, which then had results but no manifest.
+    config = make_config(samples=6)
+    moved_to = tmp_path / "moved"
+    generator = MovesTheRunDir(config.run_dir, moved_to)
+    with pytest.raises(RunDirError, match="was moved or replaced while the run went on") as raised:
+        await run_to_end(config, generators=[generator])
+    assert f"put it back at {config.run_dir}" in str(raised.value)
+    assert not config.run_dir.exists()  # never made again
+    assert (moved_to / MANIFEST).is_file()
+    # Everything the run wrote is in the one place, each image its lines name included.
+    for judgement in read_journal(moved_to / JOURNAL):
+        assert judgement.image is not None and (moved_to / judgement.image).is_file()
+
+
 def test_a_damaged_journal_line_is_described_without_its_control_characters() -> None:
     # `status` and `watch` quote what is wrong with a line, its names included.
     line = json.loads(digest_record("ok", "IQ-R_IQ-O_1").model_dump_json())
@@ -1900,14 +2025,15 @@ async def test_an_image_the_engine_wrote_whole_is_reused_without_inflating_it(
     whole = encode_png(Image.new("RGB", (16, 16), (9, 8, 7)))
     broken = png_with_image_data(BROKEN_IMAGE_DATA["half the rows"])
     path = config.run_dir / image
-    for data, reused in [
-        (with_sample_digest(whole, label), True),
-        (whole, True),
-        (with_sample_digest(broken, label), False),
-        (broken, False),
+    # (Asked without a label: with one, a file that records none is made again uninflated.)
+    for data, asked_for, reused in [
+        (with_sample_digest(whole, label), label, True),
+        (whole, None, True),
+        (with_sample_digest(broken, label), label, False),
+        (broken, None, False),
     ]:
         path.write_bytes(data)
-        assert (reuse.reusable_image(path, label) is not None) is reused
+        assert (reuse.reusable_image(path, asked_for) is not None) is reused
         assert inflated[-1] == data
 
 

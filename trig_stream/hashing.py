@@ -4,6 +4,7 @@ test backends."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 
 def unit_hash(*parts: object) -> float:
@@ -15,6 +16,21 @@ def unit_hash(*parts: object) -> float:
 def seed_for(base_seed: int, model: str, data_id: str) -> int:
     """The generation seed of one (model, data_id): stable across runs and machines."""
     return int(unit_hash("seed", base_seed, model, data_id) * 2**31)
+
+
+def seeds_for(base_seed: int, model: str) -> Callable[[str], int]:
+    """:func:`seed_for` of ``model`` as a function of the data_id, the same numbers with the
+    common part hashed once: a resume checks the seed of every image its journal holds."""
+    start = hashlib.blake2b(
+        "\x1f".join(("seed", str(base_seed), model, "")).encode(), digest_size=8
+    )
+
+    def seed(data_id: str) -> int:
+        digest = start.copy()
+        digest.update(data_id.encode())
+        return int(int.from_bytes(digest.digest(), "big") / 2**64 * 2**31)
+
+    return seed
 
 
 def sample_digest(task: str, prompt: str, pair: str, item: str | None, img_id: str) -> str:

@@ -86,6 +86,14 @@ class JournalState:
     """data_id -> the :attr:`~trig_stream.records.Sample.digest` its latest judgement in the
     file recorded: what each sample asked when it was judged (lines older than the digest
     record none, and ``error`` lines are left out: they judged nothing)."""
+    seeds: dict[str, dict[str, int]] = field(default_factory=dict)
+    """model -> data_id -> the generation seed the first line that judged its image records
+    (lines older than seeds record none): checked on resume against the seed the run's
+    ``[run] seed`` gives it (a line of a run with another seed, copied in, must not replace
+    this run's judgement of another image)."""
+    seed_conflicts: list[tuple[int, str, str, int]] = field(default_factory=list)
+    """(line number from 1, model, data_id, seed) of each line that judged something whose
+    seed differs from the one :attr:`seeds` holds for its image: checked alike."""
     # (model, dimension, metric) -> data_id -> status. A resumed run holds one entry per
     # judged key for its whole length: grouped so, an entry is a data_id and a dict slot
     # (~100 bytes), not also a 4-tuple (~90 more).
@@ -165,6 +173,14 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
                 state.metrics_with_results.add(key[3])
                 if judgement.sample_digest is not None:
                     state.digests[key[1]] = judgement.sample_digest
+                seed = judgement.seed
+                if seed is not None:
+                    seeds = state.seeds.get(key[0])
+                    if seeds is None:
+                        seeds = state.seeds[key[0]] = {}
+                    known = seeds.setdefault(key[1], seed)
+                    if known != seed:
+                        state.seed_conflicts.append((number, key[0], key[1], seed))
                 # One comparison a line, of the fields (a third of the cost of the model's
                 # ==): a journal holds one fingerprint per judge.
                 fingerprint = judgement.judge
@@ -264,6 +280,14 @@ class Journal:
                 f"the journal {self.path} was deleted while the run went on (its run "
                 "directory removed?): stopping, since nothing written now would be kept"
             )
+        try:
+            here = os.stat(self.path)
+        except OSError:
+            here = None
+        if here is None or (here.st_dev, here.st_ino) != (info.st_dev, info.st_ino):
+            # The run directory renamed (or the journal moved away): the lines would go on
+            # in the file at its new place, the images to a folder made again at the old.
+            raise RunDirError(moved_or_replaced(self.path.parent))
         start = info.st_size
         try:
             write_all(fd, data)
@@ -279,6 +303,16 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def moved_or_replaced(run_dir: Path) -> str:
+    """The error of a run whose directory was renamed, moved or replaced while it ran."""
+    return (
+        f"the run directory {run_dir} was moved or replaced while the run went on: stopping, "
+        "since what is written now would be split from the results already there; put it "
+        f"back at {run_dir} and run the same command again to resume (or resume it where it "
+        "is now, with [run] name and output_dir naming that place)"
+    )
 
 
 def read_journal(path: Path, *, limit: int | None = None) -> Iterator[Judgement]:

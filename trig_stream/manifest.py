@@ -32,6 +32,7 @@ from pydantic import (
 
 from trig_stream.errors import FatalBackendError, FingerprintMismatch, RunDirError
 from trig_stream.files import MAX_SETTINGS_BYTES, open_regular_file
+from trig_stream.hashing import seeds_for
 from trig_stream.journal import holds_our_journal, read_journal
 from trig_stream.moves import Move
 from trig_stream.records import SCHEMA_VERSION, JudgeFingerprint, Judgement, JudgementKey
@@ -157,20 +158,30 @@ class Manifest(BaseModel):
         return found
 
     def journal_differences(
-        self, models: Collection[str], judges: Mapping[str, Sequence[JudgeFingerprint]]
+        self,
+        models: Collection[str],
+        judges: Mapping[str, Sequence[JudgeFingerprint]],
+        seeds: Mapping[str, Mapping[str, int]] | None = None,
+        seed_conflicts: Sequence[tuple[int, str, str, int]] = (),
     ) -> list[str]:
         """What the journal's results hold that this manifest, the run directory's own, does
-        not describe: lines of another judge (a journal copied in from another run) or an
+        not describe: lines of another judge (a journal copied in from another run), of
+        images made with another seed (lines of a run with another ``[run] seed``), or an
         entry missing (the manifest edited), which a resume would mix with its own.
 
         Args:
             models: the models with a judgement in the journal that judged something.
             judges: metric -> each fingerprint its lines that judged something carry.
+            seeds: model -> data_id -> the seed its first line that judged something
+                records (:attr:`~trig_stream.journal.JournalState.seeds`).
+            seed_conflicts: (line, model, data_id, seed) of the later lines whose seed
+                differs from it (:attr:`~trig_stream.journal.JournalState.seed_conflicts`).
         """
         found = [
             f"model {name!r}: has results in the journal but no entry in {MANIFEST}"
             for name in sorted(set(models) - self.generators.keys())
         ]
+        found += self._seed_differences(seeds or {}, seed_conflicts)
         for name in sorted(judges):
             entry = self.judges.get(name)
             if entry is None:
@@ -188,6 +199,41 @@ class Manifest(BaseModel):
                     found.append(
                         f"judge {name!r}: {key} {stored} in the journal, {written} in {MANIFEST}"
                     )
+        return found
+
+    def _seed_differences(
+        self,
+        seeds: Mapping[str, Mapping[str, int]],
+        conflicts: Sequence[tuple[int, str, str, int]],
+        shown: int = 5,
+    ) -> list[str]:
+        # One hash per image, its common start hashed once per model.
+        wrong: list[tuple[str, str, int, int, int | None]] = []
+        counted = 0
+        for model, by_sample in seeds.items():
+            base = self.generators.get(model, {}).get("seed")
+            if not isinstance(base, int):
+                continue  # no entry (said above), or one older than seeds
+            seed_for = seeds_for(base, model)
+            for data_id, seed in by_sample.items():
+                if seed != (expected := seed_for(data_id)):
+                    counted += 1
+                    if len(wrong) < shown:
+                        wrong.append((model, data_id, seed, expected, None))
+            for line, line_model, data_id, seed in conflicts:
+                if line_model == model and seed != (expected := seed_for(data_id)):
+                    counted += 1
+                    if len(wrong) < shown:
+                        wrong.append((model, data_id, seed, expected, line))
+        found = [
+            f"model {model!r}, data_id {data_id!r}: "
+            + ("the journal records " if line is None else f"line {line} of the journal records ")
+            + f"seed {seed}, where [run] seed {self.generators[model]['seed']} in {MANIFEST} "
+            f"gives {expected} (a line of a run with another seed)"
+            for model, data_id, seed, expected, line in wrong
+        ]
+        if counted > len(wrong):
+            found.append(f"... and {counted - len(wrong)} more judged image(s) of another seed")
         return found
 
     def merged(self, other: Manifest, moved: Move | None = None) -> Manifest:

@@ -33,12 +33,14 @@ def reusable_image(path: Path, label: str | None = None) -> Reusable | None:
     """What ``path`` holds when it is a complete image file, whose pixel data decodes in full
     (see :func:`~trig_stream.png.pixel_data_problem`; one the engine wrote knowing it whole,
     see :data:`~trig_stream.png.PIXELS_KEY`, is taken on its chunks' CRCs), made for the work item
-    whose :attr:`~trig_stream.pipeline.WorkItem.image_label` is ``label`` (when it records
-    one); else None.
+    whose :attr:`~trig_stream.pipeline.WorkItem.image_label` is ``label``; else None.
 
-    An image that records its sample's digest alone was written before labels named the
-    model, data_id and seed; it is taken when the digest matches, so that a run begun then
-    resumes without making its images again.
+    With a ``label``, an image that records none (no ``trig-stream sample`` chunk) is not
+    taken: every image a run writes records one, so it was put there by hand (another
+    sample's image re-saved by an editor, which drops the chunk) and is made again. An image
+    that records its sample's digest alone was written before labels named the model, data_id
+    and seed; it is taken when the digest matches, so that a run begun then resumes without
+    making its images again.
     """
     if not path.is_file():
         return None
@@ -53,11 +55,7 @@ def reusable_image(path: Path, label: str | None = None) -> Reusable | None:
             image.verify()  # each chunk's CRC; it decompresses nothing
     except Exception:  # whatever Pillow raises on a damaged file (IndexError: no IDAT)
         return None
-    if (
-        label is not None
-        and made_for is not None
-        and made_for not in (label, label.partition(" ")[0])
-    ):
+    if label is not None and (made_for is None or made_for not in (label, label.partition(" ")[0])):
         return None
     # Inflating costs ~15 ms for a 1024x1024 image, verify ~1 ms: an image the engine wrote
     # knowing its pixels whole (written whole, by an atomic rename) is taken on its CRCs.

@@ -45,7 +45,14 @@ from trig_stream.files import (
     write_atomic,
     write_atomic_many,
 )
-from trig_stream.journal import JOURNAL, Journal, JournalState, journal_state, journal_unreadable
+from trig_stream.journal import (
+    JOURNAL,
+    Journal,
+    JournalState,
+    journal_state,
+    journal_unreadable,
+    moved_or_replaced,
+)
 from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
 from trig_stream.manifest import IMAGES as IMAGES  # re-exported: store.IMAGES, as ever
 from trig_stream.manifest import (
@@ -112,6 +119,8 @@ class RunDir:
         self._prefix = f"{path}{os.sep}"
         self._made: list[Path] = []
         """The folders this run made for the directory: it, then its parents outwards."""
+        self._identity: tuple[int, int] | None = None
+        """(st_dev, st_ino) of the directory once locked: see :meth:`check_in_place`."""
 
     @classmethod
     def open(cls, path: Path, manifest: Manifest) -> tuple[RunDir, JournalState]:
@@ -151,6 +160,8 @@ class RunDir:
             run._abandon(locked=not isinstance(exc, RunLockedError))
             raise
         try:
+            info = os.stat(path)
+            run._identity = (info.st_dev, info.st_ino)
             # The journal's lock first: a run turned away by it must touch nothing (a running
             # run's temporary images and newest lines look like a crash's leftovers).
             state = run.journal.open(cut=False)
@@ -195,13 +206,51 @@ class RunDir:
             self._remove_made_folders()
 
     def write_images(self, images: Sequence[tuple[Path, bytes]]) -> None:
-        """Write images atomically; their temporary files live in ``images/.partial``."""
+        """Write images atomically; their temporary files live in ``images/.partial``.
+
+        Raises:
+            RunDirError: they cannot be written, or the run directory was moved or replaced
+                (:meth:`check_in_place`).
+        """
+        self.check_in_place()
         partial = self.path / IMAGES / PARTIAL
         try:
-            make_dirs(partial)
+            for folder in dict.fromkeys([partial, *(path.parent for path, _ in images)]):
+                self._make_image_folder(folder)
             write_atomic_many(images, temp_dir=partial)
         except OSError as exc:
+            self.check_in_place()  # moved meanwhile: say so, not "No such file or directory"
             raise storage_error(exc, f"write images in {self.path / IMAGES}") from None
+
+    def check_in_place(self) -> None:
+        """Raise when the run directory is no longer the folder this run opened at its path:
+        renamed or moved away (``mv runs/big runs/big-moved``), or replaced by another.
+        Writing on would split the run: images in a folder made again at the old path, the
+        journal's lines at the new one. One ``stat``.
+
+        Raises:
+            RunDirError: it was moved or replaced.
+        """
+        if self._identity is None:
+            return
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            info = None
+        if info is None or (info.st_dev, info.st_ino) != self._identity:
+            raise RunDirError(moved_or_replaced(self.path))
+
+    def _make_image_folder(self, folder: Path) -> None:
+        # The folders below the run directory only, each without its parents: a run
+        # directory gone from its path (moved while the run went on) is never made again.
+        missing: list[Path] = []
+        current = folder
+        while current != self.path and not current.is_dir():
+            missing.append(current)
+            current = current.parent
+        for made in reversed(missing):
+            made.mkdir(exist_ok=True)  # FileExistsError if a file has the name
+            sync_dir(made.parent)
 
     def image_path(self, task: str, model: str, data_id: str) -> Path:
         """Where the image of ``data_id`` by ``model`` lives (names are checked safe upstream)."""
@@ -460,7 +509,8 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
             quarantine list is another program's file (:func:`_refuse_files_not_ours`).
         FingerprintMismatch: its results were made with settings that differ, or its journal
             holds results its manifest does not describe (a judge's lines of another
-            fingerprint than its entry, a model or judge with results and no entry).
+            fingerprint than its entry, lines of images made with another seed, a model or
+            judge with results and no entry).
     """
     _refuse_files_not_ours(path)
     holds_results = bool(journal.models_with_results or journal.skipped_lines)
@@ -476,7 +526,9 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
     if not holds_results:
         return manifest
     stored = read_manifest(path)
-    unaccounted = stored.journal_differences(journal.models_with_results, journal.judges)
+    unaccounted = stored.journal_differences(
+        journal.models_with_results, journal.judges, journal.seeds, journal.seed_conflicts
+    )
     if unaccounted:
         raise FingerprintMismatch(
             f"{path} holds results its {MANIFEST} does not describe (a journal copied in from "
