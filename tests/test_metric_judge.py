@@ -162,6 +162,8 @@ async def test_compute_batch_returning_the_wrong_values_is_an_item_error(run_asy
 
 
 THIRD_PARTY = """
+import dataclasses
+
 from trig_stream.backends.metrics.base import ImageMetric
 
 class Fine(ImageMetric):
@@ -184,6 +186,13 @@ class NoGPU(Fine):
     def __init__(self, options=None):
         super().__init__(options)
         raise RuntimeError("cannot init: no GPU")
+
+@dataclasses.dataclass
+class DataclassOptions:
+    threshold: float = 0.5
+
+class OptionsNoModel(Fine):
+    Options = DataclassOptions
 
 NOT_A_METRIC = frozenset({"IQ-R"})
 """
@@ -211,6 +220,7 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "tp_typo": "thirdparty_metrics:Typo",
         "tp_no_gpu": "thirdparty_metrics:NoGPU",
         "tp_exits": "thirdparty_metrics_exit:Metric",
+        "tp_options_no_model": "thirdparty_metrics:OptionsNoModel",
     }
     lines = [f"{name} = {value}" for name, value in points.items()]
     (info / "entry_points.txt").write_text("[trig_stream.metrics]\n" + "\n".join(lines) + "\n")
@@ -255,6 +265,12 @@ def test_a_broken_entry_point_is_named_with_its_distribution_and_cause(
         ("tp_no_name", "is NoName, which has no name: give the class a `name` attribute"),
         ("tp_abstract", "is Abstract, an abstract class: it does not define compute"),
         ("tp_typo", "names unknown dimensions in its `dimensions`: 'R-t'; TRIG's are IQ-R"),
+        # A traceback: type object 'DataclassOptions' has no attribute 'model_validate_json'.
+        (
+            "tp_options_no_model",
+            "is OptionsNoModel, whose Options is <class 'thirdparty_metrics.DataclassOptions'>, "
+            "not a pydantic model: make it a subclass of pydantic.BaseModel",
+        ),
     ],
 )
 def test_a_broken_third_party_metric_is_a_config_error(

@@ -17,6 +17,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Final, Literal, overload
 
+from pydantic import BaseModel
+
 from trig_stream.backends.metrics.base import ImageMetric, Metric, SetMetric
 from trig_stream.backends.plugins import check_concrete, checked_subclass, find_plugin, plugin_names
 
@@ -47,7 +49,8 @@ def register_metric(name: str, metric: type[Metric]) -> None:
     """Make ``metric`` available under ``name`` (it replaces any metric of that name).
 
     Raises:
-        TypeError: ``metric`` is not a :class:`Metric` subclass, or it replaces a built-in
+        TypeError: ``metric`` is not a :class:`Metric` subclass (with a ``name`` and an
+            ``Options`` pydantic model), or it replaces a built-in
             metric and is not of its kind (an ``ImageMetric`` or a ``SetMetric``).
     """
     checked = _checked(name, metric)
@@ -98,7 +101,8 @@ def import_metric(name: str, *, kind: MetricKind | None = None) -> type[Metric]:
         ImportError: the metric's entry point cannot be imported (the message names the entry
             point, its distribution and the cause).
         TypeError: the name resolves to something that is not a usable metric class: no
-            :class:`Metric` subclass, no ``name``, or abstract; or not of ``kind``.
+            :class:`Metric` subclass, no ``name``, an ``Options`` that is no pydantic model,
+            or abstract; or not of ``kind``.
         ValueError: ``kind`` is neither ``"image"`` nor ``"set"``.
     """
     found = find_plugin(
@@ -131,6 +135,14 @@ def _checked(name: str, obj: object, where: str = "") -> type[Metric]:
         raise TypeError(
             f"{described} is {metric.__name__}, which has no name: give the class a `name` "
             "attribute (a string)"
+        )
+    options = getattr(metric, "Options", None)
+    if not (isinstance(options, type) and issubclass(options, BaseModel)):
+        # Unchecked, validate and run ended in a traceback where the options were read.
+        raise TypeError(
+            f"{described} is {metric.__name__}, whose Options is {options!r}, not a pydantic "
+            "model: make it a subclass of pydantic.BaseModel, the model of its "
+            "`metric_options` table"
         )
     check_concrete(described, metric)
     return metric
