@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
@@ -37,7 +37,7 @@ def registered(monkeypatch: pytest.MonkeyPatch) -> None:
 
 THIRD_PARTY = '''
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trig_stream.backends.base import Generator, Judge, JudgeReply
 from trig_stream.records import JudgeFingerprint
@@ -313,6 +313,66 @@ def test_an_options_table_a_backend_does_not_take_names_the_key(
     register_backend("generators", "checkerboard", Checkerboard)
     with pytest.raises(ConfigError, match=r"generators\[0\]\.options\.sqares: unknown key"):
         make_config(generators=[{"name": "m", "backend": "checkerboard", "options": {"sqares": 2}}])
+
+
+class LenientBoard(Checkerboard):
+    """A registered generator whose Options is a plain BaseModel (pydantic's default: unknown
+    keys ignored), with an alias, and a validator that fails with a RuntimeError on 13."""
+
+    class Options(BaseModel):  # type: ignore[no-redef]
+        squares: int = 4
+        border: int = Field(default=0, alias="margin")
+
+        @field_validator("squares")
+        @classmethod
+        def _unlucky(cls, squares: int) -> int:
+            if squares == 13:
+                raise RuntimeError("validator boom")
+            return squares
+
+
+def test_a_key_a_plain_pydantic_options_model_does_not_take_is_refused(
+    make_config: ConfigFactory,
+) -> None:
+    # Pydantic ignores it by default: `sqares = 2` passed validate and ran with 4 squares.
+    register_backend("generators", "lenient", LenientBoard)
+    entry = {"name": "m", "backend": "lenient", "options": {"sqares": 2}}
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("generators[0].options.sqares: unknown key; did you mean 'squares'?"),
+    ):
+        make_config(generators=[entry])
+    config = make_config(generators=[{**entry, "options": {"squares": 2, "margin": 1}}])
+    generator = build_generator(config.generators[0], config)
+    assert isinstance(generator, LenientBoard)
+    assert generator.options.squares == 2
+    assert generator.options.border == 1  # an alias is a key the model takes
+    # A config made in code is checked alike when the generator is built.
+    made = config.model_copy(
+        update={"generators": [config.generators[0].model_copy(update={"options": {"sqares": 2}})]}
+    )
+    with pytest.raises(ConfigError, match=r"generator 'm': options: sqares: unknown key"):
+        build_generator(made.generators[0], made)
+
+
+def test_an_options_validator_raising_no_value_error_is_a_config_error(
+    make_config: ConfigFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A RuntimeError from a third party's validator was a traceback (exit 1).
+    register_backend("generators", "lenient", LenientBoard)
+    message = (
+        "RuntimeError: validator boom (raised by its Options model, Options, which should "
+        "raise ValueError for a value it refuses; fix the package that declares it)"
+    )
+    entry = {"name": "m", "backend": "lenient", "options": {"squares": 13}}
+    with pytest.raises(ConfigError, match=re.escape(f"generators[0].options: {message}")):
+        make_config(generators=[entry])
+    config = make_config(generators=[{**entry, "options": {}}])
+    made = config.model_copy(
+        update={"generators": [config.generators[0].model_copy(update={"options": {"squares": 13}})]}
+    )
+    with pytest.raises(ConfigError, match=re.escape(f"generator 'm': options: {message}")):
+        build_generator(made.generators[0], made)
 
 
 BROKEN = [

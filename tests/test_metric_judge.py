@@ -16,7 +16,7 @@ import anyio.lowlevel
 import numpy as np
 import pytest
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
@@ -292,6 +292,65 @@ def test_a_metric_whose_init_fails_is_a_config_error(
         ConfigError, match="judge 'm': the tp_no_gpu metric cannot be made: RuntimeError: cannot"
     ):
         build_judge(config.judges[0], config)
+
+
+class Threshold(ImageMetric):
+    """A metric whose Options is a plain BaseModel (pydantic's default: unknown keys ignored)
+    with a validator that fails with a RuntimeError on 13."""
+
+    name: ClassVar[str] = "threshold"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+
+    class Options(BaseModel):
+        threshold: float = 0.5
+
+        @field_validator("threshold")
+        @classmethod
+        def _unlucky(cls, threshold: float) -> float:
+            if threshold == 13:
+                raise RuntimeError("validator boom")
+            return threshold
+
+    def compute(self, item: MetricInput) -> Value:
+        return 0.5
+
+
+def metric_options_entry(metric_options: dict[str, object]) -> dict[str, object]:
+    options = {"metric": "threshold", "metric_options": metric_options}
+    return {"name": "m", "backend": "metric", "options": options}
+
+
+def test_a_metric_options_key_its_plain_pydantic_model_does_not_take_is_refused(
+    make_config: ConfigFactory,
+) -> None:
+    # `treshold = 0.9` passed validate, and the run measured with the default 0.5.
+    register_metric(Threshold.name, Threshold)
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "metric_options of 'threshold': treshold: unknown key; did you mean 'threshold'?"
+        ),
+    ):
+        make_config(judges=[metric_options_entry({"treshold": 0.9})])
+    config = make_config(judges=[metric_options_entry({"threshold": 0.9})])
+    judge = build_judge(config.judges[0], config)
+    assert isinstance(judge, MetricJudge)
+    assert judge.metric.options == Threshold.Options(threshold=0.9)
+
+
+def test_a_metric_options_validator_raising_no_value_error_is_a_config_error(
+    make_config: ConfigFactory,
+) -> None:
+    # A RuntimeError from the metric's validator was a traceback (exit 1) from validate and run.
+    register_metric(Threshold.name, Threshold)
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "metric_options of 'threshold': RuntimeError: validator boom (raised by its Options "
+            "model, Options, which should raise ValueError"
+        ),
+    ):
+        make_config(judges=[metric_options_entry({"threshold": 13})])
 
 
 class LoadsUntilReleased(ImageMetric):

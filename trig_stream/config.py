@@ -583,6 +583,7 @@ def parse_config(
         text: its TOML text, whose lines messages name (none without it).
         base: ...unless this folder is given.
     """
+    from trig_stream.backends.plugins import OptionsModelError
     from trig_stream.backends.registry import Kind, backend_class, validate_backend_options
 
     deep = nested_too_deep(data)
@@ -625,6 +626,8 @@ def parse_config(
                 prefix: Loc = (kind, index, "options")
                 options_model = backend_class(kind, backend).Options
                 problems.extend(problem_lines(exc, source, text, prefix, options_model, refused))
+            except OptionsModelError as exc:  # a third party's validator raised a RuntimeError
+                problems.append(problem_line(source, text, (kind, index, "options"), str(exc)))
             except ValueError as exc:
                 loc = (kind, index, "backend")
                 problems.append(problem_line(source, text, loc, str(exc)))

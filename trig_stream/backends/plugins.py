@@ -18,10 +18,14 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 C = TypeVar("C")
 T = TypeVar("T")
+M = TypeVar("M", bound="BaseModel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +132,63 @@ def check_concrete(described: str, cls: type) -> None:
         raise TypeError(
             f"{described} is {cls.__name__}, an abstract class: it does not define {missing}"
         )
+
+
+class OptionsModelError(ValueError):
+    """A third party's ``Options`` model raised something else than a validation error while
+    it checked an options table (a validator's ``RuntimeError``); the message names it."""
+
+
+def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
+    """A third party's options ``table`` checked against its ``model`` as a config file's
+    tables are (:func:`~trig_stream.config.validate_table`), its keys included: a key that
+    is no field of the model, nor an alias of one, is refused unless the model takes any
+    (``extra="allow"``). Pydantic's default ignores such keys, and a misspelt one ran with
+    the default value, unnoticed.
+
+    Raises:
+        pydantic.ValidationError: the table does not fit ``model``; an unknown key is an
+            ``extra_forbidden`` error at that key, as a config's own tables give.
+        OptionsModelError: the model's own code raised something else than a validation
+            error (a validator's ``RuntimeError``).
+    """
+    from pydantic import ValidationError
+
+    from trig_stream.config import validate_table
+    from trig_stream.pipeline import describe_error
+
+    if model.model_config.get("extra") not in ("allow", "forbid"):  # "forbid": pydantic's own
+        unknown = [key for key in table if key not in _keys_taken(model)]
+        if unknown:
+            raise ValidationError.from_exception_data(
+                model.__name__,
+                [{"type": "extra_forbidden", "loc": (key,), "input": table[key]} for key in unknown],
+            )
+    try:
+        return validate_table(model, table)
+    except ValidationError:
+        raise
+    except Exception as exc:  # a third party's validator: a bug of theirs, not a traceback
+        raise OptionsModelError(
+            f"{describe_error(exc)} (raised by its Options model, {model.__name__}, which "
+            "should raise ValueError for a value it refuses; fix the package that declares it)"
+        ) from exc
+
+
+def _keys_taken(model: type[BaseModel]) -> set[str]:
+    """The keys ``model`` reads from a table: its fields' names and their aliases."""
+    from pydantic import AliasChoices, AliasPath
+
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        keys.add(name)
+        if field.alias is not None:
+            keys.add(field.alias)
+        aliases = field.validation_alias
+        choices = aliases.choices if isinstance(aliases, AliasChoices) else [aliases]
+        for choice in choices:
+            if isinstance(choice, str):
+                keys.add(choice)
+            elif isinstance(choice, AliasPath) and isinstance(choice.path[0], str):
+                keys.add(choice.path[0])
+    return keys

@@ -19,10 +19,12 @@ from pydantic import BaseModel
 
 from trig_stream.backends.plugins import (
     Found,
+    OptionsModelError,
     check_concrete,
     checked_subclass,
     find_plugin,
     plugin_names,
+    validate_plugin_options,
 )
 
 if TYPE_CHECKING:
@@ -166,11 +168,17 @@ def validate_backend_options(kind: Kind, name: str, options: dict[str, Any]) -> 
 
     Raises:
         ValueError: unknown backend, or one that cannot be used (see :func:`backend_class`).
-        pydantic.ValidationError: the options do not fit the backend's model.
+        pydantic.ValidationError: the options do not fit the backend's model (a third
+            party's: a key that is no field of it too, unless it takes any, ``extra="allow"``).
+        OptionsModelError: a third party's model raised something else than a validation
+            error (a validator's ``RuntimeError``).
     """
     from trig_stream.config import validate_table
 
-    return validate_table(backend_class(kind, name).Options, options)
+    found = _find(kind, name)
+    if found.builtin:
+        return validate_table(found.cls.Options, options)
+    return validate_plugin_options(found.cls.Options, options)
 
 
 def build_generator(entry: GeneratorConfig, config: RunConfig) -> Generator:
@@ -204,7 +212,7 @@ def _build(kind: Kind, entry: GeneratorConfig | JudgeConfig, config: RunConfig) 
         raise ConfigError(f"{described}: {exc}") from None
     registered = " (registered with register_backend)" if not found.builtin else ""
     backend = f"backend {entry.backend!r}{found.where or registered}"
-    options = _validated_options(described, found.cls.Options, entry.options)
+    options = _validated_options(described, found, entry.options)
     try:
         built = found.cls.from_config(entry, options, config)
     except TrigStreamError:  # its own message (a ConfigError, a missing extra)
@@ -225,15 +233,15 @@ def _build(kind: Kind, entry: GeneratorConfig | JudgeConfig, config: RunConfig) 
     return built
 
 
-def _validated_options(described: str, model: type[BaseModel], options: dict[str, Any]) -> Any:
+def _validated_options(described: str, found: Found[BackendClass], options: dict[str, Any]) -> Any:
     """``options`` checked against the backend's ``model`` as a config file's are (a value of
     another type refused): a config built in code never went through :func:`parse_config
     <trig_stream.config.parse_config>`, and Python's looser rules let ``"64"`` pass as a size
     and a bare pydantic error name no entry.
 
     Raises:
-        ConfigError: the options do not fit the model; the message names the entry and each
-            key at fault.
+        ConfigError: the options do not fit the model (see :func:`validate_backend_options`);
+            the message names the entry and each key at fault.
     """
     from pydantic import ValidationError
 
@@ -241,10 +249,15 @@ def _validated_options(described: str, model: type[BaseModel], options: dict[str
     from trig_stream.config_problems import nested_problems
     from trig_stream.errors import ConfigError
 
+    model = found.cls.Options
     try:
-        return validate_table(model, options)
+        if found.builtin:
+            return validate_table(model, options)
+        return validate_plugin_options(model, options)
     except ValidationError as exc:
         raise ConfigError(f"{described}: options: {nested_problems(exc, model)}") from None
+    except OptionsModelError as exc:
+        raise ConfigError(f"{described}: options: {exc}") from None
 
 
 def check_backends(generators: Sequence[object], judges: Sequence[object]) -> None:

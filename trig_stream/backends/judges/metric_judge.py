@@ -44,8 +44,8 @@ from trig_stream.backends.metrics.base import (
     load_rgb_image,
 )
 from trig_stream.backends.metrics.registry import import_metric
+from trig_stream.backends.plugins import OptionsModelError, validate_plugin_options
 from trig_stream.backends.threads import load_in_thread
-from trig_stream.config import validate_table
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.config_problems import nested_problems
 from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
@@ -70,7 +70,8 @@ class MetricJudgeOptions(BaseModel):
     metric: str
     """The metric's registry name (``nsfw``, or one from an entry point)."""
     metric_options: dict[str, Any] = Field(default_factory=dict)
-    """The metric's own options, checked by its ``Options`` model."""
+    """The metric's own options, checked by its ``Options`` model; a key that is no field of
+    the model is refused unless the model takes any (``extra="allow"``)."""
     batch_size: Annotated[int, Field(ge=1, le=256)] = 8
     """The most images in one ``compute_batch`` call (sync metrics)."""
     max_pixels: Annotated[int, Field(ge=64)] | None = None
@@ -113,10 +114,12 @@ class MetricJudgeOptions(BaseModel):
                 f"{', '.join(map(repr, unknown))}; TRIG's are {', '.join(DIMENSIONS)}"
             )
         try:
-            validate_table(metric.Options, self.metric_options)
+            validate_plugin_options(metric.Options, self.metric_options)
         except ValidationError as exc:
             problems = nested_problems(exc, metric.Options)
             raise ValueError(f"metric_options of {self.metric!r}: {problems}") from None
+        except OptionsModelError as exc:  # a third party's validator raised a RuntimeError...
+            raise ValueError(f"metric_options of {self.metric!r}: {exc}") from None
         return self
 
     def build_metric(self) -> ImageMetric:
