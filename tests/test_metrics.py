@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -210,6 +211,23 @@ async def test_a_set_metric_giving_no_number_is_an_item_error() -> None:
 
     with pytest.raises(ItemError, match=r"gave a str \('two'\) where a number"):
         await compute_set_async(Says(), [MetricInput()])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the asyncio exception in question
+async def test_a_set_metric_raising_a_cancellation_is_an_item_error_naming_it() -> None:
+    # An async set metric's own CancelledError (of a future of its own) came out as it is:
+    # its caller read it as its own cancellation.
+    class CancelledAsync(Count):
+        async def compute_set(self, items: Sequence[MetricInput]) -> Value:  # type: ignore[override]
+            raise asyncio.CancelledError("its own future")
+
+    with anyio.fail_after(10):
+        with pytest.raises(
+            ItemError,
+            match=r"^the count metric raised CancelledError though nothing cancelled it: a bug",
+        ):
+            await compute_set_async(CancelledAsync(), [MetricInput()])
 
 
 @pytest.mark.anyio

@@ -244,8 +244,19 @@ async def _computed(metric: ImageMetric, item: MetricInput) -> object:
         ItemError: the metric raised a cancellation exception (an ``asyncio.CancelledError``
             of a future of its own) though nothing cancelled its caller.
     """
+    return await _awaited(metric, cast("Awaitable[object]", metric.compute(item)))
+
+
+async def _awaited(metric: Metric, computed: Awaitable[object]) -> object:
+    """What an async metric's ``computed`` gives.
+
+    Raises:
+        ItemError: the metric raised a cancellation exception (an ``asyncio.CancelledError``
+            of a future of its own) though nothing cancelled its caller: let out, it read as
+            the caller's cancellation.
+    """
     try:
-        return await cast("Awaitable[object]", metric.compute(item))
+        return await computed
     except anyio.get_cancelled_exc_class() as exc:
         if being_cancelled():
             raise
@@ -312,10 +323,11 @@ async def compute_set_async(
     """Compute a set metric on ``items`` from async code (sync ones in a worker thread).
 
     Raises:
-        ItemError: the metric gave something else than a number or None.
+        ItemError: the metric gave something else than a number or None, or it raised a
+            cancellation exception though nothing cancelled it.
     """
     if inspect.iscoroutinefunction(metric.compute_set):
-        return checked_value(metric, await metric.compute_set(items))
+        return checked_value(metric, await _awaited(metric, metric.compute_set(items)))
     value = await anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter)
     return checked_value(metric, value)
 
