@@ -506,9 +506,11 @@ async def test_a_metric_failure_keeps_its_class(
     # An async compute's failure came out inside an ExceptionGroup ("unhandled errors in a
     # TaskGroup"), a sync one's as an ItemError: a RetryableError was never retried, a
     # FatalBackendError did not stop the run, and the cause was lost.
-    for failure in (ItemError("no face"), RetryableError("503"), FatalBackendError("gone")):
+    for failure in (ItemError("no face"), RetryableError("503")):
         with pytest.raises(type(failure), match=f"^{failure}$"):
             await judge_once(metric_judge(failing_metric(failure, run_async=run_async)))
+    with pytest.raises(FatalBackendError, match=r"^judge 'm' \(fails metric\): gone$"):
+        await judge_once(metric_judge(failing_metric(FatalBackendError("gone"), run_async=run_async)))
 
     async def judged_by(failure: Exception) -> list[Judgement]:
         config = make_config(samples=4, run={"name": type(failure).__name__})
@@ -521,8 +523,34 @@ async def test_a_metric_failure_keeps_its_class(
     assert judged and {(j.status, j.error) for j in judged} == {("error", "RuntimeError: boom")}
     judged = await judged_by(RetryableError("503 from service"))
     assert judged and {(j.status, j.score, j.attempts) for j in judged} == {("ok", 0.5, 2)}
-    with pytest.raises(FatalBackendError, match=r"^bad credentials$"):
+    with pytest.raises(FatalBackendError, match=r"^judge 'm' \(fails metric\): bad credentials$"):
         await judged_by(FatalBackendError("bad credentials"))
+
+
+class CredentialsRevoked(FatalBackendError):
+    """A metric's own fatal error, with an attribute of its own."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"bad credentials for {service}")
+        self.service = service
+
+
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+async def test_a_fatal_metric_error_names_its_judge_and_metric(
+    make_config: ConfigFactory, run_async: bool
+) -> None:
+    # "error: bad credentials for vision-api" named neither judge: with two metric judges,
+    # which of them failed could not be told.
+    register_metric(Blur.name, Blur)
+    fine = MetricJudge("blur", MetricJudgeOptions(metric="blur"))
+    failing = metric_judge(failing_metric(CredentialsRevoked("vision-api"), run_async=run_async))
+    config = make_config(samples=2)
+    engine = Engine(config, judges=[FakeJudge("trigscore"), fine, failing], sleep=no_sleep)
+    with anyio.fail_after(20), pytest.raises(CredentialsRevoked) as raised:  # its class kept
+        async with engine:
+            _ = [j async for j in engine.results]
+    assert str(raised.value) == "judge 'm' (fails metric): bad credentials for vision-api"
+    assert raised.value.service == "vision-api"
 
 
 async def test_a_batch_failing_for_the_service_fails_each_of_its_items_so() -> None:

@@ -264,10 +264,16 @@ class MetricJudge(Judge):
         if image is None:
             raise ItemError(f"image {request.image.path} was not prepared by this judge")
         item = MetricInput(image=image, sample=request.sample, dimension=request.dimension)
-        if self._batcher is not None:
-            value = await self._batcher.submit(item)
-        else:
-            value = (await compute_async(metric, [item]))[0]
+        try:
+            if self._batcher is not None:
+                value = await self._batcher.submit(item)
+            else:
+                value = (await compute_async(metric, [item]))[0]
+        except FatalBackendError as exc:
+            named = self._named(exc)
+            if named is exc:
+                raise
+            raise named from exc
         if value is None:
             return JudgeReply(
                 text=f"{metric.name}=None",
@@ -289,6 +295,23 @@ class MetricJudge(Judge):
                 "elsewhere maps them to scores in its dimension_score"
             )
         return JudgeReply(score=score, text=f"{metric.name}={value:.6g}")
+
+    def _named(self, exc: FatalBackendError) -> FatalBackendError:
+        """``exc``, the metric's error that stops the run, with the judge and its metric
+        leading its message unless it names them: the metric's own words ("bad credentials")
+        do not say which of a run's judges failed.
+
+        Changed in place, not wrapped, so its class and attributes stay the metric's; an
+        error class whose ``__str__`` ignores ``args`` gets a FatalBackendError that names
+        them instead, to raise ``from`` it.
+        """
+        name = f"judge {self.name!r} ({self.options.metric} metric)"
+        text = str(exc)
+        if name in text:  # a batch's error, raised for each of its images, is named once
+            return exc
+        led = f"{name}: {text}"
+        exc.args = (led,)
+        return exc if name in str(exc) else FatalBackendError(led)
 
     def _run_batch(self, items: Sequence[MetricInput]) -> list[Value | Exception]:
         try:
