@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
 from trig_stream.backends import registry
-from trig_stream.backends.base import GenerationRequest, Generator, Judge, JudgeReply, JudgeRequest
+from trig_stream.backends.base import (
+    GenerationRequest,
+    Generator,
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    PreparedImage,
+)
 from trig_stream.backends.registry import build_generator, register_backend
 from trig_stream.config import GeneratorConfig, RunConfig
 from trig_stream.engine import Engine
@@ -543,6 +550,39 @@ async def test_a_judge_whose_judge_is_no_coroutine_function_is_refused(
         Engine(config)
     with pytest.raises(ConfigError, match=re.escape(message)):
         Engine(config, judges=[PlainHalves("plain", PlainHalves.Options())])
+
+
+class AsyncLoadBoard(Checkerboard):
+    """A registered generator whose ``load`` is ``async def``: called in a worker thread."""
+
+    async def load(self) -> None:  # type: ignore[override]
+        raise AssertionError("never awaited")
+
+
+class AsyncPrepareHalves(Halves):
+    """A registered judge whose ``prepare`` (called in a worker thread) is ``async def``."""
+
+    async def prepare(self, path: Path) -> PreparedImage:  # type: ignore[override]
+        raise AssertionError("never awaited")
+
+
+async def test_a_backend_hook_called_in_a_thread_that_is_async_is_refused(
+    make_config: ConfigFactory,
+) -> None:
+    # Its coroutine was never awaited: the run went on as if the generator had loaded, with
+    # a RuntimeWarning alone.
+    register_backend("generators", "async_load", AsyncLoadBoard)
+    config = make_config(samples=2, generators=[{"name": "g", "backend": "async_load"}])
+    message = (
+        "generator 'g' (AsyncLoadBoard): its load() is a coroutine function (async def), and "
+        "the engine calls it in a worker thread, where nothing would await it: define it as a "
+        "plain `def load(...)`"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(config)
+    judge = AsyncPrepareHalves("h", AsyncPrepareHalves.Options())
+    with pytest.raises(ConfigError, match=re.escape("judge 'h' (AsyncPrepareHalves): its prepare()")):
+        Engine(make_config(samples=2), judges=[judge])
 
 
 async def answer_with(score: float, request: JudgeRequest) -> JudgeReply:

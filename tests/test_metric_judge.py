@@ -471,6 +471,67 @@ async def test_a_lower_is_better_metric_is_turned_into_a_score() -> None:
         await judge_once(metric_judge(BlurInPixels))
 
 
+class AsyncHooks(Blur):
+    """A metric whose load and close are ``async def`` (the judge calls them in a thread)."""
+
+    name: ClassVar[str] = "async_hooks"
+
+    async def load(self) -> None:  # type: ignore[override]
+        raise AssertionError("never awaited")
+
+    async def close(self) -> None:  # type: ignore[override]
+        raise AssertionError("never awaited")
+
+
+class AsyncClose(Blur):
+    name: ClassVar[str] = "async_close"
+
+    async def close(self) -> None:  # type: ignore[override]
+        raise AssertionError("never awaited")
+
+
+@pytest.mark.parametrize(("metric", "hook"), [(AsyncHooks, "load"), (AsyncClose, "close")])
+def test_a_metric_whose_load_or_close_is_async_is_a_config_error(
+    make_config: ConfigFactory, metric: type[ImageMetric], hook: str
+) -> None:
+    # Never awaited: the run scored with a metric that had not loaded (exit 0, with a
+    # RuntimeWarning "coroutine ... was never awaited" alone).
+    register_metric(metric.name, metric)
+    judge = {"name": "m", "backend": "metric", "options": {"metric": metric.name}}
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            f"metric {metric.name!r}: its {hook}() is a coroutine function (async def), and the "
+            "metric judge calls it in a worker thread"
+        ),
+    ):
+        make_config(judges=[judge])
+
+
+class LoadGivesACoroutine(Blur):
+    """A plain ``def load`` that returns a coroutine: no config check can see it."""
+
+    name: ClassVar[str] = "load_gives_a_coroutine"
+
+    def load(self) -> None:
+        return self._load()  # type: ignore[func-returns-value]
+
+    async def _load(self) -> None:
+        raise AssertionError("never awaited")
+
+
+async def test_a_metric_load_returning_an_awaitable_fails_the_open() -> None:
+    judge = metric_judge(LoadGivesACoroutine)
+    with pytest.raises(
+        FatalBackendError,
+        match=re.escape(
+            "judge 'm': its load() returned coroutine, an awaitable that nothing awaits in the "
+            "worker thread it is called in"
+        ),
+    ):
+        await judge.open()
+
+
 def failing_metric(failure: BaseException, *, run_async: bool) -> type[ImageMetric]:
     """A metric whose ``compute`` raises ``failure`` the first time it sees each item."""
 

@@ -271,7 +271,8 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
             the bounds the config sets; a judge's ``dimensions`` that is not None nor a
             non-empty set of TRIG dimension codes; a judge's ``scorer`` that is no scorer's
             name, or its ``confidence`` no bool; a judge's ``judge`` that is no coroutine
-            function (a plain ``def``); or two judges' servers (``options.serve``) at one
+            function (a plain ``def``); a method the engine calls in a worker thread that is
+            one (a generator's ``load`` or ``close``, a judge's ``prepare``...); or two judges' servers (``options.serve``) at one
             fixed address.
     """
     from trig_stream.backends.base import Generator, Judge
@@ -371,6 +372,23 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
                 "function, and the engine awaits it: define it as "
                 "`async def judge(self, request)`"
             )
+    blocking: tuple[tuple[str, Sequence[object], tuple[str, ...]], ...] = (
+        ("generator", generators, _GENERATOR_BLOCKING_HOOKS),
+        ("judge", judges, _JUDGE_BLOCKING_HOOKS),
+    )
+    for kind, backends, hooks in blocking:
+        for backend in backends:
+            for hook in hooks:
+                # Called in a worker thread, an `async def` hook gave a coroutine that nothing
+                # awaited: the run went on as if it had loaded (or closed), with a
+                # RuntimeWarning alone.
+                if _is_coroutine_function(getattr(backend, hook, None)):
+                    raise ConfigError(
+                        f"{kind} {getattr(backend, 'name', '?')!r} "
+                        f"({type(backend).__name__}): its {hook}() is a coroutine function "
+                        "(async def), and the engine calls it in a worker thread, where "
+                        f"nothing would await it: define it as a plain `def {hook}(...)`"
+                    )
     for judge in cast("Sequence[Judge]", judges):
         # Unchecked, a scorer of no such name failed the run at its first answer, after the
         # run directory was made and images were generated.
@@ -386,6 +404,20 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
                 f"judge {judge.name!r}: confidence is {confidence!r}: make it True or False, "
                 "as a config's `confidence` is"
             )
+
+
+_GENERATOR_BLOCKING_HOOKS: Final = (
+    "check_environment",
+    "load",
+    "stop_loading",
+    "generate",
+    "all_requested",
+    "close",
+)
+"""A generator's methods that the engine calls in worker threads (blocking code)."""
+_JUDGE_BLOCKING_HOOKS: Final = ("check_environment", "prepare")
+"""A judge's methods that the engine calls in worker threads (its ``open``, ``judge`` and
+``aclose`` are awaited)."""
 
 
 def _is_coroutine_function(function: object) -> bool:

@@ -15,6 +15,7 @@ from a cancellation exception the code raised. The backends themselves are in
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import threading
@@ -136,6 +137,32 @@ def call_in_thread(func: Callable[..., T], *args: Any, failed: str) -> T:
         raise
     except BaseException as exc:
         raise ending_error(exc, failed) from exc
+
+
+def blocking_hook(hook: Callable[[], object], what: str) -> Callable[[], None]:
+    """``hook``, a backend's blocking method called in a worker thread, checked to return
+    no awaitable; ``what`` names it in messages ("judge 'x': its load()").
+
+    An ``async def`` hook gives a coroutine there that nothing awaits: its work is never
+    done, and only a RuntimeWarning said so. The config check refuses such hooks; this
+    catches those it cannot see (a plain ``def`` returning a coroutine).
+
+    Raises:
+        FatalBackendError: (from the returned callable) ``hook`` returned an awaitable.
+    """
+
+    def call() -> None:
+        result = hook()
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never to run: no "never awaited" warning besides this error
+            raise FatalBackendError(
+                f"{what} returned {type(result).__name__}, an awaitable that nothing awaits "
+                "in the worker thread it is called in, so its work was never done: define "
+                "it as a plain `def` that does its work before it returns"
+            )
+
+    return call
 
 
 class ThreadCalls:
@@ -320,6 +347,8 @@ async def load_in_thread(
             ``BaseException`` (see :func:`ending_error`).
     """
     state = _Load(instance=instance)
+    load = blocking_hook(load, f"{backend}: its load()")
+    unload = blocking_hook(unload, f"{backend}: its close()")
 
     def load_then_release_if_left_behind() -> None:
         with _threads_lock:

@@ -22,6 +22,7 @@ mean and the DTM as if it were a measurement.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import numbers
 import sys
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ from trig_stream.backends.metrics.base import (
 )
 from trig_stream.backends.metrics.registry import import_metric
 from trig_stream.backends.plugins import OptionsModelError, validate_plugin_options
-from trig_stream.backends.threads import load_in_thread
+from trig_stream.backends.threads import blocking_hook, load_in_thread
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.config_problems import nested_problems
 from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
@@ -105,6 +106,16 @@ class MetricJudgeOptions(BaseModel):
                 "sample and dimension); drop that need from the metric's `needs`, or score "
                 "judges' answers after the run (the trigscore metric reads top_logprobs)"
             )
+        for hook in ("check_environment", "load", "close"):
+            # Called in a worker thread, an `async def` hook gave a coroutine that nothing
+            # awaited: the run scored with a metric that never loaded.
+            if inspect.iscoroutinefunction(getattr(metric, hook)):
+                raise ValueError(
+                    f"metric {self.metric!r}: its {hook}() is a coroutine function (async def), "
+                    "and the metric judge calls it in a worker thread, where nothing would "
+                    f"await it: define it as a plain `def {hook}(self)` (an async metric may "
+                    "open its client on its first compute)"
+                )
         if not metric.dimensions:
             raise ValueError(f"metric {self.metric!r} measures no TRIG dimension")
         unknown = sorted(str(d) for d in metric.dimensions if not is_dimension(d))
@@ -235,12 +246,13 @@ class MetricJudge(Judge):
             return
         self._open = False
         batcher, self._batcher = self._batcher, None
+        close = blocking_hook(self.metric.close, f"judge {self.name!r}: its metric's close()")
         if batcher is not None:
             # After a batch a hard stop left running, in its thread: closed now, the metric
             # was freed under it (or, behind a lock, the stop waited for a hung batch).
-            await batcher.aclose(self.metric.close)
+            await batcher.aclose(close)
         else:
-            await anyio.to_thread.run_sync(self.metric.close)
+            await anyio.to_thread.run_sync(close)
 
     def prepare(self, path: Path) -> PreparedImage:
         """Decode the image once (a worker thread).
