@@ -22,6 +22,7 @@ from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
 from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
+from trig_stream.backends import plugins
 from trig_stream.backends.metrics import registry
 from trig_stream.backends.metrics.base import (
     ImageMetric,
@@ -227,6 +228,49 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "thirdparty_metrics", raising=False)
     monkeypatch.delitem(sys.modules, "thirdparty_metrics_exit", raising=False)
+
+
+def test_an_entry_point_whose_name_is_taken_is_named_in_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A metric declared as `nsfw` was silently left out for the built-in one; of two
+    # distributions declaring one name, the first found won, silently.
+    (tmp_path / "shadowing_metrics.py").write_text(THIRD_PARTY)
+    for dist, version in (("first-metrics", "1.0"), ("second-metrics", "2.0")):
+        info = tmp_path / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(
+            "[trig_stream.metrics]\nnsfw = shadowing_metrics:Fine\ntp_twice = shadowing_metrics:Fine\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "shadowing_metrics", raising=False)
+    monkeypatch.setattr(plugins, "_warned", set())
+    with caplog.at_level("WARNING", logger=plugins.__name__):
+        assert import_metric("nsfw").__module__ == "trig_stream.backends.metrics.nsfw"
+        assert import_metric("tp_twice").name == "fine"
+        import_metric("nsfw")  # warned of once
+        assert registry.metric_names().count("nsfw") == 1
+    declared = {
+        dist: f"entry point {{}} = 'shadowing_metrics:Fine' of {dist}"
+        for dist in ("first-metrics 1.0", "second-metrics 2.0")
+    }
+    shadowed = [
+        f"metric 'nsfw' is also declared by {declared[dist].format('nsfw')}, which is not used: "
+        "trig-stream's own is (names registered at run time come first, then trig-stream's "
+        "own, then entry points); give one of them another name, or uninstall the package "
+        "that should not declare it"
+        for dist in declared
+    ]
+    assert sorted(caplog.messages[:2]) == shadowed
+    (twice,) = caplog.messages[2:]
+    assert any(
+        twice.startswith(
+            f"metric 'tp_twice' is also declared by {declared[unused].format('tp_twice')}, "
+            f"which is not used: the first found, {declared[used].format('tp_twice')}, is"
+        )
+        for unused, used in (tuple(declared), tuple(reversed(declared)))
+    )
 
 
 def test_a_broken_entry_point_is_named_with_its_distribution_and_cause(

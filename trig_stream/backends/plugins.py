@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 C = TypeVar("C")
 T = TypeVar("T")
 M = TypeVar("M", bound="BaseModel")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,9 @@ def find_plugin(
 ) -> Found[C] | None:
     """Find the class called ``name``: registered at run time first (checked when it was
     registered), then built in (``"module:Class"``, imported now), then from the entry points
-    of ``group``.
+    of ``group``. Entry points of ``group`` that declare ``name`` too, left out since an
+    earlier one takes it (or a second of two declaring it), are named in a warning (logged
+    once per process).
 
     Args:
         what: what it is, in messages (``metric``, ``generator backend``).
@@ -80,16 +85,19 @@ def find_plugin(
             its distribution and the cause).
         TypeError: from ``check``.
     """
+    declared = list(entry_points(group=group, name=name))
     if name in registered:
+        _warn_unused(what, name, declared, "the one registered at run time")
         return Found(registered[name], "", builtin=False)
     target = builtin.get(name)
     if target is not None:
+        _warn_unused(what, name, declared, "trig-stream's own")
         module_name, _, attr = target.partition(":")
         return Found(check(getattr(importlib.import_module(module_name), attr), ""), "", True)
-    for ep in entry_points(group=group, name=name):
-        where = f"entry point {ep.name} = {ep.value!r}"
-        if ep.dist is not None:
-            where += f" of {ep.dist.name} {ep.dist.version}"
+    if len(declared) > 1:
+        _warn_unused(what, name, declared[1:], f"the first found, {_where(declared[0])},")
+    for ep in declared[:1]:
+        where = _where(ep)
         try:
             loaded = ep.load()
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
@@ -104,6 +112,39 @@ def find_plugin(
             ) from exc
         return Found(check(loaded, f" ({where})"), f" ({where})", builtin=False)
     return None
+
+
+_warned: set[tuple[str, str, str]] = set()
+"""The names :func:`_warn_unused` has warned of (what, name, entry point), once each."""
+
+
+def _where(ep: EntryPoint) -> str:
+    """An entry point as messages name it: ``entry point mine = 'my_package:Mine' of
+    my-package 1.0``."""
+    where = f"entry point {ep.name} = {ep.value!r}"
+    if ep.dist is not None:
+        where += f" of {ep.dist.name} {ep.dist.version}"
+    return where
+
+
+def _warn_unused(what: str, name: str, unused: list[EntryPoint], used: str) -> None:
+    """Warn, once per process, of entry points declaring ``name`` that are not used, since
+    ``used`` takes the name: unsaid, a third party's class was silently left out (a metric
+    called ``nsfw`` scored as trig-stream's own, or as another package's)."""
+    for ep in unused:
+        where = _where(ep)
+        if (what, name, where) in _warned:
+            continue
+        _warned.add((what, name, where))
+        logger.warning(
+            "%s %r is also declared by %s, which is not used: %s is (names registered at "
+            "run time come first, then trig-stream's own, then entry points); give one of "
+            "them another name, or uninstall the package that should not declare it",
+            what,
+            name,
+            where,
+            used,
+        )
 
 
 def checked_subclass(described: str, obj: object, base: type[T], bases: str) -> type[T]:
