@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from PIL import Image
@@ -326,7 +326,7 @@ class LenientBoard(Checkerboard):
     """A registered generator whose Options is a plain BaseModel (pydantic's default: unknown
     keys ignored), with an alias, and a validator that fails with a RuntimeError on 13."""
 
-    class Options(BaseModel):  # type: ignore[no-redef]
+    class Options(BaseModel):
         squares: int = 4
         border: int = Field(default=0, alias="margin")
 
@@ -353,7 +353,9 @@ def test_a_key_a_plain_pydantic_options_model_does_not_take_is_refused(
     generator = build_generator(config.generators[0], config)
     assert isinstance(generator, LenientBoard)
     assert generator.options.squares == 2
-    assert generator.options.border == 1  # an alias is a key the model takes
+    assert (
+        cast("LenientBoard.Options", generator.options).border == 1
+    )  # an alias is a key the model takes
     # A config made in code is checked alike when the generator is built.
     made = config.model_copy(
         update={"generators": [config.generators[0].model_copy(update={"options": {"sqares": 2}})]}
@@ -376,7 +378,9 @@ def test_an_options_validator_raising_no_value_error_is_a_config_error(
         make_config(generators=[entry])
     config = make_config(generators=[{**entry, "options": {}}])
     made = config.model_copy(
-        update={"generators": [config.generators[0].model_copy(update={"options": {"squares": 13}})]}
+        update={
+            "generators": [config.generators[0].model_copy(update={"options": {"squares": 13}})]
+        }
     )
     with pytest.raises(ConfigError, match=re.escape(f"generator 'm': options: {message}")):
         build_generator(made.generators[0], made)
@@ -581,7 +585,9 @@ async def test_a_backend_hook_called_in_a_thread_that_is_async_is_refused(
     with pytest.raises(ConfigError, match=re.escape(message)):
         Engine(config)
     judge = AsyncPrepareHalves("h", AsyncPrepareHalves.Options())
-    with pytest.raises(ConfigError, match=re.escape("judge 'h' (AsyncPrepareHalves): its prepare()")):
+    with pytest.raises(
+        ConfigError, match=re.escape("judge 'h' (AsyncPrepareHalves): its prepare()")
+    ):
         Engine(make_config(samples=2), judges=[judge])
 
 

@@ -20,9 +20,9 @@ from pydantic import BaseModel, field_validator
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
+from trig_stream.backends import plugins
 from trig_stream.backends.base import JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.metric_judge import MetricJudge, MetricJudgeOptions
-from trig_stream.backends import plugins
 from trig_stream.backends.metrics import registry
 from trig_stream.backends.metrics.base import (
     ImageMetric,
@@ -239,10 +239,10 @@ def test_an_entry_point_whose_name_is_taken_is_named_in_a_warning(
     for dist, version in (("first-metrics", "1.0"), ("second-metrics", "2.0")):
         info = tmp_path / f"{dist.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        (info / "entry_points.txt").write_text(
-            "[trig_stream.metrics]\nnsfw = shadowing_metrics:Fine\ntp_twice = shadowing_metrics:Fine\n"
-        )
+        metadata = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
+        (info / "METADATA").write_text(metadata)
+        points = ("nsfw = shadowing_metrics:Fine", "tp_twice = shadowing_metrics:Fine")
+        (info / "entry_points.txt").write_text("\n".join(["[trig_stream.metrics]", *points, ""]))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "shadowing_metrics", raising=False)
     monkeypatch.setattr(plugins, "_warned", set())
@@ -558,7 +558,7 @@ class LoadGivesACoroutine(Blur):
     name: ClassVar[str] = "load_gives_a_coroutine"
 
     def load(self) -> None:
-        return self._load()  # type: ignore[func-returns-value]
+        return cast("None", self._load())
 
     async def _load(self) -> None:
         raise AssertionError("never awaited")
@@ -615,7 +615,9 @@ async def test_a_metric_failure_keeps_its_class(
         with pytest.raises(type(failure), match=f"^{failure}$"):
             await judge_once(metric_judge(failing_metric(failure, run_async=run_async)))
     with pytest.raises(FatalBackendError, match=r"^judge 'm' \(fails metric\): gone$"):
-        await judge_once(metric_judge(failing_metric(FatalBackendError("gone"), run_async=run_async)))
+        await judge_once(
+            metric_judge(failing_metric(FatalBackendError("gone"), run_async=run_async))
+        )
 
     async def judged_by(failure: Exception) -> list[Judgement]:
         config = make_config(samples=4, run={"name": type(failure).__name__})

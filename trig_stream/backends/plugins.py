@@ -191,11 +191,13 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
         pydantic.ValidationError: the table does not fit ``model``; an unknown key is an
             ``extra_forbidden`` error at that key, as a config's own tables give.
         OptionsModelError: the model's own code raised something else than a validation
-            error (a validator's ``RuntimeError``).
+            error (a validator's ``RuntimeError``); an error of trig-stream's (a missing
+            extra) comes out as it is.
     """
     from pydantic import ValidationError
 
     from trig_stream.config import validate_table
+    from trig_stream.errors import TrigStreamError
     from trig_stream.pipeline import describe_error
 
     if model.model_config.get("extra") not in ("allow", "forbid"):  # "forbid": pydantic's own
@@ -203,11 +205,14 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
         if unknown:
             raise ValidationError.from_exception_data(
                 model.__name__,
-                [{"type": "extra_forbidden", "loc": (key,), "input": table[key]} for key in unknown],
+                [
+                    {"type": "extra_forbidden", "loc": (key,), "input": table[key]}
+                    for key in unknown
+                ],
             )
     try:
         return validate_table(model, table)
-    except ValidationError:
+    except (ValidationError, TrigStreamError):  # a missing extra: its own message and exit code
         raise
     except Exception as exc:  # a third party's validator: a bug of theirs, not a traceback
         raise OptionsModelError(

@@ -272,8 +272,8 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
             non-empty set of TRIG dimension codes; a judge's ``scorer`` that is no scorer's
             name, or its ``confidence`` no bool; a judge's ``judge`` that is no coroutine
             function (a plain ``def``); a method the engine calls in a worker thread that is
-            one (a generator's ``load`` or ``close``, a judge's ``prepare``...); or two judges' servers (``options.serve``) at one
-            fixed address.
+            one (a generator's ``load`` or ``close``, a judge's ``prepare``...); or two
+            judges' servers (``options.serve``) at one fixed address.
     """
     from trig_stream.backends.base import Generator, Judge
     from trig_stream.config import GeneratorConfig, JudgeConfig, field_value_problem
