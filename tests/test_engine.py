@@ -2071,6 +2071,57 @@ def test_a_control_before_the_block_in_the_loop_that_will_run_it_is_recorded(
     assert summary.judged == (4 if ends == "done" else 0)
 
 
+@pytest.mark.parametrize("caller", ["no loop", "another loop"])
+@pytest.mark.parametrize("control", ["stop", "cancel", "pause", "resume"])
+def test_a_control_from_a_thread_after_the_engines_asyncio_loop_stopped_does_nothing(
+    make_config: ConfigFactory, control: str, caller: str
+) -> None:
+    # The loop that ran the engine stopped but was not closed (an application's loop it
+    # keeps, asyncio.run as it shuts down): the control waited forever for it to run again.
+    config = make_config(samples=2)
+    made: list[Engine] = []
+
+    async def run() -> RunSummary:
+        async with Engine(config) as engine:
+            made.append(engine)
+            return await engine.drain()
+
+    loop = asyncio.new_event_loop()
+    try:
+        runner = threading.Thread(target=loop.run_until_complete, args=(run(),))
+        runner.start()
+        runner.join(timeout=30)
+        assert not runner.is_alive()
+        engine = made[0]
+        assert engine.stats().state == "done"
+
+        async def from_a_loop() -> None:
+            getattr(engine, control)()
+
+        def call() -> None:
+            if caller == "no loop":
+                getattr(engine, control)()
+            else:
+                asyncio.run(from_a_loop())
+
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                call()
+            except Exception as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)  # a hang must not hold pytest
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), f"engine.{control}() never returned"
+        assert not errors, errors
+        assert engine.stats().state == "done" and not engine.paused
+    finally:
+        loop.close()
+
+
 def call_from_an_asyncio_callback(way: str, control: Callable[[], None]) -> anyio.Event:
     """Call ``control`` from a callback of the running asyncio loop, in no task: one
     ``loop.call_soon`` schedules, or the handler ``loop.add_signal_handler`` runs for a
