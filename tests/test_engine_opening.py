@@ -3,18 +3,20 @@ the dataset holds work left for it."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 
 from tests.conftest import ConfigFactory, write_prompts
-from trig_stream import Engine, opening
+from trig_stream import Engine, opening, resources
 from trig_stream.backends.base import JudgeReply, JudgeRequest, ServerLoad
 from trig_stream.config import RunConfig
 from trig_stream.progress import PlainProgress
@@ -305,3 +307,49 @@ async def test_a_stop_while_a_generator_checks_its_environment_ends_the_opening(
     assert generator.stopped.is_set()  # a check in a child process is killed
     assert not engine.run_dir_opened and not config.run_dir.exists()
     assert await anyio.to_thread.run_sync(generator.checked.wait, 10)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio has no cancel outside its scopes
+@pytest.mark.parametrize("resumed", [False, True], ids=["made", "resumed"])
+async def test_a_native_asyncio_cancel_while_the_run_directory_opens_leaves_it_closed(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch, resumed: bool
+) -> None:
+    # task.cancel() (asyncio.timeout, asyncio.wait_for) gets past anyio's shield: the run
+    # left the directory its thread went on to open open, the next engine refused as "in use
+    # by another engine in this process", and one it had made was left behind.
+    config = make_config(samples=2)
+    if resumed:
+        async with Engine(config) as engine:
+            assert (await engine.drain()).judged == 4
+    opening_now, release, opened = threading.Event(), threading.Event(), threading.Event()
+    handed: list[opening.OpenedRunDir] = []  # kept from the garbage collector's closing
+
+    def open_when_let(*args: Any, **kwargs: Any) -> opening.OpenedRunDir:
+        opening_now.set()
+        release.wait(10)
+        try:
+            handed.append(opening.open_run_dir(*args, **kwargs))
+            return handed[-1]
+        finally:
+            opened.set()
+
+    monkeypatch.setattr(resources, "open_run_dir", open_when_let)
+
+    async def run() -> None:
+        async with Engine(config):
+            pytest.fail("the run went on past a cancel while it opened")
+
+    task = asyncio.ensure_future(run())
+    try:
+        assert await anyio.to_thread.run_sync(opening_now.wait, 10)
+        task.cancel()
+    finally:
+        release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await anyio.to_thread.run_sync(opened.wait, 10)
+    assert config.run_dir.exists() == resumed  # one it made is removed, as by a stop
+    monkeypatch.undo()
+    async with Engine(config) as engine:  # the directory is free for the next engine
+        summary = await engine.drain()
+    assert summary.state == "done" and summary.judged == (0 if resumed else 4)

@@ -19,7 +19,9 @@ engine's ``stop()`` and ``cancel()``).
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableSequence, Sequence
+import threading
+from collections.abc import Callable, MutableSequence, Sequence
+from contextlib import suppress
 from functools import partial
 
 import anyio
@@ -30,6 +32,7 @@ from trig_stream.backends.threads import call_left_behind_on_cancel
 from trig_stream.config import RunConfig
 from trig_stream.journal import JournalState
 from trig_stream.opening import (
+    OpenedRunDir,
     close_judges,
     judges_open_slowly,
     open_judges,
@@ -152,16 +155,50 @@ class RunResources:
             # Opened before the judges: a run it refuses (another process in it, results
             # made with other settings) is refused before a judge's server takes minutes to
             # start.
-            opened = await anyio.to_thread.run_sync(
+            await self._open_run_dir(
                 partial(open_run_dir, config.run_dir, manifest, new_run=new_run)
             )
-            self._discard_run_dir = opened.made
-            self.run_dir_path, self.run_dir = opened.path, opened.run_dir
-            self.journal_state = opened.journal_state
             if not await self._nothing_left():
                 await self._open_judges()
         finally:
             self.opening_now = None  # stats().opening names nothing after the opening
+
+    async def _open_run_dir(self, open_it: Callable[[], OpenedRunDir]) -> None:
+        """Open the run directory in a worker thread, and hold it: a cancellation meanwhile
+        waits for the thread, and :meth:`close` then closes what it opened.
+
+        anyio's shield keeps its own cancellation off the wait for a thread, but not a native
+        asyncio one (``task.cancel()``, ``asyncio.timeout``, ``asyncio.wait_for``): the wait
+        ended, the thread went on to open the directory and its result was dropped, the
+        directory left open (refused to the next engine of this process as in use, its
+        files open) and, made by this run, never removed.
+        """
+        opened: list[OpenedRunDir] = []
+        finished = threading.Event()
+
+        def open_and_hand_over() -> None:
+            try:
+                opened.append(open_it())
+            finally:
+                finished.set()
+
+        try:
+            await anyio.to_thread.run_sync(open_and_hand_over)
+        except anyio.get_cancelled_exc_class():
+            # Waited for even so; another native cancel ends this wait as well (the shield
+            # holds off anyio's only): it waits again, and the first cancellation goes on.
+            while not finished.is_set():
+                with suppress(anyio.get_cancelled_exc_class()), anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(finished.wait)
+            if opened:
+                self._hold(opened[0])  # for close(), which the engine calls next
+            raise
+        self._hold(opened[0])
+
+    def _hold(self, opened: OpenedRunDir) -> None:
+        self._discard_run_dir = opened.made
+        self.run_dir_path, self.run_dir = opened.path, opened.run_dir
+        self.journal_state = opened.journal_state
 
     @property
     def run_dir_kept(self) -> bool:
