@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from tests.conftest import ConfigFactory
 from trig_stream import Engine, FatalBackendError, sourcing
 from trig_stream.backends.base import GenerationRequest, JudgeReply, JudgeRequest
 from trig_stream.backends.threads import threads_left_behind
+from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.judging import _Requesters
 from trig_stream.testing import FakeJudge, SyntheticGenerator
@@ -240,3 +243,43 @@ async def test_the_judges_close_when_the_results_end_not_when_the_block_does(
     assert engine.stats().state == "done"
     assert engine.stats().closing is None
     assert judge.closes == 1
+
+
+async def run_ending(config: RunConfig, ending: str) -> None:
+    """Run ``config``, ended the way ``ending`` names; the engine is gone on return."""
+    engine = Engine(config)
+    if ending == "stopped before it opened":
+        engine.stop()
+    with anyio.fail_after(30):
+        async with engine:
+            async for _ in engine.results:
+                if ending == "cancelled":
+                    engine.cancel()
+                elif ending == "left early":
+                    break
+    assert (
+        engine.stats().state
+        == {
+            "drained": "done",
+            "cancelled": "cancelled",
+            "left early": "cancelled",
+            "stopped before it opened": "stopped",
+        }[ending]
+    )
+
+
+@pytest.mark.parametrize(
+    "ending", ["drained", "cancelled", "left early", "stopped before it opened"]
+)
+async def test_a_run_leaves_none_of_its_streams_unclosed(
+    make_config: ConfigFactory, ending: str
+) -> None:
+    # Every engine left its results stream open: "ResourceWarning: Unclosed
+    # <MemoryObjectReceiveStream ...>" once it was collected, however the run ended.
+    config = make_config(samples=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        await run_ending(config, ending)
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert unclosed == []

@@ -38,6 +38,13 @@ class Streams:
         ends.update(images=self.images[0], judgements=self.judgements[0], results=self.results[0])
         return ends
 
+    def close(self) -> None:
+        """Close both ends of every buffer (a run that ended before its stages started,
+        which would have closed theirs)."""
+        for send, receive in (*self.samples.values(), self.images, self.judgements, self.results):
+            send.close()
+            receive.close()
+
 
 def create_streams(config: RunConfig, models: Iterable[str]) -> Streams:
     """The buffers of a run of ``config`` with generators named ``models``."""

@@ -203,7 +203,8 @@ class Engine:
 
     @property
     def results(self) -> MemoryObjectReceiveStream[Judgement]:
-        """Judgements in the order they became durable; ends when the run is over."""
+        """Judgements in the order they became durable; ends when the run is over, and is
+        closed when the ``async with`` block ends."""
         if self._results is None:
             raise RuntimeError("the engine is not running: use `async with Engine(...)`")
         return self._results
@@ -363,7 +364,10 @@ class Engine:
             # loading): the run ends before it starts, and ``results`` with it.
             await self._close_resources()
             self._counters.ended_at = time.monotonic()
-            streams.results[0].close()
+            # No stage runs to close its ends of the buffers: closed here, but for a copy of
+            # ``results``, ended, for the block (closed as the block ends).
+            self._results = streams.results[1].clone()
+            streams.close()
             self._state = "cancelled" if self._cancel_generation.is_set() else "stopped"
             return self
         self._resources.keep_run_dir()  # from here it holds the run's results
@@ -409,6 +413,9 @@ class Engine:
             await self._close_resources()
             if self._counters.ended_at is None:  # else the run ended there, before
                 self._counters.ended_at = time.monotonic()
+            if self._results is not None:
+                # Whatever the block left in it is durable already (and resumed from).
+                self._results.close()
         if failure is not None:
             # Outside the handler of the group, which would become its context instead.
             failure.__context__ = exc
