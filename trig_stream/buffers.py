@@ -41,7 +41,13 @@ class Streams:
     def close(self) -> None:
         """Close both ends of every buffer (a run that ended before its stages started,
         which would have closed theirs)."""
-        for send, receive in (*self.samples.values(), self.images, self.judgements, self.results):
+        buffers: list[tuple[MemoryObjectSendStream[Any], MemoryObjectReceiveStream[Any]]] = [
+            *self.samples.values(),
+            self.images,
+            self.judgements,
+            self.results,
+        ]
+        for send, receive in buffers:
             send.close()
             receive.close()
 
