@@ -36,7 +36,13 @@ from trig_stream.backends.registry import build_judge
 from trig_stream.backends.threads import threads_left_behind
 from trig_stream.dimensions import Dimension
 from trig_stream.engine import Engine
-from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
+from trig_stream.errors import (
+    AnswerTimeoutError,
+    ConfigError,
+    FatalBackendError,
+    ItemError,
+    RetryableError,
+)
 from trig_stream.records import Judgement, Sample
 from trig_stream.testing import FakeJudge
 
@@ -948,3 +954,128 @@ def test_validate_refuses_scorer_on_a_metric_judge(
     path.write_text(NSFW_CONFIG.replace('metric = "nsfw" }', 'metric = "blur" }\nscorer = "trig"'))
     assert cli.main(["validate", str(path)]) == exit_codes.EXIT_CONFIG
     assert "`scorer` has no effect on backend 'metric'" in capsys.readouterr().err
+
+
+class HangsRemotely(ImageMetric):
+    """An async metric (a remote service) that gives its first value at once, then never
+    answers again: each later call waits on an event nobody sets."""
+
+    name: ClassVar[str] = "hangs_remotely"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R", "TA-C"})
+    answers: ClassVar[int] = 1
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.calls = 0
+        self.hanging = anyio.Event()
+        self.cancelled = 0
+
+    async def compute(self, item: MetricInput) -> Value:
+        self.calls += 1
+        if self.calls <= self.answers:
+            return 0.5  # no checkpoint: its judge has answered before any other request runs
+        self.hanging.set()
+        try:
+            await anyio.Event().wait()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+        raise AssertionError("an event nobody sets was set")
+
+
+class NeverAnswers(HangsRemotely):
+    name: ClassVar[str] = "never_answers"
+    answers: ClassVar[int] = 0
+
+
+async def test_an_async_metric_call_past_timeout_s_is_cancelled_as_a_timeout() -> None:
+    # A metric awaiting a service that never answered held its judgement, and the run, for
+    # good: the judge had no timeout of its own, as the openai judge has.
+    judge = metric_judge(NeverAnswers, timeout_s=0.05)
+    metric = cast("NeverAnswers", judge.metric)
+    with anyio.fail_after(10), pytest.raises(AnswerTimeoutError) as raised:
+        await judge_once(judge)
+    assert str(raised.value) == (
+        "judge 'm': the never_answers metric gave no value within 0.05 s (the judge's "
+        "timeout_s); raise timeout_s if the metric's service is only slow"
+    )
+    assert metric.cancelled == 1  # the call itself was cancelled, not left running
+
+
+class RaisesItsOwnTimeout(AsyncSharpness):
+    name: ClassVar[str] = "own_timeout"
+
+    async def compute(self, item: MetricInput) -> Value:
+        await anyio.lowlevel.checkpoint()
+        raise TimeoutError("the service's client gave up")
+
+
+async def test_a_timeout_the_metric_raises_itself_is_not_the_judges() -> None:
+    judge = metric_judge(RaisesItsOwnTimeout, timeout_s=60)
+    with pytest.raises(TimeoutError, match=r"^the service's client gave up$") as raised:
+        await judge_once(judge)
+    assert not isinstance(raised.value, AnswerTimeoutError)
+
+
+async def test_a_hung_async_metric_call_becomes_an_error_judgement_once_retries_run_out(
+    make_config: ConfigFactory,
+) -> None:
+    judge = metric_judge(HangsRemotely, timeout_s=0.05)
+    config = make_config(samples=1, engine={"max_attempts": 2})  # IQ-R and TA-C, measured
+    with anyio.fail_after(20):
+        async with Engine(config, judges=[FakeJudge("trigscore"), judge], sleep=no_sleep) as e:
+            judged = [j async for j in e.results if j.metric == "m"]
+    assert sorted((j.status, j.score, j.attempts) for j in judged) == [
+        ("error", None, 2),
+        ("ok", 0.5, 1),
+    ]
+    [error] = [j.error for j in judged if j.status == "error"]
+    assert error is not None and "the hangs_remotely metric gave no value within 0.05 s" in error
+
+
+async def test_an_async_metric_that_never_answers_within_timeout_s_stops_the_run(
+    make_config: ConfigFactory,
+) -> None:
+    # As with the openai judge: every request of a judge that has answered none would end so.
+    judge = metric_judge(NeverAnswers, timeout_s=0.05)
+    config = make_config(samples=2, engine={"max_attempts": 2})
+    engine = Engine(config, judges=[FakeJudge("trigscore"), judge], sleep=no_sleep)
+    with anyio.fail_after(20), pytest.raises(FatalBackendError, match="has answered no request"):
+        async with engine:
+            _ = [j async for j in engine.results]
+
+
+async def test_a_graceful_stop_ends_a_hung_async_metric_call_within_timeout_s(
+    make_config: ConfigFactory,
+) -> None:
+    # The first Ctrl-C waited for the hung call for good; only a second one ended the run.
+    judge = metric_judge(NeverAnswers, timeout_s=0.05)
+    metric = cast("NeverAnswers", judge.metric)
+    # Attempts enough that a slow machine, where calls time out before the stop, still
+    # reaches it before they run out (which would stop the run as unanswered).
+    config = make_config(samples=1, engine={"max_attempts": 100})
+    engine = Engine(config, judges=[FakeJudge("trigscore"), judge], sleep=no_sleep)
+    with anyio.fail_after(20):
+        async with engine:
+            await metric.hanging.wait()
+            engine.stop()
+            judged = [j async for j in engine.results if j.metric == "m"]
+    assert judged == []  # asked again on resume, its image on disk
+    assert engine.stats().state == "stopped"
+    assert metric.cancelled >= 1
+
+
+def test_timeout_s_on_a_sync_metric_is_refused() -> None:
+    # Its worker thread cannot be stopped: a "timed out" judgement would leave the thread
+    # holding the metric and the batcher.
+    register_metric(Blur.name, Blur)
+    with pytest.raises(ValueError, match="timeout_s applies to async metrics only") as raised:
+        MetricJudgeOptions.model_validate({"metric": "blur", "timeout_s": 30})
+    assert "metric 'blur' is sync" in str(raised.value)
+    assert "remove timeout_s" in str(raised.value)
+    register_metric(AsyncSharpness.name, AsyncSharpness)
+    options = MetricJudgeOptions.model_validate({"metric": AsyncSharpness.name, "timeout_s": 30})
+    assert options.timeout_s == 30
+    for bad in (0, -1, 1e10):
+        with pytest.raises(ValueError, match="timeout_s"):
+            MetricJudgeOptions.model_validate({"metric": AsyncSharpness.name, "timeout_s": bad})

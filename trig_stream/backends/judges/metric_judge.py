@@ -17,6 +17,11 @@ asked about those alone; it does not register the others. Asked anyway about ano
 dimension, it raises :class:`~trig_stream.errors.ItemError` with the reason and never reports
 a score: a number made up for a dimension the metric cannot see would enter the dimension's
 mean and the DTM as if it were a measurement.
+
+An ``async`` metric (a remote service) is awaited within ``timeout_s`` when it is set: a call
+past it is cancelled and raised as an :class:`~trig_stream.errors.AnswerTimeoutError`, which
+the engine retries (and, of a judge that has given no value yet, stops the run for), as the
+openai judge's timeouts. Without it a hung call holds its judgement and a graceful stop.
 """
 
 from __future__ import annotations
@@ -47,10 +52,16 @@ from trig_stream.backends.metrics.base import (
 from trig_stream.backends.metrics.registry import import_metric
 from trig_stream.backends.plugins import OptionsModelError, validate_plugin_options
 from trig_stream.backends.threads import blocking_hook, load_in_thread
-from trig_stream.config_fields import OPTIONS_CONFIG
+from trig_stream.config_fields import OPTIONS_CONFIG, CallTimeout
 from trig_stream.config_problems import nested_problems
 from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
-from trig_stream.errors import ConfigError, FatalBackendError, ItemError, RetryableError
+from trig_stream.errors import (
+    AnswerTimeoutError,
+    ConfigError,
+    FatalBackendError,
+    ItemError,
+    RetryableError,
+)
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
 
@@ -77,6 +88,11 @@ class MetricJudgeOptions(BaseModel):
     """The most images in one ``compute_batch`` call (sync metrics)."""
     max_pixels: Annotated[int, Field(ge=64)] | None = None
     """Shrink larger images to this many pixels before the metric sees them."""
+    timeout_s: CallTimeout | None = None
+    """The most one call of an ``async`` metric (a remote service) may take for an image; one
+    past it is a timeout, retried. None: no limit, so such a metric must time out on its own
+    (a call that never returns holds its judgement, and a graceful stop, for good). Refused
+    for a sync metric, whose worker thread a timeout could not stop."""
 
     @model_validator(mode="after")
     def _check(self) -> MetricJudgeOptions:
@@ -116,6 +132,15 @@ class MetricJudgeOptions(BaseModel):
                     f"await it: define it as a plain `def {hook}(self)` (an async metric may "
                     "open its client on its first compute)"
                 )
+        if self.timeout_s is not None and not is_async(metric):
+            # Its compute runs in a worker thread, which nothing can stop: the judgement would
+            # end while the thread still held the metric (and the batcher) for the next one.
+            raise ValueError(
+                f"timeout_s applies to async metrics only (a remote service awaited in the "
+                f"event loop), and metric {self.metric!r} is sync: its compute runs in a "
+                "worker thread, which a timeout cannot stop; remove timeout_s (a sync metric "
+                "must end its calls on its own)"
+            )
         if not metric.dimensions:
             raise ValueError(f"metric {self.metric!r} measures no TRIG dimension")
         unknown = sorted(str(d) for d in metric.dimensions if not is_dimension(d))
@@ -280,7 +305,7 @@ class MetricJudge(Judge):
             if self._batcher is not None:
                 value = await self._batcher.submit(item)
             else:
-                value = (await compute_async(metric, [item]))[0]
+                value = await self._computed(item)
         except FatalBackendError as exc:
             named = self._named(exc)
             if named is exc:
@@ -307,6 +332,26 @@ class MetricJudge(Judge):
                 "elsewhere maps them to scores in its dimension_score"
             )
         return JudgeReply(score=score, text=f"{metric.name}={value:.6g}")
+
+    async def _computed(self, item: MetricInput) -> Value:
+        """An async metric's value for ``item``, within ``timeout_s`` when it is set.
+
+        Raises:
+            AnswerTimeoutError: the metric gave no value within ``timeout_s``; its call is
+                cancelled (as the openai judge's request is), and the engine retries it.
+        """
+        timeout_s = self.options.timeout_s
+        if timeout_s is None:
+            return (await compute_async(self.metric, [item]))[0]
+        # move_on_after, not fail_after: a TimeoutError the metric raises itself (its own
+        # client's) is an image's failure, not this judge's timeout.
+        with anyio.move_on_after(timeout_s):
+            return (await compute_async(self.metric, [item]))[0]
+        raise AnswerTimeoutError(
+            f"judge {self.name!r}: the {self.metric.name} metric gave no value within "
+            f"{timeout_s:g} s (the judge's timeout_s); raise timeout_s if the metric's service "
+            "is only slow"
+        )
 
     def _named(self, exc: FatalBackendError) -> FatalBackendError:
         """``exc``, the metric's error that stops the run, with the judge and its metric

@@ -332,13 +332,14 @@ async def compute_set_async(
     return checked_value(metric, value)
 
 
-def is_async(metric: ImageMetric) -> bool:
-    """Whether the metric is ``async``: its ``compute_batch`` is, or its ``compute`` is and it
-    inherits ``compute_batch`` (whose loop then awaits nothing: :func:`compute_async` runs
-    the items' ``compute`` calls concurrently instead)."""
+def is_async(metric: ImageMetric | type[ImageMetric]) -> bool:
+    """Whether the metric (an instance or its class) is ``async``: its ``compute_batch`` is,
+    or its ``compute`` is and it inherits ``compute_batch`` (whose loop then awaits nothing:
+    :func:`compute_async` runs the items' ``compute`` calls concurrently instead)."""
     if inspect.iscoroutinefunction(metric.compute_batch):
         return True
-    inherits_batch = type(metric).compute_batch is ImageMetric.compute_batch
+    cls = metric if isinstance(metric, type) else type(metric)
+    inherits_batch = cls.compute_batch is ImageMetric.compute_batch
     return inherits_batch and inspect.iscoroutinefunction(metric.compute)
 
 
