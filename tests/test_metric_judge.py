@@ -1040,9 +1040,15 @@ async def test_an_async_metric_that_never_answers_within_timeout_s_stops_the_run
     judge = metric_judge(NeverAnswers, timeout_s=0.05)
     config = make_config(samples=2, engine={"max_attempts": 2})
     engine = Engine(config, judges=[FakeJudge("trigscore"), judge], sleep=no_sleep)
-    with anyio.fail_after(20), pytest.raises(FatalBackendError, match="has answered no request"):
+    with (
+        anyio.fail_after(20),
+        pytest.raises(FatalBackendError, match="has answered no request") as raised,
+    ):
         async with engine:
             _ = [j async for j in engine.results]
+    # A metric judge has no server address in the config to check.
+    assert "does its metric answer at all" in str(raised.value)
+    assert "address in the config" not in str(raised.value)
 
 
 async def test_a_graceful_stop_ends_a_hung_async_metric_call_within_timeout_s(

@@ -311,7 +311,7 @@ class JudgeStage:
                             raise FatalBackendError(
                                 f"judge {judge.name!r} has answered no request yet, and a "
                                 f"request {gave_up} without reaching it (its last failure: "
-                                f"{exc}); is its server running, at the address in the config?"
+                                f"{exc}); {judge.unreached_hint}"
                             ) from None
                         break
                     # A stop ends the wait (a Retry-After may ask for minutes): the loop's

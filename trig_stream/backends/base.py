@@ -405,6 +405,8 @@ class Judge(ABC):
         dimensions: the dimensions this judge measures; None for all. A judge is never asked
             about another dimension (a toxicity classifier measures only ``R-T``), so no
             judgement, not even an error, is made for it.
+        unreached_hint: what to check, said when the run stops because this judge has
+            answered no request at all (see :meth:`unreached_everywhere`).
     """
 
     name: str
@@ -412,6 +414,7 @@ class Judge(ABC):
     scorer: Scorer = "robust"
     confidence: bool = False
     dimensions: frozenset[Dimension] | None = None
+    unreached_hint: ClassVar[str] = "is its server running, at the address in the config?"
 
     def __init__(
         self,

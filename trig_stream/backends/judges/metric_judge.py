@@ -179,6 +179,10 @@ class MetricJudge(Judge):
 
     Options = MetricJudgeOptions
     options: MetricJudgeOptions
+    unreached_hint = (
+        "does its metric answer at all (within the judge's timeout_s, when set), and is "
+        "any service it calls running?"
+    )
 
     def __init__(self, name: str, options: MetricJudgeOptions, *, concurrency: int = 16) -> None:
         super().__init__(name, options, concurrency=concurrency)
