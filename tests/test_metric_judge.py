@@ -666,6 +666,24 @@ async def test_a_fatal_metric_error_names_its_judge_and_metric(
     assert raised.value.service == "vision-api"
 
 
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+async def test_a_fatal_error_two_judges_share_names_each_judge_alone(run_async: bool) -> None:
+    # The first judge rewrote the metric's own object: the second's message read "judge
+    # 'other' (fails metric): judge 'm' (fails metric): ...", blaming the first.
+    shared = CredentialsRevoked("vision-api")
+    first = metric_judge(failing_metric(shared, run_async=run_async))
+    with pytest.raises(CredentialsRevoked, match=r"^judge 'm' \(fails metric\): bad cred"):
+        await judge_once(first)
+    metric = failing_metric(shared, run_async=run_async)
+    register_metric(metric.name, metric)
+    second = MetricJudge("other", MetricJudgeOptions(metric=metric.name))
+    with pytest.raises(CredentialsRevoked) as raised:
+        await judge_once(second)
+    assert str(raised.value) == "judge 'other' (fails metric): bad credentials for vision-api"
+    assert raised.value.service == "vision-api"
+    assert str(shared) == "bad credentials for vision-api"
+
+
 async def test_a_batch_failing_for_the_service_fails_each_of_its_items_so() -> None:
     # Each item was measured again alone, and failed as an ItemError: never retried.
     for failure in (RetryableError("503"), FatalBackendError("no device")):

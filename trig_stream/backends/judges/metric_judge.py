@@ -27,6 +27,7 @@ openai judge's timeouts. Without it a hung call holds its judgement and a gracef
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import numbers
 import sys
@@ -362,17 +363,23 @@ class MetricJudge(Judge):
         leading its message unless it names them: the metric's own words ("bad credentials")
         do not say which of a run's judges failed.
 
-        Changed in place, not wrapped, so its class and attributes stay the metric's; an
-        error class whose ``__str__`` ignores ``args`` gets a FatalBackendError that names
-        them instead, to raise ``from`` it.
+        A copy, to raise ``from`` it, so its class and attributes stay the metric's while
+        the metric's own object stays as it was (one object a metric raises again, or two
+        judges' metrics share, was named by the first judge for all). An error that cannot
+        be copied, or whose ``__str__`` ignores ``args``, gets a FatalBackendError that names
+        them instead.
         """
         name = f"judge {self.name!r} ({self.options.metric} metric)"
         text = str(exc)
-        if name in text:  # a batch's error, raised for each of its images, is named once
+        if name in text:
             return exc
         led = f"{name}: {text}"
-        exc.args = (led,)
-        return exc if name in str(exc) else FatalBackendError(led)
+        try:
+            named = copy.copy(exc)
+        except Exception:  # a class whose __init__ takes other arguments than its args
+            return FatalBackendError(led)
+        named.args = (led,)
+        return named if name in str(named) else FatalBackendError(led)
 
     def _run_batch(self, items: Sequence[MetricInput]) -> list[Value | Exception]:
         try:
