@@ -14,7 +14,8 @@ from typing import Any, cast
 
 import pytest
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
@@ -27,6 +28,7 @@ from trig_stream.backends.base import (
     JudgeRequest,
     PreparedImage,
 )
+from trig_stream.backends.plugins import validate_plugin_options
 from trig_stream.backends.registry import build_generator, register_backend
 from trig_stream.config import GeneratorConfig, RunConfig
 from trig_stream.engine import Engine
@@ -362,6 +364,40 @@ def test_a_key_a_plain_pydantic_options_model_does_not_take_is_refused(
     )
     with pytest.raises(ConfigError, match=r"generator 'm': options: sqares: unknown key"):
         build_generator(made.generators[0], made)
+
+
+class Aliased(BaseModel):
+    """Options whose one field is read by its alias only (no validation by name)."""
+
+    squares: int = Field(4, alias="Squares")
+
+
+class AliasedByName(Aliased):
+    model_config = ConfigDict(validate_by_name=True)
+
+
+class Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel)
+
+    square_size: int = 1
+
+
+class Table(RootModel[dict[str, int]]):
+    """Options that are a table of anything (keys of the user's own)."""
+
+
+def test_plugin_options_take_the_keys_pydantic_reads_and_no_other() -> None:
+    # A field's name beside an alias that pydantic does not read by name passed the check
+    # and ran with the default; a RootModel's every key was refused.
+    for model, key in ((Aliased, "squares"), (Camel, "square_size")):
+        with pytest.raises(ValidationError, match="extra_forbidden"):
+            validate_plugin_options(model, {key: 2})
+    assert validate_plugin_options(Aliased, {"Squares": 2}).squares == 2
+    assert validate_plugin_options(Camel, {"squareSize": 2}).square_size == 2
+    assert validate_plugin_options(AliasedByName, {"squares": 2}).squares == 2
+    assert validate_plugin_options(Table, {"a": 1}).root == {"a": 1}
+    with pytest.raises(ValidationError):
+        validate_plugin_options(Table, {"a": "many"})
 
 
 def test_an_options_validator_raising_no_value_error_is_a_config_error(

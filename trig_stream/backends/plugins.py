@@ -194,13 +194,17 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
             error (a validator's ``RuntimeError``); an error of trig-stream's (a missing
             extra) comes out as it is.
     """
-    from pydantic import ValidationError
+    from pydantic import RootModel, ValidationError
 
     from trig_stream.config import validate_table
     from trig_stream.errors import TrigStreamError
     from trig_stream.pipeline import describe_error
 
-    if model.model_config.get("extra") not in ("allow", "forbid"):  # "forbid": pydantic's own
+    # "forbid": pydantic's own check; a RootModel has no keys of its own (its root type,
+    # a dict of anything, is checked by pydantic) and cannot set `extra`.
+    if model.model_config.get("extra") not in ("allow", "forbid") and not issubclass(
+        model, RootModel
+    ):
         unknown = [key for key in table if key not in _keys_taken(model)]
         if unknown:
             raise ValidationError.from_exception_data(
@@ -222,12 +226,17 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
 
 
 def _keys_taken(model: type[BaseModel]) -> set[str]:
-    """The keys ``model`` reads from a table: its fields' names and their aliases."""
+    """The keys ``model`` reads from a table: its fields' aliases, and their names where
+    pydantic reads those too (a field without an alias, or a model that validates by name
+    as well); a field's name beside an alias it does not read ran with the default."""
     from pydantic import AliasChoices, AliasPath
 
+    config = model.model_config
+    by_name = bool(config.get("populate_by_name") or config.get("validate_by_name"))
     keys: set[str] = set()
     for name, field in model.model_fields.items():
-        keys.add(name)
+        if by_name or (field.alias is None and field.validation_alias is None):
+            keys.add(name)
         if field.alias is not None:
             keys.add(field.alias)
         aliases = field.validation_alias
