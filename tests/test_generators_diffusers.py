@@ -830,6 +830,17 @@ def test_pipeline_processes_share_out_the_threads(
     assert thread_share(children) == (None if children == 1 else share)
 
 
+def test_the_torch_threads_set_in_this_process_win_over_the_checking_childs_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A program that set torch.set_num_threads(1) before a process-mode run (the G1 bench)
+    # had its children compute with the checking child's count, torch's default: 10-20x
+    # slower on a box shared with the engine.
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(get_num_threads=lambda: 1))
+    assert thread_share(1, total=16) == 1
+    assert thread_share(2, total=16) == 1
+
+
 def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None:
     options = DiffusersOptions(
         pipeline="FluxPipeline",

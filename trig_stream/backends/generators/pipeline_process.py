@@ -355,11 +355,13 @@ def thread_share(children: int, total: int | None = None) -> int | None:
     Args:
         children: how many pipeline processes run at once (one per device).
         total: the threads torch computes with on this machine, when known without torch
-            in this process (the child that checked the pipeline's classes says); else
-            torch's own count, if this process imported it, or the CPUs it may run on.
+            in this process (the child that checked the pipeline's classes says). Torch's
+            own count here wins, if this process imported it: a program that embeds the
+            engine may have set it (``torch.set_num_threads``), which a fresh torch in the
+            checking child does not know. Else the CPUs this process may run on.
     """
     torch = sys.modules.get("torch")
-    if total is None and torch is not None:
+    if torch is not None:
         total = torch.get_num_threads()
     if children <= 1:
         return total
