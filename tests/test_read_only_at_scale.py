@@ -9,8 +9,13 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 import pytest
 
+from tests.test_analysis_commands import run_command
+from trig_stream.analysis import exports
+from trig_stream.analysis.commands import compare_runs
+from trig_stream.analysis.exports import PARQUET_SCHEMA, read_judgements_parquet
 from trig_stream.cli import main
 from trig_stream.dimensions import split_pair
 from trig_stream.exit_codes import EXIT_OK
@@ -124,3 +129,33 @@ def test_status_holds_a_fraction_of_the_journal(
     # size (4.8 GB for a million judgements).
     assert growth(runs, lambda run: main(["status", str(run)])) < 0.5
     capsys.readouterr()
+
+
+def test_compare_holds_a_fraction_of_the_journals(tmp_path: Path, runs: tuple[Path, Path]) -> None:
+    # Every run's judgements, each line parsed, were kept until the comparison was written.
+    other = write_run(tmp_path / "other", 10)
+    assert growth(runs, lambda run: compare_runs([run, other])) < 0.5
+
+
+def test_report_holds_less_than_the_journal(
+    tmp_path: Path, runs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every line as a parsed judgement, then every row as a dict, held ten times its size.
+    monkeypatch.setattr(exports, "PARQUET_CHUNK_ROWS", 500, raising=False)  # these runs are small
+    out = tmp_path / "report"
+    assert growth(runs, lambda run: run_command("report", str(run), "--out", str(out))) < 1
+
+
+def test_report_parquet_holds_the_latest_judgement_of_each_key(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", 30)
+    assert run_command("report", str(run), "--no-plots")[0] == 0
+    for model in ("m1", "m2"):
+        path = run / "report" / model / "judgements.parquet"
+        rows = read_judgements_parquet(path)
+        # Each key once, an error asked again left out for the judgement that replaced it.
+        assert len(rows) == len({row.key for row in rows}) == 60
+        assert {row.status for row in rows} == {"ok"}
+        assert [row.data_id for row in rows[-3:]] == [
+            f"{PAIRS[index % 3]}_{index:05d}" for index in (0, 10, 20)
+        ]  # in journal order: the retried ones last
+        assert pl.read_parquet(path).schema == PARQUET_SCHEMA  # the columns as before
