@@ -196,19 +196,18 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     """``trig-stream status RUN_DIR``: the run's judgements per model, metric and status, its
     mean scores, and whether a process is writing it now."""
     from trig_stream.files import open_regular_file
-    from trig_stream.journal import JOURNAL, read_journal_lines
+    from trig_stream.journal import JOURNAL, latest_entries
     from trig_stream.locks import find_writer
     from trig_stream.manifest import errors_asked_again, read_manifest
-    from trig_stream.records import Judgement
     from trig_stream.store import QUARANTINE, quarantine_lists
 
     manifest = read_manifest(args.run_dir)
     # Asked before the journal is read, as `watch` asks: a writer that is gone by then has
     # written its last line, which the counts then hold.
     writer = find_writer(args.run_dir)
-    latest: dict[JudgementKey, tuple[int, Judgement]] = {
-        j.key: (line, j) for line, j in read_journal_lines(args.run_dir / JOURNAL)
-    }
+    # Only what is counted of each key's last line (a whole judgement each held 4.8 GB for
+    # a million of them).
+    latest = latest_entries(args.run_dir / JOURNAL)
     asked = selected = None
     if writer is not None and manifest.retry_errors:
         # Only the errors of samples and dimensions the run still selects are asked again:
@@ -221,9 +220,9 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     counts: Counter[tuple[str, str, str]] = Counter()
     sums: dict[tuple[str, str, str], float] = {}
     scored: Counter[tuple[str, str, str]] = Counter()
-    for line, judgement in latest.values():
+    for judgement in latest.values():
         status: str = judgement.status
-        if status == "error" and asked is not None and asked(judgement.key, line):
+        if status == "error" and asked is not None and asked(judgement.key, judgement.line):
             status = ASKED_AGAIN
         counts[(judgement.model, judgement.metric, status)] += 1
         if judgement.score is not None:

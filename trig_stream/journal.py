@@ -9,7 +9,7 @@ judgement was asked again, the last line wins.
 
 Here: :class:`Journal` (the writer, locked), :func:`journal_state` (what it holds, for a
 resume), and the readers (:func:`read_journal`, :func:`read_journal_lines`,
-:func:`latest_judgements`, :func:`parse_journal_line`).
+:func:`latest_judgements`, :func:`latest_entries`, :func:`parse_journal_line`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from sys import intern
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, NamedTuple, cast
 
 from pydantic import ValidationError
 
+from trig_stream.dimensions import Dimension
 from trig_stream.errors import RunDirError, RunLockedError, validation_problems
 from trig_stream.files import (
     open_regular_file,
@@ -423,3 +424,50 @@ def line_problem(exc: ValueError) -> str:
 def latest_judgements(path: Path) -> dict[JudgementKey, Judgement]:
     """The journal reduced to the last judgement of each key."""
     return {j.key: j for j in read_journal(path)}
+
+
+class JournalEntry(NamedTuple):
+    """What the read-only commands (``status``, ``report``, ``compare``) keep of a journal
+    line: its key, pair, status and score, without the rest of the judgement (its
+    ``top_logprobs`` alone make a parsed one some kilobytes: a million of them did not fit
+    in memory)."""
+
+    line: int
+    """The line's number, from 0 (as :func:`read_journal_lines` numbers it)."""
+    model: str
+    data_id: str
+    pair: str
+    dimension: Dimension
+    metric: str
+    status: Status
+    score: float | None
+
+    @property
+    def key(self) -> JudgementKey:
+        """The identity a run judges exactly once."""
+        return (self.model, self.data_id, self.dimension, self.metric)
+
+
+def journal_entry(line: int, judgement: Judgement) -> JournalEntry:
+    """The :class:`JournalEntry` of ``judgement``, read from line ``line``; its names held
+    once each (interned), not once per line."""
+    return JournalEntry(
+        line,
+        intern(judgement.model),
+        judgement.data_id,
+        intern(judgement.pair),
+        cast(Dimension, intern(judgement.dimension)),
+        intern(judgement.metric),
+        cast(Status, intern(judgement.status)),
+        judgement.score,
+    )
+
+
+def latest_entries(path: Path) -> dict[JudgementKey, JournalEntry]:
+    """:func:`latest_judgements` kept as :class:`JournalEntry` records: the last line of each
+    key, in the order each key first appears."""
+    latest: dict[JudgementKey, JournalEntry] = {}
+    for line, judgement in read_journal_lines(path):
+        entry = journal_entry(line, judgement)
+        latest[entry.key] = entry
+    return latest

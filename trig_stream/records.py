@@ -19,7 +19,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, TypeAlias, TypeGuard
+from typing import Annotated, Any, Final, Literal, Protocol, TypeAlias, TypeGuard
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -265,6 +265,26 @@ class Judgement(_Record):
     def key(self) -> JudgementKey:
         """The identity a run judges exactly once."""
         return (self.model, self.data_id, self.dimension, self.metric)
+
+
+class ScoredJudgement(Protocol):
+    """What the analyses read of a judgement: a :class:`Judgement`, or the lighter
+    :class:`~trig_stream.journal.JournalEntry` the read-only commands keep of one."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def data_id(self) -> str: ...
+    @property
+    def pair(self) -> str: ...
+    @property
+    def dimension(self) -> Dimension: ...
+    @property
+    def metric(self) -> str: ...
+    @property
+    def status(self) -> Status: ...
+    @property
+    def score(self) -> float | None: ...
 
 
 class QuarantinedRecord(_Record):

@@ -12,9 +12,11 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
 
+import polars as pl
 from rich.console import Console
 
 from trig_stream.analysis.compare import (
@@ -23,6 +25,7 @@ from trig_stream.analysis.compare import (
     compare,
     comparison_markdown,
 )
+from trig_stream.analysis.exports import judgements_frame
 from trig_stream.analysis.inputs import (
     AnalysisError,
     RunData,
@@ -54,7 +57,7 @@ from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
 from trig_stream.files import write_atomic
 from trig_stream.locks import find_writer
-from trig_stream.records import COMPARISON_FILE, Judgement, printable
+from trig_stream.records import COMPARISON_FILE, Judgement, ScoredJudgement, printable
 from trig_stream.terminal import CommandConsole
 
 THRESHOLD_OPTIONS: dict[str, str] = {
@@ -133,7 +136,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _pick_metric(
-    metrics: Sequence[str], requested: str | None, source: object, judgements: Iterable[Judgement]
+    metrics: Sequence[str],
+    requested: str | None,
+    source: object,
+    judgements: Iterable[ScoredJudgement],
 ) -> str:
     if not metrics:
         raise AnalysisError(f"{source}: no judgements to analyse")
@@ -251,11 +257,13 @@ def write_report(
         refuse_link(path, elsewhere)
     _refuse_foreign_comparison(folder / COMPARISON_FILE)
     skipped = False
+    assert run.table is not None, "load_run keeps the rows by default"
     for model, analysis in analyses.items():
         judgements = [j for j in run.judgements if j.model == model]
         written = write_model_outputs(
             analysis,
             judgements,
+            run.table.filter(pl.col("model") == model),
             run.metrics,
             folder / model,
             plots=plots,
@@ -362,7 +370,13 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     if analysis is None:
         raise AnalysisError(f"{args.file}: no scores of metric {metric!r}")
     written = write_model_outputs(
-        analysis, data.judgements, data.metrics, args.out, plots=not args.no_plots, upstream=True
+        analysis,
+        data.judgements,
+        judgements_frame(data.judgements),
+        data.metrics,
+        args.out,
+        plots=not args.no_plots,
+        upstream=True,
     )
     console.print(f"read {args.file} as a TRIG {data.layout} file", highlight=False, markup=False)
     if args.prompts is not None and data.layout == "formatted":
@@ -465,9 +479,13 @@ def compare_runs(
         note = in_progress_note(run_dir, "its columns cover")
         if note is not None:
             notes.append(note)
-        run = load_run(run_dir)
+        run = load_run(run_dir, rows=False)
         thresholds = with_overrides(run.relation, overrides or {})
-        for model, analysis in _run_columns(run, thresholds, metric).items():
+        analyses = _run_columns(run, thresholds, metric)
+        # The columns keep the run's manifest and judges, not its judgements: every run's
+        # at once held gigabytes for runs of hundreds of thousands.
+        run = replace(run, judgements=[])
+        for model, analysis in analyses.items():
             # Model names hold no "/": with distinct run labels, labels are distinct too.
             label = model if len(run_dirs) == 1 else f"{run_label}/{model}"
             columns.append((label, run, analysis))
@@ -532,10 +550,8 @@ def judge_fingerprint(run: RunData, model: str, metric: str) -> dict[str, Any]:
     stored = run.manifest.judges.get(metric)
     if stored is not None:
         return stored
-    for judgement in reversed(run.judgements):
-        if judgement.model == model and judgement.metric == metric:
-            return judgement.judge.model_dump()
-    return {}
+    latest = run.judges.get((model, metric))
+    return latest.model_dump() if latest is not None else {}
 
 
 def run_labels(paths: Sequence[Path]) -> list[str]:

@@ -11,7 +11,9 @@ TRIG-compatible, per model:
   :func:`result_document`.
 
 Ours: ``judgements.parquet``, every judgement as one row (``judge`` as a JSON string,
-``top_logprobs`` as a list of ``{token, logprob}``), read back by :func:`read_judgements_parquet`.
+``top_logprobs`` as a list of ``{token, logprob}``), read back by :func:`read_judgements_parquet`;
+a report writes the latest judgement of each key (:class:`ParquetRows` builds its rows as the
+journal is read).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from trig_stream.analysis.relations import ModelAnalysis, PairStats, negate_domi
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.files import write_atomic
-from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.records import JudgeFingerprint, Judgement, ScoredJudgement
 
 EvaluationResult: TypeAlias = dict[str, dict[str, list[dict[str, float]]]]
 FormattedScores: TypeAlias = dict[str, dict[str, list[float]]]
@@ -45,7 +47,9 @@ INSIGHT_TYPES: Final[dict[RelationCode, InsightType]] = {
 }
 
 
-def evaluation_result(judgements: Iterable[Judgement], metrics: Sequence[str]) -> EvaluationResult:
+def evaluation_result(
+    judgements: Iterable[ScoredJudgement], metrics: Sequence[str]
+) -> EvaluationResult:
     """One model's ok scores in TRIG's evaluation-result layout (last judgement of a key wins).
     A failed judgement is left out, not written as ``null``: upstream's readers take every cell
     for a number.
@@ -254,14 +258,79 @@ def _row(judgement: Judgement) -> dict[str, Any]:
     return row
 
 
-def judgements_parquet(judgements: Iterable[Judgement]) -> bytes:
-    """Judgements as a parquet file's content, one row each."""
-    frame = pl.DataFrame([_row(j) for j in judgements], schema=PARQUET_SCHEMA, orient="row")
+PARQUET_CHUNK_ROWS: Final = 10_000
+"""Rows :class:`ParquetRows` holds as dicts before turning them into a frame: a row's dict,
+its ``top_logprobs`` included, is some kilobytes, its frame's columns a fraction of that."""
+
+_LINE = "_line"
+"""The column :class:`ParquetRows` numbers its rows in (not written)."""
+
+
+class ParquetRows:
+    """The rows of ``judgements.parquet``, built into polars columns a chunk at a time as the
+    judgements are read, so that no list of a whole journal's judgements is ever held.
+
+    Example:
+        >>> rows = ParquetRows()  # doctest: +SKIP
+        >>> for line, judgement in read_journal_lines(path):  # doctest: +SKIP
+        ...     rows.add(judgement, line)
+        >>> frame = rows.frame(keep={latest_line, ...})  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+        self._lines: list[int] = []
+        self._chunks: list[pl.DataFrame] = []
+
+    def add(self, judgement: Judgement, line: int = 0) -> None:
+        """Add the row of ``judgement``, read from line ``line`` (see :meth:`frame`)."""
+        self._rows.append(_row(judgement))
+        self._lines.append(line)
+        if len(self._rows) >= PARQUET_CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        chunk = pl.DataFrame(self._rows, schema=PARQUET_SCHEMA, orient="row")
+        self._chunks.append(chunk.with_columns(pl.Series(_LINE, self._lines, pl.Int64())))
+        self._rows, self._lines = [], []
+
+    def frame(self, keep: Iterable[int] | None = None) -> pl.DataFrame:
+        """The rows added, in order, in :data:`PARQUET_SCHEMA`; only those of the lines in
+        ``keep`` when given."""
+        self._flush()
+        chunks, self._chunks = self._chunks, []
+        if keep is not None:
+            kept = pl.Series(_LINE, list(keep), pl.Int64())
+            for index, chunk in enumerate(chunks):  # one at a time: never two copies of all
+                chunks[index] = chunk.filter(pl.col(_LINE).is_in(kept.implode()))
+        if not chunks:
+            return pl.DataFrame(schema=PARQUET_SCHEMA)
+        return pl.concat(chunks, rechunk=True).drop(_LINE)
+
+
+def judgements_frame(judgements: Iterable[Judgement]) -> pl.DataFrame:
+    """Judgements as ``judgements.parquet``'s rows, one each."""
+    rows = ParquetRows()
+    for judgement in judgements:
+        rows.add(judgement)
+    return rows.frame()
+
+
+def parquet_bytes(frame: pl.DataFrame) -> bytes:
+    """A frame (:func:`judgements_frame`, :meth:`ParquetRows.frame`) as a parquet file's
+    content."""
     # Encoded here and written by Python, so that a write that fails is an OSError (polars
     # reports its own as a ComputeError).
     buffer = io.BytesIO()
     frame.write_parquet(buffer)
     return buffer.getvalue()
+
+
+def judgements_parquet(judgements: Iterable[Judgement]) -> bytes:
+    """Judgements as a parquet file's content, one row each."""
+    return parquet_bytes(judgements_frame(judgements))
 
 
 def write_judgements_parquet(judgements: Iterable[Judgement], path: Path) -> int:

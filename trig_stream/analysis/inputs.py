@@ -18,14 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import polars as pl
 from pydantic import ValidationError
 
+from trig_stream.analysis.exports import ParquetRows
 from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
 from trig_stream.errors import DatasetError, RunDirError, validation_problems
 from trig_stream.files import read_settings_file
-from trig_stream.journal import JOURNAL, read_journal
+from trig_stream.journal import JOURNAL, JournalEntry, journal_entry, read_journal_lines
 from trig_stream.manifest import MANIFEST, Manifest, read_manifest
 from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
 
@@ -47,37 +49,61 @@ class RunData:
 
     path: Path
     manifest: Manifest
-    judgements: list[Judgement]
+    judgements: list[JournalEntry]
+    """The latest judgement of each key, in the order the keys first appear in the journal:
+    what the analyses read of it (a line replaced by a later one of its key, such as an
+    error asked again with ``--retry-errors``, is not here)."""
     metrics: list[str]
     """Metric names: the config's judges in order, then any others found in the journal."""
     relation: RelationSection
     """The thresholds of the run's config, or TRIG's defaults."""
     models: list[str] = field(default_factory=list)
     """Model names: the config's generators in order, then any others found in the journal."""
+    judges: dict[tuple[str, str], JudgeFingerprint] = field(default_factory=dict)
+    """(model, metric) -> the judge fingerprint of the last line of that model and metric."""
+    table: pl.DataFrame | None = None
+    """The rows of ``judgements.parquet`` (see :func:`load_run`'s ``rows``), of the same
+    judgements as :attr:`judgements`, in journal order."""
 
 
-def load_run(run_dir: Path) -> RunData:
-    """Read a run directory's manifest and whole journal (every line, in order).
+def load_run(run_dir: Path, *, rows: bool = True) -> RunData:
+    """Read a run directory's manifest and its journal, once, keeping the latest line of each
+    key.
+
+    Args:
+        run_dir: the run directory.
+        rows: keep the rows of ``judgements.parquet`` too (:attr:`RunData.table`): a report
+            writes them, a comparison needs only the scores.
 
     Raises:
         RunDirError: it is not a run directory.
     """
     manifest = read_manifest(run_dir)
-    judgements = list(read_journal(run_dir / JOURNAL))
+    latest: dict[tuple[str, str, str, str], JournalEntry] = {}
+    judges: dict[tuple[str, str], JudgeFingerprint] = {}
+    table = ParquetRows() if rows else None
+    for line, judgement in read_journal_lines(run_dir / JOURNAL):
+        entry = journal_entry(line, judgement)
+        latest[entry.key] = entry
+        judges[entry.model, entry.metric] = judgement.judge
+        if table is not None:
+            table.add(judgement, line)
+    judgements = list(latest.values())
     metrics = _names(manifest.config.get("judges"))
     models = _names(manifest.config.get("generators"))
-    for judgement in judgements:
-        if judgement.metric not in metrics:
-            metrics.append(judgement.metric)
-        if judgement.model not in models:
-            models.append(judgement.model)
+    for entry in judgements:
+        if entry.metric not in metrics:
+            metrics.append(entry.metric)
+        if entry.model not in models:
+            models.append(entry.model)
     try:
         relation = RelationSection.model_validate(manifest.config.get("relation") or {})
     except ValidationError as exc:
         raise RunDirError(
             f"{run_dir}: the manifest's [relation] section is invalid: {_problems(exc)}"
         ) from None
-    return RunData(run_dir, manifest, judgements, metrics, relation, models)
+    kept = table.frame(keep=(entry.line for entry in judgements)) if table is not None else None
+    return RunData(run_dir, manifest, judgements, metrics, relation, models, judges, kept)
 
 
 def _names(entries: object) -> list[str]:

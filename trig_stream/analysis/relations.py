@@ -45,7 +45,7 @@ from trig_stream.analysis.stats import (
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension, split_pair
 from trig_stream.errors import TrigStreamError
-from trig_stream.records import SCHEMA_VERSION, Judgement
+from trig_stream.records import SCHEMA_VERSION, ScoredJudgement
 
 BoolArray: TypeAlias = NDArray[np.bool_]
 
@@ -353,14 +353,14 @@ def analyse_model(
 
 
 def columns_from_judgements(
-    judgements: Iterable[Judgement],
+    judgements: Iterable[ScoredJudgement],
 ) -> dict[AnalysisKey, list[PairColumns]]:
     """Arrange judgements into pair columns per (model, metric); the last of a key wins.
 
     Pairs keep the order they first appear in, and images within a pair too. A judgement
     whose dimension is not one of its pair's two is ignored.
     """
-    latest: dict[tuple[str, str, str, str, str], Judgement] = {}
+    latest: dict[tuple[str, str, str, str, str], ScoredJudgement] = {}
     for judgement in judgements:
         first, second = split_pair(judgement.pair)
         if judgement.dimension in (first, second):
@@ -406,7 +406,7 @@ def columns_from_judgements(
 
 
 def analyse_judgements(
-    judgements: Iterable[Judgement], thresholds: RelationSection | None = None
+    judgements: Iterable[ScoredJudgement], thresholds: RelationSection | None = None
 ) -> dict[AnalysisKey, ModelAnalysis]:
     """Analyse judgements from scratch: one :class:`ModelAnalysis` per (model, metric)."""
     thresholds = thresholds or RelationSection()

@@ -9,20 +9,22 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
+
 from trig_stream.analysis import plots as drawing
 from trig_stream.analysis.exports import (
     evaluation_result,
     formatted_scores,
     json_bytes,
-    judgements_parquet,
     pair_row,
+    parquet_bytes,
     relationship_codes_csv,
     result_document,
 )
 from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputWriteError
 from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.files import UnfitFileError, write_atomic_together
-from trig_stream.records import Judgement
+from trig_stream.records import ScoredJudgement
 
 JUDGEMENTS_FILE = "judgements.parquet"
 PLOTS_FOLDER = "plots"
@@ -186,7 +188,8 @@ class ReportStopped(AnalysisError):
 
 def write_model_outputs(
     analysis: ModelAnalysis,
-    judgements: Sequence[Judgement],
+    judgements: Sequence[ScoredJudgement],
+    table: pl.DataFrame,
     metrics: Sequence[str],
     folder: Path,
     *,
@@ -199,7 +202,9 @@ def write_model_outputs(
 
     Args:
         analysis: the model's relation analysis.
-        judgements: the model's judgements (for the evaluation result and the parquet file).
+        judgements: the model's judgements (for the evaluation result).
+        table: the rows of its ``judgements.parquet``
+            (:func:`~trig_stream.analysis.exports.judgements_frame`).
         metrics: the metric names in config order, for the evaluation result.
         folder: created when missing.
         plots: draw the PNGs when matplotlib is importable.
@@ -218,13 +223,14 @@ def write_model_outputs(
 
     with writing(folder):
         return _write_model_outputs(
-            analysis, judgements, metrics, folder, plots, check, notes, upstream
+            analysis, judgements, table, metrics, folder, plots, check, notes, upstream
         )
 
 
 def _write_model_outputs(
     analysis: ModelAnalysis,
-    judgements: Sequence[Judgement],
+    judgements: Sequence[ScoredJudgement],
+    table: pl.DataFrame,
     metrics: Sequence[str],
     folder: Path,
     plots: bool,
@@ -248,7 +254,7 @@ def _write_model_outputs(
         (folder / "report.md", markdown_report(analysis, notes, upstream=upstream).encode()),
     ]
     check()
-    contents.append((folder / JUDGEMENTS_FILE, judgements_parquet(judgements)))
+    contents.append((folder / JUDGEMENTS_FILE, parquet_bytes(table)))
     drawn = plots and drawing.matplotlib_available()
     if drawn:
         rendered = drawing.render_plots(analysis, before_each=check)
