@@ -747,6 +747,8 @@ def test_compare_runs_and_command(tmp_path: Path) -> None:
     # The same run twice, even spelt two ways, would compare each model with itself.
     with pytest.raises(AnalysisError, match=r"one/\.\./one is given twice \(as .*/one and "):
         compare_runs([first, second, first / ".." / "one"])
+    with pytest.raises(AnalysisError, match=r"one is given twice: "):  # one Path object twice
+        compare_runs([first, first])
 
 
 def test_compare_and_report_order_models_as_the_config_does(tmp_path: Path) -> None:

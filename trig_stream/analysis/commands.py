@@ -469,10 +469,11 @@ def compare_runs(
     """
     seen: dict[Path, Path] = {}
     for run_dir in run_dirs:
-        first = seen.setdefault(run_dir.resolve(), run_dir)
-        if first is not run_dir:
+        first = seen.get(run_dir.resolve())
+        if first is not None:
             same = "" if str(first) == str(run_dir) else f" (as {first} and {run_dir})"
             raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
+        seen[run_dir.resolve()] = run_dir
     columns: list[tuple[str, RunData, ModelAnalysis]] = []
     notes: list[str] = []
     for run_dir, run_label in zip(run_dirs, run_labels(list(seen)), strict=True):
