@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ConfigFactory
 from tests.test_engine import run_to_end
-from trig_stream import FingerprintMismatch, store
+from trig_stream import FingerprintMismatch, journal, store
 from trig_stream.config import RunConfig
 from trig_stream.journal import JOURNAL
 from trig_stream.manifest import MANIFEST, Manifest, read_manifest
@@ -77,16 +77,15 @@ def _probability_zero_scored(line: dict[str, Any]) -> None:
     line.update(score=0.75, top_logprobs=[[" good", -9999.0]])
 
 
-def _sampled_token_scored(line: dict[str, Any]) -> None:
-    # An earlier trig-stream scored the one token sampled when a server left out the list
-    # of top logprobs asked for; that answer is now an error.
-    line.update(score=1.0, top_logprobs=[["Excellent", -0.05]])
+def _underflow_scored(line: dict[str, Any]) -> None:
+    # What an earlier trig-stream made of a lone ' good' whose probability underflows to 0.0.
+    line.update(score=0.75, top_logprobs=[[" good", -1000.0], ["The", -0.01]])
 
 
 @pytest.mark.parametrize(
     ("edit", "params"),
-    [(_probability_zero_scored, {}), (_sampled_token_scored, {"top_logprobs": 20})],
-    ids=["probability-zero", "sampled-token"],
+    [(_probability_zero_scored, {}), (_underflow_scored, {})],
+    ids=["probability-zero", "underflow"],
 )
 async def test_a_run_dir_older_than_the_rules_with_a_score_changed_since_is_refused(
     make_config: ConfigFactory, edit: Edit, params: dict[str, Any]
@@ -110,6 +109,59 @@ async def test_a_run_dir_older_than_the_rules_with_a_score_changed_since_is_refu
     after = {p: p.read_bytes() for p in config.run_dir.rglob("*") if p.is_file()}
     after.pop(config.run_dir / "run.lock", None)
     assert after == files
+
+
+def _near_certain(line: dict[str, Any]) -> None:
+    # A server answering ' good' at 0.0 and every other token at -9999.0, a probability of
+    # 0: the journal drops those, and today's trig-stream writes the same line.
+    line.update(score=0.75, top_logprobs=[[" good", 0.0]])
+
+
+def _unscorable_without_entries(line: dict[str, Any]) -> None:
+    # Every top token at probability 0: nothing left to store, unscorable then as now.
+    line.update(
+        status="unscorable",
+        score=None,
+        top_logprobs=[],
+        error="rating words only at probability 0 (' good': -9999.0), which count for nothing",
+    )
+
+
+@pytest.mark.parametrize("edit", [_near_certain, _unscorable_without_entries])
+async def test_an_older_run_dir_whose_short_lists_score_as_stored_resumes(
+    make_config: ConfigFactory, edit: Edit
+) -> None:
+    # A list shorter than the top_logprobs asked for is what a server's answer with the
+    # other tokens at probability 0 stores: it was refused as a sampled token's score.
+    asked = {"top_logprobs": 20}
+    config, configured, _ = await run_before_scoring_rules(make_config, edit, asked)
+    # As validate and a run build it for a judge asking for 20 top logprobs.
+    judges = {
+        name: {**entry, "params": {**entry["params"], **asked}}
+        for name, entry in configured.judges.items()
+    }
+    configured = configured.model_copy(update={"judges": judges})
+    state = store.check_resume(config.run_dir, configured)
+    resumed = store.resumed_manifest(config.run_dir, configured, state)
+    assert resumed.judges["trigscore"]["params"]["scoring_rules"] == SCORING_RULES
+
+
+async def test_the_check_of_an_older_run_dir_reads_its_journal_once(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second full read of the journal doubled a resume's start on a long journal.
+    config, configured, _ = await run_before_scoring_rules(make_config, _probability_zero_scored)
+    reads: list[Path] = []
+    real_open = journal.open_journal
+
+    def counted(path: Path) -> Any:
+        reads.append(path)
+        return real_open(path)
+
+    monkeypatch.setattr(journal, "open_journal", counted)
+    with pytest.raises(FingerprintMismatch, match="1 judgement"):
+        store.check_resume(config.run_dir, configured)
+    assert reads == [config.run_dir / JOURNAL]
 
 
 async def test_a_run_dir_of_other_scoring_rules_is_refused_naming_them(

@@ -44,6 +44,12 @@ from trig_stream.records import (
     Status,
     is_safe_name,
 )
+from trig_stream.scoring import (
+    SCORING_RULES_KEY,
+    Scorer,
+    may_score_otherwise_than_before_rules,
+    score_top_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,38 @@ def holds_our_journal(run_dir: Path) -> bool:
             return handle.read(len(JOURNAL_START)) == JOURNAL_START
     except OSError:
         return False
+
+
+@dataclass
+class ScoredOtherwise:
+    """The lines of one judge that score otherwise under today's scoring rules."""
+
+    count: int
+    line: int
+    """The number (from 1) of the first."""
+    first: Judgement
+
+
+def scores_otherwise_now(judgement: Judgement) -> bool:
+    """Whether ``judgement``, written by a trig-stream older than the scoring rules in the
+    fingerprint, gets another status or score from its stored top logprobs today. Only a list
+    holding a logprob the scorers read otherwise since is scored again
+    (:func:`~trig_stream.scoring.may_score_otherwise_than_before_rules`); an ``error`` line,
+    or one without a list (a judge that gave its own verdict), does not score otherwise.
+    """
+    top = judgement.top_logprobs
+    if judgement.status == "error" or not top or not may_score_otherwise_than_before_rules(top):
+        return False
+    try:
+        score = score_top_logprobs(
+            top,
+            scorer=cast(Scorer, judgement.judge.scorer or "robust"),
+            confidence=judgement.judge.confidence,
+        )
+    except ValueError:
+        return True  # an error now
+    status = "unscorable" if score is None else "ok"
+    return status != judgement.status or score != judgement.score
 
 
 @dataclass
@@ -95,6 +133,12 @@ class JournalState:
     seed_conflicts: list[tuple[int, str, str, int]] = field(default_factory=list)
     """(line number from 1, model, data_id, seed) of each line that judged something whose
     seed differs from the one :attr:`seeds` holds for its image: checked alike."""
+    scored_otherwise: dict[str, ScoredOtherwise] = field(default_factory=dict)
+    """metric -> its ``ok`` and ``unscorable`` lines written by a trig-stream older than the
+    scoring rules in the fingerprint that score otherwise under today's
+    (:func:`scores_otherwise_now`): checked on resume when the manifest's entry of the judge
+    holds no rules either (:func:`~trig_stream.manifest.checked_scoring_rules`). Gathered in
+    this one pass, never by reading the journal again."""
     # (model, dimension, metric) -> data_id -> status. A resumed run holds one entry per
     # judged key for its whole length: grouped so, an entry is a data_id and a dict slot
     # (~100 bytes), not also a 4-tuple (~90 more).
@@ -192,6 +236,16 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
                     fingerprint.__dict__ != other.__dict__ for other in seen
                 ):
                     seen.append(fingerprint)
+                if (
+                    judgement.top_logprobs
+                    and SCORING_RULES_KEY not in fingerprint.params
+                    and scores_otherwise_now(judgement)
+                ):
+                    otherwise = state.scored_otherwise.get(key[3])
+                    if otherwise is None:
+                        state.scored_otherwise[key[3]] = ScoredOtherwise(1, number, judgement)
+                    else:
+                        otherwise.count += 1
             state.lines = number
             good_end = end
         state.torn_bytes = os.fstat(handle.fileno()).st_size - good_end

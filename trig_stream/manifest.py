@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePath
-from typing import Annotated, Any, BinaryIO, Final, Literal, Self, TypeAlias, cast, get_args
+from typing import Annotated, Any, BinaryIO, Final, Literal, Self, TypeAlias, get_args
 
 from pydantic import (
     BaseModel,
@@ -33,10 +33,10 @@ from pydantic import (
 from trig_stream.errors import FatalBackendError, FingerprintMismatch, RunDirError
 from trig_stream.files import MAX_SETTINGS_BYTES, open_regular_file
 from trig_stream.hashing import seeds_for
-from trig_stream.journal import holds_our_journal, read_journal
+from trig_stream.journal import JournalState, holds_our_journal
 from trig_stream.moves import Move
-from trig_stream.records import SCHEMA_VERSION, JudgeFingerprint, Judgement, JudgementKey
-from trig_stream.scoring import Scorer, score_top_logprobs
+from trig_stream.records import SCHEMA_VERSION, JudgeFingerprint, JudgementKey
+from trig_stream.scoring import SCORING_RULES_KEY
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES: Final = MAX_SETTINGS_BYTES
@@ -260,11 +260,6 @@ class Manifest(BaseModel):
         )
 
 
-SCORING_RULES_KEY: Final = "scoring_rules"
-"""The key of a judge fingerprint's ``params`` that holds its
-:data:`~trig_stream.scoring.SCORING_RULES`."""
-
-
 def _other_scoring_rules(name: str, stored: str, configured: str) -> str:
     """The difference of a judge's scoring rules, in words (``stored`` and ``configured`` as
     :func:`_changed_fields` gives them: JSON text)."""
@@ -291,16 +286,20 @@ def _scoring_rules_as_entry(line: dict[str, Any], entry: dict[str, Any]) -> dict
     return {**line, "params": {**params, SCORING_RULES_KEY: rules}}
 
 
-def checked_scoring_rules(stored: Manifest, configured: Manifest, journal: Path) -> Manifest:
-    """``stored``, a run directory's manifest, with the scoring rules of ``configured``'s
+def checked_scoring_rules(
+    stored: Manifest, configured: Manifest, journal: JournalState, run_dir: Path
+) -> Manifest:
+    """``stored``, the manifest of ``run_dir``, with the scoring rules of ``configured``'s
     judges written into the entries that were written before fingerprints held them, once
-    every ``ok`` and ``unscorable`` judgement of those judges in ``journal`` scores now as
-    it was stored: a resume then adds scores that compare with the stored ones.
+    every ``ok`` and ``unscorable`` judgement of those judges in its journal (``journal``:
+    what the resume's one pass over it found) scores now as it was stored: a resume then adds
+    scores that compare with the stored ones.
 
-    A judgement scores otherwise when its stored top logprobs give another score (or none)
-    under the current scorer, or are fewer than one entry (two when two or more were asked)
-    when the judge asked for ``top_logprobs``: an earlier trig-stream scored the one token a
-    server sampled when it left out the list asked for, which is now an ``error``.
+    A judgement scores otherwise when its stored top logprobs give another status or score
+    under today's scorer (:func:`~trig_stream.journal.scores_otherwise_now`). An answer an
+    earlier trig-stream scored from the one token a server sampled when it left out the
+    list asked for cannot be told from one whose other tokens were at probability 0 (both
+    store a short list), so it passes.
 
     Raises:
         FingerprintMismatch: a judgement scores otherwise now.
@@ -314,17 +313,17 @@ def checked_scoring_rules(stored: Manifest, configured: Manifest, journal: Path)
     }
     if not judges:
         return stored
-    changed = [
-        judgement
-        for judgement in read_journal(journal)
-        if judgement.metric in judges and not _scores_as_stored(judgement)
-    ]
+    changed = {
+        metric: otherwise
+        for metric, otherwise in journal.scored_otherwise.items()
+        if metric in judges
+    }
     if changed:
-        first = changed[0]
+        first = min(changed.values(), key=lambda otherwise: otherwise.line).first
         raise FingerprintMismatch(
-            f"{journal.parent} was judged by an earlier trig-stream, under scoring rules "
-            f"changed since: {len(changed)} judgement(s) of judge(s) "
-            f"{', '.join(sorted({repr(j.metric) for j in changed}))} score otherwise now (the "
+            f"{run_dir} was judged by an earlier trig-stream, under scoring rules "
+            f"changed since: {sum(o.count for o in changed.values())} judgement(s) of "
+            f"judge(s) {', '.join(sorted(map(repr, changed)))} score otherwise now (the "
             f"first: model {first.model!r}, data_id {first.data_id!r}, dimension "
             f"{first.dimension}), and would stand beside this trig-stream's scores, never asked "
             "again (not even with --retry-errors). Use --new-run to judge afresh in a fresh "
@@ -338,27 +337,6 @@ def checked_scoring_rules(stored: Manifest, configured: Manifest, journal: Path)
         for name, entry in stored.judges.items()
     }
     return stored.model_copy(update={"judges": entries})
-
-
-def _scores_as_stored(judgement: Judgement) -> bool:
-    """Whether ``judgement`` gets the same score (or none) under the current scorer from the
-    top logprobs it stored; an ``error`` one, or one without any (a judge that gave its own
-    verdict), does."""
-    top = judgement.top_logprobs
-    if judgement.status == "error" or top is None:
-        return True
-    asked = judgement.judge.params.get("top_logprobs")
-    if isinstance(asked, int) and len(top) < min(asked, 2):
-        return False
-    try:
-        score = score_top_logprobs(
-            top,
-            scorer=cast(Scorer, judgement.judge.scorer or "robust"),
-            confidence=judgement.judge.confidence,
-        )
-    except ValueError:
-        return False
-    return score == judgement.score
 
 
 def _auto_dtype_as_configured(stored: dict[str, Any], configured: dict[str, Any]) -> dict[str, Any]:

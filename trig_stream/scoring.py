@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal, TypeAlias
@@ -82,6 +83,9 @@ Bump it with any change to what an answer scores: 1 made an answer without the t
 asked for an ``error`` (the one sampled token was scored) and a -9999.0 logprob a probability
 of 0. A run directory older than the field is checked once on resume
 (:func:`trig_stream.manifest.checked_scoring_rules`)."""
+
+SCORING_RULES_KEY: Final = "scoring_rules"
+"""The key of a judge fingerprint's ``params`` that holds its :data:`SCORING_RULES`."""
 
 LOGPROB_TOLERANCE: Final[float] = 1e-4
 """How far above 0 a logprob may be and still count as a probability: a server's rounding can
@@ -238,6 +242,28 @@ def _real(logprob: object) -> float:
 
 _UNDERFLOW: Final[float] = -745.0
 """Below about -745.13 ``exp`` is 0.0 in a float; above this it never is."""
+
+
+def may_score_otherwise_than_before_rules(top_logprobs: Sequence[tuple[str, float]]) -> bool:
+    """Whether an answer scored before :data:`SCORING_RULES` (an earlier trig-stream, whose
+    fingerprints hold no rules) could get another score or status now from the same
+    ``top_logprobs``, so that it needs scoring again to tell.
+
+    Since then the scorers changed only in how they read a logprob at or below the
+    probability-0 threshold (:data:`ZERO_PROBABILITY_LOGPROB`, and one whose ``exp`` underflows
+    to 0.0: both now count as absent, where a lone rating word there scored 0.0 or a confident
+    0.5) and one above 0 beyond :data:`LOGPROB_TOLERANCE` (now refused); the formulas are the
+    same. A list whose every logprob lies between the two reads as it did, so it scores as it
+    did. (The other change, an answer without the list asked for is no longer scored from
+    its one sampled token, left no mark on the stored list: no check can find it.)
+    """
+    return bool(top_logprobs) and (
+        min(map(_SECOND, top_logprobs)) < _UNDERFLOW
+        or max(map(_SECOND, top_logprobs)) > LOGPROB_TOLERANCE
+    )
+
+
+_SECOND: Final = operator.itemgetter(1)
 
 
 def _logprob(logprob: float) -> float:

@@ -537,7 +537,7 @@ def resumed_manifest(path: Path, manifest: Manifest, journal: JournalState) -> M
             + f"\nRestore the run directory's own {JOURNAL} and {MANIFEST}, or use --new-run "
             "to start a fresh run directory beside it."
         )
-    stored = checked_scoring_rules(stored, manifest, path / JOURNAL)
+    stored = checked_scoring_rules(stored, manifest, journal, path)
     moved = _moved_since(stored, path)
     differences = stored.differences(manifest, _results_held(path, journal), moved)
     if differences:
