@@ -40,6 +40,7 @@ from trig_stream.journal import JOURNAL, Journal
 from trig_stream.locks import LOCK
 from trig_stream.manifest import MANIFEST, Manifest
 from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.scoring import SCORING_RULES
 from trig_stream.testing import FakeJudge
 
 DATA = Path(__file__).parent / "data" / "analysis"
@@ -837,6 +838,37 @@ def test_compare_says_when_the_columns_judges_or_thresholds_differ(tmp_path: Pat
     argv = ["compare", str(second), str(same), "--out", str(out), "--bottleneck-density", "0.9"]
     assert run_command(*argv)[0] == 0
     assert "different judges" in out.read_text()
+
+
+def test_compare_reads_a_judge_without_scoring_rules_as_one_of_the_current_rules(
+    tmp_path: Path,
+) -> None:
+    # A run directory written before fingerprints held params.scoring_rules was set apart as
+    # of a different judge ("params.scoring_rules – | params.scoring_rules 1"), every mean
+    # the same.
+    older = JudgeFingerprint(backend="openai", model="m", params={"top_logprobs": 20})
+    current = JudgeFingerprint(
+        backend="openai", model="m", params={"scoring_rules": SCORING_RULES, "top_logprobs": 20}
+    )
+    first = write_run_dir(tmp_path / "old", {}, models=("model-a",), judge=older)
+    second = write_run_dir(tmp_path / "new", {}, models=("model-a",), judge=current)
+    out = tmp_path / "c.md"
+    assert run_command("compare", str(first), str(second), "--out", str(out))[0] == 0
+    text = out.read_text()
+    assert "different" not in text
+    assert "scoring_rules" not in text
+    # Other rules are a different judge still.
+    other = JudgeFingerprint(
+        backend="openai",
+        model="m",
+        params={"scoring_rules": SCORING_RULES + 1, "top_logprobs": 20},
+    )
+    third = write_run_dir(tmp_path / "later", {}, models=("model-a",), judge=other)
+    assert run_command("compare", str(first), str(third), "--out", str(out))[0] == 0
+    assert (
+        f"| judge | params.scoring_rules {SCORING_RULES} | params.scoring_rules "
+        f"{SCORING_RULES + 1} |"
+    ) in out.read_text()
     assert "thresholds" not in out.read_text()
 
 

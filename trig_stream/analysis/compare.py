@@ -11,6 +11,7 @@ from typing import Any
 from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
+from trig_stream.scoring import SCORING_RULES, SCORING_RULES_KEY
 
 COMPARISON_HEADING = "# TRIG model comparison"
 """The first line of :func:`comparison_markdown`: how a report knows a ``comparison.md``
@@ -96,9 +97,28 @@ def compare(
         metrics,
         dict(tasks or {}),
         tuple(notes),
-        judges=_differing(judges or {}),
+        judges=_differing(_with_scoring_rules(judges or {})),
         thresholds=_differing(thresholds),
     )
+
+
+def _with_scoring_rules(judges: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """``judges`` with the current :data:`~trig_stream.scoring.SCORING_RULES` in each
+    fingerprint whose ``params`` lack them, when another's hold them. A run directory written
+    before fingerprints held their rules is read as scored by today's, as a resume reads its
+    journal lines (:func:`~trig_stream.manifest.checked_scoring_rules`): its scores are those
+    a run writes now unless it is older than the rules themselves, which only a resume's
+    re-scoring can tell, so a missing field is no difference of judge.
+    """
+    if not any(SCORING_RULES_KEY in (fp.get("params") or {}) for fp in judges.values()):
+        return dict(judges)
+    out: dict[str, Mapping[str, Any]] = {}
+    for label, fingerprint in judges.items():
+        params = fingerprint.get("params")
+        if isinstance(params, Mapping) and SCORING_RULES_KEY not in params:
+            fingerprint = {**fingerprint, "params": {**params, SCORING_RULES_KEY: SCORING_RULES}}
+        out[label] = fingerprint
+    return out
 
 
 def _differing(values: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
