@@ -1325,3 +1325,25 @@ def test_odd_source_image_names_and_empty_files_are_named_for_what_they_are(
     # As the generator's own decoding says of it.
     with pytest.raises(Exception, match=r"is empty \(0 bytes\)"):
         source_image(samples[0].model_copy(update={"source_path": root / "empty.png"}), (8, 8))
+
+
+@pytest.mark.parametrize("limit", [None, 1, 2, 4])
+def test_identities_read_once_select_what_selected_samples_does(
+    tmp_path: Path, limit: int | None
+) -> None:
+    # A reader of a run directory (watch) selects again from identities it read once, as the
+    # quarantine list grows: the same samples as selected_samples, or None when under the
+    # limit it needs records past those read.
+    path = tmp_path / "ds.json"
+    ids = ["IQ-R_TA-C_1", "IQ-R_TA-C_2", "IQ-R_TA-C_2", "bad id", "IQ-O_D-A_3", "IQ-R_TA-C_4"]
+    path.write_text(json.dumps([{"data_id": i, "prompt": "p"} for i in ids]))
+    source = DatasetSource(DatasetSection(path=path, limit=limit), "t2i")
+    for at_least in (None, 1, 2, 3):
+        identities = source.sample_identities(at_least=at_least)
+        for refused in (set(), {0}, {1, 4}, {0, 1, 5}):
+            for judged in (set(), {"IQ-R_TA-C_2"}):
+                expected = source.selected_samples(refused=refused, judged=judged)
+                got = identities.selected(limit, refused=refused, judged=judged)
+                assert got is None or got == expected
+                if at_least is None or (limit is not None and at_least >= limit + len(refused)):
+                    assert got == expected

@@ -27,6 +27,7 @@ from trig_stream import Engine
 from trig_stream.backends.base import JudgeReply, JudgeRequest
 from trig_stream.cli import main
 from trig_stream.config import load_config
+from trig_stream.dataset import DatasetSource
 from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, latest_judgements, read_journal_lines
@@ -1162,6 +1163,75 @@ def test_a_watched_run_with_samples_left_is_not_running_not_finished(tmp_path: P
     done = RunDirSource(run_dir).poll()
     assert done.state == "finished" and done.samples_done == 8
     assert "finished; press q to close" in status_line(done, linger=True).plain
+
+
+@pytest.mark.parametrize(
+    ("limit", "totals", "read_again"), [(None, [4, 3, 2], 0), (3, [3, 3, 2], 1)]
+)
+def test_watch_counts_again_after_each_refusal_without_reading_the_dataset_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    limit: int | None,
+    totals: list[int],
+    read_again: int,
+) -> None:
+    # Each change of the quarantine list read the whole dataset again: on 200k records with a
+    # refusal each poll, 2.5 s a poll. Its identity columns are read once now (again only
+    # when a limit needs records past those read), the totals as a fresh count gives them.
+    records = [
+        {"data_id": f"IQ-R_TA-C_{n}", "prompt": f"prompt {n}", "dimension": ["IQ-R", "TA-C"]}
+        for n in range(5)
+    ]
+    dataset = tmp_path / "ds.json"
+    dataset.write_text(json.dumps(records))
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f"""
+[run]
+name = "r"
+output_dir = "{tmp_path / "out"}"
+
+[dataset]
+path = "{dataset}"
+{"" if limit is None else f"limit = {limit}"}
+
+[[generators]]
+name = "g"
+backend = "synthetic"
+options = {{ size = 16 }}
+
+[[judges]]
+name = "j"
+backend = "fake"
+"""
+    )
+    assert main(["run", str(config), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "out" / "r"
+    # Judged so far: the first record only; a refused record judged would still count.
+    kept = [j for j in latest_judgements(run_dir / JOURNAL).values() if j.data_id.endswith("_0")]
+    (run_dir / JOURNAL).write_bytes(lines_of(*kept))
+    source = RunDirSource(run_dir)
+    assert source.poll().samples_total == (5 if limit is None else limit)
+    read = 0
+    raw_records = DatasetSource._raw_records
+
+    def counted(self: DatasetSource, *, identity_only: bool = False) -> Iterator[Any]:
+        nonlocal read
+        read += 1
+        return raw_records(self, identity_only=identity_only)
+
+    for index, total in zip([4, 2, 3], totals, strict=True):
+        refused = QuarantinedRecord(
+            index=index, data_id=f"IQ-R_TA-C_{index}", reason="missing or empty prompt", record={}
+        )
+        with (run_dir / QUARANTINE).open("a") as handle:
+            handle.write(refused.model_dump_json() + "\n")
+        with monkeypatch.context() as patched:
+            patched.setattr(DatasetSource, "_raw_records", counted)
+            assert source.poll().samples_total == total
+        assert RunDirSource(run_dir).poll().samples_total == total  # a fresh count
+    # Under the limit, once: the records read first all refused, it reads further.
+    assert read == read_again
 
 
 @pytest.mark.parametrize("limit", [None, 2])

@@ -25,6 +25,7 @@ from typing import Any
 
 from trig_stream.config import DatasetSection
 from trig_stream.dataset_formats import Unreadable, read_json, read_json_lines, read_parquet
+from trig_stream.dataset_identities import SampleIdentities
 from trig_stream.dimensions import (
     Dimension,
     Task,
@@ -255,13 +256,34 @@ class DatasetSource:
         Raises:
             DatasetError: the dataset cannot be opened.
         """
-        samples: dict[str, tuple[Dimension, ...]] = {}
+        limit = self.section.limit
+        # Enough records that the limit is filled whichever of them ``refused`` leaves out.
+        at_least = None if limit is None else limit + len(refused)
+        samples = self.sample_identities(at_least=at_least).selected(
+            limit, refused=refused, judged=judged
+        )
+        assert samples is not None, "read to the end, or far enough to fill the limit"
+        return samples
+
+    def sample_identities(self, *, at_least: int | None = None) -> SampleIdentities:
+        """The identities of the records the run's filters select (the first of a repeated
+        ``data_id``; limit not applied), reading only the identity columns: what
+        :meth:`selected_samples` selects from, kept by a reader that selects again as the
+        records refused change (:meth:`SampleIdentities.selected`).
+
+        Args:
+            at_least: stop reading once this many are read (None: read them all).
+
+        Raises:
+            DatasetError: the dataset cannot be opened.
+        """
+        identities = SampleIdentities()
         # Every data_id taken, as scan() takes them: a record left out by the filters, or
         # refused for its content, keeps its id from a later record too.
         seen: set[str] = set()
-        taken = 0
-        limit = self.section.limit
         for index, raw in enumerate(self._raw_records(identity_only=True)):
+            if at_least is not None and len(identities) >= at_least:
+                return identities
             try:
                 data_id, dimensions = _identity(raw)
             except Rejected:
@@ -269,17 +291,10 @@ class DatasetSource:
             if data_id in seen:
                 continue
             seen.add(data_id)
-            if not self._selected(dimensions):
-                continue
-            if index in refused:
-                if data_id not in judged:
-                    continue
-            else:
-                samples[data_id] = self.dimensions_to_judge(dimensions)
-            taken += 1
-            if limit is not None and taken >= limit:
-                break
-        return samples
+            if self._selected(dimensions):
+                identities.add(index, data_id, self.dimensions_to_judge(dimensions))
+        identities.complete = True
+        return identities
 
     def count_records(self) -> int:
         """How many records the dataset holds, every kind included, filters and limit not

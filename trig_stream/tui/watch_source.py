@@ -23,6 +23,7 @@ from trig_stream.analysis.live import RelationTracker
 from trig_stream.backends.registry import build_judge
 from trig_stream.config import RelationSection, RunConfig
 from trig_stream.dataset import DatasetSource
+from trig_stream.dataset_identities import SampleIdentities
 from trig_stream.dimensions import Dimension
 from trig_stream.files import open_regular_file
 from trig_stream.journal import (
@@ -208,6 +209,9 @@ class RunDirSource:
         samples, so not counted in its totals."""
         self._counted: tuple[object, frozenset[int], bool] | None = None
         """The config, refusals and journal state the totals were last counted for."""
+        self._identities: SampleIdentities | None = None
+        """The identities of the dataset's selected records, read once per config (see
+        :meth:`_count_totals`)."""
         self._forget_the_journal()
 
     def _forget_the_journal(self) -> None:
@@ -428,6 +432,7 @@ class RunDirSource:
         self._judgements_total = 0
         self._config_models = []
         self._config, self._selected = None, None
+        self._identities = None
         self._asked_judged = Counter()
         try:
             config = RunConfig.model_validate(manifest.config)
@@ -447,7 +452,12 @@ class RunDirSource:
         source image missing, a repeated data_id) are none of its samples. Counted as the
         run reads its dataset, they stay out of the total (else a finished run showed as
         stopped with samples left, which no resume would ever judge), and a ``limit`` that
-        the run filled with other records past them is filled here too."""
+        the run filled with other records past them is filled here too.
+
+        The dataset's identity columns are read once per config: a count after another
+        refusal selects again from what was read (a quarantine line each poll re-read a
+        dataset of 200k records each time, 2.5 s), reading further only when a ``limit``
+        needs records past them."""
         config = self._config
         # Again once the journal is read to its end: a refused record judged before (in
         # a line not read yet while catching up) still took its place under the limit.
@@ -460,11 +470,21 @@ class RunDirSource:
         self._selected = None
         self._asked_judged = Counter()
         judged = {key[1] for key in self._status}
-        try:
-            source = DatasetSource(config.dataset, config.run.task, source_images=False)
-            samples = source.selected_samples(refused=self._refused, judged=judged)
-        except Exception:  # a dataset moved or gone: the ETA stays unknown
-            return
+        limit = config.dataset.limit
+        identities = self._identities
+        samples = None
+        if identities is not None:
+            samples = identities.selected(limit, refused=self._refused, judged=judged)
+        if samples is None:
+            # Under a limit, room for as many refusals again before reading further.
+            at_least = None if limit is None else limit + 2 * len(self._refused)
+            try:
+                source = DatasetSource(config.dataset, config.run.task, source_images=False)
+                identities = self._identities = source.sample_identities(at_least=at_least)
+            except Exception:  # a dataset moved or gone: the ETA stays unknown
+                return
+            samples = identities.selected(limit, refused=self._refused, judged=judged)
+            assert samples is not None, "read to the end, or far enough to fill the limit"
         self._samples_total = len(samples)
         self._judgements_total = _judgements_per_model(config, samples)
         self._selected = asked_by_config(config, samples)
