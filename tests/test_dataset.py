@@ -926,8 +926,8 @@ def test_a_run_directory_that_is_its_own_parquet_dataset_folder_runs_again(
     assert report.is_file()
     note = (
         f"dataset folder {folder} is itself a trig-stream run directory: left out 1 "
-        "parquet file(s) in its report and images folders: a run's reports are no dataset "
-        "records"
+        "parquet file(s) its report wrote (report/<model>/judgements.parquet): a run's "
+        "reports are no dataset records"
     )
     assert main(["validate", str(config)]) == EXIT_OK
     out = capsys.readouterr().out
@@ -949,6 +949,34 @@ def test_a_run_directory_that_is_its_own_parquet_dataset_folder_runs_again(
         f"{note}; dataset folder {folder}: left out 1 parquet file(s) in 1 trig-stream run "
         "directory inside it (more/r): a run's reports are no dataset records"
     ]
+
+
+def test_a_parquet_dataset_in_a_report_folder_of_its_own_run_directory_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every parquet file under report/ and images/ of a dataset folder that is its own run
+    # directory was left out, the dataset's own shards there too: its first run writes the
+    # manifest and journal before reading the dataset, then found no shard (exit 4).
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_OK
+
+    folder = tmp_path / "out" / "self"
+    shard = write_parquet_prompts(folder / "report", 4)
+    config = tmp_path / "config.toml"
+    run = f'name = "self"\noutput_dir = "{folder.parent}"'
+    config.write_text(
+        PQ_CONFIG.replace('name = "r"', run).replace('path = "."', f'path = "{folder}"')
+    )
+    assert main(["run", str(config), "--headless"]) == EXIT_OK
+    assert "done: 8 judgements" in capsys.readouterr().err
+    assert (folder / "report" / "a" / "judgements.parquet").is_file()
+    # A shard in a folder named like a model's beside it is the dataset's too.
+    (folder / "report" / "b").mkdir()
+    shard.rename(folder / "report" / "b" / "train.parquet")
+    source = DatasetSource(DatasetSection(path=folder), normalise_task("t2i"))
+    assert len([entry for entry in source if isinstance(entry, Sample)]) == 4
+    assert main(["run", str(config), "--headless"]) == EXIT_OK
+    assert "done: 0 judgements" in capsys.readouterr().err
 
 
 def test_prompts_of_a_folder_holding_a_run_directory_leave_it_out(tmp_path: Path) -> None:

@@ -20,16 +20,18 @@ from typing import Any
 from trig_stream.errors import DatasetError
 from trig_stream.files import open_regular_file
 from trig_stream.journal import holds_our_journal
-from trig_stream.manifest import IMAGES, MANIFEST, MANIFEST_HEAD_BYTES, manifest_head_is_ours
+from trig_stream.manifest import MANIFEST, MANIFEST_HEAD_BYTES, manifest_head_is_ours
 
 # Rows per polars batch: small when rows carry images (one p2p row holds a ~1.4 MB source
 # image), large for text-only files, where the per-batch cost dominates.
 PARQUET_BATCH_ROWS_WITH_IMAGES = 16
 PARQUET_BATCH_ROWS_TEXT = 1024
-RUN_OUTPUT_FOLDERS = ("report", IMAGES)
-"""The folders a run writes into its run directory: its final report (``trig-stream
-report``'s default folder) and its images. Left out of a dataset folder that is itself a
-run directory, the dataset's own shards beside them read."""
+REPORT_FOLDER = "report"
+"""``trig-stream report``'s default folder in a run directory (``report/<model>/``)."""
+
+JUDGEMENTS_FILE = "judgements.parquet"
+"""The parquet file a report writes per model: ``report/<model>/judgements.parquet`` in a
+run directory."""
 
 
 def read_json(path: Path) -> Iterator[Mapping[str, Any]]:
@@ -284,8 +286,8 @@ class ParquetShards:
     run_dirs: tuple[Path, ...] = ()
     """The run directories below the folder that hold those files."""
     own_left_out: int = 0
-    """Of ``left_out``, those in what a run wrote into the folder itself, when the folder
-    is a run directory (:data:`RUN_OUTPUT_FOLDERS`)."""
+    """Of ``left_out``, those a report wrote into the folder itself, when the folder is a
+    run directory (:func:`_own_report_files`)."""
 
 
 def _parquet_shards(folder: Path) -> ParquetShards:
@@ -297,9 +299,9 @@ def _parquet_shards(folder: Path) -> ParquetShards:
     trig-stream wrote: :func:`_is_run_dir`) is not walked: its reports are parquet files
     too, and a run writing into the folder of its own dataset would read them as shards on
     its next start. Their number is counted. When ``folder`` itself is a run directory (a
-    run whose ``output_dir``/``name`` is its dataset folder), the folders the run writes
-    there (:data:`RUN_OUTPUT_FOLDERS`) are left out the same way, and the dataset's own
-    shards beside them are read.
+    run whose ``output_dir``/``name`` is its dataset folder), only the files its report
+    wrote there are left out (:func:`_own_report_files`): the dataset's own shards may lie
+    anywhere in it, under ``report/`` or ``images/`` too.
 
     Raises:
         OSError: a folder below cannot be listed.
@@ -313,13 +315,14 @@ def _parquet_shards(folder: Path) -> ParquetShards:
     run_dirs: list[Path] = []
     seen = {os.path.realpath(folder)}
     own_left_out = 0
+    own: set[Path] = set()
     root_is_run_dir = _is_run_dir(folder)
     for top, folders, names in os.walk(folder, onerror=refuse, followlinks=True):
         if top == str(folder) and root_is_run_dir:
             # Only what the run writes is left out: the dataset's shards lie beside it.
-            own_left_out = sum(_count_parquet(folder / name) for name in RUN_OUTPUT_FOLDERS)
+            own = _own_report_files(folder)
+            own_left_out = len(own)
             left_out += own_left_out
-            folders[:] = [name for name in folders if name not in RUN_OUTPUT_FOLDERS]
         elif top != str(folder) and _is_run_dir(Path(top)):
             folders[:] = []
             found = _count_parquet(Path(top))
@@ -338,9 +341,28 @@ def _parquet_shards(folder: Path) -> ParquetShards:
         files.extend(
             Path(top, name)
             for name in names
-            if name.endswith(".parquet") and Path(top, name).is_file()
+            if name.endswith(".parquet")
+            and Path(top, name).is_file()
+            and (not own or Path(top, name) not in own)
         )
     return ParquetShards(sorted(files), left_out, tuple(sorted(run_dirs)), own_left_out)
+
+
+def _own_report_files(run_dir: Path) -> set[Path]:
+    """The files a report wrote in ``run_dir`` (``report/<model>/judgements.parquet``): the
+    only parquet files a run writes into its run directory. Any other parquet file there,
+    under ``report/`` or ``images/`` too, is the dataset's when the run directory is its
+    dataset folder (a run writes its manifest and journal before it reads the dataset, so
+    the folder is a run directory from its first run on)."""
+    try:
+        models = list(os.scandir(run_dir / REPORT_FOLDER))
+    except OSError:  # none, or not listable: the walk says so, if it must
+        return set()
+    return {
+        Path(run_dir, REPORT_FOLDER, model.name, JUDGEMENTS_FILE)
+        for model in models
+        if model.is_dir() and Path(model.path, JUDGEMENTS_FILE).is_file()
+    }
 
 
 def _count_parquet(run_dir: Path) -> int:
@@ -358,8 +380,8 @@ def _left_out_note(folder: Path, shards: ParquetShards) -> str:
         # The folder itself: a list of the run directories below would show it as ".".
         notes.append(
             f"dataset folder {folder} is itself a trig-stream run directory: left out "
-            f"{shards.own_left_out} parquet file(s) in its "
-            f"{' and '.join(RUN_OUTPUT_FOLDERS)} folders: a run's reports are no dataset "
+            f"{shards.own_left_out} parquet file(s) its report wrote "
+            f"({REPORT_FOLDER}/<model>/{JUDGEMENTS_FILE}): a run's reports are no dataset "
             "records"
         )
     dirs = shards.run_dirs

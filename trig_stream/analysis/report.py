@@ -22,11 +22,11 @@ from trig_stream.analysis.exports import (
     result_document,
 )
 from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputWriteError
+from trig_stream.dataset_formats import JUDGEMENTS_FILE
 from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.files import UnfitFileError, write_atomic_together
 from trig_stream.records import ScoredJudgement
 
-JUDGEMENTS_FILE = "judgements.parquet"
 PLOTS_FOLDER = "plots"
 MODEL_FILES = (
     "evaluation_result.json",
