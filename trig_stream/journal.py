@@ -236,11 +236,9 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
                     fingerprint.__dict__ != other.__dict__ for other in seen
                 ):
                     seen.append(fingerprint)
-                if (
-                    judgement.top_logprobs
-                    and SCORING_RULES_KEY not in fingerprint.params
-                    and scores_otherwise_now(judgement)
-                ):
+                # Lines of a trig-stream older than the rules in the fingerprint only: the
+                # check of their scores costs one pass over the list, a key lookup others.
+                if SCORING_RULES_KEY not in fingerprint.params and scores_otherwise_now(judgement):
                     otherwise = state.scored_otherwise.get(key[3])
                     if otherwise is None:
                         state.scored_otherwise[key[3]] = ScoredOtherwise(1, number, judgement)
