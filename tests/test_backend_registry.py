@@ -386,12 +386,38 @@ class Table(RootModel[dict[str, int]]):
     """Options that are a table of anything (keys of the user's own)."""
 
 
+class Board(RootModel[Aliased]):
+    """Options whose root is a model: its keys are that model's."""
+
+
+class Renamed(BaseModel):
+    """A field whose validation alias replaces its alias (which pydantic then ignores)."""
+
+    squares: int = Field(4, alias="serialised", validation_alias="given")
+
+
+class NamesOnly(BaseModel):
+    model_config = ConfigDict(validate_by_alias=False, validate_by_name=True)
+
+    squares: int = Field(4, alias="Squares")
+
+
 def test_plugin_options_take_the_keys_pydantic_reads_and_no_other() -> None:
     # A field's name beside an alias that pydantic does not read by name passed the check
     # and ran with the default; a RootModel's every key was refused.
-    for model, key in ((Aliased, "squares"), (Camel, "square_size")):
+    refused = (
+        (Aliased, "squares"),
+        (Camel, "square_size"),
+        (Board, "sqares"),
+        (Renamed, "serialised"),
+        (NamesOnly, "Squares"),
+    )
+    for model, key in refused:
         with pytest.raises(ValidationError, match="extra_forbidden"):
             validate_plugin_options(model, {key: 2})
+    assert validate_plugin_options(Board, {"Squares": 2}).root.squares == 2
+    assert validate_plugin_options(Renamed, {"given": 2}).squares == 2
+    assert validate_plugin_options(NamesOnly, {"squares": 2}).squares == 2
     assert validate_plugin_options(Aliased, {"Squares": 2}).squares == 2
     assert validate_plugin_options(Camel, {"squareSize": 2}).square_size == 2
     assert validate_plugin_options(AliasedByName, {"squares": 2}).squares == 2

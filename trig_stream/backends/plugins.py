@@ -194,18 +194,22 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
             error (a validator's ``RuntimeError``); an error of trig-stream's (a missing
             extra) comes out as it is.
     """
-    from pydantic import RootModel, ValidationError
+    from pydantic import BaseModel, RootModel, ValidationError
 
     from trig_stream.config import validate_table
     from trig_stream.errors import TrigStreamError
     from trig_stream.pipeline import describe_error
 
-    # "forbid": pydantic's own check; a RootModel has no keys of its own (its root type,
-    # a dict of anything, is checked by pydantic) and cannot set `extra`.
-    if model.model_config.get("extra") not in ("allow", "forbid") and not issubclass(
-        model, RootModel
-    ):
-        unknown = [key for key in table if key not in _keys_taken(model)]
+    # The model whose fields are the table's keys: a RootModel's root model, if its root is
+    # one (a RootModel of a dict takes any key, which pydantic's check of the dict's values
+    # covers).
+    keyed: type[BaseModel] | None = model
+    if issubclass(model, RootModel):
+        root = model.model_fields["root"].annotation
+        keyed = root if isinstance(root, type) and issubclass(root, BaseModel) else None
+    # "forbid": pydantic's own check.
+    if keyed is not None and keyed.model_config.get("extra") not in ("allow", "forbid"):
+        unknown = [key for key in table if key not in _keys_taken(keyed)]
         if unknown:
             raise ValidationError.from_exception_data(
                 model.__name__,
@@ -226,20 +230,21 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
 
 
 def _keys_taken(model: type[BaseModel]) -> set[str]:
-    """The keys ``model`` reads from a table: its fields' aliases, and their names where
-    pydantic reads those too (a field without an alias, or a model that validates by name
-    as well); a field's name beside an alias it does not read ran with the default."""
+    """The keys ``model`` reads from a table, as pydantic validates: its fields' validation
+    aliases (an ``alias`` is one, unless a ``validation_alias`` replaces it), unless the
+    model validates by name alone, and their names where it reads those too (a field
+    without an alias, or a model that validates by name as well). A key it does not read,
+    as a field's name beside its alias, ran with the default."""
     from pydantic import AliasChoices, AliasPath
 
     config = model.model_config
     by_name = bool(config.get("populate_by_name") or config.get("validate_by_name"))
+    by_alias = config.get("validate_by_alias", True) is not False
     keys: set[str] = set()
     for name, field in model.model_fields.items():
-        if by_name or (field.alias is None and field.validation_alias is None):
+        if by_name or field.validation_alias is None:
             keys.add(name)
-        if field.alias is not None:
-            keys.add(field.alias)
-        aliases = field.validation_alias
+        aliases = field.validation_alias if by_alias else None
         choices = aliases.choices if isinstance(aliases, AliasChoices) else [aliases]
         for choice in choices:
             if isinstance(choice, str):
