@@ -641,11 +641,13 @@ async def test_a_metric_failure_keeps_its_class(
 
 
 class CredentialsRevoked(FatalBackendError):
-    """A metric's own fatal error, with an attribute of its own."""
+    """A metric's own fatal error, with an attribute of its own and an ``__init__`` whose
+    arguments are not its message."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, *, status: int = 401) -> None:
         super().__init__(f"bad credentials for {service}")
         self.service = service
+        self.status = status
 
 
 @pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
@@ -680,8 +682,21 @@ async def test_a_fatal_error_two_judges_share_names_each_judge_alone(run_async: 
     with pytest.raises(CredentialsRevoked) as raised:
         await judge_once(second)
     assert str(raised.value) == "judge 'other' (fails metric): bad credentials for vision-api"
-    assert raised.value.service == "vision-api"
+    assert (raised.value.service, raised.value.status) == ("vision-api", 401)
     assert str(shared) == "bad credentials for vision-api"
+
+
+async def test_a_fatal_error_whose_init_takes_other_arguments_keeps_its_class() -> None:
+    # The copy called CredentialsRevoked(message, ...) again: its __init__ refused that, and
+    # a plain FatalBackendError came out in place of the metric's own class.
+    failure = CredentialsRevoked("vision-api", status=403)
+    failure.add_note("the key was revoked at 12:00")
+    with pytest.raises(CredentialsRevoked) as raised:
+        await judge_once(metric_judge(failing_metric(failure, run_async=True)))
+    assert str(raised.value) == "judge 'm' (fails metric): bad credentials for vision-api"
+    assert (raised.value.service, raised.value.status) == ("vision-api", 403)
+    raised.value.add_note("added to the copy")
+    assert failure.__notes__ == ["the key was revoked at 12:00"]
 
 
 async def test_a_batch_failing_for_the_service_fails_each_of_its_items_so() -> None:

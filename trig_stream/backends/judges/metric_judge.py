@@ -27,7 +27,6 @@ openai judge's timeouts. Without it a hung call holds its judgement and a gracef
 from __future__ import annotations
 
 import asyncio
-import copy
 import inspect
 import numbers
 import sys
@@ -365,9 +364,10 @@ class MetricJudge(Judge):
 
         A copy, to raise ``from`` it, so its class and attributes stay the metric's while
         the metric's own object stays as it was (one object a metric raises again, or two
-        judges' metrics share, was named by the first judge for all). An error that cannot
-        be copied, or whose ``__str__`` ignores ``args``, gets a FatalBackendError that names
-        them instead.
+        judges' metrics share, was named by the first judge for all). The copy is made
+        without calling the class's ``__init__``, whose arguments are the metric's own; an
+        error whose ``__str__`` ignores ``args`` gets a FatalBackendError that names them
+        instead.
         """
         name = f"judge {self.name!r} ({self.options.metric} metric)"
         text = str(exc)
@@ -375,9 +375,12 @@ class MetricJudge(Judge):
             return exc
         led = f"{name}: {text}"
         try:
-            named = copy.copy(exc)
-        except Exception:  # a class whose __init__ takes other arguments than its args
+            named = FatalBackendError.__new__(type(exc))
+            named.__dict__.update(vars(exc))
+        except Exception:  # a class of slots, or of a __new__ of its own
             return FatalBackendError(led)
+        if "__notes__" in vars(exc):
+            named.__notes__ = list(exc.__notes__)  # its own list: a note added goes to one
         named.args = (led,)
         return named if name in str(named) else FatalBackendError(led)
 
