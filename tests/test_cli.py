@@ -722,6 +722,58 @@ def test_make_tiny_models_keeps_the_users_folders(
     assert not (out / "vlm" / "notes.txt").exists()
 
 
+@pytest.mark.parametrize("missing", ["torch", "diffusers", "transformers"])
+def test_make_tiny_models_without_the_diffusers_extra_is_one_message(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    missing: str,
+) -> None:
+    # Each ended in a traceback and exit 1, leaving OUT made and empty: diffusers or
+    # transformers missing, a bare ModuleNotFoundError from a pipeline's part; torch missing
+    # (with safetensors, of the same extra), the check for a failed write's disk error.
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: import fails
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    out = tmp_path / "models"
+    assert main(["make-tiny-models", str(out)]) == EXIT_FATAL
+    assert " ".join(capsys.readouterr().err.split()) == (
+        f"error: {missing} is not installed; install it with: pip install 'trig-stream[diffusers]'"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("missing", ["torch", "diffusers", "transformers"])
+def test_the_tiny_model_builders_name_the_missing_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    # The pipelines' builder raised a bare ModuleNotFoundError for diffusers or transformers;
+    # the judge's called a missing torch transformers.
+    from trig_stream.errors import MissingExtraError
+    from trig_stream.testing.tiny_pipelines import build_tiny_pipeline
+    from trig_stream.testing.tiny_vlm import build_tiny_vlm
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: import fails
+    with pytest.raises(MissingExtraError, match=rf"^{missing} is not installed; .*\[diffusers\]"):
+        build_tiny_pipeline("flux", tmp_path / "flux")
+    if missing != "diffusers":  # the judge needs no diffusers
+        with pytest.raises(MissingExtraError, match=rf"^{missing} is not installed"):
+            build_tiny_vlm(tmp_path / "vlm")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_build_without_safetensors_is_no_disk_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Looking for the disk error behind a failed build imported safetensors: without it, a
+    # ModuleNotFoundError replaced the build's own error.
+    from trig_stream.testing.tiny_models import _as_os_error
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    assert _as_os_error(RuntimeError("the build's own error")) is None
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert _as_os_error(full) is full
+
+
 def _safetensors_full_disk(path: Path) -> Exception:
     from safetensors import SafetensorError
 

@@ -91,15 +91,29 @@ def make_tiny_models(args: argparse.Namespace, console: Console) -> int:
         0, or 3 when ``args.out`` cannot hold them (a file, a folder it cannot write, or a
         disk that fills up during a build: the models built before stay whole), or when
         something other than a folder stands at a model's name.
+
+    Raises:
+        MissingExtraError: a library the models to build need is not installed (checked
+            before anything is written).
     """
     from trig_stream.backends.library_logs import quiet_model_libraries
 
     # As `run`: no progress bars or advice from the model libraries (read as they import).
     quiet_model_libraries()
+    from trig_stream.testing import tiny_pipelines, tiny_vlm
     from trig_stream.testing.tiny_pipelines import build_tiny_pipeline
     from trig_stream.testing.tiny_vlm import build_tiny_vlm
 
     out: Path = args.out
+    # Before OUT is made: a missing library found by the first build left an empty folder.
+    needed = [name for name in TINY_MODELS if args.force or not _present(out, name)]
+    tiny_pipelines.require_packages(
+        dict.fromkeys(
+            package
+            for name in needed
+            for package in (tiny_vlm.PACKAGES if name == "vlm" else tiny_pipelines.PACKAGES)
+        )
+    )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -172,7 +186,10 @@ def _as_os_error(exc: Exception) -> OSError | None:
     """
     if isinstance(exc, OSError):
         return exc
-    from safetensors import SafetensorError
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # then no weights were written, and no write of them failed
+        return None
 
     if not isinstance(exc, SafetensorError):
         return None

@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
@@ -43,8 +45,22 @@ TINY_CALL: dict[TinyKind, dict[str, Any]] = {
 }
 """Call arguments that keep each kind fast (Flux pads T5 text to 512 tokens otherwise)."""
 
+PACKAGES: tuple[str, ...] = ("torch", "diffusers", "transformers")
+"""What building a tiny pipeline imports (all of the ``diffusers`` extra)."""
+
 _TEXT_WIDTH = 32
 _MAX_TOKENS = 77
+
+
+def require_packages(packages: Iterable[str]) -> None:
+    """Check that ``packages`` are installed, without importing them.
+
+    Raises:
+        MissingExtraError: the first of them that is not, naming the extra that brings it.
+    """
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise MissingExtraError(package, "diffusers")
 
 
 def build_tiny_pipeline(kind: TinyKind, path: str | Path, *, seed: int = 0) -> Path:
@@ -61,10 +77,11 @@ def build_tiny_pipeline(kind: TinyKind, path: str | Path, *, seed: int = 0) -> P
     Raises:
         MissingExtraError: diffusers, transformers or torch is not installed.
     """
-    try:
-        import torch
-    except ImportError as exc:
-        raise MissingExtraError("torch", "diffusers") from exc
+    # Up front: each is imported only where a part of the pipeline is made, and one found
+    # missing there ended in a bare ModuleNotFoundError.
+    require_packages(PACKAGES)
+    import torch
+
     path = Path(path)
     torch.manual_seed(seed)
     if kind == "flux":

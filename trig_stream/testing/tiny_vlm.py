@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from trig_stream.errors import MissingExtraError
+from trig_stream.testing.tiny_pipelines import require_packages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -28,6 +28,9 @@ IMAGE_SIZE: Final[int] = 32
 PATCH_SIZE: Final[int] = 8
 _SPECIALS: Final[tuple[str, ...]] = ("<pad>", "<s>", "</s>", IMAGE_TOKEN)
 _VOCAB_SIZE: Final[int] = 640
+
+PACKAGES: Final[tuple[str, ...]] = ("torch", "transformers")
+"""What building the tiny judge imports (both of the ``diffusers`` extra)."""
 
 CHAT_TEMPLATE: Final[str] = (
     "{% for message in messages %}"
@@ -56,18 +59,18 @@ def build_tiny_vlm(path: str | Path, *, seed: int = 0) -> Path:
     Raises:
         MissingExtraError: torch or transformers is not installed.
     """
-    try:
-        import torch
-        from transformers import (
-            CLIPImageProcessorPil,
-            CLIPVisionConfig,
-            LlamaConfig,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-            LlavaProcessor,
-        )
-    except ImportError as exc:
-        raise MissingExtraError("transformers", "diffusers") from exc
+    # Up front, naming the one missing (a missing torch was called transformers).
+    require_packages(PACKAGES)
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
     path = Path(path)
     tokenizer = trained_tokenizer()
     vocab = {token: _token_id(tokenizer, token) for token in _SPECIALS}
