@@ -494,6 +494,19 @@ async def test_missing_transformers_names_the_extra(
         await make_judge(tiny_vlm).open()
 
 
+@pytest.mark.parametrize("missing", ["torch", "transformers"])
+async def test_a_missing_library_is_named_by_the_check_and_the_open(
+    tiny_vlm: Path, monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    # validate (the check) said ok, and run (the open) said transformers for a missing torch.
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: import fails
+    named = rf"^{missing} is not installed; install it with: pip install 'trig-stream\[diffusers\]'"
+    with pytest.raises(MissingExtraError, match=named):
+        make_judge(tiny_vlm).check_environment()
+    with pytest.raises(MissingExtraError, match=named):
+        await make_judge(tiny_vlm).open()
+
+
 def test_fingerprint_names_model_and_settings(tiny_vlm: Path) -> None:
     fingerprint = make_judge(tiny_vlm, top_logprobs=20).fingerprint()
     assert fingerprint.backend == "transformers"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,17 @@ class TransformersJudge(Judge):
     # -- lifetime -----------------------------------------------------------------------------
 
     def check_environment(self) -> None:
-        """``model_path`` is a folder (the device is checked at load: it takes torch)."""
+        """torch and transformers are installed, and ``model_path`` is a folder (the device is
+        checked at load: it takes torch's device probing).
+
+        Raises:
+            MissingExtraError: torch or transformers is not installed.
+            FatalBackendError: ``model_path`` holds no model to load.
+        """
+        for package in ("torch", "transformers"):
+            # Not imported here (seconds): validate said ok, and run found them missing.
+            if importlib.util.find_spec(package) is None:
+                raise MissingExtraError(package, "diffusers")
         if not self.options.model_path.is_dir():
             raise FatalBackendError(
                 f"judge {self.name!r}: model_path {self.options.model_path} is not a folder (it "
@@ -187,7 +198,9 @@ class TransformersJudge(Judge):
             import torch
             import transformers
         except ImportError as exc:
-            raise MissingExtraError("transformers", "diffusers") from exc
+            # The one that failed: a missing torch was called transformers.
+            missing = (exc.name or "transformers").partition(".")[0]
+            raise MissingExtraError(missing, "diffusers") from exc
         self._torch = torch
         # A hard stop does not wait for the load (minutes, for a 7B model).
         await load_in_thread(
