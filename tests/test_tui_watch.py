@@ -945,6 +945,21 @@ def test_watch_without_a_terminal_prints_its_lines_to_stdout(
     assert err.startswith(f"warning: {run_dir / JOURNAL}: 1 line(s) are not judgements")
 
 
+def test_watch_on_a_terminal_without_textual_prints_its_lines_as_run_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It ended with "error: textual is not installed", exit 4, where `run` says how to get
+    # the dashboard and goes on with the plain lines.
+    run_dir = write_run_dir(tmp_path)
+    monkeypatch.setattr(watch_module, "full_screen_possible", lambda: True)
+    # As without textual: the app's import fails (textual's own modules are imported here).
+    monkeypatch.setitem(sys.modules, "trig_stream.tui.app", None)
+    assert main(["watch", str(run_dir)]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert out == "[finished] r (t2i) | m: ok 1, unscorable 0, error 0\n"
+    assert err == "no dashboard: install it with pip install 'trig-stream[tui]'\n"
+
+
 def test_watch_keeps_the_latest_errors_for_its_errors_view(tmp_path: Path) -> None:
     run_dir = write_run_dir(tmp_path)
     failed = [

@@ -1,9 +1,10 @@
 """``trig-stream watch RUN_DIR``: follow a run that another process writes, read-only.
 
 On a terminal the dashboard follows the run (``q``, or SIGINT, SIGTERM or SIGHUP, closes
-it; the run is not disturbed). Elsewhere (a log file, CI) a line is printed to stdout every
-``--interval`` seconds while the journal grows, until no process writes the run any more;
-warnings and errors go to stderr. Importing this module imports no textual.
+it; the run is not disturbed). Elsewhere (a log file, CI), or without textual, a line is
+printed to stdout every ``--interval`` seconds while the journal grows, until no process
+writes the run any more; warnings and errors go to stderr. Importing this module imports
+no textual.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import anyio
 from anyio.abc import TaskStatus
 from rich.console import Console
 
-from trig_stream.errors import MissingExtraError
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.progress import full_screen_possible
 from trig_stream.records import printable
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from trig_stream.tui.app import TrigDashboardApp
 
 DEFAULT_INTERVAL_S = 0.5
+
+NO_DASHBOARD = "no dashboard: install it with pip install 'trig-stream[tui]'"
+"""What ``run`` and ``watch`` say on a terminal without textual, before the plain lines."""
 
 
 def add_watch_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,9 +73,11 @@ def add_watch_command(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     """Run ``trig-stream watch``: the dashboard on a terminal, progress lines elsewhere.
 
+    On a terminal without textual (the ``tui`` extra), a note says how to install it, and
+    the progress lines follow, as for ``run``.
+
     Raises:
         RunDirError: ``run_dir`` is not a run directory, or stops being one while watched.
-        MissingExtraError: on a terminal, textual is not installed.
     """
     run_dir: Path = args.run_dir
     source = RunDirSource(run_dir)
@@ -80,13 +85,15 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     if full_screen_possible():
         try:
             from trig_stream.tui.app import TrigDashboardApp
-        except ImportError as exc:
-            raise MissingExtraError("textual", "tui") from exc
-        app = TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=args.interval)
-        signum = show_dashboard(app)
-        if app.source_error is not None:  # the run directory went away meanwhile
-            raise app.source_error
-        return EXIT_OK if signum is None else EXIT_INTERRUPTED
+        except ImportError:
+            # As `run` does: the progress lines below, and how to get the dashboard.
+            console.print(NO_DASHBOARD, highlight=False, markup=False)  # "[tui]" is no markup
+        else:
+            app = TrigDashboardApp(RunDirSource(run_dir), refresh_every_s=args.interval)
+            signum = show_dashboard(app)
+            if app.source_error is not None:  # the run directory went away meanwhile
+                raise app.source_error
+            return EXIT_OK if signum is None else EXIT_INTERRUPTED
     # The progress lines are what the command prints (`watch RUN > log`); warnings and
     # errors go where the other commands put theirs (``console``: stderr).
     out = CommandConsole(soft_wrap=True)
