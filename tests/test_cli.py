@@ -929,6 +929,19 @@ def test_validate_and_run_refuse_a_generator_key_no_header_can_carry(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_trio_run_without_trio_is_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # anyio's LookupError ("Backend 'trio' is not available") ended in a traceback, exit 1.
+    path = write_config(tmp_path)
+    monkeypatch.setitem(sys.modules, "trio", None)  # as if not installed: import fails
+    assert main(["run", str(path), "--headless", "--backend", "trio"]) == EXIT_FATAL
+    assert capsys.readouterr().err == (
+        "error: trio is not installed; install it with: pip install 'trig-stream[trio]'\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_validate_checks_what_the_backends_need_from_this_machine(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import (
     ConfigError,
     ConfigWriteError,
+    MissingExtraError,
     RunDirError,
     TrigStreamError,
     leaf_errors,
@@ -252,6 +254,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+        # anyio's LookupError ended in a traceback, exit 1.
+        raise MissingExtraError("trio", "trio")
     config = load_config(args.config)
     # Model libraries print progress bars and advice on every load; the run's own progress
     # says what matters. Set these variables to see them again.
