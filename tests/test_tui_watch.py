@@ -960,6 +960,28 @@ def test_watch_on_a_terminal_without_textual_prints_its_lines_as_run_does(
     assert err == "no dashboard: install it with pip install 'trig-stream[tui]'\n"
 
 
+def test_the_dashboard_names_without_textual_name_the_install() -> None:
+    # A bare ModuleNotFoundError ("No module named 'textual'"), where every other extra's
+    # error names the pip install.
+    code = (
+        "import sys\n"
+        "sys.modules['textual'] = None  # as if not installed: import fails\n"
+        "import trig_stream.tui as tui\n"
+        "from trig_stream.errors import MissingExtraError\n"
+        "for name in ('Dashboard', 'TrigDashboardApp', 'run_dashboard'):\n"
+        "    try:\n"
+        "        getattr(tui, name)\n"
+        "    except MissingExtraError as exc:\n"
+        "        print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    said = "textual is not installed; install it with: pip install 'trig-stream[tui]'"
+    assert out.stdout.splitlines() == [said] * 3
+
+
 def test_watch_keeps_the_latest_errors_for_its_errors_view(tmp_path: Path) -> None:
     run_dir = write_run_dir(tmp_path)
     failed = [

@@ -12,13 +12,15 @@ package.
 * :func:`add_watch_command`: the ``trig-stream watch RUN_DIR`` subcommand.
 
 Names that need textual are imported on first use, so ``trig_stream.tui.watch`` and the
-snapshot types stay usable (and cheap) without it.
+snapshot types stay usable (and cheap) without it; without it, those names raise
+:class:`~trig_stream.errors.MissingExtraError`, naming the ``pip install``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from trig_stream.errors import MissingExtraError
 from trig_stream.tui.snapshot import (
     DashboardSnapshot,
     Gauge,
@@ -71,4 +73,11 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'trig_stream.tui' has no attribute {name!r}")
     from importlib import import_module
 
-    return getattr(import_module(module), name)
+    try:
+        loaded = import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "textual":
+            raise
+        # As every other extra: the error names the install (it was a bare ModuleNotFoundError).
+        raise MissingExtraError("textual", "tui") from exc
+    return getattr(loaded, name)
