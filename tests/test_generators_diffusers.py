@@ -1457,6 +1457,66 @@ def test_with_process_isolation_the_check_imports_diffusers_in_a_child_alone(
     assert found["threads"] == torch.get_num_threads()
 
 
+CHECK_WITHOUT_A_LIBRARY = """
+import json, sys
+from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.errors import TrigStreamError
+
+outcomes = []
+for options in json.loads(sys.argv[1]):
+    try:
+        DiffusersGenerator("tiny", DiffusersOptions.model_validate(options)).check_environment()
+        outcomes.append("ok")
+    except TrigStreamError as exc:
+        outcomes.append(str(exc))
+print(json.dumps(outcomes))
+"""
+
+
+def test_a_pipeline_class_without_transformers_names_it(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    # Without transformers (or torch), diffusers exports placeholders for the pipelines that
+    # need it, and the check called FluxPipeline "not a diffusers pipeline (a
+    # DiffusionPipeline); check options.pipeline", in this process and in a check's child.
+    hidden = tmp_path / "site"
+    hidden.mkdir()
+    # Read by every Python started with it on the path, the check's spawned child included.
+    (hidden / "sitecustomize.py").write_text("import sys\nsys.modules['transformers'] = None\n")
+    options = tiny_options(tiny_pipelines["flux"], "flux")
+    cases = [options, {**options, "isolation": "process"}]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), str(ROOT)])}
+    checked = subprocess.run(
+        [sys.executable, "-c", CHECK_WITHOUT_A_LIBRARY, json.dumps(cases)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    missing = "transformers is not installed; install it with: pip install 'trig-stream[diffusers]'"
+    assert json.loads(checked.stdout.splitlines()[-1]) == [missing, missing]
+
+
+def test_a_placeholder_of_a_library_installed_is_no_missing_extra(
+    tiny_pipelines: dict[TinyKind, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # diffusers also leaves placeholders where it refuses a library's version: saying it is
+    # not installed would be false, and calling the class no pipeline sends the user to the
+    # wrong option.
+    import diffusers
+    from diffusers.utils import DummyObject
+
+    # As diffusers makes them (untyped: built by calling its metaclass).
+    placeholder = DummyObject("FluxPipeline", (), {"_backends": ["torch", "transformers"]})
+    monkeypatch.setattr(diffusers, "FluxPipeline", placeholder)
+    generator = make_generator(tiny_pipelines["flux"], "flux")
+    with pytest.raises(FatalBackendError, match=r"cannot use FluxPipeline here: it needs torch, "):
+        generator.check_environment()
+
+
 def test_a_stop_kills_the_child_checking_the_pipeline_classes(
     tiny_pipelines: dict[TinyKind, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

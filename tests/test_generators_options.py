@@ -382,6 +382,21 @@ def test_missing_extra_names_the_install(
         build_generator(config.generators[0], config)
 
 
+def test_missing_torch_is_named_before_diffusers_is_imported(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With diffusers but no torch, diffusers exports placeholder classes: the check called
+    # FluxPipeline "not a diffusers pipeline; check options.pipeline".
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if not installed: import fails
+    config = make_config(generators=[{"name": "g", "backend": "diffusers", "options": {
+        "preset": "flux"}}])  # fmt: skip
+    with pytest.raises(
+        MissingExtraError,
+        match=r"^torch is not installed; .*pip install 'trig-stream\[diffusers\]'",
+    ):
+        build_generator(config.generators[0], config)
+
+
 def test_generator_modules_import_nothing_heavy() -> None:
     code = (
         "import sys\n"

@@ -158,12 +158,14 @@ class DiffusersGenerator(Generator):
         """Build from a ``[[generators]]`` entry; checks the devices match ``workers``.
 
         Raises:
-            MissingExtraError: diffusers is not installed.
+            MissingExtraError: torch or diffusers is not installed.
             ConfigError: ``workers`` disagrees with ``devices``, or the input kind does not
                 serve the run's task.
         """
-        if importlib.util.find_spec("diffusers") is None:
-            raise MissingExtraError("diffusers", "diffusers")
+        # Every pipeline runs on torch: without it, diffusers offers placeholders only.
+        for package in ("torch", "diffusers"):
+            if importlib.util.find_spec(package) is None:
+                raise MissingExtraError(package, "diffusers")
         where = f"generator {entry.name!r}"
         devices = options.devices
         if devices and "workers" in entry.model_fields_set and entry.workers != len(devices):
@@ -221,7 +223,8 @@ class DiffusersGenerator(Generator):
         process, where no pipeline runs, never imports them.
 
         Raises:
-            MissingExtraError: diffusers is not installed.
+            MissingExtraError: diffusers is not installed, or a library the pipeline class
+                needs (torch, transformers).
             FatalBackendError: something above is missing or wrong.
         """
         with self._lock:

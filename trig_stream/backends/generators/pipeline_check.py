@@ -52,7 +52,7 @@ def check_in_child(
     ``started`` is given the child once it runs (a stop kills it: the check then fails).
 
     Raises:
-        MissingExtraError: diffusers is not installed.
+        MissingExtraError: diffusers is not installed, or a library the pipeline class needs.
         FatalBackendError: what the check found wrong, or the child died before it said.
     """
     context = multiprocessing.get_context("spawn")
@@ -83,7 +83,8 @@ def check_in_child(
         keep_alive.close()
     process.join()  # it exits once it has answered
     if kind == "missing":
-        raise MissingExtraError("diffusers", "diffusers")
+        package, extra = body if isinstance(body, tuple) else ("diffusers", "diffusers")
+        raise MissingExtraError(package, extra)
     if kind != "ok":
         raise FatalBackendError(str(body))
     return None if body is None else int(body)
@@ -101,14 +102,14 @@ def check(conn: Connection, lifeline: Connection, name: str, options_json: str) 
     from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 
     options = DiffusersOptions.model_validate_json(options_json)
-    answer: tuple[str, int | str | None]
+    answer: tuple[str, int | str | tuple[str, str] | None]
     try:
         generator = DiffusersGenerator(name, options.model_copy(update={"isolation": "thread"}))
         generator.check_environment()
         torch = sys.modules.get("torch")  # diffusers' pipelines import it
         answer = ("ok", None if torch is None else torch.get_num_threads())
-    except MissingExtraError:
-        answer = ("missing", None)
+    except MissingExtraError as exc:
+        answer = ("missing", (exc.package, exc.extra))  # torch or transformers, say
     except TrigStreamError as exc:
         answer = ("fatal", str(exc))
     except Exception as exc:  # the parent must hear why: a pipeline module that fails, say

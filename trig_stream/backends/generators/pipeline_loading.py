@@ -10,6 +10,7 @@ its caller, which imports them: importing this module imports neither.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -25,7 +26,7 @@ from trig_stream.backends.generators.diffusers_options import (
     size_problem,
 )
 from trig_stream.backends.generators.pipeline_calls import check_call_arguments
-from trig_stream.errors import FatalBackendError
+from trig_stream.errors import FatalBackendError, MissingExtraError
 from trig_stream.pipeline import describe_error
 
 logger = logging.getLogger(__name__)
@@ -69,13 +70,15 @@ def find_pipeline_class(name: str, spec: PipelineSpec, diffusers: Any) -> Any:
     ``module:attribute``.
 
     Raises:
+        MissingExtraError: diffusers has only a placeholder for it, as torch or transformers
+            is not installed.
         FatalBackendError: there is none of that name.
     """
     pipeline = spec.pipeline
     if ":" in pipeline:
         module_name, _, attr = pipeline.partition(":")
         try:
-            return getattr(importlib.import_module(module_name), attr)
+            found = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError, ValueError, TypeError) as exc:
             # ValueError, TypeError: a name importlib refuses ("Empty module name", or a
             # relative one without a package), which the options' check lets through only
@@ -84,15 +87,46 @@ def find_pipeline_class(name: str, spec: PipelineSpec, diffusers: Any) -> Any:
                 f"generator {name!r}: cannot import pipeline {pipeline!r}: {exc}; check "
                 "options.pipeline ('module:Class', the module importable from here)"
             ) from exc
+        _check_not_placeholder(name, pipeline, diffusers, found)
+        return found
     found = getattr(diffusers, pipeline, None)
     if found is None:
         raise FatalBackendError(
             f"generator {name!r}: diffusers {diffusers.__version__} has no pipeline class "
             f"{pipeline!r}; check options.pipeline or upgrade diffusers"
         )
+    _check_not_placeholder(name, pipeline, diffusers, found)
     if pipeline_class_without_call(diffusers, found):
         return _saved_class(name, spec, diffusers, found)
     return found
+
+
+_EXTRA_BACKENDS = ("torch", "transformers")
+"""The libraries diffusers' pipelines need that the ``diffusers`` extra installs."""
+
+
+def _check_not_placeholder(name: str, pipeline: str, diffusers: Any, found: Any) -> None:
+    """Refuse one of diffusers' placeholder classes: without a library its class needs
+    (torch, transformers), diffusers exports a stand-in that raises once used, and the class
+    was called no pipeline ("check options.pipeline").
+
+    Raises:
+        MissingExtraError: the library missing is one the ``diffusers`` extra installs.
+        FatalBackendError: diffusers finds another, or one that is installed, unusable.
+    """
+    placeholder = getattr(getattr(diffusers, "utils", None), "DummyObject", None)
+    if not (isinstance(placeholder, type) and isinstance(found, placeholder)):
+        return
+    needs = [str(backend) for backend in getattr(found, "_backends", ())]
+    for backend in needs:
+        if backend in _EXTRA_BACKENDS and importlib.util.find_spec(backend) is None:
+            raise MissingExtraError(backend, "diffusers")
+    raise FatalBackendError(
+        f"generator {name!r}: diffusers {diffusers.__version__} cannot use {pipeline} here: "
+        f"it needs {', '.join(needs) or 'libraries'} and finds one of them missing, or of a "
+        "version it does not take; install (or upgrade) them, or the diffusers extra "
+        "(pip install 'trig-stream[diffusers]')"
+    )
 
 
 def pipeline_class_without_call(diffusers: Any, pipeline_class: Any) -> bool:
