@@ -536,7 +536,7 @@ def _sole_error() -> Iterator[None]:
 
 def _dashboard(args: argparse.Namespace, console: Console) -> Any:
     """``run_dashboard`` when the dashboard can be shown here, else None (plain progress)."""
-    from trig_stream.progress import full_screen_possible
+    from trig_stream.progress import NO_DASHBOARD, full_screen_possible
 
     if not full_screen_possible() or args.backend != "asyncio":
         return None
@@ -544,7 +544,7 @@ def _dashboard(args: argparse.Namespace, console: Console) -> Any:
         from trig_stream.tui.run import run_dashboard
     except ImportError:
         console.print(
-            "no dashboard: install it with pip install 'trig-stream[tui]'",
+            NO_DASHBOARD,
             highlight=False,
             markup=False,  # its "[tui]" is no markup
         )

@@ -25,7 +25,8 @@ Per-item failures never escape the engine as exceptions: they become judgements 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib.util
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -72,6 +73,17 @@ class MissingExtraError(TrigStreamError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+def require_installed(packages: Iterable[str], extra: str) -> None:
+    """Check that ``packages`` are installed, without importing them (seconds for torch).
+
+    Raises:
+        MissingExtraError: the first of them that is not, naming ``extra``, which brings it.
+    """
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise MissingExtraError(package, extra)
 
 
 class BackendError(TrigStreamError):

@@ -18,6 +18,9 @@ LOG_EVERY_S = 10.0
 """How often a line is printed when the output is not a terminal (a log file, CI)."""
 
 
+NO_DASHBOARD = "no dashboard: install it with pip install 'trig-stream[tui]'"
+"""What ``run`` and ``watch`` say on a terminal without textual, before the plain lines."""
+
 DUMB_TERMINALS = ("dumb", "unknown")
 """``TERM`` values of terminals that cannot move the cursor (an editor's shell, some CI
 logs): no full-screen app nor a line redrawn in place there (rich's list)."""

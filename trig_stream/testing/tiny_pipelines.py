@@ -15,12 +15,11 @@ Example::
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
-from trig_stream.errors import MissingExtraError
+from trig_stream.errors import require_installed
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -58,9 +57,7 @@ def require_packages(packages: Iterable[str]) -> None:
     Raises:
         MissingExtraError: the first of them that is not, naming the extra that brings it.
     """
-    for package in packages:
-        if importlib.util.find_spec(package) is None:
-            raise MissingExtraError(package, "diffusers")
+    require_installed(packages, "diffusers")
 
 
 def build_tiny_pipeline(kind: TinyKind, path: str | Path, *, seed: int = 0) -> Path:

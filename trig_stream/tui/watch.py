@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 from rich.console import Console
 
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK
-from trig_stream.progress import full_screen_possible
+from trig_stream.progress import NO_DASHBOARD, full_screen_possible
 from trig_stream.records import printable
 from trig_stream.signals import (
     is_hangup,
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
     from trig_stream.tui.app import TrigDashboardApp
 
 DEFAULT_INTERVAL_S = 0.5
-
-NO_DASHBOARD = "no dashboard: install it with pip install 'trig-stream[tui]'"
-"""What ``run`` and ``watch`` say on a terminal without textual, before the plain lines."""
 
 
 def add_watch_command(subparsers: Any) -> argparse.ArgumentParser:

@@ -27,8 +27,6 @@ torch and diffusers are imported in ``load`` and ``check_environment`` (with
 from __future__ import annotations
 
 import gc
-import importlib
-import importlib.util
 import logging
 import threading
 from collections.abc import Sequence
@@ -64,6 +62,7 @@ from trig_stream.errors import (
     FatalBackendError,
     ItemError,
     MissingExtraError,
+    require_installed,
 )
 from trig_stream.pipeline import describe_error
 
@@ -163,9 +162,7 @@ class DiffusersGenerator(Generator):
                 serve the run's task.
         """
         # Every pipeline runs on torch: without it, diffusers offers placeholders only.
-        for package in ("torch", "diffusers"):
-            if importlib.util.find_spec(package) is None:
-                raise MissingExtraError(package, "diffusers")
+        require_installed(("torch", "diffusers"), "diffusers")
         where = f"generator {entry.name!r}"
         devices = options.devices
         if devices and "workers" in entry.model_fields_set and entry.workers != len(devices):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,13 @@ from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.backends.threads import load_in_thread
 from trig_stream.config_fields import OPTIONS_CONFIG, DeviceName
-from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError, RetryableError
+from trig_stream.errors import (
+    FatalBackendError,
+    ItemError,
+    MissingExtraError,
+    RetryableError,
+    require_installed,
+)
 from trig_stream.pipeline import describe_error
 from trig_stream.records import JudgeFingerprint
 from trig_stream.scoring import SCORING_RULES, Scorer
@@ -163,10 +168,8 @@ class TransformersJudge(Judge):
             MissingExtraError: torch or transformers is not installed.
             FatalBackendError: ``model_path`` holds no model to load.
         """
-        for package in ("torch", "transformers"):
-            # Not imported here (seconds): validate said ok, and run found them missing.
-            if importlib.util.find_spec(package) is None:
-                raise MissingExtraError(package, "diffusers")
+        # Not imported here (seconds): validate said ok, and run found them missing.
+        require_installed(("torch", "transformers"), "diffusers")
         if not self.options.model_path.is_dir():
             raise FatalBackendError(
                 f"judge {self.name!r}: model_path {self.options.model_path} is not a folder (it "
