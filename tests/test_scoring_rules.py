@@ -187,3 +187,53 @@ async def test_a_run_dir_of_other_scoring_rules_is_refused_naming_them(
             f"({SCORING_RULES - 1}), and this one scores by rules {SCORING_RULES}"
         ) in str(raised.value)
         assert "Use --new-run" in str(raised.value)
+
+
+@pytest.mark.parametrize("value", [None, "x", {"v": 1}, 1.5], ids=["null", "text", "dict", "float"])
+async def test_a_run_dir_of_scoring_rules_that_are_no_number_is_refused_naming_the_field(
+    make_config: ConfigFactory, value: Any
+) -> None:
+    # An edited manifest, or a third-party judge's own value there, was compared with the
+    # config's rules as a number: a TypeError traceback from validate and run.
+    config = make_config(samples=2)
+    await run_to_end(config)
+    configured = read_manifest(config.run_dir)
+    data = json.loads((config.run_dir / MANIFEST).read_text())
+    data["judges"]["trigscore"]["params"]["scoring_rules"] = value
+    (config.run_dir / MANIFEST).write_text(json.dumps(data))
+    journal = config.run_dir / JOURNAL
+    written = f'"scoring_rules":{json.dumps(value, separators=(",", ":"))},'
+    journal.write_text(journal.read_text().replace(f'"scoring_rules":{SCORING_RULES},', written))
+    said = (
+        f"judge 'trigscore': params.scoring_rules {json.dumps(value)} in the run dir, "
+        f"{SCORING_RULES} in the config"
+    )
+    with pytest.raises(FingerprintMismatch) as validated:
+        store.check_resume(config.run_dir, configured)
+    assert said in str(validated.value)
+    with pytest.raises(FingerprintMismatch) as ran:
+        await run_to_end(config)
+    assert said in str(ran.value)
+
+
+_METRIC = {"backend": "metric", "model": "nsfw", "params": {"metric": "nsfw"}}
+
+
+@pytest.mark.parametrize("stored_is_metric", [False, True], ids=["to-metric", "from-metric"])
+def test_a_judge_of_another_backend_under_the_name_is_not_said_to_score_by_other_rules(
+    stored_is_metric: bool,
+) -> None:
+    # A judge replaced by one of another backend (fake -> metric) was said to have judged
+    # "under trig-stream's later scoring rules (1), and this one scores by rules not set".
+    fake = {"backend": "fake", "model": "fake", "params": {"scoring_rules": SCORING_RULES}}
+    stored, configured = (_METRIC, fake) if stored_is_metric else (fake, _METRIC)
+    manifest = Manifest(run_name="r", task="t2i", judges={"trigscore": stored})
+    found = manifest.differences(Manifest(run_name="r", task="t2i", judges={"trigscore": configured}))
+    rules = (
+        ("not set", str(SCORING_RULES)) if stored_is_metric else (str(SCORING_RULES), "not set")
+    )
+    assert (
+        f"judge 'trigscore': params.scoring_rules {rules[0]} in the run dir, {rules[1]} in the "
+        "config"
+    ) in found
+    assert not any("scores by rules" in line for line in found)

@@ -149,8 +149,10 @@ class Manifest(BaseModel):
                     stored_entry = _auto_dtype_as_configured(stored_entry, theirs[name])
                 for key, stored, configured in _changed_fields(stored_entry, theirs[name], same):
                     if kind == "judges" and key == f"params.{SCORING_RULES_KEY}":
-                        found.append(_other_scoring_rules(name, stored, configured))
-                        continue
+                        same_backend = stored_entry.get("backend") == theirs[name].get("backend")
+                        if said := _other_scoring_rules(name, stored, configured, same_backend):
+                            found.append(said)
+                            continue
                     found.append(
                         f"{kind[:-1]} {name!r}: {key} {stored} in the run dir, {configured} in "
                         "the config"
@@ -260,20 +262,33 @@ class Manifest(BaseModel):
         )
 
 
-def _other_scoring_rules(name: str, stored: str, configured: str) -> str:
+def _other_scoring_rules(
+    name: str, stored: str, configured: str, same_backend: bool
+) -> str | None:
     """The difference of a judge's scoring rules, in words (``stored`` and ``configured`` as
-    :func:`_changed_fields` gives them: JSON text)."""
+    :func:`_changed_fields` gives them: JSON text). None when the rules do not explain it: a
+    judge of another backend under the same name, a side that is no rules number (a
+    third-party judge's own value, an edited manifest), or rules this judge no longer sets;
+    the caller then names the field as it names any other."""
+    if not same_backend or not _is_rules(configured):
+        return None
     if stored == "not set":
         return (
             f"judge {name!r}: judged under an earlier trig-stream's scoring rules (before "
             f"{configured}), and this one scores by rules {configured}"
         )
-    later = configured == "not set" or json.loads(stored) > json.loads(configured)
-    when = "later" if later else "earlier"
+    if not _is_rules(stored):
+        return None
+    when = "later" if int(stored) > int(configured) else "earlier"
     return (
         f"judge {name!r}: judged under trig-stream's {when} scoring rules ({stored}), and this "
         f"one scores by rules {configured}: its scores would not compare with those stored"
     )
+
+
+def _is_rules(written: str) -> bool:
+    """Whether ``written``, a value in JSON, is a scoring rules number: an int."""
+    return re.fullmatch(r"-?[0-9]+", written) is not None
 
 
 def _scoring_rules_as_entry(line: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
