@@ -16,7 +16,7 @@ import anyio.lowlevel
 import numpy as np
 import pytest
 from PIL import Image
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import cli, exit_codes
@@ -386,6 +386,37 @@ def test_a_metric_options_key_its_plain_pydantic_model_does_not_take_is_refused(
     judge = build_judge(config.judges[0], config)
     assert isinstance(judge, MetricJudge)
     assert judge.metric.options == Threshold.Options(threshold=0.9)
+
+
+class Aliased(Threshold):
+    """A metric whose strict Options field is read by its alias alone."""
+
+    name: ClassVar[str] = "aliased"
+
+    class Options(BaseModel):  # type: ignore[assignment]
+        model_config = ConfigDict(extra="forbid")
+
+        thr: float = Field(0.5, alias="threshold")
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [("treshold", "did you mean 'threshold'?"), ("thr", "this table takes: threshold")],
+)
+def test_the_hint_of_an_unknown_metric_options_key_names_the_alias_it_takes(
+    make_config: ConfigFactory, key: str, hint: str
+) -> None:
+    # The field's name, which the model does not read, was offered: "thr: unknown key; did
+    # you mean 'thr'?", "this table takes: thr".
+    register_metric(Aliased.name, Aliased)
+    entry: dict[str, object] = {"name": "m", "backend": "metric"}
+    entry["options"] = {"metric": "aliased", "metric_options": {key: 0.3}}
+    with pytest.raises(
+        ConfigError, match=re.escape(f"metric_options of 'aliased': {key}: unknown key; {hint}")
+    ):
+        make_config(judges=[entry])
+    entry["options"] = {"metric": "aliased", "metric_options": {"threshold": 0.3}}
+    make_config(judges=[entry])
 
 
 def test_a_metric_options_validator_raising_no_value_error_is_a_config_error(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final, TypeAlias, get_args
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from trig_stream.records import storable_text
@@ -239,15 +240,41 @@ def _known_keys_hint(model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
     for part in loc[:-1]:
         if isinstance(part, int) or _is_validator_step(part):
             continue  # a list's index, or a validator's name
-        field = table.model_fields.get(part) if table else None
+        field = fields_by_key(table).get(str(part)) if table else None
         table = _model_in(field.annotation) if field else None
     if table is None:
         return ""
-    known = [name for name in table.model_fields if not name.startswith("_")]
+    known = [key for key in fields_by_key(table) if not key.startswith("_")]
     close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
     if close:
         return f"; did you mean {close[0]!r}?"
     return f"; this table takes: {', '.join(known)}"
+
+
+def fields_by_key(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """The keys ``model`` reads from a table, in its fields' order, each with its field, as
+    pydantic validates: a field's validation aliases (an ``alias`` is one, unless a
+    ``validation_alias`` replaces it), unless the model validates by name alone, and its
+    name where the model reads that too (a field without an alias, or a model that
+    validates by name as well). A key it does not read, as a field's name beside its alias,
+    runs with the default."""
+    from pydantic import AliasChoices, AliasPath
+
+    config = model.model_config
+    by_name = bool(config.get("populate_by_name") or config.get("validate_by_name"))
+    by_alias = config.get("validate_by_alias", True) is not False
+    keys: dict[str, FieldInfo] = {}
+    for name, field in model.model_fields.items():
+        if by_name or field.validation_alias is None:
+            keys.setdefault(name, field)
+        aliases = field.validation_alias if by_alias else None
+        choices = aliases.choices if isinstance(aliases, AliasChoices) else [aliases]
+        for choice in choices:
+            if isinstance(choice, str):
+                keys.setdefault(choice, field)
+            elif isinstance(choice, AliasPath) and isinstance(choice.path[0], str):
+                keys.setdefault(choice.path[0], field)
+    return keys
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

@@ -197,6 +197,7 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
     from pydantic import BaseModel, RootModel, ValidationError
 
     from trig_stream.config import validate_table
+    from trig_stream.config_problems import fields_by_key
     from trig_stream.errors import TrigStreamError
     from trig_stream.pipeline import describe_error
 
@@ -209,7 +210,8 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
         keyed = root if isinstance(root, type) and issubclass(root, BaseModel) else None
     # "forbid": pydantic's own check.
     if keyed is not None and keyed.model_config.get("extra") not in ("allow", "forbid"):
-        unknown = [key for key in table if key not in _keys_taken(keyed)]
+        taken = fields_by_key(keyed)
+        unknown = [key for key in table if key not in taken]
         if unknown:
             raise ValidationError.from_exception_data(
                 model.__name__,
@@ -229,26 +231,3 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
         ) from exc
 
 
-def _keys_taken(model: type[BaseModel]) -> set[str]:
-    """The keys ``model`` reads from a table, as pydantic validates: its fields' validation
-    aliases (an ``alias`` is one, unless a ``validation_alias`` replaces it), unless the
-    model validates by name alone, and their names where it reads those too (a field
-    without an alias, or a model that validates by name as well). A key it does not read,
-    as a field's name beside its alias, ran with the default."""
-    from pydantic import AliasChoices, AliasPath
-
-    config = model.model_config
-    by_name = bool(config.get("populate_by_name") or config.get("validate_by_name"))
-    by_alias = config.get("validate_by_alias", True) is not False
-    keys: set[str] = set()
-    for name, field in model.model_fields.items():
-        if by_name or field.validation_alias is None:
-            keys.add(name)
-        aliases = field.validation_alias if by_alias else None
-        choices = aliases.choices if isinstance(aliases, AliasChoices) else [aliases]
-        for choice in choices:
-            if isinstance(choice, str):
-                keys.add(choice)
-            elif isinstance(choice, AliasPath) and isinstance(choice.path[0], str):
-                keys.add(choice.path[0])
-    return keys
