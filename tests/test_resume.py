@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import re
 import stat
 import subprocess
@@ -1920,7 +1921,8 @@ def test_a_journal_whose_run_directory_moved_during_the_run_stops_it(
         if then == "replaced":
             run_dir.mkdir()
             (run_dir / JOURNAL).write_bytes((tmp_path / "big-moved" / JOURNAL).read_bytes())
-        with pytest.raises(RunDirError, match="was moved or replaced while the run went on"):
+        said = "deleted" if then == "moved" else "replaced"  # nothing at its path, or another
+        with pytest.raises(RunDirError, match=f"was moved or {said} while the run went on"):
             journal.append([digest_record("ok", "IQ-R_IQ-O_2")])
     finally:
         journal.close()
@@ -1952,14 +1954,43 @@ async def test_a_run_directory_moved_during_the_run_stops_it_not_made_again(
     config = make_config(samples=6)
     moved_to = tmp_path / "moved"
     generator = MovesTheRunDir(config.run_dir, moved_to)
-    with pytest.raises(RunDirError, match="was moved or replaced while the run went on") as raised:
+    with pytest.raises(RunDirError, match="was moved or deleted while the run went on") as raised:
         await run_to_end(config, generators=[generator])
-    assert f"put it back at {config.run_dir}" in str(raised.value)
+    assert f"If it was moved, put it back at {config.run_dir}" in str(raised.value)
     assert not config.run_dir.exists()  # never made again
     assert (moved_to / MANIFEST).is_file()
     # Everything the run wrote is in the one place, each image its lines name included.
     for judgement in read_journal(moved_to / JOURNAL):
         assert judgement.image is not None and (moved_to / judgement.image).is_file()
+
+
+class DeletesTheRunDir(MovesTheRunDir):
+    """A synthetic generator that deletes the run directory during its second call: gone
+    from its path at once (renamed to ``moved_to`` first), as the run sees ``rm -rf`` end,
+    while an image write in flight may meet the half-deleted folder."""
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Any]:
+        if len(self.calls) == 1:
+            self.run_dir.rename(self.moved_to)
+            shutil.rmtree(self.moved_to)
+        return SyntheticGenerator.generate(self, requests, worker=worker, cancel=cancel)
+
+
+async def test_a_run_directory_deleted_during_the_run_is_not_said_to_be_there_to_put_back(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # `rm -rf runs/mv` mid-run was told "was moved or replaced ... put it back at runs/mv":
+    # nothing to put back.
+    config = make_config(samples=6)
+    generator = DeletesTheRunDir(config.run_dir, tmp_path / "deleting")
+    with pytest.raises(RunDirError) as raised:
+        await run_to_end(config, generators=[generator])
+    said = str(raised.value)
+    assert f"the run directory {config.run_dir} was moved or deleted while the run went on" in said
+    assert "if it was deleted, the same command starts the run afresh" in said
+    assert not config.run_dir.exists()
 
 
 def test_a_damaged_journal_line_is_described_without_its_control_characters() -> None:

@@ -359,7 +359,17 @@ class Journal:
 
 
 def moved_or_replaced(run_dir: Path) -> str:
-    """The error of a run whose directory was renamed, moved or replaced while it ran."""
+    """The error of a run whose directory was renamed, moved, replaced or deleted while it
+    ran: with nothing left at its path, the advice fits a move and a deletion both."""
+    if not os.path.lexists(run_dir):
+        return (
+            f"the run directory {run_dir} was moved or deleted while the run went on: "
+            "stopping, since what is written now would be split from the results already "
+            f"there, or lost. If it was moved, put it back at {run_dir} and run the same "
+            "command again to resume (or resume it where it is now, with [run] name and "
+            "output_dir naming that place); if it was deleted, the same command starts the "
+            "run afresh"
+        )
     return (
         f"the run directory {run_dir} was moved or replaced while the run went on: stopping, "
         "since what is written now would be split from the results already there; put it "
