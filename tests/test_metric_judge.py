@@ -613,6 +613,31 @@ async def test_a_metric_load_returning_an_awaitable_fails_the_open() -> None:
         await judge.open()
 
 
+class CheckGivesACoroutine(Blur):
+    """A plain ``def check_environment`` that returns a coroutine."""
+
+    name: ClassVar[str] = "check_gives_a_coroutine"
+
+    def check_environment(self) -> None:
+        return cast("None", self._check())
+
+    async def _check(self) -> None:
+        raise AssertionError("never awaited")
+
+
+def test_a_metric_check_environment_returning_an_awaitable_fails_the_check() -> None:
+    # It was called and its coroutine dropped: the check never ran, and the run went on.
+    judge = metric_judge(CheckGivesACoroutine)
+    with pytest.raises(
+        FatalBackendError,
+        match=re.escape(
+            "judge 'm': its metric's check_environment() returned coroutine, an awaitable that "
+            "nothing awaits"
+        ),
+    ):
+        judge.check_environment()
+
+
 def failing_metric(failure: BaseException, *, run_async: bool) -> type[ImageMetric]:
     """A metric whose ``compute`` raises ``failure`` the first time it sees each item."""
 

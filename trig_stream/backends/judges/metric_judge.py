@@ -240,8 +240,11 @@ class MetricJudge(Judge):
 
         Raises:
             MissingExtraError: the metric's optional dependencies are not installed.
+            FatalBackendError: the metric's check returned an awaitable, never awaited.
         """
-        self.metric.check_environment()
+        blocking_hook(
+            self.metric.check_environment, f"judge {self.name!r}: its metric's check_environment()"
+        )()
 
     def opening(self) -> str:
         return f"loading the {self.options.metric} metric"
