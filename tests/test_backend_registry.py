@@ -161,6 +161,11 @@ class ReturnsNothing(Flat):
 class NoKey(Constant):
     def __init__(self, name, options, **kwargs):
         raise KeyError("TP_API_KEY")
+
+
+class AsyncLoad(Flat):
+    async def load(self):
+        raise AssertionError("never awaited")
 '''
 
 GENERATORS = {
@@ -176,6 +181,7 @@ GENERATORS = {
     "tp_abstract": "thirdparty_backends:Abstract",
     "tp_no_gpu": "thirdparty_backends:NoGPU",
     "tp_returns_nothing": "thirdparty_backends:ReturnsNothing",
+    "tp_async_load": "thirdparty_backends:AsyncLoad",
 }
 JUDGES = {
     "tp_constant": "thirdparty_backends:Constant",
@@ -473,6 +479,13 @@ BROKEN = [
     ("generators", "tp_dict_options", "is DictOptions, whose Options is {'grey': <class 'int'>}"),
     ("generators", "tp_no_from_config", "is NoFromConfig, which has no from_config: give the"),
     ("generators", "tp_abstract", "is Abstract, an abstract class: it does not define generate"),
+    # Was named without its entry point and distribution (only the instance was checked).
+    (
+        "generators",
+        "tp_async_load",
+        "is AsyncLoad, whose load() is a coroutine function (async def), and the engine calls "
+        "it in a worker thread, where nothing would await it: define it as a plain `def load(",
+    ),
     # sys.exit() on import ended validate and run with its code (3: "run directory refused")
     # and no message; KeyboardInterrupt as a Ctrl-C (exit 130).
     ("judges", "tp_exits", "cannot be imported: SystemExit: 3; fix or reinstall the package"),
@@ -637,15 +650,16 @@ async def test_a_backend_hook_called_in_a_thread_that_is_async_is_refused(
 ) -> None:
     # Its coroutine was never awaited: the run went on as if the generator had loaded, with
     # a RuntimeWarning alone.
-    register_backend("generators", "async_load", AsyncLoadBoard)
-    config = make_config(samples=2, generators=[{"name": "g", "backend": "async_load"}])
     message = (
-        "generator 'g' (AsyncLoadBoard): its load() is a coroutine function (async def), and "
-        "the engine calls it in a worker thread, where nothing would await it: define it as a "
-        "plain `def load(...)`"
+        "generator backend 'async_load' is AsyncLoadBoard, whose load() is a coroutine function "
+        "(async def), and the engine calls it in a worker thread, where nothing would await "
+        "it: define it as a plain `def load(...)`"
     )
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        Engine(config)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        register_backend("generators", "async_load", AsyncLoadBoard)
+    generator = AsyncLoadBoard("g", AsyncLoadBoard.Options())
+    with pytest.raises(ConfigError, match=re.escape("generator 'g' (AsyncLoadBoard): its load()")):
+        Engine(make_config(samples=2), generators=[generator])
     judge = AsyncPrepareHalves("h", AsyncPrepareHalves.Options())
     with pytest.raises(
         ConfigError, match=re.escape("judge 'h' (AsyncPrepareHalves): its prepare()")

@@ -68,7 +68,8 @@ def register_backend(kind: Kind, name: str, backend: type) -> None:
         ValueError: ``kind`` is neither ``"generators"`` nor ``"judges"``.
         TypeError: ``backend`` is no class that can be used: not a subclass of
             :class:`~trig_stream.backends.base.Generator` (or ``Judge``), no ``Options``
-            pydantic model, no ``from_config``, or abstract.
+            pydantic model, no ``from_config``, abstract, or a method the engine calls in
+            a worker thread defined as ``async def``.
     """
     if kind not in _BUILTIN:
         raise ValueError(f"kind is 'generators' or 'judges', not {kind!r}")
@@ -159,6 +160,16 @@ def _checked(kind: Kind, name: str, obj: object, where: str = "") -> BackendClas
             "`from_config(entry, options, config)` classmethod that returns an instance"
         )
     check_concrete(described, cls)
+    hooks = _GENERATOR_BLOCKING_HOOKS if kind == "generators" else _JUDGE_BLOCKING_HOOKS
+    for hook in hooks:
+        # Refused here too, not only on the instance, so that the message names the entry
+        # point and distribution that declare the class.
+        if _is_coroutine_function(getattr(cls, hook, None)):
+            raise TypeError(
+                f"{described} is {cls.__name__}, whose {hook}() is a coroutine function "
+                "(async def), and the engine calls it in a worker thread, where nothing would "
+                f"await it: define it as a plain `def {hook}(...)`"
+            )
     return cast("BackendClass", cls)
 
 
