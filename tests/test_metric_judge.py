@@ -393,7 +393,7 @@ class Aliased(Threshold):
 
     name: ClassVar[str] = "aliased"
 
-    class Options(BaseModel):  # type: ignore[assignment]
+    class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         thr: float = Field(0.5, alias="threshold")

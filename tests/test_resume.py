@@ -6,8 +6,8 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import re
+import shutil
 import stat
 import subprocess
 import sys

@@ -228,10 +228,10 @@ def test_a_judge_of_another_backend_under_the_name_is_not_said_to_score_by_other
     fake = {"backend": "fake", "model": "fake", "params": {"scoring_rules": SCORING_RULES}}
     stored, configured = (_METRIC, fake) if stored_is_metric else (fake, _METRIC)
     manifest = Manifest(run_name="r", task="t2i", judges={"trigscore": stored})
-    found = manifest.differences(Manifest(run_name="r", task="t2i", judges={"trigscore": configured}))
-    rules = (
-        ("not set", str(SCORING_RULES)) if stored_is_metric else (str(SCORING_RULES), "not set")
+    found = manifest.differences(
+        Manifest(run_name="r", task="t2i", judges={"trigscore": configured})
     )
+    rules = ("not set", str(SCORING_RULES)) if stored_is_metric else (str(SCORING_RULES), "not set")
     assert (
         f"judge 'trigscore': params.scoring_rules {rules[0]} in the run dir, {rules[1]} in the "
         "config"

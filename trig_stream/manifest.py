@@ -262,9 +262,7 @@ class Manifest(BaseModel):
         )
 
 
-def _other_scoring_rules(
-    name: str, stored: str, configured: str, same_backend: bool
-) -> str | None:
+def _other_scoring_rules(name: str, stored: str, configured: str, same_backend: bool) -> str | None:
     """The difference of a judge's scoring rules, in words (``stored`` and ``configured`` as
     :func:`_changed_fields` gives them: JSON text). None when the rules do not explain it: a
     judge of another backend under the same name, a side that is no rules number (a

@@ -229,5 +229,3 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
             f"{describe_error(exc)} (raised by its Options model, {model.__name__}, which "
             "should raise ValueError for a value it refuses; fix the package that declares it)"
         ) from exc
-
-
