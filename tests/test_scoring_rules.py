@@ -82,10 +82,15 @@ def _underflow_scored(line: dict[str, Any]) -> None:
     line.update(score=0.75, top_logprobs=[[" good", -1000.0], ["The", -0.01]])
 
 
+def _positive_scored(line: dict[str, Any]) -> None:
+    # What a trig-stream before 2eff5c6 made of a logprob above 0 (a probability above 1).
+    line.update(score=0.9, top_logprobs=[[" good", 0.5], [" bad", -2.0]])
+
+
 @pytest.mark.parametrize(
     ("edit", "params"),
-    [(_probability_zero_scored, {}), (_underflow_scored, {})],
-    ids=["probability-zero", "underflow"],
+    [(_probability_zero_scored, {}), (_underflow_scored, {}), (_positive_scored, {})],
+    ids=["probability-zero", "underflow", "positive"],
 )
 async def test_a_run_dir_older_than_the_rules_with_a_score_changed_since_is_refused(
     make_config: ConfigFactory, edit: Edit, params: dict[str, Any]

@@ -249,17 +249,20 @@ def may_score_otherwise_than_before_rules(top_logprobs: Sequence[tuple[str, floa
     fingerprints hold no rules) could get another score or status now from the same
     ``top_logprobs``, so that it needs scoring again to tell.
 
-    The change the rules count changed only how the scorers read a logprob at or below the
-    probability-0 threshold (:data:`ZERO_PROBABILITY_LOGPROB`, and one whose ``exp``
-    underflows to 0.0: both now count as absent, where a lone rating word there scored 0.0
-    or a confident 0.5); the formulas stayed, and a logprob above 0 beyond
-    :data:`LOGPROB_TOLERANCE` was refused before it too. A list whose every logprob lies
-    above the threshold reads as it did, so it scores as it did: one pass in C over the list
-    tells, where scoring it again costs ten times that, for each line of a long journal.
-    (The other change, that an answer without the list asked for is no longer scored from
-    its one sampled token, left no mark on the stored list: no check can find it.)
+    Besides the formulas, which stayed, the scorers changed how they read a logprob at or
+    below the probability-0 threshold (:data:`ZERO_PROBABILITY_LOGPROB`, and one whose
+    ``exp`` underflows to 0.0: both now count as absent, where a lone rating word there
+    scored 0.0 or a confident 0.5) and one above 0 beyond :data:`LOGPROB_TOLERANCE` (refused
+    now, scored by a trig-stream before 2eff5c6). A list whose every logprob lies between
+    reads as it did, so it scores as it did: two passes in C over the list tell, where
+    scoring it again costs several times that, for each line of a long journal. (The other
+    change, that an answer without the list asked for is no longer scored from its one
+    sampled token, left no mark on the stored list: no check can find it.)
     """
-    return bool(top_logprobs) and min(map(_SECOND, top_logprobs)) < _UNDERFLOW
+    if not top_logprobs:
+        return False
+    logprobs = list(map(_SECOND, top_logprobs))
+    return min(logprobs) < _UNDERFLOW or max(logprobs) > LOGPROB_TOLERANCE
 
 
 _SECOND: Final = operator.itemgetter(1)
