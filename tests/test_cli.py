@@ -761,6 +761,21 @@ def test_the_tiny_model_builders_name_the_missing_library(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_package_a_host_put_in_sys_modules_without_a_spec_counts_as_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # find_spec raised ValueError ("torch.__spec__ is None") out of the installed check.
+    import types
+
+    from trig_stream.errors import MissingExtraError, require_installed
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    require_installed(["torch"], "diffusers")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(MissingExtraError, match=r"^torch is not installed"):
+        require_installed(["torch"], "diffusers")
+
+
 def test_a_failed_build_without_safetensors_is_no_disk_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -26,6 +26,7 @@ Per-item failures never escape the engine as exceptions: they become judgements 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -82,7 +83,11 @@ def require_installed(packages: Iterable[str], extra: str) -> None:
         MissingExtraError: the first of them that is not, naming ``extra``, which brings it.
     """
     for package in packages:
-        if importlib.util.find_spec(package) is None:
+        try:
+            missing = importlib.util.find_spec(package) is None
+        except ValueError:  # imported already, without a spec (a host's stand-in module)
+            missing = sys.modules.get(package) is None
+        if missing:
             raise MissingExtraError(package, extra)
 
 
