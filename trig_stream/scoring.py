@@ -261,7 +261,7 @@ def may_score_otherwise_than_before_rules(top_logprobs: Sequence[tuple[str, floa
     """
     if not top_logprobs:
         return False
-    logprobs = list(map(_SECOND, top_logprobs))
+    logprobs: list[float] = list(map(_SECOND, top_logprobs))
     return min(logprobs) < _UNDERFLOW or max(logprobs) > LOGPROB_TOLERANCE
 
 
