@@ -396,6 +396,10 @@ class Board(RootModel[Aliased]):
     """Options whose root is a model: its keys are that model's."""
 
 
+class MaybeBoard(RootModel[Aliased | None]):
+    """Options whose root is a model or None."""
+
+
 class Renamed(BaseModel):
     """A field whose validation alias replaces its alias (which pydantic then ignores)."""
 
@@ -415,6 +419,7 @@ def test_plugin_options_take_the_keys_pydantic_reads_and_no_other() -> None:
         (Aliased, "squares"),
         (Camel, "square_size"),
         (Board, "sqares"),
+        (MaybeBoard, "sqares"),
         (Renamed, "serialised"),
         (NamesOnly, "Squares"),
     )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -118,6 +120,19 @@ _warned: set[tuple[str, str, str]] = set()
 """The names :func:`_warn_unused` has warned of (what, name, entry point), once each."""
 
 
+def _model_in(annotation: object) -> type[BaseModel] | None:
+    """The model an annotation names: itself, or the one model of ``Model | None``."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return _model_in(members[0])
+    return None
+
+
 def _where(ep: EntryPoint) -> str:
     """An entry point as messages name it: ``entry point mine = 'my_package:Mine' of
     my-package 1.0``."""
@@ -194,7 +209,7 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
             error (a validator's ``RuntimeError``); an error of trig-stream's (a missing
             extra) comes out as it is.
     """
-    from pydantic import BaseModel, RootModel, ValidationError
+    from pydantic import RootModel, ValidationError
 
     from trig_stream.config import validate_table
     from trig_stream.config_problems import fields_by_key
@@ -202,12 +217,11 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
     from trig_stream.pipeline import describe_error
 
     # The model whose fields are the table's keys: a RootModel's root model, if its root is
-    # one (a RootModel of a dict takes any key, which pydantic's check of the dict's values
-    # covers).
+    # one, or one or None (a RootModel of a dict takes any key, which pydantic's check of the
+    # dict's values covers).
     keyed: type[BaseModel] | None = model
     if issubclass(model, RootModel):
-        root = model.model_fields["root"].annotation
-        keyed = root if isinstance(root, type) and issubclass(root, BaseModel) else None
+        keyed = _model_in(model.model_fields["root"].annotation)
     # "forbid": pydantic's own check.
     if keyed is not None and keyed.model_config.get("extra") not in ("allow", "forbid"):
         taken = fields_by_key(keyed)
