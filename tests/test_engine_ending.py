@@ -277,6 +277,7 @@ async def test_a_run_leaves_none_of_its_streams_unclosed(
     # Every engine left its results stream open: "ResourceWarning: Unclosed
     # <MemoryObjectReceiveStream ...>" once it was collected, however the run ended.
     config = make_config(samples=4)
+    gc.collect()  # what earlier tests left is not this run's
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         await run_ending(config, ending)

@@ -143,7 +143,10 @@ def test_report_holds_less_than_the_journal(
     # Every line as a parsed judgement, then every row as a dict, held ten times its size.
     monkeypatch.setattr(exports, "PARQUET_CHUNK_ROWS", 500, raising=False)  # these runs are small
     out = tmp_path / "report"
-    assert growth(runs, lambda run: run_command("report", str(run), "--out", str(out))) < 1
+    assert (
+        growth(runs, lambda run: run_command("report", str(run), "--out", str(out), "--no-plots"))
+        < 1
+    )
 
 
 def test_report_parquet_holds_the_latest_judgement_of_each_key(tmp_path: Path) -> None:
