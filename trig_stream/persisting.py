@@ -113,7 +113,7 @@ class PersistStage:
         try:
             await self.first_judgement.wait()
             # A hard stop before they have joined leaves them out: it does not wait the
-            # second or so per 100k judgements their parsing takes (the journal has them all).
+            # ~2 s of CPU per 100k judgements their parsing takes (the journal has them all).
             while chunk := await anyio.to_thread.run_sync(_take, lines, HISTORY_CHUNK):
                 self._relations.extend(chunk)
         finally:

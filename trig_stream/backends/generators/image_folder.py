@@ -6,8 +6,8 @@ to the engine, which writes it into the run like any generated image. An 8-bit R
 as it is, once its chunks check out (CRCs, the end chunk: a truncated file is refused) and its
 pixel data inflates in full (:func:`trig_stream.png.pixel_data_problem`); any other file is
 decoded completely (a broken one is an item error, not a crash) and the engine encodes it as
-PNG. For a 1 MB 512x512 PNG that is ~10 ms of CPU (~35 ms at 1024x1024) instead of decoding and
-encoding again (~85 ms for a 1024x1024 JPEG with the engine's encoder).
+PNG. For a 0.7 MB 512x512 PNG that is ~4 ms of CPU (~17 ms at 1024x1024) instead of decoding and
+encoding again (~80 ms for a 1024x1024 JPEG with the engine's encoder).
 
 Files that match no sample of the run's dataset selection (neither asked for nor passed over
 by the run: see :meth:`ImageFolderGenerator.all_requested`) are counted at
