@@ -1202,23 +1202,8 @@ def test_a_watched_run_with_samples_left_is_not_running_not_finished(tmp_path: P
     assert "finished; press q to close" in status_line(done, linger=True).plain
 
 
-@pytest.mark.parametrize(
-    ("limit", "totals", "read_again"), [(None, [4, 3, 2], 0), (3, [3, 3, 2], 1)]
-)
-def test_watch_counts_again_after_each_refusal_without_reading_the_dataset_again(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    limit: int | None,
-    totals: list[int],
-    read_again: int,
-) -> None:
-    # Each change of the quarantine list read the whole dataset again: on 200k records with a
-    # refusal each poll, 2.5 s a poll. Its identity columns are read once now (again only
-    # when a limit needs records past those read), the totals as a fresh count gives them.
-    records = [
-        {"data_id": f"IQ-R_TA-C_{n}", "prompt": f"prompt {n}", "dimension": ["IQ-R", "TA-C"]}
-        for n in range(5)
-    ]
+def finished_run(tmp_path: Path, records: list[dict[str, Any]], limit: int | None) -> Path:
+    """The run directory of a finished headless run of ``records`` (synthetic, fake judge)."""
     dataset = tmp_path / "ds.json"
     dataset.write_text(json.dumps(records))
     config = tmp_path / "c.toml"
@@ -1243,7 +1228,27 @@ backend = "fake"
 """
     )
     assert main(["run", str(config), "--headless"]) == EXIT_OK
-    run_dir = tmp_path / "out" / "r"
+    return tmp_path / "out" / "r"
+
+
+@pytest.mark.parametrize(
+    ("limit", "totals", "read_again"), [(None, [4, 3, 2], 0), (3, [3, 3, 2], 1)]
+)
+def test_watch_counts_again_after_each_refusal_without_reading_the_dataset_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    limit: int | None,
+    totals: list[int],
+    read_again: int,
+) -> None:
+    # Each change of the quarantine list read the whole dataset again: on 200k records with a
+    # refusal each poll, 2.5 s a poll. Its identity columns are read once now (again only
+    # when a limit needs records past those read), the totals as a fresh count gives them.
+    records = [
+        {"data_id": f"IQ-R_TA-C_{n}", "prompt": f"prompt {n}", "dimension": ["IQ-R", "TA-C"]}
+        for n in range(5)
+    ]
+    run_dir = finished_run(tmp_path, records, limit)
     # Judged so far: the first record only; a refused record judged would still count.
     kept = [j for j in latest_judgements(run_dir / JOURNAL).values() if j.data_id.endswith("_0")]
     (run_dir / JOURNAL).write_bytes(lines_of(*kept))
@@ -1284,31 +1289,7 @@ def test_a_finished_run_that_quarantined_records_shows_finished(
         {"data_id": "IQ-R_TA-C_2", "prompt": "a dog", "dimension": ["IQ-R", "TA-C"]},
         {"data_id": "IQ-R_TA-C_3", "prompt": "a cow", "dimension": ["IQ-R", "TA-C"]},
     ]
-    dataset = tmp_path / "ds.json"
-    dataset.write_text(json.dumps(records))
-    config = tmp_path / "c.toml"
-    config.write_text(
-        f"""
-[run]
-name = "r"
-output_dir = "{tmp_path / "out"}"
-
-[dataset]
-path = "{dataset}"
-{"" if limit is None else f"limit = {limit}"}
-
-[[generators]]
-name = "g"
-backend = "synthetic"
-options = {{ size = 16 }}
-
-[[judges]]
-name = "j"
-backend = "fake"
-"""
-    )
-    assert main(["run", str(config), "--headless"]) == EXIT_OK
-    run_dir = tmp_path / "out" / "r"
+    run_dir = finished_run(tmp_path, records, limit)
     snapshot = RunDirSource(run_dir).poll()
     assert snapshot.quarantined == 2
     assert (snapshot.state, snapshot.samples_done, snapshot.samples_total) == ("finished", 2, 2)
