@@ -828,6 +828,44 @@ def test_a_rewrite_holding_half_a_character_falls_back(server: GenerationAPIServ
     assert error is not None and "bad token \\ud83d" in error  # its escape, storable
 
 
+BICYCLE = "A red bicycle against a brick wall."
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        f"<think>\nOkay, the user wants a synergy. I'm sorry, I can't say more.\n</think>\n\n{BICYCLE}",
+        f"Okay, the user wants a synergy ...\n</think>\n\n{BICYCLE}",  # opened by the template
+        f"```\n{BICYCLE}\n```",
+        f"```text\n{BICYCLE}\n```",
+        f"<think>\nHmm.\n</think>\nHere is the rewritten prompt:\n```\n{BICYCLE}\n```",
+    ],
+    ids=["think", "think-closed-only", "fence", "fence-with-language", "think-preamble-fence"],
+)
+def test_a_reasoning_block_and_a_code_fence_come_off_the_rewrite(
+    server: GenerationAPIServer, answer: str
+) -> None:
+    # The whole answer, reasoning and fences included, was recorded as the rewrite and
+    # drawn (the refusal inside the reasoning aside).
+    assert rewritten_prompt(answer, "stop", guidance="zzz", max_tokens=256) == BICYCLE
+    server.rewrite = lambda user: answer
+    generator = rewriter(server)
+    generator.generate([request("T_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["T_1"]
+    assert (outcome.status, outcome.prompt) == ("rewritten", BICYCLE)
+
+
+def test_a_reasoning_block_never_closed_is_no_rewrite() -> None:
+    thinking = "<think>\nOkay, the user wants a red bicycle, so"
+    with pytest.raises(ItemError, match=re.escape("answer is a <think> block never closed")):
+        rewritten_prompt(thinking, "stop", guidance="zzz", max_tokens=256)
+    with pytest.raises(ItemError, match=re.escape("cut at max_tokens (256)")):
+        rewritten_prompt(thinking, "length", guidance="zzz", max_tokens=256)
+    # A fence inside the answer, not around the whole of it, stays.
+    inside = f"{BICYCLE}\n```\nred\n```"
+    assert rewritten_prompt(inside, "stop", guidance="zzz", max_tokens=256) == inside
+
+
 @pytest.mark.parametrize(
     ("answer", "reason"),
     [
