@@ -28,6 +28,7 @@ from trig_stream.backends.base import (
     JudgeRequest,
     PreparedImage,
 )
+from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
 from trig_stream.backends.plugins import validate_plugin_options
 from trig_stream.backends.registry import build_generator, register_backend
 from trig_stream.config import GeneratorConfig, RunConfig
@@ -670,6 +671,55 @@ async def test_a_backend_hook_called_in_a_thread_that_is_async_is_refused(
         ConfigError, match=re.escape("judge 'h' (AsyncPrepareHalves): its prepare()")
     ):
         Engine(make_config(samples=2), judges=[judge])
+
+
+class AsyncGenerateBoard(Checkerboard):
+    """A generator whose ``generate`` (called in a worker thread) is ``async def``."""
+
+    async def generate(  # type: ignore[override]
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image]:
+        raise AssertionError("never awaited")
+
+
+@pytest.mark.parametrize(
+    ("inner", "hook"), [(AsyncLoadBoard, "load"), (AsyncGenerateBoard, "generate")]
+)
+async def test_an_async_hook_of_a_wrapped_generator_is_refused(
+    make_config: ConfigFactory, tmp_path: Path, inner: type[Checkerboard], hook: str
+) -> None:
+    # dtm_rewrite calls its inner generator's hooks from its own: an inner `async def load`
+    # ran unloaded (every judgement an error, exit 0), an `async def generate` failed the
+    # run after its directory was made; the same hook at the top level was refused.
+    options = DTMRewriteOptions.model_validate(
+        {"inner": {"backend": "synthetic"}, "model": "m", "relations": {"IQ-R_TA-C": 0}}
+    )
+    wrapper = DTMRewriteGenerator("g", options, inner("g", inner.Options()))
+    config = make_config(samples=2)
+    message = (
+        f"generator 'g' (DTMRewriteGenerator), whose inner generator is {inner.__name__}: its "
+        f"{hook}() is a coroutine function (async def), and the engine calls it in a worker "
+        f"thread, where nothing would await it: define it as a plain `def {hook}(...)`"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(config, generators=[wrapper])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_inner_backend_of_dtm_rewrite_with_an_async_hook_names_its_entry_point(
+    third_party: None, make_config: ConfigFactory
+) -> None:
+    # Built through the registry, its class is refused where the config names it.
+    options = {"inner": {"backend": "tp_async_load"}, "model": "m", "relations": {"IQ-R_TA-C": 0}}
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "generators[0].options.inner: generator backend 'tp_async_load' (entry point "
+            "tp_async_load = 'thirdparty_backends:AsyncLoad' of thirdparty-backends 2.0) is "
+            "AsyncLoad, whose load() is a coroutine function (async def)"
+        ),
+    ):
+        make_config(generators=[{"name": "m", "backend": "dtm_rewrite", "options": options}])
 
 
 async def answer_with(score: float, request: JudgeRequest) -> JudgeReply:
