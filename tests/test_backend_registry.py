@@ -167,6 +167,11 @@ class NoKey(Constant):
 class AsyncLoad(Flat):
     async def load(self):
         raise AssertionError("never awaited")
+
+
+class PlainJudge(Constant):
+    def judge(self, request):
+        return JudgeReply(score=self.options.score)
 '''
 
 GENERATORS = {
@@ -190,6 +195,7 @@ JUDGES = {
     "tp_no_key": "thirdparty_backends:NoKey",
     "tp_exits": "thirdparty_exits:Judge",
     "tp_interrupts": "thirdparty_interrupts:Judge",
+    "tp_plain_judge": "thirdparty_backends:PlainJudge",
 }
 
 
@@ -492,6 +498,13 @@ BROKEN = [
         "is AsyncLoad, whose load() is a coroutine function (async def), and the engine calls "
         "it in a worker thread, where nothing would await it: define it as a plain `def load(",
     ),
+    # Was named without its entry point and distribution (only the instance was checked).
+    (
+        "judges",
+        "tp_plain_judge",
+        "is PlainJudge, whose judge() is no coroutine function, and the engine awaits it: "
+        "define it as `async def judge(self, request)`",
+    ),
     # sys.exit() on import ended validate and run with its code (3: "run directory refused")
     # and no message; KeyboardInterrupt as a Ctrl-C (exit 130).
     ("judges", "tp_exits", "cannot be imported: SystemExit: 3; fix or reinstall the package"),
@@ -625,16 +638,20 @@ async def test_a_judge_whose_judge_is_no_coroutine_function_is_refused(
 ) -> None:
     # Every request became an `error` judgement ("object JudgeReply can't be used in 'await'
     # expression"), which --retry-errors asked again forever.
-    register_backend("judges", "plain_halves", PlainHalves)
-    config = make_config(samples=2, judges=[{"name": "plain", "backend": "plain_halves"}])
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "judge backend 'plain_halves' is PlainHalves, whose judge() is no coroutine "
+            "function, and the engine awaits it: define it as `async def judge(self, request)`"
+        ),
+    ):
+        register_backend("judges", "plain_halves", PlainHalves)
     message = (
         "judge 'plain' (PlainHalves): its judge() is no coroutine function, and the engine "
         "awaits it: define it as `async def judge(self, request)`"
     )
     with pytest.raises(ConfigError, match=re.escape(message)):
-        Engine(config)
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        Engine(config, judges=[PlainHalves("plain", PlainHalves.Options())])
+        Engine(make_config(samples=2), judges=[PlainHalves("plain", PlainHalves.Options())])
 
 
 class AsyncLoadBoard(Checkerboard):

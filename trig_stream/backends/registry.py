@@ -164,12 +164,18 @@ def _checked(kind: Kind, name: str, obj: object, where: str = "") -> BackendClas
     for hook in hooks:
         # Refused here too, not only on the instance, so that the message names the entry
         # point and distribution that declare the class.
-        if _is_coroutine_function(getattr(cls, hook, None)):
+        if is_coroutine_function(getattr(cls, hook, None)):
             raise TypeError(
                 f"{described} is {cls.__name__}, whose {hook}() is a coroutine function "
                 "(async def), and the engine calls it in a worker thread, where nothing would "
                 f"await it: define it as a plain `def {hook}(...)`"
             )
+    if kind == "judges" and not is_coroutine_function(getattr(cls, "judge", None)):
+        # Refused on the instance too; here the message names the entry point.
+        raise TypeError(
+            f"{described} is {cls.__name__}, whose judge() is no coroutine function, and the "
+            "engine awaits it: define it as `async def judge(self, request)`"
+        )
     return cast("BackendClass", cls)
 
 
@@ -377,7 +383,7 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
     for judge in cast("Sequence[Judge]", judges):
         # A plain `def judge` made every request an `error` judgement ("can't be used in
         # 'await' expression"), which --retry-errors asked again forever.
-        if not _is_coroutine_function(judge.judge):
+        if not is_coroutine_function(judge.judge):
             raise ConfigError(
                 f"judge {judge.name!r} ({type(judge).__name__}): its judge() is no coroutine "
                 "function, and the engine awaits it: define it as "
@@ -395,7 +401,7 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
                     # nothing awaited: the run went on as if it had loaded (or closed), with a
                     # RuntimeWarning alone. A wrapper (dtm_rewrite) calls its inner
                     # generator's hooks from its own, in the same thread.
-                    if _is_coroutine_function(getattr(part, hook, None)):
+                    if is_coroutine_function(getattr(part, hook, None)):
                         raise ConfigError(
                             f"{described}: its {hook}() is a coroutine function (async def), "
                             "and the engine calls it in a worker thread, where nothing would "
@@ -446,7 +452,7 @@ def _wrapped_chain(kind: str, backend: object) -> Iterator[tuple[object, str]]:
         described = f"{described}, whose inner generator is {type(part).__name__}"
 
 
-def _is_coroutine_function(function: object) -> bool:
+def is_coroutine_function(function: object) -> bool:
     """Whether calling ``function`` gives a coroutine: an ``async def`` function, seen
     through bound methods, :func:`functools.partial` and decorators that keep
     ``__wrapped__`` (a plain wrapper of an ``async def`` function returns its coroutine)."""
