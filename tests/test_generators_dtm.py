@@ -563,6 +563,16 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert "(gave up after 1 attempt)" in str(once.rewrites["A_3"].error)
 
 
+def recording(waits: list[float]) -> Callable[[float, threading.Event], bool]:
+    """A sleep that records each wait in ``waits`` and returns at once (never cancelled)."""
+
+    def sleep(seconds: float, cancel: threading.Event) -> bool:
+        waits.append(seconds)
+        return False
+
+    return sleep
+
+
 @pytest.mark.parametrize(
     ("fault", "reason"),
     [
@@ -587,7 +597,7 @@ def test_an_error_with_200_or_a_304_is_retried_and_quoted(
     # fell back at once as a refused request ("HTTP 304: Error code: 304").
     waits: list[float] = []
     generator = rewriter(server, max_attempts=2)
-    generator._sleep = lambda seconds, cancel: bool(waits.append(seconds))
+    generator._sleep = recording(waits)
     server.fail_next(fault)
     generator.generate([request("E_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     assert generator.rewrites["E_1"].status == "rewritten" and len(waits) == 1
@@ -604,7 +614,7 @@ def test_a_retry_after_with_a_5xx_is_waited_for(server: GenerationAPIServer) -> 
     # Honoured on 429 alone: a 503 asking for 7 seconds was asked again after 1.
     waits: list[float] = []
     generator = rewriter(server, backoff_initial=0.1)
-    generator._sleep = lambda seconds, cancel: bool(waits.append(seconds))
+    generator._sleep = recording(waits)
     server.fail_next(Fault(status=503, retry_after=7))
     generator.generate([request("R_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     assert generator.rewrites["R_1"].status == "rewritten"
@@ -834,7 +844,7 @@ BICYCLE = "A red bicycle against a brick wall."
 @pytest.mark.parametrize(
     "answer",
     [
-        f"<think>\nOkay, the user wants a synergy. I'm sorry, I can't say more.\n</think>\n\n{BICYCLE}",
+        f"<think>\nOkay, a synergy. I'm sorry, I can't say more.\n</think>\n\n{BICYCLE}",
         f"Okay, the user wants a synergy ...\n</think>\n\n{BICYCLE}",  # opened by the template
         f"```\n{BICYCLE}\n```",
         f"```text\n{BICYCLE}\n```",
