@@ -28,6 +28,7 @@ from trig_stream.backends.base import (
     JudgeRequest,
     PreparedImage,
 )
+from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
 from trig_stream.backends.plugins import validate_plugin_options
 from trig_stream.backends.registry import build_generator, register_backend
 from trig_stream.config import GeneratorConfig, RunConfig
@@ -166,6 +167,11 @@ class NoKey(Constant):
 class AsyncLoad(Flat):
     async def load(self):
         raise AssertionError("never awaited")
+
+
+class PlainJudge(Constant):
+    def judge(self, request):
+        return JudgeReply(score=self.options.score)
 '''
 
 GENERATORS = {
@@ -189,6 +195,7 @@ JUDGES = {
     "tp_no_key": "thirdparty_backends:NoKey",
     "tp_exits": "thirdparty_exits:Judge",
     "tp_interrupts": "thirdparty_interrupts:Judge",
+    "tp_plain_judge": "thirdparty_backends:PlainJudge",
 }
 
 
@@ -491,6 +498,13 @@ BROKEN = [
         "is AsyncLoad, whose load() is a coroutine function (async def), and the engine calls "
         "it in a worker thread, where nothing would await it: define it as a plain `def load(",
     ),
+    # Was named without its entry point and distribution (only the instance was checked).
+    (
+        "judges",
+        "tp_plain_judge",
+        "is PlainJudge, whose judge() is no coroutine function, and the engine awaits it: "
+        "define it as `async def judge(self, request)`",
+    ),
     # sys.exit() on import ended validate and run with its code (3: "run directory refused")
     # and no message; KeyboardInterrupt as a Ctrl-C (exit 130).
     ("judges", "tp_exits", "cannot be imported: SystemExit: 3; fix or reinstall the package"),
@@ -624,16 +638,20 @@ async def test_a_judge_whose_judge_is_no_coroutine_function_is_refused(
 ) -> None:
     # Every request became an `error` judgement ("object JudgeReply can't be used in 'await'
     # expression"), which --retry-errors asked again forever.
-    register_backend("judges", "plain_halves", PlainHalves)
-    config = make_config(samples=2, judges=[{"name": "plain", "backend": "plain_halves"}])
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "judge backend 'plain_halves' is PlainHalves, whose judge() is no coroutine "
+            "function, and the engine awaits it: define it as `async def judge(self, request)`"
+        ),
+    ):
+        register_backend("judges", "plain_halves", PlainHalves)
     message = (
         "judge 'plain' (PlainHalves): its judge() is no coroutine function, and the engine "
         "awaits it: define it as `async def judge(self, request)`"
     )
     with pytest.raises(ConfigError, match=re.escape(message)):
-        Engine(config)
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        Engine(config, judges=[PlainHalves("plain", PlainHalves.Options())])
+        Engine(make_config(samples=2), judges=[PlainHalves("plain", PlainHalves.Options())])
 
 
 class AsyncLoadBoard(Checkerboard):
@@ -670,6 +688,55 @@ async def test_a_backend_hook_called_in_a_thread_that_is_async_is_refused(
         ConfigError, match=re.escape("judge 'h' (AsyncPrepareHalves): its prepare()")
     ):
         Engine(make_config(samples=2), judges=[judge])
+
+
+class AsyncGenerateBoard(Checkerboard):
+    """A generator whose ``generate`` (called in a worker thread) is ``async def``."""
+
+    async def generate(  # type: ignore[override]
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image]:
+        raise AssertionError("never awaited")
+
+
+@pytest.mark.parametrize(
+    ("inner", "hook"), [(AsyncLoadBoard, "load"), (AsyncGenerateBoard, "generate")]
+)
+async def test_an_async_hook_of_a_wrapped_generator_is_refused(
+    make_config: ConfigFactory, tmp_path: Path, inner: type[Checkerboard], hook: str
+) -> None:
+    # dtm_rewrite calls its inner generator's hooks from its own: an inner `async def load`
+    # ran unloaded (every judgement an error, exit 0), an `async def generate` failed the
+    # run after its directory was made; the same hook at the top level was refused.
+    options = DTMRewriteOptions.model_validate(
+        {"inner": {"backend": "synthetic"}, "model": "m", "relations": {"IQ-R_TA-C": 0}}
+    )
+    wrapper = DTMRewriteGenerator("g", options, inner("g", inner.Options()))
+    config = make_config(samples=2)
+    message = (
+        f"generator 'g' (DTMRewriteGenerator), whose inner generator is {inner.__name__}: its "
+        f"{hook}() is a coroutine function (async def), and the engine calls it in a worker "
+        f"thread, where nothing would await it: define it as a plain `def {hook}(...)`"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(config, generators=[wrapper])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_inner_backend_of_dtm_rewrite_with_an_async_hook_names_its_entry_point(
+    third_party: None, make_config: ConfigFactory
+) -> None:
+    # Built through the registry, its class is refused where the config names it.
+    options = {"inner": {"backend": "tp_async_load"}, "model": "m", "relations": {"IQ-R_TA-C": 0}}
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "generators[0].options.inner: generator backend 'tp_async_load' (entry point "
+            "tp_async_load = 'thirdparty_backends:AsyncLoad' of thirdparty-backends 2.0) is "
+            "AsyncLoad, whose load() is a coroutine function (async def)"
+        ),
+    ):
+        make_config(generators=[{"name": "m", "backend": "dtm_rewrite", "options": options}])
 
 
 async def answer_with(score: float, request: JudgeRequest) -> JudgeReply:

@@ -563,6 +563,64 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert "(gave up after 1 attempt)" in str(once.rewrites["A_3"].error)
 
 
+def recording(waits: list[float]) -> Callable[[float, threading.Event], bool]:
+    """A sleep that records each wait in ``waits`` and returns at once (never cancelled)."""
+
+    def sleep(seconds: float, cancel: threading.Event) -> bool:
+        waits.append(seconds)
+        return False
+
+    return sleep
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (
+            Fault(status=200, message=f"model overloaded ({KEY})"),
+            "the rewriting LLM of generator 'm' sent a malformed answer (an error: model "
+            "overloaded (",
+        ),
+        (
+            Fault(status=304),
+            "the rewriting LLM of generator 'm' sent a malformed answer (HTTP 304 Not "
+            "Modified, which answers no POST)",
+        ),
+    ],
+    ids=["error-with-200", "304"],
+)
+def test_an_error_with_200_or_a_304_is_retried_and_quoted(
+    server: GenerationAPIServer, fault: Fault, reason: str
+) -> None:
+    # An error sent with HTTP 200 fell back at once as "the LLM's answer is malformed
+    # (TypeError: 'NoneType' object is not subscriptable)", the server's words lost; a 304
+    # fell back at once as a refused request ("HTTP 304: Error code: 304").
+    waits: list[float] = []
+    generator = rewriter(server, max_attempts=2)
+    generator._sleep = recording(waits)
+    server.fail_next(fault)
+    generator.generate([request("E_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert generator.rewrites["E_1"].status == "rewritten" and len(waits) == 1
+    server.fail_next(fault, fault)
+    generator.generate([request("E_2", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["E_2"]
+    assert outcome.status == "fallback" and outcome.error is not None
+    assert outcome.error.startswith(reason)
+    assert outcome.error.endswith("(gave up after 2 attempts)")
+    assert KEY not in outcome.error and not outcome.unreached
+
+
+def test_a_retry_after_with_a_5xx_is_waited_for(server: GenerationAPIServer) -> None:
+    # Honoured on 429 alone: a 503 asking for 7 seconds was asked again after 1.
+    waits: list[float] = []
+    generator = rewriter(server, backoff_initial=0.1)
+    generator._sleep = recording(waits)
+    server.fail_next(Fault(status=503, retry_after=7))
+    generator.generate([request("R_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    assert generator.rewrites["R_1"].status == "rewritten"
+    assert len(waits) == 1 and waits[0] >= 7
+
+
 def test_an_llm_never_reached_stops_the_run(server: GenerationAPIServer) -> None:
     # Every rewrite fell back, every image was drawn from its original prompt and scored ok
     # under the dtm name, and the run exited 0 with a note.
@@ -778,6 +836,44 @@ def test_a_rewrite_holding_half_a_character_falls_back(server: GenerationAPIServ
     once.generate([request("S_2", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
     error = once.rewrites["S_2"].error
     assert error is not None and "bad token \\ud83d" in error  # its escape, storable
+
+
+BICYCLE = "A red bicycle against a brick wall."
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        f"<think>\nOkay, a synergy. I'm sorry, I can't say more.\n</think>\n\n{BICYCLE}",
+        f"Okay, the user wants a synergy ...\n</think>\n\n{BICYCLE}",  # opened by the template
+        f"```\n{BICYCLE}\n```",
+        f"```text\n{BICYCLE}\n```",
+        f"<think>\nHmm.\n</think>\nHere is the rewritten prompt:\n```\n{BICYCLE}\n```",
+    ],
+    ids=["think", "think-closed-only", "fence", "fence-with-language", "think-preamble-fence"],
+)
+def test_a_reasoning_block_and_a_code_fence_come_off_the_rewrite(
+    server: GenerationAPIServer, answer: str
+) -> None:
+    # The whole answer, reasoning and fences included, was recorded as the rewrite and
+    # drawn (the refusal inside the reasoning aside).
+    assert rewritten_prompt(answer, "stop", guidance="zzz", max_tokens=256) == BICYCLE
+    server.rewrite = lambda user: answer
+    generator = rewriter(server)
+    generator.generate([request("T_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    outcome = generator.rewrites["T_1"]
+    assert (outcome.status, outcome.prompt) == ("rewritten", BICYCLE)
+
+
+def test_a_reasoning_block_never_closed_is_no_rewrite() -> None:
+    thinking = "<think>\nOkay, the user wants a red bicycle, so"
+    with pytest.raises(ItemError, match=re.escape("answer is a <think> block never closed")):
+        rewritten_prompt(thinking, "stop", guidance="zzz", max_tokens=256)
+    with pytest.raises(ItemError, match=re.escape("cut at max_tokens (256)")):
+        rewritten_prompt(thinking, "length", guidance="zzz", max_tokens=256)
+    # A fence inside the answer, not around the whole of it, stays.
+    inside = f"{BICYCLE}\n```\nred\n```"
+    assert rewritten_prompt(inside, "stop", guidance="zzz", max_tokens=256) == inside
 
 
 @pytest.mark.parametrize(

@@ -161,6 +161,54 @@ def test_transient_failures_are_retried(
     assert len(server.requests) == 3
 
 
+@pytest.mark.parametrize("status", [503, 408, 409])
+def test_a_retry_after_with_a_transient_status_is_waited_for(
+    server: GenerationAPIServer, key: str, status: int
+) -> None:
+    # Honoured on 429 alone: a 503 asking for 7 seconds was asked again after the backoff's.
+    sleeps = Sleeps()
+    server.fail_next(Fault(status=status, retry_after=7))
+    assert isinstance(one(make(server, sleeps, backoff_initial=0.1)), Image.Image)
+    assert len(sleeps.waits) == 1 and sleeps.waits[0] >= 7
+
+
+def test_a_304_is_a_malformed_answer_retried(server: GenerationAPIServer, key: str) -> None:
+    # Was refused at once, as a request the API would refuse every time ("HTTP 304: Error
+    # code: 304"); the judge takes it for a malformed answer and retries it.
+    sleeps = Sleeps()
+    server.fail_next(Fault(status=304))
+    assert isinstance(one(make(server, sleeps)), Image.Image)
+    assert len(sleeps.waits) == 1
+    server.fail_next(Fault(status=304), Fault(status=304))
+    outcome = one(make(server, sleeps, max_attempts=2))
+    assert type(outcome) is RetryableError
+    assert str(outcome) == (
+        "the images API of generator 'dalle3' sent a malformed answer (HTTP 304 Not Modified, "
+        "which answers no POST) (gave up after 2 attempts)"
+    )
+
+
+def test_an_error_sent_with_http_200_is_quoted_and_retried(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # Was "answered with no JSON images object (a web page ...?); check base_url", the
+    # server's words lost, and not retried.
+    sleeps = Sleeps()
+    overloaded = Fault(status=200, message=f"model overloaded\n(key {SECRET})")
+    server.fail_next(overloaded)
+    assert isinstance(one(make(server, sleeps)), Image.Image)
+    assert len(sleeps.waits) == 1
+    server.fail_next(overloaded, overloaded)
+    outcome = one(make(server, sleeps, max_attempts=2))
+    assert isinstance(outcome, RetryableError)
+    assert str(outcome).startswith(
+        "the images API of generator 'dalle3' sent a malformed answer (an error: model "
+        "overloaded (key "
+    )
+    assert str(outcome).endswith(") (gave up after 2 attempts)")
+    assert SECRET not in str(outcome) and "base_url" not in str(outcome)
+
+
 def test_timeout_is_retryable(server: GenerationAPIServer, key: str) -> None:
     sleeps = Sleeps()
     server.fail_next(Fault(delay_s=1.0))

@@ -189,6 +189,10 @@ class Abstract(ImageMetric):
 class Typo(Fine):
     dimensions = frozenset({"R-t"})
 
+class AsyncLoad(Fine):
+    async def load(self):
+        raise AssertionError("never awaited")
+
 class NoGPU(Fine):
     def __init__(self, options=None):
         super().__init__(options)
@@ -226,6 +230,7 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "tp_abstract": "thirdparty_metrics:Abstract",
         "tp_typo": "thirdparty_metrics:Typo",
         "tp_no_gpu": "thirdparty_metrics:NoGPU",
+        "tp_async_load": "thirdparty_metrics:AsyncLoad",
         "tp_exits": "thirdparty_metrics_exit:Metric",
         "tp_options_no_model": "thirdparty_metrics:OptionsNoModel",
     }
@@ -315,6 +320,14 @@ def test_a_broken_entry_point_is_named_with_its_distribution_and_cause(
         ("tp_no_name", "is NoName, which has no name: give the class a `name` attribute"),
         ("tp_abstract", "is Abstract, an abstract class: it does not define compute"),
         ("tp_typo", "names unknown dimensions in its `dimensions`: 'R-t'; TRIG's are IQ-R"),
+        # Was named without its entry point and distribution (the class was checked after
+        # it was found).
+        (
+            "tp_async_load",
+            "metric 'tp_async_load' (entry point tp_async_load = 'thirdparty_metrics:AsyncLoad' "
+            "of thirdparty-metrics 1.2) is AsyncLoad, whose load() is a coroutine function "
+            "(async def), and it is called in a worker thread",
+        ),
         # A traceback: type object 'DataclassOptions' has no attribute 'model_validate_json'.
         (
             "tp_options_no_model",
@@ -572,21 +585,18 @@ class AsyncClose(Blur):
 
 
 @pytest.mark.parametrize(("metric", "hook"), [(AsyncHooks, "load"), (AsyncClose, "close")])
-def test_a_metric_whose_load_or_close_is_async_is_a_config_error(
-    make_config: ConfigFactory, metric: type[ImageMetric], hook: str
+def test_a_metric_whose_load_or_close_is_async_is_refused(
+    metric: type[ImageMetric], hook: str
 ) -> None:
     # Never awaited: the run scored with a metric that had not loaded (exit 0, with a
     # RuntimeWarning "coroutine ... was never awaited" alone).
-    register_metric(metric.name, metric)
-    judge = {"name": "m", "backend": "metric", "options": {"metric": metric.name}}
-    with pytest.raises(
-        ConfigError,
-        match=re.escape(
-            f"metric {metric.name!r}: its {hook}() is a coroutine function (async def), and the "
-            "metric judge calls it in a worker thread"
-        ),
-    ):
-        make_config(judges=[judge])
+    message = (
+        f"metric {metric.name!r} is {metric.__name__}, whose {hook}() is a coroutine function "
+        "(async def), and it is called in a worker thread, where nothing would await it"
+    )
+    with pytest.raises(TypeError, match=re.escape(message)):
+        register_metric(metric.name, metric)
+    assert metric.name not in registry.metric_names()
 
 
 class LoadGivesACoroutine(Blur):

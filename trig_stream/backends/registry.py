@@ -28,7 +28,7 @@ from trig_stream.backends.plugins import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from trig_stream.backends.base import Generator, Judge
     from trig_stream.config import GeneratorConfig, JudgeConfig, RunConfig
@@ -164,12 +164,18 @@ def _checked(kind: Kind, name: str, obj: object, where: str = "") -> BackendClas
     for hook in hooks:
         # Refused here too, not only on the instance, so that the message names the entry
         # point and distribution that declare the class.
-        if _is_coroutine_function(getattr(cls, hook, None)):
+        if is_coroutine_function(getattr(cls, hook, None)):
             raise TypeError(
                 f"{described} is {cls.__name__}, whose {hook}() is a coroutine function "
                 "(async def), and the engine calls it in a worker thread, where nothing would "
                 f"await it: define it as a plain `def {hook}(...)`"
             )
+    if kind == "judges" and not is_coroutine_function(getattr(cls, "judge", None)):
+        # Refused on the instance too; here the message names the entry point.
+        raise TypeError(
+            f"{described} is {cls.__name__}, whose judge() is no coroutine function, and the "
+            "engine awaits it: define it as `async def judge(self, request)`"
+        )
     return cast("BackendClass", cls)
 
 
@@ -377,7 +383,7 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
     for judge in cast("Sequence[Judge]", judges):
         # A plain `def judge` made every request an `error` judgement ("can't be used in
         # 'await' expression"), which --retry-errors asked again forever.
-        if not _is_coroutine_function(judge.judge):
+        if not is_coroutine_function(judge.judge):
             raise ConfigError(
                 f"judge {judge.name!r} ({type(judge).__name__}): its judge() is no coroutine "
                 "function, and the engine awaits it: define it as "
@@ -389,17 +395,18 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
     )
     for kind, backends, hooks in blocking:
         for backend in backends:
-            for hook in hooks:
-                # Called in a worker thread, an `async def` hook gave a coroutine that nothing
-                # awaited: the run went on as if it had loaded (or closed), with a
-                # RuntimeWarning alone.
-                if _is_coroutine_function(getattr(backend, hook, None)):
-                    raise ConfigError(
-                        f"{kind} {getattr(backend, 'name', '?')!r} "
-                        f"({type(backend).__name__}): its {hook}() is a coroutine function "
-                        "(async def), and the engine calls it in a worker thread, where "
-                        f"nothing would await it: define it as a plain `def {hook}(...)`"
-                    )
+            for part, described in _wrapped_chain(kind, backend):
+                for hook in hooks:
+                    # Called in a worker thread, an `async def` hook gave a coroutine that
+                    # nothing awaited: the run went on as if it had loaded (or closed), with a
+                    # RuntimeWarning alone. A wrapper (dtm_rewrite) calls its inner
+                    # generator's hooks from its own, in the same thread.
+                    if is_coroutine_function(getattr(part, hook, None)):
+                        raise ConfigError(
+                            f"{described}: its {hook}() is a coroutine function (async def), "
+                            "and the engine calls it in a worker thread, where nothing would "
+                            f"await it: define it as a plain `def {hook}(...)`"
+                        )
     for judge in cast("Sequence[Judge]", judges):
         # Unchecked, a scorer of no such name failed the run at its first answer, after the
         # run directory was made and images were generated.
@@ -431,7 +438,21 @@ _JUDGE_BLOCKING_HOOKS: Final = ("check_environment", "prepare")
 ``aclose`` are awaited)."""
 
 
-def _is_coroutine_function(function: object) -> bool:
+def _wrapped_chain(kind: str, backend: object) -> Iterator[tuple[object, str]]:
+    """``backend``, then each generator it wraps (:attr:`Generator.wrapped
+    <trig_stream.backends.base.Generator.wrapped>`, ``dtm_rewrite``'s inner one), each with
+    how a message names it."""
+    described = f"{kind} {getattr(backend, 'name', '?')!r} ({type(backend).__name__})"
+    seen: set[int] = set()
+    part: object = backend
+    while part is not None and id(part) not in seen:  # a wrapper of itself ends the walk
+        seen.add(id(part))
+        yield part, described
+        part = getattr(part, "wrapped", None) if kind == "generator" else None
+        described = f"{described}, whose inner generator is {type(part).__name__}"
+
+
+def is_coroutine_function(function: object) -> bool:
     """Whether calling ``function`` gives a coroutine: an ``async def`` function, seen
     through bound methods, :func:`functools.partial` and decorators that keep
     ``__wrapped__`` (a plain wrapper of an ``async def`` function returns its coroutine)."""

@@ -25,6 +25,7 @@ from trig_stream.backends.judges.http_errors import (
     AnswerTooLarge,
     exception_chain,
     parse_retry_after,
+    server_reason,
 )
 from trig_stream.backends.judges.transports import DEADLINE, cap_answers
 from trig_stream.errors import (
@@ -48,6 +49,11 @@ Sleep = Callable[[float, threading.Event], bool]
 class Refused(BackendError):
     """The API refused the request itself (a 4xx other than 404, 429 or a refusal of its
     content): an option or value every request carries, most likely."""
+
+
+class ErrorAnswer(RetryableError):
+    """The API answered with an error object in place of its data, under HTTP 200 (some
+    servers do, when overloaded): retried as the judge retries such a malformed answer."""
 
 
 def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
@@ -112,8 +118,10 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
     """Map an ``openai`` SDK exception to trig-stream's error classes; ``api`` names what
     answered, for the messages that stop the run (``the images API of generator 'x'``).
 
-    429 -> RateLimitError (with Retry-After); 5xx, 408, 409 -> RetryableError; timeouts and
-    connection failures -> UnreachableError (retryable); 401 / 403 -> FatalBackendError;
+    429 -> RateLimitError; 5xx, 408, 409 -> RetryableError (each with the server's
+    Retry-After); 304 (which answers no POST) -> RetryableError, a malformed answer, as the
+    judge takes it; timeouts and connection failures -> UnreachableError (retryable);
+    401 / 403 -> FatalBackendError;
     404 -> NotFoundError; a refusal of the request's content (a safety system's code or
     message, see :data:`~trig_stream.backends.judges.http_errors.CONTENT_REFUSAL`) ->
     ItemError: the prompt's own failure. Any other 4xx (an option the API refuses, a bad
@@ -137,16 +145,21 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
         return UnreachableError(redact(f"cannot reach the API: {exc}", secret))
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
+        if status == 304:  # answers a conditional GET: no redirect, and no answer either
+            return RetryableError(
+                f"{api} sent a malformed answer (HTTP 304 Not Modified, which answers no POST)"
+            )
         detail = redact(f"HTTP {status}: {_message(exc)}", secret)
+        retry_after = parse_retry_after(exc.response.headers)
         if status == 429:
-            return RateLimitError(detail, retry_after=parse_retry_after(exc.response.headers))
+            return RateLimitError(detail, retry_after=retry_after)
         if status in (401, 403):
             return FatalBackendError(
                 f"{api} refused the credentials ({detail}); check the API key in the "
                 "environment variable that api_key_env names"
             )
         if status >= 500 or status in (408, 409):
-            return RetryableError(detail)
+            return RetryableError(detail, retry_after=retry_after)
         if status == 404:
             return NotFoundError(detail)
         if is_content_refusal(exc):
@@ -162,6 +175,22 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
             "OpenAI-protocol API (often ending in /v1)?"
         )
     return BackendError(f"the call to {api} failed ({reason})")
+
+
+def unless_an_error(answer: T, field: str, *, secret: str, api: str = "the API") -> T:
+    """``answer`` (the SDK's object), unless it holds an ``error`` object and no ``field``
+    (``data``, ``choices``): an error sent with HTTP 200, whose message (the key masked, on
+    one line, cut short: :func:`~trig_stream.backends.judges.http_errors.server_reason`) is
+    the reason, not the field the answer lacks.
+
+    Raises:
+        ErrorAnswer: the answer is such an error (retryable).
+    """
+    said = getattr(answer, "error", None)
+    if said and getattr(answer, field, None) is None:
+        reason = server_reason(said, secret or None)
+        raise ErrorAnswer(f"{api} sent a malformed answer (an error: {reason})")
+    return answer
 
 
 def call_with_retries(
@@ -234,11 +263,11 @@ def is_content_refusal(exc: Any) -> bool:
 
 
 def _http_answer(exc: Exception) -> bool:
-    """Whether ``exc`` is an answer of the API's own (an HTTP status), not a failure to
-    reach it."""
+    """Whether ``exc`` is an answer of the API's own (an HTTP status, or an error it sent
+    with HTTP 200), not a failure to reach it."""
     import openai
 
-    return isinstance(exc, openai.APIStatusError)
+    return isinstance(exc, openai.APIStatusError | ErrorAnswer)
 
 
 def _message(exc: Any) -> str:

@@ -56,6 +56,7 @@ from trig_stream.backends.generators.api_calls import (
     call_with_retries,
     openai_client,
     redact,
+    unless_an_error,
     wait_on_cancel,
 )
 from trig_stream.backends.generators.dtm_relations import (
@@ -367,21 +368,27 @@ class DTMRewriteGenerator(Generator):
         ]
         o = self.options
         counts = True  # towards stopping the run: a refusal of the prompt's content does not
+        api = f"the rewriting LLM of generator {self.name!r}"
         try:
             try:
                 response = call_with_retries(
-                    lambda: self._client.chat.completions.create(
-                        model=o.model,
-                        messages=messages,
-                        temperature=o.temperature,
-                        max_tokens=o.max_tokens,
+                    lambda: unless_an_error(
+                        self._client.chat.completions.create(
+                            model=o.model,
+                            messages=messages,
+                            temperature=o.temperature,
+                            max_tokens=o.max_tokens,
+                        ),
+                        "choices",
+                        secret=self._key,
+                        api=api,
                     ),
                     policy=self.policy,
                     cancel=cancel,
                     secret=self._key,
                     sleep=self._sleep,
                     answered=self._answered,
-                    api=f"the rewriting LLM of generator {self.name!r}",
+                    api=api,
                     # Every rewrite would fall back alike: the run would draw each image from
                     # its original prompt and end as if it had gone well.
                     unanswered_is_fatal=True,

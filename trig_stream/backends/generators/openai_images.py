@@ -27,6 +27,7 @@ from trig_stream.backends.generators.api_calls import (
     api_key_from_env,
     call_with_retries,
     openai_client,
+    unless_an_error,
     wait_on_cancel,
 )
 from trig_stream.backends.generators.source_images import rgb, upright
@@ -191,14 +192,17 @@ class OpenAIImagesGenerator(Generator):
             params["response_format"] = "b64_json"  # gpt-image models always answer so
         if o.extra_body:
             params["extra_body"] = o.extra_body
+        api = f"the images API of generator {self.name!r}"
         response = call_with_retries(
-            lambda: self._client.images.generate(**params),
+            lambda: unless_an_error(
+                self._client.images.generate(**params), "data", secret=self._key, api=api
+            ),
             policy=self.policy,
             cancel=cancel,
             secret=self._key,
             sleep=self._sleep,
             answered=self._answered,
-            api=f"the images API of generator {self.name!r}",
+            api=api,
             unanswered_is_fatal=True,
         )
         data = getattr(response, "data", None)

@@ -122,6 +122,16 @@ ECHO = re.compile(r"^[^\S\n]*Original:[^\S\n]*$", re.M)
 repeats the request rather than answering it."""
 
 
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+"""The tags around a reasoning model's thinking, when its server leaves it in the answer (no
+reasoning parser): the rewrite follows the block. DeepSeek-R1's chat template opens the
+block itself, so its answer may hold the closing tag alone."""
+
+FENCE = re.compile(r"```[\w+-]*+[^\S\n]*+\n(?P<inner>.*)\n[^\S\n]*+```", re.S)
+"""A markdown code fence (with a language tag or none) around the whole answer."""
+
+
 class RefusedContent(ItemError):
     """The LLM declined to rewrite this prompt (a content filter stopped it, or it refused in
     words): the prompt's own failure, which says nothing of the LLM's options and does not
@@ -131,13 +141,14 @@ class RefusedContent(ItemError):
 def rewritten_prompt(
     content: str | None, finish_reason: str | None, *, guidance: str, max_tokens: int
 ) -> str:
-    """The rewritten prompt in an LLM's answer, cleaned of quotes, a preamble and a closing
-    explanation.
+    """The rewritten prompt in an LLM's answer, cleaned of a reasoning model's leading
+    ``<think>`` block, a code fence around it, quotes, a preamble and a closing explanation.
 
     Raises:
         RefusedContent: a content filter stopped the answer, or the LLM refused in words.
         ItemError: the answer holds no other rewrite to draw from: empty, cut, the request
-            repeated, over :data:`MAX_REWRITE_CHARS`, or holding half a character.
+            repeated, over :data:`MAX_REWRITE_CHARS`, holding half a character, or a
+            ``<think>`` block never closed.
     """
     if finish_reason == "content_filter":
         raise RefusedContent("the LLM's content filter stopped its rewrite")
@@ -148,10 +159,10 @@ def rewritten_prompt(
         if finish_reason == "length":
             raise _cut(max_tokens)
         raise _too_long(text)
-    text = _clean(text)
+    text = _unfenced(_clean(_after_thinking(text, finish_reason, max_tokens)))
     preamble = PREAMBLE.match(text)
     if preamble is not None:
-        text = _clean(text[preamble.end() :])
+        text = _unfenced(_clean(text[preamble.end() :]))
     text = _clean(AFTERWORD.sub("", text))
     if not text:
         raise ItemError("the LLM answered with an empty rewrite")
@@ -173,6 +184,36 @@ def rewritten_prompt(
     if guidance in text or ECHO.search(text):
         raise ItemError("the LLM's answer repeats the request's guidance instead of a rewrite")
     return text
+
+
+def _after_thinking(text: str, finish_reason: str | None, max_tokens: int) -> str:
+    """``text`` (stripped) after a reasoning block at its start: ``<think>...</think>``, or
+    thinking closed by ``</think>`` alone (its opening tag in the chat template).
+
+    Raises:
+        ItemError: a ``<think>`` block is never closed: the answer is reasoning, no rewrite.
+    """
+    end = text.find(THINK_CLOSE)
+    opened = text.startswith(THINK_OPEN)
+    if end >= 0 and (opened or THINK_OPEN not in text[:end]):
+        return text[end + len(THINK_CLOSE) :].strip()
+    if not opened:
+        return text
+    if finish_reason == "length":
+        raise _cut(max_tokens)
+    raise ItemError(
+        "the LLM's answer is a <think> block never closed: its reasoning, no rewrite; let the "
+        "server take the reasoning out of the answer (vLLM's --reasoning-parser), or raise "
+        "max_tokens"
+    )
+
+
+def _unfenced(text: str) -> str:
+    """``text`` without a code fence around the whole of it."""
+    fenced = FENCE.fullmatch(text)
+    if fenced is None or "```" in fenced["inner"]:
+        return text
+    return fenced["inner"].strip()
 
 
 def _cut(max_tokens: int) -> ItemError:

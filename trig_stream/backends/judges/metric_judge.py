@@ -27,7 +27,6 @@ openai judge's timeouts. Without it a hung call holds its judgement and a gracef
 from __future__ import annotations
 
 import asyncio
-import inspect
 import numbers
 import sys
 from collections.abc import Sequence
@@ -122,16 +121,6 @@ class MetricJudgeOptions(BaseModel):
                 "sample and dimension); drop that need from the metric's `needs`, or score "
                 "judges' answers after the run (the trigscore metric reads top_logprobs)"
             )
-        for hook in ("check_environment", "load", "close"):
-            # Called in a worker thread, an `async def` hook gave a coroutine that nothing
-            # awaited: the run scored with a metric that never loaded.
-            if inspect.iscoroutinefunction(getattr(metric, hook)):
-                raise ValueError(
-                    f"metric {self.metric!r}: its {hook}() is a coroutine function (async def), "
-                    "and the metric judge calls it in a worker thread, where nothing would "
-                    f"await it: define it as a plain `def {hook}(self)` (an async metric may "
-                    "open its client on its first compute)"
-                )
         if self.timeout_s is not None and not is_async(metric):
             # Its compute runs in a worker thread, which nothing can stop: the judgement would
             # end while the thread still held the metric (and the batcher) for the next one.

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from trig_stream.backends.metrics.base import ImageMetric, Metric, SetMetric
 from trig_stream.backends.plugins import check_concrete, checked_subclass, find_plugin, plugin_names
+from trig_stream.backends.registry import is_coroutine_function
 
 ENTRY_POINT_GROUP: Final[str] = "trig_stream.metrics"
 
@@ -44,13 +45,17 @@ _BUILTIN_KINDS: Final[dict[str, MetricKind]] = {
 name, so a metric registered in its place must be of that kind too."""
 _REGISTERED: dict[str, type[Metric]] = {}
 
+METRIC_BLOCKING_HOOKS: Final = ("check_environment", "load", "close")
+"""A metric's methods called in a worker thread (blocking code)."""
+
 
 def register_metric(name: str, metric: type[Metric]) -> None:
     """Make ``metric`` available under ``name`` (it replaces any metric of that name).
 
     Raises:
-        TypeError: ``metric`` is not a :class:`Metric` subclass (with a ``name`` and an
-            ``Options`` pydantic model), or it replaces a built-in
+        TypeError: ``metric`` is not a :class:`Metric` subclass (with a ``name``, an
+            ``Options`` pydantic model, and plain ``def`` hooks: ``load``, ``close`` and
+            ``check_environment`` are called in a worker thread), or it replaces a built-in
             metric and is not of its kind (an ``ImageMetric`` or a ``SetMetric``).
     """
     checked = _checked(name, metric)
@@ -145,4 +150,15 @@ def _checked(name: str, obj: object, where: str = "") -> type[Metric]:
             "`metric_options` table"
         )
     check_concrete(described, metric)
+    for hook in METRIC_BLOCKING_HOOKS:
+        # Called in a worker thread, an `async def` hook gave a coroutine that nothing
+        # awaited: the run scored with a metric that never loaded. Refused here, where the
+        # message names the entry point and distribution that declare the class.
+        if is_coroutine_function(getattr(metric, hook, None)):
+            raise TypeError(
+                f"{described} is {metric.__name__}, whose {hook}() is a coroutine function "
+                "(async def), and it is called in a worker thread, where nothing would await "
+                f"it: define it as a plain `def {hook}(self)` (an async metric may open its "
+                "client on its first compute)"
+            )
     return metric
