@@ -170,6 +170,11 @@ def test_a_retry_after_with_a_transient_status_is_waited_for(
     server.fail_next(Fault(status=status, retry_after=7))
     assert isinstance(one(make(server, sleeps, backoff_initial=0.1)), Image.Image)
     assert len(sleeps.waits) == 1 and sleeps.waits[0] >= 7
+    # Up to the backoff the config allows: a graceful stop waits for a call in flight, and a
+    # day asked after a 503 held it 5 minutes a retry.
+    server.fail_next(Fault(status=status, retry_after=86400))
+    assert isinstance(one(make(server, sleeps, backoff_initial=0.1, backoff_max=2)), Image.Image)
+    assert len(sleeps.waits) == 2 and sleeps.waits[1] <= 2
 
 
 def test_a_304_is_a_malformed_answer_retried(server: GenerationAPIServer, key: str) -> None:

@@ -245,7 +245,13 @@ def call_with_retries(
                 raise type(error)(
                     f"{error} ({policy.gave_up(attempts)})", retry_after=error.retry_after
                 ) from None
-            if sleep(policy.delay(attempts, error.retry_after), cancel):
+            retry_after = error.retry_after
+            if retry_after is not None and not isinstance(error, RateLimitError):
+                # After a 5xx, 408 or 409, no longer than the backoff the config allows: a
+                # graceful stop lets a call in flight finish its retries (only a hard stop
+                # ends a wait here), where a judge's request leaves its wait to the resume.
+                retry_after = min(retry_after, policy.backoff_max)
+            if sleep(policy.delay(attempts, retry_after), cancel):
                 raise ItemError("cancelled") from None
         else:
             if answered is not None:
