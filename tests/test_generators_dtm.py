@@ -874,6 +874,25 @@ def test_a_reasoning_block_never_closed_is_no_rewrite() -> None:
     # A fence inside the answer, not around the whole of it, stays.
     inside = f"{BICYCLE}\n```\nred\n```"
     assert rewritten_prompt(inside, "stop", guidance="zzz", max_tokens=256) == inside
+    # Reasoning closed, then cut before any rewrite: cut, not "an empty rewrite".
+    closed = "<think>\nOkay, a red bicycle.\n</think>\n"
+    with pytest.raises(ItemError, match=re.escape("cut at max_tokens (256)")):
+        rewritten_prompt(closed, "length", guidance="zzz", max_tokens=256)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "A neon sign reading </think> above a bar door, cyberpunk",
+        "A sign reading </think> next to a sign reading <think>",
+        "<think> written in chalk on a blackboard, a classroom at dusk",
+        "<think> and </think> tags glowing on a terminal screen",
+    ],
+)
+def test_a_rewrite_that_mentions_the_thinking_tags_keeps_its_text(answer: str) -> None:
+    # A lone "</think>" anywhere dropped what came before it, and a prompt starting with
+    # "<think>" was refused as reasoning never closed: reasoning blocks take lines of their own.
+    assert rewritten_prompt(answer, "stop", guidance="zzz", max_tokens=256) == answer
 
 
 @pytest.mark.parametrize(

@@ -122,11 +122,12 @@ ECHO = re.compile(r"^[^\S\n]*Original:[^\S\n]*$", re.M)
 repeats the request rather than answering it."""
 
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+THINK_OPEN = re.compile(r"<think>[^\S\n]*+\n")
+THINK_CLOSE = re.compile(r"\n[^\S\n]*+</think>[^\S\n]*+(?:\n|\Z)")
 """The tags around a reasoning model's thinking, when its server leaves it in the answer (no
-reasoning parser): the rewrite follows the block. DeepSeek-R1's chat template opens the
-block itself, so its answer may hold the closing tag alone."""
+reasoning parser), each ending or starting a line of its own as reasoning models write them
+(a prompt may mention the tags): the rewrite follows the block. DeepSeek-R1's chat template
+opens the block itself, so its answer may hold the closing tag alone."""
 
 FENCE = re.compile(r"```[\w+-]*+[^\S\n]*+\n(?P<inner>.*)\n[^\S\n]*+```", re.S)
 """A markdown code fence (with a language tag or none) around the whole answer."""
@@ -165,6 +166,8 @@ def rewritten_prompt(
         text = _unfenced(_clean(text[preamble.end() :]))
     text = _clean(AFTERWORD.sub("", text))
     if not text:
+        if finish_reason == "length":  # its reasoning took every token
+            raise _cut(max_tokens)
         raise ItemError("the LLM answered with an empty rewrite")
     if not _encodable(text):
         # JSON carries "\ud83d" (half an emoji, as a token may be); UTF-8 cannot: the
@@ -193,10 +196,10 @@ def _after_thinking(text: str, finish_reason: str | None, max_tokens: int) -> st
     Raises:
         ItemError: a ``<think>`` block is never closed: the answer is reasoning, no rewrite.
     """
-    end = text.find(THINK_CLOSE)
-    opened = text.startswith(THINK_OPEN)
-    if end >= 0 and (opened or THINK_OPEN not in text[:end]):
-        return text[end + len(THINK_CLOSE) :].strip()
+    close = THINK_CLOSE.search(text)
+    opened = THINK_OPEN.match(text) is not None
+    if close is not None and (opened or THINK_OPEN.search(text, 0, close.start()) is None):
+        return text[close.end() :].strip()
     if not opened:
         return text
     if finish_reason == "length":
