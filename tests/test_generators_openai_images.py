@@ -214,6 +214,20 @@ def test_an_error_sent_with_http_200_is_quoted_and_retried(
     assert SECRET not in str(outcome) and "base_url" not in str(outcome)
 
 
+def test_a_content_refusal_sent_with_http_200_is_the_prompts_own(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # Retried as the API's failure, where the same refusal with a 400 is the item's.
+    sleeps = Sleeps()
+    refusal = Fault(
+        status=200, message="Your request was rejected", code="content_policy_violation"
+    )
+    server.fail_next(refusal)
+    outcome = one(make(server, sleeps))
+    assert isinstance(outcome, ItemError) and not sleeps.waits
+    assert "content_policy_violation" in str(outcome) and "rejected" in str(outcome)
+
+
 def test_timeout_is_retryable(server: GenerationAPIServer, key: str) -> None:
     sleeps = Sleeps()
     server.fail_next(Fault(delay_s=1.0))

@@ -56,6 +56,11 @@ class ErrorAnswer(RetryableError):
     servers do, when overloaded): retried as the judge retries such a malformed answer."""
 
 
+class RefusalAnswer(ItemError):
+    """An error object sent with HTTP 200 that refuses the request's content: the prompt's
+    own failure, as the same refusal with a 4xx is."""
+
+
 def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
     """The default :data:`Sleep`: a backoff the run's cancel event cuts short."""
     return cancel.wait(seconds)
@@ -185,10 +190,14 @@ def unless_an_error(answer: T, field: str, *, secret: str, api: str = "the API")
 
     Raises:
         ErrorAnswer: the answer is such an error (retryable).
+        RefusalAnswer: the error refuses the request's content (see :func:`is_content_refusal`).
     """
     said = getattr(answer, "error", None)
     if said and getattr(answer, field, None) is None:
         reason = server_reason(said, secret or None)
+        code = said.get("code") if isinstance(said, dict) else None
+        if CONTENT_REFUSAL.search(f"{code if isinstance(code, str) else ''} {reason}"):
+            raise RefusalAnswer(f"{api} refused the request's content ({code}: {reason})")
         raise ErrorAnswer(f"{api} sent a malformed answer (an error: {reason})")
     return answer
 
@@ -273,7 +282,7 @@ def _http_answer(exc: Exception) -> bool:
     with HTTP 200), not a failure to reach it."""
     import openai
 
-    return isinstance(exc, openai.APIStatusError | ErrorAnswer)
+    return isinstance(exc, openai.APIStatusError | ErrorAnswer | RefusalAnswer)
 
 
 def _message(exc: Any) -> str:
