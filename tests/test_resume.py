@@ -412,6 +412,18 @@ async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFa
     assert stored.differences(configured) == [
         "judge 'j': v not set in the run dir, [1] in the config"
     ]
+    # A model renamed in case alone was taken for a new one: its folders are the other's on
+    # a file system that ignores case.
+    recased = make_config(
+        samples=3,
+        generators=[{"name": "Synth", "backend": "synthetic", "options": {"size": 16}}],
+    )
+    with pytest.raises(
+        FingerprintMismatch,
+        match=r"generator 'Synth': differs from 'synth', a model with results in the run dir, "
+        r"only in case; a model's name names its folders",
+    ):
+        await run_to_end(recased)
     async with Engine(changed, new_run=True) as engine:
         results = [j async for j in engine.results]
     assert len(results) == 6

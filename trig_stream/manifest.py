@@ -35,7 +35,7 @@ from trig_stream.files import MAX_SETTINGS_BYTES, open_regular_file
 from trig_stream.hashing import seeds_for
 from trig_stream.journal import JournalState, holds_our_journal
 from trig_stream.moves import Move
-from trig_stream.records import SCHEMA_VERSION, JudgeFingerprint, JudgementKey
+from trig_stream.records import CASE_CLASH, SCHEMA_VERSION, JudgeFingerprint, JudgementKey
 from trig_stream.scoring import SCORING_RULES_KEY
 
 MANIFEST = "manifest.json"
@@ -138,6 +138,18 @@ class Manifest(BaseModel):
         same = None if moved is None else moved.same
         if self.task != other.task:
             found.append(f"task: {self.task} in the run dir, {other.task} in the config")
+        held = {
+            name.casefold(): name
+            for name in self.generators
+            if holds is None or holds("generators", name)
+        }
+        for name in sorted(other.generators.keys() - self.generators.keys()):
+            stored_name = held.get(name.casefold())
+            if stored_name is not None:
+                found.append(
+                    f"generator {name!r}: differs from {stored_name!r}, a model with results in "
+                    f"the run dir, only in case; {CASE_CLASH}"
+                )
         for kind in get_args(EntryKind):
             mine: dict[str, Any] = getattr(self, kind)
             theirs: dict[str, Any] = getattr(other, kind)
