@@ -326,7 +326,7 @@ def test_a_broken_entry_point_is_named_with_its_distribution_and_cause(
             "tp_async_load",
             "metric 'tp_async_load' (entry point tp_async_load = 'thirdparty_metrics:AsyncLoad' "
             "of thirdparty-metrics 1.2) is AsyncLoad, whose load() is a coroutine function "
-            "(async def), and it is called in a worker thread",
+            "(async def), and the engine calls it in a worker thread",
         ),
         # A traceback: type object 'DataclassOptions' has no attribute 'model_validate_json'.
         (
@@ -592,7 +592,7 @@ def test_a_metric_whose_load_or_close_is_async_is_refused(
     # RuntimeWarning "coroutine ... was never awaited" alone).
     message = (
         f"metric {metric.name!r} is {metric.__name__}, whose {hook}() is a coroutine function "
-        "(async def), and it is called in a worker thread, where nothing would await it"
+        "(async def), and the engine calls it in a worker thread, where nothing would await it"
     )
     with pytest.raises(TypeError, match=re.escape(message)):
         register_metric(metric.name, metric)

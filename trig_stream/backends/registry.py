@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, cast
@@ -160,16 +161,10 @@ def _checked(kind: Kind, name: str, obj: object, where: str = "") -> BackendClas
             "`from_config(entry, options, config)` classmethod that returns an instance"
         )
     check_concrete(described, cls)
+    # Refused here too, not only on the instance, so that the message names the entry point
+    # and distribution that declare the class.
     hooks = _GENERATOR_BLOCKING_HOOKS if kind == "generators" else _JUDGE_BLOCKING_HOOKS
-    for hook in hooks:
-        # Refused here too, not only on the instance, so that the message names the entry
-        # point and distribution that declare the class.
-        if is_coroutine_function(getattr(cls, hook, None)):
-            raise TypeError(
-                f"{described} is {cls.__name__}, whose {hook}() is a coroutine function "
-                "(async def), and the engine calls it in a worker thread, where nothing would "
-                f"await it: define it as a plain `def {hook}(...)`"
-            )
+    refuse_async_hooks(described, cls, hooks)
     if kind == "judges" and not is_coroutine_function(getattr(cls, "judge", None)):
         # Refused on the instance too; here the message names the entry point.
         raise TypeError(
@@ -450,6 +445,23 @@ def _wrapped_chain(kind: str, backend: object) -> Iterator[tuple[object, str]]:
         yield part, described
         part = getattr(part, "wrapped", None) if kind == "generator" else None
         described = f"{described}, whose inner generator is {type(part).__name__}"
+
+
+def refuse_async_hooks(described: str, cls: type, hooks: Iterable[str], advice: str = "") -> None:
+    """Refuse ``cls`` (``described`` in the message) if one of its ``hooks``, blocking
+    methods the engine calls in a worker thread, is ``async def``: its coroutine would be
+    dropped unawaited, the hook never run.
+
+    Raises:
+        TypeError: such a hook, named, with ``advice`` after the message.
+    """
+    for hook in hooks:
+        if is_coroutine_function(getattr(cls, hook, None)):
+            raise TypeError(
+                f"{described} is {cls.__name__}, whose {hook}() is a coroutine function "
+                "(async def), and the engine calls it in a worker thread, where nothing would "
+                f"await it: define it as a plain `def {hook}(...)`{advice}"
+            )
 
 
 def is_coroutine_function(function: object) -> bool:

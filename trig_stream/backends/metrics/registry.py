@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from trig_stream.backends.metrics.base import ImageMetric, Metric, SetMetric
 from trig_stream.backends.plugins import check_concrete, checked_subclass, find_plugin, plugin_names
-from trig_stream.backends.registry import is_coroutine_function
+from trig_stream.backends.registry import refuse_async_hooks
 
 ENTRY_POINT_GROUP: Final[str] = "trig_stream.metrics"
 
@@ -150,15 +150,13 @@ def _checked(name: str, obj: object, where: str = "") -> type[Metric]:
             "`metric_options` table"
         )
     check_concrete(described, metric)
-    for hook in METRIC_BLOCKING_HOOKS:
-        # Called in a worker thread, an `async def` hook gave a coroutine that nothing
-        # awaited: the run scored with a metric that never loaded. Refused here, where the
-        # message names the entry point and distribution that declare the class.
-        if is_coroutine_function(getattr(metric, hook, None)):
-            raise TypeError(
-                f"{described} is {metric.__name__}, whose {hook}() is a coroutine function "
-                "(async def), and it is called in a worker thread, where nothing would await "
-                f"it: define it as a plain `def {hook}(self)` (an async metric may open its "
-                "client on its first compute)"
-            )
+    # Called in a worker thread, an `async def` hook gave a coroutine that nothing awaited:
+    # the run scored with a metric that never loaded. Refused here, where the message names
+    # the entry point and distribution that declare the class.
+    refuse_async_hooks(
+        described,
+        metric,
+        METRIC_BLOCKING_HOOKS,
+        " (an async metric may open its client on its first compute)",
+    )
     return metric
