@@ -253,6 +253,17 @@ class FailingLoad(SyntheticGenerator):
         raise self.error
 
 
+def with_a_good_generator(make_config: ConfigFactory) -> tuple[RunConfig, SyntheticGenerator]:
+    """A config of two synthetic models, ``syn`` and ``bad``, and ``syn``'s generator."""
+    config = make_config(
+        generators=[
+            {"name": "syn", "backend": "synthetic", "options": {"size": 16}},
+            {"name": "bad", "backend": "synthetic", "options": {"size": 16}},
+        ]
+    )
+    return config, SyntheticGenerator("syn", SyntheticOptions(size=16))
+
+
 @pytest.mark.parametrize(
     ("error", "message"),
     [
@@ -281,13 +292,7 @@ class FailingLoad(SyntheticGenerator):
 async def test_a_failed_load_names_its_generator_among_several(
     make_config: ConfigFactory, error: TrigStreamError, message: str
 ) -> None:
-    config = make_config(
-        generators=[
-            {"name": "syn", "backend": "synthetic", "options": {"size": 16}},
-            {"name": "bad", "backend": "synthetic", "options": {"size": 16}},
-        ]
-    )
-    good = SyntheticGenerator("syn", SyntheticOptions(size=16))
+    config, good = with_a_good_generator(make_config)
     with pytest.raises(type(error)) as raised:
         await run_to_end(config, generators=[good, FailingLoad("bad", error)])
     assert raised.value is error
@@ -317,13 +322,7 @@ async def test_a_failed_load_of_an_error_with_its_own_str_names_its_generator(
     make_config: ConfigFactory, error: TrigStreamError, kind: type[TrigStreamError]
 ) -> None:
     # Setting args changed nothing its __str__ shows: the generator went unnamed.
-    config = make_config(
-        generators=[
-            {"name": "syn", "backend": "synthetic", "options": {"size": 16}},
-            {"name": "bad", "backend": "synthetic", "options": {"size": 16}},
-        ]
-    )
-    good = SyntheticGenerator("syn", SyntheticOptions(size=16))
+    config, good = with_a_good_generator(make_config)
     with pytest.raises(kind) as raised:
         await run_to_end(config, generators=[good, FailingLoad("bad", error)])
     # Of the same exit code as the backend's own error.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import os
 import signal
@@ -33,10 +32,10 @@ from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import (
     ConfigError,
     ConfigWriteError,
-    MissingExtraError,
     RunDirError,
     TrigStreamError,
     leaf_errors,
+    require_installed,
 )
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.inspect_commands import status_command, validate_command
@@ -254,9 +253,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
-    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
-        # anyio's LookupError ended in a traceback, exit 1.
-        raise MissingExtraError("trio", "trio")
+    if args.backend == "trio":  # anyio's LookupError ended in a traceback, exit 1
+        require_installed(["trio"], "trio")
     config = load_config(args.config)
     # Model libraries print progress bars and advice on every load; the run's own progress
     # says what matters. Set these variables to see them again.

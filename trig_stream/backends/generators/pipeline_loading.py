@@ -10,7 +10,6 @@ its caller, which imports them: importing this module imports neither.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -26,7 +25,7 @@ from trig_stream.backends.generators.diffusers_options import (
     size_problem,
 )
 from trig_stream.backends.generators.pipeline_calls import check_call_arguments
-from trig_stream.errors import FatalBackendError, MissingExtraError
+from trig_stream.errors import FatalBackendError, require_installed
 from trig_stream.pipeline import describe_error
 
 logger = logging.getLogger(__name__)
@@ -118,9 +117,7 @@ def _check_not_placeholder(name: str, pipeline: str, diffusers: Any, found: Any)
     if not (isinstance(placeholder, type) and isinstance(found, placeholder)):
         return
     needs = [str(backend) for backend in getattr(found, "_backends", ())]
-    for backend in needs:
-        if backend in _EXTRA_BACKENDS and importlib.util.find_spec(backend) is None:
-            raise MissingExtraError(backend, "diffusers")
+    require_installed([backend for backend in needs if backend in _EXTRA_BACKENDS], "diffusers")
     raise FatalBackendError(
         f"generator {name!r}: diffusers {diffusers.__version__} cannot use {pipeline} here: "
         f"it needs {', '.join(needs) or 'libraries'} and finds one of them missing, or of a "
