@@ -880,19 +880,55 @@ def test_a_reasoning_block_never_closed_is_no_rewrite() -> None:
         rewritten_prompt(closed, "length", guidance="zzz", max_tokens=256)
 
 
+NEVER_CLOSED = "never closed"
+
+
 @pytest.mark.parametrize(
-    "answer",
+    ("answer", "expected"),
     [
-        "A neon sign reading </think> above a bar door, cyberpunk",
-        "A sign reading </think> next to a sign reading <think>",
-        "<think> written in chalk on a blackboard, a classroom at dusk",
-        "<think> and </think> tags glowing on a terminal screen",
+        # Reasoning, each tag where a reasoning model writes it: the rewrite follows.
+        (f"<think>\nOkay, reasoning.\n</think>\n\n{BICYCLE}", BICYCLE),
+        (f"<think>Okay, reasoning.</think>\n\n{BICYCLE}", BICYCLE),
+        (f"<think></think>\n\n{BICYCLE}", BICYCLE),
+        (f"<think>\n\n</think>\n\n{BICYCLE}", BICYCLE),  # Qwen3 not thinking
+        (f"<think>\nreasoning here.</think>\n\n{BICYCLE}", BICYCLE),
+        (f"<think>\nreasoning\n</think> {BICYCLE}", BICYCLE),
+        (f"<think>Okay, reasoning\nmore\n</think>\n\n{BICYCLE}", BICYCLE),
+        (f"<think>\r\nOkay, reasoning\r\n</think>\r\n\r\n{BICYCLE}", BICYCLE),
+        (f"<think>\n  reasoning\n\t</think>  \n\n{BICYCLE}", BICYCLE),
+        (f"<THINK>\nreasoning\n</THINK>\n{BICYCLE}", BICYCLE),
+        (f"<think>\na\n</think>\n<think>\nb\n</think>\n{BICYCLE}", BICYCLE),
+        # Opened by DeepSeek-R1's chat template: the closing tag alone.
+        (f"reasoning here.</think>\n\n{BICYCLE}", BICYCLE),
+        (f"reasoning here\n</think> {BICYCLE}", BICYCLE),
+        (f"reasoning here.</think>", "an empty rewrite"),
+        # Reasoning never closed, by a tag that counts or by any: no rewrite, never drawn.
+        ("<think>Okay, reasoning more and more", NEVER_CLOSED),
+        ("<think>\nOkay, reasoning\nmore", NEVER_CLOSED),
+        (f"<think>\na\n</think>\n<think>\nb {BICYCLE}", NEVER_CLOSED),
+        (f"<think>Okay.</think> {BICYCLE}", NEVER_CLOSED),
+        # An answer opening with the tag reads as reasoning (the prompt falls back to its
+        # original rather than drawing what may be the LLM's thoughts).
+        ("<think> written in chalk on a blackboard, a classroom at dusk", NEVER_CLOSED),
+        ("<think> and </think> tags glowing on a terminal screen", NEVER_CLOSED),
+        # A prompt that mentions the tags in a sentence keeps its text.
+        ("A neon sign reading </think> above a bar door, cyberpunk", None),
+        ("A sign reading </think> on a wall", None),
+        ("A sign reading </think> next to a sign reading <think>", None),
+        ("A red bicycle leaning on a wall,\n<think>\nneon letters\nat dusk", None),
     ],
 )
-def test_a_rewrite_that_mentions_the_thinking_tags_keeps_its_text(answer: str) -> None:
-    # A lone "</think>" anywhere dropped what came before it, and a prompt starting with
-    # "<think>" was refused as reasoning never closed: reasoning blocks take lines of their own.
-    assert rewritten_prompt(answer, "stop", guidance="zzz", max_tokens=256) == answer
+def test_a_reasoning_block_comes_off_in_every_layout(answer: str, expected: str | None) -> None:
+    # 90ee7f5 took tags only on lines of their own: "<think>Okay.</think>\n\nA red bicycle",
+    # "<think></think>\n\n..." and R1's "reasoning.</think>\n\n..." were drawn whole, and
+    # "<think>\nreasoning\n</think> A red ..." failed as never closed.
+    if expected is None or expected == BICYCLE:
+        assert rewritten_prompt(answer, "stop", guidance="zzz", max_tokens=256) == (
+            expected or answer
+        )
+        return
+    with pytest.raises(ItemError, match=re.escape(expected)):
+        rewritten_prompt(answer, "stop", guidance="zzz", max_tokens=256)
 
 
 @pytest.mark.parametrize(

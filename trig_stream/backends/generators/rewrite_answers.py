@@ -122,12 +122,15 @@ ECHO = re.compile(r"^[^\S\n]*Original:[^\S\n]*$", re.M)
 repeats the request rather than answering it."""
 
 
-THINK_OPEN = re.compile(r"<think>[^\S\n]*+\n")
-THINK_CLOSE = re.compile(r"\n[^\S\n]*+</think>[^\S\n]*+(?:\n|\Z)")
+THINK_OPEN = "<think>"
+THINK_CLOSE = re.compile(r"</think>[^\S\n]*+(?:\n|\Z)|^[^\S\n]*+</think>", re.M | re.I)
 """The tags around a reasoning model's thinking, when its server leaves it in the answer (no
-reasoning parser), each ending or starting a line of its own as reasoning models write them
-(a prompt may mention the tags): the rewrite follows the block. DeepSeek-R1's chat template
-opens the block itself, so its answer may hold the closing tag alone."""
+reasoning parser): the rewrite follows the block. The block opens with ``<think>`` at the
+answer's start (on the line of its first thought or a line of its own); DeepSeek-R1's chat
+template opens it itself, so its answer may hold the closing tag alone. A ``</think>`` closes it
+where reasoning models write it, ending a line (``Okay.</think>``, then the rewrite on the next)
+or starting one (``</think> A red bicycle``); in a sentence (``a sign reading </think> on a
+wall``) it is a prompt's own. Tags match in any case; blocks in a row are all taken off."""
 
 FENCE = re.compile(r"```[\w+-]*+[^\S\n]*+\n(?P<inner>.*)\n[^\S\n]*+```", re.S)
 """A markdown code fence (with a language tag or none) around the whole answer."""
@@ -191,23 +194,29 @@ def rewritten_prompt(
 
 def _after_thinking(text: str, finish_reason: str | None, max_tokens: int) -> str:
     """``text`` (stripped) after a reasoning block at its start: ``<think>...</think>``, or
-    thinking closed by ``</think>`` alone (its opening tag in the chat template).
+    thinking closed by ``</think>`` alone (its opening tag in the chat template), each tag
+    where :data:`THINK_CLOSE` says reasoning models write it. An answer opening with
+    ``<think>`` is reasoning: with no closing tag after it, it holds no rewrite.
 
     Raises:
         ItemError: a ``<think>`` block is never closed: the answer is reasoning, no rewrite.
     """
-    close = THINK_CLOSE.search(text)
-    opened = THINK_OPEN.match(text) is not None
-    if close is not None and (opened or THINK_OPEN.search(text, 0, close.start()) is None):
-        return text[close.end() :].strip()
+    while True:  # a block per turn of reasoning, each with its tags
+        opened = text[: len(THINK_OPEN)].lower() == THINK_OPEN
+        close = THINK_CLOSE.search(text, len(THINK_OPEN) if opened else 0)
+        if close is None:
+            break
+        text = text[close.end() :].strip()
+        if text[: len(THINK_OPEN)].lower() != THINK_OPEN:
+            return text
     if not opened:
         return text
     if finish_reason == "length":
         raise _cut(max_tokens)
     raise ItemError(
-        "the LLM's answer is a <think> block never closed: its reasoning, no rewrite; let the "
-        "server take the reasoning out of the answer (vLLM's --reasoning-parser), or raise "
-        "max_tokens"
+        "the LLM's answer is a <think> block never closed (no </think> ending or starting a "
+        "line): its reasoning, no rewrite; let the server take the reasoning out of the answer "
+        "(vLLM's --reasoning-parser), or raise max_tokens"
     )
 
 
