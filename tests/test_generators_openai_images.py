@@ -18,6 +18,7 @@ from PIL import Image
 from tests.conftest import ConfigFactory
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
+from trig_stream.backends.generators.api_calls import ErrorAnswer, RefusalAnswer, unless_an_error
 from trig_stream.backends.generators.openai_images import (
     OpenAIImagesGenerator,
     OpenAIImagesOptions,
@@ -226,6 +227,61 @@ def test_a_content_refusal_sent_with_http_200_is_the_prompts_own(
     outcome = one(make(server, sleeps))
     assert isinstance(outcome, ItemError) and not sleeps.waits
     assert "content_policy_violation" in str(outcome) and "rejected" in str(outcome)
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("content policy service unavailable, try again", "server_error"),
+        ("The safety checker is overloaded; please retry", None),
+        ("Upstream timed out (retry policy exhausted)", "upstream_error"),
+        ("Worker crashed; job flagged for reprocessing", None),
+    ],
+)
+def test_an_error_sent_with_http_200_that_only_mentions_a_policy_is_retried(
+    server: GenerationAPIServer, key: str, message: str, code: str | None
+) -> None:
+    # The judge's broad pattern (safety, policy, flagged) read the message whatever the code:
+    # each was the prompt's own failure, never retried.
+    sleeps = Sleeps()
+    server.fail_next(Fault(status=200, message=message, code=code))
+    assert isinstance(one(make(server, sleeps)), Image.Image)
+    assert len(sleeps.waits) == 1
+
+
+def test_a_200_error_refuses_the_content_by_its_code_or_else_its_message() -> None:
+    def outcome(error: dict[str, str]) -> Exception:
+        answer = SimpleNamespace(error=error, data=None)
+        with pytest.raises((ItemError, RetryableError)) as caught:
+            unless_an_error(answer, "data", secret=SECRET)
+        return caught.value
+
+    by_message = outcome({"message": "Rejected by our moderation system"})
+    assert isinstance(by_message, RefusalAnswer)
+    # No code: none quoted (was "(None: Rejected ...)").
+    assert str(by_message) == (
+        "the API refused the request's content (Rejected by our moderation system)"
+    )
+    by_code = outcome({"message": "Rejected", "code": "contentFilter"})
+    assert str(by_code) == "the API refused the request's content (contentFilter: Rejected)"
+    for error in [
+        {"message": "Rejected by our moderation system", "type": "server_error"},
+        {"message": "Rejected by our moderation system", "code": "server_error"},
+        {"message": "The moderation service is busy; try again"},
+    ]:
+        assert type(outcome(error)) is ErrorAnswer, error
+
+
+def test_a_400_that_only_mentions_a_policy_is_the_calls_failure(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # Its code says what it refuses: a bad size, whatever the message cites, fails every
+    # request alike (was the prompt's own failure, which never stops the run).
+    server.fail_next(
+        Fault(status=400, code="invalid_value", message="Invalid size; see our usage policies")
+    )
+    outcome = one(make(server))
+    assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError)
 
 
 def test_timeout_is_retryable(server: GenerationAPIServer, key: str) -> None:

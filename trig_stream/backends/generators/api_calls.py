@@ -13,15 +13,15 @@ config, a record, a log line, a repr or an exception message (messages pass thro
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from trig_stream.backends.api_keys import key_from_env, scrub
 from trig_stream.backends.judges.http_errors import (
-    CONTENT_REFUSAL,
     AnswerTooLarge,
     exception_chain,
     parse_retry_after,
@@ -44,6 +44,28 @@ T = TypeVar("T")
 
 Sleep = Callable[[float, threading.Event], bool]
 """Waits up to the given seconds; returns True when the cancel event fired meanwhile."""
+
+CONTENT_REFUSAL_CODES = frozenset({"contentpolicyviolation", "moderationblocked", "contentfilter"})
+"""The error codes of a refusal of one request's content, in lower case without ``_`` or
+``-`` (OpenAI's ``content_policy_violation`` and ``moderation_blocked``, Azure's
+``content_filter`` or ``contentFilter``). An error with any other code is no refusal,
+whatever its message says: ``server_error`` "content policy service unavailable, try
+again" is the API's failure, retried."""
+
+CONTENT_REFUSAL_MESSAGE = re.compile(
+    r"content[ _-]?polic(y|ies)|moderation|content[ _-]?filter|safety system", re.I
+)
+"""What the message of a refusal of the content says, read only for an error with no code
+and of no ``server_error`` type. Narrower than the judge's
+:data:`~trig_stream.backends.judges.http_errors.CONTENT_REFUSAL`: a generator's refusal is an
+item failure never retried, so "The safety checker ...", "retry policy" or "flagged for
+reprocessing" is no refusal."""
+
+NOT_A_REFUSAL = re.compile(
+    r"unavailable|overload|try again|retr(y|ies)|timed? ?out|temporar|busy|capacity|crash", re.I
+)
+"""Words of a passing failure: a message holding them is no refusal ("the moderation service
+is overloaded; please retry")."""
 
 
 class Refused(BackendError):
@@ -128,8 +150,7 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
     judge takes it; timeouts and connection failures -> UnreachableError (retryable);
     401 / 403 -> FatalBackendError;
     404 -> NotFoundError; a refusal of the request's content (a safety system's code or
-    message, see :data:`~trig_stream.backends.judges.http_errors.CONTENT_REFUSAL`) ->
-    ItemError: the prompt's own failure. Any other 4xx (an option the API refuses, a bad
+    message, see :func:`refuses_content`) -> ItemError: the prompt's own failure. Any other 4xx (an option the API refuses, a bad
     size) is :class:`Refused`, a failure of the call as a whole: every request would be
     refused alike, so before a generator's first image it counts towards stopping the run.
     Any other exception the call raises (an answer that is no JSON, a timeout the client
@@ -196,8 +217,10 @@ def unless_an_error(answer: T, field: str, *, secret: str, api: str = "the API")
     if said and getattr(answer, field, None) is None:
         reason = server_reason(said, secret or None)
         code = said.get("code") if isinstance(said, dict) else None
-        if CONTENT_REFUSAL.search(f"{code if isinstance(code, str) else ''} {reason}"):
-            raise RefusalAnswer(f"{api} refused the request's content ({code}: {reason})")
+        kind = said.get("type") if isinstance(said, dict) else None
+        if refuses_content(code, kind, reason):
+            coded = f"{code}: " if _named(code) else ""
+            raise RefusalAnswer(f"{api} refused the request's content ({coded}{reason})")
         raise ErrorAnswer(f"{api} sent a malformed answer (an error: {reason})")
     return answer
 
@@ -269,12 +292,31 @@ def call_with_retries(
 
 
 def is_content_refusal(exc: Any) -> bool:
-    """Whether the API error ``exc`` refuses its request's content (OpenAI's
-    ``content_policy_violation`` or ``moderation_blocked``, a content filter), by its error
-    code or message."""
-    code = getattr(exc, "code", None)
-    said = f"{code if isinstance(code, str) else ''} {_message(exc)}"
-    return CONTENT_REFUSAL.search(said) is not None
+    """Whether the API error ``exc`` refuses its request's content
+    (:func:`refuses_content`, by its error code, type and message)."""
+    return refuses_content(getattr(exc, "code", None), getattr(exc, "type", None), _message(exc))
+
+
+def refuses_content(code: object, kind: object, message: str) -> bool:
+    """Whether an API error with this ``code``, ``type`` (``kind``) and ``message`` refuses its
+    request's content: by its code (:data:`CONTENT_REFUSAL_CODES`) when it has one; with none,
+    by its message (:data:`CONTENT_REFUSAL_MESSAGE`, without :data:`NOT_A_REFUSAL`'s words),
+    unless its type is ``server_error``. A code of digits (vLLM's, the HTTP status again) is
+    none."""
+    if _named(code):
+        return re.sub(r"[_-]", "", code.lower()) in CONTENT_REFUSAL_CODES
+    if kind == "server_error":
+        return False
+    return (
+        CONTENT_REFUSAL_MESSAGE.search(message) is not None
+        and NOT_A_REFUSAL.search(message) is None
+    )
+
+
+def _named(code: object) -> TypeGuard[str]:
+    """Whether an error's ``code`` names the error (``content_filter``), not just its HTTP
+    status again (vLLM sends ``"code": 400``; the SDK makes that ``"400"``)."""
+    return isinstance(code, str) and code != "" and not code.isdigit()
 
 
 def _http_answer(exc: Exception) -> bool:
