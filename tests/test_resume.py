@@ -431,6 +431,28 @@ async def test_changed_settings_are_refused_unless_new_run(make_config: ConfigFa
     assert len(journal(config)) == 6  # the original run is untouched
 
 
+async def test_a_rename_in_case_back_to_an_old_name_is_refused(make_config: ConfigFactory) -> None:
+    # Only a name new to the run dir was checked: "Synth" (no results) renamed "synth" (which
+    # made results) was accepted, and so, wrongly, was the way back to "Synth", whose folders
+    # are synth's on a file system that ignores case.
+    def models(name: str, **options: object) -> list[dict[str, object]]:
+        return [
+            {"name": name, "backend": "synthetic", "options": {"size": 16, **options}},
+            {"name": "other", "backend": "synthetic", "options": {"size": 16}},
+        ]
+
+    await run_to_end(make_config(samples=2, generators=models("Synth", failure_rate=1.0)))
+    renamed = make_config(samples=2, generators=models("synth"))
+    assert any(j.status == "ok" for j in await run_to_end(renamed))
+    back = make_config(samples=2, generators=models("Synth", failure_rate=1.0))
+    with pytest.raises(
+        FingerprintMismatch,
+        match=r"generator 'Synth': differs from 'synth', a model with results in the run dir, "
+        r"only in case",
+    ):
+        await run_to_end(back)
+
+
 async def test_a_journal_of_another_judge_copied_in_is_refused_not_mixed(
     make_config: ConfigFactory,
 ) -> None:

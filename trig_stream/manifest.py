@@ -138,18 +138,16 @@ class Manifest(BaseModel):
         same = None if moved is None else moved.same
         if self.task != other.task:
             found.append(f"task: {self.task} in the run dir, {other.task} in the config")
-        held = {
-            name.casefold(): name
-            for name in self.generators
-            if holds is None or holds("generators", name)
-        }
-        for name in sorted(other.generators.keys() - self.generators.keys()):
-            stored_name = held.get(name.casefold())
-            if stored_name is not None:
-                found.append(
-                    f"generator {name!r}: differs from {stored_name!r}, a model with results in "
-                    f"the run dir, only in case; {CASE_CLASH}"
-                )
+        # Every configured name, not only a new one: back to an old name is a rename too,
+        # while the stored manifest also holds the name it was renamed to, with results.
+        held = [name for name in self.generators if holds is None or holds("generators", name)]
+        for name in sorted(other.generators):
+            for stored_name in sorted(held):
+                if stored_name != name and stored_name.casefold() == name.casefold():
+                    found.append(
+                        f"generator {name!r}: differs from {stored_name!r}, a model with results "
+                        f"in the run dir, only in case; {CASE_CLASH}"
+                    )
         for kind in get_args(EntryKind):
             mine: dict[str, Any] = getattr(self, kind)
             theirs: dict[str, Any] = getattr(other, kind)
