@@ -37,7 +37,7 @@ from trig_stream import files as files_module
 from trig_stream import journal as journal_module
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig, load_config
-from trig_stream.errors import FatalBackendError
+from trig_stream.errors import FatalBackendError, ItemError
 from trig_stream.files import (
     UnfitFileError,
     write_all,
@@ -1027,6 +1027,45 @@ class GatedGenerator(SyntheticGenerator):
         self.called.set()
         assert self.gate.wait(timeout=60)  # a safety net: the test sets it at once
         return super().generate(requests, worker=worker, cancel=cancel)
+
+
+class WaitsOutARateLimit(SyntheticGenerator):
+    """A generator whose calls wait as an API generator's do on a 429 with a long Retry-After
+    (``call_with_retries``): until the run's cancel event fires, then ``cancelled``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, SyntheticOptions(size=16))
+        self.called = threading.Event()
+        self.cancel: threading.Event | None = None
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Image.Image | Exception]:
+        self.cancel = cancel
+        self.called.set()
+        assert cancel.wait(timeout=60)  # a safety net: the test cancels the run at once
+        return [ItemError("cancelled") for _ in requests]
+
+
+async def test_a_call_a_hard_stop_ends_is_asked_again_on_resume(
+    make_config: ConfigFactory,
+) -> None:
+    # What the README promises of a graceful stop with an API generator's call in flight: it
+    # waits for the call; a hard stop ends the wait, and the image, not failed, is asked
+    # again when the run resumes.
+    config = make_config(samples=1)
+    waiting = WaitsOutARateLimit("synth")
+    with anyio.fail_after(60):  # a safety net: nothing here waits on time
+        async with Engine(config, generators=[waiting]) as engine:
+            await anyio.to_thread.run_sync(waiting.called.wait, 60)
+            engine.stop()
+            assert waiting.cancel is not None and not waiting.cancel.is_set()
+            engine.cancel()
+            results = [j async for j in engine.results]
+    assert results == [] and engine.stats().state == "cancelled"
+    assert journal(config) == []  # no "generate failed: cancelled" error judgement
+    again = await run_to_end(config)
+    assert [j.status for j in again] == ["ok", "ok"]
 
 
 async def test_a_resume_stopped_before_reading_the_dataset_through_keeps_the_quarantine_list(
