@@ -901,7 +901,7 @@ NEVER_CLOSED = "never closed"
         # Opened by DeepSeek-R1's chat template: the closing tag alone.
         (f"reasoning here.</think>\n\n{BICYCLE}", BICYCLE),
         (f"reasoning here\n</think> {BICYCLE}", BICYCLE),
-        (f"reasoning here.</think>", "an empty rewrite"),
+        ("reasoning here.</think>", "an empty rewrite"),
         # Reasoning never closed, by a tag that counts or by any: no rewrite, never drawn.
         ("<think>Okay, reasoning more and more", NEVER_CLOSED),
         ("<think>\nOkay, reasoning\nmore", NEVER_CLOSED),

@@ -150,9 +150,10 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
     judge takes it; timeouts and connection failures -> UnreachableError (retryable);
     401 / 403 -> FatalBackendError;
     404 -> NotFoundError; a refusal of the request's content (a safety system's code or
-    message, see :func:`refuses_content`) -> ItemError: the prompt's own failure. Any other 4xx (an option the API refuses, a bad
-    size) is :class:`Refused`, a failure of the call as a whole: every request would be
-    refused alike, so before a generator's first image it counts towards stopping the run.
+    message, see :func:`refuses_content`) -> ItemError: the prompt's own failure. Any other
+    4xx (an option the API refuses, a bad size) is :class:`Refused`, a failure of the call as
+    a whole: every request would be refused alike, so before a generator's first image it
+    counts towards stopping the run.
     Any other exception the call raises (an answer that is no JSON, a timeout the client
     cannot hold) is a plain :class:`BackendError`, the API's failure too: only a refusal of
     the content (and a cancelled backoff, in :func:`call_with_retries`) is an ItemError.
