@@ -1476,6 +1476,34 @@ def test_compare_gives_a_run_without_judgements_empty_columns(
         run_command("compare", str(empty), str(shutil.copytree(empty, tmp_path / "other")))
 
 
+def test_compare_gives_a_configured_model_without_judgements_yet_an_empty_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # model-b of the config still loading, while model-a is judged: its column was dropped
+    # without a word, and alone the run had "nothing to compare: 1 model(s)".
+    loading = write_run_dir(
+        tmp_path / "loading", {}, models=("model-a",), generators=("model-a", "model-b")
+    )
+    comparison = compare_runs([loading])
+    assert comparison.labels == ("model-a", "model-b")
+    assert comparison.notes == (
+        "model-b has no judgement of metric `trigscore` yet: its column is empty, and its DTM "
+        "cells are undefined (-1)",
+    )
+    scored = write_run_dir(tmp_path / "scored", {})
+    assert main(["compare", str(scored), str(loading)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "| dimension | scored/model-a | scored/model-b | loading/model-a | loading/model-b |" in out
+    assert "Note: loading/model-b has no judgement of metric `trigscore` yet" in out
+    # A model judged by another judge only so far has no judgement of the one compared.
+    other = write_run_dir(tmp_path / "other", {}, models=("model-b",), metric="clip")
+    with (loading / JOURNAL).open("a") as journal:
+        journal.write((other / JOURNAL).read_text())
+    comparison = compare_runs([loading], metric="trigscore")
+    assert comparison.labels == ("model-a", "model-b")
+    assert comparison.metrics == {"model-a": "trigscore", "model-b": "trigscore"}
+
+
 def test_analyze_on_a_reports_evaluation_result_names_no_run_cause_for_a_failed_score(
     tmp_path: Path,
 ) -> None:

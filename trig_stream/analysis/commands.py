@@ -166,15 +166,18 @@ def analyse_run(
     Raises:
         AnalysisError: the run holds no judgement, or none of ``metric``.
     """
-    present = {j.metric for j in run.judgements}
-    chosen = _pick_metric(
-        [m for m in run.metrics if m in present], metric, run.path, run.judgements
-    )
+    chosen = _run_metric(run, metric)
     analyses = analyse_judgements((j for j in run.judgements if j.metric == chosen), thresholds)
     by_model = {model: analysis for (model, _), analysis in analyses.items()}
     # In the config's order (run.models), not the journal's: which model's first judgement
     # was written first is a race.
     return {model: by_model[model] for model in run.models if model in by_model}
+
+
+def _run_metric(run: RunData, metric: str | None) -> str:
+    """The metric :func:`analyse_run` analyses: ``metric``, else the default pick."""
+    present = {j.metric for j in run.judgements}
+    return _pick_metric([m for m in run.metrics if m in present], metric, run.path, run.judgements)
 
 
 def _print_written(
@@ -507,13 +510,21 @@ def compare_runs(
 def _run_columns(
     run: RunData, thresholds: RelationSection, metric: str | None
 ) -> dict[str, ModelAnalysis]:
-    """:func:`analyse_run`, or for a run without a judgement yet an empty analysis of each
-    model of its config (under ``metric``, else its first judge): its columns are empty, as
-    those of a run whose every judgement failed, rather than the comparison refused."""
+    """:func:`analyse_run`, with an empty analysis for each model of the run (its config's
+    generators first) without a judgement of the metric analysed yet: one still loading, or
+    judged by another judge so far. Its column is empty, as that of a model whose every
+    judgement failed, rather than left out without a word. A run without a judgement yet
+    gets them under ``metric``, else its first judge."""
     if run.judgements:
-        return analyse_run(run, thresholds, metric)
-    chosen = metric or (run.metrics[0] if run.metrics else "trigscore")
-    return {model: analyse_model(model, chosen, [], thresholds) for model in run.models}
+        chosen = _run_metric(run, metric)
+        analyses = analyse_run(run, thresholds, chosen)
+    else:
+        analyses = {}
+        chosen = metric or (run.metrics[0] if run.metrics else "trigscore")
+    return {
+        model: analyses.get(model) or analyse_model(model, chosen, [], thresholds)
+        for model in run.models
+    }
 
 
 def _comparison(
