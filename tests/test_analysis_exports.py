@@ -9,7 +9,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.test_analysis_relations import ABOVE, BELOW, TRADEOFF, UNDEFINED, judgements_for
+from tests.test_analysis_relations import (
+    ABOVE,
+    BELOW,
+    TRADEOFF,
+    UNDEFINED,
+    judgement,
+    judgements_for,
+)
 from trig_stream.analysis import analyse_judgements
 from trig_stream.analysis.compare import compare, comparison_markdown
 from trig_stream.analysis.exports import (
@@ -64,6 +71,29 @@ def test_result_json_layout() -> None:
     assert "IQ-A" in by_dims[("IQ-A", "R-T")]["description"]
     assert by_dims[("D-A", "D-K")]["type"] == "undefined"
     json.dumps(document, allow_nan=False)
+
+
+def test_result_json_codes_of_a_pair_without_a_complete_image_are_its_reverses() -> None:
+    # IQ-R_TA-C's every TA-C judgement failed: its code -1 was written under "IQ-R_TA-C"
+    # while the DTM, relationship_codes.csv and the insight took TA-C_IQ-R's.
+    failed = [
+        judgement("m", f"IQ-R_TA-C_{index}", "IQ-R_TA-C", dimension, score)
+        for index in range(1, 4)
+        for dimension, score in (("IQ-R", 0.5), ("TA-C", None))
+    ]
+    analysis = analyse_judgements([*failed, *judgements_for("TA-C_IQ-R", *ABOVE)])[
+        ("m", "trigscore")
+    ]
+    assert [(p.pair, p.n, p.code) for p in analysis.pairs] == [
+        ("IQ-R_TA-C", 0, -1),
+        ("TA-C_IQ-R", 10, -2),
+    ]
+    assert analysis.dtm.code("IQ-R", "TA-C") == 2
+    document = result_document(analysis)
+    assert document["relationship_codes"] == {"IQ-R_TA-C": 2, "TA-C_IQ-R": -2}
+    # Without data either way, both orders are undefined.
+    alone = analyse_judgements(failed)[("m", "trigscore")]
+    assert result_document(alone)["relationship_codes"] == {"IQ-R_TA-C": -1, "TA-C_IQ-R": -1}
 
 
 def test_formatted_and_evaluation_layouts_round_trip() -> None:

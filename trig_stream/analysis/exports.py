@@ -188,16 +188,25 @@ def result_document(analysis: ModelAnalysis) -> dict[str, Any]:
     """TRIG's ``result.json``: pair names, correlations, codes (both orders) and insights.
 
     ``relationship_codes`` holds each pair's code under ``A_B`` and, unless ``B_A`` is a pair
-    of its own, the same code seen from the other side under ``B_A`` (±2 negated, as in the
-    DTM). Undefined correlations are written as ``null``.
+    of its own with data, the same code seen from the other side under ``B_A`` (±2 negated,
+    as in the DTM). A pair without a complete image counts as absent, as in the DTM (spec,
+    section 5): its two keys hold its reverse's codes when that has data, else -1. Undefined
+    correlations are written as ``null``.
     """
     pairs = analysis.pairs
     size = len(pairs)
     matrix: list[list[float | None]] = [[0.0] * size for _ in range(size)]
-    codes: dict[str, int] = {stats.pair: stats.code for stats in pairs}
     for index, stats in enumerate(pairs):
         matrix[index][index] = _json_number(stats.correlation)
+    # A pair of no complete image has code -1: seeded first, it said -1 where the DTM (and
+    # relationship_codes.csv) took its reverse's code.
+    present = [stats for stats in pairs if stats.n > 0]
+    codes: dict[str, int] = {stats.pair: stats.code for stats in present}
+    for stats in present:
         codes.setdefault(f"{stats.second}_{stats.first}", negate_dominance(stats.code))
+    for stats in pairs:
+        codes.setdefault(stats.pair, -1)
+        codes.setdefault(f"{stats.second}_{stats.first}", -1)
     dims = analysis.dtm.dimensions
     return {
         "metrics": [stats.pair for stats in pairs],
