@@ -31,7 +31,8 @@ from trig_stream.analysis.exports import (
 )
 from trig_stream.analysis.inputs import read_upstream
 from trig_stream.analysis.report import markdown_report
-from trig_stream.records import JudgeFingerprint, Judgement, PromptRewrite
+from trig_stream.config import RelationSection
+from trig_stream.records import JudgeFingerprint, Judgement, PromptRewrite, exact_number
 
 DATA = Path(__file__).parent / "data" / "analysis"
 FORMATTED = DATA / "formatted_small.json"
@@ -289,3 +290,31 @@ def test_an_insight_shows_the_digits_that_set_a_correlation_apart_from_the_thres
     pair = dataclasses.replace(analysis.pairs[0], correlation=correlation)
     analysis = dataclasses.replace(analysis, pairs=(pair,))
     assert shown in insight(analysis, "IQ-R", "TA-C")["description"]
+
+
+def test_thresholds_are_shown_and_compared_with_every_digit() -> None:
+    # Printed and compared with ":g" (six digits): a Spearman of exactly 0.8 read "0.800,
+    # below 0.8" under a threshold of 0.8000001, and two runs of 0.8 and 0.8000001 differed
+    # in DTM cells without the comparison's "different thresholds" warning.
+    assert (exact_number(0.8), exact_number(1.0), exact_number(0.8000001)) == (
+        "0.8",
+        "1",
+        "0.8000001",
+    )
+    judgements = judgements_for("IQ-R_TA-C", *TRADEOFF)
+    near = RelationSection(tradeoff_corr=0.8000001)
+    analysis = analyse_judgements(judgements, near)[("m", "trigscore")]
+    pair = dataclasses.replace(analysis.pairs[0], correlation=0.8)
+    analysis = dataclasses.replace(analysis, pairs=(pair,))
+    text = insight(analysis, "IQ-R", "TA-C")["description"]
+    assert "their spearman_corr is 0.800, below 0.8000001, over 5 images." in text
+    assert "trade-off corr < 0.8000001." in markdown_report(analysis)
+    plain = analyse_judgements(judgements, RelationSection(tradeoff_corr=0.8))[("m", "trigscore")]
+    assert "trade-off corr < 0.8." in markdown_report(plain)
+    fingerprints = {"a": {"params": {"t": 0.5}}, "b": {"params": {"t": 0.5000001}}}
+    comparison = compare({"a": plain, "b": analysis}, judges=fingerprints)
+    assert comparison.thresholds == {"a": "tradeoff_corr 0.8", "b": "tradeoff_corr 0.8000001"}
+    assert comparison.judges == {"a": "params.t 0.5", "b": "params.t 0.5000001"}
+    # The check of the config says which of two close thresholds is above the other.
+    with pytest.raises(ValueError, match=r"bottleneck \(0\.5000001\) is above synergy \(0\.5\)"):
+        RelationSection(synergy=0.5, bottleneck=0.5000001)

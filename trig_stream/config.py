@@ -54,7 +54,7 @@ from trig_stream.config_problems import (
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ConfigError, TrigStreamError
 from trig_stream.files import MAX_SETTINGS_BYTES, UnfitFileError, read_settings_file
-from trig_stream.records import CASE_CLASH
+from trig_stream.records import CASE_CLASH, exact_number
 from trig_stream.scoring import Scorer
 
 
@@ -174,7 +174,8 @@ class RelationSection(_Section):
     def _check(self) -> RelationSection:
         if self.bottleneck > self.synergy:
             raise ValueError(
-                f"bottleneck ({self.bottleneck:g}) is above synergy ({self.synergy:g}): a pair's "
+                f"bottleneck ({exact_number(self.bottleneck)}) is above synergy "
+                f"({exact_number(self.synergy)}): a pair's "
                 "scores would be in both zones; keep bottleneck at or below synergy"
             )
         return self

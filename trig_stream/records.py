@@ -117,6 +117,14 @@ Reason: TypeAlias = Annotated[str, AfterValidator(printable)]
 with its control characters escaped, so showing it never commands a terminal."""
 
 
+def exact_number(value: float) -> str:
+    """``value`` as the shortest text that reads back as it: 0.8 as ``0.8``, 1.0 as ``1``,
+    0.8000001 whole. ``:g`` rounds to six significant digits, so a threshold of 0.8000001 was
+    shown as 0.8 beside a correlation of exactly 0.8 "below" it."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
 def is_finite_number(value: object) -> TypeGuard[int | float]:
     """Whether ``value`` can be a score: an int or float (not a bool), neither NaN nor infinite
     (nor an int too large for a float)."""

@@ -11,6 +11,7 @@ from typing import Any
 from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
+from trig_stream.records import exact_number
 from trig_stream.scoring import SCORING_RULES, SCORING_RULES_KEY
 
 COMPARISON_HEADING = "# TRIG model comparison"
@@ -141,7 +142,8 @@ def _flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(item, Mapping):  # an empty one: nothing set, as when it is missing
             out.update(_flatten(item, f"{prefix}{key}."))
         elif isinstance(item, float):
-            out[prefix + key] = f"{item:g}"
+            # Exact: 0.8 and 0.8000001 (":g" wrote both 0.8) are different thresholds.
+            out[prefix + key] = exact_number(item)
         elif isinstance(item, str):
             out[prefix + key] = item
         else:

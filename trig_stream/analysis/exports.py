@@ -31,7 +31,7 @@ from trig_stream.analysis.relations import ModelAnalysis, PairStats, negate_domi
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.files import write_atomic
-from trig_stream.records import JudgeFingerprint, Judgement, ScoredJudgement
+from trig_stream.records import JudgeFingerprint, Judgement, ScoredJudgement, exact_number
 
 EvaluationResult: TypeAlias = dict[str, dict[str, list[dict[str, float]]]]
 FormattedScores: TypeAlias = dict[str, dict[str, list[float]]]
@@ -139,12 +139,13 @@ def insight(analysis: ModelAnalysis, first: Dimension, second: Dimension) -> dic
     elif kind == "synergy":
         text = (
             f"{first} ({a}) and {second} ({b}) go together: {stats.synergy_density:.0%} of the "
-            f"images score above {t.synergy:g} on both."
+            f"images score above {exact_number(t.synergy)} on both."
         )
     elif kind == "bottleneck":
         text = (
             f"{first} ({a}) and {second} ({b}) hold each other back: "
-            f"{stats.bottleneck_density:.0%} of the images score below {t.bottleneck:g} on both."
+            f"{stats.bottleneck_density:.0%} of the images score below "
+            f"{exact_number(t.bottleneck)} on both."
         )
     elif kind == "dominance":
         winner = second if code == -2 else first
@@ -163,8 +164,8 @@ def insight(analysis: ModelAnalysis, first: Dimension, second: Dimension) -> dic
     elif kind == "tradeoff":
         text = (
             f"{first} ({a}) and {second} ({b}) trade off: their {t.correlation} is "
-            f"{_apart(stats.correlation, t.tradeoff_corr)}, below {t.tradeoff_corr:g}, over "
-            f"{stats.n} images."
+            f"{_apart(stats.correlation, t.tradeoff_corr)}, below "
+            f"{exact_number(t.tradeoff_corr)}, over {stats.n} images."
         )
     else:
         text = (

@@ -25,7 +25,7 @@ from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputW
 from trig_stream.dataset_formats import JUDGEMENTS_FILE
 from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.files import UnfitFileError, write_atomic_together
-from trig_stream.records import ScoredJudgement
+from trig_stream.records import ScoredJudgement, exact_number
 
 PLOTS_FOLDER = "plots"
 MODEL_FILES = (
@@ -80,13 +80,16 @@ def markdown_report(
     """A readable report: thresholds, ``notes`` (a run still going), dimension means, the
     pair table and the DTM (``upstream``: of judgements read from an upstream file)."""
     t = analysis.thresholds
+    # Exact: a threshold of 0.8000001 read "trade-off corr < 0.8" beside a correlation of 0.8.
+    synergy, bottleneck = exact_number(t.synergy), exact_number(t.bottleneck)
+    rho_s, rho_b = exact_number(t.synergy_density), exact_number(t.bottleneck_density)
+    ratio, corr = exact_number(t.dominance_ratio), exact_number(t.tradeoff_corr)
     lines = [
         f"# TRIG relation analysis: {analysis.model}",
         "",
         f"Metric `{analysis.metric}`; correlation `{t.correlation}`; zones: synergy > "
-        f"{t.synergy:g}, bottleneck < {t.bottleneck:g}; rules: ρs ≥ {t.synergy_density:g}, "
-        f"ρb ≥ {t.bottleneck_density:g}, dominance ratio > 1/{t.dominance_ratio:g}, "
-        f"trade-off corr < {t.tradeoff_corr:g}.",
+        f"{synergy}, bottleneck < {bottleneck}; rules: ρs ≥ {rho_s}, ρb ≥ {rho_b}, "
+        f"dominance ratio > 1/{ratio}, trade-off corr < {corr}.",
         "",
         *(line for note in notes for line in (f"Note: {note}", "")),
         f"{sum(p.n for p in analysis.pairs)} complete images in {len(analysis.pairs)} pairs; "
