@@ -318,3 +318,11 @@ def test_thresholds_are_shown_and_compared_with_every_digit() -> None:
     # The check of the config says which of two close thresholds is above the other.
     with pytest.raises(ValueError, match=r"bottleneck \(0\.5000001\) is above synergy \(0\.5\)"):
         RelationSection(synergy=0.5, bottleneck=0.5000001)
+
+
+def test_an_insight_calls_a_nan_correlation_undefined() -> None:
+    # "show no clear relation over 1 images (spearman_corr nan)".
+    analysis = analyse_judgements(judgements_for("IQ-R_TA-C", [0.6], [0.7]))[("m", "trigscore")]
+    assert analysis.pairs[0].n == 1
+    text = insight(analysis, "IQ-R", "TA-C")["description"]
+    assert text.endswith("show no clear relation over 1 image (spearman_corr undefined).")

@@ -165,19 +165,26 @@ def insight(analysis: ModelAnalysis, first: Dimension, second: Dimension) -> dic
         text = (
             f"{first} ({a}) and {second} ({b}) trade off: their {t.correlation} is "
             f"{_apart(stats.correlation, t.tradeoff_corr)}, below "
-            f"{exact_number(t.tradeoff_corr)}, over {stats.n} images."
+            f"{exact_number(t.tradeoff_corr)}, over {_images(stats.n)}."
         )
     else:
         text = (
-            f"{first} ({a}) and {second} ({b}) show no clear relation over {stats.n} images "
+            f"{first} ({a}) and {second} ({b}) show no clear relation over {_images(stats.n)} "
             f"({t.correlation} {_apart(stats.correlation, t.tradeoff_corr)})."
         )
     return {"type": kind, "dimensions": [first, second], "code": code, "description": text}
 
 
+def _images(count: int) -> str:
+    return "1 image" if count == 1 else f"{count} images"
+
+
 def _apart(value: float, threshold: float) -> str:
     """``value`` to three decimals, or to as many more as show it is not ``threshold``:
-    0.5996 under a threshold of 0.6 reads 0.5996, not 0.600 "below 0.6"."""
+    0.5996 under a threshold of 0.6 reads 0.5996, not 0.600 "below 0.6". A NaN (one image,
+    a constant side) reads "undefined"."""
+    if math.isnan(value):
+        return "undefined"
     for digits in range(3, 18):
         text = f"{value:.{digits}f}"
         if float(text) != threshold or float(text) == value:
