@@ -1493,7 +1493,8 @@ def test_compare_gives_a_configured_model_without_judgements_yet_an_empty_column
     scored = write_run_dir(tmp_path / "scored", {})
     assert main(["compare", str(scored), str(loading)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "| dimension | scored/model-a | scored/model-b | loading/model-a | loading/model-b |" in out
+    labels = "scored/model-a | scored/model-b | loading/model-a | loading/model-b"
+    assert f"| dimension | {labels} |" in out
     assert "Note: loading/model-b has no judgement of metric `trigscore` yet" in out
     # A model judged by another judge only so far has no judgement of the one compared.
     other = write_run_dir(tmp_path / "other", {}, models=("model-b",), metric="clip")

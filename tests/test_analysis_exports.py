@@ -32,6 +32,7 @@ from trig_stream.analysis.exports import (
 from trig_stream.analysis.inputs import read_upstream
 from trig_stream.analysis.report import markdown_report
 from trig_stream.config import RelationSection
+from trig_stream.dimensions import Dimension
 from trig_stream.records import JudgeFingerprint, Judgement, PromptRewrite, exact_number
 
 DATA = Path(__file__).parent / "data" / "analysis"
@@ -77,10 +78,11 @@ def test_result_json_layout() -> None:
 def test_result_json_codes_of_a_pair_without_a_complete_image_are_its_reverses() -> None:
     # IQ-R_TA-C's every TA-C judgement failed: its code -1 was written under "IQ-R_TA-C"
     # while the DTM, relationship_codes.csv and the insight took TA-C_IQ-R's.
+    sides: list[tuple[Dimension, float | None]] = [("IQ-R", 0.5), ("TA-C", None)]
     failed = [
         judgement("m", f"IQ-R_TA-C_{index}", "IQ-R_TA-C", dimension, score)
         for index in range(1, 4)
-        for dimension, score in (("IQ-R", 0.5), ("TA-C", None))
+        for dimension, score in sides
     ]
     analysis = analyse_judgements([*failed, *judgements_for("TA-C_IQ-R", *ABOVE)])[
         ("m", "trigscore")
