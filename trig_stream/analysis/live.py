@@ -1,9 +1,11 @@
 """The relation analysis kept up to date while a run streams judgements in.
 
 :meth:`RelationTracker.add` costs the same whatever has been added before: a dictionary
-look-up, a look-up in the pair's :class:`~trig_stream.string_index.StringIndex` of data_ids
-and one store into a growable array (capacities double, so appends are amortised O(1)).
-Re-judging a key overwrites its slot, so the last judgement of a key wins, as in the journal.
+look-up, a look-up in the (model, metric)'s :class:`~trig_stream.string_index.StringIndex` of
+data_ids and one store into a growable array (capacities double, so appends are amortised O(1)).
+Re-judging a key overwrites its slot, so the last judgement of a key wins, as in the journal;
+a key judged anew under another pair (a sample whose pair changed in the dataset) leaves the
+old pair's slot, as a from-scratch analysis of the journal's last lines has it there no more.
 :meth:`RelationTracker.snapshot` runs the same :func:`analyse_model` as the batch path over
 the arrays, so a snapshot always equals a from-scratch analysis of the same judgements (a
 test checks it at random points of a stream).
@@ -15,8 +17,9 @@ the TUI or a reporter calls :meth:`~RelationTracker.snapshot` when it wants to d
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Final
+from array import array
+from collections.abc import Iterable, Sequence
+from typing import Final, overload
 
 import numpy as np
 
@@ -36,28 +39,69 @@ INITIAL_CAPACITY: Final = 256
 """Slots per pair before the first doubling (a TRIG pair holds 300 images)."""
 
 
+class _SlotIds(Sequence[str]):
+    """A pair's data_ids, slot by slot: numbers into its group's :class:`StringIndex`."""
+
+    __slots__ = ("_ids", "_numbers")
+
+    def __init__(self, ids: StringIndex, numbers: array[int]) -> None:
+        self._ids = ids
+        self._numbers = numbers
+
+    def __len__(self) -> int:
+        return len(self._numbers)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self._ids[number] for number in self._numbers[index]]
+        return self._ids[self._numbers[index]]
+
+
 class _PairBuffer:
     """One pair's growing columns; slot ``i`` is the image ``data_ids[i]``.
 
-    The data_ids live in a :class:`StringIndex` rather than a list and a dict of ``str``:
-    a run keeps one slot per image for its whole length, and at ~30 bytes a slot instead
-    of ~120 the tracker no longer makes a run's memory grow with its dataset.
+    The data_ids live once per (model, metric) in a :class:`StringIndex` rather than a list
+    and a dict of ``str``: a run keeps one slot per image for its whole length, and at ~30
+    bytes a slot instead of ~120 the tracker no longer makes a run's memory grow with its
+    dataset. A slot holds the number of its data_id there.
     """
 
-    __slots__ = ("data_ids", "first", "judged_x", "judged_y", "pair", "second", "x", "y")
+    __slots__ = (
+        "data_ids",
+        "first",
+        "judged_x",
+        "judged_y",
+        "numbers",
+        "pair",
+        "position",
+        "second",
+        "x",
+        "y",
+    )
 
-    def __init__(self, pair: str) -> None:
+    def __init__(self, pair: str, position: int, ids: StringIndex) -> None:
         self.pair = pair
+        self.position = position
+        """Its index in its group's list of buffers."""
         self.first, self.second = split_pair(pair)
-        self.data_ids = StringIndex()
+        self.numbers = array("i")
+        self.data_ids = _SlotIds(ids, self.numbers)
         self.x = np.full(INITIAL_CAPACITY, math.nan)
         self.y = np.full(INITIAL_CAPACITY, math.nan)
         # A judgement of any status on each dimension: a failed one is not one never asked for.
         self.judged_x = np.zeros(INITIAL_CAPACITY, bool)
         self.judged_y = np.zeros(INITIAL_CAPACITY, bool)
 
-    def slot(self, data_id: str) -> int:
-        slot = self.data_ids.add(data_id)
+    def new_slot(self, number: int) -> int:
+        """A slot for the data_id of group number ``number``."""
+        slot = len(self.numbers)
+        self.numbers.append(number)
         if slot == self.x.shape[0]:
             self.x = _grown(self.x)
             self.y = _grown(self.y)
@@ -65,9 +109,23 @@ class _PairBuffer:
             self.judged_y = _grown(self.judged_y)
         return slot
 
+    def clear(self, slot: int, dimension: str) -> None:
+        """Forget the judgement of ``dimension`` in ``slot`` (its key moved to another pair)."""
+        if dimension == self.first:
+            self.x[slot] = math.nan
+            self.judged_x[slot] = False
+        elif dimension == self.second:
+            self.y[slot] = math.nan
+            self.judged_y[slot] = False
+
+    def judged(self) -> bool:
+        """Whether a slot holds a judgement (every one may have moved to another pair)."""
+        size = len(self.numbers)
+        return bool(self.judged_x[:size].any() or self.judged_y[:size].any())
+
     def columns(self) -> PairColumns:
         # Copies: the analysis must not change if judgements keep arriving while it is read.
-        size = len(self.data_ids)
+        size = len(self.numbers)
         return PairColumns(
             self.pair,
             self.first,
@@ -86,6 +144,57 @@ def _grown(values: np.ndarray) -> np.ndarray:
     grown = np.full(values.shape[0] * 2, fill, values.dtype)
     grown[: values.shape[0]] = values
     return grown
+
+
+_NOWHERE: Final = -1
+_SEVERAL: Final = -2
+
+
+class _Group:
+    """The buffers of one (model, metric), and where each of its data_ids has its slots.
+
+    An image has its slot in the buffer of its pair. A data_id judged under another pair
+    since (a dataset whose sample changed pair, as a resume finds it) has slots in several:
+    those are looked up in ``elsewhere``, and a key (data_id, dimension) judged anew under
+    another pair is cleared from the one it was in, as the journal keeps its last line.
+    """
+
+    __slots__ = ("buffers", "elsewhere", "home", "home_slot", "ids")
+
+    def __init__(self) -> None:
+        self.buffers: list[_PairBuffer] = []
+        self.ids = StringIndex()
+        self.home = array("h")
+        """Per data_id: the position of the only buffer it has a slot in, or _SEVERAL."""
+        self.home_slot = array("i")
+        self.elsewhere: dict[tuple[int, int], int] = {}
+        """(data_id number, buffer position) -> slot, for the data_ids of _SEVERAL."""
+
+    def slot(self, data_id: str, buffer: _PairBuffer, dimension: str) -> int:
+        """The slot of ``data_id`` in ``buffer``, made if needed, after clearing the key
+        (``data_id``, ``dimension``) from every other buffer."""
+        number = self.ids.add(data_id)
+        if number == len(self.home):
+            self.home.append(_NOWHERE)
+            self.home_slot.append(0)
+        home = self.home[number]
+        if home == buffer.position:  # the common case: an image judged under one pair
+            return self.home_slot[number]
+        if home == _NOWHERE:
+            slot = buffer.new_slot(number)
+            self.home[number], self.home_slot[number] = buffer.position, slot
+            return slot
+        if home != _SEVERAL:
+            self.elsewhere[(number, home)] = self.home_slot[number]
+            self.home[number] = _SEVERAL
+        there = self.elsewhere.get((number, buffer.position))
+        slot = buffer.new_slot(number) if there is None else there
+        self.elsewhere[(number, buffer.position)] = slot
+        for other in self.buffers:
+            found = self.elsewhere.get((number, other.position))
+            if other is not buffer and found is not None:
+                other.clear(found, dimension)
+        return slot
 
 
 class RelationTracker:
@@ -107,14 +216,15 @@ class RelationTracker:
         self.thresholds = thresholds or RelationSection()
         self.metric = metric
         self._buffers: dict[tuple[str, str, str], _PairBuffer] = {}
-        self._groups: dict[AnalysisKey, list[_PairBuffer]] = {}
+        self._groups: dict[AnalysisKey, _Group] = {}
         self.added = 0
         """Judgements taken into account."""
         self.ignored = 0
         """Judgements of another metric, or whose dimension is not in their pair."""
 
     def add(self, judgement: Judgement) -> None:
-        """Take one judgement into account; a later one of the same key replaces it.
+        """Take one judgement into account; a later one of the same key replaces it, under
+        the same pair or another (a sample whose pair changed in the dataset).
 
         Raises:
             ValueError: the judgement's ``pair`` is not of the form ``A_B`` (only checked the
@@ -138,7 +248,8 @@ class RelationTracker:
         else:
             self.ignored += 1
             return
-        slot = buffer.slot(judgement.data_id)
+        group = self._groups[(judgement.model, judgement.metric)]
+        slot = group.slot(judgement.data_id, buffer, dimension)
         score = judgement.score
         value = score if judgement.status == "ok" and score is not None else math.nan
         # Index the buffer's arrays only now: finding the slot may have grown them.
@@ -166,9 +277,9 @@ class RelationTracker:
             KeyError: no judgement of that model (and metric) was added.
         """
         key = self._key(model, metric)
-        return analyse_model(
-            key[0], key[1], [b.columns() for b in self._groups[key]], self.thresholds
-        )
+        # A pair whose every image has moved to another pair is gone, as from the journal.
+        columns = [b.columns() for b in self._groups[key].buffers if b.judged()]
+        return analyse_model(key[0], key[1], columns, self.thresholds)
 
     def dtm(self, model: str, metric: str | None = None) -> DTM:
         """The DTM of one model now; see :meth:`analysis`."""
@@ -179,9 +290,10 @@ class RelationTracker:
         return {key: self.analysis(*key) for key in self._groups}
 
     def _new_buffer(self, key: tuple[str, str, str]) -> _PairBuffer:
-        buffer = _PairBuffer(key[2])
+        group = self._groups.setdefault((key[0], key[1]), _Group())
+        buffer = _PairBuffer(key[2], len(group.buffers), group.ids)
         self._buffers[key] = buffer
-        self._groups.setdefault((key[0], key[1]), []).append(buffer)
+        group.buffers.append(buffer)
         return buffer
 
     def _key(self, model: str, metric: str | None) -> AnalysisKey:

@@ -71,7 +71,8 @@ class PairColumns:
     only its first ``len(x)`` entries belong to these columns. ``judged_x`` and ``judged_y``
     tell whether a slot has a judgement of any status (ok, error, unscorable) on each
     dimension, so a NaN asked for and failed is told from one never asked for; None: every
-    slot has one.
+    slot has one. A slot with a judgement on neither dimension is no image of the pair (the
+    live tracker's, whose data_id is now judged under another pair).
     """
 
     pair: str
@@ -238,9 +239,11 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
     has_x = ~np.isnan(x_all)
     has_y = ~np.isnan(y_all)
     complete = has_x & has_y
-    size = x_all.shape[0]
-    judged_x = np.ones(size, bool) if columns.judged_x is None else columns.judged_x
-    judged_y = np.ones(size, bool) if columns.judged_y is None else columns.judged_y
+    slots_total = x_all.shape[0]
+    judged_x = np.ones(slots_total, bool) if columns.judged_x is None else columns.judged_x
+    judged_y = np.ones(slots_total, bool) if columns.judged_y is None else columns.judged_y
+    # The images of the pair: a live slot whose judgements moved to another pair holds none.
+    size = np.count_nonzero(judged_x | judged_y)
     slots = np.flatnonzero(complete)
     x, y = x_all[slots], y_all[slots]
     n = int(slots.shape[0])
@@ -360,22 +363,19 @@ def columns_from_judgements(
     Pairs keep the order they first appear in, and images within a pair too. A judgement
     whose dimension is not one of its pair's two is ignored.
     """
-    latest: dict[tuple[str, str, str, str, str], ScoredJudgement] = {}
+    # The journal's key, without the pair: a sample whose pair changed in the dataset and was
+    # judged again under its new one is of that pair only.
+    latest: dict[tuple[str, str, str, str], ScoredJudgement] = {}
     for judgement in judgements:
         first, second = split_pair(judgement.pair)
         if judgement.dimension in (first, second):
-            key = (
-                judgement.model,
-                judgement.metric,
-                judgement.pair,
-                judgement.data_id,
-                judgement.dimension,
-            )
+            key = (judgement.model, judgement.metric, judgement.data_id, judgement.dimension)
             latest[key] = judgement
     # Per image: the two scores (NaN: no ok score) and whether each dimension was judged at
     # all (1.0) or never (0.0), so a failed judgement is told from one never asked for.
     cells: dict[AnalysisKey, dict[str, dict[str, list[float]]]] = {}
-    for (model, metric, pair, data_id, _), judgement in latest.items():
+    for (model, metric, data_id, _), judgement in latest.items():
+        pair = judgement.pair
         slot = cells.setdefault((model, metric), {}).setdefault(pair, {})
         values = slot.setdefault(data_id, [math.nan, math.nan, 0.0, 0.0])
         first, _second = split_pair(pair)
