@@ -1831,6 +1831,12 @@ def test_a_retry_waits_between_half_and_all_of_its_doubling_ceiling() -> None:
     assert shortest.delay(1, retry_after=3600.0) == 300.0
 
 
+def test_a_retry_after_a_thousand_attempts_waits_its_ceiling() -> None:
+    # backoff_initial * 2 ** (n - 1) overflowed a float past 1,024 attempts.
+    policy = RetryPolicy(backoff_initial=0.5, backoff_max=30.0, random=lambda: 1.0)
+    assert policy.delay(1025) == policy.delay(5000) == 30.0
+
+
 @pytest.mark.parametrize(
     ("policy", "message"),
     [

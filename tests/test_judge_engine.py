@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.lowlevel import checkpoint
 
 from trig_stream.config import RunConfig
 from trig_stream.engine import Engine
@@ -101,6 +102,29 @@ async def test_a_server_that_answers_only_failures_is_reached_and_the_run_goes_o
     assert len(judgements) == 2 * samples
     assert all(j.status == "error" and error in str(j.error) for j in judgements)
     assert all(str(j.error).startswith("gave up after 1 attempt: ") for j in judgements)
+
+
+async def test_a_run_rides_out_an_outage_of_over_a_thousand_failures_in_a_row(
+    tmp_path: Path,
+) -> None:
+    # At 1,025 failures in a row the endpoint's rest, 0.5 s * 2 ** (failures - 1), overflowed
+    # a float: every request then ended at once, an error judgement "OverflowError: int too
+    # large to convert to float" (attempts: 1), though max_attempts was meant to ride the
+    # outage out.
+    samples = len(json.loads(DEMO.read_text()))
+    outage = 1100
+    async with JudgeServer(JudgeServerOptions(fail_first=outage)) as server:
+        # 64 requests at once share the outage's 1,100 failures: some 17 attempts each.
+        config = run_config(
+            tmp_path, server.base_url, concurrency=64, max_attempts=100, backoff_initial=0
+        )
+        async with Engine(config, sleep=lambda _: checkpoint()) as engine:
+            judgements = [j async for j in engine.results]
+    assert len(judgements) == 2 * samples
+    assert [j.error for j in judgements if j.status != "ok"] == []
+    stats = server.stats()
+    assert stats.faults["error"] == outage
+    assert stats.received == sum(j.attempts for j in judgements) == outage + 2 * samples
 
 
 async def test_a_server_that_is_not_there_stops_the_run(tmp_path: Path) -> None:

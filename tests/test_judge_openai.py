@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -23,10 +23,15 @@ from pydantic import TypeAdapter
 
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges.http_errors import parse_retry_after
-from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.openai_judge import (
+    REST_MAX_S,
+    OpenAIJudge,
+    OpenAIJudgeOptions,
+    _Endpoint,
+)
 from trig_stream.backends.judges.payloads import reply_of
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE
-from trig_stream.backends.judges.transports import Client, EncodedImage
+from trig_stream.backends.judges.transports import Client, EncodedImage, Transport
 from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import (
@@ -1066,6 +1071,42 @@ async def test_an_endpoint_awake_after_its_rest_loses_a_tie_to_one_that_has_not_
         finally:
             await judge.aclose()
     assert (failing.stats().received, live.stats().served) == (1, 3)
+
+
+def test_an_endpoint_failing_a_thousand_times_in_a_row_rests_30_s_each_time() -> None:
+    # 2 ** (failures - 1) overflowed a float at 1,025 failures in a row (a long outage at
+    # concurrency 256 reaches it in seconds): every request then failed at once with a bare
+    # OverflowError, and a dead endpoint of several never rested again.
+    endpoint = _Endpoint(transport=cast(Transport, None), model="m")
+    rests = []
+    for n in range(1, 1101):
+        endpoint.failed(float(n))
+        rests.append(endpoint.rests_until - n)
+    assert rests[:8] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, REST_MAX_S, REST_MAX_S]
+    assert set(rests[6:]) == {REST_MAX_S}
+
+
+async def test_a_bug_counting_an_endpoints_failures_names_the_endpoint_and_the_failure(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each judgement's error was the bug's bare "OverflowError: int too large to convert to
+    # float", naming neither the endpoint nor what had failed.
+    def broken(self: _Endpoint, now: float) -> None:
+        raise OverflowError("int too large to convert to float")
+
+    monkeypatch.setattr(_Endpoint, "failed", broken)
+    async with (
+        JudgeServer(JudgeServerOptions(error_rate=1.0)) as server,
+        judge_at(server) as judge,
+    ):
+        with pytest.raises(RuntimeError) as raised:
+            await ask(judge, image)
+    message = str(raised.value)
+    assert message.startswith(f"judge at {server.base_url}: after its failure (")
+    assert "HTTP 503" in message
+    assert "raised OverflowError: int too large to convert to float; a bug of trig-stream" in (
+        message
+    )
 
 
 async def test_a_429_is_a_rate_limit_of_the_judge_only_while_no_other_endpoint_is_awake(

@@ -10,6 +10,10 @@ RETRY_AFTER_MAX_S = 300.0
 """The longest a server's Retry-After is waited for: one asking for an hour (or for ever)
 held a worker, and a graceful stop behind it, that long; the attempt after it counts."""
 
+MAX_DOUBLINGS = 64
+"""The most times a backoff doubles: from a ``backoff_initial`` of a microsecond, far past any
+``backoff_max``; far below a float's overflow."""
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -53,7 +57,10 @@ class RetryPolicy:
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt."""
-        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** (attempts - 1))
+        # max_attempts is at most 100, but a caller may count its own attempts past it:
+        # 2 ** 1024 overflows a float.
+        doublings = min(attempts - 1, MAX_DOUBLINGS)
+        ceiling = min(self.backoff_max, self.backoff_initial * 2**doublings)
         wait: float = ceiling * (0.5 + 0.5 * self.random())
         if retry_after is not None:
             wait = max(wait, min(retry_after, RETRY_AFTER_MAX_S))

@@ -147,6 +147,10 @@ class JudgeServerOptions(BaseModel):
     """Requests answered without logprobs."""
     reset_rate: Rate = 0.0
     """Requests whose connection is aborted before any answer."""
+    fail_first: Annotated[int, Field(ge=0)] = 0
+    """The first this many chat requests are answered with a 503, as by a server that is
+    down for a while (an outage counted in requests, not seconds: tests drive it); the fault
+    rates apply from the next one on."""
     correlations: dict[str, float] = Field(default_factory=dict)
     """Planted correlations of latent quality by pair, e.g. ``{"IQ-R_TA-C": 0.8}``."""
     api_key: str | None = None
@@ -390,7 +394,9 @@ class JudgeServer:
             stats.repeated += 1
         self._seen.add(digest)
 
-        fault = self._draw_fault()
+        fault: Fault | None = (
+            "error" if stats.received <= self.options.fail_first else self._draw_fault()
+        )
         if fault is not None:
             stats.faults[fault] += 1
             self._notify()

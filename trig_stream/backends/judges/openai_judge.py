@@ -86,6 +86,9 @@ METRICS_TIMEOUT_S = 5.0
 REST_FIRST_S = 0.5
 REST_MAX_S = 30.0
 """How long an endpoint rests after a transient failure: the first, and at most."""
+REST_DOUBLINGS = math.ceil(math.log2(REST_MAX_S / REST_FIRST_S))
+"""Failures in a row after which the rest is :data:`REST_MAX_S`: the doubling stops there (at
+1,025 failures in a row, ``2 ** 1024`` overflowed a float, and every request failed)."""
 
 
 class OpenAIJudgeOptions(BaseModel):
@@ -262,7 +265,8 @@ class _Endpoint:
         """A transient failure: rest a while longer each time in a row."""
         self.failures += 1
         self.failed_at = now
-        self.rests_until = now + min(REST_MAX_S, REST_FIRST_S * 2 ** (self.failures - 1))
+        doublings = min(self.failures - 1, REST_DOUBLINGS)
+        self.rests_until = now + min(REST_MAX_S, REST_FIRST_S * 2**doublings)
 
     def rate_limited(self, now: float, retry_after: float | None) -> None:
         """A 429 (or a 5xx with a Retry-After): rest as after a failure, and until its
@@ -533,7 +537,7 @@ class OpenAIJudge(Judge):
                 raise fatal from None
             raise
         except Exception as exc:
-            rerouted = self._rest(endpoint, exc) if isinstance(exc, RetryableError) else None
+            rerouted = self._after_failure(endpoint, exc)
             failure = self.server.failure() if self.server is not None else None
             if failure is not None:  # the server we started has died: nothing will work
                 raise failure from None
@@ -552,6 +556,21 @@ class OpenAIJudge(Judge):
         if fatal is not None:
             raise fatal
         return reply
+
+    def _after_failure(self, endpoint: _Endpoint, exc: Exception) -> RetryableError | None:
+        """:meth:`_rest` after a transient failure; a bug in it is named as one, with the
+        endpoint and the failure it followed, not passed off as the request's failure (a bare
+        ``OverflowError: int too large to convert to float`` in every judgement)."""
+        if not isinstance(exc, RetryableError):
+            return None
+        try:
+            return self._rest(endpoint, exc)
+        except Exception as bug:
+            raise RuntimeError(
+                f"judge at {endpoint.transport.url}: after its failure ({exc}), counting "
+                f"its failures raised {type(bug).__name__}: {bug}; a bug of trig-stream: "
+                "please report it; resume with --retry-errors to ask again"
+            ) from bug
 
     def _rest(self, endpoint: _Endpoint, exc: RetryableError) -> RetryableError | None:
         """Rest ``endpoint`` after ``exc``; the error to raise instead when another endpoint
