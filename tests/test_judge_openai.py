@@ -725,6 +725,52 @@ async def test_a_server_that_drops_the_top_logprobs_list_stops_the_run(
             await ask(judge, image)
 
 
+@pytest.mark.parametrize("kept", [1, 19])
+async def test_an_answer_with_fewer_top_logprobs_than_asked_is_no_score(
+    image: Path, client: Client, monkeypatch: pytest.MonkeyPatch, kept: int
+) -> None:
+    # A server answering 1 of the 20 asked was scored as if nothing were wrong: the ratings
+    # it left out counted as improbable (3,000 judgements ok, every score 0.75).
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
+    from trig_stream.testing import judge_server
+
+    cut = [False]
+
+    def cut_short(answer: dict[str, Any]) -> bytes:
+        if cut[0]:
+            for entry in answer["choices"][0]["logprobs"]["content"]:
+                entry["top_logprobs"] = entry["top_logprobs"][:kept]
+        return json.dumps(answer).encode()
+
+    monkeypatch.setattr(judge_server, "to_json", cut_short)
+    held = f"{kept} top logprob{'s' * (kept != 1)}"
+    said = f"answered {held} of the 20 asked"
+    async with JudgeServer() as server, judge_at(server, client=client) as judge:
+        cut[0] = True
+        # Before any full answer: its requests' errors, then the run stops.
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError) as raised:
+                await ask(judge, image)
+            assert not isinstance(raised.value, FatalBackendError)
+            assert str(raised.value).startswith(f"judge at {server.base_url}: {said}: ")
+        with pytest.raises(FatalBackendError) as stopped:
+            await ask(judge, image)
+        assert "fewer top logprobs than the 20 asked" in str(stopped.value)
+        assert f"(the latest cut one answered {held})" in str(stopped.value)
+    cut[0] = False
+    async with JudgeServer() as server, judge_at(server, client=client) as judge:
+        # After a full answer: each cut one is its request's error, however many.
+        assert len((await ask(judge, image)).top_logprobs) == 20
+        cut[0] = True
+        for _ in range(REFUSALS_TO_STOP + 1):
+            with pytest.raises(ItemError, match=f": {said}: a cut list is not scored") as raised:
+                await ask(judge, image)
+            assert not isinstance(raised.value, FatalBackendError)
+    async with JudgeServer() as server, judge_at(server, client=client, top_logprobs=kept) as judge:
+        # As many as asked for, however few.
+        assert len((await ask(judge, image)).top_logprobs) == kept
+
+
 # -- credentials --------------------------------------------------------------------------------
 
 PLANTED_KEY = "sk-planted-SECRET-7f3c9a1e"

@@ -193,8 +193,10 @@ class _Endpoint:
     Until a request to it succeeds, an endpoint's failures may be the config's rather than the
     requests': then every request would fail the same way, and the run stops instead of making
     every image for an error judgement. That is a 404 (no such path or model), eight refusals
-    (4xx) in a row, or eight answers in a row without logprobs. After the first success (or the
-    first answer with logprobs) each such failure is its own request's.
+    (4xx) in a row, or eight answers in a row without logprobs or with fewer top logprobs than
+    asked. After the first success (or the first answer with as many top logprobs as asked)
+    each such failure is its own request's: an answer with fewer is an error judgement that
+    says how many it held.
 
     A transient failure (no connection, a timeout, a 5xx) rests the endpoint for a while: 0.5 s,
     doubling with each failure in a row up to 30 s. A resting endpoint gets no request while
@@ -230,7 +232,10 @@ class _Endpoint:
     scored: bool = False
     """Whether an answer of it has carried logprobs."""
     unscored: int = 0
-    """Answers without logprobs before the first with them."""
+    """Answers without logprobs, or with fewer top logprobs than asked, before the first
+    with as many as asked."""
+    cut_to: int | None = None
+    """How many top logprobs the latest answer that held fewer than asked held."""
 
     def refusal(self, error: ItemError) -> FatalBackendError | None:
         """The run-stopping error ``error`` (a 4xx) stands for, or None if it is the request's."""
@@ -280,25 +285,53 @@ class _Endpoint:
         """When it may get requests again while another endpoint can take them."""
         return max(self.rests_until, self.limited_until)
 
-    def answer(self, reply: JudgeReply, completion: Any) -> FatalBackendError | None:
-        """The run-stopping error a successful answer stands for, or None (the usual)."""
+    def answer(
+        self, reply: JudgeReply, completion: Any, *, asked: int
+    ) -> FatalBackendError | ItemError | None:
+        """The error a successful answer stands for: one that stops the run, the request's
+        own (a list of fewer top logprobs than the ``asked``), or None (the usual)."""
         self.answered = True
         self.failures = 0
         self.rests_until = 0.0
-        if reply.top_logprobs is not None:
+        top = reply.top_logprobs
+        if top is not None and len(top) >= asked:
             self.scored = True
             return None
+        # A list cut short is no answer to score: the ratings missing from it would count as
+        # improbable, a confident score from what the server left out. (vLLM and OpenAI
+        # return as many as asked: at most 20, far below any vocabulary's size.)
+        cut = None
+        if top is not None:
+            self.cut_to = len(top)
+            cut = ItemError(
+                f"judge at {self.transport.url}: answered {_top_logprobs(len(top))} of the "
+                f"{asked} asked: a cut list is not scored; resume with --retry-errors to ask "
+                "again"
+            )
         if self.scored or cut_by_filter(completion):
-            return None
+            return cut
         self.unscored += 1
         if self.unscored < REFUSALS_TO_STOP:
-            return None
+            return cut
+        if self.cut_to is not None:
+            return FatalBackendError(
+                f"judge at {self.transport.url}: its first {self.unscored} answers all came "
+                f"with fewer top logprobs than the {asked} asked, or without logprobs (the "
+                f"latest cut one answered {_top_logprobs(self.cut_to)}): this server cuts the "
+                f"list (for this model, {self.model!r}), and TRIGScore is read from it; set "
+                "the judge's top_logprobs to what it returns, or judge with a server that "
+                "returns as many as asked"
+            )
         # A server that drops the option (some OpenAI-compatible ones do).
         return FatalBackendError(
             f"judge at {self.transport.url}: its first {self.unscored} answers all came without "
             f"logprobs: this server does not return them (for this model, {self.model!r}), and "
             "TRIGScore is read from them"
         )
+
+
+def _top_logprobs(count: int) -> str:
+    return f"{count} top logprob{'s' * (count != 1)}"
 
 
 class OpenAIJudge(Judge):
@@ -552,9 +585,9 @@ class OpenAIJudge(Judge):
             top_logprobs=self.options.top_logprobs,
             secret=self._secret.reveal() if self._secret else None,
         )
-        fatal = endpoint.answer(reply, completion)
-        if fatal is not None:
-            raise fatal
+        problem = endpoint.answer(reply, completion, asked=self.options.top_logprobs)
+        if problem is not None:
+            raise problem
         return reply
 
     def _after_failure(self, endpoint: _Endpoint, exc: Exception) -> RetryableError | None:
