@@ -38,6 +38,7 @@ from trig_stream.errors import (
     AnswerTimeoutError,
     FatalBackendError,
     ItemError,
+    NotFoundError,
     RateLimitError,
     RetryableError,
     UnreachableError,
@@ -723,6 +724,33 @@ async def test_a_server_that_drops_the_top_logprobs_list_stops_the_run(
             assert (await ask(judge, image)).top_logprobs is None
         with pytest.raises(FatalBackendError, match="came without logprobs"):
             await ask(judge, image)
+
+
+async def test_404s_in_a_row_after_a_success_stop_the_run(image: Path, client: Client) -> None:
+    # A server restarted mid-run serving another model answers every request 404: each was
+    # its request's error, and the rest of the run became error judgements in seconds.
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
+
+    options = JudgeServerOptions(model="judge", served_model_only=True)
+    async with JudgeServer(options) as server, judge_at(server, client=client) as judge:
+        assert (await ask(judge, image)).top_logprobs
+        server.options = options.model_copy(update={"model": "another"})
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(NotFoundError, match="HTTP 404"):
+                await ask(judge, image)
+        # A success between 404s shows they are the requests' own: the count starts over.
+        server.options = options
+        assert (await ask(judge, image)).top_logprobs
+        server.options = options.model_copy(update={"model": "another"})
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(NotFoundError, match="HTTP 404"):
+                await ask(judge, image)
+        with pytest.raises(FatalBackendError) as stopped:
+            await ask(judge, image)
+    message = str(stopped.value)
+    assert message.startswith(f"judge at {server.base_url}: HTTP 404")
+    assert f"the last {REFUSALS_TO_STOP} answers of this endpoint were 404s" in message
+    assert "it no longer serves model 'judge'" in message
 
 
 @pytest.mark.parametrize("kept", [1, 19])

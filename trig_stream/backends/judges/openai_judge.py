@@ -197,6 +197,8 @@ class _Endpoint:
     asked. After the first success (or the first answer with as many top logprobs as asked)
     each such failure is its own request's: an answer with fewer is an error judgement that
     says how many it held.
+    Yet eight 404s in a row after a success stop the run too: the server no longer serves the
+    model (restarted with another), and every request left would fail alike.
 
     A transient failure (no connection, a timeout, a 5xx) rests the endpoint for a while: 0.5 s,
     doubling with each failure in a row up to 30 s. A resting endpoint gets no request while
@@ -229,6 +231,8 @@ class _Endpoint:
     """Whether a request to it has succeeded: its path and model are right."""
     refused: int = 0
     """Requests it refused (4xx) before any succeeded."""
+    not_found: int = 0
+    """404s since its latest success, once one has succeeded."""
     scored: bool = False
     """Whether an answer of it has carried logprobs."""
     unscored: int = 0
@@ -240,7 +244,7 @@ class _Endpoint:
     def refusal(self, error: ItemError) -> FatalBackendError | None:
         """The run-stopping error ``error`` (a 4xx) stands for, or None if it is the request's."""
         if self.answered:
-            return None
+            return self._lost(error) if isinstance(error, NotFoundError) else None
         if isinstance(error, NotFoundError):  # no content filter answers 404
             check = "serve.command's served model name" if self.served else None
             return error.before_any_success(model=self.model, check=check)
@@ -264,6 +268,21 @@ class _Endpoint:
             f"{error}; the first {self.refused} answers of this endpoint were refusals and "
             f"none succeeded: check the judge's options against the server's limits ({limits}); "
             "the refused ones are kept as errors: resume with --retry-errors to ask again"
+        )
+
+    def _lost(self, error: NotFoundError) -> FatalBackendError | None:
+        # A 404 after a success: its request's, unless 404s now come one after another (the
+        # server restarted serving another model, or another took its port): every image
+        # left would become an error judgement in seconds.
+        self.not_found += 1
+        if self.not_found < REFUSALS_TO_STOP:
+            return None
+        return FatalBackendError(
+            f"{error}; the last {self.not_found} answers of this endpoint were 404s, though "
+            f"requests to it had succeeded: it no longer serves model {self.model!r} at this "
+            "path (a server restarted with another model, or another server on its port?): "
+            "check the server, then resume the run with --retry-errors to ask again about "
+            "the 404s (kept as errors)"
         )
 
     def failed(self, now: float) -> None:
@@ -291,6 +310,7 @@ class _Endpoint:
         """The error a successful answer stands for: one that stops the run, the request's
         own (a list of fewer top logprobs than the ``asked``), or None (the usual)."""
         self.answered = True
+        self.not_found = 0
         self.failures = 0
         self.rests_until = 0.0
         top = reply.top_logprobs
