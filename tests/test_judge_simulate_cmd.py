@@ -278,6 +278,52 @@ def test_serves_until_interrupted() -> None:
             process.stdout.close()
 
 
+def signal_mask(pid: int, field: str) -> int:
+    """The mask ``field`` (``SigIgn``, ``SigCgt``) of process ``pid``, from ``/proc``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def has(mask: int, signum: int) -> bool:
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_sigint_it_was_started_ignoring_stays_ignored_and_sighup_stops_it() -> None:
+    # A script's background job starts with SIGINT ignored; the server took it over all the
+    # same (the user's Ctrl-C for the script's foreground job stopped it), and SIGHUP ended
+    # it with exit 130 and no counts, where SIGINT and SIGTERM gave 0 and the counts.
+    code = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "from trig_stream.console import entry_point\n"
+        "sys.argv = ['trig-stream', 'simulate-judge', '--port', '0']\n"
+        "entry_point()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline().startswith("READY http://127.0.0.1:")
+        assert has(signal_mask(process.pid, "SigIgn"), signal.SIGINT)
+        caught = signal_mask(process.pid, "SigCgt")
+        assert has(caught, signal.SIGTERM) and has(caught, signal.SIGHUP)
+        process.send_signal(signal.SIGHUP)
+        rest = process.stderr.read()
+        assert process.wait(timeout=10) == 0, rest
+        assert "stopped: 0 served" in rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def test_serves_when_nobody_reads_its_ready_line() -> None:
     # `simulate-judge --port 0 | true`: the READY line's broken pipe was taken for a failed
     # bind: "cannot listen on 127.0.0.1:0: Broken pipe", exit 4.

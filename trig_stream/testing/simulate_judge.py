@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -25,7 +24,7 @@ from rich.markup import escape
 from trig_stream.config_fields import NOT_A_VARIABLE, is_variable_name
 from trig_stream.dimensions import DIMENSIONS, split_pair
 from trig_stream.records import printable
-from trig_stream.signals import point_at_devnull
+from trig_stream.signals import point_at_devnull, stop_signal_receiver
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
 from trig_stream.testing.planted_scores import loadings
 
@@ -233,8 +232,9 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
 async def _serve(
     options: JudgeServerOptions, host: str, port: int, console: Console
 ) -> OSError | None:
-    """Serve until SIGINT or SIGTERM; return the error that kept it from listening, if one
-    did (any other error is no listening problem, and is raised)."""
+    """Serve until SIGINT, SIGTERM or SIGHUP (each unless ignored); return the error that
+    kept it from listening, if one did (any other error is no listening problem, and is
+    raised)."""
     async with AsyncExitStack() as stack:
         try:
             server = await stack.enter_async_context(JudgeServer(options, host=host, port=port))
@@ -247,12 +247,15 @@ async def _serve(
             highlight=False,
             markup=False,
         )
-        # Tools that start the command read this line to learn the port.
-        try:
-            print(f"READY {server.base_url}", flush=True)
-        except BrokenPipeError:  # nobody reads it (`| true`): serve all the same
-            point_at_devnull([sys.stdout.fileno()])
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # The stop signals are taken before READY, so a tool that stops the server on
+        # reading it stops it as any other stop does; one the command was started ignoring
+        # (SIGINT in a script's background job) stays ignored, as in every command.
+        with stop_signal_receiver() as signals:
+            # Tools that start the command read this line to learn the port.
+            try:
+                print(f"READY {server.base_url}", flush=True)
+            except BrokenPipeError:  # nobody reads it (`| true`): serve all the same
+                point_at_devnull([sys.stdout.fileno()])
             async for _ in signals:
                 break
         stats = server.stats()
