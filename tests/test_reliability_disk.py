@@ -300,3 +300,17 @@ def test_folders_made_for_a_refused_run_directory_keep_what_was_there(
         files.make_dirs(tmp_path / "out" / "runs" / "myrun")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+def test_a_folder_that_appears_in_place_of_the_quarantine_list_is_named(tmp_path: Path) -> None:
+    # The rename names the list it moves: "cannot replace .../quarantine.jsonl:
+    # .../quarantine.jsonl.partial: Is a directory" blamed the file that was fine.
+    run, _ = store.RunDir.open(tmp_path, Manifest(run_name="r", task="t2i"))
+    final = tmp_path / store.QUARANTINE
+    final.mkdir()
+    with run, pytest.raises(RunDirError) as refused:
+        run.finish_quarantine()
+    assert str(refused.value) == (
+        f"cannot replace {final} with this run's quarantine list: {final} is a folder; move or "
+        "remove it, then run the same command again (the run resumes where it stopped)"
+    )

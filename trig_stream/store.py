@@ -175,6 +175,9 @@ class RunDir:
             run.journal.cut_torn_tail()
             run._remove_partial_images()
             run._remove_leftover_temporaries()
+            # Refused now, not when the dataset has been read through: a folder there stopped
+            # every run at that point, blaming the list being written.
+            _refuse_in_place_of_quarantine(path)
             run._quarantine = open_unlinked(
                 path / QUARANTINE_PARTIAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb", buffering=0
             )
@@ -310,10 +313,18 @@ class RunDir:
             return
         self._quarantine.close()
         self._quarantine = None
+        final = self.path / QUARANTINE
         try:
-            os.replace(self.path / QUARANTINE_PARTIAL, self.path / QUARANTINE)
+            os.replace(self.path / QUARANTINE_PARTIAL, final)
+        except IsADirectoryError:
+            # The rename names the list it moves; the folder in the way is the destination.
+            raise RunDirError(
+                f"cannot replace {final} with this run's quarantine list: {final} is a folder; "
+                "move or remove it, then run the same command again (the run resumes where "
+                "it stopped)"
+            ) from None
         except OSError as exc:
-            raise storage_error(exc, f"replace {self.path / QUARANTINE}") from None
+            raise storage_error(exc, f"replace {final}") from None
 
     def close(self) -> None:
         """Close the journal and quarantine files and release the lock; safe to repeat.
@@ -699,7 +710,31 @@ def _refuse_unwritable(path: Path) -> None:
     images = path / IMAGES
     if images.is_dir() and not os.access(images, os.R_OK | os.X_OK):
         raise storage_error(_denied(images), opening)
+    try:
+        _refuse_in_place_of_quarantine(path)
+    except OSError as exc:
+        raise storage_error(exc, opening) from None
     _refuse_unwritable_file(path / QUARANTINE_PARTIAL, opening)
+
+
+def _refuse_in_place_of_quarantine(path: Path) -> None:
+    """Raise when something other than a file stands where the run directory ``path`` keeps
+    its quarantine list (a folder, a pipe): this run's list could not replace it once the
+    dataset has been read through. A read-only file there is replaced as any file is.
+
+    Raises:
+        OSError: ``IsADirectoryError`` for a folder, else
+            :class:`~trig_stream.files.UnfitFileError` naming what is there; either names the
+            path.
+    """
+    final = path / QUARANTINE
+    try:
+        mode = final.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(final))
+    refuse_special_file(final, mode)
 
 
 def _refuse_unwritable_file(file: Path, what: str) -> None:
