@@ -115,6 +115,8 @@ class RunDir:
         self.journal = Journal(path / JOURNAL)
         self._lock: IO[bytes] | None = None
         self._quarantine: IO[bytes] | None = None
+        self._quarantine_failed = False
+        """A write to the quarantine list failed: it is never promoted (see :meth:`close`)."""
         self._image_dirs: dict[tuple[str, str], Path] = {}
         self._prefix = f"{path}{os.sep}"
         self._made: list[Path] = []
@@ -297,9 +299,18 @@ class RunDir:
                         "reason": storable_text(record.reason),
                     }
                 ).model_dump_json()
+            fd = self._quarantine.fileno()
+            start = os.lseek(fd, 0, os.SEEK_CUR)
             try:
-                write_all(self._quarantine.fileno(), line.encode() + b"\n")
+                write_all(fd, line.encode() + b"\n")
             except OSError as exc:
+                # Unfinished for good: close() must not promote it as a list read through.
+                self._quarantine_failed = True
+                # Take back what reached the file, so that its last line is whole again (a
+                # torn half line was counted as a quarantined record).
+                with suppress(OSError):
+                    os.ftruncate(fd, start)
+                    os.lseek(fd, start, os.SEEK_SET)
                 raise storage_error(exc, f"write to {self.path / QUARANTINE_PARTIAL}") from None
 
     def finish_quarantine(self) -> None:
@@ -309,7 +320,7 @@ class RunDir:
         Raises:
             RunDirError: the list cannot be put in place.
         """
-        if self._quarantine is None:
+        if self._quarantine is None or self._quarantine_failed:
             return
         self._quarantine.close()
         self._quarantine = None
@@ -331,7 +342,9 @@ class RunDir:
 
         A quarantine list left unfinished (the run stopped before it read the dataset
         through) is only the start of this run's: the list of the run before stays, which
-        says more; with none, the start is better than nothing and takes its place.
+        says more; with none, the start is better than nothing and takes its place, unless
+        writing it failed (a full disk): then it stays ``quarantine.jsonl.partial``, which
+        ``status`` names as the list of a run stopped before it read the dataset through.
         """
         self.journal.close()
         if self._quarantine is not None:
@@ -341,7 +354,7 @@ class RunDir:
             with suppress(OSError):  # closing must not hide the run's own outcome
                 if final.exists():
                     partial.unlink()
-                else:
+                elif not self._quarantine_failed:
                     os.replace(partial, final)
         if self._lock is not None:
             lock, self._lock = self._lock, None
