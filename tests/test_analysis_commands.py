@@ -607,6 +607,36 @@ def test_a_file_the_report_cannot_remove_is_named(
     )
 
 
+def test_a_disk_failing_between_two_renames_says_the_folder_may_mix_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An I/O error on the second rename left the first file new, the rest old, and the
+    # message said only "cannot write the report in .../model-a: Input/output error".
+    run = write_run_dir(tmp_path / "run", {})
+    out = tmp_path / "o"
+    run_command("report", str(run), "--out", str(out), "--no-plots")
+    folder = out / "model-a"
+    replace = os.replace
+    renamed: list[Any] = []
+
+    def failing_disk(source: Any, target: Any) -> None:
+        if Path(target).parent == folder and renamed:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(source), str(target))
+        renamed.append(target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_disk)
+    with pytest.raises(AnalysisError) as raised:
+        run_command("report", str(run), "--out", str(out), "--no-plots")
+    assert str(raised.value) == (
+        f"cannot write the report in {folder}: {folder / MODEL_FILES[1]}: Input/output error "
+        f"(after 1 of the {len(MODEL_FILES)} files were replaced); {folder} may now hold "
+        "files of this report beside the earlier report's: write the report again once the "
+        "disk works"
+    )
+    assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("where", ["run-dir", "out"])
 def test_a_report_that_cannot_be_written_exits_3_as_an_unwritable_run_dir(
     tmp_path: Path,

@@ -27,6 +27,7 @@ from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputW
 from trig_stream.dataset_formats import JUDGEMENTS_FILE
 from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.files import (
+    PartlyReplacedError,
     UnfitFileError,
     file_kind,
     write_atomic_together,
@@ -181,6 +182,11 @@ def _failure(exc: OSError, where: Path) -> str:
         if isinstance(name, str | bytes) and os.fsdecode(name) != str(where)
     ]
     reason = ": ".join([*named, exc.strerror or str(exc)])
+    if isinstance(exc, PartlyReplacedError):
+        return (
+            f"{reason}; {where} may now hold files of this report beside the earlier "
+            "report's: write the report again once the disk works"
+        )
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{reason}; free some space on its disk, or write the report elsewhere with --out"
     if exc.errno in (errno.EISDIR, errno.ENOTEMPTY):
