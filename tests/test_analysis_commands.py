@@ -558,6 +558,85 @@ def test_a_folder_where_a_report_file_goes_is_named_and_nothing_is_replaced(
     assert sorted(p.name for p in folder.iterdir()) == sorted(MODEL_FILES)
 
 
+def test_a_folder_in_place_of_an_earlier_plot_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    # With --no-plots the earlier plots were removed after the model's files were replaced:
+    # "cannot write the report in .../model-a: Is a directory; it must be a folder this user
+    # can write, on a disk with space" named no path, and left model-a new, model-b old.
+    run = write_run_dir(tmp_path / "run", {})
+    out = tmp_path / "o"
+    run_command("report", str(run), "--out", str(out), "--no-plots")
+    in_the_way = out / "model-a" / "plots" / "dtm.png"
+    in_the_way.mkdir(parents=True)
+    written = [out / model / name for model in ("model-a", "model-b") for name in MODEL_FILES]
+    for path in written:
+        path.write_bytes(b"earlier")
+    with pytest.raises(AnalysisError) as raised:
+        run_command("report", str(run), "--out", str(out), "--no-plots")
+    assert str(raised.value) == (
+        f"cannot write the report in {out / 'model-a'}: {in_the_way} is a folder, where an "
+        "earlier report's plot of that name is to be removed (this report draws none); move "
+        "or remove it"
+    )
+    assert {path.read_bytes() for path in written} == {b"earlier"}
+
+
+def test_a_file_the_report_cannot_remove_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The system's error named a file, which the message dropped ("Is a directory" of what?),
+    # then advised permissions and disk space, which fitted neither.
+    run = write_run_dir(tmp_path / "run", {})
+    out = tmp_path / "o"
+    run_command("report", str(run), "--out", str(out), "--no-plots")
+    refused = out / "model-a" / "report.md"
+    unlink = Path.unlink
+
+    def busy(self: Path, missing_ok: bool = False) -> None:
+        if self == refused:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", busy)
+    with pytest.raises(AnalysisError) as raised:
+        report_module.remove_model_outputs(out / "model-a")
+    assert str(raised.value) == (
+        f"cannot write the report in {out / 'model-a'}: {refused}: "
+        f"{os.strerror(errno.EBUSY)}; write the report again once that is fixed"
+    )
+
+
+def test_a_disk_failing_between_two_renames_says_the_folder_may_mix_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An I/O error on the second rename left the first file new, the rest old, and the
+    # message said only "cannot write the report in .../model-a: Input/output error".
+    run = write_run_dir(tmp_path / "run", {})
+    out = tmp_path / "o"
+    run_command("report", str(run), "--out", str(out), "--no-plots")
+    folder = out / "model-a"
+    replace = os.replace
+    renamed: list[Any] = []
+
+    def failing_disk(source: Any, target: Any) -> None:
+        if Path(target).parent == folder and renamed:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(source), str(target))
+        renamed.append(target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_disk)
+    with pytest.raises(AnalysisError) as raised:
+        run_command("report", str(run), "--out", str(out), "--no-plots")
+    assert str(raised.value) == (
+        f"cannot write the report in {folder}: {folder / MODEL_FILES[1]}: Input/output error "
+        f"(after 1 of the {len(MODEL_FILES)} files were replaced); {folder} may now hold "
+        "files of this report beside the earlier report's: write the report again once the "
+        "disk works"
+    )
+    assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("where", ["run-dir", "out"])
 def test_a_report_that_cannot_be_written_exits_3_as_an_unwritable_run_dir(
     tmp_path: Path,
@@ -575,9 +654,11 @@ def test_a_report_that_cannot_be_written_exits_3_as_an_unwritable_run_dir(
     out = ["--out", str(tmp_path / "elsewhere")] if where == "out" else []
     assert main(["report", str(run), "--no-plots", *out]) == EXIT_RUN_DIR
     folder = tmp_path / "elsewhere" if where == "out" else run / "report"
-    assert f"cannot write the report in {folder / 'model-a'}: Permission denied" in (
-        capsys.readouterr().err
-    )
+    model = folder / "model-a"
+    assert (
+        f"cannot write the report in {model}: {model / MODEL_FILES[0]}: Permission denied; "
+        "it must be a folder this user can write"
+    ) in " ".join(capsys.readouterr().err.split())
 
 
 def test_analyze_and_compare_outputs_that_cannot_be_written_exit_3(
@@ -652,8 +733,8 @@ def test_a_full_disk_during_a_report_keeps_the_earlier_report_whole(
     assert main(["report", str(run), "--correlation", "spearman_corr"]) == EXIT_RUN_DIR
     err = " ".join(capsys.readouterr().err.split())
     assert (
-        f"error: cannot write the report in {folder / 'model-a'}: No space left on device; it "
-        "must be a folder this user can write, on a disk with space"
+        f"error: cannot write the report in {folder / 'model-a'}: No space left on device; "
+        "free some space on its disk, or write the report elsewhere with --out"
     ) in err
     after = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
     assert sorted(after) == sorted(before)  # no temporary file left

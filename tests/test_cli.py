@@ -1820,10 +1820,10 @@ def test_a_final_report_that_cannot_be_written_points_to_another_folder(
     run_dir = tmp_path / "runs" / "cli"
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == (
-        f"no report: cannot write the report in {run_dir / 'report' / 'synth'}: Permission "
-        "denied; it must be a folder this user can write, on a disk with space; the run's "
-        f"judgements are done: `trig-stream report {run_dir} --out DIR` writes the report "
-        "elsewhere"
+        f"no report: cannot write the report in {run_dir / 'report' / 'synth'}: "
+        f"{run_dir / 'report' / 'synth' / 'evaluation_result.json'}: Permission denied; it "
+        "must be a folder this user can write; the run's judgements are done: `trig-stream "
+        f"report {run_dir} --out DIR` writes the report elsewhere"
     )
 
 

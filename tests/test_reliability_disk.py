@@ -28,7 +28,7 @@ from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, Journal
 from trig_stream.locks import LOCK
 from trig_stream.manifest import MANIFEST, Manifest
-from trig_stream.records import Judgement
+from trig_stream.records import Judgement, QuarantinedRecord
 from trig_stream.store import IMAGES, PARTIAL
 
 PROMPTS = 12
@@ -300,3 +300,99 @@ def test_folders_made_for_a_refused_run_directory_keep_what_was_there(
         files.make_dirs(tmp_path / "out" / "runs" / "myrun")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+class TornSecondWrite:
+    """``os.write`` to files named ``name`` on a disk that fills up at the second write: the
+    first is written whole, the second half-way (as a full disk does), the next refused."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls = 0
+        self._write = os.write
+
+    def __call__(self, fd: int, data: bytes | memoryview) -> int:
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(self.name):
+            return self._write(fd, data)
+        self.calls += 1
+        if self.calls == 1:
+            return self._write(fd, data)
+        if self.calls == 2:
+            return self._write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
+def test_a_quarantine_list_a_full_disk_cut_short_is_never_shown_as_whole(
+    run_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The half line stayed, and the list took the name of one read through:
+    # quarantine.jsonl of 1.5 records, which `status` counted as 2, quarantined by a run
+    # that read the dataset through.
+    prompts = run_config.parent / "prompts.json"
+    records = json.loads(prompts.read_text())
+    for index in (1, 3, 5):
+        records[index]["prompt"] = ""
+    prompts.write_text(json.dumps(records))
+    disk = TornSecondWrite(store.QUARANTINE_PARTIAL)
+    monkeypatch.setattr(os, "write", disk)
+    assert main(["run", str(run_config), "--headless", "--no-report"]) == EXIT_RUN_DIR
+    run_dir = run_config.parent / "runs" / "full"
+    partial = run_dir / store.QUARANTINE_PARTIAL
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: cannot write to {partial}: No space left on device; free some space" in err
+    assert err.count("error:") == 1
+    assert not (run_dir / store.QUARANTINE).exists()
+    [line] = partial.read_text().splitlines(keepends=True)  # the torn line taken back
+    assert line.endswith("\n") and json.loads(line)["index"] == 1
+
+    monkeypatch.setattr(os, "write", disk._write)
+    assert main(["status", str(run_dir)]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "1 dataset records quarantined by a run stopped before it read the dataset through "
+        f"(see {partial})"
+    ) in out
+
+    monkeypatch.undo()  # space again: the resume reads the dataset through
+    monkeypatch.chdir(run_config.parent)
+    assert main(["run", str(run_config), "--headless", "--no-report"]) == EXIT_OK
+    lines = (run_dir / store.QUARANTINE).read_text().splitlines()
+    assert [json.loads(raw)["index"] for raw in lines] == [1, 3, 5] and not partial.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
+def test_a_quarantine_write_cut_short_is_taken_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, _ = store.RunDir.open(tmp_path, Manifest(run_name="r", task="t2i"))
+    records = [
+        QuarantinedRecord(index=n, data_id=f"IQ-R_TA-C_{n}", reason="missing prompt", record={})
+        for n in (1, 2)
+    ]
+    run.quarantine(records[0])
+    partial = tmp_path / store.QUARANTINE_PARTIAL
+    size = partial.stat().st_size
+    monkeypatch.setattr(os, "write", FullDisk(store.QUARANTINE_PARTIAL, budget=size // 2))
+    with pytest.raises(RunDirError, match=rf"cannot write to {partial}: No space left"):
+        run.quarantine(records[1])
+    assert partial.stat().st_size == size
+    monkeypatch.undo()
+    run.finish_quarantine()  # a list missing a record is not put in place as whole
+    run.close()
+    assert not (tmp_path / store.QUARANTINE).exists()
+    assert [json.loads(raw)["index"] for raw in partial.read_text().splitlines()] == [1]
+
+
+def test_a_folder_that_appears_in_place_of_the_quarantine_list_is_named(tmp_path: Path) -> None:
+    # The rename names the list it moves: "cannot replace .../quarantine.jsonl:
+    # .../quarantine.jsonl.partial: Is a directory" blamed the file that was fine.
+    run, _ = store.RunDir.open(tmp_path, Manifest(run_name="r", task="t2i"))
+    final = tmp_path / store.QUARANTINE
+    final.mkdir()
+    with run, pytest.raises(RunDirError) as refused:
+        run.finish_quarantine()
+    assert str(refused.value) == (
+        f"cannot replace {final} with this run's quarantine list: {final} is a folder; move or "
+        "remove it, then run the same command again (the run resumes where it stopped)"
+    )

@@ -71,6 +71,14 @@ def test_a_folder_on_the_way_without_search_permission_is_refused_alike(
             "cannot write in the run directory {d} (run.lock): it is a named pipe (FIFO), "
             "not a file",
         ),
+        # Refused only once the dataset was read through, every run stopping there, blaming
+        # the .partial list it would put in place; a pipe there was replaced unasked.
+        ("quarantine.jsonl", "folder", "cannot open the run directory {d}: {f}: Is a directory"),
+        (
+            "quarantine.jsonl",
+            "pipe",
+            "cannot open the run directory {d}: {f}: it is a named pipe (FIFO), not a file",
+        ),
         (
             "quarantine.jsonl.partial",
             "folder",

@@ -202,7 +202,8 @@ def write_atomic_together(
 
     A disk that fills up part way (a report of many files) leaves the earlier version of
     each file whole, not some new files beside old ones, and no temporary file. The renames
-    take no space; only a crash between two of them leaves some files new, each whole. A
+    take no space; only a crash, or a failing disk, between two of them leaves some files
+    new, each whole (:class:`PartlyReplacedError` says so). A
     folder (or a pipe, a device) where one of the files goes is refused before the first
     rename; a symbolic link there is replaced by the file, as :func:`write_atomic` replaces
     a file (keeping its permissions).
@@ -210,6 +211,8 @@ def write_atomic_together(
     Raises:
         UnfitFileError: something other than a file stands where one goes; its ``strerror``
             names the path and what is there.
+        PartlyReplacedError: a rename failed after others were done: some files are new,
+            the others as they were.
         OSError: a file cannot be written.
 
     Args:
@@ -241,8 +244,15 @@ def write_atomic_together(
         for index, (temp, path) in enumerate(temps):
             try:
                 os.replace(temp, path)
-            except IsADirectoryError as exc:  # named by the folder in the way, not the temporary
-                raise IsADirectoryError(exc.errno, exc.strerror, str(path)) from None
+            except OSError as exc:  # named by the file it was to replace, not the temporary
+                if index:
+                    raise PartlyReplacedError(
+                        exc.errno,
+                        f"{exc.strerror or exc} (after {index} of the {len(temps)} files were "
+                        "replaced)",
+                        str(path),
+                    ) from None
+                raise type(exc)(exc.errno, exc.strerror, str(path)) from None
             temps[index] = (path, path)  # renamed: no temporary left to remove
     except BaseException:
         for temp, path in temps:
@@ -251,6 +261,12 @@ def write_atomic_together(
         raise
     for folder in folders:
         sync_dir(folder)
+
+
+class PartlyReplacedError(OSError):
+    """A rename of :func:`write_atomic_together` failed after others were done (a failing
+    disk): the files renamed before it are new, the others as they were. Its ``filename``
+    is the file that kept its earlier content, its ``strerror`` says how many were replaced."""
 
 
 def _take_mode(fd: int, path: Path) -> None:

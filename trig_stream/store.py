@@ -115,6 +115,8 @@ class RunDir:
         self.journal = Journal(path / JOURNAL)
         self._lock: IO[bytes] | None = None
         self._quarantine: IO[bytes] | None = None
+        self._quarantine_failed = False
+        """A write to the quarantine list failed: it is never promoted (see :meth:`close`)."""
         self._image_dirs: dict[tuple[str, str], Path] = {}
         self._prefix = f"{path}{os.sep}"
         self._made: list[Path] = []
@@ -175,6 +177,9 @@ class RunDir:
             run.journal.cut_torn_tail()
             run._remove_partial_images()
             run._remove_leftover_temporaries()
+            # Refused now, not when the dataset has been read through: a folder there stopped
+            # every run at that point, blaming the list being written.
+            _refuse_in_place_of_quarantine(path)
             run._quarantine = open_unlinked(
                 path / QUARANTINE_PARTIAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb", buffering=0
             )
@@ -294,9 +299,18 @@ class RunDir:
                         "reason": storable_text(record.reason),
                     }
                 ).model_dump_json()
+            fd = self._quarantine.fileno()
+            start = os.lseek(fd, 0, os.SEEK_CUR)
             try:
-                write_all(self._quarantine.fileno(), line.encode() + b"\n")
+                write_all(fd, line.encode() + b"\n")
             except OSError as exc:
+                # Unfinished for good: close() must not promote it as a list read through.
+                self._quarantine_failed = True
+                # Take back what reached the file, so that its last line is whole again (a
+                # torn half line was counted as a quarantined record).
+                with suppress(OSError):
+                    os.ftruncate(fd, start)
+                    os.lseek(fd, start, os.SEEK_SET)
                 raise storage_error(exc, f"write to {self.path / QUARANTINE_PARTIAL}") from None
 
     def finish_quarantine(self) -> None:
@@ -306,21 +320,31 @@ class RunDir:
         Raises:
             RunDirError: the list cannot be put in place.
         """
-        if self._quarantine is None:
+        if self._quarantine is None or self._quarantine_failed:
             return
         self._quarantine.close()
         self._quarantine = None
+        final = self.path / QUARANTINE
         try:
-            os.replace(self.path / QUARANTINE_PARTIAL, self.path / QUARANTINE)
+            os.replace(self.path / QUARANTINE_PARTIAL, final)
+        except IsADirectoryError:
+            # The rename names the list it moves; the folder in the way is the destination.
+            raise RunDirError(
+                f"cannot replace {final} with this run's quarantine list: {final} is a folder; "
+                "move or remove it, then run the same command again (the run resumes where "
+                "it stopped)"
+            ) from None
         except OSError as exc:
-            raise storage_error(exc, f"replace {self.path / QUARANTINE}") from None
+            raise storage_error(exc, f"replace {final}") from None
 
     def close(self) -> None:
         """Close the journal and quarantine files and release the lock; safe to repeat.
 
         A quarantine list left unfinished (the run stopped before it read the dataset
         through) is only the start of this run's: the list of the run before stays, which
-        says more; with none, the start is better than nothing and takes its place.
+        says more; with none, the start is better than nothing and takes its place, unless
+        writing it failed (a full disk): then it stays ``quarantine.jsonl.partial``, which
+        ``status`` names as the list of a run stopped before it read the dataset through.
         """
         self.journal.close()
         if self._quarantine is not None:
@@ -330,7 +354,7 @@ class RunDir:
             with suppress(OSError):  # closing must not hide the run's own outcome
                 if final.exists():
                     partial.unlink()
-                else:
+                elif not self._quarantine_failed:
                     os.replace(partial, final)
         if self._lock is not None:
             lock, self._lock = self._lock, None
@@ -699,7 +723,31 @@ def _refuse_unwritable(path: Path) -> None:
     images = path / IMAGES
     if images.is_dir() and not os.access(images, os.R_OK | os.X_OK):
         raise storage_error(_denied(images), opening)
+    try:
+        _refuse_in_place_of_quarantine(path)
+    except OSError as exc:
+        raise storage_error(exc, opening) from None
     _refuse_unwritable_file(path / QUARANTINE_PARTIAL, opening)
+
+
+def _refuse_in_place_of_quarantine(path: Path) -> None:
+    """Raise when something other than a file stands where the run directory ``path`` keeps
+    its quarantine list (a folder, a pipe): this run's list could not replace it once the
+    dataset has been read through. A read-only file there is replaced as any file is.
+
+    Raises:
+        OSError: ``IsADirectoryError`` for a folder, else
+            :class:`~trig_stream.files.UnfitFileError` naming what is there; either names the
+            path.
+    """
+    final = path / QUARANTINE
+    try:
+        mode = final.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(final))
+    refuse_special_file(final, mode)
 
 
 def _refuse_unwritable_file(file: Path, what: str) -> None:

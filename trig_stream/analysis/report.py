@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -24,7 +26,12 @@ from trig_stream.analysis.exports import (
 from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputWriteError
 from trig_stream.dataset_formats import JUDGEMENTS_FILE
 from trig_stream.dimensions import DIMENSION_NAMES
-from trig_stream.files import UnfitFileError, write_atomic_together
+from trig_stream.files import (
+    PartlyReplacedError,
+    UnfitFileError,
+    file_kind,
+    write_atomic_together,
+)
 from trig_stream.records import ScoredJudgement, exact_number
 
 PLOTS_FOLDER = "plots"
@@ -161,9 +168,32 @@ def writing(where: Path) -> Iterator[None]:
         raise OutputWriteError(f"cannot write the report in {where}: {exc.strerror}") from None
     except OSError as exc:
         raise OutputWriteError(
-            f"cannot write the report in {where}: {exc.strerror or exc}; it must be a folder "
-            "this user can write, on a disk with space"
+            f"cannot write the report in {where}: {_failure(exc, where)}"
         ) from None
+
+
+def _failure(exc: OSError, where: Path) -> str:
+    """What went wrong writing the report in ``where``, naming the file at fault (unless it is
+    ``where`` itself), and what to do: "Is a directory" alone named no path, and advice of
+    permissions and disk space fitted neither a folder in the way nor a failing disk."""
+    named = [
+        os.fsdecode(name)
+        for name in (exc.filename, exc.filename2)
+        if isinstance(name, str | bytes) and os.fsdecode(name) != str(where)
+    ]
+    reason = ": ".join([*named, exc.strerror or str(exc)])
+    if isinstance(exc, PartlyReplacedError):
+        return (
+            f"{reason}; {where} may now hold files of this report beside the earlier "
+            "report's: write the report again once the disk works"
+        )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{reason}; free some space on its disk, or write the report elsewhere with --out"
+    if exc.errno in (errno.EISDIR, errno.ENOTEMPTY):
+        return f"{reason}; a folder stands where a file of the report goes: move or remove it"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR):
+        return f"{reason}; it must be a folder this user can write"
+    return f"{reason}; write the report again once that is fixed"
 
 
 def refuse_link(path: Path, advice: str) -> None:
@@ -262,6 +292,10 @@ def _write_model_outputs(
     if drawn:
         rendered = drawing.render_plots(analysis, before_each=check)
         contents += [(plots_folder / name, data) for name, data in rendered]
+    else:
+        # Refused before anything is written: found only when the earlier plots were
+        # removed, it left this model's new files beside the other models' old ones.
+        _refuse_in_place_of_plots(folder)
     write_atomic_together(contents)
     files = [path for path, _ in contents]
     if drawn:
@@ -271,7 +305,29 @@ def _write_model_outputs(
     return WrittenFiles(folder, files, plots_skipped=plots)
 
 
+def _refuse_in_place_of_plots(folder: Path) -> None:
+    """Raise :class:`~trig_stream.files.UnfitFileError` when something other than a file (a
+    folder, a pipe) stands where an earlier report's plot would be removed from ``folder``."""
+    for name in drawing.PLOT_FILES:
+        path = folder / PLOTS_FOLDER / name
+        try:
+            mode = os.lstat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):  # none, or no plots folder
+            continue
+        if stat.S_ISREG(mode):
+            continue
+        what = "folder" if stat.S_ISDIR(mode) else file_kind(mode)
+        raise UnfitFileError(
+            errno.EISDIR if stat.S_ISDIR(mode) else errno.EEXIST,
+            f"{path} is a {what}, where an earlier report's plot of that name is to be "
+            "removed (this report draws none); move or remove it",
+            str(path),
+        )
+
+
 def _remove_plots(folder: Path) -> None:
+    if not (folder / PLOTS_FOLDER).is_dir():  # no plots; or a file of the user's named so
+        return
     for name in drawing.PLOT_FILES:
         (folder / PLOTS_FOLDER / name).unlink(missing_ok=True)
     with suppress(OSError):  # kept when something else is in it
