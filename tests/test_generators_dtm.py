@@ -900,8 +900,9 @@ NEVER_CLOSED = "never closed"
         (f"<think>\na\n</think>\n<think>\nb\n</think>\n{BICYCLE}", BICYCLE),
         # Opened by DeepSeek-R1's chat template: the closing tag alone.
         (f"reasoning here.</think>\n\n{BICYCLE}", BICYCLE),
-        (f"reasoning here\n</think> {BICYCLE}", BICYCLE),
-        ("reasoning here.</think>", "an empty rewrite"),
+        (f"reasoning here.\n</think>\n{BICYCLE}", BICYCLE),
+        (f"reasoning here.\r\n  </think>\t\r\n{BICYCLE}", BICYCLE),
+        (f"reasoning here.</think>\n\n<think>\nmore\n</think>\n{BICYCLE}", BICYCLE),
         # Reasoning never closed, by a tag that counts or by any: no rewrite, never drawn.
         ("<think>Okay, reasoning more and more", NEVER_CLOSED),
         ("<think>\nOkay, reasoning\nmore", NEVER_CLOSED),
@@ -916,6 +917,15 @@ NEVER_CLOSED = "never closed"
         ("A sign reading </think> on a wall", None),
         ("A sign reading </think> next to a sign reading <think>", None),
         ("A red bicycle leaning on a wall,\n<think>\nneon letters\nat dusk", None),
+        # Without an opening tag, a </think> ending or starting a line among the prompt's own
+        # lines is its text too (11f6a9c cut before it, or left an empty rewrite).
+        ("A neon sign that reads </think>\nBelow it, a cat sleeps on a red bicycle.", None),
+        ("A poster with the text </think>", None),
+        ("A chalkboard covered in HTML tags like <div> and </think>", None),
+        ("A red bicycle.\n</think> written in chalk below it.", None),
+        ("A screen showing the tags <think> and\n</think> in green monospace font", None),
+        ("A chalkboard reading\n</think>", None),  # the cut would leave nothing
+        ("reasoning here.</think>", None),  # R1's layout and a sign's alike: kept whole
     ],
 )
 def test_a_reasoning_block_comes_off_in_every_layout(answer: str, expected: str | None) -> None:

@@ -126,11 +126,22 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = re.compile(r"</think>[^\S\n]*+(?:\n|\Z)|^[^\S\n]*+</think>", re.M | re.I)
 """The tags around a reasoning model's thinking, when its server leaves it in the answer (no
 reasoning parser): the rewrite follows the block. The block opens with ``<think>`` at the
-answer's start (on the line of its first thought or a line of its own); DeepSeek-R1's chat
-template opens it itself, so its answer may hold the closing tag alone. A ``</think>`` closes it
-where reasoning models write it, ending a line (``Okay.</think>``, then the rewrite on the next)
-or starting one (``</think> A red bicycle``); in a sentence (``a sign reading </think> on a
-wall``) it is a prompt's own. Tags match in any case; blocks in a row are all taken off."""
+answer's start (on the line of its first thought or a line of its own); after that opening tag
+a ``</think>`` closes it where reasoning models write it, ending a line (``Okay.</think>``, then
+the rewrite on the next) or starting one (``</think> A red bicycle``); in a sentence (``a sign
+reading </think> on a wall``) it is a prompt's own. Tags match in any case; blocks in a row are
+all taken off. DeepSeek-R1's chat template opens the block itself, so its answer may hold the
+closing tag alone: :data:`THINK_CLOSE_ALONE` says where that one counts."""
+
+THINK_CLOSE_ALONE = re.compile(
+    r"^[^\S\n]*+</think>[^\S\n]*+$|</think>[^\S\n]*+\n[^\S\n]*+\n", re.M | re.I
+)
+"""A ``</think>`` closing thinking that no ``<think>`` opened (DeepSeek-R1's chat template
+opens it): on a line of its own, or ending a line followed by a blank one (R1's
+``reasoning.</think>``, a blank line, the rewrite). A prompt may mention the tag anywhere else
+(``a neon sign that reads </think>``, a line, then more of the prompt; ``the tags <think>
+and``, a line, ``</think> in green``), so without the opening tag those keep their text, and so
+does a cut that would leave nothing."""
 
 FENCE = re.compile(r"```[\w+-]*+[^\S\n]*+\n(?P<inner>.*)\n[^\S\n]*+```", re.S)
 """A markdown code fence (with a language tag or none) around the whole answer."""
@@ -193,24 +204,29 @@ def rewritten_prompt(
 
 
 def _after_thinking(text: str, finish_reason: str | None, max_tokens: int) -> str:
-    """``text`` (stripped) after a reasoning block at its start: ``<think>...</think>``, or
-    thinking closed by ``</think>`` alone (its opening tag in the chat template), each tag
-    where :data:`THINK_CLOSE` says reasoning models write it. An answer opening with
-    ``<think>`` is reasoning: with no closing tag after it, it holds no rewrite.
+    """``text`` (stripped) after a reasoning block at its start: ``<think>...</think>`` (the
+    closing tag where :data:`THINK_CLOSE` says), or thinking closed by ``</think>`` alone (its
+    opening tag in the chat template; where :data:`THINK_CLOSE_ALONE` says). An answer opening
+    with ``<think>`` is reasoning: with no closing tag after it, it holds no rewrite.
 
     Raises:
         ItemError: a ``<think>`` block is never closed: the answer is reasoning, no rewrite.
     """
+    opened = text[: len(THINK_OPEN)].lower() == THINK_OPEN
+    if not opened:
+        close = THINK_CLOSE_ALONE.search(text)
+        after = "" if close is None else text[close.end() :].strip()
+        if not after:  # no closing tag, or one ending the text: the prompt's own words
+            return text
+        text = after
     while True:  # a block per turn of reasoning, each with its tags
         opened = text[: len(THINK_OPEN)].lower() == THINK_OPEN
-        close = THINK_CLOSE.search(text, len(THINK_OPEN) if opened else 0)
+        if not opened:
+            return text
+        close = THINK_CLOSE.search(text, len(THINK_OPEN))
         if close is None:
             break
         text = text[close.end() :].strip()
-        if text[: len(THINK_OPEN)].lower() != THINK_OPEN:
-            return text
-    if not opened:
-        return text
     if finish_reason == "length":
         raise _cut(max_tokens)
     raise ItemError(
