@@ -690,11 +690,31 @@ def test_answers_that_are_no_json_before_any_rewrite_stop_the_run(
         generator.generate([request("J_last", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        Fault(status=400, code="content_filter", message="flagged by the content filter"),
+        # OpenAI's reasoning models (was the call's failure: 8 of TRIG's toxicity prompts in
+        # a row stopped the run).
+        Fault(
+            status=400,
+            code="invalid_prompt",
+            message="Invalid prompt: your prompt was flagged as potentially violating our "
+            "usage policy. Please try again with a different prompt: https://platform.openai.com",
+        ),
+        # Azure's, without its code ("retry" read as a passing failure).
+        Fault(
+            status=400,
+            message="The response was filtered due to the prompt triggering Azure OpenAI's "
+            "content management policy. Please modify your prompt and retry.",
+        ),
+    ],
+    ids=["content_filter", "invalid_prompt", "azure-without-code"],
+)
 def test_a_content_filter_before_any_rewrite_does_not_stop_the_run(
-    server: GenerationAPIServer,
+    server: GenerationAPIServer, content: Fault
 ) -> None:
     generator = rewriter(server)
-    content = Fault(status=400, code="content_filter", message="flagged by the content filter")
     server.fail_next(*[content] * (REFUSALS_TO_STOP + 1))
     for index in range(REFUSALS_TO_STOP + 1):
         generator.generate(

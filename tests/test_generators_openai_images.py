@@ -264,10 +264,18 @@ def test_a_200_error_refuses_the_content_by_its_code_or_else_its_message() -> No
     )
     by_code = outcome({"message": "Rejected", "code": "contentFilter"})
     assert str(by_code) == "the API refused the request's content (contentFilter: Rejected)"
+    for refusal in [
+        {"message": AZURE_FILTERED},
+        {"message": OPENAI_FLAGGED},
+        {"message": OPENAI_FLAGGED, "code": "invalid_prompt"},
+    ]:
+        assert isinstance(outcome(refusal), RefusalAnswer), refusal
     for error in [
         {"message": "Rejected by our moderation system", "type": "server_error"},
         {"message": "Rejected by our moderation system", "code": "server_error"},
         {"message": "The moderation service is busy; try again"},
+        {"message": "Content filter temporarily unavailable; please retry"},
+        {"message": "Moderation timed out after 3 retries"},
     ]:
         assert type(outcome(error)) is ErrorAnswer, error
 
@@ -324,6 +332,38 @@ def test_a_refusal_by_error_code_is_the_prompts_own_failure(
     server.fail_next(Fault(status=400, code=code, message="Your request was rejected."))
     outcome = one(make(server))
     assert isinstance(outcome, ItemError) and "HTTP 400" in str(outcome)
+
+
+OPENAI_FLAGGED = (
+    "Invalid prompt: your prompt was flagged as potentially violating our usage policy. Please "
+    "try again with a different prompt: https://platform.openai.com/docs/guides/reasoning"
+)
+AZURE_FILTERED = (
+    "The response was filtered due to the prompt triggering Azure OpenAI's content management "
+    "policy. Please modify your prompt and retry."
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("invalid_prompt", OPENAI_FLAGGED),  # OpenAI's reasoning models
+        (None, OPENAI_FLAGGED),
+        ("content_filter", AZURE_FILTERED),
+        (None, AZURE_FILTERED),
+    ],
+)
+def test_a_refusal_that_says_try_again_or_retry_is_the_prompts_own_failure(
+    server: GenerationAPIServer, key: str, code: str | None, message: str
+) -> None:
+    # invalid_prompt was no refusal code, and without a code "try again" / "retry" read as
+    # a passing failure: each was the call's failure, and 8 flagged prompts in a row before
+    # any image stopped the run.
+    sleeps = Sleeps()
+    server.fail_next(Fault(status=400, code=code, message=message))
+    outcome = one(make(server, sleeps))
+    assert isinstance(outcome, ItemError) and "HTTP 400" in str(outcome)
+    assert sleeps.waits == []
 
 
 @pytest.mark.parametrize("status", [400, 413, 422])

@@ -45,15 +45,20 @@ T = TypeVar("T")
 Sleep = Callable[[float, threading.Event], bool]
 """Waits up to the given seconds; returns True when the cancel event fired meanwhile."""
 
-CONTENT_REFUSAL_CODES = frozenset({"contentpolicyviolation", "moderationblocked", "contentfilter"})
+CONTENT_REFUSAL_CODES = frozenset(
+    {"contentpolicyviolation", "moderationblocked", "contentfilter", "invalidprompt"}
+)
 """The error codes of a refusal of one request's content, in lower case without ``_`` or
-``-`` (OpenAI's ``content_policy_violation`` and ``moderation_blocked``, Azure's
-``content_filter`` or ``contentFilter``). An error with any other code is no refusal,
-whatever its message says: ``server_error`` "content policy service unavailable, try
-again" is the API's failure, retried."""
+``-`` (OpenAI's ``content_policy_violation`` and ``moderation_blocked``, and
+``invalid_prompt``, its reasoning models' "your prompt was flagged as potentially violating
+our usage policy"; Azure's ``content_filter`` or ``contentFilter``). An error with any other
+code is no refusal, whatever its message says: ``server_error`` "content policy service
+unavailable, try again" is the API's failure, retried."""
 
 CONTENT_REFUSAL_MESSAGE = re.compile(
-    r"content[ _-]?polic(y|ies)|moderation|content[ _-]?filter|safety system", re.I
+    r"content[ _-]?(management[ _-]?)?polic(y|ies)|moderation|content[ _-]?filter|safety system"
+    r"|violat(e|es|ing) (our |the )?usage polic(y|ies)",
+    re.I,
 )
 """What the message of a refusal of the content says, read only for an error with no code
 and of no ``server_error`` type. Narrower than the judge's
@@ -62,10 +67,13 @@ item failure never retried, so "The safety checker ...", "retry policy" or "flag
 reprocessing" is no refusal."""
 
 NOT_A_REFUSAL = re.compile(
-    r"unavailable|overload|try again|retr(y|ies)|timed? ?out|temporar|busy|capacity|crash", re.I
+    r"unavailable|overload|temporar|timed? ?out|busy|capacity|crash|reprocess|retry polic|retries",
+    re.I,
 )
-"""Words of a passing failure: a message holding them is no refusal ("the moderation service
-is overloaded; please retry")."""
+"""Words of the service's own state: a message holding them is a passing failure, no refusal
+("the moderation service is overloaded; please retry"). Not "try again" or "retry" alone:
+refusals say them too (Azure's "... content management policy. Please modify your prompt and
+retry", OpenAI's "... usage policy. Please try again with a different prompt")."""
 
 
 class Refused(BackendError):
