@@ -728,29 +728,73 @@ async def test_a_server_that_drops_the_top_logprobs_list_stops_the_run(
 
 async def test_404s_in_a_row_after_a_success_stop_the_run(image: Path, client: Client) -> None:
     # A server restarted mid-run serving another model answers every request 404: each was
-    # its request's error, and the rest of the run became error judgements in seconds.
-    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
+    # its request's error, and the rest of the run became error judgements in seconds. Fewer
+    # in a row are requests' own: behind a proxy where one replica lost the model, half the
+    # requests are 404s, and the 8 in a row that stopped the run came in almost every run.
+    from trig_stream.backends.judges.openai_judge import NOT_FOUND_TO_LOSE
 
     options = JudgeServerOptions(model="judge", served_model_only=True)
     async with JudgeServer(options) as server, judge_at(server, client=client) as judge:
         assert (await ask(judge, image)).top_logprobs
         server.options = options.model_copy(update={"model": "another"})
-        for _ in range(REFUSALS_TO_STOP - 1):
+        for _ in range(NOT_FOUND_TO_LOSE - 1):
             with pytest.raises(NotFoundError, match="HTTP 404"):
                 await ask(judge, image)
         # A success between 404s shows they are the requests' own: the count starts over.
         server.options = options
         assert (await ask(judge, image)).top_logprobs
         server.options = options.model_copy(update={"model": "another"})
-        for _ in range(REFUSALS_TO_STOP - 1):
+        for _ in range(NOT_FOUND_TO_LOSE - 1):
             with pytest.raises(NotFoundError, match="HTTP 404"):
                 await ask(judge, image)
         with pytest.raises(FatalBackendError) as stopped:
             await ask(judge, image)
     message = str(stopped.value)
     assert message.startswith(f"judge at {server.base_url}: HTTP 404")
-    assert f"the last {REFUSALS_TO_STOP} answers of this endpoint were 404s" in message
+    assert f"the last {NOT_FOUND_TO_LOSE} answers of this endpoint were 404s" in message
     assert "it no longer serves model 'judge'" in message
+    assert "every other endpoint" not in message
+
+
+async def test_an_endpoint_lost_to_404s_leaves_the_others_its_requests(
+    image: Path, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One lost endpoint of several stopped the run, though the others served the model.
+    from trig_stream.backends.judges.openai_judge import NOT_FOUND_TO_LOSE
+
+    options = JudgeServerOptions(model="judge", served_model_only=True)
+    async with JudgeServer(options) as first, JudgeServer(options) as second:
+        urls = [first.base_url, second.base_url]
+        judge = OpenAIJudge(
+            "trigscore", OpenAIJudgeOptions(base_urls=urls, model="judge", client=client)
+        )
+        await judge.open()
+        try:
+            assert (await ask(judge, image)).top_logprobs  # the first (a tie goes to it)
+            assert first.stats().served == 1
+            first.options = options.model_copy(update={"model": "another"})
+            for _ in range(NOT_FOUND_TO_LOSE):
+                with pytest.raises(NotFoundError, match="HTTP 404"):
+                    await ask(judge, image)
+            # Lost: said once, and the second takes every request.
+            (lost,) = [r.getMessage() for r in caplog.records if "gets no more" in r.getMessage()]
+            assert lost.startswith(f"judge at {first.base_url}: HTTP 404")
+            for _ in range(3):
+                assert (await ask(judge, image)).top_logprobs
+            assert first.stats().received == NOT_FOUND_TO_LOSE + 1
+            assert second.stats().served == 3
+            # Every endpoint lost: nothing left to ask.
+            second.options = options.model_copy(update={"model": "another"})
+            for _ in range(NOT_FOUND_TO_LOSE - 1):
+                with pytest.raises(NotFoundError, match="HTTP 404"):
+                    await ask(judge, image)
+            with pytest.raises(FatalBackendError) as stopped:
+                await ask(judge, image)
+        finally:
+            await judge.aclose()
+    message = str(stopped.value)
+    assert message.startswith(f"judge at {second.base_url}: HTTP 404")
+    assert "every other endpoint of the judge (1) was lost alike" in message
 
 
 @pytest.mark.parametrize("kept", [1, 19])

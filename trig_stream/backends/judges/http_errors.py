@@ -52,10 +52,11 @@ safety system: ``content_policy_violation``, ``moderation_blocked``; Azure's con
 filter): the request's own failure, never a sign that every request would fail alike."""
 
 REFUSALS_TO_STOP = 8
-"""Refusals (HTTP 4xx) an API may answer before its first success, answers without logprobs
-(or with fewer top logprobs than asked) before its first with them, or 404s after a success,
-without stopping the run: that many in a row mean every request would end the same way. A
-content filter's refusals (:data:`CONTENT_REFUSAL`) never count."""
+"""Refusals (HTTP 4xx) an API may answer before its first success, or answers without
+logprobs (or with fewer top logprobs than asked) before its first with them, without stopping
+the run: that many in a row mean every request would end the same way. A content filter's
+refusals (:data:`CONTENT_REFUSAL`) never count. (404s after a success have their own, larger
+count: :data:`~trig_stream.backends.judges.openai_judge.NOT_FOUND_TO_LOSE`.)"""
 
 
 class AnswerTooLarge(ValueError):

@@ -29,6 +29,7 @@ Example config::
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -83,12 +84,22 @@ METRICS_TIMEOUT_S = 5.0
 """How long one read of a server's ``/metrics`` may take."""
 
 
+logger = logging.getLogger(__name__)
+
 REST_FIRST_S = 0.5
 REST_MAX_S = 30.0
 """How long an endpoint rests after a transient failure: the first, and at most."""
 REST_DOUBLINGS = math.ceil(math.log2(REST_MAX_S / REST_FIRST_S))
 """Failures in a row after which the rest is :data:`REST_MAX_S`: the doubling stops there (at
 1,025 failures in a row, ``2 ** 1024`` overflowed a float, and every request failed)."""
+
+NOT_FOUND_TO_LOSE = 32
+"""404s with no success between, once a request to the endpoint has succeeded, after which it
+no longer serves the model (a server restarted with another). Far more than
+:data:`~trig_stream.backends.judges.http_errors.REFUSALS_TO_STOP`: behind a proxy where one
+replica lost the model (a LoRA adapter), about half the requests are 404s, and 8 in a row
+somewhere in thousands of requests is near certain; 32 at a 50% rate over 10,000 requests
+comes about once in 500,000 runs."""
 
 
 class OpenAIJudgeOptions(BaseModel):
@@ -197,8 +208,10 @@ class _Endpoint:
     asked. After the first success (or the first answer with as many top logprobs as asked)
     each such failure is its own request's: an answer with fewer is an error judgement that
     says how many it held.
-    Yet eight 404s in a row after a success stop the run too: the server no longer serves the
-    model (restarted with another), and every request left would fail alike.
+    Yet :data:`NOT_FOUND_TO_LOSE` 404s in a row after a success make the endpoint lost: the
+    server no longer serves the model (restarted with another). A lost endpoint gets no request
+    while another is not lost; when every endpoint is lost, the run stops, since every request
+    left would fail alike. A success (of a request in flight) finds it again.
 
     A transient failure (no connection, a timeout, a 5xx) rests the endpoint for a while: 0.5 s,
     doubling with each failure in a row up to 30 s. A resting endpoint gets no request while
@@ -233,6 +246,9 @@ class _Endpoint:
     """Requests it refused (4xx) before any succeeded."""
     not_found: int = 0
     """404s since its latest success, once one has succeeded."""
+    lost: bool = False
+    """Whether :data:`NOT_FOUND_TO_LOSE` 404s came with no success between: it no longer
+    serves the model."""
     scored: bool = False
     """Whether an answer of it has carried logprobs."""
     unscored: int = 0
@@ -275,8 +291,9 @@ class _Endpoint:
         # server restarted serving another model, or another took its port): every image
         # left would become an error judgement in seconds.
         self.not_found += 1
-        if self.not_found < REFUSALS_TO_STOP:
+        if self.not_found < NOT_FOUND_TO_LOSE:
             return None
+        self.lost = True
         return FatalBackendError(
             f"{error}; the last {self.not_found} answers of this endpoint were 404s, though "
             f"requests to it had succeeded: it no longer serves model {self.model!r} at this "
@@ -311,6 +328,7 @@ class _Endpoint:
         own (a list of fewer top logprobs than the ``asked``), or None (the usual)."""
         self.answered = True
         self.not_found = 0
+        self.lost = False
         self.failures = 0
         self.rests_until = 0.0
         top = reply.top_logprobs
@@ -585,10 +603,26 @@ class OpenAIJudge(Judge):
         try:
             completion = await endpoint.transport.post(self._body(request), payload)
         except ItemError as exc:  # a 4xx, a 404 (NotFoundError) included
+            was_lost = endpoint.lost
             fatal = endpoint.refusal(exc)
-            if fatal is not None:
+            if fatal is None:
+                raise
+            if not endpoint.lost:  # before any success: the config's fault
                 raise fatal from None
-            raise
+            if any(not e.lost for e in self._endpoints):
+                if not was_lost:
+                    logger.warning(
+                        "%s; it gets no more requests while another endpoint serves the model "
+                        "(a success of a request in flight to it finds it again)",
+                        fatal,
+                    )
+                raise  # its request's error: the other endpoints take the requests left
+            if len(self._endpoints) > 1:
+                raise FatalBackendError(
+                    f"{fatal}; every other endpoint of the judge ({len(self._endpoints) - 1}) "
+                    "was lost alike"
+                ) from None
+            raise fatal from None
         except Exception as exc:
             rerouted = self._after_failure(endpoint, exc)
             failure = self.server.failure() if self.server is not None else None
@@ -662,9 +696,10 @@ class OpenAIJudge(Judge):
         return any(e is not endpoint and e.awake_at() <= now for e in self._endpoints)
 
     def _pick(self) -> _Endpoint:
-        # The least busy endpoint of those not resting; when all rest, the one whose rest
-        # ends first (a single endpoint is always picked: the engine's backoff paces it).
-        endpoints = self._endpoints
+        # Of the endpoints not lost (all, when every one is), the least busy of those not
+        # resting; when all rest, the one whose rest ends first (a single endpoint is always
+        # picked: the engine's backoff paces it).
+        endpoints = [e for e in self._endpoints if not e.lost] or self._endpoints
         if len(endpoints) == 1:
             return endpoints[0]
         now = self._clock()
