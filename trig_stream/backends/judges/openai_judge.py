@@ -356,9 +356,10 @@ class _Endpoint:
                 f"judge at {self.transport.url}: its first {self.unscored} answers all came "
                 f"with fewer top logprobs than the {asked} asked, or without logprobs (the "
                 f"latest cut one answered {_top_logprobs(self.cut_to)}): this server cuts the "
-                f"list (for this model, {self.model!r}), and TRIGScore is read from it; set "
-                "the judge's top_logprobs to what it returns, or judge with a server that "
-                "returns as many as asked"
+                f"list (for this model, {self.model!r}), and TRIGScore is read from it; fix "
+                "or replace the server (some always return one fewer than asked, whatever is "
+                "asked: lmdeploy has); asking for fewer with the judge's top_logprobs helps "
+                "only if the server then returns as many as asked"
             )
         # A server that drops the option (some OpenAI-compatible ones do).
         return FatalBackendError(
