@@ -305,13 +305,17 @@ def test_validate_refuses_what_resuming_would_refuse(
     path.write_text(
         path.read_text().replace('output_dir = "runs"', 'output_dir = "runs"\nseed = 7')
     )
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    # run.lock aside: a run refused writes no pid there (it writes it once its manifest is
+    # written), and the dead run's pid goes as the lock is taken.
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK}
     for command in (["validate"], ["run", "--headless"]):
         assert main([*command, str(path)]) == EXIT_RUN_DIR
         err = " ".join(capsys.readouterr().err.split())
         assert f"{run_dir} holds results made with other settings:" in err
         assert "generator 'synth': seed 42 in the run dir, 7 in the config" in err
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK}
+    assert after == before
+    assert (run_dir / LOCK).read_bytes() == b""
     # Results without their manifest: refused too, and a run that made nothing takes them.
     (run_dir / "manifest.json").unlink()
     assert main(["validate", str(path)]) == EXIT_RUN_DIR
@@ -1009,7 +1013,7 @@ def test_run_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "synth" in out and "12" in out
     assert "not running; `trig-stream run` with its config judges whatever is left" in out
-    with (run_dir / LOCK).open("r+") as lock:  # as a process running in it holds it
+    with (run_dir / LOCK).open("w") as lock:  # as a process running in it holds it (its pid alone)
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write(str(os.getpid()))
         lock.flush()
@@ -1774,7 +1778,7 @@ def test_status_shows_each_metric_apart_and_prints_paths_as_they_are(
     means = [row for row in rows if len(row) == 5]
     assert {row[1].strip() for row in means} == {"trigscore", "other"}
     assert sum(int(row[-1]) for row in means) == 24
-    with (run_dir / LOCK).open("r+") as lock:  # as a process running in it holds it
+    with (run_dir / LOCK).open("w") as lock:  # as a process running in it holds it (its pid alone)
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write(str(os.getpid()))
         lock.flush()
@@ -1852,6 +1856,60 @@ def test_a_refused_final_report_keeps_the_runs_exit_status_and_report_then_exits
     monkeypatch.setattr(commands, "write_report", write_report)
     assert main(["report", str(run_dir)]) == EXIT_RUN_DIR
     assert f"error: {comparison} is not a comparison a report wrote" in capsys.readouterr().err
+
+
+def test_the_run_lock_is_held_while_the_final_report_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The lock was released before the report: for its 10-25 s, status said "not running",
+    # validate exited 0, and a second run could start and append to the journal it read.
+    from trig_stream.analysis import commands
+    from trig_stream.errors import RunLockedError
+    from trig_stream.inspect_commands import status_command
+    from trig_stream.locks import Writer, find_writer
+    from trig_stream.manifest import read_manifest
+    from trig_stream.store import RunDir
+    from trig_stream.tui.watch_source import RunDirSource
+
+    write_report = commands.write_report
+    seen: list[Writer | None] = []
+
+    def look_then_write(run_dir: Path, *args: Any, **kwargs: Any) -> Path:
+        seen.append(find_writer(run_dir))
+        status_command(argparse.Namespace(run_dir=run_dir), Console())
+        assert "its report is being written" in RunDirSource(run_dir).poll().message
+        with pytest.raises(RunLockedError, match="in use by another engine in this process"):
+            RunDir.open(run_dir, read_manifest(run_dir))  # a second run
+        return write_report(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(commands, "write_report", look_then_write)
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    assert seen == [Writer(pid=os.getpid(), run_lock_held=True, reporting=True)]
+    out = capsys.readouterr().out
+    assert f"writing its report (pid {os.getpid()}): its run is over" in out
+    assert "not running" not in out
+    reports = [path.read_text() for path in (run_dir / "report").rglob("*.md")]
+    assert reports and not any("still running" in text for text in reports)
+    assert find_writer(run_dir) is None  # released once the report is written
+
+
+def test_a_final_report_stopped_releases_the_run_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A Ctrl-C during the report stops it (exit 130): the lock kept for it goes with it.
+    from trig_stream.analysis import commands
+    from trig_stream.analysis.report import ReportStopped
+    from trig_stream.locks import find_writer
+
+    def stopped(run_dir: Path, *args: Any, **kwargs: Any) -> Path:
+        assert find_writer(run_dir) is not None
+        raise ReportStopped("stopped")
+
+    monkeypatch.setattr(commands, "write_report", stopped)
+    assert main(["run", str(write_config(tmp_path)), "--headless"]) == EXIT_INTERRUPTED
+    assert "report stopped, incomplete" in capsys.readouterr().err
+    assert find_writer(tmp_path / "runs" / "cli") is None
 
 
 def test_a_final_report_that_cannot_be_written_shows_its_reason_escaped(

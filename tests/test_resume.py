@@ -1532,6 +1532,29 @@ def test_a_run_lock_just_taken_names_no_pid_of_the_run_before(tmp_path: Path) ->
         run.close()
 
 
+def test_a_run_writes_its_pid_only_once_its_manifest_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pid came before the manifest: while a resume checked its settings, a viewer that
+    # saw the pid took the run before's manifest (its --retry-errors) for this run's.
+    before = Manifest(run_name="pid", task="t2i", retry_errors=True, journal_lines=3)
+    (tmp_path / "manifest.json").write_text(before.model_dump_json())
+    seen: list[bool | None] = []
+    write_pid = store.RunDir._write_pid
+
+    def look_then_write(run: store.RunDir) -> None:
+        seen.append(read_manifest(tmp_path).retry_errors)
+        write_pid(run)
+
+    monkeypatch.setattr(store.RunDir, "_write_pid", look_then_write)
+    run, _ = store.RunDir.open(tmp_path, Manifest(run_name="pid", task="t2i", retry_errors=False))
+    try:
+        assert seen == [False]
+        assert find_writer(tmp_path) == Writer(pid=os.getpid(), run_lock_held=True)
+    finally:
+        run.close()
+
+
 def test_a_run_turned_away_by_the_journal_lock_touches_nothing(tmp_path: Path) -> None:
     # It removed the running run's temporary images and cut its newest journal bytes (as a
     # crash's leftovers) before trying the lock: the first run then failed, or lost lines.

@@ -855,6 +855,38 @@ async def test_watch_and_status_count_the_errors_a_retry_asks_again_as_work_left
     assert table_row(out, "synth")[2:] == ["16", "0", "0", "16"]
 
 
+async def test_a_run_still_reading_its_journal_is_not_shown_with_the_run_befores_retry(
+    make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A plain resume after an interrupted --retry-errors run: while it read its (long)
+    # journal, the manifest was still the run before's, and status and watch showed its
+    # errors "asked again" (then, the journal read, as errors: counts went backwards).
+    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.5}}]
+    config = make_config(samples=8, judges=failing)
+    await run_to_end(config)
+    run_dir = config.run_dir
+    errors = sum(1 for j in latest_judgements(run_dir / JOURNAL).values() if j.status == "error")
+    assert errors >= 2
+    stale = read_manifest(run_dir).model_copy(update={"retry_errors": True, "journal_lines": 16})
+    (run_dir / "manifest.json").write_text(stale.model_dump_json())
+    opening = RunDir(run_dir)
+    opening._acquire_lock()  # as a run holds it while it reads its journal: no pid yet
+    try:
+        assert find_writer(run_dir) == Writer(pid=None, run_lock_held=True)
+        assert main(["status", str(run_dir)]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert "starting (pid not yet written in run.lock): reading its journal" in out
+        assert "--retry-errors" not in out
+        assert table_row(out, "model")[2:] == ["ok", "unscorable", "error", "total"]
+        assert table_row(out, "synth")[2:] == [str(16 - errors), "0", str(errors), "16"]
+        snapshot = RunDirSource(run_dir).poll()
+        assert "asking again" not in snapshot.message
+        assert "a run is starting" in snapshot.message
+        assert snapshot.samples_done == 8  # its errors are errors, not work left
+    finally:
+        opening.close()
+
+
 async def test_errors_of_samples_the_retry_no_longer_selects_are_not_counted_as_asked_again(
     make_config: ConfigFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -287,9 +287,20 @@ def _note_stop_signals(noted: threading.Event) -> None:
 
 async def _run(config: RunConfig, args: argparse.Namespace, console: Console) -> int:
     from trig_stream.engine import Engine
-    from trig_stream.progress import PlainProgress
 
     engine = Engine(config, retry_errors=args.retry_errors, new_run=args.new_run)
+    # The run directory stays locked until the report is written: released earlier, a second
+    # run could start there and append to the journal the report reads, and `status` and
+    # `validate` took the run for over with its report still being written.
+    with engine.run_lock_kept():
+        return await _run_engine(engine, config, args, console)
+
+
+async def _run_engine(
+    engine: Engine, config: RunConfig, args: argparse.Namespace, console: Console
+) -> int:
+    from trig_stream.progress import PlainProgress
+
     interrupted = False
 
     listening = anyio.CancelScope()

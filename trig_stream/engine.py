@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -325,6 +326,20 @@ class Engine:
     def summary(self) -> RunSummary:
         """Counts of this run so far; like :meth:`stats`, from any thread."""
         return run_summary(self._state, self._counters, self.run_dir_path)
+
+    @contextmanager
+    def run_lock_kept(self) -> Iterator[None]:
+        """Keep the run directory's ``run.lock`` held past the engine's close, until the
+        block ends: a report written from the run's results in the block is written while no
+        other run can start there and append to the journal, and viewers (``status``,
+        ``watch``, ``validate``) see the run still there, writing its report. Its journal is
+        closed with the engine as ever. Entered before the engine runs; however the block
+        ends (a Ctrl-C included), the lock is released."""
+        self._resources.keep_run_lock = True
+        try:
+            yield
+        finally:
+            self._resources.release_run_lock()
 
     # -- lifetime -----------------------------------------------------------------------------
 

@@ -201,15 +201,19 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.manifest import errors_asked_again, read_manifest
     from trig_stream.store import QUARANTINE, quarantine_lists
 
-    manifest = read_manifest(args.run_dir)
     # Asked before the journal is read, as `watch` asks: a writer that is gone by then has
-    # written its last line, which the counts then hold.
+    # written its last line, which the counts then hold. And before the manifest is read: a
+    # run writes its pid only once its manifest is written, so a writer seen with its pid
+    # has its own manifest read here, not the run before's.
     writer = find_writer(args.run_dir)
+    manifest = read_manifest(args.run_dir)
     # Only what is counted of each key's last line (a whole judgement each held 4.8 GB for
     # a million of them).
     latest = latest_entries(args.run_dir / JOURNAL)
     asked = selected = None
-    if writer is not None and manifest.retry_errors:
+    # A run still opening (reading its journal) has not written its manifest yet, and one
+    # writing its report has asked whatever it asks: the errors are errors.
+    if writer is not None and not (writer.starting or writer.reporting) and manifest.retry_errors:
         # Only the errors of samples and dimensions the run still selects are asked again:
         # read from its dataset, as `watch` reads it (unknown if it cannot be read here).
         selected = _asked_by_manifest(manifest.config)
@@ -240,6 +244,17 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     out.print(printable(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}"))
     if writer is None:
         out.print("not running; `trig-stream run` with its config judges whatever is left")
+    elif writer.starting:
+        out.print(
+            f"starting ({writer}): reading its journal and checking its manifest; the counts "
+            "below are as of now, its errors counted as errors until it has started; follow "
+            f"it live with `trig-stream watch {args.run_dir}`"
+        )
+    elif writer.reporting:
+        out.print(
+            f"writing its report ({writer}): its run is over, its judgements all written; "
+            "the counts below are final"
+        )
     else:
         retrying = ""
         if asked is not None:
@@ -279,7 +294,9 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
             means.add_row(printable(model), printable(metric), dimension, mean, str(scored[key]))
         _print_whole(out, means)
     refused = 0
-    for quarantine in quarantine_lists(args.run_dir, running=writer is not None):
+    # A run still opening has not begun its list: one there is the run before's.
+    listing = writer is not None and not writer.starting
+    for quarantine in quarantine_lists(args.run_dir, running=listing):
         try:
             with open_regular_file(quarantine) as lines:  # a pipe there would wait forever
                 refused = sum(1 for _ in lines)
@@ -293,7 +310,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
         break
     if refused and quarantine.name == QUARANTINE:
         out.print(f"{refused} dataset records quarantined (see {quarantine})")
-    elif refused and writer is not None:
+    elif refused and listing:
         out.print(f"{refused} dataset records quarantined so far by the run (see {quarantine})")
     elif refused:
         out.print(

@@ -9,8 +9,9 @@
 * the judges open, unless a resumed run whose judges open slowly finds nothing left to
   judge; should work turn up later, :meth:`RunResources.judges_ready` opens them then;
 * the judges close when the run's results end (:meth:`RunResources.close_judges`), and the
-  run directory when the engine closes; one this run made is removed if the run ended
-  before its pipeline started.
+  run directory when the engine closes (its lock kept, when asked, until
+  :meth:`RunResources.release_run_lock`: the run's report is written meanwhile); one this
+  run made is removed if the run ended before its pipeline started.
 
 Every opening runs in a cancel scope that :meth:`RunResources.cancel_opening` cancels (the
 engine's ``stop()`` and ``cancel()``).
@@ -108,6 +109,8 @@ class RunResources:
         """Whether the run directory is one this run made, to remove if the run ends before
         its pipeline starts (a stop or a failure while the judges open)."""
         self._closed = False
+        self.keep_run_lock = False
+        """Whether :meth:`close` leaves ``run.lock`` held, for :meth:`release_run_lock`."""
 
     @property
     def opening_cancelled(self) -> bool:
@@ -299,7 +302,15 @@ class RunResources:
                 self.run_dir = None
                 self.run_dir_path = self._config.run_dir
             elif self.run_dir is not None:
-                await anyio.to_thread.run_sync(self.run_dir.close)
+                close = partial(self.run_dir.close, release_lock=not self.keep_run_lock)
+                await anyio.to_thread.run_sync(close)
+
+    def release_run_lock(self) -> None:
+        """Release the ``run.lock`` that :meth:`close` kept (:attr:`keep_run_lock`); nothing
+        before :meth:`close`, which then releases it."""
+        self.keep_run_lock = False
+        if self._closed and self.run_dir is not None:
+            self.run_dir.release_lock()
 
     def _release(self) -> None:
         if not self.claimed:

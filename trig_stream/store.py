@@ -53,7 +53,14 @@ from trig_stream.journal import (
     journal_unreadable,
     moved_or_replaced,
 )
-from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
+from trig_stream.locks import (
+    LOCK,
+    REPORTING,
+    find_writer,
+    journal_in_use,
+    lock_holder,
+    run_in_use,
+)
 from trig_stream.manifest import IMAGES as IMAGES  # re-exported: store.IMAGES, as ever
 from trig_stream.manifest import (
     MANIFEST,
@@ -167,13 +174,16 @@ class RunDir:
             # The journal's lock first: a run turned away by it must touch nothing (a running
             # run's temporary images and newest lines look like a crash's leftovers).
             state = run.journal.open(cut=False)
-            # Only now, both locks held: a run the journal's lock turns away (its run.lock
-            # deleted by hand, so this one made and locked a new one) must not leave its pid
-            # there, naming a process that exits at once instead of the one running.
-            run._write_pid()
             # Checked before anything is cut or removed: a run refused (other settings, a
             # later trig-stream's manifest) leaves the journal and images as they were.
             run._check_manifest(manifest, state)
+            # Only now, both locks held and the manifest this run's: a run the journal's lock
+            # turns away (its run.lock deleted by hand, so this one made and locked a new
+            # one) must not leave its pid there, naming a process that exits at once instead
+            # of the one running; and a viewer that sees the pid reads this run's manifest
+            # (its --retry-errors and where its lines start), not the run before's, which
+            # stays there while a long journal is read.
+            run._write_pid()
             run.journal.cut_torn_tail()
             run._remove_partial_images()
             run._remove_leftover_temporaries()
@@ -337,7 +347,7 @@ class RunDir:
         except OSError as exc:
             raise storage_error(exc, f"replace {final}") from None
 
-    def close(self) -> None:
+    def close(self, *, release_lock: bool = True) -> None:
         """Close the journal and quarantine files and release the lock; safe to repeat.
 
         A quarantine list left unfinished (the run stopped before it read the dataset
@@ -345,6 +355,10 @@ class RunDir:
         says more; with none, the start is better than nothing and takes its place, unless
         writing it failed (a full disk): then it stays ``quarantine.jsonl.partial``, which
         ``status`` names as the list of a run stopped before it read the dataset through.
+
+        Args:
+            release_lock: False keeps ``run.lock`` held until :meth:`release_lock` (the
+                run's report is written meanwhile, and no other run may start).
         """
         self.journal.close()
         if self._quarantine is not None:
@@ -356,6 +370,17 @@ class RunDir:
                     partial.unlink()
                 elif not self._quarantine_failed:
                     os.replace(partial, final)
+        if release_lock:
+            self.release_lock()
+        elif self._lock is not None:
+            # Under its pid (appended: a viewer reads the pid alone, or both): its journal is
+            # closed, what it still does is its report.
+            with suppress(OSError):  # closing must not hide the run's own outcome
+                write_all(self._lock.fileno(), f"\n{REPORTING}".encode())
+
+    def release_lock(self) -> None:
+        """Release ``run.lock`` (once the files are closed: see :meth:`close`); safe to
+        repeat."""
         if self._lock is not None:
             lock, self._lock = self._lock, None
             with suppress(OSError):  # closing must not hide the run's own outcome
@@ -408,7 +433,7 @@ class RunDir:
             handle.truncate(0)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read(32).decode("ascii", "replace").strip()
+            holder = lock_holder(handle.read(32).decode("ascii", "replace"))
             handle.close()
             raise RunLockedError(run_in_use(self.path, holder)) from None
         except BaseException:  # e.g. a file system without locks: the handle must not leak
@@ -417,8 +442,8 @@ class RunDir:
         self._lock = handle
 
     def _write_pid(self) -> None:
-        # Written once the journal's lock is held too (see open): viewers tell who runs here
-        # by it (:func:`~trig_stream.locks.find_writer`).
+        # Written once the journal's lock is held too and the manifest written (see open):
+        # viewers tell who runs here by it (:func:`~trig_stream.locks.find_writer`).
         assert self._lock is not None
         self._lock.truncate(0)
         write_all(self._lock.fileno(), str(os.getpid()).encode())  # appends: at 0

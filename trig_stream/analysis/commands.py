@@ -217,7 +217,7 @@ def in_progress_note(run_dir: Path, covering: str) -> str | None:
     """The note that a process still runs in ``run_dir``, so that ``covering`` ("this
     report covers") holds the judgements so far; None when none runs there."""
     writer = find_writer(run_dir)
-    if writer is None:
+    if writer is None or writer.reporting:  # a run writing its report: its journal is closed
         return None
     return f"a process ({writer}) is still running in {run_dir}: {covering} the judgements so far"
 

@@ -33,7 +33,7 @@ from trig_stream.journal import (
     open_journal,
     parse_journal_line,
 )
-from trig_stream.locks import find_writer
+from trig_stream.locks import Writer, find_writer
 from trig_stream.manifest import Manifest, errors_asked_again, read_manifest
 from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.stats import ERRORS_KEPT, ErrorLines
@@ -257,11 +257,13 @@ class RunDirSource:
         to its end; while a long journal is read (:attr:`JournalTail.behind`), a writer gone
         already shows as ``catching up``.
         """
-        manifest = self._read_manifest()
         # Asked before the journal is read: a writer that is gone then has appended its last
         # line, so what follows reads it. Asked after, the lines it appended meanwhile were
-        # left unread by a snapshot that said "finished".
+        # left unread by a snapshot that said "finished". And before the manifest is read: a
+        # run writes its pid once its manifest is written, so a writer seen with its pid has
+        # its own manifest read here, not the run before's.
         writer = find_writer(self.run_dir)
+        manifest = self._read_manifest()
         judgements = self.tail.read_lines()
         if self.tail.restarted:
             self._forget_the_journal()
@@ -269,10 +271,11 @@ class RunDirSource:
             manifest = self._read_manifest()
         for line, judgement in judgements:
             self._add(judgement, line)
-        quarantined = self._count_quarantined(running=writer is not None)
+        # A run still opening has not begun its quarantine list: one there is the run before's.
+        quarantined = self._count_quarantined(running=writer is not None and not writer.starting)
         self._count_totals()
         now = self._clock()
-        asked_again = self._asked_again(manifest) if writer is not None else Counter[str]()
+        asked_again = self._asked_again(manifest, writer)
         finished = self._finished_samples(manifest, asked_again)
         per_s: float | None = None
         samples_per_s = 0.0
@@ -299,7 +302,14 @@ class RunDirSource:
             self._relations_at = now
             self._relations = relation_views(self._tracker, self._tracker.groups())
         alerts: list[str] = []
-        if writer is not None:
+        if writer is not None and writer.starting:
+            message = f"watching read-only: a run is starting ({writer}): reading its journal"
+        elif writer is not None and writer.reporting:
+            message = (
+                f"watching read-only: run written by {writer}, over: its judgements are all "
+                "written, its report is being written"
+            )
+        elif writer is not None:
             message = f"watching read-only: run written by {writer}"
             pid = "an unknown pid" if writer.pid is None else f"pid {writer.pid}"
             alerts.append(f"written by {pid}")
@@ -379,9 +389,11 @@ class RunDirSource:
             return None
         return estimate_eta(total, finished, samples_per_s)
 
-    def _asked_again(self, manifest: Manifest) -> Counter[str]:
-        """Per model, the ``error`` judgements the running process asks again."""
-        if not manifest.retry_errors:
+    def _asked_again(self, manifest: Manifest, writer: Writer | None) -> Counter[str]:
+        """Per model, the ``error`` judgements the running process asks again: none while it
+        opens (the manifest is still the run before's until it writes its pid) or writes its
+        report (its run is over), nor with no process running."""
+        if writer is None or writer.starting or writer.reporting or not manifest.retry_errors:
             return Counter()
         asked = errors_asked_again(manifest, self._selected)
         if asked is None:
