@@ -1451,7 +1451,6 @@ def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path: Path, presses: int)
 @pytest.mark.parametrize(
     ("method", "presses", "ends"),
     [
-        ("load", 2, "cancelled: 0 judgements"),
         ("generate", 2, "cancelled: 0 judgements"),
         ("load", 1, "stopped: 0 judgements"),
         ("close", 2, "cancelled: 12 judgements"),
@@ -1465,7 +1464,9 @@ def test_ctrl_c_does_not_wait_for_a_model_loading_generating_or_closing(
     # behind and the command exits, not when the call ends. Nothing is in flight while the
     # model loads: the first Ctrl-C alone stops it (it waited for the whole load, and then
     # stopped with nothing done). A close that hung after every judgement was written kept
-    # the command running through any number of Ctrl-C, until SIGKILL.
+    # the command running through any number of Ctrl-C, until SIGKILL. (A second Ctrl-C
+    # during a load is no case of its own: the first has stopped the run, and the second
+    # lands before or after that stop ends, as the box's load has it.)
     path = write_config(tmp_path)
     process = run_patched(
         path,
