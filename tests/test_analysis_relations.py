@@ -16,6 +16,7 @@ from trig_stream.analysis.stats import (
     Dominance,
     average_ranks,
     fisher_interval,
+    fitted_line,
     pareto_f,
     pareto_front,
     pearson_corr,
@@ -424,3 +425,79 @@ def test_a_pair_of_no_complete_image_shows_no_zone_shares() -> None:
     assert pair_row(stats)[5:7] == ["–", "–"]
     measured, _ = analyse_pair(columns("IQ-R_TA-C", [0.9, 0.9], [0.9, 0.9]), RelationSection())
     assert pair_row(measured)[5:7] == ["1.000", "0.000"]
+
+
+# Six points in the trade-off zone, to which the zone-boundary cases add four.
+_SPREAD6 = ([0.6, 0.7, 0.65, 0.75, 0.55, 0.6], [0.7, 0.6, 0.75, 0.65, 0.6, 0.55])
+
+
+@pytest.mark.parametrize(
+    ("edge", "code"),
+    [((0.5, 0.4), 2), ((0.4, 0.5), 2), ((0.8, 0.9), -2), ((0.9, 0.8), -2)],
+    ids=["x-at-bottleneck", "y-at-bottleneck", "x-at-synergy", "y-at-synergy"],
+)
+def test_a_score_exactly_at_a_zone_threshold_is_in_the_tradeoff_zone(
+    edge: tuple[float, float], code: int
+) -> None:
+    # The spec's zones are strict: synergy X > 0.8 and Y > 0.8, bottleneck X < 0.5 and
+    # Y < 0.5. Four of ten points on a boundary would reach either density threshold (0.4).
+    x, y = [edge[0]] * 4 + _SPREAD6[0], [edge[1]] * 4 + _SPREAD6[1]
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection())
+    assert (stats.synergy_density, stats.bottleneck_density) == (0.0, 0.0)
+    assert (stats.tradeoff_points, stats.code) == (10, code)
+
+
+@pytest.mark.parametrize(("corner", "code"), [(0.9, 0), (0.1, 3)], ids=["synergy", "bottleneck"])
+def test_a_zone_density_exactly_at_its_threshold_fires_its_rule(corner: float, code: int) -> None:
+    # Rules 1 and 2 fire at rho >= 0.4 (the spec's "≥"): 4 of 10 points is exactly 0.4.
+    x, y = [corner] * 4 + _SPREAD6[0], [corner] * 4 + _SPREAD6[1]
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection())
+    assert max(stats.synergy_density, stats.bottleneck_density) == 0.4
+    assert stats.code == code
+
+
+def test_a_dimension_mean_takes_every_pair_holding_it() -> None:
+    records = judgements_for("IQ-R_TA-C", [1.0, 1.0], [0.5, 0.5]) + judgements_for(
+        "IQ-R_TA-S", [0.0, 0.0], [0.5, 0.5]
+    )
+    analysis = analyse_judgements(records)[("m", "trigscore")]
+    assert analysis.dimension_means["IQ-R"] == 0.5
+    assert analysis.dimension_counts["IQ-R"] == 4
+
+
+def test_pair_means_take_the_ok_scores_of_excluded_images_too() -> None:
+    # _2 has no TA-C score, so it is no point of the pair, but its IQ-R score of 0.0 counts.
+    records = [
+        *judgements_for("IQ-R_TA-C", [1.0], [0.5]),
+        judgement("m", "IQ-R_TA-C_2", "IQ-R_TA-C", "IQ-R", 0.0),
+        judgement("m", "IQ-R_TA-C_2", "IQ-R_TA-C", "TA-C", None),
+    ]
+    stats = analyse_judgements(records)[("m", "trigscore")].pairs[0]
+    assert (stats.n, stats.excluded) == (1, 1)
+    assert (stats.mean_first, stats.mean_second) == (0.5, 0.5)
+
+
+def test_a_pair_without_a_complete_image_gives_way_to_its_reverse() -> None:
+    # IQ-A_R-T (alphabetical) has an image scored on IQ-A alone: no point, so the DTM and
+    # present() take R-T_IQ-A, as the spec's "if present" means.
+    records = [judgement("m", "IQ-A_R-T_1", "IQ-A_R-T", "IQ-A", 0.7)]
+    records += judgements_for("R-T_IQ-A", *ABOVE)
+    analysis = analyse_judgements(records)[("m", "trigscore")]
+    assert analysis.pair("IQ-A_R-T") is not None
+    assert analysis.dtm.code("IQ-A", "R-T") == 2  # R-T_IQ-A's -2, negated
+    present = analysis.present("IQ-A", "R-T")
+    assert present is not None and present.pair == "R-T_IQ-A"
+
+
+def test_a_constant_x_whose_mean_is_not_exact_gives_a_flat_line() -> None:
+    # Twelve 0.613s: x - mean(x) is 1e-16, not 0, and a slope from it is noise (-1.0 here),
+    # which the scatter plot would draw across the whole X axis. The line is flat at
+    # mean(Y) = 0.6167: 8 points above, 4 below, ratio 2 -> -2.
+    x = [0.613] * 12
+    y = [0.55] * 4 + [0.65] * 8
+    line = fitted_line(np.array(x), np.array(y))
+    assert line.slope == 0.0
+    assert line.at(np.array([0.0, 1.0])).tolist() == [line.mean_y] * 2
+    assert line.mean_y == pytest.approx(0.6167, abs=1e-4)
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection())
+    assert (stats.tradeoff_points, stats.above, stats.below, stats.code) == (12, 8, 4, -2)
