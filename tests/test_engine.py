@@ -1501,7 +1501,7 @@ class LoadsUntilReleased(SyntheticGenerator):
     def load(self) -> None:
         self.loaded_in = threading.current_thread()
         self.loading.set()
-        self.release.wait(timeout=60)
+        assert self.release.wait(timeout=60), "the test never released it"
 
     def close(self) -> None:
         self.closed_in.append(threading.current_thread())
@@ -1626,7 +1626,7 @@ class GeneratesUntilReleased(SyntheticGenerator):
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
     ) -> list[Image.Image | Exception]:
         self.generated_in.append(threading.current_thread())
-        self.release.wait(timeout=60)
+        assert self.release.wait(timeout=60), "the test never released it"
         return super().generate(requests, worker=worker, cancel=cancel)
 
     def close(self) -> None:
@@ -2669,7 +2669,7 @@ class ClosesUntilReleased(SyntheticGenerator):
 
     def close(self) -> None:
         self.closing.set()
-        self.release.wait(timeout=20)
+        assert self.release.wait(timeout=20), "the test never released it"
         self.closed.set()
 
 
