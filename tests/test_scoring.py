@@ -366,3 +366,40 @@ def test_weights_are_trigs() -> None:
         "bad": 0.25,
         "terrible": 0.0,
     }
+
+
+@pytest.mark.parametrize(
+    ("token", "score"),
+    [
+        ("ex", 1.0),
+        ("excellent", 1.0),
+        ("Excellent", 1.0),
+        ("good", 0.75),
+        ("Good", 0.75),
+        ("medium", 0.5),
+        ("Medium", 0.5),
+        ("bad", 0.25),
+        ("Bad", 0.25),
+        ("terr", 0.0),
+        ("Terr", 0.0),
+    ],
+)
+def test_each_token_of_trigs_set_alone_scores_its_rating(token: str, score: float) -> None:
+    # The spec's weights, written out: excellent 1.0, good 0.75, medium 0.5, bad 0.25,
+    # terrible 0.0. Alone at probability 1, p = 1 / (1 + 1e-10) rounds to the weight.
+    assert score_top_logprobs([(token, 0.0), ("The", -1.0)], scorer="trig") == score
+
+
+@pytest.mark.parametrize("scorer", ["trig", "robust"])
+def test_a_logprob_above_zero_is_refused_beyond_one_ten_thousandth(scorer: Scorer) -> None:
+    # Written as literals: the tolerance is part of what an answer scores (1e-4), not
+    # whatever the constant says.
+    assert score_top_logprobs([("good", 1e-4)], scorer=scorer) == 0.75
+    with pytest.raises(ValueError, match=r"top logprob 'good': 0\.001 is no log probability"):
+        score_top_logprobs([("good", 1e-3)], scorer=scorer)
+
+
+def test_robust_scores_a_rating_far_below_the_best_without_overflow() -> None:
+    # Each class's mass is exp(logprob - best): shifted by the smallest logprob instead,
+    # exp(720) overflows.
+    assert score_top_logprobs([("good", 0.0), ("bad", -720.0)], scorer="robust") == 0.75
