@@ -2432,6 +2432,33 @@ async def test_a_score_outside_zero_to_one_is_an_error_judgement(
     }
 
 
+@pytest.mark.parametrize("score", [0.0, 1.0])
+async def test_a_score_at_either_end_of_zero_to_one_is_an_ok_judgement(
+    make_config: ConfigFactory, score: float
+) -> None:
+    # [0, 1] is closed: "terrible" everywhere is 0.0 and "excellent" 1.0, real judgements.
+    results = await run_to_end(make_config(samples=2), judges=[Replies(JudgeReply(score=score))])
+    assert [(j.status, j.score, j.error) for j in results] == [("ok", score, None)] * 4
+
+
+async def test_an_unscorable_answer_names_as_other_tokens_only_those_not_at_probability_0(
+    make_config: ConfigFactory,
+) -> None:
+    # -800.0 is a probability of 0 in a float, yet the journal keeps it (JSON holds it): the
+    # reason named "good" among both the rating words at 0 and "the other top tokens".
+    top = [("good", -800.0), ("the", -0.1)]
+    results = await run_to_end(
+        make_config(samples=2), judges=[Replies(JudgeReply(top_logprobs=top))]
+    )
+    assert {(j.status, j.error) for j in results} == {
+        (
+            "unscorable",
+            "rating words only at probability 0 ('good': -800.0), which count for nothing; "
+            "the other top tokens: ['the']",
+        )
+    }
+
+
 class ReturnsNone(SyntheticGenerator):
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
