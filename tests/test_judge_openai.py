@@ -1273,3 +1273,43 @@ async def test_endpoints_share_the_load(image: Path, client: Client) -> None:
             await judge.aclose()
     assert one.stats().served + two.stats().served == 20
     assert min(one.stats().served, two.stats().served) >= 5
+
+
+async def test_a_seed_of_zero_is_sent(image: Path) -> None:
+    # 0 is a seed like any other; only None (not set) leaves the field out.
+    options = JudgeServerOptions(record_requests=True)
+    async with JudgeServer(options) as server, judge_at(server, seed=0) as judge:
+        await ask(judge, image)
+    assert server.received[0]["seed"] == 0
+
+
+def test_an_answer_with_an_empty_logprobs_content_has_no_top_logprobs() -> None:
+    # "content": [] is a server that gave no logprobs, as one without the key: a reply
+    # without them (counted towards the stop of a server that never sends any), not a
+    # malformed answer to retry.
+    completion = {"choices": [{"message": {"content": "Good"}, "logprobs": {"content": []}}]}
+    reply = reply_of(completion, "http://judge")
+    assert (reply.top_logprobs, reply.text) == (None, "Good")
+
+
+def test_an_answer_with_choices_and_an_error_is_read_for_its_choices() -> None:
+    # Only an error *instead* of the answer (a 200 without choices) is a malformed answer.
+    completion = _completion([{"token": "bad", "logprob": -0.5}])
+    completion["error"] = {"message": "a warning the server attached"}
+    assert reply_of(completion, "http://judge").top_logprobs == [("bad", -0.5)]
+
+
+def test_a_key_of_exactly_the_short_key_length_echoed_as_a_token_is_masked() -> None:
+    key = "k3y-8chr"  # SHORT_KEY_CHARS (8) characters: masked wherever it appears
+    entries = [{"token": key, "logprob": -0.1}, {"token": f"x{key}", "logprob": -0.5}]
+    reply = reply_of(_completion(entries), "http://judge", secret=key)
+    assert reply.top_logprobs == [("***", -0.1), ("x***", -0.5)]
+
+
+def test_an_image_of_exactly_max_pixels_is_sent_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "exact.jpg"
+    Image.new("RGB", (32, 16), (30, 120, 200)).save(path)
+    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url="http://x/v1", model="m", max_pixels=512))
+    url = judge.prepare(path).payload.url
+    assert url.startswith("data:image/jpeg;base64,")
+    assert base64.b64decode(url.partition(",")[2]) == path.read_bytes()
