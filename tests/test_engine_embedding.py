@@ -3,12 +3,18 @@ and run under another, given backends or a config built in code."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import math
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from tests.conftest import ConfigFactory, write_prompts
@@ -212,3 +218,95 @@ def test_an_engine_run_under_another_async_library_says_so(
         anyio.run(run, backend=run_under)
     # Refused before it changed anything: a loop of its own library still runs it.
     assert anyio.run(run, backend=made_under) == "done"
+
+
+CANCEL_WHILE_THE_RUN_DIRECTORY_OPENS = """
+import asyncio, json, os, sys
+from trig_stream import Engine, RunConfig
+
+async def main() -> None:
+    engine = Engine(RunConfig.model_validate(json.loads(sys.argv[1])))
+
+    async def run() -> None:
+        async with engine:
+            await engine.drain()
+
+    task = asyncio.create_task(run())
+    while not (engine.stats().opening or "").startswith("the run directory"):
+        assert not task.done(), "the run got past its opening unseen"
+        await asyncio.sleep(0)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=20)
+    print(json.dumps({"ended": bool(done), "cancelled": bool(done) and task.cancelled(),
+                      "state": engine.stats().state}), flush=True)
+    os._exit(0)  # a run still hanging must not hang this process's end
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio has no cancel outside its scopes
+async def test_a_native_asyncio_cancel_as_the_run_directory_starts_opening_ends_the_run(
+    make_config: ConfigFactory,
+) -> None:
+    # Cancelled before a worker thread took the opening up, the job was dropped, and the
+    # run waited for the opening's end for good, the process with it (run in a child
+    # process: a hang fails the test, after its safety timeout, instead of hanging it).
+    config = make_config(samples=2)
+    data = {
+        "run": {"name": config.run.name, "output_dir": str(config.run.output_dir)},
+        "dataset": {"path": str(config.dataset.path)},
+        "generators": [{"name": "g", "backend": "synthetic", "options": {"size": 16}}],
+        "judges": [{"name": "j", "backend": "fake"}],
+    }
+    child = await anyio.run_process(
+        [sys.executable, "-c", CANCEL_WHILE_THE_RUN_DIRECTORY_OPENS, json.dumps(data)],
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr.decode()
+    outcome = json.loads(child.stdout)
+    assert outcome == {"ended": True, "cancelled": True, "state": "cancelled"}
+    assert not config.run_dir.exists()  # one it made is removed, as by a stop
+
+
+def files_open_in(folder: Path) -> list[str]:
+    """This process's open descriptors on files in ``folder``."""
+    paths = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own, say)
+            paths.append(os.readlink(f"/proc/self/fd/{name}"))
+    return [path for path in paths if path.startswith(f"{folder}{os.sep}")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio has no cancel outside its scopes
+async def test_native_asyncio_cancels_again_while_the_engine_closes_still_close_it(
+    make_config: ConfigFactory,
+) -> None:
+    # A second task.cancel() got past anyio's shield as the engine closed: its run directory
+    # stayed open for the process's life (its lock and files), and the next engine on it was
+    # refused as "in use by another engine in this process".
+    config = make_config(
+        samples=4, judges=[{"name": "j", "backend": "fake", "options": {"latency_s": 0.01}}]
+    )
+    engine = Engine(config)
+
+    async def run() -> None:
+        async with engine:
+            async for _ in engine.results:
+                pass
+
+    task = asyncio.ensure_future(run())
+    with anyio.fail_after(30):  # a safety net
+        while engine.stats().state != "running":
+            await anyio.lowlevel.checkpoint()
+        while not task.done():  # cancelled again and again until it ends
+            task.cancel()
+            await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.stats().state == "cancelled"
+    assert files_open_in(config.run_dir) == []
+    async with Engine(config) as again:  # the directory is free for the next engine
+        summary = await again.drain()
+    assert summary.state == "done"

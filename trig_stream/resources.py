@@ -20,9 +20,7 @@ engine's ``stop()`` and ``cancel()``).
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, MutableSequence, Sequence
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, MutableSequence, Sequence
 from functools import partial
 
 import anyio
@@ -170,33 +168,19 @@ class RunResources:
         """Open the run directory in a worker thread, and hold it: a cancellation meanwhile
         waits for the thread, and :meth:`close` then closes what it opened.
 
-        anyio's shield keeps its own cancellation off the wait for a thread, but not a native
-        asyncio one (``task.cancel()``, ``asyncio.timeout``, ``asyncio.wait_for``): the wait
-        ended, the thread went on to open the directory and its result was dropped, the
-        directory left open (refused to the next engine of this process as in use, its
-        files open) and, made by this run, never removed.
+        A native asyncio cancel (``task.cancel()``, ``asyncio.timeout``,
+        ``asyncio.wait_for``) gets past anyio's shield: waited for in the cancelled task, the
+        thread went on to open the directory and its result was dropped (the directory left
+        open, refused to the next engine of this process as in use); or its job, cancelled
+        before a worker thread took it up, never ran, and the wait for it never ended.
+        :func:`_to_the_end` runs it where no such cancel reaches.
         """
         opened: list[OpenedRunDir] = []
-        finished = threading.Event()
-
-        def open_and_hand_over() -> None:
-            try:
-                opened.append(open_it())
-            finally:
-                finished.set()
-
         try:
-            await anyio.to_thread.run_sync(open_and_hand_over)
-        except anyio.get_cancelled_exc_class():
-            # Waited for even so; another native cancel ends this wait as well (the shield
-            # holds off anyio's only): it waits again, and the first cancellation goes on.
-            while not finished.is_set():
-                with suppress(anyio.get_cancelled_exc_class()), anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(finished.wait)
+            await _to_the_end(partial(anyio.to_thread.run_sync, lambda: opened.append(open_it())))
+        finally:
             if opened:
                 self._hold(opened[0])  # for close(), which the engine calls next
-            raise
-        self._hold(opened[0])
 
     def _hold(self, opened: OpenedRunDir) -> None:
         self._discard_run_dir = opened.made
@@ -285,16 +269,19 @@ class RunResources:
         self.closing_now = what
 
     async def close(self) -> None:
-        """Close everything, once, shielded: the judges, the backends' claim, then the run
-        directory (removed if this run made it and its pipeline never started)."""
+        """Close everything, once, to the end whatever cancels the caller (see
+        :func:`_to_the_end`): the judges, the backends' claim, then the run directory
+        (removed if this run made it and its pipeline never started)."""
         if self._closed:
             return
         self._closed = True
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.close_judges()
-            finally:
-                self._release()
+        await _to_the_end(self._close)
+
+    async def _close(self) -> None:
+        try:
+            await self.close_judges()
+        finally:
+            self._release()
             if self.run_dir is not None and self._discard_run_dir:
                 # Made by this run, which ended while its judges opened: it holds nothing,
                 # and left there (each --new-run a new one) it looked like a run to resume.
@@ -317,3 +304,33 @@ class RunResources:
             return
         release_backends([*self._generators, *self._judges])
         self.claimed = False
+
+
+async def _to_the_end(work: Callable[[], Awaitable[object]]) -> None:
+    """Run ``work`` to its end, however the caller is cancelled meanwhile, then let the
+    cancellation go on.
+
+    anyio's shield holds off anyio's (and trio's) cancellation, not asyncio's native one
+    (``task.cancel()``, ``asyncio.timeout``, ``asyncio.wait_for``), which ended the work at
+    its next await: a run directory left open (refused to the next engine of this process
+    as in use, its files open for the process's life), a job for a worker thread dropped
+    before the thread took it up. So ``work`` runs in a task of its own, shielded, which no
+    native cancel of the caller's task reaches; the task group waits for it through any
+    number of them and then raises the first.
+
+    Raises:
+        Exception: what ``work`` raised (a cancellation of the caller comes first).
+    """
+    failures: list[Exception] = []
+
+    async def shielded() -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await work()
+            except Exception as exc:  # raised below, not in a group of the task group's
+                failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shielded)
+    if failures:
+        raise failures[0]
