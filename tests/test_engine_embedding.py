@@ -220,6 +220,21 @@ def test_an_engine_run_under_another_async_library_says_so(
     assert anyio.run(run, backend=made_under) == "done"
 
 
+async def test_a_block_raising_after_the_run_ended_leaves_it_done(
+    make_config: ConfigFactory,
+) -> None:
+    # The block's own exception, once every judgement was made: the run is over and was
+    # not cancelled (stats() and summary() said "cancelled").
+    engine = Engine(make_config(samples=2))
+    with pytest.raises(ValueError, match="the block's own"):
+        async with engine:
+            async for _ in engine.results:
+                pass
+            raise ValueError("the block's own")
+    assert engine.stats().state == "done"
+    assert engine.summary().state == "done" and engine.summary().judged == 4
+
+
 CANCEL_WHILE_THE_RUN_DIRECTORY_OPENS = """
 import asyncio, json, os, sys
 from trig_stream import Engine, RunConfig

@@ -411,8 +411,9 @@ class Engine:
             leaving = error_leaving(group, exc)
             if leaving.blocks_own and exc is not None:
                 # The block's own exception (a group of its own too): hand it back as it was
-                # raised, not in a group of ours.
-                self._state = "cancelled"
+                # raised, not in a group of ours. A run that ended before stays as it ended.
+                if self._state not in ("done", "stopped"):
+                    self._state = "cancelled"
                 raise exc from exc.__cause__  # its own cause kept, our group left out
             self._state = "failed"
             if leaving.error is None:
