@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import random
 import tracemalloc
+from typing import Any
 
 import numpy as np
 import pytest
 
-from trig_stream.analysis import ModelAnalysis, RelationTracker, analyse_judgements
+from trig_stream.analysis import ModelAnalysis, RelationTracker, analyse_judgements, relations
 from trig_stream.analysis.live import INITIAL_CAPACITY
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, split_pair
@@ -284,3 +285,26 @@ def test_a_model_with_two_metrics_needs_the_metric_named() -> None:
     with pytest.raises(KeyError, match="model 'a' has 2 metrics here; name one of"):
         tracker.analysis("a")
     assert tracker.analysis("a", "other").metric == "other"
+
+
+def test_a_snapshot_holds_the_groups_it_began_with_while_another_is_added(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The engine's loop adds judgements while a GUI thread takes a snapshot: a (model,
+    # metric) seen for the first time meanwhile broke the snapshot with "dictionary changed
+    # size during iteration". Here the first group's analysis adds the new group.
+    rng = random.Random(5)
+    tracker = RelationTracker()
+    tracker.extend(
+        _judgement("a", "trigscore", f"IQ-R_TA-C_{i}", "IQ-R_TA-C", "IQ-R", rng) for i in range(4)
+    )
+    analyse = relations.analyse_model
+
+    def analyse_while_one_arrives(*args: Any, **kwargs: Any) -> ModelAnalysis:
+        tracker.add(_judgement("b", "trigscore", "IQ-R_TA-C_1", "IQ-R_TA-C", "TA-C", rng))
+        return analyse(*args, **kwargs)
+
+    monkeypatch.setattr("trig_stream.analysis.live.analyse_model", analyse_while_one_arrives)
+    snapshot = tracker.snapshot()
+    assert list(snapshot) == [("a", "trigscore")]
+    assert tracker.groups() == [("a", "trigscore"), ("b", "trigscore")]

@@ -286,8 +286,15 @@ class RelationTracker:
         return self.analysis(model, metric).dtm
 
     def snapshot(self) -> dict[AnalysisKey, ModelAnalysis]:
-        """The full analysis of every (model, metric) seen so far."""
-        return {key: self.analysis(*key) for key in self._groups}
+        """The full analysis of every (model, metric) seen so far.
+
+        It may be taken from another thread than the one adding judgements (the engine's
+        event loop): it holds the groups seen as it began, and the judgements of a moment,
+        a key added meanwhile in or out. Its other readers are for the adding thread.
+        """
+        # A copy: a group the adding thread makes meanwhile broke the loop over the dict
+        # ("dictionary changed size during iteration").
+        return {key: self.analysis(*key) for key in list(self._groups)}
 
     def _new_buffer(self, key: tuple[str, str, str]) -> _PairBuffer:
         group = self._groups.setdefault((key[0], key[1]), _Group())
