@@ -314,10 +314,7 @@ class JudgeStage:
                                 f"{exc}); {judge.unreached_hint}"
                             ) from None
                         break
-                    # A stop ends the wait (a Retry-After may ask for minutes): the loop's
-                    # check then leaves the request to the resume.
                     delay = self._retry.delay(attempts, exc.retry_after)
-                    await unless(self._context.stopping, self._sleep(delay))
                 except ItemError as exc:
                     self._answered.add(judge.name)
                     failure = str(exc) or type(exc).__name__
@@ -340,6 +337,12 @@ class JudgeStage:
                     # A library calling sys.exit(), say. Let out of the event loop, it left
                     # the run's worker threads waiting for work: the process never exited.
                     raise exiting_error(exc, f"judge {judge.name!r}: its judge()") from exc
+                # Only a retryable failure gets here. Its wait is out of the except block:
+                # there the failure's traceback held the frames of the failed attempt, and
+                # with them its request (a base64 image, twice: 32 MiB for a 2048² PNG) for
+                # as long as a Retry-After asked. A stop ends the wait (a Retry-After may ask
+                # for minutes): the loop's check then leaves the request to the resume.
+                await unless(self._context.stopping, self._sleep(delay))
             elapsed = time.perf_counter() - started
             self._context.counters.judge_latencies.append(elapsed)
             try:

@@ -268,36 +268,66 @@ def call_with_retries(
         try:
             result = call()
         except Exception as exc:
-            error = classify(exc, secret, api)
-            unanswered = answered is not None and not answered.is_set()
-            if isinstance(error, NotFoundError) and unanswered:
-                raise error.before_any_success(api) from None
-            if not isinstance(error, RetryableError):
-                if answered is not None and _http_answer(exc):
-                    answered.set()
-                raise error from None
-            if not policy.should_retry(attempts):
-                if unanswered and unanswered_is_fatal and not _http_answer(exc):
-                    raise FatalBackendError(
-                        f"{api} has answered no request yet, and one {policy.gave_up(attempts)} "
-                        f"without reaching it (its last failure: {error}); is it running, at "
-                        "the address in the config?"
-                    ) from None
-                raise type(error)(
-                    f"{error} ({policy.gave_up(attempts)})", retry_after=error.retry_after
-                ) from None
-            retry_after = error.retry_after
-            if retry_after is not None and not isinstance(error, RateLimitError):
-                # After a 5xx, 408 or 409, no longer than the backoff the config allows: a
-                # graceful stop lets a call in flight finish its retries (only a hard stop
-                # ends a wait here), where a judge's request leaves its wait to the resume.
-                retry_after = min(retry_after, policy.backoff_max)
-            if sleep(policy.delay(attempts, retry_after), cancel):
-                raise ItemError("cancelled") from None
+            delay = _retry_delay(
+                exc,
+                attempts,
+                policy=policy,
+                secret=secret,
+                answered=answered,
+                api=api,
+                unanswered_is_fatal=unanswered_is_fatal,
+            )
         else:
             if answered is not None:
                 answered.set()
             return result
+        # Waited out of the except block, where the failure's traceback held the frames of
+        # the failed call, and with them its request, for the whole backoff.
+        if sleep(delay, cancel):
+            raise ItemError("cancelled")
+
+
+def _retry_delay(
+    exc: Exception,
+    attempts: int,
+    *,
+    policy: RetryPolicy,
+    secret: str,
+    answered: threading.Event | None,
+    api: str,
+    unanswered_is_fatal: bool,
+) -> float:
+    """How long to wait before retrying after the ``attempts``-th call failed with ``exc``
+    (see :func:`call_with_retries`).
+
+    Raises:
+        BackendError: ``exc`` is not to be retried, as its classified error (or a fatal one).
+    """
+    error = classify(exc, secret, api)
+    unanswered = answered is not None and not answered.is_set()
+    if isinstance(error, NotFoundError) and unanswered:
+        raise error.before_any_success(api) from None
+    if not isinstance(error, RetryableError):
+        if answered is not None and _http_answer(exc):
+            answered.set()
+        raise error from None
+    if not policy.should_retry(attempts):
+        if unanswered and unanswered_is_fatal and not _http_answer(exc):
+            raise FatalBackendError(
+                f"{api} has answered no request yet, and one {policy.gave_up(attempts)} "
+                f"without reaching it (its last failure: {error}); is it running, at "
+                "the address in the config?"
+            ) from None
+        raise type(error)(
+            f"{error} ({policy.gave_up(attempts)})", retry_after=error.retry_after
+        ) from None
+    retry_after = error.retry_after
+    if retry_after is not None and not isinstance(error, RateLimitError):
+        # After a 5xx, 408 or 409, no longer than the backoff the config allows: a
+        # graceful stop lets a call in flight finish its retries (only a hard stop
+        # ends a wait here), where a judge's request leaves its wait to the resume.
+        retry_after = min(retry_after, policy.backoff_max)
+    return policy.delay(attempts, retry_after)
 
 
 def is_content_refusal(exc: Any) -> bool:

@@ -69,6 +69,7 @@ from trig_stream.config_fields import (
 )
 from trig_stream.errors import (
     AnswerTimeoutError,
+    BackendError,
     FatalBackendError,
     ItemError,
     NotFoundError,
@@ -625,13 +626,16 @@ class OpenAIJudge(Judge):
                 ) from None
             raise fatal from None
         except Exception as exc:
-            rerouted = self._after_failure(endpoint, exc)
-            failure = self.server.failure() if self.server is not None else None
-            if failure is not None:  # the server we started has died: nothing will work
-                raise failure from None
-            if rerouted is not None:
-                raise rerouted from None
-            raise
+            instead = self._raised_instead(endpoint, exc)
+            if instead is None:
+                raise
+            try:
+                raise instead from None
+            finally:
+                # Raised, it holds this frame (its traceback): this frame holding it too made
+                # a cycle that kept the failed request's body (the transport's frame, in the
+                # failure it replaced) until the garbage collector's next pass.
+                instead = None
         finally:
             endpoint.in_flight -= 1
         reply = reply_of(
@@ -644,6 +648,13 @@ class OpenAIJudge(Judge):
         if problem is not None:
             raise problem
         return reply
+
+    def _raised_instead(self, endpoint: _Endpoint, exc: Exception) -> BackendError | None:
+        """The error to raise in place of the transport's failure ``exc``, if any: the
+        server we started has died (nothing will work), or :meth:`_after_failure`'s."""
+        rerouted = self._after_failure(endpoint, exc)
+        failure = self.server.failure() if self.server is not None else None
+        return failure if failure is not None else rerouted
 
     def _after_failure(self, endpoint: _Endpoint, exc: Exception) -> RetryableError | None:
         """:meth:`_rest` after a transient failure; a bug in it is named as one, with the
