@@ -1,15 +1,19 @@
-"""A request waiting out its backoff holds nothing of its failed attempt.
+"""What memory a judge's request holds: its image once, and nothing of a failed attempt.
 
-The failure's traceback holds the frames of the attempt that raised it, and their locals: an
-``openai`` judge's request body with its base64 image, twice (32 MiB for a 2048² PNG),
-per request waiting out a Retry-After. These tests plant an object in the failed attempt's
-frames and check, from inside the wait, that it is gone: by reference counting, with no
-garbage collection asked for, as the memory goes back in a run.
+A request waiting out its backoff holds nothing of its failed attempt: the failure's
+traceback held the frames of the attempt that raised it, and their locals: an ``openai``
+judge's request body with its base64 image, twice (32 MiB for a 2048² PNG), per request
+waiting out a Retry-After. These tests plant an object in the failed attempt's frames and
+check, from inside the wait, that it is gone: by reference counting, with no garbage
+collection asked for, as the memory goes back in a run. And a request on the wire holds its
+image once, besides the prepared image it was made of.
 """
 
 from __future__ import annotations
 
+import base64
 import threading
+import tracemalloc
 import weakref
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -18,13 +22,14 @@ from typing import Any
 
 import pytest
 from anyio.lowlevel import checkpoint
+from pydantic_core import to_json
 
 from tests.conftest import ConfigFactory
 from tests.test_judge_engine import run_config
 from trig_stream.backends.base import JudgeReply, JudgeRequest
 from trig_stream.backends.generators.api_calls import call_with_retries
-from trig_stream.backends.judges.http1 import HttpTransport
-from trig_stream.backends.judges.transports import EncodedImage
+from trig_stream.backends.judges.http1 import Answer, HttpTransport
+from trig_stream.backends.judges.transports import IMAGE_SLOT, EncodedImage, splice_image
 from trig_stream.engine import Engine
 from trig_stream.errors import RateLimitError, RetryableError
 from trig_stream.retry import RetryPolicy
@@ -147,3 +152,65 @@ def test_an_api_generator_call_waiting_out_its_backoff_holds_no_frame_of_its_fai
     )
     assert result == "image"
     assert planted.waits == len(planted.refs) == 1
+
+
+IMAGE_BYTES = bytes(range(256)) * 12 * 1024
+"""3 MiB: 4 MiB of base64, far above what the rest of a request or an answer holds."""
+
+
+def test_an_encoded_image_holds_its_url_once() -> None:
+    # It held the URL as a str and again as its JSON literal: 2 of its image's size per
+    # image waiting for a judge, besides the requests' own copies.
+    tracemalloc.start()
+    try:
+        image = EncodedImage.data_url("image/png", IMAGE_BYTES)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = len(image.literal)
+    assert held < 1.1 * size
+    assert peak < 2.1 * size  # the base64 text, then the literal built from it
+    assert image.url == "data:image/png;base64," + base64.b64encode(IMAGE_BYTES).decode()
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///tmp/a.png", 'file:///tmp/"quoted" \\ back\tslash\u00e9/\U0001f600.png']
+)
+def test_an_encoded_image_gives_back_the_url_it_was_made_of(url: str) -> None:
+    assert EncodedImage.of(url).url == url
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the transport's only loop
+async def test_the_http_transport_holds_one_copy_of_the_image_per_request_on_the_wire(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The body was spliced (a copy of the image), then joined to the head (another), both
+    # held while the request was on the wire: 2 image sizes per request in flight.
+    transport = HttpTransport("http://127.0.0.1:9/v1", "sk-test", "TEST_KEY", 5)
+    image = EncodedImage.data_url("image/png", IMAGE_BYTES)
+    body = {"model": "m", "messages": [{"content": [{"image_url": {"url": IMAGE_SLOT}}]}]}
+    sent: list[bytes] = []
+    held: list[int] = []
+
+    async def exchange(message: bytes) -> Answer:
+        held.append(tracemalloc.get_traced_memory()[0])
+        sent.append(message)
+        return Answer(200, {}, b'{"choices": []}', keep_alive=True)
+
+    monkeypatch.setattr(transport, "_exchange", exchange)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert await transport.post(body, image) == {"choices": []}
+    finally:
+        tracemalloc.stop()
+    assert held[0] - before < 1.5 * len(image.literal)
+    spliced = splice_image(to_json(body), image)  # the bytes sent: the same as they were
+    assert sent == [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:9\r\n"
+        b"Content-Type: application/json\r\nAccept: application/json\r\n"
+        b"Authorization: Bearer sk-test\r\nContent-Length: "
+        + str(len(spliced)).encode()
+        + b"\r\n\r\n"
+        + spliced
+    ]

@@ -49,7 +49,7 @@ from trig_stream.backends.judges.transports import (
     error_body,
     inflate,
     parse_json,
-    splice_image,
+    spliced_parts,
 )
 from trig_stream.errors import FatalBackendError
 
@@ -166,10 +166,10 @@ class HttpTransport:
         return f"HttpTransport(url={self.url!r})"
 
     async def post(self, body: dict[str, Any], image: EncodedImage) -> Any:
-        data = splice_image(to_json(body), image)
-        message = b"".join((self._head, str(len(data)).encode(), b"\r\n\r\n", data))
         try:
-            answer = await self._exchange(message)
+            # The request is not bound here: this frame, in the traceback of a failure raised
+            # below, would hold it for as long as the failure is kept.
+            answer = await self._exchange(self._request(body, image))
         except TimeoutError:
             raise timeout_error(self.url, self._timeout_s) from None
         except Dropped as exc:
@@ -212,6 +212,13 @@ class HttpTransport:
             return parse_json(decoded)
         except ValueError:
             raise malformed_error(self.url, "the body is not JSON") from None
+
+    def _request(self, body: dict[str, Any], image: EncodedImage) -> bytes:
+        """The whole request: head, then ``body`` with ``image`` in its slot, joined at once
+        (the body spliced first, then joined to the head, was two copies of the image)."""
+        parts = spliced_parts(to_json(body), image)
+        length = str(sum(map(len, parts))).encode()
+        return b"".join((self._head, length, b"\r\n\r\n", *parts))
 
     async def aclose(self) -> None:
         for connection in list(self._open):

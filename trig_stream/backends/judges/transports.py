@@ -75,16 +75,20 @@ _SLOT_JSON = json.dumps(IMAGE_SLOT).encode()
 
 @dataclass(frozen=True, slots=True)
 class EncodedImage:
-    """An image's URL (``data:`` or ``file://``), and the same as a JSON string literal."""
+    """An image's URL (``data:`` or ``file://``) as a JSON string literal.
 
-    url: str
+    Only the literal is kept: a ``data:`` URL is megabytes (16 MiB for a 2048² PNG), and each
+    image waiting for or in a request held it twice, as the URL and as its literal, though
+    only the SDK's transport reads the URL itself (:attr:`url` derives it).
+    """
+
     literal: bytes
-    """``url`` JSON-encoded, quotes included: what a request body holds."""
+    """The URL JSON-encoded, quotes included: what a request body holds."""
 
     @classmethod
     def of(cls, url: str) -> EncodedImage:
         """Any URL and its JSON encoding."""
-        return cls(url, json.dumps(url).encode())
+        return cls(json.dumps(url).encode())
 
     @classmethod
     def data_url(cls, media_type: str, data: bytes) -> EncodedImage:
@@ -94,8 +98,17 @@ class EncodedImage:
         encoder, which would scan every character (~3 ms per megabyte here).
         """
         head = f"data:{media_type};base64,".encode("ascii")
-        encoded = base64.b64encode(data)
-        return cls((head + encoded).decode("ascii"), b"".join((b'"', head, encoded, b'"')))
+        return cls(b"".join((b'"', head, base64.b64encode(data), b'"')))
+
+    @property
+    def url(self) -> str:
+        """The URL itself, decoded from :attr:`literal` on each call (a copy: megabytes for
+        a ``data:`` URL)."""
+        literal = self.literal
+        if b"\\" not in literal:  # no escapes (base64, most URLs): the text between quotes
+            return literal[1:-1].decode("ascii")
+        url: str = json.loads(literal)
+        return url
 
 
 class Transport(Protocol):
@@ -417,10 +430,20 @@ def _capped_stream_type(httpx: Any) -> type:
 
 def splice_image(body: bytes, image: EncodedImage) -> bytes:
     """A JSON-encoded request ``body`` with ``image``'s URL in its :data:`IMAGE_SLOT`."""
+    return b"".join(spliced_parts(body, image))
+
+
+def spliced_parts(body: bytes, image: EncodedImage) -> tuple[bytes, bytes, bytes]:
+    """:func:`splice_image`'s body in its three parts (the image's literal in the middle),
+    for a caller that joins them with more bytes: one copy of the image, not two.
+
+    Raises:
+        ValueError: ``body`` has no :data:`IMAGE_SLOT`.
+    """
     head, slot, tail = body.partition(_SLOT_JSON)
     if not slot:
         raise ValueError("the request body has no image slot")
-    return b"".join((head, image.literal, tail))
+    return head, image.literal, tail
 
 
 def parse_json(raw: bytes) -> Any:
