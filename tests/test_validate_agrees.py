@@ -4,15 +4,26 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
+from tests.conftest import write_prompts
 from tests.test_cli import write_config
 from trig_stream.cli import main
-from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
-from trig_stream.files import storage_error
+from trig_stream.errors import RunDirError
+from trig_stream.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
+from trig_stream.files import storage_error, write_atomic
+from trig_stream.store import RunDir
 
 RUN = ["run", "--headless", "--no-report"]
 
@@ -220,3 +231,249 @@ def test_validate_retry_errors_counts_the_errors_the_run_asks_again(
     out = capsys.readouterr().out
     assert f", {errors} error judgements to ask again" in out
     assert "0 samples to judge" not in out
+
+
+def both_refuse_alike(path: Path, capsys: pytest.CaptureFixture[str], code: int) -> str:
+    """:func:`both_refuse` for any exit code: the last error line of each, the same."""
+    errors = []
+    for command in (["validate"], RUN):
+        assert main([*command, str(path)]) == code
+        errors.append(capsys.readouterr().err.strip().splitlines()[-1])
+    assert errors[0] == errors[1]
+    return errors[0]
+
+
+@contextmanager
+def chattr(*paths: Path, flag: str = "+i") -> Iterator[None]:
+    """``chattr +i`` (immutable) on ``paths`` for the block; skipped where it cannot be set
+    (not root, a file system without attributes)."""
+    done: list[Path] = []
+    try:
+        for path in paths:
+            if subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode:
+                pytest.skip("chattr cannot set attributes here (root on ext4 needed)")
+            done.append(path)
+        yield
+    finally:
+        for path in done:
+            subprocess.run(["chattr", flag.replace("+", "-"), str(path)], check=True)
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling link", "link to itself"])
+def test_validate_new_run_passes_over_what_stands_at_the_run_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    # validate --new-run refused it ("cannot create the run directory .../cli: File exists")
+    # while run --new-run took cli-2, as it takes the next name past any taken one.
+    path = write_config(tmp_path, samples=2)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    if kind == "file":
+        (runs / "cli").write_text("")
+    else:
+        (runs / "cli").symlink_to("nowhere" if kind == "dangling link" else "cli")
+    assert main(["validate", "--new-run", str(path)]) == EXIT_OK
+    assert f"writes to {runs / 'cli-2'} (--new-run" in capsys.readouterr().out
+    assert main([*RUN, "--new-run", str(path)]) == EXIT_OK
+    assert (runs / "cli-2" / "journal.jsonl").is_file()
+
+
+@pytest.mark.parametrize("name", ["quarantine.jsonl", "manifest.json"])
+def test_a_file_the_run_cannot_replace_is_refused_before_judging_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # validate said ok; run judged everything, then exited 3 blaming the .partial list (or
+    # the manifest's temporary file), at the end of every resume.
+    path = write_config(tmp_path, samples=2)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    path.write_text(path.read_text().replace("prompts.json", "more.json"))
+    write_prompts(tmp_path / "more.json", 4)  # work left: two samples to judge
+    run_dir = tmp_path / "runs" / "cli"
+    lines = (run_dir / "journal.jsonl").read_text()
+    capsys.readouterr()
+    with chattr(run_dir / name):
+        err = both_refuse(path, capsys)
+    assert err == (
+        f"error: cannot open the run directory {run_dir}: {run_dir / name}: "
+        "Operation not permitted\n"
+    )
+    assert (run_dir / "journal.jsonl").read_text() == lines  # nothing judged
+    assert not (run_dir / "quarantine.jsonl.partial").exists()
+
+
+def test_a_quarantine_list_that_cannot_be_replaced_is_named() -> None:
+    # "cannot replace .../quarantine.jsonl: .../quarantine.jsonl.partial: ...": the rename
+    # names the file it moves, not the one it could not replace.
+    run_dir = Path("/runs/cli")
+    moved = PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(run_dir / "x.partial"))
+    run = RunDir(run_dir)
+    run._quarantine = io.BytesIO()
+    replace = mock.patch.object(os, "replace", side_effect=moved)
+    with replace, pytest.raises(RunDirError) as refused:
+        run.finish_quarantine()
+    assert str(refused.value) == (
+        f"cannot replace {run_dir}/quarantine.jsonl: Operation not permitted"
+    )
+
+
+def test_write_atomic_names_the_file_it_cannot_replace(tmp_path: Path) -> None:
+    # The manifest's error named its temporary file (.manifest.json.<pid>.<thread>.tmp).
+    target = tmp_path / "manifest.json"
+
+    def refuse(source: object, destination: object) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(source))
+
+    with mock.patch.object(os, "replace", refuse), pytest.raises(PermissionError) as refused:
+        write_atomic(target, b"{}")
+    assert refused.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []  # no temporary left
+
+
+@pytest.mark.parametrize(
+    ("setup", "error"),
+    [
+        ("images=file", "{i}: {i} is a file; it must be a folder of the run's images: move or "
+         "remove it"),
+        ("images/t2i/synth-b=file", "{i}: {i}/t2i/synth-b is a file; it must be a folder of the "
+         "run's images: move or remove it"),
+        ("images/t2i=immutable", "{i}: {i}/t2i/synth-b: Operation not permitted"),
+        ("images/.partial=immutable", "{i}: {i}/.partial: Operation not permitted"),
+    ],
+)  # fmt: skip
+def test_validate_refuses_image_folders_the_run_cannot_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str, error: str
+) -> None:
+    # validate said ok; run stopped at its first image with "File exists" (which said
+    # nothing of what was in the way) or "Operation not permitted".
+    path = write_config(tmp_path, samples=2)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    text = path.read_text()
+    second = '[[generators]]\nname = "synth-b"\nbackend = "synthetic"\noptions = { size = 16 }\n'
+    path.write_text(text.replace("[[judges]]", second + "\n[[judges]]"))
+    images = tmp_path / "runs" / "cli" / "images"
+    where, what = setup.split("=")
+    target = tmp_path / "runs" / "cli" / where
+    capsys.readouterr()
+    if what == "file":
+        if target == images:
+            shutil.rmtree(images)
+        target.write_text("")
+        err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
+    else:
+        target.mkdir(exist_ok=True)
+        with chattr(target):
+            err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
+    assert err == "error: cannot write images in " + error.format(i=images)
+
+
+def test_an_image_folder_with_no_work_left_is_not_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only the folders the run writes in are looked at: a finished one may be read-only.
+    path = write_config(tmp_path, samples=2)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    images = tmp_path / "runs" / "cli" / "images" / "t2i"
+    with chattr(images):
+        assert main(["validate", str(path)]) == EXIT_OK
+        assert main([*RUN, str(path)]) == EXIT_OK
+
+
+@pytest.mark.timeout(60)  # a pipe as the journal was waited on for ever
+@pytest.mark.parametrize("kind", ["folder", "pipe"])
+def test_a_journal_that_is_no_file_is_refused_in_the_journal_s_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    # validate said "cannot open the run directory D: D/journal.jsonl: Is a directory".
+    path = write_config(tmp_path, samples=2)
+    run_dir = tmp_path / "runs" / "cli"
+    run_dir.mkdir(parents=True)
+    if kind == "folder":
+        (run_dir / "journal.jsonl").mkdir()
+    else:
+        os.mkfifo(run_dir / "journal.jsonl")
+    err = both_refuse(path, capsys)
+    assert err == (
+        f"error: cannot read the journal {run_dir}/journal.jsonl: it is not a regular file (a "
+        "folder, a pipe or a device?); it must be the file a run wrote\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("immutable", "error"),
+    [
+        ("runs", "cannot create the run directory {d}: Operation not permitted"),
+        ("runs/cli", "cannot open the run directory {d}: Operation not permitted"),
+        ("runs/cli/run.lock", "cannot write in the run directory {d} (run.lock): Operation not "
+         "permitted"),
+        ("runs/cli/journal.jsonl", "cannot open the run directory {d}: {d}/journal.jsonl: "
+         "Operation not permitted"),
+    ],
+)  # fmt: skip
+def test_an_immutable_folder_or_file_is_refused_with_the_run_s_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], immutable: str, error: str
+) -> None:
+    # validate made up "Permission denied" where the run met "Operation not permitted".
+    path = write_config(tmp_path, samples=2)
+    run_dir = tmp_path / "runs" / "cli"
+    if immutable == "runs":
+        (tmp_path / "runs").mkdir()
+    else:
+        assert main([*RUN, str(path)]) == EXIT_OK
+    capsys.readouterr()
+    with chattr(tmp_path / immutable):
+        err = both_refuse(path, capsys)
+    assert err == "error: " + error.format(d=run_dir) + "\n"
+
+
+def test_an_output_dir_through_a_link_that_loops_is_refused_with_the_run_s_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # validate said "Not a directory" for any link on the way; the run met the loop.
+    path = write_config(tmp_path, samples=2)
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    path.write_text(path.read_text().replace('"runs"', f'"{loop}/runs"'))
+    err = both_refuse(path, capsys)
+    assert err == (
+        f"error: cannot create the run directory {loop}/runs/cli: Too many levels of symbolic "
+        "links\n"
+    )
+
+
+def test_validate_warns_of_journal_lines_that_are_no_judgements_as_the_run_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(tmp_path, samples=2)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    journal = tmp_path / "runs" / "cli" / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join([lines[0], b"garbage\n", b"\xff\xfe\n", *lines[1:]]))
+    warning = (
+        f"{journal}: 2 line(s) are not judgements and were skipped (the first: line 2: Invalid "
+        "JSON: expected value at line 1 column 1)"
+    )
+    caplog.clear()
+    assert main(["validate", str(path)]) == EXIT_OK
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [warning]
+    caplog.clear()
+    assert main([*RUN, str(path)]) == EXIT_OK
+    assert warning in [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_validate_refuses_a_serve_port_something_listens_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # validate said ok; run exited 4 when it started the judge's server.
+    path = write_config(tmp_path, samples=2)
+    base = path.read_text().split("[[judges]]")[0]
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        serve = f'{{ command = ["{sys.executable}", "{{port}}"], port = {port} }}'
+        judge = '[[judges]]\nname = "j"\nbackend = "openai"\n'
+        judge += f'options = {{ model = "m", serve = {serve} }}\n'
+        path.write_text(base + judge)
+        err = both_refuse_alike(path, capsys, EXIT_FATAL)
+    assert f"judge 'j': cannot start its server on 127.0.0.1:{port}: " in err
+    assert "another server listening there?" in err

@@ -8,8 +8,10 @@ becomes the :func:`storage_error` that says what to do (a full disk loses nothin
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import sys
 import threading
 from collections.abc import Sequence
 from contextlib import suppress
@@ -185,8 +187,8 @@ def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | N
                 _sync_data(handle.fileno())
             try:
                 os.replace(temp, path)
-            except IsADirectoryError as exc:  # named by the folder in the way, not the temporary
-                raise IsADirectoryError(exc.errno, exc.strerror, str(path)) from None
+            except OSError as exc:  # named by the file it was to replace, not the temporary
+                raise type(exc)(exc.errno, exc.strerror, str(path)) from None
         except BaseException:
             temp.unlink(missing_ok=True)  # a full disk leaves no partial file taking space
             raise
@@ -404,3 +406,34 @@ def sync_dir(folder: Path) -> None:
 # A new file's data and size are all a reader needs; fdatasync skips the other metadata
 # (times), which measured ~2.5x less CPU than fsync here. macOS has no fdatasync.
 _sync_data = getattr(os, "fdatasync", os.fsync)
+
+
+FS_IOC_GETFLAGS: Final = 0x80086601
+"""Linux's ioctl that reads a file's attributes (``lsattr``): ``_IOR('f', 1, long)``."""
+UNCHANGEABLE_FLAGS: Final = 0x10 | 0x20
+"""``FS_IMMUTABLE_FL`` and ``FS_APPEND_FL`` (``chattr +i``, ``chattr +a``): a file with
+either can be neither replaced nor removed, not even by root (EPERM)."""
+
+
+def unchangeable(path: Path) -> bool:
+    """Whether ``path``, a file or folder, is immutable or append-only (``chattr +i`` or
+    ``+a``): a rename over it fails with "Operation not permitted", as does a write into
+    an immutable one. False where that cannot be told (no such file, a pipe or a device,
+    which is never opened, a file system without attributes, or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+    except OSError:  # ENOTTY: the file system keeps no attributes
+        return False
+    finally:
+        os.close(fd)
+    return bool(int.from_bytes(flags[:4], sys.byteorder) & UNCHANGEABLE_FLAGS)

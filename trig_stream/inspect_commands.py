@@ -42,7 +42,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     )
     from trig_stream.records import QuarantinedRecord
     from trig_stream.sourcing import Owed
-    from trig_stream.store import check_new_run, check_resume
+    from trig_stream.store import check_image_folders, check_new_run, check_resume
 
     config = load_config(args.config)
     quiet_model_libraries()  # as ``run`` does: a class looked up prints no library's advice
@@ -80,6 +80,8 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     asked_again = Owed(models, judges, journal, retry_errors=True)
     owed = asked_again if args.retry_errors else kept
     finished = Counter[str]()
+    working: set[str] = set()
+    """The models that owe a judgement: the run writes their images."""
 
     def passed_over(data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
         # The error judgements of the sample: asked again with --retry-errors, else kept.
@@ -89,6 +91,9 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
             for model in models
         )
         if not owed.finished(data_id, dimensions):
+            working.update(
+                m for m in models if m not in working and owed.todo(m, data_id, dimensions)
+            )
             return False
         finished["judged" if owed.measured(dimensions) else "unmeasured"] += 1
         return True
@@ -107,6 +112,10 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
             refused.append(record)
             continue
         samples += 1
+    # Where the run writes the images of what is left to judge: a file in the way, or a
+    # folder it cannot write, stopped it at its first image (and validate said ok).
+    if samples:
+        check_image_folders(run_dir, config.run.task, sorted(working))
     unmeasured = finished["unmeasured"]
     # Every record refused: the run would judge nothing and exit 2, and so does this. Records
     # the filters left out are not refused: with them, the filters are why nothing is judged.

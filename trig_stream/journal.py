@@ -18,7 +18,7 @@ import fcntl
 import logging
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +112,8 @@ class JournalState:
     skipped_lines: list[int] = field(default_factory=list)
     """Numbers (from 1) of lines left in place that are not judgements: see
     :meth:`Journal.open`."""
+    skipped_reason: str = ""
+    """Why the first of :attr:`skipped_lines` is no judgement (:func:`line_problem`)."""
     judges: dict[str, list[JudgeFingerprint]] = field(default_factory=dict)
     """metric -> each distinct judge fingerprint its lines that record something judged
     carry: checked against the manifest's entry on resume (lines of another judge, from a
@@ -201,7 +203,9 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
                 # The same check the report's reading makes: a line it would skip must not
                 # count as judged, or its judgement is in neither.
                 judgement = parse_journal_line(raw)
-            except ValueError:
+            except ValueError as exc:
+                if not state.skipped_lines:
+                    state.skipped_reason = line_problem(exc)
                 state.skipped_lines.append(number)
                 state.lines = number
                 good_end = end
@@ -419,6 +423,12 @@ def read_journal_lines(path: Path, *, limit: int | None = None) -> Iterator[tupl
                 yield number, judgement
         except OSError as exc:
             raise journal_unreadable(path, exc) from None
+    warn_of_skipped_lines(path, skipped, first_reason)
+
+
+def warn_of_skipped_lines(path: Path, skipped: Sequence[int], first_reason: str) -> None:
+    """Warn that the lines ``skipped`` (numbers from 1) of the journal at ``path`` are no
+    judgements, the first for ``first_reason``: the run's reading and ``validate`` alike."""
     if skipped:
         logger.warning(
             "%s: %d line(s) are not judgements and were skipped (the first: line %d: %s)",
@@ -444,11 +454,17 @@ def open_journal(path: Path) -> BinaryIO | None:
         raise journal_unreadable(path, exc) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise RunDirError(
-            f"cannot read the journal {path}: it is not a regular file (a folder, a pipe or a "
-            "device?); it must be the file a run wrote"
-        )
+        raise journal_not_a_file(path)
     return os.fdopen(fd, "rb")
+
+
+def journal_not_a_file(path: Path) -> RunDirError:
+    """The error of a journal that is no regular file (a folder, a pipe), which a run can
+    neither read nor append to."""
+    return RunDirError(
+        f"cannot read the journal {path}: it is not a regular file (a folder, a pipe or a "
+        "device?); it must be the file a run wrote"
+    )
 
 
 def journal_unreadable(path: Path, exc: OSError) -> RunDirError:

@@ -33,6 +33,8 @@ from typing import IO
 
 from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.files import (
+    UnfitFileError,
+    file_kind,
     link_refused,
     make_dirs,
     open_regular_file,
@@ -41,6 +43,7 @@ from trig_stream.files import (
     remove_made_dirs,
     storage_error,
     sync_dir,
+    unchangeable,
     write_all,
     write_atomic,
     write_atomic_many,
@@ -49,9 +52,11 @@ from trig_stream.journal import (
     JOURNAL,
     Journal,
     JournalState,
+    journal_not_a_file,
     journal_state,
     journal_unreadable,
     moved_or_replaced,
+    warn_of_skipped_lines,
 )
 from trig_stream.locks import (
     LOCK,
@@ -264,7 +269,13 @@ class RunDir:
             missing.append(current)
             current = current.parent
         for made in reversed(missing):
-            made.mkdir(exist_ok=True)  # FileExistsError if a file has the name
+            try:
+                made.mkdir()
+            except FileExistsError:
+                if made.is_dir():  # made meanwhile (another thread of this run)
+                    continue
+                # "File exists" said nothing of what was in the way.
+                raise _image_folder_in_the_way(made, made.lstat().st_mode) from None
             sync_dir(made.parent)
 
     def image_path(self, task: str, model: str, data_id: str) -> Path:
@@ -345,7 +356,10 @@ class RunDir:
                 "it stopped)"
             ) from None
         except OSError as exc:
-            raise storage_error(exc, f"replace {final}") from None
+            # The rename names the list it moves (the .partial); the file it could not
+            # replace is the destination (an immutable one: "Operation not permitted").
+            named = type(exc)(exc.errno, exc.strerror, str(final))
+            raise storage_error(named, f"replace {final}") from None
 
     def close(self, *, release_lock: bool = True) -> None:
         """Close the journal and quarantine files and release the lock; safe to repeat.
@@ -695,56 +709,70 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:
         raise journal_unreadable(path / JOURNAL, exc) from None
+    # As the run's reading of the journal warns.
+    warn_of_skipped_lines(path / JOURNAL, journal.skipped_lines, journal.skipped_reason)
     resumed_manifest(path, manifest, journal)
     return journal
 
 
-def _refuse_a_file_on_the_way(path: Path) -> None:
-    """Raise the error a run gets making the run directory ``path`` when it, or the folder
-    above it that exists, is a file (``output_dir`` naming a file): the journal's own
+def _refuse_a_file_on_the_way(path: Path, what: str | None = None) -> None:
+    """Raise the error a run gets making the folder ``path`` (the run directory; ``what``
+    says what it is making, "create the run directory ``path``" by default) when it, or the
+    folder above it that exists, is a file (``output_dir`` naming a file): the journal's own
     "Not a directory" said nothing of where the fault was. A folder on the way that cannot be
-    looked up (a name too long, no search permission) gets the run's error too."""
+    looked up (a name too long, no search permission, a link that loops) gets the run's error
+    too, with the system's own reason."""
+    what = what or f"create the run directory {path}"
     current = path
     try:
         while not current.is_dir():
             if current.exists() or current.is_symlink():
                 code = errno.EEXIST if current == path else errno.ENOTDIR
-                raise storage_error(
-                    OSError(code, os.strerror(code)),
-                    f"create the run directory {path}",
-                    nothing_written=True,
-                )
+                if current != path:
+                    try:  # a link that loops: "Too many levels of symbolic links", as a run
+                        os.stat(current)
+                    except OSError as exc:
+                        code = exc.errno or code
+                raise storage_error(OSError(code, os.strerror(code)), what, nothing_written=True)
             if current.parent == current:
                 return
             current = current.parent
     except OSError as exc:
-        raise storage_error(exc, f"create the run directory {path}", nothing_written=True) from None
+        raise storage_error(exc, what, nothing_written=True) from None
 
 
 def _refuse_unwritable(path: Path) -> None:
     """Raise the error a run gets when it cannot write the run directory ``path``: the
     folder it would make it in, or the directory, is not writable; or one of the files a run
     writes there (its lock, journal, manifest, quarantine list) is read-only, a folder or a
-    pipe; or ``images/`` cannot be read. Looked at only (``os.access``), nothing is opened."""
+    pipe, or, for the two it replaces, immutable or append-only (``chattr``); or ``images/``
+    cannot be read. Looked at only (``os.access``, the attributes), nothing is written."""
     if not path.is_dir():  # made by the run, in the nearest folder that exists
         missing = path
         while not missing.parent.is_dir():
             missing = missing.parent
-        if not os.access(missing.parent, os.W_OK | os.X_OK):
+        if not _writable(missing.parent):
             raise storage_error(
-                _denied(missing), f"create the run directory {path}", nothing_written=True
+                _denied(missing, missing.parent),
+                f"create the run directory {path}",
+                nothing_written=True,
             )
         return
     # The lock first, then the journal, the manifest (written beside itself, atomically) and
     # the quarantine list, as RunDir.open opens them.
     _refuse_unwritable_file(path / LOCK, f"write in the run directory {path} ({LOCK})")
     opening = f"open the run directory {path}"
+    with suppress(OSError):
+        if not stat.S_ISREG((path / JOURNAL).lstat().st_mode):  # in the journal's words
+            raise journal_not_a_file(path / JOURNAL)
     _refuse_unwritable_file(path / JOURNAL, opening)
     if (path / MANIFEST).is_dir():
         code = errno.EISDIR
         raise storage_error(OSError(code, os.strerror(code), str(path / MANIFEST)), opening)
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not _writable(path):
         raise storage_error(_denied(path), opening)
+    if unchangeable(path / MANIFEST):  # its rename over it fails, once the judges are open
+        raise storage_error(_denied(path / MANIFEST), opening)
     images = path / IMAGES
     if images.is_dir() and not os.access(images, os.R_OK | os.X_OK):
         raise storage_error(_denied(images), opening)
@@ -760,10 +788,13 @@ def _refuse_in_place_of_quarantine(path: Path) -> None:
     its quarantine list (a folder, a pipe): this run's list could not replace it once the
     dataset has been read through. A read-only file there is replaced as any file is.
 
+    Nor can it replace one that is immutable or append-only (``chattr +i``): refused too,
+    not after every sample was judged.
+
     Raises:
-        OSError: ``IsADirectoryError`` for a folder, else
-            :class:`~trig_stream.files.UnfitFileError` naming what is there; either names the
-            path.
+        OSError: ``IsADirectoryError`` for a folder, ``PermissionError`` (EPERM) for a file
+            that cannot be replaced, else :class:`~trig_stream.files.UnfitFileError` naming
+            what is there; each names the path.
     """
     final = path / QUARANTINE
     try:
@@ -773,6 +804,8 @@ def _refuse_in_place_of_quarantine(path: Path) -> None:
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(final))
     refuse_special_file(final, mode)
+    if unchangeable(final):
+        raise _denied(final)
 
 
 def _refuse_unwritable_file(file: Path, what: str) -> None:
@@ -780,8 +813,8 @@ def _refuse_unwritable_file(file: Path, what: str) -> None:
     try:
         mode = file.lstat().st_mode
     except FileNotFoundError:
-        if not os.access(file.parent, os.W_OK | os.X_OK):
-            raise storage_error(_denied(file), what) from None
+        if not _writable(file.parent):
+            raise storage_error(_denied(file, file.parent), what) from None
         return
     except OSError as exc:
         raise storage_error(exc, what) from None
@@ -796,8 +829,62 @@ def _refuse_unwritable_file(file: Path, what: str) -> None:
         raise storage_error(_denied(file), what)
 
 
-def _denied(path: Path) -> OSError:
-    return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+def _writable(folder: Path) -> bool:
+    # What a run needs of a folder it makes files in. An immutable one fails it even for
+    # root, whose error is then "Operation not permitted" (see _denied).
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _denied(path: Path, where: Path | None = None) -> OSError:
+    """The error a run gets writing ``path``, which ``os.access`` (or the attributes) of
+    ``where`` (``path`` itself by default) refused: "Operation not permitted" when that is
+    immutable or append-only, as the system says it, else "Permission denied"."""
+    code = errno.EPERM if unchangeable(where or path) else errno.EACCES
+    return PermissionError(code, os.strerror(code), str(path))
+
+
+def _image_folder_in_the_way(folder: Path, mode: int) -> UnfitFileError:
+    # What stands where a run makes a folder of images: "File exists" said nothing of it.
+    kind = "file" if stat.S_ISREG(mode) else file_kind(mode)
+    return UnfitFileError(
+        errno.EEXIST,
+        f"{folder} is a {kind}; it must be a folder of the run's images: move or remove it",
+    )
+
+
+def check_image_folders(path: Path, task: str, models: Sequence[str]) -> None:
+    """Raise the error a run that writes images of ``models`` for ``task`` in the run
+    directory ``path`` gets (``trig-stream validate``, when there is work left): a file
+    where ``images/``, ``images/.partial``, ``images/<task>`` or ``images/<task>/<model>``
+    goes, or one of them that exists, or the folder a missing one is made in, that cannot be
+    written. Looked at only (``os.access`` and the attributes), nothing is made.
+
+    Raises:
+        RunDirError: the run could not write its images.
+    """
+    if not path.is_dir():  # made afresh by the run, the images with it
+        return
+    images = path / IMAGES
+    what = f"write images in {images}"
+    chains = [[images, images / PARTIAL]]
+    chains += [[images, images / task, images / task / model] for model in models]
+    for chain in chains:
+        parent = path
+        for folder in chain:
+            try:
+                mode = folder.stat().st_mode
+            except FileNotFoundError:  # made by the run in ``parent``
+                if not _writable(parent):
+                    raise storage_error(_denied(folder, parent), what) from None
+                break
+            except OSError as exc:
+                raise storage_error(exc, what) from None
+            if not stat.S_ISDIR(mode):
+                raise storage_error(_image_folder_in_the_way(folder, mode), what)
+            parent = folder
+        else:
+            if not _writable(parent):  # the last one, written in
+                raise storage_error(_denied(parent), what)
 
 
 def _holds_a_file(folder: Path) -> bool:
@@ -820,14 +907,15 @@ def check_new_run(path: Path) -> Path:
             directories cannot be made or written, or the name it would take is too long.
     """
     folder = path.parent
-    _refuse_a_file_on_the_way(folder / path.name)  # the lookups make_dirs makes
+    # The lookups make_dirs makes; whatever is at ``path`` itself is passed over, as below.
+    _refuse_a_file_on_the_way(folder, f"create the folder of run directories {folder}")
     if not folder.is_dir():
         missing = folder
         while not missing.parent.is_dir():
             missing = missing.parent
-        if not os.access(missing.parent, os.W_OK | os.X_OK):
+        if not _writable(missing.parent):
             what = f"create the folder of run directories {folder}"
-            raise storage_error(_denied(missing), what, nothing_written=True)
+            raise storage_error(_denied(missing, missing.parent), what, nothing_written=True)
         return path
     candidate, number = path, 1
     while candidate.exists() or candidate.is_symlink():
@@ -835,9 +923,9 @@ def check_new_run(path: Path) -> Path:
         candidate = path.with_name(f"{path.name}-{number}")
         if len(candidate.name) > MAX_NAME_CHARS:
             raise _new_run_name_too_long(candidate)
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if not _writable(folder):
         what = f"create the run directory {candidate}"
-        raise storage_error(_denied(candidate), what, nothing_written=True)
+        raise storage_error(_denied(candidate, folder), what, nothing_written=True)
     return candidate
 
 

@@ -317,6 +317,17 @@ class ManagedServer:
                 raise error from None
             # Anything else (no IPv6 here, say) is for the start to report, with its port.
 
+    def check_port(self) -> None:
+        """Refuse a ``serve.port`` something already listens on, as :meth:`start` would: a
+        bind, closed at once (nothing listens, nothing starts). Port 0 (a free one, picked at
+        the start) passes.
+
+        Raises:
+            FatalBackendError: the port is taken, in :meth:`start`'s words.
+        """
+        if self.options.port != 0:
+            self._check_port_free()
+
     def check_secrets_left_out(self) -> None:
         """Refuse a command argument or an ``env`` value that holds the API key: the serve
         table is saved with the run (its manifest) and its command shown while it starts.

@@ -437,13 +437,15 @@ class OpenAIJudge(Judge):
 
     def check_environment(self) -> None:
         """The API key's variable is set (if it names one), the ``serve`` table holds no key
-        (it is saved with the run), its command runs, and on an address of this machine."""
+        (it is saved with the run), its command runs, on an address of this machine, and at
+        a port nothing listens on."""
         key = self._key()
         if self.options.serve is not None:
             server = ManagedServer(self.options.serve, name=self.name, secrets=[key or ""])
             server.check_secrets_left_out()
             server.check_command()
             server.check_host()
+            server.check_port()
 
     def opening(self) -> str:
         serve = self.options.serve
