@@ -6,6 +6,7 @@ import argparse
 import fcntl
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,7 +31,7 @@ from trig_stream.config import load_config
 from trig_stream.dataset import DatasetSource
 from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
-from trig_stream.journal import JOURNAL, latest_judgements, read_journal_lines
+from trig_stream.journal import JOURNAL, latest_judgements, read_journal, read_journal_lines
 from trig_stream.locks import Writer, find_writer
 from trig_stream.manifest import Manifest, read_manifest
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord
@@ -179,8 +180,37 @@ def test_journal_tail_waits_for_a_torn_last_line(tmp_path: Path) -> None:
         handle.write(second[25:] + b"not json\n")
     assert [j.data_id for j in tail.read()] == ["IQ-R_TA-C_2"]
     assert tail.bad_lines == 1
-    assert tail.first_problem.startswith("Invalid JSON")
+    assert tail.first_problem.startswith("line 3: Invalid JSON")
     assert tail.offset == path.stat().st_size
+
+
+def test_journal_tail_names_the_line_of_its_first_bad_line_as_status_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # watch said "(the first: Invalid JSON: expected value at line 1 column 1)" of a journal's
+    # ninth line, read as its first; status says "(the first: line 9: ...)".
+    path = tmp_path / JOURNAL
+    tail = JournalTail(path, chunk=64)  # shorter than a line: each read ends inside one
+
+    def read_on() -> list[str]:
+        read = [j.data_id for j in tail.read()]
+        while tail.behind:
+            read += [j.data_id for j in tail.read()]
+        return read
+
+    path.write_bytes(lines_of(*(judgement(i) for i in range(3))))
+    assert len(read_on()) == 3
+    with path.open("ab") as handle:
+        handle.write(lines_of(judgement(3)) + b"garbage line\n" + b"{}\n")
+    assert read_on() == ["IQ-R_TA-C_3"]
+    assert tail.first_problem.startswith("line 5: Invalid JSON")
+    with caplog.at_level(logging.WARNING):
+        assert len(list(read_journal(path))) == 4
+    assert f"(the first: {tail.first_problem})" in caplog.text
+    # Read again from its start (cut by a resume): the lines are counted anew.
+    path.write_bytes(b"{}\n")
+    tail.read()
+    assert tail.restarted and tail.first_problem.startswith("line 1: ")
 
 
 def test_journal_tail_numbers_lines_as_the_run_and_status_do(tmp_path: Path) -> None:
@@ -223,8 +253,8 @@ def test_watch_counts_what_the_report_would_count_and_names_lines_it_skips(
     snapshot = RunDirSource(run_dir).poll()
     assert snapshot.judged == 1
     assert (
-        "1 journal line(s) are not judgements and were skipped (the first: model '../x' is not "
-        "a safe file name)"
+        "1 journal line(s) are not judgements and were skipped (the first: line 2: model '../x' "
+        "is not a safe file name)"
     ) in snapshot.message
 
 
@@ -287,7 +317,7 @@ def test_watch_without_a_terminal_warns_once_of_lines_it_skips(tmp_path: Path) -
         follow(RunDirSource(run_dir), Console(file=out, width=80), interval_s=0.001, max_polls=3)
     assert out.getvalue().startswith(
         f"warning: {run_dir / JOURNAL}: 2 line(s) are not judgements and were skipped (the "
-        "first: Invalid JSON"
+        "first: line 2: Invalid JSON"
     )
     assert out.getvalue().count("warning") == 1
     assert "[running] r (t2i) | m: ok 2, unscorable 0, error 0" in out.getvalue()

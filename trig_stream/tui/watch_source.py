@@ -81,7 +81,8 @@ class JournalTail:
         """Complete lines read so far, those that are not judgements included."""
         self.bad_lines = 0
         self.first_problem = ""
-        """What was wrong with the first line that was not a judgement."""
+        """What was wrong with the first line that was not a judgement, after its number
+        (from 1): ``line 9: Invalid JSON ...``, as ``status`` says it."""
         self.behind = False
         """The last read stopped at :attr:`chunk` bytes: more is waiting."""
         self.restarted = False
@@ -140,7 +141,10 @@ class JournalTail:
                 judgements.append((self.lines, parse_journal_line(raw)))
             except ValueError as exc:
                 self.bad_lines += 1
-                self.first_problem = self.first_problem or line_problem(exc)
+                # Numbered from 1, as `status` names it (without a number, the warning read
+                # as if about the journal's first line).
+                if not self.first_problem:
+                    self.first_problem = f"line {self.lines + 1}: {line_problem(exc)}"
             self.lines += 1
         self.offset += end
         self._mark = (self._mark + data[:end])[-MARK_BYTES:]
