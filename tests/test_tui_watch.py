@@ -390,6 +390,36 @@ def test_control_characters_of_a_manifest_are_shown_never_sent_to_the_terminal(
     assert "gen\\x1b[5m" in shown["status command"]
 
 
+def test_a_newline_in_a_manifest_s_names_keeps_each_one_line_place_on_one_line(
+    tmp_path: Path,
+) -> None:
+    # "run_name": "quar\nFAKE LINE [finished]\ttab" printed "[finished] quar", then a forged
+    # progress line, and left the dashboard's one-row status line showing "quar" alone.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model = "synthetic\n[finished] x"
+    judge = {"name": "judge\nforged", "backend": "fake"}
+    manifest = Manifest(
+        run_name="quar\nFAKE LINE [finished]\ttab",
+        task="t2i",
+        generators={model: {}},
+        config={"generators": [{"name": model}], "judges": [judge]},
+    )
+    (run_dir / "manifest.json").write_text(manifest.model_dump_json())
+    (run_dir / JOURNAL).write_bytes(lines_of(judgement(1)))
+    snapshot = RunDirSource(run_dir).poll()
+    line = describe(snapshot)
+    assert "\n" not in line and "\t" not in line
+    assert line.startswith("[finished] quar\\nFAKE LINE [finished]\\ttab (t2i) | ")
+    assert "synthetic\\n[finished] x: ok 0" in line
+    status = status_line(snapshot, linger=True).plain
+    assert "\n" not in status and "quar\\nFAKE LINE [finished]\\ttab" in status
+    assert status.endswith("finished; press q to close")
+    assert len(progress_table(snapshot.models).plain.splitlines()) == 1 + len(snapshot.models)
+    assert "judge\\nforged (fake)" in run_info(snapshot).plain.splitlines()[2]
+    assert judge_loads(snapshot).plain.splitlines()[0].endswith("forged –/– in flight unknown")
+
+
 def test_watch_sees_a_run_whose_run_lock_was_deleted(tmp_path: Path) -> None:
     # Only run.lock was looked at: a run going on without it showed as finished.
     run_dir = write_run_dir(tmp_path)

@@ -112,6 +112,21 @@ def printable(text: str) -> str:
     return _CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
+_LINE_BREAKS: Final = str.maketrans({"\n": "\\n", "\t": "\\t"})
+
+
+def one_line(text: str) -> str:
+    """``text`` as :func:`printable` shows it, with newlines and tabs written as ``\\n`` and
+    ``\\t`` too (a carriage return is ``\\x0d`` already): what stays on one line.
+
+    For a name from a file a hand may have edited (a manifest's run name, a model's name)
+    shown where one line is all there is (``watch``'s progress line, the dashboard's status
+    line): :func:`printable` keeps a newline, which there ends the line and starts one that
+    reads as the program's own.
+    """
+    return printable(text).translate(_LINE_BREAKS)
+
+
 Reason: TypeAlias = Annotated[str, AfterValidator(printable)]
 """Why something failed, as told from outside (a server, an exception, a hand edit): kept
 with its control characters escaped, so showing it never commands a terminal."""

@@ -3,8 +3,9 @@
 Every function is pure: the same snapshot gives the same text, which is what makes the
 dashboard's snapshot tests stable. The names and paths a snapshot holds come from files a
 hand may have edited (a watched run's ``manifest.json`` and journal): each is drawn through
-:func:`~trig_stream.records.printable`, so a control character shows as ``\x1b`` and never
-commands the terminal.
+:func:`~trig_stream.records.one_line`, so a control character shows as ``\\x1b`` and never
+commands the terminal, and a newline as ``\\n``: a name on one line never ends it and starts
+another, nor pushes the status line's state and ETA out of its one row.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rich.text import Text
 
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import DIMENSION_NAMES
-from trig_stream.records import printable
+from trig_stream.records import one_line
 from trig_stream.tui.snapshot import DashboardSnapshot, ModelProgress, RelationView
 
 RELATION_CELLS: dict[RelationCode, tuple[str, str]] = {
@@ -82,14 +83,14 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
         "done": "bold cyan",
     }.get(snapshot.state, "bold red" if snapshot.finished else "bold yellow")
     text = Text.assemble(
-        (f" {printable(snapshot.run_name)} ", "bold"),
-        f"task {printable(snapshot.task)}  ",
+        (f" {one_line(snapshot.run_name)} ", "bold"),
+        f"task {one_line(snapshot.task)}  ",
         (f"[{snapshot.state}]", state_style),
     )
     # Early in the line: the rest is cut on a narrow terminal, and so is the run panel that
     # says them in full.
     for alert in snapshot.alerts:
-        text.append(f"  {printable(alert)}", style="yellow")
+        text.append(f"  {one_line(alert)}", style="yellow")
     left = sum(m.left or 0 for m in snapshot.models)
     if left:
         images = f"{left} image{'s' * (left != 1)}"
@@ -110,10 +111,10 @@ def status_line(snapshot: DashboardSnapshot, *, linger: bool) -> Text:
     else:
         text.append(f"  ETA {duration(snapshot.eta_s)}")
     if snapshot.loading and not snapshot.finished:
-        loading = printable(", ".join(snapshot.loading))
+        loading = one_line(", ".join(snapshot.loading))
         text.append(f"  loading {loading}", style="bold yellow")
     if snapshot.opening is not None and not snapshot.finished:
-        text.append(f"  opening {printable(snapshot.opening)}", style="bold yellow")
+        text.append(f"  opening {one_line(snapshot.opening)}", style="bold yellow")
     return text
 
 
@@ -204,7 +205,7 @@ def progress_table(
     drawn, rows, more = _progress_rows(models, limit)
     cells = [_progress_cells(m) for m, _ in drawn]
     shortest, longest = MODEL_WIDTH
-    name_width = min(max([shortest - 1, *(len(printable(m.name)) for m, _ in drawn)]) + 1, longest)
+    name_width = min(max([shortest - 1, *(len(one_line(m.name)) for m, _ in drawn)]) + 1, longest)
     figures = _figure_widths(cells)
     headers = [column for column, _ in PROGRESS_COLUMNS]
     widths = [max(w, f + 1) for (_, w), f in zip(PROGRESS_COLUMNS, figures, strict=True)]
@@ -293,7 +294,7 @@ def _progress_cells(m: ModelProgress) -> list[tuple[str, str]]:
 def _progress_row(
     name: str, cells: list[tuple[str, str]], name_width: int, widths: list[int], style: str
 ) -> Text:
-    row = Text(f"{fit(printable(name), name_width - 1):<{name_width}}", style=style)
+    row = Text(f"{fit(one_line(name), name_width - 1):<{name_width}}", style=style)
     for (value, cell_style), width in zip(cells, widths, strict=True):
         row.append(f"{value:>{width}}", style=cell_style)
     return row
@@ -303,18 +304,18 @@ def run_info(snapshot: DashboardSnapshot) -> Text:
     """Run directory, models and judge endpoints."""
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append("dir    ", style="bold")
-    text.append(printable(snapshot.run_dir) + "\n")
+    text.append(one_line(snapshot.run_dir) + "\n")
     text.append("models ", style="bold")
-    text.append(printable(", ".join(m.name for m in snapshot.models)) or "–")
+    text.append(one_line(", ".join(m.name for m in snapshot.models)) or "–")
     for judge in snapshot.judges:
         text.append("\njudge  ", style="bold")
-        text.append(printable(f"{judge.name} ({judge.backend})"))
+        text.append(one_line(f"{judge.name} ({judge.backend})"))
         if judge.endpoints:
-            text.append(" " + printable(", ".join(judge.endpoints)), style="cyan")
+            text.append(" " + one_line(", ".join(judge.endpoints)), style="cyan")
     if snapshot.quarantined:
         text.append(f"\n{snapshot.quarantined} dataset records quarantined", style="yellow")
     if snapshot.message:
-        text.append("\n" + printable(snapshot.message), style="italic grey62")
+        text.append("\n" + one_line(snapshot.message), style="italic grey62")
     return text
 
 
@@ -337,7 +338,7 @@ def gauges(snapshot: DashboardSnapshot, width: int = 10, limit: int | None = Non
     for index, gauge in enumerate(buffers):
         # A stage's buffer per model (``samples:flux-dev``): the stage stays whole.
         stage, colon, model = gauge.name.rpartition(":")
-        name = printable(stage + colon) + fit(printable(model), NAME_WIDTH - len(stage + colon))
+        name = one_line(stage + colon) + fit(one_line(model), NAME_WIDTH - len(stage + colon))
         text.append(("\n" if index else "") + f"{name:<{NAME_WIDTH + 1}}")
         text.append_text(bar(gauge.used, gauge.size, width))
         text.append(f" {gauge.used:>3}/{gauge.size}")
@@ -362,10 +363,10 @@ def judge_loads(snapshot: DashboardSnapshot, width: int = 10, limit: int | None 
     # The names padded to the longest shown, not to NAME_WIDTH; the figures before the bar
     # and the words: at 120x40 "in flight: unknown –/1–64" lost its limit, at 80x24 the bar
     # its "24/32".
-    name_width = min(max([1, *(len(printable(judge.name)) for judge in judges)]), JUDGE_NAME_WIDTH)
+    name_width = min(max([1, *(len(one_line(judge.name)) for judge in judges)]), JUDGE_NAME_WIDTH)
     text = Text(no_wrap=True)
     for index, judge in enumerate(judges):
-        name = fit(printable(judge.name), name_width)
+        name = fit(one_line(judge.name), name_width)
         text.append(("\n" if index else "") + f"{name:<{name_width + 1}}")
         if judge.in_flight is None or judge.limit is None:
             if judge.limit is not None:
@@ -439,4 +440,5 @@ def error_lines(errors: Sequence[str], limit: int | None = None) -> Text:
     latest = list(reversed(errors))
     if limit is not None:
         latest = latest[:limit]
-    return Text("\n".join(latest), style="red", no_wrap=True, overflow="ellipsis")
+    # A reason may hold a newline (a server's error body): one error, one line.
+    return Text("\n".join(map(one_line, latest)), style="red", no_wrap=True, overflow="ellipsis")

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from trig_stream.progress import NO_DASHBOARD, full_screen_possible
-from trig_stream.records import printable
+from trig_stream.records import one_line
 from trig_stream.signals import (
     is_hangup,
     job_control_kept,
@@ -191,8 +191,9 @@ def describe(snapshot: DashboardSnapshot) -> str:
     if snapshot.quarantined:
         parts.append(f"quarantined {snapshot.quarantined}")
     # The run's and models' names come from its manifest and journal, files a hand may have
-    # edited: a control character in them is shown, never sent to the terminal.
-    return printable(" | ".join(parts))
+    # edited: a control character in them is shown, never sent to the terminal, and a
+    # newline as "\n", never starting a line that reads as the next progress line.
+    return one_line(" | ".join(parts))
 
 
 MAX_INTERVAL_S = 3600.0
