@@ -1288,6 +1288,9 @@ def test_a_watched_run_with_samples_left_is_not_running_not_finished(tmp_path: P
     line = status_line(stopped, linger=True).plain
     assert "[not running]" in line and "finished" not in line
     assert "not running; 4 samples left: `trig-stream run` resumes it; press q" in line
+    # The plain lines (`watch RUN > log`) say it too, as the README has it.
+    assert describe(stopped).startswith("[not running] ")
+    assert describe(stopped).endswith(" | 4 samples left: `trig-stream run` resumes it")
     (run_dir / JOURNAL).write_bytes(lines_of(*judgements))
     done = RunDirSource(run_dir).poll()
     assert done.state == "finished" and done.samples_done == 8

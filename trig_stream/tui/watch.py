@@ -190,6 +190,9 @@ def describe(snapshot: DashboardSnapshot) -> str:
         parts.append(f"{snapshot.judgements_per_s:.1f}/s, ETA {duration(snapshot.eta_s)}")
     if snapshot.quarantined:
         parts.append(f"quarantined {snapshot.quarantined}")
+    if snapshot.state == "not running":  # as the dashboard's status line says it
+        left = max((snapshot.samples_total or 0) - (snapshot.samples_done or 0), 0)
+        parts.append(f"{left} sample{'s' * (left != 1)} left: `trig-stream run` resumes it")
     # The run's and models' names come from its manifest and journal, files a hand may have
     # edited: a control character in them is shown, never sent to the terminal, and a
     # newline as "\n", never starting a line that reads as the next progress line.
