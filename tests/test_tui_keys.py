@@ -25,7 +25,7 @@ from trig_stream.tui import render
 from trig_stream.tui import run as tui_run
 from trig_stream.tui.app import ErrorsScreen, HelpScreen, TextLines, TrigDashboardApp
 from trig_stream.tui.run import run_dashboard
-from trig_stream.tui.snapshot import StaticSource
+from trig_stream.tui.snapshot import DashboardSnapshot, StaticSource
 
 pytestmark = pytest.mark.anyio
 
@@ -329,6 +329,42 @@ async def test_the_errors_view_is_rebuilt_only_when_the_errors_change(
         await app.dashboard.refresh_snapshot()
         await pilot.pause()
         assert body.text.plain.endswith("notes:\na new note")
+
+
+async def test_the_model_shown_stays_as_other_models_scores_arrive() -> None:
+    # The panels kept a position in the views sorted by model: flux-dev's first scores,
+    # sorted ahead, switched them from sd3-medium to flux-dev with no key pressed, and a
+    # model picked with m was swapped for another as views were added ahead of it.
+    base = synthetic_snapshot()
+    sd3_only = tuple(v for v in base.relations if v.model == "sd3-medium")
+    source = StaticSource(replace(base, relations=sd3_only))
+    app = TrigDashboardApp(source)
+
+    def shown() -> tuple[str, str] | None:
+        view = app.dashboard.selected_view()
+        return None if view is None else (view.model, view.metric)
+
+    async def refresh(pilot: Pilot[Any], snapshot: DashboardSnapshot) -> None:
+        source.fixed = snapshot
+        await app.dashboard.refresh_snapshot()  # as its interval does, without waiting for it
+        await pilot.pause()
+        assert app.dashboard.snapshot is snapshot
+
+    async with app.run_test(size=(120, 40)) as pilot:
+        assert shown() == ("sd3-medium", "trigscore")
+        await refresh(pilot, base)
+        assert shown() == ("sd3-medium", "trigscore")
+        await pilot.press("m")  # after the last, the first
+        assert shown() == ("flux-dev", "trigscore")
+        ahead = replace(base.relations[0], model="aura-flow")
+        await refresh(pilot, replace(base, relations=(*base.relations, ahead)))
+        assert shown() == ("flux-dev", "trigscore")
+        title = str(app.query_one("#dtm").border_title)
+        assert title.startswith("DTM: flux-dev (trigscore) [2/3,")
+        await pilot.press("m")
+        assert shown() == ("sd3-medium", "trigscore")
+        await pilot.press("m")
+        assert shown() == ("aura-flow", "trigscore")
 
 
 class RecordingControl:

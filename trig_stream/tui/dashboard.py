@@ -204,8 +204,10 @@ class Dashboard(Widget):
     Dashboard #errors { height: 1fr; min-height: 3; }
     """
 
-    selected: reactive[int] = reactive(0)
-    """Index of the (model, metric) shown in the means and DTM panels."""
+    selected: reactive[tuple[str, str] | None] = reactive(None)
+    """The (model, metric) shown in the means and DTM panels (None before the first). A key,
+    not a position: views added as scores arrive (another model's, a metric judge's) move
+    the positions, and the panels switched to another model with no key pressed."""
 
     class Updated(Message):
         """Posted after each new snapshot is drawn."""
@@ -353,9 +355,12 @@ class Dashboard(Widget):
         panel.show((snapshot.models, lines, room), lambda: table)
 
     def next_model(self) -> None:
-        """Show the next (model, metric) in the means and DTM panels."""
-        count = len(self.snapshot.relations) if self.snapshot else 0
-        self.selected = (self.selected + 1) % count if count else 0
+        """Show the next (model, metric) in the means and DTM panels (after the last, the
+        first)."""
+        views, index = self._selection()
+        if views:
+            following = views[(index + 1) % len(views)]
+            self.selected = (following.model, following.metric)
 
     def watch_selected(self) -> None:
         if self.snapshot is not None:
@@ -363,18 +368,26 @@ class Dashboard(Widget):
 
     def selected_view(self) -> RelationView | None:
         """The relation view the means and DTM panels show."""
-        if self.snapshot is None or not self.snapshot.relations:
-            return None
-        views = ordered_views(self.snapshot)
-        return views[self.selected % len(views)]
+        views, index = self._selection()
+        return views[index] if views else None
+
+    def _selection(self) -> tuple[list[RelationView], int]:
+        """The relation views in their order, and the position of the one shown: the
+        selected (model, metric), else (none shown yet, or it is gone: the journal read again
+        from its start) the first."""
+        views = ordered_views(self.snapshot) if self.snapshot is not None else []
+        shown = (i for i, view in enumerate(views) if (view.model, view.metric) == self.selected)
+        return views, next(shown, 0)
 
     def _show_relations(self) -> None:
-        view = self.selected_view()
-        assert self.snapshot is not None
-        total = len(self.snapshot.relations)
+        views, index = self._selection()
+        view = views[index] if views else None
+        total = len(views)
         suffix = "" if view is None else f": {view.model} ({view.metric})"
-        hint = f" [{self.selected % total + 1}/{total}, m: next]" if total > 1 else ""
-        key = (view, self.selected)
+        hint = f" [{index + 1}/{total}, m: next]" if total > 1 else ""
+        key = (view, index)
+        if view is not None:  # what is shown stays shown as others arrive, until `m`
+            self.set_reactive(Dashboard.selected, (view.model, view.metric))
         means = self.query_one("#means", Panel)
         means.border_title = f"dimension means{suffix}"
         means.show(key, lambda: render.means_table(view))
