@@ -582,6 +582,33 @@ def test_a_folder_in_place_of_an_earlier_plot_is_refused_before_anything_is_writ
     assert {path.read_bytes() for path in written} == {b"earlier"}
 
 
+def test_a_folder_in_place_of_a_later_models_plot_is_refused_before_any_model_is_written(
+    tmp_path: Path,
+) -> None:
+    # Asked only inside each model's write, model-a's files were replaced and its plots
+    # removed before model-b's folder was refused: a report of model-a new, model-b old.
+    run = write_run_dir(tmp_path / "run", {})
+    out = tmp_path / "o"
+    run_command("report", str(run), "--out", str(out), "--no-plots")
+    earlier_plot = out / "model-a" / "plots" / "dtm.png"
+    earlier_plot.parent.mkdir()
+    earlier_plot.write_bytes(b"earlier")
+    in_the_way = out / "model-b" / "plots" / "dtm.png"
+    in_the_way.mkdir(parents=True)
+    written = [out / model / name for model in ("model-a", "model-b") for name in MODEL_FILES]
+    for path in written:
+        path.write_bytes(b"earlier")
+    with pytest.raises(AnalysisError) as raised:
+        run_command("report", str(run), "--out", str(out), "--no-plots")
+    assert str(raised.value) == (
+        f"cannot write the report in {out / 'model-b'}: {in_the_way} is a folder, where an "
+        "earlier report's plot of that name is to be removed (this report draws none); move "
+        "or remove it"
+    )
+    assert {path.read_bytes() for path in written} == {b"earlier"}
+    assert earlier_plot.read_bytes() == b"earlier"
+
+
 def test_a_file_the_report_cannot_remove_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -305,6 +305,23 @@ def _write_model_outputs(
     return WrittenFiles(folder, files, plots_skipped=plots)
 
 
+def refuse_in_place_of_plots(folder: Path, *, plots: bool = True) -> None:
+    """Refuse ``folder`` when this report draws no plots (``plots`` false, or no matplotlib)
+    and something other than a file stands where an earlier report's plot is to be removed.
+
+    A report of several models asks this of every model's folder before it writes the first:
+    found only at a later model's write, it left the earlier models' new files beside the
+    later ones' old files.
+
+    Raises:
+        OutputWriteError: names the path in the way and what to do.
+    """
+    if plots and drawing.matplotlib_available():
+        return
+    with writing(folder):
+        _refuse_in_place_of_plots(folder)
+
+
 def _refuse_in_place_of_plots(folder: Path) -> None:
     """Raise :class:`~trig_stream.files.UnfitFileError` when something other than a file (a
     folder, a pipe) stands where an earlier report's plot would be removed from ``folder``."""
