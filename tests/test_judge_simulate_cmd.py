@@ -324,6 +324,40 @@ def test_a_sigint_it_was_started_ignoring_stays_ignored_and_sighup_stops_it() ->
                 stream.close()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_sigterm_stops_it_even_when_every_stop_signal_was_ignored() -> None:
+    # Started with SIGINT, SIGTERM and SIGHUP all ignored, it listened for none of them and
+    # only SIGKILL stopped it (without its counts); a SIGTERM is sent to a server on purpose.
+    code = (
+        "import signal, sys\n"
+        "for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):\n"
+        "    signal.signal(signum, signal.SIG_IGN)\n"
+        "from trig_stream.console import entry_point\n"
+        "sys.argv = ['trig-stream', 'simulate-judge', '--port', '0']\n"
+        "entry_point()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline().startswith("READY http://127.0.0.1:")
+        ignored = signal_mask(process.pid, "SigIgn")
+        assert has(ignored, signal.SIGINT) and has(ignored, signal.SIGHUP)
+        assert has(signal_mask(process.pid, "SigCgt"), signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+        assert process.wait(timeout=10) == 0, rest
+        assert "stopped: 0 served" in rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def test_serves_when_nobody_reads_its_ready_line() -> None:
     # `simulate-judge --port 0 | true`: the READY line's broken pipe was taken for a failed
     # bind: "cannot listen on 127.0.0.1:0: Broken pipe", exit 4.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -24,7 +25,7 @@ from rich.markup import escape
 from trig_stream.config_fields import NOT_A_VARIABLE, is_variable_name
 from trig_stream.dimensions import DIMENSIONS, split_pair
 from trig_stream.records import printable
-from trig_stream.signals import point_at_devnull, stop_signal_receiver
+from trig_stream.signals import point_at_devnull, stop_signals
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
 from trig_stream.testing.planted_scores import loadings
 
@@ -232,9 +233,8 @@ def run_simulate_judge(args: argparse.Namespace, console: Console) -> int:
 async def _serve(
     options: JudgeServerOptions, host: str, port: int, console: Console
 ) -> OSError | None:
-    """Serve until SIGINT, SIGTERM or SIGHUP (each unless ignored); return the error that
-    kept it from listening, if one did (any other error is no listening problem, and is
-    raised)."""
+    """Serve until SIGTERM, or SIGINT or SIGHUP unless ignored; return the error that kept it
+    from listening, if one did (any other error is no listening problem, and is raised)."""
     async with AsyncExitStack() as stack:
         try:
             server = await stack.enter_async_context(JudgeServer(options, host=host, port=port))
@@ -249,8 +249,11 @@ async def _serve(
         )
         # The stop signals are taken before READY, so a tool that stops the server on
         # reading it stops it as any other stop does; one the command was started ignoring
-        # (SIGINT in a script's background job) stays ignored, as in every command.
-        with stop_signal_receiver() as signals:
+        # (SIGINT in a script's background job) stays ignored, as in every command, except
+        # SIGTERM: a server has no terminal to respect, a SIGTERM is sent on purpose, and
+        # with all three ignored only SIGKILL stopped it (without its counts).
+        stop = dict.fromkeys([*stop_signals(), signal.SIGTERM])
+        with anyio.open_signal_receiver(*stop) as signals:
             # Tools that start the command read this line to learn the port.
             try:
                 print(f"READY {server.base_url}", flush=True)
