@@ -580,7 +580,8 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
 
     def write() -> bool:
         try:
-            folder = write_report(run_dir, console, should_stop=stop.is_set)
+            # Its own run holds the lock until the report is written: no run still going.
+            folder = write_report(run_dir, console, should_stop=stop.is_set, own_pid=os.getpid())
         except ReportStopped:
             console.print(
                 f"report stopped, incomplete: `trig-stream report {run_dir}` writes it",

@@ -332,9 +332,10 @@ class Engine:
         """Keep the run directory's ``run.lock`` held past the engine's close, until the
         block ends: a report written from the run's results in the block is written while no
         other run can start there and append to the journal, and viewers (``status``,
-        ``watch``, ``validate``) see the run still there, writing its report. Its journal is
-        closed with the engine as ever. Entered before the engine runs; however the block
-        ends (a Ctrl-C included), the lock is released."""
+        ``watch``, ``validate``) see the run still running there (its pid alone in
+        ``run.lock``, as ever). Its journal is closed with the engine as ever. Entered
+        before the engine runs; however the block ends (a Ctrl-C included), the lock is
+        released."""
         self._resources.keep_run_lock = True
         try:
             yield

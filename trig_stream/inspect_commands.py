@@ -220,9 +220,9 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     # a million of them).
     latest = latest_entries(args.run_dir / JOURNAL)
     asked = selected = None
-    # A run still opening (reading its journal) has not written its manifest yet, and one
-    # writing its report has asked whatever it asks: the errors are errors.
-    if writer is not None and not (writer.starting or writer.reporting) and manifest.retry_errors:
+    # A run still opening (reading its journal) has not written its manifest yet: the errors
+    # are errors.
+    if writer is not None and not writer.starting and manifest.retry_errors:
         # Only the errors of samples and dimensions the run still selects are asked again:
         # read from its dataset, as `watch` reads it (unknown if it cannot be read here).
         selected = _asked_by_manifest(manifest.config)
@@ -258,11 +258,6 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
             f"starting ({writer}): reading its journal and checking its manifest; the counts "
             "below are as of now, its errors counted as errors until it has started; follow "
             f"it live with `trig-stream watch {args.run_dir}`"
-        )
-    elif writer.reporting:
-        out.print(
-            f"writing its report ({writer}): its run is over, its judgements all written; "
-            "the counts below are final"
         )
     else:
         retrying = ""

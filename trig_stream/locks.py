@@ -1,9 +1,9 @@
 """The run lock: who runs in a run directory, seen without taking the lock.
 
 A running process holds ``run.lock`` (and its journal) locked with ``flock`` and, once it
-holds both and has written the run's manifest, writes its pid there; once its run is over, it
-closes the journal and keeps ``run.lock`` until its report is written, saying so there
-under its pid (:data:`REPORTING`). A viewer (``status``, ``watch``, ``report``,
+holds both and has written the run's manifest, writes its pid there (its pid alone: what
+every trig-stream version reads); once its run is over, it closes the journal and keeps
+``run.lock`` until its report is written. A viewer (``status``, ``watch``, ``report``,
 ``validate``) asks the kernel's lock table whether either lock is held (:func:`find_writer`)
 rather than taking it, which would turn away a run starting then.
 The messages of a run refused because another holds the directory live here too.
@@ -20,10 +20,6 @@ from trig_stream.files import open_regular_file
 LOCK = "run.lock"
 """Held locked by the process running in a run directory, which writes its pid there."""
 
-REPORTING = "report"
-"""The line a run appends under its pid in ``run.lock`` once its journal is closed and it
-writes its report, the lock still held (:attr:`Writer.reporting`)."""
-
 
 @dataclass(frozen=True)
 class Writer:
@@ -35,9 +31,6 @@ class Writer:
     its journal is locked (``run.lock`` deleted by hand)."""
     run_lock_held: bool
     """Whether it holds ``run.lock``; False when its journal's lock alone shows it."""
-    reporting: bool = False
-    """Whether its run is over and it writes its report: its journal is closed (its
-    judgements all written), ``run.lock`` still held, saying so (:data:`REPORTING`)."""
 
     @property
     def starting(self) -> bool:
@@ -77,21 +70,19 @@ def _run_lock_writer(run_dir: Path) -> Writer | None:
     path = run_dir / LOCK
     try:
         with open_regular_file(path) as handle:  # a pipe there is no lock: no wait on it
-            text = handle.read(64).decode()
+            text = handle.read(64).decode().strip()
             info = os.fstat(handle.fileno())
     except (OSError, ValueError):
         return None
-    holder, _, stage = text.partition("\n")
     try:
-        pid: int | None = int(holder)
+        pid: int | None = int(text)
     except ValueError:
         pid = None
     if pid is not None and pid <= 0:
         pid = None
-    reporting = pid is not None and stage.strip() == REPORTING
     held = _lock_held(info.st_dev, info.st_ino)
     if held is not None:
-        return Writer(pid=pid, run_lock_held=True, reporting=reporting) if held else None
+        return Writer(pid=pid, run_lock_held=True) if held else None
     if pid is None:
         return None
     try:
@@ -100,13 +91,7 @@ def _run_lock_writer(run_dir: Path) -> Writer | None:
         return None
     except PermissionError:
         pass
-    return Writer(pid=pid, run_lock_held=True, reporting=reporting)
-
-
-def lock_holder(text: str) -> str:
-    """The pid a ``run.lock`` holds, as its holder wrote it (its first line): what follows
-    it says what the run does (:data:`REPORTING`)."""
-    return text.partition("\n")[0].strip()
+    return Writer(pid=pid, run_lock_held=True)
 
 
 def run_in_use(run_dir: Path, holder: str) -> str:

@@ -58,14 +58,7 @@ from trig_stream.journal import (
     moved_or_replaced,
     warn_of_skipped_lines,
 )
-from trig_stream.locks import (
-    LOCK,
-    REPORTING,
-    find_writer,
-    journal_in_use,
-    lock_holder,
-    run_in_use,
-)
+from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
 from trig_stream.manifest import IMAGES as IMAGES  # re-exported: store.IMAGES, as ever
 from trig_stream.manifest import (
     MANIFEST,
@@ -386,11 +379,6 @@ class RunDir:
                     os.replace(partial, final)
         if release_lock:
             self.release_lock()
-        elif self._lock is not None:
-            # Under its pid (appended: a viewer reads the pid alone, or both): its journal is
-            # closed, what it still does is its report.
-            with suppress(OSError):  # closing must not hide the run's own outcome
-                write_all(self._lock.fileno(), f"\n{REPORTING}".encode())
 
     def release_lock(self) -> None:
         """Release ``run.lock`` (once the files are closed: see :meth:`close`); safe to
@@ -447,7 +435,7 @@ class RunDir:
             handle.truncate(0)
         except BlockingIOError:
             handle.seek(0)
-            holder = lock_holder(handle.read(32).decode("ascii", "replace"))
+            holder = handle.read(32).decode("ascii", "replace").strip()
             handle.close()
             raise RunLockedError(run_in_use(self.path, holder)) from None
         except BaseException:  # e.g. a file system without locks: the handle must not leak

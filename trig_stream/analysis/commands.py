@@ -214,11 +214,12 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def in_progress_note(run_dir: Path, covering: str) -> str | None:
+def in_progress_note(run_dir: Path, covering: str, *, own_pid: int | None = None) -> str | None:
     """The note that a process still runs in ``run_dir``, so that ``covering`` ("this
-    report covers") holds the judgements so far; None when none runs there."""
+    report covers") holds the judgements so far; None when none runs there, or when the one
+    there is ``own_pid``: a run writing its own report, its journal closed, keeps its lock."""
     writer = find_writer(run_dir)
-    if writer is None or writer.reporting:  # a run writing its report: its journal is closed
+    if writer is None or (own_pid is not None and writer.pid == own_pid):
         return None
     return f"a process ({writer}) is still running in {run_dir}: {covering} the judgements so far"
 
@@ -232,11 +233,13 @@ def write_report(
     metric: str | None = None,
     plots: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
+    own_pid: int | None = None,
 ) -> Path:
     """Write a run directory's exports, markdown report and plots; return the folder.
 
     ``should_stop`` is asked between two files (the end of a run writes its report, and a
-    Ctrl-C then stops it).
+    Ctrl-C then stops it). ``own_pid``: this process's pid when the run is its own, over,
+    its lock still held for the report: that run is not noted as still running.
 
     Raises:
         AnalysisError: the run holds no judgement to analyse.
@@ -244,7 +247,7 @@ def write_report(
         ReportStopped: ``should_stop`` said so.
     """
     # Asked before the journal is read: a run that ends meanwhile is reported as one going.
-    note = in_progress_note(run_dir, "this report covers")
+    note = in_progress_note(run_dir, "this report covers", own_pid=own_pid)
     if note is not None:
         note += " (the run writes its own when it ends, unless --no-report)"
         _say(console, note)

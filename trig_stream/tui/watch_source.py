@@ -308,11 +308,6 @@ class RunDirSource:
         alerts: list[str] = []
         if writer is not None and writer.starting:
             message = f"watching read-only: a run is starting ({writer}): reading its journal"
-        elif writer is not None and writer.reporting:
-            message = (
-                f"watching read-only: run written by {writer}, over: its judgements are all "
-                "written, its report is being written"
-            )
         elif writer is not None:
             message = f"watching read-only: run written by {writer}"
             pid = "an unknown pid" if writer.pid is None else f"pid {writer.pid}"
@@ -395,9 +390,9 @@ class RunDirSource:
 
     def _asked_again(self, manifest: Manifest, writer: Writer | None) -> Counter[str]:
         """Per model, the ``error`` judgements the running process asks again: none while it
-        opens (the manifest is still the run before's until it writes its pid) or writes its
-        report (its run is over), nor with no process running."""
-        if writer is None or writer.starting or writer.reporting or not manifest.retry_errors:
+        opens (the manifest is still the run before's until it writes its pid), nor with no
+        process running."""
+        if writer is None or writer.starting or not manifest.retry_errors:
             return Counter()
         asked = errors_asked_again(manifest, self._selected)
         if asked is None:
