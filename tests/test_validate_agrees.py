@@ -477,3 +477,75 @@ def test_validate_refuses_a_serve_port_something_listens_on(
         err = both_refuse_alike(path, capsys, EXIT_FATAL)
     assert f"judge 'j': cannot start its server on 127.0.0.1:{port}: " in err
     assert "another server listening there?" in err
+
+
+HOLDER = """\
+import pathlib, sys
+import anyio
+from trig_stream import manifest, store
+from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
+
+path, port = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+run, _ = store.RunDir.open(path, manifest.read_manifest(path))
+
+
+async def hold() -> None:
+    command = [sys.executable, "-m", "trig_stream", "simulate-judge", "--port", "{port}"]
+    options = {"command": command, "port": port, "poll_interval_s": 0.05}
+    server = ManagedServer(ServeOptions.model_validate(options), name="j")
+    await server.start()
+    try:
+        print("ready", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)
+    finally:
+        await server.aclose()
+
+
+anyio.run(hold)
+"""
+"""A run going on in the run directory ``argv[1]``: its lock held, its judge's server (the
+simulated judge) listening at port ``argv[2]``; it says ``ready``, and ends when its stdin
+closes."""
+
+
+@pytest.mark.timeout(120)
+def test_a_running_runs_serve_port_is_refused_as_the_run_dir_in_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The port was checked before the run directory: a second run or validate of a run still
+    # going, whose server holds the port, said "cannot start its server ... Address already in
+    # use" (exit 4), not that another process runs there (exit 3).
+    path = write_config(tmp_path, samples=1)
+    base = path.read_text().split("[[judges]]")[0]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = f'["{sys.executable}", "-m", "trig_stream", "simulate-judge", "--port", "{{port}}"]'
+    serve = f"{{ command = {command}, port = {port}, poll_interval_s = 0.05 }}"
+    judge = '[[judges]]\nname = "j"\nbackend = "openai"\n'
+    path.write_text(base + judge + f'options = {{ model = "m", serve = {serve} }}\n')
+    assert main([*RUN, str(path)]) == EXIT_OK  # the run that is resumed below
+    capsys.readouterr()
+    run_dir = tmp_path / "runs" / "cli"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir), str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        for command in (["validate"], RUN):
+            assert main([*command, str(path)]) == EXIT_RUN_DIR
+            err = " ".join(capsys.readouterr().err.split())
+            assert f"{run_dir} is in use by another trig-stream process (pid {holder.pid})" in err
+            assert "wait for it to end, or use `trig-stream watch`" in err
+            assert "cannot start its server" not in err
+        # With --new-run, the run goes to a fresh directory: the port is why it would fail.
+        assert main(["validate", "--new-run", str(path)]) == EXIT_FATAL
+        err = capsys.readouterr().err
+        assert f"judge 'j': cannot start its server on 127.0.0.1:{port}: " in err
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0
+    assert main(["validate", str(path)]) == EXIT_OK  # the run and its server have ended

@@ -30,6 +30,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     """``trig-stream validate CONFIG``: make the checks ``run`` makes before any work, print
     what the run would do, and return the exit status it would have on these grounds."""
     from trig_stream.backends.base import reads_source_images
+    from trig_stream.backends.judges.openai_judge import OpenAIJudge
     from trig_stream.backends.library_logs import quiet_model_libraries
     from trig_stream.dataset import DatasetSource
     from trig_stream.dimensions import Dimension
@@ -69,6 +70,12 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     else:
         run_dir = config.run_dir
         journal = check_resume(run_dir, run_manifest(config, generators, fingerprints))
+    # A judge's fixed serve.port, once the run directory passed: a run still going there
+    # holds it with its server, and is what a run is refused for (exit 3), as the run
+    # refuses it before its judges start. Else the port is why the server's start fails.
+    for judge in judges:
+        if isinstance(judge, OpenAIJudge):
+            judge.check_serve_port()
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
     # read fails here (DatasetError, the run's exit code), and the records the run would
     # quarantine are listed, those edited since they were judged in the run directory too.

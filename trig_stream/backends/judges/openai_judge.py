@@ -437,15 +437,30 @@ class OpenAIJudge(Judge):
 
     def check_environment(self) -> None:
         """The API key's variable is set (if it names one), the ``serve`` table holds no key
-        (it is saved with the run), its command runs, on an address of this machine, and at
-        a port nothing listens on."""
+        (it is saved with the run), its command runs, and on an address of this machine.
+
+        Its port is not looked at here: a run checks the environment before it opens its run
+        directory, and the server of a run still going there holds the port, which would hide
+        the run's own refusal ("in use by another trig-stream process"). The server's start
+        checks it; ``validate`` calls :meth:`check_serve_port` once the run directory passed.
+        """
         key = self._key()
         if self.options.serve is not None:
             server = ManagedServer(self.options.serve, name=self.name, secrets=[key or ""])
             server.check_secrets_left_out()
             server.check_command()
             server.check_host()
-            server.check_port()
+
+    def check_serve_port(self) -> None:
+        """Refuse a fixed ``serve.port`` something already listens on, as the server's start
+        would (``trig-stream validate``; nothing listens, nothing starts). No ``serve`` table,
+        or port 0, passes.
+
+        Raises:
+            FatalBackendError: the port is taken, in the start's words.
+        """
+        if self.options.serve is not None:
+            ManagedServer(self.options.serve, name=self.name).check_port()
 
     def opening(self) -> str:
         serve = self.options.serve
