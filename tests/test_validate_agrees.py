@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import shutil
 import socket
@@ -376,6 +377,35 @@ def test_an_image_folder_with_no_work_left_is_not_refused(
     with chattr(images):
         assert main(["validate", str(path)]) == EXIT_OK
         assert main([*RUN, str(path)]) == EXIT_OK
+
+
+def test_image_folders_are_not_refused_when_every_image_left_is_on_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # validate refused the image folders of a model with a sample left to judge (exit 3),
+    # though its image was on disk: run reuses it and writes nothing (exit 0).
+    path = write_config(tmp_path, samples=3)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    journal = run_dir / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    unjudged = json.loads(lines[-1])["data_id"]
+    journal.write_text("".join(x for x in lines if json.loads(x)["data_id"] != unjudged))
+    images = run_dir / "images"
+    assert (images / "t2i" / "synth" / f"{unjudged}.png").is_file()
+    capsys.readouterr()
+    with chattr(images / "t2i" / "synth", images / ".partial"):
+        assert main(["validate", str(path)]) == EXIT_OK
+        assert "1 sample to judge" in capsys.readouterr().out
+        assert main([*RUN, str(path)]) == EXIT_OK
+        assert unjudged in journal.read_text()
+    # An image missing: the run makes it, in a folder it cannot write; both refuse that.
+    (images / "t2i" / "synth" / f"{unjudged}.png").unlink()
+    journal.write_text("".join(x for x in lines if json.loads(x)["data_id"] != unjudged))
+    capsys.readouterr()
+    with chattr(images / "t2i" / "synth", images / ".partial"):
+        err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
+    assert err.startswith(f"error: cannot write images in {images}: ")
 
 
 @pytest.mark.timeout(60)  # a pipe as the journal was waited on for ever

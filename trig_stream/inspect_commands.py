@@ -43,7 +43,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     )
     from trig_stream.records import QuarantinedRecord
     from trig_stream.sourcing import Owed
-    from trig_stream.store import check_image_folders, check_new_run, check_resume
+    from trig_stream.store import check_image_folders, check_new_run, check_resume, image_file
 
     config = load_config(args.config)
     quiet_model_libraries()  # as ``run`` does: a class looked up prints no library's advice
@@ -88,7 +88,9 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     owed = asked_again if args.retry_errors else kept
     finished = Counter[str]()
     working: set[str] = set()
-    """The models that owe a judgement: the run writes their images."""
+    """The models that owe a judgement of a sample whose image is not on disk: the run writes
+    their images. One already there is reused (generation's reusable_image), nothing written."""
+    task = config.run.task
 
     def passed_over(data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
         # The error judgements of the sample: asked again with --retry-errors, else kept.
@@ -98,8 +100,14 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
             for model in models
         )
         if not owed.finished(data_id, dimensions):
+            # One look per model at most, until its first image to make: a stat, not the
+            # run's decoding (a damaged image on disk is made again: seldom, not looked for).
             working.update(
-                m for m in models if m not in working and owed.todo(m, data_id, dimensions)
+                m
+                for m in models
+                if m not in working
+                and owed.todo(m, data_id, dimensions)
+                and not image_file(run_dir, task, m, data_id).is_file()
             )
             return False
         finished["judged" if owed.measured(dimensions) else "unmeasured"] += 1
@@ -120,9 +128,10 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
             continue
         samples += 1
     # Where the run writes the images of what is left to judge: a file in the way, or a
-    # folder it cannot write, stopped it at its first image (and validate said ok).
-    if samples:
-        check_image_folders(run_dir, config.run.task, sorted(working))
+    # folder it cannot write, stopped it at its first image (and validate said ok). Images
+    # all on disk are only read: then nothing need be writable.
+    if samples and working:
+        check_image_folders(run_dir, task, sorted(working))
     unmeasured = finished["unmeasured"]
     # Every record refused: the run would judge nothing and exit 2, and so does this. Records
     # the filters left out are not refused: with them, the filters are why nothing is judged.

@@ -272,7 +272,8 @@ class RunDir:
             sync_dir(made.parent)
 
     def image_path(self, task: str, model: str, data_id: str) -> Path:
-        """Where the image of ``data_id`` by ``model`` lives (names are checked safe upstream)."""
+        """Where the image of ``data_id`` by ``model`` lives (names are checked safe upstream;
+        :func:`image_file` names the same path without a RunDir)."""
         folder = self._image_dirs.get((task, model))
         if folder is None:  # a path join costs microseconds, and every image needs one
             folder = self._image_dirs[task, model] = self.path / IMAGES / task / model
@@ -840,9 +841,16 @@ def _image_folder_in_the_way(folder: Path, mode: int) -> UnfitFileError:
     )
 
 
+def image_file(path: Path, task: str, model: str, data_id: str) -> Path:
+    """Where the run directory ``path`` holds the image of ``data_id`` by ``model`` for
+    ``task``, as :meth:`RunDir.image_path` names it (``trig-stream validate``)."""
+    return path / IMAGES / task / model / f"{data_id}.png"
+
+
 def check_image_folders(path: Path, task: str, models: Sequence[str]) -> None:
     """Raise the error a run that writes images of ``models`` for ``task`` in the run
-    directory ``path`` gets (``trig-stream validate``, when there is work left): a file
+    directory ``path`` gets (``trig-stream validate``, for the models with an image still to
+    make; one already on disk is reused, nothing written): a file
     where ``images/``, ``images/.partial``, ``images/<task>`` or ``images/<task>/<model>``
     goes, or one of them that exists, or the folder a missing one is made in, that cannot be
     written. Looked at only (``os.access`` and the attributes), nothing is made.
