@@ -550,8 +550,8 @@ def test_a_running_runs_serve_port_is_refused_as_the_run_dir_in_use(
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    command = f'["{sys.executable}", "-m", "trig_stream", "simulate-judge", "--port", "{{port}}"]'
-    serve = f"{{ command = {command}, port = {port}, poll_interval_s = 0.05 }}"
+    argv = f'["{sys.executable}", "-m", "trig_stream", "simulate-judge", "--port", "{{port}}"]'
+    serve = f"{{ command = {argv}, port = {port}, poll_interval_s = 0.05 }}"
     judge = '[[judges]]\nname = "j"\nbackend = "openai"\n'
     path.write_text(base + judge + f'options = {{ model = "m", serve = {serve} }}\n')
     assert main([*RUN, str(path)]) == EXIT_OK  # the run that is resumed below
