@@ -609,6 +609,39 @@ def test_a_folder_in_place_of_a_later_models_plot_is_refused_before_any_model_is
     assert earlier_plot.read_bytes() == b"earlier"
 
 
+@pytest.mark.parametrize(
+    ("obstacle", "plots"),
+    [("report.md", False), ("report.md", True), ("plots/dimension_map.png", True)],
+)
+def test_a_folder_where_a_later_models_file_goes_is_refused_before_any_model_is_written(
+    tmp_path: Path, obstacle: str, plots: bool
+) -> None:
+    # Checked only inside each model's write, model-a's files were replaced before
+    # model-b's folder in the way was found: a report of model-a new, model-b old.
+    if plots:
+        pytest.importorskip("matplotlib")
+    run = write_run_dir(tmp_path / "run", {})
+    out = tmp_path / "o"
+    names = [*MODEL_FILES, *(f"plots/{name}" for name in sorted(PNGS))]
+    written = [out / model / name for model in ("model-a", "model-b") for name in names]
+    for path in written:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"earlier")
+    in_the_way = out / "model-b" / obstacle
+    in_the_way.unlink()
+    in_the_way.mkdir()
+    written.remove(in_the_way)
+    flags = () if plots else ("--no-plots",)
+    with pytest.raises(AnalysisError) as raised:
+        run_command("report", str(run), "--out", str(out), *flags)
+    assert str(raised.value) == (
+        f"cannot write the report in {out / 'model-b'}: {in_the_way} is a folder, where a "
+        "file of that name is to be written; move or remove it"
+    )
+    assert {path.read_bytes() for path in written} == {b"earlier"}
+    assert sorted(p.name for p in (out / "model-a").iterdir()) == sorted([*MODEL_FILES, "plots"])
+
+
 def test_a_file_the_report_cannot_remove_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

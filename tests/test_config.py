@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import annotated_types
 import pytest
 from pydantic import BaseModel, ValidationError, model_validator
 
 from trig_stream.backends import registry
-from trig_stream.config import load_config
+from trig_stream.config import EngineSection, load_config
 from trig_stream.config_problems import dotted_key, locate_key, nested_problems
 from trig_stream.errors import ConfigError, MissingExtraError
 from trig_stream.testing import SyntheticGenerator
@@ -1053,3 +1054,18 @@ def test_validate_refuses_a_served_model_name_no_server_serves_naming_the_key(
     assert main(["validate", str(path)]) == EXIT_CONFIG
     err = " ".join(capsys.readouterr().err.split())
     assert f"{key}.options.model: {problem}" in err
+
+
+def test_the_readme_engine_table_gives_the_bounds_of_its_integers() -> None:
+    # max_attempts is refused above 100, yet the README's [engine] table gave no bound.
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### `[engine]`", 1)[1].split("\n#", 1)[0]
+    rows = {line.split("`")[1]: line for line in table.splitlines() if line.startswith("| `")}
+    bounded = 0
+    for name, field in EngineSection.model_fields.items():
+        ge = next((m.ge for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
+        le = next((m.le for m in field.metadata if isinstance(m, annotated_types.Le)), None)
+        if field.annotation is int and le is not None:
+            bounded += 1
+            assert rows[name].endswith(f"; {ge} to {le} |"), rows[name]
+    assert bounded  # max_attempts at least

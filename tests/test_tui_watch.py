@@ -499,6 +499,26 @@ def test_status_and_watch_count_the_list_a_running_or_killed_run_wrote(
     assert "1 dataset records quarantined by a run stopped before it read the dataset" in out
 
 
+def test_status_and_watch_do_not_count_the_half_line_a_killed_run_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A run killed while it wrote a record leaves the start of its line: status and watch
+    # counted it as a quarantined record.
+    run_dir = write_run_dir(tmp_path)
+    refused = QuarantinedRecord(index=3, data_id="x", reason="bad", record={})
+    whole = refused.model_dump_json() + "\n"
+    (run_dir / QUARANTINE_PARTIAL).write_text(whole + '{"index": 4, "da')
+    source = RunDirSource(run_dir)
+    assert source.poll().quarantined == 1
+    assert main(["status", str(run_dir)]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 dataset records quarantined by a run stopped before it read the dataset" in out
+    # Its line written whole, it counts.
+    second = refused.model_copy(update={"index": 4}).model_dump_json() + "\n"
+    (run_dir / QUARANTINE_PARTIAL).write_text(whole + second)
+    assert source.poll().quarantined == 2
+
+
 async def test_the_dashboard_ends_with_the_error_of_a_run_dir_deleted_while_watched(
     tmp_path: Path,
 ) -> None:

@@ -242,7 +242,7 @@ def write_atomic_together(
                 handle.flush()
                 _sync_data(handle.fileno())
         for _, path in temps:  # no rename may fail once one is done
-            _refuse_in_the_way(path)
+            refuse_in_the_way(path)
         for index, (temp, path) in enumerate(temps):
             try:
                 os.replace(temp, path)
@@ -283,12 +283,12 @@ def _take_mode(fd: int, path: Path) -> None:
             os.fchmod(fd, stat.S_IMODE(mode))
 
 
-def _refuse_in_the_way(path: Path) -> None:
+def refuse_in_the_way(path: Path) -> None:
     """Raise :class:`UnfitFileError` when something other than a file or a symbolic link
     (replaced by the rename, not written through) stands at ``path``."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # none, or its folder not made yet
         return
     if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
         return

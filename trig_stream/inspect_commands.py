@@ -224,6 +224,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.journal import JOURNAL, latest_entries
     from trig_stream.locks import find_writer
     from trig_stream.manifest import errors_asked_again, read_manifest
+    from trig_stream.quarantine_text import read_quarantine_list
     from trig_stream.store import QUARANTINE, quarantine_lists
 
     # Asked before the journal is read, as `watch` asks: a writer that is gone by then has
@@ -319,7 +320,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     for quarantine in quarantine_lists(args.run_dir, running=listing):
         try:
             with open_regular_file(quarantine) as lines:  # a pipe there would wait forever
-                refused = sum(1 for _ in lines)
+                refused, _ = read_quarantine_list(lines)  # whole records: no half line
         except FileNotFoundError:
             continue
         except OSError as exc:

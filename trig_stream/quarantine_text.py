@@ -3,13 +3,15 @@
 A quarantined record is kept so a user can see what was wrong with it, but a record is
 whatever the dataset file held: embedded images, lone surrogates, values of types JSON has
 no form for, nesting hundreds deep. :func:`without_images` makes any of them a JSON object of
-bounded size that still shows what the record said.
+bounded size that still shows what the record said. :func:`read_quarantine_list` counts
+the records such a list holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date, time
 from typing import Any
 
@@ -27,6 +29,29 @@ IMAGE_TEXT_LIMIT = 4096
 bytes, and longer text is a picture written inline (a data: URL, base64), as large as the
 bytes that are left out."""
 _IMAGE_FIELDS = frozenset(("image", "img_id"))
+
+
+def read_quarantine_list(lines: Iterable[bytes]) -> tuple[int, frozenset[int]]:
+    """How many records a quarantine list's ``lines`` hold, and the dataset indexes of those
+    that name one.
+
+    A record counts when its line is whole (it ends in a newline) and reads as a JSON object:
+    a run killed while it wrote a line leaves its start, which is no record.
+    """
+    records = 0
+    indexes: set[int] = set()
+    for line in lines:
+        if not line.endswith(b"\n"):
+            continue
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                continue
+            records += 1
+            index = record.get("index")
+            if isinstance(index, int) and not isinstance(index, bool):
+                indexes.add(index)
+    return records, frozenset(indexes)
 
 
 def without_images(raw: Mapping[str, Any]) -> dict[str, Any]:

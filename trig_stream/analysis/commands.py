@@ -47,8 +47,8 @@ from trig_stream.analysis.report import (
     WrittenFiles,
     is_model_outputs,
     left_out_text,
-    refuse_in_place_of_plots,
     refuse_link,
+    refuse_unfit_outputs,
     remove_model_outputs,
     write_model_outputs,
     writing,
@@ -264,7 +264,7 @@ def write_report(
         refuse_link(path, elsewhere)
     _refuse_foreign_comparison(folder / COMPARISON_FILE)
     for model in analyses:  # every model's, before the first model's files are replaced
-        refuse_in_place_of_plots(folder / model, plots=plots)
+        refuse_unfit_outputs(folder / model, plots=plots)
     skipped = False
     assert run.table is not None, "load_run keeps the rows by default"
     for model, analysis in analyses.items():

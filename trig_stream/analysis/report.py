@@ -30,6 +30,7 @@ from trig_stream.files import (
     PartlyReplacedError,
     UnfitFileError,
     file_kind,
+    refuse_in_the_way,
     write_atomic_together,
 )
 from trig_stream.records import ScoredJudgement, exact_number
@@ -272,10 +273,9 @@ def _write_model_outputs(
     upstream: bool,
 ) -> WrittenFiles:
     check()
+    drawn = plots and drawing.matplotlib_available()
+    _refuse_unfit_outputs(folder, drawn=drawn)
     plots_folder = folder / PLOTS_FOLDER
-    fixed = [folder / name for name in MODEL_FILES] + [plots_folder]
-    for path in [*fixed, *(plots_folder / name for name in drawing.PLOT_FILES)]:
-        refuse_link(path, "remove the link, or write the report elsewhere with --out")
     # Every file is rendered before any is written, then all are written together: a full
     # disk (or a stop) part way leaves the earlier report's files as they were, never a
     # truncated file beside stale ones.
@@ -288,14 +288,9 @@ def _write_model_outputs(
     ]
     check()
     contents.append((folder / JUDGEMENTS_FILE, parquet_bytes(table)))
-    drawn = plots and drawing.matplotlib_available()
     if drawn:
         rendered = drawing.render_plots(analysis, before_each=check)
         contents += [(plots_folder / name, data) for name, data in rendered]
-    else:
-        # Refused before anything is written: found only when the earlier plots were
-        # removed, it left this model's new files beside the other models' old ones.
-        _refuse_in_place_of_plots(folder)
     write_atomic_together(contents)
     files = [path for path, _ in contents]
     if drawn:
@@ -305,9 +300,11 @@ def _write_model_outputs(
     return WrittenFiles(folder, files, plots_skipped=plots)
 
 
-def refuse_in_place_of_plots(folder: Path, *, plots: bool = True) -> None:
-    """Refuse ``folder`` when this report draws no plots (``plots`` false, or no matplotlib)
-    and something other than a file stands where an earlier report's plot is to be removed.
+def refuse_unfit_outputs(folder: Path, *, plots: bool = True) -> None:
+    """Refuse ``folder`` when a symbolic link, or something other than a file (a folder, a
+    pipe), stands where one of the files :func:`write_model_outputs` writes goes (its plots
+    too, when it draws them), or, when it draws none (``plots`` false, or no matplotlib),
+    where an earlier report's plot is to be removed.
 
     A report of several models asks this of every model's folder before it writes the first:
     found only at a later model's write, it left the earlier models' new files beside the
@@ -316,9 +313,19 @@ def refuse_in_place_of_plots(folder: Path, *, plots: bool = True) -> None:
     Raises:
         OutputWriteError: names the path in the way and what to do.
     """
-    if plots and drawing.matplotlib_available():
-        return
     with writing(folder):
+        _refuse_unfit_outputs(folder, drawn=plots and drawing.matplotlib_available())
+
+
+def _refuse_unfit_outputs(folder: Path, *, drawn: bool) -> None:
+    plots_folder = folder / PLOTS_FOLDER
+    files = [folder / name for name in MODEL_FILES]
+    plot_files = [plots_folder / name for name in drawing.PLOT_FILES]
+    for path in [*files, plots_folder, *plot_files]:
+        refuse_link(path, "remove the link, or write the report elsewhere with --out")
+    for path in [*files, *plot_files] if drawn else files:
+        refuse_in_the_way(path)
+    if not drawn:
         _refuse_in_place_of_plots(folder)
 
 

@@ -9,7 +9,6 @@ writes it, and its pid, come from :func:`~trig_stream.locks.find_writer`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections import Counter, deque
@@ -35,6 +34,7 @@ from trig_stream.journal import (
 )
 from trig_stream.locks import Writer, find_writer
 from trig_stream.manifest import Manifest, errors_asked_again, read_manifest
+from trig_stream.quarantine_text import read_quarantine_list
 from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.stats import ERRORS_KEPT, ErrorLines
 from trig_stream.store import quarantine_lists
@@ -365,7 +365,7 @@ class RunDirSource:
                     info = os.fstat(handle.fileno())
                     key = (name, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
                     if key != self._quarantine_key:
-                        self._quarantined, self._refused = _read_refusals(handle)
+                        self._quarantined, self._refused = read_quarantine_list(handle)
                         self._quarantine_key = key
                     return self._quarantined
             except FileNotFoundError:
@@ -611,18 +611,3 @@ def _judgements_per_model(config: RunConfig, samples: dict[str, tuple[Dimension,
     return sum(
         count * sum(judge.measures(d) for judge in judges) for d, count in dimensions.items()
     )
-
-
-def _read_refusals(handle: BinaryIO) -> tuple[int, frozenset[int]]:
-    """How many records a quarantine list holds, and the dataset indexes of those whose
-    line reads (one that does not still counts, but refuses no index)."""
-    lines = 0
-    indexes: set[int] = set()
-    for line in handle:
-        lines += 1
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            index = record.get("index") if isinstance(record, dict) else None
-            if isinstance(index, int) and not isinstance(index, bool):
-                indexes.add(index)
-    return lines, frozenset(indexes)
