@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -290,47 +292,13 @@ def has(mask: int, signum: int) -> bool:
     return bool(mask >> (signum - 1) & 1)
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
-def test_a_sigint_it_was_started_ignoring_stays_ignored_and_sighup_stops_it() -> None:
-    # A script's background job starts with SIGINT ignored; the server took it over all the
-    # same (the user's Ctrl-C for the script's foreground job stopped it), and SIGHUP ended
-    # it with exit 130 and no counts, where SIGINT and SIGTERM gave 0 and the counts.
+@contextmanager
+def serving_with_ignored(*ignored: signal.Signals) -> Iterator[subprocess.Popen[str]]:
+    """``trig-stream simulate-judge --port 0`` started with ``ignored`` ignored, once it is
+    ready (its READY line read); killed on the way out if still running."""
     code = (
         "import signal, sys\n"
-        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-        "from trig_stream.console import entry_point\n"
-        "sys.argv = ['trig-stream', 'simulate-judge', '--port', '0']\n"
-        "entry_point()\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout is not None and process.stderr is not None
-        assert process.stdout.readline().startswith("READY http://127.0.0.1:")
-        assert has(signal_mask(process.pid, "SigIgn"), signal.SIGINT)
-        caught = signal_mask(process.pid, "SigCgt")
-        assert has(caught, signal.SIGTERM) and has(caught, signal.SIGHUP)
-        process.send_signal(signal.SIGHUP)
-        rest = process.stderr.read()
-        assert process.wait(timeout=10) == 0, rest
-        assert "stopped: 0 served" in rest
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
-def test_sigterm_stops_it_even_when_every_stop_signal_was_ignored() -> None:
-    # Started with SIGINT, SIGTERM and SIGHUP all ignored, it listened for none of them and
-    # only SIGKILL stopped it (without its counts); a SIGTERM is sent to a server on purpose.
-    code = (
-        "import signal, sys\n"
-        "for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):\n"
+        f"for signum in {[int(signum) for signum in ignored]!r}:\n"
         "    signal.signal(signum, signal.SIG_IGN)\n"
         "from trig_stream.console import entry_point\n"
         "sys.argv = ['trig-stream', 'simulate-judge', '--port', '0']\n"
@@ -342,13 +310,7 @@ def test_sigterm_stops_it_even_when_every_stop_signal_was_ignored() -> None:
     try:
         assert process.stdout is not None and process.stderr is not None
         assert process.stdout.readline().startswith("READY http://127.0.0.1:")
-        ignored = signal_mask(process.pid, "SigIgn")
-        assert has(ignored, signal.SIGINT) and has(ignored, signal.SIGHUP)
-        assert has(signal_mask(process.pid, "SigCgt"), signal.SIGTERM)
-        process.send_signal(signal.SIGTERM)
-        rest = process.stderr.read()
-        assert process.wait(timeout=10) == 0, rest
-        assert "stopped: 0 served" in rest
+        yield process
     finally:
         if process.poll() is None:
             process.kill()
@@ -356,6 +318,37 @@ def test_sigterm_stops_it_even_when_every_stop_signal_was_ignored() -> None:
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+def stops_with_its_counts(process: subprocess.Popen[str], signum: signal.Signals) -> None:
+    assert process.stderr is not None
+    process.send_signal(signum)
+    rest = process.stderr.read()
+    assert process.wait(timeout=10) == 0, rest
+    assert "stopped: 0 served" in rest
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_sigint_it_was_started_ignoring_stays_ignored_and_sighup_stops_it() -> None:
+    # A script's background job starts with SIGINT ignored; the server took it over all the
+    # same (the user's Ctrl-C for the script's foreground job stopped it), and SIGHUP ended
+    # it with exit 130 and no counts, where SIGINT and SIGTERM gave 0 and the counts.
+    with serving_with_ignored(signal.SIGINT) as process:
+        assert has(signal_mask(process.pid, "SigIgn"), signal.SIGINT)
+        caught = signal_mask(process.pid, "SigCgt")
+        assert has(caught, signal.SIGTERM) and has(caught, signal.SIGHUP)
+        stops_with_its_counts(process, signal.SIGHUP)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_sigterm_stops_it_even_when_every_stop_signal_was_ignored() -> None:
+    # Started with SIGINT, SIGTERM and SIGHUP all ignored, it listened for none of them and
+    # only SIGKILL stopped it (without its counts); a SIGTERM is sent to a server on purpose.
+    with serving_with_ignored(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as process:
+        ignored = signal_mask(process.pid, "SigIgn")
+        assert has(ignored, signal.SIGINT) and has(ignored, signal.SIGHUP)
+        assert has(signal_mask(process.pid, "SigCgt"), signal.SIGTERM)
+        stops_with_its_counts(process, signal.SIGTERM)
 
 
 def test_serves_when_nobody_reads_its_ready_line() -> None:
