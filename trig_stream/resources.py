@@ -29,6 +29,7 @@ import anyio.to_thread
 from trig_stream.backends.base import Generator, Judge
 from trig_stream.backends.threads import call_left_behind_on_cancel
 from trig_stream.config import RunConfig
+from trig_stream.dataset_formats import refuse_undecodable_shards
 from trig_stream.journal import JournalState
 from trig_stream.opening import (
     OpenedRunDir,
@@ -143,6 +144,10 @@ class RunResources:
         backends: list[Generator | Judge] = [*self._generators, *self._judges]
         for backend in backends:
             await self._check_environment(backend)
+        # A shard polars cannot name, refused before a run directory is made for nothing.
+        await anyio.to_thread.run_sync(
+            refuse_undecodable_shards, config.dataset.path, config.dataset.format
+        )
         for judge in self._judges:
             self.fingerprints[judge.name] = judge_fingerprint(judge)
             self.limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
