@@ -56,7 +56,7 @@ from trig_stream.analysis.report import (
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
-from trig_stream.files import write_atomic
+from trig_stream.files import real_path, write_atomic
 from trig_stream.locks import find_writer
 from trig_stream.records import COMPARISON_FILE, Judgement, ScoredJudgement, printable
 from trig_stream.terminal import CommandConsole
@@ -450,14 +450,14 @@ def _refuse_overwriting_inputs(folder: Path, file: Path, prompts: Path | None) -
 
 def _within(folder: Path, dataset: Path) -> bool:
     """Whether ``folder`` is the folder ``dataset`` or one under it (links resolved)."""
-    return _same_file(folder, dataset) or folder.resolve().is_relative_to(dataset.resolve())
+    return _same_file(folder, dataset) or real_path(folder).is_relative_to(real_path(dataset))
 
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)  # a hard link too
     except OSError:  # one of them does not exist (yet)
-        return a.resolve() == b.resolve()
+        return real_path(a) == real_path(b)
 
 
 def compare_runs(
@@ -478,11 +478,11 @@ def compare_runs(
     """
     seen: dict[Path, Path] = {}
     for run_dir in run_dirs:
-        first = seen.get(run_dir.resolve())
+        first = seen.get(real_path(run_dir))
         if first is not None:
             same = "" if str(first) == str(run_dir) else f" (as {first} and {run_dir})"
             raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
-        seen[run_dir.resolve()] = run_dir
+        seen[real_path(run_dir)] = run_dir
     columns: list[tuple[str, RunData, ModelAnalysis]] = []
     notes: list[str] = []
     for run_dir, run_label in zip(run_dirs, run_labels(list(seen)), strict=True):

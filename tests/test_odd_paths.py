@@ -1,0 +1,115 @@
+"""Odd paths: symbolic links that loop or point nowhere, on the way to what a config or a
+command names. Each is one error naming the link, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_analysis_commands import FORMATTED, formatted_as_evaluation
+from tests.test_cli import write_config
+from trig_stream.cli import main
+from trig_stream.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
+
+LOOPS = "Too many levels of symbolic links"
+
+
+def loop(folder: Path) -> Path:
+    """``folder/loop1`` -> ``loop2`` -> ``loop1``."""
+    (folder / "loop2").symlink_to("loop1")
+    (folder / "loop1").symlink_to("loop2")
+    return folder / "loop1"
+
+
+def one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Traceback" not in text
+    return " ".join(text.split())
+
+
+def test_a_relative_config_path_through_a_loop_is_one_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (base / path).resolve() raised RuntimeError("Symlink loop ..."): a traceback, exit 1.
+    config = write_config(tmp_path, samples=2)
+    looped = loop(tmp_path)
+    text = config.read_text()
+    config.write_text(text.replace('path = "prompts.json"', 'path = "loop1"'))
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(config)]) == EXIT_FATAL
+        assert f"dataset {looped} cannot be looked up: {LOOPS}" in one_error(capsys)
+    config.write_text(text.replace('output_dir = "runs"', 'output_dir = "loop1"'))
+    for command in (["validate"], ["run", "--headless"], ["run", "--headless", "--new-run"]):
+        assert main([*command, str(config)]) == EXIT_RUN_DIR
+        err = one_error(capsys)
+        assert f"{looped} is a symbolic link (to loop2) that loops back to itself" in err
+        assert "remove it" in err
+    config.write_text(
+        text.replace('backend = "synthetic"\noptions = { size = 16 }', "")
+        .replace('name = "synth"', 'name = "synth"\nbackend = "image_folder"')
+        .replace("[[judges]]", 'options = { path = "loop1" }\n[[judges]]')
+    )
+    assert main(["validate", str(config)]) == EXIT_FATAL
+    assert f"image folder {looped} " in one_error(capsys)
+
+
+def test_a_run_directory_that_is_a_dangling_link_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "cannot create the run directory .../runs/syn: File exists": the link was the fault.
+    config = write_config(tmp_path, samples=2)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "cli").symlink_to("../../other/nothere")
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(config)]) == EXIT_RUN_DIR
+        err = one_error(capsys)
+        assert (
+            f"cannot create the run directory {tmp_path / 'runs' / 'cli'}: "
+            f"{tmp_path / 'runs' / 'cli'} is a symbolic link to ../../other/nothere, which "
+            "does not exist: it points nowhere"
+        ) in err
+        assert "File exists" not in err
+
+
+def test_analysis_paths_through_a_loop_are_one_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, samples=2)
+    assert main(["run", str(config), "--headless", "--no-report"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    looped = loop(tmp_path)
+    capsys.readouterr()
+    assert main(["compare", str(looped / "cli"), str(run_dir)]) != EXIT_OK
+    assert f"{looped / 'cli'}/manifest.json: {LOOPS}" in one_error(capsys)
+    assert main(["compare", str(run_dir), str(run_dir), "--out", str(looped)]) != EXIT_OK
+    one_error(capsys)
+    assert main(["analyze", str(FORMATTED), "--out", str(looped), "--no-plots"]) == (
+        EXIT_RUN_DIR
+    )
+    err = one_error(capsys)
+    assert f"{looped} is a symbolic link (to loop2) that loops back to itself" in err
+    assert "File exists" not in err
+    evaluation = tmp_path / "evaluation_result.json"
+    evaluation.write_text(json.dumps(formatted_as_evaluation()[0]))
+    out = tmp_path / "out"
+    assert main(["analyze", str(evaluation), "--out", str(out), "--prompts", str(looped)]) != 0
+    assert f"dataset {looped} cannot be looked up: {LOOPS}" in one_error(capsys)
+
+
+def test_a_moved_project_whose_old_place_is_a_loop_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Move.between resolved the manifest's old paths: a loop there was a traceback.
+    first = tmp_path / "P1"
+    first.mkdir()
+    config = write_config(first, samples=2)
+    assert main(["run", str(config), "--headless", "--no-report"]) == EXIT_OK
+    first.rename(tmp_path / "P2")
+    first.symlink_to("P1")
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "P2" / config.name), "--headless", "--no-report"]) == 0
+    assert "done: 0 judgements" in one_error(capsys)
+
