@@ -113,3 +113,24 @@ def test_a_moved_project_whose_old_place_is_a_loop_resumes(
     assert main(["run", str(tmp_path / "P2" / config.name), "--headless", "--no-report"]) == 0
     assert "done: 0 judgements" in one_error(capsys)
 
+
+def test_a_path_error_of_a_linked_config_says_where_relative_paths_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A/c.toml -> ../B/c.toml: "dataset .../A/prompts.json does not exist" while the dataset
+    # lies beside the linked file, in B, with nothing saying why A was looked in.
+    linked = tmp_path / "B"
+    linked.mkdir()
+    config = write_config(linked, samples=2)
+    (tmp_path / "A").mkdir()
+    link = tmp_path / "A" / "run.toml"
+    link.symlink_to(Path("..", "B", config.name))
+    assert main(["validate", str(link)]) == EXIT_FATAL
+    err = one_error(capsys)
+    assert f"dataset {tmp_path / 'A' / 'prompts.json'} does not exist" in err
+    assert (
+        f"(config {link} is a symbolic link to a file in {linked}: its relative paths are "
+        f"read from the link's folder, {tmp_path / 'A'}, not the linked file's)"
+    ) in err
+    assert main(["validate", str(config)]) == EXIT_OK  # the file itself: no such clause
+    assert "symbolic link" not in one_error(capsys)
