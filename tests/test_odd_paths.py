@@ -4,14 +4,17 @@ command names. Each is one error naming the link, never a traceback."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_analysis_commands import FORMATTED, formatted_as_evaluation
+from tests.test_analysis_commands import FORMATTED, formatted_as_evaluation, write_run_dir
 from tests.test_cli import write_config
 from trig_stream.cli import main
-from trig_stream.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 
 LOOPS = "Too many levels of symbolic links"
 
@@ -134,3 +137,56 @@ def test_a_path_error_of_a_linked_config_says_where_relative_paths_are_read(
     ) in err
     assert main(["validate", str(config)]) == EXIT_OK  # the file itself: no such clause
     assert "symbolic link" not in one_error(capsys)
+
+
+def in_ascii_locale(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Python ``code`` in a child whose file-name encoding is ASCII (the C locale without
+    UTF-8 mode), ``args`` as its sys.argv[1:]."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="backslashreplace",
+        timeout=120,
+        check=False,
+    )
+
+
+CLI = "import sys\nfrom trig_stream.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def test_a_path_this_locale_cannot_name_is_one_error(tmp_path: Path) -> None:
+    # With an ASCII file-name encoding a config in "w é/" (its paths resolved) and a
+    # compare --out "cmp é.md" (its temporary file's name) were UnicodeEncodeError tracebacks.
+    probe = in_ascii_locale("import sys; print(sys.getfilesystemencoding())")
+    if probe.stdout.strip() == "utf-8":
+        pytest.skip("this Python keeps UTF-8 file names in the C locale")
+    folder = tmp_path / "w é 中文"
+    folder.mkdir()
+    config = write_config(folder, samples=2)
+    run = write_run_dir(tmp_path / "r1", {})
+    ascii_config = write_config(tmp_path, samples=2)
+    ascii_config.write_text(
+        ascii_config.read_text().replace('path = "prompts.json"', 'path = "données.json"')
+    )
+    for argv in (
+        ["validate", str(config)],
+        ["compare", str(run), "--out", str(tmp_path / "cmp é.md")],
+        ["report", str(run), "--no-plots", "--out", str(tmp_path / "rép")],
+        ["validate", str(ascii_config)],
+    ):
+        done = in_ascii_locale(CLI, *argv)
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.returncode == EXIT_CONFIG, done.stderr
+        text = " ".join(done.stderr.split())
+        assert "this path cannot be used in this locale, whose file-name encoding is" in text
+        assert "run in a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)" in text
+    assert not (tmp_path / "cmp é.md").exists()
+    # A library call writing such a name (its temporary file named after it) works.
+    write = "import sys\nfrom pathlib import Path\nfrom trig_stream.files import write_atomic\n"
+    done = in_ascii_locale(write + "write_atomic(Path(sys.argv[1]), b'x')\n", str(tmp_path / "é"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "é").read_bytes() == b"x"

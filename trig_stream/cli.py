@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
@@ -29,7 +29,7 @@ from trig_stream.analysis.relations import AnalysisError, OutputWriteError
 from trig_stream.backends.library_logs import quiet_model_libraries
 from trig_stream.backends.threads import threads_left_behind
 from trig_stream.config import RunConfig, load_config
-from trig_stream.files import real_path
+from trig_stream.files import locale_problem, real_path
 from trig_stream.errors import (
     ConfigError,
     ConfigWriteError,
@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
         # Inside the try: the parser imports the command's module (tenths of a second, for
         # `report` or `watch`), and a Ctrl-C meanwhile is one as any other.
         args = _parse(argv)
+        _refuse_unusable_paths(args)
         args.exiting = exiting
         result: int = args.handler(args, console)
         return result
@@ -126,6 +127,19 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
         return EXIT_FATAL
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _refuse_unusable_paths(args: argparse.Namespace) -> None:
+    """Refuse a path on the command line that this locale cannot name (see
+    :func:`~trig_stream.files.locale_problem`), before any command looks it up.
+
+    Raises:
+        ConfigError: one cannot be used.
+    """
+    for value in vars(args).values():
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, PurePath) and (problem := locale_problem(path)) is not None:
+                raise ConfigError(problem)
 
 
 def _linked_config_note(args: argparse.Namespace | None, message: str) -> str:

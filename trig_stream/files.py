@@ -7,6 +7,7 @@ becomes the :func:`storage_error` that says what to do (a full disk loses nothin
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import os
@@ -15,10 +16,27 @@ import sys
 import threading
 from collections.abc import Sequence
 from contextlib import suppress
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, BinaryIO, Final
 
 from trig_stream.errors import RunDirError
+
+
+def locale_problem(path: PurePath | str) -> str | None:
+    """Why ``path`` cannot be used in this locale: this process's file-name encoding is not
+    UTF-8 (``LC_ALL=C`` with ``PYTHONUTF8=0``: ASCII) and the path holds other characters,
+    which a look-up or a write then failed on with a traceback (UnicodeEncodeError). None
+    when it can."""
+    encoding = sys.getfilesystemencoding()
+    text = str(path)
+    if codecs.lookup(encoding).name == "utf-8" or text.isascii():
+        return None
+    # The command line's bytes come as surrogates, a config's text as characters: both shown.
+    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return (
+        f"{shown}: this path cannot be used in this locale, whose file-name encoding is "
+        f"{encoding}, not UTF-8; run in a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)"
+    )
 
 
 def real_path(path: Path) -> Path:
@@ -321,8 +339,9 @@ def _temporary_name(name: str) -> str:
     """The name of ``name``'s temporary file: hidden, a short head of ``name`` (whole
     characters) to tell whose it is, and the process and thread that write it."""
     # Bytes that are no whole UTF-8 character (the one cut in two) are dropped.
-    short = os.fsencode(name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
-    return f".{short}.{os.getpid()}.{threading.get_ident()}.tmp"
+    short = os.fsencode(name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    # Back to a name in this process's file-name encoding (an ASCII locale's: surrogates).
+    return f".{os.fsdecode(short)}.{os.getpid()}.{threading.get_ident()}.tmp"
 
 
 LINK_ERRNOS: Final = frozenset({errno.EEXIST, errno.ENOTDIR, errno.ENOENT, errno.ELOOP})
