@@ -190,3 +190,28 @@ def test_a_path_this_locale_cannot_name_is_one_error(tmp_path: Path) -> None:
     done = in_ascii_locale(write + "write_atomic(Path(sys.argv[1]), b'x')\n", str(tmp_path / "é"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "é").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("command", ["report", "compare", "analyze"])
+def test_an_out_with_a_leading_tilde_is_the_home_folder(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    # --out=~/rep (no shell expands ~ after "=") wrote a folder literally named "~" in the
+    # current folder, which a later `rm -rf ~` would take for the home folder.
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    run = write_run_dir(tmp_path / "r1", {})
+    argv = {
+        "report": ["report", str(run), "--no-plots", "--out=~/rep"],
+        "compare": ["compare", str(run), "--out=~/rep/cmp.md"],
+        "analyze": ["analyze", str(FORMATTED), "--no-plots", "--out=~/rep"],
+    }[command]
+    assert main(argv) == EXIT_OK, one_error(capsys)
+    assert not (work / "~").exists()
+    assert any((home / "rep").iterdir())

@@ -78,7 +78,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "report", help="analyse a run directory's judgements: DTM, exports, plots"
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    report.add_argument("--out", type=_path, help="output folder (default RUN_DIR/report)")
+    report.add_argument(
+        "--out", type=_path, help="output folder (default RUN_DIR/report; a leading ~ is the home folder)"
+    )
     _add_common(report)
     report.set_defaults(handler=cmd_report)
 
@@ -86,7 +88,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "analyze", help="analyse an upstream TRIG evaluation result or formatted JSON file"
     )
     analyze.add_argument("file", type=Path, metavar="FILE")
-    analyze.add_argument("--out", type=_path, required=True, help="output folder")
+    analyze.add_argument(
+        "--out", type=_path, required=True, help="output folder (a leading ~ is the home folder)"
+    )
     analyze.add_argument(
         "--prompts",
         type=Path,
@@ -110,7 +114,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "compare", help="compare models of one or several run directories"
     )
     comparison.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    comparison.add_argument("--out", type=_path, help="also write the comparison to this file")
+    comparison.add_argument(
+        "--out",
+        type=_path,
+        help="also write the comparison to this file (a leading ~ is the home folder)",
+    )
     _add_common(comparison, plots=False)
     comparison.set_defaults(handler=cmd_compare)
 
@@ -198,6 +206,16 @@ def _path(text: str) -> Path:
     # the outputs there.
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
+    if text.startswith("~"):
+        # The shell expands no ~ after "=" (--out=~/rep): a folder literally named "~",
+        # which a later `rm -rf ~` would take for the home folder, is never what was meant.
+        try:
+            return Path(text).expanduser()
+        except RuntimeError:  # ~name of an unknown user, or no home folder at all
+            raise argparse.ArgumentTypeError(
+                f"{text}: no home folder is known for {Path(text).parts[0]}: write the path "
+                "out in full"
+            ) from None
     return Path(text)
 
 
