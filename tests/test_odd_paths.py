@@ -89,9 +89,8 @@ def test_analysis_paths_through_a_loop_are_one_error(
     assert f"{looped / 'cli'}/manifest.json: {LOOPS}" in one_error(capsys)
     assert main(["compare", str(run_dir), str(run_dir), "--out", str(looped)]) != EXIT_OK
     one_error(capsys)
-    assert main(["analyze", str(FORMATTED), "--out", str(looped), "--no-plots"]) == (
-        EXIT_RUN_DIR
-    )
+    analyze = ["analyze", str(FORMATTED), "--out", str(looped), "--no-plots"]
+    assert main(analyze) == EXIT_RUN_DIR
     err = one_error(capsys)
     assert f"{looped} is a symbolic link (to loop2) that loops back to itself" in err
     assert "File exists" not in err

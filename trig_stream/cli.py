@@ -29,7 +29,6 @@ from trig_stream.analysis.relations import AnalysisError, OutputWriteError
 from trig_stream.backends.library_logs import quiet_model_libraries
 from trig_stream.backends.threads import threads_left_behind
 from trig_stream.config import RunConfig, load_config
-from trig_stream.files import locale_problem, real_path
 from trig_stream.errors import (
     ConfigError,
     ConfigWriteError,
@@ -39,6 +38,7 @@ from trig_stream.errors import (
     require_installed,
 )
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
+from trig_stream.files import locale_problem, real_path
 from trig_stream.inspect_commands import status_command, validate_command
 from trig_stream.records import printable
 from trig_stream.signals import (

@@ -79,7 +79,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     report.add_argument(
-        "--out", type=_path, help="output folder (default RUN_DIR/report; a leading ~ is the home folder)"
+        "--out",
+        type=_path,
+        help="output folder (default RUN_DIR/report; a leading ~ is the home folder)",
     )
     _add_common(report)
     report.set_defaults(handler=cmd_report)
