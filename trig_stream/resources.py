@@ -139,15 +139,14 @@ class RunResources:
     async def _open(self) -> None:
         config = self._config
         ensure_open_files(config, self._judges)
+        # A shard polars cannot name, refused before a run directory is made for nothing
+        # (a walk of the dataset folder's names: milliseconds, as the check above).
+        refuse_undecodable_shards(config.dataset.path, config.dataset.format)
         # What the backends need from this machine, seen before a run directory is made and
         # before any model loads (a check may import a library: a worker thread's job).
         backends: list[Generator | Judge] = [*self._generators, *self._judges]
         for backend in backends:
             await self._check_environment(backend)
-        # A shard polars cannot name, refused before a run directory is made for nothing.
-        await anyio.to_thread.run_sync(
-            refuse_undecodable_shards, config.dataset.path, config.dataset.format
-        )
         for judge in self._judges:
             self.fingerprints[judge.name] = judge_fingerprint(judge)
             self.limiters[judge.name] = anyio.CapacityLimiter(judge.concurrency)
