@@ -1375,3 +1375,68 @@ def test_identities_read_once_select_what_selected_samples_does(
                 assert got is None or got == expected
                 if at_least is None or (limit is not None and at_least >= limit + len(refused)):
                     assert got == expected
+
+
+def one_record_shard(path: Path, data_id: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"data_id": [data_id], "prompt": ["p"]}).write_parquet(path)
+
+
+def test_parquet_dataset_names_are_files_not_glob_patterns(tmp_path: Path) -> None:
+    # polars read every name as a glob pattern: "p[1].parquet" read p1.parquet, a folder
+    # holding both read p1 twice and p[1] never, "a*.parquet" read ab.parquet too, and a
+    # folder named "set [v2]" could not be read at all.
+    one_record_shard(tmp_path / "p[1].parquet", "IQ-R_TA-C_1")
+    one_record_shard(tmp_path / "p1.parquet", "IQ-R_TA-C_2")
+    samples, _ = read(DatasetSection(path=tmp_path / "p[1].parquet"))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_1"]
+    samples, refused = read(DatasetSection(path=tmp_path))
+    assert sorted(s.data_id for s in samples) == ["IQ-R_TA-C_1", "IQ-R_TA-C_2"]
+    assert not refused
+    one_record_shard(tmp_path / "glob" / "a*.parquet", "IQ-R_TA-C_3")
+    one_record_shard(tmp_path / "glob" / "ab.parquet", "IQ-R_TA-C_4")
+    samples, _ = read(DatasetSection(path=tmp_path / "glob" / "a*.parquet"))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_3"]
+    one_record_shard(tmp_path / "set [v2]" / "part-0.parquet", "IQ-R_TA-C_5")
+    one_record_shard(tmp_path / "set v" / "part-0.parquet", "IQ-R_TA-C_6")
+    samples, _ = read(DatasetSection(path=tmp_path / "set [v2]"))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_5"]
+    # Two shards whose columns differ: the footers compared are those of the files named.
+    one_record_shard(tmp_path / "mixed" / "a.parquet", "IQ-R_TA-C_7")
+    one_record_shard(tmp_path / "mixed" / "b[c].parquet", "IQ-R_TA-C_8")
+    pl.DataFrame({"data_id": ["IQ-R_TA-C_9"], "prompt": ["p"], "x": [1]}).write_parquet(
+        tmp_path / "mixed" / "bc.parquet"
+    )
+    samples, _ = read(DatasetSection(path=tmp_path / "mixed" / "b[c].parquet"))
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_8"]
+
+
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_a_parquet_shard_whose_name_is_not_utf8_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    # polars takes text paths only: a run failed with a traceback ("Object does not have a
+    # .read() method") and left a new run directory behind.
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_FATAL
+
+    folder = tmp_path / "pq"
+    write_parquet_prompts(folder, 2)
+    name = b"caf\xe9.parquet" if where == "file" else b"caf\xe9/part-0.parquet"
+    odd = Path(os.fsdecode(os.fsencode(folder) + b"/" + name))
+    odd.parent.mkdir(exist_ok=True)
+    (folder / "train-00000.parquet").rename(odd)
+    config = folder / "config.toml"
+    config.write_text(PQ_CONFIG)
+    shown = os.fsencode(odd).decode("utf-8", "backslashreplace")
+    assert "\\xe9" in shown
+    with pytest.raises(DatasetError, match="is not UTF-8") as caught:
+        read(DatasetSection(path=folder))
+    assert shown in str(caught.value)
+    for command in ("validate", "run"):
+        args = [command, str(config)] + (["--headless"] if command == "run" else [])
+        assert main(args) == EXIT_FATAL
+        err = capsys.readouterr().err
+        assert f"cannot read parquet dataset file {shown}: its name" in err
+        assert "Traceback" not in err
+    assert not (folder / "runs").exists()

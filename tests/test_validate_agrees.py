@@ -465,8 +465,8 @@ def test_an_output_dir_through_a_link_that_loops_is_refused_with_the_run_s_reaso
     path.write_text(path.read_text().replace('"runs"', f'"{loop}/runs"'))
     err = both_refuse(path, capsys)
     assert err == (
-        f"error: cannot create the run directory {loop}/runs/cli: Too many levels of symbolic "
-        "links\n"
+        f"error: cannot create the run directory {loop}/runs/cli: {loop} is a symbolic link "
+        "(to loop) that loops back to itself; point it at a folder or remove it\n"
     )
 
 

@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
@@ -38,6 +38,7 @@ from trig_stream.errors import (
     require_installed,
 )
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
+from trig_stream.files import locale_problem, real_path
 from trig_stream.inspect_commands import status_command, validate_command
 from trig_stream.records import printable
 from trig_stream.signals import (
@@ -100,27 +101,66 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Messages name files and keys: never wrap them, so they stay greppable.
     console = CommandConsole(stderr=True, soft_wrap=True)
+    args: argparse.Namespace | None = None
     try:
         # Inside the try: the parser imports the command's module (tenths of a second, for
         # `report` or `watch`), and a Ctrl-C meanwhile is one as any other.
         args = _parse(argv)
+        _refuse_unusable_paths(args)
         args.exiting = exiting
         result: int = args.handler(args, console)
         return result
     except (ConfigError, AnalysisError) as exc:
-        console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
+        message = str(exc) + _linked_config_note(args, str(exc))
+        console.print(f"[red]error:[/] {escape(printable(message))}", highlight=False)
         # An output that cannot be written is the storage's fault, as an unwritable run
         # directory is: not a bad command line or input.
         unwritable = isinstance(exc, OutputWriteError | ConfigWriteError)
         return EXIT_RUN_DIR if unwritable else EXIT_CONFIG
     except RunDirError as exc:
-        console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
+        message = str(exc) + _linked_config_note(args, str(exc))
+        console.print(f"[red]error:[/] {escape(printable(message))}", highlight=False)
         return EXIT_RUN_DIR
     except TrigStreamError as exc:
-        console.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False)
+        message = str(exc) + _linked_config_note(args, str(exc))
+        console.print(f"[red]error:[/] {escape(printable(message))}", highlight=False)
         return EXIT_FATAL
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _refuse_unusable_paths(args: argparse.Namespace) -> None:
+    """Refuse a path on the command line that this locale cannot name (see
+    :func:`~trig_stream.files.locale_problem`), before any command looks it up.
+
+    Raises:
+        ConfigError: one cannot be used.
+    """
+    for value in vars(args).values():
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, PurePath) and (problem := locale_problem(path)) is not None:
+                raise ConfigError(problem)
+
+
+def _linked_config_note(args: argparse.Namespace | None, message: str) -> str:
+    """A clause for an error naming a path read relative to the config, when the config is a
+    symbolic link: its relative paths are read from the link's folder, not the linked
+    file's, which a user looking at the file may not expect."""
+    config = getattr(args, "config", None)
+    if not isinstance(config, Path):
+        return ""
+    try:
+        if not config.is_symlink():
+            return ""
+        folder, linked = real_path(config.parent), real_path(config).parent
+    except OSError:
+        return ""
+    if folder == linked or str(folder) not in message:
+        return ""
+    return (
+        f" (config {config} is a symbolic link to a file in {linked}: its relative paths are "
+        f"read from the link's folder, {folder}, not the linked file's)"
+    )
 
 
 # Commands defined elsewhere, as (module, function adding them). Only the module of the

@@ -53,7 +53,13 @@ from trig_stream.config_problems import (
 )
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ConfigError, TrigStreamError
-from trig_stream.files import MAX_SETTINGS_BYTES, UnfitFileError, read_settings_file
+from trig_stream.files import (
+    MAX_SETTINGS_BYTES,
+    UnfitFileError,
+    locale_problem,
+    read_settings_file,
+    real_path,
+)
 from trig_stream.records import CASE_CLASH, exact_number
 from trig_stream.scoring import Scorer
 
@@ -341,7 +347,10 @@ def _resolve(path: Path, base: Path, loc: Loc) -> Path:
                 loc,
                 f"{path}: no home folder is known for {path.parts[0]}: write the path out in full",
             ) from None
-    resolved = path if path.is_absolute() else (base / path).resolve()
+    unusable = locale_problem(path if path.is_absolute() else base / path)
+    if unusable is not None:
+        raise _PathProblem(loc, unusable)
+    resolved = path if path.is_absolute() else real_path(base / path)
     try:
         str(resolved).encode("utf-8")
     except UnicodeEncodeError:

@@ -225,8 +225,10 @@ def read_parquet(
             raise DatasetError(f"dataset folder {path} holds no .parquet files{_besides(shards)}")
     else:
         files = [path]
+    _refuse_undecodable(files)
     try:
-        scan = pl.scan_parquet(files)
+        # glob=False: the names are files to read, not patterns ("p[1].parquet" read p1).
+        scan = pl.scan_parquet(files, glob=False)
         schema = scan.collect_schema()
         if identity_only:  # never touch the image column: it is most of the bytes
             scan = scan.select([c for c in IDENTITY_COLUMNS if c in schema])
@@ -257,6 +259,46 @@ def read_parquet(
             # that a config cannot follow.
             raise DatasetError(f"cannot read parquet dataset {path}: {misfit}") from None
         raise DatasetError(f"cannot read parquet dataset {path}: {exc}{hint}") from None
+
+
+def refuse_undecodable_shards(path: Path, fmt: str) -> None:
+    """Refuse, before a run directory is made, a parquet dataset folder holding a shard
+    whose name is not UTF-8 (see :func:`read_parquet`); a folder that cannot be walked is
+    left for the read to report.
+
+    Raises:
+        DatasetError: a shard's name (or a folder's below ``path``) is not UTF-8.
+    """
+    if fmt not in ("auto", "parquet") or not path.is_dir():
+        return
+    try:
+        shards = _parquet_shards(path)
+    except OSError:
+        return
+    _refuse_undecodable(shards.files)
+
+
+def _refuse_undecodable(files: list[Path]) -> None:
+    """Refuse a shard whose name is not UTF-8: polars takes paths as text only, and failed
+    on one with a traceback ("Object does not have a .read() method")."""
+    for file in files:
+        try:
+            os.fsencode(file).decode("utf-8")
+        except UnicodeDecodeError:
+            shown = os.fsencode(file).decode("utf-8", "backslashreplace")
+            raise DatasetError(
+                f"cannot read parquet dataset file {shown}: its name (or a folder's above "
+                "it) is not UTF-8, and polars reads UTF-8 names only; rename it "
+                "(convmv -f latin1 -t utf-8, or mv) or move it out of the dataset folder"
+            ) from None
+
+
+def _footer_schema(file: Path) -> dict[str, Any]:
+    """A parquet file's schema from its footer. Not pl.read_parquet_schema: that reads its
+    argument as a glob pattern (the footer of p1.parquet for p[1].parquet)."""
+    import polars as pl
+
+    return dict(pl.scan_parquet(file, glob=False).collect_schema())
 
 
 def _is_run_dir(folder: Path) -> bool:
@@ -409,12 +451,12 @@ def _misfit_shard(files: list[Path]) -> str | None:
     import polars as pl
 
     try:
-        first = dict(pl.read_parquet_schema(files[0]))
+        first = _footer_schema(files[0])
     except (pl.exceptions.PolarsError, OSError):
         return None
     for file in files[1:]:
         try:
-            schema = dict(pl.read_parquet_schema(file))
+            schema = _footer_schema(file)
         except (pl.exceptions.PolarsError, OSError):
             return None
         extra = [name for name in schema if name not in first]
@@ -451,7 +493,7 @@ def _unreadable_footer(files: list[Path]) -> Path | None:
 
     for file in files:
         try:
-            pl.read_parquet_schema(file)
+            _footer_schema(file)
         except (pl.exceptions.PolarsError, OSError):
             return file
     return None

@@ -7,6 +7,7 @@ becomes the :func:`storage_error` that says what to do (a full disk loses nothin
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import os
@@ -15,10 +16,38 @@ import sys
 import threading
 from collections.abc import Sequence
 from contextlib import suppress
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, BinaryIO, Final
 
 from trig_stream.errors import RunDirError
+
+
+def locale_problem(path: PurePath | str) -> str | None:
+    """Why ``path`` cannot be used in this locale: this process's file-name encoding is not
+    UTF-8 (``LC_ALL=C`` with ``PYTHONUTF8=0``: ASCII) and the path holds other characters,
+    which a look-up or a write then failed on with a traceback (UnicodeEncodeError). None
+    when it can."""
+    encoding = sys.getfilesystemencoding()
+    text = str(path)
+    if codecs.lookup(encoding).name == "utf-8" or text.isascii():
+        return None
+    # The command line's bytes come as surrogates, a config's text as characters: both shown.
+    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return (
+        f"{shown}: this path cannot be used in this locale, whose file-name encoding is "
+        f"{encoding}, not UTF-8; run in a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)"
+    )
+
+
+def real_path(path: Path) -> Path:
+    """``path`` made absolute, its symbolic links and ``..`` resolved as far as they lead.
+
+    Unlike :meth:`Path.resolve`, which raised ``RuntimeError("Symlink loop ...")`` (a
+    traceback) for a link that loops, such a link is left as written: what uses the path
+    then says it "cannot be looked up: Too many levels of symbolic links", naming it, as it
+    does for an absolute path through that link.
+    """
+    return Path(os.path.realpath(path))
 
 
 def open_regular_file(path: Path) -> BinaryIO:
@@ -310,11 +339,43 @@ def _temporary_name(name: str) -> str:
     """The name of ``name``'s temporary file: hidden, a short head of ``name`` (whole
     characters) to tell whose it is, and the process and thread that write it."""
     # Bytes that are no whole UTF-8 character (the one cut in two) are dropped.
-    short = os.fsencode(name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
-    return f".{short}.{os.getpid()}.{threading.get_ident()}.tmp"
+    short = os.fsencode(name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    # Back to a name in this process's file-name encoding (an ASCII locale's: surrogates).
+    return f".{os.fsdecode(short)}.{os.getpid()}.{threading.get_ident()}.tmp"
 
 
-def storage_error(exc: OSError, what: str, *, nothing_written: bool = False) -> RunDirError:
+LINK_ERRNOS: Final = frozenset({errno.EEXIST, errno.ENOTDIR, errno.ENOENT, errno.ELOOP})
+"""What making a folder through a link that loops or points nowhere fails with."""
+
+
+def broken_link(path: Path) -> str | None:
+    """Why ``path`` or a folder on its way, a symbolic link, leads nowhere: it loops, or its
+    target does not exist; None when no link on the way is broken. Making a folder there
+    failed with "File exists" or "Not a directory", which hid the link."""
+    for current in (path, *path.parents):
+        try:
+            target = os.readlink(current)
+        except OSError:  # no link (or not to be looked at: the next folder up says)
+            continue
+        try:
+            os.stat(current)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return (
+                    f"{current} is a symbolic link (to {target}) that loops back to itself; "
+                    "point it at a folder or remove it"
+                )
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return (
+                    f"{current} is a symbolic link to {target}, which does not exist: it "
+                    "points nowhere; make its target, point it at a folder, or remove it"
+                )
+    return None
+
+
+def storage_error(
+    exc: OSError, what: str, *, nothing_written: bool = False, path: Path | None = None
+) -> RunDirError:
     """The error that stops a run when the run directory cannot be written: what failed,
     the system's reason, and, for a full disk, what to do (nothing durable is lost).
 
@@ -323,9 +384,14 @@ def storage_error(exc: OSError, what: str, *, nothing_written: bool = False) -> 
         what: what could not be done, after "cannot".
         nothing_written: the run had not started: the run directory it made (and the
             folders above it that it made) are removed again, so there is nothing to resume.
+        path: the folder being made: a symbolic link on its way that loops or points
+            nowhere is the reason given (:func:`broken_link`), not "File exists".
     """
     reason = exc.strerror or str(exc)
-    if isinstance(exc.filename, str | bytes):
+    link = broken_link(path) if path is not None and exc.errno in LINK_ERRNOS else None
+    if link is not None:
+        reason = link
+    elif isinstance(exc.filename, str | bytes):
         # The file at fault, unless ``what`` names it already: "cannot open the run directory
         # X: Permission denied" said nothing of which of its files it was.
         named = os.fsdecode(exc.filename)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+from trig_stream.files import real_path
+
 
 @dataclass(frozen=True)
 class Move:
@@ -28,7 +30,7 @@ class Move:
     def between(cls, was: Path, now: Path) -> Move | None:
         """How the folder ``was`` became ``now`` (both absolute); None when it did not move."""
         roots: dict[tuple[PurePath, PurePath], None] = {}
-        for before, after in ((was, now), (was.resolve(), now.resolve())):
+        for before, after in ((was, now), (real_path(was), real_path(now))):
             if before.is_absolute() and after.is_absolute():
                 old, new = before.parts, after.parts
                 shared = 0  # the last parts they share; never the root ("/") itself

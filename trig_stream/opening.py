@@ -54,7 +54,7 @@ def open_run_dir(configured: Path, manifest: Manifest, *, new_run: bool) -> Open
             made = not path.exists()
         except OSError as exc:  # a name too long, a folder without search permission
             raise storage_error(
-                exc, f"create the run directory {path}", nothing_written=True
+                exc, f"create the run directory {path}", nothing_written=True, path=path
             ) from None
     run_dir, state = RunDir.open(path, manifest)
     return OpenedRunDir(path, run_dir, state, made)

@@ -29,6 +29,7 @@ import anyio.to_thread
 from trig_stream.backends.base import Generator, Judge
 from trig_stream.backends.threads import call_left_behind_on_cancel
 from trig_stream.config import RunConfig
+from trig_stream.dataset_formats import refuse_undecodable_shards
 from trig_stream.journal import JournalState
 from trig_stream.opening import (
     OpenedRunDir,
@@ -138,6 +139,9 @@ class RunResources:
     async def _open(self) -> None:
         config = self._config
         ensure_open_files(config, self._judges)
+        # A shard polars cannot name, refused before a run directory is made for nothing
+        # (a walk of the dataset folder's names: milliseconds, as the check above).
+        refuse_undecodable_shards(config.dataset.path, config.dataset.format)
         # What the backends need from this machine, seen before a run directory is made and
         # before any model loads (a check may import a library: a worker thread's job).
         backends: list[Generator | Judge] = [*self._generators, *self._judges]

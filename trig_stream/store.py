@@ -151,7 +151,7 @@ class RunDir:
             # make_dirs removed what it made; what next_free_run_dir made goes too.
             remove_made_dirs(made)
             raise storage_error(
-                exc, f"create the run directory {path}", nothing_written=True
+                exc, f"create the run directory {path}", nothing_written=True, path=path
             ) from None
         # A directory this run made, then removed when it cannot open it: no run to resume.
         made_here = path in run._made
@@ -722,12 +722,14 @@ def _refuse_a_file_on_the_way(path: Path, what: str | None = None) -> None:
                         os.stat(current)
                     except OSError as exc:
                         code = exc.errno or code
-                raise storage_error(OSError(code, os.strerror(code)), what, nothing_written=True)
+                raise storage_error(
+                    OSError(code, os.strerror(code)), what, nothing_written=True, path=path
+                )
             if current.parent == current:
                 return
             current = current.parent
     except OSError as exc:
-        raise storage_error(exc, what, nothing_written=True) from None
+        raise storage_error(exc, what, nothing_written=True, path=path) from None
 
 
 def _refuse_unwritable(path: Path) -> None:
@@ -947,7 +949,10 @@ def next_free_run_dir(path: Path) -> Path:
         made = make_dirs(path.parent)
     except OSError as exc:
         raise storage_error(
-            exc, f"create the folder of run directories {path.parent}", nothing_written=True
+            exc,
+            f"create the folder of run directories {path.parent}",
+            nothing_written=True,
+            path=path.parent,
         ) from None
     candidate, number = path, 1
     while True:
@@ -968,7 +973,7 @@ def next_free_run_dir(path: Path) -> Path:
             # Nothing stays of what this call made: it, and the folders above it.
             remove_made_dirs([*made_here, *made])
             raise storage_error(
-                exc, f"create the run directory {candidate}", nothing_written=True
+                exc, f"create the run directory {candidate}", nothing_written=True, path=candidate
             ) from None
         with _made_lock:
             _made_for_runs[candidate] = [candidate, *made]

@@ -56,7 +56,7 @@ from trig_stream.analysis.report import (
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
-from trig_stream.files import write_atomic
+from trig_stream.files import real_path, write_atomic
 from trig_stream.locks import find_writer
 from trig_stream.records import COMPARISON_FILE, Judgement, ScoredJudgement, printable
 from trig_stream.terminal import CommandConsole
@@ -78,7 +78,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "report", help="analyse a run directory's judgements: DTM, exports, plots"
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    report.add_argument("--out", type=_path, help="output folder (default RUN_DIR/report)")
+    report.add_argument(
+        "--out",
+        type=_path,
+        help="output folder (default RUN_DIR/report; a leading ~ is the home folder)",
+    )
     _add_common(report)
     report.set_defaults(handler=cmd_report)
 
@@ -86,7 +90,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "analyze", help="analyse an upstream TRIG evaluation result or formatted JSON file"
     )
     analyze.add_argument("file", type=Path, metavar="FILE")
-    analyze.add_argument("--out", type=_path, required=True, help="output folder")
+    analyze.add_argument(
+        "--out", type=_path, required=True, help="output folder (a leading ~ is the home folder)"
+    )
     analyze.add_argument(
         "--prompts",
         type=Path,
@@ -110,7 +116,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "compare", help="compare models of one or several run directories"
     )
     comparison.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    comparison.add_argument("--out", type=_path, help="also write the comparison to this file")
+    comparison.add_argument(
+        "--out",
+        type=_path,
+        help="also write the comparison to this file (a leading ~ is the home folder)",
+    )
     _add_common(comparison, plots=False)
     comparison.set_defaults(handler=cmd_compare)
 
@@ -198,6 +208,16 @@ def _path(text: str) -> Path:
     # the outputs there.
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
+    if text.startswith("~"):
+        # The shell expands no ~ after "=" (--out=~/rep): a folder literally named "~",
+        # which a later `rm -rf ~` would take for the home folder, is never what was meant.
+        try:
+            return Path(text).expanduser()
+        except RuntimeError:  # ~name of an unknown user, or no home folder at all
+            raise argparse.ArgumentTypeError(
+                f"{text}: no home folder is known for {Path(text).parts[0]}: write the path "
+                "out in full"
+            ) from None
     return Path(text)
 
 
@@ -450,14 +470,14 @@ def _refuse_overwriting_inputs(folder: Path, file: Path, prompts: Path | None) -
 
 def _within(folder: Path, dataset: Path) -> bool:
     """Whether ``folder`` is the folder ``dataset`` or one under it (links resolved)."""
-    return _same_file(folder, dataset) or folder.resolve().is_relative_to(dataset.resolve())
+    return _same_file(folder, dataset) or real_path(folder).is_relative_to(real_path(dataset))
 
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)  # a hard link too
     except OSError:  # one of them does not exist (yet)
-        return a.resolve() == b.resolve()
+        return real_path(a) == real_path(b)
 
 
 def compare_runs(
@@ -478,11 +498,11 @@ def compare_runs(
     """
     seen: dict[Path, Path] = {}
     for run_dir in run_dirs:
-        first = seen.get(run_dir.resolve())
+        first = seen.get(real_path(run_dir))
         if first is not None:
             same = "" if str(first) == str(run_dir) else f" (as {first} and {run_dir})"
             raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
-        seen[run_dir.resolve()] = run_dir
+        seen[real_path(run_dir)] = run_dir
     columns: list[tuple[str, RunData, ModelAnalysis]] = []
     notes: list[str] = []
     for run_dir, run_label in zip(run_dirs, run_labels(list(seen)), strict=True):

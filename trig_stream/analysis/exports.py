@@ -361,7 +361,7 @@ def write_judgements_parquet(judgements: Iterable[Judgement], path: Path) -> int
 def read_judgements_parquet(path: Path) -> list[Judgement]:
     """Read back what :func:`write_judgements_parquet` wrote."""
     out = []
-    for row in pl.read_parquet(path).iter_rows(named=True):
+    for row in pl.read_parquet(path, glob=False).iter_rows(named=True):
         row["judge"] = JudgeFingerprint.model_validate_json(row["judge"])
         if row["top_logprobs"] is not None:
             row["top_logprobs"] = [(c["token"], c["logprob"]) for c in row["top_logprobs"]]

@@ -27,8 +27,10 @@ from trig_stream.analysis.relations import AnalysisError, ModelAnalysis, OutputW
 from trig_stream.dataset_formats import JUDGEMENTS_FILE
 from trig_stream.dimensions import DIMENSION_NAMES
 from trig_stream.files import (
+    LINK_ERRNOS,
     PartlyReplacedError,
     UnfitFileError,
+    broken_link,
     file_kind,
     refuse_in_the_way,
     write_atomic_together,
@@ -168,6 +170,9 @@ def writing(where: Path) -> Iterator[None]:
     except UnfitFileError as exc:  # its words name the path in the way and what to do
         raise OutputWriteError(f"cannot write the report in {where}: {exc.strerror}") from None
     except OSError as exc:
+        link = broken_link(where) if exc.errno in LINK_ERRNOS else None
+        if link is not None:  # not "File exists": the link in the way is what to fix
+            raise OutputWriteError(f"cannot write the report in {where}: {link}") from None
         raise OutputWriteError(
             f"cannot write the report in {where}: {_failure(exc, where)}"
         ) from None

@@ -32,6 +32,7 @@ from trig_stream.backends.base import EncodedPicture, GenerationRequest, Generat
 from trig_stream.backends.generators.source_images import open_image, png_as_is
 from trig_stream.config_fields import OPTIONS_CONFIG
 from trig_stream.errors import FatalBackendError, ItemError
+from trig_stream.files import real_path
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -109,7 +110,7 @@ class ImageFolderGenerator(Generator):
     def fingerprint(self) -> dict[str, Any]:
         return {
             "backend": "image_folder",
-            "path": str(self.folder.resolve()),
+            "path": str(real_path(self.folder)),
             "extensions": self.options.extensions,
         }
 

@@ -77,6 +77,7 @@ from trig_stream.errors import (
     RetryableError,
     UnreachableError,
 )
+from trig_stream.files import real_path
 from trig_stream.records import JudgeFingerprint
 from trig_stream.retry import RETRY_AFTER_MAX_S
 from trig_stream.scoring import SCORING_RULES, Scorer
@@ -579,7 +580,7 @@ class OpenAIJudge(Judge):
         if self.options.image_mode == "file":
             if not path.is_file():
                 raise ItemError(f"image {path} does not exist")
-            return PreparedImage(path=path, payload=EncodedImage.of(path.resolve().as_uri()))
+            return PreparedImage(path=path, payload=EncodedImage.of(real_path(path).as_uri()))
         return PreparedImage(path=path, payload=encode_image(path, self.options.max_pixels))
 
     def messages(self, request: JudgeRequest, image_url: str) -> list[dict[str, Any]]:
