@@ -66,7 +66,7 @@ from trig_stream.png import (
     pixel_data_problem,
     with_sample_digest,
 )
-from trig_stream.records import JudgeFingerprint, Judgement, Status
+from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord, Status
 from trig_stream.scoring import SCORING_RULES
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
@@ -2041,23 +2041,107 @@ class MovesTheRunDir(SyntheticGenerator):
         return super().generate(requests, worker=worker, cancel=cancel)
 
 
+class MovesTheRunDirAroundTheQuarantine(MovesTheRunDir):
+    """Renames the run directory during its second call, on one side of
+    :meth:`~trig_stream.store.RunDir.finish_quarantine` (which the test wraps): after the
+    list was put in place, or before, with the list held until the rename is done."""
+
+    def __init__(self, run_dir: Path, moved_to: Path, *, hold_quarantine: bool) -> None:
+        super().__init__(run_dir, moved_to)
+        self.hold_quarantine = hold_quarantine
+        self.moved = threading.Event()
+        self.quarantine_done = threading.Event()
+        """Set once finish_quarantine returned or raised."""
+
+    def finish_quarantine(self, finish: Callable[[store.RunDir], None], run: store.RunDir) -> None:
+        if self.hold_quarantine:
+            assert self.moved.wait(timeout=60)  # a safety net: the generator moves it at once
+        try:
+            finish(run)
+        finally:
+            self.quarantine_done.set()
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
+    ) -> list[Any]:
+        if len(self.calls) == 1:
+            # The sample buffer holds the whole dataset: the list is put in place (or held)
+            # however long this call waits.
+            if not self.hold_quarantine:
+                assert self.quarantine_done.wait(timeout=60)  # a safety net
+            self.run_dir.rename(self.moved_to)
+            self.moved.set()
+            if self.hold_quarantine:
+                # The list's failure is the run's first error, not the next image write's.
+                assert self.quarantine_done.wait(timeout=60)  # a safety net
+        return SyntheticGenerator.generate(self, requests, worker=worker, cancel=cancel)
+
+
+@pytest.mark.parametrize("moved", ["after the quarantine list", "before the quarantine list"])
 async def test_a_run_directory_moved_during_the_run_stops_it_not_made_again(
-    make_config: ConfigFactory, tmp_path: Path
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moved: str
 ) -> None:
     # `mv runs/big runs/big-moved` mid-run: runs/big was made again for the next images,
     # the journal went on in runs/big-moved with image paths into runs/big, and the stop
-    # message said to resume runs/big, which then had results but no manifest.
+    # message said to resume runs/big, which then had results but no manifest. Moved before
+    # the dataset was read through, the quarantine list met it gone and the run stopped with
+    # "cannot replace runs/big/quarantine.jsonl: No such file or directory".
     config = make_config(samples=6)
+    assert config.engine.sample_buffer >= 6
     moved_to = tmp_path / "moved"
-    generator = MovesTheRunDir(config.run_dir, moved_to)
+    generator = MovesTheRunDirAroundTheQuarantine(
+        config.run_dir, moved_to, hold_quarantine=moved.startswith("before")
+    )
+    finish = store.RunDir.finish_quarantine
+    monkeypatch.setattr(
+        store.RunDir, "finish_quarantine", lambda run: generator.finish_quarantine(finish, run)
+    )
     with pytest.raises(RunDirError, match="was moved or deleted while the run went on") as raised:
         await run_to_end(config, generators=[generator])
+    assert generator.moved.is_set() and generator.quarantine_done.is_set()
     assert f"If it was moved, put it back at {config.run_dir}" in str(raised.value)
     assert not config.run_dir.exists()  # never made again
     assert (moved_to / MANIFEST).is_file()
     # Everything the run wrote is in the one place, each image its lines name included.
     for judgement in read_journal(moved_to / JOURNAL):
         assert judgement.image is not None and (moved_to / judgement.image).is_file()
+
+
+def test_a_run_directory_moved_as_its_manifest_is_written_is_said_to_be_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Moved while its journal was read: the manifest's write made the run directory again
+    # at its old path, holding only the manifest, and the run went on split in two.
+    run_dir, moved_to = tmp_path / "big", tmp_path / "big-moved"
+    resumed_manifest = store.resumed_manifest
+
+    def moved_meanwhile(path: Path, manifest: Manifest, journal: JournalState) -> Manifest:
+        run_dir.rename(moved_to)
+        return resumed_manifest(path, manifest, journal)
+
+    monkeypatch.setattr(store, "resumed_manifest", moved_meanwhile)
+    with pytest.raises(RunDirError, match="was moved or deleted while the run went on"):
+        store.RunDir.open(run_dir, Manifest(run_name="big", task="t2i"))
+    assert not run_dir.exists()
+
+
+def test_a_run_directory_moved_as_a_quarantine_write_fails_is_said_to_be_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The write's own reason (a full disk, say) hid that the run directory was gone.
+    run_dir, moved_to = tmp_path / "big", tmp_path / "big-moved"
+    run, _ = store.RunDir.open(run_dir, Manifest(run_name="big", task="t2i"))
+
+    def moved_and_full(fd: int, data: bytes) -> None:
+        run_dir.rename(moved_to)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "write_all", moved_and_full)
+    try:
+        with pytest.raises(RunDirError, match="was moved or deleted while the run went on"):
+            run.quarantine(QuarantinedRecord(index=0, data_id=None, reason="no prompt", record={}))
+    finally:
+        run.close()
 
 
 class DeletesTheRunDir(MovesTheRunDir):

@@ -298,7 +298,8 @@ class RunDir:
         stops the run.
 
         Raises:
-            RunDirError: the file cannot be written (a full disk).
+            RunDirError: the file cannot be written (a full disk), or the run directory was
+                moved or replaced (:meth:`check_in_place`).
         """
         if self._quarantine is not None:
             try:
@@ -326,6 +327,7 @@ class RunDir:
                 with suppress(OSError):
                     os.ftruncate(fd, start)
                     os.lseek(fd, start, os.SEEK_SET)
+                self.check_in_place()  # moved meanwhile: say so, not the system's reason
                 raise storage_error(exc, f"write to {self.path / QUARANTINE_PARTIAL}") from None
 
     def finish_quarantine(self) -> None:
@@ -333,7 +335,8 @@ class RunDir:
         of the run before (a resume stopped early keeps that list; see :meth:`close`).
 
         Raises:
-            RunDirError: the list cannot be put in place.
+            RunDirError: the list cannot be put in place, or the run directory was moved or
+                replaced (:meth:`check_in_place`).
         """
         if self._quarantine is None or self._quarantine_failed:
             return
@@ -350,6 +353,9 @@ class RunDir:
                 "it stopped)"
             ) from None
         except OSError as exc:
+            # A run directory moved meanwhile fails the rename with "No such file or
+            # directory", which said "cannot replace" where it should say "put it back".
+            self.check_in_place()
             # The rename names the list it moves (the .partial); the file it could not
             # replace is the destination (an immutable one: "Operation not permitted").
             named = type(exc)(exc.errno, exc.strerror, str(final))
@@ -481,7 +487,14 @@ class RunDir:
         # Where this run's lines start: a viewer tells the errors it asks again by it.
         manifest = manifest.model_copy(update={"journal_lines": journal.lines})
         manifest = resumed_manifest(self.path, manifest, journal)
-        write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
+        # write_atomic makes the folder it writes in: a run directory moved away while it
+        # opened would be made again at its old path, holding only the manifest.
+        self.check_in_place()
+        try:
+            write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
+        except OSError:
+            self.check_in_place()  # moved meanwhile: say so, not "No such file or directory"
+            raise
 
 
 def _warn_of_foreign_partials(path: Path) -> None:
