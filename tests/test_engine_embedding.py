@@ -238,6 +238,22 @@ async def test_a_block_raising_after_the_run_ended_leaves_it_done(
 CANCEL_WHILE_THE_RUN_DIRECTORY_OPENS = """
 import asyncio, json, os, sys
 from trig_stream import Engine, RunConfig
+from trig_stream.resources import RunResources
+
+# The cancel lands the moment the opening is named, in the engine's own task, before it
+# hands the opening to a worker thread. (Polling stats().opening from another task could
+# miss an opening that started and ended between two polls.)
+cancel_at_opening = []
+
+def opening_now(resources):
+    return resources.__dict__.get("_opening_now")
+
+def name_opening(resources, what):
+    resources.__dict__["_opening_now"] = what
+    if (what or "").startswith("the run directory") and cancel_at_opening:
+        cancel_at_opening.pop()()
+
+RunResources.opening_now = property(opening_now, name_opening)
 
 async def main() -> None:
     engine = Engine(RunConfig.model_validate(json.loads(sys.argv[1])))
@@ -247,12 +263,10 @@ async def main() -> None:
             await engine.drain()
 
     task = asyncio.create_task(run())
-    while not (engine.stats().opening or "").startswith("the run directory"):
-        assert not task.done(), "the run got past its opening unseen"
-        await asyncio.sleep(0)
-    task.cancel()
+    cancel_at_opening.append(task.cancel)
     done, _ = await asyncio.wait({task}, timeout=20)
-    print(json.dumps({"ended": bool(done), "cancelled": bool(done) and task.cancelled(),
+    print(json.dumps({"cancelled at its opening": not cancel_at_opening, "ended": bool(done),
+                      "cancelled": bool(done) and task.cancelled(),
                       "state": engine.stats().state}), flush=True)
     os._exit(0)  # a run still hanging must not hang this process's end
 
@@ -280,7 +294,12 @@ async def test_a_native_asyncio_cancel_as_the_run_directory_starts_opening_ends_
     )
     assert child.returncode == 0, child.stderr.decode()
     outcome = json.loads(child.stdout)
-    assert outcome == {"ended": True, "cancelled": True, "state": "cancelled"}
+    assert outcome == {
+        "cancelled at its opening": True,
+        "ended": True,
+        "cancelled": True,
+        "state": "cancelled",
+    }
     assert not config.run_dir.exists()  # one it made is removed, as by a stop
 
 
