@@ -1340,6 +1340,81 @@ def test_a_stop_signal_while_the_command_exits_leaves_its_exit_status(
     assert "Traceback" not in err
 
 
+SIGNAL_AS_THE_RUN_ENDS = """\
+import os, signal, trig_stream.analysis.commands as commands, trig_stream.progress as progress
+sent = []
+def send():
+    if not sent:
+        sent.append(True)
+        os.kill(os.getpid(), {signum})
+_update = progress.PlainProgress.update
+def update(self, stats, *, force=False):
+    _update(self, stats, force=force)
+    if force and stats.state == "done":  # the run's last progress: its work is over
+        sent.append(False) if {in_the_gap} else send()
+_signal = signal.signal
+def signal_(signum, handler):
+    found = _signal(signum, handler)
+    # The run's receiver closing: the default handlers back, before the report's
+    default = handler in (signal.SIG_DFL, signal.default_int_handler)
+    if sent == [False] and signum == {signum} and default:
+        sent.clear()
+        send()
+    return found
+signal.signal = signal_
+_write_report = commands.write_report
+def write_report(*args, **kwargs):
+    if sent == [False]:  # no gap left to signal in: as the report starts
+        sent.clear()
+        send()
+    return _write_report(*args, **kwargs)
+commands.write_report = write_report
+progress.PlainProgress.update = update
+"""
+
+
+@pytest.mark.parametrize("in_the_gap", [False, True], ids=["last-progress", "receiver-closed"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_as_the_runs_work_ends_stops_its_report(
+    tmp_path: Path, in_the_gap: bool, signum: int
+) -> None:
+    # A signal as the run's work ended was taken by the run for nothing (the whole report
+    # written, exit 0), or came once its receiver had closed and before the report's
+    # handlers: SIGTERM ended the command by it (exit 143), a Ctrl-C left the event loop
+    # with its summary unsaid, or hung the exit for ever on its worker threads.
+    patch = SIGNAL_AS_THE_RUN_ENDS.format(signum=int(signum), in_the_gap=in_the_gap)
+    process = run_patched(write_config(tmp_path, samples=2), patch)
+    try:
+        _, err = process.communicate(timeout=60)  # a safety net: a hang fails, not hangs
+    finally:
+        process.kill()
+    assert process.returncode == EXIT_INTERRUPTED, err
+    assert "done: 4 judgements in this run" in err, err
+    run_dir = tmp_path / "runs" / "cli"
+    assert f"report stopped, incomplete: `trig-stream report {run_dir}` writes it" in err, err
+    assert "Traceback" not in err, err
+
+
+def test_the_exit_does_not_wait_for_loop_workers_never_stopped(tmp_path: Path) -> None:
+    # A KeyboardInterrupt out of the event loop left its idle worker threads waiting for
+    # work no one would give, never told to stop: the interpreter's exit waited for them
+    # for ever, the command's exit status decided.
+    patch = (
+        "import threading, trig_stream.cli\n"
+        "def main(*args, **kwargs):\n"
+        f"    threading.Thread(target=threading.Event().wait, name={cli.LOOP_WORKER_THREAD!r})"
+        ".start()\n"
+        f"    return {EXIT_INTERRUPTED}\n"
+        "trig_stream.cli.main = main\n"
+    )
+    process = run_patched(write_config(tmp_path), patch)
+    try:
+        _, err = process.communicate(timeout=30)  # a safety net: a hang fails, not hangs
+    finally:
+        process.kill()
+    assert process.returncode == EXIT_INTERRUPTED, err
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_while_the_judges_open_stops_before_any_work(
     tmp_path: Path,

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePath
@@ -69,23 +70,48 @@ def entry_point() -> NoReturn:
     hard stop for a generation call still running (an images API's answer) or a model closing
     (a device that no longer answers): each goes on in a worker thread, and the interpreter
     would wait for those threads before exiting (minutes, for large weights). Everything the
-    command writes is written by then, so it exits at once.
+    command writes is written by then, so it exits at once. So it does when the event loop's
+    idle worker threads outlive it (see :func:`_loop_workers_never_stopped`), which the
+    interpreter would wait for for ever.
     """
     code = main(exiting=True)
     # The command is done: a signal from here to the exit changes nothing (the console's
     # KeyboardInterrupt, raised out of here, would end it with a traceback; Python's own
     # handlers, put back while it shuts down, would end it by the signal).
     ignore_stop_signals_to_the_end()
-    if threads_left_behind():
+    left_behind = threads_left_behind()
+    if left_behind:
         CommandConsole(stderr=True, soft_wrap=True).print(  # one line in a log, never cut
             "not waiting for a model still loading or closing, a backend's check of this machine, "
             "or a generation call or judge batch still running"
         )
+    if left_behind or _loop_workers_never_stopped():
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+LOOP_WORKER_THREAD = "AnyIO worker thread"
+"""The name anyio gives the worker threads of an event loop: it stops them as the loop's main
+task ends."""
+LOOP_WORKERS_STOP_S = 1.0
+"""How long the exit waits for the event loop's worker threads to end once it is gone."""
+
+
+def _loop_workers_never_stopped() -> bool:
+    """Whether worker threads of the command's event loop outlive it by
+    :data:`LOOP_WORKERS_STOP_S`: the loop was left by an exception (a KeyboardInterrupt) and
+    never told its idle workers to stop. The interpreter's exit waits for such a thread for
+    ever, the command's work done and its exit status decided."""
+    deadline = time.monotonic() + LOOP_WORKERS_STOP_S
+    for thread in threading.enumerate():
+        if thread.name == LOOP_WORKER_THREAD and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return True
+    return False
 
 
 def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
@@ -342,117 +368,166 @@ async def _run_engine(
     from trig_stream.progress import PlainProgress
 
     interrupted = False
+    # Set by a stop signal once the run's work is done (nothing left for it to stop) and by
+    # any signal from the run's end on: the report looks at it, and stops.
+    stop_report = threading.Event()
+    run_over = False  # the run has ended: a stop signal from here stops its report
 
     listening = anyio.CancelScope()
 
+    def stop_the_report() -> None:
+        if not stop_report.is_set():
+            stop_report.set()  # before saying so: the report may look at once
+            if engine.stats().state == "done" and not args.no_report:
+                console.print("stopping the report", highlight=False)
+
     async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            try:
+                with listening, stop_signal_receiver() as signals:
+                    task_status.started()
+                    async for signum in signals:
+                        on_signal(signum)
+            finally:
+                # Closing the receiver put the default handlers back (asyncio): a signal
+                # from here would end the command by it (exit 143), or raise a
+                # KeyboardInterrupt out of the event loop, its summary unsaid.
+                _note_stop_signals(stop_report)
+        except KeyboardInterrupt:  # a Ctrl-C as the receiver closed: noted as any other
+            _note_stop_signals(stop_report)
+            stop_report.set()
+
+    def on_signal(signum: int) -> None:
         nonlocal interrupted
-        with listening, stop_signal_receiver() as signals:
-            task_status.started()
-            async for signum in signals:
-                stats = engine.stats()
-                if is_hangup(signum):  # the terminal is gone: nobody to tell, nothing to wait for
-                    silence_the_terminal()
-                    interrupted = True
-                    engine.cancel()
-                elif stats.state == "done":
-                    # The run's work is over: nothing is in flight, nothing is left to
-                    # resume; only the judges close. A signal cuts that short (a judge server
-                    # killed, not given the rest of its grace); the run keeps its outcome.
-                    interrupted = True
-                    if stats.closing is not None:
-                        console.print(
-                            "stopping now: the run's work is done; what still closes is "
-                            "stopped at once (a judge server killed)",
-                            highlight=False,
-                            markup=False,
-                        )
-                    engine.cancel()
-                elif stats.closing is not None or stats.state == "stopped":
-                    # Stopped (or failed) with work left: the judges close, and the run is
-                    # one to resume. A signal kills what still closes; it does not make the
-                    # work done.
-                    interrupted = True
-                    console.print(  # its "[run]" is no markup
-                        _stopping_now(config, engine, args.new_run),
-                        highlight=False,
-                        markup=False,
-                    )
-                    engine.cancel()
-                elif not interrupted:
-                    interrupted = True
-                    if engine.stats().state == "starting":  # nothing in flight: it ends now
-                        console.print("stopping: the run had not started")
-                    else:
-                        console.print(_stopping_gracefully(), highlight=False, markup=False)
-                    engine.stop()
-                else:
-                    console.print(  # its "[run]" is no markup
-                        _stopping_now(config, engine, args.new_run),
-                        highlight=False,
-                        markup=False,
-                    )
-                    engine.cancel()
+        stats = engine.stats()
+        if run_over:  # only the report is left to stop
+            if is_hangup(signum):
+                silence_the_terminal()
+            stop_the_report()
+        elif is_hangup(signum):  # the terminal is gone: nobody to tell, nothing to wait for
+            silence_the_terminal()
+            interrupted = True
+            stop_report.set()
+            engine.cancel()
+        elif stats.state == "done" and stats.closing is None:
+            # The run's work is over, nothing closes yet: the signal stops the report (taken
+            # for nothing, it was lost and the whole report written), and what may still
+            # start to close is stopped at once.
+            interrupted = True
+            stop_the_report()
+            engine.cancel()
+        elif stats.state == "done":
+            # The run's work is over: nothing is in flight, nothing is left to resume;
+            # only the judges close. A signal cuts that short (a judge server killed, not
+            # given the rest of its grace); the run keeps its outcome.
+            interrupted = True
+            console.print(
+                "stopping now: the run's work is done; what still closes is "
+                "stopped at once (a judge server killed)",
+                highlight=False,
+                markup=False,
+            )
+            engine.cancel()
+        elif stats.closing is not None or stats.state == "stopped":
+            # Stopped (or failed) with work left: the judges close, and the run is one to
+            # resume. A signal kills what still closes; it does not make the work done.
+            interrupted = True
+            console.print(  # its "[run]" is no markup
+                _stopping_now(config, engine, args.new_run),
+                highlight=False,
+                markup=False,
+            )
+            engine.cancel()
+        elif not interrupted:
+            interrupted = True
+            if stats.state == "starting":  # nothing in flight: it ends now
+                console.print("stopping: the run had not started")
+            else:
+                console.print(_stopping_gracefully(), highlight=False, markup=False)
+            engine.stop()
+        else:
+            console.print(  # its "[run]" is no markup
+                _stopping_now(config, engine, args.new_run),
+                highlight=False,
+                markup=False,
+            )
+            engine.cancel()
 
     run_dashboard = None if args.headless else _dashboard(args, console)
     with _sole_error():
+        # One receiver from the run to its report's end (but while the dashboard shows): a
+        # signal between them was lost, or ended the command by it.
         async with anyio.create_task_group() as signals:
-            # Listening starts before the engine opens: its judges may load models for
-            # minutes, and a Ctrl-C meanwhile must not be lost.
-            await signals.start(on_signals)
-            opening = anyio.CancelScope()
-            signals.start_soon(_say_what_opens, engine, console, opening)
-            closing = anyio.CancelScope()
-            if run_dashboard is not None:
-                # A stop while the judges open closes them before the dashboard shows (a
-                # server being started given its grace): said on the plain screen.
-                opening_closes = anyio.CancelScope()
-                signals.start_soon(_say_what_closes, engine, console, opening_closes)
-                async with engine:
-                    opening.cancel()
-                    opening_closes.cancel()
-                    if not interrupted:
-                        # From here the dashboard maps Ctrl-C to stop, then cancel.
-                        listening.cancel()
-                        await run_dashboard(engine)
-                        # The app and its receiver are gone, but the judges may still be
-                        # closing (a server given its grace): a signal must still reach the
-                        # engine (a kill, not the run's end unannounced), and the screen
-                        # say what it waits for.
-                        listening = anyio.CancelScope()
-                        await signals.start(on_signals)
-                        signals.start_soon(_say_what_closes, engine, console, closing)
-                    else:
-                        await engine.drain()  # stopped while opening: ends at once
-            else:
-                signals.start_soon(_say_what_closes, engine, console, closing)
-                with PlainProgress(console) as progress:
-                    async with engine, anyio.create_task_group() as tg:
+            try:
+                # Listening starts before the engine opens: its judges may load models for
+                # minutes, and a Ctrl-C meanwhile must not be lost.
+                await signals.start(on_signals)
+                opening = anyio.CancelScope()
+                signals.start_soon(_say_what_opens, engine, console, opening)
+                closing = anyio.CancelScope()
+                if run_dashboard is not None:
+                    # A stop while the judges open closes them before the dashboard shows (a
+                    # server being started given its grace): said on the plain screen.
+                    opening_closes = anyio.CancelScope()
+                    signals.start_soon(_say_what_closes, engine, console, opening_closes)
+                    async with engine:
                         opening.cancel()
-                        if engine.run_dir_opened:  # else removed: stopped while judges opened
-                            console.print(
-                                f"run directory: {engine.run_dir_path}",
-                                highlight=False,
-                                markup=False,
-                            )
+                        opening_closes.cancel()
+                        if not interrupted:
+                            # From here the dashboard maps Ctrl-C to stop, then cancel.
+                            listening.cancel()
+                            await run_dashboard(engine)
+                            # The app and its receiver are gone, but the judges may still be
+                            # closing (a server given its grace): a signal must still reach the
+                            # engine (a kill, not the run's end unannounced), and the screen
+                            # say what it waits for.
+                            listening = anyio.CancelScope()
+                            await signals.start(on_signals)
+                            signals.start_soon(_say_what_closes, engine, console, closing)
+                        else:
+                            await engine.drain()  # stopped while opening: ends at once
+                else:
+                    signals.start_soon(_say_what_closes, engine, console, closing)
+                    with PlainProgress(console) as progress:
+                        async with engine, anyio.create_task_group() as tg:
+                            opening.cancel()
+                            if engine.run_dir_opened:  # else removed: stopped while judges opened
+                                console.print(
+                                    f"run directory: {engine.run_dir_path}",
+                                    highlight=False,
+                                    markup=False,
+                                )
 
-                        async def refresh() -> None:
-                            while True:
-                                progress.update(engine.stats())
-                                await anyio.sleep(PROGRESS_EVERY_S)
+                            async def refresh() -> None:
+                                while True:
+                                    progress.update(engine.stats())
+                                    await anyio.sleep(PROGRESS_EVERY_S)
 
-                        tg.start_soon(refresh)
-                        async for _ in engine.results:
-                            pass
-                        tg.cancel_scope.cancel()
-                    progress.update(engine.stats(), force=True)
-            closing.cancel()
-            if run_dashboard is not None:
-                opening_closes.cancel()  # stopped while opening: the block was never entered
-            listening.cancel()
-    # The run's receiver is closed: a stop signal from here stops the report, if any.
-    stop_report = threading.Event()
-    _note_stop_signals(stop_report)
+                            tg.start_soon(refresh)
+                            async for _ in engine.results:
+                                pass
+                            tg.cancel_scope.cancel()
+                        progress.update(engine.stats(), force=True)
+                closing.cancel()
+                if run_dashboard is not None:
+                    opening_closes.cancel()  # stopped while opening: the block was never entered
+                run_over = True
+                code = await _run_outcome(engine, config, args, console, interrupted, stop_report)
+            finally:
+                listening.cancel()
+    return code
+
+
+async def _run_outcome(
+    engine: Engine,
+    config: RunConfig,
+    args: argparse.Namespace,
+    console: Console,
+    interrupted: bool,
+    stop_report: threading.Event,
+) -> int:
+    """Say how the run ended, write its report (``stop_report`` stops it) and return the
+    command's exit status."""
     for note in engine.stats().notes:
         console.print(f"note: {printable(note)}", highlight=False, markup=False)
     summary = engine.summary()
@@ -505,7 +580,6 @@ async def _run_engine(
     if args.no_report:
         return EXIT_OK
     written = await _final_report(summary.run_dir, console, stop_report)
-    _note_stop_signals(threading.Event())  # the command is done: a signal now changes nothing
     return EXIT_OK if written else EXIT_INTERRUPTED
 
 
@@ -602,21 +676,11 @@ def _dashboard(args: argparse.Namespace, console: Console) -> Any:
 
 
 async def _final_report(run_dir: Path, console: Console, stop: threading.Event) -> bool:
-    """Write a finished run's report; a stop signal meanwhile (or ``stop`` already set)
+    """Write a finished run's report; ``stop`` set (by a stop signal, before or meanwhile)
     stops it. Returns False when it was stopped (the judgements are all written: only the
     report is incomplete)."""
     from trig_stream.analysis.commands import write_report
     from trig_stream.analysis.report import ReportStopped
-
-    async def on_signals(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with stop_signal_receiver() as signals:
-            task_status.started()
-            async for signum in signals:
-                if is_hangup(signum):
-                    silence_the_terminal()
-                if not stop.is_set():
-                    stop.set()  # before saying so: the report may look at once
-                    console.print("stopping the report", highlight=False)
 
     def write() -> bool:
         try:
@@ -652,11 +716,7 @@ async def _final_report(run_dir: Path, console: Console, stop: threading.Event) 
         console.print(f"report: {folder}", highlight=False, markup=False)
         return True
 
-    async with anyio.create_task_group() as tg:
-        await tg.start(on_signals)
-        written = await anyio.to_thread.run_sync(write)
-        tg.cancel_scope.cancel()
-    return written
+    return await anyio.to_thread.run_sync(write)
 
 
 if __name__ == "__main__":
