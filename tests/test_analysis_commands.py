@@ -10,6 +10,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +34,7 @@ from trig_stream.analysis.inputs import load_run, read_prompt_pairs
 from trig_stream.analysis.relations import default_metric
 from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.cli import main
+from trig_stream.dataset_formats import JUDGEMENTS_FILE
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import MissingExtraError, RunDirError
 from trig_stream.exit_codes import EXIT_RUN_DIR
@@ -483,6 +486,42 @@ def test_a_report_removes_the_model_folders_and_comparison_an_earlier_one_wrote(
     code, text = run_command("report", str(one), "--out", str(out), "--no-plots")
     assert [p.name for p in (out / "model-b").iterdir()] == ["mine.txt"]
     assert "(the other files in it are kept)" in text
+
+
+def test_a_report_removes_the_temporary_files_a_killed_report_left(tmp_path: Path) -> None:
+    # A report killed (kill -9) between writing its files and renaming them left their
+    # temporaries beside them, which no later report or run removed.
+    run = write_run_dir(tmp_path / "run", {})
+    assert run_command("report", str(run))[0] == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # its pid: no process now
+    dead.wait()
+    report = run / "report"
+    stale = report / "model-c"  # an earlier report's model, no longer in the run
+    stale.mkdir()
+    for name in MODEL_FILES:
+        (stale / name).write_text("earlier")
+    leftovers = [
+        report / "model-a" / f".evaluation_result.json.{dead.pid}.140.tmp",
+        report / "model-b" / f".{JUDGEMENTS_FILE}.{dead.pid}.140.tmp",
+        report / "model-a" / "plots" / f".dtm.png.{dead.pid}.7.tmp",
+        report / f".comparison.md.{dead.pid}.7.tmp",
+        stale / f".report.md.{dead.pid}.7.tmp",
+    ]
+    kept = [
+        report / "model-a" / f".notes.txt.{dead.pid}.140.tmp",  # no report file's
+        report / "model-a" / f".report.md.{os.getpid()}.140.tmp",  # a writer still going
+        report / "model-a" / "report.md.tmp",
+        report / "model-b" / ".report.md.tmp",
+    ]
+    for path in [*leftovers, *kept]:
+        path.write_text("half")
+    folder = report / "model-b" / f".formatted.json.{dead.pid}.1.tmp"  # a user's folder
+    folder.mkdir()
+    assert run_command("report", str(run))[0] == 0
+    assert [path for path in leftovers if path.exists()] == []
+    assert all(path.read_text() == "half" for path in kept)
+    assert folder.is_dir()
+    assert not stale.exists()
 
 
 def test_report_without_matplotlib_notes_the_extra(

@@ -11,10 +11,11 @@ import codecs
 import errno
 import fcntl
 import os
+import re
 import stat
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path, PurePath
 from typing import IO, BinaryIO, Final
@@ -338,10 +339,55 @@ limit (255 bytes) plus the suffix was too long, and a valid ``-o`` name failed."
 def _temporary_name(name: str) -> str:
     """The name of ``name``'s temporary file: hidden, a short head of ``name`` (whole
     characters) to tell whose it is, and the process and thread that write it."""
+    return f".{_temporary_head(name)}.{os.getpid()}.{threading.get_ident()}.tmp"
+
+
+def _temporary_head(name: str) -> str:
+    """The head of ``name`` its temporary file's name starts with (see
+    :func:`_temporary_name`)."""
     # Bytes that are no whole UTF-8 character (the one cut in two) are dropped.
     short = os.fsencode(name)[:TEMP_NAME_BYTES].decode("utf-8", "ignore").encode("utf-8")
     # Back to a name in this process's file-name encoding (an ASCII locale's: surrogates).
-    return f".{os.fsdecode(short)}.{os.getpid()}.{threading.get_ident()}.tmp"
+    return os.fsdecode(short)
+
+
+def remove_leftover_temporaries(folder: Path, names: Iterable[str]) -> None:
+    """Remove from ``folder`` the temporary files :func:`write_atomic` and
+    :func:`write_atomic_together` wrote there for the files ``names`` and a killed process
+    left behind (``kill -9`` between the write and the rename): nothing else removes them.
+
+    Only plain files named as those temporaries are, of a process that is gone: a user's
+    file of another name stays, and so does a temporary another process still writes.
+    """
+    heads = {_temporary_head(name) for name in names}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # none there; or unreadable, which the write says
+        return
+    for entry in entries:
+        match = _LEFTOVER.fullmatch(entry.name)
+        if match is None or match["head"] not in heads:
+            continue
+        if not entry.is_file(follow_symlinks=False) or _process_alive(int(match["pid"])):
+            continue
+        with suppress(OSError):  # gone meanwhile; or kept, which is no worse
+            os.unlink(entry.path)
+
+
+_LEFTOVER = re.compile(r"\.(?P<head>.*)\.(?P<pid>\d+)\.\d+\.tmp", re.DOTALL)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` is running (this one included)."""
+    if pid <= 0:
+        return True  # no pid of a writer: never its temporary to remove
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 LINK_ERRNOS: Final = frozenset({errno.EEXIST, errno.ENOTDIR, errno.ENOENT, errno.ELOOP})

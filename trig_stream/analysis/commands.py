@@ -56,7 +56,7 @@ from trig_stream.analysis.report import (
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
-from trig_stream.files import real_path, write_atomic
+from trig_stream.files import real_path, remove_leftover_temporaries, write_atomic
 from trig_stream.locks import find_writer
 from trig_stream.records import COMPARISON_FILE, Judgement, ScoredJudgement, printable
 from trig_stream.terminal import CommandConsole
@@ -304,6 +304,7 @@ def write_report(
     _remove_stale_outputs(folder, analyses, run_dir, console)
     comparison = folder / COMPARISON_FILE
     with writing(folder):
+        remove_leftover_temporaries(folder, [COMPARISON_FILE])  # of a report killed
         if len(analyses) > 1:
             columns = [(model, run, analysis) for model, analysis in analyses.items()]
             text = comparison_markdown(_comparison(columns, notes))

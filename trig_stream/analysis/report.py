@@ -33,6 +33,7 @@ from trig_stream.files import (
     broken_link,
     file_kind,
     refuse_in_the_way,
+    remove_leftover_temporaries,
     write_atomic_together,
 )
 from trig_stream.records import ScoredJudgement, exact_number
@@ -296,6 +297,9 @@ def _write_model_outputs(
     if drawn:
         rendered = drawing.render_plots(analysis, before_each=check)
         contents += [(plots_folder / name, data) for name, data in rendered]
+    # A report killed before its renames left its temporary files there, for good.
+    remove_leftover_temporaries(folder, MODEL_FILES)
+    remove_leftover_temporaries(plots_folder, drawing.PLOT_FILES)
     write_atomic_together(contents)
     files = [path for path, _ in contents]
     if drawn:
@@ -380,6 +384,8 @@ def remove_model_outputs(folder: Path) -> bool:
     with writing(folder):
         for name in MODEL_FILES:
             (folder / name).unlink(missing_ok=True)
+        remove_leftover_temporaries(folder, MODEL_FILES)
+        remove_leftover_temporaries(folder / PLOTS_FOLDER, drawing.PLOT_FILES)
         _remove_plots(folder)
         try:
             folder.rmdir()
