@@ -15,6 +15,7 @@ from tests.test_analysis_commands import FORMATTED, formatted_as_evaluation, wri
 from tests.test_cli import write_config
 from trig_stream.cli import main
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
+from trig_stream.files import locale_problem
 
 LOOPS = "Too many levels of symbolic links"
 
@@ -155,40 +156,78 @@ def in_ascii_locale(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 CLI = "import sys\nfrom trig_stream.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+ENTRY_POINT = "from trig_stream.console import entry_point\nentry_point()\n"
 
 
 def test_a_path_this_locale_cannot_name_is_one_error(tmp_path: Path) -> None:
-    # With an ASCII file-name encoding a config in "w é/" (its paths resolved) and a
-    # compare --out "cmp é.md" (its temporary file's name) were UnicodeEncodeError tracebacks.
+    # With an ASCII file-name encoding a config in "w é/" (its paths resolved) was a
+    # UnicodeEncodeError traceback, or, read as surrogates, called not UTF-8 when it was.
     probe = in_ascii_locale("import sys; print(sys.getfilesystemencoding())")
     if probe.stdout.strip() == "utf-8":
         pytest.skip("this Python keeps UTF-8 file names in the C locale")
     folder = tmp_path / "w é 中文"
     folder.mkdir()
     config = write_config(folder, samples=2)
-    run = write_run_dir(tmp_path / "r1", {})
     ascii_config = write_config(tmp_path, samples=2)
     ascii_config.write_text(
         ascii_config.read_text().replace('path = "prompts.json"', 'path = "données.json"')
     )
-    for argv in (
-        ["validate", str(config)],
-        ["compare", str(run), "--out", str(tmp_path / "cmp é.md")],
-        ["report", str(run), "--no-plots", "--out", str(tmp_path / "rép")],
-        ["validate", str(ascii_config)],
-    ):
+    for argv in (["validate", str(config)], ["validate", str(ascii_config)]):
         done = in_ascii_locale(CLI, *argv)
         assert "Traceback" not in done.stderr, done.stderr
         assert done.returncode == EXIT_CONFIG, done.stderr
         text = " ".join(done.stderr.split())
         assert "this path cannot be used in this locale, whose file-name encoding is" in text
         assert "run in a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)" in text
-    assert not (tmp_path / "cmp é.md").exists()
     # A library call writing such a name (its temporary file named after it) works.
     write = "import sys\nfrom pathlib import Path\nfrom trig_stream.files import write_atomic\n"
     done = in_ascii_locale(write + "write_atomic(Path(sys.argv[1]), b'x')\n", str(tmp_path / "é"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "é").read_bytes() == b"x"
+
+
+def test_a_command_line_path_this_locale_reads_as_surrogates_is_used(tmp_path: Path) -> None:
+    # With an ASCII file-name encoding the command line's non-ASCII bytes come as
+    # surrogates, which name the same file again: every read-only command refused such a
+    # run directory ("this path cannot be used in this locale"), exit 2.
+    probe = in_ascii_locale("import sys; print(sys.getfilesystemencoding())")
+    if probe.stdout.strip() == "utf-8":
+        pytest.skip("this Python keeps UTF-8 file names in the C locale")
+    run = write_run_dir(tmp_path / "r é 中文", {})
+    for argv in (
+        ["status", str(run)],
+        ["compare", str(run), "--out", str(tmp_path / "cmp é.md")],
+        ["report", str(run), "--no-plots", "--out", str(tmp_path / "rép")],
+    ):
+        # The command's own entry point: what the locale cannot print comes as escapes.
+        done = in_ascii_locale(ENTRY_POINT, *argv)
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.returncode == EXIT_OK, done.stdout + done.stderr
+    assert (tmp_path / "cmp é.md").is_file()
+    assert (tmp_path / "rép" / "comparison.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("path", "encoding", "refused"),
+    [
+        ("proj_café/prompts.json", "iso8859-1", False),  # Latin-1 holds é
+        ("données.json", "ascii", True),  # a config's text the encoding cannot hold
+        ("w 中文/prompts.json", "iso8859-1", True),
+        ("r \udcc3\udca9", "ascii", False),  # the command line's bytes, as surrogates
+        ("données.json", "utf-8", False),
+        ("plain/ascii.json", "ascii", False),
+    ],
+)
+def test_a_path_is_refused_only_when_the_locale_cannot_encode_it(
+    monkeypatch: pytest.MonkeyPatch, path: str, encoding: str, refused: bool
+) -> None:
+    # Any non-ASCII path was refused when the encoding was not UTF-8: a project in
+    # proj_café/ failed `run` in a Latin-1 locale.
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: encoding)
+    problem = locale_problem(path)
+    assert (problem is not None) == refused, problem
+    if problem is not None:
+        assert f"whose file-name encoding is {encoding}, not UTF-8" in problem
 
 
 @pytest.mark.parametrize("command", ["report", "compare", "analyze"])

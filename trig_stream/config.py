@@ -17,6 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
+from contextlib import suppress
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Final, Literal, TypeVar, cast
 
@@ -57,6 +58,7 @@ from trig_stream.files import (
     MAX_SETTINGS_BYTES,
     UnfitFileError,
     locale_problem,
+    locale_refusal,
     read_settings_file,
     real_path,
 )
@@ -354,6 +356,10 @@ def _resolve(path: Path, base: Path, loc: Loc) -> Path:
     try:
         str(resolved).encode("utf-8")
     except UnicodeEncodeError:
+        with suppress(UnicodeDecodeError):
+            os.fsencode(resolved).decode("utf-8")
+            # UTF-8 bytes, read as surrogates: a file-name encoding that is not UTF-8.
+            raise _PathProblem(loc, locale_refusal(resolved)) from None
         # A folder named in another encoding (``caf\xe9``, Latin-1): Python holds its bytes
         # as half characters, which the run directory's manifest, written as UTF-8 JSON,
         # cannot record; the run crashed after taking its directory.

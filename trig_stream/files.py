@@ -7,7 +7,6 @@ becomes the :func:`storage_error` that says what to do (a full disk loses nothin
 
 from __future__ import annotations
 
-import codecs
 import errno
 import fcntl
 import os
@@ -24,16 +23,34 @@ from trig_stream.errors import RunDirError
 
 
 def locale_problem(path: PurePath | str) -> str | None:
-    """Why ``path`` cannot be used in this locale: this process's file-name encoding is not
-    UTF-8 (``LC_ALL=C`` with ``PYTHONUTF8=0``: ASCII) and the path holds other characters,
-    which a look-up or a write then failed on with a traceback (UnicodeEncodeError). None
-    when it can."""
+    """Why ``path`` cannot be used in this locale: this process's file-name encoding cannot
+    hold the path's characters, which a look-up or a write then failed on with a traceback
+    (UnicodeEncodeError). None when it can.
+
+    A config's text ``données`` under ``LC_ALL=C`` with ``PYTHONUTF8=0`` (ASCII) is such a
+    path. A path from the command line never is: its bytes the encoding could not read come
+    as surrogates, which give the same bytes back; nor is ``café`` in a Latin-1 locale.
+    """
+    encoding = sys.getfilesystemencoding()
+    try:
+        # As os.fsencode encodes a file name (surrogateescape on POSIX).
+        str(path).encode(encoding, sys.getfilesystemencodeerrors())
+    except UnicodeEncodeError:
+        return locale_refusal(path)
+    return None
+
+
+def locale_refusal(path: PurePath | str) -> str:
+    """The error of a path this process's file-name encoding cannot hold, or whose UTF-8
+    bytes it reads only as surrogates (which a run, recording its paths as UTF-8 text,
+    cannot record): run in a UTF-8 locale."""
     encoding = sys.getfilesystemencoding()
     text = str(path)
-    if codecs.lookup(encoding).name == "utf-8" or text.isascii():
-        return None
     # The command line's bytes come as surrogates, a config's text as characters: both shown.
-    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate no byte stands for
+        shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return (
         f"{shown}: this path cannot be used in this locale, whose file-name encoding is "
         f"{encoding}, not UTF-8; run in a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)"
