@@ -681,6 +681,33 @@ def test_a_folder_where_a_later_models_file_goes_is_refused_before_any_model_is_
     assert sorted(p.name for p in (out / "model-a").iterdir()) == sorted([*MODEL_FILES, "plots"])
 
 
+@pytest.mark.parametrize("obstacle", ["model-b", "model-b/plots"])
+def test_a_file_where_a_later_models_folder_goes_is_refused_before_any_model_is_written(
+    tmp_path: Path, obstacle: str
+) -> None:
+    # A file at model-b's folder (or its plots/, plots drawn) was taken for a folder not
+    # made yet: model-a's files were replaced, then model-b's write failed "File exists".
+    pytest.importorskip("matplotlib")
+    run = write_run_dir(tmp_path / "run", {})
+    out = tmp_path / "o"
+    names = [*MODEL_FILES, *(f"plots/{name}" for name in sorted(PNGS))]
+    written = [out / "model-a" / name for name in names]
+    for path in written:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"earlier")
+    in_the_way = out / obstacle
+    in_the_way.parent.mkdir(parents=True, exist_ok=True)
+    in_the_way.write_bytes(b"a user's file")
+    with pytest.raises(AnalysisError) as raised:
+        run_command("report", str(run), "--out", str(out))
+    assert str(raised.value) == (
+        f"cannot write the report in {out / 'model-b'}: {in_the_way} is a file, where the "
+        "report's folder of that name goes; move or remove it"
+    )
+    assert {path.read_bytes() for path in written} == {b"earlier"}
+    assert in_the_way.read_bytes() == b"a user's file"
+
+
 def test_a_file_the_report_cannot_remove_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

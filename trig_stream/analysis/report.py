@@ -332,10 +332,30 @@ def _refuse_unfit_outputs(folder: Path, *, drawn: bool) -> None:
     plot_files = [plots_folder / name for name in drawing.PLOT_FILES]
     for path in [*files, plots_folder, *plot_files]:
         refuse_link(path, "remove the link, or write the report elsewhere with --out")
+    # A file where a folder goes was taken below for "not made yet" (NotADirectoryError).
+    for path in [folder, plots_folder] if drawn else [folder]:
+        _refuse_in_place_of_folder(path)
     for path in [*files, *plot_files] if drawn else files:
         refuse_in_the_way(path)
     if not drawn:
         _refuse_in_place_of_plots(folder)
+
+
+def _refuse_in_place_of_folder(path: Path) -> None:
+    """Raise :class:`~trig_stream.files.UnfitFileError` when something other than a folder
+    (a file, a pipe) stands where the report's folder ``path`` goes."""
+    try:
+        mode = os.stat(path).st_mode  # a link to a folder is one
+    except (FileNotFoundError, NotADirectoryError):  # not made yet (nor the one above it)
+        return
+    if stat.S_ISDIR(mode):
+        return
+    what = "file" if stat.S_ISREG(mode) else file_kind(mode)
+    raise UnfitFileError(
+        errno.ENOTDIR,
+        f"{path} is a {what}, where the report's folder of that name goes; move or remove it",
+        str(path),
+    )
 
 
 def _refuse_in_place_of_plots(folder: Path) -> None:
