@@ -11,6 +11,7 @@ import struct
 import threading
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from trig_stream.backends.generators.source_images import source_image
 from trig_stream.config import DatasetSection
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import normalise_task
-from trig_stream.errors import DatasetError
+from trig_stream.errors import DatasetError, DatasetInterrupted
 from trig_stream.records import QuarantinedRecord, Sample
 
 
@@ -1440,3 +1441,27 @@ def test_a_parquet_shard_whose_name_is_not_utf8_is_named(
         assert f"cannot read parquet dataset file {shown}: its name" in err
         assert "Traceback" not in err
     assert not (folder / "runs").exists()
+
+
+def test_a_parquet_read_polars_cuts_short_is_not_the_dataset_s_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Polars hooks SIGINT and ends a read it interrupts as if the files ended there, without
+    # an error: a Ctrl-C while a folder of shards was read gave a dataset of no records.
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for part in range(3):
+        pl.DataFrame({"data_id": [f"IQ-R_TA-C_{part}"], "prompt": ["p"]}).write_parquet(
+            folder / f"part-{part}.parquet"
+        )
+    collect_batches = pl.LazyFrame.collect_batches
+
+    def interrupted(self: pl.LazyFrame, **kwargs: Any) -> Iterator[pl.DataFrame]:
+        return iter(list(collect_batches(self, **kwargs))[:0])  # ended before a row
+
+    monkeypatch.setattr(pl.LazyFrame, "collect_batches", interrupted)
+    source = DatasetSource(DatasetSection(path=folder), normalise_task("t2i"))
+    with pytest.raises(DatasetInterrupted, match="ended after 0 records of the 3 its files hold"):
+        list(source)
+    with pytest.raises(DatasetInterrupted):
+        source.count()

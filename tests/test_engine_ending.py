@@ -6,16 +6,18 @@ import gc
 import json
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
+import polars as pl
 import pytest
 from anyio.lowlevel import checkpoint
 from PIL import Image
 
 from tests.conftest import ConfigFactory
-from trig_stream import Engine, FatalBackendError, sourcing
+from trig_stream import DatasetError, Engine, FatalBackendError, sourcing
 from trig_stream.backends.base import GenerationRequest, JudgeReply, JudgeRequest
 from trig_stream.backends.threads import threads_left_behind
 from trig_stream.config import RunConfig
@@ -135,6 +137,72 @@ async def test_a_stop_is_seen_between_records_left_out(
     assert judged == []
     assert stats.state == "stopped"
     assert stats.records_read == 16
+
+
+def write_shards(folder: Path, shards: int) -> Path:
+    """A parquet dataset folder of ``shards`` shards, one t2i sample each."""
+    folder.mkdir()
+    for shard in range(shards):
+        pl.DataFrame(
+            {"data_id": [f"IQ-R_TA-C_{shard}"], "prompt": ["p"], "dimension": [["IQ-R", "TA-C"]]}
+        ).write_parquet(folder / f"part-{shard}.parquet")
+    return folder
+
+
+def cut_short_by_a_sigint(
+    monkeypatch: pytest.MonkeyPatch, interrupt: Callable[[], object]
+) -> threading.Event:
+    """Make each parquet read end before its first row, as polars ends one that a SIGINT
+    interrupts (no error, as if its files ended there), calling ``interrupt`` first; the
+    event returned is set once a read was cut short."""
+    cut = threading.Event()
+
+    def interrupted(self: pl.LazyFrame, **kwargs: Any) -> Iterator[pl.DataFrame]:
+        del self, kwargs  # the interrupt comes before the first batch
+        interrupt()
+        cut.set()
+        yield from ()
+
+    monkeypatch.setattr(pl.LazyFrame, "collect_batches", interrupted)
+    return cut
+
+
+@pytest.mark.parametrize("stop", ["before the read ends", "after the read ends"])
+async def test_a_parquet_read_a_sigint_cut_short_is_a_stop_not_the_dataset_s_end(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    # A Ctrl-C while polars read a folder of shards ended its reading as if the dataset ended
+    # there: with no record read yet, "the dataset ... holds no records" and a run "done"
+    # (exit 0), where it was stopped with its samples unread. The stop the SIGINT brings may
+    # come before or after the reading's end reaches the source stage.
+    config = make_config(dataset={"path": str(write_shards(tmp_path / "shards", 4))})
+    engine = Engine(config)
+    cut = cut_short_by_a_sigint(
+        monkeypatch, engine.stop if stop == "before the read ends" else lambda: None
+    )
+    async with engine:
+        if stop == "after the read ends":
+            await anyio.to_thread.run_sync(cut.wait, 10)  # a safety net: the read ends at once
+            engine.stop()
+        judged = [judgement async for judgement in engine.results]
+    stats = engine.stats()
+    assert stats.state == "stopped"
+    assert judged == []
+    assert not any("holds no records" in note for note in stats.notes)
+
+
+async def test_a_parquet_read_cut_short_with_no_stop_fails_the_run(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cut short with no stop to come (a SIGINT the run does not listen for reached polars):
+    # an error that says so, never a run "done" with the rest of the dataset unread.
+    monkeypatch.setattr(sourcing, "STOP_AFTER_INTERRUPTED_READ_S", 0.0, raising=False)
+    config = make_config(dataset={"path": str(write_shards(tmp_path / "shards", 4))})
+    cut_short_by_a_sigint(monkeypatch, lambda: None)
+    with pytest.raises(DatasetError, match="ended after 0 records of the 4 its files hold"):
+        async with Engine(config) as engine:
+            await engine.drain()
+    assert engine.stats().state == "failed"
 
 
 @pytest.mark.parametrize("end", ["stop", "cancel", "end"])

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trig_stream.errors import DatasetError
+from trig_stream.errors import DatasetError, DatasetInterrupted
 from trig_stream.files import open_regular_file
 from trig_stream.journal import holds_our_journal
 from trig_stream.manifest import MANIFEST, MANIFEST_HEAD_BYTES, manifest_head_is_ours
@@ -226,9 +227,10 @@ def read_parquet(
     else:
         files = [path]
     _refuse_undecodable(files)
+    rows_read = 0
     try:
         # glob=False: the names are files to read, not patterns ("p[1].parquet" read p1).
-        scan = pl.scan_parquet(files, glob=False)
+        whole = scan = pl.scan_parquet(files, glob=False)
         schema = scan.collect_schema()
         if identity_only:  # never touch the image column: it is most of the bytes
             scan = scan.select([c for c in IDENTITY_COLUMNS if c in schema])
@@ -239,7 +241,17 @@ def read_parquet(
         )
         batches = scan.collect_batches(chunk_size=rows, lazy=True)
         for batch in batches:
+            rows_read += batch.height
             yield from batch.iter_rows(named=True)
+        # Polars hooks SIGINT itself (from its import on), and a read it interrupts ends its
+        # batches as if the files ended: the rows the footers hold tell a read cut short from
+        # a whole one (a read of the footers alone: ~0.06 ms a shard).
+        rows_held = whole.select(pl.len()).collect().item()
+    except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            raise  # Python's own Ctrl-C: it ends the command as one
+        # In a worker thread only polars raises it: a query it interrupted on a SIGINT.
+        raise _interrupted(path, rows_read, None) from None
     except (pl.exceptions.PolarsError, OSError) as exc:
         hint = ""
         if path.is_file() and path.suffix.lower() != ".parquet" and format_set:
@@ -259,6 +271,17 @@ def read_parquet(
             # that a config cannot follow.
             raise DatasetError(f"cannot read parquet dataset {path}: {misfit}") from None
         raise DatasetError(f"cannot read parquet dataset {path}: {exc}{hint}") from None
+    if rows_read < rows_held:
+        raise _interrupted(path, rows_read, rows_held)
+
+
+def _interrupted(path: Path, rows_read: int, rows_held: int | None) -> DatasetInterrupted:
+    held = "" if rows_held is None else f" of the {rows_held} its files hold"
+    return DatasetInterrupted(
+        f"the reading of parquet dataset {path} ended after {rows_read} records{held}: a "
+        "SIGINT (Ctrl-C) interrupted it (polars ends its reading on one), or the files "
+        "changed while they were read; read it again (a stopped run resumes where it stopped)"
+    )
 
 
 def refuse_undecodable_shards(path: Path, fmt: str) -> None:

@@ -6,6 +6,7 @@ Everything the package raises on purpose derives from :class:`TrigStreamError`::
     ├── ConfigError              a config file is unreadable or invalid (names file, key, line)
     │   └── ConfigWriteError     a converted config cannot be written where it goes
     ├── DatasetError             the dataset as a whole cannot be read (one bad record is data)
+    │   └── DatasetInterrupted   its reading was cut short (a SIGINT reached polars)
     ├── RunDirError              the run directory cannot be used
     │   ├── RunLockedError       another process is running in it
     │   └── FingerprintMismatch  its results were made with different settings
@@ -51,6 +52,12 @@ class ConfigWriteError(ConfigError):
 
 class DatasetError(TrigStreamError):
     """The dataset cannot be opened at all (missing file, unreadable format)."""
+
+
+class DatasetInterrupted(DatasetError):
+    """The dataset's reading ended before its end: polars, which hooks SIGINT itself, ends a
+    parquet read that a SIGINT (Ctrl-C) interrupts as if its files ended there. A run that
+    is stopping takes it as its stop; anywhere else it is an error, never the dataset's end."""
 
 
 class RunDirError(TrigStreamError):

@@ -23,7 +23,7 @@ from trig_stream.backends.base import Generator, Judge, reads_source_images
 from trig_stream.config import RunConfig
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import DIMENSIONS, Dimension
-from trig_stream.errors import TrigStreamError
+from trig_stream.errors import DatasetInterrupted, TrigStreamError
 from trig_stream.hashing import seed_for
 from trig_stream.journal import JournalState
 from trig_stream.pipeline import RunContext, WorkItem, send_now
@@ -38,6 +38,10 @@ SOURCE_SCAN = 4096
 worker-thread call returns, with its work items so far: a stop or a cancel waits for one such
 call at most, not for a scan of the dataset up to its next selected sample (a thread is not
 cancelled), and ``records_read`` advances. ~4 ms of reading a call, where the hop is ~0.1 ms."""
+STOP_AFTER_INTERRUPTED_READ_S = 10.0
+"""How long a reading that a SIGINT cut short (:class:`~trig_stream.errors.DatasetInterrupted`)
+waits for the stop that signal brings: the reading may end before the event loop has turned
+the signal into the stop. A safety net: with none by then, the run fails with the error."""
 
 
 class Owed:
@@ -128,11 +132,14 @@ def work_left(
         judged=journal.digests,
         source_images=reads_source_images(generators),
     )
-    for record in source.scan(pause_every=SOURCE_SCAN):
-        if isinstance(record, Sample):
-            return True
-        if record is None and given_up.is_set():
-            break
+    try:
+        for record in source.scan(pause_every=SOURCE_SCAN):
+            if isinstance(record, Sample):
+                return True
+            if record is None and given_up.is_set():
+                break
+    except DatasetInterrupted:
+        return True  # not read to its end: the run's source stage reads it, or sees the stop
     return False
 
 
@@ -206,7 +213,16 @@ class SourceStage:
         records = source.scan(pause_every=SOURCE_SCAN)
         try:
             while not context.stopping.is_set():
-                chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
+                try:
+                    chunk = await anyio.to_thread.run_sync(self._read_chunk, source, records)
+                except DatasetInterrupted:
+                    # The SIGINT that cut the reading short is the run's stop: the dataset is
+                    # not read (nor empty), its samples left are judged on resume.
+                    with anyio.move_on_after(STOP_AFTER_INTERRUPTED_READ_S):
+                        await context.stopping.wait()
+                    if not context.stopping.is_set():
+                        raise
+                    break
                 if chunk is None:
                     await anyio.to_thread.run_sync(context.run_dir.finish_quarantine)
                     context.counters.notes.extend(source.notes)
