@@ -292,9 +292,11 @@ def refuse_undecodable_shards(path: Path, fmt: str) -> None:
     Raises:
         DatasetError: a shard's name (or a folder's below ``path``) is not UTF-8.
     """
-    if fmt not in ("auto", "parquet") or not path.is_dir():
+    if fmt not in ("auto", "parquet"):
         return
-    try:
+    try:  # a path that cannot be looked up (a name too long, a link loop): the read says so
+        if not path.is_dir():
+            return
         shards = _parquet_shards(path)
     except OSError:
         return
