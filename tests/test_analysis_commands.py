@@ -597,42 +597,22 @@ def test_a_folder_where_a_report_file_goes_is_named_and_nothing_is_replaced(
     assert sorted(p.name for p in folder.iterdir()) == sorted(MODEL_FILES)
 
 
-def test_a_folder_in_place_of_an_earlier_plot_is_refused_before_anything_is_written(
-    tmp_path: Path,
+@pytest.mark.parametrize(("blocked", "other"), [("model-a", "model-b"), ("model-b", "model-a")])
+def test_a_folder_in_place_of_an_earlier_plot_is_refused_before_any_model_is_written(
+    tmp_path: Path, blocked: str, other: str
 ) -> None:
     # With --no-plots the earlier plots were removed after the model's files were replaced:
     # "cannot write the report in .../model-a: Is a directory; it must be a folder this user
-    # can write, on a disk with space" named no path, and left model-a new, model-b old.
+    # can write, on a disk with space" named no path, and left model-a new, model-b old. Asked
+    # only inside each model's write, a later model's folder was refused after model-a's
+    # files were replaced and its plots removed.
     run = write_run_dir(tmp_path / "run", {})
     out = tmp_path / "o"
     run_command("report", str(run), "--out", str(out), "--no-plots")
-    in_the_way = out / "model-a" / "plots" / "dtm.png"
-    in_the_way.mkdir(parents=True)
-    written = [out / model / name for model in ("model-a", "model-b") for name in MODEL_FILES]
-    for path in written:
-        path.write_bytes(b"earlier")
-    with pytest.raises(AnalysisError) as raised:
-        run_command("report", str(run), "--out", str(out), "--no-plots")
-    assert str(raised.value) == (
-        f"cannot write the report in {out / 'model-a'}: {in_the_way} is a folder, where an "
-        "earlier report's plot of that name is to be removed (this report draws none); move "
-        "or remove it"
-    )
-    assert {path.read_bytes() for path in written} == {b"earlier"}
-
-
-def test_a_folder_in_place_of_a_later_models_plot_is_refused_before_any_model_is_written(
-    tmp_path: Path,
-) -> None:
-    # Asked only inside each model's write, model-a's files were replaced and its plots
-    # removed before model-b's folder was refused: a report of model-a new, model-b old.
-    run = write_run_dir(tmp_path / "run", {})
-    out = tmp_path / "o"
-    run_command("report", str(run), "--out", str(out), "--no-plots")
-    earlier_plot = out / "model-a" / "plots" / "dtm.png"
+    earlier_plot = out / other / "plots" / "dtm.png"
     earlier_plot.parent.mkdir()
     earlier_plot.write_bytes(b"earlier")
-    in_the_way = out / "model-b" / "plots" / "dtm.png"
+    in_the_way = out / blocked / "plots" / "dtm.png"
     in_the_way.mkdir(parents=True)
     written = [out / model / name for model in ("model-a", "model-b") for name in MODEL_FILES]
     for path in written:
@@ -640,7 +620,7 @@ def test_a_folder_in_place_of_a_later_models_plot_is_refused_before_any_model_is
     with pytest.raises(AnalysisError) as raised:
         run_command("report", str(run), "--out", str(out), "--no-plots")
     assert str(raised.value) == (
-        f"cannot write the report in {out / 'model-b'}: {in_the_way} is a folder, where an "
+        f"cannot write the report in {out / blocked}: {in_the_way} is a folder, where an "
         "earlier report's plot of that name is to be removed (this report draws none); move "
         "or remove it"
     )
