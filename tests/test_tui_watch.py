@@ -27,7 +27,7 @@ from tests.test_engine import run_to_end
 from trig_stream import Engine
 from trig_stream.backends.base import JudgeReply, JudgeRequest
 from trig_stream.cli import main
-from trig_stream.config import load_config
+from trig_stream.config import RunConfig, load_config
 from trig_stream.dataset import DatasetSource
 from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
@@ -898,18 +898,27 @@ def table_row(text: str, first: str) -> list[str]:
     raise AssertionError(f"no row {first!r} in:\n{text}")
 
 
+async def a_run_with_errors(make_config: ConfigFactory) -> tuple[RunConfig, int]:
+    """A finished run of 8 samples whose judge failed about half its requests, and how many
+    of its 16 judgements are errors (at least 2)."""
+    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.5}}]
+    config = make_config(samples=8, judges=failing)
+    await run_to_end(config)
+    journal = latest_judgements(config.run_dir / JOURNAL).values()
+    errors = sum(1 for j in journal if j.status == "error")
+    assert errors >= 2
+    return config, errors
+
+
 async def test_watch_and_status_count_the_errors_a_retry_asks_again_as_work_left(
     make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Resumed with --retry-errors, the errors being asked again counted as finished: the
     # viewer said "samples 8/8" (and no ETA), `status` counted them as errors that stand,
     # since nothing in the run directory said that the run asks them again.
-    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.5}}]
-    config = make_config(samples=8, judges=failing)
-    await run_to_end(config)
+    config, errors = await a_run_with_errors(make_config)
     run_dir = config.run_dir
-    errors = sum(1 for j in latest_judgements(run_dir / JOURNAL).values() if j.status == "error")
-    assert 2 <= errors < 16
+    assert errors < 16
     judge = GatedJudge(open_for=1)
     async with Engine(config, judges=[judge], retry_errors=True) as engine:
         assert (await engine.results.receive()).status == "ok"  # one error asked again
@@ -941,12 +950,8 @@ async def test_a_run_still_reading_its_journal_is_not_shown_with_the_run_befores
     # A plain resume after an interrupted --retry-errors run: while it read its (long)
     # journal, the manifest was still the run before's, and status and watch showed its
     # errors "asked again" (then, the journal read, as errors: counts went backwards).
-    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 0.5}}]
-    config = make_config(samples=8, judges=failing)
-    await run_to_end(config)
+    config, errors = await a_run_with_errors(make_config)
     run_dir = config.run_dir
-    errors = sum(1 for j in latest_judgements(run_dir / JOURNAL).values() if j.status == "error")
-    assert errors >= 2
     stale = read_manifest(run_dir).model_copy(update={"retry_errors": True, "journal_lines": 16})
     (run_dir / "manifest.json").write_text(stale.model_dump_json())
     opening = RunDir(run_dir)
