@@ -1142,6 +1142,33 @@ def test_a_preamble_and_an_explanation_come_off_the_rewrite_alone(answer: str, p
     assert rewritten_prompt(answer, "stop", guidance="G", max_tokens=256) == prompt
 
 
+@pytest.mark.parametrize(
+    ("answer", "prompt"),
+    [
+        ('"A red bicycle"', "A red bicycle"),
+        ("'A knight's sword'", "A knight's sword"),  # an apostrophe is no closing quote
+        ('Rewritten prompt:\n"A red bicycle"', "A red bicycle"),
+        # The first and last of several quoted phrases: the prompt's own quotes.
+        (
+            '"Welcome" written on a doormat beside a sign that says "Exit"',
+            '"Welcome" written on a doormat beside a sign that says "Exit"',
+        ),
+        (
+            "'Open' on a door, a sign that says 'Closed'",
+            "'Open' on a door, a sign that says 'Closed'",
+        ),
+        # Its opening quote taken off, it read as a refusal, and every prompt fell back.
+        (
+            '"I can\'t help you with that," says a robot holding a sign that reads "Closed"',
+            '"I can\'t help you with that," says a robot holding a sign that reads "Closed"',
+        ),
+    ],
+    ids=["double", "single-apostrophe", "after-preamble", "two-phrases", "two-single", "robot"],
+)
+def test_quotes_come_off_only_when_they_wrap_the_whole_rewrite(answer: str, prompt: str) -> None:
+    assert rewritten_prompt(answer, "stop", guidance="G", max_tokens=256) == prompt
+
+
 class _Untouchable:
     """Stands in for a pattern that must not run."""
 

@@ -143,6 +143,9 @@ opens it): on a line of its own, or ending a line followed by a blank one (R1's
 and``, a line, ``</think> in green``), so without the opening tag those keep their text, and so
 does a cut that would leave nothing."""
 
+APOSTROPHE_AS_QUOTE = re.compile(r"(?<![^\W\d_])'|'(?![^\W\d_])")
+"""A ``'`` that is a quote mark: not between two letters, as an apostrophe ("knight's") is."""
+
 FENCE = re.compile(r"```[\w+-]*+[^\S\n]*+\n(?P<inner>.*)\n[^\S\n]*+```", re.S)
 """A markdown code fence (with a language tag or none) around the whole answer."""
 
@@ -265,7 +268,18 @@ def _encodable(text: str) -> bool:
 
 
 def _clean(text: str) -> str:
+    """``text`` stripped, without a pair of quotes around the whole of it."""
     text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and _wraps_all(text):
         text = text[1:-1].strip()
     return text
+
+
+def _wraps_all(text: str) -> bool:
+    """Whether the quote marks at ``text``'s ends are one pair around all of it, not the first
+    and last of the prompt's own quoted phrases ('"Welcome" on a mat beside "Exit"'): no quote
+    of that kind opens or closes inside (an apostrophe between letters, "knight's", is none)."""
+    quote, inner = text[0], text[1:-1]
+    if quote == '"':
+        return '"' not in inner
+    return APOSTROPHE_AS_QUOTE.search(inner) is None
