@@ -29,6 +29,7 @@ from trig_stream.backends.generators.dtm_relations import (
     user_message,
 )
 from trig_stream.backends.generators.dtm_rewrite import DTMRewriteGenerator, DTMRewriteOptions
+from trig_stream.backends.generators.image_folder import ImageFolderGenerator, ImageFolderOptions
 from trig_stream.backends.generators.rewrite_answers import rewritten_prompt
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.backends.registry import build_generator
@@ -1304,6 +1305,16 @@ def test_options_need_relations_and_valid_inner_options(tmp_path: Path) -> None:
         )
 
 
+FOLDER_REFUSED = (
+    "generator 'g': its inner generator, ImageFolderGenerator, serves images made elsewhere, "
+    "not from the prompt it is given: there is nothing to rewrite; use it without dtm_rewrite"
+)
+NESTED_REFUSED = (
+    "generator 'g': its inner generator, DTMRewriteGenerator, is a dtm_rewrite itself: one "
+    "rewrite is made per prompt; give the inner one's inner generator here instead"
+)
+
+
 def test_images_made_elsewhere_have_no_prompt_to_rewrite(
     make_config: ConfigFactory, tmp_path: Path
 ) -> None:
@@ -1315,13 +1326,7 @@ def test_images_made_elsewhere_have_no_prompt_to_rewrite(
         "inner": {"backend": "image_folder", "options": {"path": str(tmp_path)}},
     }
     config = make_config(generators=[{"name": "g", "backend": "dtm_rewrite", "options": options}])
-    with pytest.raises(
-        ConfigError,
-        match=re.escape(
-            "generator 'g': its inner backend 'image_folder' serves images made elsewhere, not "
-            "from the prompt it is given: there is nothing to rewrite; use it without dtm_rewrite"
-        ),
-    ):
+    with pytest.raises(ConfigError, match=re.escape(FOLDER_REFUSED)):
         build_generator(config.generators[0], config)
 
 
@@ -1335,14 +1340,22 @@ def test_a_rewrite_around_a_rewrite_is_refused(make_config: ConfigFactory, tmp_p
         "inner": {"backend": "dtm_rewrite", "options": inner},
     }
     config = make_config(generators=[{"name": "g", "backend": "dtm_rewrite", "options": options}])
-    with pytest.raises(
-        ConfigError,
-        match=re.escape(
-            "generator 'g': its inner backend 'dtm_rewrite' is a dtm_rewrite itself: one "
-            "rewrite is made per prompt; give the inner one's inner generator here instead"
-        ),
-    ):
+    with pytest.raises(ConfigError, match=re.escape(NESTED_REFUSED)):
         build_generator(config.generators[0], config)
+
+
+def test_an_inner_instance_is_checked_as_the_configs_inner_entry_is(tmp_path: Path) -> None:
+    # Passed to the engine, a wrapper around an image folder or another rewrite was taken
+    # (the README says instances are checked as the config's entries are).
+    options = DTMRewriteOptions.model_validate(
+        {"inner": {"backend": "synthetic"}, "model": "m", "relations": {"IQ-R_TA-C": 0}}
+    )
+    folder = ImageFolderGenerator("g", ImageFolderOptions(path=tmp_path))
+    with pytest.raises(ConfigError, match=re.escape(FOLDER_REFUSED)):
+        DTMRewriteGenerator("g", options, folder)
+    nested = DTMRewriteGenerator("g", options, RecordingGenerator())
+    with pytest.raises(ConfigError, match=re.escape(NESTED_REFUSED)):
+        DTMRewriteGenerator("g", options, nested)
 
 
 @pytest.mark.anyio

@@ -216,6 +216,12 @@ class DTMRewriteGenerator(Generator):
         *,
         sleep: Sleep = wait_on_cancel,
     ) -> None:
+        """Wrap ``inner``, checked as a config's inner entry is.
+
+        Raises:
+            ConfigError: ``inner`` is an image folder or another dtm_rewrite.
+        """
+        _check_inner(name, inner)
         self.name = name
         self.options = options
         self.inner = inner
@@ -266,22 +272,6 @@ class DTMRewriteGenerator(Generator):
             inner = build_generator(inner_entry, config)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"generator {entry.name!r}: {exc}") from None
-        if isinstance(inner, DTMRewriteGenerator):
-            # The outer rewrite of its rewrite would be drawn, and the journal would record
-            # the inner one's prompt, not the one the image was drawn from.
-            raise ConfigError(
-                f"generator {entry.name!r}: its inner backend {options.inner.backend!r} is a "
-                "dtm_rewrite itself: one rewrite is made per prompt; give the inner one's "
-                "inner generator here instead"
-            )
-        if not inner.draws_from_the_prompt:
-            # Its images would be recorded as drawn from rewrites they never saw, each one an
-            # LLM call paid for nothing.
-            raise ConfigError(
-                f"generator {entry.name!r}: its inner backend {options.inner.backend!r} serves "
-                "images made elsewhere, not from the prompt it is given: there is nothing to "
-                "rewrite; use it without dtm_rewrite"
-            )
         try:
             return cls(entry.name, options, inner)
         except (OSError, ValueError) as exc:
@@ -538,3 +528,28 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
         first, second = pair.split("_")
         table.set(first, second, code)  # type: ignore[arg-type]
     return table
+
+
+def _check_inner(name: str, inner: Generator) -> None:
+    """Refuse an inner generator that draws nothing from the prompt, or another rewrite: the
+    config's inner entry and an instance passed to the engine alike.
+
+    Raises:
+        ConfigError: ``inner`` is an image folder or another dtm_rewrite.
+    """
+    if isinstance(inner, DTMRewriteGenerator):
+        # The outer rewrite of its rewrite would be drawn, and the journal would record the
+        # inner one's prompt, not the one the image was drawn from.
+        raise ConfigError(
+            f"generator {name!r}: its inner generator, {type(inner).__name__}, is a "
+            "dtm_rewrite itself: one rewrite is made per prompt; give the inner one's inner "
+            "generator here instead"
+        )
+    if not inner.draws_from_the_prompt:
+        # Its images would be recorded as drawn from rewrites they never saw, each one an LLM
+        # call paid for nothing.
+        raise ConfigError(
+            f"generator {name!r}: its inner generator, {type(inner).__name__}, serves images "
+            "made elsewhere, not from the prompt it is given: there is nothing to rewrite; use "
+            "it without dtm_rewrite"
+        )
