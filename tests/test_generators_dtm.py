@@ -622,6 +622,27 @@ def test_a_retry_after_with_a_5xx_is_waited_for(server: GenerationAPIServer) -> 
     assert len(waits) == 1 and waits[0] >= 7
 
 
+def test_a_rewrite_a_hard_stop_ends_is_neither_stored_nor_noted(
+    server: GenerationAPIServer,
+) -> None:
+    # Cancelled in its backoff, it was stored as a fallback "(the first failure: cancelled)"
+    # and the run's end note counted it, though no image was drawn and the sample is asked
+    # again on resume.
+    def stopped_during(seconds: float, cancel: threading.Event) -> bool:
+        cancel.set()  # the hard stop, while the rewrite waits to retry
+        return True
+
+    generator = rewriter(server)
+    generator._sleep = stopped_during
+    server.fail_next(Fault(), Fault(status=503))  # H_1 is rewritten, H_2 waits to retry
+    requests = [request("H_1", "IQ-R", "TA-C"), request("H_2", "IQ-R", "TA-C")]
+    images = generator.generate(requests, worker=0, cancel=threading.Event())
+    assert [str(image) for image in images] == ["cancelled", "cancelled"]
+    assert isinstance(generator.inner, RecordingGenerator) and generator.inner.prompts == []
+    assert generator.rewrites == {} and generator.notes() == []
+    assert generator.prompt_rewrite("H_1") is None
+
+
 def test_an_llm_never_reached_stops_the_run(server: GenerationAPIServer) -> None:
     # Every rewrite fell back, every image was drawn from its original prompt and scored ok
     # under the dtm name, and the run exited 0 with a note.

@@ -318,11 +318,16 @@ class DTMRewriteGenerator(Generator):
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
     ) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:
-        rewritten: list[GenerationRequest] = []
+        outcomes: list[RewriteOutcome] = []
         for request in requests:
-            if cancel.is_set():
+            outcome = None if cancel.is_set() else self.rewrite(request, cancel)
+            if outcome is None:
+                # A hard stop: nothing of the batch is drawn, and its samples are asked again
+                # on resume, so none of its rewrites is kept or counted at the run's end.
                 return [ItemError("cancelled") for _ in requests]
-            outcome = self.rewrite(request, cancel)
+            outcomes.append(outcome)
+        rewritten: list[GenerationRequest] = []
+        for request, outcome in zip(requests, outcomes, strict=True):
             with self._lock:
                 self.rewrites[request.sample.data_id] = outcome
             sample = request.sample.model_copy(update={"prompt": outcome.prompt})
@@ -341,8 +346,9 @@ class DTMRewriteGenerator(Generator):
             error=outcome.error,
         )
 
-    def rewrite(self, request: GenerationRequest, cancel: threading.Event) -> RewriteOutcome:
-        """Rewrite one request's prompt; on failure keep the original and say why.
+    def rewrite(self, request: GenerationRequest, cancel: threading.Event) -> RewriteOutcome | None:
+        """Rewrite one request's prompt; on failure keep the original and say why. None when
+        it failed as the run was cancelled (a hard stop): no failure of the LLM's.
 
         Raises:
             FatalBackendError: the LLM server refused the credentials, answered a 404 or could
@@ -397,6 +403,8 @@ class DTMRewriteGenerator(Generator):
         except FatalBackendError:
             raise
         except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
+            if cancel.is_set():  # the stop ended its wait or its call
+                return None
             # Quoted server text may hold half a character too: kept as its escape.
             reason = storable_text(str(exc) or type(exc).__name__)
             if not isinstance(exc, BackendError):
@@ -408,7 +416,7 @@ class DTMRewriteGenerator(Generator):
                 sample.data_id,
                 reason,
             )
-            if counts and not cancel.is_set():
+            if counts:
                 self._count_failure(reason)
             return RewriteOutcome(
                 sample.data_id,
