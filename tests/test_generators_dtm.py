@@ -137,11 +137,13 @@ def test_relation_table_from_report(tmp_path: Path) -> None:
         RelationTable.from_report(latin)
     with pytest.raises(OSError, match=r"missing\.csv: cannot read it .*relationship_codes\.csv"):
         RelationTable.from_report(tmp_path / "missing.csv")
-    # A code is an integer: 1.9 was read as 1, inf ended the run with a traceback.
-    for cell in ("1.9", "-0.5", "inf", "1e400", "nan"):
+    # A code is an integer: 1.9 was read as 1, inf ended the run with a traceback; one out
+    # of range was refused without naming the report.
+    for cell in ("1.9", "-0.5", "inf", "1e400", "nan", "-3", "5"):
         odd = tmp_path / "odd.csv"
         odd.write_text(f",IQ-R,TA-C\nIQ-R,,{cell}\n")
-        with pytest.raises(ValueError, match=rf"cell IQ-R_TA-C is '{cell}', no relation code"):
+        expected = rf"odd\.csv: cell IQ-R_TA-C is '{cell}', no relation code \(an integer from"
+        with pytest.raises(ValueError, match=expected):
             RelationTable.from_report(odd)
     for text, problem in [
         (",IQ-R,TA-C\n", "a header and no row of relation codes"),

@@ -144,7 +144,8 @@ class RelationTable:
                     value = float(text)
                 except ValueError:
                     value = math.nan
-                if not value.is_integer():  # 1.9 read as 1 chose another relation's words
+                # 1.9 read as 1 chose another relation's words; -3 is none, said with the file.
+                if not value.is_integer() or int(value) not in RELATION_CODES:
                     raise ValueError(
                         f"{path}: cell {first}_{second} is {text!r}, no relation code (an "
                         "integer from -2 to 3)"
