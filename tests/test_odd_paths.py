@@ -57,7 +57,7 @@ def test_a_relative_config_path_through_a_loop_is_one_error(
         .replace("[[judges]]", 'options = { path = "loop1" }\n[[judges]]')
     )
     assert main(["validate", str(config)]) == EXIT_FATAL
-    assert f"image folder {looped} " in one_error(capsys)
+    assert f"image folder loop1 (that is {looped}) " in one_error(capsys)
 
 
 def test_a_run_directory_that_is_a_dangling_link_is_named_so(

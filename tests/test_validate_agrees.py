@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -406,6 +407,51 @@ def test_image_folders_are_not_refused_when_every_image_left_is_on_disk(
     with chattr(images / "t2i" / "synth", images / ".partial"):
         err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
     assert err.startswith(f"error: cannot write images in {images}: ")
+
+
+@pytest.mark.parametrize(
+    ("written", "what"),
+    [
+        ("imgs", "missing"),
+        ("imgs", "file"),
+        ("imgs", "unreadable"),
+        ("../elsewhere/imgs", "missing"),
+        ("~/imgs", "missing"),
+    ],
+)
+def test_a_refused_image_folder_is_named_as_the_config_wrote_it(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    written: str,
+    what: str,
+) -> None:
+    # Both named it by its resolved path alone (/abs/project/imgs), not the "imgs" of the
+    # config, relative to the config's folder.
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write_config(project, samples=2)
+    made = '[[generators]]\nname = "made"\nbackend = "image_folder"\n'
+    made += f'options = {{ path = "{written}" }}\n\n'
+    path.write_text(path.read_text().replace("[[generators]]", made + "[[generators]]", 1))
+    elsewhere = {"~/imgs": tmp_path / "home", "../elsewhere/imgs": tmp_path / "elsewhere"}
+    folder = elsewhere.get(written, project) / "imgs"
+    if what == "file":
+        folder.write_text("")
+    elif what == "unreadable":  # root lists any folder: refused where it is opened
+        folder.mkdir()
+        listed = os.scandir
+
+        def scandir(where: Any = ".") -> Any:
+            if Path(where) == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(where))
+            return listed(where)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    err = both_refuse_alike(path, capsys, EXIT_FATAL)
+    why = "cannot be read" if what == "unreadable" else "does not exist or is not a folder"
+    assert f"image folder {written} (that is {folder}) {why}" in err
 
 
 @pytest.mark.timeout(60)  # a pipe as the journal was waited on for ever
