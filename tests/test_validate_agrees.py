@@ -555,6 +555,35 @@ def test_validate_refuses_a_serve_port_something_listens_on(
     assert "another server listening there?" in err
 
 
+@pytest.mark.timeout(120)
+def test_a_busy_serve_port_is_no_reason_to_refuse_a_run_with_nothing_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # validate refused the port (exit 4) of a finished run, which `run` resumes without
+    # starting its server: nothing is left to judge (exit 0).
+    path = write_config(tmp_path, samples=1)
+    base = path.read_text().split("[[judges]]")[0]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    argv = f'["{sys.executable}", "-m", "trig_stream", "simulate-judge", "--port", "{{port}}"]'
+    serve = f"{{ command = {argv}, port = {port}, poll_interval_s = 0.05 }}"
+    judge = '[[judges]]\nname = "j"\nbackend = "openai"\n'
+    path.write_text(base + judge + f'options = {{ model = "m", serve = {serve} }}\n')
+    assert main([*RUN, str(path)]) == EXIT_OK
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the server's TIME_WAIT
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        for command in (["validate"], RUN):
+            assert main([*command, str(path)]) == EXIT_OK, capsys.readouterr().err
+        # A sample left to judge: the run starts the server, and both refuse the port.
+        write_prompts(tmp_path / "prompts.json", 2)
+        capsys.readouterr()
+        err = both_refuse_alike(path, capsys, EXIT_FATAL)
+    assert f"judge 'j': cannot start its server on 127.0.0.1:{port}: " in err
+
+
 HOLDER = """\
 import pathlib, sys
 import anyio
