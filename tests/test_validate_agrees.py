@@ -52,6 +52,41 @@ def test_an_output_dir_that_cannot_be_looked_up_is_refused_alike(
     assert err == f"error: cannot create the run directory {where}: File name too long\n"
 
 
+def output_dir_for(tmp_path: Path, length: int) -> Path:
+    """An ``output_dir`` under ``tmp_path`` whose run directory (``cli`` in it) is ``length``
+    bytes long, in folders of 200 bytes at most."""
+    left = length - len(os.fsencode(tmp_path / "cli")) - 1
+    parts = []
+    while left > 0:
+        parts.append("d" * min(200, left - 1 if left > 200 else left))
+        left -= len(parts[-1]) + 1
+    return tmp_path.joinpath(*parts)
+
+
+@pytest.mark.parametrize("new_run", [False, True])
+def test_a_run_directory_too_long_for_the_files_of_a_run_is_refused_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], new_run: bool
+) -> None:
+    # 4,060 bytes, under the system's limit (4,096): validate said ok, and run failed on its
+    # manifest's temporary file ("cannot open the run directory ...: .../.manifest.json.
+    # <pid>.<thread>.tmp: File name too long").
+    path = write_config(tmp_path, samples=2)
+    output_dir = output_dir_for(tmp_path, 4060)
+    path.write_text(path.read_text().replace('output_dir = "runs"', f'output_dir = "{output_dir}"'))
+    flag = ["--new-run"] * new_run
+    errors = []
+    for command in (["validate"], RUN):
+        assert main([*command, *flag, str(path)]) == EXIT_RUN_DIR
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1]
+    assert errors[0] == (
+        f"error: cannot create the run directory {output_dir / 'cli'}: File name too long: "
+        "its path is 4060 bytes, and the files a run writes in it would be longer than this "
+        "system allows (4096 bytes); shorten output_dir or [run] name\n"
+    )
+    assert not (output_dir / "cli").exists()
+
+
 def test_a_folder_on_the_way_without_search_permission_is_refused_alike(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
