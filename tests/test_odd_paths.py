@@ -13,7 +13,7 @@ import pytest
 
 from tests.test_analysis_commands import FORMATTED, formatted_as_evaluation, write_run_dir
 from tests.test_cli import write_config
-from trig_stream.cli import main
+from trig_stream.cli import _parse, main
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.files import locale_problem
 
@@ -57,7 +57,7 @@ def test_a_relative_config_path_through_a_loop_is_one_error(
         .replace("[[judges]]", 'options = { path = "loop1" }\n[[judges]]')
     )
     assert main(["validate", str(config)]) == EXIT_FATAL
-    assert f"image folder {looped} " in one_error(capsys)
+    assert f"image folder loop1 (that is {looped}) " in one_error(capsys)
 
 
 def test_a_run_directory_that_is_a_dangling_link_is_named_so(
@@ -253,3 +253,31 @@ def test_an_out_with_a_leading_tilde_is_the_home_folder(
     assert main(argv) == EXIT_OK, one_error(capsys)
     assert not (work / "~").exists()
     assert any((home / "rep").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest"),
+    [
+        (["run", "~/r"], "config"),
+        (["validate", "~/r"], "config"),
+        (["status", "~/r"], "run_dir"),
+        (["watch", "~/r"], "run_dir"),
+        (["report", "~/r"], "run_dir"),
+        (["analyze", "~/r", "--out=/o", "--prompts=~/r"], "file"),
+        (["analyze", "/f", "--out=/o", "--prompts=~/r"], "prompts"),
+        (["compare", "/a", "~/r"], "run_dirs"),
+        (["import-config", "~/r"], "yaml"),
+        (["import-config", "/u.yaml", "--root=~/r"], "root"),
+        (["import-config", "/u.yaml", "-o~/r"], "out"),
+        (["make-tiny-models", "~/r"], "out"),
+        (["simulate-judge", "--allowed-local-media-path=~/r"], "allowed_local_media_path"),
+    ],
+)
+def test_every_path_on_the_command_line_takes_a_leading_tilde_for_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], dest: str
+) -> None:
+    # Only report's, analyze's and compare's --out expanded it: `import-config --out=~/x.toml`
+    # (the shell expands no ~ after "=") or a quoted "~/r" wrote or read a folder named "~".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parsed = getattr(_parse(argv), dest)
+    assert (parsed[-1] if isinstance(parsed, list) else parsed) == tmp_path / "r"

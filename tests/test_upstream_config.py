@@ -440,6 +440,23 @@ def test_the_command_shows_a_warning_s_control_characters_escaped(tmp_path: Path
     assert "\x1b" not in messages
 
 
+@pytest.mark.parametrize("option", ["--out=", "-o="])
+def test_an_out_with_a_leading_tilde_is_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str
+) -> None:
+    # --out=~/x.toml (no shell expands ~ after "=") wrote a folder literally named "~" in the
+    # current folder, as `report --out` no longer did.
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    source = write(tmp_path, "upstream.yaml", GENERATION)
+    assert cli.main(["import-config", str(source), f"{option}~/x.toml"]) == 0
+    assert not (work / "~").exists()
+    assert load_config(home / "x.toml").run.name == "gen-sweep"
+
+
 def test_command_writes_the_file_warns_and_refuses_to_overwrite(tmp_path: Path) -> None:
     source = write(tmp_path, "upstream.yaml", GENERATION.replace("gen-sweep", "cmd"))
     out = tmp_path / "config" / "imported.toml"

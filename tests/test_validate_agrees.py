@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -49,6 +50,41 @@ def test_an_output_dir_that_cannot_be_looked_up_is_refused_alike(
     err = both_refuse(path, capsys)
     where = tmp_path / long / "cli"
     assert err == f"error: cannot create the run directory {where}: File name too long\n"
+
+
+def output_dir_for(tmp_path: Path, length: int) -> Path:
+    """An ``output_dir`` under ``tmp_path`` whose run directory (``cli`` in it) is ``length``
+    bytes long, in folders of 200 bytes at most."""
+    left = length - len(os.fsencode(tmp_path / "cli")) - 1
+    parts = []
+    while left > 0:
+        parts.append("d" * min(200, left - 1 if left > 200 else left))
+        left -= len(parts[-1]) + 1
+    return tmp_path.joinpath(*parts)
+
+
+@pytest.mark.parametrize("new_run", [False, True])
+def test_a_run_directory_too_long_for_the_files_of_a_run_is_refused_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], new_run: bool
+) -> None:
+    # 4,060 bytes, under the system's limit (4,096): validate said ok, and run failed on its
+    # manifest's temporary file ("cannot open the run directory ...: .../.manifest.json.
+    # <pid>.<thread>.tmp: File name too long").
+    path = write_config(tmp_path, samples=2)
+    output_dir = output_dir_for(tmp_path, 4060)
+    path.write_text(path.read_text().replace('output_dir = "runs"', f'output_dir = "{output_dir}"'))
+    flag = ["--new-run"] * new_run
+    errors = []
+    for command in (["validate"], RUN):
+        assert main([*command, *flag, str(path)]) == EXIT_RUN_DIR
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1]
+    assert errors[0] == (
+        f"error: cannot create the run directory {output_dir / 'cli'}: File name too long: "
+        "its path is 4060 bytes, and the files a run writes in it would be longer than this "
+        "system allows (4096 bytes); shorten output_dir or [run] name\n"
+    )
+    assert not (output_dir / "cli").exists()
 
 
 def test_a_folder_on_the_way_without_search_permission_is_refused_alike(
@@ -408,6 +444,51 @@ def test_image_folders_are_not_refused_when_every_image_left_is_on_disk(
     assert err.startswith(f"error: cannot write images in {images}: ")
 
 
+@pytest.mark.parametrize(
+    ("written", "what"),
+    [
+        ("imgs", "missing"),
+        ("imgs", "file"),
+        ("imgs", "unreadable"),
+        ("../elsewhere/imgs", "missing"),
+        ("~/imgs", "missing"),
+    ],
+)
+def test_a_refused_image_folder_is_named_as_the_config_wrote_it(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    written: str,
+    what: str,
+) -> None:
+    # Both named it by its resolved path alone (/abs/project/imgs), not the "imgs" of the
+    # config, relative to the config's folder.
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write_config(project, samples=2)
+    made = '[[generators]]\nname = "made"\nbackend = "image_folder"\n'
+    made += f'options = {{ path = "{written}" }}\n\n'
+    path.write_text(path.read_text().replace("[[generators]]", made + "[[generators]]", 1))
+    elsewhere = {"~/imgs": tmp_path / "home", "../elsewhere/imgs": tmp_path / "elsewhere"}
+    folder = elsewhere.get(written, project) / "imgs"
+    if what == "file":
+        folder.write_text("")
+    elif what == "unreadable":  # root lists any folder: refused where it is opened
+        folder.mkdir()
+        listed = os.scandir
+
+        def scandir(where: Any = ".") -> Any:
+            if Path(where) == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(where))
+            return listed(where)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    err = both_refuse_alike(path, capsys, EXIT_FATAL)
+    why = "cannot be read" if what == "unreadable" else "does not exist or is not a folder"
+    assert f"image folder {written} (that is {folder}) {why}" in err
+
+
 @pytest.mark.timeout(60)  # a pipe as the journal was waited on for ever
 @pytest.mark.parametrize("kind", ["folder", "pipe"])
 def test_a_journal_that_is_no_file_is_refused_in_the_journal_s_words(
@@ -507,6 +588,35 @@ def test_validate_refuses_a_serve_port_something_listens_on(
         err = both_refuse_alike(path, capsys, EXIT_FATAL)
     assert f"judge 'j': cannot start its server on 127.0.0.1:{port}: " in err
     assert "another server listening there?" in err
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_serve_port_is_no_reason_to_refuse_a_run_with_nothing_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # validate refused the port (exit 4) of a finished run, which `run` resumes without
+    # starting its server: nothing is left to judge (exit 0).
+    path = write_config(tmp_path, samples=1)
+    base = path.read_text().split("[[judges]]")[0]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    argv = f'["{sys.executable}", "-m", "trig_stream", "simulate-judge", "--port", "{{port}}"]'
+    serve = f"{{ command = {argv}, port = {port}, poll_interval_s = 0.05 }}"
+    judge = '[[judges]]\nname = "j"\nbackend = "openai"\n'
+    path.write_text(base + judge + f'options = {{ model = "m", serve = {serve} }}\n')
+    assert main([*RUN, str(path)]) == EXIT_OK
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the server's TIME_WAIT
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        for command in (["validate"], RUN):
+            assert main([*command, str(path)]) == EXIT_OK, capsys.readouterr().err
+        # A sample left to judge: the run starts the server, and both refuse the port.
+        write_prompts(tmp_path / "prompts.json", 2)
+        capsys.readouterr()
+        err = both_refuse_alike(path, capsys, EXIT_FATAL)
+    assert f"judge 'j': cannot start its server on 127.0.0.1:{port}: " in err
 
 
 HOLDER = """\

@@ -41,6 +41,7 @@ from trig_stream.errors import (
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.files import locale_problem, real_path
 from trig_stream.inspect_commands import status_command, validate_command
+from trig_stream.path_arguments import path_argument
 from trig_stream.records import printable
 from trig_stream.signals import (
     how_to_stop,
@@ -268,7 +269,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
 
     run = commands.add_parser("run", help="run (or resume) an evaluation")
-    run.add_argument("config", type=Path, help="the run's TOML config")
+    run.add_argument("config", type=path_argument, help="the run's TOML config")
     run.add_argument(
         "--headless",
         action="store_true",
@@ -292,7 +293,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.set_defaults(handler=_cmd_run)
 
     validate = commands.add_parser("validate", help="check a config without running it")
-    validate.add_argument("config", type=Path)
+    validate.add_argument("config", type=path_argument)
     validate_choice = validate.add_mutually_exclusive_group()
     validate_choice.add_argument(
         "--retry-errors",
@@ -307,7 +308,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     validate.set_defaults(handler=validate_command)
 
     status = commands.add_parser("status", help="summarise a run directory")
-    status.add_argument("run_dir", type=Path)
+    status.add_argument("run_dir", type=path_argument)
     status.set_defaults(handler=status_command)
     if command not in CORE_COMMANDS:
         wanted = [EXTRA_COMMANDS[command]] if command in EXTRA_COMMANDS else EXTRA_COMMANDS.values()

@@ -25,6 +25,7 @@ import annotated_types
 from pydantic import (
     BaseModel,
     Field,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
@@ -107,6 +108,14 @@ class GeneratorConfig(_Section):
     batch_size: Annotated[int, Field(ge=1, le=256)] = 1
     options: dict[str, Any] = Field(default_factory=dict)
     """Backend-specific settings, checked by the backend's own model."""
+    _written_options: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @property
+    def written_options(self) -> dict[str, Any]:
+        """``options`` as the config wrote them, before :meth:`RunConfig.resolve_paths` made
+        their paths absolute: a message names a path as the user wrote it (``imgs``, relative
+        to the config's folder), not only as it resolved."""
+        return self.options if self._written_options is None else self._written_options
 
 
 class AdaptiveConcurrency(_Section):
@@ -227,12 +236,14 @@ class RunConfig(_Section):
                 never expanded; or a ``dtm_rewrite`` generator's ``report`` lies in the run
                 directory.
         """
-        generators = [
-            g.model_copy(
+        generators = []
+        for i, g in enumerate(self.generators):
+            resolved = g.model_copy(
                 update={"options": _resolve_options(g.options, base, ("generators", i, "options"))}
             )
-            for i, g in enumerate(self.generators)
-        ]
+            # Kept through a second resolution (the engine resolves a loaded config again).
+            resolved._written_options = g.written_options
+            generators.append(resolved)
         judges = [
             j.model_copy(
                 update={"options": _resolve_options(j.options, base, ("judges", i, "options"))}

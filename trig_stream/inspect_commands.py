@@ -35,6 +35,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.dataset import DatasetSource
     from trig_stream.dimensions import Dimension
     from trig_stream.journal import JournalState
+    from trig_stream.opening import judges_open_slowly
     from trig_stream.preflight import (
         check_environments,
         ensure_open_files,
@@ -73,9 +74,18 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     # A judge's fixed serve.port, once the run directory passed: a run still going there
     # holds it with its server, and is what a run is refused for (exit 3), as the run
     # refuses it before its judges start. Else the port is why the server's start fails.
-    for judge in judges:
-        if isinstance(judge, OpenAIJudge):
-            judge.check_serve_port()
+    # A resumed run whose judges open slowly first reads its dataset, and with nothing left
+    # to judge starts no server (see Resources._nothing_left): then after the reading below,
+    # and only with samples to judge.
+    reads_first = bool(len(journal)) and judges_open_slowly(judges)
+
+    def check_serve_ports() -> None:
+        for judge in judges:
+            if isinstance(judge, OpenAIJudge):
+                judge.check_serve_port()
+
+    if not reads_first:
+        check_serve_ports()
     # The dataset is read through, as a run reads it: a file that is missing or cannot be
     # read fails here (DatasetError, the run's exit code), and the records the run would
     # quarantine are listed, those edited since they were judged in the run directory too.
@@ -127,6 +137,8 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
             refused.append(record)
             continue
         samples += 1
+    if reads_first and samples:
+        check_serve_ports()
     # Where the run writes the images of what is left to judge: a file in the way, or a
     # folder it cannot write, stopped it at its first image (and validate said ok). Images
     # all on disk are only read: then nothing need be writable.

@@ -33,6 +33,7 @@ from typing import IO
 
 from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.files import (
+    TEMP_NAME_BYTES,
     UnfitFileError,
     file_kind,
     link_refused,
@@ -109,6 +110,35 @@ LEFTOVER_TEMPORARY = re.compile(rf"\.{re.escape(MANIFEST)}\.\d+\.\d+\.tmp")
 manifest, left in the run directory by a crash."""
 
 
+ROOM_FOR_RUN_FILES = (
+    len(f"/{IMAGES}/{PARTIAL}/.") + TEMP_NAME_BYTES + len(".4194304.18446744073709551615.tmp")
+)
+"""The bytes the longest path a run writes in its run directory adds to the directory's own:
+an image's temporary file, ``images/.partial/.<its name's head>.<pid>.<thread>.tmp`` (the
+largest pid and thread id Linux gives)."""
+
+
+def refuse_a_path_too_long(path: Path) -> None:
+    """Raise the error of a run directory ``path`` too long for the files a run writes in it:
+    made, it failed on the manifest's temporary file ("File name too long", naming a file
+    that holds the run's pid), which ``validate`` never looked at.
+
+    Raises:
+        RunDirError: ``path`` and the longest of those files exceed the system's limit.
+    """
+    try:
+        limit = os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):  # no such limit to ask for here: Linux's
+        limit = 4096
+    length = len(os.fsencode(path.absolute()))
+    if length + ROOM_FOR_RUN_FILES >= limit:  # the limit counts the final NUL
+        raise RunDirError(
+            f"cannot create the run directory {path}: {os.strerror(errno.ENAMETOOLONG)}: its "
+            f"path is {length} bytes, and the files a run writes in it would be longer than "
+            f"this system allows ({limit} bytes); shorten output_dir or [run] name"
+        )
+
+
 class RunDir:
     """A run directory held by this process: locked, with its journal open.
 
@@ -145,6 +175,11 @@ class RunDir:
         run = cls(path)
         with _made_lock:
             made = _made_for_runs.pop(path, [])
+        try:
+            refuse_a_path_too_long(path)
+        except RunDirError:
+            remove_made_dirs(made)  # a --new-run directory made for it: nothing to resume
+            raise
         try:
             run._made = make_dirs(path) or made
         except OSError as exc:
@@ -703,6 +738,7 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
     if writer is not None:
         raise RunLockedError(journal_in_use(path))
     # In the run's order: making the directory, then looking into it, then writing there.
+    refuse_a_path_too_long(path)
     _refuse_a_file_on_the_way(path)
     refuse_links(path)
     _refuse_unwritable(path)
@@ -927,6 +963,7 @@ def check_new_run(path: Path) -> Path:
         if not _writable(missing.parent):
             what = f"create the folder of run directories {folder}"
             raise storage_error(_denied(missing, missing.parent), what, nothing_written=True)
+        refuse_a_path_too_long(path)
         return path
     candidate, number = path, 1
     while candidate.exists() or candidate.is_symlink():
@@ -937,6 +974,7 @@ def check_new_run(path: Path) -> Path:
     if not _writable(folder):
         what = f"create the run directory {candidate}"
         raise storage_error(_denied(candidate, folder), what, nothing_written=True)
+    refuse_a_path_too_long(candidate)
     return candidate
 
 

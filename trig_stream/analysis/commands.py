@@ -58,6 +58,7 @@ from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
 from trig_stream.files import real_path, remove_leftover_temporaries, write_atomic
 from trig_stream.locks import find_writer
+from trig_stream.path_arguments import path_argument
 from trig_stream.records import COMPARISON_FILE, Judgement, ScoredJudgement, printable
 from trig_stream.terminal import CommandConsole
 
@@ -77,10 +78,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     report = subparsers.add_parser(
         "report", help="analyse a run directory's judgements: DTM, exports, plots"
     )
-    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.add_argument("run_dir", type=path_argument, metavar="RUN_DIR")
     report.add_argument(
         "--out",
-        type=_path,
+        type=path_argument,
         help="output folder (default RUN_DIR/report; a leading ~ is the home folder)",
     )
     _add_common(report)
@@ -89,13 +90,16 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     analyze = subparsers.add_parser(
         "analyze", help="analyse an upstream TRIG evaluation result or formatted JSON file"
     )
-    analyze.add_argument("file", type=Path, metavar="FILE")
+    analyze.add_argument("file", type=path_argument, metavar="FILE")
     analyze.add_argument(
-        "--out", type=_path, required=True, help="output folder (a leading ~ is the home folder)"
+        "--out",
+        type=path_argument,
+        required=True,
+        help="output folder (a leading ~ is the home folder)",
     )
     analyze.add_argument(
         "--prompts",
-        type=Path,
+        type=path_argument,
         help="TRIG dataset giving each data_id's pair (JSON, JSON Lines, parquet file or folder)",
     )
     analyze.add_argument("--model", help="model name in the outputs (default: the file's stem)")
@@ -115,10 +119,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     comparison = subparsers.add_parser(
         "compare", help="compare models of one or several run directories"
     )
-    comparison.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    comparison.add_argument("run_dirs", type=path_argument, nargs="+", metavar="RUN_DIR")
     comparison.add_argument(
         "--out",
-        type=_path,
+        type=path_argument,
         help="also write the comparison to this file (a leading ~ is the home folder)",
     )
     _add_common(comparison, plots=False)
@@ -201,24 +205,6 @@ def _print_written(
         highlight=False,
         markup=False,
     )
-
-
-def _path(text: str) -> Path:
-    # Path("") is the current folder: an empty --out (an unset shell variable) would write
-    # the outputs there.
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path")
-    if text.startswith("~"):
-        # The shell expands no ~ after "=" (--out=~/rep): a folder literally named "~",
-        # which a later `rm -rf ~` would take for the home folder, is never what was meant.
-        try:
-            return Path(text).expanduser()
-        except RuntimeError:  # ~name of an unknown user, or no home folder at all
-            raise argparse.ArgumentTypeError(
-                f"{text}: no home folder is known for {Path(text).parts[0]}: write the path "
-                "out in full"
-            ) from None
-    return Path(text)
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:

@@ -24,6 +24,7 @@ from rich.markup import escape
 
 from trig_stream.config_fields import NOT_A_VARIABLE, is_variable_name
 from trig_stream.dimensions import DIMENSIONS, split_pair
+from trig_stream.path_arguments import path_argument
 from trig_stream.records import printable
 from trig_stream.signals import point_at_devnull, stop_signals
 from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
@@ -88,7 +89,7 @@ def add_simulate_judge_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--api-key-env", help="require the key held in this environment variable")
     parser.add_argument(
         "--allowed-local-media-path",
-        type=Path,
+        type=path_argument,
         metavar="FOLDER",
         help="accept file:// image URLs of files in this folder (as vLLM's option; without "
         "it they are refused, as vLLM refuses them)",

@@ -26,6 +26,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from trig_stream.path_arguments import path_argument
+
 TINY_MODELS = ("flux", "sd", "instruct_pix2pix", "vlm")
 
 WRITTEN_LAST = {
@@ -81,7 +83,7 @@ def _folder(text: str) -> Path:
     # models there without a word.
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; name the folder to write the models into")
-    return Path(text)
+    return path_argument(text)
 
 
 def make_tiny_models(args: argparse.Namespace, console: Console) -> int:

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from rich.console import Console
 
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK
+from trig_stream.path_arguments import path_argument
 from trig_stream.progress import NO_DASHBOARD, full_screen_possible
 from trig_stream.records import one_line
 from trig_stream.signals import (
@@ -55,7 +56,7 @@ def add_watch_command(subparsers: Any) -> argparse.ArgumentParser:
         description="Follow a run from its run directory alone: manifest and journal. "
         "Never takes the run lock nor writes there; closing the viewer leaves the run be.",
     )
-    watch.add_argument("run_dir", type=Path, help="the run directory to follow")
+    watch.add_argument("run_dir", type=path_argument, help="the run directory to follow")
     watch.add_argument(
         "--interval",
         type=_interval,

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from trig_stream.errors import ConfigError, ConfigWriteError
 from trig_stream.files import write_atomic
+from trig_stream.path_arguments import path_argument
 from trig_stream.records import printable
 from trig_stream.terminal import write_stdout
 from trig_stream.upstream_config.convert import import_config
@@ -42,13 +43,13 @@ def add_import_config_command(subparsers: Any) -> argparse.ArgumentParser:
             "left out is named in a warning and in a comment at the top of the TOML."
         ),
     )
-    parser.add_argument("yaml", type=Path, metavar="UPSTREAM_YAML")
+    parser.add_argument("yaml", type=path_argument, metavar="UPSTREAM_YAML")
     parser.add_argument(
-        "-o", "--out", type=Path, help="write the TOML here (default: standard output)"
+        "-o", "--out", type=path_argument, help="write the TOML here (default: standard output)"
     )
     parser.add_argument(
         "--root",
-        type=Path,
+        type=path_argument,
         help="the folder upstream's relative paths start from, its project root "
         "(default: the current folder)",
     )

@@ -78,13 +78,22 @@ class ImageFolderGenerator(Generator):
     reads_source_image = False  # it serves images already made
 
     def __init__(
-        self, name: str, options: ImageFolderOptions, *, workers: int = 1, batch_size: int = 1
+        self,
+        name: str,
+        options: ImageFolderOptions,
+        *,
+        workers: int = 1,
+        batch_size: int = 1,
+        written: str | None = None,
     ) -> None:
         self.name = name
         self.options = options
         self.workers = workers
         self.batch_size = batch_size
         self.folder = options.path
+        self.written = written
+        """``options.path`` as the config wrote it (relative to the config's folder, or
+        starting with ``~``), which the refusals of the folder name."""
         self.unmatched: list[str] = []
         self.ignored: list[str] = []
         self.shadowed: list[str] = []
@@ -105,7 +114,14 @@ class ImageFolderGenerator(Generator):
     def from_config(
         cls, entry: GeneratorConfig, options: ImageFolderOptions, config: RunConfig
     ) -> ImageFolderGenerator:
-        return cls(entry.name, options, workers=entry.workers, batch_size=entry.batch_size)
+        written = entry.written_options.get("path")
+        return cls(
+            entry.name,
+            options,
+            workers=entry.workers,
+            batch_size=entry.batch_size,
+            written=written if isinstance(written, str) else None,
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -118,7 +134,7 @@ class ImageFolderGenerator(Generator):
         """The folder exists and can be listed (``validate`` says so before a run does)."""
         if not self.folder.is_dir():
             raise FatalBackendError(
-                f"image folder {self.folder} does not exist or is not a folder; "
+                f"image folder {self._named()} does not exist or is not a folder; "
                 "set options.path to the folder of <data_id>.<ext> files"
             )
         try:
@@ -126,9 +142,16 @@ class ImageFolderGenerator(Generator):
                 pass
         except OSError as exc:
             raise FatalBackendError(
-                f"image folder {self.folder} cannot be read: {exc.strerror or exc}; give this "
-                "user permission to list it (chmod +r), or set options.path to a readable copy"
+                f"image folder {self._named()} cannot be read: {exc.strerror or exc}; give "
+                "this user permission to list it (chmod +r), or set options.path to a "
+                "readable copy"
             ) from None
+
+    def _named(self) -> str:
+        """The folder as the config wrote it, and what that resolved to where they differ."""
+        if self.written is None or Path(self.written) == self.folder:
+            return str(self.folder)
+        return f"{self.written} (that is {self.folder})"
 
     def load(self) -> None:
         """Index the folder once: data_id -> files.
