@@ -1766,3 +1766,31 @@ def test_analyze_refuses_an_image_under_two_pairs_of_a_formatted_file(tmp_path: 
 def test_report_on_a_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="does not exist: there is no run directory there"):
         run_command("report", str(tmp_path / "typo"))
+
+
+def test_compare_gives_a_judge_of_the_config_without_judgements_yet_empty_columns(
+    tmp_path: Path,
+) -> None:
+    # --metric trigscore of a run judged by its nsfw judge only so far was refused: "no
+    # metric 'trigscore'; it has nsfw".
+    nsfw_only = write_run_dir(tmp_path / "nsfw_only", {}, metric="nsfw")
+    manifest = json.loads((nsfw_only / MANIFEST).read_text())
+    manifest["config"]["judges"] = [{"name": "trigscore"}, {"name": "nsfw"}]
+    (nsfw_only / MANIFEST).write_text(json.dumps(manifest))
+    scored = write_run_dir(tmp_path / "scored", {})
+    comparison = compare_runs([nsfw_only, scored], metric="trigscore")
+    assert comparison.labels == (
+        "nsfw_only/model-a",
+        "nsfw_only/model-b",
+        "scored/model-a",
+        "scored/model-b",
+    )
+    assert comparison.notes == tuple(
+        f"nsfw_only/{model} has no judgement of metric `trigscore` yet: its column is empty, "
+        "and its DTM cells are undefined (-1)"
+        for model in ("model-a", "model-b")
+    )
+    # A metric no judge of the run has, in its config or its journal, is refused by name.
+    with pytest.raises(AnalysisError) as raised:
+        compare_runs([nsfw_only, scored], metric="clip")
+    assert str(raised.value) == f"{nsfw_only}: no metric 'clip'; it has trigscore, nsfw"

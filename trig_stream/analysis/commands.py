@@ -540,14 +540,25 @@ def _run_columns(
     """:func:`analyse_run`, with an empty analysis for each model of the run (its config's
     generators first) without a judgement of the metric analysed yet: one still loading, or
     judged by another judge so far. Its column is empty, as that of a model whose every
-    judgement failed, rather than left out without a word. A run without a judgement yet
-    gets them under ``metric``, else its first judge."""
-    if run.judgements:
-        chosen = _run_metric(run, metric)
-        analyses = analyse_run(run, thresholds, chosen)
+    judgement failed, rather than left out without a word. So is every model's, under a
+    ``metric`` of a judge of the config without a judgement yet. A run without a judgement
+    yet gets them under ``metric``, else its first judge.
+
+    Raises:
+        AnalysisError: ``metric`` is no judge of the run, of its config or its journal.
+    """
+    if metric is not None and metric not in run.metrics:
+        raise AnalysisError(
+            f"{run.path}: no metric {metric!r}; it has {', '.join(run.metrics) or 'none'}"
+        )
+    if metric is not None:
+        chosen = metric
+    elif run.judgements:
+        chosen = _run_metric(run, None)
     else:
-        analyses = {}
-        chosen = metric or (run.metrics[0] if run.metrics else "trigscore")
+        chosen = run.metrics[0] if run.metrics else "trigscore"
+    judged = any(j.metric == chosen for j in run.judgements)
+    analyses = analyse_run(run, thresholds, chosen) if judged else {}
     return {
         model: analyses.get(model) or analyse_model(model, chosen, [], thresholds)
         for model in run.models
