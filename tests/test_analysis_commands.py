@@ -369,6 +369,22 @@ def test_the_reports_comparison_says_what_compare_says(make_config: ConfigFactor
     assert written == out.read_text()
 
 
+def test_a_report_without_a_single_ok_score_writes_no_comparison(tmp_path: Path) -> None:
+    # `compare RUN_DIR` refused ("nothing to compare: no ok score"), while the report wrote
+    # a comparison.md of empty columns.
+    failed = write_run_dir(tmp_path / "failed", {}, scored=False)
+    with pytest.raises(AnalysisError, match="nothing to compare: no ok score"):
+        compare_runs([failed])
+    scored = write_run_dir(tmp_path / "scored", {})
+    out = tmp_path / "out"
+    assert run_command("report", str(scored), "--out", str(out), "--no-plots")[0] == 0
+    assert (out / "comparison.md").is_file()
+    code, text = run_command("report", str(failed), "--out", str(out), "--no-plots")
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"model-a", "model-b"}
+    assert f"{out / 'comparison.md'} removed: this report has no ok score to compare" in text
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_thresholds_that_are_no_number_are_refused(tmp_path: Path, value: str) -> None:
     # NaN compares false with everything: it silently changed the relation codes.

@@ -305,14 +305,17 @@ def write_report(
     comparison = folder / COMPARISON_FILE
     with writing(folder):
         remove_leftover_temporaries(folder, [COMPARISON_FILE])  # of a report killed
-        if len(analyses) > 1:
+        # As `compare RUN_DIR`, which refuses one model, or models without an ok score.
+        scored = any(analysis.dimension_means for analysis in analyses.values())
+        if len(analyses) > 1 and scored:
             columns = [(model, run, analysis) for model, analysis in analyses.items()]
             text = comparison_markdown(_comparison(columns, notes))
             write_atomic(comparison, text.encode("utf-8"))  # never half a file
         elif comparison.is_file():
             # An earlier report's, of other models or another metric.
             comparison.unlink()
-            _say(console, f"{comparison} removed: this report has one model")
+            why = "one model" if len(analyses) == 1 else "no ok score to compare"
+            _say(console, f"{comparison} removed: this report has {why}")
     if skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return folder
