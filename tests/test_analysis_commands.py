@@ -93,6 +93,33 @@ def test_analyze_formatted_file_reproduces_hand_computed_codes(tmp_path: Path) -
     assert f"note: --prompts {prompts} was not read: a formatted file's pairs are its keys" in text
 
 
+def test_analyze_shows_the_control_characters_of_its_names_never_sends_them(
+    tmp_path: Path,
+) -> None:
+    # The file's path and the model named after it reached the terminal raw: an ESC sequence
+    # coloured what followed, and a newline started a line that read as the program's.
+    odd = tmp_path / "odd\x1b[31mRED\nfile.json"
+    shutil.copy(FORMATTED, odd)
+    prompts = tmp_path / "p\x1b[0m.json"
+    prompts.write_text("[]")
+    out = tmp_path / "out\x07"
+    code, text = run_command(
+        "analyze", str(odd), "--out", str(out), "--prompts", str(prompts), "--no-plots"
+    )
+    assert code == 0
+    assert "\x1b" not in text and "\x07" not in text
+    lines = text.splitlines()
+    shown = str(tmp_path / "odd\\x1b[31mRED\\nfile.json")
+    assert f"read {shown} as a TRIG formatted file" in lines
+    assert f"note: --prompts {tmp_path / 'p'}\\x1b[0m.json was not read" in text
+    assert any(
+        line.startswith("odd\\x1b[31mRED\\nfile: 2 pairs") and line.endswith("out\\x07")
+        for line in lines
+    )
+    heading = (out / "report.md").read_text().splitlines()[0]
+    assert heading == "# TRIG relation analysis: odd\\x1b[31mRED\\nfile"
+
+
 @pytest.mark.parametrize("with_prompts", [True, False])
 def test_analyze_evaluation_result(tmp_path: Path, with_prompts: bool) -> None:
     evaluation, prompts = formatted_as_evaluation("clip")

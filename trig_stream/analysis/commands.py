@@ -58,7 +58,13 @@ from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, Dimension, normalise_task
 from trig_stream.files import real_path, remove_leftover_temporaries, write_atomic
 from trig_stream.locks import find_writer
-from trig_stream.records import COMPARISON_FILE, Judgement, ScoredJudgement, printable
+from trig_stream.records import (
+    COMPARISON_FILE,
+    Judgement,
+    ScoredJudgement,
+    one_line,
+    printable,
+)
 from trig_stream.terminal import CommandConsole
 
 THRESHOLD_OPTIONS: dict[str, str] = {
@@ -195,9 +201,10 @@ def _print_written(
     console: Console, analysis: ModelAnalysis, written: WrittenFiles, *, upstream: bool = False
 ) -> None:
     codes = sum(1 for p in analysis.pairs if p.n)
+    # A model named after a file (analyze), and a folder given, may hold control characters.
     console.print(
-        f"{analysis.model}: {len(analysis.pairs)} pairs ({codes} with data), "
-        f"{left_out_text(analysis, upstream=upstream)} -> {written.folder}",
+        f"{one_line(analysis.model)}: {len(analysis.pairs)} pairs ({codes} with data), "
+        f"{left_out_text(analysis, upstream=upstream)} -> {one_line(str(written.folder))}",
         highlight=False,
         markup=False,
     )
@@ -381,7 +388,8 @@ def _remove_stale_outputs(
 
 
 def _say(console: Console, text: str) -> None:
-    console.print(text, highlight=False, markup=False, soft_wrap=True)
+    # Its notes name paths and data_ids from outside: shown, never sent to the terminal.
+    console.print(printable(text), highlight=False, markup=False, soft_wrap=True)
 
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
@@ -411,22 +419,28 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         plots=not args.no_plots,
         upstream=True,
     )
-    console.print(f"read {args.file} as a TRIG {data.layout} file", highlight=False, markup=False)
+    # The paths given, and the model named after the file, are shown escaped on one line.
+    shown_prompts = one_line(str(args.prompts))
+    console.print(
+        f"read {one_line(str(args.file))} as a TRIG {data.layout} file",
+        highlight=False,
+        markup=False,
+    )
     if args.prompts is not None and data.layout == "formatted":
         console.print(
-            f"note: --prompts {args.prompts} was not read: a formatted file's pairs are its keys",
+            f"note: --prompts {shown_prompts} was not read: a formatted file's pairs are its keys",
             highlight=False,
             markup=False,
         )
     for note in data.prompts_notes:
-        _say(console, f"note: --prompts {args.prompts}: {note}")
+        _say(console, f"note: --prompts {shown_prompts}: {note}")
     if data.prompts_skipped:
         # As a run quarantines them; the analysis stops only where a scored data_id is left
         # without a pair.
         skipped = data.prompts_skipped
         _say(
             console,
-            f"note: --prompts {args.prompts}: skipped {len(skipped)} record(s) without a "
+            f"note: --prompts {shown_prompts}: skipped {len(skipped)} record(s) without a "
             f"usable pair, as a run quarantines them; the first: {skipped[0]}",
         )
     if data.skipped:
