@@ -731,6 +731,22 @@ def test_a_file_where_a_later_models_folder_goes_is_refused_before_any_model_is_
     assert in_the_way.read_bytes() == b"a user's file"
 
 
+@pytest.mark.parametrize("out", ["afile", "afile/deeper"])
+def test_a_file_where_the_reports_folder_goes_is_named(tmp_path: Path, out: str) -> None:
+    # `report RUN --out FILE` said "cannot write the report in FILE/model-a: Not a directory;
+    # it must be a folder this user can write", naming no file in the way.
+    run = write_run_dir(tmp_path / "run", {})
+    in_the_way = tmp_path / "afile"
+    in_the_way.write_bytes(b"a user's file")
+    with pytest.raises(AnalysisError) as raised:
+        run_command("report", str(run), "--out", str(tmp_path / out), "--no-plots")
+    assert str(raised.value) == (
+        f"cannot write the report in {tmp_path / out / 'model-a'}: {in_the_way} is a file, "
+        "where the report's folder of that name goes; move or remove it"
+    )
+    assert in_the_way.read_bytes() == b"a user's file"
+
+
 def test_a_file_the_report_cannot_remove_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -344,10 +344,13 @@ def _refuse_unfit_outputs(folder: Path, *, drawn: bool) -> None:
 
 def _refuse_in_place_of_folder(path: Path) -> None:
     """Raise :class:`~trig_stream.files.UnfitFileError` when something other than a folder
-    (a file, a pipe) stands where the report's folder ``path`` goes."""
+    (a file, a pipe) stands where the report's folder ``path``, or one above it, goes."""
     try:
         mode = os.stat(path).st_mode  # a link to a folder is one
-    except (FileNotFoundError, NotADirectoryError):  # not made yet (nor the one above it)
+    except FileNotFoundError:  # not made yet (nor the one above it)
+        return
+    except NotADirectoryError:  # one above it is no folder: `report RUN --out FILE`
+        _refuse_in_place_of_folder(path.parent)
         return
     if stat.S_ISDIR(mode):
         return
