@@ -93,6 +93,33 @@ def test_analyze_formatted_file_reproduces_hand_computed_codes(tmp_path: Path) -
     assert f"note: --prompts {prompts} was not read: a formatted file's pairs are its keys" in text
 
 
+def test_analyze_shows_the_control_characters_of_its_names_never_sends_them(
+    tmp_path: Path,
+) -> None:
+    # The file's path and the model named after it reached the terminal raw: an ESC sequence
+    # coloured what followed, and a newline started a line that read as the program's.
+    odd = tmp_path / "odd\x1b[31mRED\nfile.json"
+    shutil.copy(FORMATTED, odd)
+    prompts = tmp_path / "p\x1b[0m.json"
+    prompts.write_text("[]")
+    out = tmp_path / "out\x07"
+    code, text = run_command(
+        "analyze", str(odd), "--out", str(out), "--prompts", str(prompts), "--no-plots"
+    )
+    assert code == 0
+    assert "\x1b" not in text and "\x07" not in text
+    lines = text.splitlines()
+    shown = str(tmp_path / "odd\\x1b[31mRED\\nfile.json")
+    assert f"read {shown} as a TRIG formatted file" in lines
+    assert f"note: --prompts {tmp_path / 'p'}\\x1b[0m.json was not read" in text
+    assert any(
+        line.startswith("odd\\x1b[31mRED\\nfile: 2 pairs") and line.endswith("out\\x07")
+        for line in lines
+    )
+    heading = (out / "report.md").read_text().splitlines()[0]
+    assert heading == "# TRIG relation analysis: odd\\x1b[31mRED\\nfile"
+
+
 @pytest.mark.parametrize("with_prompts", [True, False])
 def test_analyze_evaluation_result(tmp_path: Path, with_prompts: bool) -> None:
     evaluation, prompts = formatted_as_evaluation("clip")
@@ -367,6 +394,22 @@ def test_the_reports_comparison_says_what_compare_says(make_config: ConfigFactor
     written = (config.run_dir / "report" / "comparison.md").read_text()
     assert "Note: bad has no ok score (every judgement unscorable or an error)" in written
     assert written == out.read_text()
+
+
+def test_a_report_without_a_single_ok_score_writes_no_comparison(tmp_path: Path) -> None:
+    # `compare RUN_DIR` refused ("nothing to compare: no ok score"), while the report wrote
+    # a comparison.md of empty columns.
+    failed = write_run_dir(tmp_path / "failed", {}, scored=False)
+    with pytest.raises(AnalysisError, match="nothing to compare: no ok score"):
+        compare_runs([failed])
+    scored = write_run_dir(tmp_path / "scored", {})
+    out = tmp_path / "out"
+    assert run_command("report", str(scored), "--out", str(out), "--no-plots")[0] == 0
+    assert (out / "comparison.md").is_file()
+    code, text = run_command("report", str(failed), "--out", str(out), "--no-plots")
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"model-a", "model-b"}
+    assert f"{out / 'comparison.md'} removed: this report has no ok score to compare" in text
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
@@ -685,6 +728,22 @@ def test_a_file_where_a_later_models_folder_goes_is_refused_before_any_model_is_
         "report's folder of that name goes; move or remove it"
     )
     assert {path.read_bytes() for path in written} == {b"earlier"}
+    assert in_the_way.read_bytes() == b"a user's file"
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/deeper"])
+def test_a_file_where_the_reports_folder_goes_is_named(tmp_path: Path, out: str) -> None:
+    # `report RUN --out FILE` said "cannot write the report in FILE/model-a: Not a directory;
+    # it must be a folder this user can write", naming no file in the way.
+    run = write_run_dir(tmp_path / "run", {})
+    in_the_way = tmp_path / "afile"
+    in_the_way.write_bytes(b"a user's file")
+    with pytest.raises(AnalysisError) as raised:
+        run_command("report", str(run), "--out", str(tmp_path / out), "--no-plots")
+    assert str(raised.value) == (
+        f"cannot write the report in {tmp_path / out / 'model-a'}: {in_the_way} is a file, "
+        "where the report's folder of that name goes; move or remove it"
+    )
     assert in_the_way.read_bytes() == b"a user's file"
 
 
@@ -1766,3 +1825,31 @@ def test_analyze_refuses_an_image_under_two_pairs_of_a_formatted_file(tmp_path: 
 def test_report_on_a_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="does not exist: there is no run directory there"):
         run_command("report", str(tmp_path / "typo"))
+
+
+def test_compare_gives_a_judge_of_the_config_without_judgements_yet_empty_columns(
+    tmp_path: Path,
+) -> None:
+    # --metric trigscore of a run judged by its nsfw judge only so far was refused: "no
+    # metric 'trigscore'; it has nsfw".
+    nsfw_only = write_run_dir(tmp_path / "nsfw_only", {}, metric="nsfw")
+    manifest = json.loads((nsfw_only / MANIFEST).read_text())
+    manifest["config"]["judges"] = [{"name": "trigscore"}, {"name": "nsfw"}]
+    (nsfw_only / MANIFEST).write_text(json.dumps(manifest))
+    scored = write_run_dir(tmp_path / "scored", {})
+    comparison = compare_runs([nsfw_only, scored], metric="trigscore")
+    assert comparison.labels == (
+        "nsfw_only/model-a",
+        "nsfw_only/model-b",
+        "scored/model-a",
+        "scored/model-b",
+    )
+    assert comparison.notes == tuple(
+        f"nsfw_only/{model} has no judgement of metric `trigscore` yet: its column is empty, "
+        "and its DTM cells are undefined (-1)"
+        for model in ("model-a", "model-b")
+    )
+    # A metric no judge of the run has, in its config or its journal, is refused by name.
+    with pytest.raises(AnalysisError) as raised:
+        compare_runs([nsfw_only, scored], metric="clip")
+    assert str(raised.value) == f"{nsfw_only}: no metric 'clip'; it has trigscore, nsfw"

@@ -203,6 +203,30 @@ def test_a_spearman_exactly_at_tradeoff_corr_is_not_a_tradeoff() -> None:
     assert analyse_pair(columns("IQ-R_TA-C", x, y), section)[0].code == 1
 
 
+def test_a_pearson_exactly_at_tradeoff_corr_is_not_a_tradeoff() -> None:
+    # The covariance of these scores is 0 exactly: in floating point r came out -3.5e-17,
+    # "below 0", a trade-off (code 1).
+    x, y = [0.0, 1.0, 1.0, 0.5, 0.75], [0.5, 0.5, 0.25, 0.25, 1.0]
+    section = RelationSection(correlation="pearson_corr", tradeoff_corr=0.0)
+    stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), section)
+    assert (stats.correlation, stats.code) == (0.0, -1)
+    tiny = section.model_copy(update={"tradeoff_corr": 1e-300})
+    assert analyse_pair(columns("IQ-R_TA-C", x, y), tiny)[0].code == 1
+    # r = 4/5 exactly, computed as 0.7999999999999999: not below 0.8 either.
+    x, y = [0.625, 0.8125, 0.6875, 0.75], [0.625, 0.75, 0.6875, 0.8125]
+    section = RelationSection(correlation="pearson_corr", tradeoff_corr=0.8)
+    assert analyse_pair(columns("IQ-R_TA-C", x, y), section)[0].code == -1
+    above = section.model_copy(update={"tradeoff_corr": 0.8000000000000002})
+    assert analyse_pair(columns("IQ-R_TA-C", x, y), above)[0].code == 1
+    # Mirrored: -0.8 is not below -0.8.
+    mirrored = section.model_copy(update={"tradeoff_corr": -0.8})
+    assert analyse_pair(columns("IQ-R_TA-C", x, y[::-1]), mirrored)[0].code == -1
+    # The live tracker decides as the batch analysis does.
+    tracker = RelationTracker(section)
+    tracker.extend(judgements_for("IQ-R_TA-C", x, y))
+    assert tracker.dtm("m").code("IQ-R", "TA-C") == -1
+
+
 def test_rank_correlation_compares_irrational_values_exactly() -> None:
     # Ties make the denominator irrational: 3 / sqrt(10) = 0.94868329805051379960...
     exact = rank_correlation(np.array([1.0, 2.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0]))

@@ -59,7 +59,13 @@ from trig_stream.dimensions import TASKS, Dimension, normalise_task
 from trig_stream.files import real_path, remove_leftover_temporaries, write_atomic
 from trig_stream.locks import find_writer
 from trig_stream.path_arguments import path_argument
-from trig_stream.records import COMPARISON_FILE, Judgement, ScoredJudgement, printable
+from trig_stream.records import (
+    COMPARISON_FILE,
+    Judgement,
+    ScoredJudgement,
+    one_line,
+    printable,
+)
 from trig_stream.terminal import CommandConsole
 
 THRESHOLD_OPTIONS: dict[str, str] = {
@@ -199,9 +205,10 @@ def _print_written(
     console: Console, analysis: ModelAnalysis, written: WrittenFiles, *, upstream: bool = False
 ) -> None:
     codes = sum(1 for p in analysis.pairs if p.n)
+    # A model named after a file (analyze), and a folder given, may hold control characters.
     console.print(
-        f"{analysis.model}: {len(analysis.pairs)} pairs ({codes} with data), "
-        f"{left_out_text(analysis, upstream=upstream)} -> {written.folder}",
+        f"{one_line(analysis.model)}: {len(analysis.pairs)} pairs ({codes} with data), "
+        f"{left_out_text(analysis, upstream=upstream)} -> {one_line(str(written.folder))}",
         highlight=False,
         markup=False,
     )
@@ -291,14 +298,17 @@ def write_report(
     comparison = folder / COMPARISON_FILE
     with writing(folder):
         remove_leftover_temporaries(folder, [COMPARISON_FILE])  # of a report killed
-        if len(analyses) > 1:
+        # As `compare RUN_DIR`, which refuses one model, or models without an ok score.
+        scored = any(analysis.dimension_means for analysis in analyses.values())
+        if len(analyses) > 1 and scored:
             columns = [(model, run, analysis) for model, analysis in analyses.items()]
             text = comparison_markdown(_comparison(columns, notes))
             write_atomic(comparison, text.encode("utf-8"))  # never half a file
         elif comparison.is_file():
             # An earlier report's, of other models or another metric.
             comparison.unlink()
-            _say(console, f"{comparison} removed: this report has one model")
+            why = "one model" if len(analyses) == 1 else "no ok score to compare"
+            _say(console, f"{comparison} removed: this report has {why}")
     if skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return folder
@@ -364,7 +374,8 @@ def _remove_stale_outputs(
 
 
 def _say(console: Console, text: str) -> None:
-    console.print(text, highlight=False, markup=False, soft_wrap=True)
+    # Its notes name paths and data_ids from outside: shown, never sent to the terminal.
+    console.print(printable(text), highlight=False, markup=False, soft_wrap=True)
 
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
@@ -394,22 +405,28 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         plots=not args.no_plots,
         upstream=True,
     )
-    console.print(f"read {args.file} as a TRIG {data.layout} file", highlight=False, markup=False)
+    # The paths given, and the model named after the file, are shown escaped on one line.
+    shown_prompts = one_line(str(args.prompts))
+    console.print(
+        f"read {one_line(str(args.file))} as a TRIG {data.layout} file",
+        highlight=False,
+        markup=False,
+    )
     if args.prompts is not None and data.layout == "formatted":
         console.print(
-            f"note: --prompts {args.prompts} was not read: a formatted file's pairs are its keys",
+            f"note: --prompts {shown_prompts} was not read: a formatted file's pairs are its keys",
             highlight=False,
             markup=False,
         )
     for note in data.prompts_notes:
-        _say(console, f"note: --prompts {args.prompts}: {note}")
+        _say(console, f"note: --prompts {shown_prompts}: {note}")
     if data.prompts_skipped:
         # As a run quarantines them; the analysis stops only where a scored data_id is left
         # without a pair.
         skipped = data.prompts_skipped
         _say(
             console,
-            f"note: --prompts {args.prompts}: skipped {len(skipped)} record(s) without a "
+            f"note: --prompts {shown_prompts}: skipped {len(skipped)} record(s) without a "
             f"usable pair, as a run quarantines them; the first: {skipped[0]}",
         )
     if data.skipped:
@@ -526,14 +543,25 @@ def _run_columns(
     """:func:`analyse_run`, with an empty analysis for each model of the run (its config's
     generators first) without a judgement of the metric analysed yet: one still loading, or
     judged by another judge so far. Its column is empty, as that of a model whose every
-    judgement failed, rather than left out without a word. A run without a judgement yet
-    gets them under ``metric``, else its first judge."""
-    if run.judgements:
-        chosen = _run_metric(run, metric)
-        analyses = analyse_run(run, thresholds, chosen)
+    judgement failed, rather than left out without a word. So is every model's, under a
+    ``metric`` of a judge of the config without a judgement yet. A run without a judgement
+    yet gets them under ``metric``, else its first judge.
+
+    Raises:
+        AnalysisError: ``metric`` is no judge of the run, of its config or its journal.
+    """
+    if metric is not None and metric not in run.metrics:
+        raise AnalysisError(
+            f"{run.path}: no metric {metric!r}; it has {', '.join(run.metrics) or 'none'}"
+        )
+    if metric is not None:
+        chosen = metric
+    elif run.judgements:
+        chosen = _run_metric(run, None)
     else:
-        analyses = {}
-        chosen = metric or (run.metrics[0] if run.metrics else "trigscore")
+        chosen = run.metrics[0] if run.metrics else "trigscore"
+    judged = any(j.metric == chosen for j in run.judgements)
+    analyses = analyse_run(run, thresholds, chosen) if judged else {}
     return {
         model: analyses.get(model) or analyse_model(model, chosen, [], thresholds)
         for model in run.models

@@ -33,7 +33,6 @@ from numpy.typing import NDArray
 from trig_stream.analysis.stats import (
     MIN_TRADEOFF_POINTS,
     FloatArray,
-    RankCorrelation,
     RelationCode,
     dominance,
     exact_correlation,
@@ -257,7 +256,7 @@ def analyse_pair(columns: PairColumns, thresholds: RelationSection) -> tuple[Pai
         synergy_density = bottleneck_density = 0.0
     else:
         exact = exact_correlation(method, x, y)
-        corr = exact.value if isinstance(exact, RankCorrelation) else exact
+        corr = exact if isinstance(exact, float) else exact.value
         low, high = fisher_interval(method, corr, n, defined=has_spread(x, y))
         zone = zones(x, y, thresholds.synergy, thresholds.bottleneck)
         synergy_density, bottleneck_density = zone.synergy_density, zone.bottleneck_density

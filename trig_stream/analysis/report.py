@@ -36,7 +36,7 @@ from trig_stream.files import (
     remove_leftover_temporaries,
     write_atomic_together,
 )
-from trig_stream.records import ScoredJudgement, exact_number
+from trig_stream.records import ScoredJudgement, exact_number, one_line
 
 PLOTS_FOLDER = "plots"
 MODEL_FILES = (
@@ -96,7 +96,8 @@ def markdown_report(
     rho_s, rho_b = exact_number(t.synergy_density), exact_number(t.bottleneck_density)
     ratio, corr = exact_number(t.dominance_ratio), exact_number(t.tradeoff_corr)
     lines = [
-        f"# TRIG relation analysis: {analysis.model}",
+        # One line: a newline in a name (analyze's is the file's) ended the heading.
+        f"# TRIG relation analysis: {one_line(analysis.model)}",
         "",
         f"Metric `{analysis.metric}`; correlation `{t.correlation}`; zones: synergy > "
         f"{synergy}, bottleneck < {bottleneck}; rules: ρs ≥ {rho_s}, ρb ≥ {rho_b}, "
@@ -343,10 +344,13 @@ def _refuse_unfit_outputs(folder: Path, *, drawn: bool) -> None:
 
 def _refuse_in_place_of_folder(path: Path) -> None:
     """Raise :class:`~trig_stream.files.UnfitFileError` when something other than a folder
-    (a file, a pipe) stands where the report's folder ``path`` goes."""
+    (a file, a pipe) stands where the report's folder ``path``, or one above it, goes."""
     try:
         mode = os.stat(path).st_mode  # a link to a folder is one
-    except (FileNotFoundError, NotADirectoryError):  # not made yet (nor the one above it)
+    except FileNotFoundError:  # not made yet (nor the one above it)
+        return
+    except NotADirectoryError:  # one above it is no folder: `report RUN --out FILE`
+        _refuse_in_place_of_folder(path.parent)
         return
     if stat.S_ISDIR(mode):
         return

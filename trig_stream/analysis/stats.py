@@ -10,7 +10,9 @@ tracker share them and always agree. Definitions follow TRIG (see the spec, sect
   compares it with ``tradeoff_corr`` as written, and the order of the points never matters.
 * ``pearson_corr``: Pearson's correlation; 0 when either side is constant (or fewer than
   two points). Computed over the points in a fixed order, so it is the same to the last bit
-  whatever order they came in.
+  whatever order they came in; one within :data:`NEAR_EXACT` of 0, or of ``tradeoff_corr``
+  when rule 4 compares them, is decided exactly from the scores (:class:`PearsonCorrelation`):
+  floats are exact rationals, and an exact 0 came out as -3.5e-17, "below 0".
 * ``paretoF``: the area under the non-dominated front (trapezoid rule over the front sorted by
   X), divided by ``max(X) * max(Y)``; 0 with fewer than two front points.
 """
@@ -40,6 +42,9 @@ SPEARMAN_SE_FACTOR: Final = 1.06
 ON_THE_LINE: Final = 1e-12
 """How far above its fitted line a point may be and still count as on it (scores lie in
 [0, 1]; the fit's rounding errors are near 1e-16)."""
+NEAR_EXACT: Final = 1e-9
+"""How close a Pearson correlation computed in floating point may come to a value (0, or
+a threshold) before it is told from it exactly: its rounding errors are near 1e-16 a point."""
 
 
 def average_ranks(values: FloatArray) -> FloatArray:
@@ -88,16 +93,62 @@ class RankCorrelation:
     def below(self, threshold: float) -> bool:
         """Whether the correlation is below ``threshold`` as written (its decimal, not its
         binary value): a correlation of exactly 0.8 is not below 0.8."""
-        limit = Fraction(repr(threshold))
-        c = self.covariance
-        if limit > 0 and c <= 0:
-            return True
-        if limit <= 0 and c >= 0:
-            return False
-        # Same signs: compare the squares, |c| against |limit| * sqrt(variance_product).
-        lhs = c * c * limit.denominator**2
-        rhs = limit.numerator**2 * self.variance_product
-        return lhs < rhs if c > 0 else lhs > rhs
+        return _ratio_below(self.covariance, self.variance_product, threshold)
+
+
+def _ratio_below(covariance: int, variance_product: int, threshold: float) -> bool:
+    """Whether ``covariance / sqrt(variance_product)`` is below ``threshold`` as written, in
+    exact arithmetic (a covariance of 0 is a correlation of 0, whatever the variances)."""
+    limit = Fraction(repr(threshold))
+    c = covariance
+    if limit > 0 and c <= 0:
+        return True
+    if limit <= 0 and c >= 0:
+        return False
+    # Same signs: compare the squares, |c| against |limit| * sqrt(variance_product).
+    lhs = c * c * limit.denominator**2
+    rhs = limit.numerator**2 * variance_product
+    return lhs < rhs if c > 0 else lhs > rhs
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PearsonCorrelation:
+    """Pearson's correlation: the float :attr:`value`, and the points it was computed from,
+    so that :meth:`below` tells it from a threshold exactly when the float is too close to.
+    """
+
+    value: float
+    """:func:`pearson_corr` of the points."""
+    x: FloatArray
+    y: FloatArray
+
+    def below(self, threshold: float) -> bool:
+        """Whether the correlation is below ``threshold`` as written: one of exactly 0.8 is
+        not below 0.8, nor one of exactly 0 below 0 (nor a constant side's conventional 0)."""
+        if abs(self.value - threshold) > NEAR_EXACT:
+            return self.value < threshold
+        return _ratio_below(*_exact_pearson(self.x, self.y), threshold)
+
+
+def _exact_pearson(x: FloatArray, y: FloatArray) -> tuple[int, int]:
+    """Pearson's correlation as integers ``(covariance, variance_product)``, over the scores
+    scaled by a power of two (which leaves the correlation as it is): exact, and dearer than
+    the float, so computed only to decide what the float cannot."""
+    a, b = _as_integers(x), _as_integers(y)
+    n = len(a)
+    sum_a, sum_b = sum(a), sum(b)
+    covariance = n * sum(i * j for i, j in zip(a, b, strict=True)) - sum_a * sum_b
+    var_a = n * sum(i * i for i in a) - sum_a * sum_a
+    var_b = n * sum(j * j for j in b) - sum_b * sum_b
+    return covariance, var_a * var_b
+
+
+def _as_integers(values: FloatArray) -> list[int]:
+    """``values`` times the power of two that makes every one of them an integer (a float is
+    an integer over a power of two)."""
+    ratios = [value.as_integer_ratio() for value in values.tolist()]
+    bits = max(denominator.bit_length() for _, denominator in ratios)
+    return [numerator << (bits - denominator.bit_length()) for numerator, denominator in ratios]
 
 
 EXACT_DOT_LIMIT: Final = 1_000_000
@@ -136,6 +187,8 @@ def _pearson_or_nan(x: FloatArray, y: FloatArray) -> float:
     dx = _unit_scaled(x - x.mean())
     dy = _unit_scaled(y - y.mean())
     r = float(dx @ dy) / math.sqrt(float(dx @ dx) * float(dy @ dy))
+    if abs(r) <= NEAR_EXACT and _exact_pearson(x, y)[0] == 0:
+        return 0.0  # exactly, not the -3.5e-17 the rounding of the sums left
     return max(-1.0, min(1.0, r))
 
 
@@ -200,14 +253,15 @@ def correlation(method: CorrelationMethod, x: FloatArray, y: FloatArray) -> floa
 
 def exact_correlation(
     method: CorrelationMethod, x: FloatArray, y: FloatArray
-) -> RankCorrelation | float:
-    """:func:`correlation`, held exactly where it can be (Spearman's, as a
-    :class:`RankCorrelation`), for :func:`relation_code` to compare with its threshold."""
+) -> RankCorrelation | PearsonCorrelation | float:
+    """:func:`correlation`, held so that :func:`relation_code` compares it with its threshold
+    exactly where it can (Spearman's as a :class:`RankCorrelation`, Pearson's as a
+    :class:`PearsonCorrelation`)."""
     if method == "spearman_corr":
         exact = rank_correlation(x, y)
         return math.nan if exact is None else exact
     if method == "pearson_corr":
-        return pearson_corr(x, y)
+        return PearsonCorrelation(pearson_corr(x, y), x, y)
     return pareto_f(x, y)
 
 
@@ -326,7 +380,7 @@ def relation_code(
     synergy_density: float,
     bottleneck_density: float,
     dominance: Dominance | None,
-    correlation: RankCorrelation | float,
+    correlation: RankCorrelation | PearsonCorrelation | float,
     synergy_density_min: float,
     bottleneck_density_min: float,
     dominance_ratio: float,
@@ -340,7 +394,8 @@ def relation_code(
         dominance: the trade-off zone's split around its fitted line, or None when that zone
             holds fewer than :data:`MIN_TRADEOFF_POINTS` points (rule 3 is then skipped).
         correlation: the pair correlation over all points (NaN never counts as small); a
-            :class:`RankCorrelation` is compared exactly with the threshold as written.
+            :class:`RankCorrelation` or :class:`PearsonCorrelation` is compared exactly with
+            the threshold as written.
         synergy_density_min: rule 1's threshold.
         bottleneck_density_min: rule 2's threshold.
         dominance_ratio: rule 3 fires when the split's ratio exceeds ``1 / dominance_ratio``.
@@ -352,10 +407,10 @@ def relation_code(
         return 3
     if dominance is not None and _dominates(dominance, dominance_ratio):
         return -2 if dominance.above > dominance.below else 2
-    if isinstance(correlation, RankCorrelation):
-        if correlation.below(tradeoff_corr):
+    if isinstance(correlation, float):
+        if correlation < tradeoff_corr:  # False for NaN, by IEEE comparison
             return 1
-    elif correlation < tradeoff_corr:  # False for NaN, by IEEE comparison
+    elif correlation.below(tradeoff_corr):
         return 1
     return -1
 
