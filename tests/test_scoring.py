@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from trig_stream.scoring import (
@@ -74,6 +75,56 @@ def test_robust_maps_prefixes() -> None:
     assert rating_of("me") is None and rating_of("mean") is None
     assert rating_of("medi") == "medium"
     assert normalise_token(" \u2581Good") == "good"
+
+
+@pytest.mark.parametrize(
+    ("token", "rating"),
+    [
+        ("ex", "excellent"),
+        ("exc", "excellent"),
+        ("Excel", "excellent"),
+        ("excellent!", "excellent"),
+        ("Good.", "good"),
+        ("**Bad**", "bad"),
+        (" terr", "terrible"),
+        ("\u2581Terrible,", "terrible"),
+    ],
+)
+def test_robust_counts_a_piece_of_a_rating_word_or_the_word_before_punctuation(
+    token: str, rating: str
+) -> None:
+    assert rating_of(token) == rating
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        " exactly",
+        "Extremely",
+        "Except",
+        " extra",
+        "ext",
+        "excellently",
+        "media",
+        "Medical",
+        "badge",
+        "Terrain",
+        "territory",
+        "goodbye",
+        "good2",
+    ],
+)
+def test_robust_does_not_count_another_word_that_starts_like_a_rating(token: str) -> None:
+    # Any word starting with a rating's prefix counted as that rating: "Extremely" was
+    # excellent, "badge" bad, "goodbye" good.
+    assert rating_of(token) is None
+
+
+def test_a_word_that_starts_like_a_rating_does_not_move_the_robust_score() -> None:
+    # "Extremely" counted as excellent: 0.832, where the rating words alone give trig's 0.25.
+    top = [("Extremely", -0.2), ("bad", -1.8), ("terrible", -3.0)]
+    bad, terrible = math.exp(-1.8), math.exp(-3.0)
+    assert score_top_logprobs(top, scorer="robust") == pytest.approx(0.25 * bad / (bad + terrible))
 
 
 @pytest.mark.parametrize("scorer", ["trig", "robust"])
@@ -261,6 +312,20 @@ WORDS = [
     " Good",
     "\u2581bad",
     "\u0120Medium",
+    "Good.",
+    "**Bad**",
+    "Excel",
+    " exactly",
+    "Extremely",
+    "Except",
+    " extra",
+    "ext",
+    "media",
+    "Medical",
+    "badge",
+    "Terrain",
+    "territory",
+    "goodbye",
 ]
 logprobs = st.floats(min_value=-30.0, max_value=0.0, allow_nan=False)
 token_lists = st.lists(
@@ -327,6 +392,40 @@ def test_robust_ignores_case_whitespace_and_markers(
     plain = [(token, lp) for token, lp, _ in entries]
     dressed = [(decorate(token), lp) for token, lp, decorate in entries]  # type: ignore[operator]
     assert score_top_logprobs(dressed) == pytest.approx(score_top_logprobs(plain))
+
+
+# Each rating word's shortest piece that still names it.
+PIECES = {"excellent": "ex", "good": "good", "medium": "med", "bad": "bad", "terrible": "terr"}
+
+
+@st.composite
+def rating_pieces(draw: st.DrawFn) -> tuple[str, str]:
+    """A rating word and a piece of it the robust scorer reads as that rating."""
+    rating = draw(st.sampled_from(sorted(PIECES)))
+    length = draw(st.integers(len(PIECES[rating]), len(rating)))
+    return rating, rating[:length]
+
+
+@given(rating_pieces(), DECORATIONS, st.sampled_from(["", ".", "!", ",", "**", ":", ")"]))
+def test_robust_reads_each_piece_of_a_rating_word_as_it(
+    piece: tuple[str, str], decorate: Callable[[str], str], after: str
+) -> None:
+    rating, text = piece
+    assert rating_of(decorate(text) + after) == rating
+
+
+@given(
+    rating_pieces(),
+    DECORATIONS,
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyzEXT0123456789", min_size=1, max_size=4),
+)
+def test_robust_reads_no_word_that_only_starts_like_a_rating_word(
+    piece: tuple[str, str], decorate: Callable[[str], str], more: str
+) -> None:
+    rating, text = piece
+    word = text + more
+    assume(not rating.startswith(word.lower()))
+    assert rating_of(decorate(word)) is None
 
 
 @given(

@@ -16,7 +16,7 @@ from trig_stream import FingerprintMismatch, journal, store
 from trig_stream.config import RunConfig
 from trig_stream.journal import JOURNAL
 from trig_stream.manifest import MANIFEST, Manifest, read_manifest
-from trig_stream.scoring import SCORING_RULES
+from trig_stream.scoring import SCORING_RULES, SCORING_RULES_CHANGES
 
 pytestmark = pytest.mark.anyio
 
@@ -87,10 +87,20 @@ def _positive_scored(line: dict[str, Any]) -> None:
     line.update(score=0.9, top_logprobs=[[" good", 0.5], [" bad", -2.0]])
 
 
+def _word_starting_like_a_rating_scored(line: dict[str, Any]) -> None:
+    # What an earlier trig-stream's robust scorer made of "Extremely", read as excellent.
+    line.update(score=0.832, top_logprobs=[["Extremely", -0.2], ["bad", -1.8], ["terrible", -3.0]])
+
+
 @pytest.mark.parametrize(
     ("edit", "params"),
-    [(_probability_zero_scored, {}), (_underflow_scored, {}), (_positive_scored, {})],
-    ids=["probability-zero", "underflow", "positive"],
+    [
+        (_probability_zero_scored, {}),
+        (_underflow_scored, {}),
+        (_positive_scored, {}),
+        (_word_starting_like_a_rating_scored, {}),
+    ],
+    ids=["probability-zero", "underflow", "positive", "word-starting-like-a-rating"],
 )
 async def test_a_run_dir_older_than_the_rules_with_a_score_changed_since_is_refused(
     make_config: ConfigFactory, edit: Edit, params: dict[str, Any]
@@ -191,6 +201,7 @@ async def test_a_run_dir_of_other_scoring_rules_is_refused_naming_them(
             f"judge 'trigscore': judged under trig-stream's earlier scoring rules "
             f"({SCORING_RULES - 1}), and this one scores by rules {SCORING_RULES}"
         ) in str(raised.value)
+        assert f"rules {SCORING_RULES}: {SCORING_RULES_CHANGES[SCORING_RULES]}" in str(raised.value)
         assert "Use --new-run" in str(raised.value)
 
 

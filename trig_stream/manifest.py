@@ -36,7 +36,7 @@ from trig_stream.hashing import seeds_for
 from trig_stream.journal import JournalState, holds_our_journal
 from trig_stream.moves import Move
 from trig_stream.records import CASE_CLASH, SCHEMA_VERSION, JudgeFingerprint, JudgementKey
-from trig_stream.scoring import SCORING_RULES_KEY
+from trig_stream.scoring import SCORING_RULES_CHANGES, SCORING_RULES_KEY
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES: Final = MAX_SETTINGS_BYTES
@@ -288,9 +288,16 @@ def _other_scoring_rules(name: str, stored: str, configured: str, same_backend: 
     if not _is_rules(stored):
         return None
     when = "later" if int(stored) > int(configured) else "earlier"
+    low, high = sorted((int(stored), int(configured)))
+    changes = "".join(
+        f"; rules {rules}: {change}"
+        for rules, change in SCORING_RULES_CHANGES.items()
+        if low < rules <= high
+    )
     return (
         f"judge {name!r}: judged under trig-stream's {when} scoring rules ({stored}), and this "
         f"one scores by rules {configured}: its scores would not compare with those stored"
+        f"{changes}"
     )
 
 

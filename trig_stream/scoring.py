@@ -8,8 +8,11 @@ score is the expected rating under the probabilities the model gave those words,
   set count; probabilities are renormalised with a ``1e-10`` guard and the result is rounded to
   three decimals. Use it to compare with the paper.
 * ``"robust"`` normalises each token first (whitespace, SentencePiece ``▁`` and byte-level
-  ``Ġ`` markers, case, leading punctuation), maps it to a rating by prefix, sums each rating's
-  probability and renormalises over the ratings.
+  ``Ġ`` markers, case, leading punctuation), maps it to a rating when it is a piece of that
+  rating word (``ex``, ``Excel``, ``med``, ``terr``: no shorter than the rating's prefix in
+  :data:`_ROBUST_PREFIXES`) or the whole word before punctuation (``Good.``, ``**Bad**``),
+  never another word that starts like one (``exactly``, ``media``, ``badge``), sums each
+  rating's probability and renormalises over the ratings.
 
 Both return ``None`` when no token names a rating with any probability: upstream's 0.0 in that
 case cannot be told apart from "terrible", so we never make one up. A ``-inf`` logprob is a
@@ -56,17 +59,19 @@ _TRIG_TOKENS: Final[dict[str, float]] = {
     "Terr": 0.0,
 }
 
-# A normalised token belongs to the rating of the first prefix it starts with.
-_ROBUST_PREFIXES: Final[tuple[tuple[str, str], ...]] = (
-    ("excellent", "excellent"),
-    ("ex", "excellent"),
-    ("good", "good"),
-    ("medium", "medium"),
-    ("med", "medium"),
-    ("bad", "bad"),
-    ("terrible", "terrible"),
-    ("terr", "terrible"),
-)
+_ROBUST_PREFIXES: Final[dict[str, str]] = {
+    "excellent": "ex",
+    "good": "good",
+    "medium": "med",
+    "bad": "bad",
+    "terrible": "terr",
+}
+"""Each rating word's shortest piece that still names it: a token's word names the rating when
+it starts with this piece and is itself a start of the rating word ("me" could be "mean")."""
+
+_WORD: Final = re.compile(r"[^\W_]*")
+"""The leading letters and digits of a normalised token: its word, without the punctuation
+that may follow it (``good.``, ``bad**``)."""
 
 _MARKERS: Final[str] = "\u2581\u0120"  # SentencePiece "▁" and byte-level BPE "Ġ"
 
@@ -75,14 +80,26 @@ ZERO_PROBABILITY_LOGPROB: Final[float] = -9999.0
 logprob at or below it counts as ``-inf``. Scored as a number, an answer whose rating words
 all carry it would get a made-up score (0.0 from ``trig``, a confident one from ``robust``)."""
 
-SCORING_RULES: Final = 1
+SCORING_RULES: Final = 2
 """The version of the rules by which a judge's answer gets its score or status, in the
 fingerprint of every judge scored from logprobs (``params.scoring_rules``), so a resume under
 other rules is refused as a change of settings rather than mixing scores that do not compare.
-Bump it with any change to what an answer scores: 1 made an answer without the top logprobs
-asked for an ``error`` (the one sampled token was scored) and a -9999.0 logprob a probability
-of 0. A run directory older than the field is checked once on resume
+Bump it with any change to what an answer scores, saying what changed in
+:data:`SCORING_RULES_CHANGES`. A run directory older than the field is checked once on resume
 (:func:`trig_stream.manifest.checked_scoring_rules`)."""
+
+SCORING_RULES_CHANGES: Final[dict[int, str]] = {
+    1: (
+        "an answer without the top logprobs asked for is an error (its one sampled token was "
+        "scored) and a -9999.0 logprob a probability of 0"
+    ),
+    2: (
+        "the robust scorer counts a token only as a piece of a rating word or the whole word, "
+        "no longer any word that starts like one ('exactly' as excellent, 'media' as medium)"
+    ),
+}
+"""What each version of :data:`SCORING_RULES` changed, in words, for the refusal of a resume
+across them."""
 
 SCORING_RULES_KEY: Final = "scoring_rules"
 """The key of a judge fingerprint's ``params`` that holds its :data:`SCORING_RULES`."""
@@ -249,23 +266,38 @@ def may_score_otherwise_than_before_rules(top_logprobs: Sequence[tuple[str, floa
     fingerprints hold no rules) could get another score or status now from the same
     ``top_logprobs``, so that it needs scoring again to tell.
 
-    Besides the formulas, which stayed, the scorers changed how they read a logprob at or
+    Besides trig's formula, which stayed, the scorers changed how they read a logprob at or
     below the probability-0 threshold (:data:`ZERO_PROBABILITY_LOGPROB`, and one whose
     ``exp`` underflows to 0.0: both now count as absent, where a lone rating word there
     scored 0.0 or a confident 0.5) and one above 0 beyond :data:`LOGPROB_TOLERANCE` (refused
-    now, scored by a trig-stream before 2eff5c6). A list whose every logprob lies between
-    reads as it did, so it scores as it did: two passes in C over the list tell, where
-    scoring it again costs several times that, for each line of a long journal. (The other
-    change, that an answer without the list asked for is no longer scored from its one
-    sampled token, left no mark on the stored list: no check can find it.)
+    now, scored by a trig-stream before 2eff5c6), and the robust scorer no longer counts a
+    word that only starts like a rating word (rules 2). A list whose every logprob lies
+    between and whose every token reads as it did scores as it did: two passes in C over the
+    list and a cached look-up per token tell, where scoring it again costs several times
+    that, for each line of a long journal. (The other change, that an answer without the
+    list asked for is no longer scored from its one sampled token, left no mark on the
+    stored list: no check can find it.)
     """
     if not top_logprobs:
         return False
     logprobs: list[float] = list(map(_SECOND, top_logprobs))
-    return min(logprobs) < _UNDERFLOW or max(logprobs) > LOGPROB_TOLERANCE
+    return (
+        min(logprobs) < _UNDERFLOW
+        or max(logprobs) > LOGPROB_TOLERANCE
+        or any(map(_rated_before_rules_2_only, map(_FIRST, top_logprobs)))
+    )
 
 
+_FIRST: Final = operator.itemgetter(0)
 _SECOND: Final = operator.itemgetter(1)
+
+
+@functools.lru_cache(maxsize=4096)  # as rating_of: a journal's lines share their top tokens
+def _rated_before_rules_2_only(token: str) -> bool:
+    """Whether the robust scorer before rules 2 read ``token`` as a rating and no longer
+    does: it counted every token starting with a rating's prefix (``exactly``, ``badge``)."""
+    prefixes = tuple(_ROBUST_PREFIXES.values())
+    return rating_of(token) is None and normalise_token(token).startswith(prefixes)
 
 
 def _logprob(logprob: float) -> float:
@@ -287,12 +319,18 @@ def normalise_token(token: str) -> str:
 def rating_of(token: str) -> str | None:
     """The rating word a token stands for under the robust scorer, or None.
 
+    The token's word (its leading letters and digits once normalised) names a rating when it
+    is a piece of that rating word at least as long as its prefix in :data:`_ROBUST_PREFIXES`
+    (``ex``, ``exc``, ``Excel``), punctuation after it left out (``Good.``): ``ext`` or
+    ``exactly`` is no piece of "excellent", ``goodbye`` more than "good".
+
     Cached: a judge's answers draw their top tokens from a small part of the vocabulary, so
     almost every token is met again, and each answer has twenty of them.
     """
-    text = normalise_token(token)
-    for prefix, rating in _ROBUST_PREFIXES:
-        if text.startswith(prefix):
+    match = _WORD.match(normalise_token(token))
+    word = "" if match is None else match.group()
+    for rating, prefix in _ROBUST_PREFIXES.items():
+        if word.startswith(prefix) and rating.startswith(word):
             return rating
     return None
 
