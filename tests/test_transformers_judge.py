@@ -209,6 +209,77 @@ async def test_a_tokenizer_with_nothing_to_pad_with_is_refused_at_load(
     assert "set pad_token in its tokenizer_config.json" in message
 
 
+def with_chat_template(tiny_vlm: Path, folder: Path, refusal: str) -> Path:
+    """A copy of the tiny VLM whose chat template raises first for a message matching the
+    Jinja test ``refusal`` (on ``message``)."""
+    import shutil
+
+    from trig_stream.testing.tiny_vlm import CHAT_TEMPLATE
+
+    shutil.copytree(tiny_vlm, folder)
+    check = (
+        "{% for message in messages %}"
+        f"{{% if {refusal} %}}{{{{ raise_exception('refused') }}}}{{% endif %}}"
+        "{% endfor %}"
+    )
+    (folder / "chat_template.jinja").write_text(check + CHAT_TEMPLATE)
+    return folder
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_request_the_chat_template_refuses_is_its_own_error(
+    tiny_vlm: Path, images: list[Path], tmp_path: Path
+) -> None:
+    # The first template error of any request folded the system text into the user turn for
+    # every later request of the run: other prompts, other scores, the same fingerprint.
+    refusing = with_chat_template(
+        tiny_vlm, tmp_path / "refusing", "'FORBIDDEN' in (message['content'] | string)"
+    )
+    judge = make_judge(refusing, batch_size=1, top_logprobs=20)
+    await judge.open()
+    try:
+        before = await judge.judge(request(judge, images[0]))
+        with pytest.raises(ItemError, match="refused"):
+            await judge.judge(request(judge, images[0], prompt="FORBIDDEN words"))
+        after = await judge.judge(request(judge, images[0]))
+        roles = [message["role"] for message in judge.messages(request(judge, images[0]))]
+    finally:
+        await judge.aclose()
+    assert roles == ["system", "user"]
+    assert after == before
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_chat_template_without_a_system_turn_opens_the_user_turn_with_its_text(
+    tiny_vlm: Path, images: list[Path], tmp_path: Path
+) -> None:
+    no_system = with_chat_template(tiny_vlm, tmp_path / "no-system", "message['role'] == 'system'")
+    judge = make_judge(no_system, batch_size=1, top_logprobs=20)
+    await judge.open()
+    try:
+        reply = await judge.judge(request(judge, images[0]))
+        messages = judge.messages(request(judge, images[0]))
+    finally:
+        await judge.aclose()
+    assert reply.top_logprobs
+    assert [message["role"] for message in messages] == ["user"]
+    system = judge.template.system_text(SAMPLE.task, "IQ-R", SAMPLE.item)
+    assert messages[0]["content"][1]["text"].startswith(system + "\n\n")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_chat_template_that_refuses_every_conversation_is_refused_at_load(
+    tiny_vlm: Path, tmp_path: Path
+) -> None:
+    refusing = with_chat_template(tiny_vlm, tmp_path / "refusing-all", "true")
+    judge = make_judge(refusing)
+    with pytest.raises(FatalBackendError) as refused:
+        await judge.open()
+    assert str(refused.value).startswith(
+        f"judge 'trigscore': the chat template in {refusing} refuses a plain conversation"
+    )
+
+
 async def test_batches_take_what_is_waiting(tiny_vlm: Path, images: list[Path]) -> None:
     judge = make_judge(tiny_vlm, batch_size=4, top_logprobs=5)
     await judge.open()

@@ -250,6 +250,7 @@ class TransformersJudge(Judge):
         _ensure_pad_token(tokenizer, f"judge {self.name!r}", path)
         self._processor = processor
         self._own_tokens = _own_tokens(processor, tokenizer)
+        self._system_role = _takes_system_turn(processor, f"judge {self.name!r}", path)
         self._context = opts.max_context or context_length(model.config, tokenizer)
         self._model = model.to(opts.device).eval()
 
@@ -312,13 +313,6 @@ class TransformersJudge(Judge):
 
     def _prompt(self, request: JudgeRequest) -> str:
         render = self._processor.apply_chat_template
-        try:
-            return str(render(self.messages(request), add_generation_prompt=True, tokenize=False))
-        except Exception:
-            if not self._system_role:
-                raise
-        # Some chat templates refuse a system turn: its text then opens the user turn.
-        self._system_role = False
         return str(render(self.messages(request), add_generation_prompt=True, tokenize=False))
 
     # -- the batch, in a worker thread ----------------------------------------------------------
@@ -432,6 +426,39 @@ def _ensure_pad_token(tokenizer: Any, judge: str, path: str) -> None:
             '(any token of its vocabulary: padding is masked out), e.g. "pad_token": "</s>"'
         )
     tokenizer.pad_token = stand_in
+
+
+_PROBE_SYSTEM: Final = "You rate images."
+_PROBE_USER: Final = "How good is this image?"
+
+
+def _takes_system_turn(processor: Any, judge: str, path: str) -> bool:
+    """Whether the processor's chat template takes a system turn, tried once on a fixed
+    conversation: some refuse one, and the system text then opens the user turn. Decided at
+    load for the whole run, so that a request whose own text the template refuses is that
+    request's error, not a switch of every later prompt (and score) under one fingerprint.
+
+    Raises:
+        FatalBackendError: the template refuses the conversation without a system turn too.
+    """
+    render = processor.apply_chat_template
+    system = {"role": "system", "content": [{"type": "text", "text": _PROBE_SYSTEM}]}
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE_USER}]}
+    try:
+        render([system, user], add_generation_prompt=True, tokenize=False)
+        return True
+    except Exception:
+        pass  # tried again as messages() folds it
+    folded = f"{_PROBE_SYSTEM}\n\n{_PROBE_USER}"
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": folded}]}
+    try:
+        render([user], add_generation_prompt=True, tokenize=False)
+    except Exception as exc:
+        raise FatalBackendError(
+            f"{judge}: the chat template in {path} refuses a plain conversation (an image and "
+            f"a question, with or without a system turn): {describe_error(exc)}"
+        ) from None
+    return False
 
 
 def context_length(config: Any, tokenizer: Any) -> int | None:
