@@ -510,6 +510,42 @@ async def test_max_context_replaces_the_models_context(tiny_vlm: Path, images: l
     assert reply.top_logprobs is not None and len(reply.top_logprobs) > 0
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_requests_over_the_context_before_any_success_stop_the_run_after_a_few(
+    tiny_vlm: Path, images: list[Path]
+) -> None:
+    # With max_context = 1 every request was an error of its own, and the run ended done,
+    # exit 0: as the openai judge's refusals, that many in a row before any success is the
+    # config's fault.
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
+
+    judge = make_judge(tiny_vlm, batch_size=1, top_logprobs=5, max_context=1)
+    await judge.open()
+    try:
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError, match="over the judge's max_context of 1") as caught:
+                await judge.judge(request(judge, images[0]))
+            assert not isinstance(caught.value, FatalBackendError)
+        with pytest.raises(FatalBackendError) as raised:
+            await judge.judge(request(judge, images[0]))
+    finally:
+        await judge.aclose()
+    assert (
+        f"the first {REFUSALS_TO_STOP} requests were all over the judge's max_context of 1 "
+        "and none was judged: raise max_context" in str(raised.value)
+    )
+    judge = make_judge(tiny_vlm, batch_size=1, top_logprobs=5)
+    await judge.open()
+    try:
+        await judge.judge(request(judge, images[0]))  # once one is judged, each is its own
+        for _ in range(REFUSALS_TO_STOP + 1):
+            with pytest.raises(ItemError, match="over the judge model's context") as caught:
+                await judge.judge(request(judge, images[0], prompt="x" * 3000))
+            assert not isinstance(caught.value, FatalBackendError)
+    finally:
+        await judge.aclose()
+
+
 async def test_engine_records_a_prompt_over_the_context_as_an_error(
     tiny_vlm: Path, tmp_path: Path, make_config: ConfigFactory
 ) -> None:

@@ -55,7 +55,8 @@ REFUSALS_TO_STOP = 8
 """Refusals (HTTP 4xx) an API may answer before its first success, or answers without
 logprobs (or with fewer top logprobs than asked) before its first with them, without stopping
 the run: that many in a row mean every request would end the same way. A content filter's
-refusals (:data:`CONTENT_REFUSAL`) never count. (404s after a success have their own, larger
+refusals (:data:`CONTENT_REFUSAL`) never count. The ``transformers`` judge reads requests over
+its context before its first judged one alike. (404s after a success have their own, larger
 count: :data:`~trig_stream.backends.judges.openai_judge.NOT_FOUND_TO_LOSE`.)"""
 
 

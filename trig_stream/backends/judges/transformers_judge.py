@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 
 from trig_stream.backends.base import Judge, JudgeReply, JudgeRequest, PreparedImage
 from trig_stream.backends.judges.batching import MicroBatcher
+from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.backends.threads import load_in_thread
@@ -130,6 +131,8 @@ class TransformersJudge(Judge):
         self._token_texts: dict[int, str] = {}
         self._context: int | None = None
         self._system_role = True
+        self._judged = False  # whether a forward pass has given replies
+        self._over_context_before_judged = 0
         self._own_tokens: tuple[str, ...] = ()  # set at load: see _defused
         self._batcher: MicroBatcher[_Query, JudgeReply] | None = None
 
@@ -349,8 +352,15 @@ class TransformersJudge(Judge):
             return "the judge's max_context"
         return "the judge model's context"
 
-    def _over_context(self, inputs: Any) -> list[ItemError | None]:
-        """Each encoded request's error when it is longer than the model's context."""
+    def _over_context(self, inputs: Any) -> list[ItemError | FatalBackendError | None]:
+        """Each encoded request's error when it is longer than the model's context.
+
+        Until a request is judged, that many over the context may be the config's fault (a
+        ``max_context`` of 1, images too large for the model) rather than the prompts': from
+        the :data:`~trig_stream.backends.judges.http_errors.REFUSALS_TO_STOP`-th on, as the
+        ``openai`` judge does with refusals, the error is a :class:`FatalBackendError` that
+        stops the run instead of refusing every request of it.
+        """
         ids = inputs["input_ids"]
         if self._context is None:
             return [None] * len(ids)
@@ -358,16 +368,36 @@ class TransformersJudge(Judge):
         # The mask counts each row's own tokens under the padding; without one, every row is
         # as long as the batch (exact for a batch of one, which is where a flagged row ends up).
         lengths = mask.sum(dim=-1).tolist() if mask is not None else [ids.shape[-1]] * len(ids)
-        return [
-            ItemError(
+        errors: list[ItemError | FatalBackendError | None] = []
+        for length in lengths:
+            if length <= self._context:
+                errors.append(None)
+                continue
+            error: ItemError | FatalBackendError = ItemError(
                 f"judge {self.name!r}: the request is {length:,} tokens, over {self._context_name} "
                 f"of {self._context:,} (prompt, judging text and image together); "
                 "it was not run"
             )
-            if length > self._context
-            else None
-            for length in lengths
-        ]
+            if not self._judged:
+                self._over_context_before_judged += 1
+                if self._over_context_before_judged >= REFUSALS_TO_STOP:
+                    error = self._none_fits(str(error))
+            errors.append(error)
+        return errors
+
+    def _none_fits(self, error: str) -> FatalBackendError:
+        if self.options.max_context is not None:
+            fix = "raise max_context, or lower max_pixels"
+        else:
+            fix = (
+                "lower max_pixels, or set max_context for a model run past its declared "
+                "length (rope scaling)"
+            )
+        return FatalBackendError(
+            f"{error}; the first {self._over_context_before_judged} requests were all over "
+            f"{self._context_name} of {self._context:,} and none was judged: {fix}; the "
+            "refused ones are kept as errors: resume with --retry-errors to ask again"
+        )
 
     def _forward(self, inputs: Any) -> list[JudgeReply]:
         torch = self._torch
@@ -387,6 +417,7 @@ class TransformersJudge(Judge):
                 for token_id, value in zip(row_ids, row_values, strict=True)
             ]
             replies.append(JudgeReply(top_logprobs=top, text=top[0][0]))
+        self._judged = True
         return replies
 
     def _token_text(self, token_id: int) -> str:
