@@ -1086,35 +1086,35 @@ def test_compare_says_when_the_columns_judges_or_thresholds_differ(tmp_path: Pat
     assert "different judges" in out.read_text()
 
 
-def test_compare_reads_a_judge_without_scoring_rules_as_one_of_the_current_rules(
+def test_compare_reads_a_judge_without_scoring_rules_as_one_of_the_first_rules(
     tmp_path: Path,
 ) -> None:
     # A run directory written before fingerprints held params.scoring_rules was set apart as
     # of a different judge ("params.scoring_rules – | params.scoring_rules 1"), every mean
-    # the same.
+    # the same; and once the rules moved on, it was read as of the current ones, whose robust
+    # scores differ from those it holds.
     older = JudgeFingerprint(backend="openai", model="m", params={"top_logprobs": 20})
-    current = JudgeFingerprint(
-        backend="openai", model="m", params={"scoring_rules": SCORING_RULES, "top_logprobs": 20}
+    first_rules = JudgeFingerprint(
+        backend="openai", model="m", params={"scoring_rules": 1, "top_logprobs": 20}
     )
     first = write_run_dir(tmp_path / "old", {}, models=("model-a",), judge=older)
-    second = write_run_dir(tmp_path / "new", {}, models=("model-a",), judge=current)
+    second = write_run_dir(tmp_path / "new", {}, models=("model-a",), judge=first_rules)
     out = tmp_path / "c.md"
     assert run_command("compare", str(first), str(second), "--out", str(out))[0] == 0
     text = out.read_text()
     assert "different" not in text
     assert "scoring_rules" not in text
-    # Other rules are a different judge still.
-    other = JudgeFingerprint(
+    # Later rules are a different judge.
+    current = JudgeFingerprint(
         backend="openai",
         model="m",
-        params={"scoring_rules": SCORING_RULES + 1, "top_logprobs": 20},
+        params={"scoring_rules": SCORING_RULES, "top_logprobs": 20},
     )
-    third = write_run_dir(tmp_path / "later", {}, models=("model-a",), judge=other)
+    third = write_run_dir(tmp_path / "later", {}, models=("model-a",), judge=current)
     assert run_command("compare", str(first), str(third), "--out", str(out))[0] == 0
-    assert (
-        f"| judge | params.scoring_rules {SCORING_RULES} | params.scoring_rules "
-        f"{SCORING_RULES + 1} |"
-    ) in out.read_text()
+    assert f"| judge | params.scoring_rules 1 | params.scoring_rules {SCORING_RULES} |" in (
+        out.read_text()
+    )
     assert "thresholds" not in out.read_text()
 
 

@@ -12,7 +12,7 @@ from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
 from trig_stream.records import exact_number
-from trig_stream.scoring import SCORING_RULES, SCORING_RULES_KEY
+from trig_stream.scoring import SCORING_RULES_KEY
 
 COMPARISON_HEADING = "# TRIG model comparison"
 """The first line of :func:`comparison_markdown`: how a report knows a ``comparison.md``
@@ -104,12 +104,12 @@ def compare(
 
 
 def _with_scoring_rules(judges: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """``judges`` with the current :data:`~trig_stream.scoring.SCORING_RULES` in each
-    fingerprint whose ``params`` lack them, when another's hold them. A run directory written
-    before fingerprints held their rules is read as scored by today's, as a resume reads its
-    journal lines (:func:`~trig_stream.manifest.checked_scoring_rules`): its scores are those
-    a run writes now unless it is older than the rules themselves, which only a resume's
-    re-scoring can tell, so a missing field is no difference of judge.
+    """``judges`` with :data:`FIRST_SCORING_RULES` in each fingerprint whose ``params`` lack
+    rules, when another's hold them. A run directory written before fingerprints held their
+    rules scored as the first rules do (but for answers rare enough that only a resume's
+    re-scoring, :func:`~trig_stream.manifest.checked_scoring_rules`, tells them), so it is of
+    the same judge as a run of rules 1, and of another than a run of later rules, whose robust
+    scores differ.
     """
     if not any(SCORING_RULES_KEY in (fp.get("params") or {}) for fp in judges.values()):
         return dict(judges)
@@ -117,9 +117,16 @@ def _with_scoring_rules(judges: Mapping[str, Mapping[str, Any]]) -> dict[str, Ma
     for label, fingerprint in judges.items():
         params = fingerprint.get("params")
         if isinstance(params, Mapping) and SCORING_RULES_KEY not in params:
-            fingerprint = {**fingerprint, "params": {**params, SCORING_RULES_KEY: SCORING_RULES}}
+            fingerprint = {
+                **fingerprint,
+                "params": {**params, SCORING_RULES_KEY: FIRST_SCORING_RULES},
+            }
         out[label] = fingerprint
     return out
+
+
+FIRST_SCORING_RULES = 1
+"""The rules of the trig-stream that first recorded them in a judge's fingerprint."""
 
 
 def _differing(values: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
