@@ -208,6 +208,15 @@ class Generator(ABC):
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the images this generator makes (checkpoint, steps...)."""
 
+    def fingerprint_defaults(self) -> dict[str, Any]:
+        """What a field :meth:`fingerprint` may leave out stands for, nested as the
+        fingerprint is (``{"call": {"num_inference_steps": 28}}``): a resume takes a field
+        that one of the stored and the configured fingerprints leaves out and the other sets
+        to this value as unchanged. Asked after :meth:`check_environment`, which may be where
+        they are learnt. By default none: every field compares as it is.
+        """
+        return {}
+
     def check_environment(self) -> None:  # noqa: B027 - optional hook
         """Check what :meth:`load` needs from this machine, without loading or connecting:
         an environment variable, a local folder. ``trig-stream validate`` calls it.
