@@ -209,6 +209,64 @@ async def test_ready_prompts_share_one_pipeline_call(
     assert generator.calls[0] == 4
 
 
+@pytest.mark.parametrize(
+    ("left_out", "set_to_the_default", "another_value", "key"),
+    [
+        ({"steps": None}, {"steps": 28}, {"steps": 27}, "num_inference_steps"),
+        (
+            {"call": {}},
+            {"call": {"max_sequence_length": 512}},
+            {"call": {"max_sequence_length": 64}},
+            "max_sequence_length",
+        ),
+        ({}, {"guidance_scale": 3.5}, {"guidance_scale": 5.0}, "guidance_scale"),
+    ],
+    ids=["steps", "call", "guidance"],
+)
+def test_a_call_argument_set_to_the_pipelines_default_resumes_as_one_left_out(
+    make_config: ConfigFactory,
+    tiny_pipelines: dict[TinyKind, Path],
+    left_out: dict[str, Any],
+    set_to_the_default: dict[str, Any],
+    another_value: dict[str, Any],
+    key: str,
+) -> None:
+    # A run made without the argument, resumed with it set to FluxPipeline's own default
+    # (or the reverse), was refused as made with other settings, its images the same.
+    from trig_stream.backends.registry import build_generator
+    from trig_stream.manifest import Manifest
+    from trig_stream.preflight import run_manifest
+
+    def manifest(options: dict[str, Any]) -> Manifest:
+        entry = {
+            "name": "tiny",
+            "backend": "diffusers",
+            "options": {**tiny_options(tiny_pipelines["flux"], "flux"), **options},
+        }
+        config = make_config(generators=[entry])
+        generator = build_generator(config.generators[0], config)
+        generator.check_environment()
+        return run_manifest(config, [generator], {})
+
+    def stored(written: Manifest) -> Manifest:
+        return Manifest.model_validate_json(written.model_dump_json())
+
+    without, explicit = manifest(left_out), manifest(set_to_the_default)
+    assert key not in without.generators["tiny"]["call"]  # the fingerprints stay as they were
+    assert key in explicit.generators["tiny"]["call"]
+    assert stored(without).differences(explicit) == []
+    assert stored(explicit).differences(without) == []
+    # Another value is a change still, either way.
+    other = manifest(another_value)
+    value = json.dumps(other.generators["tiny"]["call"][key])
+    assert stored(without).differences(other) == [
+        f"generator 'tiny': call.{key} not set in the run dir, {value} in the config"
+    ]
+    assert stored(other).differences(without) == [
+        f"generator 'tiny': call.{key} {value} in the run dir, not set in the config"
+    ]
+
+
 def request(data_id: str, seed: int, prompt: str = "a cat") -> GenerationRequest:
     sample = Sample(data_id=data_id, task="t2i", prompt=prompt, dimensions=("IQ-R", "TA-C"))
     return GenerationRequest("tiny", sample, seed)
@@ -1359,7 +1417,9 @@ for options in json.loads(sys.argv[1]):
         outcomes.append(str(exc))
 imported = [name for name in ("diffusers", "torch") if name in sys.modules]
 threads = generator._torch_threads  # the last one's, which passed the check
-print(json.dumps({"outcomes": outcomes, "imported": imported, "threads": threads}))
+defaults = generator.call_defaults
+print(json.dumps({"outcomes": outcomes, "imported": imported, "threads": threads,
+                  "defaults": defaults}))
 """
 
 
@@ -1455,6 +1515,9 @@ def test_with_process_isolation_the_check_imports_diffusers_in_a_child_alone(
     import torch
 
     assert found["threads"] == torch.get_num_threads()
+    # And the call's defaults, which a resume compares an argument left out with.
+    assert found["defaults"]["num_inference_steps"] == 28
+    assert found["defaults"]["guidance_scale"] == 3.5
 
 
 CHECK_WITHOUT_A_LIBRARY = """

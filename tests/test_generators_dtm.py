@@ -34,7 +34,7 @@ from trig_stream.backends.generators.rewrite_answers import rewritten_prompt
 from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.backends.registry import build_generator
 from trig_stream.dimensions import Dimension
-from trig_stream.errors import ConfigError, FatalBackendError, ItemError
+from trig_stream.errors import ConfigError, FatalBackendError, ItemError, NotAsked
 from trig_stream.records import Sample
 from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer, default_rewrite
 from trig_stream.testing.synthetic import draw
@@ -209,7 +209,7 @@ class RecordingGenerator(Generator):
     def __init__(self) -> None:
         self.name = "inner"
         self.prompts: list[str] = []
-        self.loaded = self.closed = self.stopped_loading = False
+        self.loaded = self.closed = self.stopped_loading = self.stopped_waiting = False
 
     def fingerprint(self) -> dict[str, Any]:
         return {"backend": "recording"}
@@ -219,6 +219,9 @@ class RecordingGenerator(Generator):
 
     def stop_loading(self) -> None:
         self.stopped_loading = True
+
+    def stop_waiting(self) -> None:
+        self.stopped_waiting = True
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
@@ -320,6 +323,30 @@ def test_a_stop_while_it_loads_reaches_the_inner_generator(server: GenerationAPI
     generator.stop_loading()
     assert isinstance(generator.inner, RecordingGenerator)
     assert generator.inner.stopped_loading
+
+
+def test_a_stop_ends_a_rewrites_retry_wait_and_draws_none_of_the_batch(
+    server: GenerationAPIServer,
+) -> None:
+    # The stop waited out the LLM's Retry-After (up to 300 s), then drew every image of
+    # the batch; and it never reached an API generator inside.
+    generator = rewriter(server)
+    stopped: list[bool] = []
+
+    def stopping_sleep(seconds: float, event: threading.Event) -> bool:
+        generator.stop_waiting()  # as the engine does when a stop begins
+        stopped.append(event.wait(min(seconds, 30)))
+        return stopped[-1]
+
+    generator._sleep = stopping_sleep
+    server.fail_next(Fault(status=429, retry_after=600))
+    batch = [request("S_1", "IQ-R", "TA-C"), request("S_2", "IQ-R", "TA-C")]
+    outcomes = generator.generate(batch, worker=0, cancel=threading.Event())
+    assert stopped == [True]
+    assert [type(outcome) for outcome in outcomes] == [NotAsked, NotAsked]
+    assert isinstance(generator.inner, RecordingGenerator)
+    assert generator.inner.prompts == [] and generator.inner.stopped_waiting
+    assert "S_1" not in generator.rewrites
 
 
 class HearsOfWholeInputInFirstForm(RecordingGenerator):
@@ -630,15 +657,18 @@ def test_a_rewrite_a_hard_stop_ends_is_neither_stored_nor_noted(
     # Cancelled in its backoff, it was stored as a fallback "(the first failure: cancelled)"
     # and the run's end note counted it, though no image was drawn and the sample is asked
     # again on resume.
-    def stopped_during(seconds: float, cancel: threading.Event) -> bool:
-        cancel.set()  # the hard stop, while the rewrite waits to retry
-        return True
-
+    cancel = threading.Event()
     generator = rewriter(server)
+
+    def stopped_during(seconds: float, event: threading.Event) -> bool:
+        cancel.set()  # the hard stop, while the rewrite waits to retry
+        generator.stop_waiting()  # as the engine's cancel does, beside setting cancel
+        return event.is_set()
+
     generator._sleep = stopped_during
     server.fail_next(Fault(), Fault(status=503))  # H_1 is rewritten, H_2 waits to retry
     requests = [request("H_1", "IQ-R", "TA-C"), request("H_2", "IQ-R", "TA-C")]
-    images = generator.generate(requests, worker=0, cancel=threading.Event())
+    images = generator.generate(requests, worker=0, cancel=cancel)
     assert [str(image) for image in images] == ["cancelled", "cancelled"]
     assert isinstance(generator.inner, RecordingGenerator) and generator.inner.prompts == []
     assert generator.rewrites == {} and generator.notes() == []

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import anyio
 import pytest
 from PIL import Image
 
@@ -29,6 +30,7 @@ from trig_stream.errors import (
     ConfigError,
     FatalBackendError,
     ItemError,
+    NotAsked,
     NotFoundError,
     RateLimitError,
     RetryableError,
@@ -569,16 +571,79 @@ def test_a_short_key_echoed_by_the_server_is_masked(
 
 def test_cancel_cuts_a_backoff_short(server: GenerationAPIServer, key: str) -> None:
     cancel = threading.Event()
+    server.fail_next(Fault(status=503))
+    generator = make(server)
 
     def cancelling_sleep(seconds: float, event: threading.Event) -> bool:
         cancel.set()
+        generator.stop_waiting()  # as the engine's cancel does, beside setting cancel
         return event.wait(seconds)
 
-    server.fail_next(Fault(status=503))
-    generator = make(server)
     generator._sleep = cancelling_sleep
     (outcome,) = generator.generate([request()], worker=0, cancel=cancel)
     assert isinstance(outcome, ItemError) and str(outcome) == "cancelled"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_graceful_stop_ends_a_retry_after_wait_and_leaves_the_image_owed(
+    make_config: ConfigFactory, server: GenerationAPIServer, key: str
+) -> None:
+    # A stop during a 429's Retry-After of 600 s held the whole run until the wait ended (up
+    # to RETRY_AFTER_MAX_S): the generator waited on the hard cancel's event alone.
+    config = make_config(
+        samples=1,
+        generators=[
+            {
+                "name": "dalle3",
+                "backend": "openai_images",
+                "options": {"base_url": server.base_url, "api_key_env": KEY_ENV},
+            }
+        ],
+    )
+    waiting = threading.Event()
+    ended_by_the_stop: list[bool] = []
+
+    def sleep(seconds: float, event: threading.Event) -> bool:
+        waiting.set()
+        # Bounded, so that a wait no stop ends fails the test rather than hanging it.
+        ended_by_the_stop.append(event.wait(min(seconds, 30)))
+        return ended_by_the_stop[-1]
+
+    options = OpenAIImagesOptions.model_validate(config.generators[0].options)
+    generator = OpenAIImagesGenerator("dalle3", options, sleep=sleep)
+    server.fail_next(Fault(status=429, retry_after=600))
+    async with Engine(config, generators=[generator]) as engine:
+        assert await anyio.to_thread.run_sync(waiting.wait, 30)
+        engine.stop()
+        summary = await engine.drain()
+    assert ended_by_the_stop == [True]
+    assert summary.state == "stopped" and summary.judged == summary.error == 0
+    assert len(server.requests) == 1  # the request the stop came after is not asked again
+    assert not (config.run_dir / JOURNAL).exists() or not (config.run_dir / JOURNAL).read_text()
+    # The image is owed, not failed: the resume asks for it.
+    async with Engine(config) as engine:
+        results = [j async for j in engine.results]
+    assert [j.status for j in results] == ["ok", "ok"]
+    assert len(server.requests) == 2
+
+
+def test_a_stop_ends_a_backoff_without_asking_again(server: GenerationAPIServer, key: str) -> None:
+    server.fail_next(Fault(status=429, retry_after=600))
+    generator = make(server)
+
+    def stopping_sleep(seconds: float, event: threading.Event) -> bool:
+        generator.stop_waiting()  # as the engine does when a stop begins
+        return event.wait(min(seconds, 30))
+
+    generator._sleep = stopping_sleep
+    (outcome,) = generator.generate([request()], worker=0, cancel=threading.Event())
+    assert isinstance(outcome, NotAsked)
+    assert len(server.requests) == 1
+    generator.load()  # a later run waits again
+    server.fail_next(Fault(status=429, retry_after=1))
+    generator._sleep = Sleeps()
+    assert isinstance(one(generator), Image.Image)
 
 
 def test_only_t2i_runs(make_config: ConfigFactory, tmp_path: Path) -> None:

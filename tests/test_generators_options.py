@@ -365,6 +365,50 @@ def test_another_device_of_a_dtype_in_use_keeps_the_fingerprint(
     ]
 
 
+def test_a_fingerprint_without_explicit_options_is_as_before() -> None:
+    # Run directories made before a call argument set to the pipeline's default compared
+    # equal to one left out must resume with their config unchanged: that equality is the
+    # comparison's (Generator.fingerprint_defaults), and the fingerprints stay as they were.
+    def fingerprint(**options: Any) -> dict[str, Any]:
+        generator = DiffusersGenerator("g", DiffusersOptions.model_validate(options))
+        return generator.fingerprint()
+
+    assert fingerprint(preset="flux", devices=["cpu"]) == {
+        "backend": "diffusers",
+        "preset": "flux",
+        "pipeline": "FluxPipeline",
+        "checkpoint": "black-forest-labs/FLUX.1-dev",
+        "revision": None,
+        "variant": None,
+        "inputs": "text",
+        "dtype": ["float32"],
+        "scheduler": None,
+        "call": {"guidance_scale": 3.5, "height": 1024, "num_inference_steps": 50, "width": 1024},
+        "ip_adapter": None,
+        "source_size": None,
+    }
+    tiny = fingerprint(
+        pipeline="FluxPipeline",
+        checkpoint="/models/tiny-flux",
+        devices=["cpu"],
+        steps=2,
+        height=64,
+        width=64,
+        call={"max_sequence_length": 64},
+    )
+    assert tiny["call"] == {
+        "height": 64,
+        "max_sequence_length": 64,
+        "num_inference_steps": 2,
+        "width": 64,
+    }
+    assert (tiny["preset"], tiny["checkpoint"]) == (None, "/models/tiny-flux")
+    # A preset's own value set explicitly was always the same fingerprint.
+    assert fingerprint(preset="flux", devices=["cpu"], steps=50) == fingerprint(
+        preset="flux", devices=["cpu"]
+    )
+
+
 def test_missing_extra_names_the_install(
     make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

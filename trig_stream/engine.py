@@ -247,6 +247,7 @@ class Engine:
         self._running_gate.set()
         self._resources.cancel_opening()
         self._counting.cancel()  # no progress to estimate: a stop never waits for the count
+        self._stop_generators_waiting()
 
     def cancel(self) -> None:
         """Stop hard: cancel everything in flight now. Written judgements stay; resume later.
@@ -280,8 +281,21 @@ class Engine:
         # Only now do generate calls see it: whatever they return from here on reaches
         # tasks already cancelled, and never becomes a "cancelled" error judgement.
         self._cancel_generation.set()
+        self._stop_generators_waiting()
         if self._state in ("starting", "running", "paused", "stopping"):
             self._state = "cancelled"
+
+    def _stop_generators_waiting(self) -> None:
+        """Tell each generator that the run stops
+        (:meth:`~trig_stream.backends.base.Generator.stop_waiting`): a wait for a retry, a
+        Retry-After of minutes say, holds no stop."""
+        # Only while this engine holds its generators: once released, another may use them.
+        for generator in self._generators if self._resources.claimed else ():
+            try:
+                generator.stop_waiting()
+            except Exception as exc:  # a backend's bug must not keep the run from stopping
+                note = f"generator {generator.name!r}: stop_waiting() failed: {describe_error(exc)}"
+                self._counters.notes.append(note)
 
     def pause(self) -> None:
         """Stop feeding new samples; work already queued continues. Before the engine runs

@@ -17,7 +17,8 @@ Everything the package raises on purpose derives from :class:`TrigStreamError`::
         │   └── UnreachableError no answer at all: no connection, a reset, none in time
         │       └── AnswerTimeoutError  none in time (a sign of load, for adaptive concurrency)
         ├── ItemError            this item failed for good (4xx, refusal); the run goes on
-        │   └── NotFoundError    the server said 404 (fatal before any call has succeeded)
+        │   ├── NotFoundError    the server said 404 (fatal before any call has succeeded)
+        │   └── NotAsked         a stop came before it was asked for: owed to the resume
         └── FatalBackendError    nothing will work (bad credentials, unusable device): the run stops
 
 Per-item failures never escape the engine as exceptions: they become judgements whose status is
@@ -166,6 +167,13 @@ class NotFoundError(ItemError):
         return FatalBackendError(
             f"{where}{self}; nothing sent there has succeeded yet: check {check} and model{named}"
         )
+
+
+class NotAsked(ItemError):
+    """A generator did not ask for this item because the run is stopping (a graceful stop
+    ended the wait for a retry, see :meth:`~trig_stream.backends.base.Generator.stop_waiting`):
+    the run records nothing for it, and a resume asks for it. Outside a stop it is the item's
+    failure, as any :class:`ItemError`."""
 
 
 class FatalBackendError(BackendError):

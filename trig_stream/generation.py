@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -52,6 +52,7 @@ from trig_stream.errors import (
     ConfigWriteError,
     FatalBackendError,
     ItemError,
+    NotAsked,
     RunDirError,
     TrigStreamError,
 )
@@ -331,6 +332,8 @@ class GenerationStage:
                             counters.generation_latencies.append(outcome.latency_s)
                             counters.generated_at.append(now)
                         await send_now(image_send, ImageItem(work, outcome))
+                    elif isinstance(outcome, _Unasked):
+                        self._drop([work])  # owed to the resume, as a sample a stop dropped
                     else:
                         counts.generation_failed += 1
                         for dimension, judge_name in work.todo:
@@ -359,7 +362,7 @@ class GenerationStage:
         # Runs in one of the generator's threads: reuse check, then one generate call; None
         # when a picture must be made and the generator has not loaded yet.
         task = self._context.config.run.task
-        pictures: list[Image | EncodedPicture | TimedPicture | GeneratedImage | str | None] = []
+        pictures: list[_Picture] = []
         missing: list[int] = []
         paths = [self._context.run_dir.image_path(task, w.model, w.sample.data_id) for w in batch]
         for index, (work, path) in enumerate(zip(batch, paths, strict=True)):
@@ -411,7 +414,9 @@ class GenerationStage:
         failure: str | None = None
         made_picture = False
         for index, image in zip(missing, images, strict=True):
-            if isinstance(image, Exception):
+            if isinstance(image, NotAsked) and self._context.stopping.is_set():
+                pictures[index] = _Unasked()
+            elif isinstance(image, Exception):
                 pictures[index] = reason = describe_error(image)
                 if not isinstance(image, ItemError):
                     failure = reason
@@ -428,15 +433,15 @@ class GenerationStage:
             failure=None if made_picture else failure,
         )
 
-    def _write(self, made: _Made) -> list[GeneratedImage | _Failure]:
+    def _write(self, made: _Made) -> list[GeneratedImage | _Failure | _Unasked]:
         # Runs in a writer thread: PNG encoding and the atomic write of each new picture.
-        outcomes: list[GeneratedImage | _Failure] = []
+        outcomes: list[GeneratedImage | _Failure | _Unasked] = []
         files: list[tuple[Path, bytes]] = []
         pngs = self._encode(made.pictures)
         for work, path, picture, png in zip(
             made.batch, made.paths, made.pictures, pngs, strict=True
         ):
-            if isinstance(picture, GeneratedImage):
+            if isinstance(picture, GeneratedImage | _Unasked):
                 outcomes.append(picture)
                 continue
             # A failed item (the batch's others go on) keeps the rewrite its picture was to be
@@ -496,9 +501,7 @@ class GenerationStage:
             )
         return rewrite
 
-    def _encode(
-        self, pictures: list[Image | EncodedPicture | TimedPicture | GeneratedImage | str | None]
-    ) -> list[bytes | str | None]:
+    def _encode(self, pictures: list[_Picture]) -> list[bytes | str | None]:
         # Each new picture's PNG bytes (or why it cannot be written), None where there is
         # nothing to write. Two or more large pictures are encoded at once on the stage's
         # encoder threads.
@@ -513,7 +516,7 @@ class GenerationStage:
                 pngs.append(None)
             if isinstance(picture, TimedPicture):
                 todo[index] = picture.image
-            elif not isinstance(picture, EncodedPicture | GeneratedImage | str | None):
+            elif not isinstance(picture, EncodedPicture | GeneratedImage | _Unasked | str | None):
                 todo[index] = picture  # a PIL image
         large = [i for i, image in todo.items() if image.width * image.height >= PARALLEL_PIXELS]
         if len(large) >= 2:
@@ -575,10 +578,22 @@ class _Failure:
     prompt_rewrite: PromptRewrite | None
 
 
+class _Unasked:
+    """An item its generator did not ask for as the run stopped (it returned
+    :class:`~trig_stream.errors.NotAsked`): no picture and no failure; a resume asks for it."""
+
+
+_Picture: TypeAlias = (
+    "Image | EncodedPicture | TimedPicture | GeneratedImage | _Unasked | str | None"
+)
+"""Per work item of a :class:`_Made`: a new picture, an image reused from disk, one not
+asked for, the reason it failed, or (before the call) None."""
+
+
 def _new(picture: object) -> bool:
     """Whether a :class:`_Made` picture is one the call made (not an image reused from disk,
-    nor the reason an item failed)."""
-    return not isinstance(picture, GeneratedImage | str | None)
+    nor the reason an item failed or was not asked)."""
+    return not isinstance(picture, GeneratedImage | _Unasked | str | None)
 
 
 FAILED_CALLS_TO_STOP = 4
@@ -602,12 +617,12 @@ smaller ones in the writer's own thread, where a hand-over would cost more than 
 @dataclass(frozen=True, slots=True)
 class _Made:
     """One generate call's results, waiting to be written: per work item, a new picture, an
-    image reused from disk, or the reason it failed."""
+    image reused from disk, one not asked for, or the reason it failed."""
 
     batch: list[WorkItem]
     paths: list[Path]
     """Where each work item's image lives."""
-    pictures: list[Image | EncodedPicture | TimedPicture | GeneratedImage | str | None]
+    pictures: list[_Picture]
     latency_s: float
     """Generation time per new picture."""
     called: bool

@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -75,6 +76,15 @@ class Manifest(BaseModel):
     again among them."""
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
+    _generator_defaults: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+    """Per generator, what a field its fingerprint leaves out stands for
+    (:meth:`~trig_stream.backends.base.Generator.fingerprint_defaults`): known to a config's
+    manifest, never written."""
+
+    def set_generator_defaults(self, defaults: Mapping[str, dict[str, Any]]) -> None:
+        """Say what a field each generator's fingerprint leaves out stands for (by name), for
+        :meth:`differences` made with this manifest as the config's."""
+        self._generator_defaults = dict(defaults)
 
     @field_validator("generators")
     @classmethod
@@ -155,9 +165,13 @@ class Manifest(BaseModel):
                 if holds is not None and not holds(kind, name):
                     continue
                 stored_entry = mine[name]
+                defaults: Any = _ABSENT
                 if kind == "judges":
                     stored_entry = _auto_dtype_as_configured(stored_entry, theirs[name])
-                for key, stored, configured in _changed_fields(stored_entry, theirs[name], same):
+                else:
+                    defaults = other._generator_defaults.get(name, _ABSENT)
+                changed = _changed_fields(stored_entry, theirs[name], same, defaults=defaults)
+                for key, stored, configured in changed:
                     if kind == "judges" and key == f"params.{SCORING_RULES_KEY}":
                         same_backend = stored_entry.get("backend") == theirs[name].get("backend")
                         if said := _other_scoring_rules(name, stored, configured, same_backend):
@@ -437,20 +451,32 @@ def _changed_fields(
     configured: Any,
     same: Callable[[Any, Any], bool] | None = None,
     path: str = "",
+    *,
+    defaults: Any = _ABSENT,
 ) -> list[tuple[str, str, str]]:
     """Each field that differs between two fingerprints, as (dotted key, stored value,
     configured value) in JSON; a fingerprint is a JSON object, compared key by key. ``same``
     tells more values the same than equal ones: a stored path and the configured one at its
-    new place, after the run directory moved (:meth:`Move.same`)."""
+    new place, after the run directory moved (:meth:`Move.same`). ``defaults``, nested as
+    the fingerprints are, says what a field left out of one stands for: the other setting it
+    to that value is no change (a pipeline call's argument set to its own default)."""
     if isinstance(stored, dict) and isinstance(configured, dict):
         changed = []
         for key in sorted(stored.keys() | configured.keys()):
             changed += _changed_fields(
-                stored.get(key, _ABSENT), configured.get(key, _ABSENT), same, f"{path}{key}."
+                stored.get(key, _ABSENT),
+                configured.get(key, _ABSENT),
+                same,
+                f"{path}{key}.",
+                defaults=defaults.get(key, _ABSENT) if isinstance(defaults, dict) else _ABSENT,
             )
         return changed
     if stored == configured or (same is not None and same(stored, configured)):
         return []
+    if _ABSENT in (stored, configured) and defaults is not _ABSENT:
+        given = configured if stored is _ABSENT else stored
+        if given == defaults:
+            return []
     before, after = ("not set" if v is _ABSENT else json.dumps(v) for v in (stored, configured))
     return [(path.rstrip(".") or "fingerprint", before, after)]
 

@@ -57,7 +57,7 @@ def run_manifest(
     """The manifest a run of ``config`` with these generators and judges' fingerprints (by
     name) writes in its run directory, and compares with the one stored there;
     ``retry_errors``: whether the run asks again the ``error`` judgements."""
-    return Manifest(
+    manifest = Manifest(
         run_name=config.run.name,
         task=config.run.task,
         retry_errors=retry_errors,
@@ -71,6 +71,8 @@ def run_manifest(
         judges={name: fp.model_dump(mode="json") for name, fp in judges.items()},
         config=config.model_dump(mode="json"),
     )
+    manifest.set_generator_defaults({g.name: _fingerprint_defaults(g) for g in generators})
+    return manifest
 
 
 def ensure_open_files(
@@ -124,6 +126,17 @@ def _fingerprint(generator: Generator) -> dict[str, Any]:
         generator, dict, "a dict of the settings that change its images"
     )
     return fingerprint
+
+
+def _fingerprint_defaults(generator: Generator) -> dict[str, Any]:
+    """``generator.fingerprint_defaults()``, or the error that names it when it has none."""
+    defaults = _backend_call(generator, "fingerprint_defaults()", generator.fingerprint_defaults)
+    if not isinstance(defaults, dict):
+        raise FatalBackendError(
+            f"{backend_label(generator)} is broken: fingerprint_defaults() returned an object "
+            f"of type {type(defaults).__name__}, not a dict"
+        )
+    return dict(as_json(defaults, f"the fingerprint defaults of {backend_label(generator)}"))
 
 
 def judge_fingerprint(judge: Judge) -> JudgeFingerprint:

@@ -175,8 +175,8 @@ class GenerationRequest:
 
 
 class Generator(ABC):
-    """Makes images for samples. Every method but ``fingerprint`` and ``stop_loading`` blocks
-    and runs in a thread.
+    """Makes images for samples. Every method but ``fingerprint``, ``stop_loading`` and
+    ``stop_waiting`` blocks and runs in a thread.
 
     Attributes:
         name: the model's name in the run (its image folder).
@@ -208,6 +208,15 @@ class Generator(ABC):
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the images this generator makes (checkpoint, steps...)."""
 
+    def fingerprint_defaults(self) -> dict[str, Any]:
+        """What a field :meth:`fingerprint` may leave out stands for, nested as the
+        fingerprint is (``{"call": {"num_inference_steps": 28}}``): a resume takes a field
+        that one of the stored and the configured fingerprints leaves out and the other sets
+        to this value as unchanged. Asked after :meth:`check_environment`, which may be where
+        they are learnt. By default none: every field compares as it is.
+        """
+        return {}
+
     def check_environment(self) -> None:  # noqa: B027 - optional hook
         """Check what :meth:`load` needs from this machine, without loading or connecting:
         an environment variable, a local folder. ``trig-stream validate`` calls it.
@@ -229,6 +238,18 @@ class Generator(ABC):
         load releases what it holds itself. By default nothing happens: the load runs to its
         end in its thread, and :meth:`close` then releases it (see
         :func:`~trig_stream.backends.threads.load_in_thread`).
+        """
+
+    def stop_waiting(self) -> None:  # noqa: B027 - optional hook
+        """The run is stopping (gracefully or hard): end at once any wait of a :meth:`generate`
+        call that is no work in flight, such as the wait for a retry (a server's Retry-After
+        may ask for minutes), and ask for nothing more after it. An item a wait held
+        is then returned as :class:`~trig_stream.errors.NotAsked`: the run records nothing for
+        it, and a resume asks for it.
+
+        Called in the event loop's thread while the generator is in use by the run, so it
+        must not block; a later :meth:`load` starts afresh. By default nothing happens: a
+        graceful stop lets a call in flight finish, its waits included.
         """
 
     @abstractmethod

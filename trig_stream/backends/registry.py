@@ -423,6 +423,7 @@ _GENERATOR_BLOCKING_HOOKS: Final = (
     "check_environment",
     "load",
     "stop_loading",
+    "stop_waiting",
     "generate",
     "all_requested",
     "close",

@@ -3,8 +3,8 @@ and a small bounded retry loop.
 
 The engine retries judges, not generators: a generator's transient failure would otherwise
 be recorded as a failed image at once. So API-backed generators retry inside their worker
-thread, under a :class:`~trig_stream.retry.RetryPolicy`, waiting on the run's cancel event so
-a hard stop never waits out a backoff.
+thread, under a :class:`~trig_stream.retry.RetryPolicy`, waiting on an event a stop sets so
+that no stop, graceful or hard, waits out a backoff or a Retry-After.
 
 The API key is read from an environment variable named in the config; it never enters the
 config, a record, a log line, a repr or an exception message (messages pass through
@@ -33,6 +33,7 @@ from trig_stream.errors import (
     BackendError,
     FatalBackendError,
     ItemError,
+    NotAsked,
     NotFoundError,
     RateLimitError,
     RetryableError,
@@ -43,7 +44,7 @@ from trig_stream.retry import RetryPolicy
 T = TypeVar("T")
 
 Sleep = Callable[[float, threading.Event], bool]
-"""Waits up to the given seconds; returns True when the cancel event fired meanwhile."""
+"""Waits up to the given seconds; returns True when the event (a stop's) fired meanwhile."""
 
 CONTENT_REFUSAL_CODES = frozenset(
     {"contentpolicyviolation", "moderationblocked", "contentfilter", "invalidprompt"}
@@ -92,7 +93,7 @@ class RefusalAnswer(ItemError):
 
 
 def wait_on_cancel(seconds: float, cancel: threading.Event) -> bool:
-    """The default :data:`Sleep`: a backoff the run's cancel event cuts short."""
+    """The default :data:`Sleep`: a backoff the run's stop (or cancel) event cuts short."""
     return cancel.wait(seconds)
 
 
@@ -241,11 +242,16 @@ def call_with_retries(
     cancel: threading.Event,
     secret: str,
     sleep: Sleep = wait_on_cancel,
+    stop: threading.Event | None = None,
     answered: threading.Event | None = None,
     api: str = "the API",
     unanswered_is_fatal: bool = False,
 ) -> T:
     """Run ``call``, retrying retryable failures under ``policy``.
+
+    ``stop``, when given, is set as the run begins to stop, gracefully or hard (see
+    :meth:`~trig_stream.backends.base.Generator.stop_waiting`): a wait for a retry waits on it
+    instead of ``cancel``, and ends when it is set, the call not made again.
 
     ``answered``, shared by every call to one API, is set by the first call that succeeds
     or that the API refuses by itself (a 4xx); until then an HTTP 404 means a wrong base URL
@@ -255,6 +261,8 @@ def call_with_retries(
     call would end the same way.
 
     Raises:
+        NotAsked: a stop ended a wait for a retry (or came before it): the run records
+            nothing, and a resume asks again.
         ItemError: cancelled during a backoff, or a refusal of the request's content.
         Refused: the API refused the request itself (see :func:`classify`).
         BackendError: the call failed otherwise (an answer that is no JSON, say).
@@ -283,8 +291,13 @@ def call_with_retries(
             return result
         # Waited out of the except block, where the failure's traceback held the frames of
         # the failed call, and with them its request, for the whole backoff.
-        if sleep(delay, cancel):
+        stopped = sleep(delay, cancel if stop is None else stop)
+        if cancel.is_set():
             raise ItemError("cancelled")
+        if stopped or (stop is not None and stop.is_set()):
+            # A graceful stop: a Retry-After may ask for minutes, which the stop would wait
+            # out with the whole run behind it. Nothing is asked, nothing recorded.
+            raise NotAsked("the run stopped before the request was asked again")
 
 
 def _retry_delay(
@@ -323,9 +336,8 @@ def _retry_delay(
         ) from None
     retry_after = error.retry_after
     if retry_after is not None and not isinstance(error, RateLimitError):
-        # After a 5xx, 408 or 409, no longer than the backoff the config allows: a
-        # graceful stop lets a call in flight finish its retries (only a hard stop
-        # ends a wait here), where a judge's request leaves its wait to the resume.
+        # After a 5xx, 408 or 409, no longer than the backoff the config allows (a 429's
+        # Retry-After is honoured up to RETRY_AFTER_MAX_S).
         retry_after = min(retry_after, policy.backoff_max)
     return policy.delay(attempts, retry_after)
 

@@ -149,6 +149,9 @@ class DiffusersGenerator(Generator):
         self._torch_threads: int | None = None
         """The threads torch computes with on this machine, as the child that checked the
         classes found (``isolation = "process"``: torch is not imported here)."""
+        self.call_defaults: dict[str, Any] = {}
+        """The defaults of the pipeline call's arguments that JSON holds, once
+        :meth:`check_environment` has seen the class (see :meth:`fingerprint_defaults`)."""
 
     @classmethod
     def from_config(
@@ -198,6 +201,11 @@ class DiffusersGenerator(Generator):
             "source_size": spec.source_size,
         }
 
+    def fingerprint_defaults(self) -> dict[str, Any]:
+        # An argument left to the pipeline's own default draws as one set to it: a resume
+        # takes either for the other (flux's max_sequence_length, a tiny pipeline's steps).
+        return {"call": self.call_defaults}
+
     # -- loading ------------------------------------------------------------------------------
 
     def check_environment(self) -> None:
@@ -229,7 +237,8 @@ class DiffusersGenerator(Generator):
         check_checkpoint_folder(self.name, self.spec.checkpoint)
         if self.options.isolation == "process":
             try:
-                self._torch_threads = check_in_child(self.name, self.options, self._checking)
+                checked = check_in_child(self.name, self.options, self._checking)
+                self._torch_threads, self.call_defaults = checked
             finally:
                 with self._lock:
                     self._check_process = None
@@ -250,7 +259,7 @@ class DiffusersGenerator(Generator):
             process.kill()
 
     def _check_classes(self, diffusers: Any, pipeline_class: Any) -> None:
-        self._accepts, self._saved_by = check_classes(
+        self._accepts, self._saved_by, self.call_defaults = check_classes(
             self.name, self.spec, diffusers, pipeline_class
         )
 

@@ -84,6 +84,7 @@ from trig_stream.errors import (
     ConfigError,
     FatalBackendError,
     ItemError,
+    NotAsked,
     NotFoundError,
     UnreachableError,
 )
@@ -238,6 +239,8 @@ class DTMRewriteGenerator(Generator):
         self._lock = threading.Lock()
         self._answered = threading.Event()
         """Set once a call to the LLM has succeeded (see ``call_with_retries``)."""
+        self._stopping = threading.Event()
+        """Set by :meth:`stop_waiting`: a wait for a retry ends, the prompt not rewritten."""
         self._rewrote = False
         """Whether a prompt has been rewritten: the LLM and its options work."""
         self._failed = 0
@@ -307,10 +310,15 @@ class DTMRewriteGenerator(Generator):
         if o.api_key_env is not None:
             self._key = api_key_from_env(o.api_key_env, owner=f"generator {self.name!r}")
         self._client = openai_client(o.base_url, self._key, o.timeout_s)
+        self._stopping.clear()  # an earlier run's stop
         self.inner.load()
 
     def stop_loading(self) -> None:
         self.inner.stop_loading()
+
+    def stop_waiting(self) -> None:
+        self._stopping.set()
+        self.inner.stop_waiting()
 
     def all_requested(self, passed_over: AbstractSet[str] = frozenset()) -> None:
         tell_all_requested(self.inner, passed_over)
@@ -320,7 +328,10 @@ class DTMRewriteGenerator(Generator):
     ) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:
         outcomes: list[RewriteOutcome] = []
         for request in requests:
-            outcome = None if cancel.is_set() else self.rewrite(request, cancel)
+            try:
+                outcome = None if cancel.is_set() else self.rewrite(request, cancel)
+            except NotAsked as exc:  # a graceful stop ended its wait: none of them is drawn
+                return [exc for _ in requests]
             if outcome is None:
                 # A hard stop: nothing of the batch is drawn, and its samples are asked again
                 # on resume, so none of its rewrites is kept or counted at the run's end.
@@ -354,6 +365,7 @@ class DTMRewriteGenerator(Generator):
             FatalBackendError: the LLM server refused the credentials, answered a 404 or could
                 not be reached before any success, or :data:`REFUSALS_TO_STOP` rewrites failed
                 before any prompt was rewritten.
+            NotAsked: a stop ended the wait for a retry (see :meth:`stop_waiting`).
         """
         sample = request.sample
         first, second = sample.dimensions
@@ -383,6 +395,7 @@ class DTMRewriteGenerator(Generator):
                     cancel=cancel,
                     secret=self._key,
                     sleep=self._sleep,
+                    stop=self._stopping,
                     answered=self._answered,
                     api=api,
                     # Every rewrite would fall back alike: the run would draw each image from
@@ -400,7 +413,7 @@ class DTMRewriteGenerator(Generator):
                 # prompts provoke it by design): nothing wrong with its options.
                 counts = False
                 raise
-        except FatalBackendError:
+        except (FatalBackendError, NotAsked):
             raise
         except (BackendError, AttributeError, IndexError, KeyError, TypeError) as exc:
             if cancel.is_set():  # the stop ended its wait or its call

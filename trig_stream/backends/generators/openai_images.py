@@ -93,7 +93,8 @@ class OpenAIImagesGenerator(Generator):
         options: the validated options.
         workers: concurrent calls (one per worker thread).
         batch_size: requests per :meth:`generate` call (made one after another).
-        sleep: waits between retries (tests inject one that records and returns at once).
+        sleep: waits between retries (tests inject one that records and returns at once),
+            on the event :meth:`stop_waiting` sets.
     """
 
     Options = OpenAIImagesOptions
@@ -120,6 +121,8 @@ class OpenAIImagesGenerator(Generator):
         self._key = ""
         self._answered = threading.Event()
         """Set once a call to the API has succeeded (see ``call_with_retries``)."""
+        self._stopping = threading.Event()
+        """Set by :meth:`stop_waiting`: a wait for a retry ends, the request not asked again."""
 
     @classmethod
     def from_config(
@@ -162,6 +165,10 @@ class OpenAIImagesGenerator(Generator):
         """
         self._key = api_key_from_env(self.options.api_key_env, owner=f"generator {self.name!r}")
         self._client = openai_client(self.options.base_url, self._key, self.options.timeout_s)
+        self._stopping.clear()  # an earlier run's stop
+
+    def stop_waiting(self) -> None:
+        self._stopping.set()
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
@@ -201,6 +208,7 @@ class OpenAIImagesGenerator(Generator):
             cancel=cancel,
             secret=self._key,
             sleep=self._sleep,
+            stop=self._stopping,
             answered=self._answered,
             api=api,
             unanswered_is_fatal=True,

@@ -12,10 +12,12 @@ The child is started as a pipeline child is (see
 :mod:`~trig_stream.backends.generators.pipeline_process`): out of reach of the run's
 signals, and ending with the engine's process, however that ends.
 
-Messages, child to parent: ``("ok", threads)``, with the threads torch computes with there
-(the count this process would have had from torch, which :func:`~trig_stream.backends.
-generators.pipeline_process.thread_share` shares out among the pipeline children; None
-without torch), ``("missing", None)`` (diffusers is not installed) or ``("fatal", text)``.
+Messages, child to parent: ``("ok", (threads, defaults))``, with the threads torch computes
+with there (the count this process would have had from torch, which :func:`~trig_stream.
+backends.generators.pipeline_process.thread_share` shares out among the pipeline children;
+None without torch) and the defaults of the pipeline call's arguments
+(:attr:`~trig_stream.backends.generators.pipeline_loading.CheckedClasses.defaults`),
+``("missing", None)`` (diffusers is not installed) or ``("fatal", text)``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from trig_stream.backends.generators.pipeline_child import _exit_with_parent, _leave_the_run_group
 from trig_stream.backends.generators.pipeline_process import _ending, _start_in_own_session
@@ -39,15 +41,24 @@ if TYPE_CHECKING:
     from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 
 
+class CheckedInChild(NamedTuple):
+    """What :func:`check_in_child` found out in its child."""
+
+    threads: int | None
+    """The threads torch computes with there (None if the check did not import torch)."""
+    call_defaults: dict[str, Any]
+    """The defaults of the pipeline call's arguments that JSON holds."""
+
+
 def check_in_child(
     name: str,
     options: DiffusersOptions,
     started: Callable[[BaseProcess], None] | None = None,
-) -> int | None:
+) -> CheckedInChild:
     """Check the classes and arguments ``options`` name against the installed diffusers, in
     a child process, as :meth:`~trig_stream.backends.generators.diffusers_generator.
-    DiffusersGenerator.check_environment` checks them in this one; return the threads torch
-    computes with there (None if the check did not import torch).
+    DiffusersGenerator.check_environment` checks them in this one; return what it found of
+    torch's threads and the call's defaults there.
 
     ``started`` is given the child once it runs (a stop kills it: the check then fails).
 
@@ -87,7 +98,8 @@ def check_in_child(
         raise MissingExtraError(package, extra)
     if kind != "ok":
         raise FatalBackendError(str(body))
-    return None if body is None else int(body)
+    threads, defaults = body
+    return CheckedInChild(None if threads is None else int(threads), dict(defaults))
 
 
 def check(conn: Connection, lifeline: Connection, name: str, options_json: str) -> None:
@@ -102,12 +114,13 @@ def check(conn: Connection, lifeline: Connection, name: str, options_json: str) 
     from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 
     options = DiffusersOptions.model_validate_json(options_json)
-    answer: tuple[str, int | str | tuple[str, str] | None]
+    answer: tuple[str, str | tuple[str, str] | tuple[int | None, dict[str, Any]] | None]
     try:
         generator = DiffusersGenerator(name, options.model_copy(update={"isolation": "thread"}))
         generator.check_environment()
         torch = sys.modules.get("torch")  # diffusers' pipelines import it
-        answer = ("ok", None if torch is None else torch.get_num_threads())
+        threads = None if torch is None else torch.get_num_threads()
+        answer = ("ok", (threads, generator.call_defaults))
     except MissingExtraError as exc:
         answer = ("missing", (exc.package, exc.extra))  # torch or transformers, say
     except TrigStreamError as exc:

@@ -43,6 +43,9 @@ class CheckedClasses(NamedTuple):
     saved_by: str | None
     """Which other pipeline class saved the checkpoint, when it is not this one's kin: a hint
     the failure of each call carries."""
+    defaults: dict[str, Any]
+    """The defaults of its call's arguments that JSON holds (a number, a string, a boolean):
+    an argument set to one draws what leaving it out draws."""
 
 
 def check_checkpoint_folder(name: str, checkpoint_name: str) -> None:
@@ -265,13 +268,19 @@ def check_classes(
         problem = size_problem(spec, pipeline_class.__name__)
         if problem is not None:
             raise FatalBackendError(f"generator {name!r}: {problem}")
-    accepts = frozenset(inspect.signature(pipeline_class.__call__).parameters)
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    accepts = frozenset(parameters)
     check_call_arguments(name, spec, pipeline_class, accepts)
+    defaults = {
+        key: parameter.default
+        for key, parameter in parameters.items()
+        if isinstance(parameter.default, bool | int | float | str)
+    }
     checkpoint = Path(spec.checkpoint)
     saved_by = None
     if checkpoint.is_absolute():
         saved_by = _check_components(name, spec, diffusers, checkpoint, pipeline_class)
-    return CheckedClasses(accepts, saved_by)
+    return CheckedClasses(accepts, saved_by, defaults)
 
 
 def _check_components(
