@@ -7,14 +7,14 @@ import io
 import os
 import stat
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from trig_stream import cli
-from trig_stream.config import load_config
+from trig_stream.config import MAX_CONFIG_BYTES, load_config
 from trig_stream.config_problems import unusable_entries
 from trig_stream.errors import ConfigError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_RUN_DIR
@@ -368,6 +368,39 @@ def test_unconvertible_configs_are_refused(tmp_path: Path, text: str, message: s
     source = write(tmp_path, "bad.yaml", text)
     with pytest.raises(ConfigError, match=message):
         import_config(source, out=tmp_path / "bad.toml", root=tmp_path)
+
+
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "pipe.yaml"
+    os.mkfifo(path)
+    return path
+
+
+def oversized(tmp_path: Path) -> Path:
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as file:
+        file.truncate(MAX_CONFIG_BYTES + 1)  # sparse: no disk is filled
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda _: Path("/dev/zero"), "it is a character device, not a file"),
+        (fifo, "it is a named pipe (FIFO), not a file"),
+        (oversized, "it is larger than 16 MiB"),
+    ],
+    ids=["device", "fifo", "too-large"],
+)
+def test_an_upstream_config_that_is_no_small_file_is_refused_unread(
+    tmp_path: Path, make: Callable[[Path], Path], why: str
+) -> None:
+    # /dev/zero was read until memory ran out, a pipe with no writer waited for ever, and a
+    # huge file was read whole before anything was checked.
+    source = make(tmp_path)
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert str(raised.value) == f"{source}: cannot read upstream config: {why}"
 
 
 def test_an_upstream_config_that_is_not_utf8_is_refused(tmp_path: Path) -> None:

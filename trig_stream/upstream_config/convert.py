@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from trig_stream.config import RunConfig, parse_config
+from trig_stream.config import MAX_CONFIG_BYTES, RunConfig, parse_config
 from trig_stream.config_problems import MAX_NESTING, dotted_key, unusable_values
 from trig_stream.dimensions import DIMENSIONS, Task, normalise_task
 from trig_stream.errors import ConfigError
+from trig_stream.files import read_settings_file
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping
 from trig_stream.upstream_config.judges import ConvertedJudge, convert_judges
 from trig_stream.upstream_config.toml_writer import assignments, comment, safe_name
@@ -81,11 +82,13 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
     """Read an upstream YAML config (anchors and ``<<`` merge keys included).
 
     Raises:
-        ConfigError: the file is missing, not YAML, or not a mapping at the top.
+        ConfigError: the file is missing, no regular file (a device, a pipe), larger than
+            :data:`~trig_stream.config.MAX_CONFIG_BYTES`, not YAML, or not a mapping at the top.
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+        # Read whole, /dev/zero filled memory and a pipe with no writer waited for ever.
+        text = read_settings_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except OSError as exc:  # UnfitFileError's strerror says what it is instead of a file
         raise ConfigError(f"{path}: cannot read upstream config: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         message = f"not a YAML config: byte {exc.start} is not UTF-8 text"
