@@ -838,6 +838,64 @@ def test_a_shared_value_is_refused_once_and_a_cycle_still_ends() -> None:
     assert [loc for loc, _, _ in unusable_entries({"a": cycle})] == [("a", 0, 0)]
 
 
+ALIAS_BOMB = "".join(
+    ['lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n']
+    + [f"lol{n}: &lol{n} [{', '.join([f'*lol{n - 1}'] * 9)}]\n" for n in range(1, 6)]
+)
+"""Nine aliases on each of five levels: a list of 9**6 strings, 4 MB as its repr, in 500 bytes
+of YAML (the billion laughs, made small enough to fail fast; at nine levels it filled memory)."""
+
+
+@pytest.mark.parametrize(
+    "placed",
+    [
+        "name: *lol5",
+        "dataset_name: *lol5",
+        "start_idx: *lol5",
+        "end_idx: *lol5",
+        "evaluation: {image_dirs: [x], result_dir: *lol5}",
+        "evaluation: {image_dirs: [x], image_dir: {a: *lol5}}",
+        "evaluation: {image_dirs: [x, *lol5]}",
+        "generation: {models: [flux, *lol5]}",
+        "relation: {metric: *lol5}",
+        "relation: {thresholds: {synergy: *lol5}}",
+        "dimensions: {IQ-R: {metrics: [*lol5]}}",
+        "dimensions: {IQ-R: {metrics: [{name: *lol5}]}}",
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, model_name: *lol5}]}}",
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, top_logprobs: *lol5}]}}",
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, API_KEY: *lol5}]}}",
+    ],
+)
+def test_a_yaml_alias_bomb_in_a_warned_value_is_shown_cut_short(
+    tmp_path: Path, placed: str
+) -> None:
+    # Each warning showed the whole value: nine levels of aliases in a 1 KB file ate memory
+    # until the command was killed.
+    text = ALIAS_BOMB + "evaluation: {image_dirs: [x]}\n" + placed + "\n"
+    _, warnings = convert_to_file(tmp_path, text)
+    assert max(len(w) for w in warnings) < 1000
+    if "API_KEY" not in placed:  # a key is never shown
+        assert [w for w in warnings if "..." in w]
+
+
+@pytest.mark.parametrize(
+    "placed",
+    [
+        "task: *lol5",
+        "prompt_path: *lol5",
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, endpoint: *lol5}]}}",
+    ],
+)
+def test_a_yaml_alias_bomb_in_a_refused_value_is_shown_cut_short(
+    tmp_path: Path, placed: str
+) -> None:
+    source = write(tmp_path, "up.yaml", ALIAS_BOMB + "evaluation: {image_dirs: [x]}\n" + placed)
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert len(str(raised.value)) < 1000
+    assert "..." in str(raised.value)
+
+
 def test_command_writes_an_output_whose_name_is_near_the_limit(tmp_path: Path) -> None:
     # "cannot write the config: File name too long" (exit 3) for a 250-byte name: the
     # temporary file's name was longer.

@@ -26,7 +26,7 @@ from trig_stream.errors import ConfigError
 from trig_stream.files import read_settings_file
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping
 from trig_stream.upstream_config.judges import ConvertedJudge, convert_judges
-from trig_stream.upstream_config.toml_writer import assignments, comment, safe_name
+from trig_stream.upstream_config.toml_writer import assignments, comment, safe_name, shown
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -234,11 +234,12 @@ class _Converter:
         if safe != name:
             # Without a usable name key the file's name stands in: said as the key's own, the
             # warning read as if the key were there.
-            given_by = f"{name!r}" if given else f"the file name {name!r}, standing in for it,"
+            given_by = shown(name) if given else f"the file name {shown(name)}, standing in for it,"
             self.warn("name", f"{given_by} is not a valid run name here; using {safe!r}")
         self.run["name"] = safe
         raw_task = self.data.get("task", "t2i")
-        task_name = str(raw_task)
+        # Only text names a task; another value is shown cut short (an alias of a huge list).
+        task_name = raw_task if isinstance(raw_task, str) else shown(raw_task)
         if task_name in DTM_TASKS:
             self.task = DTM_TASKS[task_name]
             self.warn(
@@ -251,7 +252,7 @@ class _Converter:
                 self.task = normalise_task(task_name)
             except ValueError:
                 raise ConfigError(
-                    f"{self.source}: task: {task_name!r} has no counterpart here "
+                    f"{self.source}: task: {shown(raw_task)} has no counterpart here "
                     "(t2i, p2p, s2p or sub; t2i_dtm, p2p_dtm, s2p_dtm)"
                 ) from None
         self.run["task"] = self.task
@@ -270,7 +271,7 @@ class _Converter:
         if prompt_path is not None and not isinstance(prompt_path, str):
             # Left out, the dataset would silently become upstream's whole split.
             raise ConfigError(
-                f"{self.source}: prompt_path: expected a path, got {prompt_path!r}: name one "
+                f"{self.source}: prompt_path: expected a path, got {shown(prompt_path)}: name one "
                 "JSON file of prompts, or leave prompt_path out to read dataset_name"
             )
         if prompt_path and prompt_path.strip():
@@ -284,7 +285,7 @@ class _Converter:
             name = self._text("dataset_name", dataset_name, "a dataset name") or "RISys-Lab/TRIG"
             folder = f"data/TRIG/{self.task}"
             self.dataset["path"] = self._path(folder, "dataset_name")
-            extra = "" if name in UPSTREAM_DATASETS else f" (upstream named {name!r})"
+            extra = "" if name in UPSTREAM_DATASETS else f" (upstream named {shown(name)})"
             self.warn(
                 "dataset_name",
                 f"the {split} split is read from local parquet files{extra}: download them "
@@ -302,7 +303,7 @@ class _Converter:
         if start not in (None, 0):
             self.warn(
                 "start_idx",
-                f"left out ({start!r}): samples cannot be skipped by position here; use "
+                f"left out ({shown(start)}): samples cannot be skipped by position here; use "
                 "[dataset] pairs or dimensions to select samples",
             )
             if end is not None:
@@ -311,7 +312,7 @@ class _Converter:
             if isinstance(end, int) and not isinstance(end, bool) and end >= 1:
                 self.dataset["limit"] = end
             else:
-                self.warn("end_idx", f"left out: {end!r} is not a positive whole number")
+                self.warn("end_idx", f"left out: {shown(end)} is not a positive whole number")
 
     # -- generators and judges
 
@@ -384,7 +385,9 @@ class _Converter:
                 if value in CORRELATIONS:
                     self.relation["correlation"] = value
                 else:
-                    self.warn(where, f"left out: {value!r} is not one of {', '.join(CORRELATIONS)}")
+                    self.warn(
+                        where, f"left out: {shown(value)} is not one of {', '.join(CORRELATIONS)}"
+                    )
             elif key == "thresholds":
                 self._thresholds(value, where, RELATION_THRESHOLDS)
             elif key == "insight_thresholds":
@@ -414,7 +417,7 @@ class _Converter:
             elif isinstance(number, int | float) and not isinstance(number, bool):
                 self.relation[str(key)] = float(number)
             else:
-                self.warn(f"{where}.{key}", f"left out: {number!r} is not a number")
+                self.warn(f"{where}.{key}", f"left out: {shown(number)} is not a number")
 
     # -- values and paths
 
@@ -426,7 +429,7 @@ class _Converter:
             return None
         if isinstance(value, str):
             return value
-        self.warn(key, f"left out: expected {expected}, got {value!r}")
+        self.warn(key, f"left out: expected {expected}, got {shown(value)}")
         return None
 
     def _path(self, value: str, key: str) -> str:

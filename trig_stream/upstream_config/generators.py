@@ -16,7 +16,7 @@ from typing import Any
 
 from trig_stream.backends.generators.presets import INPUT_TASKS, PRESETS, preset_names
 from trig_stream.dimensions import Task
-from trig_stream.upstream_config.toml_writer import safe_name
+from trig_stream.upstream_config.toml_writer import safe_name, shown
 
 Generator = tuple[str, str, dict[str, Any]]
 """A converted generator: its name, its backend and its options table."""
@@ -64,8 +64,13 @@ class GeneratorMapping:
         models = generation.get("models") or []
         if isinstance(models, str):
             models = [models]
-        for alias in models:
-            self._model(str(alias))
+        for index, alias in enumerate(models):
+            if isinstance(alias, str):
+                self._model(alias)
+            else:
+                self.warn(
+                    f"generation.models[{index}]", f"left out: not a model alias: {shown(alias)}"
+                )
 
     def add_evaluation(self, evaluation: Any) -> None:
         """Convert upstream's ``evaluation`` (its ``image_dirs``); None when the key is absent."""
@@ -78,14 +83,16 @@ class GeneratorMapping:
             if key in ("image_dirs", "image_dir"):
                 dirs = [value] if isinstance(value, str) else value
                 if not isinstance(dirs, list):
-                    self.warn(f"evaluation.{key}", f"left out: expected folders, got {value!r}")
+                    self.warn(
+                        f"evaluation.{key}", f"left out: expected folders, got {shown(value)}"
+                    )
                     continue
                 for index, folder in enumerate(dirs):
                     if isinstance(folder, str) and folder.strip():
                         self._image_dir(folder, f"evaluation.{key}")
                     else:
                         self.warn(
-                            f"evaluation.{key}[{index}]", f"left out: not a folder: {folder!r}"
+                            f"evaluation.{key}[{index}]", f"left out: not a folder: {shown(folder)}"
                         )
             elif key == "result_dir":
                 continue  # read with [run]
