@@ -782,6 +782,17 @@ def test_image_dirs_that_are_no_folder_are_left_out_with_a_warning(tmp_path: Pat
     assert "evaluation.image_dirs: left out: expected folders, got 7" in str(raised.value)
 
 
+@pytest.mark.parametrize(("models", "shown"), [("5", "5"), ("true", "True"), ("1.5", "1.5")])
+def test_models_that_are_no_list_of_aliases_are_left_out_with_a_warning(
+    tmp_path: Path, models: str, shown: str
+) -> None:
+    # They ended the command with a TypeError traceback (exit 1).
+    text = f"task: t2i\ngeneration: {{models: {models}}}\nevaluation: {{image_dirs: [out/a]}}\n"
+    out, warnings = convert_to_file(tmp_path, text)
+    assert [g.name for g in load_config(out).generators] == ["a"]
+    assert f"generation.models: left out: expected model aliases, got {shown}" in warnings
+
+
 def test_an_editing_model_without_image_path_is_warned_of_an_image_folder_not(
     tmp_path: Path,
 ) -> None:

@@ -61,9 +61,14 @@ class GeneratorMapping:
         for key in generation:
             if key != "models":
                 self.warn(f"generation.{key}", "unknown upstream key, left out")
-        models = generation.get("models") or []
+        models = generation.get("models")
+        if models is None:
+            return
         if isinstance(models, str):
-            models = [models]
+            models = [models] if models.strip() else []
+        if not isinstance(models, list):
+            self.warn("generation.models", f"left out: expected model aliases, got {shown(models)}")
+            return
         for index, alias in enumerate(models):
             if isinstance(alias, str):
                 self._model(alias)
