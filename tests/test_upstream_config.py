@@ -793,6 +793,18 @@ def test_models_that_are_no_list_of_aliases_are_left_out_with_a_warning(
     assert f"generation.models: left out: expected model aliases, got {shown}" in warnings
 
 
+def test_models_given_as_a_mapping_warn_of_each_model_s_settings(tmp_path: Path) -> None:
+    # Each model's settings were dropped in silence: only the aliases were read.
+    text = "task: t2i\ngeneration:\n  models: {flux: {steps: 20, seed: 7}, sana: null}\n"
+    out, warnings = convert_to_file(tmp_path, text)
+    assert [g.name for g in load_config(out).generators] == ["flux", "sana"]
+    settings = [w for w in warnings if "settings" in w]
+    assert settings == [
+        "generation.models[flux]: left out: its settings {'seed': 7, 'steps': 20}: the preset's "
+        "own are used; set a diffusers generator's options by hand"
+    ]
+
+
 def test_an_editing_model_without_image_path_is_warned_of_an_image_folder_not(
     tmp_path: Path,
 ) -> None:

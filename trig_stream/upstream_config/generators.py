@@ -66,6 +66,16 @@ class GeneratorMapping:
             return
         if isinstance(models, str):
             models = [models] if models.strip() else []
+        if isinstance(models, Mapping):
+            # Aliases with upstream's settings for each: the generators call their presets.
+            for alias, settings in models.items():
+                if settings is not None:
+                    self.warn(
+                        f"generation.models[{alias}]",
+                        f"left out: its settings {shown(settings)}: the preset's own are "
+                        "used; set a diffusers generator's options by hand",
+                    )
+            models = list(models)
         if not isinstance(models, list):
             self.warn("generation.models", f"left out: expected model aliases, got {shown(models)}")
             return
