@@ -769,6 +769,23 @@ def test_a_folder_listed_twice_in_image_dirs_converts_to_one_generator(tmp_path:
     ]
 
 
+@pytest.mark.parametrize("printed", [False, True], ids=["written", "printed"])
+def test_a_folder_listed_relative_and_in_full_converts_to_one_generator(
+    tmp_path: Path, printed: bool
+) -> None:
+    # Written to a file, one was relative to it and the other in full: two generators (a,
+    # a-2) judged every image twice.
+    root = tmp_path / "upstream"
+    source = write(root, "up.yaml", f"evaluation: {{image_dirs: [out/a, {root}/out/a]}}\n")
+    out = None if printed else tmp_path / "mine" / "run.toml"
+    conversion = import_config(source, out=out, root=root)
+    assert [g.name for g in conversion.config.generators] == ["a"]
+    assert (
+        f"evaluation.image_dirs[{root}/out/a]: left out: the same folder as the generator "
+        "'a', listed again"
+    ) in conversion.warnings
+
+
 def test_image_dirs_that_are_no_folder_are_left_out_with_a_warning(tmp_path: Path) -> None:
     # They became generators named "None" and "5" reading folders of those names.
     text = 'task: t2i\nevaluation:\n  image_dirs: [null, 5, "", "out/t2i/flux"]\n'

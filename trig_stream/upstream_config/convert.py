@@ -320,6 +320,7 @@ class _Converter:
         mapping = GeneratorMapping(
             task=self.task,
             output_dir=self._output_dir_for_report(),
+            root=self.root,
             warn=self.warn,
             path=self._path,
         )

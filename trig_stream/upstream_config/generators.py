@@ -9,9 +9,9 @@ model itself.
 
 from __future__ import annotations
 
-import posixpath
+import os
 from collections.abc import Callable, Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from trig_stream.backends.generators.presets import INPUT_TASKS, PRESETS, preset_names
@@ -29,6 +29,8 @@ class GeneratorMapping:
         task: the run's task; a model made for another task is left out.
         output_dir: the run's output folder as the TOML writes it (a ``dtm_rewrite``
             generator reads its DTM from an earlier run's report under it).
+        root: the folder upstream's relative paths start from: a folder listed relative to
+            it and in full is one folder.
         warn: records a warning, ``warn(key, message)``.
         path: an upstream path as the TOML writes it, ``path(value, key)``.
     """
@@ -38,11 +40,13 @@ class GeneratorMapping:
         *,
         task: Task,
         output_dir: str,
+        root: Path,
         warn: Callable[[str, str], None],
         path: Callable[[str, str], str],
     ) -> None:
         self.task = task
         self.output_dir = output_dir
+        self.root = root
         self.warn = warn
         self.path = path
         self.generators: list[Generator] = []
@@ -50,6 +54,8 @@ class GeneratorMapping:
         # The aliases converted to generators (upstream's names, not the generator names,
         # which a clash suffixes): what an image folder is compared with.
         self._generated: dict[str, str] = {}
+        # The image folders converted, in full and normalised, and their generators' names.
+        self._folders: dict[str, str] = {}
 
     def add_generation(self, generation: Any) -> None:
         """Convert upstream's ``generation`` (its ``models``); None when the key is absent."""
@@ -222,16 +228,9 @@ class GeneratorMapping:
                 f"generator {generated!r}) and its images are judged as they come",
             )
             return
-        path = self.path(folder, key)
-        where = posixpath.normpath(path)
-        same = next(
-            (
-                g[0]
-                for g in self.generators
-                if g[1] == "image_folder" and posixpath.normpath(g[2]["path"]) == where
-            ),
-            None,
-        )
+        # Compared as written, one relative to the TOML and one in full were two folders.
+        where = os.path.normpath(self.root / posix)
+        same = self._folders.get(where)
         if same is not None:
             # A second generator over it (imgs, imgs-2) judged every image twice.
             self.warn(
@@ -239,7 +238,9 @@ class GeneratorMapping:
                 f"left out: the same folder as the generator {same!r}, listed again",
             )
             return
-        self.generators.append((self._unique_generator_name(name), "image_folder", {"path": path}))
+        unique = self._unique_generator_name(name)
+        self.generators.append((unique, "image_folder", {"path": self.path(folder, key)}))
+        self._folders[where] = unique
 
 
 def _reads_sources(backend: str, options: Mapping[str, Any]) -> bool:
