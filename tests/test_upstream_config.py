@@ -598,6 +598,21 @@ def test_a_dangling_link_at_out_writes_the_file_it_names(tmp_path: Path) -> None
     assert link.is_symlink() and "image_folder" in (tmp_path / "made.toml").read_text()
 
 
+def test_paths_written_through_a_link_are_relative_to_the_file_it_names(tmp_path: Path) -> None:
+    # They were relative to the link's folder, not to the file that holds them.
+    source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
+    made = tmp_path / "elsewhere" / "deeper" / "made.toml"
+    made.parent.mkdir(parents=True)
+    link = tmp_path / "links" / "link.toml"
+    link.parent.mkdir()
+    link.symlink_to(made)
+    code, _ = run_command(["import-config", str(source), "-o", str(link), "--root", str(tmp_path)])
+    assert code == 0
+    assert 'path = "../../imgs"' in made.read_text()
+    (generator,) = load_config(made).generators
+    assert generator.options["path"] == str(tmp_path / "imgs")
+
+
 def test_command_refuses_to_overwrite_its_own_input(tmp_path: Path) -> None:
     text = "evaluation: {image_dirs: [imgs]}\n"
     source = write(tmp_path, "up.yaml", text)

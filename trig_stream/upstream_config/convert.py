@@ -142,12 +142,15 @@ def import_config(path: Path, *, out: Path | None = None, root: Path | None = No
 
     Args:
         path: the upstream YAML file.
-        out: where the TOML will be written (its folder anchors relative paths); None when
-            it is printed: upstream's paths are then written in full.
+        out: where the TOML will be written (the folder of the file it names, through
+            symbolic links, anchors relative paths); None when it is printed: upstream's
+            paths are then written in full.
         root: upstream's project root; None for the current folder.
     """
     cwd = Path.cwd()
-    out_dir = out.parent.resolve() if out is not None else None
+    # Through a link at `out`, the file written is the one it points to: its folder is the
+    # one the loader resolves relative paths against.
+    out_dir = Path(os.path.realpath(out)).parent if out is not None else None
     return convert_upstream_config(
         load_upstream_yaml(path), source=path, root=(root or cwd).resolve(), out_dir=out_dir
     )
