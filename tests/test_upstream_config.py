@@ -180,6 +180,7 @@ def test_generation_config_maps_aliases_to_backends(tmp_path: Path) -> None:
     # No dimensions section upstream: a default judge is written, and said so.
     (judge,) = config.judges
     assert judge.backend == "openai" and judge.options["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert judge.options["top_logprobs"] == 5  # upstream's trig_api default: scorer = trig
     assert any(w.startswith("dimensions:") and "check [[judges]]" in w for w in warnings)
 
 

@@ -22,6 +22,7 @@ JUDGE_METRIC = "trig_api"
 UPSTREAM_ENDPOINT = "http://localhost:8000/v1/"
 """Upstream's endpoint when a ``trig_api`` metric names none."""
 UPSTREAM_TOP_LOGPROBS = 5
+"""Upstream's top logprobs when a ``trig_api`` metric names none."""
 MAX_TOP_LOGPROBS = 20
 KEYLESS = frozenset({"", "EMPTY", "none", "None"})
 """API_KEY values upstream uses for servers without keys."""
@@ -76,10 +77,12 @@ def convert_judges(
             f"no {JUDGE_METRIC} metric to convert: wrote an openai judge for "
             f"{DEFAULT_JUDGE_MODEL} at {UPSTREAM_ENDPOINT}; check [[judges]]",
         )
+        # Upstream's trig_api defaults throughout: the TOML says scorer = trig reproduces
+        # upstream's scoring, which asks for 5 top tokens.
         found[("", "", 0, None)] = ConvertedJudge(
             model=DEFAULT_JUDGE_MODEL,
             endpoint=UPSTREAM_ENDPOINT.rstrip("/"),
-            top_logprobs=MAX_TOP_LOGPROBS,
+            top_logprobs=UPSTREAM_TOP_LOGPROBS,
             api_key_env=None,
             dimensions=list(DIMENSIONS),
         )
