@@ -718,6 +718,22 @@ def test_command_writes_nothing_when_the_write_fails(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imported.toml", "upstream.yaml"]
 
 
+def test_command_removes_the_folders_it_made_when_the_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # new1/new2 were left behind, empty, by a config that was never written.
+    source = write(tmp_path, "upstream.yaml", GENERATION)
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("trig_stream.files._sync_data", fail)
+    out = tmp_path / "new1" / "new2" / "imported.toml"
+    with pytest.raises(ConfigError, match="cannot write the config: No space left on device"):
+        run_command(["import-config", str(source), "-o", str(out), "--root", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["upstream.yaml"]
+
+
 def test_command_prints_to_standard_output_without_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
