@@ -762,6 +762,17 @@ def test_printed_paths_hold_wherever_the_text_is_saved(
     assert config.generators[0].options["path"] == str(tmp_path.resolve() / "imgs")
 
 
+def test_a_windows_path_is_said_to_be_written_as_it_is_written(tmp_path: Path) -> None:
+    # The warning said "written as it is" of a path whose backslashes became slashes.
+    text = "evaluation: {image_dirs: [x]}\nimage_path: 'C:\\data\\sources'\n"
+    out, warnings = convert_to_file(tmp_path, text)
+    assert 'image_root = "C:/data/sources"' in out.read_text()
+    assert (
+        "image_path: a Windows path, written with / as C:/data/sources: check where it is on "
+        "this machine" in warnings
+    )
+
+
 def test_a_relative_path_starting_with_a_tilde_keeps_its_meaning(tmp_path: Path) -> None:
     # Written as "~/p.json" next to the upstream root, the loader read the home folder's.
     source = write(tmp_path, "up.yaml", 'prompt_path: "~/p.json"\nimage_path: "~x"\n')

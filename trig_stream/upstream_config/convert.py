@@ -438,8 +438,12 @@ class _Converter:
 
     def _path(self, value: str, key: str) -> str:
         if _WINDOWS_PATH.match(value):
-            self.warn(key, f"a Windows path, written as it is: {value}")
-            return PureWindowsPath(value).as_posix()
+            posix = PureWindowsPath(value).as_posix()
+            self.warn(
+                key,
+                f"a Windows path, written with / as {posix}: check where it is on this machine",
+            )
+            return posix
         path = Path(value)
         if path.is_absolute():
             return path.as_posix()
