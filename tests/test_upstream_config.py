@@ -1033,6 +1033,19 @@ def test_end_idx_converted_to_limit_says_it_counts_samples_not_positions(tmp_pat
     assert any("the first 120 records that are valid" in w for w in warnings)
 
 
+def test_an_end_idx_past_toml_s_integers_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    # It was written as limit = 99999999999999999999999, which TOML's 64-bit integers cannot
+    # hold: other TOML readers refuse the file.
+    out, warnings = convert_to_file(
+        tmp_path, "end_idx: 99999999999999999999999\nevaluation: {image_dirs: [x]}\n"
+    )
+    assert load_config(out).dataset.limit is None
+    assert (
+        "end_idx: left out: 99999999999999999999999 is past the largest TOML integer "
+        "(2**63 - 1): every record is read, as upstream reads them"
+    ) in warnings
+
+
 def test_a_run_name_taken_from_the_file_name_is_said_to_come_from_it(tmp_path: Path) -> None:
     # "name: 'my cfg (v2)' is not a valid run name" read as if the YAML had a name key.
     source = write(tmp_path, "my cfg (v2).yaml", "evaluation: {image_dirs: [imgs]}\n")

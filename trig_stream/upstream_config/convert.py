@@ -60,6 +60,9 @@ INSIGHT_THRESHOLDS = ("synergy_density", "bottleneck_density", "dominance_ratio"
 CORRELATIONS = ("spearman_corr", "pearson_corr", "paretoF")
 REPORT_ONLY_RELATION_KEYS = ("plot", "heatmap", "tsne", "tradeoff", "quadrant_analysis")
 
+MAX_TOML_INTEGER = 2**63 - 1
+"""TOML's integers are 64-bit: a larger one is a file other TOML readers refuse."""
+
 _WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
 
 
@@ -312,7 +315,14 @@ class _Converter:
             if end is not None:
                 self.warn("end_idx", "left out with start_idx")
         elif end is not None:
-            if isinstance(end, int) and not isinstance(end, bool) and end >= 1:
+            whole = isinstance(end, int) and not isinstance(end, bool)
+            if whole and end > MAX_TOML_INTEGER:
+                self.warn(
+                    "end_idx",
+                    f"left out: {shown(end)} is past the largest TOML integer (2**63 - 1): "
+                    "every record is read, as upstream reads them",
+                )
+            elif whole and end >= 1:
                 self.dataset["limit"] = end
             else:
                 self.warn("end_idx", f"left out: {shown(end)} is not a positive whole number")
