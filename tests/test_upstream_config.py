@@ -363,6 +363,7 @@ def test_a_prompt_path_that_is_no_path_is_refused(tmp_path: Path) -> None:
         ("task: t2i\ngeneration: {models: [janus]}\n", r"nothing to evaluate"),
         ("dimensions:\n  IQ-R: {metrics: [*Missing]}\n", r"not valid YAML"),
         ("- just\n- a list\n", r"a mapping of keys at the top level"),
+        (f"end_idx: {'9' * 5000}\n", r"not valid YAML: .*Exceeds the limit \(4300 digits\)"),
     ],
 )
 def test_unconvertible_configs_are_refused(tmp_path: Path, text: str, message: str) -> None:

@@ -99,8 +99,9 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
     yaml: Any = importlib.import_module("yaml")
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        # An alias to an anchor the file never defines is the usual culprit in upstream files.
+    except (yaml.YAMLError, ValueError) as exc:
+        # An alias to an anchor the file never defines is the usual culprit in upstream files;
+        # a number of over 4300 digits, which Python refuses to read, a rarer one.
         message = " ".join(str(exc).split())
         raise ConfigError(f"{path}: not valid YAML: {message}") from None
     except RecursionError:  # the YAML reader recurses once per level of a list or mapping
