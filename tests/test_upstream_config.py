@@ -684,6 +684,18 @@ def test_a_conversion_that_does_not_validate_names_no_file_that_is_not_there(
     assert "imported.toml" not in message and "out.toml" not in message
 
 
+def test_a_threshold_too_large_for_a_float_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    # float() of it raised OverflowError: a traceback, exit 1.
+    huge = "9" * 400
+    text = f"evaluation: {{image_dirs: [imgs]}}\nrelation: {{thresholds: {{synergy: {huge}}}}}\n"
+    out, warnings = convert_to_file(tmp_path, text)
+    assert "[relation]" not in out.read_text()
+    assert any(
+        w.startswith("relation.thresholds.synergy: left out: 9999") and w.endswith("too large")
+        for w in warnings
+    )
+
+
 def test_a_root_that_is_no_folder_is_warned_of(tmp_path: Path) -> None:
     source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
     missing = tmp_path / "nowhere"

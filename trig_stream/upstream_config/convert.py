@@ -430,7 +430,10 @@ class _Converter:
             if key not in names:
                 self.warn(f"{where}.{key}", "unknown threshold, left out")
             elif isinstance(number, int | float) and not isinstance(number, bool):
-                self.relation[str(key)] = float(number)
+                try:
+                    self.relation[str(key)] = float(number)
+                except OverflowError:  # an integer past a float's range
+                    self.warn(f"{where}.{key}", f"left out: {shown(number)} is too large")
             else:
                 self.warn(f"{where}.{key}", f"left out: {shown(number)} is not a number")
 
