@@ -8,9 +8,11 @@ import io
 import json
 import os
 import pty
+import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,39 @@ def test_import_config_to_a_full_disk_says_the_config_was_not_written(
     assert code == EXIT_RUN_DIR, err
     assert "error: standard output: cannot write the config: No space left on device; pass " in err
     assert "-o FILE" in err and "Traceback" not in err
+
+
+def capped_file_size(size: int) -> Callable[[], None]:
+    """What a child runs before the command: files it writes stop at ``size`` bytes
+    (``ulimit -f``), a write past it failing with EFBIG rather than killing it (SIGXFSZ)."""
+
+    def cap() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return cap
+
+
+def test_import_config_cut_short_under_stdout_says_the_config_was_not_written(
+    tmp_path: Path,
+) -> None:
+    # `import-config many.yaml > out.toml` on a disk that fills: the write stopped at the
+    # disk's end, and the rest was dropped unsaid, exit 0, half a config in out.toml.
+    upstream = tmp_path / "generation.yaml"
+    upstream.write_text('name: "gen"\ntask: "t2i"\ngeneration:\n  models: ["flux"]\n')
+    out = tmp_path / "out.toml"
+    with out.open("wb") as stdout:
+        converted = subprocess.run(
+            [*COMMAND, "import-config", str(upstream)],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=capped_file_size(1024),
+            timeout=SAFETY_S,
+        )
+    assert converted.returncode == EXIT_RUN_DIR, converted.stderr
+    assert "error: standard output: cannot write the config: File too large" in converted.stderr
+    assert out.stat().st_size == 1024
 
 
 def test_import_config_whose_reader_has_gone_exits_as_it_would_have(tmp_path: Path) -> None:

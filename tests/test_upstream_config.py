@@ -7,14 +7,14 @@ import io
 import os
 import stat
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from trig_stream import cli
-from trig_stream.config import load_config
+from trig_stream.config import MAX_CONFIG_BYTES, load_config
 from trig_stream.config_problems import unusable_entries
 from trig_stream.errors import ConfigError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_RUN_DIR
@@ -180,6 +180,7 @@ def test_generation_config_maps_aliases_to_backends(tmp_path: Path) -> None:
     # No dimensions section upstream: a default judge is written, and said so.
     (judge,) = config.judges
     assert judge.backend == "openai" and judge.options["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert judge.options["top_logprobs"] == 5  # upstream's trig_api default: scorer = trig
     assert any(w.startswith("dimensions:") and "check [[judges]]" in w for w in warnings)
 
 
@@ -362,12 +363,46 @@ def test_a_prompt_path_that_is_no_path_is_refused(tmp_path: Path) -> None:
         ("task: t2i\ngeneration: {models: [janus]}\n", r"nothing to evaluate"),
         ("dimensions:\n  IQ-R: {metrics: [*Missing]}\n", r"not valid YAML"),
         ("- just\n- a list\n", r"a mapping of keys at the top level"),
+        (f"end_idx: {'9' * 5000}\n", r"not valid YAML: .*Exceeds the limit \(4300 digits\)"),
     ],
 )
 def test_unconvertible_configs_are_refused(tmp_path: Path, text: str, message: str) -> None:
     source = write(tmp_path, "bad.yaml", text)
     with pytest.raises(ConfigError, match=message):
         import_config(source, out=tmp_path / "bad.toml", root=tmp_path)
+
+
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "pipe.yaml"
+    os.mkfifo(path)
+    return path
+
+
+def oversized(tmp_path: Path) -> Path:
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as file:
+        file.truncate(MAX_CONFIG_BYTES + 1)  # sparse: no disk is filled
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda _: Path("/dev/zero"), "it is a character device, not a file"),
+        (fifo, "it is a named pipe (FIFO), not a file"),
+        (oversized, "it is larger than 16 MiB"),
+    ],
+    ids=["device", "fifo", "too-large"],
+)
+def test_an_upstream_config_that_is_no_small_file_is_refused_unread(
+    tmp_path: Path, make: Callable[[Path], Path], why: str
+) -> None:
+    # /dev/zero was read until memory ran out, a pipe with no writer waited for ever, and a
+    # huge file was read whole before anything was checked.
+    source = make(tmp_path)
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert str(raised.value) == f"{source}: cannot read upstream config: {why}"
 
 
 def test_an_upstream_config_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
@@ -565,6 +600,21 @@ def test_a_dangling_link_at_out_writes_the_file_it_names(tmp_path: Path) -> None
     assert link.is_symlink() and "image_folder" in (tmp_path / "made.toml").read_text()
 
 
+def test_paths_written_through_a_link_are_relative_to_the_file_it_names(tmp_path: Path) -> None:
+    # They were relative to the link's folder, not to the file that holds them.
+    source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
+    made = tmp_path / "elsewhere" / "deeper" / "made.toml"
+    made.parent.mkdir(parents=True)
+    link = tmp_path / "links" / "link.toml"
+    link.parent.mkdir()
+    link.symlink_to(made)
+    code, _ = run_command(["import-config", str(source), "-o", str(link), "--root", str(tmp_path)])
+    assert code == 0
+    assert 'path = "../../imgs"' in made.read_text()
+    (generator,) = load_config(made).generators
+    assert generator.options["path"] == str(tmp_path / "imgs")
+
+
 def test_command_refuses_to_overwrite_its_own_input(tmp_path: Path) -> None:
     text = "evaluation: {image_dirs: [imgs]}\n"
     source = write(tmp_path, "up.yaml", text)
@@ -634,6 +684,18 @@ def test_a_conversion_that_does_not_validate_names_no_file_that_is_not_there(
     assert "imported.toml" not in message and "out.toml" not in message
 
 
+def test_a_threshold_too_large_for_a_float_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    # float() of it raised OverflowError: a traceback, exit 1.
+    huge = "9" * 400
+    text = f"evaluation: {{image_dirs: [imgs]}}\nrelation: {{thresholds: {{synergy: {huge}}}}}\n"
+    out, warnings = convert_to_file(tmp_path, text)
+    assert "[relation]" not in out.read_text()
+    assert any(
+        w.startswith("relation.thresholds.synergy: left out: 9999") and w.endswith("too large")
+        for w in warnings
+    )
+
+
 def test_a_root_that_is_no_folder_is_warned_of(tmp_path: Path) -> None:
     source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
     missing = tmp_path / "nowhere"
@@ -669,6 +731,22 @@ def test_command_writes_nothing_when_the_write_fails(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imported.toml", "upstream.yaml"]
 
 
+def test_command_removes_the_folders_it_made_when_the_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # new1/new2 were left behind, empty, by a config that was never written.
+    source = write(tmp_path, "upstream.yaml", GENERATION)
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("trig_stream.files._sync_data", fail)
+    out = tmp_path / "new1" / "new2" / "imported.toml"
+    with pytest.raises(ConfigError, match="cannot write the config: No space left on device"):
+        run_command(["import-config", str(source), "-o", str(out), "--root", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["upstream.yaml"]
+
+
 def test_command_prints_to_standard_output_without_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -695,6 +773,17 @@ def test_printed_paths_hold_wherever_the_text_is_saved(
     config = load_config(saved)
     assert config.dataset.path == tmp_path.resolve() / "prompts" / "p.json"
     assert config.generators[0].options["path"] == str(tmp_path.resolve() / "imgs")
+
+
+def test_a_windows_path_is_said_to_be_written_as_it_is_written(tmp_path: Path) -> None:
+    # The warning said "written as it is" of a path whose backslashes became slashes.
+    text = "evaluation: {image_dirs: [x]}\nimage_path: 'C:\\data\\sources'\n"
+    out, warnings = convert_to_file(tmp_path, text)
+    assert 'image_root = "C:/data/sources"' in out.read_text()
+    assert (
+        "image_path: a Windows path, written with / as C:/data/sources: check where it is on "
+        "this machine" in warnings
+    )
 
 
 def test_a_relative_path_starting_with_a_tilde_keeps_its_meaning(tmp_path: Path) -> None:
@@ -736,6 +825,23 @@ def test_a_folder_listed_twice_in_image_dirs_converts_to_one_generator(tmp_path:
     ]
 
 
+@pytest.mark.parametrize("printed", [False, True], ids=["written", "printed"])
+def test_a_folder_listed_relative_and_in_full_converts_to_one_generator(
+    tmp_path: Path, printed: bool
+) -> None:
+    # Written to a file, one was relative to it and the other in full: two generators (a,
+    # a-2) judged every image twice.
+    root = tmp_path / "upstream"
+    source = write(root, "up.yaml", f"evaluation: {{image_dirs: [out/a, {root}/out/a]}}\n")
+    out = None if printed else tmp_path / "mine" / "run.toml"
+    conversion = import_config(source, out=out, root=root)
+    assert [g.name for g in conversion.config.generators] == ["a"]
+    assert (
+        f"evaluation.image_dirs[{root}/out/a]: left out: the same folder as the generator "
+        "'a', listed again"
+    ) in conversion.warnings
+
+
 def test_image_dirs_that_are_no_folder_are_left_out_with_a_warning(tmp_path: Path) -> None:
     # They became generators named "None" and "5" reading folders of those names.
     text = 'task: t2i\nevaluation:\n  image_dirs: [null, 5, "", "out/t2i/flux"]\n'
@@ -747,6 +853,29 @@ def test_image_dirs_that_are_no_folder_are_left_out_with_a_warning(tmp_path: Pat
     with pytest.raises(ConfigError, match="nothing to evaluate") as raised:
         convert_to_file(tmp_path, "task: t2i\nevaluation:\n  image_dirs: 7\n")
     assert "evaluation.image_dirs: left out: expected folders, got 7" in str(raised.value)
+
+
+@pytest.mark.parametrize(("models", "shown"), [("5", "5"), ("true", "True"), ("1.5", "1.5")])
+def test_models_that_are_no_list_of_aliases_are_left_out_with_a_warning(
+    tmp_path: Path, models: str, shown: str
+) -> None:
+    # They ended the command with a TypeError traceback (exit 1).
+    text = f"task: t2i\ngeneration: {{models: {models}}}\nevaluation: {{image_dirs: [out/a]}}\n"
+    out, warnings = convert_to_file(tmp_path, text)
+    assert [g.name for g in load_config(out).generators] == ["a"]
+    assert f"generation.models: left out: expected model aliases, got {shown}" in warnings
+
+
+def test_models_given_as_a_mapping_warn_of_each_model_s_settings(tmp_path: Path) -> None:
+    # Each model's settings were dropped in silence: only the aliases were read.
+    text = "task: t2i\ngeneration:\n  models: {flux: {steps: 20, seed: 7}, sana: null}\n"
+    out, warnings = convert_to_file(tmp_path, text)
+    assert [g.name for g in load_config(out).generators] == ["flux", "sana"]
+    settings = [w for w in warnings if "settings" in w]
+    assert settings == [
+        "generation.models[flux]: left out: its settings {'seed': 7, 'steps': 20}: the preset's "
+        "own are used; set a diffusers generator's options by hand"
+    ]
 
 
 def test_an_editing_model_without_image_path_is_warned_of_an_image_folder_not(
@@ -805,6 +934,64 @@ def test_a_shared_value_is_refused_once_and_a_cycle_still_ends() -> None:
     assert [loc for loc, _, _ in unusable_entries({"a": cycle})] == [("a", 0, 0)]
 
 
+ALIAS_BOMB = "".join(
+    ['lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n']
+    + [f"lol{n}: &lol{n} [{', '.join([f'*lol{n - 1}'] * 9)}]\n" for n in range(1, 6)]
+)
+"""Nine aliases on each of five levels: a list of 9**6 strings, 4 MB as its repr, in 500 bytes
+of YAML (the billion laughs, made small enough to fail fast; at nine levels it filled memory)."""
+
+
+@pytest.mark.parametrize(
+    "placed",
+    [
+        "name: *lol5",
+        "dataset_name: *lol5",
+        "start_idx: *lol5",
+        "end_idx: *lol5",
+        "evaluation: {image_dirs: [x], result_dir: *lol5}",
+        "evaluation: {image_dirs: [x], image_dir: {a: *lol5}}",
+        "evaluation: {image_dirs: [x, *lol5]}",
+        "generation: {models: [flux, *lol5]}",
+        "relation: {metric: *lol5}",
+        "relation: {thresholds: {synergy: *lol5}}",
+        "dimensions: {IQ-R: {metrics: [*lol5]}}",
+        "dimensions: {IQ-R: {metrics: [{name: *lol5}]}}",
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, model_name: *lol5}]}}",
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, top_logprobs: *lol5}]}}",
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, API_KEY: *lol5}]}}",
+    ],
+)
+def test_a_yaml_alias_bomb_in_a_warned_value_is_shown_cut_short(
+    tmp_path: Path, placed: str
+) -> None:
+    # Each warning showed the whole value: nine levels of aliases in a 1 KB file ate memory
+    # until the command was killed.
+    text = ALIAS_BOMB + "evaluation: {image_dirs: [x]}\n" + placed + "\n"
+    _, warnings = convert_to_file(tmp_path, text)
+    assert max(len(w) for w in warnings) < 1000
+    if "API_KEY" not in placed:  # a key is never shown
+        assert [w for w in warnings if "..." in w]
+
+
+@pytest.mark.parametrize(
+    "placed",
+    [
+        "task: *lol5",
+        "prompt_path: *lol5",
+        "dimensions: {IQ-R: {metrics: [{name: trig_api, endpoint: *lol5}]}}",
+    ],
+)
+def test_a_yaml_alias_bomb_in_a_refused_value_is_shown_cut_short(
+    tmp_path: Path, placed: str
+) -> None:
+    source = write(tmp_path, "up.yaml", ALIAS_BOMB + "evaluation: {image_dirs: [x]}\n" + placed)
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert len(str(raised.value)) < 1000
+    assert "..." in str(raised.value)
+
+
 def test_command_writes_an_output_whose_name_is_near_the_limit(tmp_path: Path) -> None:
     # "cannot write the config: File name too long" (exit 3) for a 250-byte name: the
     # temporary file's name was longer.
@@ -857,6 +1044,19 @@ def test_end_idx_converted_to_limit_says_it_counts_samples_not_positions(tmp_pat
     _, warnings = convert_to_file(tmp_path, GENERATION)  # no filter: quarantine alone
     assert any(w.startswith("end_idx: became [dataset] limit = 120") for w in warnings)
     assert any("the first 120 records that are valid" in w for w in warnings)
+
+
+def test_an_end_idx_past_toml_s_integers_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    # It was written as limit = 99999999999999999999999, which TOML's 64-bit integers cannot
+    # hold: other TOML readers refuse the file.
+    out, warnings = convert_to_file(
+        tmp_path, "end_idx: 99999999999999999999999\nevaluation: {image_dirs: [x]}\n"
+    )
+    assert load_config(out).dataset.limit is None
+    assert (
+        "end_idx: left out: 99999999999999999999999 is past the largest TOML integer "
+        "(2**63 - 1): every record is read, as upstream reads them"
+    ) in warnings
 
 
 def test_a_run_name_taken_from_the_file_name_is_said_to_come_from_it(tmp_path: Path) -> None:

@@ -205,8 +205,16 @@ def write_atomic(path: Path, data: bytes, *, temp_dir: Path | None = None) -> No
         data: its whole content.
         temp_dir: where the temporary file goes before its rename (same file system);
             beside ``path`` by default.
+
+    The folders it makes for ``path`` are removed again when the write fails: nothing of
+    it is left.
     """
-    write_atomic_many([(path, data)], temp_dir=temp_dir)
+    made = make_dirs(path.parent)
+    try:
+        write_atomic_many([(path, data)], temp_dir=temp_dir)
+    except BaseException:
+        remove_made_dirs(made)
+        raise
 
 
 def write_atomic_many(files: Sequence[tuple[Path, bytes]], *, temp_dir: Path | None = None) -> None:

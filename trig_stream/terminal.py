@@ -19,6 +19,7 @@ from typing import IO, Final
 
 from rich.console import Console
 
+from trig_stream.files import write_all
 from trig_stream.signals import point_at_devnull
 
 STANDARD_OUTPUTS = (1, 2)
@@ -49,16 +50,30 @@ def drop_output(file: IO[str]) -> None:
 def write_stdout(text: str) -> None:
     """Write ``text`` to standard output, as the command's product (``import-config``).
 
+    The text goes to file descriptor 1 as UTF-8 (a TOML file's encoding, as ``-o`` writes
+    it), byte by byte until all is written: through ``sys.stdout``, a write cut short (a disk
+    that fills, ``ulimit -f``) dropped the rest unsaid. A ``sys.stdout`` with no file
+    descriptor (a test's capture) is written as it is.
+
     A reader that has gone (a broken pipe) is no failure: the output is dropped as a
     :class:`CommandConsole` drops it.
 
     Raises:
-        OSError: the output was lost otherwise (:data:`OUTPUT_LOST`, say); standard output
-            writes to ``/dev/null`` from then on, so that the error can be told.
+        OSError: the output was lost otherwise (:data:`OUTPUT_LOST`, a file too large);
+            standard output writes to ``/dev/null`` from then on, so that the error can be
+            told.
     """
     try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        fd: int | None = sys.stdout.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        fd = None
+    try:
+        sys.stdout.flush()  # what was printed before goes first
+        if fd is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            write_all(fd, text.encode("utf-8"))
     except BrokenPipeError:
         drop_output(sys.stdout)
     except OSError:

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from trig_stream.config import RunConfig, parse_config
+from trig_stream.config import MAX_CONFIG_BYTES, RunConfig, parse_config
 from trig_stream.config_problems import MAX_NESTING, dotted_key, unusable_values
 from trig_stream.dimensions import DIMENSIONS, Task, normalise_task
 from trig_stream.errors import ConfigError
+from trig_stream.files import read_settings_file
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping
 from trig_stream.upstream_config.judges import ConvertedJudge, convert_judges
-from trig_stream.upstream_config.toml_writer import assignments, comment, safe_name
+from trig_stream.upstream_config.toml_writer import assignments, comment, safe_name, shown
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -59,6 +60,9 @@ INSIGHT_THRESHOLDS = ("synergy_density", "bottleneck_density", "dominance_ratio"
 CORRELATIONS = ("spearman_corr", "pearson_corr", "paretoF")
 REPORT_ONLY_RELATION_KEYS = ("plot", "heatmap", "tsne", "tradeoff", "quadrant_analysis")
 
+MAX_TOML_INTEGER = 2**63 - 1
+"""TOML's integers are 64-bit: a larger one is a file other TOML readers refuse."""
+
 _WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
 
 
@@ -81,11 +85,13 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
     """Read an upstream YAML config (anchors and ``<<`` merge keys included).
 
     Raises:
-        ConfigError: the file is missing, not YAML, or not a mapping at the top.
+        ConfigError: the file is missing, no regular file (a device, a pipe), larger than
+            :data:`~trig_stream.config.MAX_CONFIG_BYTES`, not YAML, or not a mapping at the top.
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+        # Read whole, /dev/zero filled memory and a pipe with no writer waited for ever.
+        text = read_settings_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except OSError as exc:  # UnfitFileError's strerror says what it is instead of a file
         raise ConfigError(f"{path}: cannot read upstream config: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         message = f"not a YAML config: byte {exc.start} is not UTF-8 text"
@@ -93,8 +99,9 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
     yaml: Any = importlib.import_module("yaml")
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        # An alias to an anchor the file never defines is the usual culprit in upstream files.
+    except (yaml.YAMLError, ValueError) as exc:
+        # An alias to an anchor the file never defines is the usual culprit in upstream files;
+        # a number of over 4300 digits, which Python refuses to read, a rarer one.
         message = " ".join(str(exc).split())
         raise ConfigError(f"{path}: not valid YAML: {message}") from None
     except RecursionError:  # the YAML reader recurses once per level of a list or mapping
@@ -139,12 +146,15 @@ def import_config(path: Path, *, out: Path | None = None, root: Path | None = No
 
     Args:
         path: the upstream YAML file.
-        out: where the TOML will be written (its folder anchors relative paths); None when
-            it is printed: upstream's paths are then written in full.
+        out: where the TOML will be written (the folder of the file it names, through
+            symbolic links, anchors relative paths); None when it is printed: upstream's
+            paths are then written in full.
         root: upstream's project root; None for the current folder.
     """
     cwd = Path.cwd()
-    out_dir = out.parent.resolve() if out is not None else None
+    # Through a link at `out`, the file written is the one it points to: its folder is the
+    # one the loader resolves relative paths against.
+    out_dir = Path(os.path.realpath(out)).parent if out is not None else None
     return convert_upstream_config(
         load_upstream_yaml(path), source=path, root=(root or cwd).resolve(), out_dir=out_dir
     )
@@ -231,11 +241,12 @@ class _Converter:
         if safe != name:
             # Without a usable name key the file's name stands in: said as the key's own, the
             # warning read as if the key were there.
-            given_by = f"{name!r}" if given else f"the file name {name!r}, standing in for it,"
+            given_by = shown(name) if given else f"the file name {shown(name)}, standing in for it,"
             self.warn("name", f"{given_by} is not a valid run name here; using {safe!r}")
         self.run["name"] = safe
         raw_task = self.data.get("task", "t2i")
-        task_name = str(raw_task)
+        # Only text names a task; another value is shown cut short (an alias of a huge list).
+        task_name = raw_task if isinstance(raw_task, str) else shown(raw_task)
         if task_name in DTM_TASKS:
             self.task = DTM_TASKS[task_name]
             self.warn(
@@ -248,7 +259,7 @@ class _Converter:
                 self.task = normalise_task(task_name)
             except ValueError:
                 raise ConfigError(
-                    f"{self.source}: task: {task_name!r} has no counterpart here "
+                    f"{self.source}: task: {shown(raw_task)} has no counterpart here "
                     "(t2i, p2p, s2p or sub; t2i_dtm, p2p_dtm, s2p_dtm)"
                 ) from None
         self.run["task"] = self.task
@@ -267,7 +278,7 @@ class _Converter:
         if prompt_path is not None and not isinstance(prompt_path, str):
             # Left out, the dataset would silently become upstream's whole split.
             raise ConfigError(
-                f"{self.source}: prompt_path: expected a path, got {prompt_path!r}: name one "
+                f"{self.source}: prompt_path: expected a path, got {shown(prompt_path)}: name one "
                 "JSON file of prompts, or leave prompt_path out to read dataset_name"
             )
         if prompt_path and prompt_path.strip():
@@ -281,7 +292,7 @@ class _Converter:
             name = self._text("dataset_name", dataset_name, "a dataset name") or "RISys-Lab/TRIG"
             folder = f"data/TRIG/{self.task}"
             self.dataset["path"] = self._path(folder, "dataset_name")
-            extra = "" if name in UPSTREAM_DATASETS else f" (upstream named {name!r})"
+            extra = "" if name in UPSTREAM_DATASETS else f" (upstream named {shown(name)})"
             self.warn(
                 "dataset_name",
                 f"the {split} split is read from local parquet files{extra}: download them "
@@ -299,16 +310,23 @@ class _Converter:
         if start not in (None, 0):
             self.warn(
                 "start_idx",
-                f"left out ({start!r}): samples cannot be skipped by position here; use "
+                f"left out ({shown(start)}): samples cannot be skipped by position here; use "
                 "[dataset] pairs or dimensions to select samples",
             )
             if end is not None:
                 self.warn("end_idx", "left out with start_idx")
         elif end is not None:
-            if isinstance(end, int) and not isinstance(end, bool) and end >= 1:
+            whole = isinstance(end, int) and not isinstance(end, bool)
+            if whole and end > MAX_TOML_INTEGER:
+                self.warn(
+                    "end_idx",
+                    f"left out: {shown(end)} is past the largest TOML integer (2**63 - 1): "
+                    "every record is read, as upstream reads them",
+                )
+            elif whole and end >= 1:
                 self.dataset["limit"] = end
             else:
-                self.warn("end_idx", f"left out: {end!r} is not a positive whole number")
+                self.warn("end_idx", f"left out: {shown(end)} is not a positive whole number")
 
     # -- generators and judges
 
@@ -316,6 +334,7 @@ class _Converter:
         mapping = GeneratorMapping(
             task=self.task,
             output_dir=self._output_dir_for_report(),
+            root=self.root,
             warn=self.warn,
             path=self._path,
         )
@@ -381,7 +400,9 @@ class _Converter:
                 if value in CORRELATIONS:
                     self.relation["correlation"] = value
                 else:
-                    self.warn(where, f"left out: {value!r} is not one of {', '.join(CORRELATIONS)}")
+                    self.warn(
+                        where, f"left out: {shown(value)} is not one of {', '.join(CORRELATIONS)}"
+                    )
             elif key == "thresholds":
                 self._thresholds(value, where, RELATION_THRESHOLDS)
             elif key == "insight_thresholds":
@@ -409,9 +430,12 @@ class _Converter:
             if key not in names:
                 self.warn(f"{where}.{key}", "unknown threshold, left out")
             elif isinstance(number, int | float) and not isinstance(number, bool):
-                self.relation[str(key)] = float(number)
+                try:
+                    self.relation[str(key)] = float(number)
+                except OverflowError:  # an integer past a float's range
+                    self.warn(f"{where}.{key}", f"left out: {shown(number)} is too large")
             else:
-                self.warn(f"{where}.{key}", f"left out: {number!r} is not a number")
+                self.warn(f"{where}.{key}", f"left out: {shown(number)} is not a number")
 
     # -- values and paths
 
@@ -423,13 +447,17 @@ class _Converter:
             return None
         if isinstance(value, str):
             return value
-        self.warn(key, f"left out: expected {expected}, got {value!r}")
+        self.warn(key, f"left out: expected {expected}, got {shown(value)}")
         return None
 
     def _path(self, value: str, key: str) -> str:
         if _WINDOWS_PATH.match(value):
-            self.warn(key, f"a Windows path, written as it is: {value}")
-            return PureWindowsPath(value).as_posix()
+            posix = PureWindowsPath(value).as_posix()
+            self.warn(
+                key,
+                f"a Windows path, written with / as {posix}: check where it is on this machine",
+            )
+            return posix
         path = Path(value)
         if path.is_absolute():
             return path.as_posix()

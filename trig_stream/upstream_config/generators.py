@@ -9,14 +9,14 @@ model itself.
 
 from __future__ import annotations
 
-import posixpath
+import os
 from collections.abc import Callable, Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from trig_stream.backends.generators.presets import INPUT_TASKS, PRESETS, preset_names
 from trig_stream.dimensions import Task
-from trig_stream.upstream_config.toml_writer import safe_name
+from trig_stream.upstream_config.toml_writer import safe_name, shown
 
 Generator = tuple[str, str, dict[str, Any]]
 """A converted generator: its name, its backend and its options table."""
@@ -29,6 +29,8 @@ class GeneratorMapping:
         task: the run's task; a model made for another task is left out.
         output_dir: the run's output folder as the TOML writes it (a ``dtm_rewrite``
             generator reads its DTM from an earlier run's report under it).
+        root: the folder upstream's relative paths start from: a folder listed relative to
+            it and in full is one folder.
         warn: records a warning, ``warn(key, message)``.
         path: an upstream path as the TOML writes it, ``path(value, key)``.
     """
@@ -38,11 +40,13 @@ class GeneratorMapping:
         *,
         task: Task,
         output_dir: str,
+        root: Path,
         warn: Callable[[str, str], None],
         path: Callable[[str, str], str],
     ) -> None:
         self.task = task
         self.output_dir = output_dir
+        self.root = root
         self.warn = warn
         self.path = path
         self.generators: list[Generator] = []
@@ -50,6 +54,8 @@ class GeneratorMapping:
         # The aliases converted to generators (upstream's names, not the generator names,
         # which a clash suffixes): what an image folder is compared with.
         self._generated: dict[str, str] = {}
+        # The image folders converted, in full and normalised, and their generators' names.
+        self._folders: dict[str, str] = {}
 
     def add_generation(self, generation: Any) -> None:
         """Convert upstream's ``generation`` (its ``models``); None when the key is absent."""
@@ -61,11 +67,31 @@ class GeneratorMapping:
         for key in generation:
             if key != "models":
                 self.warn(f"generation.{key}", "unknown upstream key, left out")
-        models = generation.get("models") or []
+        models = generation.get("models")
+        if models is None:
+            return
         if isinstance(models, str):
-            models = [models]
-        for alias in models:
-            self._model(str(alias))
+            models = [models] if models.strip() else []
+        if isinstance(models, Mapping):
+            # Aliases with upstream's settings for each: the generators call their presets.
+            for alias, settings in models.items():
+                if settings is not None:
+                    self.warn(
+                        f"generation.models[{alias}]",
+                        f"left out: its settings {shown(settings)}: the preset's own are "
+                        "used; set a diffusers generator's options by hand",
+                    )
+            models = list(models)
+        if not isinstance(models, list):
+            self.warn("generation.models", f"left out: expected model aliases, got {shown(models)}")
+            return
+        for index, alias in enumerate(models):
+            if isinstance(alias, str):
+                self._model(alias)
+            else:
+                self.warn(
+                    f"generation.models[{index}]", f"left out: not a model alias: {shown(alias)}"
+                )
 
     def add_evaluation(self, evaluation: Any) -> None:
         """Convert upstream's ``evaluation`` (its ``image_dirs``); None when the key is absent."""
@@ -78,14 +104,16 @@ class GeneratorMapping:
             if key in ("image_dirs", "image_dir"):
                 dirs = [value] if isinstance(value, str) else value
                 if not isinstance(dirs, list):
-                    self.warn(f"evaluation.{key}", f"left out: expected folders, got {value!r}")
+                    self.warn(
+                        f"evaluation.{key}", f"left out: expected folders, got {shown(value)}"
+                    )
                     continue
                 for index, folder in enumerate(dirs):
                     if isinstance(folder, str) and folder.strip():
                         self._image_dir(folder, f"evaluation.{key}")
                     else:
                         self.warn(
-                            f"evaluation.{key}[{index}]", f"left out: not a folder: {folder!r}"
+                            f"evaluation.{key}[{index}]", f"left out: not a folder: {shown(folder)}"
                         )
             elif key == "result_dir":
                 continue  # read with [run]
@@ -200,16 +228,9 @@ class GeneratorMapping:
                 f"generator {generated!r}) and its images are judged as they come",
             )
             return
-        path = self.path(folder, key)
-        where = posixpath.normpath(path)
-        same = next(
-            (
-                g[0]
-                for g in self.generators
-                if g[1] == "image_folder" and posixpath.normpath(g[2]["path"]) == where
-            ),
-            None,
-        )
+        # Compared as written, one relative to the TOML and one in full were two folders.
+        where = os.path.normpath(self.root / posix)
+        same = self._folders.get(where)
         if same is not None:
             # A second generator over it (imgs, imgs-2) judged every image twice.
             self.warn(
@@ -217,7 +238,9 @@ class GeneratorMapping:
                 f"left out: the same folder as the generator {same!r}, listed again",
             )
             return
-        self.generators.append((self._unique_generator_name(name), "image_folder", {"path": path}))
+        unique = self._unique_generator_name(name)
+        self.generators.append((unique, "image_folder", {"path": self.path(folder, key)}))
+        self._folders[where] = unique
 
 
 def _reads_sources(backend: str, options: Mapping[str, Any]) -> bool:

@@ -9,19 +9,20 @@ the variable to export it in. Other metrics have no counterpart and are reported
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from trig_stream.dimensions import DIMENSIONS, Dimension
 from trig_stream.errors import ConfigError
-from trig_stream.upstream_config.toml_writer import safe_name
+from trig_stream.upstream_config.toml_writer import safe_name, shown
 
 JUDGE_METRIC = "trig_api"
 """The upstream metric that is a VLM judge over the OpenAI protocol (the TRIGScore)."""
 UPSTREAM_ENDPOINT = "http://localhost:8000/v1/"
 """Upstream's endpoint when a ``trig_api`` metric names none."""
 UPSTREAM_TOP_LOGPROBS = 5
+"""Upstream's top logprobs when a ``trig_api`` metric names none."""
 MAX_TOP_LOGPROBS = 20
 KEYLESS = frozenset({"", "EMPTY", "none", "None"})
 """API_KEY values upstream uses for servers without keys."""
@@ -76,10 +77,12 @@ def convert_judges(
             f"no {JUDGE_METRIC} metric to convert: wrote an openai judge for "
             f"{DEFAULT_JUDGE_MODEL} at {UPSTREAM_ENDPOINT}; check [[judges]]",
         )
+        # Upstream's trig_api defaults throughout: the TOML says scorer = trig reproduces
+        # upstream's scoring, which asks for 5 top tokens.
         found[("", "", 0, None)] = ConvertedJudge(
             model=DEFAULT_JUDGE_MODEL,
             endpoint=UPSTREAM_ENDPOINT.rstrip("/"),
-            top_logprobs=MAX_TOP_LOGPROBS,
+            top_logprobs=UPSTREAM_TOP_LOGPROBS,
             api_key_env=None,
             dimensions=list(DIMENSIONS),
         )
@@ -128,15 +131,15 @@ def _dimension(
         if isinstance(metric, str):
             metric_name, params = metric, {}
         elif isinstance(metric, Mapping):
-            metric_name = str(metric.get("name", ""))
+            metric_name = metric.get("name", "")
             params = {str(k): v for k, v in metric.items() if k != "name"}
         else:
-            warn(where, f"left out: {metric!r} is not a metric")
+            warn(where, f"left out: {shown(metric)} is not a metric")
             continue
         if metric_name != JUDGE_METRIC:
             warn(
                 where,
-                f"left out: metric {metric_name!r} has no counterpart here (only "
+                f"left out: metric {shown(metric_name)} has no counterpart here (only "
                 f"{JUDGE_METRIC}, the VLM judge, converts)",
             )
             continue
@@ -151,14 +154,23 @@ def _dimension(
 def _judge_from(
     params: Mapping[str, Any], where: str, warn: Callable[[str, str], None]
 ) -> ConvertedJudge:
-    model = str(params.get("model_name") or "")
-    if not model or model == "None":
+    raw_model = params.get("model_name")
+    if isinstance(raw_model, Collection) and not isinstance(raw_model, str):
+        # A list or a mapping names no model (and an alias bomb's text is gigabytes).
         model = DEFAULT_JUDGE_MODEL
-        warn(f"{where}.model_name", f"missing: using {DEFAULT_JUDGE_MODEL!r}")
+        warn(
+            f"{where}.model_name",
+            f"{shown(raw_model)} is not a model name: using {DEFAULT_JUDGE_MODEL!r}",
+        )
+    else:
+        model = str(raw_model or "")
+        if not model or model == "None":
+            model = DEFAULT_JUDGE_MODEL
+            warn(f"{where}.model_name", f"missing: using {DEFAULT_JUDGE_MODEL!r}")
     raw_endpoint = params.get("endpoint")
     if raw_endpoint is not None and not isinstance(raw_endpoint, str):
         raise ConfigError(
-            f"{where}.endpoint: {raw_endpoint!r} is not a URL: write one URL as a string "
+            f"{where}.endpoint: {shown(raw_endpoint)} is not a URL: write one URL as a string "
             f"(a server of several is a {JUDGE_METRIC} metric of its own)"
         )
     # Without the trailing "/" the URL is the judge's base_url; "…/v1/" and "…/v1" are one
@@ -166,14 +178,14 @@ def _judge_from(
     endpoint = (raw_endpoint or UPSTREAM_ENDPOINT).rstrip("/")
     top = params.get("top_logprobs", UPSTREAM_TOP_LOGPROBS)
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
-        warn(f"{where}.top_logprobs", f"{top!r} is not a count: using 5")
+        warn(f"{where}.top_logprobs", f"{shown(top)} is not a count: using 5")
         top = UPSTREAM_TOP_LOGPROBS
     elif top > MAX_TOP_LOGPROBS:
         warn(f"{where}.top_logprobs", f"{top} is above {MAX_TOP_LOGPROBS}: using 20")
         top = MAX_TOP_LOGPROBS
     api_key_env: str | None = None
     key = params.get("API_KEY")
-    if key is not None and str(key) not in KEYLESS:
+    if key is not None and not (isinstance(key, str) and key in KEYLESS):
         api_key_env = "OPENAI_API_KEY"
         warn(
             f"{where}.API_KEY",

@@ -2,7 +2,8 @@
 
 The converted config is written line by line rather than by a TOML library so that its
 header can carry the conversion's warnings as comments and each table keeps upstream's order.
-These helpers give each piece its TOML form; the converter lays out the tables.
+These helpers give each piece its TOML form; the converter lays out the tables. :func:`shown`
+gives an upstream value as a warning (a comment) or an error names it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +21,13 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _DOTS = re.compile(r"\.{2,}")
 
+_SHOWN = reprlib.Repr()
+# Two levels of a few items each: YAML aliases make a list of 9**9 items in a 1 KB file, whose
+# whole repr filled memory.
+_SHOWN.maxlevel = 2
+_SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxtuple = _SHOWN.maxset = 4
+_SHOWN.maxstring = _SHOWN.maxother = 100
+
 
 def safe_name(name: str) -> str:
     """``name`` as a valid run, generator or judge name here (``imported`` if nothing is left)."""
@@ -27,6 +36,12 @@ def safe_name(name: str) -> str:
     cleaned = _UNSAFE_NAME_CHARS.sub("-", name)
     cleaned = _DOTS.sub(".", cleaned).strip("-._")[:128]
     return cleaned if is_safe_name(cleaned) else "imported"
+
+
+def shown(value: Any) -> str:
+    """``value``'s repr as a message shows it: long strings and large or deeply nested lists
+    and mappings cut short with ``...``."""
+    return _SHOWN.repr(value)
 
 
 def comment(text: str) -> str:
