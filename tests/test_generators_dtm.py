@@ -1216,8 +1216,25 @@ def test_a_preamble_and_an_explanation_come_off_the_rewrite_alone(answer: str, p
             '"I can\'t help you with that," says a robot holding a sign that reads "Closed"',
             '"I can\'t help you with that," says a robot holding a sign that reads "Closed"',
         ),
+        # Quotes of the prompt's own inside one pair around the whole answer.
+        (
+            '"A neon sign reading "OPEN" above a bakery door"',
+            'A neon sign reading "OPEN" above a bakery door',
+        ),
+        ("'The knights' shields gleam'", "The knights' shields gleam"),
+        ("'A jukebox playing rock 'n' roll'", "A jukebox playing rock 'n' roll"),
     ],
-    ids=["double", "single-apostrophe", "after-preamble", "two-phrases", "two-single", "robot"],
+    ids=[
+        "double",
+        "single-apostrophe",
+        "after-preamble",
+        "two-phrases",
+        "two-single",
+        "robot",
+        "quoted-inside",
+        "plural-possessive",
+        "rock-n-roll",
+    ],
 )
 def test_quotes_come_off_only_when_they_wrap_the_whole_rewrite(answer: str, prompt: str) -> None:
     assert rewritten_prompt(answer, "stop", guidance="G", max_tokens=256) == prompt

@@ -144,7 +144,16 @@ and``, a line, ``</think> in green``), so without the opening tag those keep the
 does a cut that would leave nothing."""
 
 APOSTROPHE_AS_QUOTE = re.compile(r"(?<![^\W\d_])'|'(?![^\W\d_])")
-"""A ``'`` that is a quote mark: not between two letters, as an apostrophe ("knight's") is."""
+"""A ``'`` that may be a quote mark: not between two letters, as an apostrophe ("knight's") is."""
+
+QUOTE_MARKS = {'"': re.compile('"'), "'": APOSTROPHE_AS_QUOTE}
+"""The marks inside an answer that may open or close a quote of each kind."""
+
+BEFORE_OPENING = "([{/-–—"
+"""Characters a quote may follow to open a phrase (besides a space): '("OPEN")'."""
+
+AFTER_CLOSING = ".,;:!?)]}/-–—"
+"""Characters a quote may precede to close a phrase (besides a space): '"OPEN".'."""
 
 FENCE = re.compile(r"```[\w+-]*+[^\S\n]*+\n(?P<inner>.*)\n[^\S\n]*+```", re.S)
 """A markdown code fence (with a language tag or none) around the whole answer."""
@@ -277,9 +286,25 @@ def _clean(text: str) -> str:
 
 def _wraps_all(text: str) -> bool:
     """Whether the quote marks at ``text``'s ends are one pair around all of it, not the first
-    and last of the prompt's own quoted phrases ('"Welcome" on a mat beside "Exit"'): no quote
-    of that kind opens or closes inside (an apostrophe between letters, "knight's", is none)."""
+    and last of the prompt's own quoted phrases ('"Welcome" on a mat beside "Exit"'): every
+    quote of that kind inside opens or closes a phrase inside ('"A sign reading "OPEN" above a
+    door"'), none closes the opening one early. Where a quote stands (after a space it opens,
+    before one it closes) says which it is; one that says neither keeps the quotes. Apostrophes
+    are no quotes: between letters ("knight's"), or closing no phrase after an "s" ("the
+    knights' shields")."""
     quote, inner = text[0], text[1:-1]
-    if quote == '"':
-        return '"' not in inner
-    return APOSTROPHE_AS_QUOTE.search(inner) is None
+    depth = 0  # the phrases opened inside and not yet closed
+    for mark in QUOTE_MARKS[quote].finditer(inner):
+        at = mark.start()
+        before = inner[at - 1] if at > 0 else " "
+        after = inner[at + 1] if at + 1 < len(inner) else " "
+        if not before.isspace() and (after.isspace() or after in AFTER_CLOSING):
+            if depth > 0:
+                depth -= 1
+            elif not (quote == "'" and before == "s"):
+                return False  # it closes the opening quote: that pair wraps only a phrase
+        elif (before.isspace() or before in BEFORE_OPENING) and not after.isspace():
+            depth += 1
+        else:
+            return False
+    return depth == 0
