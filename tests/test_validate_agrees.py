@@ -25,6 +25,7 @@ from trig_stream.cli import main
 from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.files import storage_error, write_atomic
+from trig_stream.records import MAX_NAME_CHARS
 from trig_stream.store import RunDir
 
 RUN = ["run", "--headless", "--no-report"]
@@ -82,9 +83,37 @@ def test_a_run_directory_too_long_for_the_files_of_a_run_is_refused_alike(
     assert errors[0] == (
         f"error: cannot create the run directory {output_dir / 'cli'}: File name too long: "
         "its path is 4060 bytes, and the files a run writes in it would be longer than this "
-        "system allows (4096 bytes); shorten output_dir or [run] name\n"
+        "system allows (4096 bytes): an image adds up to 150 bytes to it (images/t2i/<model>/"
+        "<data_id>.png, a data_id of up to 128 characters); shorten output_dir, [run] name or "
+        "the model's name\n"
     )
     assert not (output_dir / "cli").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "resumed"])
+def test_a_run_directory_too_long_for_a_models_images_is_refused_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], existing: bool
+) -> None:
+    # 3,960 bytes left room for an image's temporary file, not for its path under a model of
+    # 128 characters (images/t2i/<model>/<data_id>.png): validate ended in an OSError
+    # traceback (exit 1) looking for the images, and so did run.
+    path = write_config(tmp_path, samples=2)
+    output_dir = output_dir_for(tmp_path, 3960)
+    model = "m" * MAX_NAME_CHARS
+    text = path.read_text().replace('output_dir = "runs"', f'output_dir = "{output_dir}"')
+    path.write_text(text.replace('name = "synth"', f'name = "{model}"'))
+    if existing:
+        (output_dir / "cli").mkdir(parents=True)
+    err = both_refuse(path, capsys)
+    what = "write in" if existing else "create"
+    assert err == (
+        f"error: cannot {what} the run directory {output_dir / 'cli'}: File name too long: its "
+        "path is 3960 bytes, and the files a run writes in it would be longer than this system "
+        "allows (4096 bytes): an image adds up to 273 bytes to it (images/t2i/<model>/<data_id>"
+        ".png, a data_id of up to 128 characters); shorten output_dir, [run] name or the model's "
+        "name\n"
+    )
+    assert (output_dir / "cli").exists() == existing
 
 
 def test_a_folder_on_the_way_without_search_permission_is_refused_alike(

@@ -66,11 +66,12 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     # another seed) is refused here, with the run's message and exit code.
     # With --new-run, the run starts a fresh directory beside it: only that it can be made.
     fingerprints = {judge.name: judge_fingerprint(judge) for judge in judges}
+    manifest = run_manifest(config, generators, fingerprints)
     if args.new_run:
-        run_dir, journal = check_new_run(config.run_dir), JournalState()
+        run_dir, journal = check_new_run(config.run_dir, manifest), JournalState()
     else:
         run_dir = config.run_dir
-        journal = check_resume(run_dir, run_manifest(config, generators, fingerprints))
+        journal = check_resume(run_dir, manifest)
     # A judge's fixed serve.port, once the run directory passed: a run still going there
     # holds it with its server, and is what a run is refused for (exit 3), as the run
     # refuses it before its judges start. Else the port is why the server's start fails.

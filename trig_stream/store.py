@@ -110,18 +110,25 @@ LEFTOVER_TEMPORARY = re.compile(rf"\.{re.escape(MANIFEST)}\.\d+\.\d+\.tmp")
 manifest, left in the run directory by a crash."""
 
 
-ROOM_FOR_RUN_FILES = (
+ROOM_FOR_TEMPORARY_FILES = (
     len(f"/{IMAGES}/{PARTIAL}/.") + TEMP_NAME_BYTES + len(".4194304.18446744073709551615.tmp")
 )
-"""The bytes the longest path a run writes in its run directory adds to the directory's own:
-an image's temporary file, ``images/.partial/.<its name's head>.<pid>.<thread>.tmp`` (the
+"""The bytes the longest temporary file a run writes in its run directory adds to the
+directory's path: an image's, ``images/.partial/.<its name's head>.<pid>.<thread>.tmp`` (the
 largest pid and thread id Linux gives)."""
 
 
-def refuse_a_path_too_long(path: Path) -> None:
-    """Raise the error of a run directory ``path`` too long for the files a run writes in it:
-    made, it failed on the manifest's temporary file ("File name too long", naming a file
-    that holds the run's pid), which ``validate`` never looked at.
+def refuse_a_path_too_long(path: Path, manifest: Manifest, *, made_here: bool) -> None:
+    """Raise the error of a run directory ``path`` too long for the files a run with
+    ``manifest`` writes in it: made, it failed on the manifest's temporary file ("File name
+    too long", naming a file that holds the run's pid), which ``validate`` never looked at,
+    or on its images (``images/<task>/<model>/<data_id>.png``, a data_id a safe name of up
+    to :data:`~trig_stream.records.MAX_NAME_CHARS`: the longest of its files, a report's
+    ``report/<model>/`` ones included, when a model has a name).
+
+    Args:
+        made_here: the run makes ``path`` (or made it, for ``--new-run``), rather than
+            resuming a directory that was there: the error says what the run cannot do.
 
     Raises:
         RunDirError: ``path`` and the longest of those files exceed the system's limit.
@@ -131,12 +138,23 @@ def refuse_a_path_too_long(path: Path) -> None:
     except (OSError, ValueError):  # no such limit to ask for here: Linux's
         limit = 4096
     length = len(os.fsencode(path.absolute()))
-    if length + ROOM_FOR_RUN_FILES >= limit:  # the limit counts the final NUL
+    model = max(manifest.generators, key=len, default=None)
+    image = 0 if model is None else len(f"/{IMAGES}/{manifest.task}/{model}/.png") + MAX_NAME_CHARS
+    if length + max(image, ROOM_FOR_TEMPORARY_FILES) < limit:  # the limit counts the final NUL
+        return
+    what = "create" if made_here else "write in"
+    problem = (
+        f"cannot {what} the run directory {path}: {os.strerror(errno.ENAMETOOLONG)}: its path "
+        f"is {length} bytes, and the files a run writes in it would be longer than this system "
+        f"allows ({limit} bytes)"
+    )
+    if image > ROOM_FOR_TEMPORARY_FILES:
         raise RunDirError(
-            f"cannot create the run directory {path}: {os.strerror(errno.ENAMETOOLONG)}: its "
-            f"path is {length} bytes, and the files a run writes in it would be longer than "
-            f"this system allows ({limit} bytes); shorten output_dir or [run] name"
+            f"{problem}: an image adds up to {image} bytes to it ({IMAGES}/{manifest.task}/<model>/"
+            f"<data_id>.png, a data_id of up to {MAX_NAME_CHARS} characters); shorten "
+            "output_dir, [run] name or the model's name"
         )
+    raise RunDirError(f"{problem}; shorten output_dir or [run] name")
 
 
 class RunDir:
@@ -175,8 +193,9 @@ class RunDir:
         run = cls(path)
         with _made_lock:
             made = _made_for_runs.pop(path, [])
+        fresh = path in made or not os.path.isdir(path)  # else a directory to resume
         try:
-            refuse_a_path_too_long(path)
+            refuse_a_path_too_long(path, manifest, made_here=fresh)
         except RunDirError:
             remove_made_dirs(made)  # a --new-run directory made for it: nothing to resume
             raise
@@ -738,7 +757,7 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
     if writer is not None:
         raise RunLockedError(journal_in_use(path))
     # In the run's order: making the directory, then looking into it, then writing there.
-    refuse_a_path_too_long(path)
+    refuse_a_path_too_long(path, manifest, made_here=not os.path.isdir(path))
     _refuse_a_file_on_the_way(path)
     refuse_links(path)
     _refuse_unwritable(path)
@@ -945,9 +964,10 @@ def _holds_a_file(folder: Path) -> bool:
     return False
 
 
-def check_new_run(path: Path) -> Path:
+def check_new_run(path: Path, manifest: Manifest) -> Path:
     """The run directory ``run --new-run`` would take for ``path``
-    (:func:`next_free_run_dir`'s choice), made nothing of: ``validate --new-run``.
+    (:func:`next_free_run_dir`'s choice), made nothing of, for a run with ``manifest``:
+    ``validate --new-run``.
 
     Raises:
         RunDirError: what :func:`next_free_run_dir` would raise: the folder of run
@@ -963,7 +983,7 @@ def check_new_run(path: Path) -> Path:
         if not _writable(missing.parent):
             what = f"create the folder of run directories {folder}"
             raise storage_error(_denied(missing, missing.parent), what, nothing_written=True)
-        refuse_a_path_too_long(path)
+        refuse_a_path_too_long(path, manifest, made_here=True)
         return path
     candidate, number = path, 1
     while candidate.exists() or candidate.is_symlink():
@@ -974,7 +994,7 @@ def check_new_run(path: Path) -> Path:
     if not _writable(folder):
         what = f"create the run directory {candidate}"
         raise storage_error(_denied(candidate, folder), what, nothing_written=True)
-    refuse_a_path_too_long(candidate)
+    refuse_a_path_too_long(candidate, manifest, made_here=True)
     return candidate
 
 
