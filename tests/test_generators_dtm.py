@@ -675,6 +675,31 @@ def test_a_rewrite_a_hard_stop_ends_is_neither_stored_nor_noted(
     assert generator.prompt_rewrite("H_1") is None
 
 
+@pytest.mark.parametrize("stop", ["hard", "graceful"])
+def test_rewrites_of_images_a_stop_cut_while_drawing_are_neither_stored_nor_noted(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    # Rewritten, then cut by the stop in the inner generator (H_1 drawn before it): the
+    # rewrite of H_2 was stored, and the end note counted it, though no image was drawn from
+    # it and the sample is asked again on resume.
+    cancel = threading.Event()
+
+    def stopped_while_drawing(requests: Sequence[GenerationRequest], **_: Any) -> list[Any]:
+        if stop == "hard":
+            cancel.set()
+        cut = ItemError("cancelled") if stop == "hard" else NotAsked("stopped")
+        return [draw(requests[0].seed, 8), cut]
+
+    generator = rewriter(server)
+    monkeypatch.setattr(generator.inner, "generate", stopped_while_drawing)
+    server.rewrite = lambda user: ""  # each falls back: a rewrite the end note counts
+    requests = [request("H_1", "IQ-R", "TA-C"), request("H_2", "IQ-R", "TA-C")]
+    generator.generate(requests, worker=0, cancel=cancel)
+    assert list(generator.rewrites) == ["H_1"]
+    assert generator.prompt_rewrite("H_2") is None
+    assert generator.notes()[0].startswith("1 of 1 prompts were not rewritten")
+
+
 def test_an_llm_never_reached_stops_the_run(server: GenerationAPIServer) -> None:
     # Every rewrite fell back, every image was drawn from its original prompt and scored ok
     # under the dtm name, and the run exited 0 with a note.

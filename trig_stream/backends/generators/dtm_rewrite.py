@@ -343,7 +343,19 @@ class DTMRewriteGenerator(Generator):
                 self.rewrites[request.sample.data_id] = outcome
             sample = request.sample.model_copy(update={"prompt": outcome.prompt})
             rewritten.append(GenerationRequest(request.model, sample, request.seed))
-        return self.inner.generate(rewritten, worker=worker, cancel=cancel)
+        pictures = self.inner.generate(rewritten, worker=worker, cancel=cancel)
+        if isinstance(pictures, Sequence) and len(pictures) == len(requests):  # else broken
+            # The stop cut the drawing of these: asked again on resume, as above.
+            cut = [
+                request.sample.data_id
+                for request, picture in zip(requests, pictures, strict=True)
+                if isinstance(picture, NotAsked)
+                or (isinstance(picture, Exception) and cancel.is_set())
+            ]
+            with self._lock:
+                for data_id in cut:
+                    del self.rewrites[data_id]
+        return pictures
 
     def prompt_rewrite(self, data_id: str) -> PromptRewrite | None:
         with self._lock:
