@@ -21,8 +21,10 @@ import pytest
 
 from tests.conftest import write_prompts
 from tests.test_cli import write_config
+from trig_stream.backends.registry import build_generator
 from trig_stream.cli import main
-from trig_stream.errors import RunDirError
+from trig_stream.config import load_config
+from trig_stream.errors import FatalBackendError, RunDirError
 from trig_stream.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.files import storage_error, write_atomic
 from trig_stream.records import MAX_NAME_CHARS
@@ -516,6 +518,23 @@ def test_a_refused_image_folder_is_named_as_the_config_wrote_it(
     err = both_refuse_alike(path, capsys, EXIT_FATAL)
     why = "cannot be read" if what == "unreadable" else "does not exist or is not a folder"
     assert f"image folder {written} (that is {folder}) {why}" in err
+
+
+def test_an_image_folder_copied_with_another_path_is_named_by_that_path(tmp_path: Path) -> None:
+    # A loaded config copied with another folder (as an embedding application copies it):
+    # its message named the folder as the file wrote it, "imgs (that is /elsewhere/other)".
+    path = write_config(tmp_path, samples=2)
+    made = '[[generators]]\nname = "made"\nbackend = "image_folder"\noptions = { path = "imgs" }\n'
+    path.write_text(path.read_text().replace("[[generators]]", made + "[[generators]]", 1))
+    config = load_config(path)
+    entry = config.generators[0]
+    other = tmp_path / "elsewhere" / "other"
+    copied = entry.model_copy(update={"options": {**entry.options, "path": str(other)}})
+    generators = [copied, *config.generators[1:]]
+    config = config.model_copy(update={"generators": generators}).resolve_paths(tmp_path)
+    assert config.generators[0].written_options == {"path": str(other)}
+    with pytest.raises(FatalBackendError, match=f"^image folder {other} does not exist"):
+        build_generator(config.generators[0], config).check_environment()
 
 
 @pytest.mark.timeout(60)  # a pipe as the journal was waited on for ever

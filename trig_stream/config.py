@@ -108,14 +108,19 @@ class GeneratorConfig(_Section):
     batch_size: Annotated[int, Field(ge=1, le=256)] = 1
     options: dict[str, Any] = Field(default_factory=dict)
     """Backend-specific settings, checked by the backend's own model."""
-    _written_options: dict[str, Any] | None = PrivateAttr(default=None)
+    _written_options: tuple[dict[str, Any], dict[str, Any]] | None = PrivateAttr(default=None)
+    """``options`` as the config wrote them, and the resolved ``options`` they became."""
 
     @property
     def written_options(self) -> dict[str, Any]:
         """``options`` as the config wrote them, before :meth:`RunConfig.resolve_paths` made
         their paths absolute: a message names a path as the user wrote it (``imgs``, relative
-        to the config's folder), not only as it resolved."""
-        return self.options if self._written_options is None else self._written_options
+        to the config's folder), not only as it resolved. Only while ``options`` are those
+        they became: a copy with other options (``model_copy(update=...)``) wrote these."""
+        if self._written_options is None:
+            return self.options
+        written, resolved = self._written_options
+        return written if resolved == self.options else self.options
 
 
 class AdaptiveConcurrency(_Section):
@@ -242,7 +247,7 @@ class RunConfig(_Section):
                 update={"options": _resolve_options(g.options, base, ("generators", i, "options"))}
             )
             # Kept through a second resolution (the engine resolves a loaded config again).
-            resolved._written_options = g.written_options
+            resolved._written_options = (g.written_options, resolved.options)
             generators.append(resolved)
         judges = [
             j.model_copy(
