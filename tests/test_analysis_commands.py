@@ -531,6 +531,25 @@ def test_a_report_removes_the_model_folders_and_comparison_an_earlier_one_wrote(
     assert "(the other files in it are kept)" in text
 
 
+def test_the_removal_lines_show_a_newline_in_the_folder_s_name_as_text(tmp_path: Path) -> None:
+    # Escaped of its control characters but not of a newline, the folder's name split each
+    # line in two, the second reading as the program's own ("FAKE LINE/model-b are removed").
+    two = write_run_dir(tmp_path / "two", {})
+    one = write_run_dir(tmp_path / "one", {}, models=("model-a",))
+    out = tmp_path / "out\nFAKE LINE"
+    assert run_command("report", str(two), "--out", str(out), "--no-plots")[0] == 0
+    code, text = run_command("report", str(one), "--out", str(out), "--no-plots")
+    assert code == 0
+    shown = str(tmp_path / "out\\nFAKE LINE")
+    lines = text.splitlines()
+    assert not any(line.startswith("FAKE LINE") for line in lines)
+    assert (
+        f"model-b: no judgement of metric 'trigscore' in {one}; the report files an earlier "
+        f"report wrote in {shown}/model-b are removed"
+    ) in lines
+    assert f"{shown}/comparison.md removed: this report has one model" in lines
+
+
 def test_a_report_removes_the_temporary_files_a_killed_report_left(tmp_path: Path) -> None:
     # A report killed (kill -9) between writing its files and renaming them left their
     # temporaries beside them, which no later report or run removed.

@@ -374,8 +374,9 @@ def _remove_stale_outputs(
 
 
 def _say(console: Console, text: str) -> None:
-    # Its notes name paths and data_ids from outside: shown, never sent to the terminal.
-    console.print(printable(text), highlight=False, markup=False, soft_wrap=True)
+    # Its notes name paths and data_ids from outside: shown, never sent to the terminal, and
+    # on one line (a newline in a folder's name started a line that read as the program's).
+    console.print(one_line(text), highlight=False, markup=False, soft_wrap=True)
 
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
