@@ -1400,14 +1400,20 @@ def test_options_need_relations_and_valid_inner_options(tmp_path: Path) -> None:
         )
 
 
-FOLDER_REFUSED = (
-    "generator 'g': its inner generator, ImageFolderGenerator, serves images made elsewhere, "
-    "not from the prompt it is given: there is nothing to rewrite; use it without dtm_rewrite"
-)
-NESTED_REFUSED = (
-    "generator 'g': its inner generator, DTMRewriteGenerator, is a dtm_rewrite itself: one "
-    "rewrite is made per prompt; give the inner one's inner generator here instead"
-)
+def folder_refused(inner: str) -> str:
+    """The refusal of an inner generator named ``inner`` that draws nothing from the prompt."""
+    return (
+        f"generator 'g': its {inner} serves images made elsewhere, not from the prompt it is "
+        "given: there is nothing to rewrite; use it without dtm_rewrite"
+    )
+
+
+def nested_refused(inner: str) -> str:
+    """The refusal of an inner generator named ``inner`` that is a dtm_rewrite itself."""
+    return (
+        f"generator 'g': its {inner} is a dtm_rewrite itself: one rewrite is made per prompt; "
+        "give the inner one's inner generator here instead"
+    )
 
 
 def test_images_made_elsewhere_have_no_prompt_to_rewrite(
@@ -1421,7 +1427,10 @@ def test_images_made_elsewhere_have_no_prompt_to_rewrite(
         "inner": {"backend": "image_folder", "options": {"path": str(tmp_path)}},
     }
     config = make_config(generators=[{"name": "g", "backend": "dtm_rewrite", "options": options}])
-    with pytest.raises(ConfigError, match=re.escape(FOLDER_REFUSED)):
+    # Named as the config names it (was its Python class, ImageFolderGenerator).
+    with pytest.raises(
+        ConfigError, match=re.escape(folder_refused("inner backend 'image_folder'"))
+    ):
         build_generator(config.generators[0], config)
 
 
@@ -1435,7 +1444,7 @@ def test_a_rewrite_around_a_rewrite_is_refused(make_config: ConfigFactory, tmp_p
         "inner": {"backend": "dtm_rewrite", "options": inner},
     }
     config = make_config(generators=[{"name": "g", "backend": "dtm_rewrite", "options": options}])
-    with pytest.raises(ConfigError, match=re.escape(NESTED_REFUSED)):
+    with pytest.raises(ConfigError, match=re.escape(nested_refused("inner backend 'dtm_rewrite'"))):
         build_generator(config.generators[0], config)
 
 
@@ -1446,10 +1455,12 @@ def test_an_inner_instance_is_checked_as_the_configs_inner_entry_is(tmp_path: Pa
         {"inner": {"backend": "synthetic"}, "model": "m", "relations": {"IQ-R_TA-C": 0}}
     )
     folder = ImageFolderGenerator("g", ImageFolderOptions(path=tmp_path))
-    with pytest.raises(ConfigError, match=re.escape(FOLDER_REFUSED)):
+    refused = folder_refused("inner generator, ImageFolderGenerator,")
+    with pytest.raises(ConfigError, match=re.escape(refused)):
         DTMRewriteGenerator("g", options, folder)
     nested = DTMRewriteGenerator("g", options, RecordingGenerator())
-    with pytest.raises(ConfigError, match=re.escape(NESTED_REFUSED)):
+    refused = nested_refused("inner generator, DTMRewriteGenerator,")
+    with pytest.raises(ConfigError, match=re.escape(refused)):
         DTMRewriteGenerator("g", options, nested)
 
 

@@ -275,6 +275,7 @@ class DTMRewriteGenerator(Generator):
             inner = build_generator(inner_entry, config)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"generator {entry.name!r}: {exc}") from None
+        _check_inner(entry.name, inner, f"inner backend {options.inner.backend!r}")
         try:
             return cls(entry.name, options, inner)
         except (OSError, ValueError) as exc:
@@ -563,26 +564,29 @@ def _relation_table(options: DTMRewriteOptions) -> RelationTable:
     return table
 
 
-def _check_inner(name: str, inner: Generator) -> None:
+def _check_inner(name: str, inner: Generator, named: str | None = None) -> None:
     """Refuse an inner generator that draws nothing from the prompt, or another rewrite: the
     config's inner entry and an instance passed to the engine alike.
+
+    Args:
+        named: what the message calls it (a config's ``inner backend 'image_folder'``);
+            None: its class, as an instance passed through the embedding API is known.
 
     Raises:
         ConfigError: ``inner`` is an image folder or another dtm_rewrite.
     """
+    named = named or f"inner generator, {type(inner).__name__},"
     if isinstance(inner, DTMRewriteGenerator):
         # The outer rewrite of its rewrite would be drawn, and the journal would record the
         # inner one's prompt, not the one the image was drawn from.
         raise ConfigError(
-            f"generator {name!r}: its inner generator, {type(inner).__name__}, is a "
-            "dtm_rewrite itself: one rewrite is made per prompt; give the inner one's inner "
-            "generator here instead"
+            f"generator {name!r}: its {named} is a dtm_rewrite itself: one rewrite is made per "
+            "prompt; give the inner one's inner generator here instead"
         )
     if not inner.draws_from_the_prompt:
         # Its images would be recorded as drawn from rewrites they never saw, each one an LLM
         # call paid for nothing.
         raise ConfigError(
-            f"generator {name!r}: its inner generator, {type(inner).__name__}, serves images "
-            "made elsewhere, not from the prompt it is given: there is nothing to rewrite; use "
-            "it without dtm_rewrite"
+            f"generator {name!r}: its {named} serves images made elsewhere, not from the prompt "
+            "it is given: there is nothing to rewrite; use it without dtm_rewrite"
         )
