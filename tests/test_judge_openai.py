@@ -204,6 +204,60 @@ async def test_file_urls_refused_from_the_start_stop_the_run_naming_the_server_o
     )
 
 
+@pytest.mark.parametrize(
+    ("run_folder", "allowed_folder"),
+    [("safety-r7", "elsewhere"), ("runs", "content-policy"), ("run #1 moderation%", "elsewhere")],
+)
+async def test_file_urls_refused_stop_the_run_whatever_words_their_folders_hold(
+    tmp_path: Path, run_folder: str, allowed_folder: str | None
+) -> None:
+    # vLLM's refusal quotes the file's path and the allowed folder: a run named "safety-r7"
+    # read as a content filter's refusal, which never counts, and the run ended exit 0 with
+    # every judgement an error.
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
+
+    path = tmp_path / run_folder / "image.png"
+    path.parent.mkdir()
+    Image.new("RGB", (24, 16), (30, 120, 200)).save(path)
+    allowed = None if allowed_folder is None else tmp_path / allowed_folder
+    if allowed is not None:
+        allowed.mkdir()
+    options = JudgeServerOptions(allowed_local_media_path=allowed)
+    async with JudgeServer(options) as server, judge_at(server, image_mode="file") as judge:
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError, match="allowed-local-media-path") as caught:
+                await ask(judge, path)
+            assert not isinstance(caught.value, FatalBackendError)
+        with pytest.raises(FatalBackendError, match="against --allowed-local-media-path"):
+            await ask(judge, path)
+
+
+@pytest.mark.parametrize("run_folder", ["safety-r7", "policy review #1 %20"])
+async def test_refusals_quoting_the_image_s_path_stop_the_run_whatever_words_it_holds(
+    tmp_path: Path, run_folder: str
+) -> None:
+    # A server that cannot read the file (a vLLM on another machine) quotes its path: the
+    # request's own words, never a content filter's, whatever the run directory is named.
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP, status_error
+
+    path = tmp_path / run_folder / "image.png"
+    path.parent.mkdir()
+    Image.new("RGB", (24, 16), (30, 120, 200)).save(path)
+    async with JudgeServer() as server, judge_at(server, image_mode="file") as judge:
+
+        async def refused(*args: object) -> None:
+            said = {"message": f"[Errno 2] No such file or directory: '{path.resolve()}'"}
+            raise status_error(400, {}, said, endpoint=server.base_url, secret=None, key_source="")
+
+        judge._endpoints[0].transport.post = refused  # type: ignore[method-assign,assignment]
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError, match="No such file") as caught:
+                await ask(judge, path)
+            assert not isinstance(caught.value, FatalBackendError)
+        with pytest.raises(FatalBackendError, match="none succeeded"):
+            await ask(judge, path)
+
+
 def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
     path = tmp_path / "big.png"
     Image.new("RGB", (200, 100), (1, 2, 3)).save(path)
