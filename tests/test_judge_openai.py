@@ -272,6 +272,28 @@ def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
         judge.prepare(tmp_path / "junk.png")
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_an_image_shrunk_to_max_pixels_keeps_its_transparency(tmp_path: Path, mode: str) -> None:
+    # Shrinking changes the size only: made RGB first, a transparent background reached the
+    # judge black, while the same image sent whole is flattened by vLLM onto white.
+    disc = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    disc.paste((255, 0, 0, 255), (20, 20, 44, 44))
+    path = tmp_path / "disc.png"
+    if mode == "P":  # a palette whose entry 0 is transparent, as GIFs and small PNGs have
+        palette = Image.new("P", (64, 64), 0)
+        palette.putpalette([0, 0, 0, 255, 0, 0])
+        palette.paste(1, (20, 20, 44, 44))
+        palette.save(path, transparency=0)
+    else:
+        disc.convert(mode).save(path)
+    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url="http://x/v1", model="m", max_pixels=4095))
+    data = base64.b64decode(judge.prepare(path).payload.url.partition(",")[2])
+    with Image.open(io.BytesIO(data)) as shrunk:
+        assert (shrunk.mode, shrunk.size) == ("RGBA", (63, 63))
+        alpha = shrunk.getchannel("A")
+        assert (alpha.getpixel((0, 0)), alpha.getpixel((31, 31))) == (0, 255)
+
+
 @pytest.mark.parametrize(("size", "shrunk"), [((1, 10000), (1, 64)), ((5000, 3), (64, 1))])
 def test_a_thin_image_is_shrunk_to_max_pixels_too(
     tmp_path: Path, size: tuple[int, int], shrunk: tuple[int, int]
