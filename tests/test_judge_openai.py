@@ -365,6 +365,28 @@ def test_every_base_url_option_refuses_what_is_not_an_http_url(url: str, message
             build()
 
 
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+def test_validate_refuses_a_seed_past_64_bits_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: int
+) -> None:
+    # It validated, and vLLM refused every request (400) with it; the run then stopped
+    # naming other options.
+    from tests.conftest import run_and_dataset_toml
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_CONFIG
+
+    path = tmp_path / "run.toml"
+    path.write_text(
+        run_and_dataset_toml(tmp_path)
+        + '[[generators]]\nname = "s"\nbackend = "synthetic"\n[[judges]]\nbackend = "openai"\n'
+        + f'options = {{ model = "m", base_url = "http://127.0.0.1:9/v1", seed = {seed} }}\n'
+    )
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    assert "judges[0].options.seed:" in capsys.readouterr().err
+    for edge in (2**63 - 1, -(2**63)):
+        assert OpenAIJudgeOptions(model="m", base_url="http://x/v1", seed=edge).seed == edge
+
+
 def test_options_refuse_ambiguous_endpoints() -> None:
     with pytest.raises(ValueError, match="exactly one of base_url and base_urls"):
         OpenAIJudgeOptions(model="m")
@@ -503,8 +525,11 @@ async def test_refusals_before_any_success_stop_the_run_after_a_few(
             with pytest.raises(ItemError, match="HTTP 400") as caught:
                 await judge.judge(JudgeRequest("m", sample(), "IQ-R", refused, 1))
             assert not isinstance(caught.value, FatalBackendError)
-        with pytest.raises(FatalBackendError, match=r"HTTP 400.*none succeeded: check the judge"):
+        with pytest.raises(
+            FatalBackendError, match=r"HTTP 400.*none succeeded: check the judge"
+        ) as stopped:
             await judge.judge(JudgeRequest("m", sample(), "IQ-R", refused, 1))
+        assert "max_tokens and max_pixels against the model's context" in str(stopped.value)
     async with JudgeServer() as server, judge_at(server, client=client) as judge:
         await ask(judge, image)  # once one has succeeded, a refusal is its own request's
         for _ in range(REFUSALS_TO_STOP + 1):

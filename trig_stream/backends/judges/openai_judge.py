@@ -119,7 +119,9 @@ class OpenAIJudgeOptions(BaseModel):
     """NAME of the environment variable holding the key; unset for a keyless local server."""
     top_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
     temperature: Annotated[float, Field(ge=0)] = 1.0
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    """Sent when set: a signed 64-bit integer, as vLLM takes (it refuses every request with
+    another)."""
     max_tokens: Annotated[int, Field(ge=1)] = 1
     timeout_s: CallTimeout = 60.0
     max_pixels: Annotated[int, Field(ge=64)] | None = None
@@ -275,7 +277,10 @@ class _Endpoint:
         if self.refused < REFUSALS_TO_STOP:
             return None
         # Every answer so far a refusal: the requests, not the images, are at fault.
-        limits = "top_logprobs against --max-logprobs, max_pixels against the model's context"
+        limits = (
+            "top_logprobs against --max-logprobs, max_tokens and max_pixels against the "
+            "model's context"
+        )
         if self.file_urls:
             limits += (
                 ", image_mode = 'file' against --allowed-local-media-path (a folder "
