@@ -204,6 +204,60 @@ async def test_file_urls_refused_from_the_start_stop_the_run_naming_the_server_o
     )
 
 
+@pytest.mark.parametrize(
+    ("run_folder", "allowed_folder"),
+    [("safety-r7", "elsewhere"), ("runs", "content-policy"), ("run #1 moderation%", "elsewhere")],
+)
+async def test_file_urls_refused_stop_the_run_whatever_words_their_folders_hold(
+    tmp_path: Path, run_folder: str, allowed_folder: str | None
+) -> None:
+    # vLLM's refusal quotes the file's path and the allowed folder: a run named "safety-r7"
+    # read as a content filter's refusal, which never counts, and the run ended exit 0 with
+    # every judgement an error.
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
+
+    path = tmp_path / run_folder / "image.png"
+    path.parent.mkdir()
+    Image.new("RGB", (24, 16), (30, 120, 200)).save(path)
+    allowed = None if allowed_folder is None else tmp_path / allowed_folder
+    if allowed is not None:
+        allowed.mkdir()
+    options = JudgeServerOptions(allowed_local_media_path=allowed)
+    async with JudgeServer(options) as server, judge_at(server, image_mode="file") as judge:
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError, match="allowed-local-media-path") as caught:
+                await ask(judge, path)
+            assert not isinstance(caught.value, FatalBackendError)
+        with pytest.raises(FatalBackendError, match="against --allowed-local-media-path"):
+            await ask(judge, path)
+
+
+@pytest.mark.parametrize("run_folder", ["safety-r7", "policy review #1 %20"])
+async def test_refusals_quoting_the_image_s_path_stop_the_run_whatever_words_it_holds(
+    tmp_path: Path, run_folder: str
+) -> None:
+    # A server that cannot read the file (a vLLM on another machine) quotes its path: the
+    # request's own words, never a content filter's, whatever the run directory is named.
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP, status_error
+
+    path = tmp_path / run_folder / "image.png"
+    path.parent.mkdir()
+    Image.new("RGB", (24, 16), (30, 120, 200)).save(path)
+    async with JudgeServer() as server, judge_at(server, image_mode="file") as judge:
+
+        async def refused(*args: object) -> None:
+            said = {"message": f"[Errno 2] No such file or directory: '{path.resolve()}'"}
+            raise status_error(400, {}, said, endpoint=server.base_url, secret=None, key_source="")
+
+        judge._endpoints[0].transport.post = refused  # type: ignore[method-assign,assignment]
+        for _ in range(REFUSALS_TO_STOP - 1):
+            with pytest.raises(ItemError, match="No such file") as caught:
+                await ask(judge, path)
+            assert not isinstance(caught.value, FatalBackendError)
+        with pytest.raises(FatalBackendError, match="none succeeded"):
+            await ask(judge, path)
+
+
 def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
     path = tmp_path / "big.png"
     Image.new("RGB", (200, 100), (1, 2, 3)).save(path)
@@ -216,6 +270,28 @@ def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(ItemError, match="not a readable image"):
         judge.prepare(tmp_path / "junk.png")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_an_image_shrunk_to_max_pixels_keeps_its_transparency(tmp_path: Path, mode: str) -> None:
+    # Shrinking changes the size only: made RGB first, a transparent background reached the
+    # judge black, while the same image sent whole is flattened by vLLM onto white.
+    disc = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    disc.paste((255, 0, 0, 255), (20, 20, 44, 44))
+    path = tmp_path / "disc.png"
+    if mode == "P":  # a palette whose entry 0 is transparent, as GIFs and small PNGs have
+        palette = Image.new("P", (64, 64), 0)
+        palette.putpalette([0, 0, 0, 255, 0, 0])
+        palette.paste(1, (20, 20, 44, 44))
+        palette.save(path, transparency=0)
+    else:
+        disc.convert(mode).save(path)
+    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url="http://x/v1", model="m", max_pixels=4095))
+    data = base64.b64decode(judge.prepare(path).payload.url.partition(",")[2])
+    with Image.open(io.BytesIO(data)) as shrunk:
+        assert (shrunk.mode, shrunk.size) == ("RGBA", (63, 63))
+        alpha = shrunk.getchannel("A")
+        assert (alpha.getpixel((0, 0)), alpha.getpixel((31, 31))) == (0, 255)
 
 
 @pytest.mark.parametrize(("size", "shrunk"), [((1, 10000), (1, 64)), ((5000, 3), (64, 1))])
@@ -287,6 +363,28 @@ def test_every_base_url_option_refuses_what_is_not_an_http_url(url: str, message
     ):
         with pytest.raises(ValueError, match=message):
             build()
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+def test_validate_refuses_a_seed_past_64_bits_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: int
+) -> None:
+    # It validated, and vLLM refused every request (400) with it; the run then stopped
+    # naming other options.
+    from tests.conftest import run_and_dataset_toml
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_CONFIG
+
+    path = tmp_path / "run.toml"
+    path.write_text(
+        run_and_dataset_toml(tmp_path)
+        + '[[generators]]\nname = "s"\nbackend = "synthetic"\n[[judges]]\nbackend = "openai"\n'
+        + f'options = {{ model = "m", base_url = "http://127.0.0.1:9/v1", seed = {seed} }}\n'
+    )
+    assert main(["validate", str(path)]) == EXIT_CONFIG
+    assert "judges[0].options.seed:" in capsys.readouterr().err
+    for edge in (2**63 - 1, -(2**63)):
+        assert OpenAIJudgeOptions(model="m", base_url="http://x/v1", seed=edge).seed == edge
 
 
 def test_options_refuse_ambiguous_endpoints() -> None:
@@ -427,8 +525,11 @@ async def test_refusals_before_any_success_stop_the_run_after_a_few(
             with pytest.raises(ItemError, match="HTTP 400") as caught:
                 await judge.judge(JudgeRequest("m", sample(), "IQ-R", refused, 1))
             assert not isinstance(caught.value, FatalBackendError)
-        with pytest.raises(FatalBackendError, match=r"HTTP 400.*none succeeded: check the judge"):
+        with pytest.raises(
+            FatalBackendError, match=r"HTTP 400.*none succeeded: check the judge"
+        ) as stopped:
             await judge.judge(JudgeRequest("m", sample(), "IQ-R", refused, 1))
+        assert "max_tokens and max_pixels against the model's context" in str(stopped.value)
     async with JudgeServer() as server, judge_at(server, client=client) as judge:
         await ask(judge, image)  # once one has succeeded, a refusal is its own request's
         for _ in range(REFUSALS_TO_STOP + 1):

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import anyio
 import anyio.lowlevel
 import pytest
+from PIL import Image
 
 import trig_stream
 from trig_stream.backends import plugins
@@ -27,6 +28,7 @@ from trig_stream.backends.metrics.base import (
     Value,
     compute_async,
     compute_set_async,
+    load_rgb_image,
 )
 from trig_stream.backends.metrics.nsfw import NSFWOptions
 from trig_stream.backends.metrics.registry import import_metric, metric_names, register_metric
@@ -189,6 +191,52 @@ def test_trigscore_metric_wraps_the_scorer() -> None:
         None,
     ]
     assert trig.fingerprint() == {"metric": "trigscore", "scorer": "trig", "confidence": True}
+
+
+def _disc(mode: str, colour: tuple[int, int, int], background_alpha: int) -> Image.Image:
+    """A 64x64 disc of ``colour`` (a square, really) on a black background of the alpha
+    given, in ``mode`` (a palette one with entry 0, the background, transparent)."""
+    if mode == "P":
+        image = Image.new("P", (64, 64), 0)
+        image.putpalette([0, 0, 0, *colour])
+        image.paste(1, (20, 20, 44, 44))
+        if background_alpha == 0:
+            image.info["transparency"] = 0
+        return image
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, background_alpha))
+    image.paste((*colour, 255), (20, 20, 44, 44))
+    return image.convert(mode)
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_transparent_image_loads_on_white_as_vllm_flattens_it(
+    tmp_path: Path, mode: str, as_file: bool
+) -> None:
+    # Flattened onto black, a transparent background looked black to the transformers and
+    # metric judges, and white to an openai judge behind vLLM.
+    image = _disc(mode, (255, 0, 0), background_alpha=0)
+    if as_file:
+        image.save(tmp_path / "disc.png")
+    loaded = load_rgb_image(tmp_path / "disc.png" if as_file else image)
+    assert loaded.mode == "RGB"
+    assert loaded.getpixel((0, 0)) == (255, 255, 255)
+    assert loaded.getpixel((31, 31)) == image.convert("RGB").getpixel((31, 31))
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_an_opaque_image_loads_as_its_plain_rgb(tmp_path: Path, mode: str, as_file: bool) -> None:
+    # Flattening onto white must change no pixel of an image with nothing transparent in
+    # it (an alpha channel all 255, a transparent palette entry no pixel uses): its scores
+    # stay what they were.
+    image = _disc(mode, (30, 120, 200), background_alpha=255)
+    if mode == "P":
+        image.info["transparency"] = 2  # an entry no pixel uses
+    if as_file:
+        image.save(tmp_path / "disc.png")
+    loaded = load_rgb_image(tmp_path / "disc.png" if as_file else image)
+    assert loaded.tobytes() == image.convert("RGB").tobytes()
 
 
 @pytest.mark.anyio

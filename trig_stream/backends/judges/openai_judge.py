@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -119,7 +119,9 @@ class OpenAIJudgeOptions(BaseModel):
     """NAME of the environment variable holding the key; unset for a keyless local server."""
     top_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
     temperature: Annotated[float, Field(ge=0)] = 1.0
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    """Sent when set: a signed 64-bit integer, as vLLM takes (it refuses every request with
+    another)."""
     max_tokens: Annotated[int, Field(ge=1)] = 1
     timeout_s: CallTimeout = 60.0
     max_pixels: Annotated[int, Field(ge=64)] | None = None
@@ -259,24 +261,26 @@ class _Endpoint:
     cut_to: int | None = None
     """How many top logprobs the latest answer that held fewer than asked held."""
 
-    def refusal(self, error: ItemError) -> FatalBackendError | None:
-        """The run-stopping error ``error`` (a 4xx) stands for, or None if it is the request's."""
+    def refusal(self, error: ItemError, image: EncodedImage) -> FatalBackendError | None:
+        """The run-stopping error ``error`` (a 4xx refusing a request about ``image``) stands
+        for, or None if it is the request's."""
         if self.answered:
             return self._lost(error) if isinstance(error, NotFoundError) else None
         if isinstance(error, NotFoundError):  # no content filter answers 404
             check = "serve.command's served model name" if self.served else None
             return error.before_any_success(model=self.model, check=check)
-        if CONTENT_REFUSAL.search(error.server_said):
+        if self._content_refusal(error.server_said, image):
             # A content filter refuses images one by one (a run of TRIG's toxicity samples
-            # can set it off many times in a row): never the config's fault. Only what the
-            # server said is read: the message also names the endpoint, whose URL may hold
-            # "/safety/", and a server may quote the request back (a model "...-Judge").
+            # can set it off many times in a row): never the config's fault.
             return None
         self.refused += 1
         if self.refused < REFUSALS_TO_STOP:
             return None
         # Every answer so far a refusal: the requests, not the images, are at fault.
-        limits = "top_logprobs against --max-logprobs, max_pixels against the model's context"
+        limits = (
+            "top_logprobs against --max-logprobs, max_tokens and max_pixels against the "
+            "model's context"
+        )
         if self.file_urls:
             limits += (
                 ", image_mode = 'file' against --allowed-local-media-path (a folder "
@@ -287,6 +291,23 @@ class _Endpoint:
             f"none succeeded: check the judge's options against the server's limits ({limits}); "
             "the refused ones are kept as errors: resume with --retry-errors to ask again"
         )
+
+    def _content_refusal(self, said: str, image: EncodedImage) -> bool:
+        """Whether what the server said reads as a content filter's refusal.
+
+        Only the server's own words are read: its message is quoted with the endpoint's URL,
+        which may hold "/safety/", and a server may quote the request back (a model
+        "...-Judge"; a ``file://`` image's path, in a run directory named "safety-r7").
+        A refusal naming ``--allowed-local-media-path`` refuses the URL, whatever its
+        folders are called.
+        """
+        if self.file_urls:
+            if "allowed-local-media-path" in said:
+                return False
+            url = image.url  # a file:// URL, short (a data: URL is left unread: megabytes)
+            for quoted in (url, unquote(urlsplit(url).path)):
+                said = said.replace(quoted, " ")
+        return CONTENT_REFUSAL.search(said) is not None
 
     def _lost(self, error: NotFoundError) -> FatalBackendError | None:
         # A 404 after a success: its request's, unless 404s now come one after another (the
@@ -624,7 +645,7 @@ class OpenAIJudge(Judge):
             completion = await endpoint.transport.post(self._body(request), payload)
         except ItemError as exc:  # a 4xx, a 404 (NotFoundError) included
             was_lost = endpoint.lost
-            fatal = endpoint.refusal(exc)
+            fatal = endpoint.refusal(exc, payload)
             if fatal is None:
                 raise
             if not endpoint.lost:  # before any success: the config's fault

@@ -127,7 +127,11 @@ def _decoded(path: Path, data: bytes, max_pixels: int | None) -> tuple[bytes, st
             fmt = (image.format or "PNG").lower()
             if max_pixels is not None and image.width * image.height > max_pixels:
                 size = shrunk_size(image.width, image.height, max_pixels)
-                resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+                # Only the size changes: the server flattens transparency as it flattens an
+                # image sent whole (vLLM onto white), where RGB showed what lay under it.
+                alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+                working = image.convert("RGBA" if alpha else "RGB")
+                resized = working.resize(size, Image.Resampling.LANCZOS)
                 data, fmt = encode_png(resized), "png"
     except (UnidentifiedImageError, ValueError, SyntaxError, OSError):
         raise ItemError(f"{path} is not a readable image") from None
