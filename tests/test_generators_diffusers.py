@@ -1109,6 +1109,21 @@ def test_diffusion_pipeline_is_checked_and_stopped_as_the_class_its_checkpoint_n
         ).check_environment()
 
 
+def test_a_subclass_given_as_module_class_is_checked_as_the_family_it_derives_from(
+    tiny_pipelines: dict[TinyKind, Path],
+) -> None:
+    # Its size was checked by its own class name, which is of no family: a height of 72
+    # passed, and the run made 64x64 pictures.
+    generator = make_generator(
+        tiny_pipelines["flux"], pipeline="tests.misbehaving_pipelines:LoadFails", height=72
+    )
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'tiny': height 72 is not a multiple of 16, as FluxPipeline needs",
+    ):
+        generator.check_environment()
+
+
 def test_diffusion_pipeline_whose_class_cannot_be_known_is_refused(
     tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
 ) -> None:
