@@ -1021,7 +1021,7 @@ def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
         ),
         ("sd", {"scheduler": "NoSuchScheduler"}, "has no scheduler class 'NoSuchScheduler'"),
         ("sd", {"scheduler": "AutoencoderKL"}, "has no scheduler class 'AutoencoderKL'"),
-        ("flux", {"call": {"bogus": 1}}, r"FluxPipeline takes no argument\(s\) bogus"),
+        ("flux", {"call": {"bogus": 1}}, r"^generator 'tiny': FluxPipeline takes no argument"),
         # Another pipeline's folder: SD's for Flux.
         ("sd", {"pipeline": "FluxPipeline"}, r"has no text_encoder_2, .*FluxPipeline needs"),
         # ... whose components have the names this one takes, and other classes: it loaded,
@@ -1048,6 +1048,17 @@ def test_validate_sees_what_the_pipeline_would_refuse_before_any_model_loads(
     generator = make_generator(tiny_pipelines[kind], kind, **extra)
     with pytest.raises(FatalBackendError, match=message):
         generator.check_environment()
+
+
+def test_an_unknown_call_argument_a_pipeline_may_ignore_is_warned_about_naming_the_generator(
+    tiny_pipelines: dict[TinyKind, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # StableDiffusionPipeline takes **kwargs: the warning said "generator tiny:", where
+    # every other check quotes the name.
+    generator = make_generator(tiny_pipelines["sd"], "sd", call={"bogus": 1})
+    with caplog.at_level("WARNING"):
+        generator.check_environment()
+    assert "generator 'tiny': StableDiffusionPipeline takes no argument(s) bogus" in caplog.text
 
 
 @pytest.mark.parametrize("pipeline", [":", ":StableDiffusionPipeline", ".x:Y", "a..b:Y"])
