@@ -394,11 +394,6 @@ def check_device(torch: Any, name: str, device: str) -> None:
                 f"{where}: device {device!r} is not available; set options.devices to devices "
                 "that exist, e.g. devices = ['cpu']"
             )
-        if int(index or 0) > 0:
-            raise FatalBackendError(
-                f"{where}: device {device!r} is not available (there is one MPS device, "
-                "mps:0); set options.devices to ['mps']"
-            )
         return
     raise FatalBackendError(
         f"{where}: unknown device {device!r}; use 'cpu', 'cuda:<n>' or 'mps' in options.devices"
