@@ -25,9 +25,10 @@ import trio
 from anyio.lowlevel import checkpoint
 from PIL import Image
 
-from tests.conftest import PAIRS, ConfigFactory
+from tests.conftest import PAIRS, ConfigFactory, write_prompts
 from trig_stream import (
     ConfigError,
+    DatasetError,
     Engine,
     FatalBackendError,
     ItemError,
@@ -3005,6 +3006,59 @@ async def test_a_judge_whose_hook_misbehaves_stops_the_run_with_its_name(
     config = make_config(samples=1)
     with pytest.raises(FatalBackendError, match=f"^{re.escape(message)}$"):
         await run_to_end(config, judges=[BrokenHook(hook)])
+    assert not config.run_dir.exists()
+
+
+class ReadsSourcesAndCountsLoads(SyntheticGenerator):
+    """A synthetic generator that says it reads p2p / s2p source pictures, and counts its
+    loads."""
+
+    reads_source_image = True
+    loads = 0
+
+    def load(self) -> None:
+        self.loads += 1
+
+
+class CountsOpens(FakeJudge):
+    opens = 0
+
+    async def open(self) -> None:
+        self.opens += 1
+        await super().open()
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        (
+            {"path": "nosuch.json"},
+            r"^dataset .*nosuch\.json does not exist; check \[dataset\] path",
+        ),
+        (
+            {"image_root": "nosuch"},
+            r"^\[dataset\] image_root .*nosuch does not exist; check \[dataset\] image_root",
+        ),
+        (
+            {"image_root": "prompts.json"},
+            r"^\[dataset\] image_root .*prompts\.json is not a folder",
+        ),
+    ],
+    ids=["missing-dataset", "missing-image-root", "image-root-a-file"],
+)
+async def test_an_unusable_dataset_or_image_root_stops_the_run_before_anything_is_made(
+    make_config: ConfigFactory, tmp_path: Path, dataset: dict[str, str], message: str
+) -> None:
+    # Seen only once the source stage read the dataset: the run directory was made (and
+    # left behind), the generators loaded and the judges opened first, for nothing.
+    prompts = write_prompts(tmp_path / "prompts.json", 2)
+    section = {"path": str(prompts), **{k: str(tmp_path / v) for k, v in dataset.items()}}
+    config = make_config(dataset=section, run={"task": "p2p"})
+    generator = ReadsSourcesAndCountsLoads("synth", SyntheticOptions(size=16))
+    judge = CountsOpens("trigscore", FakeJudgeOptions())
+    with pytest.raises(DatasetError, match=message):
+        await run_to_end(config, generators=[generator], judges=[judge])
+    assert (generator.loads, judge.opens) == (0, 0)
     assert not config.run_dir.exists()
 
 

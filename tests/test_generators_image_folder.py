@@ -639,6 +639,32 @@ async def test_a_resume_passes_over_the_samples_whose_images_it_reuses(
     assert resumed.unmatched == ["TA-C_TA-R_99.png"]
 
 
+async def test_the_files_of_quarantined_records_are_not_named_as_matching_no_sample(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # A quarantined record's file was said to "match no sample of the run's dataset selection
+    # (no such sample, or filtered out)": the record is there, and quarantine.jsonl says why
+    # it was set aside.
+    records = [
+        {"data_id": "IQ-R_TA-C_1", "prompt": "fine", "dimension": ["IQ-R", "TA-C"]},
+        {"data_id": "IQ-R_TA-C_2", "prompt": "", "dimension": ["IQ-R", "TA-C"]},
+    ]
+    dataset = tmp_path / "one_refused.json"
+    dataset.write_text(json.dumps(records))
+    folder = folder_with_one_unmatched(tmp_path, ["IQ-R_TA-C_1", "IQ-R_TA-C_2"])
+    config = make_config(
+        dataset={"path": str(dataset)},
+        generators=[
+            {"name": "elsewhere", "backend": "image_folder", "options": {"path": str(folder)}}
+        ],
+    )
+    generator = ImageFolderGenerator("elsewhere", ImageFolderOptions(path=folder))
+    async with Engine(config, generators=[generator]) as engine:
+        assert len([j async for j in engine.results]) == 2
+    assert engine.stats().quarantined == 1
+    assert generator.unmatched == ["TA-C_TA-R_99.png"]
+
+
 def test_a_second_load_indexes_the_folder_afresh(tmp_path: Path) -> None:
     # load() kept the first index and added the folder again: the unused-files note listed
     # every file twice.

@@ -369,18 +369,14 @@ async def test_missing_model_or_device_is_fatal(
         FatalBackendError, match=r"^judge 'trigscore': device mps:0 is not available; set"
     ):
         await make_judge(tiny_vlm, device="mps:0").open()
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    with pytest.raises(
-        FatalBackendError,
-        match=r"^judge 'trigscore': device mps:1 is not available \(there is one MPS device",
-    ):
-        await make_judge(tiny_vlm, device="mps:1").open()
 
 
 def test_a_device_name_is_checked_as_a_generator_checks_it(tmp_path: Path) -> None:
     # "cpu:1" was refused with the raw pattern "String should match pattern ..." here, and
     # accepted in a diffusers generator's devices: one rule and one message now serve both.
-    for device in ("cpu:1", "gpu", "cuda:x", "mps:"):
+    # "mps:1" and "cuda:\u0663" (an Arabic-Indic 3) passed it, though its message calls them
+    # unknown, and were refused only by the run.
+    for device in ("cpu:1", "gpu", "cuda:x", "mps:", "mps:1", "cuda:\u0663"):
         with pytest.raises(
             ValidationError,
             match=r"unknown device; use 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'mps:0'",

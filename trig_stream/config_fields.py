@@ -132,13 +132,14 @@ def _non_empty_path(value: object) -> object:
     return value
 
 
-_DEVICE: Final = re.compile(r"\A(cpu|(cuda|mps)(:\d+)?)\Z")
+_DEVICE: Final = re.compile(r"\A(cpu|cuda(:[0-9]+)?|mps(:0)?)\Z")
 
 
 def _device_name(value: str) -> str:
     # One rule for a generator's devices and a judge's device: "cpu:1" passed for one and
     # was refused for the other with the raw pattern. It means nothing beyond "cpu"; "mps:0"
-    # is torch's name of the one MPS device, as "cuda:0" is of the first CUDA one.
+    # is torch's name of the one MPS device, as "cuda:0" is of the first CUDA one. Digits are
+    # ASCII: \d let "cuda:\u0663" through.
     if not _DEVICE.match(value):
         raise ValueError(
             "unknown device; use 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'mps:0' (torch's names)"
@@ -165,7 +166,7 @@ TaskName = Annotated[
 ]
 PairName = Annotated[str, AfterValidator(_pair)]
 DeviceName = Annotated[str, AfterValidator(_device_name)]
-"""A torch device a model can go to: ``cpu``, ``cuda``, ``cuda:<n>``, ``mps`` or ``mps:<n>``
+"""A torch device a model can go to: ``cpu``, ``cuda``, ``cuda:<n>``, ``mps`` or ``mps:0``
 (whether it exists is checked where torch is imported)."""
 Backoff = Annotated[float, Field(ge=0, le=3600)]
 """Seconds a retry waits (a backoff's start or ceiling): at most an hour, a longer one being a

@@ -329,7 +329,17 @@ class DatasetSource:
             pairs[data_id] = dimensions
         return pairs, skipped
 
-    def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
+    def check_paths(self) -> int:
+        """Check that ``[dataset] path`` is a file or a folder, and ``image_root`` a folder
+        where source pictures are read from it: before a run makes its run directory, and
+        again as the dataset is read.
+
+        Returns:
+            The ``st_mode`` of ``[dataset] path``.
+
+        Raises:
+            DatasetError: one of them is missing, cannot be looked up, or is of a wrong kind.
+        """
         path = self.section.path
         mode = _mode(path, f"dataset {path}", "[dataset] path")
         if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
@@ -345,6 +355,11 @@ class DatasetSource:
             what = f"[dataset] image_root {root}"
             if not stat.S_ISDIR(_mode(root, what, "[dataset] image_root")):
                 raise DatasetError(f"{what} is not a folder")
+        return mode
+
+    def _raw_records(self, *, identity_only: bool = False) -> Iterator[Mapping[str, Any]]:
+        path = self.section.path
+        mode = self.check_paths()
         fmt: str = self.section.format
         format_set = fmt != "auto"
         if fmt == "auto":

@@ -72,8 +72,8 @@ class RunContext:
     passed_over: dict[str, set[str]] = field(default_factory=dict)
     """Per model whose generator hears of it (see
     :meth:`~trig_stream.backends.base.Generator.all_requested`), the data_ids of the samples
-    the run did not ask it for: finished (the source stage, in its thread) or reused (the
-    generation stage)."""
+    the run did not ask it for: finished or quarantined (the source stage, in its thread) or
+    reused (the generation stage)."""
 
     def pass_over(self, model: str, data_id: str) -> None:
         """Note that ``model``'s generator is not asked for ``data_id``."""

@@ -4,8 +4,9 @@
 
 * the generator and judge instances are claimed for the run (another engine may not use
   them meanwhile) and released at the end;
-* the backends' needs of this machine are checked, then the run directory is opened (a run
-  it refuses is refused before a judge's server takes minutes to start);
+* the dataset's path and image_root, then the backends' needs of this machine are checked,
+  then the run directory is opened (a run it refuses is refused before a judge's server
+  takes minutes to start);
 * the judges open, unless a resumed run whose judges open slowly finds nothing left to
   judge; should work turn up later, :meth:`RunResources.judges_ready` opens them then;
 * the judges close when the run's results end (:meth:`RunResources.close_judges`), and the
@@ -26,9 +27,10 @@ from functools import partial
 import anyio
 import anyio.to_thread
 
-from trig_stream.backends.base import Generator, Judge
+from trig_stream.backends.base import Generator, Judge, reads_source_images
 from trig_stream.backends.threads import call_left_behind_on_cancel
 from trig_stream.config import RunConfig
+from trig_stream.dataset import DatasetSource
 from trig_stream.dataset_formats import refuse_undecodable_shards
 from trig_stream.journal import JournalState
 from trig_stream.opening import (
@@ -139,8 +141,11 @@ class RunResources:
     async def _open(self) -> None:
         config = self._config
         ensure_open_files(config, self._judges)
-        # A shard polars cannot name, refused before a run directory is made for nothing
-        # (a walk of the dataset folder's names: milliseconds, as the check above).
+        # A dataset or image_root that is not there, and a shard polars cannot name,
+        # refused before a run directory is made for nothing (a stat, and a walk of the
+        # dataset folder's names: milliseconds, as the check above).
+        source_images = reads_source_images(self._generators)
+        DatasetSource(config.dataset, config.run.task, source_images=source_images).check_paths()
         refuse_undecodable_shards(config.dataset.path, config.dataset.format)
         # What the backends need from this machine, seen before a run directory is made and
         # before any model loads (a check may import a library: a worker thread's job).

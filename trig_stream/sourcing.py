@@ -265,6 +265,11 @@ class SourceStage:
             if isinstance(record, QuarantinedRecord):
                 self._context.run_dir.quarantine(record)
                 counters.quarantined += 1
+                if record.data_id is not None:
+                    # Its file, in an image folder, is no excess: quarantine.jsonl says why
+                    # the record was set aside.
+                    for model in self._models:
+                        self._context.pass_over(model, record.data_id)
                 if self._first_refusal is None:
                     self._first_refusal = record.reason
                 continue

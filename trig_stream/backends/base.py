@@ -293,10 +293,11 @@ class Generator(ABC):
             passed_over: the data_ids of the dataset selection's samples that the run did
                 not ask this generator for: already judged (by an earlier run in the
                 directory, or measured by no judge), or whose image an earlier run left on
-                disk (reused). With the samples it was asked for, they are the whole
-                selection. Collected only for a generator whose class overrides this hook
-                (see :func:`hears_of_whole_input`). Optional to accept: an override that
-                takes no argument (the hook's first form) is called without it.
+                disk (reused); and those of the records the run quarantined. With the
+                samples it was asked for, they are the whole selection. Collected only for
+                a generator whose class overrides this hook (see
+                :func:`hears_of_whole_input`). Optional to accept: an override that takes
+                no argument (the hook's first form) is called without it.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -116,12 +116,12 @@ def check_call_arguments(
     if not unknown:
         return
     message = (
-        f"{pipeline_class.__name__} takes no argument(s) {', '.join(unknown)}; "
-        "fix options.call or the typed options"
+        f"generator {name!r}: {pipeline_class.__name__} takes no argument(s) "
+        f"{', '.join(unknown)}; fix options.call or the typed options"
     )
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         # It takes **kwargs, often only for deprecated names: it may ignore them.
-        logger.warning("generator %s: %s", name, message)
+        logger.warning("%s", message)
         return
     raise FatalBackendError(message)
 

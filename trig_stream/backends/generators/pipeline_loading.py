@@ -264,8 +264,13 @@ def check_classes(
             )
     if size_multiple(spec.pipeline) is None:
         # The options checked the size for the class they name; DiffusionPipeline (or a
-        # module:Class) is known only here, resolved.
-        problem = size_problem(spec, pipeline_class.__name__)
+        # module:Class) is known only here, resolved. A module:Class is of the family of
+        # the first class in its MRO that has one (class MyFlux(FluxPipeline) is Flux's).
+        family = next(
+            (kin.__name__ for kin in pipeline_class.__mro__ if size_multiple(kin.__name__)),
+            pipeline_class.__name__,
+        )
+        problem = size_problem(spec, family)
         if problem is not None:
             raise FatalBackendError(f"generator {name!r}: {problem}")
     parameters = inspect.signature(pipeline_class.__call__).parameters
@@ -388,11 +393,6 @@ def check_device(torch: Any, name: str, device: str) -> None:
             raise FatalBackendError(
                 f"{where}: device {device!r} is not available; set options.devices to devices "
                 "that exist, e.g. devices = ['cpu']"
-            )
-        if int(index or 0) > 0:
-            raise FatalBackendError(
-                f"{where}: device {device!r} is not available (there is one MPS device, "
-                "mps:0); set options.devices to ['mps']"
             )
         return
     raise FatalBackendError(

@@ -530,14 +530,8 @@ def _unavailable_device(torch: Any, device: str) -> str | None:
                 f"{torch.__version__} sees {count}); set options.device to one that exists, "
                 'e.g. device = "cpu"'
             )
-    elif device.startswith("mps"):
-        if not torch.backends.mps.is_available():
-            return f'device {device} is not available; set options.device, e.g. device = "cpu"'
-        if int(device.partition(":")[2] or 0) > 0:
-            return (
-                f"device {device} is not available (there is one MPS device, mps:0); set "
-                'options.device to "mps"'
-            )
+    elif device.startswith("mps") and not torch.backends.mps.is_available():
+        return f'device {device} is not available; set options.device, e.g. device = "cpu"'
     return None
 
 
