@@ -321,3 +321,33 @@ def test_dtm_refresh_help_measures_nothing(
         dtm_refresh.main()
     assert stopped.value.code == 0
     assert "--judgements" in capsys.readouterr().out
+
+
+def test_soak_flatness_leaves_out_the_sample_at_the_last_judgement(
+    load_bench: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    soak = load_bench("soak")
+    # (judgements, seconds, RSS MiB, open descriptors): 258 descriptors leak from 1000 to
+    # 2000 judgements, and the sample at the last judgement, 2500, came after the judge had
+    # closed its connections, as the one after the run did.
+    samples = [
+        (0, 0.0, 90.0, 13),
+        (500, 1.0, 110.0, 274),
+        (1000, 2.0, 111.0, 274),
+        (1500, 3.0, 111.0, 403),
+        (2000, 4.0, 111.0, 532),
+        (2500, 5.0, 111.0, 15),
+        (2500, 5.5, 111.0, 13),
+    ]
+    assert [s[0] for s in soak.running_samples(samples, 2500)] == [500, 1000, 1500, 2000]
+    goals = soak.Goals()
+    soak.check_flat(goals, samples, 2500)
+    assert finish_status(goals) == 1
+    out = capsys.readouterr().out
+    assert "R2 open descriptors' growth from 1000 to 2000 judgements <= 4: 258 -> NOT MET" in out
+    # Four samples before the last judgement are needed: --items over 4 x --every.
+    goals = soak.Goals()
+    soak.check_flat(goals, samples[:4] + samples[-2:], 2500)
+    goals.equal("judgements made (all ok)", 2500, 2500)
+    assert finish_status(goals) == 0
+    assert "3 samples, 4 needed: --items > 4 x --every" in capsys.readouterr().out
