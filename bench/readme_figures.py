@@ -39,6 +39,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import stop_on_sigterm
+from _server import stopped_with_us
+
 from trig_stream.analysis import RelationTracker
 from trig_stream.backends.generators.source_images import open_image, png_as_is
 from trig_stream.journal import Journal, read_journal
@@ -171,10 +175,13 @@ def history_figure(folder: Path, repeats: int) -> None:
 
 
 def command_seconds(args: list[str]) -> tuple[float, float]:
-    """Wall and CPU seconds (user + system, its children included) of one command."""
+    """Wall and CPU seconds (user + system, its children included) of one command, stopped
+    with this process (:func:`stopped_with_us`): a bench that is killed leaves none running."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        stopped_with_us(args), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
@@ -210,6 +217,7 @@ def main() -> None:
     parser.add_argument("--demo-repeats", type=int, default=2, help="repeats of the demo")
     parser.add_argument("--no-demo", action="store_true", help="skip the demo's two commands")
     args = parser.parse_args()
+    stop_on_sigterm()
     if args.repeats < 1 or args.demo_repeats < 1:
         parser.error("--repeats and --demo-repeats: time at least one run")
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -351,3 +353,44 @@ def test_soak_flatness_leaves_out_the_sample_at_the_last_judgement(
     goals.equal("judgements made (all ok)", 2500, 2500)
     assert finish_status(goals) == 0
     assert "3 samples, 4 needed: --items > 4 x --every" in capsys.readouterr().out
+
+
+def test_readme_figures_stopped_with_sigterm_removes_its_temporary_folder(tmp_path: Path) -> None:
+    noted = tmp_path / "folder"
+    # The bench's first figure notes its temporary folder, then SIGTERM stops the bench.
+    script = (
+        "import importlib.util, os, signal, sys\n"
+        "spec = importlib.util.spec_from_file_location(\n"
+        f"    'figures', {str(BENCH / 'readme_figures.py')!r}\n"
+        ")\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "def stopped(folder, repeats):\n"
+        f"    open({str(noted)!r}, 'w').write(str(folder))\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "module.reuse_figures = stopped\n"
+        "sys.argv = ['readme_figures.py', '--no-demo', '--repeats', '1']\n"
+        "module.main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode != -signal.SIGTERM, "SIGTERM ended the bench on the spot"
+    assert "KeyboardInterrupt" in done.stderr
+    folder = Path(noted.read_text())
+    assert folder.name and not folder.exists()
+
+
+def test_readme_figures_children_are_stopped_with_the_bench(
+    load_bench: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the kernel's parent-death signal is Linux's")
+    # The signal the kernel sends the child when the bench dies (prctl PR_GET_PDEATHSIG).
+    asked = tmp_path / "asked"
+    child = (
+        "import ctypes, sys\n"
+        "signum = ctypes.c_int()\n"
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(signum))\n"
+        "open(sys.argv[1], 'w').write(str(signum.value))\n"
+    )
+    load_bench("readme_figures").command_seconds([sys.executable, "-c", child, str(asked)])
+    assert asked.read_text() == str(int(signal.SIGTERM))
