@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import anyio
 
@@ -43,7 +43,7 @@ from _goal import Goals
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
 from trig_stream.backends.generators.diffusers_generator import DiffusersGenerator
-from trig_stream.backends.generators.diffusers_options import DiffusersOptions
+from trig_stream.backends.generators.diffusers_options import DiffusersOptions, Isolation
 from trig_stream.config import parse_config
 from trig_stream.records import Sample
 from trig_stream.testing.tiny_pipelines import byte_level_clip_tokenizer, unigram_t5_tokenizer
@@ -219,6 +219,28 @@ async def first_judgement(
     }
 
 
+def engine_runs(text: str) -> list[tuple[str, int]]:
+    """``--runs``: comma-separated ``isolation:batch_size`` pairs, checked when the arguments
+    are read, not after minutes of building and measuring (device time)."""
+    runs = []
+    for run in text.split(","):
+        isolation, colon, batch = run.partition(":")
+        if not colon:
+            raise argparse.ArgumentTypeError(f"{run!r} is not isolation:batch_size (thread:8, say)")
+        if isolation not in get_args(Isolation):
+            raise argparse.ArgumentTypeError(
+                f"isolation {isolation!r} is not {' or '.join(get_args(Isolation))}"
+            )
+        try:
+            size = int(batch)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise argparse.ArgumentTypeError(f"batch size {batch!r} is not a positive whole number")
+        runs.append((isolation, size))
+    return runs
+
+
 def report_file(out: str | None) -> Path | None:
     """Where the JSON report goes: ``$OUT/generators_gpu_check.json``, its folder made now,
     before minutes of measuring, so that a bad ``OUT`` stops the check at once; None when
@@ -240,15 +262,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--runs",
+        type=engine_runs,
         default="thread:1,thread:8,process:1,process:8",
         help="the engine runs to make, as isolation:batch_size (default: all four)",
     )
     args = parser.parse_args()
     stop_on_sigterm()
     report_path = report_file(os.environ.get("OUT"))
-    runs = [
-        (isolation, int(batch)) for isolation, batch in (r.split(":") for r in args.runs.split(","))
-    ]
     import diffusers
     import torch
 
@@ -285,7 +305,7 @@ def main() -> None:
             report["images_per_s_batch_8"] / report["images_per_s_batch_1"], 2
         )
         report["engine"] = []
-        for index, (isolation, batch) in enumerate(runs, 1):
+        for index, (isolation, batch) in enumerate(args.runs, 1):
             # The loop again right before each engine run, at its batch size: the machine's
             # speed drifts between runs (by ~20% over an hour on the H200), so each ratio
             # compares two measurements a minute apart.

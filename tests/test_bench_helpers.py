@@ -394,3 +394,38 @@ def test_readme_figures_children_are_stopped_with_the_bench(
     )
     load_bench("readme_figures").command_seconds([sys.executable, "-c", child, str(asked)])
     assert asked.read_text() == str(int(signal.SIGTERM))
+
+
+@pytest.mark.parametrize(
+    ("runs", "reason"),
+    [
+        ("threads:1", "isolation 'threads' is not thread or process"),
+        ("thread", "'thread' is not isolation:batch_size (thread:8, say)"),
+        ("thread:1,process:0", "batch size '0' is not a positive whole number"),
+        ("process:eight", "batch size 'eight' is not a positive whole number"),
+    ],
+)
+def test_gpu_check_refuses_bad_runs_before_building_anything(
+    load_bench: Callable[[str], ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    runs: str,
+    reason: str,
+) -> None:
+    gpu_check = load_bench("generators_gpu_check")
+
+    def built(*args: object) -> Path:
+        raise AssertionError("the pipeline was built before --runs was checked")
+
+    monkeypatch.setattr(gpu_check, "build_mid_flux", built)
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setattr(sys, "argv", ["generators_gpu_check.py", "--device", "cpu", "--runs", runs])
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main()
+    assert stopped.value.code == 2
+    assert f"--runs: {reason}" in capsys.readouterr().err
+
+
+def test_gpu_check_reads_its_runs(load_bench: Callable[[str], ModuleType]) -> None:
+    engine_runs = load_bench("generators_gpu_check").engine_runs
+    assert engine_runs("thread:1,process:8") == [("thread", 1), ("process", 8)]
