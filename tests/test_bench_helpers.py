@@ -429,3 +429,14 @@ def test_gpu_check_refuses_bad_runs_before_building_anything(
 def test_gpu_check_reads_its_runs(load_bench: Callable[[str], ModuleType]) -> None:
     engine_runs = load_bench("generators_gpu_check").engine_runs
     assert engine_runs("thread:1,process:8") == [("thread", 1), ("process", 8)]
+
+
+def test_gpu_check_makes_more_images_than_each_default_batch(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    # The engine's rate runs from the first batch's last judgement to the last batch's: a
+    # run of one batch (8 images at batch 8 on the CPU) gave null for it and engine_vs_loop.
+    gpu_check = load_bench("generators_gpu_check")
+    largest = max(batch for _, batch in gpu_check.engine_runs(gpu_check.DEFAULT_RUNS))
+    for device, (*_, images) in gpu_check.SIZES.items():
+        assert images >= 2 * largest, device
