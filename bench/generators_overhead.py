@@ -172,6 +172,9 @@ def main() -> None:
     parser.add_argument("--one", nargs=6, metavar=("MODE", "BATCH", "SIZE", "STEPS", "PIPE", "DIR"))
     args = parser.parse_args()
     stop_on_sigterm()
+    # Refused, not reused: the engine would resume the old run there and make no image.
+    if args.one and Path(args.one[5]).exists():
+        raise SystemExit(f"--one: {args.one[5]} exists; give a folder that does not")
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()

@@ -26,9 +26,11 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 def load_bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleType]]:
     """Load a bench script's module from its file (bench/ is scripts, not a package); what
     the scripts add to ``sys.path`` and ``sys.modules`` (their ``_common`` and so on) goes
-    again afterwards."""
+    again afterwards, and so do the stop handlers a bench's ``main`` installs
+    (``stop_on_sigterm``)."""
     monkeypatch.setattr(sys, "path", list(sys.path))
     before = set(sys.modules)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def load(name: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
@@ -42,6 +44,8 @@ def load_bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], Modu
     for name in set(sys.modules) - before:
         if name.startswith("bench_") or name in {"_common", "_goal", "_server"}:
             del sys.modules[name]
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 def finish_status(goals: Any) -> object:
@@ -440,3 +444,17 @@ def test_gpu_check_makes_more_images_than_each_default_batch(
     largest = max(batch for _, batch in gpu_check.engine_runs(gpu_check.DEFAULT_RUNS))
     for device, (*_, images) in gpu_check.SIZES.items():
         assert images >= 2 * largest, device
+
+
+def test_generators_overhead_refuses_a_one_folder_that_exists(
+    load_bench: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    overhead = load_bench("generators_overhead")
+    taken = tmp_path / "loop-64-1-0"
+    taken.mkdir()
+    one = ["--one", "loop", "1", "64", "2", str(tmp_path / "flux-tiny"), str(taken)]
+    monkeypatch.setattr(sys, "argv", ["generators_overhead.py", *one])
+    with pytest.raises(SystemExit) as stopped:
+        overhead.main()
+    # Not resumed: the old run's images would be taken as made, and none made anew.
+    assert stopped.value.code == f"--one: {taken} exists; give a folder that does not"
