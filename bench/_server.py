@@ -33,6 +33,21 @@ def stopped_with_us(argv: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", str(script), str(os.getpid()), GRACE_S, *argv]
 
 
+def run_child(argv: list[str], what: str) -> str:
+    """Run ``argv`` to its end, stopped with this process (:func:`stopped_with_us`); its
+    standard output.
+
+    Raises:
+        SystemExit: it failed; the message names ``what`` and holds what it wrote to stderr,
+            and the bench exits 1 without a traceback.
+    """
+    done = subprocess.run(stopped_with_us(argv), capture_output=True, text=True)
+    if done.returncode != 0:
+        said = done.stderr.strip() or "no message"
+        raise SystemExit(f"{what} failed (exit status {done.returncode}): {said}")
+    return done.stdout
+
+
 def start_judge(*options: str, cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], str]:
     """Start ``trig-stream simulate-judge --port 0 *options``, on ``cpus`` only when given,
     stopped with this process (:func:`stopped_with_us`); returns it and its base URL.

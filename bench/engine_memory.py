@@ -15,7 +15,6 @@ missed or a run's journal does not hold two judgements per prompt.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_config, stop_on_sigterm, write_parquet_prompts, write_toml
 from _goal import Goals
-from _server import stopped_with_us
+from _server import run_child
 
 PEAK = (
     "import sys\n"
@@ -41,17 +40,13 @@ def one(size: int, folder: Path) -> tuple[float, float, int]:
     dataset = write_parquet_prompts(folder / f"prompts-{size}.parquet", size)
     config = write_toml(folder / f"run-{size}.toml", bench_config(folder / f"runs-{size}", dataset))
     started = time.perf_counter()
-    done = subprocess.run(
-        stopped_with_us(
-            [sys.executable, "-c", PEAK, "run", str(config), "--headless", "--no-report"]
-        ),
-        capture_output=True,
-        text=True,
-        check=True,
+    printed = run_child(
+        [sys.executable, "-c", PEAK, "run", str(config), "--headless", "--no-report"],
+        f"the run of {size} prompts",
     )
     elapsed = time.perf_counter() - started
     peak = next(
-        int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("peak_rss_kib")
+        int(line.split()[1]) for line in printed.splitlines() if line.startswith("peak_rss_kib")
     )
     with (folder / f"runs-{size}" / "bench" / "journal.jsonl").open("rb") as journal:
         judged = sum(1 for _ in journal)

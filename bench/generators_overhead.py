@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +38,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import stop_on_sigterm
-from _server import stopped_with_us
+from _server import run_child
 
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
@@ -204,10 +203,8 @@ def main() -> None:
                         command = [sys.executable, __file__, "--images", str(args.images)]
                         command += ["--threads", str(args.threads), "--one", mode, str(batch)]
                         command += [str(size), str(steps), str(path), str(where)]
-                        done = subprocess.run(
-                            stopped_with_us(command), capture_output=True, text=True, check=True
-                        )
-                        rates[mode].append(float(done.stdout.strip().splitlines()[-1]))
+                        printed = run_child(command, f"--one {mode} {batch} {size} {steps}")
+                        rates[mode].append(float(printed.strip().splitlines()[-1]))
                 loop = statistics.median(rates["loop"])
                 line = f"{size}x{size}, {steps} steps, batch {batch}: loop {loop:6.1f} img/s"
                 for mode in ("thread", "process"):

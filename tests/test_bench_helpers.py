@@ -458,3 +458,15 @@ def test_generators_overhead_refuses_a_one_folder_that_exists(
         overhead.main()
     # Not resumed: the old run's images would be taken as made, and none made anew.
     assert stopped.value.code == f"--one: {taken} exists; give a folder that does not"
+
+
+def test_engine_memory_shows_what_a_failed_run_wrote_to_stderr(
+    load_bench: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    engine_memory = load_bench("engine_memory")
+    monkeypatch.setattr(engine_memory, "PEAK", "import sys; sys.exit('no space left on device')")
+    with pytest.raises(SystemExit) as stopped:
+        engine_memory.one(14, tmp_path)
+    message = str(stopped.value.code)
+    assert message.startswith("the run of 14 prompts failed (exit status 1): ")
+    assert message.endswith("no space left on device")
