@@ -19,7 +19,11 @@ Everything finishes in well under 5 minutes on one H200 (a few minutes on 2 CPU 
 ``$OUT/generators_gpu_check.json`` when ``OUT`` is set (the folder is made when missing,
 before anything is measured).
 
-Run: ``.venv/bin/python bench/generators_gpu_check.py [--device auto|cpu|cuda:0]``
+On a busy CPU, torch's default OpenMP threads slowed the plain loop ~8x and the engine not
+(``engine_vs_loop`` 11.5, against 1.35 with ``OMP_NUM_THREADS=1``): ``--threads N``
+sets torch's intra-op threads for both alike; compare with ``--threads 1`` there.
+
+Run: ``.venv/bin/python bench/generators_gpu_check.py [--device auto|cpu|cuda:0] [--threads N]``
 """
 
 from __future__ import annotations
@@ -271,13 +275,25 @@ def main() -> None:
         default=DEFAULT_RUNS,
         help="the engine runs to make, as isolation:batch_size (default: all four)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads, for the loop and the engine alike (default: torch's own)",
+    )
     args = parser.parse_args()
     stop_on_sigterm()
+    if args.threads < 0:
+        parser.error("--threads: give a count of threads, or 0 for torch's own")
     report_path = report_file(os.environ.get("OUT"))
     import diffusers
     import torch
 
     diffusers.utils.logging.set_verbosity_error()
+    if args.threads:
+        # Process-wide: the loop's worker thread, the engine's, and a "process" child (it
+        # takes this process's count) all compute with it.
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -286,6 +302,7 @@ def main() -> None:
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "diffusers": diffusers.__version__,
         "image": f"{side}x{side}",
         "steps": steps,

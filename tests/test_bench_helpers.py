@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -470,3 +470,34 @@ def test_engine_memory_shows_what_a_failed_run_wrote_to_stderr(
     message = str(stopped.value.code)
     assert message.startswith("the run of 14 prompts failed (exit status 1): ")
     assert message.endswith("no space left on device")
+
+
+def test_gpu_check_sets_torch_threads_for_the_loop_and_the_engine_alike(
+    load_bench: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = pytest.importorskip("torch")
+    gpu_check = load_bench("generators_gpu_check")
+    seen: list[int] = []
+
+    class Built(Exception):
+        pass
+
+    def built(*args: object) -> Path:
+        # Before the pipeline is built, loaded or called: the loop and the engine alike.
+        seen.append(torch.get_num_threads())
+        raise Built
+
+    monkeypatch.setattr(gpu_check, "build_mid_flux", built)
+    # Importing diffusers takes seconds, and main only quiets its log before the build.
+    quiet = SimpleNamespace(logging=SimpleNamespace(set_verbosity_error=lambda: None))
+    monkeypatch.setitem(sys.modules, "diffusers", SimpleNamespace(utils=quiet, __version__="0"))
+    monkeypatch.delenv("OUT", raising=False)
+    argv = ["generators_gpu_check.py", "--device", "cpu", "--threads", "1", "--runs", "thread:1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(Built):
+            gpu_check.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]
