@@ -2596,6 +2596,60 @@ async def test_samples_a_stop_drops_leave_the_queued_count(make_config: ConfigFa
     assert counts.queued == counts.generated + counts.generation_failed
 
 
+class StopWaitingRaises(SyntheticGenerator):
+    """A synthetic generator whose ``stop_waiting()`` raises ``error`` (a backend's bug)."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        super().__init__(name, SyntheticOptions(size=16))
+        self.error = error
+
+    def stop_waiting(self) -> None:
+        raise self.error
+
+
+class StopWaitingSeen(SyntheticGenerator):
+    """A synthetic generator that counts the calls of its ``stop_waiting()``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, SyntheticOptions(size=16))
+        self.told = 0
+
+    def stop_waiting(self) -> None:
+        self.told += 1
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("broken"), SystemExit(3)], ids=["exception", "system-exit"]
+)
+async def test_a_stop_waiting_that_raises_is_noted_and_the_others_are_told(
+    make_config: ConfigFactory, error: BaseException
+) -> None:
+    # A SystemExit escaped engine.stop(): the engine never closed, and the process hung at
+    # its exit on idle worker threads; the generators after it were never told.
+    config = make_config(
+        samples=4,
+        generators=[
+            {"name": "first", "backend": "synthetic", "options": {"size": 16}},
+            {"name": "second", "backend": "synthetic", "options": {"size": 16}},
+        ],
+    )
+    second = StopWaitingSeen("second")
+    generators = [StopWaitingRaises("first", error), second]
+    judge = HeldJudge()
+    async with Engine(config, generators=generators, judges=[judge]) as engine:
+        await poll_until(lambda: judge.asked >= 1)
+        engine.stop()
+        judge.release.set()
+        await engine.drain()
+    assert second.told == 1
+    assert engine.stats().state in ("stopped", "done")
+    assert any(
+        note.startswith("generator 'first': stop_waiting() failed:")
+        and type(error).__name__ in note
+        for note in engine.stats().notes
+    )
+
+
 async def test_a_group_the_consumer_raises_comes_out_as_raised(
     make_config: ConfigFactory,
 ) -> None:

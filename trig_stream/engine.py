@@ -293,7 +293,11 @@ class Engine:
         for generator in self._generators if self._resources.claimed else ():
             try:
                 generator.stop_waiting()
-            except Exception as exc:  # a backend's bug must not keep the run from stopping
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a backend's bug must not keep the run from stopping
+                # A SystemExit, or a CancelledError of its own, left from stop(): the engine
+                # never closed, and the generators after it were never told.
                 note = f"generator {generator.name!r}: stop_waiting() failed: {describe_error(exc)}"
                 self._counters.notes.append(note)
 
