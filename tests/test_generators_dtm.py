@@ -700,6 +700,27 @@ def test_rewrites_of_images_a_stop_cut_while_drawing_are_neither_stored_nor_note
     assert generator.notes()[0].startswith("1 of 1 prompts were not rewritten")
 
 
+def test_rewrites_of_a_batch_whose_drawing_a_hard_stop_ends_in_a_raise_are_dropped(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The inner generator raised, cut by the hard stop, instead of answering per image: the
+    # batch's rewrites stayed stored and the end note counted them, though its samples are
+    # asked again on resume.
+    cancel = threading.Event()
+
+    def stopped_in_a_raise(requests: Sequence[GenerationRequest], **_: Any) -> list[Any]:
+        cancel.set()
+        raise RuntimeError("the pipeline's step callback saw the stop")
+
+    generator = rewriter(server)
+    monkeypatch.setattr(generator.inner, "generate", stopped_in_a_raise)
+    server.rewrite = lambda user: ""  # each falls back: a rewrite the end note counts
+    requests = [request("H_1", "IQ-R", "TA-C"), request("H_2", "IQ-R", "TA-C")]
+    with pytest.raises(RuntimeError, match="saw the stop"):
+        generator.generate(requests, worker=0, cancel=cancel)
+    assert generator.rewrites == {} and generator.notes() == []
+
+
 def test_an_llm_never_reached_stops_the_run(server: GenerationAPIServer) -> None:
     # Every rewrite fell back, every image was drawn from its original prompt and scored ok
     # under the dtm name, and the run exited 0 with a note.

@@ -45,6 +45,7 @@ from trig_stream.errors import (
 )
 from trig_stream.records import Sample, TopLogprobs
 from trig_stream.scoring import SCORING_RULES, score_top_logprobs
+from trig_stream.testing.judge_images import as_vllm_sees
 from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
 
 pytestmark = pytest.mark.anyio
@@ -272,10 +273,13 @@ def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
         judge.prepare(tmp_path / "junk.png")
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
-def test_an_image_shrunk_to_max_pixels_keeps_its_transparency(tmp_path: Path, mode: str) -> None:
-    # Shrinking changes the size only: made RGB first, a transparent background reached the
-    # judge black, while the same image sent whole is flattened by vLLM onto white.
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB"])
+def test_an_image_shrunk_to_max_pixels_looks_to_vllm_as_the_whole_one(
+    tmp_path: Path, mode: str
+) -> None:
+    # Shrinking changes the size only. vLLM flattens an RGBA image onto white and converts
+    # any other plainly, showing what lies under its transparent pixels (black here): made
+    # RGBA, a shrunk LA, palette or RGB one with a transparent colour looked white instead.
     disc = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     disc.paste((255, 0, 0, 255), (20, 20, 44, 44))
     path = tmp_path / "disc.png"
@@ -284,14 +288,18 @@ def test_an_image_shrunk_to_max_pixels_keeps_its_transparency(tmp_path: Path, mo
         palette.putpalette([0, 0, 0, 255, 0, 0])
         palette.paste(1, (20, 20, 44, 44))
         palette.save(path, transparency=0)
+    elif mode == "RGB":
+        disc.convert("RGB").save(path, transparency=(0, 0, 0))
     else:
         disc.convert(mode).save(path)
     judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url="http://x/v1", model="m", max_pixels=4095))
     data = base64.b64decode(judge.prepare(path).payload.url.partition(",")[2])
-    with Image.open(io.BytesIO(data)) as shrunk:
-        assert (shrunk.mode, shrunk.size) == ("RGBA", (63, 63))
-        alpha = shrunk.getchannel("A")
-        assert (alpha.getpixel((0, 0)), alpha.getpixel((31, 31))) == (0, 255)
+    with Image.open(path) as whole, Image.open(io.BytesIO(data)) as shrunk:
+        assert shrunk.size == (63, 63)
+        seen_whole, seen_shrunk = as_vllm_sees(whole), as_vllm_sees(shrunk)
+        assert seen_shrunk.getpixel((0, 0)) == seen_whole.getpixel((0, 0))
+        assert seen_shrunk.getpixel((31, 31)) == seen_whole.getpixel((32, 32))
+        assert shrunk.mode == ("RGBA" if mode == "RGBA" else "RGB")
 
 
 @pytest.mark.parametrize(("size", "shrunk"), [((1, 10000), (1, 64)), ((5000, 3), (64, 1))])

@@ -37,6 +37,7 @@ from trig_stream.backends.threads import threads_left_behind
 from trig_stream.errors import ItemError, RetryableError
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.testing.fake_judge import fake_logprobs
+from trig_stream.testing.judge_images import as_vllm_sees
 
 
 class Brightness(ImageMetric):
@@ -195,7 +196,8 @@ def test_trigscore_metric_wraps_the_scorer() -> None:
 
 def _disc(mode: str, colour: tuple[int, int, int], background_alpha: int) -> Image.Image:
     """A 64x64 disc of ``colour`` (a square, really) on a black background of the alpha
-    given, in ``mode`` (a palette one with entry 0, the background, transparent)."""
+    given, in ``mode`` (a palette one with entry 0, the background, transparent; an RGB one
+    with black its transparent colour)."""
     if mode == "P":
         image = Image.new("P", (64, 64), 0)
         image.putpalette([0, 0, 0, *colour])
@@ -205,23 +207,28 @@ def _disc(mode: str, colour: tuple[int, int, int], background_alpha: int) -> Ima
         return image
     image = Image.new("RGBA", (64, 64), (0, 0, 0, background_alpha))
     image.paste((*colour, 255), (20, 20, 44, 44))
-    return image.convert(mode)
+    converted = image.convert(mode)
+    if mode == "RGB" and background_alpha == 0:
+        converted.info["transparency"] = (0, 0, 0)
+    return converted
 
 
 @pytest.mark.parametrize("as_file", [True, False])
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
-def test_a_transparent_image_loads_on_white_as_vllm_flattens_it(
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB"])
+def test_a_transparent_image_loads_as_vllm_sees_it(
     tmp_path: Path, mode: str, as_file: bool
 ) -> None:
-    # Flattened onto black, a transparent background looked black to the transformers and
-    # metric judges, and white to an openai judge behind vLLM.
+    # vLLM flattens an RGBA image onto white and converts any other plainly, showing what
+    # lies under its transparent pixels: flattened onto black, an RGBA background looked
+    # black here and white to an openai judge; flattened onto white, an LA, palette or RGB
+    # one looked white here and black there.
     image = _disc(mode, (255, 0, 0), background_alpha=0)
     if as_file:
         image.save(tmp_path / "disc.png")
     loaded = load_rgb_image(tmp_path / "disc.png" if as_file else image)
     assert loaded.mode == "RGB"
-    assert loaded.getpixel((0, 0)) == (255, 255, 255)
-    assert loaded.getpixel((31, 31)) == image.convert("RGB").getpixel((31, 31))
+    assert loaded.tobytes() == as_vllm_sees(image).tobytes()
+    assert loaded.getpixel((0, 0)) == ((255, 255, 255) if mode == "RGBA" else (0, 0, 0))
 
 
 @pytest.mark.parametrize("as_file", [True, False])

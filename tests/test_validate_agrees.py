@@ -107,15 +107,30 @@ def test_a_run_directory_too_long_for_a_models_images_is_refused_alike(
     if existing:
         (output_dir / "cli").mkdir(parents=True)
     err = both_refuse(path, capsys)
-    what = "write in" if existing else "create"
+    what, adds = ("write in", "at least 146") if existing else ("create", "up to 273")
+    data_ids = "one character" if existing else "up to 128 characters"
     assert err == (
         f"error: cannot {what} the run directory {output_dir / 'cli'}: File name too long: its "
         "path is 3960 bytes, and the files a run writes in it would be longer than this system "
-        "allows (4096 bytes): an image adds up to 273 bytes to it (images/t2i/<model>/<data_id>"
-        ".png, a data_id of up to 128 characters); shorten output_dir, [run] name or the model's "
-        "name\n"
+        f"allows (4096 bytes): an image adds {adds} bytes to it (images/t2i/<model>/<data_id>"
+        f".png, a data_id of {data_ids}); shorten output_dir, [run] name or the model's name\n"
     )
     assert (output_dir / "cli").exists() == existing
+
+
+def test_a_run_directory_there_is_taken_where_its_images_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 3,960 bytes leave room for images/t2i/synth/<data_id>.png with this dataset's data_ids,
+    # not with one of 128 characters: a directory a run had begun in at that depth was
+    # refused on resume, for data_ids its dataset does not have.
+    path = write_config(tmp_path, samples=2)
+    output_dir = output_dir_for(tmp_path, 3960)
+    path.write_text(path.read_text().replace('output_dir = "runs"', f'output_dir = "{output_dir}"'))
+    (output_dir / "cli").mkdir(parents=True)
+    for command in (["validate"], RUN):
+        assert main([*command, str(path)]) == EXIT_OK, capsys.readouterr().err
+    assert len(list((output_dir / "cli" / "images" / "t2i" / "synth").glob("*.png"))) == 2
 
 
 def test_a_folder_on_the_way_without_search_permission_is_refused_alike(

@@ -128,7 +128,9 @@ def refuse_a_path_too_long(path: Path, manifest: Manifest, *, made_here: bool) -
 
     Args:
         made_here: the run makes ``path`` (or made it, for ``--new-run``), rather than
-            resuming a directory that was there: the error says what the run cannot do.
+            resuming a directory that was there: the error says what the run cannot do,
+            and a directory there is refused for its images' folders alone (a data_id of
+            one character), not for data_ids its dataset may not have.
 
     Raises:
         RunDirError: ``path`` and the longest of those files exceed the system's limit.
@@ -139,7 +141,11 @@ def refuse_a_path_too_long(path: Path, manifest: Manifest, *, made_here: bool) -
         limit = 4096
     length = len(os.fsencode(path.absolute()))
     model = max(manifest.generators, key=len, default=None)
-    image = 0 if model is None else len(f"/{IMAGES}/{manifest.task}/{model}/.png") + MAX_NAME_CHARS
+    # A directory the run makes keeps room for any data_id. One that is there (a resume) is
+    # refused only for the images' folders: a run begun at its depth writes the data_ids its
+    # dataset has, unknown until it is read, and one of 128 characters refused it for good.
+    data_id = MAX_NAME_CHARS if made_here else 1
+    image = 0 if model is None else len(f"/{IMAGES}/{manifest.task}/{model}/.png") + data_id
     if length + max(image, ROOM_FOR_TEMPORARY_FILES) < limit:  # the limit counts the final NUL
         return
     what = "create" if made_here else "write in"
@@ -149,9 +155,10 @@ def refuse_a_path_too_long(path: Path, manifest: Manifest, *, made_here: bool) -
         f"allows ({limit} bytes)"
     )
     if image > ROOM_FOR_TEMPORARY_FILES:
+        ids = f"up to {MAX_NAME_CHARS} characters" if made_here else "one character"
         raise RunDirError(
-            f"{problem}: an image adds up to {image} bytes to it ({IMAGES}/{manifest.task}/<model>/"
-            f"<data_id>.png, a data_id of up to {MAX_NAME_CHARS} characters); shorten "
+            f"{problem}: an image adds {'up to' if made_here else 'at least'} {image} bytes to it "
+            f"({IMAGES}/{manifest.task}/<model>/<data_id>.png, a data_id of {ids}); shorten "
             "output_dir, [run] name or the model's name"
         )
     raise RunDirError(f"{problem}; shorten output_dir or [run] name")

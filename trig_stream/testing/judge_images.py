@@ -9,8 +9,11 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 
 class BadRequest(Exception):
@@ -69,3 +72,18 @@ def verify_image(data: bytes) -> None:
         raise BadRequest(f"the image is too large: {exc}") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         raise BadRequest("the image cannot be decoded") from None
+
+
+def as_vllm_sees(image: PILImage) -> PILImage:
+    """``image`` in RGB as vLLM makes it (``vllm.multimodal.image.convert_image_mode``): an
+    RGBA image flattened onto white, any other mode converted plainly, so that what lies
+    under a transparent pixel of an LA, palette or RGB image shows."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode == "RGBA":
+        flat = Image.new("RGB", image.size, (255, 255, 255))
+        flat.paste(image, mask=image.getchannel("A"))
+        return flat
+    return image.convert("RGB")

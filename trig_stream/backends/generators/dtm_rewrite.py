@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,19 +344,27 @@ class DTMRewriteGenerator(Generator):
                 self.rewrites[request.sample.data_id] = outcome
             sample = request.sample.model_copy(update={"prompt": outcome.prompt})
             rewritten.append(GenerationRequest(request.model, sample, request.seed))
-        pictures = self.inner.generate(rewritten, worker=worker, cancel=cancel)
+        try:
+            pictures = self.inner.generate(rewritten, worker=worker, cancel=cancel)
+        except Exception:
+            if cancel.is_set():  # the hard stop cut the whole batch's drawing
+                self._drop_rewrites(requests)
+            raise
         if isinstance(pictures, Sequence) and len(pictures) == len(requests):  # else broken
-            # The stop cut the drawing of these: asked again on resume, as above.
-            cut = [
-                request.sample.data_id
+            # The stop cut the drawing of these.
+            self._drop_rewrites(
+                request
                 for request, picture in zip(requests, pictures, strict=True)
                 if isinstance(picture, NotAsked)
                 or (isinstance(picture, Exception) and cancel.is_set())
-            ]
-            with self._lock:
-                for data_id in cut:
-                    del self.rewrites[data_id]
+            )
         return pictures
+
+    def _drop_rewrites(self, requests: Iterable[GenerationRequest]) -> None:
+        # Those of images a stop cut: their samples are asked again on resume, as above.
+        with self._lock:
+            for request in requests:
+                del self.rewrites[request.sample.data_id]
 
     def prompt_rewrite(self, data_id: str) -> PromptRewrite | None:
         with self._lock:

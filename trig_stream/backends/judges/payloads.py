@@ -127,10 +127,10 @@ def _decoded(path: Path, data: bytes, max_pixels: int | None) -> tuple[bytes, st
             fmt = (image.format or "PNG").lower()
             if max_pixels is not None and image.width * image.height > max_pixels:
                 size = shrunk_size(image.width, image.height, max_pixels)
-                # Only the size changes: the server flattens transparency as it flattens an
-                # image sent whole (vLLM onto white), where RGB showed what lay under it.
-                alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-                working = image.convert("RGBA" if alpha else "RGB")
+                # Only the size changes: vLLM flattens an RGBA image onto white, so its alpha
+                # is kept for the server to flatten; any other mode it converts plainly,
+                # showing what lies under transparent pixels, and so does this.
+                working = image.convert("RGBA" if image.mode == "RGBA" else "RGB")
                 resized = working.resize(size, Image.Resampling.LANCZOS)
                 data, fmt = encode_png(resized), "png"
     except (UnidentifiedImageError, ValueError, SyntaxError, OSError):

@@ -68,7 +68,7 @@ class MetricInput:
     top_logprobs: TopLogprobs | None = None
 
     def rgb_image(self) -> Image:
-        """The image, decoded and in RGB (transparency flattened onto white).
+        """The image, decoded and in RGB (an RGBA one flattened onto white, as vLLM does).
 
         Raises:
             ItemError: there is no image, or it cannot be read.
@@ -346,9 +346,9 @@ def is_async(metric: ImageMetric | type[ImageMetric]) -> bool:
 def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> Image:
     """Decode an image file (or take a PIL image) as RGB, shrunk to ``max_pixels`` if given.
 
-    Transparency is flattened onto white, as vLLM flattens an image it is sent (RGB alone
-    showed what lay under it, often black), so an image looks the same to every judge; an
-    image with nothing transparent in it keeps its pixels as they are.
+    The image is made RGB as vLLM makes an image it is sent, so that it looks the same to
+    every judge: an RGBA one is flattened onto white, any other mode converted plainly (what
+    lies under a transparent pixel of an LA, palette or RGB image shows, as in vLLM).
 
     Raises:
         ItemError: the file cannot be read or is not an image.
@@ -359,27 +359,27 @@ def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> 
     if isinstance(image, str | Path):
         try:
             with PILImage.open(image) as opened:
-                rgb = _on_white(opened)
+                rgb = _as_vllm_makes_rgb(opened)
         except (UnidentifiedImageError, ValueError, SyntaxError):  # before OSError, its base
             raise ItemError(f"{image} is not a readable image") from None
         except OSError as exc:
             raise ItemError(f"cannot read image {image}: {exc.strerror or exc}") from None
     else:
-        rgb = image if image.mode == "RGB" else _on_white(image)
+        rgb = image if image.mode == "RGB" else _as_vllm_makes_rgb(image)
     if max_pixels is not None and rgb.width * rgb.height > max_pixels:
         size = shrunk_size(rgb.width, rgb.height, max_pixels)
         rgb = rgb.resize(size, PILImage.Resampling.LANCZOS)
     return rgb
 
 
-def _on_white(image: Image) -> Image:
-    """A copy of ``image`` in RGB, what is transparent in it flattened onto white."""
+def _as_vllm_makes_rgb(image: Image) -> Image:
+    """A copy of ``image`` in RGB as vLLM's ``convert_image_mode`` makes it: an RGBA one
+    flattened onto white, any other mode converted plainly."""
     from PIL import Image as PILImage
 
-    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+    if image.mode != "RGBA":
         return image.convert("RGB")
-    rgba = image.convert("RGBA")
     # As vLLM's rgba_to_rgb: an opaque pixel is pasted as it is, a transparent one left white.
-    flat = PILImage.new("RGB", rgba.size, (255, 255, 255))
-    flat.paste(rgba, mask=rgba.getchannel("A"))
+    flat = PILImage.new("RGB", image.size, (255, 255, 255))
+    flat.paste(image, mask=image.getchannel("A"))
     return flat
