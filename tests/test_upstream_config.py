@@ -600,8 +600,8 @@ def test_a_dangling_link_at_out_writes_the_file_it_names(tmp_path: Path) -> None
     assert link.is_symlink() and "image_folder" in (tmp_path / "made.toml").read_text()
 
 
-def test_paths_written_through_a_link_are_relative_to_the_file_it_names(tmp_path: Path) -> None:
-    # They were relative to the link's folder, not to the file that holds them.
+def test_paths_written_through_a_link_to_another_folder_are_in_full(tmp_path: Path) -> None:
+    # Relative to either folder, the file loaded from the other one named other folders.
     source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
     made = tmp_path / "elsewhere" / "deeper" / "made.toml"
     made.parent.mkdir(parents=True)
@@ -610,9 +610,22 @@ def test_paths_written_through_a_link_are_relative_to_the_file_it_names(tmp_path
     link.symlink_to(made)
     code, _ = run_command(["import-config", str(source), "-o", str(link), "--root", str(tmp_path)])
     assert code == 0
-    assert 'path = "../../imgs"' in made.read_text()
-    (generator,) = load_config(made).generators
-    assert generator.options["path"] == str(tmp_path / "imgs")
+    text = made.read_text()
+    assert f'path = "{(tmp_path / "imgs").as_posix()}"' in text
+    assert "# Written through a symbolic link to a file in another folder" in text
+    for config in (made, link):
+        (generator,) = load_config(config).generators
+        assert generator.options["path"] == str(tmp_path / "imgs")
+
+
+def test_paths_written_through_a_link_beside_its_file_stay_relative(tmp_path: Path) -> None:
+    source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
+    made = tmp_path / "made.toml"
+    link = tmp_path / "link.toml"
+    link.symlink_to(made.name)
+    code, _ = run_command(["import-config", str(source), "-o", str(link), "--root", str(tmp_path)])
+    assert code == 0
+    assert 'path = "imgs"' in made.read_text()
 
 
 def test_command_refuses_to_overwrite_its_own_input(tmp_path: Path) -> None:
