@@ -26,7 +26,14 @@ from trig_stream.errors import ConfigError
 from trig_stream.files import read_settings_file
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping
 from trig_stream.upstream_config.judges import ConvertedJudge, convert_judges
-from trig_stream.upstream_config.toml_writer import assignments, comment, safe_name, shown
+from trig_stream.upstream_config.toml_writer import (
+    assignments,
+    comment,
+    key_text,
+    safe_name,
+    shown,
+    too_long_to_write,
+)
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -115,7 +122,12 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
     # not be written (UTF-8 has no half characters) or named a file no system can open.
     problems = []
     for loc, why in unusable_values(data, dates=False):
-        key = dotted_key(tuple(part if isinstance(part, int) else str(part) for part in loc))
+        key = dotted_key(
+            tuple(
+                part if isinstance(part, int) and not too_long_to_write(part) else key_text(part)
+                for part in loc
+            )
+        )
         problems.append(f"{path}: {key}: {why}" if key else f"{path}: {why}")
     if problems:
         raise ConfigError("\n".join(problems))
@@ -221,7 +233,7 @@ class _Converter:
             )
         for key in self.data:
             if key not in TOP_LEVEL_KEYS:
-                self._extra_top_level(str(key), self.data[key])
+                self._extra_top_level(key_text(key), self.data[key])
         self._run()
         self._dataset()
         self._generators()
@@ -423,7 +435,7 @@ class _Converter:
             self.warn("relation", "left out: expected a mapping")
             return
         for key, value in relation.items():
-            where = f"relation.{key}"
+            where = f"relation.{key_text(key)}"
             if key == "metric":
                 if value in CORRELATIONS:
                     self.relation["correlation"] = value
@@ -456,7 +468,7 @@ class _Converter:
             return
         for key, number in value.items():
             if key not in names:
-                self.warn(f"{where}.{key}", "unknown threshold, left out")
+                self.warn(f"{where}.{key_text(key)}", "unknown threshold, left out")
             elif isinstance(number, int | float) and not isinstance(number, bool):
                 try:
                     self.relation[str(key)] = float(number)
