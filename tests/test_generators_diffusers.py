@@ -267,6 +267,42 @@ def test_a_call_argument_set_to_the_pipelines_default_resumes_as_one_left_out(
     ]
 
 
+def test_a_dtm_rewrite_around_diffusers_resumes_with_a_call_argument_set_to_its_default(
+    make_config: ConfigFactory, tiny_pipelines: dict[TinyKind, Path]
+) -> None:
+    # The wrapper passed its inner generator's fingerprint on but not what its fields left
+    # out stand for: `inner.call.num_inference_steps not set in the run dir, 28 in the config`.
+    from trig_stream.backends.registry import build_generator
+    from trig_stream.manifest import Manifest
+    from trig_stream.preflight import run_manifest
+
+    def manifest(steps: int | None) -> Manifest:
+        inner = {
+            "backend": "diffusers",
+            "options": {**tiny_options(tiny_pipelines["flux"], "flux"), "steps": steps},
+        }
+        options = {
+            "inner": inner,
+            "model": "rewriter",
+            "base_url": "http://127.0.0.1:9/v1",
+            "api_key_env": "",
+            "relations": {"IQ-R_TA-C": 0},
+        }
+        entry = {"name": "tiny", "backend": "dtm_rewrite", "options": options}
+        config = make_config(generators=[entry])
+        generator = build_generator(config.generators[0], config)
+        generator.check_environment()
+        return run_manifest(config, [generator], {})
+
+    without, explicit = manifest(None), manifest(28)
+    assert "num_inference_steps" not in without.generators["tiny"]["inner"]["call"]
+    assert Manifest.model_validate_json(without.model_dump_json()).differences(explicit) == []
+    assert Manifest.model_validate_json(explicit.model_dump_json()).differences(without) == []
+    assert Manifest.model_validate_json(without.model_dump_json()).differences(manifest(27)) == [
+        "generator 'tiny': inner.call.num_inference_steps not set in the run dir, 27 in the config"
+    ]
+
+
 def request(data_id: str, seed: int, prompt: str = "a cat") -> GenerationRequest:
     sample = Sample(data_id=data_id, task="t2i", prompt=prompt, dimensions=("IQ-R", "TA-C"))
     return GenerationRequest("tiny", sample, seed)

@@ -646,6 +646,25 @@ def test_a_stop_ends_a_backoff_without_asking_again(server: GenerationAPIServer,
     assert isinstance(one(generator), Image.Image)
 
 
+def test_after_a_stop_the_rest_of_the_batch_is_not_asked(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # Only a hard cancel was checked between requests: after a graceful stop each of the
+    # batch's other requests was still asked for, each up to timeout_s.
+    server.fail_next(Fault(status=429, retry_after=600))
+    generator = make(server)
+
+    def stopping_sleep(seconds: float, event: threading.Event) -> bool:
+        generator.stop_waiting()  # as the engine does when a stop begins
+        return event.wait(min(seconds, 30))
+
+    generator._sleep = stopping_sleep
+    batch = [request("a lighthouse"), request("a harbour"), request("a cliff")]
+    outcomes = generator.generate(batch, worker=0, cancel=threading.Event())
+    assert [type(outcome) for outcome in outcomes] == [NotAsked] * 3
+    assert len(server.requests) == 1
+
+
 def test_only_t2i_runs(make_config: ConfigFactory, tmp_path: Path) -> None:
     from trig_stream.backends.registry import build_generator
 

@@ -205,6 +205,34 @@ async def test_a_run_dir_of_other_scoring_rules_is_refused_naming_them(
         assert "Use --new-run" in str(raised.value)
 
 
+def _judged_under_rules(config: RunConfig, rules: int) -> None:
+    """The finished run in ``config.run_dir`` as a trig-stream of scoring rules ``rules``
+    wrote it: its manifest's judge entries and its journal lines."""
+    data = json.loads((config.run_dir / MANIFEST).read_text())
+    for fingerprint in data["judges"].values():
+        fingerprint["params"]["scoring_rules"] = rules
+    (config.run_dir / MANIFEST).write_text(json.dumps(data))
+    journal = config.run_dir / JOURNAL
+    earlier = f'"scoring_rules":{rules},'
+    journal.write_text(journal.read_text().replace(f'"scoring_rules":{SCORING_RULES},', earlier))
+
+
+async def test_a_run_dir_scored_by_trig_under_rules_1_resumes(make_config: ConfigFactory) -> None:
+    # Rules 2 changed the robust scorer alone, yet a run whose judge scores by trig, its
+    # numbers the same under both, was refused as judged under other rules.
+    judges = [{"name": "trigscore", "backend": "fake", "scorer": "trig"}]
+    config = make_config(samples=2, judges=judges)
+    await run_to_end(config)
+    configured = read_manifest(config.run_dir)
+    _judged_under_rules(config, 1)
+    store.check_resume(config.run_dir, configured)
+    await run_to_end(config)
+    # Its manifest now holds this trig-stream's rules, its journal lines the earlier ones.
+    assert read_manifest(config.run_dir).judges["trigscore"]["params"]["scoring_rules"] == 2
+    store.check_resume(config.run_dir, configured)
+    await run_to_end(config)
+
+
 @pytest.mark.parametrize("value", [None, "x", {"v": 1}, 1.5], ids=["null", "text", "dict", "float"])
 async def test_a_run_dir_of_scoring_rules_that_are_no_number_is_refused_naming_the_field(
     make_config: ConfigFactory, value: Any
@@ -253,3 +281,21 @@ def test_a_judge_of_another_backend_under_the_name_is_not_said_to_score_by_other
         "config"
     ) in found
     assert not any("scores by rules" in line for line in found)
+
+
+@pytest.mark.parametrize(
+    ("scorer", "stored_rules", "refused"),
+    [("trig", 1, False), ("robust", 1, True), ("trig", SCORING_RULES + 1, True)],
+    ids=["trig", "robust", "unknown-rules"],
+)
+def test_only_rules_that_leave_the_judges_scorer_alone_resume(
+    scorer: str, stored_rules: int, refused: bool
+) -> None:
+    def manifest(rules: int) -> Manifest:
+        params = {"scoring_rules": rules}
+        judge = {"backend": "fake", "model": "fake", "scorer": scorer, "params": params}
+        return Manifest(run_name="r", task="t2i", judges={"trigscore": judge})
+
+    found = manifest(stored_rules).differences(manifest(SCORING_RULES))
+    assert bool(found) is refused
+    assert all("scoring rules" in line for line in found)

@@ -542,6 +542,41 @@ async def test_requests_over_the_context_before_any_success_stop_the_run_after_a
         await judge.aclose()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_requests_over_the_context_in_a_batch_with_judged_ones_are_their_own_errors(
+    tiny_vlm: Path, images: list[Path]
+) -> None:
+    # They were counted before the batch's fitting rows ran: the 8th of a first batch stopped
+    # the run, saying none was judged, though its batch-mates were.
+    from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
+
+    judge = make_judge(tiny_vlm, batch_size=2 * REFUSALS_TO_STOP, top_logprobs=5)
+    outcomes: dict[int, JudgeReply | Exception] = {}
+
+    async def ask(index: int) -> None:
+        prompt = "x" * 3000 if index < REFUSALS_TO_STOP else None
+        try:
+            outcomes[index] = await judge.judge(request(judge, images[index % 4], prompt=prompt))
+        except Exception as exc:
+            outcomes[index] = exc
+
+    await judge.open()
+    try:
+        async with anyio.create_task_group() as tg:
+            for index in range(2 * REFUSALS_TO_STOP):
+                tg.start_soon(ask, index)
+        batcher = judge.batcher
+        assert batcher is not None and batcher.largest_batch == 2 * REFUSALS_TO_STOP
+    finally:
+        await judge.aclose()
+    for index in range(REFUSALS_TO_STOP):
+        error = outcomes[index]
+        assert isinstance(error, ItemError) and not isinstance(error, FatalBackendError), error
+        assert "over the judge model's context" in str(error)
+    for index in range(REFUSALS_TO_STOP, 2 * REFUSALS_TO_STOP):
+        assert isinstance(outcomes[index], JudgeReply)
+
+
 async def test_engine_records_a_prompt_over_the_context_as_an_error(
     tiny_vlm: Path, tmp_path: Path, make_config: ConfigFactory
 ) -> None:

@@ -600,8 +600,8 @@ def test_a_dangling_link_at_out_writes_the_file_it_names(tmp_path: Path) -> None
     assert link.is_symlink() and "image_folder" in (tmp_path / "made.toml").read_text()
 
 
-def test_paths_written_through_a_link_are_relative_to_the_file_it_names(tmp_path: Path) -> None:
-    # They were relative to the link's folder, not to the file that holds them.
+def test_paths_written_through_a_link_to_another_folder_are_in_full(tmp_path: Path) -> None:
+    # Relative to either folder, the file loaded from the other one named other folders.
     source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
     made = tmp_path / "elsewhere" / "deeper" / "made.toml"
     made.parent.mkdir(parents=True)
@@ -610,9 +610,22 @@ def test_paths_written_through_a_link_are_relative_to_the_file_it_names(tmp_path
     link.symlink_to(made)
     code, _ = run_command(["import-config", str(source), "-o", str(link), "--root", str(tmp_path)])
     assert code == 0
-    assert 'path = "../../imgs"' in made.read_text()
-    (generator,) = load_config(made).generators
-    assert generator.options["path"] == str(tmp_path / "imgs")
+    text = made.read_text()
+    assert f'path = "{(tmp_path / "imgs").as_posix()}"' in text
+    assert "# Written through a symbolic link to a file in another folder" in text
+    for config in (made, link):
+        (generator,) = load_config(config).generators
+        assert generator.options["path"] == str(tmp_path / "imgs")
+
+
+def test_paths_written_through_a_link_beside_its_file_stay_relative(tmp_path: Path) -> None:
+    source = write(tmp_path, "up.yaml", "evaluation: {image_dirs: [imgs]}\n")
+    made = tmp_path / "made.toml"
+    link = tmp_path / "link.toml"
+    link.symlink_to(made.name)
+    code, _ = run_command(["import-config", str(source), "-o", str(link), "--root", str(tmp_path)])
+    assert code == 0
+    assert 'path = "imgs"' in made.read_text()
 
 
 def test_command_refuses_to_overwrite_its_own_input(tmp_path: Path) -> None:
@@ -1057,6 +1070,86 @@ def test_an_end_idx_past_toml_s_integers_is_left_out_with_a_warning(tmp_path: Pa
         "end_idx: left out: 99999999999999999999999 is past the largest TOML integer "
         "(2**63 - 1): every record is read, as upstream reads them"
     ) in warnings
+
+
+# A hexadecimal YAML integer of 16,000 bits: read whatever its length, but past the digits
+# Python writes in decimal (4,300 by default).
+HUGE_INT = "0x" + "f" * 4000
+
+
+@pytest.mark.parametrize(
+    ("placed", "key"),
+    [
+        pytest.param(f"end_idx: {HUGE_INT}", "end_idx", id="end_idx"),
+        pytest.param(f"start_idx: {HUGE_INT}", "start_idx", id="start_idx"),
+        pytest.param(
+            f"relation: {{thresholds: {{synergy: {HUGE_INT}}}}}",
+            "relation.thresholds.synergy",
+            id="threshold",
+        ),
+        pytest.param(f"generation: {{models: {HUGE_INT}}}", "generation.models", id="models"),
+        pytest.param(
+            f"generation: {{models: [flux, {HUGE_INT}]}}", "generation.models[1]", id="a-model"
+        ),
+        pytest.param(
+            f"dimensions: {{IQ-R: {{metrics: [{{name: trig_api, model_name: {HUGE_INT}}}]}}}}",
+            "",
+            id="model_name",
+        ),
+        pytest.param(
+            f"dimensions: {{IQ-R: {{metrics: [{{name: trig_api, top_logprobs: {HUGE_INT}}}]}}}}",
+            "",
+            id="top_logprobs",
+        ),
+        pytest.param(f"? {HUGE_INT}\n: 1", "", id="top-level-key"),
+        pytest.param(
+            f"dimensions:\n  ? {HUGE_INT}\n  : {{metrics: []}}", "dimensions.", id="dimension-key"
+        ),
+        pytest.param(
+            f"dimensions: {{IQ-R: {{metrics: [{{name: trig_api, ? {HUGE_INT} : 1}}]}}}}",
+            "",
+            id="metric-key",
+        ),
+        pytest.param(f"relation:\n  ? {HUGE_INT}\n  : 1", "relation.", id="relation-key"),
+        pytest.param(
+            f"relation: {{thresholds: {{? {HUGE_INT} : 1}}}}",
+            "relation.thresholds.",
+            id="threshold-key",
+        ),
+        pytest.param(
+            f"generation: {{models: [flux], ? {HUGE_INT} : 1}}", "generation.", id="generation-key"
+        ),
+        pytest.param(
+            f"evaluation: {{image_dirs: [x], ? {HUGE_INT} : 1}}", "evaluation.", id="evaluation-key"
+        ),
+    ],
+)
+def test_an_integer_too_long_to_write_is_shown_by_its_length(
+    tmp_path: Path, placed: str, key: str
+) -> None:
+    # Each warning naming it, or its key, ended in a traceback: "Exceeds the limit (4300
+    # digits) for integer string conversion".
+    text = placed + "\n" + ("" if "evaluation" in placed else "evaluation: {image_dirs: [x]}\n")
+    _, warnings = convert_to_file(tmp_path, text)
+    assert [w for w in warnings if w.startswith(key) and "<an integer of 16,000 bits>" in w]
+
+
+@pytest.mark.parametrize(
+    ("placed", "refused"),
+    [
+        pytest.param(f"task: {HUGE_INT}", "task: <an integer of 16,000 bits> has no", id="task"),
+        pytest.param(
+            f'? {HUGE_INT}\n: "a\\0b"', '"<an integer of 16,000 bits>": holds a NUL', id="key"
+        ),
+    ],
+)
+def test_an_integer_too_long_to_write_is_refused_showing_its_length(
+    tmp_path: Path, placed: str, refused: str
+) -> None:
+    source = write(tmp_path, "up.yaml", f"{placed}\nevaluation: {{image_dirs: [x]}}\n")
+    with pytest.raises(ConfigError) as raised:
+        import_config(source, out=tmp_path / "out.toml", root=tmp_path)
+    assert refused in str(raised.value)
 
 
 def test_a_run_name_taken_from_the_file_name_is_said_to_come_from_it(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from trig_stream.hashing import seeds_for
 from trig_stream.journal import JournalState, holds_our_journal
 from trig_stream.moves import Move
 from trig_stream.records import CASE_CLASH, SCHEMA_VERSION, JudgeFingerprint, JudgementKey
-from trig_stream.scoring import SCORING_RULES_CHANGES, SCORING_RULES_KEY
+from trig_stream.scoring import SCORING_RULES_CHANGES, SCORING_RULES_KEY, scored_alike
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES: Final = MAX_SETTINGS_BYTES
@@ -173,6 +173,8 @@ class Manifest(BaseModel):
                 changed = _changed_fields(stored_entry, theirs[name], same, defaults=defaults)
                 for key, stored, configured in changed:
                     if kind == "judges" and key == f"params.{SCORING_RULES_KEY}":
+                        if _rules_that_score_alike(stored_entry, theirs[name]):
+                            continue
                         same_backend = stored_entry.get("backend") == theirs[name].get("backend")
                         if said := _other_scoring_rules(name, stored, configured, same_backend):
                             found.append(said)
@@ -221,6 +223,9 @@ class Manifest(BaseModel):
                 # manifest entry moved on while the lines stayed.
                 line = _auto_dtype_as_configured(fingerprint.model_dump(mode="json"), entry)
                 line = _scoring_rules_as_entry(line, entry)
+                if _rules_that_score_alike(line, entry):  # lines judged before a resume
+                    rules = entry["params"][SCORING_RULES_KEY]
+                    line = {**line, "params": {**line["params"], SCORING_RULES_KEY: rules}}
                 for key, stored, written in _changed_fields(line, entry, _same_name_paths):
                     found.append(
                         f"judge {name!r}: {key} {stored} in the journal, {written} in {MANIFEST}"
@@ -312,6 +317,23 @@ def _other_scoring_rules(name: str, stored: str, configured: str, same_backend: 
         f"judge {name!r}: judged under trig-stream's {when} scoring rules ({stored}), and this "
         f"one scores by rules {configured}: its scores would not compare with those stored"
         f"{changes}"
+    )
+
+
+def _rules_that_score_alike(stored: dict[str, Any], configured: dict[str, Any]) -> bool:
+    """Whether two fingerprints of a judge hold scoring rules that differ but score its
+    answers alike (:func:`~trig_stream.scoring.scored_alike`): rules 2 changed the robust
+    scorer alone, so a judge scored by ``trig`` resumes across it. Their other fields are
+    compared as ever."""
+    mine, theirs = ((e.get("params") or {}).get(SCORING_RULES_KEY) for e in (stored, configured))
+    scorer = stored.get("scorer")
+    if type(mine) is not int or type(theirs) is not int or mine == theirs:
+        return False  # no rules number (an edited manifest, a bool), or no difference
+    return (
+        stored.get("backend") == configured.get("backend")
+        and isinstance(scorer, str)
+        and scorer == configured.get("scorer")
+        and scored_alike(scorer, mine, theirs)
     )
 
 

@@ -101,6 +101,24 @@ SCORING_RULES_CHANGES: Final[dict[int, str]] = {
 """What each version of :data:`SCORING_RULES` changed, in words, for the refusal of a resume
 across them."""
 
+SCORING_RULES_SCORERS: Final[dict[int, frozenset[Scorer]]] = {
+    1: frozenset(SCORERS),
+    2: frozenset({"robust"}),
+}
+"""The scorers whose scores each version of :data:`SCORING_RULES` changed: a judge of another
+resumes across it (see :func:`scored_alike`)."""
+
+
+def scored_alike(scorer: str, rules: int, other: int) -> bool:
+    """Whether a judge with ``scorer`` gives every answer the same score and status under
+    scoring rules ``rules`` and ``other``: no version from one to the other changed it. Rules
+    this trig-stream does not know (an edited manifest's, a later one's) score otherwise."""
+    low, high = sorted((rules, other))
+    if low < 1 or high > SCORING_RULES:
+        return low == high
+    return not any(scorer in SCORING_RULES_SCORERS[v] for v in range(low + 1, high + 1))
+
+
 SCORING_RULES_KEY: Final = "scoring_rules"
 """The key of a judge fingerprint's ``params`` that holds its :data:`SCORING_RULES`."""
 

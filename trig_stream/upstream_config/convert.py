@@ -26,7 +26,14 @@ from trig_stream.errors import ConfigError
 from trig_stream.files import read_settings_file
 from trig_stream.upstream_config.generators import Generator, GeneratorMapping
 from trig_stream.upstream_config.judges import ConvertedJudge, convert_judges
-from trig_stream.upstream_config.toml_writer import assignments, comment, safe_name, shown
+from trig_stream.upstream_config.toml_writer import (
+    assignments,
+    comment,
+    key_text,
+    safe_name,
+    shown,
+    too_long_to_write,
+)
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -115,7 +122,12 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
     # not be written (UTF-8 has no half characters) or named a file no system can open.
     problems = []
     for loc, why in unusable_values(data, dates=False):
-        key = dotted_key(tuple(part if isinstance(part, int) else str(part) for part in loc))
+        key = dotted_key(
+            tuple(
+                part if isinstance(part, int) and not too_long_to_write(part) else key_text(part)
+                for part in loc
+            )
+        )
         problems.append(f"{path}: {key}: {why}" if key else f"{path}: {why}")
     if problems:
         raise ConfigError("\n".join(problems))
@@ -123,7 +135,12 @@ def load_upstream_yaml(path: Path) -> dict[str, Any]:
 
 
 def convert_upstream_config(
-    data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path | None
+    data: Mapping[str, Any],
+    *,
+    source: Path,
+    root: Path,
+    out_dir: Path | None,
+    through_link: bool = False,
 ) -> Conversion:
     """Convert a parsed upstream config into the text of a trig-stream TOML config.
 
@@ -133,12 +150,17 @@ def convert_upstream_config(
         root: the folder upstream's relative paths start from (its project root).
         out_dir: the folder the TOML will live in; upstream's paths are written relative to
             it, or in full when None (the TOML is printed, and may be saved anywhere).
+        through_link: ``out_dir`` is None because the TOML is written through a symbolic
+            link to a file in another folder (said in its header).
 
     Raises:
         ConfigError: the task has no counterpart, no model or folder converts to a
             generator, or the result does not validate.
     """
-    return _Converter(data, source=source, root=root, out_dir=out_dir).convert()
+    converter = _Converter(
+        data, source=source, root=root, out_dir=out_dir, through_link=through_link
+    )
+    return converter.convert()
 
 
 def import_config(path: Path, *, out: Path | None = None, root: Path | None = None) -> Conversion:
@@ -146,17 +168,28 @@ def import_config(path: Path, *, out: Path | None = None, root: Path | None = No
 
     Args:
         path: the upstream YAML file.
-        out: where the TOML will be written (the folder of the file it names, through
-            symbolic links, anchors relative paths); None when it is printed: upstream's
-            paths are then written in full.
+        out: where the TOML will be written (its folder anchors relative paths; a symbolic
+            link there to a file in another folder has upstream's paths written in full, so
+            that it loads from both); None when it is printed: upstream's paths are then
+            written in full.
         root: upstream's project root; None for the current folder.
     """
     cwd = Path.cwd()
-    # Through a link at `out`, the file written is the one it points to: its folder is the
-    # one the loader resolves relative paths against.
-    out_dir = Path(os.path.realpath(out)).parent if out is not None else None
+    out_dir = None
+    through_link = False
+    if out is not None:
+        # The loader resolves relative paths against the folder of the path it is given:
+        # through a link at `out` to a file in another folder, the link's and the file's
+        # folders both, so only paths in full hold from either.
+        out_dir = Path(os.path.realpath(out.parent))
+        if Path(os.path.realpath(out)).parent != out_dir:
+            out_dir, through_link = None, True
     return convert_upstream_config(
-        load_upstream_yaml(path), source=path, root=(root or cwd).resolve(), out_dir=out_dir
+        load_upstream_yaml(path),
+        source=path,
+        root=(root or cwd).resolve(),
+        out_dir=out_dir,
+        through_link=through_link,
     )
 
 
@@ -167,12 +200,19 @@ class _Converter:
     """One conversion: the TOML's tables as they fill, and the warnings in the order met."""
 
     def __init__(
-        self, data: Mapping[str, Any], *, source: Path, root: Path, out_dir: Path | None
+        self,
+        data: Mapping[str, Any],
+        *,
+        source: Path,
+        root: Path,
+        out_dir: Path | None,
+        through_link: bool,
     ) -> None:
         self.data = data
         self.source = source
         self.root = root
         self.out_dir = out_dir
+        self.through_link = through_link
         self.warnings: list[str] = []
         self.task: Task = "t2i"
         self.generators: list[Generator] = []
@@ -193,7 +233,7 @@ class _Converter:
             )
         for key in self.data:
             if key not in TOP_LEVEL_KEYS:
-                self._extra_top_level(str(key), self.data[key])
+                self._extra_top_level(key_text(key), self.data[key])
         self._run()
         self._dataset()
         self._generators()
@@ -395,7 +435,7 @@ class _Converter:
             self.warn("relation", "left out: expected a mapping")
             return
         for key, value in relation.items():
-            where = f"relation.{key}"
+            where = f"relation.{key_text(key)}"
             if key == "metric":
                 if value in CORRELATIONS:
                     self.relation["correlation"] = value
@@ -428,7 +468,7 @@ class _Converter:
             return
         for key, number in value.items():
             if key not in names:
-                self.warn(f"{where}.{key}", "unknown threshold, left out")
+                self.warn(f"{where}.{key_text(key)}", "unknown threshold, left out")
             elif isinstance(number, int | float) and not isinstance(number, bool):
                 try:
                     self.relation[str(key)] = float(number)
@@ -484,7 +524,13 @@ class _Converter:
             f"# Converted by `trig-stream import-config` from {comment(str(self.source))}",
             "# (a TRIG upstream YAML config). Relative paths are relative to this file's folder.",
         ]
-        if self.out_dir is None:
+        if self.through_link:
+            lines.append(
+                "# Written through a symbolic link to a file in another folder: upstream's "
+                "paths are in full,"
+            )
+            lines.append("# so that it loads from either folder.")
+        elif self.out_dir is None:
             lines.append("# It was printed, not written to a file: upstream's paths are in full.")
         if self.warnings:
             lines.append("#")

@@ -16,7 +16,7 @@ from typing import Any
 
 from trig_stream.backends.generators.presets import INPUT_TASKS, PRESETS, preset_names
 from trig_stream.dimensions import Task
-from trig_stream.upstream_config.toml_writer import safe_name, shown
+from trig_stream.upstream_config.toml_writer import key_text, safe_name, shown
 
 Generator = tuple[str, str, dict[str, Any]]
 """A converted generator: its name, its backend and its options table."""
@@ -66,7 +66,7 @@ class GeneratorMapping:
             return
         for key in generation:
             if key != "models":
-                self.warn(f"generation.{key}", "unknown upstream key, left out")
+                self.warn(f"generation.{key_text(key)}", "unknown upstream key, left out")
         models = generation.get("models")
         if models is None:
             return
@@ -124,7 +124,7 @@ class GeneratorMapping:
                     "<run dir>/report/<model>/evaluation_result.json",
                 )
             else:
-                self.warn(f"evaluation.{key}", "unknown upstream key, left out")
+                self.warn(f"evaluation.{key_text(key)}", "unknown upstream key, left out")
 
     def _model(self, alias: str) -> None:
         key = f"generation.models[{alias}]"

@@ -15,7 +15,7 @@ from typing import Any
 
 from trig_stream.dimensions import DIMENSIONS, Dimension
 from trig_stream.errors import ConfigError
-from trig_stream.upstream_config.toml_writer import safe_name, shown
+from trig_stream.upstream_config.toml_writer import key_text, safe_name, shown, too_long_to_write
 
 JUDGE_METRIC = "trig_api"
 """The upstream metric that is a VLM judge over the OpenAI protocol (the TRIGScore)."""
@@ -68,7 +68,7 @@ def convert_judges(
     found: dict[_JudgeIdent, ConvertedJudge] = {}
     if isinstance(dimensions, Mapping):
         for dim, spec in dimensions.items():
-            _dimension(str(dim), spec, found, warn)
+            _dimension(key_text(dim), spec, found, warn)
     elif dimensions is not None:
         warn("dimensions", "left out: expected a mapping of dimension codes")
     if not found:
@@ -132,7 +132,7 @@ def _dimension(
             metric_name, params = metric, {}
         elif isinstance(metric, Mapping):
             metric_name = metric.get("name", "")
-            params = {str(k): v for k, v in metric.items() if k != "name"}
+            params = {key_text(k): v for k, v in metric.items() if k != "name"}
         else:
             warn(where, f"left out: {shown(metric)} is not a metric")
             continue
@@ -155,8 +155,10 @@ def _judge_from(
     params: Mapping[str, Any], where: str, warn: Callable[[str, str], None]
 ) -> ConvertedJudge:
     raw_model = params.get("model_name")
-    if isinstance(raw_model, Collection) and not isinstance(raw_model, str):
-        # A list or a mapping names no model (and an alias bomb's text is gigabytes).
+    listed = isinstance(raw_model, Collection) and not isinstance(raw_model, str)
+    if listed or too_long_to_write(raw_model):
+        # A list or a mapping names no model (and an alias bomb's text is gigabytes), nor
+        # does an integer of thousands of digits.
         model = DEFAULT_JUDGE_MODEL
         warn(
             f"{where}.model_name",
@@ -181,7 +183,7 @@ def _judge_from(
         warn(f"{where}.top_logprobs", f"{shown(top)} is not a count: using 5")
         top = UPSTREAM_TOP_LOGPROBS
     elif top > MAX_TOP_LOGPROBS:
-        warn(f"{where}.top_logprobs", f"{top} is above {MAX_TOP_LOGPROBS}: using 20")
+        warn(f"{where}.top_logprobs", f"{shown(top)} is above {MAX_TOP_LOGPROBS}: using 20")
         top = MAX_TOP_LOGPROBS
     api_key_env: str | None = None
     key = params.get("API_KEY")

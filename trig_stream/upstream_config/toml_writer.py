@@ -3,7 +3,8 @@
 The converted config is written line by line rather than by a TOML library so that its
 header can carry the conversion's warnings as comments and each table keeps upstream's order.
 These helpers give each piece its TOML form; the converter lays out the tables. :func:`shown`
-gives an upstream value as a warning (a comment) or an error names it.
+gives an upstream value as a warning (a comment) or an error names it, :func:`key_text` an
+upstream key.
 """
 
 from __future__ import annotations
@@ -21,7 +22,20 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _DOTS = re.compile(r"\.{2,}")
 
-_SHOWN = reprlib.Repr()
+SHOWN_BITS = 2_000
+"""Integers longer than this are shown by their length: Python writes no integer of over
+640 digits (its least limit; 4,300 by default), and YAML's hexadecimal ones are read
+whatever their length."""
+
+
+class _Shown(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > SHOWN_BITS:
+            return f"<an integer of {x.bit_length():,} bits>"
+        return super().repr_int(x, level)
+
+
+_SHOWN = _Shown()
 # Two levels of a few items each: YAML aliases make a list of 9**9 items in a 1 KB file, whose
 # whole repr filled memory.
 _SHOWN.maxlevel = 2
@@ -42,6 +56,18 @@ def shown(value: Any) -> str:
     """``value``'s repr as a message shows it: long strings and large or deeply nested lists
     and mappings cut short with ``...``."""
     return _SHOWN.repr(value)
+
+
+def too_long_to_write(value: Any) -> bool:
+    """Whether ``value`` is an integer :func:`shown` gives by its length, and ``str()`` may
+    refuse to write."""
+    return isinstance(value, int) and value.bit_length() > SHOWN_BITS
+
+
+def key_text(key: Any) -> str:
+    """An upstream mapping key as a message names it: its text, or an integer too long to
+    write shown by its length."""
+    return shown(key) if too_long_to_write(key) else str(key)
 
 
 def comment(text: str) -> str:

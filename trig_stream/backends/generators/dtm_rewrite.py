@@ -296,6 +296,11 @@ class DTMRewriteGenerator(Generator):
             "relations": self.relations.as_dict(),
         }
 
+    def fingerprint_defaults(self) -> dict[str, Any]:
+        # Nested as the fingerprint holds the inner one's: a diffusers call argument left out
+        # and one set to the pipeline's default resume as one, wrapped or not.
+        return {"inner": self.inner.fingerprint_defaults()}
+
     def check_environment(self) -> None:
         if self.options.api_key_env is not None:
             api_key_from_env(self.options.api_key_env, owner=f"generator {self.name!r}")

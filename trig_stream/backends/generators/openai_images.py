@@ -39,7 +39,7 @@ from trig_stream.config_fields import (
     HttpUrl,
     ServedModel,
 )
-from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError
+from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError, NotAsked
 from trig_stream.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -177,6 +177,11 @@ class OpenAIImagesGenerator(Generator):
         for request in requests:
             if cancel.is_set():
                 out.append(ItemError("cancelled"))
+                continue
+            if self._stopping.is_set():
+                # Nothing is asked after a stop (each request may take up to timeout_s): the
+                # rest of the batch is owed to the resume.
+                out.append(NotAsked("the run stopped before the request was asked"))
                 continue
             try:
                 out.append(self._one(request.sample.prompt, cancel))

@@ -335,7 +335,9 @@ class TransformersJudge(Judge):
         # would otherwise stretch every row of the batch to their length.
         fitting = [query for query, error in zip(queries, too_long, strict=True) if not error]
         judged = iter(self._run_batch(fitting) if fitting else [])
-        return [error or next(judged) for error in too_long]
+        # Counted once the fitting rows have run: when one of them was judged, the rows over
+        # the context are the prompts' fault, not the config's.
+        return [self._refused(error) if error else next(judged) for error in too_long]
 
     def _encode(self, queries: Sequence[_Query]) -> Any:
         """The batch's model inputs, on the CPU: token ids with image tokens, padded; pixels."""
@@ -352,15 +354,8 @@ class TransformersJudge(Judge):
             return "the judge's max_context"
         return "the judge model's context"
 
-    def _over_context(self, inputs: Any) -> list[ItemError | FatalBackendError | None]:
-        """Each encoded request's error when it is longer than the model's context.
-
-        Until a request is judged, that many over the context may be the config's fault (a
-        ``max_context`` of 1, images too large for the model) rather than the prompts': from
-        the :data:`~trig_stream.backends.judges.http_errors.REFUSALS_TO_STOP`-th on, as the
-        ``openai`` judge does with refusals, the error is a :class:`FatalBackendError` that
-        stops the run instead of refusing every request of it.
-        """
+    def _over_context(self, inputs: Any) -> list[ItemError | None]:
+        """Each encoded request's error when it is longer than the model's context."""
         ids = inputs["input_ids"]
         if self._context is None:
             return [None] * len(ids)
@@ -368,22 +363,32 @@ class TransformersJudge(Judge):
         # The mask counts each row's own tokens under the padding; without one, every row is
         # as long as the batch (exact for a batch of one, which is where a flagged row ends up).
         lengths = mask.sum(dim=-1).tolist() if mask is not None else [ids.shape[-1]] * len(ids)
-        errors: list[ItemError | FatalBackendError | None] = []
-        for length in lengths:
-            if length <= self._context:
-                errors.append(None)
-                continue
-            error: ItemError | FatalBackendError = ItemError(
+        return [
+            None
+            if length <= self._context
+            else ItemError(
                 f"judge {self.name!r}: the request is {length:,} tokens, over {self._context_name} "
                 f"of {self._context:,} (prompt, judging text and image together); "
                 "it was not run"
             )
-            if not self._judged:
-                self._over_context_before_judged += 1
-                if self._over_context_before_judged >= REFUSALS_TO_STOP:
-                    error = self._none_fits(str(error))
-            errors.append(error)
-        return errors
+            for length in lengths
+        ]
+
+    def _refused(self, error: ItemError) -> ItemError | FatalBackendError:
+        """A request's error for being over the context, once its batch-mates have run.
+
+        Until a request is judged, that many over the context may be the config's fault (a
+        ``max_context`` of 1, images too large for the model) rather than the prompts': from
+        the :data:`~trig_stream.backends.judges.http_errors.REFUSALS_TO_STOP`-th on, as the
+        ``openai`` judge does with refusals, the error is a :class:`FatalBackendError` that
+        stops the run instead of refusing every request of it.
+        """
+        if self._judged:
+            return error
+        self._over_context_before_judged += 1
+        if self._over_context_before_judged < REFUSALS_TO_STOP:
+            return error
+        return self._none_fits(str(error))
 
     def _none_fits(self, error: str) -> FatalBackendError:
         if self.options.max_context is not None:
