@@ -593,6 +593,26 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert "(gave up after 1 attempt)" in str(once.rewrites["A_3"].error)
 
 
+def test_after_a_stop_the_rest_of_the_batchs_rewrites_are_not_asked(
+    server: GenerationAPIServer,
+) -> None:
+    # Only a wait for a retry looked at the stop: a stop that came while a rewrite was
+    # being answered left each of the batch's other rewrites asked for, each up to timeout_s.
+    generator = rewriter(server)
+
+    def stopping_rewrite(user: str) -> str:
+        generator.stop_waiting()  # as the engine does when a stop begins
+        return default_rewrite(user)
+
+    server.rewrite = stopping_rewrite
+    batch = [request(f"S_{i}", "IQ-R", "TA-C") for i in range(1, 4)]
+    outcomes = generator.generate(batch, worker=0, cancel=threading.Event())
+    assert [type(outcome) for outcome in outcomes] == [NotAsked] * 3
+    assert len(server.requests) == 1
+    assert isinstance(generator.inner, RecordingGenerator) and generator.inner.prompts == []
+    assert generator.rewrites == {} and generator.notes() == []
+
+
 def recording(waits: list[float]) -> Callable[[float, threading.Event], bool]:
     """A sleep that records each wait in ``waits`` and returns at once (never cancelled)."""
 

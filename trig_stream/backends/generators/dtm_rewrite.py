@@ -334,6 +334,12 @@ class DTMRewriteGenerator(Generator):
     ) -> Sequence[Image | EncodedPicture | TimedPicture | Exception]:
         outcomes: list[RewriteOutcome] = []
         for request in requests:
+            if self._stopping.is_set() and not cancel.is_set():
+                # Nothing is asked after a graceful stop (each rewrite may take up to
+                # timeout_s): none of the batch is drawn, and its samples are owed to the resume.
+                return [
+                    NotAsked("the run stopped before the prompt was rewritten") for _ in requests
+                ]
             try:
                 outcome = None if cancel.is_set() else self.rewrite(request, cancel)
             except NotAsked as exc:  # a graceful stop ended its wait: none of them is drawn
