@@ -1137,6 +1137,39 @@ def test_compare_reads_a_judge_without_scoring_rules_as_one_of_the_first_rules(
     assert "thresholds" not in out.read_text()
 
 
+def test_compare_sets_no_judge_apart_by_rules_that_score_its_scorer_alike(
+    tmp_path: Path,
+) -> None:
+    # Rules 2 changed the robust scorer alone: a trig-scored judge of rules 1 and one of
+    # rules 2 were set apart ("params.scoring_rules 1 | params.scoring_rules 2"), a warning
+    # of different judges with every score the same.
+    out = tmp_path / "c.md"
+
+    def compared(*judges: tuple[str, int]) -> str:
+        run_dirs = []
+        for scorer, rules in judges:
+            params = {"scoring_rules": rules, "top_logprobs": 20}
+            judge = JudgeFingerprint(backend="openai", model="m", scorer=scorer, params=params)
+            run_dir = tmp_path / f"{scorer}{rules}"
+            if not run_dir.exists():
+                write_run_dir(run_dir, {}, models=("model-a",), judge=judge)
+            run_dirs.append(str(run_dir))
+        assert run_command("compare", *run_dirs, "--out", str(out))[0] == 0
+        return out.read_text()
+
+    text = compared(("trig", 1), ("trig", 2))
+    assert "different" not in text and "scoring_rules" not in text
+    # A robust judge's scores differ across them.
+    text = compared(("robust", 1), ("robust", 2))
+    assert "| judge | params.scoring_rules 1 | params.scoring_rules 2 |" in text
+    # So do the scorers: the rules are listed beside them.
+    text = compared(("trig", 1), ("robust", 2))
+    assert (
+        "| judge | scorer trig, params.scoring_rules 1 | scorer robust, params.scoring_rules 2 |"
+        in text
+    )
+
+
 def test_compare_shows_the_control_characters_of_a_manifest_never_sends_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,7 +12,7 @@ from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
 from trig_stream.records import exact_number
-from trig_stream.scoring import SCORING_RULES_KEY
+from trig_stream.scoring import SCORERS, SCORING_RULES_KEY, scored_alike
 
 COMPARISON_HEADING = "# TRIG model comparison"
 """The first line of :func:`comparison_markdown`: how a report knows a ``comparison.md``
@@ -98,7 +98,7 @@ def compare(
         metrics,
         dict(tasks or {}),
         tuple(notes),
-        judges=_differing(_with_scoring_rules(judges or {})),
+        judges=_differing(_without_rules_scored_alike(_with_scoring_rules(judges or {}))),
         thresholds=_differing(thresholds),
     )
 
@@ -127,6 +127,43 @@ def _with_scoring_rules(judges: Mapping[str, Mapping[str, Any]]) -> dict[str, Ma
 
 FIRST_SCORING_RULES = 1
 """The rules of the trig-stream that first recorded them in a judge's fingerprint."""
+
+
+def _without_rules_scored_alike(
+    judges: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Mapping[str, Any]]:
+    """``judges`` without the scoring rules in their ``params`` when the rules differ but
+    score the one scorer they share alike (:func:`~trig_stream.scoring.scored_alike`): rules
+    2 changed the robust scorer alone, so trig-scored columns of rules 1 and 2 are of the
+    same judge, as a resume across them takes them to be. Their other fields differ or not as
+    ever; judges of different scorers keep their rules, which then tell them apart too."""
+    rules = [_params(fp).get(SCORING_RULES_KEY) for fp in judges.values()]
+    numbers: set[int] = {r for r in rules if type(r) is int}
+    if len(numbers) < 2 or any(type(r) is not int for r in rules):
+        return dict(judges)  # alike, or one without a rules number (a bool, an edited text)
+    scorers = [_scorer(fp) for fp in judges.values()]
+    scorer = scorers[0]
+    if (
+        scorer not in SCORERS
+        or any(other != scorer for other in scorers)
+        or not scored_alike(scorer, min(numbers), max(numbers))
+    ):
+        return dict(judges)
+    return {
+        label: {**fp, "params": {k: v for k, v in _params(fp).items() if k != SCORING_RULES_KEY}}
+        for label, fp in judges.items()
+    }
+
+
+def _params(fingerprint: Mapping[str, Any]) -> Mapping[str, Any]:
+    params = fingerprint.get("params")
+    return params if isinstance(params, Mapping) else {}
+
+
+def _scorer(fingerprint: Mapping[str, Any]) -> Any:
+    """The scorer of a judge's fingerprint: its own field, or a metric's option (the
+    ``trigscore`` metric's) in its ``params``."""
+    return fingerprint.get("scorer") or _params(fingerprint).get("scorer")
 
 
 def _differing(values: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
