@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from hypothesis import settings
 
 from trig_stream.backends.threads import threads_left_behind
 from trig_stream.config import RunConfig, parse_config
+
+# Each example takes microseconds; on a loaded 2-core machine a scheduler pause of 200 ms
+# (Hypothesis's default deadline) would fail a test that has nothing slow in it.
+settings.register_profile("trig-stream", deadline=None)
+settings.load_profile("trig-stream")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PROMPTS = ROOT / "data" / "demo" / "t2i_prompts.json"
