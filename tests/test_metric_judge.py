@@ -1023,9 +1023,9 @@ def test_a_metric_needing_more_than_the_image_is_a_config_error(
 @pytest.mark.parametrize(
     ("keys", "named"),
     [
-        ({"scorer": "trig"}, "`scorer` has"),
-        ({"confidence": True}, "`confidence` has"),
-        ({"scorer": "trig", "confidence": True}, "`confidence` and `scorer` have"),
+        ({"scorer": "trig"}, r"judges\[0\]\.scorer: has"),
+        ({"confidence": True}, r"judges\[0\]\.confidence: has"),
+        ({"scorer": "trig", "confidence": True}, r"judges\[0\]\.scorer: has"),
     ],
 )
 def test_scorer_or_confidence_set_on_a_metric_judge_is_a_config_error(
@@ -1034,9 +1034,8 @@ def test_scorer_or_confidence_set_on_a_metric_judge_is_a_config_error(
     # Both were ignored: the scores were the metric's raw values, the fingerprint's scorer "".
     register_metric(Blur.name, Blur)
     entry = {"name": "m", "backend": "metric", "options": {"metric": "blur"}, **keys}
-    config = make_config(judges=[entry])
-    with pytest.raises(ConfigError, match=f"judge 'm': {named} no effect on backend 'metric'"):
-        build_judge(config.judges[0], config)
+    with pytest.raises(ConfigError, match=f"{named} no effect on backend 'metric'"):
+        make_config(judges=[entry])
     unset = make_config(judges=[{k: v for k, v in entry.items() if k not in keys}])
     assert isinstance(build_judge(unset.judges[0], unset), MetricJudge)
     # Their defaults ask for nothing: a config read back from a run's manifest holds them.
@@ -1052,7 +1051,31 @@ def test_validate_refuses_scorer_on_a_metric_judge(
     path = tmp_path / "run.toml"
     path.write_text(NSFW_CONFIG.replace('metric = "nsfw" }', 'metric = "blur" }\nscorer = "trig"'))
     assert cli.main(["validate", str(path)]) == exit_codes.EXIT_CONFIG
-    assert "`scorer` has no effect on backend 'metric'" in capsys.readouterr().err
+    assert "judges[1].scorer: has no effect on backend 'metric'" in capsys.readouterr().err
+
+
+def test_scorer_and_confidence_on_a_metric_judge_are_listed_with_the_other_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each was refused alone, once the config had no other problem, naming no file or line.
+    register_metric(Blur.name, Blur)
+    write_prompts(tmp_path / "prompts.json", 4)
+    path = tmp_path / "run.toml"
+    path.write_text(
+        NSFW_CONFIG.replace('metric = "nsfw" }', 'metric = "blur" }\nscorer = "trig"')
+        + "confidence = true\n[engine]\nmax_attempts = 0\n"
+    )
+    assert cli.main(["validate", str(path)]) == exit_codes.EXIT_CONFIG
+    why = (
+        "has no effect on backend 'metric', whose scores are its metric's own, not made from "
+        "top logprobs: remove it from this [[judges]] entry"
+    )
+    assert capsys.readouterr().err == (
+        f"error: {path}: invalid config (3 problems)\n"
+        f'  {path}:21: judges[1].scorer: {why} (got "trig")\n'
+        f"  {path}:22: judges[1].confidence: {why} (got true)\n"
+        f"  {path}:24: engine.max_attempts: Input should be greater than or equal to 1 (got 0)\n"
+    )
 
 
 class HangsRemotely(ImageMetric):

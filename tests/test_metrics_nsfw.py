@@ -202,7 +202,7 @@ KNOWN = ["CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProv
             ["CPUExecutionProviderX"],
             ConfigError,
             "names 'CPUExecutionProviderX', which is no ONNX Runtime execution provider: did "
-            "you mean 'CPUExecutionProvider'\\? this machine has CPUExecutionProvider$",
+            "you mean 'CPUExecutionProvider'\\?; this machine has CPUExecutionProvider$",
         ),
         (
             ["CUDAExecutionProvider"],
@@ -271,3 +271,26 @@ def test_validate_refuses_providers_the_run_would_not_use(
     )
     assert cli.main(["validate", str(path)]) == code
     assert message in capsys.readouterr().err
+
+
+def test_a_misspelt_provider_is_listed_with_the_other_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was refused alone, once the config had no other problem, naming no file or line.
+    write_prompts(tmp_path / "prompts.json", 4)
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[run]\nname = "p"\noutput_dir = "runs"\n[dataset]\npath = "prompts.json"\n'
+        '[[generators]]\nname = "g"\nbackend = "synthetic"\n[[judges]]\nname = "nsfw"\n'
+        'backend = "metric"\noptions = { metric = "nsfw", metric_options = { providers = '
+        '["CPUExecutionProvidr"], intra_op_threads = 0 } }\n[engine]\nmax_attempts = 0\n'
+    )
+    assert cli.main(["validate", str(path)]) == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        f"error: {path}: invalid config (2 problems)\n"
+        f"  {path}:14: engine.max_attempts: Input should be greater than or equal to 1 (got 0)\n"
+        f"  {path}:12: judges[0].options: metric_options of 'nsfw': providers: names "
+        "'CPUExecutionProvidr', which is no ONNX Runtime execution provider: did you mean "
+        "'CPUExecutionProvider'? (got [\"CPUExecutionProvidr\"]); intra_op_threads: Input "
+        "should be greater than or equal to 1 (got 0)\n"
+    )

@@ -27,6 +27,8 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -170,6 +172,21 @@ class JudgeConfig(_Section):
     confidence: bool = False
     adaptive: AdaptiveConcurrency = AdaptiveConcurrency()
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("scorer", "confidence")
+    @classmethod
+    def _scored_from_logprobs(cls, value: object, info: ValidationInfo) -> object:
+        # Ignored, they passed validate and the run's scores were the metric's raw values,
+        # though the config asked for another scorer or the confidence weighting. Their
+        # defaults are no request: a config read back from a manifest holds every key.
+        assert info.field_name is not None
+        default = cls.model_fields[info.field_name].default
+        if info.data.get("backend") == "metric" and value != default:
+            raise ValueError(
+                "has no effect on backend 'metric', whose scores are its metric's own, not "
+                "made from top logprobs: remove it from this [[judges]] entry"
+            )
+        return value
 
 
 Share = Annotated[float, Field(ge=0, le=1)]

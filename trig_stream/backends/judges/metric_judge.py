@@ -189,29 +189,8 @@ class MetricJudge(Judge):
     def from_config(
         cls, entry: JudgeConfig, options: MetricJudgeOptions, config: RunConfig
     ) -> MetricJudge:
-        """Build the judge a ``[[judges]]`` entry describes (nothing is loaded yet).
-
-        Raises:
-            ConfigError: the entry sets ``scorer`` or ``confidence`` to other than their
-                defaults: they turn a judge's top logprobs into a score, and the metric gives
-                its score itself.
-        """
-        # Ignored, they passed validate and the run's scores were the metric's raw values,
-        # though the config asked for another scorer or the confidence weighting. Their
-        # defaults are no request: a config read back from a manifest holds every key.
-        fields = type(entry).model_fields
-        scoring = sorted(
-            key
-            for key in ("scorer", "confidence")
-            if key in entry.model_fields_set and getattr(entry, key) != fields[key].default
-        )
-        if scoring:
-            keys = " and ".join(f"`{key}`" for key in scoring)
-            raise ConfigError(
-                f"judge {entry.name!r}: {keys} {'have' if len(scoring) > 1 else 'has'} no "
-                f"effect on backend 'metric', whose scores are the {options.metric} metric's "
-                f"own, not made from top logprobs: remove {keys} from this [[judges]] entry"
-            )
+        """Build the judge a ``[[judges]]`` entry describes (nothing is loaded yet); the
+        config refuses its ``scorer`` and ``confidence``, which the metric's scores ignore."""
         return cls(entry.name, options, concurrency=entry.concurrency)
 
     def __repr__(self) -> str:

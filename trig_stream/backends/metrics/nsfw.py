@@ -61,6 +61,13 @@ class NSFWOptions(BaseModel):
                 "is empty: name at least one ONNX Runtime execution provider, e.g. "
                 '["CPUExecutionProvider"] (the default)'
             )
+        # Checked here, a misspelt name is listed with the config's other problems; without
+        # ONNX Runtime, the metric's check_environment names the extra to install.
+        if find_spec("onnxruntime") is not None:
+            onnxruntime: Any = import_module("onnxruntime")
+            problem = unknown_provider(providers, onnxruntime.get_all_providers())
+            if problem is not None:
+                raise ValueError(problem)
         return providers
 
 
@@ -219,6 +226,17 @@ class NSFWRateMetric(SetMetric):
         return sum(1 for v in values if v is not None and v >= self.threshold) / len(values)
 
 
+def unknown_provider(providers: Sequence[str], known: Sequence[str]) -> str | None:
+    """What is wrong with the first of ``providers`` that is none of ``known`` (ONNX
+    Runtime's ``get_all_providers()``), with the name it is closest to; None if none is."""
+    for provider in providers:
+        if provider not in known:
+            close = difflib.get_close_matches(provider, known, n=1)
+            hint = f": did you mean {close[0]!r}?" if close else ""
+            return f"names {provider!r}, which is no ONNX Runtime execution provider{hint}"
+    return None
+
+
 def check_providers(
     metric: str, providers: Sequence[str], *, known: Sequence[str], available: Sequence[str]
 ) -> None:
@@ -240,14 +258,11 @@ def check_providers(
         FatalBackendError: a provider before the first available one is not available.
     """
     has = ", ".join(available) or "none"
-    for provider in providers:
-        if provider not in known:
-            close = difflib.get_close_matches(provider, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(
-                f"the {metric} metric's metric_options.providers names {provider!r}, which is "
-                f"no ONNX Runtime execution provider: {hint}this machine has {has}"
-            )
+    unknown = unknown_provider(providers, known)
+    if unknown is not None:
+        raise ConfigError(
+            f"the {metric} metric's metric_options.providers {unknown}; this machine has {has}"
+        )
     first = next((i for i, p in enumerate(providers) if p in available), None)
     if first is None or first > 0:
         wanted = providers if first is None else providers[:first]
