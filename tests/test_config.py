@@ -500,6 +500,26 @@ def test_a_name_too_long_is_refused_naming_the_length_limit(
             [('name = "two"', 'name = "two/"'), ("size = 32", "size = true")],
             [r"generators\[1\]\.name: must start", r"generators\[1\]\.options\.size: "],
         ),
+        (  # every path problem, and those beside the others (each was told only alone)
+            [
+                ('task = "sub"', 'task = "sub"\noutput_dir = "$SCRATCH/runs"'),
+                ('path = "prompts.json"', 'path = "${DATA}/prompts.json"'),
+            ],
+            [r":4: run\.output_dir: .*'\$SCRATCH'", r":7: dataset\.path: .*'\$\{DATA\}'"],
+        ),
+        (
+            [
+                ('task = "sub"', 'task = "sub"\noutput_dir = "$SCRATCH/runs"\nseed = 2.0'),
+                ("size = 32", "size = true"),
+                ('path = "prompts.json"', 'path = "~nobody-x/prompts.json"'),
+            ],
+            [
+                r":5: run\.seed: .*integer \(got 2\.0\)",
+                r":18: generators\[1\]\.options\.size: ",
+                r":4: run\.output_dir: .*'\$SCRATCH'",
+                r":8: dataset\.path: .*no home folder is known for ~nobody-x",
+            ],
+        ),
         # A refused value is told once: no "valid integer (got "2024-01-01")" beside it.
         ([("[dataset]\n", "[dataset]\nlimit = 2024-01-01\n")], [r":6: dataset\.limit: a date"]),
         (

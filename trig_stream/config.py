@@ -49,6 +49,7 @@ from trig_stream.config_problems import (
     Loc,
     checkable,
     dotted_key,
+    error_locs,
     nested_too_deep,
     problem_line,
     problem_lines,
@@ -253,38 +254,48 @@ class RunConfig(_Section):
         relative paths are taken relative to ``base``.
 
         Raises:
-            ConfigError: a path names the home folder of a user this machine does not know,
-                or a part of it looks like an environment variable (``$HOME``), which is
-                never expanded; or a ``dtm_rewrite`` generator's ``report`` lies in the run
-                directory.
+            ConfigError: naming each path that cannot be resolved: one names the home folder
+                of a user this machine does not know, or a part of it looks like an
+                environment variable (``$HOME``), which is never expanded; or a
+                ``dtm_rewrite`` generator's ``report`` lies in the run directory.
         """
+        problems: list[_PathProblem] = []
         generators = []
         for i, g in enumerate(self.generators):
+            where: Loc = ("generators", i, "options")
             resolved = g.model_copy(
-                update={"options": _resolve_options(g.options, base, ("generators", i, "options"))}
+                update={"options": _resolve_options(g.options, base, where, problems)}
             )
             # Kept through a second resolution (the engine resolves a loaded config again).
             resolved._written_options = (g.written_options, resolved.options)
             generators.append(resolved)
         judges = [
             j.model_copy(
-                update={"options": _resolve_options(j.options, base, ("judges", i, "options"))}
+                update={
+                    "options": _resolve_options(j.options, base, ("judges", i, "options"), problems)
+                }
             )
             for i, j in enumerate(self.judges)
         ]
         image_root = self.dataset.image_root
         dataset = self.dataset.model_copy(
             update={
-                "path": _resolve(self.dataset.path, base, ("dataset", "path")),
+                "path": _resolve_noting(self.dataset.path, base, ("dataset", "path"), problems),
                 "image_root": None
                 if image_root is None
-                else _resolve(image_root, base, ("dataset", "image_root")),
+                else _resolve_noting(image_root, base, ("dataset", "image_root"), problems),
             }
         )
-        run = self.run.model_copy(
-            update={"output_dir": _resolve(self.run.output_dir, base, ("run", "output_dir"))}
-        )
-        _refuse_reports_in(run.output_dir / run.name, generators)
+        output_problems = len(problems)
+        output_dir = _resolve_noting(self.run.output_dir, base, ("run", "output_dir"), problems)
+        run = self.run.model_copy(update={"output_dir": output_dir})
+        if len(problems) == output_problems:  # reports are compared with a resolved run dir
+            try:
+                _refuse_reports_in(run.output_dir / run.name, generators)
+            except _PathProblem as exc:
+                problems.append(exc)
+        if problems:
+            raise _PathProblems(problems)
         return self.model_copy(
             update={"dataset": dataset, "run": run, "generators": generators, "judges": judges}
         )
@@ -314,6 +325,35 @@ class _PathProblem(ConfigError):
         super().__init__(f"{dotted_key(loc)}: {why}")
         self.loc = loc
         self.why = why
+
+
+class _PathProblems(ConfigError):
+    """Every path of a config that cannot be resolved (see :class:`_PathProblem`)."""
+
+    def __init__(self, problems: list[_PathProblem]) -> None:
+        super().__init__("; ".join(map(str, problems)))
+        self.problems = problems
+
+
+def _path_problems(data: Any, base: Path) -> list[_PathProblem]:
+    """The paths of the config mapping ``data`` that cannot be resolved from ``base``, as
+    :meth:`RunConfig.resolve_paths` resolves them: found in its tables as written, so that
+    they are listed with the config's other problems, which leave no model to resolve."""
+    problems: list[_PathProblem] = []
+    if not isinstance(data, dict):
+        return problems
+    for loc in (("run", "output_dir"), ("dataset", "path"), ("dataset", "image_root")):
+        table = data.get(loc[0])
+        value = table.get(loc[1]) if isinstance(table, dict) else None
+        if isinstance(value, str | PurePath) and str(value):  # an empty one is the model's
+            _resolve_noting(Path(value), base, loc, problems)
+    for kind in ("generators", "judges"):
+        entries = data.get(kind)
+        for index, entry in enumerate(entries if isinstance(entries, list) else []):
+            options = entry.get("options") if isinstance(entry, dict) else None
+            if isinstance(options, dict):
+                _resolve_options(options, base, (kind, index, "options"), problems)
+    return problems
 
 
 _VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -406,6 +446,17 @@ def _resolve(path: Path, base: Path, loc: Loc) -> Path:
     return resolved
 
 
+def _resolve_noting(path: Path, base: Path, loc: Loc, problems: list[_PathProblem]) -> Path:
+    """``path`` resolved; as written, its problem added to ``problems``, when it has one."""
+    try:
+        return _resolve(path, base, loc)
+    except _PathProblem as exc:
+        problems.append(exc)
+    except ValueError:  # a NUL ("embedded null byte"), refused with the text that holds it
+        pass
+    return path
+
+
 def _refuse_reports_in(run_dir: Path, generators: list[GeneratorConfig]) -> None:
     """Refuse a ``dtm_rewrite`` generator's ``report`` (resolved) inside ``run_dir``.
 
@@ -432,27 +483,35 @@ def _refuse_reports_in(run_dir: Path, generators: list[GeneratorConfig]) -> None
             )
 
 
-def _resolve_options(options: dict[str, Any], base: Path, where: Loc) -> dict[str, Any]:
+def _resolve_options(
+    options: dict[str, Any], base: Path, where: Loc, problems: list[_PathProblem]
+) -> dict[str, Any]:
+    """``options`` with their paths resolved; the problem of each that has one added to
+    ``problems`` (that path left as written)."""
     resolved = dict(options)
     for key, value in options.items():
+        loc = (*where, key)
         if key in PASSED_THROUGH_OPTIONS:
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
-            resolved[key] = _resolve_options(value, base, (*where, key))
+            resolved[key] = _resolve_options(value, base, loc, problems)
         elif isinstance(value, PurePath) and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
             # A code-built config's Path("imgs"): a path, never a hub id, resolved as its
             # text would be (its "./" is gone by now) and handed on as text.
-            resolved[key] = str(_resolve(Path(value), base, (*where, key)))
+            resolved[key] = str(_resolve_noting(Path(value), base, loc, problems))
         elif not isinstance(value, str):
             continue
         elif Path(value).is_absolute():
             if key in PATH_OPTIONS:  # left as written, but never with a variable unexpanded
-                _refuse_variables(Path(value), (*where, key), base)
+                try:
+                    _refuse_variables(Path(value), loc, base)
+                except _PathProblem as exc:
+                    problems.append(exc)
             continue
         elif not value and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
-            raise _PathProblem((*where, key), EMPTY_PATH)
+            problems.append(_PathProblem(loc, EMPTY_PATH))
         elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith((".", "~"))):
-            resolved[key] = str(_resolve(Path(value), base, (*where, key)))
+            resolved[key] = str(_resolve_noting(Path(value), base, loc, problems))
     return resolved
 
 
@@ -653,11 +712,13 @@ def parse_config(
         problems.append(problem_line(source, text, loc, why))
         refused[loc] = False
     checked = checkable(data) if refused else data
+    named: list[Loc] = list(refused)  # where a problem is told: a path's there is not told
     config: RunConfig | None = None
     try:
         config = validate_table(RunConfig, checked)
     except ValidationError as exc:
         problems.extend(problem_lines(exc, source, text, (), RunConfig, refused))
+        named.extend(error_locs(exc))
     # An error of a backend's own (a third party's missing extra: its message and exit code)
     # comes after the config's problems, as when the options were checked only without any.
     own_error: TrigStreamError | None = None
@@ -675,6 +736,7 @@ def parse_config(
                 prefix: Loc = (kind, index, "options")
                 options_model = backend_class(kind, backend).Options
                 problems.extend(problem_lines(exc, source, text, prefix, options_model, refused))
+                named.extend(error_locs(exc, prefix))
             except OptionsModelError as exc:  # a third party's validator raised a RuntimeError
                 problems.append(problem_line(source, text, (kind, index, "options"), str(exc)))
             except ValueError as exc:
@@ -682,13 +744,16 @@ def parse_config(
                 problems.append(problem_line(source, text, loc, str(exc)))
             except TrigStreamError as exc:
                 own_error = own_error or exc
+    base = source.parent if base is None else base
+    for problem in _path_problems(checked, base):  # at the line of its key, as those above
+        if not any(problem.loc[: len(loc)] == loc for loc in named if len(loc) > 1):
+            problems.append(problem_line(source, text, problem.loc, problem.why))
     if problems or config is None:
         raise ConfigError(problems_message(source, problems))
     if own_error is not None:
         raise own_error
     try:
-        return config.resolve_paths(source.parent if base is None else base)
-    except _PathProblem as exc:  # at the line of its key, as the problems above
-        raise ConfigError(
-            problems_message(source, [problem_line(source, text, exc.loc, exc.why)])
-        ) from None
+        return config.resolve_paths(base)
+    except _PathProblems as exc:
+        lines = [problem_line(source, text, p.loc, p.why) for p in exc.problems]
+        raise ConfigError(problems_message(source, lines)) from None

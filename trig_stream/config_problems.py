@@ -164,6 +164,15 @@ def problem_lines(
     return lines
 
 
+def error_locs(exc: ValidationError, prefix: Loc = ()) -> list[Loc]:
+    """Where each error of ``exc`` is, under ``prefix``: the keys alone, without pydantic's
+    validator steps."""
+    return [
+        tuple(part for part in prefix + tuple(error["loc"]) if not _is_validator_step(part))
+        for error in exc.errors(include_url=False)
+    ]
+
+
 def _already_refused(loc: Loc, unknown_key: bool, refused: Mapping[Loc, bool]) -> bool:
     keys = tuple(p for p in loc if not _is_validator_step(p))
     for depth in range(1, len(keys) + 1):
