@@ -938,7 +938,11 @@ def test_pipeline_process_load_failure_is_fatal_with_the_childs_reason() -> None
         isolation="process",
     )
     generator = DiffusersGenerator("x", options)
-    with pytest.raises(FatalBackendError, match="cannot load 'nobody/no-such-checkpoint'"):
+    with pytest.raises(
+        FatalBackendError,
+        match=r"checkpoint 'nobody/no-such-checkpoint' is a hub id whose model_index\.json is "
+        r"not in the Hugging Face cache",
+    ):
         generator.load()
 
 
@@ -1035,6 +1039,57 @@ def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
         DiffusersGenerator("x", options).load()
     (tmp_path / "flux").mkdir()  # there, but empty: refused by validate, before any load
     with pytest.raises(FatalBackendError, match=r"flux is no diffusers pipeline folder"):
+        DiffusersGenerator("x", options).check_environment()
+
+
+@pytest.mark.parametrize("checkpoint", ["$HOME/models/sd", "a/b/c", "models/my sd"])
+def test_a_checkpoint_that_is_no_folder_nor_hub_id_is_refused_by_validate_as_by_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], checkpoint: str
+) -> None:
+    # Taken as a hub id, it passed validate; run then failed as diffusers refused it.
+    from trig_stream.cli import main
+    from trig_stream.exit_codes import EXIT_FATAL
+
+    path = tmp_path / "run.toml"
+    path.write_text(
+        run_and_dataset_toml(tmp_path)
+        + '[[generators]]\nname = "sd"\nbackend = "diffusers"\noptions = { pipeline = '
+        f'"StableDiffusionPipeline", checkpoint = "{checkpoint}", devices = ["cpu"] }}\n'
+        '[[judges]]\nbackend = "fake"\n'
+    )
+    errors = []
+    for command in (["validate"], ["run", "--headless", "--no-report"]):
+        assert main([*command, str(path)]) == EXIT_FATAL
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1]
+    assert errors[0] == (
+        f"error: generator 'sd': checkpoint {checkpoint!r} is neither a local folder (write "
+        "one as ./..., ../..., ~/... or an absolute path) nor a Hugging Face hub id ('name' "
+        "or 'namespace/name' of letters, digits, '-', '_' and '.')\n"
+    )
+
+
+@pytest.mark.parametrize("offline", ["local_files_only", "HF_HUB_OFFLINE"])
+def test_an_offline_hub_id_not_in_the_cache_is_refused_before_any_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: str
+) -> None:
+    # validate said ok; the load then found no model_index.json.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    options = DiffusersOptions(
+        pipeline="StableDiffusionPipeline",
+        checkpoint="nobody/no-such-checkpoint",
+        devices=["cpu"],
+        local_files_only=offline == "local_files_only",
+        load={"cache_dir": str(tmp_path / "cache")},
+    )
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'x': checkpoint 'nobody/no-such-checkpoint' is a hub id whose "
+        r"model_index\.json is not in the Hugging Face cache, and offline "
+        r"\(options\.local_files_only or HF_HUB_OFFLINE\) the hub is not asked; ",
+    ):
         DiffusersGenerator("x", options).check_environment()
 
 
@@ -1179,13 +1234,13 @@ def test_diffusion_pipeline_whose_class_cannot_be_known_is_refused(
         + concrete,
     ):
         make_generator(unknown, "sd", pipeline="DiffusionPipeline").check_environment()
-    # A hub id, offline and not in the cache: its model_index.json cannot be read.
+    # A hub id, offline and not in the cache: refused before its class is looked for.
     options = uncached_hub_id(tmp_path, offline=True)
     with pytest.raises(
         FatalBackendError,
-        match=r"^generator 'x': DiffusionPipeline loads .* cannot be read for "
-        r"'nobody/no-such-checkpoint': it is not in the Hugging Face cache, and offline "
-        r"\(options\.local_files_only or HF_HUB_OFFLINE\) the hub is not asked; " + concrete,
+        match=r"^generator 'x': checkpoint 'nobody/no-such-checkpoint' is a hub id whose "
+        r"model_index\.json is not in the Hugging Face cache, and offline "
+        r"\(options\.local_files_only or HF_HUB_OFFLINE\) the hub is not asked; ",
     ):
         DiffusersGenerator("x", options).check_environment()
 

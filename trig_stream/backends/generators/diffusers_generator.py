@@ -43,7 +43,7 @@ from trig_stream.backends.generators.pipeline_calls import call_arguments
 from trig_stream.backends.generators.pipeline_check import check_in_child
 from trig_stream.backends.generators.pipeline_loading import (
     LOAD_LOCK,
-    check_checkpoint_folder,
+    check_checkpoint,
     check_classes,
     check_device,
     find_pipeline_class,
@@ -234,7 +234,7 @@ class DiffusersGenerator(Generator):
         """
         with self._lock:
             self._stopped_checking = False  # a stop of an earlier run's load is no stop here
-        check_checkpoint_folder(self.name, self.spec.checkpoint)
+        check_checkpoint(self.name, self.spec)
         if self.options.isolation == "process":
             try:
                 checked = check_in_child(self.name, self.options, self._checking)
@@ -282,7 +282,7 @@ class DiffusersGenerator(Generator):
                 import torch
             except ImportError as exc:
                 raise MissingExtraError("diffusers", "diffusers") from exc
-            check_checkpoint_folder(self.name, self.spec.checkpoint)
+            check_checkpoint(self.name, self.spec)
             pipeline_class = find_pipeline_class(self.name, self.spec, diffusers)
             self._check_classes(diffusers, pipeline_class)
             for device in self.devices:

@@ -1,7 +1,7 @@
 """Finding, checking and loading the pipeline of a ``diffusers`` generator.
 
 :class:`~trig_stream.backends.generators.diffusers_generator.DiffusersGenerator` checks, before
-it loads a weight, what its load and calls need (:func:`check_checkpoint_folder`,
+it loads a weight, what its load and calls need (:func:`check_checkpoint`,
 :func:`find_pipeline_class`, :func:`check_classes`), and loads one pipeline per device with
 :func:`load_pipeline`. Each function takes the modules it uses (``torch``, ``diffusers``) from
 its caller, which imports them: importing this module imports neither.
@@ -25,7 +25,7 @@ from trig_stream.backends.generators.diffusers_options import (
     size_problem,
 )
 from trig_stream.backends.generators.pipeline_calls import check_call_arguments
-from trig_stream.errors import FatalBackendError, require_installed
+from trig_stream.errors import FatalBackendError, MissingExtraError, require_installed
 from trig_stream.pipeline import describe_error
 
 logger = logging.getLogger(__name__)
@@ -48,15 +48,23 @@ class CheckedClasses(NamedTuple):
     an argument set to one draws what leaving it out draws."""
 
 
-def check_checkpoint_folder(name: str, checkpoint_name: str) -> None:
-    """Check that a checkpoint given as a folder is one that holds a pipeline.
+def check_checkpoint(name: str, spec: PipelineSpec) -> None:
+    """Check ``spec``'s checkpoint without asking the hub: a folder holds a pipeline; any
+    other is a Hugging Face hub id, and, offline, one whose ``model_index.json`` is cached.
 
     Raises:
-        FatalBackendError: it is no folder, or has no ``model_index.json``.
+        MissingExtraError: huggingface_hub (which the ``diffusers`` extra installs) is not.
+        FatalBackendError: the folder is none, or has no ``model_index.json``; the hub id is
+            no valid one, or, offline, not in the Hugging Face cache.
     """
-    checkpoint = Path(checkpoint_name)
-    if not checkpoint.is_absolute():
-        return  # a hub id (config paths arrive resolved)
+    checkpoint = Path(spec.checkpoint)
+    if checkpoint.is_absolute():
+        _check_checkpoint_folder(name, checkpoint)
+    elif not checkpoint.is_dir():  # one diffusers would load as a folder is one
+        _check_hub_id(name, spec)
+
+
+def _check_checkpoint_folder(name: str, checkpoint: Path) -> None:
     if not checkpoint.is_dir():
         raise FatalBackendError(f"generator {name!r}: checkpoint {checkpoint} is not a folder")
     if not (checkpoint / "model_index.json").is_file():
@@ -64,6 +72,41 @@ def check_checkpoint_folder(name: str, checkpoint_name: str) -> None:
             f"generator {name!r}: checkpoint {checkpoint} is no diffusers pipeline "
             "folder (it has no model_index.json: one written by save_pretrained, or a "
             "downloaded snapshot, has)"
+        )
+
+
+def _check_hub_id(name: str, spec: PipelineSpec) -> None:
+    # Both failed only as the pipeline loaded, after validate had said ok: diffusers
+    # refused the id as "neither a valid local path nor a valid repo id", and, offline,
+    # found no model_index.json.
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # lazy
+    except ImportError as exc:
+        raise MissingExtraError("huggingface_hub", "diffusers") from exc
+    try:
+        validate_repo_id(spec.checkpoint)
+    except HFValidationError:
+        raise FatalBackendError(
+            f"generator {name!r}: checkpoint {spec.checkpoint!r} is neither a local folder "
+            "(write one as ./..., ../..., ~/... or an absolute path) nor a Hugging Face hub "
+            "id ('name' or 'namespace/name' of letters, digits, '-', '_' and '.')"
+        ) from None
+    if not spec.local_files_only:
+        return  # the hub is asked as it loads
+    cached = huggingface_hub.try_to_load_from_cache(
+        spec.checkpoint,
+        "model_index.json",
+        cache_dir=spec.load.get("cache_dir"),
+        revision=spec.load.get("revision"),
+    )
+    if not isinstance(cached, str):
+        raise FatalBackendError(
+            f"generator {name!r}: checkpoint {spec.checkpoint!r} is a hub id whose "
+            "model_index.json is not in the Hugging Face cache, and offline "
+            "(options.local_files_only or HF_HUB_OFFLINE) the hub is not asked; download it "
+            "first, or write a local folder as ./..., ../..., ~/... or an absolute path"
         )
 
 
@@ -417,7 +460,7 @@ def load_pipeline(
         FatalBackendError: the pipeline cannot be loaded.
     """
     dtype = getattr(torch, spec.dtype_for(device))
-    check_checkpoint_folder(name, spec.checkpoint)
+    check_checkpoint(name, spec)
     arguments: dict[str, Any] = {
         _dtype_keyword(diffusers): dtype,
         "local_files_only": spec.local_files_only,
