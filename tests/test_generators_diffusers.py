@@ -49,6 +49,7 @@ from trig_stream.backends.generators.diffusers_generator import DiffusersGenerat
 from trig_stream.backends.generators.diffusers_options import DiffusersOptions
 from trig_stream.backends.generators.pipeline_calls import call_arguments
 from trig_stream.backends.generators.pipeline_child import receive_exactly, send_buffers
+from trig_stream.backends.generators.pipeline_loading import check_classes
 from trig_stream.backends.generators.pipeline_process import PipelineProcess, thread_share
 from trig_stream.testing.tiny_pipelines import (
     PIPELINE_CLASSES,
@@ -1218,6 +1219,22 @@ def test_a_subclass_given_as_module_class_is_checked_as_the_family_it_derives_fr
         match=r"^generator 'tiny': height 72 is not a multiple of 16, as FluxPipeline needs",
     ):
         generator.check_environment()
+
+
+@pytest.mark.parametrize("pipeline", ["Kandinsky3Pipeline", "tests.kin:Kandinsky3Kin"])
+def test_a_pipeline_of_no_size_family_is_not_sized_as_a_mixin_of_its_mro(pipeline: str) -> None:
+    # The MRO search matched diffusers' mixins by name too: Kandinsky 3 (and ~40 others)
+    # were refused as StableDiffusionLoraLoaderMixin's, a multiple of 8.
+    import diffusers
+
+    class Kandinsky3Kin(diffusers.Kandinsky3Pipeline):  # type: ignore[misc]
+        pass
+
+    options = {"pipeline": pipeline, "checkpoint": "org/model", "height": 1020, "width": 1024}
+    spec = DiffusersOptions.model_validate(options).spec()
+    kin = diffusers.Kandinsky3Pipeline if ":" not in pipeline else Kandinsky3Kin
+    checked = check_classes("tiny", spec, diffusers, kin)
+    assert "prompt" in checked.accepts
 
 
 def test_diffusion_pipeline_whose_class_cannot_be_known_is_refused(

@@ -308,9 +308,17 @@ def check_classes(
     if size_multiple(spec.pipeline) is None:
         # The options checked the size for the class they name; DiffusionPipeline (or a
         # module:Class) is known only here, resolved. A module:Class is of the family of
-        # the first class in its MRO that has one (class MyFlux(FluxPipeline) is Flux's).
+        # the first pipeline class in its MRO that has one (class MyFlux(FluxPipeline) is
+        # Flux's); diffusers' mixins are skipped: StableDiffusionLoraLoaderMixin is in
+        # Kandinsky 3's MRO, and names no size.
         family = next(
-            (kin.__name__ for kin in pipeline_class.__mro__ if size_multiple(kin.__name__)),
+            (
+                kin.__name__
+                for kin in pipeline_class.__mro__
+                if issubclass(kin, diffusers.DiffusionPipeline)
+                and kin.__name__.endswith("Pipeline")
+                and size_multiple(kin.__name__)
+            ),
             pipeline_class.__name__,
         )
         problem = size_problem(spec, family)
