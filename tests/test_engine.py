@@ -2650,6 +2650,55 @@ async def test_a_stop_waiting_that_raises_is_noted_and_the_others_are_told(
     )
 
 
+class StopNowRaises(FakeJudge):
+    """A fake judge whose ``stop_now()`` raises ``error`` (a backend's bug)."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        super().__init__(name, FakeJudgeOptions())
+        self.error = error
+
+    def stop_now(self) -> None:
+        raise self.error
+
+
+class StopNowSeen(FakeJudge):
+    """A fake judge that counts the calls of its ``stop_now()``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, FakeJudgeOptions())
+        self.told = 0
+
+    def stop_now(self) -> None:
+        self.told += 1
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("broken"), SystemExit(3)], ids=["exception", "system-exit"]
+)
+async def test_a_stop_now_that_raises_is_noted_and_the_others_are_told(
+    make_config: ConfigFactory, error: BaseException
+) -> None:
+    # A SystemExit escaped engine.cancel(): the judges after it were never told, and a
+    # judge server was given its grace period.
+    config = make_config(
+        samples=4,
+        judges=[
+            {"name": "first", "backend": "fake"},
+            {"name": "second", "backend": "fake"},
+        ],
+    )
+    second = StopNowSeen("second")
+    async with Engine(config, judges=[StopNowRaises("first", error), second]) as engine:
+        engine.cancel()
+        await engine.drain()
+    assert second.told == 1
+    assert engine.stats().state == "cancelled"
+    assert any(
+        note.startswith("judge 'first': stop_now() failed:") and type(error).__name__ in note
+        for note in engine.stats().notes
+    )
+
+
 async def test_a_group_the_consumer_raises_comes_out_as_raised(
     make_config: ConfigFactory,
 ) -> None:

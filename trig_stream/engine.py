@@ -267,7 +267,10 @@ class Engine:
         for judge in self._judges if self._resources.claimed else ():
             try:
                 judge.stop_now()
-            except Exception as exc:  # a backend's bug must not keep the run from stopping
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a backend's bug must not keep the run from stopping
+                # A SystemExit escaped cancel(): the judges after it were never told.
                 note = f"judge {judge.name!r}: stop_now() failed: {describe_error(exc)}"
                 self._counters.notes.append(note)
 
