@@ -1130,6 +1130,14 @@ HUGE_INT = "0x" + "f" * 4000
         pytest.param(
             f"evaluation: {{image_dirs: [x], ? {HUGE_INT} : 1}}", "evaluation.", id="evaluation-key"
         ),
+        pytest.param(
+            f"generation: {{models: {{? {HUGE_INT} : x}}}}", "generation.models[", id="alias-key"
+        ),
+        pytest.param(
+            f"dimensions: {{IQ-R: {{metrics: [], ? {HUGE_INT} : 1}}}}",
+            "dimensions.IQ-R.",
+            id="dimension-spec-key",
+        ),
     ],
 )
 def test_an_integer_too_long_to_write_is_shown_by_its_length(

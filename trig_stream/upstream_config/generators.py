@@ -77,7 +77,7 @@ class GeneratorMapping:
             for alias, settings in models.items():
                 if settings is not None:
                     self.warn(
-                        f"generation.models[{alias}]",
+                        f"generation.models[{key_text(alias)}]",
                         f"left out: its settings {shown(settings)}: the preset's own are "
                         "used; set a diffusers generator's options by hand",
                     )

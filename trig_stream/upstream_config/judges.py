@@ -122,7 +122,7 @@ def _dimension(
         return
     for extra in spec:
         if extra != "metrics":
-            warn(f"{key}.{extra}", "unknown upstream key, left out")
+            warn(f"{key}.{key_text(extra)}", "unknown upstream key, left out")
     metrics = spec["metrics"] or []
     if not isinstance(metrics, list):
         metrics = [metrics]
