@@ -133,6 +133,35 @@ def test_a_run_directory_there_is_taken_where_its_images_fit(
     assert len(list((output_dir / "cli" / "images" / "t2i" / "synth").glob("*.png"))) == 2
 
 
+def test_a_data_id_too_long_for_a_run_directory_there_is_refused_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The directory there is checked for a data_id of one character: one of 120 ended
+    # validate and run in an OSError traceback (exit 1), looking for its image.
+    path = write_config(tmp_path, samples=2)
+    prompts = tmp_path / "prompts.json"
+    data_id = "IQ-R_TA-C_" + "z" * 110
+    prompts.write_text(prompts.read_text().replace('"IQ-R_TA-C_1"', f'"{data_id}"'))
+    output_dir = output_dir_for(tmp_path, 3960)
+    path.write_text(path.read_text().replace('output_dir = "runs"', f'output_dir = "{output_dir}"'))
+    (output_dir / "cli").mkdir(parents=True)
+    errors = []
+    for command in (["validate"], RUN):
+        assert main([*command, str(path)]) == EXIT_RUN_DIR
+        errors.append(capsys.readouterr().err.splitlines()[-1])  # run's, once it has begun
+    assert (
+        errors[0]
+        == errors[1]
+        == (
+            f"error: cannot write in the run directory {output_dir / 'cli'}: File name too long: "
+            "its path is 3960 bytes, and the files a run writes in it would be longer than this "
+            f"system allows (4096 bytes): the image of {data_id} adds 142 bytes to it "
+            "(images/t2i/synth/<data_id>.png); shorten output_dir, [run] name, the model's name or "
+            "the data_id"
+        )
+    )
+
+
 def test_a_folder_on_the_way_without_search_permission_is_refused_alike(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -135,10 +136,7 @@ def refuse_a_path_too_long(path: Path, manifest: Manifest, *, made_here: bool) -
     Raises:
         RunDirError: ``path`` and the longest of those files exceed the system's limit.
     """
-    try:
-        limit = os.pathconf("/", "PC_PATH_MAX")
-    except (OSError, ValueError):  # no such limit to ask for here: Linux's
-        limit = 4096
+    limit = _path_limit()
     length = len(os.fsencode(path.absolute()))
     model = max(manifest.generators, key=len, default=None)
     # A directory the run makes keeps room for any data_id. One that is there (a resume) is
@@ -148,12 +146,7 @@ def refuse_a_path_too_long(path: Path, manifest: Manifest, *, made_here: bool) -
     image = 0 if model is None else len(f"/{IMAGES}/{manifest.task}/{model}/.png") + data_id
     if length + max(image, ROOM_FOR_TEMPORARY_FILES) < limit:  # the limit counts the final NUL
         return
-    what = "create" if made_here else "write in"
-    problem = (
-        f"cannot {what} the run directory {path}: {os.strerror(errno.ENAMETOOLONG)}: its path "
-        f"is {length} bytes, and the files a run writes in it would be longer than this system "
-        f"allows ({limit} bytes)"
-    )
+    problem = _too_long(path, length, limit, "create" if made_here else "write in")
     if image > ROOM_FOR_TEMPORARY_FILES:
         ids = f"up to {MAX_NAME_CHARS} characters" if made_here else "one character"
         raise RunDirError(
@@ -162,6 +155,45 @@ def refuse_a_path_too_long(path: Path, manifest: Manifest, *, made_here: bool) -
             "output_dir, [run] name or the model's name"
         )
     raise RunDirError(f"{problem}; shorten output_dir or [run] name")
+
+
+def refuse_an_image_path_too_long(path: Path, task: str, model: str, data_id: str) -> None:
+    """Raise the error of the image of ``data_id`` by ``model`` for ``task`` when its path in
+    the run directory ``path`` is longer than the system allows. A directory that was there
+    is checked as it opens for a data_id of one character (:func:`refuse_a_path_too_long`);
+    its dataset's may be longer, and looking their images up ended in an OSError traceback.
+
+    Raises:
+        RunDirError: the image's path exceeds the system's limit.
+    """
+    length = len(os.fsencode(path.absolute()))
+    image = len(os.fsencode(f"/{IMAGES}/{task}/{model}/{data_id}.png"))
+    limit = _path_limit()
+    if length + image < limit:  # the limit counts the final NUL
+        return
+    raise RunDirError(
+        f"{_too_long(path, length, limit, 'write in')}: the image of {data_id} adds {image} "
+        f"bytes to it ({IMAGES}/{task}/{model}/<data_id>.png); shorten output_dir, [run] name, "
+        "the model's name or the data_id"
+    )
+
+
+@functools.cache
+def _path_limit() -> int:
+    """The most bytes a path may have on this system, its final NUL counted."""
+    try:
+        return os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):  # no such limit to ask for here: Linux's
+        return 4096
+
+
+def _too_long(path: Path, length: int, limit: int, what: str) -> str:
+    # What refuses a run directory too long for the files a run writes in it.
+    return (
+        f"cannot {what} the run directory {path}: {os.strerror(errno.ENAMETOOLONG)}: its path "
+        f"is {length} bytes, and the files a run writes in it would be longer than this system "
+        f"allows ({limit} bytes)"
+    )
 
 
 class RunDir:
@@ -338,6 +370,7 @@ class RunDir:
         folder = self._image_dirs.get((task, model))
         if folder is None:  # a path join costs microseconds, and every image needs one
             folder = self._image_dirs[task, model] = self.path / IMAGES / task / model
+        refuse_an_image_path_too_long(self.path, task, model, data_id)
         return folder / f"{data_id}.png"
 
     def relative_name(self, path: Path) -> str:
@@ -920,7 +953,12 @@ def _image_folder_in_the_way(folder: Path, mode: int) -> UnfitFileError:
 
 def image_file(path: Path, task: str, model: str, data_id: str) -> Path:
     """Where the run directory ``path`` holds the image of ``data_id`` by ``model`` for
-    ``task``, as :meth:`RunDir.image_path` names it (``trig-stream validate``)."""
+    ``task``, as :meth:`RunDir.image_path` names it (``trig-stream validate``).
+
+    Raises:
+        RunDirError: its path is too long (:func:`refuse_an_image_path_too_long`).
+    """
+    refuse_an_image_path_too_long(path, task, model, data_id)
     return path / IMAGES / task / model / f"{data_id}.png"
 
 
