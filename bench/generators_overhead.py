@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -171,8 +172,9 @@ def main() -> None:
     parser.add_argument("--one", nargs=6, metavar=("MODE", "BATCH", "SIZE", "STEPS", "PIPE", "DIR"))
     args = parser.parse_args()
     stop_on_sigterm()
-    # Refused, not reused: the engine would resume the old run there and make no image.
-    if args.one and Path(args.one[5]).exists():
+    # Refused, not reused: the engine would resume the old run there and make no image. A
+    # dangling link too (lexists): making the folder there fails.
+    if args.one and os.path.lexists(args.one[5]):
         raise SystemExit(f"--one: {args.one[5]} exists; give a folder that does not")
     import diffusers
 

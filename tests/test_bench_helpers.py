@@ -446,12 +446,19 @@ def test_gpu_check_makes_more_images_than_each_default_batch(
         assert images >= 2 * largest, device
 
 
+@pytest.mark.parametrize("kind", ["folder", "dangling-link"])
 def test_generators_overhead_refuses_a_one_folder_that_exists(
-    load_bench: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    load_bench: Callable[[str], ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    kind: str,
 ) -> None:
     overhead = load_bench("generators_overhead")
     taken = tmp_path / "loop-64-1-0"
-    taken.mkdir()
+    if kind == "folder":
+        taken.mkdir()
+    else:  # Path.exists() follows it: the run made its folder there, FileExistsError
+        taken.symlink_to(tmp_path / "gone")
     one = ["--one", "loop", "1", "64", "2", str(tmp_path / "flux-tiny"), str(taken)]
     monkeypatch.setattr(sys, "argv", ["generators_overhead.py", *one])
     with pytest.raises(SystemExit) as stopped:
