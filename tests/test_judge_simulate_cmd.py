@@ -78,6 +78,9 @@ def test_arguments_become_options(tmp_path: Path) -> None:
     assert (named.model, named.served_model_only) == ("judge-x", True)
     date = "Wed, 21 Oct 2015 07:28:00 GMT"
     assert options_from_args(parse("--retry-after", date)).retry_after == date
+    # The value as the judge reads it (stripped) is the value sent.
+    assert options_from_args(parse("--retry-after", " 2 ")).retry_after == "2"
+    assert options_from_args(parse("--retry-after", "0.5")).retry_after == "0.5"
     asctime = "Wed Oct 21 07:28:00 2015"  # RFC 9110 has recipients accept it
     assert options_from_args(parse("--retry-after", asctime)).retry_after == asctime
 
@@ -136,11 +139,6 @@ def test_arguments_become_options(tmp_path: Path) -> None:
         (("--retry-after", "infinity"), "'infinity' is neither"),
         (("--retry-after", "nan"), "'nan' is neither"),
         (("--retry-after", "1_000"), "'1_000' is neither"),
-        # Accepted, though HTTP's seconds are whole ones in ASCII digits, alone.
-        (("--retry-after", "1.5"), "^--retry-after: '1.5' is no whole number of seconds"),
-        (("--retry-after", " 5"), "^--retry-after: ' 5' has spaces around it"),
-        (("--retry-after", "5 "), "^--retry-after: '5 ' has spaces around it"),
-        (("--retry-after", " Wed, 21 Oct 2015 07:28:00 GMT"), "has spaces around it"),
         # A date past what a datetime holds raised OverflowError: a traceback, exit 1.
         (
             ("--retry-after", "Mon, 01 Jan 99999999999 00:00:00 GMT"),

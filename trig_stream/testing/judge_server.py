@@ -85,13 +85,13 @@ DEFAULT_MODEL: Final = "trig-judge-sim"
 
 
 _NEGATIVE_SECONDS: Final = re.compile(r"-\d+(\.\d+)?")
-_FRACTIONAL_SECONDS: Final = re.compile(r"[0-9]+\.[0-9]+")
 
 
 def _retry_after(value: str) -> str:
-    # What HTTP allows: whole seconds in ASCII digits (not -1, 1.5, inf or nan), or a date in
-    # one of HTTP's three forms, sent as given. A control character (a newline pasted in)
-    # could not be sent: every 429 dropped its connection instead.
+    # What HTTP allows: seconds (not -1, inf or nan), or a date in one of HTTP's three forms;
+    # read as the judge reads it, which strips it: the stripped value is what is sent. A
+    # control character (a newline pasted in) could not be sent: every 429 dropped its
+    # connection instead.
     if any(unicodedata.category(char) == "Cc" for char in value):
         raise ValueError(
             f"{value!r} holds a control character, which no HTTP header may carry; "
@@ -104,17 +104,8 @@ def _retry_after(value: str) -> str:
             f"{value!r} holds a non-ASCII character, which clients read differently; give "
             "seconds in ASCII digits (1) or an HTTP date"
         )
-    if value != value.strip():
-        raise ValueError(f"{value!r} has spaces around it; give seconds (1) or an HTTP date alone")
-    if _FRACTIONAL_SECONDS.fullmatch(value):
-        # The judge reads one, but HTTP's seconds are whole: the server would send what
-        # other clients refuse.
-        raise ValueError(
-            f"{value!r} is no whole number of seconds; give seconds in ASCII digits (1) or "
-            "an HTTP date"
-        )
     if parse_retry_after({"Retry-After": value}) is None:
-        if _NEGATIVE_SECONDS.fullmatch(value):
+        if _NEGATIVE_SECONDS.fullmatch(value.strip()):
             raise ValueError(
                 f"{value!r} is negative: Retry-After seconds must be >= 0 (e.g. 1), or give "
                 "an HTTP date"
@@ -125,7 +116,7 @@ def _retry_after(value: str) -> str:
                 "seconds (1) or an HTTP date in years 1 to 9999"
             )
         raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
-    return value
+    return value.strip()
 
 
 class JudgeServerOptions(BaseModel):
@@ -147,7 +138,7 @@ class JudgeServerOptions(BaseModel):
     rate_limit_rate: Rate = 0.0
     """Requests answered with a 429 carrying ``Retry-After: retry_after``."""
     retry_after: Annotated[str, AfterValidator(_retry_after)] = "1"
-    """The Retry-After header value: whole seconds, or an HTTP date."""
+    """The Retry-After header value: seconds, or an HTTP date."""
     hang_rate: Rate = 0.0
     """Requests never answered until the client gives up (or the server stops)."""
     malformed_rate: Rate = 0.0
