@@ -265,14 +265,7 @@ class Engine:
         self._cancel_work()
         # Only while this engine holds its judges: once released, another may be using them.
         for judge in self._judges if self._resources.claimed else ():
-            try:
-                judge.stop_now()
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # a backend's bug must not keep the run from stopping
-                # A SystemExit escaped cancel(): the judges after it were never told.
-                note = f"judge {judge.name!r}: stop_now() failed: {describe_error(exc)}"
-                self._counters.notes.append(note)
+            self._tell(f"judge {judge.name!r}: stop_now()", judge.stop_now)
 
     def _cancel_work(self) -> None:
         """Cancel everything in flight (what :meth:`cancel` does, the judges left to close
@@ -294,15 +287,19 @@ class Engine:
         Retry-After of minutes say, holds no stop."""
         # Only while this engine holds its generators: once released, another may use them.
         for generator in self._generators if self._resources.claimed else ():
-            try:
-                generator.stop_waiting()
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # a backend's bug must not keep the run from stopping
-                # A SystemExit, or a CancelledError of its own, left from stop(): the engine
-                # never closed, and the generators after it were never told.
-                note = f"generator {generator.name!r}: stop_waiting() failed: {describe_error(exc)}"
-                self._counters.notes.append(note)
+            self._tell(f"generator {generator.name!r}: stop_waiting()", generator.stop_waiting)
+
+    def _tell(self, what: str, call: Callable[[], None]) -> None:
+        """``call()``, a backend's stop hook: what it raises (a KeyboardInterrupt aside)
+        becomes a note naming ``what``, and the stop goes on."""
+        try:
+            call()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a backend's bug must not keep the run from stopping
+            # A SystemExit, or a CancelledError of its own, left from stop() or cancel(): the
+            # engine never closed, and the backends after it were never told.
+            self._counters.notes.append(f"{what} failed: {describe_error(exc)}")
 
     def pause(self) -> None:
         """Stop feeding new samples; work already queued continues. Before the engine runs
