@@ -682,12 +682,9 @@ def test_validate_refuses_a_serve_port_something_listens_on(
     assert "another server listening there?" in err
 
 
-@pytest.mark.timeout(120)
-def test_a_busy_serve_port_is_no_reason_to_refuse_a_run_with_nothing_left(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # validate refused the port (exit 4) of a finished run, which `run` resumes without
-    # starting its server: nothing is left to judge (exit 0).
+def with_a_served_judge(tmp_path: Path) -> tuple[Path, int]:
+    """A config of one sample whose judge ``j`` is served by the simulated judge at a port
+    free now, and that port."""
     path = write_config(tmp_path, samples=1)
     base = path.read_text().split("[[judges]]")[0]
     with socket.socket() as free:
@@ -697,6 +694,16 @@ def test_a_busy_serve_port_is_no_reason_to_refuse_a_run_with_nothing_left(
     serve = f"{{ command = {argv}, port = {port}, poll_interval_s = 0.05 }}"
     judge = '[[judges]]\nname = "j"\nbackend = "openai"\n'
     path.write_text(base + judge + f'options = {{ model = "m", serve = {serve} }}\n')
+    return path, port
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_serve_port_is_no_reason_to_refuse_a_run_with_nothing_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # validate refused the port (exit 4) of a finished run, which `run` resumes without
+    # starting its server: nothing is left to judge (exit 0).
+    path, port = with_a_served_judge(tmp_path)
     assert main([*RUN, str(path)]) == EXIT_OK
     with socket.socket() as other:
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the server's TIME_WAIT
@@ -747,15 +754,7 @@ def test_a_running_runs_serve_port_is_refused_as_the_run_dir_in_use(
     # The port was checked before the run directory: a second run or validate of a run still
     # going, whose server holds the port, said "cannot start its server ... Address already in
     # use" (exit 4), not that another process runs there (exit 3).
-    path = write_config(tmp_path, samples=1)
-    base = path.read_text().split("[[judges]]")[0]
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    argv = f'["{sys.executable}", "-m", "trig_stream", "simulate-judge", "--port", "{{port}}"]'
-    serve = f"{{ command = {argv}, port = {port}, poll_interval_s = 0.05 }}"
-    judge = '[[judges]]\nname = "j"\nbackend = "openai"\n'
-    path.write_text(base + judge + f'options = {{ model = "m", serve = {serve} }}\n')
+    path, port = with_a_served_judge(tmp_path)
     assert main([*RUN, str(path)]) == EXIT_OK  # the run that is resumed below
     capsys.readouterr()
     run_dir = tmp_path / "runs" / "cli"
