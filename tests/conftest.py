@@ -27,6 +27,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_PROMPTS = ROOT / "data" / "demo" / "t2i_prompts.json"
 
 
+def home_and_work_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """``tmp_path/home`` as the home folder and ``tmp_path/work`` as the current one, both
+    made: where a path with a leading ``~``, and a relative one, are read."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    return home, work
+
+
 LEFT_BEHIND_GRACE_S = 30.0
 """How long a test's teardown waits for the backend threads a stop left running to end."""
 

@@ -17,7 +17,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from tests.conftest import ConfigFactory, write_prompts
+from tests.conftest import ConfigFactory, home_and_work_folders, write_prompts
 from trig_stream import ConfigError, Engine, RunSummary
 from trig_stream.backends.base import Generator, Judge
 from trig_stream.config import GeneratorConfig, RunConfig
@@ -106,11 +106,7 @@ async def test_a_code_built_config_with_bad_options_names_the_entry(
 async def test_a_code_built_config_resolves_its_paths_as_a_loaded_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(work)
+    home, work = home_and_work_folders(tmp_path, monkeypatch)
     write_prompts(work / "prompts.json", 2)
     config = code_built_config(Path("prompts.json"), "~/runs")
     async with Engine(config) as engine:

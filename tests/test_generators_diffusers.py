@@ -102,6 +102,14 @@ def uncached_hub_id(tmp_path: Path, *, offline: bool) -> DiffusersOptions:
     )
 
 
+UNCACHED_HUB_ID_REFUSED = (
+    r"^generator 'x': checkpoint 'nobody/no-such-checkpoint' is a hub id whose "
+    r"model_index\.json is not in the Hugging Face cache, and offline "
+    r"\(options\.local_files_only or HF_HUB_OFFLINE\) the hub is not asked; "
+)
+"""How ``check_environment`` refuses :func:`uncached_hub_id`'s options offline."""
+
+
 def p2p_dataset(root: Path, count: int) -> dict[str, Any]:
     """A legacy p2p JSON dataset with its source images in ``root/sources``."""
     sources = root / "sources"
@@ -1087,9 +1095,7 @@ def test_an_offline_hub_id_not_in_the_cache_is_refused_before_any_load(
     )
     with pytest.raises(
         FatalBackendError,
-        match=r"^generator 'x': checkpoint 'nobody/no-such-checkpoint' is a hub id whose "
-        r"model_index\.json is not in the Hugging Face cache, and offline "
-        r"\(options\.local_files_only or HF_HUB_OFFLINE\) the hub is not asked; ",
+        match=UNCACHED_HUB_ID_REFUSED,
     ):
         DiffusersGenerator("x", options).check_environment()
 
@@ -1255,9 +1261,7 @@ def test_diffusion_pipeline_whose_class_cannot_be_known_is_refused(
     options = uncached_hub_id(tmp_path, offline=True)
     with pytest.raises(
         FatalBackendError,
-        match=r"^generator 'x': checkpoint 'nobody/no-such-checkpoint' is a hub id whose "
-        r"model_index\.json is not in the Hugging Face cache, and offline "
-        r"\(options\.local_files_only or HF_HUB_OFFLINE\) the hub is not asked; ",
+        match=UNCACHED_HUB_ID_REFUSED,
     ):
         DiffusersGenerator("x", options).check_environment()
 

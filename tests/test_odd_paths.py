@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import home_and_work_folders
 from tests.test_analysis_commands import FORMATTED, formatted_as_evaluation, write_run_dir
 from tests.test_cli import write_config
 from trig_stream.cli import _parse, main
@@ -239,11 +240,7 @@ def test_an_out_with_a_leading_tilde_is_the_home_folder(
 ) -> None:
     # --out=~/rep (no shell expands ~ after "=") wrote a folder literally named "~" in the
     # current folder, which a later `rm -rf ~` would take for the home folder.
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(work)
+    home, work = home_and_work_folders(tmp_path, monkeypatch)
     run = write_run_dir(tmp_path / "r1", {})
     argv = {
         "report": ["report", str(run), "--no-plots", "--out=~/rep"],

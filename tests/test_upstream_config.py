@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from tests.conftest import home_and_work_folders
 from trig_stream import cli
 from trig_stream.config import MAX_CONFIG_BYTES, load_config
 from trig_stream.config_problems import unusable_entries
@@ -489,11 +490,7 @@ def test_an_out_with_a_leading_tilde_is_the_home_folder(
 ) -> None:
     # --out=~/x.toml (no shell expands ~ after "=") wrote a folder literally named "~" in the
     # current folder, as `report --out` no longer did.
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(work)
+    home, work = home_and_work_folders(tmp_path, monkeypatch)
     source = write(tmp_path, "upstream.yaml", GENERATION)
     assert cli.main(["import-config", str(source), f"{option}~/x.toml"]) == 0
     assert not (work / "~").exists()
