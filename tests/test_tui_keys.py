@@ -20,6 +20,7 @@ from tests.conftest import ConfigFactory
 from tests.test_tui_snapshots import synthetic_snapshot
 from trig_stream import Engine
 from trig_stream.config import RunConfig
+from trig_stream.dimensions import Dimension
 from trig_stream.journal import JOURNAL
 from trig_stream.tui import render
 from trig_stream.tui import run as tui_run
@@ -365,6 +366,39 @@ async def test_the_model_shown_stays_as_other_models_scores_arrive() -> None:
         assert shown() == ("sd3-medium", "trigscore")
         await pilot.press("m")
         assert shown() == ("aura-flow", "trigscore")
+
+
+async def test_the_panels_show_the_metric_a_report_analyses_until_m_picks_one() -> None:
+    # The panels pinned whichever (model, metric) they drew first: a metric judge (nsfw, on
+    # R-T only) that answered before the VLM judge kept them on nsfw, though the views put
+    # trigscore first; a viewer attached later showed trigscore for the same data.
+    base = synthetic_snapshot()
+    vlm = base.relations[0]
+    r_t: dict[Dimension, int] = {d: v for d, v in vlm.counts.items() if d == "R-T"}
+    nsfw = replace(vlm, metric="nsfw", means={d: vlm.means[d] for d in r_t}, counts=r_t)
+    judges = (base.judges[0], replace(base.judges[0], name="nsfw", backend="metric"))
+    source = StaticSource(replace(base, relations=(nsfw,), judges=judges))
+    app = TrigDashboardApp(source)
+
+    def shown() -> tuple[str, str] | None:
+        view = app.dashboard.selected_view()
+        return None if view is None else (view.model, view.metric)
+
+    async def refresh(pilot: Pilot[Any], snapshot: DashboardSnapshot) -> None:
+        source.fixed = snapshot
+        await app.dashboard.refresh_snapshot()
+        await pilot.pause()
+
+    both = replace(base, relations=(nsfw, vlm, base.relations[1]), judges=judges)
+    async with app.run_test(size=(120, 40)) as pilot:
+        assert shown() == ("flux-dev", "nsfw")
+        await refresh(pilot, both)
+        assert shown() == ("flux-dev", "trigscore")
+        assert str(app.query_one("#dtm").border_title).startswith("DTM: flux-dev (trigscore)")
+        await pilot.press("m")  # picked: stays as scores arrive
+        assert shown() == ("flux-dev", "nsfw")
+        await refresh(pilot, replace(both, relations=(*both.relations, replace(nsfw, model="a"))))
+        assert shown() == ("flux-dev", "nsfw")
 
 
 class RecordingControl:

@@ -204,10 +204,12 @@ class Dashboard(Widget):
     Dashboard #errors { height: 1fr; min-height: 3; }
     """
 
-    selected: reactive[tuple[str, str] | None] = reactive(None)
-    """The (model, metric) shown in the means and DTM panels (None before the first). A key,
-    not a position: views added as scores arrive (another model's, a metric judge's) move
-    the positions, and the panels switched to another model with no key pressed."""
+    selected: reactive[tuple[str, str | None] | None] = reactive(None)
+    """The (model, metric) shown in the means and DTM panels (None before the first); metric
+    None until `m` picks one: that model's first view in order, the metric a report analyses.
+    A key, not a position: views added as scores arrive (another model's, a metric judge's)
+    move the positions, and the panels switched to another model with no key pressed. Nor
+    the first metric drawn: a metric judge that answered before the VLM judge kept them."""
 
     class Updated(Message):
         """Posted after each new snapshot is drawn."""
@@ -373,10 +375,16 @@ class Dashboard(Widget):
 
     def _selection(self) -> tuple[list[RelationView], int]:
         """The relation views in their order, and the position of the one shown: the
-        selected (model, metric), else (none shown yet, or it is gone: the journal read again
-        from its start) the first."""
+        selected (model, metric), or the selected model's first when no metric was picked,
+        else (none shown yet, or it is gone: the journal read again from its start) the
+        first."""
         views = ordered_views(self.snapshot) if self.snapshot is not None else []
-        shown = (i for i, view in enumerate(views) if (view.model, view.metric) == self.selected)
+        model, metric = self.selected or (None, None)
+        shown = (
+            i
+            for i, view in enumerate(views)
+            if view.model == model and metric in (None, view.metric)
+        )
         return views, next(shown, 0)
 
     def _show_relations(self) -> None:
@@ -386,8 +394,9 @@ class Dashboard(Widget):
         suffix = "" if view is None else f": {view.model} ({view.metric})"
         hint = f" [{index + 1}/{total}, m: next]" if total > 1 else ""
         key = (view, index)
-        if view is not None:  # what is shown stays shown as others arrive, until `m`
-            self.set_reactive(Dashboard.selected, (view.model, view.metric))
+        if view is not None:  # the model shown (its metric, once picked) stays, until `m`
+            picked = self.selected == (view.model, view.metric)
+            self.set_reactive(Dashboard.selected, (view.model, view.metric if picked else None))
         means = self.query_one("#means", Panel)
         means.border_title = f"dimension means{suffix}"
         means.show(key, lambda: render.means_table(view))
