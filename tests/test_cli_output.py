@@ -4,6 +4,7 @@ standard streams, a locale that cannot encode a message, names never cut short."
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import json
 import os
@@ -18,9 +19,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import signal_after, write_config
+from trig_stream import inspect_commands
 from trig_stream.cli import main
 from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.progress import full_screen_possible
+from trig_stream.terminal import CommandConsole
 
 COMMAND = [sys.executable, "-m", "trig_stream"]
 SAFETY_S = 120
@@ -354,6 +357,33 @@ def test_status_never_cuts_a_name_short(tmp_path: Path, capsys: pytest.CaptureFi
     assert "…" not in out, out
     for name in names:  # its counts, and its means: one line each
         assert sum(f" {name} " in line for line in out.splitlines()) >= 2, out
+
+
+@pytest.mark.parametrize("columns", [30, 40])
+def test_status_on_a_narrow_terminal_never_cuts_a_count(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    columns: int,
+) -> None:
+    # On a terminal the counts took rich's ellipsis: at 30 columns a total of 60 read '…',
+    # at 40 with long names the headers read 'uns…'. Only the names fold, and never to nothing.
+    path = write_config(tmp_path, samples=30)
+    name = "stabilityai-stable-diffusion-3.5-large-turbo"
+    path.write_text(path.read_text().replace('name = "synth"', f'name = "{name}"'))
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    capsys.readouterr()
+    terminal = functools.partial(
+        CommandConsole, force_terminal=True, width=columns, color_system=None
+    )
+    monkeypatch.setattr(inspect_commands, "CommandConsole", terminal)
+    assert main(["status", str(tmp_path / "runs" / "cli")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "…" not in out, out
+    words = out.split()
+    assert "60" in words and "unscorable" in words, out
+    folded = "".join(line.split("│")[1].strip() for line in out.splitlines() if "│" in line)
+    assert folded.startswith(name + name), out  # its counts, then its first mean
 
 
 def test_an_error_message_never_sends_its_control_characters_to_the_terminal(

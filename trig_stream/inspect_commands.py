@@ -306,27 +306,22 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     columns: tuple[str, ...] = STATUSES
     if asked is not None:
         columns += (ASKED_AGAIN,)
-    table = Table(Column("model", overflow="fold"), Column("metric", overflow="fold"))
-    for heading in (*columns, "total"):
-        table.add_column(heading)
+    rows: list[list[str]] = []
     for model in sorted({m for m, _, _ in counts} | set(manifest.generators)):
         present = [m for m in metrics if any(counts[(model, m, s)] for s in columns)]
         for metric in present or ["–"]:
             row = [counts[(model, metric, s)] for s in columns]
-            table.add_row(printable(model), printable(metric), *map(str, row), str(sum(row)))
-    _print_whole(out, table)
+            rows.append([printable(model), printable(metric), *map(str, row), str(sum(row))])
+    _print_whole(out, _names_and_figures(("model", "metric"), (*columns, "total"), rows))
     if scored:
-        means = Table(
-            *(Column(name, overflow="fold") for name in ("model", "metric", "dimension")),
-            "mean score",
-            "n",
-        )
         order = {metric: index for index, metric in enumerate(metrics)}
+        rows = []
         for key in sorted(scored, key=lambda k: (k[0], order[k[1]], k[2])):
             model, metric, dimension = key
             mean = f"{sums[key] / scored[key]:.3f}"
-            means.add_row(printable(model), printable(metric), dimension, mean, str(scored[key]))
-        _print_whole(out, means)
+            rows.append([printable(model), printable(metric), dimension, mean, str(scored[key])])
+        names = ("model", "metric", "dimension")
+        _print_whole(out, _names_and_figures(names, ("mean score", "n"), rows))
     refused = 0
     # A run still opening has not begun its list: one there is the run before's.
     listing = writer is not None and not writer.starting
@@ -354,16 +349,35 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _names_and_figures(
+    names: tuple[str, ...], figures: tuple[str, ...], rows: list[list[str]]
+) -> Table:
+    """A table of ``names`` columns, then ``figures`` columns, filled with ``rows``. On a
+    narrow terminal only the names fold, no narrower than their headings; a figure or its
+    heading is never cut (rich's ellipsis read '…' for a total of 60 at 30 columns, and
+    'uns…' for "unscorable")."""
+    table = Table(*(Column(name, overflow="fold", min_width=len(name)) for name in names))
+    for index, heading in enumerate(figures, start=len(names)):
+        widest = max((len(row[index]) for row in rows), default=0)
+        table.add_column(heading, no_wrap=True, min_width=max(len(heading), widest))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _print_whole(out: Console, table: Table) -> None:
     """Print ``table`` with its names whole: on a terminal, a name too long for its column
-    is folded onto the next line; elsewhere (``| grep``, a file) the table is as wide as its
+    is folded onto the next line (on one narrower than the columns' least widths, the lines
+    are longer than it is wide); elsewhere (``| grep``, a file) the table is as wide as its
     longest row needs, so that each row stays on one line."""
     if out.is_terminal:
-        out.print(table)
-        return
-    natural = Measurement.get(out, out.options.update_width(MEASURED_UP_TO), table).maximum
+        # Narrower than that, rich shrinks every column evenly: the names to nothing.
+        least = sum((column.min_width or 1) + TABLE_PADDING for column in table.columns)
+        wanted = least + len(table.columns) + 1  # the lines between and around the columns
+    else:
+        wanted = Measurement.get(out, out.options.update_width(MEASURED_UP_TO), table).maximum
     width = out.width
-    out.width = max(width, natural)  # print's own width can only narrow the console's
+    out.width = max(width, wanted)  # print's own width can only narrow the console's
     try:
         out.print(table)
     finally:
@@ -372,3 +386,5 @@ def _print_whole(out: Console, table: Table) -> None:
 
 MEASURED_UP_TO = 10_000
 """The widest table ``status`` prints as it is when not on a terminal (characters)."""
+TABLE_PADDING = 2
+"""The spaces a rich table puts around each cell (one either side, by default)."""
