@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import io
 import json
 import logging
@@ -43,6 +44,7 @@ from trig_stream.tui import watch as watch_module
 from trig_stream.tui.app import TrigDashboardApp
 from trig_stream.tui.dashboard import Panel
 from trig_stream.tui.render import judge_loads, progress_table, run_info, status_line
+from trig_stream.tui.snapshot import DashboardSnapshot
 from trig_stream.tui.watch import add_watch_command, describe, follow
 from trig_stream.tui.watch_source import READ_CHUNK, JournalTail, RunDirSource
 
@@ -1026,6 +1028,38 @@ def test_one_commit_seen_just_after_the_last_look_is_no_spike_in_the_rate(
         now[0] += 0.003
         snapshot = source.poll()
     assert snapshot.judgements_per_s == pytest.approx(4 / 0.5)  # over half a second at least
+
+
+def test_the_first_watch_line_shows_no_rate_measured_over_milliseconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The command looked at the run (a bad directory fails before any screen), then
+    # follow() looked again 3 ms later: a group commit between read 6.0/s (its count over
+    # the half second the span is never taken shorter than) and an ETA, where the run
+    # went at 10/s. The first line is the first look's, with no rate yet.
+    run_dir, judgements = judged_run_dir(tmp_path, 8)
+    (run_dir / JOURNAL).write_bytes(lines_of(*judgements[:8]))
+    now = [100.0]
+    looks: list[DashboardSnapshot] = []
+    poll = RunDirSource.poll
+
+    def look(source: RunDirSource) -> DashboardSnapshot:
+        if len(looks) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C closes it
+        looks.append(poll(source))
+        with (run_dir / JOURNAL).open("ab") as journal:  # the run writes on meanwhile
+            journal.write(lines_of(*judgements[4 + 4 * len(looks) : 8 + 4 * len(looks)]))
+        now[0] += 0.003
+        return looks[-1]
+
+    monkeypatch.setattr(RunDirSource, "poll", look)
+    monkeypatch.setattr(
+        watch_module, "RunDirSource", functools.partial(RunDirSource, clock=lambda: now[0])
+    )
+    with held_lock(run_dir):
+        assert main(["watch", str(run_dir), "--interval", "0.001"]) == EXIT_INTERRUPTED
+    first, *_ = capsys.readouterr().out.splitlines()
+    assert first.startswith("[running]") and "/s" not in first, first
 
 
 def test_the_journal_read_on_attaching_is_no_progress(tmp_path: Path) -> None:
