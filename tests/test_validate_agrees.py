@@ -450,6 +450,11 @@ def test_write_atomic_names_the_file_it_cannot_replace(tmp_path: Path) -> None:
          "run's images: move or remove it"),
         ("images/t2i=immutable", "{i}: {i}/t2i/synth-b: Operation not permitted"),
         ("images/.partial=immutable", "{i}: {i}/.partial: Operation not permitted"),
+        # images/ on a disk not mounted: validate said ok, run called the link a "special file".
+        ("images=dangling link", "{i}: {i} is a symbolic link to {t}, which does not exist: it "
+         "points nowhere; make its target, point it at a folder, or remove it"),
+        ("images=link to a file", "{i}: {i} is a file; it must be a folder of the run's images: "
+         "move or remove it"),
     ],
 )  # fmt: skip
 def test_validate_refuses_image_folders_the_run_cannot_write(
@@ -466,16 +471,23 @@ def test_validate_refuses_image_folders_the_run_cannot_write(
     where, what = setup.split("=")
     target = tmp_path / "runs" / "cli" / where
     capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"  # a link's target
     if what == "file":
         if target == images:
             shutil.rmtree(images)
         target.write_text("")
         err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
+    elif what.startswith(("dangling", "link")):
+        shutil.rmtree(target)
+        if what == "link to a file":
+            elsewhere.write_text("")
+        target.symlink_to(elsewhere)
+        err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
     else:
         target.mkdir(exist_ok=True)
         with chattr(target):
             err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
-    assert err == "error: cannot write images in " + error.format(i=images)
+    assert err == "error: cannot write images in " + error.format(i=images, t=elsewhere)
 
 
 def test_an_image_folder_with_no_work_left_is_not_refused(

@@ -36,6 +36,7 @@ from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.files import (
     TEMP_NAME_BYTES,
     UnfitFileError,
+    broken_link,
     file_kind,
     link_refused,
     make_dirs,
@@ -360,8 +361,7 @@ class RunDir:
             except FileExistsError:
                 if made.is_dir():  # made meanwhile (another thread of this run)
                     continue
-                # "File exists" said nothing of what was in the way.
-                raise _image_folder_in_the_way(made, made.lstat().st_mode) from None
+                raise _image_folder_in_the_way(made) from None
             sync_dir(made.parent)
 
     def image_path(self, task: str, model: str, data_id: str) -> Path:
@@ -942,8 +942,17 @@ def _denied(path: Path, where: Path | None = None) -> OSError:
     return PermissionError(code, os.strerror(code), str(path))
 
 
-def _image_folder_in_the_way(folder: Path, mode: int) -> UnfitFileError:
-    # What stands where a run makes a folder of images: "File exists" said nothing of it.
+def _image_folder_in_the_way(folder: Path) -> OSError:
+    # What stands where a run makes a folder of images: "File exists" said nothing of it. A
+    # symbolic link (``images/`` may be one, to another disk) is what it points to, or, when
+    # that does not exist (the disk not mounted), says so.
+    link = broken_link(folder)
+    if link is not None:
+        return UnfitFileError(errno.ENOENT, link)
+    try:
+        mode = folder.stat().st_mode
+    except OSError as exc:  # removed meanwhile
+        return exc
     kind = "file" if stat.S_ISREG(mode) else file_kind(mode)
     return UnfitFileError(
         errno.EEXIST,
@@ -965,10 +974,11 @@ def image_file(path: Path, task: str, model: str, data_id: str) -> Path:
 def check_image_folders(path: Path, task: str, models: Sequence[str]) -> None:
     """Raise the error a run that writes images of ``models`` for ``task`` in the run
     directory ``path`` gets (``trig-stream validate``, for the models with an image still to
-    make; one already on disk is reused, nothing written): a file
-    where ``images/``, ``images/.partial``, ``images/<task>`` or ``images/<task>/<model>``
-    goes, or one of them that exists, or the folder a missing one is made in, that cannot be
-    written. Looked at only (``os.access`` and the attributes), nothing is made.
+    make; one already on disk is reused, nothing written): a file, or a symbolic link that
+    points nowhere, where ``images/``, ``images/.partial``, ``images/<task>`` or
+    ``images/<task>/<model>`` goes, or one of them that exists, or the folder a missing one
+    is made in, that cannot be written. Looked at only (``os.access`` and the attributes),
+    nothing is made.
 
     Raises:
         RunDirError: the run could not write its images.
@@ -985,13 +995,15 @@ def check_image_folders(path: Path, task: str, models: Sequence[str]) -> None:
             try:
                 mode = folder.stat().st_mode
             except FileNotFoundError:  # made by the run in ``parent``
+                if folder.is_symlink():  # pointing nowhere: the run cannot make it
+                    raise storage_error(_image_folder_in_the_way(folder), what) from None
                 if not _writable(parent):
                     raise storage_error(_denied(folder, parent), what) from None
                 break
             except OSError as exc:
                 raise storage_error(exc, what) from None
             if not stat.S_ISDIR(mode):
-                raise storage_error(_image_folder_in_the_way(folder, mode), what)
+                raise storage_error(_image_folder_in_the_way(folder), what)
             parent = folder
         else:
             if not _writable(parent):  # the last one, written in
