@@ -276,6 +276,48 @@ def test_validate_refuses_a_run_directory_a_run_cannot_write(
     assert capsys.readouterr().err == "error: " + error.format(d=run_dir) + "\n"
 
 
+@pytest.mark.parametrize(
+    ("setup", "error"),
+    [
+        ("", "cannot create the run directory {d}: Read-only file system"),
+        ("d", "cannot write in the run directory {d} (run.lock): Read-only file system"),
+    ],
+)
+def test_validate_refuses_a_read_only_mount_with_the_run_s_reason(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    setup: str,
+    error: str,
+) -> None:
+    # validate said "Permission denied" where run met "Read-only file system" (the mount
+    # faked: the folder of run directories and all below it read-only, as access says).
+    path = write_config(tmp_path, samples=2)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    if setup == "d":
+        (runs / "cli").mkdir()
+    mounted = os.statvfs
+
+    def statvfs(where: Any) -> os.statvfs_result:
+        found = mounted(where)
+        if not Path(where).is_relative_to(runs):
+            return found
+        return os.statvfs_result((*found[:8], found.f_flag | os.ST_RDONLY, found.f_namemax))
+
+    allowed = os.access
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda where, mode: (
+            (not Path(where).is_relative_to(runs) or not mode & os.W_OK) and allowed(where, mode)
+        ),
+    )
+    assert main(["validate", str(path)]) == EXIT_RUN_DIR
+    assert capsys.readouterr().err == "error: " + error.format(d=runs / "cli") + "\n"
+
+
 def test_a_storage_error_names_the_file_at_fault() -> None:
     # "cannot open the run directory R: Permission denied" said nothing of which file.
     run_dir = Path("/runs/p1")

@@ -936,10 +936,21 @@ def _writable(folder: Path) -> bool:
 
 def _denied(path: Path, where: Path | None = None) -> OSError:
     """The error a run gets writing ``path``, which ``os.access`` (or the attributes) of
-    ``where`` (``path`` itself by default) refused: "Operation not permitted" when that is
-    immutable or append-only, as the system says it, else "Permission denied"."""
-    code = errno.EPERM if unchangeable(where or path) else errno.EACCES
+    ``where`` (``path`` itself by default) refused, as the system says it: "Read-only file
+    system" when that is on a read-only mount, "Operation not permitted" when it is immutable
+    or append-only, else "Permission denied"."""
+    where = where or path
+    if _on_a_read_only_mount(where):  # the system's first look, before the attributes
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    code = errno.EPERM if unchangeable(where) else errno.EACCES
     return PermissionError(code, os.strerror(code), str(path))
+
+
+def _on_a_read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:  # not to be looked up: the permissions' refusal stands
+        return False
 
 
 def _image_folder_in_the_way(folder: Path) -> OSError:
