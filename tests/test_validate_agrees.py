@@ -29,6 +29,7 @@ from trig_stream.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.files import storage_error, write_atomic
 from trig_stream.records import MAX_NAME_CHARS
 from trig_stream.store import RunDir
+from trig_stream.testing.synthetic import SyntheticGenerator
 
 RUN = ["run", "--headless", "--no-report"]
 
@@ -571,6 +572,34 @@ def test_image_folders_are_not_refused_when_every_image_left_is_on_disk(
     with chattr(images / "t2i" / "synth", images / ".partial"):
         err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
     assert err.startswith(f"error: cannot write images in {images}: ")
+
+
+def test_a_folder_where_an_image_goes_is_refused_alike_before_its_picture_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # validate said ok; run judged the others, then exited 3 "Is a directory" on writing
+    # the picture made for it, and so did every resume.
+    path = write_config(tmp_path, samples=3)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    journal = run_dir / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    unjudged = json.loads(lines[-1])["data_id"]
+    journal.write_text("".join(x for x in lines if json.loads(x)["data_id"] != unjudged))
+    image = run_dir / "images" / "t2i" / "synth" / f"{unjudged}.png"
+    image.unlink()
+    image.mkdir()
+    kept = journal.read_text()
+    capsys.readouterr()
+    made = mock.Mock(side_effect=AssertionError("a picture was made"))
+    monkeypatch.setattr(SyntheticGenerator, "generate", made)
+    err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
+    assert err == (
+        f"error: cannot write images in {run_dir / 'images'}: {image} is a folder; the run "
+        "writes an image file there: move or remove it"
+    )
+    assert image.is_dir()
+    assert journal.read_text() == kept
 
 
 @pytest.mark.parametrize(

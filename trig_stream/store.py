@@ -971,6 +971,24 @@ def _image_folder_in_the_way(folder: Path) -> OSError:
     )
 
 
+def refuse_a_folder_at_an_image(image: Path) -> None:
+    """Raise when a folder stands at ``image``, where a run writes an image file: the write
+    of the picture made for it failed with "Is a directory", at every resume. One ``lstat``,
+    for an image not found on disk to reuse (a link to a folder is replaced, not refused).
+
+    Raises:
+        RunDirError: naming it, and what to do.
+    """
+    try:
+        mode = os.lstat(image).st_mode
+    except OSError:  # nothing there; or it cannot be looked up, which the write says
+        return
+    if stat.S_ISDIR(mode):
+        images = image.parents[2]  # images/<task>/<model>/<data_id>.png
+        problem = f"{image} is a folder; the run writes an image file there: move or remove it"
+        raise storage_error(UnfitFileError(errno.EISDIR, problem), f"write images in {images}")
+
+
 def image_file(path: Path, task: str, model: str, data_id: str) -> Path:
     """Where the run directory ``path`` holds the image of ``data_id`` by ``model`` for
     ``task``, as :meth:`RunDir.image_path` names it (``trig-stream validate``).
