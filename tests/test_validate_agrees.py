@@ -29,6 +29,7 @@ from trig_stream.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.files import storage_error, write_atomic
 from trig_stream.records import MAX_NAME_CHARS
 from trig_stream.store import RunDir
+from trig_stream.testing.synthetic import SyntheticGenerator
 
 RUN = ["run", "--headless", "--no-report"]
 
@@ -276,6 +277,48 @@ def test_validate_refuses_a_run_directory_a_run_cannot_write(
     assert capsys.readouterr().err == "error: " + error.format(d=run_dir) + "\n"
 
 
+@pytest.mark.parametrize(
+    ("setup", "error"),
+    [
+        ("", "cannot create the run directory {d}: Read-only file system"),
+        ("d", "cannot write in the run directory {d} (run.lock): Read-only file system"),
+    ],
+)
+def test_validate_refuses_a_read_only_mount_with_the_run_s_reason(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    setup: str,
+    error: str,
+) -> None:
+    # validate said "Permission denied" where run met "Read-only file system" (the mount
+    # faked: the folder of run directories and all below it read-only, as access says).
+    path = write_config(tmp_path, samples=2)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    if setup == "d":
+        (runs / "cli").mkdir()
+    mounted = os.statvfs
+
+    def statvfs(where: Any) -> os.statvfs_result:
+        found = mounted(where)
+        if not Path(where).is_relative_to(runs):
+            return found
+        return os.statvfs_result((*found[:8], found.f_flag | os.ST_RDONLY, found.f_namemax))
+
+    allowed = os.access
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda where, mode: (
+            (not Path(where).is_relative_to(runs) or not mode & os.W_OK) and allowed(where, mode)
+        ),
+    )
+    assert main(["validate", str(path)]) == EXIT_RUN_DIR
+    assert capsys.readouterr().err == "error: " + error.format(d=runs / "cli") + "\n"
+
+
 def test_a_storage_error_names_the_file_at_fault() -> None:
     # "cannot open the run directory R: Permission denied" said nothing of which file.
     run_dir = Path("/runs/p1")
@@ -450,6 +493,11 @@ def test_write_atomic_names_the_file_it_cannot_replace(tmp_path: Path) -> None:
          "run's images: move or remove it"),
         ("images/t2i=immutable", "{i}: {i}/t2i/synth-b: Operation not permitted"),
         ("images/.partial=immutable", "{i}: {i}/.partial: Operation not permitted"),
+        # images/ on a disk not mounted: validate said ok, run called the link a "special file".
+        ("images=dangling link", "{i}: {i} is a symbolic link to {t}, which does not exist: it "
+         "points nowhere; make its target, point it at a folder, or remove it"),
+        ("images=link to a file", "{i}: {i} is a file; it must be a folder of the run's images: "
+         "move or remove it"),
     ],
 )  # fmt: skip
 def test_validate_refuses_image_folders_the_run_cannot_write(
@@ -466,16 +514,23 @@ def test_validate_refuses_image_folders_the_run_cannot_write(
     where, what = setup.split("=")
     target = tmp_path / "runs" / "cli" / where
     capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"  # a link's target
     if what == "file":
         if target == images:
             shutil.rmtree(images)
         target.write_text("")
         err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
+    elif what.startswith(("dangling", "link")):
+        shutil.rmtree(target)
+        if what == "link to a file":
+            elsewhere.write_text("")
+        target.symlink_to(elsewhere)
+        err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
     else:
         target.mkdir(exist_ok=True)
         with chattr(target):
             err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
-    assert err == "error: cannot write images in " + error.format(i=images)
+    assert err == "error: cannot write images in " + error.format(i=images, t=elsewhere)
 
 
 def test_an_image_folder_with_no_work_left_is_not_refused(
@@ -517,6 +572,34 @@ def test_image_folders_are_not_refused_when_every_image_left_is_on_disk(
     with chattr(images / "t2i" / "synth", images / ".partial"):
         err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
     assert err.startswith(f"error: cannot write images in {images}: ")
+
+
+def test_a_folder_where_an_image_goes_is_refused_alike_before_its_picture_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # validate said ok; run judged the others, then exited 3 "Is a directory" on writing
+    # the picture made for it, and so did every resume.
+    path = write_config(tmp_path, samples=3)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    journal = run_dir / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    unjudged = json.loads(lines[-1])["data_id"]
+    journal.write_text("".join(x for x in lines if json.loads(x)["data_id"] != unjudged))
+    image = run_dir / "images" / "t2i" / "synth" / f"{unjudged}.png"
+    image.unlink()
+    image.mkdir()
+    kept = journal.read_text()
+    capsys.readouterr()
+    made = mock.Mock(side_effect=AssertionError("a picture was made"))
+    monkeypatch.setattr(SyntheticGenerator, "generate", made)
+    err = both_refuse_alike(path, capsys, EXIT_RUN_DIR)
+    assert err == (
+        f"error: cannot write images in {run_dir / 'images'}: {image} is a folder; the run "
+        "writes an image file there: move or remove it"
+    )
+    assert image.is_dir()
+    assert journal.read_text() == kept
 
 
 @pytest.mark.parametrize(

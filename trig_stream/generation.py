@@ -73,6 +73,7 @@ from trig_stream.png import (
 )
 from trig_stream.records import GeneratedImage, Judgement, PromptRewrite
 from trig_stream.reuse import reusable_image
+from trig_stream.store import refuse_a_folder_at_an_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -380,6 +381,7 @@ class GenerationStage:
                     )
                 )
             else:
+                refuse_a_folder_at_an_image(path)  # not after making a picture it cannot write
                 pictures.append(None)
                 missing.append(index)
         if not missing:

@@ -44,7 +44,13 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     )
     from trig_stream.records import QuarantinedRecord
     from trig_stream.sourcing import Owed
-    from trig_stream.store import check_image_folders, check_new_run, check_resume, image_file
+    from trig_stream.store import (
+        check_image_folders,
+        check_new_run,
+        check_resume,
+        image_file,
+        refuse_a_folder_at_an_image,
+    )
 
     config = load_config(args.config)
     quiet_model_libraries()  # as ``run`` does: a class looked up prints no library's advice
@@ -111,15 +117,15 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
             for model in models
         )
         if not owed.finished(data_id, dimensions):
-            # One look per model at most, until its first image to make: a stat, not the
-            # run's decoding (a damaged image on disk is made again: seldom, not looked for).
-            working.update(
-                m
-                for m in models
-                if m not in working
-                and owed.todo(m, data_id, dimensions)
-                and not image_file(run_dir, task, m, data_id).is_file()
-            )
+            # A stat, not the run's decoding (a damaged image on disk is made again: seldom,
+            # not looked for); a folder where an image to make goes is refused, as the run
+            # refuses it before making the image.
+            for model in models:
+                if owed.todo(model, data_id, dimensions):
+                    image = image_file(run_dir, task, model, data_id)
+                    if not image.is_file():
+                        refuse_a_folder_at_an_image(image)
+                        working.add(model)
             return False
         finished["judged" if owed.measured(dimensions) else "unmeasured"] += 1
         return True

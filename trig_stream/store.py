@@ -36,6 +36,7 @@ from trig_stream.errors import FingerprintMismatch, RunDirError, RunLockedError
 from trig_stream.files import (
     TEMP_NAME_BYTES,
     UnfitFileError,
+    broken_link,
     file_kind,
     link_refused,
     make_dirs,
@@ -360,8 +361,7 @@ class RunDir:
             except FileExistsError:
                 if made.is_dir():  # made meanwhile (another thread of this run)
                     continue
-                # "File exists" said nothing of what was in the way.
-                raise _image_folder_in_the_way(made, made.lstat().st_mode) from None
+                raise _image_folder_in_the_way(made) from None
             sync_dir(made.parent)
 
     def image_path(self, task: str, model: str, data_id: str) -> Path:
@@ -936,19 +936,57 @@ def _writable(folder: Path) -> bool:
 
 def _denied(path: Path, where: Path | None = None) -> OSError:
     """The error a run gets writing ``path``, which ``os.access`` (or the attributes) of
-    ``where`` (``path`` itself by default) refused: "Operation not permitted" when that is
-    immutable or append-only, as the system says it, else "Permission denied"."""
-    code = errno.EPERM if unchangeable(where or path) else errno.EACCES
+    ``where`` (``path`` itself by default) refused, as the system says it: "Read-only file
+    system" when that is on a read-only mount, "Operation not permitted" when it is immutable
+    or append-only, else "Permission denied"."""
+    where = where or path
+    if _on_a_read_only_mount(where):  # the system's first look, before the attributes
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    code = errno.EPERM if unchangeable(where) else errno.EACCES
     return PermissionError(code, os.strerror(code), str(path))
 
 
-def _image_folder_in_the_way(folder: Path, mode: int) -> UnfitFileError:
-    # What stands where a run makes a folder of images: "File exists" said nothing of it.
+def _on_a_read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:  # not to be looked up: the permissions' refusal stands
+        return False
+
+
+def _image_folder_in_the_way(folder: Path) -> OSError:
+    # What stands where a run makes a folder of images: "File exists" said nothing of it. A
+    # symbolic link (``images/`` may be one, to another disk) is what it points to, or, when
+    # that does not exist (the disk not mounted), says so.
+    link = broken_link(folder)
+    if link is not None:
+        return UnfitFileError(errno.ENOENT, link)
+    try:
+        mode = folder.stat().st_mode
+    except OSError as exc:  # removed meanwhile
+        return exc
     kind = "file" if stat.S_ISREG(mode) else file_kind(mode)
     return UnfitFileError(
         errno.EEXIST,
         f"{folder} is a {kind}; it must be a folder of the run's images: move or remove it",
     )
+
+
+def refuse_a_folder_at_an_image(image: Path) -> None:
+    """Raise when a folder stands at ``image``, where a run writes an image file: the write
+    of the picture made for it failed with "Is a directory", at every resume. One ``lstat``,
+    for an image not found on disk to reuse (a link to a folder is replaced, not refused).
+
+    Raises:
+        RunDirError: naming it, and what to do.
+    """
+    try:
+        mode = os.lstat(image).st_mode
+    except OSError:  # nothing there; or it cannot be looked up, which the write says
+        return
+    if stat.S_ISDIR(mode):
+        images = image.parents[2]  # images/<task>/<model>/<data_id>.png
+        problem = f"{image} is a folder; the run writes an image file there: move or remove it"
+        raise storage_error(UnfitFileError(errno.EISDIR, problem), f"write images in {images}")
 
 
 def image_file(path: Path, task: str, model: str, data_id: str) -> Path:
@@ -965,10 +1003,11 @@ def image_file(path: Path, task: str, model: str, data_id: str) -> Path:
 def check_image_folders(path: Path, task: str, models: Sequence[str]) -> None:
     """Raise the error a run that writes images of ``models`` for ``task`` in the run
     directory ``path`` gets (``trig-stream validate``, for the models with an image still to
-    make; one already on disk is reused, nothing written): a file
-    where ``images/``, ``images/.partial``, ``images/<task>`` or ``images/<task>/<model>``
-    goes, or one of them that exists, or the folder a missing one is made in, that cannot be
-    written. Looked at only (``os.access`` and the attributes), nothing is made.
+    make; one already on disk is reused, nothing written): a file, or a symbolic link that
+    points nowhere, where ``images/``, ``images/.partial``, ``images/<task>`` or
+    ``images/<task>/<model>`` goes, or one of them that exists, or the folder a missing one
+    is made in, that cannot be written. Looked at only (``os.access`` and the attributes),
+    nothing is made.
 
     Raises:
         RunDirError: the run could not write its images.
@@ -985,13 +1024,15 @@ def check_image_folders(path: Path, task: str, models: Sequence[str]) -> None:
             try:
                 mode = folder.stat().st_mode
             except FileNotFoundError:  # made by the run in ``parent``
+                if folder.is_symlink():  # pointing nowhere: the run cannot make it
+                    raise storage_error(_image_folder_in_the_way(folder), what) from None
                 if not _writable(parent):
                     raise storage_error(_denied(folder, parent), what) from None
                 break
             except OSError as exc:
                 raise storage_error(exc, what) from None
             if not stat.S_ISDIR(mode):
-                raise storage_error(_image_folder_in_the_way(folder, mode), what)
+                raise storage_error(_image_folder_in_the_way(folder), what)
             parent = folder
         else:
             if not _writable(parent):  # the last one, written in
