@@ -1330,6 +1330,36 @@ def test_a_repeated_data_id_is_a_duplicate_also_when_its_first_record_is_refused
     assert skipped[1] == "record 1 (data_id 'IQ-R_TA-C_1'): duplicate data_id 'IQ-R_TA-C_1'"
 
 
+def test_data_ids_that_differ_only_in_case_are_duplicates(tmp_path: Path) -> None:
+    # An image is named after its data_id: on a file system that ignores case (macOS's,
+    # exFAT) "cat_1.png" overwrote "Cat_1.png", whose judgements then scored another picture.
+    path = tmp_path / "p.jsonl"
+    records = [
+        {"data_id": "Cat_1", "prompt": "a cat", "dimensions": ["IQ-R", "TA-C"]},
+        {"data_id": "cat_1", "prompt": "a dog", "dimensions": ["IQ-R", "TA-C"]},
+        {"data_id": "CAT_1", "prompt": "an owl", "dimensions": ["R-T", "IQ-A"]},
+        {"data_id": "cat_2", "prompt": "a cow", "dimensions": ["IQ-R", "TA-C"]},
+    ]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    source = DatasetSource(DatasetSection(path=path), "t2i")
+    samples, refused = read(source.section)
+    assert [s.data_id for s in samples] == ["Cat_1", "cat_2"]
+    assert [(r.index, r.reason) for r in refused] == [
+        (1, "duplicate data_id 'cat_1': differs only in case from 'Cat_1'"),
+        (2, "duplicate data_id 'CAT_1': differs only in case from 'Cat_1'"),
+    ]
+    # Those that read the run (validate, status, watch, analyze) select the same.
+    expected = {"Cat_1": ("IQ-R", "TA-C"), "cat_2": ("IQ-R", "TA-C")}
+    assert source.selected_samples(refused={1, 2}) == expected
+    assert source.selected_samples() == expected
+    pairs, skipped = source.pairs_by_data_id()
+    assert pairs == expected and len(skipped) == 2
+    # A run directory an earlier version judged both in resumes with the first.
+    judged = {"Cat_1": samples[0].digest, "cat_1": "judged before", "cat_2": samples[1].digest}
+    again = list(DatasetSource(source.section, "t2i", judged=judged))
+    assert again == [samples[0], refused[0], refused[1], samples[1]]
+
+
 def test_a_judged_sample_refused_on_resume_for_its_source_image_counts_toward_the_limit(
     tmp_path: Path,
 ) -> None:

@@ -667,12 +667,17 @@ class TakenIds:
     A record takes its data_id before anything else of it is checked: the first record
     keeps it also when it is refused (its pair, its prompt or source image; a JSON object's
     entry that is no record keeps its key), so a later record of the same id is a duplicate,
-    not judged in its place. A run keeps one entry per sample for its whole length, so a
-    compact index rather than a set of str (~40 instead of ~100 bytes).
+    not judged in its place. Ids are compared as a file system that ignores case (macOS's,
+    exFAT) compares them, since each names its sample's image file: ``cat_1`` is a duplicate
+    of ``Cat_1``, whose picture it would overwrite there (a data_id is ASCII, so lower case
+    is its case-folded form). A run keeps one entry per sample for its whole length, so
+    compact indexes rather than a set of str (~60 instead of ~100 bytes).
     """
 
     def __init__(self) -> None:
-        self._ids = StringIndex()
+        self._folded = StringIndex()
+        self._spelled = StringIndex()
+        """Each id as its record spells it, numbered as in ``_folded``: for the reason."""
 
     def take(self, raw: Mapping[str, Any]) -> None:
         """Take the data_id ``raw`` names, when it is one a sample could have.
@@ -683,9 +688,16 @@ class TakenIds:
         claimed = raw.key if isinstance(raw, Unreadable) else raw.get("data_id")
         if not isinstance(claimed, str) or not is_safe_name(claimed):
             return  # refused for it by _identity(), and no sample's id
-        if claimed in self._ids:
+        folded = claimed.lower()
+        number = self._folded.find(folded)
+        if number is None:
+            self._folded.add(folded)
+            self._spelled.add(claimed)
+            return
+        first = self._spelled[number]
+        if first == claimed:
             raise Rejected(f"duplicate data_id {claimed!r}")
-        self._ids.add(claimed)
+        raise Rejected(f"duplicate data_id {claimed!r}: differs only in case from {first!r}")
 
 
 def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]:
