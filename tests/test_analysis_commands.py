@@ -34,6 +34,7 @@ from trig_stream.analysis.inputs import load_run, read_prompt_pairs
 from trig_stream.analysis.relations import default_metric
 from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.cli import main
+from trig_stream.dataset import DatasetSource
 from trig_stream.dataset_formats import JUDGEMENTS_FILE
 from trig_stream.dimensions import Dimension, Task
 from trig_stream.errors import MissingExtraError, RunDirError
@@ -1666,6 +1667,52 @@ def test_analyze_refuses_to_write_into_its_prompts_folder(tmp_path: Path, out: s
             "--no-plots",
         )
     assert not any(dataset.iterdir())
+
+
+def test_report_refuses_to_write_into_its_runs_parquet_dataset_folder(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # As analyze refuses an --out in its --prompts folder: a report there joined the dataset,
+    # and the next run failed on judgements.parquet's columns.
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    prompts = json.loads(write_prompts(tmp_path / "p.json", 4).read_text())
+    pl.DataFrame(prompts).write_parquet(dataset / "part-0.parquet")
+    config = make_config(dataset={"path": str(dataset)}, run={"output_dir": str(dataset / "runs")})
+    anyio.run(run_to_end, config)
+    run = str(config.run_dir)
+    for out in (dataset, dataset / "report", dataset / "runs"):
+        with pytest.raises(AnalysisError) as raised:
+            run_command("report", run, "--out", str(out), "--no-plots")
+        assert str(raised.value) == (
+            f"--out {out} is in the run's dataset folder {dataset}: the outputs would join "
+            "the dataset; name an output folder outside it with --out"
+        )
+    assert sorted(p.name for p in dataset.iterdir()) == ["part-0.parquet", "runs"]
+    # The run directory itself is left out of its dataset's reading, and so is a report in it.
+    assert run_command("report", run, "--out", str(config.run_dir / "mine"), "--no-plots")[0] == 0
+    assert run_command("report", run, "--no-plots")[0] == 0
+    assert DatasetSource(config.dataset, "t2i").count() == 4
+
+
+def test_report_refuses_a_folder_of_a_run_directory_that_is_its_dataset_folder(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # There only the run's own report/<model>/judgements.parquet are left out of the reading.
+    dataset = tmp_path / "runs" / "own"
+    dataset.mkdir(parents=True)
+    prompts = json.loads(write_prompts(tmp_path / "p.json", 4).read_text())
+    pl.DataFrame(prompts).write_parquet(dataset / "part-0.parquet")
+    config = make_config(dataset={"path": str(dataset)}, run={"name": "own"})
+    assert config.run_dir == dataset
+    anyio.run(run_to_end, config)
+    with pytest.raises(AnalysisError, match="is in the run's dataset folder"):
+        run_command("report", str(dataset), "--out", str(dataset / "mine"), "--no-plots")
+    assert not (dataset / "mine").exists()
+    assert (
+        run_command("report", str(dataset), "--out", str(dataset / "report"), "--no-plots")[0] == 0
+    )
+    assert DatasetSource(config.dataset, "t2i").count() == 4
 
 
 def test_analyze_metric_reads_only_that_metric(tmp_path: Path) -> None:

@@ -1290,6 +1290,76 @@ def test_a_repeated_data_id_is_a_duplicate_also_when_its_first_record_is_refused
     ]
 
 
+@pytest.mark.parametrize("form", ["list", "object"])
+def test_a_repeated_data_id_is_a_duplicate_also_when_its_first_record_is_refused_for_its_pair(
+    tmp_path: Path, form: str
+) -> None:
+    # The first record's identity was checked before its data_id was taken: one refused for
+    # its pair, or a JSON object's entry that is no record, left its id to the next record,
+    # which was judged in its place.
+    path = tmp_path / "p.json"
+    if form == "list":
+        path.write_text(
+            json.dumps(
+                [
+                    {"data_id": "IQ-R_TA-C_1", "prompt": "a", "dimension": ["IQ-R", "XX"]},
+                    {"data_id": "IQ-R_TA-C_1", "prompt": "b"},
+                    {"data_id": "IQ-R_TA-C_2", "prompt": "c"},
+                ]
+            )
+        )
+        first = "unknown dimension 'XX' in pair 'IQ-R_XX'"
+    else:
+        path.write_text(
+            '{"IQ-R_TA-C_1": "not a record", "IQ-R_TA-C_1": {"prompt": "b"}, '
+            '"IQ-R_TA-C_2": {"prompt": "c"}}'
+        )
+        first = "'IQ-R_TA-C_1' maps to a JSON string, not a record"
+    source = DatasetSource(DatasetSection(path=path), "t2i")
+    samples, refused = read(source.section)
+    assert [s.data_id for s in samples] == ["IQ-R_TA-C_2"]
+    assert [(r.index, r.reason) for r in refused] == [
+        (0, first),
+        (1, "duplicate data_id 'IQ-R_TA-C_1'"),
+    ]
+    # Those that read the run (validate, status, watch, analyze) select the same.
+    assert source.selected_samples(refused={0, 1}) == {"IQ-R_TA-C_2": ("IQ-R", "TA-C")}
+    assert source.selected_samples() == {"IQ-R_TA-C_2": ("IQ-R", "TA-C")}
+    pairs, skipped = source.pairs_by_data_id()
+    assert pairs == {"IQ-R_TA-C_2": ("IQ-R", "TA-C")}
+    assert skipped[1] == "record 1 (data_id 'IQ-R_TA-C_1'): duplicate data_id 'IQ-R_TA-C_1'"
+
+
+def test_data_ids_that_differ_only_in_case_are_duplicates(tmp_path: Path) -> None:
+    # An image is named after its data_id: on a file system that ignores case (macOS's,
+    # exFAT) "cat_1.png" overwrote "Cat_1.png", whose judgements then scored another picture.
+    path = tmp_path / "p.jsonl"
+    records = [
+        {"data_id": "Cat_1", "prompt": "a cat", "dimensions": ["IQ-R", "TA-C"]},
+        {"data_id": "cat_1", "prompt": "a dog", "dimensions": ["IQ-R", "TA-C"]},
+        {"data_id": "CAT_1", "prompt": "an owl", "dimensions": ["R-T", "IQ-A"]},
+        {"data_id": "cat_2", "prompt": "a cow", "dimensions": ["IQ-R", "TA-C"]},
+    ]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    source = DatasetSource(DatasetSection(path=path), "t2i")
+    samples, refused = read(source.section)
+    assert [s.data_id for s in samples] == ["Cat_1", "cat_2"]
+    assert [(r.index, r.reason) for r in refused] == [
+        (1, "duplicate data_id 'cat_1': differs only in case from 'Cat_1'"),
+        (2, "duplicate data_id 'CAT_1': differs only in case from 'Cat_1'"),
+    ]
+    # Those that read the run (validate, status, watch, analyze) select the same.
+    expected = {"Cat_1": ("IQ-R", "TA-C"), "cat_2": ("IQ-R", "TA-C")}
+    assert source.selected_samples(refused={1, 2}) == expected
+    assert source.selected_samples() == expected
+    pairs, skipped = source.pairs_by_data_id()
+    assert pairs == expected and len(skipped) == 2
+    # A run directory an earlier version judged both in resumes with the first.
+    judged = {"Cat_1": samples[0].digest, "cat_1": "judged before", "cat_2": samples[1].digest}
+    again = list(DatasetSource(source.section, "t2i", judged=judged))
+    assert again == [samples[0], refused[0], refused[1], samples[1]]
+
+
 def test_a_judged_sample_refused_on_resume_for_its_source_image_counts_toward_the_limit(
     tmp_path: Path,
 ) -> None:

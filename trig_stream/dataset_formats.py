@@ -69,7 +69,7 @@ def read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         for key, value in data.pairs if isinstance(data, _RepeatedKeys) else data.items():
             if not isinstance(value, Mapping):
                 reason = f"{key!r} maps to a JSON {_kind(value)}, not a record"
-                yield Unreadable(reason, value, data_id=key)
+                yield Unreadable(reason, value, key=key)
             elif "data_id" in value and value["data_id"] != key:
                 # Which names it? Taking either quietly judges it under a name it may not have
                 # (and refuses the record that does have it as a duplicate).
@@ -77,6 +77,7 @@ def read_json(path: Path) -> Iterator[Mapping[str, Any]]:
                     f"key {key!r} maps to a record whose data_id is {value['data_id']!r}: "
                     "make them agree, or drop the record's data_id",
                     value,
+                    key=key,
                 )
             else:
                 yield {"data_id": key, **value}
@@ -123,16 +124,20 @@ class Unreadable(dict[str, Any]):
     itself two ways): quarantined with ``reason`` and the start of what it holds (the record
     itself), the rest read on."""
 
-    def __init__(self, reason: str, line: bytes | object, *, data_id: str | None = None) -> None:
+    def __init__(self, reason: str, line: bytes | object, *, key: str | None = None) -> None:
         if isinstance(line, bytes):
             super().__init__(line=line.decode("utf-8", "replace")[:LINE_SHOWN])
         elif isinstance(line, Mapping):  # a record refused as a whole: kept as it is
             super().__init__(line)
         else:
             super().__init__(value=json.dumps(line)[:LINE_SHOWN])
-        if data_id is not None:  # a JSON object's key names the entry: its quarantine says so
-            self["data_id"] = data_id
+        if key is not None and "data_id" not in self:
+            # A JSON object's key names the entry: its quarantine says so.
+            self["data_id"] = key
         self.reason = reason
+        self.key = key
+        """The JSON object's key the entry is under: the data_id it keeps from a later
+        entry of that key, as a refused record keeps its own (None in a list or lines)."""
 
 
 def read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:

@@ -266,6 +266,8 @@ def write_report(
         _say(console, note)
     notes = [note] if note is not None else []
     run = load_run(run_dir)
+    if out is not None:
+        _refuse_out_in_dataset(out, run)
     thresholds = with_overrides(run.relation, overrides or {})
     analyses = analyse_run(run, thresholds, metric)
     folder = out or run_dir / "report"
@@ -471,6 +473,32 @@ def _refuse_overwriting_inputs(folder: Path, file: Path, prompts: Path | None) -
                     f"--out {folder} would write {output} over the input {option} {given}; "
                     "name another output folder with --out"
                 )
+
+
+def _refuse_out_in_dataset(folder: Path, run: RunData) -> None:
+    """Refuse a ``report --out`` in the run's parquet dataset folder, as ``analyze`` refuses
+    one in its ``--prompts`` folder: the folder is read with its subfolders, so the report's
+    ``judgements.parquet`` would join the dataset, and the next run fail on its columns. The
+    reading leaves a run directory below the folder out, and a report in it with it; and a
+    run directory that is the dataset folder, only its own ``report/``.
+
+    Raises:
+        AnalysisError: ``folder`` is in the dataset folder, outside what its reading leaves out.
+    """
+    section = run.manifest.config.get("dataset")
+    given = section.get("path") if isinstance(section, dict) else None
+    if not isinstance(given, str) or not Path(given).is_dir() or not _within(folder, Path(given)):
+        return
+    dataset = Path(given)
+    if _same_file(run.path, dataset):
+        left_out = _same_file(folder, run.path / "report")
+    else:
+        left_out = _within(run.path, dataset) and _within(folder, run.path)
+    if not left_out:
+        raise AnalysisError(
+            f"--out {folder} is in the run's dataset folder {dataset}: the outputs would join "
+            "the dataset; name an output folder outside it with --out"
+        )
 
 
 def _within(folder: Path, dataset: Path) -> bool:
