@@ -1450,6 +1450,23 @@ async def test_a_damaged_manifest_of_a_run_without_results_is_replaced(
     await run_to_end(config)  # its own files, resumed
 
 
+async def test_a_manifest_saved_with_a_byte_order_mark_is_read_and_written_without(
+    make_config: ConfigFactory,
+) -> None:
+    # A manifest saved by an editor that writes a UTF-8 byte order mark (Notepad), after a
+    # hand edit the README allows, was called damaged ("Invalid JSON: expected value at
+    # line 1 column 1") by validate, run and status.
+    config = make_config(samples=2)
+    await run_to_end(config)
+    path = config.run_dir / MANIFEST
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_manifest(config.run_dir).run_name == config.run.name  # status, report, watch
+    store.check_resume(config.run_dir, read_manifest(config.run_dir))  # validate
+    await run_to_end(config)
+    assert path.read_bytes().startswith(b"{")  # the run's rewrite leaves the mark out
+    assert read_manifest(config.run_dir).run_name == config.run.name
+
+
 def test_a_run_dir_of_a_later_format_is_refused_not_read_as_this_one(tmp_path: Path) -> None:
     manifest = Manifest(run_name="later", task="t2i", schema_version=2)
     (tmp_path / MANIFEST).write_text(manifest.model_dump_json())
