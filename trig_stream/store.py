@@ -59,6 +59,7 @@ from trig_stream.journal import (
     journal_state,
     journal_unreadable,
     moved_or_replaced,
+    refuse_a_torn_tail_kept,
     warn_of_skipped_lines,
 )
 from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
@@ -806,6 +807,7 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:
         raise journal_unreadable(path / JOURNAL, exc) from None
+    refuse_a_torn_tail_kept(path / JOURNAL, journal)  # as the run's opening of it does
     # As the run's reading of the journal warns.
     warn_of_skipped_lines(path / JOURNAL, journal.skipped_lines, journal.skipped_reason)
     resumed_manifest(path, manifest, journal)
