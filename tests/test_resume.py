@@ -1712,6 +1712,40 @@ async def test_partial_image_files_left_by_a_crash_are_removed(make_config: Conf
     assert not leftover.exists()
 
 
+async def test_a_partial_image_file_that_cannot_be_removed_is_named_and_the_run_goes_on(
+    make_config: ConfigFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One in a folder that cannot be written stopped even a finished run ("cannot open the
+    # run directory .../.partial/.x.png.99999.1.tmp: Permission denied") while validate said
+    # OK: it is only a leftover, and a new temporary image takes a name of its own.
+    config = make_config(samples=2)
+    first = await run_to_end(config)
+    partial = config.run_dir / store.IMAGES / store.PARTIAL
+    leftover = partial / ".IQ-R_TA-C_1.png.99999.1.tmp"
+    leftover.write_bytes(b"half a png")
+    removable = partial / ".IQ-R_TA-C_2.png.99999.1.tmp"
+    removable.write_bytes(b"half a png")
+    unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if path == leftover:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with caplog.at_level("WARNING", logger="trig_stream.store"):
+        assert await run_to_end(config) == []  # nothing left to judge
+    said = (
+        f"{partial} holds 1 temporary image(s) left by a crash that cannot be removed (the "
+        f"first: {leftover.name}: Permission denied): left in place"
+    )
+    assert said in caplog.text
+    assert leftover.exists() and not removable.exists()
+    assert len(journal(config)) == len(first)
+
+
 async def test_what_is_no_temporary_image_in_partial_is_left_alone_and_named(
     make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

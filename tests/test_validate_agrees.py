@@ -490,6 +490,28 @@ def test_an_append_only_journal_with_a_torn_tail_is_refused_alike_before_anythin
     assert {name: (run_dir / name).read_bytes() for name in kept} == kept
 
 
+def test_a_temporary_image_a_run_cannot_remove_is_named_alike_and_the_run_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A finished run stopped at it (exit 3, "cannot open the run directory .../.partial/
+    # .x.png.99999.1.tmp: Operation not permitted", nothing to judge) while validate said ok.
+    path = write_config(tmp_path, samples=2)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    partial = tmp_path / "runs" / "cli" / "images" / ".partial"
+    leftover = partial / ".x.png.99999.1.tmp"
+    leftover.write_bytes(b"half a png")
+    said = (
+        f"{partial} holds 1 temporary image(s) left by a crash that cannot be removed (the "
+        f"first: {leftover.name}: Operation not permitted): left in place"
+    )
+    with chattr(partial), caplog.at_level("WARNING", logger="trig_stream.store"):
+        for command in (["validate"], RUN):
+            caplog.clear()
+            assert main([*command, str(path)]) == EXIT_OK, capsys.readouterr().err
+            assert said in caplog.text
+    assert leftover.exists()
+
+
 def test_a_quarantine_list_that_cannot_be_replaced_is_named() -> None:
     # "cannot replace .../quarantine.jsonl: .../quarantine.jsonl.partial: ...": the rename
     # names the file it moves, not the one it could not replace.
