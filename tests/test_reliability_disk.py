@@ -25,7 +25,7 @@ from trig_stream import files, store
 from trig_stream.cli import main
 from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
-from trig_stream.journal import JOURNAL, Journal
+from trig_stream.journal import JOURNAL, Journal, torn_tail_kept
 from trig_stream.locks import LOCK
 from trig_stream.manifest import MANIFEST, Manifest
 from trig_stream.records import Judgement, QuarantinedRecord
@@ -118,21 +118,28 @@ def test_a_full_disk_stops_the_run_with_one_message_and_a_resume_loses_nothing(
     assert all(after[key] == 1 for key in before)
 
 
+def judgement(n: int) -> Judgement:
+    """An ``ok`` judgement of sample ``IQ-R_TA-C_<n>``."""
+    line = {"model": "m", "task": "t2i", "pair": "IQ-R_TA-C", "dimension": "IQ-R"}
+    judge = {"backend": "fake", "model": "fake"}
+    return Judgement.model_validate(
+        {**line, "data_id": f"IQ-R_TA-C_{n}", "metric": "s", "status": "ok", "score": 0.5}
+        | {"judge": judge}
+    )
+
+
+def append_only(fd: int, length: int) -> None:
+    """``os.ftruncate`` of an append-only file (``chattr +a``): lines go in, none comes out."""
+    raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
 def test_a_journal_write_cut_short_is_taken_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journal = Journal(tmp_path / JOURNAL)
     journal.open()
-    line = {"model": "m", "task": "t2i", "pair": "IQ-R_TA-C", "dimension": "IQ-R"}
-    judge = {"backend": "fake", "model": "fake"}
-    first, second = (
-        Judgement.model_validate(
-            {**line, "data_id": f"IQ-R_TA-C_{n}", "metric": "s", "status": "ok", "score": 0.5}
-            | {"judge": judge}
-        )
-        for n in (1, 2)
-    )
+    first, second = judgement(1), judgement(2)
     journal.append([first])
     size = (tmp_path / JOURNAL).stat().st_size
     monkeypatch.setattr(os, "write", FullDisk(JOURNAL, budget=size // 2))
@@ -144,6 +151,49 @@ def test_a_journal_write_cut_short_is_taken_back(
     journal.close()
     lines = (tmp_path / JOURNAL).read_text().splitlines()
     assert [json.loads(raw)["data_id"] for raw in lines] == ["IQ-R_TA-C_1", "IQ-R_TA-C_2"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
+@pytest.mark.parametrize("budget", [10, 0])
+def test_a_journal_write_an_append_only_journal_cannot_take_back_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int
+) -> None:
+    # Taking back the part line a full disk let in failed silently on an append-only journal:
+    # the run said to free some space and run again, and every run then failed with a bare
+    # "journal.jsonl: Operation not permitted".
+    journal = Journal(tmp_path / JOURNAL)
+    journal.open()
+    monkeypatch.setattr(os, "write", FullDisk(JOURNAL, budget=budget))
+    monkeypatch.setattr(os, "ftruncate", append_only)
+    with pytest.raises(RunDirError) as raised:
+        journal.append([judgement(1)])
+    journal.close()
+    message = str(raised.value)
+    assert message.startswith(f"cannot write to the journal {tmp_path / JOURNAL}: No space left")
+    if budget:
+        assert message.endswith(f"; but first: {torn_tail_kept(tmp_path / JOURNAL, budget)}")
+    else:  # nothing reached the file: nothing to cut
+        assert "chattr" not in message and message.endswith("already written is kept")
+
+
+def test_a_torn_tail_an_append_only_journal_keeps_is_named_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its cut failed with a bare "journal.jsonl: Operation not permitted".
+    path = tmp_path / JOURNAL
+    path.write_bytes(judgement(1).model_dump_json().encode() + b'\n{"schema_ver')
+    kept = path.read_bytes()
+    monkeypatch.setattr(os, "ftruncate", append_only)
+    journal = Journal(path)
+    with pytest.raises(RunDirError) as raised:
+        journal.open()
+    assert str(raised.value) == torn_tail_kept(path, 12)
+    assert path.read_bytes() == kept
+    journal.open(cut=False)  # a run checks the directory first, then cuts
+    with pytest.raises(RunDirError) as raised:
+        journal.cut_torn_tail()
+    journal.close()
+    assert str(raised.value) == torn_tail_kept(path, 12) and path.read_bytes() == kept
 
 
 def test_a_run_directory_it_cannot_write_in_is_not_said_uncreated(

@@ -1450,6 +1450,23 @@ async def test_a_damaged_manifest_of_a_run_without_results_is_replaced(
     await run_to_end(config)  # its own files, resumed
 
 
+async def test_a_manifest_saved_with_a_byte_order_mark_is_read_and_written_without(
+    make_config: ConfigFactory,
+) -> None:
+    # A manifest saved by an editor that writes a UTF-8 byte order mark (Notepad), after a
+    # hand edit the README allows, was called damaged ("Invalid JSON: expected value at
+    # line 1 column 1") by validate, run and status.
+    config = make_config(samples=2)
+    await run_to_end(config)
+    path = config.run_dir / MANIFEST
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_manifest(config.run_dir).run_name == config.run.name  # status, report, watch
+    store.check_resume(config.run_dir, read_manifest(config.run_dir))  # validate
+    await run_to_end(config)
+    assert path.read_bytes().startswith(b"{")  # the run's rewrite leaves the mark out
+    assert read_manifest(config.run_dir).run_name == config.run.name
+
+
 def test_a_run_dir_of_a_later_format_is_refused_not_read_as_this_one(tmp_path: Path) -> None:
     manifest = Manifest(run_name="later", task="t2i", schema_version=2)
     (tmp_path / MANIFEST).write_text(manifest.model_dump_json())
@@ -1693,6 +1710,40 @@ async def test_partial_image_files_left_by_a_crash_are_removed(make_config: Conf
     leftover.write_bytes(b"half a png")
     await run_to_end(config)
     assert not leftover.exists()
+
+
+async def test_a_partial_image_file_that_cannot_be_removed_is_named_and_the_run_goes_on(
+    make_config: ConfigFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One in a folder that cannot be written stopped even a finished run ("cannot open the
+    # run directory .../.partial/.x.png.99999.1.tmp: Permission denied") while validate said
+    # OK: it is only a leftover, and a new temporary image takes a name of its own.
+    config = make_config(samples=2)
+    first = await run_to_end(config)
+    partial = config.run_dir / store.IMAGES / store.PARTIAL
+    leftover = partial / ".IQ-R_TA-C_1.png.99999.1.tmp"
+    leftover.write_bytes(b"half a png")
+    removable = partial / ".IQ-R_TA-C_2.png.99999.1.tmp"
+    removable.write_bytes(b"half a png")
+    unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if path == leftover:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with caplog.at_level("WARNING", logger="trig_stream.store"):
+        assert await run_to_end(config) == []  # nothing left to judge
+    said = (
+        f"{partial} holds 1 temporary image(s) left by a crash that cannot be removed (the "
+        f"first: {leftover.name}: Permission denied): left in place"
+    )
+    assert said in caplog.text
+    assert leftover.exists() and not removable.exists()
+    assert len(journal(config)) == len(first)
 
 
 async def test_what_is_no_temporary_image_in_partial_is_left_alone_and_named(

@@ -26,7 +26,8 @@ from trig_stream.cli import main
 from trig_stream.config import load_config
 from trig_stream.errors import FatalBackendError, RunDirError
 from trig_stream.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
-from trig_stream.files import storage_error, write_atomic
+from trig_stream.files import storage_error, unchangeable, write_atomic
+from trig_stream.journal import torn_tail_kept
 from trig_stream.records import MAX_NAME_CHARS
 from trig_stream.store import RunDir
 from trig_stream.testing.synthetic import SyntheticGenerator
@@ -454,6 +455,61 @@ def test_a_file_the_run_cannot_replace_is_refused_before_judging_alike(
     )
     assert (run_dir / "journal.jsonl").read_text() == lines  # nothing judged
     assert not (run_dir / "quarantine.jsonl.partial").exists()
+
+
+@pytest.mark.parametrize("attribute", ["chattr +a", "told by unchangeable"])
+def test_an_append_only_journal_with_a_torn_tail_is_refused_alike_before_anything_changes(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    attribute: str,
+) -> None:
+    # validate said ok; every run rewrote the manifest, then failed with a bare
+    # "journal.jsonl: Operation not permitted": an append-only journal takes lines, but
+    # its torn last line cannot be cut off.
+    path = write_config(tmp_path, samples=2)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    journal = run_dir / "journal.jsonl"
+    with journal.open("ab") as handle:
+        handle.write(b'{"schema_ver')  # a crash's torn tail
+    kept = {name: (run_dir / name).read_bytes() for name in ("journal.jsonl", "manifest.json")}
+    capsys.readouterr()
+    if attribute == "chattr +a":
+        with chattr(journal, flag="+a"):
+            err = both_refuse(path, capsys)
+    else:
+
+        def told(file: Path) -> bool:  # the journal's attributes, as run and validate see them
+            return file == journal or unchangeable(file)
+
+        monkeypatch.setattr("trig_stream.journal.unchangeable", told)
+        err = both_refuse(path, capsys)
+    assert err == f"error: {torn_tail_kept(journal, 12)}\n"
+    assert "chattr -a" in err
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+
+
+def test_a_temporary_image_a_run_cannot_remove_is_named_alike_and_the_run_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A finished run stopped at it (exit 3, "cannot open the run directory .../.partial/
+    # .x.png.99999.1.tmp: Operation not permitted", nothing to judge) while validate said ok.
+    path = write_config(tmp_path, samples=2)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    partial = tmp_path / "runs" / "cli" / "images" / ".partial"
+    leftover = partial / ".x.png.99999.1.tmp"
+    leftover.write_bytes(b"half a png")
+    said = (
+        f"{partial} holds 1 temporary image(s) left by a crash that cannot be removed (the "
+        f"first: {leftover.name}: Operation not permitted): left in place"
+    )
+    with chattr(partial), caplog.at_level("WARNING", logger="trig_stream.store"):
+        for command in (["validate"], RUN):
+            caplog.clear()
+            assert main([*command, str(path)]) == EXIT_OK, capsys.readouterr().err
+            assert said in caplog.text
+    assert leftover.exists()
 
 
 def test_a_quarantine_list_that_cannot_be_replaced_is_named() -> None:

@@ -14,12 +14,12 @@ resume), and the readers (:func:`read_journal`, :func:`read_journal_lines`,
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from sys import intern
@@ -34,6 +34,7 @@ from trig_stream.files import (
     open_unlinked,
     storage_error,
     sync_dir,
+    unchangeable,
     write_all,
 )
 from trig_stream.locks import journal_in_use
@@ -278,6 +279,10 @@ class Journal:
             cut: cut the torn tail off now. False leaves it to :meth:`cut_torn_tail`, once
                 the caller has checked the run directory: a run refused must leave the
                 journal as it was.
+
+        Raises:
+            RunDirError: it has a torn tail and is append-only (:func:`refuse_a_torn_tail_kept`),
+                refused before anything is cut or written.
         """
         handle = open_journal(self.path)  # refuses a folder or a pipe before anything waits
         if handle is not None:
@@ -302,6 +307,7 @@ class Journal:
         self.created = created
         try:
             state, good_end = journal_state(self.path)
+            refuse_a_torn_tail_kept(self.path, state)
             self._good_end = good_end if state.torn_bytes else None
             if cut:
                 self.cut_torn_tail()
@@ -313,12 +319,26 @@ class Journal:
         return state
 
     def cut_torn_tail(self) -> None:
-        """Cut off the torn tail :meth:`open` found, if any (this process holds the lock)."""
+        """Cut off the torn tail :meth:`open` found, if any (this process holds the lock).
+
+        Raises:
+            RunDirError: the journal is append-only (``chattr +a``, set since :meth:`open`
+                looked): its torn tail cannot be cut (:func:`torn_tail_kept`).
+        """
         if self._good_end is None:
             return
-        with self.path.open("r+b") as handle:
-            handle.truncate(self._good_end)
-            os.fsync(handle.fileno())
+        if self._file is None:
+            raise RunDirError(f"journal {self.path} is not open")
+        fd = self._file.fileno()
+        try:
+            os.ftruncate(fd, self._good_end)
+        except PermissionError as exc:
+            if exc.errno != errno.EPERM:
+                raise
+            raise RunDirError(
+                torn_tail_kept(self.path, os.fstat(fd).st_size - self._good_end)
+            ) from None
+        os.fsync(fd)
         self._good_end = None
 
     def append(self, judgements: Iterable[Judgement]) -> None:
@@ -350,16 +370,49 @@ class Journal:
             write_all(fd, data)
             os.fsync(fd)
         except OSError as exc:
+            error = storage_error(exc, f"write to the journal {self.path}")
             # Take back what reached the file, so that its last line is whole again (if this
             # fails too, the next open cuts the torn tail off).
-            with suppress(OSError):
+            try:
                 os.ftruncate(fd, start)
-            raise storage_error(exc, f"write to the journal {self.path}") from None
+            except OSError as cut:
+                # Append-only (chattr +a): no run can cut a torn line off it either.
+                reached = data[: os.fstat(fd).st_size - start]
+                torn = len(reached.rpartition(b"\n")[2])
+                if cut.errno == errno.EPERM and torn:
+                    kept = torn_tail_kept(self.path, torn)
+                    raise RunDirError(f"{error}; but first: {kept}") from None
+            raise error from None
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def refuse_a_torn_tail_kept(path: Path, state: JournalState) -> None:
+    """Refuse the journal at ``path``, which holds ``state``, when it has a torn tail and is
+    append-only (``chattr +a``): a run could not cut the tail off. Told from its attributes
+    (:func:`~trig_stream.files.unchangeable`), before a run writes anything (``validate``
+    asks too).
+
+    Raises:
+        RunDirError: it is so (:func:`torn_tail_kept`).
+    """
+    if state.torn_bytes and unchangeable(path):
+        raise RunDirError(torn_tail_kept(path, state.torn_bytes))
+
+
+def torn_tail_kept(path: Path, torn_bytes: int) -> str:
+    """The error of a journal whose torn last line cannot be cut off because it is
+    append-only (``chattr +a``): lines may be added to it, none taken back. A run would
+    append its first line to the torn one."""
+    return (
+        f"cannot cut the torn last line ({torn_bytes} bytes without a line end, left by a crash "
+        f"or a full disk) off the journal {path}: it is append-only (chattr +a), which lets a "
+        "run add lines but take none back; remove the attribute (chattr -a, as root), then "
+        "run the same command again: the run resumes where it stopped"
+    )
 
 
 def moved_or_replaced(run_dir: Path) -> str:

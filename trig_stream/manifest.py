@@ -12,6 +12,7 @@ directory's journal and images, live in :mod:`trig_stream.store`.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -553,9 +554,16 @@ def is_trig_stream_manifest(text: bytes) -> bool:
 def manifest_head_is_ours(head: bytes) -> bool:
     """Whether ``head``, the first bytes of a ``manifest.json``, start as trig-stream writes
     one: a JSON object whose first key is ``schema_version`` (the model's first field),
-    compact or indented. A manifest of ours cut short starts alike; another program's file
-    (a dataset's index, a JSON array) does not. Decided from :data:`MANIFEST_HEAD_BYTES`."""
-    return _OUR_HEAD.match(head[:MANIFEST_HEAD_BYTES]) is not None
+    compact or indented, after a byte order mark or not (:func:`without_bom`). A manifest of
+    ours cut short starts alike; another program's file (a dataset's index, a JSON array)
+    does not. Decided from :data:`MANIFEST_HEAD_BYTES`."""
+    return _OUR_HEAD.match(without_bom(head[:MANIFEST_HEAD_BYTES])) is not None
+
+
+def without_bom(text: bytes) -> bytes:
+    """``text``, a ``manifest.json``, without the UTF-8 byte order mark an editor (Notepad)
+    puts before it when it saves a hand edit; a run writes none."""
+    return text.removeprefix(codecs.BOM_UTF8)
 
 
 def read_manifest_text(handle: BinaryIO) -> bytes | None:
@@ -626,7 +634,7 @@ def read_manifest(run_dir: Path) -> Manifest:
             whole = read_manifest_text(handle)
         if whole is None:
             raise RunDirError(too_large_manifest(path))
-        text = whole
+        text = without_bom(whole)
         _refuse_later_format(run_dir, text)
         manifest = Manifest.model_validate_json(text)
     except FileNotFoundError:

@@ -59,6 +59,7 @@ from trig_stream.journal import (
     journal_state,
     journal_unreadable,
     moved_or_replaced,
+    refuse_a_torn_tail_kept,
     warn_of_skipped_lines,
 )
 from trig_stream.locks import LOCK, find_writer, journal_in_use, run_in_use
@@ -559,11 +560,19 @@ class RunDir:
         if partial.is_symlink():  # its files are someone else's (refuse_links says so first)
             raise link_refused(partial)
         if partial.is_dir():
-            for leftover in partial.iterdir():
+            kept: list[tuple[Path, OSError]] = []
+            for leftover in sorted(partial.iterdir()):  # the first named as validate names it
                 # A plain file only: a folder there (unlink: "Is a directory") stopped every
                 # resume, and no writer of ours makes one, nor a link or a pipe.
                 if leftover.is_file() and not leftover.is_symlink():
-                    leftover.unlink(missing_ok=True)
+                    try:
+                        leftover.unlink(missing_ok=True)
+                    except OSError as exc:
+                        # Only a leftover (a folder that cannot be written stopped even a
+                        # finished run): a new temporary image takes a name of its own, and
+                        # a run that writes images there meets the folder's own checks.
+                        kept.append((leftover, exc))
+            _warn_of_temporaries_kept(partial, kept)
             _warn_of_foreign_partials(self.path)
 
     def _remove_leftover_temporaries(self) -> None:
@@ -589,6 +598,33 @@ class RunDir:
         except OSError:
             self.check_in_place()  # moved meanwhile: say so, not "No such file or directory"
             raise
+
+
+def _warn_of_temporaries_kept(partial: Path, kept: Sequence[tuple[Path, OSError]]) -> None:
+    """Warn of the temporary images a crash left in ``partial`` (``images/.partial``) that
+    cannot be removed, each with the reason (``kept``)."""
+    if kept:
+        first, reason = kept[0]
+        logger.warning(
+            "%s holds %d temporary image(s) left by a crash that cannot be removed (the "
+            "first: %s: %s): left in place; new ones take names of their own, so remove them "
+            "when you can",
+            partial,
+            len(kept),
+            first.name,
+            reason.strerror or reason,
+        )
+
+
+def _temporaries_that_stay(path: Path) -> list[tuple[Path, OSError]]:
+    """The temporary images in ``images/.partial`` of the run directory ``path`` that a run
+    could not remove, each with its reason: all of them, when the folder cannot be written
+    (``validate``: looked at only)."""
+    partial = path / IMAGES / PARTIAL
+    if partial.is_symlink() or not partial.is_dir() or _writable(partial):
+        return []
+    entries = [e for e in _entries(partial) if e.is_file() and not e.is_symlink()]
+    return [(entry, _denied(entry, partial)) for entry in entries]
 
 
 def _warn_of_foreign_partials(path: Path) -> None:
@@ -801,11 +837,14 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
     _refuse_a_file_on_the_way(path)
     refuse_links(path)
     _refuse_unwritable(path)
-    _warn_of_foreign_partials(path)  # as a run does
+    # As a run does.
+    _warn_of_temporaries_kept(path / IMAGES / PARTIAL, _temporaries_that_stay(path))
+    _warn_of_foreign_partials(path)
     try:
         journal, _ = journal_state(path / JOURNAL)
     except OSError as exc:
         raise journal_unreadable(path / JOURNAL, exc) from None
+    refuse_a_torn_tail_kept(path / JOURNAL, journal)  # as the run's opening of it does
     # As the run's reading of the journal warns.
     warn_of_skipped_lines(path / JOURNAL, journal.skipped_lines, journal.skipped_reason)
     resumed_manifest(path, manifest, journal)
