@@ -220,6 +220,40 @@ async def test_port_already_listened_on_is_refused_before_starting() -> None:
     assert judge.server is None or judge.server.pid is None
 
 
+def dual_stack_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``localhost`` names ::1 and 127.0.0.1, as on most distributions (this machine's own
+    ``/etc/hosts`` may name only one)."""
+    lookup = socket.getaddrinfo
+
+    def both(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost":
+            return lookup("::1", *args, **kwargs) + lookup("127.0.0.1", *args, **kwargs)
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_port_listened_on_at_one_address_of_the_host_name_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only 127.0.0.1 was looked at: the server on ::1 answered /health in ours' place.
+    dual_stack_localhost(monkeypatch)
+    with socket.socket(socket.AF_INET6) as other:
+        other.bind(("::1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        table = serve(["/nonexistent/vllm", "serve", "m"], host="localhost", port=port)
+        taken = rf"localhost:{port} \(::1\): .*another server"
+        with pytest.raises(FatalBackendError, match=taken):  # validate
+            ManagedServer(ServeOptions.model_validate(table), name="trigscore").check_port()
+        judge = judge_with(table)
+        with pytest.raises(FatalBackendError, match=taken):
+            await judge.open()
+    assert judge.server is None or judge.server.pid is None
+
+
 async def test_server_never_ready_is_stopped() -> None:
     script = "import time; print('loading weights', flush=True); time.sleep(600)"
     now = [0.0]

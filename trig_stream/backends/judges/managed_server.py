@@ -396,17 +396,34 @@ class ManagedServer:
 
         The child would fail to listen there, but probably not before the first probe, which
         would find the other server ready, and the run would judge through whatever it serves.
+        Each address ``serve.host`` names is bound a moment: a host name may name several
+        (``localhost``: ::1 and 127.0.0.1), and the probe reaches whichever answers. One that
+        is no address of this machine (::1 where IPv6 is off) is passed over while another is.
         """
         host, port = self.options.host, self.port
         try:
-            with _listening_socket(host) as sock:
-                sock.bind((host, port))
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise self._host_error(exc) or FatalBackendError(
-                f"judge {self.name!r}: cannot start its server on {host}:{port}: "
-                f"{exc.strerror or exc} (another server listening there?); stop that one, or "
-                "set serve.port to a free port (0 picks one)"
-            ) from None
+            raise self._host_error(exc) or exc from None
+        not_here: OSError | None = None
+        bound = False
+        for family, _, _, _, address in addresses:
+            try:
+                with _listening_socket(family) as sock:
+                    sock.bind(address)
+            except OSError as exc:
+                if self._host_error(exc) is not None:
+                    not_here = exc
+                    continue
+                at = "" if address[0] == host else f" ({address[0]})"
+                raise FatalBackendError(
+                    f"judge {self.name!r}: cannot start its server on {host}:{port}{at}: "
+                    f"{exc.strerror or exc} (another server listening there?); stop that one, "
+                    "or set serve.port to a free port (0 picks one)"
+                ) from None
+            bound = True
+        if not bound and not_here is not None:
+            raise self._host_error(not_here) or not_here from None
 
     def _host_error(self, exc: OSError) -> FatalBackendError | None:
         """The error for a ``serve.host`` that is no address of this machine (no such host, or
@@ -647,18 +664,17 @@ def _stopped_with_us(argv: list[str], grace_s: float) -> list[str]:
 
 def free_port(host: str) -> int:
     """A TCP port on ``host`` that is free now."""
-    with _listening_socket(host) as sock:
+    with _listening_socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def _listening_socket(host: str) -> socket.socket:
-    """An unbound TCP socket for ``host``, set up as a server sets up its own.
+def _listening_socket(family: socket.AddressFamily) -> socket.socket:
+    """An unbound TCP socket of ``family``, set up as a server sets up its own.
 
     ``SO_REUSEADDR`` as servers set it (uvicorn, aiohttp): a bind then fails only where a socket
     listens, not where closed connections linger in TIME_WAIT.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     return sock
