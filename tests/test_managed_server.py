@@ -744,9 +744,11 @@ def test_a_host_no_url_can_hold_is_refused(host: str) -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("port", [0, 8000])
-@pytest.mark.parametrize("host", ["no.such.host.invalid", "192.0.2.1"])  # 192.0.2.1: TEST-NET-1
+# 192.0.2.1: TEST-NET-1; fe80::1, link-local, cannot be bound without an interface
+@pytest.mark.parametrize("host", ["no.such.host.invalid", "192.0.2.1", "fe80::1"])
 async def test_a_host_that_is_no_address_of_this_machine_is_named(port: int, host: str) -> None:
-    # A bare "gaierror: [Errno -2] Name or service not known" named no key.
+    # A bare "gaierror: [Errno -2] Name or service not known" named no key; fe80::1 gave
+    # "cannot find a free port ... Invalid argument" or "another server listening there?".
     judge = judge_with(serve(["/nonexistent/vllm", "{port}"], host=host, port=port))
     with pytest.raises(FatalBackendError) as caught:
         await judge.open()
@@ -801,7 +803,7 @@ model = "trig-judge-sim"
     return config
 
 
-@pytest.mark.parametrize("host", ["10.255.255.1", "192.0.2.1"])
+@pytest.mark.parametrize("host", ["10.255.255.1", "192.0.2.1", "fe80::1"])
 def test_validate_refuses_a_host_that_is_no_address_of_this_machine_as_the_run_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str
 ) -> None:

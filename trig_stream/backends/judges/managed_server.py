@@ -70,6 +70,9 @@ STOP_POLL_S = 0.05
 KILLED_WAIT_S = 10.0
 """How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
 them, but one inside a GPU driver call only once the call returns)."""
+_NOT_AN_ADDRESS_HERE = frozenset({errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT})
+"""How a bind says its address is none of this machine's: another machine's, a link-local IPv6
+one without an interface (``fe80::1``: EINVAL), an IPv6 one where this machine has no IPv6."""
 _LINE_END = re.compile(rb"[\r\n]")
 _KEY_FLAG = re.compile(r"--?(?:[^\W_]+[-_])*(?:key|token|apikey)", re.IGNORECASE)
 """A command-line flag whose value is a key: its last ``-``/``_``-separated word is ``key``,
@@ -315,7 +318,7 @@ class ManagedServer:
             error = self._host_error(exc)
             if error is not None:
                 raise error from None
-            # Anything else (no IPv6 here, say) is for the start to report, with its port.
+            # Anything else is for the start to report, with its port.
 
     def check_port(self) -> None:
         """Refuse a ``serve.port`` something already listens on, as :meth:`start` would: a
@@ -427,8 +430,8 @@ class ManagedServer:
 
     def _host_error(self, exc: OSError) -> FatalBackendError | None:
         """The error for a ``serve.host`` that is no address of this machine (no such host, or
-        another machine's), else None."""
-        if not isinstance(exc, socket.gaierror) and exc.errno != errno.EADDRNOTAVAIL:
+        one a bind refuses: :data:`_NOT_AN_ADDRESS_HERE`), else None."""
+        if not isinstance(exc, socket.gaierror) and exc.errno not in _NOT_AN_ADDRESS_HERE:
             return None
         return FatalBackendError(
             f"judge {self.name!r}: options.serve.host {self.options.host!r} is not an address "
