@@ -672,6 +672,27 @@ async def test_a_launcher_that_exits_while_its_server_answers_stops_the_run(
     assert ended(pid)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_killed_supervisor_is_named_and_the_exec_hint_left_out() -> None:
+    # kill -9 of the supervisor read as the server's own death, with advice to `exec` the
+    # server: wrong for a command the supervisor had started itself, exec'd or not.
+    server = ManagedServer(ServeOptions.model_validate(serve(SIMULATED)), name="trigscore")
+    await server.start()
+    try:
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        await wait_for(lambda: server.returncode is not None, "the supervisor's end")
+        failure = server.failure()
+        assert failure is not None
+        message = str(failure)
+        assert "`exec` the server" not in message
+        assert f"still ran, but its supervisor (pid {server.pid}, parent_death.py)" in message
+        assert "was killed by signal 9" in message
+    finally:
+        await server.aclose()
+
+
 def opened_for_writing(fifo: Path) -> bool:
     """Write a line into ``fifo`` if a reader has it open; whether it did."""
     try:
@@ -1127,7 +1148,7 @@ def test_a_supervisor_in_another_s_process_group_stops_only_its_command(tmp_path
         f"command = ['sh', '-c', 'echo $$ > {pid_file}; exec sleep 600']\n"
         "quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}\n"
         f"subprocess.Popen([sys.executable, '-I', '-S', {str(script)!r}, str(os.getpid()), "
-        "'5', *command], **quiet)\n"
+        "'5', '-1', *command], **quiet)\n"
         "sibling = subprocess.Popen(['sleep', '600'], **quiet)\n"
         f"pid_file = {str(pid_file)!r}\n"
         "while not (os.path.exists(pid_file) and os.path.getsize(pid_file)):\n"
@@ -1161,7 +1182,7 @@ def test_a_supervisor_in_another_s_process_group_is_its_command() -> None:
     script = Path(managed_server.__file__).with_name("parent_death.py")
     command = ["sh", "-c", "echo started; exec sleep 600"]
     started = subprocess.Popen(
-        [sys.executable, "-I", "-S", str(script), str(os.getpid()), "5", *command],
+        [sys.executable, "-I", "-S", str(script), str(os.getpid()), "5", "-1", *command],
         stdout=subprocess.PIPE,
         text=True,
     )

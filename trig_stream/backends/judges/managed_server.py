@@ -29,6 +29,7 @@ environment, so export the key (``VLLM_API_KEY``) instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -209,6 +210,9 @@ class ManagedServer:
         self._clock = clock
         self._process: Process | None = None
         self._output: IO[bytes] | None = None
+        # Where the supervisor tells the command's process id, and what it told.
+        self._told: int | None = None
+        self._command_pid: int | None = None
         self._closed = False
         self._stop_now = False
         self.port = options.port
@@ -265,9 +269,11 @@ class ManagedServer:
         self.check_command()
         # Held open until aclose(): the server writes into it all along.
         self._output = tempfile.TemporaryFile(prefix="trig-stream-serve-")  # noqa: SIM115
+        self._told, tell = os.pipe() if os.name == "posix" else (None, -1)
         try:
             self._process = await anyio.open_process(
-                _stopped_with_us(self.argv, self.options.stop_timeout_s),
+                _stopped_with_us(self.argv, self.options.stop_timeout_s, tell),
+                pass_fds=() if tell < 0 else (tell,),
                 stdin=subprocess.DEVNULL,
                 stdout=self._output,
                 stderr=subprocess.STDOUT,
@@ -282,6 +288,9 @@ class ManagedServer:
                 f"judge {self.name!r}: cannot start the server {self._command()}: "
                 f"{exc.strerror or exc}"
             ) from None
+        finally:
+            if tell >= 0:
+                os.close(tell)
         try:
             await self._wait_ready()
         except anyio.get_cancelled_exc_class():
@@ -464,6 +473,9 @@ class ManagedServer:
         if self._output is not None:
             self._output.close()
             self._output = None
+        if self._told is not None:
+            os.close(self._told)
+            self._told = None
 
     def failure(self) -> FatalBackendError | None:
         """The error to raise when the server has exited during the run; None while it runs."""
@@ -542,6 +554,13 @@ class ManagedServer:
 
     def _exited(self, code: int, when: str = "") -> str:
         what = f"exited with status {code}{when}" if code >= 0 else f"{_killed_by(-code)}{when}"
+        if self._supervisor_died():
+            # kill -9 of the supervisor, not of the command: no launcher's fault.
+            assert self._process is not None
+            return (
+                f"still ran, but its supervisor (pid {self._process.pid}, parent_death.py) "
+                f"{what}; the server is stopped too"
+            )
         if self._process is not None and group_running(self._process.pid):
             what += (
                 " while processes it started still ran; they are stopped with it (a script "
@@ -549,6 +568,21 @@ class ManagedServer:
                 "than start it in the background and exit)"
             )
         return what
+
+    def _supervisor_died(self) -> bool:
+        """Whether the process that ended is the supervisor, and the command it started (its
+        process id as told, another than its own) still runs (Linux: read in ``/proc``)."""
+        if self._process is None:
+            return False
+        if self._command_pid is None and self._told is not None:
+            os.set_blocking(self._told, False)
+            # Not told (the command could not start): nothing to read.
+            with contextlib.suppress(OSError, ValueError):
+                self._command_pid = int(os.read(self._told, 32))
+        command, group = self._command_pid, self._process.pid
+        if command is None or command == group:  # the supervisor became the command
+            return False
+        return _running_in(Path(f"/proc/{command}/stat"), group)
 
     def _scrub(self, text: str) -> str:
         return scrub_all(text, self._secrets)
@@ -654,15 +688,17 @@ def _spellings_overlap(first: str, second: str) -> bool:
     return False
 
 
-def _stopped_with_us(argv: list[str], grace_s: float) -> list[str]:
+def _stopped_with_us(argv: list[str], grace_s: float, tell: int) -> list[str]:
     """``argv``, started under a supervisor that stops its whole process group when this
     process dies (Linux only; SIGTERM, then SIGKILL after ``grace_s``), and with SIGINT and
     SIGTERM at their default handling, even if this process ignores them (POSIX: an ignored
-    signal is inherited across ``exec``). The supervisor exits as the command does."""
+    signal is inherited across ``exec``). The supervisor exits as the command does, and
+    writes the command's process id to the file descriptor ``tell``."""
     if os.name != "posix":
         return argv
     script = Path(__file__).with_name("parent_death.py")
-    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), f"{grace_s:g}", *argv]
+    grace = f"{grace_s:g}"
+    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), grace, str(tell), *argv]
 
 
 def free_port(host: str) -> int:
