@@ -30,7 +30,7 @@ def stopped_with_us(argv: list[str]) -> list[str]:
     if not sys.platform.startswith("linux") or spec is None or spec.origin is None:
         return argv
     script = Path(spec.origin).parent / "backends" / "judges" / "parent_death.py"
-    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), GRACE_S, *argv]
+    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), GRACE_S, "-1", *argv]
 
 
 def run_child(argv: list[str], what: str) -> str:

@@ -239,6 +239,20 @@ def test_prometheus_gauges_are_summed() -> None:
     assert server_root("http://h:8000/v1/") == "http://h:8000"
 
 
+def test_prometheus_gauges_apart_by_any_whitespace_are_read_and_negative_ones_are_not() -> None:
+    # A tab, or a space before the labels, hid the gauge; a negative count was summed with
+    # the others, hiding a real queue.
+    text = (
+        "vllm:num_requests_waiting\t5\n"
+        'vllm:num_requests_waiting {engine="0"} 7\n'
+        "vllm:num_requests_running   2  1700000000\n"
+        'vllm:num_requests_running{engine="1"}\t-4\n'
+        "vllm:num_requests_waiting -4\n"
+    )
+    assert parse_load(text) == ServerLoad(running=2, waiting=12)
+    assert parse_load("vllm:num_requests_waiting -1\n") is None
+
+
 @pytest.mark.anyio
 async def test_polling_stops_for_a_judge_without_load() -> None:
     limiter = FakeLimiter(total_tokens=4)

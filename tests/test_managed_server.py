@@ -220,6 +220,40 @@ async def test_port_already_listened_on_is_refused_before_starting() -> None:
     assert judge.server is None or judge.server.pid is None
 
 
+def dual_stack_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``localhost`` names ::1 and 127.0.0.1, as on most distributions (this machine's own
+    ``/etc/hosts`` may name only one)."""
+    lookup = socket.getaddrinfo
+
+    def both(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost":
+            return lookup("::1", *args, **kwargs) + lookup("127.0.0.1", *args, **kwargs)
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_port_listened_on_at_one_address_of_the_host_name_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only 127.0.0.1 was looked at: the server on ::1 answered /health in ours' place.
+    dual_stack_localhost(monkeypatch)
+    with socket.socket(socket.AF_INET6) as other:
+        other.bind(("::1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        table = serve(["/nonexistent/vllm", "serve", "m"], host="localhost", port=port)
+        taken = rf"localhost:{port} \(::1\): .*another server"
+        with pytest.raises(FatalBackendError, match=taken):  # validate
+            ManagedServer(ServeOptions.model_validate(table), name="trigscore").check_port()
+        judge = judge_with(table)
+        with pytest.raises(FatalBackendError, match=taken):
+            await judge.open()
+    assert judge.server is None or judge.server.pid is None
+
+
 async def test_server_never_ready_is_stopped() -> None:
     script = "import time; print('loading weights', flush=True); time.sleep(600)"
     now = [0.0]
@@ -638,6 +672,27 @@ async def test_a_launcher_that_exits_while_its_server_answers_stops_the_run(
     assert ended(pid)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_killed_supervisor_is_named_and_the_exec_hint_left_out() -> None:
+    # kill -9 of the supervisor read as the server's own death, with advice to `exec` the
+    # server: wrong for a command the supervisor had started itself, exec'd or not.
+    server = ManagedServer(ServeOptions.model_validate(serve(SIMULATED)), name="trigscore")
+    await server.start()
+    try:
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        await wait_for(lambda: server.returncode is not None, "the supervisor's end")
+        failure = server.failure()
+        assert failure is not None
+        message = str(failure)
+        assert "`exec` the server" not in message
+        assert f"still ran, but its supervisor (pid {server.pid}, parent_death.py)" in message
+        assert "was killed by signal 9" in message
+    finally:
+        await server.aclose()
+
+
 def opened_for_writing(fifo: Path) -> bool:
     """Write a line into ``fifo`` if a reader has it open; whether it did."""
     try:
@@ -710,9 +765,11 @@ def test_a_host_no_url_can_hold_is_refused(host: str) -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("port", [0, 8000])
-@pytest.mark.parametrize("host", ["no.such.host.invalid", "192.0.2.1"])  # 192.0.2.1: TEST-NET-1
+# 192.0.2.1: TEST-NET-1; fe80::1, link-local, cannot be bound without an interface
+@pytest.mark.parametrize("host", ["no.such.host.invalid", "192.0.2.1", "fe80::1"])
 async def test_a_host_that_is_no_address_of_this_machine_is_named(port: int, host: str) -> None:
-    # A bare "gaierror: [Errno -2] Name or service not known" named no key.
+    # A bare "gaierror: [Errno -2] Name or service not known" named no key; fe80::1 gave
+    # "cannot find a free port ... Invalid argument" or "another server listening there?".
     judge = judge_with(serve(["/nonexistent/vllm", "{port}"], host=host, port=port))
     with pytest.raises(FatalBackendError) as caught:
         await judge.open()
@@ -767,7 +824,7 @@ model = "trig-judge-sim"
     return config
 
 
-@pytest.mark.parametrize("host", ["10.255.255.1", "192.0.2.1"])
+@pytest.mark.parametrize("host", ["10.255.255.1", "192.0.2.1", "fe80::1"])
 def test_validate_refuses_a_host_that_is_no_address_of_this_machine_as_the_run_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str
 ) -> None:
@@ -1091,7 +1148,7 @@ def test_a_supervisor_in_another_s_process_group_stops_only_its_command(tmp_path
         f"command = ['sh', '-c', 'echo $$ > {pid_file}; exec sleep 600']\n"
         "quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}\n"
         f"subprocess.Popen([sys.executable, '-I', '-S', {str(script)!r}, str(os.getpid()), "
-        "'5', *command], **quiet)\n"
+        "'5', '-1', *command], **quiet)\n"
         "sibling = subprocess.Popen(['sleep', '600'], **quiet)\n"
         f"pid_file = {str(pid_file)!r}\n"
         "while not (os.path.exists(pid_file) and os.path.getsize(pid_file)):\n"
@@ -1125,7 +1182,7 @@ def test_a_supervisor_in_another_s_process_group_is_its_command() -> None:
     script = Path(managed_server.__file__).with_name("parent_death.py")
     command = ["sh", "-c", "echo started; exec sleep 600"]
     started = subprocess.Popen(
-        [sys.executable, "-I", "-S", str(script), str(os.getpid()), "5", *command],
+        [sys.executable, "-I", "-S", str(script), str(os.getpid()), "5", "-1", *command],
         stdout=subprocess.PIPE,
         text=True,
     )

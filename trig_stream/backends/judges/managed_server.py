@@ -29,6 +29,7 @@ environment, so export the key (``VLLM_API_KEY``) instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -70,6 +71,9 @@ STOP_POLL_S = 0.05
 KILLED_WAIT_S = 10.0
 """How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
 them, but one inside a GPU driver call only once the call returns)."""
+_NOT_AN_ADDRESS_HERE = frozenset({errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT})
+"""How a bind says its address is none of this machine's: another machine's, a link-local IPv6
+one without an interface (``fe80::1``: EINVAL), an IPv6 one where this machine has no IPv6."""
 _LINE_END = re.compile(rb"[\r\n]")
 _KEY_FLAG = re.compile(r"--?(?:[^\W_]+[-_])*(?:key|token|apikey)", re.IGNORECASE)
 """A command-line flag whose value is a key: its last ``-``/``_``-separated word is ``key``,
@@ -206,6 +210,9 @@ class ManagedServer:
         self._clock = clock
         self._process: Process | None = None
         self._output: IO[bytes] | None = None
+        # Where the supervisor tells the command's process id, and what it told.
+        self._told: int | None = None
+        self._command_pid: int | None = None
         self._closed = False
         self._stop_now = False
         self.port = options.port
@@ -262,9 +269,11 @@ class ManagedServer:
         self.check_command()
         # Held open until aclose(): the server writes into it all along.
         self._output = tempfile.TemporaryFile(prefix="trig-stream-serve-")  # noqa: SIM115
+        self._told, tell = os.pipe() if os.name == "posix" else (None, -1)
         try:
             self._process = await anyio.open_process(
-                _stopped_with_us(self.argv, self.options.stop_timeout_s),
+                _stopped_with_us(self.argv, self.options.stop_timeout_s, tell),
+                pass_fds=() if tell < 0 else (tell,),
                 stdin=subprocess.DEVNULL,
                 stdout=self._output,
                 stderr=subprocess.STDOUT,
@@ -279,6 +288,9 @@ class ManagedServer:
                 f"judge {self.name!r}: cannot start the server {self._command()}: "
                 f"{exc.strerror or exc}"
             ) from None
+        finally:
+            if tell >= 0:
+                os.close(tell)
         try:
             await self._wait_ready()
         except anyio.get_cancelled_exc_class():
@@ -315,7 +327,7 @@ class ManagedServer:
             error = self._host_error(exc)
             if error is not None:
                 raise error from None
-            # Anything else (no IPv6 here, say) is for the start to report, with its port.
+            # Anything else is for the start to report, with its port.
 
     def check_port(self) -> None:
         """Refuse a ``serve.port`` something already listens on, as :meth:`start` would: a
@@ -396,22 +408,39 @@ class ManagedServer:
 
         The child would fail to listen there, but probably not before the first probe, which
         would find the other server ready, and the run would judge through whatever it serves.
+        Each address ``serve.host`` names is bound a moment: a host name may name several
+        (``localhost``: ::1 and 127.0.0.1), and the probe reaches whichever answers. One that
+        is no address of this machine (::1 where IPv6 is off) is passed over while another is.
         """
         host, port = self.options.host, self.port
         try:
-            with _listening_socket(host) as sock:
-                sock.bind((host, port))
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise self._host_error(exc) or FatalBackendError(
-                f"judge {self.name!r}: cannot start its server on {host}:{port}: "
-                f"{exc.strerror or exc} (another server listening there?); stop that one, or "
-                "set serve.port to a free port (0 picks one)"
-            ) from None
+            raise self._host_error(exc) or exc from None
+        not_here: OSError | None = None
+        bound = False
+        for family, _, _, _, address in addresses:
+            try:
+                with _listening_socket(family) as sock:
+                    sock.bind(address)
+            except OSError as exc:
+                if self._host_error(exc) is not None:
+                    not_here = exc
+                    continue
+                at = "" if address[0] == host else f" ({address[0]})"
+                raise FatalBackendError(
+                    f"judge {self.name!r}: cannot start its server on {host}:{port}{at}: "
+                    f"{exc.strerror or exc} (another server listening there?); stop that one, "
+                    "or set serve.port to a free port (0 picks one)"
+                ) from None
+            bound = True
+        if not bound and not_here is not None:
+            raise self._host_error(not_here) or not_here from None
 
     def _host_error(self, exc: OSError) -> FatalBackendError | None:
         """The error for a ``serve.host`` that is no address of this machine (no such host, or
-        another machine's), else None."""
-        if not isinstance(exc, socket.gaierror) and exc.errno != errno.EADDRNOTAVAIL:
+        one a bind refuses: :data:`_NOT_AN_ADDRESS_HERE`), else None."""
+        if not isinstance(exc, socket.gaierror) and exc.errno not in _NOT_AN_ADDRESS_HERE:
             return None
         return FatalBackendError(
             f"judge {self.name!r}: options.serve.host {self.options.host!r} is not an address "
@@ -444,6 +473,9 @@ class ManagedServer:
         if self._output is not None:
             self._output.close()
             self._output = None
+        if self._told is not None:
+            os.close(self._told)
+            self._told = None
 
     def failure(self) -> FatalBackendError | None:
         """The error to raise when the server has exited during the run; None while it runs."""
@@ -522,6 +554,13 @@ class ManagedServer:
 
     def _exited(self, code: int, when: str = "") -> str:
         what = f"exited with status {code}{when}" if code >= 0 else f"{_killed_by(-code)}{when}"
+        if self._supervisor_died():
+            # kill -9 of the supervisor, not of the command: no launcher's fault.
+            assert self._process is not None
+            return (
+                f"still ran, but its supervisor (pid {self._process.pid}, parent_death.py) "
+                f"{what}; the server is stopped too"
+            )
         if self._process is not None and group_running(self._process.pid):
             what += (
                 " while processes it started still ran; they are stopped with it (a script "
@@ -529,6 +568,21 @@ class ManagedServer:
                 "than start it in the background and exit)"
             )
         return what
+
+    def _supervisor_died(self) -> bool:
+        """Whether the process that ended is the supervisor, and the command it started (its
+        process id as told, another than its own) still runs (Linux: read in ``/proc``)."""
+        if self._process is None:
+            return False
+        if self._command_pid is None and self._told is not None:
+            os.set_blocking(self._told, False)
+            # Not told (the command could not start): nothing to read.
+            with contextlib.suppress(OSError, ValueError):
+                self._command_pid = int(os.read(self._told, 32))
+        command, group = self._command_pid, self._process.pid
+        if command is None or command == group:  # the supervisor became the command
+            return False
+        return _running_in(Path(f"/proc/{command}/stat"), group)
 
     def _scrub(self, text: str) -> str:
         return scrub_all(text, self._secrets)
@@ -634,31 +688,32 @@ def _spellings_overlap(first: str, second: str) -> bool:
     return False
 
 
-def _stopped_with_us(argv: list[str], grace_s: float) -> list[str]:
+def _stopped_with_us(argv: list[str], grace_s: float, tell: int) -> list[str]:
     """``argv``, started under a supervisor that stops its whole process group when this
     process dies (Linux only; SIGTERM, then SIGKILL after ``grace_s``), and with SIGINT and
     SIGTERM at their default handling, even if this process ignores them (POSIX: an ignored
-    signal is inherited across ``exec``). The supervisor exits as the command does."""
+    signal is inherited across ``exec``). The supervisor exits as the command does, and
+    writes the command's process id to the file descriptor ``tell``."""
     if os.name != "posix":
         return argv
     script = Path(__file__).with_name("parent_death.py")
-    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), f"{grace_s:g}", *argv]
+    grace = f"{grace_s:g}"
+    return [sys.executable, "-I", "-S", str(script), str(os.getpid()), grace, str(tell), *argv]
 
 
 def free_port(host: str) -> int:
     """A TCP port on ``host`` that is free now."""
-    with _listening_socket(host) as sock:
+    with _listening_socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def _listening_socket(host: str) -> socket.socket:
-    """An unbound TCP socket for ``host``, set up as a server sets up its own.
+def _listening_socket(family: socket.AddressFamily) -> socket.socket:
+    """An unbound TCP socket of ``family``, set up as a server sets up its own.
 
     ``SO_REUSEADDR`` as servers set it (uvicorn, aiohttp): a bind then fails only where a socket
     listens, not where closed connections linger in TIME_WAIT.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     return sock

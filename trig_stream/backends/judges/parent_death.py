@@ -1,13 +1,15 @@
 """Run a command whose whole process group the kernel's word stops when the process that
 started it dies (Linux).
 
-``python -I -S parent_death.py PARENT_PID GRACE_S COMMAND...`` is a small supervisor. It
-asks the kernel (``prctl(PR_SET_PDEATHSIG)``) to send it SIGTERM when its parent ends, starts
-``COMMAND`` as its child, waits for it, and exits as the command did (its exit status, or
-killed by the same signal), so the run reads the command's own end. The managed judge server
-starts through it, as the leader of a new process group: ``trig-stream run`` stops its server
-when it ends, but not when it is killed (SIGKILL, the OOM killer, a closed terminal), and a
-vLLM left running holds its GPU and its port.
+``python -I -S parent_death.py PARENT_PID GRACE_S PID_FD COMMAND...`` is a small supervisor.
+It asks the kernel (``prctl(PR_SET_PDEATHSIG)``) to send it SIGTERM when its parent ends,
+starts ``COMMAND`` as its child, writes the child's process id to the file descriptor
+``PID_FD`` (-1: none) and closes it, waits for it, and exits as the command did (its exit
+status, or killed by the same signal), so the run reads the command's own end; the process
+id tells the run, should the supervisor itself be killed, that the command still runs. The
+managed judge server starts through it, as the leader of a new process group: ``trig-stream
+run`` stops its server when it ends, but not when it is killed (SIGKILL, the OOM killer, a
+closed terminal), and a vLLM left running holds its GPU and its port.
 
 When its parent dies, the supervisor stops the whole group, not only the command's own
 process: a launcher that does not ``exec`` its server (``sh -c "vllm serve ...; echo done"``,
@@ -57,8 +59,11 @@ class ParentDied(Exception):
 
 
 def main(argv: list[str]) -> int:
-    parent, grace_s, command = int(argv[0]), float(argv[1]), argv[2:]
+    parent, grace_s, pid_fd, command = int(argv[0]), float(argv[1]), int(argv[2]), argv[3:]
+    if pid_fd >= 0:
+        os.set_inheritable(pid_fd, False)  # the command's own end is not to hold it open
     if os.getpgrp() != os.getpid():
+        _tell(pid_fd, os.getpid())
         return _become(parent, command)
 
     def on_sigterm(signum: int, frame: object) -> None:
@@ -78,10 +83,23 @@ def main(argv: list[str]) -> int:
         child = _start(command)
         if child is None:
             return CANNOT_RUN
+        _tell(pid_fd, child)
         return _pass_on(_wait_for(child))
     except ParentDied:
         _stop_group(grace_s)
         return 1
+
+
+def _tell(pid_fd: int, pid: int) -> None:
+    """Write the command's process id ``pid`` to ``pid_fd`` and close it (-1: nothing)."""
+    if pid_fd < 0:
+        return
+    try:
+        os.write(pid_fd, str(pid).encode())
+    except OSError:
+        pass  # nobody reads it any more: the run has ended
+    finally:
+        os.close(pid_fd)
 
 
 def _ask_for_the_parents_death(libc: ctypes.CDLL, parent: int) -> bool:

@@ -84,8 +84,8 @@ def server_root(base_url: str) -> str:
 def parse_load(text: str) -> ServerLoad | None:
     """The running and waiting requests in a Prometheus page, summed over label sets.
 
-    Returns None when the page has neither gauge with a finite value (not a vLLM server, or
-    one that does not know its load: ``NaN``, ``+Inf``).
+    Returns None when the page has neither gauge with a finite value of 0 or more (not a
+    vLLM server, or one that does not know its load: ``NaN``, ``+Inf``, a count below 0).
     """
     totals = {RUNNING: 0.0, WAITING: 0.0}
     found = False
@@ -93,22 +93,22 @@ def parse_load(text: str) -> ServerLoad | None:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        # Any whitespace parts the name, its labels, the value and a timestamp.
         if "{" in line:
-            name = line.split("{", 1)[0]
-            rest = line.rsplit("}", 1)[-1]
+            name = line.split("{", 1)[0].rstrip()
+            fields = line.rsplit("}", 1)[-1].split()
         else:
-            name, _, rest = line.partition(" ")
-        if name not in totals:
-            continue
-        fields = rest.split()
-        if not fields:
+            name, *fields = line.split()
+        if name not in totals or not fields:
             continue
         try:
             value = float(fields[0])
         except ValueError:
             continue
-        if not math.isfinite(value):
-            continue  # NaN or +Inf is valid Prometheus, and says nothing of the queue
+        if not math.isfinite(value) or value < 0:
+            # NaN or +Inf is valid Prometheus, and says nothing of the queue; nor does a
+            # count below 0, which summed with the others would hide a real queue.
+            continue
         totals[name] += value
         found = True
     if not found or not all(map(math.isfinite, totals.values())):
