@@ -331,6 +331,9 @@ async def test_server_dying_during_the_run_is_fatal(tmp_path: Path) -> None:
         assert server is not None and server.pid is not None
         os.killpg(server.pid, signal.SIGKILL)  # as the OOM killer would
         await wait_for(lambda: server.returncode is not None, "the server's exit")
+        # The command too: one still ending when the supervisor is seen gone is told as a
+        # supervisor killed alone.
+        await wait_for(lambda: not managed_server.group_running(server.pid), "the group's end")
         with pytest.raises(FatalBackendError) as caught:
             await judge.judge(request(tmp_path, judge))
         # Not "exited with status -9".
