@@ -562,6 +562,35 @@ def test_watch_counts_a_sample_done_as_the_engine_does(tmp_path: Path) -> None:
     assert snapshot.eta_s != 0.0
 
 
+def test_watch_counts_the_samples_no_judge_measures_done_as_the_engine_does(
+    tmp_path: Path,
+) -> None:
+    # The nsfw metric judge measures R-T only: 2 of the 8 samples. The other 6 counted as
+    # done only in proportion ("samples 0/8" where the run said 6/8), and its ETA with them.
+    run_dir, judgements = judged_run_dir(tmp_path, 8, metric="nsfw")
+    manifest = read_manifest(run_dir)
+    nsfw = {"name": "nsfw", "backend": "metric", "options": {"metric": "nsfw"}}
+    config = {**manifest.config, "judges": [nsfw]}
+    (run_dir / "manifest.json").write_text(
+        manifest.model_copy(update={"config": config}).model_dump_json()
+    )
+    measured = [j for j in judgements if j.dimension == "R-T"]
+    assert len(measured) == 4  # 2 samples, 2 models
+    now = [100.0]
+    with held_lock(run_dir):
+        source = RunDirSource(run_dir, clock=lambda: now[0])
+        first = source.poll()
+        assert (first.samples_done, first.samples_total) == (6, 8)
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(lines_of(*measured[:2]))  # one model's: half the work
+        now[0] += 10.0
+        snapshot = source.poll()
+    assert snapshot.samples_done == 7
+    assert snapshot.eta_s == pytest.approx(10.0)  # a sample in 10 s, one left
+    (run_dir / JOURNAL).write_bytes(lines_of(*measured))
+    assert RunDirSource(run_dir).poll().samples_done == 8
+
+
 def write_judgements(run_dir: Path, count: int) -> None:
     lines = (judgement(i).model_dump_json().encode() + b"\n" for i in range(count))
     (run_dir / JOURNAL).write_bytes(b"".join(lines))

@@ -206,6 +206,8 @@ class RunDirSource:
         with the totals; None when it cannot be read here (every key then counts)."""
         self._judgements_total = 0
         """The judgements each model makes of the samples, when the dataset is readable."""
+        self._unmeasured = 0
+        """The samples none of whose dimensions a judge measures: done, with nothing to judge."""
         self._quarantine_key: tuple[str, int, int, int, int] | None = None
         self._quarantined: int | None = None
         self._refused: frozenset[int] = frozenset()
@@ -285,7 +287,7 @@ class RunDirSource:
         samples_per_s = 0.0
         if self._caught_up:
             per_s = self._judged_rate.add(now, self._appended)
-            samples_per_s = self._samples_rate.add(now, finished)
+            samples_per_s = self._samples_rate.add(now, finished - self._unmeasured)
             self._history.add(now, per_s)
         elif not self.tail.behind:
             # What the journal held when the viewer came (read over a few polls when long)
@@ -293,7 +295,7 @@ class RunDirSource:
             # run). The rates count from the poll that read its end.
             self._caught_up = True
             self._judged_rate.add(now, self._appended)
-            self._samples_rate.add(now, finished)
+            self._samples_rate.add(now, finished - self._unmeasured)
         if writer is not None:
             state = "running"
         else:
@@ -415,7 +417,9 @@ class RunDirSource:
         done = sum(judged[model] - asked_again[model] for model in models)
         planned = self._judgements_total * len(models)
         share = min(done / planned, 1.0) if planned else 1.0
-        return int(self._samples_total * share)
+        # A sample no judge measures is done, with nothing to judge, as the engine counts it.
+        measured = self._samples_total - self._unmeasured
+        return self._unmeasured + int(measured * share)
 
     def _read_manifest(self) -> Manifest:
         # A resume may add models and judges, or lift a limit: read it again whenever it was
@@ -440,7 +444,7 @@ class RunDirSource:
 
     def _configure(self, manifest: Manifest) -> None:
         self._samples_total = None
-        self._judgements_total = 0
+        self._judgements_total = self._unmeasured = 0
         self._config_models = []
         self._config, self._selected = None, None
         self._identities = None
@@ -477,7 +481,7 @@ class RunDirSource:
             return
         self._counted = counted
         self._samples_total = None
-        self._judgements_total = 0
+        self._judgements_total = self._unmeasured = 0
         self._selected = None
         self._asked_judged = Counter()
         judged = {key[1] for key in self._status}
@@ -497,7 +501,7 @@ class RunDirSource:
             samples = identities.selected(limit, refused=self._refused, judged=judged)
             assert samples is not None, "read to the end, or far enough to fill the limit"
         self._samples_total = len(samples)
-        self._judgements_total = _judgements_per_model(config, samples)
+        self._judgements_total, self._unmeasured = _work_per_model(config, samples)
         self._selected = asked_by_config(config, samples)
         if self._selected is not None:  # once per count: later keys are counted as read
             asked = self._selected
@@ -599,15 +603,22 @@ def asked_by_config(
     return asked
 
 
-def _judgements_per_model(config: RunConfig, samples: dict[str, tuple[Dimension, ...]]) -> int:
+def _work_per_model(
+    config: RunConfig, samples: dict[str, tuple[Dimension, ...]]
+) -> tuple[int, int]:
     """The judgements a model makes of the selected samples (each with the dimensions judged
-    of it): each judge is asked about the dimensions it measures (a metric's judge, some
-    only)."""
+    of it), and the samples it makes none of: each judge is asked about the dimensions it
+    measures (a metric's judge, some only)."""
     dimensions = Counter(d for judged in samples.values() for d in judged)
     try:
         judges = [build_judge(entry, config) for entry in config.judges]  # nothing loads
     except Exception:  # a backend this machine lacks: every judge counted on every dimension
-        return len(config.judges) * dimensions.total()
-    return sum(
+        return len(config.judges) * dimensions.total(), 0
+    judgements = sum(
         count * sum(judge.measures(d) for judge in judges) for d, count in dimensions.items()
     )
+    unmeasured = sum(
+        not any(judge.measures(d) for judge in judges for d in judged)
+        for judged in samples.values()
+    )
+    return judgements, unmeasured
