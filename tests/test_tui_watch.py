@@ -1482,3 +1482,24 @@ def test_a_finished_run_that_quarantined_records_shows_finished(
     (run_dir / JOURNAL).write_bytes(lines_of(*kept))
     stopped = RunDirSource(run_dir).poll()
     assert (stopped.state, stopped.samples_done, stopped.samples_total) == ("not running", 1, 2)
+
+
+async def test_under_a_limit_a_refused_record_judged_with_errors_only_takes_no_place(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # A record whose judgements are all errors is none judged for the limit, as the run
+    # has it (its errors judged nothing): refused on a retry, it took a place all the same,
+    # and a finished retry of 2 samples showed "samples 1/1".
+    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 1.0}}]
+    prompts = write_prompts(tmp_path / "prompts.json", 5)
+    config = make_config(dataset={"path": str(prompts), "limit": 2}, judges=failing)
+    await run_to_end(config)
+    run_dir = config.run_dir
+    assert {j.status for j in latest_judgements(run_dir / JOURNAL).values()} == {"error"}
+    records = json.loads(prompts.read_text())
+    records[0]["prompt"] = ""
+    prompts.write_text(json.dumps(records))
+    retried = await run_to_end(config, retry_errors=True)
+    assert {j.data_id for j in retried} == {records[1]["data_id"], records[2]["data_id"]}
+    snapshot = RunDirSource(run_dir).poll()
+    assert (snapshot.quarantined, snapshot.samples_total) == (1, 2)

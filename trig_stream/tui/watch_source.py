@@ -484,7 +484,8 @@ class RunDirSource:
         self._judgements_total = self._unmeasured = 0
         self._selected = None
         self._asked_judged = Counter()
-        judged = {key[1] for key in self._status}
+        # As the run has it: a record with only errors judged nothing (see journal digests).
+        judged = {key[1] for key, status in self._status.items() if status != "error"}
         limit = config.dataset.limit
         identities = self._identities
         samples = None
