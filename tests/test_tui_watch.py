@@ -1174,6 +1174,23 @@ def test_watch_keeps_the_latest_errors_for_its_errors_view(tmp_path: Path) -> No
     assert errors[-1] == f"m IQ-R_TA-C_{ERRORS_KEPT + 4} IQ-R: boom {ERRORS_KEPT + 4}"
 
 
+def test_watch_s_errors_view_drops_an_error_a_retry_replaced(tmp_path: Path) -> None:
+    # After a --retry-errors run judged them again, "last errors" still listed the errors
+    # the journal's later ok judgements replace, as if they stood.
+    run_dir = write_run_dir(tmp_path)
+    failed = [
+        judgement(i).model_copy(update={"status": "error", "score": None, "error": f"boom {i}"})
+        for i in range(3)
+    ]
+    (run_dir / JOURNAL).write_bytes(lines_of(*failed))
+    source = RunDirSource(run_dir)
+    assert len(source.poll().last_errors) == 3
+    with (run_dir / JOURNAL).open("ab") as journal:
+        journal.write(lines_of(judgement(0), judgement(2)))
+    assert source.poll().last_errors == ("m IQ-R_TA-C_1 IQ-R: boom 1",)
+    assert RunDirSource(run_dir).poll().last_errors == ("m IQ-R_TA-C_1 IQ-R: boom 1",)
+
+
 @pytest.mark.parametrize(
     ("judges", "shown"),
     [

@@ -236,7 +236,9 @@ class RunDirSource:
         latest status any): the work of the run written, as :attr:`_selected` tells it."""
         self._images: dict[str, set[str]] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._errors: deque[str] = deque(maxlen=ERRORS_KEPT)
+        self._errors: dict[JudgementKey, str] = {}
+        """The lines of the latest errors (at most :data:`ERRORS_KEPT`), oldest first, each
+        under the key it tells of: a later judgement of that key replaces the error."""
         self._error_text = ErrorLines(several_judges=False)  # told by each manifest read
         self._last_at: float | None = None
         self._judged_rate = CountRate()
@@ -349,7 +351,7 @@ class RunDirSource:
             judge_p50=_rank(ordered, 0.5),
             judge_p95=_rank(ordered, 0.95),
             relations=self._relations,
-            last_errors=tuple(self._errors),
+            last_errors=tuple(self._errors.values()),
             quarantined=quarantined,
             message=message,
             alerts=tuple(alerts),
@@ -543,9 +545,15 @@ class RunDirSource:
             self._images.setdefault(model, set()).add(judgement.data_id)
         if judgement.status == "error":
             if (error := self._error_text.line(judgement)) is not None:
-                self._errors.append(error)
-        elif judgement.latency_s > 0:
-            self._latencies.append(judgement.latency_s)
+                self._errors.pop(key, None)  # told again: among the latest
+                self._errors[key] = error
+                if len(self._errors) > ERRORS_KEPT:
+                    del self._errors[next(iter(self._errors))]
+        else:
+            # Asked again (--retry-errors) and answered: the error no longer stands.
+            self._errors.pop(key, None)
+            if judgement.latency_s > 0:
+                self._latencies.append(judgement.latency_s)
         self._last_at = judgement.created_at
         self._tracker.add(judgement)
 
