@@ -1041,6 +1041,32 @@ async def test_errors_of_samples_the_retry_no_longer_selects_are_not_counted_as_
         assert len([j async for j in engine.results]) == left
 
 
+async def test_status_counts_no_error_of_a_record_the_retry_refused_as_asked_again(
+    make_config: ConfigFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every judgement an error, then the first record's prompt emptied: the retry refuses it
+    # and asks the other 6 errors again. `status` counted its 2 errors as asked again too
+    # ("asked again 8"), where `watch` reads the run's quarantine list and says 6.
+    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 1.0}}]
+    config = make_config(samples=4, judges=failing)
+    await run_to_end(config)
+    run_dir = config.run_dir
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    records[0]["prompt"] = ""
+    prompts.write_text(json.dumps(records))
+    judge = GatedJudge(open_for=0)
+    async with Engine(config, judges=[judge], retry_errors=True) as engine:
+        await wait_until(lambda: judge.seen > 0)  # the first record, refused, is behind
+        assert "asking again 6 error judgements" in RunDirSource(run_dir).poll().message
+        assert main(["status", str(run_dir)]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert table_row(out, "model")[2:] == ["ok", "unscorable", "error", "asked again", "total"]
+        assert table_row(out, "synth")[2:] == ["0", "0", "2", "6", "8"]
+        judge.gate.set()
+        assert len([j async for j in engine.results]) == 6
+
+
 def test_one_commit_seen_just_after_the_last_look_is_no_spike_in_the_rate(
     tmp_path: Path,
 ) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Container
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -579,7 +579,11 @@ def _rank(ordered: list[float], share: float) -> float | None:
 
 
 def asked_by_config(
-    config: RunConfig, samples: dict[str, tuple[Dimension, ...]] | None = None
+    config: RunConfig,
+    samples: dict[str, tuple[Dimension, ...]] | None = None,
+    *,
+    refused: Collection[int] = (),
+    judged: Container[str] = (),
 ) -> Callable[[JudgementKey], bool] | None:
     """Whether a run of ``config`` asks about a judgement's key: its sample is one the
     dataset's filters and limit select (read from the identity columns), its dimension one
@@ -592,12 +596,16 @@ def asked_by_config(
         config: the run's config.
         samples: its samples (:meth:`~trig_stream.dataset.DatasetSource.selected_samples`),
             when already read; else they are read from its dataset.
+        refused: when ``samples`` are read here, the indexes of the records the run
+            quarantined, which are none of them (as ``selected_samples`` takes it).
+        judged: when ``samples`` are read here, the data_ids with a judgement other than an
+            ``error`` (as ``selected_samples`` takes it).
     """
     try:
         judges = {entry.name: build_judge(entry, config) for entry in config.judges}
         if samples is None:
             source = DatasetSource(config.dataset, config.run.task, source_images=False)
-            samples = source.selected_samples()
+            samples = source.selected_samples(refused=refused, judged=judged)
     except Exception:  # a dataset moved or gone, a backend this machine lacks
         return None
     selected = samples
