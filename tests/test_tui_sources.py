@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import anyio
 import pytest
 
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, write_prompts
 from tests.test_engine import HeldJudge, LoadsUntilReleased
-from tests.test_tui_watch import wait_until
+from tests.test_tui_watch import GatedJudge, wait_until
 from trig_stream import Engine, snapshots
 from trig_stream.progress import describe
 from trig_stream.testing import FakeJudge
@@ -178,6 +180,36 @@ async def test_samples_no_judge_measures_count_as_done(make_config: ConfigFactor
         snapshot = await source.snapshot()
     assert (snapshot.samples_done, snapshot.samples_total) == (8, 8)
     assert engine.stats().unmeasured == 4
+
+
+async def test_the_eta_counts_the_rate_of_the_samples_judged_not_of_those_read(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # A judge of R-T only: the 200 samples it does not measure are done as they are read, far
+    # ahead of the judging. Counted in the rate, they made the ETA ~5x too short.
+    measured = json.loads(write_prompts(tmp_path / "a.json", 40, pairs=["R-T_IQ-A"]).read_text())
+    others = json.loads(write_prompts(tmp_path / "b.json", 200, pairs=["IQ-R_TA-C"]).read_text())
+    (tmp_path / "prompts.json").write_text(json.dumps(measured + others))
+    # One sample at a time is queued: the generator, loading, holds the reader at the 40
+    # samples the judge measures, short of the others.
+    config = make_config(engine={"sample_buffer": 1})
+    generator = LoadsUntilReleased()
+    judge = GatedJudge(open_for=36)
+    judge.dimensions = frozenset({"R-T"})
+    clock = Clock()
+    async with Engine(config, generators=[generator], judges=[judge]) as engine:
+        source = EngineSource(engine, clock=clock)
+        await wait_until(generator.loading.is_set)
+        assert engine.stats().unmeasured == 0
+        assert (await source.snapshot()).samples_done == 0
+        generator.release.set()
+        await wait_until(lambda: engine.stats().judged == 36 and engine.stats().unmeasured == 200)
+        clock.now += 10.0
+        snapshot = await source.snapshot()
+        judge.gate.set()
+        await engine.drain()
+    assert (snapshot.samples_done, snapshot.samples_total) == (236, 240)
+    assert snapshot.eta_s == pytest.approx(4 / 3.6)  # 4 left, at the 36 judged in 10 s
 
 
 async def test_the_elapsed_time_and_the_rates_stop_when_the_run_ends(

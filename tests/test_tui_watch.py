@@ -562,6 +562,35 @@ def test_watch_counts_a_sample_done_as_the_engine_does(tmp_path: Path) -> None:
     assert snapshot.eta_s != 0.0
 
 
+def test_watch_counts_the_samples_no_judge_measures_done_as_the_engine_does(
+    tmp_path: Path,
+) -> None:
+    # The nsfw metric judge measures R-T only: 2 of the 8 samples. The other 6 counted as
+    # done only in proportion ("samples 0/8" where the run said 6/8), and its ETA with them.
+    run_dir, judgements = judged_run_dir(tmp_path, 8, metric="nsfw")
+    manifest = read_manifest(run_dir)
+    nsfw = {"name": "nsfw", "backend": "metric", "options": {"metric": "nsfw"}}
+    config = {**manifest.config, "judges": [nsfw]}
+    (run_dir / "manifest.json").write_text(
+        manifest.model_copy(update={"config": config}).model_dump_json()
+    )
+    measured = [j for j in judgements if j.dimension == "R-T"]
+    assert len(measured) == 4  # 2 samples, 2 models
+    now = [100.0]
+    with held_lock(run_dir):
+        source = RunDirSource(run_dir, clock=lambda: now[0])
+        first = source.poll()
+        assert (first.samples_done, first.samples_total) == (6, 8)
+        with (run_dir / JOURNAL).open("ab") as journal:
+            journal.write(lines_of(*measured[:2]))  # one model's: half the work
+        now[0] += 10.0
+        snapshot = source.poll()
+    assert snapshot.samples_done == 7
+    assert snapshot.eta_s == pytest.approx(10.0)  # a sample in 10 s, one left
+    (run_dir / JOURNAL).write_bytes(lines_of(*measured))
+    assert RunDirSource(run_dir).poll().samples_done == 8
+
+
 def write_judgements(run_dir: Path, count: int) -> None:
     lines = (judgement(i).model_dump_json().encode() + b"\n" for i in range(count))
     (run_dir / JOURNAL).write_bytes(b"".join(lines))
@@ -1012,6 +1041,32 @@ async def test_errors_of_samples_the_retry_no_longer_selects_are_not_counted_as_
         assert len([j async for j in engine.results]) == left
 
 
+async def test_status_counts_no_error_of_a_record_the_retry_refused_as_asked_again(
+    make_config: ConfigFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every judgement an error, then the first record's prompt emptied: the retry refuses it
+    # and asks the other 6 errors again. `status` counted its 2 errors as asked again too
+    # ("asked again 8"), where `watch` reads the run's quarantine list and says 6.
+    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 1.0}}]
+    config = make_config(samples=4, judges=failing)
+    await run_to_end(config)
+    run_dir = config.run_dir
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    records[0]["prompt"] = ""
+    prompts.write_text(json.dumps(records))
+    judge = GatedJudge(open_for=0)
+    async with Engine(config, judges=[judge], retry_errors=True) as engine:
+        await wait_until(lambda: judge.seen > 0)  # the first record, refused, is behind
+        assert "asking again 6 error judgements" in RunDirSource(run_dir).poll().message
+        assert main(["status", str(run_dir)]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert table_row(out, "model")[2:] == ["ok", "unscorable", "error", "asked again", "total"]
+        assert table_row(out, "synth")[2:] == ["0", "0", "2", "6", "8"]
+        judge.gate.set()
+        assert len([j async for j in engine.results]) == 6
+
+
 def test_one_commit_seen_just_after_the_last_look_is_no_spike_in_the_rate(
     tmp_path: Path,
 ) -> None:
@@ -1143,6 +1198,23 @@ def test_watch_keeps_the_latest_errors_for_its_errors_view(tmp_path: Path) -> No
     errors = RunDirSource(run_dir).poll().last_errors
     assert len(errors) == ERRORS_KEPT  # 20 before; bounded all the same
     assert errors[-1] == f"m IQ-R_TA-C_{ERRORS_KEPT + 4} IQ-R: boom {ERRORS_KEPT + 4}"
+
+
+def test_watch_s_errors_view_drops_an_error_a_retry_replaced(tmp_path: Path) -> None:
+    # After a --retry-errors run judged them again, "last errors" still listed the errors
+    # the journal's later ok judgements replace, as if they stood.
+    run_dir = write_run_dir(tmp_path)
+    failed = [
+        judgement(i).model_copy(update={"status": "error", "score": None, "error": f"boom {i}"})
+        for i in range(3)
+    ]
+    (run_dir / JOURNAL).write_bytes(lines_of(*failed))
+    source = RunDirSource(run_dir)
+    assert len(source.poll().last_errors) == 3
+    with (run_dir / JOURNAL).open("ab") as journal:
+        journal.write(lines_of(judgement(0), judgement(2)))
+    assert source.poll().last_errors == ("m IQ-R_TA-C_1 IQ-R: boom 1",)
+    assert RunDirSource(run_dir).poll().last_errors == ("m IQ-R_TA-C_1 IQ-R: boom 1",)
 
 
 @pytest.mark.parametrize(
@@ -1453,3 +1525,24 @@ def test_a_finished_run_that_quarantined_records_shows_finished(
     (run_dir / JOURNAL).write_bytes(lines_of(*kept))
     stopped = RunDirSource(run_dir).poll()
     assert (stopped.state, stopped.samples_done, stopped.samples_total) == ("not running", 1, 2)
+
+
+async def test_under_a_limit_a_refused_record_judged_with_errors_only_takes_no_place(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    # A record whose judgements are all errors is none judged for the limit, as the run
+    # has it (its errors judged nothing): refused on a retry, it took a place all the same,
+    # and a finished retry of 2 samples showed "samples 1/1".
+    failing = [{"name": "trigscore", "backend": "fake", "options": {"error_rate": 1.0}}]
+    prompts = write_prompts(tmp_path / "prompts.json", 5)
+    config = make_config(dataset={"path": str(prompts), "limit": 2}, judges=failing)
+    await run_to_end(config)
+    run_dir = config.run_dir
+    assert {j.status for j in latest_judgements(run_dir / JOURNAL).values()} == {"error"}
+    records = json.loads(prompts.read_text())
+    records[0]["prompt"] = ""
+    prompts.write_text(json.dumps(records))
+    retried = await run_to_end(config, retry_errors=True)
+    assert {j.data_id for j in retried} == {records[1]["data_id"], records[2]["data_id"]}
+    snapshot = RunDirSource(run_dir).poll()
+    assert (snapshot.quarantined, snapshot.samples_total) == (1, 2)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from rich.console import Console
@@ -20,6 +21,7 @@ from trig_stream.records import Status, printable
 from trig_stream.terminal import CommandConsole
 
 if TYPE_CHECKING:
+    from trig_stream.journal import JournalEntry
     from trig_stream.records import JudgementKey
 
 VALIDATE_SHOWN = 5
@@ -226,14 +228,39 @@ ASKED_AGAIN = "asked again"
 """``status``'s column of the ``error`` judgements a run with ``--retry-errors`` asks again."""
 
 
-def _asked_by_manifest(config: dict[str, Any]) -> Callable[[JudgementKey], bool] | None:
-    """Which judgement keys a run of the manifest's ``config`` asks (None: unknown)."""
+def _asked_by_manifest(
+    config: dict[str, Any], run_dir: Path, latest: Mapping[JudgementKey, JournalEntry]
+) -> Callable[[JudgementKey], bool] | None:
+    """Which judgement keys the running run of the manifest's ``config`` asks (None:
+    unknown), as `watch` tells them: none of the records its quarantine list holds so far;
+    under a ``limit``, such a record still takes its place when ``latest`` holds a judgement
+    of it other than an error, as the run counts it."""
     from trig_stream.tui.watch_source import asked_by_config
 
+    judged = {key[1] for key, entry in latest.items() if entry.status != "error"}
     try:
-        return asked_by_config(RunConfig.model_validate(config))
+        run_config = RunConfig.model_validate(config)
     except ValueError:  # a manifest edited by hand, or written by another version
         return None
+    return asked_by_config(run_config, refused=_refused_so_far(run_dir), judged=judged)
+
+
+def _refused_so_far(run_dir: Path) -> frozenset[int]:
+    """The dataset indexes of the records the running run of ``run_dir`` quarantined so far
+    (none when its list cannot be read)."""
+    from trig_stream.files import open_regular_file
+    from trig_stream.quarantine_text import read_quarantine_list
+    from trig_stream.store import quarantine_lists
+
+    for path in quarantine_lists(run_dir, running=True):
+        try:
+            with open_regular_file(path) as lines:  # a pipe there would wait forever
+                return read_quarantine_list(lines)[1]
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
+    return frozenset()
 
 
 def status_command(args: argparse.Namespace, console: Console) -> int:
@@ -261,7 +288,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     if writer is not None and not writer.starting and manifest.retry_errors:
         # Only the errors of samples and dimensions the run still selects are asked again:
         # read from its dataset, as `watch` reads it (unknown if it cannot be read here).
-        selected = _asked_by_manifest(manifest.config)
+        selected = _asked_by_manifest(manifest.config, args.run_dir, latest)
         asked = errors_asked_again(manifest, selected)
     # Per metric, as the report separates them: two judges' scores of one dimension are not
     # one mean, nor are their counts one count. An error the running process asks again

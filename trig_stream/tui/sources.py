@@ -177,14 +177,12 @@ class EngineSource:
         """Say that ``results`` is exhausted: the run makes no more progress."""
         self.ended = True
 
-    def _finished_samples(self, stats: EngineStats) -> int:
+    @staticmethod
+    def _measured_samples_done(stats: EngineStats) -> int:
         # Reading runs ahead of judging by the buffers, so the ETA counts samples whose
-        # judgements are written, or that an earlier run finished, averaged over the models;
-        # and the samples no judge measures, which have nothing to wait for (as a watcher
-        # counts them: they need none of the judgements).
+        # judgements are written, or that an earlier run finished, averaged over the models.
         models = stats.models.values()
-        done = sum(m.samples_finished for m in models) / len(models) if models else 0.0
-        return int(done + stats.unmeasured)
+        return int(sum(m.samples_finished for m in models) / len(models)) if models else 0
 
     @staticmethod
     def _eta(
@@ -207,8 +205,12 @@ class EngineSource:
         if not finished:  # the rates of an ended run stay as they were: no more points
             self._judgements.add(now, stats.judgements_per_s)
             self._images.add(now, stats.images_per_s)
-        finished_samples = self._finished_samples(stats)
-        samples_per_s = self._samples.add(now, finished_samples)
+        measured = self._measured_samples_done(stats)
+        # The samples no judge measures are done too, with nothing to wait for (as a watcher
+        # counts them), but not in the rate: they are done as they are read, far ahead of the
+        # judging (the ETA was 5x too short).
+        finished_samples = measured + stats.unmeasured
+        samples_per_s = self._samples.add(now, measured)
         await self._refresh_relations(now, final=finished)
         config = self.engine.config
         return DashboardSnapshot(

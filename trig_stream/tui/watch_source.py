@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Container
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -206,6 +206,8 @@ class RunDirSource:
         with the totals; None when it cannot be read here (every key then counts)."""
         self._judgements_total = 0
         """The judgements each model makes of the samples, when the dataset is readable."""
+        self._unmeasured = 0
+        """The samples none of whose dimensions a judge measures: done, with nothing to judge."""
         self._quarantine_key: tuple[str, int, int, int, int] | None = None
         self._quarantined: int | None = None
         self._refused: frozenset[int] = frozenset()
@@ -234,7 +236,9 @@ class RunDirSource:
         latest status any): the work of the run written, as :attr:`_selected` tells it."""
         self._images: dict[str, set[str]] = {}
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._errors: deque[str] = deque(maxlen=ERRORS_KEPT)
+        self._errors: dict[JudgementKey, str] = {}
+        """The lines of the latest errors (at most :data:`ERRORS_KEPT`), oldest first, each
+        under the key it tells of: a later judgement of that key replaces the error."""
         self._error_text = ErrorLines(several_judges=False)  # told by each manifest read
         self._last_at: float | None = None
         self._judged_rate = CountRate()
@@ -285,7 +289,7 @@ class RunDirSource:
         samples_per_s = 0.0
         if self._caught_up:
             per_s = self._judged_rate.add(now, self._appended)
-            samples_per_s = self._samples_rate.add(now, finished)
+            samples_per_s = self._samples_rate.add(now, finished - self._unmeasured)
             self._history.add(now, per_s)
         elif not self.tail.behind:
             # What the journal held when the viewer came (read over a few polls when long)
@@ -293,7 +297,7 @@ class RunDirSource:
             # run). The rates count from the poll that read its end.
             self._caught_up = True
             self._judged_rate.add(now, self._appended)
-            self._samples_rate.add(now, finished)
+            self._samples_rate.add(now, finished - self._unmeasured)
         if writer is not None:
             state = "running"
         else:
@@ -347,7 +351,7 @@ class RunDirSource:
             judge_p50=_rank(ordered, 0.5),
             judge_p95=_rank(ordered, 0.95),
             relations=self._relations,
-            last_errors=tuple(self._errors),
+            last_errors=tuple(self._errors.values()),
             quarantined=quarantined,
             message=message,
             alerts=tuple(alerts),
@@ -415,7 +419,9 @@ class RunDirSource:
         done = sum(judged[model] - asked_again[model] for model in models)
         planned = self._judgements_total * len(models)
         share = min(done / planned, 1.0) if planned else 1.0
-        return int(self._samples_total * share)
+        # A sample no judge measures is done, with nothing to judge, as the engine counts it.
+        measured = self._samples_total - self._unmeasured
+        return self._unmeasured + int(measured * share)
 
     def _read_manifest(self) -> Manifest:
         # A resume may add models and judges, or lift a limit: read it again whenever it was
@@ -440,7 +446,7 @@ class RunDirSource:
 
     def _configure(self, manifest: Manifest) -> None:
         self._samples_total = None
-        self._judgements_total = 0
+        self._judgements_total = self._unmeasured = 0
         self._config_models = []
         self._config, self._selected = None, None
         self._identities = None
@@ -477,10 +483,11 @@ class RunDirSource:
             return
         self._counted = counted
         self._samples_total = None
-        self._judgements_total = 0
+        self._judgements_total = self._unmeasured = 0
         self._selected = None
         self._asked_judged = Counter()
-        judged = {key[1] for key in self._status}
+        # As the run has it: a record with only errors judged nothing (see journal digests).
+        judged = {key[1] for key, status in self._status.items() if status != "error"}
         limit = config.dataset.limit
         identities = self._identities
         samples = None
@@ -497,7 +504,7 @@ class RunDirSource:
             samples = identities.selected(limit, refused=self._refused, judged=judged)
             assert samples is not None, "read to the end, or far enough to fill the limit"
         self._samples_total = len(samples)
-        self._judgements_total = _judgements_per_model(config, samples)
+        self._judgements_total, self._unmeasured = _work_per_model(config, samples)
         self._selected = asked_by_config(config, samples)
         if self._selected is not None:  # once per count: later keys are counted as read
             asked = self._selected
@@ -538,9 +545,15 @@ class RunDirSource:
             self._images.setdefault(model, set()).add(judgement.data_id)
         if judgement.status == "error":
             if (error := self._error_text.line(judgement)) is not None:
-                self._errors.append(error)
-        elif judgement.latency_s > 0:
-            self._latencies.append(judgement.latency_s)
+                self._errors.pop(key, None)  # told again: among the latest
+                self._errors[key] = error
+                if len(self._errors) > ERRORS_KEPT:
+                    del self._errors[next(iter(self._errors))]
+        else:
+            # Asked again (--retry-errors) and answered: the error no longer stands.
+            self._errors.pop(key, None)
+            if judgement.latency_s > 0:
+                self._latencies.append(judgement.latency_s)
         self._last_at = judgement.created_at
         self._tracker.add(judgement)
 
@@ -566,7 +579,11 @@ def _rank(ordered: list[float], share: float) -> float | None:
 
 
 def asked_by_config(
-    config: RunConfig, samples: dict[str, tuple[Dimension, ...]] | None = None
+    config: RunConfig,
+    samples: dict[str, tuple[Dimension, ...]] | None = None,
+    *,
+    refused: Collection[int] = (),
+    judged: Container[str] = (),
 ) -> Callable[[JudgementKey], bool] | None:
     """Whether a run of ``config`` asks about a judgement's key: its sample is one the
     dataset's filters and limit select (read from the identity columns), its dimension one
@@ -579,12 +596,16 @@ def asked_by_config(
         config: the run's config.
         samples: its samples (:meth:`~trig_stream.dataset.DatasetSource.selected_samples`),
             when already read; else they are read from its dataset.
+        refused: when ``samples`` are read here, the indexes of the records the run
+            quarantined, which are none of them (as ``selected_samples`` takes it).
+        judged: when ``samples`` are read here, the data_ids with a judgement other than an
+            ``error`` (as ``selected_samples`` takes it).
     """
     try:
         judges = {entry.name: build_judge(entry, config) for entry in config.judges}
         if samples is None:
             source = DatasetSource(config.dataset, config.run.task, source_images=False)
-            samples = source.selected_samples()
+            samples = source.selected_samples(refused=refused, judged=judged)
     except Exception:  # a dataset moved or gone, a backend this machine lacks
         return None
     selected = samples
@@ -599,15 +620,22 @@ def asked_by_config(
     return asked
 
 
-def _judgements_per_model(config: RunConfig, samples: dict[str, tuple[Dimension, ...]]) -> int:
+def _work_per_model(
+    config: RunConfig, samples: dict[str, tuple[Dimension, ...]]
+) -> tuple[int, int]:
     """The judgements a model makes of the selected samples (each with the dimensions judged
-    of it): each judge is asked about the dimensions it measures (a metric's judge, some
-    only)."""
+    of it), and the samples it makes none of: each judge is asked about the dimensions it
+    measures (a metric's judge, some only)."""
     dimensions = Counter(d for judged in samples.values() for d in judged)
     try:
         judges = [build_judge(entry, config) for entry in config.judges]  # nothing loads
     except Exception:  # a backend this machine lacks: every judge counted on every dimension
-        return len(config.judges) * dimensions.total()
-    return sum(
+        return len(config.judges) * dimensions.total(), 0
+    judgements = sum(
         count * sum(judge.measures(d) for judge in judges) for d, count in dimensions.items()
     )
+    unmeasured = sum(
+        not any(judge.measures(d) for judge in judges for d in judged)
+        for judged in samples.values()
+    )
+    return judgements, unmeasured
