@@ -90,7 +90,7 @@ def test_validate_whose_reader_has_gone_exits_as_it_would_have(tmp_path: Path) -
 
 class FullDisk(io.StringIO):
     """A standard stream on a disk that is full after its first ``room`` writes (ENOSPC),
-    or whose terminal has gone (EIO)."""
+    past the file-size limit (EFBIG), or whose terminal has gone (EIO)."""
 
     def __init__(self, room: int = 0, error: int = errno.ENOSPC) -> None:
         super().__init__()
@@ -106,14 +106,15 @@ class FullDisk(io.StringIO):
 
 @pytest.mark.parametrize(
     ("room", "error"),
-    [(0, errno.ENOSPC), (1, errno.ENOSPC), (1, errno.EDQUOT), (0, errno.EIO)],
-    ids=["full-at-once", "fills-mid-run", "quota", "terminal-gone"],
+    [(0, errno.ENOSPC), (1, errno.ENOSPC), (1, errno.EDQUOT), (0, errno.EFBIG), (0, errno.EIO)],
+    ids=["full-at-once", "fills-mid-run", "quota", "file-size-limit", "terminal-gone"],
 )
 def test_a_run_whose_stderr_cannot_be_written_judges_everything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: int, error: int
 ) -> None:
     # `run CFG 2>/dev/full`: the "run directory:" line raised ENOSPC from inside the run, which
     # ended with a traceback, exit 1, nothing judged; a log filling its disk ended it midway.
+    # So did `ulimit -f` with `2>>` a log past that size (EFBIG: CPython ignores SIGXFSZ).
     path = write_config(tmp_path, samples=6)
     stderr = FullDisk(room, error)
     monkeypatch.setattr(sys, "stderr", stderr)

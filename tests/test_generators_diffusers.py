@@ -668,14 +668,19 @@ def test_a_call_out_of_memory_is_made_again_in_halves_and_later_ones_kept_small(
     generator.close()
 
 
-def test_each_smaller_call_size_is_noted_once(tiny_pipelines: dict[TinyKind, Path]) -> None:
+def test_each_smaller_call_size_is_noted_once(
+    tiny_pipelines: dict[TinyKind, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     # Both halves of a call of 4 ran out of memory at 2: "at 2 images per call" came twice,
     # and again for each later call that tried 2.
     generator = make_generator(tiny_pipelines["flux"])
     generator.load()
     generator._pipes = [SmallMemoryPipe(generator._pipes[0], fits=1)]
     batch = [request(f"IQ-R_TA-C_{n}", n) for n in range(1, 5)]
-    images = generator.generate(batch, worker=0, cancel=threading.Event())
+    with caplog.at_level("WARNING"):
+        images = generator.generate(batch, worker=0, cancel=threading.Event())
+    # Logged as every other message names a generator: quoted.
+    assert "generator 'tiny': out of memory on cpu at 4 images per call" in caplog.text
     assert all(isinstance(image, Image.Image) for image in images)
     assert generator.calls == [4, 2, 1, 1, 1, 1]
     notes = generator.notes()
@@ -1362,6 +1367,7 @@ def test_a_checkpoint_saved_by_another_pipeline_is_named_when_its_calls_fail(
         generator.close()
     assert isinstance(outcome, BackendError) and not isinstance(outcome, ItemError)
     assert "size of tensor" in str(outcome) and re.search(saved_by, str(outcome)), outcome
+    assert "generator 'tiny': pipeline call failed: " in caplog.text
     # Its own pipeline, or one it was saved for, hears nothing of it.
     for kind in ("instruct_pix2pix", "sd", "flux"):
         generator = make_generator(tiny_pipelines[kind], kind)

@@ -562,6 +562,7 @@ def test_failure_falls_back_to_the_original_and_says_so(
     assert first.status == second.status == "fallback"
     assert first.error is not None and "gave up after 2 attempts" in first.error
     assert second.error is not None and "HTTP 400" in second.error
+    assert "generator 'm': rewriting A_1 failed (" in caplog.text
     assert "the original prompt is used" in caplog.text
     # Said once more at the end of the run, louder when no prompt was rewritten at all; the
     # LLM answered each request (a 5xx, a 400), so whether it is reachable is not the question.

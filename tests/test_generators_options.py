@@ -135,6 +135,18 @@ def test_a_source_size_the_edit_pipeline_cannot_make_is_refused(
     assert DiffusersOptions.model_validate(options).spec().source_size == tuple(source_size)
 
 
+@pytest.mark.parametrize("preset", ["instructp2p", "ip_adapter_sdxl"])
+def test_a_source_size_past_the_largest_picture_is_refused(preset: str) -> None:
+    # [2**64, 512] passed validate, then every call failed in Pillow's resize ("Python int
+    # too large to convert to C long"), naming no key; [65536, 65536] asked for 12 GiB.
+    too_large = r"source_size\.\d\s+Input should be less than or equal to 8192"
+    for source_size in ([2**64, 512], [512, 8200]):
+        with pytest.raises(ValidationError, match=too_large):
+            DiffusersOptions.model_validate({"preset": preset, "source_size": source_size})
+    options = {"preset": preset, "source_size": [8192, 8192]}
+    assert DiffusersOptions.model_validate(options).spec().source_size == (8192, 8192)
+
+
 def test_an_edit_pipeline_needs_both_sizes_or_none() -> None:
     # An edit pipeline draws at its source's size: a height alone was dropped, silently.
     for preset in ("instructp2p", "hqedit"):

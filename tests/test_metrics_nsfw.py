@@ -100,6 +100,23 @@ def test_metric_judge_options_are_checked(make_config: ConfigFactory) -> None:
         make_config(judges=[{"name": "m", "backend": "metric", "options": bad}])
 
 
+def test_more_threads_than_onnx_runtime_takes_are_refused_by_the_config(
+    make_config: ConfigFactory,
+) -> None:
+    # 2**32 passed validate, then the run stopped as the judge opened: "TypeError: ():
+    # incompatible function arguments" from ONNX Runtime, which takes a C int.
+    def judge(threads: int) -> dict[str, object]:
+        options = {"metric": "nsfw", "metric_options": {"intra_op_threads": threads}}
+        return {"name": "m", "backend": "metric", "options": options}
+
+    for threads in (1025, 2**32, 2**64):
+        with pytest.raises(
+            ConfigError, match=r"intra_op_threads: Input should be less than or equal to 1024"
+        ):
+            make_config(judges=[judge(threads)])
+    make_config(judges=[judge(1024)])
+
+
 @pytest.mark.anyio
 async def test_metric_judge_refuses_dimensions_it_does_not_measure(
     nsfw: NSFWMetric, pictures: list[Path]

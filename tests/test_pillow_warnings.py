@@ -8,11 +8,14 @@ import threading
 import warnings
 import zlib
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from trig_stream.backends.generators.source_images import _orientation, decode
+from trig_stream.backends.judges.payloads import encode_image
+from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.errors import ItemError
 from trig_stream.pillow_warnings import quiet_pillow
 
@@ -103,3 +106,35 @@ def test_the_filters_are_added_once_and_bombs_are_still_refused(
         # Only Pillow's: a UserWarning of anyone else's is shown.
         warnings.warn("someone else's", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["someone else's"]
+
+
+def palette_with_byte_transparency() -> bytes:
+    """A palette PNG whose tRNS chunk gives each of its first colours an alpha."""
+    image = Image.new("P", (40, 40))
+    image.putpalette(list(range(256)) * 3)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=bytes([0, 128, 255]))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("reader", ["image_folder", "metric", "metric_shrunk", "judge_shrunk"])
+def test_a_palette_transparency_dropped_on_purpose_is_not_warned_of(
+    tmp_path: Path, reader: str
+) -> None:
+    # Converting it to RGB, as vLLM does, printed Pillow's raw "Palette images with
+    # Transparency expressed in bytes should be converted to RGBA images" on the run's output.
+    data = palette_with_byte_transparency()
+    path = tmp_path / "palette.png"
+    path.write_bytes(data)
+    with Image.open(path) as opened:
+        assert isinstance(opened.info["transparency"], bytes)
+    with warnings.catch_warnings(record=True) as caught:  # as Python shows them by default
+        if reader == "image_folder":
+            assert decode(data, "cannot read image palette.png").mode == "RGB"
+        elif reader.startswith("metric"):
+            assert load_rgb_image(path, 400 if reader == "metric_shrunk" else None).mode == "RGB"
+        else:
+            assert encode_image(path, max_pixels=400).url.startswith("data:image/png")
+        # Only that warning: another of the same words is shown.
+        warnings.warn("Palette images of someone else's", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["Palette images of someone else's"]

@@ -38,11 +38,13 @@ CONFIG = RUN_CONFIG.replace('name = "broken"', 'name = "full"')
 
 
 class FullDisk:
-    """``os.write`` that lets ``budget`` bytes into files named ``name``, then refuses."""
+    """``os.write`` that lets ``budget`` bytes into files named ``name``, then refuses with
+    ``error`` (ENOSPC; EFBIG for the file-size limit, ``ulimit -f``)."""
 
-    def __init__(self, name: str, budget: int) -> None:
+    def __init__(self, name: str, budget: int, error: int = errno.ENOSPC) -> None:
         self.name = name
         self.budget = budget
+        self.error = error
         self.refused = 0
         self._write = os.write
 
@@ -51,7 +53,7 @@ class FullDisk:
             return self._write(fd, data)
         if self.budget <= 0:
             self.refused += 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(self.error, os.strerror(self.error))
         written = self._write(fd, bytes(data[: self.budget]))
         self.budget -= written
         return written
@@ -86,14 +88,21 @@ def run_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
-@pytest.mark.parametrize("full", ["journal", "images"])
+@pytest.mark.parametrize(
+    ("full", "error"),
+    [("journal", errno.ENOSPC), ("images", errno.ENOSPC), ("journal", errno.EFBIG)],
+    ids=["journal", "images", "journal-size-limit"],
+)
 def test_a_full_disk_stops_the_run_with_one_message_and_a_resume_loses_nothing(
     run_config: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     full: str,
+    error: int,
 ) -> None:
-    disk = FullDisk(JOURNAL, budget=3_000)  # a few judgements' lines, the last one cut short
+    # A journal past `ulimit -f` (EFBIG: CPython ignores SIGXFSZ) said "File too large" and
+    # nothing of what to do, nor that the run resumes.
+    disk = FullDisk(JOURNAL, budget=3_000, error=error)  # a few lines, the last one cut short
     if full == "journal":
         monkeypatch.setattr(os, "write", disk)
     else:
@@ -101,7 +110,13 @@ def test_a_full_disk_stops_the_run_with_one_message_and_a_resume_loses_nothing(
     assert main(["run", str(run_config), "--headless", "--no-report"]) == EXIT_RUN_DIR
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err, err
-    assert "No space left on device; free some space" in err, err
+    advice = {
+        errno.ENOSPC: "No space left on device; free some space, then run the same command",
+        errno.EFBIG: "File too large; the file-size limit was reached: raise it (ulimit -f), "
+        "then run the same command",
+    }
+    assert advice[error] in err, err
+    assert "the run resumes where it stopped" in err, err
     assert f"cannot {'write to the journal' if full == 'journal' else 'write images'}" in err
 
     run_dir = run_config.parent / "runs" / "full"

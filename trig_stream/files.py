@@ -448,7 +448,8 @@ def storage_error(
     exc: OSError, what: str, *, nothing_written: bool = False, path: Path | None = None
 ) -> RunDirError:
     """The error that stops a run when the run directory cannot be written: what failed,
-    the system's reason, and, for a full disk, what to do (nothing durable is lost).
+    the system's reason, and, for a full disk or a file past the file-size limit, what to do
+    (nothing durable is lost).
 
     Args:
         exc: the system's error.
@@ -469,8 +470,12 @@ def storage_error(
         if named not in what and f"({Path(named).name})" not in what:
             reason = f"{named}: {reason}"
     message = f"cannot {what}: {reason}"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        message += "; free some space, then run the same command again: " + (
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if exc.errno == errno.EFBIG:  # past the process's file-size limit (ulimit -f)
+            message += "; the file-size limit was reached: raise it (ulimit -f)"
+        else:
+            message += "; free some space"
+        message += ", then run the same command again: " + (
             "nothing was written, and the run starts from the beginning"
             if nothing_written
             else "the run resumes where it stopped, and every judgement already written is kept"

@@ -7,7 +7,8 @@ run's results, its report and its worker threads are left as they were (the inte
 waits for those threads, for ever). The command's consoles (:class:`CommandConsole`) instead
 point the stream at ``/dev/null`` and go on: the work is finished, and the command exits as it
 would have with a reader. So does a stream whose writes fail for good (:data:`OUTPUT_LOST`):
-``trig-stream run CFG 2>run.log`` on a disk that fills, a terminal that has gone (EIO).
+``trig-stream run CFG 2>run.log`` on a disk that fills or past ``ulimit -f``, a terminal that
+has gone (EIO).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from trig_stream.files import write_all
 from trig_stream.signals import point_at_devnull
 
 STANDARD_OUTPUTS = (1, 2)
-OUTPUT_LOST: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+OUTPUT_LOST: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 """Write errors that lose the command's output, never its work: a full disk or quota under a
-redirected stream, a terminal that has gone."""
+redirected stream, a file grown past the file-size limit (``ulimit -f``: CPython ignores
+SIGXFSZ, so the write fails), a terminal that has gone."""
 
 
 def _same_file(fd: int, other: int) -> bool:
@@ -59,7 +61,7 @@ def write_stdout(text: str) -> None:
     :class:`CommandConsole` drops it.
 
     Raises:
-        OSError: the output was lost otherwise (:data:`OUTPUT_LOST`, a file too large);
+        OSError: the output was lost otherwise (:data:`OUTPUT_LOST`);
             standard output writes to ``/dev/null`` from then on, so that the error can be
             told.
     """

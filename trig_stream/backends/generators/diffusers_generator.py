@@ -472,7 +472,7 @@ class DiffusersGenerator(Generator):
                         )
                         self._notes.append(message)
                 if smaller:
-                    logger.warning("generator %s: %s", self.name, message)
+                    logger.warning("generator %r: %s", self.name, message)
                 images += self._call_fitting(worker, part, cancel)
         return images
 
@@ -515,7 +515,7 @@ class DiffusersGenerator(Generator):
                     f"generator {self.name!r}: the device failed and cannot go on: {exc}"
                 ) from None
             except Exception as exc:
-                logger.warning("generator %s: pipeline call failed: %s", self.name, exc)
+                logger.warning("generator %r: pipeline call failed: %s", self.name, exc)
                 # A new error without the traceback: the caught one holds the call's frames
                 # and their tensors, the memory the next call needs. Not an ItemError: the
                 # call failed, not its items, and a pipeline whose calls all fail so (an

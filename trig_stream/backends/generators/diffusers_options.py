@@ -36,6 +36,10 @@ Isolation = Literal["thread", "process"]
 
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
+Side = Annotated[int, Field(ge=8, le=8192)]
+"""A picture's width or height in pixels: at most 8192 (a source picture resized past it
+took gigabytes, and past 2**31 Pillow's resize failed each call with an OverflowError)."""
+
 
 class IPAdapterOptions(BaseModel):
     """``options.ip_adapter``: IP-Adapter weights for ``ip_adapter`` inputs."""
@@ -97,10 +101,10 @@ class DiffusersOptions(BaseModel):
     steps: Annotated[int, Field(ge=1)] | None = None
     guidance_scale: float | None = None
     image_guidance_scale: float | None = None
-    height: Annotated[int, Field(ge=8, le=8192)] | None = None
-    width: Annotated[int, Field(ge=8, le=8192)] | None = None
+    height: Side | None = None
+    width: Side | None = None
     negative_prompt: str | None = None
-    source_size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] | None = None
+    source_size: tuple[Side, Side] | None = None
     """(width, height) the source / reference image is resized to before use: for an edit
     pipeline, the picture's size (height and width, which would set it too, stay unset)."""
     call: dict[str, Any] = Field(default_factory=dict)

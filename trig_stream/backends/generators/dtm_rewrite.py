@@ -456,7 +456,7 @@ class DTMRewriteGenerator(Generator):
                 # An answer of the wrong shape ("choices": null, or a table) falls back too.
                 reason = f"the LLM's answer is malformed ({type(exc).__name__}: {reason})"
             logger.warning(
-                "generator %s: rewriting %s failed (%s); the original prompt is used",
+                "generator %r: rewriting %s failed (%s); the original prompt is used",
                 self.name,
                 sample.data_id,
                 reason,

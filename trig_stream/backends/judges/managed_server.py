@@ -497,7 +497,7 @@ class ManagedServer:
             except ProbeError:
                 status = 0
             if status == 200:
-                logger.info("judge %s: server ready at %s", self.name, self.base_url)
+                logger.info("judge %r: server ready at %s", self.name, self.base_url)
                 return
             if self._clock() >= deadline:
                 await self._stop(self._process)
@@ -525,7 +525,7 @@ class ManagedServer:
             _signal_group(process, signal.SIGKILL)
             if not await self._until_ended(process, KILLED_WAIT_S):
                 logger.warning(
-                    "judge %s: processes of its server (group %d) still run %g s after SIGKILL",
+                    "judge %r: processes of its server (group %d) still run %g s after SIGKILL",
                     self.name,
                     process.pid,
                     KILLED_WAIT_S,

@@ -18,6 +18,7 @@ from trig_stream.backends.base import JudgeReply, shrunk_size
 from trig_stream.backends.judges.http_errors import server_reason
 from trig_stream.backends.judges.transports import EncodedImage
 from trig_stream.errors import ItemError, RetryableError
+from trig_stream.pillow_warnings import quiet_pillow
 from trig_stream.png import encode_png
 from trig_stream.records import storable_text
 
@@ -122,6 +123,7 @@ def _decoded(path: Path, data: bytes, max_pixels: int | None) -> tuple[bytes, st
     # The image's bytes and format after opening it: re-encoded as PNG when it is shrunk.
     from PIL import Image, UnidentifiedImageError
 
+    quiet_pillow()  # a palette's transparency is dropped on purpose, as vLLM drops it
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt = (image.format or "PNG").lower()

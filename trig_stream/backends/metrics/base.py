@@ -40,6 +40,7 @@ from trig_stream.backends.base import shrunk_size
 from trig_stream.backends.threads import being_cancelled
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ItemError
+from trig_stream.pillow_warnings import quiet_pillow
 from trig_stream.records import Sample, TopLogprobs
 
 if TYPE_CHECKING:
@@ -356,6 +357,7 @@ def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> 
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
+    quiet_pillow()  # a palette's transparency is dropped on purpose, as vLLM drops it
     if isinstance(image, str | Path):
         try:
             with PILImage.open(image) as opened:

@@ -50,8 +50,9 @@ class NSFWOptions(BaseModel):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     """ONNX Runtime execution providers, in order of preference; each one listed before the
     first this machine has must be available (see :func:`check_providers`)."""
-    intra_op_threads: Annotated[int, Field(ge=1)] | None = None
-    """Threads ONNX Runtime uses within one batch; None lets it choose."""
+    intra_op_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Threads ONNX Runtime uses within one batch (at most 1024: it takes a C int, and more
+    threads than cores only wait); None lets it choose."""
 
     @field_validator("providers")
     @classmethod
