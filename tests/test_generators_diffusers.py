@@ -1301,9 +1301,28 @@ def test_diffusion_pipeline_of_a_cached_hub_checkpoint_is_its_saved_class(
     assert "callback_on_step_end" in generator._accepts
 
 
+def test_diffusion_pipeline_of_a_cached_hub_checkpoint_that_is_no_json_says_so(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    # Offline, a cached model_index.json that is no JSON was said not to be in the cache.
+    options = cached_diffusion_pipeline(tiny_pipelines, tmp_path, local_files_only=True)
+    snapshot = tmp_path / "cache" / "models--org--tiny-sd" / "snapshots" / ("0" * 40)
+    (snapshot / "model_index.json").write_text("{not json")
+    with pytest.raises(
+        FatalBackendError,
+        match=r"^generator 'x': DiffusionPipeline loads .* cannot be read for 'org/tiny-sd': "
+        r"OSError: It looks like the config file at .* is not a valid JSON file\.; set ",
+    ):
+        DiffusersGenerator("x", options).check_environment()
+
+
 @pytest.fixture
-def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """No host name resolves (a machine without network): the hosts asked for, in order."""
+def unreachable_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """No host name resolves (a machine without network): the hosts asked for, in order, as
+    a command (a fresh process) asks them."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _detect_agent
+
     asked: list[str] = []
 
     def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
@@ -1312,13 +1331,23 @@ def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once, as it is imported
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", False)
+    # The User-Agent of huggingface_hub's first request to the hub in a process names the
+    # agent running it, from a list it asks the hub for and keeps in memory (and for a day
+    # on disk): forgotten, each test sees that request, not only the first to make one. A
+    # test run alone saw a request to huggingface.co that the whole file hid.
+    monkeypatch.setattr(_detect_agent, "_registry", None)
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
     return asked
 
 
 def test_diffusion_pipeline_of_a_hub_id_reads_the_cache_before_the_hub(
     tiny_pipelines: dict[TinyKind, Path], tmp_path: Path, unreachable_hub: list[str]
 ) -> None:
-    # Online, a cached model_index.json was read only after a request to the hub.
+    # Online, a cached model_index.json was read only after a request to the hub; then,
+    # read through huggingface_hub's download (local_files_only), still after one: a fresh
+    # process's request for the agent list its User-Agent names.
     options = cached_diffusion_pipeline(tiny_pipelines, tmp_path, local_files_only=False)
     generator = DiffusersGenerator("x", options)
     generator.check_environment()
@@ -1331,7 +1360,8 @@ def test_diffusion_pipeline_of_a_hub_id_the_hub_cannot_serve_fails_at_once(
 ) -> None:
     # Online, not cached, no network: huggingface_hub retried the hub five times (25 s),
     # then diffusers said the checkpoint "does not appear to have a file named
-    # model_index.json". The hub is asked once, and the message says it cannot be reached.
+    # model_index.json". The hub is asked once for the file (after huggingface_hub's own
+    # request for its agent list), and the message says it cannot be reached.
     options = uncached_hub_id(tmp_path, offline=False)
     with pytest.raises(
         FatalBackendError,
@@ -1340,7 +1370,7 @@ def test_diffusion_pipeline_of_a_hub_id_the_hub_cannot_serve_fails_at_once(
         r"not in the cache \(ConnectError: .*\); set options\.pipeline to the concrete class",
     ):
         DiffusersGenerator("x", options).check_environment()
-    assert len(unreachable_hub) == 1, unreachable_hub
+    assert unreachable_hub == ["huggingface.co"] * 2
 
 
 def test_a_checkpoint_saved_by_another_pipeline_is_named_when_its_calls_fail(

@@ -80,7 +80,6 @@ def _check_hub_id(name: str, spec: PipelineSpec) -> None:
     # refused the id as "neither a valid local path nor a valid repo id", and, offline,
     # found no model_index.json.
     try:
-        import huggingface_hub
         from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # lazy
     except ImportError as exc:
@@ -95,19 +94,27 @@ def _check_hub_id(name: str, spec: PipelineSpec) -> None:
         ) from None
     if not spec.local_files_only:
         return  # the hub is asked as it loads
-    cached = huggingface_hub.try_to_load_from_cache(
-        spec.checkpoint,
-        "model_index.json",
-        cache_dir=spec.load.get("cache_dir"),
-        revision=spec.load.get("revision"),
-    )
-    if not isinstance(cached, str):
+    if _cached_model_index(spec) is None:
         raise FatalBackendError(
             f"generator {name!r}: checkpoint {spec.checkpoint!r} is a hub id whose "
             "model_index.json is not in the Hugging Face cache, and offline "
             "(options.local_files_only or HF_HUB_OFFLINE) the hub is not asked; download it "
             "first, or write a local folder as ./..., ../..., ~/... or an absolute path"
         )
+
+
+def _cached_model_index(spec: PipelineSpec) -> Path | None:
+    """The ``model_index.json`` of hub id ``spec.checkpoint`` in the Hugging Face cache (of
+    ``options.load``'s ``cache_dir`` and ``revision``), found without asking the hub."""
+    import huggingface_hub  # diffusers depends on it
+
+    cached = huggingface_hub.try_to_load_from_cache(
+        spec.checkpoint,
+        "model_index.json",
+        cache_dir=spec.load.get("cache_dir"),
+        revision=spec.load.get("revision"),
+    )
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def find_pipeline_class(name: str, spec: PipelineSpec, diffusers: Any) -> Any:
@@ -202,25 +209,27 @@ def _saved_class(name: str, spec: PipelineSpec, diffusers: Any, pipeline_class: 
     if pipeline_class is not diffusers.DiffusionPipeline:
         raise FatalBackendError(f"{what} defines no __call__, so it makes no pictures; {concrete}")
     arguments = {k: spec.load[k] for k in _LOAD_CONFIG_ARGUMENTS if k in spec.load}
+    unreadable = f"{what} loads the class its checkpoint's model_index.json names, which "
     try:
-        # The cache first: a hub id already downloaded needs no request to the hub.
-        index = diffusers.DiffusionPipeline.load_config(
-            spec.checkpoint, local_files_only=True, **arguments
-        )
+        # The cache first, read as a folder: a hub id already downloaded needs no request to
+        # the hub. Through huggingface_hub's download, even local_files_only, a process's
+        # first read asked the hub for the agent list its User-Agent names.
+        folder = _model_index_folder(spec)
+        index = None
+        if folder is not None:
+            index = diffusers.DiffusionPipeline.load_config(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
-        unreadable = f"{what} loads the class its checkpoint's model_index.json names, which "
-        if Path(spec.checkpoint).is_absolute() or not isinstance(exc, OSError):
-            # A folder's file, or a cached one, that is no JSON: diffusers says which.
-            raise FatalBackendError(
-                f"{unreadable}cannot be read for {spec.checkpoint!r}: {describe_error(exc)}; "
-                f"{concrete}"
-            ) from None
+        # A folder's file, or a cached one, that is no JSON: diffusers says which.
+        raise FatalBackendError(
+            f"{unreadable}cannot be read for {spec.checkpoint!r}: {describe_error(exc)}; {concrete}"
+        ) from None
+    if index is None:
         if spec.local_files_only:
             raise FatalBackendError(
                 f"{unreadable}cannot be read for {spec.checkpoint!r}: it is not in the "
                 "Hugging Face cache, and offline (options.local_files_only or HF_HUB_OFFLINE) "
                 f"the hub is not asked; {concrete}"
-            ) from None
+            )
         _reach_model_index(what, spec, arguments, concrete)
         try:
             index = diffusers.DiffusionPipeline.load_config(
@@ -244,6 +253,16 @@ def _saved_class(name: str, spec: PipelineSpec, diffusers: Any, pipeline_class: 
             f"{diffusers.__version__}; {concrete}"
         )
     return found
+
+
+def _model_index_folder(spec: PipelineSpec) -> Path | None:
+    """The folder holding ``spec.checkpoint``'s ``model_index.json``: the checkpoint's own,
+    or a hub id's snapshot in the Hugging Face cache; None for a hub id it has not."""
+    checkpoint = Path(spec.checkpoint)
+    if checkpoint.is_absolute() or checkpoint.is_dir():  # diffusers loads it as a folder
+        return checkpoint
+    cached = _cached_model_index(spec)
+    return None if cached is None else cached.parent
 
 
 _HUB_PROBE_TIMEOUT_S = 10.0
