@@ -1373,6 +1373,43 @@ def test_diffusion_pipeline_of_a_hub_id_the_hub_cannot_serve_fails_at_once(
     assert unreachable_hub == ["huggingface.co"] * 2
 
 
+READ_CACHED_MODEL_INDEX = """
+import json, socket, sys
+from trig_stream.backends.library_logs import quiet_model_libraries
+quiet_model_libraries()  # as the commands do, before a model library is imported
+asked = []
+def getaddrinfo(host, *args, **kwargs):
+    asked.append(host)
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+socket.getaddrinfo = getaddrinfo
+from huggingface_hub import hf_hub_download
+hf_hub_download("org/tiny-sd", "model_index.json", cache_dir=sys.argv[1], local_files_only=True)
+print(json.dumps(asked))
+"""
+
+
+def test_a_command_reads_a_hub_id_from_the_cache_without_asking_the_hub(
+    tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
+) -> None:
+    # huggingface_hub 2.x asked huggingface.co for its list of agents once per process, for
+    # the User-Agent of a download it then served from the cache: `run` with
+    # local_files_only reached the hub (validate no longer downloads at all).
+    cached_diffusion_pipeline(tiny_pipelines, tmp_path, local_files_only=True)
+    hub_switches = ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", *QUIET_LIBRARIES)
+    env = {k: v for k, v in os.environ.items() if k not in hub_switches}
+    env["HF_HOME"] = str(tmp_path / "hf-home")  # no agent list kept on disk from before
+    read = subprocess.run(
+        [sys.executable, "-c", READ_CACHED_MODEL_INDEX, str(tmp_path / "cache")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    assert json.loads(read.stdout.splitlines()[-1]) == []
+
+
 def test_a_checkpoint_saved_by_another_pipeline_is_named_when_its_calls_fail(
     tiny_pipelines: dict[TinyKind, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1388,6 +1425,7 @@ def test_a_checkpoint_saved_by_another_pipeline_is_named_when_its_calls_fail(
     with caplog.at_level("WARNING"):
         generator.check_environment()
     assert re.search(saved_by, caplog.text), caplog.text
+    assert "generator 'tiny': checkpoint " in caplog.text
     generator.load()
     try:
         (outcome,) = generator.generate(

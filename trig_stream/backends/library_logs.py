@@ -2,7 +2,8 @@
 
 transformers, diffusers and the Hugging Face hub print progress bars on every load and
 advice on imports (``CLIPImageProcessor requires torchvision ...``) that says nothing about a
-run. Each reads its switch from the environment, so the commands (``run``, ``validate``,
+run, and the hub's library asks huggingface.co about its User-Agent even for a model it reads
+from its cache. Each reads its switch from the environment, so the commands (``run``, ``validate``,
 ``make-tiny-models``) set these defaults before anything imports them. A variable already set
 wins (set ``TRANSFORMERS_VERBOSITY=warning`` to see the advice again): errors are never
 hidden. An application embedding the engine keeps its process's environment and its
@@ -21,6 +22,9 @@ QUIET_LIBRARIES: Final = {
     "DIFFUSERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # huggingface_hub 2.x asks huggingface.co for a list of "agent harnesses" once per process
+    # to write its User-Agent, local_files_only or not: a load from the cache reached the hub.
+    "HF_HUB_DISABLE_TELEMETRY": "1",
 }
 """The environment variables that quiet the model libraries, with their quiet values."""
 

@@ -432,7 +432,7 @@ def _check_components(
             f"{pipeline_class.__name__}: if its calls fail, set options.checkpoint to one "
             f"saved for {pipeline_class.__name__}, or options.pipeline to {made_for}"
         )
-        logger.warning("generator %s: %s", name, hint)
+        logger.warning("generator %r: %s", name, hint)
         return hint
     return None
 
