@@ -28,12 +28,13 @@ from trig_stream.analysis import AnalysisError, analyse_judgements
 from trig_stream.analysis import commands as commands_module
 from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis import report as report_module
-from trig_stream.analysis.commands import add_commands, compare_runs
+from trig_stream.analysis.commands import add_commands, analyse_run, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
 from trig_stream.analysis.inputs import load_run, read_prompt_pairs
 from trig_stream.analysis.relations import default_metric
 from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.cli import main
+from trig_stream.config import RelationSection
 from trig_stream.dataset import DatasetSource
 from trig_stream.dataset_formats import JUDGEMENTS_FILE
 from trig_stream.dimensions import Dimension, Task
@@ -1952,3 +1953,40 @@ def test_compare_gives_a_judge_of_the_config_without_judgements_yet_empty_column
     with pytest.raises(AnalysisError) as raised:
         compare_runs([nsfw_only, scored], metric="clip")
     assert str(raised.value) == f"{nsfw_only}: no metric 'clip'; it has trigscore, nsfw"
+
+
+def test_a_sample_judged_again_under_an_edited_pair_leaves_its_old_pair_everywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # IQ-R_TA-C_1 (0.9 on both) had its pair edited to IQ-R_D-K and was judged again: its
+    # TA-C line stayed in IQ-R_TA-C's column and means, in the report and in `status`.
+    run = write_run_dir(tmp_path / "run", {}, models=("model-a",))
+    judge = JudgeFingerprint(backend="fake", model="j")
+    moved = [
+        Judgement(
+            model="model-a",
+            data_id="IQ-R_TA-C_1",
+            task="t2i",
+            pair="IQ-R_D-K",
+            dimension=dim,
+            metric="trigscore",
+            judge=judge,
+            status="ok",
+            score=0.5,
+        )
+        for dim in ("D-K", "IQ-R")
+    ]
+    journal = Journal(run / JOURNAL)
+    journal.open()
+    journal.append(moved)
+    journal.close()
+    analysis = analyse_run(load_run(run), RelationSection())["model-a"]
+    stats = {p.pair: p for p in analysis.pairs}
+    assert (stats["IQ-R_TA-C"].n, stats["IQ-R_TA-C"].excluded, stats["IQ-R_D-K"].n) == (4, 0, 1)
+    others = json.loads(FORMATTED.read_text())["IQ-R_TA-C"]
+    ta_c = [b for data_id, (_, b) in others.items() if data_id != "IQ-R_TA-C_1"]
+    assert analysis.dimension_means["TA-C"] == pytest.approx(sum(ta_c) / 4)
+    assert main(["status", str(run)]) == 0
+    rows = [line.split("│")[1:-1] for line in capsys.readouterr().out.splitlines()]
+    means = {row[2].strip(): (row[3].strip(), row[4].strip()) for row in rows if len(row) == 5}
+    assert means["TA-C"] == (f"{sum(ta_c) / 4:.3f}", "4")

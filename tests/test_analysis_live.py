@@ -232,6 +232,43 @@ def test_a_key_judged_again_under_another_pair_leaves_its_old_pair() -> None:
     )
 
 
+def test_a_sample_judged_again_under_an_edited_pair_leaves_its_old_pair_whole() -> None:
+    # s_1 failed in IQ-A_TA-S; its pair edited to IQ-A_TA-C, it was judged on TA-C, then on
+    # IQ-A (--retry-errors). Its TA-S line, of no dimension of its new pair, kept it in
+    # IQ-A_TA-S as a failed image, where the report has it in IQ-A_TA-C only.
+    rng = random.Random(5)
+
+    def judged(data_id: str, pair: str, dimension: Dimension, score: float | None) -> Judgement:
+        judgement = _judgement("a", "trigscore", data_id, pair, dimension, rng)
+        if score is None:
+            return judgement.model_copy(update={"status": "error", "score": None, "error": "x"})
+        return judgement.model_copy(update={"status": "ok", "score": score, "error": None})
+
+    old, new = "IQ-A_TA-S", "IQ-A_TA-C"
+    stays = [judged("s_2", old, dim, 0.5) for dim in ("IQ-A", "TA-S")]
+    moved = [
+        judged("s_1", old, "IQ-A", None),
+        judged("s_1", old, "TA-S", None),
+        judged("s_1", new, "TA-C", 0.7),
+        judged("s_1", new, "IQ-A", 0.6),
+    ]
+    # Then edited back and asked again under its first pair: its TA-S line, the last of its
+    # key, is of its pair again; TA-C's is not.
+    back = [judged("s_1", old, "IQ-A", 0.4)]
+    tracker = RelationTracker()
+    for judgements in (stays + moved, back):
+        tracker.extend(judgements)
+    live = tracker.analysis("a")
+    assert [(p.pair, p.n, p.excluded) for p in live.pairs] == [(old, 1, 1)]
+    assert live.dimension_counts == {"IQ-A": 2, "TA-S": 1}
+    assert_same_images(live, analyse_judgements([*stays, *moved, *back])[("a", "trigscore")])
+    tracker = RelationTracker()
+    tracker.extend(stays + moved)
+    live = tracker.analysis("a")
+    assert [(p.pair, p.n, p.excluded) for p in live.pairs] == [(old, 1, 0), (new, 1, 0)]
+    assert_same_images(live, analyse_judgements([*stays, *moved])[("a", "trigscore")])
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_live_equals_batch_when_samples_change_pair(seed: int) -> None:
     # data_ids judged under any of the pairs, one dimension at a time, moving back and forth.

@@ -25,6 +25,7 @@ from trig_stream.analysis.stats import (
 )
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, split_pair
+from trig_stream.journal import journal_entry
 from trig_stream.records import JudgeFingerprint, Judgement
 
 JUDGE = JudgeFingerprint(backend="fake", model="judge")
@@ -525,3 +526,49 @@ def test_a_constant_x_whose_mean_is_not_exact_gives_a_flat_line() -> None:
     assert line.mean_y == pytest.approx(0.6167, abs=1e-4)
     stats, _ = analyse_pair(columns("IQ-R_TA-C", x, y), RelationSection())
     assert (stats.tradeoff_points, stats.above, stats.below, stats.code) == (12, 8, 4, -2)
+
+
+def test_a_sample_judged_again_under_an_edited_pair_leaves_its_old_pair_whole() -> None:
+    # IQ-A_TA-S_6 failed on both dimensions; its pair was then edited to IQ-A_TA-C and it was
+    # judged again (TA-C in the run after the edit, IQ-A with --retry-errors). Its TA-S line,
+    # of no dimension of its pair now, stayed in IQ-A_TA-S as a failed image ("1 image left
+    # out"); an ok one stayed there as a stale score in the TA-S mean.
+    old, new = "IQ-A_TA-S", "IQ-A_TA-C"
+    for failed in (True, False):
+        score = None if failed else 0.1
+        moved = [
+            judgement("m", "IQ-A_TA-S_6", old, "IQ-A", score),
+            judgement("m", "IQ-A_TA-S_6", old, "TA-S", score),
+            judgement("m", "IQ-A_TA-S_6", new, "TA-C", 0.7),
+            judgement("m", "IQ-A_TA-S_6", new, "IQ-A", 0.6),
+        ]
+        analysis = analyse_judgements([*judgements_for(old, *SYNERGY), *moved])[("m", "trigscore")]
+        stats = {p.pair: p for p in analysis.pairs}
+        assert (stats[old].n, stats[old].excluded, stats[old].code) == (5, 0, 0)
+        assert (stats[new].n, stats[new].excluded) == (1, 0)
+        assert analysis.dimension_means["TA-S"] == pytest.approx(sum(SYNERGY[1]) / 5)
+
+
+def test_a_sample_belongs_to_the_pair_of_its_last_line_in_the_journal() -> None:
+    # The report reads one entry per key, in the order the keys first appear: the line
+    # numbers, not that order, tell which pair a sample was judged under last. Here the
+    # pair was edited to IQ-A_TA-C, then back, and the errors were asked again under it.
+    old, new = "IQ-A_TA-S", "IQ-A_TA-C"
+    lines = [
+        judgement("m", "s", old, "IQ-A", None),
+        judgement("m", "s", old, "TA-S", None),
+        judgement("m", "s", new, "TA-C", 0.7),
+        judgement("m", "s", old, "IQ-A", 0.5),
+        judgement("m", "s", old, "TA-S", 0.4),
+    ]
+    latest = {j.key: journal_entry(line, j) for line, j in enumerate(lines)}
+    for judgements in (lines, list(latest.values())):
+        analysis = analyse_judgements(judgements)[("m", "trigscore")]
+        assert [(p.pair, p.n, p.excluded) for p in analysis.pairs] == [(old, 1, 0)]
+        assert analysis.dimension_counts == {"IQ-A": 1, "TA-S": 1}
+    # An error line of the new pair moves the sample too: it was judged under it.
+    failed = judgement("m", "s", new, "TA-C", None).model_copy(
+        update={"status": "error", "error": "timeout"}
+    )
+    analysis = analyse_judgements([*lines, failed])[("m", "trigscore")]
+    assert [(p.pair, p.n, p.excluded, p.not_judged) for p in analysis.pairs] == [(new, 0, 1, 0)]

@@ -266,6 +266,7 @@ def _refused_so_far(run_dir: Path) -> frozenset[int]:
 def status_command(args: argparse.Namespace, console: Console) -> int:
     """``trig-stream status RUN_DIR``: the run's judgements per model, metric and status, its
     mean scores, and whether a process is writing it now."""
+    from trig_stream.analysis.relations import current_pairs
     from trig_stream.files import open_regular_file
     from trig_stream.journal import JOURNAL, latest_entries
     from trig_stream.locks import find_writer
@@ -293,15 +294,19 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     # Per metric, as the report separates them: two judges' scores of one dimension are not
     # one mean, nor are their counts one count. An error the running process asks again
     # (--retry-errors) is work left, not an error that stands.
+    # The means are the report's: a sample judged again under an edited pair is of that
+    # pair only, its old pair's lines in no mean.
     counts: Counter[tuple[str, str, str]] = Counter()
     sums: dict[tuple[str, str, str], float] = {}
     scored: Counter[tuple[str, str, str]] = Counter()
+    pairs = current_pairs(latest.values())
     for judgement in latest.values():
         status: str = judgement.status
         if status == "error" and asked is not None and asked(judgement.key, judgement.line):
             status = ASKED_AGAIN
         counts[(judgement.model, judgement.metric, status)] += 1
-        if judgement.score is not None:
+        sample = (judgement.model, judgement.metric, judgement.data_id)
+        if judgement.score is not None and pairs[sample] == judgement.pair:
             where = (judgement.model, judgement.metric, judgement.dimension)
             sums[where] = sums.get(where, 0.0) + judgement.score
             scored[where] += 1

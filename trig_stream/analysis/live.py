@@ -4,8 +4,8 @@
 look-up, a look-up in the (model, metric)'s :class:`~trig_stream.string_index.StringIndex` of
 data_ids and one store into a growable array (capacities double, so appends are amortised O(1)).
 Re-judging a key overwrites its slot, so the last judgement of a key wins, as in the journal;
-a key judged anew under another pair (a sample whose pair changed in the dataset) leaves the
-old pair's slot, as a from-scratch analysis of the journal's last lines has it there no more.
+a sample judged anew under another pair (its pair changed in the dataset) leaves its old
+pair's slot whole, as a from-scratch analysis of the journal's last lines has it there no more.
 :meth:`RelationTracker.snapshot` runs the same :func:`analyse_model` as the batch path over
 the arrays, so a snapshot always equals a from-scratch analysis of the same judgements (a
 test checks it at random points of a stream).
@@ -77,6 +77,7 @@ class _PairBuffer:
         "first",
         "judged_x",
         "judged_y",
+        "moved",
         "numbers",
         "pair",
         "position",
@@ -97,6 +98,10 @@ class _PairBuffer:
         # A judgement of any status on each dimension: a failed one is not one never asked for.
         self.judged_x = np.zeros(INITIAL_CAPACITY, bool)
         self.judged_y = np.zeros(INITIAL_CAPACITY, bool)
+        # Its data_id was judged under another pair since: the slot is of no image here. Its
+        # lines are kept, not cleared: judged again under this pair, the sample has them back
+        # (the last line of each key, as in the journal).
+        self.moved = np.zeros(INITIAL_CAPACITY, bool)
 
     def new_slot(self, number: int) -> int:
         """A slot for the data_id of group number ``number``."""
@@ -107,6 +112,7 @@ class _PairBuffer:
             self.y = _grown(self.y)
             self.judged_x = _grown(self.judged_x)
             self.judged_y = _grown(self.judged_y)
+            self.moved = _grown(self.moved)
         return slot
 
     def clear(self, slot: int, dimension: str) -> None:
@@ -121,20 +127,22 @@ class _PairBuffer:
     def judged(self) -> bool:
         """Whether a slot holds a judgement (every one may have moved to another pair)."""
         size = len(self.numbers)
-        return bool(self.judged_x[:size].any() or self.judged_y[:size].any())
+        here = ~self.moved[:size]
+        return bool((self.judged_x[:size] & here).any() or (self.judged_y[:size] & here).any())
 
     def columns(self) -> PairColumns:
         # Copies: the analysis must not change if judgements keep arriving while it is read.
         size = len(self.numbers)
+        moved = self.moved[:size]
         return PairColumns(
             self.pair,
             self.first,
             self.second,
             self.data_ids,
-            self.x[:size].copy(),
-            self.y[:size].copy(),
-            self.judged_x[:size].copy(),
-            self.judged_y[:size].copy(),
+            np.where(moved, math.nan, self.x[:size]),
+            np.where(moved, math.nan, self.y[:size]),
+            self.judged_x[:size] & ~moved,
+            self.judged_y[:size] & ~moved,
         )
 
 
@@ -155,8 +163,10 @@ class _Group:
 
     An image has its slot in the buffer of its pair. A data_id judged under another pair
     since (a dataset whose sample changed pair, as a resume finds it) has slots in several:
-    those are looked up in ``elsewhere``, and a key (data_id, dimension) judged anew under
-    another pair is cleared from the one it was in, as the journal keeps its last line.
+    those are looked up in ``elsewhere``. It is of the pair it was judged under last (see
+    :func:`~trig_stream.analysis.relations.current_pairs`): its slots in the others are
+    marked moved, and a key (data_id, dimension) judged anew under another pair is cleared
+    from the one it was in, as the journal keeps its last line.
     """
 
     __slots__ = ("buffers", "elsewhere", "home", "home_slot", "ids")
@@ -172,7 +182,8 @@ class _Group:
 
     def slot(self, data_id: str, buffer: _PairBuffer, dimension: str) -> int:
         """The slot of ``data_id`` in ``buffer``, made if needed, after clearing the key
-        (``data_id``, ``dimension``) from every other buffer."""
+        (``data_id``, ``dimension``) from every other buffer and marking the data_id's
+        slots there moved."""
         number = self.ids.add(data_id)
         if number == len(self.home):
             self.home.append(_NOWHERE)
@@ -190,10 +201,12 @@ class _Group:
         there = self.elsewhere.get((number, buffer.position))
         slot = buffer.new_slot(number) if there is None else there
         self.elsewhere[(number, buffer.position)] = slot
+        buffer.moved[slot] = False
         for other in self.buffers:
             found = self.elsewhere.get((number, other.position))
             if other is not buffer and found is not None:
                 other.clear(found, dimension)
+                other.moved[found] = True
         return slot
 
 

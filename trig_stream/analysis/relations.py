@@ -354,16 +354,43 @@ def analyse_model(
     )
 
 
+def current_pairs(judgements: Iterable[ScoredJudgement]) -> dict[tuple[str, str, str], str]:
+    """The pair each (model, metric, data_id) was judged under last.
+
+    A sample whose pair changed in the dataset and was judged again (a judgement of any
+    status: one that failed was asked under the new pair too) is of its new pair only: the
+    lines of its old pair's dimensions are no longer of the dataset. "Last" is the journal's
+    order: that of ``judgements``, or their ``line`` where they carry one (a
+    :class:`~trig_stream.journal.JournalEntry`, one per key in the order the keys first
+    appear). A judgement whose dimension is not one of its pair's two is ignored.
+    """
+    last: dict[tuple[str, str, str], tuple[int, str]] = {}
+    for index, judgement in enumerate(judgements):
+        if judgement.dimension not in split_pair(judgement.pair):
+            continue
+        line = getattr(judgement, "line", index)
+        key = (judgement.model, judgement.metric, judgement.data_id)
+        seen = last.get(key)
+        if seen is None or line >= seen[0]:
+            last[key] = (line, judgement.pair)
+    return {key: pair for key, (_, pair) in last.items()}
+
+
 def columns_from_judgements(
     judgements: Iterable[ScoredJudgement],
 ) -> dict[AnalysisKey, list[PairColumns]]:
     """Arrange judgements into pair columns per (model, metric); the last of a key wins.
 
-    Pairs keep the order they first appear in, and images within a pair too. A judgement
-    whose dimension is not one of its pair's two is ignored.
+    Judgements come in journal order, or one per key with their journal ``line`` (the
+    read-only commands' :class:`~trig_stream.journal.JournalEntry`). An image is of the pair
+    of its last judgement (see :func:`current_pairs`). Pairs keep the order they first appear
+    in, and images within a pair too. A judgement whose dimension is not one of its pair's
+    two is ignored.
     """
-    # The journal's key, without the pair: a sample whose pair changed in the dataset and was
-    # judged again under its new one is of that pair only.
+    judgements = list(judgements)
+    current = current_pairs(judgements)
+    # The journal's key, without the pair: a key judged again under another pair counts
+    # under that one only.
     latest: dict[tuple[str, str, str, str], ScoredJudgement] = {}
     for judgement in judgements:
         first, second = split_pair(judgement.pair)
@@ -375,6 +402,8 @@ def columns_from_judgements(
     cells: dict[AnalysisKey, dict[str, dict[str, list[float]]]] = {}
     for (model, metric, data_id, _), judgement in latest.items():
         pair = judgement.pair
+        if current[(model, metric, data_id)] != pair:
+            continue  # a line of the pair the sample had before it was judged under another
         slot = cells.setdefault((model, metric), {}).setdefault(pair, {})
         values = slot.setdefault(data_id, [math.nan, math.nan, 0.0, 0.0])
         first, _second = split_pair(pair)
