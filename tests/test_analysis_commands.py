@@ -265,6 +265,45 @@ def test_analyze_says_a_formatted_file_without_a_scored_image_is_one(tmp_path: P
         run_command("analyze", str(tmp_path / "other.json"), "--out", str(tmp_path / "o"))
 
 
+def test_analyze_on_a_reports_formatted_file_keeps_its_pair_without_a_complete_image(
+    tmp_path: Path,
+) -> None:
+    # The report's formatted.json holds "IQ-O_D-K": {} (no image scored on both dimensions):
+    # `analyze` on it left the pair out ("2 pairs (2 with data)" where the report had 3) and
+    # its codes out of result.json, where the report had them at -1.
+    run = write_run_dir(tmp_path / "run", {}, models=("model-a",))
+    judge = JudgeFingerprint(backend="fake", model="j")
+    half = [
+        Judgement(
+            model="model-a",
+            data_id=f"IQ-O_D-K_{index}",
+            task="t2i",
+            pair="IQ-O_D-K",
+            dimension=dim,
+            metric="trigscore",
+            judge=judge,
+            status="ok" if dim == "IQ-O" else "unscorable",
+            score=0.5 if dim == "IQ-O" else None,
+        )
+        for index in range(3)
+        for dim in ("IQ-O", "D-K")
+    ]
+    journal = Journal(run / JOURNAL)
+    journal.open()
+    journal.append(half)
+    journal.close()
+    code, text = run_command("report", str(run), "--no-plots")
+    assert code == 0 and "3 pairs (2 with data)" in text
+    report = run / "report" / "model-a"
+    assert json.loads((report / "formatted.json").read_text())["IQ-O_D-K"] == {}
+    out = tmp_path / "out"
+    code, text = run_command("analyze", str(report / "formatted.json"), "--out", str(out))
+    assert code == 0 and "3 pairs (2 with data)" in text
+    codes = json.loads((out / "result.json").read_text())["relationship_codes"]
+    expected = json.loads((report / "result.json").read_text())["relationship_codes"]
+    assert codes == expected and codes["IQ-O_D-K"] == codes["D-K_IQ-O"] == -1
+
+
 def write_run_dir(
     path: Path,
     relation: dict[str, float],

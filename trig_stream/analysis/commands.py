@@ -396,7 +396,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     metric = _pick_metric(data.metrics, args.metric, args.file, data.judgements)
     thresholds = with_overrides(RelationSection(), _overrides(args))
     chosen: list[Judgement] = [j for j in data.judgements if j.metric == metric]
-    analysis = analyse_judgements(chosen, thresholds).get((model, metric))
+    analysis = analyse_judgements(chosen, thresholds, pairs=data.pairs).get((model, metric))
     if analysis is None:
         raise AnalysisError(f"{args.file}: no scores of metric {metric!r}")
     written = write_model_outputs(

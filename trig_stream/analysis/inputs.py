@@ -188,6 +188,10 @@ class UpstreamData:
     """Why each record of ``--prompts`` without a usable pair was skipped."""
     prompts_notes: tuple[str, ...] = ()
     """What the reading of ``--prompts`` left out of it (:attr:`PromptPairs.notes`)."""
+    pairs: tuple[str, ...] = ()
+    """A formatted file's pairs in its order, those without an image (``{}``) included: its
+    judgements alone do not name them (see
+    :func:`~trig_stream.analysis.relations.analyse_judgements`)."""
 
 
 def read_upstream(
@@ -237,7 +241,10 @@ def read_upstream(
     try:
         if isinstance(sample, list) and (_is_pair(next(iter(document))) or _scores(sample)):
             return UpstreamData(
-                _from_formatted(document, model, metric, task, judge), [metric], "formatted"
+                _from_formatted(document, model, metric, task, judge),
+                [metric],
+                "formatted",
+                pairs=tuple(document),
             )
         if isinstance(sample, list):
             given = read_prompt_pairs(prompts) if prompts else None

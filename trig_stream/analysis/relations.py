@@ -434,11 +434,34 @@ def columns_from_judgements(
 
 
 def analyse_judgements(
-    judgements: Iterable[ScoredJudgement], thresholds: RelationSection | None = None
+    judgements: Iterable[ScoredJudgement],
+    thresholds: RelationSection | None = None,
+    *,
+    pairs: Sequence[str] = (),
 ) -> dict[AnalysisKey, ModelAnalysis]:
-    """Analyse judgements from scratch: one :class:`ModelAnalysis` per (model, metric)."""
+    """Analyse judgements from scratch: one :class:`ModelAnalysis` per (model, metric).
+
+    Args:
+        judgements: see :func:`columns_from_judgements`.
+        thresholds: the relation thresholds (TRIG's defaults when omitted).
+        pairs: pairs each (model, metric) holds, in this order before its others, also
+            without a judgement: such a pair (a formatted file's ``{}``, which holds no image
+            scored on both dimensions) is analysed empty, n = 0 and code -1, as the report
+            that wrote the file had it.
+    """
     thresholds = thresholds or RelationSection()
-    return {
-        (model, metric): analyse_model(model, metric, columns, thresholds)
-        for (model, metric), columns in columns_from_judgements(judgements).items()
-    }
+    analyses = {}
+    for (model, metric), found in columns_from_judgements(judgements).items():
+        columns = found
+        if pairs:
+            by_pair = {column.pair: column for column in found}
+            columns = [by_pair.pop(pair) if pair in by_pair else _no_image(pair) for pair in pairs]
+            columns += by_pair.values()
+        analyses[(model, metric)] = analyse_model(model, metric, columns, thresholds)
+    return analyses
+
+
+def _no_image(pair: str) -> PairColumns:
+    first, second = split_pair(pair)
+    none = np.zeros(0, bool)
+    return PairColumns(pair, first, second, [], np.empty(0), np.empty(0), none, none)
