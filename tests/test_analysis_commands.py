@@ -1575,6 +1575,36 @@ def test_the_scatter_draws_the_line_that_decides_dominance(
     assert everything[1] - everything[0] > 0.1  # the synergy points tilt the other one
 
 
+def test_the_scatter_draws_the_line_that_decides_dominance_when_every_x_is_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every X of the trade-off zone 0.6: rule 3 splits its points around the horizontal line
+    # at their mean Y (a -2 here), and the scatter drew no line at all, "a line needs two
+    # points with different X".
+    from matplotlib.figure import Figure
+
+    from tests.test_analysis_relations import judgements_for
+
+    x, y = [0.6] * 10, [0.62] * 8 + [0.52] * 2
+    analysis = analyse_judgements(judgements_for("IQ-R_TA-C", x, y))[("m", "trigscore")]
+    assert analysis.pairs[0].code == -2
+    figures: list[Figure] = []
+    figure = plots_module._figure
+
+    def kept(width: float, height: float) -> Figure:
+        figures.append(figure(width, height))
+        return figures[-1]
+
+    monkeypatch.setattr(plots_module, "_figure", kept)
+    plots_module.plot_scatter_grid(analysis, tmp_path / "scatter.png")
+    drawn = {
+        line.get_label(): np.asarray(line.get_ydata(), dtype=np.float64).tolist()
+        for line in figures[0].axes[0].get_lines()
+    }
+    assert drawn.keys() == {"trade-off zone fit (decides dominance)"}
+    assert drawn["trade-off zone fit (decides dominance)"] == pytest.approx([0.6, 0.6])
+
+
 def test_images_the_dimensions_filter_left_half_unjudged_are_not_missing_a_score(
     make_config: ConfigFactory, tmp_path: Path
 ) -> None:

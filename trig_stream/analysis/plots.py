@@ -146,19 +146,20 @@ def scatter_lines(analysis: ModelAnalysis, stats: PairStats) -> dict[str, Fitted
 
     The trade-off zone's line (solid) is the one rule 3 splits the points around (the
     insight's "N of M above the fitted line"); labelled "decides dominance" when the zone
-    holds enough points for the rule to apply. The line over all points (dashed) is shown
-    too when it is another line. A line needs two points with different X.
+    holds enough points for the rule to apply, and then drawn whatever the X: where every X
+    is the same, it is the horizontal line at the zone's mean Y
+    (:func:`~trig_stream.analysis.stats.fitted_line`). Any other line needs two points with
+    different X. The line over all points (dashed) is shown too when it is another line.
     """
     points = analysis.points[stats.pair]
     t = analysis.thresholds
     lines: dict[str, FittedLine] = {}
     mask = zones(points.x, points.y, t.synergy, t.bottleneck).tradeoff_mask
     zone_x, zone_y = points.x[mask], points.y[mask]
-    if zone_x.shape[0] >= 2 and float(np.ptp(zone_x)) > 0.0:
-        label = TRADEOFF_LINE
-        if zone_x.shape[0] >= MIN_TRADEOFF_POINTS:
-            label += " (decides dominance)"
-        lines[label] = fitted_line(zone_x, zone_y)
+    if zone_x.shape[0] >= MIN_TRADEOFF_POINTS:
+        lines[f"{TRADEOFF_LINE} (decides dominance)"] = fitted_line(zone_x, zone_y)
+    elif zone_x.shape[0] >= 2 and float(np.ptp(zone_x)) > 0.0:
+        lines[TRADEOFF_LINE] = fitted_line(zone_x, zone_y)
     if stats.n >= 2 and float(np.ptp(points.x)) > 0.0 and not bool(mask.all()):
         lines[ALL_POINTS_LINE] = fitted_line(points.x, points.y)
     return lines
