@@ -2650,6 +2650,34 @@ async def test_a_stop_waiting_that_raises_is_noted_and_the_others_are_told(
     )
 
 
+class ClosesCounted(FakeJudge):
+    """A fake judge that counts its closes."""
+
+    closes = 0
+
+    async def aclose(self) -> None:
+        self.closes += 1
+        await super().aclose()
+
+
+async def test_a_stop_waiting_keyboard_interrupt_still_closes_the_engine(
+    make_config: ConfigFactory,
+) -> None:
+    # The KeyboardInterrupt left the block before the engine closed: it stayed "stopping",
+    # its judges open, and its claim on the run directory kept a second engine out for good.
+    config = make_config(samples=4)
+    judge = ClosesCounted("trigscore", FakeJudgeOptions())
+    generators = [StopWaitingRaises("synth", KeyboardInterrupt())]
+    engine = Engine(config, generators=generators, judges=[judge])
+    with pytest.raises(KeyboardInterrupt):
+        async with engine:
+            pass  # left at once: the close tells the generator to stop waiting
+    assert engine.stats().state == "cancelled"
+    assert judge.closes == 1
+    async with Engine(config) as again:  # the run directory is free
+        assert (await again.drain()).state == "done"
+
+
 class StopNowRaises(FakeJudge):
     """A fake judge whose ``stop_now()`` raises ``error`` (a backend's bug)."""
 

@@ -277,9 +277,10 @@ class Engine:
         # Only now do generate calls see it: whatever they return from here on reaches
         # tasks already cancelled, and never becomes a "cancelled" error judgement.
         self._cancel_generation.set()
-        self._stop_generators_waiting()
+        # Said before the generators are told: a KeyboardInterrupt out of one's hook leaves.
         if self._state in ("starting", "running", "paused", "stopping"):
             self._state = "cancelled"
+        self._stop_generators_waiting()
 
     def _stop_generators_waiting(self) -> None:
         """Tell each generator that the run stops
@@ -421,8 +422,12 @@ class Engine:
         assert self._task_group is not None
         # Whatever the block did, nothing of the pipeline may outlive it. A failure or a
         # block left early is no hard stop: the judges close as usual (a server's grace).
+        interrupt: KeyboardInterrupt | None = None
         if self._state not in ("done", "stopped", "failed"):
-            self._cancel_work()
+            try:
+                self._cancel_work()
+            except KeyboardInterrupt as raised:  # a generator's stop_waiting(), told to stop
+                interrupt = raised  # it leaves once the engine has closed, not before
         failure: BaseException | None = None  # the run's error, to raise after the handler
         try:
             suppress = await self._task_group.__aexit__(exc_type, exc, tb)
@@ -457,6 +462,8 @@ class Engine:
             raise failure
         if self._state not in ("done", "stopped", "failed"):
             self._state = "cancelled"
+        if interrupt is not None and exc is None:  # else the block's own leaves, as ever
+            raise interrupt
         return suppress
 
     async def _close_resources(self) -> None:
