@@ -3201,6 +3201,23 @@ async def test_a_generator_whose_notes_fail_gets_a_note(make_config: ConfigFacto
     assert "synth: its notes() failed: RuntimeError: notes exploded" in engine.stats().notes
 
 
+@pytest.mark.parametrize(
+    "error", [SystemExit(3), KeyboardInterrupt()], ids=["system-exit", "keyboard-interrupt"]
+)
+async def test_a_generator_whose_notes_exit_gets_a_note(
+    make_config: ConfigFactory, error: BaseException
+) -> None:
+    # It failed the finished run, the judgements still in flight left unwritten (under
+    # asyncio it broke out of the event loop): notes() are asked for once the work is done.
+    generator = RaisesInItsMethods("notes", error)
+    async with Engine(make_config(samples=2), generators=[generator]) as engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 4)
+    assert f"synth: its notes() failed: it raised {type(error).__name__}" in " ".join(
+        engine.stats().notes
+    )
+
+
 class NotesAs(SyntheticGenerator):
     def __init__(self, notes: object) -> None:
         super().__init__("synth", SyntheticOptions(size=8))
