@@ -2924,6 +2924,12 @@ class RaisesInItsMethods(SyntheticGenerator):
         ),
         (
             "fingerprint",
+            SystemExit(3),
+            None,
+            "generator 'synth': its fingerprint() raised SystemExit: 3",
+        ),
+        (
+            "fingerprint",
             None,
             ["steps", 4],
             "generator 'synth' is broken: fingerprint() returned an object of type list, not "
@@ -3138,6 +3144,62 @@ async def test_a_judge_whose_hook_misbehaves_stops_the_run_with_its_name(
     with pytest.raises(FatalBackendError, match=f"^{re.escape(message)}$"):
         await run_to_end(config, judges=[BrokenHook(hook)])
     assert not config.run_dir.exists()
+
+
+class ExitsIn(FakeJudge):
+    """A judge whose ``hook`` raises ``error`` (a library calling ``sys.exit()``, say)."""
+
+    def __init__(self, hook: str, error: BaseException) -> None:
+        super().__init__("trigscore", FakeJudgeOptions())
+        self.hook, self.error = hook, error
+
+    def _misbehave(self, hook: str) -> None:
+        if hook == self.hook:
+            raise self.error
+
+    def fingerprint(self) -> JudgeFingerprint:
+        self._misbehave("fingerprint")
+        return super().fingerprint()
+
+    def connections(self, in_flight: int) -> int:
+        self._misbehave("connections")
+        return super().connections(in_flight)
+
+    def opening(self) -> str:
+        self._misbehave("opening")
+        return super().opening()
+
+    def opens_slowly(self) -> bool:
+        self._misbehave("opens_slowly")
+        return super().opens_slowly()
+
+    async def open(self) -> None:
+        self._misbehave("open")
+        await super().open()
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()], ids=["exit", "interrupt"])
+@pytest.mark.parametrize("hook", ["fingerprint", "connections", "opening", "opens_slowly"])
+async def test_a_judge_hook_raising_what_ends_a_process_stops_the_run_with_its_name(
+    make_config: ConfigFactory, hook: str, error: BaseException
+) -> None:
+    # It left the engine raw: `run` and `validate` ended with its exit code (3 reads as "run
+    # directory in use") and no word of the judge, where a ValueError named it.
+    config = make_config(samples=1)
+    message = f"judge 'trigscore': its {hook}() raised {type(error).__name__}"
+    with anyio.fail_after(10), pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(config, judges=[ExitsIn(hook, error)])
+
+
+async def test_a_cancelled_error_a_judge_opens_with_by_itself_stops_the_run_with_its_name(
+    make_config: ConfigFactory,
+) -> None:
+    # It passed for the run's cancellation: a traceback (exit 1) from `run`, and embedded,
+    # the caller's task looked cancelled.
+    judge = ExitsIn("open", asyncio.CancelledError("its own future"))
+    message = "judge 'trigscore' failed to open: its open() raised CancelledError: its own future"
+    with anyio.fail_after(10), pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(make_config(samples=1), judges=[judge])
 
 
 class ReadsSourcesAndCountsLoads(SyntheticGenerator):
