@@ -2128,6 +2128,41 @@ def test_a_control_from_a_thread_after_the_engines_asyncio_loop_stopped_does_not
         loop.close()
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_two_engines_stopping_each_other_from_their_loops_both_stop(
+    make_config: ConfigFactory, loop: str
+) -> None:
+    # Each stop() blocked its own loop until the other loop had run it, while that loop
+    # was blocked the same way: both hung for good.
+    engine = {"sample_buffer": 1, "image_buffer": 1}
+    configs = {name: make_config(samples=30, run={"name": name}, engine=engine) for name in "ab"}
+    engines: dict[str, Engine] = {}
+    both_running = threading.Barrier(2, timeout=30)
+    summaries: dict[str, RunSummary] = {}
+
+    async def run(me: str, other: str) -> None:
+        async with Engine(configs[me]) as engines[me]:
+            await engines[me].results.receive()
+            both_running.wait()  # both loops blocked here, then each stops the other
+            engines[other].stop()
+            summaries[me] = await engines[me].drain()
+
+    threads = [
+        threading.Thread(target=anyio.run, args=(run, me, other), kwargs={"backend": loop})
+        for me, other in ("ab", "ba")
+    ]
+    for thread in threads:
+        thread.daemon = True  # a hang must not hold pytest
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "the stops never returned"
+    assert {name: summary.state for name, summary in summaries.items()} == {
+        "a": "stopped",
+        "b": "stopped",
+    }
+
+
 def call_from_an_asyncio_callback(way: str, control: Callable[[], None]) -> anyio.Event:
     """Call ``control`` from a callback of the running asyncio loop, in no task: one
     ``loop.call_soon`` schedules, or the handler ``loop.add_signal_handler`` runs for a
