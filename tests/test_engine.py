@@ -2128,6 +2128,41 @@ def test_a_control_from_a_thread_after_the_engines_asyncio_loop_stopped_does_not
         loop.close()
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_two_engines_stopping_each_other_from_their_loops_both_stop(
+    make_config: ConfigFactory, loop: str
+) -> None:
+    # Each stop() blocked its own loop until the other loop had run it, while that loop
+    # was blocked the same way: both hung for good.
+    engine = {"sample_buffer": 1, "image_buffer": 1}
+    configs = {name: make_config(samples=30, run={"name": name}, engine=engine) for name in "ab"}
+    engines: dict[str, Engine] = {}
+    both_running = threading.Barrier(2, timeout=30)
+    summaries: dict[str, RunSummary] = {}
+
+    async def run(me: str, other: str) -> None:
+        async with Engine(configs[me]) as engines[me]:
+            await engines[me].results.receive()
+            both_running.wait()  # both loops blocked here, then each stops the other
+            engines[other].stop()
+            summaries[me] = await engines[me].drain()
+
+    threads = [
+        threading.Thread(target=anyio.run, args=(run, me, other), kwargs={"backend": loop})
+        for me, other in ("ab", "ba")
+    ]
+    for thread in threads:
+        thread.daemon = True  # a hang must not hold pytest
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "the stops never returned"
+    assert {name: summary.state for name, summary in summaries.items()} == {
+        "a": "stopped",
+        "b": "stopped",
+    }
+
+
 def call_from_an_asyncio_callback(way: str, control: Callable[[], None]) -> anyio.Event:
     """Call ``control`` from a callback of the running asyncio loop, in no task: one
     ``loop.call_soon`` schedules, or the handler ``loop.add_signal_handler`` runs for a
@@ -2650,6 +2685,34 @@ async def test_a_stop_waiting_that_raises_is_noted_and_the_others_are_told(
     )
 
 
+class ClosesCounted(FakeJudge):
+    """A fake judge that counts its closes."""
+
+    closes = 0
+
+    async def aclose(self) -> None:
+        self.closes += 1
+        await super().aclose()
+
+
+async def test_a_stop_waiting_keyboard_interrupt_still_closes_the_engine(
+    make_config: ConfigFactory,
+) -> None:
+    # The KeyboardInterrupt left the block before the engine closed: it stayed "stopping",
+    # its judges open, and its claim on the run directory kept a second engine out for good.
+    config = make_config(samples=4)
+    judge = ClosesCounted("trigscore", FakeJudgeOptions())
+    generators = [StopWaitingRaises("synth", KeyboardInterrupt())]
+    engine = Engine(config, generators=generators, judges=[judge])
+    with pytest.raises(KeyboardInterrupt):
+        async with engine:
+            pass  # left at once: the close tells the generator to stop waiting
+    assert engine.stats().state == "cancelled"
+    assert judge.closes == 1
+    async with Engine(config) as again:  # the run directory is free
+        assert (await again.drain()).state == "done"
+
+
 class StopNowRaises(FakeJudge):
     """A fake judge whose ``stop_now()`` raises ``error`` (a backend's bug)."""
 
@@ -2896,6 +2959,12 @@ class RaisesInItsMethods(SyntheticGenerator):
         ),
         (
             "fingerprint",
+            SystemExit(3),
+            None,
+            "generator 'synth': its fingerprint() raised SystemExit: 3",
+        ),
+        (
+            "fingerprint",
             None,
             ["steps", 4],
             "generator 'synth' is broken: fingerprint() returned an object of type list, not "
@@ -3112,6 +3181,62 @@ async def test_a_judge_whose_hook_misbehaves_stops_the_run_with_its_name(
     assert not config.run_dir.exists()
 
 
+class ExitsIn(FakeJudge):
+    """A judge whose ``hook`` raises ``error`` (a library calling ``sys.exit()``, say)."""
+
+    def __init__(self, hook: str, error: BaseException) -> None:
+        super().__init__("trigscore", FakeJudgeOptions())
+        self.hook, self.error = hook, error
+
+    def _misbehave(self, hook: str) -> None:
+        if hook == self.hook:
+            raise self.error
+
+    def fingerprint(self) -> JudgeFingerprint:
+        self._misbehave("fingerprint")
+        return super().fingerprint()
+
+    def connections(self, in_flight: int) -> int:
+        self._misbehave("connections")
+        return super().connections(in_flight)
+
+    def opening(self) -> str:
+        self._misbehave("opening")
+        return super().opening()
+
+    def opens_slowly(self) -> bool:
+        self._misbehave("opens_slowly")
+        return super().opens_slowly()
+
+    async def open(self) -> None:
+        self._misbehave("open")
+        await super().open()
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()], ids=["exit", "interrupt"])
+@pytest.mark.parametrize("hook", ["fingerprint", "connections", "opening", "opens_slowly"])
+async def test_a_judge_hook_raising_what_ends_a_process_stops_the_run_with_its_name(
+    make_config: ConfigFactory, hook: str, error: BaseException
+) -> None:
+    # It left the engine raw: `run` and `validate` ended with its exit code (3 reads as "run
+    # directory in use") and no word of the judge, where a ValueError named it.
+    config = make_config(samples=1)
+    message = f"judge 'trigscore': its {hook}() raised {type(error).__name__}"
+    with anyio.fail_after(10), pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(config, judges=[ExitsIn(hook, error)])
+
+
+async def test_a_cancelled_error_a_judge_opens_with_by_itself_stops_the_run_with_its_name(
+    make_config: ConfigFactory,
+) -> None:
+    # It passed for the run's cancellation: a traceback (exit 1) from `run`, and embedded,
+    # the caller's task looked cancelled.
+    judge = ExitsIn("open", asyncio.CancelledError("its own future"))
+    message = "judge 'trigscore' failed to open: its open() raised CancelledError: its own future"
+    with anyio.fail_after(10), pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(make_config(samples=1), judges=[judge])
+
+
 class ReadsSourcesAndCountsLoads(SyntheticGenerator):
     """A synthetic generator that says it reads p2p / s2p source pictures, and counts its
     loads."""
@@ -3171,6 +3296,23 @@ async def test_a_generator_whose_notes_fail_gets_a_note(make_config: ConfigFacto
         summary = await engine.drain()
     assert (summary.state, summary.ok) == ("done", 4)
     assert "synth: its notes() failed: RuntimeError: notes exploded" in engine.stats().notes
+
+
+@pytest.mark.parametrize(
+    "error", [SystemExit(3), KeyboardInterrupt()], ids=["system-exit", "keyboard-interrupt"]
+)
+async def test_a_generator_whose_notes_exit_gets_a_note(
+    make_config: ConfigFactory, error: BaseException
+) -> None:
+    # It failed the finished run, the judgements still in flight left unwritten (under
+    # asyncio it broke out of the event loop): notes() are asked for once the work is done.
+    generator = RaisesInItsMethods("notes", error)
+    async with Engine(make_config(samples=2), generators=[generator]) as engine:
+        summary = await engine.drain()
+    assert (summary.state, summary.ok) == ("done", 4)
+    assert f"synth: its notes() failed: it raised {type(error).__name__}" in " ".join(
+        engine.stats().notes
+    )
 
 
 class NotesAs(SyntheticGenerator):

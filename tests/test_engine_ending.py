@@ -352,3 +352,25 @@ async def test_a_run_leaves_none_of_its_streams_unclosed(
         gc.collect()
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert unclosed == []
+
+
+class FailsToLoad(SyntheticGenerator):
+    def __init__(self) -> None:
+        super().__init__("synth", SyntheticOptions(size=16))
+
+    def load(self) -> None:
+        raise OSError("weights missing")
+
+
+async def test_a_failed_run_says_so_once_its_results_end(make_config: ConfigFactory) -> None:
+    # The results ended as the run failed while stats() and summary() still said "running":
+    # a loop that printed engine.stats() after the results showed a live run.
+    engine = Engine(make_config(samples=4), generators=[FailsToLoad()])
+    states: list[str] = []
+    with pytest.raises(FatalBackendError, match="weights missing"):
+        async with engine:
+            async for _ in engine.results:
+                pass
+            states += [engine.stats().state, engine.summary().state]
+    # Checked out here: an assertion failing in the block would leave as the run's error.
+    assert states == ["failed", "failed"]

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from collections.abc import Callable
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+
+logger = logging.getLogger(__name__)
 
 LOOP_LOOK_S = 0.05
 """How often a control waiting for the engine's asyncio loop looks whether that loop still
@@ -54,7 +57,10 @@ class EngineLoop:
           ``signal.signal`` handler that interrupted the loop as it waits): run by the loop
           it is in, scheduled so as to wake it (what the control itself schedules would wait
           for the loop's next wake-up, maybe forever);
-        - another thread while the engine's loop runs: run in that loop;
+        - another thread while the engine's loop runs: run in that loop, and waited for
+          from outside any running loop; from inside a running loop, scheduled there and
+          not waited for (two engines' loops, each stopping the other's engine at once, each
+          waited for the other, blocked, for good: a control never blocks a running loop);
         - inside a running loop after the engine's loop ended, before any loop runs the
           engine: run by the caller, and so recorded for the ``async with`` block to come
           (the loop the caller is in is the one that will run it);
@@ -90,33 +96,18 @@ class EngineLoop:
         return True
 
     def _run_there(self, control: Callable[[], None], *, from_a_loop: bool) -> None:
-        """Run ``control`` in the engine's loop and wait for it (``RunFinishedError`` if
-        that loop has ended)."""
+        """Run ``control`` in the engine's loop: wait for it, or from inside a running loop
+        only schedule it (``RunFinishedError`` if the engine's loop has ended)."""
         loop = self._token.native_token
-        if isinstance(loop, asyncio.AbstractEventLoop):
+        if from_a_loop:
+            _schedule_in(loop, _reported(control))
+        elif isinstance(loop, asyncio.AbstractEventLoop):
             # Not anyio.from_thread.run_sync: it gives up only on a closed loop, and waited
             # forever on one that had stopped (a run under asyncio.run as it closes, a loop
-            # an application keeps). This wait blocks the caller's loop as the join below.
+            # an application keeps).
             _run_in_asyncio_loop(control, loop)
-            return
-        if not from_a_loop:
+        else:
             anyio.from_thread.run_sync(control, token=self._token)
-            return
-        # From inside another loop, trio refuses the blocking call ("call it from a
-        # thread"): a plain thread makes it, and this loop waits as it would have.
-        errors: list[Exception] = []
-
-        def call() -> None:
-            try:
-                anyio.from_thread.run_sync(control, token=self._token)
-            except Exception as exc:  # handed to the caller, raised there
-                errors.append(exc)
-
-        thread = threading.Thread(target=call, name=f"trig-stream {control.__name__}()")
-        thread.start()
-        thread.join()
-        if errors:
-            raise errors[0]
 
     def _schedule_soon(self, control: Callable[[], None]) -> bool:
         """Schedule ``control`` in the running loop of this thread, waking it, when the call
@@ -161,6 +152,55 @@ class EngineLoop:
         )
 
 
+def _schedule_in(loop: object, control: Callable[[], None]) -> None:
+    """Schedule ``control`` in ``loop`` (an asyncio loop or a trio token of another thread)
+    and return at once, or raise ``RunFinishedError`` if that loop no longer runs."""
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        if loop.is_closed() or not loop.is_running():
+            raise anyio.RunFinishedError
+        try:
+            loop.call_soon_threadsafe(control, context=_asyncio_context())
+        except RuntimeError:  # "Event loop is closed"
+            if loop.is_closed():
+                raise anyio.RunFinishedError from None
+            raise
+        return
+    trio = sys.modules["trio"]  # the engine's loop is trio's: it has imported it
+    try:
+        # Run in a context of its own, as a plain thread's call would be: none of the
+        # caller's loop.
+        loop.run_sync_soon(contextvars.Context().run, control)  # type: ignore[attr-defined]
+    except trio.RunFinishedError:
+        raise anyio.RunFinishedError from None
+
+
+def _reported(control: Callable[[], None]) -> Callable[[], None]:
+    """``control``, for a loop's callback that nobody waits for: what it raises is logged,
+    not raised in the engine's loop (trio crashes with it, asyncio's loop stops)."""
+
+    def run() -> None:
+        try:
+            control()
+        except BaseException:  # no caller waits to see it
+            logger.exception(
+                "engine.%s(), scheduled from another thread's event loop, failed",
+                control.__name__,
+            )
+
+    return run
+
+
+def _asyncio_context() -> contextvars.Context:
+    """A context for a control run in the engine's asyncio loop, in no task: told that
+    asyncio runs it, as anyio.from_thread.run_sync tells it (a judge's stop_now() may ask
+    anyio, which asks sniffio if installed)."""
+    context = contextvars.copy_context()
+    sniffio = sys.modules.get("sniffio")  # imported by anyio if installed
+    if sniffio is not None:
+        context.run(sniffio.current_async_library_cvar.set, "asyncio")
+    return context
+
+
 def _run_in_asyncio_loop(control: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
     """Run ``control`` in ``loop`` (in another thread) and wait for it, or raise
     ``RunFinishedError`` once that loop no longer runs: stopped (its ``run_until_complete``
@@ -180,14 +220,8 @@ def _run_in_asyncio_loop(control: Callable[[], None], loop: asyncio.AbstractEven
         else:
             done.set_result(None)
 
-    # As anyio.from_thread.run_sync runs it: in a callback, in no task, yet told that
-    # asyncio runs it (a judge's stop_now() may ask anyio, which asks sniffio if installed).
-    context = contextvars.copy_context()
-    sniffio = sys.modules.get("sniffio")  # imported by anyio if installed
-    if sniffio is not None:
-        context.run(sniffio.current_async_library_cvar.set, "asyncio")
     try:
-        loop.call_soon_threadsafe(run, context=context)
+        loop.call_soon_threadsafe(run, context=_asyncio_context())
     except RuntimeError:  # "Event loop is closed"
         if loop.is_closed():
             raise anyio.RunFinishedError from None

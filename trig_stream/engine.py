@@ -46,7 +46,7 @@ from trig_stream.backends.registry import build_generator, build_judge, check_ba
 from trig_stream.buffers import Streams, create_streams
 from trig_stream.config import RunConfig
 from trig_stream.controls import EngineLoop
-from trig_stream.errors import ConfigError
+from trig_stream.errors import ConfigError, leaf_errors
 from trig_stream.generation import GenerationStage
 from trig_stream.judging import JudgeStage
 from trig_stream.persisting import PersistStage
@@ -277,9 +277,10 @@ class Engine:
         # Only now do generate calls see it: whatever they return from here on reaches
         # tasks already cancelled, and never becomes a "cancelled" error judgement.
         self._cancel_generation.set()
-        self._stop_generators_waiting()
+        # Said before the generators are told: a KeyboardInterrupt out of one's hook leaves.
         if self._state in ("starting", "running", "paused", "stopping"):
             self._state = "cancelled"
+        self._stop_generators_waiting()
 
     def _stop_generators_waiting(self) -> None:
         """Tell each generator that the run stops
@@ -421,8 +422,12 @@ class Engine:
         assert self._task_group is not None
         # Whatever the block did, nothing of the pipeline may outlive it. A failure or a
         # block left early is no hard stop: the judges close as usual (a server's grace).
+        interrupt: KeyboardInterrupt | None = None
         if self._state not in ("done", "stopped", "failed"):
-            self._cancel_work()
+            try:
+                self._cancel_work()
+            except KeyboardInterrupt as raised:  # a generator's stop_waiting(), told to stop
+                interrupt = raised  # it leaves once the engine has closed, not before
         failure: BaseException | None = None  # the run's error, to raise after the handler
         try:
             suppress = await self._task_group.__aexit__(exc_type, exc, tb)
@@ -457,6 +462,8 @@ class Engine:
             raise failure
         if self._state not in ("done", "stopped", "failed"):
             self._state = "cancelled"
+        if interrupt is not None and exc is None:  # else the block's own leaves, as ever
+            raise interrupt
         return suppress
 
     async def _close_resources(self) -> None:
@@ -487,6 +494,12 @@ class Engine:
                     tg.start_soon(self._pipeline, context, persist, streams)
                     tg.start_soon(persist.load_history)
                     tg.start_soon(self._count_samples, persist.first_judgement)
+        except BaseException as exc:
+            # Said before ``results`` ends (below), so that its consumer, and stats(),
+            # summary() and drain() after it, see the run failed, not still running.
+            if _failed(exc):
+                self._state = "failed"
+            raise
         finally:
             # The run is over, however it ended: the elapsed time and the rates stop when the
             # results end (as the persist stage ends them), not when the caller leaves its block (a
@@ -537,7 +550,9 @@ class Engine:
                     judgement_send.clone(),
                 )
             tg.start_soon(judging.run, image_recv, judgement_send.clone())
-            tg.start_soon(persist.run, judgement_recv, result_send)
+            # A copy: persist closes its end as it stops, a failure's cancel included, and
+            # ``results`` ends only in _run, once the run's final state is set.
+            tg.start_soon(persist.run, judgement_recv, result_send.clone())
             image_send.close()
             judgement_send.close()
 
@@ -572,6 +587,12 @@ class Engine:
             await first_judgement.wait()
             if not self._stop_event.is_set():
                 await count_samples(self.config, self._generators, self._counters)
+
+
+def _failed(exc: BaseException) -> bool:
+    """Whether ``exc``, out of the run's task groups, holds a failure, not cancellations alone."""
+    leaves = leaf_errors(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return any(not isinstance(leaf, anyio.get_cancelled_exc_class()) for leaf in leaves)
 
 
 def _async_library() -> str:

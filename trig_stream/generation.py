@@ -240,6 +240,14 @@ class GenerationStage:
         except Exception as exc:  # a backend's bug: the run's outcome stands
             self._note(f"its notes() failed: {describe_error(exc)}")
             return
+        except BaseException as exc:
+            # SystemExit or KeyboardInterrupt (a library calling sys.exit()), or a
+            # CancelledError of its own: a plain call, it is no cancellation and no Ctrl-C of
+            # the caller's (unlike a stop hook's in the caller's own stop(), which lets a
+            # KeyboardInterrupt out). Let out, it failed a finished run and lost the
+            # judgements still in flight; under asyncio it broke out of the event loop.
+            self._note(f"its notes() failed: it raised {describe_error(exc)}")
+            return
         for note in notes:
             self._note(note)
 

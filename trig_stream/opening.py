@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio.to_thread
 
 from trig_stream.backends.base import Generator, Judge
-from trig_stream.backends.threads import exiting_error
+from trig_stream.backends.threads import being_cancelled, exiting_error
 from trig_stream.config import RunConfig
 from trig_stream.errors import FatalBackendError, TrigStreamError
 from trig_stream.files import storage_error
@@ -65,8 +65,8 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
 
     Raises:
         FatalBackendError: a judge failed to open with an error of its own (not one of
-            ours), ``SystemExit`` and ``KeyboardInterrupt`` included, or its ``opening()``
-            raised.
+            ours), ``SystemExit``, ``KeyboardInterrupt`` and a ``CancelledError`` while the
+            run is not cancelled included, or its ``opening()`` raised.
     """
     for judge in judges:
         try:
@@ -76,6 +76,8 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
                 f"judge {judge.name!r} is broken: opening() raised {describe_error(exc)} (a "
                 "fault of its code or a library it uses: fix it, or report it to its authors)"
             ) from exc
+        except (SystemExit, KeyboardInterrupt) as exc:
+            raise exiting_error(exc, f"judge {judge.name!r}: its opening()") from exc
         opening(f"judge {judge.name!r}: {what}")
         try:
             await judge.open()
@@ -88,6 +90,15 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
         except (SystemExit, KeyboardInterrupt) as exc:
             # Let out, it ended the command with its exit code and no word of the judge.
             raise exiting_error(exc, f"judge {judge.name!r} failed to open: its open()") from exc
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()) and being_cancelled():
+                raise
+            # An asyncio.CancelledError of its own (a future it awaited was cancelled) while
+            # nothing cancels the run: let out, it passed for the run's cancellation.
+            raise FatalBackendError(
+                f"judge {judge.name!r} failed to open: its open() raised {describe_error(exc)} "
+                "though the run was not cancelled (a fault of its code or a library it uses)"
+            ) from exc
 
 
 async def close_judges(
@@ -121,7 +132,8 @@ def judges_open_slowly(judges: Iterable[Judge]) -> bool:
     opens_slowly`).
 
     Raises:
-        FatalBackendError: a judge's ``opens_slowly()`` raised (its own bug).
+        FatalBackendError: a judge's ``opens_slowly()`` raised (its own bug), ``SystemExit``
+            and ``KeyboardInterrupt`` included.
     """
     for judge in judges:
         try:
@@ -131,6 +143,8 @@ def judges_open_slowly(judges: Iterable[Judge]) -> bool:
             raise FatalBackendError(
                 f"judge {judge.name!r} is broken: opens_slowly() raised {describe_error(exc)}"
             ) from exc
+        except (SystemExit, KeyboardInterrupt) as exc:
+            raise exiting_error(exc, f"judge {judge.name!r}: its opens_slowly()") from exc
     return False
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from trig_stream.backends.base import Generator, Judge
-from trig_stream.backends.threads import call_in_thread, threads_left_behind
+from trig_stream.backends.threads import call_in_thread, exiting_error, threads_left_behind
 from trig_stream.config import RunConfig
 from trig_stream.errors import ConfigError, FatalBackendError, TrigStreamError
 from trig_stream.manifest import Manifest, as_json
@@ -176,7 +176,7 @@ def check_environment(backend: Generator | Judge) -> None:
             it could not read): one error that names the backend and that exception, not a
             traceback.
     """
-    _backend_call(backend, "check_environment()", backend.check_environment)
+    _backend_call(backend, "check_environment()", backend.check_environment, in_thread=True)
 
 
 def check_environments(backends: Sequence[Generator | Judge]) -> None:
@@ -193,13 +193,22 @@ def backend_label(backend: Generator | Judge) -> str:
     return f"{kind} {backend.name!r}"
 
 
-def _backend_call(backend: Generator | Judge, call: str, method: Callable[[], T]) -> T:
+def _backend_call(
+    backend: Generator | Judge, call: str, method: Callable[[], T], *, in_thread: bool = False
+) -> T:
     """``method()``, with an exception it was not meant to raise turned into the error that
-    stops the run, named with the backend and ``call`` ("fingerprint()")."""
+    stops the run, named with the backend and ``call`` ("fingerprint()"); ``in_thread``: it
+    runs in a worker thread, whose caller names a ``SystemExit`` or ``KeyboardInterrupt``."""
     try:
         return method()
     except TrigStreamError:
         raise
+    except (SystemExit, KeyboardInterrupt) as exc:
+        if in_thread:
+            raise
+        # A library calling sys.exit(), say: let out, it ended `run` and `validate` with its
+        # exit code (3 reads as "run directory in use") and no word of the backend.
+        raise exiting_error(exc, f"{backend_label(backend)}: its {call}") from exc
     except OSError as exc:  # this machine's: a file it cannot read, a folder not there
         raise FatalBackendError(
             f"{backend_label(backend)}: {call} failed: {describe_error(exc)}; fix what it "
