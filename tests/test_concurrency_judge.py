@@ -7,6 +7,7 @@ depends on how long anything takes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from trig_stream.backends.base import ServerLoad
 from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
-from trig_stream.backends.judges.server_probe import parse_load, server_root
+from trig_stream.backends.judges.server_probe import parse_load, read_load, server_root
 from trig_stream.concurrency import ConcurrencyController
 from trig_stream.config import RunConfig
 from trig_stream.engine import Engine
@@ -337,6 +338,24 @@ async def test_one_server_whose_load_read_fails_never_hides_the_others(
         assert await judge.server_load() == ServerLoad(running=2, waiting=3)
     finally:
         await judge.aclose()
+
+
+async def test_the_load_of_a_server_under_a_non_ascii_path_is_read() -> None:
+    # The probe wrote its request in ASCII: a base URL whose path the clients send
+    # percent-encoded had no load, ever.
+    lines: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines.append(await reader.readline())
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\nvllm:num_requests_running 2\n")
+        writer.close()
+
+    async with await asyncio.start_server(answer, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        load = await read_load(f"http://127.0.0.1:{port}/ok/vé/v1", timeout_s=5)
+    assert load == ServerLoad(running=2, waiting=0)
+    assert lines == [b"GET /ok/v%C3%A9/metrics HTTP/1.0\r\n"]
 
 
 async def _chat(base_url: str) -> None:

@@ -765,13 +765,53 @@ async def test_a_refused_connection_is_retryable() -> None:
             lambda: HttpTransport("http://user:ключ@host/v1", None, "k", 1),
             "sends no credentials from the URL",
         ),
-        (lambda: HttpTransport("http://hôte/v1", None, "k", 1), "in ASCII"),
+        (lambda: HttpTransport("http://a\u200bb/v1", None, "k", 1), "host IDNA cannot write"),
     ],
 )
 def test_unusable_urls_and_keys_are_refused_up_front(make: Callable[[], Any], message: str) -> None:
     with pytest.raises(FatalBackendError, match=message) as caught:
         make()
     assert "ключ" not in str(caught.value) and "секрет" not in str(caught.value)
+
+
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+async def test_every_client_sends_a_non_ascii_path_percent_encoded(client: Client) -> None:
+    # The http client refused the URL ("write its host and path in ASCII") and the run
+    # stopped, where the other clients sent the path percent-encoded in UTF-8.
+    async with scripted(([with_length()], False)) as script:
+        url = script.url.replace("/v1", "/ok/vé/a%2Fb/v1")
+        transport = open_transport(client, url, secret="sk-test", key_source="K", timeout_s=5)
+        try:
+            assert await transport.post(BODY, IMAGE) == DECODED
+        finally:
+            await transport.aclose()
+    line = b"POST /ok/v%C3%A9/a%2Fb/v1/chat/completions HTTP/1.1\r\n"
+    assert script.requests[0].startswith(line)
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})])  # resolved by socket's own call
+@pytest.mark.parametrize("client", ["http", "aiohttp", "sdk"])
+async def test_every_client_sends_a_non_ascii_host_in_its_idna_form(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolve = socket.getaddrinfo
+    asked: list[object] = []
+
+    def loopback(host: object, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        return resolve("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback)
+    async with scripted(([with_length()], False)) as script:
+        url = script.url.replace("127.0.0.1", "Vé.example")
+        transport = open_transport(client, url, secret="sk-test", key_source="K", timeout_s=5)
+        try:
+            assert await transport.post(BODY, IMAGE) == DECODED
+        finally:
+            await transport.aclose()
+    assert asked == ["xn--v-bga.example"]
+    port = url.rsplit(":", 1)[1].removesuffix("/v1")
+    assert f"\r\nhost: xn--v-bga.example:{port}\r\n".encode() in script.requests[0].lower()
 
 
 def test_the_key_is_not_in_the_transports_repr() -> None:

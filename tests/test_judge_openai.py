@@ -355,6 +355,13 @@ def test_fingerprint_names_what_changes_scores() -> None:
         ("http://user:pw@host/v1", "holds credentials .* api_key_env names"),
         ("http://host/v1?api-version=2024-06-01", "holds a query string"),
         ("http://host/v1#top", "or fragment"),
+        # No client could send these: IDNA has no form for the host.
+        ("http://a_\u00e9.example/v1", "host IDNA cannot write"),
+        ("http://\uff4c\uff4f\uff43\uff41\uff4c/v1", "host IDNA cannot write"),
+        # Sent percent-encoded, where nobody sees it in the config.
+        ("http://127.0.0.1:18001/ok\u200b/v1", "invisible character"),
+        ("http://a\u200bb.example/v1", "invisible character"),
+        ("http://127.0.0.1:18001/ok\x00/v1", "invisible character"),
     ],
 )
 def test_every_base_url_option_refuses_what_is_not_an_http_url(url: str, message: str) -> None:

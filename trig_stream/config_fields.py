@@ -73,6 +73,13 @@ def _http_url(value: str) -> str:
     # or, in a query, a key.
     if any(char.isspace() for char in value):
         raise _unquoted_problem("holds spaces: write the URL without them (in a path, %20)")
+    if any(unicodedata.category(char) in ("Cc", "Cf") for char in value):
+        # A zero-width space, a BOM or a control character: sent percent-encoded, to a path
+        # no server has, and invisible where the config is read.
+        raise _unquoted_problem(
+            "holds an invisible character (a zero-width space, a control character): "
+            "write the URL again without it"
+        )
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - reading it checks it (out of range, not a number)
@@ -91,7 +98,33 @@ def _http_url(value: str) -> str:
             "holds a query string or fragment (?..., #...), which no request would carry as "
             "written: give the base URL without it"
         )
+    try:
+        ascii_host(parts.hostname)
+    except ValueError as exc:
+        raise _unquoted_problem(str(exc)) from None
     return value
+
+
+def ascii_host(host: str) -> str:
+    """``host`` as a request writes it: a name in another script in its IDNA form
+    (``vé.example`` -> ``xn--v-bga.example``), as aiohttp and httpx (the SDK's) write it.
+
+    Raises:
+        ValueError: the host is a name that IDNA cannot write.
+    """
+    if host.isascii():
+        return host
+    # Installed with aiohttp and with httpx, which encode hosts with it. Strict IDNA 2008,
+    # as httpx does: aiohttp maps some more (full-width letters), which httpx refuses.
+    import idna
+
+    try:
+        return idna.encode(host.lower()).decode("ascii")
+    except idna.IDNAError:
+        raise ValueError(
+            "names a host IDNA cannot write (a character no domain name holds): write the host "
+            "in ASCII, or in its xn-- form"
+        ) from None
 
 
 def _unquoted_problem(message: str) -> PydanticCustomError:

@@ -44,6 +44,7 @@ from trig_stream.backends.judges.http_errors import (
     status_error,
     timeout_error,
 )
+from trig_stream.backends.judges.server_probe import ascii_netloc, request_target
 from trig_stream.backends.judges.transports import (
     EncodedImage,
     error_body,
@@ -51,6 +52,7 @@ from trig_stream.backends.judges.transports import (
     parse_json,
     spliced_parts,
 )
+from trig_stream.config_fields import ascii_host
 from trig_stream.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
@@ -125,7 +127,10 @@ class HttpTransport:
         self._secret = secret
         self._key_source = key_source
         self._timeout_s = timeout_s
-        self._host = parts.hostname
+        try:
+            self._host = ascii_host(parts.hostname)
+        except ValueError as exc:
+            raise FatalBackendError(f"judge endpoint {url!r} {exc}") from None
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         if "@" in parts.netloc:
@@ -133,11 +138,10 @@ class HttpTransport:
                 f"judge endpoint {parts.scheme}://…@{parts.hostname}: the http client sends no "
                 "credentials from the URL; give the key with api_key_env"
             )
-        path = parts.path.rstrip("/") + "/chat/completions"
-        if not all(_header_safe(text) for text in (path, parts.netloc)) or " " in path:
-            raise FatalBackendError(
-                f"judge endpoint {url!r}: write its host and path in ASCII (percent-encoded)"
-            )
+        path = request_target(parts.path.rstrip("/") + "/chat/completions")
+        netloc = ascii_netloc(parts)
+        if not _header_safe(netloc):
+            raise FatalBackendError(f"judge endpoint {url!r}: its host holds a control character")
         key = secret or "EMPTY"
         if not _header_safe(key):  # a newline would end the header
             raise FatalBackendError(
@@ -145,7 +149,7 @@ class HttpTransport:
                 "header cannot carry (a trailing newline?)"
             )
         self._head = (
-            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {netloc}\r\n"
             "Content-Type: application/json\r\nAccept: application/json\r\n"
             f"Authorization: Bearer {key}\r\nContent-Length: "
         ).encode("ascii")

@@ -9,12 +9,14 @@ they work on any event loop and never carry the API key.
 from __future__ import annotations
 
 import math
-from urllib.parse import urlsplit
+import string
+from urllib.parse import SplitResult, quote, urlsplit
 
 import anyio
 from anyio.abc import ByteStream
 
 from trig_stream.backends.base import ServerLoad
+from trig_stream.config_fields import ascii_host
 
 MAX_BYTES = 4 * 1024**2
 """Longest answer read from a probe; a metrics page is a few tens of kilobytes."""
@@ -25,6 +27,24 @@ WAITING = "vllm:num_requests_waiting"
 def url_host(host: str) -> str:
     """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), others as they are."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def request_target(path: str) -> str:
+    """``path`` as a request line carries it: what is not printable ASCII percent-encoded in
+    UTF-8, as aiohttp and httpx send it (``/vé`` -> ``/v%C3%A9``); an ``%XX`` is kept as is."""
+    return quote(path, safe=string.punctuation)
+
+
+def ascii_netloc(parts: SplitResult) -> str:
+    """A URL's host and port as a ``Host`` header carries them: the host in its IDNA form.
+
+    Raises:
+        ValueError: the host is a name that IDNA cannot write.
+    """
+    if parts.netloc.isascii():
+        return parts.netloc
+    host = url_host(ascii_host(parts.hostname or ""))
+    return host if parts.port is None else f"{host}:{parts.port}"
 
 
 class ProbeError(Exception):
@@ -40,19 +60,23 @@ async def http_get(url: str, *, timeout_s: float) -> tuple[int, str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ProbeError(f"not an http(s) URL: {url}")
+    try:
+        host, netloc = ascii_host(parts.hostname), ascii_netloc(parts)
+    except ValueError as exc:
+        raise ProbeError(f"{url}: {exc}") from None
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 80)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    path = request_target(parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     # HTTP/1.0 asks for a plain body ended by the connection's close (never chunked).
-    request = f"GET {path} HTTP/1.0\r\nHost: {parts.netloc}\r\nAccept: */*\r\n\r\n"
+    request = f"GET {path} HTTP/1.0\r\nHost: {netloc}\r\nAccept: */*\r\n\r\n"
     data = bytearray()
     try:
         with anyio.fail_after(timeout_s):
             stream: ByteStream
             if tls:
-                stream = await anyio.connect_tcp(parts.hostname, port, tls=True)
+                stream = await anyio.connect_tcp(host, port, tls=True)
             else:
-                stream = await anyio.connect_tcp(parts.hostname, port)
+                stream = await anyio.connect_tcp(host, port)
             async with stream:
                 await stream.send(request.encode("ascii"))
                 while len(data) <= MAX_BYTES:
