@@ -34,6 +34,7 @@ from trig_stream.cli import main
 from trig_stream.errors import BackendError, FatalBackendError, RunDirError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.locks import LOCK
+from trig_stream.manifest import read_manifest
 from trig_stream.signals import interrupt_on_stop_signals, stop_signals
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 
@@ -1171,6 +1172,13 @@ def test_an_interrupted_new_run_says_how_to_resume_it(
     err = capsys.readouterr().err
     assert 'to resume, set name = "cli-2" in the config\'s [run] table' in err, err
     assert "run the same command" not in err
+    # status said "run 'cli' ...; `trig-stream run` with its config judges whatever is
+    # left": that resumes runs/cli, not this directory.
+    new_dir = tmp_path / "runs" / "cli-2"
+    assert main(["status", str(new_dir)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f'set name = "cli-2" and output_dir = "{new_dir.parent}" in' in out, out
+    assert "with its config judges whatever is left" not in out
     text = path.read_text()
     assert 'name = "cli"' in text
     path.write_text(text.replace('name = "cli"', 'name = "cli-2"'))
@@ -1178,6 +1186,11 @@ def test_an_interrupted_new_run_says_how_to_resume_it(
     assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
     assert "done: " in capsys.readouterr().err
     assert not (tmp_path / "runs" / "cli-3").exists()
+    # The resume's manifest names the run as it was resumed (it kept the first run's name).
+    assert read_manifest(new_dir).run_name == "cli-2"
+    assert main(["status", str(new_dir)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "run 'cli-2'" in out and "with its config judges whatever is left" in out
 
 
 @pytest.mark.parametrize("new_run", [False, True], ids=["resumable", "new-run"])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -263,6 +264,23 @@ def _refused_so_far(run_dir: Path) -> frozenset[int]:
     return frozenset()
 
 
+def _how_to_resume(run_dir: Path, run_name: str) -> str:
+    """What resumes the run in ``run_dir``: its config, unless the directory is not named
+    after the run (``--new-run`` made it beside the run of that name, which the config as it
+    is resumes), as a stopped ``run --new-run`` says."""
+    if run_dir.name == run_name:
+        return "`trig-stream run` with its config judges whatever is left"
+    # As TOML writes a string (a path may hold a backslash or a quote).
+    name, output_dir = (
+        json.dumps(str(text), ensure_ascii=False)
+        for text in (run_dir.name, run_dir.absolute().parent)
+    )
+    return (
+        f"to resume it, set name = {name} and output_dir = {output_dir} in its config's "
+        f"[run] table and `trig-stream run` it (as it is, the config resumes run {run_name!r})"
+    )
+
+
 def status_command(args: argparse.Namespace, console: Console) -> int:
     """``trig-stream status RUN_DIR``: the run's judgements per model, metric and status, its
     mean scores, and whether a process is writing it now."""
@@ -320,7 +338,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     out = CommandConsole(soft_wrap=True, markup=False, highlight=False)
     out.print(printable(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}"))
     if writer is None:
-        out.print("not running; `trig-stream run` with its config judges whatever is left")
+        out.print(printable(f"not running; {_how_to_resume(args.run_dir, manifest.run_name)}"))
     elif writer.starting:
         out.print(
             f"starting ({writer}): reading its journal and checking its manifest; the counts "

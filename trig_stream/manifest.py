@@ -270,7 +270,8 @@ class Manifest(BaseModel):
 
     def merged(self, other: Manifest, moved: Move | None = None) -> Manifest:
         """This manifest with the models and judges ``other`` adds, and what ``other`` says of
-        the latest run: its config, whether it retries errors, where its journal started.
+        the latest run: its name, its config, whether it retries errors, where its journal
+        started.
         An entry of ``other`` replaces this one's; one ``other`` lacks keeps its settings,
         with the paths that moved with the run directory at their new place (``moved``:
         :meth:`Move.apply`)."""
@@ -284,6 +285,7 @@ class Manifest(BaseModel):
             update={
                 "generators": {**kept(self.generators, other.generators), **other.generators},
                 "judges": {**kept(self.judges, other.judges), **other.judges},
+                "run_name": other.run_name,  # --new-run's directory, resumed under its name
                 "config": other.config,
                 "retry_errors": other.retry_errors,
                 "journal_lines": other.journal_lines,
