@@ -83,6 +83,8 @@ def test_arguments_become_options(tmp_path: Path) -> None:
     assert options_from_args(parse("--retry-after", "0.5")).retry_after == "0.5"
     asctime = "Wed Oct 21 07:28:00 2015"  # RFC 9110 has recipients accept it
     assert options_from_args(parse("--retry-after", asctime)).retry_after == asctime
+    rfc_850 = "Wednesday, 21-Oct-15 07:28:00 GMT"
+    assert options_from_args(parse("--retry-after", rfc_850)).retry_after == rfc_850
 
 
 @pytest.mark.parametrize(
@@ -144,8 +146,26 @@ def test_arguments_become_options(tmp_path: Path) -> None:
             ("--retry-after", "Mon, 01 Jan 99999999999 00:00:00 GMT"),
             "^--retry-after: 'Mon, 01 Jan 99999999999 00:00:00 GMT' is a date out of range",
         ),
-        (("--retry-after", "Mon, 01 Jan 2020 00:00:00 +99999999999999999999"), "out of range"),
+        (
+            ("--retry-after", "Mon, 01 Jan 2020 00:00:00 +99999999999999999999"),
+            "an HTTP date is in GMT",
+        ),
         (("--retry-after", "Sun Nov  6 08:49:37 99999999999"), "out of range"),
+        # A date without its zone was called out of range; dates in forms HTTP has not
+        # (another zone, no weekday) were accepted.
+        (
+            ("--retry-after", "Sun, 06 Nov 2094 08:49:37"),
+            "^--retry-after: 'Sun, 06 Nov 2094 08:49:37' has no GMT zone: an HTTP date is in "
+            "GMT \\(IMF-fixdate, RFC 850 or asctime\\)",
+        ),
+        (("--retry-after", "Sun, 06 Nov 2094 08:49:37 +0200"), "has no GMT zone"),
+        (("--retry-after", "Sunday, 06-Nov-94 08:49:37 UTC"), "has no GMT zone"),
+        (
+            ("--retry-after", "06 Nov 2094 08:49:37 GMT"),
+            "is not an HTTP date in any of its forms",
+        ),
+        (("--retry-after", "Sun, 6 Nov 2094 08:49:37 GMT"), "not an HTTP date in any of"),
+        (("--retry-after", "Sun Nov  6 08:49:37 2094 GMT"), "not an HTTP date in any of"),
         # Accepted, it made every 429 drop its connection (a newline cannot be sent).
         (("--retry-after", "1\n"), "'1\\\\n' holds a control character"),
         (

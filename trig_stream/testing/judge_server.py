@@ -49,7 +49,7 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import from_json, to_json
 
-from trig_stream.backends.judges.http_errors import parse_retry_after
+from trig_stream.backends.judges.http_errors import RETRY_AFTER_SECONDS, parse_retry_after
 from trig_stream.backends.judges.server_probe import url_host
 from trig_stream.testing.judge_images import BadRequest, image_bytes, image_url, verify_image
 from trig_stream.testing.judge_questions import (
@@ -85,6 +85,17 @@ DEFAULT_MODEL: Final = "trig-judge-sim"
 
 
 _NEGATIVE_SECONDS: Final = re.compile(r"-\d+(\.\d+)?")
+_DAY = "(Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MONTH = "(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"\d\d:\d\d:\d\d"
+_HTTP_DATE: Final = re.compile(
+    # RFC 9110's three forms: IMF-fixdate and RFC 850, in GMT (a missing or other zone is
+    # told apart), and asctime, which has no zone. Any year here: one past what a date
+    # holds is told apart too.
+    rf"(?P<zoned>{_DAY}, \d\d {_MONTH} \d+ {_TIME}|{_WEEKDAY}, \d\d-{_MONTH}-\d\d {_TIME})"
+    rf"(?P<zone> \S+)?|{_DAY} {_MONTH} [ \d]\d {_TIME} \d+"
+)
 
 
 def _retry_after(value: str) -> str:
@@ -104,19 +115,36 @@ def _retry_after(value: str) -> str:
             f"{value!r} holds a non-ASCII character, which clients read differently; give "
             "seconds in ASCII digits (1) or an HTTP date"
         )
-    if parse_retry_after({"Retry-After": value}) is None:
-        if _NEGATIVE_SECONDS.fullmatch(value.strip()):
-            raise ValueError(
-                f"{value!r} is negative: Retry-After seconds must be >= 0 (e.g. 1), or give "
-                "an HTTP date"
-            )
-        if email.utils.parsedate_tz(value) is not None:
-            raise ValueError(
-                f"{value!r} is a date out of range (its year, day, time or zone): give "
-                "seconds (1) or an HTTP date in years 1 to 9999"
-            )
-        raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
-    return value.strip()
+    stripped = value.strip()
+    if RETRY_AFTER_SECONDS.fullmatch(stripped):
+        return stripped
+    if _NEGATIVE_SECONDS.fullmatch(stripped):
+        raise ValueError(
+            f"{value!r} is negative: Retry-After seconds must be >= 0 (e.g. 1), or give "
+            "an HTTP date"
+        )
+    date = _HTTP_DATE.fullmatch(stripped)
+    if date is None:
+        if email.utils.parsedate_tz(stripped) is None:
+            raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
+        # A date the judge may read, which HTTP does not write so (no weekday, one digit
+        # for the day): a server sending it is not what a judge is tried against.
+        raise ValueError(
+            f"{value!r} is not an HTTP date in any of its forms: give seconds (1) or a date "
+            "as IMF-fixdate (Sun, 06 Nov 1994 08:49:37 GMT), RFC 850 (Sunday, 06-Nov-94 "
+            "08:49:37 GMT) or asctime (Sun Nov  6 08:49:37 1994)"
+        )
+    if date["zoned"] is not None and date["zone"] != " GMT":
+        raise ValueError(
+            f"{value!r} has no GMT zone: an HTTP date is in GMT (IMF-fixdate, RFC 850 or "
+            "asctime), e.g. Sun, 06 Nov 1994 08:49:37 GMT"
+        )
+    if parse_retry_after({"Retry-After": stripped}) is None:
+        raise ValueError(
+            f"{value!r} is a date out of range (its year, day or time): give seconds (1) or "
+            "an HTTP date in years 1 to 9999"
+        )
+    return stripped
 
 
 class JudgeServerOptions(BaseModel):
