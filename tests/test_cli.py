@@ -742,7 +742,9 @@ def test_make_tiny_models_without_the_diffusers_extra_is_one_message(
     out = tmp_path / "models"
     assert main(["make-tiny-models", str(out)]) == EXIT_FATAL
     assert " ".join(capsys.readouterr().err.split()) == (
-        f"error: {missing} is not installed; install it with: pip install 'trig-stream[diffusers]'"
+        f"error: {missing} is not installed; install it with: pip install 'trig-stream[diffusers]' "
+        "(on a machine without a GPU, from the checkout: pip install -c constraints.txt -e "
+        "'.[diffusers]', or pip resolves torch to a multi-GB CUDA build)"
     )
     assert not out.exists()
 

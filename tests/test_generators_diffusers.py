@@ -1768,7 +1768,11 @@ def test_a_pipeline_class_without_transformers_names_it(
         timeout=600,
         check=True,
     )
-    missing = "transformers is not installed; install it with: pip install 'trig-stream[diffusers]'"
+    missing = (
+        "transformers is not installed; install it with: pip install 'trig-stream[diffusers]' "
+        "(on a machine without a GPU, from the checkout: pip install -c constraints.txt -e "
+        "'.[diffusers]', or pip resolves torch to a multi-GB CUDA build)"
+    )
     assert json.loads(checked.stdout.splitlines()[-1]) == [missing, missing]
 
 

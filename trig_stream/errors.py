@@ -73,13 +73,21 @@ class FingerprintMismatch(RunDirError):
     """The run directory holds results made with settings that differ from the config."""
 
 
+TORCH_ON_THE_CPU = (
+    "on a machine without a GPU, from the checkout: pip install -c constraints.txt -e "
+    "'.[diffusers]', or pip resolves torch to a multi-GB CUDA build"
+)
+"""How the extra that brings torch installs its CPU build (the README's Installing by hand)."""
+
+
 class MissingExtraError(TrigStreamError, ImportError):
     """An optional dependency is missing; the message names the install command."""
 
     def __init__(self, package: str, extra: str) -> None:
-        super().__init__(
-            f"{package} is not installed; install it with: pip install 'trig-stream[{extra}]'"
-        )
+        message = f"{package} is not installed; install it with: pip install 'trig-stream[{extra}]'"
+        if extra == "diffusers":  # the extra that brings torch
+            message += f" ({TORCH_ON_THE_CPU})"
+        super().__init__(message)
         self.package = package
         self.extra = extra
 

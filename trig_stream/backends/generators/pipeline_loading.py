@@ -25,7 +25,12 @@ from trig_stream.backends.generators.diffusers_options import (
     size_problem,
 )
 from trig_stream.backends.generators.pipeline_calls import check_call_arguments
-from trig_stream.errors import FatalBackendError, MissingExtraError, require_installed
+from trig_stream.errors import (
+    TORCH_ON_THE_CPU,
+    FatalBackendError,
+    MissingExtraError,
+    require_installed,
+)
 from trig_stream.pipeline import describe_error
 
 logger = logging.getLogger(__name__)
@@ -175,7 +180,7 @@ def _check_not_placeholder(name: str, pipeline: str, diffusers: Any, found: Any)
         f"generator {name!r}: diffusers {diffusers.__version__} cannot use {pipeline} here: "
         f"it needs {', '.join(needs) or 'libraries'} and finds one of them missing, or of a "
         "version it does not take; install (or upgrade) them, or the diffusers extra "
-        "(pip install 'trig-stream[diffusers]')"
+        f"(pip install 'trig-stream[diffusers]'; {TORCH_ON_THE_CPU})"
     )
 
 
