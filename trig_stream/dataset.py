@@ -300,14 +300,16 @@ class DatasetSource:
         """Each record's pair by ``data_id`` (the first of a repeated one, as a run keeps),
         filters and limit not applied, reading only the identity columns; and, for each
         record a run would quarantine for its identity (an unreadable line, a bad data_id or
-        pair, a repeated data_id), why: ``record N (data_id X): reason``.
+        pair, a repeated data_id), why: ``record N (data_id X): reason``. Only a data_id
+        spelled alike is repeated here: a run's case rule is there for its image files, and
+        a reader of pairs writes none.
 
         Raises:
             DatasetError: the dataset cannot be opened.
         """
         pairs: dict[str, tuple[Dimension, Dimension]] = {}
         skipped: list[str] = []
-        taken = TakenIds()
+        taken = TakenIds(fold_case=False)
         for index, raw in enumerate(self._raw_records(identity_only=True)):
             try:
                 taken.take(raw)
@@ -672,9 +674,15 @@ class TakenIds:
     of ``Cat_1``, whose picture it would overwrite there (a data_id is ASCII, so lower case
     is its case-folded form). A run keeps one entry per sample for its whole length, so
     compact indexes rather than a set of str (~60 instead of ~100 bytes).
+
+    Args:
+        fold_case: compare ids as a file system that ignores case does; False takes only
+            an id spelled alike as a duplicate, for a reader that writes no file per sample
+            (``analyze --prompts``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, fold_case: bool = True) -> None:
+        self._fold_case = fold_case
         self._folded = StringIndex()
         self._spelled = StringIndex()
         """Each id as its record spells it, numbered as in ``_folded``: for the reason."""
@@ -688,7 +696,7 @@ class TakenIds:
         claimed = raw.key if isinstance(raw, Unreadable) else raw.get("data_id")
         if not isinstance(claimed, str) or not is_safe_name(claimed):
             return  # refused for it by _identity(), and no sample's id
-        folded = claimed.lower()
+        folded = claimed.lower() if self._fold_case else claimed
         number = self._folded.find(folded)
         if number is None:
             self._folded.add(folded)
