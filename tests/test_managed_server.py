@@ -331,15 +331,43 @@ async def test_server_dying_during_the_run_is_fatal(tmp_path: Path) -> None:
         assert server is not None and server.pid is not None
         os.killpg(server.pid, signal.SIGKILL)  # as the OOM killer would
         await wait_for(lambda: server.returncode is not None, "the server's exit")
-        # The command too: one still ending when the supervisor is seen gone is told as a
-        # supervisor killed alone.
-        await wait_for(lambda: not managed_server.group_running(server.pid), "the group's end")
         with pytest.raises(FatalBackendError) as caught:
             await judge.judge(request(tmp_path, judge))
         # Not "exited with status -9".
         message = str(caught.value)
         assert "was killed by signal 9 (SIGKILL; the OOM killer?); its last" in message
         assert "READY http://127.0.0.1" in message
+    finally:
+        await judge.aclose()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_server_holding_memory_killed_with_its_group_is_named_killed(
+    tmp_path: Path,
+) -> None:
+    # The kernel frees a large server's memory after SIGKILL for a while, in which it still
+    # is in the group and no zombie: the supervisor, reaped first, read as killed alone.
+    holding = (
+        "import runpy, sys\n"
+        "held = bytearray(256 * 2**20)\n"
+        "held[::4096] = b'x' * len(held[::4096])  # in memory, not only reserved\n"
+        "sys.argv = ['trig_stream', *sys.argv[1:]]\n"
+        "runpy.run_module('trig_stream', run_name='__main__')\n"
+    )
+    command = [sys.executable, "-c", holding, *SIMULATED[3:]]
+    judge = judge_with(serve(command))
+    await judge.open()
+    try:
+        server = judge.server
+        assert server is not None and server.pid is not None
+        os.killpg(server.pid, signal.SIGKILL)
+        await wait_for(lambda: server.returncode is not None, "the server's exit")
+        with pytest.raises(FatalBackendError) as caught:
+            await judge.judge(request(tmp_path, judge))
+        message = str(caught.value)
+        assert "was killed by signal 9 (SIGKILL; the OOM killer?); its last" in message
+        assert "supervisor" not in message
     finally:
         await judge.aclose()
 
@@ -692,6 +720,58 @@ async def test_a_killed_supervisor_is_named_and_the_exec_hint_left_out() -> None
         assert "`exec` the server" not in message
         assert f"still ran, but its supervisor (pid {server.pid}, parent_death.py)" in message
         assert "was killed by signal 9" in message
+    finally:
+        await server.aclose()
+
+
+def child_of(parent: int) -> int:
+    """The process id of ``parent``'s one child (read in ``/proc``)."""
+    (child,) = (
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if stat.exists() and stat.read_text().rpartition(")")[2].split()[1] == str(parent)
+    )
+    return child
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("ending", ["exiting", "SigPnd", "ShdPnd", None])
+async def test_a_command_killed_with_its_supervisor_is_the_server_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str | None
+) -> None:
+    # kill -9 of the server's whole group (a cgroup's OOM killer): the small supervisor was
+    # reaped while the kernel still freed the large command's memory, and the message said
+    # the server still ran, its supervisor killed alone. A copy of /proc tells the command
+    # as such a process is seen: exiting, or with the SIGKILL not yet taken.
+    server = ManagedServer(ServeOptions.model_validate(serve(SIMULATED)), name="trigscore")
+    await server.start()
+    try:
+        assert server.pid is not None
+        real = Path(f"/proc/{child_of(server.pid)}")
+        copy = tmp_path / "proc" / real.name
+        copy.mkdir(parents=True)
+        before, comm, after = real.joinpath("stat").read_text().rpartition(")")
+        fields = after.split()
+        if ending == "exiting":
+            fields[6] = str(int(fields[6]) | 0x4)  # PF_EXITING, from the start of its exit
+        copy.joinpath("stat").write_text(f"{before}{comm} {' '.join(fields)}\n")
+        lines = real.joinpath("status").read_text().splitlines()
+        pending = [
+            f"{ending}:\t0000000000000100" if line.startswith(f"{ending}:") else line
+            for line in lines
+        ]
+        copy.joinpath("status").write_text("\n".join(pending) + "\n")
+        os.kill(server.pid, signal.SIGKILL)  # the supervisor: the command runs on, for real
+        await wait_for(lambda: server.returncode is not None, "the supervisor's end")
+        monkeypatch.setattr(managed_server, "_PROC", copy.parent)
+        failure = server.failure()
+        assert failure is not None
+        message = str(failure)
+        assert "was killed by signal 9 (SIGKILL; the OOM killer?)" in message
+        assert "`exec` the server" not in message
+        supervisor = f"still ran, but its supervisor (pid {server.pid}, parent_death.py)"
+        assert (supervisor in message) == (ending is None)
     finally:
         await server.aclose()
 
