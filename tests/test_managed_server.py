@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import pytest
@@ -252,6 +252,68 @@ async def test_a_port_listened_on_at_one_address_of_the_host_name_is_refused(
         with pytest.raises(FatalBackendError, match=taken):
             await judge.open()
     assert judge.server is None or judge.server.pid is None
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+def test_a_host_name_of_an_ipv6_address_alone_is_an_address_of_this_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Debian's /etc/hosts names ::1 "ip6-localhost": the check of the host (and port = 0)
+    # bound it as IPv4 for having no ":", and refused it as no address of this machine.
+    lookup = socket.getaddrinfo
+
+    def ip6_localhost(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return lookup("::1" if host == "ip6-localhost" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", ip6_localhost)
+    table = serve(["/nonexistent/vllm", "serve", "m", "{port}"], host="ip6-localhost", port=0)
+    server = ManagedServer(ServeOptions.model_validate(table), name="trigscore")
+    server.check_host()
+    port = managed_server.free_port("ip6-localhost")
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::1", port))
+
+
+class FirstPick(socket.socket):
+    """A socket whose family's first bind to port 0 gets the port ``picks`` holds for the
+    family, as the system could have picked it."""
+
+    picks: ClassVar[dict[socket.AddressFamily, int]] = {}
+
+    def bind(self, address: Any) -> None:
+        if address[1] == 0 and self.family in self.picks:
+            address = (address[0], self.picks.pop(self.family), *address[2:])
+        super().bind(address)
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+def test_port_0_picks_a_port_free_at_every_address_of_the_host_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The port picked at 127.0.0.1 was not looked at on ::1, where another server could
+    # listen and answer /health in ours' place.
+    dual_stack_localhost(monkeypatch)
+
+    def picking(family: socket.AddressFamily) -> socket.socket:
+        sock = FirstPick(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return sock
+
+    monkeypatch.setattr(managed_server, "_listening_socket", picking)
+    with socket.socket(socket.AF_INET6) as v6, socket.socket(socket.AF_INET) as v4:
+        # Each family's first pick is the port the other family's address has taken.
+        v6.bind(("::1", 0))
+        v4.bind(("127.0.0.1", 0))
+        v6.listen()
+        v4.listen()
+        picks = {socket.AF_INET6: v4.getsockname()[1], socket.AF_INET: v6.getsockname()[1]}
+        taken = set(picks.values())
+        monkeypatch.setattr(FirstPick, "picks", picks)
+        port = managed_server.free_port("localhost")
+        assert port not in taken and socket.AF_INET6 not in picks  # picked again
+        for family, address in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+            with socket.socket(family) as sock:
+                sock.bind((address, port))
 
 
 async def test_server_never_ready_is_stopped() -> None:

@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, Any
 
 import anyio
 from anyio.abc import Process
@@ -71,6 +71,9 @@ STOP_POLL_S = 0.05
 KILLED_WAIT_S = 10.0
 """How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
 them, but one inside a GPU driver call only once the call returns)."""
+FREE_PORT_TRIES = 20
+"""Ports free at a host's first address tried, each taken at another of its addresses,
+before ``port = 0`` gives up."""
 _PROC = Path("/proc")
 """Where Linux tells each process's state."""
 _PF_EXITING = 0x4
@@ -711,10 +714,51 @@ def _stopped_with_us(argv: list[str], grace_s: float, tell: int) -> list[str]:
 
 
 def free_port(host: str) -> int:
-    """A TCP port on ``host`` that is free now."""
-    with _listening_socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free now at every address ``host`` names (``localhost``: ::1 and
+    127.0.0.1, either of which the server may listen at and the probe reach), each bound a
+    moment; one that is no address of this machine (::1 where IPv6 is off) is passed over
+    while another is.
+
+    Raises:
+        OSError: ``host`` does not resolve (:class:`socket.gaierror`), names no address of
+            this machine, or each of :data:`FREE_PORT_TRIES` ports free at its first
+            address was taken at another.
+    """
+    addresses = [
+        (family, address)
+        for family, _, _, _, address in socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    ]
+    for _ in range(FREE_PORT_TRIES):
+        port = _free_at_each(addresses)
+        if port is not None:
+            return port
+    raise OSError(errno.EADDRINUSE, f"no port free at every address of {host}")
+
+
+def _free_at_each(addresses: Sequence[tuple[socket.AddressFamily, tuple[Any, ...]]]) -> int | None:
+    """The port the first bindable address of ``addresses`` picks, if free at the others
+    too; None if one of them has it taken.
+
+    Raises:
+        OSError: a bind failed otherwise, or every address is none of this machine's.
+    """
+    port = 0
+    not_here: OSError | None = None
+    for family, address in addresses:
+        try:
+            with _listening_socket(family) as sock:
+                sock.bind((address[0], port, *address[2:]))
+                port = int(sock.getsockname()[1])
+        except OSError as exc:
+            if exc.errno in _NOT_AN_ADDRESS_HERE:
+                not_here = exc
+                continue
+            if port and exc.errno == errno.EADDRINUSE:
+                return None
+            raise
+    if not port:
+        raise not_here or OSError(errno.EADDRNOTAVAIL, "no address")
+    return port
 
 
 def _listening_socket(family: socket.AddressFamily) -> socket.socket:
