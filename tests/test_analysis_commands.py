@@ -1544,6 +1544,29 @@ def test_analyze_reads_prompts_as_a_run_does_and_skips_what_it_would_quarantine(
     assert pairs.skipped[2] == f"record 3 (data_id {first_id!r}): duplicate data_id {first_id!r}"
 
 
+def test_analyze_reads_prompts_whose_data_ids_differ_only_in_case(tmp_path: Path) -> None:
+    # A run refuses the second of "Cat_1" and "cat_1": their image files are one on a file
+    # system that ignores case. analyze writes no file per data_id, yet took the run's rule
+    # and stopped (exit 2) on a result scoring both: "cat_1 is not in the prompt file".
+    evaluation, prompts = formatted_as_evaluation("clip")
+    head = prompts[0]
+    assert isinstance(head, dict)
+    lower = head["data_id"].lower()
+    assert lower != head["data_id"]
+    prompts.append({**head, "data_id": lower})
+    evaluation[lower] = evaluation[head["data_id"]]
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--no-plots", "--prompts", str(tmp_path / "prompts.json")]
+    code, text = run_command("analyze", str(tmp_path / "eval.json"), *args)
+    assert code == 0
+    assert "skipped" not in text
+    assert json.loads((out / "evaluation_result.json").read_text()) == evaluation
+    pairs = read_prompt_pairs(tmp_path / "prompts.json")
+    assert pairs.pairs[lower] == pairs.pairs[head["data_id"]] and not pairs.skipped
+
+
 def test_the_scatter_draws_the_line_that_decides_dominance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

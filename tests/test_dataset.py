@@ -1348,16 +1348,51 @@ def test_data_ids_that_differ_only_in_case_are_duplicates(tmp_path: Path) -> Non
         (1, "duplicate data_id 'cat_1': differs only in case from 'Cat_1'"),
         (2, "duplicate data_id 'CAT_1': differs only in case from 'Cat_1'"),
     ]
-    # Those that read the run (validate, status, watch, analyze) select the same.
+    # Those that read the run (validate, status, watch, report) select the same.
     expected = {"Cat_1": ("IQ-R", "TA-C"), "cat_2": ("IQ-R", "TA-C")}
     assert source.selected_samples(refused={1, 2}) == expected
     assert source.selected_samples() == expected
+    # analyze --prompts writes no image file per data_id: each spelling has its pair.
     pairs, skipped = source.pairs_by_data_id()
-    assert pairs == expected and len(skipped) == 2
+    assert pairs == {**expected, "cat_1": ("IQ-R", "TA-C"), "CAT_1": ("R-T", "IQ-A")}
+    assert not skipped
     # A run directory an earlier version judged both in resumes with the first.
     judged = {"Cat_1": samples[0].digest, "cat_1": "judged before", "cat_2": samples[1].digest}
     again = list(DatasetSource(source.section, "t2i", judged=judged))
     assert again == [samples[0], refused[0], refused[1], samples[1]]
+
+
+@pytest.mark.parametrize("limit", [2, 3])
+def test_a_case_duplicate_an_earlier_version_judged_counts_toward_the_limit(
+    tmp_path: Path, limit: int
+) -> None:
+    # An earlier version judged both "Cat_1" and "cat_1" under the limit; refused now as a
+    # duplicate, "cat_1" still took its place there, as a sample judged and since changed
+    # does: a resume judged "cat_2", a sample past the limit, too.
+    path = tmp_path / "p.jsonl"
+    ids = ["Cat_1", "cat_1", "cat_1", "cat_2", "cat_3"]
+    pair = ("IQ-R", "TA-C")
+    records = [{"data_id": i, "prompt": "p", "dimensions": pair} for i in ids]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    section = DatasetSection(path=path, limit=limit)
+    (first, *_), _ = read(section)
+    judged = {"Cat_1": first.digest, "cat_1": "judged before"}
+    source = DatasetSource(section, "t2i", judged=judged)
+    entries = list(source)
+    # The same spelling again is a duplicate the earlier version refused too: not counted.
+    samples = [e.data_id for e in entries if isinstance(e, Sample)]
+    assert samples == ["Cat_1", "cat_2"][: limit - 1]
+    assert source.limit_reached
+    refused = {e.index for e in entries if isinstance(e, QuarantinedRecord)}
+    expected = {data_id: pair for data_id in samples}
+    assert source.selected_samples(refused=refused, judged=judged) == expected
+    identities = source.sample_identities(at_least=limit + len(refused))
+    assert identities.selected(limit, refused=refused, judged=judged) == expected
+    # Never judged, it leaves its place to the next record.
+    fresh = DatasetSource(section, "t2i", judged={"Cat_1": first.digest})
+    kept = ["Cat_1", "cat_2", "cat_3"][:limit]
+    assert [e.data_id for e in fresh if isinstance(e, Sample)] == kept
+    assert source.selected_samples(refused=refused, judged={"Cat_1"}) == dict.fromkeys(kept, pair)
 
 
 def test_a_judged_sample_refused_on_resume_for_its_source_image_counts_toward_the_limit(

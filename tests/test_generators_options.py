@@ -147,6 +147,22 @@ def test_a_source_size_past_the_largest_picture_is_refused(preset: str) -> None:
     assert DiffusersOptions.model_validate(options).spec().source_size == (8192, 8192)
 
 
+@pytest.mark.parametrize("key", ["height", "width"])
+def test_a_call_size_past_the_largest_picture_is_refused(key: str) -> None:
+    # call.height and call.width win over the bounded height and width, unbounded: an edit
+    # pipeline's source was resized to 100000 x 512 at each call (gigabytes; past 2**31
+    # Pillow's OverflowError), and validate passed.
+    other = "width" if key == "height" else "height"
+    for value in (100_000, 2**64, 4):
+        call = {key: value, other: 512}
+        with pytest.raises(ValidationError, match=rf"call\.{key}\s+.* 8 to 8192 pixels"):
+            DiffusersOptions.model_validate({"preset": "instructp2p", "call": call})
+        with pytest.raises(ValidationError, match=rf"call\.{key}\s"):
+            DiffusersOptions.model_validate({"preset": "sd15", "call": {key: value}})
+    options = {"preset": "instructp2p", "call": {key: 8192, other: 512}}
+    assert DiffusersOptions.model_validate(options).spec().call[key] == 8192
+
+
 def test_an_edit_pipeline_needs_both_sizes_or_none() -> None:
     # An edit pipeline draws at its source's size: a height alone was dropped, silently.
     for preset in ("instructp2p", "hqedit"):

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import pytest
@@ -254,6 +254,68 @@ async def test_a_port_listened_on_at_one_address_of_the_host_name_is_refused(
     assert judge.server is None or judge.server.pid is None
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+def test_a_host_name_of_an_ipv6_address_alone_is_an_address_of_this_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Debian's /etc/hosts names ::1 "ip6-localhost": the check of the host (and port = 0)
+    # bound it as IPv4 for having no ":", and refused it as no address of this machine.
+    lookup = socket.getaddrinfo
+
+    def ip6_localhost(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return lookup("::1" if host == "ip6-localhost" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", ip6_localhost)
+    table = serve(["/nonexistent/vllm", "serve", "m", "{port}"], host="ip6-localhost", port=0)
+    server = ManagedServer(ServeOptions.model_validate(table), name="trigscore")
+    server.check_host()
+    port = managed_server.free_port("ip6-localhost")
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::1", port))
+
+
+class FirstPick(socket.socket):
+    """A socket whose family's first bind to port 0 gets the port ``picks`` holds for the
+    family, as the system could have picked it."""
+
+    picks: ClassVar[dict[socket.AddressFamily, int]] = {}
+
+    def bind(self, address: Any) -> None:
+        if address[1] == 0 and self.family in self.picks:
+            address = (address[0], self.picks.pop(self.family), *address[2:])
+        super().bind(address)
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+def test_port_0_picks_a_port_free_at_every_address_of_the_host_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The port picked at 127.0.0.1 was not looked at on ::1, where another server could
+    # listen and answer /health in ours' place.
+    dual_stack_localhost(monkeypatch)
+
+    def picking(family: socket.AddressFamily) -> socket.socket:
+        sock = FirstPick(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return sock
+
+    monkeypatch.setattr(managed_server, "_listening_socket", picking)
+    with socket.socket(socket.AF_INET6) as v6, socket.socket(socket.AF_INET) as v4:
+        # Each family's first pick is the port the other family's address has taken.
+        v6.bind(("::1", 0))
+        v4.bind(("127.0.0.1", 0))
+        v6.listen()
+        v4.listen()
+        picks = {socket.AF_INET6: v4.getsockname()[1], socket.AF_INET: v6.getsockname()[1]}
+        taken = set(picks.values())
+        monkeypatch.setattr(FirstPick, "picks", picks)
+        port = managed_server.free_port("localhost")
+        assert port not in taken and socket.AF_INET6 not in picks  # picked again
+        for family, address in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+            with socket.socket(family) as sock:
+                sock.bind((address, port))
+
+
 async def test_server_never_ready_is_stopped() -> None:
     script = "import time; print('loading weights', flush=True); time.sleep(600)"
     now = [0.0]
@@ -331,15 +393,43 @@ async def test_server_dying_during_the_run_is_fatal(tmp_path: Path) -> None:
         assert server is not None and server.pid is not None
         os.killpg(server.pid, signal.SIGKILL)  # as the OOM killer would
         await wait_for(lambda: server.returncode is not None, "the server's exit")
-        # The command too: one still ending when the supervisor is seen gone is told as a
-        # supervisor killed alone.
-        await wait_for(lambda: not managed_server.group_running(server.pid), "the group's end")
         with pytest.raises(FatalBackendError) as caught:
             await judge.judge(request(tmp_path, judge))
         # Not "exited with status -9".
         message = str(caught.value)
         assert "was killed by signal 9 (SIGKILL; the OOM killer?); its last" in message
         assert "READY http://127.0.0.1" in message
+    finally:
+        await judge.aclose()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_server_holding_memory_killed_with_its_group_is_named_killed(
+    tmp_path: Path,
+) -> None:
+    # The kernel frees a large server's memory after SIGKILL for a while, in which it still
+    # is in the group and no zombie: the supervisor, reaped first, read as killed alone.
+    holding = (
+        "import runpy, sys\n"
+        "held = bytearray(256 * 2**20)\n"
+        "held[::4096] = b'x' * len(held[::4096])  # in memory, not only reserved\n"
+        "sys.argv = ['trig_stream', *sys.argv[1:]]\n"
+        "runpy.run_module('trig_stream', run_name='__main__')\n"
+    )
+    command = [sys.executable, "-c", holding, *SIMULATED[3:]]
+    judge = judge_with(serve(command))
+    await judge.open()
+    try:
+        server = judge.server
+        assert server is not None and server.pid is not None
+        os.killpg(server.pid, signal.SIGKILL)
+        await wait_for(lambda: server.returncode is not None, "the server's exit")
+        with pytest.raises(FatalBackendError) as caught:
+            await judge.judge(request(tmp_path, judge))
+        message = str(caught.value)
+        assert "was killed by signal 9 (SIGKILL; the OOM killer?); its last" in message
+        assert "supervisor" not in message
     finally:
         await judge.aclose()
 
@@ -692,6 +782,58 @@ async def test_a_killed_supervisor_is_named_and_the_exec_hint_left_out() -> None
         assert "`exec` the server" not in message
         assert f"still ran, but its supervisor (pid {server.pid}, parent_death.py)" in message
         assert "was killed by signal 9" in message
+    finally:
+        await server.aclose()
+
+
+def child_of(parent: int) -> int:
+    """The process id of ``parent``'s one child (read in ``/proc``)."""
+    (child,) = (
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if stat.exists() and stat.read_text().rpartition(")")[2].split()[1] == str(parent)
+    )
+    return child
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("ending", ["exiting", "SigPnd", "ShdPnd", None])
+async def test_a_command_killed_with_its_supervisor_is_the_server_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str | None
+) -> None:
+    # kill -9 of the server's whole group (a cgroup's OOM killer): the small supervisor was
+    # reaped while the kernel still freed the large command's memory, and the message said
+    # the server still ran, its supervisor killed alone. A copy of /proc tells the command
+    # as such a process is seen: exiting, or with the SIGKILL not yet taken.
+    server = ManagedServer(ServeOptions.model_validate(serve(SIMULATED)), name="trigscore")
+    await server.start()
+    try:
+        assert server.pid is not None
+        real = Path(f"/proc/{child_of(server.pid)}")
+        copy = tmp_path / "proc" / real.name
+        copy.mkdir(parents=True)
+        before, comm, after = real.joinpath("stat").read_text().rpartition(")")
+        fields = after.split()
+        if ending == "exiting":
+            fields[6] = str(int(fields[6]) | 0x4)  # PF_EXITING, from the start of its exit
+        copy.joinpath("stat").write_text(f"{before}{comm} {' '.join(fields)}\n")
+        lines = real.joinpath("status").read_text().splitlines()
+        pending = [
+            f"{ending}:\t0000000000000100" if line.startswith(f"{ending}:") else line
+            for line in lines
+        ]
+        copy.joinpath("status").write_text("\n".join(pending) + "\n")
+        os.kill(server.pid, signal.SIGKILL)  # the supervisor: the command runs on, for real
+        await wait_for(lambda: server.returncode is not None, "the supervisor's end")
+        monkeypatch.setattr(managed_server, "_PROC", copy.parent)
+        failure = server.failure()
+        assert failure is not None
+        message = str(failure)
+        assert "was killed by signal 9 (SIGKILL; the OOM killer?)" in message
+        assert "`exec` the server" not in message
+        supervisor = f"still ran, but its supervisor (pid {server.pid}, parent_death.py)"
+        assert (supervisor in message) == (ending is None)
     finally:
         await server.aclose()
 

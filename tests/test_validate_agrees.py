@@ -658,6 +658,37 @@ def test_a_folder_where_an_image_goes_is_refused_alike_before_its_picture_is_mad
     assert journal.read_text() == kept
 
 
+def test_validate_lists_each_model_s_images_once_rather_than_looking_at_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A look at each image to make, for every sample and model, made validate of 60k samples
+    # take 7-10 s instead of 4.4-5 s.
+    path = write_config(tmp_path, samples=6)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    images = run_dir / "images" / "t2i" / "synth"
+    journal = run_dir / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    unjudged = sorted({json.loads(line)["data_id"] for line in lines})[:4]
+    journal.write_text("".join(x for x in lines if json.loads(x)["data_id"] not in unjudged))
+    for data_id in unjudged[:2]:  # two to make again, two on disk to reuse
+        (images / f"{data_id}.png").unlink()
+    looked_at: list[str] = []
+    for name in ("stat", "lstat"):
+        look = getattr(os, name)
+
+        def spied(where: Any, *args: Any, look: Any = look, **kwargs: Any) -> os.stat_result:
+            if str(where).endswith(".png"):
+                looked_at.append(str(where))
+            return look(where, *args, **kwargs)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(os, name, spied)
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == EXIT_OK
+    assert "4 samples to judge" in capsys.readouterr().out
+    assert looked_at == []
+
+
 @pytest.mark.parametrize(
     ("written", "what"),
     [

@@ -52,6 +52,12 @@ class ChangedSinceJudged(Rejected):
     ``limit``."""
 
 
+class CaseDuplicate(Rejected):
+    """A record's data_id differs only in case from an earlier record's, and is the first
+    spelled so: a version before the case rule took it as a sample of its own, so one the
+    run directory holds judgements of still counts toward ``limit``."""
+
+
 class DatasetSource:
     """Iterates the samples a run uses, in dataset order, with malformed records set aside.
 
@@ -164,6 +170,10 @@ class DatasetSource:
                     # count() still counts it: changed since, or its source image gone, it is
                     # not replaced by a record past the limit.
                     produced += 1
+                elif isinstance(exc, CaseDuplicate):
+                    identity = self._selected_identity(raw)
+                    if identity is not None and identity[0] in self._judged:
+                        produced += 1  # as above: an earlier version judged it as a sample
                 raw_id = raw.get("data_id")
                 yield QuarantinedRecord(
                     index=index,
@@ -186,6 +196,19 @@ class DatasetSource:
         if self._pairs and unordered_pair(*dimensions) not in self._pairs:
             return False
         return bool(self.dimensions_to_judge(dimensions))
+
+    def _selected_identity(
+        self, raw: Mapping[str, Any]
+    ) -> tuple[str, tuple[Dimension, ...]] | None:
+        """A record's data_id and the dimensions judged of it, when its identity is sound
+        and the filters select it (its data_id not checked against those taken)."""
+        try:
+            data_id, dimensions = _identity(raw)
+        except Rejected:
+            return None
+        if not self._selected(dimensions):
+            return None
+        return data_id, self.dimensions_to_judge(dimensions)
 
     def count(self, given_up: threading.Event | None = None) -> int:
         """About how many samples the run selects (filters and limit applied), reading only
@@ -243,7 +266,8 @@ class DatasetSource:
         Args:
             refused: the indexes of the records the run quarantined (``quarantine.jsonl``'s
                 ``index``): left out, as :meth:`scan` leaves them out. One whose data_id is
-                in ``judged`` still counts toward ``limit``, as :meth:`scan` counts it.
+                in ``judged`` still counts toward ``limit``, as :meth:`scan` counts it (and
+                a case duplicate, refused or not: :class:`CaseDuplicate`).
             judged: the data_ids the run directory holds judgements of.
 
         Raises:
@@ -280,6 +304,12 @@ class DatasetSource:
             try:
                 taken.take(raw)
                 data_id, dimensions = _identity(raw)
+            except CaseDuplicate:
+                # Never a sample, yet counted toward the limit once judged, as scan() does.
+                identity = self._selected_identity(raw)
+                if identity is not None:
+                    identities.add(index, *identity, case_duplicate=True)
+                continue
             except Rejected:
                 continue
             if self._selected(dimensions):
@@ -300,14 +330,16 @@ class DatasetSource:
         """Each record's pair by ``data_id`` (the first of a repeated one, as a run keeps),
         filters and limit not applied, reading only the identity columns; and, for each
         record a run would quarantine for its identity (an unreadable line, a bad data_id or
-        pair, a repeated data_id), why: ``record N (data_id X): reason``.
+        pair, a repeated data_id), why: ``record N (data_id X): reason``. Only a data_id
+        spelled alike is repeated here: a run's case rule is there for its image files, and
+        a reader of pairs writes none.
 
         Raises:
             DatasetError: the dataset cannot be opened.
         """
         pairs: dict[str, tuple[Dimension, Dimension]] = {}
         skipped: list[str] = []
-        taken = TakenIds()
+        taken = TakenIds(fold_case=False)
         for index, raw in enumerate(self._raw_records(identity_only=True)):
             try:
                 taken.take(raw)
@@ -672,23 +704,33 @@ class TakenIds:
     of ``Cat_1``, whose picture it would overwrite there (a data_id is ASCII, so lower case
     is its case-folded form). A run keeps one entry per sample for its whole length, so
     compact indexes rather than a set of str (~60 instead of ~100 bytes).
+
+    Args:
+        fold_case: compare ids as a file system that ignores case does; False takes only
+            an id spelled alike as a duplicate, for a reader that writes no file per sample
+            (``analyze --prompts``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, fold_case: bool = True) -> None:
+        self._fold_case = fold_case
         self._folded = StringIndex()
         self._spelled = StringIndex()
         """Each id as its record spells it, numbered as in ``_folded``: for the reason."""
+        self._case_duplicates: set[str] = set()
+        """The other spellings met (few): a spelling's first record is a
+        :class:`CaseDuplicate`, a later one a duplicate of it as well."""
 
     def take(self, raw: Mapping[str, Any]) -> None:
         """Take the data_id ``raw`` names, when it is one a sample could have.
 
         Raises:
+            CaseDuplicate: a record read before took it in another case, none in this one.
             Rejected: a record read before took it.
         """
         claimed = raw.key if isinstance(raw, Unreadable) else raw.get("data_id")
         if not isinstance(claimed, str) or not is_safe_name(claimed):
             return  # refused for it by _identity(), and no sample's id
-        folded = claimed.lower()
+        folded = claimed.lower() if self._fold_case else claimed
         number = self._folded.find(folded)
         if number is None:
             self._folded.add(folded)
@@ -697,7 +739,11 @@ class TakenIds:
         first = self._spelled[number]
         if first == claimed:
             raise Rejected(f"duplicate data_id {claimed!r}")
-        raise Rejected(f"duplicate data_id {claimed!r}: differs only in case from {first!r}")
+        reason = f"duplicate data_id {claimed!r}: differs only in case from {first!r}"
+        if claimed in self._case_duplicates:
+            raise Rejected(reason)
+        self._case_duplicates.add(claimed)
+        raise CaseDuplicate(reason)
 
 
 def _identity(raw: Mapping[str, Any]) -> tuple[str, tuple[Dimension, Dimension]]:

@@ -15,7 +15,9 @@ from trig_stream.dimensions import Dimension
 class SampleIdentities:
     """Each record the dataset's filters select, the first of its ``data_id``, in dataset
     order: its index among all the records (as ``quarantine.jsonl``'s ``index``), data_id
-    and the dimensions judged of it; limit not applied (see :meth:`selected`).
+    and the dimensions judged of it; limit not applied (see :meth:`selected`). Also each
+    record whose data_id differs only in case from an earlier one's (the first spelled so):
+    never a sample, it counts toward the limit once judged.
 
     Kept compact for a dataset of millions of records: the indexes in an array, the
     dimensions as a number into the few distinct tuples, and the data_ids as the ``str``
@@ -31,13 +33,25 @@ class SampleIdentities:
     kinds: array[int] = field(default_factory=lambda: array("H"))
     """The number in :attr:`dimensions` of each record's dimensions."""
     dimensions: list[tuple[Dimension, ...]] = field(default_factory=list)
+    case_duplicates: set[int] = field(default_factory=set)
+    """The indexes of the records added as case duplicates (few)."""
     _numbers: dict[tuple[Dimension, ...], int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.indexes)
+        """How many records were added, case duplicates not counted."""
+        return len(self.indexes) - len(self.case_duplicates)
 
-    def add(self, index: int, data_id: str, dimensions: tuple[Dimension, ...]) -> None:
+    def add(
+        self,
+        index: int,
+        data_id: str,
+        dimensions: tuple[Dimension, ...],
+        *,
+        case_duplicate: bool = False,
+    ) -> None:
         """Add a selected record (after every one added before it)."""
+        if case_duplicate:
+            self.case_duplicates.add(index)
         number = self._numbers.get(dimensions)
         if number is None:
             number = self._numbers[dimensions] = len(self.dimensions)
@@ -57,14 +71,16 @@ class SampleIdentities:
         Args:
             limit: the dataset's ``limit``.
             refused: the indexes of the records the run quarantined: left out, except that
-                one whose data_id is in ``judged`` still counts toward ``limit``.
+                one whose data_id is in ``judged`` still counts toward ``limit``, as a case
+                duplicate does.
             judged: the data_ids the run directory holds judgements of.
         """
         samples: dict[str, tuple[Dimension, ...]] = {}
         dimensions = self.dimensions
+        case_duplicates = self.case_duplicates
         taken = 0
         for index, data_id, kind in zip(self.indexes, self.data_ids, self.kinds, strict=True):
-            if index in refused:
+            if index in refused or index in case_duplicates:
                 if data_id not in judged:
                     continue
             else:

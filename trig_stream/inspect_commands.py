@@ -47,13 +47,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     )
     from trig_stream.records import QuarantinedRecord
     from trig_stream.sourcing import Owed
-    from trig_stream.store import (
-        check_image_folders,
-        check_new_run,
-        check_resume,
-        image_file,
-        refuse_a_folder_at_an_image,
-    )
+    from trig_stream.store import ImagesOnDisk, check_image_folders, check_new_run, check_resume
 
     config = load_config(args.config)
     quiet_model_libraries()  # as ``run`` does: a class looked up prints no library's advice
@@ -111,6 +105,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     """The models that owe a judgement of a sample whose image is not on disk: the run writes
     their images. One already there is reused (generation's reusable_image), nothing written."""
     task = config.run.task
+    on_disk = ImagesOnDisk(run_dir, task)
 
     def passed_over(data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
         # The error judgements of the sample: asked again with --retry-errors, else kept.
@@ -120,15 +115,10 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
             for model in models
         )
         if not owed.finished(data_id, dimensions):
-            # A stat, not the run's decoding (a damaged image on disk is made again: seldom,
-            # not looked for); a folder where an image to make goes is refused, as the run
-            # refuses it before making the image.
+            # Each image to make: its path's length, and a folder in its place, are refused.
             for model in models:
-                if owed.todo(model, data_id, dimensions):
-                    image = image_file(run_dir, task, model, data_id)
-                    if not image.is_file():
-                        refuse_a_folder_at_an_image(image)
-                        working.add(model)
+                if owed.todo(model, data_id, dimensions) and on_disk.to_make(model, data_id):
+                    working.add(model)
             return False
         finished["judged" if owed.measured(dimensions) else "unmeasured"] += 1
         return True

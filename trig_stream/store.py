@@ -1039,6 +1039,67 @@ def image_file(path: Path, task: str, model: str, data_id: str) -> Path:
     return path / IMAGES / task / model / f"{data_id}.png"
 
 
+class ImagesOnDisk:
+    """Which images a run directory ``path`` holds for ``task`` (``trig-stream validate``):
+    each model's image folder listed once, its files and its folders by name, rather than a
+    look at each image (one per sample and model doubled validate's time on 60k samples)."""
+
+    def __init__(self, path: Path, task: str) -> None:
+        self.path = path
+        self.task = task
+        self._listed: dict[str, tuple[frozenset[str], frozenset[str]] | None] = {}
+        """Each model's image files (links to one included) and folders (not links to one),
+        by name; None where its folder cannot be listed (each image is then looked at)."""
+
+    def to_make(self, model: str, data_id: str) -> bool:
+        """Whether the run makes the image of ``data_id`` by ``model``: no image file is there
+        to reuse (looked up, not decoded as the run decodes it: a damaged image on disk is
+        made again, seldom, and not looked for).
+
+        Raises:
+            RunDirError: its path is too long (:func:`refuse_an_image_path_too_long`), or a
+                folder stands there (:func:`refuse_a_folder_at_an_image`), as the run
+                refuses it before making the image.
+        """
+        refuse_an_image_path_too_long(self.path, self.task, model, data_id)
+        if model not in self._listed:
+            folder = image_file(self.path, self.task, model, data_id).parent
+            self._listed[model] = _image_names(folder)
+        listed = self._listed[model]
+        if listed is not None:  # by name: a Path for each image took most of the time
+            files, folders = listed
+            name = f"{data_id}.png"
+            if name in files:
+                return False
+            if name not in folders:
+                return True
+        image = image_file(self.path, self.task, model, data_id)
+        if listed is None and image.is_file():
+            return False
+        refuse_a_folder_at_an_image(image)
+        return True
+
+
+def _image_names(folder: Path) -> tuple[frozenset[str], frozenset[str]] | None:
+    """The names of the files (links to one included) and of the folders (not links) in a
+    model's image ``folder``; none where it is missing (or no folder); None where it cannot
+    be listed otherwise."""
+    files: set[str] = set()
+    folders: set[str] = set()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.add(entry.name)
+                elif entry.is_file():
+                    files.add(entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return frozenset(), frozenset()
+    except OSError:
+        return None
+    return frozenset(files), frozenset(folders)
+
+
 def check_image_folders(path: Path, task: str, models: Sequence[str]) -> None:
     """Raise the error a run that writes images of ``models`` for ``task`` in the run
     directory ``path`` gets (``trig-stream validate``, for the models with an image still to

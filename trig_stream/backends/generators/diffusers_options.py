@@ -36,7 +36,8 @@ Isolation = Literal["thread", "process"]
 
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
-Side = Annotated[int, Field(ge=8, le=8192)]
+SMALLEST_SIDE, LARGEST_SIDE = 8, 8192
+Side = Annotated[int, Field(ge=SMALLEST_SIDE, le=LARGEST_SIDE)]
 """A picture's width or height in pixels: at most 8192 (a source picture resized past it
 took gigabytes, and past 2**31 Pillow's resize failed each call with an OverflowError)."""
 
@@ -241,6 +242,19 @@ class DiffusersOptions(BaseModel):
 
     @model_validator(mode="after")
     def _sizes_the_pipeline_makes(self) -> DiffusersOptions:
+        for key in ("height", "width"):
+            # call's win over the typed ones, and are bounded alike (see Side).
+            value = self.call.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue  # not a number: the pipeline's own to refuse
+            if not SMALLEST_SIDE <= value <= LARGEST_SIDE:
+                raise key_problem(
+                    type(self),
+                    ("call", key),
+                    f"{key} {value} is no picture's side: a side is {SMALLEST_SIDE} to "
+                    f"{LARGEST_SIDE} pixels, as for the typed {key}",
+                    value,
+                )
         spec = self.spec()
         problem = _size_problem(spec, spec.pipeline)
         if problem is not None:

@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, Any
 
 import anyio
 from anyio.abc import Process
@@ -71,6 +71,16 @@ STOP_POLL_S = 0.05
 KILLED_WAIT_S = 10.0
 """How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
 them, but one inside a GPU driver call only once the call returns)."""
+FREE_PORT_TRIES = 20
+"""Ports free at a host's first address tried, each taken at another of its addresses,
+before ``port = 0`` gives up."""
+_PROC = Path("/proc")
+"""Where Linux tells each process's state."""
+_PF_EXITING = 0x4
+"""The flag of ``/proc/<pid>/stat`` set from the start of a process's exit: the kernel may
+take a while to free a large process's memory before it is a zombie."""
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+"""SIGKILL's bit in ``/proc/<pid>/status``'s pending signal masks."""
 _NOT_AN_ADDRESS_HERE = frozenset({errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT})
 """How a bind says its address is none of this machine's: another machine's, a link-local IPv6
 one without an interface (``fe80::1``: EINVAL), an IPv6 one where this machine has no IPv6."""
@@ -561,7 +571,7 @@ class ManagedServer:
                 f"still ran, but its supervisor (pid {self._process.pid}, parent_death.py) "
                 f"{what}; the server is stopped too"
             )
-        if self._process is not None and group_running(self._process.pid):
+        if self._process is not None and group_running(self._process.pid, ending=False):
             what += (
                 " while processes it started still ran; they are stopped with it (a script "
                 "that starts the server must last as long as it: `exec` the server, rather "
@@ -571,7 +581,9 @@ class ManagedServer:
 
     def _supervisor_died(self) -> bool:
         """Whether the process that ended is the supervisor, and the command it started (its
-        process id as told, another than its own) still runs (Linux: read in ``/proc``)."""
+        process id as told, another than its own) still runs (Linux: read in ``/proc``),
+        not ending with it: a kill of the whole group is the server's death, however long
+        the command's memory takes to free."""
         if self._process is None:
             return False
         if self._command_pid is None and self._told is not None:
@@ -582,7 +594,7 @@ class ManagedServer:
         command, group = self._command_pid, self._process.pid
         if command is None or command == group:  # the supervisor became the command
             return False
-        return _running_in(Path(f"/proc/{command}/stat"), group)
+        return _running_in(_PROC / str(command), group, ending=False)
 
     def _scrub(self, text: str) -> str:
         return scrub_all(text, self._secrets)
@@ -702,10 +714,51 @@ def _stopped_with_us(argv: list[str], grace_s: float, tell: int) -> list[str]:
 
 
 def free_port(host: str) -> int:
-    """A TCP port on ``host`` that is free now."""
-    with _listening_socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free now at every address ``host`` names (``localhost``: ::1 and
+    127.0.0.1, either of which the server may listen at and the probe reach), each bound a
+    moment; one that is no address of this machine (::1 where IPv6 is off) is passed over
+    while another is.
+
+    Raises:
+        OSError: ``host`` does not resolve (:class:`socket.gaierror`), names no address of
+            this machine, or each of :data:`FREE_PORT_TRIES` ports free at its first
+            address was taken at another.
+    """
+    addresses = [
+        (family, address)
+        for family, _, _, _, address in socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    ]
+    for _ in range(FREE_PORT_TRIES):
+        port = _free_at_each(addresses)
+        if port is not None:
+            return port
+    raise OSError(errno.EADDRINUSE, f"no port free at every address of {host}")
+
+
+def _free_at_each(addresses: Sequence[tuple[socket.AddressFamily, tuple[Any, ...]]]) -> int | None:
+    """The port the first bindable address of ``addresses`` picks, if free at the others
+    too; None if one of them has it taken.
+
+    Raises:
+        OSError: a bind failed otherwise, or every address is none of this machine's.
+    """
+    port = 0
+    not_here: OSError | None = None
+    for family, address in addresses:
+        try:
+            with _listening_socket(family) as sock:
+                sock.bind((address[0], port, *address[2:]))
+                port = int(sock.getsockname()[1])
+        except OSError as exc:
+            if exc.errno in _NOT_AN_ADDRESS_HERE:
+                not_here = exc
+                continue
+            if port and exc.errno == errno.EADDRINUSE:
+                return None
+            raise
+    if not port:
+        raise not_here or OSError(errno.EADDRNOTAVAIL, "no address")
+    return port
 
 
 def _listening_socket(family: socket.AddressFamily) -> socket.socket:
@@ -729,12 +782,19 @@ def _signal_group(process: Process, signum: signal.Signals) -> None:
         pass  # every process of it has ended
 
 
-def group_running(group: int) -> bool:
+def group_running(group: int, *, ending: bool = True) -> bool:
     """Whether a process of process group ``group`` runs.
 
     A zombie (ended, waiting to be reaped) does not count: where PID 1 reaps no orphans (a
     container's own program), an ended server process stays one for good, and every stop
     would wait out its grace period for it.
+
+    Args:
+        group: the process group.
+        ending: whether a process that is ending counts: one exiting (its memory still
+            being freed) or one a SIGKILL is pending for. A stop waits for it (it holds
+            its GPU until it is gone); what tells why the server ended does not count it,
+            as it was killed with what ended (Linux only; elsewhere it always counts).
     """
     if not hasattr(os, "killpg"):  # pragma: no cover - no process groups here
         return False
@@ -746,14 +806,31 @@ def group_running(group: int) -> bool:
         return True  # one runs, as another user (a setuid program)
     if not sys.platform.startswith("linux"):
         return True
-    return any(_running_in(stat_path, group) for stat_path in Path("/proc").glob("[0-9]*/stat"))
+    processes = _PROC.glob("[0-9]*")
+    return any(_running_in(process, group, ending=ending) for process in processes)
 
 
-def _running_in(stat_path: Path, group: int) -> bool:
+def _running_in(process: Path, group: int, *, ending: bool) -> bool:
+    """Whether the process of ``/proc/<pid>`` folder ``process`` runs in ``group`` (see
+    :func:`group_running` for ``ending``)."""
     try:
-        stat = stat_path.read_bytes()
+        # Its pending signals before its state: a SIGKILL is taken off them only once the
+        # process is exiting, so one seen in neither was not killed when status was read.
+        status = b"" if ending else (process / "status").read_bytes()
+        stat = (process / "stat").read_bytes()
     except OSError:
         return False  # it has ended meanwhile
-    # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+    # pid (comm) state ppid pgrp session tty_nr tpgid flags ...; comm may hold spaces and
+    # parentheses.
     fields = stat[stat.rfind(b")") + 2 :].split()
-    return len(fields) > 2 and int(fields[2]) == group and fields[0] not in (b"Z", b"X")
+    if len(fields) < 7 or int(fields[2]) != group or fields[0] in (b"Z", b"X"):
+        return False
+    if ending:
+        return True
+    if int(fields[6]) & _PF_EXITING:
+        return False
+    for line in status.splitlines():
+        name, _, mask = line.partition(b":")
+        if name in (b"SigPnd", b"ShdPnd") and int(mask, 16) & _SIGKILL_BIT:
+            return False
+    return True
