@@ -25,7 +25,7 @@ from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
 from trig_stream.backends import library_logs
 from trig_stream.backends.base import JudgeRequest
-from trig_stream.backends.judges import managed_server
+from trig_stream.backends.judges import managed_server, process_groups, server_addresses
 from trig_stream.backends.judges.managed_server import (
     TAIL_BYTES,
     TAIL_LINES,
@@ -269,7 +269,7 @@ def test_a_host_name_of_an_ipv6_address_alone_is_an_address_of_this_machine(
     table = serve(["/nonexistent/vllm", "serve", "m", "{port}"], host="ip6-localhost", port=0)
     server = ManagedServer(ServeOptions.model_validate(table), name="trigscore")
     server.check_host()
-    port = managed_server.free_port("ip6-localhost")
+    port = server_addresses.free_port("ip6-localhost")
     with socket.socket(socket.AF_INET6) as sock:
         sock.bind(("::1", port))
 
@@ -299,7 +299,7 @@ def test_port_0_picks_a_port_free_at_every_address_of_the_host_name(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         return sock
 
-    monkeypatch.setattr(managed_server, "_listening_socket", picking)
+    monkeypatch.setattr(server_addresses, "listening_socket", picking)
     with socket.socket(socket.AF_INET6) as v6, socket.socket(socket.AF_INET) as v4:
         # Each family's first pick is the port the other family's address has taken.
         v6.bind(("::1", 0))
@@ -309,7 +309,7 @@ def test_port_0_picks_a_port_free_at_every_address_of_the_host_name(
         picks = {socket.AF_INET6: v4.getsockname()[1], socket.AF_INET: v6.getsockname()[1]}
         taken = set(picks.values())
         monkeypatch.setattr(FirstPick, "picks", picks)
-        port = managed_server.free_port("localhost")
+        port = server_addresses.free_port("localhost")
         assert port not in taken and socket.AF_INET6 not in picks  # picked again
         for family, address in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
             with socket.socket(family) as sock:
@@ -826,7 +826,7 @@ async def test_a_command_killed_with_its_supervisor_is_the_server_killed(
         copy.joinpath("status").write_text("\n".join(pending) + "\n")
         os.kill(server.pid, signal.SIGKILL)  # the supervisor: the command runs on, for real
         await wait_for(lambda: server.returncode is not None, "the supervisor's end")
-        monkeypatch.setattr(managed_server, "_PROC", copy.parent)
+        monkeypatch.setattr(process_groups, "_PROC", copy.parent)
         failure = server.failure()
         assert failure is not None
         message = str(failure)

@@ -30,7 +30,6 @@ environment, so export the key (``VLLM_API_KEY``) instead.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -44,13 +43,24 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated
 
 import anyio
 from anyio.abc import Process
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.api_keys import SHORT_KEY_CHARS, scrub, scrub_all
+from trig_stream.backends.judges.process_groups import (
+    group_running,
+    process_running,
+    signal_group,
+)
+from trig_stream.backends.judges.server_addresses import (
+    NOT_AN_ADDRESS_HERE,
+    free_port,
+    hosts_overlap,
+    listening_socket,
+)
 from trig_stream.backends.judges.server_probe import ProbeError, http_get, url_host
 from trig_stream.backends.library_logs import environment_unquieted
 from trig_stream.config_fields import OPTIONS_CONFIG
@@ -71,19 +81,6 @@ STOP_POLL_S = 0.05
 KILLED_WAIT_S = 10.0
 """How long a stop waits for the server's processes to end after SIGKILL (the kernel ends
 them, but one inside a GPU driver call only once the call returns)."""
-FREE_PORT_TRIES = 20
-"""Ports free at a host's first address tried, each taken at another of its addresses,
-before ``port = 0`` gives up."""
-_PROC = Path("/proc")
-"""Where Linux tells each process's state."""
-_PF_EXITING = 0x4
-"""The flag of ``/proc/<pid>/stat`` set from the start of a process's exit: the kernel may
-take a while to free a large process's memory before it is a zombie."""
-_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
-"""SIGKILL's bit in ``/proc/<pid>/status``'s pending signal masks."""
-_NOT_AN_ADDRESS_HERE = frozenset({errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT})
-"""How a bind says its address is none of this machine's: another machine's, a link-local IPv6
-one without an interface (``fe80::1``: EINVAL), an IPv6 one where this machine has no IPv6."""
 _LINE_END = re.compile(rb"[\r\n]")
 _KEY_FLAG = re.compile(r"--?(?:[^\W_]+[-_])*(?:key|token|apikey)", re.IGNORECASE)
 """A command-line flag whose value is a key: its last ``-``/``_``-separated word is ``key``,
@@ -431,7 +428,7 @@ class ManagedServer:
         bound = False
         for family, _, _, _, address in addresses:
             try:
-                with _listening_socket(family) as sock:
+                with listening_socket(family) as sock:
                     sock.bind(address)
             except OSError as exc:
                 if self._host_error(exc) is not None:
@@ -449,8 +446,8 @@ class ManagedServer:
 
     def _host_error(self, exc: OSError) -> FatalBackendError | None:
         """The error for a ``serve.host`` that is no address of this machine (no such host, or
-        one a bind refuses: :data:`_NOT_AN_ADDRESS_HERE`), else None."""
-        if not isinstance(exc, socket.gaierror) and exc.errno not in _NOT_AN_ADDRESS_HERE:
+        one a bind refuses: :data:`NOT_AN_ADDRESS_HERE`), else None."""
+        if not isinstance(exc, socket.gaierror) and exc.errno not in NOT_AN_ADDRESS_HERE:
             return None
         return FatalBackendError(
             f"judge {self.name!r}: options.serve.host {self.options.host!r} is not an address "
@@ -529,10 +526,10 @@ class ManagedServer:
             await process.wait()
             return
         if not self._stop_now:
-            _signal_group(process, signal.SIGTERM)
+            signal_group(process, signal.SIGTERM)
             await self._until_ended(process, self.options.stop_timeout_s, cut_short=True)
         if await self._running(process):
-            _signal_group(process, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
             if not await self._until_ended(process, KILLED_WAIT_S):
                 logger.warning(
                     "judge %r: processes of its server (group %d) still run %g s after SIGKILL",
@@ -594,7 +591,7 @@ class ManagedServer:
         command, group = self._command_pid, self._process.pid
         if command is None or command == group:  # the supervisor became the command
             return False
-        return _running_in(_PROC / str(command), group, ending=False)
+        return process_running(command, group)
 
     def _scrub(self, text: str) -> str:
         return scrub_all(text, self._secrets)
@@ -644,7 +641,7 @@ def check_distinct_addresses(judges: Sequence[object]) -> None:
             continue
         name = str(getattr(judge, "name", "?"))
         for other_name, other in fixed:
-            if other.port == serve.port and _hosts_overlap(other.host, serve.host):
+            if other.port == serve.port and hosts_overlap(other.host, serve.host):
                 raise ConfigError(
                     f"judges {other_name!r} and {name!r}: both serve tables start a server on "
                     f"port {serve.port} ({other.host} and {serve.host}), and the second could "
@@ -652,52 +649,6 @@ def check_distinct_addresses(judges: Sequence[object]) -> None:
                     "options.serve.port (or 0, a free port each)"
                 )
         fixed.append((name, serve))
-
-
-def _hosts_overlap(first: str, second: str) -> bool:
-    """Whether servers listening on ``first`` and ``second`` (at one port) would clash.
-
-    Each host is resolved to its addresses (``127.1`` is ``127.0.0.1``, a host name the
-    addresses it stands for, an IPv6 address however written); hosts that resolve to a
-    common address, or where one is a wildcard covering the other, clash; so do hosts whose
-    spelling says so (``localhost`` and a loopback address). A host that does not resolve is
-    compared by its spelling alone (the run reports it as no address of this machine).
-    """
-    if _spellings_overlap(first, second):
-        return True  # localhost and ::1 too, where localhost resolves to 127.0.0.1 alone
-    first_addresses, second_addresses = _addresses(first), _addresses(second)
-    if first_addresses is None or second_addresses is None:
-        return False
-    if first_addresses & second_addresses or "::" in first_addresses | second_addresses:
-        return True
-    for one, other in ((first_addresses, second_addresses), (second_addresses, first_addresses)):
-        if "0.0.0.0" in one and any(":" not in address for address in other):
-            return True  # every IPv4 address
-    return False
-
-
-def _addresses(host: str) -> set[str] | None:
-    """The addresses ``host`` stands for, each as the system writes it; None if it does not
-    resolve."""
-    try:
-        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return None
-    return {str(info[4][0]).split("%")[0] for info in found}
-
-
-def _spellings_overlap(first: str, second: str) -> bool:
-    """:func:`_hosts_overlap` by the hosts' spelling alone."""
-    first, second = first.lower(), second.lower()
-    if first == second or "::" in (first, second):
-        return True
-    if "0.0.0.0" in (first, second):
-        other = second if first == "0.0.0.0" else first
-        return ":" not in other  # an IPv4 address or a host name
-    if "localhost" in (first, second):
-        other = second if first == "localhost" else first
-        return other in ("127.0.0.1", "::1")
-    return False
 
 
 def _stopped_with_us(argv: list[str], grace_s: float, tell: int) -> list[str]:
@@ -711,126 +662,3 @@ def _stopped_with_us(argv: list[str], grace_s: float, tell: int) -> list[str]:
     script = Path(__file__).with_name("parent_death.py")
     grace = f"{grace_s:g}"
     return [sys.executable, "-I", "-S", str(script), str(os.getpid()), grace, str(tell), *argv]
-
-
-def free_port(host: str) -> int:
-    """A TCP port free now at every address ``host`` names (``localhost``: ::1 and
-    127.0.0.1, either of which the server may listen at and the probe reach), each bound a
-    moment; one that is no address of this machine (::1 where IPv6 is off) is passed over
-    while another is.
-
-    Raises:
-        OSError: ``host`` does not resolve (:class:`socket.gaierror`), names no address of
-            this machine, or each of :data:`FREE_PORT_TRIES` ports free at its first
-            address was taken at another.
-    """
-    addresses = [
-        (family, address)
-        for family, _, _, _, address in socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
-    ]
-    for _ in range(FREE_PORT_TRIES):
-        port = _free_at_each(addresses)
-        if port is not None:
-            return port
-    raise OSError(errno.EADDRINUSE, f"no port free at every address of {host}")
-
-
-def _free_at_each(addresses: Sequence[tuple[socket.AddressFamily, tuple[Any, ...]]]) -> int | None:
-    """The port the first bindable address of ``addresses`` picks, if free at the others
-    too; None if one of them has it taken.
-
-    Raises:
-        OSError: a bind failed otherwise, or every address is none of this machine's.
-    """
-    port = 0
-    not_here: OSError | None = None
-    for family, address in addresses:
-        try:
-            with _listening_socket(family) as sock:
-                sock.bind((address[0], port, *address[2:]))
-                port = int(sock.getsockname()[1])
-        except OSError as exc:
-            if exc.errno in _NOT_AN_ADDRESS_HERE:
-                not_here = exc
-                continue
-            if port and exc.errno == errno.EADDRINUSE:
-                return None
-            raise
-    if not port:
-        raise not_here or OSError(errno.EADDRNOTAVAIL, "no address")
-    return port
-
-
-def _listening_socket(family: socket.AddressFamily) -> socket.socket:
-    """An unbound TCP socket of ``family``, set up as a server sets up its own.
-
-    ``SO_REUSEADDR`` as servers set it (uvicorn, aiohttp): a bind then fails only where a socket
-    listens, not where closed connections linger in TIME_WAIT.
-    """
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    return sock
-
-
-def _signal_group(process: Process, signum: signal.Signals) -> None:
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(process.pid, signum)
-        elif process.returncode is None:  # pragma: no cover - no process groups here
-            process.send_signal(signum)
-    except ProcessLookupError:
-        pass  # every process of it has ended
-
-
-def group_running(group: int, *, ending: bool = True) -> bool:
-    """Whether a process of process group ``group`` runs.
-
-    A zombie (ended, waiting to be reaped) does not count: where PID 1 reaps no orphans (a
-    container's own program), an ended server process stays one for good, and every stop
-    would wait out its grace period for it.
-
-    Args:
-        group: the process group.
-        ending: whether a process that is ending counts: one exiting (its memory still
-            being freed) or one a SIGKILL is pending for. A stop waits for it (it holds
-            its GPU until it is gone); what tells why the server ended does not count it,
-            as it was killed with what ended (Linux only; elsewhere it always counts).
-    """
-    if not hasattr(os, "killpg"):  # pragma: no cover - no process groups here
-        return False
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # one runs, as another user (a setuid program)
-    if not sys.platform.startswith("linux"):
-        return True
-    processes = _PROC.glob("[0-9]*")
-    return any(_running_in(process, group, ending=ending) for process in processes)
-
-
-def _running_in(process: Path, group: int, *, ending: bool) -> bool:
-    """Whether the process of ``/proc/<pid>`` folder ``process`` runs in ``group`` (see
-    :func:`group_running` for ``ending``)."""
-    try:
-        # Its pending signals before its state: a SIGKILL is taken off them only once the
-        # process is exiting, so one seen in neither was not killed when status was read.
-        status = b"" if ending else (process / "status").read_bytes()
-        stat = (process / "stat").read_bytes()
-    except OSError:
-        return False  # it has ended meanwhile
-    # pid (comm) state ppid pgrp session tty_nr tpgid flags ...; comm may hold spaces and
-    # parentheses.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if len(fields) < 7 or int(fields[2]) != group or fields[0] in (b"Z", b"X"):
-        return False
-    if ending:
-        return True
-    if int(fields[6]) & _PF_EXITING:
-        return False
-    for line in status.splitlines():
-        name, _, mask = line.partition(b":")
-        if name in (b"SigPnd", b"ShdPnd") and int(mask, 16) & _SIGKILL_BIT:
-            return False
-    return True
