@@ -2713,6 +2713,23 @@ async def test_a_stop_waiting_keyboard_interrupt_still_closes_the_engine(
         assert (await again.drain()).state == "done"
 
 
+async def test_a_stop_waiting_keyboard_interrupt_the_blocks_own_error_leaves_before_is_noted(
+    make_config: ConfigFactory,
+) -> None:
+    # The block's own exception leaves, as ever, but the interrupt was dropped without a
+    # word of it.
+    config = make_config(samples=4)
+    engine = Engine(config, generators=[StopWaitingRaises("synth", KeyboardInterrupt())])
+    with pytest.raises(ValueError, match="the block's own"):
+        async with engine:
+            raise ValueError("the block's own")
+    assert engine.stats().state == "cancelled"
+    assert engine.stats().notes == (
+        "a generator's stop_waiting() raised KeyboardInterrupt as the engine closed: dropped, "
+        "as ValueError: the block's own left the block",
+    )
+
+
 class StopNowRaises(FakeJudge):
     """A fake judge whose ``stop_now()`` raises ``error`` (a backend's bug)."""
 
