@@ -170,27 +170,6 @@ def test_an_image_costs_the_tracker_a_few_dozen_bytes() -> None:
     assert per_image < 120
 
 
-def assert_same_images(live: ModelAnalysis, batch: ModelAnalysis) -> None:
-    """:func:`assert_same`, but the pairs and their points in any order: a data_id judged
-    under a second pair keeps, in the batch path, the place its key first had."""
-    assert live.dtm == batch.dtm
-    assert live.dimension_counts == batch.dimension_counts
-    for dim, mean in live.dimension_means.items():
-        assert same_number(mean, batch.dimension_means[dim])
-    mine, theirs = ({p.pair: p for p in a.pairs} for a in (live, batch))
-    assert mine.keys() == theirs.keys()
-    for pair, stats in mine.items():
-        for name in stats.__slots__:
-            value, expected = getattr(stats, name), getattr(theirs[pair], name)
-            assert (
-                same_number(value, expected) if isinstance(value, float) else value == expected
-            ), (pair, name)
-        points = [live.points[pair], batch.points[pair]]
-        assert [sorted(zip(p.data_ids, p.x, p.y, strict=True)) for p in points] == [
-            sorted(zip(points[1].data_ids, points[1].x, points[1].y, strict=True))
-        ] * 2
-
-
 def test_a_key_judged_again_under_another_pair_leaves_its_old_pair() -> None:
     # A dataset edit reversed the pair of samples 13..24, whose judgements had all failed;
     # judged again (retry_errors), the live tracker kept them in IQ-R_TA-C too: n=12,
@@ -227,7 +206,7 @@ def test_a_key_judged_again_under_another_pair_leaves_its_old_pair() -> None:
     ]
     tracker.extend(back)
     assert [p.pair for p in tracker.analysis("a").pairs] == ["TA-C_IQ-R"]
-    assert_same_images(
+    assert_same(
         tracker.analysis("a"), analyse_judgements([*first, *again, *back])[("a", "trigscore")]
     )
 
@@ -261,12 +240,12 @@ def test_a_sample_judged_again_under_an_edited_pair_leaves_its_old_pair_whole() 
     live = tracker.analysis("a")
     assert [(p.pair, p.n, p.excluded) for p in live.pairs] == [(old, 1, 1)]
     assert live.dimension_counts == {"IQ-A": 2, "TA-S": 1}
-    assert_same_images(live, analyse_judgements([*stays, *moved, *back])[("a", "trigscore")])
+    assert_same(live, analyse_judgements([*stays, *moved, *back])[("a", "trigscore")])
     tracker = RelationTracker()
     tracker.extend(stays + moved)
     live = tracker.analysis("a")
     assert [(p.pair, p.n, p.excluded) for p in live.pairs] == [(old, 1, 0), (new, 1, 0)]
-    assert_same_images(live, analyse_judgements([*stays, *moved])[("a", "trigscore")])
+    assert_same(live, analyse_judgements([*stays, *moved])[("a", "trigscore")])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -285,8 +264,11 @@ def test_live_equals_batch_when_samples_change_pair(seed: int) -> None:
     for point in checkpoints:
         tracker.extend(judgements[done:point])
         done = point
-        batch = analyse_judgements(judgements[:point])
-        assert_same_images(tracker.analysis("a"), batch[("a", "trigscore")])
+        live, batch = tracker.analysis("a"), analyse_judgements(judgements[:point])
+        # The report listed the pairs in another order than the dashboard (assert_same
+        # compares them in order), and summed the means in another: the last bit differed.
+        assert_same(live, batch[("a", "trigscore")])
+        assert live.dimension_means == batch[("a", "trigscore")].dimension_means
 
 
 def test_live_equals_batch_half_way_through_an_image_after_the_buffers_grew() -> None:

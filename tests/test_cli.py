@@ -451,6 +451,42 @@ def test_validate_ends_as_the_run_does_when_a_check_raises_what_ends_a_process(
     assert not (tmp_path / "runs" / "cli").exists()  # neither made the run directory
 
 
+@pytest.mark.parametrize(
+    ("backend", "hook", "commands"),
+    [
+        (SyntheticGenerator, "fingerprint", ["validate", "run"]),
+        (FakeJudge, "fingerprint", ["validate", "run"]),
+        (FakeJudge, "connections", ["validate", "run"]),
+        (FakeJudge, "opens_slowly", ["validate", "run"]),
+        (FakeJudge, "opening", ["run"]),
+    ],
+)
+def test_a_ctrl_c_while_a_backend_hook_runs_exits_130(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    backend: type[SyntheticGenerator | FakeJudge],
+    hook: str,
+    commands: list[str],
+) -> None:
+    # A Ctrl-C (or a stop signal, turned into a KeyboardInterrupt) while the hook ran was
+    # the backend's fault: exit 4, "its fingerprint() raised KeyboardInterrupt ... fix the
+    # cause". A hook raising it stands in for the Ctrl-C.
+    path = write_config(tmp_path, samples=2)
+    # A journal to resume, or opens_slowly() is not asked.
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    capsys.readouterr()
+
+    def interrupted(self: object, *args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backend, hook, interrupted)
+    for command in commands:
+        options = ["--headless", "--no-report"] if command == "run" else []
+        assert main([command, str(path), *options]) == EXIT_INTERRUPTED
+        assert "KeyboardInterrupt" not in capsys.readouterr().err
+
+
 def test_validate_lists_the_records_edited_since_they_were_judged(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -309,6 +309,50 @@ async def test_a_stop_while_a_generator_checks_its_environment_ends_the_opening(
     assert await anyio.to_thread.run_sync(generator.checked.wait, 10)
 
 
+class StopLoadingRaises(ChecksUntilLet):
+    """A :class:`ChecksUntilLet` whose ``stop_loading()`` raises ``error`` (a backend's bug,
+    a library calling ``sys.exit()``)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def stop_loading(self) -> None:
+        super().stop_loading()
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [(RuntimeError("broken"), "RuntimeError: broken"), (SystemExit(3), "SystemExit: 3")],
+    ids=["exception", "system-exit"],
+)
+async def test_a_stop_loading_that_raises_as_a_stop_ends_the_check_is_a_note(
+    make_config: ConfigFactory, error: BaseException, said: str
+) -> None:
+    # A SystemExit left the engine raw, in a BaseExceptionGroup: `run` exited 3 ("run
+    # directory in use"), not a word of the generator; a RuntimeError was only logged.
+    config = make_config(samples=4)
+    generator = StopLoadingRaises(error)
+    engine = Engine(config, generators=[generator])
+
+    async def stop_while_checking() -> None:
+        await anyio.to_thread.run_sync(generator.checking.wait, 10)
+        engine.stop()
+
+    try:
+        with anyio.fail_after(10):  # a safety net: the stop ends the opening at once
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop_while_checking)
+                async with engine:
+                    summary = await engine.drain()
+    finally:
+        generator.release.set()
+    assert summary.state == "stopped" and generator.stopped.is_set()
+    assert f"generator 'synth': stop_loading() failed: {said}" in engine.stats().notes
+    assert await anyio.to_thread.run_sync(generator.checked.wait, 10)
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio has no cancel outside its scopes
 @pytest.mark.parametrize("resumed", [False, True], ids=["made", "resumed"])
 async def test_a_native_asyncio_cancel_while_the_run_directory_opens_leaves_it_closed(

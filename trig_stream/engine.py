@@ -428,6 +428,27 @@ class Engine:
                 self._cancel_work()
             except KeyboardInterrupt as raised:  # a generator's stop_waiting(), told to stop
                 interrupt = raised  # it leaves once the engine has closed, not before
+        try:
+            suppress = await self._close_after_block(exc_type, exc, tb)
+        except BaseException as leaving:
+            if interrupt is not None:  # the block's own exception or the run's error leaves
+                self._note_dropped_interrupt(leaving)
+            raise
+        if interrupt is not None:
+            if exc is None:
+                raise interrupt
+            self._note_dropped_interrupt(exc)
+        return suppress
+
+    async def _close_after_block(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        """The end of :meth:`__aexit__`, once the work is cancelled: the task group left,
+        then the engine closed; what leaves is the run's error or the block's own."""
+        assert self._task_group is not None
         failure: BaseException | None = None  # the run's error, to raise after the handler
         try:
             suppress = await self._task_group.__aexit__(exc_type, exc, tb)
@@ -462,9 +483,15 @@ class Engine:
             raise failure
         if self._state not in ("done", "stopped", "failed"):
             self._state = "cancelled"
-        if interrupt is not None and exc is None:  # else the block's own leaves, as ever
-            raise interrupt
         return suppress
+
+    def _note_dropped_interrupt(self, leaving: BaseException) -> None:
+        """Note a generator's KeyboardInterrupt that ``leaving`` ends the block instead of: one
+        exception leaves, and it must not go unseen."""
+        self._counters.notes.append(
+            "a generator's stop_waiting() raised KeyboardInterrupt as the engine closed: "
+            f"dropped, as {describe_error(leaving)} left the block"
+        )
 
     async def _close_resources(self) -> None:
         if self._closed:

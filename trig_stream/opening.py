@@ -66,7 +66,8 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
     Raises:
         FatalBackendError: a judge failed to open with an error of its own (not one of
             ours), ``SystemExit``, ``KeyboardInterrupt`` and a ``CancelledError`` while the
-            run is not cancelled included, or its ``opening()`` raised.
+            run is not cancelled included, or its ``opening()`` raised (``SystemExit``
+            included; a ``KeyboardInterrupt`` there is a Ctrl-C and goes on).
     """
     for judge in judges:
         try:
@@ -76,7 +77,7 @@ async def open_judges(judges: Iterable[Judge], opening: Callable[[str], None]) -
                 f"judge {judge.name!r} is broken: opening() raised {describe_error(exc)} (a "
                 "fault of its code or a library it uses: fix it, or report it to its authors)"
             ) from exc
-        except (SystemExit, KeyboardInterrupt) as exc:
+        except SystemExit as exc:  # a KeyboardInterrupt here is a Ctrl-C: it goes on
             raise exiting_error(exc, f"judge {judge.name!r}: its opening()") from exc
         opening(f"judge {judge.name!r}: {what}")
         try:
@@ -133,7 +134,7 @@ def judges_open_slowly(judges: Iterable[Judge]) -> bool:
 
     Raises:
         FatalBackendError: a judge's ``opens_slowly()`` raised (its own bug), ``SystemExit``
-            and ``KeyboardInterrupt`` included.
+            included (a ``KeyboardInterrupt`` is a Ctrl-C: it goes on).
     """
     for judge in judges:
         try:
@@ -143,7 +144,7 @@ def judges_open_slowly(judges: Iterable[Judge]) -> bool:
             raise FatalBackendError(
                 f"judge {judge.name!r} is broken: opens_slowly() raised {describe_error(exc)}"
             ) from exc
-        except (SystemExit, KeyboardInterrupt) as exc:
+        except SystemExit as exc:  # a KeyboardInterrupt here is a Ctrl-C: it goes on
             raise exiting_error(exc, f"judge {judge.name!r}: its opens_slowly()") from exc
     return False
 

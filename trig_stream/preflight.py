@@ -197,17 +197,19 @@ def _backend_call(
     backend: Generator | Judge, call: str, method: Callable[[], T], *, in_thread: bool = False
 ) -> T:
     """``method()``, with an exception it was not meant to raise turned into the error that
-    stops the run, named with the backend and ``call`` ("fingerprint()"); ``in_thread``: it
-    runs in a worker thread, whose caller names a ``SystemExit`` or ``KeyboardInterrupt``."""
+    stops the run, named with the backend and ``call`` ("fingerprint()"), ``SystemExit``
+    included, a ``KeyboardInterrupt`` let through (a Ctrl-C); ``in_thread``: it runs in a
+    worker thread, whose caller names a ``SystemExit`` or ``KeyboardInterrupt``."""
     try:
         return method()
     except TrigStreamError:
         raise
-    except (SystemExit, KeyboardInterrupt) as exc:
+    except SystemExit as exc:
         if in_thread:
             raise
         # A library calling sys.exit(), say: let out, it ended `run` and `validate` with its
-        # exit code (3 reads as "run directory in use") and no word of the backend.
+        # exit code (3 reads as "run directory in use") and no word of the backend. A
+        # KeyboardInterrupt goes on: in this thread it is a Ctrl-C or a stop signal (exit 130).
         raise exiting_error(exc, f"{backend_label(backend)}: its {call}") from exc
     except OSError as exc:  # this machine's: a file it cannot read, a folder not there
         raise FatalBackendError(

@@ -20,7 +20,6 @@ engine's ``stop()`` and ``cancel()``).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, MutableSequence, Sequence
 from functools import partial
 
@@ -41,6 +40,7 @@ from trig_stream.opening import (
     open_run_dir,
     work_left_in_thread,
 )
+from trig_stream.pipeline import describe_error
 from trig_stream.preflight import (
     BackendOwner,
     backend_label,
@@ -54,8 +54,6 @@ from trig_stream.preflight import (
 from trig_stream.records import JudgeFingerprint
 from trig_stream.store import RunDir
 
-logger = logging.getLogger(__name__)
-
 
 class RunResources:
     """The backends, run directory and judges of one run, opened and closed in order.
@@ -64,7 +62,8 @@ class RunResources:
         config: the run's config.
         generators, judges: the run's backend instances.
         owner: the engine claiming them (named when another engine tries to use them).
-        notes: where a judge that fails to close is noted (the run's notes).
+        notes: where a judge that fails to close, or a generator's ``stop_loading()`` that
+            fails as a stop ends its check, is noted (the run's notes).
         retry_errors, new_run: the engine's options of the same names.
     """
 
@@ -207,7 +206,8 @@ class RunResources:
         """The backend's check of this machine, in a worker thread that a stop does not wait
         for: a check may import a library for seconds (diffusers, torch), in a child process
         with ``isolation = "process"``, which the stop kills (a generator's
-        :meth:`~trig_stream.backends.base.Generator.stop_loading`)."""
+        :meth:`~trig_stream.backends.base.Generator.stop_loading`; what that raises, a
+        ``KeyboardInterrupt`` aside, is a note)."""
         label = backend_label(backend)
         self.opening_now = f"{label}: checking its environment (imports its libraries)"
         try:
@@ -218,8 +218,12 @@ class RunResources:
             if isinstance(backend, Generator):
                 try:
                     backend.stop_loading()
-                except Exception:  # the check then runs to its end, left behind
-                    logger.warning("%s: stopping its check failed", label, exc_info=True)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # the check then runs to its end, left behind
+                    # A SystemExit left the engine raw: `run` exited 3, "run directory in
+                    # use", with no word of the generator.
+                    self._notes.append(f"{label}: stop_loading() failed: {describe_error(exc)}")
             raise
         finally:
             self.opening_now = None

@@ -384,28 +384,33 @@ def columns_from_judgements(
     Judgements come in journal order, or one per key with their journal ``line`` (the
     read-only commands' :class:`~trig_stream.journal.JournalEntry`). An image is of the pair
     of its last judgement (see :func:`current_pairs`). Pairs keep the order they first appear
-    in, and images within a pair too. A judgement whose dimension is not one of its pair's
-    two is ignored.
+    in, and images within a pair too, lines of a pair an image has left included (as the
+    live tracker orders them). A judgement whose dimension is not one of its pair's two is
+    ignored.
     """
     judgements = list(judgements)
     current = current_pairs(judgements)
+    # Per image: the two scores (NaN: no ok score) and whether each dimension was judged at
+    # all (1.0) or never (0.0), so a failed judgement is told from one never asked for.
+    # Pairs, and images within a pair, are placed where they were first judged, lines of a
+    # pair a sample has left since included: the live tracker's order (its buffers and
+    # slots), so the pairs come out in the dashboard's order and each mean sums its scores
+    # in the same order, to the last bit.
+    cells: dict[AnalysisKey, dict[str, dict[str, list[float]]]] = {}
     # The journal's key, without the pair: a key judged again under another pair counts
     # under that one only.
     latest: dict[tuple[str, str, str, str], ScoredJudgement] = {}
     for judgement in judgements:
-        first, second = split_pair(judgement.pair)
-        if judgement.dimension in (first, second):
-            key = (judgement.model, judgement.metric, judgement.data_id, judgement.dimension)
-            latest[key] = judgement
-    # Per image: the two scores (NaN: no ok score) and whether each dimension was judged at
-    # all (1.0) or never (0.0), so a failed judgement is told from one never asked for.
-    cells: dict[AnalysisKey, dict[str, dict[str, list[float]]]] = {}
+        model, metric, data_id = judgement.model, judgement.metric, judgement.data_id
+        if judgement.dimension in split_pair(judgement.pair):
+            pair_images = cells.setdefault((model, metric), {}).setdefault(judgement.pair, {})
+            pair_images.setdefault(data_id, [math.nan, math.nan, 0.0, 0.0])
+            latest[(model, metric, data_id, judgement.dimension)] = judgement
     for (model, metric, data_id, _), judgement in latest.items():
         pair = judgement.pair
         if current[(model, metric, data_id)] != pair:
             continue  # a line of the pair the sample had before it was judged under another
-        slot = cells.setdefault((model, metric), {}).setdefault(pair, {})
-        values = slot.setdefault(data_id, [math.nan, math.nan, 0.0, 0.0])
+        values = cells[(model, metric)][pair][data_id]
         first, _second = split_pair(pair)
         score = (
             judgement.score if judgement.status == "ok" and judgement.score is not None else None
@@ -415,7 +420,11 @@ def columns_from_judgements(
         values[2 + side] = 1.0
     result: dict[AnalysisKey, list[PairColumns]] = {}
     for group, pairs in cells.items():
-        for pair, images in pairs.items():
+        for pair, every in pairs.items():
+            # Without the images now of another pair; a pair left with none is gone.
+            images = {data_id: v for data_id, v in every.items() if v[2] or v[3]}
+            if not images:
+                continue
             first, second = split_pair(pair)
             table = np.array(list(images.values()), dtype=np.float64).reshape(-1, 4)
             result.setdefault(group, []).append(
