@@ -779,8 +779,8 @@ def test_make_tiny_models_without_the_diffusers_extra_is_one_message(
     assert main(["make-tiny-models", str(out)]) == EXIT_FATAL
     assert " ".join(capsys.readouterr().err.split()) == (
         f"error: {missing} is not installed; install it with: pip install 'trig-stream[diffusers]' "
-        "(on a machine without a GPU, from the checkout: pip install -c constraints.txt -e "
-        "'.[diffusers]', or pip resolves torch to a multi-GB CUDA build)"
+        "(without a GPU, install torch's CPU build first, as PyPI's is a multi-GB CUDA one: "
+        "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)"
     )
     assert not out.exists()
 

@@ -1770,8 +1770,8 @@ def test_a_pipeline_class_without_transformers_names_it(
     )
     missing = (
         "transformers is not installed; install it with: pip install 'trig-stream[diffusers]' "
-        "(on a machine without a GPU, from the checkout: pip install -c constraints.txt -e "
-        "'.[diffusers]', or pip resolves torch to a multi-GB CUDA build)"
+        "(without a GPU, install torch's CPU build first, as PyPI's is a multi-GB CUDA one: "
+        "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)"
     )
     assert json.loads(checked.stdout.splitlines()[-1]) == [missing, missing]
 

@@ -74,10 +74,11 @@ class FingerprintMismatch(RunDirError):
 
 
 TORCH_ON_THE_CPU = (
-    "on a machine without a GPU, from the checkout: pip install -c constraints.txt -e "
-    "'.[diffusers]', or pip resolves torch to a multi-GB CUDA build"
+    "without a GPU, install torch's CPU build first, as PyPI's is a multi-GB CUDA one: "
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 )
-"""How the extra that brings torch installs its CPU build (the README's Installing by hand)."""
+"""How a machine without a GPU gets torch's CPU build before the extra that brings torch (the
+README's Installing by hand)."""
 
 
 class MissingExtraError(TrigStreamError, ImportError):
