@@ -1248,6 +1248,33 @@ def test_a_pipeline_of_no_size_family_is_not_sized_as_a_mixin_of_its_mro(pipelin
     assert "prompt" in checked.accepts
 
 
+def test_a_pipeline_whose_call_hands_its_arguments_on_takes_its_parents(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A module:Class subclass whose __call__(self, *a, **k) hands everything to Flux's was
+    # warned of as taking neither max_sequence_length nor the steps, which reached the
+    # pipeline all the same; and its call defaults were not Flux's.
+    import diffusers
+
+    class Handing(diffusers.FluxPipeline):  # type: ignore[misc]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return super().__call__(*args, **kwargs)
+
+    options = {
+        "pipeline": "tests.kin:Handing",
+        "checkpoint": "org/model",
+        "steps": 2,
+        "call": {"max_sequence_length": 64},
+    }
+    spec = DiffusersOptions.model_validate(options).spec()
+    with caplog.at_level("WARNING"):
+        checked = check_classes("tiny", spec, diffusers, Handing)
+    assert "takes no argument" not in caplog.text
+    assert {"prompt", "num_inference_steps", "max_sequence_length"} <= checked.accepts
+    flux = check_classes("tiny", spec, diffusers, diffusers.FluxPipeline)
+    assert checked.defaults == flux.defaults
+
+
 def test_diffusion_pipeline_whose_class_cannot_be_known_is_refused(
     tiny_pipelines: dict[TinyKind, Path], tmp_path: Path
 ) -> None:

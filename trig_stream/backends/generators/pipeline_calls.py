@@ -86,6 +86,24 @@ def pipeline_names(call: dict[str, Any], accepts: frozenset[str]) -> dict[str, A
     return named
 
 
+def call_parameters(pipeline_class: Any) -> dict[str, inspect.Parameter]:
+    """The parameters of ``pipeline_class``'s call, by name: its ``__call__``'s and, while
+    the one found takes ``**kwargs``, those of the next ``__call__`` up its MRO, to which it
+    may hand them on (``class MyFlux(FluxPipeline)`` with ``__call__(self, *a, **k)`` takes
+    what FluxPipeline's takes). The nearest class's parameter of a name wins."""
+    found: dict[str, inspect.Parameter] = {}
+    for kin in pipeline_class.__mro__:
+        call = vars(kin).get("__call__")
+        if call is None:
+            continue
+        parameters = inspect.signature(call).parameters
+        for key, parameter in parameters.items():
+            found.setdefault(key, parameter)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            break
+    return found
+
+
 def check_call_arguments(
     name: str, spec: PipelineSpec, pipeline_class: Any, accepts: frozenset[str]
 ) -> None:
@@ -96,7 +114,7 @@ def check_call_arguments(
         FatalBackendError: it does not (an unknown call argument is only warned about when
             the call takes ``**kwargs``).
     """
-    parameters = inspect.signature(pipeline_class.__call__).parameters.values()
+    parameters = call_parameters(pipeline_class).values()
     named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     inputs = spec.inputs
     # A pipeline that takes these only through **kwargs (StableDiffusionPipeline takes

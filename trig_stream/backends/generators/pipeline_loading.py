@@ -24,7 +24,7 @@ from trig_stream.backends.generators.diffusers_options import (
     size_multiple,
     size_problem,
 )
-from trig_stream.backends.generators.pipeline_calls import check_call_arguments
+from trig_stream.backends.generators.pipeline_calls import call_parameters, check_call_arguments
 from trig_stream.errors import (
     TORCH_ON_THE_CPU,
     FatalBackendError,
@@ -348,7 +348,7 @@ def check_classes(
         problem = size_problem(spec, family)
         if problem is not None:
             raise FatalBackendError(f"generator {name!r}: {problem}")
-    parameters = inspect.signature(pipeline_class.__call__).parameters
+    parameters = call_parameters(pipeline_class)
     accepts = frozenset(parameters)
     check_call_arguments(name, spec, pipeline_class, accepts)
     defaults = {
