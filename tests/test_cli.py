@@ -1231,6 +1231,33 @@ def test_an_interrupted_new_run_says_how_to_resume_it(
     assert "run 'cli-2'" in out and "with its config judges whatever is left" in out
 
 
+def test_status_by_another_path_to_the_run_its_config_resumes_says_to_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The name of the path as typed was compared: `status .` said `set name = ""`, and a
+    # link `latest -> runs/cli` said `set name = "latest"`, to resume runs/cli itself.
+    path = write_config(tmp_path, samples=2)
+    assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+    run_dir = tmp_path / "runs" / "cli"
+    (tmp_path / "latest").symlink_to(run_dir)
+    capsys.readouterr()
+    monkeypatch.chdir(run_dir)
+    for typed in (".", str(tmp_path / "latest"), "../cli/"):
+        assert main(["status", typed]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert "not running; `trig-stream run` with its config judges whatever is left" in out, (
+            typed,
+            out,
+        )
+    # Through a link to a directory `--new-run` made, the hint names that directory.
+    (tmp_path / "runs" / "cli-2").mkdir()
+    shutil.copy(run_dir / "manifest.json", tmp_path / "runs" / "cli-2")
+    (tmp_path / "newest").symlink_to(tmp_path / "runs" / "cli-2")
+    assert main(["status", str(tmp_path / "newest")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f'set name = "cli-2" and output_dir = "{tmp_path / "runs"}" in' in out, out
+
+
 @pytest.mark.parametrize("new_run", [False, True], ids=["resumable", "new-run"])
 def test_images_a_stop_left_to_judge_are_promised_to_the_resume_the_summary_names(
     tmp_path: Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from trig_stream.terminal import CommandConsole
 
 if TYPE_CHECKING:
     from trig_stream.journal import JournalEntry
+    from trig_stream.manifest import Manifest
     from trig_stream.records import JudgementKey
 
 VALIDATE_SHOWN = 5
@@ -254,20 +256,27 @@ def _refused_so_far(run_dir: Path) -> frozenset[int]:
     return frozenset()
 
 
-def _how_to_resume(run_dir: Path, run_name: str) -> str:
-    """What resumes the run in ``run_dir``: its config, unless the directory is not named
-    after the run (``--new-run`` made it beside the run of that name, which the config as it
-    is resumes), as a stopped ``run --new-run`` says."""
-    if run_dir.name == run_name:
+def _how_to_resume(run_dir: Path, manifest: Manifest) -> str:
+    """What resumes the run in ``run_dir``: its config, unless the config resumes another
+    directory (``--new-run`` made ``run_dir`` beside the run of that name, which the config
+    as it is resumes), as a stopped ``run --new-run`` says."""
+    # Compared as directories, not as the path was typed (`status .`, a link to the run).
+    here = run_dir.resolve()
+    resumed = here.parent / manifest.run_name
+    run = manifest.config.get("run")
+    output_dir = run.get("output_dir") if isinstance(run, dict) else None
+    # The config's own output_dir, resolved when the run was made; gone from there, the
+    # run directory moved with its project folder, the config with it.
+    if isinstance(output_dir, str) and os.path.lexists(Path(output_dir) / manifest.run_name):
+        resumed = (Path(output_dir) / manifest.run_name).resolve()
+    if here == resumed:
         return "`trig-stream run` with its config judges whatever is left"
     # As TOML writes a string (a path may hold a backslash or a quote).
-    name, output_dir = (
-        json.dumps(str(text), ensure_ascii=False)
-        for text in (run_dir.name, run_dir.absolute().parent)
-    )
+    name, parent = (json.dumps(str(text), ensure_ascii=False) for text in (here.name, here.parent))
     return (
-        f"to resume it, set name = {name} and output_dir = {output_dir} in its config's "
-        f"[run] table and `trig-stream run` it (as it is, the config resumes run {run_name!r})"
+        f"to resume it, set name = {name} and output_dir = {parent} in its config's [run] "
+        f"table and `trig-stream run` it (as it is, the config resumes run "
+        f"{manifest.run_name!r})"
     )
 
 
@@ -328,7 +337,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     out = CommandConsole(soft_wrap=True, markup=False, highlight=False)
     out.print(printable(f"run {manifest.run_name!r} ({manifest.task}) in {args.run_dir}"))
     if writer is None:
-        out.print(printable(f"not running; {_how_to_resume(args.run_dir, manifest.run_name)}"))
+        out.print(printable(f"not running; {_how_to_resume(args.run_dir, manifest)}"))
     elif writer.starting:
         out.print(
             f"starting ({writer}): reading its journal and checking its manifest; the counts "
