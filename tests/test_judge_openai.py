@@ -362,6 +362,11 @@ def test_fingerprint_names_what_changes_scores() -> None:
         ("http://127.0.0.1:18001/ok\u200b/v1", "invisible character"),
         ("http://a\u200bb.example/v1", "invisible character"),
         ("http://127.0.0.1:18001/ok\x00/v1", "invisible character"),
+        ("http://127.0.0.1:18001/\ufeffv1", "invisible character"),
+        ("http://127.0.0.1:18001/so\u00adft/v1", "invisible character"),
+        ("http://127.0.0.1:18001/\u2067v1\u2069", "invisible character"),
+        ("http://127.0.0.1:18001/\u202ev1", "invisible character"),
+        ("http://127.0.0.1:18001/v\u20601", "invisible character"),
     ],
 )
 def test_every_base_url_option_refuses_what_is_not_an_http_url(url: str, message: str) -> None:
@@ -378,6 +383,28 @@ def test_every_base_url_option_refuses_what_is_not_an_http_url(url: str, message
     ):
         with pytest.raises(ValueError, match=message):
             build()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # Spelled with a zero-width non-joiner (Persian) and joiner (Devanagari): every
+        # client sends them, percent-encoded, as they are written.
+        "http://127.0.0.1:18001/\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645/v1",
+        "http://127.0.0.1:18001/\u0915\u094d\u200d\u0937/v1",
+    ],
+)
+def test_a_base_url_may_hold_the_joiners_a_script_is_spelled_with(url: str) -> None:
+    # Every Unicode format character was refused as invisible, these two among them.
+    from trig_stream.backends.generators.dtm_rewrite import DTMRewriteOptions
+    from trig_stream.backends.generators.openai_images import OpenAIImagesOptions
+
+    assert OpenAIJudgeOptions(model="m", base_url=url).base_url == url
+    assert OpenAIJudgeOptions(model="m", base_urls=["http://ok/v1", url]).base_urls
+    assert OpenAIImagesOptions(base_url=url).base_url == url
+    inner = {"backend": "synthetic"}
+    rewrite = DTMRewriteOptions(model="m", base_url=url, inner=inner, relations={"IQ-R_TA-C": 1})
+    assert rewrite.base_url == url
 
 
 @pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])

@@ -67,18 +67,28 @@ def _pair(value: str) -> str:
     return value
 
 
+_INVISIBLE = frozenset(
+    "\u00ad\u061c\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+    "\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\ufeff"
+)
+"""The format characters a URL never means to hold: the soft hyphen, the zero-width space,
+the word joiner and invisible operators, the BOM and the direction marks and controls. Not
+every format character: the zero-width non-joiner and joiner (U+200C, U+200D) spell words
+of Persian and Indic scripts."""
+
+
 def _http_url(value: str) -> str:
     # Checked here, so that a typo is a config error naming its key, not a traceback or a
     # run whose every request fails. The URL itself is never quoted: it may hold a password
     # or, in a query, a key.
     if any(char.isspace() for char in value):
         raise _unquoted_problem("holds spaces: write the URL without them (in a path, %20)")
-    if any(unicodedata.category(char) in ("Cc", "Cf") for char in value):
-        # A zero-width space, a BOM or a control character: sent percent-encoded, to a path
-        # no server has, and invisible where the config is read.
+    if any(unicodedata.category(char) == "Cc" or char in _INVISIBLE for char in value):
+        # Sent percent-encoded, to a path no server has, and invisible where the config is
+        # read.
         raise _unquoted_problem(
-            "holds an invisible character (a zero-width space, a control character): "
-            "write the URL again without it"
+            "holds an invisible character (a zero-width space, a direction mark, a control "
+            "character): write the URL again without it"
         )
     try:
         parts = urlsplit(value)
