@@ -28,6 +28,7 @@ from trig_stream.backends.judges.openai_judge import (
     OpenAIJudge,
     OpenAIJudgeOptions,
     _Endpoint,
+    same_endpoint_key,
 )
 from trig_stream.backends.judges.payloads import reply_of
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE
@@ -461,6 +462,24 @@ def test_options_take_a_scheme_s_default_port_for_no_port(first: str, second: st
         OpenAIJudgeOptions(model="m", base_urls=[first, second])
     # Another scheme's default port is a port of its own.
     OpenAIJudgeOptions(model="m", base_urls=["http://gpu/v1", "http://gpu:443/v1"])
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("http://v\u00e9.example/v1", "http://xn--v-bga.example/v1"),
+        ("http://V\u00c9.example:80/v1", "http://xn--v-bga.example/v1/"),
+        ("http://gpu/v\u00e9", "http://gpu/v%C3%A9"),
+        ("http://gpu/v%c3%a9", "http://gpu/v%C3%A9"),
+    ],
+)
+def test_options_take_a_server_as_its_requests_write_it(first: str, second: str) -> None:
+    # The http client sends the host in IDNA and the path percent-encoded: both spellings
+    # reach one server, whose /metrics load was summed twice.
+    with pytest.raises(ValueError, match="same endpoint"):
+        OpenAIJudgeOptions(model="m", base_urls=[first, second])
+    assert same_endpoint_key(first) == same_endpoint_key(second)
+    OpenAIJudgeOptions(model="m", base_urls=[first, "http://gpu/v%C3%A8"])
 
 
 # -- failures -----------------------------------------------------------------------------------

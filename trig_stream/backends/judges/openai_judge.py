@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +52,12 @@ from trig_stream.backends.base import (
 from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, REFUSALS_TO_STOP
 from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
 from trig_stream.backends.judges.payloads import cut_by_filter, encode_image, reply_of
-from trig_stream.backends.judges.server_probe import read_load, server_root
+from trig_stream.backends.judges.server_probe import (
+    read_load,
+    request_target,
+    server_root,
+    url_host,
+)
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.judges.transports import (
     IMAGE_SLOT,
@@ -66,6 +72,7 @@ from trig_stream.config_fields import (
     EnvVarName,
     HttpUrl,
     ServedModel,
+    ascii_host,
 )
 from trig_stream.errors import (
     AnswerTimeoutError,
@@ -147,8 +154,8 @@ class OpenAIJudgeOptions(BaseModel):
                 # early) and it drew twice the share of requests.
                 raise ValueError(
                     f"base_urls[{first}] ({urls[first]!r}) and base_urls[{index}] ({url!r}) "
-                    "are the same endpoint (scheme and host case, a trailing '/' aside): "
-                    "list each server once"
+                    "are the same endpoint as requests write it (a host in IDNA, a path "
+                    "percent-encoded, case and a trailing '/' aside): list each server once"
                 )
         return urls
 
@@ -172,15 +179,26 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def same_endpoint_key(url: str) -> str:
-    """``url`` as two spellings of one endpoint share it: scheme and host in lower case,
-    the scheme's default port left out, without a trailing ``/`` (``http://H:80/v1/`` is
-    ``http://h/v1``)."""
+    """``url`` as every spelling of its endpoint that a request writes alike shares it: the
+    scheme in lower case, the host as a request writes it (in lower case, a name in another
+    script in IDNA), the scheme's default port left out, the path percent-encoded in UTF-8
+    with upper-case escapes, without a trailing ``/`` (``http://VÉ.example:80/v1/`` is
+    ``http://xn--v-bga.example/v1``).
+
+    Raises:
+        ValueError: the host is a name that IDNA cannot write.
+    """
     parts = urlsplit(url)
-    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
-    host, _, port = netloc.rpartition(":")
-    if host and not port.endswith("]") and port == str(DEFAULT_PORTS.get(scheme)):
-        netloc = host
-    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+    scheme = parts.scheme.lower()
+    netloc = url_host(ascii_host(parts.hostname or ""))
+    if parts.port is not None and parts.port != DEFAULT_PORTS.get(scheme):
+        netloc += f":{parts.port}"
+    # A server decodes %c3 as %C3: one path.
+    path = _ESCAPE.sub(lambda escape: escape[0].upper(), request_target(parts.path.rstrip("/")))
+    return f"{scheme}://{netloc}{path}"
+
+
+_ESCAPE = re.compile("%[0-9a-fA-F]{2}")
 
 
 class Secret:
