@@ -91,10 +91,10 @@ _MONTH = "(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
 _TIME = r"\d\d:\d\d:\d\d"
 _HTTP_DATE: Final = re.compile(
     # RFC 9110's three forms: IMF-fixdate and RFC 850, in GMT (a missing or other zone is
-    # told apart), and asctime, which has no zone. Any year here: one past what a date
-    # holds is told apart too.
-    rf"(?P<zoned>{_DAY}, \d\d {_MONTH} \d+ {_TIME}|{_WEEKDAY}, \d\d-{_MONTH}-\d\d {_TIME})"
-    rf"(?P<zone> \S+)?|{_DAY} {_MONTH} [ \d]\d {_TIME} \d+"
+    # told apart), and asctime, which has no zone. Four digits of year, but in RFC 850's two.
+    rf"(?P<zoned>{_DAY}, \d\d {_MONTH} (?P<year>\d{{4}}) {_TIME}"
+    rf"|{_WEEKDAY}, \d\d-{_MONTH}-\d\d {_TIME})"
+    rf"(?P<zone> \S+)?|{_DAY} {_MONTH} [ \d]\d {_TIME} (?P<asctime_year>\d{{4}})"
 )
 
 
@@ -139,10 +139,18 @@ def _retry_after(value: str) -> str:
             f"{value!r} has no GMT zone: an HTTP date is in GMT (IMF-fixdate, RFC 850 or "
             "asctime), e.g. Sun, 06 Nov 1994 08:49:37 GMT"
         )
+    year = date["year"] or date["asctime_year"]
+    read = email.utils.parsedate_tz(stripped)
+    if year is not None and read is not None and read[0] != int(year):
+        # The judge reads a year below 100 as two digits (0001 as 2001), as email.utils does.
+        raise ValueError(
+            f"{value!r} has the year {year}, which the judge reads as {read[0]}: give seconds "
+            "(1) or an HTTP date in years 0100 to 9999"
+        )
     if parse_retry_after({"Retry-After": stripped}) is None:
         raise ValueError(
-            f"{value!r} is a date out of range (its year, day or time): give seconds (1) or "
-            "an HTTP date in years 1 to 9999"
+            f"{value!r} is a date out of range (its day or time): give seconds (1) or an "
+            "HTTP date that exists (Sun, 06 Nov 1994 08:49:37 GMT)"
         )
     return stripped
 
