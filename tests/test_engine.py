@@ -2868,6 +2868,45 @@ async def test_a_stop_while_the_generator_loads_ends_the_run_at_once(
     assert not (config.run_dir / JOURNAL).read_text()
 
 
+class StopLoadingRaises(LoadsUntilReleased):
+    """A :class:`LoadsUntilReleased` whose ``stop_loading()`` raises ``error`` (a backend's
+    bug, a library calling ``sys.exit()``)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def stop_loading(self) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [(RuntimeError("broken"), "RuntimeError: broken"), (SystemExit(3), "SystemExit: 3")],
+    ids=["exception", "system-exit"],
+)
+async def test_a_stop_loading_that_raises_as_a_stop_ends_the_load_is_a_note(
+    make_config: ConfigFactory, error: BaseException, said: str
+) -> None:
+    # A SystemExit left the engine raw, in a BaseExceptionGroup; a RuntimeError was only
+    # logged, no word of it in the run's notes.
+    config = make_config(samples=4)
+    generator = StopLoadingRaises(error)
+    engine = Engine(config, generators=[generator])
+    try:
+        with anyio.fail_after(10):  # a safety net: the stop does not wait for the load
+            async with engine:
+                await anyio.to_thread.run_sync(generator.loading.wait)
+                engine.stop()
+                assert [j async for j in engine.results] == []
+    finally:
+        generator.release.set()
+    assert engine.stats().state == "stopped"
+    assert f"generator 'synth': stop_loading() failed: {said}" in engine.stats().notes
+    assert await anyio.to_thread.run_sync(generator.closed.wait, 10)  # its load ran to its end
+    await poll_until(lambda: threads_left_behind() == 0)
+
+
 class ClosesUntilReleased(SyntheticGenerator):
     """A generator whose close blocks until the test releases it (a device that no longer
     answers)."""

@@ -194,7 +194,7 @@ class GenerationStage:
                     generator.close,
                     limiter=limiter,
                     backend=self._name,
-                    stop=generator.stop_loading,
+                    stop=self._stop_loading,
                     instance=generator,
                 )
                 if not await unless(self._context.stopping, load):
@@ -209,6 +209,19 @@ class GenerationStage:
                 counts.loading = False
             self._loaded = True
             return True
+
+    def _stop_loading(self) -> None:
+        """Cut the load a stop leaves behind short; what ``stop_loading()`` raises, a
+        ``KeyboardInterrupt`` aside, is a note, as when it cuts a check of this machine."""
+        try:
+            self._generator.stop_loading()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the load then runs to its end, left behind
+            # A SystemExit left the engine raw; an Exception was only logged.
+            self._context.counters.notes.append(
+                f"{self._name}: stop_loading() failed: {describe_error(exc)}"
+            )
 
     def _close_generator(self, *, finished: bool) -> None:
         # The run's outcome is written by now: a failing close is worth a note, not the run.

@@ -338,7 +338,8 @@ async def load_in_thread(
         backend: what loads, for messages ("generator 'x'").
         stop: cuts a load left behind short (see
             :meth:`~trig_stream.backends.base.Generator.stop_loading`); called
-            here, in the event loop's thread, when the cancellation leaves the load running.
+            here, in the event loop's thread, when the cancellation leaves the load running;
+            what it raises, a ``KeyboardInterrupt`` aside, is logged.
         instance: the backend instance that loads, which :func:`threads_left_behind`
             counts the load for.
 
@@ -384,7 +385,10 @@ async def load_in_thread(
         if stop is not None and still_loading:
             try:
                 stop()
-            except Exception:  # the load then runs to its end, as it would without ``stop``
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # the load then runs to its end, as it would without ``stop``
+                # A SystemExit (a library calling sys.exit()) left the engine raw.
                 logger.warning("%s: stopping its load failed", backend, exc_info=True)
         if release_here:
             with anyio.CancelScope(shield=True):
