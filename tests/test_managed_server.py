@@ -81,6 +81,20 @@ def gone(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] == "Z"
 
 
+def _binds_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+IPV6_LOOPBACK = socket.has_ipv6 and _binds_ipv6_loopback()
+"""Whether ::1 is an address of this machine (Python built with IPv6 says nothing of a
+machine or container where it is turned off)."""
+
+
 async def wait_for(condition: Any, what: str) -> None:
     """Poll a real condition of a child process (no event tells it), under a bound."""
     with anyio.fail_after(30):
@@ -180,7 +194,7 @@ async def test_a_key_logged_in_its_arguments_is_scrubbed_and_words_are_left_alon
     assert "print('The server is overloaded: abcd', key)" in message  # the command line
 
 
-@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+@pytest.mark.skipif(not IPV6_LOOPBACK, reason="no IPv6 loopback on this machine")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_an_ipv6_host_is_bracketed_in_the_urls(tmp_path: Path) -> None:
     # http://::1:PORT/health never answers: the run would wait for ready_timeout_s.
@@ -233,7 +247,7 @@ def dual_stack_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", both)
 
 
-@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+@pytest.mark.skipif(not IPV6_LOOPBACK, reason="no IPv6 loopback on this machine")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_port_listened_on_at_one_address_of_the_host_name_is_refused(
     monkeypatch: pytest.MonkeyPatch,
@@ -254,7 +268,7 @@ async def test_a_port_listened_on_at_one_address_of_the_host_name_is_refused(
     assert judge.server is None or judge.server.pid is None
 
 
-@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+@pytest.mark.skipif(not IPV6_LOOPBACK, reason="no IPv6 loopback on this machine")
 def test_a_host_name_of_an_ipv6_address_alone_is_an_address_of_this_machine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -286,7 +300,7 @@ class FirstPick(socket.socket):
         super().bind(address)
 
 
-@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+@pytest.mark.skipif(not IPV6_LOOPBACK, reason="no IPv6 loopback on this machine")
 def test_port_0_picks_a_port_free_at_every_address_of_the_host_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -788,11 +802,15 @@ async def test_a_killed_supervisor_is_named_and_the_exec_hint_left_out() -> None
 
 def child_of(parent: int) -> int:
     """The process id of ``parent``'s one child (read in ``/proc``)."""
-    (child,) = (
-        int(stat.parent.name)
-        for stat in Path("/proc").glob("[0-9]*/stat")
-        if stat.exists() and stat.read_text().rpartition(")")[2].split()[1] == str(parent)
-    )
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # a process of the machine's that ended meanwhile
+        if fields[1] == str(parent):
+            children.append(int(stat.parent.name))
+    (child,) = children
     return child
 
 
@@ -1288,9 +1306,10 @@ def test_a_supervisor_in_another_s_process_group_stops_only_its_command(tmp_path
     # bench's death the supervisor stopped that whole group, its other processes included.
     script = Path(managed_server.__file__).with_name("parent_death.py")
     pid_file = tmp_path / "command.pid"
+    told = f"echo $$ > {shlex.quote(str(pid_file))}; exec sleep 600"
     starter = (
         "import os, subprocess, sys, time\n"
-        f"command = ['sh', '-c', 'echo $$ > {pid_file}; exec sleep 600']\n"
+        f"command = ['sh', '-c', {told!r}]\n"
         "quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}\n"
         f"subprocess.Popen([sys.executable, '-I', '-S', {str(script)!r}, str(os.getpid()), "
         "'5', '-1', *command], **quiet)\n"
