@@ -40,7 +40,10 @@ from trig_stream.analysis import analyse_judgements
 from trig_stream.config import load_config
 from trig_stream.engine import Engine
 from trig_stream.journal import latest_judgements, read_journal
-from trig_stream.store import IMAGES, LEFTOVER_TEMPORARY, PARTIAL, QUARANTINE_PARTIAL
+from trig_stream.manifest import IMAGES
+from trig_stream.quarantine_text import QUARANTINE_PARTIAL
+from trig_stream.run_dir_paths import PARTIAL
+from trig_stream.store import LEFTOVER_TEMPORARY
 
 CONFIG = """\
 [run]

@@ -2025,7 +2025,8 @@ def test_the_run_lock_is_held_while_the_final_report_is_written(
     from trig_stream.inspect_commands import status_command
     from trig_stream.locks import Writer, find_writer
     from trig_stream.manifest import read_manifest
-    from trig_stream.store import RunDir, check_resume
+    from trig_stream.resume_checks import check_resume
+    from trig_stream.store import RunDir
     from trig_stream.tui.watch_source import RunDirSource
 
     write_report = commands.write_report

@@ -59,12 +59,12 @@ from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.judging import UNSCORABLE_TO_NOTE
 from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.progress import describe
+from trig_stream.quarantine_text import QUARANTINE
 from trig_stream.records import JudgeFingerprint, Judgement, PromptRewrite
 from trig_stream.retry import RetryPolicy
 from trig_stream.scoring import Scorer, score_top_logprobs
 from trig_stream.sourcing import count_samples
 from trig_stream.stats import ModelCounts
-from trig_stream.store import QUARANTINE
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.testing.synthetic import SyntheticOptions, draw

@@ -36,8 +36,8 @@ from trig_stream.backends.library_logs import QUIET_LIBRARIES
 from trig_stream.config import RunConfig
 from trig_stream.errors import BackendError, FatalBackendError, ItemError
 from trig_stream.journal import JOURNAL
+from trig_stream.manifest import IMAGES
 from trig_stream.records import Judgement, Sample
-from trig_stream.store import IMAGES
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection

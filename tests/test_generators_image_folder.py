@@ -30,9 +30,9 @@ from trig_stream.backends.generators.source_images import source_image
 from trig_stream.config import RunConfig
 from trig_stream.errors import ItemError
 from trig_stream.journal import JOURNAL
+from trig_stream.manifest import IMAGES
 from trig_stream.png import with_sample_digest
 from trig_stream.records import Sample
-from trig_stream.store import IMAGES
 
 pytestmark = pytest.mark.anyio
 

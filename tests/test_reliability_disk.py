@@ -27,9 +27,11 @@ from trig_stream.errors import RunDirError
 from trig_stream.exit_codes import EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, Journal, torn_tail_kept
 from trig_stream.locks import LOCK
-from trig_stream.manifest import MANIFEST, Manifest
+from trig_stream.manifest import IMAGES, MANIFEST, Manifest
+from trig_stream.new_runs import next_free_run_dir
+from trig_stream.quarantine_text import QUARANTINE, QUARANTINE_PARTIAL
 from trig_stream.records import Judgement, QuarantinedRecord
-from trig_stream.store import IMAGES, PARTIAL
+from trig_stream.run_dir_paths import PARTIAL
 
 PROMPTS = 12
 
@@ -335,7 +337,7 @@ def test_a_run_directory_the_disk_refuses_leaves_no_folder_above_it_behind(
     monkeypatch.setattr(os, "mkdir", full_for_runs)
     with pytest.raises(RunDirError) as refused:
         if new_run:
-            store.next_free_run_dir(run_dir)
+            next_free_run_dir(run_dir)
         else:
             store.RunDir.open(run_dir, Manifest(run_name="myrun", task="t2i"))
     assert str(refused.value) == (
@@ -399,15 +401,15 @@ def test_a_quarantine_list_a_full_disk_cut_short_is_never_shown_as_whole(
     for index in (1, 3, 5):
         records[index]["prompt"] = ""
     prompts.write_text(json.dumps(records))
-    disk = TornSecondWrite(store.QUARANTINE_PARTIAL)
+    disk = TornSecondWrite(QUARANTINE_PARTIAL)
     monkeypatch.setattr(os, "write", disk)
     assert main(["run", str(run_config), "--headless", "--no-report"]) == EXIT_RUN_DIR
     run_dir = run_config.parent / "runs" / "full"
-    partial = run_dir / store.QUARANTINE_PARTIAL
+    partial = run_dir / QUARANTINE_PARTIAL
     err = " ".join(capsys.readouterr().err.split())
     assert f"error: cannot write to {partial}: No space left on device; free some space" in err
     assert err.count("error:") == 1
-    assert not (run_dir / store.QUARANTINE).exists()
+    assert not (run_dir / QUARANTINE).exists()
     [line] = partial.read_text().splitlines(keepends=True)  # the torn line taken back
     assert line.endswith("\n") and json.loads(line)["index"] == 1
 
@@ -422,7 +424,7 @@ def test_a_quarantine_list_a_full_disk_cut_short_is_never_shown_as_whole(
     monkeypatch.undo()  # space again: the resume reads the dataset through
     monkeypatch.chdir(run_config.parent)
     assert main(["run", str(run_config), "--headless", "--no-report"]) == EXIT_OK
-    lines = (run_dir / store.QUARANTINE).read_text().splitlines()
+    lines = (run_dir / QUARANTINE).read_text().splitlines()
     assert [json.loads(raw)["index"] for raw in lines] == [1, 3, 5] and not partial.exists()
 
 
@@ -436,16 +438,16 @@ def test_a_quarantine_write_cut_short_is_taken_back(
         for n in (1, 2)
     ]
     run.quarantine(records[0])
-    partial = tmp_path / store.QUARANTINE_PARTIAL
+    partial = tmp_path / QUARANTINE_PARTIAL
     size = partial.stat().st_size
-    monkeypatch.setattr(os, "write", FullDisk(store.QUARANTINE_PARTIAL, budget=size // 2))
+    monkeypatch.setattr(os, "write", FullDisk(QUARANTINE_PARTIAL, budget=size // 2))
     with pytest.raises(RunDirError, match=rf"cannot write to {partial}: No space left"):
         run.quarantine(records[1])
     assert partial.stat().st_size == size
     monkeypatch.undo()
     run.finish_quarantine()  # a list missing a record is not put in place as whole
     run.close()
-    assert not (tmp_path / store.QUARANTINE).exists()
+    assert not (tmp_path / QUARANTINE).exists()
     assert [json.loads(raw)["index"] for raw in partial.read_text().splitlines()] == [1]
 
 
@@ -453,7 +455,7 @@ def test_a_folder_that_appears_in_place_of_the_quarantine_list_is_named(tmp_path
     # The rename names the list it moves: "cannot replace .../quarantine.jsonl:
     # .../quarantine.jsonl.partial: Is a directory" blamed the file that was fine.
     run, _ = store.RunDir.open(tmp_path, Manifest(run_name="r", task="t2i"))
-    final = tmp_path / store.QUARANTINE
+    final = tmp_path / QUARANTINE
     final.mkdir()
     with run, pytest.raises(RunDirError) as refused:
         run.finish_quarantine()

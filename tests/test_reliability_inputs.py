@@ -30,8 +30,9 @@ from trig_stream.engine import Engine
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.manifest import Manifest
+from trig_stream.quarantine_text import QUARANTINE
 from trig_stream.records import Judgement, QuarantinedRecord
-from trig_stream.store import QUARANTINE, RunDir
+from trig_stream.store import RunDir
 from trig_stream.testing import SyntheticGenerator
 from trig_stream.testing.synthetic import SyntheticOptions
 

@@ -54,8 +54,9 @@ from trig_stream.journal import (
     read_journal,
 )
 from trig_stream.locks import LOCK, Writer, find_writer
-from trig_stream.manifest import MANIFEST, Manifest, as_json, read_manifest
+from trig_stream.manifest import IMAGES, MANIFEST, Manifest, as_json, read_manifest
 from trig_stream.moves import Move
+from trig_stream.new_runs import next_free_run_dir
 from trig_stream.persisting import PersistStage
 from trig_stream.png import (
     PIXELS_KEY,
@@ -66,7 +67,10 @@ from trig_stream.png import (
     pixel_data_problem,
     with_sample_digest,
 )
+from trig_stream.quarantine_text import QUARANTINE, QUARANTINE_PARTIAL
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord, Status
+from trig_stream.resume_checks import check_resume, resumed_manifest
+from trig_stream.run_dir_paths import PARTIAL
 from trig_stream.scoring import SCORING_RULES
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 from trig_stream.testing.fake_judge import FakeJudgeOptions
@@ -522,7 +526,7 @@ async def test_a_line_of_a_run_with_another_seed_is_refused_not_mixed(
     edited = b"".join(lines + foreign) if where == "at the end" else b"".join(foreign + lines)
     path.write_bytes(edited)
     with pytest.raises(FingerprintMismatch) as checked:
-        store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
+        check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
     with pytest.raises(FingerprintMismatch) as refused:
         await run_to_end(config)
     for message in (str(checked.value), str(refused.value)):
@@ -574,18 +578,18 @@ def test_a_new_run_whose_name_would_be_too_long_is_refused(tmp_path: Path) -> No
     taken = tmp_path / ("r" * 127)
     taken.mkdir()
     with pytest.raises(RunDirError, match=r"a run name of 129 characters, .* shorten \[run\] name"):
-        store.next_free_run_dir(taken)
+        next_free_run_dir(taken)
     short = tmp_path / "short"
     short.mkdir()
-    assert store.next_free_run_dir(short) == tmp_path / "short-2"
+    assert next_free_run_dir(short) == tmp_path / "short-2"
 
 
 def test_a_new_run_directory_is_claimed_when_chosen(tmp_path: Path) -> None:
     # It was only looked at: two runs choosing at once both got "r-2", and the second
     # failed with RunLockedError once the first had opened it.
     (tmp_path / "r").mkdir()
-    first = store.next_free_run_dir(tmp_path / "r")
-    second = store.next_free_run_dir(tmp_path / "r")
+    first = next_free_run_dir(tmp_path / "r")
+    second = next_free_run_dir(tmp_path / "r")
     assert (first.name, second.name) == ("r-2", "r-3")
     assert first.is_dir() and second.is_dir()
 
@@ -1079,7 +1083,7 @@ async def test_a_resume_stopped_before_reading_the_dataset_through_keeps_the_qua
     prompts.write_text(json.dumps(records))
     config = make_config(engine={"sample_buffer": 1, "image_buffer": 1})
     await run_to_end(config)
-    listed = (config.run_dir / store.QUARANTINE).read_bytes()
+    listed = (config.run_dir / QUARANTINE).read_bytes()
     assert json.loads(listed)["data_id"] == records[-1]["data_id"]
     # A second model: every sample is work again, so reading stays a few samples ahead of
     # its generator, which holds its first call until the run is told to stop.
@@ -1095,14 +1099,14 @@ async def test_a_resume_stopped_before_reading_the_dataset_through_keeps_the_qua
         other.gate.set()
         summary = await engine.drain()
     assert summary.quarantined == 0  # it stopped long before the last record
-    assert (config.run_dir / store.QUARANTINE).read_bytes() == listed
-    assert not (config.run_dir / store.QUARANTINE_PARTIAL).exists()
+    assert (config.run_dir / QUARANTINE).read_bytes() == listed
+    assert not (config.run_dir / QUARANTINE_PARTIAL).exists()
     # Read through, the run's own list replaces the old one.
     records[-1]["prompt"] = "fixed"
     prompts.write_text(json.dumps(records))
     await run_to_end(more)
-    assert (config.run_dir / store.QUARANTINE).read_bytes() == b""
-    assert not (config.run_dir / store.QUARANTINE_PARTIAL).exists()
+    assert (config.run_dir / QUARANTINE).read_bytes() == b""
+    assert not (config.run_dir / QUARANTINE_PARTIAL).exists()
 
 
 async def test_an_image_left_without_judgements_is_reused_only_for_its_own_sample(
@@ -1322,13 +1326,14 @@ async def test_a_manifest_larger_than_any_run_writes_is_not_read_whole(
     # Another program's manifest.json of a gigabyte in the output folder was read whole
     # (and parsed) to tell whether a run wrote it.
     from trig_stream import manifest as manifest_module
+    from trig_stream import resume_checks
     from trig_stream.manifest import MANIFEST_HEAD_BYTES, MAX_MANIFEST_BYTES
 
     config = make_config(samples=2)
     config.run_dir.mkdir(parents=True)
     (config.run_dir / MANIFEST).write_bytes(start)
     os.truncate(config.run_dir / MANIFEST, MAX_MANIFEST_BYTES + 4 * 2**20)  # sparse: no disk
-    sizes = count_reads(monkeypatch, store, MANIFEST)
+    sizes = count_reads(monkeypatch, resume_checks, MANIFEST)
     sizes_read = count_reads(monkeypatch, manifest_module, MANIFEST)
     said = f"{config.run_dir / MANIFEST} is larger than 16 MiB, and a run's manifest is a few"
     # A viewer reads it to show it: refused, read up to the cap only.
@@ -1336,11 +1341,11 @@ async def test_a_manifest_larger_than_any_run_writes_is_not_read_whole(
         read_manifest(config.run_dir)
     assert sizes_read and sum(sizes_read) <= MAX_MANIFEST_BYTES + 1
     if start:  # one that starts as a run's, damaged: a run with no results writes over it
-        store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
+        check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
         assert sum(sizes) <= MANIFEST_HEAD_BYTES
         return
     with pytest.raises(RunDirError, match=re.escape(said)):
-        store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
+        check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
     with pytest.raises(RunDirError, match=re.escape(said)):
         await run_to_end(config)
     assert sizes and sum(sizes) <= 2 * (MANIFEST_HEAD_BYTES + MAX_MANIFEST_BYTES + 1)
@@ -1353,8 +1358,8 @@ async def test_a_manifest_larger_than_any_run_writes_is_not_read_whole(
         (MANIFEST, b'{"name": "My PWA", "icons": []}'),
         (MANIFEST, b"[1, 2]"),
         (MANIFEST, b"not json at all"),
-        (store.QUARANTINE, b'{"name": "a log of mine"}\n'),
-        (store.QUARANTINE, b"notes\n"),
+        (QUARANTINE, b'{"name": "a log of mine"}\n'),
+        (QUARANTINE, b"notes\n"),
     ],
 )
 async def test_a_file_of_another_programs_is_never_written_over(
@@ -1374,10 +1379,10 @@ async def test_a_file_of_another_programs_is_never_written_over(
         await run_to_end(config)
     assert said in str(raised.value)
     assert (config.run_dir / name).read_bytes() == content
-    assert not (config.run_dir / JOURNAL).exists() and not (config.run_dir / store.IMAGES).exists()
+    assert not (config.run_dir / JOURNAL).exists() and not (config.run_dir / IMAGES).exists()
     # validate says the same, reading only.
     with pytest.raises(RunDirError) as raised:
-        store.check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
+        check_resume(config.run_dir, Manifest(run_name=config.run.name, task="t2i"))
     assert said in str(raised.value)
     if name == MANIFEST:  # and so do the viewers, which write over nothing
         with pytest.raises(RunDirError) as raised:
@@ -1443,10 +1448,10 @@ async def test_a_damaged_manifest_of_a_run_without_results_is_replaced(
     config = make_config(samples=2)
     config.run_dir.mkdir(parents=True)
     (config.run_dir / MANIFEST).write_bytes(b'{"schema_version": 1, "run_na')
-    (config.run_dir / store.QUARANTINE).write_bytes(b'{"schema_ver')
+    (config.run_dir / QUARANTINE).write_bytes(b'{"schema_ver')
     await run_to_end(config)
     assert read_manifest(config.run_dir).run_name == config.run.name
-    assert (config.run_dir / store.QUARANTINE).read_bytes() == b""
+    assert (config.run_dir / QUARANTINE).read_bytes() == b""
     await run_to_end(config)  # its own files, resumed
 
 
@@ -1461,7 +1466,7 @@ async def test_a_manifest_saved_with_a_byte_order_mark_is_read_and_written_witho
     path = config.run_dir / MANIFEST
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert read_manifest(config.run_dir).run_name == config.run.name  # status, report, watch
-    store.check_resume(config.run_dir, read_manifest(config.run_dir))  # validate
+    check_resume(config.run_dir, read_manifest(config.run_dir))  # validate
     await run_to_end(config)
     assert path.read_bytes().startswith(b"{")  # the run's rewrite leaves the mark out
     assert read_manifest(config.run_dir).run_name == config.run.name
@@ -1528,7 +1533,7 @@ def test_a_run_turned_away_by_the_journal_lock_leaves_no_pid_in_the_run_lock(
         assert (tmp_path / LOCK).read_bytes() == b""
         assert find_writer(tmp_path) == Writer(pid=None, run_lock_held=False)
         with pytest.raises(RunLockedError, match="its journal is locked"):
-            store.check_resume(tmp_path, manifest)  # validate, as the run
+            check_resume(tmp_path, manifest)  # validate, as the run
     finally:
         first.close()
     assert find_writer(tmp_path) is None
@@ -1544,7 +1549,7 @@ def test_a_run_lock_just_taken_names_no_pid_of_the_run_before(tmp_path: Path) ->
         assert find_writer(tmp_path) == Writer(pid=None, run_lock_held=True)
         manifest = Manifest(run_name="opening", task="t2i")
         with pytest.raises(RunLockedError, match="in use by another run;"):
-            store.check_resume(tmp_path, manifest)
+            check_resume(tmp_path, manifest)
     finally:
         run.close()
 
@@ -1579,7 +1584,7 @@ def test_a_run_turned_away_by_the_journal_lock_touches_nothing(tmp_path: Path) -
     first, _ = store.RunDir.open(tmp_path, manifest)
     try:
         (tmp_path / LOCK).unlink()
-        partial = tmp_path / "images" / store.PARTIAL
+        partial = tmp_path / "images" / PARTIAL
         partial.mkdir(parents=True)
         (partial / "being-written.png").write_bytes(b"half an image")
         journal = tmp_path / JOURNAL
@@ -1722,7 +1727,7 @@ async def test_a_partial_image_file_that_cannot_be_removed_is_named_and_the_run_
     # OK: it is only a leftover, and a new temporary image takes a name of its own.
     config = make_config(samples=2)
     first = await run_to_end(config)
-    partial = config.run_dir / store.IMAGES / store.PARTIAL
+    partial = config.run_dir / IMAGES / PARTIAL
     leftover = partial / ".IQ-R_TA-C_1.png.99999.1.tmp"
     leftover.write_bytes(b"half a png")
     removable = partial / ".IQ-R_TA-C_2.png.99999.1.tmp"
@@ -1735,7 +1740,7 @@ async def test_a_partial_image_file_that_cannot_be_removed_is_named_and_the_run_
         unlink(path, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", refused)
-    with caplog.at_level("WARNING", logger="trig_stream.store"):
+    with caplog.at_level("WARNING", logger="trig_stream.run_dir_access"):
         assert await run_to_end(config) == []  # nothing left to judge
     said = (
         f"{partial} holds 1 temporary image(s) left by a crash that cannot be removed (the "
@@ -1753,17 +1758,17 @@ async def test_what_is_no_temporary_image_in_partial_is_left_alone_and_named(
     # Is a directory") while validate said OK.
     config = make_config(samples=2)
     await run_to_end(config)
-    partial = config.run_dir / store.IMAGES / store.PARTIAL
+    partial = config.run_dir / IMAGES / PARTIAL
     (partial / "sub").mkdir()
     (partial / "sub" / "f").write_text("mine")
     leftover = partial / ".IQ-R_TA-C_1.png.123.456.tmp"
     leftover.write_bytes(b"half a png")
     said = f"{partial} holds 1 entry(ies) a run never writes there (the first: sub, not a plain"
-    with caplog.at_level("WARNING", logger="trig_stream.store"):
-        store.check_resume(config.run_dir, read_manifest(config.run_dir))
+    with caplog.at_level("WARNING", logger="trig_stream.run_dir_access"):
+        check_resume(config.run_dir, read_manifest(config.run_dir))
     assert said in caplog.text  # validate says what the run will
     caplog.clear()
-    with caplog.at_level("WARNING", logger="trig_stream.store"):
+    with caplog.at_level("WARNING", logger="trig_stream.run_dir_access"):
         await run_to_end(config)
     assert said in caplog.text
     assert not leftover.exists() and (partial / "sub" / "f").read_text() == "mine"
@@ -2164,7 +2169,6 @@ def test_a_run_directory_moved_as_its_manifest_is_written_is_said_to_be_moved(
     # Moved while its journal was read: the manifest's write made the run directory again
     # at its old path, holding only the manifest, and the run went on split in two.
     run_dir, moved_to = tmp_path / "big", tmp_path / "big-moved"
-    resumed_manifest = store.resumed_manifest
 
     def moved_meanwhile(path: Path, manifest: Manifest, journal: JournalState) -> Manifest:
         run_dir.rename(moved_to)

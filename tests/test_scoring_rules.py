@@ -12,10 +12,11 @@ import pytest
 
 from tests.conftest import ConfigFactory
 from tests.test_engine import run_to_end
-from trig_stream import FingerprintMismatch, journal, store
+from trig_stream import FingerprintMismatch, journal
 from trig_stream.config import RunConfig
 from trig_stream.journal import JOURNAL
 from trig_stream.manifest import MANIFEST, Manifest, read_manifest
+from trig_stream.resume_checks import check_resume, resumed_manifest
 from trig_stream.scoring import SCORING_RULES, SCORING_RULES_CHANGES
 
 pytestmark = pytest.mark.anyio
@@ -63,12 +64,12 @@ async def test_a_run_dir_older_than_the_rules_whose_scores_agree_resumes_and_rec
     make_config: ConfigFactory,
 ) -> None:
     config, configured, _ = await run_before_scoring_rules(make_config)
-    store.check_resume(config.run_dir, configured)  # validate says what run does
+    check_resume(config.run_dir, configured)  # validate says what run does
     assert await run_to_end(config) == []
     judges = read_manifest(config.run_dir).judges
     assert judges["trigscore"]["params"]["scoring_rules"] == SCORING_RULES
     # Its older lines, without the field, are the manifest's own on the next resume.
-    store.check_resume(config.run_dir, configured)
+    check_resume(config.run_dir, configured)
     assert await run_to_end(config) == []
 
 
@@ -113,7 +114,7 @@ async def test_a_run_dir_older_than_the_rules_with_a_score_changed_since_is_refu
         f"'synth', data_id {first['data_id']!r}, dimension {first['dimension']})"
     )
     with pytest.raises(FingerprintMismatch) as validated:
-        store.check_resume(config.run_dir, configured)
+        check_resume(config.run_dir, configured)
     assert said in str(validated.value)
     assert "Use --new-run to judge afresh in a fresh run directory beside it" in str(
         validated.value
@@ -156,8 +157,8 @@ async def test_an_older_run_dir_whose_short_lists_score_as_stored_resumes(
         for name, entry in configured.judges.items()
     }
     configured = configured.model_copy(update={"judges": judges})
-    state = store.check_resume(config.run_dir, configured)
-    resumed = store.resumed_manifest(config.run_dir, configured, state)
+    state = check_resume(config.run_dir, configured)
+    resumed = resumed_manifest(config.run_dir, configured, state)
     assert resumed.judges["trigscore"]["params"]["scoring_rules"] == SCORING_RULES
 
 
@@ -175,7 +176,7 @@ async def test_the_check_of_an_older_run_dir_reads_its_journal_once(
 
     monkeypatch.setattr(journal, "open_journal", counted)
     with pytest.raises(FingerprintMismatch, match="1 judgement"):
-        store.check_resume(config.run_dir, configured)
+        check_resume(config.run_dir, configured)
     assert reads == [config.run_dir / JOURNAL]
 
 
@@ -191,7 +192,7 @@ async def test_a_run_dir_of_other_scoring_rules_is_refused_naming_them(
     journal = config.run_dir / JOURNAL
     earlier = f'"scoring_rules":{SCORING_RULES - 1},'
     journal.write_text(journal.read_text().replace(f'"scoring_rules":{SCORING_RULES},', earlier))
-    for check in (lambda: store.check_resume(config.run_dir, configured), None):
+    for check in (lambda: check_resume(config.run_dir, configured), None):
         with pytest.raises(FingerprintMismatch) as raised:
             if check is not None:
                 check()
@@ -225,11 +226,11 @@ async def test_a_run_dir_scored_by_trig_under_rules_1_resumes(make_config: Confi
     await run_to_end(config)
     configured = read_manifest(config.run_dir)
     _judged_under_rules(config, 1)
-    store.check_resume(config.run_dir, configured)
+    check_resume(config.run_dir, configured)
     await run_to_end(config)
     # Its manifest now holds this trig-stream's rules, its journal lines the earlier ones.
     assert read_manifest(config.run_dir).judges["trigscore"]["params"]["scoring_rules"] == 2
-    store.check_resume(config.run_dir, configured)
+    check_resume(config.run_dir, configured)
     await run_to_end(config)
 
 
@@ -253,7 +254,7 @@ async def test_a_run_dir_of_scoring_rules_that_are_no_number_is_refused_naming_t
         f"{SCORING_RULES} in the config"
     )
     with pytest.raises(FingerprintMismatch) as validated:
-        store.check_resume(config.run_dir, configured)
+        check_resume(config.run_dir, configured)
     assert said in str(validated.value)
     with pytest.raises(FingerprintMismatch) as ran:
         await run_to_end(config)

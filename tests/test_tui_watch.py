@@ -35,9 +35,10 @@ from trig_stream.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.journal import JOURNAL, latest_judgements, read_journal, read_journal_lines
 from trig_stream.locks import Writer, find_writer
 from trig_stream.manifest import Manifest, read_manifest
+from trig_stream.quarantine_text import QUARANTINE, QUARANTINE_PARTIAL
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord
 from trig_stream.stats import ERRORS_KEPT
-from trig_stream.store import QUARANTINE, QUARANTINE_PARTIAL, RunDir
+from trig_stream.store import RunDir
 from trig_stream.testing import FakeJudge
 from trig_stream.testing.fake_judge import FakeJudgeOptions
 from trig_stream.tui import watch as watch_module

@@ -504,7 +504,7 @@ def test_a_temporary_image_a_run_cannot_remove_is_named_alike_and_the_run_goes_o
         f"{partial} holds 1 temporary image(s) left by a crash that cannot be removed (the "
         f"first: {leftover.name}: Operation not permitted): left in place"
     )
-    with chattr(partial), caplog.at_level("WARNING", logger="trig_stream.store"):
+    with chattr(partial), caplog.at_level("WARNING", logger="trig_stream.run_dir_access"):
         for command in (["validate"], RUN):
             caplog.clear()
             assert main([*command, str(path)]) == EXIT_OK, capsys.readouterr().err

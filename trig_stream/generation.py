@@ -73,7 +73,7 @@ from trig_stream.png import (
 )
 from trig_stream.records import GeneratedImage, Judgement, PromptRewrite
 from trig_stream.reuse import reusable_image
-from trig_stream.store import refuse_a_folder_at_an_image
+from trig_stream.run_dir_access import refuse_a_folder_at_an_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image

@@ -40,6 +40,7 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.dataset import DatasetSource
     from trig_stream.dimensions import Dimension
     from trig_stream.journal import JournalState
+    from trig_stream.new_runs import check_new_run
     from trig_stream.opening import judges_open_slowly
     from trig_stream.preflight import (
         check_environments,
@@ -48,8 +49,9 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
         run_manifest,
     )
     from trig_stream.records import QuarantinedRecord
+    from trig_stream.resume_checks import check_resume
+    from trig_stream.run_dir_access import ImagesOnDisk, check_image_folders
     from trig_stream.sourcing import Owed
-    from trig_stream.store import ImagesOnDisk, check_image_folders, check_new_run, check_resume
 
     config = load_config(args.config)
     quiet_model_libraries()  # as ``run`` does: a class looked up prints no library's advice
@@ -242,8 +244,7 @@ def _refused_so_far(run_dir: Path) -> frozenset[int]:
     """The dataset indexes of the records the running run of ``run_dir`` quarantined so far
     (none when its list cannot be read)."""
     from trig_stream.files import open_regular_file
-    from trig_stream.quarantine_text import read_quarantine_list
-    from trig_stream.store import quarantine_lists
+    from trig_stream.quarantine_text import quarantine_lists, read_quarantine_list
 
     for path in quarantine_lists(run_dir, running=True):
         try:
@@ -288,8 +289,7 @@ def status_command(args: argparse.Namespace, console: Console) -> int:
     from trig_stream.journal import JOURNAL, latest_entries
     from trig_stream.locks import find_writer
     from trig_stream.manifest import errors_asked_again, read_manifest
-    from trig_stream.quarantine_text import read_quarantine_list
-    from trig_stream.store import QUARANTINE, quarantine_lists
+    from trig_stream.quarantine_text import QUARANTINE, quarantine_lists, read_quarantine_list
 
     # Asked before the journal is read, as `watch` asks: a writer that is gone by then has
     # written its last line, which the counts then hold. And before the manifest is read: a

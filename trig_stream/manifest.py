@@ -7,7 +7,7 @@ latest run used, and whether it asks ``error`` judgements again. Here: the
 fingerprints as JSON holds them (:func:`as_json`), which ``error`` judgements the latest run
 asks again (:func:`errors_asked_again`), and reading the file back
 (:func:`read_manifest`). The checks a resume makes with it, which also look at the run
-directory's journal and images, live in :mod:`trig_stream.store`.
+directory's journal and images, live in :mod:`trig_stream.resume_checks`.
 """
 
 from __future__ import annotations
@@ -624,7 +624,7 @@ def read_manifest(run_dir: Path) -> Manifest:
 
     A manifest that is not trig-stream's is named as such in words for a command that only
     reads (status, report, watch): a run refuses it before it gets here
-    (:func:`trig_stream.store.resumed_manifest`).
+    (:func:`trig_stream.resume_checks.resumed_manifest`).
 
     Raises:
         RunDirError: there is none, or it cannot be read.

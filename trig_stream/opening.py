@@ -25,9 +25,10 @@ from trig_stream.errors import FatalBackendError, TrigStreamError
 from trig_stream.files import storage_error
 from trig_stream.journal import JournalState
 from trig_stream.manifest import Manifest
+from trig_stream.new_runs import next_free_run_dir
 from trig_stream.pipeline import describe_error
 from trig_stream.sourcing import work_left
-from trig_stream.store import RunDir, next_free_run_dir
+from trig_stream.store import RunDir
 
 
 @dataclass(frozen=True, slots=True)

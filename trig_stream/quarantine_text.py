@@ -1,10 +1,11 @@
-"""A malformed dataset record as the run's ``quarantine.jsonl`` can hold it.
+"""The run's quarantine list: where it lies, and a malformed dataset record as it can hold it.
 
 A quarantined record is kept so a user can see what was wrong with it, but a record is
 whatever the dataset file held: embedded images, lone surrogates, values of types JSON has
 no form for, nesting hundreds deep. :func:`without_images` makes any of them a JSON object of
 bounded size that still shows what the record said. :func:`read_quarantine_list` counts
-the records such a list holds.
+the records such a list holds; :func:`quarantine_lists` says which of a run directory's
+lists (:data:`QUARANTINE`, :data:`QUARANTINE_PARTIAL`) to read.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ import contextlib
 import json
 from collections.abc import Iterable, Mapping
 from datetime import date, time
+from pathlib import Path
 from typing import Any
 
 from trig_stream.records import storable_text
+
+QUARANTINE = "quarantine.jsonl"
+QUARANTINE_PARTIAL = "quarantine.jsonl.partial"
+"""The quarantine list a run is writing: it replaces :data:`QUARANTINE` once the dataset has
+been read through (a run stopped before then would leave only the start of its list)."""
 
 RECORD_DEPTH = 16
 """Levels of arrays and objects a quarantined record keeps; what lies deeper is kept as the
@@ -29,6 +36,16 @@ IMAGE_TEXT_LIMIT = 4096
 bytes, and longer text is a picture written inline (a data: URL, base64), as large as the
 bytes that are left out."""
 _IMAGE_FIELDS = frozenset(("image", "img_id"))
+
+
+def quarantine_lists(run_dir: Path, *, running: bool) -> tuple[Path, Path]:
+    """The quarantine files of ``run_dir`` in the order to read them, the first that exists
+    being the list to show: while a run writes the directory, its own list so far, else the
+    last whole one; with none running, the last whole list, else the start of one that a
+    run killed before it read the dataset through left (see
+    :meth:`~trig_stream.store.RunDir.close`)."""
+    partial, final = run_dir / QUARANTINE_PARTIAL, run_dir / QUARANTINE
+    return (partial, final) if running else (final, partial)
 
 
 def read_quarantine_list(lines: Iterable[bytes]) -> tuple[int, frozenset[int]]:

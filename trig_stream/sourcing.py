@@ -27,9 +27,9 @@ from trig_stream.errors import DatasetInterrupted, TrigStreamError
 from trig_stream.hashing import seed_for
 from trig_stream.journal import JournalState
 from trig_stream.pipeline import RunContext, WorkItem, send_now
+from trig_stream.quarantine_text import QUARANTINE
 from trig_stream.records import QuarantinedRecord, Sample
 from trig_stream.stats import Counters
-from trig_stream.store import QUARANTINE
 
 SOURCE_CHUNK = 16
 """Work items read per worker-thread call: amortises the thread hop, bounds the read-ahead."""

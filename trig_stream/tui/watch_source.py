@@ -34,10 +34,9 @@ from trig_stream.journal import (
 )
 from trig_stream.locks import Writer, find_writer
 from trig_stream.manifest import Manifest, errors_asked_again, read_manifest
-from trig_stream.quarantine_text import read_quarantine_list
+from trig_stream.quarantine_text import quarantine_lists, read_quarantine_list
 from trig_stream.records import Judgement, JudgementKey, Status
 from trig_stream.stats import ERRORS_KEPT, ErrorLines
-from trig_stream.store import quarantine_lists
 from trig_stream.tui.snapshot import (
     CountRate,
     DashboardSnapshot,
@@ -360,7 +359,7 @@ class RunDirSource:
     def _count_quarantined(self, *, running: bool) -> int | None:
         """The dataset records refused: by the run writing the directory so far, or by the
         last one that read the dataset through, else by one killed before it did (see
-        :func:`~trig_stream.store.quarantine_lists`).
+        :func:`~trig_stream.quarantine_text.quarantine_lists`).
         Counted again only when the file changed; None when it cannot be read."""
         for path in quarantine_lists(self.run_dir, running=running):
             name = path.name
