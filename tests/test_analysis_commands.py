@@ -31,7 +31,7 @@ from trig_stream.analysis import report as report_module
 from trig_stream.analysis.commands import add_commands, analyse_run, compare_runs
 from trig_stream.analysis.exports import read_judgements_parquet
 from trig_stream.analysis.inputs import load_run, read_prompt_pairs
-from trig_stream.analysis.relations import default_metric
+from trig_stream.analysis.relations import ModelAnalysis, default_metric
 from trig_stream.analysis.report import MODEL_FILES
 from trig_stream.cli import main
 from trig_stream.config import RelationSection
@@ -1567,18 +1567,12 @@ def test_analyze_reads_prompts_whose_data_ids_differ_only_in_case(tmp_path: Path
     assert pairs.pairs[lower] == pairs.pairs[head["data_id"]] and not pairs.skipped
 
 
-def test_the_scatter_draws_the_line_that_decides_dominance(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Rule 3 and the insight split the trade-off zone's points around that zone's own line;
-    # the scatter drew np.polyfit over every point, synergy zone included: another line.
+def scatter_lines_drawn(
+    analysis: ModelAnalysis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, list[float]]:
+    """The Y values of each line the scatter grid draws in its first panel, by label."""
     from matplotlib.figure import Figure
 
-    from tests.test_analysis_relations import ABOVE, judgements_for
-
-    x, y = ABOVE[0] + [0.95] * 4, ABOVE[1] + [0.9, 0.95, 0.9, 0.95]
-    analysis = analyse_judgements(judgements_for("IQ-R_TA-C", x, y))[("m", "trigscore")]
-    assert analysis.pairs[0].code == -2  # 8 of the zone's 10 points above its flat line
     figures: list[Figure] = []
     figure = plots_module._figure
 
@@ -1588,10 +1582,23 @@ def test_the_scatter_draws_the_line_that_decides_dominance(
 
     monkeypatch.setattr(plots_module, "_figure", kept)
     plots_module.plot_scatter_grid(analysis, tmp_path / "scatter.png")
-    drawn = {
-        line.get_label(): np.asarray(line.get_ydata(), dtype=np.float64).tolist()
+    return {
+        str(line.get_label()): np.asarray(line.get_ydata(), dtype=np.float64).tolist()
         for line in figures[0].axes[0].get_lines()
     }
+
+
+def test_the_scatter_draws_the_line_that_decides_dominance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rule 3 and the insight split the trade-off zone's points around that zone's own line;
+    # the scatter drew np.polyfit over every point, synergy zone included: another line.
+    from tests.test_analysis_relations import ABOVE, judgements_for
+
+    x, y = ABOVE[0] + [0.95] * 4, ABOVE[1] + [0.9, 0.95, 0.9, 0.95]
+    analysis = analyse_judgements(judgements_for("IQ-R_TA-C", x, y))[("m", "trigscore")]
+    assert analysis.pairs[0].code == -2  # 8 of the zone's 10 points above its flat line
+    drawn = scatter_lines_drawn(analysis, tmp_path, monkeypatch)
     decides = drawn["trade-off zone fit (decides dominance)"]
     assert decides == pytest.approx([0.6, 0.6])  # the zone's mean Y: a flat line
     everything = drawn["all points fit"]
@@ -1604,26 +1611,12 @@ def test_the_scatter_draws_the_line_that_decides_dominance_when_every_x_is_the_s
     # Every X of the trade-off zone 0.6: rule 3 splits its points around the horizontal line
     # at their mean Y (a -2 here), and the scatter drew no line at all, "a line needs two
     # points with different X".
-    from matplotlib.figure import Figure
-
     from tests.test_analysis_relations import judgements_for
 
     x, y = [0.6] * 10, [0.62] * 8 + [0.52] * 2
     analysis = analyse_judgements(judgements_for("IQ-R_TA-C", x, y))[("m", "trigscore")]
     assert analysis.pairs[0].code == -2
-    figures: list[Figure] = []
-    figure = plots_module._figure
-
-    def kept(width: float, height: float) -> Figure:
-        figures.append(figure(width, height))
-        return figures[-1]
-
-    monkeypatch.setattr(plots_module, "_figure", kept)
-    plots_module.plot_scatter_grid(analysis, tmp_path / "scatter.png")
-    drawn = {
-        line.get_label(): np.asarray(line.get_ydata(), dtype=np.float64).tolist()
-        for line in figures[0].axes[0].get_lines()
-    }
+    drawn = scatter_lines_drawn(analysis, tmp_path, monkeypatch)
     assert drawn.keys() == {"trade-off zone fit (decides dominance)"}
     assert drawn["trade-off zone fit (decides dominance)"] == pytest.approx([0.6, 0.6])
 

@@ -601,18 +601,26 @@ def test_an_image_folder_with_no_work_left_is_not_refused(
         assert main([*RUN, str(path)]) == EXIT_OK
 
 
+def finished_run_less_its_last_sample(tmp_path: Path) -> tuple[Path, list[str], str]:
+    """A run of 3 samples made to the end, then its last sample's judgements taken out of the
+    journal: its config, the journal's lines as they were, and that sample's data_id."""
+    path = write_config(tmp_path, samples=3)
+    assert main([*RUN, str(path)]) == EXIT_OK
+    journal = tmp_path / "runs" / "cli" / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    unjudged = json.loads(lines[-1])["data_id"]
+    journal.write_text("".join(x for x in lines if json.loads(x)["data_id"] != unjudged))
+    return path, lines, unjudged
+
+
 def test_image_folders_are_not_refused_when_every_image_left_is_on_disk(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # validate refused the image folders of a model with a sample left to judge (exit 3),
     # though its image was on disk: run reuses it and writes nothing (exit 0).
-    path = write_config(tmp_path, samples=3)
-    assert main([*RUN, str(path)]) == EXIT_OK
+    path, lines, unjudged = finished_run_less_its_last_sample(tmp_path)
     run_dir = tmp_path / "runs" / "cli"
     journal = run_dir / "journal.jsonl"
-    lines = journal.read_text().splitlines(keepends=True)
-    unjudged = json.loads(lines[-1])["data_id"]
-    journal.write_text("".join(x for x in lines if json.loads(x)["data_id"] != unjudged))
     images = run_dir / "images"
     assert (images / "t2i" / "synth" / f"{unjudged}.png").is_file()
     capsys.readouterr()
@@ -635,13 +643,9 @@ def test_a_folder_where_an_image_goes_is_refused_alike_before_its_picture_is_mad
 ) -> None:
     # validate said ok; run judged the others, then exited 3 "Is a directory" on writing
     # the picture made for it, and so did every resume.
-    path = write_config(tmp_path, samples=3)
-    assert main([*RUN, str(path)]) == EXIT_OK
+    path, _, unjudged = finished_run_less_its_last_sample(tmp_path)
     run_dir = tmp_path / "runs" / "cli"
     journal = run_dir / "journal.jsonl"
-    lines = journal.read_text().splitlines(keepends=True)
-    unjudged = json.loads(lines[-1])["data_id"]
-    journal.write_text("".join(x for x in lines if json.loads(x)["data_id"] != unjudged))
     image = run_dir / "images" / "t2i" / "synth" / f"{unjudged}.png"
     image.unlink()
     image.mkdir()
