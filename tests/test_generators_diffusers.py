@@ -1400,6 +1400,20 @@ def test_diffusion_pipeline_of_a_hub_id_the_hub_cannot_serve_fails_at_once(
     assert unreachable_hub == ["huggingface.co"] * 2
 
 
+def in_the_project(arguments: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python ARGUMENTS`` run to its end in the project's folder with ``env``, its output read
+    as text (a nonzero exit raises)."""
+    return subprocess.run(
+        [sys.executable, *arguments],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+
+
 READ_CACHED_MODEL_INDEX = """
 import json, socket, sys
 from trig_stream.backends.library_logs import quiet_model_libraries
@@ -1425,15 +1439,7 @@ def test_a_command_reads_a_hub_id_from_the_cache_without_asking_the_hub(
     hub_switches = ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", *QUIET_LIBRARIES)
     env = {k: v for k, v in os.environ.items() if k not in hub_switches}
     env["HF_HOME"] = str(tmp_path / "hf-home")  # no agent list kept on disk from before
-    read = subprocess.run(
-        [sys.executable, "-c", READ_CACHED_MODEL_INDEX, str(tmp_path / "cache")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    read = in_the_project(["-c", READ_CACHED_MODEL_INDEX, str(tmp_path / "cache")], env)
     assert json.loads(read.stdout.splitlines()[-1]) == []
 
 
@@ -1682,15 +1688,7 @@ def test_validate_quiets_the_model_libraries_as_run_does_and_embedding_leaves_th
     # engine keeps its environment (and its libraries' logging) as it set them.
     env = {k: v for k, v in os.environ.items() if k not in QUIET_LIBRARIES}
     options = tiny_options(tiny_pipelines["flux"], "flux")
-    checked = subprocess.run(
-        [sys.executable, "-c", CHECK_AND_TELL_ENVIRONMENT, json.dumps(options)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    checked = in_the_project(["-c", CHECK_AND_TELL_ENVIRONMENT, json.dumps(options)], env)
     assert not set(json.loads(checked.stdout.splitlines()[-1])) & set(QUIET_LIBRARIES)
     config = tmp_path / "run.toml"
     config.write_text(
@@ -1699,15 +1697,7 @@ def test_validate_quiets_the_model_libraries_as_run_does_and_embedding_leaves_th
         + f"options = {toml_inline(options)}\n"
         + '[[judges]]\nbackend = "fake"\n'
     )
-    validated = subprocess.run(
-        [sys.executable, "-m", "trig_stream", "validate", str(config)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    validated = in_the_project(["-m", "trig_stream", "validate", str(config)], env)
     assert "[transformers]" not in validated.stderr, validated.stderr
 
 
@@ -1786,15 +1776,7 @@ def test_a_pipeline_class_without_transformers_names_it(
     options = tiny_options(tiny_pipelines["flux"], "flux")
     cases = [options, {**options, "isolation": "process"}]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), str(ROOT)])}
-    checked = subprocess.run(
-        [sys.executable, "-c", CHECK_WITHOUT_A_LIBRARY, json.dumps(cases)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    checked = in_the_project(["-c", CHECK_WITHOUT_A_LIBRARY, json.dumps(cases)], env)
     missing = (
         "transformers is not installed; install it with: pip install 'trig-stream[diffusers]' "
         "(without a GPU, install torch's CPU build first, as PyPI's is a multi-GB CUDA one: "
