@@ -95,8 +95,10 @@ def ending_error(exc: BaseException, failed: str) -> FatalBackendError:
 
 def exiting_error(exc: SystemExit | KeyboardInterrupt, failed: str) -> FatalBackendError:
     """The error that stops the run for a ``SystemExit`` or ``KeyboardInterrupt`` that a
-    backend's async code raised in the event loop's thread (a judge's ``judge()`` or
-    ``open()``); ``failed`` says what raised it ("judge 'x': its judge()").
+    backend's code raised in the event loop's thread; ``failed`` says what raised it
+    ("judge 'x': its judge()"). A judge's ``judge()`` and ``open()`` bring both here; the
+    synchronous hooks (``opening()``, ``fingerprint()``, ...) only a ``SystemExit``: there a
+    ``KeyboardInterrupt`` is a Ctrl-C and goes on.
 
     Let out of the event loop, it left the run's worker threads waiting for work, and the
     process never exited; or it ended the command with its exit code and no word of why.
