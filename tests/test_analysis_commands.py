@@ -28,11 +28,13 @@ from trig_stream.analysis import AnalysisError, analyse_judgements
 from trig_stream.analysis import commands as commands_module
 from trig_stream.analysis import plots as plots_module
 from trig_stream.analysis import report as report_module
-from trig_stream.analysis.commands import add_commands, analyse_run, compare_runs
+from trig_stream.analysis.commands import add_commands
 from trig_stream.analysis.exports import read_judgements_parquet
 from trig_stream.analysis.inputs import load_run, read_prompt_pairs
 from trig_stream.analysis.relations import ModelAnalysis, default_metric
 from trig_stream.analysis.report import MODEL_FILES
+from trig_stream.analysis.run_analysis import analyse_run
+from trig_stream.analysis.run_comparison import compare_runs
 from trig_stream.cli import main
 from trig_stream.config import RelationSection
 from trig_stream.dataset import DatasetSource

@@ -14,8 +14,8 @@ import pytest
 
 from tests.test_analysis_commands import run_command
 from trig_stream.analysis import exports
-from trig_stream.analysis.commands import compare_runs
 from trig_stream.analysis.exports import PARQUET_SCHEMA, read_judgements_parquet
+from trig_stream.analysis.run_comparison import compare_runs
 from trig_stream.cli import main
 from trig_stream.dimensions import split_pair
 from trig_stream.exit_codes import EXIT_OK

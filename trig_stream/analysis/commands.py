@@ -2,7 +2,10 @@
 
 They re-derive everything from stored scores, never judging again, so the thresholds can be
 changed freely. :func:`add_commands` adds them to the CLI's subparsers; each handler takes the
-parsed arguments and the (stderr) console and returns an exit code.
+parsed arguments and the (stderr) console and returns an exit code. A run directory's analysis
+(its metric, its models' analyses) is made in :mod:`trig_stream.analysis.run_analysis`, the
+models of several put side by side in :mod:`trig_stream.analysis.run_comparison`, and where
+the commands may write is checked in :mod:`trig_stream.analysis.output_checks`.
 """
 
 from __future__ import annotations
@@ -10,40 +13,24 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import stat
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
 import polars as pl
 from rich.console import Console
 
-from trig_stream.analysis.compare import (
-    COMPARISON_HEADING,
-    Comparison,
-    compare,
-    comparison_markdown,
-)
+from trig_stream.analysis.compare import comparison_markdown
 from trig_stream.analysis.exports import judgements_frame
-from trig_stream.analysis.inputs import (
-    AnalysisError,
-    RunData,
-    load_run,
-    read_upstream,
-    with_overrides,
+from trig_stream.analysis.inputs import AnalysisError, load_run, read_upstream, with_overrides
+from trig_stream.analysis.output_checks import (
+    refuse_comparison_file,
+    refuse_foreign_comparison,
+    refuse_out_in_dataset,
+    refuse_overwriting_inputs,
 )
-from trig_stream.analysis.plots import PLOT_FILES
-from trig_stream.analysis.relations import (
-    ModelAnalysis,
-    OutputWriteError,
-    analyse_judgements,
-    analyse_model,
-    default_metric,
-)
+from trig_stream.analysis.relations import ModelAnalysis, OutputWriteError, analyse_judgements
 from trig_stream.analysis.report import (
-    MODEL_FILES,
-    PLOTS_FOLDER,
     WrittenFiles,
     is_model_outputs,
     left_out_text,
@@ -53,19 +40,14 @@ from trig_stream.analysis.report import (
     write_model_outputs,
     writing,
 )
+from trig_stream.analysis.run_analysis import analyse_run, in_progress_note, pick_metric
+from trig_stream.analysis.run_comparison import compare_runs, comparison_of
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
-from trig_stream.dimensions import TASKS, Dimension, normalise_task
-from trig_stream.files import real_path, remove_leftover_temporaries, write_atomic
-from trig_stream.locks import find_writer
+from trig_stream.dimensions import TASKS, normalise_task
+from trig_stream.files import remove_leftover_temporaries, write_atomic
 from trig_stream.path_arguments import path_argument
-from trig_stream.records import (
-    COMPARISON_FILE,
-    Judgement,
-    ScoredJudgement,
-    one_line,
-    printable,
-)
+from trig_stream.records import COMPARISON_FILE, Judgement, one_line, printable
 from trig_stream.terminal import CommandConsole
 
 THRESHOLD_OPTIONS: dict[str, str] = {
@@ -156,51 +138,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in ("correlation", *THRESHOLD_OPTIONS)}
 
 
-def _pick_metric(
-    metrics: Sequence[str],
-    requested: str | None,
-    source: object,
-    judgements: Iterable[ScoredJudgement],
-) -> str:
-    if not metrics:
-        raise AnalysisError(f"{source}: no judgements to analyse")
-    if requested is None:
-        # A judge whose every judgement failed measured nothing: counted as measuring its
-        # dimensions, it was analysed (all -1) over a judge with full scores.
-        measured: dict[str, set[Dimension]] = {}
-        for judgement in judgements:
-            if judgement.status == "ok":
-                measured.setdefault(judgement.metric, set()).add(judgement.dimension)
-        return default_metric(metrics, measured)
-    if requested not in metrics:
-        raise AnalysisError(f"{source}: no metric {requested!r}; it has {', '.join(metrics)}")
-    return requested
-
-
-def analyse_run(
-    run: RunData, thresholds: RelationSection, metric: str | None = None
-) -> dict[str, ModelAnalysis]:
-    """Analyse every model of a run under one metric (by default the config's first judge
-    that measured every dimension: see :func:`~trig_stream.analysis.relations.default_metric`),
-    in the order of ``run.models``: the config's generators, then any others.
-
-    Raises:
-        AnalysisError: the run holds no judgement, or none of ``metric``.
-    """
-    chosen = _run_metric(run, metric)
-    analyses = analyse_judgements((j for j in run.judgements if j.metric == chosen), thresholds)
-    by_model = {model: analysis for (model, _), analysis in analyses.items()}
-    # In the config's order (run.models), not the journal's: which model's first judgement
-    # was written first is a race.
-    return {model: by_model[model] for model in run.models if model in by_model}
-
-
-def _run_metric(run: RunData, metric: str | None) -> str:
-    """The metric :func:`analyse_run` analyses: ``metric``, else the default pick."""
-    present = {j.metric for j in run.judgements}
-    return _pick_metric([m for m in run.metrics if m in present], metric, run.path, run.judgements)
-
-
 def _print_written(
     console: Console, analysis: ModelAnalysis, written: WrittenFiles, *, upstream: bool = False
 ) -> None:
@@ -225,16 +162,6 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         plots=not args.no_plots,
     )
     return 0
-
-
-def in_progress_note(run_dir: Path, covering: str, *, own_pid: int | None = None) -> str | None:
-    """The note that a process still runs in ``run_dir``, so that ``covering`` ("this
-    report covers") holds the judgements so far; None when none runs there, or when the one
-    there is ``own_pid``: a run writing its own report, its journal closed, keeps its lock."""
-    writer = find_writer(run_dir)
-    if writer is None or (own_pid is not None and writer.pid == own_pid):
-        return None
-    return f"a process ({writer}) is still running in {run_dir}: {covering} the judgements so far"
 
 
 def write_report(
@@ -267,7 +194,7 @@ def write_report(
     notes = [note] if note is not None else []
     run = load_run(run_dir)
     if out is not None:
-        _refuse_out_in_dataset(out, run)
+        refuse_out_in_dataset(out, run)
     thresholds = with_overrides(run.relation, overrides or {})
     analyses = analyse_run(run, thresholds, metric)
     folder = out or run_dir / "report"
@@ -277,7 +204,7 @@ def write_report(
     elsewhere = "remove the link, or write the report elsewhere with --out"
     for path in [folder / COMPARISON_FILE, *(folder / model for model in analyses)]:
         refuse_link(path, elsewhere)
-    _refuse_foreign_comparison(folder / COMPARISON_FILE)
+    refuse_foreign_comparison(folder / COMPARISON_FILE)
     for model in analyses:  # every model's, before the first model's files are replaced
         refuse_unfit_outputs(folder / model, plots=plots)
     skipped = False
@@ -304,7 +231,7 @@ def write_report(
         scored = any(analysis.dimension_means for analysis in analyses.values())
         if len(analyses) > 1 and scored:
             columns = [(model, run, analysis) for model, analysis in analyses.items()]
-            text = comparison_markdown(_comparison(columns, notes))
+            text = comparison_markdown(comparison_of(columns, notes))
             write_atomic(comparison, text.encode("utf-8"))  # never half a file
         elif comparison.is_file():
             # An earlier report's, of other models or another metric.
@@ -314,41 +241,6 @@ def write_report(
     if skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return folder
-
-
-def _refuse_foreign_comparison(comparison: Path) -> None:
-    """Refuse a report folder whose ``comparison.md`` is not one a report wrote: a report
-    replaces it (two models) or removes it (one), and a file of the user's of that name was
-    lost either way.
-
-    Raises:
-        OutputWriteError: ``comparison`` exists and is not a regular file starting with the
-            comparison's heading (or empty).
-    """
-    try:
-        mode = os.lstat(comparison).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    except OSError as exc:
-        raise OutputWriteError(
-            f"cannot look at {comparison}: {exc.strerror or exc}; a report replaces it"
-        ) from None
-    heading = (COMPARISON_HEADING + "\n").encode()
-    start = b""
-    if stat.S_ISREG(mode):  # never opened otherwise: a pipe would block the read
-        try:
-            with comparison.open("rb") as file:
-                start = file.read(len(heading))
-        except OSError as exc:
-            raise OutputWriteError(
-                f"cannot read {comparison}: {exc.strerror or exc}; a report replaces it"
-            ) from None
-    if start != heading and (start or not stat.S_ISREG(mode)):  # an empty file loses nothing
-        raise OutputWriteError(
-            f"{comparison} is not a comparison a report wrote (it does not start with "
-            f"{COMPARISON_HEADING!r}), and a report replaces or removes that file: move it "
-            "away, or write the report elsewhere with --out"
-        )
 
 
 def _remove_stale_outputs(
@@ -384,7 +276,7 @@ def _say(console: Console, text: str) -> None:
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     """``analyze FILE --out DIR``: the same analysis on an upstream TRIG file."""
     model: str = args.model or args.file.stem
-    _refuse_overwriting_inputs(args.out, args.file, args.prompts)
+    refuse_overwriting_inputs(args.out, args.file, args.prompts)
     data = read_upstream(
         args.file,
         model=model,
@@ -393,7 +285,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         task=normalise_task(args.task),
         only=args.metric,
     )
-    metric = _pick_metric(data.metrics, args.metric, args.file, data.judgements)
+    metric = pick_metric(data.metrics, args.metric, args.file, data.judgements)
     thresholds = with_overrides(RelationSection(), _overrides(args))
     chosen: list[Judgement] = [j for j in data.judgements if j.metric == metric]
     analysis = analyse_judgements(chosen, thresholds, pairs=data.pairs).get((model, metric))
@@ -445,262 +337,10 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _refuse_overwriting_inputs(folder: Path, file: Path, prompts: Path | None) -> None:
-    """Refuse an output folder where ``analyze`` would write over its own input: ``--out``
-    the input's folder replaced an ``evaluation_result.json`` or ``formatted.json`` with the
-    export of what was read from it (its nulls lost), and one in a ``--prompts`` parquet folder
-    added its ``judgements.parquet`` to the dataset.
-
-    Raises:
-        AnalysisError: a file the outputs go to is ``file`` or ``prompts``, or ``folder`` is
-            in the ``prompts`` folder.
-    """
-    outputs = [folder / name for name in MODEL_FILES]
-    outputs += [folder / PLOTS_FOLDER / name for name in PLOT_FILES]
-    for option, given in (("FILE", file), ("--prompts", prompts)):
-        if given is None:
-            continue
-        if option == "--prompts" and given.is_dir() and _within(folder, given):
-            # A parquet dataset folder, read with its subfolders: judgements.parquet would
-            # join the dataset, and the next read of it fail on its columns.
-            raise AnalysisError(
-                f"--out {folder} is in the {option} folder {given}: the outputs would join "
-                "the dataset; name an output folder outside it with --out"
-            )
-        for output in outputs:
-            if _same_file(output, given):
-                raise AnalysisError(
-                    f"--out {folder} would write {output} over the input {option} {given}; "
-                    "name another output folder with --out"
-                )
-
-
-def _refuse_out_in_dataset(folder: Path, run: RunData) -> None:
-    """Refuse a ``report --out`` in the run's parquet dataset folder, as ``analyze`` refuses
-    one in its ``--prompts`` folder: the folder is read with its subfolders, so the report's
-    ``judgements.parquet`` would join the dataset, and the next run fail on its columns. The
-    reading leaves a run directory below the folder out, and a report in it with it; and a
-    run directory that is the dataset folder, only its own ``report/``.
-
-    Raises:
-        AnalysisError: ``folder`` is in the dataset folder, outside what its reading leaves out.
-    """
-    section = run.manifest.config.get("dataset")
-    given = section.get("path") if isinstance(section, dict) else None
-    if not isinstance(given, str) or not Path(given).is_dir() or not _within(folder, Path(given)):
-        return
-    dataset = Path(given)
-    if _same_file(run.path, dataset):
-        left_out = _same_file(folder, run.path / "report")
-    else:
-        left_out = _within(run.path, dataset) and _within(folder, run.path)
-    if not left_out:
-        raise AnalysisError(
-            f"--out {folder} is in the run's dataset folder {dataset}: the outputs would join "
-            "the dataset; name an output folder outside it with --out"
-        )
-
-
-def _within(folder: Path, dataset: Path) -> bool:
-    """Whether ``folder`` is the folder ``dataset`` or one under it (links resolved)."""
-    return _same_file(folder, dataset) or real_path(folder).is_relative_to(real_path(dataset))
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)  # a hard link too
-    except OSError:  # one of them does not exist (yet)
-        return real_path(a) == real_path(b)
-
-
-def compare_runs(
-    run_dirs: Sequence[Path],
-    overrides: dict[str, Any] | None = None,
-    metric: str | None = None,
-) -> Comparison:
-    """Compare every model of the given run directories.
-
-    Models are labelled by name, or ``<run>/<model>`` when several run directories are given,
-    ``<run>`` being the shortest end of the run directory's path that no other one shares
-    (its folder name, unless two share it). Thresholds are each run's own, with
-    ``overrides`` applied.
-
-    Raises:
-        AnalysisError: a run directory given twice, fewer than two models in all, or not one
-            ok score.
-    """
-    seen: dict[Path, Path] = {}
-    for run_dir in run_dirs:
-        first = seen.get(real_path(run_dir))
-        if first is not None:
-            same = "" if str(first) == str(run_dir) else f" (as {first} and {run_dir})"
-            raise AnalysisError(f"{run_dir} is given twice{same}: its models would meet themselves")
-        seen[real_path(run_dir)] = run_dir
-    columns: list[tuple[str, RunData, ModelAnalysis]] = []
-    notes: list[str] = []
-    for run_dir, run_label in zip(run_dirs, run_labels(list(seen)), strict=True):
-        note = in_progress_note(run_dir, "its columns cover")
-        if note is not None:
-            notes.append(note)
-        run = load_run(run_dir, rows=False)
-        thresholds = with_overrides(run.relation, overrides or {})
-        analyses = _run_columns(run, thresholds, metric)
-        # The columns keep the run's manifest and judges, not its judgements: every run's
-        # at once held gigabytes for runs of hundreds of thousands.
-        run = replace(run, judgements=[])
-        for model, analysis in analyses.items():
-            # Model names hold no "/": with distinct run labels, labels are distinct too.
-            label = model if len(run_dirs) == 1 else f"{run_label}/{model}"
-            columns.append((label, run, analysis))
-    if len(columns) < 2:
-        raise AnalysisError(
-            f"nothing to compare: {len(columns)} model(s) in {len(run_dirs)} run dir(s)"
-        )
-    if not any(analysis.dimension_means for _, _, analysis in columns):
-        metrics = ", ".join(f"`{m}`" for m in dict.fromkeys(a.metric for _, _, a in columns))
-        raise AnalysisError(
-            f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (metric "
-            f"{metrics}: every judgement of it, if any, is unscorable or an error); `trig-stream "
-            "status` counts them, and --metric picks another judge"
-        )
-    return _comparison(columns, notes)
-
-
-def _run_columns(
-    run: RunData, thresholds: RelationSection, metric: str | None
-) -> dict[str, ModelAnalysis]:
-    """:func:`analyse_run`, with an empty analysis for each model of the run (its config's
-    generators first) without a judgement of the metric analysed yet: one still loading, or
-    judged by another judge so far. Its column is empty, as that of a model whose every
-    judgement failed, rather than left out without a word. So is every model's, under a
-    ``metric`` of a judge of the config without a judgement yet. A run without a judgement
-    yet gets them under ``metric``, else its first judge.
-
-    Raises:
-        AnalysisError: ``metric`` is no judge of the run, of its config or its journal.
-    """
-    if metric is not None and metric not in run.metrics:
-        raise AnalysisError(
-            f"{run.path}: no metric {metric!r}; it has {', '.join(run.metrics) or 'none'}"
-        )
-    if metric is not None:
-        chosen = metric
-    elif run.judgements:
-        chosen = _run_metric(run, None)
-    else:
-        chosen = run.metrics[0] if run.metrics else "trigscore"
-    judged = any(j.metric == chosen for j in run.judgements)
-    analyses = analyse_run(run, thresholds, chosen) if judged else {}
-    return {
-        model: analyses.get(model) or analyse_model(model, chosen, [], thresholds)
-        for model in run.models
-    }
-
-
-def _comparison(
-    columns: Sequence[tuple[str, RunData, ModelAnalysis]], notes: Sequence[str]
-) -> Comparison:
-    """The comparison of labelled analyses, with what ``compare`` and a report's
-    ``comparison.md`` both say about them: ``notes`` (a run still going), then a note per
-    column without an ok score."""
-    analyses: dict[str, ModelAnalysis] = {}
-    for label, _, analysis in columns:
-        assert label not in analyses, f"two columns labelled {label}"
-        analyses[label] = analysis
-    empty = [
-        f"{label} has "
-        + (
-            "no ok score (every judgement unscorable or an error)"
-            if analysis.pairs
-            else f"no judgement of metric `{analysis.metric}` yet"
-        )
-        + ": its column is empty, and its DTM cells are undefined (-1)"
-        for label, analysis in analyses.items()
-        if not analysis.dimension_means
-    ]
-    return compare(
-        analyses,
-        {label: run.manifest.task for label, run, _ in columns},
-        [*notes, *empty],
-        {label: judge_fingerprint(run, a.model, a.metric) for label, run, a in columns},
-    )
-
-
-def judge_fingerprint(run: RunData, model: str, metric: str) -> dict[str, Any]:
-    """The fingerprint of the judge that scored ``model`` under ``metric``: the manifest's,
-    else (a judge the latest config no longer has) that of its latest judgement."""
-    stored = run.manifest.judges.get(metric)
-    if stored is not None:
-        return stored
-    latest = run.judges.get((model, metric))
-    return latest.model_dump() if latest is not None else {}
-
-
-def run_labels(paths: Sequence[Path]) -> list[str]:
-    """The shortest end of each (absolute, distinct) path that no other one ends with: the
-    folder name, with as many parents as it takes to tell two of the same name apart."""
-    parts = [path.parts for path in paths]
-    lengths = [1] * len(paths)
-    while True:
-        labels = [str(Path(*p[-n:])) for p, n in zip(parts, lengths, strict=True)]
-        clashing = {label for label in labels if labels.count(label) > 1}
-        if not clashing:
-            return labels
-        for index, label in enumerate(labels):
-            if label in clashing:
-                lengths[index] += 1
-
-
-def _refuse_comparison_file(out: Path, run_dirs: Sequence[Path]) -> None:
-    """Refuse a ``compare --out`` that is not a file of the user's to write: one in a run
-    directory being compared (its journal or manifest was replaced by the markdown, and the
-    run could no longer be resumed), a folder, or anything but a regular file (a pipe with no
-    reader hung the command for good).
-
-    Raises:
-        AnalysisError: ``out`` (or the file a link there leads to) is in one of ``run_dirs``,
-            is one of their files through a hard link, or exists and is no regular file.
-    """
-    # realpath follows every link, a dangling one's too: the write goes where they lead.
-    target = Path(os.path.realpath(out))
-    linked = f" (a symbolic link to {target})" if out.is_symlink() else ""
-    elsewhere = "name a file outside every RUN_DIR with --out"
-    for run_dir in run_dirs:
-        if _within(target, run_dir):
-            raise AnalysisError(
-                f"--out {out}{linked} is in the run directory {run_dir}, whose files (journal, "
-                f"manifest, images, report) are the run's own; {elsewhere}"
-            )
-    try:
-        status = os.stat(target)
-    except (FileNotFoundError, NotADirectoryError):
-        return  # not there yet (a file standing for a folder of its path is named when written)
-    except OSError as exc:
-        raise AnalysisError(
-            f"--out {out}{linked}: cannot look at it: {exc.strerror or exc}"
-        ) from None
-    if stat.S_ISDIR(status.st_mode):
-        raise AnalysisError(f"--out {out}{linked} is a folder: it names the file to write")
-    if not stat.S_ISREG(status.st_mode):
-        raise AnalysisError(
-            f"--out {out}{linked} is not a regular file (a pipe, a device?): it names the file "
-            "to write the comparison to; name a regular file, or leave --out out to print it only"
-        )
-    if status.st_nlink > 1:
-        # A hard link elsewhere to a run's journal or manifest writes over it all the same.
-        for run_dir in run_dirs:
-            files = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
-            for entry in files:
-                if entry.is_file() and _same_file(entry, target):
-                    raise AnalysisError(
-                        f"--out {out}{linked} is {entry} (a hard link to it); {elsewhere}"
-                    )
-
-
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     """``compare RUN_DIR...``: dimension means side by side and the DTM cells that differ."""
     if args.out is not None:
-        _refuse_comparison_file(args.out, args.run_dirs)
+        refuse_comparison_file(args.out, args.run_dirs)
     text = comparison_markdown(compare_runs(args.run_dirs, _overrides(args), args.metric))
     if args.out is not None:
         # Not `writing`, the report's: its message spoke of a report and of a folder it
