@@ -7,7 +7,7 @@ polars, so the 18.8 GB image-editing split never sits in memory; embedded images
 bytes until a generator asks for them. The same records as JSON Lines (one object per line,
 ``.jsonl``) are read a line at a time. (The files are read in :mod:`trig_stream.dataset_formats`;
 a record's identity and text are checked in :mod:`trig_stream.record_checks`, its source image
-in :mod:`trig_stream.source_images`; here the records are selected and made samples.)
+in :mod:`trig_stream.source_image_checks`; here the records are selected and made samples.)
 
 A malformed record does not stop a run: it comes out as a :class:`QuarantinedRecord` carrying
 the reason, and the engine writes it to the run's ``quarantine.jsonl``.
@@ -38,7 +38,7 @@ from trig_stream.record_checks import (
     record_identity,
 )
 from trig_stream.records import QuarantinedRecord, Sample, storable_text
-from trig_stream.source_images import source_image, source_name
+from trig_stream.source_image_checks import source_image, source_name
 
 
 class ChangedSinceJudged(Rejected):
