@@ -4,24 +4,18 @@ A config is a TOML file (see ``config/`` and the README's config reference). It 
 completely before any work starts: unknown keys, wrong types and unknown backends are refused
 with one message that names the file, the line, the key and what was expected (those
 messages are written by :mod:`trig_stream.config_problems`; the field types and their checks
-live in :mod:`trig_stream.config_fields`). Relative paths inside a config are taken relative
-to the config file's own folder.
+live in :mod:`trig_stream.config_fields`, how a table's values are held to its model in
+:mod:`trig_stream.config_values`). Relative paths inside a config are taken relative to the
+config file's own folder (:mod:`trig_stream.config_paths` resolves them).
 """
 
 from __future__ import annotations
 
 import errno
-import json
-import math
-import os
-import re
 import tomllib
-from collections.abc import Iterator, Mapping
-from contextlib import suppress
-from pathlib import Path, PurePath
-from typing import Annotated, Any, Final, Literal, TypeVar, cast
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
 
-import annotated_types
 from pydantic import (
     BaseModel,
     Field,
@@ -34,7 +28,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from trig_stream.config_fields import (
-    EMPTY_PATH,
     OPTIONS_CONFIG,
     Backoff,
     ConfigPath,
@@ -43,12 +36,19 @@ from trig_stream.config_fields import (
     SafeName,
     TaskName,
 )
+from trig_stream.config_paths import (
+    PathProblem,
+    PathProblems,
+    path_problems,
+    refuse_reports_in,
+    resolve_noting,
+    resolve_options,
+)
 from trig_stream.config_problems import (
     DUPLICATE_NAME,
     MAX_NESTING,
     Loc,
     checkable,
-    dotted_key,
     error_locs,
     nested_too_deep,
     problem_line,
@@ -56,16 +56,10 @@ from trig_stream.config_problems import (
     problems_message,
     unusable_entries,
 )
+from trig_stream.config_values import non_finite_passed_through, validate_table
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ConfigError, TrigStreamError
-from trig_stream.files import (
-    MAX_SETTINGS_BYTES,
-    UnfitFileError,
-    locale_problem,
-    locale_refusal,
-    read_settings_file,
-    real_path,
-)
+from trig_stream.files import MAX_SETTINGS_BYTES, UnfitFileError, read_settings_file
 from trig_stream.records import CASE_CLASH, exact_number
 from trig_stream.scoring import Scorer
 
@@ -259,12 +253,12 @@ class RunConfig(_Section):
                 environment variable (``$HOME``), which is never expanded; or a
                 ``dtm_rewrite`` generator's ``report`` lies in the run directory.
         """
-        problems: list[_PathProblem] = []
+        problems: list[PathProblem] = []
         generators = []
         for i, g in enumerate(self.generators):
             where: Loc = ("generators", i, "options")
             resolved = g.model_copy(
-                update={"options": _resolve_options(g.options, base, where, problems)}
+                update={"options": resolve_options(g.options, base, where, problems)}
             )
             # Kept through a second resolution (the engine resolves a loaded config again).
             resolved._written_options = (g.written_options, resolved.options)
@@ -272,7 +266,7 @@ class RunConfig(_Section):
         judges = [
             j.model_copy(
                 update={
-                    "options": _resolve_options(j.options, base, ("judges", i, "options"), problems)
+                    "options": resolve_options(j.options, base, ("judges", i, "options"), problems)
                 }
             )
             for i, j in enumerate(self.judges)
@@ -280,22 +274,22 @@ class RunConfig(_Section):
         image_root = self.dataset.image_root
         dataset = self.dataset.model_copy(
             update={
-                "path": _resolve_noting(self.dataset.path, base, ("dataset", "path"), problems),
+                "path": resolve_noting(self.dataset.path, base, ("dataset", "path"), problems),
                 "image_root": None
                 if image_root is None
-                else _resolve_noting(image_root, base, ("dataset", "image_root"), problems),
+                else resolve_noting(image_root, base, ("dataset", "image_root"), problems),
             }
         )
         output_problems = len(problems)
-        output_dir = _resolve_noting(self.run.output_dir, base, ("run", "output_dir"), problems)
+        output_dir = resolve_noting(self.run.output_dir, base, ("run", "output_dir"), problems)
         run = self.run.model_copy(update={"output_dir": output_dir})
         if len(problems) == output_problems:  # reports are compared with a resolved run dir
             try:
-                _refuse_reports_in(run.output_dir / run.name, generators)
-            except _PathProblem as exc:
+                refuse_reports_in(run.output_dir / run.name, generators)
+            except PathProblem as exc:
                 problems.append(exc)
         if problems:
-            raise _PathProblems(problems)
+            raise PathProblems(problems)
         return self.model_copy(
             update={"dataset": dataset, "run": run, "generators": generators, "judges": judges}
         )
@@ -304,215 +298,6 @@ class RunConfig(_Section):
     def run_dir(self) -> Path:
         """The folder this run writes into."""
         return self.run.output_dir / self.run.name
-
-
-PATH_OPTIONS = frozenset({"path", "report", "template", "model_path"})
-"""Backend options that name a file or folder, resolved like the config's own paths."""
-HUB_OR_PATH_OPTIONS = frozenset({"checkpoint"})
-"""Options that hold a hub id (``org/model``) or a folder: resolved only when written as an
-explicit relative path (``./x``, ``../x``) or from the home folder (``~/x``)."""
-PASSED_THROUGH_OPTIONS = frozenset({"call", "load", "extra_body"})
-"""Tables handed as they are to a library or an API (a pipeline's call and loading
-arguments, an images API's extra body): their keys are not ours, so nothing in them is
-resolved. Other nested tables are backends' options (a wrapper's inner generator, a metric)."""
-
-
-class _PathProblem(ConfigError):
-    """A path of a config that cannot be resolved, and where it is: :func:`parse_config`
-    names its line; as raised by :meth:`RunConfig.resolve_paths`, its message names the key."""
-
-    def __init__(self, loc: Loc, why: str) -> None:
-        super().__init__(f"{dotted_key(loc)}: {why}")
-        self.loc = loc
-        self.why = why
-
-
-class _PathProblems(ConfigError):
-    """Every path of a config that cannot be resolved (see :class:`_PathProblem`)."""
-
-    def __init__(self, problems: list[_PathProblem]) -> None:
-        super().__init__("; ".join(map(str, problems)))
-        self.problems = problems
-
-
-def _path_problems(data: Any, base: Path) -> list[_PathProblem]:
-    """The paths of the config mapping ``data`` that cannot be resolved from ``base``, as
-    :meth:`RunConfig.resolve_paths` resolves them: found in its tables as written, so that
-    they are listed with the config's other problems, which leave no model to resolve."""
-    problems: list[_PathProblem] = []
-    if not isinstance(data, dict):
-        return problems
-    for loc in (("run", "output_dir"), ("dataset", "path"), ("dataset", "image_root")):
-        table = data.get(loc[0])
-        value = table.get(loc[1]) if isinstance(table, dict) else None
-        if isinstance(value, str | PurePath) and str(value):  # an empty one is the model's
-            _resolve_noting(Path(value), base, loc, problems)
-    for kind in ("generators", "judges"):
-        entries = data.get(kind)
-        for index, entry in enumerate(entries if isinstance(entries, list) else []):
-            options = entry.get("options") if isinstance(entry, dict) else None
-            if isinstance(options, dict):
-                _resolve_options(options, base, (kind, index, "options"), problems)
-    return problems
-
-
-_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
-"""A shell's ``$NAME``: what it would expand, when ``NAME`` is set."""
-_BRACED = re.compile(r"\$\{[^}]*\}?")
-"""A shell's ``${...}``."""
-
-
-def _refuse_variables(path: Path, loc: Loc, base: Path) -> None:
-    # ``$HOME/runs`` became a folder literally named "$HOME" beside the config, which a later
-    # `rm -rf $HOME/runs` in a shell would not remove, or worse. Refused, set here or not: a
-    # part that starts with ``$NAME`` (``$SCRATCH/runs``: unset in cron or CI, it is still
-    # meant as a variable, and the same config is refused in a shell that sets it) and any
-    # ``${``, a shell's syntax no file name is likely to use; unless the path up to that part
-    # exists as written (Windows' ``$RECYCLE.BIN``). A ``$NAME`` inside a name
-    # (``runs-$USER``, ``a$b``) is refused only when ``NAME`` is set: a shell would expand it.
-    parts = path.parts
-    for index, part in enumerate(parts):
-        braced = _BRACED.search(part)
-        leading = _VARIABLE.match(part)
-        named = next((m for m in _VARIABLE.finditer(part) if m.group(1) in os.environ), None)
-        if braced is not None:
-            found = braced.group()
-        elif leading is not None:
-            found = leading.group()
-        elif named is not None:
-            found = named.group()
-        else:
-            continue
-        if (braced is not None or leading is not None) and _exists_as_written(
-            Path(*parts[: index + 1]), base
-        ):
-            continue
-        if braced is None and leading is None and named is not None:
-            how = f"; a name that really holds {found}: rename it, or unset {named.group(1)}"
-        else:
-            how = f"; a folder really named {part!r} is taken as written once it exists"
-        raise _PathProblem(
-            loc,
-            f"{path}: {part!r} looks like an environment variable ({found}), and a config's "
-            "paths are taken as written (no variable is expanded): write the path out in full "
-            f"(a leading ~ is the home folder){how}",
-        )
-
-
-def _exists_as_written(path: Path, base: Path) -> bool:
-    """Whether ``path`` (relative ones from ``base``; ``~`` the home folder) names something
-    on disk, taken literally."""
-    try:
-        if str(path).startswith("~"):
-            path = path.expanduser()
-        return os.path.lexists(path if path.is_absolute() else base / path)
-    except (RuntimeError, OSError, ValueError):  # no home folder known; a name too long
-        return False
-
-
-def _resolve(path: Path, base: Path, loc: Loc) -> Path:
-    _refuse_variables(path, loc, base)
-    # ``~`` as a shell reads it: a folder literally named "~" beside the config, which a
-    # later `rm -rf ~` would take for the home folder, is never what was meant.
-    if str(path).startswith("~"):
-        try:
-            path = path.expanduser()
-        except RuntimeError:  # ~name of an unknown user, or no home folder at all
-            raise _PathProblem(
-                loc,
-                f"{path}: no home folder is known for {path.parts[0]}: write the path out in full",
-            ) from None
-    unusable = locale_problem(path if path.is_absolute() else base / path)
-    if unusable is not None:
-        raise _PathProblem(loc, unusable)
-    resolved = path if path.is_absolute() else real_path(base / path)
-    try:
-        str(resolved).encode("utf-8")
-    except UnicodeEncodeError:
-        with suppress(UnicodeDecodeError):
-            os.fsencode(resolved).decode("utf-8")
-            # UTF-8 bytes, read as surrogates: a file-name encoding that is not UTF-8.
-            raise _PathProblem(loc, locale_refusal(resolved)) from None
-        # A folder named in another encoding (``caf\xe9``, Latin-1): Python holds its bytes
-        # as half characters, which the run directory's manifest, written as UTF-8 JSON,
-        # cannot record; the run crashed after taking its directory.
-        shown = os.fsencode(resolved).decode("utf-8", "backslashreplace")
-        raise _PathProblem(
-            loc,
-            f"{shown}: the path is not UTF-8 text (a folder named in another "
-            "encoding), and a run records its paths as UTF-8: rename that folder, or move "
-            "the config and its files under a UTF-8 path",
-        ) from None
-    return resolved
-
-
-def _resolve_noting(path: Path, base: Path, loc: Loc, problems: list[_PathProblem]) -> Path:
-    """``path`` resolved; as written, its problem added to ``problems``, when it has one."""
-    try:
-        return _resolve(path, base, loc)
-    except _PathProblem as exc:
-        problems.append(exc)
-    except ValueError:  # a NUL ("embedded null byte"), refused with the text that holds it
-        pass
-    return path
-
-
-def _refuse_reports_in(run_dir: Path, generators: list[GeneratorConfig]) -> None:
-    """Refuse a ``dtm_rewrite`` generator's ``report`` (resolved) inside ``run_dir``.
-
-    The run writes its report again at its end, that file included: the relations read from
-    it, and with them the generator's fingerprint, changed, and the run directory refused
-    the run's own next command (exit 3). Checked against the configured run directory with
-    or without ``--new-run``: the new folder that flag picks beside it holds no file yet (and
-    is the configured one when it is resumed, by its ``[run] name``), while a report in the
-    configured one is written again by the next run of this config without the flag.
-    """
-    own = Path(os.path.realpath(run_dir))
-    for index, generator in enumerate(generators):
-        report = generator.options.get("report")
-        if generator.backend != "dtm_rewrite" or not isinstance(report, str):
-            continue
-        if Path(os.path.realpath(report)).is_relative_to(own):
-            raise _PathProblem(
-                ("generators", index, "options", "report"),
-                f"{report}: lies in this run's own run directory ({run_dir}), whose report "
-                "the run writes again at its end: the relations read from it would change, "
-                "and the run directory would then refuse the run's next command (exit 3) as "
-                "made with other settings; copy the file out of the run directory (next to "
-                "the config, say) and point report at the copy",
-            )
-
-
-def _resolve_options(
-    options: dict[str, Any], base: Path, where: Loc, problems: list[_PathProblem]
-) -> dict[str, Any]:
-    """``options`` with their paths resolved; the problem of each that has one added to
-    ``problems`` (that path left as written)."""
-    resolved = dict(options)
-    for key, value in options.items():
-        loc = (*where, key)
-        if key in PASSED_THROUGH_OPTIONS:
-            continue
-        if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
-            resolved[key] = _resolve_options(value, base, loc, problems)
-        elif isinstance(value, PurePath) and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
-            # A code-built config's Path("imgs"): a path, never a hub id, resolved as its
-            # text would be (its "./" is gone by now) and handed on as text.
-            resolved[key] = str(_resolve_noting(Path(value), base, loc, problems))
-        elif not isinstance(value, str):
-            continue
-        elif Path(value).is_absolute():
-            if key in PATH_OPTIONS:  # left as written, but never with a variable unexpanded
-                try:
-                    _refuse_variables(Path(value), loc, base)
-                except _PathProblem as exc:
-                    problems.append(exc)
-            continue
-        elif not value and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
-            problems.append(_PathProblem(loc, EMPTY_PATH))
-        elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith((".", "~"))):
-            resolved[key] = str(_resolve_noting(Path(value), base, loc, problems))
-    return resolved
 
 
 def _unique(names: list[str], section: str, *, folders: bool = False) -> None:
@@ -538,106 +323,6 @@ def _unique(names: list[str], section: str, *, folders: bool = False) -> None:
             )
         first[name] = index
         folded.setdefault(name.casefold(), index)
-
-
-_Table = TypeVar("_Table", bound=BaseModel)
-
-
-def validate_table(model: type[_Table], table: Mapping[str, Any]) -> _Table:
-    """Validate a table of a config file against ``model``, refusing values of another type.
-
-    A value is taken as the TOML file writes it, never converted: ``true`` is no number,
-    ``"2"`` and ``2.0`` are no integer, ``"yes"`` is no boolean; but a string is a path, an
-    array a tuple, and an integer a decimal number (pydantic's strict mode, on the JSON the
-    table is). A table built in Python, holding values JSON has no form for (a ``Path``), is
-    validated by Python's looser rules.
-
-    Raises:
-        pydantic.ValidationError: the table does not fit ``model``.
-    """
-    try:
-        # NaN and infinity are written as JSON's extensions, which ``allow_inf_nan`` refuses.
-        data = json.dumps(table, ensure_ascii=False).encode()
-    except (TypeError, ValueError):  # a Path, a lone surrogate (UnicodeEncodeError)...
-        return model.model_validate(table)
-    return model.model_validate_json(data, strict=True)
-
-
-def field_value_problem(model: type[BaseModel], name: str, value: object) -> str | None:
-    """What is wrong with ``value`` as ``model``'s field ``name`` (its type, a number, and the
-    bounds the config checks it against), or None when it would be accepted.
-
-    Values made in Python (a backend instance's counts, a retry policy) reach the engine
-    without the config's validation: they are checked against the same bounds, taken from
-    the model so that the two never drift apart.
-    """
-    field = model.model_fields[name]
-    whole = field.annotation is int
-    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
-        return f"must be {'a whole number' if whole else 'a number'}, not {value!r}"
-    # The config's own finiteness comes from its model settings, not from the field: a float
-    # is checked here (an int is compared as it is; as a float, a huge one overflowed).
-    if isinstance(value, float) and math.isnan(value):
-        return "must be a number, not nan"
-    if isinstance(value, float) and math.isinf(value):
-        return f"must be a finite number, not {value!r}"
-    if not whole and isinstance(value, int):
-        try:
-            float(value)
-        except OverflowError:
-            return f"must be a finite number, not {_number_shown(value)} (past a float's range)"
-    for bound in field.metadata:
-        if isinstance(bound, annotated_types.Ge) and not value >= (low := cast("float", bound.ge)):
-            return f"must be at least {low}, not {_number_shown(value)}"
-        if isinstance(bound, annotated_types.Le) and not value <= (high := cast("float", bound.le)):
-            return f"must be at most {high}, not {_number_shown(value)}"
-    return None
-
-
-def _number_shown(value: float) -> str:
-    # An int past 4300 digits has no str() at all (ValueError), and one of hundreds of
-    # digits buries the message.
-    if isinstance(value, int) and value.bit_length() > 64:
-        digits = int(value.bit_length() * math.log10(2)) + 1
-        return f"a{'' if value > 0 else ' negative'} number of about {digits} digits"
-    return repr(value)
-
-
-def non_finite_passed_through(data: Any) -> Iterator[tuple[Loc, str]]:
-    """Where parsed config data holds NaN or an infinity in a table passed through to a
-    library or an API (:data:`PASSED_THROUGH_OPTIONS`, in a backend's options or a nested
-    backend's), and why it is refused. Elsewhere a number's own type refuses them; there
-    nothing does, and the run's manifest, which is JSON, could not hold them."""
-    if not isinstance(data, dict):
-        return
-    for kind in ("generators", "judges"):
-        entries = data.get(kind)
-        for index, entry in enumerate(entries if isinstance(entries, list) else []):
-            options = entry.get("options") if isinstance(entry, dict) else None
-            if isinstance(options, dict):
-                yield from _passed_through_tables(options, (kind, index, "options"))
-
-
-def _passed_through_tables(options: dict[Any, Any], loc: Loc) -> Iterator[tuple[Loc, str]]:
-    # The tables _resolve_options leaves alone: its other nested tables are backends' options.
-    for key, value in options.items():
-        if key in PASSED_THROUGH_OPTIONS:
-            yield from _non_finite(value, (*loc, key))
-        elif isinstance(value, dict):
-            yield from _passed_through_tables(value, (*loc, key))
-
-
-def _non_finite(data: Any, loc: Loc) -> Iterator[tuple[Loc, str]]:
-    if isinstance(data, float) and not math.isfinite(data):
-        yield (
-            loc,
-            f"not a finite number (got {data}): the run's manifest, which is JSON, cannot "
-            "hold it; give a finite number",
-        )
-    elif isinstance(data, dict | list):
-        items = data.items() if isinstance(data, dict) else enumerate(data)
-        for key, value in items:
-            yield from _non_finite(value, (*loc, key))
 
 
 MAX_CONFIG_BYTES: Final = MAX_SETTINGS_BYTES
@@ -745,7 +430,7 @@ def parse_config(
             except TrigStreamError as exc:
                 own_error = own_error or exc
     base = source.parent if base is None else base
-    for problem in _path_problems(checked, base):  # at the line of its key, as those above
+    for problem in path_problems(checked, base):  # at the line of its key, as those above
         if not any(problem.loc[: len(loc)] == loc for loc in named if len(loc) > 1):
             problems.append(problem_line(source, text, problem.loc, problem.why))
     if problems or config is None:
@@ -754,6 +439,6 @@ def parse_config(
         raise own_error
     try:
         return config.resolve_paths(base)
-    except _PathProblems as exc:
+    except PathProblems as exc:
         lines = [problem_line(source, text, p.loc, p.why) for p in exc.problems]
         raise ConfigError(problems_message(source, lines)) from None

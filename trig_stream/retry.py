@@ -36,7 +36,8 @@ class RetryPolicy:
         Raises:
             ConfigError: a value the config would refuse, naming the field.
         """
-        from trig_stream.config import EngineSection, field_value_problem
+        from trig_stream.config import EngineSection
+        from trig_stream.config_values import field_value_problem
         from trig_stream.errors import ConfigError
 
         for name in ("max_attempts", "backoff_initial", "backoff_max"):

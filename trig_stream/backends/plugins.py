@@ -197,7 +197,7 @@ class OptionsModelError(ValueError):
 
 def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
     """A third party's options ``table`` checked against its ``model`` as a config file's
-    tables are (:func:`~trig_stream.config.validate_table`), its keys included: a key that
+    tables are (:func:`~trig_stream.config_values.validate_table`), its keys included: a key that
     is no field of the model, nor an alias of one, is refused unless the model takes any
     (``extra="allow"``). Pydantic's default ignores such keys, and a misspelt one ran with
     the default value, unnoticed.
@@ -211,8 +211,8 @@ def validate_plugin_options(model: type[M], table: Mapping[str, Any]) -> M:
     """
     from pydantic import RootModel, ValidationError
 
-    from trig_stream.config import validate_table
     from trig_stream.config_problems import fields_by_key
+    from trig_stream.config_values import validate_table
     from trig_stream.errors import TrigStreamError
     from trig_stream.pipeline import describe_error
 

@@ -176,7 +176,7 @@ def _checked(kind: Kind, name: str, obj: object, where: str = "") -> BackendClas
 
 def validate_backend_options(kind: Kind, name: str, options: dict[str, Any]) -> BaseModel:
     """Check a backend's ``options`` table against its model, as a config file gives it
-    (:func:`~trig_stream.config.validate_table`: a value of another type is refused).
+    (:func:`~trig_stream.config_values.validate_table`: a value of another type is refused).
 
     Raises:
         ValueError: unknown backend, or one that cannot be used (see :func:`backend_class`).
@@ -185,7 +185,7 @@ def validate_backend_options(kind: Kind, name: str, options: dict[str, Any]) -> 
         OptionsModelError: a third party's model raised something else than a validation
             error (a validator's ``RuntimeError``).
     """
-    from trig_stream.config import validate_table
+    from trig_stream.config_values import validate_table
 
     found = _find(kind, name)
     if found.builtin:
@@ -257,8 +257,8 @@ def _validated_options(described: str, found: Found[BackendClass], options: dict
     """
     from pydantic import ValidationError
 
-    from trig_stream.config import validate_table
     from trig_stream.config_problems import nested_problems
+    from trig_stream.config_values import validate_table
     from trig_stream.errors import ConfigError
 
     model = found.cls.Options
@@ -288,7 +288,8 @@ def check_backends(generators: Sequence[object], judges: Sequence[object]) -> No
             judges' servers (``options.serve``) at one fixed address.
     """
     from trig_stream.backends.base import Generator, Judge
-    from trig_stream.config import GeneratorConfig, JudgeConfig, field_value_problem
+    from trig_stream.config import GeneratorConfig, JudgeConfig
+    from trig_stream.config_values import field_value_problem
     from trig_stream.dimensions import DIMENSIONS
     from trig_stream.errors import ConfigError
     from trig_stream.records import CASE_CLASH, is_reserved_model_name, safe_name_problem
