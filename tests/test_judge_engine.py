@@ -14,7 +14,8 @@ from trig_stream.config import RunConfig
 from trig_stream.engine import Engine
 from trig_stream.errors import FatalBackendError
 from trig_stream.judging import _Requesters
-from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
+from trig_stream.testing.judge_options import JudgeServerOptions
+from trig_stream.testing.judge_server import JudgeServer
 
 pytestmark = pytest.mark.anyio
 

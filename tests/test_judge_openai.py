@@ -47,7 +47,8 @@ from trig_stream.errors import (
 from trig_stream.records import Sample, TopLogprobs
 from trig_stream.scoring import SCORING_RULES, score_top_logprobs
 from trig_stream.testing.judge_images import as_vllm_sees
-from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
+from trig_stream.testing.judge_options import JudgeServerOptions
+from trig_stream.testing.judge_server import JudgeServer
 
 pytestmark = pytest.mark.anyio
 
@@ -539,16 +540,16 @@ async def test_a_token_that_is_half_a_character_is_kept_and_the_reply_scored(
 ) -> None:
     # JSON can carry a lone surrogate ("\\ud83d", the first half of an emoji); UTF-8, and so
     # the journal, cannot. The answer must still be read and scored, the token kept escaped.
-    from trig_stream.testing import judge_server
+    from trig_stream.testing import judge_answers, judge_server
     from trig_stream.testing.planted_scores import rating_logprobs as ratings
 
     def with_half_an_emoji(*args: Any, **kwargs: Any) -> list[tuple[str, float]]:
         top: list[tuple[str, float]] = ratings(*args, **kwargs)
         return [top[0], ("\ud83d", -3.0), *top[1:]]
 
-    monkeypatch.setattr(judge_server, "rating_logprobs", with_half_an_emoji)
+    monkeypatch.setattr(judge_answers, "rating_logprobs", with_half_an_emoji)
     monkeypatch.setattr(
-        judge_server,
+        judge_answers,
         "_token_entry",
         lambda token, logprob: {"token": token, "logprob": logprob, "bytes": [240, 159]},
     )

@@ -29,8 +29,9 @@ from trig_stream.png import encode_png, with_sample_digest
 from trig_stream.records import Sample
 from trig_stream.scoring import score_top_logprobs
 from trig_stream.testing import judge_server
+from trig_stream.testing.judge_options import JudgeServerOptions
 from trig_stream.testing.judge_questions import dimension_of
-from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
+from trig_stream.testing.judge_server import JudgeServer
 from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
 
 pytestmark = pytest.mark.anyio

@@ -34,7 +34,8 @@ from trig_stream.engine import Engine
 from trig_stream.errors import RateLimitError, RetryableError
 from trig_stream.retry import RetryPolicy
 from trig_stream.testing.fake_judge import FakeJudge
-from trig_stream.testing.judge_server import JudgeServer, JudgeServerOptions
+from trig_stream.testing.judge_options import JudgeServerOptions
+from trig_stream.testing.judge_server import JudgeServer
 
 pytestmark = pytest.mark.anyio
 

@@ -1,16 +1,18 @@
 """What a judging request asks, as the loopback judge server reads it: the dimension its
 instruction names, and the subject of the question (its user text without the dimension's
-own words), so that both questions about one image share one latent score.
+own words), so that both questions about one image share one latent score; and the answer's
+shape it asks for (its sampling options: one choice, not streamed, how many top logprobs).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from typing import Final
+from typing import Any, Final
 
 from trig_stream.backends.judges.templates import BUILTIN_CRITERIA
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
+from trig_stream.testing.judge_images import BadRequest
 
 _CODE = re.compile(r"(?<![A-Za-z])(IQ-[ROA]|TA-[CRS]|D-[KA]|R-[TB])(?![A-Za-z])")
 
@@ -131,3 +133,50 @@ def dimension_of(text: str) -> Dimension | None:
         return dimension_named(text)
     except UnclearDimension:
         return None
+
+
+def check_options(body: dict[str, Any]) -> int:
+    """The sampling options the answer depends on, checked as vLLM checks them; returns
+    top_logprobs.
+
+    Raises:
+        BadRequest: an option the simulated judge cannot honour.
+    """
+    # Accepted and ignored, they gave answers of another shape than asked.
+    if body.get("stream") not in (None, False):
+        raise BadRequest(
+            "'stream': the simulated judge does not stream; send stream false (or leave it out)"
+        )
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
+        raise BadRequest("'n': the simulated judge gives one choice; send n 1 (or leave it out)")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise BadRequest(f"'logprobs' must be true or false, got {json_kind(logprobs)}")
+    limit = body.get("top_logprobs")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 20:
+            raise BadRequest("'top_logprobs' must be an integer from 0 to 20")
+        if not logprobs:
+            raise BadRequest("when using 'top_logprobs', 'logprobs' must be set to true")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise BadRequest(f"{field!r} must be an integer of at least 1, got {value!r}")
+    return limit or 0
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a number"

@@ -26,50 +26,40 @@ Use it from tests as an async context manager (asyncio only, as aiohttp is)::
 ``GET /stats`` (and :meth:`JudgeServer.stats`) counts requests, faults, and repeated requests
 (the same messages as an earlier request), which a correct client never sends without a fault.
 Tests can build a queue without timing: :meth:`JudgeServer.hold` keeps requests in their slots
-until :meth:`JudgeServer.release`, and :meth:`JudgeServer.wait_until` waits for a state.
+until :meth:`JudgeServer.release`, and :meth:`JudgeServer.wait_until` waits for a state. Its
+options and counters are :mod:`trig_stream.testing.judge_options`'s; its answers are written by
+:mod:`trig_stream.testing.judge_answers`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import errno
 import hashlib
 import random
-import re
 import socket
 import time
-import unicodedata
 from collections.abc import Callable
-from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Final, Literal, TypeAlias
+from typing import Any
 
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import from_json, to_json
 
-from trig_stream.backends.judges.http_errors import RETRY_AFTER_SECONDS, parse_retry_after
 from trig_stream.backends.judges.server_probe import url_host
+from trig_stream.testing.judge_answers import completion, error, metrics_text
 from trig_stream.testing.judge_images import BadRequest, image_bytes, image_url, verify_image
+from trig_stream.testing.judge_options import FAULTS, Fault, JudgeServerOptions, ServerStats
 from trig_stream.testing.judge_questions import (
     UnclearDimension,
+    check_options,
     dimension_named,
     dimensions_named,
+    json_kind,
     sized,
     without_dimension,
 )
-from trig_stream.testing.planted_scores import latent, loadings, rating_logprobs
-
-Fault: TypeAlias = Literal["error", "rate_limit", "hang", "malformed", "missing_logprobs", "reset"]
-FAULTS: tuple[Fault, ...] = (
-    "error",
-    "rate_limit",
-    "hang",
-    "malformed",
-    "missing_logprobs",
-    "reset",
-)
+from trig_stream.testing.planted_scores import loadings
 
 VERIFIED_IMAGES = 4096
 """Digests of images already verified, kept so the second question about one is cheaper."""
@@ -77,168 +67,6 @@ PORT_ATTEMPTS = 8
 """Free ports tried when port 0 must be free on each of a host name's addresses."""
 MAX_BODY_BYTES = 64 * 1024**2
 """The largest request body read; a larger one is answered 413."""
-Rate = Annotated[float, Field(ge=0, le=1)]
-
-
-DEFAULT_MODEL: Final = "trig-judge-sim"
-"""The model name served when none is given."""
-
-
-_NEGATIVE_SECONDS: Final = re.compile(r"-\d+(\.\d+)?")
-_DAY = "(Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
-_WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
-_MONTH = "(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
-_TIME = r"\d\d:\d\d:\d\d"
-_HTTP_DATE: Final = re.compile(
-    # RFC 9110's three forms: IMF-fixdate and RFC 850, in GMT (a missing or other zone is
-    # told apart), and asctime, which has no zone. Four digits of year, but in RFC 850's two.
-    rf"(?P<zoned>{_DAY}, \d\d {_MONTH} (?P<year>\d{{4}}) {_TIME}"
-    rf"|{_WEEKDAY}, \d\d-{_MONTH}-\d\d {_TIME})"
-    rf"(?P<zone> \S+)?|{_DAY} {_MONTH} [ \d]\d {_TIME} (?P<asctime_year>\d{{4}})"
-)
-
-
-def _retry_after(value: str) -> str:
-    # What HTTP allows: seconds (not -1, inf or nan), or a date in one of HTTP's three forms;
-    # read as the judge reads it, which strips it: the stripped value is what is sent. A
-    # control character (a newline pasted in) could not be sent: every 429 dropped its
-    # connection instead.
-    if any(unicodedata.category(char) == "Cc" for char in value):
-        raise ValueError(
-            f"{value!r} holds a control character, which no HTTP header may carry; "
-            "give seconds (1) or an HTTP date alone"
-        )
-    if not value.isascii():
-        # Sent as UTF-8, which a client reading headers as latin-1 (as HTTP has them) sees
-        # as other characters: one judge client waited, another ignored the header.
-        raise ValueError(
-            f"{value!r} holds a non-ASCII character, which clients read differently; give "
-            "seconds in ASCII digits (1) or an HTTP date"
-        )
-    stripped = value.strip()
-    if RETRY_AFTER_SECONDS.fullmatch(stripped):
-        return stripped
-    if _NEGATIVE_SECONDS.fullmatch(stripped):
-        raise ValueError(
-            f"{value!r} is negative: Retry-After seconds must be >= 0 (e.g. 1), or give "
-            "an HTTP date"
-        )
-    date = _HTTP_DATE.fullmatch(stripped)
-    if date is None:
-        if email.utils.parsedate_tz(stripped) is None:
-            raise ValueError(f"{value!r} is neither a number of seconds nor an HTTP date")
-        # A date the judge may read, which HTTP does not write so (no weekday, one digit
-        # for the day): a server sending it is not what a judge is tried against.
-        raise ValueError(
-            f"{value!r} is not an HTTP date in any of its forms: give seconds (1) or a date "
-            "as IMF-fixdate (Sun, 06 Nov 1994 08:49:37 GMT), RFC 850 (Sunday, 06-Nov-94 "
-            "08:49:37 GMT) or asctime (Sun Nov  6 08:49:37 1994)"
-        )
-    if date["zoned"] is not None and date["zone"] != " GMT":
-        raise ValueError(
-            f"{value!r} has no GMT zone: an HTTP date is in GMT (IMF-fixdate, RFC 850 or "
-            "asctime), e.g. Sun, 06 Nov 1994 08:49:37 GMT"
-        )
-    year = date["year"] or date["asctime_year"]
-    read = email.utils.parsedate_tz(stripped)
-    if year is not None and read is not None and read[0] != int(year):
-        # The judge reads a year below 100 as two digits (0001 as 2001), as email.utils does.
-        raise ValueError(
-            f"{value!r} has the year {year}, which the judge reads as {read[0]}: give seconds "
-            "(1) or an HTTP date in years 0100 to 9999"
-        )
-    if parse_retry_after({"Retry-After": stripped}) is None:
-        raise ValueError(
-            f"{value!r} is a date out of range (its day or time): give seconds (1) or an "
-            "HTTP date that exists (Sun, 06 Nov 1994 08:49:37 GMT)"
-        )
-    return stripped
-
-
-class JudgeServerOptions(BaseModel):
-    """How the simulated judge behaves. Fault rates are shares of requests, drawn per request."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    model: str = DEFAULT_MODEL
-    """The model name served: in ``/v1/models``, ``/metrics`` and every answer."""
-    served_model_only: bool = False
-    """Answer a request naming another model with a 404, as vLLM does; else any is served."""
-    latency_s: Annotated[float, Field(ge=0)] = 0.0
-    """Time each request holds a slot, as inference would."""
-    capacity: Annotated[int, Field(ge=1)] = 64
-    """Requests processed at once; the rest wait in an unbounded queue, as in vLLM."""
-    seed: int = 0
-    error_rate: Rate = 0.0
-    """Requests answered with a 503."""
-    rate_limit_rate: Rate = 0.0
-    """Requests answered with a 429 carrying ``Retry-After: retry_after``."""
-    retry_after: Annotated[str, AfterValidator(_retry_after)] = "1"
-    """The Retry-After header value: seconds, or an HTTP date."""
-    hang_rate: Rate = 0.0
-    """Requests never answered until the client gives up (or the server stops)."""
-    malformed_rate: Rate = 0.0
-    """Requests answered 200 with a truncated JSON body."""
-    missing_logprobs_rate: Rate = 0.0
-    """Requests answered without logprobs."""
-    reset_rate: Rate = 0.0
-    """Requests whose connection is aborted before any answer."""
-    fail_first: Annotated[int, Field(ge=0)] = 0
-    """The first this many chat requests are answered with a 503, as by a server that is
-    down for a while (an outage counted in requests, not seconds: tests drive it); the fault
-    rates apply from the next one on."""
-    correlations: dict[str, float] = Field(default_factory=dict)
-    """Planted correlations of latent quality by pair, e.g. ``{"IQ-R_TA-C": 0.8}``."""
-    api_key: str | None = None
-    """When set, requests must carry ``Authorization: Bearer <api_key>``; others get a 401
-    whose message quotes the key received, as some providers do."""
-    allowed_local_media_path: Path | None = None
-    """The folder ``file://`` image URLs must lie in, as vLLM's ``--allowed-local-media-path``;
-    without it they are refused with a 400, as vLLM refuses them."""
-    record_requests: bool = False
-    """Keep every request body in :attr:`JudgeServer.received` (tests)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> JudgeServerOptions:
-        total = sum(self.fault_rates().values())
-        if total > 1.0 + 1e-9:
-            raise ValueError(f"fault rates add up to {total:.3f}; they must not exceed 1")
-        loadings(self.correlations)
-        return self
-
-    def fault_rates(self) -> dict[Fault, float]:
-        """The rate of each fault kind."""
-        return {
-            "error": self.error_rate,
-            "rate_limit": self.rate_limit_rate,
-            "hang": self.hang_rate,
-            "malformed": self.malformed_rate,
-            "missing_logprobs": self.missing_logprobs_rate,
-            "reset": self.reset_rate,
-        }
-
-
-class ServerStats(BaseModel):
-    """What ``GET /stats`` returns."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    received: int = 0
-    """Chat requests received, faulty or not."""
-    served: int = 0
-    """Chat requests answered with a completion."""
-    repeated: int = 0
-    """Chat requests whose messages equal an earlier request's."""
-    rejected: int = 0
-    """Chat requests refused as invalid (4xx)."""
-    faults: dict[str, int] = Field(default_factory=dict)
-    running: int = 0
-    waiting: int = 0
-    max_running: int = 0
-    max_waiting: int = 0
-    busy_slot_s: float = 0.0
-    """Seconds of slot time taken by requests so far (summed over slots): divided by the
-    capacity and a span of time, how full the slots were over it."""
 
 
 class JudgeServer:
@@ -399,12 +227,12 @@ class JudgeServer:
                 f"the request body is over {MAX_BODY_BYTES // 1024**2} MiB; send smaller "
                 "images (the judge's max_pixels shrinks them)"
             )
-            return self._rejected(_error(413, message, "invalid_request_error"))
+            return self._rejected(error(413, message, "invalid_request_error"))
         try:
             body = from_json(raw)
         except ValueError:
             return self._rejected(
-                _error(400, "the request body is not JSON", "invalid_request_error")
+                error(400, "the request body is not JSON", "invalid_request_error")
             )
         if self.options.record_requests:
             self.received.append(body)
@@ -413,19 +241,19 @@ class JudgeServer:
             return self._rejected(unauthorised)
         if not isinstance(body, dict):
             message = "the request body must be a JSON object (a chat completion request)"
-            return self._rejected(_error(400, message, "invalid_request_error"))
+            return self._rejected(error(400, message, "invalid_request_error"))
         # As in vLLM, a request naming no model is served by the served model.
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             message = "'model' must be a string naming the model to use"
-            return self._rejected(_error(400, message, "invalid_request_error"))
+            return self._rejected(error(400, message, "invalid_request_error"))
         if self.options.served_model_only and model not in (None, self.options.model):
             message = f"The model `{model}` does not exist."
-            return self._rejected(_error(404, message, "NotFoundError", code=404))
+            return self._rejected(error(404, message, "NotFoundError", code=404))
         try:
             digest, image_key, dimension, limit = self._parse(body)
         except BadRequest as exc:
-            return self._rejected(_error(400, str(exc), "invalid_request_error"))
+            return self._rejected(error(400, str(exc), "invalid_request_error"))
         if digest in self._seen:
             stats.repeated += 1
         self._seen.add(digest)
@@ -444,8 +272,16 @@ class JudgeServer:
         self._notify()
         # pydantic_core's encoder: ~4x less CPU than the json module's for an answer, and
         # this one process serves every request of a benchmark.
-        answer = self._completion(
-            body, image_key, dimension, limit, len(raw), with_logprobs=fault is None
+        answer = completion(
+            body,
+            image_key,
+            dimension,
+            limit,
+            len(raw),
+            options=self.options,
+            loadings=self._loadings,
+            served=stats.served,
+            with_logprobs=fault is None,
         )
         return web.Response(body=to_json(answer), content_type="application/json")
 
@@ -462,7 +298,7 @@ class JudgeServer:
         if sent == self.options.api_key:
             return None
         message = f"Incorrect API key provided: {sent}."
-        return _error(401, message, "invalid_request_error", code="invalid_api_key")
+        return error(401, message, "invalid_request_error", code="invalid_api_key")
 
     async def _models(self, request: web.Request) -> web.Response:
         unauthorised = self._unauthorised(request)
@@ -475,18 +311,8 @@ class JudgeServer:
         return web.Response(text="")
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        label = f'{{model_name="{_label_value(self.options.model)}"}}'
-        lines = []
-        for name, value, meaning in (
-            ("running", self._stats.running, "Number of requests currently running."),
-            ("waiting", self._stats.waiting, "Number of requests waiting to be processed."),
-        ):
-            lines += [
-                f"# HELP vllm:num_requests_{name} {meaning}",
-                f"# TYPE vllm:num_requests_{name} gauge",
-                f"vllm:num_requests_{name}{label} {float(value)}",
-            ]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        text = metrics_text(self.options.model, self._stats)
+        return web.Response(text=text, content_type="text/plain")
 
     async def _stats_route(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats().model_dump())
@@ -495,7 +321,7 @@ class JudgeServer:
 
     def _parse(self, body: dict[str, Any]) -> tuple[bytes, str, str, int]:
         # The messages' digest (for repeats), the image key, the dimension and top_logprobs.
-        limit = self._check_options(body)
+        limit = check_options(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list of chat messages")
@@ -515,7 +341,7 @@ class JudgeServer:
                     if not isinstance(text, str):
                         raise BadRequest(
                             "a text part's 'text' must be a string, got "
-                            f"{_json_kind(text)}: {str(part)[:80]}"
+                            f"{json_kind(text)}: {str(part)[:80]}"
                         )
                 role = str(message.get("role"))
                 if text is not None:
@@ -546,35 +372,6 @@ class JudgeServer:
             raise BadRequest(str(exc)) from None
         return digest.digest(), image_key, dimension, limit
 
-    @staticmethod
-    def _check_options(body: dict[str, Any]) -> int:
-        # The sampling options the answer depends on, checked as vLLM checks them; returns
-        # top_logprobs. Accepted and ignored, they gave answers of another shape than asked.
-        if body.get("stream") not in (None, False):
-            raise BadRequest(
-                "'stream': the simulated judge does not stream; send stream false (or leave it out)"
-            )
-        if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
-            raise BadRequest(
-                "'n': the simulated judge gives one choice; send n 1 (or leave it out)"
-            )
-        logprobs = body.get("logprobs")
-        if logprobs is not None and not isinstance(logprobs, bool):
-            raise BadRequest(f"'logprobs' must be true or false, got {_json_kind(logprobs)}")
-        limit = body.get("top_logprobs")
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 20:
-                raise BadRequest("'top_logprobs' must be an integer from 0 to 20")
-            if not logprobs:
-                raise BadRequest("when using 'top_logprobs', 'logprobs' must be set to true")
-        for field in ("max_tokens", "max_completion_tokens"):
-            value = body.get(field)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise BadRequest(f"{field!r} must be an integer of at least 1, got {value!r}")
-        return limit or 0
-
     def _checked_image(self, url: str) -> tuple[bytes, bytes]:
         # The image's bytes and digest. Each image is asked about on two dimensions:
         # it is decoded and verified once.
@@ -598,9 +395,9 @@ class JudgeServer:
 
     async def _fault(self, fault: Fault, request: web.Request) -> web.StreamResponse | None:
         if fault == "error":
-            return _error(503, "the simulated judge is overloaded", "server_error")
+            return error(503, "the simulated judge is overloaded", "server_error")
         if fault == "rate_limit":
-            response = _error(429, "rate limit reached", "rate_limit_error")
+            response = error(429, "rate limit reached", "rate_limit_error")
             response.headers["Retry-After"] = self.options.retry_after
             return response
         if fault == "malformed":
@@ -615,7 +412,7 @@ class JudgeServer:
         if fault == "hang":
             assert self._stopping is not None
             await self._stopping.wait()
-            return _error(503, "the simulated judge is shutting down", "server_error")
+            return error(503, "the simulated judge is shutting down", "server_error")
         return None  # missing_logprobs: answered normally, minus the logprobs
 
     async def _occupy_slot(self) -> None:
@@ -646,74 +443,3 @@ class JudgeServer:
             stats.running -= 1
             self._slots.release()
             self._notify()
-
-    def _completion(
-        self,
-        body: dict[str, Any],
-        image_key: str,
-        dimension: str,
-        limit: int,
-        size: int,
-        *,
-        with_logprobs: bool,
-    ) -> dict[str, Any]:
-        loading = self._loadings.get(dimension)  # type: ignore[call-overload]
-        z = latent(image_key, dimension, loading, seed=self.options.seed)
-        top = rating_logprobs(z, limit=max(limit, 1))
-        token, logprob = top[0]
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        text = token if max_tokens == 1 else f"{token}."
-        logprobs = None
-        if with_logprobs and body.get("logprobs"):
-            entries = [_token_entry(t, lp) for t, lp in top[:limit]]
-            logprobs = {"content": [{**_token_entry(token, logprob), "top_logprobs": entries}]}
-        completion_tokens = 1 if max_tokens == 1 else 2
-        prompt_tokens = 300 + size // 400  # a stand-in: vLLM would count the real tokens
-        return {
-            "id": f"chatcmpl-{self._stats.served}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.options.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs,
-                    "finish_reason": "length" if max_tokens == 1 else "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
-
-
-def _token_entry(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-
-def _error(status: int, message: str, kind: str, *, code: str | int | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return web.json_response(body, status=status)
-
-
-def _json_kind(value: object) -> str:
-    """What a JSON value is, in JSON's words."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true or false"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "a number"
-
-
-def _label_value(text: str) -> str:
-    # Prometheus' text format: a label value escapes backslash, double quote and newline.
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

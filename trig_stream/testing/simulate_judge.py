@@ -27,7 +27,8 @@ from trig_stream.dimensions import DIMENSIONS, split_pair
 from trig_stream.path_arguments import path_argument
 from trig_stream.records import printable
 from trig_stream.signals import point_at_devnull, stop_signals
-from trig_stream.testing.judge_server import DEFAULT_MODEL, JudgeServer, JudgeServerOptions
+from trig_stream.testing.judge_options import DEFAULT_MODEL, JudgeServerOptions
+from trig_stream.testing.judge_server import JudgeServer
 from trig_stream.testing.planted_scores import loadings
 
 EXIT_OK = 0
