@@ -72,6 +72,25 @@ def test_a_json_template_that_is_no_object_says_what_it_must_hold(
 
 
 @pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('{"system": {"t2i": "a {dimension}", "t2i": "b {dimension}"}}', "t2i"),
+        ('{"version": "v1", "criteria": {}, "version": "v2"}', "version"),
+    ],
+)
+def test_a_json_key_given_twice_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    # JSON kept the last of the two silently (TOML refuses it): which text was meant?
+    path = tmp_path / "texts.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        JudgeTemplate.load(path)
+    assert str(raised.value) == (
+        f"template {path}: invalid judge template: the key {key!r} is given twice in one "
+        "object; give it once"
+    )
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ('[system]\nt2i = "rate {colour}"\n', "unknown placeholder {colour}"),

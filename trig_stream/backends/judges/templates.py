@@ -151,6 +151,21 @@ def _check_no_placeholders(name: str, text: str) -> None:
         )
 
 
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object read as TOML reads a table: a key given twice is refused, not the last
+    of its values kept without a word.
+
+    Raises:
+        ValueError: a key is given twice; the message names it.
+    """
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"the key {key!r} is given twice in one object; give it once")
+        data[key] = value
+    return data
+
+
 def _json_kind(data: object) -> str:
     """What a JSON value is, in JSON's words (``a list``: an array)."""
     if isinstance(data, list):
@@ -212,7 +227,7 @@ class JudgeTemplate(BaseModel):
         try:
             raw = read_settings_file(path)
             data: Any = (
-                json.loads(raw)
+                json.loads(raw, object_pairs_hook=_json_object)
                 if path.suffix.lower() == ".json"
                 else tomllib.loads(raw.decode("utf-8-sig"))
             )
