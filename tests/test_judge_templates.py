@@ -134,6 +134,45 @@ def test_bad_templates_are_refused(tmp_path: Path, text: str, message: str) -> N
 
 
 @pytest.mark.parametrize(
+    ("name", "data", "problem"),
+    [
+        # Found by check(): the message lacked the "template " every other one has.
+        (
+            "bad.toml",
+            b'[system]\nt2i = "rate {colour}"\n',
+            "system.t2i: unknown placeholder {colour}; known: {criteria}, {dimension}, "
+            "{dimension_name}, {item}, {scale}",
+        ),
+        # Not UTF-8: Python's codec error came as it stands; a config's words for it now.
+        # The byte is counted from the file's start, a byte order mark included.
+        (
+            "latin1.toml",
+            '[system]\nt2i = "café {dimension}"\n'.encode("latin-1"),
+            "byte 19 is not UTF-8 text",
+        ),
+        (
+            "latin1.json",
+            '{"criteria": {"IQ-R": "café"}}'.encode("latin-1"),
+            "byte 26 is not UTF-8 text",
+        ),
+        (
+            "bom.json",
+            b'\xef\xbb\xbf{"criteria": {"IQ-R": "caf\xe9"}}',
+            "byte 29 is not UTF-8 text",
+        ),
+    ],
+)
+def test_every_template_error_names_the_file_alike(
+    tmp_path: Path, name: str, data: bytes, problem: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as raised:
+        JudgeTemplate.load(path)
+    assert str(raised.value) == f"template {path}: invalid judge template: {problem}"
+
+
+@pytest.mark.parametrize(
     ("data", "where"),
     [
         ({"system": {"t2i": "Rate \ud800 {dimension} {criteria} {scale}"}}, "system.t2i"),

@@ -251,7 +251,14 @@ class JudgeTemplate(BaseModel):
                 f"template {path}: invalid judge template: arrays or tables nested too deep "
                 "to read; a template holds tables of texts"
             ) from None
-        except (ValueError, UnicodeDecodeError) as exc:  # JSON, TOML and validation errors
+        except UnicodeDecodeError as exc:  # in a config's words, not the codec's
+            # Counted from the file's start: after a byte order mark, the codec counts from it.
+            start = exc.start + len(raw) - len(exc.object)
+            raise ConfigError(
+                f"template {path}: invalid judge template: byte {start} is not "
+                f"{exc.encoding.upper()} text"
+            ) from None
+        except ValueError as exc:  # JSON, TOML and validation errors
             detail = str(exc)
             if isinstance(exc, ValidationError):
                 detail = validation_problems(exc)[0]
@@ -274,7 +281,7 @@ class JudgeTemplate(BaseModel):
         try:
             template.check()
         except ValueError as exc:
-            raise ConfigError(f"{path}: invalid judge template: {exc}") from None
+            raise ConfigError(f"template {path}: invalid judge template: {exc}") from None
         return template
 
     def check(self) -> None:
