@@ -56,6 +56,20 @@ def test_complete_json_without_version_is_versioned_by_hash(tmp_path: Path) -> N
     assert judge.fingerprint().template_version == JudgeTemplate.load(path).version
 
 
+@pytest.mark.parametrize("version", ['""', '"  "'])
+def test_an_empty_or_blank_version_is_refused(tmp_path: Path, version: str) -> None:
+    # "" fell back to the hash without a word, "  " was recorded as the texts' name.
+    path = tmp_path / "texts.toml"
+    path.write_text(f'version = {version}\n[system]\nt2i = "Rate {{dimension}}: {{scale}}"\n')
+    with pytest.raises(ConfigError) as raised:
+        JudgeTemplate.load(path)
+    assert str(raised.value) == (
+        f"template {path}: invalid judge template: version: is empty or blank: name the "
+        "texts (a new name whenever they change), or leave version out to have a hash of the "
+        "file's content name them"
+    )
+
+
 @pytest.mark.parametrize(("text", "kind"), [("[1, 2]", "an array"), ('"x"', "a string")])
 def test_a_json_template_that_is_no_object_says_what_it_must_hold(
     tmp_path: Path, text: str, kind: str

@@ -31,7 +31,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from trig_stream.config_problems import text_problem
 from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS, Dimension, Task
@@ -186,6 +186,17 @@ class _TemplateFile(BaseModel):
     system: dict[Task, str] = {}
     user_prefix: dict[Task, str] = {}
     criteria: dict[Dimension, str] = {}
+
+    @field_validator("version")
+    @classmethod
+    def _named(cls, value: str | None) -> str | None:
+        # "" fell back to the hash without a word, and "  " was recorded as the texts' name.
+        if value is not None and not value.strip():
+            raise ValueError(
+                "is empty or blank: name the texts (a new name whenever they change), or leave "
+                "version out to have a hash of the file's content name them"
+            )
+        return value
 
 
 class JudgeTemplate(BaseModel):
