@@ -56,6 +56,16 @@ def test_complete_json_without_version_is_versioned_by_hash(tmp_path: Path) -> N
     assert judge.fingerprint().template_version == JudgeTemplate.load(path).version
 
 
+def test_the_readme_gives_the_version_a_partial_template_records(tmp_path: Path) -> None:
+    # It said "the file's version, else a hash of its content": a template that leaves texts
+    # built-in records the built-in texts' version too, which the README left unsaid.
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `template` |"))
+    path = tmp_path / "texts.toml"
+    path.write_text('version = "v1"\n')
+    assert f"`{JudgeTemplate.load(path).version}`" in row
+
+
 @pytest.mark.parametrize("version", ['""', '"  "'])
 def test_an_empty_or_blank_version_is_refused(tmp_path: Path, version: str) -> None:
     # "" fell back to the hash without a word, "  " was recorded as the texts' name.
