@@ -52,7 +52,8 @@ BUILD = """
 import json, sys, anyio
 from pathlib import Path
 from trig_stream import Engine
-from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.openai_judge import OpenAIJudge
+from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions
 from trig_stream.config import parse_config
 from trig_stream.testing import FakeJudge
 

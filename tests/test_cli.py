@@ -28,7 +28,7 @@ from PIL import Image
 from rich.console import Console
 
 from tests.conftest import ROOT, write_prompts
-from trig_stream import cli, signals
+from trig_stream import cli, run_command, signals
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.cli import main
 from trig_stream.errors import BackendError, FatalBackendError, RunDirError
@@ -146,12 +146,12 @@ def test_a_ctrl_c_while_the_command_imports_exits_130_without_a_traceback(
 
 
 BLOCKS_IN = """\
-import sys, threading
-import trig_stream.cli
+import importlib, sys, threading
 def blocks(*args, **kwargs):
     print('busy', file=sys.stderr, flush=True)
     threading.Event().wait(600)  # until the signal
-setattr(trig_stream.cli, sys.argv[1], blocks)
+module, _, name = sys.argv[1].rpartition('.')
+setattr(importlib.import_module(module), name, blocks)
 from trig_stream.console import entry_point
 sys.argv = ['trig-stream', *sys.argv[2:]]
 entry_point()
@@ -161,9 +161,10 @@ entry_point()
 @pytest.mark.parametrize(
     ("blocked", "command"),
     [
-        ("load_config", "run"),  # before the run's event loop takes the signals over
-        ("validate_command", "validate"),
-        ("status_command", "status"),
+        # before the run's event loop takes the signals over
+        ("trig_stream.run_command.load_config", "run"),
+        ("trig_stream.cli.validate_command", "validate"),
+        ("trig_stream.cli.status_command", "status"),
     ],
 )
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
@@ -1350,7 +1351,7 @@ def test_no_dashboard_names_the_extra_to_install_with_its_brackets(
     monkeypatch.setattr("trig_stream.progress.full_screen_possible", lambda: True)
     monkeypatch.setattr(builtins, "__import__", without_the_tui)
     args = argparse.Namespace(backend="asyncio")
-    assert cli._dashboard(args, Console(stderr=True)) is None
+    assert run_command._dashboard(args, Console(stderr=True)) is None
     assert "pip install 'trig-stream[tui]'" in capsys.readouterr().err
 
 
@@ -1509,7 +1510,7 @@ def test_ctrl_c_while_the_judges_open_stops_before_any_work(
             await anyio.lowlevel.checkpoint()
 
     monkeypatch.setattr(FakeJudge, "open", interrupted_while_opening)
-    monkeypatch.setattr(cli, "OPENING_QUIET_S", 0)  # say what opens at once, not after 2 s
+    monkeypatch.setattr(run_command, "OPENING_QUIET_S", 0)  # say what opens at once, not after 2 s
     path = write_config(tmp_path)
     assert main(["run", str(path), "--headless"]) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
@@ -2301,7 +2302,7 @@ class ClosesSlowly:
         monkeypatch.setattr(FakeJudge, "closing", lambda judge: "stopping its server (up to 30 s)")
         monkeypatch.setattr(FakeJudge, "stop_now", lambda judge: self.killed.set())
         monkeypatch.setattr(FakeJudge, "aclose", lambda judge: self.aclose())
-        monkeypatch.setattr(cli, "CLOSING_POLL_S", 0, raising=False)
+        monkeypatch.setattr(run_command, "CLOSING_POLL_S", 0, raising=False)
 
     async def until(self, condition: Any) -> None:
         # Polls a condition another task makes true (a line printed, a signal handled).
@@ -2391,7 +2392,7 @@ def test_on_the_dashboard_a_ctrl_c_while_a_judge_server_stops_kills_it_and_keeps
     async def dashboard(engine: Any) -> None:  # its app and signal receiver, closed
         await engine.drain()
 
-    monkeypatch.setattr(cli, "_dashboard", lambda args, console: dashboard)
+    monkeypatch.setattr(run_command, "_dashboard", lambda args, console: dashboard)
     judge = ClosesSlowly(monkeypatch, capsys)
     assert main(["run", str(write_config(tmp_path, samples=2))]) == EXIT_OK
     err = judge.err + capsys.readouterr().err

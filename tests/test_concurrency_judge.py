@@ -18,7 +18,8 @@ import pytest
 from aiohttp import web
 
 from trig_stream.backends.base import ServerLoad
-from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.openai_judge import OpenAIJudge
+from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions
 from trig_stream.backends.judges.server_probe import parse_load, read_load, server_root
 from trig_stream.concurrency import ConcurrencyController
 from trig_stream.config import RunConfig

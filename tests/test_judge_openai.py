@@ -22,14 +22,10 @@ from PIL import Image
 from pydantic import TypeAdapter
 
 from trig_stream.backends.base import JudgeRequest
+from trig_stream.backends.judges.endpoints import REST_MAX_S, Endpoint
 from trig_stream.backends.judges.http_errors import parse_retry_after
-from trig_stream.backends.judges.openai_judge import (
-    REST_MAX_S,
-    OpenAIJudge,
-    OpenAIJudgeOptions,
-    _Endpoint,
-    same_endpoint_key,
-)
+from trig_stream.backends.judges.openai_judge import OpenAIJudge
+from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions, same_endpoint_key
 from trig_stream.backends.judges.payloads import reply_of
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE
 from trig_stream.backends.judges.transports import Client, EncodedImage, Transport
@@ -894,7 +890,7 @@ async def test_404s_in_a_row_after_a_success_stop_the_run(image: Path, client: C
     # its request's error, and the rest of the run became error judgements in seconds. Fewer
     # in a row are requests' own: behind a proxy where one replica lost the model, half the
     # requests are 404s, and the 8 in a row that stopped the run came in almost every run.
-    from trig_stream.backends.judges.openai_judge import NOT_FOUND_TO_LOSE
+    from trig_stream.backends.judges.endpoints import NOT_FOUND_TO_LOSE
 
     options = JudgeServerOptions(model="judge", served_model_only=True)
     async with JudgeServer(options) as server, judge_at(server, client=client) as judge:
@@ -923,7 +919,7 @@ async def test_an_endpoint_lost_to_404s_leaves_the_others_its_requests(
     image: Path, client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     # One lost endpoint of several stopped the run, though the others served the model.
-    from trig_stream.backends.judges.openai_judge import NOT_FOUND_TO_LOSE
+    from trig_stream.backends.judges.endpoints import NOT_FOUND_TO_LOSE
 
     options = JudgeServerOptions(model="judge", served_model_only=True)
     async with JudgeServer(options) as first, JudgeServer(options) as second:
@@ -1363,7 +1359,7 @@ def test_an_endpoint_failing_a_thousand_times_in_a_row_rests_30_s_each_time() ->
     # 2 ** (failures - 1) overflowed a float at 1,025 failures in a row (a long outage at
     # concurrency 256 reaches it in seconds): every request then failed at once with a bare
     # OverflowError, and a dead endpoint of several never rested again.
-    endpoint = _Endpoint(transport=cast(Transport, None), model="m")
+    endpoint = Endpoint(transport=cast(Transport, None), model="m")
     rests = []
     for n in range(1, 1101):
         endpoint.failed(float(n))
@@ -1377,10 +1373,10 @@ async def test_a_bug_counting_an_endpoints_failures_names_the_endpoint_and_the_f
 ) -> None:
     # Each judgement's error was the bug's bare "OverflowError: int too large to convert to
     # float", naming neither the endpoint nor what had failed.
-    def broken(self: _Endpoint, now: float) -> None:
+    def broken(self: Endpoint, now: float) -> None:
         raise OverflowError("int too large to convert to float")
 
-    monkeypatch.setattr(_Endpoint, "failed", broken)
+    monkeypatch.setattr(Endpoint, "failed", broken)
     async with (
         JudgeServer(JudgeServerOptions(error_rate=1.0)) as server,
         judge_at(server) as judge,

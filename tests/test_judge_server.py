@@ -20,7 +20,8 @@ from scipy.stats import spearmanr
 
 from trig_stream.backends.base import JudgeRequest, PreparedImage, ServerLoad
 from trig_stream.backends.judges.http_errors import parse_retry_after
-from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.openai_judge import OpenAIJudge
+from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions
 from trig_stream.backends.judges.server_probe import parse_load
 from trig_stream.backends.judges.templates import BUILTIN_CRITERIA
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension

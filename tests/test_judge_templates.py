@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unblocked_after
-from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.openai_judge import OpenAIJudge
+from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions
 from trig_stream.backends.judges.templates import BUILTIN_VERSION, SCALE, JudgeTemplate
 from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS
 from trig_stream.errors import ConfigError

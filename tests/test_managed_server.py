@@ -32,7 +32,8 @@ from trig_stream.backends.judges.managed_server import (
     ManagedServer,
     ServeOptions,
 )
-from trig_stream.backends.judges.openai_judge import OpenAIJudge, OpenAIJudgeOptions
+from trig_stream.backends.judges.openai_judge import OpenAIJudge
+from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions
 from trig_stream.cli import main
 from trig_stream.errors import ConfigError, FatalBackendError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL

@@ -195,7 +195,7 @@ def test_options_built_in_python_never_show_a_refused_secret() -> None:
     # password and all.
     from pydantic import ValidationError
 
-    from trig_stream.backends.judges.openai_judge import OpenAIJudgeOptions
+    from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions
 
     with pytest.raises(ValidationError) as raised:
         OpenAIJudgeOptions(model="m", base_url="http://user:pw-secret@host/v1")

@@ -14,6 +14,8 @@ wherever it is used:
   glued to a letter, digit, ``_`` or ``-`` on a side where the key itself ends in one), so
   it is masked where a server echoes it and words that merely contain it (``overloaded``)
   are left readable.
+
+A key held as a :class:`Secret` prints as ``***``.
 """
 
 from __future__ import annotations
@@ -121,6 +123,24 @@ def scrub_all(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         text = scrub(text, secret)
     return text
+
+
+class Secret:
+    """An API key that prints as ``***``, so no repr, log or traceback shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The key itself, for the client only."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
 
 
 def _escaped_forms(secret: str) -> set[str]:

@@ -57,7 +57,7 @@ logprobs (or with fewer top logprobs than asked) before its first with them, wit
 the run: that many in a row mean every request would end the same way. A content filter's
 refusals (:data:`CONTENT_REFUSAL`) never count. The ``transformers`` judge reads requests over
 its context before its first judged one alike. (404s after a success have their own, larger
-count: :data:`~trig_stream.backends.judges.openai_judge.NOT_FOUND_TO_LOSE`.)"""
+count: :data:`~trig_stream.backends.judges.endpoints.NOT_FOUND_TO_LOSE`.)"""
 
 
 class AnswerTooLarge(ValueError):

@@ -10,7 +10,7 @@ the engine owns retries, so they never compound.
 
 Several ``base_urls`` serving the same model share the load: each request goes to the endpoint
 with the fewest requests in flight, of those not resting after a failure or a 429 (see
-``_Endpoint``).
+:class:`~trig_stream.backends.judges.endpoints.Endpoint`).
 Instead of a URL, ``serve`` starts the server for the run (see
 :mod:`~trig_stream.backends.judges.managed_server`). For adaptive concurrency the judge
 reads vLLM's queue gauges from ``/metrics`` beside each base URL (:meth:`OpenAIJudge.
@@ -30,18 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
-
-from trig_stream.backends.api_keys import key_from_env
+from trig_stream.backends.api_keys import Secret, key_from_env
 from trig_stream.backends.base import (
     Judge,
     JudgeReply,
@@ -49,44 +43,28 @@ from trig_stream.backends.base import (
     PreparedImage,
     ServerLoad,
 )
-from trig_stream.backends.judges.http_errors import CONTENT_REFUSAL, REFUSALS_TO_STOP
-from trig_stream.backends.judges.managed_server import ManagedServer, ServeOptions
-from trig_stream.backends.judges.payloads import cut_by_filter, encode_image, reply_of
-from trig_stream.backends.judges.server_probe import (
-    read_load,
-    request_target,
-    server_root,
-    url_host,
-)
+from trig_stream.backends.judges.endpoints import Endpoint
+from trig_stream.backends.judges.managed_server import ManagedServer
+from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions, same_endpoint_key
+from trig_stream.backends.judges.payloads import encode_image, reply_of
+from trig_stream.backends.judges.server_probe import read_load, server_root
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.judges.transports import (
     IMAGE_SLOT,
-    Client,
     EncodedImage,
-    Transport,
     open_transport,
-)
-from trig_stream.config_fields import (
-    OPTIONS_CONFIG,
-    CallTimeout,
-    EnvVarName,
-    HttpUrl,
-    ServedModel,
-    ascii_host,
 )
 from trig_stream.errors import (
     AnswerTimeoutError,
     BackendError,
     FatalBackendError,
     ItemError,
-    NotFoundError,
     RateLimitError,
     RetryableError,
     UnreachableError,
 )
 from trig_stream.files import real_path
 from trig_stream.records import JudgeFingerprint
-from trig_stream.retry import RETRY_AFTER_MAX_S
 from trig_stream.scoring import SCORING_RULES, Scorer
 
 METRICS_TIMEOUT_S = 5.0
@@ -94,324 +72,6 @@ METRICS_TIMEOUT_S = 5.0
 
 
 logger = logging.getLogger(__name__)
-
-REST_FIRST_S = 0.5
-REST_MAX_S = 30.0
-"""How long an endpoint rests after a transient failure: the first, and at most."""
-REST_DOUBLINGS = math.ceil(math.log2(REST_MAX_S / REST_FIRST_S))
-"""Failures in a row after which the rest is :data:`REST_MAX_S`: the doubling stops there (at
-1,025 failures in a row, ``2 ** 1024`` overflowed a float, and every request failed)."""
-
-NOT_FOUND_TO_LOSE = 32
-"""404s with no success between, once a request to the endpoint has succeeded, after which it
-no longer serves the model (a server restarted with another). Far more than
-:data:`~trig_stream.backends.judges.http_errors.REFUSALS_TO_STOP`: behind a proxy where one
-replica lost the model (a LoRA adapter), about half the requests are 404s, and 8 in a row
-somewhere in thousands of requests is near certain; 32 at a 50% rate over 10,000 requests
-comes about once in 500,000 runs."""
-
-
-class OpenAIJudgeOptions(BaseModel):
-    """``options`` of the ``openai`` judge."""
-
-    model_config = OPTIONS_CONFIG
-
-    base_url: HttpUrl | None = None
-    """The endpoint, e.g. ``http://127.0.0.1:8000/v1``."""
-    base_urls: list[HttpUrl] = Field(default_factory=list)
-    """Several endpoints of the same model; requests go to the least busy one."""
-    model: ServedModel
-    """The served model's name (vLLM's ``--served-model-name``)."""
-    api_key_env: EnvVarName | None = None
-    """NAME of the environment variable holding the key; unset for a keyless local server."""
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
-    temperature: Annotated[float, Field(ge=0)] = 1.0
-    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
-    """Sent when set: a signed 64-bit integer, as vLLM takes (it refuses every request with
-    another)."""
-    max_tokens: Annotated[int, Field(ge=1)] = 1
-    timeout_s: CallTimeout = 60.0
-    max_pixels: Annotated[int, Field(ge=64)] | None = None
-    """Shrink larger images to this many pixels (keeping their shape) before sending."""
-    image_mode: Literal["base64", "file"] = "base64"
-    """``file`` sends ``file://`` URLs, for a vLLM started with ``--allowed-local-media-path``."""
-    client: Client = "http"
-    """How requests are sent: ``http`` (least CPU per request), ``aiohttp`` or ``sdk``
-    (``AsyncOpenAI``)."""
-    template: Path | None = None
-    """A TOML or JSON file replacing some or all of the built-in judging texts."""
-    serve: ServeOptions | None = None
-    """Start this server for the run and judge with it (instead of a base URL)."""
-
-    @field_validator("base_urls")
-    @classmethod
-    def _each_endpoint_once(cls, urls: list[str]) -> list[str]:
-        seen: dict[str, int] = {}
-        for index, url in enumerate(urls):
-            first = seen.setdefault(same_endpoint_key(url), index)
-            if first != index:
-                # Listed twice, its queue was read and counted twice (the adaptive limit cut
-                # early) and it drew twice the share of requests.
-                raise ValueError(
-                    f"base_urls[{first}] ({urls[first]!r}) and base_urls[{index}] ({url!r}) "
-                    "are the same endpoint as requests write it (a host in IDNA, a path "
-                    "percent-encoded, case and a trailing '/' aside): list each server once"
-                )
-        return urls
-
-    @model_validator(mode="after")
-    def _check(self) -> OpenAIJudgeOptions:
-        sources = (self.base_url is not None) + bool(self.base_urls) + (self.serve is not None)
-        if sources != 1:
-            raise ValueError("set exactly one of base_url and base_urls, or serve instead")
-        if self.image_mode == "file" and self.max_pixels is not None:
-            raise ValueError("max_pixels needs image_mode = 'base64' (files are sent as they are)")
-        return self
-
-    @property
-    def endpoints(self) -> list[str]:
-        """Every base URL configured (none with ``serve``: its URL is known once started)."""
-        return [self.base_url] if self.base_url is not None else list(self.base_urls)
-
-
-DEFAULT_PORTS = {"http": 80, "https": 443}
-"""The port a URL of each scheme names when it names none."""
-
-
-def same_endpoint_key(url: str) -> str:
-    """``url`` as every spelling of its endpoint that a request writes alike shares it: the
-    scheme in lower case, the host as a request writes it (in lower case, a name in another
-    script in IDNA), the scheme's default port left out, the path percent-encoded in UTF-8
-    with upper-case escapes, without a trailing ``/`` (``http://VÉ.example:80/v1/`` is
-    ``http://xn--v-bga.example/v1``).
-
-    Raises:
-        ValueError: the host is a name that IDNA cannot write.
-    """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    netloc = url_host(ascii_host(parts.hostname or ""))
-    if parts.port is not None and parts.port != DEFAULT_PORTS.get(scheme):
-        netloc += f":{parts.port}"
-    # A server decodes %c3 as %C3: one path.
-    path = _ESCAPE.sub(lambda escape: escape[0].upper(), request_target(parts.path.rstrip("/")))
-    return f"{scheme}://{netloc}{path}"
-
-
-_ESCAPE = re.compile("%[0-9a-fA-F]{2}")
-
-
-class Secret:
-    """An API key that prints as ``***``, so no repr, log or traceback shows it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The key itself, for the client only."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-
-@dataclass(slots=True)
-class _Endpoint:
-    """One base URL: its transport, its requests in flight, and what its first answers said.
-
-    Until a request to it succeeds, an endpoint's failures may be the config's rather than the
-    requests': then every request would fail the same way, and the run stops instead of making
-    every image for an error judgement. That is a 404 (no such path or model), eight refusals
-    (4xx) in a row, or eight answers in a row without logprobs or with fewer top logprobs than
-    asked. After the first success (or the first answer with as many top logprobs as asked)
-    each such failure is its own request's: an answer with fewer is an error judgement that
-    says how many it held.
-    Yet :data:`NOT_FOUND_TO_LOSE` 404s in a row after a success make the endpoint lost: the
-    server no longer serves the model (restarted with another). A lost endpoint gets no request
-    while another is not lost; when every endpoint is lost, the run stops, since every request
-    left would fail alike. A success (of a request in flight) finds it again.
-
-    A transient failure (no connection, a timeout, a 5xx) rests the endpoint for a while: 0.5 s,
-    doubling with each failure in a row up to 30 s. A resting endpoint gets no request while
-    another does not rest, so one that is down does not draw the requests that the least busy
-    rule would give it (a refused connection leaves it the least busy of all); of endpoints as
-    busy, the one whose latest failure is oldest gets the request. A 429, or a 5xx, 408 or 409
-    with a Retry-After, rests it alike, and at least as long as its Retry-After asks (up to
-    :data:`~trig_stream.retry.RETRY_AFTER_MAX_S`), which a success meanwhile does not end: a
-    429 is answered at once, so a rate-limited endpoint would be the least busy too.
-    """
-
-    transport: Transport
-    model: str
-    file_urls: bool = False
-    """Whether its requests carry ``file://`` URLs (``image_mode = "file"``)."""
-    served: bool = False
-    """Whether it is the server ``serve`` started (no ``base_url`` to check)."""
-    in_flight: int = 0
-    failures: int = 0
-    """Transient failures in a row."""
-    failed_at: float = -math.inf
-    """When (the judge's clock) its latest transient failure or 429 came."""
-    rests_until: float = 0.0
-    """Until when (the judge's clock) it gets no request while another endpoint can take it."""
-    limited_until: float = 0.0
-    """Until when its latest Retry-After asked for no request (the judge's clock)."""
-    unreached: bool = False
-    """Whether a request to it has got no answer at all (an UnreachableError)."""
-    answered: bool = False
-    """Whether a request to it has succeeded: its path and model are right."""
-    refused: int = 0
-    """Requests it refused (4xx) before any succeeded."""
-    not_found: int = 0
-    """404s since its latest success, once one has succeeded."""
-    lost: bool = False
-    """Whether :data:`NOT_FOUND_TO_LOSE` 404s came with no success between: it no longer
-    serves the model."""
-    scored: bool = False
-    """Whether an answer of it has carried logprobs."""
-    unscored: int = 0
-    """Answers without logprobs, or with fewer top logprobs than asked, before the first
-    with as many as asked."""
-    cut_to: int | None = None
-    """How many top logprobs the latest answer that held fewer than asked held."""
-
-    def refusal(self, error: ItemError, image: EncodedImage) -> FatalBackendError | None:
-        """The run-stopping error ``error`` (a 4xx refusing a request about ``image``) stands
-        for, or None if it is the request's."""
-        if self.answered:
-            return self._lost(error) if isinstance(error, NotFoundError) else None
-        if isinstance(error, NotFoundError):  # no content filter answers 404
-            check = "serve.command's served model name" if self.served else None
-            return error.before_any_success(model=self.model, check=check)
-        if self._content_refusal(error.server_said, image):
-            # A content filter refuses images one by one (a run of TRIG's toxicity samples
-            # can set it off many times in a row): never the config's fault.
-            return None
-        self.refused += 1
-        if self.refused < REFUSALS_TO_STOP:
-            return None
-        # Every answer so far a refusal: the requests, not the images, are at fault.
-        limits = (
-            "top_logprobs against --max-logprobs, max_tokens and max_pixels against the "
-            "model's context"
-        )
-        if self.file_urls:
-            limits += (
-                ", image_mode = 'file' against --allowed-local-media-path (a folder "
-                "that holds the run's images)"
-            )
-        return FatalBackendError(
-            f"{error}; the first {self.refused} answers of this endpoint were refusals and "
-            f"none succeeded: check the judge's options against the server's limits ({limits}); "
-            "the refused ones are kept as errors: resume with --retry-errors to ask again"
-        )
-
-    def _content_refusal(self, said: str, image: EncodedImage) -> bool:
-        """Whether what the server said reads as a content filter's refusal.
-
-        Only the server's own words are read: its message is quoted with the endpoint's URL,
-        which may hold "/safety/", and a server may quote the request back (a model
-        "...-Judge"; a ``file://`` image's path, in a run directory named "safety-r7").
-        A refusal naming ``--allowed-local-media-path`` refuses the URL, whatever its
-        folders are called.
-        """
-        if self.file_urls:
-            if "allowed-local-media-path" in said:
-                return False
-            url = image.url  # a file:// URL, short (a data: URL is left unread: megabytes)
-            for quoted in (url, unquote(urlsplit(url).path)):
-                said = said.replace(quoted, " ")
-        return CONTENT_REFUSAL.search(said) is not None
-
-    def _lost(self, error: NotFoundError) -> FatalBackendError | None:
-        # A 404 after a success: its request's, unless 404s now come one after another (the
-        # server restarted serving another model, or another took its port): every image
-        # left would become an error judgement in seconds.
-        self.not_found += 1
-        if self.not_found < NOT_FOUND_TO_LOSE:
-            return None
-        self.lost = True
-        return FatalBackendError(
-            f"{error}; the last {self.not_found} answers of this endpoint were 404s, though "
-            f"requests to it had succeeded: it no longer serves model {self.model!r} at this "
-            "path (a server restarted with another model, or another server on its port?): "
-            "check the server, then resume the run with --retry-errors to ask again about "
-            "the 404s (kept as errors)"
-        )
-
-    def failed(self, now: float) -> None:
-        """A transient failure: rest a while longer each time in a row."""
-        self.failures += 1
-        self.failed_at = now
-        doublings = min(self.failures - 1, REST_DOUBLINGS)
-        self.rests_until = now + min(REST_MAX_S, REST_FIRST_S * 2**doublings)
-
-    def rate_limited(self, now: float, retry_after: float | None) -> None:
-        """A 429 (or a 5xx with a Retry-After): rest as after a failure, and until its
-        Retry-After has passed."""
-        self.failed(now)
-        if retry_after is not None:
-            until = now + min(retry_after, RETRY_AFTER_MAX_S)
-            self.limited_until = max(self.limited_until, until)
-
-    def awake_at(self) -> float:
-        """When it may get requests again while another endpoint can take them."""
-        return max(self.rests_until, self.limited_until)
-
-    def answer(
-        self, reply: JudgeReply, completion: Any, *, asked: int
-    ) -> FatalBackendError | ItemError | None:
-        """The error a successful answer stands for: one that stops the run, the request's
-        own (a list of fewer top logprobs than the ``asked``), or None (the usual)."""
-        self.answered = True
-        self.not_found = 0
-        self.lost = False
-        self.failures = 0
-        self.rests_until = 0.0
-        top = reply.top_logprobs
-        if top is not None and len(top) >= asked:
-            self.scored = True
-            return None
-        # A list cut short is no answer to score: the ratings missing from it would count as
-        # improbable, a confident score from what the server left out. (vLLM and OpenAI
-        # return as many as asked: at most 20, far below any vocabulary's size.)
-        cut = None
-        if top is not None:
-            self.cut_to = len(top)
-            cut = ItemError(
-                f"judge at {self.transport.url}: answered {_top_logprobs(len(top))} of the "
-                f"{asked} asked: a cut list is not scored; resume with --retry-errors to ask "
-                "again"
-            )
-        if self.scored or cut_by_filter(completion):
-            return cut
-        self.unscored += 1
-        if self.unscored < REFUSALS_TO_STOP:
-            return cut
-        if self.cut_to is not None:
-            return FatalBackendError(
-                f"judge at {self.transport.url}: its first {self.unscored} answers all came "
-                f"with fewer top logprobs than the {asked} asked, or without logprobs (the "
-                f"latest cut one answered {_top_logprobs(self.cut_to)}): this server cuts the "
-                f"list (for this model, {self.model!r}), and TRIGScore is read from it; fix "
-                "or replace the server (some always return one fewer than asked, whatever is "
-                "asked: lmdeploy has); asking for fewer with the judge's top_logprobs helps "
-                "only if the server then returns as many as asked"
-            )
-        # A server that drops the option (some OpenAI-compatible ones do).
-        return FatalBackendError(
-            f"judge at {self.transport.url}: its first {self.unscored} answers all came without "
-            f"logprobs: this server does not return them (for this model, {self.model!r}), and "
-            "TRIGScore is read from them"
-        )
-
-
-def _top_logprobs(count: int) -> str:
-    return f"{count} top logprob{'s' * (count != 1)}"
 
 
 class OpenAIJudge(Judge):
@@ -443,7 +103,7 @@ class OpenAIJudge(Judge):
         )
         self._clock = clock
         self.template = JudgeTemplate.chosen(options.template)
-        self._endpoints: list[_Endpoint] = []
+        self._endpoints: list[Endpoint] = []
         self._secret: Secret | None = None
         self.server: ManagedServer | None = None
         """The server started for ``serve``, while the judge is open."""
@@ -554,7 +214,7 @@ class OpenAIJudge(Judge):
                 timeout_s=self.options.timeout_s,
             )
             self._endpoints.append(
-                _Endpoint(
+                Endpoint(
                     transport,
                     self.options.model,
                     self.options.image_mode == "file",
@@ -706,14 +366,14 @@ class OpenAIJudge(Judge):
             raise problem
         return reply
 
-    def _raised_instead(self, endpoint: _Endpoint, exc: Exception) -> BackendError | None:
+    def _raised_instead(self, endpoint: Endpoint, exc: Exception) -> BackendError | None:
         """The error to raise in place of the transport's failure ``exc``, if any: the
         server we started has died (nothing will work), or :meth:`_after_failure`'s."""
         rerouted = self._after_failure(endpoint, exc)
         failure = self.server.failure() if self.server is not None else None
         return failure if failure is not None else rerouted
 
-    def _after_failure(self, endpoint: _Endpoint, exc: Exception) -> RetryableError | None:
+    def _after_failure(self, endpoint: Endpoint, exc: Exception) -> RetryableError | None:
         """:meth:`_rest` after a transient failure; a bug in it is named as one, with the
         endpoint and the failure it followed, not passed off as the request's failure (a bare
         ``OverflowError: int too large to convert to float`` in every judgement)."""
@@ -728,7 +388,7 @@ class OpenAIJudge(Judge):
                 "please report it; resume with --retry-errors to ask again"
             ) from bug
 
-    def _rest(self, endpoint: _Endpoint, exc: RetryableError) -> RetryableError | None:
+    def _rest(self, endpoint: Endpoint, exc: RetryableError) -> RetryableError | None:
         """Rest ``endpoint`` after ``exc``; the error to raise instead when another endpoint
         is awake to take the retry at once, else None (``exc`` itself).
 
@@ -760,11 +420,11 @@ class OpenAIJudge(Judge):
         (a request to it spent its attempts there) says nothing of the others."""
         return all(endpoint.unreached for endpoint in self._endpoints)
 
-    def _another_awake(self, endpoint: _Endpoint) -> bool:
+    def _another_awake(self, endpoint: Endpoint) -> bool:
         now = self._clock()
         return any(e is not endpoint and e.awake_at() <= now for e in self._endpoints)
 
-    def _pick(self) -> _Endpoint:
+    def _pick(self) -> Endpoint:
         # Of the endpoints not lost (all, when every one is), the least busy of those not
         # resting; when all rest, the one whose rest ends first (a single endpoint is always
         # picked: the engine's backoff paces it).
@@ -774,7 +434,7 @@ class OpenAIJudge(Judge):
         now = self._clock()
         awake = [e for e in endpoints if e.awake_at() <= now]
         if not awake:
-            return min(endpoints, key=_Endpoint.awake_at)
+            return min(endpoints, key=Endpoint.awake_at)
         # Of the least busy, the one whose latest failure is oldest: an endpoint just awake
         # after its rest does not win a tie against one that has not failed since.
         return min(awake, key=lambda e: (e.in_flight, e.failed_at))
