@@ -2302,7 +2302,7 @@ class ClosesSlowly:
         monkeypatch.setattr(FakeJudge, "closing", lambda judge: "stopping its server (up to 30 s)")
         monkeypatch.setattr(FakeJudge, "stop_now", lambda judge: self.killed.set())
         monkeypatch.setattr(FakeJudge, "aclose", lambda judge: self.aclose())
-        monkeypatch.setattr(run_command, "CLOSING_POLL_S", 0, raising=False)
+        monkeypatch.setattr(run_command, "CLOSING_POLL_S", 0)
 
     async def until(self, condition: Any) -> None:
         # Polls a condition another task makes true (a line printed, a signal handled).
