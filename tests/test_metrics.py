@@ -16,6 +16,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 from PIL import Image
+from pydantic import BaseModel
 
 import trig_stream
 from trig_stream.backends import plugins
@@ -192,6 +193,25 @@ def test_trigscore_metric_wraps_the_scorer() -> None:
         None,
     ]
     assert trig.fingerprint() == {"metric": "trigscore", "scorer": "trig", "confidence": True}
+
+
+class Named(ImageMetric):
+    """A metric with an option called ``metric``, the key of its name in its fingerprint."""
+
+    name: ClassVar[str] = "named"
+
+    class Options(BaseModel):
+        metric: str = "laplacian"
+
+    def compute(self, item: MetricInput) -> Value:
+        return 0.5
+
+
+def test_a_metric_option_named_metric_leaves_the_metrics_name_in_its_fingerprint() -> None:
+    # {"metric": "laplacian"}: the option overwrote the name, so this metric's fingerprint
+    # was that of a metric named "laplacian" without options.
+    assert Named().fingerprint() == {"metric": "named", "options": {"metric": "laplacian"}}
+    assert Brightness().fingerprint() == {"metric": "brightness"}  # no option, none nested
 
 
 def _disc(mode: str, colour: tuple[int, int, int], background_alpha: int) -> Image.Image:

@@ -197,11 +197,18 @@ class MetricJudge(Judge):
         return f"MetricJudge(name={self.name!r}, metric={self.options.metric!r})"
 
     def fingerprint(self) -> JudgeFingerprint:
-        return JudgeFingerprint(
-            backend="metric",
-            model=self.options.metric,
-            params={**self.metric.fingerprint(), "max_pixels": self.options.max_pixels},
-        )
+        """The metric's fingerprint with the judge's ``max_pixels`` beside its keys, or, when
+        the metric has a ``max_pixels`` of its own, beside the whole of it (under
+        ``"metric"``): the judge's value would replace the metric's, and a resume with
+        another value of the metric's would go unseen. Only then, so that the fingerprints
+        of existing runs stay as they were."""
+        metric = self.metric.fingerprint()
+        max_pixels = self.options.max_pixels
+        if "max_pixels" in metric:
+            params = {"metric": metric, "max_pixels": max_pixels}
+        else:
+            params = {**metric, "max_pixels": max_pixels}
+        return JudgeFingerprint(backend="metric", model=self.options.metric, params=params)
 
     def check_environment(self) -> None:
         """What the metric needs from this machine (its optional dependencies).

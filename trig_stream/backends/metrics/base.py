@@ -125,8 +125,12 @@ class Metric(ABC):
         self.options = options if options is not None else self.Options()
 
     def fingerprint(self) -> dict[str, Any]:
-        """Everything that changes the values (the options by default)."""
-        return {"metric": self.name, **self.options.model_dump(mode="json")}
+        """Everything that changes the values: the metric's name and, by default, its
+        options beside it, or under ``"options"`` when one of them is called ``metric``."""
+        options = self.options.model_dump(mode="json")
+        if "metric" in options:  # beside the name, it would replace it
+            return {"metric": self.name, "options": options}
+        return {"metric": self.name, **options}
 
     def check_environment(self) -> None:  # noqa: B027 - optional hook
         """Check what :meth:`load` needs from this machine without loading anything (an
