@@ -305,6 +305,51 @@ async def test_a_set_metric_raising_a_cancellation_is_an_item_error_naming_it() 
             await compute_set_async(CancelledAsync(), [MetricInput()])
 
 
+class CancelledInThread(Count):
+    """A sync set metric whose code raises a cancellation exception of its own."""
+
+    def compute_set(self, items: Sequence[MetricInput]) -> Value:
+        raise asyncio.CancelledError("its own future")
+
+
+class CancelledImagesInThread(ImageMetric):
+    """A sync image metric whose code raises a cancellation exception of its own."""
+
+    name: ClassVar[str] = "count"
+
+    def compute(self, item: MetricInput) -> Value:
+        raise asyncio.CancelledError("its own future")
+
+
+class CancelledBatch(CancelledImagesInThread):
+    """An async ``compute_batch`` that raises a cancellation exception of its own."""
+
+    async def compute_batch(self, items: Sequence[MetricInput]) -> list[Value]:
+        raise asyncio.CancelledError("its own future")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "metric", [CancelledInThread, CancelledImagesInThread, CancelledBatch], ids=lambda m: m.__name__
+)
+async def test_a_metrics_own_cancellation_is_an_item_error_however_it_is_run(
+    metric: type[Count | ImageMetric],
+) -> None:
+    # Only an async compute and compute_set were checked: the CancelledError of a sync
+    # metric (from its worker thread) or of an async compute_batch came out as it is, which
+    # the caller read as its own cancellation (on Trio, a BaseException it did not expect).
+    instance = metric()
+    with anyio.fail_after(10):
+        with pytest.raises(
+            ItemError,
+            match=r"^the count metric raised CancelledError though nothing cancelled it: a bug",
+        ):
+            if isinstance(instance, SetMetric):
+                await compute_set_async(instance, [MetricInput()])
+            else:
+                await compute_async(instance, [MetricInput()])
+
+
 @pytest.mark.anyio
 async def test_a_value_too_large_for_a_float_is_an_item_error_naming_the_metric() -> None:
     # float(10**400) raised a bare OverflowError, which named no metric.

@@ -37,7 +37,7 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
 from trig_stream.backends.base import shrunk_size
-from trig_stream.backends.threads import being_cancelled
+from trig_stream.backends.threads import being_cancelled, cancellation_classes
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ItemError
 from trig_stream.pillow_warnings import quiet_pillow
@@ -216,7 +216,8 @@ async def compute_async(
         BackendError: what the metric raised to classify its failure (retryable, fatal).
     """
     if inspect.iscoroutinefunction(metric.compute_batch):
-        return checked_values(metric, await metric.compute_batch(items), len(items))
+        batch = await _awaited(metric, cast("Awaitable[object]", metric.compute_batch(items)))
+        return checked_values(metric, batch, len(items))
     if is_async(metric):
         if len(items) == 1:  # no task group: nothing to gather
             return checked_values(metric, [await _computed(metric, items[0])], 1)
@@ -238,8 +239,8 @@ async def compute_async(
         if failures:
             raise failures[0]
         return checked_values(metric, values, len(items))
-    batch = await anyio.to_thread.run_sync(metric.compute_batch, items, limiter=limiter)
-    return checked_values(metric, batch, len(items))
+    in_thread = anyio.to_thread.run_sync(metric.compute_batch, items, limiter=limiter)
+    return checked_values(metric, await _awaited(metric, in_thread), len(items))
 
 
 async def _computed(metric: ImageMetric, item: MetricInput) -> object:
@@ -253,17 +254,18 @@ async def _computed(metric: ImageMetric, item: MetricInput) -> object:
 
 
 async def _awaited(metric: Metric, computed: Awaitable[object]) -> object:
-    """What an async metric's ``computed`` gives.
+    """What ``computed`` gives: an async metric's call, or a sync one's in a worker thread.
 
     Raises:
         ItemError: the metric raised a cancellation exception (an ``asyncio.CancelledError``
             of a future of its own) though nothing cancelled its caller: let out, it read as
-            the caller's cancellation.
+            the caller's cancellation (on Trio, asyncio's is a ``BaseException`` nothing
+            expects).
     """
     try:
         return await computed
-    except anyio.get_cancelled_exc_class() as exc:
-        if being_cancelled():
+    except cancellation_classes() as exc:
+        if isinstance(exc, anyio.get_cancelled_exc_class()) and being_cancelled():
             raise
         raise ItemError(
             f"the {metric.name} metric raised {type(exc).__name__} though nothing cancelled "
@@ -333,8 +335,8 @@ async def compute_set_async(
     """
     if inspect.iscoroutinefunction(metric.compute_set):
         return checked_value(metric, await _awaited(metric, metric.compute_set(items)))
-    value = await anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter)
-    return checked_value(metric, value)
+    in_thread = anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter)
+    return checked_value(metric, await _awaited(metric, in_thread))
 
 
 def is_async(metric: ImageMetric | type[ImageMetric]) -> bool:
