@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -264,6 +265,20 @@ def test_an_opaque_image_loads_as_its_plain_rgb(tmp_path: Path, mode: str, as_fi
         image.save(tmp_path / "disc.png")
     loaded = load_rgb_image(tmp_path / "disc.png" if as_file else image)
     assert loaded.tobytes() == image.convert("RGB").tobytes()
+
+
+def test_an_image_past_pillows_pixel_limit_is_an_item_error_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow's DecompressionBombError came out as it is, where an ItemError is promised.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 is past twice the limit
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (32, 32)).save(path)
+    message = f"^cannot read image {re.escape(str(path))}: .*could be decompression bomb"
+    with pytest.raises(ItemError, match=message):
+        load_rgb_image(path)
+    with pytest.raises(ItemError, match=message):
+        MetricInput(image=path).rgb_image()
 
 
 @pytest.mark.anyio

@@ -358,7 +358,8 @@ def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> 
     lies under a transparent pixel of an LA, palette or RGB image shows, as in vLLM).
 
     Raises:
-        ItemError: the file cannot be read or is not an image.
+        ItemError: the file cannot be read, is not an image, or has more pixels than Pillow
+            agrees to decode (a decompression bomb).
     """
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
@@ -372,6 +373,8 @@ def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> 
             raise ItemError(f"{image} is not a readable image") from None
         except OSError as exc:
             raise ItemError(f"cannot read image {image}: {exc.strerror or exc}") from None
+        except PILImage.DecompressionBombError as exc:  # more pixels than Pillow decodes
+            raise ItemError(f"cannot read image {image}: {exc}") from None
     else:
         rgb = image if image.mode == "RGB" else _as_vllm_makes_rgb(image)
     if max_pixels is not None and rgb.width * rgb.height > max_pixels:
