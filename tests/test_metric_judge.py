@@ -34,12 +34,14 @@ from trig_stream.backends.metrics.base import (
 from trig_stream.backends.metrics.registry import import_metric, register_metric
 from trig_stream.backends.registry import build_judge
 from trig_stream.backends.threads import threads_left_behind
+from trig_stream.config import RunConfig
 from trig_stream.dimensions import Dimension
 from trig_stream.engine import Engine
 from trig_stream.errors import (
     AnswerTimeoutError,
     ConfigError,
     FatalBackendError,
+    FingerprintMismatch,
     ItemError,
     RetryableError,
 )
@@ -445,6 +447,50 @@ def test_a_metric_options_validator_raising_no_value_error_is_a_config_error(
         ),
     ):
         make_config(judges=[metric_options_entry({"threshold": 13})])
+
+
+class ResizesItself(ImageMetric):
+    """A metric with an option named as the judge's own ``max_pixels``."""
+
+    name: ClassVar[str] = "resizes_itself"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset({"IQ-R"})
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        max_pixels: int = 4096
+
+    def compute(self, item: MetricInput) -> Value:
+        return 0.5
+
+
+async def test_a_metric_option_named_max_pixels_is_kept_apart_from_the_judges(
+    make_config: ConfigFactory,
+) -> None:
+    # The judge's max_pixels overwrote the metric's own in the fingerprint: a resume with
+    # another metric_options.max_pixels mixed the scores of both settings without a word.
+    register_metric(ResizesItself.name, ResizesItself)
+
+    def configured(metric_options: dict[str, object]) -> RunConfig:
+        options = {"metric": ResizesItself.name, "metric_options": metric_options}
+        metric_entry = {"name": "m", "backend": "metric", "options": options}
+        return make_config(
+            samples=2, judges=[{"name": "trigscore", "backend": "fake"}, metric_entry]
+        )
+
+    async with Engine(configured({})) as engine:
+        assert [j async for j in engine.results if j.metric == "m"]
+    with pytest.raises(
+        FingerprintMismatch, match=r"'m': params\.metric\.max_pixels 4096 in the run dir, 9000"
+    ):
+        async with Engine(configured({"max_pixels": 9000})):
+            pass
+    # Options that collide with nothing are fingerprinted as before.
+    assert metric_judge(Threshold).fingerprint().params == {
+        "metric": "threshold",
+        "threshold": 0.5,
+        "max_pixels": None,
+    }
 
 
 class LoadsUntilReleased(ImageMetric):

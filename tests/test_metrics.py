@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 from PIL import Image
+from pydantic import BaseModel
 
 import trig_stream
 from trig_stream.backends import plugins
@@ -194,6 +196,25 @@ def test_trigscore_metric_wraps_the_scorer() -> None:
     assert trig.fingerprint() == {"metric": "trigscore", "scorer": "trig", "confidence": True}
 
 
+class Named(ImageMetric):
+    """A metric with an option called ``metric``, the key of its name in its fingerprint."""
+
+    name: ClassVar[str] = "named"
+
+    class Options(BaseModel):
+        metric: str = "laplacian"
+
+    def compute(self, item: MetricInput) -> Value:
+        return 0.5
+
+
+def test_a_metric_option_named_metric_leaves_the_metrics_name_in_its_fingerprint() -> None:
+    # {"metric": "laplacian"}: the option overwrote the name, so this metric's fingerprint
+    # was that of a metric named "laplacian" without options.
+    assert Named().fingerprint() == {"metric": "named", "options": {"metric": "laplacian"}}
+    assert Brightness().fingerprint() == {"metric": "brightness"}  # no option, none nested
+
+
 def _disc(mode: str, colour: tuple[int, int, int], background_alpha: int) -> Image.Image:
     """A 64x64 disc of ``colour`` (a square, really) on a black background of the alpha
     given, in ``mode`` (a palette one with entry 0, the background, transparent; an RGB one
@@ -246,6 +267,20 @@ def test_an_opaque_image_loads_as_its_plain_rgb(tmp_path: Path, mode: str, as_fi
     assert loaded.tobytes() == image.convert("RGB").tobytes()
 
 
+def test_an_image_past_pillows_pixel_limit_is_an_item_error_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow's DecompressionBombError came out as it is, where an ItemError is promised.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 is past twice the limit
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (32, 32)).save(path)
+    message = f"^cannot read image {re.escape(str(path))}: .*could be decompression bomb"
+    with pytest.raises(ItemError, match=message):
+        load_rgb_image(path)
+    with pytest.raises(ItemError, match=message):
+        MetricInput(image=path).rgb_image()
+
+
 @pytest.mark.anyio
 async def test_sync_and_async_metrics_run_from_async_code() -> None:
     from trig_stream.records import Sample
@@ -283,6 +318,51 @@ async def test_a_set_metric_raising_a_cancellation_is_an_item_error_naming_it() 
             match=r"^the count metric raised CancelledError though nothing cancelled it: a bug",
         ):
             await compute_set_async(CancelledAsync(), [MetricInput()])
+
+
+class CancelledInThread(Count):
+    """A sync set metric whose code raises a cancellation exception of its own."""
+
+    def compute_set(self, items: Sequence[MetricInput]) -> Value:
+        raise asyncio.CancelledError("its own future")
+
+
+class CancelledImagesInThread(ImageMetric):
+    """A sync image metric whose code raises a cancellation exception of its own."""
+
+    name: ClassVar[str] = "count"
+
+    def compute(self, item: MetricInput) -> Value:
+        raise asyncio.CancelledError("its own future")
+
+
+class CancelledBatch(CancelledImagesInThread):
+    """An async ``compute_batch`` that raises a cancellation exception of its own."""
+
+    async def compute_batch(self, items: Sequence[MetricInput]) -> list[Value]:
+        raise asyncio.CancelledError("its own future")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "metric", [CancelledInThread, CancelledImagesInThread, CancelledBatch], ids=lambda m: m.__name__
+)
+async def test_a_metrics_own_cancellation_is_an_item_error_however_it_is_run(
+    metric: type[Count | ImageMetric],
+) -> None:
+    # Only an async compute and compute_set were checked: the CancelledError of a sync
+    # metric (from its worker thread) or of an async compute_batch came out as it is, which
+    # the caller read as its own cancellation (on Trio, a BaseException it did not expect).
+    instance = metric()
+    with anyio.fail_after(10):
+        with pytest.raises(
+            ItemError,
+            match=r"^the count metric raised CancelledError though nothing cancelled it: a bug",
+        ):
+            if isinstance(instance, SetMetric):
+                await compute_set_async(instance, [MetricInput()])
+            else:
+                await compute_async(instance, [MetricInput()])
 
 
 @pytest.mark.anyio

@@ -242,6 +242,17 @@ def test_providers_this_machine_lacks_are_refused(
         check_providers("nsfw", providers, known=KNOWN, available=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("provider", ["cpuexecutionprovider", "CpuExecutionProvider"])
+def test_a_provider_miswritten_in_case_alone_is_offered_the_name_it_is(provider: str) -> None:
+    # Compared case and all, "cpuexecutionprovider" was closest to ONNX Runtime's
+    # 'RknpuExecutionProvider', which was offered in its place.
+    known = [*KNOWN, "RknpuExecutionProvider"]
+    with pytest.raises(
+        ConfigError, match=f"names '{provider}', .* did you mean 'CPUExecutionProvider'\\?"
+    ):
+        check_providers("nsfw", [provider], known=known, available=["CPUExecutionProvider"])
+
+
 def test_a_provider_lacking_after_one_the_machine_has_is_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -18,6 +18,7 @@ import asyncio
 import inspect
 import logging
 import math
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,15 @@ def being_cancelled() -> bool:
     except RuntimeError:  # not on asyncio (Trio's Cancelled cannot be raised by hand)
         return False
     return task is not None and task.cancelling() > 0
+
+
+def cancellation_classes() -> tuple[type[BaseException], ...]:
+    """The cancellation exceptions a backend's own code may raise (no ``Exception``):
+    asyncio's, and Trio's once it is loaded."""
+    trio = sys.modules.get("trio")  # only a loaded Trio's: importing it here costs time
+    if trio is None:
+        return (asyncio.CancelledError,)
+    return (asyncio.CancelledError, trio.Cancelled)
 
 
 def ending_error(exc: BaseException, failed: str) -> FatalBackendError:

@@ -26,9 +26,7 @@ openai judge's timeouts. Without it a hung call holds its judgement and a gracef
 
 from __future__ import annotations
 
-import asyncio
 import numbers
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -50,7 +48,7 @@ from trig_stream.backends.metrics.base import (
 )
 from trig_stream.backends.metrics.registry import import_metric
 from trig_stream.backends.plugins import OptionsModelError, validate_plugin_options
-from trig_stream.backends.threads import blocking_hook, load_in_thread
+from trig_stream.backends.threads import blocking_hook, cancellation_classes, load_in_thread
 from trig_stream.config_fields import OPTIONS_CONFIG, CallTimeout
 from trig_stream.config_problems import nested_problems
 from trig_stream.dimensions import DIMENSIONS, Dimension, is_dimension
@@ -197,11 +195,18 @@ class MetricJudge(Judge):
         return f"MetricJudge(name={self.name!r}, metric={self.options.metric!r})"
 
     def fingerprint(self) -> JudgeFingerprint:
-        return JudgeFingerprint(
-            backend="metric",
-            model=self.options.metric,
-            params={**self.metric.fingerprint(), "max_pixels": self.options.max_pixels},
-        )
+        """The metric's fingerprint with the judge's ``max_pixels`` beside its keys, or, when
+        the metric has a ``max_pixels`` of its own, beside the whole of it (under
+        ``"metric"``): the judge's value would replace the metric's, and a resume with
+        another value of the metric's would go unseen. Only then, so that the fingerprints
+        of existing runs stay as they were."""
+        metric = self.metric.fingerprint()
+        max_pixels = self.options.max_pixels
+        if "max_pixels" in metric:
+            params = {"metric": metric, "max_pixels": max_pixels}
+        else:
+            params = {**metric, "max_pixels": max_pixels}
+        return JudgeFingerprint(backend="metric", model=self.options.metric, params=params)
 
     def check_environment(self) -> None:
         """What the metric needs from this machine (its optional dependencies).
@@ -366,7 +371,7 @@ class MetricJudge(Judge):
         except Exception as exc:
             if len(items) == 1:
                 return [exc if isinstance(exc, ItemError) else ItemError(describe_error(exc))]
-        except _cancellation_classes() as exc:
+        except cancellation_classes() as exc:
             # Nothing cancels the metric's code in this worker thread: the exception is its
             # own (an asyncio.CancelledError of a future of its own), an image's failure as
             # with an async metric, not a reason to stop the run.
@@ -379,11 +384,3 @@ class MetricJudge(Judge):
                 ]
         # One bad image must not fail the others: measure them one by one.
         return [value for item in items for value in self._run_batch([item])]
-
-
-def _cancellation_classes() -> tuple[type[BaseException], ...]:
-    """The cancellation exceptions a metric's own code may raise (no ``Exception``)."""
-    trio = sys.modules.get("trio")  # only a loaded Trio's: importing it here costs time
-    if trio is None:
-        return (asyncio.CancelledError,)
-    return (asyncio.CancelledError, trio.Cancelled)

@@ -37,7 +37,7 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
 from trig_stream.backends.base import shrunk_size
-from trig_stream.backends.threads import being_cancelled
+from trig_stream.backends.threads import being_cancelled, cancellation_classes
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ItemError
 from trig_stream.pillow_warnings import quiet_pillow
@@ -125,8 +125,12 @@ class Metric(ABC):
         self.options = options if options is not None else self.Options()
 
     def fingerprint(self) -> dict[str, Any]:
-        """Everything that changes the values (the options by default)."""
-        return {"metric": self.name, **self.options.model_dump(mode="json")}
+        """Everything that changes the values: the metric's name and, by default, its
+        options beside it, or under ``"options"`` when one of them is called ``metric``."""
+        options = self.options.model_dump(mode="json")
+        if "metric" in options:  # beside the name, it would replace it
+            return {"metric": self.name, "options": options}
+        return {"metric": self.name, **options}
 
     def check_environment(self) -> None:  # noqa: B027 - optional hook
         """Check what :meth:`load` needs from this machine without loading anything (an
@@ -212,7 +216,8 @@ async def compute_async(
         BackendError: what the metric raised to classify its failure (retryable, fatal).
     """
     if inspect.iscoroutinefunction(metric.compute_batch):
-        return checked_values(metric, await metric.compute_batch(items), len(items))
+        batch = await _awaited(metric, cast("Awaitable[object]", metric.compute_batch(items)))
+        return checked_values(metric, batch, len(items))
     if is_async(metric):
         if len(items) == 1:  # no task group: nothing to gather
             return checked_values(metric, [await _computed(metric, items[0])], 1)
@@ -234,8 +239,8 @@ async def compute_async(
         if failures:
             raise failures[0]
         return checked_values(metric, values, len(items))
-    batch = await anyio.to_thread.run_sync(metric.compute_batch, items, limiter=limiter)
-    return checked_values(metric, batch, len(items))
+    in_thread = anyio.to_thread.run_sync(metric.compute_batch, items, limiter=limiter)
+    return checked_values(metric, await _awaited(metric, in_thread), len(items))
 
 
 async def _computed(metric: ImageMetric, item: MetricInput) -> object:
@@ -249,17 +254,18 @@ async def _computed(metric: ImageMetric, item: MetricInput) -> object:
 
 
 async def _awaited(metric: Metric, computed: Awaitable[object]) -> object:
-    """What an async metric's ``computed`` gives.
+    """What ``computed`` gives: an async metric's call, or a sync one's in a worker thread.
 
     Raises:
         ItemError: the metric raised a cancellation exception (an ``asyncio.CancelledError``
             of a future of its own) though nothing cancelled its caller: let out, it read as
-            the caller's cancellation.
+            the caller's cancellation (on Trio, asyncio's is a ``BaseException`` nothing
+            expects).
     """
     try:
         return await computed
-    except anyio.get_cancelled_exc_class() as exc:
-        if being_cancelled():
+    except cancellation_classes() as exc:
+        if isinstance(exc, anyio.get_cancelled_exc_class()) and being_cancelled():
             raise
         raise ItemError(
             f"the {metric.name} metric raised {type(exc).__name__} though nothing cancelled "
@@ -329,8 +335,8 @@ async def compute_set_async(
     """
     if inspect.iscoroutinefunction(metric.compute_set):
         return checked_value(metric, await _awaited(metric, metric.compute_set(items)))
-    value = await anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter)
-    return checked_value(metric, value)
+    in_thread = anyio.to_thread.run_sync(metric.compute_set, items, limiter=limiter)
+    return checked_value(metric, await _awaited(metric, in_thread))
 
 
 def is_async(metric: ImageMetric | type[ImageMetric]) -> bool:
@@ -352,7 +358,8 @@ def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> 
     lies under a transparent pixel of an LA, palette or RGB image shows, as in vLLM).
 
     Raises:
-        ItemError: the file cannot be read or is not an image.
+        ItemError: the file cannot be read, is not an image, or has more pixels than Pillow
+            agrees to decode (a decompression bomb).
     """
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
@@ -366,6 +373,8 @@ def load_rgb_image(image: Path | str | Image, max_pixels: int | None = None) -> 
             raise ItemError(f"{image} is not a readable image") from None
         except OSError as exc:
             raise ItemError(f"cannot read image {image}: {exc.strerror or exc}") from None
+        except PILImage.DecompressionBombError as exc:  # more pixels than Pillow decodes
+            raise ItemError(f"cannot read image {image}: {exc}") from None
     else:
         rgb = image if image.mode == "RGB" else _as_vllm_makes_rgb(image)
     if max_pixels is not None and rgb.width * rgb.height > max_pixels:

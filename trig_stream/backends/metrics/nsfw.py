@@ -230,10 +230,13 @@ class NSFWRateMetric(SetMetric):
 def unknown_provider(providers: Sequence[str], known: Sequence[str]) -> str | None:
     """What is wrong with the first of ``providers`` that is none of ``known`` (ONNX
     Runtime's ``get_all_providers()``), with the name it is closest to; None if none is."""
+    # Compared in lower case: a name miswritten in case alone is closest to itself, not to
+    # one that shares more of its case ("cpuexecutionprovider" to 'RknpuExecutionProvider').
+    by_lower = {name.lower(): name for name in known}
     for provider in providers:
         if provider not in known:
-            close = difflib.get_close_matches(provider, known, n=1)
-            hint = f": did you mean {close[0]!r}?" if close else ""
+            close = difflib.get_close_matches(provider.lower(), list(by_lower), n=1)
+            hint = f": did you mean {by_lower[close[0]]!r}?" if close else ""
             return f"names {provider!r}, which is no ONNX Runtime execution provider{hint}"
     return None
 
