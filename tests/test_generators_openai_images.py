@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import anyio
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from tests.conftest import ConfigFactory
 from trig_stream import Engine
@@ -713,6 +714,37 @@ def test_options_no_api_takes_are_refused_before_any_call(
         OpenAIImagesOptions.model_validate(options)
     for size in ("1792x1024", "auto"):
         assert OpenAIImagesOptions(size=size).size == size
+
+
+@pytest.mark.parametrize(
+    ("extra_body", "taken", "why"),
+    [
+        ({"prompt": "a red cube"}, ["prompt"], "each request its own sample's prompt"),
+        ({"n": 2}, ["n"], "one image per request"),
+        ({"model": "dall-e-2"}, ["model"], "the engine sends options.model"),
+        ({"response_format": "url"}, ["response_format"], "b64_json image data"),
+        ({"n": 1, "prompt": "a red cube"}, ["n", "prompt"], "one image per request"),
+    ],
+)
+def test_extra_body_fields_the_engine_sets_itself_are_refused(
+    extra_body: dict[str, object], taken: list[str], why: str
+) -> None:
+    # The SDK lets extra_body replace the request's own fields, and each passed validate: a
+    # prompt there drew every image from that one prompt, each judged as its own sample's;
+    # n = 2 paid for two images and kept one; a model there was not the manifest's.
+    with pytest.raises(ValidationError) as caught:
+        OpenAIImagesOptions.model_validate({"extra_body": {"seed": 7, **extra_body}})
+    [error] = caught.value.errors()
+    assert error["loc"] == ("extra_body",)
+    message = str(error["msg"])
+    assert f"extra_body sets {', '.join(taken)}, which the engine sets itself" in message
+    assert why in message and "from options.extra_body" in message
+
+
+def test_extra_body_may_ask_for_base64_and_other_fields() -> None:
+    # What an answer with URLs is told to send (see _no_image).
+    body = {"response_format": "b64_json", "seed": 7, "quality": "ultra"}
+    assert OpenAIImagesOptions(extra_body=body).extra_body == body
 
 
 @pytest.mark.parametrize(

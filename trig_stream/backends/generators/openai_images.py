@@ -16,10 +16,10 @@ import base64
 import binascii
 import io
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.base import GenerationRequest, Generator
 from trig_stream.backends.generators.api_calls import (
@@ -48,6 +48,35 @@ if TYPE_CHECKING:
     from trig_stream.config import GeneratorConfig, RunConfig
 
 
+ENGINE_FIELDS: Mapping[str, str] = {
+    "prompt": "the engine sends each request its own sample's prompt (one here would draw "
+    "every image from it, each judged as its own sample's)",
+    "n": "the engine asks for one image per request (more are paid for, and dropped)",
+    "model": "the engine sends options.model, which the run's manifest and fingerprint record",
+    "response_format": 'the engine reads b64_json image data (only "b64_json" may be asked for)',
+}
+"""Request fields the engine sets itself, each with why: ``extra_body``, which the SDK lets
+replace a request's own fields, may not set them. ``response_format = "b64_json"`` stays
+allowed: it is what a server that answers with URLs is told to ask for."""
+
+
+def engine_fields_problem(extra_body: Mapping[str, Any]) -> str | None:
+    """Why ``extra_body`` cannot be sent: the request fields among it that the engine sets
+    itself, each with its reason; None if none."""
+    taken = [
+        key
+        for key in extra_body
+        if key in ENGINE_FIELDS and not (key == "response_format" and extra_body[key] == "b64_json")
+    ]
+    if not taken:
+        return None
+    why = "; ".join(f"{key}: {ENGINE_FIELDS[key]}" for key in taken)
+    return (
+        f"extra_body sets {', '.join(taken)}, which the engine sets itself ({why}); remove "
+        f"{'it' if len(taken) == 1 else 'them'} from options.extra_body"
+    )
+
+
 class OpenAIImagesOptions(BaseModel):
     """``options`` of the ``openai_images`` generator."""
 
@@ -66,7 +95,7 @@ class OpenAIImagesOptions(BaseModel):
     style: Literal["vivid", "natural"] | None = None
     """``vivid`` / ``natural`` (dall-e-3 only)."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    """Further request fields, sent as they are."""
+    """Further request fields, sent as they are; none of :data:`ENGINE_FIELDS`."""
     timeout_s: CallTimeout = 180.0
     """Seconds one call may take in all, connecting and reading the whole answer included
     (``api_calls.openai_client``)."""
@@ -74,6 +103,14 @@ class OpenAIImagesOptions(BaseModel):
     """Attempts per image for transient failures (5xx, timeouts, 429)."""
     backoff_initial: Backoff = 2.0
     backoff_max: Backoff = 60.0
+
+    @field_validator("extra_body")
+    @classmethod
+    def _extra_body_leaves_the_engine_its_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problem = engine_fields_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _style_for_dall_e(self) -> OpenAIImagesOptions:
