@@ -7,6 +7,7 @@ import io
 import json
 import re
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +21,18 @@ from pydantic import ValidationError
 from tests.conftest import ConfigFactory
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
-from trig_stream.backends.generators.api_calls import ErrorAnswer, RefusalAnswer, unless_an_error
+from trig_stream.backends.generators.api_calls import (
+    ErrorAnswer,
+    RefusalAnswer,
+    call_with_retries,
+    unless_an_error,
+)
 from trig_stream.backends.generators.openai_images import (
     OpenAIImagesGenerator,
     OpenAIImagesOptions,
     _decode,
 )
+from trig_stream.backends.judges.transports import DEADLINE
 from trig_stream.errors import (
     BackendError,
     ConfigError,
@@ -40,7 +47,7 @@ from trig_stream.errors import (
 from trig_stream.journal import JOURNAL
 from trig_stream.manifest import MANIFEST
 from trig_stream.records import Sample
-from trig_stream.retry import RETRY_AFTER_MAX_S
+from trig_stream.retry import RETRY_AFTER_MAX_S, RetryPolicy
 from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer
 
 SECRET = "sk-test-0123456789-secret"
@@ -455,6 +462,53 @@ def test_an_api_never_reached_stops_the_run_and_one_reached_before_does_not(
     assert isinstance(one(generator), Image.Image)
     server.fail_next(Fault(reset=True), Fault(reset=True))
     assert type(one(generator)) is UnreachableError  # that request's failure alone (retryable)
+
+
+def test_an_api_too_slow_before_any_answer_stops_the_run_saying_it_was_reached(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # A server up but slower than timeout_s was told "... without reaching it (its last
+    # failure: the API timed out); is it running, at the address in the config?".
+    server.fail_next(Fault(delay_s=1.0), Fault(delay_s=1.0))
+    with pytest.raises(FatalBackendError) as caught:
+        one(make(server, timeout_s=0.2, max_attempts=2))
+    assert str(caught.value) == (
+        "the images API of generator 'dalle3' has answered no request yet, and one gave up "
+        "after 2 attempts, the last reaching it but too slow (its last failure: the API timed "
+        "out: no whole answer within 0.2 s (timeout_s)); it is up, but slower than timeout_s: "
+        "raise options.timeout_s if its answers take that long"
+    )
+
+
+def test_a_timeout_while_connecting_is_an_api_not_reached() -> None:
+    # Only a call that timed out after connecting is said to have reached the API.
+    import openai
+
+    # The SDK's HTTP library: httpx, or a fork of it under another name.
+    httpx = sys.modules[openai.DefaultHttpxClient.__bases__[0].__module__.partition(".")[0]]
+    request = httpx.Request("POST", "http://10.255.255.1/v1", extensions={DEADLINE: (0.0, 3.0)})
+
+    def connect_times_out() -> None:
+        try:
+            raise httpx.ConnectTimeout("timed out", request=request)
+        except httpx.ConnectTimeout as exc:
+            raise openai.APITimeoutError(request=request) from exc
+
+    with pytest.raises(FatalBackendError) as caught:
+        call_with_retries(
+            connect_times_out,
+            policy=RetryPolicy(1, 0.1, 0.1),
+            cancel=threading.Event(),
+            secret="",
+            answered=threading.Event(),
+            api="the images API",
+            unanswered_is_fatal=True,
+        )
+    assert str(caught.value) == (
+        "the images API has answered no request yet, and one gave up after 1 attempt without "
+        "reaching it (its last failure: the API timed out: no connection within 3 s "
+        "(timeout_s)); is it running, at the address in the config?"
+    )
 
 
 def test_an_answer_without_an_image_is_the_apis_failure_not_the_items(
