@@ -758,6 +758,11 @@ def test_an_answer_stored_sideways_is_turned_as_its_exif_says() -> None:
         ({"quality": "ultra"}, "quality"),
         ({"style": "pastel"}, "style"),
         ({"model": "gpt-image-1", "style": "vivid"}, "style is a dall-e-3 option"),
+        ({"model": "gpt-image-1", "quality": "hd"}, "quality 'hd' is a dall-e option"),
+        ({"model": "gpt-image-1", "quality": "standard"}, "quality 'standard' is a dall-e"),
+        ({"model": "dall-e-3", "quality": "low"}, "quality 'low' is a gpt-image option"),
+        ({"model": "dall-e-2", "quality": "high"}, "dall-e-2 refuses it"),
+        ({"model": "dall-e-3", "size": "auto"}, "size 'auto' is a gpt-image option"),
     ],
 )
 def test_options_no_api_takes_are_refused_before_any_call(
@@ -766,8 +771,10 @@ def test_options_no_api_takes_are_refused_before_any_call(
     # Each passed validate, and the run spent 4 calls before stopping.
     with pytest.raises(ValueError, match=problem):
         OpenAIImagesOptions.model_validate(options)
-    for size in ("1792x1024", "auto"):
-        assert OpenAIImagesOptions(size=size).size == size
+    assert OpenAIImagesOptions(size="1792x1024").size == "1792x1024"
+    for model in ("gpt-image-1", "my-diffusion-server"):
+        assert OpenAIImagesOptions(model=model, size="auto", quality="high").size == "auto"
+    assert OpenAIImagesOptions(model="dall-e-3", quality="hd").quality == "hd"
 
 
 @pytest.mark.parametrize(

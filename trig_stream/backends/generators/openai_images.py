@@ -77,6 +77,26 @@ def engine_fields_problem(extra_body: Mapping[str, Any]) -> str | None:
     )
 
 
+Family = Literal["dall-e", "gpt-image"]
+"""A family of OpenAI's images models, by the start of its name."""
+
+QUALITIES: Mapping[Family, tuple[str, ...]] = {
+    "dall-e": ("standard", "hd"),
+    "gpt-image": ("low", "medium", "high"),
+}
+"""The ``quality`` values each family takes, besides ``auto`` (which both do: it is the
+API's default)."""
+
+
+def _family(model: str) -> Family | None:
+    """The family of OpenAI's images models ``model`` belongs to; None for another server's."""
+    if model.startswith("dall-e"):
+        return "dall-e"
+    if model.startswith("gpt-image"):
+        return "gpt-image"
+    return None
+
+
 class OpenAIImagesOptions(BaseModel):
     """``options`` of the ``openai_images`` generator."""
 
@@ -88,10 +108,10 @@ class OpenAIImagesOptions(BaseModel):
     api_key_env: EnvVarName = "OPENAI_API_KEY"
     """The NAME of the environment variable holding the key (never the key itself)."""
     size: Annotated[str, Field(pattern=r"^([1-9][0-9]*x[1-9][0-9]*|auto)$")] = "1024x1024"
-    """``WIDTHxHEIGHT`` or ``auto``."""
+    """``WIDTHxHEIGHT`` or ``auto`` (not with a dall-e model)."""
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
-    """``standard`` / ``hd`` (dall-e-3), ``low`` / ``medium`` / ``high`` / ``auto``
-    (gpt-image-1); another value goes in ``extra_body``."""
+    """``standard`` / ``hd`` (dall-e models), ``low`` / ``medium`` / ``high`` (gpt-image
+    models), ``auto`` (either; see :data:`QUALITIES`); another value goes in ``extra_body``."""
     style: Literal["vivid", "natural"] | None = None
     """``vivid`` / ``natural`` (dall-e-3 only)."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
@@ -118,6 +138,26 @@ class OpenAIImagesOptions(BaseModel):
             raise ValueError(
                 f"style is a dall-e-3 option: {self.model} refuses it; remove style (or pass "
                 "it in extra_body for a server that takes it)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quality_and_size_for_the_model(self) -> OpenAIImagesOptions:
+        family = _family(self.model)
+        if family is None:
+            return self  # another server's model: its own options
+        if self.quality is not None and self.quality not in QUALITIES[family] + ("auto",):
+            other = "gpt-image" if family == "dall-e" else "dall-e"
+            raise ValueError(
+                f"quality {self.quality!r} is a {other} option: {self.model} refuses it; use "
+                f"{', '.join(QUALITIES[family][:-1])} or {QUALITIES[family][-1]} (or pass it in "
+                "extra_body for a server that takes it)"
+            )
+        if self.size == "auto" and family == "dall-e":
+            raise ValueError(
+                f"size 'auto' is a gpt-image option: {self.model} refuses it; give "
+                "WIDTHxHEIGHT, e.g. 1024x1024 (or pass it in extra_body for a server that "
+                "takes it)"
             )
         return self
 
