@@ -737,6 +737,18 @@ def test_a_16_bit_grey_answer_is_scaled_not_turned_white() -> None:
     assert picture.mode == "RGB" and picture.getpixel((0, 0)) == (156, 156, 156)
 
 
+def test_base64_wrapped_in_lines_is_decoded_and_other_characters_are_not() -> None:
+    # MIME base64, a line break every 76 characters, was refused as undecodable.
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), "red").save(buffer, format="PNG")
+    wrapped = base64.encodebytes(buffer.getvalue()).decode()
+    assert wrapped.count("\n") > 1
+    for text in (wrapped, wrapped.replace("\n", "\r\n"), f" \t{wrapped}"):
+        assert _decode(text).getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(BackendError, match="undecodable"):
+        _decode(wrapped.replace("\n", "!"))
+
+
 def test_an_answer_stored_sideways_is_turned_as_its_exif_says() -> None:
     picture = Image.new("RGB", (40, 20), "blue")
     picture.paste(Image.new("RGB", (20, 20), "red"))
@@ -812,13 +824,15 @@ def test_extra_body_may_ask_for_base64_and_other_fields() -> None:
     ("answer", "hint"),
     [
         ("<html><body>Welcome</body></html>", "no JSON images object (a web page"),
+        (SimpleNamespace(data=None), "JSON whose data is missing or null, not a list of images"),
+        (SimpleNamespace(data={"b64_json": "x"}), "JSON whose data is an object, not a list"),
         (SimpleNamespace(data=[]), "an empty data list: no image"),
         (
             SimpleNamespace(data=[SimpleNamespace(url="https://x/1.png", b64_json=None)]),
             "answered with URLs, not b64_json image data; ask for base64",
         ),
     ],
-    ids=["html", "empty", "urls"],
+    ids=["html", "null", "object", "empty", "urls"],
 )
 def test_an_answer_without_an_image_says_what_it_held(
     server: GenerationAPIServer, key: str, answer: object, hint: str

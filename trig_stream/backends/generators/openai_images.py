@@ -297,11 +297,11 @@ class OpenAIImagesGenerator(Generator):
         )
         data = getattr(response, "data", None)
         encoded = getattr(data[0], "b64_json", None) if isinstance(data, list) and data else None
-        if not encoded:
+        if not encoded or not isinstance(encoded, str):
             # Not this prompt's fault: the server answers in another form (URLs, often), and
             # so every request would fail alike. Not an ItemError, so that a generator that
             # never gets an image stops the run (generation.FAILED_CALLS_TO_STOP).
-            raise BackendError(_no_image(data))
+            raise BackendError(_no_image(response))
         return _decode(encoded)
 
     def close(self) -> None:
@@ -310,13 +310,29 @@ class OpenAIImagesGenerator(Generator):
             self._client = None
 
 
-def _no_image(data: object) -> str:
+_JSON_KINDS = {
+    dict: "an object",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+"""What a JSON value of each Python type is called, for messages."""
+
+
+def _no_image(response: object) -> str:
     """What is wrong with an answer whose ``data`` holds no ``b64_json`` image."""
-    if not isinstance(data, list):
+    if not hasattr(response, "data"):  # the SDK's text of a body that is no JSON object
         return (
             "the images API answered with no JSON images object (a web page, or another "
             "API's answer?); check base_url: the API's root, often ending in /v1"
         )
+    data = getattr(response, "data", None)
+    if not isinstance(data, list):
+        kind = _JSON_KINDS.get(type(data), f"a {type(data).__name__}")
+        if data is None:
+            kind = "missing or null"  # the SDK reads either as None
+        return f"the images API answered with JSON whose data is {kind}, not a list of images"
     if not data:
         return "the images API answered with an empty data list: no image"
     if getattr(data[0], "url", None):
@@ -327,12 +343,18 @@ def _no_image(data: object) -> str:
     return "the images API answered without b64_json image data"
 
 
+_ASCII_WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")
+"""Deletes the characters ``base64.b64decode`` would refuse that only lay base64 out."""
+
+
 def _decode(encoded: str) -> Image:
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
     try:
-        raw = base64.b64decode(encoded, validate=True)
+        # Line breaks and blanks first: some servers wrap base64 as MIME does, every 76
+        # characters. Any other character still makes it undecodable.
+        raw = base64.b64decode(encoded.translate(_ASCII_WHITESPACE), validate=True)
         with PILImage.open(io.BytesIO(raw)) as opened:
             opened.load()
             image = upright(opened)
