@@ -169,7 +169,9 @@ class OpenAIImagesGenerator(Generator):
         name: the model's name in the run.
         options: the validated options.
         workers: concurrent calls (one per worker thread).
-        batch_size: requests per :meth:`generate` call (made one after another).
+        batch_size: requests per :meth:`generate` call, made one after another, their
+            images handed on when all are done: 1 loses no answered image to a kill, and
+            ``workers`` is what puts more calls in flight.
         sleep: waits between retries (tests inject one that records and returns at once),
             on the event :meth:`stop_waiting` sets.
     """
