@@ -758,6 +758,19 @@ def test_an_llm_never_reached_stops_the_run(server: GenerationAPIServer) -> None
     assert generator.inner.prompts == []
 
 
+def test_an_llm_too_slow_before_any_answer_stops_the_run_saying_it_was_reached(
+    server: GenerationAPIServer,
+) -> None:
+    # It was asked "is it running, at the address in the config?", though it was reached.
+    server.fail_next(Fault(delay_s=1.0))
+    generator = rewriter(server, timeout_s=0.2, max_attempts=1)
+    with pytest.raises(FatalBackendError) as caught:
+        generator.generate([request("U_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+    message = str(caught.value)
+    assert "the last reaching it but too slow" in message and "is it running" not in message
+    assert "raise options.timeout_s" in message
+
+
 @pytest.mark.parametrize(
     "answer",
     [lambda user: "", lambda user: user, lambda user: "Original:\nA bike"],

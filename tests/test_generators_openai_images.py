@@ -7,6 +7,7 @@ import io
 import json
 import re
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,16 +16,23 @@ from types import SimpleNamespace
 import anyio
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from tests.conftest import ConfigFactory
 from trig_stream import Engine
 from trig_stream.backends.base import GenerationRequest
-from trig_stream.backends.generators.api_calls import ErrorAnswer, RefusalAnswer, unless_an_error
+from trig_stream.backends.generators.api_calls import (
+    ErrorAnswer,
+    RefusalAnswer,
+    call_with_retries,
+    unless_an_error,
+)
 from trig_stream.backends.generators.openai_images import (
     OpenAIImagesGenerator,
     OpenAIImagesOptions,
     _decode,
 )
+from trig_stream.backends.judges.transports import DEADLINE
 from trig_stream.errors import (
     BackendError,
     ConfigError,
@@ -39,7 +47,7 @@ from trig_stream.errors import (
 from trig_stream.journal import JOURNAL
 from trig_stream.manifest import MANIFEST
 from trig_stream.records import Sample
-from trig_stream.retry import RETRY_AFTER_MAX_S
+from trig_stream.retry import RETRY_AFTER_MAX_S, RetryPolicy
 from trig_stream.testing.generation_api_server import Fault, GenerationAPIServer
 
 SECRET = "sk-test-0123456789-secret"
@@ -456,6 +464,53 @@ def test_an_api_never_reached_stops_the_run_and_one_reached_before_does_not(
     assert type(one(generator)) is UnreachableError  # that request's failure alone (retryable)
 
 
+def test_an_api_too_slow_before_any_answer_stops_the_run_saying_it_was_reached(
+    server: GenerationAPIServer, key: str
+) -> None:
+    # A server up but slower than timeout_s was told "... without reaching it (its last
+    # failure: the API timed out); is it running, at the address in the config?".
+    server.fail_next(Fault(delay_s=1.0), Fault(delay_s=1.0))
+    with pytest.raises(FatalBackendError) as caught:
+        one(make(server, timeout_s=0.2, max_attempts=2))
+    assert str(caught.value) == (
+        "the images API of generator 'dalle3' has answered no request yet, and one gave up "
+        "after 2 attempts, the last reaching it but too slow (its last failure: the API timed "
+        "out: no whole answer within 0.2 s (timeout_s)); it is up, but slower than timeout_s: "
+        "raise options.timeout_s if its answers take that long"
+    )
+
+
+def test_a_timeout_while_connecting_is_an_api_not_reached() -> None:
+    # Only a call that timed out after connecting is said to have reached the API.
+    import openai
+
+    # The SDK's HTTP library: httpx, or a fork of it under another name.
+    httpx = sys.modules[openai.DefaultHttpxClient.__bases__[0].__module__.partition(".")[0]]
+    request = httpx.Request("POST", "http://10.255.255.1/v1", extensions={DEADLINE: (0.0, 3.0)})
+
+    def connect_times_out() -> None:
+        try:
+            raise httpx.ConnectTimeout("timed out", request=request)
+        except httpx.ConnectTimeout as exc:
+            raise openai.APITimeoutError(request=request) from exc
+
+    with pytest.raises(FatalBackendError) as caught:
+        call_with_retries(
+            connect_times_out,
+            policy=RetryPolicy(1, 0.1, 0.1),
+            cancel=threading.Event(),
+            secret="",
+            answered=threading.Event(),
+            api="the images API",
+            unanswered_is_fatal=True,
+        )
+    assert str(caught.value) == (
+        "the images API has answered no request yet, and one gave up after 1 attempt without "
+        "reaching it (its last failure: the API timed out: no connection within 3 s "
+        "(timeout_s)); is it running, at the address in the config?"
+    )
+
+
 def test_an_answer_without_an_image_is_the_apis_failure_not_the_items(
     server: GenerationAPIServer, key: str
 ) -> None:
@@ -682,6 +737,18 @@ def test_a_16_bit_grey_answer_is_scaled_not_turned_white() -> None:
     assert picture.mode == "RGB" and picture.getpixel((0, 0)) == (156, 156, 156)
 
 
+def test_base64_wrapped_in_lines_is_decoded_and_other_characters_are_not() -> None:
+    # MIME base64, a line break every 76 characters, was refused as undecodable.
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), "red").save(buffer, format="PNG")
+    wrapped = base64.encodebytes(buffer.getvalue()).decode()
+    assert wrapped.count("\n") > 1
+    for text in (wrapped, wrapped.replace("\n", "\r\n"), f" \t{wrapped}"):
+        assert _decode(text).getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(BackendError, match="undecodable"):
+        _decode(wrapped.replace("\n", "!"))
+
+
 def test_an_answer_stored_sideways_is_turned_as_its_exif_says() -> None:
     picture = Image.new("RGB", (40, 20), "blue")
     picture.paste(Image.new("RGB", (20, 20), "red"))
@@ -703,6 +770,11 @@ def test_an_answer_stored_sideways_is_turned_as_its_exif_says() -> None:
         ({"quality": "ultra"}, "quality"),
         ({"style": "pastel"}, "style"),
         ({"model": "gpt-image-1", "style": "vivid"}, "style is a dall-e-3 option"),
+        ({"model": "gpt-image-1", "quality": "hd"}, "quality 'hd' is a dall-e option"),
+        ({"model": "gpt-image-1", "quality": "standard"}, "quality 'standard' is a dall-e"),
+        ({"model": "dall-e-3", "quality": "low"}, "quality 'low' is a gpt-image option"),
+        ({"model": "dall-e-2", "quality": "high"}, "dall-e-2 refuses it"),
+        ({"model": "dall-e-3", "size": "auto"}, "size 'auto' is a gpt-image option"),
     ],
 )
 def test_options_no_api_takes_are_refused_before_any_call(
@@ -711,21 +783,56 @@ def test_options_no_api_takes_are_refused_before_any_call(
     # Each passed validate, and the run spent 4 calls before stopping.
     with pytest.raises(ValueError, match=problem):
         OpenAIImagesOptions.model_validate(options)
-    for size in ("1792x1024", "auto"):
-        assert OpenAIImagesOptions(size=size).size == size
+    assert OpenAIImagesOptions(size="1792x1024").size == "1792x1024"
+    for model in ("gpt-image-1", "my-diffusion-server"):
+        assert OpenAIImagesOptions(model=model, size="auto", quality="high").size == "auto"
+    assert OpenAIImagesOptions(model="dall-e-3", quality="hd").quality == "hd"
+
+
+@pytest.mark.parametrize(
+    ("extra_body", "taken", "why"),
+    [
+        ({"prompt": "a red cube"}, ["prompt"], "each request its own sample's prompt"),
+        ({"n": 2}, ["n"], "one image per request"),
+        ({"model": "dall-e-2"}, ["model"], "the engine sends options.model"),
+        ({"response_format": "url"}, ["response_format"], "b64_json image data"),
+        ({"n": 1, "prompt": "a red cube"}, ["n", "prompt"], "one image per request"),
+    ],
+)
+def test_extra_body_fields_the_engine_sets_itself_are_refused(
+    extra_body: dict[str, object], taken: list[str], why: str
+) -> None:
+    # The SDK lets extra_body replace the request's own fields, and each passed validate: a
+    # prompt there drew every image from that one prompt, each judged as its own sample's;
+    # n = 2 paid for two images and kept one; a model there was not the manifest's.
+    with pytest.raises(ValidationError) as caught:
+        OpenAIImagesOptions.model_validate({"extra_body": {"seed": 7, **extra_body}})
+    [error] = caught.value.errors()
+    assert error["loc"] == ("extra_body",)
+    message = str(error["msg"])
+    assert f"extra_body sets {', '.join(taken)}, which the engine sets itself" in message
+    assert why in message and "from options.extra_body" in message
+
+
+def test_extra_body_may_ask_for_base64_and_other_fields() -> None:
+    # What an answer with URLs is told to send (see _no_image).
+    body = {"response_format": "b64_json", "seed": 7, "quality": "ultra"}
+    assert OpenAIImagesOptions(extra_body=body).extra_body == body
 
 
 @pytest.mark.parametrize(
     ("answer", "hint"),
     [
         ("<html><body>Welcome</body></html>", "no JSON images object (a web page"),
+        (SimpleNamespace(data=None), "JSON whose data is missing or null, not a list of images"),
+        (SimpleNamespace(data={"b64_json": "x"}), "JSON whose data is an object, not a list"),
         (SimpleNamespace(data=[]), "an empty data list: no image"),
         (
             SimpleNamespace(data=[SimpleNamespace(url="https://x/1.png", b64_json=None)]),
             "answered with URLs, not b64_json image data; ask for base64",
         ),
     ],
-    ids=["html", "empty", "urls"],
+    ids=["html", "null", "object", "empty", "urls"],
 )
 def test_an_answer_without_an_image_says_what_it_held(
     server: GenerationAPIServer, key: str, answer: object, hint: str

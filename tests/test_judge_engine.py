@@ -151,6 +151,28 @@ async def test_a_server_that_is_not_there_stops_the_run(tmp_path: Path) -> None:
     )
 
 
+async def test_a_server_too_slow_to_answer_stops_the_run_saying_it_may_be_only_slow(
+    tmp_path: Path,
+) -> None:
+    # A server that is up but slower than timeout_s was only asked "is its server running,
+    # at the address in the config?", as one not there is.
+    async with JudgeServer(JudgeServerOptions(hang_rate=1.0)) as server:
+        config = run_config(
+            tmp_path, server.base_url, max_attempts=1, judge_options={"timeout_s": 0.3}
+        )
+        with pytest.raises(FatalBackendError) as caught:
+            async with Engine(config) as engine:
+                async for _ in engine.results:
+                    pass
+    assert str(caught.value) == (
+        "judge 'trigscore' has answered no request yet, and a request gave up after 1 "
+        f"attempt with no answer in time (its last failure: judge at {server.base_url}: no "
+        "answer within 0.3 s); a server that is up but slower than the judge's timeout_s "
+        "ends so too: raise options.timeout_s if it is only slow; else, is its server "
+        "running, at the address in the config?"
+    )
+
+
 async def test_one_endpoint_not_there_leaves_the_run_to_the_others(tmp_path: Path) -> None:
     # With max_attempts = 1 the first request to the closed endpoint stopped the run ("has
     # answered no request yet ... is its server running") though the other endpoint, never

@@ -310,8 +310,7 @@ class JudgeStage:
                             # another address). One of several down leaves the others.
                             raise FatalBackendError(
                                 f"judge {judge.name!r} has answered no request yet, and a "
-                                f"request {gave_up} without reaching it (its last failure: "
-                                f"{exc}); {judge.unreached_hint}"
+                                f"request {gave_up} {_unreached(exc, judge.unreached_hint)}"
                             ) from None
                         break
                     delay = self._retry.delay(attempts, exc.retry_after)
@@ -509,6 +508,23 @@ class _Requesters:
             for request in self._unstarted.values():
                 self._abandon(*request)
             self._unstarted.clear()
+
+
+def _unreached(failure: RetryableError, hint: str) -> str:
+    """How a request to a judge that has answered nothing yet ended, after ``gave up after
+    N attempts``, with what to check (``hint``, the judge's ``unreached_hint``).
+
+    A timeout is no sign that the server is not there: one that is up but slower than the
+    judge's ``timeout_s`` ends every request so too (the transports cannot tell whether a
+    timeout came while connecting).
+    """
+    if isinstance(failure, AnswerTimeoutError):
+        return (
+            f"with no answer in time (its last failure: {failure}); a server that is up but "
+            "slower than the judge's timeout_s ends so too: raise options.timeout_s if it "
+            f"is only slow; else, {hint}"
+        )
+    return f"without reaching it (its last failure: {failure}); {hint}"
 
 
 def _unscorable_reason(answered: TopLogprobs, stored: TopLogprobs, scorer: Scorer) -> str:

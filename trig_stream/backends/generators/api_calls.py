@@ -176,7 +176,7 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
         # Every call would most likely be answered alike: the API's failure, not the item's.
         return BackendError(f"the API sent {too_large}")
     if isinstance(exc, openai.APITimeoutError):
-        return AnswerTimeoutError("the API timed out")
+        return AnswerTimeoutError(_timed_out(exc))
     if isinstance(exc, openai.APIConnectionError):
         return UnreachableError(redact(f"cannot reach the API: {exc}", secret))
     if isinstance(exc, openai.APIStatusError):
@@ -258,7 +258,9 @@ def call_with_retries(
     or model, and stops the run with a message that names ``api``. With
     ``unanswered_is_fatal``, so does a call that spends its retries then without reaching
     the API at all (no connection, timeouts): it is down, or at another address, and every
-    call would end the same way.
+    call would end the same way; one whose last attempt reached the API but got no whole
+    answer within the call's timeout stops it with its own message (a server up but slower
+    than ``timeout_s``).
 
     Raises:
         NotAsked: a stop ended a wait for a retry (or came before it): the run records
@@ -325,6 +327,14 @@ def _retry_delay(
             answered.set()
         raise error from None
     if not policy.should_retry(attempts):
+        if unanswered and unanswered_is_fatal and _reached_but_too_slow(exc):
+            # As likely to fail every call, but no sign of a server that is down.
+            raise FatalBackendError(
+                f"{api} has answered no request yet, and one {policy.gave_up(attempts)}, "
+                f"the last reaching it but too slow (its last failure: {error}); it is up, "
+                "but slower than timeout_s: raise options.timeout_s if its answers take that "
+                "long"
+            ) from None
         if unanswered and unanswered_is_fatal and not _http_answer(exc):
             raise FatalBackendError(
                 f"{api} has answered no request yet, and one {policy.gave_up(attempts)} "
@@ -376,6 +386,28 @@ def _http_answer(exc: Exception) -> bool:
     import openai
 
     return isinstance(exc, openai.APIStatusError | ErrorAnswer | RefusalAnswer)
+
+
+def _timed_out(exc: Any) -> str:
+    """What the SDK's timeout ``exc`` was: the connection or the answer, not made within the
+    call's ``timeout_s`` (which its request's :data:`DEADLINE` holds)."""
+    deadline = getattr(exc, "request", None)
+    deadline = deadline.extensions.get(DEADLINE) if deadline is not None else None
+    within = f"within {deadline[1]:g} s (timeout_s)" if deadline is not None else "within timeout_s"
+    if _reached_but_too_slow(exc):
+        return f"the API timed out: no whole answer {within}"
+    return f"the API timed out: no connection {within}"
+
+
+def _reached_but_too_slow(exc: Exception) -> bool:
+    """Whether ``exc`` is a timeout of a call that reached the API: one that timed out after
+    connecting, not while connecting (or waiting for a connection). Read by the class names
+    of its causes: the SDK's HTTP client may be a fork of ``httpx`` under another name."""
+    import openai
+
+    return isinstance(exc, openai.APITimeoutError) and not any(
+        type(e).__name__ in ("ConnectTimeout", "PoolTimeout") for e in exception_chain(exc)
+    )
 
 
 def _message(exc: Any) -> str:

@@ -16,10 +16,10 @@ import base64
 import binascii
 import io
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trig_stream.backends.base import GenerationRequest, Generator
 from trig_stream.backends.generators.api_calls import (
@@ -48,6 +48,55 @@ if TYPE_CHECKING:
     from trig_stream.config import GeneratorConfig, RunConfig
 
 
+ENGINE_FIELDS: Mapping[str, str] = {
+    "prompt": "the engine sends each request its own sample's prompt (one here would draw "
+    "every image from it, each judged as its own sample's)",
+    "n": "the engine asks for one image per request (more are paid for, and dropped)",
+    "model": "the engine sends options.model, which the run's manifest and fingerprint record",
+    "response_format": 'the engine reads b64_json image data (only "b64_json" may be asked for)',
+}
+"""Request fields the engine sets itself, each with why: ``extra_body``, which the SDK lets
+replace a request's own fields, may not set them. ``response_format = "b64_json"`` stays
+allowed: it is what a server that answers with URLs is told to ask for."""
+
+
+def engine_fields_problem(extra_body: Mapping[str, Any]) -> str | None:
+    """Why ``extra_body`` cannot be sent: the request fields among it that the engine sets
+    itself, each with its reason; None if none."""
+    taken = [
+        key
+        for key in extra_body
+        if key in ENGINE_FIELDS and not (key == "response_format" and extra_body[key] == "b64_json")
+    ]
+    if not taken:
+        return None
+    why = "; ".join(f"{key}: {ENGINE_FIELDS[key]}" for key in taken)
+    return (
+        f"extra_body sets {', '.join(taken)}, which the engine sets itself ({why}); remove "
+        f"{'it' if len(taken) == 1 else 'them'} from options.extra_body"
+    )
+
+
+Family = Literal["dall-e", "gpt-image"]
+"""A family of OpenAI's images models, by the start of its name."""
+
+QUALITIES: Mapping[Family, tuple[str, ...]] = {
+    "dall-e": ("standard", "hd"),
+    "gpt-image": ("low", "medium", "high"),
+}
+"""The ``quality`` values each family takes, besides ``auto`` (which both do: it is the
+API's default)."""
+
+
+def _family(model: str) -> Family | None:
+    """The family of OpenAI's images models ``model`` belongs to; None for another server's."""
+    if model.startswith("dall-e"):
+        return "dall-e"
+    if model.startswith("gpt-image"):
+        return "gpt-image"
+    return None
+
+
 class OpenAIImagesOptions(BaseModel):
     """``options`` of the ``openai_images`` generator."""
 
@@ -59,14 +108,14 @@ class OpenAIImagesOptions(BaseModel):
     api_key_env: EnvVarName = "OPENAI_API_KEY"
     """The NAME of the environment variable holding the key (never the key itself)."""
     size: Annotated[str, Field(pattern=r"^([1-9][0-9]*x[1-9][0-9]*|auto)$")] = "1024x1024"
-    """``WIDTHxHEIGHT`` or ``auto``."""
+    """``WIDTHxHEIGHT`` or ``auto`` (not with a dall-e model)."""
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
-    """``standard`` / ``hd`` (dall-e-3), ``low`` / ``medium`` / ``high`` / ``auto``
-    (gpt-image-1); another value goes in ``extra_body``."""
+    """``standard`` / ``hd`` (dall-e models), ``low`` / ``medium`` / ``high`` (gpt-image
+    models), ``auto`` (either; see :data:`QUALITIES`); another value goes in ``extra_body``."""
     style: Literal["vivid", "natural"] | None = None
     """``vivid`` / ``natural`` (dall-e-3 only)."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    """Further request fields, sent as they are."""
+    """Further request fields, sent as they are; none of :data:`ENGINE_FIELDS`."""
     timeout_s: CallTimeout = 180.0
     """Seconds one call may take in all, connecting and reading the whole answer included
     (``api_calls.openai_client``)."""
@@ -75,12 +124,40 @@ class OpenAIImagesOptions(BaseModel):
     backoff_initial: Backoff = 2.0
     backoff_max: Backoff = 60.0
 
+    @field_validator("extra_body")
+    @classmethod
+    def _extra_body_leaves_the_engine_its_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problem = engine_fields_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _style_for_dall_e(self) -> OpenAIImagesOptions:
         if self.style is not None and self.model.startswith("gpt-image"):
             raise ValueError(
                 f"style is a dall-e-3 option: {self.model} refuses it; remove style (or pass "
                 "it in extra_body for a server that takes it)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quality_and_size_for_the_model(self) -> OpenAIImagesOptions:
+        family = _family(self.model)
+        if family is None:
+            return self  # another server's model: its own options
+        if self.quality is not None and self.quality not in QUALITIES[family] + ("auto",):
+            other = "gpt-image" if family == "dall-e" else "dall-e"
+            raise ValueError(
+                f"quality {self.quality!r} is a {other} option: {self.model} refuses it; use "
+                f"{', '.join(QUALITIES[family][:-1])} or {QUALITIES[family][-1]} (or pass it in "
+                "extra_body for a server that takes it)"
+            )
+        if self.size == "auto" and family == "dall-e":
+            raise ValueError(
+                f"size 'auto' is a gpt-image option: {self.model} refuses it; give "
+                "WIDTHxHEIGHT, e.g. 1024x1024 (or pass it in extra_body for a server that "
+                "takes it)"
             )
         return self
 
@@ -92,7 +169,9 @@ class OpenAIImagesGenerator(Generator):
         name: the model's name in the run.
         options: the validated options.
         workers: concurrent calls (one per worker thread).
-        batch_size: requests per :meth:`generate` call (made one after another).
+        batch_size: requests per :meth:`generate` call, made one after another, their
+            images handed on when all are done: 1 loses no answered image to a kill, and
+            ``workers`` is what puts more calls in flight.
         sleep: waits between retries (tests inject one that records and returns at once),
             on the event :meth:`stop_waiting` sets.
     """
@@ -220,11 +299,11 @@ class OpenAIImagesGenerator(Generator):
         )
         data = getattr(response, "data", None)
         encoded = getattr(data[0], "b64_json", None) if isinstance(data, list) and data else None
-        if not encoded:
+        if not encoded or not isinstance(encoded, str):
             # Not this prompt's fault: the server answers in another form (URLs, often), and
             # so every request would fail alike. Not an ItemError, so that a generator that
             # never gets an image stops the run (generation.FAILED_CALLS_TO_STOP).
-            raise BackendError(_no_image(data))
+            raise BackendError(_no_image(response))
         return _decode(encoded)
 
     def close(self) -> None:
@@ -233,13 +312,29 @@ class OpenAIImagesGenerator(Generator):
             self._client = None
 
 
-def _no_image(data: object) -> str:
+_JSON_KINDS = {
+    dict: "an object",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+"""What a JSON value of each Python type is called, for messages."""
+
+
+def _no_image(response: object) -> str:
     """What is wrong with an answer whose ``data`` holds no ``b64_json`` image."""
-    if not isinstance(data, list):
+    if not hasattr(response, "data"):  # the SDK's text of a body that is no JSON object
         return (
             "the images API answered with no JSON images object (a web page, or another "
             "API's answer?); check base_url: the API's root, often ending in /v1"
         )
+    data = getattr(response, "data", None)
+    if not isinstance(data, list):
+        kind = _JSON_KINDS.get(type(data), f"a {type(data).__name__}")
+        if data is None:
+            kind = "missing or null"  # the SDK reads either as None
+        return f"the images API answered with JSON whose data is {kind}, not a list of images"
     if not data:
         return "the images API answered with an empty data list: no image"
     if getattr(data[0], "url", None):
@@ -250,12 +345,18 @@ def _no_image(data: object) -> str:
     return "the images API answered without b64_json image data"
 
 
+_ASCII_WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")
+"""Deletes the characters ``base64.b64decode`` would refuse that only lay base64 out."""
+
+
 def _decode(encoded: str) -> Image:
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
     try:
-        raw = base64.b64decode(encoded, validate=True)
+        # Line breaks and blanks first: some servers wrap base64 as MIME does, every 76
+        # characters. Any other character still makes it undecodable.
+        raw = base64.b64decode(encoded.translate(_ASCII_WHITESPACE), validate=True)
         with PILImage.open(io.BytesIO(raw)) as opened:
             opened.load()
             image = upright(opened)
