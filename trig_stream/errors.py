@@ -132,8 +132,9 @@ class RateLimitError(RetryableError):
 class UnreachableError(RetryableError):
     """No answer from the server at all: a refused, reset or dropped connection, or none
     within the timeout. Any other failure is an answer: the server is there. A judge (or an
-    API) that has answered nothing yet and spends a request's retries on this is down or at
-    another address, so the run stops."""
+    API) that has answered nothing yet and spends a request's retries on this is down, at
+    another address, or (timing out) slower than its timeout allows, so the run stops and
+    its message says which it can tell."""
 
 
 class AnswerTimeoutError(UnreachableError):
