@@ -439,6 +439,23 @@ def test_the_reports_comparison_says_what_compare_says(make_config: ConfigFactor
     assert written == out.read_text()
 
 
+def test_the_reports_comparison_has_the_configs_models_not_judged_yet(tmp_path: Path) -> None:
+    # A run stopped before model-b was judged: `compare RUN_DIR` gave it an empty column and a
+    # note, while the report left it out, and with model-a alone removed comparison.md as
+    # "one model".
+    run = write_run_dir(
+        tmp_path / "run", {}, models=("model-a",), generators=("model-a", "model-b")
+    )
+    assert run_command("report", str(run), "--no-plots")[0] == 0
+    compared = tmp_path / "compared.md"
+    assert run_command("compare", str(run), "--out", str(compared))[0] == 0
+    assert (run / "report" / "comparison.md").is_file()
+    written = (run / "report" / "comparison.md").read_text()
+    assert "| dimension | model-a | model-b |" in written
+    assert "Note: model-b has no judgement of metric `trigscore` yet" in written
+    assert written == compared.read_text()
+
+
 def test_a_report_without_a_single_ok_score_writes_no_comparison(tmp_path: Path) -> None:
     # `compare RUN_DIR` refused ("nothing to compare: no ok score"), while the report wrote
     # a comparison.md of empty columns.
@@ -452,7 +469,7 @@ def test_a_report_without_a_single_ok_score_writes_no_comparison(tmp_path: Path)
     code, text = run_command("report", str(failed), "--out", str(out), "--no-plots")
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"model-a", "model-b"}
-    assert f"{out / 'comparison.md'} removed: this report has no ok score to compare" in text
+    assert f"{out / 'comparison.md'} removed: nothing to compare: no ok score in {failed}" in text
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
@@ -563,7 +580,8 @@ def test_a_report_removes_the_model_folders_and_comparison_an_earlier_one_wrote(
         f"model-b: no judgement of metric 'trigscore' in {one}; the report files an earlier "
         f"report wrote in {out / 'model-b'} are removed\n"
     ) in text
-    assert f"{out / 'comparison.md'} removed: this report has one model" in text
+    removed = f"{out / 'comparison.md'} removed: nothing to compare: 1 model(s) in 1 run dir(s)"
+    assert removed in text
     assert (out / "drafts" / "report.md").read_text() == "mine: no report folder"
     # A file of the user's in the folder stays, and so does the folder.
     assert run_command("report", str(two), "--out", str(out), "--no-plots")[0] == 0
@@ -590,7 +608,8 @@ def test_the_removal_lines_show_a_newline_in_the_folder_s_name_as_text(tmp_path:
         f"model-b: no judgement of metric 'trigscore' in {one}; the report files an earlier "
         f"report wrote in {shown}/model-b are removed"
     ) in lines
-    assert f"{shown}/comparison.md removed: this report has one model" in lines
+    removed = f"{shown}/comparison.md removed: nothing to compare: 1 model(s) in 1 run dir(s)"
+    assert removed in lines
 
 
 def test_a_report_removes_the_temporary_files_a_killed_report_left(tmp_path: Path) -> None:

@@ -41,7 +41,12 @@ from trig_stream.analysis.report import (
     writing,
 )
 from trig_stream.analysis.run_analysis import analyse_run, in_progress_note, pick_metric
-from trig_stream.analysis.run_comparison import compare_runs, comparison_of
+from trig_stream.analysis.run_comparison import (
+    compare_runs,
+    comparison_of,
+    nothing_to_compare,
+    with_models_not_judged,
+)
 from trig_stream.analysis.stats import CorrelationMethod
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, normalise_task
@@ -225,19 +230,21 @@ def write_report(
         _print_written(console, analysis, written)
     _remove_stale_outputs(folder, analyses, run_dir, console)
     comparison = folder / COMPARISON_FILE
+    # The columns of `compare RUN_DIR`, and its refusals: the config's models not judged yet
+    # make a column each, as the models a report writes folders for do not.
+    metric_analysed = next(iter(analyses.values())).metric
+    compared = with_models_not_judged(run, analyses, thresholds, metric_analysed)
+    columns = [(model, run, analysis) for model, analysis in compared.items()]
+    refusal = nothing_to_compare(columns, [run_dir])
     with writing(folder):
         remove_leftover_temporaries(folder, [COMPARISON_FILE])  # of a report killed
-        # As `compare RUN_DIR`, which refuses one model, or models without an ok score.
-        scored = any(analysis.dimension_means for analysis in analyses.values())
-        if len(analyses) > 1 and scored:
-            columns = [(model, run, analysis) for model, analysis in analyses.items()]
+        if refusal is None:
             text = comparison_markdown(comparison_of(columns, notes))
             write_atomic(comparison, text.encode("utf-8"))  # never half a file
         elif comparison.is_file():
             # An earlier report's, of other models or another metric.
             comparison.unlink()
-            why = "one model" if len(analyses) == 1 else "no ok score to compare"
-            _say(console, f"{comparison} removed: this report has {why}")
+            _say(console, f"{comparison} removed: {refusal}")
     if skipped:
         console.print(PLOTS_NOTE, highlight=False, markup=False)
     return folder

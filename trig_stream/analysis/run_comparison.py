@@ -59,29 +59,35 @@ def compare_runs(
             # Model names hold no "/": with distinct run labels, labels are distinct too.
             label = model if len(run_dirs) == 1 else f"{run_label}/{model}"
             columns.append((label, run, analysis))
+    refusal = nothing_to_compare(columns, run_dirs)
+    if refusal is not None:
+        raise AnalysisError(refusal)
+    return comparison_of(columns, notes)
+
+
+def nothing_to_compare(
+    columns: Sequence[tuple[str, RunData, ModelAnalysis]], run_dirs: Sequence[Path]
+) -> str | None:
+    """Why ``compare`` refuses the columns of ``run_dirs`` (fewer than two, or not one ok
+    score), and a report then writes no ``comparison.md``; None when they compare."""
     if len(columns) < 2:
-        raise AnalysisError(
-            f"nothing to compare: {len(columns)} model(s) in {len(run_dirs)} run dir(s)"
-        )
+        return f"nothing to compare: {len(columns)} model(s) in {len(run_dirs)} run dir(s)"
     if not any(analysis.dimension_means for _, _, analysis in columns):
         metrics = ", ".join(f"`{m}`" for m in dict.fromkeys(a.metric for _, _, a in columns))
-        raise AnalysisError(
+        return (
             f"nothing to compare: no ok score in {', '.join(map(str, run_dirs))} (metric "
             f"{metrics}: every judgement of it, if any, is unscorable or an error); `trig-stream "
             "status` counts them, and --metric picks another judge"
         )
-    return comparison_of(columns, notes)
+    return None
 
 
 def _run_columns(
     run: RunData, thresholds: RelationSection, metric: str | None
 ) -> dict[str, ModelAnalysis]:
-    """:func:`analyse_run`, with an empty analysis for each model of the run (its config's
-    generators first) without a judgement of the metric analysed yet: one still loading, or
-    judged by another judge so far. Its column is empty, as that of a model whose every
-    judgement failed, rather than left out without a word. So is every model's, under a
-    ``metric`` of a judge of the config without a judgement yet. A run without a judgement
-    yet gets them under ``metric``, else its first judge.
+    """:func:`analyse_run` under ``metric``, as :func:`with_models_not_judged` gives its
+    columns. A run without a judgement yet gets them under ``metric``, else its first judge;
+    so does every model, under a ``metric`` of a judge of the config without a judgement yet.
 
     Raises:
         AnalysisError: ``metric`` is no judge of the run, of its config or its journal.
@@ -98,8 +104,22 @@ def _run_columns(
         chosen = run.metrics[0] if run.metrics else "trigscore"
     judged = any(j.metric == chosen for j in run.judgements)
     analyses = analyse_run(run, thresholds, chosen) if judged else {}
+    return with_models_not_judged(run, analyses, thresholds, chosen)
+
+
+def with_models_not_judged(
+    run: RunData,
+    analyses: dict[str, ModelAnalysis],
+    thresholds: RelationSection,
+    metric: str,
+) -> dict[str, ModelAnalysis]:
+    """The columns of a run, as ``compare`` and a report's ``comparison.md`` both show them:
+    ``analyses`` (:func:`analyse_run`'s under ``metric``), with an empty analysis for each
+    model of the run (its config's generators first) without a judgement of ``metric`` yet:
+    one still loading, or judged by another judge so far. Its column is empty, as that of a
+    model whose every judgement failed, rather than left out without a word."""
     return {
-        model: analyses.get(model) or analyse_model(model, chosen, [], thresholds)
+        model: analyses.get(model) or analyse_model(model, metric, [], thresholds)
         for model in run.models
     }
 
