@@ -2033,6 +2033,35 @@ def test_report_on_a_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
         run_command("report", str(tmp_path / "typo"))
 
 
+@pytest.mark.parametrize("command", ["report", "compare", "status", "watch"])
+def test_a_file_given_as_a_run_directory_is_called_a_file(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "cannot read .../judgements.parquet/manifest.json: Not a directory; it must be the file
+    # a run wrote, readable by this user".
+    run = write_run_dir(tmp_path / "run", {})
+    assert run_command("report", str(run), "--no-plots")[0] == 0
+    folder = run / "report" / "model-a"
+    loose = shutil.copy(folder / JUDGEMENTS_FILE, tmp_path / "loose.parquet")
+    others = [str(run)] if command == "compare" else []
+    expected = {
+        folder / JUDGEMENTS_FILE: "is a file, not a run directory: name the run directory it "
+        f"lies in, {run}",
+        folder / "evaluation_result.json": "is a file, not a run directory: name the run "
+        f"directory it lies in, {run}; a TRIG result file (an evaluation result or formatted "
+        "JSON) is analysed with `trig-stream analyze FILE --out DIR`",
+        Path(loose): "is a file, not a run directory: name the folder a run wrote (the one "
+        "holding its manifest.json)",
+        Path("/dev/null"): "is a character device, not a run directory: name the folder a run "
+        "wrote (the one holding its manifest.json)",
+        run / MANIFEST / "x": "does not exist: a file stands where a folder of its path goes; "
+        "there is no run directory there",
+    }
+    for path, said in expected.items():
+        assert main([command, *others, str(path)]) == EXIT_RUN_DIR
+        assert " ".join(capsys.readouterr().err.split()) == f"error: {path} {said}"
+
+
 def test_compare_gives_a_judge_of_the_config_without_judgements_yet_empty_columns(
     tmp_path: Path,
 ) -> None:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePath
@@ -33,7 +34,7 @@ from pydantic import (
 )
 
 from trig_stream.errors import FatalBackendError, FingerprintMismatch, RunDirError
-from trig_stream.files import MAX_SETTINGS_BYTES, open_regular_file
+from trig_stream.files import MAX_SETTINGS_BYTES, file_kind, open_regular_file
 from trig_stream.hashing import seeds_for
 from trig_stream.journal import JournalState, holds_our_journal
 from trig_stream.moves import Move
@@ -645,6 +646,8 @@ def read_manifest(run_dir: Path) -> Manifest:
                 f"{run_dir} does not exist: there is no run directory there"
             ) from None
         raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
+    except NotADirectoryError:
+        raise RunDirError(_no_folder(run_dir)) from None
     except ValidationError as exc:
         if not manifest_is_ours(run_dir, text):
             raise RunDirError(_not_a_manifest_read_only(path)) from None
@@ -663,6 +666,35 @@ def read_manifest(run_dir: Path) -> Manifest:
     except ValueError as exc:
         raise RunDirError(f"cannot read {path}: {exc}") from None
     return manifest
+
+
+def _no_folder(run_dir: Path) -> str:
+    """The message for a run directory given that is no folder (a file, a pipe), or lies below
+    a file: its manifest's reading said "Not a directory" of a path no one gave."""
+    try:
+        mode = os.stat(run_dir).st_mode
+    except OSError:  # below a file: `status run/manifest.json/x`
+        return (
+            f"{run_dir} does not exist: a file stands where a folder of its path goes; there is "
+            "no run directory there"
+        )
+    what = "file" if stat.S_ISREG(mode) else file_kind(mode)
+    home = next((folder for folder in run_dir.parents if (folder / MANIFEST).is_file()), None)
+    if home is not None:  # one of its files: a report's, or its manifest
+        text = (
+            f"{run_dir} is a {what}, not a run directory: name the run directory it lies in, {home}"
+        )
+    else:
+        text = (
+            f"{run_dir} is a {what}, not a run directory: name the folder a run wrote (the one "
+            f"holding its {MANIFEST})"
+        )
+    if stat.S_ISREG(mode) and run_dir.suffix.lower() == ".json" and run_dir.name != MANIFEST:
+        text += (
+            "; a TRIG result file (an evaluation result or formatted JSON) is analysed with "
+            "`trig-stream analyze FILE --out DIR`"
+        )
+    return text
 
 
 def _refuse_later_format(run_dir: Path, text: bytes) -> None:
