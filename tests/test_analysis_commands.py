@@ -247,6 +247,33 @@ def test_analyze_refuses_bad_input(tmp_path: Path) -> None:
         )
 
 
+def test_analyze_without_prompts_names_the_data_id_it_cannot_take_a_pair_from(
+    tmp_path: Path,
+) -> None:
+    # "'IQ-R_TA-C_1' is not a dimension pair of the form A_B": neither the data_id, nor the
+    # form a data_id gives its pair in, nor that --prompts gives the pairs.
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"data_id": "IQ-R_TA-C_1_0", "dimensions": ["IQ-R", "TA-C"]}]))
+    out = tmp_path / "o"
+    hint = "; --prompts with its dataset gives each data_id's pair"
+    for data_id, why in [
+        ("IQ-R_TA-C_1_0", "'IQ-R_TA-C_1' is not a dimension pair of the form A_B"),
+        ("IQ-R_XX_1", "unknown dimension 'XX' in pair 'IQ-R_XX'"),
+        ("photo", "it does not end in _<number>"),
+    ]:
+        document = tmp_path / "eval.json"
+        document.write_text(json.dumps({data_id: {"IQ-R": [{"m": 0.5}], "TA-C": [{"m": 0.4}]}}))
+        with pytest.raises(AnalysisError) as raised:
+            run_command("analyze", str(document), "--out", str(out), "--no-plots")
+        said = f"{document}: data_id {data_id!r} is not of the form <D1>_<D2>_<n>: {why}{hint}"
+        assert str(raised.value) == said
+    document.write_text(json.dumps({"IQ-R_TA-C_1_0": {"IQ-R": [{"m": 0.5}]}}))
+    code, _ = run_command(
+        "analyze", str(document), "--out", str(out), "--no-plots", "--prompts", str(prompts)
+    )
+    assert code == 0
+
+
 def test_analyze_says_a_formatted_file_without_a_scored_image_is_one(tmp_path: Path) -> None:
     # A report's formatted.json for a model with no complete image ({pair: {}, ...}) was
     # "neither a TRIG evaluation result nor a formatted file".

@@ -101,11 +101,16 @@ def pair_from_data_id(data_id: str) -> tuple[Dimension, Dimension]:
     """Derive a sample's pair from its ``data_id`` (``<D1>_<D2>_<n>``).
 
     Raises:
-        ValueError: the id does not end in ``_<n>`` or does not start with a valid pair.
+        ValueError: the id does not end in ``_<n>`` or does not start with a valid pair; the
+            message names the id and the form.
     """
+    form = f"data_id {data_id!r} is not of the form <D1>_<D2>_<n>"
     if not _PAIR_SUFFIX.search(data_id):
-        raise ValueError(f"data_id {data_id!r} does not end in _<number>")
-    return split_pair(_PAIR_SUFFIX.sub("", data_id))
+        raise ValueError(f"{form}: it does not end in _<number>")
+    try:
+        return split_pair(_PAIR_SUFFIX.sub("", data_id))
+    except ValueError as exc:
+        raise ValueError(f"{form}: {exc}") from None
 
 
 def unordered_pair(first: Dimension, second: Dimension) -> tuple[Dimension, Dimension]:

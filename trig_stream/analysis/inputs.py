@@ -468,7 +468,7 @@ def _from_evaluation(
                     f"the first: {given.skipped[0]})"
                 )
             raise ValueError(why)
-        pair = pair_name(*(pairs[data_id] if pairs is not None else pair_from_data_id(data_id)))
+        pair = pair_name(*(pairs[data_id] if pairs is not None else _pair_of(data_id)))
         if not isinstance(dims, dict):
             raise ValueError(f"{data_id}: expected {{dimension: [{{metric: score}}, ...]}}")
         for dim, cells in dims.items():
@@ -489,3 +489,15 @@ def _from_evaluation(
                         continue
                     out.append(_judgement(model, data_id, task, pair, dim, metric, score, judge))
     return out, metrics
+
+
+def _pair_of(data_id: str) -> tuple[Dimension, Dimension]:
+    """The pair a data_id gives (``<D1>_<D2>_<n>``), read without ``--prompts``.
+
+    Raises:
+        ValueError: it gives none; the message says that ``--prompts`` gives the pairs.
+    """
+    try:
+        return pair_from_data_id(data_id)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; --prompts with its dataset gives each data_id's pair") from None
