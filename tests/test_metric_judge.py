@@ -917,6 +917,57 @@ async def test_a_hard_stop_does_not_wait_for_a_metric_batch(
             await anyio.lowlevel.checkpoint()
 
 
+class HoldsItsFirstBatch(HangsUntilReleased):
+    """A metric of every dimension whose first batch hangs until released; it keeps the size
+    of each batch it was given."""
+
+    name: ClassVar[str] = "holds"
+    dimensions: ClassVar[frozenset[Dimension]] = frozenset(
+        {"IQ-R", "TA-C", "IQ-A", "TA-S", "R-T", "D-K"}
+    )
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.batches: list[int] = []
+
+    def compute_batch(self, items: Sequence[MetricInput]) -> list[Value]:
+        self.batches.append(len(items))
+        if len(self.batches) == 1:
+            return [self.compute(item) for item in items]
+        return [0.5 for _ in items]
+
+
+async def test_a_graceful_stop_starts_no_metric_batch_and_leaves_the_queued_ones_to_the_resume(
+    make_config: ConfigFactory,
+) -> None:
+    # Every request queued in the batcher took the device after the stop, one batch after
+    # another: a graceful stop waited for the whole queue, not the batch in flight.
+    config = make_config(samples=4)  # 8 requests, all in flight at once
+    judge = metric_judge(HoldsItsFirstBatch, batch_size=1)
+    metric = cast("HoldsItsFirstBatch", judge.metric)
+    try:
+        with anyio.fail_after(10):
+            async with Engine(config, judges=[judge]) as engine:
+                assert await anyio.to_thread.run_sync(metric.computing.wait, 10)
+                batcher = judge._batcher
+                assert batcher is not None
+                while batcher.waiting < 7:  # the others queued behind the running batch
+                    await anyio.lowlevel.checkpoint()
+                engine.stop()
+                metric.release.set()
+                judged = [j async for j in engine.results]
+    finally:
+        metric.release.set()
+    assert metric.batches == [1]  # no batch started after the stop
+    assert [(j.status, j.score) for j in judged] == [("ok", 0.5)]  # the running one
+    assert engine.stats().state == "stopped"
+    with anyio.fail_after(10):
+        async with Engine(config, judges=[judge]) as engine:  # opened afresh
+            resumed = [j async for j in engine.results]
+    assert sum(metric.batches[1:]) == len(resumed) == 7
+    assert {(j.status, j.score) for j in resumed} == {("ok", 0.5)}
+
+
 class CountsItsBatches(HangsUntilReleased):
     """A hung metric that counts the batches running on it at once."""
 

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +33,7 @@ from trig_stream.backends.judges.transformers_judge import (
 from trig_stream.backends.threads import threads_left_behind
 from trig_stream.engine import Engine
 from trig_stream.errors import FatalBackendError, ItemError, MissingExtraError
+from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.manifest import Manifest
 from trig_stream.records import Sample
 from trig_stream.scoring import score_top_logprobs
@@ -745,3 +747,51 @@ async def test_a_hard_stop_unloads_the_model_after_the_batch_it_left_running(
         while threads_left_behind():  # counted until the unload has ended
             await anyio.lowlevel.checkpoint()
     assert model_in_batch == [True] and judge._model is None
+
+
+async def test_a_graceful_stop_starts_no_batch_and_leaves_the_queued_requests_to_the_resume(
+    tiny_vlm: Path, make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every request queued in the batcher took the device after the stop, one batch after
+    # another: 7 more batches here, minutes of them with a 7B model.
+    config = make_config(
+        samples=4,  # 8 requests, all in flight at once
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 64}}],
+    )
+    options = TransformersJudgeOptions(**tiny_vlm_options(tiny_vlm, batch_size=1))
+    judge = TransformersJudge("trigscore", options, concurrency=8)
+    computing, release = threading.Event(), threading.Event()
+    batches: list[int] = []
+    run_batch = judge._run_batch
+
+    def holds_the_first(queries: Sequence[Any]) -> list[JudgeReply | Exception]:
+        batches.append(len(queries))
+        if len(batches) == 1:
+            computing.set()
+            release.wait(timeout=20)
+        return run_batch(queries)
+
+    monkeypatch.setattr(judge, "_run_batch", holds_the_first)  # what open() hands the batcher
+    try:
+        with anyio.fail_after(30):
+            async with Engine(config, judges=[judge]) as engine:
+                assert await anyio.to_thread.run_sync(computing.wait, 20)
+                batcher = judge.batcher
+                assert batcher is not None
+                while batcher.waiting < 7:  # the others queued behind the running batch
+                    await anyio.lowlevel.checkpoint()
+                engine.stop()
+                release.set()
+                judged = [j async for j in engine.results]
+    finally:
+        release.set()
+    assert batches == [1]  # no batch started after the stop
+    assert len(judged) == 1 and judged[0].status in ("ok", "unscorable")  # the running one
+    assert engine.stats().state == "stopped"
+    assert engine.stats().models["synth"].to_judge == 1
+    with anyio.fail_after(30):
+        async with Engine(config, judges=[judge]) as engine:  # opened afresh
+            resumed = [j async for j in engine.results]
+    assert sum(batches[1:]) == len(resumed) == 7
+    keys = Counter((r.data_id, r.dimension) for r in read_journal(config.run_dir / JOURNAL))
+    assert len(keys) == 8 and set(keys.values()) == {1}

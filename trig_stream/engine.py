@@ -235,7 +235,10 @@ class Engine:
         does a late opening of the judges (a resumed run that found no work left as it
         opened, and then some): the run ends ``stopped`` before any work, its results kept. A
         generator still loading is no work in flight either: its thread is left to finish
-        the load and release it, as :meth:`cancel` leaves it.
+        the load and release it, as :meth:`cancel` leaves it. Nor is a judge request still
+        waiting for its turn (:meth:`~trig_stream.backends.base.Judge.stop_waiting`): an
+        in-process judge finishes the batch it runs and starts no other, the requests queued
+        for the next ones left to the resume.
         Like :meth:`cancel`, :meth:`pause` and :meth:`resume`, it may be called from any
         thread.
         """
@@ -248,6 +251,7 @@ class Engine:
         self._resources.cancel_opening()
         self._counting.cancel()  # no progress to estimate: a stop never waits for the count
         self._stop_generators_waiting()
+        self._stop_judges_waiting()
 
     def cancel(self) -> None:
         """Stop hard: cancel everything in flight now. Written judgements stay; resume later.
@@ -289,6 +293,14 @@ class Engine:
         # Only while this engine holds its generators: once released, another may use them.
         for generator in self._generators if self._resources.claimed else ():
             self._tell(f"generator {generator.name!r}: stop_waiting()", generator.stop_waiting)
+
+    def _stop_judges_waiting(self) -> None:
+        """Tell each judge that the run stops gracefully
+        (:meth:`~trig_stream.backends.base.Judge.stop_waiting`): requests queued for an
+        in-process model's batches are left to the resume, not run one batch after another."""
+        # Only while this engine holds its judges: once released, another may use them.
+        for judge in self._judges if self._resources.claimed else ():
+            self._tell(f"judge {judge.name!r}: stop_waiting()", judge.stop_waiting)
 
     def _tell(self, what: str, call: Callable[[], None]) -> None:
         """``call()``, a backend's stop hook: what it raises (a KeyboardInterrupt aside)

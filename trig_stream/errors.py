@@ -180,10 +180,12 @@ class NotFoundError(ItemError):
 
 
 class NotAsked(ItemError):
-    """A generator did not ask for this item because the run is stopping (a graceful stop
-    ended the wait for a retry, see :meth:`~trig_stream.backends.base.Generator.stop_waiting`):
-    the run records nothing for it, and a resume asks for it. Outside a stop it is the item's
-    failure, as any :class:`ItemError`."""
+    """A generator or judge did not ask for this item because the run is stopping (a graceful
+    stop ended the wait for a retry, see
+    :meth:`~trig_stream.backends.base.Generator.stop_waiting`, or a judge request's wait for
+    its turn, see :meth:`~trig_stream.backends.base.Judge.stop_waiting`): the run records
+    nothing for it, and a resume asks for it. Outside a stop it is the item's failure, as any
+    :class:`ItemError`."""
 
 
 class FatalBackendError(BackendError):

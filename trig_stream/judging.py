@@ -40,6 +40,7 @@ from trig_stream.errors import (
     AnswerTimeoutError,
     FatalBackendError,
     ItemError,
+    NotAsked,
     RateLimitError,
     RetryableError,
     UnreachableError,
@@ -315,6 +316,11 @@ class JudgeStage:
                         break
                     delay = self._retry.delay(attempts, exc.retry_after)
                 except ItemError as exc:
+                    if isinstance(exc, NotAsked) and self._context.stopping.is_set():
+                        # A stop came while it waited for its turn (queued for a batch of an
+                        # in-process model): never asked, so asked on resume, as above.
+                        self._leave_unasked(item)
+                        return
                     self._answered.add(judge.name)
                     failure = str(exc) or type(exc).__name__
                     break

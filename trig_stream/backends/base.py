@@ -547,6 +547,19 @@ class Judge(ABC):
         """
         return None
 
+    def stop_waiting(self) -> None:  # noqa: B027 - optional hook
+        """The run stops gracefully (:meth:`Engine.stop <trig_stream.engine.Engine.stop>`):
+        a :meth:`judge` call still waiting for its turn, such as a request queued for an
+        in-process model's next batch, should not be asked any more but raise
+        :class:`~trig_stream.errors.NotAsked`: the run records nothing for it, and a resume
+        asks for it. Work in flight (the batch running, a request on the wire) finishes and
+        is recorded.
+
+        Called in the event loop's thread while the judge is in use by the run, so it must
+        not block; a later :meth:`open` starts afresh. By default nothing happens: a call
+        finishes, however long it waited for its turn.
+        """
+
     def stop_now(self) -> None:  # noqa: B027 - optional hook
         """The run stops hard (:meth:`Engine.cancel <trig_stream.engine.Engine.cancel>`):
         :meth:`aclose`, or an :meth:`open` under way, should wait for nothing it can cut

@@ -18,15 +18,18 @@ Callers are served in arrival order: the device's capacity limiter queues its wa
 in, first out, and batches are taken from the queue in the same order, so by the time a
 caller gets the device its item has either been run by an earlier caller or heads the queue.
 
-A graceful stop lets a running batch finish. A hard stop (a cancellation of the caller running
-it) does not wait for it: the thread finishes the batch on its own, its results dropped, and
-:func:`~trig_stream.backends.threads.threads_left_behind` counts it until then (for the
-judge instance too, which another engine refuses meanwhile); a later batch of the same batcher
-waits for it in its own thread, so the device still runs one batch at a time. Closing the
-batcher with :meth:`MicroBatcher.aclose` hands it the model's release, which runs once no batch
-runs any more: at once, or in the thread of the batch left running, after it ends (counted by
-``threads_left_behind`` until then). Released while that batch still ran, the model was freed
-under it, or, guarded by a lock, the release waited for the hung batch and so did the stop.
+A graceful stop (:meth:`MicroBatcher.stop_waiting`) lets a running batch finish and starts
+no other: whoever gets the device after it settles every request still queued as
+:class:`~trig_stream.errors.NotAsked`, which the run leaves to the resume. A hard stop (a
+cancellation of the caller running it) does not wait for it: the thread finishes the batch on
+its own, its results dropped, and :func:`~trig_stream.backends.threads.threads_left_behind`
+counts it until then (for the judge instance too, which another engine refuses meanwhile); a
+later batch of the same batcher waits for it in its own thread, so the device still runs one
+batch at a time. Closing the batcher with :meth:`MicroBatcher.aclose` hands it the model's
+release, which runs once no batch runs any more: at once, or in the thread of the batch left
+running, after it ends (counted by ``threads_left_behind`` until then). Released while that
+batch still ran, the model was freed under it, or, guarded by a lock, the release waited for
+the hung batch and so did the stop.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Generic, TypeVar, cast
 import anyio
 
 from trig_stream.backends.threads import call_left_behind_on_cancel
-from trig_stream.errors import RetryableError
+from trig_stream.errors import NotAsked, RetryableError
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -106,10 +109,16 @@ class MicroBatcher(Generic[In, Out]):
         self._release: Callable[[], None] | None = None  # left to the last batch's thread
         self._backend = backend
         self._instance = instance
+        self._stopping = False  # set by stop_waiting(): no batch starts any more
         self.batches = 0
         """Batches run so far."""
         self.largest_batch = 0
         """The size of the largest batch run so far."""
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a batch that no batch has taken yet."""
+        return self._receive.statistics().current_buffer_used
 
     async def submit(self, item: In) -> Out:
         """Run ``item`` in the next batch the device takes, and return its result.
@@ -129,7 +138,16 @@ class MicroBatcher(Generic[In, Out]):
             raise outcome
         return cast("Out", outcome)
 
+    def stop_waiting(self) -> None:
+        """A graceful stop: the batch running finishes, and no batch starts after it; each
+        request still queued for one raises :class:`~trig_stream.errors.NotAsked` from its
+        :meth:`submit` instead. Called in the event loop's thread; it does not block."""
+        self._stopping = True
+
     async def _run_waiting(self) -> None:
+        if self._stopping:
+            self._settle_not_asked()
+            return
         batch: list[_Pending[In, Out]] = []
         while len(batch) < self.batch_size:
             try:
@@ -167,6 +185,16 @@ class MicroBatcher(Generic[In, Out]):
             pending.settle(outcome)
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+
+    def _settle_not_asked(self) -> None:
+        """Settle every request queued as not asked: a graceful stop owes them to the resume,
+        and their callers, waiting for the device, find them done as they get it."""
+        while True:
+            try:
+                pending = self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                return
+            pending.settle(NotAsked(f"{self._backend}: the run stopped before it was asked"))
 
     def _run_one_at_a_time(self, items: Sequence[In]) -> Sequence[Out | Exception]:
         with self._state:

@@ -246,6 +246,13 @@ class MetricJudge(Judge):
             )
         self._open = True
 
+    def stop_waiting(self) -> None:
+        """A graceful stop: the batch running finishes, the requests queued raise
+        :class:`~trig_stream.errors.NotAsked` (asked on resume). An async metric's calls
+        wait in no queue: each in flight finishes."""
+        if self._batcher is not None:
+            self._batcher.stop_waiting()
+
     async def aclose(self) -> None:
         if not self._open:
             return

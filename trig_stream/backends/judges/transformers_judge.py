@@ -257,6 +257,12 @@ class TransformersJudge(Judge):
         self._context = opts.max_context or context_length(model.config, tokenizer)
         self._model = model.to(opts.device).eval()
 
+    def stop_waiting(self) -> None:
+        """A graceful stop: the batch running finishes, the requests queued raise
+        :class:`~trig_stream.errors.NotAsked` (asked on resume)."""
+        if self._batcher is not None:
+            self._batcher.stop_waiting()
+
     def _unload(self) -> None:
         self._model = self._processor = None
 
