@@ -289,3 +289,61 @@ def test_a_key_in_a_serve_command_or_env_is_refused_unquoted(
         assert "holds the API key" in err and "pass it through the environment" in err, err
         assert_nowhere(KEY, err)
     assert not (tmp_path / "runs").exists()
+
+
+PADDED = [
+    ("judges", "openai", f'model = "m", base_url = "http://h/v1", api_key_env = "{KEY_ENV}"'),
+    ("generators", "openai_images", f'api_key_env = "{KEY_ENV}"'),
+    (
+        "generators",
+        "dtm_rewrite",
+        f'model = "llm", api_key_env = "{KEY_ENV}", relations = {{ IQ-R_TA-C = 1 }}, '
+        'inner = { backend = "synthetic" }',
+    ),
+    (
+        "generators",
+        "dtm_rewrite",
+        'model = "llm", api_key_env = "", relations = { IQ-R_TA-C = 1 }, inner = { backend = '
+        f'"openai_images", options = {{ api_key_env = "{KEY_ENV}" }} }}',
+    ),
+]
+
+
+@pytest.mark.parametrize("padded", [f" {KEY} ", f"{KEY} "], ids=["around", "after"])
+@pytest.mark.parametrize(
+    ("kind", "backend", "options"), PADDED, ids=["openai", "openai_images", "dtm_rewrite", "inner"]
+)
+def test_a_key_with_spaces_around_it_is_refused_unquoted(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    padded: str,
+    kind: str,
+    backend: str,
+    options: str,
+) -> None:
+    # Servers strip the spaces and quote the bare key (a 500's body, a 302's Location), which
+    # masking the padded key missed: it went into the journal, the report and stderr (and,
+    # held by serve.env, into the manifest). A trailing space made the SDK's clients refuse
+    # the header: "cannot reach the API ... is it running?".
+    monkeypatch.setenv(KEY_ENV, padded)
+    entries = {
+        "generators": '[[generators]]\nname = "g"\nbackend = "synthetic"\n',
+        "judges": '[[judges]]\nbackend = "fake"\n',
+    }
+    entries[kind] = f'[[{kind}]]\nname = "x"\nbackend = "{backend}"\noptions = {{ {options} }}\n'
+    config = tmp_path / "padded.toml"
+    config.write_text(
+        '[run]\nname = "padded"\n\n[dataset]\npath = "prompts.json"\n\n'
+        + entries["generators"]
+        + "\n"
+        + entries["judges"]
+    )
+    write_prompts(tmp_path / "prompts.json", 1)
+    for command in (["validate"], ["run", "--headless"]):
+        assert main([*command, str(config)]) == EXIT_FATAL
+        out, err = capsys.readouterr()
+        assert f"the environment variable {KEY_ENV} (api_key_env)" in err, err
+        assert "spaces" in err
+        assert_nowhere(KEY, out, err)
+    assert not (tmp_path / "runs").exists()

@@ -5,7 +5,8 @@ Judges and generators share one rule, so a key is refused, and masked, the same 
 wherever it is used:
 
 - :func:`check_key` refuses a key an ``Authorization`` header cannot carry (a character
-  outside printable ASCII, a trailing newline pasted from a file) before anything is sent.
+  outside printable ASCII, a trailing newline pasted from a file), or one with spaces around
+  it, before anything is sent.
 - :func:`scrub` replaces the key with ``***`` where it stands as a token of its own, and in
   the escaped forms a server or a log writes it in (Python's ``repr``, JSON, a URL, HTML), since
   a body quoted as ``str(body)`` shows a key holding ``\\`` or quotes only escaped. A key of
@@ -98,14 +99,23 @@ def check_key(key: str, *, owner: str, variable: str) -> str:
         variable: the variable's name, for the message.
 
     Raises:
-        FatalBackendError: the key holds a character an HTTP header cannot carry. The
-            message never quotes the key, nor says which character or where.
+        FatalBackendError: the key holds a character an HTTP header cannot carry, or
+            spaces before or after it. The message never quotes the key, nor says which
+            character or where.
     """
     if not header_safe(key):
         raise FatalBackendError(
             f"{owner}: the environment variable {variable} (api_key_env) holds characters an "
             "HTTP header cannot carry (a trailing newline? a character outside printable "
             "ASCII?); export the key alone"
+        )
+    if key != key.strip():
+        # A header carries them, but servers strip them and quote the bare key, which
+        # masking the key as read would leave in plain text (the SDK's clients refuse a
+        # header ending in one, taken for a server not reached).
+        raise FatalBackendError(
+            f"{owner}: the environment variable {variable} (api_key_env) holds the key with "
+            "spaces before or after it; export the key alone"
         )
     return key
 
