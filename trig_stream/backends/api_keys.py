@@ -17,6 +17,11 @@ wherever it is used:
   are left readable.
 
 A key held as a :class:`Secret` prints as ``***``.
+
+A process a run starts (an ``openai`` judge's ``serve`` server) inherits the run's
+environment, every backend's key in it: :func:`note_key_variable` counts each variable a
+backend reads its key from as the backend is built, and :func:`keys_in_environment` gives
+the keys they hold, which such a process's output is scrubbed of.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import html
 import json
 import os
 import re
+import threading
 import urllib.parse
 from collections.abc import Iterable
 from functools import lru_cache
@@ -43,6 +49,32 @@ longer word, not the key."""
 
 _NOT_TOKEN_BEFORE = r"(?<![A-Za-z0-9_-])"
 _NOT_TOKEN_AFTER = r"(?![A-Za-z0-9_-])"
+
+
+_KEY_VARIABLES: set[str] = set()
+"""Every variable an API key is read from by a backend built in this process."""
+_KEY_VARIABLES_LOCK = threading.Lock()  # backends are built, and keys read, in any thread
+
+
+def note_key_variable(variable: str | None) -> None:
+    """Count ``variable`` (an ``api_key_env``) among those API keys are read from.
+
+    A backend calls it as it is built: a run builds them all before it checks or opens any,
+    so that a judge's server started (or checked) first knows the keys of the backends
+    beside it. :func:`key_from_env` counts the variables it reads too. None or ``""`` (no
+    key) counts nothing.
+    """
+    if variable:
+        with _KEY_VARIABLES_LOCK:
+            _KEY_VARIABLES.add(variable)
+
+
+def keys_in_environment() -> list[str]:
+    """The keys the variables :func:`note_key_variable` counted hold now (those set and not
+    empty), each once: what a process started with this environment may print."""
+    with _KEY_VARIABLES_LOCK:
+        variables = sorted(_KEY_VARIABLES)
+    return list(dict.fromkeys(key for name in variables if (key := os.environ.get(name))))
 
 
 def header_safe(key: str) -> bool:
@@ -81,6 +113,7 @@ def key_from_env(variable: str, *, owner: str) -> str | None:
     """
     if not variable:
         return None
+    note_key_variable(variable)
     key = os.environ.get(variable)
     if not key:
         raise FatalBackendError(
