@@ -115,6 +115,18 @@ def test_a_key_no_header_can_carry_is_refused_without_quoting_it(key: str) -> No
     assert "sk-" not in message and "position" not in message
 
 
+@pytest.mark.parametrize("key", [" sk-pasted-with-a-space", "sk-pasted-with-a-space ", "  k3y  "])
+def test_a_key_with_spaces_around_it_is_refused_without_quoting_it(key: str) -> None:
+    # A header carries the spaces, and servers strip them: the key they quoted back was the
+    # bare one, which masking the padded key left in plain text.
+    with pytest.raises(FatalBackendError) as caught:
+        check_key(key, owner="generator 'dalle3'", variable="TRIG_KEY")
+    message = str(caught.value)
+    assert message.startswith("generator 'dalle3': the environment variable TRIG_KEY ")
+    assert "spaces" in message and "export the key alone" in message
+    assert key.strip() not in message
+
+
 @pytest.mark.parametrize("key", KEYS)
 def test_a_key_a_header_can_carry_is_taken(key: str) -> None:
     assert check_key(key, owner="judge 'j'", variable="TRIG_KEY") == key

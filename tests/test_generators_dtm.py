@@ -966,6 +966,21 @@ def test_a_404_stops_the_run_until_a_rewrite_has_succeeded(server: GenerationAPI
     assert outcome.status == "fallback" and "HTTP 404" in str(outcome.error)
 
 
+def test_a_redirect_is_not_followed_and_stops_the_run(server: GenerationAPIServer) -> None:
+    # The SDK's client followed it, sending the prompt on to wherever it pointed; the judge
+    # never follows one.
+    generator = rewriter(server)
+    with GenerationAPIServer(api_key=KEY) as elsewhere:
+        where = f"{elsewhere.base_url}/chat/completions?key={KEY}"
+        server.fail_next(Fault(status=307, location=where))
+        with pytest.raises(FatalBackendError) as caught:
+            generator.generate([request("R_1", "IQ-R", "TA-C")], worker=0, cancel=threading.Event())
+        assert elsewhere.requests == []
+    assert "rewriting LLM of generator 'm' redirects (HTTP 307) to " in str(caught.value)
+    assert f"{elsewhere.base_url}/chat/completions?key=***: set base_url" in str(caught.value)
+    assert isinstance(generator.inner, RecordingGenerator) and generator.inner.prompts == []
+
+
 def test_empty_answer_falls_back(server: GenerationAPIServer) -> None:
     server.rewrite = lambda text: '  ""  '
     generator = rewriter(server)

@@ -204,6 +204,27 @@ def test_a_304_is_a_malformed_answer_retried(server: GenerationAPIServer, key: s
     )
 
 
+@pytest.mark.parametrize("status", [302, 307])
+def test_a_redirect_is_not_followed_and_stops_the_run_naming_where_it_points(
+    server: GenerationAPIServer, key: str, status: int
+) -> None:
+    # The SDK's client followed it, sending the prompt on (a 307 with the key, to the same
+    # host) to wherever it pointed; the judge never follows one.
+    with GenerationAPIServer(api_key=SECRET) as elsewhere:
+        where = f"{elsewhere.base_url}/images/generations?token={SECRET}"
+        server.fail_next(Fault(status=status, location=where))
+        sleeps = Sleeps()
+        generator = make(server, sleeps)
+        with pytest.raises(FatalBackendError) as caught:
+            generator.generate([request()], worker=0, cancel=threading.Event())
+        assert elsewhere.requests == []
+    assert str(caught.value) == (
+        f"the images API of generator 'dalle3' redirects (HTTP {status}) to "
+        f"{elsewhere.base_url}/images/generations?token=***: set base_url to where it points"
+    )
+    assert sleeps.waits == []  # not retried: every call would be redirected alike
+
+
 def test_an_error_sent_with_http_200_is_quoted_and_retried(
     server: GenerationAPIServer, key: str
 ) -> None:

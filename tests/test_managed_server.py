@@ -666,7 +666,7 @@ def test_a_key_passed_to_the_server_is_refused(
     key: str, command: list[str], env: dict[str, str], where: str
 ) -> None:
     server = ManagedServer(ServeOptions(command=command, env=env), name="j", secrets=[key])
-    with pytest.raises(FatalBackendError, match="holds the API key") as caught:
+    with pytest.raises(FatalBackendError, match="holds an API key") as caught:
         server.check_secrets_left_out()
     assert f"options.serve.{where}" in str(caught.value)
 
@@ -1186,6 +1186,65 @@ async def test_a_server_that_said_one_line_is_quoted_in_the_singular(
     monkeypatch.setenv("SERVE_TEST_KEY", KEY)
     message = await start_failure("print('CUDA out of memory'); raise SystemExit(3)")
     assert "; its last line of output:\n  | CUDA out of memory" in message, message
+
+
+EVERY_KEY = """\
+[run]
+name = "keys"
+output_dir = "{runs}"
+
+[dataset]
+path = "{prompts}"
+
+[[generators]]
+name = "dalle"
+backend = "openai_images"
+options = {{ base_url = "http://127.0.0.1:9/v1", api_key_env = "SERVE_TEST_GEN_KEY" }}
+
+[[judges]]
+name = "served"
+backend = "openai"
+[judges.options]
+model = "m"
+api_key_env = "SERVE_TEST_KEY"
+serve = {{ command = {command}, port = 0, poll_interval_s = 0.05 }}
+
+[[judges]]
+name = "other"
+backend = "openai"
+options = {{ model = "m", base_url = "http://127.0.0.1:9/v1", api_key_env = "SERVE_TEST_J2_KEY" }}
+"""
+
+
+def test_a_server_printing_its_environment_shows_no_key_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The server inherits every backend's key, and only its own judge's was masked in the
+    # output quoted: `env | grep KEY` printed the images API's key in full.
+    keys = {
+        "SERVE_TEST_KEY": KEY,
+        "SERVE_TEST_GEN_KEY": "sk-images-0d6b2e19c4a7f358",
+        "SERVE_TEST_J2_KEY": "sk-second-judge-7a1c05e9b3",
+    }
+    for name, key in keys.items():
+        monkeypatch.setenv(name, key)
+    script = f"import os; [print(n, os.environ[n]) for n in {sorted(keys)!r}]; raise SystemExit(3)"
+    write_prompts(tmp_path / "prompts.json", 1)
+    config = tmp_path / "keys.toml"
+    config.write_text(
+        EVERY_KEY.format(
+            runs=tmp_path / "runs",
+            prompts=tmp_path / "prompts.json",
+            command=json.dumps([sys.executable, "-c", script, "{port}"]),
+        )
+    )
+    assert main(["run", str(config), "--headless", "--no-report"]) == EXIT_FATAL
+    err = capsys.readouterr().err
+    assert "exited with status 3 before ready" in err, err
+    for name in keys:
+        assert f"| {name} ***" in err, err
+    for key in keys.values():
+        assert key not in err
 
 
 def test_a_command_not_found_is_named_without_its_unsubstituted_port() -> None:

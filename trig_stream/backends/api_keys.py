@@ -5,7 +5,8 @@ Judges and generators share one rule, so a key is refused, and masked, the same 
 wherever it is used:
 
 - :func:`check_key` refuses a key an ``Authorization`` header cannot carry (a character
-  outside printable ASCII, a trailing newline pasted from a file) before anything is sent.
+  outside printable ASCII, a trailing newline pasted from a file), or one with spaces around
+  it, before anything is sent.
 - :func:`scrub` replaces the key with ``***`` where it stands as a token of its own, and in
   the escaped forms a server or a log writes it in (Python's ``repr``, JSON, a URL, HTML), since
   a body quoted as ``str(body)`` shows a key holding ``\\`` or quotes only escaped. A key of
@@ -16,6 +17,11 @@ wherever it is used:
   are left readable.
 
 A key held as a :class:`Secret` prints as ``***``.
+
+A process a run starts (an ``openai`` judge's ``serve`` server) inherits the run's
+environment, every backend's key in it: :func:`note_key_variable` counts each variable a
+backend reads its key from as the backend is built, and :func:`keys_in_environment` gives
+the keys they hold, which such a process's output is scrubbed of.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import html
 import json
 import os
 import re
+import threading
 import urllib.parse
 from collections.abc import Iterable
 from functools import lru_cache
@@ -42,6 +49,32 @@ longer word, not the key."""
 
 _NOT_TOKEN_BEFORE = r"(?<![A-Za-z0-9_-])"
 _NOT_TOKEN_AFTER = r"(?![A-Za-z0-9_-])"
+
+
+_KEY_VARIABLES: set[str] = set()
+"""Every variable an API key is read from by a backend built in this process."""
+_KEY_VARIABLES_LOCK = threading.Lock()  # backends are built, and keys read, in any thread
+
+
+def note_key_variable(variable: str | None) -> None:
+    """Count ``variable`` (an ``api_key_env``) among those API keys are read from.
+
+    A backend calls it as it is built: a run builds them all before it checks or opens any,
+    so that a judge's server started (or checked) first knows the keys of the backends
+    beside it. :func:`key_from_env` counts the variables it reads too. None or ``""`` (no
+    key) counts nothing.
+    """
+    if variable:
+        with _KEY_VARIABLES_LOCK:
+            _KEY_VARIABLES.add(variable)
+
+
+def keys_in_environment() -> list[str]:
+    """The keys the variables :func:`note_key_variable` counted hold now (those set and not
+    empty), each once: what a process started with this environment may print."""
+    with _KEY_VARIABLES_LOCK:
+        variables = sorted(_KEY_VARIABLES)
+    return list(dict.fromkeys(key for name in variables if (key := os.environ.get(name))))
 
 
 def header_safe(key: str) -> bool:
@@ -80,6 +113,7 @@ def key_from_env(variable: str, *, owner: str) -> str | None:
     """
     if not variable:
         return None
+    note_key_variable(variable)
     key = os.environ.get(variable)
     if not key:
         raise FatalBackendError(
@@ -98,14 +132,23 @@ def check_key(key: str, *, owner: str, variable: str) -> str:
         variable: the variable's name, for the message.
 
     Raises:
-        FatalBackendError: the key holds a character an HTTP header cannot carry. The
-            message never quotes the key, nor says which character or where.
+        FatalBackendError: the key holds a character an HTTP header cannot carry, or
+            spaces before or after it. The message never quotes the key, nor says which
+            character or where.
     """
     if not header_safe(key):
         raise FatalBackendError(
             f"{owner}: the environment variable {variable} (api_key_env) holds characters an "
             "HTTP header cannot carry (a trailing newline? a character outside printable "
             "ASCII?); export the key alone"
+        )
+    if key != key.strip():
+        # A header carries them, but servers strip them and quote the bare key, which
+        # masking the key as read would leave in plain text (the SDK's clients refuse a
+        # header ending in one, taken for a server not reached).
+        raise FatalBackendError(
+            f"{owner}: the environment variable {variable} (api_key_env) holds the key with "
+            "spaces before or after it; export the key alone"
         )
     return key
 

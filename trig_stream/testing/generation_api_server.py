@@ -41,6 +41,7 @@ class Fault:
     Attributes:
         status: answer with this HTTP status and an OpenAI-style error body.
         retry_after: the Retry-After header (seconds) to send with ``status``.
+        location: the Location header to send with ``status`` (a redirect's).
         reset: drop the connection without answering.
         delay_s: wait this long before answering normally (to trip client timeouts).
         bad_image: answer 200 with image data that is not an image.
@@ -56,6 +57,7 @@ class Fault:
 
     status: int | None = None
     retry_after: float | None = None
+    location: str | None = None
     reset: bool = False
     delay_s: float = 0.0
     bad_image: bool = False
@@ -182,6 +184,8 @@ class GenerationAPIServer:
             headers = {}
             if fault.retry_after is not None:
                 headers["Retry-After"] = f"{fault.retry_after:g}"
+            if fault.location is not None:
+                headers["Location"] = fault.location
             raise _error(fault.status, fault.message, headers, code=fault.code)
         return body, fault
 

@@ -25,6 +25,7 @@ from trig_stream.backends.judges.http_errors import (
     AnswerTooLarge,
     exception_chain,
     parse_retry_after,
+    redirect_target,
     server_reason,
 )
 from trig_stream.backends.judges.transports import DEADLINE, cap_answers
@@ -111,9 +112,10 @@ def api_key_from_env(variable: str, *, owner: str) -> str:
 
 
 def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
-    """A synchronous OpenAI client that never retries by itself (we do, under a policy), and
-    that holds each call, connecting and reading the answer included, to ``timeout_s`` in
-    all, and reads no answer body over
+    """A synchronous OpenAI client that never retries by itself (we do, under a policy), never
+    follows a redirect (a POST sent on would carry the prompt, and the key, wherever it
+    points; :func:`classify` names where instead), and that holds each call, connecting and
+    reading the answer included, to ``timeout_s`` in all, and reads no answer body over
     :data:`~trig_stream.backends.judges.transports.MAX_BODY_BYTES`.
 
     The SDK's own timeout holds the connection and each read, not the whole answer: an
@@ -132,6 +134,7 @@ def openai_client(base_url: str | None, key: str, timeout_s: float) -> Any:
         timeout=timeout_s,
         http_client=openai.DefaultHttpxClient(
             timeout=timeout_s,
+            follow_redirects=False,  # the SDK's default follows them
             event_hooks={
                 "request": [partial(_start_deadline, timeout_s=timeout_s)],
                 "response": [cap_answers],
@@ -156,7 +159,8 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
 
     429 -> RateLimitError; 5xx, 408, 409 -> RetryableError (each with the server's
     Retry-After); 304 (which answers no POST) -> RetryableError, a malformed answer, as the
-    judge takes it; timeouts and connection failures -> UnreachableError (retryable);
+    judge takes it; another 3xx (a redirect, never followed) -> FatalBackendError naming where
+    it points, as the judge's; timeouts and connection failures -> UnreachableError (retryable);
     401 / 403 -> FatalBackendError;
     404 -> NotFoundError; a refusal of the request's content (a safety system's code or
     message, see :func:`refuses_content`) -> ItemError: the prompt's own failure. Any other
@@ -184,6 +188,11 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
         if status == 304:  # answers a conditional GET: no redirect, and no answer either
             return RetryableError(
                 f"{api} sent a malformed answer (HTTP 304 Not Modified, which answers no POST)"
+            )
+        if status < 400:  # every call would go to the wrong place
+            where = redirect_target(exc.response.headers, secret)
+            return FatalBackendError(
+                f"{api} redirects (HTTP {status}) to {where}: set base_url to where it points"
             )
         detail = redact(f"HTTP {status}: {_message(exc)}", secret)
         retry_after = parse_retry_after(exc.response.headers)

@@ -41,7 +41,7 @@ from pydantic import (
     model_validator,
 )
 
-from trig_stream.backends.api_keys import SHORT_KEY_CHARS
+from trig_stream.backends.api_keys import SHORT_KEY_CHARS, note_key_variable
 from trig_stream.backends.base import (
     EncodedPicture,
     GenerationRequest,
@@ -225,6 +225,7 @@ class DTMRewriteGenerator(Generator):
         _check_inner(name, inner)
         self.name = name
         self.options = options
+        note_key_variable(options.api_key_env)  # a judge's server started first inherits it
         self.inner = inner
         self.wrapped = inner  # all_requested only passes the call on
         self.workers = inner.workers

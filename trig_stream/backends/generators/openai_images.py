@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from trig_stream.backends.api_keys import note_key_variable
 from trig_stream.backends.base import GenerationRequest, Generator
 from trig_stream.backends.generators.api_calls import (
     Sleep,
@@ -190,6 +191,7 @@ class OpenAIImagesGenerator(Generator):
     ) -> None:
         self.name = name
         self.options = options
+        note_key_variable(options.api_key_env)  # a judge's server started first inherits it
         self.workers = workers
         self.batch_size = batch_size
         self.policy = RetryPolicy(

@@ -230,13 +230,19 @@ def redirect_error(
     """A redirect (HTTP 3xx): every request would go to the wrong place, so the run stops.
 
     No transport follows one: a POST sent on to another host would carry the key there.
-    Where it points is quoted scrubbed of the key (a query may echo it, also URL-encoded).
+    Where it points is quoted scrubbed of the key (see :func:`redirect_target`).
     """
-    where = next((value for name, value in headers.items() if name.lower() == "location"), "")
-    where = scrub(where, secret)[:REASON_CHARS] or "elsewhere"
+    where = redirect_target(headers, secret)
     return FatalBackendError(
         f"judge at {endpoint} redirects (HTTP {status}) to {where}: set base_url to where it points"
     )
+
+
+def redirect_target(headers: Mapping[str, str], secret: str | None) -> str:
+    """Where a redirect's ``Location`` header points, scrubbed of the key (a query may echo
+    it, also URL-encoded) and cut short; ``elsewhere`` when it names no place."""
+    where = next((value for name, value in headers.items() if name.lower() == "location"), "")
+    return scrub(where, secret)[:REASON_CHARS] or "elsewhere"
 
 
 def connection_error(endpoint: str, detail: str | None) -> UnreachableError:

@@ -24,7 +24,9 @@ or is not ready within ``ready_timeout_s``, is a :class:`FatalBackendError` whos
 with its last lines of output.
 
 Keep secrets out of ``env``: the config is saved with the run. The child inherits the
-environment, so export the key (``VLLM_API_KEY``) instead.
+environment, so export the key (``VLLM_API_KEY``) instead. With it, it inherits every key the
+run's backends read: its output quoted is scrubbed of them all
+(:func:`~trig_stream.backends.api_keys.keys_in_environment`), not only of its judge's.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import anyio
 from anyio.abc import Process
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from trig_stream.backends.api_keys import SHORT_KEY_CHARS, scrub, scrub_all
+from trig_stream.backends.api_keys import SHORT_KEY_CHARS, keys_in_environment, scrub, scrub_all
 from trig_stream.backends.judges.process_groups import (
     group_running,
     process_running,
@@ -196,7 +198,8 @@ class ManagedServer:
     Args:
         options: the ``serve`` table.
         name: the judge's name, for messages.
-        secrets: texts scrubbed from the output quoted (the API key).
+        secrets: texts scrubbed from the output quoted (the judge's API key), besides
+            every key the run's backends read from the environment the server inherits.
         sleep: waits between ``/health`` probes (tests inject it).
         clock: measures ``ready_timeout_s`` (tests inject it).
     """
@@ -348,8 +351,9 @@ class ManagedServer:
             self._check_port_free()
 
     def check_secrets_left_out(self) -> None:
-        """Refuse a command argument or an ``env`` value that holds the API key: the serve
-        table is saved with the run (its manifest) and its command shown while it starts.
+        """Refuse a command argument or an ``env`` value that holds an API key (the judge's, or
+        another backend's): the serve table is saved with the run (its manifest) and its
+        command shown while it starts.
 
         Raises:
             FatalBackendError: one holds it; the message names where, never the key.
@@ -367,7 +371,7 @@ class ManagedServer:
         if where:
             raise FatalBackendError(
                 f"judge {self.name!r}: {' and '.join(where)} "
-                f"{'holds' if len(where) == 1 else 'hold'} the API key, which the run "
+                f"{'holds' if len(where) == 1 else 'hold'} an API key, which the run "
                 "would save in its manifest and show while the server starts: leave it out "
                 "and pass it through the environment, which the server inherits (vLLM reads "
                 "VLLM_API_KEY: `export VLLM_API_KEY=...` before the run, instead of `--api-key`)"
@@ -388,7 +392,7 @@ class ManagedServer:
         ``--tensor-parallel-size 1``, ``--token-budget 1`` or ``CUDA_VISIBLE_DEVICES=1``
         beside the key ``1`` does not hold it.
         """
-        for secret in self._secrets:
+        for secret in self._keys():
             if len(secret) >= SHORT_KEY_CHARS:
                 if scrub(text, secret) != text:
                     return True
@@ -593,8 +597,13 @@ class ManagedServer:
             return False
         return process_running(command, group)
 
+    def _keys(self) -> list[str]:
+        """The keys kept out of what is quoted and saved: those given, and those the run's
+        backends read from the environment, which the server inherits."""
+        return list(dict.fromkeys([*self._secrets, *keys_in_environment()]))
+
     def _scrub(self, text: str) -> str:
-        return scrub_all(text, self._secrets)
+        return scrub_all(text, self._keys())
 
     def _command(self) -> str:
         return self._scrub(f"`{' '.join(self.argv)}`")

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trig_stream.backends.api_keys import Secret, key_from_env
+from trig_stream.backends.api_keys import Secret, key_from_env, note_key_variable
 from trig_stream.backends.base import (
     Judge,
     JudgeReply,
@@ -102,6 +102,8 @@ class OpenAIJudge(Judge):
             name, options, concurrency=concurrency, scorer=scorer, confidence=confidence
         )
         self._clock = clock
+        # Before any judge checks or starts its server, which inherits this judge's key too.
+        note_key_variable(options.api_key_env)
         self.template = JudgeTemplate.chosen(options.template)
         self._endpoints: list[Endpoint] = []
         self._secret: Secret | None = None
