@@ -35,6 +35,7 @@ from trig_stream.backends.judges.managed_server import (
 from trig_stream.backends.judges.openai_judge import OpenAIJudge
 from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions
 from trig_stream.cli import main
+from trig_stream.config import load_config
 from trig_stream.errors import ConfigError, FatalBackendError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 from trig_stream.records import Sample
@@ -569,6 +570,31 @@ def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> N
     ).check_command()
     with pytest.raises(FatalBackendError, match="my-vllm is not an executable file"):
         ManagedServer(ServeOptions(command=["my-vllm"]), name="j").check_command()
+
+
+def test_a_program_written_as_a_relative_path_is_relative_to_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "../bin/vllm" was looked up from the working folder, though every other path of a config
+    # is relative to its folder: validated from the repository root, it was "not an
+    # executable file", exit 4. A bare name is still looked up on PATH.
+    program = tmp_path / "bin" / "serve-judge"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / "project" / "elsewhere").mkdir(parents=True)
+    config = write_serve_config(tmp_path / "project", 'command = ["../bin/serve-judge"]\n')
+    monkeypatch.chdir(tmp_path / "project" / "elsewhere")  # no ../bin/serve-judge there
+    assert main(["validate", str(config)]) == EXIT_OK, capsys.readouterr().err
+    serve = load_config(config).judges[0].options["serve"]
+    assert serve["command"] == [str(tmp_path.resolve() / "bin" / "serve-judge")]
+    # The program's own name is kept: a venv's python, resolved, runs without its venv.
+    config.write_text(config.read_text().replace("serve-judge", "python"))
+    serve = load_config(config).judges[0].options["serve"]
+    assert serve["command"] == [str(tmp_path.resolve() / "bin" / "python")]
+    config.write_text(config.read_text().replace("../bin/python", "vllm"))
+    assert load_config(config).judges[0].options["serve"]["command"] == ["vllm"]
 
 
 @pytest.mark.parametrize(

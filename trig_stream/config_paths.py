@@ -1,11 +1,13 @@
 """The paths of a run config, resolved as :func:`~trig_stream.config.load_config` resolves them.
 
 A path starting with ``~`` starts in the home folder; a relative one starts in the config's
-own folder. A path that looks like an environment variable (``$HOME/runs``: none is
-expanded), names the home folder of an unknown user, or is no UTF-8 text once resolved is
-refused, naming its key; so is a ``dtm_rewrite`` generator's ``report`` inside the run's own
-run directory. Backends' options are resolved by their keys (:data:`PATH_OPTIONS`,
-:data:`HUB_OR_PATH_OPTIONS`); the tables passed through to a library are left alone.
+own folder, and so does a ``serve`` table's program written as a path (``../bin/vllm``;
+``vllm`` alone is looked up on PATH). A path that looks like an environment variable
+(``$HOME/runs``: none is expanded), names the home folder of an unknown user, or is no UTF-8
+text once resolved is refused, naming its key; so is a ``dtm_rewrite`` generator's ``report``
+inside the run's own run directory. Backends' options are resolved by their keys
+(:data:`PATH_OPTIONS`, :data:`HUB_OR_PATH_OPTIONS`); the tables passed through to a library
+are left alone.
 """
 
 from __future__ import annotations
@@ -230,6 +232,27 @@ def refuse_reports_in(run_dir: Path, generators: list[GeneratorConfig]) -> None:
             )
 
 
+def _program_path(command: Any) -> bool:
+    """Whether ``command`` (a ``serve`` table's) starts with a relative path to its program
+    (``./vllm``, ``../bin/vllm``, ``~/bin/vllm``), which starts in the config's folder like
+    its other paths; a bare name (``vllm``) is looked up on PATH, as a shell looks it up."""
+    if not isinstance(command, list) or not command or not isinstance(command[0], str):
+        return False
+    return "/" in command[0] and not Path(command[0]).is_absolute()
+
+
+def _resolve_program(
+    program: Path, base: Path, loc: Loc, problems: list[PathProblem], found: dict[Loc, Path] | None
+) -> Path:
+    """``program`` (see :func:`_program_path`) with its folder resolved and its own name kept:
+    a link there (a virtual environment's ``python``) is what runs, as a shell runs it."""
+    before = len(problems)
+    resolve_noting(program, base, loc, problems)  # a problem names the program, not its folder
+    if len(problems) > before:
+        return program
+    return resolve_noting(program.parent, base, loc, problems, found=found) / program.name
+
+
 def resolve_options(
     options: dict[str, Any],
     base: Path,
@@ -248,6 +271,9 @@ def resolve_options(
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
             resolved[key] = resolve_options(value, base, loc, problems, found=found)
+        elif key == "command" and where[-1:] == ("serve",) and _program_path(value):
+            program = _resolve_program(Path(value[0]), base, (*loc, 0), problems, found)
+            resolved[key] = [str(program), *value[1:]]
         elif isinstance(value, PurePath) and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
             # A code-built config's Path("imgs"): a path, never a hub id, resolved as its
             # text would be (its "./" is gone by now) and handed on as text.
