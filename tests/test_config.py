@@ -660,6 +660,22 @@ def test_shipped_configs_validate() -> None:
         load_config(path)
 
 
+def test_commands_in_shipped_configs_name_paths_from_the_repository_root() -> None:
+    # Every instruction runs from the repository root, the configs' own paths being relative
+    # to config/: `trig-stream watch ../runs/t2i-sweep` named a folder beside the repository.
+    root = Path(__file__).resolve().parent.parent
+    commands = 0
+    for path in sorted((root / "config").glob("*.toml")):
+        comments = [line for line in path.read_text().splitlines() if line.startswith("#")]
+        for words in re.findall(r"trig-stream [\w-]+((?: [^\s`,;()]+)*)", "\n".join(comments)):
+            commands += 1
+            for word in words.split():
+                if "/" in word and not word.startswith("-"):
+                    named = (root / word).resolve()
+                    assert named.is_relative_to(root), f"{path.name}: {word}"
+    assert commands >= 5
+
+
 def test_path_options_of_backends_are_relative_to_the_config(tmp_path: Path) -> None:
     text = GOOD.replace(
         'name = "one"\nbackend = "synthetic"',

@@ -1043,14 +1043,28 @@ def test_pictures_are_those_of_the_pipelines_own_pil_output(
 
 
 def test_a_checkpoint_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
+    # A folder not there "is not a folder", naming no key; the demo's, no way to make it.
     options = DiffusersOptions(
         pipeline="FluxPipeline",
         checkpoint=str(tmp_path / "flux"),
         devices=["cpu"],
         local_files_only=True,
     )
-    with pytest.raises(FatalBackendError, match=r"checkpoint .*flux is not a folder"):
+    with pytest.raises(FatalBackendError) as raised:
         DiffusersGenerator("x", options).load()
+    assert str(raised.value) == (
+        f"generator 'x': checkpoint {tmp_path / 'flux'} does not exist; set "
+        "options.checkpoint to a diffusers pipeline folder or a hub id (one of the tiny "
+        f"models? `trig-stream make-tiny-models {tmp_path}` builds them)"
+    )
+    (tmp_path / "mine").write_text("")  # no tiny model's name, and no folder
+    mine = options.model_copy(update={"checkpoint": str(tmp_path / "mine")})
+    with pytest.raises(FatalBackendError) as raised:
+        DiffusersGenerator("x", mine).check_environment()
+    assert str(raised.value) == (
+        f"generator 'x': checkpoint {tmp_path / 'mine'} is not a folder; set "
+        "options.checkpoint to a diffusers pipeline folder or a hub id"
+    )
     (tmp_path / "flux").mkdir()  # there, but empty: refused by validate, before any load
     with pytest.raises(FatalBackendError, match=r"flux is no diffusers pipeline folder"):
         DiffusersGenerator("x", options).check_environment()

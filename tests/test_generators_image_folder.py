@@ -247,9 +247,15 @@ def test_cancelled_requests_read_nothing(tmp_path: Path) -> None:
     assert isinstance(outcome, ItemError) and str(outcome) == "cancelled"
 
 
-def test_missing_folder_is_fatal(tmp_path: Path) -> None:
+def test_missing_folder_is_fatal_naming_the_generator(tmp_path: Path) -> None:
+    # It named the folder alone, where every other backend's error names its generator: with
+    # several image folders (one per model), which one to fix was left to guess.
     generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path / "nowhere"))
-    with pytest.raises(FatalBackendError, match=r"set options\.path"):
+    with pytest.raises(
+        FatalBackendError,
+        match=rf"^generator 'm': image folder {tmp_path / 'nowhere'} does not exist .*set "
+        r"options\.path",
+    ):
         generator.load()
 
 
@@ -269,7 +275,9 @@ def test_a_folder_that_cannot_be_listed_is_refused_before_loading(
 
     monkeypatch.setattr(os, "scandir", scandir)
     generator = ImageFolderGenerator("m", ImageFolderOptions(path=tmp_path))
-    with pytest.raises(FatalBackendError, match=r"cannot be read: Permission denied; give this"):
+    with pytest.raises(
+        FatalBackendError, match=r"^generator 'm': .* cannot be read: Permission denied; give this"
+    ):
         generator.check_environment()
 
 

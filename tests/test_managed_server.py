@@ -35,8 +35,9 @@ from trig_stream.backends.judges.managed_server import (
 from trig_stream.backends.judges.openai_judge import OpenAIJudge
 from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions
 from trig_stream.cli import main
+from trig_stream.config import load_config
 from trig_stream.errors import ConfigError, FatalBackendError
-from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL
+from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 from trig_stream.records import Sample
 
 pytestmark = pytest.mark.anyio
@@ -208,6 +209,23 @@ async def test_an_ipv6_host_is_bracketed_in_the_urls(tmp_path: Path) -> None:
         assert server.base_url == f"http://[::1]:{server.port}/v1"
         assert (await judge.judge(request(tmp_path, judge))).top_logprobs
         assert f"READY http://[::1]:{server.port}/v1" in "\n".join(server.output_tail())
+    finally:
+        await judge.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_host_in_the_command_becomes_serve_host(tmp_path: Path) -> None:
+    # Only {port} was filled in: a config that changed serve.host kept the literal --host of
+    # its command, and the run waited out ready_timeout_s for a server listening elsewhere.
+    host = "::1" if IPV6_LOOPBACK else "127.0.0.1"
+    judge = judge_with(serve([*SIMULATED, "--host", "{host}"], host=host, ready_timeout_s=30))
+    assert f"--port <free port> --host {host}`" in judge.opening()
+    with anyio.fail_after(60):
+        await judge.open()
+    try:
+        server = judge.server
+        assert server is not None and server.argv[-2:] == ["--host", host]
+        assert (await judge.judge(request(tmp_path, judge))).top_logprobs
     finally:
         await judge.aclose()
 
@@ -552,6 +570,31 @@ def test_a_command_is_looked_up_on_the_path_the_server_gets(tmp_path: Path) -> N
     ).check_command()
     with pytest.raises(FatalBackendError, match="my-vllm is not an executable file"):
         ManagedServer(ServeOptions(command=["my-vllm"]), name="j").check_command()
+
+
+def test_a_program_written_as_a_relative_path_is_relative_to_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "../bin/vllm" was looked up from the working folder, though every other path of a config
+    # is relative to its folder: validated from the repository root, it was "not an
+    # executable file", exit 4. A bare name is still looked up on PATH.
+    program = tmp_path / "bin" / "serve-judge"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / "project" / "elsewhere").mkdir(parents=True)
+    config = write_serve_config(tmp_path / "project", 'command = ["../bin/serve-judge"]\n')
+    monkeypatch.chdir(tmp_path / "project" / "elsewhere")  # no ../bin/serve-judge there
+    assert main(["validate", str(config)]) == EXIT_OK, capsys.readouterr().err
+    serve = load_config(config).judges[0].options["serve"]
+    assert serve["command"] == [str(tmp_path.resolve() / "bin" / "serve-judge")]
+    # The program's own name is kept: a venv's python, resolved, runs without its venv.
+    config.write_text(config.read_text().replace("serve-judge", "python"))
+    serve = load_config(config).judges[0].options["serve"]
+    assert serve["command"] == [str(tmp_path.resolve() / "bin" / "python")]
+    config.write_text(config.read_text().replace("../bin/python", "vllm"))
+    assert load_config(config).judges[0].options["serve"]["command"] == ["vllm"]
 
 
 @pytest.mark.parametrize(
@@ -999,6 +1042,35 @@ def test_validate_refuses_a_host_that_is_no_address_of_this_machine_as_the_run_d
         assert main([*command, str(config)]) == EXIT_FATAL
         err = " ".join(capsys.readouterr().err.split())
         assert f"options.serve.host {host!r} is not an address of this machine" in err
+
+
+@pytest.mark.parametrize("listen", [["--host", "127.0.0.2"], ["--host=127.0.0.2"]])
+def test_validate_refuses_a_command_listening_where_serve_host_does_not_reach(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], listen: list[str]
+) -> None:
+    # validate said ok; the run then polled 127.0.0.1 while the server listened at 127.0.0.2,
+    # until ready_timeout_s (20 minutes in the shipped config).
+    serve = json.dumps([*SIMULATED, *listen])
+    config = write_serve_config(tmp_path, f"command = {serve}\nport = 0\n")
+    for command in (["validate"], ["run", "--headless", "--no-report"]):
+        assert main([*command, str(config)]) == EXIT_FATAL
+        err = " ".join(capsys.readouterr().err.split())
+        assert (
+            f"options.serve.command[{len(SIMULATED) + len(listen) - 1}] makes the server "
+            "listen at '127.0.0.2', "
+            "where the run does not reach it: it waits for it at options.serve.host "
+            "'127.0.0.1'"
+        ) in err
+        assert 'write "--host", "{host}" in the command' in err
+
+
+@pytest.mark.parametrize("listen", [["--host", "{host}"], ["--host", "0.0.0.0"], ["--host=127.1"]])
+def test_validate_takes_a_command_listening_where_serve_host_reaches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], listen: list[str]
+) -> None:
+    serve = json.dumps([*SIMULATED, *listen])
+    config = write_serve_config(tmp_path, f"command = {serve}\nport = 0\n")
+    assert main(["validate", str(config)]) == EXIT_OK, capsys.readouterr().err
 
 
 TWO_SERVERS = """\

@@ -140,6 +140,36 @@ def test_a_path_error_of_a_linked_config_says_where_relative_paths_are_read(
     assert "symbolic link" not in one_error(capsys)
 
 
+def test_a_linked_config_whose_paths_climb_out_of_its_folder_says_so_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As every shipped config's (`../data/...`): the error named A/data/prompts.json, which
+    # holds not the link's folder A/x (the `..` resolved away), and the clause was left out.
+    folder = tmp_path / "B" / "config"
+    folder.mkdir(parents=True)
+    config = write_config(folder, samples=2)
+    text = config.read_text().replace('"prompts.json"', '"../data/prompts.json"')
+    config.write_text(text.replace('"runs"', '"../runs"'))
+    (tmp_path / "A" / "x").mkdir(parents=True)
+    link = tmp_path / "A" / "x" / "run.toml"
+    link.symlink_to(Path("..", "..", "B", "config", config.name))
+    assert main(["validate", str(link)]) == EXIT_FATAL
+    err = one_error(capsys)
+    assert f"dataset {tmp_path / 'A' / 'data' / 'prompts.json'} does not exist" in err
+    assert (
+        f"(config {link} is a symbolic link to a file in {folder}: its relative paths are "
+        f"read from the link's folder, {tmp_path / 'A' / 'x'}, not the linked file's)"
+    ) in err
+    # A link whose paths lead where the linked file's do: the clause would mislead.
+    (tmp_path / "B" / "other").mkdir()
+    beside = tmp_path / "B" / "other" / "run.toml"
+    beside.symlink_to(Path("..", "config", config.name))
+    assert main(["validate", str(beside)]) == EXIT_FATAL
+    err = one_error(capsys)
+    assert f"dataset {tmp_path / 'B' / 'data' / 'prompts.json'} does not exist" in err
+    assert "symbolic link" not in err
+
+
 def in_ascii_locale(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Python ``code`` in a child whose file-name encoding is ASCII (the C locale without
     UTF-8 mode), ``args`` as its sys.argv[1:]."""

@@ -347,8 +347,14 @@ async def test_unprepared_image_is_an_item_error(tiny_vlm: Path, images: list[Pa
 async def test_missing_model_or_device_is_fatal(
     tiny_vlm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(FatalBackendError, match=r"model_path .*nowhere is not a folder"):
+    with pytest.raises(FatalBackendError, match=r"model_path .*nowhere does not exist; set"):
         await make_judge(tmp_path / "nowhere").open()
+    # The demo's judge, not built yet: the error says how to build it.
+    with pytest.raises(FatalBackendError) as raised:
+        await make_judge(tmp_path / "vlm").open()
+    assert str(raised.value).endswith(
+        f"(one of the tiny models? `trig-stream make-tiny-models {tmp_path}` builds them)"
+    )
     (tmp_path / "empty").mkdir()
     with pytest.raises(FatalBackendError, match=r"model_path .*empty holds no model to load"):
         await make_judge(tmp_path / "empty").open()

@@ -751,7 +751,8 @@ def test_an_image_folder_copied_with_another_path_is_named_by_that_path(tmp_path
     generators = [copied, *config.generators[1:]]
     config = config.model_copy(update={"generators": generators}).resolve_paths(tmp_path)
     assert config.generators[0].written_options == {"path": str(other)}
-    with pytest.raises(FatalBackendError, match=f"^image folder {other} does not exist"):
+    named = f"^generator 'made': image folder {other} does not exist"
+    with pytest.raises(FatalBackendError, match=named):
         build_generator(config.generators[0], config).check_environment()
 
 

@@ -23,6 +23,8 @@ from rich.markup import escape
 from trig_stream import __version__
 from trig_stream.analysis.relations import AnalysisError, OutputWriteError
 from trig_stream.backends.threads import threads_left_behind
+from trig_stream.config import read_config_file
+from trig_stream.config_paths import resolved_paths
 from trig_stream.errors import ConfigError, ConfigWriteError, RunDirError, TrigStreamError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_RUN_DIR
 from trig_stream.files import locale_problem, real_path
@@ -142,7 +144,11 @@ def _refuse_unusable_paths(args: argparse.Namespace) -> None:
 def _linked_config_note(args: argparse.Namespace | None, message: str) -> str:
     """A clause for an error naming a path read relative to the config, when the config is a
     symbolic link: its relative paths are read from the link's folder, not the linked
-    file's, which a user looking at the file may not expect."""
+    file's, which a user looking at the file may not expect.
+
+    Only for a path of the config that leads elsewhere from the linked file's folder: the
+    link's folder itself is seldom in the message, a ``../data`` path resolved past it.
+    """
     config = getattr(args, "config", None)
     if not isinstance(config, Path):
         return ""
@@ -150,9 +156,13 @@ def _linked_config_note(args: argparse.Namespace | None, message: str) -> str:
         if not config.is_symlink():
             return ""
         folder, linked = real_path(config.parent), real_path(config).parent
-    except OSError:
+        data, _ = read_config_file(config)
+        from_link, from_file = resolved_paths(data, config.parent), resolved_paths(data, linked)
+    except (OSError, ConfigError):
         return ""
-    if folder == linked or str(folder) not in message:
+    if not any(
+        str(path) in message and path != from_file.get(loc) for loc, path in from_link.items()
+    ):
         return ""
     return (
         f" (config {config} is a symbolic link to a file in {linked}: its relative paths are "

@@ -338,6 +338,16 @@ def load_config(path: str | Path) -> RunConfig:
             line and the key of every problem.
     """
     path = Path(path)
+    data, text = read_config_file(path)
+    return parse_config(data, source=path, text=text)
+
+
+def read_config_file(path: Path) -> tuple[dict[str, Any], str]:
+    """The TOML of the config file ``path``, parsed, and its text; nothing checked.
+
+    Raises:
+        ConfigError: as :func:`load_config`, but for an invalid config.
+    """
     try:
         raw = read_settings_file(path, MAX_CONFIG_BYTES)
     except UnfitFileError as exc:
@@ -362,7 +372,7 @@ def load_config(path: str | Path) -> RunConfig:
             f"{path}: not a usable config: arrays or tables nested too deep to read (over "
             f"{MAX_NESTING} levels); a config needs a few"
         ) from None
-    return parse_config(data, source=path, text=text)
+    return data, text
 
 
 def parse_config(

@@ -1,11 +1,13 @@
 """The paths of a run config, resolved as :func:`~trig_stream.config.load_config` resolves them.
 
 A path starting with ``~`` starts in the home folder; a relative one starts in the config's
-own folder. A path that looks like an environment variable (``$HOME/runs``: none is
-expanded), names the home folder of an unknown user, or is no UTF-8 text once resolved is
-refused, naming its key; so is a ``dtm_rewrite`` generator's ``report`` inside the run's own
-run directory. Backends' options are resolved by their keys (:data:`PATH_OPTIONS`,
-:data:`HUB_OR_PATH_OPTIONS`); the tables passed through to a library are left alone.
+own folder, and so does a ``serve`` table's program written as a path (``../bin/vllm``;
+``vllm`` alone is looked up on PATH). A path that looks like an environment variable
+(``$HOME/runs``: none is expanded), names the home folder of an unknown user, or is no UTF-8
+text once resolved is refused, naming its key; so is a ``dtm_rewrite`` generator's ``report``
+inside the run's own run directory. Backends' options are resolved by their keys
+(:data:`PATH_OPTIONS`, :data:`HUB_OR_PATH_OPTIONS`); the tables passed through to a library
+are left alone.
 """
 
 from __future__ import annotations
@@ -61,20 +63,35 @@ def path_problems(data: Any, base: Path) -> list[PathProblem]:
     written, so that they are listed with the config's other problems, which leave no model
     to resolve."""
     problems: list[PathProblem] = []
+    _resolve_tables(data, base, problems, None)
+    return problems
+
+
+def resolved_paths(data: Any, base: Path) -> dict[Loc, Path]:
+    """The paths of the config mapping ``data`` resolved from ``base`` as
+    :meth:`~trig_stream.config.RunConfig.resolve_paths` resolves them, by where they are
+    (those that cannot be resolved left out; a hub id is no path)."""
+    found: dict[Loc, Path] = {}
+    _resolve_tables(data, base, [], found)
+    return found
+
+
+def _resolve_tables(
+    data: Any, base: Path, problems: list[PathProblem], found: dict[Loc, Path] | None
+) -> None:
     if not isinstance(data, dict):
-        return problems
+        return
     for loc in (("run", "output_dir"), ("dataset", "path"), ("dataset", "image_root")):
         table = data.get(loc[0])
         value = table.get(loc[1]) if isinstance(table, dict) else None
         if isinstance(value, str | PurePath) and str(value):  # an empty one is the model's
-            resolve_noting(Path(value), base, loc, problems)
+            resolve_noting(Path(value), base, loc, problems, found=found)
     for kind in ("generators", "judges"):
         entries = data.get(kind)
         for index, entry in enumerate(entries if isinstance(entries, list) else []):
             options = entry.get("options") if isinstance(entry, dict) else None
             if isinstance(options, dict):
-                resolve_options(options, base, (kind, index, "options"), problems)
-    return problems
+                resolve_options(options, base, (kind, index, "options"), problems, found=found)
 
 
 _VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -167,10 +184,21 @@ def _resolve(path: Path, base: Path, loc: Loc) -> Path:
     return resolved
 
 
-def resolve_noting(path: Path, base: Path, loc: Loc, problems: list[PathProblem]) -> Path:
-    """``path`` resolved; as written, its problem added to ``problems``, when it has one."""
+def resolve_noting(
+    path: Path,
+    base: Path,
+    loc: Loc,
+    problems: list[PathProblem],
+    *,
+    found: dict[Loc, Path] | None = None,
+) -> Path:
+    """``path`` resolved; as written, its problem added to ``problems``, when it has one.
+    Resolved, it is also put in ``found`` at ``loc``, when given."""
     try:
-        return _resolve(path, base, loc)
+        resolved = _resolve(path, base, loc)
+        if found is not None:
+            found[loc] = resolved
+        return resolved
     except PathProblem as exc:
         problems.append(exc)
     except ValueError:  # a NUL ("embedded null byte"), refused with the text that holds it
@@ -204,22 +232,52 @@ def refuse_reports_in(run_dir: Path, generators: list[GeneratorConfig]) -> None:
             )
 
 
+def _program_path(command: Any) -> bool:
+    """Whether ``command`` (a ``serve`` table's) starts with a relative path to its program
+    (``./vllm``, ``../bin/vllm``, ``~/bin/vllm``), which starts in the config's folder like
+    its other paths; a bare name (``vllm``) is looked up on PATH, as a shell looks it up."""
+    if not isinstance(command, list) or not command or not isinstance(command[0], str):
+        return False
+    return "/" in command[0] and not Path(command[0]).is_absolute()
+
+
+def _resolve_program(
+    program: Path, base: Path, loc: Loc, problems: list[PathProblem], found: dict[Loc, Path] | None
+) -> Path:
+    """``program`` (see :func:`_program_path`) with its folder resolved and its own name kept:
+    a link there (a virtual environment's ``python``) is what runs, as a shell runs it."""
+    before = len(problems)
+    resolve_noting(program, base, loc, problems)  # a problem names the program, not its folder
+    if len(problems) > before:
+        return program
+    return resolve_noting(program.parent, base, loc, problems, found=found) / program.name
+
+
 def resolve_options(
-    options: dict[str, Any], base: Path, where: Loc, problems: list[PathProblem]
+    options: dict[str, Any],
+    base: Path,
+    where: Loc,
+    problems: list[PathProblem],
+    *,
+    found: dict[Loc, Path] | None = None,
 ) -> dict[str, Any]:
     """``options`` with their paths resolved; the problem of each that has one added to
-    ``problems`` (that path left as written)."""
+    ``problems`` (that path left as written); each resolved from ``base`` put in ``found``,
+    when given."""
     resolved = dict(options)
     for key, value in options.items():
         loc = (*where, key)
         if key in PASSED_THROUGH_OPTIONS:
             continue
         if isinstance(value, dict):  # nested backends (e.g. the inner generator of a wrapper)
-            resolved[key] = resolve_options(value, base, loc, problems)
+            resolved[key] = resolve_options(value, base, loc, problems, found=found)
+        elif key == "command" and where[-1:] == ("serve",) and _program_path(value):
+            program = _resolve_program(Path(value[0]), base, (*loc, 0), problems, found)
+            resolved[key] = [str(program), *value[1:]]
         elif isinstance(value, PurePath) and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
             # A code-built config's Path("imgs"): a path, never a hub id, resolved as its
             # text would be (its "./" is gone by now) and handed on as text.
-            resolved[key] = str(resolve_noting(Path(value), base, loc, problems))
+            resolved[key] = str(resolve_noting(Path(value), base, loc, problems, found=found))
         elif not isinstance(value, str):
             continue
         elif Path(value).is_absolute():
@@ -232,5 +290,5 @@ def resolve_options(
         elif not value and key in PATH_OPTIONS | HUB_OR_PATH_OPTIONS:
             problems.append(PathProblem(loc, EMPTY_PATH))
         elif key in PATH_OPTIONS or (key in HUB_OR_PATH_OPTIONS and value.startswith((".", "~"))):
-            resolved[key] = str(resolve_noting(Path(value), base, loc, problems))
+            resolved[key] = str(resolve_noting(Path(value), base, loc, problems, found=found))
     return resolved

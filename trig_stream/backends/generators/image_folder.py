@@ -134,17 +134,17 @@ class ImageFolderGenerator(Generator):
         """The folder exists and can be listed (``validate`` says so before a run does)."""
         if not self.folder.is_dir():
             raise FatalBackendError(
-                f"image folder {self._named()} does not exist or is not a folder; "
-                "set options.path to the folder of <data_id>.<ext> files"
+                f"generator {self.name!r}: image folder {self._named()} does not exist or is "
+                "not a folder; set options.path to the folder of <data_id>.<ext> files"
             )
         try:
             with os.scandir(self.folder):  # opened only: the run lists it when it loads
                 pass
         except OSError as exc:
             raise FatalBackendError(
-                f"image folder {self._named()} cannot be read: {exc.strerror or exc}; give "
-                "this user permission to list it (chmod +r), or set options.path to a "
-                "readable copy"
+                f"generator {self.name!r}: image folder {self._named()} cannot be read: "
+                f"{exc.strerror or exc}; give this user permission to list it (chmod +r), or "
+                "set options.path to a readable copy"
             ) from None
 
     def _named(self) -> str:

@@ -71,7 +71,14 @@ def check_checkpoint(name: str, spec: PipelineSpec) -> None:
 
 def _check_checkpoint_folder(name: str, checkpoint: Path) -> None:
     if not checkpoint.is_dir():
-        raise FatalBackendError(f"generator {name!r}: checkpoint {checkpoint} is not a folder")
+        from trig_stream.testing.tiny_models import build_hint
+
+        there = checkpoint.exists()
+        raise FatalBackendError(
+            f"generator {name!r}: checkpoint {checkpoint} "
+            f"{'is not a folder' if there else 'does not exist'}; set options.checkpoint to a "
+            f"diffusers pipeline folder or a hub id{'' if there else build_hint(checkpoint)}"
+        )
     if not (checkpoint / "model_index.json").is_file():
         raise FatalBackendError(
             f"generator {name!r}: checkpoint {checkpoint} is no diffusers pipeline "

@@ -7,11 +7,13 @@ a run::
     backend = "openai"
     [judges.options]
     model = "Qwen/Qwen2.5-VL-7B-Instruct"
-    serve = { command = ["vllm", "serve", "Qwen/Qwen2.5-VL-7B-Instruct", "--port", "{port}"],
+    serve = { command = ["vllm", "serve", "Qwen/Qwen2.5-VL-7B-Instruct",
+                         "--host", "{host}", "--port", "{port}"],
               port = 8000, ready_timeout_s = 600 }
 
-``{port}`` in the command becomes the port (``port = 0`` picks a free one; a port something
-already listens on is refused, since that server would answer ``/health`` for ours). The
+``{host}`` and ``{port}`` in the command become ``host`` and the port (``port = 0`` picks a
+free one; a port something already listens on is refused, since that server would answer
+``/health`` for ours; a literal ``--host`` the probes at ``host`` do not reach is refused). The
 command runs in its own process group with the run's environment (less the variables with
 which the run quiets its own model libraries) plus ``env``; its output
 (stdout and stderr together) goes to a temporary file, of which only the last lines are read
@@ -93,9 +95,18 @@ _KEY_NAME = re.compile(r"(?:key|token)(?![a-z])", re.IGNORECASE)
 that no letter follows (``VLLM_API_KEY``, ``OPENAI_API_KEY``, ``HF_TOKEN``, ``APIKEY``);
 ``CUDA_VISIBLE_DEVICES``, ``OMP_NUM_THREADS``, ``MAX_TOKENS`` (a count of tokens) or
 ``TOKENIZERS_PARALLELISM`` is none."""
+_PLACEHOLDER = re.compile(r"\{(host|port)\}")
+"""``{host}`` or ``{port}`` in a ``serve`` command's argument."""
 _KEY_END = r"""(?=$|[\s"';&|)])"""
 """Where a key given as a word inside a longer text ends: the text, a space, a quote or a shell
 separator (``--api-key EMPTY-model`` passes ``EMPTY-model``, not the key ``EMPTY``)."""
+
+
+def command_line(command: Sequence[str], host: str, port: int | str) -> list[str]:
+    """``command`` with ``{host}`` and ``{port}`` in its arguments replaced by ``host`` and
+    ``port``."""
+    values = {"host": host, "port": str(port)}
+    return [_PLACEHOLDER.sub(lambda found: values[found.group(1)], arg) for arg in command]
 
 
 def _passed_inside(secret: str) -> re.Pattern[str]:
@@ -116,7 +127,8 @@ class ServeOptions(BaseModel):
     model_config = OPTIONS_CONFIG
 
     command: Annotated[list[str], Field(min_length=1)]
-    """The command line; ``{port}`` in any argument becomes the port."""
+    """The command line; ``{host}`` and ``{port}`` in any argument become ``host`` and the
+    port."""
     host: str = "127.0.0.1"
     """Where the server listens; the judge's base URL is ``http://host:port/v1`` (an IPv6
     address such as ``::1`` is written without brackets here, and gets them in the URL)."""
@@ -275,7 +287,7 @@ class ManagedServer:
             self.port = self._free_port()
         else:
             self._check_port_free()
-        self.argv = [arg.replace("{port}", str(self.port)) for arg in self.options.command]
+        self.argv = command_line(self.options.command, self.options.host, self.port)
         self.check_command()
         # Held open until aclose(): the server writes into it all along.
         self._output = tempfile.TemporaryFile(prefix="trig-stream-serve-")  # noqa: SIM115
@@ -325,11 +337,13 @@ class ManagedServer:
             )
 
     def check_host(self) -> None:
-        """Refuse a ``serve.host`` that is no address of this machine, as :meth:`start` would.
+        """Refuse a ``serve.host`` that is no address of this machine, as :meth:`start` would,
+        and a command whose own ``--host`` makes the server listen where ``serve.host`` does
+        not reach it.
 
         Raises:
             FatalBackendError: the host is no address of this machine (no such host, or
-                another machine's).
+                another machine's), or the command listens elsewhere.
         """
         try:
             free_port(self.options.host)
@@ -338,6 +352,29 @@ class ManagedServer:
             if error is not None:
                 raise error from None
             # Anything else is for the start to report, with its port.
+        self._check_command_host()
+
+    def _check_command_host(self) -> None:
+        # A literal --host left as it was when serve.host changed (the shipped config's
+        # 127.0.0.1 against ::1): the probes never reached the server, and the run waited out
+        # ready_timeout_s. A wildcard (0.0.0.0) or another name of the host reaches it.
+        command, host = self.options.command, self.options.host
+        for index, arg in enumerate(command):
+            if arg == "--host" and index + 1 < len(command):
+                where, listen = index + 1, command[index + 1]
+            elif arg.startswith("--host="):
+                where, listen = index, arg.removeprefix("--host=")
+            else:
+                continue
+            if "{host}" in listen or hosts_overlap(listen, host):
+                continue
+            raise FatalBackendError(
+                f"judge {self.name!r}: options.serve.command[{where}] makes the server listen "
+                f"at {listen!r}, where the run does not reach it: it waits for it at "
+                f"options.serve.host {host!r} (GET /health) until ready_timeout_s; write "
+                f'"--host", "{{host}}" in the command (serve.host then goes in), or set '
+                f"serve.host to {listen!r}"
+            )
 
     def check_port(self) -> None:
         """Refuse a ``serve.port`` something already listens on, as :meth:`start` would: a

@@ -44,7 +44,7 @@ from trig_stream.backends.base import (
     ServerLoad,
 )
 from trig_stream.backends.judges.endpoints import Endpoint
-from trig_stream.backends.judges.managed_server import ManagedServer
+from trig_stream.backends.judges.managed_server import ManagedServer, command_line
 from trig_stream.backends.judges.openai_options import OpenAIJudgeOptions, same_endpoint_key
 from trig_stream.backends.judges.payloads import encode_image, reply_of
 from trig_stream.backends.judges.server_probe import read_load, server_root
@@ -168,7 +168,7 @@ class OpenAIJudge(Judge):
         serve = self.options.serve
         if serve is None:
             return "connecting"
-        command = " ".join(serve.command).replace("{port}", str(serve.port or "<free port>"))
+        command = " ".join(command_line(serve.command, serve.host, serve.port or "<free port>"))
         return f"starting its server `{command}`, until GET /health answers"
 
     def closing(self) -> str | None:

@@ -173,11 +173,16 @@ class TransformersJudge(Judge):
         """
         # Not imported here (seconds): validate said ok, and run found them missing.
         require_installed(("torch", "transformers"), "diffusers")
-        if not self.options.model_path.is_dir():
+        model_path = self.options.model_path
+        if not model_path.is_dir():
+            from trig_stream.testing.tiny_models import build_hint
+
+            there = model_path.exists()
             raise FatalBackendError(
-                f"judge {self.name!r}: model_path {self.options.model_path} is not a folder (it "
-                "must hold a local copy of the model: its config.json, weights and processor "
-                "files)"
+                f"judge {self.name!r}: model_path {model_path} "
+                f"{'is not a folder' if there else 'does not exist'}; set options.model_path to "
+                "a local copy of the model (its config.json, weights and processor files)"
+                f"{'' if there else build_hint(model_path)}"
             )
         missing = _missing_model_files(self.options.model_path)
         if missing:
