@@ -818,6 +818,8 @@ def test_options_no_api_takes_are_refused_before_any_call(
         ({"model": "dall-e-2"}, ["model"], "the engine sends options.model"),
         ({"response_format": "url"}, ["response_format"], "b64_json image data"),
         ({"n": 1, "prompt": "a red cube"}, ["n", "prompt"], "one image per request"),
+        ({"stream": True}, ["stream"], "the engine reads one JSON answer"),
+        ({"partial_images": 2}, ["partial_images"], "the engine reads one JSON answer"),
     ],
 )
 def test_extra_body_fields_the_engine_sets_itself_are_refused(
@@ -825,7 +827,9 @@ def test_extra_body_fields_the_engine_sets_itself_are_refused(
 ) -> None:
     # The SDK lets extra_body replace the request's own fields, and each passed validate: a
     # prompt there drew every image from that one prompt, each judged as its own sample's;
-    # n = 2 paid for two images and kept one; a model there was not the manifest's.
+    # n = 2 paid for two images and kept one; a model there was not the manifest's; stream
+    # (or partial_images) made the server answer an event stream, each call "no JSON images
+    # object (a web page ...)".
     with pytest.raises(ValidationError) as caught:
         OpenAIImagesOptions.model_validate({"extra_body": {"seed": 7, **extra_body}})
     [error] = caught.value.errors()
@@ -836,9 +840,12 @@ def test_extra_body_fields_the_engine_sets_itself_are_refused(
 
 
 def test_extra_body_may_ask_for_base64_and_other_fields() -> None:
-    # What an answer with URLs is told to send (see _no_image).
-    body = {"response_format": "b64_json", "seed": 7, "quality": "ultra"}
+    # What an answer with URLs is told to send (see _no_image); stream = false asks for the
+    # one JSON answer the engine reads.
+    body = {"response_format": "b64_json", "stream": False, "seed": 7, "quality": "ultra"}
     assert OpenAIImagesOptions(extra_body=body).extra_body == body
+    with pytest.raises(ValidationError, match="extra_body sets stream"):
+        OpenAIImagesOptions(extra_body={"stream": 0})
 
 
 @pytest.mark.parametrize(

@@ -55,10 +55,18 @@ ENGINE_FIELDS: Mapping[str, str] = {
     "n": "the engine asks for one image per request (more are paid for, and dropped)",
     "model": "the engine sends options.model, which the run's manifest and fingerprint record",
     "response_format": 'the engine reads b64_json image data (only "b64_json" may be asked for)',
+    "stream": "the engine reads one JSON answer (stream = true makes the server answer an event "
+    "stream; only false may be asked for)",
+    "partial_images": "the engine reads one JSON answer (partial images come as an event stream)",
 }
 """Request fields the engine sets itself, each with why: ``extra_body``, which the SDK lets
-replace a request's own fields, may not set them. ``response_format = "b64_json"`` stays
-allowed: it is what a server that answers with URLs is told to ask for."""
+replace a request's own fields, may not set them, but for the values in
+:data:`ENGINE_VALUES`."""
+
+ENGINE_VALUES: Mapping[str, object] = {"response_format": "b64_json", "stream": False}
+"""The value of an :data:`ENGINE_FIELDS` field that ``extra_body`` may still set, since the
+engine reads what it asks for: ``response_format = "b64_json"`` is what a server that
+answers with URLs is told to ask for, and ``stream = false`` is the API's default."""
 
 
 def engine_fields_problem(extra_body: Mapping[str, Any]) -> str | None:
@@ -66,8 +74,8 @@ def engine_fields_problem(extra_body: Mapping[str, Any]) -> str | None:
     itself, each with its reason; None if none."""
     taken = [
         key
-        for key in extra_body
-        if key in ENGINE_FIELDS and not (key == "response_format" and extra_body[key] == "b64_json")
+        for key, value in extra_body.items()
+        if key in ENGINE_FIELDS and not _engine_value(key, value)
     ]
     if not taken:
         return None
@@ -76,6 +84,15 @@ def engine_fields_problem(extra_body: Mapping[str, Any]) -> str | None:
         f"extra_body sets {', '.join(taken)}, which the engine sets itself ({why}); remove "
         f"{'it' if len(taken) == 1 else 'them'} from options.extra_body"
     )
+
+
+def _engine_value(key: str, value: object) -> bool:
+    """Whether ``value`` is the one :data:`ENGINE_VALUES` lets ``extra_body`` set for ``key``
+    (of its type too: ``stream = 0`` is no false to a server)."""
+    if key not in ENGINE_VALUES:
+        return False
+    allowed = ENGINE_VALUES[key]
+    return type(value) is type(allowed) and value == allowed
 
 
 Family = Literal["dall-e", "gpt-image"]
