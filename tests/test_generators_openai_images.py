@@ -770,6 +770,17 @@ def test_base64_wrapped_in_lines_is_decoded_and_other_characters_are_not() -> No
         _decode(wrapped.replace("\n", "!"))
 
 
+def test_an_answer_past_pillows_pixel_limit_is_undecodable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pillow's DecompressionBombError came out as it is, not as the API's failure.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 is past twice the limit
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="PNG")
+    with pytest.raises(BackendError, match=r"undecodable image: .*could be decompression bomb"):
+        _decode(base64.b64encode(buffer.getvalue()).decode())
+
+
 def test_an_answer_stored_sideways_is_turned_as_its_exif_says() -> None:
     picture = Image.new("RGB", (40, 20), "blue")
     picture.paste(Image.new("RGB", (20, 20), "red"))

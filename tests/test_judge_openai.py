@@ -271,6 +271,20 @@ def test_prepare_shrinks_to_max_pixels(tmp_path: Path) -> None:
         judge.prepare(tmp_path / "junk.png")
 
 
+def test_an_image_past_pillows_pixel_limit_is_an_item_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With max_pixels, Pillow's DecompressionBombError came out as it is: no file named, and
+    # no ItemError, as load_rgb_image's was.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 is past twice the limit
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (32, 32)).save(path)
+    judge = OpenAIJudge("m", OpenAIJudgeOptions(base_url="http://x/v1", model="m", max_pixels=64))
+    with pytest.raises(ItemError, match="could be decompression bomb") as caught:
+        judge.prepare(path)
+    assert str(caught.value).startswith(f"cannot read image {path}: Image size (1024 pixels)")
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB"])
 def test_an_image_shrunk_to_max_pixels_looks_to_vllm_as_the_whole_one(
     tmp_path: Path, mode: str

@@ -383,5 +383,11 @@ def _decode(encoded: str) -> Image:
             return image if image.mode in ("RGB", "RGBA") else rgb(image)
     except UnidentifiedImageError:
         raise BackendError("the images API returned bytes that are no image") from None
-    except (binascii.Error, OSError, SyntaxError, ValueError) as exc:
+    except (
+        binascii.Error,
+        OSError,
+        SyntaxError,
+        ValueError,
+        PILImage.DecompressionBombError,  # more pixels than Pillow decodes
+    ) as exc:
         raise BackendError(f"the images API returned an undecodable image: {exc}") from None

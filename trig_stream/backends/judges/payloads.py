@@ -98,7 +98,8 @@ def encode_image(path: Path, max_pixels: int | None = None) -> EncodedImage:
     """A ``data:`` URL of the image file, shrunk to at most ``max_pixels`` when given.
 
     Raises:
-        ItemError: the file cannot be read or is not an image.
+        ItemError: the file cannot be read, is not an image, or has more pixels than Pillow
+            agrees to decode (a decompression bomb).
     """
     try:
         data = path.read_bytes()
@@ -137,4 +138,6 @@ def _decoded(path: Path, data: bytes, max_pixels: int | None) -> tuple[bytes, st
                 data, fmt = encode_png(resized), "png"
     except (UnidentifiedImageError, ValueError, SyntaxError, OSError):
         raise ItemError(f"{path} is not a readable image") from None
+    except Image.DecompressionBombError as exc:  # more pixels than Pillow decodes
+        raise ItemError(f"cannot read image {path}: {exc}") from None
     return data, fmt
