@@ -579,6 +579,12 @@ def test_a_config_saved_with_a_byte_order_mark_and_crlf_line_ends_loads(tmp_path
     path.write_bytes(b"\xef\xbb\xbf" + GOOD.replace("[run]\n", "[run]\nturbo = 1\n").encode())
     with pytest.raises(ConfigError, match=r"run\.toml:2: run\.turbo"):
         load_config(path)
+    # A byte that is no UTF-8 is counted from the file's start: it was 3 too low, the mark's.
+    data = b"\xef\xbb\xbf" + GOOD.replace("demo", "d\xe9mo").encode("latin-1")
+    path.write_bytes(data)
+    at = data.index(b"\xe9")
+    with pytest.raises(ConfigError, match=rf"run\.toml: not a TOML config: byte {at} is not UTF-8"):
+        load_config(path)
 
 
 def test_not_toml_and_missing_file(tmp_path: Path) -> None:

@@ -1111,6 +1111,11 @@ def test_a_json_dataset_in_any_unicode_encoding_reads_and_other_bytes_are_refuse
     latin.write_bytes(json.dumps([record], ensure_ascii=False).encode("latin-1"))
     with pytest.raises(DatasetError, match=r"latin-1\.json: byte \d+ is not utf-8 text"):
         read(DatasetSection(path=latin))
+    # Counted from the file's start: after a byte order mark it was 3 too low, the mark's.
+    marked = tmp_path / "marked.json"
+    marked.write_bytes(b'\xef\xbb\xbf[{"data_id": "IQ-R_TA-C_\xe9"}]')
+    with pytest.raises(DatasetError, match=r"marked\.json: byte 27 is not utf-8 text"):
+        read(DatasetSection(path=marked))
 
 
 def test_json_lines_are_read_a_line_at_a_time_and_a_bad_line_is_its_record_s_fault(

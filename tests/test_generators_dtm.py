@@ -159,6 +159,10 @@ def test_relation_table_from_report(tmp_path: Path) -> None:
     excel = tmp_path / "excel.csv"  # saved with a byte order mark
     excel.write_bytes(b"\xef\xbb\xbf,IQ-R,TA-C\nIQ-R,,-2\n")
     assert RelationTable.from_report(excel).code("IQ-R", "TA-C") == -2
+    # A byte that is no UTF-8 is counted from the file's start: it was 3 too low, the mark's.
+    excel.write_bytes(b"\xef\xbb\xbf,IQ-R,TA-C\nIQ-R,,-2 \xe9\n")
+    with pytest.raises(ValueError, match=r"excel\.csv: byte 23 is not UTF-8 text"):
+        RelationTable.from_report(excel)
 
 
 def test_a_report_that_is_a_pipe_is_refused_not_waited_on(tmp_path: Path) -> None:

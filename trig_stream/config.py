@@ -59,7 +59,12 @@ from trig_stream.config_problems import (
 from trig_stream.config_values import non_finite_passed_through, validate_table
 from trig_stream.dimensions import Dimension
 from trig_stream.errors import ConfigError, TrigStreamError
-from trig_stream.files import MAX_SETTINGS_BYTES, UnfitFileError, read_settings_file
+from trig_stream.files import (
+    MAX_SETTINGS_BYTES,
+    UnfitFileError,
+    read_settings_file,
+    undecodable_byte,
+)
 from trig_stream.records import CASE_CLASH, exact_number
 from trig_stream.scoring import Scorer
 
@@ -361,7 +366,7 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], str]:
         text = raw.decode("utf-8-sig")  # a byte order mark (some editors') is skipped
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"{path}: not a TOML config: byte {exc.start} is not UTF-8 text"
+            f"{path}: not a TOML config: byte {undecodable_byte(raw, exc)} is not UTF-8 text"
         ) from None
     try:
         data = tomllib.loads(text)

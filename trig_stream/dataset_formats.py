@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trig_stream.errors import DatasetError, DatasetInterrupted
-from trig_stream.files import open_regular_file
+from trig_stream.files import open_regular_file, undecodable_byte
 from trig_stream.journal import holds_our_journal
 from trig_stream.manifest import MANIFEST, MANIFEST_HEAD_BYTES, manifest_head_is_ours
 
@@ -53,7 +53,8 @@ def read_json(path: Path) -> Iterator[Mapping[str, Any]]:
         raise DatasetError(f"cannot read dataset {path}: {exc}{hint}") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(
-            f"cannot read dataset {path}: byte {exc.start} is not {exc.encoding} text"
+            f"cannot read dataset {path}: byte {undecodable_byte(text, exc)} is not "
+            f"{exc.encoding} text"
         ) from None
     except (ValueError, RecursionError) as exc:  # an integer of 5,000 digits; deep nesting
         raise DatasetError(f"cannot read dataset {path}: {_json_limit(exc)}") from None

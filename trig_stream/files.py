@@ -121,6 +121,13 @@ def read_settings_file(path: Path, limit: int = MAX_SETTINGS_BYTES) -> bytes:
     return data
 
 
+def undecodable_byte(raw: bytes, exc: UnicodeDecodeError) -> int:
+    """Where in ``raw`` the byte lies that ``exc``, raised decoding it, could not decode,
+    counted from its start: a codec that skipped a byte order mark (``utf-8-sig``, the
+    ``json`` module's) counts from after the mark."""
+    return exc.start + len(raw) - len(exc.object)
+
+
 def _refuse_unfit(mode: int) -> None:
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))

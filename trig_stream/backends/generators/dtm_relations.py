@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final, Literal, TypeAlias
 
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension, Task, is_dimension, split_pair
-from trig_stream.files import read_settings_file
+from trig_stream.files import read_settings_file, undecodable_byte
 
 RelationCode: TypeAlias = Literal[-2, -1, 0, 1, 2, 3]
 RELATION_CODES: Final[frozenset[int]] = frozenset({-2, -1, 0, 1, 2, 3})
@@ -96,10 +96,12 @@ class RelationTable:
             OSError: the file cannot be read.
         """
         try:
-            text = read_settings_file(path).decode("utf-8-sig")  # a BOM, as Excel saves
+            raw = read_settings_file(path)
+            text = raw.decode("utf-8-sig")  # a BOM, as Excel saves
             rows = list(csv.reader(io.StringIO(text, newline="")))
         except UnicodeDecodeError as exc:
-            raise ValueError(f"report {path}: byte {exc.start} is not UTF-8 text") from None
+            at = undecodable_byte(raw, exc)
+            raise ValueError(f"report {path}: byte {at} is not UTF-8 text") from None
         except csv.Error as exc:  # a field past the csv module's limit (131,072 characters)
             raise ValueError(
                 f"report {path}: cannot read it as CSV ({exc}); it should be an earlier run's "

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from trig_stream.config_problems import text_problem
 from trig_stream.dimensions import DIMENSION_NAMES, DIMENSIONS, TASKS, Dimension, Task
 from trig_stream.errors import ConfigError, validation_problems
-from trig_stream.files import UnfitFileError, read_settings_file
+from trig_stream.files import UnfitFileError, read_settings_file, undecodable_byte
 
 BUILTIN_VERSION: Final[str] = "trig-stream-judge-1"
 SCALE: Final[str] = "excellent, good, medium, bad, terrible"
@@ -263,10 +263,9 @@ class JudgeTemplate(BaseModel):
                 "to read; a template holds tables of texts"
             ) from None
         except UnicodeDecodeError as exc:  # in a config's words, not the codec's
-            # Counted from the file's start: after a byte order mark, the codec counts from it.
-            start = exc.start + len(raw) - len(exc.object)
+            at = undecodable_byte(raw, exc)
             raise ConfigError(
-                f"template {path}: invalid judge template: byte {start} is not "
+                f"template {path}: invalid judge template: byte {at} is not "
                 f"{exc.encoding.upper()} text"
             ) from None
         except ValueError as exc:  # JSON, TOML and validation errors
