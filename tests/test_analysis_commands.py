@@ -1931,6 +1931,37 @@ def test_analyze_refuses_what_is_no_file_or_nests_too_deep(
         assert "Traceback" not in err
 
 
+def test_analyze_given_no_json_says_what_it_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A report's judgements.parquet was "cannot read JSON: 'utf-8' codec can't decode byte
+    # 0xb5 ...", a CSV "cannot read JSON: Expecting value": neither said what analyze reads.
+    loose = tmp_path / "relationship_codes.csv"
+    loose.write_text(",IQ-R,TA-C\nIQ-R,,-2\n")
+    run_dir = write_run_dir(tmp_path / "run", {})
+    parquet = run_dir / "report" / "m" / JUDGEMENTS_FILE
+    parquet.parent.mkdir(parents=True)
+    pl.DataFrame({"score": [0.5]}).write_parquet(parquet)
+    with pytest.raises(UnicodeDecodeError) as undecodable:
+        parquet.read_bytes().decode()
+    reads = "`analyze` reads TRIG result JSON files (an evaluation result or a formatted file); "
+    for path, problem, report in [
+        (
+            loose,
+            "not JSON (Expecting value: line 1 column 1 (char 0))",
+            "a run directory's results are reported by `trig-stream report RUN_DIR`",
+        ),
+        (
+            parquet,
+            f"not JSON (byte {undecodable.value.start} is not UTF-8 text)",
+            f"`trig-stream report {run_dir}` reports the run it lies in",
+        ),
+    ]:
+        assert main(["analyze", str(path), "--out", str(tmp_path / "o"), "--no-plots"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert err == f"error: {path}: {problem}; {reads}{report}"
+
+
 def test_compare_gives_a_run_without_judgements_empty_columns(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -26,7 +26,7 @@ from trig_stream.analysis.relations import AnalysisError
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import Dimension, Task, pair_from_data_id, pair_name, split_pair
 from trig_stream.errors import DatasetError, RunDirError, validation_problems
-from trig_stream.files import read_settings_file
+from trig_stream.files import read_settings_file, undecodable_byte
 from trig_stream.journal import JOURNAL, JournalEntry, journal_entry, read_journal_lines
 from trig_stream.manifest import MANIFEST, Manifest, read_manifest
 from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
@@ -357,8 +357,30 @@ def _read_json(path: Path) -> Any:
             f"{path}: cannot read JSON: arrays or objects nested too deep to read; a TRIG "
             "file nests three levels"
         ) from None
-    except ValueError as exc:  # not JSON, not UTF-8, an integer of 5,000 digits
+    except UnicodeDecodeError as exc:  # a parquet file, an image: no text at all
+        raise _not_json(path, f"byte {undecodable_byte(raw, exc)} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        if text[: exc.pos].strip():  # JSON to begin with: a file cut short, or mistyped
+            raise AnalysisError(f"{path}: cannot read JSON: {exc}") from None
+        raise _not_json(path, str(exc)) from None
+    except ValueError as exc:  # an integer of 5,000 digits
         raise AnalysisError(f"{path}: cannot read JSON: {exc}") from None
+
+
+def _not_json(path: Path, problem: str) -> AnalysisError:
+    """The error for a file that is no JSON at all (a report's parquet or CSV file): what
+    ``analyze`` reads, and what reports a run directory's results (the one ``path`` lies in,
+    if it does)."""
+    home = next((folder for folder in path.parents if (folder / MANIFEST).is_file()), None)
+    report = (
+        f"`trig-stream report {home}` reports the run it lies in"
+        if home is not None
+        else "a run directory's results are reported by `trig-stream report RUN_DIR`"
+    )
+    return AnalysisError(
+        f"{path}: not JSON ({problem}); `analyze` reads TRIG result JSON files (an evaluation "
+        f"result or a formatted file); {report}"
+    )
 
 
 def _scores(cells: list[Any]) -> bool:
