@@ -208,12 +208,16 @@ def test_a_ctrl_c_while_a_command_s_module_imports_exits_130(
 
 
 @pytest.mark.parametrize(
-    ("output_dir", "reason"), [("ds.jsonl", "Not a directory"), ("runs", "File exists")]
+    ("output_dir", "reason"),
+    [("ds.jsonl", "{} is a file, not a directory"), ("runs", "it is a file, not a directory")],
 )
 def test_validate_says_what_run_says_of_an_output_dir_that_is_a_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], output_dir: str, reason: str
 ) -> None:
-    # validate said "cannot read the journal .../ds.jsonl/cli/journal.jsonl: Not a directory".
+    # validate said "cannot read the journal .../ds.jsonl/cli/journal.jsonl: Not a directory";
+    # then both said "Not a directory", or "File exists" of a run directory that is a file,
+    # naming neither the file nor what was wrong with it.
+    reason = reason.format(tmp_path / output_dir)
     path = write_config(tmp_path)
     path.write_text(path.read_text().replace('output_dir = "runs"', f'output_dir = "{output_dir}"'))
     if output_dir == "runs":  # the run directory itself is a file

@@ -451,6 +451,23 @@ def broken_link(path: Path) -> str | None:
     return None
 
 
+def not_a_folder(path: Path) -> str | None:
+    """Why the folder ``path`` cannot be made: it, or the nearest folder on its way that
+    exists, is a file (or a pipe, a device); None when that is a folder. Making it failed
+    with "File exists" or "Not a directory", which named neither the file nor what it is."""
+    for current in (path, *path.parents):
+        try:
+            mode = os.stat(current).st_mode
+        except OSError:  # not there (or below a file): the next folder up says
+            continue
+        if stat.S_ISDIR(mode):
+            return None
+        what = "file" if stat.S_ISREG(mode) else file_kind(mode)
+        link = " a symbolic link to" if os.path.islink(current) else ""
+        return f"{'it' if current == path else current} is{link} a {what}, not a directory"
+    return None
+
+
 def storage_error(
     exc: OSError, what: str, *, nothing_written: bool = False, path: Path | None = None
 ) -> RunDirError:
@@ -464,12 +481,15 @@ def storage_error(
         nothing_written: the run had not started: the run directory it made (and the
             folders above it that it made) are removed again, so there is nothing to resume.
         path: the folder being made: a symbolic link on its way that loops or points
-            nowhere is the reason given (:func:`broken_link`), not "File exists".
+            nowhere (:func:`broken_link`), or a file there or on its way
+            (:func:`not_a_folder`), is the reason given, not "File exists".
     """
     reason = exc.strerror or str(exc)
-    link = broken_link(path) if path is not None and exc.errno in LINK_ERRNOS else None
-    if link is not None:
-        reason = link
+    in_the_way = None
+    if path is not None and exc.errno in LINK_ERRNOS:
+        in_the_way = broken_link(path) or not_a_folder(path)
+    if in_the_way is not None:
+        reason = in_the_way
     elif isinstance(exc.filename, str | bytes):
         # The file at fault, unless ``what`` names it already: "cannot open the run directory
         # X: Permission denied" said nothing of which of its files it was.
