@@ -1242,17 +1242,22 @@ def test_error_judgements_record_no_digest_to_compare(tmp_path: Path) -> None:
     assert Journal(path).open().digests == {"IQ-R_IQ-O_2": "0123456789abcdef"}
 
 
+def without_sample_digests(path: Path) -> None:
+    """Write the journal at ``path`` again as a trig-stream older than sample digests wrote
+    it (before eb40369): its lines record no ``sample_digest``."""
+    old = [
+        {k: v for k, v in json.loads(line).items() if k != "sample_digest"} for line in path.open()
+    ]
+    path.write_text("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in old))
+
+
 async def test_journals_without_sample_digests_resume_as_before(
     make_config: ConfigFactory, tmp_path: Path
 ) -> None:
     config = make_config(samples=4)
     first = await run_to_end(config)
     assert all(j.sample_digest for j in first)
-    path = config.run_dir / JOURNAL
-    old = [
-        {k: v for k, v in json.loads(line).items() if k != "sample_digest"} for line in path.open()
-    ]
-    path.write_text("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in old))
+    without_sample_digests(config.run_dir / JOURNAL)
     prompts = tmp_path / "prompts.json"
     records = json.loads(prompts.read_text())
     records[0]["prompt"] = "another prompt"  # an old journal cannot tell: nothing to compare
@@ -1261,6 +1266,46 @@ async def test_journals_without_sample_digests_resume_as_before(
         results = [j async for j in engine.results]
         summary = await engine.drain()
     assert (results, summary.quarantined) == ([], 0)
+
+
+async def test_a_pair_edited_since_a_judgement_without_digest_is_quarantined(
+    make_config: ConfigFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A line older than sample digests still records its pair: a record whose pair changed
+    # was judged on the new pair's dimension beside the old pair's judgements (two versions
+    # of one sample in one run).
+    config = make_config(samples=4)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    without_sample_digests(path)
+    before = path.read_bytes()
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    edited = records[1]["data_id"]
+    records[1]["dimension"] = [records[1]["dimension"][0], "R-T"]
+    prompts.write_text(json.dumps(records))
+    said = (
+        f"{path}: 4 sample(s) were judged only by a trig-stream older than sample digests "
+        "(before eb40369), whose judgements record their pair alone: an edit of such a "
+        "sample's prompt, item or img_id since cannot be detected"
+    )
+    with caplog.at_level("WARNING", logger="trig_stream.journal"):
+        check_resume(config.run_dir, read_manifest(config.run_dir))  # validate
+    assert caplog.text.count(said) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trig_stream.journal"):
+        async with Engine(config) as engine:
+            results = [j async for j in engine.results]
+            summary = await engine.drain()
+    assert caplog.text.count(said) == 1
+    assert (results, summary.quarantined) == ([], 1)
+    quarantined = [json.loads(line) for line in (config.run_dir / QUARANTINE).open()]
+    assert [q["data_id"] for q in quarantined] == [edited]
+    assert (
+        f"data_id {edited!r} changed since it was judged in this run directory (its pair "
+        "differs: IQ-A_TA-S when judged, IQ-A_R-T now)"
+    ) in quarantined[0]["reason"]
+    assert path.read_bytes() == before
 
 
 async def test_earlier_judgements_load_only_once_the_first_new_one_is_durable(

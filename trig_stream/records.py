@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Protocol, TypeAlias, TypeGuard
 
@@ -186,6 +187,21 @@ class Sample(_Record):
         judgement of the sample records it. Computed on each call (~1.5 us): a cached value
         would travel with ``model_copy`` into a copy with another prompt."""
         return sample_digest(self.task, self.prompt, self.pair, self.item, self.img_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedPair:
+    """What a judgement written by a trig-stream older than sample digests (before eb40369)
+    tells of what its sample asked: the pair alone (``A_B`` in the record's order), where a
+    later one records the :attr:`Sample.digest`. A record whose pair differs from it asks
+    something else; an edit of its prompt, item or img_id cannot be told."""
+
+    pair: str
+
+
+SampleAsked: TypeAlias = str | RecordedPair
+"""What the judgements of a sample in a run directory recorded it asked: its
+:attr:`Sample.digest`, or, in lines older than the digest, its pair (:class:`RecordedPair`)."""
 
 
 class PromptRewrite(_Record):
