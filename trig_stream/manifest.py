@@ -38,10 +38,18 @@ from trig_stream.files import MAX_SETTINGS_BYTES, file_kind, open_regular_file
 from trig_stream.hashing import seeds_for
 from trig_stream.journal import JournalState, holds_our_journal
 from trig_stream.moves import Move
-from trig_stream.records import CASE_CLASH, SCHEMA_VERSION, JudgeFingerprint, JudgementKey
+from trig_stream.records import CASE_CLASH, JudgeFingerprint, JudgementKey
 from trig_stream.scoring import SCORING_RULES_CHANGES, SCORING_RULES_KEY, scored_alike
 
 MANIFEST = "manifest.json"
+MANIFEST_VERSION: Final = 2
+"""The format of the manifests this trig-stream writes; it reads each format up to it. Kept
+apart from the format of journal and quarantine lines
+(:data:`~trig_stream.records.SCHEMA_VERSION`), which older trig-streams still read.
+2: ``retry_errors``, ``journal_lines`` and a judge's ``params.scoring_rules``, which a
+trig-stream of format 1 may refuse as damage or as other settings, where it should name a
+later version's. A format-1 manifest is read as ever, and a resume writes it again in this
+format."""
 MAX_MANIFEST_BYTES: Final = MAX_SETTINGS_BYTES
 """The largest ``manifest.json`` read whole. A run writes a few kilobytes; a larger file of
 that name is another program's (a dataset's index), and reading it whole cost seconds and
@@ -62,7 +70,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = MANIFEST_VERSION
     run_name: str
     task: str
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -272,7 +280,8 @@ class Manifest(BaseModel):
     def merged(self, other: Manifest, moved: Move | None = None) -> Manifest:
         """This manifest with the models and judges ``other`` adds, and what ``other`` says of
         the latest run: its name, its config, whether it retries errors, where its journal
-        started.
+        started; in this trig-stream's format (:data:`MANIFEST_VERSION`), whose fields it
+        holds now.
         An entry of ``other`` replaces this one's; one ``other`` lacks keeps its settings,
         with the paths that moved with the run directory at their new place (``moved``:
         :meth:`Move.apply`)."""
@@ -286,6 +295,7 @@ class Manifest(BaseModel):
             update={
                 "generators": {**kept(self.generators, other.generators), **other.generators},
                 "judges": {**kept(self.judges, other.judges), **other.judges},
+                "schema_version": MANIFEST_VERSION,
                 "run_name": other.run_name,  # --new-run's directory, resumed under its name
                 "config": other.config,
                 "retry_errors": other.retry_errors,
@@ -703,16 +713,16 @@ def _refuse_later_format(run_dir: Path, text: bytes) -> None:
     damage.
 
     Raises:
-        RunDirError: its ``schema_version`` is past :data:`SCHEMA_VERSION`.
+        RunDirError: its ``schema_version`` is past :data:`MANIFEST_VERSION`.
     """
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
         return  # damaged: the model's reading names what is wrong
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
         raise RunDirError(
             f"{run_dir} was written by a later trig-stream (record format {version}; this "
-            f"one knows formats up to {SCHEMA_VERSION}): use that version, or start a fresh "
+            f"one knows formats up to {MANIFEST_VERSION}): use that version, or start a fresh "
             "run with --new-run"
         )

@@ -28,10 +28,11 @@ from trig_stream.dimensions import Dimension, Task, pair_holds, split_pair
 from trig_stream.hashing import sample_digest
 
 SCHEMA_VERSION = 1
-# Bump it when the manifest, a journal line or a quarantine line gains a field, or a field
-# widens its type, that an older build would refuse: the older build then says a later
-# trig-stream wrote the file instead of calling it damaged (manifest.read_manifest), and
-# skips such a line with a warning.
+# The format of journal and quarantine lines. Bump it when a line gains a field, or a field
+# widens its type, that an older build would refuse: the older build then skips such a line
+# with a warning that a later trig-stream wrote it. The manifest has a format of its own,
+# bumped alike (manifest.MANIFEST_VERSION): a bump here would make an older build skip
+# every line of a run directory that it reads as well as ever.
 
 Status: TypeAlias = Literal["ok", "unscorable", "error"]
 Stage: TypeAlias = Literal["generate", "judge"]
