@@ -34,7 +34,7 @@ from trig_stream.cli import main
 from trig_stream.errors import BackendError, FatalBackendError, RunDirError
 from trig_stream.exit_codes import EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_DIR
 from trig_stream.locks import LOCK
-from trig_stream.manifest import read_manifest
+from trig_stream.manifest import MANIFEST_VERSION, read_manifest
 from trig_stream.signals import interrupt_on_stop_signals, stop_signals
 from trig_stream.testing import FakeJudge, SyntheticGenerator
 
@@ -1112,7 +1112,9 @@ def test_a_later_format_s_manifest_is_named_so_not_damaged(
     run_dir = tmp_path / "runs" / "cli"
     manifest = run_dir / "manifest.json"
     manifest.write_text(
-        json.dumps({**json.loads(manifest.read_text()), "schema_version": 2, **later})
+        json.dumps(
+            {**json.loads(manifest.read_text()), "schema_version": MANIFEST_VERSION + 1, **later}
+        )
     )
     capsys.readouterr()
     for command in (
@@ -1125,8 +1127,9 @@ def test_a_later_format_s_manifest_is_named_so_not_damaged(
         err = " ".join(capsys.readouterr().err.split())
         assert "damaged" not in err, command
         assert (
-            f"{run_dir} was written by a later trig-stream (record format 2; this one knows "
-            "formats up to 1): use that version, or start a fresh run with --new-run"
+            f"{run_dir} was written by a later trig-stream (record format "
+            f"{MANIFEST_VERSION + 1}; this one knows formats up to {MANIFEST_VERSION}): use that "
+            "version, or start a fresh run with --new-run"
         ) in err, command
 
 

@@ -25,7 +25,7 @@ from trig_stream.config import DatasetSection
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import normalise_task
 from trig_stream.errors import DatasetError, DatasetInterrupted
-from trig_stream.records import QuarantinedRecord, Sample
+from trig_stream.records import QuarantinedRecord, RecordedPair, Sample
 
 
 def png_bytes(colour: tuple[int, int, int] = (10, 20, 30)) -> bytes:
@@ -194,6 +194,36 @@ def test_a_sample_quarantined_as_changed_since_judged_counts_toward_the_limit(
     assert {e.data_id for e in entries} == set(judged)
     assert source.limit_reached
     assert set(source.selected_samples()) == set(judged)  # as the readers of the run count
+
+
+def test_a_pair_edited_since_a_judgement_without_digest_is_quarantined_in_its_place(
+    tmp_path: Path,
+) -> None:
+    # Judgements older than sample digests record the pair alone: a record whose pair was
+    # edited since is told by it (one whose prompt was cannot be), and keeps its place under
+    # the limit, as the readers of the run count it.
+    path = tmp_path / "prompts.json"
+    write_prompts(path, 6)
+    section = DatasetSection(path=path, limit=3)
+    judged = {
+        s.data_id: RecordedPair(s.pair)
+        for s in DatasetSource(section, "t2i")
+        if isinstance(s, Sample)
+    }
+    records = json.loads(path.read_text())
+    records[0]["prompt"] += " (edited)"
+    records[1]["dimension"][1] = "R-T"
+    path.write_text(json.dumps(records))
+    source = DatasetSource(section, "t2i", judged=judged)
+    entries = list(source)
+    assert [type(e).__name__ for e in entries] == ["Sample", "QuarantinedRecord", "Sample"]
+    refused = entries[1]
+    assert isinstance(refused, QuarantinedRecord) and refused.index == 1
+    assert refused.data_id == records[1]["data_id"]
+    assert "(its pair differs: IQ-A_TA-S when judged, IQ-A_R-T now)" in refused.reason
+    assert {e.data_id for e in entries} == set(judged)
+    samples = {e.data_id: e.dimensions for e in entries if isinstance(e, Sample)}
+    assert source.selected_samples(refused={1}, judged=set(judged)) == samples
 
 
 def test_digests_of_odd_text_and_of_t2i_image_ids(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from trig_stream import (
 )
 from trig_stream import files as files_module
 from trig_stream import journal as journal_module
+from trig_stream import manifest as manifest_module
 from trig_stream.backends.base import EncodedPicture, GenerationRequest
 from trig_stream.config import RunConfig, load_config
 from trig_stream.errors import FatalBackendError, ItemError
@@ -54,7 +55,14 @@ from trig_stream.journal import (
     read_journal,
 )
 from trig_stream.locks import LOCK, Writer, find_writer
-from trig_stream.manifest import IMAGES, MANIFEST, Manifest, as_json, read_manifest
+from trig_stream.manifest import (
+    IMAGES,
+    MANIFEST,
+    MANIFEST_VERSION,
+    Manifest,
+    as_json,
+    read_manifest,
+)
 from trig_stream.moves import Move
 from trig_stream.new_runs import next_free_run_dir
 from trig_stream.persisting import PersistStage
@@ -240,9 +248,8 @@ async def test_a_refused_resume_leaves_the_journal_as_it_was(make_config: Config
     path, manifest = config.run_dir / JOURNAL, config.run_dir / MANIFEST
     later = path.read_bytes().replace(b'{"schema_version":1,', b'{"schema_version":2,')
     path.write_bytes(later + b'{"schema_version":2,"mod')  # a torn tail too
-    manifest.write_text(
-        manifest.read_text().replace('"schema_version": 1,', '"schema_version": 2,')
-    )
+    later_manifest = {**json.loads(manifest.read_text()), "schema_version": MANIFEST_VERSION + 1}
+    manifest.write_text(json.dumps(later_manifest, indent=2))
     before = {entry: entry.read_bytes() for entry in config.run_dir.rglob("*") if entry.is_file()}
     before.pop(config.run_dir / LOCK)
     with pytest.raises(RunDirError, match="written by a later trig-stream"):
@@ -1242,17 +1249,22 @@ def test_error_judgements_record_no_digest_to_compare(tmp_path: Path) -> None:
     assert Journal(path).open().digests == {"IQ-R_IQ-O_2": "0123456789abcdef"}
 
 
+def without_sample_digests(path: Path) -> None:
+    """Write the journal at ``path`` again as a trig-stream older than sample digests wrote
+    it (before eb40369): its lines record no ``sample_digest``."""
+    old = [
+        {k: v for k, v in json.loads(line).items() if k != "sample_digest"} for line in path.open()
+    ]
+    path.write_text("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in old))
+
+
 async def test_journals_without_sample_digests_resume_as_before(
     make_config: ConfigFactory, tmp_path: Path
 ) -> None:
     config = make_config(samples=4)
     first = await run_to_end(config)
     assert all(j.sample_digest for j in first)
-    path = config.run_dir / JOURNAL
-    old = [
-        {k: v for k, v in json.loads(line).items() if k != "sample_digest"} for line in path.open()
-    ]
-    path.write_text("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in old))
+    without_sample_digests(config.run_dir / JOURNAL)
     prompts = tmp_path / "prompts.json"
     records = json.loads(prompts.read_text())
     records[0]["prompt"] = "another prompt"  # an old journal cannot tell: nothing to compare
@@ -1261,6 +1273,46 @@ async def test_journals_without_sample_digests_resume_as_before(
         results = [j async for j in engine.results]
         summary = await engine.drain()
     assert (results, summary.quarantined) == ([], 0)
+
+
+async def test_a_pair_edited_since_a_judgement_without_digest_is_quarantined(
+    make_config: ConfigFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A line older than sample digests still records its pair: a record whose pair changed
+    # was judged on the new pair's dimension beside the old pair's judgements (two versions
+    # of one sample in one run).
+    config = make_config(samples=4)
+    await run_to_end(config)
+    path = config.run_dir / JOURNAL
+    without_sample_digests(path)
+    before = path.read_bytes()
+    prompts = tmp_path / "prompts.json"
+    records = json.loads(prompts.read_text())
+    edited = records[1]["data_id"]
+    records[1]["dimension"] = [records[1]["dimension"][0], "R-T"]
+    prompts.write_text(json.dumps(records))
+    said = (
+        f"{path}: 4 sample(s) were judged only by a trig-stream older than sample digests "
+        "(before eb40369), whose judgements record their pair alone: an edit of such a "
+        "sample's prompt, item or img_id since cannot be detected"
+    )
+    with caplog.at_level("WARNING", logger="trig_stream.journal"):
+        check_resume(config.run_dir, read_manifest(config.run_dir))  # validate
+    assert caplog.text.count(said) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trig_stream.journal"):
+        async with Engine(config) as engine:
+            results = [j async for j in engine.results]
+            summary = await engine.drain()
+    assert caplog.text.count(said) == 1
+    assert (results, summary.quarantined) == ([], 1)
+    quarantined = [json.loads(line) for line in (config.run_dir / QUARANTINE).open()]
+    assert [q["data_id"] for q in quarantined] == [edited]
+    assert (
+        f"data_id {edited!r} changed since it was judged in this run directory (its pair "
+        "differs: IQ-A_TA-S when judged, IQ-A_R-T now)"
+    ) in quarantined[0]["reason"]
+    assert path.read_bytes() == before
 
 
 async def test_earlier_judgements_load_only_once_the_first_new_one_is_durable(
@@ -1473,11 +1525,50 @@ async def test_a_manifest_saved_with_a_byte_order_mark_is_read_and_written_witho
 
 
 def test_a_run_dir_of_a_later_format_is_refused_not_read_as_this_one(tmp_path: Path) -> None:
-    manifest = Manifest(run_name="later", task="t2i", schema_version=2)
+    manifest = Manifest(run_name="later", task="t2i", schema_version=MANIFEST_VERSION + 1)
     (tmp_path / MANIFEST).write_text(manifest.model_dump_json())
     with pytest.raises(RunDirError) as raised:
         read_manifest(tmp_path)
-    assert "written by a later trig-stream (record format 2" in str(raised.value)
+    assert f"written by a later trig-stream (record format {MANIFEST_VERSION + 1}" in str(
+        raised.value
+    )
+
+
+async def test_a_manifest_written_now_is_named_a_later_one_by_a_reader_of_format_1(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The manifest gained retry_errors and journal_lines, and its judges params.scoring_rules,
+    # since format 1: a trig-stream that knew format 1 alone called it damaged, or a journal
+    # copied in, or other settings, instead of a later trig-stream's.
+    config = make_config(samples=2)
+    await run_to_end(config)
+    written = json.loads((config.run_dir / MANIFEST).read_text())
+    assert written["schema_version"] > 1
+    assert written["judges"]["trigscore"]["params"]["scoring_rules"] == SCORING_RULES
+    monkeypatch.setattr(manifest_module, "MANIFEST_VERSION", 1)  # a reader of format 1
+    with pytest.raises(RunDirError) as raised:
+        read_manifest(config.run_dir)
+    assert str(raised.value) == (
+        f"{config.run_dir} was written by a later trig-stream (record format "
+        f"{written['schema_version']}; this one knows formats up to 1): use that version, or "
+        "start a fresh run with --new-run"
+    )
+
+
+async def test_a_manifest_of_format_1_resumes_and_is_written_again_in_this_format(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config(samples=4)
+    await run_to_end(config)
+    path = config.run_dir / MANIFEST
+    older = {**json.loads(path.read_text()), "schema_version": 1}
+    path.write_text(json.dumps(older, indent=2))
+    assert read_manifest(config.run_dir).schema_version == 1  # status, report, watch
+    check_resume(config.run_dir, read_manifest(config.run_dir))  # validate
+    journal_path = config.run_dir / JOURNAL
+    journal_path.write_text("".join(journal_path.read_text().splitlines(keepends=True)[:-2]))
+    assert len(await run_to_end(config)) == 2
+    assert json.loads(path.read_text())["schema_version"] == MANIFEST_VERSION
 
 
 def test_a_run_dir_locked_by_another_process_names_its_pid(tmp_path: Path) -> None:

@@ -284,6 +284,50 @@ def test_a_judge_of_another_backend_under_the_name_is_not_said_to_score_by_other
     assert not any("scores by rules" in line for line in found)
 
 
+async def test_judges_of_two_backends_swapping_names_are_refused_naming_each_difference(
+    make_config: ConfigFactory,
+) -> None:
+    # A resume wrote the config's scoring rules into a stored entry without them, a metric
+    # judge's too: its difference went unsaid while the other judge's was said; and the texts
+    # a metric judge leaves empty were shown as "".
+    config = make_config(samples=2)
+    await run_to_end(config)
+    run_dir = config.run_dir
+    vlm = {
+        "backend": "openai",
+        "model": "qwen",
+        "template_version": "trig-1",
+        "scorer": "robust",
+        "confidence": False,
+        "params": {"scoring_rules": SCORING_RULES},
+    }
+    metric = {**_METRIC, "template_version": "", "scorer": "", "confidence": False}
+    data = json.loads((run_dir / MANIFEST).read_text())
+    data["judges"] = {"trigscore": vlm, "nsfw": metric}
+    (run_dir / MANIFEST).write_text(json.dumps(data))
+    lines = [json.loads(line) for line in (run_dir / JOURNAL).read_text().splitlines()]
+    judged = [
+        {**line, "metric": name, "judge": judge}
+        for line in lines
+        for name, judge in data["judges"].items()
+    ]
+    (run_dir / JOURNAL).write_text("".join(json.dumps(line) + "\n" for line in judged))
+    swapped = Manifest(
+        run_name=config.run.name, task="t2i", judges={"trigscore": metric, "nsfw": vlm}
+    )
+    with pytest.raises(FingerprintMismatch) as raised:
+        check_resume(run_dir, swapped)
+    found = str(raised.value)
+    for key, value in (
+        ("params.scoring_rules", str(SCORING_RULES)),
+        ("scorer", '"robust"'),
+        ("template_version", '"trig-1"'),
+    ):
+        assert f"judge 'trigscore': {key} {value} in the run dir, not set in the config" in found
+        assert f"judge 'nsfw': {key} not set in the run dir, {value} in the config" in found
+    assert '""' not in found
+
+
 @pytest.mark.parametrize(
     ("scorer", "stored_rules", "refused"),
     [("trig", 1, False), ("robust", 1, True), ("trig", SCORING_RULES + 1, True)],

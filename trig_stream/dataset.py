@@ -25,7 +25,7 @@ from typing import Any
 from trig_stream.config import DatasetSection
 from trig_stream.dataset_formats import read_json, read_json_lines, read_parquet
 from trig_stream.dataset_identities import SampleIdentities
-from trig_stream.dimensions import Dimension, Task, split_pair, unordered_pair
+from trig_stream.dimensions import Dimension, Task, pair_name, split_pair, unordered_pair
 from trig_stream.errors import DatasetError
 from trig_stream.files import file_kind
 from trig_stream.hashing import sample_digest
@@ -37,7 +37,13 @@ from trig_stream.record_checks import (
     check_unicode,
     record_identity,
 )
-from trig_stream.records import QuarantinedRecord, Sample, storable_text
+from trig_stream.records import (
+    QuarantinedRecord,
+    RecordedPair,
+    Sample,
+    SampleAsked,
+    storable_text,
+)
 from trig_stream.source_image_checks import source_image, source_name
 
 
@@ -61,10 +67,12 @@ class DatasetSource:
             On resume most samples are finished, and building them would dominate the
             time to the first new request.
         judged: data_id -> the :attr:`~trig_stream.records.Sample.digest` recorded when the
-            sample was judged (a resumed run's journal). A sample that asks something else
-            now (its prompt, pair, item or source image name edited since) is quarantined:
-            its earlier judgements answer the old question, and judging the rest of it
-            would mix the two versions in one run.
+            sample was judged (a resumed run's journal), or the pair alone for judgements
+            older than the digest (:class:`~trig_stream.records.RecordedPair`). A sample
+            that asks something else now (its prompt, pair, item or source image name
+            edited since; its pair, where only that was recorded) is quarantined: its
+            earlier judgements answer the old question, and judging the rest of it would
+            mix the two versions in one run.
         source_images: whether a generator of the run reads p2p / s2p source images
             (:attr:`~trig_stream.backends.base.Generator.reads_source_image`). Without one,
             a sample's source image is neither looked up nor decoded, nor is ``image_root``
@@ -78,7 +86,7 @@ class DatasetSource:
         task: Task,
         *,
         finished: Callable[[str, tuple[Dimension, ...]], bool] | None = None,
-        judged: Mapping[str, str] | None = None,
+        judged: Mapping[str, SampleAsked] | None = None,
         source_images: bool = True,
     ) -> None:
         self.section = section
@@ -141,13 +149,8 @@ class DatasetSource:
                     self.filtered_out += 1
                     continue
                 recorded = self._judged.get(data_id)
-                if recorded is not None and recorded != _raw_digest(raw, self.task, dimensions):
-                    raise ChangedSinceJudged(
-                        f"data_id {data_id!r} changed since it was judged in this run "
-                        "directory (its prompt, pair, item or img_id differ): its earlier "
-                        "judgements are kept and it is not judged again; use --new-run to "
-                        "judge the new version"
-                    )
+                if recorded is not None:
+                    self._refuse_a_change(data_id, recorded, raw, dimensions)
                 judged = self.dimensions_to_judge(dimensions)
                 if self._finished is not None and self._finished(data_id, judged):
                     produced += 1
@@ -174,6 +177,34 @@ class DatasetSource:
             produced += 1
             without_sample = 0
             yield sample
+
+    def _refuse_a_change(
+        self,
+        data_id: str,
+        recorded: SampleAsked,
+        raw: Mapping[str, Any],
+        dimensions: tuple[Dimension, Dimension],
+    ) -> None:
+        """Refuse a record that asks something else than ``recorded``, what its judgements in
+        the run directory recorded it asked.
+
+        Raises:
+            ChangedSinceJudged: it does.
+        """
+        if isinstance(recorded, RecordedPair):
+            pair = pair_name(*dimensions)
+            if recorded.pair == pair:
+                return
+            what = f"its pair differs: {recorded.pair} when judged, {pair} now"
+        elif recorded == _raw_digest(raw, self.task, dimensions):
+            return
+        else:
+            what = "its prompt, pair, item or img_id differ"
+        raise ChangedSinceJudged(
+            f"data_id {data_id!r} changed since it was judged in this run directory ({what}): "
+            "its earlier judgements are kept and it is not judged again; use --new-run to "
+            "judge the new version"
+        )
 
     def dimensions_to_judge(self, dimensions: tuple[Dimension, Dimension]) -> tuple[Dimension, ...]:
         """The dimensions of a sample's pair that this run scores (less any filtered out)."""
@@ -461,7 +492,7 @@ def _raw_digest(raw: Mapping[str, Any], task: Task, dimensions: tuple[Dimension,
     return sample_digest(
         task,
         prompt if isinstance(prompt, str) else "",
-        f"{dimensions[0]}_{dimensions[1]}",
+        pair_name(*dimensions),
         item if isinstance(item, str) else None,
         img_id if isinstance(img_id, str) else "",
     )

@@ -42,6 +42,8 @@ from trig_stream.records import (
     JudgeFingerprint,
     Judgement,
     JudgementKey,
+    RecordedPair,
+    SampleAsked,
     Status,
     is_safe_name,
 )
@@ -124,10 +126,11 @@ class JournalState:
     generators made images. ``error`` lines alone judged nothing."""
     metrics_with_results: set[str] = field(default_factory=set)
     """Metrics (judges) with a line that records something judged."""
-    digests: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, SampleAsked] = field(default_factory=dict)
     """data_id -> the :attr:`~trig_stream.records.Sample.digest` its latest judgement in the
-    file recorded: what each sample asked when it was judged (lines older than the digest
-    record none, and ``error`` lines are left out: they judged nothing)."""
+    file recorded: what each sample asked when it was judged (``error`` lines are left out:
+    they judged nothing). A sample whose lines are all older than the digest has its
+    latest one's pair instead (:class:`~trig_stream.records.RecordedPair`)."""
     seeds: dict[str, dict[str, int]] = field(default_factory=dict)
     """model -> data_id -> the generation seed the first line that judged its image records
     (lines older than seeds record none): checked on resume against the seed the run's
@@ -189,6 +192,7 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
     """
     state = JournalState()
     good_end = end = 0
+    pairs: dict[str, RecordedPair] = {}  # one per pair, not one per sample
     handle = open_journal(path)
     if handle is None:
         return state, 0
@@ -223,6 +227,13 @@ def journal_state(path: Path) -> tuple[JournalState, int]:
                 state.metrics_with_results.add(key[3])
                 if judgement.sample_digest is not None:
                     state.digests[key[1]] = judgement.sample_digest
+                elif not isinstance(state.digests.get(key[1]), str):
+                    # Older than the digest: its pair is what it tells of its sample (a
+                    # digest, which holds the pair too, is not replaced by less).
+                    recorded = pairs.get(judgement.pair)
+                    if recorded is None:
+                        recorded = pairs[judgement.pair] = RecordedPair(judgement.pair)
+                    state.digests[key[1]] = recorded
                 seed = judgement.seed
                 if seed is not None:
                     seeds = state.seeds.get(key[0])
@@ -489,6 +500,22 @@ def warn_of_skipped_lines(path: Path, skipped: Sequence[int], first_reason: str)
             len(skipped),
             skipped[0],
             first_reason,
+        )
+
+
+def warn_of_samples_without_digest(path: Path, state: JournalState) -> None:
+    """Warn that the samples of the journal at ``path`` whose judgements record no sample
+    digest (``state``: what it holds), all written by a trig-stream older than it, are
+    compared by their pair alone: the run's opening and ``validate`` alike."""
+    count = sum(isinstance(asked, RecordedPair) for asked in state.digests.values())
+    if count:
+        logger.warning(
+            "%s: %d sample(s) were judged only by a trig-stream older than sample digests "
+            "(before eb40369), whose judgements record their pair alone: an edit of such a "
+            "sample's prompt, item or img_id since cannot be detected (one of its pair is, "
+            "and quarantines the record); --new-run judges them afresh",
+            path,
+            count,
         )
 
 

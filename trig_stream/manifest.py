@@ -38,10 +38,18 @@ from trig_stream.files import MAX_SETTINGS_BYTES, file_kind, open_regular_file
 from trig_stream.hashing import seeds_for
 from trig_stream.journal import JournalState, holds_our_journal
 from trig_stream.moves import Move
-from trig_stream.records import CASE_CLASH, SCHEMA_VERSION, JudgeFingerprint, JudgementKey
+from trig_stream.records import CASE_CLASH, JudgeFingerprint, JudgementKey
 from trig_stream.scoring import SCORING_RULES_CHANGES, SCORING_RULES_KEY, scored_alike
 
 MANIFEST = "manifest.json"
+MANIFEST_VERSION: Final = 2
+"""The format of the manifests this trig-stream writes; it reads each format up to it. Kept
+apart from the format of journal and quarantine lines
+(:data:`~trig_stream.records.SCHEMA_VERSION`), which older trig-streams still read.
+2: ``retry_errors``, ``journal_lines`` and a judge's ``params.scoring_rules``, which a
+trig-stream of format 1 may refuse as damage or as other settings, where it should name a
+later version's. A format-1 manifest is read as ever, and a resume writes it again in this
+format."""
 MAX_MANIFEST_BYTES: Final = MAX_SETTINGS_BYTES
 """The largest ``manifest.json`` read whole. A run writes a few kilobytes; a larger file of
 that name is another program's (a dataset's index), and reading it whole cost seconds and
@@ -62,7 +70,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = MANIFEST_VERSION
     run_name: str
     task: str
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -166,18 +174,21 @@ class Manifest(BaseModel):
             for name in sorted(mine.keys() & theirs.keys()):
                 if holds is not None and not holds(kind, name):
                     continue
-                stored_entry = mine[name]
+                stored_entry, config_entry = mine[name], theirs[name]
                 defaults: Any = _ABSENT
                 if kind == "judges":
-                    stored_entry = _auto_dtype_as_configured(stored_entry, theirs[name])
+                    config_entry = _empty_texts_unset(config_entry)
+                    stored_entry = _auto_dtype_as_configured(
+                        _empty_texts_unset(stored_entry), config_entry
+                    )
                 else:
                     defaults = other._generator_defaults.get(name, _ABSENT)
-                changed = _changed_fields(stored_entry, theirs[name], same, defaults=defaults)
+                changed = _changed_fields(stored_entry, config_entry, same, defaults=defaults)
                 for key, stored, configured in changed:
                     if kind == "judges" and key == f"params.{SCORING_RULES_KEY}":
-                        if _rules_that_score_alike(stored_entry, theirs[name]):
+                        if _rules_that_score_alike(stored_entry, config_entry):
                             continue
-                        same_backend = stored_entry.get("backend") == theirs[name].get("backend")
+                        same_backend = stored_entry.get("backend") == config_entry.get("backend")
                         if said := _other_scoring_rules(name, stored, configured, same_backend):
                             found.append(said)
                             continue
@@ -223,12 +234,14 @@ class Manifest(BaseModel):
                 # As a resume compares a stored entry with the config's (an older line's
                 # "auto" dtype), and with a path kept under its name, as a moved project's
                 # manifest entry moved on while the lines stayed.
-                line = _auto_dtype_as_configured(fingerprint.model_dump(mode="json"), entry)
-                line = _scoring_rules_as_entry(line, entry)
-                if _rules_that_score_alike(line, entry):  # lines judged before a resume
-                    rules = entry["params"][SCORING_RULES_KEY]
+                compared_entry = _empty_texts_unset(entry)
+                line = _empty_texts_unset(fingerprint.model_dump(mode="json"))
+                line = _auto_dtype_as_configured(line, compared_entry)
+                line = _scoring_rules_as_entry(line, compared_entry)
+                if _rules_that_score_alike(line, compared_entry):  # lines judged before a resume
+                    rules = compared_entry["params"][SCORING_RULES_KEY]
                     line = {**line, "params": {**line["params"], SCORING_RULES_KEY: rules}}
-                for key, stored, written in _changed_fields(line, entry, _same_name_paths):
+                for key, stored, written in _changed_fields(line, compared_entry, _same_name_paths):
                     found.append(
                         f"judge {name!r}: {key} {stored} in the journal, {written} in {MANIFEST}"
                     )
@@ -272,7 +285,8 @@ class Manifest(BaseModel):
     def merged(self, other: Manifest, moved: Move | None = None) -> Manifest:
         """This manifest with the models and judges ``other`` adds, and what ``other`` says of
         the latest run: its name, its config, whether it retries errors, where its journal
-        started.
+        started; in this trig-stream's format (:data:`MANIFEST_VERSION`), whose fields it
+        holds now.
         An entry of ``other`` replaces this one's; one ``other`` lacks keeps its settings,
         with the paths that moved with the run directory at their new place (``moved``:
         :meth:`Move.apply`)."""
@@ -286,6 +300,7 @@ class Manifest(BaseModel):
             update={
                 "generators": {**kept(self.generators, other.generators), **other.generators},
                 "judges": {**kept(self.judges, other.judges), **other.judges},
+                "schema_version": MANIFEST_VERSION,
                 "run_name": other.run_name,  # --new-run's directory, resumed under its name
                 "config": other.config,
                 "retry_errors": other.retry_errors,
@@ -360,10 +375,10 @@ def checked_scoring_rules(
     stored: Manifest, configured: Manifest, journal: JournalState, run_dir: Path
 ) -> Manifest:
     """``stored``, the manifest of ``run_dir``, with the scoring rules of ``configured``'s
-    judges written into the entries that were written before fingerprints held them, once
-    every ``ok`` and ``unscorable`` judgement of those judges in its journal (``journal``:
-    what the resume's one pass over it found) scores now as it was stored: a resume then adds
-    scores that compare with the stored ones.
+    judges written into the entries of the same backend that were written before
+    fingerprints held them, once every ``ok`` and ``unscorable`` judgement of those judges in
+    its journal (``journal``: what the resume's one pass over it found) scores now as it was
+    stored: a resume then adds scores that compare with the stored ones.
 
     A judgement scores otherwise when its stored top logprobs give another status or score
     under today's scorer (:func:`~trig_stream.journal.scores_otherwise_now`). An answer an
@@ -374,10 +389,13 @@ def checked_scoring_rules(
     Raises:
         FingerprintMismatch: a judgement scores otherwise now.
     """
+    # Only an entry of the same backend: one of another (a judge swapped for a metric under
+    # its name) is refused for that, every field of it named, its rules' absence too.
     judges = {
         name: rules
         for name, entry in configured.judges.items()
         if name in stored.judges
+        and stored.judges[name].get("backend") == entry.get("backend")
         and (rules := (entry.get("params") or {}).get(SCORING_RULES_KEY)) is not None
         and SCORING_RULES_KEY not in (stored.judges[name].get("params") or {})
     }
@@ -407,6 +425,22 @@ def checked_scoring_rules(
         for name, entry in stored.judges.items()
     }
     return stored.model_copy(update={"judges": entries})
+
+
+_TEXTS_LEFT_EMPTY: Final = ("template_version", "scorer")
+"""The text fields of a :class:`~trig_stream.records.JudgeFingerprint` that a judge without a
+template or a scorer (a metric) leaves empty."""
+
+
+def _empty_texts_unset(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A judge's fingerprint without the fields of :data:`_TEXTS_LEFT_EMPTY` it leaves empty:
+    compared so, an empty one is told as ``not set`` beside another judge's value, as a
+    parameter one judge lacks is (not as ``""``)."""
+    return {
+        key: value
+        for key, value in fingerprint.items()
+        if not (key in _TEXTS_LEFT_EMPTY and value == "")
+    }
 
 
 def _auto_dtype_as_configured(stored: dict[str, Any], configured: dict[str, Any]) -> dict[str, Any]:
@@ -703,16 +737,16 @@ def _refuse_later_format(run_dir: Path, text: bytes) -> None:
     damage.
 
     Raises:
-        RunDirError: its ``schema_version`` is past :data:`SCHEMA_VERSION`.
+        RunDirError: its ``schema_version`` is past :data:`MANIFEST_VERSION`.
     """
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
         return  # damaged: the model's reading names what is wrong
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
         raise RunDirError(
             f"{run_dir} was written by a later trig-stream (record format {version}; this "
-            f"one knows formats up to {SCHEMA_VERSION}): use that version, or start a fresh "
+            f"one knows formats up to {MANIFEST_VERSION}): use that version, or start a fresh "
             "run with --new-run"
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Protocol, TypeAlias, TypeGuard
 
@@ -27,10 +28,11 @@ from trig_stream.dimensions import Dimension, Task, pair_holds, split_pair
 from trig_stream.hashing import sample_digest
 
 SCHEMA_VERSION = 1
-# Bump it when the manifest, a journal line or a quarantine line gains a field, or a field
-# widens its type, that an older build would refuse: the older build then says a later
-# trig-stream wrote the file instead of calling it damaged (manifest.read_manifest), and
-# skips such a line with a warning.
+# The format of journal and quarantine lines. Bump it when a line gains a field, or a field
+# widens its type, that an older build would refuse: the older build then skips such a line
+# with a warning that a later trig-stream wrote it. The manifest has a format of its own,
+# bumped alike (manifest.MANIFEST_VERSION): a bump here would make an older build skip
+# every line of a run directory that it reads as well as ever.
 
 Status: TypeAlias = Literal["ok", "unscorable", "error"]
 Stage: TypeAlias = Literal["generate", "judge"]
@@ -186,6 +188,21 @@ class Sample(_Record):
         judgement of the sample records it. Computed on each call (~1.5 us): a cached value
         would travel with ``model_copy`` into a copy with another prompt."""
         return sample_digest(self.task, self.prompt, self.pair, self.item, self.img_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedPair:
+    """What a judgement written by a trig-stream older than sample digests (before eb40369)
+    tells of what its sample asked: the pair alone (``A_B`` in the record's order), where a
+    later one records the :attr:`Sample.digest`. A record whose pair differs from it asks
+    something else; an edit of its prompt, item or img_id cannot be told."""
+
+    pair: str
+
+
+SampleAsked: TypeAlias = str | RecordedPair
+"""What the judgements of a sample in a run directory recorded it asked: its
+:attr:`Sample.digest`, or, in lines older than the digest, its pair (:class:`RecordedPair`)."""
 
 
 class PromptRewrite(_Record):

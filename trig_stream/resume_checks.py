@@ -21,6 +21,7 @@ from trig_stream.journal import (
     journal_state,
     journal_unreadable,
     refuse_a_torn_tail_kept,
+    warn_of_samples_without_digest,
     warn_of_skipped_lines,
 )
 from trig_stream.locks import find_writer, journal_in_use, run_in_use
@@ -220,6 +221,7 @@ def check_resume(path: Path, manifest: Manifest) -> JournalState:
     refuse_a_torn_tail_kept(path / JOURNAL, journal)  # as the run's opening of it does
     # As the run's reading of the journal warns.
     warn_of_skipped_lines(path / JOURNAL, journal.skipped_lines, journal.skipped_reason)
+    warn_of_samples_without_digest(path / JOURNAL, journal)  # as the run's opening warns
     resumed_manifest(path, manifest, journal)
     return journal
 

@@ -43,7 +43,13 @@ from trig_stream.files import (
     write_atomic,
     write_atomic_many,
 )
-from trig_stream.journal import JOURNAL, Journal, JournalState, moved_or_replaced
+from trig_stream.journal import (
+    JOURNAL,
+    Journal,
+    JournalState,
+    moved_or_replaced,
+    warn_of_samples_without_digest,
+)
 from trig_stream.locks import LOCK, run_in_use
 from trig_stream.manifest import IMAGES, MANIFEST, Manifest
 from trig_stream.new_runs import take_made_folders
@@ -137,6 +143,7 @@ class RunDir:
             # The journal's lock first: a run turned away by it must touch nothing (a running
             # run's temporary images and newest lines look like a crash's leftovers).
             state = run.journal.open(cut=False)
+            warn_of_samples_without_digest(run.journal.path, state)  # as validate warns
             # Checked before anything is cut or removed: a run refused (other settings, a
             # later trig-stream's manifest) leaves the journal and images as they were.
             run._check_manifest(manifest, state)
