@@ -1064,13 +1064,35 @@ def test_validate_refuses_a_command_listening_where_serve_host_does_not_reach(
         assert 'write "--host", "{host}" in the command' in err
 
 
-@pytest.mark.parametrize("listen", [["--host", "{host}"], ["--host", "0.0.0.0"], ["--host=127.1"]])
+@pytest.mark.parametrize(
+    "listen",
+    [
+        ["--host", "{host}"],
+        ["--host", "0.0.0.0"],
+        ["--host=127.1"],
+        # vLLM binds an empty host as every IPv4 address: it was refused as reaching nowhere.
+        ["--host", ""],
+        ["--host="],
+    ],
+)
 def test_validate_takes_a_command_listening_where_serve_host_reaches(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], listen: list[str]
 ) -> None:
     serve = json.dumps([*SIMULATED, *listen])
     config = write_serve_config(tmp_path, f"command = {serve}\nport = 0\n")
     assert main(["validate", str(config)]) == EXIT_OK, capsys.readouterr().err
+
+
+@pytest.mark.skipif(not IPV6_LOOPBACK, reason="no IPv6 loopback on this machine")
+def test_a_command_listening_at_every_ipv4_address_is_refused_for_an_ipv6_host() -> None:
+    # The advice was to set serve.host to '', which serve.host refuses as empty.
+    table = serve([*SIMULATED, "--host", ""], host="::1")
+    server = ManagedServer(ServeOptions.model_validate(table), name="trigscore")
+    with pytest.raises(FatalBackendError) as caught:
+        server.check_host()
+    message = str(caught.value)
+    assert "makes the server listen at '' (every IPv4 address)" in message
+    assert message.endswith("or set serve.host to '127.0.0.1'")
 
 
 TWO_SERVERS = """\

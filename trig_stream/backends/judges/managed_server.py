@@ -366,14 +366,17 @@ class ManagedServer:
                 where, listen = index, arg.removeprefix("--host=")
             else:
                 continue
-            if "{host}" in listen or hosts_overlap(listen, host):
+            # vLLM binds an empty --host as every IPv4 address (0.0.0.0), which serve.host
+            # cannot be written as.
+            if "{host}" in listen or hosts_overlap(listen or "0.0.0.0", host):
                 continue
+            at = repr(listen) if listen else "'' (every IPv4 address)"
             raise FatalBackendError(
                 f"judge {self.name!r}: options.serve.command[{where}] makes the server listen "
-                f"at {listen!r}, where the run does not reach it: it waits for it at "
+                f"at {at}, where the run does not reach it: it waits for it at "
                 f"options.serve.host {host!r} (GET /health) until ready_timeout_s; write "
                 f'"--host", "{{host}}" in the command (serve.host then goes in), or set '
-                f"serve.host to {listen!r}"
+                f"serve.host to {listen or '127.0.0.1'!r}"
             )
 
     def check_port(self) -> None:
