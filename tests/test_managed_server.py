@@ -24,6 +24,7 @@ from PIL import Image
 from tests.conftest import ConfigFactory, write_prompts
 from trig_stream import Engine
 from trig_stream.backends import library_logs
+from trig_stream.backends.api_keys import note_key_variable
 from trig_stream.backends.base import JudgeRequest
 from trig_stream.backends.judges import managed_server, process_groups, server_addresses
 from trig_stream.backends.judges.managed_server import (
@@ -1339,6 +1340,28 @@ def test_a_server_printing_its_environment_shows_no_key_of_the_run(
         assert f"| {name} ***" in err, err
     for key in keys.values():
         assert key not in err
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_another_backends_dummy_key_is_no_secret_of_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A local images server's dummy key `1` refused HF_HUB_DISABLE_IMPLICIT_TOKEN=1 in
+    # serve.env as an API key, and was masked in the command line and every line of output.
+    monkeypatch.setenv("SERVE_TEST_DUMMY_KEY", "1")
+    note_key_variable("SERVE_TEST_DUMMY_KEY")  # as the openai_images generator is built
+    script = "print('rank 1 of 2'); raise SystemExit(3)"
+    table = serve(
+        [sys.executable, "-c", script, "{port}", "--tensor-parallel-size", "1"],
+        env={"HF_HUB_DISABLE_IMPLICIT_TOKEN": "1"},
+    )
+    server = ManagedServer(ServeOptions.model_validate(table), name="j")
+    server.check_secrets_left_out()
+    with pytest.raises(FatalBackendError) as caught:
+        await server.start()
+    await server.aclose()
+    message = str(caught.value)
+    assert "--tensor-parallel-size 1`" in message and "| rank 1 of 2" in message, message
 
 
 def test_a_command_not_found_is_named_without_its_unsubstituted_port() -> None:

@@ -21,7 +21,10 @@ A key held as a :class:`Secret` prints as ``***``.
 A process a run starts (an ``openai`` judge's ``serve`` server) inherits the run's
 environment, every backend's key in it: :func:`note_key_variable` counts each variable a
 backend reads its key from as the backend is built, and :func:`keys_in_environment` gives
-the keys they hold, which such a process's output is scrubbed of.
+the keys they hold, which such a process's output is scrubbed of. The count is the process's,
+never cleared: an application that runs several configs has the variables of them all
+counted, which only masks more (and a server's check counts another backend's key only when
+it is long enough to be a secret: ``ManagedServer``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ _NOT_TOKEN_AFTER = r"(?![A-Za-z0-9_-])"
 
 
 _KEY_VARIABLES: set[str] = set()
-"""Every variable an API key is read from by a backend built in this process."""
+"""Every variable an API key is read from by a backend built in this process, of every config
+it has run: a backend may be built by the application embedding the engine, outside any one
+place that could count a run's own."""
 _KEY_VARIABLES_LOCK = threading.Lock()  # backends are built, and keys read, in any thread
 
 

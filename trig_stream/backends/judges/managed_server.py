@@ -28,7 +28,8 @@ with its last lines of output.
 Keep secrets out of ``env``: the config is saved with the run. The child inherits the
 environment, so export the key (``VLLM_API_KEY``) instead. With it, it inherits every key the
 run's backends read: its output quoted is scrubbed of them all
-(:func:`~trig_stream.backends.api_keys.keys_in_environment`), not only of its judge's.
+(:func:`~trig_stream.backends.api_keys.keys_in_environment`), not only of its judge's, but of
+another backend's only when it is long enough to be a secret (``SHORT_KEY_CHARS``).
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ class ManagedServer:
         options: the ``serve`` table.
         name: the judge's name, for messages.
         secrets: texts scrubbed from the output quoted (the judge's API key), besides
-            every key the run's backends read from the environment the server inherits.
+            every key of :data:`SHORT_KEY_CHARS` characters or more the run's backends read
+            from the environment the server inherits.
         sleep: waits between ``/health`` probes (tests inject it).
         clock: measures ``ready_timeout_s`` (tests inject it).
     """
@@ -423,7 +425,8 @@ class ManagedServer:
         name holds ``KEY`` or ``TOKEN``.
 
         A key of :data:`SHORT_KEY_CHARS` characters or more counts wherever it appears, as
-        :meth:`_scrub` masks it. A shorter one (a dummy: ``1``, ``vllm``, ``EMPTY``) is an
+        :meth:`_scrub` masks it. A shorter one, the judge's own (another backend's is none of
+        the keys: :meth:`_keys`), is a dummy (``1``, ``vllm``, ``EMPTY``) and an
         ordinary word too, so only where it is surely passed as the key: as the whole value
         of such a variable (``VLLM_API_KEY``, ``HF_TOKEN``), as the argument after a flag
         naming a key or token (``--api-key KEY``), or, inside any argument or value, as a
@@ -638,9 +641,16 @@ class ManagedServer:
         return process_running(command, group)
 
     def _keys(self) -> list[str]:
-        """The keys kept out of what is quoted and saved: those given, and those the run's
-        backends read from the environment, which the server inherits."""
-        return list(dict.fromkeys([*self._secrets, *keys_in_environment()]))
+        """The keys kept out of what is quoted and saved: those given (the judge's), and those
+        the run's backends read from the environment, which the server inherits, of
+        :data:`SHORT_KEY_CHARS` characters or more.
+
+        Another backend's shorter key is a local server's dummy (``1``, ``vllm``, ``EMPTY``),
+        no secret: counted, it refused ``HF_HUB_DISABLE_IMPLICIT_TOKEN=1`` in ``env`` and
+        masked the server's ``rank 1 of 2``.
+        """
+        others = [key for key in keys_in_environment() if len(key) >= SHORT_KEY_CHARS]
+        return list(dict.fromkeys([*self._secrets, *others]))
 
     def _scrub(self, text: str) -> str:
         return scrub_all(text, self._keys())
