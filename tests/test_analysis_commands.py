@@ -2120,6 +2120,23 @@ def test_a_file_given_as_a_run_directory_is_called_a_file(
         assert " ".join(capsys.readouterr().err.split()) == f"error: {path} {said}"
 
 
+@pytest.mark.parametrize("command", ["report", "status"])
+def test_a_manifest_linked_through_a_file_is_not_called_a_file_given(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The run directory, a folder, was called "a directory, not a run directory": Not a
+    # directory was said of its manifest.json, a link whose path runs through a file.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "f").touch()
+    (run / MANIFEST).symlink_to("f/x")
+    assert main([command, str(run)]) == EXIT_RUN_DIR
+    assert " ".join(capsys.readouterr().err.split()) == (
+        f"error: cannot read {run / MANIFEST}: Not a directory; it must be the file a run "
+        "wrote, readable by this user"
+    )
+
+
 def test_compare_gives_a_judge_of_the_config_without_judgements_yet_empty_columns(
     tmp_path: Path,
 ) -> None:

@@ -680,8 +680,11 @@ def read_manifest(run_dir: Path) -> Manifest:
                 f"{run_dir} does not exist: there is no run directory there"
             ) from None
         raise RunDirError(f"{run_dir} is not a trig-stream run directory (no {MANIFEST})") from None
-    except NotADirectoryError:
-        raise RunDirError(_no_folder(run_dir)) from None
+    except NotADirectoryError as exc:
+        if not run_dir.is_dir():
+            raise RunDirError(_no_folder(run_dir)) from None
+        # Inside the run directory: its manifest.json is a link through a file.
+        raise RunDirError(_unreadable(path, exc)) from None
     except ValidationError as exc:
         if not manifest_is_ours(run_dir, text):
             raise RunDirError(_not_a_manifest_read_only(path)) from None
@@ -693,13 +696,18 @@ def read_manifest(run_dir: Path) -> Manifest:
             "restore the file"
         ) from None
     except OSError as exc:
-        raise RunDirError(
-            f"cannot read {path}: {exc.strerror or exc}; it must be the file a run wrote, "
-            "readable by this user"
-        ) from None
+        raise RunDirError(_unreadable(path, exc)) from None
     except ValueError as exc:
         raise RunDirError(f"cannot read {path}: {exc}") from None
     return manifest
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    """The message for a manifest at ``path`` that cannot be read, as ``exc`` says."""
+    return (
+        f"cannot read {path}: {exc.strerror or exc}; it must be the file a run wrote, "
+        "readable by this user"
+    )
 
 
 def _no_folder(run_dir: Path) -> str:
