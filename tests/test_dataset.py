@@ -1176,6 +1176,12 @@ def test_json_lines_are_read_a_line_at_a_time_and_a_bad_line_is_its_record_s_fau
     with pytest.raises(DatasetError, match=r'Extra data.*name it \.jsonl or set format = "jsonl"'):
         read(DatasetSection(path=as_json))
     assert len(read(DatasetSection(path=as_json, format="jsonl"))[0]) == 4
+    # Counted from the line's start: after a byte order mark it was 3 too low, the mark's.
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b'\xef\xbb\xbf{"data_id": "IQ-R_TA-C_\xe9"}\n')
+    assert [r.reason for r in read(DatasetSection(path=marked))[1]] == [
+        "line 1: byte 26 is not utf-8 text"
+    ]
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])

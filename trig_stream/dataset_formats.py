@@ -149,17 +149,19 @@ def read_json_lines(path: Path) -> Iterator[Mapping[str, Any]]:
     except OSError as exc:
         raise DatasetError(f"cannot read dataset {path}: {exc}") from None
     with handle:
-        for number, line in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            whole = raw.rstrip(b"\r\n")  # what an error's byte counts from, a mark included
+            line = whole
             if number == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
                 _refuse_wide_text(path, line)
-            line = line.rstrip(b"\r\n")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                yield Unreadable(f"line {number}: byte {exc.start} is not utf-8 text", line)
+                byte = undecodable_byte(whole, exc)
+                yield Unreadable(f"line {number}: byte {byte} is not utf-8 text", line)
             except json.JSONDecodeError as exc:
                 yield Unreadable(f"line {number} is not JSON: {exc}", line)
             except (ValueError, RecursionError) as exc:
