@@ -851,12 +851,20 @@ def test_extra_body_fields_the_engine_sets_itself_are_refused(
 
 
 def test_extra_body_may_ask_for_base64_and_other_fields() -> None:
-    # What an answer with URLs is told to send (see _no_image); stream = false asks for the
-    # one JSON answer the engine reads.
-    body = {"response_format": "b64_json", "stream": False, "seed": 7, "quality": "ultra"}
+    # What an answer with URLs is told to send (see _no_image); stream = false and
+    # partial_images = 0, the API's defaults, ask for the one JSON answer the engine reads.
+    body = {
+        "response_format": "b64_json",
+        "stream": False,
+        "partial_images": 0,
+        "seed": 7,
+        "quality": "ultra",
+    }
     assert OpenAIImagesOptions(extra_body=body).extra_body == body
     with pytest.raises(ValidationError, match="extra_body sets stream"):
         OpenAIImagesOptions(extra_body={"stream": 0})
+    with pytest.raises(ValidationError, match="extra_body sets partial_images"):
+        OpenAIImagesOptions(extra_body={"partial_images": False})
 
 
 @pytest.mark.parametrize(

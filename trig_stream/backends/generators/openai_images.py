@@ -57,16 +57,22 @@ ENGINE_FIELDS: Mapping[str, str] = {
     "response_format": 'the engine reads b64_json image data (only "b64_json" may be asked for)',
     "stream": "the engine reads one JSON answer (stream = true makes the server answer an event "
     "stream; only false may be asked for)",
-    "partial_images": "the engine reads one JSON answer (partial images come as an event stream)",
+    "partial_images": "the engine reads one JSON answer (partial images come as an event "
+    "stream; only 0 may be asked for)",
 }
 """Request fields the engine sets itself, each with why: ``extra_body``, which the SDK lets
 replace a request's own fields, may not set them, but for the values in
 :data:`ENGINE_VALUES`."""
 
-ENGINE_VALUES: Mapping[str, object] = {"response_format": "b64_json", "stream": False}
+ENGINE_VALUES: Mapping[str, object] = {
+    "response_format": "b64_json",
+    "stream": False,
+    "partial_images": 0,
+}
 """The value of an :data:`ENGINE_FIELDS` field that ``extra_body`` may still set, since the
 engine reads what it asks for: ``response_format = "b64_json"`` is what a server that
-answers with URLs is told to ask for, and ``stream = false`` is the API's default."""
+answers with URLs is told to ask for, and ``stream = false`` and ``partial_images = 0`` are
+the API's defaults."""
 
 
 def engine_fields_problem(extra_body: Mapping[str, Any]) -> str | None:
