@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 from PIL import Image
@@ -521,6 +522,7 @@ class BlocksFromTheThirdSample(ImageFolderGenerator):
     def __init__(self, name: str, options: ImageFolderOptions) -> None:
         super().__init__(name, options)
         self.stopped = threading.Event()
+        self.third = threading.Event()  # its third request has begun
         self.calls = 0
 
     def generate(
@@ -528,6 +530,7 @@ class BlocksFromTheThirdSample(ImageFolderGenerator):
     ) -> list[Image.Image | EncodedPicture | Exception]:
         self.calls += 1
         if self.calls == 3:
+            self.third.set()
             assert self.stopped.wait(60)  # a safety net: the test sets it at once
         return super().generate(requests, worker=worker, cancel=cancel)
 
@@ -551,10 +554,18 @@ async def test_a_stopped_run_does_not_name_the_files_it_never_reached_as_unused(
     options = ImageFolderOptions(path=folder)
     stopped = BlocksFromTheThirdSample("elsewhere", options)
     async with Engine(config_of("stopped"), generators=[stopped]) as engine:
-        async for _ in engine.results:
-            if not stopped.stopped.is_set():
-                engine.stop()
-                stopped.stopped.set()
+
+        async def stop_in_the_third_request() -> None:
+            # Stopped once the third request has begun, not at the first judgement: on a
+            # loaded machine that came before the generator's thread reached its third.
+            assert await anyio.to_thread.run_sync(stopped.third.wait, 60)
+            engine.stop()
+            stopped.stopped.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(stop_in_the_third_request)
+            async for _ in engine.results:
+                pass
     assert engine.stats().state == "stopped"
     assert stopped.calls == 3  # samples 4 to 8 were never asked for
     assert stopped.unmatched == []
