@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from anyio.lowlevel import checkpoint
 from trig_stream.config import RunConfig
 from trig_stream.engine import Engine
 from trig_stream.errors import FatalBackendError
+from trig_stream.journal import JOURNAL, read_journal
 from trig_stream.judging import _Requesters
 from trig_stream.testing.judge_options import JudgeServerOptions
 from trig_stream.testing.judge_server import JudgeServer
@@ -193,6 +195,28 @@ async def test_one_endpoint_not_there_leaves_the_run_to_the_others(tmp_path: Pat
         async with Engine(config) as engine:
             async for _ in engine.results:
                 pass
+
+
+async def test_refusals_that_stop_the_run_are_as_many_in_the_journal_as_the_message_says(
+    tmp_path: Path,
+) -> None:
+    # "the first 8 answers of this endpoint were refusals ...; the refused ones are kept as
+    # errors", yet the journal held 7: the 8th, which stopped the run, was written nowhere.
+    async with JudgeServer() as server:  # as vLLM without --allowed-local-media-path
+        config = run_config(
+            tmp_path, server.base_url, concurrency=1, judge_options={"image_mode": "file"}
+        )
+        with pytest.raises(FatalBackendError) as caught:
+            async with Engine(config) as engine:
+                async for _ in engine.results:
+                    pass
+    message = str(caught.value)
+    said = re.search(r"the first (\d+) answers of this endpoint were refusals", message)
+    assert said is not None, message
+    assert "the refused ones are kept as errors" in message
+    kept = list(read_journal(config.run_dir / JOURNAL))
+    assert len(kept) == int(said[1])
+    assert all(j.status == "error" and "cannot load local files" in str(j.error) for j in kept)
 
 
 async def test_requests_reuse_the_tasks_that_made_earlier_ones() -> None:

@@ -201,6 +201,9 @@ async def test_file_urls_refused_from_the_start_stop_the_run_naming_the_server_o
         "image_mode = 'file' against --allowed-local-media-path (a folder that holds the run's "
         "images))" in str(raised.value)
     )
+    # The last refusal is its request's error too, kept as the others are (the message says so).
+    refused = raised.value.request_error
+    assert isinstance(refused, ItemError) and "cannot load local files" in str(refused)
 
 
 @pytest.mark.parametrize(
@@ -927,6 +930,8 @@ async def test_404s_in_a_row_after_a_success_stop_the_run(image: Path, client: C
     assert f"the last {NOT_FOUND_TO_LOSE} answers of this endpoint were 404s" in message
     assert "it no longer serves model 'judge'" in message
     assert "every other endpoint" not in message
+    # Its own 404 is kept as its error judgement, as those before it (the message says so).
+    assert isinstance(stopped.value.request_error, NotFoundError)
 
 
 async def test_an_endpoint_lost_to_404s_leaves_the_others_its_requests(
@@ -968,6 +973,7 @@ async def test_an_endpoint_lost_to_404s_leaves_the_others_its_requests(
     message = str(stopped.value)
     assert message.startswith(f"judge at {second.base_url}: HTTP 404")
     assert "every other endpoint of the judge (1) was lost alike" in message
+    assert isinstance(stopped.value.request_error, NotFoundError)
 
 
 @pytest.mark.parametrize("kept", [1, 19])

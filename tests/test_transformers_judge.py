@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import threading
 from collections import Counter
@@ -614,6 +615,33 @@ async def test_engine_records_a_prompt_over_the_context_as_an_error(
         assert judgement.error is not None
         assert "over the judge model's context of 2,048" in judgement.error
     assert {j.status for j in judgements if j.data_id != long_id} <= {"ok", "unscorable"}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_requests_over_the_context_that_stop_the_run_are_all_in_the_journal(
+    tiny_vlm: Path, make_config: ConfigFactory
+) -> None:
+    # "the first 8 requests were all over ...; the refused ones are kept as errors", yet the
+    # journal held 7: the 8th, which stopped the run, was written nowhere.
+    options = tiny_vlm_options(tiny_vlm, batch_size=1, max_context=1)
+    config = make_config(
+        samples=6,
+        generators=[{"name": "synth", "backend": "synthetic", "options": {"size": 64}}],
+        judges=[
+            {"name": "trigscore", "backend": "transformers", "concurrency": 1, "options": options}
+        ],
+    )
+    with pytest.raises(FatalBackendError) as caught:
+        async with Engine(config) as engine:
+            async for _ in engine.results:
+                pass
+    message = str(caught.value)
+    said = re.search(r"the first (\d+) requests were all over", message)
+    assert said is not None, message
+    assert "the refused ones are kept as errors" in message
+    kept = list(read_journal(config.run_dir / JOURNAL))
+    assert len(kept) == int(said[1])
+    assert all(j.status == "error" and "max_context of 1" in str(j.error) for j in kept)
 
 
 def test_context_length_comes_from_the_text_config_then_the_tokenizer() -> None:

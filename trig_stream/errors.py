@@ -189,7 +189,19 @@ class NotAsked(ItemError):
 
 
 class FatalBackendError(BackendError):
-    """The backend cannot work at all (bad credentials, no such device); the run stops."""
+    """The backend cannot work at all (bad credentials, no such device); the run stops.
+
+    Args:
+        message: what went wrong.
+        request_error: the failure of the request that raised it, when that request's own
+            failure is what showed that none will work (the last of several refusals in a
+            row): the engine records it as that request's ``error`` judgement, as it did the
+            ones before it, and then stops the run.
+    """
+
+    def __init__(self, message: str = "", *, request_error: ItemError | None = None) -> None:
+        super().__init__(message)
+        self.request_error = request_error
 
 
 def leaf_errors(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:

@@ -258,6 +258,7 @@ class JudgeStage:
         attempts = 0
         reply: JudgeReply | None = None
         failure = ""
+        stop: FatalBackendError | None = None  # raised once this request's judgement is on
         controller = self.controllers.get(judge.name)
         try:
             while True:
@@ -288,8 +289,15 @@ class JudgeStage:
                         controller.on_success(epoch, time.perf_counter() - attempt_started)
                     self._answered.add(judge.name)
                     break
-                except FatalBackendError:
-                    raise
+                except FatalBackendError as exc:
+                    if exc.request_error is None:
+                        raise
+                    # This request's refusal is what showed that none will work: it is kept
+                    # as an error, as the refusals before it were, before the run stops.
+                    self._answered.add(judge.name)
+                    failure = str(exc.request_error) or type(exc.request_error).__name__
+                    stop = exc
+                    break
                 except RetryableError as exc:
                     unreached = isinstance(exc, UnreachableError)
                     if not unreached:
@@ -360,6 +368,8 @@ class JudgeStage:
                     f"({describe_error(exc)})"
                 ) from exc
             await send_now(judgement_send, judgement)
+            if stop is not None:
+                raise stop
         finally:
             # The slot is held until the judgement is handed on: a full judgement buffer
             # must stop new requests, or blocked senders would pile up without bound.

@@ -125,7 +125,8 @@ class Endpoint:
         return FatalBackendError(
             f"{error}; the first {self.refused} answers of this endpoint were refusals and "
             f"none succeeded: check the judge's options against the server's limits ({limits}); "
-            "the refused ones are kept as errors: resume with --retry-errors to ask again"
+            "the refused ones are kept as errors: resume with --retry-errors to ask again",
+            request_error=error,
         )
 
     def _content_refusal(self, said: str, image: EncodedImage) -> bool:
@@ -158,7 +159,8 @@ class Endpoint:
             f"requests to it had succeeded: it no longer serves model {self.model!r} at this "
             "path (a server restarted with another model, or another server on its port?): "
             "check the server, then resume the run with --retry-errors to ask again about "
-            "the 404s (kept as errors)"
+            "the 404s (kept as errors)",
+            request_error=error,
         )
 
     def failed(self, now: float) -> None:

@@ -341,7 +341,8 @@ class OpenAIJudge(Judge):
             if len(self._endpoints) > 1:
                 raise FatalBackendError(
                     f"{fatal}; every other endpoint of the judge ({len(self._endpoints) - 1}) "
-                    "was lost alike"
+                    "was lost alike",
+                    request_error=exc,
                 ) from None
             raise fatal from None
         except Exception as exc:

@@ -399,9 +399,9 @@ class TransformersJudge(Judge):
         self._over_context_before_judged += 1
         if self._over_context_before_judged < REFUSALS_TO_STOP:
             return error
-        return self._none_fits(str(error))
+        return self._none_fits(error)
 
-    def _none_fits(self, error: str) -> FatalBackendError:
+    def _none_fits(self, error: ItemError) -> FatalBackendError:
         if self.options.max_context is not None:
             fix = "raise max_context, or lower max_pixels"
         else:
@@ -412,7 +412,8 @@ class TransformersJudge(Judge):
         return FatalBackendError(
             f"{error}; the first {self._over_context_before_judged} requests were all over "
             f"{self._context_name} of {self._context:,} and none was judged: {fix}; the "
-            "refused ones are kept as errors: resume with --retry-errors to ask again"
+            "refused ones are kept as errors: resume with --retry-errors to ask again",
+            request_error=error,
         )
 
     def _forward(self, inputs: Any) -> list[JudgeReply]:
