@@ -46,7 +46,7 @@ from trig_stream.files import write_atomic
 from trig_stream.journal import JOURNAL, Journal
 from trig_stream.locks import LOCK
 from trig_stream.manifest import MANIFEST, Manifest
-from trig_stream.records import JudgeFingerprint, Judgement
+from trig_stream.records import COMPARISON_FILE, JudgeFingerprint, Judgement
 from trig_stream.scoring import SCORING_RULES
 from trig_stream.testing import FakeJudge
 
@@ -1273,6 +1273,31 @@ def test_compare_shows_the_control_characters_of_a_manifest_never_sends_them(
     assert "\x1b" not in shown and "\x07" not in shown
     assert "model m\\x1b]0;PWNED\\x07" in shown
     assert "model m\x1b]0;PWNED\x07" in out.read_text()
+
+
+def test_compare_and_report_write_a_run_directory_named_in_no_utf8_escaped(
+    tmp_path: Path,
+) -> None:
+    # A folder name of bytes that are not UTF-8 reads as lone surrogates, which UTF-8 cannot
+    # write: `compare --out`, and a report noting the run still going, ended in a traceback.
+    first = write_run_dir(tmp_path / "one", {})
+    odd = tmp_path / os.fsdecode(b"r5\xff")
+    write_run_dir(tmp_path / "r5", {}).rename(odd)
+    out = tmp_path / "c.md"
+    with (odd / LOCK).open("a+") as lock:  # as the process running in it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        assert run_command("compare", str(first), str(odd), "--out", str(out))[0] == 0
+        assert run_command("report", str(odd), "--no-plots")[0] == 0
+    shown = str(tmp_path / "r5\\udcff")
+    text = out.read_text()
+    assert "| dimension | one/model-a | one/model-b | r5\\udcff/model-a | r5\\udcff/model-b |" in (
+        text
+    )
+    assert f"is still running in {shown}: its columns cover" in text
+    for written in (odd / "report" / "model-a" / "report.md", odd / "report" / COMPARISON_FILE):
+        assert f"is still running in {shown}: " in written.read_text()
 
 
 def test_compare_without_a_single_score_says_so(

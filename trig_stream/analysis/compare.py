@@ -11,7 +11,7 @@ from typing import Any
 from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.analysis.stats import RelationCode
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension
-from trig_stream.records import exact_number
+from trig_stream.records import exact_number, storable_text
 from trig_stream.scoring import SCORERS, SCORING_RULES_KEY, scored_alike
 
 COMPARISON_HEADING = "# TRIG model comparison"
@@ -196,7 +196,10 @@ def _flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def comparison_markdown(comparison: Comparison) -> str:
-    """The comparison as markdown: a means table and a table of the differing DTM cells."""
+    """The comparison as markdown: a means table and a table of the differing DTM cells.
+
+    Its text is :func:`~trig_stream.records.storable_text`: a run directory's name of bytes
+    that are not UTF-8 reads as lone surrogates, which the file could not hold."""
     labels = comparison.labels
     lines = [COMPARISON_HEADING, ""]
     # What the scores are of: said once when all columns agree, else per column, first.
@@ -249,4 +252,4 @@ def comparison_markdown(comparison: Comparison) -> str:
             codes = " | ".join(str(diff.codes[label]) for label in labels)
             lines.append(f"| {diff.row} | {diff.column} | {codes} |")
         lines += ["", f"{comparison.agreeing_cells} other cells agree."]
-    return "\n".join(lines) + "\n"
+    return storable_text("\n".join(lines) + "\n")

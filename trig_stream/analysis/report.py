@@ -36,7 +36,7 @@ from trig_stream.files import (
     remove_leftover_temporaries,
     write_atomic_together,
 )
-from trig_stream.records import ScoredJudgement, exact_number, one_line
+from trig_stream.records import ScoredJudgement, exact_number, one_line, storable_text
 
 PLOTS_FOLDER = "plots"
 MODEL_FILES = (
@@ -89,7 +89,10 @@ def markdown_report(
     analysis: ModelAnalysis, notes: Sequence[str] = (), *, upstream: bool = False
 ) -> str:
     """A readable report: thresholds, ``notes`` (a run still going), dimension means, the
-    pair table and the DTM (``upstream``: of judgements read from an upstream file)."""
+    pair table and the DTM (``upstream``: of judgements read from an upstream file).
+
+    Its text is :func:`~trig_stream.records.storable_text`: a note naming a run directory of
+    bytes that are not UTF-8 holds lone surrogates, which the file could not hold."""
     t = analysis.thresholds
     # Exact: a threshold of 0.8000001 read "trade-off corr < 0.8" beside a correlation of 0.8.
     synergy, bottleneck = exact_number(t.synergy), exact_number(t.bottleneck)
@@ -145,7 +148,7 @@ def markdown_report(
             )
         grid.append(cells)
     lines += _table(["", *dims], grid)
-    return "\n".join(lines) + "\n"
+    return storable_text("\n".join(lines) + "\n")
 
 
 def _num(value: float) -> str:
