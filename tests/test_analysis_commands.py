@@ -124,6 +124,47 @@ def test_analyze_shows_the_control_characters_of_its_names_never_sends_them(
     assert heading == "# TRIG relation analysis: odd\\x1b[31mRED\\nfile"
 
 
+def test_analyze_writes_names_in_no_utf8_escaped(tmp_path: Path) -> None:
+    # A file name, --model or --metric of bytes that are not UTF-8 reads as lone surrogates,
+    # which no output can hold: the writing of the outputs ended in a traceback.
+    odd = tmp_path / os.fsdecode(b"bad\xffname.json")
+    shutil.copy(FORMATTED, odd)
+    out = tmp_path / "out"
+    code, text = run_command("analyze", str(odd), "--out", str(out), "--no-plots")
+    assert code == 0
+    assert "\nbad\\udcffname: 2 pairs" in text
+    assert (out / "report.md").read_text().startswith("# TRIG relation analysis: bad\\udcffname\n")
+    assert {j.judge.model for j in read_judgements_parquet(out / JUDGEMENTS_FILE)} == {
+        "bad\\udcffname.json"
+    }
+    argv = ["--out", str(out), "--no-plots", "--model", "m\udcff", "--metric", "s\udcfe"]
+    assert run_command("analyze", str(FORMATTED), *argv)[0] == 0
+    cells = json.loads((out / "evaluation_result.json").read_text())["IQ-R_TA-C_1"]["IQ-R"]
+    assert list(cells[0]) == ["s\\udcfe"]
+    written = read_judgements_parquet(out / JUDGEMENTS_FILE)
+    assert {(j.model, j.metric) for j in written} == {("m\\udcff", "s\\udcfe")}
+
+
+@pytest.mark.parametrize("metric", [None, "trig\ud800"])
+def test_analyze_refuses_a_key_of_half_a_character(tmp_path: Path, metric: str | None) -> None:
+    # JSON's "\ud800" escape reads as a lone surrogate, which no output can hold: a metric
+    # (or a formatted file's data_id) holding one ended in a traceback inside polars. It is
+    # refused, named escaped, as a run refuses a record holding one.
+    evaluation, _ = formatted_as_evaluation("trig\ud800")
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    chosen = ["--metric", metric] if metric is not None else []
+    out = str(tmp_path / "out")
+    with pytest.raises(
+        AnalysisError,
+        match=r"IQ-R_TA-C_1 IQ-R: metric 'trig\\ud800' is not valid Unicode: a lone surrogate",
+    ):
+        run_command("analyze", str(tmp_path / "eval.json"), "--out", out, *chosen)
+    formatted = {"IQ-R_TA-C": {"IQ-R_TA-C_1": [0.5, 0.4], "x\udfff": [0.1, 0.2]}}
+    (tmp_path / "formatted.json").write_text(json.dumps(formatted))
+    with pytest.raises(AnalysisError, match=r"data_id 'x\\udfff' is not valid Unicode"):
+        run_command("analyze", str(tmp_path / "formatted.json"), "--out", out)
+
+
 @pytest.mark.parametrize("with_prompts", [True, False])
 def test_analyze_evaluation_result(tmp_path: Path, with_prompts: bool) -> None:
     evaluation, prompts = formatted_as_evaluation("clip")

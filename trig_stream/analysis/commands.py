@@ -52,7 +52,7 @@ from trig_stream.config import RelationSection
 from trig_stream.dimensions import TASKS, normalise_task
 from trig_stream.files import remove_leftover_temporaries, write_atomic
 from trig_stream.path_arguments import path_argument
-from trig_stream.records import COMPARISON_FILE, Judgement, one_line, printable
+from trig_stream.records import COMPARISON_FILE, Judgement, one_line, printable, storable_text
 from trig_stream.terminal import CommandConsole
 
 THRESHOLD_OPTIONS: dict[str, str] = {
@@ -282,17 +282,20 @@ def _say(console: Console, text: str) -> None:
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     """``analyze FILE --out DIR``: the same analysis on an upstream TRIG file."""
-    model: str = args.model or args.file.stem
+    # A name of bytes that are not UTF-8 (the file's, an argument's) reads as lone
+    # surrogates, which no output can hold: the outputs get it escaped, as records store it.
+    model = storable_text(args.model or args.file.stem)
+    asked: str | None = None if args.metric is None else storable_text(args.metric)
     refuse_overwriting_inputs(args.out, args.file, args.prompts)
     data = read_upstream(
         args.file,
         model=model,
         prompts=args.prompts,
-        metric=args.metric or "trigscore",
+        metric=asked or "trigscore",
         task=normalise_task(args.task),
-        only=args.metric,
+        only=asked,
     )
-    metric = pick_metric(data.metrics, args.metric, args.file, data.judgements)
+    metric = pick_metric(data.metrics, asked, args.file, data.judgements)
     thresholds = with_overrides(RelationSection(), _overrides(args))
     chosen: list[Judgement] = [j for j in data.judgements if j.metric == metric]
     analysis = analyse_judgements(chosen, thresholds, pairs=data.pairs).get((model, metric))

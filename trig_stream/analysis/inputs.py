@@ -29,7 +29,7 @@ from trig_stream.errors import DatasetError, RunDirError, validation_problems
 from trig_stream.files import read_settings_file, undecodable_byte
 from trig_stream.journal import JOURNAL, JournalEntry, journal_entry, read_journal_lines
 from trig_stream.manifest import MANIFEST, Manifest, read_manifest
-from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number
+from trig_stream.records import JudgeFingerprint, Judgement, is_finite_number, storable_text
 
 __all__ = [
     "AnalysisError",
@@ -227,7 +227,8 @@ def read_upstream(
     document = _read_json(path)
     if not isinstance(document, dict) or not document:
         raise AnalysisError(f"{path}: expected a non-empty JSON object")
-    judge = JudgeFingerprint(backend="upstream-file", model=path.name)
+    # A file name of bytes that are not UTF-8 is stored escaped, as the model named after it.
+    judge = JudgeFingerprint(backend="upstream-file", model=storable_text(path.name))
     # The first value of the first non-empty entry: a formatted file's first pair may have
     # no image scored on both its dimensions (``{}``).
     sample = next(
@@ -446,6 +447,7 @@ def _from_formatted(
         if not isinstance(images, dict):
             raise ValueError(f"pair {pair}: expected {{data_id: [score_A, score_B]}}")
         for data_id, scores in images.items():
+            _refuse_half_characters("data_id", data_id)
             if pair_of.setdefault(data_id, pair) != pair:
                 # One image under both orders of a pair would count twice, with two scores.
                 raise ValueError(
@@ -457,6 +459,22 @@ def _from_formatted(
             for dim, score in zip((first, second), scores, strict=True):
                 out.append(_judgement(model, data_id, task, pair, dim, metric, score, judge))
     return out
+
+
+def _refuse_half_characters(what: str, text: str) -> None:
+    """Refuse a key of the file holding half a character: JSON's ``\\ud800`` escape reads as a
+    lone surrogate, which no output can hold (a run refuses a record holding one).
+
+    Raises:
+        ValueError: it holds one; the message names ``what`` and the text, escaped.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} {text!r} is not valid Unicode: a lone surrogate {text[exc.start]!r} at "
+            f"character {exc.start} (half a character, which no output can hold)"
+        ) from None
 
 
 def _merge_order(order: list[str], names: list[str]) -> None:
@@ -504,6 +522,7 @@ def _from_evaluation(
                 if not isinstance(cell, dict):
                     raise ValueError(f"{data_id} {dim}: expected {{metric: score}}, got {cell!r}")
                 for metric, score in cell.items():
+                    _refuse_half_characters(f"{data_id} {dim}: metric", metric)
                     if metric in seen:
                         raise ValueError(f"{data_id} {dim}: metric {metric!r} scored twice")
                     seen.add(metric)
