@@ -1316,6 +1316,32 @@ def test_compare_shows_the_control_characters_of_a_manifest_never_sends_them(
     assert "model m\x1b]0;PWNED\x07" in out.read_text()
 
 
+def test_compare_keeps_a_name_holding_a_bar_or_a_line_break_in_its_cell(tmp_path: Path) -> None:
+    # A judge model "judge|A", or a run directory named with a "|" or a newline, split its
+    # cell in two, or ended the table's row, shifting every column after it.
+    odd = JudgeFingerprint(backend="openai", model="judge|A\r\nB")
+    first = write_run_dir(tmp_path / "r|1", {}, models=("model-a",))
+    second = write_run_dir(tmp_path / "r4\nx", {}, models=("model-a",), judge=odd)
+    out = tmp_path / "c.md"
+    lock = second / LOCK
+    with lock.open("a+") as held:  # as the process running in it holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(str(os.getpid()))
+        held.flush()
+        assert run_command("compare", str(first), str(second), "--out", str(out))[0] == 0
+        assert run_command("report", str(second), "--no-plots")[0] == 0
+    lines = out.read_text().splitlines()
+    assert "| dimension | r\\|1/model-a | r4\\nx/model-a |" in lines
+    assert "| judge | backend fake, model j | backend openai, model judge\\|A\\r\\nB |" in lines
+    rows = [line for line in lines if line.startswith("|")]
+    assert all(line.replace("\\|", "").count("|") == 4 for line in rows)
+    # A note naming the run directory stays one line too, there and in report.md.
+    shown = str(tmp_path / "r4\\nx")
+    assert any(line.startswith("Note: a process") and shown in line for line in lines)
+    report = (second / "report" / "model-a" / "report.md").read_text().splitlines()
+    assert any(line.startswith("Note: a process") and shown in line for line in report)
+
+
 def test_compare_and_report_write_a_run_directory_named_in_no_utf8_escaped(
     tmp_path: Path,
 ) -> None:

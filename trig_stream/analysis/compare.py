@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from trig_stream.analysis.relations import ModelAnalysis
 from trig_stream.analysis.stats import RelationCode
@@ -195,6 +195,27 @@ def _flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+_LINE_BREAKS: Final = str.maketrans({"\r": "\\r", "\n": "\\n"})
+_CELL_BREAKS: Final = str.maketrans({"|": "\\|", "\r": "\\r", "\n": "\\n"})
+
+
+def _line(text: str) -> str:
+    """``text`` on one line of the file: its line breaks written ``\\r`` and ``\\n`` (a run
+    directory's name holding one began a line of its own). Its other control characters are
+    kept, as the manifest holds them; the terminal is shown them escaped."""
+    return text.translate(_LINE_BREAKS)
+
+
+def _cell(text: str) -> str:
+    """``text`` as one cell of a table: as :func:`_line`, with ``|`` written ``\\|`` (a judge
+    model ``judge|A`` split its cell in two, shifting the columns after it)."""
+    return text.translate(_CELL_BREAKS)
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(map(_cell, cells)) + " |"
+
+
 def comparison_markdown(comparison: Comparison) -> str:
     """The comparison as markdown: a means table and a table of the differing DTM cells.
 
@@ -231,25 +252,25 @@ def comparison_markdown(comparison: Comparison) -> str:
             "(`--synergy-density` and the others) set them alike for every column.",
             "",
         ]
-    lines += [f"Note: {note}" for note in comparison.notes]
+    lines += [f"Note: {_line(note)}" for note in comparison.notes]
     if comparison.notes:
         lines.append("")
     lines += ["## Dimension means", ""]
-    lines.append("| dimension | " + " | ".join(labels) + " |")
+    lines.append(_row(["dimension", *labels]))
     lines.append("|" + "---|" * (len(labels) + 1))
     for what, values in apart:
-        lines.append(f"| {what} | " + " | ".join(values.get(lb, "–") for lb in labels) + " |")
+        lines.append(_row([what, *(values.get(lb, "–") for lb in labels)]))
     for dim, by_label in comparison.dimension_means.items():
         cells = ["–" if math.isnan(by_label[lb]) else f"{by_label[lb]:.3f}" for lb in labels]
-        lines.append(f"| {dim} | " + " | ".join(cells) + " |")
+        lines.append(_row([dim, *cells]))
     lines += ["", "## DTM cells that differ", ""]
     if not comparison.differences:
         lines.append("Every DTM cell has the same code for all models.")
     else:
-        lines.append("| row | column | " + " | ".join(labels) + " |")
+        lines.append(_row(["row", "column", *labels]))
         lines.append("|" + "---|" * (len(labels) + 2))
         for diff in comparison.differences:
-            codes = " | ".join(str(diff.codes[label]) for label in labels)
-            lines.append(f"| {diff.row} | {diff.column} | {codes} |")
+            codes = [str(diff.codes[label]) for label in labels]
+            lines.append(_row([diff.row, diff.column, *codes]))
         lines += ["", f"{comparison.agreeing_cells} other cells agree."]
     return storable_text("\n".join(lines) + "\n")

@@ -106,7 +106,8 @@ def markdown_report(
         f"{synergy}, bottleneck < {bottleneck}; rules: ρs ≥ {rho_s}, ρb ≥ {rho_b}, "
         f"dominance ratio > 1/{ratio}, trade-off corr < {corr}.",
         "",
-        *(line for note in notes for line in (f"Note: {note}", "")),
+        # One line each, as the console shows them: a run directory's name may hold a newline.
+        *(line for note in notes for line in (f"Note: {one_line(note)}", "")),
         f"{sum(p.n for p in analysis.pairs)} complete images in {len(analysis.pairs)} pairs; "
         f"{left_out_text(analysis, upstream=upstream)}.",
         "",
