@@ -25,6 +25,7 @@ from trig_stream.config import DatasetSection
 from trig_stream.dataset import DatasetSource
 from trig_stream.dimensions import normalise_task
 from trig_stream.errors import DatasetError, DatasetInterrupted
+from trig_stream.hashing import sample_digest
 from trig_stream.records import QuarantinedRecord, RecordedPair, Sample
 
 
@@ -243,6 +244,35 @@ def test_digests_of_odd_text_and_of_t2i_image_ids(tmp_path: Path) -> None:
     assert list(DatasetSource(DatasetSection(path=path), "t2i", judged=judged)) == [
         sample.model_copy(update={"img_id": "unused.png"})
     ]
+
+
+def test_a_sample_whose_text_moved_across_a_unit_separator_is_quarantined(
+    tmp_path: Path,
+) -> None:
+    # The digest joined the fields with "\x1f", which a field may hold: an edit moving text
+    # from the prompt to the item across one kept the digest, and was judged as it was.
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "cat.png").write_bytes(png_bytes())
+    record = {
+        "data_id": "TA-C_IQ-R_1",
+        "prompt": "a cat\x1fTA-C_IQ-R\x1fred",
+        "dimension": ["TA-C", "IQ-R"],
+        "img_id": "cat.png",
+        "item": "cat",
+    }
+    path = tmp_path / "s2p.json"
+    path.write_text(json.dumps([record]))
+    section = DatasetSection(path=path, image_root=root)
+    (sample,), _ = read(section, task="s2p")
+    judged = {sample.data_id: sample.digest}
+    path.write_text(json.dumps([{**record, "prompt": "a cat", "item": "red\x1fTA-C_IQ-R\x1fcat"}]))
+    (entry,) = DatasetSource(section, "s2p", judged=judged)
+    assert isinstance(entry, QuarantinedRecord)
+    assert entry.reason.startswith("data_id 'TA-C_IQ-R_1' changed since it was judged")
+    # Text without one keeps the digest it had: the run directories judged so far hold it.
+    assert sample_digest("s2p", "a cat", "TA-C_IQ-R", "cat", "cat.png") == "3eba007c5aea2baa"
+    assert sample_digest("t2i", "a cat", "TA-C_IQ-R", None, "cat.png") == "c87cc9464d590f48"
 
 
 def test_filters_and_limit(tmp_path: Path) -> None:

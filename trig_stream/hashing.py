@@ -4,7 +4,9 @@ test backends."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
+from typing import Final
 
 
 def unit_hash(*parts: object) -> float:
@@ -33,11 +35,22 @@ def seeds_for(base_seed: int, model: str) -> Callable[[str], int]:
     return seed
 
 
+_SEPARATOR: Final = "\x1f"
+
+
 def sample_digest(task: str, prompt: str, pair: str, item: str | None, img_id: str) -> str:
     """16 hex digits naming what a sample asks: its prompt, pair, subject item and (p2p, s2p)
     source image name. A resumed run compares them with those its journal recorded (see
     ``dataset``)."""
     source = "" if task == "t2i" else img_id  # a t2i sample has no source image to name
-    text = "\x1f".join((prompt, pair, "\x00" if item is None else item, source))
+    fields = (prompt, pair, "\x00" if item is None else item, source)
+    if any(_SEPARATOR in field for field in fields):
+        # Joined, text moved across a separator a field holds (from the prompt into the item)
+        # would keep the digest. Such fields are written as a JSON list instead, which escapes
+        # every \x1f and so never equals a joined text, which holds three; every other sample
+        # keeps the digest the run directories judged so far recorded.
+        text = json.dumps([prompt, pair, item, source])
+    else:
+        text = _SEPARATOR.join(fields)
     # JSON may hold a lone surrogate, which strict UTF-8 refuses: it still names the text.
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
