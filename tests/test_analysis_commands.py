@@ -124,6 +124,30 @@ def test_analyze_shows_the_control_characters_of_its_names_never_sends_them(
     assert heading == "# TRIG relation analysis: odd\\x1b[31mRED\\nfile"
 
 
+@pytest.mark.parametrize(
+    ("metric", "shown"),
+    [
+        ("clip\n# Injected", "Metric `clip\\n# Injected`;"),
+        ("a`b", "Metric ``a`b``;"),
+        ("`x``", "Metric ``` `x`` ```;"),
+    ],
+)
+def test_analyze_writes_a_metric_of_any_name_as_one_code_span(
+    tmp_path: Path, metric: str, shown: str
+) -> None:
+    # An upstream file's metric went into report.md raw: a newline in it began a line of its
+    # own (a heading), a backtick ended its code span.
+    evaluation, _ = formatted_as_evaluation(metric)
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    out = tmp_path / "out"
+    assert (
+        run_command("analyze", str(tmp_path / "eval.json"), "--out", str(out), "--no-plots")[0] == 0
+    )
+    lines = (out / "report.md").read_text().splitlines()
+    assert lines[2].startswith(shown + " correlation `spearman_corr`;")
+    assert not any(line.startswith("# Injected") for line in lines)
+
+
 def test_analyze_writes_names_in_no_utf8_escaped(tmp_path: Path) -> None:
     # A file name, --model or --metric of bytes that are not UTF-8 reads as lone surrogates,
     # which no output can hold: the writing of the outputs ended in a traceback.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -102,7 +103,7 @@ def markdown_report(
         # One line: a newline in a name (analyze's is the file's) ended the heading.
         f"# TRIG relation analysis: {one_line(analysis.model)}",
         "",
-        f"Metric `{analysis.metric}`; correlation `{t.correlation}`; zones: synergy > "
+        f"Metric {_code(analysis.metric)}; correlation `{t.correlation}`; zones: synergy > "
         f"{synergy}, bottleneck < {bottleneck}; rules: ρs ≥ {rho_s}, ρb ≥ {rho_b}, "
         f"dominance ratio > 1/{ratio}, trade-off corr < {corr}.",
         "",
@@ -150,6 +151,16 @@ def markdown_report(
         grid.append(cells)
     lines += _table(["", *dims], grid)
     return storable_text("\n".join(lines) + "\n")
+
+
+def _code(text: str) -> str:
+    """``text`` as a markdown code span on one line (:func:`~trig_stream.records.one_line`):
+    an upstream file's metric is any text, whose newline began a line of its own (a heading)
+    and whose backtick ended a span of one; the fence is a backtick longer than any in it."""
+    text = one_line(text)
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _num(value: float) -> str:
