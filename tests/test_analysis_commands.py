@@ -324,7 +324,11 @@ def test_analyze_without_prompts_names_the_data_id_it_cannot_take_a_pair_from(
     for data_id, why in [
         ("IQ-R_TA-C_1_0", "'IQ-R_TA-C_1' is not a dimension pair of the form A_B"),
         ("IQ-R_XX_1", "unknown dimension 'XX' in pair 'IQ-R_XX'"),
-        ("photo", "it does not end in _<number>"),
+        ("photo", "it does not end in _<number> (digits 0-9)"),
+        # Digits of other scripts, and a newline after the number, which a run quarantines.
+        ("IQ-R_TA-C_\u0661", "it does not end in _<number> (digits 0-9)"),
+        ("IQ-R_TA-C_\uff11", "it does not end in _<number> (digits 0-9)"),
+        ("IQ-R_TA-C_1\n", "it does not end in _<number> (digits 0-9)"),
     ]:
         document = tmp_path / "eval.json"
         document.write_text(json.dumps({data_id: {"IQ-R": [{"m": 0.5}], "TA-C": [{"m": 0.4}]}}))

@@ -43,7 +43,9 @@ TASKS: Final[tuple[Task, ...]] = get_args(Task)
 
 _TASK_ALIASES: Final[dict[str, Task]] = {"sub": "s2p"}
 
-_PAIR_SUFFIX = re.compile(r"_\d+$")
+_PAIR_SUFFIX = re.compile(r"_[0-9]+\Z")
+"""A data_id's number: ASCII digits (``\\d`` takes ``١`` and ``１``, which no safe name holds)
+at its very end (``$`` lets a final newline in)."""
 
 
 def is_dimension(code: object) -> bool:
@@ -106,7 +108,7 @@ def pair_from_data_id(data_id: str) -> tuple[Dimension, Dimension]:
     """
     form = f"data_id {data_id!r} is not of the form <D1>_<D2>_<n>"
     if not _PAIR_SUFFIX.search(data_id):
-        raise ValueError(f"{form}: it does not end in _<number>")
+        raise ValueError(f"{form}: it does not end in _<number> (digits 0-9)")
     try:
         return split_pair(_PAIR_SUFFIX.sub("", data_id))
     except ValueError as exc:
