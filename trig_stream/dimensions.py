@@ -71,8 +71,10 @@ def pair_name(first: Dimension, second: Dimension) -> str:
     return f"{first}_{second}"
 
 
+@lru_cache(maxsize=4096)  # a run has ~45 pairs; a damaged journal must not grow it without end
 def split_pair(pair: str) -> tuple[Dimension, Dimension]:
-    """Split ``A_B`` into its two dimensions, checking both are known and distinct.
+    """Split ``A_B`` into its two dimensions, checking both are known and distinct; cached
+    (a batch analysis splits each of 100k judgements' pairs), a refused text raising anew.
 
     Raises:
         ValueError: the text is not a pair of two different known dimensions.

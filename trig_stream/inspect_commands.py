@@ -113,15 +113,14 @@ def validate_command(args: argparse.Namespace, console: Console) -> int:
 
     def passed_over(data_id: str, dimensions: tuple[Dimension, ...]) -> bool:
         # The error judgements of the sample: asked again with --retry-errors, else kept.
-        finished["errors"] += sum(
-            len(asked_again.todo(model, data_id, dimensions))
-            - len(kept.todo(model, data_id, dimensions))
-            for model in models
-        )
-        if not owed.finished(data_id, dimensions):
+        again = [asked_again.todo(model, data_id, dimensions) for model in models]
+        left = [kept.todo(model, data_id, dimensions) for model in models]
+        finished["errors"] += sum(len(a) - len(k) for a, k in zip(again, left, strict=True))
+        todos = again if args.retry_errors else left
+        if any(todos):  # not owed.finished(), which asks each todo again
             # Each image to make: its path's length, and a folder in its place, are refused.
-            for model in models:
-                if owed.todo(model, data_id, dimensions) and on_disk.to_make(model, data_id):
+            for model, todo in zip(models, todos, strict=True):
+                if todo and on_disk.to_make(model, data_id):
                     working.add(model)
             return False
         finished["judged" if owed.measured(dimensions) else "unmeasured"] += 1

@@ -32,7 +32,12 @@ from trig_stream.journal import JOURNAL, journal_not_a_file
 from trig_stream.locks import LOCK
 from trig_stream.manifest import IMAGES, MANIFEST
 from trig_stream.quarantine_text import QUARANTINE, QUARANTINE_PARTIAL
-from trig_stream.run_dir_paths import PARTIAL, refuse_an_image_path_too_long
+from trig_stream.run_dir_paths import (
+    PARTIAL,
+    image_path_bytes,
+    image_path_room,
+    refuse_an_image_path_too_long,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +273,8 @@ class ImagesOnDisk:
     def __init__(self, path: Path, task: str) -> None:
         self.path = path
         self.task = task
+        self._room = image_path_room(path)
+        """The bytes an image's part of its path may have (:func:`image_path_room`)."""
         self._listed: dict[str, tuple[frozenset[str], frozenset[str]] | None] = {}
         """Each model's image files (links to one included) and folders (not links to one),
         by name; None where its folder cannot be listed (each image is then looked at)."""
@@ -282,7 +289,10 @@ class ImagesOnDisk:
                 folder stands there (:func:`refuse_a_folder_at_an_image`), as the run
                 refuses it before making the image.
         """
-        refuse_an_image_path_too_long(self.path, self.task, model, data_id)
+        # The run directory's path looked at once, not for each image: only an image whose
+        # path can be too long is checked (and refused) with it.
+        if image_path_bytes(self.task, model, data_id) >= self._room:
+            refuse_an_image_path_too_long(self.path, self.task, model, data_id)
         if model not in self._listed:
             folder = image_file(self.path, self.task, model, data_id).parent
             self._listed[model] = _image_names(folder)

@@ -79,7 +79,7 @@ def refuse_an_image_path_too_long(path: Path, task: str, model: str, data_id: st
         RunDirError: the image's path exceeds the system's limit.
     """
     length = len(os.fsencode(path.absolute()))
-    image = len(os.fsencode(f"/{IMAGES}/{task}/{model}/{data_id}.png"))
+    image = image_path_bytes(task, model, data_id)
     limit = _path_limit()
     if length + image < limit:  # the limit counts the final NUL
         return
@@ -88,6 +88,19 @@ def refuse_an_image_path_too_long(path: Path, task: str, model: str, data_id: st
         f"bytes to it ({IMAGES}/{task}/{model}/<data_id>.png); shorten output_dir, [run] name, "
         "the model's name or the data_id"
     )
+
+
+def image_path_room(path: Path) -> int:
+    """The most bytes an image's part of its path (:func:`image_path_bytes`) may have in the run
+    directory ``path``: :func:`refuse_an_image_path_too_long` refuses one of this many or more.
+    Asked once, it spares a look at the run directory's path for each image."""
+    return _path_limit() - len(os.fsencode(path.absolute()))
+
+
+def image_path_bytes(task: str, model: str, data_id: str) -> int:
+    """The bytes the image of ``data_id`` by ``model`` for ``task`` adds to its run directory's
+    path: ``/images/<task>/<model>/<data_id>.png``."""
+    return len(os.fsencode(f"/{IMAGES}/{task}/{model}/{data_id}.png"))
 
 
 @functools.cache

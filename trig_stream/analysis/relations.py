@@ -44,6 +44,7 @@ from trig_stream.analysis.stats import (
 from trig_stream.config import RelationSection
 from trig_stream.dimensions import SORTED_DIMENSIONS, Dimension, split_pair
 from trig_stream.errors import TrigStreamError
+from trig_stream.journal import JournalEntry
 from trig_stream.records import SCHEMA_VERSION, ScoredJudgement
 
 BoolArray: TypeAlias = NDArray[np.bool_]
@@ -368,7 +369,9 @@ def current_pairs(judgements: Iterable[ScoredJudgement]) -> dict[tuple[str, str,
     for index, judgement in enumerate(judgements):
         if judgement.dimension not in split_pair(judgement.pair):
             continue
-        line = getattr(judgement, "line", index)
+        # Not getattr(judgement, "line", index): a pydantic Judgement's miss costs a raised
+        # AttributeError, a fifth of a batch analysis.
+        line = judgement.line if isinstance(judgement, JournalEntry) else index
         key = (judgement.model, judgement.metric, judgement.data_id)
         seen = last.get(key)
         if seen is None or line >= seen[0]:
@@ -388,7 +391,8 @@ def columns_from_judgements(
     live tracker orders them). A judgement whose dimension is not one of its pair's two is
     ignored.
     """
-    judgements = list(judgements)
+    if not isinstance(judgements, Sequence):
+        judgements = list(judgements)  # read twice
     current = current_pairs(judgements)
     # Per image: the two scores (NaN: no ok score) and whether each dimension was judged at
     # all (1.0) or never (0.0), so a failed judgement is told from one never asked for.
