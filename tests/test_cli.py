@@ -1146,8 +1146,14 @@ def test_a_generator_that_can_never_work_exits_4_and_its_errors_resume(
     err = capsys.readouterr().err
     assert "generator 'synth' has made no image yet and its first 4 calls all failed" in err
     assert "(the last: TypeError: 'str' object cannot" in err
+    # The failed calls' samples, not the dataset's: every dimension of each of the 4 (one
+    # a call), the last call's and those still being written as the run stopped included.
     failed = journal_keys(tmp_path)
-    assert 0 < len(failed) <= 8  # the failed calls' samples, not the dataset's
+    data_ids = {data_id for data_id, _ in failed}
+    assert len(data_ids) == 4
+    assert failed == Counter(
+        (data_id, dimension) for data_id in data_ids for dimension in data_id.split("_")[:2]
+    )
     # The cause gone (here a patch, in life an option outside the fingerprint or the
     # machine), the run resumes: the error judgements are asked again on request.
     assert main(["run", str(path), "--headless", "--retry-errors"]) == EXIT_OK

@@ -364,11 +364,14 @@ class FailingCalls(SyntheticGenerator):
         self.error = error
         self.per_item = per_item
         self.tries = 0
+        self.asked: list[list[str]] = []
+        """Per call, the data_ids of the samples it was asked for."""
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, worker: int, cancel: threading.Event
     ) -> list[Image.Image | Exception]:
         self.tries += 1
+        self.asked.append([r.sample.data_id for r in requests])
         if not self.failing(self.tries - 1):
             return super().generate(requests, worker=worker, cancel=cancel)
         if self.per_item:
@@ -394,6 +397,47 @@ async def test_a_generator_whose_calls_all_fail_stops_the_run_after_a_few(
     assert generator.tries == FAILED_CALLS_TO_STOP
     # What the failed calls wrote stays: error judgements, resumable.
     assert all(r["status"] == "error" and r["error_stage"] == "generate" for r in journal(config))
+
+
+@pytest.mark.parametrize(("workers", "batch_size"), [(1, 1), (1, 3), (2, 2)])
+async def test_a_generator_stopped_for_failed_calls_leaves_every_error_of_them_written(
+    make_config: ConfigFactory, workers: int, batch_size: int
+) -> None:
+    # The stop came as the last call was counted: its samples, and those of earlier calls
+    # still being written, had no error judgement (or one dimension's only), so the next
+    # run asked them again as new work, not as errors for --retry-errors.
+    config = make_config(samples=40)
+    generator = FailingCalls(lambda _: True, TypeError("bad option"), batch_size=batch_size)
+    generator.workers = workers
+    message = f"its first {FAILED_CALLS_TO_STOP} calls all failed"
+    with pytest.raises(FatalBackendError, match=re.escape(message)):
+        await run_to_end(config, generators=[generator])
+    written = Counter((r["data_id"], r["dimension"]) for r in journal(config))
+    # Every dimension of every sample of at least the counted calls (with two workers, the
+    # other's call may still run as the run stops: it ends in its thread, unused).
+    whole = [keys for keys in map(dimensions_of, generator.asked) if keys <= written]
+    assert len(whole) >= FAILED_CALLS_TO_STOP
+    assert written == sum(whole, Counter())
+
+
+async def test_judgements_handed_on_before_a_failure_are_written_while_results_wait(
+    make_config: ConfigFactory,
+) -> None:
+    # The persist stage, cancelled as it waited for the consumer to take a result, wrote
+    # none of the judgements still in its buffer: a failed call's error judgements, here.
+    config = make_config(samples=40, engine={"result_buffer": 1})
+    generator = FailingCalls(lambda _: True, TypeError("bad option"))
+    with pytest.raises(FatalBackendError, match="calls all failed"):
+        async with Engine(config, generators=[generator]):
+            await anyio.sleep_forever()  # takes no result
+    written = Counter((r["data_id"], r["dimension"]) for r in journal(config))
+    assert generator.tries == FAILED_CALLS_TO_STOP
+    assert written == dimensions_of([i for call in generator.asked for i in call])
+
+
+def dimensions_of(data_ids: list[str]) -> Counter[tuple[str, str]]:
+    """The (data_id, dimension) keys of samples written by :func:`write_prompts`."""
+    return Counter((i, dimension) for i in data_ids for dimension in i.split("_")[:2])
 
 
 async def test_items_failing_on_their_own_do_not_count_towards_stopping(

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -117,6 +118,11 @@ class GenerationStage:
         """Calls that returned pictures which are not written yet."""
         self._dropped_any = False
         """Whether a stop dropped a sample of this stage's input, never asked for."""
+        self._calling: anyio.CancelScope | None = None
+        """The workers' scope (while they run): cancelled when failed calls stop the run
+        (see :meth:`_count_call`), while the writers write what the counted calls made."""
+        self._failed_calls: FatalBackendError | None = None
+        """Why failed calls stop the run, raised once the writers are done."""
 
     async def run(
         self,
@@ -132,20 +138,28 @@ class GenerationStage:
         async with receive, image_send, judgement_send:
             finished = False
             try:
-                async with anyio.create_task_group() as tg:
+                async with (
+                    anyio.create_task_group() as writers,
+                    anyio.create_task_group() as workers,
+                ):
+                    self._calling = workers.cancel_scope
                     for worker in range(generator.workers):
                         # One made batch may wait while the next is generated: PNG encoding
                         # and fsyncs never hold up the pipeline, and at most two batches of
                         # pictures per worker are in memory.
                         made_send, made_receive = anyio.create_memory_object_stream[_Made](1)
-                        tg.start_soon(self._worker, worker, compute, receive.clone(), made_send)
-                        tg.start_soon(
+                        workers.start_soon(
+                            self._worker, worker, compute, receive.clone(), made_send
+                        )
+                        writers.start_soon(
                             self._writer,
                             writing,
                             made_receive,
                             image_send.clone(),
                             judgement_send.clone(),
                         )
+                if self._failed_calls is not None:
+                    raise self._failed_calls  # its calls' error judgements are sent by now
                 # Every sample was asked for: its input ran out, not cut short by a stop; or
                 # a graceful stop came after the whole dataset was queued (its last batch
                 # generating) and this stage dropped none of it.
@@ -294,7 +308,11 @@ class GenerationStage:
                     self._pictures_to_write += 1  # counted once written
                 elif made.called:
                     self._count_call(made_picture=False, failure=made.failure, written=False)
-                await made_send.send(made)
+                # Even as failed calls stop the run (this one's count, say): a counted call's
+                # samples get their judgements. A hard stop or a failure ends the writer (and
+                # the next receive raises the cancellation).
+                with anyio.CancelScope(shield=True), suppress(anyio.BrokenResourceError):
+                    await made_send.send(made)
 
     def _drop(self, batch: list[WorkItem]) -> None:
         # A stop: queued samples are new work; drop them, and take them off the model's
@@ -309,8 +327,13 @@ class GenerationStage:
     def _count_call(self, *, made_picture: bool, failure: str | None, written: bool) -> None:
         """Count one generate call towards the stop rule, in the event loop: a call that
         returned no picture when it ends, one that did once its pictures are ``written`` (a
-        picture that cannot be written is no sign that the generator works)."""
-        if self._made_picture:
+        picture that cannot be written is no sign that the generator works).
+
+        The call that stops the run cancels the workers (their calls still running end in
+        their threads, unused); the writers write what the counted calls made, and then the
+        stage raises the stop.
+        """
+        if self._made_picture or self._failed_calls is not None:
             return
         if made_picture:
             self._made_picture = True  # it works: failures from now on are its items'
@@ -327,10 +350,12 @@ class GenerationStage:
             if self._failed == self._tried
             else f"{self._failed} of its first {self._tried} calls failed"
         )
-        raise FatalBackendError(
+        self._failed_calls = FatalBackendError(
             f"{self._name} has made no image yet and {calls} (the last: {failure}); check its "
             "options, then run again with --retry-errors to ask again the samples it failed"
         )
+        assert self._calling is not None  # counted while the workers run
+        self._calling.cancel()
 
     async def _writer(
         self,
@@ -624,9 +649,9 @@ FAILED_CALLS_TO_STOP = 4
 of its calls made a picture.
 
 Counted in calls, not samples: a call is one try of the model, whatever its ``batch_size``,
-so a generator that can never work costs at most this many batches of ``error`` judgements
-(a call that returned pictures counts once they are written, and a worker makes up to two
-more calls meanwhile).
+so a generator that can never work costs this many batches of ``error`` judgements (up to two
+more when calls return pictures that cannot be written: such a call counts once they are
+written, and a worker makes up to two more calls meanwhile), all written before the run stops.
 More than one: a first call can fail for a passing reason (a server still warming up). With
 several workers, the calls of the others still running when the run stops are left to end
 in their threads, their results unused. Once a call has made a picture the generator is

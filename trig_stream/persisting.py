@@ -70,34 +70,38 @@ class PersistStage:
         journal = self._context.run_dir.journal
         counters = self._context.counters
         async with receive, result_send:
-            while True:
-                batch: list[Judgement] = []
-                try:
-                    batch.append(await receive.receive())
-                    take_ready(receive, batch, PERSIST_BATCH)
-                except anyio.EndOfStream:
-                    # Every stage before this one has finished: the run is over. Say so
-                    # before ``results`` ends, so its consumer sees the final state and a
-                    # complete live analysis.
-                    self.first_judgement.set()
-                    await self._history_loaded.wait()
-                    self._finished()
-                    counters.ended_at = time.monotonic()
-                    return
-                except anyio.get_cancelled_exc_class():
-                    # Hard stop: what already landed in the buffer is still written.
-                    take_ready(receive, batch, None)
+            batch: list[Judgement] = []  # landed, not written yet
+            try:
+                while True:
+                    try:
+                        batch.append(await receive.receive())
+                        take_ready(receive, batch, PERSIST_BATCH)
+                    except anyio.EndOfStream:
+                        # Every stage before this one has finished: the run is over. Say so
+                        # before ``results`` ends, so its consumer sees the final state and a
+                        # complete live analysis.
+                        self.first_judgement.set()
+                        await self._history_loaded.wait()
+                        self._finished()
+                        counters.ended_at = time.monotonic()
+                        return
+                    written, batch = batch, []
                     with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(journal.append, batch)
-                    self.count(batch)
-                    counters.ended_at = time.monotonic()
-                    raise
+                        await anyio.to_thread.run_sync(journal.append, written)
+                    self.count(written)
+                    self.first_judgement.set()
+                    for judgement in written:
+                        await send_now(result_send, judgement)
+            except anyio.get_cancelled_exc_class():
+                # A hard stop or a failure: what already landed in the buffer is still
+                # written, whether this stage waited for it or for the consumer of results
+                # (a stopped generator's last error judgements, say).
+                take_ready(receive, batch, None)
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(journal.append, batch)
                 self.count(batch)
-                self.first_judgement.set()
-                for judgement in batch:
-                    await send_now(result_send, judgement)
+                counters.ended_at = time.monotonic()
+                raise
 
     async def load_history(self) -> None:
         """Add earlier runs' judgements to the live analysis, once this run's first has landed.
