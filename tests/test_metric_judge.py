@@ -811,6 +811,35 @@ async def test_a_fatal_error_whose_init_takes_other_arguments_keeps_its_class() 
     assert failure.__notes__ == ["the key was revoked at 12:00"]
 
 
+class RefusedAtOpening(Blur):
+    """A metric whose ``hook`` (``load`` or ``check_environment``) raises a fatal error."""
+
+    name: ClassVar[str] = "refused"
+    hook: ClassVar[str] = "load"
+
+    def load(self) -> None:
+        if self.hook == "load":
+            raise CredentialsRevoked("vision-api")
+
+    def check_environment(self) -> None:
+        if self.hook == "check_environment":
+            raise CredentialsRevoked("vision-api")
+
+
+@pytest.mark.parametrize("hook", ["load", "check_environment"])
+async def test_a_fatal_error_as_the_metric_opens_names_its_judge_and_metric(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch, hook: str
+) -> None:
+    # "error: bad credentials for vision-api", where compute's own said which judge failed.
+    monkeypatch.setattr(RefusedAtOpening, "hook", hook)
+    engine = Engine(make_config(samples=2), judges=[metric_judge(RefusedAtOpening)])
+    with pytest.raises(CredentialsRevoked) as raised:  # its class kept
+        async with engine:
+            _ = [j async for j in engine.results]
+    assert str(raised.value) == "judge 'm' (refused metric): bad credentials for vision-api"
+    assert raised.value.service == "vision-api"
+
+
 async def test_a_batch_failing_for_the_service_fails_each_of_its_items_so() -> None:
     # Each item was measured again alone, and failed as an ItemError: never retried.
     for failure in (RetryableError("503"), FatalBackendError("no device")):

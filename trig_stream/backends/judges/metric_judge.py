@@ -27,9 +27,9 @@ openai judge's timeouts. Without it a hung call holds its judgement and a gracef
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -65,6 +65,7 @@ from trig_stream.records import JudgeFingerprint
 if TYPE_CHECKING:
     from trig_stream.config import JudgeConfig, RunConfig
 
+T = TypeVar("T")
 
 SUPPLIED_NEEDS: frozenset[str] = frozenset({"image"})
 """What the judge puts in each :class:`MetricInput` of the metric's ``needs`` (it adds the
@@ -213,10 +214,12 @@ class MetricJudge(Judge):
 
         Raises:
             MissingExtraError: the metric's optional dependencies are not installed.
-            FatalBackendError: the metric's check returned an awaitable, never awaited.
+            FatalBackendError: the metric's check returned an awaitable, never awaited, or
+                raised one (led by the judge and its metric, see :meth:`_named`).
         """
         blocking_hook(
-            self.metric.check_environment, f"judge {self.name!r}: its metric's check_environment()"
+            self._naming_failures(self.metric.check_environment),
+            f"judge {self.name!r}: its metric's check_environment()",
         )()
 
     def opening(self) -> str:
@@ -232,9 +235,14 @@ class MetricJudge(Judge):
 
         Raises:
             MissingExtraError: the metric's optional dependencies are not installed.
+            FatalBackendError: the metric's load raised one (led by the judge and its metric,
+                see :meth:`_named`).
         """
         await load_in_thread(
-            self.metric.load, self.metric.close, backend=f"judge {self.name!r}", instance=self
+            self._naming_failures(self.metric.load),
+            self.metric.close,
+            backend=f"judge {self.name!r}",
+            instance=self,
         )
         if not is_async(self.metric):  # an async one is awaited, not run in a thread
             self._batcher = MicroBatcher(
@@ -366,6 +374,21 @@ class MetricJudge(Judge):
             named.__notes__ = list(exc.__notes__)  # its own list: a note added goes to one
         named.args = (led,)
         return named if name in str(named) else FatalBackendError(led)
+
+    def _naming_failures(self, hook: Callable[[], T]) -> Callable[[], T]:
+        """``hook``, a blocking method of the metric, raising its error that stops the run
+        as :meth:`_named` leads it (as a value's is, in :meth:`judge`)."""
+
+        def call() -> T:
+            try:
+                return hook()
+            except FatalBackendError as exc:
+                named = self._named(exc)
+                if named is exc:
+                    raise
+                raise named from exc
+
+        return call
 
     def _run_batch(self, items: Sequence[MetricInput]) -> list[Value | Exception]:
         try:
