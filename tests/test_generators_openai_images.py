@@ -605,6 +605,21 @@ def test_refused_credentials_are_fatal_and_never_echo_the_key(
     assert wrong not in text and SECRET not in text
 
 
+def test_refused_credentials_with_no_key_configured_say_so(
+    server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With api_key_env = "" the advice was to check "the API key in the environment variable
+    # that api_key_env names": no variable, and no key, was there to check.
+    with pytest.raises(FatalBackendError) as caught:
+        one(make(server, api_key_env=""))
+    assert str(caught.value).endswith("; check api_key_env (no key is configured)")
+    monkeypatch.setenv(KEY_ENV, "sk-wrong")
+    with pytest.raises(FatalBackendError) as caught:
+        one(make(server))
+    checked = "; check the API key in the environment variable that api_key_env names"
+    assert str(caught.value).endswith(checked)
+
+
 def test_missing_key_variable_is_fatal_and_names_it(
     server: GenerationAPIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

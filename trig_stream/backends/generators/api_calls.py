@@ -161,7 +161,8 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
     Retry-After); 304 (which answers no POST) -> RetryableError, a malformed answer, as the
     judge takes it; another 3xx (a redirect, never followed) -> FatalBackendError naming where
     it points, as the judge's; timeouts and connection failures -> UnreachableError (retryable);
-    401 / 403 -> FatalBackendError;
+    401 / 403 -> FatalBackendError (saying that no key is configured when ``secret`` is
+    empty);
     404 -> NotFoundError; a refusal of the request's content (a safety system's code or
     message, see :func:`refuses_content`) -> ItemError: the prompt's own failure. Any other
     4xx (an option the API refuses, a bad size) is :class:`Refused`, a failure of the call as
@@ -199,10 +200,13 @@ def classify(exc: Exception, secret: str, api: str = "the API") -> BackendError:
         if status == 429:
             return RateLimitError(detail, retry_after=retry_after)
         if status in (401, 403):
-            return FatalBackendError(
-                f"{api} refused the credentials ({detail}); check the API key in the "
-                "environment variable that api_key_env names"
+            # No key is sent where api_key_env = "" (see api_key_from_env): no variable to check.
+            key = (
+                "the API key in the environment variable that api_key_env names"
+                if secret
+                else "api_key_env (no key is configured)"
             )
+            return FatalBackendError(f"{api} refused the credentials ({detail}); check {key}")
         if status >= 500 or status in (408, 409):
             return RetryableError(detail, retry_after=retry_after)
         if status == 404:
