@@ -26,19 +26,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from trig_stream.backends.tiny_model_names import TINY_MODELS
 from trig_stream.path_arguments import path_argument
-
-TINY_MODELS = ("flux", "sd", "instruct_pix2pix", "vlm")
-
-
-def build_hint(folder: Path) -> str:
-    """For an error naming ``folder``, a model's folder that is not there: when it bears a
-    tiny model's name (the demo's configs name them before they are built), a clause naming
-    the command that builds them; else nothing."""
-    if folder.name not in TINY_MODELS:
-        return ""
-    return f" (one of the tiny models? `trig-stream make-tiny-models {folder.parent}` builds them)"
-
 
 WRITTEN_LAST = {
     "flux": "model_index.json",

@@ -25,6 +25,7 @@ from trig_stream.backends.generators.diffusers_options import (
     size_problem,
 )
 from trig_stream.backends.generators.pipeline_calls import call_parameters, check_call_arguments
+from trig_stream.backends.tiny_model_names import build_hint
 from trig_stream.errors import (
     TORCH_ON_THE_CPU,
     FatalBackendError,
@@ -71,8 +72,6 @@ def check_checkpoint(name: str, spec: PipelineSpec) -> None:
 
 def _check_checkpoint_folder(name: str, checkpoint: Path) -> None:
     if not checkpoint.is_dir():
-        from trig_stream.testing.tiny_models import build_hint
-
         there = checkpoint.exists()
         raise FatalBackendError(
             f"generator {name!r}: checkpoint {checkpoint} "

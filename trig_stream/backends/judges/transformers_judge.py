@@ -43,6 +43,7 @@ from trig_stream.backends.judges.http_errors import REFUSALS_TO_STOP
 from trig_stream.backends.judges.templates import JudgeTemplate
 from trig_stream.backends.metrics.base import load_rgb_image
 from trig_stream.backends.threads import load_in_thread
+from trig_stream.backends.tiny_model_names import build_hint
 from trig_stream.config_fields import OPTIONS_CONFIG, DeviceName
 from trig_stream.errors import (
     FatalBackendError,
@@ -175,8 +176,6 @@ class TransformersJudge(Judge):
         require_installed(("torch", "transformers"), "diffusers")
         model_path = self.options.model_path
         if not model_path.is_dir():
-            from trig_stream.testing.tiny_models import build_hint
-
             there = model_path.exists()
             raise FatalBackendError(
                 f"judge {self.name!r}: model_path {model_path} "
