@@ -647,7 +647,8 @@ def test_make_tiny_models_builds_each_model_once_and_quietly(tmp_path: Path) -> 
     assert (tmp_path / "m" / "vlm" / "config.json").is_file()
     # What a build writes is what the command takes for its own (a folder of the user's at
     # a model's name is refused).
-    from trig_stream.testing.tiny_models import TINY_MODELS, _not_written_here
+    from trig_stream.backends.tiny_model_names import TINY_MODELS
+    from trig_stream.testing.tiny_models import _not_written_here
 
     assert all(_not_written_here(tmp_path / "m", name) == [] for name in TINY_MODELS)
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
