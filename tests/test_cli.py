@@ -1350,6 +1350,99 @@ def test_a_second_ctrl_c_says_how_to_resume_a_new_run_with_its_brackets(
     assert 'stopping now; to resume, set name = "cli-2" in the config\'s [run] table' in err, err
 
 
+def judged_once_then_waiting(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Patches the fake judge to answer its first request and leave the others waiting until
+    the run is cancelled; the event is set once the first judgement is given."""
+    original = FakeJudge.judge
+    answered = threading.Event()
+
+    async def first_only(self: FakeJudge, request: JudgeRequest) -> Any:
+        if answered.is_set():
+            await anyio.sleep_forever()
+        answered.set()
+        return await original(self, request)
+
+    monkeypatch.setattr(FakeJudge, "judge", first_only)
+    return answered
+
+
+@pytest.mark.parametrize("keys", [["q"], ["ctrl+c", "ctrl+c"]], ids=["q", "ctrl+c twice"])
+@pytest.mark.parametrize("new_run", [False, True], ids=["resumable", "new-run"])
+def test_a_run_quit_from_the_dashboard_says_how_to_resume(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    keys: list[str],
+    new_run: bool,
+) -> None:
+    # The dashboard's quit is a key, not a signal: no "stopping now; run the same command
+    # again to resume" was printed, and the summary after the dashboard said nothing of it.
+    from textual.pilot import Pilot
+
+    from trig_stream.tui.run import run_dashboard
+
+    path = write_config(tmp_path, samples=4)
+    if new_run:
+        assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+        capsys.readouterr()
+    answered = judged_once_then_waiting(monkeypatch)
+
+    async def quit_once_judged(pilot: Pilot[Any]) -> None:
+        assert await anyio.to_thread.run_sync(answered.wait, 30)  # a safety net
+        await pilot.press(*keys)
+
+    async def dashboard(engine: Any) -> None:
+        await run_dashboard(engine, headless=True, auto_pilot=quit_once_judged)
+
+    monkeypatch.setattr(run_command, "_dashboard", lambda args, console: dashboard)
+    argv = ["run", str(path), "--no-report", *(["--new-run"] if new_run else [])]
+    assert main(argv) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "cancelled: 1 judgements in this run" in err, err
+    if new_run:
+        hint = 'to resume, set name = "cli-2" in the config\'s [run] table'
+    else:
+        hint = "run the same command again to resume"
+    assert err.count(hint) == 1, err
+    assert err.index(hint) > err.index("cancelled: "), err
+
+
+@pytest.mark.parametrize("new_run", [False, True], ids=["resumable", "new-run"])
+def test_a_second_ctrl_c_says_how_to_resume_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    new_run: bool,
+) -> None:
+    # The stop message says how to resume: the summary does not say it again.
+    print_ = Console.print
+
+    def second_ctrl_c_once_stopping(self: Console, *args: Any, **kwargs: Any) -> None:
+        print_(self, *args, **kwargs)
+        if args and str(args[0]).startswith("stopping: finishing"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    answered = threading.Event()
+
+    async def interrupted_then_waits(self: FakeJudge, request: JudgeRequest) -> Any:
+        if not answered.is_set():
+            answered.set()
+            os.kill(os.getpid(), signal.SIGINT)
+        await anyio.sleep_forever()  # until the second Ctrl-C cancels the run
+
+    path = write_config(tmp_path, samples=2)
+    if new_run:
+        assert main(["run", str(path), "--headless", "--no-report"]) == EXIT_OK
+        capsys.readouterr()
+    monkeypatch.setattr(Console, "print", second_ctrl_c_once_stopping)
+    monkeypatch.setattr(FakeJudge, "judge", interrupted_then_waits)
+    argv = ["run", str(path), "--headless", "--no-report", *(["--new-run"] if new_run else [])]
+    assert main(argv) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "cancelled: 0 judgements in this run" in err, err
+    assert err.count("to resume") == 1, err
+
+
 def test_no_dashboard_names_the_extra_to_install_with_its_brackets(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

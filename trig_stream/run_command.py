@@ -95,6 +95,7 @@ async def _run_engine(
     from trig_stream.progress import PlainProgress
 
     interrupted = False
+    resume_told = False  # set once a hard stop's message said how to resume
     # Set by a stop signal once the run's work is done (nothing left for it to stop) and by
     # any signal from the run's end on: the report looks at it, and stops.
     stop_report = threading.Event()
@@ -123,6 +124,13 @@ async def _run_engine(
         except KeyboardInterrupt:  # a Ctrl-C as the receiver closed: noted as any other
             _note_stop_signals(stop_report)
             stop_report.set()
+
+    def say_stopping_now() -> None:
+        nonlocal resume_told
+        console.print(  # its "[run]" is no markup
+            _stopping_now(config, engine, args.new_run), highlight=False, markup=False
+        )
+        resume_told = engine.run_dir_opened
 
     def on_signal(signum: int) -> None:
         nonlocal interrupted
@@ -159,11 +167,7 @@ async def _run_engine(
             # Stopped (or failed) with work left: the judges close, and the run is one to
             # resume. A signal kills what still closes; it does not make the work done.
             interrupted = True
-            console.print(  # its "[run]" is no markup
-                _stopping_now(config, engine, args.new_run),
-                highlight=False,
-                markup=False,
-            )
+            say_stopping_now()
             engine.cancel()
         elif not interrupted:
             interrupted = True
@@ -173,11 +177,7 @@ async def _run_engine(
                 console.print(_stopping_gracefully(), highlight=False, markup=False)
             engine.stop()
         else:
-            console.print(  # its "[run]" is no markup
-                _stopping_now(config, engine, args.new_run),
-                highlight=False,
-                markup=False,
-            )
+            say_stopping_now()
             engine.cancel()
 
     run_dashboard = None if args.headless else _dashboard(args, console)
@@ -239,7 +239,9 @@ async def _run_engine(
                 if run_dashboard is not None:
                     opening_closes.cancel()  # stopped while opening: the block was never entered
                 run_over = True
-                code = await _run_outcome(engine, config, args, console, interrupted, stop_report)
+                code = await _run_outcome(
+                    engine, config, args, console, interrupted, resume_told, stop_report
+                )
             finally:
                 listening.cancel()
     return code
@@ -251,10 +253,11 @@ async def _run_outcome(
     args: argparse.Namespace,
     console: Console,
     interrupted: bool,
+    resume_told: bool,
     stop_report: threading.Event,
 ) -> int:
     """Say how the run ended, write its report (``stop_report`` stops it) and return the
-    command's exit status."""
+    command's exit status; ``resume_told``: a hard stop's message said how to resume."""
     for note in engine.stats().notes:
         console.print(f"note: {printable(note)}", highlight=False, markup=False)
     summary = engine.summary()
@@ -285,9 +288,11 @@ async def _run_outcome(
     # A Ctrl-C that left nothing undone (every sample was in flight) ended the run "done":
     # it is finished, and its report is written as any finished run's.
     if summary.state in ("stopped", "cancelled") or (interrupted and summary.state != "done"):
-        # After --new-run, "the same command" would start yet another directory: the line
-        # names the one to resume. Images left to judge promise a resume: say what it is.
-        if args.new_run or summary.left_to_judge:
+        # Said after a stop from the dashboard (its keys print nothing) or a graceful one,
+        # not again after a hard stop's message; images left to judge promise a resume:
+        # say what it is. After --new-run, "the same command" would start yet another
+        # directory: the line names the one to resume.
+        if not resume_told or summary.left_to_judge:
             console.print(
                 _how_to_resume(config, engine, args.new_run), highlight=False, markup=False
             )
