@@ -9,10 +9,15 @@ import io
 import json
 import logging
 import os
+import pty
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +42,7 @@ from trig_stream.locks import Writer, find_writer
 from trig_stream.manifest import Manifest, read_manifest
 from trig_stream.quarantine_text import QUARANTINE, QUARANTINE_PARTIAL
 from trig_stream.records import JudgeFingerprint, Judgement, QuarantinedRecord
+from trig_stream.signals import terminal_hung_up
 from trig_stream.stats import ERRORS_KEPT
 from trig_stream.store import RunDir
 from trig_stream.testing import FakeJudge
@@ -843,7 +849,60 @@ def test_a_signal_closes_the_watch_dashboard_and_gives_the_terminal_back(
     finally:
         signal.signal(signum, previous)
     assert leaked == []
-    assert silenced == ([True] if signum == signal.SIGHUP else [])
+    assert bool(silenced) == (signum == signal.SIGHUP)  # no terminal here: it reads hung up
+
+
+def test_a_hangup_with_the_terminal_still_there_gives_it_back(tmp_path: Path) -> None:
+    # `kill -HUP` with the terminal still open left it in the alternate screen, the cursor
+    # hidden and mouse tracking on: the hangup pointed the output at /dev/null before the
+    # app's teardown wrote what gives the terminal back.
+    run_dir = write_run_dir(tmp_path)
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trig_stream", "watch", str(run_dir)],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "TERM": "xterm-256color"},
+        cwd=ROOT,
+    )
+    os.close(follower)
+    output = b""
+    hung_up = False
+    deadline = time.monotonic() + 30  # a safety net: the app shows in a second or two
+    try:
+        while time.monotonic() < deadline:  # until the child closes the terminal
+            if select.select([leader], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: no process holds the terminal any more
+                    break
+                if not chunk:
+                    break
+                output += chunk
+                if b"\x1b[?1000h" in output and not hung_up:  # the app shows, mouse on
+                    process.send_signal(signal.SIGHUP)
+                    hung_up = True
+        assert process.wait(timeout=10) == EXIT_INTERRUPTED
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(leader)
+    for on, off in [(b"?1049h", b"?1049l"), (b"?25l", b"?25h"), (b"?1000h", b"?1000l")]:
+        assert output.rfind(b"\x1b[" + off) > output.rfind(b"\x1b[" + on) >= 0, (on, output[-300:])
+
+
+def test_a_terminal_reads_as_hung_up_once_it_is_closed() -> None:
+    # What the hangup above tells from a terminal closed, whose teardown writes would fail.
+    leader, follower = pty.openpty()
+    try:
+        assert not terminal_hung_up([follower])
+        os.close(leader)  # the terminal window closed: the kernel hangs its terminal up
+        assert terminal_hung_up([follower])
+    finally:
+        os.close(follower)
 
 
 @contextmanager

@@ -102,6 +102,13 @@ def silence_the_terminal() -> None:
     point_at_devnull((1, 2))
 
 
+def terminal_hung_up(fds: Iterable[int] = (1, 2)) -> bool:
+    """Whether one of ``fds`` (stdout and stderr) is a terminal no longer, as after a hangup:
+    the kernel answers a hung-up terminal's requests with EIO. A SIGHUP sent with ``kill``
+    finds the terminal still there (and one that is no terminal reads as hung up)."""
+    return not all(os.isatty(fd) for fd in fds)
+
+
 def point_at_devnull(fds: Iterable[int]) -> None:
     """Point each of the file descriptors ``fds`` at ``/dev/null``: what is written to them
     from then on is dropped, and never fails."""

@@ -29,6 +29,7 @@ from trig_stream.signals import (
     silence_the_terminal,
     stop_signal_receiver,
     stop_signals_interrupt,
+    terminal_hung_up,
 )
 from trig_stream.terminal import CommandConsole
 from trig_stream.tui.render import duration
@@ -107,7 +108,8 @@ def show_dashboard(app: TrigDashboardApp, **run_options: Any) -> int | None:
 
     SIGINT, SIGTERM and SIGHUP close the app as ``q`` does, so that it gives the terminal
     back (without this, SIGTERM killed the process in the alternate screen, with no echo and
-    mouse tracking on). After SIGHUP, the terminal is gone: nothing more is written to it.
+    mouse tracking on). After a hangup nothing more is written to the terminal, but for what
+    gives it back while it is still there (a ``kill -HUP``): writes to one that is gone fail.
 
     Args:
         app: the app to run.
@@ -123,7 +125,7 @@ def show_dashboard(app: TrigDashboardApp, **run_options: Any) -> int | None:
             task_status.started()
             async for signum in signals:
                 received.append(signum)
-                if is_hangup(signum):
+                if is_hangup(signum) and terminal_hung_up():
                     silence_the_terminal()
                 app.exit()
 
@@ -135,6 +137,8 @@ def show_dashboard(app: TrigDashboardApp, **run_options: Any) -> int | None:
             tg.cancel_scope.cancel()
 
     anyio.run(show)  # textual needs asyncio, anyio's default
+    if any(is_hangup(signum) for signum in received):
+        silence_the_terminal()  # given back, or gone meanwhile
     return received[0] if received else None
 
 
