@@ -2214,6 +2214,25 @@ def test_an_unreadable_run_dir_at_the_final_report_shows_its_reason_escaped(
     assert last.startswith("no report: the journal\\x1b[2J cannot be read; the run's")
 
 
+def read_terminal(leader: int, seen: Callable[[bytes], None] | None = None) -> bytes:
+    """What the children of a pseudo-terminal write to it until they close it (30 s at the
+    most: a safety net); ``seen``, if given, is shown the output so far after each read."""
+    output = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if select.select([leader], [], [], 1.0)[0]:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: no process holds the terminal any more
+                break
+            if not chunk:
+                break
+            output += chunk
+            if seen is not None:
+                seen(output)
+    return output
+
+
 def test_a_dumb_terminal_gets_plain_progress_not_the_dashboard(tmp_path: Path) -> None:
     # TERM=dumb cannot draw a full-screen app: the dashboard started there anyway.
     path = write_config(tmp_path)
@@ -2227,18 +2246,8 @@ def test_a_dumb_terminal_gets_plain_progress_not_the_dashboard(tmp_path: Path) -
         cwd=ROOT,
     )
     os.close(follower)
-    output = b""
-    deadline = time.monotonic() + 30
     try:
-        while time.monotonic() < deadline:  # until the child closes the terminal
-            if select.select([leader], [], [], 1.0)[0]:
-                try:
-                    chunk = os.read(leader, 65536)
-                except OSError:  # EIO: no process holds the terminal any more
-                    break
-                if not chunk:
-                    break
-                output += chunk
+        output = read_terminal(leader)
         assert process.wait(timeout=10) == EXIT_OK
     finally:
         if process.poll() is None:

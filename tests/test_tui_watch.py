@@ -10,14 +10,12 @@ import json
 import logging
 import os
 import pty
-import select
 import shutil
 import signal
 import struct
 import subprocess
 import sys
 import termios
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +27,7 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import ROOT, ConfigFactory, unblocked_after, write_prompts
+from tests.test_cli import read_terminal
 from tests.test_engine import run_to_end
 from trig_stream import Engine
 from trig_stream.backends.base import JudgeReply, JudgeRequest
@@ -868,22 +867,15 @@ def test_a_hangup_with_the_terminal_still_there_gives_it_back(tmp_path: Path) ->
         cwd=ROOT,
     )
     os.close(follower)
-    output = b""
-    hung_up = False
-    deadline = time.monotonic() + 30  # a safety net: the app shows in a second or two
+    hung_up: list[bool] = []
+
+    def hang_up_once_shown(output: bytes) -> None:
+        if b"\x1b[?1000h" in output and not hung_up:  # the app shows, mouse on
+            process.send_signal(signal.SIGHUP)
+            hung_up.append(True)
+
     try:
-        while time.monotonic() < deadline:  # until the child closes the terminal
-            if select.select([leader], [], [], 1.0)[0]:
-                try:
-                    chunk = os.read(leader, 65536)
-                except OSError:  # EIO: no process holds the terminal any more
-                    break
-                if not chunk:
-                    break
-                output += chunk
-                if b"\x1b[?1000h" in output and not hung_up:  # the app shows, mouse on
-                    process.send_signal(signal.SIGHUP)
-                    hung_up = True
+        output = read_terminal(leader, hang_up_once_shown)
         assert process.wait(timeout=10) == EXIT_INTERRUPTED
     finally:
         if process.poll() is None:
