@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Final
 from urllib.parse import urlsplit
@@ -226,3 +227,15 @@ OPTIONS_CONFIG: Final = ConfigDict(
 goes (TOML has both; a request would send them as non-standard JSON, the manifest as null).
 A refused value is left out of the error's text (options built in Python may hold a secret,
 as a URL's password); config messages quote it themselves where safe."""
+
+
+def set_by_the_engine(option: str, taken: Sequence[str], reasons: Mapping[str, str]) -> str | None:
+    """Why a backend's ``option`` table cannot be used: it sets ``taken``, keys the engine
+    sets itself (each with its reason in ``reasons``); None if it sets none."""
+    if not taken:
+        return None
+    why = "; ".join(f"{key}: {reasons[key]}" for key in taken)
+    return (
+        f"{option.rpartition('.')[2]} sets {', '.join(taken)}, which the engine sets itself "
+        f"({why}); remove {'it' if len(taken) == 1 else 'them'} from {option}"
+    )

@@ -10,7 +10,7 @@ import functools
 import re
 from typing import Any, Final
 
-from trig_stream.backends.judges.templates import BUILTIN_CRITERIA
+from trig_stream.backends.judges.templates import BUILTIN_CRITERIA, json_kind
 from trig_stream.dimensions import DIMENSION_NAMES, Dimension
 from trig_stream.testing.judge_images import BadRequest
 
@@ -165,18 +165,3 @@ def check_options(body: dict[str, Any]) -> int:
         ):
             raise BadRequest(f"{field!r} must be an integer of at least 1, got {value!r}")
     return limit or 0
-
-
-def json_kind(value: object) -> str:
-    """What a JSON value is, in JSON's words."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true or false"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "a number"

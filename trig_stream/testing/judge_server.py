@@ -47,6 +47,7 @@ from aiohttp import web
 from pydantic_core import from_json, to_json
 
 from trig_stream.backends.judges.server_probe import url_host
+from trig_stream.backends.judges.templates import json_kind
 from trig_stream.testing.judge_answers import completion, error, metrics_text
 from trig_stream.testing.judge_images import BadRequest, image_bytes, image_url, verify_image
 from trig_stream.testing.judge_options import FAULTS, Fault, JudgeServerOptions, ServerStats
@@ -55,7 +56,6 @@ from trig_stream.testing.judge_questions import (
     check_options,
     dimension_named,
     dimensions_named,
-    json_kind,
     sized,
     without_dimension,
 )

@@ -39,6 +39,7 @@ from trig_stream.config_fields import (
     EnvVarName,
     HttpUrl,
     ServedModel,
+    set_by_the_engine,
 )
 from trig_stream.errors import BackendError, ConfigError, FatalBackendError, ItemError, NotAsked
 from trig_stream.retry import RetryPolicy
@@ -83,13 +84,7 @@ def engine_fields_problem(extra_body: Mapping[str, Any]) -> str | None:
         for key, value in extra_body.items()
         if key in ENGINE_FIELDS and not _engine_value(key, value)
     ]
-    if not taken:
-        return None
-    why = "; ".join(f"{key}: {ENGINE_FIELDS[key]}" for key in taken)
-    return (
-        f"extra_body sets {', '.join(taken)}, which the engine sets itself ({why}); remove "
-        f"{'it' if len(taken) == 1 else 'them'} from options.extra_body"
-    )
+    return set_by_the_engine("options.extra_body", taken, ENGINE_FIELDS)
 
 
 def _engine_value(key: str, value: object) -> bool:

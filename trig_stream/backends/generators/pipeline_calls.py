@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from trig_stream.backends.generators.presets import INPUT_ARGUMENTS, InputKind
+from trig_stream.config_fields import set_by_the_engine
 from trig_stream.errors import FatalBackendError
 
 if TYPE_CHECKING:
@@ -62,14 +63,7 @@ def engine_arguments_problem(call: Mapping[str, Any], inputs: InputKind) -> str 
     reasons = dict(ENGINE_ARGUMENTS)
     for argument in INPUT_ARGUMENTS[inputs]:
         reasons[argument] = f"the engine passes each sample's {_INPUT_PICTURE[inputs]} there"
-    taken = [key for key in call if key in reasons]
-    if not taken:
-        return None
-    why = "; ".join(f"{key}: {reasons[key]}" for key in taken)
-    return (
-        f"call sets {', '.join(taken)}, which the engine sets itself ({why}); remove "
-        f"{'it' if len(taken) == 1 else 'them'} from options.call"
-    )
+    return set_by_the_engine("options.call", [key for key in call if key in reasons], reasons)
 
 
 _PER_PROMPT = re.compile(r"^(negative_prompt|prompt)(_\d)?$")

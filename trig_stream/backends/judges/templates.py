@@ -166,16 +166,18 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return data
 
 
-def _json_kind(data: object) -> str:
-    """What a JSON value is, in JSON's words (``a list``: an array)."""
-    if isinstance(data, list):
-        return "an array"
-    if isinstance(data, str):
-        return "a string"
-    if isinstance(data, bool):
-        return "true or false"
-    if data is None:
+def json_kind(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words."""
+    if value is None:
         return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
     return "a number"
 
 
@@ -245,7 +247,7 @@ class JudgeTemplate(BaseModel):
             if not isinstance(data, dict):  # pydantic's words named the private model class
                 raise ConfigError(
                     f"template {path}: the template file must hold a JSON object (tables of "
-                    f'texts such as {{"system": {{"t2i": "..."}}}}), not {_json_kind(data)}'
+                    f'texts such as {{"system": {{"t2i": "..."}}}}), not {json_kind(data)}'
                 )
             override = _TemplateFile.model_validate(data)
         except UnfitFileError as exc:
